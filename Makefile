@@ -1,0 +1,27 @@
+# nodemesh: the two commands a user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+
+.PHONY: setup test unit lint demo clean
+
+setup:
+	@scripts/setup.sh
+
+test: setup lint
+	$(PY) -m pytest -q tests
+
+unit: setup
+	$(PY) -m pytest -q -m "not root" tests
+
+lint: setup
+	$(VENV)/bin/ruff check agent tests
+	$(VENV)/bin/mypy
+
+demo: setup
+	$(PY) -m agent.lab.demo $(if $(KEEP),--keep,)
+
+
+clean:
+	-$(VENV)/bin/nodemesh lab down 2>/dev/null
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,32 @@
+"""The agent's single source of truth: workloads, namespaces, services and policies.
+
+Sources (``agent.sources``) are the only writers; everything else reads immutable snapshots and
+subscribes to changes. See ``model`` for the objects and ``store`` for the store.
+"""
+
+from agent.state.model import (
+    MESH_ANNOTATION,
+    MESH_NAMESPACE_LABEL,
+    Endpoint,
+    Namespace,
+    PolicyObject,
+    Service,
+    ServicePort,
+    Workload,
+    spiffe_id,
+)
+from agent.state.store import Snapshot, StateStore
+
+__all__ = [
+    "MESH_ANNOTATION",
+    "MESH_NAMESPACE_LABEL",
+    "Endpoint",
+    "Namespace",
+    "PolicyObject",
+    "Service",
+    "ServicePort",
+    "Snapshot",
+    "StateStore",
+    "Workload",
+    "spiffe_id",
+]

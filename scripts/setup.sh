@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Bring a Debian 12 host (as root) from nothing to a working nodemesh checkout:
+#   1. Debian packages listed in scripts/debian-packages.txt (only the missing ones),
+#   2. the kernel-headers link BCC needs when the running kernel ships no headers package,
+#   3. bpffs mounted at /sys/fs/bpf,
+#   4. a virtualenv .venv on Debian's python3 in which `import bcc` loads Debian's module,
+#   5. the project installed editable with its test and dev extras.
+# Idempotent: a second run checks and changes nothing, in a few seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+PY=/usr/bin/python3
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (apt-get, kernel headers link and bpffs need it): sudo make $*"
+command -v apt-get >/dev/null || die "apt-get not found: nodemesh's setup targets Debian 12 (bookworm)"
+
+# 1. Debian packages ---------------------------------------------------------------------------
+mapfile -t wanted < <(grep -Ev '^\s*(#|$)' scripts/debian-packages.txt)
+missing=()
+for p in "${wanted[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. Kernel headers for BCC ----------------------------------------------------------------------
+KREL=$(uname -r)
+MOD="/lib/modules/$KREL"
+if [ ! -e "$MOD/build/Makefile" ]; then
+    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)
+    [ -n "$hdr" ] || die "no kernel headers under /usr/src: apt-get install linux-headers-amd64"
+    common=${hdr%-amd64}-common
+    mkdir -p "$MOD"
+    ln -sfn "$hdr" "$MOD/build"
+    ln -sfn "$common" "$MOD/source"
+    say "kernel $KREL has no headers package: linked $MOD/build -> $hdr and source -> $common" \
+        "(BCC compiles against them; the mesh's programs use only stable UAPI)"
+fi
+
+# 3. bpffs -----------------------------------------------------------------------------------------
+if ! mountpoint -q /sys/fs/bpf; then
+    mkdir -p /sys/fs/bpf
+    mount -t bpf bpf /sys/fs/bpf
+    say "mounted bpffs at /sys/fs/bpf (pinned maps and programs live there)"
+fi
+
+# 4. Virtualenv with Debian's bcc -------------------------------------------------------------------
+[ -x "$PY" ] || die "$PY not found: apt-get install python3"
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtualenv $VENV on $($PY --version)"
+    "$PY" -m venv "$VENV"
+fi
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -e "$site/bcc" ]; then
+    ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+    say "linked Debian's bcc module into the virtualenv ($site/bcc)"
+fi
+
+# 5. The project ---------------------------------------------------------------------------------
+STAMP="$VENV/.nodemesh-installed"
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    say "installing nodemesh (editable) with test and dev extras"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -e ".[test,dev]"
+    touch "$STAMP"
+fi
+"$VENV/bin/python" -c 'import bcc, agent' || die "import bcc failed in $VENV: reinstall python3-bpfcc"
+say "ready ($VENV)"

@@ -1,0 +1,117 @@
+"""The gRPC shell of the CA: TLS on 15012, one unary method, every decision logged.
+
+All the deciding happens in ``agent.ca.issuer`` and ``agent.ca.auth``; this module only moves
+bytes: it decodes the request, pulls the bearer token from the call metadata, and maps outcomes to
+gRPC statuses. A thread pool serves calls because signing is CPU work and the Kubernetes mode's
+checks are blocking API calls; neither should stall other callers' TLS handshakes.
+
+The serving certificate is issued at start by the CA's own signing certificate, so agents verify
+the CA with the same ``root.pem`` that anchors workload certificates. Its SANs always include
+``nodemesh-ca`` (the name agents check by default, whatever address they dial) plus any
+``--san`` names and the listen address when it is a specific one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.ca import proto
+from agent.ca.auth import Authenticator, bearer_token
+from agent.ca.authority import Authority, key_pem
+from agent.ca.issuer import Issuer, Rejected
+from agent.ca.kube import KubeApiError
+from agent.identity.certs import to_pem
+
+log = logging.getLogger(__name__)
+
+CA_SERVER_NAME = "nodemesh-ca"
+SERVING_CERT_TTL = dt.timedelta(days=365)
+
+
+class CertificateService:
+    """The ``IstioCertificateService`` implementation."""
+
+    def __init__(self, issuer: Issuer, authenticator: Authenticator) -> None:
+        self._issuer = issuer
+        self._authenticator = authenticator
+
+    def create_certificate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        peer = context.peer()
+        try:
+            caller = self._authenticator.authenticate(
+                bearer_token(context.invocation_metadata() or ())
+            )
+            issued = self._issuer.issue(
+                caller=caller,
+                csr_pem=request.csr,
+                validity_seconds=request.validity_duration,
+                metadata=proto.request_metadata(request),
+            )
+        except Rejected as e:
+            if e.code == grpc.StatusCode.UNAUTHENTICATED:
+                log.warning("refused %s: UNAUTHENTICATED: %s", peer, e.message)
+            context.abort(e.code, e.message)
+        except KubeApiError as e:
+            log.error("cannot decide the request from %s: %s", peer, e)
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return proto.IstioCertificateResponse(
+            cert_chain=issued.cert_chain, root_cert=proto.Roots(ca_cert=issued.root_certs)
+        )
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.unary_unary_rpc_method_handler(
+            self.create_certificate,
+            request_deserializer=proto.IstioCertificateRequest.FromString,
+            response_serializer=proto.IstioCertificateResponse.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(proto.SERVICE, {"CreateCertificate": method})
+
+
+def serving_credentials(authority: Authority, names: Sequence[str]) -> grpc.ServerCredentials:
+    """TLS credentials for the CA itself; the key stays in this process's memory."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = authority.sign_server(key.public_key(), names, SERVING_CERT_TTL)
+    chain = [cert]
+    if authority.signing_cert not in authority.roots:
+        chain.append(authority.signing_cert)
+    chain.extend(authority.signing_chain)
+    return grpc.ssl_server_credentials([(key_pem(key), to_pem(chain).encode())])
+
+
+def serving_names(listen: str, extra: Sequence[str]) -> list[str]:
+    host = listen.rpartition(":")[0].strip("[]")
+    names = [CA_SERVER_NAME, "localhost", "127.0.0.1", *extra]
+    if host and host not in ("0.0.0.0", "::"):
+        names.append(host)
+    return list(dict.fromkeys(names))
+
+
+def start_server(
+    service: CertificateService,
+    authority: Authority,
+    *,
+    listen: str,
+    sans: Sequence[str] = (),
+    workers: int = 8,
+) -> tuple[grpc.Server, int]:
+    """Start serving; returns the server and the bound port (useful with ``:0``)."""
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca-rpc"),
+        handlers=[service.handler()],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    port = server.add_secure_port(
+        listen, serving_credentials(authority, serving_names(listen, sans))
+    )
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}: the address is in use or not local")
+    server.start()
+    log.info("mesh CA serving istio.v1.auth.IstioCertificateService on %s (port %d)", listen, port)
+    return server, port

@@ -109,8 +109,10 @@ class Service:
 class PolicyObject:
     """A nodemesh.io/v1alpha1 policy (AuthorizationPolicy, PeerAuthentication, TrafficPolicy).
 
-    ``spec`` has already been validated by the source that wrote it; ``agent.policy`` compiles it
-    into the form its evaluators use.
+    ``spec`` has already been validated (``agent.policy.schema.validate_policy``, which also
+    applies the schema's defaults) by the source that wrote it; ``agent.policy`` compiles it into
+    the form its evaluators use. It is plain JSON-like data: readers must not mutate it.
+    ``dry_run`` mirrors the ``nodemesh.io/dry-run: "true"`` annotation (log, do not enforce).
     """
 
     kind: str
@@ -119,6 +121,7 @@ class PolicyObject:
     spec: Mapping[str, object]
     generation: int = 0
     uid: str = ""
+    dry_run: bool = False
 
     @property
     def key(self) -> tuple[str, str, str]:

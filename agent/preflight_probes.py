@@ -1,0 +1,199 @@
+"""The host probes behind ``nodemesh check``: each does the smallest real thing and reports it.
+
+Every probe returns a short description of what it observed, or raises ``Unsupported`` naming
+what failed (with the kernel's errno text). They are deliberately independent of one another so
+that one missing feature never hides the state of the others; the BCC compile that two probes
+share is cached.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+import platform
+import secrets
+import socket
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
+_BPF_MAP_CREATE = 0
+_MAP_TYPE_ARRAY, _MAP_TYPE_SOCKMAP = 2, 15
+IP_TRANSPARENT = 19
+TC_INGRESS_PARENT = "ffff:fff2"
+
+# The same steering the agent does: find the socket of a flow and assign the packet to it.
+_TC_PROGRAM = r"""
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+int probe_assign(struct __sk_buff *skb) {
+    struct bpf_sock_tuple tuple = {};
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4),
+                                             BPF_F_CURRENT_NETNS, 0);
+    if (sk) {
+        bpf_sk_assign(skb, sk, 0);
+        bpf_sk_release(sk);
+    }
+    return TC_ACT_OK;
+}
+"""
+
+
+class Unsupported(Exception):
+    """The host lacks what a probe needs; the message says what was observed."""
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, fs type) for every mount this process sees."""
+    with open("/proc/self/mounts", encoding="utf-8") as f:
+        return [(parts[1], parts[2]) for parts in (line.split() for line in f) if len(parts) > 2]
+
+
+def _effective_caps() -> int:
+    status = Path("/proc/self/status").read_text(encoding="utf-8")
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff")), 16)
+
+
+def privileges(euid: int | None = None, cap_eff: int | None = None) -> str:
+    """Root, or the three capabilities the agent uses; arguments default to this process."""
+    euid = os.geteuid() if euid is None else euid
+    if euid == 0:
+        return "running as root"
+    caps = _effective_caps() if cap_eff is None else cap_eff
+    wanted = {"CAP_BPF": CAP_BPF, "CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMIN": CAP_SYS_ADMIN}
+    missing = [name for name, bit in wanted.items() if not caps >> bit & 1]
+    if missing:
+        raise Unsupported(f"not root (uid {euid}) and missing {', '.join(missing)}")
+    return "not root, but CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN are effective"
+
+
+def _create_map(map_type: int) -> None:
+    """bpf(BPF_MAP_CREATE) of a one-entry map with 4-byte keys and values, then close it."""
+    nr = _BPF_SYSCALL.get(platform.machine())
+    if nr is None:
+        raise Unsupported(f"unknown bpf() syscall number for {platform.machine()}")
+    attr = ctypes.create_string_buffer(struct.pack("=IIII", map_type, 4, 4, 1), 128)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(nr, _BPF_MAP_CREATE, attr, ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise Unsupported(
+            f"bpf(BPF_MAP_CREATE) failed: {errno.errorcode.get(err)} {os.strerror(err)}"
+        )
+    os.close(fd)
+
+
+def bpf_syscall() -> str:
+    _create_map(_MAP_TYPE_ARRAY)
+    return "created and closed an array map"
+
+
+def sockmap() -> str:
+    _create_map(_MAP_TYPE_SOCKMAP)
+    return "created and closed a sockmap"
+
+
+def bpffs(path: str = "/sys/fs/bpf") -> str:
+    if (path, "bpf") in _mounts():
+        return f"mounted at {path}"
+    try:
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(
+            ["mount", "-t", "bpf", "bpf", path], check=True, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        raise Unsupported(f"not mounted at {path} and mounting failed: {detail.strip()}") from e
+    return f"was not mounted: mounted it at {path}"
+
+
+def cgroup2() -> str:
+    points = [mp for mp, fstype in _mounts() if fstype == "cgroup2"]
+    if not points:
+        raise Unsupported("no cgroup2 filesystem mounted")
+    return f"mounted at {points[0]}"
+
+
+def bcc_module() -> str:
+    try:
+        import bcc
+    except ImportError as e:
+        raise Unsupported(f"import bcc failed: {e}") from e
+    return f"{Path(bcc.__file__).parent}"
+
+
+def kernel_headers() -> str:
+    build = Path("/lib/modules") / platform.release() / "build"
+    if not (build / "include").is_dir():
+        raise Unsupported(f"{build} is missing or has no include/ (BCC compiles against it)")
+    return f"{build} -> {build.resolve()}"
+
+
+@functools.cache
+def _tc_program() -> Any:
+    """Compile and load the probe program once; (BPF object, function) or the error."""
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        raise Unsupported(f"import bcc failed: {e}") from e
+    try:
+        bpf = BPF(text=_TC_PROGRAM)
+        return bpf, bpf.load_func("probe_assign", BPF.SCHED_CLS)
+    except Exception as e:  # BCC raises bare Exception for compile and verifier failures
+        raise Unsupported(f"loading a tc program calling bpf_sk_assign failed: {e}") from e
+
+
+def sk_assign() -> str:
+    _tc_program()
+    return "loaded a tc program calling bpf_skc_lookup_tcp + bpf_sk_assign"
+
+
+def clsact_cls_bpf() -> str:
+    """Attach the probe program at clsact ingress of a veth in a scratch netns, then remove it."""
+    from pyroute2 import IPRoute, netns
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    _, fn = _tc_program()
+    name = f"nmcheck-{secrets.token_hex(4)}"
+    try:
+        netns.create(name)
+    except OSError as e:
+        raise Unsupported(f"cannot create a scratch network namespace: {e}") from e
+    step = "create a veth pair"
+    try:
+        with IPRoute(netns=name) as ipr:
+            ipr.link("add", ifname="probe0", kind="veth", peer="probe1")
+            index = ipr.link_lookup(ifname="probe0")[0]
+            step = "add a clsact qdisc"
+            ipr.tc("add", "clsact", index)
+            step = "attach a direct-action cls_bpf filter"
+            ipr.tc(
+                "add-filter",
+                "bpf",
+                index,
+                ":1",
+                fd=fn.fd,
+                name=fn.name,
+                parent=TC_INGRESS_PARENT,
+                classid=1,
+                direct_action=True,
+            )
+    except NetlinkError as e:
+        raise Unsupported(f"could not {step}: {os.strerror(e.code)}") from e
+    finally:
+        netns.remove(name)
+    return "attached a direct-action filter at clsact ingress in a scratch netns"
+
+
+def ip_transparent() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        except OSError as e:
+            raise Unsupported(f"setsockopt(IP_TRANSPARENT) failed: {e.strerror}") from e
+    return "set on a TCP socket"

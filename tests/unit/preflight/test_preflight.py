@@ -1,0 +1,89 @@
+"""Preflight logic: a missing requirement gives a FAIL row with the observation and the fix."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from agent import preflight
+from agent import preflight_probes as probes
+
+
+def _missing(message: str) -> probes.Unsupported:
+    return probes.Unsupported(message)
+
+
+def _fail_with(message: str) -> object:
+    def probe() -> str:
+        raise _missing(message)
+
+    return probe
+
+
+def test_simulated_missing_sockmap_names_observation_and_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(probes, "sockmap", _fail_with("bpf(BPF_MAP_CREATE) failed: EINVAL"))
+    reqs = [r for r in preflight.requirements() if r.name == "sockmap"]
+    (row,) = preflight.run_checks(reqs)
+    assert not row.ok
+    assert row.detail == "bpf(BPF_MAP_CREATE) failed: EINVAL"
+    assert "CONFIG_BPF_STREAM_PARSER=y" in row.fix
+    text = preflight.format_text([row])
+    assert text.splitlines()[0].startswith("FAIL  sockmap")
+    assert "fix: the kernel needs CONFIG_BPF_STREAM_PARSER=y" in text.splitlines()[1]
+    assert text.splitlines()[-1] == "1 of 1 requirements not met"
+
+
+def test_one_failure_does_not_hide_the_others() -> None:
+    reqs = [
+        preflight.Requirement("a", "first", lambda: "fine", "fix a"),
+        preflight.Requirement("b", "second", preflight._wrap(_fail_with("absent")), "fix b"),  # type: ignore[arg-type]
+        preflight.Requirement("c", "third", lambda: "fine too", "fix c"),
+    ]
+    rows = preflight.run_checks(reqs)
+    assert [(r.name, r.ok, r.fix) for r in rows] == [
+        ("a", True, ""),
+        ("b", False, "fix b"),
+        ("c", True, ""),
+    ]
+    doc = json.loads(preflight.format_json(rows))
+    assert doc["ok"] is False
+    assert doc["checks"][1] == {
+        "name": "b",
+        "title": "second",
+        "ok": False,
+        "detail": "absent",
+        "fix": "fix b",
+    }
+
+
+def test_exit_code_is_zero_only_when_all_pass(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok = (preflight.Requirement("a", "first", lambda: "fine", "fix a"),)
+    monkeypatch.setattr(preflight, "requirements", lambda: ok)
+    assert preflight._command(argparse.Namespace(json=False)) == 0
+    assert capsys.readouterr().out.endswith("all requirements met\n")
+    bad = (*ok, preflight.Requirement("b", "second", preflight._wrap(_fail_with("x")), "f"))  # type: ignore[arg-type]
+    monkeypatch.setattr(preflight, "requirements", lambda: bad)
+    assert preflight._command(argparse.Namespace(json=True)) == 1
+    assert json.loads(capsys.readouterr().out)["ok"] is False
+
+
+def test_privileges_without_root_needs_three_capabilities() -> None:
+    all_caps = 1 << probes.CAP_BPF | 1 << probes.CAP_NET_ADMIN | 1 << probes.CAP_SYS_ADMIN
+    assert "are effective" in probes.privileges(euid=1000, cap_eff=all_caps)
+    with pytest.raises(probes.Unsupported, match=r"not root \(uid 1000\) and missing CAP_BPF$"):
+        probes.privileges(euid=1000, cap_eff=all_caps & ~(1 << probes.CAP_BPF))
+    with pytest.raises(probes.Unsupported, match="CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"):
+        probes.privileges(euid=1000, cap_eff=0)
+    assert probes.privileges(euid=0, cap_eff=0) == "running as root"
+
+
+def test_every_requirement_has_a_fix_and_a_unique_name() -> None:
+    reqs = preflight.requirements()
+    assert len({r.name for r in reqs}) == len(reqs)
+    assert all(r.fix and r.title for r in reqs)

@@ -153,22 +153,28 @@ BAD = [
     ("nodes: [{name: n1}]\npolicies: {}", "x.yaml: policies: expected a list, got a mapping"),
     (
         N1 + "policies: [{apiVersion: v1, kind: AuthorizationPolicy, metadata: {name: p}}]",
-        "policies[0].apiVersion: 'v1' is not supported: use nodemesh.io/v1alpha1",
+        "policies[0].apiVersion: 'v1' is not allowed; use nodemesh.io/v1alpha1",
     ),
     (
         N1 + "policies: [{" + AV + ", kind: NetworkPolicy, metadata: {name: p}}]",
-        "policies[0].kind: 'NetworkPolicy' is not a nodemesh policy kind",
+        "policies[0].kind: 'NetworkPolicy' is not allowed",
     ),
     (
         N1 + "policies: [{" + AV + ", kind: TrafficPolicy, metadata: {}}]",
-        "policies[0].metadata.name: is required",
+        "policies[0].metadata.name: None is not a DNS subdomain name",
     ),
     (
         "nodes: [{name: n1}]\npolicies:\n"
-        "- {apiVersion: nodemesh.io/v1alpha1, kind: TrafficPolicy, metadata: {name: p}}\n"
-        "- {apiVersion: nodemesh.io/v1alpha1, kind: TrafficPolicy, metadata: {name: p}}",
+        "- {" + AV + ", kind: PeerAuthentication, metadata: {name: p}, spec: {}}\n"
+        "- {" + AV + ", kind: PeerAuthentication, metadata: {name: p}, spec: {}}",
         "policies[1].metadata.name: duplicate policy",
     ),
+    (
+        N1 + "policies:\n- {" + AV + ", kind: PeerAuthentication, metadata: {name: p},\n"
+        "   spec: {mtls: {mode: OFF}}}",
+        "policies[0].spec.mtls.mode:",
+    ),
+    (N1 + "policies: [7]", "policies[0]: expected a policy manifest, got int"),
     ("- a\n- b", "x.yaml: expected a mapping with keys trustDomain"),
 ]
 

@@ -27,11 +27,11 @@ from agent.ca.auth import Authenticator, bearer_token
 from agent.ca.authority import Authority, key_pem
 from agent.ca.issuer import Issuer, Rejected
 from agent.ca.kube import KubeApiError
+from agent.identity.caclient import CA_SERVER_NAME
 from agent.identity.certs import to_pem
 
 log = logging.getLogger(__name__)
 
-CA_SERVER_NAME = "nodemesh-ca"
 SERVING_CERT_TTL = dt.timedelta(days=365)
 
 

@@ -1,0 +1,145 @@
+"""The agent's client of the mesh CA (Istio's ``IstioCertificateService`` over gRPC/TLS).
+
+For each request it generates a fresh ECDSA P-256 key in memory, sends a CSR with the identity
+as its only SAN and the identity again as ``ImpersonatedIdentity`` metadata (how Istio node
+proxies ask on a workload's behalf), and checks the answer before anyone can present it.
+
+Why the channel and the token are re-read rather than fixed at start: the CA's root (``--ca-root``)
+changes during a root rotation, and Kubernetes rotates projected service-account tokens (about
+hourly). The token file is re-read when its mtime or size changes and the channel is rebuilt when
+the root file changes or after a transport failure, so a long-running agent follows both without
+a restart. gRPC itself reconnects a broken channel; a rebuild is the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from agent.ca import proto
+from agent.identity.certs import CertificateError, WorkloadCertificate, build_csr, generate_key
+from agent.identity.spiffe import SpiffeId
+
+log = logging.getLogger(__name__)
+
+CA_SERVER_NAME = "nodemesh-ca"
+_RETRYABLE_TRANSPORT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class CaError(Exception):
+    """A certificate request failed; ``code`` is the gRPC status (``None`` for local errors)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Watched:
+    """File content re-read when its (mtime, size) changes."""
+
+    path: Path
+    stamp: tuple[int, int] | None = None
+    data: bytes = b""
+
+    def read(self) -> tuple[bytes, bool]:
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            changed = stamp != self.stamp
+            if changed:
+                self.data = self.path.read_bytes()
+                self.stamp = stamp
+        except OSError as e:
+            raise CaError(f"cannot read {self.path}: {e.strerror}; check the agent's flags") from e
+        return self.data, changed
+
+
+class CaClient:
+    """Fetch workload certificates from the CA at ``address`` (``host:port``)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        root_file: Path,
+        token_file: Path,
+        server_name: str = CA_SERVER_NAME,
+        validity_seconds: int = 0,
+        timeout: float = 10.0,
+    ) -> None:
+        self.address = address
+        self._root = _Watched(root_file)
+        self._token = _Watched(token_file)
+        self._server_name = server_name
+        self._validity = validity_seconds
+        self._timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+
+    async def _call(self) -> grpc.aio.UnaryUnaryMultiCallable:
+        root, changed = self._root.read()
+        if self._channel is None or changed:
+            if self._channel is not None:
+                log.info(
+                    "CA root file %s changed; reconnecting to %s", self._root.path, self.address
+                )
+                # Calls still in flight on the old channel are cancelled and retried by the
+                # identity manager; a root change is rare enough for that to be cheap.
+                await self._reset()
+            self._channel = grpc.aio.secure_channel(
+                self.address,
+                grpc.ssl_channel_credentials(root_certificates=root),
+                options=[("grpc.ssl_target_name_override", self._server_name)],
+            )
+        return self._channel.unary_unary(
+            proto.METHOD,
+            request_serializer=proto.IstioCertificateRequest.SerializeToString,
+            response_deserializer=proto.IstioCertificateResponse.FromString,
+        )
+
+    def _token_value(self) -> str:
+        data, changed = self._token.read()
+        token = data.decode("utf-8", "replace").strip()
+        if not token:
+            raise CaError(f"the token file {self._token.path} is empty")
+        if changed:
+            log.info("using the token in %s (re-read after a change)", self._token.path)
+        return token
+
+    async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
+        key = generate_key()
+        request = proto.IstioCertificateRequest(
+            csr=build_csr(identity, key), validity_duration=self._validity
+        )
+        request.metadata.fields[proto.IMPERSONATED_IDENTITY_KEY].string_value = str(identity)
+        call = await self._call()
+        try:
+            response = await call(
+                request,
+                metadata=(("authorization", f"Bearer {self._token_value()}"),),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _RETRYABLE_TRANSPORT:
+                await self._reset()
+            raise CaError(
+                f"the CA at {self.address} refused {identity}: {e.code().name}: {e.details()}",
+                e.code(),
+            ) from e
+        try:
+            return WorkloadCertificate.from_response(
+                identity, key, list(response.cert_chain), list(response.root_cert.ca_cert)
+            )
+        except CertificateError as e:
+            raise CaError(f"unusable answer from the CA at {self.address}: {e}") from e
+
+    async def _reset(self) -> None:
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close()
+
+    async def close(self) -> None:
+        await self._reset()

@@ -1,0 +1,296 @@
+"""The identity manager: one certificate per local meshed identity, kept fresh.
+
+Theory of operation. The desired set of identities comes from the state store (every service
+account with a meshed pod on this node). Each identity gets a named worker task that fetches a
+certificate, sleeps until renewal time (about half the lifetime, jittered), and renews. A failed
+fetch backs off exponentially while the current certificate keeps being served until it expires;
+only then does the identity become Unavailable. Workers for identities that left the node are
+cancelled and their certificates dropped.
+
+Priorities: a connection that needs a certificate that is not there yet (``certificate()``) must
+not queue behind a background prefetch of fifty other identities, so CSR slots are handed out by
+a small priority gate: on-demand requests first, then background fetches, and never more than
+``concurrency`` requests to the CA at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.identity.certs import WorkloadCertificate
+from agent.identity.rotation import Backoff, renewal_delay
+from agent.identity.spiffe import SpiffeId
+from agent.state import Snapshot, StateStore
+
+log = logging.getLogger(__name__)
+
+
+class Fetcher(Protocol):
+    async def fetch(self, identity: SpiffeId) -> WorkloadCertificate: ...
+
+
+class State(enum.Enum):
+    INITIALIZING = "Initializing"
+    AVAILABLE = "Available"
+    UNAVAILABLE = "Unavailable"
+
+
+class IdentityUnavailable(Exception):
+    """No valid certificate for an identity; the message carries the CA's last answer."""
+
+
+HIGH, LOW = 0, 1
+
+
+class PriorityGate:
+    """At most ``slots`` holders; waiters served by priority (lower first), then in order."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    @asynccontextmanager
+    async def slot(self, priority: int) -> AsyncIterator[None]:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiters, (priority, next(self._seq), fut))
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._release()  # handed a slot just as we were cancelled: pass it on
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
+@dataclass(eq=False)
+class _Entry:
+    identity: SpiffeId
+    cert: WorkloadCertificate | None = None
+    last_error: str | None = None
+    failures: int = 0
+    next_attempt: float = 0.0  # wall clock
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    waiters: list[asyncio.Future[WorkloadCertificate]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+    def valid_cert(self, now: float) -> WorkloadCertificate | None:
+        if self.cert is not None and self.cert.not_after.timestamp() > now:
+            return self.cert
+        return None
+
+    def state(self, now: float) -> State:
+        if self.valid_cert(now) is not None:
+            return State.AVAILABLE
+        return State.INITIALIZING if self.failures == 0 else State.UNAVAILABLE
+
+
+class IdentityManager:
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        *,
+        concurrency: int = 8,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.time,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
+        self._fetcher = fetcher
+        self._gate = PriorityGate(concurrency)
+        self._backoff = backoff or Backoff()
+        self._clock = clock
+        self._draw = draw
+        self._entries: dict[str, _Entry] = {}
+        self._desired: frozenset[str] = frozenset()
+
+    # --- what the proxy and the admin API call -------------------------------------------------
+
+    async def certificate(self, spiffe_id: str) -> WorkloadCertificate:
+        """The current certificate for ``spiffe_id``, fetching it now (high priority) if needed."""
+        entry = self._ensure(SpiffeId.parse(spiffe_id))
+        cert = entry.valid_cert(self._clock())
+        if cert is not None:
+            return cert
+        fut: asyncio.Future[WorkloadCertificate] = asyncio.get_running_loop().create_future()
+        entry.waiters.append(fut)
+        entry.wake.set()
+        return await fut
+
+    def states(self) -> list[dict[str, object]]:
+        """Per identity: state, public certificate facts, last error. No key material."""
+        now = self._clock()
+        out: list[dict[str, object]] = []
+        for name, entry in sorted(self._entries.items()):
+            cert = entry.valid_cert(now)
+            out.append(
+                {
+                    "identity": name,
+                    "state": entry.state(now).value,
+                    "certificate": cert.describe() if cert else None,
+                    "last_error": entry.last_error,
+                    "failures": entry.failures,
+                    "next_attempt": dt.datetime.fromtimestamp(
+                        entry.next_attempt, dt.UTC
+                    ).isoformat(),
+                }
+            )
+        return out
+
+    def not_ready(self) -> list[str]:
+        """Desired identities without a valid certificate (readiness waits for them)."""
+        now = self._clock()
+        return sorted(
+            i for i in self._desired if self._entries[i].state(now) is not State.AVAILABLE
+        )
+
+    # --- what the state subscription calls --------------------------------------------------------
+
+    def set_identities(self, identities: Iterable[str]) -> None:
+        """Make the desired set exactly ``identities``: start workers, drop the rest."""
+        desired = frozenset(str(SpiffeId.parse(i)) for i in identities)
+        for name in desired - self._desired:
+            self._ensure(SpiffeId.parse(name))
+        for name in set(self._entries) - desired:
+            self._drop(name)
+        self._desired = desired
+
+    async def close(self) -> None:
+        for name in list(self._entries):
+            self._drop(name)
+        await asyncio.sleep(0)
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def _ensure(self, identity: SpiffeId) -> _Entry:
+        name = str(identity)
+        entry = self._entries.get(name)
+        if entry is None:
+            entry = self._entries[name] = _Entry(identity, next_attempt=self._clock())
+            entry.task = asyncio.get_running_loop().create_task(
+                self._worker(entry), name=f"identity {name}"
+            )
+            log.info("managing a certificate for %s", name)
+        return entry
+
+    def _drop(self, name: str) -> None:
+        entry = self._entries.pop(name)
+        if entry.task is not None:
+            entry.task.cancel()
+        for fut in entry.waiters:
+            if not fut.done():
+                fut.set_exception(IdentityUnavailable(f"{name} is no longer on this node"))
+        log.info("dropped the certificate of %s: no meshed pod uses it any more", name)
+
+    async def _sleep_until_due(self, entry: _Entry) -> None:
+        delay = entry.next_attempt - self._clock()
+        if delay <= 0 or entry.waiters:
+            return
+        entry.wake.clear()
+        try:
+            await asyncio.wait_for(entry.wake.wait(), timeout=delay)
+        except TimeoutError:
+            return
+
+    async def _worker(self, entry: _Entry) -> None:
+        while True:
+            await self._sleep_until_due(entry)
+            if entry.valid_cert(self._clock()) and entry.next_attempt > self._clock():
+                self._settle(entry, None)  # woken for a certificate that is already there
+                continue
+            async with self._gate.slot(HIGH if entry.waiters else LOW):
+                try:
+                    cert: WorkloadCertificate | None = await self._fetcher.fetch(entry.identity)
+                    error: Exception | None = None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # any failure is reported and retried, never fatal
+                    cert, error = None, e
+            self._record(entry, cert, error)
+
+    def _record(
+        self, entry: _Entry, cert: WorkloadCertificate | None, error: Exception | None
+    ) -> None:
+        now = self._clock()
+        if cert is not None:
+            entry.cert, entry.failures, entry.last_error = cert, 0, None
+            entry.next_attempt = now + renewal_delay(now, cert.not_after.timestamp(), self._draw())
+            log.info(
+                "certificate for %s valid until %s; renewing in %.1fs",
+                entry.identity,
+                cert.not_after.isoformat(),
+                entry.next_attempt - now,
+            )
+        else:
+            entry.failures += 1
+            entry.last_error = str(error)
+            entry.next_attempt = now + self._backoff.delay(entry.failures, self._draw())
+            serving = "keeps serving the current one" if entry.valid_cert(now) else "has none"
+            log.warning(
+                "fetching a certificate for %s failed (attempt %d, %s; retry in %.1fs): %s",
+                entry.identity,
+                entry.failures,
+                serving,
+                entry.next_attempt - now,
+                error,
+            )
+        self._settle(entry, error)
+
+    def _settle(self, entry: _Entry, error: Exception | None) -> None:
+        cert = entry.valid_cert(self._clock())
+        waiters, entry.waiters = entry.waiters, []
+        for fut in waiters:
+            if fut.done():
+                continue
+            if cert is not None:
+                fut.set_result(cert)
+            else:
+                fut.set_exception(
+                    IdentityUnavailable(f"no certificate for {entry.identity}: {error}")
+                )
+
+
+def local_identities(snapshot: Snapshot, node: str) -> set[str]:
+    """SPIFFE IDs of the service accounts with a meshed pod on ``node``."""
+    return {w.identity(snapshot.trust_domain) for w in snapshot.meshed_workloads_on(node)}
+
+
+def follow_store(manager: IdentityManager, store: StateStore, node: str) -> Callable[[], None]:
+    """Keep ``manager``'s identities equal to the local meshed ones; returns an unsubscribe.
+
+    Must be called on the manager's event loop; store updates may come from any thread (sources
+    run their own), so they are handed to the loop rather than applied in place.
+    """
+    loop = asyncio.get_running_loop()
+
+    def on_change(snapshot: Snapshot, kinds: frozenset[str]) -> None:
+        if kinds & {"workloads", "namespaces"}:
+            loop.call_soon_threadsafe(manager.set_identities, local_identities(snapshot, node))
+
+    unsubscribe = store.subscribe(on_change)
+    manager.set_identities(local_identities(store.snapshot(), node))
+    return unsubscribe

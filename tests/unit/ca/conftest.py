@@ -1,0 +1,92 @@
+"""A real CA on loopback (gRPC over TLS) and a raw client that can send anything."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from agent.ca import proto
+from agent.ca.inprocess import InProcessCA
+from agent.identity.caclient import CA_SERVER_NAME
+from agent.state import StateStore, Workload
+
+
+def workload(name: str, sa: str, node: str, ip: str, ns: str = "default") -> Workload:
+    return Workload(
+        uid=f"{ns}/{name}",
+        name=name,
+        namespace=ns,
+        service_account=sa,
+        node=node,
+        ips=(ip,),
+        mesh_annotation="enabled",
+    )
+
+
+@pytest.fixture
+def store() -> StateStore:
+    s = StateStore()
+    with s.update() as txn:
+        txn.put_workload(workload("client", "client", "node1", "10.244.1.2"))
+        txn.put_workload(workload("server", "server", "node2", "10.244.2.2"))
+    return s
+
+
+@pytest.fixture
+def ca(tmp_path: Path, store: StateStore) -> Iterator[InProcessCA]:
+    authority = InProcessCA(
+        tmp_path / "ca",
+        store,
+        node_tokens={"node1": InProcessCA.new_token(), "node2": InProcessCA.new_token()},
+    )
+    authority.start()
+    try:
+        yield authority
+    finally:
+        authority.stop()
+
+
+class RawClient:
+    """Sends hand-built requests, so tests can also send what a correct agent never would."""
+
+    def __init__(self, ca: InProcessCA) -> None:
+        self.channel = grpc.secure_channel(
+            ca.address,
+            grpc.ssl_channel_credentials(root_certificates=ca.root_file.read_bytes()),
+            options=[("grpc.ssl_target_name_override", CA_SERVER_NAME)],
+        )
+        self.call = self.channel.unary_unary(
+            proto.METHOD,
+            request_serializer=proto.IstioCertificateRequest.SerializeToString,
+            response_deserializer=proto.IstioCertificateResponse.FromString,
+        )
+
+    def create(
+        self,
+        csr: str,
+        *,
+        token: str | None,
+        impersonate: object = None,
+        validity: int = 0,
+        extra_metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        req = proto.IstioCertificateRequest(csr=csr, validity_duration=validity)
+        if impersonate is not None:
+            req.metadata.update({proto.IMPERSONATED_IDENTITY_KEY: impersonate})
+        if extra_metadata:
+            req.metadata.update(extra_metadata)
+        md = (("authorization", f"Bearer {token}"),) if token is not None else ()
+        return self.call(req, metadata=md, timeout=10)
+
+
+@pytest.fixture
+def raw(ca: InProcessCA) -> Iterator[RawClient]:
+    client = RawClient(ca)
+    try:
+        yield client
+    finally:
+        client.channel.close()

@@ -1,0 +1,133 @@
+"""The CA over real gRPC/TLS on loopback: issuance and each rejection with its status."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from conftest import RawClient
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+
+from agent.ca.inprocess import InProcessCA
+from agent.identity.certs import build_csr, generate_key
+from agent.identity.spiffe import SpiffeId
+
+CLIENT = "spiffe://cluster.local/ns/default/sa/client"
+SERVER = "spiffe://cluster.local/ns/default/sa/server"
+
+
+def csr_for(identity: str) -> str:
+    return build_csr(SpiffeId.parse(identity), generate_key())
+
+
+def status_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value.code()  # type: ignore[attr-defined, no-any-return]
+
+
+def test_issues_leaf_first_root_last_with_only_the_spiffe_san(
+    ca: InProcessCA, raw: RawClient
+) -> None:
+    resp = raw.create(csr_for(CLIENT), token=ca.node_tokens["node1"], impersonate=CLIENT)
+    chain = [x509.load_pem_x509_certificate(p.encode()) for p in resp.cert_chain]
+    leaf, root = chain[0], chain[-1]
+    assert root.subject == root.issuer
+    assert [r for r in resp.root_cert.ca_cert] == ca.authority.roots_pem()
+    leaf.verify_directly_issued_by(root)
+    san = leaf.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    assert list(san) == [x509.UniformResourceIdentifier(CLIENT)]
+    eku = leaf.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert leaf.extensions.get_extension_for_oid(ExtensionOID.BASIC_CONSTRAINTS).value.ca is False
+    lifetime = leaf.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(hours=23) < lifetime <= dt.timedelta(hours=24)
+
+
+def test_validity_is_honoured_and_capped(ca: InProcessCA, raw: RawClient) -> None:
+    token = ca.node_tokens["node1"]
+    short = raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT, validity=120)
+    leaf = x509.load_pem_x509_certificate(short.cert_chain[0].encode())
+    assert leaf.not_valid_after_utc - dt.datetime.now(dt.UTC) <= dt.timedelta(seconds=120)
+    long = raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT, validity=10**9)
+    leaf = x509.load_pem_x509_certificate(long.cert_chain[0].encode())
+    assert leaf.not_valid_after_utc - dt.datetime.now(dt.UTC) <= dt.timedelta(hours=24)
+
+
+def test_serials_are_unique_under_a_concurrent_storm(ca: InProcessCA, raw: RawClient) -> None:
+    token = ca.node_tokens["node1"]
+    csrs = [csr_for(CLIENT) for _ in range(300)]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        responses = list(pool.map(lambda c: raw.create(c, token=token, impersonate=CLIENT), csrs))
+    serials = {
+        x509.load_pem_x509_certificate(r.cert_chain[0].encode()).serial_number for r in responses
+    }
+    assert len(serials) == 300
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("no token", grpc.StatusCode.UNAUTHENTICATED),
+        ("unknown token", grpc.StatusCode.UNAUTHENTICATED),
+        ("malformed csr", grpc.StatusCode.INVALID_ARGUMENT),
+        ("csr san differs", grpc.StatusCode.INVALID_ARGUMENT),
+        ("wrong trust domain", grpc.StatusCode.PERMISSION_DENIED),
+        ("other node's identity", grpc.StatusCode.PERMISSION_DENIED),
+        ("negative validity", grpc.StatusCode.INVALID_ARGUMENT),
+        ("no impersonated identity", grpc.StatusCode.INVALID_ARGUMENT),
+        ("identity is not a string", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_rejections_carry_a_precise_status(
+    ca: InProcessCA, raw: RawClient, case: str, expected: grpc.StatusCode
+) -> None:
+    token = ca.node_tokens["node1"]
+    other_td = "spiffe://example.org/ns/default/sa/client"
+    requests = {
+        "no token": lambda: raw.create(csr_for(CLIENT), token=None, impersonate=CLIENT),
+        "unknown token": lambda: raw.create(csr_for(CLIENT), token="x" * 32, impersonate=CLIENT),
+        "malformed csr": lambda: raw.create(
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            token=token,
+            impersonate=CLIENT,
+        ),
+        "csr san differs": lambda: raw.create(csr_for(SERVER), token=token, impersonate=CLIENT),
+        "wrong trust domain": lambda: raw.create(
+            csr_for(other_td), token=token, impersonate=other_td
+        ),
+        "other node's identity": lambda: raw.create(
+            csr_for(SERVER), token=token, impersonate=SERVER
+        ),
+        "negative validity": lambda: raw.create(
+            csr_for(CLIENT), token=token, impersonate=CLIENT, validity=-5
+        ),
+        "no impersonated identity": lambda: raw.create(csr_for(CLIENT), token=token),
+        "identity is not a string": lambda: raw.create(csr_for(CLIENT), token=token, impersonate=7),
+    }
+    assert status_of(requests[case]) == expected
+
+
+def test_a_node_obtains_only_identities_of_its_own_pods(ca: InProcessCA, raw: RawClient) -> None:
+    raw.create(csr_for(SERVER), token=ca.node_tokens["node2"], impersonate=SERVER)
+    with pytest.raises(grpc.RpcError) as info:
+        raw.create(csr_for(SERVER), token=ca.node_tokens["node1"], impersonate=SERVER)
+    assert "node1" in info.value.details()  # type: ignore[attr-defined]
+
+
+def test_csr_with_a_broken_signature_is_malformed(ca: InProcessCA, raw: RawClient) -> None:
+    der = bytearray(
+        x509.load_pem_x509_csr(csr_for(CLIENT).encode()).public_bytes(serialization.Encoding.DER)
+    )
+    der[-5] ^= 0x01  # inside the ECDSA signature, which ends the DER
+    body = base64.encodebytes(bytes(der)).decode()
+    pem = f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
+    with pytest.raises(grpc.RpcError) as info:
+        raw.create(pem, token=ca.node_tokens["node1"], impersonate=CLIENT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "signature" in info.value.details()  # type: ignore[attr-defined]

@@ -1,0 +1,306 @@
+"""The HBONE codec: HTTP/2 CONNECT tunnels as a sans-IO state machine.
+
+HBONE (Istio's "HTTP-Based Overlay Network Environment") carries each proxied TCP connection as
+one HTTP/2 stream opened with ``CONNECT`` (``:authority`` = ``podIP:port``, header ``forwarded:
+for=<client IP>``) over mutual TLS to port 15008. The server answers 200 once the upstream is
+connected and authorized, or 400 (malformed request), 401 (not authorized), 405 (not CONNECT) or
+503 (upstream unreachable); the bytes then flow as DATA frames and a TCP half-close becomes
+END_STREAM.
+
+``HboneConnection`` is fed bytes (``receive``) and returns events (``agent.proxy.hbone_events``);
+what it wants to send accumulates in ``data_to_send``. It does no I/O and reads no clock, so the
+asyncio layer stays thin and every protocol decision is tested without sockets.
+
+Flow control, and why one slow stream cannot stall the others: the *connection* window is
+replenished as soon as DATA arrives, while a *stream's* window is replenished only when the owner
+reports (``consumed``) that the bytes were written to that stream's TCP socket. A receiver that
+stops reading therefore stops its own stream after 4 MiB and nothing else. Outgoing data beyond
+the peer's window is queued per stream; ``buffered`` lets the owner pause reading that stream's
+socket and ``StreamDrained`` tells it to resume.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+
+import h2.events as h2e
+from h2.errors import ErrorCodes
+from h2.exceptions import DenialOfServiceError, ProtocolError
+
+from agent.proxy import hbone_events as ev
+from agent.proxy.h2wire import HboneSettings, new_connection
+
+FORWARDED_HEADER = "forwarded"
+
+
+class AuthorityError(ValueError):
+    """A CONNECT ``:authority`` is not ``<IP literal>:<port>``."""
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """``10.0.0.1:80`` or ``[fd00::1]:80`` -> (ip, port); names are refused (HBONE targets IPs)."""
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or not port_text.isdigit() or len(port_text) > 5:
+        raise AuthorityError(f"{authority!r} is not <ip>:<port>")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise AuthorityError(f"{authority!r}: port {port} is outside 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError as e:
+        raise AuthorityError(f"{authority!r}: {host!r} is not an IP address") from e
+
+
+def format_forwarded(client_ip: str) -> str:
+    """RFC 7239 ``for=`` as ztunnel writes it (IPv6 quoted and bracketed)."""
+    return f'for="[{client_ip}]"' if ":" in client_ip else f"for={client_ip}"
+
+
+def parse_forwarded(value: str) -> str | None:
+    """The ``for=`` address of the first element of a ``forwarded`` header, if it is an IP."""
+    for pair in value.split(",")[0].split(";"):
+        key, _, raw = pair.strip().partition("=")
+        if key.lower() == "for":
+            text = raw.strip('"').removeprefix("[").split("]")[0]
+            try:
+                return str(ipaddress.ip_address(text))
+            except ValueError:
+                return None
+    return None
+
+
+class HboneConnection:
+    """One HBONE connection (client or server side); see the module docstring."""
+
+    def __init__(self, *, client_side: bool, settings: HboneSettings | None = None) -> None:
+        self.settings = settings or HboneSettings()
+        self.client_side = client_side
+        self._h2 = new_connection(client_side=client_side, settings=self.settings)
+        self._out: dict[int, bytearray] = {}
+        self._end_after_flush: set[int] = set()
+        self._unacked_stream: dict[int, int] = {}
+        self._unacked_conn = 0
+        self._unanswered: set[int] = set()
+        self._pending_resets = 0
+        self.going_away = False
+        self.failed = False
+
+    # ---- bytes in, events out ------------------------------------------------------------
+
+    def receive(self, data: bytes) -> list[ev.Event]:
+        if self.failed:
+            return []
+        try:
+            h2_events = self._h2.receive_data(data)
+        except DenialOfServiceError as e:
+            return [self._fail(f"peer exceeded a limit: {e}", ErrorCodes.ENHANCE_YOUR_CALM)]
+        except ProtocolError as e:
+            return [self._fail(f"HTTP/2 protocol error from peer: {e}", e.error_code)]
+        out: list[ev.Event] = []
+        for h2_event in h2_events:
+            out.extend(self._translate(h2_event))
+            if self.failed:
+                break
+        return out
+
+    def data_to_send(self) -> bytes:
+        return self._h2.data_to_send()
+
+    def _translate(self, event: h2e.Event) -> Sequence[ev.Event]:
+        if isinstance(event, h2e.RequestReceived):
+            return [self._on_request(event)]
+        if isinstance(event, h2e.ResponseReceived):
+            return [self._on_response(event)]
+        if isinstance(event, h2e.DataReceived):
+            return self._on_data(event)
+        if isinstance(event, h2e.StreamEnded):
+            return [ev.StreamEnded(event.stream_id)]
+        if isinstance(event, h2e.StreamReset):
+            return self._on_reset(event)
+        if isinstance(event, h2e.WindowUpdated):
+            return self._flush_all() if event.stream_id == 0 else self._flush(event.stream_id)
+        if isinstance(event, h2e.ConnectionTerminated):
+            self.going_away = True
+            return [ev.GoAwayReceived(int(event.error_code or 0), event.last_stream_id or 0)]
+        if isinstance(event, h2e.PingAckReceived):
+            return [ev.PingAcknowledged(bytes(event.ping_data or b""))]
+        if isinstance(event, h2e.RemoteSettingsChanged):
+            return self._flush_all()
+        return []
+
+    def _on_request(self, event: h2e.RequestReceived) -> ev.Event:
+        sid = event.stream_id
+        headers = {str(k): str(v) for k, v in event.headers or ()}
+        if self.going_away:
+            self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return ev.RequestRejected(sid, 0, "connection is draining (GOAWAY sent)")
+        if headers.get(":method") != "CONNECT":
+            return self._reject(sid, 405, f"method {headers.get(':method')!r} is not CONNECT")
+        try:
+            host, port = parse_authority(headers.get(":authority", ""))
+        except AuthorityError as e:
+            return self._reject(sid, 400, f"bad :authority: {e}")
+        self._unanswered.add(sid)
+        fwd = headers.get(FORWARDED_HEADER)
+        return ev.TunnelRequested(sid, host, port, parse_forwarded(fwd) if fwd else None, headers)
+
+    def _reject(self, stream_id: int, status: int, reason: str) -> ev.Event:
+        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        return ev.RequestRejected(stream_id, status, reason)
+
+    def _on_response(self, event: h2e.ResponseReceived) -> ev.Event:
+        headers = {str(k): str(v) for k, v in event.headers or ()}
+        status = headers.get(":status", "")
+        code = int(status) if status.isdigit() else 0
+        if code == 200:
+            return ev.TunnelAccepted(event.stream_id)
+        return ev.TunnelRefused(event.stream_id, code)
+
+    def _on_data(self, event: h2e.DataReceived) -> list[ev.Event]:
+        sid = event.stream_id
+        length = event.flow_controlled_length or 0
+        data = bytes(event.data or b"")
+        self._unacked_conn += length
+        if self._unacked_conn >= self.settings.connection_window // 4:
+            self._h2.increment_flow_control_window(self._unacked_conn)
+            self._unacked_conn = 0
+        self._credit_stream(sid, length - len(data))  # padding is never "consumed" by anyone
+        return [ev.DataReceived(sid, data)] if data else []
+
+    def _on_reset(self, event: h2e.StreamReset) -> list[ev.Event]:
+        sid = event.stream_id
+        self._forget(sid)
+        if event.remote_reset and sid in self._unanswered:
+            self._unanswered.discard(sid)
+            self._pending_resets += 1
+            if self._pending_resets > self.settings.max_pending_resets:
+                reason = f"peer reset {self._pending_resets} unanswered streams (rapid reset)"
+                return [self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM)]
+        return [ev.StreamReset(sid, int(event.error_code or 0), bool(event.remote_reset))]
+
+    def _fail(self, reason: str, code: int) -> ev.ConnectionFailed:
+        self.failed = True
+        self._h2.close_connection(error_code=code)
+        return ev.ConnectionFailed(reason, int(code))
+
+    # ---- commands from the owner -----------------------------------------------------------
+
+    def open_tunnel(self, authority: str, *, client_ip: str | None = None) -> int:
+        """Client side: send CONNECT; returns the stream id (``TunnelAccepted`` follows)."""
+        sid = self._h2.get_next_available_stream_id()
+        headers = [(":method", "CONNECT"), (":authority", authority)]
+        if client_ip:
+            headers.append((FORWARDED_HEADER, format_forwarded(client_ip)))
+        self._h2.send_headers(sid, headers)
+        return sid
+
+    def can_open_stream(self) -> bool:
+        limit = min(
+            self._h2.remote_settings.max_concurrent_streams, self.settings.max_concurrent_streams
+        )
+        return not (self.going_away or self.failed) and self._h2.open_outbound_streams < limit
+
+    def respond(self, stream_id: int, status: int) -> None:
+        """Server side: 200 opens the tunnel; any other status ends the stream."""
+        self._unanswered.discard(stream_id)
+        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=status != 200)
+        if status != 200:
+            self._forget(stream_id)
+
+    def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> list[ev.Event]:
+        """Queue tunnel bytes; what the peer's windows allow goes out now."""
+        self._out.setdefault(stream_id, bytearray()).extend(data)
+        return self._flush(stream_id)
+
+    def buffered(self, stream_id: int) -> int:
+        return len(self._out.get(stream_id, b""))
+
+    def end_stream(self, stream_id: int) -> list[ev.Event]:
+        """Half-close our side once the queued data is out."""
+        self._end_after_flush.add(stream_id)
+        self._out.setdefault(stream_id, bytearray())
+        return self._flush(stream_id)
+
+    def consumed(self, stream_id: int, n: int) -> None:
+        """The owner wrote ``n`` received bytes onwards: let the peer send that much more."""
+        self._credit_stream(stream_id, n)
+
+    def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+        self._forget(stream_id)
+        stream = self._h2.streams.get(stream_id)
+        if stream is not None and not stream.closed:
+            self._h2.reset_stream(stream_id, code)
+
+    def ping(self) -> bytes:
+        opaque = os.urandom(8)
+        self._h2.ping(opaque)
+        return opaque
+
+    def goaway(self, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
+        """Graceful: refuse new streams, let the open ones finish (drain)."""
+        if not self.going_away:
+            self.going_away = True
+            self._h2.send_goaway(code, self._h2.highest_inbound_stream_id)
+
+    def close(self, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
+        """Abrupt: GOAWAY and no further frames."""
+        if not self.failed:
+            self.failed = True
+            self._h2.close_connection(error_code=code)
+
+    @property
+    def open_streams(self) -> int:
+        return int(self._h2.open_outbound_streams + self._h2.open_inbound_streams)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _credit_stream(self, stream_id: int, n: int) -> None:
+        if n <= 0:
+            return
+        total = self._unacked_stream.get(stream_id, 0) + n
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream.closed:
+            self._unacked_stream.pop(stream_id, None)
+            return
+        if total >= self.settings.stream_window // 4:
+            self._h2.increment_flow_control_window(total, stream_id=stream_id)
+            total = 0
+        self._unacked_stream[stream_id] = total
+
+    def _flush(self, stream_id: int) -> list[ev.Event]:
+        buf = self._out.get(stream_id)
+        if buf is None or self.failed:
+            return []
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream.closed:
+            self._forget(stream_id)
+            return []
+        while buf:
+            window = min(
+                self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size
+            )
+            if window <= 0:
+                return []
+            chunk = bytes(buf[:window])
+            del buf[:window]
+            self._h2.send_data(stream_id, chunk)
+        if stream_id in self._end_after_flush:
+            self._end_after_flush.discard(stream_id)
+            self._h2.end_stream(stream_id)
+        del self._out[stream_id]
+        return [ev.StreamDrained(stream_id)]
+
+    def _flush_all(self) -> list[ev.Event]:
+        out: list[ev.Event] = []
+        for sid in list(self._out):
+            out.extend(self._flush(sid))
+        return out
+
+    def _forget(self, stream_id: int) -> None:
+        self._out.pop(stream_id, None)
+        self._end_after_flush.discard(stream_id)
+        self._unacked_stream.pop(stream_id, None)

@@ -17,7 +17,7 @@ import grpc
 
 from agent.ca.auth import Authenticator, NodeTokenAuthenticator, StoreNodeAuthorizer
 from agent.ca.authority import Authority
-from agent.ca.issuer import Issuer
+from agent.ca.issuer import Issuer, NodeAuthorizer
 from agent.ca.server import CertificateService, start_server
 from agent.ca.storage import ROOT_FILE, load_or_create_dir
 from agent.identity.certs import WorkloadCertificate, generate_key
@@ -35,6 +35,7 @@ class InProcessCA:
         *,
         node_tokens: Mapping[str, str] | None = None,
         authenticator: Authenticator | None = None,
+        authorizer: NodeAuthorizer | None = None,
         max_ttl: dt.timedelta = dt.timedelta(hours=24),
         min_ttl: dt.timedelta = dt.timedelta(seconds=1),
     ) -> None:
@@ -45,7 +46,7 @@ class InProcessCA:
         self.issuer = Issuer(
             authority=lambda: self.authority,
             trust_domain=store.snapshot().trust_domain,
-            authorizer=StoreNodeAuthorizer(store),
+            authorizer=authorizer or StoreNodeAuthorizer(store),
             max_ttl=max_ttl,
             min_ttl=min_ttl,
         )

@@ -197,7 +197,7 @@ class Issuer:
                 f"{int(self.max_ttl.total_seconds())}s",
             )
         # Above the maximum is capped rather than refused, as Istio's CA does.
-        return min(dt.timedelta(seconds=validity_seconds), self.max_ttl)
+        return dt.timedelta(seconds=min(validity_seconds, self.max_ttl.total_seconds()))
 
     def _authorize(self, caller: Caller, identity: SpiffeId) -> None:
         if str(identity) == caller.identity:

@@ -95,8 +95,8 @@ def _wait_for(path: Path, timeout: float = 5.0) -> None:
     while not path.exists():
         if time.monotonic() > deadline:
             raise AuthorityError(
-                f"{path} did not appear although another CA started writing the root; "
-                "remove the partial files in that directory and restart"
+                f"{path} is missing next to {CA_CERT_FILE} (a partly written root?); "
+                "restore the key, or remove the directory's files to create a new root"
             )
         time.sleep(0.05)
 
@@ -112,7 +112,7 @@ def load_or_create_dir(directory: Path, trust_domain: str) -> Authority:
             log.info("created a new self-signed root in %s", directory)
         except FileExistsError:
             log.info("another CA is initialising %s; using its root", directory)
-            _wait_for(directory / CA_KEY_FILE)
+    _wait_for(directory / CA_KEY_FILE)
     key_mode = (directory / CA_KEY_FILE).stat().st_mode & 0o777
     if key_mode & 0o077:
         raise AuthorityError(

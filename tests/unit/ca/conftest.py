@@ -65,6 +65,12 @@ class RawClient:
             response_deserializer=proto.IstioCertificateResponse.FromString,
         )
 
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.channel.close()
+
     def create(
         self,
         csr: str,
@@ -85,8 +91,5 @@ class RawClient:
 
 @pytest.fixture
 def raw(ca: InProcessCA) -> Iterator[RawClient]:
-    client = RawClient(ca)
-    try:
+    with RawClient(ca) as client:
         yield client
-    finally:
-        client.channel.close()

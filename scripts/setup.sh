@@ -6,10 +6,21 @@
 #   4. a virtualenv .venv on Debian's python3 in which `import bcc` loads Debian's module,
 #   5. the project installed editable with its test and dev extras.
 # Idempotent: a second run checks and changes nothing, in a few seconds.
+#
+# `scripts/setup.sh --image` is the same recipe for the container image (Dockerfile): only the
+# packages marked "image" in debian-packages.txt, no headers link and no bpffs (the node provides
+# both at run time, mounted into the agent's pod), the virtualenv at $NODEMESH_VENV, the project
+# installed non-editable without extras, and no apt lists left behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-VENV="$ROOT/.venv"
+MODE=host
+case "${1:-}" in
+    "") ;;
+    --image) MODE=image ;;
+    *) printf 'usage: %s [--image]\n' "$0" >&2; exit 2 ;;
+esac
+VENV="${NODEMESH_VENV:-$ROOT/.venv}"
 PY=/usr/bin/python3
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -19,7 +30,10 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "apt-get not found: nodemesh's setup targets Debian 12 (bookworm)"
 
 # 1. Debian packages ---------------------------------------------------------------------------
-mapfile -t wanted < <(grep -Ev '^\s*(#|$)' scripts/debian-packages.txt)
+# One package per line; a second word "image" marks what the container image needs as well.
+mapfile -t wanted < <(awk -v mode="$MODE" \
+    '!/^[[:space:]]*(#|$)/ && (mode == "host" || $2 == "image") {print $1}' \
+    scripts/debian-packages.txt)
 missing=()
 for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -30,26 +44,33 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-
-# 2. Kernel headers for BCC ----------------------------------------------------------------------
-KREL=$(uname -r)
-MOD="/lib/modules/$KREL"
-if [ ! -e "$MOD/build/Makefile" ]; then
-    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)
-    [ -n "$hdr" ] || die "no kernel headers under /usr/src: apt-get install linux-headers-amd64"
-    common=${hdr%-amd64}-common
-    mkdir -p "$MOD"
-    ln -sfn "$hdr" "$MOD/build"
-    ln -sfn "$common" "$MOD/source"
-    say "kernel $KREL has no headers package: linked $MOD/build -> $hdr and source -> $common" \
-        "(BCC compiles against them; the mesh's programs use only stable UAPI)"
+if [ "$MODE" = image ]; then
+    apt-get clean
+    rm -rf /var/lib/apt/lists/*
 fi
 
-# 3. bpffs -----------------------------------------------------------------------------------------
-if ! mountpoint -q /sys/fs/bpf; then
-    mkdir -p /sys/fs/bpf
-    mount -t bpf bpf /sys/fs/bpf
-    say "mounted bpffs at /sys/fs/bpf (pinned maps and programs live there)"
+# Steps 2 and 3 prepare the node that runs the agent; an image gets both from its node.
+if [ "$MODE" = host ]; then
+    # 2. Kernel headers for BCC ------------------------------------------------------------------
+    KREL=$(uname -r)
+    MOD="/lib/modules/$KREL"
+    if [ ! -e "$MOD/build/Makefile" ]; then
+        hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)
+        [ -n "$hdr" ] || die "no kernel headers under /usr/src: apt-get install linux-headers-amd64"
+        common=${hdr%-amd64}-common
+        mkdir -p "$MOD"
+        ln -sfn "$hdr" "$MOD/build"
+        ln -sfn "$common" "$MOD/source"
+        say "kernel $KREL has no headers package: linked $MOD/build -> $hdr and source -> $common" \
+            "(BCC compiles against them; the mesh's programs use only stable UAPI)"
+    fi
+
+    # 3. bpffs -------------------------------------------------------------------------------------
+    if ! mountpoint -q /sys/fs/bpf; then
+        mkdir -p /sys/fs/bpf
+        mount -t bpf bpf /sys/fs/bpf
+        say "mounted bpffs at /sys/fs/bpf (pinned maps and programs live there)"
+    fi
 fi
 
 # 4. Virtualenv with Debian's bcc -------------------------------------------------------------------
@@ -66,7 +87,10 @@ fi
 
 # 5. The project ---------------------------------------------------------------------------------
 STAMP="$VENV/.nodemesh-installed"
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+if [ "$MODE" = image ]; then
+    say "installing nodemesh (non-editable, no extras) into $VENV"
+    "$VENV/bin/pip" install -q --no-cache-dir .
+elif [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     say "installing nodemesh (editable) with test and dev extras"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -e ".[test,dev]"

@@ -1,0 +1,277 @@
+"""L4 authorization with Istio's ``AuthorizationPolicy`` semantics, as pure functions of data.
+
+``Authorizer.compile(policies)`` turns validated ``PolicyObject``s into matchers once per state
+version; ``evaluate(request, workload)`` answers for one connection. Evaluation follows Istio:
+
+1. a policy applies to a workload when it sits in the root namespace (mesh-wide, default
+   ``nodemesh-system``) or in the workload's namespace, and its ``selector.matchLabels`` (if any)
+   is a subset of the workload's labels;
+2. any matching DENY policy denies; else, if no ALLOW policy applies, the connection is allowed;
+   else it is allowed only if some ALLOW policy matches;
+3. AUDIT policies never change the decision, they only mark it; policies annotated
+   ``nodemesh.io/dry-run: "true"`` are evaluated and reported (``would``) but never enforced.
+
+A policy matches when any of its rules does (no rules: never). A rule matches when every part
+present matches: ``from`` (any source), ``to`` (any operation), ``when`` (every condition).
+Inside a source or operation every field present must match; a ``not*`` field must not.
+Strings match exactly, by prefix (``abc*``), by suffix (``*abc``) or by presence (``*``: any
+non-empty value). Principals are written as Istio writes them (``cluster.local/ns/x/sa/y``, a
+``spiffe://`` prefix is accepted too). A plaintext connection has no principal and no namespace,
+so ``principals``/``namespaces`` never match it (and their ``not`` forms always do).
+
+What L4 cannot see: ``requestPrincipals``, ``hosts``, ``methods``, ``paths`` and ``when`` keys
+other than the L4 ones. An ALLOW rule that uses any of them never matches (so it admits nothing
+it cannot check: fail closed); in a DENY or AUDIT rule the unenforceable condition counts as
+matched (so it denies more, never less). ``remoteIpBlocks`` equals ``ipBlocks``: at L4 the remote
+address is the connection's source.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.state.model import PolicyObject, Workload
+
+log = logging.getLogger(__name__)
+
+KIND = "AuthorizationPolicy"
+DEFAULT_ROOT_NAMESPACE = "nodemesh-system"
+L7_SOURCE_FIELDS = ("requestPrincipals", "notRequestPrincipals")
+L7_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+L4_WHEN_KEYS = (
+    "source.ip",
+    "remote.ip",
+    "source.namespace",
+    "source.principal",
+    "destination.ip",
+    "destination.port",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What L4 knows about a connection at its destination."""
+
+    source_ip: str
+    destination_ip: str
+    destination_port: int
+    principal: str | None = None  # the peer's SPIFFE ID; None for plaintext
+
+    @property
+    def principal_name(self) -> str | None:
+        """The principal as Istio policies write it (no ``spiffe://``)."""
+        return self.principal.removeprefix("spiffe://") if self.principal else None
+
+    @property
+    def source_namespace(self) -> str | None:
+        parts = (self.principal_name or "").split("/")
+        return parts[2] if len(parts) == 5 and parts[1] == "ns" else None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str
+    policy: str | None = None  # "namespace/name" of the deciding policy
+    audited: tuple[str, ...] = ()
+    would: tuple[str, ...] = ()  # dry-run outcomes, e.g. "ns/p would deny"
+
+
+Predicate = Callable[[Request], bool]
+
+
+def string_matcher(pattern: str) -> Callable[[str | None], bool]:
+    """Istio's string match: exact, ``prefix*``, ``*suffix``, or ``*`` (present)."""
+    if pattern == "*":
+        return lambda v: bool(v)
+    if pattern.endswith("*"):
+        head = pattern[:-1]
+        return lambda v: v is not None and v.startswith(head)
+    if pattern.startswith("*"):
+        tail = pattern[1:]
+        return lambda v: v is not None and v.endswith(tail)
+    return lambda v: v == pattern
+
+
+def _any_string(values: Sequence[str], attr: Callable[[Request], str | None]) -> Predicate:
+    matchers = [string_matcher(v.removeprefix("spiffe://")) for v in values]
+    return lambda r: any(m(attr(r)) for m in matchers)
+
+
+def _any_ip(blocks: Sequence[str], attr: Callable[[Request], str]) -> Predicate:
+    nets = [ipaddress.ip_network(b, strict=False) for b in blocks]
+    return lambda r: any(ipaddress.ip_address(attr(r)) in n for n in nets)
+
+
+def _any_port(ports: Sequence[str | int]) -> Predicate:
+    wanted = frozenset(int(p) for p in ports)
+    return lambda r: r.destination_port in wanted
+
+
+_SOURCE_FIELDS: dict[str, Callable[[Sequence[str]], Predicate]] = {
+    "principals": lambda v: _any_string(v, lambda r: r.principal_name),
+    "namespaces": lambda v: _any_string(v, lambda r: r.source_namespace),
+    "ipBlocks": lambda v: _any_ip(v, lambda r: r.source_ip),
+    "remoteIpBlocks": lambda v: _any_ip(v, lambda r: r.source_ip),
+}
+_WHEN_KEYS: dict[str, Callable[[Sequence[str]], Predicate]] = {
+    "source.ip": _SOURCE_FIELDS["ipBlocks"],
+    "remote.ip": _SOURCE_FIELDS["ipBlocks"],
+    "source.namespace": _SOURCE_FIELDS["namespaces"],
+    "source.principal": _SOURCE_FIELDS["principals"],
+    "destination.ip": lambda v: _any_ip(v, lambda r: r.destination_ip),
+    "destination.port": _any_port,
+}
+
+
+def _negate(p: Predicate) -> Predicate:
+    return lambda r: not p(r)
+
+
+def _all(preds: Sequence[Predicate]) -> Predicate:
+    return lambda r: all(p(r) for p in preds)
+
+
+def _any(preds: Sequence[Predicate]) -> Predicate:
+    return lambda r: any(p(r) for p in preds)
+
+
+class _Unenforceable(Exception):
+    """A rule uses an attribute L4 cannot see (handled per action, see the module docstring)."""
+
+
+def _fields(
+    spec: Mapping[str, Any],
+    table: Mapping[str, Callable[[Sequence[str]], Predicate]],
+    l7: Sequence[str],
+    lenient: bool,
+) -> list[Predicate]:
+    preds: list[Predicate] = []
+    for key, values in spec.items():
+        if key in l7:
+            if not lenient:
+                raise _Unenforceable(key)
+            continue
+        positive = key[3].lower() + key[4:] if key.startswith("not") else key
+        pred = table[positive](values)
+        preds.append(_negate(pred) if key.startswith("not") else pred)
+    return preds
+
+
+def _when(cond: Mapping[str, Any], lenient: bool) -> Predicate | None:
+    key = cond["key"]
+    if key not in _WHEN_KEYS:
+        if not lenient:
+            raise _Unenforceable(f"when {key}")
+        return None
+    preds = []
+    if "values" in cond:
+        preds.append(_WHEN_KEYS[key](cond["values"]))
+    if "notValues" in cond:
+        preds.append(_negate(_WHEN_KEYS[key](cond["notValues"])))
+    return _all(preds)
+
+
+def compile_rule(rule: Mapping[str, Any], *, lenient: bool) -> Predicate | None:
+    """A rule's predicate, or None when it can never match (an ALLOW rule with L7 fields).
+
+    ``lenient`` (DENY and AUDIT) drops unenforceable conditions instead of refusing the rule.
+    """
+    try:
+        parts: list[Predicate] = []
+        if "from" in rule:
+            srcs = [
+                _all(_fields(f["source"], _SOURCE_FIELDS, L7_SOURCE_FIELDS, lenient))
+                for f in rule["from"]
+            ]
+            parts.append(_any(srcs))
+        if "to" in rule:
+            ops = [
+                _all(_fields(t["operation"], {"ports": _any_port}, L7_OPERATION_FIELDS, lenient))
+                for t in rule["to"]
+            ]
+            parts.append(_any(ops))
+        for cond in rule.get("when", ()):
+            pred = _when(cond, lenient)
+            if pred is not None:
+                parts.append(pred)
+    except _Unenforceable as e:
+        log.debug("ALLOW rule uses %s, which L4 cannot enforce: the rule matches nothing", e)
+        return None
+    return _all(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    namespace: str
+    name: str
+    action: str
+    dry_run: bool
+    selector: Mapping[str, str] | None
+    matches: Predicate
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def selects(self, workload: Workload, root_namespace: str) -> bool:
+        if self.namespace not in (root_namespace, workload.namespace):
+            return False
+        sel = self.selector or {}
+        return all(workload.labels.get(k) == v for k, v in sel.items())
+
+
+def compile_policy(policy: PolicyObject) -> CompiledPolicy:
+    spec = policy.spec
+    action = str(spec.get("action", "ALLOW"))
+    lenient = action != "ALLOW"
+    rules = [compile_rule(r, lenient=lenient) for r in spec.get("rules", ()) or ()]  # type: ignore[attr-defined]
+    live = [r for r in rules if r is not None]
+    selector = spec.get("selector")
+    labels = selector.get("matchLabels") if isinstance(selector, Mapping) else None
+    return CompiledPolicy(policy.namespace, policy.name, action, policy.dry_run, labels, _any(live))
+
+
+class Authorizer:
+    """All AuthorizationPolicies of one state version, compiled."""
+
+    def __init__(self, policies: Sequence[CompiledPolicy], *, root_namespace: str) -> None:
+        self.policies = policies
+        self.root_namespace = root_namespace
+
+    @classmethod
+    def compile(
+        cls, policies: Iterable[PolicyObject], *, root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    ) -> Authorizer:
+        compiled = [compile_policy(p) for p in policies if p.kind == KIND]
+        return cls(sorted(compiled, key=lambda c: c.ref), root_namespace=root_namespace)
+
+    def evaluate(self, request: Request, workload: Workload) -> Decision:
+        applicable = [p for p in self.policies if p.selects(workload, self.root_namespace)]
+        would = tuple(_dry_run(p, request) for p in applicable if p.dry_run)
+        enforced = [p for p in applicable if not p.dry_run]
+        audited = tuple(p.ref for p in enforced if p.action == "AUDIT" and p.matches(request))
+        for p in enforced:
+            if p.action == "DENY" and p.matches(request):
+                return Decision(False, f"denied by DENY policy {p.ref}", p.ref, audited, would)
+        allows = [p for p in enforced if p.action == "ALLOW"]
+        if not allows:
+            return Decision(True, "no ALLOW policy applies", None, audited, would)
+        for p in allows:
+            if p.matches(request):
+                return Decision(True, f"allowed by ALLOW policy {p.ref}", p.ref, audited, would)
+        refs = ", ".join(p.ref for p in allows)
+        return Decision(
+            False, f"no ALLOW policy matched (applicable: {refs})", None, audited, would
+        )
+
+
+def _dry_run(policy: CompiledPolicy, request: Request) -> str:
+    verb = {"ALLOW": "allow", "DENY": "deny", "AUDIT": "audit"}[policy.action]
+    if policy.matches(request):
+        return f"{policy.ref} (dry-run) would {verb}"
+    return f"{policy.ref} (dry-run) does not match"

@@ -1,0 +1,154 @@
+/* capture.h: the maps and the steering helpers both tc programs share.
+ *
+ * Both programs are compiled in one BCC module (agent/datapath/programs.py includes the two
+ * .bpf.c files into one unit) so they share one instance of every map.
+ *
+ * Steering follows the recipe in shared/notes/DATAPATH.md: a SYN that must be captured is handed
+ * to a transparent listener with bpf_sk_assign; any other segment of a flow the node already owns
+ * is handed to its own socket. Both get NM_CAPTURE_MARK so that the policy-routing rule
+ * (fwmark -> table with "local 0.0.0.0/0 dev lo") delivers them locally; without it the kernel
+ * would forward the packet and the assigned socket would never see it.
+ */
+#ifndef NM_CAPTURE_H
+#define NM_CAPTURE_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+
+#include "nodemesh.h"
+
+BPF_HASH(nm_pods, struct nm_addr, struct nm_pod, 4096);
+BPF_ARRAY(nm_settings, struct nm_settings, 1);
+BPF_PERCPU_ARRAY(nm_counters, u64, NM_PROG_COUNT * NM_COUNTER_COUNT);
+
+/* BCC's BPF_SOCKMAP has no lookup member, and a raw &map is not rewritten to a map fd, so the
+ * table struct is declared by hand (see DATAPATH.md). A lookup from tc returns a referenced
+ * socket that must be released. */
+struct nm_listeners_table_t {
+    u32 key;
+    int leaf;
+    struct bpf_sock *(*lookup)(u32 *);
+    int (*update)(u32 *, int *);
+    int (*delete)(u32 *);
+    u32 max_entries;
+    int flags;
+};
+__attribute__((section("maps/sockmap"))) struct nm_listeners_table_t nm_listeners = {
+    .max_entries = NM_LISTENER_COUNT};
+BPF_ANNOTATE_KV_PAIR(nm_listeners, u32, int);
+
+/* The fields of one TCP/IPv4 segment the decision needs. */
+struct nm_segment {
+    struct bpf_sock_tuple tuple; /* network order, as the lookup helpers want */
+    u16 dport;                   /* host order */
+    u8 syn_only;                 /* SYN without ACK: a new connection attempt */
+};
+
+static __always_inline void nm_count(u32 prog, u32 counter)
+{
+    u32 idx = prog * NM_COUNTER_COUNT + counter;
+    u64 *value = nm_counters.lookup(&idx);
+    if (value)
+        *value += 1;
+}
+
+/* Returns 0 and fills seg for an unfragmented (or first-fragment) TCP/IPv4 segment; -1 for
+ * anything else, which the programs leave alone. */
+static __always_inline int nm_parse(struct __sk_buff *skb, struct nm_segment *seg)
+{
+    struct iphdr ip;
+    struct {
+        __be16 source;
+        __be16 dest;
+        __be32 seq;
+        __be32 ack_seq;
+        u8 doff_res;
+        u8 flags;
+    } tcp;
+
+    if (skb->protocol != bpf_htons(ETH_P_IP))
+        return -1;
+    if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+        return -1;
+    if (ip.protocol != IPPROTO_TCP || ip.ihl < 5 || (ip.frag_off & bpf_htons(0x1FFF)))
+        return -1;
+    if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, &tcp, sizeof(tcp)) < 0)
+        return -1;
+    seg->tuple.ipv4.saddr = ip.saddr;
+    seg->tuple.ipv4.daddr = ip.daddr;
+    seg->tuple.ipv4.sport = tcp.source;
+    seg->tuple.ipv4.dport = tcp.dest;
+    seg->dport = bpf_ntohs(tcp.dest);
+    /* TCP flags byte: FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10 */
+    seg->syn_only = (tcp.flags & 0x12) == 0x02;
+    return 0;
+}
+
+static __always_inline struct nm_pod *nm_pod_of(__be32 addr)
+{
+    struct nm_addr key = {.family = NM_AF_INET, .addr = {addr, 0, 0, 0}};
+    return nm_pods.lookup(&key);
+}
+
+static __always_inline int nm_port_listed(const __u16 *ports, u16 port)
+{
+#pragma unroll
+    for (int i = 0; i < NM_MAX_EXCLUDED_PORTS; i++) {
+        if (ports[i] == port)
+            return 1;
+    }
+    return 0;
+}
+
+/* Hand a non-SYN segment to the node socket that owns its flow (an accepted proxy connection,
+ * or an upstream connection of the proxy). Returns 1 when assigned. Listeners are skipped: a
+ * segment that is not a SYN never belongs to one. */
+static __always_inline int nm_assign_owner(struct __sk_buff *skb, struct nm_segment *seg)
+{
+    struct bpf_sock *sk =
+        bpf_skc_lookup_tcp(skb, &seg->tuple, sizeof(seg->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        return 0;
+    if (sk->state == BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        return 0;
+    }
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        return 0;
+    skb->mark = NM_CAPTURE_MARK;
+    return 1;
+}
+
+/* Hand a SYN to one of the agent's listeners. With no listener registered (agent down or
+ * restarting) the mesh fails closed: the SYN is dropped and the client's TCP retries it, so a
+ * restarted agent picks the connection up; fail-open lets it through uncaptured instead. */
+static __always_inline int nm_steer(struct __sk_buff *skb, u32 prog, u32 slot)
+{
+    struct bpf_sock *sk = nm_listeners.lookup(&slot);
+    long err = -1;
+    if (sk) {
+        err = bpf_sk_assign(skb, sk, 0);
+        bpf_sk_release(sk);
+    }
+    if (!err) {
+        skb->mark = NM_CAPTURE_MARK;
+        nm_count(prog, NM_CNT_CAPTURED);
+        return TC_ACT_OK;
+    }
+    u32 zero = 0;
+    struct nm_settings *settings = nm_settings.lookup(&zero);
+    if (settings && (settings->flags & NM_SETTING_FAIL_OPEN)) {
+        nm_count(prog, NM_CNT_FAILED_OPEN);
+        return TC_ACT_OK;
+    }
+    nm_count(prog, NM_CNT_FAILED_CLOSED);
+    return TC_ACT_SHOT;
+}
+
+#endif

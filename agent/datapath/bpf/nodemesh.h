@@ -1,0 +1,75 @@
+/* nodemesh.h: constants and the map key/value structs shared by the capture programs and
+ * agent/datapath/layout.py (which mirrors them with ctypes). Change one, change the other, and
+ * bump NM_LAYOUT_VERSION so that a restarted agent replaces pinned maps instead of adopting
+ * maps whose layout it cannot read.
+ *
+ * Values the agent chooses at load time (marks, the HBONE port) arrive as -D defines; the
+ * defaults below only keep the header self-contained for editors and tests.
+ */
+#ifndef NODEMESH_H
+#define NODEMESH_H
+
+#define NM_LAYOUT_VERSION 1
+
+#ifndef NM_PROXY_MARK
+#define NM_PROXY_MARK 0x539
+#endif
+#ifndef NM_CAPTURE_MARK
+#define NM_CAPTURE_MARK 0x1539
+#endif
+#ifndef NM_HBONE_PORT
+#define NM_HBONE_PORT 15008
+#endif
+
+/* Address families, as in <sys/socket.h>; the key carries one so IPv6 fits the same maps. */
+#define NM_AF_INET 2
+#define NM_AF_INET6 10
+
+/* nm_pod.flags */
+#define NM_POD_MESHED 0x1
+
+/* Exempt ports per direction; 0 marks an unused slot. */
+#define NM_MAX_EXCLUDED_PORTS 16
+
+/* Slots of the listener SOCKMAP, filled by the agent with its transparent listeners. */
+#define NM_LISTENER_OUTBOUND 0 /* 15001 */
+#define NM_LISTENER_INBOUND 1  /* 15006, plaintext */
+#define NM_LISTENER_HBONE 2    /* 15008 */
+#define NM_LISTENER_COUNT 3
+
+/* Programs, for the counters index (program * NM_COUNTER_COUNT + counter). */
+#define NM_PROG_POD_INGRESS 0
+#define NM_PROG_UPLINK_INGRESS 1
+#define NM_PROG_COUNT 2
+
+/* Counters: what each program decided for the TCP segments it examined. */
+#define NM_CNT_CAPTURED 0      /* a SYN handed to a listener */
+#define NM_CNT_OWNED 1         /* a segment handed to the proxy socket that owns its flow */
+#define NM_CNT_PASSED 2        /* examined and left to normal forwarding */
+#define NM_CNT_EXEMPT 3        /* would be captured, but the port is excluded by annotation */
+#define NM_CNT_FAILED_CLOSED 4 /* should be captured, no listener: dropped */
+#define NM_CNT_FAILED_OPEN 5   /* should be captured, no listener, fail-open: passed */
+#define NM_COUNTER_COUNT 6
+
+/* nm_settings.flags */
+#define NM_SETTING_FAIL_OPEN 0x1
+
+/* A pod address. IPv4 uses addr[0] (network order) and leaves the rest zero. */
+struct nm_addr {
+    __u32 family;
+    __u32 addr[4];
+};
+
+/* What the agent knows about one local pod (meshed or not). */
+struct nm_pod {
+    __u32 flags;
+    __u32 ifindex; /* host-side interface; traffic claiming the pod's IP elsewhere is not its own */
+    __u16 exclude_out[NM_MAX_EXCLUDED_PORTS];
+    __u16 exclude_in[NM_MAX_EXCLUDED_PORTS];
+};
+
+struct nm_settings {
+    __u32 flags;
+};
+
+#endif

@@ -1,0 +1,234 @@
+"""The datapath as the agent sees it: start (adopt or load), register listeners, reconcile
+state changes into the kernel, report counters and status, uninstall.
+
+Order matters for "no connection escapes capture":
+  1. programs and maps are adopted (or loaded), routing is ensured;
+  2. the agent's listeners are put in the listener SOCKMAP (until then, SYNs of meshed pods are
+     dropped by the programs: fail closed, and TCP retries them);
+  3. the reconciler writes pod entries *before* it attaches filters, so a program never runs
+     on an interface without the entries it needs; filters are replaced in place.
+Joining or leaving the mesh only rewrites a map entry; programs are never reloaded for it.
+
+All kernel calls are synchronous (pyroute2 and libbpf); the agent calls them from a worker
+thread, one at a time (``_lock``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from agent.datapath import bpfsys, programs, routing, tc
+from agent.datapath.desired import Plan, local_pods, plan
+from agent.datapath.layout import (
+    SETTING_FAIL_OPEN,
+    AddrKey,
+    Counter,
+    LayoutError,
+    Listener,
+    PodEntry,
+    PodValue,
+    Program,
+    SettingsValue,
+    addr_key,
+    counter_index,
+    pod_entry,
+    pod_value,
+)
+from agent.state import Snapshot
+
+log = logging.getLogger(__name__)
+
+PROGRAM_FOR_ROLE = {"pod": Program.POD_INGRESS, "uplink": Program.UPLINK_INGRESS}
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    node: str
+    pin_dir: Path
+    uplinks: tuple[str, ...] = ()
+    fail_open: bool = False
+    marks: programs.Marks = field(default_factory=programs.Marks)
+    routing: routing.RoutingConfig = field(default_factory=routing.RoutingConfig)
+
+
+class Datapath:
+    """The kernel side of one agent. Create, ``start()``, then ``reconcile()`` on changes."""
+
+    def __init__(self, config: DatapathConfig) -> None:
+        self.config = config
+        self._loaded: programs.Loaded | None = None
+        self._lock = threading.Lock()
+        self._listeners: dict[Listener, int] = {}
+        self._swapped = False
+        self.last_plan = Plan()
+
+    @property
+    def loaded(self) -> programs.Loaded:
+        if self._loaded is None:
+            raise RuntimeError("Datapath.start() has not run")
+        return self._loaded
+
+    def start(self) -> None:
+        with self._lock:
+            self._loaded = programs.load(self.config.pin_dir, self.config.marks)
+            settings = SettingsValue(flags=SETTING_FAIL_OPEN if self.config.fail_open else 0)
+            self.loaded.maps["nm_settings"].update(ctypes.c_uint32(0), settings)
+            with IPRoute() as ipr:
+                for change in routing.ensure(ipr, self.config.routing):
+                    log.info("datapath: added %s", change)
+            log.info(
+                "datapath ready: generation %s (%s), fail-%s",
+                self.loaded.generation,
+                "adopted" if self.loaded.adopted else "new",
+                "open" if self.config.fail_open else "closed",
+            )
+
+    def register_listeners(self, listeners: dict[Listener, socket.socket]) -> None:
+        """Put the agent's listening sockets in the SOCKMAP: from now on SYNs are captured."""
+        with self._lock:
+            sockmap = self.loaded.maps["nm_listeners"]
+            for slot, sock in listeners.items():
+                sockmap.update(ctypes.c_uint32(int(slot)), ctypes.c_uint32(sock.fileno()))
+                self._listeners[slot] = sock.getsockname()[1]
+            log.info(
+                "datapath: listeners registered %s", {s.name: p for s, p in self._listeners.items()}
+            )
+
+    def unregister_listeners(self) -> None:
+        """Take the listeners out (drain): new SYNs then fail closed (or open) while existing
+        flows keep their sockets."""
+        with self._lock:
+            for slot in Listener:
+                self.loaded.maps["nm_listeners"].delete(ctypes.c_uint32(int(slot)))
+            self._listeners.clear()
+
+    def _current_entries(self) -> dict[str, PodEntry]:
+        pods = self.loaded.maps["nm_pods"]
+        entries = {}
+        for key in list(pods.keys(AddrKey)):
+            value = PodValue()
+            if pods.lookup_into(key, value):
+                entry = pod_entry(key, value)
+                entries[entry.ip] = entry
+        return entries
+
+    def reconcile(self, snapshot: Snapshot) -> Plan:
+        """Bring maps and filters in line with ``snapshot``; logs and returns what changed."""
+        with self._lock, IPRoute() as ipr:
+            pods = local_pods(snapshot, self.config.node)
+            ifaces = {p.ip: routing.interface_of(ipr, p.ip) for p in pods}
+            attached = tc.attached_interfaces(ipr)
+            if not self._swapped:
+                # First pass of this process: re-attach everywhere, so interfaces still running
+                # an older generation's programs move to ours (replace is atomic per filter).
+                attached = dict.fromkeys(attached, "")
+            pod_ifaces = {i for i in ifaces.values() if i is not None}
+            todo = plan(
+                pods,
+                ifaces.get,
+                self._current_entries(),
+                attached,
+                routing.uplinks(ipr, self.config.uplinks, pod_ifaces),
+            )
+            self._apply(ipr, todo)
+            if not self._swapped:
+                for gen in programs.remove_other_generations(
+                    self.config.pin_dir, self.loaded.generation
+                ):
+                    log.info("datapath: removed old pinned generation %s", gen)
+                self._swapped = True
+            self.last_plan = todo
+            return todo
+
+    def _apply(self, ipr: IPRoute, todo: Plan) -> None:
+        pods = self.loaded.maps["nm_pods"]
+        for entry in todo.put:
+            try:
+                value = pod_value(entry)
+            except LayoutError as e:
+                log.error("datapath: pod %s not programmed: %s", entry.ip, e)
+                continue
+            pods.update(addr_key(entry.ip), value)
+            log.info(
+                "datapath: pod %s %s (if %d, exempt out %s in %s)",
+                entry.ip,
+                "meshed" if entry.meshed else "local, not meshed",
+                entry.ifindex,
+                sorted(entry.exclude_outbound),
+                sorted(entry.exclude_inbound),
+            )
+        for role, ifaces in (("pod", todo.attach_pod), ("uplink", todo.attach_uplink)):
+            prog = PROGRAM_FOR_ROLE[role]
+            for ifindex in ifaces:
+                name = programs.FUNCTIONS[prog]
+                try:
+                    tc.attach(ipr, ifindex, self.loaded.programs[prog], name)
+                except tc.AttachError as e:
+                    log.warning("datapath: %s", e)
+                    continue
+                log.info("datapath: attached %s to interface %d", name, ifindex)
+        for ifindex in todo.detach:
+            if tc.detach(ipr, ifindex):
+                log.info("datapath: detached from interface %d", ifindex)
+        for ip in todo.delete:
+            pods.delete(addr_key(ip))
+            log.info("datapath: pod %s removed", ip)
+        for ip in todo.unresolved:
+            log.warning("datapath: no route to local pod %s: its interface is not up yet", ip)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per-program counters, summed over CPUs: {"pod_ingress": {"captured": n, ...}}."""
+        m = self.loaded.maps["nm_counters"]
+        return {
+            p.name.lower(): {
+                c.name.lower(): bpfsys.percpu_sum(m, counter_index(p, c)) for c in Counter
+            }
+            for p in Program
+        }
+
+    def program_stats(self) -> dict[str, dict[str, int]]:
+        """run_cnt and run_time_ns per program (they grow only with kernel.bpf_stats_enabled)."""
+        result = {}
+        for p, fd in self.loaded.programs.items():
+            prog_id, _, run_ns, run_cnt = bpfsys.prog_stats(fd)
+            result[p.name.lower()] = {"id": prog_id, "run_time_ns": run_ns, "run_cnt": run_cnt}
+        return result
+
+    def status(self) -> dict[str, object]:
+        return {
+            "generation": self.loaded.generation,
+            "adopted": self.loaded.adopted,
+            "pin_dir": str(self.config.pin_dir),
+            "failure_mode": "fail-open" if self.config.fail_open else "fail-closed",
+            "listeners": {s.name.lower(): p for s, p in self._listeners.items()},
+            "pods": len(self._current_entries()),
+            "counters": self.counters(),
+        }
+
+    def close(self) -> None:
+        """Release file descriptors; pinned objects and filters stay for the next agent."""
+        with self._lock:
+            if self._loaded is not None:
+                self._loaded.close()
+                self._loaded = None
+
+
+def uninstall(pin_dir: Path, routing_config: routing.RoutingConfig) -> list[str]:
+    """Remove every filter, rule, route and pinned object an agent with these settings created
+    in the current network namespace; returns what was removed."""
+    removed = []
+    with IPRoute() as ipr:
+        for ifindex, name in tc.attached_interfaces(ipr).items():
+            if tc.detach(ipr, ifindex):
+                removed.append(f"tc filter {name} on interface {ifindex}")
+        removed += routing.remove(ipr, routing_config)
+    if programs.remove_all(pin_dir):
+        removed.append(f"pinned objects under {pin_dir}")
+    return removed

@@ -1,0 +1,214 @@
+"""Compile, verify, pin and adopt the capture programs and their maps.
+
+Why generations: every agent pins its objects under its own ``--pin-dir``, in a subdirectory
+named after the layout version and a hash of the C sources and compile-time defines
+(``v1-3f2a...``). A restarted agent whose code is unchanged finds its generation and *adopts* it:
+no compile, the tc filters keep pointing at the same programs and the maps keep their entries,
+so there is no moment in which meshed traffic is not steered. An agent with different programs
+builds a new generation next to the old one; the reconciler fills its maps and then swaps each tc
+filter in place (``replace`` is atomic per filter), and only then are old generations removed.
+
+This module is, with ``netlink``, the only place that imports BCC, and only when it has to
+compile. Compile and verifier errors become one ``ProgramLoadError`` with the log and the likely
+cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from agent.datapath import bpfsys
+from agent.datapath.layout import LAYOUT_VERSION, Program
+
+log = logging.getLogger(__name__)
+
+# The capture header first: BCC rewrites map calls only in the main text, not in included
+# files, so the shared helpers are part of the text; the .c files' own #include of it is then
+# a no-op thanks to its include guard.
+SOURCES = ("capture.h", "tc_pod_ingress.bpf.c", "tc_uplink_ingress.bpf.c")
+FUNCTIONS = {Program.POD_INGRESS: "nm_pod_ingress", Program.UPLINK_INGRESS: "nm_uplink_ingress"}
+MAPS = ("nm_pods", "nm_listeners", "nm_counters", "nm_settings")
+
+
+class ProgramLoadError(RuntimeError):
+    """The capture programs could not be compiled, verified or pinned."""
+
+
+@dataclass(frozen=True)
+class Marks:
+    """The numbers the programs are compiled with (see ARCHITECTURE.md, "Marks and tables")."""
+
+    proxy_mark: int = 0x539
+    capture_mark: int = 0x1539
+    hbone_port: int = 15008
+
+    def cflags(self, include_dir: str) -> list[str]:
+        return [
+            f"-I{include_dir}",
+            f"-DNM_PROXY_MARK={self.proxy_mark:#x}",
+            f"-DNM_CAPTURE_MARK={self.capture_mark:#x}",
+            f"-DNM_HBONE_PORT={self.hbone_port}",
+        ]
+
+
+@dataclass
+class Loaded:
+    """File descriptors of one generation's programs and maps (owned; ``close`` them)."""
+
+    generation: str
+    directory: Path
+    adopted: bool
+    programs: dict[Program, int] = field(default_factory=dict)
+    maps: dict[str, bpfsys.Map] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for fd in self.programs.values():
+            os.close(fd)
+        for m in self.maps.values():
+            m.close()
+        self.programs.clear()
+        self.maps.clear()
+
+
+def source_dir() -> Path:
+    """Where the C sources are: inside the package (installed as package data)."""
+    return Path(str(resources.files("agent.datapath") / "bpf"))
+
+
+def _source_text(directory: Path) -> str:
+    return "".join((directory / name).read_text(encoding="utf-8") for name in SOURCES)
+
+
+def _check_layout(directory: Path) -> None:
+    header = (directory / "nodemesh.h").read_text(encoding="utf-8")
+    found = re.search(r"#define NM_LAYOUT_VERSION (\d+)", header)
+    if not found or int(found.group(1)) != LAYOUT_VERSION:
+        raise ProgramLoadError(
+            f"{directory / 'nodemesh.h'} declares layout {found and found.group(1)} but "
+            f"agent/datapath/layout.py expects {LAYOUT_VERSION}: update both together"
+        )
+
+
+def generation(marks: Marks, directory: Path | None = None) -> str:
+    """The pin subdirectory name for these sources and defines."""
+    directory = directory or source_dir()
+    digest = hashlib.sha256()
+    digest.update(_source_text(directory).encode())
+    digest.update((directory / "nodemesh.h").read_bytes())
+    digest.update(repr(marks).encode())
+    return f"v{LAYOUT_VERSION}-{digest.hexdigest()[:12]}"
+
+
+def _pin_names() -> list[str]:
+    return [f"prog_{p.name.lower()}" for p in Program] + [f"map_{m}" for m in MAPS]
+
+
+def _adopt(gen: str, directory: Path) -> Loaded:
+    loaded = Loaded(generation=gen, directory=directory, adopted=True)
+    try:
+        for p in Program:
+            loaded.programs[p] = bpfsys.open_pinned(str(directory / f"prog_{p.name.lower()}"))
+        for m in MAPS:
+            loaded.maps[m] = bpfsys.Map(bpfsys.open_pinned(str(directory / f"map_{m}")), m)
+    except bpfsys.BpfError:
+        loaded.close()
+        raise
+    return loaded
+
+
+def _likely_cause(message: str) -> str:
+    if "linux/" in message and "file not found" in message:
+        return (
+            "kernel headers are missing: BCC needs /lib/modules/$(uname -r)/build "
+            "(run make setup, which links Debian's linux-headers)"
+        )
+    if "Permission denied" in message or "Operation not permitted" in message:
+        return "loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+    if "invalid mem access" in message or "unknown opcode" in message:
+        return "the verifier rejected the program: see its log above for the instruction"
+    return "see the compiler/verifier output above"
+
+
+def _compile_and_pin(marks: Marks, gen: str, directory: Path, src: Path) -> None:
+    from bcc import BPF  # deferred: only a fresh generation needs the compiler
+
+    staging = directory.with_name(directory.name + "-staging")  # bpffs refuses dots
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        bpf = BPF(text=_source_text(src), cflags=marks.cflags(str(src)))
+    except Exception as e:  # BCC raises bare Exception for compile errors
+        raise ProgramLoadError(
+            f"compiling the capture programs in {src} failed: {e}; likely cause: "
+            f"{_likely_cause(str(e))}"
+        ) from e
+    try:
+        for p, fn in FUNCTIONS.items():
+            try:
+                loaded = bpf.load_func(fn, BPF.SCHED_CLS)
+            except Exception as e:  # the verifier log went to stderr; BCC's message is terse
+                raise ProgramLoadError(
+                    f"the kernel refused program {fn}: {e}; likely cause: {_likely_cause(str(e))}"
+                ) from e
+            bpfsys.pin(loaded.fd, str(staging / f"prog_{p.name.lower()}"))
+        from bcc import libbcc
+
+        for m in MAPS:
+            fd = libbcc.lib.bpf_table_fd(bpf.module, m.encode())
+            bpfsys.pin(fd, str(staging / f"map_{m}"))
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        bpf.cleanup()
+    log.info("compiled and pinned capture programs, generation %s, in %s", gen, directory)
+
+
+def load(pin_dir: Path, marks: Marks) -> Loaded:
+    """Adopt this code's pinned generation under ``pin_dir`` or compile and pin a new one."""
+    src = source_dir()
+    _check_layout(src)
+    gen = generation(marks, src)
+    directory = pin_dir / gen
+    if directory.is_dir() and sorted(os.listdir(directory)) == sorted(_pin_names()):
+        log.info("adopting pinned capture programs and maps, generation %s", gen)
+        return _adopt(gen, directory)
+    if directory.exists():
+        log.warning("pinned generation %s is incomplete; rebuilding it", gen)
+        shutil.rmtree(directory)
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    _compile_and_pin(marks, gen, directory, src)
+    loaded = _adopt(gen, directory)
+    loaded.adopted = False
+    return loaded
+
+
+def remove_other_generations(pin_dir: Path, keep: str) -> list[str]:
+    """Unpin generations other than ``keep`` (after the filters point at ``keep``)."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.listdir(pin_dir)):
+            if entry != keep:
+                shutil.rmtree(pin_dir / entry)
+                removed.append(entry)
+    return removed
+
+
+def remove_all(pin_dir: Path) -> bool:
+    """Unpin everything under ``pin_dir`` and the directory itself."""
+    if not pin_dir.exists():
+        return False
+    shutil.rmtree(pin_dir)
+    # The shared parent (/sys/fs/bpf/nodemesh) goes too once no other agent uses it.
+    with contextlib.suppress(OSError):
+        pin_dir.parent.rmdir()
+    return True

@@ -1,0 +1,180 @@
+"""``nodemesh lab``: build, inspect, change and remove a local multi-node lab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.lab import control, netns
+from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
+from agent.sources.document import DocumentError
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def format_status(st: Mapping[str, Any]) -> str:
+    nodes = [["NODE", "NETNS", "IP", "UPLINK", "POD CIDR", "AGENT"]] + [
+        [n["name"], n["netns"], n["ip"], n["uplink"], n["podCIDR"], n["agent"]] for n in st["nodes"]
+    ]
+    pods = [["POD", "NAMESPACE", "NODE", "IP", "SERVICE ACCOUNT", "MESHED", "NETNS"]] + [
+        [
+            p["name"], p["namespace"], p["node"], p["ip"], p["serviceAccount"],
+            "yes" if p["meshed"] else "no", p["netns"],
+        ]
+        for p in st["pods"]
+    ]  # fmt: skip
+    ca = st["ca"]
+    lines = [
+        f"lab {st['lab']}  (state {st['stateDir']}, cluster file {st['clusterFile']})",
+        "",
+        _table(nodes),
+        "",
+        _table(pods),
+        "",
+        f"CA: {ca['ip']}:15012 in {ca['netns']}: {ca['state']}",
+    ]
+    for svc in st["services"]:
+        lines.append(f"service {svc['namespace']}/{svc['name']}: {svc['clusterIP']}")
+    return "\n".join(lines)
+
+
+def _read(path: str) -> tuple[str, str]:
+    if path == "-":
+        return sys.stdin.read(), "<stdin>"
+    try:
+        return Path(path).read_text(encoding="utf-8"), path
+    except OSError as e:
+        raise LabError(f"cannot read {path}: {e.strerror}") from e
+
+
+def _manifests(path: str) -> list[Mapping[str, Any]]:
+    text, source = _read(path)
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise LabError(f"{source}: not valid YAML: {e}") from e
+    bad = [i for i, d in enumerate(docs) if not isinstance(d, dict)]
+    if bad or not docs:
+        raise LabError(
+            f"{source}: expected one or more nodemesh.io/v1alpha1 manifests (YAML documents)"
+        )
+    return docs
+
+
+def _up(args: argparse.Namespace) -> int:
+    text, source = _read(args.file) if args.file else (DEFAULT_TOPOLOGY, "<default topology>")
+    control.up(
+        args.name, text, source=source, with_components=not args.no_components, timeout=args.timeout
+    )
+    print(format_status(control.status(args.name)))
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    control.down(args.name)
+    print(f"lab {args.name} removed")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    st = control.status(args.name)
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise LabError("nothing to run: nodemesh lab exec TARGET -- COMMAND [ARGS...]")
+    _, plan = control.load(args.name)
+    target = control.resolve_target(plan, args.target)
+    sys.stdout.flush()
+    netns.enter(target)
+    try:
+        os.execvp(command[0], command)
+    except OSError as e:
+        print(f"nodemesh lab exec: cannot run {command[0]}: {e.strerror}", file=sys.stderr)
+        return 127
+    return 0  # not reached: execvp replaced this process
+
+
+def _annotate(args: argparse.Namespace) -> int:
+    control.annotate(args.name, args.pod, args.changes)
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    manifests = _manifests(args.file)
+    control.apply(args.name, manifests)
+    print(f"applied {len(manifests)} object(s) to lab {args.name}")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    manifests = _manifests(args.file)
+    control.delete(args.name, manifests)
+    print(f"deleted {len(manifests)} object(s) from lab {args.name}")
+    return 0
+
+
+def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Known failures become one readable message and exit status 1, not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except (LabError, DocumentError) as e:
+            print(f"nodemesh lab: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--name",
+        default=os.environ.get("NODEMESH_LAB", DEFAULT_LAB),
+        help="lab name: 1-8 lowercase letters/digits (default $NODEMESH_LAB or %(default)s)",
+    )
+    lab = subparsers.add_parser(
+        "lab", help="a multi-node lab of network namespaces on this machine"
+    )
+    sub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=_guarded(func))
+        return p
+
+    p = add("up", _up, "build the lab and start the mesh components that exist")
+    p.add_argument("-f", "--file", help="topology (cluster document) YAML; default: built-in")
+    p.add_argument("--no-components", action="store_true", help="namespaces only: no CA, no agents")
+    p.add_argument("--timeout", type=float, default=60.0, help="readiness wait per component (s)")
+    add("down", _down, "remove everything the lab created (idempotent)")
+    p = add("status", _status, "nodes, pods, IPs and mesh state")
+    p.add_argument("--json", action="store_true", help="the documented, stable JSON shape")
+    p = add("exec", _exec, "run a command in a pod's or node's network namespace")
+    p.add_argument("target", help="pod (name or namespace/name), node, ca or switch")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p = add("annotate", _annotate, "set (KEY=VALUE) or remove (KEY-) pod annotations")
+    p.add_argument("pod", help="pod name or namespace/name")
+    p.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-")
+    p = add("apply", _apply, "create or replace nodemesh.io/v1alpha1 policies")
+    p.add_argument("-f", "--file", required=True, help="YAML file of manifests ('-' for stdin)")
+    p = add("delete", _delete, "delete nodemesh.io/v1alpha1 policies")
+    p.add_argument("-f", "--file", required=True, help="YAML file of manifests ('-' for stdin)")

@@ -1,0 +1,193 @@
+"""The mesh processes of a lab: one CA and one agent per node, each in its own namespace.
+
+Components are started only when this build of nodemesh has their command (``nodemesh ca``,
+``nodemesh agent``), so the lab works from the first commit on and grows as the mesh does. Each
+process enters only the network namespace of its node (``setns`` between fork and exec), so all
+agents share the host's /sys/fs/bpf and each pins under its own directory. Readiness is what the
+components promise: the CA accepts TLS on 15012; an agent answers 200 on
+``:15021/healthz/ready``. A process that exits, or does not become ready in time, fails ``up``
+with the path of its log and its last lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from agent.lab import netns
+from agent.lab.record import LabDir, write_atomic
+from agent.lab.topology import LabError, LabPlan, NodePlan
+
+CA_PORT = 15012
+READY_PORT = 15021
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str  # "ca" or "agent-<node>": the log and pid file names
+    netns: str
+    argv: tuple[str, ...]
+    ready: Callable[[], bool]
+
+
+def available_commands() -> frozenset[str]:
+    """The subcommands this build of ``nodemesh`` has."""
+    from agent.cli import build_parser
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return frozenset(action.choices)
+    return frozenset()
+
+
+def _ca_ready(plan: LabPlan) -> Callable[[], bool]:
+    def probe() -> bool:
+        try:
+            sock = netns.connect(plan.ca_netns, plan.ca_ip, CA_PORT, timeout=1.0)
+        except OSError:
+            return False
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        try:
+            with ctx.wrap_socket(sock):
+                return True
+        except (OSError, ssl.SSLError):
+            return False
+        finally:
+            sock.close()
+
+    return probe
+
+
+def agent_ready(node: NodePlan) -> bool:
+    try:
+        status, _ = netns.http_get(node.netns, node.ip, READY_PORT, "/healthz/ready", timeout=1.0)
+    except OSError:
+        return False
+    return status == 200
+
+
+def _write_tokens(labdir: LabDir, plan: LabPlan) -> None:
+    """One random bearer token per node: the agent's file and the CA's table."""
+    tokens = []
+    for node in plan.nodes:
+        token = secrets.token_urlsafe(32)
+        write_atomic(labdir.token_file(node.name), token, mode=0o600)
+        tokens.append({"node": node.name, "token": token})
+    write_atomic(labdir.node_tokens_file, yaml.safe_dump({"tokens": tokens}), mode=0o600)
+
+
+def plan_components(plan: LabPlan, labdir: LabDir) -> list[Component]:
+    """The components this build can run, in start order (the CA before the agents)."""
+    commands = available_commands()
+    nodemesh = (sys.executable, "-m", "agent")
+    found = []
+    with_ca = "ca" in commands
+    if with_ca:
+        _write_tokens(labdir, plan)
+        ca_argv = (
+            *nodemesh, "ca", "--listen", f"0.0.0.0:{CA_PORT}",
+            "--cluster-file", str(labdir.cluster_file), "--root-dir", str(labdir.ca_dir),
+            "--node-tokens", str(labdir.node_tokens_file), "--san", plan.ca_ip,
+        )  # fmt: skip
+        found.append(Component("ca", plan.ca_netns, ca_argv, _ca_ready(plan)))
+    if "agent" in commands:
+        for node in plan.nodes:
+            argv: tuple[str, ...] = (
+                *nodemesh, "agent", "--node", node.name,
+                "--cluster-file", str(labdir.cluster_file), "--pin-dir", node.pin_dir,
+                "--uplink", node.uplink,
+            )  # fmt: skip
+            if with_ca:
+                argv += (
+                    "--ca-address", f"{plan.ca_ip}:{CA_PORT}",
+                    "--ca-root", str(labdir.ca_dir / "root.pem"),
+                    "--token-file", str(labdir.token_file(node.name)),
+                )  # fmt: skip
+            found.append(Component(f"agent-{node.name}", node.netns, argv, _bind(node)))
+    return found
+
+
+def _bind(node: NodePlan) -> Callable[[], bool]:
+    return lambda: agent_ready(node)
+
+
+def start(component: Component, labdir: LabDir) -> subprocess.Popen[bytes]:
+    """Start ``component`` in the background inside its namespace; log and pid in ``labdir``."""
+    with open(labdir.log_file(component.name), "ab") as log:
+        proc = subprocess.Popen(
+            component.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: netns.enter(component.netns),
+            start_new_session=True,  # not killed by the terminal's Ctrl-C after `lab up` returns
+            cwd=str(Path(__file__).resolve().parents[2]),
+        )
+    labdir.record_pid(component.name, proc.pid)
+    return proc
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no log written)"
+    return "\n".join("    " + ln for ln in text[-lines:])
+
+
+def wait_ready(
+    component: Component, proc: subprocess.Popen[bytes], labdir: LabDir, *, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    log = labdir.log_file(component.name)
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise LabError(
+                f"{component.name} exited with status {code} before it was ready; "
+                f"see {log}:\n{_tail(log)}"
+            )
+        if component.ready():
+            return
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"{component.name} was not ready after {timeout:.0f}s; see {log}:\n{_tail(log)}"
+            )
+        time.sleep(0.2)
+
+
+def start_all(plan: LabPlan, labdir: LabDir, *, timeout: float) -> list[str]:
+    """Start and wait for every available component; return their names."""
+    started = []
+    for component in plan_components(plan, labdir):
+        proc = start(component, labdir)
+        wait_ready(component, proc, labdir, timeout=timeout)
+        started.append(component.name)
+    return started
+
+
+def process_state(labdir: LabDir, name: str) -> str:
+    """``running``, ``exited`` or ``absent`` (never started) for component ``name``."""
+    pid = labdir.pids().get(name)
+    if pid is None:
+        return "absent"
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            alive = f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        alive = False
+    return "running" if alive else "exited"
+
+
+__all__ = ["Component", "agent_ready", "available_commands", "process_state", "start_all"]

@@ -1,0 +1,237 @@
+"""What ``nodemesh lab`` does: up, down, status and the edits of a running lab.
+
+``up`` is all-or-nothing: it validates and plans, records the plan, builds, starts the available
+components and waits for them; any failure (including Ctrl-C) runs ``down`` before the error is
+raised, so a failed ``up`` leaves nothing behind. ``down`` needs nothing but the lab's name: it
+uses the recorded plan and PIDs when they exist and otherwise finds namespaces and pin
+directories by the lab's prefix. Edits (``annotate``, ``apply``, ``delete``) rewrite
+``cluster.yaml``, the file the agents and the CA watch, exactly as a user's ``kubectl`` edit would
+reach them through the API server in a cluster.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import yaml
+
+from agent.lab import build, components
+from agent.lab.record import LabDir
+from agent.lab.topology import PIN_ROOT, LabError, LabPlan, check_lab_name, plan_lab
+from agent.sources.document import ClusterDocument, parse_document
+from agent.state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+def up(
+    lab: str,
+    topology: str,
+    *,
+    source: str,
+    with_components: bool = True,
+    timeout: float = 60.0,
+    state_root: str | None = None,
+) -> LabPlan:
+    """Build lab ``lab`` from the cluster document ``topology`` (text; ``source`` names it)."""
+    labdir = _labdir(lab, state_root)
+    if labdir.exists() or build.lab_netns(lab):
+        raise LabError(
+            f"lab {lab!r} already exists; run `nodemesh lab down --name {lab}` first "
+            "or choose another --name"
+        )
+    doc, plan = plan_lab(parse_document(topology, source=source), lab, source=source)
+    labdir.create()
+    try:
+        labdir.write_plan(plan)
+        labdir.write_cluster(doc)
+        build.build(plan)
+        if with_components:
+            components.start_all(plan, labdir, timeout=timeout)
+    except BaseException:
+        log.info("lab %s: up failed, removing what was built", lab)
+        down(lab, state_root=state_root)
+        raise
+    return plan
+
+
+def down(lab: str, *, state_root: str | None = None) -> None:
+    """Remove lab ``lab`` entirely; does nothing for a lab that does not exist."""
+    labdir = _labdir(lab, state_root)
+    plan = labdir.read_plan()
+    pin_dirs = set(glob.glob(f"{PIN_ROOT}/{lab}-*"))
+    if plan is not None:
+        pin_dirs |= {n.pin_dir for n in plan.nodes}
+    build.teardown(
+        lab,
+        pids=list(labdir.pids().values()),
+        pin_dirs=sorted(pin_dirs),
+        state_dir=str(labdir.path),
+    )
+
+
+def _labdir(lab: str, state_root: str | None) -> LabDir:
+    check_lab_name(lab)
+    return LabDir(lab) if state_root is None else LabDir(lab, state_root)
+
+
+def load(lab: str, *, state_root: str | None = None) -> tuple[LabDir, LabPlan]:
+    labdir = _labdir(lab, state_root)
+    plan = labdir.read_plan()
+    if plan is None:
+        raise LabError(f"lab {lab!r} is not up; start it with `nodemesh lab up --name {lab}`")
+    return labdir, plan
+
+
+def _agent_state(labdir: LabDir, plan: LabPlan, node_name: str) -> str:
+    state = components.process_state(labdir, f"agent-{node_name}")
+    if state != "running":
+        return state
+    node = next(n for n in plan.nodes if n.name == node_name)
+    return "ready" if components.agent_ready(node) else "not ready"
+
+
+def status(lab: str, *, state_root: str | None = None) -> dict[str, Any]:
+    """The documented ``lab status --json`` shape (keys may be added, never changed)."""
+    labdir, plan = load(lab, state_root=state_root)
+    doc = labdir.read_cluster()
+    store = StateStore(doc.trust_domain)
+    state = doc.to_state()
+    with store.update() as txn:
+        for ns in state.namespaces:
+            txn.put_namespace(ns)
+        for w in state.workloads:
+            txn.put_workload(w)
+    snap = store.snapshot()
+    specs = {pod.uid: pod for _, pod in doc.pods()}
+    return {
+        "lab": lab,
+        "stateDir": str(labdir.path),
+        "clusterFile": str(labdir.cluster_file),
+        "ca": {
+            "netns": plan.ca_netns,
+            "ip": plan.ca_ip,
+            "state": components.process_state(labdir, "ca"),
+        },
+        "nodes": [
+            {
+                "name": n.name,
+                "netns": n.netns,
+                "ip": n.ip,
+                "uplink": n.uplink,
+                "podCIDR": n.pod_cidr,
+                "agent": _agent_state(labdir, plan, n.name),
+                "pinDir": n.pin_dir,
+            }
+            for n in plan.nodes
+        ],
+        "pods": [
+            {
+                "name": p.name,
+                "namespace": p.namespace,
+                "netns": p.netns,
+                "ip": p.ip,
+                "node": p.node,
+                "serviceAccount": specs[f"{p.namespace}/{p.name}"].service_account,
+                "meshed": snap.is_meshed(snap.workloads[f"{p.namespace}/{p.name}"]),
+                "hostVeth": p.host_veth,
+                "identity": snap.workloads[f"{p.namespace}/{p.name}"].identity(doc.trust_domain),
+            }
+            for p in plan.pods
+        ],
+        "services": [
+            {"name": s.name, "namespace": s.namespace, "clusterIP": s.cluster_ip}
+            for s in doc.services
+        ],
+    }
+
+
+def resolve_target(plan: LabPlan, target: str) -> str:
+    """The namespace of a pod (``name`` or ``namespace/name``), a node, ``ca`` or ``switch``."""
+    namespace, _, name = target.rpartition("/")
+    pods = [p for p in plan.pods if p.name == name and (not namespace or p.namespace == namespace)]
+    if len(pods) == 1:
+        return pods[0].netns
+    if len(pods) > 1:
+        choices = ", ".join(f"{p.namespace}/{p.name}" for p in pods)
+        raise LabError(f"{target!r} is ambiguous; use one of {choices}")
+    nodes = {n.name: n.netns for n in plan.nodes}
+    nodes |= {"ca": plan.ca_netns, "switch": plan.switch_netns}
+    if not namespace and target in nodes:
+        return nodes[target]
+    known = [f"{p.namespace}/{p.name}" for p in plan.pods] + sorted(nodes)
+    raise LabError(f"no pod or node {target!r} in lab {plan.lab}; known: {', '.join(known)}")
+
+
+def _edit(lab: str, change: Any, state_root: str | None) -> ClusterDocument:
+    """Apply ``change`` to the document's plain data under the lab lock; validate; write."""
+    labdir, _ = load(lab, state_root=state_root)
+    with labdir.locked():
+        data = labdir.read_cluster().to_mapping()
+        change(data)
+        doc = parse_document(yaml.safe_dump(data, sort_keys=False), source=str(labdir.cluster_file))
+        labdir.write_cluster(doc)
+    return doc
+
+
+def annotate(lab: str, pod: str, changes: Iterable[str], *, state_root: str | None = None) -> None:
+    """``KEY=VALUE`` sets, ``KEY-`` removes an annotation of pod ``name`` or ``ns/name``."""
+    parsed: list[tuple[str, str | None]] = []
+    for item in changes:
+        if item.endswith("-") and "=" not in item:
+            parsed.append((item[:-1], None))
+        elif "=" in item:
+            key, _, value = item.partition("=")
+            parsed.append((key, value))
+        else:
+            raise LabError(f"{item!r}: write KEY=VALUE to set or KEY- to remove an annotation")
+    namespace, _, name = pod.rpartition("/")
+    namespace = namespace or "default"
+
+    def change(data: dict[str, Any]) -> None:
+        for node in data["nodes"]:
+            for p in node["pods"]:
+                if (p["name"], p["namespace"]) == (name, namespace):
+                    for key, value in parsed:
+                        if value is None:
+                            p["annotations"].pop(key, None)
+                        else:
+                            p["annotations"][key] = value
+                    return
+        raise LabError(f"no pod {namespace}/{name} in lab {lab}")
+
+    _edit(lab, change, state_root)
+
+
+def _policy_key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = manifest.get("metadata") or {}
+    return (str(manifest.get("kind")), meta.get("namespace") or "default", str(meta.get("name")))
+
+
+def apply(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
+    """Create or replace policies (matched by kind, namespace and name)."""
+    keys = {_policy_key(m) for m in manifests}
+
+    def change(data: dict[str, Any]) -> None:
+        kept = [p for p in data["policies"] if _policy_key(p) not in keys]
+        data["policies"] = kept + [dict(m) for m in manifests]
+
+    _edit(lab, change, state_root)
+
+
+def delete(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
+    """Remove policies (matched by kind, namespace and name); every one must exist."""
+    keys = [_policy_key(m) for m in manifests]
+
+    def change(data: dict[str, Any]) -> None:
+        present = {_policy_key(p) for p in data["policies"]}
+        missing = [k for k in keys if k not in present]
+        if missing:
+            kind, ns, name = missing[0]
+            raise LabError(f"{kind} {ns}/{name} not found in lab {lab}; nothing was deleted")
+        data["policies"] = [p for p in data["policies"] if _policy_key(p) not in set(keys)]
+
+    _edit(lab, change, state_root)

@@ -1,0 +1,187 @@
+"""The identity manager against a real CA over gRPC/TLS: fetch, renew, survive a CA outage."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import CLIENT, SERVER, meshed
+from cryptography.hazmat.primitives import serialization
+
+from agent.ca.inprocess import InProcessCA
+from agent.identity.caclient import CaClient, CaError
+from agent.identity.certs import WorkloadCertificate
+from agent.identity.manager import IdentityManager, State, follow_store
+from agent.identity.rotation import Backoff
+from agent.identity.spiffe import SpiffeId
+from agent.state import StateStore
+
+
+def client_for(ca: InProcessCA, tmp_path: Path, *, validity: int = 0) -> CaClient:
+    token = tmp_path / "token"
+    token.write_text(ca.node_tokens["node1"])
+    return CaClient(ca.address, root_file=ca.root_file, token_file=token, validity_seconds=validity)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+def state_of(manager: IdentityManager, identity: str) -> dict[str, object]:
+    return next(s for s in manager.states() if s["identity"] == identity)
+
+
+def test_follows_the_local_meshed_identities(
+    ca: InProcessCA, store: StateStore, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        client = client_for(ca, tmp_path)
+        manager = IdentityManager(client)
+        unsubscribe = follow_store(manager, store, "node1")
+        await wait_for(lambda: not manager.not_ready())
+        assert {s["identity"] for s in manager.states()} == {CLIENT, SERVER}
+        assert all(s["state"] == "Available" for s in manager.states())
+        with store.update() as txn:
+            txn.delete("workloads", "default/server")
+        await wait_for(lambda: len(manager.states()) == 1)
+        assert manager.states()[0]["identity"] == CLIENT
+        unsubscribe()
+        await manager.close()
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_renews_before_expiry_without_a_gap(ca: InProcessCA, tmp_path: Path) -> None:
+    """Short-lived (3 s) certificates: every observation finds a valid certificate, and each
+    new certificate arrives while the previous one is still valid."""
+
+    async def scenario() -> list[tuple[WorkloadCertificate, float]]:
+        client = client_for(ca, tmp_path, validity=3)
+        manager = IdentityManager(client)
+        manager.set_identities([CLIENT])
+        seen: list[tuple[WorkloadCertificate, float]] = []
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            cert = await manager.certificate(CLIENT)
+            now = time.time()
+            assert cert.not_after.timestamp() > now
+            if not seen or seen[-1][0] is not cert:
+                seen.append((cert, now))
+            await asyncio.sleep(0.05)
+        await manager.close()
+        await client.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert len(seen) >= 3
+    for (old, _), (new, first_seen) in itertools.pairwise(seen):
+        assert new.leaf.serial_number != old.leaf.serial_number
+        assert first_seen < old.not_after.timestamp()
+
+
+def test_ca_outage_keeps_serving_backs_off_and_recovers(ca: InProcessCA, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        client = client_for(ca, tmp_path, validity=4)
+        manager = IdentityManager(client, backoff=Backoff(initial=0.2, cap=0.8))
+        first = await manager.certificate(CLIENT)
+        ca.stop()
+        # Renewal is due after ~2 s and fails; the current certificate keeps being served.
+        await wait_for(lambda: state_of(manager, CLIENT)["failures"] >= 3)  # type: ignore[operator]
+        assert await manager.certificate(CLIENT) is first
+        assert state_of(manager, CLIENT)["state"] == "Available"
+        assert "UNAVAILABLE" in str(state_of(manager, CLIENT)["last_error"])
+        # Past expiry with the CA still down: Unavailable, and connections get a clear error.
+        await wait_for(lambda: state_of(manager, CLIENT)["state"] == "Unavailable")
+        assert manager.not_ready() == []  # CLIENT was asked for on demand, not desired
+        ca.start(port=ca.port)
+        await wait_for(lambda: state_of(manager, CLIENT)["state"] == "Available")
+        renewed = await manager.certificate(CLIENT)
+        assert renewed.leaf.serial_number != first.leaf.serial_number
+        assert state_of(manager, CLIENT)["failures"] == 0
+        await manager.close()
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_token_file_is_reread_when_it_changes(ca: InProcessCA, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        client = client_for(ca, tmp_path)
+        (tmp_path / "token").write_text("not-a-valid-token-at-all")
+        with pytest.raises(CaError) as info:
+            await client.fetch(SpiffeId.parse(CLIENT))
+        assert info.value.code is not None and info.value.code.name == "UNAUTHENTICATED"
+        (tmp_path / "token").write_text(ca.node_tokens["node1"] + "\n")
+        cert = await client.fetch(SpiffeId.parse(CLIENT))
+        assert str(cert.identity) == CLIENT
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_on_demand_fetch_reports_the_cas_refusal(ca: InProcessCA, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        client = client_for(ca, tmp_path)
+        manager = IdentityManager(client)
+        other_node = "spiffe://cluster.local/ns/default/sa/elsewhere"
+        with pytest.raises(Exception, match="PERMISSION_DENIED"):
+            await manager.certificate(other_node)
+        assert state_of(manager, other_node)["state"] == State.UNAVAILABLE.value
+        await manager.close()
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_key_material_never_reaches_logs_or_admin_state(
+    ca: InProcessCA, store: StateStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with store.update() as txn:
+        txn.put_workload(meshed("third", "third", "node1", "10.244.1.4"))
+
+    async def scenario() -> tuple[list[WorkloadCertificate], str]:
+        client = client_for(ca, tmp_path)
+        manager = IdentityManager(client)
+        unsubscribe = follow_store(manager, store, "node1")
+        await wait_for(lambda: not manager.not_ready())
+        certs = [await manager.certificate(s["identity"]) for s in manager.states()]  # type: ignore[arg-type]
+        dumped = json.dumps(manager.states()) + repr(certs) + str(certs)
+        unsubscribe()
+        await manager.close()
+        await client.close()
+        return certs, dumped
+
+    certs, dumped = asyncio.run(scenario())
+    assert len(certs) == 3
+    everything = caplog.text + dumped
+    for cert in certs:
+        pem = cert.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        der_b64 = base64.b64encode(
+            cert.key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        ).decode()
+        scalar = cert.key.private_numbers().private_value
+        for secret in (pem, der_b64[20:60], format(scalar, "x"), str(scalar)):
+            assert secret not in everything
+    assert "PRIVATE KEY" not in everything
+    assert str(certs[0].identity) in everything  # the check looks at real, non-empty output

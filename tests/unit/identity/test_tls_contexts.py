@@ -1,0 +1,80 @@
+"""TLS 1.3 mutual authentication with SPIFFE identities, including a root rotation overlap."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from conftest import CLIENT, SERVER, handshake
+
+from agent.ca.inprocess import InProcessCA
+from agent.ca.storage import CA_CERT_FILE, CA_KEY_FILE, ROOT_FILE, new_material
+from agent.identity.tls import PeerIdentityError, client_context, server_context
+from agent.state import StateStore
+
+
+def test_mutual_tls_both_sides_see_the_peer_identity(ca: InProcessCA) -> None:
+    client_cert = ca.workload_certificate(CLIENT)
+    server_cert = ca.workload_certificate(SERVER)
+    client_view, server_view = handshake(
+        client_context(client_cert, SERVER), server_context(server_cert)
+    )
+    assert (client_view, server_view) == (SERVER, CLIENT)
+
+
+def test_contexts_are_tls13_only(ca: InProcessCA) -> None:
+    ctx = client_context(ca.workload_certificate(CLIENT), SERVER)
+    assert ctx.minimum_version == ctx.maximum_version == ssl.TLSVersion.TLSv1_3
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_client_refuses_a_server_with_another_identity(ca: InProcessCA) -> None:
+    other = "spiffe://cluster.local/ns/default/sa/other"
+    client_view, _ = handshake(
+        client_context(ca.workload_certificate(CLIENT), SERVER),
+        server_context(ca.workload_certificate(other)),
+    )
+    assert isinstance(client_view, PeerIdentityError)
+    assert other in str(client_view)
+
+
+def test_server_refuses_a_client_from_another_root(ca: InProcessCA, tmp_path: Path) -> None:
+    stranger = InProcessCA(tmp_path / "other-ca", StateStore())
+    _, server_view = handshake(
+        client_context(stranger.workload_certificate(CLIENT), None, roots=list(ca.authority.roots)),
+        server_context(ca.workload_certificate(SERVER)),
+    )
+    assert isinstance(server_view, ssl.SSLError)
+
+
+def _rotation_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """Two CA directories during a root rotation: both trust {old, new}; one signs with the
+    old root, the other with the new."""
+    old, new = new_material("cluster.local"), new_material("cluster.local")
+    dirs = []
+    for name, signer in (("old", old), ("new", new)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / ROOT_FILE).write_bytes(old[ROOT_FILE] + new[ROOT_FILE])
+        (d / CA_CERT_FILE).write_bytes(signer[CA_CERT_FILE])
+        (d / CA_KEY_FILE).write_bytes(signer[CA_KEY_FILE])
+        (d / CA_KEY_FILE).chmod(0o600)
+        dirs.append(d)
+    return dirs[0], dirs[1]
+
+
+def test_root_rotation_overlap_old_and_new_leaves_verify_each_other(tmp_path: Path) -> None:
+    old_dir, new_dir = _rotation_dirs(tmp_path)
+    old_ca, new_ca = InProcessCA(old_dir, StateStore()), InProcessCA(new_dir, StateStore())
+    old_leaf = old_ca.workload_certificate(CLIENT)
+    new_leaf = new_ca.workload_certificate(SERVER)
+    assert old_leaf.leaf.issuer != new_leaf.leaf.issuer
+    assert len(old_leaf.roots) == len(new_leaf.roots) == 2
+    assert handshake(client_context(old_leaf, SERVER), server_context(new_leaf)) == (SERVER, CLIENT)
+    assert handshake(client_context(new_leaf, CLIENT), server_context(old_leaf)) == (CLIENT, SERVER)
+    # Without the overlap (a peer that trusts only the old root) the new leaf is refused.
+    client_view, _ = handshake(
+        client_context(old_leaf, SERVER, roots=[old_ca.authority.signing_root]),
+        server_context(new_leaf),
+    )
+    assert isinstance(client_view, ssl.SSLCertVerificationError)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import socket
 
+from agent.datapath.layout import Listener
 from agent.datapath.listeners import marked_socket
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,15 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 class PassthroughRelay:
-    """Serves accepted connections: ``await relay.handle(sock)`` for each."""
+    """Serves accepted connections of every listener the same way: to the original
+    destination (``await relay.handle(sock, listener)`` for each)."""
 
     def __init__(self, mark: int, connect_timeout: float = 10.0) -> None:
         self.mark = mark
         self.connect_timeout = connect_timeout
         self.active = 0
 
-    async def handle(self, client: socket.socket) -> None:
+    async def handle(self, client: socket.socket, listener: Listener) -> None:
         loop = asyncio.get_running_loop()
         dst_ip, dst_port = client.getsockname()[:2]
         upstream = marked_socket(self.mark)

@@ -146,7 +146,7 @@ def entered(ns: str) -> Iterator[None]:
     """Run the block with the calling *thread* in network namespace ``ns`` (setns of net
     only, so bpffs stays the host's); restores the thread's namespace afterwards."""
     libc = ctypes.CDLL(None, use_errno=True)
-    original = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     try:
         if libc.setns(target, CLONE_NEWNET) != 0:

@@ -1,0 +1,306 @@
+"""``nodemesh agent``: the node agent process and its wiring.
+
+Theory of operation:
+  1. Before the event loop starts (pyroute2 and BCC are synchronous): load the state once, adopt
+     or load the capture programs, open the transparent listeners, register them in the
+     programs' SOCKMAP, and reconcile once. From then on, meshed pods' connections are captured.
+  2. In the event loop (uvloop): accept captured connections and hand them to the connection
+     handler (the node proxy once wired in; until then the passthrough relay), keep the
+     datapath in step with state changes (in a worker thread, coalesced), run the plug-in
+     components, and serve readiness on ``--ready-port`` from this same loop so that "ready"
+     proves the loop turns.
+  3. On SIGTERM/SIGINT: report not ready, close the listeners (their SOCKMAP entries vanish with
+     them, so new SYNs of meshed pods fail closed until the next agent registers its own), give
+     open connections ``--drain-seconds`` to finish, then exit 0. Programs, maps and filters stay
+     pinned for the next agent; ``--uninstall`` removes them.
+
+Plug-in points for the other components (small edits here): ``components()`` returns objects
+with ``start``/``not_ready``/``stop`` (the identity manager, the admin API...), and
+``connection_handler()`` returns what serves the listeners (the proxy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+from agent.config import PROXY_MARK, AgentConfig, ConfigError, add_arguments, from_args
+from agent.datapath.datapath import Datapath, uninstall
+from agent.datapath.layout import Listener
+from agent.datapath.listeners import open_listeners
+from agent.datapath.programs import ProgramLoadError
+from agent.datapath.relay import PassthroughRelay
+from agent.sources.document import DocumentError, load_document
+from agent.state import Snapshot, StateStore
+
+log = logging.getLogger(__name__)
+
+RESYNC_SECONDS = 5.0
+
+
+class ConnectionHandler(Protocol):
+    """Serves one captured connection; ``listener`` says which port captured it."""
+
+    async def handle(self, conn: socket.socket, listener: Listener) -> None: ...
+
+
+class Component(Protocol):
+    """Something the agent starts, asks for readiness and stops on drain."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    def not_ready(self) -> list[str]: ...
+
+    async def stop(self) -> None: ...
+
+
+class StateSource(Protocol):
+    """The writer of the agent's state: loads it once in ``open_source``, then follows it."""
+
+    async def run(self) -> None: ...
+
+    def not_ready(self) -> list[str]: ...
+
+
+class StartupError(RuntimeError):
+    """The agent cannot start; the message says why and what to change."""
+
+
+def open_source(config: AgentConfig, store: StateStore) -> StateSource | None:
+    """Fill ``store`` from the configured source before anything else starts.
+
+    The cluster file is read once at start; following its edits arrives with the local-file
+    source (``agent.sources.localfile``). Kubernetes mode arrives with ``agent.sources.kube``.
+    """
+    if config.cluster_file is None:
+        raise StartupError(
+            "Kubernetes mode (--kubeconfig/--in-cluster) needs agent.sources.kube, which this "
+            "build does not have yet; run with --cluster-file"
+        )
+    try:
+        state = load_document(config.cluster_file).to_state()
+    except DocumentError as e:
+        raise StartupError(f"cannot load the state: {e}") from e
+    with store.update() as txn:
+        txn.trust_domain = state.trust_domain
+        txn.replace("namespaces", state.namespaces)
+        txn.replace("workloads", state.workloads)
+        txn.replace("services", state.services)
+        txn.replace("policies", state.policies)
+    return None
+
+
+def components(config: AgentConfig, store: StateStore) -> list[Component]:
+    """The plug-in components of this agent (identity, admin, telemetry as they land)."""
+    return []
+
+
+def connection_handler(config: AgentConfig, store: StateStore) -> ConnectionHandler:
+    """What serves captured connections: the passthrough relay until the proxy is wired."""
+    return PassthroughRelay(mark=PROXY_MARK)
+
+
+class ReadinessServer:
+    """``GET /healthz/ready``: 200 when nothing is pending, else 503 with a JSON list of what
+    is not ready. Minimal HTTP/1.1, one request per connection: probes need no more."""
+
+    def __init__(self, not_ready: Callable[[], list[str]]) -> None:
+        self._not_ready = not_ready
+        self._server: asyncio.Server | None = None
+
+    async def start(self, port: int) -> None:
+        self._server = await asyncio.start_server(self._serve, "0.0.0.0", port, reuse_address=True)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body: dict[str, object]
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+            if path != b"/healthz/ready":
+                status, body = "404 Not Found", {"error": "only /healthz/ready is served here"}
+            elif reasons := self._not_ready():
+                status, body = "503 Service Unavailable", {"ready": False, "not_ready": reasons}
+            else:
+                status, body = "200 OK", {"ready": True}
+            payload = json.dumps(body).encode()
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.store = StateStore()
+        self.datapath = Datapath(config.datapath())
+        self.source: StateSource | None = None
+        self.listeners: dict[Listener, socket.socket] = {}
+        self.handler: ConnectionHandler = connection_handler(config, self.store)
+        self.components: list[Component] = components(config, self.store)
+        self._connections: set[asyncio.Task[None]] = set()
+        self._dirty = asyncio.Event()
+        self._synced = False
+        self._draining = False
+
+    # -- before the loop -------------------------------------------------------------------
+    def prepare(self) -> None:
+        self.source = open_source(self.config, self.store)
+        self.datapath.start()
+        self.listeners = open_listeners(self.config.listeners)
+        self.datapath.register_listeners(self.listeners)
+        self.datapath.reconcile(self.store.snapshot())
+        self._synced = True
+
+    # -- in the loop -----------------------------------------------------------------------
+    def not_ready(self) -> list[str]:
+        reasons = []
+        if self._draining:
+            reasons.append("agent: draining")
+        if not self._synced:
+            reasons.append("datapath: not reconciled")
+        if self.source is not None:
+            reasons += self.source.not_ready()
+        for c in self.components:
+            reasons += c.not_ready()
+        return reasons
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def changed(_snapshot: Snapshot, _kinds: frozenset[str]) -> None:
+            loop.call_soon_threadsafe(self._dirty.set)  # sources may write from any thread
+
+        unsubscribe = self.store.subscribe(changed)
+        ready = ReadinessServer(self.not_ready)
+        await ready.start(self.config.ready_port)
+        tasks = [
+            asyncio.create_task(self._reconcile_loop(), name="datapath-reconcile"),
+            *(
+                asyncio.create_task(self._accept_loop(slot, sock), name=f"accept-{slot.name}")
+                for slot, sock in self.listeners.items()
+            ),
+        ]
+        if self.source is not None:
+            tasks.append(asyncio.create_task(self.source.run(), name="state-source"))
+        for c in self.components:
+            await c.start()
+        log.info("agent %s ready", self.config.node)
+        waiter = asyncio.create_task(stop.wait(), name="stop-signal")
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in done if t is not waiter and not t.cancelled() and t.exception()]
+        for t in failed:
+            log.error("agent task %s failed: %r; shutting down", t.get_name(), t.exception())
+        await self._drain(tasks)
+        waiter.cancel()
+        unsubscribe()
+        await ready.stop()
+        return 1 if failed else 0
+
+    async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
+        self._draining = True
+        log.info(
+            "agent draining: %d open connection(s), up to %.1fs",
+            len(self._connections),
+            self.config.drain_seconds,
+        )
+        for sock in self.listeners.values():
+            sock.close()  # its SOCKMAP entry goes with it: new SYNs now fail closed
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._connections:
+            _, pending = await asyncio.wait(self._connections, timeout=self.config.drain_seconds)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:
+                log.info(
+                    "agent: closed %d connection(s) still open at the drain deadline", len(pending)
+                )
+        for c in self.components:
+            await c.stop()
+        self.datapath.close()
+
+    async def _accept_loop(self, slot: Listener, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            conn.setblocking(False)
+            task = asyncio.create_task(self._serve(conn, slot), name=f"conn-{slot.name}")
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, conn: socket.socket, slot: Listener) -> None:
+        try:
+            await self.handler.handle(conn, slot)
+        except Exception:
+            log.exception("handler failed on a %s connection", slot.name.lower())
+        finally:
+            conn.close()
+
+    async def _reconcile_loop(self) -> None:
+        """Apply state changes to the kernel, one pass at a time, in a worker thread; retry
+        every few seconds as well, for pods whose interface appeared after their IP."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), RESYNC_SECONDS)
+            self._dirty.clear()
+            try:
+                await asyncio.to_thread(self.datapath.reconcile, self.store.snapshot())
+            except OSError as e:
+                log.error("datapath reconcile failed: %s; retrying in %.0fs", e, RESYNC_SECONDS)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    try:
+        config = from_args(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    if args.uninstall:
+        for item in uninstall(config.pin_dir, config.routing):
+            log.info("removed %s", item)
+        return 0
+    agent = Agent(config)
+    try:
+        agent.prepare()
+    except (StartupError, ProgramLoadError, OSError) as e:
+        log.error("agent cannot start: %s", e)
+        return 1
+    import uvloop
+
+    return uvloop.run(agent.run())
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "agent",
+        help="run the node agent (capture datapath, listeners, readiness)",
+        description="Run the nodemesh node agent, or remove its kernel state with --uninstall.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run_agent)

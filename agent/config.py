@@ -1,0 +1,182 @@
+"""Settings of the ``nodemesh agent`` command (contract 2 in the team's brief).
+
+Parsing and validation are separate from running, so that a bad flag fails before anything
+touches the kernel, and so that the rules are tested without root. Errors name the flag and
+what it accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.datapath.datapath import DatapathConfig
+from agent.datapath.listeners import ListenerPorts
+from agent.datapath.programs import Marks
+from agent.datapath.routing import RoutingConfig
+
+DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/nodemesh")
+PROXY_MARK = 0x539
+
+
+class ConfigError(ValueError):
+    """A flag value the agent cannot run with."""
+
+
+@dataclass(frozen=True)
+class CaSettings:
+    address: str
+    root: Path
+    token_file: Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    pin_dir: Path
+    cluster_file: Path | None = None
+    kubeconfig: Path | None = None
+    in_cluster: bool = False
+    uplinks: tuple[str, ...] = ()
+    fail_open: bool = False
+    ca: CaSettings | None = None
+    admin_address: tuple[str, int] = ("127.0.0.1", 15000)
+    metrics_port: int = 15020
+    ready_port: int = 15021
+    drain_seconds: float = 5.0
+    capture_mark: int = 0x1539
+    route_table: int = 1539
+    listeners: ListenerPorts = field(default_factory=ListenerPorts)
+
+    @property
+    def routing(self) -> RoutingConfig:
+        return RoutingConfig(
+            capture_mark=self.capture_mark, table=self.route_table, rule_priority=self.route_table
+        )
+
+    def datapath(self) -> DatapathConfig:
+        return DatapathConfig(
+            node=self.node,
+            pin_dir=self.pin_dir,
+            uplinks=self.uplinks,
+            fail_open=self.fail_open,
+            marks=Marks(
+                proxy_mark=PROXY_MARK,
+                capture_mark=self.capture_mark,
+                hbone_port=self.listeners.hbone,
+            ),
+            routing=self.routing,
+        )
+
+
+def _int(text: str) -> int:
+    """Decimal or 0x-hex, for marks and tables."""
+    return int(text, 0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--node", required=True, help="this node's name (as in the state)")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--cluster-file", type=Path, help="cluster document (standalone, the lab)")
+    src.add_argument("--kubeconfig", type=Path, help="kubeconfig of the cluster to watch")
+    src.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
+    parser.add_argument(
+        "--pin-dir", type=Path, help=f"bpffs directory (default: {DEFAULT_PIN_ROOT}/<node>)"
+    )
+    parser.add_argument(
+        "--uplink",
+        dest="uplinks",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="IFACE",
+        help="uplink interface(s) (default: every interface with a global IPv4 address that is "
+        "not a pod's)",
+    )
+    parser.add_argument(
+        "--fail-open",
+        action="store_true",
+        help="let meshed pods' connections through uncaptured while no listener is present "
+        "(default: fail closed, they are dropped and retried)",
+    )
+    parser.add_argument("--ca-address", metavar="HOST:PORT", help="mesh CA (port 15012)")
+    parser.add_argument("--ca-root", type=Path, help="PEM root certificate of the mesh CA")
+    parser.add_argument("--token-file", type=Path, help="bearer token presented to the CA")
+    parser.add_argument("--admin-address", default="127.0.0.1:15000", metavar="HOST:PORT")
+    parser.add_argument("--metrics-port", type=int, default=15020)
+    parser.add_argument("--ready-port", type=int, default=15021)
+    parser.add_argument("--drain-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--capture-mark", type=_int, default=0x1539, help="fwmark of captured packets"
+    )
+    parser.add_argument("--route-table", type=_int, default=1539, help="table for captured packets")
+    parser.add_argument(
+        "--uninstall",
+        action="store_true",
+        help="remove this agent's filters, rules, routes and pinned objects, then exit",
+    )
+
+
+def _host_port(flag: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:15000")
+    return host, int(port)
+
+
+def _port(flag: str, value: int) -> int:
+    if not 0 < value < 65536:
+        raise ConfigError(f"{flag} {value}: expected a port between 1 and 65535")
+    return value
+
+
+def from_args(args: argparse.Namespace) -> AgentConfig:
+    """Validate parsed flags into an ``AgentConfig``."""
+    if not args.uninstall and not (args.cluster_file or args.kubeconfig or args.in_cluster):
+        raise ConfigError(
+            "the agent needs a state source: --cluster-file PATH, --kubeconfig PATH or --in-cluster"
+        )
+    if "/" in args.node or not args.node:
+        raise ConfigError(f"--node {args.node!r}: expected a node name (no '/')")
+    ca_flags = (args.ca_address, args.ca_root, args.token_file)
+    if any(ca_flags) and not all(ca_flags):
+        raise ConfigError("--ca-address, --ca-root and --token-file go together: give all three")
+    ca = None
+    if args.ca_address:
+        _host_port("--ca-address", args.ca_address)
+        ca = CaSettings(args.ca_address, args.ca_root, args.token_file)
+    admin = _host_port("--admin-address", args.admin_address)
+    if admin[0] not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(
+            f"--admin-address {args.admin_address}: the admin API only listens on loopback "
+            "(127.0.0.1); use a port-forward to reach it"
+        )
+    if args.drain_seconds < 0:
+        raise ConfigError(f"--drain-seconds {args.drain_seconds}: expected 0 or more seconds")
+    if args.capture_mark in (0, PROXY_MARK):
+        raise ConfigError(
+            f"--capture-mark {args.capture_mark:#x}: must be non-zero and differ from the "
+            f"proxy mark {PROXY_MARK:#x}"
+        )
+    if not 0 < args.route_table < 2**32 or args.route_table in (253, 254, 255):
+        raise ConfigError(
+            f"--route-table {args.route_table}: expected a free table number (not 253-255, "
+            "which are default/main/local)"
+        )
+    return AgentConfig(
+        node=args.node,
+        pin_dir=args.pin_dir or DEFAULT_PIN_ROOT / args.node,
+        cluster_file=args.cluster_file,
+        kubeconfig=args.kubeconfig,
+        in_cluster=args.in_cluster,
+        uplinks=tuple(args.uplinks),
+        fail_open=args.fail_open,
+        ca=ca,
+        admin_address=admin,
+        metrics_port=_port("--metrics-port", args.metrics_port),
+        ready_port=_port("--ready-port", args.ready_port),
+        drain_seconds=args.drain_seconds,
+        capture_mark=args.capture_mark,
+        route_table=args.route_table,
+    )

@@ -1,0 +1,108 @@
+"""A lab driven from Python: the object the ``lab`` pytest fixture and the benchmarks use.
+
+It calls the same functions as ``nodemesh lab`` (so tests exercise the real commands' logic) and
+runs commands in pods the way ``lab exec`` does: only the network namespace changes, stdio and
+exit status pass through.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.lab import control, netns
+from agent.lab.topology import DEFAULT_TOPOLOGY
+
+
+class Lab:
+    """One running lab; ``Lab.up(...)`` builds it, ``down()`` removes it."""
+
+    def __init__(self, name: str, *, state_root: str | None = None) -> None:
+        self.name = name
+        self._state_root = state_root
+        self.state_dir = control._labdir(name, state_root).path
+
+    @classmethod
+    def up(
+        cls,
+        name: str,
+        *,
+        topology: str | None = None,
+        components: bool = True,
+        timeout: float = 60.0,
+        state_root: str | None = None,
+    ) -> Lab:
+        control.up(
+            name,
+            topology or DEFAULT_TOPOLOGY,
+            source="<default topology>" if topology is None else f"<topology of lab {name}>",
+            with_components=components,
+            timeout=timeout,
+            state_root=state_root,
+        )
+        return cls(name, state_root=state_root)
+
+    def down(self) -> None:
+        control.down(self.name, state_root=self._state_root)
+
+    def status(self) -> dict[str, Any]:
+        """The ``lab status --json`` dict."""
+        return control.status(self.name, state_root=self._state_root)
+
+    def netns(self, target: str) -> str:
+        _, plan = control.load(self.name, state_root=self._state_root)
+        return control.resolve_target(plan, target)
+
+    def pod(self, name: str) -> dict[str, Any]:
+        namespace, _, pod = name.rpartition("/")
+        return next(
+            p
+            for p in self.status()["pods"]
+            if p["name"] == pod and (not namespace or p["namespace"] == namespace)
+        )
+
+    def node(self, name: str) -> dict[str, Any]:
+        return next(n for n in self.status()["nodes"] if n["name"] == name)
+
+    def popen(self, target: str, *cmd: str, **kw: Any) -> subprocess.Popen[Any]:
+        """Start ``cmd`` in the background inside ``target``'s network namespace."""
+        name = self.netns(target)
+        return subprocess.Popen(list(cmd), preexec_fn=lambda: netns.enter(name), **kw)
+
+    def exec(self, target: str, *cmd: str, **kw: Any) -> subprocess.CompletedProcess[Any]:
+        """Run ``cmd`` to completion inside ``target``'s network namespace (``subprocess.run``
+        keywords pass through: ``capture_output``, ``text``, ``check``, ``timeout``, ...)."""
+        name = self.netns(target)
+        return subprocess.run(list(cmd), preexec_fn=lambda: netns.enter(name), **kw)
+
+    def annotate(self, pod: str, *changes: str) -> None:
+        control.annotate(self.name, pod, changes, state_root=self._state_root)
+
+    def apply(
+        self, manifests: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+    ) -> None:
+        control.apply(self.name, _manifests(manifests), state_root=self._state_root)
+
+    def delete(
+        self, manifests: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+    ) -> None:
+        control.delete(self.name, _manifests(manifests), state_root=self._state_root)
+
+
+def _manifests(
+    value: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]],
+) -> list[Mapping[str, Any]]:
+    if isinstance(value, Mapping):
+        return [value]
+    if isinstance(value, str | Path):
+        text = Path(value).read_text(encoding="utf-8")
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    return list(value)
+
+
+# The ``lab_factory`` fixture: ``lab_factory(topology=None, components=True, timeout=60.0)``.
+LabFactory = Callable[..., Lab]

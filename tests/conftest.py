@@ -1,0 +1,37 @@
+"""Shared fixtures. ``lab`` / ``lab_factory``: a test's own lab, always torn down."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from agent.lab.handle import Lab, LabFactory
+
+
+@pytest.fixture
+def lab_factory() -> Iterator[LabFactory]:
+    """``lab_factory(topology=None, components=True, timeout=60)`` builds a lab with a random
+    name (so concurrent tests never collide) and removes it after the test, pass or fail."""
+    if os.geteuid() != 0:
+        pytest.skip("a lab needs root (network namespaces)")
+    names: list[str] = []
+
+    def make(topology: str | None = None, components: bool = True, timeout: float = 60.0) -> Lab:
+        name = "t" + secrets.token_hex(3)
+        names.append(name)
+        return Lab.up(name, topology=topology, components=components, timeout=timeout)
+
+    try:
+        yield make
+    finally:
+        for name in names:
+            Lab(name).down()
+
+
+@pytest.fixture
+def lab(lab_factory: LabFactory) -> Lab:
+    """A lab of the default topology with whatever mesh components exist."""
+    return lab_factory()

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.ca.inprocess import InProcessCA
 from agent.identity.caclient import CaClient, CaError
 from agent.identity.certs import WorkloadCertificate
+from agent.identity.component import IdentityComponent
 from agent.identity.manager import IdentityManager, State, follow_store
 from agent.identity.rotation import Backoff
 from agent.identity.spiffe import SpiffeId
@@ -185,3 +186,22 @@ def test_key_material_never_reaches_logs_or_admin_state(
             assert secret not in everything
     assert "PRIVATE KEY" not in everything
     assert str(certs[0].identity) in everything  # the check looks at real, non-empty output
+
+
+def test_agent_component_is_not_ready_until_local_identities_have_certificates(
+    ca: InProcessCA, store: StateStore, tmp_path: Path
+) -> None:
+    token = tmp_path / "node-token"
+    token.write_text(ca.node_tokens["node1"])
+    component = IdentityComponent(
+        node="node1", store=store, ca_address=ca.address, ca_root=ca.root_file, token_file=token
+    )
+
+    async def scenario() -> None:
+        assert component.not_ready() == []  # nothing desired before start
+        await component.start()
+        assert len(component.not_ready()) == 2
+        await wait_for(lambda: component.not_ready() == [])
+        await component.stop()
+
+    asyncio.run(scenario())

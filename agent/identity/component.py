@@ -1,0 +1,48 @@
+"""The identity manager as a component of ``nodemesh agent`` (``agent.app.components``).
+
+It owns the CA client and the manager, follows the store for this node's meshed identities once
+the event loop runs, and reports each identity still waiting for its first certificate as a
+readiness reason, so ``/healthz/ready`` turns 200 only when every local meshed pod can be served
+with mTLS. The proxy gets certificates through ``component.manager``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.identity.caclient import CaClient
+from agent.identity.manager import IdentityManager, follow_store
+from agent.state import StateStore
+
+
+class IdentityComponent:
+    name = "identity"
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        store: StateStore,
+        ca_address: str,
+        ca_root: Path,
+        token_file: Path,
+    ) -> None:
+        self._node = node
+        self._store = store
+        self.client = CaClient(ca_address, root_file=ca_root, token_file=token_file)
+        self.manager = IdentityManager(self.client)
+        self._unsubscribe: Callable[[], None] | None = None
+
+    async def start(self) -> None:
+        self._unsubscribe = follow_store(self.manager, self._store, self._node)
+
+    def not_ready(self) -> list[str]:
+        return [f"identity: no certificate yet for {i}" for i in self.manager.not_ready()]
+
+    async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        await self.manager.close()
+        await self.client.close()

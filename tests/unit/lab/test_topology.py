@@ -1,0 +1,141 @@
+"""Lab planning and the edits of a running lab, without building anything (no root)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.lab import control
+from agent.lab.record import LabDir
+from agent.lab.topology import DEFAULT_TOPOLOGY, LabError, check_lab_name, plan_lab
+from agent.sources.document import DocumentError, parse_document
+
+
+def _plan(text: str = DEFAULT_TOPOLOGY, lab: str = "nm"):  # type: ignore[no-untyped-def]
+    return plan_lab(parse_document(text, source="t.yaml"), lab, source="t.yaml")
+
+
+def test_default_topology_plan() -> None:
+    doc, plan = _plan()
+    assert [(n.name, n.netns, n.ip, n.pod_cidr, n.uplink) for n in plan.nodes] == [
+        ("node1", "nm-node1", "10.100.0.1", "10.244.1.0/24", "eth0"),
+        ("node2", "nm-node2", "10.100.0.2", "10.244.2.0/24", "eth0"),
+    ]
+    assert [(p.name, p.ip, p.node, p.host_veth) for p in plan.pods] == [
+        ("client", "10.244.1.2", "node1", "pv0"),
+        ("neighbor", "10.244.1.3", "node1", "pv1"),
+        ("outsider", "10.244.1.4", "node1", "pv2"),
+        ("server-0", "10.244.2.2", "node2", "pv0"),
+        ("server-1", "10.244.2.3", "node2", "pv1"),
+    ]
+    assert plan.nodes[0].pin_dir == "/sys/fs/bpf/nodemesh/nm-node1"
+    assert all(name.startswith("nm-") for name in plan.netns_names())
+    # The completed document carries every assigned address, for the agents.
+    assert {pod.name: pod.ip for _, pod in doc.pods()}["server-1"] == "10.244.2.3"
+    assert doc.services[0].cluster_ip == "10.96.0.10"
+    (svc,) = doc.to_state().services
+    assert sorted(e.ip for e in svc.endpoints) == ["10.244.2.2", "10.244.2.3"]
+
+
+def test_given_pod_ip_is_kept_and_skipped_by_assignment() -> None:
+    _, plan = _plan("nodes: [{name: n1, pods: [{name: a}, {name: b, ip: 10.244.1.2}]}]")
+    assert [(p.name, p.ip) for p in plan.pods] == [("a", "10.244.1.3"), ("b", "10.244.1.2")]
+
+
+def test_other_namespace_gets_a_distinct_netns_name() -> None:
+    _, plan = _plan("nodes: [{name: n1, pods: [{name: a}, {name: a, namespace: team}]}]")
+    assert [p.netns for p in plan.pods] == ["nm-a", "nm-a.team"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "nodes: [{name: n1, pods: [{name: a, ip: 10.9.9.9}]}]",
+            "t.yaml: nodes[0].pods[0].ip: 10.9.9.9 is not in node n1's pod CIDR 10.244.1.0/24",
+        ),
+        ("nodes: [{name: n1, ip: 10.100.0.7}]", "nodes[0]: ip and podCIDR are assigned by the lab"),
+        ("nodes: [{name: switch}]", "nodes[0].name: 'switch' is reserved"),
+        ("nodes: [{name: n1, pods: [{name: n1}]}]", "pod 'n1' has the name of a node"),
+    ],
+)
+def test_unbuildable_documents_are_refused(text: str, message: str) -> None:
+    with pytest.raises(LabError) as info:
+        _plan(text)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["", "nm-2", "Lab", "1lab", "toolongname"])
+def test_lab_names_without_dash_and_short(name: str) -> None:
+    with pytest.raises(LabError, match="is not allowed"):
+        check_lab_name(name)
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> str:
+    """A lab recorded in a temporary state root, as ``up`` leaves it (nothing built)."""
+    doc, plan = _plan(lab="unit")
+    labdir = LabDir("unit", str(tmp_path))
+    labdir.create()
+    labdir.write_plan(plan)
+    labdir.write_cluster(doc)
+    return str(tmp_path)
+
+
+POLICY = {
+    "apiVersion": "nodemesh.io/v1alpha1",
+    "kind": "PeerAuthentication",
+    "metadata": {"name": "strict", "namespace": "default"},
+    "spec": {"mtls": {"mode": "STRICT"}},
+}
+
+
+def _meshed(root: str) -> dict[str, bool]:
+    return {p["name"]: p["meshed"] for p in control.status("unit", state_root=root)["pods"]}
+
+
+def test_annotate_changes_membership_in_the_cluster_file(recorded: str) -> None:
+    assert _meshed(recorded)["outsider"] is False
+    control.annotate("unit", "outsider", ["nodemesh.io/mesh=enabled"], state_root=recorded)
+    assert _meshed(recorded)["outsider"] is True
+    control.annotate("unit", "default/client", ["nodemesh.io/mesh-"], state_root=recorded)
+    assert _meshed(recorded)["client"] is False
+    with pytest.raises(DocumentError, match="'maybe' is not allowed"):
+        control.annotate("unit", "client", ["nodemesh.io/mesh=maybe"], state_root=recorded)
+    with pytest.raises(LabError, match="no pod default/ghost"):
+        control.annotate("unit", "ghost", ["a=b"], state_root=recorded)
+    with pytest.raises(LabError, match="KEY=VALUE"):
+        control.annotate("unit", "client", ["novalue"], state_root=recorded)
+
+
+def test_apply_replaces_and_delete_removes_policies(recorded: str) -> None:
+    labdir = LabDir("unit", recorded)
+    control.apply("unit", [POLICY], state_root=recorded)
+    control.apply("unit", [POLICY], state_root=recorded)
+    assert [p.key for p in labdir.read_cluster().policies] == [
+        ("PeerAuthentication", "default", "strict")
+    ]
+    control.delete("unit", [POLICY], state_root=recorded)
+    assert labdir.read_cluster().policies == ()
+    with pytest.raises(LabError, match="PeerAuthentication default/strict not found"):
+        control.delete("unit", [POLICY], state_root=recorded)
+    bad = {**POLICY, "spec": {"mtls": {"mode": "SOMETIMES"}}}
+    with pytest.raises(DocumentError, match=r"policies\[0\]\.spec\.mtls\.mode"):
+        control.apply("unit", [bad], state_root=recorded)
+    assert labdir.read_cluster().policies == ()
+
+
+def test_resolve_target(recorded: str) -> None:
+    _, plan = control.load("unit", state_root=recorded)
+    assert control.resolve_target(plan, "client") == "unit-client"
+    assert control.resolve_target(plan, "default/server-1") == "unit-server-1"
+    assert control.resolve_target(plan, "node2") == "unit-node2"
+    assert control.resolve_target(plan, "ca") == "unit-ca"
+    with pytest.raises(LabError, match="no pod or node 'ghost' in lab unit; known: default/client"):
+        control.resolve_target(plan, "ghost")
+
+
+def test_status_of_a_lab_that_is_not_up(tmp_path: Path) -> None:
+    with pytest.raises(LabError, match="lab 'none' is not up"):
+        control.status("none", state_root=str(tmp_path))

@@ -1,0 +1,131 @@
+"""Operational facts of the agent DaemonSet and the CA Deployment that a cluster relies on:
+they run everywhere they must, survive disruptions, drain within their grace period, are probed
+on ports they declare, and are started with flags the real CLI accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+
+import pytest
+
+from tests.unit.deploy.manifests import Obj, find, flags, pod_spec, render
+
+# Time the agent needs after its drain deadline to close listeners and exit, and for the preStop
+# hook to run: the grace period must cover drain plus this margin.
+SHUTDOWN_MARGIN_SECONDS = 10
+
+
+def agent() -> Obj:
+    return find(render("daemonset"), "DaemonSet", "nodemesh-agent")
+
+
+def ca() -> Obj:
+    return find(render("daemonset"), "Deployment", "nodemesh-ca")
+
+
+def named_ports(container: Obj) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+
+
+def probe_port(container: Obj, probe: str) -> int:
+    handler = container[probe]
+    port = (handler.get("httpGet") or handler.get("tcpSocket"))["port"]
+    return named_ports(container)[port] if isinstance(port, str) else int(port)
+
+
+def substitute_env(args: list[str], container: Obj) -> list[str]:
+    """Expand $(VAR) like the kubelet, with a sample value for downward-API variables."""
+    out = []
+    for arg in args:
+        for env in container.get("env", []):
+            arg = arg.replace(f"$({env['name']})", "node1")
+        out.append(arg)
+    return out
+
+
+def test_agent_runs_on_every_node_in_the_host_network() -> None:
+    spec = pod_spec(agent())
+    assert spec["hostNetwork"] is True
+    assert {"operator": "Exists"} in spec["tolerations"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    node_name = spec["containers"][0]["env"][0]
+    assert node_name == {
+        "name": "NODE_NAME",
+        "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},
+    }
+
+
+def test_agent_updates_one_node_at_a_time_without_surge() -> None:
+    strategy = agent()["spec"]["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"
+    # A surge pod would start a second agent on a node whose host ports are taken.
+    assert strategy["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
+
+
+def test_grace_period_covers_the_drain_deadline() -> None:
+    container = pod_spec(agent())["containers"][0]
+    drain = int(flags(container)["--drain-seconds"])
+    grace = pod_spec(agent())["terminationGracePeriodSeconds"]
+    assert grace >= drain + SHUTDOWN_MARGIN_SECONDS, (grace, drain)
+
+
+def test_probes_use_declared_ports() -> None:
+    container = pod_spec(agent())["containers"][0]
+    ready = int(flags(container)["--ready-port"])
+    assert probe_port(container, "readinessProbe") == ready
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
+    assert probe_port(container, "livenessProbe") == ready
+    ca_container = pod_spec(ca())["containers"][0]
+    listen = int(flags(ca_container)["--listen"].rsplit(":", 1)[1])
+    assert probe_port(ca_container, "readinessProbe") == listen
+    assert probe_port(ca_container, "livenessProbe") == listen
+
+
+def test_prometheus_annotations_point_at_the_metrics_port() -> None:
+    annotations = agent()["spec"]["template"]["metadata"]["annotations"]
+    container = pod_spec(agent())["containers"][0]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == int(flags(container)["--metrics-port"])
+    assert named_ports(container)["metrics"] == int(annotations["prometheus.io/port"])
+
+
+def test_ca_survives_a_node_loss_and_voluntary_disruptions() -> None:
+    spec = ca()["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pdb = find(render("daemonset"), "PodDisruptionBudget", "nodemesh-ca")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == spec["selector"]
+    service = find(render("daemonset"), "Service", "nodemesh-ca")
+    assert service["spec"]["selector"] == spec["selector"]["matchLabels"]
+
+
+def test_every_container_has_requests_and_limits() -> None:
+    for directory in ("daemonset", "daemonset/samples"):
+        for obj in render(directory):
+            if obj["kind"] in ("Deployment", "DaemonSet"):
+                for container in pod_spec(obj)["containers"]:
+                    resources = container["resources"]
+                    for kind in ("requests", "limits"):
+                        assert {"cpu", "memory"} <= set(resources[kind]), obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "module"),
+    [("DaemonSet", "nodemesh-agent", "agent.app"), ("Deployment", "nodemesh-ca", "agent.ca.cli")],
+)
+def test_the_command_accepts_the_manifest_arguments(kind: str, name: str, module: str) -> None:
+    # Parsed by the subcommand's own parser (the module that registers it), so a renamed or
+    # removed flag fails here before a cluster sees a crash-looping pod.
+    container = pod_spec(find(render("daemonset"), kind, name))["containers"][0]
+    args = substitute_env(container["args"], container)
+    parser = argparse.ArgumentParser(prog="nodemesh", exit_on_error=False)
+    importlib.import_module(module).register(parser.add_subparsers(dest="command"))
+    try:
+        parsed = parser.parse_args(args)
+    except SystemExit as e:
+        raise AssertionError(f"nodemesh rejects {kind}/{name} args: {shlex.join(args)}") from e
+    assert parsed.command == args[0]

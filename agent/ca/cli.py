@@ -27,7 +27,11 @@ from agent.ca.auth import (
 from agent.ca.authority import Authority
 from agent.ca.issuer import Issuer, NodeAuthorizer
 from agent.ca.server import CertificateService, start_server
-from agent.ca.storage import load_or_create_dir, load_or_create_secret
+from agent.ca.storage import (
+    load_or_create_dir,
+    load_or_create_secret,
+    publish_bundle_configmap,
+)
 from agent.state import StateStore
 from agent.state.model import DEFAULT_TRUST_DOMAIN
 
@@ -93,6 +97,13 @@ def register(subparsers: Any) -> None:
         help="Kubernetes mode: Secret holding the root (default %(default)s)",
     )
     p.add_argument(
+        "--root-configmap",
+        default="nodemesh-system/nodemesh-ca-root",
+        metavar="NS/NAME",
+        help="Kubernetes mode: ConfigMap where the trust bundle (root.pem) is published for "
+        "agents (default %(default)s)",
+    )
+    p.add_argument(
         "--trusted-agent",
         action="append",
         default=[],
@@ -141,6 +152,8 @@ def _kubernetes(args: argparse.Namespace) -> tuple[Authority, Authenticator, Nod
     trust_domain = args.trust_domain or DEFAULT_TRUST_DOMAIN
     namespace, _, name = args.root_secret.partition("/")
     authority = load_or_create_secret(cluster.core, namespace, name, trust_domain)
+    cm_namespace, _, cm_name = args.root_configmap.partition("/")
+    publish_bundle_configmap(cluster.core, cm_namespace, cm_name, authority)
     agents = frozenset(args.trusted_agent or ["nodemesh-system/nodemesh-agent"])
     return (
         authority,

@@ -155,3 +155,43 @@ def load_or_create_secret(core_v1: Any, namespace: str, name: str, trust_domain:
             secret = core_v1.read_namespaced_secret(name, namespace)
     data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
     return authority_from(data, where=where)
+
+
+def publish_bundle_configmap(core_v1: Any, namespace: str, name: str, authority: Authority) -> None:
+    """Keep ConfigMap ``namespace/name`` key ``root.pem`` equal to the trust bundle.
+
+    Agents mount it as ``--ca-root``: it anchors both their TLS to the CA and, during a root
+    rotation, the roots they must already trust before the CA switches signers.
+    """
+    from kubernetes.client import V1ConfigMap, V1ObjectMeta
+    from kubernetes.client.exceptions import ApiException
+
+    bundle = to_pem(list(authority.roots))
+    where = f"ConfigMap {namespace}/{name}"
+    try:
+        current = core_v1.read_namespaced_config_map(name, namespace)
+    except ApiException as e:
+        if e.status != 404:
+            raise AuthorityError(f"cannot read {where}: {e.status} {e.reason}") from e
+        body = V1ConfigMap(
+            metadata=V1ObjectMeta(name=name, namespace=namespace), data={ROOT_FILE: bundle}
+        )
+        try:
+            core_v1.create_namespaced_config_map(namespace, body)
+            log.info("published the trust bundle in %s", where)
+            return
+        except ApiException as e2:
+            if e2.status != 409:
+                raise AuthorityError(f"cannot create {where}: {e2.status} {e2.reason}") from e2
+            current = core_v1.read_namespaced_config_map(name, namespace)
+    if (current.data or {}).get(ROOT_FILE) == bundle:
+        return
+    current.data = {**(current.data or {}), ROOT_FILE: bundle}
+    try:
+        core_v1.replace_namespaced_config_map(name, namespace, current)
+    except ApiException as e:
+        raise AuthorityError(
+            f"cannot update {where}: {e.status} {e.reason} (another CA replica may be publishing "
+            "a different root; check that all replicas read the same root Secret)"
+        ) from e
+    log.info("updated the trust bundle in %s", where)

@@ -21,6 +21,7 @@ from agent.ca.storage import (
     load_or_create_dir,
     load_or_create_secret,
     new_material,
+    publish_bundle_configmap,
 )
 
 
@@ -123,3 +124,38 @@ def test_losing_the_creation_race_adopts_the_winners_root() -> None:
     stored = core.secrets[("nodemesh-system", "nodemesh-ca")]
     winner_cert = base64.b64decode(stored.data[CA_CERT_FILE])
     assert mine.signing_cert.public_bytes(serialization.Encoding.PEM) == winner_cert
+
+
+@dataclass
+class FakeConfigMaps:
+    maps: dict[tuple[str, str], Any] = field(default_factory=dict)
+    writes: int = 0
+
+    def read_namespaced_config_map(self, name: str, namespace: str) -> Any:
+        if (namespace, name) not in self.maps:
+            raise ApiException(status=404, reason="Not Found")
+        return self.maps[(namespace, name)]
+
+    def create_namespaced_config_map(self, namespace: str, body: Any) -> Any:
+        self.writes += 1
+        self.maps[(namespace, body.metadata.name)] = body
+        return body
+
+    def replace_namespaced_config_map(self, name: str, namespace: str, body: Any) -> Any:
+        self.writes += 1
+        self.maps[(namespace, name)] = body
+        return body
+
+
+def test_trust_bundle_configmap_follows_the_roots(tmp_path: Path) -> None:
+    core = FakeConfigMaps()
+    authority = load_or_create_dir(tmp_path / "a", "cluster.local")
+    publish_bundle_configmap(core, "nodemesh-system", "nodemesh-ca-root", authority)
+    publish_bundle_configmap(core, "nodemesh-system", "nodemesh-ca-root", authority)
+    stored = core.maps[("nodemesh-system", "nodemesh-ca-root")].data[ROOT_FILE]
+    assert stored == (tmp_path / "a" / ROOT_FILE).read_text()
+    assert core.writes == 1  # unchanged bundle: no write
+    rotated = load_or_create_dir(tmp_path / "b", "cluster.local")
+    publish_bundle_configmap(core, "nodemesh-system", "nodemesh-ca-root", rotated)
+    assert core.maps[("nodemesh-system", "nodemesh-ca-root")].data[ROOT_FILE] != stored
+    assert core.writes == 2

@@ -6,8 +6,9 @@ import asyncio
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,16 +84,19 @@ async def _client(port: int, ctx: ssl.SSLContext) -> str | BaseException:
 
 
 def handshake(
-    client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext
+    client_ctx: ssl.SSLContext,
+    server_ctx: ssl.SSLContext,
+    run: Callable[[Coroutine[Any, Any, str | BaseException]], str | BaseException] = asyncio.run,
 ) -> tuple[str | BaseException, str | BaseException]:
-    """Connect over loopback; each side's view of the peer's SPIFFE ID, or its error."""
+    """Connect over loopback; each side's view of the peer's SPIFFE ID, or its error.
+    ``run`` picks the event loop (the agent runs on uvloop)."""
     result: list[str | BaseException] = []
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(10)
         server = threading.Thread(target=_serve_once, args=(listener, server_ctx, result))
         server.start()
         try:
-            client_view = asyncio.run(_client(listener.getsockname()[1], client_ctx))
+            client_view = run(_client(listener.getsockname()[1], client_ctx))
         finally:
             server.join(10)
     return client_view, result[0]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
+import pytest
+import uvloop
 from conftest import CLIENT, SERVER, handshake
 
 from agent.ca.inprocess import InProcessCA
@@ -28,11 +32,13 @@ def test_contexts_are_tls13_only(ca: InProcessCA) -> None:
     assert ctx.verify_mode == ssl.CERT_REQUIRED
 
 
-def test_client_refuses_a_server_with_another_identity(ca: InProcessCA) -> None:
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_client_refuses_a_server_with_another_identity(ca: InProcessCA, run: Any) -> None:
     other = "spiffe://cluster.local/ns/default/sa/other"
     client_view, _ = handshake(
         client_context(ca.workload_certificate(CLIENT), SERVER),
         server_context(ca.workload_certificate(other)),
+        run,
     )
     assert isinstance(client_view, PeerIdentityError)
     assert other in str(client_view)

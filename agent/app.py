@@ -101,7 +101,20 @@ def open_source(config: AgentConfig, store: StateStore) -> StateSource | None:
 
 def components(config: AgentConfig, store: StateStore) -> list[Component]:
     """The plug-in components of this agent (identity, admin, telemetry as they land)."""
-    return []
+    found: list[Component] = []
+    if config.ca is not None:
+        from agent.identity.component import IdentityComponent
+
+        found.append(
+            IdentityComponent(
+                node=config.node,
+                store=store,
+                ca_address=config.ca.address,
+                ca_root=config.ca.root,
+                token_file=config.ca.token_file,
+            )
+        )
+    return found
 
 
 def connection_handler(config: AgentConfig, store: StateStore) -> ConnectionHandler:

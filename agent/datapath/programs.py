@@ -144,7 +144,7 @@ def _compile_and_pin(marks: Marks, gen: str, directory: Path, src: Path) -> None
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        bpf = BPF(text=_source_text(src), cflags=marks.cflags(str(src)))
+        bpf = BPF(text=_source_text(src).encode(), cflags=marks.cflags(str(src)))
     except Exception as e:  # BCC raises bare Exception for compile errors
         raise ProgramLoadError(
             f"compiling the capture programs in {src} failed: {e}; likely cause: "
@@ -153,7 +153,7 @@ def _compile_and_pin(marks: Marks, gen: str, directory: Path, src: Path) -> None
     try:
         for p, fn in FUNCTIONS.items():
             try:
-                loaded = bpf.load_func(fn, BPF.SCHED_CLS)
+                loaded = bpf.load_func(fn.encode(), BPF.SCHED_CLS)
             except Exception as e:  # the verifier log went to stderr; BCC's message is terse
                 raise ProgramLoadError(
                     f"the kernel refused program {fn}: {e}; likely cause: {_likely_cause(str(e))}"

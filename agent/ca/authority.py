@@ -18,7 +18,10 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.identity.certs import to_pem
@@ -130,14 +133,14 @@ class Authority:
         return [to_pem([r]) for r in self.roots]
 
     def _builder(
-        self, public_key: ec.EllipticCurvePublicKey | object, ttl: dt.timedelta, now: dt.datetime
+        self, public_key: CertificatePublicKeyTypes, ttl: dt.timedelta, now: dt.datetime
     ) -> x509.CertificateBuilder:
         not_after = min(now + ttl, self.signing_cert.not_valid_after_utc)
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))
             .issuer_name(self.signing_cert.subject)
-            .public_key(public_key)  # type: ignore[arg-type]
+            .public_key(public_key)
             .serial_number(random_serial())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
@@ -159,7 +162,7 @@ class Authority:
 
     def sign_workload(
         self,
-        public_key: object,
+        public_key: CertificatePublicKeyTypes,
         spiffe_id: str,
         ttl: dt.timedelta,
         *,
@@ -175,7 +178,7 @@ class Authority:
         return builder.sign(self.signing_key, hashes.SHA256())
 
     def sign_server(
-        self, public_key: object, names: Sequence[str], ttl: dt.timedelta
+        self, public_key: CertificatePublicKeyTypes, names: Sequence[str], ttl: dt.timedelta
     ) -> x509.Certificate:
         """The CA's own gRPC serving certificate, with DNS and IP SANs for ``names``."""
         sans: list[x509.GeneralName] = []

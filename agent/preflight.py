@@ -130,6 +130,12 @@ def requirements() -> tuple[Requirement, ...]:
             _wrap(probes.ip_transparent),
             "needs CAP_NET_ADMIN (or CAP_NET_RAW); run as root",
         ),
+        Requirement(
+            "capture-failure-mode",
+            "capture failure mode (setting)",
+            _wrap(probes.capture_failure_mode),
+            "choose with nodemesh agent --fail-open (default: fail closed)",
+        ),
     )
 
 

@@ -197,3 +197,19 @@ def ip_transparent() -> str:
         except OSError as e:
             raise Unsupported(f"setsockopt(IP_TRANSPARENT) failed: {e.strerror}") from e
     return "set on a TCP socket"
+
+
+def capture_failure_mode() -> str:
+    """Not a host requirement: what the agent does with meshed pods' traffic while its proxy is
+    absent (restart, crash), so an operator sees the choice next to the host checks."""
+    from dataclasses import fields
+
+    from agent.config import AgentConfig
+
+    fail_open = next(f.default for f in fields(AgentConfig) if f.name == "fail_open")
+    if fail_open:
+        return "fail-open by default: uncaptured while no proxy listens"
+    return (
+        "fail-closed by default: meshed pods' new connections are dropped (and retried by TCP) "
+        "while no proxy listens; `nodemesh agent --fail-open` lets them through unencrypted"
+    )

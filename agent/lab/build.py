@@ -14,6 +14,7 @@ caller runs ``teardown``, which is idempotent and needs only the plan (or just t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -150,6 +151,10 @@ def _signal(pid: int, sig: int) -> bool:
 
 
 def _exists(pid: int) -> bool:
+    """Alive and not a zombie; a zombie child of this process (``lab up`` run in-process, as
+    the test fixture does) is reaped here so that no process entry outlives ``down``."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:
             return f.read().split(")")[-1].split()[0] != "Z"

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab import build, control
+from agent.lab import build, components, control
 from agent.lab.handle import Lab, LabFactory
 from agent.lab.netns import call_in
+from agent.lab.record import LabDir
 from agent.lab.topology import DEFAULT_TOPOLOGY, PIN_ROOT, LabError
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -35,22 +36,33 @@ ECHO_SERVER = textwrap.dedent(
 )
 
 
+def _serve(lab: Lab, pod: str) -> None:
+    """Start the echo server in ``pod`` and wait until it listens (checked over the pod's own
+    loopback, which no capture touches: through a proxy a refused connection looks accepted)."""
+    lab.popen(pod, sys.executable, "-c", ECHO_SERVER)
+
+    def probe() -> None:
+        socket.create_connection(("127.0.0.1", 8080), timeout=5).close()
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return call_in(lab.netns(pod), probe)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _ask(lab: Lab, client: str, ip: str, payload: bytes) -> bytes:
-    """Connect from ``client``'s namespace to ``ip:8080``, retrying until the server listens."""
+    """One request from ``client``'s namespace to ``ip:8080``."""
 
     def once() -> bytes:
         with socket.create_connection((ip, 8080), timeout=5) as s:
             s.sendall(payload)
             return s.recv(1024)
 
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return call_in(lab.netns(client), once)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    return call_in(lab.netns(client), once)
 
 
 def _ip_json(netns: str, *args: str) -> list[dict[str, object]]:
@@ -77,8 +89,8 @@ def _leftovers(name: str) -> list[str]:
 
 def test_cross_node_and_same_node_tcp(lab_factory: LabFactory) -> None:
     lab = lab_factory(components=False)
-    lab.popen("server-0", sys.executable, "-c", ECHO_SERVER)
-    lab.popen("client", sys.executable, "-c", ECHO_SERVER)
+    _serve(lab, "server-0")
+    _serve(lab, "client")
     server_ip, client_ip = lab.pod("server-0")["ip"], lab.pod("client")["ip"]
     neighbor_ip = lab.pod("neighbor")["ip"]
     # Across nodes, the server sees the client's own pod IP (no NAT anywhere in the lab).
@@ -182,3 +194,25 @@ def test_bad_topology_file_builds_nothing(tmp_path: Path) -> None:
         assert _leftovers(name) == []
     finally:
         control.down(name)
+
+
+def test_default_lab_with_components(lab: Lab) -> None:
+    """The ``lab`` fixture: default topology and every component this build has, all ready."""
+    st = lab.status()
+    commands = components.available_commands()
+    assert [n["agent"] for n in st["nodes"]] == ["ready" if "agent" in commands else "absent"] * 2
+    assert st["ca"]["state"] == ("running" if "ca" in commands else "absent")
+    _serve(lab, "server-1")
+    reply = _ask(lab, "client", lab.pod("server-1")["ip"], b"through the mesh")
+    assert reply.startswith(b"through the mesh seen from ")
+
+
+def test_down_stops_component_processes() -> None:
+    name = "t" + os.urandom(3).hex()
+    lab = Lab.up(name)
+    try:
+        pids = list(LabDir(name).pids().values())
+    finally:
+        lab.down()
+    assert [pid for pid in pids if os.path.exists(f"/proc/{pid}")] == []
+    assert _leftovers(name) == []

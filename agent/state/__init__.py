@@ -15,7 +15,8 @@ from agent.state.model import (
     Workload,
     spiffe_id,
 )
-from agent.state.store import Snapshot, StateStore
+from agent.state.snapshot import Snapshot
+from agent.state.store import StateStore, Transaction
 
 __all__ = [
     "MESH_ANNOTATION",
@@ -27,6 +28,7 @@ __all__ = [
     "ServicePort",
     "Snapshot",
     "StateStore",
+    "Transaction",
     "Workload",
     "spiffe_id",
 ]

@@ -4,8 +4,16 @@ Why copy-on-write snapshots: the proxy, the datapath reconciler, the identity ma
 admin API all read the state from different tasks and threads. Handing each of them an immutable
 ``Snapshot`` means a reader never sees half of an update (a pod without its namespace, a service
 without its endpoints) and never needs a lock. Writers batch their changes in ``StateStore.update``
-so that a relist replaces a whole kind atomically; subscribers are called after every committed
-update with the new snapshot and the set of kinds that changed.
+so that a relist replaces a whole kind atomically.
+
+Why a transaction records the keys it touched: deciding what changed by comparing whole
+mappings is O(cluster) per event. A transaction instead remembers each key it wrote or deleted,
+keeps only those whose value really differs from the base snapshot, and hands that set to the
+index maintenance (``index``) and to subscribers (``Snapshot.changed_keys``). A no-op write (a
+resync that repeats what is known) publishes nothing and wakes nobody.
+
+Subscribers run on the writer's thread right after the commit, outside the write lock; a
+subscriber on an asyncio loop must hand work over with ``loop.call_soon_threadsafe``.
 """
 
 from __future__ import annotations
@@ -14,81 +22,27 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
-from agent.state.model import (
-    DEFAULT_TRUST_DOMAIN,
-    Namespace,
-    PolicyObject,
-    Service,
-    Workload,
-)
+from agent.state import index
+from agent.state.model import DEFAULT_TRUST_DOMAIN, Namespace, PolicyObject, Service, Workload
+from agent.state.snapshot import KINDS, Snapshot
 
 log = logging.getLogger(__name__)
 
-Subscriber = Callable[["Snapshot", frozenset[str]], None]
+Subscriber = Callable[[Snapshot, frozenset[str]], None]
 
-KINDS = ("namespaces", "workloads", "services", "policies")
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A consistent, read-only view of everything the mesh knows at one version."""
-
-    version: int = 0
-    trust_domain: str = DEFAULT_TRUST_DOMAIN
-    namespaces: Mapping[str, Namespace] = field(default_factory=dict)
-    workloads: Mapping[str, Workload] = field(default_factory=dict)  # by uid
-    services: Mapping[tuple[str, str], Service] = field(default_factory=dict)
-    policies: Mapping[tuple[str, str, str], PolicyObject] = field(default_factory=dict)
-    workload_by_ip: Mapping[str, Workload] = field(default_factory=dict)
-    service_by_ip: Mapping[str, Service] = field(default_factory=dict)
-
-    def is_meshed(self, workload: Workload) -> bool:
-        """Effective membership: host-network pods never; the pod annotation wins; else the
-        namespace label ``nodemesh.io/mesh=enabled``."""
-        if workload.host_network or not workload.ips:
-            return False
-        if workload.mesh_annotation == "enabled":
-            return True
-        if workload.mesh_annotation == "disabled":
-            return False
-        ns = self.namespaces.get(workload.namespace)
-        return ns is not None and ns.mesh_enabled
-
-    def workloads_on(self, node: str) -> Iterator[Workload]:
-        return (w for w in self.workloads.values() if w.node == node)
-
-    def meshed_workloads_on(self, node: str) -> Iterator[Workload]:
-        return (w for w in self.workloads_on(node) if self.is_meshed(w))
-
-    def policies_of(self, kind: str) -> Iterator[PolicyObject]:
-        return (p for p in self.policies.values() if p.kind == kind)
+__all__ = ["KINDS", "Snapshot", "StateStore", "Subscriber", "Transaction"]
 
 
-def _index(snap_kwargs: dict[str, object]) -> None:
-    workloads: Mapping[str, Workload] = snap_kwargs["workloads"]  # type: ignore[assignment]
-    services: Mapping[tuple[str, str], Service] = snap_kwargs["services"]  # type: ignore[assignment]
-    by_ip: dict[str, Workload] = {}
-    for w in workloads.values():
-        for ip in w.ips:
-            by_ip[ip] = w
-    svc_by_ip: dict[str, Service] = {}
-    for s in services.values():
-        for ip in s.cluster_ips:
-            svc_by_ip[ip] = s
-    snap_kwargs["workload_by_ip"] = MappingProxyType(by_ip)
-    snap_kwargs["service_by_ip"] = MappingProxyType(svc_by_ip)
-
-
-def _key(kind: str, obj: object) -> object:
+def _key(kind: str, obj: Any) -> object:
     """The key an object is stored under in its kind's mapping."""
     if kind == "namespaces":
-        return obj.name  # type: ignore[attr-defined]
+        return obj.name
     if kind == "workloads":
-        return obj.uid  # type: ignore[attr-defined]
-    return obj.key  # type: ignore[attr-defined]
+        return obj.uid
+    return obj.key
 
 
 class Transaction:
@@ -96,47 +50,97 @@ class Transaction:
 
     def __init__(self, base: Snapshot) -> None:
         self._base = base
-        self._data: dict[str, dict[object, object]] = {}
+        self._data: dict[str, dict[Any, Any]] = {}
+        self._touched: dict[str, set[Any]] = {}
         self.trust_domain = base.trust_domain
 
-    def _kind(self, kind: str) -> dict[object, object]:
+    def _kind(self, kind: str) -> dict[Any, Any]:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
         if kind not in self._data:
             self._data[kind] = dict(getattr(self._base, kind))
+            self._touched[kind] = set()
         return self._data[kind]
 
+    def _put(self, kind: str, key: object, obj: object) -> None:
+        self._kind(kind)[key] = obj
+        self._touched[kind].add(key)
+
     def put_namespace(self, ns: Namespace) -> None:
-        self._kind("namespaces")[ns.name] = ns
+        self._put("namespaces", ns.name, ns)
 
     def put_workload(self, w: Workload) -> None:
-        self._kind("workloads")[w.uid] = w
+        self._put("workloads", w.uid, w)
 
     def put_service(self, s: Service) -> None:
-        self._kind("services")[s.key] = s
+        self._put("services", s.key, s)
 
     def put_policy(self, p: PolicyObject) -> None:
-        self._kind("policies")[p.key] = p
+        self._put("policies", p.key, p)
+
+    def get(self, kind: str, key: object) -> Any:
+        """The object as this transaction sees it (staged writes included), or ``None``."""
+        data = self._data.get(kind)
+        return (data if data is not None else getattr(self._base, kind)).get(key)
 
     def delete(self, kind: str, key: object) -> None:
-        self._kind(kind).pop(key, None)
+        if self._kind(kind).pop(key, None) is not None:
+            self._touched[kind].add(key)
 
     def replace(self, kind: str, objects: Iterable[object]) -> None:
         """Replace every object of ``kind`` (a relist): what is absent from ``objects`` is gone."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-        target = self._data[kind] = {}
-        for obj in objects:
-            target[_key(kind, obj)] = obj
+        current = self._kind(kind)
+        touched = self._touched[kind]
+        fresh = {_key(kind, obj): obj for obj in objects}
+        touched.update(current.keys() - fresh.keys())
+        for key, obj in fresh.items():
+            if key in current and current[key] == obj:
+                fresh[key] = current[key]  # keep the instance the indexes already hold
+            else:
+                touched.add(key)
+        self._data[kind] = fresh
+
+    def changes(self) -> dict[str, frozenset[Any]]:
+        """Per kind, the keys whose value differs from the base snapshot."""
+        out = {}
+        for kind, keys in self._touched.items():
+            base: Mapping[Any, Any] = getattr(self._base, kind)
+            data = self._data[kind]
+            real = set()
+            for key in keys:
+                if base.get(key) != data.get(key):
+                    real.add(key)
+                elif key in base:
+                    data[key] = base[key]  # equal rewrite: keep the published instance
+            if real:
+                out[kind] = frozenset(real)
+        return out
 
     def changed_kinds(self) -> frozenset[str]:
-        return frozenset(k for k, v in self._data.items() if v != dict(getattr(self._base, k)))
+        return frozenset(self.changes())
 
-    def build(self, version: int) -> Snapshot:
-        kwargs: dict[str, object] = {
-            k: MappingProxyType(self._data[k]) if k in self._data else getattr(self._base, k)
-            for k in KINDS
+    def build(self, version: int, changes: Mapping[str, frozenset[Any]]) -> Snapshot:
+        base = self._base
+        ix = base.indexes.copy()
+        if "workloads" in changes:
+            index.refile_workloads(
+                ix, base.workloads, self._data["workloads"], changes["workloads"]
+            )
+        if "services" in changes:
+            index.refile_services(ix, base.services, self._data["services"], changes["services"])
+        if "policies" in changes:
+            index.refile_policies(ix, self._data["policies"], changes["policies"])
+        kinds = {
+            k: MappingProxyType(self._data[k]) if k in changes else getattr(base, k) for k in KINDS
         }
-        _index(kwargs)
-        return Snapshot(version=version, trust_domain=self.trust_domain, **kwargs)  # type: ignore[arg-type]
+        return Snapshot(
+            version=version,
+            trust_domain=self.trust_domain,
+            changed_keys=MappingProxyType(dict(changes)),
+            indexes=ix,
+            **kinds,
+            **index.frozen(ix),
+        )
 
 
 class StateStore:
@@ -151,7 +155,8 @@ class StateStore:
         return self._snapshot
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
-        """Call ``callback(snapshot, changed_kinds)`` after each committed change."""
+        """Call ``callback(snapshot, changed_kinds)`` after each committed change; returns the
+        function that unsubscribes it."""
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
 
@@ -161,13 +166,14 @@ class StateStore:
         with self._write_lock:
             txn = Transaction(self._snapshot)
             yield txn
-            changed = txn.changed_kinds()
-            if not changed and txn.trust_domain == self._snapshot.trust_domain:
+            changes = txn.changes()
+            if not changes and txn.trust_domain == self._snapshot.trust_domain:
                 return
-            self._snapshot = txn.build(self._snapshot.version + 1)
+            self._snapshot = txn.build(self._snapshot.version + 1, changes)
             snap = self._snapshot
+        kinds = frozenset(changes)
         for cb in list(self._subscribers):
             try:
-                cb(snap, changed)
+                cb(snap, kinds)
             except Exception:
                 log.exception("state subscriber %r failed; the store keeps serving", cb)

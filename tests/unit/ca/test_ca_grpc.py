@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from conftest import RawClient
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
@@ -16,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from agent.ca.inprocess import InProcessCA
 from agent.identity.certs import build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
+from tests.unit.ca.ca_helpers import RawClient
 
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 SERVER = "spiffe://cluster.local/ns/default/sa/server"

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import RawClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +18,7 @@ from agent.identity.caclient import CA_SERVER_NAME
 from agent.identity.certs import build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
 from agent.state import StateStore, Workload
+from tests.unit.ca.ca_helpers import RawClient
 
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 GOOD_CSR = build_csr(SpiffeId.parse(CLIENT), generate_key())

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import RawClient
 
 from agent.ca.auth import KubeNodeAuthorizer, TokenReview, TokenReviewAuthenticator
 from agent.ca.inprocess import InProcessCA
 from agent.identity.certs import build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
 from agent.state import StateStore
+from tests.unit.ca.ca_helpers import RawClient
 
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 AGENT_SA = "system:serviceaccount:nodemesh-system:nodemesh-agent"

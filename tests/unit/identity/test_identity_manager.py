@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import CLIENT, SERVER, meshed
 from cryptography.hazmat.primitives import serialization
 
 from agent.ca.inprocess import InProcessCA
@@ -23,6 +22,7 @@ from agent.identity.manager import IdentityManager, State, follow_store
 from agent.identity.rotation import Backoff
 from agent.identity.spiffe import SpiffeId
 from agent.state import StateStore
+from tests.unit.identity.identity_helpers import CLIENT, SERVER, meshed
 
 
 def client_for(ca: InProcessCA, tmp_path: Path, *, validity: int = 0) -> CaClient:

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import uvloop
-from conftest import CLIENT, SERVER, handshake
 
 from agent.ca.inprocess import InProcessCA
 from agent.ca.storage import CA_CERT_FILE, CA_KEY_FILE, ROOT_FILE, new_material
 from agent.identity.tls import PeerIdentityError, client_context, server_context
 from agent.state import StateStore
+from tests.unit.identity.identity_helpers import CLIENT, SERVER, handshake
 
 
 def test_mutual_tls_both_sides_see_the_peer_identity(ca: InProcessCA) -> None:

@@ -1,0 +1,63 @@
+"""Helpers shared by the CA tests (imported as ``tests.unit.ca.ca_helpers``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from agent.ca import proto
+from agent.ca.inprocess import InProcessCA
+from agent.identity.caclient import CA_SERVER_NAME
+from agent.state import Workload
+
+
+def workload(name: str, sa: str, node: str, ip: str, ns: str = "default") -> Workload:
+    return Workload(
+        uid=f"{ns}/{name}",
+        name=name,
+        namespace=ns,
+        service_account=sa,
+        node=node,
+        ips=(ip,),
+        mesh_annotation="enabled",
+    )
+
+
+class RawClient:
+    """Sends hand-built requests, so tests can also send what a correct agent never would."""
+
+    def __init__(self, ca: InProcessCA) -> None:
+        self.channel = grpc.secure_channel(
+            ca.address,
+            grpc.ssl_channel_credentials(root_certificates=ca.root_file.read_bytes()),
+            options=[("grpc.ssl_target_name_override", CA_SERVER_NAME)],
+        )
+        self.call = self.channel.unary_unary(
+            proto.METHOD,
+            request_serializer=proto.IstioCertificateRequest.SerializeToString,
+            response_deserializer=proto.IstioCertificateResponse.FromString,
+        )
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.channel.close()
+
+    def create(
+        self,
+        csr: str,
+        *,
+        token: str | None,
+        impersonate: object = None,
+        validity: int = 0,
+        extra_metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        req = proto.IstioCertificateRequest(csr=csr, validity_duration=validity)
+        if impersonate is not None:
+            req.metadata.update({proto.IMPERSONATED_IDENTITY_KEY: impersonate})
+        if extra_metadata:
+            req.metadata.update(extra_metadata)
+        md = (("authorization", f"Bearer {token}"),) if token is not None else ()
+        return self.call(req, metadata=md, timeout=10)

@@ -1,0 +1,101 @@
+"""What every proxy path shares: settings, the state, compiled policies, TLS, pool, registry.
+
+Policies are compiled once per state version (``policies()`` checks the version, so a path never
+evaluates stale policies and never compiles twice). ``watch_policies`` re-checks live
+connections when the policies change; the store calls subscribers from the writer's thread, so
+the re-check is handed to the event loop with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer
+from agent.policy.peerauth import PeerAuthenticator
+from agent.proxy.contexts import CertificateSource, Contexts
+from agent.proxy.h2wire import HboneSettings
+from agent.proxy.records import Registry
+from agent.proxy.sockets import PROXY_MARK
+from agent.state import Snapshot, StateStore, Workload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    mark: int = PROXY_MARK
+    hbone_port: int = 15008
+    # Never valid tunnel or plaintext targets (loop protection): the proxy's own ports.
+    proxy_ports: frozenset[int] = frozenset({15000, 15001, 15006, 15008, 15020, 15021})
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    pool_idle_timeout: float = 300.0
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    hbone: HboneSettings = field(default_factory=HboneSettings)
+
+
+@dataclass(frozen=True)
+class Policies:
+    version: int
+    authz: Authorizer
+    peerauth: PeerAuthenticator
+
+
+class Core:
+    def __init__(
+        self,
+        *,
+        node: str,
+        store: StateStore,
+        identities: CertificateSource,
+        settings: ProxySettings | None = None,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.settings = settings or ProxySettings()
+        self.contexts = Contexts(identities)
+        self.registry = Registry()
+        self._policies: Policies | None = None
+
+    def snapshot(self) -> Snapshot:
+        return self.store.snapshot()
+
+    def policies(self, snap: Snapshot | None = None) -> Policies:
+        snap = snap or self.snapshot()
+        cached = self._policies
+        if cached is None or cached.version != snap.version:
+            objs = list(snap.policies.values())
+            root = self.settings.root_namespace
+            cached = Policies(
+                snap.version,
+                Authorizer.compile(objs, root_namespace=root),
+                PeerAuthenticator.compile(objs, root_namespace=root),
+            )
+            self._policies = cached
+        return cached
+
+    def local_workload(self, snap: Snapshot, ip: str) -> Workload | None:
+        """The meshed workload on this node that owns ``ip``, if any."""
+        w = snap.workload_by_ip.get(ip)
+        return w if w is not None and w.node == self.node and snap.is_meshed(w) else None
+
+    def identity(self, workload: Workload, snap: Snapshot) -> str:
+        return workload.identity(snap.trust_domain)
+
+    def watch_policies(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """Re-check live connections after every policy change; returns the unsubscribe."""
+
+        def recheck() -> None:
+            policies = self.policies()
+            closed = self.registry.recheck(policies.authz.evaluate)
+            if closed:
+                log.info("policy change closed %d live connection(s)", closed)
+
+        def on_change(_snap: Snapshot, kinds: frozenset[str]) -> None:
+            if kinds & {"policies", "workloads", "namespaces"}:
+                loop.call_soon_threadsafe(recheck)
+
+        return self.store.subscribe(on_change)

@@ -1,0 +1,228 @@
+"""Inbound HBONE (15008): terminate mTLS, check each CONNECT, authorize, connect as the client.
+
+Per connection: the destination address of the accepted socket names the local workload whose
+certificate is served (there is no SNI in HBONE); a connection to an address that is not a meshed
+workload of this node is closed before any TLS. The handshake has a deadline (a client that
+sends nothing, or trickles, cannot hold a slot), requires a client certificate chained to the
+trust bundle in our trust domain, and ALPN ``h2``. The peer's SPIFFE ID is the principal that
+authorization sees.
+
+Per stream: ``:authority`` must be the same workload IP the connection was made to (its identity
+is the one the client verified) and a port that is not the proxy's own (loop protection) —
+else 400; policy must allow — else 401; the pod must accept the connection — else 503. Only then
+200, so the client never sends bytes into a connection that will not exist.
+
+The client address: the ``forwarded: for=`` header names the client pod. It is believed only
+when the state says that IP belongs to a pod with the peer's identity; otherwise the proxy falls
+back to the connection's source address (the peer node), so a workload cannot claim another's IP
+to slip through an ``ipBlocks`` rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+
+from agent.identity.tls import PeerIdentityError, peer_spiffe_id
+from agent.policy.authz import Request
+from agent.proxy import hbone_events as ev
+from agent.proxy import sockets
+from agent.proxy.contexts import ALPN
+from agent.proxy.core import Core
+from agent.proxy.hbone import HboneConnection
+from agent.proxy.records import INBOUND, SECURITY_MTLS, ConnectionRecord, cancel_current_task
+from agent.proxy.relay import relay_tunnel
+from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
+from agent.state import Workload
+
+log = logging.getLogger(__name__)
+
+
+class InboundHbone:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.connections: set[HboneProtocol] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+
+    async def handle(self, sock: socket.socket, local_ip: str | None = None) -> None:
+        """Serve one accepted connection; ``local_ip`` overrides ``getsockname()`` (tests)."""
+        try:
+            peer_ip = sock.getpeername()[0]
+            local_ip = local_ip or sock.getsockname()[0]
+        except OSError:
+            sock.close()
+            return
+        snap = self.core.snapshot()
+        workload = self.core.local_workload(snap, local_ip)
+        if workload is None or self.draining:
+            why = "the agent is draining" if self.draining else "not a meshed workload on this node"
+            self.core.registry.reject(
+                "not_local_workload", f"HBONE to {local_ip} from {peer_ip}: {why}"
+            )
+            sockets.abort(sock)
+            return
+        proto = await self._handshake(sock, peer_ip, local_ip, self.core.identity(workload, snap))
+        if proto is None:
+            return
+        self.connections.add(proto)
+        try:
+            await proto.closed
+        finally:
+            self.connections.discard(proto)
+
+    async def _handshake(
+        self, sock: socket.socket, peer_ip: str, local_ip: str, identity: str
+    ) -> HboneProtocol | None:
+        loop = asyncio.get_running_loop()
+        ctx = await self.core.contexts.server(identity)
+        proto = HboneProtocol(HboneConnection(client_side=False, settings=self.core.settings.hbone))
+        proto.on_request = lambda p, e: self._spawn(p, e, local_ip, peer_ip)
+        timeout = self.core.settings.handshake_timeout
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: proto, sock, ssl=ctx, ssl_handshake_timeout=timeout
+            )
+        except (ssl.SSLError, PeerIdentityError) as e:
+            self.core.registry.reject("tls_handshake_failed", f"from {peer_ip} to {local_ip}: {e}")
+            sockets.abort(sock)
+            return None
+        except (TimeoutError, ConnectionError, OSError) as e:
+            self.core.registry.reject(
+                "tls_handshake_failed", f"from {peer_ip} to {local_ip}: {e!r}"
+            )
+            sockets.abort(sock)
+            return None
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
+        if alpn != ALPN:
+            self.core.registry.reject(
+                "wrong_alpn", f"from {peer_ip}: ALPN {alpn!r}, expected {ALPN!r}"
+            )
+            transport.abort()
+            return None
+        return proto
+
+    def _spawn(
+        self, proto: HboneProtocol, request: ev.TunnelRequested, local_ip: str, peer_ip: str
+    ) -> None:
+        task = asyncio.create_task(
+            self._serve(proto, request, local_ip, peer_ip), name=f"hbone-stream-{request.stream_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refuse(
+        self, proto: HboneProtocol, stream_id: int, status: int, key: str, detail: str
+    ) -> None:
+        self.core.registry.reject(key, detail)
+        proto.streams.pop(stream_id, None)
+        proto.codec.respond(stream_id, status)
+        proto.flush()
+        proto.stream_closed()
+
+    def _client_ip(self, request: ev.TunnelRequested, principal: str, peer_ip: str) -> str:
+        claimed = request.forwarded_for
+        if claimed is None:
+            return peer_ip
+        snap = self.core.snapshot()
+        owner = snap.workload_by_ip.get(claimed)
+        if owner is not None and self.core.identity(owner, snap) == principal:
+            return claimed
+        log.info(
+            "HBONE from %s (%s) claims client %s, which is not its pod: using %s",
+            peer_ip,
+            principal,
+            claimed,
+            peer_ip,
+        )
+        return peer_ip
+
+    async def _serve(
+        self, proto: HboneProtocol, req: ev.TunnelRequested, local_ip: str, peer_ip: str
+    ) -> None:
+        sid = req.stream_id
+        try:
+            principal = peer_spiffe_id(proto.peer_ssl) if proto.peer_ssl else ""
+        except PeerIdentityError as e:
+            self._refuse(proto, sid, 401, "peer_identity", f"from {peer_ip}: {e}")
+            return
+        where = f"{principal} ({peer_ip}) -> {req.authority}"
+        if req.host != local_ip:
+            self._refuse(
+                proto, sid, 400, "authority_mismatch", f"{where}: connection was to {local_ip}"
+            )
+            return
+        if req.port in self.core.settings.proxy_ports:
+            self._refuse(
+                proto, sid, 400, "proxy_port", f"{where}: port {req.port} is the proxy's own"
+            )
+            return
+        snap = self.core.snapshot()
+        workload = self.core.local_workload(snap, req.host)
+        if workload is None:
+            self._refuse(
+                proto, sid, 400, "not_local_workload", f"{where}: no longer a local meshed pod"
+            )
+            return
+        client_ip = self._client_ip(req, principal, peer_ip)
+        request = Request(client_ip, req.host, req.port, principal)
+        decision = self.core.policies(snap).authz.evaluate(request, workload)
+        if not decision.allowed:
+            self.core.registry.deny(decision, where)
+            self._refuse(proto, sid, 401, "policy_denied_stream", f"{where}: {decision.reason}")
+            return
+        s = self.core.settings
+        try:
+            upstream = await sockets.connect(
+                (req.host, req.port), mark=s.mark, timeout=s.connect_timeout, source_ip=client_ip
+            )
+        except (OSError, TimeoutError) as e:
+            self._refuse(proto, sid, 503, "upstream_unreachable", f"{where}: {e!r}")
+            return
+        stream = proto.streams.get(sid)
+        if stream is None:  # the client gave up meanwhile
+            upstream.close()
+            return
+        proto.codec.respond(sid, 200)
+        proto.flush()
+        record = ConnectionRecord(
+            INBOUND,
+            client_ip,
+            req.authority,
+            source_identity=principal,
+            destination_identity=self.core.identity(workload, snap),
+            security=SECURITY_MTLS,
+            path="hbone",
+        )
+        await self._relay(stream, upstream, record, request, workload)
+
+    async def _relay(
+        self,
+        stream: TunnelStream,
+        upstream: socket.socket,
+        record: ConnectionRecord,
+        request: Request,
+        workload: Workload,
+    ) -> None:
+        conn_id = self.core.registry.add(record, cancel_current_task())
+        self.core.registry.authorized(conn_id, request, workload)
+        try:
+            await relay_tunnel(upstream, stream, record, outbound=False)
+        except (OSError, TunnelError) as e:
+            log.debug("inbound %s ended: %s", record.destination, e)
+        finally:
+            self.core.registry.remove(conn_id)
+            if stream.error is None and stream.eof:
+                upstream.close()
+            else:
+                sockets.abort(upstream)
+
+    def goaway_all(self) -> None:
+        self.draining = True
+        for proto in list(self.connections):
+            proto.goaway()
+            if not proto.streams and proto.transport is not None:
+                proto.transport.close()

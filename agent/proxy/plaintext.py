@@ -1,0 +1,91 @@
+"""Inbound plaintext (15006): connections from outside the mesh to a meshed pod of this node.
+
+Admitted only where the destination's PeerAuthentication mode for the port is PERMISSIVE and
+policy allows a source without identity (a plaintext caller has no principal, so only
+``ipBlocks``-style rules can admit it). The proxy then connects to the pod with the caller's IP as
+source, so the pod sees its real client. STRICT refuses with RST.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import NoReturn
+
+from agent.policy.authz import Request
+from agent.policy.peerauth import STRICT
+from agent.proxy import sockets
+from agent.proxy.core import Core
+from agent.proxy.records import INBOUND, ConnectionRecord, Refused, cancel_current_task
+from agent.proxy.relay import relay_sockets
+
+log = logging.getLogger(__name__)
+
+
+class InboundPlaintext:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    async def handle(
+        self, client: socket.socket, original_dst: tuple[str, int] | None = None
+    ) -> None:
+        """Serve one captured connection; ``original_dst`` overrides ``getsockname()`` (tests)."""
+        try:
+            src_ip, src_port = client.getpeername()[:2]
+            dst_ip, dst_port = original_dst or client.getsockname()[:2]
+        except OSError:
+            client.close()
+            return
+        record = ConnectionRecord(
+            INBOUND, f"{src_ip}:{src_port}", f"{dst_ip}:{dst_port}", path="plaintext"
+        )
+        conn_id = self.core.registry.add(record, cancel_current_task())
+        clean = False
+        try:
+            upstream = await self._admit(record, conn_id, src_ip, dst_ip, dst_port)
+            try:
+                await relay_sockets(client, upstream, record)
+                clean = True
+            finally:
+                upstream.close()
+        except (OSError, Refused) as e:
+            log.debug("plaintext %s -> %s ended: %s", record.source, record.destination, e)
+        finally:
+            self.core.registry.remove(conn_id)
+            if clean:
+                client.close()
+            else:
+                sockets.abort(client)
+
+    async def _admit(
+        self, record: ConnectionRecord, conn_id: int, src_ip: str, dst_ip: str, dst_port: int
+    ) -> socket.socket:
+        where = f"plaintext {record.source} -> {record.destination}"
+        snap = self.core.snapshot()
+        workload = self.core.local_workload(snap, dst_ip)
+        if workload is None:
+            self._refuse("not_local_workload", f"{where}: not a meshed workload on this node")
+        if dst_port in self.core.settings.proxy_ports:
+            self._refuse("proxy_port", f"{where}: port {dst_port} is the proxy's own")
+        record.destination_identity = self.core.identity(workload, snap)
+        policies = self.core.policies(snap)
+        if policies.peerauth.mode(workload, dst_port) == STRICT:
+            self._refuse("strict_mtls", f"{where}: PeerAuthentication is STRICT (mTLS required)")
+        request = Request(src_ip, dst_ip, dst_port, None)
+        decision = policies.authz.evaluate(request, workload)
+        if not decision.allowed:
+            self.core.registry.deny(decision, where)
+            raise Refused(decision.reason)
+        self.core.registry.authorized(conn_id, request, workload)
+        s = self.core.settings
+        try:
+            return await sockets.connect(
+                (dst_ip, dst_port), mark=s.mark, timeout=s.connect_timeout, source_ip=src_ip
+            )
+        except (OSError, TimeoutError) as e:
+            self._refuse("upstream_unreachable", f"{where}: {e!r}")
+            raise
+
+    def _refuse(self, key: str, detail: str) -> NoReturn:
+        self.core.registry.reject(key, detail)
+        raise Refused(detail)

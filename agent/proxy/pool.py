@@ -1,0 +1,106 @@
+"""The HBONE connection pool: streams share TLS connections per (source id, destination id, IP).
+
+Why these rules:
+
+* the key includes the source identity because the client certificate *is* the source's
+  identity, and the destination identity because the server's certificate is checked against it;
+* a connection carries at most ``max_streams`` (and never more than the peer's
+  MAX_CONCURRENT_STREAMS) streams, so one connection's window and one TLS session's CPU are
+  shared by a bounded number of flows;
+* at most one dial per key is in flight: when a hundred connections start at once they wait for
+  that dial and share its connection instead of opening a hundred TLS handshakes (a connect
+  storm); a full connection makes the next opener dial one more;
+* a connection with no streams for ``idle_timeout`` is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from agent.proxy.tunnel import HboneProtocol, TunnelStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    source_id: str
+    destination_id: str
+    destination_ip: str
+    port: int = 15008
+
+
+Dial = Callable[[PoolKey, Callable[[HboneProtocol], None]], Awaitable[HboneProtocol]]
+
+
+class HbonePool:
+    def __init__(self, dial: Dial, *, idle_timeout: float = 300.0) -> None:
+        self._dial = dial
+        self.idle_timeout = idle_timeout
+        self._conns: dict[PoolKey, list[HboneProtocol]] = {}
+        self._dialing: dict[PoolKey, asyncio.Future[HboneProtocol]] = {}
+        self._idle_timers: dict[int, asyncio.TimerHandle] = {}
+        self.dials = 0
+
+    async def open(self, key: PoolKey, authority: str, client_ip: str | None) -> TunnelStream:
+        """A new tunnel stream to ``authority`` through a pooled connection for ``key``."""
+        while True:
+            conn = self._usable(key)
+            if conn is not None:
+                self._cancel_idle(conn)
+                return await conn.open(authority, client_ip)
+            pending = self._dialing.get(key)
+            if pending is not None:
+                await asyncio.shield(pending)
+                continue
+            await self._dial_one(key)
+
+    def _usable(self, key: PoolKey) -> HboneProtocol | None:
+        conns = self._conns.get(key, [])
+        conns[:] = [c for c in conns if not c.closed.done()]
+        return next((c for c in conns if c.codec.can_open_stream()), None)
+
+    async def _dial_one(self, key: PoolKey) -> None:
+        fut: asyncio.Future[HboneProtocol] = asyncio.get_running_loop().create_future()
+        self._dialing[key] = fut
+        try:
+            self.dials += 1
+            conn = await self._dial(key, self._on_idle)
+            self._conns.setdefault(key, []).append(conn)
+            fut.set_result(conn)
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved here; the waiters re-raise it themselves
+            raise
+        finally:
+            del self._dialing[key]
+
+    def _on_idle(self, conn: HboneProtocol) -> None:
+        loop = asyncio.get_running_loop()
+        self._cancel_idle(conn)
+        self._idle_timers[id(conn)] = loop.call_later(self.idle_timeout, self._close_idle, conn)
+
+    def _cancel_idle(self, conn: HboneProtocol) -> None:
+        timer = self._idle_timers.pop(id(conn), None)
+        if timer is not None:
+            timer.cancel()
+
+    def _close_idle(self, conn: HboneProtocol) -> None:
+        self._idle_timers.pop(id(conn), None)
+        if not conn.streams and conn.transport is not None:
+            log.debug("closing idle HBONE connection")
+            conn.goaway()
+            conn.transport.close()
+
+    def connections(self) -> list[HboneProtocol]:
+        return [c for conns in self._conns.values() for c in conns if not c.closed.done()]
+
+    def goaway_all(self) -> None:
+        """Drain: no new streams on existing connections (new opens would dial)."""
+        for conn in self.connections():
+            conn.goaway()
+            if not conn.streams and conn.transport is not None:
+                conn.transport.close()

@@ -1,0 +1,143 @@
+"""Connection records and the registry of live connections.
+
+Every proxied connection gets a ``ConnectionRecord``: who talked to whom (addresses and SPIFFE
+identities), which way, how many bytes each way, since when, and whether it was mTLS. Telemetry
+exports the records (``snapshot()`` returns plain dicts) and the admin API lists them.
+
+The registry also keeps, for connections authorized at this node, the authorization ``Request``
+and a way to close the connection. When the policies change, ``recheck`` evaluates every live
+connection again and closes the ones the new policies no longer allow: a DENY policy applied
+now takes effect on connections opened before it.
+
+Rejections are counted by reason (``rejections``), and each is logged once, at INFO, with the
+reason, so an operator can tell a policy denial from a bad peer from an unreachable pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+from agent.policy.authz import Decision, Request
+from agent.state.model import Workload
+
+log = logging.getLogger(__name__)
+
+OUTBOUND = "outbound"
+INBOUND = "inbound"
+
+SECURITY_MTLS = "mutual_tls"
+SECURITY_NONE = "none"
+
+
+@dataclass
+class ConnectionRecord:
+    direction: str
+    source: str  # ip:port
+    destination: str  # ip:port as the client addressed it
+    source_identity: str | None = None
+    destination_identity: str | None = None
+    security: str = SECURITY_NONE
+    path: str = ""  # hbone, local, passthrough, plaintext
+    started: float = field(default_factory=time.time)
+    bytes_sent: int = 0  # client -> server
+    bytes_received: int = 0  # server -> client
+    id: int = 0
+
+    def describe(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class _Live:
+    record: ConnectionRecord
+    close: Callable[[str], None]
+    request: Request | None = None
+    workload: Workload | None = None
+
+
+def cancel_current_task() -> Callable[[str], None]:
+    """A ``close`` callback for ``Registry.add`` that cancels the task serving the connection."""
+    task = asyncio.current_task()
+
+    def close(_reason: str) -> None:
+        if task is not None:
+            task.cancel()
+
+    return close
+
+
+class Refused(Exception):
+    """A connection was refused (already counted and logged): close the client with RST."""
+
+
+class Registry:
+    """Live connections, rejection counters, and the policy re-check."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, _Live] = {}
+        self._ids = itertools.count(1)
+        self.rejections: Counter[str] = Counter()
+        self.denials: Counter[str] = Counter()
+        self.total = 0
+
+    def add(
+        self,
+        record: ConnectionRecord,
+        close: Callable[[str], None],
+        *,
+        request: Request | None = None,
+        workload: Workload | None = None,
+    ) -> int:
+        record.id = next(self._ids)
+        self._live[record.id] = _Live(record, close, request, workload)
+        self.total += 1
+        return record.id
+
+    def authorized(self, conn_id: int, request: Request, workload: Workload) -> None:
+        """Remember what was authorized, so that ``recheck`` can evaluate it again."""
+        live = self._live.get(conn_id)
+        if live is not None:
+            live.request, live.workload = request, workload
+
+    def remove(self, conn_id: int) -> None:
+        self._live.pop(conn_id, None)
+
+    def __iter__(self) -> Iterator[ConnectionRecord]:
+        return (live.record for live in list(self._live.values()))
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        return [r.describe() for r in self]
+
+    def reject(self, reason_key: str, detail: str) -> None:
+        """Count and log one refused connection or stream."""
+        self.rejections[reason_key] += 1
+        log.info("rejected (%s): %s", reason_key, detail)
+
+    def deny(self, decision: Decision, detail: str) -> None:
+        self.denials[decision.policy or "no-allow-match"] += 1
+        self.reject("policy_denied", f"{detail}: {decision.reason}")
+
+    def recheck(self, evaluate: Callable[[Request, Workload], Decision]) -> int:
+        """Close live connections the current policies deny; returns how many were closed."""
+        closed = 0
+        for live in list(self._live.values()):
+            if live.request is None or live.workload is None:
+                continue
+            decision = evaluate(live.request, live.workload)
+            if not decision.allowed:
+                self.deny(
+                    decision, f"live connection {live.record.source} -> {live.record.destination}"
+                )
+                live.close(decision.reason)
+                self._live.pop(live.record.id, None)
+                closed += 1
+        return closed

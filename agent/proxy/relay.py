@@ -1,0 +1,99 @@
+"""Bidirectional copying between a TCP socket and its peer (another socket or a tunnel stream).
+
+Why socket methods instead of streams: ``loop.sock_recv_into`` into one preallocated buffer per
+direction and ``loop.sock_sendall`` of a memoryview slice copy each byte once in Python and
+allocate nothing per chunk; ``sock_sendall`` returns only when the kernel took everything, which
+is the backpressure (a slow reader stops its writer's reads). A half-close (recv returns 0)
+becomes ``shutdown(SHUT_WR)`` on the other side (END_STREAM through a tunnel), so
+request/response protocols that signal "done" by closing their write side keep working.
+An error in one direction aborts both, so neither side waits forever on a dead peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+from agent.proxy.records import ConnectionRecord
+from agent.proxy.tunnel import TunnelStream
+
+CHUNK = 256 * 1024
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+
+
+async def _copy(
+    src: socket.socket, dst: socket.socket, record: ConnectionRecord, field: str
+) -> None:
+    loop = asyncio.get_running_loop()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := await loop.sock_recv_into(src, buf):
+        await loop.sock_sendall(dst, view[:n])
+        setattr(record, field, getattr(record, field) + n)
+    _shutdown_write(dst)
+
+
+async def _both(first: asyncio.Task[None], second: asyncio.Task[None]) -> None:
+    """Wait for both directions; the first failure cancels the other and is re-raised."""
+    done, pending = await asyncio.wait((first, second), return_when=asyncio.FIRST_EXCEPTION)
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for task in done:
+        task.result()
+
+
+async def relay_sockets(
+    client: socket.socket, upstream: socket.socket, record: ConnectionRecord
+) -> None:
+    """Copy client <-> upstream until both directions ended; closes neither socket."""
+    await _both(
+        asyncio.create_task(_copy(client, upstream, record, "bytes_sent")),
+        asyncio.create_task(_copy(upstream, client, record, "bytes_received")),
+    )
+
+
+async def _socket_to_stream(
+    sock: socket.socket, stream: TunnelStream, record: ConnectionRecord, field: str
+) -> None:
+    loop = asyncio.get_running_loop()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := await loop.sock_recv_into(sock, buf):
+        await stream.write(view[:n])
+        setattr(record, field, getattr(record, field) + n)
+    stream.write_eof()
+
+
+async def _stream_to_socket(
+    stream: TunnelStream, sock: socket.socket, record: ConnectionRecord, field: str
+) -> None:
+    loop = asyncio.get_running_loop()
+    while (chunk := await stream.read()) is not None:
+        await loop.sock_sendall(sock, chunk)
+        stream.consumed(len(chunk))
+        setattr(record, field, getattr(record, field) + len(chunk))
+    _shutdown_write(sock)
+
+
+async def relay_tunnel(
+    sock: socket.socket, stream: TunnelStream, record: ConnectionRecord, *, outbound: bool
+) -> None:
+    """Copy sock <-> stream; ``outbound``: sock is the client (bytes to the stream are "sent")."""
+    to_stream, from_stream = (
+        ("bytes_sent", "bytes_received") if outbound else ("bytes_received", "bytes_sent")
+    )
+    try:
+        await _both(
+            asyncio.create_task(_socket_to_stream(sock, stream, record, to_stream)),
+            asyncio.create_task(_stream_to_socket(stream, sock, record, from_stream)),
+        )
+    finally:
+        stream.proto.finish(stream)

@@ -1,0 +1,269 @@
+"""The asyncio side of an HBONE connection: a Protocol driving the codec, and per-stream handles.
+
+``HboneProtocol`` sits on a TLS transport (client or server side), feeds it to
+``agent.proxy.hbone.HboneConnection`` and dispatches the events to ``TunnelStream`` objects. A
+``TunnelStream`` looks like a socket to the relay: ``read()``/``consumed()`` in one direction,
+``write()``/``write_eof()`` in the other.
+
+Backpressure: ``write`` waits while the stream has more than ``HIGH_WATER`` bytes queued in the
+codec (the peer's window is closed) or while the TLS transport's buffer is full
+(``pause_writing``), so a slow receiver slows exactly its own sender. Received data is queued per
+stream and acknowledged to the peer only when the relay wrote it to the pod (``consumed``): the
+codec's stream window (4 MiB) bounds that queue.
+
+Keepalive (client side): a PING every ``ping_interval``; a connection whose PING goes unanswered for
+``ping_timeout`` is closed, like ztunnel's, so a dead peer does not hold pooled streams forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+from h2.errors import ErrorCodes
+
+from agent.proxy import hbone_events as ev
+from agent.proxy.hbone import HboneConnection
+
+log = logging.getLogger(__name__)
+
+HIGH_WATER = 1024 * 1024
+
+
+class TunnelError(ConnectionError):
+    """The tunnel could not be opened or was reset; ``status`` is the HTTP status if any."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TunnelStream:
+    """One CONNECT stream, seen from the relay."""
+
+    def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
+        self.proto = proto
+        self.stream_id = stream_id
+        self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._chunks: deque[bytes] = deque()
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.eof = False
+        self.error: TunnelError | None = None
+
+    # -- events from the protocol --
+    def _on_data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._readable.set()
+
+    def _on_end(self) -> None:
+        self.eof = True
+        self._readable.set()
+
+    def _on_error(self, error: TunnelError) -> None:
+        self.error = error
+        if not self.accepted.done():
+            self.accepted.set_exception(error)
+        self._readable.set()
+        self._writable.set()
+
+    # -- what the relay calls --
+    async def read(self) -> bytes | None:
+        """The next chunk, or None once the peer half-closed; raises if the stream was reset."""
+        while not self._chunks:
+            if self.error:
+                raise self.error
+            if self.eof:
+                return None
+            self._readable.clear()
+            await self._readable.wait()
+        return self._chunks.popleft()
+
+    def consumed(self, n: int) -> None:
+        self.proto.codec.consumed(self.stream_id, n)
+        self.proto.flush()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if self.error:
+            raise self.error
+        self.proto.dispatch(self.proto.codec.send(self.stream_id, data))
+        self.proto.flush()
+        while self.proto.codec.buffered(self.stream_id) > HIGH_WATER or self.proto.write_paused:
+            if self.error:
+                raise self.error
+            self._writable.clear()
+            await self._writable.wait()
+
+    def write_eof(self) -> None:
+        if not self.error:
+            self.proto.dispatch(self.proto.codec.end_stream(self.stream_id))
+            self.proto.flush()
+
+    def reset(self) -> None:
+        if not self.error:
+            self.proto.codec.reset(self.stream_id)
+            self.proto.flush()
+        self.proto.streams.pop(self.stream_id, None)
+        self._on_error(TunnelError("stream reset locally"))
+
+
+OnRequest = Callable[["HboneProtocol", ev.TunnelRequested], None]
+
+
+class HboneProtocol(asyncio.Protocol):
+    """Drives one HBONE connection; ``on_request`` (server side) gets each CONNECT."""
+
+    def __init__(
+        self,
+        codec: HboneConnection,
+        *,
+        on_request: OnRequest | None = None,
+        on_idle: Callable[[HboneProtocol], None] | None = None,
+    ) -> None:
+        self.codec = codec
+        self.on_request = on_request
+        self.on_idle = on_idle
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, TunnelStream] = {}
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.write_paused = False
+        self._ping_outstanding: bytes | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.dispatch(self.codec.receive(data))
+        self.flush()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in self.streams.values():
+            stream._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._ping_timer:
+            self._ping_timer.cancel()
+        error = TunnelError(f"HBONE connection lost: {exc or 'closed by peer'}")
+        for stream in list(self.streams.values()):
+            stream._on_error(error)
+        self.streams.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- plumbing --
+    def flush(self) -> None:
+        out = self.codec.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+        if self.codec.failed and self.transport is not None:
+            self.transport.close()
+
+    @property
+    def peer_ssl(self) -> ssl.SSLObject | None:
+        return self.transport.get_extra_info("ssl_object") if self.transport else None
+
+    def dispatch(self, events: list[ev.Event]) -> None:
+        for e in events:
+            self._dispatch_one(e)
+
+    def _dispatch_one(self, e: ev.Event) -> None:
+        if isinstance(e, ev.TunnelRequested):
+            self.streams[e.stream_id] = TunnelStream(self, e.stream_id)
+            if self.on_request:
+                self.on_request(self, e)
+            return
+        if isinstance(e, ev.ConnectionFailed):
+            log.info("HBONE connection failed: %s", e.reason)
+            return
+        if isinstance(e, ev.PingAcknowledged):
+            self._ping_acknowledged()
+            return
+        if isinstance(e, ev.GoAwayReceived):
+            self.stream_closed()
+            return
+        stream = self.streams.get(getattr(e, "stream_id", -1))
+        if stream is None:
+            return
+        if isinstance(e, ev.TunnelAccepted):
+            stream.accepted.set_result(None)
+        elif isinstance(e, ev.TunnelRefused):
+            self._drop(stream, TunnelError(f"peer answered {e.status}", e.status))
+        elif isinstance(e, ev.DataReceived):
+            stream._on_data(e.data)
+        elif isinstance(e, ev.StreamEnded):
+            stream._on_end()
+        elif isinstance(e, ev.StreamReset):
+            self._drop(stream, TunnelError(f"stream reset by peer (code {e.error_code})"))
+        elif isinstance(e, ev.StreamDrained):
+            stream._writable.set()
+
+    def _drop(self, stream: TunnelStream, error: TunnelError) -> None:
+        self.streams.pop(stream.stream_id, None)
+        stream._on_error(error)
+        self.stream_closed()
+
+    def stream_closed(self) -> None:
+        if self.streams:
+            return
+        if self.codec.going_away and self.transport is not None:
+            self.transport.close()  # drained: GOAWAY sent or received and nothing left
+        elif self.on_idle:
+            self.on_idle(self)
+
+    def finish(self, stream: TunnelStream) -> None:
+        """The relay is done with ``stream`` (both directions closed or failed)."""
+        if self.streams.pop(stream.stream_id, None) is not None:
+            if not (stream.eof and stream.error is None):
+                self.codec.reset(stream.stream_id, ErrorCodes.CANCEL)
+                self.flush()
+            self.stream_closed()
+
+    # -- client side --
+    async def open(self, authority: str, client_ip: str | None) -> TunnelStream:
+        sid = self.codec.open_tunnel(authority, client_ip=client_ip)
+        stream = self.streams[sid] = TunnelStream(self, sid)
+        self.flush()
+        await stream.accepted
+        return stream
+
+    def start_keepalive(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ping_timer = loop.call_later(self.codec.settings.ping_interval, self._keepalive)
+
+    def _keepalive(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._ping_outstanding is not None:
+            log.warning(
+                "HBONE peer did not answer PING within %ss: closing",
+                self.codec.settings.ping_timeout,
+            )
+            self.transport.abort()
+            return
+        self._ping_outstanding = self.codec.ping()
+        self.flush()
+        loop = asyncio.get_running_loop()
+        self._ping_timer = loop.call_later(self.codec.settings.ping_timeout, self._keepalive)
+
+    def _ping_acknowledged(self) -> None:
+        self._ping_outstanding = None
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self.start_keepalive()
+
+    def goaway(self) -> None:
+        self.codec.goaway()
+        self.flush()

@@ -1,0 +1,225 @@
+"""The proxy end to end on loopback: two node proxies, real TLS and HTTP/2, real sockets.
+
+Root is needed for SO_MARK and IP_TRANSPARENT on the upstream sockets; only 127/8 addresses that
+loopback already owns are used, and every socket and task is closed by the ``mesh`` fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Awaitable, Callable
+
+import pytest
+import uvloop
+
+from agent.state import PolicyObject
+from tests.integration.proxy.mesh import (
+    CLIENT,
+    CLIENT_ID,
+    LOCAL,
+    OUTSIDER,
+    PLAIN,
+    SERVER,
+    SERVER_ID,
+    Mesh,
+    set_policies,
+)
+
+pytestmark = pytest.mark.root
+
+
+def mesh_test(scenario: Callable[[Mesh], Awaitable[None]]) -> Callable[[], None]:
+    """Turn ``async def scenario(mesh)`` into a test that runs it on uvloop with a fresh mesh."""
+
+    def test() -> None:
+        if os.geteuid() != 0:
+            pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+
+        async def main() -> None:
+            mesh = Mesh()
+            await mesh.start()
+            try:
+                await asyncio.wait_for(scenario(mesh), 120)
+            finally:
+                await mesh.close()
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+
+    test.__name__ = scenario.__name__
+    test.__doc__ = scenario.__doc__
+    return test
+
+
+async def echo_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers every line with the peer's address, then echoes until EOF."""
+    peer = writer.get_extra_info("peername")[0]
+    writer.write(f"peer={peer}\n".encode())
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def request_response(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads the whole request (until the client half-closes), then answers and closes."""
+    body = await reader.read()
+    writer.write(b"got %d bytes, sha=%s" % (len(body), hashlib.sha256(body).hexdigest().encode()))
+    await writer.drain()
+    writer.close()
+
+
+def policy(kind: str, spec: dict[str, object], name: str = "p") -> PolicyObject:
+    return PolicyObject(kind, "default", name, spec)
+
+
+async def roundtrip(mesh: Mesh, src: str, dst: tuple[str, int], **kw: object) -> bytes:
+    reader, writer = await mesh.connect(src, dst, **kw)  # type: ignore[arg-type]
+    writer.write(b"marker-1234\n")
+    writer.write_eof()
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return data
+
+
+@mesh_test
+async def test_cross_node_through_hbone_keeps_client_ip_and_identities(mesh: Mesh) -> None:
+    port = mesh.app(SERVER, echo_peer)
+    assert await roundtrip(mesh, CLIENT, (SERVER, port)) == f"peer={CLIENT}\nmarker-1234\n".encode()
+    await asyncio.sleep(0)
+    assert mesh.node1.pool.dials == 1
+    assert mesh.node1.core.registry.total == 1 and mesh.node2.core.registry.total == 1
+
+
+@mesh_test
+async def test_records_show_identities_on_both_ends(mesh: Mesh) -> None:
+    port = mesh.app(SERVER, echo_peer)
+    reader, writer = await mesh.connect(CLIENT, (SERVER, port))
+    assert await reader.readline() == f"peer={CLIENT}\n".encode()
+    (out,) = list(mesh.node1.core.registry)
+    (inb,) = list(mesh.node2.core.registry)
+    assert (out.source_identity, out.destination_identity, out.security, out.path) == (
+        CLIENT_ID,
+        SERVER_ID,
+        "mutual_tls",
+        "hbone",
+    )
+    assert (inb.source_identity, inb.destination_identity, inb.source) == (
+        CLIENT_ID,
+        SERVER_ID,
+        CLIENT,
+    )
+    writer.close()
+
+
+@mesh_test
+async def test_half_close_and_large_transfer_are_exact(mesh: Mesh) -> None:
+    port = mesh.app(SERVER, request_response)
+    payload = os.urandom(24 * 1024 * 1024)
+    reader, writer = await mesh.connect(CLIENT, (SERVER, port))
+    writer.write(payload)
+    await writer.drain()
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 60)
+    assert answer == b"got %d bytes, sha=%s" % (
+        len(payload),
+        hashlib.sha256(payload).hexdigest().encode(),
+    )
+    writer.close()
+
+
+@mesh_test
+async def test_many_concurrent_connections_share_one_tls_connection(mesh: Mesh) -> None:
+    port = mesh.app(SERVER, echo_peer)
+    results = await asyncio.gather(*(roundtrip(mesh, CLIENT, (SERVER, port)) for _ in range(40)))
+    assert all(r == f"peer={CLIENT}\nmarker-1234\n".encode() for r in results)
+    assert mesh.node1.pool.dials == 1
+
+
+@mesh_test
+async def test_same_node_is_local_without_tls(mesh: Mesh) -> None:
+    port = mesh.app(LOCAL, echo_peer)
+    assert await roundtrip(mesh, CLIENT, (LOCAL, port)) == f"peer={CLIENT}\nmarker-1234\n".encode()
+    assert mesh.node1.pool.dials == 0
+
+
+@mesh_test
+async def test_passthrough_to_unmeshed_pod(mesh: Mesh) -> None:
+    port = mesh.app(PLAIN, echo_peer)
+    data = await roundtrip(mesh, CLIENT, (PLAIN, port))
+    assert data.endswith(b"marker-1234\n")
+    assert mesh.node1.pool.dials == 0
+
+
+@mesh_test
+async def test_deny_policy_blocks_and_is_counted(mesh: Mesh) -> None:
+    port = mesh.app(SERVER, echo_peer)
+    set_policies(
+        mesh.store,
+        policy(
+            "AuthorizationPolicy",
+            {"action": "DENY", "rules": [{"from": [{"source": {"principals": ["*/sa/client"]}}]}]},
+        ),
+    )
+    with pytest.raises(ConnectionResetError):
+        await roundtrip(mesh, CLIENT, (SERVER, port))
+    assert mesh.node2.core.registry.denials["default/p"] == 1
+    assert mesh.node1.core.registry.rejections["tunnel_refused"] == 1
+
+
+@mesh_test
+async def test_allow_policy_admits_exactly_its_port(mesh: Mesh) -> None:
+    allowed_port = mesh.app(SERVER, echo_peer)
+    other_port = mesh.app(SERVER, echo_peer)
+    set_policies(
+        mesh.store,
+        policy(
+            "AuthorizationPolicy",
+            {"action": "ALLOW", "rules": [{"to": [{"operation": {"ports": [str(allowed_port)]}}]}]},
+        ),
+    )
+    assert (await roundtrip(mesh, CLIENT, (SERVER, allowed_port))).endswith(b"marker-1234\n")
+    with pytest.raises(ConnectionResetError):
+        await roundtrip(mesh, CLIENT, (SERVER, other_port))
+
+
+@mesh_test
+async def test_same_node_policy_is_enforced(mesh: Mesh) -> None:
+    port = mesh.app(LOCAL, echo_peer)
+    set_policies(mesh.store, policy("AuthorizationPolicy", {"action": "DENY", "rules": [{}]}))
+    with pytest.raises(ConnectionResetError):
+        await roundtrip(mesh, CLIENT, (LOCAL, port))
+
+
+@mesh_test
+async def test_strict_refuses_plaintext_and_permissive_admits(mesh: Mesh) -> None:
+    port = mesh.app(SERVER, echo_peer)
+    assert (
+        await roundtrip(mesh, OUTSIDER, (SERVER, port), via="inbound", proxy=mesh.node2)
+        == f"peer={OUTSIDER}\nmarker-1234\n".encode()
+    )
+    set_policies(mesh.store, policy("PeerAuthentication", {"mtls": {"mode": "STRICT"}}))
+    with pytest.raises(ConnectionResetError):
+        await roundtrip(mesh, OUTSIDER, (SERVER, port), via="inbound", proxy=mesh.node2)
+    assert mesh.node2.core.registry.rejections["strict_mtls"] == 1
+
+
+@mesh_test
+async def test_applying_deny_closes_live_connection(mesh: Mesh) -> None:
+    port = mesh.app(SERVER, echo_peer)
+    reader, writer = await mesh.connect(CLIENT, (SERVER, port))
+    assert await reader.readline() == f"peer={CLIENT}\n".encode()
+    set_policies(mesh.store, policy("AuthorizationPolicy", {"action": "DENY", "rules": [{}]}))
+    rest = await asyncio.wait_for(_read_until_closed(reader), 10)
+    assert rest == b""
+    assert len(mesh.node2.core.registry) == 0
+    writer.close()
+
+
+async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.read()
+    except ConnectionResetError:
+        return b""

@@ -107,8 +107,13 @@ def test_ca_touches_only_its_own_secret_and_configmap() -> None:
     role = find(base(), "Role", "nodemesh-ca")
     secret_ns, _, secret_name = flags(ca_container())["--root-secret"].partition("/")
     assert secret_ns == role["metadata"]["namespace"]
-    configmap = next(v for v in pod_spec(agent())["volumes"] if "configMap" in v)
-    allowed_names = {"secrets": secret_name, "configmaps": configmap["configMap"]["name"]}
+    configmap_ns, _, configmap_name = flags(ca_container())["--root-configmap"].partition("/")
+    assert configmap_ns == secret_ns
+    mounted = next(v for v in pod_spec(agent())["volumes"] if "configMap" in v)
+    assert mounted["configMap"]["name"] == configmap_name
+    mount = next(m for m in agent_container()["volumeMounts"] if m["name"] == mounted["name"])
+    assert flags(agent_container())["--ca-root"] == f"{mount['mountPath']}/root.pem"
+    allowed_names = {"secrets": secret_name, "configmaps": configmap_name}
     for rule in role["rules"]:
         assert rule["apiGroups"] == [""] and set(rule["resources"]) <= set(allowed_names)
         if rule["verbs"] == ["create"]:

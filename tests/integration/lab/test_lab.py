@@ -216,3 +216,16 @@ def test_down_stops_component_processes() -> None:
         lab.down()
     assert [pid for pid in pids if os.path.exists(f"/proc/{pid}")] == []
     assert _leftovers(name) == []
+
+
+def test_demo_tour_passes_and_cleans_up(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.lab import demo
+
+    name = "t" + os.urandom(3).hex()
+    try:
+        assert demo.main(["--name", name]) == 0
+    finally:
+        control.down(name)
+    out = capsys.readouterr().out
+    assert "summary: every step passed" in out
+    assert _leftovers(name) == []

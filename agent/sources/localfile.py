@@ -1,0 +1,109 @@
+"""The local-file source: the state from one cluster document, reloaded when the file changes.
+
+Used in standalone mode and by the lab, where there is no API server: ``nodemesh lab annotate``
+and friends rewrite the document atomically (temp file + rename) and every agent and the CA pick
+the change up here. Why polling (every 200 ms by default) and not inotify: the file is replaced
+by a rename, which inotify reports on the directory, not the watched file, and polling
+``(inode, mtime, size)`` catches that, an in-place edit and a file that reappears, with one
+``stat`` per interval and no extra dependency. Half of the interval is the mean detection delay.
+
+A bad edit never reaches the store: the document is parsed and validated completely first
+(``agent.sources.document``), and on error the message (file, path inside it, what is allowed)
+is logged and kept in ``last_error`` while the previous good state stays in force. The first
+load is synchronous in ``start()``, so a caller can read the store as soon as it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from agent.sources.document import DocumentError, load_document
+from agent.state import StateStore
+
+log = logging.getLogger(__name__)
+
+_Stamp = tuple[int, int, int]  # inode, mtime_ns, size
+
+
+class LocalFileError(RuntimeError):
+    """The cluster document could not be loaded at start; the message says why and where."""
+
+
+class LocalFileSource:
+    """Feed ``store`` from the cluster document at ``path``; the store's only writer."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], store: StateStore, *, interval: float = 0.2
+    ) -> None:
+        self.path = Path(path)
+        self.store = store
+        self.interval = interval
+        self.loads = 0  # successful loads, for the admin API and tests
+        self.last_error: str | None = None
+        self._stamp: _Stamp | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True once a document has been loaded (a later bad edit does not unready it)."""
+        return self.loads > 0
+
+    def start(self) -> None:
+        """Load the document now (raising ``LocalFileError`` if it is invalid), then follow it."""
+        if not self.reload():
+            raise LocalFileError(
+                f"cannot start the local-file source: {self.last_error}; fix the file and retry"
+            )
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._follow, name=f"localfile:{self.path.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _current_stamp(self) -> _Stamp | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval):
+            stamp = self._current_stamp()
+            if stamp is not None and stamp != self._stamp:
+                self.reload()
+
+    def reload(self) -> bool:
+        """Load the file now; on success replace the store's contents, else keep them."""
+        stamp = self._current_stamp()
+        try:
+            doc = load_document(self.path)
+        except DocumentError as e:
+            self._stamp = stamp  # do not retry the same bad content every interval
+            if str(e) != self.last_error:
+                log.error("%s; keeping the previous state until the file is fixed", e)
+            self.last_error = str(e)
+            return False
+        state = doc.to_state()
+        with self.store.update() as txn:
+            txn.trust_domain = state.trust_domain
+            txn.replace("namespaces", state.namespaces)
+            txn.replace("workloads", state.workloads)
+            txn.replace("services", state.services)
+            txn.replace("policies", state.policies)
+        self._stamp = stamp
+        if self.last_error is not None:
+            log.info("%s: loaded again after the error was fixed", self.path)
+        self.last_error = None
+        self.loads += 1
+        return True

@@ -1,0 +1,141 @@
+"""The local-file source loads the cluster document, follows edits and survives bad ones."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.sources.localfile import LocalFileError, LocalFileSource
+from agent.state import Snapshot, StateStore
+
+DOC = """\
+trustDomain: example.org
+nodes:
+  - name: node1
+    pods:
+      - {{name: client, namespace: default, serviceAccount: client, ip: 10.244.1.2,
+         labels: {{app: client}}, annotations: {{nodemesh.io/mesh: {mesh}}}}}
+      - {{name: server, namespace: default, serviceAccount: server, ip: 10.244.1.3,
+         labels: {{app: server}}}}
+services:
+  - {{name: server, namespace: default, selector: {{app: server}},
+     ports: [{{port: 80, targetPort: 8080}}], clusterIP: 10.96.0.10}}
+policies:
+  - apiVersion: nodemesh.io/v1alpha1
+    kind: AuthorizationPolicy
+    metadata: {{name: allow-client, namespace: default}}
+    spec: {{action: {action}}}
+"""
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomic replace, as ``nodemesh lab annotate`` does."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _Changes:
+    def __init__(self, store: StateStore) -> None:
+        self.event = threading.Event()
+        self.seen: list[Snapshot] = []
+        store.subscribe(self._on)
+
+    def _on(self, snap: Snapshot, kinds: frozenset[str]) -> None:
+        self.seen.append(snap)
+        self.event.set()
+
+    def wait(self) -> Snapshot:
+        assert self.event.wait(10), "the store was not updated within 10 s"
+        self.event.clear()
+        return self.seen[-1]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[Path, StateStore, LocalFileSource]]:
+    path = tmp_path / "cluster.yaml"
+    _write(path, DOC.format(mesh="enabled", action="ALLOW"))
+    store = StateStore()
+    source = LocalFileSource(path, store, interval=0.02)
+    source.start()
+    try:
+        yield path, store, source
+    finally:
+        source.stop()
+
+
+def test_start_loads_everything(cluster: tuple[Path, StateStore, LocalFileSource]) -> None:
+    _, store, source = cluster
+    snap = store.snapshot()
+    assert source.ready and source.last_error is None
+    assert snap.trust_domain == "example.org"
+    assert snap.is_meshed(snap.workload_by_ip["10.244.1.2"])
+    assert not snap.is_meshed(snap.workload_by_ip["10.244.1.3"])
+    assert [e.ip for e in snap.service_by_ip["10.96.0.10"].endpoints] == ["10.244.1.3"]
+    (policy,) = snap.policies_of("AuthorizationPolicy")
+    assert policy.spec["action"] == "ALLOW"
+
+
+def test_valid_edit_applied_and_bad_edit_keeps_previous_state(
+    cluster: tuple[Path, StateStore, LocalFileSource], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, store, source = cluster
+    changes = _Changes(store)
+    start = time.monotonic()
+    _write(path, DOC.format(mesh="disabled", action="ALLOW"))
+    snap = changes.wait()
+    latency = time.monotonic() - start
+    assert not snap.is_meshed(snap.workload_by_ip["10.244.1.2"])
+    assert snap.changed_keys == {"workloads": frozenset({"default/client"})}
+
+    good = store.snapshot()
+    _write(path, DOC.format(mesh="maybe", action="ALLOW"))
+    _wait_for(lambda: source.last_error is not None)
+    assert "cluster.yaml" in source.last_error  # type: ignore[operator]
+    assert "nodes[0].pods[0].annotations" in source.last_error  # type: ignore[operator]
+    _write(path, DOC.format(mesh="enabled", action="ALLOWED"))
+    _wait_for(lambda: "policies[0].spec.action" in (source.last_error or ""))
+    assert store.snapshot() is good
+
+    _write(path, DOC.format(mesh="enabled", action="DENY"))
+    snap = changes.wait()
+    assert source.last_error is None
+    assert [p.spec["action"] for p in snap.policies_of("AuthorizationPolicy")] == ["DENY"]
+    with capsys.disabled():
+        print(
+            f"\nlocal-file source: file edit -> store notified in {latency * 1000:.1f} ms "
+            f"(poll interval {source.interval * 1000:.0f} ms)"
+        )
+
+
+def _wait_for(condition: object) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met within 10 s"
+        time.sleep(0.01)
+
+
+def test_start_refuses_an_invalid_file(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text("nodes: []\n")
+    with pytest.raises(LocalFileError, match=r"cluster\.yaml.*nodes"):
+        LocalFileSource(path, StateStore()).start()
+
+
+def test_deleted_file_keeps_state_until_it_returns(
+    cluster: tuple[Path, StateStore, LocalFileSource],
+) -> None:
+    path, store, source = cluster
+    before = store.snapshot()
+    changes = _Changes(store)
+    path.unlink()
+    time.sleep(0.1)
+    assert store.snapshot() is before
+    _write(path, DOC.format(mesh="disabled", action="ALLOW"))
+    assert changes.wait().version == before.version + 1
+    assert source.loads == 2

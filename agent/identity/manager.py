@@ -16,19 +16,20 @@ a small priority gate: on-demand requests first, then background fetches, and ne
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import enum
-import heapq
-import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cryptography.hazmat.primitives.hashes import SHA256
+
 from agent.identity.certs import WorkloadCertificate
+from agent.identity.gate import HIGH, LOW, PriorityGate
 from agent.identity.rotation import Backoff, renewal_delay
 from agent.identity.spiffe import SpiffeId
 from agent.state import Snapshot, StateStore
@@ -48,44 +49,6 @@ class State(enum.Enum):
 
 class IdentityUnavailable(Exception):
     """No valid certificate for an identity; the message carries the CA's last answer."""
-
-
-HIGH, LOW = 0, 1
-
-
-class PriorityGate:
-    """At most ``slots`` holders; waiters served by priority (lower first), then in order."""
-
-    def __init__(self, slots: int) -> None:
-        self._free = slots
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._seq = itertools.count()
-
-    @asynccontextmanager
-    async def slot(self, priority: int) -> AsyncIterator[None]:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-        else:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiters, (priority, next(self._seq), fut))
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
-                    self._release()  # handed a slot just as we were cancelled: pass it on
-                raise
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        while self._waiters:
-            _, _, fut = heapq.heappop(self._waiters)
-            if not fut.done():
-                fut.set_result(None)
-                return
-        self._free += 1
 
 
 @dataclass(eq=False)
@@ -238,6 +201,7 @@ class IdentityManager:
         now = self._clock()
         if cert is not None:
             entry.cert, entry.failures, entry.last_error = cert, 0, None
+            self._adopt_bundle(cert)
             entry.next_attempt = now + renewal_delay(now, cert.not_after.timestamp(), self._draw())
             log.info(
                 "certificate for %s valid until %s; renewing in %.1fs",
@@ -259,6 +223,20 @@ class IdentityManager:
                 error,
             )
         self._settle(entry, error)
+
+    def _adopt_bundle(self, fresh: WorkloadCertificate) -> None:
+        """Give every held certificate the trust bundle of the newest CA answer.
+
+        During a root rotation the CA starts listing the new root before it signs with it;
+        peers renewed later present leaves of the new root, and identities renewed earlier must
+        already trust it. The bundle is public data, so sharing it across identities is safe.
+        """
+        bundle = {r.fingerprint(SHA256()) for r in fresh.roots}
+        for other in self._entries.values():
+            held = other.cert
+            if held is not None and {r.fingerprint(SHA256()) for r in held.roots} != bundle:
+                other.cert = dataclasses.replace(held, roots=fresh.roots)
+                log.info("trust bundle of %s updated from the CA's latest answer", other.identity)
 
     def _settle(self, entry: _Entry, error: Exception | None) -> None:
         cert = entry.valid_cert(self._clock())

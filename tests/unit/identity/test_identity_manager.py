@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import itertools
 import json
 import logging
@@ -15,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from agent.ca.inprocess import InProcessCA
+from agent.ca.storage import load_or_create_dir
 from agent.identity.caclient import CaClient, CaError
 from agent.identity.certs import WorkloadCertificate
 from agent.identity.component import IdentityComponent
@@ -203,5 +205,26 @@ def test_agent_component_is_not_ready_until_local_identities_have_certificates(
         assert len(component.not_ready()) == 2
         await wait_for(lambda: component.not_ready() == [])
         await component.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_new_trust_bundle_reaches_every_held_certificate(ca: InProcessCA, tmp_path: Path) -> None:
+    """Root rotation, step 1: the CA starts listing a second root; an identity renewed later
+    brings the new bundle, and identities renewed earlier must trust it too."""
+    second_root = load_or_create_dir(tmp_path / "next-root", "cluster.local").signing_cert
+
+    async def scenario() -> None:
+        client = client_for(ca, tmp_path)
+        manager = IdentityManager(client)
+        before = await manager.certificate(CLIENT)
+        assert len(before.roots) == 1
+        ca.authority = dataclasses.replace(ca.authority, roots=(*ca.authority.roots, second_root))
+        await manager.certificate(SERVER)
+        after = await manager.certificate(CLIENT)
+        assert after.leaf.serial_number == before.leaf.serial_number  # same leaf, not refetched
+        assert second_root in after.roots and len(after.roots) == 2
+        await manager.close()
+        await client.close()
 
     asyncio.run(scenario())

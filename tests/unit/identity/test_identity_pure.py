@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agent.identity.manager import HIGH, LOW, PriorityGate
+from agent.identity.gate import HIGH, LOW, PriorityGate
 from agent.identity.rotation import Backoff, renewal_delay
 from agent.identity.spiffe import SpiffeId, SpiffeIdError
 

@@ -130,8 +130,10 @@ class ReadinessServer:
         self._not_ready = not_ready
         self._server: asyncio.Server | None = None
 
-    async def start(self, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, "0.0.0.0", port, reuse_address=True)
+    async def start(self, port: int, host: str = "0.0.0.0") -> int:
+        """Listen on ``host:port``; returns the bound port (``port=0`` picks one)."""
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -11,9 +11,7 @@ is just as visible.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import os
 import socket
 import subprocess
 import threading
@@ -26,12 +24,12 @@ from agent.datapath.datapath import Datapath, DatapathConfig, uninstall
 from agent.datapath.layout import Listener
 from agent.datapath.listeners import ListenerPorts, open_listeners
 from agent.datapath.routing import RoutingConfig
+from agent.lab import netns
 from agent.lab.handle import Lab
 from agent.sources.document import load_document
 from agent.state import StateStore
 
 T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 
 TOPOLOGY = """\
 nodes:
@@ -76,16 +74,6 @@ while True:
 """
 
 
-def _enter(netns: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {netns}")
-    finally:
-        os.close(fd)
-
-
 class NodeDatapath:
     """The datapath of ``node`` in ``lab``, driven from the test."""
 
@@ -98,7 +86,7 @@ class NodeDatapath:
         self.store = StateStore()
         self.reload_state()
         self.config = DatapathConfig(node=node, pin_dir=self.pin_dir, fail_open=fail_open)
-        self._worker = ThreadPoolExecutor(1, initializer=_enter, initargs=(self.netns,))
+        self._worker = ThreadPoolExecutor(1, initializer=netns.enter, initargs=(self.netns,))
         self.datapath: Datapath | None = None
         self.listeners: dict[Listener, socket.socket] = {}
         self.accepted: list[tuple[Listener, tuple[str, int], tuple[str, int]]] = []
@@ -202,7 +190,7 @@ def snapshot(lab: Lab, node: str, pin_dir: Path) -> dict[str, str]:
     state = {
         "qdisc": run("tc", "qdisc", "show"),
         "rules": run("ip", "rule", "show"),
-        "routes": run("ip", "route", "show", "table", "all"),
+        "routes": run("ip", "-4", "route", "show", "table", "all"),  # v6 link-local churns
         "bpffs": "\n".join(sorted(str(p) for p in pin_dir.rglob("*"))) if pin_dir.exists() else "",
     }
     for link in links:

@@ -1,0 +1,152 @@
+"""The ``nodemesh agent`` process on a lab node: readiness, SIGTERM, restart under load,
+``--uninstall`` leaving the node as it was."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.lab import netns
+from agent.lab.handle import Lab
+from tests.integration.datapath.harness import snapshot
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+# Opens connections in a loop for argv[3] seconds; prints "<monotonic time> <first line>".
+LOOP = """
+import socket, sys, time
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    try:
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+        s.settimeout(10)
+        line = s.makefile().readline().strip() or "ERR empty"
+        s.close()
+    except OSError as e:
+        line = "ERR " + type(e).__name__
+    print(time.monotonic(), line, flush=True)
+    time.sleep(0.05)
+"""
+
+
+class AgentRunner:
+    def __init__(self, lab: Lab, node: str, logdir: Path) -> None:
+        self.lab = lab
+        self.node = node
+        self.pin_dir = Path(f"/sys/fs/bpf/nodemesh/{lab.name}-{node}-agent")
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def argv(self, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "agent", "agent", "--node", self.node,
+            "--pin-dir", str(self.pin_dir), *extra,
+        ]  # fmt: skip
+
+    def start(self) -> subprocess.Popen[bytes]:
+        cluster = str(self.lab.state_dir / "cluster.yaml")
+        log = open(self.logdir / f"agent-{len(self.procs)}.log", "wb")  # noqa: SIM115
+        proc = self.lab.popen(
+            self.node, *self.argv("--cluster-file", cluster), stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def ready(self) -> tuple[int, dict[str, object]]:
+        ip = str(self.lab.node(self.node)["ip"])
+        status, body = netns.http_get(
+            self.lab.netns(self.node), ip, 15021, "/healthz/ready", timeout=1.0
+        )
+        return status, json.loads(body)
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"agent exited: {self.log(len(self.procs) - 1)}"
+            try:
+                if self.ready()[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"agent not ready after {timeout}s: {self.log(len(self.procs) - 1)}")
+
+    def log(self, index: int) -> str:
+        return (self.logdir / f"agent-{index}.log").read_text(errors="replace")
+
+    def uninstall(self) -> None:
+        self.lab.exec(self.node, *self.argv("--uninstall"), check=True, capture_output=True)
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.uninstall()
+
+
+@pytest.fixture
+def agent1(dplab: Lab, tmp_path: Path) -> Iterator[AgentRunner]:
+    runner = AgentRunner(dplab, "node1", tmp_path)
+    try:
+        yield runner
+    finally:
+        runner.cleanup()
+
+
+def test_agent_ready_then_sigterm_exits_zero_and_uninstall_restores_node(
+    dplab: Lab, agent1: AgentRunner
+) -> None:
+    before = snapshot(dplab, "node1", agent1.pin_dir)
+    proc = agent1.start()
+    agent1.wait_ready(proc)
+    assert agent1.ready() == (200, {"ready": True})
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    kept = snapshot(dplab, "node1", agent1.pin_dir)
+    assert kept["bpffs"] and kept != before  # pinned for the next agent, not torn down
+
+    agent1.uninstall()
+    assert snapshot(dplab, "node1", agent1.pin_dir) == before
+
+
+@pytest.mark.usefixtures("servers")
+def test_agent_restart_under_load_lets_no_connection_escape(
+    dplab: Lab, agent1: AgentRunner
+) -> None:
+    node_ip = str(dplab.node("node1")["ip"])
+    client_ip, plain_ip = str(dplab.pod("client")["ip"]), str(dplab.pod("plain")["ip"])
+    first = agent1.start()
+    agent1.wait_ready(first)
+
+    loop = dplab.popen(
+        "client", "python3", "-c", LOOP, plain_ip, "8080", "10", stdout=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(2)
+        first.kill()  # no drain: the worst case
+        first.wait()
+        second = agent1.start()
+        agent1.wait_ready(second)
+        restarted_at = time.monotonic()
+        out, _ = loop.communicate(timeout=60)
+    finally:
+        if loop.poll() is None:
+            loop.kill()
+            loop.wait()
+
+    results = [line.split(" ", 1) for line in out.splitlines()]
+    answers = [r for _, r in results]
+    assert f"server {client_ip}" not in answers  # never reached the server uncaptured
+    assert set(answers) <= {f"server {node_ip}", "ERR ConnectionResetError"}, answers
+    assert any(float(t) > restarted_at and r == f"server {node_ip}" for t, r in results)
+    assert "adopting pinned capture programs" in agent1.log(1)

@@ -10,32 +10,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import re
-import signal
-import threading
 from pathlib import Path
 from typing import Any
-
-from agent.ca.auth import (
-    Authenticator,
-    KubeNodeAuthorizer,
-    NodeTokenAuthenticator,
-    StoreNodeAuthorizer,
-    TokenReviewAuthenticator,
-)
-from agent.ca.authority import Authority
-from agent.ca.issuer import Issuer, NodeAuthorizer
-from agent.ca.server import CertificateService, start_server
-from agent.ca.storage import (
-    load_or_create_dir,
-    load_or_create_secret,
-    publish_bundle_configmap,
-)
-from agent.state import StateStore
-from agent.state.model import DEFAULT_TRUST_DOMAIN
-
-log = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -121,65 +98,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _standalone(args: argparse.Namespace) -> tuple[Authority, Authenticator, NodeAuthorizer, str]:
-    from agent.sources.localfile import LocalFileSource
-
-    if args.root_dir is None or args.node_tokens is None:
-        raise SystemExit("nodemesh ca: standalone mode needs --root-dir and --node-tokens")
-    store = StateStore()
-    source = LocalFileSource(args.cluster_file, store)
-    source.start()
-    trust_domain = args.trust_domain or store.snapshot().trust_domain
-    authority = load_or_create_dir(args.root_dir, trust_domain)
-    return (
-        authority,
-        NodeTokenAuthenticator.from_file(args.node_tokens),
-        StoreNodeAuthorizer(store),
-        trust_domain,
-    )
-
-
-def _kubernetes(args: argparse.Namespace) -> tuple[Authority, Authenticator, NodeAuthorizer, str]:
-    from kubernetes import client, config
-
-    from agent.ca.kube import ApiServerCluster
-
-    if args.in_cluster:
-        config.load_incluster_config()
-    else:
-        config.load_kube_config(config_file=str(args.kubeconfig))
-    cluster = ApiServerCluster(client.ApiClient(), audiences=args.token_audience)
-    trust_domain = args.trust_domain or DEFAULT_TRUST_DOMAIN
-    namespace, _, name = args.root_secret.partition("/")
-    authority = load_or_create_secret(cluster.core, namespace, name, trust_domain)
-    cm_namespace, _, cm_name = args.root_configmap.partition("/")
-    publish_bundle_configmap(cluster.core, cm_namespace, cm_name, authority)
-    agents = frozenset(args.trusted_agent or ["nodemesh-system/nodemesh-agent"])
-    return (
-        authority,
-        TokenReviewAuthenticator(cluster, agents, trust_domain),
-        KubeNodeAuthorizer(cluster),
-        trust_domain,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    setup = _standalone if args.cluster_file else _kubernetes
-    authority, authenticator, authorizer, trust_domain = setup(args)
-    issuer = Issuer(
-        authority=lambda: authority,
-        trust_domain=trust_domain,
-        authorizer=authorizer,
-        max_ttl=args.max_ttl,
-        min_ttl=args.min_ttl,
-    )
-    server, _ = start_server(
-        CertificateService(issuer, authenticator), authority, listen=args.listen, sans=args.san
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("mesh CA stopping")
-    server.stop(grace=5).wait()
-    return 0
+    # Imported here so that every other ``nodemesh`` command does not pay for gRPC and crypto.
+    from agent.ca.service import run_ca
+
+    return run_ca(args)

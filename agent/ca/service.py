@@ -1,0 +1,123 @@
+"""Assembling and running the CA for ``nodemesh ca`` (flags in ``agent.ca.cli``).
+
+Standalone: the cluster document through the local-file source (node check), the root from
+``--root-dir``, node tokens from ``--node-tokens``. Kubernetes: the official client, the root
+Secret (created on first start), the trust bundle published in a ConfigMap for agents, TokenReview.
+Either way the same ``Issuer`` and gRPC server; SIGTERM stops it after in-flight calls (5 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from contextlib import ExitStack
+
+from agent.ca.auth import (
+    AuthConfigError,
+    Authenticator,
+    KubeNodeAuthorizer,
+    NodeTokenAuthenticator,
+    StoreNodeAuthorizer,
+    TokenReviewAuthenticator,
+)
+from agent.ca.authority import Authority, AuthorityError
+from agent.ca.issuer import Issuer, NodeAuthorizer
+from agent.ca.kube import KubeApiError
+from agent.ca.server import CertificateService, start_server
+from agent.ca.storage import (
+    load_or_create_dir,
+    load_or_create_secret,
+    publish_bundle_configmap,
+)
+from agent.sources.localfile import LocalFileError, LocalFileSource
+from agent.state import StateStore
+from agent.state.model import DEFAULT_TRUST_DOMAIN
+
+log = logging.getLogger(__name__)
+
+
+class SetupError(RuntimeError):
+    """The flags do not describe a CA that can run; the message says what to change."""
+
+
+def _standalone(
+    args: argparse.Namespace, cleanup: ExitStack
+) -> tuple[Authority, Authenticator, NodeAuthorizer, str]:
+    if args.root_dir is None or args.node_tokens is None:
+        raise SetupError("standalone mode (--cluster-file) needs --root-dir and --node-tokens")
+    store = StateStore()
+    source = LocalFileSource(args.cluster_file, store)
+    source.start()  # loads the document synchronously, then follows its edits
+    cleanup.callback(source.stop)
+    trust_domain = args.trust_domain or store.snapshot().trust_domain
+    authority = load_or_create_dir(args.root_dir, trust_domain)
+    return (
+        authority,
+        NodeTokenAuthenticator.from_file(args.node_tokens),
+        StoreNodeAuthorizer(store),
+        trust_domain,
+    )
+
+
+def _kubernetes(
+    args: argparse.Namespace, cleanup: ExitStack
+) -> tuple[Authority, Authenticator, NodeAuthorizer, str]:
+    from kubernetes import client, config
+
+    from agent.ca.kube import ApiServerCluster
+
+    if args.in_cluster:
+        config.load_incluster_config()
+    else:
+        config.load_kube_config(config_file=str(args.kubeconfig))
+    api_client = client.ApiClient()
+    cleanup.callback(api_client.close)
+    cluster = ApiServerCluster(api_client, audiences=args.token_audience)
+    trust_domain = args.trust_domain or DEFAULT_TRUST_DOMAIN
+    namespace, _, name = args.root_secret.partition("/")
+    authority = load_or_create_secret(cluster.core, namespace, name, trust_domain)
+    cm_namespace, _, cm_name = args.root_configmap.partition("/")
+    publish_bundle_configmap(cluster.core, cm_namespace, cm_name, authority)
+    agents = frozenset(args.trusted_agent or ["nodemesh-system/nodemesh-agent"])
+    return (
+        authority,
+        TokenReviewAuthenticator(cluster, agents, trust_domain),
+        KubeNodeAuthorizer(cluster),
+        trust_domain,
+    )
+
+
+def run_ca(args: argparse.Namespace) -> int:
+    with ExitStack() as cleanup:
+        try:
+            return _serve(args, cleanup)
+        except (SetupError, AuthorityError, AuthConfigError, LocalFileError, KubeApiError) as e:
+            log.error("nodemesh ca cannot start: %s", e)
+            return 1
+
+
+def _serve(args: argparse.Namespace, cleanup: ExitStack) -> int:
+    setup = _standalone if args.cluster_file else _kubernetes
+    authority, authenticator, authorizer, trust_domain = setup(args, cleanup)
+    issuer = Issuer(
+        authority=lambda: authority,
+        trust_domain=trust_domain,
+        authorizer=authorizer,
+        max_ttl=args.max_ttl,
+        min_ttl=args.min_ttl,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server, _ = start_server(
+            CertificateService(issuer, authenticator), authority, listen=args.listen, sans=args.san
+        )
+    except (OSError, RuntimeError) as e:
+        raise SetupError(f"cannot serve on {args.listen}: {e}") from e
+    stop.wait()
+    log.info("mesh CA stopping")
+    server.stop(grace=5).wait()
+    return 0

@@ -1,0 +1,132 @@
+"""``nodemesh ca`` as a process in standalone mode: files, tokens, the cluster document, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.identity.caclient import CaClient, CaError
+from agent.identity.spiffe import SpiffeId
+
+TOKEN = "node1-token-0123456789abcdef"
+CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/client")
+SERVER = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/server")
+
+
+def pod(name: str, ip: str) -> dict[str, object]:
+    return {"name": name, "namespace": "default", "serviceAccount": name, "ip": ip}
+
+
+def write_document(path: Path, server_node: str) -> None:
+    """client on node1; server on ``server_node``. Written atomically, as the lab does."""
+    nodes: dict[str, list[dict[str, object]]] = {
+        "node1": [pod("client", "10.244.1.2")],
+        "node2": [],
+    }
+    nodes[server_node].append(pod("server", "10.244.9.9"))
+    text = yaml.safe_dump({"nodes": [{"name": n, "pods": p} for n, p in nodes.items()]})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class CaProcess:
+    proc: subprocess.Popen[bytes]
+    address: str
+    root_dir: Path
+    cluster_file: Path
+    log: Path
+
+
+@pytest.fixture
+def ca_process(tmp_path: Path) -> Iterator[CaProcess]:
+    cluster = tmp_path / "cluster.yaml"
+    write_document(cluster, "node2")
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(yaml.safe_dump({"tokens": [{"node": "node1", "token": TOKEN}]}))
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "ca.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--log-level", "DEBUG", "ca", "--listen", address,
+             "--cluster-file", str(cluster), "--root-dir", str(tmp_path / "ca"),
+             "--node-tokens", str(tokens), "--min-ttl", "1s"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not _accepts(address):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield CaProcess(proc, address, tmp_path / "ca", cluster, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _accepts(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_standalone_ca_serves_follows_the_document_and_stops_cleanly(
+    ca_process: CaProcess, tmp_path: Path
+) -> None:
+    token = tmp_path / "node1-token"
+    token.write_text(TOKEN)
+    key_mode = stat.S_IMODE((ca_process.root_dir / "ca-key.pem").stat().st_mode)
+    assert key_mode == 0o600
+
+    async def scenario() -> None:
+        client = CaClient(
+            ca_process.address, root_file=ca_process.root_dir / "root.pem", token_file=token
+        )
+        cert = await client.fetch(CLIENT)
+        assert str(cert.identity) == str(CLIENT)
+        with pytest.raises(CaError) as info:
+            await client.fetch(SERVER)
+        assert info.value.code is not None and info.value.code.name == "PERMISSION_DENIED"
+        # The server pod moves to node1: the CA reloads the document and now allows it.
+        write_document(ca_process.cluster_file, "node1")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await client.fetch(SERVER)
+                break
+            except CaError:
+                assert time.monotonic() < deadline, "the CA did not follow the document edit"
+                await asyncio.sleep(0.2)
+        await client.close()
+
+    asyncio.run(scenario())
+    ca_process.proc.send_signal(signal.SIGTERM)
+    assert ca_process.proc.wait(timeout=15) == 0
+    log = ca_process.log.read_text()
+    assert "issued spiffe://cluster.local/ns/default/sa/client" in log
+    assert "PERMISSION_DENIED" in log
+    assert "PRIVATE KEY" not in log

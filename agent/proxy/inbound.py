@@ -89,7 +89,14 @@ class InboundHbone:
             self.core.registry.reject("tls_handshake_failed", f"from {peer_ip} to {local_ip}: {e}")
             sockets.abort(sock)
             return None
-        except (TimeoutError, ConnectionError, OSError) as e:
+        except (TimeoutError, ConnectionAbortedError):
+            # asyncio and uvloop abort a handshake past its deadline with ConnectionAbortedError.
+            self.core.registry.reject(
+                "handshake_timeout", f"from {peer_ip} to {local_ip}: no TLS handshake in {timeout}s"
+            )
+            sockets.abort(sock)
+            return None
+        except (ConnectionError, OSError) as e:
             self.core.registry.reject(
                 "tls_handshake_failed", f"from {peer_ip} to {local_ip}: {e!r}"
             )

@@ -69,6 +69,7 @@ class TunnelStream:
         self.error = error
         if not self.accepted.done():
             self.accepted.set_exception(error)
+            self.accepted.exception()  # whoever awaits it still gets the error; nobody must
         self._readable.set()
         self._writable.set()
 

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import pytest
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -241,3 +244,37 @@ async def _serve_forever(server_ready: Awaitable[asyncio.Server]) -> None:
     server = await server_ready
     async with server:
         await server.serve_forever()
+
+
+Scenario = Callable[[Mesh], Awaitable[None]]
+
+
+def mesh_test(scenario: Scenario) -> Callable[[], None]:
+    """Turn ``async def scenario(mesh)`` into a test that runs it on uvloop with a fresh mesh."""
+    return mesh_test_with()(scenario)
+
+
+def mesh_test_with(**mesh_kw: float) -> Callable[[Scenario], Callable[[], None]]:
+    """``mesh_test`` with ``Mesh`` keyword arguments (e.g. a short handshake timeout)."""
+    return lambda scenario: _runner(scenario, mesh_kw)
+
+
+def _runner(scenario: Scenario, mesh_kw: dict[str, float]) -> Callable[[], None]:
+    def test() -> None:
+        if os.geteuid() != 0:
+            pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+
+        async def main() -> None:
+            mesh = Mesh(**mesh_kw)
+            await mesh.start()
+            try:
+                await asyncio.wait_for(scenario(mesh), 120)
+            finally:
+                await mesh.close()
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+
+    test.__name__ = scenario.__name__
+    test.__doc__ = scenario.__doc__
+    return test

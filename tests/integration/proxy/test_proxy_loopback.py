@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import Awaitable, Callable
 
 import pytest
-import uvloop
 
 from agent.state import PolicyObject
 from tests.integration.proxy.mesh import (
@@ -24,33 +22,11 @@ from tests.integration.proxy.mesh import (
     SERVER,
     SERVER_ID,
     Mesh,
+    mesh_test,
     set_policies,
 )
 
 pytestmark = pytest.mark.root
-
-
-def mesh_test(scenario: Callable[[Mesh], Awaitable[None]]) -> Callable[[], None]:
-    """Turn ``async def scenario(mesh)`` into a test that runs it on uvloop with a fresh mesh."""
-
-    def test() -> None:
-        if os.geteuid() != 0:
-            pytest.skip("SO_MARK and IP_TRANSPARENT need root")
-
-        async def main() -> None:
-            mesh = Mesh()
-            await mesh.start()
-            try:
-                await asyncio.wait_for(scenario(mesh), 120)
-            finally:
-                await mesh.close()
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main())
-
-    test.__name__ = scenario.__name__
-    test.__doc__ = scenario.__doc__
-    return test
 
 
 async def echo_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

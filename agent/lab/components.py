@@ -132,7 +132,7 @@ def start(component: Component, labdir: LabDir) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             preexec_fn=lambda: netns.enter(component.netns),
             start_new_session=True,  # not killed by the terminal's Ctrl-C after `lab up` returns
-            cwd=str(Path(__file__).resolve().parents[2]),
+            cwd=str(labdir.path),
         )
     labdir.record_pid(component.name, proc.pid)
     return proc

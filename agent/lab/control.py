@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import glob
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import yaml
@@ -37,7 +37,7 @@ def up(
     state_root: str | None = None,
 ) -> LabPlan:
     """Build lab ``lab`` from the cluster document ``topology`` (text; ``source`` names it)."""
-    labdir = _labdir(lab, state_root)
+    labdir = labdir_of(lab, state_root)
     if labdir.exists() or build.lab_netns(lab):
         raise LabError(
             f"lab {lab!r} already exists; run `nodemesh lab down --name {lab}` first "
@@ -60,7 +60,7 @@ def up(
 
 def down(lab: str, *, state_root: str | None = None) -> None:
     """Remove lab ``lab`` entirely; does nothing for a lab that does not exist."""
-    labdir = _labdir(lab, state_root)
+    labdir = labdir_of(lab, state_root)
     plan = labdir.read_plan()
     pin_dirs = set(glob.glob(f"{PIN_ROOT}/{lab}-*"))
     if plan is not None:
@@ -73,13 +73,13 @@ def down(lab: str, *, state_root: str | None = None) -> None:
     )
 
 
-def _labdir(lab: str, state_root: str | None) -> LabDir:
+def labdir_of(lab: str, state_root: str | None = None) -> LabDir:
     check_lab_name(lab)
     return LabDir(lab) if state_root is None else LabDir(lab, state_root)
 
 
 def load(lab: str, *, state_root: str | None = None) -> tuple[LabDir, LabPlan]:
-    labdir = _labdir(lab, state_root)
+    labdir = labdir_of(lab, state_root)
     plan = labdir.read_plan()
     if plan is None:
         raise LabError(f"lab {lab!r} is not up; start it with `nodemesh lab up --name {lab}`")
@@ -166,7 +166,9 @@ def resolve_target(plan: LabPlan, target: str) -> str:
     raise LabError(f"no pod or node {target!r} in lab {plan.lab}; known: {', '.join(known)}")
 
 
-def _edit(lab: str, change: Any, state_root: str | None) -> ClusterDocument:
+def _edit(
+    lab: str, change: Callable[[dict[str, Any]], None], state_root: str | None
+) -> ClusterDocument:
     """Apply ``change`` to the document's plain data under the lab lock; validate; write."""
     labdir, _ = load(lab, state_root=state_root)
     with labdir.locked():

@@ -24,7 +24,7 @@ class Lab:
     def __init__(self, name: str, *, state_root: str | None = None) -> None:
         self.name = name
         self._state_root = state_root
-        self.state_dir = control._labdir(name, state_root).path
+        self.state_dir = control.labdir_of(name, state_root).path
 
     @classmethod
     def up(

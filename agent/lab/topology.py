@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from agent.sources.document import ClusterDocument, parse_document
+from agent.sources.document import ClusterDocument, NodeSpec, parse_document
 
 LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 DEFAULT_LAB = "nm"
@@ -181,7 +181,7 @@ def _plan_pods(
     lab: str,
     source: str,
     i: int,
-    node: Any,
+    node: NodeSpec,
     node_data: dict[str, Any],
     cidr: ipaddress.IPv4Network,
 ) -> list[PodPlan]:

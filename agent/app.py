@@ -1,7 +1,8 @@
 """``nodemesh agent``: the node agent process and its wiring.
 
 Theory of operation:
-  1. Before the event loop starts (pyroute2 and BCC are synchronous): load the state once, adopt
+  1. Before the event loop starts (pyroute2 and BCC are synchronous): start the state source
+     (it loads synchronously, then follows changes in its own thread), adopt
      or load the capture programs, open the transparent listeners, register them in the
      programs' SOCKMAP, and reconcile once. From then on, meshed pods' connections are captured.
   2. In the event loop (uvloop): accept captured connections and hand them to the connection
@@ -37,7 +38,7 @@ from agent.datapath.layout import Listener
 from agent.datapath.listeners import open_listeners
 from agent.datapath.programs import ProgramLoadError
 from agent.datapath.relay import PassthroughRelay
-from agent.sources.document import DocumentError, load_document
+from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
 
 log = logging.getLogger(__name__)
@@ -64,39 +65,34 @@ class Component(Protocol):
 
 
 class StateSource(Protocol):
-    """The writer of the agent's state: loads it once in ``open_source``, then follows it."""
+    """The writer of the agent's state: ``start`` loads it (synchronously) and follows it in
+    its own thread; ``stop`` on drain."""
 
-    async def run(self) -> None: ...
+    @property
+    def ready(self) -> bool: ...
 
-    def not_ready(self) -> list[str]: ...
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class StartupError(RuntimeError):
     """The agent cannot start; the message says why and what to change."""
 
 
-def open_source(config: AgentConfig, store: StateStore) -> StateSource | None:
-    """Fill ``store`` from the configured source before anything else starts.
-
-    The cluster file is read once at start; following its edits arrives with the local-file
-    source (``agent.sources.localfile``). Kubernetes mode arrives with ``agent.sources.kube``.
-    """
+def open_source(config: AgentConfig, store: StateStore) -> StateSource:
+    """The configured source, started: ``store`` holds the state when this returns."""
     if config.cluster_file is None:
         raise StartupError(
             "Kubernetes mode (--kubeconfig/--in-cluster) needs agent.sources.kube, which this "
             "build does not have yet; run with --cluster-file"
         )
+    source = LocalFileSource(config.cluster_file, store)
     try:
-        state = load_document(config.cluster_file).to_state()
-    except DocumentError as e:
-        raise StartupError(f"cannot load the state: {e}") from e
-    with store.update() as txn:
-        txn.trust_domain = state.trust_domain
-        txn.replace("namespaces", state.namespaces)
-        txn.replace("workloads", state.workloads)
-        txn.replace("services", state.services)
-        txn.replace("policies", state.policies)
-    return None
+        source.start()
+    except LocalFileError as e:
+        raise StartupError(str(e)) from e
+    return source
 
 
 def components(config: AgentConfig, store: StateStore) -> list[Component]:
@@ -104,22 +100,27 @@ def components(config: AgentConfig, store: StateStore) -> list[Component]:
     found: list[Component] = []
     if config.ca is not None:
         from agent.identity.component import IdentityComponent
+        from agent.proxy.component import ProxyComponent
 
-        found.append(
-            IdentityComponent(
-                node=config.node,
-                store=store,
-                ca_address=config.ca.address,
-                ca_root=config.ca.root,
-                token_file=config.ca.token_file,
-            )
+        identity = IdentityComponent(
+            node=config.node,
+            store=store,
+            ca_address=config.ca.address,
+            ca_root=config.ca.root,
+            token_file=config.ca.token_file,
         )
+        found.append(identity)
+        found.append(ProxyComponent(node=config.node, store=store, identities=identity.manager))
     return found
 
 
-def connection_handler(config: AgentConfig, store: StateStore) -> ConnectionHandler:
-    """What serves captured connections: the passthrough relay until the proxy is wired."""
-    return PassthroughRelay(mark=PROXY_MARK)
+def connection_handler(config: AgentConfig, found: list[Component]) -> ConnectionHandler:
+    """What serves captured connections: the node proxy, which needs workload certificates
+    (``--ca-address``); without a CA, the passthrough relay (no mTLS, no policy)."""
+    from agent.proxy.component import ProxyComponent
+
+    proxy = next((c for c in found if isinstance(c, ProxyComponent)), None)
+    return proxy if proxy is not None else PassthroughRelay(mark=PROXY_MARK)
 
 
 class ReadinessServer:
@@ -171,8 +172,8 @@ class Agent:
         self.datapath = Datapath(config.datapath())
         self.source: StateSource | None = None
         self.listeners: dict[Listener, socket.socket] = {}
-        self.handler: ConnectionHandler = connection_handler(config, self.store)
         self.components: list[Component] = components(config, self.store)
+        self.handler: ConnectionHandler = connection_handler(config, self.components)
         self._connections: set[asyncio.Task[None]] = set()
         self._dirty = asyncio.Event()
         self._synced = False
@@ -194,8 +195,8 @@ class Agent:
             reasons.append("agent: draining")
         if not self._synced:
             reasons.append("datapath: not reconciled")
-        if self.source is not None:
-            reasons += self.source.not_ready()
+        if self.source is not None and not self.source.ready:
+            reasons.append("state: not loaded")
         for c in self.components:
             reasons += c.not_ready()
         return reasons
@@ -219,8 +220,6 @@ class Agent:
                 for slot, sock in self.listeners.items()
             ),
         ]
-        if self.source is not None:
-            tasks.append(asyncio.create_task(self.source.run(), name="state-source"))
         for c in self.components:
             await c.start()
         log.info("agent %s ready", self.config.node)
@@ -244,6 +243,10 @@ class Agent:
         )
         for sock in self.listeners.values():
             sock.close()  # its SOCKMAP entry goes with it: new SYNs now fail closed
+        for c in self.components:
+            begin_drain = getattr(c, "begin_drain", None)  # the proxy: GOAWAY to its peers
+            if begin_drain is not None:
+                begin_drain()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -258,6 +261,8 @@ class Agent:
                 )
         for c in self.components:
             await c.stop()
+        if self.source is not None:
+            self.source.stop()
         self.datapath.close()
 
     async def _accept_loop(self, slot: Listener, sock: socket.socket) -> None:

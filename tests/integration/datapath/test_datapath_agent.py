@@ -15,7 +15,7 @@ import pytest
 
 from agent.lab import netns
 from agent.lab.handle import Lab
-from tests.integration.datapath.harness import snapshot
+from tests.integration.datapath.harness import connect, snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -150,3 +150,23 @@ def test_agent_restart_under_load_lets_no_connection_escape(
     assert set(answers) <= {f"server {node_ip}", "ERR ConnectionResetError"}, answers
     assert any(float(t) > restarted_at and r == f"server {node_ip}" for t, r in results)
     assert "adopting pinned capture programs" in agent1.log(1)
+
+
+@pytest.mark.usefixtures("servers")
+def test_annotating_a_pod_changes_capture_without_reload(dplab: Lab, agent1: AgentRunner) -> None:
+    """End to end: `lab annotate` rewrites the cluster file, the agent's local-file source
+    reloads it and the reconciler updates one map entry. The delay is printed (timings go in
+    reports, not assertions)."""
+    outsider, plain = str(dplab.pod("outsider")["ip"]), str(dplab.pod("plain")["ip"])
+    node_ip = str(dplab.node("node1")["ip"])
+    proc = agent1.start()
+    agent1.wait_ready(proc)
+    assert connect(dplab, "outsider", plain, 8080) == f"server {outsider}"
+
+    for value, expected in (("enabled", f"server {node_ip}"), ("disabled", f"server {outsider}")):
+        started = time.monotonic()
+        dplab.annotate("outsider", f"nodemesh.io/mesh={value}")
+        while (answer := connect(dplab, "outsider", plain, 8080)) != expected:
+            assert time.monotonic() - started < 20, answer
+        print(f"capture of outsider {value} after {time.monotonic() - started:.2f}s")
+    assert "adopting" not in agent1.log(0) and agent1.log(0).count("compiled and pinned") == 1

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from agent.sources.fields import DocumentError, Fields, check_unique
+from agent.sources.fields import DocumentError, Fields, check_unique, load_yaml
 from agent.sources.policies import parse_policies
 from agent.sources.stateview import ClusterState, document_state
 from agent.state.model import DEFAULT_TRUST_DOMAIN, PolicyObject
@@ -176,37 +176,9 @@ def _service_mapping(svc: ServiceSpec) -> dict[str, Any]:
     return out
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key repeated in one mapping is an error, not a
-    silent overwrite (``name: a`` then ``name: b`` would otherwise lose ``a`` unnoticed)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} in one mapping", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,
-)
-
-
 def parse_document(text: str, *, source: str) -> ClusterDocument:
     """Parse and validate a cluster document; ``source`` (a file name) appears in every error."""
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise DocumentError(source, "", f"not valid YAML: {e}") from e
-    if data is None:
-        data = {}
+    data = load_yaml(text, source=source)
     top = Fields(data, source=source, path="", allowed=_TOP_KEYS)
     trust_domain = top.subdomain("trustDomain") if top.has("trustDomain") else DEFAULT_TRUST_DOMAIN
     nodes = tuple(_parse_node(top, path, item) for path, item in top.items("nodes"))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import NoReturn
+from typing import Any, NoReturn
+
+import yaml
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -162,3 +164,35 @@ def check_unique(source: str, what: str, entries: list[tuple[str, object]]) -> N
                 source, path, f"duplicate {what} {key!r}: already defined at {seen[key]}"
             )
         seen[key] = path
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error, not a
+    silent overwrite (``name: a`` then ``name: b`` would otherwise lose ``a`` unnoticed)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} in one mapping", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def load_yaml(text: str, *, source: str) -> Any:
+    """Parse YAML safely and strictly (no repeated keys); an empty file is an empty mapping."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise DocumentError(source, "", f"not valid YAML: {e}") from e
+    return {} if data is None else data

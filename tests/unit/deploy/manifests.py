@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import subprocess
 import sys
 import sysconfig
@@ -88,3 +89,18 @@ def flags(container: Obj) -> dict[str, str]:
 def repeated_flag(container: Obj, name: str) -> list[str]:
     prefix = f"{name}="
     return [a[len(prefix) :] for a in container.get("args", []) if a.startswith(prefix)]
+
+
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """The kubelet's expansion of command and args: ``$$`` is a literal ``$``, ``$(NAME)`` is
+    the variable when defined and stays as written otherwise."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return _REFERENCE.sub(one, text)

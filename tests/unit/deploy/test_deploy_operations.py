@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import platform
 import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from tests.unit.deploy.manifests import Obj, find, flags, pod_spec, render
+from tests.unit.deploy.manifests import Obj, expand, find, flags, pod_spec, render
 
 # Time the agent needs after its drain deadline to close listeners and exit, and for the preStop
 # hook to run: the grace period must cover drain plus this margin.
@@ -37,13 +40,9 @@ def probe_port(container: Obj, probe: str) -> int:
 
 
 def substitute_env(args: list[str], container: Obj) -> list[str]:
-    """Expand $(VAR) like the kubelet, with a sample value for downward-API variables."""
-    out = []
-    for arg in args:
-        for env in container.get("env", []):
-            arg = arg.replace(f"$({env['name']})", "node1")
-        out.append(arg)
-    return out
+    """Expand args like the kubelet, with a sample value for downward-API variables."""
+    env = {e["name"]: "node1" for e in container.get("env", [])}
+    return [expand(arg, env) for arg in args]
 
 
 def test_agent_runs_on_every_node_in_the_host_network() -> None:
@@ -129,3 +128,28 @@ def test_the_command_accepts_the_manifest_arguments(kind: str, name: str, module
     except SystemExit as e:
         raise AssertionError(f"nodemesh rejects {kind}/{name} args: {shlex.join(args)}") from e
     assert parsed.command == args[0]
+
+
+def kernel_headers_check(modules: Path) -> subprocess.CompletedProcess[str]:
+    """The agent pod's init container script as the kubelet would run it, with the host's
+    /lib/modules replaced by ``modules``."""
+    init = pod_spec(agent())["initContainers"][0]
+    assert init["name"] == "kernel-headers"
+    env = {"NODE_NAME": "node1"}
+    command = [expand(a, env) for a in init["command"] + init["args"]]
+    command[-1] = command[-1].replace("/lib/modules", str(modules))
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def test_kernel_headers_check_passes_when_the_headers_exist(tmp_path: Path) -> None:
+    (tmp_path / platform.release() / "build" / "include").mkdir(parents=True)
+    result = kernel_headers_check(tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_kernel_headers_check_names_the_node_and_the_fix(tmp_path: Path) -> None:
+    result = kernel_headers_check(tmp_path)
+    assert result.returncode == 1
+    release = platform.release()
+    assert f"node node1 has no kernel headers for {release}" in result.stderr
+    assert f"apt-get install linux-headers-{release}" in result.stderr

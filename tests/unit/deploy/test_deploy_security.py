@@ -150,6 +150,11 @@ def test_agent_capabilities_are_the_documented_minimum() -> None:
     header = (REPO / "daemonset/agent.yaml").read_text().split("\napiVersion:")[0]
     documented = set(re.findall(r"^#   ([A-Z_]+) ", header, flags=re.MULTILINE))
     assert documented == AGENT_CAPABILITIES
+    # The pod's init container (kernel headers check) gets none of them.
+    for init in pod_spec(agent())["initContainers"]:
+        assert init["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert init["securityContext"]["runAsNonRoot"] is True
+        assert all(m.get("readOnly") for m in init["volumeMounts"])
 
 
 def test_every_other_container_runs_unprivileged() -> None:

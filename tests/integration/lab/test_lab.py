@@ -229,3 +229,20 @@ def test_demo_tour_passes_and_cleans_up(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "summary: every step passed" in out
     assert _leftovers(name) == []
+
+
+def test_down_after_a_crashed_up_finds_everything_by_prefix() -> None:
+    """A ``lab up`` killed before it wrote its plan still leaves only prefixed objects behind."""
+    from pyroute2 import netns as pr_netns
+
+    name = "t" + os.urandom(3).hex()
+    try:
+        for suffix in ("node1", "client"):
+            pr_netns.create(f"{name}-{suffix}")
+        Path(PIN_ROOT, f"{name}-node1").mkdir(parents=True)
+        Path("/run/nodemesh/lab", name, "logs").mkdir(parents=True)
+        assert len(_leftovers(name)) == 4
+        control.down(name)
+        assert _leftovers(name) == []
+    finally:
+        control.down(name)

@@ -1,0 +1,87 @@
+"""Benchmark of the capture datapath in the lab: per-packet program cost and throughput.
+
+    sudo .venv/bin/python -m tests.bench.datapath.bench_capture [--seconds 5]
+
+Builds a lab (the datapath tests' topology, with agents), then runs iperf3 between pods:
+  - outsider -> plain: neither meshed, no capture (baseline);
+  - client -> plain: captured at node1 into the agent's relay (one user-space hop);
+  - client -> server: captured at node1 and again at node2's uplink (two hops).
+While it runs, ``kernel.bpf_stats_enabled=1`` (restored afterwards) makes the kernel account
+each program's run time; cost per packet = run_time_ns / run_cnt over the whole run. Numbers
+on a shared 2-core VM vary from run to run; ratios measured side by side in one run matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+from agent.datapath import bpfsys
+from agent.lab.handle import Lab
+from tests.integration.datapath.harness import TOPOLOGY
+
+STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def iperf(lab: Lab, client: str, server: str, seconds: float) -> float:
+    """Gbit/s received, from ``client`` to an iperf3 server in ``server``."""
+    srv = lab.popen(server, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        out = lab.exec(
+            client, "iperf3", "-J", "-c", str(lab.pod(server)["ip"]), "-t", str(seconds),
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    finally:
+        srv.wait(timeout=30)
+    return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def program_stats(pin_dir: Path) -> dict[str, tuple[int, int]]:
+    """{program name: (run_time_ns, run_cnt)} of the programs pinned under ``pin_dir``."""
+    result = {}
+    for path in sorted(pin_dir.glob("*/prog_*")):
+        fd = bpfsys.open_pinned(str(path))
+        try:
+            _, name, ns, cnt = bpfsys.prog_stats(fd)
+        finally:
+            os.close(fd)
+        result[f"{pin_dir.name}/{name}"] = (ns, cnt)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    lab = Lab.up("b" + secrets.token_hex(3), topology=TOPOLOGY)
+    previous = STATS.read_text().strip()
+    try:
+        pins = [Path(n["pinDir"]) for n in lab.status()["nodes"]]
+        STATS.write_text("1")
+        before = {k: v for p in pins for k, v in program_stats(p).items()}
+        rates = {
+            "outsider->plain (no capture)": iperf(lab, "outsider", "plain", args.seconds),
+            "client->plain (captured once)": iperf(lab, "client", "plain", args.seconds),
+            "client->server (captured at both nodes)": iperf(lab, "client", "server", args.seconds),
+        }
+        after = {k: v for p in pins for k, v in program_stats(p).items()}
+    finally:
+        STATS.write_text(previous)
+        lab.down()
+    base = rates["outsider->plain (no capture)"]
+    for name, rate in rates.items():
+        print(f"{name:42s} {rate:6.2f} Gbit/s  ratio {rate / base:.2f}")
+    for name, (ns, cnt) in after.items():
+        d_ns, d_cnt = ns - before[name][0], cnt - before[name][1]
+        if d_cnt:
+            print(f"{name:42s} {d_cnt:9d} runs  {d_ns / d_cnt:7.1f} ns/packet")
+
+
+if __name__ == "__main__":
+    main()

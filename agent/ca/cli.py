@@ -25,6 +25,17 @@ def parse_duration(text: str) -> dt.timedelta:
     return dt.timedelta(seconds=int(match[1]) * _UNITS[match[2]])
 
 
+def namespaced_name(text: str) -> tuple[str, str]:
+    namespace, _, name = text.partition("/")
+    if not namespace or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/NAME")
+    return namespace, name
+
+
+def optional_namespaced_name(text: str) -> tuple[str, str] | None:
+    return namespaced_name(text) if text else None
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "ca",
@@ -69,16 +80,18 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--root-secret",
-        default="nodemesh-system/nodemesh-ca",
+        type=namespaced_name,
+        default=("nodemesh-system", "nodemesh-ca"),
         metavar="NS/NAME",
-        help="Kubernetes mode: Secret holding the root (default %(default)s)",
+        help="Kubernetes mode: Secret holding the root (default nodemesh-system/nodemesh-ca)",
     )
     p.add_argument(
         "--root-configmap",
-        default="nodemesh-system/nodemesh-ca-root",
+        type=optional_namespaced_name,
+        default=("nodemesh-system", "nodemesh-ca-root"),
         metavar="NS/NAME",
         help="Kubernetes mode: ConfigMap where the trust bundle (root.pem) is published for "
-        "agents (default %(default)s)",
+        "agents (default nodemesh-system/nodemesh-ca-root; '' to not publish it)",
     )
     p.add_argument(
         "--trusted-agent",

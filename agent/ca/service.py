@@ -76,10 +76,11 @@ def _kubernetes(
     cleanup.callback(api_client.close)
     cluster = ApiServerCluster(api_client, audiences=args.token_audience)
     trust_domain = args.trust_domain or DEFAULT_TRUST_DOMAIN
-    namespace, _, name = args.root_secret.partition("/")
-    authority = load_or_create_secret(cluster.core, namespace, name, trust_domain)
-    cm_namespace, _, cm_name = args.root_configmap.partition("/")
-    publish_bundle_configmap(cluster.core, cm_namespace, cm_name, authority)
+    secret_ns, secret_name = args.root_secret
+    authority = load_or_create_secret(cluster.core, secret_ns, secret_name, trust_domain)
+    if args.root_configmap is not None:
+        cm_ns, cm_name = args.root_configmap
+        publish_bundle_configmap(cluster.core, cm_ns, cm_name, authority)
     agents = frozenset(args.trusted_agent or ["nodemesh-system/nodemesh-agent"])
     return (
         authority,

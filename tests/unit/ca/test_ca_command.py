@@ -1,8 +1,9 @@
-"""``nodemesh ca`` as a process in standalone mode: files, tokens, the cluster document, SIGTERM."""
+"""``nodemesh ca`` as a process: standalone (files, tokens, document edits) and Kubernetes mode."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import socket
 import stat
@@ -18,6 +19,7 @@ import yaml
 
 from agent.identity.caclient import CaClient, CaError
 from agent.identity.spiffe import SpiffeId
+from tests.fakeapi import FakeApiServer
 
 TOKEN = "node1-token-0123456789abcdef"
 CLIENT = SpiffeId.parse("spiffe://cluster.local/ns/default/sa/client")
@@ -47,6 +49,35 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _accepts(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def start_ca(log: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``nodemesh ca`` on a free loopback port; returns once it accepts connections."""
+    address = f"127.0.0.1:{free_port()}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--log-level", "DEBUG", "ca", "--listen", address,
+             *flags],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not _accepts(address):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"nodemesh ca did not start:\n{log.read_text()}")
+        time.sleep(0.1)
+    return proc, address
+
+
 @dataclass
 class CaProcess:
     proc: subprocess.Popen[bytes]
@@ -62,36 +93,17 @@ def ca_process(tmp_path: Path) -> Iterator[CaProcess]:
     write_document(cluster, "node2")
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text(yaml.safe_dump({"tokens": [{"node": "node1", "token": TOKEN}]}))
-    address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "ca.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--log-level", "DEBUG", "ca", "--listen", address,
-             "--cluster-file", str(cluster), "--root-dir", str(tmp_path / "ca"),
-             "--node-tokens", str(tokens), "--min-ttl", "1s"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    proc, address = start_ca(
+        log, "--cluster-file", str(cluster), "--root-dir", str(tmp_path / "ca"),
+        "--node-tokens", str(tokens), "--min-ttl", "1s",
+    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while not _accepts(address):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
         yield CaProcess(proc, address, tmp_path / "ca", cluster, log)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _accepts(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
 
 
 def test_standalone_ca_serves_follows_the_document_and_stops_cleanly(
@@ -130,3 +142,46 @@ def test_standalone_ca_serves_follows_the_document_and_stops_cleanly(
     assert "issued spiffe://cluster.local/ns/default/sa/client" in log
     assert "PERMISSION_DENIED" in log
     assert "PRIVATE KEY" not in log
+
+
+def test_kubernetes_mode_against_an_api_server(tmp_path: Path) -> None:
+    with FakeApiServer() as api:
+        api.create("Namespace", {"metadata": {"name": "nodemesh-system"}})
+        api.add_token("client-sa-token", "system:serviceaccount:default:client")
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": api.url}}],
+                    "users": [{"name": "ca", "user": {"token": "ca-token"}}],
+                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "ca"}}],
+                    "current-context": "fake",
+                }
+            )
+        )
+        proc, address = start_ca(
+            tmp_path / "ca.log", "--kubeconfig", str(kubeconfig), "--root-configmap", ""
+        )
+        try:
+            secret = api.get("Secret", "nodemesh-ca", "nodemesh-system")
+            root = tmp_path / "root.pem"
+            root.write_bytes(base64.b64decode(secret["data"]["root.pem"]))
+            token = tmp_path / "token"
+            token.write_text("client-sa-token")
+
+            async def scenario() -> None:
+                client = CaClient(address, root_file=root, token_file=token)
+                cert = await client.fetch(CLIENT)  # a service account's own identity
+                assert str(cert.identity) == str(CLIENT)
+                with pytest.raises(CaError) as info:
+                    await client.fetch(SERVER)  # not a node agent: nothing else
+                assert info.value.code is not None
+                assert info.value.code.name == "PERMISSION_DENIED"
+                await client.close()
+
+            asyncio.run(scenario())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0

@@ -27,6 +27,8 @@ from agent.policy.authz import Decision, Request
 from agent.state.model import Workload
 
 log = logging.getLogger(__name__)
+# One line per finished connection: who, to whom, how secured, how many bytes (the access log).
+access_log = logging.getLogger("agent.proxy.access")
 
 OUTBOUND = "outbound"
 INBOUND = "inbound"
@@ -59,6 +61,7 @@ class _Live:
     close: Callable[[str], None]
     request: Request | None = None
     workload: Workload | None = None
+    closing: bool = False
 
 
 def cancel_current_task() -> Callable[[str], None]:
@@ -106,7 +109,15 @@ class Registry:
             live.request, live.workload = request, workload
 
     def remove(self, conn_id: int) -> None:
-        self._live.pop(conn_id, None)
+        live = self._live.pop(conn_id, None)
+        if live is not None:
+            r = live.record
+            access_log.info(
+                "%s %s %s (%s) -> %s (%s) security=%s sent=%d received=%d duration=%.3fs",
+                r.direction, r.path, r.source, r.source_identity or "-", r.destination,
+                r.destination_identity or "-", r.security, r.bytes_sent, r.bytes_received,
+                time.time() - r.started,
+            )  # fmt: skip
 
     def __iter__(self) -> Iterator[ConnectionRecord]:
         return (live.record for live in list(self._live.values()))
@@ -130,14 +141,14 @@ class Registry:
         """Close live connections the current policies deny; returns how many were closed."""
         closed = 0
         for live in list(self._live.values()):
-            if live.request is None or live.workload is None:
+            if live.request is None or live.workload is None or live.closing:
                 continue
             decision = evaluate(live.request, live.workload)
             if not decision.allowed:
                 self.deny(
                     decision, f"live connection {live.record.source} -> {live.record.destination}"
                 )
+                live.closing = True  # its handler removes (and logs) it once it has closed
                 live.close(decision.reason)
-                self._live.pop(live.record.id, None)
                 closed += 1
         return closed

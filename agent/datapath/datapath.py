@@ -16,6 +16,7 @@ thread, one at a time (``_lock``).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import socket
 import threading
@@ -153,8 +154,14 @@ class Datapath:
             try:
                 value = pod_value(entry)
             except LayoutError as e:
-                log.error("datapath: pod %s not programmed: %s", entry.ip, e)
-                continue
+                # Capture everything rather than leak: the pod keeps its membership and loses
+                # its exemptions until the annotation fits.
+                log.error("datapath: pod %s programmed without port exemptions: %s", entry.ip, e)
+                value = pod_value(
+                    dataclasses.replace(
+                        entry, exclude_outbound=frozenset(), exclude_inbound=frozenset()
+                    )
+                )
             pods.update(addr_key(entry.ip), value)
             log.info(
                 "datapath: pod %s %s (if %d, exempt out %s in %s)",

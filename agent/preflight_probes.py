@@ -205,11 +205,17 @@ def capture_failure_mode() -> str:
     from dataclasses import fields
 
     from agent.config import AgentConfig
+    from agent.datapath.datapath import pinned_failure_modes
 
+    try:
+        running = pinned_failure_modes()
+    except OSError:  # no bpffs or no privileges: the rows above say so
+        running = {}
+    live = "".join(f"; agent {pins}: {mode}" for pins, mode in running.items())
     fail_open = next(f.default for f in fields(AgentConfig) if f.name == "fail_open")
     if fail_open:
-        return "fail-open by default: uncaptured while no proxy listens"
+        return "fail-open by default: uncaptured while no proxy listens" + live
     return (
         "fail-closed by default: meshed pods' new connections are dropped (and retried by TCP) "
-        "while no proxy listens; `nodemesh agent --fail-open` lets them through unencrypted"
+        "while no proxy listens; `nodemesh agent --fail-open` lets them through unencrypted" + live
     )

@@ -239,3 +239,19 @@ def uninstall(pin_dir: Path, routing_config: routing.RoutingConfig) -> list[str]
     if programs.remove_all(pin_dir):
         removed.append(f"pinned objects under {pin_dir}")
     return removed
+
+
+def pinned_failure_modes(root: Path = Path("/sys/fs/bpf/nodemesh")) -> dict[str, str]:
+    """The failure mode each agent pinned under ``root`` runs with, by pin directory name
+    (read from its settings map, so it is what the programs do, not what a flag said)."""
+    modes = {}
+    for path in sorted(root.glob("*/*/map_nm_settings")):
+        settings = bpfsys.Map(bpfsys.open_pinned(str(path)), "nm_settings")
+        try:
+            value = SettingsValue()
+            settings.lookup_into(ctypes.c_uint32(0), value)
+        finally:
+            settings.close()
+        fail_open = value.flags & SETTING_FAIL_OPEN
+        modes[path.parent.parent.name] = "fail-open" if fail_open else "fail-closed"
+    return modes

@@ -128,9 +128,6 @@ class WorkloadCertificate:
     def chain_pem(self) -> str:
         return to_pem(self.chain)
 
-    def roots_pem(self) -> str:
-        return to_pem(self.roots)
-
     def describe(self) -> dict[str, object]:
         """Public facts for the admin API; never key material."""
         return {

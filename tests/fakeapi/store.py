@@ -92,7 +92,10 @@ class Change:
     old: dict[str, Any] | None
 
 
-Key = tuple[Resource, str, str]  # resource, namespace ("" if cluster-scoped), name
+Key = tuple[Resource, str, str]
+# Field values the real API server derives from defaulted fields (a pod's spec.hostNetwork is
+# "false" in field selectors even when the manifest omits it).
+FIELD_DEFAULTS = {"spec.hostNetwork": "false"}  # resource, namespace ("" if cluster-scoped), name
 
 
 def _get(obj: dict[str, Any], dotted: str) -> str:
@@ -132,7 +135,8 @@ class Selector:
         for term in _split(self.fields):
             neg = "!=" in term
             key, _, value = term.partition("!=" if neg else "=")
-            if (_get(obj, key.strip()) == value.lstrip("=")) == neg:
+            actual = _get(obj, key.strip()) or FIELD_DEFAULTS.get(key.strip(), "")
+            if (actual == value.lstrip("=")) == neg:
                 return False
         return True
 
@@ -188,6 +192,8 @@ class ObjectStore:
     def create(self, resource: Resource, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         name = meta.get("name")
         if not name:
             raise ApiError(422, "Invalid", f"{resource.kind}: metadata.name: Required value")

@@ -1,0 +1,258 @@
+"""The Kubernetes source: the state from the API server, by list + watch, in worker threads.
+
+The only product module that imports ``kubernetes`` (besides ``agent.ca`` for TokenReview). It
+runs one ``Reflector`` thread per resource (Pods cluster-wide, Namespaces, Services,
+EndpointSlices and the three nodemesh CRDs): the official client's calls block, and running them
+in threads means the proxy's event loop never waits on the API server. Handlers convert raw JSON
+(``kubeobjects``) and write the ``StateStore`` under one lock, so the store still has a single
+writer per source.
+
+Invalid objects never crash the agent and never wipe valid state: the previous valid version is
+kept and the problem is reported where the user will look. For a pod that is an Event on the pod
+(sent only by the agent of the pod's node, so a cluster of N nodes does not send N copies); for a
+policy it is the ``Accepted`` condition in its status, written only when it differs from what is
+there (every agent computes the same verdict, so after the first write the others find it done).
+
+Ready (``ready`` / ``wait_ready``) after every resource's first full list.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from agent.sources import kubehandlers as kh
+from agent.sources import kubeobjects as ko
+from agent.sources.kubeobjects import InvalidObject, Raw
+from agent.sources.reflector import ApiStatusError, Gone, Reflector, StreamResponse
+from agent.state import StateStore
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION = "nodemesh.io", "v1alpha1"
+POLICY_PLURALS = {
+    "AuthorizationPolicy": "authorizationpolicies",
+    "PeerAuthentication": "peerauthentications",
+    "TrafficPolicy": "trafficpolicies",
+}
+# Host-network pods are never meshed and finished pods hold IPs that may be reused: the API
+# server filters them out, which also keeps them out of memory.
+POD_FIELD_SELECTOR = "spec.hostNetwork=false,status.phase!=Succeeded,status.phase!=Failed"
+
+
+def api_client(*, kubeconfig: str | None = None, in_cluster: bool = False) -> Any:
+    """An ``ApiClient`` from ``--kubeconfig PATH`` or ``--in-cluster`` (for any component)."""
+    cfg = client.Configuration()
+    try:
+        if in_cluster:
+            config.load_incluster_config(client_configuration=cfg)
+        else:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    except config.ConfigException as e:
+        where = "the in-cluster service account" if in_cluster else f"kubeconfig {kubeconfig}"
+        raise RuntimeError(f"cannot configure the Kubernetes client from {where}: {e}") from e
+    return client.ApiClient(cfg)
+
+
+def _lister(func: Callable[..., Any], *args: Any, read_timeout: float) -> Callable[..., Any]:
+    """Wrap a client list function: raw response, timeouts, errors in the reflector's terms."""
+
+    def call(**kwargs: Any) -> StreamResponse:
+        timeout = kwargs.get("timeout_seconds", 0) + read_timeout
+        try:
+            resp: StreamResponse = func(
+                *args, _preload_content=False, _request_timeout=(10, timeout), **kwargs
+            )
+        except ApiException as e:
+            if e.status == 410:
+                raise Gone(str(e.reason)) from e
+            raise ApiStatusError(int(e.status or 0), str(e.reason)) from e
+        return resp
+
+    return call
+
+
+class KubeSource:
+    """Feed ``store`` from the API server reached through ``api`` (an ``ApiClient``)."""
+
+    def __init__(
+        self,
+        api: Any,
+        store: StateStore,
+        *,
+        node: str | None = None,
+        report_status: bool = True,
+        watch_timeout: int = 300,
+        page_size: int = 500,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.report_status = report_status
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self._reported: set[tuple[str, str]] = set()
+        ctx = kh.Context(store, self)
+        rt = 30.0
+        discovery = client.DiscoveryV1Api(api)
+        specs: list[tuple[str, Callable[..., Any], Any, str | None]] = [
+            (
+                "pods",
+                _lister(self.core.list_pod_for_all_namespaces, read_timeout=rt),
+                kh.Pods(ctx),
+                POD_FIELD_SELECTOR,
+            ),
+            (
+                "namespaces",
+                _lister(self.core.list_namespace, read_timeout=rt),
+                kh.Namespaces(ctx),
+                None,
+            ),
+            (
+                "services",
+                _lister(self.core.list_service_for_all_namespaces, read_timeout=rt),
+                kh.Services(ctx),
+                None,
+            ),
+            (
+                "endpointslices",
+                _lister(discovery.list_endpoint_slice_for_all_namespaces, read_timeout=rt),
+                kh.EndpointSlices(ctx),
+                None,
+            ),
+        ]
+        for kind, plural in POLICY_PLURALS.items():
+            lister = _lister(
+                self.custom.list_cluster_custom_object, GROUP, VERSION, plural, read_timeout=rt
+            )
+            specs.append((plural, lister, kh.Policies(ctx, kind, plural), None))
+        self.reflectors = [
+            Reflector(
+                name,
+                lister,
+                handler,
+                field_selector=fs,
+                page_size=page_size,
+                watch_timeout=watch_timeout,
+            )
+            for name, lister, handler, fs in specs
+        ]
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def ready(self) -> bool:
+        return all(r.synced.is_set() for r in self.reflectors)
+
+    def not_ready(self) -> list[str]:
+        """Resources not listed yet (for the readiness endpoint's body)."""
+        return [r.name for r in self.reflectors if not r.synced.is_set()]
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return all(r.synced.wait(timeout) for r in self.reflectors)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {r.name: dict(r.stats) for r in self.reflectors}
+
+    def start(self) -> None:
+        for r in self.reflectors:
+            t = threading.Thread(target=r.run, name=f"kube:{r.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        for r in self.reflectors:
+            r.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads.clear()
+
+    # -- reporting ---------------------------------------------------------------------------
+    def report_invalid(self, obj: Raw, error: InvalidObject) -> None:
+        meta = obj.get("metadata") or {}
+        once = (str(meta.get("uid")), str(meta.get("resourceVersion")))
+        if once in self._reported:
+            return
+        self._reported.add(once)
+        log.warning(
+            "skipping %s: %s; the previous valid version stays in force",
+            ko.object_ref(obj),
+            error.message,
+        )
+        if (
+            obj.get("kind") == "Pod"
+            and self.node
+            and (obj.get("spec") or {}).get("nodeName") == self.node
+        ):
+            self._event(obj, error)
+
+    def _event(self, obj: Raw, error: InvalidObject) -> None:
+        meta = obj["metadata"]
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "metadata": {
+                "generateName": f"{meta['name']}.nodemesh-",
+                "namespace": meta["namespace"],
+            },
+            "involvedObject": {
+                "kind": "Pod",
+                "apiVersion": "v1",
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "reason": error.reason,
+            "message": error.message,
+            "type": "Warning",
+            "source": {"component": "nodemesh-agent", "host": self.node},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as e:
+            log.warning(
+                "cannot record an Event for %s: %s %s", ko.object_ref(obj), e.status, e.reason
+            )
+
+    def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
+        """Set the ``Accepted`` condition when it differs from the object's current one."""
+        if not self.report_status:
+            return
+        meta = obj["metadata"]
+        generation = meta.get("generation", 0)
+        status, reason, message = (
+            ("True", "Accepted", "") if error is None else ("False", error.reason, error.message)
+        )
+        current = {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or ()}
+        have = current.get("Accepted") or {}
+        if (
+            have.get("status"),
+            have.get("reason"),
+            have.get("message"),
+            have.get("observedGeneration"),
+        ) == (status, reason, message, generation):
+            return
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        current["Accepted"] = {
+            "type": "Accepted",
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "observedGeneration": generation,
+            "lastTransitionTime": now,
+        }
+        patch = {"status": {"observedGeneration": generation, "conditions": list(current.values())}}
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], plural, meta["name"], patch
+            )
+        except ApiException as e:
+            log.warning(
+                "cannot update the status of %s: %s %s", ko.object_ref(obj), e.status, e.reason
+            )

@@ -1,0 +1,236 @@
+"""What the kube source does with each resource's list and events (one class per resource).
+
+Each handler writes the ``StateStore`` under the source's lock, so the seven reflector threads
+still form a single writer. A relist (``replace``) is a whole-kind replacement in one
+transaction, so objects deleted while the watch was down vanish and none is duplicated. An
+invalid object keeps the previous valid version of the same object (never wiping good state) and
+is handed to the ``Reporter``. Services and EndpointSlices arrive separately and are joined here:
+a ``Service`` in the state carries the endpoints of all slices labelled with its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from agent.sources import kubeobjects as ko
+from agent.sources.kubeobjects import InvalidObject, Raw
+from agent.state import Endpoint, Service, StateStore
+
+ServiceKey = tuple[str, str]
+
+
+class Reporter(Protocol):
+    def report_invalid(self, obj: Raw, error: InvalidObject) -> None: ...
+
+    def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None: ...
+
+
+class Context:
+    """What every handler shares: the store, the writer lock, the reporter, the joins."""
+
+    def __init__(self, store: StateStore, reporter: Reporter) -> None:
+        self.store = store
+        self.reporter = reporter
+        self.lock = threading.Lock()
+        self.services: dict[ServiceKey, Service] = {}  # without endpoints
+        self.slice_owner: dict[tuple[str, str], ServiceKey] = {}  # (ns, slice) -> service
+        self.slices: dict[ServiceKey, dict[str, tuple[Endpoint, ...]]] = {}
+        self._reports: list[Callable[[], None]] = []
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the writer lock; reports queued meanwhile are sent after it is released, so a
+        slow API server delays nobody's state update."""
+        with self.lock:
+            yield
+            reports, self._reports = self._reports, []
+        for report in reports:
+            report()
+
+    def invalid(self, obj: Raw, error: InvalidObject) -> None:
+        self._reports.append(lambda: self.reporter.report_invalid(obj, error))
+
+    def policy_verdict(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
+        self._reports.append(lambda: self.reporter.report_policy(plural, obj, error))
+
+    def endpoints(self, key: ServiceKey) -> tuple[Endpoint, ...]:
+        """The union of the service's slices; an IP in two slices (mid-move) counts once,
+        ready if either says so."""
+        by_ip: dict[str, Endpoint] = {}
+        for endpoints in self.slices.get(key, {}).values():
+            for ep in endpoints:
+                if ep.ip not in by_ip or (ep.ready and not by_ip[ep.ip].ready):
+                    by_ip[ep.ip] = ep
+        return tuple(by_ip[ip] for ip in sorted(by_ip))
+
+    def joined(self, key: ServiceKey) -> Service | None:
+        svc = self.services.get(key)
+        return None if svc is None else dataclasses.replace(svc, endpoints=self.endpoints(key))
+
+    def all_joined(self) -> list[Service]:
+        return [s for s in map(self.joined, self.services) if s is not None]
+
+
+class Pods:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def _convert(self, obj: Raw, previous: Any) -> Any:
+        """The workload, ``None`` to drop it, or ``previous`` if ``obj`` is invalid."""
+        try:
+            return ko.workload_of(obj)
+        except InvalidObject as e:
+            self.ctx.invalid(obj, e)
+            return previous
+
+    def replace(self, items: list[Raw]) -> None:
+        with self.ctx.writing():
+            old = self.ctx.store.snapshot().workloads
+            fresh = [self._convert(o, old.get(o["metadata"]["uid"])) for o in items]
+            with self.ctx.store.update() as txn:
+                txn.replace("workloads", [w for w in fresh if w is not None])
+
+    def event(self, kind: str, obj: Raw) -> None:
+        uid = obj["metadata"]["uid"]
+        with self.ctx.writing(), self.ctx.store.update() as txn:
+            w = None if kind == "DELETED" else self._convert(obj, txn.get("workloads", uid))
+            if w is None:
+                txn.delete("workloads", uid)
+            else:
+                txn.put_workload(w)
+
+
+class Namespaces:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def replace(self, items: list[Raw]) -> None:
+        with self.ctx.writing(), self.ctx.store.update() as txn:
+            txn.replace("namespaces", [ko.namespace_of(o) for o in items])
+
+    def event(self, kind: str, obj: Raw) -> None:
+        with self.ctx.writing(), self.ctx.store.update() as txn:
+            if kind == "DELETED":
+                txn.delete("namespaces", obj["metadata"]["name"])
+            else:
+                txn.put_namespace(ko.namespace_of(obj))
+
+
+class Services:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def _convert(self, obj: Raw) -> Service | None:
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        try:
+            return ko.service_of(obj)
+        except InvalidObject as e:
+            self.ctx.invalid(obj, e)
+            return self.ctx.services.get(key)
+
+    def replace(self, items: list[Raw]) -> None:
+        with self.ctx.writing():
+            converted = [self._convert(o) for o in items]
+            self.ctx.services = {s.key: s for s in converted if s is not None}
+            with self.ctx.store.update() as txn:
+                txn.replace("services", self.ctx.all_joined())
+
+    def event(self, kind: str, obj: Raw) -> None:
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        with self.ctx.writing(), self.ctx.store.update() as txn:
+            svc = None if kind == "DELETED" else self._convert(obj)
+            if svc is None:
+                self.ctx.services.pop(key, None)
+                txn.delete("services", key)
+            else:
+                self.ctx.services[key] = svc
+                txn.put_service(dataclasses.replace(svc, endpoints=self.ctx.endpoints(key)))
+
+
+class EndpointSlices:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def _forget(self, slice_key: tuple[str, str]) -> ServiceKey | None:
+        owner = self.ctx.slice_owner.pop(slice_key, None)
+        if owner is not None:
+            members = self.ctx.slices.get(owner, {})
+            members.pop(slice_key[1], None)
+            if not members:
+                self.ctx.slices.pop(owner, None)
+        return owner
+
+    def _file(self, obj: Raw) -> ServiceKey | None:
+        owner = ko.slice_service(obj)
+        if owner is not None:
+            meta = obj["metadata"]
+            self.ctx.slice_owner[(meta["namespace"], meta["name"])] = owner
+            self.ctx.slices.setdefault(owner, {})[meta["name"]] = ko.slice_endpoints(obj)
+        return owner
+
+    def replace(self, items: list[Raw]) -> None:
+        with self.ctx.writing():
+            self.ctx.slice_owner.clear()
+            self.ctx.slices.clear()
+            for obj in items:
+                self._file(obj)
+            with self.ctx.store.update() as txn:
+                txn.replace("services", self.ctx.all_joined())
+
+    def event(self, kind: str, obj: Raw) -> None:
+        meta = obj["metadata"]
+        with self.ctx.writing(), self.ctx.store.update() as txn:
+            touched = [self._forget((meta["namespace"], meta["name"]))]
+            if kind != "DELETED":
+                touched.append(self._file(obj))
+            for key in {k for k in touched if k is not None}:
+                svc = self.ctx.joined(key)
+                if svc is not None:
+                    txn.put_service(svc)
+
+
+class Policies:
+    """One nodemesh CRD kind; its objects share the store's ``policies`` with the other two."""
+
+    def __init__(self, ctx: Context, kind: str, plural: str) -> None:
+        self.ctx = ctx
+        self.kind = kind
+        self.plural = plural
+
+    def _convert(self, obj: Raw, previous: Any) -> Any:
+        try:
+            policy = ko.policy_of(obj)
+        except InvalidObject as e:
+            self.ctx.invalid(obj, e)
+            self.ctx.policy_verdict(self.plural, obj, e)
+            return previous
+        self.ctx.policy_verdict(self.plural, obj, None)
+        return policy
+
+    def _key(self, obj: Raw) -> tuple[str, str, str]:
+        return (self.kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+    def replace(self, items: list[Raw]) -> None:
+        with self.ctx.writing():
+            old = self.ctx.store.snapshot().policies
+            fresh = [self._convert(o, old.get(self._key(o))) for o in items]
+            keep = {p.key for p in fresh if p is not None}
+            with self.ctx.store.update() as txn:
+                for key in [k for k in old if k[0] == self.kind and k not in keep]:
+                    txn.delete("policies", key)
+                for policy in fresh:
+                    if policy is not None:
+                        txn.put_policy(policy)
+
+    def event(self, kind: str, obj: Raw) -> None:
+        key = self._key(obj)
+        with self.ctx.writing(), self.ctx.store.update() as txn:
+            policy = None if kind == "DELETED" else self._convert(obj, txn.get("policies", key))
+            if policy is None:
+                txn.delete("policies", key)
+            else:
+                txn.put_policy(policy)

@@ -26,7 +26,8 @@ from agent.state import StateStore
 
 
 class InProcessCA:
-    """Start with ``start()``, stop with ``stop()``; ``address`` is ``127.0.0.1:<port>``."""
+    """``with InProcessCA(...) as ca:`` (or ``start()``/``stop()``); ``address`` is
+    ``127.0.0.1:<port>``."""
 
     def __init__(
         self,
@@ -71,6 +72,13 @@ class InProcessCA:
     def start(self, port: int = 0) -> None:
         service = CertificateService(self.issuer, self._authenticator)
         self._server, self.port = start_server(service, self.authority, listen=f"127.0.0.1:{port}")
+
+    def __enter__(self) -> InProcessCA:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self._server is not None:

@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,32 +127,41 @@ def load_or_create_dir(directory: Path, trust_domain: str) -> Authority:
     return authority_from(material, where=str(directory))
 
 
-def load_or_create_secret(core_v1: Any, namespace: str, name: str, trust_domain: str) -> Authority:
-    """Read the root Secret, creating it with a new root if absent (409 means a peer won)."""
-    from kubernetes.client import V1ObjectMeta, V1Secret
+def _read_or_create(read: Callable[[], Any], create: Callable[[], Any], where: str) -> Any:
+    """The object ``read`` returns, created with ``create`` first if absent. A 409 on create
+    means another replica created it in between: read theirs, so all replicas agree."""
     from kubernetes.client.exceptions import ApiException
 
-    where = f"Secret {namespace}/{name}"
     try:
-        secret = core_v1.read_namespaced_secret(name, namespace)
+        return read()
     except ApiException as e:
         if e.status != 404:
             raise AuthorityError(f"cannot read {where}: {e.status} {e.reason}") from e
-        material = new_material(trust_domain)
+    try:
+        created = create()
+        log.info("created %s", where)
+        return created
+    except ApiException as e:
+        if e.status != 409:
+            raise AuthorityError(f"cannot create {where}: {e.status} {e.reason}") from e
+    log.info("another CA replica created %s first; using it", where)
+    return read()
+
+
+def load_or_create_secret(core_v1: Any, namespace: str, name: str, trust_domain: str) -> Authority:
+    """Read the root Secret, creating it with a new self-signed root if absent."""
+    from kubernetes.client import V1ObjectMeta, V1Secret
+
+    def create() -> Any:
         body = V1Secret(
             metadata=V1ObjectMeta(name=name, namespace=namespace),
             type="Opaque",
-            data={k: base64.b64encode(v).decode() for k, v in material.items()},
+            data={k: base64.b64encode(v).decode() for k, v in new_material(trust_domain).items()},
         )
-        try:
-            core_v1.create_namespaced_secret(namespace, body)
-            log.info("created a new self-signed root in %s", where)
-            return authority_from(material, where=where)
-        except ApiException as e2:
-            if e2.status != 409:
-                raise AuthorityError(f"cannot create {where}: {e2.status} {e2.reason}") from e2
-            log.info("another CA replica created %s first; using its root", where)
-            secret = core_v1.read_namespaced_secret(name, namespace)
+        return core_v1.create_namespaced_secret(namespace, body)
+
+    where = f"Secret {namespace}/{name}"
+    secret = _read_or_create(lambda: core_v1.read_namespaced_secret(name, namespace), create, where)
     data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
     return authority_from(data, where=where)
 
@@ -168,22 +177,16 @@ def publish_bundle_configmap(core_v1: Any, namespace: str, name: str, authority:
 
     bundle = to_pem(list(authority.roots))
     where = f"ConfigMap {namespace}/{name}"
-    try:
-        current = core_v1.read_namespaced_config_map(name, namespace)
-    except ApiException as e:
-        if e.status != 404:
-            raise AuthorityError(f"cannot read {where}: {e.status} {e.reason}") from e
-        body = V1ConfigMap(
-            metadata=V1ObjectMeta(name=name, namespace=namespace), data={ROOT_FILE: bundle}
-        )
-        try:
-            core_v1.create_namespaced_config_map(namespace, body)
-            log.info("published the trust bundle in %s", where)
-            return
-        except ApiException as e2:
-            if e2.status != 409:
-                raise AuthorityError(f"cannot create {where}: {e2.status} {e2.reason}") from e2
-            current = core_v1.read_namespaced_config_map(name, namespace)
+    current = _read_or_create(
+        lambda: core_v1.read_namespaced_config_map(name, namespace),
+        lambda: core_v1.create_namespaced_config_map(
+            namespace,
+            V1ConfigMap(
+                metadata=V1ObjectMeta(name=name, namespace=namespace), data={ROOT_FILE: bundle}
+            ),
+        ),
+        where,
+    )
     if (current.data or {}).get(ROOT_FILE) == bundle:
         return
     current.data = {**(current.data or {}), ROOT_FILE: bundle}

@@ -68,17 +68,9 @@ def kube_ca(tmp_path: Path, cluster: FakeCluster) -> Iterator[InProcessCA]:
     authn = TokenReviewAuthenticator(
         cluster, frozenset({"nodemesh-system/nodemesh-agent"}), "cluster.local"
     )
-    ca = InProcessCA(
-        tmp_path / "ca",
-        StateStore(),
-        authenticator=authn,
-        authorizer=KubeNodeAuthorizer(cluster),
-    )
-    ca.start()
-    try:
+    authz = KubeNodeAuthorizer(cluster)
+    with InProcessCA(tmp_path / "ca", StateStore(), authenticator=authn, authorizer=authz) as ca:
         yield ca
-    finally:
-        ca.stop()
 
 
 @pytest.fixture

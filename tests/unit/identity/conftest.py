@@ -23,9 +23,6 @@ def store() -> StateStore:
 
 @pytest.fixture
 def ca(tmp_path: Path, store: StateStore) -> Iterator[InProcessCA]:
-    authority = InProcessCA(tmp_path / "ca", store, node_tokens={"node1": InProcessCA.new_token()})
-    authority.start()
-    try:
+    tokens = {"node1": InProcessCA.new_token()}
+    with InProcessCA(tmp_path / "ca", store, node_tokens=tokens) as authority:
         yield authority
-    finally:
-        authority.stop()

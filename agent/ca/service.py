@@ -64,17 +64,16 @@ def _standalone(
 def _kubernetes(
     args: argparse.Namespace, cleanup: ExitStack
 ) -> tuple[Authority, Authenticator, NodeAuthorizer, str]:
-    from kubernetes import client, config
-
     from agent.ca.kube import ApiServerCluster
+    from agent.sources.kube import api_client
 
-    if args.in_cluster:
-        config.load_incluster_config()
-    else:
-        config.load_kube_config(config_file=str(args.kubeconfig))
-    api_client = client.ApiClient()
-    cleanup.callback(api_client.close)
-    cluster = ApiServerCluster(api_client, audiences=args.token_audience)
+    kubeconfig = str(args.kubeconfig) if args.kubeconfig else None
+    try:
+        api = api_client(kubeconfig=kubeconfig, in_cluster=args.in_cluster)
+    except RuntimeError as e:
+        raise SetupError(str(e)) from e
+    cleanup.callback(api.close)
+    cluster = ApiServerCluster(api, audiences=args.token_audience)
     trust_domain = args.trust_domain or DEFAULT_TRUST_DOMAIN
     secret_ns, secret_name = args.root_secret
     authority = load_or_create_secret(cluster.core, secret_ns, secret_name, trust_domain)

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from agent.ca.inprocess import InProcessCA
@@ -131,3 +132,21 @@ def test_csr_with_a_broken_signature_is_malformed(ca: InProcessCA, raw: RawClien
         raw.create(pem, token=ca.node_tokens["node1"], impersonate=CLIENT)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert "signature" in info.value.details()  # type: ignore[attr-defined]
+
+
+def test_weak_csr_key_is_refused(ca: InProcessCA, raw: RawClient) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(CLIENT)]), critical=True
+        )
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        raw.create(weak, token=ca.node_tokens["node1"], impersonate=CLIENT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "key type" in info.value.details()  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ import pytest
 
 from agent.ca.auth import KubeNodeAuthorizer, TokenReview, TokenReviewAuthenticator
 from agent.ca.inprocess import InProcessCA
+from agent.ca.kube import KubeApiError
 from agent.identity.certs import build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
 from agent.state import StateStore
@@ -108,3 +109,15 @@ def test_refusals(kraw: RawClient, token: str, identity: str, expected: str) -> 
 def test_non_agent_account_gets_only_its_own_identity(kraw: RawClient) -> None:
     resp = kraw.create(csr(CLIENT), token="other-sa")
     assert len(resp.cert_chain) == 2
+
+
+def test_api_failure_during_the_node_check_is_unavailable(
+    kraw: RawClient, cluster: FakeCluster
+) -> None:
+    def broken(node: str, namespace: str, service_account: str) -> bool:
+        raise KubeApiError("listing pods of default on node1 failed: 500")
+
+    cluster.has_pod_on = broken  # type: ignore[method-assign]
+    with pytest.raises(grpc.RpcError) as info:
+        kraw.create(csr(CLIENT), token="agent-node1", impersonate=CLIENT)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]

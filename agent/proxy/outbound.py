@@ -60,7 +60,11 @@ class Outbound:
             sockets.abort(client)
             return
         record = ConnectionRecord(
-            OUTBOUND, _addr(src_ip, src_port), _addr(dst_ip, dst_port), path=route.kind
+            OUTBOUND,
+            _addr(src_ip, src_port),
+            _addr(dst_ip, dst_port),
+            path=route.kind,
+            upstream=_addr(route.ip, route.port),
         )
         if route.source is not None:
             record.source_identity = self.core.identity(route.source, snap)

@@ -10,25 +10,31 @@ connection again and closes the ones the new policies no longer allow: a DENY po
 now takes effect on connections opened before it.
 
 Rejections are counted by reason (``rejections``), and each is logged once, at INFO, with the
-reason, so an operator can tell a policy denial from a bad peer from an unreachable pod.
+reason, so an operator can tell a policy denial from a bad peer from an unreachable pod. A
+rejection inside the task that registered a record is also written to that record's ``failure``
+(a context variable finds it, so the many ``reject`` call sites need no connection id).
+
+Observers (``agent.telemetry``: metrics and the JSON access log) are told when a record opens and
+when it closes; they read the byte counters, which the relay updates while the connection is
+open, so a scrape sees bytes of long-lived connections before they end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from agent.policy.authz import Decision, Request
 from agent.state.model import Workload
 
 log = logging.getLogger(__name__)
-# One line per finished connection: who, to whom, how secured, how many bytes (the access log).
-access_log = logging.getLogger("agent.proxy.access")
 
 OUTBOUND = "outbound"
 INBOUND = "inbound"
@@ -50,9 +56,25 @@ class ConnectionRecord:
     bytes_sent: int = 0  # client -> server
     bytes_received: int = 0  # server -> client
     id: int = 0
+    upstream: str = ""  # ip:port actually dialed (a Service VIP resolves to an endpoint)
+    failure: str = ""  # reason key of the rejection that ended it ("" = none)
 
     def describe(self) -> dict[str, object]:
         return asdict(self)
+
+
+class ConnectionObserver(Protocol):
+    """Told about every record: ``opened`` once registered, ``closed`` once removed."""
+
+    def opened(self, record: ConnectionRecord) -> None: ...
+
+    def closed(self, record: ConnectionRecord) -> None: ...
+
+
+# The record registered by the task that is running (and its registry), for ``reject``.
+_current: contextvars.ContextVar[tuple[Registry, ConnectionRecord]] = contextvars.ContextVar(
+    "nodemesh_current_record"
+)
 
 
 @dataclass
@@ -88,6 +110,7 @@ class Registry:
         self.rejections: Counter[str] = Counter()
         self.denials: Counter[str] = Counter()
         self.total = 0
+        self.observers: list[ConnectionObserver] = []
 
     def add(
         self,
@@ -100,6 +123,9 @@ class Registry:
         record.id = next(self._ids)
         self._live[record.id] = _Live(record, close, request, workload)
         self.total += 1
+        _current.set((self, record))
+        for observer in self.observers:
+            observer.opened(record)
         return record.id
 
     def authorized(self, conn_id: int, request: Request, workload: Workload) -> None:
@@ -111,13 +137,8 @@ class Registry:
     def remove(self, conn_id: int) -> None:
         live = self._live.pop(conn_id, None)
         if live is not None:
-            r = live.record
-            access_log.info(
-                "%s %s %s (%s) -> %s (%s) security=%s sent=%d received=%d duration=%.3fs",
-                r.direction, r.path, r.source, r.source_identity or "-", r.destination,
-                r.destination_identity or "-", r.security, r.bytes_sent, r.bytes_received,
-                time.time() - r.started,
-            )  # fmt: skip
+            for observer in self.observers:
+                observer.closed(live.record)
 
     def __iter__(self) -> Iterator[ConnectionRecord]:
         return (live.record for live in list(self._live.values()))
@@ -132,10 +153,24 @@ class Registry:
         """Count and log one refused connection or stream."""
         self.rejections[reason_key] += 1
         log.info("rejected (%s): %s", reason_key, detail)
+        current = _current.get(None)
+        if current is not None and current[0] is self and not current[1].failure:
+            current[1].failure = reason_key
 
-    def deny(self, decision: Decision, detail: str) -> None:
+    def deny(
+        self, decision: Decision, detail: str, *, record: ConnectionRecord | None = None
+    ) -> None:
+        """Count a policy denial; ``record``: the denied connection, when it was never
+        registered (an HBONE stream refused before relaying), is reported opened and closed."""
         self.denials[decision.policy or "no-allow-match"] += 1
         self.reject("policy_denied", f"{detail}: {decision.reason}")
+        if record is not None:
+            record.failure = record.failure or "policy_denied"
+            record.id = next(self._ids)
+            self.total += 1
+            for observer in self.observers:
+                observer.opened(record)
+                observer.closed(record)
 
     def recheck(self, evaluate: Callable[[Request, Workload], Decision]) -> int:
         """Close live connections the current policies deny; returns how many were closed."""
@@ -149,6 +184,7 @@ class Registry:
                     decision, f"live connection {live.record.source} -> {live.record.destination}"
                 )
                 live.closing = True  # its handler removes (and logs) it once it has closed
+                live.record.failure = live.record.failure or "policy_denied"
                 live.close(decision.reason)
                 closed += 1
         return closed

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer, Request
 from agent.policy.peerauth import PeerAuthenticator
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
@@ -84,6 +84,19 @@ class Core:
 
     def identity(self, workload: Workload, snap: Snapshot) -> str:
         return workload.identity(snap.trust_domain)
+
+    def authorize(self, request: Request, workload: Workload, where: str, snap: Snapshot) -> bool:
+        """Evaluate, log dry-run and AUDIT outcomes, count and log a denial; True if allowed."""
+        decision = self.policies(snap).authz.evaluate(request, workload)
+        for note in decision.would:
+            log.info("%s: %s", where, note)
+        for ref in decision.audited:
+            log.info(
+                "%s: audited by %s (%s)", where, ref, "allowed" if decision.allowed else "denied"
+            )
+        if not decision.allowed:
+            self.registry.deny(decision, where)
+        return decision.allowed
 
     def watch_policies(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         """Re-check live connections after every policy change; returns the unsubscribe."""

@@ -125,6 +125,10 @@ class InboundHbone:
         self, proto: HboneProtocol, stream_id: int, status: int, key: str, detail: str
     ) -> None:
         self.core.registry.reject(key, detail)
+        self._answer(proto, stream_id, status)
+
+    def _answer(self, proto: HboneProtocol, stream_id: int, status: int) -> None:
+        """End a refused stream with ``status`` (the refusal is already counted and logged)."""
         proto.streams.pop(stream_id, None)
         proto.codec.respond(stream_id, status)
         proto.flush()
@@ -176,10 +180,8 @@ class InboundHbone:
             return
         client_ip = self._client_ip(req, principal, peer_ip)
         request = Request(client_ip, req.host, req.port, principal)
-        decision = self.core.policies(snap).authz.evaluate(request, workload)
-        if not decision.allowed:
-            self.core.registry.deny(decision, where)
-            self._refuse(proto, sid, 401, "policy_denied_stream", f"{where}: {decision.reason}")
+        if not self.core.authorize(request, workload, where, snap):
+            self._answer(proto, sid, 401)
             return
         s = self.core.settings
         try:

@@ -127,12 +127,9 @@ class Outbound:
             self.core.registry.reject("proxy_port", f"{record.destination} is a proxy port")
             raise Refused(record.destination)
         request = Request(src_ip, route.ip, route.port, record.source_identity)
-        decision = self.core.policies().authz.evaluate(request, route.target)
-        if not decision.allowed:
-            self.core.registry.deny(
-                decision, f"{record.source} -> {record.destination} (same node)"
-            )
-            raise Refused(decision.reason)
+        where = f"{record.source} -> {record.destination} (same node)"
+        if not self.core.authorize(request, route.target, where, self.core.snapshot()):
+            raise Refused(where)
         self.core.registry.authorized(conn_id, request, route.target)
         upstream = await self._connect(route, record, src_ip)
         try:

@@ -72,10 +72,8 @@ class InboundPlaintext:
         if policies.peerauth.mode(workload, dst_port) == STRICT:
             self._refuse("strict_mtls", f"{where}: PeerAuthentication is STRICT (mTLS required)")
         request = Request(src_ip, dst_ip, dst_port, None)
-        decision = policies.authz.evaluate(request, workload)
-        if not decision.allowed:
-            self.core.registry.deny(decision, where)
-            raise Refused(decision.reason)
+        if not self.core.authorize(request, workload, where, snap):
+            raise Refused(where)
         self.core.registry.authorized(conn_id, request, workload)
         s = self.core.settings
         try:

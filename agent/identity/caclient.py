@@ -26,7 +26,7 @@ from agent.identity.spiffe import SpiffeId
 log = logging.getLogger(__name__)
 
 CA_SERVER_NAME = "nodemesh-ca"
-_RETRYABLE_TRANSPORT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_TRANSPORT_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class CaError(Exception):
@@ -79,22 +79,24 @@ class CaClient:
         self._timeout = timeout
         self._channel: grpc.aio.Channel | None = None
 
-    async def _call(self) -> grpc.aio.UnaryUnaryMultiCallable:
+    async def _current_channel(self) -> grpc.aio.Channel:
         root, changed = self._root.read()
-        if self._channel is None or changed:
-            if self._channel is not None:
-                log.info(
-                    "CA root file %s changed; reconnecting to %s", self._root.path, self.address
-                )
-                # Calls still in flight on the old channel are cancelled and retried by the
-                # identity manager; a root change is rare enough for that to be cheap.
-                await self._reset()
+        if self._channel is not None and changed:
+            log.info("CA root file %s changed; reconnecting to %s", self._root.path, self.address)
+            # Calls still in flight on the old channel are cancelled and retried by the identity
+            # manager; a root change is rare enough for that to be cheap.
+            await self._drop(self._channel)
+        if self._channel is None:
             self._channel = grpc.aio.secure_channel(
                 self.address,
                 grpc.ssl_channel_credentials(root_certificates=root),
                 options=[("grpc.ssl_target_name_override", self._server_name)],
             )
-        return self._channel.unary_unary(
+        return self._channel
+
+    @staticmethod
+    def _method(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
+        return channel.unary_unary(
             proto.METHOD,
             request_serializer=proto.IstioCertificateRequest.SerializeToString,
             response_deserializer=proto.IstioCertificateResponse.FromString,
@@ -115,18 +117,21 @@ class CaClient:
             csr=build_csr(identity, key), validity_duration=self._validity
         )
         request.metadata.fields[proto.IMPERSONATED_IDENTITY_KEY].string_value = str(identity)
-        call = await self._call()
+        channel = await self._current_channel()
         try:
-            response = await call(
+            response = await self._method(channel)(
                 request,
                 metadata=(("authorization", f"Bearer {self._token_value()}"),),
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as e:
-            if e.code() in _RETRYABLE_TRANSPORT:
-                await self._reset()
+            hint = ""
+            if e.code() in _TRANSPORT_FAILURES:
+                await self._drop(channel)
+                hint = " (is the CA running and reachable from this node? check --ca-address)"
             raise CaError(
-                f"the CA at {self.address} refused {identity}: {e.code().name}: {e.details()}",
+                f"certificate request for {identity} to the CA at {self.address} failed: "
+                f"{e.code().name}: {e.details()}{hint}",
                 e.code(),
             ) from e
         try:
@@ -136,10 +141,13 @@ class CaClient:
         except CertificateError as e:
             raise CaError(f"unusable answer from the CA at {self.address}: {e}") from e
 
-    async def _reset(self) -> None:
-        if self._channel is not None:
-            channel, self._channel = self._channel, None
-            await channel.close()
+    async def _drop(self, channel: grpc.aio.Channel) -> None:
+        """Close ``channel``; the next request opens a new one. Only the current channel is
+        forgotten, so a failure seen on an old one never closes its replacement."""
+        if self._channel is channel:
+            self._channel = None
+        await channel.close()
 
     async def close(self) -> None:
-        await self._reset()
+        if self._channel is not None:
+            await self._drop(self._channel)

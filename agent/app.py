@@ -29,6 +29,7 @@ import json
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -44,6 +45,7 @@ from agent.state import Snapshot, StateStore
 log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 5.0
+KUBE_SYNC_SECONDS = 120.0
 
 
 class ConnectionHandler(Protocol):
@@ -81,18 +83,40 @@ class StartupError(RuntimeError):
 
 
 def open_source(config: AgentConfig, store: StateStore) -> StateSource:
-    """The configured source, started: ``store`` holds the state when this returns."""
-    if config.cluster_file is None:
-        raise StartupError(
-            "Kubernetes mode (--kubeconfig/--in-cluster) needs agent.sources.kube, which this "
-            "build does not have yet; run with --cluster-file"
-        )
-    source = LocalFileSource(config.cluster_file, store)
+    """The configured source, started: ``store`` holds the full state when this returns.
+
+    The datapath's first reconcile must not see a partial state: it would delete the entries of
+    pods not listed yet and let their traffic escape capture. So Kubernetes mode waits for the
+    first full list of every resource (up to ``KUBE_SYNC_SECONDS``; meanwhile an adopted datapath
+    keeps steering with the previous agent's entries).
+    """
+    source: StateSource
+    if config.cluster_file is not None:
+        source = LocalFileSource(config.cluster_file, store)
+        try:
+            source.start()
+        except LocalFileError as e:
+            raise StartupError(str(e)) from e
+        return source
+    from agent.sources.kube import KubeSource, api_client  # imports kubernetes: only here
+
+    kubeconfig = str(config.kubeconfig) if config.kubeconfig else None
     try:
-        source.start()
-    except LocalFileError as e:
+        api = api_client(kubeconfig=kubeconfig, in_cluster=config.in_cluster)
+    except RuntimeError as e:
         raise StartupError(str(e)) from e
-    return source
+    kube = KubeSource(api, store, node=config.node)
+    kube.start()
+    deadline = time.monotonic() + KUBE_SYNC_SECONDS
+    while not kube.wait_ready(timeout=5.0):
+        if time.monotonic() > deadline:
+            kube.stop()
+            raise StartupError(
+                f"the Kubernetes API did not list {kube.not_ready()} within "
+                f"{KUBE_SYNC_SECONDS:.0f}s; check the API server address and the agent's RBAC"
+            )
+        log.info("waiting for the first list of %s from the Kubernetes API", kube.not_ready())
+    return kube
 
 
 def components(config: AgentConfig, store: StateStore) -> list[Component]:

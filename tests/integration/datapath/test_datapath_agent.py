@@ -12,9 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent.lab import netns
 from agent.lab.handle import Lab
+from tests.fakeapi import FakeApiServer
+from tests.fakeapi.objects import pod
 from tests.integration.datapath.harness import connect, snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -50,12 +53,11 @@ class AgentRunner:
             "--pin-dir", str(self.pin_dir), *extra,
         ]  # fmt: skip
 
-    def start(self) -> subprocess.Popen[bytes]:
-        cluster = str(self.lab.state_dir / "cluster.yaml")
+    def start(self, *source: str) -> subprocess.Popen[bytes]:
+        """Start an agent; the state source defaults to the lab's cluster file."""
+        source = source or ("--cluster-file", str(self.lab.state_dir / "cluster.yaml"))
         log = open(self.logdir / f"agent-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        proc = self.lab.popen(
-            self.node, *self.argv("--cluster-file", cluster), stdout=log, stderr=subprocess.STDOUT
-        )
+        proc = self.lab.popen(self.node, *self.argv(*source), stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.procs.append(proc)
         return proc
@@ -170,3 +172,44 @@ def test_annotating_a_pod_changes_capture_without_reload(dplab: Lab, agent1: Age
             assert time.monotonic() - started < 20, answer
         print(f"capture of outsider {value} after {time.monotonic() - started:.2f}s")
     assert "adopting" not in agent1.log(0) and agent1.log(0).count("compiled and pinned") == 1
+
+
+@pytest.fixture
+def fake_api(dplab: Lab) -> Iterator[FakeApiServer]:
+    """A fake Kubernetes API server on node1's loopback, holding the lab's pods."""
+    api = netns.call_in(dplab.netns("node1"), FakeApiServer)
+    with api:
+        api.create("Namespace", {"metadata": {"name": "default", "labels": {}}}, namespace="")
+        for p in dplab.status()["pods"]:
+            annotations = {"nodemesh.io/mesh": "enabled"} if p["meshed"] else {}
+            api.create("Pod", pod(p["name"], p["ip"], node=p["node"], annotations=annotations))
+        yield api
+
+
+@pytest.mark.usefixtures("servers")
+def test_agent_in_kubernetes_mode_follows_pod_annotations(
+    dplab: Lab, agent1: AgentRunner, fake_api: FakeApiServer, tmp_path: Path
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
+                "users": [{"name": "agent", "user": {"token": "t"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "agent"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    client, plain = str(dplab.pod("client")["ip"]), str(dplab.pod("plain")["ip"])
+    node_ip = str(dplab.node("node1")["ip"])
+    proc = agent1.start("--kubeconfig", str(kubeconfig))
+    agent1.wait_ready(proc)
+    assert connect(dplab, "client", plain, 8080) == f"server {node_ip}"
+
+    fake_api.patch("Pod", "client", {"metadata": {"annotations": {"nodemesh.io/mesh": "disabled"}}})
+    deadline = time.monotonic() + 20
+    while (answer := connect(dplab, "client", plain, 8080)) != f"server {client}":
+        assert time.monotonic() < deadline, answer

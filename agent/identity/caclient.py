@@ -6,9 +6,9 @@ proxies ask on a workload's behalf), and checks the answer before anyone can pre
 
 Why the channel and the token are re-read rather than fixed at start: the CA's root (``--ca-root``)
 changes during a root rotation, and Kubernetes rotates projected service-account tokens (about
-hourly). The token file is re-read when its mtime or size changes and the channel is rebuilt when
-the root file changes or after a transport failure, so a long-running agent follows both without
-a restart. gRPC itself reconnects a broken channel; a rebuild is the fallback.
+hourly). The token file is re-read when its inode, mtime or size changes and the channel is
+rebuilt when the root file changes or after a transport failure, so a long-running agent follows
+both without a restart. gRPC itself reconnects a broken channel; a rebuild is the fallback.
 """
 
 from __future__ import annotations
@@ -39,16 +39,17 @@ class CaError(Exception):
 
 @dataclass
 class _Watched:
-    """File content re-read when its (mtime, size) changes."""
+    """File content re-read when its (inode, mtime, size) changes: an in-place write, a rename
+    over it, or the kubelet's symlink swap of a projected volume."""
 
     path: Path
-    stamp: tuple[int, int] | None = None
+    stamp: tuple[int, int, int] | None = None
     data: bytes = b""
 
     def read(self) -> tuple[bytes, bool]:
         try:
             st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
             changed = stamp != self.stamp
             if changed:
                 self.data = self.path.read_bytes()

@@ -228,3 +228,25 @@ def test_a_new_trust_bundle_reaches_every_held_certificate(ca: InProcessCA, tmp_
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_ca_root_file_anchors_the_clients_tls_and_is_reread(
+    ca: InProcessCA, tmp_path: Path
+) -> None:
+    stranger = load_or_create_dir(tmp_path / "stranger", "cluster.local")
+    root = tmp_path / "ca-root.pem"
+    root.write_bytes((tmp_path / "stranger" / "root.pem").read_bytes())
+    token = tmp_path / "token"
+    token.write_text(ca.node_tokens["node1"])
+    assert stranger.signing_cert not in ca.authority.roots
+
+    async def scenario() -> None:
+        client = CaClient(ca.address, root_file=root, token_file=token)
+        with pytest.raises(CaError) as info:  # the CA's certificate does not chain to this root
+            await client.fetch(SpiffeId.parse(CLIENT))
+        assert info.value.code is not None and info.value.code.name == "UNAVAILABLE"
+        root.write_bytes(ca.root_file.read_bytes())
+        assert str((await client.fetch(SpiffeId.parse(CLIENT))).identity) == CLIENT
+        await client.close()
+
+    asyncio.run(scenario())

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -152,6 +153,9 @@ def test_agent_restart_under_load_lets_no_connection_escape(
     assert set(answers) <= {f"server {node_ip}", "ERR ConnectionResetError"}, answers
     assert any(float(t) > restarted_at and r == f"server {node_ip}" for t, r in results)
     assert "adopting pinned capture programs" in agent1.log(1)
+    gaps = [float(b[0]) - float(a[0]) for a, b in itertools.pairwise(results)]
+    captured = answers.count(f"server {node_ip}")
+    print(f"restart: {len(results)} connections, {captured} captured, longest {max(gaps):.2f}s")
 
 
 @pytest.mark.usefixtures("servers")

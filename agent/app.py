@@ -315,7 +315,7 @@ class Agent:
             self._dirty.clear()
             try:
                 await asyncio.to_thread(self.datapath.reconcile, self.store.snapshot())
-            except OSError as e:
+            except (OSError, LookupError) as e:  # netlink/bpf errors, a named uplink gone
                 log.error("datapath reconcile failed: %s; retrying in %.0fs", e, RESYNC_SECONDS)
 
 
@@ -332,7 +332,7 @@ def run_agent(args: argparse.Namespace) -> int:
     agent = Agent(config)
     try:
         agent.prepare()
-    except (StartupError, ProgramLoadError, OSError) as e:
+    except (StartupError, ProgramLoadError, LookupError, OSError) as e:
         log.error("agent cannot start: %s", e)
         return 1
     import uvloop

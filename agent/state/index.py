@@ -2,56 +2,65 @@
 
 Why incremental: at 10,000 pods a rebuild of every index on each pod event costs milliseconds of
 Python per event and makes a busy cluster's event stream the agent's bottleneck. A commit instead
-copies the index dicts (a C-level copy, microseconds) and re-files only the objects it changed,
-so a single update costs O(changed objects * their labels and IPs), not O(cluster). The buckets
-(node → uids, namespace → uids, label → uids) are frozensets replaced on change, never mutated,
-because older snapshots still hold them.
+edits the indexes (``CowMap``: only the shards written are copied) and re-files only the objects
+it changed, so a single update costs O(changed objects * their labels and IPs), not O(cluster).
+The buckets (node -> uids, namespace -> uids, label -> uids) are frozensets replaced on change,
+never mutated, because older snapshots still hold them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from agent.state.cowmap import CowMap, CowMapEdit
 from agent.state.model import PolicyObject, Service, Workload
 
+Lookup = Mapping[Any, Any] | CowMapEdit[Any, Any]
 LabelKey = tuple[str, str, str]  # namespace, label key, label value
 PolicyScope = tuple[str, str]  # kind, namespace
 
 
-@dataclass
+@dataclass(frozen=True)
 class Indexes:
-    """Mutable while a commit builds them; frozen into the ``Snapshot`` afterwards."""
+    """The published indexes of one snapshot (read-only ``CowMap``s)."""
 
-    workload_by_ip: dict[str, Workload] = field(default_factory=dict)
-    ip_owners: dict[str, tuple[str, ...]] = field(default_factory=dict)  # ip -> uids, newest last
-    by_node: dict[str, frozenset[str]] = field(default_factory=dict)
-    by_namespace: dict[str, frozenset[str]] = field(default_factory=dict)
-    by_label: dict[LabelKey, frozenset[str]] = field(default_factory=dict)
-    service_by_ip: dict[str, Service] = field(default_factory=dict)
-    service_ip_owners: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
-    policies_by_scope: dict[PolicyScope, tuple[PolicyObject, ...]] = field(default_factory=dict)
+    workload_by_ip: CowMap[str, Workload] = field(default_factory=CowMap)
+    ip_owners: CowMap[str, tuple[str, ...]] = field(default_factory=CowMap)  # newest last
+    by_node: CowMap[str, frozenset[str]] = field(default_factory=CowMap)
+    by_namespace: CowMap[str, frozenset[str]] = field(default_factory=CowMap)
+    by_label: CowMap[LabelKey, frozenset[str]] = field(default_factory=CowMap)
+    service_by_ip: CowMap[str, Service] = field(default_factory=CowMap)
+    service_ip_owners: CowMap[str, tuple[tuple[str, str], ...]] = field(default_factory=CowMap)
+    policies_by_scope: CowMap[PolicyScope, tuple[PolicyObject, ...]] = field(default_factory=CowMap)
 
-    def copy(self) -> Indexes:
-        return Indexes(
-            dict(self.workload_by_ip),
-            dict(self.ip_owners),
-            dict(self.by_node),
-            dict(self.by_namespace),
-            dict(self.by_label),
-            dict(self.service_by_ip),
-            dict(self.service_ip_owners),
-            dict(self.policies_by_scope),
-        )
+    def edit(self) -> IndexEdit:
+        return IndexEdit(*(getattr(self, f.name).edit() for f in fields(self)))
 
 
-def _bucket_add(index: dict[Any, frozenset[str]], key: Any, uid: str) -> None:
+@dataclass
+class IndexEdit:
+    """The same indexes while a commit re-files what it touched."""
+
+    workload_by_ip: CowMapEdit[str, Workload]
+    ip_owners: CowMapEdit[str, tuple[str, ...]]
+    by_node: CowMapEdit[str, frozenset[str]]
+    by_namespace: CowMapEdit[str, frozenset[str]]
+    by_label: CowMapEdit[LabelKey, frozenset[str]]
+    service_by_ip: CowMapEdit[str, Service]
+    service_ip_owners: CowMapEdit[str, tuple[tuple[str, str], ...]]
+    policies_by_scope: CowMapEdit[PolicyScope, tuple[PolicyObject, ...]]
+
+    def freeze(self) -> Indexes:
+        return Indexes(*(getattr(self, f.name).freeze() for f in fields(self)))
+
+
+def _bucket_add(index: CowMapEdit[Any, frozenset[str]], key: Any, uid: str) -> None:
     index[key] = index.get(key, frozenset()) | {uid}
 
 
-def _bucket_remove(index: dict[Any, frozenset[str]], key: Any, uid: str) -> None:
+def _bucket_remove(index: CowMapEdit[Any, frozenset[str]], key: Any, uid: str) -> None:
     rest = index.get(key, frozenset()) - {uid}
     if rest:
         index[key] = rest
@@ -60,18 +69,18 @@ def _bucket_remove(index: dict[Any, frozenset[str]], key: Any, uid: str) -> None
 
 
 def _claim(
-    owners: dict[str, tuple[Any, ...]], by_ip: dict[str, Any], ip: str, key: Any, obj: Any
+    owners: CowMapEdit[str, Any], by_ip: CowMapEdit[str, Any], ip: str, key: Any, obj: Any
 ) -> None:
     owners[ip] = (*(k for k in owners.get(ip, ()) if k != key), key)
     by_ip[ip] = obj
 
 
 def _release(
-    owners: dict[str, tuple[Any, ...]],
-    by_ip: dict[str, Any],
+    owners: CowMapEdit[str, Any],
+    by_ip: CowMapEdit[str, Any],
     ip: str,
     key: Any,
-    objects: Mapping[Any, Any],
+    objects: Lookup,
 ) -> None:
     """Drop ``key``'s claim on ``ip``. Another object may hold the IP too (a pod IP reused
     before the old pod's deletion arrived): the newest surviving claimant keeps the address."""
@@ -87,7 +96,7 @@ def _release(
         by_ip.pop(ip, None)
 
 
-def _remove_workload(ix: Indexes, w: Workload, workloads: Mapping[str, Workload]) -> None:
+def _remove_workload(ix: IndexEdit, w: Workload, workloads: Lookup) -> None:
     for ip in w.ips:
         _release(ix.ip_owners, ix.workload_by_ip, ip, w.uid, workloads)
     _bucket_remove(ix.by_node, w.node, w.uid)
@@ -96,7 +105,7 @@ def _remove_workload(ix: Indexes, w: Workload, workloads: Mapping[str, Workload]
         _bucket_remove(ix.by_label, (w.namespace, k, v), w.uid)
 
 
-def _add_workload(ix: Indexes, w: Workload) -> None:
+def _add_workload(ix: IndexEdit, w: Workload) -> None:
     for ip in w.ips:
         _claim(ix.ip_owners, ix.workload_by_ip, ip, w.uid, w)
     _bucket_add(ix.by_node, w.node, w.uid)
@@ -106,9 +115,9 @@ def _add_workload(ix: Indexes, w: Workload) -> None:
 
 
 def refile_workloads(
-    ix: Indexes,
+    ix: IndexEdit,
     old: Mapping[str, Workload],
-    new: Mapping[str, Workload],
+    new: Lookup,
     uids: Iterable[str],
 ) -> None:
     """Re-file the workloads with these uids: drop their old entries, add their new ones."""
@@ -122,9 +131,9 @@ def refile_workloads(
 
 
 def refile_services(
-    ix: Indexes,
+    ix: IndexEdit,
     old: Mapping[tuple[str, str], Service],
-    new: Mapping[tuple[str, str], Service],
+    new: Lookup,
     keys: Iterable[tuple[str, str]],
 ) -> None:
     touched = list(keys)
@@ -139,30 +148,23 @@ def refile_services(
 
 
 def refile_policies(
-    ix: Indexes,
-    new: Mapping[tuple[str, str, str], PolicyObject],
+    ix: IndexEdit,
+    new: Lookup,
     keys: Iterable[tuple[str, str, str]],
 ) -> None:
-    """Rebuild the (kind, namespace) buckets the touched policies belong to, sorted by name."""
-    scopes = {(kind, ns) for kind, ns, _ in keys}
-    members: dict[PolicyScope, list[PolicyObject]] = {scope: [] for scope in scopes}
-    for (kind, ns, _), policy in new.items():
-        if (kind, ns) in members:
-            members[(kind, ns)].append(policy)
-    for scope, policies in members.items():
-        if policies:
-            ix.policies_by_scope[scope] = tuple(sorted(policies, key=lambda p: p.name))
+    """Update the (kind, namespace) buckets of the touched policies, kept sorted by name."""
+    buckets: dict[PolicyScope, dict[str, PolicyObject]] = {}
+    for key in keys:
+        kind, ns, name = key
+        if (kind, ns) not in buckets:
+            buckets[(kind, ns)] = {p.name: p for p in ix.policies_by_scope.get((kind, ns), ())}
+        policy = new.get(key)
+        if policy is None:
+            buckets[(kind, ns)].pop(name, None)
+        else:
+            buckets[(kind, ns)][name] = policy
+    for scope, members in buckets.items():
+        if members:
+            ix.policies_by_scope[scope] = tuple(members[n] for n in sorted(members))
         else:
             ix.policies_by_scope.pop(scope, None)
-
-
-def frozen(ix: Indexes) -> dict[str, Mapping[Any, Any]]:
-    """The read-only views a ``Snapshot`` exposes."""
-    return {
-        "workload_by_ip": MappingProxyType(ix.workload_by_ip),
-        "service_by_ip": MappingProxyType(ix.service_by_ip),
-        "workloads_by_node": MappingProxyType(ix.by_node),
-        "workloads_by_namespace": MappingProxyType(ix.by_namespace),
-        "workloads_by_label": MappingProxyType(ix.by_label),
-        "policies_by_scope": MappingProxyType(ix.policies_by_scope),
-    }

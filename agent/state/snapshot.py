@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from agent.state.cowmap import CowMap
 from agent.state.index import Indexes, LabelKey, PolicyScope
 from agent.state.model import (
     DEFAULT_TRUST_DOMAIN,
@@ -34,18 +35,38 @@ class Snapshot:
 
     version: int = 0
     trust_domain: str = DEFAULT_TRUST_DOMAIN
-    namespaces: Mapping[str, Namespace] = field(default_factory=dict)
-    workloads: Mapping[str, Workload] = field(default_factory=dict)  # by uid
-    services: Mapping[tuple[str, str], Service] = field(default_factory=dict)
-    policies: Mapping[tuple[str, str, str], PolicyObject] = field(default_factory=dict)
-    workload_by_ip: Mapping[str, Workload] = field(default_factory=dict)
-    service_by_ip: Mapping[str, Service] = field(default_factory=dict)
-    workloads_by_node: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    workloads_by_namespace: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    workloads_by_label: Mapping[LabelKey, frozenset[str]] = field(default_factory=dict)
-    policies_by_scope: Mapping[PolicyScope, tuple[PolicyObject, ...]] = field(default_factory=dict)
+    namespaces: CowMap[str, Namespace] = field(default_factory=CowMap)
+    workloads: CowMap[str, Workload] = field(default_factory=CowMap)  # by uid
+    services: CowMap[tuple[str, str], Service] = field(default_factory=CowMap)
+    policies: CowMap[tuple[str, str, str], PolicyObject] = field(default_factory=CowMap)
     changed_keys: Mapping[str, frozenset[object]] = field(default_factory=dict)
     indexes: Indexes = field(default_factory=Indexes, repr=False, compare=False)
+
+    @property
+    def workload_by_ip(self) -> Mapping[str, Workload]:
+        return self.indexes.workload_by_ip
+
+    @property
+    def service_by_ip(self) -> Mapping[str, Service]:
+        return self.indexes.service_by_ip
+
+    @property
+    def workloads_by_node(self) -> Mapping[str, frozenset[str]]:
+        return self.indexes.by_node
+
+    @property
+    def workloads_by_namespace(self) -> Mapping[str, frozenset[str]]:
+        return self.indexes.by_namespace
+
+    @property
+    def workloads_by_label(self) -> Mapping[LabelKey, frozenset[str]]:
+        """(namespace, label key, label value) -> uids of the workloads carrying it."""
+        return self.indexes.by_label
+
+    @property
+    def policies_by_scope(self) -> Mapping[PolicyScope, tuple[PolicyObject, ...]]:
+        """(kind, namespace) -> that namespace's policies of that kind, sorted by name."""
+        return self.indexes.policies_by_scope
 
     def is_meshed(self, workload: Workload) -> bool:
         """Effective membership: host-network and pending (no IP) pods never; the pod

@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Any
 
 from agent.state import index
+from agent.state.cowmap import CowMap, CowMapEdit
 from agent.state.model import DEFAULT_TRUST_DOMAIN, Namespace, PolicyObject, Service, Workload
 from agent.state.snapshot import KINDS, Snapshot
 
@@ -50,15 +51,15 @@ class Transaction:
 
     def __init__(self, base: Snapshot) -> None:
         self._base = base
-        self._data: dict[str, dict[Any, Any]] = {}
+        self._data: dict[str, CowMapEdit[Any, Any]] = {}
         self._touched: dict[str, set[Any]] = {}
         self.trust_domain = base.trust_domain
 
-    def _kind(self, kind: str) -> dict[Any, Any]:
+    def _kind(self, kind: str) -> CowMapEdit[Any, Any]:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
         if kind not in self._data:
-            self._data[kind] = dict(getattr(self._base, kind))
+            self._data[kind] = getattr(self._base, kind).edit()
             self._touched[kind] = set()
         return self._data[kind]
 
@@ -92,13 +93,13 @@ class Transaction:
         current = self._kind(kind)
         touched = self._touched[kind]
         fresh = {_key(kind, obj): obj for obj in objects}
-        touched.update(current.keys() - fresh.keys())
+        touched.update(k for k in current if k not in fresh)
         for key, obj in fresh.items():
             if key in current and current[key] == obj:
                 fresh[key] = current[key]  # keep the instance the indexes already hold
             else:
                 touched.add(key)
-        self._data[kind] = fresh
+        self._data[kind] = CowMap.of(fresh).edit()
 
     def changes(self) -> dict[str, frozenset[Any]]:
         """Per kind, the keys whose value differs from the base snapshot."""
@@ -121,7 +122,7 @@ class Transaction:
 
     def build(self, version: int, changes: Mapping[str, frozenset[Any]]) -> Snapshot:
         base = self._base
-        ix = base.indexes.copy()
+        ix = base.indexes.edit()
         if "workloads" in changes:
             index.refile_workloads(
                 ix, base.workloads, self._data["workloads"], changes["workloads"]
@@ -130,16 +131,13 @@ class Transaction:
             index.refile_services(ix, base.services, self._data["services"], changes["services"])
         if "policies" in changes:
             index.refile_policies(ix, self._data["policies"], changes["policies"])
-        kinds = {
-            k: MappingProxyType(self._data[k]) if k in changes else getattr(base, k) for k in KINDS
-        }
+        kinds = {k: self._data[k].freeze() if k in changes else getattr(base, k) for k in KINDS}
         return Snapshot(
             version=version,
             trust_domain=self.trust_domain,
             changed_keys=MappingProxyType(dict(changes)),
-            indexes=ix,
+            indexes=ix.freeze(),
             **kinds,
-            **index.frozen(ix),
         )
 
 

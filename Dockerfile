@@ -11,10 +11,12 @@
 #
 # The source tree is bind-mounted for that one step and never becomes a layer.
 # Kernel headers are not in the image: BCC compiles against the node's own, which the DaemonSet
-# mounts read-only from /lib/modules and /usr/src (`nodemesh check` in the agent's container
-# names what is missing). For a reproducible release build, pin the base by digest:
-#   --build-arg BASE_IMAGE=debian:bookworm-slim@sha256:<digest>
-ARG BASE_IMAGE=debian:bookworm-slim
+# mounts read-only from /lib/modules and /usr/src (its kernel-headers init container names the
+# package to install when they are missing).
+# The base is fully qualified so that podman builds it without a short-name search list (as in
+# vagrant/). For a reproducible release build, pin it by digest:
+#   --build-arg BASE_IMAGE=docker.io/library/debian:bookworm-slim@sha256:<digest>
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
 ENV NODEMESH_VENV=/opt/nodemesh \

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import socket
@@ -33,6 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from agent.admin.http import HttpServer, Request, Response
+from agent.admin.wiring import observability
 from agent.config import PROXY_MARK, AgentConfig, ConfigError, add_arguments, from_args
 from agent.datapath.datapath import Datapath, uninstall
 from agent.datapath.layout import Listener
@@ -149,44 +150,25 @@ def connection_handler(config: AgentConfig, found: list[Component]) -> Connectio
 
 class ReadinessServer:
     """``GET /healthz/ready``: 200 when nothing is pending, else 503 with a JSON list of what
-    is not ready. Minimal HTTP/1.1, one request per connection: probes need no more."""
+    is not ready (served by ``agent.admin.http``, like metrics and the admin API)."""
 
     def __init__(self, not_ready: Callable[[], list[str]]) -> None:
         self._not_ready = not_ready
-        self._server: asyncio.Server | None = None
+        self._server = HttpServer(self._answer)
 
     async def start(self, port: int, host: str = "0.0.0.0") -> int:
         """Listen on ``host:port``; returns the bound port (``port=0`` picks one)."""
-        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
-        return int(self._server.sockets[0].getsockname()[1])
+        return await self._server.start(host, port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await self._server.stop()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        body: dict[str, object]
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-            if path != b"/healthz/ready":
-                status, body = "404 Not Found", {"error": "only /healthz/ready is served here"}
-            elif reasons := self._not_ready():
-                status, body = "503 Service Unavailable", {"ready": False, "not_ready": reasons}
-            else:
-                status, body = "200 OK", {"ready": True}
-            payload = json.dumps(body).encode()
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
-                + payload
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
+    def _answer(self, request: Request) -> Response:
+        if request.path != "/healthz/ready":
+            return Response.json(404, {"error": "only /healthz/ready is served here"})
+        if reasons := self._not_ready():
+            return Response.json(503, {"ready": False, "not_ready": reasons})
+        return Response.json(200, {"ready": True})
 
 
 class Agent:
@@ -198,10 +180,13 @@ class Agent:
         self.listeners: dict[Listener, socket.socket] = {}
         self.components: list[Component] = components(config, self.store)
         self.handler: ConnectionHandler = connection_handler(config, self.components)
+        self.components += observability(self)  # metrics and admin API observe the rest
         self._connections: set[asyncio.Task[None]] = set()
         self._dirty = asyncio.Event()
         self._synced = False
         self._draining = False
+        self._reconcile_error: str | None = None
+        self._stop = asyncio.Event()
 
     # -- before the loop -------------------------------------------------------------------
     def prepare(self) -> None:
@@ -219,15 +204,25 @@ class Agent:
             reasons.append("agent: draining")
         if not self._synced:
             reasons.append("datapath: not reconciled")
+        elif self._reconcile_error is not None:
+            reasons.append(f"datapath: last reconcile failed: {self._reconcile_error}")
+        if len(self.listeners) != len(Listener) or any(
+            s.fileno() == -1 for s in self.listeners.values()
+        ):
+            reasons.append("listeners: not all of 15001/15006/15008 are open")
         if self.source is not None and not self.source.ready:
             reasons.append("state: not loaded")
         for c in self.components:
             reasons += c.not_ready()
         return reasons
 
+    def request_stop(self) -> None:
+        """Drain and exit, as on SIGTERM (the admin API's ``POST /quitquitquit``)."""
+        self._stop.set()
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
@@ -315,7 +310,9 @@ class Agent:
             self._dirty.clear()
             try:
                 await asyncio.to_thread(self.datapath.reconcile, self.store.snapshot())
+                self._reconcile_error = None
             except (OSError, LookupError) as e:  # netlink/bpf errors, a named uplink gone
+                self._reconcile_error = str(e)
                 log.error("datapath reconcile failed: %s; retrying in %.0fs", e, RESYNC_SECONDS)
 
 

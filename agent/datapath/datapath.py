@@ -219,12 +219,25 @@ class Datapath:
             "counters": self.counters(),
         }
 
+    def attachments(self) -> dict[str, str]:
+        """Interface name → our program on it (pyroute2's sync API: call from a worker thread)."""
+        with IPRoute() as ipr:
+            found = tc.attached_interfaces(ipr)
+        return {_ifname(index): prog for index, prog in sorted(found.items())}
+
     def close(self) -> None:
         """Release file descriptors; pinned objects and filters stay for the next agent."""
         with self._lock:
             if self._loaded is not None:
                 self._loaded.close()
                 self._loaded = None
+
+
+def _ifname(index: int) -> str:
+    try:
+        return socket.if_indextoname(index)
+    except OSError:  # removed since the dump
+        return f"ifindex {index}"
 
 
 def uninstall(pin_dir: Path, routing_config: routing.RoutingConfig) -> list[str]:

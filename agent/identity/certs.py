@@ -137,4 +137,5 @@ class WorkloadCertificate:
             "not_after": self.not_after.isoformat(),
             "issuer": self.leaf.issuer.rfc4514_string(),
             "roots": [format(r.serial_number, "x") for r in self.roots],
+            "chain": self.chain_pem(),
         }

@@ -14,6 +14,7 @@ from pathlib import Path
 from agent.identity.caclient import CaClient
 from agent.identity.manager import IdentityManager, follow_store
 from agent.state import StateStore
+from agent.telemetry.ca import CountingFetcher
 
 
 class IdentityComponent:
@@ -31,7 +32,7 @@ class IdentityComponent:
         self._node = node
         self._store = store
         self.client = CaClient(ca_address, root_file=ca_root, token_file=token_file)
-        self.manager = IdentityManager(self.client)
+        self.manager = IdentityManager(CountingFetcher(self.client))
         self._unsubscribe: Callable[[], None] | None = None
 
     async def start(self) -> None:

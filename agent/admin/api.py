@@ -1,0 +1,155 @@
+"""The admin API on 127.0.0.1:15000: what this agent knows and does, as JSON.
+
+Read endpoints (GET) show the state (workloads, services, policies), certificates (public
+facts and chains, never keys), live connections (the access log's fields), the datapath's
+attachments and BPF counters, and the effective configuration. Two POSTs change the agent:
+``/logging`` (log levels at run time) and ``/quitquitquit`` (the same graceful drain as
+SIGTERM). Every shape is documented in ARCHITECTURE.md ("Admin API") with stable field names.
+
+Why loopback only: the API shows identities and topology and can stop the agent; it is
+reachable from the node (``nodemesh status``, ``kubectl exec``/port-forward) but never from a
+pod. ``agent.config`` refuses any other address.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from agent import __version__
+from agent.admin import views
+from agent.admin.http import Request, Response
+from agent.state import StateStore
+from agent.telemetry.loglevel import LogLevelError, levels, set_level
+
+Rows = list[dict[str, object]]
+
+ENDPOINTS = {
+    "/": "this index",
+    "/status": "node, version, readiness, counts, datapath mode (nodemesh status)",
+    "/config_dump": "everything below in one document, plus the effective configuration",
+    "/workloads": "workloads in the state (?local=1: this node's only)",
+    "/services": "services with their endpoints",
+    "/policies": "AuthorizationPolicy, PeerAuthentication and TrafficPolicy objects",
+    "/certs": "certificates of local identities: state, serial, validity, chain (no keys)",
+    "/connections": "live connections with the access log's fields",
+    "/datapath": "BPF programs' generation, attachments, listeners and counters",
+    "/logging": "GET: log levels; POST ?level=debug[&logger=agent.proxy]: change one",
+    "/quitquitquit": "POST: drain gracefully and exit (like SIGTERM)",
+}
+
+
+def _empty() -> Rows:
+    return []
+
+
+@dataclass
+class AdminSources:
+    """What the API reads; callables so that every answer is current."""
+
+    node: str
+    store: StateStore
+    config: Mapping[str, object]
+    not_ready: Callable[[], list[str]]
+    drain: Callable[[], None]
+    connections: Callable[[], Rows] = _empty
+    certificates: Callable[[], Rows] | None = None
+    datapath: Callable[[], Awaitable[dict[str, object]]] | None = None
+    state_source: Callable[[], dict[str, object]] | None = None
+    started: float = field(default_factory=time.time)
+
+
+class AdminApi:
+    def __init__(self, sources: AdminSources) -> None:
+        self.s = sources
+        self._get: dict[str, Callable[[Request], object]] = {
+            "/": lambda _r: {"node": self.s.node, "endpoints": ENDPOINTS},
+            "/status": lambda _r: self.status(),
+            "/config_dump": lambda _r: self.config_dump(),
+            "/workloads": lambda r: {"workloads": self.workloads(r.query.get("local") == "1")},
+            "/services": lambda _r: {"services": views.services_view(self.s.store.snapshot())},
+            "/policies": lambda _r: {"policies": views.policies_view(self.s.store.snapshot())},
+            "/certs": lambda _r: {"certificates": self.certificates()},
+            "/connections": lambda _r: {"connections": self.s.connections()},
+            "/datapath": lambda _r: self.datapath(),
+            "/logging": lambda _r: {"levels": levels()},
+        }
+
+    async def handle(self, request: Request) -> Response:
+        if request.method == "POST" and request.path == "/logging":
+            return self._logging(request)
+        if request.method == "POST" and request.path == "/quitquitquit":
+            self.s.drain()
+            return Response.json(200, {"draining": True})
+        view = self._get.get(request.path)
+        if view is None:
+            known = ", ".join(ENDPOINTS)
+            return Response.json(404, {"error": f"no endpoint {request.path}; try: {known}"})
+        if request.method != "GET":
+            return Response.json(405, {"error": f"{request.path} answers GET"})
+        result = view(request)
+        return Response.json(200, await result if inspect.isawaitable(result) else result)
+
+    def _logging(self, request: Request) -> Response:
+        level = request.query.get("level")
+        if not level:
+            return Response.json(400, {"error": "POST /logging?level=debug[&logger=NAME]"})
+        try:
+            return Response.json(
+                200, {"levels": set_level(level, request.query.get("logger", "root"))}
+            )
+        except LogLevelError as e:
+            return Response.json(400, {"error": str(e)})
+
+    # -- views -------------------------------------------------------------------------------
+    def workloads(self, local_only: bool = False) -> Rows:
+        return views.workloads_view(self.s.store.snapshot(), self.s.node, local_only=local_only)
+
+    def certificates(self) -> Rows:
+        return self.s.certificates() if self.s.certificates is not None else []
+
+    async def datapath(self) -> dict[str, object]:
+        return {"datapath": await self.s.datapath() if self.s.datapath is not None else None}
+
+    async def status(self) -> dict[str, object]:
+        snap = self.s.store.snapshot()
+        reasons = self.s.not_ready()
+        certs = self.certificates()
+        datapath = await self.s.datapath() if self.s.datapath is not None else {}
+        return {
+            "node": self.s.node,
+            "version": __version__,
+            "ready": not reasons,
+            "not_ready": reasons,
+            "uptime_seconds": round(time.time() - self.s.started, 1),
+            "state": {
+                "version": snap.version,
+                "trust_domain": snap.trust_domain,
+                **(self.s.state_source() if self.s.state_source else {}),
+            },
+            "counts": {
+                **views.summary(snap, self.s.node),
+                "connections": len(self.s.connections()),
+                "certificates": len(certs),
+                "certificates_available": sum(1 for c in certs if c.get("state") == "Available"),
+            },
+            "datapath": {
+                k: datapath.get(k) for k in ("failure_mode", "generation", "pods", "listeners")
+            },
+        }
+
+    async def config_dump(self) -> dict[str, object]:
+        snap = self.s.store.snapshot()
+        return {
+            "version": __version__,
+            "node": self.s.node,
+            "config": dict(self.s.config),
+            "state": {"version": snap.version, "trust_domain": snap.trust_domain},
+            "workloads": views.workloads_view(snap, self.s.node),
+            "services": views.services_view(snap),
+            "policies": views.policies_view(snap),
+            "certificates": self.certificates(),
+            "datapath": (await self.datapath())["datapath"],
+        }

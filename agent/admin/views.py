@@ -1,0 +1,81 @@
+"""JSON shapes of the state for the admin API (pure: a snapshot in, plain data out).
+
+The field names are a contract (ARCHITECTURE.md, "Admin API"): the CLI and operators' scripts
+read them. Lists are sorted so two dumps of the same state compare equal.
+"""
+
+from __future__ import annotations
+
+from agent.state import Snapshot, Workload
+from agent.state.model import PolicyObject, Service
+
+
+def workload_view(w: Workload, snap: Snapshot, node: str) -> dict[str, object]:
+    return {
+        "uid": w.uid,
+        "name": w.name,
+        "namespace": w.namespace,
+        "node": w.node,
+        "local": w.node == node,
+        "ips": list(w.ips),
+        "service_account": w.service_account,
+        "identity": w.identity(snap.trust_domain),
+        "meshed": snap.is_meshed(w),
+        "labels": dict(w.labels),
+        "exclude_outbound_ports": sorted(w.exclude_outbound_ports),
+        "exclude_inbound_ports": sorted(w.exclude_inbound_ports),
+    }
+
+
+def workloads_view(
+    snap: Snapshot, node: str, *, local_only: bool = False
+) -> list[dict[str, object]]:
+    items = sorted(snap.workloads.values(), key=lambda w: (w.namespace, w.name))
+    return [workload_view(w, snap, node) for w in items if not local_only or w.node == node]
+
+
+def service_view(s: Service) -> dict[str, object]:
+    return {
+        "name": s.name,
+        "namespace": s.namespace,
+        "hostname": s.hostname(),
+        "cluster_ips": list(s.cluster_ips),
+        "ports": [
+            {"name": p.name, "port": p.port, "target_port": p.target_port, "protocol": p.protocol}
+            for p in s.ports
+        ],
+        "selector": dict(s.selector) if s.selector is not None else None,
+        "endpoints": [
+            {"ip": e.ip, "workload": e.workload_uid, "ready": e.ready} for e in s.endpoints
+        ],
+    }
+
+
+def services_view(snap: Snapshot) -> list[dict[str, object]]:
+    return [service_view(snap.services[k]) for k in sorted(snap.services)]
+
+
+def policy_view(p: PolicyObject) -> dict[str, object]:
+    return {
+        "kind": p.kind,
+        "namespace": p.namespace,
+        "name": p.name,
+        "generation": p.generation,
+        "dry_run": p.dry_run,
+        "spec": p.spec,
+    }
+
+
+def policies_view(snap: Snapshot) -> list[dict[str, object]]:
+    return [policy_view(snap.policies[k]) for k in sorted(snap.policies)]
+
+
+def summary(snap: Snapshot, node: str) -> dict[str, int]:
+    local = list(snap.workloads_on(node))
+    return {
+        "workloads": len(snap.workloads),
+        "local_workloads": len(local),
+        "local_meshed": sum(1 for w in local if snap.is_meshed(w)),
+        "services": len(snap.services),
+        "policies": len(snap.policies),
+    }

@@ -1,0 +1,110 @@
+"""Istio's TCP metrics, fed by the proxy's connection records at open and close only.
+
+Why nothing runs per chunk: the relay already adds every chunk to its record's byte counters
+(it needs them for the access log and ``/connections``). This collector remembers the live
+records; at scrape time a byte counter is the sum over closed connections plus the current
+counters of the live ones. So bytes of a long-lived connection are visible while it is open,
+and the data path pays two dictionary operations per connection, not per chunk.
+
+Monotonic counters across the open → closed move: a connection's bytes stay under the label
+set it had when it opened (its ``response_flags`` may only be known at close, so
+``istio_tcp_connections_closed_total`` uses the close-time flags while the byte counters and
+``istio_tcp_connections_opened_total`` keep the open-time ones).
+
+Single-threaded by design: records, observers and ``collect`` all run on the agent's event loop
+(the metrics endpoint is served there), so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agent.proxy.records import ConnectionRecord
+from agent.state import StateStore
+from agent.telemetry.accesslog import connection_entry, write_access_log
+from agent.telemetry.labels import (
+    LABEL_NAMES,
+    TcpLabels,
+    endpoint_services,
+    response_flags,
+    tcp_labels,
+)
+
+OPENED = "istio_tcp_connections_opened_total"
+CLOSED = "istio_tcp_connections_closed_total"
+SENT = "istio_tcp_sent_bytes_total"
+RECEIVED = "istio_tcp_received_bytes_total"
+OPEN_NOW = "nodemesh_open_connections"
+
+
+class TcpMetrics(Collector):
+    """A ``ConnectionObserver`` (``Registry.observers``) and a prometheus-client collector."""
+
+    def __init__(self, store: StateStore, *, access_log: bool = True) -> None:
+        self._store = store
+        self._access_log = access_log
+        self._live: dict[int, tuple[ConnectionRecord, TcpLabels]] = {}
+        self._opened: Counter[TcpLabels] = Counter()
+        self._closed: Counter[TcpLabels] = Counter()
+        self._sent: Counter[TcpLabels] = Counter()
+        self._received: Counter[TcpLabels] = Counter()
+        self._endpoints: tuple[int, Mapping[str, str]] = (-1, {})
+
+    # -- ConnectionObserver ------------------------------------------------------------------
+    def opened(self, record: ConnectionRecord) -> None:
+        labels = self._labels(record)
+        self._live[record.id] = (record, labels)
+        self._opened[labels] += 1
+
+    def closed(self, record: ConnectionRecord) -> None:
+        live = self._live.pop(record.id, None)
+        labels = live[1] if live is not None else self._labels(record)
+        self._sent[labels] += record.bytes_sent
+        self._received[labels] += record.bytes_received
+        final = labels._replace(response_flags=response_flags(record.failure))
+        self._closed[final] += 1
+        if self._access_log:
+            write_access_log(record, final)
+
+    # -- readers -----------------------------------------------------------------------------
+    def live(self) -> list[dict[str, object]]:
+        """Live connections with the access log's fields (for ``/connections``)."""
+        now = time.time()
+        return [
+            connection_entry(r, labels._replace(response_flags=response_flags(r.failure)), now)
+            for r, labels in list(self._live.values())
+        ]
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        sent, received = Counter(self._sent), Counter(self._received)
+        open_now: Counter[str] = Counter()
+        for record, labels in self._live.values():
+            sent[labels] += record.bytes_sent
+            received[labels] += record.bytes_received
+            open_now[record.direction] += 1
+        docs = {
+            OPENED: (self._opened, "TCP connections opened (Istio standard metric)"),
+            CLOSED: (self._closed, "TCP connections closed (Istio standard metric)"),
+            SENT: (sent, "Bytes sent by the client side of TCP connections, live ones included"),
+            RECEIVED: (received, "Bytes sent back to the client side, live ones included"),
+        }
+        for name, (values, doc) in docs.items():
+            family = CounterMetricFamily(name, doc, labels=LABEL_NAMES)
+            for labels, value in values.items():
+                family.add_metric(list(labels), value)
+            yield family
+        gauge = GaugeMetricFamily(OPEN_NOW, "Connections open in the proxy", labels=["direction"])
+        for direction in ("outbound", "inbound"):
+            gauge.add_metric([direction], open_now[direction])
+        yield gauge
+
+    def _labels(self, record: ConnectionRecord) -> TcpLabels:
+        snap = self._store.snapshot()
+        if self._endpoints[0] != snap.version:
+            self._endpoints = (snap.version, endpoint_services(snap))
+        return tcp_labels(record, snap, self._endpoints[1])

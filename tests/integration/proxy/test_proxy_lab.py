@@ -137,6 +137,10 @@ def agent_log(lab: Lab, node: str) -> str:
     return (lab.state_dir / "logs" / f"agent-{node}.log").read_text()
 
 
+def _assert_true(value: bool) -> None:
+    assert value
+
+
 @contextmanager
 def policy(lab: Lab, kind: str, spec: dict[str, Any]) -> Iterator[None]:
     manifest = {
@@ -153,9 +157,11 @@ def policy(lab: Lab, kind: str, spec: dict[str, Any]) -> Iterator[None]:
 
 
 @contextmanager
-def capture(lab: Lab, node: str, path: Path) -> Iterator[None]:
-    """tcpdump on ``node``'s uplink for the duration of the block."""
-    cmd = ["tcpdump", "-i", "eth0", "-U", "--immediate-mode", "-w", str(path), "tcp"]
+def capture(
+    lab: Lab, node: str, path: Path, *, interface: str = "eth0", expression: str = "tcp"
+) -> Iterator[None]:
+    """tcpdump on ``node`` (its uplink by default) for the duration of the block."""
+    cmd = ["tcpdump", "-i", interface, "-U", "--immediate-mode", "-w", str(path), expression]
     proc = lab.popen(node, *cmd, stderr=subprocess.PIPE)
     try:
         assert proc.stderr is not None
@@ -181,15 +187,53 @@ def test_cross_node_is_mtls_on_the_wire_and_keeps_the_client_ip(lab: Lab, tmp_pa
 
 
 def test_identities_on_both_ends_are_the_pods(lab: Lab) -> None:
-    expect(lab, "client", "server-0")
-    out = f"outbound hbone {lab.pod('client')['ip']}"
-    ids = (f"({CLIENT_ID})", f"({SERVER_ID})")
-    retry(lambda: _assert_line(agent_log(lab, "node1"), out, *ids, "security=mutual_tls"))
-    retry(lambda: _assert_line(agent_log(lab, "node2"), "inbound hbone", *ids))
+    """The server end presents the server pod's identity (checked by a TLS client holding the
+    client pod's certificate from the lab CA), and sees the client pod's identity (an ALLOW on
+    that principal admits the client and nobody else)."""
+    server_ip = lab.pod("server-0")["ip"]
+    assert handshake(lab, server_ip, expect_peer=SERVER_ID) == "ok"
+    assert handshake(lab, server_ip, expect_peer=CLIENT_ID).startswith("PeerIdentityError")
+    only_client = {"from": [{"source": {"principals": ["cluster.local/ns/default/sa/client"]}}]}
+    with policy(lab, "AuthorizationPolicy", {"action": "ALLOW", "rules": [only_client]}):
+        retry(lambda: _assert_true(refused(lab, "neighbor", "server-0")))
+        assert expect(lab, "client", "server-0") == lab.pod("client")["ip"]
 
 
-def _assert_line(log: str, *parts: str) -> None:
-    assert any(all(p in line for p in parts) for line in log.splitlines()), parts
+# Runs in node1's namespace: get the client pod's certificate from the lab CA (node1's token) and
+# complete an mTLS handshake with the HBONE port, requiring the server to be ``expect_peer``.
+HANDSHAKE = """
+import asyncio, sys
+from pathlib import Path
+from agent.identity.caclient import CaClient
+from agent.identity.spiffe import SpiffeId
+from agent.identity.tls import client_context
+
+async def main():
+    ca, root, token, server_ip, expect_peer = sys.argv[1:6]
+    client = CaClient(ca, root_file=Path(root), token_file=Path(token))
+    try:
+        cert = await client.fetch(SpiffeId.parse("spiffe://cluster.local/ns/default/sa/client"))
+    finally:
+        await client.close()
+    ctx = client_context(cert, expect_peer)
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        _, writer = await asyncio.open_connection(server_ip, 15008, ssl=ctx, server_hostname="")
+        writer.close()
+        print("ok")
+    except Exception as e:
+        print(type(e).__name__, e)
+
+asyncio.run(main())
+"""
+
+
+def handshake(lab: Lab, server_ip: str, *, expect_peer: str) -> str:
+    ca = f"{lab.status()['ca']['ip']}:15012"
+    root, token = lab.state_dir / "ca" / "root.pem", lab.state_dir / "tokens" / "node1"
+    args = [sys.executable, "-c", HANDSHAKE, ca, str(root), str(token), server_ip, expect_peer]
+    out = lab.exec("node1", *args, capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.strip()
 
 
 def test_large_transfer_is_byte_exact_with_half_close(lab: Lab) -> None:
@@ -197,10 +241,16 @@ def test_large_transfer_is_byte_exact_with_half_close(lab: Lab) -> None:
     assert expect(lab, "client", "server-0", payload) == lab.pod("client")["ip"]
 
 
-def test_same_node_meshed_works_without_tls(lab: Lab) -> None:
-    assert expect(lab, "client", "neighbor") == lab.pod("client")["ip"]
-    log = lambda: agent_log(lab, "node1")  # noqa: E731
-    retry(lambda: _assert_line(log(), "outbound local", f"({CLIENT_ID})", "security=none"))
+def test_same_node_meshed_works_without_tls(lab: Lab, tmp_path: Path) -> None:
+    """No HBONE for a same-node destination: on every interface of node1, port 15008 carries
+    traffic to server-0 (the control) and none to neighbor."""
+    pcap = tmp_path / "hbone.pcap"
+    with capture(lab, "node1", pcap, interface="any", expression="tcp port 15008"):
+        assert expect(lab, "client", "neighbor") == lab.pod("client")["ip"]
+        assert expect(lab, "client", "server-0") == lab.pod("client")["ip"]
+    summary = subprocess.run(["tcpdump", "-nn", "-r", str(pcap)], capture_output=True, text=True)
+    assert f"{lab.pod('server-0')['ip']}.15008" in summary.stdout
+    assert f"{lab.pod('neighbor')['ip']}.15008" not in summary.stdout
 
 
 def test_passthrough_to_a_pod_outside_the_mesh(lab: Lab) -> None:
@@ -231,15 +281,12 @@ def test_deny_blocks_and_allow_admits_exactly_what_it_says(lab: Lab) -> None:
     }
     allow_neighbor = {"action": "ALLOW", "rules": [neighbor_to_port]}
     with policy(lab, "AuthorizationPolicy", allow_neighbor):
-        retry(lambda: _assert_true(refused(lab, "client", "server-0")))
+        # Only the new policy refuses this one (the old state admitted it): wait for it.
+        retry(lambda: _assert_true(refused(lab, "neighbor", "server-0", ECHO_PORT)))
+        assert refused(lab, "client", "server-0")
         assert expect(lab, "neighbor", "server-0") == lab.pod("neighbor")["ip"]
-        assert refused(lab, "neighbor", "server-0", ECHO_PORT)
     retry(lambda: _assert_true(expect(lab, "client", "server-0") == lab.pod("client")["ip"]))
     assert "policy_denied" in agent_log(lab, "node2")
-
-
-def _assert_true(value: bool) -> None:
-    assert value
 
 
 def test_strict_refuses_the_outsider_and_permissive_admits_it(lab: Lab) -> None:

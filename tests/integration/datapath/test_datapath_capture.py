@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from agent.lab.handle import Lab
@@ -97,3 +99,36 @@ def test_reconcile_twice_changes_nothing_and_removes_departed_pods(
     assert plan.delete == (ip(dplab, "neighbor"),)
     assert len(plan.detach) == 1  # the departed pod's interface loses its filter
     assert node1.reconcile().empty
+
+
+UDP_ECHO = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 5353))
+print("listening", flush=True)
+data, peer = s.recvfrom(100)
+s.sendto(data + b" from " + peer[0].encode(), peer)
+"""
+
+UDP_ASK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(b"hello", (sys.argv[1], 5353))
+print(s.recv(100).decode())
+"""
+
+
+@pytest.mark.usefixtures("node1")
+def test_non_tcp_traffic_of_a_meshed_pod_is_untouched(dplab: Lab) -> None:
+    echo = dplab.popen("plain", "python3", "-c", UDP_ECHO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout is not None and echo.stdout.readline().strip() == "listening"
+        answer = dplab.exec(
+            "client", "python3", "-c", UDP_ASK, ip(dplab, "plain"),
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        assert answer.stdout.strip() == f"hello from {ip(dplab, 'client')}"
+    finally:
+        echo.kill()
+        echo.wait()

@@ -17,7 +17,13 @@ from collections.abc import Sequence
 from agent import __version__
 
 # Modules that contribute subcommands, in the order they appear in ``--help``.
-COMMAND_MODULES: tuple[str, ...] = ("agent.preflight", "agent.lab.cli", "agent.app", "agent.ca.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "agent.preflight",
+    "agent.lab.cli",
+    "agent.app",
+    "agent.ca.cli",
+    "agent.admin.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,189 @@
+"""``nodemesh status|workloads|connections|certs|policies``: read an agent's admin API.
+
+Each command fetches one endpoint and prints it as a table (``-o table``, the default, at most
+100 columns) or as the endpoint's JSON (``-o json``, stable field names for scripts). Errors
+(agent not reachable, wrong address) go to stderr with what to try, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.admin.tables import human_bytes, render
+
+Formatter = Callable[[Any], str]
+
+
+def _short_identity(spiffe: object) -> str:
+    """``spiffe://td/ns/N/sa/S`` → ``N/S`` (the trust domain is the same everywhere)."""
+    parts = str(spiffe or "").split("/")
+    return f"{parts[4]}/{parts[6]}" if len(parts) >= 7 and parts[3] == "ns" else str(spiffe or "-")
+
+
+def _who(workload: object, namespace: object, address: object) -> str:
+    if workload and workload != "unknown":
+        return f"{namespace}/{workload}"
+    return str(address)
+
+
+def format_status(st: Mapping[str, Any]) -> str:
+    counts, state, dp = st["counts"], st["state"], st["datapath"]
+    ready = "yes" if st["ready"] else "NO: " + "; ".join(st["not_ready"])
+    source = state.get("source") or "-"
+    if source == "file":
+        source = f"file {state.get('path')} ({state.get('loads')} loads)"
+        if state.get("last_error"):
+            source += f"; last error: {state['last_error']}"
+    lines = [
+        ("node", st["node"]),
+        ("version", st["version"]),
+        ("ready", ready),
+        ("uptime", f"{st['uptime_seconds']:.0f}s"),
+        ("state", f"version {state['version']}, trust domain {state['trust_domain']}"),
+        ("source", source),
+        (
+            "workloads",
+            f"{counts['workloads']} in the cluster, {counts['local_workloads']} on this node "
+            f"({counts['local_meshed']} meshed)",
+        ),
+        ("services", counts["services"]),
+        ("policies", counts["policies"]),
+        (
+            "certificates",
+            f"{counts['certificates_available']} of {counts['certificates']} available",
+        ),
+        ("connections", f"{counts['connections']} open"),
+        (
+            "datapath",
+            f"{dp.get('failure_mode') or '-'}, {dp.get('pods') or 0} pods programmed, "
+            f"generation {dp.get('generation') or '-'}",
+        ),
+    ]
+    return "\n".join(f"{k + ':':<14}{v}" for k, v in lines)
+
+
+def format_workloads(data: Mapping[str, Any]) -> str:
+    rows = [
+        [
+            w["namespace"],
+            w["name"],
+            w["node"],
+            ",".join(w["ips"]) or "(pending)",
+            "yes" if w["meshed"] else "no",
+            w["service_account"],
+        ]
+        for w in data["workloads"]
+    ]
+    return render(["NAMESPACE", "NAME", "NODE", "IP", "MESHED", "SERVICE ACCOUNT"], rows)
+
+
+def format_connections(data: Mapping[str, Any]) -> str:
+    rows = [
+        [
+            "out" if c["direction"] == "outbound" else "in",
+            _who(c["source_workload"], c["source_namespace"], c["source_address"]),
+            _who(c["destination_workload"], c["destination_namespace"], c["destination_address"]),
+            "mTLS" if c["security"] == "mutual_tls" else "none",
+            human_bytes(c["bytes_sent"]),
+            human_bytes(c["bytes_received"]),
+            f"{c['duration_ms'] / 1000:.0f}s",
+        ]
+        for c in data["connections"]
+    ]
+    if not rows:
+        return "no open connections"
+    return render(["DIR", "SOURCE", "DESTINATION", "SECURITY", "SENT", "RECEIVED", "AGE"], rows)
+
+
+def format_certs(data: Mapping[str, Any]) -> str:
+    rows = []
+    for c in data["certificates"]:
+        cert = c.get("certificate") or {}
+        rows.append(
+            [
+                _short_identity(c["identity"]),
+                c["state"],
+                str(cert.get("serial", "-"))[:16],
+                str(cert.get("not_after", "-"))[:19],
+                c.get("last_error") or "",
+            ]
+        )
+    if not rows:
+        return "no local identities (no meshed pod on this node, or no --ca-address)"
+    return render(["IDENTITY (NS/SA)", "STATE", "SERIAL", "EXPIRES (UTC)", "LAST ERROR"], rows)
+
+
+def _policy_summary(p: Mapping[str, Any]) -> str:
+    spec = p.get("spec") or {}
+    if p["kind"] == "AuthorizationPolicy":
+        return f"{spec.get('action', 'ALLOW')}, {len(spec.get('rules') or [])} rule(s)"
+    if p["kind"] == "PeerAuthentication":
+        return f"mTLS {(spec.get('mtls') or {}).get('mode', 'UNSET')}"
+    return ", ".join(sorted(spec)) or "-"
+
+
+def format_policies(data: Mapping[str, Any]) -> str:
+    rows = [
+        [
+            p["kind"],
+            p["namespace"],
+            p["name"],
+            _policy_summary(p) + (" (dry-run)" if p.get("dry_run") else ""),
+        ]
+        for p in data["policies"]
+    ]
+    if not rows:
+        return "no policies"
+    return render(["KIND", "NAMESPACE", "NAME", "SUMMARY"], rows)
+
+
+COMMANDS: dict[str, tuple[str, str, Formatter]] = {
+    "status": ("/status", "the agent's readiness, state, certificates and datapath", format_status),
+    "workloads": (
+        "/workloads",
+        "workloads the agent knows (--local: this node's)",
+        format_workloads,
+    ),
+    "connections": (
+        "/connections",
+        "live connections through this node's proxy",
+        format_connections,
+    ),
+    "certs": ("/certs", "certificates of this node's identities", format_certs),
+    "policies": ("/policies", "policies in the agent's state", format_policies),
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    path, _, formatter = COMMANDS[args.command]
+    if getattr(args, "local", False):
+        path += "?local=1"
+    try:
+        data = request(args.admin, path, timeout=args.timeout)
+    except AdminError as e:
+        print(f"nodemesh {args.command}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2) if args.output == "json" else formatter(data))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="HOST:PORT",
+        help=f"the agent's admin API (default {DEFAULT_ADMIN})",
+    )
+    common.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    for name, (_path, help_text, _fmt) in COMMANDS.items():
+        p = subparsers.add_parser(name, parents=[common], help=help_text, description=help_text)
+        if name == "workloads":
+            p.add_argument("--local", action="store_true", help="only this node's workloads")
+        p.set_defaults(func=run)

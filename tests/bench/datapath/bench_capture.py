@@ -55,32 +55,38 @@ def program_stats(pin_dir: Path) -> dict[str, tuple[int, int]]:
     return result
 
 
+SCENARIOS = {
+    "outsider->plain (no capture)": ("outsider", "plain"),
+    "client->plain (captured once)": ("client", "plain"),
+    "client->server (captured at both nodes)": ("client", "server"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
     lab = Lab.up("b" + secrets.token_hex(3), topology=TOPOLOGY)
     previous = STATS.read_text().strip()
+    rates: dict[str, float] = {}
+    costs: dict[str, dict[str, tuple[int, int]]] = {}
     try:
         pins = [Path(n["pinDir"]) for n in lab.status()["nodes"]]
         STATS.write_text("1")
-        before = {k: v for p in pins for k, v in program_stats(p).items()}
-        rates = {
-            "outsider->plain (no capture)": iperf(lab, "outsider", "plain", args.seconds),
-            "client->plain (captured once)": iperf(lab, "client", "plain", args.seconds),
-            "client->server (captured at both nodes)": iperf(lab, "client", "server", args.seconds),
-        }
-        after = {k: v for p in pins for k, v in program_stats(p).items()}
+        for name, (client, server) in SCENARIOS.items():
+            before = {k: v for p in pins for k, v in program_stats(p).items()}
+            rates[name] = iperf(lab, client, server, args.seconds)
+            after = {k: v for p in pins for k, v in program_stats(p).items()}
+            costs[name] = {k: (after[k][0] - v[0], after[k][1] - v[1]) for k, v in before.items()}
     finally:
         STATS.write_text(previous)
         lab.down()
     base = rates["outsider->plain (no capture)"]
     for name, rate in rates.items():
         print(f"{name:42s} {rate:6.2f} Gbit/s  ratio {rate / base:.2f}")
-    for name, (ns, cnt) in after.items():
-        d_ns, d_cnt = ns - before[name][0], cnt - before[name][1]
-        if d_cnt:
-            print(f"{name:42s} {d_cnt:9d} runs  {d_ns / d_cnt:7.1f} ns/packet")
+        for prog, (ns, cnt) in costs[name].items():
+            if cnt:
+                print(f"    {prog:38s} {cnt:9d} runs  {ns / cnt:7.1f} ns/packet")
 
 
 if __name__ == "__main__":

@@ -23,17 +23,17 @@ from tests.unit.deploy.manifests import (
 
 ADMIN_PORT = 15000
 BUILTIN_ROLES = {"cluster-admin", "admin", "edit"}
-# (apiGroup, resource, verb) the agent may use; each one is explained in agent-rbac.yaml.
+# (apiGroup, resource, verb) the agent may use: the calls of agent/sources/kube.py.
 AGENT_PERMISSIONS = (
-    {("", r, v) for r in ("pods", "namespaces", "services") for v in ("get", "list", "watch")}
-    | {("discovery.k8s.io", "endpointslices", v) for v in ("get", "list", "watch")}
+    {("", r, v) for r in ("pods", "namespaces", "services") for v in ("list", "watch")}
+    | {("discovery.k8s.io", "endpointslices", v) for v in ("list", "watch")}
     | {
         ("nodemesh.io", f"{r}{sub}", v)
         for r in ("authorizationpolicies", "peerauthentications", "trafficpolicies")
-        for sub, verbs in (("", ("get", "list", "watch")), ("/status", ("get", "patch", "update")))
+        for sub, verbs in (("", ("list", "watch")), ("/status", ("patch",)))
         for v in verbs
     }
-    | {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
+    | {("", "events", "create")}
 )
 CA_CLUSTER_PERMISSIONS = {
     ("authentication.k8s.io", "tokenreviews", "create"),

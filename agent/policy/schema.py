@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from agent.policy.traffic import config as traffic_config
 from agent.state.model import PolicyObject
 
 API_VERSION = "nodemesh.io/v1alpha1"
@@ -267,7 +268,7 @@ def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
     if "spec" not in manifest:
         raise PolicyError(f"{path}.spec", "is required")
     spec = _validate(manifest["spec"], schema["properties"]["spec"], f"{path}.spec")
-    return PolicyObject(
+    policy = PolicyObject(
         kind=kind,
         namespace=namespace,
         name=name,
@@ -276,3 +277,11 @@ def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
         uid=uid,
         dry_run=dry_run,
     )
+    if kind == traffic_config.KIND:
+        # Checks across fields (per-try vs overall timeout, zero durations, duplicate subsets)
+        # that the schema cannot express: refused here, the source keeps the previous version.
+        try:
+            traffic_config.compile_policy(policy)
+        except traffic_config.TrafficPolicyError as e:
+            raise PolicyError(f"{path}.{e.path}", e.reason) from e
+    return policy

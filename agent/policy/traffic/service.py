@@ -1,0 +1,290 @@
+"""Traffic control for one Service: admission, endpoint choice, retries and their accounting.
+
+The outbound proxy drives one ``Attempts`` per client connection, sans-IO::
+
+    attempts = traffic.admit(source_ip, source_labels, source_node)   # or raises Rejected
+    (apply attempts.fault: sleep, or abort the client)
+    while (ip := attempts.next_endpoint()) is not None:
+        connect with timeout attempts.try_timeout()
+        ok   -> attempts.connected(ip, rtt); relay; attempts.finish(reset_before_data=...)
+        fail -> attempts.failed(ip, cause); if not attempts.may_retry(cause): give up
+    attempts.finish()
+
+``admit`` applies the connection limits at once (over the limit is a counted rejection, never a
+queue: a queue in a transparent proxy only turns overload into timeouts). ``next_endpoint``
+applies, in order: the weighted split (a subset), outlier detection (available endpoints),
+locality preference, then the balancer; endpoints this connection already tried are avoided
+while others remain. When no endpoint is available at all (every one ejected), all are
+candidates again ("panic", counted): a guess beats a certain failure.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from agent.policy.traffic.balancer import EndpointLoad, make_balancer, prefer_local
+from agent.policy.traffic.budget import RetryBudget
+from agent.policy.traffic.config import TrafficConfig
+from agent.policy.traffic.fault import FaultDecision, decide
+from agent.policy.traffic.outlier import OutlierDetector, OutlierSettings
+from agent.policy.traffic.split import Splitter
+
+# Causes of a failed attempt (the CRD's retryOn values) and what the outlier detector counts.
+CONNECT_FAILURE = "connect-failure"  # timeout or unreachable
+REFUSED = "refused"
+RESET_BEFORE_DATA = "reset-before-data"
+
+
+class Rejected(Exception):
+    """A connection refused before any attempt; ``reason`` is the counted rejection reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointInfo:
+    ip: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    node: str = ""
+    zone: str | None = None
+
+
+class ServiceTraffic:
+    def __init__(
+        self,
+        name: str,
+        config: TrafficConfig,
+        *,
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        self.name = name
+        self.clock = clock
+        self.rng = rng
+        self.endpoints: dict[str, EndpointInfo] = {}
+        self.loads: dict[str, EndpointLoad] = {}
+        self.active = 0
+        self.pending = 0
+        self.counters: Counter[str] = Counter()
+        self.config = config
+        self.outlier = OutlierDetector(self._outlier_settings(config), rng)
+        self._apply(config)
+
+    @staticmethod
+    def _outlier_settings(c: TrafficConfig) -> OutlierSettings:
+        return OutlierSettings(
+            c.consecutive_failures, c.base_ejection, c.max_ejection, c.max_ejection_percent
+        )
+
+    def _apply(self, c: TrafficConfig) -> None:
+        self.config = c
+        self.balancer = make_balancer(c.balancer, self.rng)
+        self.outlier.settings = self._outlier_settings(c)
+        self.budget = RetryBudget(
+            percent=c.budget_percent,
+            min_per_second=c.min_retries_per_second,
+            window=c.budget_window,
+        )
+        self.splitter = Splitter(c.subsets, sticky=c.sticky, rng=self.rng)
+
+    def reconfigure(self, config: TrafficConfig) -> None:
+        """A changed policy takes effect for new connections; endpoint history is kept."""
+        if config != self.config:
+            decisions = self.splitter.decisions
+            self._apply(config)
+            self.splitter.decisions.update(decisions)
+
+    def sync(self, endpoints: Sequence[EndpointInfo]) -> None:
+        """Follow the Service's ready endpoints (keeping the history of those that stay)."""
+        now = self.clock()
+        self.endpoints = {e.ip: e for e in endpoints}
+        self.loads = {ip: self.loads.get(ip) or EndpointLoad(ip, now) for ip in self.endpoints}
+        self.outlier.sync(self.endpoints)
+
+    def admit(
+        self,
+        source_ip: str,
+        source_labels: Mapping[str, str] | None = None,
+        source_node: tuple[str, str | None] = ("", None),
+    ) -> Attempts:
+        """Start one client connection, or raise ``Rejected`` (counted) over a limit."""
+        c = self.config
+        if c.max_connections is not None and self.active >= c.max_connections:
+            self._reject("max_connections", f"{self.active} open, limit {c.max_connections}")
+        if c.max_pending is not None and self.pending >= c.max_pending:
+            self._reject("max_pending", f"{self.pending} connecting, limit {c.max_pending}")
+        fault = decide(c.fault, source_labels, self.rng)
+        if fault.delay:
+            self.counters["fault_delay"] += 1
+        if fault.abort:
+            self.counters[f"fault_abort_{fault.abort.lower()}"] += 1
+        self.active += 1
+        self.pending += 1
+        self.counters["connections"] += 1
+        now = self.clock()
+        self.budget.request(now)
+        return Attempts(self, source_ip, source_node, fault, now + fault.delay)
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.counters[f"rejected_{reason}"] += 1
+        raise Rejected(reason, f"service {self.name}: {detail}")
+
+    def candidates(self, source_ip: str, avoid: set[str]) -> Sequence[EndpointLoad]:
+        now = self.clock()
+        groups: dict[str | None, list[EndpointLoad]] = {}
+        for ip, info in self.endpoints.items():
+            if self.outlier.available(ip, now):
+                groups.setdefault(self.splitter.subset_of(info.labels), []).append(self.loads[ip])
+        if not groups and self.endpoints:
+            self.counters["panic"] += 1
+            for ip, info in self.endpoints.items():
+                groups.setdefault(self.splitter.subset_of(info.labels), []).append(self.loads[ip])
+        if self.splitter.subsets:
+            chosen = self.splitter.choose({g for g in groups if g is not None}, source_ip)
+            pool = groups.get(chosen, []) if chosen is not None else []
+        else:
+            pool = [load for group in groups.values() for load in group]
+        fresh = [load for load in pool if load.ip not in avoid]
+        return sorted(fresh or pool, key=lambda load: load.ip)
+
+    def describe(self) -> dict[str, object]:
+        now = self.clock()
+        endpoints = []
+        for ip, info in sorted(self.endpoints.items()):
+            load, health = self.loads[ip], self.outlier.health[ip]
+            endpoints.append(
+                {
+                    "ip": ip,
+                    "node": info.node,
+                    "subset": self.splitter.subset_of(info.labels),
+                    "active": load.active,
+                    "rtt_estimate_ms": round(load.estimate * 1000.0, 3),
+                    **health.describe(now),
+                }
+            )
+        return {
+            "policy": self.config.describe(),
+            "active": self.active,
+            "pending": self.pending,
+            "endpoints": endpoints,
+            "counters": dict(self.counters),
+            "ejections": dict(self.outlier.events),
+            "retry_budget": dict(
+                zip(("requests", "retries"), self.budget.totals(now), strict=True)
+            ),
+            "split_decisions": dict(self.splitter.decisions),
+        }
+
+
+class Attempts:
+    """The connect attempts of one client connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        service: ServiceTraffic,
+        source_ip: str,
+        source_node: tuple[str, str | None],
+        fault: FaultDecision,
+        start: float,
+    ) -> None:
+        self.service = service
+        self.source_ip = source_ip
+        self.source_node = source_node
+        self.fault = fault
+        self.deadline = start + service.config.connect_timeout
+        self.tried: list[str] = []
+        self.current: str | None = None
+        self._started = 0.0
+        self._connected = False
+        self._finished = False
+
+    def next_endpoint(self) -> str | None:
+        """The endpoint for the next attempt, or None if the Service has none."""
+        svc = self.service
+        pool = svc.candidates(self.source_ip, set(self.tried))
+        if not pool:
+            svc.counters["no_endpoints"] += 1
+            return None
+        where = {ip: (e.node, e.zone) for ip, e in svc.endpoints.items()}
+        pool = prefer_local(pool, svc.config.locality, self.source_node, where)
+        now = svc.clock()
+        load = svc.balancer.pick(pool, now)
+        load.active += 1
+        svc.outlier.attempt(load.ip)
+        self.tried.append(load.ip)
+        self.current, self._started = load.ip, now
+        return load.ip
+
+    def try_timeout(self) -> float:
+        """Seconds this attempt may take: the per-try timeout, cut to the overall deadline."""
+        remaining = self.deadline - self.service.clock()
+        return max(0.0, min(self.service.config.per_try_timeout, remaining))
+
+    def connected(self, ip: str) -> None:
+        svc = self.service
+        now = svc.clock()
+        load = svc.loads.get(ip)
+        if load is not None:
+            load.observe(now - self._started, now)
+        if svc.outlier.probing(ip):
+            svc.outlier.success(ip)  # the probe connected: back in; its end may still count
+        svc.pending -= 1
+        self._connected = True
+
+    def failed(self, ip: str, cause: str) -> None:
+        """The current attempt to ``ip`` failed with ``cause`` (one of the retryOn values)."""
+        svc = self.service
+        now = svc.clock()
+        load = svc.loads.get(ip)
+        if load is not None:
+            load.observe_failure(now - self._started, now)
+            load.active -= 1
+        svc.outlier.failure(ip, now)
+        svc.counters[f"failed_{cause}"] += 1
+        self.current = None
+
+    def may_retry(self, cause: str) -> bool:
+        """Is another attempt allowed (attempts left, cause retryable, time left, budget)?"""
+        svc = self.service
+        c = svc.config
+        if cause not in c.retry_on or len(self.tried) > c.retries:
+            return False
+        if self.deadline - svc.clock() <= 0:
+            svc.counters["retry_deadline"] += 1
+            return False
+        if not svc.budget.try_retry(svc.clock()):
+            svc.counters["retry_budget_exhausted"] += 1
+            return False
+        svc.counters["retries"] += 1
+        return True
+
+    def finish(self, *, reset_before_data: bool = False) -> None:
+        """The client connection ended; a reset before any upstream byte counts as a failure.
+
+        Success is recorded here rather than at connect, so an endpoint that accepts and then
+        resets every connection accrues consecutive failures like one that refuses.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        svc = self.service
+        svc.active -= 1
+        if not self._connected:
+            svc.pending -= 1
+        if self.current is None:
+            return
+        load = svc.loads.get(self.current)
+        if load is not None:
+            load.active -= 1
+        if reset_before_data:
+            svc.outlier.failure(self.current, svc.clock())
+            svc.counters[f"failed_{RESET_BEFORE_DATA}"] += 1
+        elif self._connected:
+            svc.outlier.success(self.current)
+        else:
+            svc.outlier.abandon(self.current)

@@ -1,0 +1,248 @@
+import json
+import random
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from agent.policy.traffic.config import Fault, Subset, TrafficConfig
+from agent.policy.traffic.outlier import EJECTED
+from agent.policy.traffic.service import (
+    CONNECT_FAILURE,
+    REFUSED,
+    EndpointInfo,
+    Rejected,
+    ServiceTraffic,
+)
+from tests.unit.traffic.traffic_helpers import FakeClock
+
+A, B, C = "10.244.1.2", "10.244.2.2", "10.244.2.3"
+
+
+def service(config=None, endpoints=(A, B), clock=None, seed=5, labels=None):
+    clock = clock or FakeClock()
+    t = ServiceTraffic(
+        "default/server", config or TrafficConfig(), clock=clock, rng=random.Random(seed)
+    )
+    t.sync(
+        [
+            EndpointInfo(ip, (labels or {}).get(ip, {}), node="n1" if ip == A else "n2")
+            for ip in endpoints
+        ]
+    )
+    return t, clock
+
+
+def connect_ok(t, clock, rtt=0.001):
+    attempts = t.admit("10.244.1.9")
+    ip = attempts.next_endpoint()
+    clock.advance(rtt)
+    attempts.connected(ip)
+    return attempts, ip
+
+
+def test_limits_reject_at_once_with_a_counted_reason():
+    t, clock = service(TrafficConfig(max_connections=2, max_pending=1))
+    first = t.admit("c")
+    with pytest.raises(Rejected, match="max_pending"):
+        t.admit("c")
+    first.connected(first.next_endpoint())
+    second, _ = connect_ok(t, clock)
+    with pytest.raises(Rejected) as e:
+        t.admit("c")
+    assert e.value.reason == "max_connections"
+    assert t.counters["rejected_max_connections"] == 1 and t.counters["rejected_max_pending"] == 1
+    second.finish()
+    first.finish()
+    assert (t.active, t.pending) == (0, 0)
+    t.admit("c")
+
+
+def test_a_failed_connect_is_retried_on_another_endpoint():
+    t, _ = service(TrafficConfig(retries=2))
+    attempts = t.admit("c")
+    first = attempts.next_endpoint()
+    attempts.failed(first, REFUSED)
+    assert attempts.may_retry(REFUSED)
+    second = attempts.next_endpoint()
+    assert {first, second} == {A, B}
+    attempts.connected(second)
+    attempts.finish()
+    assert t.counters["retries"] == 1 and t.counters["failed_refused"] == 1
+    assert all(load.active == 0 for load in t.loads.values())
+
+
+def test_attempts_are_bounded():
+    t, _ = service(TrafficConfig(retries=1))
+    attempts = t.admit("c")
+    attempts.failed(attempts.next_endpoint(), REFUSED)
+    assert attempts.may_retry(REFUSED)
+    attempts.failed(attempts.next_endpoint(), REFUSED)
+    assert not attempts.may_retry(REFUSED)
+
+
+def test_only_configured_causes_are_retried():
+    t, _ = service(TrafficConfig(retry_on=frozenset({REFUSED})))
+    attempts = t.admit("c")
+    attempts.failed(attempts.next_endpoint(), CONNECT_FAILURE)
+    assert not attempts.may_retry(CONNECT_FAILURE)
+
+
+def test_retry_budget_stops_an_outage_from_amplifying():
+    config = TrafficConfig(
+        retries=5, budget_percent=20, min_retries_per_second=0, consecutive_failures=1000
+    )
+    t, _ = service(config)
+    tried = 0
+    for _ in range(100):
+        attempts = t.admit("c")
+        while (ip := attempts.next_endpoint()) is not None:
+            tried += 1
+            attempts.failed(ip, REFUSED)
+            if not attempts.may_retry(REFUSED):
+                break
+        attempts.finish()
+    assert t.counters["retries"] <= 20 + 1
+    assert tried <= 121
+    assert t.counters["retry_budget_exhausted"] >= 79
+
+
+def test_overall_deadline_cuts_the_per_try_timeout_and_stops_retries():
+    t, clock = service(replace(TrafficConfig(), connect_timeout=1.0, per_try_timeout=0.4))
+    attempts = t.admit("c")
+    assert attempts.try_timeout() == pytest.approx(0.4)
+    attempts.failed(attempts.next_endpoint(), CONNECT_FAILURE)
+    clock.advance(0.8)
+    assert attempts.may_retry(CONNECT_FAILURE)
+    attempts.next_endpoint()
+    assert attempts.try_timeout() == pytest.approx(0.2)
+    clock.advance(0.3)
+    attempts.failed(attempts.current or "", CONNECT_FAILURE)
+    assert not attempts.may_retry(CONNECT_FAILURE)
+    assert t.counters["retry_deadline"] == 1
+
+
+def test_refusing_endpoint_is_ejected_and_gets_no_traffic():
+    t, clock = service(TrafficConfig(consecutive_failures=3), endpoints=(A, B, C))
+    for _ in range(3):
+        attempts = t.admit("c")
+        attempts.tried.extend([B, C])  # steer the first attempt to A
+        ip = attempts.next_endpoint()
+        assert ip == A
+        attempts.failed(ip, REFUSED)
+        attempts.finish()
+    assert t.outlier.health[A].state == EJECTED
+    picks = Counter(connect_ok(t, clock)[1] for _ in range(200))
+    assert picks[A] == 0
+
+
+def test_reset_before_data_counts_toward_ejection():
+    t, clock = service(
+        TrafficConfig(consecutive_failures=2, balancer="ROUND_ROBIN"), endpoints=(A,)
+    )
+    for _ in range(2):
+        attempts, _ = connect_ok(t, clock)
+        attempts.finish(reset_before_data=True)
+    assert t.outlier.events["capped"] == 1  # one endpoint of one: 50 % forbids ejecting it
+    assert t.counters["failed_reset-before-data"] == 2
+
+
+def test_panic_when_every_endpoint_is_ejected():
+    t, clock = service(TrafficConfig(consecutive_failures=1, max_ejection_percent=100))
+    for ip in (A, B):
+        t.outlier.failure(ip, clock())
+    attempts = t.admit("c")
+    assert attempts.next_endpoint() in (A, B)
+    assert t.counters["panic"] == 1
+
+
+def test_no_endpoints():
+    t, _ = service(endpoints=())
+    assert t.admit("c").next_endpoint() is None
+    assert t.counters["no_endpoints"] == 1
+
+
+def test_split_steers_by_subset_and_changes_live():
+    labels = {A: {"version": "v1"}, B: {"version": "v2"}}
+    split = (Subset("v1", {"version": "v1"}, 90), Subset("v2", {"version": "v2"}, 10))
+    t, clock = service(TrafficConfig(subsets=split), labels=labels, seed=8)
+    n = 5000
+    picks = Counter(connect_ok(t, clock)[1] for _ in range(n))
+    assert abs(picks[B] - 0.1 * n) <= 4 * (n * 0.09) ** 0.5
+    t.reconfigure(
+        TrafficConfig(subsets=(replace(split[0], weight=50), replace(split[1], weight=50)))
+    )
+    picks = Counter(connect_ok(t, clock)[1] for _ in range(n))
+    assert abs(picks[B] - 0.5 * n) <= 4 * (n * 0.25) ** 0.5
+    assert sum(t.splitter.decisions.values()) == 2 * n  # counts survive the change
+
+
+def test_endpoint_outside_every_subset_gets_nothing():
+    labels = {A: {"version": "v1"}, B: {"version": "v3"}}
+    t, clock = service(
+        TrafficConfig(subsets=(Subset("v1", {"version": "v1"}, 100),)), labels=labels
+    )
+    assert {connect_ok(t, clock)[1] for _ in range(50)} == {A}
+
+
+def test_locality_prefers_the_client_node():
+    t, _ = service(TrafficConfig(locality="SAME_NODE"))
+    picks = set()
+    for _ in range(50):
+        attempts = t.admit("c", source_node=("n2", None))
+        picks.add(attempts.next_endpoint())
+        attempts.finish()
+    assert picks == {B}
+
+
+def test_faults_are_decided_and_counted_at_admission():
+    fault = Fault(delay_percent=100.0, delay=0.25, abort_percent=100.0, abort_mode="RESET")
+    t, _ = service(TrafficConfig(fault=fault))
+    attempts = t.admit("c")
+    assert (attempts.fault.delay, attempts.fault.abort) == (0.25, "RESET")
+    assert t.counters["fault_delay"] == 1 and t.counters["fault_abort_reset"] == 1
+
+
+def test_fault_delay_does_not_eat_the_connect_timeout():
+    fault = Fault(delay_percent=100.0, delay=5.0)
+    t, clock = service(TrafficConfig(fault=fault, connect_timeout=1.0, per_try_timeout=1.0))
+    attempts = t.admit("c")
+    clock.advance(5.0)
+    assert attempts.try_timeout() == pytest.approx(1.0)
+
+
+def test_sync_keeps_history_of_endpoints_that_stay():
+    t, clock = service()
+    connect_ok(t, clock, rtt=0.2)
+    estimates = {ip: load.estimate for ip, load in t.loads.items()}
+    t.sync([EndpointInfo(A), EndpointInfo(C)])
+    assert t.loads[A].estimate == estimates[A]
+    assert set(t.loads) == {A, C} and set(t.outlier.health) == {A, C}
+
+
+def test_describe_is_plain_data():
+    t, clock = service()
+    connect_ok(t, clock)
+    info = t.describe()
+    json.dumps(info)
+    assert info["active"] == 1 and len(info["endpoints"]) == 2
+
+
+def test_endpoint_that_accepts_then_resets_is_ejected_and_probed_back():
+    t, clock = service(TrafficConfig(consecutive_failures=2, base_ejection=10.0))
+    for _ in range(2):
+        attempts = t.admit("c")
+        attempts.tried.append(B)
+        ip = attempts.next_endpoint()
+        attempts.connected(ip)
+        attempts.finish(reset_before_data=True)
+    assert t.outlier.ejected() == [A]
+    clock.advance(10.0)
+    probe = t.admit("c")
+    probe.tried.append(B)
+    assert probe.next_endpoint() == A
+    other = t.admit("c")
+    assert other.next_endpoint() == B  # one probe at a time
+    probe.connected(A)
+    assert t.outlier.ejected() == []
+    assert t.outlier.events["returned"] == 1

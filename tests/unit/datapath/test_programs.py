@@ -1,0 +1,57 @@
+"""Generations and load errors of the capture programs, without a kernel."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agent.datapath import programs
+from agent.datapath.programs import Marks, ProgramLoadError
+
+
+def test_sources_ship_inside_the_package() -> None:
+    found = sorted(p.name for p in programs.source_dir().iterdir() if p.suffix in (".c", ".h"))
+    assert found == ["capture.h", "nodemesh.h", "tc_pod_ingress.bpf.c", "tc_uplink_ingress.bpf.c"]
+
+
+def test_generation_depends_on_the_defines_and_has_no_dots() -> None:
+    default = programs.generation(Marks())
+    assert default == programs.generation(Marks())
+    assert default != programs.generation(Marks(capture_mark=0x77))
+    assert default.startswith("v1-") and "." not in default  # bpffs refuses dots
+
+
+def test_generation_depends_on_the_sources(tmp_path: Path) -> None:
+    copy = tmp_path / "bpf"
+    shutil.copytree(programs.source_dir(), copy)
+    before = programs.generation(Marks(), copy)
+    with (copy / "tc_pod_ingress.bpf.c").open("a") as f:
+        f.write("\n/* changed */\n")
+    assert programs.generation(Marks(), copy) != before
+
+
+def test_cflags_carry_the_marks_as_defines() -> None:
+    flags = Marks(proxy_mark=0x539, capture_mark=0x1539, hbone_port=15008).cflags("/src")
+    assert flags == [
+        "-I/src", "-DNM_PROXY_MARK=0x539", "-DNM_CAPTURE_MARK=0x1539", "-DNM_HBONE_PORT=15008"
+    ]  # fmt: skip
+
+
+def test_layout_mismatch_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "nodemesh.h").write_text("#define NM_LAYOUT_VERSION 99\n")
+    with pytest.raises(ProgramLoadError, match="update both together"):
+        programs._check_layout(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("message", "cause"),
+    [
+        ("fatal error: 'linux/bpf.h' file not found", "kernel headers are missing"),
+        ("bpf: Failed to load program: Operation not permitted", "needs root"),
+        ("R1 invalid mem access 'scalar'", "verifier rejected"),
+    ],
+)
+def test_load_errors_name_the_likely_cause(message: str, cause: str) -> None:
+    assert cause in programs._likely_cause(message)

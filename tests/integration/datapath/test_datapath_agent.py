@@ -150,7 +150,9 @@ def test_agent_restart_under_load_lets_no_connection_escape(
     results = [line.split(" ", 1) for line in out.splitlines()]
     answers = [r for _, r in results]
     assert f"server {client_ip}" not in answers  # never reached the server uncaptured
-    assert set(answers) <= {f"server {node_ip}", "ERR ConnectionResetError"}, answers
+    # a connection may fail while no agent listens (reset with the old agent, or retried past its
+    # timeout on a loaded machine); what must never happen is an answer the relay did not carry
+    assert all(a == f"server {node_ip}" or a.startswith("ERR") for a in answers), answers
     assert any(float(t) > restarted_at and r == f"server {node_ip}" for t, r in results)
     assert "adopting pinned capture programs" in agent1.log(1)
     gaps = [float(b[0]) - float(a[0]) for a, b in itertools.pairwise(results)]

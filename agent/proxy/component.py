@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 
 from agent.datapath.layout import Listener
+from agent.proxy import sockets
 from agent.proxy.contexts import CertificateSource
 from agent.proxy.core import ProxySettings
 from agent.proxy.server import HBONE, OUTBOUND, PLAINTEXT, NodeProxy
@@ -35,6 +36,7 @@ class ProxyComponent:
         self._handlers = self.proxy.handlers()
 
     async def handle(self, conn: socket.socket, listener: Listener) -> None:
+        sockets.nodelay(conn)
         await self._handlers[_SLOTS[listener]](conn)
 
     async def start(self) -> None:

@@ -83,6 +83,7 @@ class NodeProxy:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
+            sockets.nodelay(conn)
             self.spawn(handler(conn))
 
     def spawn(self, coro: Awaitable[None]) -> None:

@@ -48,6 +48,13 @@ async def connect(
     return sock
 
 
+def nodelay(sock: socket.socket) -> None:
+    """No Nagle on an accepted socket: the proxy forwards what it reads at once, and a 1 KB
+    response held back waiting for an ACK would add a round trip to every request."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def abort(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0) so the peer learns the connection failed, not finished."""
     with contextlib.suppress(OSError):

@@ -6,7 +6,9 @@
 #   3. apply the samples (namespace labelled for the mesh, client, server, policies);
 #   4. client -> server across nodes: answered, and on the wire (the server node's host-only NIC)
 #      HBONE on 15008 is seen and the plaintext request never is (tcpdump);
-#   5. the agents' metrics report the connection as mutual TLS between the two SPIFFE identities;
+#   5. the agent's metrics report the connection as mutual TLS between the two SPIFFE identities,
+#      and so does its admin API through the CLI (`nodemesh certs`, `nodemesh connections` run in
+#      the agent's container by vagrant/admin_check.py), for a connection held open meanwhile;
 #   6. policy: a meshed pod with another identity is refused (AuthorizationPolicy), and once
 #      annotated out of the mesh it is refused again, now as plaintext (PeerAuthentication STRICT).
 # Exits non-zero at the first failed check, naming it. Leaves the cluster as it is for inspection.
@@ -72,12 +74,32 @@ if on "$server_node" "grep -q 'GET / HTTP' /tmp/smoke-wire.txt"; then
     fail "the plaintext request was seen on ${server_node}'s wire"
 fi
 
+client_id="spiffe://cluster.local/ns/${NS}/sa/client"
+server_id="spiffe://cluster.local/ns/${NS}/sa/server"
+
 say "the agents' metrics report mutual TLS between the two identities"
 metrics=$(on "$server_node" "curl -fsS http://127.0.0.1:15020/metrics")
 grep 'connection_security_policy="mutual_tls"' <<<"$metrics" \
-    | grep "source_principal=\"spiffe://cluster.local/ns/${NS}/sa/client\"" \
-    | grep -q "destination_principal=\"spiffe://cluster.local/ns/${NS}/sa/server\"" \
+    | grep "source_principal=\"${client_id}\"" \
+    | grep -q "destination_principal=\"${server_id}\"" \
     || fail "no mutual_tls connection client -> server in ${server_node}'s metrics"
+
+say "the admin API, through the nodemesh CLI in the agent on ${server_node}"
+agent_pod=$(k -n nodemesh-system get pod -l app.kubernetes.io/name=nodemesh-agent \
+    --field-selector "spec.nodeName=${server_node}" -o "jsonpath='{.items[0].metadata.name}'")
+admin_check() { # admin_check ARGS...: vagrant/admin_check.py run in that agent's container
+    on cp "kubectl -n nodemesh-system exec -i ${agent_pod} -- python3 - $* </nodemesh/vagrant/admin_check.py"
+}
+admin_check cert "$server_id" || fail "the agent on ${server_node} has no valid certificate for ${server_id}"
+# One connection held open while the agent is asked about it.
+k -n "$NS" exec deploy/client -- python3 -c \
+    "'import socket, sys, time; s = socket.create_connection((sys.argv[1], 8080)); time.sleep(20)'" \
+    "$server_ip" &
+holder=$!
+sleep 4
+admin_check mtls "$client_id" "$server_id" \
+    || fail "the agent on ${server_node} does not report the client's connection as mutual TLS"
+wait "$holder" || true
 
 say "policy: a meshed pod with another identity is refused"
 k -n "$NS" delete pod intruder --ignore-not-found --wait=true >/dev/null

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from agent.policy.traffic.config import KIND, TrafficConfig, TrafficPolicyError, compile_policy
-from agent.policy.traffic.service import EndpointInfo, ServiceTraffic
+from agent.policy.traffic.service import EndpointInfo, Observer, ServiceTraffic
 from agent.state import PolicyObject, Service, Snapshot
 
 ServiceKey = tuple[str, str]
@@ -74,8 +74,10 @@ class TrafficControl:
         defaults: TrafficConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.defaults = defaults or TrafficConfig()
+        self.observer = observer
         self.clock = clock
         self.rng = rng or random.Random()
         self.version = -1
@@ -147,7 +149,9 @@ class TrafficControl:
         synced = self._services.get(service.key)
         if synced is None:
             name = f"{service.namespace}/{service.name}"
-            traffic = ServiceTraffic(name, config, clock=self.clock, rng=self.rng)
+            traffic = ServiceTraffic(
+                name, config, clock=self.clock, rng=self.rng, observer=self.observer
+            )
         else:
             version, traffic = synced
             if version == snap.version:

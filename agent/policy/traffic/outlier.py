@@ -104,21 +104,21 @@ class OutlierDetector:
             h.ejections = max(0, h.ejections - 1)
             self.events["returned"] += 1
 
-    def failure(self, ip: str, now: float) -> bool:
-        """Count one failure; True if it ejected ``ip``."""
+    def failure(self, ip: str, now: float) -> str | None:
+        """Count one failure; ``"ejected"`` or ``"capped"`` if it decided something, else None."""
         h = self.health.setdefault(ip, Health())
         h.consecutive_failures += 1
         if h.state == PROBE:
             self.events["probe_failed"] += 1
             self._eject(h, now)
-            return True
+            return "ejected"
         if h.state != HEALTHY or h.consecutive_failures < self.settings.consecutive_failures:
-            return False
+            return None
         if not self._may_eject():
             self.events["capped"] += 1
-            return False
+            return "capped"
         self._eject(h, now)
-        return True
+        return "ejected"
 
     def _may_eject(self) -> bool:
         out = sum(1 for h in self.health.values() if h.state != HEALTHY)

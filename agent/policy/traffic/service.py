@@ -38,6 +38,11 @@ REFUSED = "refused"
 RESET_BEFORE_DATA = "reset-before-data"
 
 
+# Told about every counted event: (service, event, detail), e.g. ("default/server", "retries",
+# ""), ("default/server", "outlier", "ejected"); the proxy turns them into metrics.
+Observer = Callable[[str, str, str], None]
+
+
 class Rejected(Exception):
     """A connection refused before any attempt; ``reason`` is the counted rejection reason."""
 
@@ -62,8 +67,10 @@ class ServiceTraffic:
         *,
         clock: Callable[[], float],
         rng: random.Random,
+        observer: Observer | None = None,
     ) -> None:
         self.name = name
+        self.observer = observer
         self.clock = clock
         self.rng = rng
         self.endpoints: dict[str, EndpointInfo] = {}
@@ -91,6 +98,17 @@ class ServiceTraffic:
             window=c.budget_window,
         )
         self.splitter = Splitter(c.subsets, sticky=c.sticky, rng=self.rng)
+
+    def count(self, event: str, detail: str = "") -> None:
+        """Count one event (``counters["<event>_<detail>"]``) and tell the observer."""
+        self.counters[f"{event}_{detail}" if detail else event] += 1
+        if self.observer is not None:
+            self.observer(self.name, event, detail)
+
+    def _outlier_failure(self, ip: str) -> None:
+        verdict = self.outlier.failure(ip, self.clock())
+        if verdict is not None and self.observer is not None:
+            self.observer(self.name, "outlier", verdict)
 
     def reconfigure(self, config: TrafficConfig) -> None:
         """A changed policy takes effect for new connections; endpoint history is kept."""
@@ -120,18 +138,18 @@ class ServiceTraffic:
             self._reject("max_pending", f"{self.pending} connecting, limit {c.max_pending}")
         fault = decide(c.fault, source_labels, self.rng)
         if fault.delay:
-            self.counters["fault_delay"] += 1
+            self.count("fault", "delay")
         if fault.abort:
-            self.counters[f"fault_abort_{fault.abort.lower()}"] += 1
+            self.count("fault", f"abort_{fault.abort.lower()}")
         self.active += 1
         self.pending += 1
-        self.counters["connections"] += 1
+        self.count("connections")
         now = self.clock()
         self.budget.request(now)
         return Attempts(self, source_ip, source_node, fault, now + fault.delay)
 
     def _reject(self, reason: str, detail: str) -> None:
-        self.counters[f"rejected_{reason}"] += 1
+        self.count("rejected", reason)
         raise Rejected(reason, f"service {self.name}: {detail}")
 
     def candidates(self, source_ip: str, avoid: set[str]) -> Sequence[EndpointLoad]:
@@ -141,11 +159,13 @@ class ServiceTraffic:
             if self.outlier.available(ip, now):
                 groups.setdefault(self.splitter.subset_of(info.labels), []).append(self.loads[ip])
         if not groups and self.endpoints:
-            self.counters["panic"] += 1
+            self.count("panic")
             for ip, info in self.endpoints.items():
                 groups.setdefault(self.splitter.subset_of(info.labels), []).append(self.loads[ip])
         if self.splitter.subsets:
             chosen = self.splitter.choose({g for g in groups if g is not None}, source_ip)
+            if chosen is not None and self.observer is not None:
+                self.observer(self.name, "split", chosen)
             pool = groups.get(chosen, []) if chosen is not None else []
         else:
             pool = [load for group in groups.values() for load in group]
@@ -208,7 +228,7 @@ class Attempts:
         svc = self.service
         pool = svc.candidates(self.source_ip, set(self.tried))
         if not pool:
-            svc.counters["no_endpoints"] += 1
+            svc.count("no_endpoints")
             return None
         where = {ip: (e.node, e.zone) for ip, e in svc.endpoints.items()}
         pool = prefer_local(pool, svc.config.locality, self.source_node, where)
@@ -233,6 +253,8 @@ class Attempts:
             load.observe(now - self._started, now)
         if svc.outlier.probing(ip):
             svc.outlier.success(ip)  # the probe connected: back in; its end may still count
+            if svc.observer is not None:
+                svc.observer(svc.name, "outlier", "returned")
         svc.pending -= 1
         self._connected = True
 
@@ -244,8 +266,8 @@ class Attempts:
         if load is not None:
             load.observe_failure(now - self._started, now)
             load.active -= 1
-        svc.outlier.failure(ip, now)
-        svc.counters[f"failed_{cause}"] += 1
+        svc._outlier_failure(ip)
+        svc.count("failed", cause)
         self.current = None
 
     def may_retry(self, cause: str) -> bool:
@@ -255,12 +277,12 @@ class Attempts:
         if cause not in c.retry_on or len(self.tried) > c.retries:
             return False
         if self.deadline - svc.clock() <= 0:
-            svc.counters["retry_deadline"] += 1
+            svc.count("retry_deadline")
             return False
         if not svc.budget.try_retry(svc.clock()):
-            svc.counters["retry_budget_exhausted"] += 1
+            svc.count("retry_budget_exhausted")
             return False
-        svc.counters["retries"] += 1
+        svc.count("retries")
         return True
 
     def finish(self, *, reset_before_data: bool = False) -> None:
@@ -282,8 +304,8 @@ class Attempts:
         if load is not None:
             load.active -= 1
         if reset_before_data:
-            svc.outlier.failure(self.current, svc.clock())
-            svc.counters[f"failed_{RESET_BEFORE_DATA}"] += 1
+            svc._outlier_failure(self.current)
+            svc.count("failed", RESET_BEFORE_DATA)
         elif self._connected:
             svc.outlier.success(self.current)
         else:

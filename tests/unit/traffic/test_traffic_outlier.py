@@ -20,9 +20,9 @@ def detector(n=3, endpoints=("a", "b", "c", "d"), percent=50, base=10.0, top=100
 
 def test_ejects_after_n_consecutive_failures():
     d = detector()
-    assert not d.failure("a", 0.0)
-    assert not d.failure("a", 0.0)
-    assert d.failure("a", 0.0)
+    assert d.failure("a", 0.0) is None
+    assert d.failure("a", 0.0) is None
+    assert d.failure("a", 0.0) == "ejected"
     assert d.health["a"].state == EJECTED
     assert not d.available("a", 1.0)
     assert d.events["ejected"] == 1
@@ -33,7 +33,7 @@ def test_a_success_resets_the_count():
     d.failure("a", 0.0)
     d.failure("a", 0.0)
     d.success("a")
-    assert not d.failure("a", 0.0)
+    assert d.failure("a", 0.0) is None
     assert d.health["a"].state == HEALTHY
 
 

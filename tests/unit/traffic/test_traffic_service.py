@@ -246,3 +246,25 @@ def test_endpoint_that_accepts_then_resets_is_ejected_and_probed_back():
     probe.connected(A)
     assert t.outlier.ejected() == []
     assert t.outlier.events["returned"] == 1
+
+
+def test_observer_hears_every_counted_event():
+    events = []
+    labels = {A: {"version": "v1"}, B: {"version": "v2"}}
+    config = TrafficConfig(
+        consecutive_failures=1,
+        subsets=(Subset("v1", {"version": "v1"}, 50), Subset("v2", {"version": "v2"}, 50)),
+        fault=Fault(delay_percent=100.0, delay=0.1),
+    )
+    t, _ = service(config, labels=labels)
+    t.observer = lambda name, event, detail: events.append((name, event, detail))
+    attempts = t.admit("c")
+    ip = attempts.next_endpoint()
+    attempts.failed(ip, REFUSED)
+    assert attempts.may_retry(REFUSED)
+    attempts.finish()
+    kinds = {(event, detail) for _, event, detail in events}
+    assert {("fault", "delay"), ("connections", ""), ("failed", "refused")} <= kinds
+    assert ("outlier", "ejected") in kinds and ("retries", "") in kinds
+    assert any(event == "split" for _, event, _ in events)
+    assert {name for name, _, _ in events} == {"default/server"}

@@ -9,6 +9,7 @@ step fails, and with ``--keep`` leaves the lab up and says how to explore it.
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
 import time
@@ -104,6 +105,84 @@ def _connectivity(pairs: list[tuple[str, str]]) -> Callable[[Lab], list[str]]:
     return run
 
 
+def _node_cli(lab: Lab, node: str, *args: str) -> str:
+    """Run ``nodemesh <args>`` in ``node``'s namespace (its agent's admin API is on loopback)."""
+    out = lab.exec(node, sys.executable, "-m", "agent", *args, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise StepFailed(f"nodemesh {' '.join(args)} on {node}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def mtls_identities(lab: Lab) -> list[str]:
+    """A live connection client -> server-0, as both agents' admin APIs show it."""
+    ip = lab.pod("server-0")["ip"]
+    box: dict[str, socket.socket] = {}
+
+    def connect() -> None:  # the echo server waits for a request: the connection stays open
+        box["sock"] = socket.create_connection((ip, ECHO_PORT), timeout=5)
+
+    call_in(lab.netns("client"), connect)
+    try:
+        lines = []
+        for node, direction in (("node1", "outbound"), ("node2", "inbound")):
+            deadline = time.monotonic() + 5
+            while True:
+                conns = json.loads(_node_cli(lab, node, "connections", "-o", "json"))
+                live = [c for c in conns["connections"] if c["direction"] == direction]
+                if live or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            if not live:
+                raise StepFailed(f"{node}'s admin API lists no {direction} connection")
+            c = live[0]
+            lines.append(
+                f"{node} {direction}: {c['source_identity']} -> {c['destination_identity']} "
+                f"({c['security']}, path {c['path']})"
+            )
+        return lines
+    finally:
+        box["sock"].close()
+
+
+def policy_denial(lab: Lab) -> list[str]:
+    """A DENY on the client's identity refuses client -> server-0; neighbor still passes."""
+    manifest = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "demo-deny-client", "namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "server"}},
+            "action": "DENY",
+            "rules": [
+                {"from": [{"source": {"principals": ["cluster.local/ns/default/sa/client"]}}]}
+            ],
+        },
+    }
+    lab.apply(manifest)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                seen = _request(lab, "client", "server-0")
+            except StepFailed as e:
+                refused = str(e)
+                break
+            if time.monotonic() > deadline:
+                raise StepFailed(f"client -> server-0 still answered ({seen}) under the DENY")
+            time.sleep(0.2)
+        log = (lab.state_dir / "logs" / "agent-node2.log").read_text().splitlines()
+        why = next((line for line in reversed(log) if "policy_denied" in line), "")
+        neighbor = _request(lab, "neighbor", "server-0")
+        return [
+            "applied AuthorizationPolicy default/demo-deny-client (DENY principal .../sa/client)",
+            f"client -> server-0 refused: {refused.split(': ', 1)[-1]}",
+            f"node2 agent: {why.split(': ', 1)[-1]}",
+            f"neighbor -> server-0 still answered, the server saw {neighbor}",
+        ]
+    finally:
+        lab.delete(manifest)
+
+
 STEPS: list[Step] = [
     Step("start echo servers in three pods", start_servers),
     Step(
@@ -112,6 +191,8 @@ STEPS: list[Step] = [
     ),
     Step("pod-to-pod TCP on the same node", _connectivity([("neighbor", "client")])),
     Step("a pod outside the mesh reaches a meshed pod", _connectivity([("outsider", "server-0")])),
+    Step("mTLS: the identities of a live connection (admin API)", mtls_identities),
+    Step("a policy denial", policy_denial),
 ]
 
 

@@ -103,8 +103,28 @@ wait "$holder" || true
 
 say "policy: a meshed pod with another identity is refused"
 k -n "$NS" delete pod intruder --ignore-not-found --wait=true >/dev/null
-k -n "$NS" run intruder --image="${IMAGE}" --image-pull-policy=IfNotPresent --restart=Never \
-    --command -- sleep infinity >/dev/null
+# The namespace enforces Pod Security "restricted", hence the security context.
+on cp "kubectl -n ${NS} apply -f -" >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata:
+  name: intruder
+spec:
+  serviceAccountName: default
+  automountServiceAccountToken: false
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 65532
+    seccompProfile: {type: RuntimeDefault}
+  containers:
+    - name: intruder
+      image: ${IMAGE}
+      imagePullPolicy: IfNotPresent
+      command: [sleep, infinity]
+      securityContext:
+        allowPrivilegeEscalation: false
+        capabilities: {drop: [ALL]}
+YAML
 k -n "$NS" wait --for=condition=Ready pod/intruder --timeout=120s >/dev/null
 if fetch pod/intruder "http://${server_ip}:8080/"; then
     fail "intruder (service account default) reached the server despite the AuthorizationPolicy"

@@ -219,3 +219,48 @@ def test_agent_reaches_the_ca_by_a_name_in_its_certificate() -> None:
     assert address.port in [p["port"] for p in service["spec"]["ports"]]
     assert address.hostname in repeated_flag(ca_container(), "--san")
     assert pod_spec(agent())["dnsPolicy"] == "ClusterFirstWithHostNet"
+
+
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def test_samples_meet_pod_security_restricted() -> None:
+    # The demo namespace enforces "restricted": meshed workloads need nothing from the mesh.
+    objs = render("daemonset/samples")
+    labels = find(objs, "Namespace", "nodemesh-demo")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    for obj, container in containers(objs):
+        spec = pod_spec(obj)
+        for host in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(host, False)
+        for volume in spec.get("volumes", []):
+            assert set(volume) - {"name"} <= RESTRICTED_VOLUME_TYPES, volume
+        context = container["securityContext"]
+        pod = spec["securityContext"]
+        assert not context.get("privileged", False)
+        assert set(context["capabilities"].get("add", [])) <= {"NET_BIND_SERVICE"}
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert context.get("runAsNonRoot", pod.get("runAsNonRoot")) is True
+        seccomp = context.get("seccompProfile", pod.get("seccompProfile", {}))
+        assert seccomp.get("type") in ("RuntimeDefault", "Localhost")
+        assert all("hostPort" not in p for p in container.get("ports", []))
+
+
+def test_workload_selectors_match_their_pod_templates() -> None:
+    # The API server rejects a workload whose selector does not match its template; the schemas
+    # alone do not say so.
+    for objs in (base(), render("daemonset/samples")):
+        for obj in objs:
+            if obj["kind"] in ("Deployment", "DaemonSet"):
+                template = obj["spec"]["template"]["metadata"]["labels"]
+                selector = obj["spec"]["selector"]["matchLabels"]
+                assert selector.items() <= template.items(), obj["metadata"]["name"]

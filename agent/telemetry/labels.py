@@ -24,6 +24,7 @@ from agent.proxy.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
 from agent.state import Snapshot, Workload
 
 UNKNOWN = "unknown"
+HBONE = "hbone"
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 APP_LABELS = ("app", "app.kubernetes.io/name")
 DENY_REASONS = frozenset({"policy_denied", "policy_denied_stream", "strict_mtls"})
@@ -82,6 +83,12 @@ def response_flags(failure: str) -> str:
     return "DENY" if failure in DENY_REASONS else "CONNECT"
 
 
+def security_policy(record: ConnectionRecord) -> str:
+    """``mutual_tls`` for HBONE connections: an outbound one is labelled when it opens, before
+    its tunnel exists, and carries no byte outside the tunnel afterwards."""
+    return "mutual_tls" if record.security == SECURITY_MTLS or record.path == HBONE else "none"
+
+
 def namespace_of_principal(principal: str | None) -> str:
     """``spiffe://td/ns/<ns>/sa/<sa>`` → ``<ns>``: a remote peer's namespace even when its pod
     is not in this node's state."""
@@ -124,7 +131,7 @@ def tcp_labels(
             dst.namespace if dst else namespace_of_principal(record.destination_identity)
         ),
         destination_principal=record.destination_identity or UNKNOWN,
-        connection_security_policy="mutual_tls" if record.security == SECURITY_MTLS else "none",
+        connection_security_policy=security_policy(record),
         response_flags=response_flags(record.failure),
         request_protocol="tcp",
     )

@@ -1,0 +1,121 @@
+"""``nodemesh status|workloads|connections|certs|policies`` against a served admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from agent.admin.http import HttpServer
+from agent.cli import main
+from agent.telemetry.accesslog import connection_entry
+from agent.telemetry.labels import endpoint_services, tcp_labels
+from tests.unit.admin.admin_helpers import admin_with_certificate
+from tests.unit.telemetry.telemetry_helpers import make_store, outbound
+
+COMMANDS = ["status", "workloads", "connections", "certs", "policies"]
+
+
+def live_connection() -> dict[str, object]:
+    snap = make_store().snapshot()
+    record = outbound()
+    record.bytes_sent, record.bytes_received = 3 * 1024 * 1024, 512
+    return connection_entry(record, tcp_labels(record, snap, endpoint_services(snap)), time.time())
+
+
+@pytest.fixture(scope="module")
+def admin() -> Iterator[str]:
+    """An admin API served from a loop in a thread (the CLI is synchronous)."""
+    loop = asyncio.new_event_loop()
+    started: dict[str, int] = {}
+    server: list[HttpServer] = []
+
+    async def start() -> None:
+        api, _cert, _drain = await admin_with_certificate()
+        api.s.connections = lambda: [live_connection()]
+        server.append(HttpServer(api.handle))
+        started["port"] = await server[0].start("127.0.0.1", 0)
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    try:
+        yield f"127.0.0.1:{started['port']}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server[0].stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_tables_fit_100_columns(
+    command: str, admin: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, command, "--admin", admin)
+    assert (code, err) == (0, "")
+    assert out.strip() and max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_table_contents(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _, status, _ = run(capsys, "status", "--admin", admin)
+    assert "ready:        yes" in status and "1 of 1 available" in status
+    _, workloads, _ = run(capsys, "workloads", "--admin", admin, "--local")
+    assert workloads.splitlines()[1].split()[:5] == [
+        "default", "client", "node1", "10.244.1.2", "yes"
+    ]  # fmt: skip
+    _, connections, _ = run(capsys, "connections", "--admin", admin)
+    row = connections.splitlines()[1].split()
+    assert row[:6] == ["out", "default/client", "default/server", "mTLS", "3.0MiB", "512B"]
+    _, certs, _ = run(capsys, "certs", "--admin", admin)
+    assert certs.splitlines()[1].split()[:2] == ["default/client", "Available"]
+    _, policies, _ = run(capsys, "policies", "--admin", admin)
+    assert "AuthorizationPolicy  default    deny-outsider  DENY, 1 rule(s)" in policies
+
+
+@pytest.mark.parametrize(
+    ("command", "key"),
+    [
+        ("status", "counts"),
+        ("workloads", "workloads"),
+        ("connections", "connections"),
+        ("certs", "certificates"),
+        ("policies", "policies"),
+    ],
+)
+def test_json_output_is_the_endpoint(
+    command: str, key: str, admin: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, command, "--admin", admin, "-o", "json")
+    assert code == 0 and key in json.loads(out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_unreachable_agent_is_a_helpful_error(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, command, "--admin", f"127.0.0.1:{_free_port()}")
+    assert code == 1 and out == ""
+    assert "connection refused" in err and "nodemesh lab exec" in err and "--admin" in err
+
+
+def test_bad_address_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "status", "--admin", "localhost")
+    assert code == 1 and "expected HOST:PORT" in err

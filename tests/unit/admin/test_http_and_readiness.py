@@ -1,0 +1,127 @@
+"""The agent's HTTP plumbing, and readiness as each precondition goes and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+from agent.admin.http import HttpServer, Request, Response, parse_request_line
+from agent.app import Agent
+from agent.config import AgentConfig
+from agent.datapath.layout import Listener
+
+
+def test_request_line_parsing() -> None:
+    assert parse_request_line(b"POST /logging?level=debug&logger=x HTTP/1.1\r\n\r\n") == Request(
+        "POST", "/logging", {"level": "debug", "logger": "x"}
+    )
+    assert parse_request_line(b"\x16\x03\x01garbage\r\n\r\n") is None
+
+
+async def _exchange(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+def test_server_answers_errors_and_survives_a_failing_handler() -> None:
+    def handler(request: Request) -> Response:
+        if request.path == "/boom":
+            raise ValueError("handler bug")
+        return Response.json(200, {"path": request.path})
+
+    async def scenario() -> list[bytes]:
+        server = HttpServer(handler)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            return [
+                await _exchange(port, b"GET /boom HTTP/1.1\r\n\r\n"),
+                await _exchange(port, b"not http at all\r\n\r\n"),
+                await _exchange(port, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ]
+        finally:
+            await server.stop()
+
+    boom, garbage, ok = asyncio.run(scenario())
+    assert boom.startswith(b"HTTP/1.1 500") and b"handler bug" in boom
+    assert garbage.startswith(b"HTTP/1.1 400")
+    assert ok.startswith(b"HTTP/1.1 200") and b'"/ok"' in ok
+
+
+class _Source:
+    ready = True
+    last_error = None
+
+
+class _Identity:
+    name = "identity"
+    pending: list[str] = []
+
+    def not_ready(self) -> list[str]:
+        return list(self.pending)
+
+
+def test_readiness_flips_with_each_precondition(tmp_path: Path) -> None:
+    """State loaded, listeners open, datapath reconciled (and the last pass succeeded),
+    certificates present, metrics and admin listening: remove each, then restore it."""
+    config = AgentConfig(
+        node="node1",
+        pin_dir=tmp_path / "pins",
+        cluster_file=tmp_path / "cluster.yaml",
+        admin_address=("127.0.0.1", 0),
+        metrics_port=0,
+    )
+
+    async def scenario() -> list[list[str]]:
+        agent = Agent(config)
+        identity = _Identity()
+        agent.components.append(identity)
+        seen = [agent.not_ready()]
+        for c in agent.components:
+            if c.name in ("telemetry", "admin"):
+                await c.start()
+        agent.source = _Source()  # type: ignore[assignment]
+        agent.listeners = {slot: socket.socket() for slot in Listener}
+        agent._synced = True
+        seen.append(agent.not_ready())
+        steps = [
+            (lambda: setattr(agent.source, "ready", False),
+             lambda: setattr(agent.source, "ready", True)),
+            (lambda: agent.listeners[Listener.HBONE].close(),
+             lambda: agent.listeners.__setitem__(Listener.HBONE, socket.socket())),
+            (lambda: setattr(agent, "_reconcile_error", "netlink: EBUSY"),
+             lambda: setattr(agent, "_reconcile_error", None)),
+            (lambda: identity.pending.append("identity: no certificate yet for x"),
+             identity.pending.clear),
+        ]  # fmt: skip
+        for remove, restore in steps:
+            remove()
+            seen.append(agent.not_ready())
+            restore()
+            seen.append(agent.not_ready())
+        for c in agent.components:
+            if c.name in ("telemetry", "admin"):
+                await c.stop()
+        seen.append(agent.not_ready())
+        for sock in agent.listeners.values():
+            sock.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    first, ready, *flips, stopped = seen
+    assert (
+        "datapath: not reconciled" in first and "listeners: not all of" in first[1 + 0 :][0]
+    ) or (any(r.startswith("listeners:") for r in first))
+    assert ready == []
+    removed, restored = flips[0::2], flips[1::2]
+    assert removed == [
+        ["state: not loaded"],
+        ["listeners: not all of 15001/15006/15008 are open"],
+        ["datapath: last reconcile failed: netlink: EBUSY"],
+        ["identity: no certificate yet for x"],
+    ]
+    assert restored == [[], [], [], []]
+    assert stopped == ["telemetry: /metrics is not listening", "admin: API is not listening"]

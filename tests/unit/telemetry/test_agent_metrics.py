@@ -1,0 +1,133 @@
+"""nodemesh's own metrics: scrape-time collector, CA outcomes, the shared registry, log levels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+import grpc
+import pytest
+
+from agent.identity.caclient import CaError
+from agent.identity.spiffe import SpiffeId
+from agent.telemetry.agentmetrics import AgentSources
+from agent.telemetry.ca import CountingFetcher
+from agent.telemetry.component import TelemetryComponent
+from agent.telemetry.loglevel import LogLevelError, levels, set_level
+from agent.telemetry.registry import MetricDeclarationError, counter
+from tests.unit.telemetry.telemetry_helpers import CLIENT_ID, make_store, samples, total
+
+CERT_STATES = [
+    {
+        "identity": CLIENT_ID,
+        "state": "Available",
+        "certificate": {"not_after": "2030-01-01T00:00:00+00:00"},
+    },
+    {
+        "identity": "spiffe://cluster.local/ns/default/sa/b",
+        "state": "Unavailable",
+        "certificate": None,
+    },
+]
+
+
+def component(sources: AgentSources) -> TelemetryComponent:
+    return TelemetryComponent(store=make_store(), address=("127.0.0.1", 0), sources=sources)
+
+
+def test_collector_reads_every_source_at_scrape_time() -> None:
+    rejections = Counter({"tls_handshake_failed": 2, "no_endpoints": 1})
+    sources = AgentSources(
+        rejections=lambda: rejections,
+        denials=lambda: {"default/deny-all": 3},
+        pool_size=lambda: 4,
+        inbound_tunnels=lambda: 1,
+        certificates=lambda: CERT_STATES,
+        capture_counters=lambda: {"pod_ingress": {"captured": 5, "failed_closed": 1}},
+        state_stats=lambda: {"pods": {"lists": 1, "events": 9}},
+        state_version=lambda: 12,
+        state_error=lambda: "bad YAML",
+    )
+    parsed = samples(component(sources).exposition())
+    assert total(parsed, "nodemesh_rejected_connections_total", reason="no_endpoints") == 1
+    assert total(parsed, "nodemesh_handshake_failures_total", cause="tls_handshake_failed") == 2
+    assert total(parsed, "nodemesh_handshake_failures_total", cause="wrong_alpn") == 0
+    assert total(parsed, "nodemesh_policy_denials_total", policy="default/deny-all") == 3
+    assert total(parsed, "nodemesh_hbone_pool_connections") == 4
+    assert total(parsed, "nodemesh_hbone_inbound_connections") == 1
+    expiry = total(parsed, "nodemesh_certificate_expiry_timestamp_seconds", identity=CLIENT_ID)
+    assert expiry == 1893456000
+    assert total(parsed, "nodemesh_certificates", state="Unavailable") == 1
+    captured = total(
+        parsed, "nodemesh_capture_packets_total", program="pod_ingress", outcome="captured"
+    )
+    assert captured == 5
+    assert total(parsed, "nodemesh_state_sync_events_total", resource="pods", event="events") == 9
+    assert total(parsed, "nodemesh_state_version") == 12
+    assert total(parsed, "nodemesh_state_source_error") == 1
+    rejections["no_endpoints"] += 1  # read again at the next scrape, not copied at start
+    again = samples(component(sources).exposition())
+    assert total(again, "nodemesh_rejected_connections_total", reason="no_endpoints") == 2
+
+
+def test_a_failing_kernel_read_skips_only_its_family() -> None:
+    def broken() -> dict[str, dict[str, int]]:
+        raise OSError("map gone")
+
+    parsed = samples(
+        component(AgentSources(capture_counters=broken, state_version=lambda: 1)).exposition()
+    )
+    assert total(parsed, "nodemesh_state_version") == 1
+    assert not [n for n, _ in parsed if n.startswith("nodemesh_capture")]
+
+
+class _Fetcher:
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+
+    async def fetch(self, identity: SpiffeId) -> object:
+        if self.error is not None:
+            raise self.error
+        return identity
+
+
+def test_ca_request_outcomes_are_counted() -> None:
+    def outcome(name: str) -> float:
+        exposition = component(AgentSources()).exposition()
+        return total(samples(exposition), "nodemesh_ca_requests_total", outcome=name)
+
+    ident = SpiffeId.parse(CLIENT_ID)
+    before = {k: outcome(k) for k in ("ok", "PERMISSION_DENIED", "error")}
+    asyncio.run(CountingFetcher(_Fetcher(None)).fetch(ident))  # type: ignore[arg-type]
+    for error in (CaError("no", grpc.StatusCode.PERMISSION_DENIED), ValueError("bad answer")):
+        with pytest.raises(type(error)):
+            asyncio.run(CountingFetcher(_Fetcher(error)).fetch(ident))  # type: ignore[arg-type]
+    assert outcome("ok") == before["ok"] + 1
+    assert outcome("PERMISSION_DENIED") == before["PERMISSION_DENIED"] + 1
+    assert outcome("error") == before["error"] + 1
+
+
+def test_registry_returns_the_same_metric_and_refuses_a_conflicting_declaration() -> None:
+    first = counter("nodemesh_test_things_total", "things", ["kind"])
+    assert counter("nodemesh_test_things_total", "things", ["kind"]) is first
+    with pytest.raises(MetricDeclarationError, match="same type and labels"):
+        counter("nodemesh_test_things_total", "things", ["other"])
+    first.labels(kind="a").inc(2)
+    parsed = samples(component(AgentSources()).exposition())
+    assert total(parsed, "nodemesh_test_things_total", kind="a") == 2
+
+
+def test_log_levels_change_at_run_time_and_reject_unknown_names() -> None:
+    proxy = logging.getLogger("agent.proxy")
+    old = proxy.level
+    try:
+        assert set_level("debug", "agent.proxy")["agent.proxy"] == "debug"
+        assert proxy.isEnabledFor(logging.DEBUG)
+        with pytest.raises(LogLevelError, match="use one of debug"):
+            set_level("loud", "agent.proxy")
+        with pytest.raises(LogLevelError, match="unknown logger"):
+            set_level("info", "agent.nope")
+        assert levels()["agent.proxy"] == "debug"
+    finally:
+        proxy.setLevel(old)

@@ -1,0 +1,145 @@
+"""Istio TCP metrics and the access log, fed by a real connection registry."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from agent.policy.authz import Decision
+from agent.proxy.records import Registry
+from agent.telemetry.agentmetrics import AgentSources
+from agent.telemetry.component import TelemetryComponent
+from agent.telemetry.labels import endpoint_services, tcp_labels
+from tests.unit.telemetry.telemetry_helpers import (
+    CLIENT_ID,
+    SERVER_ID,
+    inbound,
+    make_store,
+    outbound,
+    samples,
+    total,
+)
+
+SENT = "istio_tcp_sent_bytes_total"
+RECEIVED = "istio_tcp_received_bytes_total"
+OPENED = "istio_tcp_connections_opened_total"
+CLOSED = "istio_tcp_connections_closed_total"
+
+
+def telemetry() -> tuple[Registry, TelemetryComponent]:
+    registry = Registry()
+    component = TelemetryComponent(
+        store=make_store(),
+        address=("127.0.0.1", 0),
+        sources=AgentSources(rejections=lambda: registry.rejections),
+        connections=registry,
+    )
+    return registry, component
+
+
+def test_labels_of_an_outbound_connection_through_a_service() -> None:
+    store = make_store()
+    snap = store.snapshot()
+    labels = tcp_labels(outbound(), snap, endpoint_services(snap))._asdict()
+    assert labels == {
+        "reporter": "source",
+        "source_workload": "client",
+        "source_workload_namespace": "default",
+        "source_principal": CLIENT_ID,
+        "source_app": "client",
+        "destination_service": "server.default.svc.cluster.local",
+        "destination_workload": "server",  # the app label: both replicas share one series
+        "destination_workload_namespace": "default",
+        "destination_principal": SERVER_ID,
+        "connection_security_policy": "mutual_tls",
+        "response_flags": "-",
+        "request_protocol": "tcp",
+    }
+
+
+def test_labels_of_an_inbound_connection_and_of_an_unknown_peer() -> None:
+    snap = make_store().snapshot()
+    by_endpoint = endpoint_services(snap)
+    labels = tcp_labels(inbound(), snap, by_endpoint)
+    assert labels.reporter == "destination"
+    assert labels.destination_service == "server.default.svc.cluster.local"  # pod IP dialed
+    stranger = outbound()
+    stranger.source, stranger.source_identity = "192.0.2.9:1234", None
+    stranger.destination, stranger.upstream, stranger.path = "198.51.100.1:443", "", "passthrough"
+    stranger.destination_identity = None
+    odd = tcp_labels(stranger, snap, by_endpoint)
+    assert odd.source_workload == odd.destination_workload == odd.destination_service == "unknown"
+    assert odd.source_principal == odd.destination_principal == "unknown"
+    assert odd.connection_security_policy == "none"
+
+
+def test_bytes_are_counted_while_the_connection_is_open_and_stay_after_close() -> None:
+    registry, component = telemetry()
+    record = outbound()
+    conn_id = registry.add(record, lambda _reason: None)
+    record.bytes_sent, record.bytes_received = 1000, 20
+    live = samples(component.exposition())
+    assert total(live, SENT, reporter="source") == 1000
+    assert total(live, RECEIVED, reporter="source") == 20
+    assert total(live, OPENED) == 1 and total(live, CLOSED) == 0
+    assert total(live, "nodemesh_open_connections", direction="outbound") == 1
+    record.bytes_sent += 500
+    registry.remove(conn_id)
+    done = samples(component.exposition())
+    assert total(done, SENT) == 1500
+    assert total(done, CLOSED, response_flags="-") == 1
+    assert total(done, "nodemesh_open_connections") == 0
+    assert component.tcp.live() == []
+
+
+def test_a_denied_stream_and_a_refused_connection_set_response_flags() -> None:
+    registry, component = telemetry()
+    denied = inbound()
+    registry.deny(Decision(False, "denied by default/p", "default/p"), "test", record=denied)
+    record = outbound(40001)
+    conn_id = registry.add(record, lambda _reason: None)
+    registry.reject("upstream_unreachable", "test: nothing listens")  # same task: this record
+    registry.remove(conn_id)
+    parsed = samples(component.exposition())
+    assert total(parsed, CLOSED, reporter="destination", response_flags="DENY") == 1
+    assert total(parsed, OPENED, reporter="destination", response_flags="DENY") == 1
+    assert total(parsed, CLOSED, reporter="source", response_flags="CONNECT") == 1
+    assert record.failure == "upstream_unreachable"
+
+
+def test_cardinality_stays_bounded_under_many_connections() -> None:
+    registry, component = telemetry()
+    for port in range(30000, 30500):
+        record = outbound(port)
+        record.bytes_sent = 10
+        registry.remove(registry.add(record, lambda _reason: None))
+    parsed = samples(component.exposition())
+    series = {labels for (name, labels) in parsed if name == SENT}
+    assert len(series) == 1
+    assert total(parsed, SENT) == 5000 and total(parsed, CLOSED) == 500
+    values = {value for (_name, labels) in parsed for _key, value in labels}
+    assert not [v for v in values for port in range(30000, 30500) if str(port) in v]
+
+
+def test_access_log_is_one_json_line_per_closed_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry, _component = telemetry()
+    record = outbound()
+    conn_id = registry.add(record, lambda _reason: None)
+    record.bytes_sent, record.bytes_received = 7, 9
+    with caplog.at_level(logging.INFO, logger="nodemesh.access"):
+        registry.remove(conn_id)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nodemesh.access"]
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    assert entry["source_address"] == "10.244.1.2:40000"
+    assert entry["destination_address"] == "10.96.0.10:80"
+    assert entry["upstream_address"] == "10.244.2.2:8080"
+    assert (entry["source_workload"], entry["destination_workload"]) == ("client", "server")
+    assert (entry["source_identity"], entry["destination_identity"]) == (CLIENT_ID, SERVER_ID)
+    assert (entry["bytes_sent"], entry["bytes_received"]) == (7, 9)
+    assert entry["direction"] == "outbound" and entry["security"] == "mutual_tls"
+    assert entry["failure"] is None and entry["duration_ms"] >= 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -153,7 +154,13 @@ class KubeSource:
         return [r.name for r in self.reflectors if not r.synced.is_set()]
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        return all(r.synced.wait(timeout) for r in self.reflectors)
+        """Block until every resource was listed once, or ``timeout`` seconds in all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for r in self.reflectors:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not r.synced.wait(left):
+                return False
+        return True
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {r.name: dict(r.stats) for r in self.reflectors}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,7 +45,13 @@ def _flag(value: str | None) -> bool:
 class FakeApiServer:
     """Start with ``with FakeApiServer() as api:``; point a client at ``api.url``."""
 
-    def __init__(self, *, bookmark_interval: float = 0.5, require_token: str | None = None):
+    def __init__(
+        self,
+        *,
+        bookmark_interval: float = 0.5,
+        require_token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.store = ObjectStore()
         self.bookmark_interval = bookmark_interval
         self.require_token = require_token
@@ -54,6 +61,10 @@ class FakeApiServer:
         self._pages: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._http.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:  # serve HTTPS, as in-cluster clients require
+            self._http.socket = tls.wrap_socket(self._http.socket, server_side=True)
+            self.scheme = "https"
         self._http.fake = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(
             target=self._http.serve_forever, args=(0.05,), name="fakeapi", daemon=True
@@ -61,7 +72,7 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._http.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self._http.server_address[1]}"
 
     def __enter__(self) -> FakeApiServer:
         self._thread.start()
@@ -222,8 +233,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if not fake.available:
                 raise ApiError(503, "ServiceUnavailable", "the fake API server is unavailable")
-            auth = self.headers.get("Authorization", "")
-            if fake.require_token and auth != f"Bearer {fake.require_token}":
+            scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+            if fake.require_token and (scheme.lower(), token) != ("bearer", fake.require_token):
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             self._route(method)
         except ApiError as e:

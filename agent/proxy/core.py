@@ -17,7 +17,7 @@ from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer, Request
 from agent.policy.peerauth import PeerAuthenticator
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
-from agent.proxy.records import Registry
+from agent.proxy.records import ConnectionRecord, Registry
 from agent.proxy.sockets import PROXY_MARK
 from agent.state import Snapshot, StateStore, Workload
 
@@ -85,8 +85,18 @@ class Core:
     def identity(self, workload: Workload, snap: Snapshot) -> str:
         return workload.identity(snap.trust_domain)
 
-    def authorize(self, request: Request, workload: Workload, where: str, snap: Snapshot) -> bool:
-        """Evaluate, log dry-run and AUDIT outcomes, count and log a denial; True if allowed."""
+    def authorize(
+        self,
+        request: Request,
+        workload: Workload,
+        where: str,
+        snap: Snapshot,
+        *,
+        unregistered: ConnectionRecord | None = None,
+    ) -> bool:
+        """Evaluate, log dry-run and AUDIT outcomes, count and log a denial; True if allowed.
+        ``unregistered``: the connection's record when it is not in the registry yet (an HBONE
+        stream), so that a denial still reaches metrics and the access log."""
         decision = self.policies(snap).authz.evaluate(request, workload)
         for note in decision.would:
             log.info("%s: %s", where, note)
@@ -95,7 +105,7 @@ class Core:
                 "%s: audited by %s (%s)", where, ref, "allowed" if decision.allowed else "denied"
             )
         if not decision.allowed:
-            self.registry.deny(decision, where)
+            self.registry.deny(decision, where, record=unregistered)
         return decision.allowed
 
     def watch_policies(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:

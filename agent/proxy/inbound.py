@@ -180,7 +180,16 @@ class InboundHbone:
             return
         client_ip = self._client_ip(req, principal, peer_ip)
         request = Request(client_ip, req.host, req.port, principal)
-        if not self.core.authorize(request, workload, where, snap):
+        record = ConnectionRecord(
+            INBOUND,
+            client_ip,
+            req.authority,
+            source_identity=principal,
+            destination_identity=self.core.identity(workload, snap),
+            security=SECURITY_MTLS,
+            path="hbone",
+        )
+        if not self.core.authorize(request, workload, where, snap, unregistered=record):
             self._answer(proto, sid, 401)
             return
         s = self.core.settings
@@ -197,15 +206,6 @@ class InboundHbone:
             return
         proto.codec.respond(sid, 200)
         proto.flush()
-        record = ConnectionRecord(
-            INBOUND,
-            client_ip,
-            req.authority,
-            source_identity=principal,
-            destination_identity=self.core.identity(workload, snap),
-            security=SECURITY_MTLS,
-            path="hbone",
-        )
         await self._relay(stream, upstream, record, request, workload)
 
     async def _relay(

@@ -5,7 +5,9 @@ resolved in the state (``resolve``): to a meshed pod on another node the bytes g
 HBONE tunnel that presents the *source pod's* certificate and accepts only the destination pod's
 identity; to a meshed pod on this node they never leave the node, so there is no TLS, but the
 destination's policies are enforced here and the connection is made with the client pod's IP as
-source; anything else is plain TCP passthrough. A refusal closes the client with RST, so the
+source; anything else is plain TCP passthrough. A connection to a Service VIP is handed to
+``balanced`` (traffic control: endpoint choice, limits, retries, faults, splits), which uses the
+same ``open``/``relay`` steps once per attempt. A refusal closes the client with RST, so the
 application sees a failed connection and not a clean end of stream.
 """
 
@@ -16,6 +18,7 @@ import socket
 
 from agent.policy.authz import Request
 from agent.proxy import sockets
+from agent.proxy.balanced import BalancedOutbound
 from agent.proxy.core import Core
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.records import (
@@ -27,9 +30,12 @@ from agent.proxy.records import (
 )
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
-from agent.proxy.tunnel import TunnelError
+from agent.proxy.tunnel import TunnelError, TunnelStream
+from agent.state import Snapshot
 
 log = logging.getLogger(__name__)
+
+Upstream = socket.socket | TunnelStream
 
 
 def _addr(ip: str, port: int) -> str:
@@ -41,6 +47,7 @@ class Outbound:
         self.core = core
         self.pool = pool
         self.resolver = Resolver(core.node)
+        self.balanced = BalancedOutbound(self)
 
     async def handle(
         self, client: socket.socket, original_dst: tuple[str, int] | None = None
@@ -53,32 +60,27 @@ class Outbound:
             client.close()
             return
         snap = self.core.snapshot()
+        source = self.resolver.source(snap, src_ip)
         try:
-            route = self.resolver.resolve(snap, src_ip, dst_ip, dst_port)
+            target = self.resolver.service(snap, dst_ip, dst_port)
         except NoEndpoints as e:
             self.core.registry.reject("no_endpoints", str(e))
             sockets.abort(client)
             return
-        record = ConnectionRecord(
-            OUTBOUND,
-            _addr(src_ip, src_port),
-            _addr(dst_ip, dst_port),
-            path=route.kind,
-            upstream=_addr(route.ip, route.port),
-        )
-        if route.source is not None:
-            record.source_identity = self.core.identity(route.source, snap)
-        if route.target is not None and route.kind != "passthrough":
-            record.destination_identity = self.core.identity(route.target, snap)
+        if target is not None:
+            await self.balanced.handle(client, snap, source, target, _addr(src_ip, src_port))
+            return
+        route = self.resolver.route(snap, source, dst_ip, dst_port)
+        record = self.record(snap, route, _addr(src_ip, src_port), _addr(dst_ip, dst_port))
         conn_id = self.core.registry.add(record, cancel_current_task())
         clean = False
         try:
-            if route.kind == "hbone":
-                await self._hbone(client, route, record, src_ip)
-            elif route.kind == "local":
-                await self._local(client, route, record, src_ip, conn_id)
-            else:
-                await self._passthrough(client, route, record)
+            try:
+                upstream = await self.open(route, record, src_ip, conn_id)
+            except (OSError, TunnelError) as e:
+                self.count_failure(e, route, record)
+                raise
+            await self.relay(client, upstream, record)
             clean = True
         except (OSError, TunnelError, Refused) as e:
             log.debug("outbound %s -> %s ended: %s", record.source, record.destination, e)
@@ -89,38 +91,49 @@ class Outbound:
             else:
                 sockets.abort(client)
 
-    async def _hbone(
-        self, client: socket.socket, route: Route, record: ConnectionRecord, src_ip: str
-    ) -> None:
-        assert record.source_identity and record.destination_identity
-        key = PoolKey(
-            record.source_identity,
-            record.destination_identity,
-            route.ip,
-            self.core.settings.hbone_port,
-        )
-        try:
-            stream = await self.pool.open(key, _addr(route.ip, route.port), src_ip)
-        except TunnelError as e:
-            self.core.registry.reject("tunnel_refused", f"{record.destination} via HBONE: {e}")
-            raise
-        except (OSError, TimeoutError) as e:
-            self.core.registry.reject(
-                "tunnel_unreachable",
-                f"cannot reach {route.ip}:{key.port} for {record.destination}: {e}; is HBONE port "
-                f"{key.port} blocked between the nodes (firewall, NetworkPolicy)?",
-            )
-            raise OSError(str(e)) from e
-        record.security = SECURITY_MTLS
-        await relay_tunnel(client, stream, record, outbound=True)
+    def record(
+        self, snap: Snapshot, route: Route, source: str, destination: str
+    ) -> ConnectionRecord:
+        record = ConnectionRecord(OUTBOUND, source, destination)
+        if route.source is not None:
+            record.source_identity = self.core.identity(route.source, snap)
+        self.describe_route(snap, route, record)
+        return record
 
-    async def _local(
-        self,
-        client: socket.socket,
-        route: Route,
-        record: ConnectionRecord,
-        src_ip: str,
-        conn_id: int,
+    def describe_route(self, snap: Snapshot, route: Route, record: ConnectionRecord) -> None:
+        """Point ``record`` at ``route`` (again for each attempt of a Service connection)."""
+        record.path = route.kind
+        record.upstream = _addr(route.ip, route.port)
+        record.destination_identity = None
+        if route.target is not None and route.kind != "passthrough":
+            record.destination_identity = self.core.identity(route.target, snap)
+
+    async def open(
+        self, route: Route, record: ConnectionRecord, src_ip: str, conn_id: int
+    ) -> Upstream:
+        """Connect to ``route``'s destination. Raises ``Refused`` (already counted), or
+        ``TunnelError``/``OSError``/``TimeoutError`` for the caller to count or retry."""
+        if route.kind == "hbone":
+            assert record.source_identity and record.destination_identity
+            key = PoolKey(
+                record.source_identity,
+                record.destination_identity,
+                route.ip,
+                self.core.settings.hbone_port,
+            )
+            return await self.pool.open(key, _addr(route.ip, route.port), src_ip)
+        if route.kind == "local":
+            self._authorize_local(route, record, src_ip, conn_id)
+        s = self.core.settings
+        return await sockets.connect(
+            (route.ip, route.port),
+            mark=s.mark,
+            timeout=s.connect_timeout,
+            source_ip=src_ip if route.kind == "local" else None,
+        )
+
+    def _authorize_local(
+        self, route: Route, record: ConnectionRecord, src_ip: str, conn_id: int
     ) -> None:
         assert route.target is not None
         if route.port in self.core.settings.proxy_ports:
@@ -131,31 +144,33 @@ class Outbound:
         if not self.core.authorize(request, route.target, where, self.core.snapshot()):
             raise Refused(where)
         self.core.registry.authorized(conn_id, request, route.target)
-        upstream = await self._connect(route, record, src_ip)
-        try:
-            await relay_sockets(client, upstream, record)
-        finally:
-            upstream.close()
 
-    async def _passthrough(
-        self, client: socket.socket, route: Route, record: ConnectionRecord
-    ) -> None:
-        upstream = await self._connect(route, record, None)
-        try:
-            await relay_sockets(client, upstream, record)
-        finally:
-            upstream.close()
-
-    async def _connect(
-        self, route: Route, record: ConnectionRecord, source_ip: str | None
-    ) -> socket.socket:
-        s = self.core.settings
-        try:
-            return await sockets.connect(
-                (route.ip, route.port), mark=s.mark, timeout=s.connect_timeout, source_ip=source_ip
-            )
-        except (OSError, TimeoutError) as e:
+    def count_failure(self, error: BaseException, route: Route, record: ConnectionRecord) -> None:
+        """Count and log a failed ``open`` under its reason (the last attempt's, for a Service)."""
+        if route.kind == "hbone" and isinstance(error, TunnelError):
+            self.core.registry.reject("tunnel_refused", f"{record.destination} via HBONE: {error}")
+        elif route.kind == "hbone":
+            port = self.core.settings.hbone_port
             self.core.registry.reject(
-                "upstream_unreachable", f"{record.destination} -> {route.ip}:{route.port}: {e!r}"
+                "tunnel_unreachable",
+                f"cannot reach {route.ip}:{port} for {record.destination}: {error}; is HBONE port "
+                f"{port} blocked between the nodes (firewall, NetworkPolicy)?",
             )
-            raise OSError(str(e)) from e
+        else:
+            self.core.registry.reject(
+                "upstream_unreachable",
+                f"{record.destination} -> {route.ip}:{route.port}: {error!r}",
+            )
+
+    async def relay(
+        self, client: socket.socket, upstream: Upstream, record: ConnectionRecord
+    ) -> None:
+        """Copy both ways until both directions ended; closes the upstream socket."""
+        if isinstance(upstream, TunnelStream):
+            record.security = SECURITY_MTLS
+            await relay_tunnel(client, upstream, record, outbound=True)
+            return
+        try:
+            await relay_sockets(client, upstream, record)
+        finally:
+            upstream.close()

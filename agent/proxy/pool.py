@@ -72,7 +72,16 @@ class HbonePool:
             self._conns.setdefault(key, []).append(conn)
             fut.set_result(conn)
         except BaseException as e:
-            fut.set_exception(e)
+            # A dial cancelled by its opener's timeout must not look like cancellation to the
+            # other openers waiting for it: they get a connection error they can retry.
+            shared = (
+                e
+                if isinstance(e, Exception)
+                else ConnectionAbortedError(
+                    f"dial to {key.destination_ip}:{key.port} was cancelled"
+                )
+            )
+            fut.set_exception(shared)
             fut.exception()  # retrieved here; the waiters re-raise it themselves
             raise
         finally:

@@ -1,18 +1,17 @@
-"""Where an outbound connection goes: a pure function of the state snapshot.
+"""Where an outbound connection goes: pure functions of the state snapshot.
 
 The original destination is a meshed pod (tunnel to it, or a local relay when it is on this
-node), a Service VIP (pick an endpoint, then as for a pod), or anything else (plain passthrough).
-The endpoint choice is a per-Service round robin over ready endpoints: fair and predictable; the
-traffic-control work replaces it with the Service's configured load balancer.
+node), a Service VIP, or anything else (plain passthrough). For a VIP, ``service`` only finds the
+Service and its port: which endpoint serves the connection is traffic control's decision
+(``agent.policy.traffic``, driven by ``balanced``), made again for every attempt, and
+``endpoint_route`` turns each chosen endpoint into a route like any pod's.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from agent.state import Service, Snapshot, Workload
+from agent.state import Service, ServicePort, Snapshot, Workload
 
 
 class NoEndpoints(LookupError):
@@ -32,31 +31,58 @@ class Route:
     service: Service | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceTarget:
+    """A connection to a Service VIP: the Service, the port addressed, the address used."""
+
+    service: Service
+    port: ServicePort
+    vip: str
+
+
 @dataclass
 class Resolver:
     node: str
-    _cursors: dict[tuple[str, str], Iterator[int]] = field(default_factory=dict)
 
-    def resolve(self, snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int) -> Route:
+    def source(self, snap: Snapshot, src_ip: str) -> Workload | None:
+        """The meshed client workload on this node that owns ``src_ip``, if any."""
         source = snap.workload_by_ip.get(src_ip)
-        if source is not None and not (source.node == self.node and snap.is_meshed(source)):
-            source = None
+        if source is not None and source.node == self.node and snap.is_meshed(source):
+            return source
+        return None
+
+    def service(self, snap: Snapshot, dst_ip: str, dst_port: int) -> ServiceTarget | None:
+        """The Service behind ``dst_ip`` (None: not a VIP); NoEndpoints if it lacks the port."""
         service = snap.service_by_ip.get(dst_ip)
-        if service is not None:
-            dst_ip, dst_port = self._pick(snap, service, dst_port)
+        if service is None:
+            return None
+        sport = next((p for p in service.ports if p.port == dst_port), None)
+        if sport is None or not any(e.ready for e in service.endpoints):
+            raise NoEndpoints(
+                f"service {service.namespace}/{service.name} has no ready endpoint for port "
+                f"{dst_port}"
+            )
+        return ServiceTarget(service, sport, dst_ip)
+
+    def route(
+        self,
+        snap: Snapshot,
+        source: Workload | None,
+        dst_ip: str,
+        dst_port: int,
+        service: Service | None = None,
+    ) -> Route:
         target = snap.workload_by_ip.get(dst_ip)
         if source is None or target is None or not snap.is_meshed(target):
             return Route("passthrough", dst_ip, dst_port, source, target, service)
         kind = "local" if target.node == self.node else "hbone"
         return Route(kind, dst_ip, dst_port, source, target, service)
 
-    def _pick(self, snap: Snapshot, service: Service, port: int) -> tuple[str, int]:
-        sport = next((p for p in service.ports if p.port == port), None)
-        ready = [e for e in service.endpoints if e.ready]
-        if sport is None or not ready:
-            raise NoEndpoints(
-                f"service {service.namespace}/{service.name} has no ready endpoint for port {port}"
-            )
-        cursor = self._cursors.setdefault(service.key, itertools.count())
-        endpoint = ready[next(cursor) % len(ready)]
-        return endpoint.ip, endpoint.ports.get(sport.name, sport.target_port)
+    def endpoint_route(
+        self, snap: Snapshot, source: Workload | None, target: ServiceTarget, endpoint_ip: str
+    ) -> Route:
+        """The route to one endpoint of ``target``, on the port its EndpointSlice names."""
+        sport = target.port
+        endpoint = next((e for e in target.service.endpoints if e.ip == endpoint_ip), None)
+        port = endpoint.ports.get(sport.name, sport.target_port) if endpoint else sport.target_port
+        return self.route(snap, source, endpoint_ip, port, target.service)

@@ -237,7 +237,11 @@ class HboneProtocol(asyncio.Protocol):
         sid = self.codec.open_tunnel(authority, client_ip=client_ip)
         stream = self.streams[sid] = TunnelStream(self, sid)
         self.flush()
-        await stream.accepted
+        try:
+            await stream.accepted
+        except asyncio.CancelledError:
+            self.finish(stream)  # a timed-out open: reset it so the peer drops its connect
+            raise
         return stream
 
     def start_keepalive(self) -> None:

@@ -1,0 +1,76 @@
+"""Traffic-control counters in the agent's metric registry (``agent.telemetry.registry``).
+
+``agent.policy.traffic`` counts events without knowing about Prometheus; its observer hook calls
+``observe(service, event, detail)`` here, which increments the matching metric. Label values are
+bounded: a Service (``namespace/name``), a subset name from its policy, or one of a fixed set of
+reasons, causes and fault kinds.
+"""
+
+from __future__ import annotations
+
+from agent.telemetry.registry import counter
+
+_SERVICE = ["service"]
+
+CONNECTIONS = counter(
+    "nodemesh_service_connections_total", "Connections to a Service VIP admitted", _SERVICE
+)
+REJECTIONS = counter(
+    "nodemesh_service_rejections_total",
+    "Connections to a Service refused at once by its limits, by reason "
+    "(max_connections, max_pending)",
+    [*_SERVICE, "reason"],
+)
+FAILURES = counter(
+    "nodemesh_service_connect_failures_total",
+    "Failed connect attempts to a Service's endpoints, by cause "
+    "(connect-failure, refused, reset-before-data)",
+    [*_SERVICE, "cause"],
+)
+RETRIES = counter("nodemesh_service_retries_total", "Connect attempts retried", _SERVICE)
+BUDGET = counter(
+    "nodemesh_service_retry_budget_exhausted_total",
+    "Retries refused because the Service's retry budget was spent",
+    _SERVICE,
+)
+OUTLIER = counter(
+    "nodemesh_service_outlier_events_total",
+    "Outlier detection: endpoints ejected, returned after a probe, or left in because of "
+    "maxEjectionPercent (capped)",
+    [*_SERVICE, "event"],
+)
+FAULTS = counter(
+    "nodemesh_service_faults_injected_total",
+    "Faults injected into new connections (delay, abort_reset, abort_refuse)",
+    [*_SERVICE, "fault"],
+)
+SPLITS = counter(
+    "nodemesh_service_split_decisions_total",
+    "Connections sent to each subset of a weighted split",
+    [*_SERVICE, "subset"],
+)
+OTHER = counter(
+    "nodemesh_service_traffic_events_total",
+    "Other traffic-control events (panic: every endpoint ejected, so all were candidates; "
+    "no_endpoints; retry_deadline: the overall connect timeout ended the retries)",
+    [*_SERVICE, "event"],
+)
+
+_BY_DETAIL = {
+    "rejected": REJECTIONS,
+    "failed": FAILURES,
+    "outlier": OUTLIER,
+    "fault": FAULTS,
+    "split": SPLITS,
+}
+_PLAIN = {"connections": CONNECTIONS, "retries": RETRIES, "retry_budget_exhausted": BUDGET}
+
+
+def observe(service: str, event: str, detail: str) -> None:
+    """The traffic-control observer: one event of ``service`` becomes one counter increment."""
+    if event in _BY_DETAIL:
+        _BY_DETAIL[event].labels(service, detail).inc()
+    elif event in _PLAIN:
+        _PLAIN[event].labels(service).inc()
+    else:
+        OTHER.labels(service, event).inc()

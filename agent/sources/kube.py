@@ -184,6 +184,8 @@ class KubeSource:
         once = (str(meta.get("uid")), str(meta.get("resourceVersion")))
         if once in self._reported:
             return
+        if len(self._reported) >= 10_000:  # bounded memory; worst case a repeated log line
+            self._reported.clear()
         self._reported.add(once)
         log.warning(
             "skipping %s: %s; the previous valid version stays in force",

@@ -21,9 +21,13 @@ import logging
 import os
 import re
 import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from agent.datapath import bpfsys
 from agent.datapath.layout import LAYOUT_VERSION, Program
@@ -130,40 +134,75 @@ def _likely_cause(message: str) -> str:
             "kernel headers are missing: BCC needs /lib/modules/$(uname -r)/build "
             "(run make setup, which links Debian's linux-headers)"
         )
+    if "error:" in message:
+        return "the C source does not compile: see the compiler's output below"
+    # The verifier answers EACCES ("Permission denied") too, so its log is checked first.
+    if "processed" in message or "invalid" in message or "unknown opcode" in message:
+        return "the kernel's verifier rejected the program: the log below ends at the instruction"
     if "Permission denied" in message or "Operation not permitted" in message:
-        return "loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
-    if "invalid mem access" in message or "unknown opcode" in message:
-        return "the verifier rejected the program: see its log above for the instruction"
-    return "see the compiler/verifier output above"
+        return "loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN; CAP_SYS_RESOURCE < 5.11)"
+    return "see the output below"
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[Callable[[], str]]:
+    """Collect what clang, BCC and the verifier print on file descriptor 2 while loading, so that
+    a failure carries its own diagnostics instead of leaving them scattered in the log."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+
+        def read() -> str:
+            tmp.seek(0)
+            return tmp.read().decode(errors="replace")
+
+        try:
+            yield read
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _failure(what: str, error: Exception, output: str) -> ProgramLoadError:
+    tail = "\n".join(output.strip().splitlines()[-40:])
+    return ProgramLoadError(
+        f"{what}: {error}; likely cause: {_likely_cause(output + str(error))}\n{tail}"
+    )
+
+
+def _compile(marks: Marks, src: Path) -> tuple[Any, dict[Program, int]]:
+    """The BCC module and the loaded programs' descriptors (verified by the kernel)."""
+    from bcc import BPF  # deferred: only a fresh generation needs the compiler
+
+    with _captured_stderr() as output:
+        try:
+            bpf = BPF(text=_source_text(src).encode(), cflags=marks.cflags(str(src)))
+        except Exception as e:  # BCC raises bare Exception; the diagnostics went to fd 2
+            raise _failure(f"compiling the capture programs in {src} failed", e, output()) from e
+        try:
+            fds = {p: bpf.load_func(fn.encode(), BPF.SCHED_CLS).fd for p, fn in FUNCTIONS.items()}
+        except Exception as e:
+            bpf.cleanup()
+            raise _failure("the kernel refused the capture programs", e, output()) from e
+        if output().strip():
+            log.debug("BCC output while loading:\n%s", output())
+    return bpf, fds
 
 
 def _compile_and_pin(marks: Marks, gen: str, directory: Path, src: Path) -> None:
-    from bcc import BPF  # deferred: only a fresh generation needs the compiler
+    from bcc import libbcc
 
+    bpf, fds = _compile(marks, src)
     staging = directory.with_name(directory.name + "-staging")  # bpffs refuses dots
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
-        bpf = BPF(text=_source_text(src).encode(), cflags=marks.cflags(str(src)))
-    except Exception as e:  # BCC raises bare Exception for compile errors
-        raise ProgramLoadError(
-            f"compiling the capture programs in {src} failed: {e}; likely cause: "
-            f"{_likely_cause(str(e))}"
-        ) from e
-    try:
-        for p, fn in FUNCTIONS.items():
-            try:
-                loaded = bpf.load_func(fn.encode(), BPF.SCHED_CLS)
-            except Exception as e:  # the verifier log went to stderr; BCC's message is terse
-                raise ProgramLoadError(
-                    f"the kernel refused program {fn}: {e}; likely cause: {_likely_cause(str(e))}"
-                ) from e
-            bpfsys.pin(loaded.fd, str(staging / f"prog_{p.name.lower()}"))
-        from bcc import libbcc
-
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for p, fd in fds.items():
+            bpfsys.pin(fd, str(staging / f"prog_{p.name.lower()}"))
         for m in MAPS:
-            fd = libbcc.lib.bpf_table_fd(bpf.module, m.encode())
-            bpfsys.pin(fd, str(staging / f"map_{m}"))
+            bpfsys.pin(libbcc.lib.bpf_table_fd(bpf.module, m.encode()), str(staging / f"map_{m}"))
         staging.rename(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -173,9 +212,10 @@ def _compile_and_pin(marks: Marks, gen: str, directory: Path, src: Path) -> None
     log.info("compiled and pinned capture programs, generation %s, in %s", gen, directory)
 
 
-def load(pin_dir: Path, marks: Marks) -> Loaded:
-    """Adopt this code's pinned generation under ``pin_dir`` or compile and pin a new one."""
-    src = source_dir()
+def load(pin_dir: Path, marks: Marks, src: Path | None = None) -> Loaded:
+    """Adopt this code's pinned generation under ``pin_dir`` or compile and pin a new one
+    (``src``: the C sources, by default the package's)."""
+    src = src or source_dir()
     _check_layout(src)
     gen = generation(marks, src)
     directory = pin_dir / gen
@@ -185,7 +225,6 @@ def load(pin_dir: Path, marks: Marks) -> Loaded:
     if directory.exists():
         log.warning("pinned generation %s is incomplete; rebuilding it", gen)
         shutil.rmtree(directory)
-    pin_dir.mkdir(parents=True, exist_ok=True)
     _compile_and_pin(marks, gen, directory, src)
     loaded = _adopt(gen, directory)
     loaded.adopted = False

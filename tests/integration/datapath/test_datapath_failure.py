@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from agent.datapath.datapath import pinned_failure_modes
 from agent.datapath.programs import Marks
 from agent.lab.handle import Lab
 from tests.integration.datapath.harness import NodeDatapath, connect
@@ -39,6 +40,7 @@ def test_fail_open_lets_meshed_traffic_through_uncaptured(dplab: Lab) -> None:
         assert connect(dplab, "client", ip(dplab, "plain"), 8080) == f"server {client}"
         assert harness.datapath.counters()["pod_ingress"]["failed_open"] >= 1  # type: ignore[union-attr]
         assert harness.datapath.status()["failure_mode"] == "fail-open"  # type: ignore[union-attr]
+        assert pinned_failure_modes()[harness.pin_dir.name] == "fail-open"  # nodemesh check
     finally:
         harness.stop()
 

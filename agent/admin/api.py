@@ -83,6 +83,8 @@ class AdminApi:
         if request.method == "POST" and request.path == "/quitquitquit":
             self.s.drain()
             return Response.json(200, {"draining": True})
+        if request.path == "/quitquitquit":
+            return Response.json(405, {"error": "POST /quitquitquit drains the agent"})
         view = self._get.get(request.path)
         if view is None:
             known = ", ".join(ENDPOINTS)

@@ -91,6 +91,8 @@ def test_errors_name_the_endpoints_and_methods() -> None:
     assert status == 404 and "/config_dump" in body["error"]
     answers, _ = call("POST", "/certs")
     assert answers["call"][0] == 405
+    answers, drains = call("GET", "/quitquitquit")
+    assert answers["call"][0] == 405 and drains == 0
     answers, _ = call("POST", "/logging")
     assert answers["call"][0] == 400 and "level=" in answers["call"][1]["error"]
     answers, _ = call("POST", "/logging", level="loud")

@@ -39,8 +39,18 @@ async def _copy(
 
 
 async def _both(first: asyncio.Task[None], second: asyncio.Task[None]) -> None:
-    """Wait for both directions; the first failure cancels the other and is re-raised."""
-    done, pending = await asyncio.wait((first, second), return_when=asyncio.FIRST_EXCEPTION)
+    """Wait for both directions; the first failure cancels the other and is re-raised.
+
+    If the caller is cancelled (policy re-check, idle timeout, drain), both directions are
+    cancelled and awaited before the sockets are closed: ``asyncio.wait`` alone would leave them
+    running on file descriptors that are about to be closed."""
+    try:
+        done, pending = await asyncio.wait((first, second), return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:
+        for task in (first, second):
+            task.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        raise
     for task in pending:
         task.cancel()
     for task in pending:

@@ -58,10 +58,12 @@ class InboundHbone:
         snap = self.core.snapshot()
         workload = self.core.local_workload(snap, local_ip)
         if workload is None or self.draining:
-            why = "the agent is draining" if self.draining else "not a meshed workload on this node"
-            self.core.registry.reject(
-                "not_local_workload", f"HBONE to {local_ip} from {peer_ip}: {why}"
+            key, why = (
+                ("draining", "the agent is draining")
+                if self.draining
+                else ("not_local_workload", "not a meshed workload on this node")
             )
+            self.core.registry.reject(key, f"HBONE to {local_ip} from {peer_ip}: {why}")
             sockets.abort(sock)
             return
         proto = await self._handshake(sock, peer_ip, local_ip, self.core.identity(workload, snap))

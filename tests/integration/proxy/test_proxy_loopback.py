@@ -199,3 +199,20 @@ async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
         return await reader.read()
     except ConnectionResetError:
         return b""
+
+
+@mesh_test
+async def test_drain_lets_open_tunnels_finish_and_refuses_new_ones(mesh: Mesh) -> None:
+    port = mesh.app(SERVER, echo_peer)
+    reader, writer = await mesh.connect(CLIENT, (SERVER, port))
+    assert await reader.readline() == f"peer={CLIENT}\n".encode()
+    mesh.node2.inbound.goaway_all()  # what the agent does when it starts draining
+    await asyncio.sleep(0.05)
+    writer.write(b"after goaway\n")
+    assert await reader.readline() == b"after goaway\n"  # the open stream still flows
+    with pytest.raises(ConnectionResetError):
+        await roundtrip(mesh, CLIENT, (SERVER, port))  # node2 accepts no new tunnels
+    assert mesh.node2.core.registry.rejections["draining"] == 1
+    writer.write_eof()
+    assert await reader.read() == b""
+    writer.close()

@@ -44,38 +44,45 @@ def _route_present(ipr: IPRoute, cfg: RoutingConfig) -> bool:
     return any(r["type"] == 2 and r["dst_len"] == 0 for r in routes)  # RTN_LOCAL
 
 
+def _rule(cfg: RoutingConfig) -> dict[str, int]:
+    return {
+        "family": socket.AF_INET,
+        "fwmark": cfg.capture_mark,
+        "table": cfg.table,
+        "priority": cfg.rule_priority,
+    }
+
+
+def _route(ipr: IPRoute, cfg: RoutingConfig) -> dict[str, object]:
+    return {
+        "dst": "0.0.0.0/0",
+        "type": "local",
+        "table": cfg.table,
+        "oif": _lo(ipr),
+        "scope": "host",
+    }
+
+
 def ensure(ipr: IPRoute, cfg: RoutingConfig) -> list[str]:
     """Create the rule and the local route if missing; returns what it created."""
     created = []
     if not _route_present(ipr, cfg):
-        ipr.route("add", dst="0.0.0.0/0", type="local", table=cfg.table, oif=_lo(ipr), scope="host")
+        ipr.route("add", **_route(ipr, cfg))
         created.append(f"route local 0.0.0.0/0 dev lo table {cfg.table}")
     if not _rule_present(ipr, cfg):
-        ipr.rule(
-            "add",
-            family=socket.AF_INET,
-            fwmark=cfg.capture_mark,
-            table=cfg.table,
-            priority=cfg.rule_priority,
-        )
+        ipr.rule("add", **_rule(cfg))
         created.append(f"rule fwmark {cfg.capture_mark:#x} lookup {cfg.table}")
     return created
 
 
 def remove(ipr: IPRoute, cfg: RoutingConfig) -> list[str]:
-    """Remove the rule and the route; returns what it removed."""
+    """Remove the rule (every copy) and the route; returns what it removed."""
     removed = []
     while _rule_present(ipr, cfg):
-        ipr.rule(
-            "del",
-            family=socket.AF_INET,
-            fwmark=cfg.capture_mark,
-            table=cfg.table,
-            priority=cfg.rule_priority,
-        )
+        ipr.rule("del", **_rule(cfg))
         removed.append(f"rule fwmark {cfg.capture_mark:#x} lookup {cfg.table}")
     if _route_present(ipr, cfg):
-        ipr.route("del", dst="0.0.0.0/0", type="local", table=cfg.table, oif=_lo(ipr), scope="host")
+        ipr.route("del", **_route(ipr, cfg))
         removed.append(f"route local 0.0.0.0/0 dev lo table {cfg.table}")
     return removed
 

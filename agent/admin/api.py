@@ -36,6 +36,7 @@ ENDPOINTS = {
     "/certs": "certificates of local identities: state, serial, validity, chain (no keys)",
     "/connections": "live connections with the access log's fields",
     "/datapath": "BPF programs' generation, attachments, listeners and counters",
+    "/traffic": "TrafficPolicy conditions, effective policy per Service, endpoint health",
     "/logging": "GET: log levels; POST ?level=debug[&logger=agent.proxy]: change one",
     "/quitquitquit": "POST: drain gracefully and exit (like SIGTERM)",
 }
@@ -58,6 +59,7 @@ class AdminSources:
     certificates: Callable[[], Rows] | None = None
     datapath: Callable[[], Awaitable[dict[str, object]]] | None = None
     state_source: Callable[[], dict[str, object]] | None = None
+    traffic: Callable[[], dict[str, object]] | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -74,6 +76,7 @@ class AdminApi:
             "/certs": lambda _r: {"certificates": self.certificates()},
             "/connections": lambda _r: {"connections": self.s.connections()},
             "/datapath": lambda _r: self.datapath(),
+            "/traffic": lambda _r: self.traffic(),
             "/logging": lambda _r: {"levels": levels()},
         }
 
@@ -111,6 +114,12 @@ class AdminApi:
 
     def certificates(self) -> Rows:
         return self.s.certificates() if self.s.certificates is not None else []
+
+    def traffic(self) -> dict[str, object]:
+        """Traffic control (``agent.policy.traffic.control.TrafficControl.describe``)."""
+        if self.s.traffic is None:
+            return {"policies": {}, "effective": {}, "services": {}}
+        return self.s.traffic()
 
     async def datapath(self) -> dict[str, object]:
         return {"datapath": await self.s.datapath() if self.s.datapath is not None else None}
@@ -154,4 +163,5 @@ class AdminApi:
             "policies": views.policies_view(snap),
             "certificates": self.certificates(),
             "datapath": (await self.datapath())["datapath"],
+            "traffic": self.traffic(),
         }

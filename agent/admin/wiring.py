@@ -119,6 +119,11 @@ def observability(parts: AgentParts) -> list[Any]:
             certificates=certificates,
             datapath=datapath_view,
             state_source=lambda: source_view(parts.source),
+            traffic=(
+                (lambda: proxy.proxy.outbound.balanced.traffic.describe(parts.store.snapshot()))
+                if proxy is not None
+                else None
+            ),
         ),
     )
     return [telemetry, admin]

@@ -165,8 +165,11 @@ class TrafficControl:
         """``"<namespace>/<name>"`` of every TrafficPolicy → its Accepted condition."""
         return {f"{ns}/{name}": c.describe() for (ns, name), c in self._conditions.items()}
 
-    def describe(self) -> dict[str, object]:
-        """Effective policy, endpoint health and counters per Service in use (admin API)."""
+    def describe(self, snap: Snapshot | None = None) -> dict[str, object]:
+        """Policy conditions, effective policies, and endpoint health and counters per Service
+        in use (admin API); with ``snap``, brought up to date with it first."""
+        if snap is not None:
+            self.update(snap)
         services = {f"{ns}/{n}": t.describe() for (ns, n), (_, t) in self._services.items()}
         effective = {f"{ns}/{n}": c.describe() for (ns, n), c in self._effective.items()}
         return {"policies": self.conditions(), "effective": effective, "services": services}

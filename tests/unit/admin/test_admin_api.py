@@ -64,9 +64,11 @@ def test_every_endpoint_answers_its_documented_shape() -> None:
     dump = answers["/config_dump"][1]
     assert set(dump) == {
         "version", "node", "config", "state", "workloads", "services", "policies",
-        "certificates", "datapath",
+        "certificates", "datapath", "traffic",
     }  # fmt: skip
     assert dump["certificates"] == answers["/certs"][1]["certificates"]
+    assert answers["/traffic"][1] == {"policies": {}, "effective": {}, "services": {}}
+    assert dump["traffic"] == answers["/traffic"][1]
     assert set(answers["/logging"][1]["levels"]) >= {"root", "nodemesh.access", "agent.proxy"}
 
 

@@ -171,7 +171,7 @@ def policy_denial(lab: Lab) -> list[str]:
                 raise StepFailed(f"client -> server-0 still answered ({seen}) under the DENY")
             time.sleep(0.2)
         log = (lab.state_dir / "logs" / "agent-node2.log").read_text().splitlines()
-        why = next((line for line in reversed(log) if "policy_denied" in line), "")
+        why = next((line for line in reversed(log) if "rejected (policy_denied)" in line), "")
         neighbor = _request(lab, "neighbor", "server-0")
         return [
             "applied AuthorizationPolicy default/demo-deny-client (DENY principal .../sa/client)",
@@ -181,6 +181,69 @@ def policy_denial(lab: Lab) -> list[str]:
         ]
     finally:
         lab.delete(manifest)
+
+
+def _metrics_excerpt(lab: Lab, node: str) -> list[str]:
+    """Istio TCP metrics of ``node``'s agent, one line per series with its key labels."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> str:
+        with urlopen(f"http://{lab.node(node)['ip']}:15020/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    lines = []
+    for family in text_string_to_metric_families(call_in(lab.netns(node), scrape)):
+        for sample in family.samples:
+            if sample.name.startswith("istio_tcp") and sample.name.endswith("_total"):
+                lb = sample.labels
+                lines.append(
+                    f"{sample.name}{{reporter={lb['reporter']}, "
+                    f"{lb['source_workload']} -> {lb['destination_workload']}, "
+                    f"{lb['connection_security_policy']}, flags={lb['response_flags']}}} "
+                    f"{sample.value:.0f}"
+                )
+    return lines
+
+
+def _live_table(lab: Lab, ip: str, box: dict[str, socket.socket]) -> str:
+    """Open client -> ``ip`` (kept in ``box``) until node1 lists it; a policy just deleted
+    may still refuse the first attempts while the agents reload."""
+
+    def connect() -> None:  # the echo server waits for a request: the connection stays open
+        box["sock"] = socket.create_connection((ip, ECHO_PORT), timeout=5)
+
+    deadline = time.monotonic() + 10
+    while True:
+        call_in(lab.netns("client"), connect)
+        for _ in range(10):
+            table = _node_cli(lab, "node1", "connections")
+            if table.startswith("DIR"):
+                return table
+            time.sleep(0.1)
+        box.pop("sock").close()
+        if time.monotonic() > deadline:
+            raise StepFailed(f"node1 lists no live connection: {table.strip()}")
+
+
+def telemetry(lab: Lab) -> list[str]:
+    """A live connection in node1's connection table, and node1's Istio TCP metrics."""
+    box: dict[str, socket.socket] = {}
+    try:
+        table = _live_table(lab, lab.pod("server-0")["ip"], box)
+        excerpt = _metrics_excerpt(lab, "node1")
+        if not excerpt:
+            raise StepFailed("node1's /metrics has no istio_tcp_* series after the traffic above")
+        return [
+            "nodemesh connections (node1):",
+            *table.rstrip().splitlines(),
+            "metrics excerpt (node1 :15020/metrics):",
+            *excerpt,
+        ]
+    finally:
+        if "sock" in box:
+            box["sock"].close()
 
 
 STEPS: list[Step] = [
@@ -193,6 +256,7 @@ STEPS: list[Step] = [
     Step("a pod outside the mesh reaches a meshed pod", _connectivity([("outsider", "server-0")])),
     Step("mTLS: the identities of a live connection (admin API)", mtls_identities),
     Step("a policy denial", policy_denial),
+    Step("telemetry: live connections and Istio TCP metrics", telemetry),
 ]
 
 

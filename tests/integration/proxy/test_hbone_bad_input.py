@@ -19,6 +19,7 @@ from agent.identity.tls import client_context
 from tests.integration.proxy.mesh import (
     CLIENT,
     CLIENT_ID,
+    LOCAL,
     SERVER,
     Mesh,
     TestCA,
@@ -218,3 +219,34 @@ async def test_unreachable_pod_gets_503(mesh: Mesh) -> None:
     assert await status_of(conn, h2c, 1) == 503
     assert mesh.node2.core.registry.rejections["upstream_unreachable"] == 1
     conn[1].close()
+
+
+async def _peer_line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.read(1)  # answer only once asked, so the answer follows the 200
+    writer.write(f"peer={writer.get_extra_info('peername')[0]}\n".encode())
+    await writer.drain()
+    writer.close()
+
+
+@mesh_test
+async def test_forwarded_ip_of_another_identity_is_not_believed(mesh: Mesh) -> None:
+    """The client pod's certificate claiming ``forwarded: for=<neighbor's IP>``: the pod is
+    reached from the connection's own source address instead."""
+    port = mesh.app(SERVER, _peer_line)
+    conn, h2c = await h2_session(mesh)
+    h2c.send_headers(
+        1,
+        [(":method", "CONNECT"), (":authority", f"{SERVER}:{port}"), ("forwarded", f"for={LOCAL}")],
+    )
+    assert await status_of(conn, h2c, 1) == 200
+    data = b""
+    reader, writer = conn
+    h2c.send_data(1, b"?")
+    writer.write(h2c.data_to_send())
+    while b"\n" not in data and (chunk := await asyncio.wait_for(reader.read(65536), 10)):
+        for event in h2c.receive_data(chunk):
+            if isinstance(event, h2.events.DataReceived):
+                data += event.data
+        writer.write(h2c.data_to_send())
+    assert data == f"peer={CLIENT}\n".encode()
+    writer.close()

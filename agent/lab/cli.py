@@ -89,8 +89,27 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.node:
+        return _agent_status(args)
     st = control.status(args.name)
     print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+def _agent_status(args: argparse.Namespace) -> int:
+    """``lab status --node N``: ``nodemesh status`` of N's agent (its admin API is loopback in
+    the node's namespace)."""
+    from agent.admin.cli import format_status as format_agent_status
+    from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+
+    _, plan = control.load(args.name)
+    target = control.resolve_target(plan, args.node)
+    try:
+        st = netns.call_in(target, request, DEFAULT_ADMIN, "/status")
+    except AdminError as e:
+        print(f"nodemesh lab status --node {args.node}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(st, indent=2) if args.json else format_agent_status(st))
     return 0
 
 
@@ -168,6 +187,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add("down", _down, "remove everything the lab created (idempotent)")
     p = add("status", _status, "nodes, pods, IPs and mesh state")
     p.add_argument("--json", action="store_true", help="the documented, stable JSON shape")
+    p.add_argument("--node", help="instead: this node's agent status (nodemesh status)")
     p = add("exec", _exec, "run a command in a pod's or node's network namespace")
     p.add_argument("target", help="pod (name or namespace/name), node, ca or switch")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")

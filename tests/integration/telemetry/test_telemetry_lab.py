@@ -242,3 +242,9 @@ def test_cli_through_lab_exec(lab: Lab) -> None:
     assert raw.returncode == 0 and len(json.loads(raw.stdout)["certificates"]) == 2
     nowhere = lab.exec("client", NODEMESH, "status", capture_output=True, text=True)
     assert nowhere.returncode == 1 and "connection refused" in nowhere.stderr
+    shortcut = subprocess.run(
+        [NODEMESH, "lab", "status", "--name", lab.name, "--node", "node2", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert shortcut.returncode == 0 and json.loads(shortcut.stdout)["node"] == "node2"

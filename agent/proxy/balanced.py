@@ -93,7 +93,8 @@ class BalancedOutbound:
             if self._abort(client, attempts, src, target, outcome) is None:
                 await self._serve(client, snap, source, target, src, attempts, outcome)
         finally:
-            attempts.finish(reset_before_data=outcome.reset_before_data)
+            first_byte = outcome.record.first_byte if outcome.record is not None else 0.0
+            attempts.finish(reset_before_data=outcome.reset_before_data, first_byte_at=first_byte)
             if outcome.conn_id:
                 core.registry.remove(outcome.conn_id)
             if outcome.clean:

@@ -58,6 +58,7 @@ class ConnectionRecord:
     id: int = 0
     upstream: str = ""  # ip:port actually dialed (a Service VIP resolves to an endpoint)
     failure: str = ""  # reason key of the rejection that ended it ("" = none)
+    first_byte: float = 0.0  # time.monotonic() of the first upstream byte (0 = none yet)
 
     def describe(self) -> dict[str, object]:
         return asdict(self)

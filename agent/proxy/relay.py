@@ -14,11 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 
 from agent.proxy.records import ConnectionRecord
 from agent.proxy.tunnel import TunnelStream
 
 CHUNK = 256 * 1024
+
+
+def _count(record: ConnectionRecord, field: str, n: int) -> None:
+    """Add ``n`` bytes; the first upstream byte's time is traffic control's latency sample."""
+    if field == "bytes_received" and not record.bytes_received:
+        record.first_byte = time.monotonic()
+    setattr(record, field, getattr(record, field) + n)
 
 
 def _shutdown_write(sock: socket.socket) -> None:
@@ -34,7 +42,7 @@ async def _copy(
     view = memoryview(buf)
     while n := await loop.sock_recv_into(src, buf):
         await loop.sock_sendall(dst, view[:n])
-        setattr(record, field, getattr(record, field) + n)
+        _count(record, field, n)
     _shutdown_write(dst)
 
 
@@ -78,7 +86,7 @@ async def _socket_to_stream(
     view = memoryview(buf)
     while n := await loop.sock_recv_into(sock, buf):
         await stream.write(view[:n])
-        setattr(record, field, getattr(record, field) + n)
+        _count(record, field, n)
     stream.write_eof()
 
 
@@ -89,7 +97,7 @@ async def _stream_to_socket(
     while (chunk := await stream.read()) is not None:
         await loop.sock_sendall(sock, chunk)
         stream.consumed(len(chunk))
-        setattr(record, field, getattr(record, field) + len(chunk))
+        _count(record, field, len(chunk))
     _shutdown_write(sock)
 
 

@@ -285,16 +285,21 @@ class Attempts:
         svc.count("retries")
         return True
 
-    def finish(self, *, reset_before_data: bool = False) -> None:
+    def finish(self, *, reset_before_data: bool = False, first_byte_at: float = 0.0) -> None:
         """The client connection ended; a reset before any upstream byte counts as a failure.
 
         Success is recorded here rather than at connect, so an endpoint that accepts and then
         resets every connection accrues consecutive failures like one that refuses.
+        ``first_byte_at`` (clock time of the first upstream byte, 0 if none) gives the balancer
+        a second latency sample: time to first byte, which sees a server slow to answer even
+        when its kernel accepts at once.
         """
         if self._finished:
             return
         self._finished = True
         svc = self.service
+        if self._connected and first_byte_at and self.current in svc.loads:
+            svc.loads[self.current].observe(first_byte_at - self._started, first_byte_at)
         svc.active -= 1
         if not self._connected:
             svc.pending -= 1

@@ -268,3 +268,11 @@ def test_observer_hears_every_counted_event():
     assert ("outlier", "ejected") in kinds and ("retries", "") in kinds
     assert any(event == "split" for _, event, _ in events)
     assert {name for name, _, _ in events} == {"default/server"}
+
+
+def test_time_to_first_byte_is_a_latency_sample():
+    t, clock = service(TrafficConfig(balancer="ROUND_ROBIN"))
+    attempts, ip = connect_ok(t, clock, rtt=0.001)
+    assert t.loads[ip].estimate < 0.031
+    attempts.finish(first_byte_at=clock() + 0.2)  # the server answered 200 ms later
+    assert t.loads[ip].estimate == pytest.approx(0.201)

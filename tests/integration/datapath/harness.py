@@ -164,6 +164,10 @@ class NodeDatapath:
         self._worker.shutdown()
 
 
+def pod_ip(lab: Lab, pod: str) -> str:
+    return str(lab.pod(pod)["ip"])
+
+
 def connect(lab: Lab, pod: str, ip: str, port: int, timeout: float = 3.0) -> str:
     """One TCP connection from ``pod``: the first line it received, or ``ERR <reason>``."""
     out = lab.exec(

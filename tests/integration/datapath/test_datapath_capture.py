@@ -8,12 +8,9 @@ import pytest
 
 from agent.lab.handle import Lab
 from tests.integration.datapath.harness import NodeDatapath, connect
+from tests.integration.datapath.harness import pod_ip as ip
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
-
-
-def ip(lab: Lab, pod: str) -> str:
-    return str(lab.pod(pod)["ip"])
 
 
 @pytest.mark.usefixtures("servers")

@@ -12,12 +12,9 @@ from agent.datapath.datapath import pinned_failure_modes
 from agent.datapath.programs import Marks
 from agent.lab.handle import Lab
 from tests.integration.datapath.harness import NodeDatapath, connect
+from tests.integration.datapath.harness import pod_ip as ip
 
 pytestmark = [pytest.mark.root, pytest.mark.lab, pytest.mark.usefixtures("servers")]
-
-
-def ip(lab: Lab, pod: str) -> str:
-    return str(lab.pod(pod)["ip"])
 
 
 def test_without_listener_meshed_pod_cannot_reach_server_in_plaintext(

@@ -12,9 +12,15 @@ import ssl
 from typing import Protocol
 
 from agent.identity.certs import WorkloadCertificate
+from agent.identity.manager import IdentityUnavailable
 from agent.identity.tls import client_context, server_context
 
 ALPN = "h2"
+
+
+class NoCertificate(ConnectionError):
+    """The identity manager has no certificate for a local identity (CA unreachable, identity
+    gone); the connection that needed it is refused."""
 
 
 class CertificateSource(Protocol):
@@ -37,7 +43,10 @@ class Contexts:
         return await self._get(local_id, None, server=True)
 
     async def _get(self, local_id: str, peer_id: str | None, *, server: bool) -> ssl.SSLContext:
-        cert = await self.identities.certificate(local_id)
+        try:
+            cert = await self.identities.certificate(local_id)
+        except IdentityUnavailable as e:
+            raise NoCertificate(f"no certificate for {local_id}: {e}; is the CA reachable?") from e
         key = (local_id, peer_id, server)
         cached = self._cache.get(key)
         if cached is not None and cached[0] is cert:

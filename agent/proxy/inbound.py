@@ -29,7 +29,7 @@ from agent.identity.tls import PeerIdentityError, peer_spiffe_id
 from agent.policy.authz import Request
 from agent.proxy import hbone_events as ev
 from agent.proxy import sockets
-from agent.proxy.contexts import ALPN
+from agent.proxy.contexts import ALPN, NoCertificate
 from agent.proxy.core import Core
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.records import INBOUND, SECURITY_MTLS, ConnectionRecord, cancel_current_task
@@ -79,7 +79,12 @@ class InboundHbone:
         self, sock: socket.socket, peer_ip: str, local_ip: str, identity: str
     ) -> HboneProtocol | None:
         loop = asyncio.get_running_loop()
-        ctx = await self.core.contexts.server(identity)
+        try:
+            ctx = await self.core.contexts.server(identity)
+        except NoCertificate as e:
+            self.core.registry.reject("no_certificate", f"HBONE to {local_ip} from {peer_ip}: {e}")
+            sockets.abort(sock)
+            return None
         proto = HboneProtocol(HboneConnection(client_side=False, settings=self.core.settings.hbone))
         proto.on_request = lambda p, e: self._spawn(p, e, local_ip, peer_ip)
         timeout = self.core.settings.handshake_timeout

@@ -19,6 +19,7 @@ import socket
 from agent.policy.authz import Request
 from agent.proxy import sockets
 from agent.proxy.balanced import BalancedOutbound
+from agent.proxy.contexts import NoCertificate
 from agent.proxy.core import Core
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.records import (
@@ -147,7 +148,9 @@ class Outbound:
 
     def count_failure(self, error: BaseException, route: Route, record: ConnectionRecord) -> None:
         """Count and log a failed ``open`` under its reason (the last attempt's, for a Service)."""
-        if route.kind == "hbone" and isinstance(error, TunnelError):
+        if isinstance(error, NoCertificate):
+            self.core.registry.reject("no_certificate", f"{record.destination}: {error}")
+        elif route.kind == "hbone" and isinstance(error, TunnelError):
             self.core.registry.reject("tunnel_refused", f"{record.destination} via HBONE: {error}")
         elif route.kind == "hbone":
             port = self.core.settings.hbone_port

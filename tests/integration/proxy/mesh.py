@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.identity.certs import WorkloadCertificate, to_pem
+from agent.identity.manager import IdentityUnavailable
 from agent.identity.spiffe import SpiffeId
 from agent.proxy.core import ProxySettings
 from agent.proxy.server import NodeProxy
@@ -99,8 +100,11 @@ class TestCA:
 class FakeIdentities:
     ca: TestCA
     issued: dict[str, WorkloadCertificate] = field(default_factory=dict)
+    unavailable: set[str] = field(default_factory=set)  # as if the CA refused or was down
 
     async def certificate(self, spiffe_id: str) -> WorkloadCertificate:
+        if spiffe_id in self.unavailable:
+            raise IdentityUnavailable(f"{spiffe_id}: the CA is unreachable (test)")
         if spiffe_id not in self.issued:
             self.issued[spiffe_id] = self.ca.issue(spiffe_id)
         return self.issued[spiffe_id]

@@ -216,3 +216,18 @@ async def test_drain_lets_open_tunnels_finish_and_refuses_new_ones(mesh: Mesh) -
     writer.write_eof()
     assert await reader.read() == b""
     writer.close()
+
+
+@mesh_test
+async def test_missing_certificates_refuse_cleanly_on_both_sides(mesh: Mesh) -> None:
+    port = mesh.app(SERVER, echo_peer)
+    mesh.identities.unavailable = {SERVER_ID}
+    with pytest.raises(ConnectionResetError):
+        await roundtrip(mesh, CLIENT, (SERVER, port))
+    assert mesh.node2.core.registry.rejections["no_certificate"] == 1
+    mesh.identities.unavailable = {CLIENT_ID}
+    with pytest.raises(ConnectionResetError):
+        await roundtrip(mesh, CLIENT, (SERVER, port))
+    assert mesh.node1.core.registry.rejections["no_certificate"] == 1
+    mesh.identities.unavailable = set()
+    assert (await roundtrip(mesh, CLIENT, (SERVER, port))).endswith(b"marker-1234\n")

@@ -129,9 +129,9 @@ class Telemetry:
             TelemetryComponent(
                 store=mesh.store,
                 address=("127.0.0.1", 0),
-                sources=AgentSources(rejections=lambda p=p: p.core.registry.rejections),
+                sources=AgentSources(rejections=proxy.core.registry.rejections.copy),
             )
-            for p in (mesh.node1, mesh.node2)
+            for proxy in (mesh.node1, mesh.node2)
         ]
         self.handler = logging.FileHandler(log_file)
         self.scrapes = 0

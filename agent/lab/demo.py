@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from agent.lab.cli import format_status
 from agent.lab.handle import Lab
@@ -81,11 +83,19 @@ def _request(lab: Lab, client: str, server: str) -> str:
     return seen
 
 
+# The echo servers the demo started, by pod (a step may stop and restart one by its PID).
+_servers: dict[str, subprocess.Popen[bytes]] = {}
+
+
+def _start_echo(lab: Lab, pod: str) -> None:
+    _servers[pod] = lab.popen(pod, sys.executable, "-c", ECHO_SERVER)
+    _wait_listening(lab, pod)
+
+
 def start_servers(lab: Lab) -> list[str]:
     lines = []
     for pod in ("server-0", "server-1", "client"):
-        lab.popen(pod, sys.executable, "-c", ECHO_SERVER)
-        _wait_listening(lab, pod)
+        _start_echo(lab, pod)
         lines.append(f"echo server listening in {pod} ({lab.pod(pod)['ip']}:{ECHO_PORT})")
     return lines
 
@@ -246,6 +256,71 @@ def telemetry(lab: Lab) -> list[str]:
             box["sock"].close()
 
 
+def _traffic(lab: Lab, node: str) -> dict[str, Any]:
+    """``GET /traffic`` of ``node``'s agent (traffic control: policies, endpoint health)."""
+    from urllib.request import urlopen
+
+    def get() -> dict[str, Any]:
+        with urlopen("http://127.0.0.1:15000/traffic", timeout=5) as response:
+            return dict(json.loads(response.read()))
+
+    return call_in(lab.netns(node), get)
+
+
+def ejection(lab: Lab) -> list[str]:
+    """server-1 stops answering; retries hide it from the client and the agent ejects it."""
+    manifest = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": "demo-resilience", "namespace": "default"},
+        "spec": {
+            "targetRef": {"kind": "Service", "name": "server"},
+            "loadBalancer": {"type": "ROUND_ROBIN"},
+            "outlierDetection": {"consecutiveFailures": 2, "baseEjectionTime": "30s"},
+            "retries": {"attempts": 2},
+        },
+    }
+    vip = next(s for s in lab.status()["services"] if s["name"] == "server")["clusterIP"]
+    lab.apply(manifest)
+    proc = _servers.pop("server-1")
+    proc.kill()
+    proc.wait()
+    try:
+        deadline = time.monotonic() + 10
+        while "default/server" not in _traffic(lab, "node1")["effective"]:
+            if time.monotonic() > deadline:
+                raise StepFailed("node1's agent did not pick up TrafficPolicy demo-resilience")
+            time.sleep(0.1)
+
+        def ask() -> bool:
+            try:
+                with socket.create_connection((vip, 80), timeout=5) as s:
+                    s.sendall(b"hello")
+                    return bool(s.recv(1024))
+            except OSError:
+                return False
+
+        answered = sum(call_in(lab.netns("client"), ask) for _ in range(20))
+        state = _traffic(lab, "node1")["services"]["default/server"]
+        server_1 = lab.pod("server-1")["ip"]
+        health = next(e for e in state["endpoints"] if e["ip"] == server_1)
+        if answered != 20 or health["state"] != "EJECTED":
+            raise StepFailed(f"{answered}/20 answered; server-1 is {health['state']}")
+        return [
+            "applied TrafficPolicy default/demo-resilience (round robin, eject after 2 "
+            "consecutive failures, 2 retries)",
+            "stopped the echo server in server-1: its port refuses connections",
+            f"client -> Service server ({vip}:80): {answered}/20 connections answered",
+            f"node1 agent /traffic: server-1 ({server_1}) {health['state']} for "
+            f"{health['ejected_for']:.0f}s; refused attempts "
+            f"{state['counters'].get('failed_refused', 0)}, retried on server-0 "
+            f"{state['counters'].get('retries', 0)} times",
+        ]
+    finally:
+        lab.delete(manifest)
+        _start_echo(lab, "server-1")
+
+
 STEPS: list[Step] = [
     Step("start echo servers in three pods", start_servers),
     Step(
@@ -257,6 +332,7 @@ STEPS: list[Step] = [
     Step("mTLS: the identities of a live connection (admin API)", mtls_identities),
     Step("a policy denial", policy_denial),
     Step("telemetry: live connections and Istio TCP metrics", telemetry),
+    Step("traffic control: a failing replica is ejected, retries hide it", ejection),
 ]
 
 

@@ -94,20 +94,20 @@ class InboundHbone:
             )
         except (ssl.SSLError, PeerIdentityError) as e:
             self.core.registry.reject("tls_handshake_failed", f"from {peer_ip} to {local_ip}: {e}")
-            sockets.abort(sock)
+            sockets.disown(sock)
             return None
         except (TimeoutError, ConnectionAbortedError):
             # asyncio and uvloop abort a handshake past its deadline with ConnectionAbortedError.
             self.core.registry.reject(
                 "handshake_timeout", f"from {peer_ip} to {local_ip}: no TLS handshake in {timeout}s"
             )
-            sockets.abort(sock)
+            sockets.disown(sock)
             return None
         except (ConnectionError, OSError) as e:
             self.core.registry.reject(
                 "tls_handshake_failed", f"from {peer_ip} to {local_ip}: {e!r}"
             )
-            sockets.abort(sock)
+            sockets.disown(sock)
             return None
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object else None
@@ -126,7 +126,18 @@ class InboundHbone:
             self._serve(proto, request, local_ip, peer_ip), name=f"hbone-stream-{request.stream_id}"
         )
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._stream_done(t, proto, request.stream_id))
+
+    def _stream_done(self, task: asyncio.Task[None], proto: HboneProtocol, stream_id: int) -> None:
+        """Supervision: a stream handler that failed unexpectedly is logged and its stream reset,
+        so the peer is not left waiting and the connection keeps serving other streams."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("HBONE stream %d handler failed", stream_id, exc_info=task.exception())
+        stream = proto.streams.get(stream_id)
+        if stream is not None:
+            proto.finish(stream)
 
     def _refuse(
         self, proto: HboneProtocol, stream_id: int, status: int, key: str, detail: str

@@ -107,7 +107,7 @@ class NodeProxy:
                 ssl_handshake_timeout=s.handshake_timeout,
             )
         except BaseException:
-            sock.close()
+            sockets.disown(sock)  # the loop closed it (see sockets.disown)
             raise
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:

@@ -55,6 +55,17 @@ def nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def disown(sock: socket.socket) -> None:
+    """Forget a socket handed to the event loop whose transport setup failed.
+
+    Once ``create_connection(sock=...)`` or ``connect_accepted_socket`` has the socket, the loop
+    owns its descriptor and closes it on failure; uvloop does so *without* detaching the Python
+    object, so ``sock.close()`` (or garbage collection) would close the number a second time, by
+    then possibly reused by an unrelated socket. ``detach`` drops it without closing.
+    """
+    sock.detach()
+
+
 def abort(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0) so the peer learns the connection failed, not finished."""
     with contextlib.suppress(OSError):

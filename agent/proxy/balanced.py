@@ -196,10 +196,10 @@ class BalancedOutbound:
         attempts: Attempts,
     ) -> None:
         idle = attempts.service.config.idle_timeout
-        relay = asyncio.ensure_future(self.outbound.relay(client, upstream, record))
         if idle is None:
-            await relay
+            await self.outbound.relay(client, upstream, record)
             return
+        relay = asyncio.ensure_future(self.outbound.relay(client, upstream, record))
         loop = asyncio.get_running_loop()
         seen, quiet_since = -1, loop.time()
         try:

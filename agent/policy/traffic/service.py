@@ -75,6 +75,8 @@ class ServiceTraffic:
         self.rng = rng
         self.endpoints: dict[str, EndpointInfo] = {}
         self.loads: dict[str, EndpointLoad] = {}
+        self.subset_by_ip: dict[str, str | None] = {}
+        self.where: dict[str, tuple[str, str | None]] = {}
         self.active = 0
         self.pending = 0
         self.counters: Counter[str] = Counter()
@@ -98,6 +100,14 @@ class ServiceTraffic:
             window=c.budget_window,
         )
         self.splitter = Splitter(c.subsets, sticky=c.sticky, rng=self.rng)
+        self._index()
+
+    def _index(self) -> None:
+        """Per endpoint, facts that change only with the policy or the endpoints (so a
+        connection does not recompute them): its subset, and its (node, zone) for locality."""
+        subset_of = self.splitter.subset_of
+        self.subset_by_ip = {ip: subset_of(e.labels) for ip, e in self.endpoints.items()}
+        self.where = {ip: (e.node, e.zone) for ip, e in self.endpoints.items()}
 
     def count(self, event: str, detail: str = "") -> None:
         """Count one event (``counters["<event>_<detail>"]``) and tell the observer."""
@@ -120,9 +130,10 @@ class ServiceTraffic:
     def sync(self, endpoints: Sequence[EndpointInfo]) -> None:
         """Follow the Service's ready endpoints (keeping the history of those that stay)."""
         now = self.clock()
-        self.endpoints = {e.ip: e for e in endpoints}
+        self.endpoints = {e.ip: e for e in sorted(endpoints, key=lambda e: e.ip)}
         self.loads = {ip: self.loads.get(ip) or EndpointLoad(ip, now) for ip in self.endpoints}
         self.outlier.sync(self.endpoints)
+        self._index()
 
     def admit(
         self,
@@ -155,13 +166,13 @@ class ServiceTraffic:
     def candidates(self, source_ip: str, avoid: set[str]) -> Sequence[EndpointLoad]:
         now = self.clock()
         groups: dict[str | None, list[EndpointLoad]] = {}
-        for ip, info in self.endpoints.items():
+        for ip in self.endpoints:
             if self.outlier.available(ip, now):
-                groups.setdefault(self.splitter.subset_of(info.labels), []).append(self.loads[ip])
+                groups.setdefault(self.subset_by_ip[ip], []).append(self.loads[ip])
         if not groups and self.endpoints:
             self.count("panic")
-            for ip, info in self.endpoints.items():
-                groups.setdefault(self.splitter.subset_of(info.labels), []).append(self.loads[ip])
+            for ip in self.endpoints:
+                groups.setdefault(self.subset_by_ip[ip], []).append(self.loads[ip])
         if self.splitter.subsets:
             chosen = self.splitter.choose({g for g in groups if g is not None}, source_ip)
             if chosen is not None and self.observer is not None:
@@ -170,7 +181,7 @@ class ServiceTraffic:
         else:
             pool = [load for group in groups.values() for load in group]
         fresh = [load for load in pool if load.ip not in avoid]
-        return sorted(fresh or pool, key=lambda load: load.ip)
+        return fresh or pool  # in IP order, as ``endpoints`` is
 
     def describe(self) -> dict[str, object]:
         now = self.clock()
@@ -181,7 +192,7 @@ class ServiceTraffic:
                 {
                     "ip": ip,
                     "node": info.node,
-                    "subset": self.splitter.subset_of(info.labels),
+                    "subset": self.subset_by_ip[ip],
                     "active": load.active,
                     "rtt_estimate_ms": round(load.estimate * 1000.0, 3),
                     **health.describe(now),
@@ -230,8 +241,7 @@ class Attempts:
         if not pool:
             svc.count("no_endpoints")
             return None
-        where = {ip: (e.node, e.zone) for ip, e in svc.endpoints.items()}
-        pool = prefer_local(pool, svc.config.locality, self.source_node, where)
+        pool = prefer_local(pool, svc.config.locality, self.source_node, svc.where)
         now = svc.clock()
         load = svc.balancer.pick(pool, now)
         load.active += 1

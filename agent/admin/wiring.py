@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,6 +79,9 @@ def observability(parts: AgentParts) -> list[Any]:
     registry = proxy.proxy.core.registry if proxy is not None else None
     certificates = identity.manager.states if identity is not None else None
 
+    changed_at = [time.time()]  # the store's writer thread replaces the float: atomic
+    parts.store.subscribe(lambda _snap, _kinds: changed_at.__setitem__(0, time.time()))
+
     def state_stats() -> Mapping[str, Mapping[str, int]]:
         src = parts.source
         if src is not None and hasattr(src, "stats"):
@@ -99,6 +103,7 @@ def observability(parts: AgentParts) -> list[Any]:
             state_stats=state_stats,
             state_version=lambda: parts.store.snapshot().version,
             state_error=lambda: getattr(parts.source, "last_error", None),
+            state_changed_at=lambda: changed_at[0],
         ),
     )
 

@@ -45,6 +45,7 @@ class AgentSources:
     state_stats: Callable[[], Mapping[str, Mapping[str, int]]] | None = None
     state_version: Callable[[], int] | None = None
     state_error: Callable[[], str | None] | None = None
+    state_changed_at: Callable[[], float] | None = None
 
 
 def _counter(name: str, doc: str, labels: list[str], values: Mapping[Any, int]) -> Family:
@@ -151,6 +152,13 @@ class AgentCollector(Collector):
         if s.state_version is not None:
             yield _gauge(
                 "nodemesh_state_version", "Version of the agent's state", s.state_version()
+            )
+        if s.state_changed_at is not None:
+            yield _gauge(
+                "nodemesh_state_last_change_timestamp_seconds",
+                "When the state last changed (Unix time; time() minus this is how stale the "
+                "agent's view may be when the cluster is known to have changed since)",
+                s.state_changed_at(),
             )
         if s.state_error is not None:
             yield _gauge(

@@ -48,6 +48,7 @@ def test_collector_reads_every_source_at_scrape_time() -> None:
         state_stats=lambda: {"pods": {"lists": 1, "events": 9}},
         state_version=lambda: 12,
         state_error=lambda: "bad YAML",
+        state_changed_at=lambda: 1700000000.0,
     )
     parsed = samples(component(sources).exposition())
     assert total(parsed, "nodemesh_rejected_connections_total", reason="no_endpoints") == 1
@@ -66,6 +67,7 @@ def test_collector_reads_every_source_at_scrape_time() -> None:
     assert total(parsed, "nodemesh_state_sync_events_total", resource="pods", event="events") == 9
     assert total(parsed, "nodemesh_state_version") == 12
     assert total(parsed, "nodemesh_state_source_error") == 1
+    assert total(parsed, "nodemesh_state_last_change_timestamp_seconds") == 1700000000
     rejections["no_endpoints"] += 1  # read again at the next scrape, not copied at start
     again = samples(component(sources).exposition())
     assert total(again, "nodemesh_rejected_connections_total", reason="no_endpoints") == 2

@@ -213,6 +213,13 @@ class HboneConnection:
 
     def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         """Queue tunnel bytes; what the peer's windows allow goes out now."""
+        stream = self._h2.streams.get(stream_id)
+        if stream_id not in self._out and stream is not None and not (stream.closed or self.failed):
+            # Fast path (nothing queued, the windows allow it all): one DATA frame, no staging.
+            window = self._h2.local_flow_control_window(stream_id)
+            if len(data) <= min(window, self._h2.max_outbound_frame_size):
+                self._h2.send_data(stream_id, bytes(data))
+                return []
         self._out.setdefault(stream_id, bytearray()).extend(data)
         return self._flush(stream_id)
 

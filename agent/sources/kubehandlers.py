@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from agent.sources import kubeobjects as ko
 from agent.sources.kubeobjects import InvalidObject, Raw
-from agent.state import Endpoint, Service, StateStore
+from agent.state import Endpoint, Namespace, Service, StateStore
 
 ServiceKey = tuple[str, str]
 
@@ -82,7 +82,7 @@ class Pods:
     def _convert(self, obj: Raw, previous: Any) -> Any:
         """The workload, ``None`` to drop it, or ``previous`` if ``obj`` is invalid."""
         try:
-            return ko.workload_of(obj)
+            return ko.guarded(ko.workload_of, obj)
         except InvalidObject as e:
             self.ctx.invalid(obj, e)
             return previous
@@ -108,16 +108,28 @@ class Namespaces:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
+    def _convert(self, obj: Raw, previous: Namespace | None) -> Namespace | None:
+        try:
+            return ko.guarded(ko.namespace_of, obj)
+        except InvalidObject as e:
+            self.ctx.invalid(obj, e)
+            return previous
+
     def replace(self, items: list[Raw]) -> None:
-        with self.ctx.writing(), self.ctx.store.update() as txn:
-            txn.replace("namespaces", [ko.namespace_of(o) for o in items])
+        with self.ctx.writing():
+            old = self.ctx.store.snapshot().namespaces
+            fresh = [self._convert(o, old.get(o["metadata"]["name"])) for o in items]
+            with self.ctx.store.update() as txn:
+                txn.replace("namespaces", [n for n in fresh if n is not None])
 
     def event(self, kind: str, obj: Raw) -> None:
+        name = obj["metadata"]["name"]
         with self.ctx.writing(), self.ctx.store.update() as txn:
-            if kind == "DELETED":
-                txn.delete("namespaces", obj["metadata"]["name"])
+            ns = None if kind == "DELETED" else self._convert(obj, txn.get("namespaces", name))
+            if ns is None:
+                txn.delete("namespaces", name)
             else:
-                txn.put_namespace(ko.namespace_of(obj))
+                txn.put_namespace(ns)
 
 
 class Services:
@@ -127,7 +139,7 @@ class Services:
     def _convert(self, obj: Raw) -> Service | None:
         key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
         try:
-            return ko.service_of(obj)
+            return ko.guarded(ko.service_of, obj)
         except InvalidObject as e:
             self.ctx.invalid(obj, e)
             return self.ctx.services.get(key)
@@ -164,29 +176,47 @@ class EndpointSlices:
                 self.ctx.slices.pop(owner, None)
         return owner
 
-    def _file(self, obj: Raw) -> ServiceKey | None:
-        owner = ko.slice_service(obj)
+    def _parse(self, obj: Raw) -> tuple[ServiceKey | None, tuple[Endpoint, ...]] | None:
+        """(owning service, endpoints), or ``None`` if the slice cannot be read (reported)."""
+        try:
+            return ko.guarded(ko.slice_service, obj), ko.guarded(ko.slice_endpoints, obj)
+        except InvalidObject as e:
+            self.ctx.invalid(obj, e)
+            return None
+
+    def _file(
+        self, name: tuple[str, str], owner: ServiceKey | None, endpoints: tuple[Endpoint, ...]
+    ) -> ServiceKey | None:
         if owner is not None:
-            meta = obj["metadata"]
-            self.ctx.slice_owner[(meta["namespace"], meta["name"])] = owner
-            self.ctx.slices.setdefault(owner, {})[meta["name"]] = ko.slice_endpoints(obj)
+            self.ctx.slice_owner[name] = owner
+            self.ctx.slices.setdefault(owner, {})[name[1]] = endpoints
         return owner
 
     def replace(self, items: list[Raw]) -> None:
         with self.ctx.writing():
+            previous = {
+                name: (owner, self.ctx.slices[owner][name[1]])
+                for name, owner in self.ctx.slice_owner.items()
+            }
             self.ctx.slice_owner.clear()
             self.ctx.slices.clear()
             for obj in items:
-                self._file(obj)
+                name = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+                parsed = self._parse(obj) or previous.get(name)
+                if parsed is not None:
+                    self._file(name, *parsed)
             with self.ctx.store.update() as txn:
                 txn.replace("services", self.ctx.all_joined())
 
     def event(self, kind: str, obj: Raw) -> None:
-        meta = obj["metadata"]
+        name = (obj["metadata"]["namespace"], obj["metadata"]["name"])
         with self.ctx.writing(), self.ctx.store.update() as txn:
-            touched = [self._forget((meta["namespace"], meta["name"]))]
-            if kind != "DELETED":
-                touched.append(self._file(obj))
+            parsed = None if kind == "DELETED" else self._parse(obj)
+            if kind != "DELETED" and parsed is None:
+                return  # unreadable: the previous version of the slice stays in force
+            touched = [self._forget(name)]
+            if parsed is not None:
+                touched.append(self._file(name, *parsed))
             for key in {k for k in touched if k is not None}:
                 svc = self.ctx.joined(key)
                 if svc is not None:
@@ -203,7 +233,7 @@ class Policies:
 
     def _convert(self, obj: Raw, previous: Any) -> Any:
         try:
-            policy = ko.policy_of(obj)
+            policy = ko.guarded(ko.policy_of, obj)
         except InvalidObject as e:
             self.ctx.invalid(obj, e)
             self.ctx.policy_verdict(self.plural, obj, e)

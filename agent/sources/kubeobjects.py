@@ -17,9 +17,9 @@ Rules (issue 10):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.policy.schema import PolicyError, validate_policy
 from agent.sources.document import parse_port_list
@@ -40,6 +40,7 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 FINISHED_PHASES = ("Succeeded", "Failed")
 
 Raw = Mapping[str, Any]
+T = TypeVar("T")
 
 
 class InvalidObject(ValueError):
@@ -49,6 +50,17 @@ class InvalidObject(ValueError):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+def guarded(convert: Callable[[Raw], T], obj: Raw) -> T:
+    """Run one conversion; an object of an unexpected shape (a list where a mapping belongs, a
+    missing name) becomes ``InvalidObject`` too, so one odd object cannot stall a whole watch."""
+    try:
+        return convert(obj)
+    except InvalidObject:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InvalidObject("MalformedObject", f"cannot read it: {type(e).__name__}: {e}") from e
 
 
 def _meta(obj: Raw) -> Raw:

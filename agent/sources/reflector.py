@@ -102,7 +102,14 @@ class Reflector:
         self.watch_timeout = watch_timeout
         self.resource_version: str | None = None
         self.synced = threading.Event()
-        self.stats = {"lists": 0, "watches": 0, "events": 0, "gone": 0, "errors": 0}
+        self.stats = {
+            "lists": 0,
+            "watches": 0,
+            "events": 0,
+            "gone": 0,
+            "errors": 0,
+            "handler_errors": 0,
+        }
         self._stop = threading.Event()
         self._response: StreamResponse | None = None
         self._backoff = Backoff()
@@ -154,7 +161,11 @@ class Reflector:
                 raise Gone(obj.get("message", "resourceVersion too old"))
             raise ApiStatusError(int(obj.get("code") or 500), str(obj.get("message")))
         if kind != "BOOKMARK":
-            self.handler.event(kind, obj)
+            try:
+                self.handler.event(kind, obj)
+            except Exception:  # one event a handler cannot take must not stall the watch
+                self.stats["handler_errors"] += 1
+                log.exception("%s: cannot apply a %s event; skipping it", self.name, kind)
             self.stats["events"] += 1
         self.resource_version = obj["metadata"]["resourceVersion"]
         self._backoff.reset()

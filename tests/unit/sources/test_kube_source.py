@@ -226,3 +226,14 @@ def test_invalid_objects_are_skipped_and_reported(cluster: Cluster) -> None:
     assert [p.name for p in cluster.snap().policies_of("AuthorizationPolicy")] == ["good"]
     assert "other-node" not in cluster.names()
     assert len(api.list_objects("Event")) == 1  # only the pod's own node reports it
+
+
+def test_malformed_event_does_not_stall_the_watch(cluster: Cluster) -> None:
+    odd = pod("odd", "10.244.1.8")
+    odd["status"]["podIPs"] = "10.244.1.8"
+    cluster.api.create("Pod", odd)
+    cluster.api.create("Pod", pod("after", "10.244.1.9"))
+    wait_for(lambda: "after" in cluster.names())
+    assert "odd" not in cluster.names()
+    event = wait_for(lambda: cluster.api.list_objects("Event"))[0]
+    assert event["reason"] == "MalformedObject"

@@ -1,0 +1,104 @@
+"""Handlers: relists replace exactly their own kind, and malformed objects never remove state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.sources import kubehandlers as kh
+from agent.sources.kubeobjects import InvalidObject, Raw
+from agent.state import StateStore
+from tests.fakeapi.objects import authz, endpoint_slice, pod, service
+
+
+class _Reports:
+    def __init__(self) -> None:
+        self.invalid: list[tuple[str, str]] = []
+        self.verdicts: list[tuple[str, bool]] = []
+
+    def report_invalid(self, obj: Raw, error: InvalidObject) -> None:
+        self.invalid.append((obj["metadata"]["name"], error.reason))
+
+    def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
+        self.verdicts.append((obj["metadata"]["name"], error is None))
+
+
+def _ctx() -> tuple[kh.Context, _Reports]:
+    reports = _Reports()
+    return kh.Context(StateStore(), reports), reports
+
+
+def _uid(obj: dict[str, Any]) -> dict[str, Any]:
+    obj["metadata"]["uid"] = f"uid-{obj['metadata']['name']}"
+    return obj
+
+
+def _traffic(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"targetRef": {"kind": "Service", "name": "s"}},
+    }
+
+
+def test_relist_of_one_policy_kind_keeps_the_others() -> None:
+    ctx, reports = _ctx()
+    authzs = kh.Policies(ctx, "AuthorizationPolicy", "authorizationpolicies")
+    traffic = kh.Policies(ctx, "TrafficPolicy", "trafficpolicies")
+    authzs.replace([authz("a1"), authz("a2")])
+    traffic.replace([_traffic("t1")])
+    authzs.replace([authz("a2")])
+    snap = ctx.store.snapshot()
+    assert [p.name for p in snap.policies_of("AuthorizationPolicy")] == ["a2"]
+    assert [p.name for p in snap.policies_of("TrafficPolicy")] == ["t1"]
+    assert ("a1", True) in reports.verdicts
+
+
+def test_invalid_policy_keeps_its_previous_version() -> None:
+    ctx, reports = _ctx()
+    policies = kh.Policies(ctx, "AuthorizationPolicy", "authorizationpolicies")
+    policies.event("ADDED", authz("p", "DENY"))
+    broken = authz("p")
+    broken["spec"]["rules"] = "everything"
+    policies.event("MODIFIED", broken)
+    policies.replace([broken])
+    (kept,) = ctx.store.snapshot().policies_of("AuthorizationPolicy")
+    assert kept.spec["action"] == "DENY"
+    assert reports.verdicts[-1] == ("p", False)
+    assert reports.invalid[-1] == ("p", "InvalidSpec")
+
+
+def test_malformed_pod_and_namespace_are_skipped_not_fatal() -> None:
+    ctx, reports = _ctx()
+    pods, namespaces = kh.Pods(ctx), kh.Namespaces(ctx)
+    good = _uid(pod("good", "10.0.0.1"))
+    odd = _uid(pod("odd", "10.0.0.2"))
+    odd["status"]["podIPs"] = "10.0.0.2"  # a string where a list belongs
+    pods.replace([good, odd])
+    namespaces.replace(
+        [
+            {"metadata": {"name": "default"}},
+            {"metadata": {"name": "weird", "labels": ["not", "a", "map"]}},
+        ]
+    )
+    snap = ctx.store.snapshot()
+    assert {w.name for w in snap.workloads.values()} == {"good"}
+    assert set(snap.namespaces) == {"default"}
+    assert ("odd", "MalformedObject") in reports.invalid
+    assert ("weird", "MalformedObject") in reports.invalid
+
+
+def test_unreadable_slice_keeps_previous_endpoints() -> None:
+    ctx, reports = _ctx()
+    kh.Services(ctx).replace([service("s", "10.96.0.1")])
+    slices = kh.EndpointSlices(ctx)
+    slices.replace([endpoint_slice("s-1", "s", ["10.0.0.1"])])
+    broken = endpoint_slice("s-1", "s", ["10.0.0.9"])
+    broken["ports"] = [{"name": "http", "port": "eighty"}]
+    slices.event("MODIFIED", broken)
+    slices.replace([broken])
+    svc = ctx.store.snapshot().service_by_ip["10.96.0.1"]
+    assert [e.ip for e in svc.endpoints] == ["10.0.0.1"]
+    assert reports.invalid == [("s-1", "MalformedObject")] * 2
+    slices.event("DELETED", broken)
+    assert not ctx.store.snapshot().service_by_ip["10.96.0.1"].endpoints

@@ -61,6 +61,7 @@ class OutlierDetector:
         self.settings = settings
         self.rng = rng
         self.health: dict[str, Health] = {}
+        self.out: set[str] = set()  # endpoints not HEALTHY (ejected or on probation)
         self.events: dict[str, int] = {"ejected": 0, "returned": 0, "capped": 0, "probe_failed": 0}
 
     def sync(self, ips: Iterable[str]) -> None:
@@ -69,6 +70,7 @@ class OutlierDetector:
         for ip in list(self.health):
             if ip not in current:
                 del self.health[ip]
+        self.out &= current
         for ip in current:
             self.health.setdefault(ip, Health())
 
@@ -102,6 +104,7 @@ class OutlierDetector:
         if h.state == PROBE:
             h.state, h.probing = HEALTHY, False
             h.ejections = max(0, h.ejections - 1)
+            self.out.discard(ip)
             self.events["returned"] += 1
 
     def failure(self, ip: str, now: float) -> str | None:
@@ -110,27 +113,27 @@ class OutlierDetector:
         h.consecutive_failures += 1
         if h.state == PROBE:
             self.events["probe_failed"] += 1
-            self._eject(h, now)
+            self._eject(ip, h, now)
             return "ejected"
         if h.state != HEALTHY or h.consecutive_failures < self.settings.consecutive_failures:
             return None
         if not self._may_eject():
             self.events["capped"] += 1
             return "capped"
-        self._eject(h, now)
+        self._eject(ip, h, now)
         return "ejected"
 
     def _may_eject(self) -> bool:
-        out = sum(1 for h in self.health.values() if h.state != HEALTHY)
-        return (out + 1) * 100 <= len(self.health) * self.settings.max_ejection_percent
+        return (len(self.out) + 1) * 100 <= len(self.health) * self.settings.max_ejection_percent
 
-    def _eject(self, h: Health, now: float) -> None:
+    def _eject(self, ip: str, h: Health, now: float) -> None:
         s = self.settings
         h.ejections += 1
         penalty = min(s.max_ejection, s.base_ejection * 2 ** (h.ejections - 1))
         h.until = now + penalty * self.rng.uniform(1.0 - JITTER, 1.0)
         h.state, h.probing = EJECTED, False
+        self.out.add(ip)
         self.events["ejected"] += 1
 
     def ejected(self) -> list[str]:
-        return sorted(ip for ip, h in self.health.items() if h.state != HEALTHY)
+        return sorted(self.out)

@@ -77,6 +77,8 @@ class ServiceTraffic:
         self.loads: dict[str, EndpointLoad] = {}
         self.subset_by_ip: dict[str, str | None] = {}
         self.where: dict[str, tuple[str, str | None]] = {}
+        self._all: list[EndpointLoad] = []
+        self._groups: dict[str | None, list[EndpointLoad]] = {}
         self.active = 0
         self.pending = 0
         self.counters: Counter[str] = Counter()
@@ -108,6 +110,10 @@ class ServiceTraffic:
         subset_of = self.splitter.subset_of
         self.subset_by_ip = {ip: subset_of(e.labels) for ip, e in self.endpoints.items()}
         self.where = {ip: (e.node, e.zone) for ip, e in self.endpoints.items()}
+        self._all = [self.loads[ip] for ip in self.endpoints]
+        self._groups = {}
+        for load in self._all:
+            self._groups.setdefault(self.subset_by_ip[load.ip], []).append(load)
 
     def count(self, event: str, detail: str = "") -> None:
         """Count one event (``counters["<event>_<detail>"]``) and tell the observer."""
@@ -164,24 +170,33 @@ class ServiceTraffic:
         raise Rejected(reason, f"service {self.name}: {detail}")
 
     def candidates(self, source_ip: str, avoid: set[str]) -> Sequence[EndpointLoad]:
+        """The endpoints the balancer may choose from, in IP order.
+
+        Cheap in the common case (nothing ejected, first attempt): the precomputed lists are
+        used as they are, so the cost does not grow with the number of endpoints.
+        """
         now = self.clock()
-        groups: dict[str | None, list[EndpointLoad]] = {}
-        for ip in self.endpoints:
-            if self.outlier.available(ip, now):
-                groups.setdefault(self.subset_by_ip[ip], []).append(self.loads[ip])
-        if not groups and self.endpoints:
+        blocked = {ip for ip in self.outlier.out if not self.outlier.available(ip, now)}
+        if blocked and len(blocked) == len(self.endpoints):
             self.count("panic")
-            for ip in self.endpoints:
-                groups.setdefault(self.subset_by_ip[ip], []).append(self.loads[ip])
+            blocked = set()
         if self.splitter.subsets:
-            chosen = self.splitter.choose({g for g in groups if g is not None}, source_ip)
+            nonempty = {
+                g
+                for g, members in self._groups.items()
+                if g is not None and any(m.ip not in blocked for m in members)
+            }
+            chosen = self.splitter.choose(nonempty, source_ip)
             if chosen is not None and self.observer is not None:
                 self.observer(self.name, "split", chosen)
-            pool = groups.get(chosen, []) if chosen is not None else []
+            pool = self._groups.get(chosen, []) if chosen is not None else []
         else:
-            pool = [load for group in groups.values() for load in group]
-        fresh = [load for load in pool if load.ip not in avoid]
-        return fresh or pool  # in IP order, as ``endpoints`` is
+            pool = self._all
+        if blocked:
+            pool = [load for load in pool if load.ip not in blocked]
+        if avoid:
+            pool = [load for load in pool if load.ip not in avoid] or pool
+        return pool
 
     def describe(self) -> dict[str, object]:
         now = self.clock()
@@ -213,7 +228,12 @@ class ServiceTraffic:
 
 
 class Attempts:
-    """The connect attempts of one client connection (see the module docstring)."""
+    """The connect attempts of one client connection (see the module docstring).
+
+    It keeps the ``EndpointLoad`` it counted an attempt on, so the count is undone on that very
+    object even if the endpoint left the Service (and came back) meanwhile; outlier accounting
+    is skipped for endpoints that are gone.
+    """
 
     def __init__(
         self,
@@ -230,6 +250,7 @@ class Attempts:
         self.deadline = start + service.config.connect_timeout
         self.tried: list[str] = []
         self.current: str | None = None
+        self._load: EndpointLoad | None = None
         self._started = 0.0
         self._connected = False
         self._finished = False
@@ -247,7 +268,7 @@ class Attempts:
         load.active += 1
         svc.outlier.attempt(load.ip)
         self.tried.append(load.ip)
-        self.current, self._started = load.ip, now
+        self.current, self._load, self._started = load.ip, load, now
         return load.ip
 
     def try_timeout(self) -> float:
@@ -255,13 +276,17 @@ class Attempts:
         remaining = self.deadline - self.service.clock()
         return max(0.0, min(self.service.config.per_try_timeout, remaining))
 
+    def _live(self) -> bool:
+        """Is the current endpoint still one of the Service's (outlier state is kept)?"""
+        return self.current is not None and self.current in self.service.endpoints
+
     def connected(self, ip: str) -> None:
+        """The current attempt (to ``ip``) connected."""
         svc = self.service
         now = svc.clock()
-        load = svc.loads.get(ip)
-        if load is not None:
-            load.observe(now - self._started, now)
-        if svc.outlier.probing(ip):
+        if self._load is not None:
+            self._load.observe(now - self._started, now)
+        if self._live() and svc.outlier.probing(ip):
             svc.outlier.success(ip)  # the probe connected: back in; its end may still count
             if svc.observer is not None:
                 svc.observer(svc.name, "outlier", "returned")
@@ -269,16 +294,16 @@ class Attempts:
         self._connected = True
 
     def failed(self, ip: str, cause: str) -> None:
-        """The current attempt to ``ip`` failed with ``cause`` (one of the retryOn values)."""
+        """The current attempt (to ``ip``) failed with ``cause`` (one of the retryOn values)."""
         svc = self.service
         now = svc.clock()
-        load = svc.loads.get(ip)
-        if load is not None:
-            load.observe_failure(now - self._started, now)
-            load.active -= 1
-        svc._outlier_failure(ip)
+        if self._load is not None:
+            self._load.observe_failure(now - self._started, now)
+            self._load.active -= 1
+        if self._live():
+            svc._outlier_failure(ip)
         svc.count("failed", cause)
-        self.current = None
+        self.current, self._load = None, None
 
     def may_retry(self, cause: str) -> bool:
         """Is another attempt allowed (attempts left, cause retryable, time left, budget)?"""
@@ -308,20 +333,22 @@ class Attempts:
             return
         self._finished = True
         svc = self.service
-        if self._connected and first_byte_at and self.current in svc.loads:
-            svc.loads[self.current].observe(first_byte_at - self._started, first_byte_at)
         svc.active -= 1
         if not self._connected:
             svc.pending -= 1
-        if self.current is None:
+        load, ip = self._load, self.current
+        if load is None or ip is None:
             return
-        load = svc.loads.get(self.current)
-        if load is not None:
-            load.active -= 1
+        if self._connected and first_byte_at:
+            load.observe(first_byte_at - self._started, first_byte_at)
+        load.active -= 1
         if reset_before_data:
-            svc._outlier_failure(self.current)
             svc.count("failed", RESET_BEFORE_DATA)
+        if not self._live():
+            return
+        if reset_before_data:
+            svc._outlier_failure(ip)
         elif self._connected:
-            svc.outlier.success(self.current)
+            svc.outlier.success(ip)
         else:
-            svc.outlier.abandon(self.current)
+            svc.outlier.abandon(ip)

@@ -134,10 +134,21 @@ class TrafficControl:
                 f"no Service {target[1]} in {p.namespace} (yet)",
                 p.generation,
             )
-        message = ""
+        notes = []
         if config.locality == "SAME_ZONE":
-            message = "zones are not known to the agent: SAME_ZONE acts as NONE"
-        return Condition("True", "Accepted", message, p.generation)
+            notes.append("zones are not known to the agent: SAME_ZONE acts as NONE")
+        labels = [e.labels for e in endpoints_of(snap, service)]
+        empty = [
+            s.name
+            for s in config.subsets
+            if s.weight and not any(all(m.get(k) == v for k, v in s.labels.items()) for m in labels)
+        ]
+        if empty:
+            notes.append(
+                f"subset(s) {', '.join(empty)} select no ready endpoint now; "
+                "their share goes to the other subsets"
+            )
+        return Condition("True", "Accepted", "; ".join(notes), p.generation)
 
     def config_for(self, key: ServiceKey) -> TrafficConfig:
         return self._effective.get(key, self.defaults)

@@ -134,3 +134,20 @@ def test_describe_lists_effective_policy_and_services():
     info = tc.describe()
     assert set(info) == {"policies", "effective", "services"}
     assert "default/server" in info["effective"] and "default/server" in info["services"]
+
+
+def test_accepted_condition_warns_about_a_subset_without_endpoints():
+    store, tc = store_with_service(), control()
+    spec = {
+        "split": {
+            "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}, "weight": 80},
+                {"name": "v3", "labels": {"version": "v3"}, "weight": 20},
+            ]
+        }
+    }
+    put(store, traffic_policy(spec))
+    tc.update(store.snapshot())
+    condition = tc.conditions()["default/tp"]
+    assert condition["reason"] == "Accepted"
+    assert "subset(s) v3 select no ready endpoint now" in str(condition["message"])

@@ -2,10 +2,10 @@
 
 Used in standalone mode and by the lab, where there is no API server: ``nodemesh lab annotate``
 and friends rewrite the document atomically (temp file + rename) and every agent and the CA pick
-the change up here. Why polling (every 200 ms by default) and not inotify: the file is replaced
-by a rename, which inotify reports on the directory, not the watched file, and polling
-``(inode, mtime, size)`` catches that, an in-place edit and a file that reappears, with one
-``stat`` per interval and no extra dependency. Half of the interval is the mean detection delay.
+the change up here. A change is noticed by comparing the file's ``(inode, mtime, size)``, which
+catches a rename over it, an in-place edit and a file that reappears; the comparison runs when
+inotify reports a change in the file's directory (``filewatch``: within a millisecond) and in
+any case every ``interval`` (200 ms), so a missed or unavailable inotify costs latency only.
 
 A bad edit never reaches the store: the document is parsed and validated completely first
 (``agent.sources.document``), and on error the message (file, path inside it, what is allowed)
@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 from agent.sources.document import DocumentError, load_document
+from agent.sources.filewatch import DirectoryWatch
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class LocalFileSource:
         self._stamp: _Stamp | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watch: DirectoryWatch | None = None
 
     @property
     def ready(self) -> bool:
@@ -54,21 +56,30 @@ class LocalFileSource:
 
     def start(self) -> None:
         """Load the document now (raising ``LocalFileError`` if it is invalid), then follow it."""
+        # Watch before the first load, so that an edit racing with it still wakes the thread.
+        watch = DirectoryWatch(self.path.parent)
         if not self.reload():
+            watch.close()
             raise LocalFileError(
                 f"cannot start the local-file source: {self.last_error}; fix the file and retry"
             )
         self._stop.clear()
+        self._watch = watch
         self._thread = threading.Thread(
-            target=self._follow, name=f"localfile:{self.path.name}", daemon=True
+            target=self._follow, args=(watch,), name=f"localfile:{self.path.name}", daemon=True
         )
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._watch is not None:
+            self._watch.wake()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     def _current_stamp(self) -> _Stamp | None:
         try:
@@ -77,10 +88,11 @@ class LocalFileSource:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def _follow(self) -> None:
-        while not self._stop.wait(self.interval):
+    def _follow(self, watch: DirectoryWatch) -> None:
+        while not self._stop.is_set():
+            watch.wait(self.interval)
             stamp = self._current_stamp()
-            if stamp is not None and stamp != self._stamp:
+            if not self._stop.is_set() and stamp is not None and stamp != self._stamp:
                 self.reload()
 
     def reload(self) -> bool:

@@ -139,3 +139,19 @@ def test_deleted_file_keeps_state_until_it_returns(
     _write(path, DOC.format(mesh="disabled", action="ALLOW"))
     assert changes.wait().version == before.version + 1
     assert source.loads == 2
+
+
+def test_inotify_notices_an_edit_long_before_the_poll(tmp_path: Path) -> None:
+    """With a one-minute poll, only the directory watch can deliver the edit within the wait."""
+    path = tmp_path / "cluster.yaml"
+    _write(path, DOC.format(mesh="enabled", action="ALLOW"))
+    store = StateStore()
+    source = LocalFileSource(path, store, interval=60)
+    source.start()
+    try:
+        changes = _Changes(store)
+        _write(path, DOC.format(mesh="disabled", action="ALLOW"))
+        snap = changes.wait()
+        assert not snap.is_meshed(snap.workload_by_ip["10.244.1.2"])
+    finally:
+        source.stop()

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: setup test unit lint demo clean
+.PHONY: setup test unit lint demo bench clean
 
 setup:
 	@scripts/setup.sh
@@ -15,11 +15,16 @@ unit: setup
 	$(PY) -m pytest -q -m "not root" tests
 
 lint: setup
-	$(VENV)/bin/ruff check agent tests
+	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/mypy
 
 demo: setup
 	$(PY) -m agent.lab.demo $(if $(KEEP),--keep,)
+
+# Benchmarks (bench/README.md): the full run (< 15 min) updates bench/RESULTS.md; QUICK=1 (< 2 min).
+bench: setup
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
+	$(PY) -m bench $(if $(QUICK),--quick,)
 
 
 clean:

@@ -1,0 +1,1 @@
+"""nodemesh benchmarks: ``python -m bench`` (``make bench``), see ``bench/README.md``."""

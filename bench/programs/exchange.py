@@ -1,0 +1,32 @@
+"""One connection and one small echo exchange, on the running event loop's raw sockets.
+
+Shared by the connection-rate and idle-connection clients: an exchange that completes proves the
+connection reached the echo server end to end (through every proxy on the path), which a bare
+``connect()`` does not: a transparent proxy accepts before it has dialled upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+
+async def connect_and_echo(address: tuple[str, int], message: bytes) -> socket.socket:
+    """A connected socket whose ``message`` has come back; the caller owns (closes) it."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_connect(sock, address)
+        await loop.sock_sendall(sock, message)
+        got = 0
+        while got < len(message):
+            chunk = await loop.sock_recv(sock, 65536)
+            if not chunk:
+                raise ConnectionError("closed by the far end before the echo came back")
+            got += len(chunk)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

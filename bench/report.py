@@ -1,0 +1,158 @@
+"""The results written three ways: every sample as JSON, medians and ratios as Markdown, a chart.
+
+The Markdown is what ``bench/RESULTS.md`` holds: settings, machine, load, how each path was
+verified (an unverified path's column is marked *untrusted*), the table of medians with ratios
+against direct and against stunnel4, the idle-memory steps, the cipher ceiling and any failures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench import summary
+
+
+def write_json(results: Mapping[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def markdown(results: Mapping[str, Any], chart: str | None) -> str:
+    settings = results["settings"]
+    paths = {p["key"]: p for p in results["paths"]}
+    values = summary.path_values(results)
+    ratios = summary.ratios(values)
+    order = [k for k in summary.PATH_ORDER if k in paths]
+    titles = [
+        paths[k]["title"] + ("" if paths[k]["verification"]["ok"] else " (untrusted)")
+        for k in order
+    ]
+    out = [
+        "# nodemesh benchmarks" + (" (quick mode: indicative only)" if settings["quick"] else ""),
+        "",
+        f"Run {results['started']} → {results['finished']} with `python -m bench"
+        f"{' --quick' if settings['quick'] else ''}` (`make bench`). Medians over "
+        f"{settings['reps']} interleaved repetition(s); every sample is in "
+        f"`{results['json_name']}`.",
+        "",
+        "| metric | unit | " + " | ".join(titles) + " | " + " | ".join(ratios) + " |",
+        "|---|---|" + "---:|" * (len(order) + len(ratios)),
+    ]
+    for m in summary.metrics(settings["streams"]):
+        cells = [_fmt(values[k][m.key], m.digits) for k in order]
+        cells += [_ratio(r[m.key]) for r in ratios.values()]
+        out.append(f"| {m.title} | {m.unit} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "Ratios are path / reference of the medians: above 1x is more (throughput, rate) or slower"
+        " / costlier (latency, CPU, memory). Proxy CPU and memory are the agents' (both nodes on"
+        " the cross-node path, node1's on the same-node path) or both stunnel processes'.",
+    ]
+    if chart:
+        out += ["", f"![benchmark chart]({chart})"]
+    out += ["", "## Path verification", ""]
+    for k in order:
+        v = paths[k]["verification"]
+        out.append(f"- **{paths[k]['title']}** ({'verified' if v['ok'] else 'UNTRUSTED'}): "
+                   + "; ".join(v["checks"]))  # fmt: skip
+    out += _idle_section(results, paths)
+    out += _speed_section(results)
+    out += _machine_section(results)
+    problems = summary.errors(results)
+    if problems:
+        out += ["", "## Failures", "", *(f"- {p}" for p in problems)]
+    return "\n".join(out) + "\n"
+
+
+def _idle_section(results: Mapping[str, Any], paths: Mapping[str, Any]) -> list[str]:
+    out = ["", "## Idle connections: proxy RSS", ""]
+    for key, idle in results.get("idle", {}).items():
+        steps = ", ".join(
+            f"{st['open']:,} → {st['rss_bytes'] / 2**20:,.1f} MiB" for st in idle["steps"]
+        )
+        per = idle.get("bytes_per_connection")
+        slope = "—" if per is None else f"{per / 1024:,.1f} KiB per connection"
+        out.append(f"- {paths[key]['title']}: {steps} (slope {slope})")
+    return out
+
+
+def _speed_section(results: Mapping[str, Any]) -> list[str]:
+    out = ["", "## Cipher ceiling (`openssl speed -evp`, one core, 16 KiB blocks)", ""]
+    for entry in results.get("openssl_speed", []):
+        rate = entry.get("bytes_per_second")
+        shown = f"{rate * 8 / 1e9:.2f} Gbit/s" if rate else entry.get("error", "—")
+        out.append(f"- {entry['cipher']} ({', '.join(entry['negotiated_by'])}): {shown}")
+    return out
+
+
+def _machine_section(results: Mapping[str, Any]) -> list[str]:
+    m, load, s = results["machine"], results["load"], results["settings"]
+    return [
+        "",
+        "## Machine and settings",
+        "",
+        f"- {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}, kernel {m['kernel']};"
+        f" Python {m['python']}; {m['openssl']}; {m['iperf3']}; {m['stunnel']}",
+        f"- load average (1/5/15 min) before: {load['before']}, after: {load['after']}"
+        " (the machine is shared with other engineers' tests: ratios within one run are what to"
+        " compare, not absolute numbers across runs)",
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in s.items()),
+    ]
+
+
+def chart(results: Mapping[str, Any], path: Path) -> None:
+    """Four panels: throughput, latency percentiles, connection rate, idle memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = summary.path_values(results)
+    paths = {p["key"]: p["title"] for p in results["paths"]}
+    order = [k for k in summary.PATH_ORDER if k in paths]
+    streams = results["settings"]["streams"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    _bars(axes[0][0], order, paths, values, ["bulk_1", f"bulk_{streams}"],
+          ["1 stream", f"{streams} streams"], "throughput (Gbit/s)")  # fmt: skip
+    _bars(axes[0][1], order, paths, values, ["rr_p50", "rr_p99", "rr_p99.9"],
+          ["p50", "p99", "p99.9"], "1 KB request/response (µs)")  # fmt: skip
+    _bars(axes[1][0], order, paths, values, ["conn_rate"], ["conn/s"], "new connections per second")
+    ax = axes[1][1]
+    for key, idle in results.get("idle", {}).items():
+        steps = idle["steps"]
+        ax.plot([s["open"] for s in steps], [s["rss_bytes"] / 2**20 for s in steps],
+                marker="o", label=paths[key])  # fmt: skip
+    ax.set_xlabel("idle connections")
+    ax.set_ylabel("proxy RSS (MiB)")
+    ax.set_title("memory of idle connections")
+    ax.legend(fontsize=8)
+    fig.suptitle("nodemesh vs direct vs stunnel4 (medians)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _bars(
+    ax: Any, order: list[str], titles: Mapping[str, str],
+    values: Mapping[str, Mapping[str, float | None]],
+    keys: list[str], labels: list[str], title: str,
+) -> None:  # fmt: skip
+    width = 0.8 / len(keys)
+    for i, (key, label) in enumerate(zip(keys, labels, strict=True)):
+        heights = [values[p][key] or 0.0 for p in order]
+        ax.bar([x + i * width for x in range(len(order))], heights, width, label=label)
+    ax.set_xticks([x + width * (len(keys) - 1) / 2 for x in range(len(order))])
+    ax.set_xticklabels([titles[p].replace(" ", "\n", 1) for p in order], fontsize=8)
+    ax.set_title(title)
+    if len(keys) > 1:
+        ax.legend(fontsize=8)

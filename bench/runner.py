@@ -1,0 +1,116 @@
+"""One benchmark run: build the testbed, verify every path, then measure, interleaved.
+
+Order of a run:
+
+1. the testbed (lab, servers, stunnel4), then every path verified (``bench.verify``) before it
+   carries anything else, so the capture sees each path's first TLS handshake;
+2. idle-connection memory on still-fresh proxies: nodemesh cross-node and stunnel4 first, then
+   nodemesh same-node, whose agent (node1's) has by then held and released the cross-node test's
+   connections (Python keeps freed memory for reuse, which can make that slope lower);
+3. ``reps`` repetitions of every throughput / latency / connection-rate workload over every path,
+   the path order rotated each repetition, so that drift of a shared machine (other engineers'
+   tests, CPU frequency, page cache) spreads over all paths instead of landing on one;
+4. after the lab is gone, ``openssl speed`` for each cipher the TLS paths negotiated.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from bench import machine, procstat, workloads
+from bench.settings import Settings
+from bench.testbed import BenchPath, Testbed
+from bench.verify import verify
+
+Workload = Callable[[Testbed, BenchPath, Settings], dict[str, Any]]
+
+
+def _workloads(s: Settings) -> list[tuple[str, Workload]]:
+    return [
+        ("bulk_1", lambda bed, p, st: workloads.bulk(bed, p, st, 1)),
+        (f"bulk_{s.streams}", lambda bed, p, st: workloads.bulk(bed, p, st, st.streams)),
+        ("rr", workloads.request_response),
+        ("conn", workloads.connection_rate),
+    ]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def _headline(workload: str, sample: dict[str, Any]) -> str:
+    if "error" in sample:
+        return "ERROR " + str(sample["error"])
+    if workload.startswith("bulk_"):
+        return f"{sample['gbps']:.2f} Gbit/s, proxy CPU {sample['proxy_cpu_s']:.1f} s"
+    if workload == "rr":
+        return f"p50 {sample['p50_us']:.0f} µs, p99 {sample['p99_us']:.0f} µs"
+    return f"{sample['rate']:.0f} conn/s, errors {sample['errors'] or 'none'}"
+
+
+def run(s: Settings) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "version": 1,
+        "started": _now(),
+        "settings": s.as_dict(),
+        "machine": machine.describe(),
+        "load": {"before": [round(x, 2) for x in procstat.load_average()]},
+        "samples": [],
+        "idle": {},
+    }
+    say("building the lab (2 nodes, agents, CA, echo and iperf3 servers, stunnel4)")
+    with Testbed() as bed:
+        results["paths"] = []
+        for path in bed.paths:
+            verdict = verify(bed, path, size=s.marker_bytes)
+            state = "verified" if verdict.ok else "UNTRUSTED"
+            say(f"{path.title}: {state}: {'; '.join(verdict.checks)}")
+            results["paths"].append({
+                "key": path.key, "title": path.title, "client": path.client, "target": path.target,
+                "address": f"{path.host}:{path.echo_port}", "proxy_pids": list(path.proxy_pids),
+                "wire": path.wire, "verification": verdict.__dict__,
+            })  # fmt: skip
+        by_key = {p.key: p for p in bed.paths}
+        for key in ("mesh_cross", "stunnel", "mesh_same"):
+            say(f"{by_key[key].title}: idle connections {list(s.idle_steps)}")
+            idle = workloads.idle_memory(bed, by_key[key], s)
+            results["idle"][key] = idle
+            per = idle.get("bytes_per_connection")
+            say(f"  {'%.1f KiB per connection' % (per / 1024) if per else idle.get('error')}")
+        for rep in range(s.reps):
+            shift = rep % len(bed.paths)
+            for path in bed.paths[shift:] + bed.paths[:shift]:
+                for name, workload in _workloads(s):
+                    sample = workload(bed, path, s)
+                    results["samples"].append(
+                        {"rep": rep, "path": path.key, "workload": name, **sample}
+                    )
+                    say(f"[{rep + 1}/{s.reps}] {path.title} {name}: {_headline(name, sample)}")
+    results["openssl_speed"] = _speeds(results, s)
+    results["load"]["after"] = [round(x, 2) for x in procstat.load_average()]
+    results["finished"] = _now()
+    return results
+
+
+def _speeds(results: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
+    ciphers: dict[str, list[str]] = {}
+    for path in results["paths"]:
+        v = path["verification"]
+        if v["speed_cipher"]:
+            ciphers.setdefault(v["speed_cipher"], []).append(f"{path['title']}: {v['cipher']}")
+    out = []
+    for cipher, users in ciphers.items():
+        entry: dict[str, Any] = {"cipher": cipher, "negotiated_by": users}
+        try:
+            entry["bytes_per_second"] = machine.openssl_speed(cipher, s.speed_seconds)
+        except RuntimeError as e:
+            entry["error"] = str(e)
+        out.append(entry)
+    return out

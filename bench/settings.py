@@ -1,0 +1,85 @@
+"""How long and how often each workload runs: the full run, the quick run, command-line overrides.
+
+The full preset is sized so that the whole ``make bench`` (lab set-up included) stays within 15
+minutes on 2 cores and every reported median has three repetitions behind it; the quick preset
+(``make bench QUICK=1``) checks that everything works in under two minutes and its numbers are
+only indicative. Every field can be overridden on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    reps: int = 3  # interleaved repetitions of every (path, workload)
+    bulk_seconds: float = 5.0  # iperf3 -t
+    bulk_omit: float = 1.0  # iperf3 -O: warm-up seconds not counted
+    streams: int = 4  # parallel iperf3 streams for the multi-stream workload
+    rr_count: int = 10000  # recorded round trips per repetition
+    rr_warmup: int = 1000  # round trips not recorded
+    rr_size: int = 1024
+    conn_seconds: float = 5.0
+    conn_warmup: float = 1.0
+    conn_concurrency: int = 8
+    conn_size: int = 100
+    idle_steps: tuple[int, ...] = (1000, 2500, 5000, 10000)
+    speed_seconds: int = 3  # openssl speed -seconds
+    marker_bytes: int = 65536
+    quick: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FULL = Settings()
+QUICK = Settings(
+    reps=1,
+    bulk_seconds=2.0,
+    bulk_omit=0.5,
+    rr_count=2000,
+    rr_warmup=200,
+    conn_seconds=1.5,
+    conn_warmup=0.5,
+    idle_steps=(200, 1000),
+    speed_seconds=1,
+    quick=True,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="the quick preset (< 2 minutes)")
+    for f in fields(Settings):
+        if f.name == "quick":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "idle_steps":
+            parser.add_argument(flag, type=_steps, help="comma-separated counts, e.g. 1000,10000")
+        else:
+            parser.add_argument(flag, type=type(f.default), help=f"default {f.default} (full)")
+
+
+def from_arguments(args: argparse.Namespace) -> Settings:
+    base = QUICK if args.quick else FULL
+    changes = {
+        f.name: getattr(args, f.name)
+        for f in fields(Settings)
+        if f.name != "quick" and getattr(args, f.name, None) is not None
+    }
+    settings = replace(base, **changes)
+    if settings.reps < 1 or settings.rr_count < 1 or not settings.idle_steps:
+        raise SystemExit("bench: --reps and --rr-count must be >= 1 and --idle-steps non-empty")
+    return settings
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--idle-steps wants counts like 1000,10000: {e}") from e
+    if not steps or steps[0] < 1:
+        raise argparse.ArgumentTypeError("--idle-steps wants positive counts like 1000,10000")
+    return steps

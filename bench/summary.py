@@ -1,0 +1,114 @@
+"""From every sample to the table: medians per (path, metric) and ratios between paths.
+
+Sans-IO over the results document (``bench.runner`` writes it, ``bench.report`` renders this
+summary), so the arithmetic the closing note quotes is unit-tested. A metric a path cannot have
+(proxy CPU and memory on the direct path) or a workload that failed on every repetition is None,
+rendered as a dash, never as zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bench import stats
+
+MESH = "mesh_cross"
+PATH_ORDER = ("direct", "mesh_cross", "mesh_same", "stunnel")
+# (numerator, denominator, column title)
+RATIOS = (
+    ("mesh_cross", "direct", "nodemesh cross / direct"),
+    ("mesh_cross", "stunnel", "nodemesh cross / stunnel4"),
+    ("mesh_same", "direct", "nodemesh same / direct"),
+)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    digits: int
+
+
+def metrics(streams: int) -> list[Metric]:
+    return [
+        Metric("bulk_1", "throughput, 1 stream", "Gbit/s", True, 2),
+        Metric(f"bulk_{streams}", f"throughput, {streams} streams", "Gbit/s", True, 2),
+        Metric("rr_p50", "1 KB request/response p50", "µs", False, 0),
+        Metric("rr_p90", "1 KB request/response p90", "µs", False, 0),
+        Metric("rr_p99", "1 KB request/response p99", "µs", False, 0),
+        Metric("rr_p99.9", "1 KB request/response p99.9", "µs", False, 0),
+        Metric("conn_rate", "new connections/s (with a 100 B exchange)", "conn/s", True, 0),
+        Metric("cpu_per_gb", "proxy CPU per GB (bulk, all streams)", "CPU s/GB", False, 2),
+        Metric("mem_per_conn", "proxy memory per idle connection", "KiB", False, 1),
+    ]
+
+
+def _values(
+    samples: Sequence[Mapping[str, Any]], path: str, workload: str, field: str
+) -> list[float]:
+    return [
+        float(s[field])
+        for s in samples
+        if s["path"] == path and s["workload"] == workload and s.get(field) is not None
+    ]
+
+
+def _median(
+    samples: Sequence[Mapping[str, Any]], path: str, workload: str, field: str
+) -> float | None:
+    return stats.median(_values(samples, path, workload, field))
+
+
+def _cpu_per_gb(samples: Sequence[Mapping[str, Any]], path: str, has_proxy: bool) -> float | None:
+    bulk = [s for s in samples if s["path"] == path and str(s["workload"]).startswith("bulk_")]
+    moved = sum(s.get("bytes", 0) for s in bulk if "error" not in s)
+    if not has_proxy or moved == 0:
+        return None
+    return sum(s["proxy_cpu_s"] for s in bulk if "error" not in s) / (moved / 1e9)
+
+
+def path_values(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``{path: {metric key: median value}}`` for every path in the results."""
+    samples = results["samples"]
+    streams = results["settings"]["streams"]
+    table: dict[str, dict[str, float | None]] = {}
+    for path in results["paths"]:
+        key = path["key"]
+        idle = results.get("idle", {}).get(key, {})
+        per_conn = idle.get("bytes_per_connection")
+        table[key] = {
+            "bulk_1": _median(samples, key, "bulk_1", "gbps"),
+            f"bulk_{streams}": _median(samples, key, f"bulk_{streams}", "gbps"),
+            "rr_p50": _median(samples, key, "rr", "p50_us"),
+            "rr_p90": _median(samples, key, "rr", "p90_us"),
+            "rr_p99": _median(samples, key, "rr", "p99_us"),
+            "rr_p99.9": _median(samples, key, "rr", "p99.9_us"),
+            "conn_rate": _median(samples, key, "conn", "rate"),
+            "cpu_per_gb": _cpu_per_gb(samples, key, bool(path["proxy_pids"])),
+            "mem_per_conn": per_conn / 1024 if per_conn is not None else None,
+        }
+    return table
+
+
+def ratios(
+    values: Mapping[str, Mapping[str, float | None]],
+) -> dict[str, dict[str, float | None]]:
+    """``{column title: {metric key: ratio}}`` for the pairs in ``RATIOS`` present in ``values``."""
+    out: dict[str, dict[str, float | None]] = {}
+    for num, den, title in RATIOS:
+        if num in values and den in values:
+            out[title] = {m: stats.ratio(values[num][m], values[den][m]) for m in values[num]}
+    return out
+
+
+def errors(results: Mapping[str, Any]) -> list[str]:
+    """One line per failed sample: which path, workload and repetition, and why."""
+    return [
+        f"{s['path']} {s['workload']} rep {s['rep']}: {s['error']}"
+        for s in results["samples"]
+        if "error" in s
+    ] + [f"{k} idle: {v['error']}" for k, v in results.get("idle", {}).items() if "error" in v]

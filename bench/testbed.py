@@ -1,0 +1,180 @@
+"""The bench's lab: two nodes, meshed and unmeshed pods, echo and iperf3 servers, stunnel4.
+
+One lab serves every path, so all of them share the same namespaces, veths, node link and
+processes on the same cores:
+
+    direct           outsider (node1, unmeshed) -> plain (node2, unmeshed)
+    nodemesh cross   client (node1, meshed) -> server (node2, meshed): HBONE mTLS, both proxies
+    nodemesh same    client (node1, meshed) -> neighbor (node1, meshed): one proxy, no TLS
+    stunnel4         outsider -> node1 stunnel -> mTLS -> node2 stunnel -> plain
+
+The unmeshed pods are the stunnel path's ends too, so stunnel's numbers differ from direct only by
+the tunnel. Client namespaces get ``tcp_tw_reuse=1`` and a wide local port range: the
+connection-rate workload opens tens of thousands of short connections per run, and TIME_WAIT
+would otherwise exhaust the ports of the later repetitions and paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from agent.lab import netns
+from agent.lab.handle import Lab
+from bench import stunnel
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+MESH = "{nodemesh.io/mesh: enabled}"
+TOPOLOGY = f"""\
+nodes:
+  - name: node1
+    pods:
+      - {{name: client, namespace: default, serviceAccount: client, annotations: {MESH}}}
+      - {{name: neighbor, namespace: default, serviceAccount: neighbor, annotations: {MESH}}}
+      - {{name: outsider, namespace: default, serviceAccount: outsider}}
+  - name: node2
+    pods:
+      - {{name: server, namespace: default, serviceAccount: server, annotations: {MESH}}}
+      - {{name: plain, namespace: default, serviceAccount: plain}}
+"""
+ECHO_PORT = 7000
+IPERF_PORT = 5201
+STUNNEL_CLIENT_OFFSET = 20000  # node1 accepts on 27000 / 25201
+STUNNEL_SERVER_OFFSET = 30000  # node2 accepts on 37000 / 35201
+
+
+@dataclass(frozen=True)
+class BenchPath:
+    key: str
+    title: str
+    client: str  # pod the client programs run in
+    host: str  # address they dial
+    echo_port: int
+    iperf_port: int
+    target: str  # pod that answers
+    proxy_pids: tuple[int, ...]  # processes whose CPU and memory are the path's cost
+    wire: str  # "plaintext" or "tls" on the node link, "local" when it never leaves node1
+    agent_path: str | None  # how node1's agent must record it ("hbone", "local"), None: never
+
+
+class Testbed:
+    """Context manager: builds everything on enter, removes everything on exit."""
+
+    def __init__(self) -> None:
+        self.lab: Lab | None = None
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.paths: list[BenchPath] = []
+
+    def __enter__(self) -> Testbed:
+        # Children (agents, stunnel, clients) inherit the lifted soft limit.
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            self.lab = Lab.up("bn" + secrets.token_hex(3), topology=TOPOLOGY, timeout=120)
+            self._tune()
+            self._start_servers()
+            self.paths = self._paths(self._start_stunnel())
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for proc in self.procs:
+            stop(proc)
+        if self.lab is not None:
+            self.lab.down()
+
+    @property
+    def the_lab(self) -> Lab:
+        if self.lab is None:
+            raise RuntimeError("the testbed is not up")
+        return self.lab
+
+    def popen(self, target: str, *argv: str, **kw: object) -> subprocess.Popen[bytes]:
+        """A bench program (``bench.programs.<name>``) or a tool inside ``target``'s netns."""
+        proc = self.the_lab.popen(target, *argv, cwd=str(REPO), **kw)
+        self.procs.append(proc)
+        return proc
+
+    def _tune(self) -> None:
+        for pod in ("client", "outsider"):
+            name = self.the_lab.netns(pod)
+            netns.write_sysctl(name, "net/ipv4/tcp_tw_reuse", "1")
+            netns.write_sysctl(name, "net/ipv4/ip_local_port_range", "1024 65000")
+
+    def _start_servers(self) -> None:
+        for pod in ("server", "neighbor", "plain"):
+            with self.log(f"{pod}-echo") as log:
+                self.popen(pod, sys.executable, "-m", "bench.programs.echo_server",
+                           "--port", str(ECHO_PORT), stdout=log, stderr=log)  # fmt: skip
+            with self.log(f"{pod}-iperf3") as log:
+                self.popen(pod, "iperf3", "-s", "-p", str(IPERF_PORT), stdout=log, stderr=log)
+
+    def log(self, name: str) -> IO[bytes]:
+        """An append-mode log file ``<lab state>/logs/bench-<name>.log`` for a child's output."""
+        return open(Path(self.the_lab.state_dir) / "logs" / f"bench-{name}.log", "ab")
+
+    def _start_stunnel(self) -> tuple[int, ...]:
+        lab = self.the_lab
+        node1, node2 = lab.node("node1")["ip"], lab.node("node2")["ip"]
+        plain = lab.pod("plain")["ip"]
+        tunnels = [
+            stunnel.Tunnel(
+                name,
+                f"{node1}:{port + STUNNEL_CLIENT_OFFSET}",
+                f"{node2}:{port + STUNNEL_SERVER_OFFSET}",
+                f"{plain}:{port}",
+            )
+            for name, port in (("echo", ECHO_PORT), ("iperf", IPERF_PORT))
+        ]
+        directory = Path(lab.state_dir) / "bench-stunnel"
+        stunnel.write_credentials(directory)
+        server = stunnel.start(lab.netns("node2"), directory, tunnels, client=False)
+        self.procs.append(server)
+        client = stunnel.start(lab.netns("node1"), directory, tunnels, client=True)
+        self.procs.append(client)
+        return (client.pid, server.pid)
+
+    def agent_pids(self) -> tuple[int, ...]:
+        pids = Path(self.the_lab.state_dir) / "pids"
+        return tuple(int((pids / f"agent-{n}").read_text()) for n in ("node1", "node2"))
+
+    def _paths(self, stunnel_pids: tuple[int, ...]) -> list[BenchPath]:
+        lab = self.the_lab
+        ip = {name: str(lab.pod(name)["ip"]) for name in ("server", "neighbor", "plain")}
+        node1 = str(lab.node("node1")["ip"])
+        agents = self.agent_pids()
+        return [
+            BenchPath("direct", "direct (no mesh)", "outsider", ip["plain"], ECHO_PORT,
+                      IPERF_PORT, "plain", (), "plaintext", None),
+            BenchPath("mesh_cross", "nodemesh cross-node", "client", ip["server"], ECHO_PORT,
+                      IPERF_PORT, "server", agents, "tls", "hbone"),
+            BenchPath("mesh_same", "nodemesh same-node", "client", ip["neighbor"], ECHO_PORT,
+                      IPERF_PORT, "neighbor", agents[:1], "local", "local"),
+            BenchPath("stunnel", "stunnel4 mTLS", "outsider", node1,
+                      ECHO_PORT + STUNNEL_CLIENT_OFFSET, IPERF_PORT + STUNNEL_CLIENT_OFFSET,
+                      "plain", stunnel_pids, "tls", None),
+        ]  # fmt: skip
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 5 s, of a process this bench started."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,127 @@
+"""The workloads, each run once on one path: the client in the path's client pod, the proxy's
+CPU and memory read from /proc around it.
+
+Every function returns one JSON-ready sample; a failure (a path that resets, a tool that exits
+non-zero) is returned as ``{"error": ...}`` rather than raised, so one broken path does not take
+the other paths' numbers with it and the report shows what went wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench import procstat, stats
+from bench.settings import Settings
+from bench.testbed import BenchPath, Testbed, stop
+
+RR_POINTS = (50, 90, 99, 99.9)
+
+
+def _run(bed: Testbed, path: BenchPath, argv: list[str], timeout: float) -> dict[str, Any]:
+    """Run a client to completion in the path's client pod; its JSON output plus proxy CPU."""
+    cpu_before = procstat.total_cpu(path.proxy_pids)
+    proc = bed.popen(path.client, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        return {"error": f"{argv[0]} did not finish within {timeout:.0f}s"}
+    finally:
+        bed.procs.remove(proc)
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        return {"error": f"{' '.join(argv[:3])} exited {proc.returncode}: {' | '.join(tail)}"}
+    result: dict[str, Any] = json.loads(out)
+    result["proxy_cpu_s"] = procstat.total_cpu(path.proxy_pids) - cpu_before
+    return result
+
+
+def bulk(bed: Testbed, path: BenchPath, s: Settings, streams: int) -> dict[str, Any]:
+    """iperf3 for ``s.bulk_seconds`` with ``streams`` parallel streams, client to server."""
+    argv = [
+        "iperf3", "-J", "-c", path.host, "-p", str(path.iperf_port), "-t", str(s.bulk_seconds),
+        "-O", str(s.bulk_omit), "-P", str(streams),
+    ]  # fmt: skip
+    raw = _run(bed, path, argv, timeout=s.bulk_seconds + s.bulk_omit + 60)
+    if "error" in raw:
+        return raw
+    if "end" not in raw or "sum_received" not in raw["end"]:
+        return {"error": f"iperf3: {raw.get('error', 'no summary in its output')}"}
+    received = raw["end"]["sum_received"]
+    return {
+        "gbps": received["bits_per_second"] / 1e9,
+        "bytes": received["bytes"],
+        "seconds": received["seconds"],
+        "proxy_cpu_s": raw["proxy_cpu_s"],
+        "retransmits": raw["end"].get("sum_sent", {}).get("retransmits"),
+    }
+
+
+def request_response(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
+    argv = [
+        sys.executable, "-m", "bench.programs.rr_client", "--host", path.host,
+        "--port", str(path.echo_port), "--count", str(s.rr_count),
+        "--warmup", str(s.rr_warmup), "--size", str(s.rr_size),
+    ]  # fmt: skip
+    raw = _run(bed, path, argv, timeout=120 + s.rr_count * 0.01)
+    if "error" in raw:
+        return raw
+    samples = raw["samples_us"]
+    return {
+        **{f"{k}_us": v for k, v in stats.percentiles(samples, RR_POINTS).items()},
+        "mean_us": sum(samples) / len(samples),
+        "proxy_cpu_s": raw["proxy_cpu_s"],
+        "samples_us": samples,
+    }
+
+
+def connection_rate(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
+    argv = [
+        sys.executable, "-m", "bench.programs.connrate_client", "--host", path.host,
+        "--port", str(path.echo_port), "--seconds", str(s.conn_seconds),
+        "--warmup", str(s.conn_warmup), "--concurrency", str(s.conn_concurrency),
+        "--size", str(s.conn_size),
+    ]  # fmt: skip
+    return _run(bed, path, argv, timeout=s.conn_seconds + s.conn_warmup + 60)
+
+
+def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
+    """RSS of the path's proxies at each step of idle connections, from a baseline at zero.
+
+    The steps grow one client's set of held connections; a step is recorded only with the count
+    actually open (errors are reported), and memory per connection is the least-squares slope of
+    RSS over the open count, baseline included.
+    """
+    proc = bed.popen(
+        path.client, sys.executable, "-m", "bench.programs.idle_client", "--host", path.host,
+        "--port", str(path.echo_port), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    steps: list[dict[str, Any]] = [
+        {"open": 0, "rss_bytes": procstat.total_rss(path.proxy_pids), "errors": {}}
+    ]
+    try:
+        for target in s.idle_steps:
+            proc.stdin.write(f"{target}\n".encode())
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            if not line:
+                return {"steps": steps, "error": f"idle client exited at step {target}"}
+            step = json.loads(line)
+            step["target"] = target
+            time.sleep(0.5)  # let the far side's proxy finish its bookkeeping
+            step["rss_bytes"] = procstat.total_rss(path.proxy_pids)
+            steps.append(step)
+    finally:
+        proc.stdin.close()  # end of input: the client closes its connections and exits
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        stop(proc)
+        bed.procs.remove(proc)
+    per_connection = stats.slope([(st["open"], st["rss_bytes"]) for st in steps])
+    return {"steps": steps, "bytes_per_connection": per_connection}

@@ -237,3 +237,10 @@ def test_malformed_event_does_not_stall_the_watch(cluster: Cluster) -> None:
     assert "odd" not in cluster.names()
     event = wait_for(lambda: cluster.api.list_objects("Event"))[0]
     assert event["reason"] == "MalformedObject"
+
+
+def test_pod_that_finishes_leaves_the_state(cluster: Cluster) -> None:
+    """The field selector drops finished pods; the watch reports the exit as DELETED."""
+    cluster.api.patch("Pod", "b", {"status": {"phase": "Succeeded"}})
+    wait_for(lambda: cluster.names() == {"a"})
+    assert "10.244.1.3" not in cluster.snap().workload_by_ip

@@ -125,9 +125,16 @@ class Registry:
         self._live[record.id] = _Live(record, close, request, workload)
         self.total += 1
         _current.set((self, record))
-        for observer in self.observers:
-            observer.opened(record)
+        self._notify(lambda o: o.opened(record))
         return record.id
+
+    def _notify(self, call: Callable[[ConnectionObserver], None]) -> None:
+        """Tell the observers; a failing observer is logged, never the connection's problem."""
+        for observer in self.observers:
+            try:
+                call(observer)
+            except Exception:
+                log.exception("connection observer %r failed", observer)
 
     def authorized(self, conn_id: int, request: Request, workload: Workload) -> None:
         """Remember what was authorized, so that ``recheck`` can evaluate it again."""
@@ -138,8 +145,7 @@ class Registry:
     def remove(self, conn_id: int) -> None:
         live = self._live.pop(conn_id, None)
         if live is not None:
-            for observer in self.observers:
-                observer.closed(live.record)
+            self._notify(lambda o: o.closed(live.record))
 
     def __iter__(self) -> Iterator[ConnectionRecord]:
         return (live.record for live in list(self._live.values()))
@@ -169,9 +175,8 @@ class Registry:
             record.failure = record.failure or "policy_denied"
             record.id = next(self._ids)
             self.total += 1
-            for observer in self.observers:
-                observer.opened(record)
-                observer.closed(record)
+            self._notify(lambda o: o.opened(record))
+            self._notify(lambda o: o.closed(record))
 
     def recheck(self, evaluate: Callable[[Request, Workload], Decision]) -> int:
         """Close live connections the current policies deny; returns how many were closed."""

@@ -143,3 +143,19 @@ def test_access_log_is_one_json_line_per_closed_connection(
     assert (entry["bytes_sent"], entry["bytes_received"]) == (7, 9)
     assert entry["direction"] == "outbound" and entry["security"] == "mutual_tls"
     assert entry["failure"] is None and entry["duration_ms"] >= 0
+
+
+def test_a_failing_observer_never_breaks_the_connection(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def opened(self, record: object) -> None:
+            raise KeyError("bug")
+
+        def closed(self, record: object) -> None:
+            raise KeyError("bug")
+
+    registry, component = telemetry()
+    registry.observers.insert(0, Broken())
+    with caplog.at_level(logging.ERROR, logger="agent.proxy.records"):
+        registry.remove(registry.add(outbound(), lambda _reason: None))
+    assert len([r for r in caplog.records if "observer" in r.getMessage()]) == 2
+    assert total(samples(component.exposition()), CLOSED) == 1  # the others still saw it

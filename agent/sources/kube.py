@@ -45,6 +45,9 @@ POLICY_PLURALS = {
 # Host-network pods are never meshed and finished pods hold IPs that may be reused: the API
 # server filters them out, which also keeps them out of memory.
 POD_FIELD_SELECTOR = "spec.hostNetwork=false,status.phase!=Succeeded,status.phase!=Failed"
+# Seconds a read may stall beyond a watch's own server-side timeout (or, for a list, at all)
+# before the connection counts as dead and the reflector reconnects.
+READ_SLACK = 30.0
 
 
 def api_client(*, kubeconfig: str | None = None, in_cluster: bool = False) -> Any:
@@ -99,7 +102,7 @@ class KubeSource:
         self.custom = client.CustomObjectsApi(api)
         self._reported: set[tuple[str, str]] = set()
         ctx = kh.Context(store, self)
-        rt = 30.0
+        rt = READ_SLACK
         discovery = client.DiscoveryV1Api(api)
         specs: list[tuple[str, Callable[..., Any], Any, str | None]] = [
             (

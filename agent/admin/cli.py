@@ -1,4 +1,4 @@
-"""``nodemesh status|workloads|connections|certs|policies``: read an agent's admin API.
+"""``nodemesh status|workloads|connections|certs|policies|traffic``: read an agent's admin API.
 
 Each command fetches one endpoint and prints it as a table (``-o table``, the default, at most
 100 columns) or as the endpoint's JSON (``-o json``, stable field names for scripts). Errors
@@ -142,6 +142,31 @@ def format_policies(data: Mapping[str, Any]) -> str:
     return render(["KIND", "NAMESPACE", "NAME", "SUMMARY"], rows)
 
 
+def format_traffic(data: Mapping[str, Any]) -> str:
+    """TrafficPolicy conditions, then one row per endpoint of each Service in use."""
+    policies = [
+        [name, c["reason"], c.get("message") or "-"] for name, c in data["policies"].items()
+    ]
+    rows = []
+    for service, st in sorted(data["services"].items()):
+        policy = st["policy"].get("policy") or "(defaults)"
+        for e in st["endpoints"]:
+            state = e["state"]
+            if state == "EJECTED":
+                state += f" {e['ejected_for']:.0f}s"
+            rows.append(
+                [service, policy, e["ip"], e["subset"] or "-", state, e["active"],
+                 f"{e['rtt_estimate_ms']:.1f}", e["consecutive_failures"]]
+            )  # fmt: skip
+    parts = []
+    if policies:
+        parts.append(render(["TRAFFICPOLICY", "CONDITION", "MESSAGE"], policies))
+    if rows:
+        headers = ["SERVICE", "POLICY", "ENDPOINT", "SUBSET", "STATE", "OPEN", "RTT MS", "FAILS"]
+        parts.append(render(headers, rows))
+    return "\n\n".join(parts) or "no TrafficPolicy and no Service connection yet"
+
+
 COMMANDS: dict[str, tuple[str, str, Formatter]] = {
     "status": ("/status", "the agent's readiness, state, certificates and datapath", format_status),
     "workloads": (
@@ -156,6 +181,11 @@ COMMANDS: dict[str, tuple[str, str, Formatter]] = {
     ),
     "certs": ("/certs", "certificates of this node's identities", format_certs),
     "policies": ("/policies", "policies in the agent's state", format_policies),
+    "traffic": (
+        "/traffic",
+        "traffic control: TrafficPolicy conditions, endpoint health per Service",
+        format_traffic,
+    ),
 }
 
 

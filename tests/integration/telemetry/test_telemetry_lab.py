@@ -16,8 +16,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any, TypeVar
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -248,3 +249,29 @@ def test_cli_through_lab_exec(lab: Lab) -> None:
         text=True,
     )
     assert shortcut.returncode == 0 and json.loads(shortcut.stdout)["node"] == "node2"
+
+
+def test_quitquitquit_drains_the_agent(lab: Lab) -> None:
+    """Last in this module: it stops node2's agent the way SIGTERM would."""
+    pid = int((lab.state_dir / "pids" / "agent-node2").read_text())
+    answer = call_in(lab.netns("node2"), lambda: _post("http://127.0.0.1:15000/quitquitquit"))
+    assert answer == {"draining": True}
+
+    def gone() -> None:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid)
+
+    retry(gone, timeout=30)
+    log = (lab.state_dir / "logs" / "agent-node2.log").read_text()
+    assert "agent draining" in log
+
+
+def _post(url: str) -> Any:
+    with urlopen(Request(url, method="POST"), timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"

@@ -124,16 +124,23 @@ def vip(lab: Lab) -> str:
     return str(next(s for s in lab.status()["services"] if s["name"] == "web")["clusterIP"])
 
 
-def connections(lab: Lab, n: int, *, pod: str = "client", hold: int = 0) -> list[str]:
-    """``n`` sequential connections to the VIP from ``pod`` while ``hold`` others stay open."""
+def connections(
+    lab: Lab, n: int, *, pod: str = "client", hold: int = 0, times: list[float] | None = None
+) -> list[str]:
+    """``n`` sequential connections to the VIP from ``pod`` while ``hold`` others stay open;
+    ``times`` receives each one's seconds from connect to answer (or failure)."""
     address = (vip(lab), 80)
 
     def one() -> str:
+        start = time.monotonic()
         try:
             with socket.create_connection(address, timeout=10) as s:
                 return s.recv(64).decode()
         except OSError:
             return ""
+        finally:
+            if times is not None:
+                times.append(time.monotonic() - start)
 
     def run() -> list[str]:
         held = [socket.create_connection(address, timeout=10) for _ in range(hold)]
@@ -245,14 +252,23 @@ def test_injected_delay_and_abort_rates_match_the_configuration(lab: Lab) -> Non
     }
     with web(lab, {"web-0": 0.0, "web-1": 0.0}), policy(lab, spec, lambda e: bool(e.get("fault"))):
         before = service_state(lab)["counters"]
-        start = time.monotonic()
-        answers = connections(lab, n)
-        elapsed = time.monotonic() - start
+        times: list[float] = []
+        answers = connections(lab, n, times=times)
         counters = service_state(lab)["counters"]
     delays = counters.get("fault_delay", 0) - before.get("fault_delay", 0)
     aborts = counters.get("fault_abort_reset", 0) - before.get("fault_abort_reset", 0)
     failed = answers.count("")
-    report("faults", n=n, delayed=delays, aborted=aborts, failed_seen=failed, seconds=elapsed)
+    slow = sorted(t for t in times if t >= 0.1)
+    report(
+        "faults",
+        n=n,
+        delayed=delays,
+        aborted=aborts,
+        failed_seen=failed,
+        seen_over_100ms=len(slow),
+        their_median_ms=round(slow[len(slow) // 2] * 1000, 1) if slow else None,
+        others_median_ms=round(sorted(t for t in times if t < 0.1)[(n - len(slow)) // 2] * 1000, 1),
+    )
     assert failed == aborts
     assert within(aborts, n, 0.20) and within(delays, n, 0.30)
 

@@ -244,3 +244,27 @@ def test_pod_that_finishes_leaves_the_state(cluster: Cluster) -> None:
     cluster.api.patch("Pod", "b", {"status": {"phase": "Succeeded"}})
     wait_for(lambda: cluster.names() == {"a"})
     assert "10.244.1.3" not in cluster.snap().workload_by_ip
+
+
+def test_status_is_written_once_per_verdict_not_per_agent(api: FakeApiServer) -> None:
+    """Agents that find the verdict already in the status do not write it again."""
+    agents = [_start(api)]
+    try:
+        api.create("AuthorizationPolicy", authz("p"))
+        wait_for(lambda: api.get("AuthorizationPolicy", "p").get("status"))
+        agents += [_start(api), _start(api)]  # they list the policy with its status
+
+        def status_writes() -> int:
+            return sum(1 for m, path in api.requests if m == "PATCH" and path.endswith("/status"))
+
+        api.patch("AuthorizationPolicy", "p", {"metadata": {"labels": {"touched": "yes"}}})
+        api.create("Pod", pod("c", "10.244.1.7"))
+        for store, _, _ in agents:
+            wait_for(lambda store=store: "10.244.1.7" in store.snapshot().workload_by_ip)
+        assert status_writes() == 1
+        conditions = api.get("AuthorizationPolicy", "p")["status"]["conditions"]
+        assert [(c["type"], c["status"]) for c in conditions] == [("Accepted", "True")]
+    finally:
+        for _, source, api_client in agents:
+            source.stop()
+            api_client.close()

@@ -12,6 +12,7 @@ import argparse
 import datetime
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     settings.add_arguments(parser)
     parser.add_argument("--out", type=Path, help="results directory (default: under results/)")
+    parser.add_argument("--lab", help="name of the lab to build (default: bn<random>)")
     parser.add_argument(
         "--no-publish", action="store_true", help="a full run leaves RESULTS.md/.png unchanged"
     )
@@ -34,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or BENCH_DIR / "results" / (stamp + ("-quick" if chosen.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
-    results = runner.run(chosen)
+    # SIGTERM unwinds like Ctrl-C, so the lab and every started process are removed.
+    signal.signal(signal.SIGTERM, _terminate)
+    results = runner.run(chosen, lab=args.lab)
     results["json_name"] = "results.json"
     report.write_json(results, out / "results.json")
     report.chart(results, out / "chart.png")
@@ -50,3 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         runner.say("updated bench/RESULTS.md and bench/RESULTS.png")
     sys.stdout.write(report.markdown(results, None))
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(f"bench: stopped by signal {signum}")

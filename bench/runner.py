@@ -55,7 +55,7 @@ def _headline(workload: str, sample: dict[str, Any]) -> str:
     return f"{sample['rate']:.0f} conn/s, errors {sample['errors'] or 'none'}"
 
 
-def run(s: Settings) -> dict[str, Any]:
+def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         "version": 1,
         "started": _now(),
@@ -66,7 +66,7 @@ def run(s: Settings) -> dict[str, Any]:
         "idle": {},
     }
     say("building the lab (2 nodes, agents, CA, echo and iperf3 servers, stunnel4)")
-    with Testbed() as bed:
+    with Testbed(lab) as bed:
         results["paths"] = []
         for path in bed.paths:
             verdict = verify(bed, path, size=s.marker_bytes)

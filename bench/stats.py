@@ -20,7 +20,7 @@ def percentile(samples: Sequence[float], p: float) -> float:
     if not 0 < p <= 100:
         raise ValueError(f"percentile {p} is outside (0, 100]")
     ordered = sorted(samples)
-    rank = math.ceil(p / 100 * len(ordered))
+    rank = math.ceil(round(p * len(ordered) / 100, 9))  # 99.9 * 1000 / 100 is not 999.0
     return ordered[max(rank, 1) - 1]
 
 

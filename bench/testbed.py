@@ -69,7 +69,8 @@ class BenchPath:
 class Testbed:
     """Context manager: builds everything on enter, removes everything on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or "bn" + secrets.token_hex(3)
         self.lab: Lab | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.paths: list[BenchPath] = []
@@ -79,7 +80,7 @@ class Testbed:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         try:
-            self.lab = Lab.up("bn" + secrets.token_hex(3), topology=TOPOLOGY, timeout=120)
+            self.lab = Lab.up(self.name, topology=TOPOLOGY, timeout=120)
             self._tune()
             self._start_servers()
             self.paths = self._paths(self._start_stunnel())

@@ -1,0 +1,67 @@
+"""`python -m bench` end to end in a tiny quick mode: well-formed output, every path verified.
+
+Builds its own lab (random name; the harness removes it on exit, also on failure). Checks the
+shape of results.json, summary.md and chart.png and that each path passed its wire and agent
+checks; never a timing.
+"""
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.lab.handle import Lab
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+REPO = Path(__file__).resolve().parents[3]
+TINY = [
+    "--quick", "--reps", "1", "--bulk-seconds", "0.5", "--bulk-omit", "0", "--rr-count", "100",
+    "--rr-warmup", "10", "--conn-seconds", "0.3", "--conn-warmup", "0", "--idle-steps", "20,50",
+    "--speed-seconds", "1",
+]  # fmt: skip
+PATHS = {"direct", "mesh_cross", "mesh_same", "stunnel"}
+WORKLOADS = {"bulk_1", "bulk_4", "rr", "conn"}
+
+
+def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the bench builds a lab: needs root")
+    pytest.importorskip("matplotlib", reason="make bench installs the bench extra")
+    name = "bt" + secrets.token_hex(3)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench", *TINY, "--out", str(tmp_path), "--lab", name],
+            cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+    finally:
+        Lab(name).down()  # the harness removes it itself; this covers a killed harness
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+
+    assert {p["key"] for p in results["paths"]} == PATHS
+    for p in results["paths"]:
+        assert p["verification"]["ok"], (p["key"], p["verification"]["checks"])
+    tls = {p["key"]: p["verification"] for p in results["paths"] if p["wire"] == "tls"}
+    assert set(tls) == {"mesh_cross", "stunnel"}
+    assert all(v["tls_version"] == "TLSv1.3" and v["speed_cipher"] for v in tls.values())
+
+    done_pairs = {(s["path"], s["workload"]) for s in results["samples"] if "error" not in s}
+    assert done_pairs == {(p, w) for p in PATHS for w in WORKLOADS}
+    rr = next(s for s in results["samples"] if s["workload"] == "rr")
+    assert len(rr["samples_us"]) == 100
+    assert rr["p50_us"] <= rr["p99_us"] <= rr["p99.9_us"]
+    for key in ("mesh_cross", "mesh_same", "stunnel"):
+        steps = results["idle"][key]["steps"]
+        assert [s["open"] for s in steps] == [0, 20, 50]
+        assert all(s["rss_bytes"] > 0 for s in steps)
+    assert all("bytes_per_second" in s for s in results["openssl_speed"])
+
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| metric | unit | direct (no mesh) | nodemesh cross-node |" in summary
+    assert "untrusted" not in summary.lower()
+    assert "## Failures" not in summary
+    assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

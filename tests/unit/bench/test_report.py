@@ -1,0 +1,115 @@
+"""Medians, ratios and the Markdown table from a hand-made results document."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report, summary
+
+
+def path(key: str, title: str, *, ok: bool = True, proxies: int = 2) -> dict[str, Any]:
+    checks = ["checked"] if ok else ["FAILED: plaintext marker seen"]
+    return {
+        "key": key,
+        "title": title,
+        "proxy_pids": list(range(proxies)),
+        "verification": {"ok": ok, "checks": checks, "cipher": "", "speed_cipher": ""},
+    }
+
+
+def sample(rep: int, key: str, workload: str, **values: Any) -> dict[str, Any]:
+    return {"rep": rep, "path": key, "workload": workload, **values}
+
+
+def results() -> dict[str, Any]:
+    samples = []
+    for rep, (direct_gbps, mesh_gbps) in enumerate([(10.0, 2.0), (8.0, 1.0), (9.0, 3.0)]):
+        samples += [
+            sample(rep, "direct", "bulk_1", gbps=direct_gbps, bytes=10**9, proxy_cpu_s=0.0),
+            sample(rep, "mesh_cross", "bulk_1", gbps=mesh_gbps, bytes=10**9, proxy_cpu_s=2.0),
+            sample(rep, "stunnel", "bulk_1", gbps=4.0, bytes=2 * 10**9, proxy_cpu_s=1.0),
+            sample(rep, "direct", "rr", p50_us=50.0, p99_us=100.0),
+            sample(rep, "mesh_cross", "rr", p50_us=200.0, p99_us=1000.0),
+            sample(rep, "stunnel", "rr", p50_us=100.0, p99_us=500.0),
+        ]
+    samples.append(sample(0, "mesh_cross", "conn", error="reset by peer"))
+    return {
+        "started": "t0",
+        "finished": "t1",
+        "json_name": "results.json",
+        "settings": {"streams": 4, "reps": 3, "quick": False},
+        "machine": dict.fromkeys(
+            [
+                "cpu",
+                "cores",
+                "memory_gib",
+                "os",
+                "kernel",
+                "python",
+                "openssl",
+                "iperf3",
+                "stunnel",
+            ],
+            "x",
+        ),
+        "load": {"before": [1.0, 1.0, 1.0], "after": [2.0, 2.0, 2.0]},
+        "paths": [
+            path("direct", "direct", proxies=0),
+            path("mesh_cross", "mesh"),
+            path("stunnel", "stunnel", ok=False),
+        ],
+        "samples": samples,
+        "idle": {
+            "mesh_cross": {
+                "steps": [
+                    {"open": 0, "rss_bytes": 10 * 2**20},
+                    {"open": 100, "rss_bytes": 11 * 2**20},
+                ],
+                "bytes_per_connection": 2**20 / 100,
+            }
+        },
+        "openssl_speed": [
+            {"cipher": "aes-256-gcm", "negotiated_by": ["mesh: X"], "bytes_per_second": 1e9}
+        ],
+    }
+
+
+def test_medians_across_repetitions_and_costs_only_for_paths_with_a_proxy() -> None:
+    values = summary.path_values(results())
+    assert values["direct"]["bulk_1"] == 9.0
+    assert values["mesh_cross"]["bulk_1"] == 2.0
+    assert values["mesh_cross"]["rr_p99"] == 1000.0
+    assert values["mesh_cross"]["cpu_per_gb"] == pytest.approx(2.0)  # 6 CPU s over 3 GB
+    assert values["stunnel"]["cpu_per_gb"] == pytest.approx(0.5)
+    assert values["direct"]["cpu_per_gb"] is None  # no proxy, not "free"
+    assert values["mesh_cross"]["conn_rate"] is None  # the only sample failed
+    assert values["mesh_cross"]["mem_per_conn"] == pytest.approx(10.24)  # KiB
+    assert values["stunnel"]["mem_per_conn"] is None
+
+
+def test_ratios_against_direct_and_stunnel() -> None:
+    ratios = summary.ratios(summary.path_values(results()))
+    assert set(ratios) == {"nodemesh cross / direct", "nodemesh cross / stunnel4"}
+    assert ratios["nodemesh cross / direct"]["bulk_1"] == pytest.approx(2.0 / 9.0)
+    assert ratios["nodemesh cross / stunnel4"]["rr_p50"] == pytest.approx(2.0)
+    assert ratios["nodemesh cross / direct"]["cpu_per_gb"] is None
+
+
+def test_markdown_marks_untrusted_paths_and_lists_failures() -> None:
+    text = report.markdown(results(), "chart.png")
+    header = next(line for line in text.splitlines() if line.startswith("| metric"))
+    assert "stunnel (untrusted)" in header
+    assert "mesh (untrusted)" not in header
+    assert "| throughput, 1 stream | Gbit/s | 9.00 | 2.00 | 4.00 | 0.22x | 0.50x |" in text
+    assert "**stunnel** (UNTRUSTED): FAILED: plaintext marker seen" in text
+    assert "- mesh_cross conn rep 0: reset by peer" in text
+    assert "aes-256-gcm (mesh: X): 8.00 Gbit/s" in text
+    assert "![benchmark chart](chart.png)" in text
+
+
+def test_chart_is_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="make bench installs the bench extra")
+    out = tmp_path / "chart.png"
+    report.chart(results(), out)
+    assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

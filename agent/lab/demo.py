@@ -170,16 +170,19 @@ def policy_denial(lab: Lab) -> list[str]:
     }
     lab.apply(manifest)
     try:
+        # Wait until node2's agent has the policy: a request racing the reload could be admitted
+        # and then closed mid-way (live connections are re-checked), killing the echo server.
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                seen = _request(lab, "client", "server-0")
-            except StepFailed as e:
-                refused = str(e)
-                break
+        while "demo-deny-client" not in _node_cli(lab, "node2", "policies", "-o", "json"):
             if time.monotonic() > deadline:
-                raise StepFailed(f"client -> server-0 still answered ({seen}) under the DENY")
+                raise StepFailed("node2's agent did not load the policy within 10s")
             time.sleep(0.2)
+        try:
+            seen = _request(lab, "client", "server-0")
+        except StepFailed as e:
+            refused = str(e)
+        else:
+            raise StepFailed(f"client -> server-0 still answered ({seen}) under the DENY")
         log = (lab.state_dir / "logs" / "agent-node2.log").read_text().splitlines()
         why = next((line for line in reversed(log) if "rejected (policy_denied)" in line), "")
         neighbor = _request(lab, "neighbor", "server-0")
@@ -191,6 +194,11 @@ def policy_denial(lab: Lab) -> list[str]:
         ]
     finally:
         lab.delete(manifest)
+        deadline = time.monotonic() + 10  # the next steps need the client admitted again
+        while "demo-deny-client" in _node_cli(lab, "node2", "policies", "-o", "json"):
+            if time.monotonic() > deadline:
+                raise StepFailed("node2's agent still has the policy 10s after its deletion")
+            time.sleep(0.2)
 
 
 def _metrics_excerpt(lab: Lab, node: str) -> list[str]:

@@ -66,6 +66,7 @@ class InboundHbone:
             self.core.registry.reject(key, f"HBONE to {local_ip} from {peer_ip}: {why}")
             sockets.abort(sock)
             return
+        sockets.keepalive(sock)
         proto = await self._handshake(sock, peer_ip, local_ip, self.core.identity(workload, snap))
         if proto is None:
             return

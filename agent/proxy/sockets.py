@@ -55,6 +55,17 @@ def nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def keepalive(sock: socket.socket, *, idle: int = 60, interval: int = 10, count: int = 3) -> None:
+    """TCP keepalive on an HBONE connection's socket. The client side also PINGs over HTTP/2;
+    the server side has only this to notice a peer node that vanished without a FIN, so its
+    tunnels (and their pod connections) do not stay open forever."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
 def disown(sock: socket.socket) -> None:
     """Forget a socket handed to the event loop whose transport setup failed.
 

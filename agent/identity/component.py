@@ -13,8 +13,8 @@ from pathlib import Path
 
 from agent.identity.caclient import CaClient
 from agent.identity.manager import IdentityManager, follow_store
+from agent.identity.metrics import CountingFetcher
 from agent.state import StateStore
-from agent.telemetry.ca import CountingFetcher
 
 
 class IdentityComponent:

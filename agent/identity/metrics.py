@@ -1,5 +1,8 @@
 """CA request outcomes: a counting wrapper around the identity manager's certificate fetcher.
 
+It lives with identity and declares its counter in ``agent.telemetry.registry`` (a leaf module),
+so identity depends on no other part of telemetry.
+
 Wrapping the fetcher (rather than counting inside the CA client) counts exactly what the
 manager asked for, including renewals and on-demand fetches, with the outcome it saw: ``ok``,
 the gRPC status name of a refusal (``PERMISSION_DENIED``, ``UNAVAILABLE``...), or ``error``

@@ -10,9 +10,9 @@ import grpc
 import pytest
 
 from agent.identity.caclient import CaError
+from agent.identity.metrics import CountingFetcher
 from agent.identity.spiffe import SpiffeId
 from agent.telemetry.agentmetrics import AgentSources
-from agent.telemetry.ca import CountingFetcher
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.loglevel import LogLevelError, levels, set_level
 from agent.telemetry.registry import MetricDeclarationError, counter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -117,6 +118,8 @@ def _exec(args: argparse.Namespace) -> int:
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
         raise LabError("nothing to run: nodemesh lab exec TARGET -- COMMAND [ARGS...]")
+    if command[0] == "nodemesh" and shutil.which("nodemesh") is None:
+        command = [sys.executable, "-m", "agent", *command[1:]]  # this nodemesh, venv not on PATH
     _, plan = control.load(args.name)
     target = control.resolve_target(plan, args.target)
     sys.stdout.flush()

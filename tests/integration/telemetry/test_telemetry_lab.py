@@ -243,6 +243,13 @@ def test_cli_through_lab_exec(lab: Lab) -> None:
     assert raw.returncode == 0 and len(json.loads(raw.stdout)["certificates"]) == 2
     nowhere = lab.exec("client", NODEMESH, "status", capture_output=True, text=True)
     assert nowhere.returncode == 1 and "connection refused" in nowhere.stderr
+    # as the issue words it: the bare name works without the venv on PATH
+    bare = subprocess.run(
+        [NODEMESH, "lab", "exec", "--name", lab.name, "node1", "--", "nodemesh", "status"],
+        capture_output=True,
+        text=True,
+    )
+    assert bare.returncode == 0 and "node:         node1" in bare.stdout
     shortcut = subprocess.run(
         [NODEMESH, "lab", "status", "--name", lab.name, "--node", "node2", "--json"],
         capture_output=True,

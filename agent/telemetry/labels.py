@@ -61,9 +61,10 @@ class TcpLabels(NamedTuple):
 
 
 def host_of(address: str) -> str:
-    """The IP of an ``ip:port`` (or ``[v6]:port``) record address."""
-    host = address.rpartition(":")[0] if ":" in address else address
-    return host.strip("[]")
+    """The IP of a record address: ``ip:port``, ``[v6]:port``, or a bare IPv4/IPv6 address."""
+    if address.startswith("["):
+        return address[1:].partition("]")[0]
+    return address.partition(":")[0] if address.count(":") == 1 else address
 
 
 def workload_name(workload: Workload) -> str:

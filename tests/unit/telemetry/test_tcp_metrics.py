@@ -11,7 +11,7 @@ from agent.policy.authz import Decision
 from agent.proxy.records import Registry
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
-from agent.telemetry.labels import endpoint_services, tcp_labels
+from agent.telemetry.labels import endpoint_services, host_of, tcp_labels
 from tests.unit.telemetry.telemetry_helpers import (
     CLIENT_ID,
     SERVER_ID,
@@ -57,6 +57,11 @@ def test_labels_of_an_outbound_connection_through_a_service() -> None:
         "response_flags": "-",
         "request_protocol": "tcp",
     }
+
+
+def test_host_of_every_address_form() -> None:
+    assert host_of("10.0.0.1:80") == host_of("10.0.0.1") == "10.0.0.1"
+    assert host_of("[fd00::1]:443") == host_of("fd00::1") == "fd00::1"
 
 
 def test_labels_of_an_inbound_connection_and_of_an_unknown_peer() -> None:

@@ -72,4 +72,3 @@ def histogram(
     if buckets is None:
         return _declare(Histogram, name, doc, labels)
     return _declare(Histogram, name, doc, labels, buckets=tuple(buckets))
-

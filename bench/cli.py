@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import shutil
 import signal
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or BENCH_DIR / "results" / (stamp + ("-quick" if chosen.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so the lab and every started process are removed.
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, functools.partial(_terminate, os.getpid()))
     results = runner.run(chosen, lab=args.lab)
     results["json_name"] = "results.json"
     report.write_json(results, out / "results.json")
@@ -56,5 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.write(report.markdown(results, None))
 
 
-def _terminate(signum: int, _frame: object) -> None:
+def _terminate(main_pid: int, signum: int, _frame: object) -> None:
+    """Exit through the context managers, in this process only: a forked helper (pyroute2 forks
+    one to create each network namespace, then terminates it) dies the default way."""
+    if os.getpid() != main_pid:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise SystemExit(f"bench: stopped by signal {signum}")

@@ -28,6 +28,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def open_files_limit(pid: int) -> int:
+    """The soft ``Max open files`` of a running process."""
+    with open(f"/proc/{pid}/limits", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise RuntimeError(f"process {pid} has no open-files limit in /proc: it exited")
+
+
 def total_rss(pids: Iterable[int]) -> int:
     return sum(rss_bytes(pid) for pid in pids)
 

@@ -82,7 +82,13 @@ def _idle_section(results: Mapping[str, Any], paths: Mapping[str, Any]) -> list[
         )
         per = idle.get("bytes_per_connection")
         slope = "—" if per is None else f"{per / 1024:,.1f} KiB per connection"
-        out.append(f"- {paths[key]['title']}: {steps} (slope {slope})")
+        cap = ""
+        if "capped_at" in idle:
+            cap = (
+                f"; capped at {idle['capped_at']:,} by the proxy's open-files limit"
+                f" ({idle['open_files_limit']:,})"
+            )
+        out.append(f"- {paths[key]['title']}: {steps} (slope {slope}{cap})")
     return out
 
 

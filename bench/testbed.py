@@ -64,6 +64,7 @@ class BenchPath:
     proxy_pids: tuple[int, ...]  # processes whose CPU and memory are the path's cost
     wire: str  # "plaintext" or "tls" on the node link, "local" when it never leaves node1
     agent_path: str | None  # how node1's agent must record it ("hbone", "local"), None: never
+    fds_per_connection: int  # sockets one proxy process holds per proxied connection, at most
 
 
 class Testbed:
@@ -159,14 +160,14 @@ class Testbed:
         agents = self.agent_pids()
         return [
             BenchPath("direct", "direct (no mesh)", "outsider", ip["plain"], ECHO_PORT,
-                      IPERF_PORT, "plain", (), "plaintext", None),
+                      IPERF_PORT, "plain", (), "plaintext", None, 0),
             BenchPath("mesh_cross", "nodemesh cross-node", "client", ip["server"], ECHO_PORT,
-                      IPERF_PORT, "server", agents, "tls", "hbone"),
+                      IPERF_PORT, "server", agents, "tls", "hbone", 1),
             BenchPath("mesh_same", "nodemesh same-node", "client", ip["neighbor"], ECHO_PORT,
-                      IPERF_PORT, "neighbor", agents[:1], "local", "local"),
+                      IPERF_PORT, "neighbor", agents[:1], "local", "local", 2),
             BenchPath("stunnel", "stunnel4 mTLS", "outsider", node1,
                       ECHO_PORT + STUNNEL_CLIENT_OFFSET, IPERF_PORT + STUNNEL_CLIENT_OFFSET,
-                      "plain", stunnel_pids, "tls", None),
+                      "plain", stunnel_pids, "tls", None, 2),
         ]  # fmt: skip
 
 

@@ -95,8 +95,14 @@ def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
 
     The steps grow one client's set of held connections; a step is recorded only with the count
     actually open (errors are reported), and memory per connection is the least-squares slope of
-    RSS over the open count, baseline included.
+    RSS over the open count, baseline included. Steps are capped below the proxies' open-files
+    limit: a proxy that runs out of descriptors measures its failure handling, not its memory
+    (the same-node path and stunnel hold two sockets per connection in one process).
     """
+    reserve = 300  # listeners, pooled connections, files, BPF maps
+    limit = min(procstat.open_files_limit(pid) for pid in path.proxy_pids)
+    capacity = (limit - reserve) // path.fds_per_connection
+    targets = sorted({min(target, capacity) for target in s.idle_steps})
     proc = bed.popen(
         path.client, sys.executable, "-m", "bench.programs.idle_client", "--host", path.host,
         "--port", str(path.echo_port), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -106,7 +112,7 @@ def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
         {"open": 0, "rss_bytes": procstat.total_rss(path.proxy_pids), "errors": {}}
     ]
     try:
-        for target in s.idle_steps:
+        for target in targets:
             proc.stdin.write(f"{target}\n".encode())
             proc.stdin.flush()
             line = proc.stdout.readline()
@@ -124,4 +130,9 @@ def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
         stop(proc)
         bed.procs.remove(proc)
     per_connection = stats.slope([(st["open"], st["rss_bytes"]) for st in steps])
-    return {"steps": steps, "bytes_per_connection": per_connection}
+    capped = (
+        {"capped_at": capacity, "open_files_limit": limit}
+        if targets[-1] < max(s.idle_steps)
+        else {}
+    )
+    return {"steps": steps, "bytes_per_connection": per_connection, **capped}

@@ -19,7 +19,7 @@ from agent.lab.handle import Lab
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 REPO = Path(__file__).resolve().parents[3]
 TINY = [
-    "--quick", "--reps", "1", "--bulk-seconds", "0.5", "--bulk-omit", "0", "--rr-count", "100",
+    "--quick", "--reps", "1", "--bulk-seconds", "1", "--bulk-omit", "0", "--rr-count", "100",
     "--rr-warmup", "10", "--conn-seconds", "0.3", "--conn-warmup", "0", "--idle-steps", "20,50",
     "--speed-seconds", "1",
 ]  # fmt: skip

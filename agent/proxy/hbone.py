@@ -17,6 +17,17 @@ reports (``consumed``) that the bytes were written to that stream's TCP socket. 
 stops reading therefore stops its own stream after 4 MiB and nothing else. Outgoing data beyond
 the peer's window is queued per stream; ``buffered`` lets the owner pause reading that stream's
 socket and ``StreamDrained`` tells it to resume.
+
+The DATA fast path (why and how: ``agent.proxy.h2data``): DATA frames are parsed and built here,
+every other frame goes through ``h2``. One owner per piece of state keeps the two consistent:
+``h2`` owns the stream and connection state machines and the *send* windows (it applies the
+peer's WINDOW_UPDATEs and SETTINGS; we subtract what we send, exactly as its ``send_data``
+would); this class owns the *receive* windows (it never lets ``h2`` see a non-empty DATA frame,
+so ``h2``'s own receive windows never move, and it writes the WINDOW_UPDATE frames itself).
+``h2`` still sees one empty DATA frame where the peer's carried END_STREAM, or where the stream
+cannot take data (unknown, closed, reset), so that its state machine ends the stream or answers
+with the right stream or connection error. Our frames and ``h2``'s leave in the order they were
+produced: ``h2``'s pending output is moved into ours before each frame we append.
 """
 
 from __future__ import annotations
@@ -28,11 +39,17 @@ from collections.abc import Sequence
 import h2.events as h2e
 from h2.errors import ErrorCodes
 from h2.exceptions import DenialOfServiceError, ProtocolError
+from h2.stream import StreamState
 
+from agent.proxy import h2data
 from agent.proxy import hbone_events as ev
+from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2
 from agent.proxy.h2wire import HboneSettings, new_connection
 
 FORWARDED_HEADER = "forwarded"
+# Where the peer may still send DATA (RFC 9113 section 5.1) and where we may.
+_RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+_SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 
 
 class AuthorityError(ValueError):
@@ -80,6 +97,14 @@ class HboneConnection:
         self.settings = settings or HboneSettings()
         self.client_side = client_side
         self._h2 = new_connection(client_side=client_side, settings=self.settings)
+        self._wire = bytearray()  # frames we built, after whatever h2 had queued before them
+        self._splitter = h2data.InboundSplitter(
+            max_frame_size=self.settings.max_frame_size,
+            preface=0 if client_side else h2data.CLIENT_PREFACE_SIZE,
+        )
+        self._recv_conn = int(self._h2.inbound_flow_control_window)
+        self._recv_stream: dict[int, int] = {}
+        self._deliver_to = 0  # stream of the DATA frame being received, 0: discard its bytes
         self._out: dict[int, bytearray] = {}
         self._end_after_flush: set[int] = set()
         self._unacked_stream: dict[int, int] = {}
@@ -91,11 +116,40 @@ class HboneConnection:
 
     # ---- bytes in, events out ------------------------------------------------------------
 
-    def receive(self, data: bytes) -> list[ev.Event]:
+    def receive(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         if self.failed:
             return []
+        out: list[ev.Event] = []
+        to_h2 = bytearray()
+        for kind, stream_id, a, b, payload in self._splitter.feed(data):
+            if kind == DATA_CHUNK:
+                if stream_id == self._deliver_to:
+                    out.append(ev.DataReceived(stream_id, payload))
+            elif kind == H2:
+                to_h2 += payload
+            elif kind == DATA_START:
+                if to_h2:  # the frames before this one may have opened or closed its stream
+                    out += self._h2_receive(to_h2)
+                    to_h2.clear()
+                if not self.failed:
+                    out += self._data_start(stream_id, a, a - b)
+            elif kind == DATA_END:
+                if a or stream_id != self._deliver_to:
+                    # END_STREAM, or a stream that cannot take data: h2's state machine decides.
+                    to_h2 += h2data.data_frame_header(0, stream_id, end_stream=bool(a))
+                self._deliver_to = 0
+            else:
+                code, reason = self._splitter.error or (ErrorCodes.PROTOCOL_ERROR, "bad frame")
+                out.append(self._fail(reason, code))
+            if self.failed:
+                return out
+        if to_h2:
+            out += self._h2_receive(to_h2)
+        return out
+
+    def _h2_receive(self, data: bytes | bytearray) -> list[ev.Event]:
         try:
-            h2_events = self._h2.receive_data(data)
+            h2_events = self._h2.receive_data(bytes(data))
         except DenialOfServiceError as e:
             return [self._fail(f"peer exceeded a limit: {e}", ErrorCodes.ENHANCE_YOUR_CALM)]
         except ProtocolError as e:
@@ -107,17 +161,25 @@ class HboneConnection:
                 break
         return out
 
-    def data_to_send(self) -> bytes:
-        return self._h2.data_to_send()
+    def data_to_send(self) -> bytes | bytearray:
+        """Everything to write to the transport, in order (a fresh object on every call)."""
+        pending = self._h2.data_to_send()
+        wire = self._wire
+        if not wire:
+            return pending
+        if pending:
+            wire += pending
+        self._wire = bytearray()
+        return wire
 
     def _translate(self, event: h2e.Event) -> Sequence[ev.Event]:
         if isinstance(event, h2e.RequestReceived):
             return [self._on_request(event)]
         if isinstance(event, h2e.ResponseReceived):
             return [self._on_response(event)]
-        if isinstance(event, h2e.DataReceived):
-            return self._on_data(event)
         if isinstance(event, h2e.StreamEnded):
+            self._recv_stream.pop(event.stream_id, None)  # the peer sends nothing more
+            self._unacked_stream.pop(event.stream_id, None)
             return [ev.StreamEnded(event.stream_id)]
         if isinstance(event, h2e.StreamReset):
             return self._on_reset(event)
@@ -160,16 +222,31 @@ class HboneConnection:
             return ev.TunnelAccepted(event.stream_id)
         return ev.TunnelRefused(event.stream_id, code)
 
-    def _on_data(self, event: h2e.DataReceived) -> list[ev.Event]:
-        sid = event.stream_id
-        length = event.flow_controlled_length or 0
-        data = bytes(event.data or b"")
+    def _data_start(self, stream_id: int, length: int, padding: int) -> list[ev.Event]:
+        """A DATA frame's header: charge the windows, decide whether its bytes are delivered."""
+        self._recv_conn -= length
+        if self._recv_conn < 0:
+            reason = f"peer sent DATA beyond the connection window (by {-self._recv_conn} bytes)"
+            return [self._fail(reason, ErrorCodes.FLOW_CONTROL_ERROR)]
+        if self._h2.incoming_buffer._headers_buffer:
+            return [self._fail("DATA inside a header block", ErrorCodes.PROTOCOL_ERROR)]
         self._unacked_conn += length
         if self._unacked_conn >= self.settings.connection_window // 4:
-            self._h2.increment_flow_control_window(self._unacked_conn)
+            self._emit(h2data.window_update_frame(0, self._unacked_conn))
+            self._recv_conn += self._unacked_conn
             self._unacked_conn = 0
-        self._credit_stream(sid, length - len(data))  # padding is never "consumed" by anyone
-        return [ev.DataReceived(sid, data)] if data else []
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream.state_machine.state not in _RECEIVING:
+            self._deliver_to = 0  # h2 answers the empty DATA frame that DATA_END feeds it
+            return []
+        window = self._recv_stream.get(stream_id, self.settings.stream_window) - length
+        if window < 0:
+            reason = f"peer sent DATA beyond stream {stream_id}'s window (by {-window} bytes)"
+            return [self._fail(reason, ErrorCodes.FLOW_CONTROL_ERROR)]
+        self._recv_stream[stream_id] = window
+        self._deliver_to = stream_id
+        self._credit_stream(stream_id, padding)  # padding is never "consumed" by anyone
+        return []
 
     def _on_reset(self, event: h2e.StreamReset) -> list[ev.Event]:
         sid = event.stream_id
@@ -213,13 +290,12 @@ class HboneConnection:
 
     def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         """Queue tunnel bytes; what the peer's windows allow goes out now."""
-        stream = self._h2.streams.get(stream_id)
-        if stream_id not in self._out and stream is not None and not (stream.closed or self.failed):
-            # Fast path (nothing queued, the windows allow it all): one DATA frame, no staging.
-            window = self._h2.local_flow_control_window(stream_id)
-            if len(data) <= min(window, self._h2.max_outbound_frame_size):
-                self._h2.send_data(stream_id, bytes(data))
+        if stream_id not in self._out and not self.failed:
+            # Nothing queued: frame what the windows allow straight from ``data``.
+            sent = self._send_data(stream_id, memoryview(data))
+            if sent == len(data):
                 return []
+            data = memoryview(data)[sent:]
         self._out.setdefault(stream_id, bytearray()).extend(data)
         return self._flush(stream_id)
 
@@ -238,6 +314,8 @@ class HboneConnection:
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         self._forget(stream_id)
+        if self._deliver_to == stream_id:
+            self._deliver_to = 0  # the rest of a DATA frame in flight is dropped
         stream = self._h2.streams.get(stream_id)
         if stream is not None and not stream.closed:
             self._h2.reset_stream(stream_id, code)
@@ -265,16 +343,53 @@ class HboneConnection:
 
     # ---- internals ---------------------------------------------------------------------------
 
+    def _emit(self, frame: bytes | bytearray | memoryview) -> None:
+        """Append a frame we built, after the frames ``h2`` produced before it."""
+        pending = self._h2.data_to_send()
+        if pending:
+            self._wire += pending
+        self._wire += frame
+
+    def _send_data(self, stream_id: int, data: memoryview) -> int:
+        """Frame as much of ``data`` as the peer's windows allow; returns how much that was.
+
+        The windows are ``h2``'s: we subtract what we send from them, which is all its own
+        ``send_data`` would do besides building the frame (DATA does not change the state of an
+        open or half-closed (remote) stream)."""
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream.state_machine.state not in _SENDING:
+            return 0
+        h2c, total, sent = self._h2, len(data), 0
+        while sent < total:
+            n = min(
+                total - sent,
+                h2c.outbound_flow_control_window,
+                stream.outbound_flow_control_window,
+                h2c.max_outbound_frame_size,
+            )
+            if n <= 0:
+                break
+            h2c.outbound_flow_control_window -= n
+            stream.outbound_flow_control_window -= n
+            self._emit(h2data.data_frame_header(n, stream_id))
+            self._wire += data[sent : sent + n]
+            sent += n
+        return sent
+
     def _credit_stream(self, stream_id: int, n: int) -> None:
+        """Our side consumed ``n`` bytes of the stream: WINDOW_UPDATE once a quarter is due."""
         if n <= 0:
             return
         total = self._unacked_stream.get(stream_id, 0) + n
         stream = self._h2.streams.get(stream_id)
-        if stream is None or stream.closed:
+        if stream is None or stream.state_machine.state not in _RECEIVING:
             self._unacked_stream.pop(stream_id, None)
             return
         if total >= self.settings.stream_window // 4:
-            self._h2.increment_flow_control_window(total, stream_id=stream_id)
+            self._emit(h2data.window_update_frame(stream_id, total))
+            self._recv_stream[stream_id] = (
+                self._recv_stream.get(stream_id, self.settings.stream_window) + total
+            )
             total = 0
         self._unacked_stream[stream_id] = total
 
@@ -286,15 +401,12 @@ class HboneConnection:
         if stream is None or stream.closed:
             self._forget(stream_id)
             return []
-        while buf:
-            window = min(
-                self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size
-            )
-            if window <= 0:
+        if buf:
+            with memoryview(buf) as view:
+                sent = self._send_data(stream_id, view)
+            del buf[:sent]
+            if buf:
                 return []
-            chunk = bytes(buf[:window])
-            del buf[:window]
-            self._h2.send_data(stream_id, chunk)
         if stream_id in self._end_after_flush:
             self._end_after_flush.discard(stream_id)
             self._h2.end_stream(stream_id)
@@ -311,3 +423,4 @@ class HboneConnection:
         self._out.pop(stream_id, None)
         self._end_after_flush.discard(stream_id)
         self._unacked_stream.pop(stream_id, None)
+        self._recv_stream.pop(stream_id, None)

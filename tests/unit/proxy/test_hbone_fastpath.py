@@ -1,0 +1,205 @@
+"""The codec's DATA fast path against a plain ``h2`` peer: wire bytes, windows, stream states.
+
+A plain ``h2`` connection on the other side checks that what we frame ourselves is HTTP/2 that
+``h2`` understands (DATA, WINDOW_UPDATE, in order with h2's own frames) and lets a test send
+what our own codec never would (padding, oversized or misplaced frames).
+"""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+from h2.errors import ErrorCodes
+from hpack import Encoder
+from hyperframe.frame import HeadersFrame
+
+from agent.proxy import hbone_events as ev
+from agent.proxy.h2data import data_frame_header, window_update_frame
+from agent.proxy.h2wire import KIB, MIB, HboneSettings
+from agent.proxy.hbone import HboneConnection
+
+CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.2:80")]
+
+
+def server_with_raw_client(
+    settings: HboneSettings | None = None, streams: int = 1
+) -> tuple[h2.connection.H2Connection, HboneConnection, list[int]]:
+    """A plain h2 client with ``streams`` accepted tunnels to our server codec."""
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    raw.initiate_connection()
+    server = HboneConnection(client_side=False, settings=settings)
+    server.receive(raw.data_to_send())
+    raw.receive_data(server.data_to_send())
+    sids = []
+    for _ in range(streams):
+        sid = raw.get_next_available_stream_id()
+        raw.send_headers(sid, CONNECT)
+        (req,) = server.receive(raw.data_to_send())
+        assert isinstance(req, ev.TunnelRequested)
+        server.respond(sid, 200)
+        sids.append(sid)
+    raw.receive_data(bytes(server.data_to_send()))
+    return raw, server, sids
+
+
+def data_of(events: list[ev.Event], sid: int) -> bytes:
+    return b"".join(e.data for e in events if isinstance(e, ev.DataReceived) and e.stream_id == sid)
+
+
+def test_our_data_frame_is_exactly_header_and_payload() -> None:
+    raw, server, (sid,) = server_with_raw_client()
+    assert server.send(sid, b"abc") == []
+    wire = server.data_to_send()
+    assert wire == data_frame_header(3, sid) + b"abc"
+    (event,) = raw.receive_data(bytes(wire))
+    assert isinstance(event, h2.events.DataReceived) and event.data == b"abc"
+
+
+def test_sends_respect_the_peers_frame_size_and_windows() -> None:
+    raw, server, (sid,) = server_with_raw_client()  # h2 defaults: 16 KiB frames, 64 KiB window
+    server.send(sid, b"z" * (100 * KIB))
+    events = raw.receive_data(bytes(server.data_to_send()))
+    sizes = [len(e.data) for e in events if isinstance(e, h2.events.DataReceived)]
+    assert sizes == [16 * KIB] * 3 + [16 * KIB - 1]  # 65535: the initial window
+    assert server.buffered(sid) == 100 * KIB - 65535
+    raw.acknowledge_received_data(65535, sid)  # both windows reopen: h2 sends WINDOW_UPDATEs
+    assert ev.StreamDrained(sid) in server.receive(raw.data_to_send())
+    assert server.buffered(sid) == 0
+    rest = raw.receive_data(bytes(server.data_to_send()))
+    assert (
+        sum(len(e.data) for e in rest if isinstance(e, h2.events.DataReceived)) == 100 * KIB - 65535
+    )
+
+
+def test_end_stream_on_a_data_frame_delivers_data_then_end() -> None:
+    raw, server, (sid,) = server_with_raw_client()
+    raw.send_data(sid, b"last words", end_stream=True)
+    assert server.receive(raw.data_to_send()) == [
+        ev.DataReceived(sid, b"last words"),
+        ev.StreamEnded(sid),
+    ]
+    server.send(sid, b"answer")  # half-closed (remote): we may still send
+    server.end_stream(sid)
+    events = raw.receive_data(bytes(server.data_to_send()))
+    assert b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived)) == b"answer"
+    assert isinstance(events[-1], h2.events.StreamEnded)
+
+
+def test_padded_data_is_delivered_without_padding_and_padding_is_credited() -> None:
+    settings = HboneSettings(stream_window=64 * KIB, connection_window=16 * MIB)
+    raw, server, (sid,) = server_with_raw_client(settings)
+    raw.send_data(sid, b"p" * 1000, pad_length=200)
+    assert data_of(server.receive(raw.data_to_send()), sid) == b"p" * 1000
+    assert server.data_to_send() == b""  # 201 bytes of padding: below a quarter window
+    server.consumed(sid, 1000)
+    assert server.data_to_send() == b""
+    raw.send_data(sid, b"q" * 15182)
+    server.receive(raw.data_to_send())
+    server.consumed(sid, 15182)  # 1000 + 201 + 15182 = 16 KiB - 1: not yet
+    assert server.data_to_send() == b""
+    server.consumed(sid, 1)
+    assert server.data_to_send() == window_update_frame(sid, 16 * KIB)
+
+
+def test_window_updates_are_ours_and_h2_applies_them() -> None:
+    raw, server, (sid,) = server_with_raw_client()  # ours: 4 MiB stream, 16 MiB connection
+    sent = 0
+    while sent < 4 * MIB:
+        n = min(raw.local_flow_control_window(sid), raw.max_outbound_frame_size, 4 * MIB - sent)
+        raw.send_data(sid, b"d" * n)
+        sent += n
+    assert len(data_of(server.receive(raw.data_to_send()), sid)) == 4 * MIB
+    assert server.data_to_send() == window_update_frame(0, 4 * MIB)  # a quarter of 16 MiB
+    assert raw.local_flow_control_window(sid) == 0
+    server.consumed(sid, MIB - 1)
+    assert server.data_to_send() == b""
+    server.consumed(sid, 1)
+    raw.receive_data(bytes(server.data_to_send()))
+    assert raw.local_flow_control_window(sid) == MIB
+
+
+def test_data_beyond_the_stream_window_fails_the_connection() -> None:
+    settings = HboneSettings(stream_window=100_000, max_frame_size=16 * KIB)
+    _raw, server, (sid,) = server_with_raw_client(settings)
+    ok = data_frame_header(16 * KIB, sid) + b"x" * (16 * KIB)
+    events = server.receive(ok * 6)  # 98304 bytes: within the window
+    assert len(data_of(events, sid)) == 6 * 16 * KIB
+    (failed,) = server.receive(ok)
+    assert isinstance(failed, ev.ConnectionFailed)
+    assert failed.error_code == ErrorCodes.FLOW_CONTROL_ERROR and "stream 1" in failed.reason
+    assert server.failed
+
+
+def test_data_beyond_the_connection_window_fails_the_connection() -> None:
+    settings = HboneSettings(stream_window=4 * MIB, connection_window=65535)
+    _raw, server, sids = server_with_raw_client(settings, streams=2)
+    fits = data_frame_header(65535, sids[0]) + b"x" * 65535  # the whole window, replenished
+    assert len(data_of(server.receive(fits), sids[0])) == 65535
+    assert server.data_to_send() == window_update_frame(0, 65535)
+    (failed,) = server.receive(data_frame_header(65536, sids[1]) + b"y" * 65536)
+    assert isinstance(failed, ev.ConnectionFailed)
+    assert failed.error_code == ErrorCodes.FLOW_CONTROL_ERROR and "connection" in failed.reason
+
+
+def test_interleaved_streams_in_one_read_reach_their_own_streams() -> None:
+    raw, server, (a, b) = server_with_raw_client(streams=2)
+    for i in range(5):
+        raw.send_data(a, b"A%d" % i)
+        raw.send_data(b, b"B%d" % i)
+    raw.send_data(b, b"", end_stream=True)
+    events = server.receive(raw.data_to_send())
+    assert data_of(events, a) == b"A0A1A2A3A4"
+    assert data_of(events, b) == b"B0B1B2B3B4"
+    assert events[-1] == ev.StreamEnded(b)
+
+
+def test_frames_fed_one_byte_at_a_time() -> None:
+    raw, server, (sid,) = server_with_raw_client()
+    raw.send_data(sid, b"0123456789" * 10, pad_length=7)
+    raw.ping(b"pingpong")
+    raw.send_data(sid, b"tail", end_stream=True)
+    events: list[ev.Event] = []
+    for byte in raw.data_to_send():
+        events += server.receive(bytes([byte]))
+    assert data_of(events, sid) == b"0123456789" * 10 + b"tail"
+    assert events[-1] == ev.StreamEnded(sid)
+    pong = raw.receive_data(bytes(server.data_to_send()))
+    assert any(isinstance(e, h2.events.PingAckReceived) for e in pong)
+
+
+def test_data_on_a_stream_we_reset_is_dropped_and_others_keep_flowing() -> None:
+    raw, server, (gone, alive) = server_with_raw_client(streams=2)
+    server.reset(gone)
+    server.data_to_send()  # the RST_STREAM the raw client has not seen yet
+    raw.send_data(gone, b"late")
+    raw.send_data(alive, b"still here")
+    events = server.receive(raw.data_to_send())
+    assert data_of(events, gone) == b""
+    assert data_of(events, alive) == b"still here"
+
+
+def test_data_after_the_peers_end_stream_resets_that_stream() -> None:
+    raw, server, (sid,) = server_with_raw_client()
+    raw.send_data(sid, b"", end_stream=True)
+    server.receive(raw.data_to_send())
+    events = server.receive(data_frame_header(3, sid) + b"bad")
+    assert data_of(events, sid) == b""
+    answer = raw.receive_data(bytes(server.data_to_send()))
+    resets = [e for e in answer if isinstance(e, h2.events.StreamReset)]
+    assert resets and resets[0].error_code == ErrorCodes.STREAM_CLOSED
+
+
+def test_data_inside_a_header_block_is_a_protocol_error() -> None:
+    _raw, server, (sid,) = server_with_raw_client()
+    headers = HeadersFrame(3, data=Encoder().encode(CONNECT))  # no END_HEADERS: block open
+    (failed,) = server.receive(headers.serialize() + data_frame_header(1, sid) + b"x")
+    assert isinstance(failed, ev.ConnectionFailed)
+    assert failed.error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_data_on_stream_zero_is_a_protocol_error() -> None:
+    _raw, server, _ = server_with_raw_client()
+    (failed,) = server.receive(data_frame_header(1, 0) + b"x")
+    assert isinstance(failed, ev.ConnectionFailed)
+    assert failed.error_code == ErrorCodes.PROTOCOL_ERROR

@@ -133,6 +133,8 @@ def components(config: AgentConfig, store: StateStore) -> list[Component]:
             ca_address=config.ca.address,
             ca_root=config.ca.root,
             token_file=config.ca.token_file,
+            server_name=config.ca.server_name,
+            validity_seconds=config.ca.cert_ttl_seconds,
         )
         found.append(identity)
         found.append(ProxyComponent(node=config.node, store=store, identities=identity.manager))

@@ -11,10 +11,12 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.ca.cli import parse_duration
 from agent.datapath.datapath import DatapathConfig
 from agent.datapath.listeners import ListenerPorts
 from agent.datapath.programs import Marks
 from agent.datapath.routing import RoutingConfig
+from agent.identity.caclient import CA_SERVER_NAME
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/nodemesh")
 PROXY_MARK = 0x539
@@ -26,9 +28,16 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class CaSettings:
+    """Where the agent gets certificates. ``server_name`` is the name the CA's serving
+    certificate must carry (``nodemesh-ca`` for nodemesh's CA; ``istiod.istio-system.svc`` to
+    use an Istio control plane as the CA); ``cert_ttl_seconds`` is the validity requested for
+    workload certificates (0: the CA's default)."""
+
     address: str
     root: Path
     token_file: Path
+    server_name: str = CA_SERVER_NAME
+    cert_ttl_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-address", metavar="HOST:PORT", help="mesh CA (port 15012)")
     parser.add_argument("--ca-root", type=Path, help="PEM root certificate of the mesh CA")
     parser.add_argument("--token-file", type=Path, help="bearer token presented to the CA")
+    parser.add_argument(
+        "--ca-server-name",
+        default=CA_SERVER_NAME,
+        metavar="NAME",
+        help="name the CA's serving certificate must carry, whatever address is dialled "
+        f"(default {CA_SERVER_NAME}; istiod.istio-system.svc for an Istio control plane)",
+    )
+    parser.add_argument(
+        "--cert-ttl",
+        type=parse_duration,
+        metavar="DURATION",
+        help="validity to request for workload certificates, e.g. 12h (default: the CA's)",
+    )
     parser.add_argument("--admin-address", default="127.0.0.1:15000", metavar="HOST:PORT")
     parser.add_argument("--metrics-port", type=int, default=15020)
     parser.add_argument("--ready-port", type=int, default=15021)
@@ -145,7 +167,8 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
     ca = None
     if args.ca_address:
         _host_port("--ca-address", args.ca_address)
-        ca = CaSettings(args.ca_address, args.ca_root, args.token_file)
+        ttl = int(args.cert_ttl.total_seconds()) if args.cert_ttl else 0
+        ca = CaSettings(args.ca_address, args.ca_root, args.token_file, args.ca_server_name, ttl)
     admin = _host_port("--admin-address", args.admin_address)
     if admin[0] not in ("127.0.0.1", "localhost", "::1"):
         raise ConfigError(

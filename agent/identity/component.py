@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.identity.caclient import CaClient
+from agent.identity.caclient import CA_SERVER_NAME, CaClient
 from agent.identity.manager import IdentityManager, follow_store
 from agent.identity.metrics import CountingFetcher
 from agent.state import StateStore
@@ -28,10 +28,18 @@ class IdentityComponent:
         ca_address: str,
         ca_root: Path,
         token_file: Path,
+        server_name: str = CA_SERVER_NAME,
+        validity_seconds: int = 0,
     ) -> None:
         self._node = node
         self._store = store
-        self.client = CaClient(ca_address, root_file=ca_root, token_file=token_file)
+        self.client = CaClient(
+            ca_address,
+            root_file=ca_root,
+            token_file=token_file,
+            server_name=server_name,
+            validity_seconds=validity_seconds,
+        )
         self.manager = IdentityManager(CountingFetcher(self.client))
         self._unsubscribe: Callable[[], None] | None = None
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import dataclasses
+import datetime as dt
 import itertools
 import json
 import logging
@@ -17,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.ca.inprocess import InProcessCA
 from agent.ca.storage import load_or_create_dir
+from agent.config import add_arguments, from_args
 from agent.identity.caclient import CaClient, CaError
 from agent.identity.certs import WorkloadCertificate
 from agent.identity.component import IdentityComponent
@@ -205,6 +208,46 @@ def test_agent_component_is_not_ready_until_local_identities_have_certificates(
         assert len(component.not_ready()) == 2
         await wait_for(lambda: component.not_ready() == [])
         await component.stop()
+
+    asyncio.run(scenario())
+
+
+def test_agent_ca_flags_reach_the_component(
+    ca: InProcessCA, store: StateStore, tmp_path: Path
+) -> None:
+    """``--cert-ttl`` sets the requested validity; ``--ca-server-name`` is the name the CA's
+    serving certificate is checked against (a name it does not carry fails the handshake)."""
+    token = tmp_path / "node-token"
+    token.write_text(ca.node_tokens["node1"])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--node", "node1", "--in-cluster", "--ca-address", ca.address]
+    base += ["--ca-root", str(ca.root_file), "--token-file", str(token)]
+
+    def component(*extra: str) -> IdentityComponent:
+        settings = from_args(parser.parse_args([*base, *extra])).ca
+        assert settings is not None
+        return IdentityComponent(
+            node="node1",
+            store=store,
+            ca_address=settings.address,
+            ca_root=settings.root,
+            token_file=settings.token_file,
+            server_name=settings.server_name,
+            validity_seconds=settings.cert_ttl_seconds,
+        )
+
+    async def scenario() -> None:
+        short = component("--cert-ttl", "10m")
+        cert = await short.manager.certificate(CLIENT)
+        lifetime = cert.leaf.not_valid_after_utc - cert.leaf.not_valid_before_utc
+        assert lifetime <= dt.timedelta(minutes=11)  # 10 min plus the CA's backdating
+        await short.manager.close()
+        await short.client.close()
+        wrong = component("--ca-server-name", "istiod.istio-system.svc")
+        with pytest.raises(CaError):
+            await asyncio.wait_for(wrong.client.fetch(CLIENT), 10)
+        await wrong.client.close()
 
     asyncio.run(scenario())
 

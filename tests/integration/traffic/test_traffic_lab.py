@@ -71,7 +71,7 @@ while True:
 """
 
 
-def wait(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+def wait(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -134,7 +134,7 @@ def connections(
     def one() -> str:
         start = time.monotonic()
         try:
-            with socket.create_connection(address, timeout=10) as s:
+            with socket.create_connection(address, timeout=30) as s:
                 return s.recv(64).decode()
         except OSError:
             return ""
@@ -143,7 +143,7 @@ def connections(
                 times.append(time.monotonic() - start)
 
     def run() -> list[str]:
-        held = [socket.create_connection(address, timeout=10) for _ in range(hold)]
+        held = [socket.create_connection(address, timeout=30) for _ in range(hold)]
         try:
             for s in held:
                 assert s.recv(64), "a held connection got no answer"
@@ -206,8 +206,9 @@ def report(what: str, **numbers: object) -> None:
 def test_slow_replica_gets_a_small_share_under_peak_ewma_and_half_under_round_robin(
     lab: Lab,
 ) -> None:
-    n = 200
-    with web(lab, {"web-0": 0.0, "web-1": 0.05}):
+    # 200 ms: far above the scheduling hiccups of a loaded 2-core machine, which are samples too.
+    n, n_rr = 200, 100
+    with web(lab, {"web-0": 0.0, "web-1": 0.2}):
         with policy(lab, {"loadBalancer": {"type": "PEAK_EWMA"}}, lambda e: bool(e)):
             ewma = Counter(connections(lab, n))
         with policy(
@@ -215,11 +216,11 @@ def test_slow_replica_gets_a_small_share_under_peak_ewma_and_half_under_round_ro
             {"loadBalancer": {"type": "ROUND_ROBIN"}},
             lambda e: e.get("balancer") == "ROUND_ROBIN",
         ):
-            rr = Counter(connections(lab, n))
-    report("slow replica share", peak_ewma=ewma["web-1"] / n, round_robin=rr["web-1"] / n)
-    assert ewma["web-0"] + ewma["web-1"] == n and rr["web-0"] + rr["web-1"] == n
+            rr = Counter(connections(lab, n_rr))
+    report("slow replica share", peak_ewma=ewma["web-1"] / n, round_robin=rr["web-1"] / n_rr)
+    assert ewma["web-0"] + ewma["web-1"] == n and rr["web-0"] + rr["web-1"] == n_rr
     assert ewma["web-1"] < 0.2 * n
-    assert 0.4 * n <= rr["web-1"] <= 0.6 * n
+    assert 0.4 * n_rr <= rr["web-1"] <= 0.6 * n_rr
 
 
 def test_over_limit_connections_are_rejected_with_the_counted_reason(lab: Lab) -> None:
@@ -337,15 +338,24 @@ def test_refusing_replica_is_ejected_and_clients_see_no_failed_connect(lab: Lab)
 
     with policy(lab, spec, lambda e: e.get("balancer") == "ROUND_ROBIN"):
         with web(lab, {"web-0": 0.0}):
-            before = service_state(lab)["counters"]
+            before = service_state(lab)
             answers = Counter(connections(lab, 100))
             state = service_state(lab)
-            ejected = health()[web_1]
+            # With a 2 s penalty a slow run may be between ejections: still out, on probation.
+            out = health()[web_1]
         with web(lab, {"web-0": 0.0, "web-1": 0.0}):  # back up: the probe lets it return
             wait(lambda: bool(connections(lab, 2)) and health()[web_1] == "HEALTHY", "return")
-    refused = state["counters"].get("failed_refused", 0) - before.get("failed_refused", 0)
-    retries = state["counters"].get("retries", 0) - before.get("retries", 0)
-    report("refusing replica", answers=dict(answers), refused_attempts=refused, retries=retries)
+    counters, was = state["counters"], before["counters"]
+    refused = counters.get("failed_refused", 0) - was.get("failed_refused", 0)
+    retries = counters.get("retries", 0) - was.get("retries", 0)
+    ejections = state["ejections"]["ejected"] - before["ejections"]["ejected"]
+    report(
+        "refusing replica",
+        answers=dict(answers),
+        refused_attempts=refused,
+        retries=retries,
+        ejections=ejections,
+    )
     assert answers == {"web-0": 100}
-    assert ejected == "EJECTED"
+    assert out in ("EJECTED", "PROBE") and ejections >= 1
     assert refused == retries >= 3

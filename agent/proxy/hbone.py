@@ -18,16 +18,11 @@ stops reading therefore stops its own stream after 4 MiB and nothing else. Outgo
 the peer's window is queued per stream; ``buffered`` lets the owner pause reading that stream's
 socket and ``StreamDrained`` tells it to resume.
 
-The DATA fast path (why and how: ``agent.proxy.h2data``): DATA frames are parsed and built here,
-every other frame goes through ``h2``. One owner per piece of state keeps the two consistent:
-``h2`` owns the stream and connection state machines and the *send* windows (it applies the
-peer's WINDOW_UPDATEs and SETTINGS; we subtract what we send, exactly as its ``send_data``
-would); this class owns the *receive* windows (it never lets ``h2`` see a non-empty DATA frame,
-so ``h2``'s own receive windows never move, and it writes the WINDOW_UPDATE frames itself).
-``h2`` still sees one empty DATA frame where the peer's carried END_STREAM, or where the stream
-cannot take data (unknown, closed, reset), so that its state machine ends the stream or answers
-with the right stream or connection error. Our frames and ``h2``'s leave in the order they were
-produced: ``h2``'s pending output is moved into ours before each frame we append.
+The DATA fast path: DATA frames never go through ``h2`` (why: ``agent.proxy.h2data``, which
+splits the incoming bytes; windows and framing: ``agent.proxy.hbone_flow``). Every other frame
+does, and ``h2`` still sees one empty DATA frame where the peer's carried END_STREAM, or where
+the stream cannot take data (unknown, closed, reset), so that its state machine ends the stream
+or answers with the right stream or connection error.
 """
 
 from __future__ import annotations
@@ -39,17 +34,14 @@ from collections.abc import Sequence
 import h2.events as h2e
 from h2.errors import ErrorCodes
 from h2.exceptions import DenialOfServiceError, ProtocolError
-from h2.stream import StreamState
 
 from agent.proxy import h2data
 from agent.proxy import hbone_events as ev
 from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2
 from agent.proxy.h2wire import HboneSettings, new_connection
+from agent.proxy.hbone_flow import DataFlow
 
 FORWARDED_HEADER = "forwarded"
-# Where the peer may still send DATA (RFC 9113 section 5.1) and where we may.
-_RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
-_SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 
 
 class AuthorityError(ValueError):
@@ -97,18 +89,9 @@ class HboneConnection:
         self.settings = settings or HboneSettings()
         self.client_side = client_side
         self._h2 = new_connection(client_side=client_side, settings=self.settings)
-        self._wire = bytearray()  # frames we built, after whatever h2 had queued before them
-        self._splitter = h2data.InboundSplitter(
-            max_frame_size=self.settings.max_frame_size,
-            preface=0 if client_side else h2data.CLIENT_PREFACE_SIZE,
-        )
-        self._recv_conn = int(self._h2.inbound_flow_control_window)
-        self._recv_stream: dict[int, int] = {}
-        self._deliver_to = 0  # stream of the DATA frame being received, 0: discard its bytes
+        self._flow = DataFlow(self._h2, self.settings, client_side=client_side)
         self._out: dict[int, bytearray] = {}
         self._end_after_flush: set[int] = set()
-        self._unacked_stream: dict[int, int] = {}
-        self._unacked_conn = 0
         self._unanswered: set[int] = set()
         self._pending_resets = 0
         self.going_away = False
@@ -121,9 +104,10 @@ class HboneConnection:
             return []
         out: list[ev.Event] = []
         to_h2 = bytearray()
-        for kind, stream_id, a, b, payload in self._splitter.feed(data):
+        flow = self._flow
+        for kind, stream_id, a, b, payload in flow.splitter.feed(data):
             if kind == DATA_CHUNK:
-                if stream_id == self._deliver_to:
+                if stream_id == flow.deliver_to:
                     out.append(ev.DataReceived(stream_id, payload))
             elif kind == H2:
                 to_h2 += payload
@@ -131,15 +115,16 @@ class HboneConnection:
                 if to_h2:  # the frames before this one may have opened or closed its stream
                     out += self._h2_receive(to_h2)
                     to_h2.clear()
-                if not self.failed:
-                    out += self._data_start(stream_id, a, a - b)
+                error = None if self.failed else flow.start(stream_id, a, a - b)
+                if error:
+                    out.append(self._fail(error[1], error[0]))
             elif kind == DATA_END:
-                if a or stream_id != self._deliver_to:
+                if a or stream_id != flow.deliver_to:
                     # END_STREAM, or a stream that cannot take data: h2's state machine decides.
                     to_h2 += h2data.data_frame_header(0, stream_id, end_stream=bool(a))
-                self._deliver_to = 0
+                flow.deliver_to = 0
             else:
-                code, reason = self._splitter.error or (ErrorCodes.PROTOCOL_ERROR, "bad frame")
+                code, reason = flow.splitter.error or (ErrorCodes.PROTOCOL_ERROR, "bad frame")
                 out.append(self._fail(reason, code))
             if self.failed:
                 return out
@@ -163,14 +148,7 @@ class HboneConnection:
 
     def data_to_send(self) -> bytes | bytearray:
         """Everything to write to the transport, in order (a fresh object on every call)."""
-        pending = self._h2.data_to_send()
-        wire = self._wire
-        if not wire:
-            return pending
-        if pending:
-            wire += pending
-        self._wire = bytearray()
-        return wire
+        return self._flow.data_to_send()
 
     def _translate(self, event: h2e.Event) -> Sequence[ev.Event]:
         if isinstance(event, h2e.RequestReceived):
@@ -178,8 +156,7 @@ class HboneConnection:
         if isinstance(event, h2e.ResponseReceived):
             return [self._on_response(event)]
         if isinstance(event, h2e.StreamEnded):
-            self._recv_stream.pop(event.stream_id, None)  # the peer sends nothing more
-            self._unacked_stream.pop(event.stream_id, None)
+            self._flow.forget(event.stream_id)  # the peer sends nothing more
             return [ev.StreamEnded(event.stream_id)]
         if isinstance(event, h2e.StreamReset):
             return self._on_reset(event)
@@ -221,32 +198,6 @@ class HboneConnection:
         if code == 200:
             return ev.TunnelAccepted(event.stream_id)
         return ev.TunnelRefused(event.stream_id, code)
-
-    def _data_start(self, stream_id: int, length: int, padding: int) -> list[ev.Event]:
-        """A DATA frame's header: charge the windows, decide whether its bytes are delivered."""
-        self._recv_conn -= length
-        if self._recv_conn < 0:
-            reason = f"peer sent DATA beyond the connection window (by {-self._recv_conn} bytes)"
-            return [self._fail(reason, ErrorCodes.FLOW_CONTROL_ERROR)]
-        if self._h2.incoming_buffer._headers_buffer:
-            return [self._fail("DATA inside a header block", ErrorCodes.PROTOCOL_ERROR)]
-        self._unacked_conn += length
-        if self._unacked_conn >= self.settings.connection_window // 4:
-            self._emit(h2data.window_update_frame(0, self._unacked_conn))
-            self._recv_conn += self._unacked_conn
-            self._unacked_conn = 0
-        stream = self._h2.streams.get(stream_id)
-        if stream is None or stream.state_machine.state not in _RECEIVING:
-            self._deliver_to = 0  # h2 answers the empty DATA frame that DATA_END feeds it
-            return []
-        window = self._recv_stream.get(stream_id, self.settings.stream_window) - length
-        if window < 0:
-            reason = f"peer sent DATA beyond stream {stream_id}'s window (by {-window} bytes)"
-            return [self._fail(reason, ErrorCodes.FLOW_CONTROL_ERROR)]
-        self._recv_stream[stream_id] = window
-        self._deliver_to = stream_id
-        self._credit_stream(stream_id, padding)  # padding is never "consumed" by anyone
-        return []
 
     def _on_reset(self, event: h2e.StreamReset) -> list[ev.Event]:
         sid = event.stream_id
@@ -292,7 +243,7 @@ class HboneConnection:
         """Queue tunnel bytes; what the peer's windows allow goes out now."""
         if stream_id not in self._out and not self.failed:
             # Nothing queued: frame what the windows allow straight from ``data``.
-            sent = self._send_data(stream_id, memoryview(data))
+            sent = self._flow.send(stream_id, memoryview(data))
             if sent == len(data):
                 return []
             data = memoryview(data)[sent:]
@@ -310,12 +261,10 @@ class HboneConnection:
 
     def consumed(self, stream_id: int, n: int) -> None:
         """The owner wrote ``n`` received bytes onwards: let the peer send that much more."""
-        self._credit_stream(stream_id, n)
+        self._flow.consumed(stream_id, n)
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         self._forget(stream_id)
-        if self._deliver_to == stream_id:
-            self._deliver_to = 0  # the rest of a DATA frame in flight is dropped
         stream = self._h2.streams.get(stream_id)
         if stream is not None and not stream.closed:
             self._h2.reset_stream(stream_id, code)
@@ -343,56 +292,6 @@ class HboneConnection:
 
     # ---- internals ---------------------------------------------------------------------------
 
-    def _emit(self, frame: bytes | bytearray | memoryview) -> None:
-        """Append a frame we built, after the frames ``h2`` produced before it."""
-        pending = self._h2.data_to_send()
-        if pending:
-            self._wire += pending
-        self._wire += frame
-
-    def _send_data(self, stream_id: int, data: memoryview) -> int:
-        """Frame as much of ``data`` as the peer's windows allow; returns how much that was.
-
-        The windows are ``h2``'s: we subtract what we send from them, which is all its own
-        ``send_data`` would do besides building the frame (DATA does not change the state of an
-        open or half-closed (remote) stream)."""
-        stream = self._h2.streams.get(stream_id)
-        if stream is None or stream.state_machine.state not in _SENDING:
-            return 0
-        h2c, total, sent = self._h2, len(data), 0
-        while sent < total:
-            n = min(
-                total - sent,
-                h2c.outbound_flow_control_window,
-                stream.outbound_flow_control_window,
-                h2c.max_outbound_frame_size,
-            )
-            if n <= 0:
-                break
-            h2c.outbound_flow_control_window -= n
-            stream.outbound_flow_control_window -= n
-            self._emit(h2data.data_frame_header(n, stream_id))
-            self._wire += data[sent : sent + n]
-            sent += n
-        return sent
-
-    def _credit_stream(self, stream_id: int, n: int) -> None:
-        """Our side consumed ``n`` bytes of the stream: WINDOW_UPDATE once a quarter is due."""
-        if n <= 0:
-            return
-        total = self._unacked_stream.get(stream_id, 0) + n
-        stream = self._h2.streams.get(stream_id)
-        if stream is None or stream.state_machine.state not in _RECEIVING:
-            self._unacked_stream.pop(stream_id, None)
-            return
-        if total >= self.settings.stream_window // 4:
-            self._emit(h2data.window_update_frame(stream_id, total))
-            self._recv_stream[stream_id] = (
-                self._recv_stream.get(stream_id, self.settings.stream_window) + total
-            )
-            total = 0
-        self._unacked_stream[stream_id] = total
-
     def _flush(self, stream_id: int) -> list[ev.Event]:
         buf = self._out.get(stream_id)
         if buf is None or self.failed:
@@ -403,7 +302,7 @@ class HboneConnection:
             return []
         if buf:
             with memoryview(buf) as view:
-                sent = self._send_data(stream_id, view)
+                sent = self._flow.send(stream_id, view)
             del buf[:sent]
             if buf:
                 return []
@@ -422,5 +321,4 @@ class HboneConnection:
     def _forget(self, stream_id: int) -> None:
         self._out.pop(stream_id, None)
         self._end_after_flush.discard(stream_id)
-        self._unacked_stream.pop(stream_id, None)
-        self._recv_stream.pop(stream_id, None)
+        self._flow.forget(stream_id)

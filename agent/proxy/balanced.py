@@ -26,9 +26,10 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+from agent.policy.traffic.attempts import CONNECT_FAILURE, REFUSED, Attempts
 from agent.policy.traffic.config import TrafficConfig
 from agent.policy.traffic.control import TrafficControl
-from agent.policy.traffic.service import CONNECT_FAILURE, REFUSED, Attempts, Rejected
+from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets, trafficmetrics
 from agent.proxy.records import ConnectionRecord, Refused, cancel_current_task
 from agent.proxy.resolve import Route, ServiceTarget

@@ -15,15 +15,9 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.policy.traffic.attempts import CONNECT_FAILURE, REFUSED, Attempts
 from agent.policy.traffic.config import Subset, TrafficConfig
-from agent.policy.traffic.service import (
-    CONNECT_FAILURE,
-    REFUSED,
-    Attempts,
-    EndpointInfo,
-    Rejected,
-    ServiceTraffic,
-)
+from agent.policy.traffic.service import EndpointInfo, Rejected, ServiceTraffic
 from tests.unit.traffic.traffic_helpers import FakeClock
 
 IPS = [f"10.0.0.{i}" for i in range(1, 6)]

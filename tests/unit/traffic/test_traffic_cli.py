@@ -6,8 +6,8 @@ import json
 import random
 
 from agent.admin.cli import COMMANDS, format_traffic
+from agent.policy.traffic.attempts import REFUSED
 from agent.policy.traffic.control import TrafficControl
-from agent.policy.traffic.service import REFUSED
 from tests.unit.traffic.test_traffic_control import SPLIT, put, store_with_service, svc
 from tests.unit.traffic.traffic_helpers import FakeClock, traffic_policy
 

@@ -5,15 +5,10 @@ from dataclasses import replace
 
 import pytest
 
+from agent.policy.traffic.attempts import CONNECT_FAILURE, REFUSED
 from agent.policy.traffic.config import Fault, Subset, TrafficConfig
 from agent.policy.traffic.outlier import EJECTED
-from agent.policy.traffic.service import (
-    CONNECT_FAILURE,
-    REFUSED,
-    EndpointInfo,
-    Rejected,
-    ServiceTraffic,
-)
+from agent.policy.traffic.service import EndpointInfo, Rejected, ServiceTraffic
 from tests.unit.traffic.traffic_helpers import FakeClock
 
 A, B, C = "10.244.1.2", "10.244.2.2", "10.244.2.3"

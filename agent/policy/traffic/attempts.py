@@ -1,0 +1,149 @@
+"""The connect attempts of one client connection to a Service (see ``service``).
+
+Why a separate object per connection: it remembers which endpoints this connection tried (a
+retry goes elsewhere), the overall connect deadline (each per-try timeout is cut to it), and the
+``EndpointLoad`` it counted an attempt on, so every count it made is undone exactly once, on the
+right object, however the connection ends (connected, failed, reset, cancelled).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from agent.policy.traffic.balancer import EndpointLoad, prefer_local
+from agent.policy.traffic.fault import FaultDecision
+
+if TYPE_CHECKING:
+    from agent.policy.traffic.service import ServiceTraffic
+
+# Causes of a failed attempt (the CRD's retryOn values) and what the outlier detector counts.
+CONNECT_FAILURE = "connect-failure"  # timeout or unreachable
+REFUSED = "refused"
+RESET_BEFORE_DATA = "reset-before-data"
+
+
+class Attempts:
+    """The connect attempts of one client connection (see the module docstring).
+
+    It keeps the ``EndpointLoad`` it counted an attempt on, so the count is undone on that very
+    object even if the endpoint left the Service (and came back) meanwhile; outlier accounting
+    is skipped for endpoints that are gone.
+    """
+
+    def __init__(
+        self,
+        service: ServiceTraffic,
+        source_ip: str,
+        source_node: tuple[str, str | None],
+        fault: FaultDecision,
+        start: float,
+    ) -> None:
+        self.service = service
+        self.source_ip = source_ip
+        self.source_node = source_node
+        self.fault = fault
+        self.deadline = start + service.config.connect_timeout
+        self.tried: list[str] = []
+        self.current: str | None = None
+        self._load: EndpointLoad | None = None
+        self._started = 0.0
+        self._connected = False
+        self._finished = False
+
+    def next_endpoint(self) -> str | None:
+        """The endpoint for the next attempt, or None if the Service has none."""
+        svc = self.service
+        pool = svc.candidates(self.source_ip, set(self.tried))
+        if not pool:
+            svc.count("no_endpoints")
+            return None
+        pool = prefer_local(pool, svc.config.locality, self.source_node, svc.where)
+        now = svc.clock()
+        load = svc.balancer.pick(pool, now)
+        load.active += 1
+        svc.outlier.attempt(load.ip)
+        self.tried.append(load.ip)
+        self.current, self._load, self._started = load.ip, load, now
+        return load.ip
+
+    def try_timeout(self) -> float:
+        """Seconds this attempt may take: the per-try timeout, cut to the overall deadline."""
+        remaining = self.deadline - self.service.clock()
+        return max(0.0, min(self.service.config.per_try_timeout, remaining))
+
+    def _live(self) -> bool:
+        """Is the current endpoint still one of the Service's (outlier state is kept)?"""
+        return self.current is not None and self.current in self.service.endpoints
+
+    def connected(self, ip: str) -> None:
+        """The current attempt (to ``ip``) connected."""
+        svc = self.service
+        now = svc.clock()
+        if self._load is not None:
+            self._load.observe(now - self._started, now)
+        if self._live() and svc.outlier.probing(ip):
+            svc.outlier.success(ip)  # the probe connected: back in; its end may still count
+            if svc.observer is not None:
+                svc.observer(svc.name, "outlier", "returned")
+        svc.pending -= 1
+        self._connected = True
+
+    def failed(self, ip: str, cause: str) -> None:
+        """The current attempt (to ``ip``) failed with ``cause`` (one of the retryOn values)."""
+        svc = self.service
+        now = svc.clock()
+        if self._load is not None:
+            self._load.observe_failure(now - self._started, now)
+            self._load.active -= 1
+        if self._live():
+            svc._outlier_failure(ip)
+        svc.count("failed", cause)
+        self.current, self._load = None, None
+
+    def may_retry(self, cause: str) -> bool:
+        """Is another attempt allowed (attempts left, cause retryable, time left, budget)?"""
+        svc = self.service
+        c = svc.config
+        if cause not in c.retry_on or len(self.tried) > c.retries:
+            return False
+        if self.deadline - svc.clock() <= 0:
+            svc.count("retry_deadline")
+            return False
+        if not svc.budget.try_retry(svc.clock()):
+            svc.count("retry_budget_exhausted")
+            return False
+        svc.count("retries")
+        return True
+
+    def finish(self, *, reset_before_data: bool = False, first_byte_at: float = 0.0) -> None:
+        """The client connection ended; a reset before any upstream byte counts as a failure.
+
+        Success is recorded here rather than at connect, so an endpoint that accepts and then
+        resets every connection accrues consecutive failures like one that refuses.
+        ``first_byte_at`` (clock time of the first upstream byte, 0 if none) gives the balancer
+        a second latency sample: time to first byte, which sees a server slow to answer even
+        when its kernel accepts at once.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        svc = self.service
+        svc.active -= 1
+        if not self._connected:
+            svc.pending -= 1
+        load, ip = self._load, self.current
+        if load is None or ip is None:
+            return
+        if self._connected and first_byte_at:
+            load.observe(first_byte_at - self._started, first_byte_at)
+        load.active -= 1
+        if reset_before_data:
+            svc.count("failed", RESET_BEFORE_DATA)
+        if not self._live():
+            return
+        if reset_before_data:
+            svc._outlier_failure(ip)
+        elif self._connected:
+            svc.outlier.success(ip)
+        else:
+            svc.outlier.abandon(ip)

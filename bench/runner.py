@@ -4,9 +4,9 @@ Order of a run:
 
 1. the testbed (lab, servers, stunnel4), then every path verified (``bench.verify``) before it
    carries anything else, so the capture sees each path's first TLS handshake;
-2. idle-connection memory on still-fresh proxies: nodemesh cross-node and stunnel4 first, then
-   nodemesh same-node, whose agent (node1's) has by then held and released the cross-node test's
-   connections (Python keeps freed memory for reuse, which can make that slope lower);
+2. idle-connection memory on fresh proxies: nodemesh cross-node, stunnel4, then nodemesh
+   same-node after node1's agent was restarted (Python keeps the memory of the cross-node test's
+   connections for reuse, which would hide the same-node test's growth);
 3. ``reps`` repetitions of every throughput / latency / connection-rate workload over every path,
    the path order rotated each repetition, so that drift of a shared machine (other engineers'
    tests, CPU frequency, page cache) spreads over all paths instead of landing on one;
@@ -77,10 +77,12 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
                 "address": f"{path.host}:{path.echo_port}", "proxy_pids": list(path.proxy_pids),
                 "wire": path.wire, "verification": verdict.__dict__,
             })  # fmt: skip
-        by_key = {p.key: p for p in bed.paths}
         for key in ("mesh_cross", "stunnel", "mesh_same"):
-            say(f"{by_key[key].title}: idle connections {list(s.idle_steps)}")
-            idle = workloads.idle_memory(bed, by_key[key], s)
+            if key == "mesh_same":
+                bed.restart_agent("node1")  # fresh after the cross-node test's 10,000
+            path = next(p for p in bed.paths if p.key == key)
+            say(f"{path.title}: idle connections {list(s.idle_steps)}")
+            idle = workloads.idle_memory(bed, path, s)
             results["idle"][key] = idle
             per = idle.get("bytes_per_connection")
             say(f"  {'%.1f KiB per connection' % (per / 1024) if per else idle.get('error')}")

@@ -15,7 +15,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Settings:
-    reps: int = 3  # interleaved repetitions of every (path, workload)
+    reps: int = 5  # interleaved repetitions of every (path, workload)
     bulk_seconds: int = 4  # iperf3 -t (whole seconds: iperf3 reads 0.5 as 0, which is forever)
     bulk_omit: int = 1  # iperf3 -O: warm-up seconds not counted
     streams: int = 4  # parallel iperf3 streams for the multi-stream workload

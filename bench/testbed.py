@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import resource
 import secrets
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from agent.lab import netns
+from agent.lab import components, control, netns
 from agent.lab.handle import Lab
 from bench import stunnel
 
@@ -75,6 +77,7 @@ class Testbed:
         self.lab: Lab | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.paths: list[BenchPath] = []
+        self.stunnel_pids: tuple[int, ...] = ()
 
     def __enter__(self) -> Testbed:
         # Children (agents, stunnel, clients) inherit the lifted soft limit.
@@ -84,7 +87,8 @@ class Testbed:
             self.lab = Lab.up(self.name, topology=TOPOLOGY, timeout=120)
             self._tune()
             self._start_servers()
-            self.paths = self._paths(self._start_stunnel())
+            self.stunnel_pids = self._start_stunnel()
+            self.paths = self._paths()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -153,7 +157,29 @@ class Testbed:
         pids = Path(self.the_lab.state_dir) / "pids"
         return tuple(int((pids / f"agent-{n}").read_text()) for n in ("node1", "node2"))
 
-    def _paths(self, stunnel_pids: tuple[int, ...]) -> list[BenchPath]:
+    def restart_agent(self, node: str) -> None:
+        """Replace ``node``'s agent by a fresh one with the same command line.
+
+        Python keeps memory it freed for reuse, so an agent that has held 10,000 connections
+        would show a later idle test almost no growth; the memory test of a path starts on fresh
+        agents. SIGTERM drains the old one (the lab started it: it is this process's child).
+        """
+        labdir, plan = control.load(self.name)
+        node_plan = next(n for n in plan.nodes if n.name == node)
+        name = f"agent-{node}"
+        pid = labdir.pids()[name]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = tuple(arg.decode() for arg in f.read().split(b"\0") if arg)
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        component = components.Component(
+            name, node_plan.netns, argv, lambda: components.agent_ready(node_plan)
+        )
+        proc = components.start(component, labdir)
+        components.wait_ready(component, proc, labdir, timeout=60)
+        self.paths = self._paths()
+
+    def _paths(self) -> list[BenchPath]:
         lab = self.the_lab
         ip = {name: str(lab.pod(name)["ip"]) for name in ("server", "neighbor", "plain")}
         node1 = str(lab.node("node1")["ip"])
@@ -167,7 +193,7 @@ class Testbed:
                       IPERF_PORT, "neighbor", agents[:1], "local", "local", 2),
             BenchPath("stunnel", "stunnel4 mTLS", "outsider", node1,
                       ECHO_PORT + STUNNEL_CLIENT_OFFSET, IPERF_PORT + STUNNEL_CLIENT_OFFSET,
-                      "plain", stunnel_pids, "tls", None, 2),
+                      "plain", self.stunnel_pids, "tls", None, 2),
         ]  # fmt: skip
 
 

@@ -17,7 +17,6 @@ would otherwise exhaust the ports of the later repetitions and paths.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import resource
 import secrets
@@ -33,7 +32,6 @@ from agent.lab import components, control, netns
 from agent.lab.handle import Lab
 from bench import stunnel
 
-log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 MESH = "{nodemesh.io/mesh: enabled}"
 TOPOLOGY = f"""\
@@ -122,13 +120,13 @@ class Testbed:
 
     def _start_servers(self) -> None:
         for pod in ("server", "neighbor", "plain"):
-            with self.log(f"{pod}-echo") as log:
+            with self.log_file(f"{pod}-echo") as out:
                 self.popen(pod, sys.executable, "-m", "bench.programs.echo_server",
-                           "--port", str(ECHO_PORT), stdout=log, stderr=log)  # fmt: skip
-            with self.log(f"{pod}-iperf3") as log:
-                self.popen(pod, "iperf3", "-s", "-p", str(IPERF_PORT), stdout=log, stderr=log)
+                           "--port", str(ECHO_PORT), stdout=out, stderr=out)  # fmt: skip
+            with self.log_file(f"{pod}-iperf3") as out:
+                self.popen(pod, "iperf3", "-s", "-p", str(IPERF_PORT), stdout=out, stderr=out)
 
-    def log(self, name: str) -> IO[bytes]:
+    def log_file(self, name: str) -> IO[bytes]:
         """An append-mode log file ``<lab state>/logs/bench-<name>.log`` for a child's output."""
         return open(Path(self.the_lab.state_dir) / "logs" / f"bench-{name}.log", "ab")
 

@@ -19,10 +19,9 @@ GOAWAY without that transition; the codec (``agent.proxy.hbone``) enforces "no n
 These two overrides use ``h2`` internals (``_prepare_for_sending``, ``_receive_goaway_frame``),
 which is why ``pyproject.toml`` pins ``h2`` below 5.
 
-Why ``DataFrame._body_repr`` is replaced: ``h2`` logs every received frame with an eagerly
-computed ``repr(frame)`` (even when nothing is logged), and hyperframe's DATA frame repr
-hex-encodes the *whole* payload before truncating it. With 1 MiB frames that was a third of the
-proxy's CPU time in a profile of a bulk transfer; the replacement shows the length instead.
+DATA frames do not go through ``h2`` at all (``agent.proxy.h2data``, ``agent.proxy.hbone_flow``):
+``h2`` only ever sees empty ones, where the peer ended a stream or sent to a stream that cannot
+take data.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes, _error_code_from_int
 from h2.events import ConnectionTerminated, Event
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame
+from hyperframe.frame import Frame, GoAwayFrame
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -54,13 +53,6 @@ class HboneSettings:
     max_pending_resets: int = 100
     ping_interval: float = 10.0
     ping_timeout: float = 20.0
-
-
-def _data_frame_body_repr(self: DataFrame) -> str:
-    return f"<{len(self.data)} bytes of data>"
-
-
-DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign,assignment]
 
 
 class GracefulH2Connection(H2Connection):

@@ -14,6 +14,12 @@ The codec (``agent.proxy.hbone``) keeps ``h2`` for everything but DATA (why: see
 
 Frames built here and frames ``h2`` produced leave in the order they were produced: ``h2``'s
 pending output is moved into ours before each frame we append.
+
+This reads and writes ``h2`` 4.x attributes that are not its documented API (a stream's
+``state_machine.state`` and ``outbound_flow_control_window``, the connection's
+``outbound_flow_control_window`` and ``incoming_buffer._headers_buffer``); ``pyproject.toml``
+pins ``h2`` below 5 for this and for ``agent.proxy.h2wire``, and the unit tests against a plain
+``h2`` peer (``tests/unit/proxy/test_hbone_fastpath.py``) fail if their meaning changes.
 """
 
 from __future__ import annotations

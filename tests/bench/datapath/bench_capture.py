@@ -14,32 +14,16 @@ on a shared 2-core VM vary from run to run; ratios measured side by side in one 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
-import subprocess
-import time
 from pathlib import Path
 
 from agent.datapath import bpfsys
 from agent.lab.handle import Lab
 from tests.integration.datapath.harness import TOPOLOGY
+from tests.labtools import iperf
 
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
-
-
-def iperf(lab: Lab, client: str, server: str, seconds: float) -> float:
-    """Gbit/s received, from ``client`` to an iperf3 server in ``server``."""
-    srv = lab.popen(server, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
-        out = lab.exec(
-            client, "iperf3", "-J", "-c", str(lab.pod(server)["ip"]), "-t", str(seconds),
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-    finally:
-        srv.wait(timeout=30)
-    return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
 def program_stats(pin_dir: Path) -> dict[str, tuple[int, int]]:

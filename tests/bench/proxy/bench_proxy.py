@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import subprocess
 import sys
 import time
 
 from agent.lab.handle import Lab
+from tests.labtools import iperf
 
 TOPOLOGY = """\
 nodes:
@@ -67,19 +67,6 @@ for i in range(n + 100):
 times.sort()
 print(json.dumps({"p50": times[len(times) // 2], "p99": times[int(len(times) * 0.99)]}))
 """
-
-
-def iperf(lab: Lab, client: str, server: str, seconds: float) -> float:
-    srv = lab.popen(server, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
-        out = lab.exec(
-            client, "iperf3", "-J", "-c", str(lab.pod(server)["ip"]), "-t", str(seconds),
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-    finally:
-        srv.wait(timeout=30)
-    return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
 def latency(lab: Lab, client: str, server: str, requests: int) -> dict[str, float]:

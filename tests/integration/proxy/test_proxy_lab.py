@@ -13,20 +13,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from agent.lab.handle import Lab
 from agent.lab.netns import call_in
+from tests.labtools import mesh_lab, pod_servers, retry
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
-T = TypeVar("T")
 PORT = 8080
 ECHO_PORT = 8081
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
@@ -66,40 +65,11 @@ serve(listen({PORT}), digest)
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("a lab needs root")
-    lab = Lab.up("px" + secrets.token_hex(3), timeout=90)
-    servers: list[subprocess.Popen[Any]] = []
-    try:
-        if lab.status()["ca"]["state"] != "running":
-            pytest.skip("this build's lab runs no CA, so no proxy")
-        for pod in ("server-0", "server-1", "neighbor", "outsider"):
-            servers.append(lab.popen(pod, sys.executable, "-c", SERVER))
-        for pod in ("server-0", "server-1", "neighbor", "outsider"):
-            retry(lambda p=pod: call_in(lab.netns(p), _probe))  # type: ignore[misc]
+    with (
+        mesh_lab("px") as lab,
+        pod_servers(lab, ("server-0", "server-1", "neighbor", "outsider"), SERVER, PORT),
+    ):
         yield lab
-    finally:
-        for proc in servers:
-            proc.kill()
-            proc.wait()
-        lab.down()
-
-
-def _probe() -> None:
-    socket.create_connection(("127.0.0.1", PORT), timeout=2).close()
-
-
-def retry(fn: Callable[[], T], timeout: float = 20.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except (OSError, AssertionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def send(lab: Lab, src: str, dst: str, payload: bytes, port: int = PORT) -> str:

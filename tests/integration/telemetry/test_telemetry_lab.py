@@ -13,11 +13,10 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.request import Request, urlopen
 
 import pytest
@@ -25,10 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.lab.handle import Lab
 from agent.lab.netns import call_in
+from tests.labtools import mesh_lab, pod_servers, retry
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
-T = TypeVar("T")
 PORT = 8080
 NODEMESH = os.path.join(os.path.dirname(sys.executable), "nodemesh")
 # Per connection: read until the client half-closes, answer with the byte count, close.
@@ -53,37 +52,8 @@ Labels = frozenset[tuple[str, str]]
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("a lab needs root")
-    lab = Lab.up("tm" + secrets.token_hex(3), timeout=90)
-    servers: list[subprocess.Popen[Any]] = []
-    try:
-        if lab.status()["ca"]["state"] != "running":
-            pytest.skip("this build's lab runs no CA, so no proxy")
-        servers = [lab.popen(p, sys.executable, "-c", SERVER) for p in ("server-0", "server-1")]
-        for pod in ("server-0", "server-1"):
-            retry(lambda p=pod: call_in(lab.netns(p), _probe))  # type: ignore[misc]
+    with mesh_lab("tm") as lab, pod_servers(lab, ("server-0", "server-1"), SERVER, PORT):
         yield lab
-    finally:
-        for proc in servers:
-            proc.kill()
-            proc.wait()
-        lab.down()
-
-
-def _probe() -> None:
-    socket.create_connection(("127.0.0.1", PORT), timeout=2).close()
-
-
-def retry(fn: Callable[[], T], timeout: float = 20.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return fn()
-        except (OSError, AssertionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def fetch(lab: Lab, node: str, url: str) -> bytes:

@@ -30,7 +30,8 @@ from agent.identity.manager import IdentityUnavailable
 from agent.identity.spiffe import SpiffeId
 from agent.proxy.core import ProxySettings
 from agent.proxy.server import NodeProxy
-from agent.state import Namespace, PolicyObject, StateStore, Workload
+from agent.state import Namespace, PolicyObject, StateStore
+from tests.workloads import workload
 
 CLIENT, LOCAL, OUTSIDER, SERVER, PLAIN = (
     "127.0.1.1",
@@ -110,29 +111,16 @@ class FakeIdentities:
         return self.issued[spiffe_id]
 
 
-def pod(name: str, node: str, ip: str, *, meshed: bool = True) -> Workload:
-    return Workload(
-        uid=f"default/{name}",
-        name=name,
-        namespace="default",
-        service_account=name,
-        node=node,
-        ips=(ip,),
-        labels={"app": name},
-        mesh_annotation="enabled" if meshed else "disabled",
-    )
-
-
 def make_store() -> StateStore:
     store = StateStore()
     with store.update() as txn:
         txn.put_namespace(Namespace("default"))
         for w in (
-            pod("client", "node1", CLIENT),
-            pod("local", "node1", LOCAL),
-            pod("outsider", "node1", OUTSIDER, meshed=False),
-            pod("server", "node2", SERVER),
-            pod("plain", "node2", PLAIN, meshed=False),
+            workload("client", "node1", CLIENT, app="client"),
+            workload("local", "node1", LOCAL, app="local"),
+            workload("outsider", "node1", OUTSIDER, app="outsider", meshed=False),
+            workload("server", "node2", SERVER, app="server"),
+            workload("plain", "node2", PLAIN, app="plain", meshed=False),
         ):
             txn.put_workload(w)
     return store

@@ -9,19 +9,6 @@ import grpc
 from agent.ca import proto
 from agent.ca.inprocess import InProcessCA
 from agent.identity.caclient import CA_SERVER_NAME
-from agent.state import Workload
-
-
-def workload(name: str, sa: str, node: str, ip: str, ns: str = "default") -> Workload:
-    return Workload(
-        uid=f"{ns}/{name}",
-        name=name,
-        namespace=ns,
-        service_account=sa,
-        node=node,
-        ips=(ip,),
-        mesh_annotation="enabled",
-    )
 
 
 class RawClient:

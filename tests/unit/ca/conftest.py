@@ -9,16 +9,15 @@ import pytest
 
 from agent.ca.inprocess import InProcessCA
 from agent.state import StateStore
-from tests.unit.ca.ca_helpers import RawClient, workload
+from tests.unit.ca.ca_helpers import RawClient
+from tests.workloads import store_with, workload
 
 
 @pytest.fixture
 def store() -> StateStore:
-    s = StateStore()
-    with s.update() as txn:
-        txn.put_workload(workload("client", "client", "node1", "10.244.1.2"))
-        txn.put_workload(workload("server", "server", "node2", "10.244.2.2"))
-    return s
+    return store_with(
+        workload("client", "node1", "10.244.1.2"), workload("server", "node2", "10.244.2.2")
+    )
 
 
 @pytest.fixture

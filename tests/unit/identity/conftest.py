@@ -9,16 +9,14 @@ import pytest
 
 from agent.ca.inprocess import InProcessCA
 from agent.state import StateStore
-from tests.unit.identity.identity_helpers import meshed
+from tests.workloads import store_with, workload
 
 
 @pytest.fixture
 def store() -> StateStore:
-    s = StateStore()
-    with s.update() as txn:
-        txn.put_workload(meshed("client", "client", "node1", "10.244.1.2"))
-        txn.put_workload(meshed("server", "server", "node1", "10.244.1.3"))
-    return s
+    return store_with(
+        workload("client", "node1", "10.244.1.2"), workload("server", "node1", "10.244.1.3")
+    )
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Helpers shared by the identity tests (imported as ``tests.unit.identity.identity_helpers``):
-workloads, and a mutual-TLS handshake over loopback."""
+a mutual-TLS handshake over loopback."""
 
 from __future__ import annotations
 
@@ -11,22 +11,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from agent.identity.tls import peer_spiffe_id
-from agent.state import Workload
 
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 SERVER = "spiffe://cluster.local/ns/default/sa/server"
-
-
-def meshed(name: str, sa: str, node: str, ip: str) -> Workload:
-    return Workload(
-        uid=f"default/{name}",
-        name=name,
-        namespace="default",
-        service_account=sa,
-        node=node,
-        ips=(ip,),
-        mesh_annotation="enabled",
-    )
 
 
 def _serve_once(

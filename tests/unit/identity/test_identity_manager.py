@@ -27,7 +27,8 @@ from agent.identity.manager import IdentityManager, State, follow_store
 from agent.identity.rotation import Backoff
 from agent.identity.spiffe import SpiffeId
 from agent.state import StateStore
-from tests.unit.identity.identity_helpers import CLIENT, SERVER, meshed
+from tests.unit.identity.identity_helpers import CLIENT, SERVER
+from tests.workloads import workload
 
 
 def client_for(ca: InProcessCA, tmp_path: Path, *, validity: int = 0) -> CaClient:
@@ -156,7 +157,7 @@ def test_key_material_never_reaches_logs_or_admin_state(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     with store.update() as txn:
-        txn.put_workload(meshed("third", "third", "node1", "10.244.1.4"))
+        txn.put_workload(workload("third", "node1", "10.244.1.4"))
 
     async def scenario() -> tuple[list[WorkloadCertificate], str]:
         client = client_for(ca, tmp_path)

@@ -6,34 +6,22 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.proxy.records import INBOUND, OUTBOUND, SECURITY_MTLS, ConnectionRecord
-from agent.state import StateStore, Workload
+from agent.state import StateStore
 from agent.state.model import Endpoint, PolicyObject, Service, ServicePort
+from tests.workloads import workload
 
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
 VIP = "10.96.0.10"
 
 
-def pod(name: str, sa: str, node: str, ip: str, app: str) -> Workload:
-    return Workload(
-        uid=f"default/{name}",
-        name=name,
-        namespace="default",
-        service_account=sa,
-        node=node,
-        ips=(ip,),
-        labels={"app": app},
-        mesh_annotation="enabled",
-    )
-
-
 def make_store() -> StateStore:
     """client (node1, 10.244.1.2), server-0/1 (node2) behind Service server at 10.96.0.10."""
     store = StateStore()
     with store.update() as txn:
-        txn.put_workload(pod("client", "client", "node1", "10.244.1.2", "client"))
-        txn.put_workload(pod("server-0", "server", "node2", "10.244.2.2", "server"))
-        txn.put_workload(pod("server-1", "server", "node2", "10.244.2.3", "server"))
+        txn.put_workload(workload("client", "node1", "10.244.1.2", app="client"))
+        txn.put_workload(workload("server-0", "node2", "10.244.2.2", sa="server", app="server"))
+        txn.put_workload(workload("server-1", "node2", "10.244.2.3", sa="server", app="server"))
         txn.put_service(
             Service(
                 name="server",

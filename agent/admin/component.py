@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-
 from agent.admin.api import AdminApi, AdminSources
-from agent.admin.http import HttpServer
-
-log = logging.getLogger(__name__)
+from agent.admin.endpoint import HttpComponent
 
 
-class AdminComponent:
+class AdminComponent(HttpComponent):
     name = "admin"
+    serves = "the admin API"
+    url_path = "/"
+    option = "--admin-address"
+    not_listening = "admin: API is not listening"
 
     def __init__(self, *, address: tuple[str, int], sources: AdminSources) -> None:
-        self.address = address
         self.api = AdminApi(sources)
-        self._server = HttpServer(self.api.handle)
-        self.port = address[1]
-
-    async def start(self) -> None:
-        host, port = self.address
-        try:
-            self.port = await self._server.start(host, port)
-        except OSError as e:
-            raise OSError(
-                f"cannot serve the admin API on {host}:{port}: {e.strerror}; is another agent "
-                "running in this network namespace? choose another --admin-address"
-            ) from e
-        log.info("admin API on http://%s:%d/", host, self.port)
-
-    def not_ready(self) -> list[str]:
-        return [] if self._server.listening else ["admin: API is not listening"]
-
-    async def stop(self) -> None:
-        await self._server.stop()
+        super().__init__(self.api.handle, address)

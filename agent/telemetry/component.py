@@ -8,21 +8,19 @@ served from the data plane's event loop: collectors read the proxy's live record
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from agent.admin.http import HttpServer, Request, Response
+from agent.admin.endpoint import HttpComponent
+from agent.admin.http import Request, Response
 from agent.proxy.records import Registry
 from agent.state import StateStore
 from agent.telemetry.agentmetrics import AgentCollector, AgentSources
 from agent.telemetry.registry import REGISTRY
 from agent.telemetry.tcp import TcpMetrics
-
-log = logging.getLogger(__name__)
 
 
 class _Declared(Collector):
@@ -32,8 +30,12 @@ class _Declared(Collector):
         yield from REGISTRY.collect()
 
 
-class TelemetryComponent:
+class TelemetryComponent(HttpComponent):
     name = "telemetry"
+    serves = "metrics"
+    url_path = "/metrics"
+    option = "--metrics-port"
+    not_listening = "telemetry: /metrics is not listening"
 
     def __init__(
         self,
@@ -43,15 +45,13 @@ class TelemetryComponent:
         sources: AgentSources,
         connections: Registry | None = None,
     ) -> None:
-        self.address = address
+        super().__init__(self._handle, address)
         self.tcp = TcpMetrics(store)
         self.registry = CollectorRegistry(auto_describe=False)
         for collector in (_Declared(), self.tcp, AgentCollector(sources)):
             self.registry.register(collector)
         if connections is not None:
             connections.observers.append(self.tcp)
-        self._server = HttpServer(self._handle)
-        self.port = address[1]
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -62,20 +62,3 @@ class TelemetryComponent:
         if request.method != "GET":
             return Response.json(405, {"error": "use GET /metrics"})
         return Response(200, self.exposition(), CONTENT_TYPE_LATEST)
-
-    async def start(self) -> None:
-        host, port = self.address
-        try:
-            self.port = await self._server.start(host, port)
-        except OSError as e:
-            raise OSError(
-                f"cannot serve metrics on {host}:{port}: {e.strerror}; is another agent running "
-                "in this network namespace? choose another --metrics-port"
-            ) from e
-        log.info("metrics on http://%s:%d/metrics", host, self.port)
-
-    def not_ready(self) -> list[str]:
-        return [] if self._server.listening else ["telemetry: /metrics is not listening"]
-
-    async def stop(self) -> None:
-        await self._server.stop()

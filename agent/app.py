@@ -126,6 +126,8 @@ def components(config: AgentConfig, store: StateStore) -> list[Component]:
     if config.ca is not None:
         from agent.identity.component import IdentityComponent
         from agent.proxy.component import ProxyComponent
+        from agent.proxy.core import Core
+        from agent.proxy.server import NodeProxy
 
         identity = IdentityComponent(
             node=config.node,
@@ -137,7 +139,8 @@ def components(config: AgentConfig, store: StateStore) -> list[Component]:
             validity_seconds=config.ca.cert_ttl_seconds,
         )
         found.append(identity)
-        found.append(ProxyComponent(node=config.node, store=store, identities=identity.manager))
+        core = Core(node=config.node, store=store, identities=identity.manager)
+        found.append(ProxyComponent(NodeProxy(core)))
     return found
 
 

@@ -13,10 +13,7 @@ import socket
 
 from agent.datapath.layout import Listener
 from agent.proxy import sockets
-from agent.proxy.contexts import CertificateSource
-from agent.proxy.core import ProxySettings
 from agent.proxy.server import HBONE, OUTBOUND, PLAINTEXT, NodeProxy
-from agent.state import StateStore
 
 _SLOTS = {Listener.OUTBOUND: OUTBOUND, Listener.INBOUND: PLAINTEXT, Listener.HBONE: HBONE}
 
@@ -24,15 +21,8 @@ _SLOTS = {Listener.OUTBOUND: OUTBOUND, Listener.INBOUND: PLAINTEXT, Listener.HBO
 class ProxyComponent:
     name = "proxy"
 
-    def __init__(
-        self,
-        *,
-        node: str,
-        store: StateStore,
-        identities: CertificateSource,
-        settings: ProxySettings | None = None,
-    ) -> None:
-        self.proxy = NodeProxy(node=node, store=store, identities=identities, settings=settings)
+    def __init__(self, proxy: NodeProxy) -> None:
+        self.proxy = proxy
         self._handlers = self.proxy.handlers()
 
     async def handle(self, conn: socket.socket, listener: Listener) -> None:

@@ -17,15 +17,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 from agent.proxy import sockets
-from agent.proxy.contexts import ALPN, CertificateSource
-from agent.proxy.core import Core, ProxySettings
+from agent.proxy.contexts import ALPN
+from agent.proxy.core import Core
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.inbound import InboundHbone
 from agent.proxy.outbound import Outbound
 from agent.proxy.plaintext import InboundPlaintext
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.tunnel import HboneProtocol, TunnelError
-from agent.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +33,12 @@ OUTBOUND, PLAINTEXT, HBONE = "outbound", "inbound", "hbone"
 
 
 class NodeProxy:
-    def __init__(
-        self,
-        *,
-        node: str,
-        store: StateStore,
-        identities: CertificateSource,
-        settings: ProxySettings | None = None,
-    ) -> None:
-        self.core = Core(node=node, store=store, identities=identities, settings=settings)
-        s = self.core.settings
+    """The listeners' paths over one ``Core``; the core carries node, state, identities and
+    settings, so they are given once, where they are used, and not threaded through here."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        s = core.settings
         self.pool = HbonePool(self._dial, idle_timeout=s.pool_idle_timeout)
         self.outbound = Outbound(self.core, self.pool)
         self.inbound = InboundHbone(self.core)

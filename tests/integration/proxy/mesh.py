@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 from agent.identity.certs import WorkloadCertificate, to_pem
 from agent.identity.manager import IdentityUnavailable
 from agent.identity.spiffe import SpiffeId
-from agent.proxy.core import ProxySettings
+from agent.proxy.core import Core, ProxySettings
 from agent.proxy.server import NodeProxy
 from agent.state import Namespace, PolicyObject, StateStore
 from tests.workloads import workload
@@ -161,10 +161,10 @@ class Mesh:
             hbone_port=self.hbone_port, handshake_timeout=handshake_timeout, connect_timeout=2.0
         )
         self.node1 = NodeProxy(
-            node="node1", store=self.store, identities=self.identities, settings=settings
+            Core(node="node1", store=self.store, identities=self.identities, settings=settings)
         )
         self.node2 = NodeProxy(
-            node="node2", store=self.store, identities=self.identities, settings=settings
+            Core(node="node2", store=self.store, identities=self.identities, settings=settings)
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._sockets: list[socket.socket] = []

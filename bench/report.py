@@ -110,10 +110,20 @@ def _machine_section(results: Mapping[str, Any]) -> list[str]:
         f"- {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {m['os']}, kernel {m['kernel']};"
         f" Python {m['python']}; {m['openssl']}; {m['iperf3']}; {m['stunnel']}",
         f"- load average (1/5/15 min) before: {load['before']}, after: {load['after']}"
-        " (the machine is shared with other engineers' tests: ratios within one run are what to"
-        " compare, not absolute numbers across runs)",
+        f"{_load_during(results)} (the machine is shared with other engineers' tests: ratios"
+        " within one run are what to compare, not absolute numbers across runs)",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in s.items()),
     ]
+
+
+def _load_during(results: Mapping[str, Any]) -> str:
+    loads = sorted(s["load1"] for s in results["samples"] if "load1" in s)
+    if not loads:
+        return ""
+    return (
+        f"; 1-minute load after each sample: min {loads[0]}, median {loads[len(loads) // 2]},"
+        f" max {loads[-1]}"
+    )
 
 
 def chart(results: Mapping[str, Any], path: Path) -> None:

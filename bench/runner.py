@@ -91,8 +91,9 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
             for path in bed.paths[shift:] + bed.paths[:shift]:
                 for name, workload in _workloads(s):
                     sample = workload(bed, path, s)
+                    load1 = round(procstat.load_average()[0], 2)  # how busy the shared machine was
                     results["samples"].append(
-                        {"rep": rep, "path": path.key, "workload": name, **sample}
+                        {"rep": rep, "path": path.key, "workload": name, "load1": load1, **sample}
                     )
                     say(f"[{rep + 1}/{s.reps}] {path.title} {name}: {_headline(name, sample)}")
     results["openssl_speed"] = _speeds(results, s)

@@ -34,6 +34,8 @@ def results() -> dict[str, Any]:
             sample(rep, "stunnel", "rr", p50_us=100.0, p99_us=500.0),
         ]
     samples.append(sample(0, "mesh_cross", "conn", error="reset by peer"))
+    for i, s in enumerate(samples):
+        s["load1"] = float(i % 5)
     return {
         "started": "t0",
         "finished": "t1",
@@ -106,6 +108,7 @@ def test_markdown_marks_untrusted_paths_and_lists_failures() -> None:
     assert "- mesh_cross conn rep 0: reset by peer" in text
     assert "aes-256-gcm (mesh: X): 8.00 Gbit/s" in text
     assert "![benchmark chart](chart.png)" in text
+    assert "1-minute load after each sample: min 0.0, median 2.0, max 4.0" in text
 
 
 def test_chart_is_a_png(tmp_path: Path) -> None:

@@ -36,6 +36,20 @@ def describe() -> dict[str, Any]:
     }
 
 
+def code_version(repo: str) -> dict[str, Any]:
+    """The commit measured, and the files of the product that differed from it (the working tree
+    is shared while engineers work: numbers of a dirty tree belong to no commit alone)."""
+    try:
+        head = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True, timeout=10)  # fmt: skip
+        status = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "agent"],
+                                capture_output=True, text=True, check=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"commit": f"unknown ({e})", "dirty": []}
+    dirty = [line[3:] for line in status.stdout.splitlines()]
+    return {"commit": head.stdout.strip(), "dirty": dirty}
+
+
 def _os_release() -> str:
     try:
         with open("/etc/os-release", encoding="utf-8") as f:

@@ -113,7 +113,17 @@ def _machine_section(results: Mapping[str, Any]) -> list[str]:
         f"{_load_during(results)} (the machine is shared with other engineers' tests: ratios"
         " within one run are what to compare, not absolute numbers across runs)",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in s.items()),
+        *_code_line(results),
     ]
+
+
+def _code_line(results: Mapping[str, Any]) -> list[str]:
+    code = results.get("code")
+    if code is None:
+        return []
+    dirty = code["dirty"]
+    changes = f" plus uncommitted changes to {', '.join(dirty)}" if dirty else ""
+    return [f"- code measured: commit {code['commit']}{changes}"]
 
 
 def _load_during(results: Mapping[str, Any]) -> str:

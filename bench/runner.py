@@ -22,7 +22,7 @@ from typing import Any
 
 from bench import machine, procstat, workloads
 from bench.settings import Settings
-from bench.testbed import BenchPath, Testbed
+from bench.testbed import REPO, BenchPath, Testbed
 from bench.verify import verify
 
 Workload = Callable[[Testbed, BenchPath, Settings], dict[str, Any]]
@@ -61,6 +61,7 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
         "started": _now(),
         "settings": s.as_dict(),
         "machine": machine.describe(),
+        "code": machine.code_version(str(REPO)),
         "load": {"before": [round(x, 2) for x in procstat.load_average()]},
         "samples": [],
         "idle": {},

@@ -56,6 +56,7 @@ def results() -> dict[str, Any]:
             "x",
         ),
         "load": {"before": [1.0, 1.0, 1.0], "after": [2.0, 2.0, 2.0]},
+        "code": {"commit": "abc1234", "dirty": ["agent/proxy/relay.py"]},
         "paths": [
             path("direct", "direct", proxies=0),
             path("mesh_cross", "mesh"),
@@ -108,6 +109,7 @@ def test_markdown_marks_untrusted_paths_and_lists_failures() -> None:
     assert "- mesh_cross conn rep 0: reset by peer" in text
     assert "aes-256-gcm (mesh: X): 8.00 Gbit/s" in text
     assert "![benchmark chart](chart.png)" in text
+    assert "commit abc1234 plus uncommitted changes to agent/proxy/relay.py" in text
     assert "1-minute load after each sample: min 0.0, median 2.0, max 4.0" in text
 
 

@@ -94,10 +94,14 @@ async def _stream_to_socket(
     stream: TunnelStream, sock: socket.socket, record: ConnectionRecord, field: str
 ) -> None:
     loop = asyncio.get_running_loop()
-    while (chunk := await stream.read()) is not None:
-        await loop.sock_sendall(sock, chunk)
-        stream.consumed(len(chunk))
-        _count(record, field, len(chunk))
+    stream.deliver_directly(sock, lambda n: _count(record, field, n))
+    try:
+        while (chunk := await stream.read()) is not None:
+            await loop.sock_sendall(sock, chunk)
+            stream.consumed(len(chunk))
+            _count(record, field, len(chunk))
+    finally:
+        stream.deliver_directly(None)
     _shutdown_write(sock)
 
 

@@ -11,6 +11,13 @@ codec (the peer's window is closed) or while the TLS transport's buffer is full
 stream and acknowledged to the peer only when the relay wrote it to the pod (``consumed``): the
 codec's stream window (4 MiB) bounds that queue.
 
+Direct delivery: a relay that copies a stream to a socket registers that socket
+(``deliver_directly``). While the relay is idle in ``read`` and nothing is queued, received
+bytes are sent to the socket from ``data_received`` itself (non-blocking ``send``; what the
+kernel does not take is queued for the relay as before), which saves the relay task's wake-up
+per message. Once ``read`` has handed out a chunk, the relay may be inside ``sock_sendall``
+with it, so nothing is sent directly until it asks for the next one: bytes never overtake.
+
 Keepalive (client side): a PING every ``ping_interval``; a connection whose PING goes unanswered for
 ``ping_timeout`` is closed, like ztunnel's, so a dead peer does not hold pooled streams forever.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -55,9 +63,24 @@ class TunnelStream:
         self._writable.set()
         self.eof = False
         self.error: TunnelError | None = None
+        self._sink: socket.socket | None = None
+        self._on_sent: Callable[[int], None] | None = None
+        self._relay_writing = False  # read() handed out a chunk that may not be written yet
 
     # -- events from the protocol --
     def _on_data(self, data: bytes) -> None:
+        if self._sink is not None and not (self._chunks or self._relay_writing):
+            try:
+                sent = self._sink.send(data)
+            except OSError:  # would block, or the socket failed: the relay's send will tell
+                sent = 0
+            if sent:
+                self.proto.codec.consumed(self.stream_id, sent)  # flushed by data_received
+                if self._on_sent is not None:
+                    self._on_sent(sent)
+                if sent == len(data):
+                    return
+                data = data[sent:]
         self._chunks.append(data)
         self._readable.set()
 
@@ -74,8 +97,21 @@ class TunnelStream:
         self._writable.set()
 
     # -- what the relay calls --
+    def deliver_directly(
+        self, sock: socket.socket | None, on_sent: Callable[[int], None] | None = None
+    ) -> None:
+        """Send received bytes straight to ``sock`` when possible (see the module docstring);
+        ``on_sent(n)`` counts them. ``None`` stops it (before the socket is closed)."""
+        if sock is not None and sock.gettimeout() != 0.0:
+            raise ValueError(
+                "direct delivery needs a non-blocking socket: "
+                "a blocking send would stall the event loop (call setblocking(False) first)"
+            )
+        self._sink, self._on_sent = sock, on_sent
+
     async def read(self) -> bytes | None:
         """The next chunk, or None once the peer half-closed; raises if the stream was reset."""
+        self._relay_writing = False
         while not self._chunks:
             if self.error:
                 raise self.error
@@ -83,6 +119,7 @@ class TunnelStream:
                 return None
             self._readable.clear()
             await self._readable.wait()
+        self._relay_writing = True
         return self._chunks.popleft()
 
     def consumed(self, n: int) -> None:

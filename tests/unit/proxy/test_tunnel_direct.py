@@ -1,0 +1,137 @@
+"""Direct delivery of tunnel bytes to the relay's socket: sent from data_received when the relay
+is idle, queued for the relay otherwise, and never out of order."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from agent.proxy.hbone import HboneConnection
+from agent.proxy.tunnel import HboneProtocol, TunnelStream
+
+
+class MemoryTransport(asyncio.Transport):
+    """Hands writes to the peer protocol on the next loop turn."""
+
+    def __init__(self, peer: asyncio.Protocol) -> None:
+        super().__init__()
+        self.peer = peer
+
+    def write(self, data: Any) -> None:
+        asyncio.get_running_loop().call_soon(self.peer.data_received, bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A non-blocking socket (the relay's pod socket) and its peer (the pod)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+async def tunnel() -> tuple[TunnelStream, TunnelStream]:
+    """An accepted stream: (client side, server side)."""
+    accepted: list[TunnelStream] = []
+
+    def on_request(proto: HboneProtocol, event: Any) -> None:
+        accepted.append(proto.streams[event.stream_id])
+        proto.codec.respond(event.stream_id, 200)
+        proto.flush()
+
+    client = HboneProtocol(HboneConnection(client_side=True))
+    server = HboneProtocol(HboneConnection(client_side=False), on_request=on_request)
+    client.connection_made(MemoryTransport(server))
+    server.connection_made(MemoryTransport(client))
+    stream = await asyncio.wait_for(client.open("10.0.0.2:80", None), 5)
+    return stream, accepted[0]
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_idle_relay_gets_bytes_sent_for_it(pair: tuple[socket.socket, socket.socket]) -> None:
+    async def main() -> None:
+        sender, receiver = await tunnel()
+        counted: list[int] = []
+        receiver.deliver_directly(pair[0], counted.append)
+        await sender.write(b"hello")
+        await settle()
+        assert pair[1].recv(100) == b"hello"
+        assert counted == [5]
+        assert not receiver._chunks  # nothing left for the relay to copy
+        receiver.deliver_directly(None)
+        await sender.write(b"queued")
+        await settle()
+        assert await receiver.read() == b"queued"
+
+    asyncio.run(main())
+
+
+def test_bytes_never_overtake_what_the_relay_holds(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    async def main() -> None:
+        sender, receiver = await tunnel()
+        sock, pod = pair
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        counted: list[int] = []
+        receiver.deliver_directly(sock, counted.append)
+        payload = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes unread
+        await sender.write(payload)
+        await settle()
+        held = await receiver.read()  # the relay holds this chunk, not yet written
+        assert held is not None and 0 < len(held) < len(payload)
+        assert not receiver._chunks
+        pod.setblocking(False)
+        received = bytearray()
+        while True:  # the pod reads: the socket could take more now
+            try:
+                received += pod.recv(len(payload))
+            except BlockingIOError:
+                break
+        await sender.write(b"tail")  # must queue behind ``held``, not go out directly
+        await settle()
+        loop = asyncio.get_running_loop()
+
+        async def drain() -> None:
+            while len(received) < len(payload) + 4:
+                received.extend(await loop.sock_recv(pod, 65536))
+
+        drainer = asyncio.create_task(drain())
+        chunk: bytes | None = held
+        while chunk is not None:
+            await loop.sock_sendall(sock, chunk)
+            counted.append(len(chunk))
+            chunk = await receiver.read() if receiver._chunks else None
+        await asyncio.wait_for(drainer, 5)
+        assert bytes(received) == payload + b"tail"
+        assert sum(counted) == len(payload) + 4
+
+    asyncio.run(main())
+
+
+def test_a_blocking_socket_is_refused() -> None:
+    async def main() -> None:
+        _, receiver = await tunnel()
+        a, b = socket.socketpair()
+        try:
+            with pytest.raises(ValueError, match="non-blocking"):
+                receiver.deliver_directly(a, None)
+        finally:
+            a.close()
+            b.close()
+
+    asyncio.run(main())

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtensionOID
 
@@ -95,6 +96,10 @@ def parse_csr(csr_pem: str) -> x509.CertificateSigningRequest:
         list(csr.extensions)
     except (ValueError, UnicodeError, TypeError) as e:
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"malformed CSR: {e}") from e
+    except UnsupportedAlgorithm as e:  # e.g. a garbled curve OID in the key
+        raise Rejected(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the CSR uses an unsupported algorithm: {e}"
+        ) from e
     if not signature_ok:
         raise Rejected(
             grpc.StatusCode.INVALID_ARGUMENT, "malformed CSR: its signature does not verify"

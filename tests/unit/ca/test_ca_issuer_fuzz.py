@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.ca.auth import StoreNodeAuthorizer
 from agent.ca.inprocess import InProcessCA
-from agent.ca.issuer import Caller, Issuer, Rejected
+from agent.ca.issuer import Caller, Issuer, Rejected, parse_csr
 from agent.ca.proto import METHOD
 from agent.ca.storage import load_or_create_dir
 from agent.identity.caclient import CA_SERVER_NAME
@@ -120,3 +123,17 @@ def test_raw_wire_bytes_never_break_the_server(ca: InProcessCA, payload: bytes) 
     good = build_csr(SpiffeId.parse(CLIENT), generate_key())
     with RawClient(ca) as client:
         assert client.create(good, token=ca.node_tokens["node1"], impersonate=CLIENT).cert_chain
+
+
+def test_a_csr_with_an_unknown_curve_is_rejected_not_raised() -> None:
+    """Found by the fuzzer: a garbled curve OID made ``cryptography`` raise
+    ``UnsupportedAlgorithm``, which escaped the issuer instead of becoming INVALID_ARGUMENT."""
+    der = x509.load_pem_x509_csr(GOOD_CSR.encode()).public_bytes(serialization.Encoding.DER)
+    p256 = bytes.fromhex("06082A8648CE3D030107")  # OID 1.2.840.10045.3.1.7
+    assert p256 in der
+    garbled = der.replace(p256, bytes.fromhex("06082A8648CE3D030109"))
+    pem = "-----BEGIN CERTIFICATE REQUEST-----\n"
+    pem += base64.encodebytes(garbled).decode() + "-----END CERTIFICATE REQUEST-----\n"
+    with pytest.raises(Rejected, match="unsupported algorithm") as caught:
+        parse_csr(pem)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT

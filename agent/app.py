@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from agent.acceptor import accept_forever
 from agent.admin.http import HttpServer, Request, Response
 from agent.admin.wiring import observability
 from agent.config import PROXY_MARK, AgentConfig, ConfigError, add_arguments, from_args
@@ -290,13 +291,12 @@ class Agent:
         self.datapath.close()
 
     async def _accept_loop(self, slot: Listener, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(sock)
-            conn.setblocking(False)
+        def serve(conn: socket.socket) -> None:
             task = asyncio.create_task(self._serve(conn, slot), name=f"conn-{slot.name}")
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
+
+        await accept_forever(sock, serve, listener=slot.name)
 
     async def _serve(self, conn: socket.socket, slot: Listener) -> None:
         try:

@@ -1,0 +1,91 @@
+"""Accepting captured connections, and surviving the errors ``accept`` can return.
+
+Why its own module: ``accept`` fails for two kinds of reasons that must never stop a node's
+proxy. Running out of descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) is
+pressure, not a bug: the agent backs off briefly so the pending connections it already holds
+can finish, logs the fix once per episode, and keeps accepting. A connection that died in the
+queue (ECONNABORTED, and the network errors accept(2) says to treat "like EAGAIN") is simply
+skipped. Every failure is counted by reason. Before this, one EMFILE under 10,000 idle
+connections ended the accept task and so the whole agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from agent.telemetry.registry import counter
+
+log = logging.getLogger(__name__)
+
+ACCEPT_ERRORS = counter(
+    "nodemesh_accept_errors_total",
+    "accept() failures on a capture listener, by listener and errno name",
+    ["listener", "reason"],
+)
+
+# Out of a resource: wait a little, then try again.
+PRESSURE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The connection is gone, or a network error accept(2) says to retry at once.
+SKIP = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EPERM,  # a firewall refused it
+    }
+)
+BACKOFF_SECONDS = 0.1
+LOG_EVERY_SECONDS = 30.0
+
+
+def backoff_for(err: OSError) -> float | None:
+    """Seconds to wait before the next accept, or ``None`` when the error is not survivable
+    (the listener itself is broken: EBADF, EINVAL, ...)."""
+    if err.errno in PRESSURE:
+        return BACKOFF_SECONDS
+    if err.errno in SKIP:
+        return 0.0
+    return None
+
+
+async def accept_forever(
+    sock: socket.socket, serve: Callable[[socket.socket], None], *, listener: str
+) -> None:
+    """Accept on ``sock`` and hand each connection (non-blocking) to ``serve``, for ever."""
+    loop = asyncio.get_running_loop()
+    last_logged = float("-inf")
+    while True:
+        try:
+            conn, _ = await loop.sock_accept(sock)
+        except OSError as e:
+            wait = backoff_for(e)
+            if wait is None:
+                raise
+            reason = errno.errorcode.get(e.errno or 0, "unknown")
+            ACCEPT_ERRORS.labels(listener=listener, reason=reason).inc()
+            now = time.monotonic()
+            if wait and now - last_logged >= LOG_EVERY_SECONDS:
+                last_logged = now
+                log.warning(
+                    "accept on the %s listener failed (%s): the agent is out of file "
+                    "descriptors or kernel memory; it keeps serving and retries every %.1fs. "
+                    "Raise its open-files limit (LimitNOFILE, ulimit -n) if this persists",
+                    listener.lower(),
+                    e.strerror or reason,
+                    wait,
+                )
+            await asyncio.sleep(wait)
+            continue
+        conn.setblocking(False)
+        serve(conn)

@@ -23,7 +23,6 @@ demo: setup
 
 # Benchmarks (bench/README.md): the full run (< 15 min) updates bench/RESULTS.md; QUICK=1 (< 2 min).
 bench: setup
-	$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[bench]'
 	$(PY) -m bench $(if $(QUICK),--quick,)
 
 

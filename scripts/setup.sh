@@ -4,7 +4,7 @@
 #   2. the kernel-headers link BCC needs when the running kernel ships no headers package,
 #   3. bpffs mounted at /sys/fs/bpf,
 #   4. a virtualenv .venv on Debian's python3 in which `import bcc` loads Debian's module,
-#   5. the project installed editable with its test and dev extras.
+#   5. the project installed editable with its test, dev and bench extras.
 # Idempotent: a second run checks and changes nothing, in a few seconds.
 #
 # `scripts/setup.sh --image` is the same recipe for the container image (Dockerfile): only the
@@ -55,7 +55,7 @@ if [ "$MODE" = host ]; then
     KREL=$(uname -r)
     MOD="/lib/modules/$KREL"
     if [ ! -e "$MOD/build/Makefile" ]; then
-        hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)
+        hdr=$(printf '%s\n' /usr/src/linux-headers-*-amd64 | grep -v '\*' | sort -V | tail -n1 || true)
         [ -n "$hdr" ] || die "no kernel headers under /usr/src: apt-get install linux-headers-amd64"
         common=${hdr%-amd64}-common
         mkdir -p "$MOD"
@@ -87,14 +87,15 @@ fi
 
 # 5. The project ---------------------------------------------------------------------------------
 STAMP="$VENV/.nodemesh-installed"
+EXTRAS="test,dev,bench"
 if [ "$MODE" = image ]; then
     say "installing nodemesh (non-editable, no extras) into $VENV"
     "$VENV/bin/pip" install -q --no-cache-dir .
-elif [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-    say "installing nodemesh (editable) with test and dev extras"
+elif [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$(cat "$STAMP")" != "$EXTRAS" ]; then
+    say "installing nodemesh (editable) with the $EXTRAS extras"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e ".[test,dev]"
-    touch "$STAMP"
+    "$VENV/bin/pip" install -q -e ".[$EXTRAS]"
+    echo "$EXTRAS" > "$STAMP"
 fi
 "$VENV/bin/python" -c 'import bcc, agent' || die "import bcc failed in $VENV: reinstall python3-bpfcc"
 say "ready ($VENV)"

@@ -30,7 +30,6 @@ WORKLOADS = {"bulk_1", "bulk_4", "rr", "conn"}
 def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("the bench builds a lab: needs root")
-    pytest.importorskip("matplotlib", reason="make bench installs the bench extra")
     name = "bt" + secrets.token_hex(3)
     try:
         done = subprocess.run(

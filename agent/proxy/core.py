@@ -13,8 +13,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer, Request
-from agent.policy.peerauth import PeerAuthenticator
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer, Decision, Request
+from agent.policy.peerauth import STRICT, PeerAuthenticator
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
 from agent.proxy.records import ConnectionRecord, Registry
@@ -22,6 +22,9 @@ from agent.proxy.sockets import PROXY_MARK
 from agent.state import Snapshot, StateStore, Workload
 
 log = logging.getLogger(__name__)
+
+# The ``policy`` label of a denial by PeerAuthentication STRICT (metrics, access log).
+STRICT_DENIAL = "peer-authentication-strict"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,18 @@ class Policies:
     version: int
     authz: Authorizer
     peerauth: PeerAuthenticator
+
+    def live(self, request: Request, workload: Workload) -> Decision:
+        """Is a connection that is already open still allowed? AuthorizationPolicy for all of
+        them, and PeerAuthentication for plaintext ones: a workload switched to STRICT must not
+        keep plaintext connections it admitted while PERMISSIVE."""
+        if request.principal is None and (
+            self.peerauth.mode(workload, request.destination_port) == STRICT
+        ):
+            return Decision(
+                False, "PeerAuthentication is STRICT (mTLS required)", policy=STRICT_DENIAL
+            )
+        return self.authz.evaluate(request, workload)
 
 
 class Core:
@@ -113,7 +128,7 @@ class Core:
 
         def recheck() -> None:
             policies = self.policies()
-            closed = self.registry.recheck(policies.authz.evaluate)
+            closed = self.registry.recheck(policies.live)
             if closed:
                 log.info("policy change closed %d live connection(s)", closed)
 

@@ -194,6 +194,22 @@ async def test_applying_deny_closes_live_connection(mesh: Mesh) -> None:
     writer.close()
 
 
+@mesh_test
+async def test_switching_to_strict_closes_live_plaintext_connections(mesh: Mesh) -> None:
+    port = mesh.app(SERVER, echo_peer)
+    plain_r, plain_w = await mesh.connect(OUTSIDER, (SERVER, port), via="inbound", proxy=mesh.node2)
+    assert await plain_r.readline() == f"peer={OUTSIDER}\n".encode()
+    mtls_r, mtls_w = await mesh.connect(CLIENT, (SERVER, port))
+    assert await mtls_r.readline() == f"peer={CLIENT}\n".encode()
+    set_policies(mesh.store, policy("PeerAuthentication", {"mtls": {"mode": "STRICT"}}))
+    assert await asyncio.wait_for(_read_until_closed(plain_r), 10) == b""
+    assert mesh.node2.core.registry.denials["peer-authentication-strict"] == 1
+    mtls_w.write(b"still here\n")
+    assert await asyncio.wait_for(mtls_r.readline(), 10) == b"still here\n"
+    for w in (plain_w, mtls_w):
+        w.close()
+
+
 async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
     try:
         return await reader.read()

@@ -54,12 +54,10 @@ class Outbound:
         self, client: socket.socket, original_dst: tuple[str, int] | None = None
     ) -> None:
         """Serve one captured connection; ``original_dst`` overrides ``getsockname()`` (tests)."""
-        try:
-            src_ip, src_port = client.getpeername()[:2]
-            dst_ip, dst_port = original_dst or client.getsockname()[:2]
-        except OSError:
-            client.close()
+        addresses = sockets.captured_addresses(client, original_dst)
+        if addresses is None:
             return
+        src_ip, src_port, dst_ip, dst_port = addresses
         snap = self.core.snapshot()
         source = self.resolver.source(snap, src_ip)
         try:

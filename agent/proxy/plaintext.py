@@ -30,12 +30,10 @@ class InboundPlaintext:
         self, client: socket.socket, original_dst: tuple[str, int] | None = None
     ) -> None:
         """Serve one captured connection; ``original_dst`` overrides ``getsockname()`` (tests)."""
-        try:
-            src_ip, src_port = client.getpeername()[:2]
-            dst_ip, dst_port = original_dst or client.getsockname()[:2]
-        except OSError:
-            client.close()
+        addresses = sockets.captured_addresses(client, original_dst)
+        if addresses is None:
             return
+        src_ip, src_port, dst_ip, dst_port = addresses
         record = ConnectionRecord(
             INBOUND, f"{src_ip}:{src_port}", f"{dst_ip}:{dst_port}", path="plaintext"
         )

@@ -48,6 +48,22 @@ async def connect(
     return sock
 
 
+def captured_addresses(
+    client: socket.socket, original_dst: tuple[str, int] | None = None
+) -> tuple[str, int, str, int] | None:
+    """(source ip, source port, original destination ip, port) of a captured connection: the
+    destination is ``getsockname()``, since capture assigned the SYN to our listener without
+    rewriting it (``original_dst`` overrides it in tests). ``None`` when the client is already
+    gone; the socket is then closed."""
+    try:
+        src_ip, src_port = client.getpeername()[:2]
+        dst_ip, dst_port = original_dst or client.getsockname()[:2]
+    except OSError:
+        client.close()
+        return None
+    return src_ip, src_port, dst_ip, dst_port
+
+
 def nodelay(sock: socket.socket) -> None:
     """No Nagle on an accepted socket: the proxy forwards what it reads at once, and a 1 KB
     response held back waiting for an ACK would add a round trip to every request."""

@@ -312,12 +312,15 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.fake.store
         bookmarks = _flag(query.get("allowWatchBookmarks"))
         deadline = time.monotonic() + float(query.get("timeoutSeconds") or 3600)
+        # The epoch is taken before the headers go out: a client that has its response may
+        # restart the server at once, and that restart must cut this watch.
+        with store.cond:
+            epoch = store.epoch
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         with store.cond:
-            epoch = store.epoch
             requested = query.get("resourceVersion", "")
             if requested in ("", "0"):
                 _, items = store.list_objects(resource, namespace, selector)

@@ -113,7 +113,9 @@ def test_watch_from_compacted_version_is_gone(api: FakeApiServer) -> None:
 
 def test_restart_cuts_open_watches(api: FakeApiServer) -> None:
     core = client.CoreV1Api(_client(api))
-    resp = core.list_namespace(watch=True, resource_version="1", _preload_content=False)
+    resp = core.list_namespace(
+        watch=True, resource_version="1", _preload_content=False, _request_timeout=30
+    )
     api.restart()
     with pytest.raises(urllib3.exceptions.ProtocolError):
         _events(resp, 1)

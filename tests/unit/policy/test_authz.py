@@ -7,17 +7,10 @@ from typing import Any
 import pytest
 
 from agent.policy.authz import Authorizer, Request, string_matcher
-from agent.state.model import PolicyObject, Workload
+from agent.state.model import PolicyObject
+from tests.workloads import workload
 
-SERVER = Workload(
-    uid="default/server",
-    name="server",
-    namespace="default",
-    service_account="server",
-    node="node1",
-    ips=("10.244.1.3",),
-    labels={"app": "server"},
-)
+SERVER = workload("server", "node1", "10.244.1.3", app="server")
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 OTHER_ID = "spiffe://cluster.local/ns/other/sa/intruder"
 

@@ -7,17 +7,10 @@ from typing import Any
 import pytest
 
 from agent.policy.peerauth import PERMISSIVE, STRICT, PeerAuthenticator
-from agent.state.model import PolicyObject, Workload
+from agent.state.model import PolicyObject
+from tests.workloads import workload
 
-POD = Workload(
-    uid="default/server",
-    name="server",
-    namespace="default",
-    service_account="server",
-    node="node1",
-    ips=("10.244.1.3",),
-    labels={"app": "server"},
-)
+POD = workload("server", "node1", "10.244.1.3", app="server")
 
 
 def pa(
@@ -80,13 +73,5 @@ def test_mode(policies: list[PolicyObject], port: int, expected: str) -> None:
 
 
 def test_selector_not_matching_is_ignored() -> None:
-    other = Workload(
-        uid="default/db",
-        name="db",
-        namespace="default",
-        service_account="db",
-        node="n",
-        ips=("10.0.0.9",),
-        labels={"app": "db"},
-    )
+    other = workload("db", "n", "10.0.0.9", app="db")
     assert PeerAuthenticator.compile([pa(STRICT, sel=True)]).mode(other, 80) == PERMISSIVE

@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from agent.telemetry.registry import counter
+from agent.base.metrics import counter
 
 log = logging.getLogger(__name__)
 

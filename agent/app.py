@@ -33,8 +33,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from agent.acceptor import accept_forever
-from agent.admin.http import HttpServer, Request, Response
 from agent.admin.wiring import observability
+from agent.base.http import HttpServer, Request, Response
 from agent.config import PROXY_MARK, AgentConfig, ConfigError, add_arguments, from_args
 from agent.datapath.datapath import Datapath, uninstall
 from agent.datapath.layout import Listener
@@ -156,7 +156,7 @@ def connection_handler(config: AgentConfig, found: list[Component]) -> Connectio
 
 class ReadinessServer:
     """``GET /healthz/ready``: 200 when nothing is pending, else 503 with a JSON list of what
-    is not ready (served by ``agent.admin.http``, like metrics and the admin API)."""
+    is not ready (served by ``agent.base.http``, like metrics and the admin API)."""
 
     def __init__(self, not_ready: Callable[[], list[str]]) -> None:
         self._not_ready = not_ready

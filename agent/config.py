@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.ca.cli import parse_duration
+from agent.base.durations import parse_duration
 from agent.datapath.datapath import DatapathConfig
 from agent.datapath.listeners import ListenerPorts
 from agent.datapath.programs import Marks

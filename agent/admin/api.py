@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from agent import __version__
 from agent.admin import views
-from agent.admin.http import Request, Response
+from agent.base.http import Request, Response
 from agent.state import StateStore
 from agent.telemetry.loglevel import LogLevelError, levels, set_level
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.admin.api import AdminApi, AdminSources
-from agent.admin.endpoint import HttpComponent
+from agent.base.endpoint import HttpComponent
 
 
 class AdminComponent(HttpComponent):

@@ -26,8 +26,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtensionOID
 
+from agent.base.caproto import IMPERSONATED_IDENTITY_KEY
 from agent.ca.authority import Authority
-from agent.ca.proto import IMPERSONATED_IDENTITY_KEY
 from agent.identity.certs import uri_sans
 from agent.identity.spiffe import SpiffeId, SpiffeIdError
 

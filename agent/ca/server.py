@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.ca import proto
+from agent.base import caproto
 from agent.ca.auth import Authenticator, bearer_token
 from agent.ca.authority import Authority, key_pem
 from agent.ca.issuer import Issuer, Rejected
@@ -52,7 +52,7 @@ class CertificateService:
                 caller=caller,
                 csr_pem=request.csr,
                 validity_seconds=request.validity_duration,
-                metadata=proto.request_metadata(request),
+                metadata=caproto.request_metadata(request),
             )
         except Rejected as e:
             if e.code == grpc.StatusCode.UNAUTHENTICATED:
@@ -61,17 +61,17 @@ class CertificateService:
         except KubeApiError as e:
             log.error("cannot decide the request from %s: %s", peer, e)
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        return proto.IstioCertificateResponse(
-            cert_chain=issued.cert_chain, root_cert=proto.Roots(ca_cert=issued.root_certs)
+        return caproto.IstioCertificateResponse(
+            cert_chain=issued.cert_chain, root_cert=caproto.Roots(ca_cert=issued.root_certs)
         )
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.unary_unary_rpc_method_handler(
             self.create_certificate,
-            request_deserializer=proto.IstioCertificateRequest.FromString,
-            response_serializer=proto.IstioCertificateResponse.SerializeToString,
+            request_deserializer=caproto.IstioCertificateRequest.FromString,
+            response_serializer=caproto.IstioCertificateResponse.SerializeToString,
         )
-        return grpc.method_handlers_generic_handler(proto.SERVICE, {"CreateCertificate": method})
+        return grpc.method_handlers_generic_handler(caproto.SERVICE, {"CreateCertificate": method})
 
 
 def serving_credentials(authority: Authority, names: Sequence[str]) -> grpc.ServerCredentials:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from agent.ca import proto
+from agent.base import caproto
 from agent.identity.certs import CertificateError, WorkloadCertificate, build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
 
@@ -98,9 +98,9 @@ class CaClient:
     @staticmethod
     def _method(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
         return channel.unary_unary(
-            proto.METHOD,
-            request_serializer=proto.IstioCertificateRequest.SerializeToString,
-            response_deserializer=proto.IstioCertificateResponse.FromString,
+            caproto.METHOD,
+            request_serializer=caproto.IstioCertificateRequest.SerializeToString,
+            response_deserializer=caproto.IstioCertificateResponse.FromString,
         )
 
     def _token_value(self) -> str:
@@ -114,10 +114,10 @@ class CaClient:
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         key = generate_key()
-        request = proto.IstioCertificateRequest(
+        request = caproto.IstioCertificateRequest(
             csr=build_csr(identity, key), validity_duration=self._validity
         )
-        request.metadata.fields[proto.IMPERSONATED_IDENTITY_KEY].string_value = str(identity)
+        request.metadata.fields[caproto.IMPERSONATED_IDENTITY_KEY].string_value = str(identity)
         channel = await self._current_channel()
         try:
             response = await self._method(channel)(

@@ -1,6 +1,6 @@
 """CA request outcomes: a counting wrapper around the identity manager's certificate fetcher.
 
-It lives with identity and declares its counter in ``agent.telemetry.registry`` (a leaf module),
+It lives with identity and declares its counter in ``agent.base.metrics`` (a leaf module),
 so identity depends on no other part of telemetry.
 
 Wrapping the fetcher (rather than counting inside the CA client) counts exactly what the
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 
+from agent.base.metrics import counter
 from agent.identity.caclient import CaError
 from agent.identity.certs import WorkloadCertificate
 from agent.identity.manager import Fetcher
 from agent.identity.spiffe import SpiffeId
-from agent.telemetry.registry import counter
 
 CA_REQUESTS = counter(
     "nodemesh_ca_requests_total", "Certificate requests to the mesh CA, by outcome", ["outcome"]

@@ -1,4 +1,4 @@
-"""Traffic-control counters in the agent's metric registry (``agent.telemetry.registry``).
+"""Traffic-control counters in the agent's metric registry (``agent.base.metrics``).
 
 ``agent.policy.traffic`` counts events without knowing about Prometheus; its observer hook calls
 ``observe(service, event, detail)`` here, which increments the matching metric. Label values are
@@ -8,7 +8,7 @@ reasons, causes and fault kinds.
 
 from __future__ import annotations
 
-from agent.telemetry.registry import counter
+from agent.base.metrics import counter
 
 _SERVICE = ["service"]
 

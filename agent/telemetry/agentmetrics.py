@@ -5,7 +5,7 @@ already counts rejections and denials, the identity manager knows every certific
 the BPF programs count captures in a per-CPU map, and the state source counts its lists and
 watch events. Reading those when Prometheus asks costs the data path nothing and cannot drift
 from the numbers the admin API shows. Metrics that have no other home (CA request outcomes,
-traffic control) are declared in ``agent.telemetry.registry`` and incremented where they happen.
+traffic control) are declared in ``agent.base.metrics`` and incremented where they happen.
 
 Every label value here comes from a bounded set: a rejection reason, a policy name, a local
 identity, a BPF program and counter, a Kubernetes resource.

@@ -1,7 +1,7 @@
 """Telemetry as a component of ``nodemesh agent``: ``GET /metrics`` on ``--metrics-port``.
 
 The endpoint serves one ``CollectorRegistry`` per agent holding: the shared declared metrics
-(``agent.telemetry.registry``), the Istio TCP metrics of this agent's proxy (``TcpMetrics``,
+(``agent.base.metrics``), the Istio TCP metrics of this agent's proxy (``TcpMetrics``,
 which is also the access log), and nodemesh's scrape-time collector (``AgentCollector``). It is
 served from the data plane's event loop: collectors read the proxy's live records without locks.
 """
@@ -14,17 +14,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from agent.admin.endpoint import HttpComponent
-from agent.admin.http import Request, Response
+from agent.base.endpoint import HttpComponent
+from agent.base.http import Request, Response
+from agent.base.metrics import REGISTRY
 from agent.proxy.records import Registry
 from agent.state import StateStore
 from agent.telemetry.agentmetrics import AgentCollector, AgentSources
-from agent.telemetry.registry import REGISTRY
 from agent.telemetry.tcp import TcpMetrics
 
 
 class _Declared(Collector):
-    """The metrics declared with ``agent.telemetry.registry`` (shared by the process)."""
+    """The metrics declared with ``agent.base.metrics`` (shared by the process)."""
 
     def collect(self) -> Iterator[Metric]:
         yield from REGISTRY.collect()

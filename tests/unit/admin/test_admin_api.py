@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from agent.admin.api import ENDPOINTS
-from agent.admin.http import Request
+from agent.base.http import Request
 from tests.unit.admin.admin_helpers import admin_with_certificate, private_key_texts
 from tests.unit.telemetry.telemetry_helpers import CLIENT_ID
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.admin.http import HttpServer
+from agent.base.http import HttpServer
 from agent.cli import main
 from agent.telemetry.accesslog import connection_entry
 from agent.telemetry.labels import endpoint_services, tcp_labels

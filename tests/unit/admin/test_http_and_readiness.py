@@ -6,8 +6,8 @@ import asyncio
 import socket
 from pathlib import Path
 
-from agent.admin.http import HttpServer, Request, Response, parse_request_line
 from agent.app import Agent
+from agent.base.http import HttpServer, Request, Response, parse_request_line
 from agent.config import AgentConfig
 from agent.datapath.layout import Listener
 

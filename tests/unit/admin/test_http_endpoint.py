@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from agent.admin.endpoint import HttpComponent
+from agent.base.endpoint import HttpComponent
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from tests.unit.telemetry.telemetry_helpers import make_store

@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from agent.ca import proto
+from agent.base import caproto
 from agent.ca.inprocess import InProcessCA
 from agent.identity.caclient import CA_SERVER_NAME
 
@@ -21,9 +21,9 @@ class RawClient:
             options=[("grpc.ssl_target_name_override", CA_SERVER_NAME)],
         )
         self.call = self.channel.unary_unary(
-            proto.METHOD,
-            request_serializer=proto.IstioCertificateRequest.SerializeToString,
-            response_deserializer=proto.IstioCertificateResponse.FromString,
+            caproto.METHOD,
+            request_serializer=caproto.IstioCertificateRequest.SerializeToString,
+            response_deserializer=caproto.IstioCertificateResponse.FromString,
         )
 
     def __enter__(self) -> RawClient:
@@ -41,9 +41,9 @@ class RawClient:
         validity: int = 0,
         extra_metadata: dict[str, Any] | None = None,
     ) -> Any:
-        req = proto.IstioCertificateRequest(csr=csr, validity_duration=validity)
+        req = caproto.IstioCertificateRequest(csr=csr, validity_duration=validity)
         if impersonate is not None:
-            req.metadata.update({proto.IMPERSONATED_IDENTITY_KEY: impersonate})
+            req.metadata.update({caproto.IMPERSONATED_IDENTITY_KEY: impersonate})
         if extra_metadata:
             req.metadata.update(extra_metadata)
         md = (("authorization", f"Bearer {token}"),) if token is not None else ()

@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.base.caproto import METHOD
 from agent.ca.auth import StoreNodeAuthorizer
 from agent.ca.inprocess import InProcessCA
 from agent.ca.issuer import Caller, Issuer, Rejected, parse_csr
-from agent.ca.proto import METHOD
 from agent.ca.storage import load_or_create_dir
 from agent.identity.caclient import CA_SERVER_NAME
 from agent.identity.certs import build_csr, generate_key

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.ca import proto
+from agent.base import caproto
 
 # Istio's security/v1alpha1/ca.proto (istio/api), messages and service only.
 ISTIO_CA_PROTO = """
@@ -46,8 +46,8 @@ def test_wire_bytes_match_protoc_output(tmp_path: Path) -> None:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("istio_ca_pb2", None)
 
-    ours = proto.IstioCertificateRequest(csr="CSR", validity_duration=3600)
-    ours.metadata.fields[proto.IMPERSONATED_IDENTITY_KEY].string_value = "spiffe://td/ns/a/sa/b"
+    ours = caproto.IstioCertificateRequest(csr="CSR", validity_duration=3600)
+    ours.metadata.fields[caproto.IMPERSONATED_IDENTITY_KEY].string_value = "spiffe://td/ns/a/sa/b"
     theirs = ref.IstioCertificateRequest(csr="CSR", validity_duration=3600)
     theirs.metadata.update({"ImpersonatedIdentity": "spiffe://td/ns/a/sa/b"})
     assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(
@@ -56,7 +56,7 @@ def test_wire_bytes_match_protoc_output(tmp_path: Path) -> None:
 
     resp = ref.IstioCertificateResponse(cert_chain=["leaf", "root"])
     resp.root_cert.ca_cert.extend(["root", "old-root"])
-    decoded = proto.IstioCertificateResponse.FromString(resp.SerializeToString())
+    decoded = caproto.IstioCertificateResponse.FromString(resp.SerializeToString())
     assert list(decoded.cert_chain) == ["leaf", "root"]
     assert list(decoded.root_cert.ca_cert) == ["root", "old-root"]
-    assert ref.DESCRIPTOR.services_by_name["IstioCertificateService"].full_name == proto.SERVICE
+    assert ref.DESCRIPTOR.services_by_name["IstioCertificateService"].full_name == caproto.SERVICE

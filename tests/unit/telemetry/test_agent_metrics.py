@@ -9,13 +9,13 @@ from collections import Counter
 import grpc
 import pytest
 
+from agent.base.metrics import MetricDeclarationError, counter
 from agent.identity.caclient import CaError
 from agent.identity.metrics import CountingFetcher
 from agent.identity.spiffe import SpiffeId
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.loglevel import LogLevelError, levels, set_level
-from agent.telemetry.registry import MetricDeclarationError, counter
 from tests.unit.telemetry.telemetry_helpers import CLIENT_ID, make_store, samples, total
 
 CERT_STATES = [

@@ -19,7 +19,7 @@ Each agent's metrics endpoint serves this registry together with its own collect
 
 Example (traffic control)::
 
-    from agent.telemetry.registry import counter
+    from agent.base.metrics import counter
     CIRCUIT_OPEN = counter("nodemesh_circuit_breaker_open_total", "Circuits opened", ["service"])
     CIRCUIT_OPEN.labels(service=host).inc()
 """

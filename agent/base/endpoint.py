@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from agent.admin.http import Handler, HttpServer
+from agent.base.http import Handler, HttpServer
 
 
 class HttpComponent:

@@ -6,7 +6,7 @@ Theory of operation:
      or load the capture programs, open the transparent listeners, register them in the
      programs' SOCKMAP, and reconcile once. From then on, meshed pods' connections are captured.
   2. In the event loop (uvloop): accept captured connections and hand them to the connection
-     handler (the node proxy once wired in; until then the passthrough relay), keep the
+     handler (the node proxy; without a CA, plain passthrough), keep the
      datapath in step with state changes (in a worker thread, coalesced), run the plug-in
      components, and serve readiness on ``--ready-port`` from this same loop so that "ready"
      proves the loop turns.
@@ -15,9 +15,10 @@ Theory of operation:
      open connections ``--drain-seconds`` to finish, then exit 0. Programs, maps and filters stay
      pinned for the next agent; ``--uninstall`` removes them.
 
-Plug-in points for the other components (small edits here): ``components()`` returns objects
-with ``start``/``not_ready``/``stop`` (the identity manager, the admin API...), and
-``connection_handler()`` returns what serves the listeners (the proxy).
+The parts: ``mesh_components()`` builds the identity manager and the node proxy (with a CA),
+``connection_handler()`` picks what serves the listeners, and ``agent.wiring.observability``
+adds metrics and the admin API over all of them. Each is an ``agent.base.component.Component``
+(start, readiness reasons, begin drain, stop), driven in that order by ``Agent``.
 """
 
 from __future__ import annotations
@@ -30,19 +31,23 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from agent.acceptor import accept_forever
-from agent.admin.wiring import observability
+from agent.base.component import Component, StateSource
+from agent.base.constants import Listener
 from agent.base.http import HttpServer, Request, Response
-from agent.config import PROXY_MARK, AgentConfig, ConfigError, add_arguments, from_args
+from agent.config import AgentConfig, ConfigError, add_arguments, from_args
 from agent.datapath.datapath import Datapath, uninstall
-from agent.datapath.layout import Listener
 from agent.datapath.listeners import open_listeners
 from agent.datapath.programs import ProgramLoadError
-from agent.datapath.relay import PassthroughRelay
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
+from agent.wiring import local_pods, observability
+
+if TYPE_CHECKING:
+    from agent.identity.component import IdentityComponent
+    from agent.proxy.component import ProxyComponent
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +59,6 @@ class ConnectionHandler(Protocol):
     """Serves one captured connection; ``listener`` says which port captured it."""
 
     async def handle(self, conn: socket.socket, listener: Listener) -> None: ...
-
-
-class Component(Protocol):
-    """Something the agent starts, asks for readiness and stops on drain."""
-
-    name: str
-
-    async def start(self) -> None: ...
-
-    def not_ready(self) -> list[str]: ...
-
-    async def stop(self) -> None: ...
-
-
-class StateSource(Protocol):
-    """The writer of the agent's state: ``start`` loads it (synchronously) and follows it in
-    its own thread; ``stop`` on drain."""
-
-    @property
-    def ready(self) -> bool: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
 
 
 class StartupError(RuntimeError):
@@ -121,37 +102,41 @@ def open_source(config: AgentConfig, store: StateStore) -> StateSource:
     return kube
 
 
-def components(config: AgentConfig, store: StateStore) -> list[Component]:
-    """The plug-in components of this agent (identity, admin, telemetry as they land)."""
-    found: list[Component] = []
-    if config.ca is not None:
-        from agent.identity.component import IdentityComponent
-        from agent.proxy.component import ProxyComponent
-        from agent.proxy.core import Core
-        from agent.proxy.server import NodeProxy
-
-        identity = IdentityComponent(
-            node=config.node,
-            store=store,
-            ca_address=config.ca.address,
-            ca_root=config.ca.root,
-            token_file=config.ca.token_file,
-            server_name=config.ca.server_name,
-            validity_seconds=config.ca.cert_ttl_seconds,
-        )
-        found.append(identity)
-        core = Core(node=config.node, store=store, identities=identity.manager)
-        found.append(ProxyComponent(NodeProxy(core)))
-    return found
-
-
-def connection_handler(config: AgentConfig, found: list[Component]) -> ConnectionHandler:
-    """What serves captured connections: the node proxy, which needs workload certificates
-    (``--ca-address``); without a CA, the passthrough relay (no mTLS, no policy)."""
+def mesh_components(
+    config: AgentConfig, store: StateStore
+) -> tuple[IdentityComponent | None, ProxyComponent | None]:
+    """The identity manager and the node proxy, which needs its certificates; neither without
+    a CA (``--ca-address``)."""
+    if config.ca is None:
+        return None, None
+    from agent.identity.component import IdentityComponent
     from agent.proxy.component import ProxyComponent
+    from agent.proxy.core import Core, ProxySettings
+    from agent.proxy.server import NodeProxy
 
-    proxy = next((c for c in found if isinstance(c, ProxyComponent)), None)
-    return proxy if proxy is not None else PassthroughRelay(mark=PROXY_MARK)
+    identity = IdentityComponent(
+        node=config.node,
+        store=store,
+        ca_address=config.ca.address,
+        ca_root=config.ca.root,
+        token_file=config.ca.token_file,
+        server_name=config.ca.server_name,
+        validity_seconds=config.ca.cert_ttl_seconds,
+    )
+    # Loop protection: the ports this agent listens on, as configured (not the defaults).
+    settings = ProxySettings(proxy_ports=config.own_ports())
+    core = Core(node=config.node, store=store, identities=identity.manager, settings=settings)
+    return identity, ProxyComponent(NodeProxy(core))
+
+
+def connection_handler(proxy: ProxyComponent | None) -> ConnectionHandler:
+    """What serves captured connections: the node proxy; without a CA, plain passthrough (no
+    mTLS, no policy)."""
+    if proxy is not None:
+        return proxy
+    from agent.proxy.passthrough import Passthrough
+
+    return Passthrough()
 
 
 class ReadinessServer:
@@ -184,8 +169,9 @@ class Agent:
         self.datapath = Datapath(config.datapath())
         self.source: StateSource | None = None
         self.listeners: dict[Listener, socket.socket] = {}
-        self.components: list[Component] = components(config, self.store)
-        self.handler: ConnectionHandler = connection_handler(config, self.components)
+        self.identity, self.proxy = mesh_components(config, self.store)
+        self.handler: ConnectionHandler = connection_handler(self.proxy)
+        self.components: list[Component] = [c for c in (self.identity, self.proxy) if c]
         self.components += observability(self)  # metrics and admin API observe the rest
         self._connections: set[asyncio.Task[None]] = set()
         self._dirty = asyncio.Event()
@@ -200,7 +186,7 @@ class Agent:
         self.datapath.start()
         self.listeners = open_listeners(self.config.listeners)
         self.datapath.register_listeners(self.listeners)
-        self.datapath.reconcile(self.store.snapshot())
+        self.datapath.reconcile(local_pods(self.store.snapshot(), self.config.node))
         self._synced = True
 
     # -- in the loop -----------------------------------------------------------------------
@@ -215,7 +201,8 @@ class Agent:
         if len(self.listeners) != len(Listener) or any(
             s.fileno() == -1 for s in self.listeners.values()
         ):
-            reasons.append("listeners: not all of 15001/15006/15008 are open")
+            ports = "/".join(str(p) for p in self.config.listeners.by_slot().values())
+            reasons.append(f"listeners: not all of {ports} are open")
         if self.source is not None and not self.source.ready:
             reasons.append("state: not loaded")
         for c in self.components:
@@ -269,9 +256,7 @@ class Agent:
         for sock in self.listeners.values():
             sock.close()  # its SOCKMAP entry goes with it: new SYNs now fail closed
         for c in self.components:
-            begin_drain = getattr(c, "begin_drain", None)  # the proxy: GOAWAY to its peers
-            if begin_drain is not None:
-                begin_drain()
+            c.begin_drain()  # the proxy: GOAWAY to its peers
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -314,7 +299,8 @@ class Agent:
                 await asyncio.wait_for(self._dirty.wait(), RESYNC_SECONDS)
             self._dirty.clear()
             try:
-                await asyncio.to_thread(self.datapath.reconcile, self.store.snapshot())
+                pods = local_pods(self.store.snapshot(), self.config.node)
+                await asyncio.to_thread(self.datapath.reconcile, pods)
                 self._reconcile_error = None
             except (OSError, LookupError) as e:  # netlink/bpf errors, a named uplink gone
                 self._reconcile_error = str(e)

@@ -11,6 +11,15 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.base.constants import (
+    ADMIN_PORT,
+    CA_PORT,
+    CAPTURE_MARK,
+    METRICS_PORT,
+    PROXY_MARK,
+    READY_PORT,
+    ROUTE_TABLE,
+)
 from agent.base.durations import parse_duration
 from agent.datapath.datapath import DatapathConfig
 from agent.datapath.listeners import ListenerPorts
@@ -19,7 +28,6 @@ from agent.datapath.routing import RoutingConfig
 from agent.identity.caclient import CA_SERVER_NAME
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/nodemesh")
-PROXY_MARK = 0x539
 
 
 class ConfigError(ValueError):
@@ -50,12 +58,12 @@ class AgentConfig:
     uplinks: tuple[str, ...] = ()
     fail_open: bool = False
     ca: CaSettings | None = None
-    admin_address: tuple[str, int] = ("127.0.0.1", 15000)
-    metrics_port: int = 15020
-    ready_port: int = 15021
+    admin_address: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
+    metrics_port: int = METRICS_PORT
+    ready_port: int = READY_PORT
     drain_seconds: float = 5.0
-    capture_mark: int = 0x1539
-    route_table: int = 1539
+    capture_mark: int = CAPTURE_MARK
+    route_table: int = ROUTE_TABLE
     listeners: ListenerPorts = field(default_factory=ListenerPorts)
 
     @property
@@ -64,9 +72,23 @@ class AgentConfig:
             capture_mark=self.capture_mark, table=self.route_table, rule_priority=self.route_table
         )
 
+    def own_ports(self) -> frozenset[int]:
+        """Every port this agent listens on: never a valid destination for the proxy (loop
+        protection), whatever the flags moved."""
+        ports = self.listeners
+        return frozenset(
+            {
+                ports.outbound,
+                ports.inbound,
+                ports.hbone,
+                self.admin_address[1],
+                self.metrics_port,
+                self.ready_port,
+            }
+        )
+
     def datapath(self) -> DatapathConfig:
         return DatapathConfig(
-            node=self.node,
             pin_dir=self.pin_dir,
             uplinks=self.uplinks,
             fail_open=self.fail_open,
@@ -109,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let meshed pods' connections through uncaptured while no listener is present "
         "(default: fail closed, they are dropped and retried)",
     )
-    parser.add_argument("--ca-address", metavar="HOST:PORT", help="mesh CA (port 15012)")
+    parser.add_argument("--ca-address", metavar="HOST:PORT", help=f"mesh CA (port {CA_PORT})")
     parser.add_argument("--ca-root", type=Path, help="PEM root certificate of the mesh CA")
     parser.add_argument("--token-file", type=Path, help="bearer token presented to the CA")
     parser.add_argument(
@@ -125,14 +147,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DURATION",
         help="validity to request for workload certificates, e.g. 12h (default: the CA's)",
     )
-    parser.add_argument("--admin-address", default="127.0.0.1:15000", metavar="HOST:PORT")
-    parser.add_argument("--metrics-port", type=int, default=15020)
-    parser.add_argument("--ready-port", type=int, default=15021)
+    parser.add_argument("--admin-address", default=f"127.0.0.1:{ADMIN_PORT}", metavar="HOST:PORT")
+    parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
+    parser.add_argument("--ready-port", type=int, default=READY_PORT)
     parser.add_argument("--drain-seconds", type=float, default=5.0)
     parser.add_argument(
-        "--capture-mark", type=_int, default=0x1539, help="fwmark of captured packets"
+        "--capture-mark", type=_int, default=CAPTURE_MARK, help="fwmark of captured packets"
     )
-    parser.add_argument("--route-table", type=_int, default=1539, help="table for captured packets")
+    parser.add_argument(
+        "--route-table", type=_int, default=ROUTE_TABLE, help="table for captured packets"
+    )
     parser.add_argument(
         "--uninstall",
         action="store_true",
@@ -143,7 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _host_port(flag: str, value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{flag} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:15000")
+        raise ConfigError(f"{flag} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:{ADMIN_PORT}")
     return host, int(port)
 
 

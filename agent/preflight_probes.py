@@ -24,7 +24,6 @@ CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
 _BPF_MAP_CREATE = 0
 _MAP_TYPE_ARRAY, _MAP_TYPE_SOCKMAP = 2, 15
-IP_TRANSPARENT = 19
 TC_INGRESS_PARENT = "ffff:fff2"
 
 # The same steering the agent does: find the socket of a flow and assign the packet to it.
@@ -193,7 +192,7 @@ def clsact_cls_bpf() -> str:
 def ip_transparent() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
         except OSError as e:
             raise Unsupported(f"setsockopt(IP_TRANSPARENT) failed: {e.strerror}") from e
     return "set on a TCP socket"

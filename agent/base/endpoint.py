@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 
+from agent.base.component import Component
 from agent.base.http import Handler, HttpServer
 
 
-class HttpComponent:
+class HttpComponent(Component):
     """Base of the agent components that are one HTTP endpoint; subclasses set the texts."""
 
     name: str

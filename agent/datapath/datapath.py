@@ -20,19 +20,20 @@ import dataclasses
 import logging
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from agent.base.constants import Listener
 from agent.datapath import bpfsys, programs, routing, tc
-from agent.datapath.desired import Plan, local_pods, plan
+from agent.datapath.desired import LocalPod, Plan, plan
 from agent.datapath.layout import (
     SETTING_FAIL_OPEN,
     AddrKey,
     Counter,
     LayoutError,
-    Listener,
     PodEntry,
     PodValue,
     Program,
@@ -42,7 +43,6 @@ from agent.datapath.layout import (
     pod_entry,
     pod_value,
 )
-from agent.state import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ PROGRAM_FOR_ROLE = {"pod": Program.POD_INGRESS, "uplink": Program.UPLINK_INGRESS
 
 @dataclass(frozen=True)
 class DatapathConfig:
-    node: str
     pin_dir: Path
     uplinks: tuple[str, ...] = ()
     fail_open: bool = False
@@ -120,10 +119,10 @@ class Datapath:
                 entries[entry.ip] = entry
         return entries
 
-    def reconcile(self, snapshot: Snapshot) -> Plan:
-        """Bring maps and filters in line with ``snapshot``; logs and returns what changed."""
+    def reconcile(self, pods: Sequence[LocalPod]) -> Plan:
+        """Bring maps and filters in line with this node's ``pods``; logs and returns what
+        changed."""
         with self._lock, IPRoute() as ipr:
-            pods = local_pods(snapshot, self.config.node)
             ifaces = {p.ip: routing.interface_of(ipr, p.ip) for p in pods}
             attached = tc.attached_interfaces(ipr)
             if not self._swapped:

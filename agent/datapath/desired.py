@@ -1,8 +1,10 @@
-"""What the kernel should hold, computed from the state: pure functions, no kernel access.
+"""What the kernel should hold: pure functions, no kernel access.
 
-The reconciler feeds these the current snapshot and what it read from the kernel and applies
-the resulting plan; keeping the decision here means "running it twice changes nothing" and "a
-pod that disappears loses its entries" are properties of plain data, tested without root.
+The reconciler feeds these this node's pods (``LocalPod``: plain data the agent derives from its
+state, so the datapath does not depend on the state's model) and what it read from the kernel,
+and applies the resulting plan; keeping the decision here means "running it twice changes
+nothing" and "a pod that disappears loses its entries" are properties of plain data, tested
+without root.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from agent.datapath.layout import PodEntry
-from agent.state import Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,23 +40,6 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not (self.put or self.delete or self.attach_pod or self.attach_uplink or self.detach)
-
-
-def local_pods(snapshot: Snapshot, node: str) -> list[LocalPod]:
-    """Every pod of ``node`` that has an IP (meshed or not: a non-meshed pod's veth still needs
-    the program, for its connections to meshed pods on the same node)."""
-    pods = []
-    for w in snapshot.workloads_on(node):
-        if w.host_network:
-            continue
-        meshed = snapshot.is_meshed(w)
-        for ip in w.ips:
-            if ":" in ip:  # IPv6 capture is not implemented yet; the maps are ready for it
-                continue
-            pods.append(
-                LocalPod(ip, w.uid, meshed, w.exclude_outbound_ports, w.exclude_inbound_ports)
-            )
-    return pods
 
 
 def plan(

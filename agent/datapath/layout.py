@@ -22,14 +22,6 @@ POD_MESHED = 0x1
 SETTING_FAIL_OPEN = 0x1
 
 
-class Listener(IntEnum):
-    """Slots of the listener SOCKMAP (``NM_LISTENER_*``)."""
-
-    OUTBOUND = 0
-    INBOUND = 1
-    HBONE = 2
-
-
 class Program(IntEnum):
     """The capture programs, in counter order (``NM_PROG_*``)."""
 

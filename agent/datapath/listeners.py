@@ -3,8 +3,8 @@
 ``IP_TRANSPARENT`` lets a socket accept connections addressed to any IP: a captured SYN keeps
 its original destination, so ``getsockname()`` of the accepted socket *is* the original
 destination and no lookup table is needed. The listening sockets are registered in the
-programs' SOCKMAP (``Datapath.register_listeners``) and then handed to whoever serves them:
-the proxy, or until it is wired in, ``agent.datapath.relay``.
+programs' SOCKMAP (``Datapath.register_listeners``) and then served by the agent
+(``agent.app``, with the node proxy).
 """
 
 from __future__ import annotations
@@ -12,17 +12,14 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from agent.datapath.layout import Listener
-
-IP_TRANSPARENT = 19  # <linux/in.h>; not exported by Python's socket module
-SO_MARK = 36
+from agent.base.constants import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, Listener
 
 
 @dataclass(frozen=True)
 class ListenerPorts:
-    outbound: int = 15001
-    inbound: int = 15006
-    hbone: int = 15008
+    outbound: int = OUTBOUND_PORT
+    inbound: int = INBOUND_PORT
+    hbone: int = HBONE_PORT
 
     def by_slot(self) -> dict[Listener, int]:
         return {
@@ -37,7 +34,7 @@ def transparent_listener(port: int, backlog: int = 1024) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
         sock.bind(("0.0.0.0", port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -67,11 +64,3 @@ def open_listeners(ports: ListenerPorts) -> dict[Listener, socket.socket]:
             sock.close()
         raise
     return opened
-
-
-def marked_socket(mark: int) -> socket.socket:
-    """A TCP socket whose traffic carries the proxy's mark, so capture never takes it back."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-    sock.setblocking(False)
-    return sock

@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from agent.base.constants import CAPTURE_MARK, HBONE_PORT, PROXY_MARK
 from agent.datapath import bpfsys
 from agent.datapath.layout import LAYOUT_VERSION, Program
 
@@ -50,9 +51,9 @@ class ProgramLoadError(RuntimeError):
 class Marks:
     """The numbers the programs are compiled with (see ARCHITECTURE.md, "Marks and tables")."""
 
-    proxy_mark: int = 0x539
-    capture_mark: int = 0x1539
-    hbone_port: int = 15008
+    proxy_mark: int = PROXY_MARK
+    capture_mark: int = CAPTURE_MARK
+    hbone_port: int = HBONE_PORT
 
     def cflags(self, include_dir: str) -> list[str]:
         return [

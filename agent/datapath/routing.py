@@ -20,14 +20,16 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agent.base.constants import CAPTURE_MARK, ROUTE_TABLE, RULE_PRIORITY
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    capture_mark: int = 0x1539
-    table: int = 1539
-    rule_priority: int = 1539
+    capture_mark: int = CAPTURE_MARK
+    table: int = ROUTE_TABLE
+    rule_priority: int = RULE_PRIORITY
 
 
 def _rule_present(ipr: IPRoute, cfg: RoutingConfig) -> bool:

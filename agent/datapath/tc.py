@@ -1,7 +1,7 @@
 """Attach the capture programs to interfaces with tc (clsact ingress, direct action).
 
-Our filter is recognised by its priority (``FILTER_PRIO``) and program name on the clsact
-ingress hook, so that other software's filters on the same interface are never touched.
+Our filter is recognised by its priority (``TC_PRIORITY``) and program name on the clsact ingress
+hook, so that other software's filters on the same interface are never touched.
 Attaching uses ``replace``: on an interface that already has our filter (an adopted generation,
 or an older one being upgraded) the kernel swaps the program atomically, so no packet passes
 between the old and the new program. Removing our filter removes the clsact qdisc only when no
@@ -19,9 +19,10 @@ import logging
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agent.base.constants import TC_PRIORITY
+
 log = logging.getLogger(__name__)
 
-FILTER_PRIO = 1539
 INGRESS = 0xFFFFFFF2
 EGRESS = 0xFFFFFFF3
 PROGRAM_NAMES = ("nm_pod_ingress", "nm_uplink_ingress")
@@ -53,7 +54,7 @@ def attach(ipr: IPRoute, ifindex: int, prog_fd: int, name: str) -> None:
             parent="ffff:fff2",
             classid=1,
             direct_action=True,
-            prio=FILTER_PRIO,
+            prio=TC_PRIORITY,
         )
     except NetlinkError as e:
         raise AttachError(
@@ -80,7 +81,7 @@ def ours(ipr: IPRoute, ifindex: int) -> str | None:
     """The name of our program attached to ``ifindex``'s ingress, if any."""
     for f in _filters(ipr, ifindex, INGRESS):
         name = _filter_name(f)
-        if f["info"] >> 16 == FILTER_PRIO and name in PROGRAM_NAMES:  # type: ignore[index]
+        if f["info"] >> 16 == TC_PRIORITY and name in PROGRAM_NAMES:  # type: ignore[index]
             return name
     return None
 
@@ -100,7 +101,7 @@ def detach(ipr: IPRoute, ifindex: int) -> bool:
     if ours(ipr, ifindex) is None:
         return False
     try:
-        ipr.tc("del-filter", "bpf", ifindex, ":1", parent="ffff:fff2", prio=FILTER_PRIO)
+        ipr.tc("del-filter", "bpf", ifindex, ":1", parent="ffff:fff2", prio=TC_PRIORITY)
         if not _filters(ipr, ifindex, INGRESS) and not _filters(ipr, ifindex, EGRESS):
             ipr.tc("del", "clsact", ifindex)
     except NetlinkError as e:

@@ -1,4 +1,4 @@
-"""The identity manager as a component of ``nodemesh agent`` (``agent.app.components``).
+"""The identity manager as a component of ``nodemesh agent`` (``agent.app.mesh_components``).
 
 It owns the CA client and the manager, follows the store for this node's meshed identities once
 the event loop runs, and reports each identity still waiting for its first certificate as a
@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.base.component import Component
 from agent.identity.caclient import CA_SERVER_NAME, CaClient
 from agent.identity.manager import IdentityManager, follow_store
 from agent.identity.metrics import CountingFetcher
 from agent.state import StateStore
 
 
-class IdentityComponent:
+class IdentityComponent(Component):
     name = "identity"
 
     def __init__(
@@ -48,6 +49,10 @@ class IdentityComponent:
 
     def not_ready(self) -> list[str]:
         return [f"identity: no certificate yet for {i}" for i in self.manager.not_ready()]
+
+    def certificates(self) -> list[dict[str, object]]:
+        """Each local identity's state and public certificate facts (metrics, admin API)."""
+        return self.manager.states()
 
     async def stop(self) -> None:
         if self._unsubscribe is not None:

@@ -31,10 +31,11 @@ from agent.policy.traffic.config import TrafficConfig
 from agent.policy.traffic.control import TrafficControl
 from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets, trafficmetrics
-from agent.proxy.records import ConnectionRecord, Refused, cancel_current_task
+from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import Route, ServiceTarget
 from agent.proxy.tunnel import TunnelError
 from agent.state import Snapshot, Workload
+from agent.telemetry.records import ConnectionRecord
 
 if TYPE_CHECKING:
     from agent.proxy.outbound import Outbound, Upstream

@@ -1,24 +1,24 @@
 """The node proxy as a component of ``nodemesh agent`` (see ``agent.app``).
 
 It serves the three listeners (``handle(conn, listener)``), follows policy changes from its
-``start`` on, and drains in two steps: ``begin_drain`` when the agent stops accepting (GOAWAY on
-every HBONE connection, so peers stop opening streams here and idle tunnels close now instead of
-holding the drain for their idle timeout), then ``stop`` after the agent's drain deadline (cuts
-whatever is left).
+``start`` on, and drains in the agent's two steps (``NodeProxy.begin_drain``, then
+``NodeProxy.close``). It also names what the agent's metrics and admin API read from the proxy,
+so that they depend on these few methods and not on the proxy's inner structure.
 """
 
 from __future__ import annotations
 
 import socket
 
-from agent.datapath.layout import Listener
+from agent.base.component import Component
+from agent.base.constants import Listener
 from agent.proxy import sockets
-from agent.proxy.server import HBONE, OUTBOUND, PLAINTEXT, NodeProxy
+from agent.proxy.records import Registry
+from agent.proxy.server import NodeProxy
+from agent.state import Snapshot
 
-_SLOTS = {Listener.OUTBOUND: OUTBOUND, Listener.INBOUND: PLAINTEXT, Listener.HBONE: HBONE}
 
-
-class ProxyComponent:
+class ProxyComponent(Component):
     name = "proxy"
 
     def __init__(self, proxy: NodeProxy) -> None:
@@ -27,17 +27,31 @@ class ProxyComponent:
 
     async def handle(self, conn: socket.socket, listener: Listener) -> None:
         sockets.nodelay(conn)
-        await self._handlers[_SLOTS[listener]](conn)
+        await self._handlers[listener](conn)
 
     async def start(self) -> None:
         self.proxy.start()
 
-    def not_ready(self) -> list[str]:
-        return []
-
     def begin_drain(self) -> None:
-        self.proxy.inbound.goaway_all()
-        self.proxy.pool.goaway_all()
+        self.proxy.begin_drain()
 
     async def stop(self) -> None:
-        await self.proxy.drain(0.0)
+        self.proxy.close()
+
+    # -- what metrics and the admin API read -------------------------------------------------
+    @property
+    def connections(self) -> Registry:
+        """Live connections, rejections and denials; observers are told of each record."""
+        return self.proxy.core.registry
+
+    def pool_size(self) -> int:
+        """Outbound HBONE connections held in the pool."""
+        return len(self.proxy.pool.connections())
+
+    def inbound_tunnels(self) -> int:
+        """Inbound HBONE connections from peers."""
+        return len(self.proxy.inbound.connections)
+
+    def traffic(self, snap: Snapshot) -> dict[str, object]:
+        """Traffic control's view (``TrafficControl.describe``) for the admin API."""
+        return self.proxy.outbound.balanced.traffic.describe(snap)

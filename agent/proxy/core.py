@@ -13,13 +13,22 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.base.constants import (
+    ADMIN_PORT,
+    HBONE_PORT,
+    INBOUND_PORT,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+    PROXY_MARK,
+    READY_PORT,
+)
 from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer, Decision, Request
 from agent.policy.peerauth import STRICT, PeerAuthenticator
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
-from agent.proxy.records import ConnectionRecord, Registry
-from agent.proxy.sockets import PROXY_MARK
+from agent.proxy.records import Registry
 from agent.state import Snapshot, StateStore, Workload
+from agent.telemetry.records import ConnectionRecord
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +39,13 @@ STRICT_DENIAL = "peer-authentication-strict"
 @dataclass(frozen=True)
 class ProxySettings:
     mark: int = PROXY_MARK
-    hbone_port: int = 15008
-    # Never valid tunnel or plaintext targets (loop protection): the proxy's own ports.
-    proxy_ports: frozenset[int] = frozenset({15000, 15001, 15006, 15008, 15020, 15021})
+    hbone_port: int = HBONE_PORT
+    # Never valid tunnel or plaintext targets (loop protection): the ports the agent listens on.
+    # These are the defaults; ``nodemesh agent`` passes its configured ones
+    # (``AgentConfig.own_ports``), since --metrics-port and friends move them.
+    proxy_ports: frozenset[int] = frozenset(
+        {ADMIN_PORT, OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT, METRICS_PORT, READY_PORT}
+    )
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
     pool_idle_timeout: float = 300.0

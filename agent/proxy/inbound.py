@@ -32,10 +32,11 @@ from agent.proxy import sockets
 from agent.proxy.contexts import ALPN, NoCertificate
 from agent.proxy.core import Core
 from agent.proxy.hbone import HboneConnection
-from agent.proxy.records import INBOUND, SECURITY_MTLS, ConnectionRecord, cancel_current_task
+from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_tunnel
 from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
 from agent.state import Workload
+from agent.telemetry.records import INBOUND, SECURITY_MTLS, ConnectionRecord
 
 log = logging.getLogger(__name__)
 

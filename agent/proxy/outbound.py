@@ -22,17 +22,12 @@ from agent.proxy.balanced import BalancedOutbound
 from agent.proxy.contexts import NoCertificate
 from agent.proxy.core import Core
 from agent.proxy.pool import HbonePool, PoolKey
-from agent.proxy.records import (
-    OUTBOUND,
-    SECURITY_MTLS,
-    ConnectionRecord,
-    Refused,
-    cancel_current_task,
-)
+from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot
+from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
 
 log = logging.getLogger(__name__)
 

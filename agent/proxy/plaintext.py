@@ -16,8 +16,9 @@ from agent.policy.authz import Request
 from agent.policy.peerauth import STRICT
 from agent.proxy import sockets
 from agent.proxy.core import Core
-from agent.proxy.records import INBOUND, ConnectionRecord, Refused, cancel_current_task
+from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.relay import relay_sockets
+from agent.telemetry.records import INBOUND, ConnectionRecord
 
 log = logging.getLogger(__name__)
 

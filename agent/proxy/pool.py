@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from agent.base.constants import HBONE_PORT
 from agent.proxy.tunnel import HboneProtocol, TunnelStream
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class PoolKey:
     source_id: str
     destination_id: str
     destination_ip: str
-    port: int = 15008
+    port: int = HBONE_PORT
 
 
 Dial = Callable[[PoolKey, Callable[[HboneProtocol], None]], Awaitable[HboneProtocol]]

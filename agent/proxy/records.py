@@ -1,8 +1,9 @@
-"""Connection records and the registry of live connections.
+"""The registry of live connections.
 
-Every proxied connection gets a ``ConnectionRecord``: who talked to whom (addresses and SPIFFE
-identities), which way, how many bytes each way, since when, and whether it was mTLS. Telemetry
-exports the records (``snapshot()`` returns plain dicts) and the admin API lists them.
+Every proxied connection gets a ``ConnectionRecord`` (``agent.telemetry.records``): who talked to
+whom (addresses and SPIFFE identities), which way, how many bytes each way, since when, and
+whether it was mTLS. Telemetry exports the records (``snapshot()`` returns plain dicts) and the
+admin API lists them.
 
 The registry also keeps, for connections authorized at this node, the authorization ``Request``
 and a way to close the connection. When the policies change, ``recheck`` evaluates every live
@@ -25,51 +26,15 @@ import asyncio
 import contextvars
 import itertools
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 from agent.policy.authz import Decision, Request
 from agent.state.model import Workload
+from agent.telemetry.records import ConnectionObserver, ConnectionRecord
 
 log = logging.getLogger(__name__)
-
-OUTBOUND = "outbound"
-INBOUND = "inbound"
-
-SECURITY_MTLS = "mutual_tls"
-SECURITY_NONE = "none"
-
-
-@dataclass
-class ConnectionRecord:
-    direction: str
-    source: str  # ip:port
-    destination: str  # ip:port as the client addressed it
-    source_identity: str | None = None
-    destination_identity: str | None = None
-    security: str = SECURITY_NONE
-    path: str = ""  # hbone, local, passthrough, plaintext
-    started: float = field(default_factory=time.time)
-    bytes_sent: int = 0  # client -> server
-    bytes_received: int = 0  # server -> client
-    id: int = 0
-    upstream: str = ""  # ip:port actually dialed (a Service VIP resolves to an endpoint)
-    failure: str = ""  # reason key of the rejection that ended it ("" = none)
-    first_byte: float = 0.0  # time.monotonic() of the first upstream byte (0 = none yet)
-
-    def describe(self) -> dict[str, object]:
-        return asdict(self)
-
-
-class ConnectionObserver(Protocol):
-    """Told about every record: ``opened`` once registered, ``closed`` once removed."""
-
-    def opened(self, record: ConnectionRecord) -> None: ...
-
-    def closed(self, record: ConnectionRecord) -> None: ...
 
 
 # The record registered by the task that is running (and its registry), for ``reject``.

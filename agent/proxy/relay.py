@@ -16,8 +16,8 @@ import contextlib
 import socket
 import time
 
-from agent.proxy.records import ConnectionRecord
 from agent.proxy.tunnel import TunnelStream
+from agent.telemetry.records import ConnectionRecord
 
 MIN_CHUNK = 8 * 1024
 MAX_CHUNK = 256 * 1024

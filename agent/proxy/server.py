@@ -1,21 +1,21 @@
 """The node proxy: the three listeners' handlers, the HBONE dialer, and graceful drain.
 
-``NodeProxy.handlers()`` gives, per listener slot, the coroutine that serves one accepted socket
-(the contract ``agent.app`` uses for the datapath's listeners); ``serve(listeners)`` runs the
-accept loops itself. ``drain(deadline)`` stops accepting, sends GOAWAY on every HBONE connection
-(peers open no new streams, open ones finish), waits for live connections to end, and closes
-whatever is left when the deadline passes.
+``NodeProxy.handlers()`` gives, per listener, the coroutine that serves one accepted socket; the
+agent owns the listeners, the accept loops and the connections' tasks (``agent.app``). Drain
+has two steps because the agent's has: ``begin_drain`` when it stops accepting sends GOAWAY on
+every HBONE connection (peers open no new streams here, open ones finish, idle tunnels close now
+instead of holding the drain for their idle timeout); ``close`` after the drain deadline cuts
+whatever HBONE connection is still open.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-import time
 from collections.abc import Awaitable, Callable
 
+from agent.base.constants import Listener
 from agent.proxy import sockets
 from agent.proxy.contexts import ALPN
 from agent.proxy.core import Core
@@ -29,7 +29,6 @@ from agent.proxy.tunnel import HboneProtocol, TunnelError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[socket.socket], Awaitable[None]]
-OUTBOUND, PLAINTEXT, HBONE = "outbound", "inbound", "hbone"
 
 
 class NodeProxy:
@@ -43,48 +42,18 @@ class NodeProxy:
         self.outbound = Outbound(self.core, self.pool)
         self.inbound = InboundHbone(self.core)
         self.plaintext = InboundPlaintext(self.core)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._accepting: list[asyncio.Task[None]] = []
         self._unsubscribe: Callable[[], None] | None = None
 
-    def handlers(self) -> dict[str, Handler]:
+    def handlers(self) -> dict[Listener, Handler]:
         return {
-            OUTBOUND: self.outbound.handle,
-            PLAINTEXT: self.plaintext.handle,
-            HBONE: self.inbound.handle,
+            Listener.OUTBOUND: self.outbound.handle,
+            Listener.INBOUND: self.plaintext.handle,
+            Listener.HBONE: self.inbound.handle,
         }
 
     def start(self) -> None:
         """Follow policy changes (closing live connections they deny)."""
         self._unsubscribe = self.core.watch_policies(asyncio.get_running_loop())
-
-    async def serve(self, listeners: dict[str, socket.socket]) -> None:
-        """Accept on each listener (keyed as in ``handlers()``) until ``drain``."""
-        self.start()
-        handlers = self.handlers()
-        self._accepting = [
-            asyncio.create_task(self._accept(sock, handlers[slot]), name=f"proxy-accept-{slot}")
-            for slot, sock in listeners.items()
-        ]
-        await asyncio.gather(*self._accepting, return_exceptions=True)
-
-    async def _accept(self, listener: socket.socket, handler: Handler) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as e:
-                log.warning("accept failed on %s: %s", listener.getsockname(), e)
-                await asyncio.sleep(0.1)
-                continue
-            conn.setblocking(False)
-            sockets.nodelay(conn)
-            self.spawn(handler(conn))
-
-    def spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _dial(self, key: PoolKey, on_idle: Callable[[HboneProtocol], None]) -> HboneProtocol:
         s = self.core.settings
@@ -111,24 +80,19 @@ class NodeProxy:
         proto.start_keepalive()
         return proto
 
-    async def drain(self, deadline: float) -> None:
-        """Stop accepting, GOAWAY, wait up to ``deadline`` seconds, then cut what is left."""
-        for task in self._accepting:
-            task.cancel()
-        if self._unsubscribe:
-            self._unsubscribe()
+    def begin_drain(self) -> None:
+        """GOAWAY on every HBONE connection, both directions."""
         self.inbound.goaway_all()
         self.pool.goaway_all()
-        end = time.monotonic() + deadline
-        while self._tasks and time.monotonic() < end:
-            await asyncio.wait(set(self._tasks), timeout=max(0.0, end - time.monotonic()))
-        left = len(self._tasks)
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+
+    def close(self) -> None:
+        """Stop following policy changes and cut every HBONE connection still open."""
+        if self._unsubscribe:
+            self._unsubscribe()
+            self._unsubscribe = None
+        cut = 0
         for proto in self.pool.connections() + list(self.inbound.connections):
             if proto.transport is not None:
                 proto.transport.abort()
-        log.info("proxy drained (%d connection(s) cut at the deadline)", left)
+                cut += 1
+        log.info("proxy closed (%d HBONE connection(s) cut)", cut)

@@ -1,11 +1,11 @@
 """Upstream sockets: marked so capture skips them, and optionally sourced from the client's IP.
 
-``SO_MARK`` 0x539 on every socket the proxy opens lets the capture programs recognise (and pass)
-the proxy's own traffic, so the proxy never captures itself. ``IP_TRANSPARENT`` lets a socket
-bind to an address the node does not own: the proxy connects to a local pod *as* the client pod
-(its IP as source), so the server sees who really called. The pod's replies to that foreign
-address are steered back to this socket by the datapath (the pod-ingress program hands any
-segment of a flow the node owns to its socket).
+``SO_MARK`` (``PROXY_MARK``) on every socket the proxy opens lets the capture programs recognise
+(and pass) the proxy's own traffic, so the proxy never captures itself. ``IP_TRANSPARENT`` lets
+a socket bind to an address the node does not own: the proxy connects to a local pod *as* the
+client pod (its IP as source), so the server sees who really called. The pod's replies to that
+foreign address are steered back to this socket by the datapath (the pod-ingress program hands
+any segment of a flow the node owns to its socket).
 """
 
 from __future__ import annotations
@@ -15,18 +15,14 @@ import contextlib
 import socket
 import struct
 
-from agent.datapath.listeners import IP_TRANSPARENT, SO_MARK
-
-PROXY_MARK = 0x539
-
 
 def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source_ip is not None:
-            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
             sock.bind((source_ip, 0))
         sock.setblocking(False)
     except OSError:

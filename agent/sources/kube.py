@@ -168,6 +168,16 @@ class KubeSource:
     def stats(self) -> dict[str, dict[str, int]]:
         return {r.name: dict(r.stats) for r in self.reflectors}
 
+    @property
+    def last_error(self) -> str | None:
+        """Always ``None``: failures are per resource and retried, counted in ``stats()``
+        (``errors``); the source as a whole never stops on one."""
+        return None
+
+    def describe(self) -> dict[str, object]:
+        """What the admin API shows about this source (``agent.base.component.StateSource``)."""
+        return {"source": "kubernetes", "synced": self.ready, "sync": self.stats()}
+
     def start(self) -> None:
         for r in self.reflectors:
             t = threading.Thread(target=r.run, name=f"kube:{r.name}", daemon=True)

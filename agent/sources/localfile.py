@@ -54,6 +54,18 @@ class LocalFileSource:
         """True once a document has been loaded (a later bad edit does not unready it)."""
         return self.loads > 0
 
+    def describe(self) -> dict[str, object]:
+        """What the admin API shows about this source (``agent.base.component.StateSource``)."""
+        return {
+            "source": "file",
+            "path": str(self.path),
+            "loads": self.loads,
+            "last_error": self.last_error,
+        }
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {"cluster-file": {"loads": self.loads}}
+
     def start(self) -> None:
         """Load the document now (raising ``LocalFileError`` if it is invalid), then follow it."""
         # Watch before the first load, so that an edit racing with it still wakes the thread.

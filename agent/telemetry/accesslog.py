@@ -13,8 +13,8 @@ import json
 import logging
 import time
 
-from agent.proxy.records import ConnectionRecord
 from agent.telemetry.labels import TcpLabels
+from agent.telemetry.records import ConnectionRecord
 
 ACCESS_LOGGER = "nodemesh.access"
 access_log = logging.getLogger(ACCESS_LOGGER)

@@ -17,7 +17,6 @@ from prometheus_client.registry import Collector
 from agent.base.endpoint import HttpComponent
 from agent.base.http import Request, Response
 from agent.base.metrics import REGISTRY
-from agent.proxy.records import Registry
 from agent.state import StateStore
 from agent.telemetry.agentmetrics import AgentCollector, AgentSources
 from agent.telemetry.tcp import TcpMetrics
@@ -43,15 +42,12 @@ class TelemetryComponent(HttpComponent):
         store: StateStore,
         address: tuple[str, int],
         sources: AgentSources,
-        connections: Registry | None = None,
     ) -> None:
         super().__init__(self._handle, address)
         self.tcp = TcpMetrics(store)
         self.registry = CollectorRegistry(auto_describe=False)
         for collector in (_Declared(), self.tcp, AgentCollector(sources)):
             self.registry.register(collector)
-        if connections is not None:
-            connections.observers.append(self.tcp)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from agent.proxy.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
 from agent.state import Snapshot, Workload
+from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
 
 UNKNOWN = "unknown"
 HBONE = "hbone"

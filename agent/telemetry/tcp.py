@@ -24,7 +24,6 @@ from collections.abc import Iterator, Mapping
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.proxy.records import ConnectionRecord
 from agent.state import StateStore
 from agent.telemetry.accesslog import connection_entry, write_access_log
 from agent.telemetry.labels import (
@@ -34,6 +33,7 @@ from agent.telemetry.labels import (
     response_flags,
     tcp_labels,
 )
+from agent.telemetry.records import ConnectionRecord
 
 OPENED = "istio_tcp_connections_opened_total"
 CLOSED = "istio_tcp_connections_closed_total"

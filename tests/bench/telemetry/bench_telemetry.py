@@ -216,7 +216,8 @@ def observer_cost(log_file: Path, n: int = 20000) -> dict[str, float]:
     """Microseconds per connection record for the registry alone, with metrics, and with
     metrics plus the access log (to a file); milliseconds per scrape with 1000 live records.
     Deterministic work, so these vary far less than the end-to-end rounds."""
-    from agent.proxy.records import OUTBOUND, ConnectionRecord, Registry
+    from agent.proxy.records import Registry
+    from agent.telemetry.records import OUTBOUND, ConnectionRecord
     from agent.telemetry.tcp import TcpMetrics
 
     def record(i: int) -> ConnectionRecord:

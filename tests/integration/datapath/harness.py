@@ -20,14 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.base.constants import Listener
 from agent.datapath.datapath import Datapath, DatapathConfig, uninstall
-from agent.datapath.layout import Listener
 from agent.datapath.listeners import ListenerPorts, open_listeners
 from agent.datapath.routing import RoutingConfig
 from agent.lab import netns
 from agent.lab.handle import Lab
 from agent.sources.document import load_document
 from agent.state import StateStore
+from agent.wiring import local_pods
 
 T = TypeVar("T")
 
@@ -85,7 +86,7 @@ class NodeDatapath:
         self.routing = RoutingConfig()
         self.store = StateStore()
         self.reload_state()
-        self.config = DatapathConfig(node=node, pin_dir=self.pin_dir, fail_open=fail_open)
+        self.config = DatapathConfig(pin_dir=self.pin_dir, fail_open=fail_open)
         self._worker = ThreadPoolExecutor(1, initializer=netns.enter, initargs=(self.netns,))
         self.datapath: Datapath | None = None
         self.listeners: dict[Listener, socket.socket] = {}
@@ -121,7 +122,8 @@ class NodeDatapath:
 
     def reconcile(self) -> Any:
         assert self.datapath is not None
-        return self.in_node(self.datapath.reconcile, self.store.snapshot())
+        pods = local_pods(self.store.snapshot(), self.node)
+        return self.in_node(self.datapath.reconcile, pods)
 
     def open_listeners(self) -> None:
         assert self.datapath is not None

@@ -223,8 +223,9 @@ class Mesh:
         return await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
 
     async def close(self) -> None:
-        await self.node1.drain(0.5)
-        await self.node2.drain(0.5)
+        for node in (self.node1, self.node2):
+            node.begin_drain()
+            node.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -7,9 +7,9 @@ import socket
 from pathlib import Path
 
 from agent.app import Agent
+from agent.base.constants import Listener
 from agent.base.http import HttpServer, Request, Response, parse_request_line
 from agent.config import AgentConfig
-from agent.datapath.layout import Listener
 
 
 def test_request_line_parsing() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from agent.datapath.desired import LocalPod, local_pods, plan
+from agent.datapath.desired import LocalPod, plan
 from agent.datapath.layout import PodEntry
 from agent.state import Namespace, StateStore, Workload
+from agent.wiring import local_pods
 
 
 def store_with(*workloads: Workload, ns_meshed: bool = False) -> StateStore:

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from agent.base.constants import Listener
 from agent.datapath import layout
 from agent.datapath.layout import LayoutError, PodEntry
 from agent.datapath.programs import source_dir
@@ -29,10 +30,10 @@ def test_constants_match_the_header() -> None:
     assert define("NM_SETTING_FAIL_OPEN") == layout.SETTING_FAIL_OPEN
     assert define("NM_COUNTER_COUNT") == len(layout.Counter)
     assert define("NM_PROG_COUNT") == len(layout.Program)
-    assert define("NM_LISTENER_COUNT") == len(layout.Listener)
+    assert define("NM_LISTENER_COUNT") == len(Listener)
     for c in layout.Counter:
         assert define(f"NM_CNT_{c.name}") == c
-    for slot in layout.Listener:
+    for slot in Listener:
         assert define(f"NM_LISTENER_{slot.name}") == slot
 
 

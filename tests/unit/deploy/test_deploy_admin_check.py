@@ -10,10 +10,10 @@ import importlib.util
 import time
 from types import ModuleType
 
-from agent.proxy.records import INBOUND, SECURITY_MTLS, SECURITY_NONE, ConnectionRecord
 from agent.state import StateStore
 from agent.telemetry.accesslog import connection_entry
 from agent.telemetry.labels import tcp_labels
+from agent.telemetry.records import INBOUND, SECURITY_MTLS, SECURITY_NONE, ConnectionRecord
 from tests.unit.deploy.manifests import REPO
 
 CLIENT = "spiffe://cluster.local/ns/nodemesh-demo/sa/client"

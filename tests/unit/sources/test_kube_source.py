@@ -82,6 +82,9 @@ def test_initial_sync_and_membership(api: FakeApiServer) -> None:
         assert [(e.ip, dict(e.ports)) for e in svc.endpoints] == [("10.244.1.3", {"http": 8080})]
         assert [p.name for p in snap.policies_of("AuthorizationPolicy")] == ["allow"]
         assert source.stats()["pods"]["lists"] == 1
+        view = source.describe()
+        assert view["source"] == "kubernetes" and view["synced"] is True
+        assert view["sync"] == source.stats() and source.last_error is None
     finally:
         source.stop()
         api_client.close()

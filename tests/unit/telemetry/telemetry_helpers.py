@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.proxy.records import INBOUND, OUTBOUND, SECURITY_MTLS, ConnectionRecord
 from agent.state import StateStore
 from agent.state.model import Endpoint, PolicyObject, Service, ServicePort
+from agent.telemetry.records import INBOUND, OUTBOUND, SECURITY_MTLS, ConnectionRecord
 from tests.workloads import workload
 
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"

@@ -34,8 +34,8 @@ def telemetry() -> tuple[Registry, TelemetryComponent]:
         store=make_store(),
         address=("127.0.0.1", 0),
         sources=AgentSources(rejections=lambda: registry.rejections),
-        connections=registry,
     )
+    registry.observers.append(component.tcp)
     return registry, component
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent.admin.wiring import effective_config, source_view
 from agent.config import AgentConfig, CaSettings
+from agent.sources.localfile import LocalFileSource
+from agent.state import StateStore
+from agent.wiring import effective_config, source_view
 
 
 def test_effective_config_is_json_with_paths_and_never_file_contents(tmp_path: Path) -> None:
@@ -25,29 +27,15 @@ def test_effective_config_is_json_with_paths_and_never_file_contents(tmp_path: P
     assert "s3cr3t" not in dumped
 
 
-class _Kube:
-    ready = True
-
-    def stats(self) -> dict[str, dict[str, int]]:
-        return {"pods": {"lists": 1, "errors": 2}}
-
-
-class _File:
-    path = Path("/run/cluster.yaml")
-    loads = 3
-    last_error = "nodes[0]: bad"
-
-
-def test_source_view_names_the_source_and_its_health() -> None:
-    assert source_view(_Kube()) == {
-        "source": "kubernetes",
-        "synced": True,
-        "sync": {"pods": {"lists": 1, "errors": 2}},
-    }
-    assert source_view(_File()) == {
-        "source": "file",
-        "path": "/run/cluster.yaml",
-        "loads": 3,
-        "last_error": "nodes[0]: bad",
-    }
+def test_source_view_names_the_source_and_its_health(tmp_path: Path) -> None:
+    """The local file source as the admin API shows it (the Kubernetes source's view is
+    checked in tests/unit/sources/test_kube_source.py against a fake API server)."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("nodes: [\n")
+    source = LocalFileSource(cluster, StateStore())
+    assert not source.reload()
+    view = source_view(source)
+    assert view["source"] == "file" and view["path"] == str(cluster) and view["loads"] == 0
+    assert isinstance(view["last_error"], str) and "cluster.yaml" in view["last_error"]
+    assert source.stats() == {"cluster-file": {"loads": 0}}
     assert source_view(None) == {"source": None}

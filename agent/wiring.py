@@ -1,0 +1,143 @@
+"""How the agent's parts meet: what each is told about, or reads from, the others.
+
+The parts never import each other sideways; this module, at the top next to ``agent.app``, is
+the one place that knows them all. The datapath is given this node's pods as plain data
+(``local_pods``), so it does not depend on the state's model. Metrics (``--metrics-port``) and
+the admin API (``--admin-address``) observe everything else, so they are assembled last
+(``observability``) from the agent's parts: the proxy's connection registry (TCP metrics,
+access log, ``/connections``), the identity manager (certificate states and expiry), the
+datapath (BPF counters, attachments), the state source (loads, sync statistics, errors) and the
+agent's own readiness and drain. Each part offers what is read from it as a method of its
+declared interface (``ProxyComponent``, ``IdentityComponent``, ``StateSource``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from agent.admin.api import AdminSources
+from agent.admin.component import AdminComponent
+from agent.base.component import Component, StateSource
+from agent.config import AgentConfig
+from agent.datapath.datapath import Datapath
+from agent.datapath.desired import LocalPod
+from agent.state import Snapshot, StateStore
+from agent.telemetry.agentmetrics import AgentSources
+from agent.telemetry.component import TelemetryComponent
+
+if TYPE_CHECKING:
+    from agent.identity.component import IdentityComponent
+    from agent.proxy.component import ProxyComponent
+
+
+class AgentParts(Protocol):
+    config: AgentConfig
+    store: StateStore
+    datapath: Datapath
+    source: StateSource | None
+    identity: IdentityComponent | None
+    proxy: ProxyComponent | None
+
+    def not_ready(self) -> list[str]: ...
+
+    def request_stop(self) -> None: ...
+
+
+def local_pods(snapshot: Snapshot, node: str) -> list[LocalPod]:
+    """Every pod of ``node`` that has an IP (meshed or not: a non-meshed pod's veth still needs
+    the program, for its connections to meshed pods on the same node)."""
+    pods = []
+    for w in snapshot.workloads_on(node):
+        if w.host_network:
+            continue
+        meshed = snapshot.is_meshed(w)
+        for ip in w.ips:
+            if ":" in ip:  # IPv6 capture is not implemented yet; the maps are ready for it
+                continue
+            pods.append(
+                LocalPod(ip, w.uid, meshed, w.exclude_outbound_ports, w.exclude_inbound_ports)
+            )
+    return pods
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def effective_config(config: AgentConfig) -> dict[str, object]:
+    """The agent's settings as JSON (paths, never file contents: no token, no key)."""
+    out = {k: _jsonable(v) for k, v in dataclasses.asdict(config).items()}
+    out["admin_address"] = f"{config.admin_address[0]}:{config.admin_address[1]}"
+    out["capture_mark"] = hex(config.capture_mark)
+    return out
+
+
+def source_view(source: StateSource | None) -> dict[str, object]:
+    """What the state source says about itself (local file or Kubernetes)."""
+    return source.describe() if source is not None else {"source": None}
+
+
+def observability(parts: AgentParts) -> list[Component]:
+    """The telemetry and admin components of ``parts`` (an ``agent.app.Agent``)."""
+    proxy, identity = parts.proxy, parts.identity
+    certificates = identity.certificates if identity is not None else None
+
+    changed_at = [time.time()]  # the store's writer thread replaces the float: atomic
+    parts.store.subscribe(lambda _snap, _kinds: changed_at.__setitem__(0, time.time()))
+
+    def state_stats() -> Mapping[str, Mapping[str, int]]:
+        return dict(parts.source.stats()) if parts.source is not None else {}
+
+    telemetry = TelemetryComponent(
+        store=parts.store,
+        address=("0.0.0.0", parts.config.metrics_port),
+        sources=AgentSources(
+            rejections=(lambda: proxy.connections.rejections) if proxy is not None else None,
+            denials=(lambda: proxy.connections.denials) if proxy is not None else None,
+            pool_size=proxy.pool_size if proxy is not None else None,
+            inbound_tunnels=proxy.inbound_tunnels if proxy is not None else None,
+            certificates=certificates,
+            capture_counters=parts.datapath.counters,
+            state_stats=state_stats,
+            state_version=lambda: parts.store.snapshot().version,
+            state_error=lambda: parts.source.last_error if parts.source is not None else None,
+            state_changed_at=lambda: changed_at[0],
+        ),
+    )
+    if proxy is not None:
+        proxy.connections.observers.append(telemetry.tcp)
+
+    async def datapath_view() -> dict[str, object]:
+        status = parts.datapath.status()
+        status["attachments"] = await asyncio.to_thread(parts.datapath.attachments)
+        return status
+
+    admin = AdminComponent(
+        address=parts.config.admin_address,
+        sources=AdminSources(
+            node=parts.config.node,
+            store=parts.store,
+            config=effective_config(parts.config),
+            not_ready=parts.not_ready,
+            drain=parts.request_stop,
+            connections=telemetry.tcp.live,
+            certificates=certificates,
+            datapath=datapath_view,
+            state_source=lambda: source_view(parts.source),
+            traffic=(
+                (lambda: proxy.traffic(parts.store.snapshot())) if proxy is not None else None
+            ),
+        ),
+    )
+    return [telemetry, admin]

@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.base.constants import ADMIN_PORT, CA_PORT
 from agent.lab import netns
 from bench import wire
 from bench.testbed import BenchPath, Testbed, stop
-
-ADMIN_PORT = 15000
 
 
 @dataclass
@@ -55,7 +54,7 @@ def verify(bed: Testbed, path: BenchPath, *, size: int) -> Verdict:
         dump = lab.popen(
             "switch", "tcpdump", "-i", "br0", "-n", "-s", "0", "--immediate-mode", "-U",
             "-w", str(pcap),
-            "tcp and not port 15012",
+            f"tcp and not port {CA_PORT}",
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:

@@ -12,7 +12,9 @@ import http.client
 import json
 from typing import Any
 
-DEFAULT_ADMIN = "127.0.0.1:15000"
+from agent.base.constants import ADMIN_PORT
+
+DEFAULT_ADMIN = f"127.0.0.1:{ADMIN_PORT}"
 
 
 class AdminError(RuntimeError):

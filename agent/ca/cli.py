@@ -13,6 +13,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from agent.base.constants import CA_PORT
 from agent.base.durations import parse_duration
 
 
@@ -39,7 +40,9 @@ def register(subparsers: Any) -> None:
             "node check against the pods on the caller's node)."
         ),
     )
-    p.add_argument("--listen", default="0.0.0.0:15012", help="address:port (default %(default)s)")
+    p.add_argument(
+        "--listen", default=f"0.0.0.0:{CA_PORT}", help="address:port (default %(default)s)"
+    )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--cluster-file", type=Path, help="standalone: the cluster document")
     mode.add_argument("--kubeconfig", type=Path, help="Kubernetes mode with this kubeconfig")

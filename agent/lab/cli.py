@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from agent.base.constants import CA_PORT
 from agent.lab import control, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
 from agent.sources.document import DocumentError
@@ -44,7 +45,7 @@ def format_status(st: Mapping[str, Any]) -> str:
         "",
         _table(pods),
         "",
-        f"CA: {ca['ip']}:15012 in {ca['netns']}: {ca['state']}",
+        f"CA: {ca['ip']}:{CA_PORT} in {ca['netns']}: {ca['state']}",
     ]
     for svc in st["services"]:
         lines.append(f"service {svc['namespace']}/{svc['name']}: {svc['clusterIP']}")

@@ -1,8 +1,6 @@
 """The mesh processes of a lab: one CA and one agent per node, each in its own namespace.
 
-Components are started only when this build of nodemesh has their command (``nodemesh ca``,
-``nodemesh agent``), so the lab works from the first commit on and grows as the mesh does. Each
-process enters only the network namespace of its node (``setns`` between fork and exec), so all
+Each process enters only the network namespace of its node (``setns`` between fork and exec), so all
 agents share the host's /sys/fs/bpf and each pins under its own directory. Readiness is what the
 components promise: the CA accepts TLS on 15012; an agent answers 200 on
 ``:15021/healthz/ready``. A process that exits, or does not become ready in time, fails ``up``
@@ -11,7 +9,6 @@ with the path of its log and its last lines.
 
 from __future__ import annotations
 
-import argparse
 import secrets
 import ssl
 import subprocess
@@ -23,12 +20,10 @@ from pathlib import Path
 
 import yaml
 
+from agent.base.constants import CA_PORT, READY_PORT
 from agent.lab import netns
 from agent.lab.record import LabDir, write_atomic
 from agent.lab.topology import LabError, LabPlan, NodePlan
-
-CA_PORT = 15012
-READY_PORT = 15021
 
 
 @dataclass(frozen=True)
@@ -37,16 +32,6 @@ class Component:
     netns: str
     argv: tuple[str, ...]
     ready: Callable[[], bool]
-
-
-def available_commands() -> frozenset[str]:
-    """The subcommands this build of ``nodemesh`` has."""
-    from agent.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return frozenset(action.choices)
-    return frozenset()
 
 
 def _ca_ready(plan: LabPlan) -> Callable[[], bool]:
@@ -88,33 +73,25 @@ def _write_tokens(labdir: LabDir, plan: LabPlan) -> None:
 
 
 def plan_components(plan: LabPlan, labdir: LabDir) -> list[Component]:
-    """The components this build can run, in start order (the CA before the agents)."""
-    commands = available_commands()
+    """The components of a lab, in start order (the CA before the agents)."""
     nodemesh = (sys.executable, "-m", "agent")
-    found = []
-    with_ca = "ca" in commands
-    if with_ca:
-        _write_tokens(labdir, plan)
-        ca_argv = (
-            *nodemesh, "ca", "--listen", f"0.0.0.0:{CA_PORT}",
-            "--cluster-file", str(labdir.cluster_file), "--root-dir", str(labdir.ca_dir),
-            "--node-tokens", str(labdir.node_tokens_file), "--san", plan.ca_ip,
+    _write_tokens(labdir, plan)
+    ca_argv = (
+        *nodemesh, "ca", "--listen", f"0.0.0.0:{CA_PORT}",
+        "--cluster-file", str(labdir.cluster_file), "--root-dir", str(labdir.ca_dir),
+        "--node-tokens", str(labdir.node_tokens_file), "--san", plan.ca_ip,
+    )  # fmt: skip
+    found = [Component("ca", plan.ca_netns, ca_argv, _ca_ready(plan))]
+    for node in plan.nodes:
+        argv = (
+            *nodemesh, "agent", "--node", node.name,
+            "--cluster-file", str(labdir.cluster_file), "--pin-dir", node.pin_dir,
+            "--uplink", node.uplink,
+            "--ca-address", f"{plan.ca_ip}:{CA_PORT}",
+            "--ca-root", str(labdir.ca_dir / "root.pem"),
+            "--token-file", str(labdir.token_file(node.name)),
         )  # fmt: skip
-        found.append(Component("ca", plan.ca_netns, ca_argv, _ca_ready(plan)))
-    if "agent" in commands:
-        for node in plan.nodes:
-            argv: tuple[str, ...] = (
-                *nodemesh, "agent", "--node", node.name,
-                "--cluster-file", str(labdir.cluster_file), "--pin-dir", node.pin_dir,
-                "--uplink", node.uplink,
-            )  # fmt: skip
-            if with_ca:
-                argv += (
-                    "--ca-address", f"{plan.ca_ip}:{CA_PORT}",
-                    "--ca-root", str(labdir.ca_dir / "root.pem"),
-                    "--token-file", str(labdir.token_file(node.name)),
-                )  # fmt: skip
-            found.append(Component(f"agent-{node.name}", node.netns, argv, _bind(node)))
+        found.append(Component(f"agent-{node.name}", node.netns, argv, _bind(node)))
     return found
 
 
@@ -190,4 +167,4 @@ def process_state(labdir: LabDir, name: str) -> str:
     return "running" if alive else "exited"
 
 
-__all__ = ["Component", "agent_ready", "available_commands", "process_state", "start_all"]
+__all__ = ["Component", "agent_ready", "process_state", "start_all"]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.base.constants import ADMIN_PORT, METRICS_PORT
 from agent.lab.cli import format_status
 from agent.lab.handle import Lab
 from agent.lab.netns import call_in
@@ -208,7 +209,9 @@ def _metrics_excerpt(lab: Lab, node: str) -> list[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
     def scrape() -> str:
-        with urlopen(f"http://{lab.node(node)['ip']}:15020/metrics", timeout=5) as response:
+        with urlopen(
+            f"http://{lab.node(node)['ip']}:{METRICS_PORT}/metrics", timeout=5
+        ) as response:
             return str(response.read().decode())
 
     lines = []
@@ -256,7 +259,7 @@ def telemetry(lab: Lab) -> list[str]:
         return [
             "nodemesh connections (node1):",
             *table.rstrip().splitlines(),
-            "metrics excerpt (node1 :15020/metrics):",
+            f"metrics excerpt (node1 :{METRICS_PORT}/metrics):",
             *excerpt,
         ]
     finally:
@@ -269,7 +272,7 @@ def _traffic(lab: Lab, node: str) -> dict[str, Any]:
     from urllib.request import urlopen
 
     def get() -> dict[str, Any]:
-        with urlopen("http://127.0.0.1:15000/traffic", timeout=5) as response:
+        with urlopen(f"http://127.0.0.1:{ADMIN_PORT}/traffic", timeout=5) as response:
             return dict(json.loads(response.read()))
 
     return call_in(lab.netns(node), get)

@@ -3,22 +3,17 @@
  * bump NM_LAYOUT_VERSION so that a restarted agent replaces pinned maps instead of adopting
  * maps whose layout it cannot read.
  *
- * Values the agent chooses at load time (marks, the HBONE port) arrive as -D defines; the
- * defaults below only keep the header self-contained for editors and tests.
+ * The numbers the agent also uses (the proxy mark, the capture mark, the HBONE port) are not
+ * written here: the loader passes them as -D defines (agent/datapath/programs.py, Marks.cflags)
+ * from their one definition in agent/base/constants.py or the agent's flags.
  */
 #ifndef NODEMESH_H
 #define NODEMESH_H
 
 #define NM_LAYOUT_VERSION 1
 
-#ifndef NM_PROXY_MARK
-#define NM_PROXY_MARK 0x539
-#endif
-#ifndef NM_CAPTURE_MARK
-#define NM_CAPTURE_MARK 0x1539
-#endif
-#ifndef NM_HBONE_PORT
-#define NM_HBONE_PORT 15008
+#if !defined(NM_PROXY_MARK) || !defined(NM_CAPTURE_MARK) || !defined(NM_HBONE_PORT)
+#error "compile with -DNM_PROXY_MARK, -DNM_CAPTURE_MARK and -DNM_HBONE_PORT (see Marks.cflags)"
 #endif
 
 /* Address families, as in <sys/socket.h>; the key carries one so IPv6 fits the same maps. */
@@ -32,9 +27,9 @@
 #define NM_MAX_EXCLUDED_PORTS 16
 
 /* Slots of the listener SOCKMAP, filled by the agent with its transparent listeners. */
-#define NM_LISTENER_OUTBOUND 0 /* 15001 */
-#define NM_LISTENER_INBOUND 1  /* 15006, plaintext */
-#define NM_LISTENER_HBONE 2    /* 15008 */
+#define NM_LISTENER_OUTBOUND 0 /* captured connections of meshed pods */
+#define NM_LISTENER_INBOUND 1  /* plaintext to a meshed pod */
+#define NM_LISTENER_HBONE 2    /* HBONE tunnels (the port is NM_HBONE_PORT) */
 #define NM_LISTENER_COUNT 3
 
 /* Programs, for the counters index (program * NM_COUNTER_COUNT + counter). */

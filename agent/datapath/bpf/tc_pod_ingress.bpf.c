@@ -1,9 +1,9 @@
 /* tc ingress on a local pod's host-side veth: the pod's outgoing traffic.
  *
  *  - TCP SYN from a meshed pod (arriving on its own veth) to a port it does not exclude
- *    -> the outbound listener (15001);
+ *    -> the outbound listener;
  *  - TCP SYN from a pod that is not meshed to a meshed local pod, port not excluded by the
- *    destination -> the inbound plaintext listener (15006);
+ *    destination -> the inbound plaintext listener;
  *  - later segments of a flow the node owns -> that flow's socket;
  *  - everything else (non-TCP, IPv6 for now, flows between pods outside the mesh) is untouched.
  */

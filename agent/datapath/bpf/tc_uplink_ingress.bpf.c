@@ -1,7 +1,7 @@
 /* tc ingress on the node's uplink(s): traffic arriving from other nodes.
  *
- *  - TCP SYN to a meshed local pod -> the HBONE listener (15008) when the destination port is
- *    the HBONE port, else the inbound plaintext listener (15006), unless the pod excludes the
+ *  - TCP SYN to a meshed local pod -> the HBONE listener when the destination port is
+ *    the HBONE port, else the inbound plaintext listener, unless the pod excludes the
  *    port;
  *  - later segments of those flows -> their own socket;
  *  - everything else, including traffic to the node itself, is untouched.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lab import build, components, control
+from agent.lab import build, control
 from agent.lab.handle import Lab, LabFactory
 from agent.lab.netns import call_in
 from agent.lab.record import LabDir
@@ -197,11 +197,10 @@ def test_bad_topology_file_builds_nothing(tmp_path: Path) -> None:
 
 
 def test_default_lab_with_components(lab: Lab) -> None:
-    """The ``lab`` fixture: default topology and every component this build has, all ready."""
+    """The ``lab`` fixture: default topology, the CA and both agents, all ready."""
     st = lab.status()
-    commands = components.available_commands()
-    assert [n["agent"] for n in st["nodes"]] == ["ready" if "agent" in commands else "absent"] * 2
-    assert st["ca"]["state"] == ("running" if "ca" in commands else "absent")
+    assert [n["agent"] for n in st["nodes"]] == ["ready"] * 2
+    assert st["ca"]["state"] == "running"
     _serve(lab, "server-1")
     reply = _ask(lab, "client", lab.pod("server-1")["ip"], b"through the mesh")
     assert reply.startswith(b"through the mesh seen from ")

@@ -55,3 +55,13 @@ def test_layout_mismatch_is_refused(tmp_path: Path) -> None:
 )
 def test_load_errors_name_the_likely_cause(message: str, cause: str) -> None:
     assert cause in programs._likely_cause(message)
+
+
+def test_the_header_gets_the_agents_numbers_only_from_the_loader() -> None:
+    """Marks and the HBONE port are defined once in Python (agent.base.constants) and reach C as
+    -D defines; a default in the header would be a second definition that could drift."""
+    header = (programs.source_dir() / "nodemesh.h").read_text()
+    flags = " ".join(Marks().cflags("/src"))
+    for name in ("NM_PROXY_MARK", "NM_CAPTURE_MARK", "NM_HBONE_PORT"):
+        assert f"#define {name}" not in header
+        assert f"-D{name}=" in flags

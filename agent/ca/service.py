@@ -24,13 +24,9 @@ from agent.ca.auth import (
 )
 from agent.ca.authority import Authority, AuthorityError
 from agent.ca.issuer import Issuer, NodeAuthorizer
-from agent.ca.kube import KubeApiError
+from agent.ca.kube import KubeApiError, load_or_create_secret, publish_bundle_configmap
 from agent.ca.server import CertificateService, start_server
-from agent.ca.storage import (
-    load_or_create_dir,
-    load_or_create_secret,
-    publish_bundle_configmap,
-)
+from agent.ca.storage import load_or_create_dir
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import StateStore
 from agent.state.model import DEFAULT_TRUST_DOMAIN

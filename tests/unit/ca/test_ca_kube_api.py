@@ -12,8 +12,7 @@ from kubernetes import client
 
 from agent.ca.auth import TokenReviewAuthenticator
 from agent.ca.issuer import Rejected
-from agent.ca.kube import ApiServerCluster
-from agent.ca.storage import load_or_create_secret
+from agent.ca.kube import ApiServerCluster, load_or_create_secret
 from tests.fakeapi import FakeApiServer
 
 

@@ -14,14 +14,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from kubernetes.client.exceptions import ApiException
 
 from agent.ca.authority import AuthorityError
+from agent.ca.kube import load_or_create_secret, publish_bundle_configmap
 from agent.ca.storage import (
     CA_CERT_FILE,
     CA_KEY_FILE,
     ROOT_FILE,
     load_or_create_dir,
-    load_or_create_secret,
     new_material,
-    publish_bundle_configmap,
 )
 
 

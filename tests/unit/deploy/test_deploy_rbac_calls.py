@@ -18,8 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from kubernetes import client
 
-from agent.ca.kube import ApiServerCluster
-from agent.ca.storage import load_or_create_secret, publish_bundle_configmap
+from agent.ca.kube import ApiServerCluster, load_or_create_secret, publish_bundle_configmap
 from agent.sources.kube import KubeSource
 from agent.state import StateStore
 from tests.fakeapi import FakeApiServer

@@ -17,6 +17,7 @@ unit: setup
 lint: setup
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 demo: setup
 	$(PY) -m agent.lab.demo $(if $(KEEP),--keep,)

@@ -1,0 +1,76 @@
+"""The agent's handler without a CA: plain passthrough to the original destination over the
+proxy's relay (half-close carried, an unreachable destination closes the client).
+
+Root is needed for SO_MARK on the upstream socket; only 127.0.0.1 is used."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from agent.base.constants import Listener
+from agent.proxy.passthrough import Passthrough
+
+pytestmark = pytest.mark.root
+
+
+async def _echo_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    data = await reader.read()  # everything up to the client's half-close
+    writer.write(b"echo:" + data)
+    await writer.drain()
+    writer.close()
+
+
+async def _through_passthrough(dst: tuple[str, int], payload: bytes) -> bytes:
+    """Connect a client to a local listener, serve the accepted socket with ``Passthrough``
+    towards ``dst`` and close it afterwards (as the agent does), send ``payload``, half-close,
+    and return what comes back."""
+    loop = asyncio.get_running_loop()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    lsock.setblocking(False)
+    reader, writer = await asyncio.open_connection(*lsock.getsockname())
+    conn, _ = await loop.sock_accept(lsock)
+    conn.setblocking(False)
+
+    async def serve() -> None:
+        try:
+            await Passthrough().handle(conn, Listener.OUTBOUND, original_dst=dst)
+        finally:
+            conn.close()
+
+    serving = asyncio.create_task(serve())
+    writer.write(payload)
+    writer.write_eof()
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        await asyncio.wait_for(serving, 10)
+        writer.close()
+        lsock.close()
+
+
+def test_bytes_and_half_close_reach_the_original_destination() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK needs root")
+
+    async def main() -> bytes:
+        server = await asyncio.start_server(_echo_until_eof, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            return await _through_passthrough(("127.0.0.1", port), b"hello" * 1000)
+
+    assert asyncio.run(main()) == b"echo:" + b"hello" * 1000
+
+
+def test_an_unreachable_destination_ends_the_client_connection() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK needs root")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    assert asyncio.run(_through_passthrough(("127.0.0.1", closed_port), b"")) == b""

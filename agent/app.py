@@ -222,6 +222,17 @@ class Agent:
             reasons += c.not_ready()
         return reasons
 
+    def degraded(self) -> list[str]:
+        """Trouble that does not stop the agent from serving (a CA outage while certificates
+        are still valid): shown in /status, never a readiness failure. Components report it
+        with an optional ``degraded()``."""
+        return [
+            line
+            for c in self.components
+            if (degraded := getattr(c, "degraded", None)) is not None
+            for line in degraded()
+        ]
+
     def request_stop(self) -> None:
         """Drain and exit, as on SIGTERM (the admin API's ``POST /quitquitquit``)."""
         self._stop.set()

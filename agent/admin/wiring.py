@@ -33,6 +33,8 @@ class AgentParts(Protocol):
 
     def not_ready(self) -> list[str]: ...
 
+    def degraded(self) -> list[str]: ...
+
     def request_stop(self) -> None: ...
 
 
@@ -119,6 +121,7 @@ def observability(parts: AgentParts) -> list[Any]:
             store=parts.store,
             config=effective_config(parts.config),
             not_ready=parts.not_ready,
+            degraded=parts.degraded,
             drain=parts.request_stop,
             connections=telemetry.tcp.live,
             certificates=certificates,

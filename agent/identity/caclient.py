@@ -36,6 +36,16 @@ class CaError(Exception):
         super().__init__(message)
         self.code = code
 
+    @property
+    def cause(self) -> str:
+        """A short cause for readiness and status: ``CA unreachable`` for transport failures,
+        ``CA refused (<gRPC status>)`` for an answer, ``certificate request failed`` else."""
+        if self.code in _TRANSPORT_FAILURES:
+            return "CA unreachable"
+        if self.code is not None:
+            return f"CA refused ({self.code.name})"
+        return "certificate request failed"
+
 
 @dataclass
 class _Watched:

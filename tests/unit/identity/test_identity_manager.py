@@ -109,6 +109,7 @@ def test_ca_outage_keeps_serving_backs_off_and_recovers(ca: InProcessCA, tmp_pat
         assert await manager.certificate(CLIENT) is first
         assert state_of(manager, CLIENT)["state"] == "Available"
         assert "UNAVAILABLE" in str(state_of(manager, CLIENT)["last_error"])
+        assert state_of(manager, CLIENT)["failing_since"] is not None
         # Past expiry with the CA still down: Unavailable, and connections get a clear error.
         await wait_for(lambda: state_of(manager, CLIENT)["state"] == "Unavailable")
         assert manager.not_ready() == []  # CLIENT was asked for on demand, not desired
@@ -117,10 +118,75 @@ def test_ca_outage_keeps_serving_backs_off_and_recovers(ca: InProcessCA, tmp_pat
         renewed = await manager.certificate(CLIENT)
         assert renewed.leaf.serial_number != first.leaf.serial_number
         assert state_of(manager, CLIENT)["failures"] == 0
+        assert state_of(manager, CLIENT)["failing_since"] is None
         await manager.close()
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_ca_outage_degrades_while_certificates_are_valid_and_fails_readiness_after_expiry(
+    ca: InProcessCA, store: StateStore, tmp_path: Path
+) -> None:
+    """The agent stays ready while every local identity holds a valid certificate; the cause is
+    reported as degraded. Past expiry the readiness reason names the same cause."""
+    token = tmp_path / "node-token"
+    token.write_text(ca.node_tokens["node1"])
+    component = IdentityComponent(
+        node="node1", store=store, ca_address=ca.address, ca_root=ca.root_file,
+        token_file=token, validity_seconds=4,
+    )  # fmt: skip
+    component.manager._backoff = Backoff(initial=0.2, cap=0.8)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        await component.start()
+        await wait_for(lambda: component.not_ready() == [])
+        assert component.degraded() == []
+        ca.stop()
+        await wait_for(lambda: len(component.degraded()) == 2)
+        assert component.not_ready() == []
+        degraded = component.degraded()
+        await wait_for(lambda: len(component.not_ready()) == 2)
+        not_ready = component.not_ready()
+        assert component.degraded() == []
+        ca.start(port=ca.port)
+        await wait_for(lambda: component.not_ready() == [] and component.degraded() == [])
+        await component.stop()
+        return degraded, not_ready
+
+    degraded, not_ready = asyncio.run(scenario())
+    for lines, verb in ((degraded, "expires"), (not_ready, "expired")):
+        assert [line.split(" since ")[0] for line in lines] == ["identity: CA unreachable"] * 2
+        assert [line.split(", ")[1].split(" at ")[0] for line in lines] == [
+            f"certificate for {CLIENT} {verb}",
+            f"certificate for {SERVER} {verb}",
+        ]
+
+
+def test_renewal_is_retried_before_expiry_whatever_the_backoff(
+    ca: InProcessCA, tmp_path: Path
+) -> None:
+    """The default backoff reaches 4 s after four failures; a CA back by then must still be
+    asked before the 10 s certificate expires (retries at most half the validity left)."""
+
+    async def scenario() -> tuple[WorkloadCertificate, WorkloadCertificate, float]:
+        client = client_for(ca, tmp_path, validity=10)
+        manager = IdentityManager(client)
+        manager.set_identities([CLIENT])
+        first = await manager.certificate(CLIENT)
+        ca.stop()
+        await wait_for(lambda: state_of(manager, CLIENT)["failures"] >= 4)  # type: ignore[operator]
+        ca.start(port=ca.port)
+        await wait_for(lambda: state_of(manager, CLIENT)["failures"] == 0)
+        arrived = time.time()
+        renewed = await manager.certificate(CLIENT)
+        await manager.close()
+        await client.close()
+        return first, renewed, arrived
+
+    first, renewed, arrived = asyncio.run(scenario())
+    assert renewed.leaf.serial_number != first.leaf.serial_number
+    assert arrived < first.not_after.timestamp()
 
 
 def test_token_file_is_reread_when_it_changes(ca: InProcessCA, tmp_path: Path) -> None:

@@ -163,13 +163,6 @@ class IdentityManager:
             )
         return out
 
-    def not_ready(self) -> list[str]:
-        """Desired identities without a valid certificate (readiness waits for them)."""
-        now = self._clock()
-        return sorted(
-            i for i in self._desired if self._entries[i].state(now) is not State.AVAILABLE
-        )
-
     def troubles(self) -> list[Trouble]:
         """Desired identities without a valid certificate or whose renewal is failing."""
         now = self._clock()
@@ -260,7 +253,7 @@ class IdentityManager:
         now = self._clock()
         if cert is not None:
             if entry.failing_since is not None:
-                log.warning(
+                log.info(
                     "certificate renewal for %s recovered after %d failed attempt(s) over %.1fs "
                     "(%s)",
                     entry.identity,

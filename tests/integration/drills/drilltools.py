@@ -11,6 +11,7 @@ asserted.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -74,6 +75,11 @@ class Attempt:
     at: float  # wall clock when the connection was started
     ok: bool
     detail: str
+    seconds: float  # until it was answered or failed
+
+    @property
+    def done(self) -> float:
+        return self.at + self.seconds
 
 
 class Load:
@@ -100,7 +106,8 @@ class Load:
         attempts = []
         for line in out.splitlines():
             at, result, detail = line.split(" ", 2)
-            attempts.append(Attempt(float(at), result == "ok", f"{result} {detail}"))
+            ms = float(detail.rsplit(" ", 1)[-1])
+            attempts.append(Attempt(float(at), result == "ok", f"{result} {detail}", ms / 1000))
         self._seen = attempts
         return attempts
 
@@ -113,6 +120,16 @@ def load(lab: Lab, pod: str, dst: str, tmp: Path, pause: float = 0.05) -> Iterat
         yield running
     finally:
         running.stop()
+
+
+@contextmanager
+def kept_logs(lab: Lab, tmp: Path) -> Iterator[None]:
+    """Copy the lab's component logs to ``tmp/logs`` when the block ends (pytest keeps the
+    last runs' temporary directories), so a failed drill can be read after the lab is gone."""
+    try:
+        yield
+    finally:
+        shutil.copytree(lab.state_dir / "logs", tmp / "logs", dirs_exist_ok=True)
 
 
 def admin(lab: Lab, node: str, path: str) -> Any:

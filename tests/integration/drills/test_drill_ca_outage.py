@@ -25,6 +25,7 @@ from tests.integration.drills.drilltools import (
     SERVER,
     admin,
     agent_log,
+    kept_logs,
     load,
     metric,
     ready,
@@ -41,8 +42,12 @@ CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    with mesh_lab("dc") as lab, pod_servers(lab, ("server-0", "server-1"), SERVER, PORT):
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with (
+        mesh_lab("dc") as lab,
+        kept_logs(lab, tmp_path),
+        pod_servers(lab, ("server-0", "server-1"), SERVER, PORT),
+    ):
         yield lab
 
 

@@ -29,6 +29,7 @@ from tests.integration.drills.drilltools import (
     SERVER,
     admin,
     agent_log,
+    kept_logs,
     load,
     metric,
     ready,
@@ -46,8 +47,12 @@ DATAPATH_CHANGE = re.compile(r"datapath: (pod \S+ (meshed|local)|attached|detach
 
 
 @pytest.fixture
-def lab() -> Iterator[Lab]:
-    with mesh_lab("dk") as lab, pod_servers(lab, ("server-0",), SERVER, PORT):
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with (
+        mesh_lab("dk") as lab,
+        kept_logs(lab, tmp_path),
+        pod_servers(lab, ("server-0",), SERVER, PORT),
+    ):
         yield lab
 
 

@@ -10,6 +10,7 @@ import datetime as dt
 import itertools
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_follows_the_local_meshed_identities(
         client = client_for(ca, tmp_path)
         manager = IdentityManager(client)
         unsubscribe = follow_store(manager, store, "node1")
-        await wait_for(lambda: not manager.not_ready())
+        await wait_for(lambda: not manager.troubles())
         assert {s["identity"] for s in manager.states()} == {CLIENT, SERVER}
         assert all(s["state"] == "Available" for s in manager.states())
         with store.update() as txn:
@@ -112,7 +113,7 @@ def test_ca_outage_keeps_serving_backs_off_and_recovers(ca: InProcessCA, tmp_pat
         assert state_of(manager, CLIENT)["failing_since"] is not None
         # Past expiry with the CA still down: Unavailable, and connections get a clear error.
         await wait_for(lambda: state_of(manager, CLIENT)["state"] == "Unavailable")
-        assert manager.not_ready() == []  # CLIENT was asked for on demand, not desired
+        assert manager.troubles() == []  # CLIENT was asked for on demand, not desired
         ca.start(port=ca.port)
         await wait_for(lambda: state_of(manager, CLIENT)["state"] == "Available")
         renewed = await manager.certificate(CLIENT)
@@ -229,7 +230,7 @@ def test_key_material_never_reaches_logs_or_admin_state(
         client = client_for(ca, tmp_path)
         manager = IdentityManager(client)
         unsubscribe = follow_store(manager, store, "node1")
-        await wait_for(lambda: not manager.not_ready())
+        await wait_for(lambda: not manager.troubles())
         certs = [await manager.certificate(s["identity"]) for s in manager.states()]  # type: ignore[arg-type]
         dumped = json.dumps(manager.states()) + repr(certs) + str(certs)
         unsubscribe()
@@ -360,3 +361,45 @@ def test_ca_root_file_anchors_the_clients_tls_and_is_reread(
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_request_cut_by_a_closed_channel_is_a_failure_not_the_end_of_the_worker(
+    ca: InProcessCA, tmp_path: Path
+) -> None:
+    """grpc.aio raises CancelledError in a call whose channel is closed under it (another
+    request dropped the channel after a transport failure, or --ca-root changed). That must be
+    a failed attempt that is retried: taken for the worker's own cancellation, it ended the
+    worker, and the identity was never renewed again (found by the CA outage drill)."""
+    silent = socket.socket()  # accepts TCP, never answers TLS: the request stays in flight
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    token = tmp_path / "token"
+    token.write_text(ca.node_tokens["node1"])
+
+    async def scenario() -> tuple[BaseException | None, dict[str, object], bool]:
+        client = CaClient(
+            f"127.0.0.1:{silent.getsockname()[1]}", root_file=ca.root_file, token_file=token
+        )
+        cut: BaseException | None = None
+        fetch = asyncio.create_task(client.fetch(SpiffeId.parse(SERVER)))
+        manager = IdentityManager(client, backoff=Backoff(initial=30.0, cap=30.0))
+        manager.set_identities([CLIENT])
+        await asyncio.sleep(0.5)
+        await client.close()  # closes the channel both requests wait on
+        try:
+            await fetch
+        except BaseException as e:  # CancelledError included: the test reports what it was
+            cut = e
+        await wait_for(lambda: state_of(manager, CLIENT)["failures"] == 1)
+        worker = manager._entries[CLIENT].task
+        alive = worker is not None and not worker.done()
+        state = state_of(manager, CLIENT)
+        await manager.close()
+        return cut, state, alive
+
+    try:
+        cut, state, alive = asyncio.run(scenario())
+    finally:
+        silent.close()
+    assert isinstance(cut, CaError) and "channel was closed" in str(cut)
+    assert alive and "channel was closed" in str(state["last_error"])

@@ -209,6 +209,11 @@ class Agent:
             reasons += c.not_ready()
         return reasons
 
+    def degraded(self) -> list[str]:
+        """Trouble that does not stop the agent from serving (a CA outage while certificates
+        are still valid): shown in /status, never a readiness failure."""
+        return [line for c in self.components for line in c.degraded()]
+
     def request_stop(self) -> None:
         """Drain and exit, as on SIGTERM (the admin API's ``POST /quitquitquit``)."""
         self._stop.set()

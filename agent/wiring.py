@@ -45,6 +45,8 @@ class AgentParts(Protocol):
 
     def not_ready(self) -> list[str]: ...
 
+    def degraded(self) -> list[str]: ...
+
     def request_stop(self) -> None: ...
 
 
@@ -130,6 +132,7 @@ def observability(parts: AgentParts) -> list[Component]:
             store=parts.store,
             config=effective_config(parts.config),
             not_ready=parts.not_ready,
+            degraded=parts.degraded,
             drain=parts.request_stop,
             connections=telemetry.tcp.live,
             certificates=certificates,

@@ -28,7 +28,7 @@ Rows = list[dict[str, object]]
 
 ENDPOINTS = {
     "/": "this index",
-    "/status": "node, version, readiness, counts, datapath mode (nodemesh status)",
+    "/status": "node, version, readiness, degraded conditions, counts, datapath mode",
     "/config_dump": "everything below in one document, plus the effective configuration",
     "/workloads": "workloads in the state (?local=1: this node's only)",
     "/services": "services with their endpoints",
@@ -55,6 +55,7 @@ class AdminSources:
     config: Mapping[str, object]
     not_ready: Callable[[], list[str]]
     drain: Callable[[], None]
+    degraded: Callable[[], list[str]] = list
     connections: Callable[[], Rows] = _empty
     certificates: Callable[[], Rows] | None = None
     datapath: Callable[[], Awaitable[dict[str, object]]] | None = None
@@ -134,6 +135,7 @@ class AdminApi:
             "version": __version__,
             "ready": not reasons,
             "not_ready": reasons,
+            "degraded": self.s.degraded(),
             "uptime_seconds": round(time.time() - self.s.started, 1),
             "state": {
                 "version": snap.version,

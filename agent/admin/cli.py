@@ -43,6 +43,7 @@ def format_status(st: Mapping[str, Any]) -> str:
         ("node", st["node"]),
         ("version", st["version"]),
         ("ready", ready),
+        ("degraded", "; ".join(st.get("degraded") or []) or "no"),
         ("uptime", f"{st['uptime_seconds']:.0f}s"),
         ("state", f"version {state['version']}, trust domain {state['trust_domain']}"),
         ("source", source),

@@ -1,11 +1,12 @@
 """What ``nodemesh agent`` asks of its parts: the component life cycle and the state source.
 
 The agent drives every component the same way: ``start`` once the event loop runs,
-``not_ready`` at each readiness probe (reasons, empty when ready), ``begin_drain`` when it stops
-accepting (SIGTERM: say goodbye to peers, keep serving what is open), ``stop`` after the drain
-deadline (cut what is left, release everything). Declaring this once, with defaults for the two
-steps most components do not need, is what lets the agent call each step on every component
-without asking which one it is.
+``not_ready`` at each readiness probe (reasons, empty when ready), ``degraded`` for ``/status``
+(trouble it works around, such as a CA outage while certificates are still valid: reported,
+never a readiness failure), ``begin_drain`` when it stops accepting (SIGTERM: say goodbye to
+peers, keep serving what is open), ``stop`` after the drain deadline (cut what is left, release
+everything). Declaring this once, with defaults for the steps most components do not need, is
+what lets the agent call each step on every component without asking which one it is.
 
 The state source (local file or Kubernetes) is not a component: it starts before the loop (the
 datapath's first reconcile needs the whole state) and runs in its own threads. ``StateSource``
@@ -30,6 +31,10 @@ class Component(ABC):
 
     def not_ready(self) -> list[str]:
         """Why the agent must not report ready because of this part (empty: ready)."""
+        return []
+
+    def degraded(self) -> list[str]:
+        """Trouble this part works around (shown in ``/status``; empty: none)."""
         return []
 
     def begin_drain(self) -> None:  # noqa: B027 (optional step: most components have none)

@@ -13,6 +13,7 @@ both without a restart. gRPC itself reconnects a broken channel; a rebuild is th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,16 @@ class CaError(Exception):
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+    @property
+    def cause(self) -> str:
+        """A short cause for readiness and status: ``CA unreachable`` for transport failures,
+        ``CA refused (<gRPC status>)`` for an answer, ``certificate request failed`` else."""
+        if self.code in _TRANSPORT_FAILURES:
+            return "CA unreachable"
+        if self.code is not None:
+            return f"CA refused ({self.code.name})"
+        return "certificate request failed"
 
 
 @dataclass
@@ -125,6 +136,17 @@ class CaClient:
                 metadata=(("authorization", f"Bearer {self._token_value()}"),),
                 timeout=self._timeout,
             )
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller is being cancelled
+            # grpc.aio raises CancelledError when the channel is closed under a call: another
+            # request dropped it after a transport failure, or --ca-root changed. Left as is, it
+            # would end the identity manager's worker for good instead of being retried.
+            raise CaError(
+                f"certificate request for {identity} to the CA at {self.address} was cut: its "
+                "channel was closed (after a transport failure or a --ca-root change); retrying"
+            ) from e
         except grpc.aio.AioRpcError as e:
             hint = ""
             if e.code() in _TRANSPORT_FAILURES:

@@ -1,9 +1,12 @@
 """The identity manager as a component of ``nodemesh agent`` (``agent.app.mesh_components``).
 
 It owns the CA client and the manager, follows the store for this node's meshed identities once
-the event loop runs, and reports each identity still waiting for its first certificate as a
-readiness reason, so ``/healthz/ready`` turns 200 only when every local meshed pod can be served
-with mTLS. The proxy gets certificates through ``component.manager``.
+the event loop runs, and reports each identity without a valid certificate as a readiness reason
+(``identity: CA unreachable since <t>, certificate for <id> expired at <t>``, or ``no
+certificate yet``), so ``/healthz/ready`` turns 200 only when every local meshed pod can be
+served with mTLS. An identity whose renewal fails while its certificate is still valid keeps the
+agent ready (dropping a node's traffic would not bring the CA back) and is reported by
+``degraded()`` for /status instead. The proxy gets certificates through ``component.manager``.
 """
 
 from __future__ import annotations
@@ -48,7 +51,10 @@ class IdentityComponent(Component):
         self._unsubscribe = follow_store(self.manager, self._store, self._node)
 
     def not_ready(self) -> list[str]:
-        return [f"identity: no certificate yet for {i}" for i in self.manager.not_ready()]
+        return [f"identity: {t.describe()}" for t in self.manager.troubles() if not t.valid]
+
+    def degraded(self) -> list[str]:
+        return [f"identity: {t.describe()}" for t in self.manager.troubles() if t.valid]
 
     def certificates(self) -> list[dict[str, object]]:
         """Each local identity's state and public certificate facts (metrics, admin API)."""

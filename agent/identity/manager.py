@@ -7,6 +7,12 @@ fetch backs off exponentially while the current certificate keeps being served u
 only then does the identity become Unavailable. Workers for identities that left the node are
 cancelled and their certificates dropped.
 
+A CA outage is not a reason to stop serving: while an identity still holds a valid certificate
+the agent stays ready and the trouble is reported as a *degraded* condition (``troubles()``:
+the cause and since when, the expiry), in /status and in
+``nodemesh_certificate_renewal_failing_seconds``. Only an identity with no valid certificate
+makes the agent not ready, and its readiness reason names the same cause.
+
 Priorities: a connection that needs a certificate that is not there yet (``certificate()``) must
 not queue behind a background prefetch of fifty other identities, so CSR slots are handed out by
 a small priority gate: on-demand requests first, then background fetches, and never more than
@@ -28,9 +34,10 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.hashes import SHA256
 
+from agent.identity.caclient import CaError
 from agent.identity.certs import WorkloadCertificate
 from agent.identity.gate import HIGH, LOW, PriorityGate
-from agent.identity.rotation import Backoff, renewal_delay
+from agent.identity.rotation import Backoff, renewal_delay, retry_delay
 from agent.identity.spiffe import SpiffeId
 from agent.state import Snapshot, StateStore
 
@@ -51,12 +58,41 @@ class IdentityUnavailable(Exception):
     """No valid certificate for an identity; the message carries the CA's last answer."""
 
 
+@dataclass(frozen=True)
+class Trouble:
+    """Why a local identity is not simply Available (``IdentityManager.troubles``)."""
+
+    identity: str
+    valid: bool  # a valid certificate is still served
+    cause: str | None  # "CA unreachable", "CA refused (PERMISSION_DENIED)"...; None: no failure
+    since: float | None  # wall clock of the first failure of the current streak
+    not_after: float | None  # expiry of the certificate held (past when it expired)
+
+    def describe(self) -> str:
+        """One line for readiness or /status, e.g. ``CA unreachable since <t>, certificate for
+        <id> expires at <t>``."""
+        if self.not_after is None:
+            held = f"no certificate yet for {self.identity}"
+        else:
+            verb = "expires" if self.valid else "expired"
+            held = f"certificate for {self.identity} {verb} at {_iso(self.not_after)}"
+        if self.cause is None or self.since is None:
+            return held
+        return f"{self.cause} since {_iso(self.since)}, {held}"
+
+
+def _iso(when: float) -> str:
+    return dt.datetime.fromtimestamp(when, dt.UTC).isoformat(timespec="seconds")
+
+
 @dataclass(eq=False)
 class _Entry:
     identity: SpiffeId
     cert: WorkloadCertificate | None = None
     last_error: str | None = None
     failures: int = 0
+    failing_since: float | None = None  # wall clock of the current streak's first failure
+    cause: str | None = None  # of the last failure (CaError.cause)
     next_attempt: float = 0.0  # wall clock
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     waiters: list[asyncio.Future[WorkloadCertificate]] = field(default_factory=list)
@@ -117,6 +153,9 @@ class IdentityManager:
                     "certificate": cert.describe() if cert else None,
                     "last_error": entry.last_error,
                     "failures": entry.failures,
+                    "failing_since": None
+                    if entry.failing_since is None
+                    else _iso(entry.failing_since),
                     "next_attempt": dt.datetime.fromtimestamp(
                         entry.next_attempt, dt.UTC
                     ).isoformat(),
@@ -124,12 +163,25 @@ class IdentityManager:
             )
         return out
 
-    def not_ready(self) -> list[str]:
-        """Desired identities without a valid certificate (readiness waits for them)."""
+    def troubles(self) -> list[Trouble]:
+        """Desired identities without a valid certificate or whose renewal is failing."""
         now = self._clock()
-        return sorted(
-            i for i in self._desired if self._entries[i].state(now) is not State.AVAILABLE
-        )
+        out = []
+        for name in sorted(self._desired):
+            entry = self._entries[name]
+            valid = entry.valid_cert(now) is not None
+            if valid and entry.failing_since is None:
+                continue
+            out.append(
+                Trouble(
+                    identity=name,
+                    valid=valid,
+                    cause=entry.cause,
+                    since=entry.failing_since,
+                    not_after=None if entry.cert is None else entry.cert.not_after.timestamp(),
+                )
+            )
+        return out
 
     # --- what the state subscription calls --------------------------------------------------------
 
@@ -200,7 +252,17 @@ class IdentityManager:
     ) -> None:
         now = self._clock()
         if cert is not None:
+            if entry.failing_since is not None:
+                log.info(
+                    "certificate renewal for %s recovered after %d failed attempt(s) over %.1fs "
+                    "(%s)",
+                    entry.identity,
+                    entry.failures,
+                    now - entry.failing_since,
+                    entry.cause,
+                )
             entry.cert, entry.failures, entry.last_error = cert, 0, None
+            entry.failing_since = entry.cause = None
             self._adopt_bundle(cert)
             entry.next_attempt = now + renewal_delay(now, cert.not_after.timestamp(), self._draw())
             log.info(
@@ -212,12 +274,28 @@ class IdentityManager:
         else:
             entry.failures += 1
             entry.last_error = str(error)
-            entry.next_attempt = now + self._backoff.delay(entry.failures, self._draw())
-            serving = "keeps serving the current one" if entry.valid_cert(now) else "has none"
+            entry.cause = (
+                error.cause if isinstance(error, CaError) else "certificate request failed"
+            )
+            if entry.failing_since is None:
+                entry.failing_since = now
+            held = entry.valid_cert(now)
+            left = None if held is None else held.not_after.timestamp() - now
+            entry.next_attempt = now + retry_delay(
+                self._backoff, entry.failures, self._draw(), left
+            )
+            serving = (
+                f"keeps serving the current one until {held.not_after.isoformat()}"
+                if held
+                else "has none"
+            )
             log.warning(
-                "fetching a certificate for %s failed (attempt %d, %s; retry in %.1fs): %s",
+                "fetching a certificate for %s failed (attempt %d, %s since %s, %s; "
+                "retry in %.1fs): %s",
                 entry.identity,
                 entry.failures,
+                entry.cause,
+                _iso(entry.failing_since),
                 serving,
                 entry.next_attempt - now,
                 error,

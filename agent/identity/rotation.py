@@ -5,7 +5,8 @@ Renewal happens at about half of the validity left when the certificate arrived 
 certificates renew too early). The jitter spreads the renewals of many identities and many nodes
 that started together, so a CA restart does not see them all return at once. Failures back off
 exponentially from ``initial`` to ``cap``, also jittered, and a retry is never scheduled after the
-current certificate expires when an earlier attempt is still possible.
+current certificate expires when an earlier attempt is still possible (``retry_delay``): a CA
+that returns a few seconds before expiry must find the agent asking, not asleep until after it.
 """
 
 from __future__ import annotations
@@ -34,3 +35,13 @@ def renewal_delay(received: float, not_after: float, draw: float) -> float:
     """Seconds after ``received`` at which to renew a certificate valid until ``not_after``."""
     remaining = max(not_after - received, 0.0)
     return remaining * RENEW_FRACTION * (1 - RENEW_JITTER * draw)
+
+
+def retry_delay(backoff: Backoff, failures: int, draw: float, left: float | None) -> float:
+    """Seconds to wait after the ``failures``-th failure while the held certificate is valid for
+    ``left`` more seconds (``None``: no valid certificate): the backoff, but at most half the time
+    left, and never below ``backoff.initial``, so retries grow denser as expiry approaches."""
+    delay = backoff.delay(failures, draw)
+    if left is None or left <= 0:
+        return delay
+    return min(delay, max(left / 2, backoff.initial))

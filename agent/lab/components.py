@@ -73,9 +73,11 @@ def _write_tokens(labdir: LabDir, plan: LabPlan) -> None:
 
 
 def plan_components(plan: LabPlan, labdir: LabDir) -> list[Component]:
-    """The components of a lab, in start order (the CA before the agents)."""
+    """The components of a lab, in start order (the CA before the agents).
+
+    Pure: ``start_all`` writes the tokens the command lines refer to, so a component can be
+    planned again later (to restart it) without replacing the credentials in use."""
     nodemesh = (sys.executable, "-m", "agent")
-    _write_tokens(labdir, plan)
     ca_argv = (
         *nodemesh, "ca", "--listen", f"0.0.0.0:{CA_PORT}",
         "--cluster-file", str(labdir.cluster_file), "--root-dir", str(labdir.ca_dir),
@@ -147,7 +149,10 @@ def wait_ready(
 def start_all(plan: LabPlan, labdir: LabDir, *, timeout: float) -> list[str]:
     """Start and wait for every available component; return their names."""
     started = []
-    for component in plan_components(plan, labdir):
+    planned = plan_components(plan, labdir)
+    if any(c.name == "ca" for c in planned):
+        _write_tokens(labdir, plan)
+    for component in planned:
         proc = start(component, labdir)
         wait_ready(component, proc, labdir, timeout=timeout)
         started.append(component.name)

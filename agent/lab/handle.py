@@ -7,15 +7,19 @@ exit status pass through.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from agent.lab import control, netns
-from agent.lab.topology import DEFAULT_TOPOLOGY
+from agent.lab import components, control, netns
+from agent.lab.topology import DEFAULT_TOPOLOGY, LabError
 
 
 class Lab:
@@ -79,6 +83,52 @@ class Lab:
         name = self.netns(target)
         return subprocess.run(list(cmd), preexec_fn=lambda: netns.enter(name), **kw)
 
+    def component(self, name: str) -> components.Component:
+        """The planned component ``name`` (``ca`` or ``agent-<node>``): its command line and
+        readiness probe, exactly as ``lab up`` starts it."""
+        labdir, plan = control.load(self.name, state_root=self._state_root)
+        planned = components.plan_components(plan, labdir)
+        for component in planned:
+            if component.name == name:
+                return component
+        known = ", ".join(c.name for c in planned)
+        raise LabError(f"no component {name!r} in lab {self.name}; known: {known}")
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL, timeout: float = 30.0) -> None:
+        """Send ``sig`` to component ``name``'s recorded process and wait until it is gone
+        (the drills' outage: SIGKILL is a crash, SIGTERM a graceful stop)."""
+        labdir, _ = control.load(self.name, state_root=self._state_root)
+        pid = labdir.pids().get(name)
+        if pid is None or components.process_state(labdir, name) != "running":
+            raise LabError(f"{name} is not running in lab {self.name}")
+        os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(ChildProcessError):  # not ours when `lab up` started it
+                os.waitpid(pid, os.WNOHANG)
+            if components.process_state(labdir, name) != "running":
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"{name} (pid {pid}) still runs {timeout:.0f}s after {sig.name}")
+            time.sleep(0.05)
+
+    def start(
+        self, name: str, *extra: str, without: Sequence[str] = (), timeout: float = 60.0
+    ) -> None:
+        """Start component ``name`` again (after ``kill``) with its planned command line minus
+        the ``without`` flags (each with its value) plus ``extra`` arguments (later flags win,
+        e.g. ``"--max-ttl", "12s"``); return when it is ready."""
+        labdir, _ = control.load(self.name, state_root=self._state_root)
+        if components.process_state(labdir, name) == "running":
+            raise LabError(f"{name} already runs in lab {self.name}; kill it first")
+        planned = self.component(name)
+        argv = _drop_flags(planned.argv, without)
+        component = components.Component(
+            planned.name, planned.netns, (*argv, *extra), planned.ready
+        )
+        proc = components.start(component, labdir)
+        components.wait_ready(component, proc, labdir, timeout=timeout)
+
     def annotate(self, pod: str, *changes: str) -> None:
         control.annotate(self.name, pod, changes, state_root=self._state_root)
 
@@ -91,6 +141,20 @@ class Lab:
         self, manifests: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]]
     ) -> None:
         control.delete(self.name, _manifests(manifests), state_root=self._state_root)
+
+
+def _drop_flags(argv: Sequence[str], flags: Sequence[str]) -> tuple[str, ...]:
+    """``argv`` without each of ``flags`` and the value that follows it."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        else:
+            out.append(arg)
+    return tuple(out)
 
 
 def _manifests(

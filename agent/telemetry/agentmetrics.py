@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -116,7 +117,14 @@ class AgentCollector(Collector):
             "Expiry (Unix time) of the certificate held for each local identity",
             labels=["identity"],
         )
+        failing = GaugeMetricFamily(
+            "nodemesh_certificate_renewal_failing_seconds",
+            "Seconds since certificate requests for each local identity started failing "
+            "(0 when the last one succeeded); alert on it with the expiry gauge",
+            labels=["identity"],
+        )
         states: dict[str, int] = {}
+        now = time.time()
         for entry in self.sources.certificates():
             state = str(entry["state"])
             states[state] = states.get(state, 0) + 1
@@ -124,7 +132,11 @@ class AgentCollector(Collector):
             if isinstance(cert, Mapping):
                 not_after = dt.datetime.fromisoformat(str(cert["not_after"]))
                 expiry.add_metric([str(entry["identity"])], not_after.timestamp())
+            since = entry.get("failing_since")
+            started = dt.datetime.fromisoformat(str(since)).timestamp() if since else now
+            failing.add_metric([str(entry["identity"])], max(now - started, 0.0))
         yield expiry
+        yield failing
         by_state = GaugeMetricFamily(
             "nodemesh_certificates", "Local identities by certificate state", labels=["state"]
         )

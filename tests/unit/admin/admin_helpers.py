@@ -69,7 +69,7 @@ async def admin_with_certificate() -> tuple[AdminApi, WorkloadCertificate, Drain
     manager = IdentityManager(StaticFetcher(cert))
     manager.set_identities([CLIENT_ID])
     for _ in range(200):
-        if not manager.not_ready():
+        if not manager.troubles():
             break
         await asyncio.sleep(0.01)
 

@@ -39,7 +39,8 @@ def test_every_endpoint_answers_its_documented_shape() -> None:
     assert answers["/"][1]["endpoints"] == ENDPOINTS
     status = answers["/status"][1]
     assert set(status) == {
-        "node", "version", "ready", "not_ready", "uptime_seconds", "state", "counts", "datapath"
+        "node", "version", "ready", "not_ready", "degraded", "uptime_seconds", "state", "counts",
+        "datapath",
     }  # fmt: skip
     assert status["counts"]["workloads"] == 3 and status["counts"]["certificates_available"] == 1
     assert status["ready"] is True and status["datapath"]["failure_mode"] == "fail-closed"

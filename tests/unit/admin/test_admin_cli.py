@@ -71,6 +71,7 @@ def test_tables_fit_100_columns(
 def test_table_contents(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
     _, status, _ = run(capsys, "status", "--admin", admin)
     assert "ready:        yes" in status and "1 of 1 available" in status
+    assert "degraded:     no" in status
     _, workloads, _ = run(capsys, "workloads", "--admin", admin, "--local")
     assert workloads.splitlines()[1].split()[:5] == [
         "default", "client", "node1", "10.244.1.2", "yes"

@@ -61,9 +61,13 @@ class _Identity:
 
     def __init__(self) -> None:
         self.pending: list[str] = []
+        self.troubled: list[str] = []
 
     def not_ready(self) -> list[str]:
         return list(self.pending)
+
+    def degraded(self) -> list[str]:
+        return list(self.troubled)
 
 
 def test_readiness_flips_with_each_precondition(tmp_path: Path) -> None:
@@ -76,6 +80,7 @@ def test_readiness_flips_with_each_precondition(tmp_path: Path) -> None:
         admin_address=("127.0.0.1", 0),
         metrics_port=0,
     )
+    degraded: list[list[str]] = []
 
     async def scenario() -> list[list[str]]:
         agent = Agent(config)
@@ -98,10 +103,13 @@ def test_readiness_flips_with_each_precondition(tmp_path: Path) -> None:
              lambda: setattr(agent, "_reconcile_error", None)),
             (lambda: identity.pending.append("identity: no certificate yet for x"),
              identity.pending.clear),
+            (lambda: identity.troubled.append("identity: CA unreachable since t"),
+             identity.troubled.clear),
         ]  # fmt: skip
         for remove, restore in steps:
             remove()
             seen.append(agent.not_ready())
+            degraded.append(agent.degraded())
             restore()
             seen.append(agent.not_ready())
         for c in agent.components:
@@ -124,6 +132,8 @@ def test_readiness_flips_with_each_precondition(tmp_path: Path) -> None:
         ["listeners: not all of 15001/15006/15008 are open"],
         ["datapath: last reconcile failed: netlink: EBUSY"],
         ["identity: no certificate yet for x"],
+        [],  # degraded is not a readiness failure
     ]
-    assert restored == [[], [], [], []]
+    assert restored == [[], [], [], [], []]
+    assert degraded[-1] == ["identity: CA unreachable since t"] and degraded[:-1] == [[]] * 4
     assert stopped == ["telemetry: /metrics is not listening", "admin: API is not listening"]

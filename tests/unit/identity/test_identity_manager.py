@@ -10,6 +10,7 @@ import datetime as dt
 import itertools
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_follows_the_local_meshed_identities(
         client = client_for(ca, tmp_path)
         manager = IdentityManager(client)
         unsubscribe = follow_store(manager, store, "node1")
-        await wait_for(lambda: not manager.not_ready())
+        await wait_for(lambda: not manager.troubles())
         assert {s["identity"] for s in manager.states()} == {CLIENT, SERVER}
         assert all(s["state"] == "Available" for s in manager.states())
         with store.update() as txn:
@@ -109,18 +110,84 @@ def test_ca_outage_keeps_serving_backs_off_and_recovers(ca: InProcessCA, tmp_pat
         assert await manager.certificate(CLIENT) is first
         assert state_of(manager, CLIENT)["state"] == "Available"
         assert "UNAVAILABLE" in str(state_of(manager, CLIENT)["last_error"])
+        assert state_of(manager, CLIENT)["failing_since"] is not None
         # Past expiry with the CA still down: Unavailable, and connections get a clear error.
         await wait_for(lambda: state_of(manager, CLIENT)["state"] == "Unavailable")
-        assert manager.not_ready() == []  # CLIENT was asked for on demand, not desired
+        assert manager.troubles() == []  # CLIENT was asked for on demand, not desired
         ca.start(port=ca.port)
         await wait_for(lambda: state_of(manager, CLIENT)["state"] == "Available")
         renewed = await manager.certificate(CLIENT)
         assert renewed.leaf.serial_number != first.leaf.serial_number
         assert state_of(manager, CLIENT)["failures"] == 0
+        assert state_of(manager, CLIENT)["failing_since"] is None
         await manager.close()
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_ca_outage_degrades_while_certificates_are_valid_and_fails_readiness_after_expiry(
+    ca: InProcessCA, store: StateStore, tmp_path: Path
+) -> None:
+    """The agent stays ready while every local identity holds a valid certificate; the cause is
+    reported as degraded. Past expiry the readiness reason names the same cause."""
+    token = tmp_path / "node-token"
+    token.write_text(ca.node_tokens["node1"])
+    component = IdentityComponent(
+        node="node1", store=store, ca_address=ca.address, ca_root=ca.root_file,
+        token_file=token, validity_seconds=4,
+    )  # fmt: skip
+    component.manager._backoff = Backoff(initial=0.2, cap=0.8)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        await component.start()
+        await wait_for(lambda: component.not_ready() == [])
+        assert component.degraded() == []
+        ca.stop()
+        await wait_for(lambda: len(component.degraded()) == 2)
+        assert component.not_ready() == []
+        degraded = component.degraded()
+        await wait_for(lambda: len(component.not_ready()) == 2)
+        not_ready = component.not_ready()
+        assert component.degraded() == []
+        ca.start(port=ca.port)
+        await wait_for(lambda: component.not_ready() == [] and component.degraded() == [])
+        await component.stop()
+        return degraded, not_ready
+
+    degraded, not_ready = asyncio.run(scenario())
+    for lines, verb in ((degraded, "expires"), (not_ready, "expired")):
+        assert [line.split(" since ")[0] for line in lines] == ["identity: CA unreachable"] * 2
+        assert [line.split(", ")[1].split(" at ")[0] for line in lines] == [
+            f"certificate for {CLIENT} {verb}",
+            f"certificate for {SERVER} {verb}",
+        ]
+
+
+def test_renewal_is_retried_before_expiry_whatever_the_backoff(
+    ca: InProcessCA, tmp_path: Path
+) -> None:
+    """The default backoff reaches 4 s after four failures; a CA back by then must still be
+    asked before the 10 s certificate expires (retries at most half the validity left)."""
+
+    async def scenario() -> tuple[WorkloadCertificate, WorkloadCertificate, float]:
+        client = client_for(ca, tmp_path, validity=10)
+        manager = IdentityManager(client)
+        manager.set_identities([CLIENT])
+        first = await manager.certificate(CLIENT)
+        ca.stop()
+        await wait_for(lambda: state_of(manager, CLIENT)["failures"] >= 4)  # type: ignore[operator]
+        ca.start(port=ca.port)
+        await wait_for(lambda: state_of(manager, CLIENT)["failures"] == 0)
+        arrived = time.time()
+        renewed = await manager.certificate(CLIENT)
+        await manager.close()
+        await client.close()
+        return first, renewed, arrived
+
+    first, renewed, arrived = asyncio.run(scenario())
+    assert renewed.leaf.serial_number != first.leaf.serial_number
+    assert arrived < first.not_after.timestamp()
 
 
 def test_token_file_is_reread_when_it_changes(ca: InProcessCA, tmp_path: Path) -> None:
@@ -163,7 +230,7 @@ def test_key_material_never_reaches_logs_or_admin_state(
         client = client_for(ca, tmp_path)
         manager = IdentityManager(client)
         unsubscribe = follow_store(manager, store, "node1")
-        await wait_for(lambda: not manager.not_ready())
+        await wait_for(lambda: not manager.troubles())
         certs = [await manager.certificate(s["identity"]) for s in manager.states()]  # type: ignore[arg-type]
         dumped = json.dumps(manager.states()) + repr(certs) + str(certs)
         unsubscribe()
@@ -294,3 +361,45 @@ def test_ca_root_file_anchors_the_clients_tls_and_is_reread(
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_request_cut_by_a_closed_channel_is_a_failure_not_the_end_of_the_worker(
+    ca: InProcessCA, tmp_path: Path
+) -> None:
+    """grpc.aio raises CancelledError in a call whose channel is closed under it (another
+    request dropped the channel after a transport failure, or --ca-root changed). That must be
+    a failed attempt that is retried: taken for the worker's own cancellation, it ended the
+    worker, and the identity was never renewed again (found by the CA outage drill)."""
+    silent = socket.socket()  # accepts TCP, never answers TLS: the request stays in flight
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    token = tmp_path / "token"
+    token.write_text(ca.node_tokens["node1"])
+
+    async def scenario() -> tuple[BaseException | None, dict[str, object], bool]:
+        client = CaClient(
+            f"127.0.0.1:{silent.getsockname()[1]}", root_file=ca.root_file, token_file=token
+        )
+        cut: BaseException | None = None
+        fetch = asyncio.create_task(client.fetch(SpiffeId.parse(SERVER)))
+        manager = IdentityManager(client, backoff=Backoff(initial=30.0, cap=30.0))
+        manager.set_identities([CLIENT])
+        await asyncio.sleep(0.5)
+        await client.close()  # closes the channel both requests wait on
+        try:
+            await fetch
+        except BaseException as e:  # CancelledError included: the test reports what it was
+            cut = e
+        await wait_for(lambda: state_of(manager, CLIENT)["failures"] == 1)
+        worker = manager._entries[CLIENT].task
+        alive = worker is not None and not worker.done()
+        state = state_of(manager, CLIENT)
+        await manager.close()
+        return cut, state, alive
+
+    try:
+        cut, state, alive = asyncio.run(scenario())
+    finally:
+        silent.close()
+    assert isinstance(cut, CaError) and "channel was closed" in str(cut)
+    assert alive and "channel was closed" in str(state["last_error"])

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from agent.identity.gate import HIGH, LOW, PriorityGate
-from agent.identity.rotation import Backoff, renewal_delay
+from agent.identity.rotation import Backoff, renewal_delay, retry_delay
 from agent.identity.spiffe import SpiffeId, SpiffeIdError
 
 
@@ -54,6 +54,16 @@ def test_backoff_doubles_from_half_a_second_to_the_cap() -> None:
     assert Backoff(jitter=0.2).delay(1, 0.5) == pytest.approx(0.45)
     with pytest.raises(ValueError):
         b.delay(0, 0.0)
+
+
+def test_retry_comes_before_the_held_certificate_expires() -> None:
+    b = Backoff(initial=0.5, cap=30.0, jitter=0.0)
+    assert retry_delay(b, 6, 0.0, None) == 16  # nothing held: plain backoff
+    assert retry_delay(b, 6, 0.0, 3600.0) == 16  # far from expiry: plain backoff
+    assert retry_delay(b, 6, 0.0, 10.0) == 5  # half the time left
+    assert retry_delay(b, 6, 0.0, 0.4) == 0.5  # never below the first backoff step
+    assert retry_delay(b, 1, 0.0, 10.0) == 0.5  # a shorter backoff is kept
+    assert retry_delay(b, 6, 0.0, -1.0) == 16  # expired: plain backoff
 
 
 def test_gate_bounds_holders_and_serves_high_priority_first() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 
 import grpc
@@ -23,11 +24,13 @@ CERT_STATES = [
         "identity": CLIENT_ID,
         "state": "Available",
         "certificate": {"not_after": "2030-01-01T00:00:00+00:00"},
+        "failing_since": None,
     },
     {
         "identity": "spiffe://cluster.local/ns/default/sa/b",
         "state": "Unavailable",
         "certificate": None,
+        "failing_since": "2020-01-01T00:00:00+00:00",
     },
 ]
 
@@ -50,6 +53,7 @@ def test_collector_reads_every_source_at_scrape_time() -> None:
         state_error=lambda: "bad YAML",
         state_changed_at=lambda: 1700000000.0,
     )
+    scraped = time.time()
     parsed = samples(component(sources).exposition())
     assert total(parsed, "nodemesh_rejected_connections_total", reason="no_endpoints") == 1
     assert total(parsed, "nodemesh_handshake_failures_total", cause="tls_handshake_failed") == 2
@@ -60,6 +64,10 @@ def test_collector_reads_every_source_at_scrape_time() -> None:
     expiry = total(parsed, "nodemesh_certificate_expiry_timestamp_seconds", identity=CLIENT_ID)
     assert expiry == 1893456000
     assert total(parsed, "nodemesh_certificates", state="Unavailable") == 1
+    failing = "nodemesh_certificate_renewal_failing_seconds"
+    assert total(parsed, failing, identity=CLIENT_ID) == 0
+    since_2020 = total(parsed, failing, identity="spiffe://cluster.local/ns/default/sa/b")
+    assert scraped - 1577836800 <= since_2020 <= time.time() - 1577836800
     captured = total(
         parsed, "nodemesh_capture_packets_total", program="pod_ingress", outcome="captured"
     )

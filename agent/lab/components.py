@@ -12,6 +12,7 @@ with the path of its log and its last lines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import secrets
 import ssl
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from agent.handover import socket_name, who
 from agent.lab import netns
 from agent.lab.record import LabDir, write_atomic
 from agent.lab.topology import LabError, LabPlan, NodePlan
@@ -87,14 +89,15 @@ def _write_tokens(labdir: LabDir, plan: LabPlan) -> None:
     write_atomic(labdir.node_tokens_file, yaml.safe_dump({"tokens": tokens}), mode=0o600)
 
 
-def plan_components(plan: LabPlan, labdir: LabDir) -> list[Component]:
+def plan_components(
+    plan: LabPlan, labdir: LabDir, *, drain_seconds: float | None = None
+) -> list[Component]:
     """The components this build can run, in start order (the CA before the agents)."""
     commands = available_commands()
     nodemesh = (sys.executable, "-m", "agent")
     found = []
     with_ca = "ca" in commands
     if with_ca:
-        _write_tokens(labdir, plan)
         ca_argv = (
             *nodemesh, "ca", "--listen", f"0.0.0.0:{CA_PORT}",
             "--cluster-file", str(labdir.cluster_file), "--root-dir", str(labdir.ca_dir),
@@ -114,12 +117,23 @@ def plan_components(plan: LabPlan, labdir: LabDir) -> list[Component]:
                     "--ca-root", str(labdir.ca_dir / "root.pem"),
                     "--token-file", str(labdir.token_file(node.name)),
                 )  # fmt: skip
+            if drain_seconds is not None:
+                argv += ("--drain-seconds", f"{drain_seconds:g}")
             found.append(Component(f"agent-{node.name}", node.netns, argv, _bind(node)))
     return found
 
 
 def _bind(node: NodePlan) -> Callable[[], bool]:
     return lambda: agent_ready(node)
+
+
+def agent_component(plan: LabPlan, labdir: LabDir, node: NodePlan) -> Component:
+    """The running agent of ``node`` as it was started (its recorded command line)."""
+    name = f"agent-{node.name}"
+    argv = labdir.command(name)
+    if argv is None:
+        raise LabError(f"{name} was never started in lab {plan.lab}; run `nodemesh lab up`")
+    return Component(name, node.netns, argv, _bind(node))
 
 
 def start(component: Component, labdir: LabDir) -> subprocess.Popen[bytes]:
@@ -135,6 +149,7 @@ def start(component: Component, labdir: LabDir) -> subprocess.Popen[bytes]:
             cwd=str(labdir.path),
         )
     labdir.record_pid(component.name, proc.pid)
+    labdir.record_command(component.name, component.argv)
     return proc
 
 
@@ -167,10 +182,48 @@ def wait_ready(
         time.sleep(0.2)
 
 
-def start_all(plan: LabPlan, labdir: LabDir, *, timeout: float) -> list[str]:
+def wait_taken_over(
+    component: Component,
+    proc: subprocess.Popen[bytes],
+    labdir: LabDir,
+    node: NodePlan,
+    *,
+    timeout: float,
+) -> None:
+    """Wait until the new agent ``proc`` holds ``node`` (it answers the handover name and
+    readiness); a new agent that exits or takes too long fails with its log."""
+    name = socket_name(Path(node.pin_dir))
+
+    def holds() -> bool:
+        holder = netns.call_in(node.netns, who, name)
+        return holder is not None and holder.get("pid") == proc.pid and component.ready()
+
+    wait_ready(dataclasses.replace(component, ready=holds), proc, labdir, timeout=timeout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_exit(pid: int, poll: float = 0.2) -> None:
+    """Wait for ``pid`` (not necessarily our child: started by an earlier command) to exit."""
+    while alive(pid):
+        time.sleep(poll)
+
+
+def start_all(
+    plan: LabPlan, labdir: LabDir, *, timeout: float, drain_seconds: float | None = None
+) -> list[str]:
     """Start and wait for every available component; return their names."""
     started = []
-    for component in plan_components(plan, labdir):
+    planned = plan_components(plan, labdir, drain_seconds=drain_seconds)
+    if any(c.name == "ca" for c in planned):
+        _write_tokens(labdir, plan)
+    for component in planned:
         proc = start(component, labdir)
         wait_ready(component, proc, labdir, timeout=timeout)
         started.append(component.name)
@@ -182,12 +235,14 @@ def process_state(labdir: LabDir, name: str) -> str:
     pid = labdir.pids().get(name)
     if pid is None:
         return "absent"
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            alive = f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        alive = False
-    return "running" if alive else "exited"
+    return "running" if alive(pid) else "exited"
 
 
-__all__ = ["Component", "agent_ready", "available_commands", "process_state", "start_all"]
+__all__ = [
+    "Component",
+    "agent_component",
+    "agent_ready",
+    "available_commands",
+    "process_state",
+    "start_all",
+]

@@ -200,7 +200,8 @@ def _stop_clients(clients: dict[str, subprocess.Popen[bytes]]) -> list[dict[str,
     for client, proc in clients.items():
         assert proc.stdout is not None
         out = proc.stdout.read()
-        proc.wait(timeout=60)
+        if proc.wait(timeout=60) != 0:
+            raise RuntimeError(f"the upgrade client in {client} failed ({proc.returncode})")
         for line in out.decode().splitlines():
             reports.append({"client": client, **json.loads(line)})
     return reports
@@ -263,9 +264,9 @@ def _summary(
     capture: bytes,
     marker: str,
 ) -> dict[str, Any]:
-    paths = {lab.pod(server)["ip"]: path for _c, server, path, *_ in FLOWS}
+    paths = {(client, lab.pod(server)["ip"]): path for client, server, path, *_ in FLOWS}
     for r in reports:
-        r["path"] = paths.get(r["target"].rsplit(":", 1)[0], "?")
+        r["path"] = paths[(r["client"], r["target"].rsplit(":", 1)[0])]
     link = _escapes_on_link(lab, capture, marker)
     uncaptured = _uncaptured(before, after)
     escapes = int(link["marker_in_clear"]) + link["bypass_segments"] + sum(uncaptured.values())

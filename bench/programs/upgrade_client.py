@@ -34,6 +34,9 @@ import uvloop
 from bench.programs import raise_nofile
 
 CONNECT_TIMEOUT = 15.0
+# How a connection breaks: reset/refused (OSError), wrong or missing bytes, and uvloop's
+# RuntimeError for a write to a transport the peer's reset already closed.
+BROKEN = (OSError, ValueError, RuntimeError, asyncio.IncompleteReadError)
 
 
 @dataclass
@@ -104,7 +107,7 @@ async def long_lived(
         writer.write_eof()
         if await reader.read() != b"":
             raise ValueError("bytes after the end")
-    except (OSError, ValueError, asyncio.IncompleteReadError) as e:
+    except BROKEN as e:
         t.resets += 1
         print(f"long-lived {n} to {t.host}:{t.port} broke: {e!r}", file=sys.stderr)
     finally:
@@ -123,7 +126,7 @@ async def one_new(t: Target, marker: bytes) -> None:
         await asyncio.wait_for(reader.read(), CONNECT_TIMEOUT)
         t.new_ok += 1
         t.slowest_new = max(t.slowest_new, time.monotonic() - started)
-    except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as e:
+    except (*BROKEN, TimeoutError) as e:
         t.failures[type(e).__name__] += 1
         print(f"new connection to {t.host}:{t.port} failed: {e!r}", file=sys.stderr)
     finally:

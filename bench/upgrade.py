@@ -22,6 +22,9 @@ clients stop. Counted:
   and the datapath's own count of segments of meshed flows that had no proxy socket and passed
   uncaptured (``passed`` + ``failed_open`` of ``nm_counters``, before and after);
 - the longest stall of a live stream (send to echo) and the slowest new connection;
+- probes of the upgraded node's readiness (``:15021/healthz/ready``), metrics (``:15020``)
+  and admin API (``127.0.0.1:15000/status``) every 0.1 s through the phase: any answer other
+  than 200, or no answer, is a probe that saw the node down;
 - whether each old agent exited once its connections had closed (not at its drain deadline).
 
 A baseline phase with the same load and no upgrade comes first: its stall and counts are what
@@ -30,12 +33,15 @@ the upgrade phases compare with.
 
 from __future__ import annotations
 
+import http.client
 import json
 import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +106,8 @@ def phase(lab: Lab, s: UpgradeSettings, node: str | None) -> dict[str, Any]:
             before = _counters(lab)
             clients = _start_clients(lab, s, marker)
             procs += clients.values()
+            prober = Prober(lab, node or "node1")
+            prober.start()
             time.sleep(s.settle_seconds)
             if node is not None:
                 started = time.monotonic()
@@ -108,6 +116,7 @@ def phase(lab: Lab, s: UpgradeSettings, node: str | None) -> dict[str, Any]:
                     "takeover_seconds": round(time.monotonic() - started, 2)
                 }
                 time.sleep(s.settle_seconds)
+            probes = prober.report()
             reports = _stop_clients(clients)
             after = _counters(lab)
             time.sleep(0.5)  # the last segments reach the capture
@@ -118,7 +127,53 @@ def phase(lab: Lab, s: UpgradeSettings, node: str | None) -> dict[str, Any]:
     finally:
         for proc in procs:
             _stop(proc)
-    return _summary(lab, reports, upgrade, before, after, capture, marker)
+    return _summary(lab, reports, upgrade, before, after, capture, marker) | {"probes": probes}
+
+
+class Prober(threading.Thread):
+    """Probes a node's readiness, metrics and admin ports from inside its namespace until
+    stopped; counts the answers that were not a 200."""
+
+    INTERVAL = 0.1
+
+    def __init__(self, lab: Lab, node: str) -> None:
+        super().__init__(name=f"probe-{node}", daemon=True)
+        self.netns = lab.netns(node)
+        ip = lab.node(node)["ip"]
+        self.targets = {
+            "readiness": (ip, 15021, "/healthz/ready"),
+            "metrics": (ip, 15020, "/metrics"),
+            "admin": ("127.0.0.1", ADMIN_PORT, "/status"),
+        }
+        self.ok: Counter[str] = Counter()
+        self.down: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        netns.enter(self.netns)
+        while not self.halt.wait(self.INTERVAL):
+            for name, (host, port, path) in self.targets.items():
+                conn = http.client.HTTPConnection(host, port, timeout=2.0)
+                try:
+                    conn.request("GET", path)
+                    response = conn.getresponse()
+                    response.read()
+                    status = response.status
+                except (OSError, http.client.HTTPException) as e:
+                    status, why = 0, type(e).__name__
+                finally:
+                    conn.close()
+                if status == 200:
+                    self.ok[name] += 1
+                else:
+                    self.down[name] += 1
+                    self.reasons[f"{name}: {status or why}"] += 1
+
+    def report(self) -> dict[str, Any]:
+        self.halt.set()
+        self.join()
+        return {"ok": dict(self.ok), "down": dict(self.down), "reasons": dict(self.reasons)}
 
 
 def _program(lab: Lab, pod: str, name: str, *args: str, **kw: Any) -> subprocess.Popen[bytes]:

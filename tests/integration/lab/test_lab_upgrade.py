@@ -46,6 +46,15 @@ def test_an_upgrade_resets_nothing_fails_nothing_and_leaks_nothing(
     assert phase["upgrade"]["old_agent_exited"], phase["upgrade"]
 
 
+@pytest.mark.parametrize("node", ["node1", "node2"])
+def test_readiness_metrics_and_admin_never_looked_down_during_an_upgrade(
+    measured: dict[str, Any], node: str
+) -> None:
+    probes = measured["phases"][node]["probes"]
+    assert probes["down"] == {}, probes["reasons"]
+    assert set(probes["ok"]) == {"readiness", "metrics", "admin"}
+
+
 def test_the_baseline_without_an_upgrade_is_clean_too(measured: dict[str, Any]) -> None:
     phase = measured["phases"]["baseline"]
     assert (phase["resets"], phase["new_failed"], phase["escapes"]) == (0, 0, 0)

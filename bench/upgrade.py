@@ -67,12 +67,17 @@ FLOWS = (
 class UpgradeSettings:
     long_lived: int = 100  # over all flows
     new_per_second: float = 4.0  # per flow
-    settle_seconds: float = 4.0  # before, between and after the upgrades
-    exit_timeout: float = 60.0  # for the old agents to finish draining
+    settle_seconds: float = 4.0  # before and after the upgrade, in each phase
+    exit_timeout: float = 60.0  # for the old agent to finish draining
 
 
-FULL = UpgradeSettings()
-QUICK = UpgradeSettings(long_lived=40, new_per_second=2.0, settle_seconds=2.0)
+def section(s: UpgradeSettings) -> dict[str, Any]:
+    """``make bench``'s upgrade section: its own lab (long drains), removed afterwards."""
+    lab = Lab.up("bu" + secrets.token_hex(3), timeout=120, drain_seconds=DRAIN_SECONDS)
+    try:
+        return run(lab, s)
+    finally:
+        lab.down()
 
 
 def run(
@@ -338,3 +343,12 @@ def _summary(
         "uncaptured_segments": uncaptured,
         "escapes": escapes,
     }
+
+
+def headline(phase: dict[str, Any]) -> str:
+    down = sum(phase["probes"]["down"].values())
+    return (
+        f"{phase['resets']} resets, {phase['new_failed']} failed of "
+        f"{phase['new_ok'] + phase['new_failed']} new, {phase['escapes']} escapes, "
+        f"{down} probes down, longest stall {phase['longest_stall_ms']:.0f} ms"
+    )

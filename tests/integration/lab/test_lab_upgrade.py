@@ -29,7 +29,7 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def measured(lab: Lab) -> dict[str, Any]:
-    return upgrade.run(lab, upgrade.FULL)
+    return upgrade.run(lab, upgrade.UpgradeSettings())
 
 
 @pytest.mark.parametrize("node", ["node1", "node2"])

@@ -213,9 +213,9 @@ def _tcpdump(lab: Lab, pcap: Path) -> subprocess.Popen[bytes]:
     return dump
 
 
-def _counters(lab: Lab) -> dict[str, dict[str, dict[str, int]]]:
-    """``nm_counters`` of each node, through its agent's admin API (the pinned map outlives
-    agents of the same generation, so before and after compare)."""
+def _counters(lab: Lab) -> dict[str, dict[str, Any]]:
+    """``nm_counters`` and the generation of each node, through its agent's admin API (the
+    pinned map outlives agents of the same generation, so before and after compare)."""
     found = {}
     for node in ("node1", "node2"):
         status, body = netns.http_get(
@@ -223,7 +223,8 @@ def _counters(lab: Lab) -> dict[str, dict[str, dict[str, int]]]:
         )
         if status != 200:
             raise RuntimeError(f"{node}'s admin API answered {status} on /datapath: {body[:200]}")
-        found[node] = json.loads(body)["datapath"]["counters"]
+        datapath = json.loads(body)["datapath"]
+        found[node] = {"generation": datapath["generation"], "counters": datapath["counters"]}
     return found
 
 
@@ -305,11 +306,14 @@ def _escapes_on_link(lab: Lab, capture: bytes, marker: str) -> dict[str, Any]:
 
 
 def _uncaptured(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """Segments of meshed flows passed uncaptured during the phase, per node (an upgrade to a
+    new generation starts fresh counters: then everything the new maps counted)."""
     found = {}
-    for node, programs in after.items():
+    for node, now in after.items():
+        same = now["generation"] == before[node]["generation"]
         found[node] = sum(
-            counts[key] - before[node][program][key]
-            for program, counts in programs.items()
+            counts[key] - (before[node]["counters"][program][key] if same else 0)
+            for program, counts in now["counters"].items()
             for key in ("passed", "failed_open")
         )
     return found

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -75,3 +76,22 @@ def test_after_the_old_agents_exited_the_new_ones_hold_the_datapath(
         assert "eth0" in datapath["attachments"] and datapath["pods"] > 0
         rules = lab.exec(node.name, "ip", "rule", capture_output=True, text=True, check=True)
         assert "lookup 1539" in rules.stdout
+
+
+def test_an_upgrade_to_new_programs_keeps_the_old_agents_flows() -> None:
+    """The new agent compiles another generation (here: another capture mark), swaps every
+    filter and unpins the old generation while the old agent still serves its connections
+    through the programs' socket lookup."""
+    with mesh_lab("ug", drain_seconds=upgrade.DRAIN_SECONDS) as lab:
+        labdir, _ = control.load(lab.name)
+        argv = labdir.command("agent-node1")
+        assert argv is not None
+        labdir.record_command(
+            "agent-node1", (*argv, "--capture-mark", "0x2539", "--route-table", "2539")
+        )
+        settings = upgrade.UpgradeSettings(long_lived=40, settle_seconds=2.0)
+        phase = upgrade.run(lab, settings, nodes=("node1",))["phases"]["node1"]
+        pins = sorted(p.name for p in Path(lab.node("node1")["pinDir"]).iterdir())
+    assert (phase["resets"], phase["new_failed"], phase["escapes"]) == (0, 0, 0), phase["link"]
+    assert phase["long_lived"] == 40 and phase["upgrade"]["old_agent_exited"]
+    assert len(pins) == 1, pins  # only the new generation is left pinned

@@ -217,7 +217,8 @@ class Agent:
 
     # -- before the loop -------------------------------------------------------------------
     def prepare(self) -> None:
-        self.source = open_source(self.config, self.store)
+        # First of all, so that a running agent knows at once that it is being replaced (a
+        # SIGTERM it gets from now on waits for the takeover).
         name = handover.socket_name(self.config.pin_dir)
         self.predecessor = handover.Successor.find(name)
         if self.predecessor is None:
@@ -227,6 +228,7 @@ class Agent:
                     "another agent for this node is starting in this network namespace; "
                     "start one at a time"
                 )
+        self.source = open_source(self.config, self.store)
         self.datapath.start()
         self.listeners = open_listeners(
             self.config.listeners, beside_another=self.predecessor is not None

@@ -8,6 +8,9 @@ is reported by ``make bench`` (its "upgrade" section runs the same ``bench.upgra
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ import pytest
 from agent.lab import components, control, netns
 from agent.lab.handle import Lab
 from bench import upgrade
-from tests.labtools import mesh_lab
+from tests.labtools import mesh_lab, retry
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -95,3 +98,39 @@ def test_an_upgrade_to_new_programs_keeps_the_old_agents_flows() -> None:
     assert (phase["resets"], phase["new_failed"], phase["escapes"]) == (0, 0, 0), phase["link"]
     assert phase["long_lived"] == 40 and phase["upgrade"]["old_agent_exited"]
     assert len(pins) == 1, pins  # only the new generation is left pinned
+
+
+def test_a_sigterm_before_the_takeover_waits_for_it(lab: Lab, measured: dict[str, Any]) -> None:
+    """On a cluster the old pod can be deleted before the new agent is ready (the kubelet's
+    probe of the new pod reached the old agent): the old agent keeps serving, readiness
+    included, until the new one has taken over, and only then drains. The CA is paused so that
+    the new agent cannot be ready (no certificates) when the old one gets SIGTERM."""
+    del measured  # runs after the measurement, on the same lab
+    labdir, plan = control.load(lab.name)
+    node = next(n for n in plan.nodes if n.name == "node2")
+    component = components.agent_component(plan, labdir, node)
+    old, ca = labdir.pids()[component.name], labdir.pids()["ca"]
+    log = labdir.log_file(component.name)
+    prober = upgrade.Prober(lab, "node2")
+    prober.start()
+    os.kill(ca, signal.SIGSTOP)
+    try:
+        seen = len(log.read_text(encoding="utf-8", errors="replace"))
+        new = components.start(component, labdir)
+        retry(lambda: _assert_logged(log, seen, "started beside this one"), timeout=60)
+        os.kill(old, signal.SIGTERM)
+        retry(lambda: _assert_logged(log, seen, "stop requested while another agent takes over"))
+        time.sleep(1.0)
+        assert components.alive(old)
+    finally:
+        os.kill(ca, signal.SIGCONT)
+    components.wait_taken_over(component, new, labdir, node, timeout=120)
+    time.sleep(1.0)
+    probes = prober.report()
+    components.wait_exit(old)
+    assert probes["down"] == {}, probes["reasons"]
+    assert components.agent_ready(node)
+
+
+def _assert_logged(log: Path, offset: int, text: str) -> None:
+    assert text in log.read_text(encoding="utf-8", errors="replace")[offset:], text

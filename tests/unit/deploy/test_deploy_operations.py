@@ -65,6 +65,13 @@ def test_agent_upgrades_one_node_at_a_time_by_surge() -> None:
     assert strategy["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
 
 
+def test_the_surge_pod_is_not_probed_before_its_agent_announced_itself() -> None:
+    # The old agent answers the shared readiness port until the takeover; it defers its drain
+    # only for a successor that has connected to it (agent.handover), about 1 s after start.
+    container = pod_spec(agent())["containers"][0]
+    assert container["readinessProbe"]["initialDelaySeconds"] >= 5
+
+
 def host_ports(spec: Obj) -> list[int]:
     """The host ports a pod claims, as the scheduler's NodePorts filter counts them: explicit
     hostPorts, and in the host network every declared containerPort."""

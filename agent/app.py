@@ -323,8 +323,10 @@ class Agent:
     # -- upgrades (agent.handover) ---------------------------------------------------------
     def _pending_takeover(self) -> list[str]:
         """What must be ready before this agent takes the node from the running one."""
-        reasons = [r for c in self.components if not isinstance(c, HttpComponent)
-                   for r in c.not_ready()]  # fmt: skip
+        reasons = []
+        for c in self.components:
+            if not isinstance(c, HttpComponent):
+                reasons += c.not_ready()
         if self.source is not None and not self.source.ready:
             reasons.append("state: not loaded")
         return reasons

@@ -13,7 +13,8 @@ one-instruction classic BPF program to the port's reuseport group that picks soc
 member that joined last (``newest_wins``). From that moment every new connection (a kubelet probe,
 a scrape, the CLI) reaches the successor; the predecessor's socket gets none, so when it closes
 there is nothing queued on it to reset. With one member left, index 1 is out of range and the
-kernel falls back to its hash, i.e. that member. Measured in ``tests/unit/admin/test_http.py``.
+kernel falls back to its hash, i.e. that member. Tested in
+``tests/unit/admin/test_http_handover.py``; the lab test of upgrades probes the ports throughout.
 """
 
 from __future__ import annotations

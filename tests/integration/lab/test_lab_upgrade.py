@@ -19,6 +19,7 @@ import pytest
 
 from agent.lab import components, control, netns
 from agent.lab.handle import Lab
+from agent.lab.topology import LabError
 from bench import upgrade
 from tests.labtools import mesh_lab, retry
 
@@ -134,3 +135,22 @@ def test_a_sigterm_before_the_takeover_waits_for_it(lab: Lab, measured: dict[str
 
 def _assert_logged(log: Path, offset: int, text: str) -> None:
     assert text in log.read_text(encoding="utf-8", errors="replace")[offset:], text
+
+
+def test_a_new_agent_that_cannot_start_leaves_the_old_one_in_charge(
+    lab: Lab, measured: dict[str, Any]
+) -> None:
+    del measured  # runs after the measurement, on the same lab
+    labdir, plan = control.load(lab.name)
+    node = next(n for n in plan.nodes if n.name == "node1")
+    argv = labdir.command("agent-node1")
+    assert argv is not None
+    old = labdir.pids()["agent-node1"]
+    labdir.record_command("agent-node1", (*argv, "--route-table", "254"))  # refused by the agent
+    try:
+        with pytest.raises(LabError, match="exited with status 2"):
+            lab.upgrade("node1", timeout=60)
+        assert labdir.pids()["agent-node1"] == old
+        assert components.alive(old) and components.agent_ready(node)
+    finally:
+        labdir.record_command("agent-node1", argv)

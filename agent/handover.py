@@ -40,7 +40,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,15 @@ class Phase(enum.Enum):
     SUPERSEDED = "superseded"  # the successor holds the node; drain on SIGTERM
 
 
+Action = Literal["freeze", "release", "resume"]
+
+
 @dataclass(frozen=True)
 class Reply:
     """What the predecessor answers and what it must do before answering (``action``)."""
 
     message: dict[str, Any]
-    action: str | None = None  # "freeze", "release", "resume" or None
+    action: Action | None = None
 
 
 class Predecessor:
@@ -91,8 +94,8 @@ class Predecessor:
                 self.successor = pid
             return Reply({"pid": self.pid, "phase": self.phase.value})
         if op == "freeze":
-            if self.phase is Phase.SUPERSEDED:
-                return Reply({"error": f"agent {self.pid} already handed over to {self.successor}"})
+            if self.phase is not Phase.SERVING:
+                return Reply({"error": f"agent {self.successor} is taking over (or took over)"})
             pid = message.get("pid")
             if not isinstance(pid, int):
                 return Reply({"error": "freeze needs the successor's pid"})
@@ -149,7 +152,7 @@ def bind(name: bytes) -> socket.socket | None:
     return sock
 
 
-Actions = dict[str, Callable[[], Awaitable[None]]]
+Actions = dict[Action, Callable[[], Awaitable[None]]]
 
 
 class HandoverServer:

@@ -38,7 +38,8 @@ def test_a_successor_lost_mid_handover_gives_the_node_back() -> None:
     [
         ([{"op": "took_over"}], "freeze first"),
         ([{"op": "freeze"}], "successor's pid"),
-        ([{"op": "freeze", "pid": 2}, {"op": "took_over"}, {"op": "freeze", "pid": 3}], "already"),
+        ([{"op": "freeze", "pid": 2}, {"op": "took_over"}, {"op": "freeze", "pid": 3}], "took"),
+        ([{"op": "freeze", "pid": 2}, {"op": "freeze", "pid": 3}], "agent 2 is taking over"),
         ([{"op": "rename"}], "unknown operation"),
     ],
 )
@@ -61,13 +62,14 @@ class Hooks:
         self.calls: list[str] = []
 
     def actions(self) -> handover.Actions:
-        def hook(name: str) -> Any:
+        def hook(name: handover.Action) -> Any:
             async def run() -> None:
                 self.calls.append(name)
 
             return run
 
-        return {name: hook(name) for name in ("freeze", "release", "resume")}
+        names: tuple[handover.Action, ...] = ("freeze", "release", "resume")
+        return {name: hook(name) for name in names}
 
 
 def _name() -> bytes:

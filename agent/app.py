@@ -14,6 +14,12 @@ Theory of operation:
      them, so new SYNs of meshed pods fail closed until the next agent registers its own), give
      open connections ``--drain-seconds`` to finish, then exit 0. Programs, maps and filters stay
      pinned for the next agent; ``--uninstall`` removes them.
+  4. Upgrades (``agent.handover``): an agent that finds another one running on its node starts
+     beside it without touching the SOCKMAP, filters or ports, waits until its components are
+     ready, then takes the node over (the old one stops writing to the kernel, the new one
+     registers its listeners, reconciles and binds readiness/metrics/admin). The old agent stops
+     accepting a moment later and serves its established connections until SIGTERM drains it;
+     a SIGTERM that arrives while a successor is still starting waits for the handover.
 
 The parts: ``mesh_components()`` builds the identity manager and the node proxy (with a CA),
 ``connection_handler()`` picks what serves the listeners, and ``agent.wiring.observability``
@@ -27,15 +33,18 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from agent import handover
 from agent.acceptor import accept_forever
 from agent.base.component import Component, StateSource
 from agent.base.constants import Listener
+from agent.base.endpoint import HttpComponent
 from agent.base.http import HttpServer, Request, Response
 from agent.config import AgentConfig, ConfigError, add_arguments, from_args
 from agent.datapath.datapath import Datapath, uninstall
@@ -53,6 +62,10 @@ log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 5.0
 KUBE_SYNC_SECONDS = 120.0
+# After a handover the old listeners stay open this long, so handshakes that were under way
+# when the successor took the SYNs complete (a SYN-ACK retransmission comes after 1 s).
+HANDSHAKE_GRACE_SECONDS = 2.0
+TAKEOVER_LOG_SECONDS = 10.0
 
 
 class ConnectionHandler(Protocol):
@@ -179,12 +192,38 @@ class Agent:
         self._draining = False
         self._reconcile_error: str | None = None
         self._stop = asyncio.Event()
+        self._ready = ReadinessServer(self.not_ready)
+        self._accepting: list[asyncio.Task[None]] = []
+        # Upgrades: the agent this one replaces (if one was running), and this agent's own
+        # handover endpoint once it holds the node.
+        self.predecessor: handover.Successor | None = None
+        self._handover: handover.HandoverServer | None = None
+        self._handover_sock: socket.socket | None = None
+        self._release: asyncio.Task[None] | None = None
 
     # -- before the loop -------------------------------------------------------------------
     def prepare(self) -> None:
+        # First of all, so that a running agent knows at once that it is being replaced (a
+        # SIGTERM it gets from now on waits for the takeover).
+        name = handover.socket_name(self.config.pin_dir)
+        self.predecessor = handover.Successor.find(name)
+        if self.predecessor is None:
+            self._handover_sock = handover.bind(name)
+            if self._handover_sock is None:
+                raise StartupError(
+                    "another agent for this node is starting in this network namespace; "
+                    "start one at a time"
+                )
         self.source = open_source(self.config, self.store)
         self.datapath.start()
-        self.listeners = open_listeners(self.config.listeners)
+        self.listeners = open_listeners(
+            self.config.listeners, beside_another=self.predecessor is not None
+        )
+        if self.predecessor is None:
+            self._take_datapath()
+
+    def _take_datapath(self) -> None:
+        """New SYNs come here from now on; the maps and filters follow this agent's state."""
         self.datapath.register_listeners(self.listeners)
         self.datapath.reconcile(local_pods(self.store.snapshot(), self.config.node))
         self._synced = True
@@ -228,31 +267,151 @@ class Agent:
             loop.call_soon_threadsafe(self._dirty.set)  # sources may write from any thread
 
         unsubscribe = self.store.subscribe(changed)
-        ready = ReadinessServer(self.not_ready)
-        await ready.start(self.config.ready_port)
-        tasks = [
-            asyncio.create_task(self._reconcile_loop(), name="datapath-reconcile"),
-            *(
-                asyncio.create_task(self._accept_loop(slot, sock), name=f"accept-{slot.name}")
-                for slot, sock in self.listeners.items()
-            ),
+        http = [c for c in self.components if isinstance(c, HttpComponent)]
+        self._accepting = [
+            asyncio.create_task(self._accept_loop(slot, sock), name=f"accept-{slot.name}")
+            for slot, sock in self.listeners.items()
         ]
+        if self.predecessor is None:
+            await self._ready.start(self.config.ready_port)
         for c in self.components:
-            await c.start()
+            if c not in http or self.predecessor is None:
+                await c.start()
+        if self.predecessor is not None:
+            if not await self._take_over(self.predecessor, stop):
+                return await self._finish([], unsubscribe, failed=False)
+            await self._ready.start(self.config.ready_port)
+            for c in http:
+                await c.start()
+            await self._announce_taken_over(self.predecessor)
+        await self._serve_handover()
+        tasks = [asyncio.create_task(self._reconcile_loop(), name="datapath-reconcile")]
         log.info("agent %s ready", self.config.node)
         waiter = asyncio.create_task(stop.wait(), name="stop-signal")
-        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        failed = [t for t in done if t is not waiter and not t.cancelled() and t.exception()]
+        while True:
+            watched = [t for t in [*tasks, *self._accepting] if not t.cancelled()]
+            done, _ = await asyncio.wait([waiter, *watched], return_when=asyncio.FIRST_COMPLETED)
+            failed = [t for t in done if t is not waiter and not t.cancelled() and t.exception()]
+            if waiter in done or failed:
+                break
         for t in failed:
             log.error("agent task %s failed: %r; shutting down", t.get_name(), t.exception())
-        await self._drain(tasks)
+        if self._handover is not None and not self._handover.settled.is_set():
+            log.info("stop requested while another agent takes over: draining once it has")
+            await self._handover.settled.wait()
         waiter.cancel()
+        return await self._finish(tasks, unsubscribe, failed=bool(failed))
+
+    async def _finish(
+        self, tasks: list[asyncio.Task[None]], unsubscribe: Callable[[], None], *, failed: bool
+    ) -> int:
+        await self._drain([*tasks, *self._accepting])
         unsubscribe()
-        await ready.stop()
+        await self._ready.stop()
+        if self._handover is not None:
+            await self._handover.stop()
         return 1 if failed else 0
+
+    # -- upgrades (agent.handover) ---------------------------------------------------------
+    def _pending_takeover(self) -> list[str]:
+        """What must be ready before this agent takes the node from the running one."""
+        reasons = []
+        for c in self.components:
+            if not isinstance(c, HttpComponent):
+                reasons += c.not_ready()
+        if self.source is not None and not self.source.ready:
+            reasons.append("state: not loaded")
+        return reasons
+
+    async def _take_over(self, predecessor: handover.Successor, stop: asyncio.Event) -> bool:
+        """Wait until ready, then take the node from the running agent; False if stopped."""
+        try:
+            pid: int | None = await predecessor.hello()
+        except (OSError, handover.HandoverError, TimeoutError) as e:
+            log.warning("the running agent did not answer (%s); taking over when ready", e)
+            pid = None
+        log.info(
+            "agent %s: starting beside agent %s; taking over once ready", self.config.node, pid
+        )
+        lost = asyncio.create_task(predecessor.lost(), name="handover-predecessor")
+        stopped = asyncio.create_task(stop.wait(), name="handover-stop")
+        last_log = time.monotonic()
+        while (pending := self._pending_takeover()) and not (lost.done() or stop.is_set()):
+            if time.monotonic() - last_log >= TAKEOVER_LOG_SECONDS:
+                last_log = time.monotonic()
+                log.info("waiting for %s before taking over", "; ".join(pending))
+            await asyncio.wait({lost, stopped}, timeout=0.2)
+        for t in (lost, stopped):
+            t.cancel()
+        await asyncio.gather(lost, stopped, return_exceptions=True)
+        if stop.is_set():
+            log.info("stopped before taking over: the running agent keeps the node")
+            predecessor.close()
+            return False
+        try:
+            await predecessor.freeze()
+        except (OSError, handover.HandoverError, TimeoutError) as e:
+            log.warning("the agent being replaced did not freeze (%s): taking over anyway", e)
+        await asyncio.to_thread(self._take_datapath)
+        return True
+
+    async def _announce_taken_over(self, predecessor: handover.Successor) -> None:
+        try:
+            await predecessor.took_over()
+        except (OSError, handover.HandoverError, TimeoutError) as e:
+            log.warning("could not tell the replaced agent it is replaced: %s", e)
+        predecessor.close()
+        name = handover.socket_name(self.config.pin_dir)
+        for _ in range(50):  # the old agent released the name before answering
+            if (sock := handover.bind(name)) is not None:
+                self._handover_sock = sock
+                break
+            await asyncio.sleep(0.1)
+        else:
+            log.error("cannot hold the handover name: the next upgrade will not find this agent")
+        log.info("agent %s: took over from agent %s", self.config.node, predecessor.pid)
+
+    async def _serve_handover(self) -> None:
+        if self._handover_sock is None:
+            return
+        actions: handover.Actions = {
+            "freeze": lambda: asyncio.to_thread(self.datapath.freeze),
+            "release": self._handed_over,
+            "resume": self._take_back,
+        }
+        state = handover.Predecessor(os.getpid())
+        self._handover = handover.HandoverServer(self._handover_sock, state, actions)
+        await self._handover.start()
+
+    async def _handed_over(self) -> None:
+        self._release = asyncio.create_task(self._stop_accepting(), name="handed-over")
+
+    async def _stop_accepting(self) -> None:
+        """After the handover: no new connection reaches this agent's listeners or ports any
+        more; close them, keep the established connections until SIGTERM drains them."""
+        await asyncio.sleep(HANDSHAKE_GRACE_SECONDS)
+        for t in self._accepting:
+            t.cancel()
+        for sock in self.listeners.values():
+            sock.close()
+        await self._ready.stop()
+        for c in self.components:
+            if isinstance(c, HttpComponent):
+                await c.stop()
+        log.info(
+            "agent handed over: listeners and ports closed, %d connection(s) still served",
+            len(self._connections),
+        )
+
+    async def _take_back(self) -> None:
+        await asyncio.to_thread(self.datapath.resume)
+        await asyncio.to_thread(self.datapath.register_listeners, self.listeners)
+        self._dirty.set()
 
     async def _drain(self, tasks: list[asyncio.Task[None]]) -> None:
         self._draining = True
+        if self._release is not None:
+            await self._release  # handshakes under way at the handover complete first
         log.info(
             "agent draining: %d open connection(s), up to %.1fs",
             len(self._connections),

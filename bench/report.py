@@ -66,6 +66,7 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
         out.append(f"- **{paths[k]['title']}** ({'verified' if v['ok'] else 'UNTRUSTED'}): "
                    + "; ".join(v["checks"]))  # fmt: skip
     out += _idle_section(results, paths)
+    out += _upgrade_section(results)
     out += _speed_section(results)
     out += _machine_section(results)
     problems = summary.errors(results)
@@ -89,6 +90,38 @@ def _idle_section(results: Mapping[str, Any], paths: Mapping[str, Any]) -> list[
                 f" ({idle['open_files_limit']:,})"
             )
         out.append(f"- {paths[key]['title']}: {steps} (slope {slope}{cap})")
+    return out
+
+
+def _upgrade_section(results: Mapping[str, Any]) -> list[str]:
+    found = results.get("upgrade")
+    if not found or "error" in found:
+        return []
+    out = [
+        "",
+        "## Agent upgrades under load (`nodemesh lab upgrade`, `bench/upgrade.py`)",
+        "",
+        "| phase | takeover s | live streams | resets | new conns ok | failed | escapes "
+        "| probes down | longest stall ms | slowest new ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, ph in found["phases"].items():
+        takeover = ph["upgrade"]["takeover_seconds"] if ph["upgrade"] else None
+        out.append(
+            f"| {name} | {_fmt(takeover, 2)} | {ph['long_lived']} | {ph['resets']} "
+            f"| {ph['new_ok']} | {ph['new_failed']} | {ph['escapes']} "
+            f"| {sum(ph['probes']['down'].values())} | {ph['longest_stall_ms']:.1f} "
+            f"| {ph['slowest_new_ms']:.1f} |"
+        )
+    out += [
+        "",
+        "Each phase: the streams (HBONE both ways between the nodes, same-node, plaintext into the"
+        " mesh) and new connections run, the node's agent is upgraded (none in the baseline),"
+        " then they stop. Escapes: the meshed clients' marker in clear on the node link, segments"
+        " between a meshed client and a server port on the link, and meshed-flow segments the"
+        " datapath passed uncaptured. Probes: readiness, metrics and admin of the node, every"
+        " 0.1 s. Stall: the longest send-to-echo time of any chunk of any live stream.",
+    ]
     return out
 
 

@@ -10,7 +10,9 @@ Order of a run:
 3. ``reps`` repetitions of every throughput / latency / connection-rate workload over every path,
    the path order rotated each repetition, so that drift of a shared machine (other engineers'
    tests, CPU frequency, page cache) spreads over all paths instead of landing on one;
-4. after the lab is gone, ``openssl speed`` for each cipher the TLS paths negotiated.
+4. after the lab is gone, ``openssl speed`` for each cipher the TLS paths negotiated;
+5. the upgrade section (``bench.upgrade``) in a lab of its own: live streams and new connections
+   across ``nodemesh lab upgrade node1`` and ``node2``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import machine, procstat, workloads
+from agent.lab.topology import LabError
+from bench import machine, procstat, upgrade, workloads
 from bench.settings import Settings
 from bench.testbed import REPO, BenchPath, Testbed
 from bench.verify import verify
@@ -98,9 +101,30 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
                     )
                     say(f"[{rep + 1}/{s.reps}] {path.title} {name}: {_headline(name, sample)}")
     results["openssl_speed"] = _speeds(results, s)
+    results["upgrade"] = _upgrade(s)
     results["load"]["after"] = [round(x, 2) for x in procstat.load_average()]
     results["finished"] = _now()
     return results
+
+
+def _upgrade(s: Settings) -> dict[str, Any]:
+    say(
+        f"upgrade: {s.upgrade_long_lived} live streams and new connections across "
+        "`nodemesh lab upgrade` of node1, then node2 (a lab of its own)"
+    )
+    chosen = upgrade.UpgradeSettings(
+        long_lived=s.upgrade_long_lived,
+        new_per_second=s.upgrade_new_per_second,
+        settle_seconds=s.upgrade_settle_seconds,
+    )
+    try:
+        found = upgrade.section(chosen)
+    except (OSError, RuntimeError, LabError) as e:
+        say(f"upgrade: ERROR {e}")
+        return {"error": str(e)}
+    for name, phase in found["phases"].items():
+        say(f"upgrade {name}: {upgrade.headline(phase)}")
+    return found
 
 
 def _speeds(results: dict[str, Any], s: Settings) -> list[dict[str, Any]]:

@@ -29,6 +29,9 @@ class Settings:
     idle_steps: tuple[int, ...] = (1000, 2500, 5000, 10000)
     speed_seconds: int = 3  # openssl speed -seconds
     marker_bytes: int = 65536
+    upgrade_long_lived: int = 100  # live streams held across each agent upgrade
+    upgrade_new_per_second: float = 4.0  # new connections per second, per flow (4 flows)
+    upgrade_settle_seconds: float = 4.0  # load before and after each upgrade
     quick: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -46,6 +49,9 @@ QUICK = Settings(
     conn_warmup=0.5,
     idle_steps=(200, 1000),
     speed_seconds=1,
+    upgrade_long_lived=40,
+    upgrade_new_per_second=2.0,
+    upgrade_settle_seconds=2.0,
     quick=True,
 )
 

@@ -106,9 +106,14 @@ def ratios(
 
 
 def errors(results: Mapping[str, Any]) -> list[str]:
-    """One line per failed sample: which path, workload and repetition, and why."""
-    return [
+    """One line per failed sample: which path, workload and repetition, and why; and a failed
+    upgrade section."""
+    found = [
         f"{s['path']} {s['workload']} rep {s['rep']}: {s['error']}"
         for s in results["samples"]
         if "error" in s
     ] + [f"{k} idle: {v['error']}" for k, v in results.get("idle", {}).items() if "error" in v]
+    upgrade = results.get("upgrade", {})
+    if "error" in upgrade:
+        found.append(f"upgrade: {upgrade['error']}")
+    return found

@@ -45,7 +45,9 @@ def retry(fn: Callable[[], T], timeout: float = 20.0) -> T:
 
 
 @contextmanager
-def mesh_lab(prefix: str, timeout: float = 90.0) -> Iterator[Lab]:
+def mesh_lab(
+    prefix: str, timeout: float = 90.0, drain_seconds: float | None = None
+) -> Iterator[Lab]:
     """A default-topology lab named ``prefix`` + a random suffix, removed on exit.
 
     Skips (rather than fails) without root, and when this build's lab runs no CA: without a CA
@@ -53,7 +55,7 @@ def mesh_lab(prefix: str, timeout: float = 90.0) -> Iterator[Lab]:
     """
     if os.geteuid() != 0:
         pytest.skip("a lab needs root")
-    lab = Lab.up(prefix + secrets.token_hex(3), timeout=timeout)
+    lab = Lab.up(prefix + secrets.token_hex(3), timeout=timeout, drain_seconds=drain_seconds)
     try:
         if lab.status()["ca"]["state"] != "running":
             pytest.skip("this build's lab runs no CA, so no proxy")

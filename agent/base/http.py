@@ -6,13 +6,25 @@ handful of GETs and two POSTs from probes, Prometheus and the CLI; one request p
 point: a 200 proves that the loop which moves the traffic is turning, and handlers read the
 proxy's live state without locks. Requests are bounded (8 KiB head, no body read, 5 s to send
 it), so a slow or hostile client costs one task and a few bytes.
+
+Ports move between agents without a gap during an upgrade: every agent binds with
+``SO_REUSEPORT``, so a successor binds while its predecessor still listens, and then attaches a
+one-instruction classic BPF program to the port's reuseport group that picks socket 1, the
+member that joined last (``newest_wins``). From that moment every new connection (a kubelet probe,
+a scrape, the CLI) reaches the successor; the predecessor's socket gets none, so when it closes
+there is nothing queued on it to reset. With one member left, index 1 is out of range and the
+kernel falls back to its hash, i.e. that member. Tested in
+``tests/unit/admin/test_http_handover.py``; the lab test of upgrades probes the ports throughout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -60,6 +72,17 @@ def _plain(value: object) -> object:
 
 Handler = Callable[[Request], Response | Awaitable[Response]]
 
+SO_ATTACH_REUSEPORT_CBPF = 51  # <asm-generic/socket.h>; not exported by Python
+BPF_RET_K = 0x06  # BPF_RET | BPF_K
+
+
+def newest_wins(sock: socket.socket) -> None:
+    """Make the reuseport group of ``sock`` (bound, listening) send every new connection to
+    its newest member (see the module docstring)."""
+    program = (ctypes.c_uint8 * 8).from_buffer_copy(struct.pack("HBBI", BPF_RET_K, 0, 0, 1))
+    fprog = struct.pack("HxxxxxxP", 1, ctypes.addressof(program))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
 
 def parse_request_line(head: bytes) -> Request | None:
     """``GET /path?a=b HTTP/1.1`` → Request; None when the line is not HTTP."""
@@ -82,8 +105,10 @@ class HttpServer:
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port``; returns the bound port (``port=0`` picks one)."""
         self._server = await asyncio.start_server(
-            self._serve, host, port, reuse_address=True, limit=HEAD_LIMIT
+            self._serve, host, port, reuse_address=True, reuse_port=True, limit=HEAD_LIMIT
         )
+        for sock in self._server.sockets:
+            newest_wins(sock)
         return int(self._server.sockets[0].getsockname()[1])
 
     @property

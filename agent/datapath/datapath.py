@@ -67,6 +67,7 @@ class Datapath:
         self._lock = threading.Lock()
         self._listeners: dict[Listener, int] = {}
         self._swapped = False
+        self._frozen = False
         self.last_plan = Plan()
 
     @property
@@ -109,6 +110,21 @@ class Datapath:
                 self.loaded.maps["nm_listeners"].delete(ctypes.c_uint32(int(slot)))
             self._listeners.clear()
 
+    def freeze(self) -> None:
+        """Stop writing to the kernel: a successor agent is taking the node over (see
+        ``agent.handover``). Returns once a reconcile pass under way has finished."""
+        with self._lock:
+            self._frozen = True
+        log.info("datapath: frozen; another agent takes over the maps and filters")
+
+    def resume(self) -> None:
+        """Write again after a handover that did not complete: the next pass re-attaches every
+        filter to this agent's programs (the successor may have swapped some)."""
+        with self._lock:
+            self._frozen = False
+            self._swapped = False
+        log.info("datapath: resumed")
+
     def _current_entries(self) -> dict[str, PodEntry]:
         pods = self.loaded.maps["nm_pods"]
         entries = {}
@@ -121,8 +137,14 @@ class Datapath:
 
     def reconcile(self, pods: Sequence[LocalPod]) -> Plan:
         """Bring maps and filters in line with this node's ``pods``; logs and returns what
-        changed."""
-        with self._lock, IPRoute() as ipr:
+        changed. A frozen datapath changes nothing (another agent owns the kernel state)."""
+        with self._lock:
+            if self._frozen:
+                return Plan()
+            return self._reconcile(pods)
+
+    def _reconcile(self, pods: Sequence[LocalPod]) -> Plan:
+        with IPRoute() as ipr:
             ifaces = {p.ip: routing.interface_of(ipr, p.ip) for p in pods}
             attached = tc.attached_interfaces(ipr)
             if not self._swapped:

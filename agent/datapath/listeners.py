@@ -5,14 +5,25 @@ its original destination, so ``getsockname()`` of the accepted socket *is* the o
 destination and no lookup table is needed. The listening sockets are registered in the
 programs' SOCKMAP (``Datapath.register_listeners``) and then served by the agent
 (``agent.app``, with the node proxy).
+
+The port a listener is bound to is only its name: the programs hand it SYNs through the SOCKMAP,
+whatever their destination port. So during an upgrade the successor binds ephemeral ports when
+the predecessor still holds 15001/15006/15008 (``beside_another``), and registering its sockets
+in the SOCKMAP is what moves new connections to it. ``SO_REUSEPORT`` would be wrong here: since
+Linux 6.5 ``bpf_sk_assign`` to a listener in a reuseport group re-selects among the group (new
+SYNs would be spread over both agents), and older kernels refuse to assign to such a listener.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 from dataclasses import dataclass
 
 from agent.base.constants import HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, Listener
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,13 +40,27 @@ class ListenerPorts:
         }
 
 
-def transparent_listener(port: int, backlog: int = 1024) -> socket.socket:
-    """A non-blocking TCP listener on 0.0.0.0:``port`` that accepts any destination address."""
+def transparent_listener(
+    port: int, backlog: int = 1024, *, beside_another: bool = False
+) -> socket.socket:
+    """A non-blocking TCP listener on 0.0.0.0:``port`` that accepts any destination address;
+    on an ephemeral port instead when ``beside_another`` agent still holds ``port``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
-        sock.bind(("0.0.0.0", port))
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as e:
+            if not (beside_another and e.errno == errno.EADDRINUSE):
+                raise
+            sock.bind(("0.0.0.0", 0))
+            log.info(
+                "port %d is held by the agent being replaced: listening on %d (the programs "
+                "reach a listener through the SOCKMAP, whatever its port)",
+                port,
+                sock.getsockname()[1],
+            )
         sock.listen(backlog)
         sock.setblocking(False)
     except PermissionError as e:
@@ -53,12 +78,14 @@ def transparent_listener(port: int, backlog: int = 1024) -> socket.socket:
     return sock
 
 
-def open_listeners(ports: ListenerPorts) -> dict[Listener, socket.socket]:
+def open_listeners(
+    ports: ListenerPorts, *, beside_another: bool = False
+) -> dict[Listener, socket.socket]:
     """All three listeners, or none (a failure closes the ones already open)."""
     opened: dict[Listener, socket.socket] = {}
     try:
         for slot, port in ports.by_slot().items():
-            opened[slot] = transparent_listener(port)
+            opened[slot] = transparent_listener(port, beside_another=beside_another)
     except OSError:
         for sock in opened.values():
             sock.close()

@@ -78,9 +78,22 @@ def _manifests(path: str) -> list[Mapping[str, Any]]:
 def _up(args: argparse.Namespace) -> int:
     text, source = _read(args.file) if args.file else (DEFAULT_TOPOLOGY, "<default topology>")
     control.up(
-        args.name, text, source=source, with_components=not args.no_components, timeout=args.timeout
-    )
+        args.name, text, source=source, with_components=not args.no_components,
+        timeout=args.timeout, drain_seconds=args.drain_seconds,
+    )  # fmt: skip
     print(format_status(control.status(args.name)))
+    return 0
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    done = control.upgrade(
+        args.name, args.node, timeout=args.timeout, drain_seconds=args.drain_seconds,
+        wait=args.wait,
+    )  # fmt: skip
+    print(
+        f"{done.node}: agent {done.new_pid} took over from {done.old_pid}, which "
+        + ("has drained and exited" if args.wait else "is draining its open connections")
+    )
     return 0
 
 
@@ -188,6 +201,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("-f", "--file", help="topology (cluster document) YAML; default: built-in")
     p.add_argument("--no-components", action="store_true", help="namespaces only: no CA, no agents")
     p.add_argument("--timeout", type=float, default=60.0, help="readiness wait per component (s)")
+    p.add_argument(
+        "--drain-seconds", type=float, help="the agents' --drain-seconds (default: the agent's)"
+    )
+    p = add(
+        "upgrade",
+        _upgrade,
+        "replace a node's agent by a new one without dropping its connections",
+    )
+    p.add_argument("node", help="node name, e.g. node1")
+    p.add_argument("--timeout", type=float, default=60.0, help="wait for the takeover (s)")
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        help="the new agent's --drain-seconds (the old one drains with its own; an hour is fine)",
+    )
+    p.add_argument("--wait", action="store_true", help="also wait until the old agent has exited")
     add("down", _down, "remove everything the lab created (idempotent)")
     p = add("status", _status, "nodes, pods, IPs and mesh state")
     p.add_argument("--json", action="store_true", help="the documented, stable JSON shape")

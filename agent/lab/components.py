@@ -9,6 +9,7 @@ with the path of its log and its last lines.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import ssl
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from agent.base.constants import CA_PORT, READY_PORT
+from agent.handover import socket_name, who
 from agent.lab import netns
 from agent.lab.record import LabDir, write_atomic
 from agent.lab.topology import LabError, LabPlan, NodePlan
@@ -72,7 +74,9 @@ def _write_tokens(labdir: LabDir, plan: LabPlan) -> None:
     write_atomic(labdir.node_tokens_file, yaml.safe_dump({"tokens": tokens}), mode=0o600)
 
 
-def plan_components(plan: LabPlan, labdir: LabDir) -> list[Component]:
+def plan_components(
+    plan: LabPlan, labdir: LabDir, *, drain_seconds: float | None = None
+) -> list[Component]:
     """The components of a lab, in start order (the CA before the agents).
 
     Pure: ``start_all`` writes the tokens the command lines refer to, so a component can be
@@ -85,7 +89,7 @@ def plan_components(plan: LabPlan, labdir: LabDir) -> list[Component]:
     )  # fmt: skip
     found = [Component("ca", plan.ca_netns, ca_argv, _ca_ready(plan))]
     for node in plan.nodes:
-        argv = (
+        argv: tuple[str, ...] = (
             *nodemesh, "agent", "--node", node.name,
             "--cluster-file", str(labdir.cluster_file), "--pin-dir", node.pin_dir,
             "--uplink", node.uplink,
@@ -93,12 +97,23 @@ def plan_components(plan: LabPlan, labdir: LabDir) -> list[Component]:
             "--ca-root", str(labdir.ca_dir / "root.pem"),
             "--token-file", str(labdir.token_file(node.name)),
         )  # fmt: skip
+        if drain_seconds is not None:
+            argv += ("--drain-seconds", f"{drain_seconds:g}")
         found.append(Component(f"agent-{node.name}", node.netns, argv, _bind(node)))
     return found
 
 
 def _bind(node: NodePlan) -> Callable[[], bool]:
     return lambda: agent_ready(node)
+
+
+def agent_component(plan: LabPlan, labdir: LabDir, node: NodePlan) -> Component:
+    """The running agent of ``node`` as it was started (its recorded command line)."""
+    name = f"agent-{node.name}"
+    argv = labdir.command(name)
+    if argv is None:
+        raise LabError(f"{name} was never started in lab {plan.lab}; run `nodemesh lab up`")
+    return Component(name, node.netns, argv, _bind(node))
 
 
 def start(component: Component, labdir: LabDir) -> subprocess.Popen[bytes]:
@@ -114,6 +129,7 @@ def start(component: Component, labdir: LabDir) -> subprocess.Popen[bytes]:
             cwd=str(labdir.path),
         )
     labdir.record_pid(component.name, proc.pid)
+    labdir.record_command(component.name, component.argv)
     return proc
 
 
@@ -146,10 +162,45 @@ def wait_ready(
         time.sleep(0.2)
 
 
-def start_all(plan: LabPlan, labdir: LabDir, *, timeout: float) -> list[str]:
+def wait_taken_over(
+    component: Component,
+    proc: subprocess.Popen[bytes],
+    labdir: LabDir,
+    node: NodePlan,
+    *,
+    timeout: float,
+) -> None:
+    """Wait until the new agent ``proc`` holds ``node`` (it answers the handover name and
+    readiness); a new agent that exits or takes too long fails with its log."""
+    name = socket_name(Path(node.pin_dir))
+
+    def holds() -> bool:
+        holder = netns.call_in(node.netns, who, name)
+        return holder is not None and holder.get("pid") == proc.pid and component.ready()
+
+    wait_ready(dataclasses.replace(component, ready=holds), proc, labdir, timeout=timeout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_exit(pid: int, poll: float = 0.2) -> None:
+    """Wait for ``pid`` (not necessarily our child: started by an earlier command) to exit."""
+    while alive(pid):
+        time.sleep(poll)
+
+
+def start_all(
+    plan: LabPlan, labdir: LabDir, *, timeout: float, drain_seconds: float | None = None
+) -> list[str]:
     """Start and wait for every available component; return their names."""
     started = []
-    planned = plan_components(plan, labdir)
+    planned = plan_components(plan, labdir, drain_seconds=drain_seconds)
     if any(c.name == "ca" for c in planned):
         _write_tokens(labdir, plan)
     for component in planned:
@@ -164,12 +215,13 @@ def process_state(labdir: LabDir, name: str) -> str:
     pid = labdir.pids().get(name)
     if pid is None:
         return "absent"
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            alive = f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        alive = False
-    return "running" if alive else "exited"
+    return "running" if alive(pid) else "exited"
 
 
-__all__ = ["Component", "agent_ready", "process_state", "start_all"]
+__all__ = [
+    "Component",
+    "agent_component",
+    "agent_ready",
+    "process_state",
+    "start_all",
+]

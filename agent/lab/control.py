@@ -11,9 +11,13 @@ reach them through the API server in a cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
+import os
+import signal
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -34,6 +38,7 @@ def up(
     source: str,
     with_components: bool = True,
     timeout: float = 60.0,
+    drain_seconds: float | None = None,
     state_root: str | None = None,
 ) -> LabPlan:
     """Build lab ``lab`` from the cluster document ``topology`` (text; ``source`` names it)."""
@@ -50,7 +55,7 @@ def up(
         labdir.write_cluster(doc)
         build.build(plan)
         if with_components:
-            components.start_all(plan, labdir, timeout=timeout)
+            components.start_all(plan, labdir, timeout=timeout, drain_seconds=drain_seconds)
     except BaseException:
         log.info("lab %s: up failed, removing what was built", lab)
         down(lab, state_root=state_root)
@@ -71,6 +76,68 @@ def down(lab: str, *, state_root: str | None = None) -> None:
         pin_dirs=sorted(pin_dirs),
         state_dir=str(labdir.path),
     )
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    node: str
+    old_pid: int
+    new_pid: int
+
+
+def upgrade(
+    lab: str,
+    node_name: str,
+    *,
+    timeout: float = 60.0,
+    drain_seconds: float | None = None,
+    wait: bool = False,
+    state_root: str | None = None,
+) -> Upgrade:
+    """Replace ``node_name``'s agent without dropping a connection (see ``agent.handover``).
+
+    Starts a new agent beside the running one with the same command line (``drain_seconds``
+    replaces its ``--drain-seconds``), waits until it has taken the node over (it holds the
+    handover name and answers readiness), then SIGTERMs the old one, which drains its
+    established connections for the ``--drain-seconds`` it was started with. ``wait`` also waits
+    for the old agent to exit.
+    """
+    labdir, plan = load(lab, state_root=state_root)
+    node = next((n for n in plan.nodes if n.name == node_name), None)
+    if node is None:
+        known = ", ".join(n.name for n in plan.nodes)
+        raise LabError(f"no node {node_name!r} in lab {lab}; known: {known}")
+    component = components.agent_component(plan, labdir, node)
+    old_pid = labdir.pids().get(component.name)
+    if old_pid is None or components.process_state(labdir, component.name) != "running":
+        raise LabError(
+            f"{component.name} is not running, so there is nothing to upgrade; "
+            f"see {labdir.log_file(component.name)}"
+        )
+    argv = component.argv
+    if drain_seconds is not None:
+        argv = _with_option(argv, "--drain-seconds", f"{drain_seconds:g}")
+    new = components.start(dataclasses.replace(component, argv=argv), labdir)
+    try:
+        components.wait_taken_over(component, new, labdir, node, timeout=timeout)
+    except BaseException:
+        new.terminate()
+        new.wait()
+        labdir.record_pid(component.name, old_pid)
+        labdir.record_command(component.name, component.argv)
+        raise
+    os.kill(old_pid, signal.SIGTERM)
+    log.info("lab %s: %s handed over from pid %d to %d", lab, component.name, old_pid, new.pid)
+    if wait:
+        components.wait_exit(old_pid)
+    return Upgrade(node_name, old_pid, new.pid)
+
+
+def _with_option(argv: tuple[str, ...], option: str, value: str) -> tuple[str, ...]:
+    if option in argv:
+        i = argv.index(option)
+        return (*argv[: i + 1], value, *argv[i + 2 :])
+    return (*argv, option, value)
 
 
 def labdir_of(lab: str, state_root: str | None = None) -> LabDir:

@@ -38,6 +38,7 @@ class Lab:
         topology: str | None = None,
         components: bool = True,
         timeout: float = 60.0,
+        drain_seconds: float | None = None,
         state_root: str | None = None,
     ) -> Lab:
         control.up(
@@ -46,12 +47,22 @@ class Lab:
             source="<default topology>" if topology is None else f"<topology of lab {name}>",
             with_components=components,
             timeout=timeout,
+            drain_seconds=drain_seconds,
             state_root=state_root,
         )
         return cls(name, state_root=state_root)
 
     def down(self) -> None:
         control.down(self.name, state_root=self._state_root)
+
+    def upgrade(
+        self, node: str, *, timeout: float = 60.0, drain_seconds: float | None = None
+    ) -> control.Upgrade:
+        """``nodemesh lab upgrade NODE``: returns once the new agent holds the node."""
+        return control.upgrade(
+            self.name, node, timeout=timeout, drain_seconds=drain_seconds,
+            state_root=self._state_root,
+        )  # fmt: skip
 
     def status(self) -> dict[str, Any]:
         """The ``lab status --json`` dict."""

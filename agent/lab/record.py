@@ -96,6 +96,18 @@ class LabDir:
     def record_pid(self, component: str, pid: int) -> None:
         write_atomic(self.path / "pids" / component, f"{pid}\n")
 
+    def record_command(self, component: str, argv: tuple[str, ...]) -> None:
+        (self.path / "commands").mkdir(exist_ok=True)
+        write_atomic(self.path / "commands" / f"{component}.json", json.dumps(list(argv)))
+
+    def command(self, component: str) -> tuple[str, ...] | None:
+        """The command line ``component`` was last started with."""
+        try:
+            text = (self.path / "commands" / f"{component}.json").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        return tuple(str(a) for a in json.loads(text))
+
     def pids(self) -> dict[str, int]:
         found = {}
         with contextlib.suppress(FileNotFoundError):

@@ -10,7 +10,10 @@ Why these rules:
 * at most one dial per key is in flight: when a hundred connections start at once they wait for
   that dial and share its connection instead of opening a hundred TLS handshakes (a connect
   storm); a full connection makes the next opener dial one more;
-* a connection with no streams for ``idle_timeout`` is closed.
+* a connection with no streams for ``idle_timeout`` is closed;
+* a CONNECT the peer never processed (refused, or above the last stream id of its GOAWAY: a
+  draining agent, e.g. during an upgrade) is opened again on another connection, up to
+  ``UNPROCESSED_RETRIES`` times, so a peer's drain never fails a new connection.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.base.constants import HBONE_PORT
-from agent.proxy.tunnel import HboneProtocol, TunnelStream
+from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
 
 log = logging.getLogger(__name__)
+
+UNPROCESSED_RETRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +53,19 @@ class HbonePool:
 
     async def open(self, key: PoolKey, authority: str, client_ip: str | None) -> TunnelStream:
         """A new tunnel stream to ``authority`` through a pooled connection for ``key``."""
+        retries = UNPROCESSED_RETRIES
         while True:
             conn = self._usable(key)
             if conn is not None:
                 self._cancel_idle(conn)
-                return await conn.open(authority, client_ip)
+                try:
+                    return await conn.open(authority, client_ip)
+                except TunnelError as e:
+                    if not e.unprocessed or retries == 0:
+                        raise
+                    retries -= 1
+                    log.debug("HBONE stream to %s not processed (%s): opening it again", key, e)
+                    continue
             pending = self._dialing.get(key)
             if pending is not None:
                 await asyncio.shield(pending)

@@ -43,11 +43,14 @@ HIGH_WATER = 1024 * 1024
 
 
 class TunnelError(ConnectionError):
-    """The tunnel could not be opened or was reset; ``status`` is the HTTP status if any."""
+    """The tunnel could not be opened or was reset; ``status`` is the HTTP status if any.
+    ``unprocessed``: the peer never acted on the CONNECT (REFUSED_STREAM, or above a GOAWAY's
+    last stream id, RFC 9113 section 8.7), so opening it again elsewhere is safe."""
 
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, *, unprocessed: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.unprocessed = unprocessed
 
 
 class TunnelStream:
@@ -230,6 +233,11 @@ class HboneProtocol(asyncio.Protocol):
             self._ping_acknowledged()
             return
         if isinstance(e, ev.GoAwayReceived):
+            for opened in list(self.streams.values()) if self.codec.client_side else []:
+                if opened.stream_id > e.last_stream_id and not opened.accepted.done():
+                    error = TunnelError("peer is draining (GOAWAY)", unprocessed=True)
+                    self.streams.pop(opened.stream_id, None)
+                    opened._on_error(error)
             self.stream_closed()
             return
         stream = self.streams.get(getattr(e, "stream_id", -1))
@@ -244,7 +252,13 @@ class HboneProtocol(asyncio.Protocol):
         elif isinstance(e, ev.StreamEnded):
             stream._on_end()
         elif isinstance(e, ev.StreamReset):
-            self._drop(stream, TunnelError(f"stream reset by peer (code {e.error_code})"))
+            refused = (
+                self.codec.client_side
+                and e.error_code == ErrorCodes.REFUSED_STREAM
+                and not stream.accepted.done()
+            )
+            message = f"stream reset by peer (code {e.error_code})"
+            self._drop(stream, TunnelError(message, unprocessed=refused))
         elif isinstance(e, ev.StreamDrained):
             stream._writable.set()
 

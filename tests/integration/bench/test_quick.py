@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[3]
 TINY = [
     "--quick", "--reps", "1", "--bulk-seconds", "1", "--bulk-omit", "0", "--rr-count", "100",
     "--rr-warmup", "10", "--conn-seconds", "0.3", "--conn-warmup", "0", "--idle-steps", "20,50",
-    "--speed-seconds", "1",
+    "--speed-seconds", "1", "--upgrade-long-lived", "8", "--upgrade-new-per-second", "2",
+    "--upgrade-settle-seconds", "1",
 ]  # fmt: skip
 PATHS = {"direct", "mesh_cross", "mesh_same", "stunnel"}
 WORKLOADS = {"bulk_1", "bulk_4", "rr", "conn"}
@@ -59,7 +60,14 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
         assert all(s["rss_bytes"] > 0 for s in steps)
     assert all("bytes_per_second" in s for s in results["openssl_speed"])
 
+    phases = results["upgrade"]["phases"]
+    assert set(phases) == {"baseline", "node1", "node2"}
+    assert phases["baseline"]["upgrade"] is None
+    assert all(phases[n]["upgrade"]["node"] == n for n in ("node1", "node2"))
+    assert all(ph["long_lived"] == 8 and ph["new_ok"] > 0 for ph in phases.values())
+
     summary = (tmp_path / "summary.md").read_text()
+    assert "## Agent upgrades under load" in summary
     assert "| metric | unit | direct (no mesh) | nodemesh cross-node |" in summary
     assert "untrusted" not in summary.lower()
     assert "## Failures" not in summary

@@ -117,3 +117,33 @@ def test_chart_is_a_png(tmp_path: Path) -> None:
     out = tmp_path / "chart.png"
     report.chart(results(), out)
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def _phase(upgrade: dict[str, Any] | None, resets: int) -> dict[str, Any]:
+    return {
+        "upgrade": upgrade,
+        "long_lived": 100,
+        "resets": resets,
+        "new_ok": 150,
+        "new_failed": 0,
+        "escapes": 0,
+        "probes": {"ok": {"readiness": 80}, "down": {"readiness": 2} if resets else {}},
+        "longest_stall_ms": 46.5,
+        "slowest_new_ms": 80.0,
+    }
+
+
+def test_upgrade_section_lists_each_phase_and_a_failed_section_is_a_failure() -> None:
+    done = results() | {
+        "upgrade": {
+            "phases": {
+                "baseline": _phase(None, 0),
+                "node1": _phase({"takeover_seconds": 1.5}, 3),
+            }
+        }
+    }
+    text = report.markdown(done, None)
+    assert "| baseline | — | 100 | 0 | 150 | 0 | 0 | 0 | 46.5 | 80.0 |" in text
+    assert "| node1 | 1.50 | 100 | 3 | 150 | 0 | 0 | 2 | 46.5 | 80.0 |" in text
+    failed = results() | {"upgrade": {"error": "lab upgrade timed out"}}
+    assert "- upgrade: lab upgrade timed out" in report.markdown(failed, None)

@@ -57,11 +57,41 @@ def test_agent_runs_on_every_node_in_the_host_network() -> None:
     }
 
 
-def test_agent_updates_one_node_at_a_time_without_surge() -> None:
+def test_agent_upgrades_one_node_at_a_time_by_surge() -> None:
     strategy = agent()["spec"]["updateStrategy"]
     assert strategy["type"] == "RollingUpdate"
-    # A surge pod would start a second agent on a node whose host ports are taken.
-    assert strategy["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
+    # The new agent starts beside the old one and takes the node over (agent.handover); the
+    # node is never without an agent.
+    assert strategy["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def test_the_surge_pod_is_not_probed_before_its_agent_announced_itself() -> None:
+    # The old agent answers the shared readiness port until the takeover; it defers its drain
+    # only for a successor that has connected to it (agent.handover), about 1 s after start.
+    container = pod_spec(agent())["containers"][0]
+    assert container["readinessProbe"]["initialDelaySeconds"] >= 5
+
+
+def host_ports(spec: Obj) -> list[int]:
+    """The host ports a pod claims, as the scheduler's NodePorts filter counts them: explicit
+    hostPorts, and in the host network every declared containerPort."""
+    containers = spec["containers"] + spec.get("initContainers", [])
+    ports = [p for c in containers for p in c.get("ports", [])]
+    if spec.get("hostNetwork"):
+        return [int(p.get("hostPort", p["containerPort"])) for p in ports]
+    return [int(p["hostPort"]) for p in ports if "hostPort" in p]
+
+
+def test_the_surge_pod_fits_on_a_node_beside_the_old_agent() -> None:
+    # Two pods of this template on one node must not claim a common host port, or the
+    # scheduler leaves the surge pod Pending and the rollout never progresses.
+    assert host_ports(pod_spec(agent())) == []
+
+
+def test_host_ports_count_container_ports_in_the_host_network() -> None:
+    declared = {"containers": [{"ports": [{"containerPort": 15021}]}]}
+    assert host_ports(declared | {"hostNetwork": True}) == [15021]
+    assert host_ports(declared) == []
 
 
 def test_grace_period_covers_the_drain_deadline() -> None:
@@ -88,7 +118,6 @@ def test_prometheus_annotations_point_at_the_metrics_port() -> None:
     container = pod_spec(agent())["containers"][0]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == int(flags(container)["--metrics-port"])
-    assert named_ports(container)["metrics"] == int(annotations["prometheus.io/port"])
 
 
 def test_ca_survives_a_node_loss_and_voluntary_disruptions() -> None:

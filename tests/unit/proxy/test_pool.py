@@ -6,11 +6,12 @@ import asyncio
 from typing import Any
 
 import pytest
+from h2.errors import ErrorCodes
 
 from agent.proxy import hbone_events as ev
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.pool import HbonePool, PoolKey
-from agent.proxy.tunnel import HboneProtocol
+from agent.proxy.tunnel import HboneProtocol, TunnelError
 
 KEY = PoolKey("spiffe://td/ns/a/sa/client", "spiffe://td/ns/a/sa/server", "10.0.0.2")
 
@@ -57,6 +58,8 @@ class Dialer:
         self.dials = 0
         self.fail: Exception | None = None
         self.client_transports: list[MemoryTransport] = []
+        self.servers: list[HboneProtocol] = []
+        self.on_request: Any = accept_all
 
     async def __call__(self, key: PoolKey, on_idle: Any) -> HboneProtocol:
         self.dials += 1
@@ -64,7 +67,8 @@ class Dialer:
         if self.fail is not None:
             raise self.fail
         client = HboneProtocol(HboneConnection(client_side=True), on_idle=on_idle)
-        server = HboneProtocol(HboneConnection(client_side=False), on_request=accept_all)
+        server = HboneProtocol(HboneConnection(client_side=False), on_request=self.on_request)
+        self.servers.append(server)
         to_server, to_client = MemoryTransport(server), MemoryTransport(client)
         to_server.other, to_client.other = to_client, to_server
         server.connection_made(to_client)
@@ -147,3 +151,56 @@ def test_goaway_stops_new_streams_on_a_connection(goaway: bool) -> None:
         return dialer.dials
 
     assert run(scenario()) == (2 if goaway else 1)
+
+
+def test_a_stream_sent_as_the_peer_drains_is_opened_again_on_a_new_connection() -> None:
+    """The peer's GOAWAY (an agent draining for an upgrade) crosses our CONNECT: the peer
+    never processed it (above the GOAWAY's last stream id), so the pool dials and opens it
+    again instead of failing the client's connection."""
+
+    async def scenario() -> tuple[int, bool]:
+        dialer = Dialer()
+        pool = HbonePool(dialer)
+        first = await pool.open(KEY, "10.0.0.2:80", None)
+        dialer.servers[0].goaway()  # in flight while the next CONNECT is sent
+        second = await pool.open(KEY, "10.0.0.2:80", None)
+        return dialer.dials, second.proto is not first.proto
+
+    assert run(scenario()) == (2, True)
+
+
+def test_a_refused_stream_is_opened_again() -> None:
+    async def scenario() -> int:
+        dialer = Dialer()
+        refused: list[int] = []
+
+        def refuse_once(proto: HboneProtocol, request: ev.TunnelRequested) -> None:
+            if not refused:
+                refused.append(request.stream_id)
+                proto.codec.reset(request.stream_id, ErrorCodes.REFUSED_STREAM)
+                proto.flush()
+                return
+            accept_all(proto, request)
+
+        dialer.on_request = refuse_once
+        pool = HbonePool(dialer)
+        await pool.open(KEY, "10.0.0.2:80", None)
+        return dialer.dials
+
+    assert run(scenario()) == 1
+
+
+def test_a_stream_the_peer_rejected_is_not_opened_again() -> None:
+    async def scenario() -> None:
+        dialer = Dialer()
+
+        def deny(proto: HboneProtocol, request: ev.TunnelRequested) -> None:
+            proto.codec.respond(request.stream_id, 401)
+            proto.flush()
+
+        dialer.on_request = deny
+        await HbonePool(dialer).open(KEY, "10.0.0.2:80", None)
+
+    with pytest.raises(TunnelError) as caught:
+        run(scenario())
+    assert caught.value.status == 401 and not caught.value.unprocessed

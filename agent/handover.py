@@ -1,0 +1,289 @@
+"""Handing a node from a running agent to its successor (an upgrade) without dropping a flow.
+
+Why a channel between the two processes: an upgrade runs two agents on one node for a while (the
+DaemonSet surges a new pod beside the old one; ``nodemesh lab upgrade`` does the same). Both see
+the same pinned maps and tc filters, and only one may write them: an old agent reconciling with
+its own programs after the new one swapped the filters would swap them back. And the successor
+must take new SYNs only once it can serve them, while the predecessor must not stop before that.
+So the two agree, over a Unix socket with an abstract name (scoped to the network namespace, like
+the agents' ports and filters; no file to mount or clean up), in three steps:
+
+1. ``freeze``: the successor is ready to take over (components ready, certificates loaded).
+   The predecessor finishes any reconcile pass under way, then stops writing to the kernel.
+2. The successor registers its listeners (new SYNs go to it; established flows keep reaching
+   the predecessor's sockets through the programs' socket lookup), reconciles, and binds the
+   readiness, metrics and admin ports (``SO_REUSEPORT``; new connections go to the newest).
+3. ``took_over``: the predecessor releases the name (the successor now holds it, for the next
+   upgrade) and, after a short grace for handshakes already under way, closes its listeners. It
+   keeps serving its established connections until SIGTERM drains it.
+
+A successor that disappears before step 3 gives the node back: the predecessor resumes writing
+and registers its listeners again. Only a process of the same user may talk to an agent here
+(``SO_PEERCRED``), since ``freeze`` stops the reconciler.
+
+``Predecessor`` is the old side's state machine (messages in, decisions out); the asyncio shells
+are ``HandoverServer`` (old side) and ``Successor`` (new side); ``who`` answers ``nodemesh lab
+upgrade``'s question "which agent holds the node now".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+REPLY_TIMEOUT = 30.0  # a freeze waits for one reconcile pass at most
+LINE_LIMIT = 4096
+
+
+class HandoverError(RuntimeError):
+    """The other agent broke the handover protocol or went away."""
+
+
+def socket_name(pin_dir: Path) -> bytes:
+    """The abstract socket name of the agent owning ``pin_dir`` (one agent per pin directory)."""
+    digest = hashlib.sha256(str(pin_dir).encode()).hexdigest()[:16]
+    return b"\0nodemesh-agent-" + digest.encode()
+
+
+class Phase(enum.Enum):
+    SERVING = "serving"  # alone, or a successor announced itself but is not ready yet
+    FROZEN = "frozen"  # the successor is taking over; no kernel writes
+    SUPERSEDED = "superseded"  # the successor holds the node; drain on SIGTERM
+
+
+Action = Literal["freeze", "release", "resume"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the predecessor answers and what it must do before answering (``action``)."""
+
+    message: dict[str, Any]
+    action: Action | None = None
+
+
+class Predecessor:
+    """The old agent's side of the handover, sans-IO: one message or event in, one ``Reply``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.phase = Phase.SERVING
+        self.successor: int | None = None
+
+    def receive(self, message: dict[str, Any]) -> Reply:
+        op = message.get("op")
+        if op == "who":
+            return Reply({"pid": self.pid, "phase": self.phase.value})
+        if op == "hello":
+            pid = message.get("pid")
+            if self.phase is Phase.SERVING and isinstance(pid, int):
+                log.info("agent %s started beside this one; it takes over once ready", pid)
+                self.successor = pid
+            return Reply({"pid": self.pid, "phase": self.phase.value})
+        if op == "freeze":
+            if self.phase is not Phase.SERVING:
+                return Reply({"error": f"agent {self.successor} is taking over (or took over)"})
+            pid = message.get("pid")
+            if not isinstance(pid, int):
+                return Reply({"error": "freeze needs the successor's pid"})
+            self.successor, self.phase = pid, Phase.FROZEN
+            return Reply({"ok": True, "pid": self.pid}, action="freeze")
+        if op == "took_over":
+            if self.phase is not Phase.FROZEN:
+                return Reply({"error": f"took_over while {self.phase.value}: freeze first"})
+            self.phase = Phase.SUPERSEDED
+            return Reply({"ok": True}, action="release")
+        return Reply({"error": f"unknown operation {op!r}"})
+
+    def successor_lost(self) -> str | None:
+        """The successor's connection ended; ``"resume"`` when the node must be taken back."""
+        if self.phase is Phase.FROZEN:
+            log.error(
+                "agent %s went away during the handover: this agent takes the node back",
+                self.successor,
+            )
+            self.phase, self.successor = Phase.SERVING, None
+            return "resume"
+        return None
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except ValueError as e:
+        raise HandoverError(f"not a handover message: {line[:80]!r}") from e
+    if not isinstance(value, dict):
+        raise HandoverError(f"not a handover message: {line[:80]!r}")
+    return value
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def bind(name: bytes) -> socket.socket | None:
+    """A listening socket on ``name``, or None when another agent holds it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(name)
+    except OSError:
+        sock.close()
+        return None
+    sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
+Actions = dict[Action, Callable[[], Awaitable[None]]]
+
+
+class HandoverServer:
+    """Serves the handover name for this agent: ``freeze``/``took_over`` from a successor,
+    ``who`` from anyone of the same user. ``actions`` are the agent's hooks."""
+
+    def __init__(self, sock: socket.socket, state: Predecessor, actions: Actions) -> None:
+        self._sock: socket.socket | None = sock
+        self.state = state
+        self._actions = actions
+        self._server: asyncio.AbstractServer | None = None
+        self._peers = 0
+        # Set while no other agent is connected (or after the handover): SIGTERM may drain now.
+        self.settled = asyncio.Event()
+        self.settled.set()
+
+    async def start(self) -> None:
+        assert self._sock is not None
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=self._sock, limit=LINE_LIMIT
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self._sock = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if _peer_uid(sock) != os.geteuid():
+            writer.close()
+            return
+        froze = False
+        self._peers += 1
+        self.settled.clear()
+        try:
+            while line := await reader.readline():
+                reply = self.state.receive(decode(line))
+                froze = froze or reply.action == "freeze"
+                if reply.action is not None:
+                    await self._actions[reply.action]()
+                if reply.action == "release":
+                    await self.stop()  # the name is free for the successor to claim
+                writer.write(encode(reply.message))
+                await writer.drain()
+        except (OSError, HandoverError, ValueError) as e:
+            log.warning("handover connection failed: %s", e)
+        finally:
+            writer.close()
+            self._peers -= 1
+            if froze and self.state.successor_lost() == "resume":
+                await self._actions["resume"]()
+            if self._peers == 0 or self.state.phase is Phase.SUPERSEDED:
+                self.settled.set()
+
+
+class Successor:
+    """The new agent's side: a connection to the running agent, opened before anything else."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.pid: int | None = None
+
+    @classmethod
+    def find(cls, name: bytes) -> Successor | None:
+        """Connect to the agent holding ``name``; None when there is none (a fresh start)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(name)
+        except OSError:  # ECONNREFUSED: nobody listens on the name
+            sock.close()
+            return None
+        sock.setblocking(False)
+        return cls(sock)
+
+    async def _streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._stream is None:
+            self._stream = await asyncio.open_unix_connection(sock=self._sock, limit=LINE_LIMIT)
+        return self._stream
+
+    async def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        reader, writer = await self._streams()
+        writer.write(encode(message))
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), REPLY_TIMEOUT)
+        if not line:
+            raise HandoverError("the running agent closed the handover connection")
+        reply = decode(line)
+        if "error" in reply:
+            raise HandoverError(str(reply["error"]))
+        return reply
+
+    async def hello(self) -> int:
+        """Announce this agent; returns the running agent's pid."""
+        reply = await self._ask({"op": "hello", "pid": os.getpid()})
+        self.pid = int(reply["pid"])
+        return self.pid
+
+    async def freeze(self) -> int:
+        """Ask the running agent to stop writing to the kernel; returns its pid."""
+        reply = await self._ask({"op": "freeze", "pid": os.getpid()})
+        self.pid = int(reply["pid"])
+        return self.pid
+
+    async def took_over(self) -> None:
+        await self._ask({"op": "took_over"})
+
+    async def lost(self) -> None:
+        """Returns when the running agent's end closes (it exited); cancel it before asking."""
+        reader, _ = await self._streams()
+        with contextlib.suppress(OSError):
+            while await reader.read(LINE_LIMIT):
+                pass
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream[1].close()
+        else:
+            self._sock.close()
+
+
+def who(name: bytes, timeout: float = 2.0) -> dict[str, Any] | None:
+    """``{"pid", "phase"}`` of the agent holding ``name``, or None (blocking; for the lab)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(name)
+            sock.sendall(encode({"op": "who"}))
+            line = sock.makefile("rb").readline(LINE_LIMIT)
+        except OSError:
+            return None
+    return decode(line) if line else None

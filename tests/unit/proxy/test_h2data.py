@@ -142,7 +142,7 @@ def test_bad_data_frames_are_connection_errors(data: bytes, code: int, reason: s
     assert tokens[0] == (H2, 0, 0, 0, PING)
     assert tokens[-1] == (ERROR, 0, 0, 0, b"")
     assert splitter.error is not None
-    assert splitter.error[0] == code and reason in splitter.error[1]
+    assert splitter.error[0] == code and reason in splitter.error[2]
 
 
 def test_stream_id_reserved_bit_is_ignored() -> None:

@@ -125,11 +125,12 @@ def test_large_transfer_is_byte_exact_with_consumer_acks() -> None:
 
 def test_slow_stream_does_not_stall_another() -> None:
     p = Pair()
+    window = HboneSettings().stream_window
     slow, fast = p.open(), p.open("10.0.0.3:80")
-    p.client.send(slow, b"x" * (6 * MIB))  # receiver never consumes: stalls at 4 MiB
+    p.client.send(slow, b"x" * (2 * MIB))  # receiver never consumes: stalls at its window
     p.pump()
-    assert len(data_of(p.take("server"), slow)) == 4 * MIB
-    assert p.client.buffered(slow) == 2 * MIB
+    assert len(data_of(p.take("server"), slow)) == window
+    assert p.client.buffered(slow) == 2 * MIB - window
     p.client.send(fast, b"y" * (8 * MIB))
     got = 0
     for _ in range(100):
@@ -141,13 +142,14 @@ def test_slow_stream_does_not_stall_another() -> None:
         if got == 8 * MIB:
             break
     assert got == 8 * MIB
-    assert p.client.buffered(slow) == 2 * MIB
+    assert p.client.buffered(slow) == 2 * MIB - window
 
 
 def test_drained_event_after_window_reopens() -> None:
     p = Pair()
     sid = p.open()
-    assert p.client.send(sid, b"a" * (5 * MIB)) == []  # 1 MiB left queued
+    window = HboneSettings().stream_window
+    assert p.client.send(sid, b"a" * (window + 1000)) == []  # 1000 bytes left queued
     p.pump()
     received = data_of(p.take("server"), sid)
     p.server.consumed(sid, len(received))

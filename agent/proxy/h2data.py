@@ -114,7 +114,8 @@ class InboundSplitter:
     def h2_buffered(self) -> int:
         """At most how many bytes ``h2`` holds for frames it has not completed (a partial frame,
         an open header block)."""
-        return self.header_block + (self._frame_length - self._passthrough)
+        partial = self._frame_length - self._passthrough if self._passthrough else 0
+        return self.header_block + partial
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Token]:
         out: list[Token] = []

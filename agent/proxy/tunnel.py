@@ -49,6 +49,7 @@ from agent.proxy.hbone_limits import OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
 log = logging.getLogger(__name__)
 
 HIGH_WATER = 256 * 1024
+FAILED_LINGER = 5.0  # seconds a failed connection may take to flush its GOAWAY
 
 
 class TunnelError(ConnectionError):
@@ -249,8 +250,20 @@ class HboneProtocol(asyncio.Protocol):
             self.transport.write(out)
             if not self.write_paused:
                 self.codec.output_accepted()
-        if self.codec.failed and self.transport is not None:
-            self.transport.close()
+        if self.codec.failed and self.transport is not None and not self.transport.is_closing():
+            self._close_failed()
+
+    def _close_failed(self) -> None:
+        """Close after the GOAWAY, unless the peer does not read: a paused transport (or one
+        still open ``FAILED_LINGER`` seconds later) is aborted, so a hostile peer cannot keep
+        our buffered output alive."""
+        assert self.transport is not None
+        if self.write_paused:
+            self.transport.abort()
+            return
+        self.transport.close()
+        transport = self.transport
+        asyncio.get_running_loop().call_later(FAILED_LINGER, transport.abort)
 
     @property
     def peer_ssl(self) -> ssl.SSLObject | None:

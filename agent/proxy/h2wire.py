@@ -75,8 +75,9 @@ class HboneSettings:
     # Streams the peer reset before we answered whose handling has not finished yet: beyond this
     # it is a rapid-reset attack (CVE-2023-44487) and the connection is closed.
     max_pending_resets: int = 100
-    # Replies the peer's own frames made us queue (PING and SETTINGS ACKs, RST_STREAMs) while
-    # the transport could not write them (the peer does not read): beyond this, ENHANCE_YOUR_CALM.
+    # Replies the peer's own frames made us queue (PING and SETTINGS ACKs, RST_STREAMs) since
+    # the transport last took all our output below its high-water mark: beyond this (a peer
+    # that does not read, or 3800 PINGs in one read), ENHANCE_YOUR_CALM.
     max_unsent_replies: int = 64 * KIB
     ping_interval: float = 10.0
     ping_timeout: float = 20.0

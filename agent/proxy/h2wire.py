@@ -115,7 +115,9 @@ def stream_state(conn: H2Connection, stream_id: int) -> StreamState | None:
 
 
 def can_receive(conn: H2Connection, stream_id: int) -> bool:
-    return stream_state(conn, stream_id) in RECEIVING
+    """May the peer still send DATA on the stream (open or half-closed by us)?"""
+    stream = conn.streams.get(stream_id)
+    return stream is not None and stream.state_machine.state in RECEIVING
 
 
 def sendable_stream(conn: H2Connection, stream_id: int) -> H2Stream | None:
@@ -124,15 +126,15 @@ def sendable_stream(conn: H2Connection, stream_id: int) -> H2Stream | None:
     return stream if stream is not None and stream.state_machine.state in SENDING else None
 
 
-def send_window(conn: H2Connection, stream: H2Stream) -> int:
-    """How many DATA bytes the peer lets us send on ``stream`` now (both windows)."""
-    return min(conn.outbound_flow_control_window, stream.outbound_flow_control_window)
-
-
-def charge_send_window(conn: H2Connection, stream: H2Stream, n: int) -> None:
-    """We framed ``n`` DATA bytes of ``stream`` ourselves: take them from both send windows."""
+def take_send_window(conn: H2Connection, stream: H2Stream, most: int) -> int:
+    """Take up to ``most`` bytes from both send windows of ``stream`` (we frame that much DATA
+    ourselves); returns how many the peer's windows allowed (0 if none)."""
+    n = min(most, conn.outbound_flow_control_window, stream.outbound_flow_control_window)
+    if n <= 0:
+        return 0
     conn.outbound_flow_control_window -= n
     stream.outbound_flow_control_window -= n
+    return n
 
 
 def check_h2_internals() -> None:

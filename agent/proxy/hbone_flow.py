@@ -123,7 +123,9 @@ class DataFlow:
         else:
             self._stream_held[stream_id] = held - n
         self.held -= n
-        self._release(n)
+        self._unacked += n
+        if self._unacked >= self.settings.connection_window // 4:
+            self._release(0)
         self._stream_credit(stream_id, n)
 
     def _release(self, n: int) -> None:
@@ -164,10 +166,9 @@ class DataFlow:
             return 0
         total, sent = len(data), 0
         while sent < total:
-            n = min(total - sent, h2wire.send_window(h2c, stream), h2c.max_outbound_frame_size)
-            if n <= 0:
+            n = h2wire.take_send_window(h2c, stream, min(total - sent, h2c.max_outbound_frame_size))
+            if not n:
                 break
-            h2wire.charge_send_window(h2c, stream, n)
             self.emit(h2data.data_frame_header(n, stream_id))
             self._wire += data[sent : sent + n]
             sent += n

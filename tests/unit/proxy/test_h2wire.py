@@ -87,14 +87,15 @@ def test_send_windows_are_the_ones_h2_applies_window_updates_to() -> None:
     ours, plain = connected()
     stream = h2wire.sendable_stream(ours, 1)
     assert stream is not None
-    before = h2wire.send_window(ours, stream)
-    assert before == ours.local_flow_control_window(1), "outbound_flow_control_window changed"
-    h2wire.charge_send_window(ours, stream, 1000)
-    assert ours.local_flow_control_window(1) == before - 1000  # h2's public view agrees
-    plain.increment_flow_control_window(1000)
-    plain.increment_flow_control_window(1000, stream_id=1)
-    ours.receive_data(plain.data_to_send())
-    assert h2wire.send_window(ours, stream) == before
+    before = ours.local_flow_control_window(1)  # h2's public view of both windows
+    assert h2wire.take_send_window(ours, stream, 1000) == 1000
+    assert ours.local_flow_control_window(1) == before - 1000, "outbound_flow_control_window"
+    assert h2wire.take_send_window(ours, stream, 10**9) == before - 1000  # what is left
+    assert h2wire.take_send_window(ours, stream, 1) == 0
+    plain.increment_flow_control_window(before)
+    plain.increment_flow_control_window(before, stream_id=1)
+    ours.receive_data(plain.data_to_send())  # h2 applies the WINDOW_UPDATEs to the same fields
+    assert ours.local_flow_control_window(1) == before
 
 
 def test_error_code_keeps_unknown_codes() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -228,3 +229,16 @@ async def test_idle_inbound_connection_is_closed(mesh: Mesh) -> None:
             break
         await asyncio.sleep(0.02)
     assert not mesh.node2.inbound.connections
+
+
+@mesh_test
+async def test_server_closes_a_connection_whose_peer_does_not_answer_pings(mesh: Mesh) -> None:
+    """Server-side keepalive: a client that never answers PING (it reads, but its h2 state is
+    never fed) is closed after ``ping_timeout``."""
+    usual = mesh.node2.core.settings
+    quick = HboneSettings(ping_interval=0.2, ping_timeout=0.3)
+    mesh.node2.core.settings = dataclasses.replace(usual, hbone=quick)
+    conn, _ = await h2_session(mesh)
+    assert await closed_by_server(conn)
+    mesh.node2.core.settings = usual  # the next client does not answer PINGs either
+    assert await still_serves(mesh)

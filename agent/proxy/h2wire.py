@@ -34,6 +34,8 @@ import so that a missing member stops the agent at start-up instead of in the mi
    applies the peer's WINDOW_UPDATEs and SETTINGS to them; the fast path subtracts what it frames
    itself, which is all ``h2.send_data`` does to them. (Reading them alone would be public:
    ``local_flow_control_window``.)
+4. ``H2Connection.MAX_CLOSED_STREAMS``, the size of its closed-stream memory (a class constant
+   that ``__init__`` reads), lowered to bound what a long-lived connection holds.
 
 Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
 ``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
@@ -92,7 +94,16 @@ def error_code(code: int) -> ErrorCodes | int:
 
 
 class GracefulH2Connection(H2Connection):
-    """``H2Connection`` whose GOAWAY (sent or received) leaves existing streams usable."""
+    """``H2Connection`` whose GOAWAY (sent or received) leaves existing streams usable, and that
+    remembers fewer closed streams.
+
+    ``h2`` remembers how each of the last ``MAX_CLOSED_STREAMS`` streams closed (default 65536,
+    about 110 bytes each: 7 MiB on a long-lived connection, whatever the peer does). 1024 covers
+    every frame still in flight for a stream we closed; a frame for one closed longer ago is a
+    connection error, as RFC 9113 section 5.1 allows.
+    """
+
+    MAX_CLOSED_STREAMS = 1024
 
     def send_goaway(self, error_code: ErrorCodes, last_stream_id: int) -> None:
         frame = GoAwayFrame(stream_id=0)

@@ -98,6 +98,19 @@ def test_send_windows_are_the_ones_h2_applies_window_updates_to() -> None:
     assert ours.local_flow_control_window(1) == before
 
 
+def test_closed_stream_memory_is_bounded() -> None:
+    """Reach 4: ``MAX_CLOSED_STREAMS`` still sizes h2's memory of closed streams."""
+    ours, plain = connected()
+    closed = 1500
+    for sid in range(3, 3 + 2 * closed, 2):
+        ours.send_headers(sid, CONNECT)
+        ours.reset_stream(sid)
+        plain.receive_data(ours.data_to_send())
+    assert len(ours._closed_streams) == 1024, (
+        "MAX_CLOSED_STREAMS no longer bounds H2Connection._closed_streams"
+    )
+
+
 def test_error_code_keeps_unknown_codes() -> None:
     assert h2wire.error_code(11) is ErrorCodes.ENHANCE_YOUR_CALM
     assert h2wire.error_code(0xBEEF) == 0xBEEF

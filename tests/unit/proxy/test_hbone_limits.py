@@ -177,3 +177,21 @@ def test_invalid_utf8_in_a_response_header_fails_the_client_cleanly() -> None:
     assert (failed.error_code, failed.cause) == (ErrorCodes.PROTOCOL_ERROR, Cause.INVALID_HEADER)
     events = raw.receive_data(bytes(client.data_to_send()))
     assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+
+
+def test_any_other_failure_inside_h2_is_a_counted_rejection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """h2 parses hostile bytes: an exception that is not a ProtocolError still fails only that
+    connection, cleanly, with a cause."""
+    raw, server = raw_client()
+
+    def broken(data: bytes) -> list[object]:
+        raise ValueError("a bug in h2 reached by odd bytes")
+
+    monkeypatch.setattr(server._h2, "receive_data", broken)
+    raw.ping(b"12345678")
+    (failed,) = server.receive(raw.data_to_send())
+    assert isinstance(failed, ev.ConnectionFailed)
+    assert (failed.error_code, failed.cause) == (ErrorCodes.PROTOCOL_ERROR, Cause.UNPARSEABLE)
+    assert server.failed

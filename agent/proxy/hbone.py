@@ -235,14 +235,21 @@ class HboneConnection:
             return self._flush_all()
         return []
 
+    def _headers(
+        self, event: h2e.RequestReceived | h2e.ResponseReceived
+    ) -> dict[str, str] | ev.ConnectionFailed:
+        """The event's headers as strings, or the connection failure if one is not UTF-8."""
+        try:
+            return decode_headers(event.headers or ())
+        except HeaderDecodeError as e:
+            reason = f"headers on stream {event.stream_id}: {e}"
+            return self._fail(reason, ErrorCodes.PROTOCOL_ERROR, Cause.INVALID_HEADER)
+
     def _on_request(self, event: h2e.RequestReceived) -> ev.Event:
         sid = event.stream_id
-        try:
-            headers = decode_headers(event.headers or ())
-        except HeaderDecodeError as e:
-            return self._fail(
-                f"request on stream {sid}: {e}", ErrorCodes.PROTOCOL_ERROR, Cause.INVALID_HEADER
-            )
+        headers = self._headers(event)
+        if isinstance(headers, ev.ConnectionFailed):
+            return headers
         if self.going_away:
             self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return ev.RequestRejected(sid, 0, "connection is draining (GOAWAY sent)")
@@ -271,12 +278,9 @@ class HboneConnection:
 
     def _on_response(self, event: h2e.ResponseReceived) -> ev.Event:
         sid = event.stream_id
-        try:
-            headers = decode_headers(event.headers or ())
-        except HeaderDecodeError as e:
-            return self._fail(
-                f"response on stream {sid}: {e}", ErrorCodes.PROTOCOL_ERROR, Cause.INVALID_HEADER
-            )
+        headers = self._headers(event)
+        if isinstance(headers, ev.ConnectionFailed):
+            return headers
         status = headers.get(":status", "")
         code = int(status) if status.isdigit() else 0
         if code == 200:

@@ -95,14 +95,17 @@ def test_data_both_ways_and_half_close_each_direction() -> None:
 
 
 @pytest.mark.parametrize("status", [400, 401, 503])
-def test_refusal_status_reaches_client(status: int) -> None:
+def test_refusal_status_reaches_client_and_closes_the_stream_on_both_sides(status: int) -> None:
     p = Pair()
-    sid = p.client.open_tunnel("10.0.0.2:80")
-    p.pump()
-    p.take("server")
-    p.server.respond(sid, status)
-    p.pump()
-    assert ev.TunnelRefused(sid, status) in p.take("client")
+    for _ in range(2 * HboneSettings().max_concurrent_streams):  # refusals never pile up
+        sid = p.client.open_tunnel("10.0.0.2:80")
+        p.pump()
+        p.take("server")
+        p.server.respond(sid, status)
+        p.pump()
+        assert ev.TunnelRefused(sid, status) in p.take("client")
+    assert p.client.can_open_stream()
+    assert (p.client.open_streams, p.server.open_streams) == (0, 0)
 
 
 def test_large_transfer_is_byte_exact_with_consumer_acks() -> None:
@@ -276,6 +279,7 @@ def test_rapid_reset_flood_fails_connection() -> None:
         events += server.receive(raw.data_to_send())
     failed = [e for e in events if isinstance(e, ev.ConnectionFailed)]
     assert len(failed) == 1 and "rapid reset" in failed[0].reason
+    assert (failed[0].error_code, failed[0].cause) == (ErrorCodes.ENHANCE_YOUR_CALM, "rapid_reset")
 
 
 def test_garbage_bytes_fail_the_connection() -> None:

@@ -19,7 +19,7 @@ from agent.proxy.hbone_limits import MAX_WRITE, connection_memory_bound
 from agent.proxy.relay import MAX_CHUNK
 from tests.unit.proxy import hostile
 from tests.unit.proxy.hostile import END_HEADERS, HEADERS, PING, RST_STREAM, Attack, frame
-from tests.unit.proxy.test_hbone import Pair, raw_client
+from tests.unit.proxy.test_hbone import raw_client
 
 BOUND = connection_memory_bound(HboneSettings())
 
@@ -83,7 +83,8 @@ def test_data_is_given_back_when_consumed_or_dropped() -> None:
 
 
 def test_sequential_cancels_never_trip_rapid_reset() -> None:
-    """A client whose per-try timeout cancels a pending CONNECT, one at a time, forever."""
+    """A client whose per-try timeout cancels a pending CONNECT, one at a time, forever (a
+    burst still trips it: ``test_hbone.test_rapid_reset_flood_fails_connection``)."""
     raw, server = raw_client()
     for i in range(3 * HboneSettings().max_pending_resets):
         sid = 2 * i + 1
@@ -98,17 +99,6 @@ def test_sequential_cancels_never_trip_rapid_reset() -> None:
     assert not server.failed
 
 
-def test_a_rapid_reset_burst_still_trips() -> None:
-    raw, server = raw_client()
-    events: list[ev.Event] = []
-    for i in range(HboneSettings().max_pending_resets + 1):
-        raw.send_headers(2 * i + 1, [(":method", "CONNECT"), (":authority", "10.0.0.2:80")])
-        raw.reset_stream(2 * i + 1)
-    events += server.receive(raw.data_to_send())
-    (failed,) = [e for e in events if isinstance(e, ev.ConnectionFailed)]
-    assert (failed.error_code, failed.cause) == (ErrorCodes.ENHANCE_YOUR_CALM, Cause.RAPID_RESET)
-
-
 def test_answering_a_reset_stream_sends_nothing_and_releases_it() -> None:
     raw, server = raw_client()
     raw.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.2:80")])
@@ -119,29 +109,23 @@ def test_answering_a_reset_stream_sends_nothing_and_releases_it() -> None:
     assert server.data_to_send() == b""
 
 
-@pytest.mark.parametrize("status", [400, 401, 503])
-def test_refused_streams_are_closed_on_both_sides(status: int) -> None:
-    p = Pair()
-    for _ in range(2 * HboneSettings().max_concurrent_streams):
-        sid = p.client.open_tunnel("10.0.0.2:80")
-        p.pump()
-        p.take("server")
-        p.server.respond(sid, status)
-        p.pump()
-        assert ev.TunnelRefused(sid, status) in p.take("client")
-    assert p.client.can_open_stream()
-    assert (p.client.open_streams, p.server.open_streams) == (0, 0)
-
-
-def test_a_refusal_without_reset_is_closed_by_the_client() -> None:
-    """A server that only ends its half (as a plain h2 server does): the client resets."""
-    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+def raw_server_with_open_tunnel() -> tuple[h2.connection.H2Connection, HboneConnection, int]:
+    """A plain h2 server (that may send any header) and our client codec with a CONNECT sent."""
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, validate_outbound_headers=False)
+    )
     raw.initiate_connection()
     client = HboneConnection(client_side=True)
     raw.receive_data(bytes(client.data_to_send()))
     client.receive(raw.data_to_send())
     sid = client.open_tunnel("10.0.0.2:80")
     raw.receive_data(bytes(client.data_to_send()))
+    return raw, client, sid
+
+
+def test_a_refusal_without_reset_is_closed_by_the_client() -> None:
+    """A server that only ends its half (as a plain h2 server does): the client resets."""
+    raw, client, sid = raw_server_with_open_tunnel()
     raw.send_headers(sid, [(":status", "503")], end_stream=True)
     assert ev.TunnelRefused(sid, 503) in client.receive(raw.data_to_send())
     assert client.open_streams == 0
@@ -162,15 +146,7 @@ def test_invalid_utf8_in_a_request_header_is_a_clean_protocol_error() -> None:
 
 
 def test_invalid_utf8_in_a_response_header_fails_the_client_cleanly() -> None:
-    raw = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, validate_outbound_headers=False)
-    )
-    raw.initiate_connection()
-    client = HboneConnection(client_side=True)
-    raw.receive_data(bytes(client.data_to_send()))
-    client.receive(raw.data_to_send())
-    sid = client.open_tunnel("10.0.0.2:80")
-    raw.receive_data(bytes(client.data_to_send()))
+    raw, client, sid = raw_server_with_open_tunnel()
     raw.send_headers(sid, [(b":status", b"200"), (b"x-note", b"caf\xe9")])
     (failed,) = client.receive(raw.data_to_send())
     assert isinstance(failed, ev.ConnectionFailed)

@@ -251,7 +251,7 @@ class HboneConnection:
         if isinstance(headers, ev.ConnectionFailed):
             return headers
         if self.going_away:
-            self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self.reset(sid, ErrorCodes.REFUSED_STREAM)
             return ev.RequestRejected(sid, 0, "connection is draining (GOAWAY sent)")
         if headers.get(":method") != "CONNECT":
             return self._reject(sid, 405, f"method {headers.get(':method')!r} is not CONNECT")
@@ -270,11 +270,14 @@ class HboneConnection:
     def _end_refused(self, stream_id: int, status: int) -> None:
         """Answer ``status`` and close the stream on both sides: the complete response, then
         RST_STREAM(NO_ERROR) (RFC 9113 section 8.1), so that the stream stops counting against
-        either side's concurrency limit whether or not the client ends its half."""
-        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
-        if h2wire.stream_state(self._h2, stream_id) not in (None, StreamState.CLOSED):
-            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+        either side's concurrency limit whether or not the client ends its half. A stream the
+        peer already reset (in the same read as its request) gets nothing."""
         self._forget(stream_id)
+        if h2wire.stream_state(self._h2, stream_id) in (None, StreamState.CLOSED):
+            return
+        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        if h2wire.stream_state(self._h2, stream_id) is not StreamState.CLOSED:
+            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
 
     def _on_response(self, event: h2e.ResponseReceived) -> ev.Event:
         sid = event.stream_id

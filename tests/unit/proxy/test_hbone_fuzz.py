@@ -157,3 +157,18 @@ def test_finding_request_header_that_is_not_utf8() -> None:
     """``UnicodeDecodeError`` escaped from h2's header decoding (issue 15, item 5)."""
     wire = frame(1, 0x4, 1, Encoder().encode(ENCODER_HEADERS[4]))
     run(False, PREFACE + frame(4, 0, 0) + wire, [], [None])
+
+
+def test_finding_request_and_its_reset_in_one_read_after_a_goaway() -> None:
+    """GOAWAY from the peer, then a CONNECT and its RST_STREAM in the same read: refusing the
+    request (we are going away) reset a stream that was already closed (StreamClosedError)."""
+    block = Encoder().encode(ENCODER_HEADERS[0])
+    wire = frame(7, 0, 0, bytes(8)) + frame(1, 0x4, 1, block) + frame(3, 0, 1, (8).to_bytes(4))
+    run(False, PREFACE + frame(4, 0, 0) + wire, [], [200])
+
+
+def test_finding_refused_request_and_its_reset_in_one_read() -> None:
+    """The same for a request answered 405 by the codec itself (not CONNECT)."""
+    block = Encoder().encode(ENCODER_HEADERS[2])
+    wire = frame(1, 0x4, 1, block) + frame(3, 0, 1, (8).to_bytes(4))
+    run(False, PREFACE + frame(4, 0, 0) + wire, [], [None])

@@ -2,7 +2,7 @@
 
 Port 15008 is reachable from every node, and any workload can get a certificate for its own
 identity, so "an authenticated mesh peer" may be hostile. Whatever a peer sends, the memory one
-HBONE connection can make the agent hold is bounded by ``connection_memory_bound`` (3.2 MiB with
+HBONE connection can make the agent hold is bounded by ``connection_memory_bound`` (3.5 MiB with
 the defaults), the sum of:
 
 =========================================  ================================================
@@ -52,7 +52,9 @@ REFUSALS = counter(
 # The TLS transport's write buffer: above this the protocol is paused (and writers wait).
 TRANSPORT_HIGH_WATER = 64 * KIB
 # Outgoing bytes one connection may hold (codec queues + TLS transport) before writers wait.
-OUT_BUDGET = 768 * KIB
+# With 128 KiB per stream (``agent.proxy.tunnel.HIGH_WATER``) plus one relay read, two streams
+# whose peers stopped reading leave room for the others.
+OUT_BUDGET = 1024 * KIB
 # Largest single write a relay hands to a tunnel (``agent.proxy.relay.MAX_CHUNK``).
 MAX_WRITE = 256 * KIB
 # Non-DATA bytes given to h2 per call (``agent.proxy.hbone.H2_SLICE``); a reply is at most

@@ -48,7 +48,7 @@ from agent.proxy.hbone_limits import OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
 
 log = logging.getLogger(__name__)
 
-HIGH_WATER = 256 * 1024
+HIGH_WATER = 128 * 1024
 FAILED_LINGER = 5.0  # seconds a failed connection may take to flush its GOAWAY
 
 
@@ -152,6 +152,7 @@ class TunnelStream:
         while proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
             if self.error:
                 raise self.error
+            proto.writers_waiting = True
             self._writable.clear()
             await self._writable.wait()
         if self.error:
@@ -192,6 +193,7 @@ class HboneProtocol(asyncio.Protocol):
         self.streams: dict[int, TunnelStream] = {}
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.write_paused = False
+        self.writers_waiting = False  # some write() waits (woken on drain or freed budget)
         self._ping_outstanding: bytes | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
 
@@ -205,6 +207,11 @@ class HboneProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.dispatch(self.codec.receive(data))
         self.flush()
+        if self.writers_waiting and not self.out_full():
+            # WINDOW_UPDATEs let queued bytes out without draining any stream completely
+            # (no StreamDrained): writers waiting for the connection's budget go on.
+            self.writers_waiting = False
+            self._wake_writers()
 
     def pause_writing(self) -> None:
         self.write_paused = True

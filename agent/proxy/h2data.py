@@ -22,11 +22,19 @@ they are built per frame on the hot path:
   ``data_length`` what is left of it without padding;
 * ``(DATA_CHUNK, stream_id, 0, 0, payload)``: payload bytes, padding removed;
 * ``(DATA_END, stream_id, end_stream, 0, b"")``: the frame is complete;
-* ``(ERROR, 0, 0, 0, b"")``: a connection error, described by ``error`` (code, reason); the
-  splitter must not be fed again.
+* ``(ERROR, 0, 0, 0, b"")``: a connection error, described by ``error`` (code, cause, reason);
+  the splitter must not be fed again.
+
+Bounds on what ``h2`` buffers: ``h2`` holds every non-DATA frame whole until its last byte, and a
+header block (HEADERS and its CONTINUATIONs) whole until END_HEADERS; its own checks apply the
+header-list limit only after that, and allow 64 CONTINUATIONs of the advertised frame size
+(64 MiB here). The splitter sees every frame header, so it refuses a non-DATA frame longer than
+``max_control_frame`` and a header block longer than ``max_header_block`` (ENHANCE_YOUR_CALM)
+before ``h2`` buffers them, and it knows whether a header block is open (DATA inside one is a
+PROTOCOL_ERROR), so nobody has to look inside ``h2``'s frame buffer.
 
 Window accounting is the codec's: this module only knows the wire format (RFC 9113 sections
-4.1, 6.1 and 6.9).
+4.1, 4.3, 6.1 and 6.9).
 """
 
 from __future__ import annotations
@@ -35,13 +43,19 @@ import struct
 
 from h2.errors import ErrorCodes
 
+from agent.proxy.hbone_events import Cause
+
 # Frame header: 24-bit length and 8-bit type packed in one 32-bit word, flags, stream id.
 FRAME_HEADER = struct.Struct(">IBI")
 HEADER_SIZE = FRAME_HEADER.size
 CLIENT_PREFACE_SIZE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
 TYPE_DATA = 0x0
+TYPE_HEADERS = 0x1
+TYPE_PUSH_PROMISE = 0x5
 TYPE_WINDOW_UPDATE = 0x8
+TYPE_CONTINUATION = 0x9
 FLAG_END_STREAM = 0x1
+FLAG_END_HEADERS = 0x4
 FLAG_PADDED = 0x8
 STREAM_ID_MASK = 0x7FFFFFFF
 MAX_WINDOW_INCREMENT = 0x7FFFFFFF
@@ -69,13 +83,25 @@ class InboundSplitter:
 
     ``preface`` is how many leading bytes are the client connection preface (server side: 24),
     which only ``h2`` checks. ``max_frame_size`` is the SETTINGS_MAX_FRAME_SIZE we advertised:
-    a longer DATA frame is a FRAME_SIZE_ERROR (``h2`` checks the other frame types).
+    a longer DATA frame is a FRAME_SIZE_ERROR. ``max_control_frame`` and ``max_header_block``
+    bound what ``h2`` buffers (module docstring).
     """
 
-    def __init__(self, *, max_frame_size: int, preface: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        max_frame_size: int,
+        preface: int = 0,
+        max_control_frame: int = 16 * 1024,
+        max_header_block: int = 32 * 1024,
+    ) -> None:
         self.max_frame_size = max_frame_size
+        self.max_control_frame = max_control_frame
+        self.max_header_block = max_header_block
+        self.header_block = 0  # bytes of the open header block so far (>= 1 while one is open)
         self._header = bytearray()
         self._passthrough = preface  # bytes of the current non-DATA frame still owed to h2
+        self._frame_length = preface  # length of that frame
         self._in_data = False
         self._stream_id = 0
         self._flags = 0
@@ -83,7 +109,13 @@ class InboundSplitter:
         self._pad_length_due = False
         self._data_left = 0
         self._pad_left = 0
-        self.error: tuple[ErrorCodes, str] | None = None
+        self.error: tuple[ErrorCodes, str, str] | None = None
+
+    def h2_buffered(self) -> int:
+        """At most how many bytes ``h2`` holds for frames it has not completed (a partial frame,
+        an open header block)."""
+        partial = self._frame_length - self._passthrough if self._passthrough else 0
+        return self.header_block + partial
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Token]:
         out: list[Token] = []
@@ -121,11 +153,25 @@ class InboundSplitter:
             length_type, flags, stream_id = FRAME_HEADER.unpack(header)
             length = length_type >> 8
             if length_type & 0xFF != TYPE_DATA:
+                if (
+                    self.header_block
+                    or length > self.max_control_frame
+                    or length_type & 0xFF
+                    in (
+                        TYPE_HEADERS,
+                        TYPE_PUSH_PROMISE,
+                    )
+                ):
+                    if h2_start >= 0:
+                        out.append((H2, 0, 0, 0, bytes(view[h2_start : pos - HEADER_SIZE])))
+                        h2_start = -1
+                    if not self._control_header(length, length_type & 0xFF, flags, out):
+                        return out
                 if not from_view:
                     out.append((H2, 0, 0, 0, bytes(header)))
                 elif h2_start < 0:
                     h2_start = pos - HEADER_SIZE
-                self._passthrough = length
+                self._passthrough = self._frame_length = length
                 continue
             if h2_start >= 0:
                 out.append((H2, 0, 0, 0, bytes(view[h2_start : pos - HEADER_SIZE])))
@@ -136,25 +182,49 @@ class InboundSplitter:
             out.append((H2, 0, 0, 0, bytes(view[h2_start:pos])))
         return out
 
-    def _fail(self, code: ErrorCodes, reason: str, out: list[Token]) -> bool:
-        self.error = (code, reason)
+    def _fail(self, code: ErrorCodes, cause: str, reason: str, out: list[Token]) -> bool:
+        self.error = (code, cause, reason)
         self._in_data = False
         out.append((ERROR, 0, 0, 0, EMPTY))
         return False
 
+    def _control_header(self, length: int, kind: int, flags: int, out: list[Token]) -> bool:
+        """Track header blocks and refuse what ``h2`` would buffer beyond our bounds; False
+        (and an ERROR token) if the frame is refused."""
+        if length > self.max_control_frame:
+            reason = (
+                f"frame of type {kind:#x} has {length} bytes; we take at most "
+                f"{self.max_control_frame} in any frame but DATA"
+            )
+            return self._fail(ErrorCodes.ENHANCE_YOUR_CALM, Cause.OVERSIZED_FRAME, reason, out)
+        if kind in (TYPE_HEADERS, TYPE_PUSH_PROMISE) or (
+            kind == TYPE_CONTINUATION and self.header_block
+        ):
+            block = self.header_block + length
+            if block > self.max_header_block:
+                reason = f"header block of more than {self.max_header_block} bytes"
+                return self._fail(ErrorCodes.ENHANCE_YOUR_CALM, Cause.HEADER_BLOCK, reason, out)
+            self.header_block = 0 if flags & FLAG_END_HEADERS else max(block, 1)
+        return True
+
     def _data_header(self, length: int, flags: int, stream_id: int, out: list[Token]) -> bool:
         """Start a DATA frame; False (and an ERROR token) if the header is invalid."""
         if stream_id == 0:
-            return self._fail(ErrorCodes.PROTOCOL_ERROR, "DATA frame on stream 0", out)
+            return self._fail(
+                ErrorCodes.PROTOCOL_ERROR, Cause.PROTOCOL_ERROR, "DATA frame on stream 0", out
+            )
+        if self.header_block:
+            reason = "DATA frame inside a header block"
+            return self._fail(ErrorCodes.PROTOCOL_ERROR, Cause.PROTOCOL_ERROR, reason, out)
         if length > self.max_frame_size:
             reason = f"DATA frame of {length} bytes exceeds our limit of {self.max_frame_size}"
-            return self._fail(ErrorCodes.FRAME_SIZE_ERROR, reason, out)
+            return self._fail(ErrorCodes.FRAME_SIZE_ERROR, Cause.PROTOCOL_ERROR, reason, out)
         self._in_data = True
         self._stream_id, self._flags, self._length = stream_id, flags, length
         if flags & FLAG_PADDED:
             if length == 0:
                 reason = "padded DATA frame without pad length"
-                return self._fail(ErrorCodes.FRAME_SIZE_ERROR, reason, out)
+                return self._fail(ErrorCodes.FRAME_SIZE_ERROR, Cause.PROTOCOL_ERROR, reason, out)
             self._pad_length_due = True
         else:
             self._data_left, self._pad_left = length, 0
@@ -171,7 +241,7 @@ class InboundSplitter:
             self._pad_length_due = False
             if pad >= self._length:
                 reason = f"DATA padding of {pad} bytes does not fit in a {self._length}-byte frame"
-                self._fail(ErrorCodes.PROTOCOL_ERROR, reason, out)
+                self._fail(ErrorCodes.PROTOCOL_ERROR, Cause.PROTOCOL_ERROR, reason, out)
                 return end
             self._data_left, self._pad_left = self._length - 1 - pad, pad
             out.append((DATA_START, self._stream_id, self._length, self._data_left, EMPTY))

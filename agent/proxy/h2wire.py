@@ -1,27 +1,44 @@
-"""HTTP/2 settings and the two places where HBONE needs more than ``h2`` offers.
+"""HTTP/2 settings, and every place where HBONE reaches into ``h2`` beyond its public API.
 
-The values follow Istio's ztunnel so that the two proxies tunnel to each other with the same
-throughput characteristics (see ARCHITECTURE.md, "HBONE"):
+The settings follow Istio's ztunnel where memory allows (see ARCHITECTURE.md, "HBONE"):
 
-* stream window 4 MiB and connection window 16 MiB: a single tunnel can fill a fast link without
-  waiting for WINDOW_UPDATEs, and the stream window bounds what one slow receiver can make us
-  buffer;
-* max frame size 1 MiB: fewer frames (and fewer Python calls) per megabyte relayed;
+* connection window 2 MiB, replenished only as the owner consumes what it received, and stream
+  window 512 KiB: together they are the receive side of the per-connection memory bound
+  (``agent.proxy.hbone_limits``); a tunnel still fills a LAN link (512 KiB in flight per
+  stream), and up to three streams whose pods do not read leave the rest of the connection
+  flowing;
+* max frame size 1 MiB for DATA: fewer frames (and fewer Python calls) per megabyte relayed;
+  any other frame is held whole by ``h2`` until complete, so those are capped far lower
+  (``max_control_frame``, ``max_header_block``);
 * max header list 16 KiB: a CONNECT request needs a few hundred bytes, anything near the limit is
   abuse;
 * 100 concurrent streams per connection; PING every 10 s, connection dead after 20 s of silence.
 
-Why a subclass of ``H2Connection``: RFC 9113 section 6.8 lets streams at or below a GOAWAY's
-last-stream-id run to completion, which is what a graceful drain needs. ``h2`` 4.x instead moves
-its connection state machine to CLOSED on sending or receiving GOAWAY, after which it refuses to
-send anything, so draining would cut every live tunnel. ``GracefulH2Connection`` sends and receives
-GOAWAY without that transition; the codec (``agent.proxy.hbone``) enforces "no new streams" itself.
-These two overrides use ``h2`` internals (``_prepare_for_sending``, ``_receive_goaway_frame``),
-which is why ``pyproject.toml`` pins ``h2`` below 5.
+**Why ``h2`` internals, and the rule for them.** ``h2`` 4.x has no public API for three things
+the codec needs, so this module is the one place that touches ``h2``'s non-public members; the
+other modules call the functions here. ``tests/unit/proxy/test_h2wire.py`` has one test per reach
+that fails, naming the member, if an ``h2`` upgrade changes it, and ``check_h2_internals`` runs at
+import so that a missing member stops the agent at start-up instead of in the middle of a tunnel.
+``pyproject.toml`` pins ``h2`` below 5. The reaches:
 
-DATA frames do not go through ``h2`` at all (``agent.proxy.h2data``, ``agent.proxy.hbone_flow``):
-``h2`` only ever sees empty ones, where the peer ended a stream or sent to a stream that cannot
-take data.
+1. GOAWAY (``GracefulH2Connection``): RFC 9113 section 6.8 lets streams at or below a GOAWAY's
+   last-stream-id run to completion, which is what a graceful drain needs. ``h2`` instead moves
+   its connection state machine to CLOSED on sending or receiving GOAWAY, after which it refuses
+   to send anything, so draining would cut every live tunnel. The subclass overrides
+   ``_receive_goaway_frame`` and sends its own GOAWAY through ``_prepare_for_sending``; the codec
+   (``agent.proxy.hbone``) enforces "no new streams" itself.
+2. A stream's state (``H2Stream.state_machine.state``, via ``H2Connection.streams``): the DATA
+   fast path (``agent.proxy.hbone_flow``) must know whether a stream may still receive or send
+   DATA without sending a frame through ``h2``.
+3. The send windows (``H2Connection.outbound_flow_control_window`` and the stream's): ``h2``
+   applies the peer's WINDOW_UPDATEs and SETTINGS to them; the fast path subtracts what it frames
+   itself, which is all ``h2.send_data`` does to them. (Reading them alone would be public:
+   ``local_flow_control_window``.)
+4. ``H2Connection.MAX_CLOSED_STREAMS``, the size of its closed-stream memory (a class constant
+   that ``__init__`` reads), lowered to bound what a long-lived connection holds.
+
+Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
+``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
 """
 
 from __future__ import annotations
@@ -30,33 +47,63 @@ from dataclasses import dataclass
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.errors import ErrorCodes, _error_code_from_int
+from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
 from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream, StreamState
 from hyperframe.frame import Frame, GoAwayFrame
 
 KIB = 1024
 MIB = 1024 * KIB
 
+# Where the peer may still send DATA (RFC 9113 section 5.1), and where we may.
+RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+
 
 @dataclass(frozen=True, slots=True)
 class HboneSettings:
-    """Tunables of one HBONE connection (defaults: ztunnel's)."""
+    """Tunables of one HBONE connection (what each bounds: ``agent.proxy.hbone_limits``)."""
 
-    stream_window: int = 4 * MIB
-    connection_window: int = 16 * MIB
+    stream_window: int = 512 * KIB
+    connection_window: int = 2 * MIB
     max_frame_size: int = 1 * MIB
     max_header_list_size: int = 16 * KIB
+    # Any frame but DATA is buffered whole by h2: longer ones are refused (ENHANCE_YOUR_CALM).
+    max_control_frame: int = 16 * KIB
+    # HEADERS plus its CONTINUATIONs, encoded, before END_HEADERS (h2 holds the whole block).
+    max_header_block: int = 32 * KIB
     max_concurrent_streams: int = 100
-    # Streams the peer may reset before we answered them before we call it a rapid-reset attack
-    # (CVE-2023-44487) and close the connection.
+    # Streams the peer reset before we answered whose handling has not finished yet: beyond this
+    # it is a rapid-reset attack (CVE-2023-44487) and the connection is closed.
     max_pending_resets: int = 100
+    # Replies the peer's own frames made us queue (PING and SETTINGS ACKs, RST_STREAMs) since
+    # the transport last took all our output below its high-water mark: beyond this (a peer
+    # that does not read, or 3800 PINGs in one read), ENHANCE_YOUR_CALM.
+    max_unsent_replies: int = 64 * KIB
     ping_interval: float = 10.0
     ping_timeout: float = 20.0
 
 
+def error_code(code: int) -> ErrorCodes | int:
+    """The ``ErrorCodes`` member for ``code``, or the integer if the code is unknown."""
+    try:
+        return ErrorCodes(code)
+    except ValueError:
+        return code
+
+
 class GracefulH2Connection(H2Connection):
-    """``H2Connection`` whose GOAWAY (sent or received) leaves existing streams usable."""
+    """``H2Connection`` whose GOAWAY (sent or received) leaves existing streams usable, and that
+    remembers fewer closed streams.
+
+    ``h2`` remembers how each of the last ``MAX_CLOSED_STREAMS`` streams closed (default 65536,
+    about 110 bytes each: 7 MiB on a long-lived connection, whatever the peer does). 1024 covers
+    every frame still in flight for a stream we closed; a frame for one closed longer ago is a
+    connection error, as RFC 9113 section 5.1 allows.
+    """
+
+    MAX_CLOSED_STREAMS = 1024
 
     def send_goaway(self, error_code: ErrorCodes, last_stream_id: int) -> None:
         frame = GoAwayFrame(stream_id=0)
@@ -66,17 +113,80 @@ class GracefulH2Connection(H2Connection):
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Event]]:
         event = ConnectionTerminated()
-        event.error_code = _error_code_from_int(frame.error_code)
+        event.error_code = error_code(frame.error_code)
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
 
 
+def stream_state(conn: H2Connection, stream_id: int) -> StreamState | None:
+    """The stream's state, or None if ``h2`` holds no stream object for it (idle or forgotten)."""
+    stream = conn.streams.get(stream_id)
+    return None if stream is None else stream.state_machine.state
+
+
+def can_receive(conn: H2Connection, stream_id: int) -> bool:
+    """May the peer still send DATA on the stream (open or half-closed by us)?"""
+    stream = conn.streams.get(stream_id)
+    return stream is not None and stream.state_machine.state in RECEIVING
+
+
+def sendable_stream(conn: H2Connection, stream_id: int) -> H2Stream | None:
+    """The stream if we may send DATA on it (open or half-closed by the peer)."""
+    stream = conn.streams.get(stream_id)
+    return stream if stream is not None and stream.state_machine.state in SENDING else None
+
+
+def take_send_window(conn: H2Connection, stream: H2Stream, most: int) -> int:
+    """Take up to ``most`` bytes from both send windows of ``stream`` (we frame that much DATA
+    ourselves); returns how many the peer's windows allowed (0 if none)."""
+    n = min(most, conn.outbound_flow_control_window, stream.outbound_flow_control_window)
+    if n <= 0:
+        return 0
+    conn.outbound_flow_control_window -= n
+    stream.outbound_flow_control_window -= n
+    return n
+
+
+def check_h2_internals() -> None:
+    """Fail at once, naming the member, if the installed ``h2`` lacks what this module uses."""
+    missing = [
+        n for n in ("_prepare_for_sending", "_receive_goaway_frame") if not hasattr(H2Connection, n)
+    ]
+    probe = H2Connection(H2Configuration(client_side=True))
+    probe.initiate_connection()
+    probe.send_headers(1, [(":method", "CONNECT"), (":authority", "127.0.0.1:1")])
+    stream = probe.streams.get(1)
+    if not hasattr(probe, "outbound_flow_control_window"):
+        missing.append("H2Connection.outbound_flow_control_window")
+    if stream is None:
+        missing.append("H2Connection.streams (a stream object per open stream)")
+    else:
+        if not isinstance(
+            getattr(getattr(stream, "state_machine", None), "state", None), StreamState
+        ):
+            missing.append("H2Stream.state_machine.state")
+        if not hasattr(stream, "outbound_flow_control_window"):
+            missing.append("H2Stream.outbound_flow_control_window")
+    if missing:
+        raise ImportError(
+            f"the installed h2 lacks {', '.join(missing)}, which agent.proxy.h2wire needs: "
+            "install the h2 version pinned in pyproject.toml (h2>=4.1,<5)"
+        )
+
+
+check_h2_internals()
+
+
 def new_connection(*, client_side: bool, settings: HboneSettings) -> GracefulH2Connection:
-    """An HTTP/2 connection with HBONE's settings, preface and connection window queued."""
+    """An HTTP/2 connection with HBONE's settings, preface and connection window queued.
+
+    Header names and values stay bytes (``header_encoding=None``): the codec decodes them itself
+    so that a peer's invalid UTF-8 is a protocol error it reports, not an exception from ``h2``.
+    """
     conn = GracefulH2Connection(
         H2Configuration(
-            client_side=client_side, header_encoding="utf-8", validate_inbound_headers=True
+            client_side=client_side, header_encoding=None, validate_inbound_headers=True
         )
     )
     conn.local_settings = Settings(

@@ -11,12 +11,20 @@ END_STREAM.
 what it wants to send accumulates in ``data_to_send``. It does no I/O and reads no clock, so the
 asyncio layer stays thin and every protocol decision is tested without sockets.
 
-Flow control, and why one slow stream cannot stall the others: the *connection* window is
-replenished as soon as DATA arrives, while a *stream's* window is replenished only when the owner
-reports (``consumed``) that the bytes were written to that stream's TCP socket. A receiver that
-stops reading therefore stops its own stream after 4 MiB and nothing else. Outgoing data beyond
-the peer's window is queued per stream; ``buffered`` lets the owner pause reading that stream's
-socket and ``StreamDrained`` tells it to resume.
+Flow control: both windows are replenished only when the owner reports (``consumed``) that the
+bytes were written to the stream's TCP socket (or dropped with the stream), so what a peer can
+make us hold is bounded by the connection window; a stream's window is a quarter of it, so a
+receiver that stops reading stops its own stream and leaves the rest of the connection flowing.
+Outgoing data beyond the peer's window is queued per stream; ``buffered`` lets the owner pause
+reading that stream's socket and ``StreamDrained`` tells it to resume.
+
+What a hostile peer cannot do (the limits and the memory figure: ``agent.proxy.hbone_limits``):
+make us queue unbounded replies (PING and SETTINGS ACKs, RST_STREAMs) while it does not read
+(``max_unsent_replies``: the owner calls ``output_accepted`` whenever the transport took what it
+was given); make ``h2`` buffer large frames or header blocks (``agent.proxy.h2data``); reset
+streams before we answer them faster than we finish handling them (rapid reset: a reset stream
+counts until the owner calls ``request_done``); crash the codec with headers that are not UTF-8.
+Each refusal carries a ``cause`` for the owner's metric.
 
 The DATA fast path: DATA frames never go through ``h2`` (why: ``agent.proxy.h2data``, which
 splits the incoming bytes; windows and framing: ``agent.proxy.hbone_flow``). Every other frame
@@ -34,14 +42,36 @@ from collections.abc import Sequence
 import h2.events as h2e
 from h2.errors import ErrorCodes
 from h2.exceptions import DenialOfServiceError, ProtocolError
+from h2.stream import StreamState
 
-from agent.proxy import h2data
+from agent.proxy import h2data, h2wire
 from agent.proxy import hbone_events as ev
 from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2
 from agent.proxy.h2wire import HboneSettings, new_connection
+from agent.proxy.hbone_events import Cause
 from agent.proxy.hbone_flow import DataFlow
 
 FORWARDED_HEADER = "forwarded"
+# Non-DATA bytes are handed to h2 at most this many at a time, so that the replies one read can
+# make us queue are checked against ``max_unsent_replies`` every few hundred frames.
+H2_SLICE = 16 * 1024
+
+
+class HeaderDecodeError(ValueError):
+    """A header name or value from the peer is not UTF-8."""
+
+
+def decode_headers(headers: Sequence[tuple[bytes | str, bytes | str]]) -> dict[str, str]:
+    """Header tuples from ``h2`` (bytes) as a dict of UTF-8 strings."""
+    out: dict[str, str] = {}
+    try:
+        for k, v in headers:
+            out[k.decode() if isinstance(k, bytes) else k] = (
+                v.decode() if isinstance(v, bytes) else v
+            )
+    except UnicodeDecodeError as e:
+        raise HeaderDecodeError(f"a header is not UTF-8 ({e.reason} at byte {e.start})") from e
+    return out
 
 
 class AuthorityError(ValueError):
@@ -91,9 +121,11 @@ class HboneConnection:
         self._h2 = new_connection(client_side=client_side, settings=self.settings)
         self._flow = DataFlow(self._h2, self.settings, client_side=client_side)
         self._out: dict[int, bytearray] = {}
+        self._queued = 0  # bytes in ``_out``
         self._end_after_flush: set[int] = set()
-        self._unanswered: set[int] = set()
-        self._pending_resets = 0
+        self._unanswered: set[int] = set()  # requests we have not answered
+        self._reset_pending: set[int] = set()  # unanswered requests the peer reset, not done
+        self._unsent_replies = 0
         self.going_away = False
         self.failed = False
 
@@ -109,6 +141,8 @@ class HboneConnection:
             if kind == DATA_CHUNK:
                 if stream_id == flow.deliver_to:
                     out.append(ev.DataReceived(stream_id, payload))
+                elif stream_id == flow.counted:  # its stream ended meanwhile: nobody gets these
+                    flow.consumed(stream_id, len(payload))
             elif kind == H2:
                 to_h2 += payload
             elif kind == DATA_START:
@@ -117,15 +151,19 @@ class HboneConnection:
                     to_h2.clear()
                 error = None if self.failed else flow.start(stream_id, a, a - b)
                 if error:
-                    out.append(self._fail(error[1], error[0]))
+                    out.append(self._fail(error[1], error[0], Cause.FLOW_CONTROL))
             elif kind == DATA_END:
                 if a or stream_id != flow.deliver_to:
                     # END_STREAM, or a stream that cannot take data: h2's state machine decides.
                     to_h2 += h2data.data_frame_header(0, stream_id, end_stream=bool(a))
-                flow.deliver_to = 0
+                flow.deliver_to = flow.counted = 0
             else:
-                code, reason = flow.splitter.error or (ErrorCodes.PROTOCOL_ERROR, "bad frame")
-                out.append(self._fail(reason, code))
+                code, cause, reason = flow.splitter.error or (
+                    ErrorCodes.PROTOCOL_ERROR,
+                    Cause.PROTOCOL_ERROR,
+                    "bad frame",
+                )
+                out.append(self._fail(reason, code, cause))
             if self.failed:
                 return out
         if to_h2:
@@ -133,18 +171,44 @@ class HboneConnection:
         return out
 
     def _h2_receive(self, data: bytes | bytearray) -> list[ev.Event]:
+        out: list[ev.Event] = []
+        for start in range(0, len(data), H2_SLICE):
+            out += self._h2_receive_slice(bytes(data[start : start + H2_SLICE]))
+            if self.failed:
+                break
+        return out
+
+    def _h2_receive_slice(self, data: bytes) -> list[ev.Event]:
+        self._flow.take_h2_output()  # what our own commands queued is not a reply
         try:
-            h2_events = self._h2.receive_data(bytes(data))
+            h2_events = self._h2.receive_data(data)
         except DenialOfServiceError as e:
-            return [self._fail(f"peer exceeded a limit: {e}", ErrorCodes.ENHANCE_YOUR_CALM)]
+            reason = f"peer exceeded a limit: {e}"
+            return [self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM, Cause.H2_LIMIT)]
         except ProtocolError as e:
-            return [self._fail(f"HTTP/2 protocol error from peer: {e}", e.error_code)]
+            reason = f"HTTP/2 protocol error from peer: {e}"
+            return [self._fail(reason, e.error_code, Cause.PROTOCOL_ERROR)]
+        except Exception as e:  # h2 parses hostile bytes: any other failure is still theirs
+            reason = f"h2 could not process the peer's frames: {e!r}"
+            return [self._fail(reason, ErrorCodes.PROTOCOL_ERROR, Cause.UNPARSEABLE)]
         out: list[ev.Event] = []
         for h2_event in h2_events:
             out.extend(self._translate(h2_event))
             if self.failed:
-                break
+                return out
+        self._unsent_replies += self._flow.take_h2_output()
+        if self._unsent_replies > self.settings.max_unsent_replies:
+            reason = (
+                f"peer made us queue {self._unsent_replies} bytes of replies (PING/SETTINGS "
+                "ACKs, RST_STREAMs) that it does not read"
+            )
+            out.append(self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM, Cause.CONTROL_FLOOD))
         return out
+
+    def output_accepted(self) -> None:
+        """The transport took everything ``data_to_send`` returned so far without exceeding its
+        buffer limit: the replies queued until now no longer count against the peer."""
+        self._unsent_replies = 0
 
     def data_to_send(self) -> bytes | bytearray:
         """Everything to write to the transport, in order (a fresh object on every call)."""
@@ -171,11 +235,23 @@ class HboneConnection:
             return self._flush_all()
         return []
 
+    def _headers(
+        self, event: h2e.RequestReceived | h2e.ResponseReceived
+    ) -> dict[str, str] | ev.ConnectionFailed:
+        """The event's headers as strings, or the connection failure if one is not UTF-8."""
+        try:
+            return decode_headers(event.headers or ())
+        except HeaderDecodeError as e:
+            reason = f"headers on stream {event.stream_id}: {e}"
+            return self._fail(reason, ErrorCodes.PROTOCOL_ERROR, Cause.INVALID_HEADER)
+
     def _on_request(self, event: h2e.RequestReceived) -> ev.Event:
         sid = event.stream_id
-        headers = {str(k): str(v) for k, v in event.headers or ()}
+        headers = self._headers(event)
+        if isinstance(headers, ev.ConnectionFailed):
+            return headers
         if self.going_away:
-            self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self.reset(sid, ErrorCodes.REFUSED_STREAM)
             return ev.RequestRejected(sid, 0, "connection is draining (GOAWAY sent)")
         if headers.get(":method") != "CONNECT":
             return self._reject(sid, 405, f"method {headers.get(':method')!r} is not CONNECT")
@@ -188,32 +264,53 @@ class HboneConnection:
         return ev.TunnelRequested(sid, host, port, parse_forwarded(fwd) if fwd else None, headers)
 
     def _reject(self, stream_id: int, status: int, reason: str) -> ev.Event:
-        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        self._end_refused(stream_id, status)
         return ev.RequestRejected(stream_id, status, reason)
 
+    def _end_refused(self, stream_id: int, status: int) -> None:
+        """Answer ``status`` and close the stream on both sides: the complete response, then
+        RST_STREAM(NO_ERROR) (RFC 9113 section 8.1), so that the stream stops counting against
+        either side's concurrency limit whether or not the client ends its half. A stream the
+        peer already reset (in the same read as its request) gets nothing."""
+        self._forget(stream_id)
+        if h2wire.stream_state(self._h2, stream_id) in (None, StreamState.CLOSED):
+            return
+        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        if h2wire.stream_state(self._h2, stream_id) is not StreamState.CLOSED:
+            self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+
     def _on_response(self, event: h2e.ResponseReceived) -> ev.Event:
-        headers = {str(k): str(v) for k, v in event.headers or ()}
+        sid = event.stream_id
+        headers = self._headers(event)
+        if isinstance(headers, ev.ConnectionFailed):
+            return headers
         status = headers.get(":status", "")
         code = int(status) if status.isdigit() else 0
         if code == 200:
-            return ev.TunnelAccepted(event.stream_id)
-        return ev.TunnelRefused(event.stream_id, code)
+            return ev.TunnelAccepted(sid)
+        # A refusal: close our half too (the server may not reset it), so a refused stream
+        # never counts against the connection's stream limit.
+        self.reset(sid, ErrorCodes.CANCEL)
+        return ev.TunnelRefused(sid, code)
 
     def _on_reset(self, event: h2e.StreamReset) -> list[ev.Event]:
         sid = event.stream_id
         self._forget(sid)
         if event.remote_reset and sid in self._unanswered:
             self._unanswered.discard(sid)
-            self._pending_resets += 1
-            if self._pending_resets > self.settings.max_pending_resets:
-                reason = f"peer reset {self._pending_resets} unanswered streams (rapid reset)"
-                return [self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM)]
+            self._reset_pending.add(sid)
+            if len(self._reset_pending) > self.settings.max_pending_resets:
+                reason = (
+                    f"peer reset {len(self._reset_pending)} streams before we answered them, "
+                    "faster than we finished handling them (rapid reset)"
+                )
+                return [self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM, Cause.RAPID_RESET)]
         return [ev.StreamReset(sid, int(event.error_code or 0), bool(event.remote_reset))]
 
-    def _fail(self, reason: str, code: int) -> ev.ConnectionFailed:
+    def _fail(self, reason: str, code: int, cause: str) -> ev.ConnectionFailed:
         self.failed = True
         self._h2.close_connection(error_code=code)
-        return ev.ConnectionFailed(reason, int(code))
+        return ev.ConnectionFailed(reason, int(code), cause)
 
     # ---- commands from the owner -----------------------------------------------------------
 
@@ -233,11 +330,22 @@ class HboneConnection:
         return not (self.going_away or self.failed) and self._h2.open_outbound_streams < limit
 
     def respond(self, stream_id: int, status: int) -> None:
-        """Server side: 200 opens the tunnel; any other status ends the stream."""
+        """Server side: 200 opens the tunnel; any other status ends and closes the stream. A
+        stream the peer reset (or a connection that failed) gets no answer."""
         self._unanswered.discard(stream_id)
-        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=status != 200)
-        if status != 200:
-            self._forget(stream_id)
+        if self.failed or h2wire.stream_state(self._h2, stream_id) in (None, StreamState.CLOSED):
+            self._reset_pending.discard(stream_id)
+            return
+        if status == 200:
+            self._h2.send_headers(stream_id, [(":status", "200")])
+        else:
+            self._end_refused(stream_id, status)
+
+    def request_done(self, stream_id: int) -> None:
+        """Server side: the owner finished handling the request (answered it, or stopped after
+        the peer reset it): it no longer counts as pending (rapid-reset detection)."""
+        self._unanswered.discard(stream_id)
+        self._reset_pending.discard(stream_id)
 
     def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         """Queue tunnel bytes; what the peer's windows allow goes out now."""
@@ -248,10 +356,23 @@ class HboneConnection:
                 return []
             data = memoryview(data)[sent:]
         self._out.setdefault(stream_id, bytearray()).extend(data)
+        self._queued += len(data)
         return self._flush(stream_id)
 
     def buffered(self, stream_id: int) -> int:
         return len(self._out.get(stream_id, b""))
+
+    @property
+    def queued(self) -> int:
+        """Outgoing bytes of all streams waiting for the peer's windows."""
+        return self._queued
+
+    def held_bytes(self) -> int:
+        """Everything this connection holds in memory because of the peer: received bytes the
+        owner has not consumed, outgoing bytes queued for windows or for ``data_to_send``, and
+        partial frames or a header block inside ``h2``. The owner adds its transport's buffer."""
+        flow = self._flow
+        return flow.held + self._queued + flow.unsent() + flow.splitter.h2_buffered()
 
     def end_stream(self, stream_id: int) -> list[ev.Event]:
         """Half-close our side once the queued data is out."""
@@ -265,8 +386,7 @@ class HboneConnection:
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         self._forget(stream_id)
-        stream = self._h2.streams.get(stream_id)
-        if stream is not None and not stream.closed:
+        if h2wire.stream_state(self._h2, stream_id) not in (None, StreamState.CLOSED):
             self._h2.reset_stream(stream_id, code)
 
     def ping(self) -> bytes:
@@ -296,14 +416,14 @@ class HboneConnection:
         buf = self._out.get(stream_id)
         if buf is None or self.failed:
             return []
-        stream = self._h2.streams.get(stream_id)
-        if stream is None or stream.closed:
+        if h2wire.stream_state(self._h2, stream_id) in (None, StreamState.CLOSED):
             self._forget(stream_id)
             return []
         if buf:
             with memoryview(buf) as view:
                 sent = self._flow.send(stream_id, view)
             del buf[:sent]
+            self._queued -= sent
             if buf:
                 return []
         if stream_id in self._end_after_flush:
@@ -319,6 +439,6 @@ class HboneConnection:
         return out
 
     def _forget(self, stream_id: int) -> None:
-        self._out.pop(stream_id, None)
+        self._queued -= len(self._out.pop(stream_id, b""))
         self._end_after_flush.discard(stream_id)
         self._flow.forget(stream_id)

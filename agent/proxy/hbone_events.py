@@ -9,6 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class Cause:
+    """Why the codec failed a connection: ``ConnectionFailed.cause``, and the label of
+    ``nodemesh_hbone_refusals_total`` (``agent.proxy.hbone_limits``)."""
+
+    CONTROL_FLOOD = "control_flood"  # replies queued beyond max_unsent_replies
+    OVERSIZED_FRAME = "oversized_frame"  # a non-DATA frame beyond max_control_frame
+    HEADER_BLOCK = "header_block"  # HEADERS + CONTINUATION beyond max_header_block
+    FLOW_CONTROL = "flow_control"  # DATA beyond a window we granted
+    RAPID_RESET = "rapid_reset"  # too many answered-before-reset streams in flight
+    INVALID_HEADER = "invalid_header"  # a header that is not UTF-8
+    H2_LIMIT = "h2_limit"  # h2's own limits (header list size, ...)
+    PROTOCOL_ERROR = "protocol_error"  # any other HTTP/2 violation
+    UNPARSEABLE = "unparseable"  # bytes h2 failed on without a protocol error
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelRequested:
     """Server side: a well-formed CONNECT for ``host:port`` arrived; answer with ``respond``."""
@@ -94,10 +109,12 @@ class PingAcknowledged:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionFailed:
-    """A connection-level protocol error; GOAWAY is queued: flush, then close the transport."""
+    """A connection-level protocol error; GOAWAY is queued: flush, then close the transport.
+    ``cause``: one of ``Cause``."""
 
     reason: str
     error_code: int
+    cause: str = ""
 
 
 Event = (

@@ -9,31 +9,30 @@ The codec (``agent.proxy.hbone``) keeps ``h2`` for everything but DATA (why: see
   building the frame;
 * ``DataFlow`` owns the *receive* windows: ``h2`` never sees a DATA frame with a payload (so its
   own receive windows never move and it never needs a WINDOW_UPDATE from us), and the
-  WINDOW_UPDATE frames are written here. The connection window is replenished as DATA arrives;
-  a stream's only as the owner consumes the bytes (plus padding, which nobody consumes).
+  WINDOW_UPDATE frames are written here.
+
+Why both windows are replenished only as the owner *consumes*: the connection window is the
+receive half of the per-connection memory bound (``agent.proxy.hbone_limits``). Every byte
+delivered to the owner is ``held`` until the owner gives it back with ``consumed`` (written to
+the pod, or dropped with its stream), so a peer can never make us hold more than the connection
+window, however many streams it opens and whether or not we answered them. A stream's window
+is replenished the same way, and is smaller, so one stream whose pod does not read stalls
+itself, not the connection. Bytes the codec drops itself (DATA for a stream that cannot take
+it) and padding are given back at once.
 
 Frames built here and frames ``h2`` produced leave in the order they were produced: ``h2``'s
-pending output is moved into ours before each frame we append.
-
-This reads and writes ``h2`` 4.x attributes that are not its documented API (a stream's
-``state_machine.state`` and ``outbound_flow_control_window``, the connection's
-``outbound_flow_control_window`` and ``incoming_buffer._headers_buffer``); ``pyproject.toml``
-pins ``h2`` below 5 for this and for ``agent.proxy.h2wire``, and the unit tests against a plain
-``h2`` peer (``tests/unit/proxy/test_hbone_fastpath.py``) fail if their meaning changes.
+pending output is moved into ours before each frame we append. The stream states and send
+windows are read and charged through ``agent.proxy.h2wire``, the one module that touches
+``h2``'s non-public members.
 """
 
 from __future__ import annotations
 
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.stream import StreamState
 
-from agent.proxy import h2data
+from agent.proxy import h2data, h2wire
 from agent.proxy.h2wire import HboneSettings
-
-# Where the peer may still send DATA (RFC 9113 section 5.1), and where we may.
-RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
-SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 
 
 class DataFlow:
@@ -45,13 +44,18 @@ class DataFlow:
         self.splitter = h2data.InboundSplitter(
             max_frame_size=settings.max_frame_size,
             preface=0 if client_side else h2data.CLIENT_PREFACE_SIZE,
+            max_control_frame=settings.max_control_frame,
+            max_header_block=settings.max_header_block,
         )
         self.deliver_to = 0  # stream of the DATA frame being received; 0: drop its bytes
+        self.counted = 0  # stream whose DATA frame's bytes were counted as held by ``start``
+        self.held = 0  # bytes delivered to the owner and not yet given back with ``consumed``
         self._wire = bytearray()
         self._window = int(h2conn.inbound_flow_control_window)
         self._unacked = 0
         self._stream_window: dict[int, int] = {}
         self._stream_unacked: dict[int, int] = {}
+        self._stream_held: dict[int, int] = {}
 
     def data_to_send(self) -> bytes | bytearray:
         """Everything to write to the transport, in order (a fresh object on every call)."""
@@ -64,12 +68,21 @@ class DataFlow:
         self._wire = bytearray()
         return wire
 
-    def emit(self, frame: bytes | bytearray | memoryview) -> None:
-        """Append a frame we built, after the frames ``h2`` produced before it."""
+    def take_h2_output(self) -> int:
+        """Move what ``h2`` queued into ours; returns how many bytes that was."""
         pending = self.h2.data_to_send()
         if pending:
             self._wire += pending
+        return len(pending)
+
+    def emit(self, frame: bytes | bytearray | memoryview) -> None:
+        """Append a frame we built, after the frames ``h2`` produced before it."""
+        self.take_h2_output()
         self._wire += frame
+
+    def unsent(self) -> int:
+        """Bytes queued here for the transport (``data_to_send`` not yet called)."""
+        return len(self._wire)
 
     # ---- receiving -------------------------------------------------------------------------
 
@@ -80,35 +93,54 @@ class DataFlow:
         if self._window < 0:
             reason = f"peer sent DATA beyond the connection window (by {-self._window} bytes)"
             return ErrorCodes.FLOW_CONTROL_ERROR, reason
-        if self.h2.incoming_buffer._headers_buffer:
-            return ErrorCodes.PROTOCOL_ERROR, "DATA frame inside a header block"
-        self._unacked += length
-        if self._unacked >= self.settings.connection_window // 4:
-            self.emit(h2data.window_update_frame(0, self._unacked))
-            self._window += self._unacked
-            self._unacked = 0
-        stream = self.h2.streams.get(stream_id)
-        if stream is None or stream.state_machine.state not in RECEIVING:
+        if not h2wire.can_receive(self.h2, stream_id):
             self.deliver_to = 0  # h2 answers the empty DATA frame the codec feeds it instead
+            self._release(length)
             return None
         window = self._stream_window.get(stream_id, self.settings.stream_window) - length
         if window < 0:
             reason = f"peer sent DATA beyond stream {stream_id}'s window (by {-window} bytes)"
             return ErrorCodes.FLOW_CONTROL_ERROR, reason
         self._stream_window[stream_id] = window
-        self.deliver_to = stream_id
-        self.consumed(stream_id, padding)
+        self.deliver_to = self.counted = stream_id
+        data = length - padding
+        self._stream_held[stream_id] = self._stream_held.get(stream_id, 0) + data
+        self.held += data
+        if padding:
+            self._release(padding)
+            self._stream_credit(stream_id, padding)
         return None
 
     def consumed(self, stream_id: int, n: int) -> None:
-        """``n`` bytes of the stream were written onwards: WINDOW_UPDATE once a quarter is due."""
+        """The owner is done with ``n`` delivered bytes of the stream: give them back to the
+        connection window, and to the stream's once a quarter of it is due."""
+        held = self._stream_held.get(stream_id, 0)
+        n = min(n, held)
         if n <= 0:
             return
-        total = self._stream_unacked.get(stream_id, 0) + n
-        stream = self.h2.streams.get(stream_id)
-        if stream is None or stream.state_machine.state not in RECEIVING:
+        if held == n:
+            del self._stream_held[stream_id]
+        else:
+            self._stream_held[stream_id] = held - n
+        self.held -= n
+        self._unacked += n
+        if self._unacked >= self.settings.connection_window // 4:
+            self._release(0)
+        self._stream_credit(stream_id, n)
+
+    def _release(self, n: int) -> None:
+        """Connection window: WINDOW_UPDATE once a quarter of it is free again."""
+        self._unacked += n
+        if self._unacked >= self.settings.connection_window // 4:
+            self.emit(h2data.window_update_frame(0, self._unacked))
+            self._window += self._unacked
+            self._unacked = 0
+
+    def _stream_credit(self, stream_id: int, n: int) -> None:
+        if not h2wire.can_receive(self.h2, stream_id):
             self.forget(stream_id)
             return
+        total = self._stream_unacked.get(stream_id, 0) + n
         if total >= self.settings.stream_window // 4:
             self.emit(h2data.window_update_frame(stream_id, total))
             window = self._stream_window.get(stream_id, self.settings.stream_window)
@@ -117,7 +149,8 @@ class DataFlow:
         self._stream_unacked[stream_id] = total
 
     def forget(self, stream_id: int) -> None:
-        """The stream receives nothing more (peer's END_STREAM, reset, refused)."""
+        """The stream receives nothing more (peer's END_STREAM, reset, refused). What the owner
+        still holds of it stays counted until it is ``consumed``."""
         self._stream_window.pop(stream_id, None)
         self._stream_unacked.pop(stream_id, None)
         if self.deliver_to == stream_id:
@@ -128,21 +161,14 @@ class DataFlow:
     def send(self, stream_id: int, data: memoryview) -> int:
         """Frame as much of ``data`` as the peer's windows allow; returns how much that was."""
         h2c = self.h2
-        stream = h2c.streams.get(stream_id)
-        if stream is None or stream.state_machine.state not in SENDING:
+        stream = h2wire.sendable_stream(h2c, stream_id)
+        if stream is None:
             return 0
         total, sent = len(data), 0
         while sent < total:
-            n = min(
-                total - sent,
-                h2c.outbound_flow_control_window,
-                stream.outbound_flow_control_window,
-                h2c.max_outbound_frame_size,
-            )
-            if n <= 0:
+            n = h2wire.take_send_window(h2c, stream, min(total - sent, h2c.max_outbound_frame_size))
+            if not n:
                 break
-            h2c.outbound_flow_control_window -= n
-            stream.outbound_flow_control_window -= n
             self.emit(h2data.data_frame_header(n, stream_id))
             self._wire += data[sent : sent + n]
             sent += n

@@ -12,6 +12,14 @@ is the one the client verified) and a port that is not the proxy's own (loop pro
 else 400; policy must allow — else 401; the pod must accept the connection — else 503. Only then
 200, so the client never sends bytes into a connection that will not exist.
 
+Connection limits (``agent.proxy.hbone_limits.InboundLimits``): at most ``max_handshakes`` TLS
+handshakes at a time and ``max_connections_per_peer`` connections per peer address (more are
+reset before any TLS, so that whoever reaches 15008 cannot exhaust descriptors or tasks); an
+established connection PINGs its peer like the client side does and is closed after
+``idle_timeout`` without a stream. A request's handler is cancelled when the peer resets the
+stream before it was answered, and reports to the codec when it is done (rapid-reset
+accounting: ``HboneConnection.request_done``).
+
 The client address: the ``forwarded: for=`` header names the client pod. It is believed only
 when the state says that IP belongs to a pod with the peer's identity; otherwise the proxy falls
 back to the connection's source address (the peer node), so a workload cannot claim another's IP
@@ -24,6 +32,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections import Counter
 
 from agent.identity.tls import PeerIdentityError, peer_spiffe_id
 from agent.policy.authz import Request
@@ -32,6 +41,7 @@ from agent.proxy import sockets
 from agent.proxy.contexts import ALPN, NoCertificate
 from agent.proxy.core import Core
 from agent.proxy.hbone import HboneConnection
+from agent.proxy.hbone_limits import InboundLimits
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_tunnel
 from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
@@ -47,6 +57,10 @@ class InboundHbone:
         self.connections: set[HboneProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.limits = InboundLimits()
+        self.handshaking = 0
+        self.per_peer: Counter[str] = Counter()  # handshaking or established, by peer address
+        self._idle_timers: dict[HboneProtocol, asyncio.TimerHandle] = {}
 
     async def handle(self, sock: socket.socket, local_ip: str | None = None) -> None:
         """Serve one accepted connection; ``local_ip`` overrides ``getsockname()`` (tests)."""
@@ -67,15 +81,71 @@ class InboundHbone:
             self.core.registry.reject(key, f"HBONE to {local_ip} from {peer_ip}: {why}")
             sockets.abort(sock)
             return
+        if not self._admit(sock, peer_ip, local_ip):
+            return
+        self.per_peer[peer_ip] += 1
+        try:
+            await self._serve_connection(
+                sock, peer_ip, local_ip, self.core.identity(workload, snap)
+            )
+        finally:
+            self.per_peer[peer_ip] -= 1
+            if not self.per_peer[peer_ip]:
+                del self.per_peer[peer_ip]
+
+    def _admit(self, sock: socket.socket, peer_ip: str, local_ip: str) -> bool:
+        """The handshake and per-peer caps; a refused socket is reset and counted."""
+        limits, where = self.limits, f"HBONE to {local_ip} from {peer_ip}"
+        if self.handshaking >= limits.max_handshakes:
+            why = f"{limits.max_handshakes} TLS handshakes are already in progress"
+            self.core.registry.reject("handshake_limit", f"{where}: {why}")
+        elif self.per_peer[peer_ip] >= limits.max_connections_per_peer:
+            why = f"{limits.max_connections_per_peer} connections from that peer already"
+            self.core.registry.reject("peer_connection_limit", f"{where}: {why}")
+        else:
+            return True
+        sockets.abort(sock)
+        return False
+
+    async def _serve_connection(
+        self, sock: socket.socket, peer_ip: str, local_ip: str, identity: str
+    ) -> None:
         sockets.keepalive(sock)
-        proto = await self._handshake(sock, peer_ip, local_ip, self.core.identity(workload, snap))
+        self.handshaking += 1
+        try:
+            proto = await self._handshake(sock, peer_ip, local_ip, identity)
+        finally:
+            self.handshaking -= 1
         if proto is None:
             return
         self.connections.add(proto)
+        proto.start_keepalive()
+        self._arm_idle(proto)
         try:
             await proto.closed
         finally:
             self.connections.discard(proto)
+            self._disarm_idle(proto)
+
+    def _arm_idle(self, proto: HboneProtocol) -> None:
+        """No stream on ``proto``: close it if none arrives within ``idle_timeout``."""
+        self._disarm_idle(proto)
+        loop = asyncio.get_running_loop()
+        self._idle_timers[proto] = loop.call_later(
+            self.limits.idle_timeout, self._close_idle, proto
+        )
+
+    def _disarm_idle(self, proto: HboneProtocol) -> None:
+        timer = self._idle_timers.pop(proto, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _close_idle(self, proto: HboneProtocol) -> None:
+        self._idle_timers.pop(proto, None)
+        if not proto.streams and proto.transport is not None:
+            log.debug("closing an HBONE connection idle for %ss", self.limits.idle_timeout)
+            proto.goaway()
+            proto.transport.close()
 
     async def _handshake(
         self, sock: socket.socket, peer_ip: str, local_ip: str, identity: str
@@ -87,7 +157,10 @@ class InboundHbone:
             self.core.registry.reject("no_certificate", f"HBONE to {local_ip} from {peer_ip}: {e}")
             sockets.abort(sock)
             return None
-        proto = HboneProtocol(HboneConnection(client_side=False, settings=self.core.settings.hbone))
+        proto = HboneProtocol(
+            HboneConnection(client_side=False, settings=self.core.settings.hbone),
+            on_idle=self._arm_idle,
+        )
         proto.on_request = lambda p, e: self._spawn(p, e, local_ip, peer_ip)
         timeout = self.core.settings.handshake_timeout
         try:
@@ -124,16 +197,21 @@ class InboundHbone:
     def _spawn(
         self, proto: HboneProtocol, request: ev.TunnelRequested, local_ip: str, peer_ip: str
     ) -> None:
+        self._disarm_idle(proto)
         task = asyncio.create_task(
             self._serve(proto, request, local_ip, peer_ip), name=f"hbone-stream-{request.stream_id}"
         )
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._stream_done(t, proto, request.stream_id))
+        stream = proto.streams.get(request.stream_id)
+        if stream is not None:
+            stream.on_drop = task.cancel  # until answered: see _serve
 
     def _stream_done(self, task: asyncio.Task[None], proto: HboneProtocol, stream_id: int) -> None:
         """Supervision: a stream handler that failed unexpectedly is logged and its stream reset,
         so the peer is not left waiting and the connection keeps serving other streams."""
         self._tasks.discard(task)
+        proto.codec.request_done(stream_id)
         if task.cancelled() or task.exception() is None:
             return
         log.error("HBONE stream %d handler failed", stream_id, exc_info=task.exception())
@@ -224,6 +302,7 @@ class InboundHbone:
         if stream is None:  # the client gave up meanwhile
             upstream.close()
             return
+        stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
         proto.codec.respond(sid, 200)
         proto.flush()
         await self._relay(stream, upstream, record, request, workload)

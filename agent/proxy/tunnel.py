@@ -5,11 +5,14 @@
 ``TunnelStream`` looks like a socket to the relay: ``read()``/``consumed()`` in one direction,
 ``write()``/``write_eof()`` in the other.
 
-Backpressure: ``write`` waits while the stream has more than ``HIGH_WATER`` bytes queued in the
-codec (the peer's window is closed) or while the TLS transport's buffer is full
-(``pause_writing``), so a slow receiver slows exactly its own sender. Received data is queued per
-stream and acknowledged to the peer only when the relay wrote it to the pod (``consumed``): the
-codec's stream window (4 MiB) bounds that queue.
+Backpressure: ``write`` waits, before it queues anything, while the stream has more than
+``HIGH_WATER`` bytes queued in the codec (the peer's window is closed), while the TLS transport's
+buffer is full (``pause_writing``), or while the connection holds more than ``OUT_BUDGET``
+outgoing bytes in all, so a slow receiver slows exactly its own sender and a peer that grants
+windows but does not read cannot make a hundred streams queue a relay read each. Received data
+is queued per stream and given back to the codec (``consumed``) when the relay wrote it to the
+pod, or when the stream is dropped with data still queued: the codec's windows bound that queue.
+``held_bytes`` is the connection's memory accounting (``agent.proxy.hbone_limits``).
 
 Direct delivery: a relay that copies a stream to a socket registers that socket
 (``deliver_directly``). While the relay is idle in ``read`` and nothing is queued, received
@@ -18,8 +21,13 @@ kernel does not take is queued for the relay as before), which saves the relay t
 per message. Once ``read`` has handed out a chunk, the relay may be inside ``sock_sendall``
 with it, so nothing is sent directly until it asks for the next one: bytes never overtake.
 
-Keepalive (client side): a PING every ``ping_interval``; a connection whose PING goes unanswered for
-``ping_timeout`` is closed, like ztunnel's, so a dead peer does not hold pooled streams forever.
+Keepalive (both sides): a PING every ``ping_interval``; a connection whose PING goes unanswered
+for ``ping_timeout`` is closed, like ztunnel's, so a dead peer does not hold pooled streams
+forever, and a peer that stops reading does not hold an inbound connection forever.
+
+Control replies: whenever the transport takes what the codec produced without crossing its
+high-water mark, the protocol tells the codec (``output_accepted``), so only replies the peer
+leaves unread count against its ``max_unsent_replies``.
 """
 
 from __future__ import annotations
@@ -36,10 +44,12 @@ from h2.errors import ErrorCodes
 
 from agent.proxy import hbone_events as ev
 from agent.proxy.hbone import HboneConnection
+from agent.proxy.hbone_limits import OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
 
 log = logging.getLogger(__name__)
 
-HIGH_WATER = 1024 * 1024
+HIGH_WATER = 128 * 1024
+FAILED_LINGER = 5.0  # seconds a failed connection may take to flush its GOAWAY
 
 
 class TunnelError(ConnectionError):
@@ -69,6 +79,9 @@ class TunnelStream:
         self._sink: socket.socket | None = None
         self._on_sent: Callable[[int], None] | None = None
         self._relay_writing = False  # read() handed out a chunk that may not be written yet
+        # Called when the peer resets the stream or the connection goes (server side: cancels
+        # the handler of a request not answered yet, so it stops connecting for nobody).
+        self.on_drop: Callable[[], object] | None = None
 
     # -- events from the protocol --
     def _on_data(self, data: bytes) -> None:
@@ -93,11 +106,19 @@ class TunnelStream:
 
     def _on_error(self, error: TunnelError) -> None:
         self.error = error
+        self._discard()
         if not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()  # whoever awaits it still gets the error; nobody must
         self._readable.set()
         self._writable.set()
+
+    def _discard(self) -> None:
+        """Drop what the relay has not read (the stream failed): the codec gets it back."""
+        if self._chunks:
+            self.proto.codec.consumed(self.stream_id, sum(map(len, self._chunks)))
+            self._chunks.clear()
+            self.proto.flush()
 
     # -- what the relay calls --
     def deliver_directly(
@@ -130,15 +151,17 @@ class TunnelStream:
         self.proto.flush()
 
     async def write(self, data: bytes | memoryview) -> None:
-        if self.error:
-            raise self.error
-        self.proto.dispatch(self.proto.codec.send(self.stream_id, data))
-        self.proto.flush()
-        while self.proto.codec.buffered(self.stream_id) > HIGH_WATER or self.proto.write_paused:
+        proto = self.proto
+        while proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
             if self.error:
                 raise self.error
+            proto.writers_waiting = True
             self._writable.clear()
             await self._writable.wait()
+        if self.error:
+            raise self.error
+        proto.dispatch(proto.codec.send(self.stream_id, data))
+        proto.flush()
 
     def write_eof(self) -> None:
         if not self.error:
@@ -173,6 +196,7 @@ class HboneProtocol(asyncio.Protocol):
         self.streams: dict[int, TunnelStream] = {}
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.write_paused = False
+        self.writers_waiting = False  # some write() waits (woken on drain or freed budget)
         self._ping_outstanding: bytes | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
 
@@ -180,19 +204,42 @@ class HboneProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
         self.dispatch(self.codec.receive(data))
         self.flush()
+        if self.writers_waiting and not self.out_full():
+            # WINDOW_UPDATEs let queued bytes out without draining any stream completely
+            # (no StreamDrained): writers waiting for the connection's budget go on.
+            self.writers_waiting = False
+            self._wake_writers()
 
     def pause_writing(self) -> None:
         self.write_paused = True
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.codec.output_accepted()
+        self._wake_writers()
+
+    def _wake_writers(self) -> None:
         for stream in self.streams.values():
             stream._writable.set()
+
+    def out_full(self) -> bool:
+        """Writers wait: the transport is paused or the connection holds ``OUT_BUDGET``."""
+        if self.write_paused:
+            return True
+        size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self.codec.queued + size > OUT_BUDGET
+
+    def held_bytes(self) -> int:
+        """What the peer makes this connection hold: the codec's accounting plus the TLS
+        transport's write buffer."""
+        size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self.codec.held_bytes() + size
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._ping_timer:
@@ -200,6 +247,8 @@ class HboneProtocol(asyncio.Protocol):
         error = TunnelError(f"HBONE connection lost: {exc or 'closed by peer'}")
         for stream in list(self.streams.values()):
             stream._on_error(error)
+            if stream.on_drop is not None:
+                stream.on_drop()
         self.streams.clear()
         if not self.closed.done():
             self.closed.set_result(None)
@@ -209,8 +258,22 @@ class HboneProtocol(asyncio.Protocol):
         out = self.codec.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
-        if self.codec.failed and self.transport is not None:
-            self.transport.close()
+            if not self.write_paused:
+                self.codec.output_accepted()
+        if self.codec.failed and self.transport is not None and not self.transport.is_closing():
+            self._close_failed()
+
+    def _close_failed(self) -> None:
+        """Close after the GOAWAY, unless the peer does not read: a paused transport (or one
+        still open ``FAILED_LINGER`` seconds later) is aborted, so a hostile peer cannot keep
+        our buffered output alive."""
+        assert self.transport is not None
+        if self.write_paused:
+            self.transport.abort()
+            return
+        self.transport.close()
+        transport = self.transport
+        asyncio.get_running_loop().call_later(FAILED_LINGER, transport.abort)
 
     @property
     def peer_ssl(self) -> ssl.SSLObject | None:
@@ -227,7 +290,9 @@ class HboneProtocol(asyncio.Protocol):
                 self.on_request(self, e)
             return
         if isinstance(e, ev.ConnectionFailed):
-            log.info("HBONE connection failed: %s", e.reason)
+            log.info("HBONE connection failed (%s): %s", e.cause or "closed", e.reason)
+            if e.cause:
+                REFUSALS.labels(e.cause).inc()
             return
         if isinstance(e, ev.PingAcknowledged):
             self._ping_acknowledged()
@@ -242,6 +307,8 @@ class HboneProtocol(asyncio.Protocol):
             return
         stream = self.streams.get(getattr(e, "stream_id", -1))
         if stream is None:
+            if isinstance(e, ev.DataReceived):  # nobody will read it: the window gets it back
+                self.codec.consumed(e.stream_id, len(e.data))
             return
         if isinstance(e, ev.TunnelAccepted):
             stream.accepted.set_result(None)
@@ -260,11 +327,13 @@ class HboneProtocol(asyncio.Protocol):
             message = f"stream reset by peer (code {e.error_code})"
             self._drop(stream, TunnelError(message, unprocessed=refused))
         elif isinstance(e, ev.StreamDrained):
-            stream._writable.set()
+            self._wake_writers()  # the connection's budget freed up too
 
     def _drop(self, stream: TunnelStream, error: TunnelError) -> None:
         self.streams.pop(stream.stream_id, None)
         stream._on_error(error)
+        if stream.on_drop is not None:
+            stream.on_drop()
         self.stream_closed()
 
     def stream_closed(self) -> None:
@@ -278,6 +347,7 @@ class HboneProtocol(asyncio.Protocol):
     def finish(self, stream: TunnelStream) -> None:
         """The relay is done with ``stream`` (both directions closed or failed)."""
         if self.streams.pop(stream.stream_id, None) is not None:
+            stream._discard()
             if not (stream.eof and stream.error is None):
                 self.codec.reset(stream.stream_id, ErrorCodes.CANCEL)
                 self.flush()

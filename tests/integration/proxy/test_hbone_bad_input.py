@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import tempfile
 from pathlib import Path
@@ -30,11 +31,21 @@ from tests.integration.proxy.mesh import (
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-async def tls_connect(mesh: Mesh, cert: WorkloadCertificate, alpn: str = "h2") -> Conn:
+async def tls_connect(
+    mesh: Mesh,
+    cert: WorkloadCertificate,
+    alpn: str = "h2",
+    *,
+    source: str = CLIENT,
+    sock: socket.socket | None = None,
+) -> Conn:
+    """A TLS connection to the server pod's HBONE port from ``source`` (or over ``sock``)."""
     ctx = client_context(cert, None, roots=[mesh.ca.root])
     ctx.set_alpn_protocols([alpn])
+    if sock is not None:
+        return await asyncio.open_connection(ssl=ctx, server_hostname="", sock=sock)
     return await asyncio.open_connection(
-        SERVER, mesh.hbone_port, ssl=ctx, server_hostname="", local_addr=(CLIENT, 0)
+        SERVER, mesh.hbone_port, ssl=ctx, server_hostname="", local_addr=(source, 0)
     )
 
 
@@ -61,9 +72,9 @@ async def wait_for_count(mesh: Mesh, reason: str, n: int = 1) -> int:
 
 
 async def h2_session(
-    mesh: Mesh, cert: WorkloadCertificate | None = None
+    mesh: Mesh, cert: WorkloadCertificate | None = None, *, sock: socket.socket | None = None
 ) -> tuple[Conn, h2.connection.H2Connection]:
-    conn = await tls_connect(mesh, cert or mesh.ca.issue(CLIENT_ID))
+    conn = await tls_connect(mesh, cert or mesh.ca.issue(CLIENT_ID), sock=sock)
     h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     h2c.initiate_connection()
     conn[1].write(h2c.data_to_send())

@@ -142,9 +142,32 @@ def test_bad_data_frames_are_connection_errors(data: bytes, code: int, reason: s
     assert tokens[0] == (H2, 0, 0, 0, PING)
     assert tokens[-1] == (ERROR, 0, 0, 0, b"")
     assert splitter.error is not None
-    assert splitter.error[0] == code and reason in splitter.error[1]
+    assert splitter.error[0] == code and reason in splitter.error[2]
 
 
 def test_stream_id_reserved_bit_is_ignored() -> None:
     data = FRAME_HEADER.pack(1 << 8, 0, 0x80000001) + b"z"
     assert InboundSplitter(max_frame_size=100).feed(data)[0] == (DATA_START, 1, 1, 1, b"")
+
+
+def test_header_blocks_are_tracked_across_reads_and_bounded() -> None:
+    splitter = InboundSplitter(max_frame_size=100, max_control_frame=40, max_header_block=60)
+    headers = frame(1, 0, 1, b"h" * 30)  # no END_HEADERS: a block opens
+    splitter.feed(headers[:20])
+    assert splitter.h2_buffered() == 30 + 11  # the block so far, 11 bytes of it inside h2
+    splitter.feed(headers[20:])
+    assert splitter.header_block == 30 and splitter.h2_buffered() == 30
+    tokens = splitter.feed(frame(9, 0x4, 1, b"c" * 20))  # END_HEADERS: closed
+    assert tokens[-1][0] == H2 and splitter.header_block == 0 and splitter.h2_buffered() == 0
+    splitter.feed(frame(1, 0, 3, b"h" * 30))
+    assert splitter.feed(frame(9, 0, 3, b"c" * 31))[-1] == (ERROR, 0, 0, 0, b"")
+    assert splitter.error is not None
+    assert splitter.error[:2] == (ErrorCodes.ENHANCE_YOUR_CALM, "header_block")
+
+
+def test_a_long_non_data_frame_is_refused_before_h2_buffers_it() -> None:
+    splitter = InboundSplitter(max_frame_size=100, max_control_frame=40)
+    tokens = splitter.feed(PING + frame(0xF, 0, 0, b"x" * 41))
+    assert tokens == [(H2, 0, 0, 0, PING), (ERROR, 0, 0, 0, b"")]
+    assert splitter.error is not None
+    assert splitter.error[:2] == (ErrorCodes.ENHANCE_YOUR_CALM, "oversized_frame")

@@ -95,14 +95,17 @@ def test_data_both_ways_and_half_close_each_direction() -> None:
 
 
 @pytest.mark.parametrize("status", [400, 401, 503])
-def test_refusal_status_reaches_client(status: int) -> None:
+def test_refusal_status_reaches_client_and_closes_the_stream_on_both_sides(status: int) -> None:
     p = Pair()
-    sid = p.client.open_tunnel("10.0.0.2:80")
-    p.pump()
-    p.take("server")
-    p.server.respond(sid, status)
-    p.pump()
-    assert ev.TunnelRefused(sid, status) in p.take("client")
+    for _ in range(2 * HboneSettings().max_concurrent_streams):  # refusals never pile up
+        sid = p.client.open_tunnel("10.0.0.2:80")
+        p.pump()
+        p.take("server")
+        p.server.respond(sid, status)
+        p.pump()
+        assert ev.TunnelRefused(sid, status) in p.take("client")
+    assert p.client.can_open_stream()
+    assert (p.client.open_streams, p.server.open_streams) == (0, 0)
 
 
 def test_large_transfer_is_byte_exact_with_consumer_acks() -> None:
@@ -125,11 +128,12 @@ def test_large_transfer_is_byte_exact_with_consumer_acks() -> None:
 
 def test_slow_stream_does_not_stall_another() -> None:
     p = Pair()
+    window = HboneSettings().stream_window
     slow, fast = p.open(), p.open("10.0.0.3:80")
-    p.client.send(slow, b"x" * (6 * MIB))  # receiver never consumes: stalls at 4 MiB
+    p.client.send(slow, b"x" * (2 * MIB))  # receiver never consumes: stalls at its window
     p.pump()
-    assert len(data_of(p.take("server"), slow)) == 4 * MIB
-    assert p.client.buffered(slow) == 2 * MIB
+    assert len(data_of(p.take("server"), slow)) == window
+    assert p.client.buffered(slow) == 2 * MIB - window
     p.client.send(fast, b"y" * (8 * MIB))
     got = 0
     for _ in range(100):
@@ -141,13 +145,14 @@ def test_slow_stream_does_not_stall_another() -> None:
         if got == 8 * MIB:
             break
     assert got == 8 * MIB
-    assert p.client.buffered(slow) == 2 * MIB
+    assert p.client.buffered(slow) == 2 * MIB - window
 
 
 def test_drained_event_after_window_reopens() -> None:
     p = Pair()
     sid = p.open()
-    assert p.client.send(sid, b"a" * (5 * MIB)) == []  # 1 MiB left queued
+    window = HboneSettings().stream_window
+    assert p.client.send(sid, b"a" * (window + 1000)) == []  # 1000 bytes left queued
     p.pump()
     received = data_of(p.take("server"), sid)
     p.server.consumed(sid, len(received))
@@ -274,6 +279,7 @@ def test_rapid_reset_flood_fails_connection() -> None:
         events += server.receive(raw.data_to_send())
     failed = [e for e in events if isinstance(e, ev.ConnectionFailed)]
     assert len(failed) == 1 and "rapid reset" in failed[0].reason
+    assert (failed[0].error_code, failed[0].cause) == (ErrorCodes.ENHANCE_YOUR_CALM, "rapid_reset")
 
 
 def test_garbage_bytes_fail_the_connection() -> None:

@@ -94,7 +94,7 @@ def test_padded_data_is_delivered_without_padding_and_padding_is_credited() -> N
     assert server.data_to_send() == b""  # 201 bytes of padding: below a quarter window
     server.consumed(sid, 1000)
     assert server.data_to_send() == b""
-    raw.send_data(sid, b"q" * 15182)
+    raw.send_data(sid, b"q" * 15183)
     server.receive(raw.data_to_send())
     server.consumed(sid, 15182)  # 1000 + 201 + 15182 = 16 KiB - 1: not yet
     assert server.data_to_send() == b""
@@ -103,20 +103,26 @@ def test_padded_data_is_delivered_without_padding_and_padding_is_credited() -> N
 
 
 def test_window_updates_are_ours_and_h2_applies_them() -> None:
-    raw, server, (sid,) = server_with_raw_client()  # ours: 4 MiB stream, 16 MiB connection
+    raw, server, (sid,) = server_with_raw_client()  # ours: 512 KiB stream, 2 MiB connection
+    window, connection = HboneSettings().stream_window, HboneSettings().connection_window
     sent = 0
-    while sent < 4 * MIB:
-        n = min(raw.local_flow_control_window(sid), raw.max_outbound_frame_size, 4 * MIB - sent)
+    while sent < window:
+        n = min(raw.local_flow_control_window(sid), raw.max_outbound_frame_size, window - sent)
         raw.send_data(sid, b"d" * n)
         sent += n
-    assert len(data_of(server.receive(raw.data_to_send()), sid)) == 4 * MIB
-    assert server.data_to_send() == window_update_frame(0, 4 * MIB)  # a quarter of 16 MiB
+    assert len(data_of(server.receive(raw.data_to_send()), sid)) == window
+    assert server.data_to_send() == b""  # nothing is given back before it is consumed
     assert raw.local_flow_control_window(sid) == 0
-    server.consumed(sid, MIB - 1)
+    server.consumed(sid, window // 4 - 1)
     assert server.data_to_send() == b""
     server.consumed(sid, 1)
-    raw.receive_data(bytes(server.data_to_send()))
-    assert raw.local_flow_control_window(sid) == MIB
+    first = server.data_to_send()
+    assert first == window_update_frame(sid, window // 4)
+    server.consumed(sid, window - window // 4)
+    updates = server.data_to_send()
+    assert window_update_frame(0, connection // 4) in updates  # the connection's quarter
+    raw.receive_data(bytes(first) + bytes(updates))
+    assert raw.local_flow_control_window(sid) == window
 
 
 def test_data_beyond_the_stream_window_fails_the_connection() -> None:
@@ -134,8 +140,10 @@ def test_data_beyond_the_stream_window_fails_the_connection() -> None:
 def test_data_beyond_the_connection_window_fails_the_connection() -> None:
     settings = HboneSettings(stream_window=4 * MIB, connection_window=65535)
     _raw, server, sids = server_with_raw_client(settings, streams=2)
-    fits = data_frame_header(65535, sids[0]) + b"x" * 65535  # the whole window, replenished
+    fits = data_frame_header(65535, sids[0]) + b"x" * 65535  # the whole window
     assert len(data_of(server.receive(fits), sids[0])) == 65535
+    assert server.data_to_send() == b""  # replenished only as it is consumed
+    server.consumed(sids[0], 65535)
     assert server.data_to_send() == window_update_frame(0, 65535)
     (failed,) = server.receive(data_frame_header(65536, sids[1]) + b"y" * 65536)
     assert isinstance(failed, ev.ConnectionFailed)

@@ -12,38 +12,9 @@ from agent.proxy import hbone_events as ev
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.tunnel import HboneProtocol, TunnelError
+from tests.unit.proxy.memtransport import MemoryTransport
 
 KEY = PoolKey("spiffe://td/ns/a/sa/client", "spiffe://td/ns/a/sa/server", "10.0.0.2")
-
-
-class MemoryTransport(asyncio.Transport):
-    """Delivers writes to the peer protocol on the next loop turn."""
-
-    def __init__(self, peer: asyncio.Protocol) -> None:
-        super().__init__()
-        self.peer = peer
-        self.closing = False
-        self.other: MemoryTransport | None = None
-
-    def write(self, data: Any) -> None:
-        if not self.closing:
-            asyncio.get_running_loop().call_soon(self.peer.data_received, bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self.peer.connection_lost(None)
-            if self.other is not None:
-                self.other.close()
-
-    def abort(self) -> None:
-        self.close()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
 
 
 def accept_all(proto: HboneProtocol, request: ev.TunnelRequested) -> None:

@@ -12,20 +12,7 @@ import pytest
 
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.tunnel import HboneProtocol, TunnelStream
-
-
-class MemoryTransport(asyncio.Transport):
-    """Hands writes to the peer protocol on the next loop turn."""
-
-    def __init__(self, peer: asyncio.Protocol) -> None:
-        super().__init__()
-        self.peer = peer
-
-    def write(self, data: Any) -> None:
-        asyncio.get_running_loop().call_soon(self.peer.data_received, bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
+from tests.unit.proxy.memtransport import MemoryTransport
 
 
 @pytest.fixture
@@ -89,7 +76,9 @@ def test_bytes_never_overtake_what_the_relay_holds(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         counted: list[int] = []
         receiver.deliver_directly(sock, counted.append)
-        payload = bytes(range(256)) * 4096  # 1 MiB: more than the socket takes unread
+        # 256 KiB: more than the socket takes unread, less than a stream window (this relay
+        # never acknowledges what it writes)
+        payload = bytes(range(256)) * 1024
         await sender.write(payload)
         await settle()
         held = await receiver.read()  # the relay holds this chunk, not yet written

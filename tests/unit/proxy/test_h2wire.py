@@ -1,0 +1,116 @@
+"""One test per reach into ``h2``'s non-public members (``agent.proxy.h2wire``): each fails, and
+names the member, if an ``h2`` upgrade changes what the codec relies on."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.stream import StreamState
+
+from agent.proxy import h2wire
+from agent.proxy.h2wire import GracefulH2Connection, HboneSettings, new_connection
+
+CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.2:80")]
+
+
+def connected() -> tuple[GracefulH2Connection, H2Connection]:
+    """Our client connection and a plain h2 server, SETTINGS exchanged, stream 1 open."""
+    ours = new_connection(client_side=True, settings=HboneSettings())
+    plain = H2Connection(h2.config.H2Configuration(client_side=False))
+    plain.initiate_connection()
+    plain.receive_data(ours.data_to_send())
+    ours.receive_data(plain.data_to_send())
+    plain.receive_data(ours.data_to_send())
+    ours.send_headers(1, CONNECT)
+    plain.receive_data(ours.data_to_send())
+    plain.send_headers(1, [(":status", "200")])
+    ours.receive_data(plain.data_to_send())
+    return ours, plain
+
+
+def test_the_members_exist() -> None:
+    h2wire.check_h2_internals()  # raises ImportError naming what is missing
+
+
+def test_prepare_for_sending_still_queues_our_goaway() -> None:
+    """Reach 1a: ``H2Connection._prepare_for_sending`` serializes frames into the output."""
+    ours, plain = connected()
+    ours.send_goaway(ErrorCodes.NO_ERROR, 1)
+    (event,) = plain.receive_data(ours.data_to_send())
+    assert isinstance(event, h2.events.ConnectionTerminated), "_prepare_for_sending changed"
+    ours.send_data(1, b"after our GOAWAY")  # h2's own send_goaway would refuse this
+    assert ours.data_to_send()
+
+
+def test_receive_goaway_frame_is_still_the_hook() -> None:
+    """Reach 1b: ``H2Connection._receive_goaway_frame`` is what h2 calls for a GOAWAY."""
+    ours, plain = connected()
+    plain.close_connection(error_code=ErrorCodes.NO_ERROR, last_stream_id=1)
+    (event,) = ours.receive_data(plain.data_to_send())
+    assert isinstance(event, h2.events.ConnectionTerminated)
+    assert event.error_code is ErrorCodes.NO_ERROR and event.last_stream_id == 1
+    ours.send_data(1, b"still flowing")  # our override kept the connection state usable
+    assert ours.data_to_send(), "_receive_goaway_frame is no longer the GOAWAY hook"
+
+
+@pytest.mark.parametrize(
+    ("step", "state"),
+    [
+        ("open", StreamState.OPEN),
+        ("end ours", StreamState.HALF_CLOSED_LOCAL),
+        ("end theirs", StreamState.HALF_CLOSED_REMOTE),
+        ("reset", StreamState.CLOSED),
+    ],
+)
+def test_stream_state_follows_h2s_state_machine(step: str, state: StreamState) -> None:
+    """Reach 2: ``H2Stream.state_machine.state``, via ``H2Connection.streams``."""
+    ours, plain = connected()
+    if step == "end ours":
+        ours.end_stream(1)
+    elif step == "end theirs":
+        plain.end_stream(1)
+        ours.receive_data(plain.data_to_send())
+    elif step == "reset":
+        ours.reset_stream(1)
+    assert h2wire.stream_state(ours, 1) is state, "H2Stream.state_machine.state changed"
+    assert h2wire.can_receive(ours, 1) is (state in h2wire.RECEIVING)
+    assert (h2wire.sendable_stream(ours, 1) is not None) is (state in h2wire.SENDING)
+    assert h2wire.stream_state(ours, 3) is None
+
+
+def test_send_windows_are_the_ones_h2_applies_window_updates_to() -> None:
+    """Reach 3: the connection's and the stream's ``outbound_flow_control_window``."""
+    ours, plain = connected()
+    stream = h2wire.sendable_stream(ours, 1)
+    assert stream is not None
+    before = ours.local_flow_control_window(1)  # h2's public view of both windows
+    assert h2wire.take_send_window(ours, stream, 1000) == 1000
+    assert ours.local_flow_control_window(1) == before - 1000, "outbound_flow_control_window"
+    assert h2wire.take_send_window(ours, stream, 10**9) == before - 1000  # what is left
+    assert h2wire.take_send_window(ours, stream, 1) == 0
+    plain.increment_flow_control_window(before)
+    plain.increment_flow_control_window(before, stream_id=1)
+    ours.receive_data(plain.data_to_send())  # h2 applies the WINDOW_UPDATEs to the same fields
+    assert ours.local_flow_control_window(1) == before
+
+
+def test_closed_stream_memory_is_bounded() -> None:
+    """Reach 4: ``MAX_CLOSED_STREAMS`` still sizes h2's memory of closed streams."""
+    ours, plain = connected()
+    closed = 1500
+    for sid in range(3, 3 + 2 * closed, 2):
+        ours.send_headers(sid, CONNECT)
+        ours.reset_stream(sid)
+        plain.receive_data(ours.data_to_send())
+    assert len(ours._closed_streams) == 1024, (
+        "MAX_CLOSED_STREAMS no longer bounds H2Connection._closed_streams"
+    )
+
+
+def test_error_code_keeps_unknown_codes() -> None:
+    assert h2wire.error_code(11) is ErrorCodes.ENHANCE_YOUR_CALM
+    assert h2wire.error_code(0xBEEF) == 0xBEEF

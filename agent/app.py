@@ -47,7 +47,7 @@ from agent.base.constants import Listener
 from agent.base.endpoint import HttpComponent
 from agent.base.http import HttpServer, Request, Response
 from agent.config import AgentConfig, ConfigError, add_arguments, from_args
-from agent.datapath.datapath import Datapath, uninstall
+from agent.datapath.datapath import Datapath, SpliceUnavailable, uninstall
 from agent.datapath.listeners import open_listeners
 from agent.datapath.programs import ProgramLoadError
 from agent.sources.localfile import LocalFileError, LocalFileSource
@@ -216,11 +216,28 @@ class Agent:
                 )
         self.source = open_source(self.config, self.store)
         self.datapath.start()
+        self._use_splice()
         self.listeners = open_listeners(
             self.config.listeners, beside_another=self.predecessor is not None
         )
         if self.predecessor is None:
             self._take_datapath()
+
+    def _use_splice(self) -> None:
+        """Hand the proxy the kernel's splice maps (``--splice``), or say why not."""
+        if not self.config.splice:
+            return
+        if self.proxy is None:
+            log.warning("--splice: no node proxy without a CA (--ca-address): nothing to splice")
+            return
+        try:
+            self.proxy.use_splicer(self.datapath.splice())
+        except SpliceUnavailable as e:
+            log.warning(
+                "same-node splice unavailable: %s; same-node bytes are relayed in user space", e
+            )
+            return
+        log.info("same-node splice on: the kernel moves admitted same-node connections' bytes")
 
     def _take_datapath(self) -> None:
         """New SYNs come here from now on; the maps and filters follow this agent's state."""

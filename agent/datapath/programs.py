@@ -38,9 +38,15 @@ log = logging.getLogger(__name__)
 # The capture header first: BCC rewrites map calls only in the main text, not in included
 # files, so the shared helpers are part of the text; the .c files' own #include of it is then
 # a no-op thanks to its include guard.
-SOURCES = ("capture.h", "tc_pod_ingress.bpf.c", "tc_uplink_ingress.bpf.c")
+SOURCES = ("capture.h", "tc_pod_ingress.bpf.c", "tc_uplink_ingress.bpf.c", "splice.bpf.c")
 FUNCTIONS = {Program.POD_INGRESS: "nm_pod_ingress", Program.UPLINK_INGRESS: "nm_uplink_ingress"}
-MAPS = ("nm_pods", "nm_listeners", "nm_counters", "nm_settings")
+SPLICE_MAPS = ("nm_splice_links", "nm_splice_targets", "nm_splice_sources")
+MAPS = ("nm_pods", "nm_listeners", "nm_counters", "nm_settings", *SPLICE_MAPS)
+# The same-node splice's verdict program is optional: a kernel that refuses it (no sk_skb
+# verdict on a sockhash) still gets capture, and the proxy relays same-node bytes itself. It is
+# attached to nm_splice_sources when compiled; the attachment lives with the pinned map.
+SPLICE_FUNCTION = "nm_splice_verdict"
+SPLICE_PIN = "prog_splice"
 
 
 class ProgramLoadError(RuntimeError):
@@ -73,10 +79,24 @@ class Loaded:
     adopted: bool
     programs: dict[Program, int] = field(default_factory=dict)
     maps: dict[str, bpfsys.Map] = field(default_factory=dict)
+    splice_program: int | None = None
+
+    @property
+    def splice_unavailable(self) -> str | None:
+        """Why this generation cannot splice (None: it can)."""
+        if self.splice_program is None:
+            return (
+                "the kernel refused the splice program (sk_skb stream verdict on a sockhash) "
+                "when this generation was compiled: see that agent's log or nodemesh check"
+            )
+        return None
 
     def close(self) -> None:
         for fd in self.programs.values():
             os.close(fd)
+        if self.splice_program is not None:
+            os.close(self.splice_program)
+            self.splice_program = None
         for m in self.maps.values():
             m.close()
         self.programs.clear()
@@ -112,8 +132,9 @@ def generation(marks: Marks, directory: Path | None = None) -> str:
     return f"v{LAYOUT_VERSION}-{digest.hexdigest()[:12]}"
 
 
-def _pin_names() -> list[str]:
-    return [f"prog_{p.name.lower()}" for p in Program] + [f"map_{m}" for m in MAPS]
+def _pin_names(splice: bool = True) -> list[str]:
+    names = [f"prog_{p.name.lower()}" for p in Program] + [f"map_{m}" for m in MAPS]
+    return [*names, SPLICE_PIN] if splice else names
 
 
 def _adopt(gen: str, directory: Path) -> Loaded:
@@ -123,6 +144,8 @@ def _adopt(gen: str, directory: Path) -> Loaded:
             loaded.programs[p] = bpfsys.open_pinned(str(directory / f"prog_{p.name.lower()}"))
         for m in MAPS:
             loaded.maps[m] = bpfsys.Map(bpfsys.open_pinned(str(directory / f"map_{m}")), m)
+        if (directory / SPLICE_PIN).exists():
+            loaded.splice_program = bpfsys.open_pinned(str(directory / SPLICE_PIN))
     except bpfsys.BpfError:
         loaded.close()
         raise
@@ -173,8 +196,29 @@ def _failure(what: str, error: Exception, output: str) -> ProgramLoadError:
     )
 
 
-def _compile(marks: Marks, src: Path) -> tuple[Any, dict[Program, int]]:
-    """The BCC module and the loaded programs' descriptors (verified by the kernel)."""
+def _load_splice(bpf: Any) -> int | None:
+    """Load the splice verdict program and attach it to nm_splice_sources; None (logged) when
+    the kernel refuses, so that capture still works without the splice."""
+    from bcc import BPF, BPFAttachType, libbcc
+
+    try:
+        fn = bpf.load_func(SPLICE_FUNCTION.encode(), BPF.SK_SKB)
+        sources = libbcc.lib.bpf_table_fd(bpf.module, b"nm_splice_sources")
+        BPF.attach_func(fn, sources, BPFAttachType.SK_SKB_STREAM_VERDICT)
+    except Exception as e:  # BCC raises bare Exception for both load and attach
+        log.warning(
+            "same-node splice unavailable: the kernel refused the sk_skb verdict program (%s); "
+            "same-node bytes are relayed in user space",
+            e,
+        )
+        return None
+    fd: int = fn.fd
+    return fd
+
+
+def _compile(marks: Marks, src: Path) -> tuple[Any, dict[Program, int], int | None]:
+    """The BCC module, the loaded capture programs' descriptors (verified by the kernel) and
+    the splice program's (None when the kernel refused it)."""
     from bcc import BPF  # deferred: only a fresh generation needs the compiler
 
     with _captured_stderr() as output:
@@ -187,21 +231,24 @@ def _compile(marks: Marks, src: Path) -> tuple[Any, dict[Program, int]]:
         except Exception as e:
             bpf.cleanup()
             raise _failure("the kernel refused the capture programs", e, output()) from e
+        splice = _load_splice(bpf)
         if output().strip():
             log.debug("BCC output while loading:\n%s", output())
-    return bpf, fds
+    return bpf, fds, splice
 
 
 def _compile_and_pin(marks: Marks, gen: str, directory: Path, src: Path) -> None:
     from bcc import libbcc
 
-    bpf, fds = _compile(marks, src)
+    bpf, fds, splice = _compile(marks, src)
     staging = directory.with_name(directory.name + "-staging")  # bpffs refuses dots
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         for p, fd in fds.items():
             bpfsys.pin(fd, str(staging / f"prog_{p.name.lower()}"))
+        if splice is not None:
+            bpfsys.pin(splice, str(staging / SPLICE_PIN))
         for m in MAPS:
             bpfsys.pin(libbcc.lib.bpf_table_fd(bpf.module, m.encode()), str(staging / f"map_{m}"))
         staging.rename(directory)
@@ -220,7 +267,8 @@ def load(pin_dir: Path, marks: Marks, src: Path | None = None) -> Loaded:
     _check_layout(src)
     gen = generation(marks, src)
     directory = pin_dir / gen
-    if directory.is_dir() and sorted(os.listdir(directory)) == sorted(_pin_names()):
+    pinned = sorted(os.listdir(directory)) if directory.is_dir() else []
+    if pinned in (sorted(_pin_names()), sorted(_pin_names(splice=False))):
         log.info("adopting pinned capture programs and maps, generation %s", gen)
         return _adopt(gen, directory)
     if directory.exists():

@@ -15,6 +15,7 @@ from agent.base.constants import Listener
 from agent.proxy import sockets
 from agent.proxy.records import Registry
 from agent.proxy.server import NodeProxy
+from agent.proxy.splice import Splicer
 from agent.state import Snapshot
 
 
@@ -28,6 +29,10 @@ class ProxyComponent(Component):
     async def handle(self, conn: socket.socket, listener: Listener) -> None:
         sockets.nodelay(conn)
         await self._handlers[listener](conn)
+
+    def use_splicer(self, splicer: Splicer) -> None:
+        """Let the kernel move same-node bytes from now on (the datapath's splice maps)."""
+        self.proxy.core.splicer = splicer
 
     async def start(self) -> None:
         self.proxy.start()

@@ -27,6 +27,7 @@ from agent.policy.peerauth import STRICT, PeerAuthenticator
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
 from agent.proxy.records import Registry
+from agent.proxy.splice import Splicer
 from agent.state import Snapshot, StateStore, Workload
 from agent.telemetry.records import ConnectionRecord
 
@@ -80,8 +81,11 @@ class Core:
         store: StateStore,
         identities: CertificateSource,
         settings: ProxySettings | None = None,
+        splicer: Splicer | None = None,
     ) -> None:
         self.node = node
+        # The kernel side of the same-node splice, when the agent runs with it (--splice).
+        self.splicer = splicer
         self.store = store
         self.settings = settings or ProxySettings()
         self.contexts = Contexts(identities)

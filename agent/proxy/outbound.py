@@ -5,7 +5,8 @@ resolved in the state (``resolve``): to a meshed pod on another node the bytes g
 HBONE tunnel that presents the *source pod's* certificate and accepts only the destination pod's
 identity; to a meshed pod on this node they never leave the node, so there is no TLS, but the
 destination's policies are enforced here and the connection is made with the client pod's IP as
-source; anything else is plain TCP passthrough. A connection to a Service VIP is handed to
+source (with the same-node splice on, the kernel then moves its bytes: ``agent.proxy.splice``);
+anything else is plain TCP passthrough. A connection to a Service VIP is handed to
 ``balanced`` (traffic control: endpoint choice, limits, retries, faults, splits), which uses the
 same ``open``/``relay`` steps once per attempt. A refusal closes the client with RST, so the
 application sees a failed connection and not a clean end of stream.
@@ -25,6 +26,7 @@ from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
+from agent.proxy.splice import relay_spliced
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot
 from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
@@ -74,7 +76,7 @@ class Outbound:
             except (OSError, TunnelError) as e:
                 self.count_failure(e, route, record)
                 raise
-            await self.relay(client, upstream, record)
+            await self.relay(client, upstream, record, splice=route.kind == "local")
             clean = True
         except (OSError, TunnelError, Refused) as e:
             log.debug("outbound %s -> %s ended: %s", record.source, record.destination, e)
@@ -159,14 +161,24 @@ class Outbound:
             )
 
     async def relay(
-        self, client: socket.socket, upstream: Upstream, record: ConnectionRecord
+        self,
+        client: socket.socket,
+        upstream: Upstream,
+        record: ConnectionRecord,
+        *,
+        splice: bool = False,
     ) -> None:
-        """Copy both ways until both directions ended; closes the upstream socket."""
+        """Copy both ways until both directions ended; closes the upstream socket. ``splice``:
+        nothing needs the bytes (an admitted same-node connection, no traffic control), so the
+        kernel may move them when the agent runs with the same-node splice."""
         if isinstance(upstream, TunnelStream):
             record.security = SECURITY_MTLS
             await relay_tunnel(client, upstream, record, outbound=True)
             return
         try:
-            await relay_sockets(client, upstream, record)
+            if splice and self.core.splicer is not None:
+                await relay_spliced(client, upstream, record, self.core.splicer)
+            else:
+                await relay_sockets(client, upstream, record)
         finally:
             upstream.close()

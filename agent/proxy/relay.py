@@ -74,7 +74,7 @@ async def _copy(
     _shutdown_write(dst)
 
 
-async def _both(first: asyncio.Task[None], second: asyncio.Task[None]) -> None:
+async def both(first: asyncio.Task[None], second: asyncio.Task[None]) -> None:
     """Wait for both directions; the first failure cancels the other and is re-raised.
 
     If the caller is cancelled (policy re-check, idle timeout, drain), both directions are
@@ -100,7 +100,7 @@ async def relay_sockets(
     client: socket.socket, upstream: socket.socket, record: ConnectionRecord
 ) -> None:
     """Copy client <-> upstream until both directions ended; closes neither socket."""
-    await _both(
+    await both(
         asyncio.create_task(_copy(client, upstream, record, "bytes_sent")),
         asyncio.create_task(_copy(upstream, client, record, "bytes_received")),
     )
@@ -141,7 +141,7 @@ async def relay_tunnel(
         ("bytes_sent", "bytes_received") if outbound else ("bytes_received", "bytes_sent")
     )
     try:
-        await _both(
+        await both(
             asyncio.create_task(_socket_to_stream(sock, stream, record, to_stream)),
             asyncio.create_task(_stream_to_socket(stream, sock, record, from_stream)),
         )

@@ -10,6 +10,7 @@ above it: the proxy imports telemetry's vocabulary, never the other way round.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -36,9 +37,19 @@ class ConnectionRecord:
     upstream: str = ""  # ip:port actually dialed (a Service VIP resolves to an endpoint)
     failure: str = ""  # reason key of the rejection that ended it ("" = none)
     first_byte: float = 0.0  # time.monotonic() of the first upstream byte (0 = none yet)
+    # Set while the kernel moves the bytes (the proxy's same-node splice): brings the byte
+    # counters up to date. Readers of live records call ``refresh()`` first.
+    sync: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def refresh(self) -> None:
+        if self.sync is not None:
+            self.sync()
 
     def describe(self) -> dict[str, object]:
-        return asdict(self)
+        self.refresh()
+        described = asdict(self)
+        del described["sync"]
+        return described
 
 
 class ConnectionObserver(Protocol):

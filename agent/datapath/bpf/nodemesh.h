@@ -10,7 +10,7 @@
 #ifndef NODEMESH_H
 #define NODEMESH_H
 
-#define NM_LAYOUT_VERSION 1
+#define NM_LAYOUT_VERSION 2
 
 #if !defined(NM_PROXY_MARK) || !defined(NM_CAPTURE_MARK) || !defined(NM_HBONE_PORT)
 #error "compile with -DNM_PROXY_MARK, -DNM_CAPTURE_MARK and -DNM_HBONE_PORT (see Marks.cflags)"
@@ -65,6 +65,15 @@ struct nm_pod {
 
 struct nm_settings {
     __u32 flags;
+};
+
+/* Same-node splice (splice.bpf.c): sockets spliced at once (two per connection). */
+#define NM_SPLICE_MAX_SOCKETS 65536
+
+/* One spliced socket, keyed by its socket cookie: where its bytes go and how many went. */
+struct nm_splice_link {
+    __u64 peer;  /* the other socket's cookie */
+    __u64 bytes; /* bytes redirected from this socket to the peer */
 };
 
 #endif

@@ -1,0 +1,190 @@
+"""The same-node splice end to end on loopback: the kernel moves a same-node connection's bytes.
+
+The capture programs' generation (with the splice program) is compiled once into a scratch pin
+directory under /sys/fs/bpf, removed afterwards; node1's proxy gets its splice maps, as the agent
+does with ``--splice``. A recording ``Splicer`` tells whether a connection was spliced and lets
+the tests read the kernel's counts. Root is needed for BPF, SO_MARK and IP_TRANSPARENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from agent.datapath import programs
+from agent.datapath.splice import KernelSplice, KernelSplicing
+from agent.state import PolicyObject
+from agent.telemetry.tcp import TcpMetrics
+from tests.integration.proxy.mesh import CLIENT, LOCAL, Mesh, set_policies
+
+pytestmark = pytest.mark.root
+
+
+class RecordingSplicer:
+    """The kernel's splice, remembering every pair it started."""
+
+    def __init__(self, kernel: KernelSplice) -> None:
+        self.kernel = kernel
+        self.started: list[KernelSplicing] = []
+
+    def start(self, a: socket.socket, b: socket.socket) -> KernelSplicing:
+        splicing = self.kernel.start(a, b)
+        self.started.append(splicing)
+        return splicing
+
+    def linked_sockets(self) -> int:
+        return sum(1 for _ in self.kernel.links.keys(ctypes.c_uint64))  # type: ignore[type-var]
+
+
+@pytest.fixture(scope="module")
+def loaded() -> Iterator[programs.Loaded]:
+    if os.geteuid() != 0:
+        pytest.skip("BPF, SO_MARK and IP_TRANSPARENT need root")
+    pin_dir = Path("/sys/fs/bpf") / f"nodemesh-test-splice-{uuid.uuid4().hex[:8]}"
+    result = programs.load(pin_dir, programs.Marks())
+    try:
+        yield result
+    finally:
+        result.close()
+        programs.remove_all(pin_dir)
+
+
+@pytest.fixture
+def splicer(loaded: programs.Loaded) -> RecordingSplicer:
+    assert loaded.splice_unavailable is None, loaded.splice_unavailable
+    m = loaded.maps
+    return RecordingSplicer(
+        KernelSplice(m["nm_splice_links"], m["nm_splice_targets"], m["nm_splice_sources"])
+    )
+
+
+def run(scenario: Callable[[Mesh], Awaitable[None]], splicer: RecordingSplicer | None) -> None:
+    async def main() -> None:
+        mesh = Mesh()
+        mesh.node1.core.splicer = splicer
+        await mesh.start()
+        try:
+            await asyncio.wait_for(scenario(mesh), 60)
+        finally:
+            await mesh.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+async def request_response(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads the whole request (until the client half-closes), then answers and closes."""
+    body = await reader.read()
+    writer.write(b"got %d bytes, sha=%s" % (len(body), hashlib.sha256(body).hexdigest().encode()))
+    await writer.drain()
+    writer.close()
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+BODY = os.urandom(8 * 1024 * 1024)
+ANSWER = b"got %d bytes, sha=%s" % (len(BODY), hashlib.sha256(BODY).hexdigest().encode())
+
+
+def test_kernel_moves_bytes_both_ways_and_half_close_reaches_the_server(
+    splicer: RecordingSplicer,
+) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        metrics = TcpMetrics(mesh.store, access_log=False)
+        mesh.node1.core.registry.observers.append(metrics)
+        port = mesh.app(LOCAL, request_response)
+        reader, writer = await mesh.connect(CLIENT, (LOCAL, port))
+        writer.write(BODY)
+        await writer.drain()
+        writer.write_eof()  # the server answers only after it saw the client's FIN
+        assert await asyncio.wait_for(reader.read(), 20) == ANSWER
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert len(splicer.started) == 1
+        assert splicer.started[0].moved() == (len(BODY), len(ANSWER))
+        assert splicer.linked_sockets() == 0  # taken out of the maps at the end
+        sent = _metric(metrics, "istio_tcp_sent_bytes")
+        received = _metric(metrics, "istio_tcp_received_bytes")
+        assert (sent, received) == (len(BODY), len(ANSWER))
+
+    run(scenario, splicer)
+
+
+def test_live_counts_are_read_from_the_kernel_and_server_half_close_reaches_the_client(
+    splicer: RecordingSplicer,
+) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        metrics = TcpMetrics(mesh.store, access_log=False)
+        mesh.node1.core.registry.observers.append(metrics)
+        port = mesh.app(LOCAL, echo)
+        reader, writer = await mesh.connect(CLIENT, (LOCAL, port))
+        writer.write(b"x" * 100_000)
+        assert await asyncio.wait_for(reader.readexactly(100_000), 10) == b"x" * 100_000
+        # Live: /connections and a scrape see the kernel's counts while the connection is open.
+        [live] = metrics.live()
+        assert (live["bytes_sent"], live["bytes_received"]) == (100_000, 100_000)
+        assert _metric(metrics, "istio_tcp_sent_bytes") == 100_000
+        [described] = mesh.node1.core.registry.snapshot()
+        assert described["bytes_received"] == 100_000 and "sync" not in described
+        writer.write_eof()  # echo ends, then closes: its FIN must reach the client
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+    run(scenario, splicer)
+
+
+def test_policy_change_closes_a_spliced_connection(splicer: RecordingSplicer) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        port = mesh.app(LOCAL, echo)
+        reader, writer = await mesh.connect(CLIENT, (LOCAL, port))
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        assert len(splicer.started) == 1
+        deny = PolicyObject("AuthorizationPolicy", "default", "p", {"action": "DENY", "rules": [{}]})
+        set_policies(mesh.store, deny)
+        with pytest.raises(ConnectionResetError):
+            while await asyncio.wait_for(reader.read(65536), 10):
+                pass
+        assert len(mesh.node1.core.registry) == 0
+        assert splicer.linked_sockets() == 0
+        writer.close()
+
+    run(scenario, splicer)
+
+
+def test_without_a_splicer_same_node_bytes_are_relayed_in_user_space(
+    splicer: RecordingSplicer,
+) -> None:
+    async def scenario(mesh: Mesh) -> None:
+        port = mesh.app(LOCAL, request_response)
+        reader, writer = await mesh.connect(CLIENT, (LOCAL, port))
+        writer.write(BODY)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 20) == ANSWER
+        writer.close()
+
+    run(scenario, None)  # the agent without --splice
+    assert splicer.started == []
+
+
+def _metric(metrics: TcpMetrics, name: str) -> float:
+    total = 0.0
+    for family in metrics.collect():
+        for sample in family.samples:
+            if sample.name == f"{name}_total":
+                total += sample.value
+    return total

@@ -88,7 +88,12 @@ class Datapath:
         if reason is not None:
             raise SpliceUnavailable(reason)
         m = self.loaded.maps
-        return KernelSplice(m["nm_splice_links"], m["nm_splice_targets"], m["nm_splice_sources"])
+        return KernelSplice(
+            m["nm_splice_links"],
+            m["nm_splice_credits"],
+            m["nm_splice_targets"],
+            m["nm_splice_sources"],
+        )
 
     def start(self) -> None:
         with self._lock:

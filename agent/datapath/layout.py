@@ -67,9 +67,16 @@ class SettingsValue(ctypes.Structure):
 
 
 class SpliceLink(ctypes.Structure):
-    """``struct nm_splice_link``: a spliced socket's peer (by cookie) and the bytes moved."""
+    """``struct nm_splice_link``: a spliced socket's peer (by cookie), the bytes redirected
+    to it and the bytes kept for the proxy."""
 
-    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("kept", ctypes.c_uint64)]
+
+
+class SpliceCredit(ctypes.Structure):
+    """``struct nm_splice_credit``: how far the kernel may redirect, what the proxy took."""
+
+    _fields_ = [("limit", ctypes.c_uint64), ("taken", ctypes.c_uint64)]
 
 
 class LayoutError(ValueError):

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # a no-op thanks to its include guard.
 SOURCES = ("capture.h", "tc_pod_ingress.bpf.c", "tc_uplink_ingress.bpf.c", "splice.bpf.c")
 FUNCTIONS = {Program.POD_INGRESS: "nm_pod_ingress", Program.UPLINK_INGRESS: "nm_uplink_ingress"}
-SPLICE_MAPS = ("nm_splice_links", "nm_splice_targets", "nm_splice_sources")
+SPLICE_MAPS = ("nm_splice_links", "nm_splice_credits", "nm_splice_targets", "nm_splice_sources")
 MAPS = ("nm_pods", "nm_listeners", "nm_counters", "nm_settings", *SPLICE_MAPS)
 # The same-node splice's verdict program is optional: a kernel that refuses it (no sk_skb
 # verdict on a sockhash) still gets capture, and the proxy relays same-node bytes itself. It is

@@ -7,15 +7,20 @@ them (policy re-check, drain, an error) ends the splice, and the registry, the a
 metrics see the connection as before, with byte counts read from the kernel at scrape and at
 close (``ConnectionRecord.sync``).
 
-What stays in user space is the end of each direction. The kernel forwards data but not a FIN:
-it drops the empty skb that marks it (redirected, the peer's send side would fail with EPIPE).
-So each direction has a watcher that waits until its source socket reports EOF, then until the
-peer's socket has taken every byte the kernel redirected to it (the redirect is queued to a
-kernel worker, so data can still be on its way when the FIN is seen), and only then shuts the
-peer's write side. "Taken" is ``tcpi_bytes_acked`` plus the send queue (``SIOCOUTQ``), from a
-baseline read before the splice started. A watcher that reads data (the kernel keeps a segment
-on its own socket when the peer was being removed) forwards it the same way, after the
-in-flight bytes, so order is kept.
+What stays in user space, per direction:
+
+- *Credit.* The kernel queues redirected bytes for the peer without a limit, so the proxy grants
+  each direction a limit ``WINDOW`` bytes ahead of what the peer's TCP took, raised by a refresher
+  every few milliseconds while bytes move. Past it, the kernel keeps the bytes on their socket
+  (where TCP's receive window holds the sender back) and the watcher forwards them, after the
+  bytes the kernel redirected before them. The kernel keeps every later byte too until the proxy
+  has forwarded all kept ones (it tells the kernel how many with each grant), so the order never
+  changes; a direction returns to the kernel at the first pause in its sender's stream.
+- *End of stream.* The kernel forwards data but not a FIN (it drops the empty skb that marks it).
+  The watcher sees EOF on its source, waits until the peer's socket took every byte sent its
+  way (the redirect goes through a kernel worker, so bytes can still be on their way), and only
+  then shuts the peer's write side. "Took" is ``tcpi_bytes_acked`` plus the send queue
+  (``SIOCOUTQ``), counted from a baseline read before the splice started.
 
 The proxy reaches the kernel only through the ``Splicer`` interface handed in by the app: the
 proxy does not import the datapath.
@@ -32,23 +37,40 @@ import struct
 import termios
 from typing import Protocol
 
-from agent.proxy.relay import MIN_CHUNK, both, relay_sockets
+from agent.proxy.relay import MAX_CHUNK, both, relay_sockets
 from agent.telemetry.records import ConnectionRecord
 
 log = logging.getLogger(__name__)
 
+# Bytes the kernel may have queued for a peer beyond what the peer's TCP took. With the
+# refresher's period, it bounds a direction at WINDOW / REFRESH_FAST bytes/s before the proxy
+# has to forward some bytes itself (4 GB/s), and bounds the kernel memory a slow receiver pins.
+WINDOW = 16 * 1024 * 1024
+REFRESH_FAST = 0.004
+REFRESH_IDLE = 1.0
+
 _TCP_INFO_LEN = 232
 _OFF_BYTES_ACKED = 120  # struct tcp_info.tcpi_bytes_acked (u64), Linux >= 4.1
-# Polling the peer while a FIN waits for in-flight bytes: short first, then backing off.
+# Polling the peer while a FIN waits for bytes still on their way: short first, then backing off.
 _DRAIN_FIRST_WAIT = 0.0005
 _DRAIN_MAX_WAIT = 0.05
 
 
 class Splicing(Protocol):
-    """One spliced pair of sockets (a = client side, b = upstream)."""
+    """One spliced pair of sockets (a = client side, b = upstream). ``index`` 0 is a -> b,
+    1 is b -> a."""
 
     def moved(self) -> tuple[int, int]:
-        """Bytes the kernel redirected so far: a -> b, b -> a."""
+        """Bytes the kernel redirected so far, each way."""
+        ...
+
+    def kept(self, index: int) -> int:
+        """Bytes the kernel left on the source socket for the proxy to forward."""
+        ...
+
+    def grant(self, index: int, limit: int, taken: int) -> None:
+        """Let the kernel redirect while ``moved()[index]`` stays within ``limit``, once the
+        proxy forwarded ``taken`` of the kept bytes (all of them)."""
         ...
 
     def stop(self) -> tuple[int, int]:
@@ -57,9 +79,9 @@ class Splicing(Protocol):
 
 
 class Splicer(Protocol):
-    def start(self, a: socket.socket, b: socket.socket) -> Splicing:
-        """Start moving bytes between ``a`` and ``b``; raises ``OSError`` when the kernel
-        refuses (then nothing changed)."""
+    def start(self, a: socket.socket, b: socket.socket, window: int) -> Splicing:
+        """Start moving bytes between ``a`` and ``b`` (``window``: the first limit each way);
+        raises ``OSError`` when the kernel refuses (then nothing changed)."""
         ...
 
 
@@ -73,18 +95,26 @@ def written(sock: socket.socket) -> int:
 
 
 class _Direction:
-    """One way of a spliced connection: src -> dst, the kernel's share at ``index``."""
+    """One way of a spliced connection: src -> dst, ``index`` in the ``Splicing``."""
 
     def __init__(self, src: socket.socket, dst: socket.socket, index: int) -> None:
         self.src, self.dst = src, dst
         self.index = index
         self.baseline = written(dst)  # read before the splice starts
         self.splicing: Splicing | None = None
-        self.by_proxy = 0  # bytes the watcher forwarded itself
+        self.by_proxy = 0  # kept bytes the watcher forwarded
+
+    @property
+    def _splicing(self) -> Splicing:
+        assert self.splicing is not None, "relay_spliced sets it before the watchers start"
+        return self.splicing
 
     def total(self) -> int:
-        assert self.splicing is not None
-        return self.splicing.moved()[self.index] + self.by_proxy
+        return self._splicing.moved()[self.index] + self.by_proxy
+
+    def grant(self) -> None:
+        took = written(self.dst) - self.baseline
+        self._splicing.grant(self.index, took - self.by_proxy + WINDOW, self.by_proxy)
 
     async def _delivered(self) -> None:
         """Wait until ``dst`` took every byte sent its way so far."""
@@ -96,17 +126,44 @@ class _Direction:
             await asyncio.sleep(wait)
             wait = min(wait * 2, _DRAIN_MAX_WAIT)
 
+    async def _forward(self, data: bytes) -> None:
+        """Send kept bytes after everything the kernel redirected before them."""
+        await self._delivered()
+        await asyncio.get_running_loop().sock_sendall(self.dst, data)
+        self.by_proxy += len(data)
+
     async def watch(self) -> None:
+        """Forward what the kernel keeps, and the end of the stream."""
         loop = asyncio.get_running_loop()
-        while data := await loop.sock_recv(self.src, MIN_CHUNK):
-            await self._delivered()
-            await loop.sock_sendall(self.dst, data)
-            self.by_proxy += len(data)
+        wait = _DRAIN_FIRST_WAIT
+        while True:
+            if data := await loop.sock_recv(self.src, MAX_CHUNK):
+                await self._forward(data)
+                self.grant()  # all kept bytes forwarded: the kernel may redirect again
+                continue
+            # EOF, unless kept bytes are still on their way to the socket's queue: a kept
+            # segment waits behind the bytes the other direction redirected to this socket.
+            if self._splicing.kept(self.index) <= self.by_proxy:
+                break
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, _DRAIN_MAX_WAIT)
         await self._delivered()
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as e:
             log.debug("splice: forwarding a half-close failed: %s", e)
+
+
+async def _refresh(splicing: Splicing, directions: tuple[_Direction, _Direction]) -> None:
+    """Raise both limits as the peers take bytes: often while bytes move, rarely when idle."""
+    period, last = REFRESH_FAST, splicing.moved()
+    while True:
+        await asyncio.sleep(period)
+        for d in directions:
+            d.grant()
+        moved = splicing.moved()
+        period = REFRESH_FAST if moved != last else min(period * 2, REFRESH_IDLE)
+        last = moved
 
 
 async def relay_spliced(
@@ -117,7 +174,7 @@ async def relay_spliced(
     sent = _Direction(client, upstream, 0)
     received = _Direction(upstream, client, 1)
     try:
-        splicing = splicer.start(client, upstream)
+        splicing = splicer.start(client, upstream, WINDOW)
     except OSError as e:
         log.warning("splice refused for %s (%s): relaying in user space", record.source, e)
         await relay_sockets(client, upstream, record)
@@ -128,9 +185,12 @@ async def relay_spliced(
         record.bytes_sent, record.bytes_received = sent.total(), received.total()
 
     record.sync = sync
+    refresher = asyncio.create_task(_refresh(splicing, (sent, received)))
     try:
         await both(asyncio.create_task(sent.watch()), asyncio.create_task(received.watch()))
     finally:
+        refresher.cancel()
         splicing.stop()
         sync()
         record.sync = None
+        await asyncio.gather(refresher, return_exceptions=True)

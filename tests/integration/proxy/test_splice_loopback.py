@@ -22,11 +22,18 @@ import uvloop
 
 from agent.datapath import programs
 from agent.datapath.splice import KernelSplice, KernelSplicing
+from agent.proxy import splice
 from agent.state import PolicyObject
 from agent.telemetry.tcp import TcpMetrics
 from tests.integration.proxy.mesh import CLIENT, LOCAL, Mesh, set_policies
 
 pytestmark = pytest.mark.root
+
+
+class Cookie(ctypes.Structure):
+    """The splice maps' key, as a structure (what ``Map.keys`` iterates with)."""
+
+    _fields_ = [("value", ctypes.c_uint64)]
 
 
 class RecordingSplicer:
@@ -36,13 +43,13 @@ class RecordingSplicer:
         self.kernel = kernel
         self.started: list[KernelSplicing] = []
 
-    def start(self, a: socket.socket, b: socket.socket) -> KernelSplicing:
-        splicing = self.kernel.start(a, b)
+    def start(self, a: socket.socket, b: socket.socket, window: int) -> KernelSplicing:
+        splicing = self.kernel.start(a, b, window)
         self.started.append(splicing)
         return splicing
 
     def linked_sockets(self) -> int:
-        return sum(1 for _ in self.kernel.links.keys(ctypes.c_uint64))  # type: ignore[type-var]
+        return len(list(self.kernel.links.keys(Cookie)))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +70,12 @@ def splicer(loaded: programs.Loaded) -> RecordingSplicer:
     assert loaded.splice_unavailable is None, loaded.splice_unavailable
     m = loaded.maps
     return RecordingSplicer(
-        KernelSplice(m["nm_splice_links"], m["nm_splice_targets"], m["nm_splice_sources"])
+        KernelSplice(
+            m["nm_splice_links"],
+            m["nm_splice_credits"],
+            m["nm_splice_targets"],
+            m["nm_splice_sources"],
+        )
     )
 
 
@@ -154,13 +166,72 @@ def test_policy_change_closes_a_spliced_connection(splicer: RecordingSplicer) ->
         writer.write(b"ping")
         assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
         assert len(splicer.started) == 1
-        deny = PolicyObject("AuthorizationPolicy", "default", "p", {"action": "DENY", "rules": [{}]})
+        deny_all = {"action": "DENY", "rules": [{}]}
+        deny = PolicyObject("AuthorizationPolicy", "default", "p", deny_all)
         set_policies(mesh.store, deny)
         with pytest.raises(ConnectionResetError):
             while await asyncio.wait_for(reader.read(65536), 10):
                 pass
         assert len(mesh.node1.core.registry) == 0
         assert splicer.linked_sockets() == 0
+        writer.close()
+
+    run(scenario, splicer)
+
+
+def test_a_receiver_that_does_not_read_holds_the_sender_back(splicer: RecordingSplicer) -> None:
+    """The kernel's redirect alone would queue everything the client sends (measured: 2 GB);
+    with the credit the client is held back, and every byte still arrives, in order."""
+    body = os.urandom(128 * 1024 * 1024)
+    answer = b"got %d bytes, sha=%s" % (len(body), hashlib.sha256(body).hexdigest().encode())
+
+    async def scenario(mesh: Mesh) -> None:
+        reading = asyncio.Event()
+
+        async def late_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reading.wait()
+            await request_response(reader, writer)
+
+        port = mesh.app(LOCAL, late_reader)
+        reader, writer = await mesh.connect(CLIENT, (LOCAL, port))
+        writer.write(body)
+        await asyncio.sleep(1.0)
+        accepted = len(body) - writer.transport.get_write_buffer_size()
+        assert accepted < 64 * 1024 * 1024, f"the node took {accepted} bytes for a reader at rest"
+        assert splicer.started[0].kept(0) > 0  # the kernel kept bytes once the credit ran out
+        reading.set()
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 30) == answer
+        writer.close()
+
+    run(scenario, splicer)
+
+
+def test_bytes_the_kernel_keeps_are_forwarded_in_order(
+    splicer: RecordingSplicer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiny credit makes the kernel keep bytes again and again, both ways, so the proxy
+    forwards kept bytes between the kernel's redirects."""
+    monkeypatch.setattr(splice, "WINDOW", 64 * 1024)
+    monkeypatch.setattr(splice, "REFRESH_FAST", 1.0)
+
+    async def scenario(mesh: Mesh) -> None:
+        port = mesh.app(LOCAL, echo)
+        reader, writer = await mesh.connect(CLIENT, (LOCAL, port))
+        received = bytearray()
+
+        async def read_all() -> None:
+            while data := await reader.read(1 << 20):
+                received.extend(data)
+
+        reading = asyncio.create_task(read_all())
+        writer.write(BODY)
+        writer.write_eof()
+        await asyncio.wait_for(reading, 30)
+        assert hashlib.sha256(received).digest() == hashlib.sha256(BODY).digest()
+        pair = splicer.started[0]
+        assert pair.kept(0) > 0 and pair.kept(1) > 0
+        assert pair.moved()[0] > 0 and pair.moved()[1] > 0  # the kernel's share
         writer.close()
 
     run(scenario, splicer)

@@ -13,6 +13,8 @@ import ctypes
 import hashlib
 import os
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -42,8 +44,10 @@ class RecordingSplicer:
     def __init__(self, kernel: KernelSplice) -> None:
         self.kernel = kernel
         self.started: list[KernelSplicing] = []
+        self.delay = 0.0  # seconds to block before starting (bytes queue up meanwhile)
 
     def start(self, a: socket.socket, b: socket.socket, window: int) -> KernelSplicing:
+        time.sleep(self.delay)
         splicing = self.kernel.start(a, b, window)
         self.started.append(splicing)
         return splicing
@@ -157,6 +161,42 @@ def test_live_counts_are_read_from_the_kernel_and_server_half_close_reaches_the_
         writer.close()
 
     run(scenario, splicer)
+
+
+def test_bytes_queued_before_the_splice_starts_are_not_stranded(
+    splicer: RecordingSplicer,
+) -> None:
+    """A server that speaks first, and whose greeting waits in the upstream socket when the
+    splice starts: the verdict runs when a segment arrives, and none will (the client waits for
+    the greeting). The splice makes the kernel look at once (SO_RCVLOWAT); on 6.18 the
+    watcher's first read does too, so this test holds the behaviour, not one mechanism."""
+    server = socket.create_server((LOCAL, 0))
+    port = server.getsockname()[1]
+
+    def greet_then_echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"hello\n")
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    thread = threading.Thread(target=greet_then_echo, daemon=True)
+    thread.start()
+    splicer.delay = 0.3  # blocks the loop: the greeting arrives before the splice starts
+
+    async def scenario(mesh: Mesh) -> None:
+        reader, writer = await mesh.connect(CLIENT, (LOCAL, port))
+        assert await asyncio.wait_for(reader.readline(), 5) == b"hello\n"
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        assert splicer.started[0].moved() == (4, 10)  # the kernel moved the greeting too
+        writer.close()
+
+    try:
+        run(scenario, splicer)
+    finally:
+        server.close()
+        thread.join(5)
 
 
 def test_policy_change_closes_a_spliced_connection(splicer: RecordingSplicer) -> None:

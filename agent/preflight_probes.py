@@ -224,12 +224,14 @@ def splice() -> str:
         fn = bpf.load_func("probe_splice", BPF.SK_SKB)
         fd = libbcc.lib.bpf_table_fd(bpf.module, b"probe_splice_hash")
         BPF.attach_func(fn, fd, BPFAttachType.SK_SKB_STREAM_VERDICT)
-        with socket.create_server(("127.0.0.1", 0)) as server:
-            with socket.create_connection(server.getsockname()) as client:
-                key, value = ctypes.c_uint64(0), ctypes.c_int(client.fileno())
-                rc = libbcc.lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0)
-                if rc != 0:
-                    return _no_splice(f"adding a TCP socket to a sockhash failed ({rc})")
+        with (
+            socket.create_server(("127.0.0.1", 0)) as server,
+            socket.create_connection(server.getsockname()) as client,
+        ):
+            key, value = ctypes.c_uint64(0), ctypes.c_int(client.fileno())
+            rc = libbcc.lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0)
+            if rc != 0:
+                return _no_splice(f"adding a TCP socket to a sockhash failed ({rc})")
     except Exception as e:  # BCC raises bare Exception for verifier and attach failures
         return _no_splice(f"{e}")
     finally:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from agent.datapath import programs
+from agent.datapath import bpfsys, programs
 from agent.datapath.splice import KernelSplice, KernelSplicing
 from agent.proxy import splice
 from agent.state import PolicyObject
@@ -299,3 +299,31 @@ def _metric(metrics: TcpMetrics, name: str) -> float:
             if sample.name == f"{name}_total":
                 total += sample.value
     return total
+
+
+def test_a_restarted_agent_adopts_the_splice_and_a_generation_without_it_says_why(
+    loaded: programs.Loaded,
+) -> None:
+    pin_dir = loaded.directory.parent
+    again = programs.load(pin_dir, programs.Marks())
+    try:
+        assert again.adopted and again.splice_unavailable is None
+    finally:
+        again.close()
+    # A generation pinned by an agent whose kernel refused the program has no prog_splice.
+    without = pin_dir.with_name(pin_dir.name + "-nosplice")
+    try:
+        (without / loaded.generation).mkdir(parents=True)
+        for entry in (loaded.directory).iterdir():
+            if entry.name != programs.SPLICE_PIN:  # bpffs cannot copy: pin the objects again
+                fd = bpfsys.open_pinned(str(entry))
+                bpfsys.pin(fd, str(without / loaded.generation / entry.name))
+                os.close(fd)
+        adopted = programs.load(without, programs.Marks())
+        try:
+            assert adopted.adopted and adopted.splice_program is None
+            assert "the kernel refused the splice program" in (adopted.splice_unavailable or "")
+        finally:
+            adopted.close()
+    finally:
+        programs.remove_all(without)

@@ -217,11 +217,11 @@ def splice() -> str:
     except ImportError as e:
         return f"unavailable (optional; import bcc failed: {e})"
     try:
-        bpf = BPF(text=_SPLICE_PROGRAM)
+        bpf = BPF(text=_SPLICE_PROGRAM.encode())
     except Exception as e:  # BCC raises bare Exception for compile failures
         return _no_splice(f"compiling the probe failed: {e}")
     try:
-        fn = bpf.load_func("probe_splice", BPF.SK_SKB)
+        fn = bpf.load_func(b"probe_splice", BPF.SK_SKB)
         fd = libbcc.lib.bpf_table_fd(bpf.module, b"probe_splice_hash")
         BPF.attach_func(fn, fd, BPFAttachType.SK_SKB_STREAM_VERDICT)
         with (

@@ -150,3 +150,41 @@ def test_weak_csr_key_is_refused(ca: InProcessCA, raw: RawClient) -> None:
         raw.create(weak, token=ca.node_tokens["node1"], impersonate=CLIENT)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert "key type" in info.value.details()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        x509.UniformResourceIdentifier("https://client.example/"),
+        x509.UniformResourceIdentifier(SERVER),
+    ],
+    ids=["https", "second-spiffe"],
+)
+def test_csr_with_a_second_uri_san_is_refused(
+    ca: InProcessCA, raw: RawClient, extra: x509.GeneralName
+) -> None:
+    """Peers refuse a certificate with two URI SANs, so the CA must never sign one."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(CLIENT), extra]),
+            critical=True,
+        )
+        .sign(generate_key(), hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        raw.create(csr, token=ca.node_tokens["node1"], impersonate=CLIENT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "exactly that SPIFFE URI" in info.value.details()  # type: ignore[attr-defined]
+
+
+def test_requested_identity_with_a_trailing_newline_is_invalid(
+    ca: InProcessCA, raw: RawClient
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        raw.create(csr_for(CLIENT), token=ca.node_tokens["node1"], impersonate=CLIENT + "\n")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "not a valid Kubernetes name" in info.value.details()  # type: ignore[attr-defined]

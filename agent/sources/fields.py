@@ -14,10 +14,12 @@ from typing import Any, NoReturn
 
 import yaml
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# Used with ``fullmatch`` only: ``match`` with ``$`` also accepts a trailing newline ("web\n"),
+# a name the kernel, the API server and the other readers of the document would all refuse.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _LABEL_NAME = re.compile(
-    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+    r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
 )
 
 
@@ -84,7 +86,7 @@ class Fields:
     def name(self, key: str, *, default: str | None = None) -> str:
         """A Kubernetes object name (DNS-1123 label): lowercase letters, digits and '-'."""
         value = self.string(key, default=default)
-        if not _DNS_LABEL.match(value):
+        if not _DNS_LABEL.fullmatch(value):
             self.fail(
                 key,
                 f"{value!r} is not a valid name: use at most 63 lowercase letters, digits and '-', "
@@ -94,7 +96,7 @@ class Fields:
 
     def subdomain(self, key: str) -> str:
         value = self.string(key)
-        if not _DNS_SUBDOMAIN.match(value):
+        if not _DNS_SUBDOMAIN.fullmatch(value):
             self.fail(
                 key, f"{value!r} is not a valid DNS name (lowercase letters, digits, '-', '.')"
             )
@@ -135,7 +137,7 @@ class Fields:
             self.fail(key, f"expected a mapping of {keys} names to strings, got {type_name(value)}")
         out: dict[str, str] = {}
         for k, v in value.items():
-            if not isinstance(k, str) or not _LABEL_NAME.match(k):
+            if not isinstance(k, str) or not _LABEL_NAME.fullmatch(k):
                 self.fail(key, f"{k!r} is not a valid {keys} name (like app or nodemesh.io/mesh)")
             if not isinstance(v, str):
                 self.fail(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import re
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -135,7 +136,7 @@ def crd_schemas() -> Mapping[str, Mapping[str, Any]]:
 
 
 @functools.cache
-def _go_pattern(pattern: str) -> re.Pattern[str]:
+def go_pattern(pattern: str) -> re.Pattern[str]:
     """A CRD ``pattern`` with the API server's meaning (Go's RE2, searched, not anchored).
 
     The one difference that matters between the two dialects: Python's ``$`` also matches just
@@ -171,9 +172,13 @@ def _check_scalar(value: Any, schema: Mapping[str, Any], path: str) -> None:
             raise PolicyError(path, f"must have at least {schema['minLength']} characters")
         if "maxLength" in schema and len(value) > schema["maxLength"]:
             raise PolicyError(path, f"must have at most {schema['maxLength']} characters")
-        if "pattern" in schema and _go_pattern(schema["pattern"]).search(value) is None:
+        if "pattern" in schema and go_pattern(schema["pattern"]).search(value) is None:
             raise PolicyError(path, f"{value!r} does not match the pattern {schema['pattern']}")
     elif not isinstance(value, bool | list | Mapping):
+        if isinstance(value, float) and not math.isfinite(value):
+            # YAML's .nan and .inf: no JSON (so no API server) can carry them, and NaN passes
+            # every bound check.
+            raise PolicyError(path, f"{value} is not a finite number")
         if "minimum" in schema and value < schema["minimum"]:
             raise PolicyError(path, f"{value} is below the minimum {schema['minimum']}")
         if "maximum" in schema and value > schema["maximum"]:
@@ -310,12 +315,10 @@ def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
     if kind not in POLICY_KINDS:
         raise PolicyError(f"{path}.kind", f"{kind!r} is not allowed; use one of {POLICY_KINDS}")
     schema = crd_schemas()[kind]
-    unknown = set(manifest) - set(schema["properties"])
-    if unknown:
+    unknown = [key for key in manifest if key not in schema["properties"]]
+    if unknown:  # the first in the manifest's order: keys need not even be strings
         allowed = ", ".join(schema["properties"])
-        raise PolicyError(
-            f"{path}.{sorted(unknown)[0]}", f"unknown field; allowed fields: {allowed}"
-        )
+        raise PolicyError(f"{path}.{unknown[0]}", f"unknown field; allowed fields: {allowed}")
     name, namespace, dry_run, generation, uid = _metadata(manifest, path)
     if "spec" not in manifest:
         raise PolicyError(f"{path}.spec", "is required")

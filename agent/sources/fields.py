@@ -168,16 +168,39 @@ def check_unique(source: str, what: str, entries: list[tuple[str, object]]) -> N
         seen[key] = path
 
 
+# Deeper than any document or policy nests (about 12 levels); PyYAML composes recursively, so
+# without a limit a line of 5000 '[' ends in RecursionError instead of a document error.
+MAX_DEPTH = 64
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key repeated in one mapping is an error, not a
-    silent overwrite (``name: a`` then ``name: b`` would otherwise lose ``a`` unnoticed)."""
+    silent overwrite (``name: a`` then ``name: b`` would otherwise lose ``a`` unnoticed), and
+    that nesting deeper than ``MAX_DEPTH`` is refused."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: set[object] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if key in seen:
+        try:
+            repeated = key in seen
+        except TypeError:
+            continue  # a list or mapping as a key: construct_mapping refuses it below
+        if repeated:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} in one mapping", key_node.start_mark
             )
@@ -197,4 +220,8 @@ def load_yaml(text: str, *, source: str) -> Any:
         data = yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as e:
         raise DocumentError(source, "", f"not valid YAML: {e}") from e
+    except ValueError as e:
+        # PyYAML's own scalar constructors raise it for a value that looks like its type but
+        # is not one: a date such as 2001-13-45, '!!int abc', a UTC offset beyond 24 hours.
+        raise DocumentError(source, "", f"not valid YAML: a value cannot be read: {e}") from e
     return {} if data is None else data

@@ -147,14 +147,14 @@ metadata = st.fixed_dictionaries(
 
 
 @st.composite
-def _mutate(draw: st.DrawFn, value: Any) -> Any:
+def mutate(draw: st.DrawFn, value: Any) -> Any:
     """``value`` with one node replaced by junk, deleted, or given an unknown key."""
     if isinstance(value, dict) and value and draw(st.sampled_from([True, True, True, False])):
         key = draw(st.sampled_from(sorted(value, key=repr)))
         op = draw(st.sampled_from(["descend", "descend", "replace", "delete", "add"]))
         out = dict(value)
         if op == "descend":
-            out[key] = draw(_mutate(value[key]))
+            out[key] = draw(mutate(value[key]))
         elif op == "replace":
             out[key] = draw(junk)
         elif op == "delete":
@@ -164,7 +164,7 @@ def _mutate(draw: st.DrawFn, value: Any) -> Any:
         return out
     if isinstance(value, list) and value and draw(st.sampled_from([True, True, True, False])):
         i = draw(st.integers(0, len(value) - 1))
-        return [*value[:i], draw(_mutate(value[i])), *value[i + 1 :]]
+        return [*value[:i], draw(mutate(value[i])), *value[i + 1 :]]
     return draw(junk)
 
 
@@ -181,5 +181,5 @@ def manifests(draw: st.DrawFn, kinds: tuple[str, ...] = POLICY_KINDS) -> Any:
     }
     for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
         key = draw(st.sampled_from(sorted(manifest, key=repr)))
-        manifest = {**manifest, key: draw(_mutate(manifest[key]))}
+        manifest = {**manifest, key: draw(mutate(manifest[key]))}
     return manifest

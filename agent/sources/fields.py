@@ -220,8 +220,11 @@ def load_yaml(text: str, *, source: str) -> Any:
         data = yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as e:
         raise DocumentError(source, "", f"not valid YAML: {e}") from e
-    except ValueError as e:
-        # PyYAML's own scalar constructors raise it for a value that looks like its type but
-        # is not one: a date such as 2001-13-45, '!!int abc', a UTC offset beyond 24 hours.
-        raise DocumentError(source, "", f"not valid YAML: a value cannot be read: {e}") from e
+    except (ValueError, LookupError, TypeError, AttributeError) as e:
+        # PyYAML's constructors raise these, not YAMLError, for a value that looks like its type
+        # (or is tagged as one) but is not: a date such as 2001-13-45, a UTC offset beyond 24
+        # hours, '!!int abc' (ValueError), '!!int ' (IndexError), '!!bool x' (KeyError),
+        # '!!timestamp x' (AttributeError), '!!map [a]' (TypeError).
+        reason = f"{type(e).__name__}: {e}"
+        raise DocumentError(source, "", f"not valid YAML: a value cannot be read ({reason})") from e
     return {} if data is None else data

@@ -85,6 +85,7 @@ documents = st.fixed_dictionaries(
 YAML_SYNTAX = [
     *"{}[]:,-?&*!|>'\"#%@` \n\t",
     *("a", "b", "1", ".", "nodes", "name", "<<", "&a ", "*a", "!!", "!!int ", "!!float "),
+    *("!!bool ", "!!timestamp ", "!!map ", "!!set ", "!!omap ", "!!pairs ", "!!binary "),
     *("2001-13-45", "12:30:45", "2001-12-14t21:59:43.10-25:00", "0x1F", ".nan", "~"),
 ]
 
@@ -180,6 +181,11 @@ FINDINGS: list[tuple[str, str]] = [
     ("nodes: [{name: 2001-12-14t21:59:43.10-25:00}]", "a value cannot be read"),
     ("nodes: !!int abc", "a value cannot be read"),
     ("nodes: !!float x", "a value cannot be read"),
+    # the same, as IndexError, KeyError, AttributeError and TypeError
+    ("!!int ", "IndexError"),
+    ("nodes: !!bool x", "KeyError"),
+    ("nodes: !!timestamp x", "AttributeError"),
+    ("nodes: !!map [[a]]", "TypeError"),
     # AttributeError / ValueError from the policy metadata (before the policy campaign's fixes)
     (
         "nodes: [{name: n1}]\npolicies: [{apiVersion: nodemesh.io/v1alpha1, kind: "

@@ -29,11 +29,15 @@ from tests.fuzzing import fuzz_examples
 from tests.unit.policy.policy_strategies import manifests
 from tests.workloads import workload
 
-CAMPAIGN = settings(
-    max_examples=fuzz_examples(300),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+
+def campaign(default: int) -> settings:
+    """``default`` examples in ``make test`` (a second or two each), more in ``make fuzz``."""
+    return settings(
+        max_examples=fuzz_examples(default),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
 
 addresses = st.sampled_from(["10.244.1.2", "10.0.0.1", "::1", "fd00::1"]) | st.ip_addresses().map(
     str
@@ -72,7 +76,7 @@ def validated(manifest: Any) -> PolicyObject | None:
 
 
 @pytest.mark.fuzz
-@CAMPAIGN
+@campaign(100)
 @given(manifests())
 def test_validation_accepts_or_refuses_cleanly(manifest: Any) -> None:
     policy = validated(manifest)
@@ -84,7 +88,7 @@ def test_validation_accepts_or_refuses_cleanly(manifest: Any) -> None:
 
 
 @pytest.mark.fuzz
-@CAMPAIGN
+@campaign(40)
 @given(
     st.lists(manifests(), min_size=1, max_size=4),
     st.lists(st.tuples(requests, workloads), min_size=1, max_size=4),
@@ -132,7 +136,7 @@ FINDINGS = [
 ]
 
 
-@pytest.mark.parametrize(("manifest", "path"), FINDINGS)
+@pytest.mark.parametrize(("manifest", "path"), FINDINGS, ids=["mixed-key-types", "nan-percent"])
 def test_fuzz_findings_are_clean_rejections(manifest: Any, path: str) -> None:
     with pytest.raises(PolicyError) as info:
         validate_policy(manifest, path="policies[0]")

@@ -23,11 +23,16 @@ from agent.sources.document import DocumentError, dump_document, parse_document
 from tests.fuzzing import fuzz_examples
 from tests.unit.policy.policy_strategies import junk, manifests, mostly, mutate, strings
 
-CAMPAIGN = settings(
-    max_examples=fuzz_examples(200),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+
+def campaign(default: int) -> settings:
+    """``default`` examples in ``make test`` (a second or two each), more in ``make fuzz``."""
+    return settings(
+        max_examples=fuzz_examples(default),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
 SOURCE = "cluster.yaml"
 
 names = mostly(st.sampled_from(["n1", "n2", "n3", "client", "server", "default", "shop"]), strings)
@@ -119,7 +124,7 @@ def check(text: str) -> None:
 
 
 @pytest.mark.fuzz
-@CAMPAIGN
+@campaign(50)
 @given(st.data())
 def test_documents_of_the_right_shape(data: st.DataObject) -> None:
     doc: Any = data.draw(documents)
@@ -129,7 +134,7 @@ def test_documents_of_the_right_shape(data: st.DataObject) -> None:
 
 
 @pytest.mark.fuzz
-@CAMPAIGN
+@campaign(30)
 @given(st.lists(manifests(), min_size=1, max_size=3))
 def test_a_valid_document_with_drawn_policies(policies: list[Any]) -> None:
     doc = yaml.safe_load(VALID)
@@ -138,14 +143,14 @@ def test_a_valid_document_with_drawn_policies(policies: list[Any]) -> None:
 
 
 @pytest.mark.fuzz
-@CAMPAIGN
+@campaign(100)
 @given(st.lists(st.sampled_from(YAML_SYNTAX), max_size=40).map("".join))
 def test_yaml_syntax_soup(text: str) -> None:
     check(text)
 
 
 @pytest.mark.fuzz
-@CAMPAIGN
+@campaign(100)
 @given(st.data())
 def test_a_valid_document_with_bytes_flipped_cut_or_inserted(data: st.DataObject) -> None:
     text = VALID
@@ -200,7 +205,7 @@ FINDINGS: list[tuple[str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("text", "problem"), FINDINGS)
+@pytest.mark.parametrize(("text", "problem"), FINDINGS, ids=[p for _, p in FINDINGS])
 def test_fuzz_findings_are_clean_rejections(text: str, problem: str) -> None:
     with pytest.raises(DocumentError) as info:
         parse_document(text, source=SOURCE)

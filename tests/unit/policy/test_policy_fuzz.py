@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from agent.policy.authz import Authorizer, Request
 from agent.policy.peerauth import PERMISSIVE, STRICT, PeerAuthenticator
 from agent.policy.schema import API_VERSION, PolicyError, validate_policy
+from agent.sources import kubeobjects as ko
 from agent.state.model import PolicyObject
 from tests.fuzzing import fuzz_examples
 from tests.unit.policy.policy_strategies import manifests
@@ -80,6 +81,13 @@ def validated(manifest: Any) -> PolicyObject | None:
 @given(manifests())
 def test_validation_accepts_or_refuses_cleanly(manifest: Any) -> None:
     policy = validated(manifest)
+    try:  # the Kubernetes source's path: the same verdict, as InvalidObject
+        from_cluster = ko.guarded(ko.policy_of, manifest)
+    except ko.InvalidObject as e:
+        assert policy is None
+        assert e.reason == "InvalidSpec"
+    else:
+        assert from_cluster == policy
     if policy is None:
         return
     json.dumps(policy.spec, allow_nan=False)  # the admin API serves it; NaN is not JSON

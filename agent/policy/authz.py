@@ -136,10 +136,12 @@ class AuthorizationPolicyError(ValueError):
 
 
 def is_port(text: str) -> bool:
+    """A port number 1-65535 written in decimal, as the CRDs' ``'^[0-9]{1,5}$'`` plus range."""
     return text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535
 
 
 def is_ip_or_cidr(text: str) -> bool:
+    """An address or a network (host bits allowed), as CEL's ``isIP(b) || isCIDR(b)``."""
     try:
         ipaddress.ip_network(text, strict=False)
     except ValueError:

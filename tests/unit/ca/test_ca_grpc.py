@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -134,18 +135,21 @@ def test_csr_with_a_broken_signature_is_malformed(ca: InProcessCA, raw: RawClien
     assert "signature" in info.value.details()  # type: ignore[attr-defined]
 
 
-def test_weak_csr_key_is_refused(ca: InProcessCA, raw: RawClient) -> None:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    weak = (
+def _csr(key: Any, sans: list[x509.GeneralName]) -> str:
+    """A CSR that ``build_csr`` would never make: any key, any SANs."""
+    return (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(CLIENT)]), critical=True
-        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
         .sign(key, hashes.SHA256())
         .public_bytes(serialization.Encoding.PEM)
         .decode()
     )
+
+
+def test_weak_csr_key_is_refused(ca: InProcessCA, raw: RawClient) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak = _csr(key, [x509.UniformResourceIdentifier(CLIENT)])
     with pytest.raises(grpc.RpcError) as info:
         raw.create(weak, token=ca.node_tokens["node1"], impersonate=CLIENT)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
@@ -164,17 +168,7 @@ def test_csr_with_a_second_uri_san_is_refused(
     ca: InProcessCA, raw: RawClient, extra: x509.GeneralName
 ) -> None:
     """Peers refuse a certificate with two URI SANs, so the CA must never sign one."""
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(CLIENT), extra]),
-            critical=True,
-        )
-        .sign(generate_key(), hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-        .decode()
-    )
+    csr = _csr(generate_key(), [x509.UniformResourceIdentifier(CLIENT), extra])
     with pytest.raises(grpc.RpcError) as info:
         raw.create(csr, token=ca.node_tokens["node1"], impersonate=CLIENT)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]

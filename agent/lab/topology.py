@@ -21,7 +21,7 @@ from typing import Any
 
 from agent.sources.document import ClusterDocument, NodeSpec, parse_document
 
-LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+LAB_NAME = re.compile(r"[a-z][a-z0-9]{0,7}")  # fullmatch: "$" would let "lab\n" through
 DEFAULT_LAB = "nm"
 SEGMENT = ipaddress.IPv4Network("10.100.0.0/24")
 CA_IP = "10.100.0.254"
@@ -112,7 +112,7 @@ class LabPlan:
 
 
 def check_lab_name(name: str) -> str:
-    if not LAB_NAME.match(name):
+    if not LAB_NAME.fullmatch(name):
         raise LabError(
             f"lab name {name!r} is not allowed: use 1-8 lowercase letters and digits, starting "
             "with a letter (no '-', so one lab's name prefix never matches another's)"

@@ -24,6 +24,12 @@ other than the L4 ones. An ALLOW rule that uses any of them never matches (so it
 it cannot check: fail closed); in a DENY or AUDIT rule the unenforceable condition counts as
 matched (so it denies more, never less). ``remoteIpBlocks`` equals ``ipBlocks``: at L4 the remote
 address is the connection's source.
+
+Refused at validation (``check_policy``, called by ``agent.policy.schema``), as Istio's webhook
+refuses them: a ``when`` value that cannot be what its key compares against (``destination.port:
+http``, ``source.ip: 10.0.0.300``). The CRD cannot express that per-key check, so in a cluster the
+API server stores such a policy and the agent refuses it (its ``Accepted`` condition says why);
+before this check it stopped the whole policy set from compiling.
 """
 
 from __future__ import annotations
@@ -118,6 +124,56 @@ _SOURCE_FIELDS: dict[str, Callable[[Sequence[str]], Predicate]] = {
     "ipBlocks": lambda v: _any_ip(v, lambda r: r.source_ip),
     "remoteIpBlocks": lambda v: _any_ip(v, lambda r: r.source_ip),
 }
+
+
+class AuthorizationPolicyError(ValueError):
+    """An AuthorizationPolicy the schema admits but L4 evaluation cannot; ``path`` is in spec."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def is_port(text: str) -> bool:
+    """A port number 1-65535 written in decimal, as the CRDs' ``'^[0-9]{1,5}$'`` plus range."""
+    return text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535
+
+
+def is_ip_or_cidr(text: str) -> bool:
+    """An address or a network (host bits allowed), as CEL's ``isIP(b) || isCIDR(b)``."""
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+# What a ``when`` value must be for the keys that compare addresses or ports.
+_WHEN_VALUES: dict[str, tuple[Callable[[str], bool], str]] = {
+    "source.ip": (is_ip_or_cidr, "an IP address or CIDR such as 10.0.0.0/8"),
+    "remote.ip": (is_ip_or_cidr, "an IP address or CIDR such as 10.0.0.0/8"),
+    "destination.ip": (is_ip_or_cidr, "an IP address or CIDR such as 10.0.0.0/8"),
+    "destination.port": (is_port, "a port number between 1 and 65535"),
+}
+
+
+def check_policy(spec: Mapping[str, Any]) -> None:
+    """Refuse ``when`` values their key cannot compare (see the module docstring)."""
+    for i, rule in enumerate(spec.get("rules") or ()):
+        for j, cond in enumerate(rule.get("when") or ()):
+            if cond["key"] not in _WHEN_VALUES:
+                continue
+            valid, what = _WHEN_VALUES[cond["key"]]
+            for field in ("values", "notValues"):
+                for k, value in enumerate(cond.get(field) or ()):
+                    if not valid(value):
+                        raise AuthorizationPolicyError(
+                            f"spec.rules[{i}].when[{j}].{field}[{k}]",
+                            f"{value!r} is not {what} (key {cond['key']})",
+                        )
+
+
 _WHEN_KEYS: dict[str, Callable[[Sequence[str]], Predicate]] = {
     "source.ip": _SOURCE_FIELDS["ipBlocks"],
     "remote.ip": _SOURCE_FIELDS["ipBlocks"],

@@ -66,7 +66,7 @@ def test_unbuildable_documents_are_refused(text: str, message: str) -> None:
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["", "nm-2", "Lab", "1lab", "toolongname"])
+@pytest.mark.parametrize("name", ["", "nm-2", "Lab", "1lab", "toolongname", "lab\n"])
 def test_lab_names_without_dash_and_short(name: str) -> None:
     with pytest.raises(LabError, match="is not allowed"):
         check_lab_name(name)

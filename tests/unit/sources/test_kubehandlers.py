@@ -102,3 +102,14 @@ def test_unreadable_slice_keeps_previous_endpoints() -> None:
     assert reports.invalid == [("s-1", "MalformedObject")] * 2
     slices.event("DELETED", broken)
     assert not ctx.store.snapshot().service_by_ip["10.96.0.1"].endpoints
+
+
+def test_istio_dry_run_annotation_is_read_from_the_cluster() -> None:
+    ctx, reports = _ctx()
+    policies = kh.Policies(ctx, "AuthorizationPolicy", "authorizationpolicies")
+    trial = authz("trial", "DENY")
+    trial["metadata"]["annotations"] = {"istio.io/dry-run": "true"}
+    policies.event("ADDED", trial)
+    (policy,) = ctx.store.snapshot().policies_of("AuthorizationPolicy")
+    assert policy.dry_run is True
+    assert reports.verdicts == [("trial", True)]

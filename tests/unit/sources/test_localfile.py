@@ -29,7 +29,7 @@ policies:
   - apiVersion: nodemesh.io/v1alpha1
     kind: AuthorizationPolicy
     metadata: {{name: allow-client, namespace: default}}
-    spec: {{action: {action}}}
+    spec: {{action: {action}, rules: [{{from: [{{source: {{namespaces: [other]}}}}]}}]}}
 """
 
 

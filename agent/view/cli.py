@@ -80,8 +80,15 @@ def _header(source: Source, seconds: float) -> str:
     return f"{now}  window {seconds:g}s  from {source.describe()}"
 
 
+def _announce(source: Source, seconds: float) -> None:
+    """Without Prometheus the first window is lived through: say so before waiting."""
+    if isinstance(source, AgentSource):
+        print(f"reading the {source.describe()} twice, {seconds:g}s apart", file=sys.stderr)
+
+
 def _stat(args: argparse.Namespace) -> int:
     source = source_of(args)
+    _announce(source, args.window)
     rows = aggregate.stat(source.window(args.window), resource=args.resource, name=args.name)
     if args.json:
         key = "service" if args.resource == "service" else "workload"
@@ -97,6 +104,7 @@ EDGE_KEYS = ["source", "sourcePrincipal", "destination", "destinationPrincipal"]
 
 def _edges(args: argparse.Namespace) -> int:
     source = source_of(args)
+    _announce(source, args.window)
     rows = aggregate.aggregate(source.window(args.window), aggregate.by_edge)
     if args.json:
         print(json.dumps([render.figures_json(EDGE_KEYS, k, f) for k, f in sorted(rows.items())]))

@@ -113,7 +113,14 @@ class AgentSource:
         at = self.clock()
         merged: dict[str, list[Series]] = {name: [] for name in TCP_FAMILIES}
         for agent in self.agents:
-            text = http_get(agent.url, agent.runner).decode("utf-8", "replace")
+            try:
+                text = http_get(agent.url, agent.runner).decode("utf-8", "replace")
+            except ViewError as e:
+                raise ViewError(
+                    f"{e}. The agents' metrics listen on each node's :15020: pass every "
+                    "agent with --agent URL, or read a Prometheus that scrapes them "
+                    "(--prometheus URL; in the lab --lab NAME)"
+                ) from e
             for name, series in from_exposition(text, TCP_FAMILIES, at, instance=agent.url).items():
                 merged[name].extend(series)
         return at, merged

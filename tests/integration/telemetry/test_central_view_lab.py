@@ -1,10 +1,11 @@
 """The central view on a real lab: Prometheus scrapes every agent, and ``nodemesh stat``,
-``edges`` and ``top`` show the connections the test made, counted exactly.
+``edges`` and ``top`` show the connections the test made, counted exactly (denied ones too).
 
 One lab (default topology). The client opens ``CONNECTIONS`` connections to Service ``server``
 (10.96.0.10:80 → 8080 on server-0 or server-1), each sending ``PAYLOAD`` bytes and reading the
-server's byte-count answer. The commands run as a user runs them, from the host namespace: they
-find the lab's Prometheus (``--lab``) and query it from the lab's switch namespace.
+server's byte-count answer; then a DENY policy refuses neighbor's connections. The commands run
+as a user runs them, from the host namespace: they find the lab's Prometheus (``--lab``) and
+query it from the lab's switch namespace.
 """
 
 from __future__ import annotations
@@ -73,14 +74,48 @@ def nodemesh(lab: Lab, *args: str) -> Any:
     return json.loads(out.stdout)
 
 
-def connect_once(lab: Lab) -> None:
-    def run() -> None:
+def connect_once(lab: Lab, pod: str = "client") -> bool:
+    """One connection from ``pod`` to the Service: True if answered, False if refused."""
+
+    def run() -> bool:
         with socket.create_connection((SERVICE, 80), timeout=10) as sock:
             sock.sendall(b"x" * PAYLOAD)
             sock.shutdown(socket.SHUT_WR)
-            assert sock.recv(64) == str(PAYLOAD).encode()
+            try:
+                answer = sock.recv(64)
+            except ConnectionResetError:
+                return False
+            assert answer in (b"", str(PAYLOAD).encode()), answer
+            return answer != b""
 
-    call_in(lab.netns("client"), run)
+    return call_in(lab.netns(pod), run)
+
+
+DENY_NEIGHBOR = {
+    "apiVersion": "nodemesh.io/v1alpha1",
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "server-deny-neighbor", "namespace": "default"},
+    "spec": {
+        "selector": {"matchLabels": {"app": "server"}},
+        "action": "DENY",
+        "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/default/sa/neighbor"]}}]}],
+    },
+}
+DENIED = 3
+
+
+def denied_connections(lab: Lab) -> tuple[int, int]:
+    """Applies ``DENY_NEIGHBOR``, then connects from neighbor until ``DENIED`` connections in a
+    row are refused (the policy has reached node2): (connections made, connections refused)."""
+    lab.apply(DENY_NEIGHBOR)
+    made = refused = in_a_row = 0
+    while in_a_row < DENIED:
+        assert made < 30 * DENIED, "the DENY policy never took effect"
+        made += 1
+        answered = connect_once(lab, "neighbor")
+        refused += not answered
+        in_a_row = 0 if answered else in_a_row + 1
+    return made, refused
 
 
 def check_targets(lab: Lab) -> None:
@@ -107,8 +142,7 @@ def test_prometheus_stat_edges_and_top_show_the_traffic() -> None:
         pid = prometheus_pid(lab)
         retry(lambda: check_targets(lab), timeout=20)
 
-        for _ in range(CONNECTIONS):
-            connect_once(lab)
+        assert all(connect_once(lab) for _ in range(CONNECTIONS))
 
         row = retry(lambda: check_stat(lab), timeout=20)
         assert row["service"] == "server.default.svc.cluster.local"
@@ -122,13 +156,17 @@ def test_prometheus_stat_edges_and_top_show_the_traffic() -> None:
         (by_workload,) = nodemesh(lab, "stat", "workload", "default/server", "--window", "1m")
         assert by_workload["connectionsOpened"] == CONNECTIONS
 
-        edges = nodemesh(lab, "edges", "--window", "1m")
-        edge = {(e["source"], e["destination"]): e for e in edges}[
-            ("default/client", "default/server")
-        ]
+        made, refused = denied_connections(lab)
+        edges = retry(lambda: converged_edges(lab, made), timeout=20)
+        edge = edges[("default/client", "default/server")]
         assert (edge["sourcePrincipal"], edge["destinationPrincipal"]) == (CLIENT, SERVER_ID)
         assert edge["mtls"] == "yes"
         assert edge["connectionsOpened"] == CONNECTIONS
+        assert edge["deniedConnections"] == 0
+        denied = edges[("default/neighbor", "default/server")]
+        assert denied["connectionsOpened"] == made
+        assert denied["deniedConnections"] == refused
+        assert denied["sourcePrincipal"] == "spiffe://cluster.local/ns/default/sa/neighbor"
 
         check_top_in_tmux(lab)
         plain = subprocess.run(
@@ -142,6 +180,13 @@ def test_prometheus_stat_edges_and_top_show_the_traffic() -> None:
         assert os.path.isdir(data_dir)
     assert not os.path.exists(data_dir)
     assert not process_alive(pid), f"Prometheus (pid {pid}) outlived lab down"
+
+
+def converged_edges(lab: Lab, neighbor_closed: int) -> dict[tuple[str, str], Any]:
+    edges = {(e["source"], e["destination"]): e for e in nodemesh(lab, "edges", "--window", "1m")}
+    neighbor = edges.get(("default/neighbor", "default/server"))
+    assert neighbor is not None and neighbor["connectionsClosed"] >= neighbor_closed, edges
+    return edges
 
 
 def prometheus_pid(lab: Lab) -> int:

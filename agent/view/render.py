@@ -31,11 +31,11 @@ def rate(value: float) -> str:
 
 
 def byte_rate(value: float) -> str:
-    for unit in ("B/s", "KiB/s", "MiB/s"):
-        if value < 1024 or unit == "MiB/s":
+    for unit in ("B/s", "KiB/s"):
+        if value < 1024:
             return f"{value:.1f}{unit}"
         value /= 1024
-    raise AssertionError("unreachable: the loop returns at MiB/s")
+    return f"{value:.1f}MiB/s"
 
 
 def share(value: float | None) -> str:

@@ -221,6 +221,9 @@ def test_tables_show_tcp_columns_and_say_when_there_is_nothing() -> None:
         "0",
     ]
     assert render.stat_lines("service", {}) == ["(no traffic in the window)"]
+    assert [render.byte_rate(v) for v in (0.25, 1023, 1024, 5 * 1024**2)] == [
+        "0.2B/s", "1023.0B/s", "1.0KiB/s", "5.0MiB/s",
+    ]  # fmt: skip
     path = render.path_lines([(("default/a", "default/b", "b.default.svc.cluster.local"), f)])
     assert "default/a -> default/b" in path[1]
 

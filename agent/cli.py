@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "agent.app",
     "agent.ca.cli",
     "agent.admin.cli",
+    "agent.view.cli",
 )
 
 

@@ -37,7 +37,7 @@ def format_status(st: Mapping[str, Any]) -> str:
         ]
         for p in st["pods"]
     ]  # fmt: skip
-    ca = st["ca"]
+    ca, prom = st["ca"], st["prometheus"]
     lines = [
         f"lab {st['lab']}  (state {st['stateDir']}, cluster file {st['clusterFile']})",
         "",
@@ -46,6 +46,7 @@ def format_status(st: Mapping[str, Any]) -> str:
         _table(pods),
         "",
         f"CA: {ca['ip']}:{CA_PORT} in {ca['netns']}: {ca['state']}",
+        f"Prometheus: {prom['url']} in {prom['netns']}: {prom['state']}",
     ]
     for svc in st["services"]:
         lines.append(f"service {svc['namespace']}/{svc['name']}: {svc['clusterIP']}")

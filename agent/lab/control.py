@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from agent.lab import build, components
+from agent.lab import build, components, prometheus
 from agent.lab.record import LabDir
 from agent.lab.topology import PIN_ROOT, LabError, LabPlan, check_lab_name, plan_lab
 from agent.sources.document import ClusterDocument, parse_document
@@ -56,6 +56,7 @@ def up(
         build.build(plan)
         if with_components:
             components.start_all(plan, labdir, timeout=timeout, drain_seconds=drain_seconds)
+            prometheus.start(plan, labdir, timeout=timeout)
     except BaseException:
         log.info("lab %s: up failed, removing what was built", lab)
         down(lab, state_root=state_root)
@@ -183,6 +184,7 @@ def status(lab: str, *, state_root: str | None = None) -> dict[str, Any]:
             "ip": plan.ca_ip,
             "state": components.process_state(labdir, "ca"),
         },
+        "prometheus": prometheus.status(plan, labdir),
         "nodes": [
             {
                 "name": n.name,

@@ -1,0 +1,201 @@
+"""``nodemesh stat``, ``edges`` and ``top``: the mesh's TCP traffic at a glance.
+
+Where the samples come from, first match wins:
+
+1. ``--prometheus URL``: that Prometheus (it scrapes the agents; ``daemonset/prometheus/``);
+2. ``--agent URL`` (repeatable): these agents' ``/metrics`` endpoints, scraped twice;
+3. a lab (``--lab NAME``, else ``$NODEMESH_LAB`` or ``nm`` when that lab is up): its Prometheus
+   when it runs, queried from the lab's switch namespace, else every node's agent, each read
+   from its node's namespace;
+4. the agent of this node, ``http://127.0.0.1:15020/metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.base.constants import METRICS_PORT
+from agent.base.durations import parse_duration
+from agent.view import aggregate, render
+from agent.view.screen import Screen
+from agent.view.series import ViewError
+from agent.view.sources import Agent, AgentSource, PrometheusSource, Runner, Source
+
+LOCAL_AGENT = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+
+
+def _in_netns(name: str) -> Runner:
+    from agent.lab import netns
+
+    def run(func: Callable[[], bytes]) -> bytes:
+        return netns.call_in(name, func)
+
+    return run
+
+
+def _lab_source(lab: str, *, required: bool) -> Source | None:
+    from agent.lab import control, prometheus
+    from agent.lab.topology import LabError
+
+    try:
+        labdir, plan = control.load(lab)
+    except LabError as e:
+        if required:
+            raise ViewError(str(e)) from e
+        return None
+    prom = prometheus.status(plan, labdir)
+    if prom["state"] == "running":
+        return PrometheusSource(prom["url"], _in_netns(plan.switch_netns))
+    return AgentSource(
+        [Agent(f"http://{n.ip}:{METRICS_PORT}/metrics", _in_netns(n.netns)) for n in plan.nodes]
+    )
+
+
+def source_of(args: argparse.Namespace) -> Source:
+    if args.prometheus:
+        return PrometheusSource(args.prometheus)
+    if args.agent:
+        return AgentSource([Agent(url) for url in args.agent])
+    lab = args.lab or os.environ.get("NODEMESH_LAB") or "nm"
+    found = _lab_source(lab, required=args.lab is not None)
+    return found or AgentSource([Agent(LOCAL_AGENT)])
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _header(source: Source, seconds: float) -> str:
+    now = dt.datetime.now(dt.UTC).strftime("%H:%M:%S UTC")
+    return f"{now}  window {seconds:g}s  from {source.describe()}"
+
+
+def _announce(source: Source, seconds: float) -> None:
+    """Without Prometheus the first window is lived through: say so before waiting."""
+    if isinstance(source, AgentSource):
+        print(f"reading the {source.describe()} twice, {seconds:g}s apart", file=sys.stderr)
+
+
+def _stat(args: argparse.Namespace) -> int:
+    source = source_of(args)
+    _announce(source, args.window)
+    rows = aggregate.stat(source.window(args.window), resource=args.resource, name=args.name)
+    if args.json:
+        key = "service" if args.resource == "service" else "workload"
+        print(json.dumps([render.figures_json([key], k, f) for k, f in sorted(rows.items())]))
+    else:
+        print(_header(source, args.window))
+        print("\n".join(render.stat_lines(args.resource, rows)))
+    return 0
+
+
+EDGE_KEYS = ["source", "sourcePrincipal", "destination", "destinationPrincipal"]
+
+
+def _edges(args: argparse.Namespace) -> int:
+    source = source_of(args)
+    _announce(source, args.window)
+    rows = aggregate.aggregate(source.window(args.window), aggregate.by_edge)
+    if args.json:
+        print(json.dumps([render.figures_json(EDGE_KEYS, k, f) for k, f in sorted(rows.items())]))
+    else:
+        print(_header(source, args.window))
+        print("\n".join(render.edges_lines(rows)))
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    source = source_of(args)
+    # Scraping the agents directly, each frame covers the time since the previous scrape.
+    seconds = args.interval if isinstance(source, AgentSource) else args.window
+    shown = 0
+    with Screen(sys.stdout) as screen:
+        try:
+            while args.iterations is None or shown < args.iterations:
+                started = time.monotonic()
+                paths = aggregate.top(source.window(seconds), args.limit)
+                title = f"nodemesh top: busiest paths  {_header(source, seconds)}"
+                screen.show([title, "", *render.path_lines(paths)])
+                shown += 1
+                if args.iterations is None or shown < args.iterations:
+                    time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ViewError as e:
+            print(f"nodemesh {args.command}: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    where = common.add_argument_group("where the metrics come from (first given wins)")
+    where.add_argument("--prometheus", metavar="URL", help="a Prometheus that scrapes the agents")
+    where.add_argument(
+        "--agent",
+        action="append",
+        metavar="URL",
+        help="an agent's metrics URL, e.g. http://NODE_IP:15020/metrics (repeatable)",
+    )
+    where.add_argument(
+        "--lab",
+        metavar="NAME",
+        help="a lab's Prometheus (or its agents); default $NODEMESH_LAB or nm when up, "
+        f"else the local agent {LOCAL_AGENT}",
+    )
+
+    p = subparsers.add_parser(
+        "stat",
+        parents=[common],
+        help="TCP traffic per workload or Service over a window",
+        description="Connections opened (count and per second), active connections, bytes "
+        "per second each way, the share of connections with mTLS and denied connections, per "
+        "destination workload or Service, over --window.",
+    )
+    p.add_argument("resource", nargs="?", default="workload", choices=["workload", "service"])
+    p.add_argument("name", nargs="?", help="only this workload (ns/name or name) or Service")
+    p.add_argument("--window", type=_seconds, default=60.0, help="e.g. 30s, 1m (default 1m)")
+    p.add_argument("--json", action="store_true", help="rows as JSON (exact counts)")
+    p.set_defaults(func=_guarded(_stat))
+
+    p = subparsers.add_parser(
+        "edges",
+        parents=[common],
+        help="who talks to whom, with identities and mTLS",
+        description="Source and destination workloads with the principals they proved and "
+        "whether their connections used mTLS, over --window.",
+    )
+    p.add_argument("--window", type=_seconds, default=60.0, help="e.g. 30s, 1m (default 1m)")
+    p.add_argument("--json", action="store_true", help="rows as JSON")
+    p.set_defaults(func=_guarded(_edges))
+
+    p = subparsers.add_parser(
+        "top",
+        parents=[common],
+        help="live view of the busiest paths (source -> destination)",
+        description="Redraws the busiest paths every --interval on a terminal; prints plain "
+        "frames when stdout is not a terminal. Ctrl-C quits.",
+    )
+    p.add_argument("--window", type=_seconds, default=30.0, help="Prometheus window (default 30s)")
+    p.add_argument("--interval", type=_seconds, default=2.0, help="refresh period (default 2s)")
+    p.add_argument("--limit", type=int, default=20, help="paths shown (default 20)")
+    p.add_argument("--iterations", type=int, help="stop after this many frames")
+    p.set_defaults(func=_guarded(_top))

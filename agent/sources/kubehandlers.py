@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from agent.sources import kubeobjects as ko
 from agent.sources.kubeobjects import InvalidObject, Raw
-from agent.state import Endpoint, Namespace, Service, StateStore
+from agent.state import Endpoint, Namespace, PolicyObject, Service, StateStore
 
 ServiceKey = tuple[str, str]
 
@@ -223,8 +223,18 @@ class EndpointSlices:
                     txn.put_service(svc)
 
 
+def _describe(stand_in: PolicyObject) -> str:
+    scope = "its selector" if stand_in.spec.get("selector") else "the whole namespace"
+    what = "a DENY of every request" if stand_in.spec["action"] == "DENY" else "an ALLOW of nothing"
+    return f"{what} for {scope}"
+
+
 class Policies:
-    """One nodemesh CRD kind; its objects share the store's ``policies`` with the other two."""
+    """One nodemesh CRD kind; its objects share the store's ``policies`` with the other two.
+
+    A refused object keeps its previous valid version; a refused AuthorizationPolicy without
+    one is enforced by ``kubeobjects.fail_closed_stand_in`` (never dropped: that fails open).
+    """
 
     def __init__(self, ctx: Context, kind: str, plural: str) -> None:
         self.ctx = ctx
@@ -235,6 +245,13 @@ class Policies:
         try:
             policy = ko.guarded(ko.policy_of, obj)
         except InvalidObject as e:
+            if previous is None and (stand_in := ko.fail_closed_stand_in(obj)) is not None:
+                e = InvalidObject(
+                    e.reason,
+                    f"{e.message}; until it is fixed it is enforced as {_describe(stand_in)} "
+                    "(fail closed)",
+                )
+                previous = stand_in
             self.ctx.invalid(obj, e)
             self.ctx.policy_verdict(self.plural, obj, e)
             return previous

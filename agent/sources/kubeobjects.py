@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from agent.policy.schema import PolicyError, validate_policy
+from agent.policy.schema import API_VERSION, PolicyError, validate_policy
 from agent.sources.document import parse_port_list
 from agent.state.model import (
     EXCLUDE_INBOUND_ANNOTATION,
@@ -176,6 +176,49 @@ def slice_endpoints(obj: Raw) -> tuple[Endpoint, ...]:
         for ip in ep.get("addresses") or ():
             out.append(Endpoint(ip=ip, workload_uid=uid, ready=ready is not False, ports=ports))
     return tuple(out)
+
+
+def fail_closed_stand_in(obj: Raw) -> PolicyObject | None:
+    """What enforces an AuthorizationPolicy the mesh refuses and has no valid version of.
+
+    Dropping it would fail open: an ALLOW policy that matched nothing (``from: []`` before
+    ``minItems`` existed) denied everything else to its workloads, and without it they admit
+    anyone. So, as ztunnel does with rules it cannot enforce, the refused policy is replaced by
+    the policy that denies at least as much: an ALLOW without rules (nothing is allowed by it,
+    so only other ALLOW policies admit traffic) for ALLOW and anything unknown, a DENY of every
+    request for DENY. Its selector is kept when it is readable, else the stand-in covers the
+    whole namespace (more, never less). AUDIT decides nothing, so nothing stands in for it.
+    The object's dry-run annotation is honoured when readable. ``None`` for other kinds.
+    """
+    meta, spec = _meta(obj), obj.get("spec")
+    if obj.get("kind") != "AuthorizationPolicy":
+        return None
+    spec = spec if isinstance(spec, Mapping) else {}
+    action = spec.get("action", "ALLOW")
+    if action == "AUDIT":
+        return None
+    stand_in: dict[str, Any] = (
+        {"action": "DENY", "rules": [{}]} if action == "DENY" else {"action": "ALLOW"}
+    )
+    metadata: dict[str, Any] = {
+        k: meta[k] for k in ("name", "namespace", "annotations") if k in meta
+    }
+    selector = spec.get("selector")
+    attempts = [{**stand_in, "selector": selector}] if selector is not None else []
+    attempts.append(stand_in)
+    for candidate in attempts:
+        for meta_try in (metadata, {**metadata, "annotations": {}}):
+            manifest = {
+                "apiVersion": API_VERSION,
+                "kind": "AuthorizationPolicy",
+                "metadata": meta_try,
+                "spec": candidate,
+            }
+            try:
+                return validate_policy(manifest, path=object_ref(obj))
+            except PolicyError:
+                continue
+    return None
 
 
 def policy_of(obj: Raw) -> PolicyObject:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.policy.authz import Authorizer, Request
 from agent.sources import kubehandlers as kh
 from agent.sources.kubeobjects import InvalidObject, Raw
 from agent.state import StateStore
 from tests.fakeapi.objects import authz, endpoint_slice, pod, service
+from tests.workloads import workload
 
 
 class _Reports:
@@ -113,3 +115,50 @@ def test_istio_dry_run_annotation_is_read_from_the_cluster() -> None:
     (policy,) = ctx.store.snapshot().policies_of("AuthorizationPolicy")
     assert policy.dry_run is True
     assert reports.verdicts == [("trial", True)]
+
+
+def _first_seen_invalid(spec: dict[str, Any]) -> tuple[Any, _Reports, list[str]]:
+    """An AuthorizationPolicy the agent refuses on its first sight, and what stands in for it."""
+    ctx, reports = _ctx()
+    messages: list[str] = []
+    reports.report_policy = lambda plural, obj, error: messages.append(  # type: ignore[method-assign]
+        "" if error is None else error.message
+    )
+    broken = authz("p")
+    broken["spec"] = spec
+    kh.Policies(ctx, "AuthorizationPolicy", "authorizationpolicies").replace([broken])
+    return list(ctx.store.snapshot().policies_of("AuthorizationPolicy")), reports, messages
+
+
+def _decide(policies: Any, workload: Any) -> bool:
+    request = Request("10.0.0.9", workload.ips[0], 8080, "spiffe://cluster.local/ns/default/sa/c")
+    return Authorizer.compile(policies).evaluate(request, workload).allowed
+
+
+def test_a_refused_allow_policy_without_a_valid_version_fails_closed() -> None:
+    # `from: []` matched nothing before minItems existed, so this ALLOW admitted nobody; dropping
+    # it at the agent's first sight would admit everybody.
+    selector = {"matchLabels": {"app": "server"}}
+    spec = {"action": "ALLOW", "selector": selector, "rules": [{"from": []}]}
+    (stand_in,), reports, messages = _first_seen_invalid(spec)
+    assert dict(stand_in.spec) == {"action": "ALLOW", "selector": selector}
+    assert reports.invalid == [("p", "InvalidSpec")]
+    assert "enforced as an ALLOW of nothing for its selector (fail closed)" in messages[-1]
+    server = workload("server-0", "node1", "10.244.1.5", app="server")
+    other = workload("other-0", "node1", "10.244.1.6", app="other")
+    assert not _decide([stand_in], server)
+    assert _decide([stand_in], other)
+
+
+def test_a_refused_deny_policy_denies_everything_it_selects() -> None:
+    spec = {"action": "DENY", "selector": {"matchLabels": "garbled"}, "rules": [{"to": []}]}
+    (stand_in,), _, messages = _first_seen_invalid(spec)
+    assert dict(stand_in.spec) == {"action": "DENY", "rules": [{}]}  # unreadable selector: all
+    assert "a DENY of every request for the whole namespace" in messages[-1]
+    assert not _decide([stand_in], workload("any-0", "node1", "10.244.1.7"))
+
+
+def test_a_refused_audit_policy_has_no_stand_in() -> None:
+    policies, reports, _ = _first_seen_invalid({"action": "AUDIT", "rules": [{"from": []}]})
+    assert policies == []
+    assert reports.invalid == [("p", "InvalidSpec")]

@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result_fd = os.dup(1)
     os.dup2(2, 1)  # whatever BCC prints goes to stderr; stdout carries only the result
     try:
-        result: dict[str, str] = {"output": build(marks, args.into, args.src)}
+        result: dict[str, str] = {"output": build(marks, args.into, args.src.resolve())}
     except ProgramLoadError as e:
         result = {"error": str(e)}
     with os.fdopen(result_fd, "w", encoding="utf-8") as out:

@@ -155,6 +155,20 @@ def test_agent_never_maps_the_compiler_whether_it_compiled_or_adopted(
     print(f"idle agent RSS: {compiled_rss:.1f} MiB compiled, {rss_mib(second.pid):.1f} adopted")
 
 
+def test_a_failure_in_the_compiler_child_stops_the_agent_with_its_cause(
+    agent1: AgentRunner, tmp_path: Path
+) -> None:
+    """Pins outside bpffs: the child compiles, pinning fails there, and the agent exits 1 with
+    the child's message, leaving no staging directory behind."""
+    agent1.pin_dir = tmp_path / "not-bpffs"
+    proc = agent1.start()
+    assert proc.wait(timeout=120) == 1
+    log = agent1.log(0)
+    assert "agent cannot start: pinning the compiled capture programs as" in log, log
+    assert "is bpffs mounted at /sys/fs/bpf" in log
+    assert list(agent1.pin_dir.iterdir()) == []
+
+
 @pytest.mark.usefixtures("servers")
 def test_agent_restart_under_load_lets_no_connection_escape(
     dplab: Lab, agent1: AgentRunner

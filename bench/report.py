@@ -65,6 +65,7 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
         v = paths[k]["verification"]
         out.append(f"- **{paths[k]['title']}** ({'verified' if v['ok'] else 'UNTRUSTED'}): "
                    + "; ".join(v["checks"]))  # fmt: skip
+    out += _agents_section(results)
     out += _idle_section(results, paths)
     out += _upgrade_section(results)
     out += _speed_section(results)
@@ -73,6 +74,23 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
     if problems:
         out += ["", "## Failures", "", *(f"- {p}" for p in problems)]
     return "\n".join(out) + "\n"
+
+
+def _agents_section(results: Mapping[str, Any]) -> list[str]:
+    found = results.get("agents", [])
+    if not found:
+        return []
+    out = ["", "## Idle agents: RSS per process, no connections", ""]
+    for agent in found:
+        where = f"{agent['node']}'s agent ({agent['moment']})"
+        if "error" in agent:
+            out.append(f"- {where}: ERROR {agent['error']}")
+            continue
+        out.append(
+            f"- {where}: {agent['rss_bytes'] / 2**20:,.1f} MiB, programs {agent['programs']}"
+            " at start-up"
+        )
+    return out
 
 
 def _idle_section(results: Mapping[str, Any], paths: Mapping[str, Any]) -> list[str]:

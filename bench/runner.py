@@ -4,7 +4,8 @@ Order of a run:
 
 1. the testbed (lab, servers, stunnel4), then every path verified (``bench.verify``) before it
    carries anything else, so the capture sees each path's first TLS handshake;
-2. idle-connection memory on fresh proxies: nodemesh cross-node, stunnel4, then nodemesh
+2. idle-connection memory on fresh proxies (and each agent's own RSS before any connection, at lab
+   up and after node1's restart): nodemesh cross-node, stunnel4, then nodemesh
    same-node after node1's agent was restarted (Python keeps the memory of the cross-node test's
    connections for reuse, which would hide the same-node test's growth);
 3. ``reps`` repetitions of every throughput / latency / connection-rate workload over every path,
@@ -68,9 +69,12 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
         "load": {"before": [round(x, 2) for x in procstat.load_average()]},
         "samples": [],
         "idle": {},
+        "agents": [],
     }
     say("building the lab (2 nodes, agents, CA, echo and iperf3 servers, stunnel4)")
     with Testbed(lab) as bed:
+        for node in ("node1", "node2"):
+            results["agents"].append(workloads.idle_agent(bed, node, "lab up"))
         results["paths"] = []
         for path in bed.paths:
             verdict = verify(bed, path, size=s.marker_bytes)
@@ -84,6 +88,7 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
         for key in ("mesh_cross", "stunnel", "mesh_same"):
             if key == "mesh_same":
                 bed.restart_agent("node1")  # fresh after the cross-node test's 10,000
+                results["agents"].append(workloads.idle_agent(bed, "node1", "restarted"))
             path = next(p for p in bed.paths if p.key == key)
             say(f"{path.title}: idle connections {list(s.idle_steps)}")
             idle = workloads.idle_memory(bed, path, s)

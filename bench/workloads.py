@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from agent.base.constants import ADMIN_PORT
+from agent.lab import netns
 from bench import procstat, stats
 from bench.settings import Settings
 from bench.testbed import BenchPath, Testbed, stop
@@ -136,3 +138,23 @@ def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
         else {}
     )
     return {"steps": steps, "bytes_per_connection": per_connection, **capped}
+
+
+def idle_agent(bed: Testbed, node: str, moment: str) -> dict[str, Any]:
+    """RSS of ``node``'s agent process with no proxied connection, and whether it compiled its
+    programs at start-up or adopted pinned ones (its admin API's ``/datapath``): a process that
+    ever mapped BCC's LLVM would keep it, so both cases are worth a figure."""
+    pid = dict(zip(("node1", "node2"), bed.agent_pids(), strict=True))[node]
+    status, body = netns.http_get(
+        bed.the_lab.netns(node), "127.0.0.1", ADMIN_PORT, "/datapath", timeout=5.0
+    )
+    if status != 200:
+        return {"node": node, "moment": moment, "error": f"/datapath answered {status}"}
+    adopted = bool(json.loads(body)["datapath"]["adopted"])
+    return {
+        "node": node,
+        "moment": moment,
+        "pid": pid,
+        "programs": "adopted" if adopted else "compiled",
+        "rss_bytes": procstat.rss_bytes(pid),
+    }

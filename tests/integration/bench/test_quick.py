@@ -59,6 +59,12 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
         assert [s["open"] for s in steps] == [0, 20, 50]
         assert all(s["rss_bytes"] > 0 for s in steps)
     assert all("bytes_per_second" in s for s in results["openssl_speed"])
+    agents = [(a["node"], a["moment"], a["programs"]) for a in results["agents"]]
+    assert agents == [
+        ("node1", "lab up", "compiled"), ("node2", "lab up", "compiled"),
+        ("node1", "restarted", "adopted"),
+    ]  # fmt: skip
+    assert all(a["rss_bytes"] > 0 for a in results["agents"])
 
     phases = results["upgrade"]["phases"]
     assert set(phases) == {"baseline", "node1", "node2"}
@@ -68,6 +74,7 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
 
     summary = (tmp_path / "summary.md").read_text()
     assert "## Agent upgrades under load" in summary
+    assert "## Idle agents: RSS per process" in summary
     assert "| metric | unit | direct (no mesh) | nodemesh cross-node |" in summary
     assert "untrusted" not in summary.lower()
     assert "## Failures" not in summary

@@ -147,3 +147,15 @@ def test_upgrade_section_lists_each_phase_and_a_failed_section_is_a_failure() ->
     assert "| node1 | 1.50 | 100 | 3 | 150 | 0 | 0 | 2 | 46.5 | 80.0 |" in text
     failed = results() | {"upgrade": {"error": "lab upgrade timed out"}}
     assert "- upgrade: lab upgrade timed out" in report.markdown(failed, None)
+
+
+def test_idle_agents_section_gives_each_agent_process_its_rss_and_how_it_got_its_programs() -> None:
+    agents = [
+        {"node": "node1", "moment": "lab up", "pid": 7, "programs": "compiled",
+         "rss_bytes": 70 * 2**20},
+        {"node": "node1", "moment": "restarted", "error": "/datapath answered 503"},
+    ]  # fmt: skip
+    text = report.markdown(results() | {"agents": agents}, None)
+    assert "- node1's agent (lab up): 70.0 MiB, programs compiled at start-up" in text
+    assert "- node1's agent (restarted): ERROR /datapath answered 503" in text
+    assert "Idle agents" not in report.markdown(results(), None)

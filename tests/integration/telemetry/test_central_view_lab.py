@@ -24,7 +24,7 @@ import pytest
 
 from agent.lab.handle import Lab
 from agent.lab.netns import call_in
-from tests.labtools import mesh_lab, pod_servers, retry
+from tests.labtools import counting_server, mesh_lab, pod_servers, retry
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
@@ -33,23 +33,7 @@ CONNECTIONS = 7
 PAYLOAD = 100
 SERVICE = "10.96.0.10"
 NODEMESH = [sys.executable, "-m", "agent"]
-# Per connection: read until the client half-closes, answer with the byte count, close.
-SERVER = f"""
-import socket, threading
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", {PORT}))
-srv.listen(64)
-def count(conn):
-    n = 0
-    while data := conn.recv(1 << 16):
-        n += len(data)
-    conn.sendall(str(n).encode())
-    conn.close()
-while True:
-    conn, _ = srv.accept()
-    threading.Thread(target=count, args=(conn,), daemon=True).start()
-"""
+SERVER = counting_server(PORT)
 ANSWER = len(str(PAYLOAD))
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"

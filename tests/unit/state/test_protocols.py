@@ -1,4 +1,4 @@
-"""Which ports are HTTP: declared by appProtocol, port-name prefix or pod annotation, never sniffed."""
+"""Which ports are HTTP: appProtocol, port-name prefix or pod annotation, never sniffed."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_kube_objects_keep_app_protocol_and_http_ports_annotation() -> None:
         _uid(pod("a", "10.0.0.1", annotations={"nodemesh.io/http-ports": "80,8080"}))
     )
     assert w is not None and w.http_ports == {80, 8080}
-    with pytest.raises(ko.InvalidObject, match="nodemesh.io/http-ports"):
+    with pytest.raises(ko.InvalidObject, match=r"nodemesh\.io/http-ports"):
         ko.workload_of(_uid(pod("b", "10.0.0.2", annotations={"nodemesh.io/http-ports": "web"})))
 
 
@@ -108,5 +108,5 @@ def test_document_accepts_declarations_and_round_trips() -> None:
 
 def test_document_refuses_a_bad_http_ports_annotation() -> None:
     bad = DOC.replace('"9000"', '"nine"')
-    with pytest.raises(DocumentError, match="annotations.nodemesh.io/http-ports"):
+    with pytest.raises(DocumentError, match=r"annotations\.nodemesh\.io/http-ports"):
         parse_document(bad, source="t.yaml")

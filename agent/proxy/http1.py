@@ -278,8 +278,10 @@ class Http1Proxy:
             (b"content-type", b"text/plain"),
             (b"content-length", str(len(DENIED_BODY)).encode()),
         ]
-        if self.client.they_are_waiting_for_100_continue:
-            # The client has not sent its body and may never: the body's end is unknowable.
+        # A client waiting for 100-continue has not sent its body and may never: where the
+        # next request would start is unknowable, so this response is the last.
+        last = self.client.they_are_waiting_for_100_continue
+        if last:
             headers.append((b"connection", b"close"))
         self._send_client(h11.Response(status_code=403, headers=headers, reason=b"Forbidden"))
         self._send_client(h11.Data(data=DENIED_BODY))
@@ -287,6 +289,10 @@ class Http1Proxy:
         current.exchange.status = 403
         current.exchange.response_bytes = len(DENIED_BODY)
         current.response_started = True
+        if last:
+            self._finish(current)
+            self.closing = True
+            return
         self._maybe_next_cycle()
 
     def _on_request_data(self, event: h11.Data) -> None:
@@ -401,26 +407,30 @@ class Http1Proxy:
         self._current = None
 
     def _maybe_next_cycle(self) -> None:
+        """After a message ended: once request and response are both complete, report the
+        exchange and start the next cycle, or close if either side said it must."""
         current = self._current
-        if current is None or self.client.our_state is not h11.DONE:
-            if self.client.our_state is h11.MUST_CLOSE:
-                self.closing = True
+        if current is None:
             return
-        if self.client.their_state is not h11.DONE:
-            if self.client.their_state in (h11.MUST_CLOSE, h11.CLOSED):
-                self._finish(current)
-                self.closing = True
+        ended = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+        ours, theirs = self.client.our_state, self.client.their_state
+        if ours not in ended or theirs not in ended:
             return
-        if not current.denied and self.upstream.their_state is not h11.DONE:
+        if not current.denied and self.upstream.their_state not in ended:
             return
         self._finish(current)
-        try:
-            self.client.start_next_cycle()
-            if not current.denied:
-                self.upstream.start_next_cycle()
-        except h11.LocalProtocolError:
+        reusable = ours is h11.DONE and theirs is h11.DONE
+        if not current.denied:
+            reusable = reusable and self.upstream.states == {
+                h11.CLIENT: h11.DONE,
+                h11.SERVER: h11.DONE,
+            }
+        if not reusable:
             self.closing = True  # one side asked to close: this was the last request
             return
+        self.client.start_next_cycle()
+        if not current.denied:
+            self.upstream.start_next_cycle()
         self._pump_client()
 
 

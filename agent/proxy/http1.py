@@ -432,6 +432,8 @@ class Http1Proxy:
         if not current.denied:
             self.upstream.start_next_cycle()
         self._pump_client()
+        if self._current is None and self.head_started is None and self.client.trailing_data[0]:
+            self.head_started = self.clock()  # a pipelined head is pending: its clock runs
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:

@@ -267,3 +267,13 @@ def test_request_head_is_what_policy_sees() -> None:
     p = Http1Proxy(authorize=authorize, new_request_id=lambda: "r")
     p.receive_client(b"DELETE /items/7?force=1#frag HTTP/1.1\r\nHost: Shop.Example:8080\r\n\r\n")
     assert seen == [RequestHead("DELETE", "/items/7", "Shop.Example:8080", "r")]
+
+
+def test_a_partial_pipelined_head_starts_the_header_clock_when_its_turn_comes() -> None:
+    now = [1.0]
+    p = Http1Proxy(authorize=lambda h: Verdict(True), clock=lambda: now[0])
+    p.receive_client(b"GET /a HTTP/1.1\r\nHost: s\r\n\r\nGET /b HT")
+    assert p.head_started is None  # /a is being served; /b's head waits its turn
+    now[0] = 7.0
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert p.head_started == 7.0

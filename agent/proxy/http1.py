@@ -149,11 +149,6 @@ class Http1Proxy:
         out, self._rejections = self._rejections, []
         return out
 
-    @property
-    def in_request(self) -> bool:
-        """A request is being served (its response is not complete)."""
-        return self._current is not None
-
     # -- input -------------------------------------------------------------------------------
     def receive_client(self, data: bytes) -> None:
         """Bytes from the client; ``b""`` is its end of stream."""
@@ -230,7 +225,12 @@ class Http1Proxy:
         """Answer a refused request (if the client may still get a response) and close."""
         self._rejections.append(cause)
         self.closing = True
-        if self.client.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        current, respond = self._current, self.client.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+        if current is not None:  # its body was bad: the request is reported with the refusal
+            if respond:
+                current.exchange.status = status
+            self._finish(current)
+        if respond:
             body = f"{cause.replace('_', ' ')}\n".encode()
             headers = [
                 (b"content-type", b"text/plain"),

@@ -277,3 +277,12 @@ def test_a_partial_pipelined_head_starts_the_header_clock_when_its_turn_comes() 
     now[0] = 7.0
     p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert p.head_started == 7.0
+
+
+def test_a_bad_chunk_in_a_forwarded_body_is_refused_and_the_request_reported() -> None:
+    p = _proxy()
+    p.receive_client(b"PUT /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert p.take_to_client().startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    (done,) = p.take_completed()
+    assert (done.head.path, done.status) == ("/x", 400)
+    assert p.closing and p.take_rejections() == [MALFORMED]

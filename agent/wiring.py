@@ -119,6 +119,7 @@ def observability(parts: AgentParts) -> list[Component]:
     )
     if proxy is not None:
         proxy.connections.observers.append(telemetry.tcp)
+        proxy.connections.request_observers.append(telemetry.http)
 
     async def datapath_view() -> dict[str, object]:
         status = parts.datapath.status()

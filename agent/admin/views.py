@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from agent.state import Snapshot, Workload
 from agent.state.model import PolicyObject, Service
+from agent.state.protocols import port_protocol
 
 
 def workload_view(w: Workload, snap: Snapshot, node: str) -> dict[str, object]:
@@ -24,6 +25,7 @@ def workload_view(w: Workload, snap: Snapshot, node: str) -> dict[str, object]:
         "labels": dict(w.labels),
         "exclude_outbound_ports": sorted(w.exclude_outbound_ports),
         "exclude_inbound_ports": sorted(w.exclude_inbound_ports),
+        "http_ports": sorted(w.http_ports),
     }
 
 
@@ -41,7 +43,14 @@ def service_view(s: Service) -> dict[str, object]:
         "hostname": s.hostname(),
         "cluster_ips": list(s.cluster_ips),
         "ports": [
-            {"name": p.name, "port": p.port, "target_port": p.target_port, "protocol": p.protocol}
+            {
+                "name": p.name,
+                "port": p.port,
+                "target_port": p.target_port,
+                "protocol": p.protocol,
+                "app_protocol": p.app_protocol,
+                "declared": port_protocol(p),
+            }
             for p in s.ports
         ],
         "selector": dict(s.selector) if s.selector is not None else None,

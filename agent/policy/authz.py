@@ -1,4 +1,4 @@
-"""L4 authorization with Istio's ``AuthorizationPolicy`` semantics, as pure functions of data.
+"""L4 and L7 authorization with Istio's ``AuthorizationPolicy`` semantics, as pure functions.
 
 ``Authorizer.compile(policies)`` turns validated ``PolicyObject``s into matchers once per state
 version; ``evaluate(request, workload)`` answers for one connection. Evaluation follows Istio:
@@ -19,11 +19,18 @@ non-empty value). Principals are written as Istio writes them (``cluster.local/n
 ``spiffe://`` prefix is accepted too). A plaintext connection has no principal and no namespace,
 so ``principals``/``namespaces`` never match it (and their ``not`` forms always do).
 
-What L4 cannot see: ``requestPrincipals``, ``hosts``, ``methods``, ``paths`` and ``when`` keys
-other than the L4 ones. An ALLOW rule that uses any of them never matches (so it admits nothing
-it cannot check: fail closed); in a DENY or AUDIT rule the unenforceable condition counts as
-matched (so it denies more, never less). ``remoteIpBlocks`` equals ``ipBlocks``: at L4 the remote
-address is the connection's source.
+L7 (issue 16): on a port declared HTTP the inbound proxy evaluates every request, with its
+``HttpAttributes`` (method, path without query, host). There ``to.operation`` ``methods``,
+``notMethods``, ``paths``, ``notPaths``, ``hosts`` and ``notHosts`` are enforced, with the same
+string matching (exact, ``prefix*``, ``*suffix``, ``*``); hosts compare case-insensitively and
+without a ``:port`` as Istio does, methods exactly.
+
+What L4 cannot see (a connection, not a request: ``Request.http`` is None): those operation
+fields, ``requestPrincipals`` and ``when`` keys other than the L4 ones. An ALLOW rule that uses
+any of them never matches (so it admits nothing it cannot check: fail closed); in a DENY or AUDIT
+rule the unenforceable condition counts as matched (so it denies more, never less).
+``requestPrincipals`` (JWT) and L7 ``when`` keys stay unenforceable on HTTP ports too.
+``remoteIpBlocks`` equals ``ipBlocks``: the remote address is the connection's source.
 
 Refused at validation (``check_policy``, called by ``agent.policy.schema``), as Istio's webhook
 refuses them: a ``when`` value that cannot be what its key compares against (``destination.port:
@@ -48,6 +55,7 @@ KIND = "AuthorizationPolicy"
 DEFAULT_ROOT_NAMESPACE = "nodemesh-system"
 L7_SOURCE_FIELDS = ("requestPrincipals", "notRequestPrincipals")
 L7_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+HTTP_OPERATION_FIELDS = ("hosts", "methods", "paths")
 L4_WHEN_KEYS = (
     "source.ip",
     "remote.ip",
@@ -59,13 +67,23 @@ L4_WHEN_KEYS = (
 
 
 @dataclass(frozen=True, slots=True)
+class HttpAttributes:
+    """What an HTTP request adds (declared HTTP ports only)."""
+
+    method: str
+    path: str  # without the query
+    host: str  # the Host header / :authority, as sent
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
-    """What L4 knows about a connection at its destination."""
+    """What the destination knows: a connection (L4), or one HTTP request on it (``http``)."""
 
     source_ip: str
     destination_ip: str
     destination_port: int
     principal: str | None = None  # the peer's SPIFFE ID; None for plaintext
+    http: HttpAttributes | None = None
 
     @property
     def principal_name(self) -> str | None:
@@ -85,6 +103,7 @@ class Decision:
     policy: str | None = None  # "namespace/name" of the deciding policy
     audited: tuple[str, ...] = ()
     would: tuple[str, ...] = ()  # dry-run outcomes, e.g. "ns/p would deny"
+    would_deny: tuple[str, ...] = ()  # dry-run policies whose enforcement would deny it
 
 
 Predicate = Callable[[Request], bool]
@@ -111,6 +130,37 @@ def _any_string(values: Sequence[str], attr: Callable[[Request], str | None]) ->
 def _any_ip(blocks: Sequence[str], attr: Callable[[Request], str]) -> Predicate:
     nets = [ipaddress.ip_network(b, strict=False) for b in blocks]
     return lambda r: any(ipaddress.ip_address(attr(r)) in n for n in nets)
+
+
+def _host_name(host: str | None) -> str | None:
+    """A Host header without its port, lowercase (``Example.com:8080`` → ``example.com``)."""
+    if host is None:
+        return None
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0].lower() if host.count(":") == 1 else host.lower()
+
+
+def _http_field(key: str, values: Sequence[str]) -> Callable[[HttpAttributes], bool]:
+    """``methods``/``paths``/``hosts`` of one request."""
+    if key == "hosts":
+        hosts = [string_matcher(v.lower()) for v in values]
+        return lambda h: any(m(_host_name(h.host)) or m(h.host.lower()) for m in hosts)
+    matchers = [string_matcher(v) for v in values]
+    if key == "methods":
+        return lambda h: any(m(h.method) for m in matchers)
+    return lambda h: any(m(h.path) for m in matchers)
+
+
+def _per_request(
+    field: Callable[[HttpAttributes], bool], *, negated: bool, lenient: bool
+) -> Predicate:
+    """An HTTP field as a rule condition: per request on HTTP ports; on a connection (no
+    ``http``) it counts as matched in a DENY or AUDIT rule and as not matched in an ALLOW rule
+    (see the module docstring)."""
+    if negated:
+        return lambda r: lenient if r.http is None else not field(r.http)
+    return lambda r: lenient if r.http is None else field(r.http)
 
 
 def _any_port(ports: Sequence[str | int]) -> Predicate:
@@ -208,11 +258,15 @@ def _fields(
 ) -> list[Predicate]:
     preds: list[Predicate] = []
     for key, values in spec.items():
+        positive = key[3].lower() + key[4:] if key.startswith("not") else key
+        if positive in HTTP_OPERATION_FIELDS and key in l7:
+            field = _http_field(positive, values)
+            preds.append(_per_request(field, negated=key != positive, lenient=lenient))
+            continue
         if key in l7:
             if not lenient:
                 raise _Unenforceable(key)
             continue
-        positive = key[3].lower() + key[4:] if key.startswith("not") else key
         pred = table[positive](values)
         preds.append(_negate(pred) if key.startswith("not") else pred)
     return preds
@@ -308,21 +362,31 @@ class Authorizer:
 
     def evaluate(self, request: Request, workload: Workload) -> Decision:
         applicable = [p for p in self.policies if p.selects(workload, self.root_namespace)]
-        would = tuple(_dry_run(p, request) for p in applicable if p.dry_run)
+        dry = [p for p in applicable if p.dry_run]
+        would = tuple(_dry_run(p, request) for p in dry)
+        # As Istio's shadow result: a dry-run DENY that matches, or a dry-run ALLOW that
+        # does not, would have denied the request had it been enforced.
+        would_deny = tuple(
+            p.ref for p in dry if (p.action == "DENY") == p.matches(request) and p.action != "AUDIT"
+        )
         enforced = [p for p in applicable if not p.dry_run]
         audited = tuple(p.ref for p in enforced if p.action == "AUDIT" and p.matches(request))
         for p in enforced:
             if p.action == "DENY" and p.matches(request):
-                return Decision(False, f"denied by DENY policy {p.ref}", p.ref, audited, would)
+                return Decision(
+                    False, f"denied by DENY policy {p.ref}", p.ref, audited, would, would_deny
+                )
         allows = [p for p in enforced if p.action == "ALLOW"]
         if not allows:
-            return Decision(True, "no ALLOW policy applies", None, audited, would)
+            return Decision(True, "no ALLOW policy applies", None, audited, would, would_deny)
         for p in allows:
             if p.matches(request):
-                return Decision(True, f"allowed by ALLOW policy {p.ref}", p.ref, audited, would)
+                return Decision(
+                    True, f"allowed by ALLOW policy {p.ref}", p.ref, audited, would, would_deny
+                )
         refs = ", ".join(p.ref for p in allows)
         return Decision(
-            False, f"no ALLOW policy matched (applicable: {refs})", None, audited, would
+            False, f"no ALLOW policy matched (applicable: {refs})", None, audited, would, would_deny
         )
 
 

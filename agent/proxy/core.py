@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from agent.base.constants import (
@@ -28,6 +28,7 @@ from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
 from agent.proxy.records import Registry
 from agent.state import Snapshot, StateStore, Workload
+from agent.state.protocols import TCP, declared_pod_ports
 from agent.telemetry.records import ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Core:
         self.contexts = Contexts(identities)
         self.registry = Registry()
         self._policies: Policies | None = None
+        self._protocols: tuple[int, Mapping[tuple[str, int], str]] | None = None
 
     def snapshot(self) -> Snapshot:
         return self.store.snapshot()
@@ -104,6 +106,15 @@ class Core:
             )
             self._policies = cached
         return cached
+
+    def protocol(self, snap: Snapshot, ip: str, port: int) -> str:
+        """The declared protocol of a local pod port (``agent.state.protocols``), from a
+        table built once per state version."""
+        cached = self._protocols
+        if cached is None or cached[0] != snap.version:
+            cached = (snap.version, declared_pod_ports(snap))
+            self._protocols = cached
+        return cached[1].get((ip, port), TCP)
 
     def local_workload(self, snap: Snapshot, ip: str) -> Workload | None:
         """The meshed workload on this node that owns ``ip``, if any."""
@@ -135,6 +146,20 @@ class Core:
         if not decision.allowed:
             self.registry.deny(decision, where, record=unregistered)
         return decision.allowed
+
+    def authorize_request(self, request: Request, workload: Workload, where: str) -> Decision:
+        """Evaluate one HTTP request (``request.http`` set) with the current policies; log
+        dry-run and AUDIT outcomes, count a denial and what dry-run policies would deny. The
+        connection stays open whatever the answer."""
+        decision = self.policies().live(request, workload)
+        for note in decision.would:
+            log.info("%s: %s", where, note)
+        for ref in decision.audited:
+            log.info(
+                "%s: audited by %s (%s)", where, ref, "allowed" if decision.allowed else "denied"
+            )
+        self.registry.request_denied(decision, where, dry_run=decision.would_deny)
+        return decision
 
     def watch_policies(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         """Re-check live connections after every policy change; returns the unsubscribe."""

@@ -24,6 +24,10 @@ The client address: the ``forwarded: for=`` header names the client pod. It is b
 when the state says that IP belongs to a pod with the peer's identity; otherwise the proxy falls
 back to the connection's source address (the peer node), so a workload cannot claim another's IP
 to slip through an ``ipBlocks`` rule.
+
+A port declared HTTP/1.1 (``agent.state.protocols``) is not authorized per connection: the
+stream is answered 200 and every request inside it is parsed, authorized and reported by
+``agent.proxy.http_inbound`` (403 for a denied request, the connection keeps serving).
 """
 
 from __future__ import annotations
@@ -42,10 +46,12 @@ from agent.proxy.contexts import ALPN, NoCertificate
 from agent.proxy.core import Core
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.hbone_limits import InboundLimits
+from agent.proxy.http_inbound import HttpSession, StreamDownstream
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_tunnel
 from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
 from agent.state import Workload
+from agent.state.protocols import HTTP
 from agent.telemetry.records import INBOUND, SECURITY_MTLS, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -287,7 +293,9 @@ class InboundHbone:
             security=SECURITY_MTLS,
             path="hbone",
         )
-        if not self.core.authorize(request, workload, where, snap, unregistered=record):
+        http = self.core.protocol(snap, req.host, req.port) == HTTP
+        allowed = http or self.core.authorize(request, workload, where, snap, unregistered=record)
+        if not allowed:
             self._answer(proto, sid, 401)
             return
         s = self.core.settings
@@ -305,7 +313,7 @@ class InboundHbone:
         stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
         proto.codec.respond(sid, 200)
         proto.flush()
-        await self._relay(stream, upstream, record, request, workload)
+        await self._relay(stream, upstream, record, request, workload, http=http)
 
     async def _relay(
         self,
@@ -314,11 +322,22 @@ class InboundHbone:
         record: ConnectionRecord,
         request: Request,
         workload: Workload,
+        *,
+        http: bool,
     ) -> None:
         conn_id = self.core.registry.add(record, cancel_current_task())
-        self.core.registry.authorized(conn_id, request, workload)
         try:
-            await relay_tunnel(upstream, stream, record, outbound=False)
+            if http:
+                session = HttpSession(
+                    self.core, StreamDownstream(stream), upstream, record, request, workload
+                )
+                try:
+                    await session.serve()
+                finally:
+                    stream.proto.finish(stream)
+            else:
+                self.core.registry.authorized(conn_id, request, workload)
+                await relay_tunnel(upstream, stream, record, outbound=False)
         except (OSError, TunnelError) as e:
             log.debug("inbound %s ended: %s", record.destination, e)
         finally:

@@ -32,7 +32,12 @@ from dataclasses import dataclass
 
 from agent.policy.authz import Decision, Request
 from agent.state.model import Workload
-from agent.telemetry.records import ConnectionObserver, ConnectionRecord
+from agent.telemetry.records import (
+    ConnectionObserver,
+    ConnectionRecord,
+    RequestObserver,
+    RequestRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,7 @@ class Registry:
         self.denials: Counter[str] = Counter()
         self.total = 0
         self.observers: list[ConnectionObserver] = []
+        self.request_observers: list[RequestObserver] = []
 
     def add(
         self,
@@ -100,6 +106,33 @@ class Registry:
                 call(observer)
             except Exception:
                 log.exception("connection observer %r failed", observer)
+
+    def _tell(self, call: Callable[[RequestObserver], None]) -> None:
+        for observer in self.request_observers:
+            try:
+                call(observer)
+            except Exception:
+                log.exception("request observer %r failed", observer)
+
+    def request_done(self, connection: ConnectionRecord, request: RequestRecord) -> None:
+        """One HTTP request served (or refused by policy) on ``connection``."""
+        self._tell(lambda o: o.requested(connection, request))
+
+    def http_rejected(self, cause: str, detail: str) -> None:
+        """The HTTP layer refused bad input (the connection is closed)."""
+        log.info("HTTP request rejected (%s): %s", cause, detail)
+        self._tell(lambda o: o.rejected(cause))
+
+    def request_denied(self, decision: Decision, detail: str, *, dry_run: tuple[str, ...]) -> None:
+        """Count an L7 denial (``denials``, by policy) and the dry-run policies that would
+        have denied; unlike ``deny`` this leaves the connection's record alone: the
+        connection keeps serving other requests."""
+        if not decision.allowed:
+            self.denials[decision.policy or "no-allow-match"] += 1
+            log.info("HTTP request denied: %s: %s", detail, decision.reason)
+        for policy in dry_run:
+            log.info("HTTP request %s: dry-run policy %s would deny it", detail, policy)
+            self._tell(_would_deny(policy))
 
     def authorized(self, conn_id: int, request: Request, workload: Workload) -> None:
         """Remember what was authorized, so that ``recheck`` can evaluate it again."""
@@ -159,3 +192,7 @@ class Registry:
                 live.close(decision.reason)
                 closed += 1
         return closed
+
+
+def _would_deny(policy: str) -> Callable[[RequestObserver], None]:
+    return lambda o: o.would_deny(policy)

@@ -20,6 +20,8 @@ Format (README "Topology format" documents it for users)::
     services:
       - {name: server, namespace: default, selector: {app: server},
          ports: [{port: 80, targetPort: 8080}], clusterIP: 10.96.0.10}  # clusterIP optional
+    # a port may declare HTTP: appProtocol (http, http2, kubernetes.io/h2c, grpc) or a name
+    # such as http-web; a pod annotation nodemesh.io/http-ports: "8080" declares direct traffic
     policies: []                          # full nodemesh.io/v1alpha1 manifests
 """
 
@@ -56,7 +58,7 @@ _NODE_KEYS = ("name", "ip", "podCIDR", "pods")
 _POD_KEYS = ("name", "namespace", "serviceAccount", "ip", "labels", "annotations")
 _NS_KEYS = ("name", "labels")
 _SVC_KEYS = ("name", "namespace", "selector", "ports", "clusterIP")
-_PORT_KEYS = ("port", "targetPort", "name", "protocol")
+_PORT_KEYS = ("port", "targetPort", "name", "protocol", "appProtocol")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class PortSpec:
     target_port: int
     name: str = ""
     protocol: str = "TCP"
+    app_protocol: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,7 @@ def _service_mapping(svc: ServiceSpec) -> dict[str, Any]:
             {"port": p.port, "targetPort": p.target_port}
             | ({"name": p.name} if p.name else {})
             | ({"protocol": p.protocol} if p.protocol != "TCP" else {})
+            | ({"appProtocol": p.app_protocol} if p.app_protocol else {})
             for p in svc.ports
         ],
     }
@@ -240,7 +244,11 @@ def _check_annotations(f: Fields, annotations: Mapping[str, str]) -> None:
     mesh = annotations.get("nodemesh.io/mesh")
     if mesh is not None and mesh not in ("enabled", "disabled"):
         f.fail("annotations.nodemesh.io/mesh", f"{mesh!r} is not allowed: use enabled or disabled")
-    for key in ("nodemesh.io/exclude-outbound-ports", "nodemesh.io/exclude-inbound-ports"):
+    for key in (
+        "nodemesh.io/exclude-outbound-ports",
+        "nodemesh.io/exclude-inbound-ports",
+        "nodemesh.io/http-ports",
+    ):
         value = annotations.get(key)
         if value is not None:
             try:
@@ -297,6 +305,7 @@ def _parse_port(svc: Fields, path: str, item: object) -> PortSpec:
         port=port,
         target_port=f.port("targetPort", default=port),
         name=f.name("name") if f.has("name") else "",
+        app_protocol=f.string("appProtocol") if f.has("appProtocol") else "",
     )
 
 

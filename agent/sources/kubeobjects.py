@@ -26,6 +26,7 @@ from agent.sources.document import parse_port_list
 from agent.state.model import (
     EXCLUDE_INBOUND_ANNOTATION,
     EXCLUDE_OUTBOUND_ANNOTATION,
+    HTTP_PORTS_ANNOTATION,
     MESH_ANNOTATION,
     Endpoint,
     Namespace,
@@ -117,6 +118,7 @@ def workload_of(obj: Raw) -> Workload | None:
         mesh_annotation=mesh,
         exclude_outbound_ports=_ports_annotation(annotations, EXCLUDE_OUTBOUND_ANNOTATION),
         exclude_inbound_ports=_ports_annotation(annotations, EXCLUDE_INBOUND_ANNOTATION),
+        http_ports=_ports_annotation(annotations, HTTP_PORTS_ANNOTATION),
     )
 
 
@@ -134,6 +136,7 @@ def _service_port(port: Raw) -> ServicePort:
         target_port=target if isinstance(target, int) else 0,
         name=port.get("name") or "",
         protocol=port.get("protocol") or "TCP",
+        app_protocol=str(port.get("appProtocol") or ""),
     )
 
 

@@ -16,6 +16,7 @@ MESH_ANNOTATION = "nodemesh.io/mesh"
 MESH_NAMESPACE_LABEL = "nodemesh.io/mesh"
 EXCLUDE_OUTBOUND_ANNOTATION = "nodemesh.io/exclude-outbound-ports"
 EXCLUDE_INBOUND_ANNOTATION = "nodemesh.io/exclude-inbound-ports"
+HTTP_PORTS_ANNOTATION = "nodemesh.io/http-ports"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -60,6 +61,8 @@ class Workload:
     host_network: bool = False
     exclude_outbound_ports: frozenset[int] = frozenset()
     exclude_inbound_ports: frozenset[int] = frozenset()
+    # Ports declared HTTP/1.1 by ``nodemesh.io/http-ports`` (``agent.state.protocols``).
+    http_ports: frozenset[int] = frozenset()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -75,6 +78,7 @@ class ServicePort:
     target_port: int
     name: str = ""
     protocol: str = "TCP"
+    app_protocol: str = ""  # Kubernetes ``appProtocol`` as written ("" = none)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""The access log: one JSON line per connection at close, and the same fields for live ones.
+"""The access log: one JSON line per connection at close (and per HTTP request on declared
+HTTP ports), and the same fields for live connections.
 
 Why JSON on a logger of its own (``nodemesh.access``): log pipelines parse it without a grammar,
 an operator can silence or redirect it like any logger (``POST /logging?logger=nodemesh.access``),
@@ -12,9 +13,10 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Mapping
 
 from agent.telemetry.labels import TcpLabels
-from agent.telemetry.records import ConnectionRecord
+from agent.telemetry.records import ConnectionRecord, RequestRecord
 
 ACCESS_LOGGER = "nodemesh.access"
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -55,4 +57,33 @@ def write_access_log(record: ConnectionRecord, labels: TcpLabels) -> None:
     if access_log.isEnabledFor(logging.INFO):
         now = time.time()
         entry = {"time": _iso(now), **connection_entry(record, labels, now)}
+        access_log.info("%s", json.dumps(entry, separators=(",", ":")))
+
+
+def write_request_log(
+    connection: ConnectionRecord, request: RequestRecord, labels: Mapping[str, str]
+) -> None:
+    """Log one HTTP request at INFO: the connection it came on (``connection_id``), the request
+    and the labels its metrics carry."""
+    if access_log.isEnabledFor(logging.INFO):
+        entry = {
+            "time": _iso(time.time()),
+            "connection_id": connection.id,
+            "direction": connection.direction,
+            "source_address": connection.source,
+            "destination_address": connection.destination,
+            "method": request.method,
+            "path": request.path,
+            "authority": request.authority,
+            "response_code": request.status,
+            "duration_ms": round(request.duration_ms, 3),
+            "request_bytes": request.request_bytes,
+            "response_bytes": request.response_bytes,
+            "response_flags": request.response_flags,
+            "request_id": request.request_id,
+            "source_workload": labels["source_workload"],
+            "source_identity": labels["source_principal"],
+            "destination_workload": labels["destination_workload"],
+            "destination_service": labels["destination_service"],
+        }
         access_log.info("%s", json.dumps(entry, separators=(",", ":")))

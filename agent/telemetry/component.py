@@ -2,8 +2,9 @@
 
 The endpoint serves one ``CollectorRegistry`` per agent holding: the shared declared metrics
 (``agent.base.metrics``), the Istio TCP metrics of this agent's proxy (``TcpMetrics``,
-which is also the access log), and nodemesh's scrape-time collector (``AgentCollector``). It is
-served from the data plane's event loop: collectors read the proxy's live records without locks.
+which is also the access log), its Istio request metrics (``HttpMetrics``), and nodemesh's
+scrape-time collector (``AgentCollector``). It is served from the data plane's event loop:
+collectors read the proxy's live records without locks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from agent.base.http import Request, Response
 from agent.base.metrics import REGISTRY
 from agent.state import StateStore
 from agent.telemetry.agentmetrics import AgentCollector, AgentSources
+from agent.telemetry.http import HttpMetrics
 from agent.telemetry.tcp import TcpMetrics
 
 
@@ -45,8 +47,9 @@ class TelemetryComponent(HttpComponent):
     ) -> None:
         super().__init__(self._handle, address)
         self.tcp = TcpMetrics(store)
+        self.http = HttpMetrics(store)
         self.registry = CollectorRegistry(auto_describe=False)
-        for collector in (_Declared(), self.tcp, AgentCollector(sources)):
+        for collector in (_Declared(), self.tcp, self.http, AgentCollector(sources)):
             self.registry.register(collector)
 
     def exposition(self) -> bytes:

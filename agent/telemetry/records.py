@@ -47,3 +47,29 @@ class ConnectionObserver(Protocol):
     def opened(self, record: ConnectionRecord) -> None: ...
 
     def closed(self, record: ConnectionRecord) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One HTTP request served on a connection (``ConnectionRecord``), as telemetry reports it.
+    No label is made of ``path``: it is for the access log only."""
+
+    method: str
+    path: str
+    authority: str
+    status: int
+    duration_ms: float
+    request_bytes: int
+    response_bytes: int
+    response_flags: str  # "-", "RBAC", "UC", "DC"
+    request_id: str
+
+
+class RequestObserver(Protocol):
+    """Told about every HTTP request and every refusal of the HTTP layer."""
+
+    def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None: ...
+
+    def rejected(self, cause: str) -> None: ...
+
+    def would_deny(self, policy: str) -> None: ...

@@ -1,0 +1,160 @@
+"""Istio's request metrics, reported by the destination node for every HTTP request it served.
+
+Names, labels and buckets are Istio's, so its dashboards and Kiali-style queries work unchanged:
+``istio_requests_total``, ``istio_request_duration_milliseconds``, ``istio_request_bytes`` and
+``istio_response_bytes`` (body sizes), with the TCP metrics' labels (``agent.telemetry.labels``:
+the connection's workloads, principals, service and security policy) plus ``response_code`` and
+``grpc_response_status`` (empty for HTTP/1.1), ``request_protocol="http"`` and the request's own
+``response_flags`` (``RBAC`` for an L7 denial, ``UC`` when the pod failed it, ``DC`` when the
+client left). No label is a path or an address, so the cardinality is bounded by workloads times
+codes. Histograms are kept as bucket counts per label set here (not in the process-wide
+registry), so two agents in one test process never mix their series.
+
+The HTTP layer's refusals are counted by cause (``nodemesh_http_rejected_requests_total``) and
+dry-run policies' would-be denials by policy (``nodemesh_http_dry_run_denials_total``).
+
+Single-threaded like ``TcpMetrics``: everything runs on the agent's event loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from agent.state import StateStore
+from agent.telemetry.accesslog import write_request_log
+from agent.telemetry.labels import LABEL_NAMES, endpoint_services, tcp_labels
+from agent.telemetry.records import ConnectionRecord, RequestRecord
+
+REQUESTS = "istio_requests_total"
+DURATION = "istio_request_duration_milliseconds"
+REQUEST_BYTES = "istio_request_bytes"
+RESPONSE_BYTES = "istio_response_bytes"
+REJECTED = "nodemesh_http_rejected_requests_total"
+DRY_RUN = "nodemesh_http_dry_run_denials_total"
+
+# Istio's default buckets (the stats plugin's): milliseconds, and bytes.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
+    600000, 1800000, 3600000,
+)  # fmt: skip
+BYTES_BUCKETS: tuple[float, ...] = tuple(float(10**i) for i in range(10))  # 1 .. 1e9
+
+REQUEST_LABEL_NAMES = (*LABEL_NAMES, "response_code", "grpc_response_status")
+
+
+class RequestLabels(NamedTuple):
+    values: tuple[str, ...]  # in REQUEST_LABEL_NAMES order
+
+
+class _Histogram:
+    """Cumulative bucket counts and a sum, as Prometheus exposes a histogram."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else _le(bound), running))
+        return out
+
+
+def _le(bound: float) -> str:
+    return str(int(bound)) if bound == int(bound) else str(bound)
+
+
+class HttpMetrics(Collector):
+    """A ``RequestObserver`` (``Registry.request_observers``) and a prometheus collector."""
+
+    def __init__(self, store: StateStore, *, access_log: bool = True) -> None:
+        self._store = store
+        self._access_log = access_log
+        self._requests: Counter[RequestLabels] = Counter()
+        self._histograms: dict[str, dict[RequestLabels, _Histogram]] = {
+            DURATION: {},
+            REQUEST_BYTES: {},
+            RESPONSE_BYTES: {},
+        }
+        self._rejected: Counter[str] = Counter()
+        self._dry_run: Counter[str] = Counter()
+        self._endpoints: tuple[int, Mapping[str, str]] = (-1, {})
+
+    # -- RequestObserver ---------------------------------------------------------------------
+    def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
+        labels = self._labels(connection, request)
+        self._requests[labels] += 1
+        for name, value, bounds in (
+            (DURATION, request.duration_ms, DURATION_BUCKETS),
+            (REQUEST_BYTES, float(request.request_bytes), BYTES_BUCKETS),
+            (RESPONSE_BYTES, float(request.response_bytes), BYTES_BUCKETS),
+        ):
+            per = self._histograms[name]
+            if labels not in per:
+                per[labels] = _Histogram(bounds)
+            per[labels].observe(value)
+        if self._access_log:
+            write_request_log(
+                connection, request, dict(zip(REQUEST_LABEL_NAMES, labels.values, strict=True))
+            )
+
+    def rejected(self, cause: str) -> None:
+        self._rejected[cause] += 1
+
+    def would_deny(self, policy: str) -> None:
+        self._dry_run[policy] += 1
+
+    # -- collector ---------------------------------------------------------------------------
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        family = CounterMetricFamily(
+            REQUESTS, "Requests served (Istio standard metric)", labels=REQUEST_LABEL_NAMES
+        )
+        for labels, value in self._requests.items():
+            family.add_metric(list(labels.values), value)
+        yield family
+        docs = {
+            DURATION: "Request duration in milliseconds (Istio standard metric)",
+            REQUEST_BYTES: "Request body sizes in bytes (Istio standard metric)",
+            RESPONSE_BYTES: "Response body sizes in bytes (Istio standard metric)",
+        }
+        for name, doc in docs.items():
+            hist = HistogramMetricFamily(name, doc, labels=REQUEST_LABEL_NAMES)
+            for labels, h in self._histograms[name].items():
+                hist.add_metric(list(labels.values), h.buckets(), h.total)
+            yield hist
+        rejected = CounterMetricFamily(
+            REJECTED, "HTTP requests the proxy refused as bad input, by cause", labels=["cause"]
+        )
+        for cause, value in self._rejected.items():
+            rejected.add_metric([cause], value)
+        yield rejected
+        dry = CounterMetricFamily(
+            DRY_RUN, "HTTP requests a dry-run policy would have denied", labels=["policy"]
+        )
+        for policy, value in self._dry_run.items():
+            dry.add_metric([policy], value)
+        yield dry
+
+    def _labels(self, connection: ConnectionRecord, request: RequestRecord) -> RequestLabels:
+        snap = self._store.snapshot()
+        if self._endpoints[0] != snap.version:
+            self._endpoints = (snap.version, endpoint_services(snap))
+        tcp = tcp_labels(connection, snap, self._endpoints[1])._replace(
+            request_protocol="http", response_flags=request.response_flags
+        )
+        return RequestLabels((*tcp, str(request.status), ""))

@@ -1,0 +1,170 @@
+"""The asyncio shell of the destination's HTTP/1.1 layer over socket pairs (plaintext path)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from agent.policy.authz import Request
+from agent.proxy.core import Core
+from agent.proxy.http_inbound import HttpSession, SocketDownstream
+from agent.state import PolicyObject, StateStore
+from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
+from tests.workloads import workload
+
+SERVER = workload("server", "node1", "10.244.1.3", app="server")
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.requests: list[RequestRecord] = []
+        self.rejections: list[str] = []
+        self.sockets: list[socket.socket] = []  # the proxy's ends, closed by the test
+
+    def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
+        self.requests.append(request)
+
+    def rejected(self, cause: str) -> None:
+        self.rejections.append(cause)
+
+    def would_deny(self, policy: str) -> None:
+        pass
+
+
+def _core(*policies: PolicyObject) -> Core:
+    store = StateStore()
+    with store.update() as txn:
+        txn.put_workload(SERVER)
+        for p in policies:
+            txn.put_policy(p)
+    return Core(node="node1", store=store, identities=None)  # type: ignore[arg-type]
+
+
+DENY_ADMIN_POSTS = PolicyObject(
+    "AuthorizationPolicy",
+    "default",
+    "deny-admin-posts",
+    {
+        "action": "DENY",
+        "rules": [{"to": [{"operation": {"methods": ["POST"], "paths": ["/admin*"]}}]}],
+    },
+)
+
+
+async def _session(
+    core: Core, header_timeout: float = 5.0
+) -> tuple[socket.socket, socket.socket, asyncio.Task[None], Seen]:
+    """(client end, pod end, the serving task, what the registry was told)."""
+    client, down = socket.socketpair()
+    up, pod = socket.socketpair()
+    for s in (client, down, up, pod):
+        s.setblocking(False)
+    seen = Seen()
+    seen.sockets = [down, up]
+    core.registry.request_observers.append(seen)
+    record = ConnectionRecord(INBOUND, "10.244.2.2:40000", "10.244.1.3:8080")
+    request = Request("10.244.2.2", "10.244.1.3", 8080, None)
+    session = HttpSession(
+        core, SocketDownstream(down), up, record, request, SERVER, header_timeout=header_timeout
+    )
+    return client, pod, asyncio.create_task(session.serve()), seen
+
+
+async def _read_until(sock: socket.socket, done: Callable[[bytes], bool]) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while not done(data):
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro())  # type: ignore[arg-type]
+
+
+def test_keep_alive_with_a_denied_request_in_the_middle() -> None:
+    async def main() -> None:
+        client, pod, task, seen = await _session(_core(DENY_ADMIN_POSTS))
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"GET /a HTTP/1.1\r\nHost: s\r\n\r\n")
+        head = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert head.startswith(b"GET /a HTTP/1.1\r\nhost: s\r\nx-request-id: ")
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        assert await _read_until(client, lambda d: d.endswith(b"a")) == (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"
+        )
+        await loop.sock_sendall(
+            client, b"POST /admin/x HTTP/1.1\r\nHost: s\r\nContent-Length: 2\r\n\r\nhi"
+        )
+        denied = await _read_until(client, lambda d: d.endswith(b"RBAC: access denied"))
+        assert denied.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+        await loop.sock_sendall(client, b"GET /b HTTP/1.1\r\nHost: s\r\n\r\n")
+        head = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert head.startswith(b"GET /b HTTP/1.1\r\n")  # the POST never reached the pod
+        await loop.sock_sendall(pod, b"HTTP/1.1 204 No Content\r\n\r\n")
+        await _read_until(client, lambda d: d.endswith(b"\r\n\r\n"))
+        client.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 5)
+        assert [(r.method, r.path, r.status, r.response_flags) for r in seen.requests] == [
+            ("GET", "/a", 200, "-"),
+            ("POST", "/admin/x", 403, "RBAC"),
+            ("GET", "/b", 204, "-"),
+        ]
+        for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)
+
+
+def test_a_head_that_trickles_past_the_header_timeout_gets_408() -> None:
+    async def main() -> None:
+        client, pod, task, seen = await _session(_core(), header_timeout=0.3)
+        loop = asyncio.get_running_loop()
+        for piece in (b"GET / HT", b"TP/1.1\r\n", b"Host: s\r\n"):
+            await loop.sock_sendall(client, piece)  # each byte is in time; the head is not
+            await asyncio.sleep(0.15)
+        out = await _read_until(client, lambda d: False)
+        assert out.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        await asyncio.wait_for(task, 5)
+        assert seen.rejections == ["header_timeout"]
+        pod.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            pod.recv(1)  # nothing reached the pod
+        for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)
+
+
+def test_an_upgrade_becomes_an_opaque_relay() -> None:
+    async def main() -> None:
+        client, pod, task, seen = await _session(_core())
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(
+            client,
+            b"GET /ws HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        await loop.sock_sendall(
+            pod,
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n",
+        )
+        await _read_until(client, lambda d: d.endswith(b"\r\n\r\n"))
+        await loop.sock_sendall(client, b"\x81\x02hi not http")
+        assert await _read_until(pod, lambda d: d.endswith(b"not http")) == b"\x81\x02hi not http"
+        await loop.sock_sendall(pod, b"\x81\x03yes")
+        assert await _read_until(client, lambda d: d.endswith(b"yes")) == b"\x81\x03yes"
+        client.shutdown(socket.SHUT_WR)
+        pod.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 5)
+        for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)

@@ -342,7 +342,7 @@ class InboundHbone:
             log.debug("inbound %s ended: %s", record.destination, e)
         finally:
             self.core.registry.remove(conn_id)
-            if stream.error is None and stream.eof:
+            if stream.complete:
                 upstream.close()
             else:
                 sockets.abort(upstream)

@@ -74,7 +74,8 @@ class TunnelStream:
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
-        self.eof = False
+        self.eof = False  # the peer ended its half (END_STREAM received)
+        self.ended = False  # we ended ours (write_eof)
         self.error: TunnelError | None = None
         self._sink: socket.socket | None = None
         self._on_sent: Callable[[int], None] | None = None
@@ -103,6 +104,11 @@ class TunnelStream:
     def _on_end(self) -> None:
         self.eof = True
         self._readable.set()
+
+    @property
+    def complete(self) -> bool:
+        """Both halves ended without error: the stream closed cleanly, nothing to reset."""
+        return self.eof and self.ended and self.error is None
 
     def _on_error(self, error: TunnelError) -> None:
         self.error = error
@@ -165,6 +171,7 @@ class TunnelStream:
 
     def write_eof(self) -> None:
         if not self.error:
+            self.ended = True
             self.proto.dispatch(self.proto.codec.end_stream(self.stream_id))
             self.proto.flush()
 
@@ -345,10 +352,12 @@ class HboneProtocol(asyncio.Protocol):
             self.on_idle(self)
 
     def finish(self, stream: TunnelStream) -> None:
-        """The relay is done with ``stream`` (both directions closed or failed)."""
+        """The relay is done with ``stream``: unless both halves ended cleanly (a relay stopped
+        early, say by a policy re-check, may leave ours open), reset it, so the peer never
+        waits for bytes that will not come."""
         if self.streams.pop(stream.stream_id, None) is not None:
             stream._discard()
-            if not (stream.eof and stream.error is None):
+            if not stream.complete:
                 self.codec.reset(stream.stream_id, ErrorCodes.CANCEL)
                 self.flush()
             self.stream_closed()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.proxy.hbone import HboneConnection
-from agent.proxy.tunnel import HboneProtocol, TunnelStream
+from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
 from tests.unit.proxy.memtransport import MemoryTransport
 
 
@@ -122,5 +122,36 @@ def test_a_blocking_socket_is_refused() -> None:
         finally:
             a.close()
             b.close()
+
+    asyncio.run(main())
+
+
+def test_a_relay_stopped_before_ending_its_half_resets_the_stream() -> None:
+    """The peer half-closed, then the relay stopped (a policy re-check or the drain deadline
+    cancelled it) before it ended its own half: the peer must learn the stream is over, or it
+    waits for bytes that never come (a denied client hung until its own timeout)."""
+
+    async def main() -> None:
+        client, server = await tunnel()
+        client.write_eof()
+        await settle()
+        assert server.eof
+        server.proto.finish(server)
+        await settle()
+        with pytest.raises(TunnelError):
+            await asyncio.wait_for(client.read(), 1)
+
+    asyncio.run(main())
+
+
+def test_a_relay_that_ended_both_halves_closes_the_stream_cleanly() -> None:
+    async def main() -> None:
+        client, server = await tunnel()
+        client.write_eof()
+        server.write_eof()
+        await settle()
+        server.proto.finish(server)
+        await settle()
+        assert await asyncio.wait_for(client.read(), 1) is None
 
     asyncio.run(main())

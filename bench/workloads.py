@@ -184,6 +184,7 @@ def _measured_http(
     bed: Testbed, path: HttpPath, s: Settings, base: list[str], url: str
 ) -> dict[str, Any]:
     log = Path(bed.the_lab.state_dir) / "logs" / "bench-h2load-requests.log"
+    log.unlink(missing_ok=True)  # h2load appends to its log file
     counted_before = _destination_requests(bed)
     cpu_before = procstat.total_cpu(path.proxy_pids)
     argv = [*base, "-D", _ms(s.http_seconds), f"--log-file={log}", url]
@@ -195,6 +196,10 @@ def _measured_http(
     times = h2load.latencies_us(log.read_text(encoding="ascii"))
     if not found["succeeded"] or not times:
         return {"error": f"h2load {url}: no request succeeded ({found})"}
+    if len(times) != found["requests"]:
+        return {
+            "error": f"h2load {url}: logged {len(times)} requests, reported {found['requests']}"
+        }
     counted = _destination_requests(bed) - counted_before
     deadline = time.monotonic() + 3  # a response is counted as the agent finishes writing it
     while path.declared and counted < found["succeeded"] and time.monotonic() < deadline:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import summary
+from bench import stats, summary
 
 
 def write_json(results: Mapping[str, Any], path: Path) -> None:
@@ -58,6 +58,7 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
         " / costlier (latency, CPU, memory). Proxy CPU and memory are the agents' (both nodes on"
         " the cross-node path, node1's on the same-node path) or both stunnel processes'.",
     ]
+    out += _http_section(results)
     if chart:
         out += ["", f"![benchmark chart]({chart})"]
     out += ["", "## Path verification", ""]
@@ -74,6 +75,43 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
     if problems:
         out += ["", "## Failures", "", *(f"- {p}" for p in problems)]
     return "\n".join(out) + "\n"
+
+
+def _http_section(results: Mapping[str, Any]) -> list[str]:
+    paths = results.get("http_paths", [])
+    if not paths:
+        return []
+    values = summary.http_values(results)
+    direct = values.get("direct", {}).get("rps")
+    s = results["settings"]
+    out = [
+        "",
+        f"## HTTP/1.1 keep-alive (`h2load --h1`, {s['http_clients']} connections, "
+        f"{s['http_seconds']:g} s per repetition)",
+        "",
+        "| path | req/s | p50 µs | p90 µs | p99 µs | agent CPU µs/request | req/s vs direct "
+        "| requests: h2load / node2's agent counted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in paths:
+        v = values[path["key"]]
+        out.append(
+            f"| {path['title']} | {_fmt(v['rps'], 0)} | {_fmt(v['p50'], 0)} | {_fmt(v['p90'], 0)}"
+            f" | {_fmt(v['p99'], 0)} | {_fmt(v['cpu_us_per_request'], 1)}"
+            f" | {_ratio(stats.ratio(v['rps'], direct))}"
+            f" | {_fmt(v['requests'], 0)} / {_fmt(v['counted'], 0)} |"
+        )
+    out += [
+        "",
+        "Request times are h2load's per-request log (request start to the end of its response),"
+        " one request in flight per connection; the measured run opens its connections after an"
+        " unrecorded warm-up run. Agent CPU is both agents' user+system time during the measured"
+        " run over the requests h2load completed. node2's agent parses, authorizes and counts"
+        " the declared port's requests (the growth of its"
+        ' `istio_requests_total{reporter="destination"}` is the last number) and relays the L4'
+        " port's as bytes (no growth).",
+    ]
+    return out
 
 
 def _agents_section(results: Mapping[str, Any]) -> list[str]:

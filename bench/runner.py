@@ -10,7 +10,9 @@ Order of a run:
    connections for reuse, which would hide the same-node test's growth);
 3. ``reps`` repetitions of every throughput / latency / connection-rate workload over every path,
    the path order rotated each repetition, so that drift of a shared machine (other engineers'
-   tests, CPU frequency, page cache) spreads over all paths instead of landing on one;
+   tests, CPU frequency, page cache) spreads over all paths instead of landing on one; then, in
+   the same repetition, the HTTP/1.1 keep-alive workload over its three paths (direct, nodemesh
+   L4, nodemesh HTTP), rotated the same way;
 4. after the lab is gone, ``openssl speed`` for each cipher the TLS paths negotiated;
 5. the upgrade section (``bench.upgrade``) in a lab of its own: live streams and new connections
    across ``nodemesh lab upgrade node1`` and ``node2``.
@@ -56,6 +58,12 @@ def _headline(workload: str, sample: dict[str, Any]) -> str:
         return f"{sample['gbps']:.2f} Gbit/s, proxy CPU {sample['proxy_cpu_s']:.1f} s"
     if workload == "rr":
         return f"p50 {sample['p50_us']:.0f} µs, p99 {sample['p99_us']:.0f} µs"
+    if workload == "http":
+        return (
+            f"{sample['rps']:,.0f} req/s, p50 {sample['p50_us']:.0f} µs, p99 "
+            f"{sample['p99_us']:.0f} µs, node2's agent counted "
+            f"{sample['destination_counted']:.0f}"
+        )
     return f"{sample['rate']:.0f} conn/s, errors {sample['errors'] or 'none'}"
 
 
@@ -85,6 +93,11 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
                 "address": f"{path.host}:{path.echo_port}", "proxy_pids": list(path.proxy_pids),
                 "wire": path.wire, "verification": verdict.__dict__,
             })  # fmt: skip
+        results["http_paths"] = [
+            {"key": p.key, "title": p.title, "client": p.client, "address": f"{p.host}:{p.port}",
+             "proxy_pids": list(p.proxy_pids), "declared": p.declared}
+            for p in bed.http_paths
+        ]  # fmt: skip
         for key in ("mesh_cross", "stunnel", "mesh_same"):
             if key == "mesh_same":
                 bed.restart_agent("node1")  # fresh after the cross-node test's 10,000
@@ -105,6 +118,14 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
                         {"rep": rep, "path": path.key, "workload": name, "load1": load1, **sample}
                     )
                     say(f"[{rep + 1}/{s.reps}] {path.title} {name}: {_headline(name, sample)}")
+            shift = rep % len(bed.http_paths)
+            for hpath in bed.http_paths[shift:] + bed.http_paths[:shift]:
+                sample = workloads.http_keepalive(bed, hpath, s)
+                load1 = round(procstat.load_average()[0], 2)
+                results["samples"].append(
+                    {"rep": rep, "path": hpath.key, "workload": "http", "load1": load1, **sample}
+                )
+                say(f"[{rep + 1}/{s.reps}] {hpath.title} http: {_headline('http', sample)}")
     results["openssl_speed"] = _speeds(results, s)
     results["upgrade"] = _upgrade(s)
     results["load"]["after"] = [round(x, 2) for x in procstat.load_average()]

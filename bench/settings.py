@@ -26,6 +26,9 @@ class Settings:
     conn_warmup: float = 1.0
     conn_concurrency: int = 8
     conn_size: int = 100
+    http_seconds: float = 3.0  # h2load -D: the measured HTTP/1.1 keep-alive run
+    http_warmup: float = 1.0  # an unrecorded h2load run first (HBONE pool, caches); 0: none
+    http_clients: int = 8  # h2load -c: keep-alive connections, one request in flight on each
     idle_steps: tuple[int, ...] = (1000, 2500, 5000, 10000)
     speed_seconds: int = 3  # openssl speed -seconds
     marker_bytes: int = 65536
@@ -47,6 +50,8 @@ QUICK = Settings(
     rr_warmup=200,
     conn_seconds=1.5,
     conn_warmup=0.5,
+    http_seconds=1.5,
+    http_warmup=0.5,
     idle_steps=(200, 1000),
     speed_seconds=1,
     upgrade_long_lived=40,
@@ -78,6 +83,11 @@ def from_arguments(args: argparse.Namespace) -> Settings:
     settings = replace(base, **changes)
     if min(settings.reps, settings.rr_count, settings.bulk_seconds) < 1:
         raise SystemExit("bench: --reps, --rr-count and --bulk-seconds must be at least 1")
+    if settings.http_seconds < 0.001 or settings.http_clients < 1 or settings.http_warmup < 0:
+        raise SystemExit(
+            "bench: --http-seconds must be at least 0.001, --http-clients at least 1 and "
+            "--http-warmup not negative"
+        )
     return settings
 
 

@@ -8,6 +8,14 @@ processes on the same cores:
     nodemesh same    client (node1, meshed) -> neighbor (node1, meshed): one proxy, no TLS
     stunnel4         outsider -> node1 stunnel -> mTLS -> node2 stunnel -> plain
 
+and the HTTP/1.1 workload's three (``HttpPath``), to one HTTP server program:
+
+    direct           outsider -> plain:8000
+    nodemesh L4      client -> server:8001, a port nothing declares HTTP: opaque bytes over HBONE
+    nodemesh HTTP    client -> server:8000, declared by the pod annotation
+                     ``nodemesh.io/http-ports``: node2's agent parses, authorizes and counts
+                     every request
+
 The unmeshed pods are the stunnel path's ends too, so stunnel's numbers differ from direct only by
 the tunnel. Client namespaces get ``tcp_tw_reuse=1`` and a wide local port range: the
 connection-rate workload opens tens of thousands of short connections per run, and TIME_WAIT
@@ -34,6 +42,8 @@ from bench import stunnel
 
 REPO = Path(__file__).resolve().parent.parent
 MESH = "{nodemesh.io/mesh: enabled}"
+HTTP_PORT = 8000  # declared HTTP/1.1 on the server pod
+HTTP_L4_PORT = 8001  # the same server program on a port left undeclared (opaque L4)
 TOPOLOGY = f"""\
 nodes:
   - name: node1
@@ -43,7 +53,8 @@ nodes:
       - {{name: outsider, namespace: default, serviceAccount: outsider}}
   - name: node2
     pods:
-      - {{name: server, namespace: default, serviceAccount: server, annotations: {MESH}}}
+      - {{name: server, namespace: default, serviceAccount: server,
+         annotations: {{nodemesh.io/mesh: enabled, nodemesh.io/http-ports: "{HTTP_PORT}"}}}}
       - {{name: plain, namespace: default, serviceAccount: plain}}
 """
 ECHO_PORT = 7000
@@ -67,6 +78,17 @@ class BenchPath:
     fds_per_connection: int  # sockets one proxy process holds per proxied connection, at most
 
 
+@dataclass(frozen=True)
+class HttpPath:
+    key: str
+    title: str
+    client: str
+    host: str
+    port: int
+    proxy_pids: tuple[int, ...]
+    declared: bool  # node2's agent parses the requests (an HTTP port) or relays bytes (L4)
+
+
 class Testbed:
     """Context manager: builds everything on enter, removes everything on exit."""
 
@@ -75,6 +97,7 @@ class Testbed:
         self.lab: Lab | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.paths: list[BenchPath] = []
+        self.http_paths: list[HttpPath] = []
         self.stunnel_pids: tuple[int, ...] = ()
 
     def __enter__(self) -> Testbed:
@@ -86,7 +109,7 @@ class Testbed:
             self._tune()
             self._start_servers()
             self.stunnel_pids = self._start_stunnel()
-            self.paths = self._paths()
+            self.paths, self.http_paths = self._paths(), self._http_paths()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -125,6 +148,11 @@ class Testbed:
                            "--port", str(ECHO_PORT), stdout=out, stderr=out)  # fmt: skip
             with self.log_file(f"{pod}-iperf3") as out:
                 self.popen(pod, "iperf3", "-s", "-p", str(IPERF_PORT), stdout=out, stderr=out)
+        for pod, ports in (("server", (HTTP_PORT, HTTP_L4_PORT)), ("plain", (HTTP_PORT,))):
+            flags = [arg for port in ports for arg in ("--port", str(port))]
+            with self.log_file(f"{pod}-http") as out:
+                self.popen(pod, sys.executable, "-m", "bench.programs.http_server", *flags,
+                           stdout=out, stderr=out)  # fmt: skip
 
     def log_file(self, name: str) -> IO[bytes]:
         """An append-mode log file ``<lab state>/logs/bench-<name>.log`` for a child's output."""
@@ -175,7 +203,7 @@ class Testbed:
         )
         proc = components.start(component, labdir)
         components.wait_ready(component, proc, labdir, timeout=60)
-        self.paths = self._paths()
+        self.paths, self.http_paths = self._paths(), self._http_paths()
 
     def _paths(self) -> list[BenchPath]:
         lab = self.the_lab
@@ -192,6 +220,18 @@ class Testbed:
             BenchPath("stunnel", "stunnel4 mTLS", "outsider", node1,
                       ECHO_PORT + STUNNEL_CLIENT_OFFSET, IPERF_PORT + STUNNEL_CLIENT_OFFSET,
                       "plain", self.stunnel_pids, "tls", None, 2),
+        ]  # fmt: skip
+
+    def _http_paths(self) -> list[HttpPath]:
+        lab = self.the_lab
+        server, plain = str(lab.pod("server")["ip"]), str(lab.pod("plain")["ip"])
+        agents = self.agent_pids()
+        return [
+            HttpPath("direct", "direct (no mesh)", "outsider", plain, HTTP_PORT, (), False),
+            HttpPath("mesh_l4", "nodemesh L4 (undeclared port)", "client", server, HTTP_L4_PORT,
+                     agents, False),
+            HttpPath("mesh_http", "nodemesh HTTP (declared port)", "client", server, HTTP_PORT,
+                     agents, True),
         ]  # fmt: skip
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.base.constants import ADMIN_PORT, METRICS_PORT
 from agent.lab.cli import format_status
@@ -24,6 +25,9 @@ from agent.lab.handle import Lab
 from agent.lab.netns import call_in
 from agent.lab.topology import DEFAULT_LAB, LabError
 from agent.sources.document import DocumentError
+
+if TYPE_CHECKING:
+    from prometheus_client.samples import Sample
 
 ECHO_PORT = 8080
 # Answers each connection with who it saw connecting: the source address the pod observed.
@@ -40,6 +44,26 @@ while True:
     conn.close()
 """
 
+WEB_PORT = 9080  # the server pods' port behind Service web, declared HTTP (the default topology)
+# HTTP/1.1 keep-alive: every request is answered with the pod's name (argv[1]).
+WEB_SERVER = f"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def reply(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = sys.argv[1].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = reply
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("0.0.0.0", {WEB_PORT}), Handler).serve_forever()
+"""
+
 
 class StepFailed(Exception):
     """A demo step did not show what it should; the message says what happened instead."""
@@ -51,9 +75,9 @@ class Step:
     run: Callable[[Lab], list[str]]
 
 
-def _wait_listening(lab: Lab, pod: str, timeout: float = 15.0) -> None:
+def _wait_listening(lab: Lab, pod: str, port: int = ECHO_PORT, timeout: float = 15.0) -> None:
     def probe() -> None:
-        socket.create_connection(("127.0.0.1", ECHO_PORT), timeout=2).close()
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
     deadline = time.monotonic() + timeout
     while True:
@@ -62,7 +86,7 @@ def _wait_listening(lab: Lab, pod: str, timeout: float = 15.0) -> None:
             return
         except OSError as e:
             if time.monotonic() > deadline:
-                raise StepFailed(f"the echo server in {pod} did not listen: {e}") from e
+                raise StepFailed(f"the server in {pod} did not listen on {port}: {e}") from e
             time.sleep(0.1)
 
 
@@ -173,11 +197,7 @@ def policy_denial(lab: Lab) -> list[str]:
     try:
         # Wait until node2's agent has the policy: a request racing the reload could be admitted
         # and then closed mid-way (live connections are re-checked), killing the echo server.
-        deadline = time.monotonic() + 10
-        while "demo-deny-client" not in _node_cli(lab, "node2", "policies", "-o", "json"):
-            if time.monotonic() > deadline:
-                raise StepFailed("node2's agent did not load the policy within 10s")
-            time.sleep(0.2)
+        _await_policy(lab, "demo-deny-client", loaded=True)
         try:
             seen = _request(lab, "client", "server-0")
         except StepFailed as e:
@@ -195,15 +215,21 @@ def policy_denial(lab: Lab) -> list[str]:
         ]
     finally:
         lab.delete(manifest)
-        deadline = time.monotonic() + 10  # the next steps need the client admitted again
-        while "demo-deny-client" in _node_cli(lab, "node2", "policies", "-o", "json"):
-            if time.monotonic() > deadline:
-                raise StepFailed("node2's agent still has the policy 10s after its deletion")
-            time.sleep(0.2)
+        _await_policy(lab, "demo-deny-client", loaded=False)  # the next steps need the client
 
 
-def _metrics_excerpt(lab: Lab, node: str) -> list[str]:
-    """Istio TCP metrics of ``node``'s agent, one line per series with its key labels."""
+def _await_policy(lab: Lab, name: str, *, loaded: bool, timeout: float = 10.0) -> None:
+    """Wait until node2's agent has (``loaded``) or no longer has policy ``name``."""
+    deadline = time.monotonic() + timeout
+    while (name in _node_cli(lab, "node2", "policies", "-o", "json")) != loaded:
+        if time.monotonic() > deadline:
+            state = "load" if loaded else "drop"
+            raise StepFailed(f"node2's agent did not {state} policy {name} within {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+def _samples(lab: Lab, node: str) -> list[Sample]:
+    """Every sample of ``node``'s agent's ``/metrics``."""
     from urllib.request import urlopen
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -214,17 +240,22 @@ def _metrics_excerpt(lab: Lab, node: str) -> list[str]:
         ) as response:
             return str(response.read().decode())
 
+    families = text_string_to_metric_families(call_in(lab.netns(node), scrape))
+    return [sample for family in families for sample in family.samples]
+
+
+def _metrics_excerpt(lab: Lab, node: str) -> list[str]:
+    """Istio TCP metrics of ``node``'s agent, one line per series with its key labels."""
     lines = []
-    for family in text_string_to_metric_families(call_in(lab.netns(node), scrape)):
-        for sample in family.samples:
-            if sample.name.startswith("istio_tcp") and sample.name.endswith("_total"):
-                lb = sample.labels
-                lines.append(
-                    f"{sample.name}{{reporter={lb['reporter']}, "
-                    f"{lb['source_workload']} -> {lb['destination_workload']}, "
-                    f"{lb['connection_security_policy']}, flags={lb['response_flags']}}} "
-                    f"{sample.value:.0f}"
-                )
+    for sample in _samples(lab, node):
+        if sample.name.startswith("istio_tcp") and sample.name.endswith("_total"):
+            lb = sample.labels
+            lines.append(
+                f"{sample.name}{{reporter={lb['reporter']}, "
+                f"{lb['source_workload']} -> {lb['destination_workload']}, "
+                f"{lb['connection_security_policy']}, flags={lb['response_flags']}}} "
+                f"{sample.value:.0f}"
+            )
     return lines
 
 
@@ -265,6 +296,116 @@ def telemetry(lab: Lab) -> list[str]:
     finally:
         if "sock" in box:
             box["sock"].close()
+
+
+# One curl connection to Service web: (method, path, the status the DENY below makes it get).
+HTTP_CALLS = (
+    ("GET", "/orders", "200"),
+    ("POST", "/orders", "200"),
+    ("POST", "/admin/users", "403"),
+    ("GET", "/admin/users", "200"),
+    ("POST", "/admin", "403"),
+    ("GET", "/healthz", "200"),
+)
+
+
+def _curl_one_connection(lab: Lab, url: str) -> list[tuple[str, str, str]]:
+    """``HTTP_CALLS`` on one curl invocation (one keep-alive connection): per request the body,
+    the status and how many connections curl opened for it (0: it reused the connection)."""
+    args: list[str] = []
+    for i, (method, path, _) in enumerate(HTTP_CALLS):
+        args += ["--next"] if i else []
+        args += ["-X", method, "-w", " %{http_code} %{num_connects}\\n", url + path]
+        args += ["--data", "payload"] if method == "POST" else []
+    out = lab.exec(
+        "client", "curl", "-sS", "--max-time", "10", *args, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise StepFailed(f"curl {url}: {out.stderr.strip()}")
+    results = []
+    for line in out.stdout.splitlines():
+        body, status, connects = line.rsplit(" ", 2)
+        results.append((body, status, connects))
+    return results
+
+
+def _request_counts(lab: Lab) -> dict[tuple[str, str], float]:
+    """node2's ``istio_requests_total{reporter="destination"}`` by (response code, flags)."""
+    counts: dict[tuple[str, str], float] = {}
+    for sample in _samples(lab, "node2"):
+        lb = sample.labels
+        if sample.name == "istio_requests_total" and lb["reporter"] == "destination":
+            key = (lb["response_code"], lb["response_flags"])
+            counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
+def http_requests(lab: Lab) -> list[str]:
+    """HTTP/1.1 requests to Service web over one keep-alive connection, with an L7 DENY on
+    ``POST /admin*``: per-request outcomes and node2's Istio request metrics."""
+    if shutil.which("curl") is None:
+        raise StepFailed("curl is not installed: run scripts/setup.sh (debian-packages.txt)")
+    for pod in ("server-0", "server-1"):
+        _servers[f"{pod}-web"] = lab.popen(pod, sys.executable, "-c", WEB_SERVER, pod)
+        _wait_listening(lab, pod, WEB_PORT)
+    operation = {"methods": ["POST"], "paths": ["/admin*"], "ports": [str(WEB_PORT)]}
+    manifest = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "demo-deny-admin-posts", "namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "server"}},
+            "action": "DENY",
+            "rules": [{"to": [{"operation": operation}]}],
+        },
+    }
+    vip = next(s for s in lab.status()["services"] if s["name"] == "web")["clusterIP"]
+    lab.apply(manifest)
+    try:
+        _await_policy(lab, "demo-deny-admin-posts", loaded=True)
+        before = _request_counts(lab)
+        results = _curl_one_connection(lab, f"http://{vip}")
+        want = [status for _, _, status in HTTP_CALLS]
+        if [status for _, status, _ in results] != want:
+            raise StepFailed(f"statuses {[r[1] for r in results]}, expected {want}")
+        if [n for _, _, n in results] != ["1"] + ["0"] * (len(HTTP_CALLS) - 1):
+            raise StepFailed(f"curl did not keep one connection: {[r[2] for r in results]}")
+        expected = {
+            ("200", "-"): float(want.count("200")),
+            ("403", "RBAC"): float(want.count("403")),
+        }
+        deadline = time.monotonic() + 5  # the agent counts a request once its response is out
+        while True:
+            after = _request_counts(lab)
+            seen = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in expected}
+            if seen == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if seen != expected:
+            raise StepFailed(f"node2 counted {seen} requests, expected {expected}")
+        lines = [
+            "applied AuthorizationPolicy default/demo-deny-admin-posts "
+            f"(DENY POST /admin* on port {WEB_PORT})",
+            f"client -> Service web ({vip}:80), {len(HTTP_CALLS)} requests on one keep-alive "
+            "connection (curl):",
+        ]
+        for (method, path, _), (body, status, connects) in zip(HTTP_CALLS, results, strict=True):
+            how = "new connection" if connects == "1" else "same connection"
+            lines.append(f"  {method:<4} {path:<12} -> {status} {body!r} ({how})")
+        lines.append(f'node2 istio_requests_total{{reporter="destination"}} (:{METRICS_PORT}):')
+        for sample in _samples(lab, "node2"):
+            lb = sample.labels
+            if sample.name == "istio_requests_total" and lb["reporter"] == "destination":
+                lines.append(
+                    f"  {{{lb['source_workload']} -> {lb['destination_workload']}, "
+                    f"{lb['destination_service']}, protocol={lb['request_protocol']}, "
+                    f"code={lb['response_code']}, flags={lb['response_flags']}}} "
+                    f"{sample.value:.0f}"
+                )
+        return lines
+    finally:
+        lab.delete(manifest)
+        _await_policy(lab, "demo-deny-admin-posts", loaded=False)
 
 
 def _traffic(lab: Lab, node: str) -> dict[str, Any]:
@@ -343,6 +484,7 @@ STEPS: list[Step] = [
     Step("mTLS: the identities of a live connection (admin API)", mtls_identities),
     Step("a policy denial", policy_denial),
     Step("telemetry: live connections and Istio TCP metrics", telemetry),
+    Step("HTTP/1.1: per-request outcomes, an L7 denial and Istio request metrics", http_requests),
     Step("traffic control: a failing replica is ejected, retries hide it", ejection),
 ]
 

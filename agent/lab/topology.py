@@ -31,6 +31,8 @@ UPLINK = "eth0"
 PIN_ROOT = "/sys/fs/bpf/nodemesh"
 STATE_ROOT = "/run/nodemesh/lab"
 
+# Service ``web`` declares HTTP/1.1 on the server pods' port 9080 (port name and appProtocol),
+# a port of its own: the echo port 8080 behind Service ``server`` stays opaque TCP.
 DEFAULT_TOPOLOGY = """\
 trustDomain: cluster.local
 nodes:
@@ -53,6 +55,8 @@ namespaces:
 services:
   - {name: server, namespace: default, selector: {app: server},
      ports: [{port: 80, targetPort: 8080}]}
+  - {name: web, namespace: default, selector: {app: server},
+     ports: [{port: 80, targetPort: 9080, name: http, appProtocol: http}]}
 policies: []
 """
 

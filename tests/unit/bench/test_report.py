@@ -159,3 +159,38 @@ def test_idle_agents_section_gives_each_agent_process_its_rss_and_how_it_got_its
     assert "- node1's agent (lab up): 70.0 MiB, programs compiled at start-up" in text
     assert "- node1's agent (restarted): ERROR /datapath answered 503" in text
     assert "Idle agents" not in report.markdown(results(), None)
+
+
+def _http(rep: int, key: str, rps: float, p50: float, cpu: float, counted: int) -> dict[str, Any]:
+    return sample(rep, key, "http", rps=rps, p50_us=p50, p90_us=p50 * 2, p99_us=p50 * 4,
+                  requests=1000, proxy_cpu_s=cpu, destination_counted=counted)  # fmt: skip
+
+
+def test_http_section_medians_cpu_per_request_and_what_node2_counted() -> None:
+    http_paths = [
+        {"key": "direct", "title": "direct", "proxy_pids": []},
+        {"key": "mesh_l4", "title": "L4", "proxy_pids": [1, 2]},
+        {"key": "mesh_http", "title": "HTTP", "proxy_pids": [1, 2]},
+    ]
+    samples = [
+        *(_http(rep, "direct", rps, 50.0, 0.0, 0) for rep, rps in enumerate([9e3, 10e3, 11e3])),
+        *(_http(rep, "mesh_l4", 4e3, 100.0, 0.1, 0) for rep in range(3)),
+        *(_http(rep, "mesh_http", rps, 200.0, 0.2, 1001) for rep, rps in enumerate([2e3, 3e3])),
+        sample(2, "mesh_http", "http", error="h2load exited 1: connect error"),
+    ]
+    done = results()
+    done["samples"] += samples
+    done["http_paths"] = http_paths
+    done["settings"] |= {"http_clients": 8, "http_seconds": 3.0}
+    values = summary.http_values(done)
+    assert values["direct"]["rps"] == 10e3
+    assert values["direct"]["cpu_us_per_request"] is None  # no proxy, not "free"
+    assert values["mesh_l4"]["cpu_us_per_request"] == pytest.approx(100.0)  # 0.3 s / 3000
+    assert values["mesh_http"]["rps"] == 2.5e3  # the failed repetition has no value
+    assert (values["mesh_http"]["requests"], values["mesh_http"]["counted"]) == (2000, 2002)
+    text = report.markdown(done, None)
+    assert "## HTTP/1.1 keep-alive (`h2load --h1`, 8 connections, 3 s per repetition)" in text
+    assert "| L4 | 4,000 | 100 | 200 | 400 | 100.0 | 0.40x | 3,000 / 0 |" in text
+    assert "| HTTP | 2,500 | 200 | 400 | 800 | 200.0 | 0.25x | 2,000 / 2,002 |" in text
+    assert "- mesh_http http rep 2: h2load exited 1: connect error" in text
+    assert "HTTP/1.1 keep-alive" not in report.markdown(results(), None)

@@ -10,6 +10,7 @@ from agent.lab import control
 from agent.lab.record import LabDir
 from agent.lab.topology import DEFAULT_TOPOLOGY, LabError, check_lab_name, plan_lab
 from agent.sources.document import DocumentError, parse_document
+from agent.state.protocols import port_protocol
 
 
 def _plan(text: str = DEFAULT_TOPOLOGY, lab: str = "nm"):  # type: ignore[no-untyped-def]
@@ -33,9 +34,16 @@ def test_default_topology_plan() -> None:
     assert all(name.startswith("nm-") for name in plan.netns_names())
     # The completed document carries every assigned address, for the agents.
     assert {pod.name: pod.ip for _, pod in doc.pods()}["server-1"] == "10.244.2.3"
-    assert doc.services[0].cluster_ip == "10.96.0.10"
-    (svc,) = doc.to_state().services
-    assert sorted(e.ip for e in svc.endpoints) == ["10.244.2.2", "10.244.2.3"]
+    assert [(s.name, s.cluster_ip) for s in doc.services] == [
+        ("server", "10.96.0.10"),
+        ("web", "10.96.0.11"),
+    ]
+    server, web = doc.to_state().services
+    for svc in (server, web):
+        assert sorted(e.ip for e in svc.endpoints) == ["10.244.2.2", "10.244.2.3"]
+    # Service web declares HTTP on its own pod port; the echo port behind Service server stays L4.
+    assert [(p.port, p.target_port, port_protocol(p)) for p in server.ports] == [(80, 8080, "tcp")]
+    assert [(p.port, p.target_port, port_protocol(p)) for p in web.ports] == [(80, 9080, "http")]
 
 
 def test_given_pod_ip_is_kept_and_skipped_by_assignment() -> None:

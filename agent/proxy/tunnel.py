@@ -64,16 +64,35 @@ class TunnelError(ConnectionError):
 
 
 class TunnelStream:
-    """One CONNECT stream, seen from the relay."""
+    """One CONNECT stream, seen from the relay.
+
+    A proxied connection keeps its stream for as long as it lives, mostly idle, so the stream
+    holds no ``asyncio.Event``s (about 0.8 KiB each): ``read``/``write`` create a future only
+    while they actually wait, and the protocol's events resolve it (slots, for the same
+    reason)."""
+
+    __slots__ = (
+        "_chunks",
+        "_on_sent",
+        "_read_waiter",
+        "_relay_writing",
+        "_sink",
+        "_write_waiter",
+        "accepted",
+        "eof",
+        "error",
+        "on_drop",
+        "proto",
+        "stream_id",
+    )
 
     def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
         self.proto = proto
         self.stream_id = stream_id
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._chunks: deque[bytes] = deque()
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._read_waiter: asyncio.Future[None] | None = None  # read() waits for data
+        self._write_waiter: asyncio.Future[None] | None = None  # write() waits for room
         self.eof = False
         self.error: TunnelError | None = None
         self._sink: socket.socket | None = None
@@ -98,11 +117,19 @@ class TunnelStream:
                     return
                 data = data[sent:]
         self._chunks.append(data)
-        self._readable.set()
+        self._wake_reader()
 
     def _on_end(self) -> None:
         self.eof = True
-        self._readable.set()
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        if self._read_waiter is not None and not self._read_waiter.done():
+            self._read_waiter.set_result(None)
+
+    def _wake_writer(self) -> None:
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)
 
     def _on_error(self, error: TunnelError) -> None:
         self.error = error
@@ -110,8 +137,8 @@ class TunnelStream:
         if not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()  # whoever awaits it still gets the error; nobody must
-        self._readable.set()
-        self._writable.set()
+        self._wake_reader()
+        self._wake_writer()
 
     def _discard(self) -> None:
         """Drop what the relay has not read (the stream failed): the codec gets it back."""
@@ -141,8 +168,11 @@ class TunnelStream:
                 raise self.error
             if self.eof:
                 return None
-            self._readable.clear()
-            await self._readable.wait()
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
         self._relay_writing = True
         return self._chunks.popleft()
 
@@ -156,8 +186,11 @@ class TunnelStream:
             if self.error:
                 raise self.error
             proto.writers_waiting = True
-            self._writable.clear()
-            await self._writable.wait()
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
         if self.error:
             raise self.error
         proto.dispatch(proto.codec.send(self.stream_id, data))
@@ -226,7 +259,7 @@ class HboneProtocol(asyncio.Protocol):
 
     def _wake_writers(self) -> None:
         for stream in self.streams.values():
-            stream._writable.set()
+            stream._wake_writer()
 
     def out_full(self) -> bool:
         """Writers wait: the transport is paused or the connection holds ``OUT_BUDGET``."""

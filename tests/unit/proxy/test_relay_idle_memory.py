@@ -7,7 +7,7 @@ import asyncio
 import gc
 import socket
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from agent.proxy.hbone import HboneConnection
@@ -31,7 +31,9 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-async def _streams(n: int) -> list[TunnelStream]:
+async def _connection() -> tuple[HboneProtocol, HboneProtocol]:
+    """An HBONE connection in memory whose server accepts every CONNECT: (client, server)."""
+
     def on_request(proto: HboneProtocol, event: Any) -> None:
         proto.codec.respond(event.stream_id, 200)
         proto.flush()
@@ -40,10 +42,14 @@ async def _streams(n: int) -> list[TunnelStream]:
     server = HboneProtocol(HboneConnection(client_side=False), on_request=on_request)
     client.connection_made(MemoryTransport(server))
     server.connection_made(MemoryTransport(client))
+    return client, server
+
+
+async def _open(client: HboneProtocol, n: int) -> list[TunnelStream]:
     return [await asyncio.wait_for(client.open("10.0.0.2:80", None), 5) for _ in range(n)]
 
 
-async def _idle_bytes_per_relay(start: Callable[[int], Awaitable[None]]) -> float:
+async def _idle_bytes_per_relay(start: Callable[[int], Coroutine[Any, Any, None]]) -> float:
     """What ``CONNECTIONS`` idle relays (started by ``start(i)``) hold, per relay."""
     gc.collect()
     tracemalloc.start()
@@ -64,7 +70,7 @@ async def _idle_bytes_per_relay(start: Callable[[int], Awaitable[None]]) -> floa
 def test_an_idle_socket_relay_holds_no_read_buffers() -> None:
     pairs = [_nonblocking_pair() for _ in range(2 * CONNECTIONS)]
 
-    def relay(i: int) -> Awaitable[None]:
+    def relay(i: int) -> Coroutine[Any, Any, None]:
         record = ConnectionRecord("outbound", "10.0.0.1:1", "10.0.0.2:80")
         return relay_sockets(pairs[2 * i][0], pairs[2 * i + 1][0], record)
 
@@ -81,9 +87,10 @@ def test_an_idle_tunnel_relay_holds_no_read_buffer() -> None:
     pairs = [_nonblocking_pair() for _ in range(CONNECTIONS)]
 
     async def main() -> float:
-        streams = await _streams(CONNECTIONS)
+        client, _ = await _connection()
+        streams = await _open(client, CONNECTIONS)
 
-        def relay(i: int) -> Awaitable[None]:
+        def relay(i: int) -> Coroutine[Any, Any, None]:
             record = ConnectionRecord("outbound", "10.0.0.1:1", "10.0.0.2:80")
             return relay_tunnel(pairs[i][0], streams[i], record, outbound=True)
 
@@ -96,3 +103,32 @@ def test_an_idle_tunnel_relay_holds_no_read_buffer() -> None:
             a.close()
             b.close()
     assert per_relay < MIN_CHUNK  # one reading direction, less than one buffer's worth
+
+
+def test_an_idle_tunnel_stream_holds_no_events_and_no_queue() -> None:
+    """Both ends of streams that carried data, all of it read: what each end holds (stream,
+    codec state) stays below 2 KiB; two ``asyncio.Event``s and an empty deque were 3.5 KiB."""
+
+    async def main() -> float:
+        client, server = await _connection()
+        await _open(client, 1)  # the connection's first-stream allocations are not per stream
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            streams = await _open(client, CONNECTIONS)
+            for stream in streams:
+                await stream.write(b"x" * 100)
+            await _settle()
+            for end in list(server.streams.values())[1:]:
+                chunk = await end.read()
+                assert chunk == b"x" * 100
+                end.consumed(len(chunk))
+            await _settle()
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        return held / (2 * CONNECTIONS)
+
+    assert asyncio.run(main()) < 2048

@@ -48,7 +48,7 @@ _current: contextvars.ContextVar[tuple[Registry, ConnectionRecord]] = contextvar
 )
 
 
-@dataclass
+@dataclass(slots=True)  # one per live connection
 class _Live:
     record: ConnectionRecord
     close: Callable[[str], None]

@@ -48,7 +48,7 @@ _current: contextvars.ContextVar[tuple[Registry, ConnectionRecord]] = contextvar
 )
 
 
-@dataclass(slots=True)  # one per live connection
+@dataclass
 class _Live:
     record: ConnectionRecord
     close: Callable[[str], None]

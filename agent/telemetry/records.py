@@ -20,7 +20,7 @@ SECURITY_MTLS = "mutual_tls"
 SECURITY_NONE = "none"
 
 
-@dataclass(slots=True)  # one per live connection, most of them idle: no __dict__
+@dataclass
 class ConnectionRecord:
     direction: str
     source: str  # ip:port

@@ -179,20 +179,26 @@ def mtls_identities(lab: Lab) -> list[str]:
         box["sock"].close()
 
 
-def policy_denial(lab: Lab) -> list[str]:
-    """A DENY on the client's identity refuses client -> server-0; neighbor still passes."""
-    manifest = {
+def _deny_on_servers(name: str, rule: dict[str, Any]) -> dict[str, Any]:
+    """An AuthorizationPolicy ``name`` that DENYs what ``rule`` matches on the server pods."""
+    return {
         "apiVersion": "nodemesh.io/v1alpha1",
         "kind": "AuthorizationPolicy",
-        "metadata": {"name": "demo-deny-client", "namespace": "default"},
+        "metadata": {"name": name, "namespace": "default"},
         "spec": {
             "selector": {"matchLabels": {"app": "server"}},
             "action": "DENY",
-            "rules": [
-                {"from": [{"source": {"principals": ["cluster.local/ns/default/sa/client"]}}]}
-            ],
+            "rules": [rule],
         },
     }
+
+
+def policy_denial(lab: Lab) -> list[str]:
+    """A DENY on the client's identity refuses client -> server-0; neighbor still passes."""
+    manifest = _deny_on_servers(
+        "demo-deny-client",
+        {"from": [{"source": {"principals": ["cluster.local/ns/default/sa/client"]}}]},
+    )
     lab.apply(manifest)
     try:
         # Wait until node2's agent has the policy: a request racing the reload could be admitted
@@ -349,16 +355,7 @@ def http_requests(lab: Lab) -> list[str]:
         _servers[f"{pod}-web"] = lab.popen(pod, sys.executable, "-c", WEB_SERVER, pod)
         _wait_listening(lab, pod, WEB_PORT)
     operation = {"methods": ["POST"], "paths": ["/admin*"], "ports": [str(WEB_PORT)]}
-    manifest = {
-        "apiVersion": "nodemesh.io/v1alpha1",
-        "kind": "AuthorizationPolicy",
-        "metadata": {"name": "demo-deny-admin-posts", "namespace": "default"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "server"}},
-            "action": "DENY",
-            "rules": [{"to": [{"operation": operation}]}],
-        },
-    }
+    manifest = _deny_on_servers("demo-deny-admin-posts", {"to": [{"operation": operation}]})
     vip = next(s for s in lab.status()["services"] if s["name"] == "web")["clusterIP"]
     lab.apply(manifest)
     try:

@@ -6,9 +6,9 @@ every node's ``:15020`` without a namespace or veth of its own, and nothing is a
 ``lab down`` removes it with the rest: the process lives in a lab namespace (and its PID is
 recorded), its configuration and TSDB live under the lab's state directory.
 
-The CA is not a target: it serves gRPC only and has no metrics endpoint (the agents count their
-certificate requests, ``nodemesh_ca_requests_total``). Retention is short (``RETENTION``) and
-the scrape interval small, because a lab lives minutes and its tests look at the last seconds.
+The CA is a target too (job ``nodemesh-ca``: its ``/metrics`` on 15014 in its namespace).
+Retention is short (``RETENTION``) and the scrape interval small, because a lab lives minutes
+and its tests look at the last seconds.
 
 Debian's ``prometheus`` package provides the binary (scripts/debian-packages.txt). Without it
 the lab still comes up, without a central view, and says how to install it.
@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from agent.base.constants import METRICS_PORT
+from agent.base.constants import CA_METRICS_PORT, METRICS_PORT
 from agent.lab import build, components, netns
 from agent.lab.record import LabDir, write_atomic
 from agent.lab.topology import SEGMENT, LabPlan
@@ -35,6 +35,7 @@ PORT = 9090
 RETENTION = "2h"
 SCRAPE_INTERVAL = "2s"
 AGENT_JOB = "nodemesh-agent"
+CA_JOB = "nodemesh-ca"
 BINARY = "prometheus"
 
 
@@ -56,7 +57,12 @@ def scrape_config(plan: LabPlan) -> dict[str, Any]:
                     {"targets": [f"{node.ip}:{METRICS_PORT}"], "labels": {"node": node.name}}
                     for node in plan.nodes
                 ],
-            }
+            },
+            {
+                "job_name": CA_JOB,
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": [f"{plan.ca_ip}:{CA_METRICS_PORT}"]}],
+            },
         ],
     }
 

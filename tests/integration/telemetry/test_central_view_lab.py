@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.parse
 import uuid
 from typing import Any
 from urllib.request import urlopen
@@ -24,6 +25,7 @@ import pytest
 
 from agent.lab.handle import Lab
 from agent.lab.netns import call_in
+from agent.lab.topology import CA_IP
 from tests.labtools import counting_server, mesh_lab, pod_servers, retry
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -103,10 +105,18 @@ def denied_connections(lab: Lab) -> tuple[int, int]:
 
 
 def check_targets(lab: Lab) -> None:
+    """Every agent and the CA are targets, all up, and the CA's decisions are in Prometheus
+    (every agent fetched its pods' certificates from it at start)."""
     targets = prometheus_get(lab, "/api/v1/targets")["data"]["activeTargets"]
     nodes = {n["ip"] for n in lab.status()["nodes"]}
-    assert {t["labels"]["instance"] for t in targets} == {f"{ip}:15020" for ip in nodes}
-    assert [t["health"] for t in targets] == ["up"] * len(nodes), targets
+    assert {t["labels"]["instance"] for t in targets} == {f"{ip}:15020" for ip in nodes} | {
+        f"{CA_IP}:15014"
+    }
+    assert [t["health"] for t in targets] == ["up"] * (len(nodes) + 1), targets
+    query = 'sum(nodemesh_ca_server_requests_total{job="nodemesh-ca",outcome="ok"})'
+    result = prometheus_get(lab, "/api/v1/query?query=" + urllib.parse.quote(query))
+    assert result["data"]["result"], "no CA series scraped yet"
+    assert float(result["data"]["result"][0]["value"][1]) >= len(nodes)
 
 
 def check_stat(lab: Lab) -> dict[str, Any]:

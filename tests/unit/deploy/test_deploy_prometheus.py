@@ -101,27 +101,46 @@ def _relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, s
     return labels
 
 
-def test_the_job_selects_the_agent_pods_and_scrapes_their_metrics_port() -> None:
-    objs = render("daemonset")
-    daemonset = find(objs, "DaemonSet", "nodemesh-agent")
-    template = daemonset["spec"]["template"]
-    pod = {
+def _pod(workload: dict[str, Any]) -> dict[str, Any]:
+    template = workload["spec"]["template"]
+    return {
         "metadata": {
-            "namespace": daemonset["metadata"]["namespace"],
+            "namespace": workload["metadata"]["namespace"],
             "labels": template["metadata"]["labels"],
             "annotations": template["metadata"].get("annotations", {}),
         }
     }
-    (job,) = jobs()
+
+
+def _job(name: str) -> dict[str, Any]:
+    return next(job for job in jobs() if job["job_name"] == name)
+
+
+def _selected(job: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
     (sd,) = job["kubernetes_sd_configs"]
     assert sd["role"] == "pod"
     assert pod["metadata"]["namespace"] in sd["namespaces"]["names"]
     (selector,) = sd["selectors"]
     key, _, value = selector["label"].partition("=")
     assert pod["metadata"]["labels"].get(key) == value
-
     target = _relabel(_meta(pod), job["relabel_configs"])
-    assert target is not None, "the job drops the agent pod"
+    assert target is not None, f"job {job['job_name']} drops its pod"
+    return target
+
+
+def test_the_ca_job_selects_the_ca_pods_and_scrapes_their_metrics_listener() -> None:
+    deployment = find(render("daemonset"), "Deployment", "nodemesh-ca")
+    target = _selected(_job("nodemesh-ca"), _pod(deployment))
+    ca = next(c for c in pod_spec(deployment)["containers"] if c["name"] == "ca")
+    port = flags(ca)["--metrics-listen"].rpartition(":")[2]
+    assert target["__address__"] == f"{POD_IP}:{port}"
+    assert target["__metrics_path__"] == "/metrics"
+    assert {"name": "http-monitoring", "containerPort": int(port), "protocol": "TCP"} in ca["ports"]
+
+
+def test_the_job_selects_the_agent_pods_and_scrapes_their_metrics_port() -> None:
+    daemonset = find(render("daemonset"), "DaemonSet", "nodemesh-agent")
+    target = _selected(_job("nodemesh-agent"), _pod(daemonset))
     agent = next(c for c in pod_spec(daemonset)["containers"] if c["name"] == "agent")
     assert target["__address__"] == f"{POD_IP}:{flags(agent)['--metrics-port']}"
     assert target["__metrics_path__"] == "/metrics"
@@ -129,6 +148,6 @@ def test_the_job_selects_the_agent_pods_and_scrapes_their_metrics_port() -> None
 
 
 def test_a_pod_without_the_scrape_annotation_is_not_a_target() -> None:
-    (job,) = jobs()
     pod = {"metadata": {"namespace": "nodemesh-system", "annotations": {}}}
-    assert _relabel(_meta(pod), job["relabel_configs"]) is None
+    for job in jobs():
+        assert _relabel(_meta(pod), job["relabel_configs"]) is None

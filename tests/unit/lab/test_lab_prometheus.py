@@ -1,4 +1,5 @@
-"""The lab's Prometheus: its configuration loads, targets every agent, and its address is free."""
+"""The lab's Prometheus: its configuration loads, targets every agent and the CA, and its address
+is free."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from agent.base.constants import METRICS_PORT
+from agent.base.constants import CA_METRICS_PORT, METRICS_PORT
 from agent.lab import prometheus
 from agent.lab.record import LabDir
 from agent.lab.topology import CA_IP, DEFAULT_TOPOLOGY, SEGMENT, LabPlan, plan_lab
@@ -23,9 +24,10 @@ def default_plan() -> LabPlan:
 def test_every_agent_is_a_target_labelled_with_its_node(tmp_path: Path) -> None:
     plan = default_plan()
     config = prometheus.scrape_config(plan)
-    (job,) = config["scrape_configs"]
-    targets = {c["targets"][0]: c["labels"]["node"] for c in job["static_configs"]}
+    agents, ca = config["scrape_configs"]
+    targets = {c["targets"][0]: c["labels"]["node"] for c in agents["static_configs"]}
     assert targets == {f"{n.ip}:{METRICS_PORT}": n.name for n in plan.nodes}
+    assert ca["static_configs"] == [{"targets": [f"{CA_IP}:{CA_METRICS_PORT}"]}]
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: run scripts/setup.sh (Debian package prometheus)"
     path = tmp_path / "prometheus.yml"

@@ -50,7 +50,7 @@ from agent.proxy.http_inbound import HttpSession, StreamDownstream
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_tunnel
 from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
-from agent.state import Workload
+from agent.state import Snapshot, Workload
 from agent.state.protocols import HTTP
 from agent.telemetry.records import INBOUND, SECURITY_MTLS, ConnectionRecord
 
@@ -310,10 +310,31 @@ class InboundHbone:
         if stream is None:  # the client gave up meanwhile
             upstream.close()
             return
+        if not http and not self._still_allowed(request, workload, where, snap, record):
+            upstream.close()
+            self._answer(proto, sid, 401)
+            return
         stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
         proto.codec.respond(sid, 200)
         proto.flush()
         await self._relay(stream, upstream, record, request, workload, http=http)
+
+    def _still_allowed(
+        self,
+        request: Request,
+        workload: Workload,
+        where: str,
+        authorized_in: Snapshot,
+        record: ConnectionRecord,
+    ) -> bool:
+        """Authorize again if the state changed while the pod was being dialled. The stream
+        joins the registry (``_relay``) only once connected, so a policy change during the
+        connect found nothing to re-check; from the registration on, ``recheck`` covers it
+        (nothing awaits between this check and the registration)."""
+        now = self.core.snapshot()
+        if now.version == authorized_in.version:
+            return True
+        return self.core.authorize(request, workload, where, now, unregistered=record)
 
     async def _relay(
         self,

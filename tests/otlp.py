@@ -33,6 +33,8 @@ class ReceivedSpan:
     span_id: str
     parent_span_id: str  # "" for a root span
     kind: int
+    start_ns: int  # wall clock, nanoseconds since the epoch
+    end_ns: int
     attributes: dict[str, Any]
     resource: dict[str, Any]
 
@@ -102,6 +104,8 @@ class OtlpReceiver:
                             span_id=span.span_id.hex(),
                             parent_span_id=span.parent_span_id.hex(),
                             kind=span.kind,
+                            start_ns=span.start_time_unix_nano,
+                            end_ns=span.end_time_unix_nano,
                             attributes={a.key: _value(a.value) for a in span.attributes},
                             resource=resource,
                         )

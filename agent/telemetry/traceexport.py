@@ -125,8 +125,11 @@ class BoundedBatchProcessor(SpanProcessor):
             self._thread.start()
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Export what is queued for at most ``timeout`` seconds, then stop the exporter."""
+        """Export what is queued for at most ``timeout`` seconds, then stop the exporter
+        (once: the tracer provider's own shutdown calls this again)."""
         with self._cond:
+            if self._stopping:
+                return
             self._stopping = True
             self._cond.notify()
         if self._thread is not None:

@@ -181,6 +181,7 @@ class Tracing(Component, Collector):
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": SERVICE_NAME, "k8s.node.name": node}),
             sampler=ParentBased(TraceIdRatioBased(settings.sample_rate)),
+            shutdown_on_exit=False,  # ``stop`` shuts it down; no atexit hook per tracer
         )
         self.provider.add_span_processor(self.processor)
         self._tracer = self.provider.get_tracer("nodemesh")

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.request import urlopen
@@ -108,8 +109,11 @@ def test_a_request_through_the_mesh_yields_a_span_in_the_callers_trace(lab: Lab)
             assert curl(lab, traceparent, "tracestate: lab=1") == "200"
             assert any(s.trace_id == trace_id for s in receiver.received())
 
+        began = time.time_ns()
         retry(exported, timeout=60)
+        ended = time.time_ns()
         span = next(s for s in receiver.received() if s.trace_id == trace_id)
+        assert began <= span.start_ns <= span.end_ns <= ended  # the request's own wall time
         assert (span.parent_span_id, span.kind) == (parent, KIND_SERVER)
         assert span.span_id != parent
         attrs = span.attributes

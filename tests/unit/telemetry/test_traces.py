@@ -4,6 +4,7 @@ fed through a real proxy registry into the SDK's in-memory exporter: no collecto
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -353,3 +354,20 @@ def test_trace_flags_are_validated_and_a_bare_collector_address_gets_the_traces_
     ):
         with pytest.raises(ConfigError, match=message):
             parse(*argv)
+
+
+def test_stopping_with_a_stuck_collector_returns_and_shuts_the_exporter_once() -> None:
+    class Counted(Blocked):
+        shutdowns = 0
+
+        def shutdown(self) -> None:
+            self.shutdowns += 1
+            super().shutdown()
+
+    exporter = Counted()
+    registry, tracer, _ = tracing(exporter)
+    asyncio.run(tracer.start())
+    registry.request_done(inbound(), request())
+    assert exporter.entered.wait(10)  # the export thread is stuck in the collector
+    asyncio.run(tracer.stop())  # waits STOP_TIMEOUT, then shuts the exporter (releasing it)
+    assert exporter.shutdowns == 1 and exporter.spans == 1

@@ -70,7 +70,8 @@ def exported(tracer: Tracing, exporter: InMemorySpanExporter | SpanExporter) -> 
 
 
 @pytest.fixture(autouse=True)
-def _stop_threads() -> Iterator[None]:
+def _stop_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every export thread a test starts is stopped when it ends, also on failure."""
     started: list[BoundedBatchProcessor] = []
     original = BoundedBatchProcessor.start
 
@@ -78,13 +79,10 @@ def _stop_threads() -> Iterator[None]:
         started.append(self)
         original(self)
 
-    BoundedBatchProcessor.start = start  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        BoundedBatchProcessor.start = original  # type: ignore[method-assign]
-        for processor in started:
-            processor.shutdown(timeout=5)
+    monkeypatch.setattr(BoundedBatchProcessor, "start", start)
+    yield
+    for processor in started:
+        processor.shutdown(timeout=5)
 
 
 def test_a_request_span_joins_the_callers_trace_with_identities_and_http_attributes() -> None:

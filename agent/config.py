@@ -200,6 +200,11 @@ def _otlp_url(value: str) -> str:
             f"--otlp-endpoint {value!r}: expected an http(s) URL of an OTLP/HTTP collector, "
             "e.g. http://otel-collector.observability:4318"
         )
+    if url.username or url.password:
+        raise ConfigError(
+            "--otlp-endpoint: credentials in the URL would show in logs and /config_dump; "
+            "pass them as a header with OTEL_EXPORTER_OTLP_TRACES_HEADERS instead"
+        )
     try:
         url.port  # noqa: B018 (parses it: raises on a bad port)
     except ValueError as e:

@@ -347,6 +347,7 @@ def test_trace_flags_are_validated_and_a_bare_collector_address_gets_the_traces_
         (("--otlp-endpoint", "collector:4318"), "expected an http.s. URL"),
         (("--otlp-endpoint", "http://collector:99999"), "--otlp-endpoint"),
         (("--otlp-endpoint", "http://c:4318", "--trace-sample", "1.5"), "between 0 and 1"),
+        (("--otlp-endpoint", "https://u:secret@tempo"), "OTEL_EXPORTER_OTLP_TRACES_HEADERS"),
         (("--trace-sample", "0.5"), "need --otlp-endpoint"),
         (("--trace-tcp",), "need --otlp-endpoint"),
     ):

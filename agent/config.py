@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from agent.base.constants import (
     ADMIN_PORT,
@@ -26,8 +27,10 @@ from agent.datapath.listeners import ListenerPorts
 from agent.datapath.programs import Marks
 from agent.datapath.routing import RoutingConfig
 from agent.identity.caclient import CA_SERVER_NAME
+from agent.telemetry.traces import TraceSettings
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/nodemesh")
+OTLP_TRACES_PATH = "/v1/traces"
 
 
 class ConfigError(ValueError):
@@ -65,6 +68,7 @@ class AgentConfig:
     capture_mark: int = CAPTURE_MARK
     route_table: int = ROUTE_TABLE
     listeners: ListenerPorts = field(default_factory=ListenerPorts)
+    traces: TraceSettings | None = None  # --otlp-endpoint: export spans (None: no tracing)
 
     @property
     def routing(self) -> RoutingConfig:
@@ -158,6 +162,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--route-table", type=_int, default=ROUTE_TABLE, help="table for captured packets"
     )
     parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export a span per HTTP request over OTLP/HTTP (protobuf) to this collector, e.g. "
+        f"http://otel-collector:4318 (the path defaults to {OTLP_TRACES_PATH})",
+    )
+    parser.add_argument(
+        "--trace-sample",
+        type=float,
+        metavar="RATE",
+        help="share of new traces to keep, 0 to 1 (default 1); a caller's sampled or unsampled "
+        "trace context is followed",
+    )
+    parser.add_argument(
+        "--trace-tcp", action="store_true", help="also export a span per TCP connection"
+    )
+    parser.add_argument(
         "--uninstall",
         action="store_true",
         help="remove this agent's filters, rules, routes and pinned objects, then exit",
@@ -169,6 +189,42 @@ def _host_port(flag: str, value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{flag} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:{ADMIN_PORT}")
     return host, int(port)
+
+
+def _otlp_url(value: str) -> str:
+    """The full OTLP/HTTP traces URL of ``--otlp-endpoint`` (a bare collector address gets the
+    standard path)."""
+    url = urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            f"--otlp-endpoint {value!r}: expected an http(s) URL of an OTLP/HTTP collector, "
+            "e.g. http://otel-collector.observability:4318"
+        )
+    if url.username or url.password:
+        raise ConfigError(
+            "--otlp-endpoint: credentials in the URL would show in logs and /config_dump; "
+            "pass them as a header with OTEL_EXPORTER_OTLP_TRACES_HEADERS instead"
+        )
+    try:
+        url.port  # noqa: B018 (parses it: raises on a bad port)
+    except ValueError as e:
+        raise ConfigError(f"--otlp-endpoint {value!r}: {e}") from e
+    if url.path in ("", "/"):
+        url = url._replace(path=OTLP_TRACES_PATH)
+    return urlunsplit(url)
+
+
+def _traces(args: argparse.Namespace) -> TraceSettings | None:
+    if not args.otlp_endpoint:
+        if args.trace_sample is not None or args.trace_tcp:
+            raise ConfigError("--trace-sample and --trace-tcp need --otlp-endpoint URL")
+        return None
+    rate = 1.0 if args.trace_sample is None else args.trace_sample
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigError(
+            f"--trace-sample {args.trace_sample}: expected a share between 0 and 1, e.g. 0.1"
+        )
+    return TraceSettings(_otlp_url(args.otlp_endpoint), sample_rate=rate, tcp=args.trace_tcp)
 
 
 def _port(flag: str, value: int) -> int:
@@ -226,4 +282,5 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         drain_seconds=args.drain_seconds,
         capture_mark=args.capture_mark,
         route_table=args.route_table,
+        traces=_traces(args),
     )

@@ -29,6 +29,7 @@ from agent.datapath.desired import LocalPod
 from agent.state import Snapshot, StateStore
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
+from agent.telemetry.traces import Tracing
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
@@ -120,6 +121,14 @@ def observability(parts: AgentParts) -> list[Component]:
     if proxy is not None:
         proxy.connections.observers.append(telemetry.tcp)
         proxy.connections.request_observers.append(telemetry.http)
+    tracing = None
+    if parts.config.traces is not None:
+        tracing = Tracing(parts.config.traces, parts.store, parts.config.node)
+        telemetry.registry.register(tracing)
+        if proxy is not None:
+            proxy.connections.request_observers.append(tracing)
+            if parts.config.traces.tcp:
+                proxy.connections.observers.append(tracing)
 
     async def datapath_view() -> dict[str, object]:
         status = parts.datapath.status()
@@ -144,4 +153,4 @@ def observability(parts: AgentParts) -> list[Component]:
             ),
         ),
     )
-    return [telemetry, admin]
+    return [telemetry, admin] + ([tracing] if tracing is not None else [])

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 
 import h11
 
+from agent.telemetry.records import trace_headers_of
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -75,6 +77,7 @@ class RequestHead:
     path: str  # the target without its query
     host: str  # the Host header, as sent
     request_id: str
+    trace: tuple[tuple[str, str], ...] = ()  # the trace-context headers sent (telemetry)
 
 
 @dataclass(slots=True)
@@ -259,6 +262,7 @@ class Http1Proxy:
             path=target.split("?", 1)[0].split("#", 1)[0],
             host=(_header(req.headers, b"host") or ""),
             request_id=request_id,
+            trace=trace_headers_of(req.headers),
         )
         current = _Current(Exchange(head, self.clock()), upgrade=upgrade)
         self._current = current

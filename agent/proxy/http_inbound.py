@@ -210,4 +210,6 @@ def _request_record(exchange: Exchange) -> RequestRecord:
         response_bytes=exchange.response_bytes,
         response_flags=exchange.flags,
         request_id=head.request_id,
+        trace_headers=head.trace,
+        started_at=time.time() - (time.monotonic() - exchange.started),  # the shell's clock
     )

@@ -10,6 +10,7 @@ above it: the proxy imports telemetry's vocabulary, never the other way round.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -18,6 +19,20 @@ INBOUND = "inbound"
 
 SECURITY_MTLS = "mutual_tls"
 SECURITY_NONE = "none"
+
+# Request headers that carry the caller's trace context (h11's lowercase names): W3C Trace
+# Context and B3 (single and multi-header). The HTTP layer copies them into ``RequestRecord``
+# so that a request's span joins the caller's trace (``agent.telemetry.traces``).
+TRACE_HEADERS = frozenset(
+    {b"traceparent", b"tracestate", b"b3", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-sampled",
+     b"x-b3-flags"}
+)  # fmt: skip
+
+
+def trace_headers_of(headers: Iterable[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
+    """The (name, value) pairs of ``headers`` (lowercase names, as h11 gives them) that carry
+    trace context, for ``RequestRecord.trace_headers``."""
+    return tuple((n.decode(), v.decode("latin-1")) for n, v in headers if n in TRACE_HEADERS)
 
 
 @dataclass
@@ -63,6 +78,9 @@ class RequestRecord:
     response_bytes: int
     response_flags: str  # "-", "RBAC", "UC", "DC"
     request_id: str
+    trace_headers: tuple[tuple[str, str], ...] = ()  # (name, value) of TRACE_HEADERS sent
+    started_at: float = 0.0  # wall-clock time (time.time()) of the request's head; 0 = unknown
+    grpc_status: str = ""  # the grpc-status of a gRPC response ("" = not gRPC, or none)
 
 
 class RequestObserver(Protocol):

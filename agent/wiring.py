@@ -29,7 +29,6 @@ from agent.datapath.desired import LocalPod
 from agent.state import Snapshot, StateStore
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
-from agent.telemetry.traces import Tracing
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
@@ -123,6 +122,10 @@ def observability(parts: AgentParts) -> list[Component]:
         proxy.connections.request_observers.append(telemetry.http)
     tracing = None
     if parts.config.traces is not None:
+        # Imported only when asked for: the OpenTelemetry SDK and its exporter add about 3 MiB
+        # to every agent, and most agents never export a span.
+        from agent.telemetry.traces import Tracing
+
         tracing = Tracing(parts.config.traces, parts.store, parts.config.node)
         telemetry.registry.register(tracing)
         if proxy is not None:

@@ -75,6 +75,7 @@ class RequestHead:
     path: str  # the target without its query
     host: str  # the Host header, as sent
     request_id: str
+    headers: Sequence[tuple[bytes, bytes]] = ()  # as received (L7 ``request.headers`` conditions)
 
 
 @dataclass(slots=True)
@@ -259,6 +260,7 @@ class Http1Proxy:
             path=target.split("?", 1)[0].split("#", 1)[0],
             host=(_header(req.headers, b"host") or ""),
             request_id=request_id,
+            headers=req.headers,
         )
         current = _Current(Exchange(head, self.clock()), upgrade=upgrade)
         self._current = current

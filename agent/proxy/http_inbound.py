@@ -112,7 +112,7 @@ class HttpSession:
         self._down_lock = asyncio.Lock()
 
     def _authorize(self, head: RequestHead) -> Verdict:
-        attrs = HttpAttributes(head.method, head.path, head.host)
+        attrs = HttpAttributes(head.method, head.path, head.host, head.headers)
         request = replace(self.request, http=attrs)
         where = f"{self.where} {head.method} {head.path}"
         decision = self.core.authorize_request(request, self.workload, where)

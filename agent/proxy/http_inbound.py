@@ -107,6 +107,7 @@ class HttpSession:
         self.record, self.request, self.workload = record, request, workload
         self.header_timeout = header_timeout
         self.where = f"{record.source} -> {record.destination}"
+        record.protocol = "http/1.1"
         self.proxy = Http1Proxy(authorize=self._authorize)
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()

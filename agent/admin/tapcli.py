@@ -34,8 +34,8 @@ from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.telemetry.tap import FilterError, RequestFilter
 
 POLL_WAIT = 5.0  # seconds an agent may hold a long-poll (the API allows up to 10)
-PATH_WIDTH = 32
-WHO_WIDTH = 22
+PATH_WIDTH = 24
+WHO_WIDTH = 18
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,11 @@ def format_header(with_node: bool) -> str:
         "DIR",
         "SOURCE".ljust(WHO_WIDTH),
         "DESTINATION".ljust(WHO_WIDTH),
-        "METHOD".ljust(7),
+        "METHOD".ljust(6),
         "PATH".ljust(PATH_WIDTH),
         "STATUS",
         "FLAGS",
-        "MS".rjust(8),
+        "MS".rjust(7),
         "UPSTREAM",
     ]
     return " ".join(cols)
@@ -100,11 +100,11 @@ def format_line(entry: Mapping[str, Any], node: str | None = None) -> str:
         "out" if entry["direction"] == "outbound" else "in ",
         _cut(_who(entry, "source", "source_address"), WHO_WIDTH).ljust(WHO_WIDTH),
         _cut(_who(entry, "destination", "destination_address"), WHO_WIDTH).ljust(WHO_WIDTH),
-        _cut(str(entry["method"]), 7).ljust(7),
+        _cut(str(entry["method"]), 6).ljust(6),
         _cut(str(entry["path"]), PATH_WIDTH).ljust(PATH_WIDTH),
         status.ljust(6),
         str(entry["response_flags"]).ljust(5),
-        f"{float(entry['duration_ms']):8.1f}",
+        f"{float(entry['duration_ms']):7.1f}",
         str(entry.get("upstream_address") or "-"),
     ]
     return " ".join(cols).rstrip()
@@ -147,11 +147,13 @@ def tap(
     json_lines: bool = False,
     header: bool = False,
     timeout: float = 5.0,
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
 ) -> int:
-    """Print the agents' requests (and, with ``follow``, new ones as they come); the exit
-    status: 0, or 1 when an agent could not be read."""
+    """Print the agents' requests (and, with ``follow``, new ones as they come) to ``out``
+    (default: stdout); the exit status: 0, or 1 when an agent could not be read."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     got: queue.Queue[_Got] = queue.Queue()
     stop = threading.Event()
     with_node = len(agents) > 1

@@ -75,7 +75,8 @@ class RequestHead:
     path: str  # the target without its query
     host: str  # the Host header, as sent
     request_id: str
-    headers: Sequence[tuple[bytes, bytes]] = ()  # as received (L7 ``request.headers`` conditions)
+    # as received, for L7 ``request.headers`` conditions (not part of the head's identity)
+    headers: Sequence[tuple[bytes, bytes]] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(slots=True)

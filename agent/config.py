@@ -27,7 +27,8 @@ from agent.datapath.listeners import ListenerPorts
 from agent.datapath.programs import Marks
 from agent.datapath.routing import RoutingConfig
 from agent.identity.caclient import CA_SERVER_NAME
-from agent.telemetry.traces import TraceSettings
+from agent.telemetry.accesslog import SampleRateError, check_sample_rate
+from agent.telemetry.tracesettings import TraceSettings
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/nodemesh")
 OTLP_TRACES_PATH = "/v1/traces"
@@ -65,6 +66,7 @@ class AgentConfig:
     metrics_port: int = METRICS_PORT
     ready_port: int = READY_PORT
     drain_seconds: float = 5.0
+    access_log_sample: float = 1.0
     capture_mark: int = CAPTURE_MARK
     route_table: int = ROUTE_TABLE
     listeners: ListenerPorts = field(default_factory=ListenerPorts)
@@ -155,6 +157,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
     parser.add_argument("--ready-port", type=int, default=READY_PORT)
     parser.add_argument("--drain-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--access-log-sample",
+        type=float,
+        default=1.0,
+        metavar="RATE",
+        help="fraction of HTTP requests written to the access log, 0 to 1 (default 1: all); "
+        "5xx responses, policy denials and failed requests are always written",
+    )
     parser.add_argument(
         "--capture-mark", type=_int, default=CAPTURE_MARK, help="fwmark of captured packets"
     )
@@ -257,6 +267,10 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         )
     if args.drain_seconds < 0:
         raise ConfigError(f"--drain-seconds {args.drain_seconds}: expected 0 or more seconds")
+    try:
+        check_sample_rate(args.access_log_sample)
+    except SampleRateError as e:
+        raise ConfigError(str(e)) from e
     if args.capture_mark in (0, PROXY_MARK):
         raise ConfigError(
             f"--capture-mark {args.capture_mark:#x}: must be non-zero and differ from the "
@@ -280,6 +294,7 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         metrics_port=_port("--metrics-port", args.metrics_port),
         ready_port=_port("--ready-port", args.ready_port),
         drain_seconds=args.drain_seconds,
+        access_log_sample=args.access_log_sample,
         capture_mark=args.capture_mark,
         route_table=args.route_table,
         traces=_traces(args),

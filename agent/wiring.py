@@ -116,6 +116,7 @@ def observability(parts: AgentParts) -> list[Component]:
             state_error=lambda: parts.source.last_error if parts.source is not None else None,
             state_changed_at=lambda: changed_at[0],
         ),
+        access_log_sample=parts.config.access_log_sample,
     )
     if proxy is not None:
         proxy.connections.observers.append(telemetry.tcp)
@@ -148,6 +149,7 @@ def observability(parts: AgentParts) -> list[Component]:
             degraded=parts.degraded,
             drain=parts.request_stop,
             connections=telemetry.tcp.live,
+            tap=telemetry.http.tap if proxy is not None else None,
             certificates=certificates,
             datapath=datapath_view,
             state_source=lambda: source_view(parts.source),

@@ -1,7 +1,8 @@
 """The admin API on 127.0.0.1:15000: what this agent knows and does, as JSON.
 
 Read endpoints (GET) show the state (workloads, services, policies), certificates (public
-facts and chains, never keys), live connections (the access log's fields), the datapath's
+facts and chains, never keys), live connections and recent HTTP requests (the access log's
+fields; ``/requests`` long-polls, ``agent.admin.tap``), the datapath's
 attachments and BPF counters, and the effective configuration. Two POSTs change the agent:
 ``/logging`` (log levels at run time) and ``/quitquitquit`` (the same graceful drain as
 SIGTERM). Every shape is documented in ARCHITECTURE.md ("Admin API") with stable field names.
@@ -20,9 +21,11 @@ from dataclasses import dataclass, field
 
 from agent import __version__
 from agent.admin import views
+from agent.admin.tap import requests_view
 from agent.base.http import Request, Response
 from agent.state import StateStore
 from agent.telemetry.loglevel import LogLevelError, levels, set_level
+from agent.telemetry.tap import RequestRing
 
 Rows = list[dict[str, object]]
 
@@ -35,11 +38,16 @@ ENDPOINTS = {
     "/policies": "AuthorizationPolicy, PeerAuthentication and TrafficPolicy objects",
     "/certs": "certificates of local identities: state, serial, validity, chain (no keys)",
     "/connections": "live connections with the access log's fields",
+    "/requests": "recent HTTP requests (?since=CURSOR&wait=S long-polls; filters: workload, "
+    "source, destination, method, path, status)",
     "/datapath": "BPF programs' generation, attachments, listeners and counters",
     "/traffic": "TrafficPolicy conditions, effective policy per Service, endpoint health",
     "/logging": "GET: log levels; POST ?level=debug[&logger=agent.proxy]: change one",
     "/quitquitquit": "POST: drain gracefully and exit (like SIGTERM)",
 }
+
+
+_NO_TAP = RequestRing(1)  # an agent without a proxy has no requests to show
 
 
 def _empty() -> Rows:
@@ -61,6 +69,7 @@ class AdminSources:
     datapath: Callable[[], Awaitable[dict[str, object]]] | None = None
     state_source: Callable[[], dict[str, object]] | None = None
     traffic: Callable[[], dict[str, object]] | None = None
+    tap: RequestRing | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -89,6 +98,9 @@ class AdminApi:
             return Response.json(200, {"draining": True})
         if request.path == "/quitquitquit":
             return Response.json(405, {"error": "POST /quitquitquit drains the agent"})
+        if request.path == "/requests" and request.method == "GET":
+            ring = self.s.tap if self.s.tap is not None else _NO_TAP
+            return await requests_view(ring, self.s.node, request.query)
         view = self._get.get(request.path)
         if view is None:
             known = ", ".join(ENDPOINTS)

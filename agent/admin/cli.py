@@ -1,4 +1,5 @@
-"""``nodemesh status|workloads|connections|certs|policies|traffic``: read an agent's admin API.
+"""``nodemesh status|workloads|connections|certs|policies|traffic``: read an agent's admin API
+(``nodemesh requests``, which follows an agent, is ``agent.admin.tapcli``).
 
 Each command fetches one endpoint and prints it as a table (``-o table``, the default, at most
 100 columns) or as the endpoint's JSON (``-o json``, stable field names for scripts). Errors
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from agent.admin import tapcli
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.admin.tables import human_bytes, render
 
@@ -93,12 +95,20 @@ def format_connections(data: Mapping[str, Any]) -> str:
             human_bytes(c["bytes_sent"]),
             human_bytes(c["bytes_received"]),
             f"{c['duration_ms'] / 1000:.0f}s",
+            _requests(c),
         ]
         for c in data["connections"]
     ]
     if not rows:
         return "no open connections"
-    return render(["DIR", "SOURCE", "DESTINATION", "SECURITY", "SENT", "RECEIVED", "AGE"], rows)
+    headers = ["DIR", "SOURCE", "DESTINATION", "SECURITY", "SENT", "RECEIVED", "AGE", "REQUESTS"]
+    return render(headers, rows)
+
+
+def _requests(c: Mapping[str, Any]) -> str:
+    """``http/1.1 12``: the HTTP requests finished on the connection; ``-`` for plain TCP."""
+    protocol = c.get("protocol", "tcp")
+    return "-" if protocol == "tcp" else f"{protocol} {c.get('requests', 0)}"
 
 
 def format_certs(data: Mapping[str, Any]) -> str:
@@ -218,3 +228,4 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         if name == "workloads":
             p.add_argument("--local", action="store_true", help="only this node's workloads")
         p.set_defaults(func=run)
+    tapcli.register(subparsers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from agent.admin import tapcli
 from agent.base.constants import CA_PORT
 from agent.lab import control, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
@@ -129,6 +131,21 @@ def _agent_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _requests(args: argparse.Namespace) -> int:
+    """``lab requests``: ``nodemesh requests`` of every node's agent (or ``--node``'s), merged;
+    each agent is read from a thread inside its node's namespace (``agent.admin.tapcli``)."""
+    _, plan = control.load(args.name)
+    nodes = {n.name: n.netns for n in plan.nodes}
+    unknown = [name for name in args.node or () if name not in nodes]
+    if unknown:
+        raise LabError(f"no node {unknown[0]!r} in lab {plan.lab}; nodes: {', '.join(nodes)}")
+    agents = [
+        tapcli.Agent(name, tapcli.DEFAULT_ADMIN, functools.partial(netns.enter, nodes[name]))
+        for name in args.node or nodes
+    ]
+    return tapcli.run_agents(args, agents, "nodemesh lab requests")
+
+
 def _exec(args: argparse.Namespace) -> int:
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not command:
@@ -222,6 +239,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = add("status", _status, "nodes, pods, IPs and mesh state")
     p.add_argument("--json", action="store_true", help="the documented, stable JSON shape")
     p.add_argument("--node", help="instead: this node's agent status (nodemesh status)")
+    p = add("requests", _requests, "recent and live HTTP requests of the lab's agents")
+    p.add_argument(
+        "--node", action="append", help="only this node's agent (repeatable; default: every node)"
+    )
+    tapcli.add_arguments(p)
     p = add("exec", _exec, "run a command in a pod's or node's network namespace")
     p.add_argument("target", help="pod (name or namespace/name), node, ca or switch")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")

@@ -29,12 +29,19 @@ What L4 cannot see (a connection, not a request: ``Request.http`` is None): thos
 fields, ``requestPrincipals`` and ``when`` keys other than the L4 ones. An ALLOW rule that uses
 any of them never matches (so it admits nothing it cannot check: fail closed); in a DENY or AUDIT
 rule the unenforceable condition counts as matched (so it denies more, never less).
-``requestPrincipals`` (JWT) and L7 ``when`` keys stay unenforceable on HTTP ports too.
+``when`` on ``request.headers[name]`` is per request too: the header's value (several fields of
+one name joined with ``,``, as Envoy's header matcher reads them) matches ``values`` with the
+same string matching except that ``*`` means present (even empty, as Istio's presence match), a
+missing header matches no value (so ``notValues`` matches it), and the name compares
+case-insensitively. ``requestPrincipals`` (JWT) and the other L7 ``when`` keys stay
+unenforceable on HTTP ports too.
 ``remoteIpBlocks`` equals ``ipBlocks``: the remote address is the connection's source.
 
 Refused at validation (``check_policy``, called by ``agent.policy.schema``), as Istio's webhook
 refuses them: a ``when`` value that cannot be what its key compares against (``destination.port:
-http``, ``source.ip: 10.0.0.300``). The CRD cannot express that per-key check, so in a cluster the
+http``, ``source.ip: 10.0.0.300``), and a ``request.headers`` key whose name is missing or not an
+HTTP field name (``request.headers[]``, ``request.headers[x y]``, ``request.headers``). The CRD
+cannot express that per-key check, so in a cluster the
 API server stores such a policy and the agent refuses it (its ``Accepted`` condition says why);
 before this check it stopped the whole policy set from compiling.
 """
@@ -68,11 +75,21 @@ L4_WHEN_KEYS = (
 
 @dataclass(frozen=True, slots=True)
 class HttpAttributes:
-    """What an HTTP request adds (declared HTTP ports only)."""
+    """What an HTTP request adds (declared HTTP ports only). ``headers`` are the request's
+    fields as the parser gives them (a reference, not a copy: only a ``request.headers``
+    condition reads them, through ``header``)."""
 
     method: str
     path: str  # without the query
     host: str  # the Host header / :authority, as sent
+    headers: Sequence[tuple[bytes, bytes]] = ()
+
+    def header(self, name: str) -> str | None:
+        """The value of field ``name`` (any case); several fields joined with ``,``; None when
+        absent."""
+        wanted = name.lower().encode("latin-1")
+        found = [v.decode("latin-1") for n, v in self.headers if n.lower() == wanted]
+        return ",".join(found) if found else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,10 +225,35 @@ _WHEN_VALUES: dict[str, tuple[Callable[[str], bool], str]] = {
 }
 
 
+HEADER_KEY_PREFIX = "request.headers"
+# RFC 9110 5.1: a field name is a token.
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def header_name(key: str) -> str | None:
+    """``request.headers[X-Token]`` → ``X-Token``; None when ``key`` is another key.
+
+    Raises ``ValueError`` (the reason) for a ``request.headers`` key without a valid name."""
+    if not key.startswith(HEADER_KEY_PREFIX):
+        return None
+    rest = key[len(HEADER_KEY_PREFIX) :]
+    if not (rest.startswith("[") and rest.endswith("]")):
+        raise ValueError("expected request.headers[NAME], e.g. request.headers[x-token]")
+    name = rest[1:-1]
+    if not name or not set(name) <= _TCHARS:
+        raise ValueError(f"{name!r} is not an HTTP header name (letters, digits, -, _ ...)")
+    return name
+
+
 def check_policy(spec: Mapping[str, Any]) -> None:
-    """Refuse ``when`` values their key cannot compare (see the module docstring)."""
+    """Refuse ``when`` values their key cannot compare and malformed ``request.headers`` keys
+    (see the module docstring)."""
     for i, rule in enumerate(spec.get("rules") or ()):
         for j, cond in enumerate(rule.get("when") or ()):
+            try:
+                header_name(cond["key"])
+            except ValueError as e:
+                raise AuthorizationPolicyError(f"spec.rules[{i}].when[{j}].key", str(e)) from e
             if cond["key"] not in _WHEN_VALUES:
                 continue
             valid, what = _WHEN_VALUES[cond["key"]]
@@ -272,8 +314,26 @@ def _fields(
     return preds
 
 
+def _header_condition(cond: Mapping[str, Any], name: str, lenient: bool) -> Predicate:
+    """A ``request.headers[name]`` condition: per request, like the operation fields."""
+
+    def matcher(values: Sequence[str]) -> Callable[[HttpAttributes], bool]:
+        matchers = [(lambda _v: True) if v == "*" else string_matcher(v) for v in values]
+        return lambda h: (value := h.header(name)) is not None and any(m(value) for m in matchers)
+
+    preds = []
+    if "values" in cond:
+        preds.append(_per_request(matcher(cond["values"]), negated=False, lenient=lenient))
+    if "notValues" in cond:
+        preds.append(_per_request(matcher(cond["notValues"]), negated=True, lenient=lenient))
+    return _all(preds)
+
+
 def _when(cond: Mapping[str, Any], lenient: bool) -> Predicate | None:
     key = cond["key"]
+    name = header_name(key)
+    if name is not None:
+        return _header_condition(cond, name, lenient)
     if key not in _WHEN_KEYS:
         if not lenient:
             raise _Unenforceable(f"when {key}")

@@ -78,6 +78,8 @@ class RequestHead:
     host: str  # the Host header, as sent
     request_id: str
     trace: tuple[tuple[str, str], ...] = ()  # the trace-context headers sent (telemetry)
+    # as received, for L7 ``request.headers`` conditions (not part of the head's identity)
+    headers: Sequence[tuple[bytes, bytes]] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -263,6 +265,7 @@ class Http1Proxy:
             host=(_header(req.headers, b"host") or ""),
             request_id=request_id,
             trace=trace_headers_of(req.headers),
+            headers=req.headers,
         )
         current = _Current(Exchange(head, self.clock()), upgrade=upgrade)
         self._current = current

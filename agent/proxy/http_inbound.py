@@ -107,12 +107,13 @@ class HttpSession:
         self.record, self.request, self.workload = record, request, workload
         self.header_timeout = header_timeout
         self.where = f"{record.source} -> {record.destination}"
+        record.protocol = "http/1.1"
         self.proxy = Http1Proxy(authorize=self._authorize)
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
 
     def _authorize(self, head: RequestHead) -> Verdict:
-        attrs = HttpAttributes(head.method, head.path, head.host)
+        attrs = HttpAttributes(head.method, head.path, head.host, head.headers)
         request = replace(self.request, http=attrs)
         where = f"{self.where} {head.method} {head.path}"
         decision = self.core.authorize_request(request, self.workload, where)

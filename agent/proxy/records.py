@@ -116,6 +116,7 @@ class Registry:
 
     def request_done(self, connection: ConnectionRecord, request: RequestRecord) -> None:
         """One HTTP request served (or refused by policy) on ``connection``."""
+        connection.requests += 1
         self._tell(lambda o: o.requested(connection, request))
 
     def http_rejected(self, cause: str, detail: str) -> None:

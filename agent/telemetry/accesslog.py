@@ -1,10 +1,15 @@
 """The access log: one JSON line per connection at close (and per HTTP request on declared
-HTTP ports), and the same fields for live connections.
+HTTP ports), and the same fields for live connections and recent requests.
 
 Why JSON on a logger of its own (``nodemesh.access``): log pipelines parse it without a grammar,
 an operator can silence or redirect it like any logger (``POST /logging?logger=nodemesh.access``),
 and the admin API's ``/connections`` shows live connections with exactly these field names, so a
-line and a row can be compared. Field names are stable (ARCHITECTURE.md, "Access log").
+line and a row can be compared; ``/requests`` (``nodemesh requests``) shows recent requests with
+the fields of their lines. Field names are stable (ARCHITECTURE.md, "Access log").
+
+Request lines can be sampled (``RequestSampler``, ``--access-log-sample``), connection lines
+never: a connection line is one per connection, a request line one per request, and a busy
+HTTP service writes thousands a second.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from agent.telemetry.labels import TcpLabels
 from agent.telemetry.records import ConnectionRecord, RequestRecord
@@ -49,6 +56,8 @@ def connection_entry(record: ConnectionRecord, labels: TcpLabels, now: float) ->
         "bytes_received": record.bytes_received,
         "response_flags": labels.response_flags,
         "failure": record.failure or None,
+        "protocol": record.protocol,
+        "requests": record.requests,
     }
 
 
@@ -60,30 +69,81 @@ def write_access_log(record: ConnectionRecord, labels: TcpLabels) -> None:
         access_log.info("%s", json.dumps(entry, separators=(",", ":")))
 
 
+def request_entry(
+    connection: ConnectionRecord, request: RequestRecord, labels: Mapping[str, str], ended: float
+) -> dict[str, object]:
+    """The documented fields of one finished HTTP request: the request, the pod address it
+    went to (``upstream_address``), and the connection it came on with its identities;
+    ``labels`` are its metric labels (``agent.telemetry.http.REQUEST_LABEL_NAMES``)."""
+    return {
+        "time": _iso(ended),
+        "connection_id": connection.id,
+        "direction": connection.direction,
+        "source_address": connection.source,
+        "destination_address": connection.destination,
+        "upstream_address": request.upstream or connection.upstream or connection.destination,
+        "method": request.method,
+        "path": request.path,
+        "authority": request.authority,
+        "response_code": request.status,
+        "grpc_status": request.grpc_status,
+        "duration_ms": round(request.duration_ms, 3),
+        "request_bytes": request.request_bytes,
+        "response_bytes": request.response_bytes,
+        "response_flags": request.response_flags,
+        "request_id": request.request_id,
+        "source_workload": labels["source_workload"],
+        "source_namespace": labels["source_workload_namespace"],
+        "source_identity": labels["source_principal"],
+        "destination_service": labels["destination_service"],
+        "destination_workload": labels["destination_workload"],
+        "destination_namespace": labels["destination_workload_namespace"],
+        "destination_identity": labels["destination_principal"],
+        "security": labels["connection_security_policy"],
+    }
+
+
+class SampleRateError(ValueError):
+    """An access log sample rate outside 0..1."""
+
+
+def check_sample_rate(rate: float) -> float:
+    """``rate`` if it is a fraction of requests to log (0 to 1), else ``SampleRateError``."""
+    if math.isnan(rate) or not 0.0 <= rate <= 1.0:
+        raise SampleRateError(
+            f"--access-log-sample {rate}: expected a fraction of requests to log between 0 "
+            "and 1 (1 logs every request, 0.1 one in ten, 0 only errors and denials)"
+        )
+    return rate
+
+
+class RequestSampler:
+    """Which HTTP requests get an access log line.
+
+    A request answered 5xx, denied by policy (``RBAC``) or ended by a failure (any other
+    response flag: ``UC``, ``DC``) is always logged: those are the lines an operator searches
+    the log for after an incident, they are few when the service is healthy, and a sampled log
+    that lost the one failing request answers nothing. Every other request is logged with
+    probability ``rate`` (independently per request, like Envoy's runtime fraction filter), so
+    the volume of a busy service's log drops by ``rate`` while the failures stay complete.
+    """
+
+    def __init__(self, rate: float = 1.0, draw: Callable[[], float] = random.random) -> None:
+        self.rate = check_sample_rate(rate)
+        self._draw = draw
+
+    def keep(self, request: RequestRecord) -> bool:
+        if request.status >= 500 or request.response_flags != "-":
+            return True
+        if self.rate >= 1.0:
+            return True
+        return self.rate > 0.0 and self._draw() < self.rate
+
+
 def write_request_log(
     connection: ConnectionRecord, request: RequestRecord, labels: Mapping[str, str]
 ) -> None:
-    """Log one HTTP request at INFO: the connection it came on (``connection_id``), the request
-    and the labels its metrics carry."""
+    """Log one HTTP request at INFO (``request_entry``'s fields)."""
     if access_log.isEnabledFor(logging.INFO):
-        entry = {
-            "time": _iso(time.time()),
-            "connection_id": connection.id,
-            "direction": connection.direction,
-            "source_address": connection.source,
-            "destination_address": connection.destination,
-            "method": request.method,
-            "path": request.path,
-            "authority": request.authority,
-            "response_code": request.status,
-            "duration_ms": round(request.duration_ms, 3),
-            "request_bytes": request.request_bytes,
-            "response_bytes": request.response_bytes,
-            "response_flags": request.response_flags,
-            "request_id": request.request_id,
-            "source_workload": labels["source_workload"],
-            "source_identity": labels["source_principal"],
-            "destination_workload": labels["destination_workload"],
-            "destination_service": labels["destination_service"],
-        }
+        entry = request_entry(connection, request, labels, time.time())
         access_log.info("%s", json.dumps(entry, separators=(",", ":")))

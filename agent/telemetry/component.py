@@ -19,6 +19,7 @@ from agent.base.endpoint import HttpComponent
 from agent.base.http import Request, Response
 from agent.base.metrics import REGISTRY
 from agent.state import StateStore
+from agent.telemetry.accesslog import RequestSampler
 from agent.telemetry.agentmetrics import AgentCollector, AgentSources
 from agent.telemetry.http import HttpMetrics
 from agent.telemetry.tcp import TcpMetrics
@@ -44,10 +45,11 @@ class TelemetryComponent(HttpComponent):
         store: StateStore,
         address: tuple[str, int],
         sources: AgentSources,
+        access_log_sample: float = 1.0,
     ) -> None:
         super().__init__(self._handle, address)
         self.tcp = TcpMetrics(store)
-        self.http = HttpMetrics(store)
+        self.http = HttpMetrics(store, sampler=RequestSampler(access_log_sample))
         self.registry = CollectorRegistry(auto_describe=False)
         for collector in (_Declared(), self.tcp, self.http, AgentCollector(sources)):
             self.registry.register(collector)

@@ -13,6 +13,10 @@ registry), so two agents in one test process never mix their series.
 The HTTP layer's refusals are counted by cause (``nodemesh_http_rejected_requests_total``) and
 dry-run policies' would-be denials by policy (``nodemesh_http_dry_run_denials_total``).
 
+Each request is also written to the access log when ``RequestSampler`` keeps it, and added to
+the ring of recent requests (``agent.telemetry.tap``) that ``nodemesh requests`` reads; requests
+a viewer fell too far behind to see are counted (``nodemesh_tap_missed_requests_total``).
+
 Single-threaded like ``TcpMetrics``: everything runs on the agent's event loop.
 """
 
@@ -27,9 +31,10 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from agent.state import StateStore
-from agent.telemetry.accesslog import write_request_log
+from agent.telemetry.accesslog import RequestSampler, write_request_log
 from agent.telemetry.labels import LABEL_NAMES, endpoint_services, tcp_labels
 from agent.telemetry.records import ConnectionRecord, RequestRecord
+from agent.telemetry.tap import RequestRing
 
 REQUESTS = "istio_requests_total"
 DURATION = "istio_request_duration_milliseconds"
@@ -37,6 +42,7 @@ REQUEST_BYTES = "istio_request_bytes"
 RESPONSE_BYTES = "istio_response_bytes"
 REJECTED = "nodemesh_http_rejected_requests_total"
 DRY_RUN = "nodemesh_http_dry_run_denials_total"
+TAP_MISSED = "nodemesh_tap_missed_requests_total"
 
 # Istio's default buckets (the stats plugin's): milliseconds, and bytes.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -82,9 +88,18 @@ def _le(bound: float) -> str:
 class HttpMetrics(Collector):
     """A ``RequestObserver`` (``Registry.request_observers``) and a prometheus collector."""
 
-    def __init__(self, store: StateStore, *, access_log: bool = True) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        access_log: bool = True,
+        sampler: RequestSampler | None = None,
+        tap: RequestRing | None = None,
+    ) -> None:
         self._store = store
         self._access_log = access_log
+        self._sampler = sampler or RequestSampler()
+        self.tap = tap if tap is not None else RequestRing()
         self._requests: Counter[RequestLabels] = Counter()
         self._histograms: dict[str, dict[RequestLabels, _Histogram]] = {
             DURATION: {},
@@ -108,10 +123,10 @@ class HttpMetrics(Collector):
             if labels not in per:
                 per[labels] = _Histogram(bounds)
             per[labels].observe(value)
-        if self._access_log:
-            write_request_log(
-                connection, request, dict(zip(REQUEST_LABEL_NAMES, labels.values, strict=True))
-            )
+        named = dict(zip(REQUEST_LABEL_NAMES, labels.values, strict=True))
+        self.tap.add(connection, request, named)
+        if self._access_log and self._sampler.keep(request):
+            write_request_log(connection, request, named)
 
     def rejected(self, cause: str) -> None:
         self._rejected[cause] += 1
@@ -149,6 +164,12 @@ class HttpMetrics(Collector):
         for policy, value in self._dry_run.items():
             dry.add_metric([policy], value)
         yield dry
+        missed = CounterMetricFamily(
+            TAP_MISSED,
+            "Recent requests a nodemesh requests viewer fell too far behind to see",
+        )
+        missed.add_metric([], self.tap.missed_total)
+        yield missed
 
     def _labels(self, connection: ConnectionRecord, request: RequestRecord) -> RequestLabels:
         snap = self._store.snapshot()
@@ -157,4 +178,4 @@ class HttpMetrics(Collector):
         tcp = tcp_labels(connection, snap, self._endpoints[1])._replace(
             request_protocol="http", response_flags=request.response_flags
         )
-        return RequestLabels((*tcp, str(request.status), ""))
+        return RequestLabels((*tcp, str(request.status), request.grpc_status))

@@ -51,6 +51,8 @@ class ConnectionRecord:
     upstream: str = ""  # ip:port actually dialed (a Service VIP resolves to an endpoint)
     failure: str = ""  # reason key of the rejection that ended it ("" = none)
     first_byte: float = 0.0  # time.monotonic() of the first upstream byte (0 = none yet)
+    protocol: str = "tcp"  # "http/1.1" once an HTTP layer serves it (its requests are counted)
+    requests: int = 0  # HTTP requests finished on it (``Registry.request_done``)
 
     def describe(self) -> dict[str, object]:
         return asdict(self)
@@ -80,7 +82,8 @@ class RequestRecord:
     request_id: str
     trace_headers: tuple[tuple[str, str], ...] = ()  # (name, value) of TRACE_HEADERS sent
     started_at: float = 0.0  # wall-clock time (time.time()) of the request's head; 0 = unknown
-    grpc_status: str = ""  # the grpc-status of a gRPC response ("" = not gRPC, or none)
+    grpc_status: str = ""  # from grpc-status (trailers or trailers-only); "" when not gRPC
+    upstream: str = ""  # ip:port of the endpoint it went to; "" = the connection's upstream
 
 
 class RequestObserver(Protocol):

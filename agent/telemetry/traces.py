@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -51,6 +50,7 @@ from agent.state import StateStore
 from agent.telemetry.labels import TcpLabels, endpoint_services, host_of, tcp_labels
 from agent.telemetry.records import OUTBOUND, ConnectionRecord, RequestRecord
 from agent.telemetry.traceexport import BoundedBatchProcessor, rate_limit_logger
+from agent.telemetry.tracesettings import TraceSettings
 
 EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
 SERVICE_NAME = "nodemesh"
@@ -65,19 +65,6 @@ QUEUED = "nodemesh_trace_spans_queued"
 
 _B3 = B3MultiFormat()
 _W3C = TraceContextTextMapPropagator()
-
-
-@dataclass(frozen=True)
-class TraceSettings:
-    """``--otlp-endpoint`` (the full OTLP/HTTP traces URL), ``--trace-sample``, ``--trace-tcp``;
-    and the export queue's bounds (the SDK's defaults: 2048 spans, batches of 512, 1 s)."""
-
-    endpoint: str
-    sample_rate: float = 1.0
-    tcp: bool = False
-    queue_size: int = 2048
-    batch_size: int = 512
-    delay: float = 1.0
 
 
 def parent_context(headers: tuple[tuple[str, str], ...]) -> Context | None:

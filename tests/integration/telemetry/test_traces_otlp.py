@@ -11,7 +11,8 @@ import pytest
 
 from agent.proxy.records import Registry
 from agent.telemetry.records import RequestRecord
-from agent.telemetry.traces import TraceSettings, Tracing
+from agent.telemetry.traces import Tracing
+from agent.telemetry.tracesettings import TraceSettings
 from tests.otlp import KIND_SERVER, OtlpReceiver
 from tests.unit.telemetry.telemetry_helpers import CLIENT_ID, SERVER_ID, inbound, make_store
 

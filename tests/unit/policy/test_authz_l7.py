@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -11,8 +12,25 @@ from agent.state.model import PolicyObject
 from tests.unit.policy.test_authz import SERVER, allow, deny, pol, req, src, to
 
 
-def http(method: str = "GET", path: str = "/", host: str = "server.default:80") -> Request:
-    return replace(req(), http=HttpAttributes(method, path, host))
+def http(
+    method: str = "GET",
+    path: str = "/",
+    host: str = "server.default:80",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> Request:
+    return replace(req(), http=HttpAttributes(method, path, host, headers))
+
+
+def when(key: str, **cond: list[str]) -> dict[str, Any]:
+    return {"when": [{"key": key, **cond}]}
+
+
+TOKEN = "request.headers[X-Token]"
+
+
+def token(*values: bytes, name: bytes = b"x-token") -> Request:
+    """A GET with one ``name`` field per value."""
+    return http(headers=tuple((name, v) for v in values))
 
 
 def allowed(policies: list[PolicyObject], request: Request) -> bool:
@@ -69,6 +87,46 @@ CASES: list[tuple[str, list[PolicyObject], Request, bool]] = [
         http("GET"),
         False,
     ),
+    # when request.headers[...]: Istio's string matching on the header's value
+    ("header exact", [deny(when(TOKEN, values=["s3"]))], token(b"s3"), False),
+    ("header exact miss", [deny(when(TOKEN, values=["s3"]))], token(b"s"), True),
+    ("header absent", [deny(when(TOKEN, values=["*"]))], http(), True),
+    ("header present", [deny(when(TOKEN, values=["*"]))], token(b"a"), False),
+    ("header empty is present", [deny(when(TOKEN, values=["*"]))], token(b""), False),
+    ("header prefix", [allow(when(TOKEN, values=["ab*"]))], token(b"abc"), True),
+    ("header suffix", [allow(when(TOKEN, values=["*bc"]))], token(b"abc"), True),
+    ("header suffix miss", [allow(when(TOKEN, values=["*bd"]))], token(b"abc"), False),
+    (
+        "header name any case",
+        [allow(when("request.headers[x-TOKEN]", values=["a"]))],
+        token(b"a", name=b"X-Token"),
+        True,
+    ),
+    ("header value is case-sensitive", [allow(when(TOKEN, values=["a"]))], token(b"A"), False),
+    ("header fields joined", [allow(when(TOKEN, values=["a,b"]))], token(b"a", b"b"), True),
+    ("header notValues", [allow(when(TOKEN, notValues=["bad"]))], token(b"bad"), False),
+    ("header notValues other", [allow(when(TOKEN, notValues=["bad"]))], token(b"ok"), True),
+    ("header notValues absent", [allow(when(TOKEN, notValues=["bad"]))], http(), True),
+    (
+        "header values and notValues",
+        [allow(when(TOKEN, values=["a*"], notValues=["ab"]))],
+        token(b"ab"),
+        False,
+    ),
+    (
+        "header ALLOW never matches a connection (L4)",
+        [allow(when(TOKEN, values=["*"]))],
+        req(),
+        False,
+    ),
+    (
+        "header notValues ALLOW never matches at L4",
+        [allow(when(TOKEN, notValues=["x"]))],
+        req(),
+        False,
+    ),
+    ("header DENY broadened at L4", [deny(when(TOKEN, values=["s3"]))], req(), False),
+    ("header DENY notValues broadened at L4", [deny(when(TOKEN, notValues=["s3"]))], req(), False),
     (
         "requestPrincipals stay unenforceable on HTTP ports",
         [allow(src(requestPrincipals=["*"]))],

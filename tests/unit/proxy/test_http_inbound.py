@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 
@@ -22,6 +23,7 @@ class Seen:
     def __init__(self) -> None:
         self.requests: list[RequestRecord] = []
         self.rejections: list[str] = []
+        self.would_deny_policies: list[str] = []
         self.sockets: list[socket.socket] = []  # the proxy's ends, closed by the test
 
     def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
@@ -31,7 +33,7 @@ class Seen:
         self.rejections.append(cause)
 
     def would_deny(self, policy: str) -> None:
-        pass
+        self.would_deny_policies.append(policy)
 
 
 def _core(*policies: PolicyObject) -> Core:
@@ -164,6 +166,54 @@ def test_an_upgrade_becomes_an_opaque_relay() -> None:
         client.shutdown(socket.SHUT_WR)
         pod.shutdown(socket.SHUT_WR)
         await asyncio.wait_for(task, 5)
+        for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)
+
+
+DRY_RUN_TOKEN_DENY = PolicyObject(
+    "AuthorizationPolicy",
+    "default",
+    "deny-tokens",
+    {
+        "action": "DENY",
+        "rules": [{"when": [{"key": "request.headers[x-token]", "values": ["*"]}]}],
+    },
+    dry_run=True,
+)
+TOKEN_DENY = replace(DRY_RUN_TOKEN_DENY, name="deny-tokens-now", dry_run=False)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_header_condition_per_request_enforced_or_dry_run(dry_run: bool) -> None:
+    """On one keep-alive connection only the request with the header is denied; as a dry-run
+    policy it passes and is reported as what the policy would have denied."""
+
+    async def main() -> None:
+        policy = DRY_RUN_TOKEN_DENY if dry_run else TOKEN_DENY
+        client, pod, task, seen = await _session(_core(policy))
+        loop = asyncio.get_running_loop()
+        for head in (
+            b"GET /a HTTP/1.1\r\nHost: s\r\n",
+            b"GET /t HTTP/1.1\r\nHost: s\r\nX-Token: 1\r\n",
+        ):
+            await loop.sock_sendall(client, head + b"\r\n")
+            if dry_run or b"X-Token" not in head:
+                await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+                await loop.sock_sendall(pod, b"HTTP/1.1 204 No Content\r\n\r\n")
+                await _read_until(client, lambda d: d.endswith(b"\r\n\r\n"))
+            else:
+                await _read_until(client, lambda d: d.endswith(b"RBAC: access denied"))
+        client.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 5)
+        statuses = [(r.path, r.status) for r in seen.requests]
+        if dry_run:
+            assert statuses == [("/a", 204), ("/t", 204)]
+            assert seen.would_deny_policies == ["default/deny-tokens"]
+        else:
+            assert statuses == [("/a", 204), ("/t", 403)]
+            assert seen.would_deny_policies == []
         for s in (client, pod, *seen.sockets):
             s.close()
 

@@ -297,6 +297,28 @@ REJECTED = [
         "p.spec.rules[0].when[0].notValues[0]",
         "not an IP address or CIDR",
     ),
+    # a request.headers key needs a header name, as Istio's webhook says
+    (
+        AUTHZ,
+        "spec.rules.0.when.0",
+        {"key": "request.headers[]", "values": ["x"]},
+        "p.spec.rules[0].when[0].key",
+        "'' is not an HTTP header name",
+    ),
+    (
+        AUTHZ,
+        "spec.rules.0.when.0",
+        {"key": "request.headers[x token]", "values": ["x"]},
+        "p.spec.rules[0].when[0].key",
+        "'x token' is not an HTTP header name",
+    ),
+    (
+        AUTHZ,
+        "spec.rules.0.when.0",
+        {"key": "request.headers", "values": ["x"]},
+        "p.spec.rules[0].when[0].key",
+        "expected request.headers[NAME]",
+    ),
     # a trailing newline: Python's '$' would let it through, the API server's does not
     (
         AUTHZ,

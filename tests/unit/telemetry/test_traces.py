@@ -22,7 +22,8 @@ from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
 from agent.telemetry.traceexport import LOG_EVERY, BoundedBatchProcessor
-from agent.telemetry.traces import TraceSettings, Tracing
+from agent.telemetry.traces import Tracing
+from agent.telemetry.tracesettings import TraceSettings
 from tests.unit.telemetry.telemetry_helpers import (
     CLIENT_ID,
     SERVER_ID,

@@ -59,13 +59,15 @@ REF_NOT_PERMITTED = "RefNotPermitted"
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
-HTTP_FILTERS = (
-    "RequestHeaderModifier",
-    "ResponseHeaderModifier",
-    "RequestRedirect",
-    "URLRewrite",
-    "RequestMirror",
-)
+# Filter type -> the field holding its configuration.
+FILTER_FIELDS = {
+    "RequestHeaderModifier": "requestHeaderModifier",
+    "ResponseHeaderModifier": "responseHeaderModifier",
+    "RequestRedirect": "requestRedirect",
+    "URLRewrite": "urlRewrite",
+    "RequestMirror": "requestMirror",
+}
+HTTP_FILTERS = tuple(FILTER_FIELDS)
 GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror")
 _RULE_KEYS = {
     HTTP_ROUTE: ("name", "matches", "filters", "backendRefs", "timeouts", "retry"),
@@ -377,7 +379,7 @@ def _filters(ctx: _Context, values: object, path: str) -> Filters:
                 f"filter {kind!r} is not supported by nodemesh on a {obj.kind}; "
                 f"use {', '.join(allowed)}",
             )
-        field = kind[0].lower() + kind[1:]
+        field = FILTER_FIELDS[kind]
         _keys(f, fpath, ("type", field))
         body = _mapping(f.get(field), f"{fpath}.{field}")
         if kind == "RequestMirror":

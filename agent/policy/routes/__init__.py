@@ -6,8 +6,8 @@ none of it), decides per parent whether it is programmed and why (``parents``), 
 attached match by the Gateway API's precedence (``table``), applies the filters that change a
 request head (``filters``) and shapes ``status.parents`` (``status``).
 
-The data path builds one ``RouteTable`` per state version and calls, per request,
-``table.http(service, port, request, client_namespace=...)`` or ``table.grpc(...)``.
+The data path keeps a ``RouteTableCache`` and calls, per request,
+``cache.get(snapshot).http(service, port, request, client_namespace=...)`` or ``.grpc(...)``.
 """
 
 from agent.policy.routes.compile import Rejected, RouteError, compile_route
@@ -25,7 +25,7 @@ from agent.policy.routes.model import (
 )
 from agent.policy.routes.parents import ParentVerdict
 from agent.policy.routes.status import CONTROLLER_NAME, merged_parents
-from agent.policy.routes.table import RouteTable, choose_backend
+from agent.policy.routes.table import RouteTable, RouteTableCache, choose_backend
 
 __all__ = [
     "CONTROLLER_NAME",
@@ -42,6 +42,7 @@ __all__ = [
     "RouteAction",
     "RouteError",
     "RouteTable",
+    "RouteTableCache",
     "choose_backend",
     "compile_route",
     "merged_parents",

@@ -192,13 +192,13 @@ def _parents(values: object, namespace: str) -> tuple[ParentRef, ...]:
             "Service",
         ):
             continue
-        port = ref.get("port")
+        port, section = ref.get("port"), ref.get("sectionName")
         out.append(
             ParentRef(
                 str(ref.get("namespace") or namespace),
                 _str(ref.get("name"), f"{path}.name"),
                 None if port is None else _int(port, f"{path}.port", 1, 65535),
-                ref.get("sectionName"),
+                None if section is None else _str(section, f"{path}.sectionName"),
             )
         )
     return tuple(out)
@@ -328,7 +328,8 @@ def _grpc_match(value: object, path: str) -> GrpcMatch:
             service = _string_match(kind, m["service"], f"{mpath}.service")
         if m.get("method") is not None:
             method = _string_match(kind, m["method"], f"{mpath}.method")
-    return GrpcMatch(service, method, _named_matches(match.get("headers", []), path, header=True))
+    headers = _named_matches(match.get("headers", []), f"{path}.headers", header=True)
+    return GrpcMatch(service, method, headers)
 
 
 # -- backends and filters -------------------------------------------------------------------

@@ -81,11 +81,18 @@ def _parent(
         return refused(
             NO_MATCHING_PARENT, f"Service {parent.namespace}/{parent.name} does not exist"
         )
-    ports = [p for p in service.ports if parent.port is None or p.port == parent.port]
+    ports = [
+        p
+        for p in service.ports
+        if (parent.port is None or p.port == parent.port)
+        and (parent.section is None or p.name == parent.section)
+    ]
     if not ports:
+        which = [str(parent.port)] if parent.port is not None else []
+        which += [f"named {parent.section!r}"] if parent.section is not None else []
         return refused(
             NO_MATCHING_PARENT,
-            f"Service {parent.namespace}/{parent.name} has no port {parent.port}",
+            f"Service {parent.namespace}/{parent.name} has no port {' '.join(which)}",
         )
     wanted = ROUTE_PROTOCOLS.get(compiled.kind, DEFAULT_PROTOCOLS)
     programmed = tuple(p.port for p in ports if port_protocol(p) in wanted)

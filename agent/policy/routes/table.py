@@ -47,6 +47,7 @@ from agent.policy.routes.model import (
     RouteKey,
     Rule,
     ServiceKey,
+    StringMatch,
 )
 from agent.policy.routes.parents import ParentVerdict, evaluate
 from agent.state.snapshot import Snapshot
@@ -64,7 +65,8 @@ class _Candidate:
 
 def _http_rank(c: _Candidate) -> tuple[object, ...]:
     m = c.match
-    assert isinstance(m, HttpMatch)
+    if not isinstance(m, HttpMatch):
+        raise TypeError(f"an HTTPRoute match expected, got {m!r}")
     length = len(m.path.value.rstrip("/")) if m.path.kind == PATH_PREFIX else 0
     return (
         -_PATH_RANK[m.path.kind],
@@ -77,14 +79,21 @@ def _http_rank(c: _Candidate) -> tuple[object, ...]:
     )
 
 
+def _exact_chars(match: StringMatch | None) -> int:
+    return len(match.value) if match is not None and match.kind == EXACT else 0
+
+
 def _grpc_rank(c: _Candidate) -> tuple[object, ...]:
     m = c.match
-    assert isinstance(m, GrpcMatch)
-
-    def chars(s: object) -> int:
-        return len(s.value) if s is not None and s.kind == EXACT else 0  # type: ignore[attr-defined]
-
-    return (-chars(m.service), -chars(m.method), -len(m.headers), *c.route.age_order, c.rule.index)
+    if not isinstance(m, GrpcMatch):
+        raise TypeError(f"a GRPCRoute match expected, got {m!r}")
+    return (
+        -_exact_chars(m.service),
+        -_exact_chars(m.method),
+        -len(m.headers),
+        *c.route.age_order,
+        c.rule.index,
+    )
 
 
 def _candidates(routes: Sequence[Route]) -> Iterator[_Candidate]:
@@ -159,9 +168,9 @@ class RouteTable:
         if candidates is None:
             return None
         for c in candidates:
-            if c.match.matches(request):  # type: ignore[arg-type]
+            if isinstance(c.match, HttpMatch) and c.match.matches(request):
                 return _action(c, service, port)
-        return NoMatchingRule(tuple(dict.fromkeys(c.route.key for c in candidates)))
+        return _no_match(candidates)
 
     def grpc(
         self, service: ServiceKey, port: int, request: GrpcRequest, *, client_namespace: str
@@ -171,9 +180,13 @@ class RouteTable:
         if candidates is None:
             return self.http(service, port, request.as_http(), client_namespace=client_namespace)
         for c in candidates:
-            if c.match.matches(request):  # type: ignore[arg-type]
+            if isinstance(c.match, GrpcMatch) and c.match.matches(request):
                 return _action(c, service, port)
-        return NoMatchingRule(tuple(dict.fromkeys(c.route.key for c in candidates)))
+        return _no_match(candidates)
+
+
+def _no_match(candidates: Sequence[_Candidate]) -> NoMatchingRule:
+    return NoMatchingRule(tuple(dict.fromkeys(c.route.key for c in candidates)))
 
 
 def _action(c: _Candidate, service: ServiceKey, port: int) -> RouteAction:
@@ -199,3 +212,24 @@ def choose_backend(backends: Sequence[Backend], point: float) -> Backend | None:
             return backend
         target -= backend.weight
     return next(b for b in reversed(backends) if b.weight)
+
+
+class RouteTableCache:
+    """The table of the latest snapshot, rebuilt only when its routes or Services changed.
+
+    A commit that leaves a kind alone keeps that kind's mapping object in the new snapshot, so
+    comparing the two mappings by identity is exact and costs nothing per request.
+    """
+
+    def __init__(self) -> None:
+        self._inputs: tuple[object, object] | None = None
+        self._table = RouteTable({}, {}, {})
+
+    def get(self, snap: Snapshot) -> RouteTable:
+        inputs = (snap.routes, snap.services)
+        if self._inputs is None or any(
+            a is not b for a, b in zip(inputs, self._inputs, strict=True)
+        ):
+            self._table = RouteTable.build(snap)
+            self._inputs = inputs
+        return self._table

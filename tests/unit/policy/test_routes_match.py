@@ -13,8 +13,10 @@ from agent.policy.routes import (
     NoMatchingRule,
     RouteAction,
     RouteTable,
+    RouteTableCache,
     choose_backend,
 )
+from agent.state import Namespace, StateStore
 from tests.unit.policy.routes_fixtures import (
     NS,
     backend,
@@ -381,3 +383,30 @@ def test_choose_backend_by_weight(
 def test_all_weights_zero_chooses_nothing() -> None:
     """httproute-all-backends-weight-zero: the data path answers 500."""
     assert choose_backend((Backend(NS, "a", 80, 0), Backend(NS, "b", 80, 0)), 0.3) is None
+
+
+def test_section_name_picks_a_service_port_by_name() -> None:
+    services = [svc("echo", (80, "http"), (8080, "http-admin")), svc("echo-v1")]
+    parents = [{"group": "", "kind": "Service", "name": "echo", "sectionName": "http-admin"}]
+    table = RouteTable.build(snapshot(services, [route("r", [{}], parents=parents)]))
+    assert table.routed(ECHO, 8080) and not table.routed(ECHO, 80)
+    wrong = [{"group": "", "kind": "Service", "name": "echo", "sectionName": "metrics"}]
+    r = route("r", [{}], parents=wrong)
+    (verdict,) = RouteTable.build(snapshot(services, [r])).verdicts[r.key]
+    assert verdict.accepted.message == f"Service {NS}/echo has no port named 'metrics'"
+
+
+def test_table_cache_rebuilds_only_when_routes_or_services_change() -> None:
+    store = StateStore()
+    with store.update() as txn:
+        for s in mesh_services():
+            txn.put_service(s)
+    cache = RouteTableCache()
+    first = cache.get(store.snapshot())
+    with store.update() as txn:
+        txn.put_namespace(Namespace("other"))
+    assert cache.get(store.snapshot()) is first
+    with store.update() as txn:
+        txn.put_route(route("r", [{"backendRefs": [backend("echo-v1")]}]))
+    rebuilt = cache.get(store.snapshot())
+    assert rebuilt is not first and rebuilt.routed(ECHO, 80)

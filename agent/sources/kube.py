@@ -330,8 +330,7 @@ class KubeSource:
     def report_routes(self) -> None:
         """Re-evaluate the routes' status after a change of routes or Services (the handlers
         call it only once the Services were listed; routes not listed yet are not written)."""
-        if self.report_status:
-            self.route_status.sync(self.store.snapshot())
+        self.route_status.sync(self.store.snapshot(), write=self.report_status)
 
     def _patch_route_status(self, kind: str, namespace: str, name: str, body: Raw) -> None:
         try:

@@ -66,8 +66,9 @@ class RouteStatusWriter:
             parents = list((obj.get("status") or {}).get("parents") or ())
             self._seen[key] = (str(meta.get("resourceVersion") or ""), parents)
 
-    def sync(self, snap: Snapshot, now: str | None = None) -> None:
-        """Compute every route's status and write those that differ."""
+    def sync(self, snap: Snapshot, now: str | None = None, *, write: bool = True) -> None:
+        """Compute every route's status and write those that differ (with ``write`` false,
+        as for an agent told not to report status, only log the refused ones)."""
         now = now or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         table = RouteTable.build(snap)
         with self._lock:
@@ -85,7 +86,7 @@ class RouteStatusWriter:
                     generation=route.generation,
                     now=now,
                 )
-                if parents is not None and rv:
+                if parents is not None and rv and write:
                     body = {"metadata": {"resourceVersion": rv}, "status": {"parents": parents}}
                     work.append((key, body))
         for (kind, namespace, name), body in work:

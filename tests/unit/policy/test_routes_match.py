@@ -410,3 +410,36 @@ def test_table_cache_rebuilds_only_when_routes_or_services_change() -> None:
         txn.put_route(route("r", [{"backendRefs": [backend("echo-v1")]}]))
     rebuilt = cache.get(store.snapshot())
     assert rebuilt is not first and rebuilt.routed(ECHO, 80)
+
+
+def _path_rule(kind: str, value: str, to: str) -> dict[str, Any]:
+    return {"matches": [{"path": {"type": kind, "value": value}}], "backendRefs": [backend(to)]}
+
+
+# Conformance HTTPRoutePathMatchOrder: Exact before prefixes, longer prefixes first, whatever
+# the rule order.
+PATH_ORDER = [
+    _path_rule("Exact", "/match", "echo-v1"),
+    _path_rule("Exact", "/match/exact", "echo-v2"),
+    _path_rule("Exact", "/match/exact/one", "echo-v3"),
+    _path_rule("PathPrefix", "/match/", "echo-v3"),
+    _path_rule("PathPrefix", "/match/prefix/", "echo-v1"),
+    _path_rule("PathPrefix", "/match/prefix/one", "echo-v2"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/match/exact/one", "echo-v3"),
+        ("/match/exact", "echo-v2"),
+        ("/match", "echo-v1"),
+        ("/match/prefix/one/any", "echo-v2"),
+        ("/match/prefix/any", "echo-v1"),
+        ("/match/any", "echo-v3"),
+    ],
+)
+def test_path_match_order(path: str, expected: str) -> None:
+    services = [*mesh_services(), svc("echo-v3")]
+    table = RouteTable.build(snapshot(services, [route("path-matching-order", PATH_ORDER)]))
+    assert _backend_of(table, _get(path)) == expected

@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import re2
+
 from agent.policy.routes.durations import parse_gateway_duration
 from agent.policy.routes.model import (
     EXACT,
@@ -41,6 +43,7 @@ from agent.policy.routes.model import (
     PathMatch,
     PathModifier,
     Redirect,
+    Regex,
     Retry,
     Rewrite,
     Route,
@@ -173,11 +176,20 @@ def _each(values: object, path: str, parse: Callable[[Any, str], T]) -> tuple[T,
     return tuple(parse(v, f"{path}[{i}]") for i, v in enumerate(_list(values, path)))
 
 
-def _regex(value: str, path: str) -> re.Pattern[str]:
+def _regex(value: str, path: str) -> Regex:
+    """RE2, as Envoy-based meshes read ``RegularExpression``: linear in the text, so a client
+    cannot make a match backtrack; constructs RE2 lacks (lookaround, backreferences) are
+    refused here rather than at the first request."""
+    options = re2.Options()
+    options.log_errors = False  # the error is the route's status, not a line on stderr
     try:
-        return re.compile(value)
-    except re.error as e:
-        raise RouteError(path, f"invalid regular expression {value!r}: {e}") from e
+        compiled: Regex = re2.compile(value, options=options)
+    except re2.error as e:
+        reason = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise RouteError(
+            path, f"invalid regular expression {value!r} (RE2 syntax): {reason}"
+        ) from e
+    return compiled
 
 
 # -- parents ---------------------------------------------------------------------------------

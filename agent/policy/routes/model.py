@@ -8,9 +8,9 @@ snapshot, on whatever task reads it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import parse_qsl
 
 EXACT = "Exact"
@@ -23,6 +23,12 @@ ROUTE_KINDS = (HTTP_ROUTE, GRPC_ROUTE)
 
 RouteKey = tuple[str, str, str]  # kind, namespace, name
 ServiceKey = tuple[str, str]  # namespace, name
+
+
+class Regex(Protocol):
+    """A compiled RE2 expression (``compile._regex``): linear time in the text it reads."""
+
+    def fullmatch(self, text: str) -> object | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +109,7 @@ class StringMatch:
 
     kind: str
     value: str
-    regex: re.Pattern[str] | None = None
+    regex: Regex | None = None
 
     def matches(self, text: str | None) -> bool:
         if text is None:
@@ -125,7 +131,7 @@ class NamedMatch:
 class PathMatch:
     kind: str
     value: str
-    regex: re.Pattern[str] | None = None
+    regex: Regex | None = None
 
     def matches(self, path: str) -> bool:
         if self.kind == EXACT:

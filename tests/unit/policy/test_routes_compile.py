@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 
 from agent.policy.routes import Rejected, compile_route
-from agent.policy.routes.model import Backend, Mirror, Retry, Route, Timeouts
+from agent.policy.routes.model import (
+    Backend,
+    HttpMatch,
+    HttpRequest,
+    Mirror,
+    Retry,
+    Route,
+    Timeouts,
+)
 from tests.unit.policy.routes_fixtures import NS, backend, mesh_services, route
 
 
@@ -205,3 +213,25 @@ def test_routes_without_a_service_parent_are_not_ours() -> None:
     gateway_only = route("gw", [{}], parents=[{"name": "my-gateway"}])
     compiled = compile_route(gateway_only, _services())
     assert isinstance(compiled, Route) and compiled.parents == ()
+
+
+@pytest.mark.parametrize("pattern", ["/(?=admin)", "/(a)\\1", "/(unclosed"])
+def test_regex_is_re2_and_its_refusals_name_the_field(pattern: str) -> None:
+    rules = [{"matches": [{"path": {"type": "RegularExpression", "value": pattern}}]}]
+    result = compile_route(route("r", rules), _services())
+    assert isinstance(result, Rejected)
+    assert result.error.path == "spec.rules[0].matches[0].path.value"
+    assert "(RE2 syntax)" in result.error.message
+
+
+def test_a_backtracking_pattern_matches_in_linear_time() -> None:
+    """``(a+)+$`` against ``aaaa…b`` takes exponential time in a backtracking engine; a
+    client-controlled header must not be able to stall the proxy with it."""
+    rules = [
+        {"matches": [{"headers": [{"type": "RegularExpression", "name": "x", "value": "(a+)+$"}]}]}
+    ]
+    compiled = _compiled(rules)
+    match = compiled.rules[0].matches[0]
+    assert isinstance(match, HttpMatch)
+    request = HttpRequest("GET", "/", [("x", "a" * 100_000 + "b")])
+    assert not match.matches(request)

@@ -17,8 +17,6 @@ from typing import Any
 from agent.policy.routes import ROUTE_KINDS, Rejected, RouteTable
 from agent.sources.fields import DocumentError, check_unique, type_name
 from agent.state.model import RouteObject, Service
-from agent.state.snapshot import Snapshot
-from agent.state.store import StateStore
 
 API_VERSION = "gateway.networking.k8s.io/v1"
 _KEYS = ("apiVersion", "kind", "metadata", "spec")
@@ -67,7 +65,7 @@ def check_routes(
     services: Sequence[Service],
 ) -> None:
     """Refuse the document if any route would not be programmed as written."""
-    table = RouteTable.build(_snapshot(routes, services))
+    table = RouteTable.of({r.key: r for r in routes}, {s.key: s for s in services})
     for path, route in zip(paths, routes, strict=True):
         compiled = table.compiled[route.key]
         if isinstance(compiled, Rejected):
@@ -81,13 +79,3 @@ def check_routes(
         for verdict in table.verdicts[route.key]:
             if not verdict.accepted.status:
                 raise DocumentError(source, f"{path}.spec.parentRefs", verdict.accepted.message)
-
-
-def _snapshot(routes: Sequence[RouteObject], services: Sequence[Service]) -> Snapshot:
-    store = StateStore()
-    with store.update() as txn:
-        for s in services:
-            txn.put_service(s)
-        for r in routes:
-            txn.put_route(r)
-    return store.snapshot()

@@ -50,6 +50,7 @@ from agent.policy.routes.model import (
     StringMatch,
 )
 from agent.policy.routes.parents import ParentVerdict, evaluate
+from agent.state.model import RouteObject, Service
 from agent.state.snapshot import Snapshot
 
 PortKey = tuple[str, ServiceKey, int]  # route kind, service, service port
@@ -118,31 +119,39 @@ class RouteTable:
 
     @classmethod
     def build(cls, snap: Snapshot) -> RouteTable:
+        return cls.of(snap.routes, snap.services)
+
+    @classmethod
+    def of(
+        cls, routes: Mapping[RouteKey, RouteObject], services: Mapping[ServiceKey, Service]
+    ) -> RouteTable:
+        """The table of these routes over these Services (``build`` for a snapshot)."""
         compiled: dict[RouteKey, Compiled] = {}
         verdicts: dict[RouteKey, tuple[ParentVerdict, ...]] = {}
         by_port: dict[PortKey, dict[str, list[Route]]] = {}
-        for key in sorted(snap.routes):
-            result = compiled[key] = compile_route(snap.routes[key], snap.services)
-            verdicts[key] = evaluate(result, snap.services)
+        for key in sorted(routes):
+            result = compiled[key] = compile_route(routes[key], services)
+            verdicts[key] = evaluate(result, services)
             if not isinstance(result, Route):
                 continue
             for verdict in verdicts[key]:
                 service = (verdict.parent.namespace, verdict.parent.name)
                 for port in verdict.ports:
-                    routes = by_port.setdefault((result.kind, service, port), {})
-                    bucket = routes.setdefault(result.namespace, [])
+                    by_namespace = by_port.setdefault((result.kind, service, port), {})
+                    bucket = by_namespace.setdefault(result.namespace, [])
                     if result not in bucket:
                         bucket.append(result)
         attached = {
             key: {
                 ns: tuple(
                     sorted(
-                        _candidates(routes), key=_grpc_rank if key[0] == GRPC_ROUTE else _http_rank
+                        _candidates(attached_routes),
+                        key=_grpc_rank if key[0] == GRPC_ROUTE else _http_rank,
                     )
                 )
-                for ns, routes in by_namespace.items()
+                for ns, attached_routes in namespaces.items()
             }
-            for key, by_namespace in by_port.items()
+            for key, namespaces in by_port.items()
         }
         return cls(compiled, verdicts, attached)
 

@@ -250,7 +250,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = add("annotate", _annotate, "set (KEY=VALUE) or remove (KEY-) pod annotations")
     p.add_argument("pod", help="pod name or namespace/name")
     p.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-")
-    p = add("apply", _apply, "create or replace nodemesh.io/v1alpha1 policies")
+    p = add(
+        "apply", _apply, "create or replace nodemesh.io/v1alpha1 policies and Gateway API routes"
+    )
     p.add_argument("-f", "--file", required=True, help="YAML file of manifests ('-' for stdin)")
-    p = add("delete", _delete, "delete nodemesh.io/v1alpha1 policies")
+    p = add("delete", _delete, "delete nodemesh.io/v1alpha1 policies and Gateway API routes")
     p.add_argument("-f", "--file", required=True, help="YAML file of manifests ('-' for stdin)")

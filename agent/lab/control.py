@@ -25,6 +25,7 @@ import yaml
 from agent.lab import build, components, prometheus
 from agent.lab.record import LabDir
 from agent.lab.topology import PIN_ROOT, LabError, LabPlan, check_lab_name, plan_lab
+from agent.policy.routes import ROUTE_KINDS
 from agent.sources.document import ClusterDocument, parse_document
 from agent.state import StateStore
 
@@ -282,27 +283,38 @@ def _policy_key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
     return (str(manifest.get("kind")), meta.get("namespace") or "default", str(meta.get("name")))
 
 
+def _section(manifest: Mapping[str, Any]) -> str:
+    """Where a manifest lives in the cluster document: Gateway API routes under ``routes``."""
+    return "routes" if manifest.get("kind") in ROUTE_KINDS else "policies"
+
+
 def apply(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
-    """Create or replace policies (matched by kind, namespace and name)."""
+    """Create or replace policies and routes (matched by kind, namespace and name)."""
     keys = {_policy_key(m) for m in manifests}
 
     def change(data: dict[str, Any]) -> None:
-        kept = [p for p in data["policies"] if _policy_key(p) not in keys]
-        data["policies"] = kept + [dict(m) for m in manifests]
+        for section in ("policies", "routes"):
+            kept = [p for p in data.get(section, []) if _policy_key(p) not in keys]
+            added = [dict(m) for m in manifests if _section(m) == section]
+            if kept or added:
+                data[section] = kept + added
 
     _edit(lab, change, state_root)
 
 
 def delete(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
-    """Remove policies (matched by kind, namespace and name); every one must exist."""
+    """Remove policies and routes (matched by kind, namespace and name); every one must exist."""
     keys = [_policy_key(m) for m in manifests]
 
     def change(data: dict[str, Any]) -> None:
-        present = {_policy_key(p) for p in data["policies"]}
+        sections = ("policies", "routes")
+        present = {_policy_key(p) for section in sections for p in data.get(section, [])}
         missing = [k for k in keys if k not in present]
         if missing:
             kind, ns, name = missing[0]
             raise LabError(f"{kind} {ns}/{name} not found in lab {lab}; nothing was deleted")
-        data["policies"] = [p for p in data["policies"] if _policy_key(p) not in set(keys)]
+        for section in sections:
+            if section in data:
+                data[section] = [p for p in data[section] if _policy_key(p) not in set(keys)]
 
     _edit(lab, change, state_root)

@@ -23,6 +23,7 @@ Format (README "Topology format" documents it for users)::
     # a port may declare HTTP: appProtocol (http, http2, kubernetes.io/h2c, grpc) or a name
     # such as http-web; a pod annotation nodemesh.io/http-ports: "8080" declares direct traffic
     policies: []                          # full nodemesh.io/v1alpha1 manifests
+    routes: []                            # full gateway.networking.k8s.io/v1 HTTPRoute/GRPCRoute
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ import yaml
 
 from agent.sources.fields import DocumentError, Fields, check_unique, load_yaml
 from agent.sources.policies import parse_policies
+from agent.sources.routes import check_routes, parse_routes
 from agent.sources.stateview import ClusterState, document_state
-from agent.state.model import DEFAULT_TRUST_DOMAIN, PolicyObject
+from agent.state.model import DEFAULT_TRUST_DOMAIN, PolicyObject, RouteObject
 
 __all__ = [
     "ClusterDocument",
@@ -53,7 +55,7 @@ __all__ = [
     "parse_document",
 ]
 
-_TOP_KEYS = ("trustDomain", "nodes", "namespaces", "services", "policies")
+_TOP_KEYS = ("trustDomain", "nodes", "namespaces", "services", "policies", "routes")
 _NODE_KEYS = ("name", "ip", "podCIDR", "pods")
 _POD_KEYS = ("name", "namespace", "serviceAccount", "ip", "labels", "annotations")
 _NS_KEYS = ("name", "labels")
@@ -118,6 +120,8 @@ class ClusterDocument:
     policies: tuple[PolicyObject, ...] = ()
     # The manifests as written, in the order of ``policies``, so a rewrite keeps them verbatim.
     policy_manifests: tuple[Mapping[str, Any], ...] = ()
+    routes: tuple[RouteObject, ...] = ()
+    route_manifests: tuple[Mapping[str, Any], ...] = ()
 
     def pods(self) -> Iterator[tuple[NodeSpec, PodSpec]]:
         for node in self.nodes:
@@ -130,13 +134,16 @@ class ClusterDocument:
 
     def to_mapping(self) -> dict[str, Any]:
         """The document as plain data, in the format ``parse_document`` reads."""
-        return {
+        out = {
             "trustDomain": self.trust_domain,
             "nodes": [_node_mapping(n) for n in self.nodes],
             "namespaces": [{"name": ns.name, "labels": dict(ns.labels)} for ns in self.namespaces],
             "services": [_service_mapping(s) for s in self.services],
             "policies": [dict(m) for m in self.policy_manifests],
         }
+        if self.route_manifests:
+            out["routes"] = [dict(m) for m in self.route_manifests]
+        return out
 
 
 def _node_mapping(node: NodeSpec) -> dict[str, Any]:
@@ -191,6 +198,8 @@ def parse_document(text: str, *, source: str) -> ClusterDocument:
     namespaces = tuple(_parse_namespace(top, p, item) for p, item in top.items("namespaces"))
     services = tuple(_parse_service(top, p, item) for p, item in top.items("services"))
     policies, manifests = parse_policies(source, top.items("policies"))
+    route_items = top.items("routes")
+    routes, route_manifests = parse_routes(source, route_items)
     doc = ClusterDocument(
         nodes=nodes,
         trust_domain=trust_domain,
@@ -198,8 +207,12 @@ def parse_document(text: str, *, source: str) -> ClusterDocument:
         services=services,
         policies=policies,
         policy_manifests=manifests,
+        routes=routes,
+        route_manifests=route_manifests,
     )
     _check_cross_references(source, doc)
+    if routes:
+        check_routes(source, [p for p, _ in route_items], routes, doc.to_state().services)
     return doc
 
 

@@ -2,16 +2,21 @@
 
 The only product module that imports ``kubernetes`` (besides ``agent.ca`` for TokenReview). It
 runs one ``Reflector`` thread per resource (Pods cluster-wide, Namespaces, Services,
-EndpointSlices and the three nodemesh CRDs): the official client's calls block, and running them
-in threads means the proxy's event loop never waits on the API server. Handlers convert raw JSON
-(``kubeobjects``) and write the ``StateStore`` under one lock, so the store still has a single
-writer per source.
+EndpointSlices, the three nodemesh CRDs, the Gateway API's HTTPRoute and GRPCRoute): the
+official client's calls block, and running them in threads means the proxy's event loop never
+waits on the API server. Handlers convert raw JSON (``kubeobjects``) and write the
+``StateStore`` under one lock, so the store still has a single writer per source.
 
 Invalid objects never crash the agent and never wipe valid state: the previous valid version is
 kept and the problem is reported where the user will look. For a pod that is an Event on the pod
 (sent only by the agent of the pod's node, so a cluster of N nodes does not send N copies); for a
 policy it is the ``Accepted`` condition in its status, written only when it differs from what is
 there (every agent computes the same verdict, so after the first write the others find it done).
+
+Gateway API routes are optional: users install those CRDs themselves (as with Linkerd and
+Istio). Without them the route reflectors find a 404, count as synced with no routes, say so
+once in the log and in ``describe()`` (``routes: unavailable``), and look again every minute.
+Route status (``status.parents``) is written by ``routestatus.RouteStatusWriter``.
 
 Ready (``ready`` / ``wait_ready``) after every resource's first full list.
 """
@@ -32,6 +37,7 @@ from agent.sources import kubehandlers as kh
 from agent.sources import kubeobjects as ko
 from agent.sources.kubeobjects import InvalidObject, Raw
 from agent.sources.reflector import ApiStatusError, Gone, Reflector, StreamResponse
+from agent.sources.routestatus import RouteStatusWriter, StatusConflict
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,12 @@ POLICY_PLURALS = {
     "PeerAuthentication": "peerauthentications",
     "TrafficPolicy": "trafficpolicies",
 }
+GATEWAY_GROUP, GATEWAY_VERSION = "gateway.networking.k8s.io", "v1"
+ROUTE_PLURALS = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes"}
+GATEWAY_API_INSTALL = (
+    "install the Gateway API CRDs (standard channel) to use HTTPRoute and GRPCRoute: "
+    "see README, Routes"
+)
 # Host-network pods are never meshed and finished pods hold IPs that may be reused: the API
 # server filters them out, which also keeps them out of memory.
 POD_FIELD_SELECTOR = "spec.hostNetwork=false,status.phase!=Succeeded,status.phase!=Failed"
@@ -94,6 +106,7 @@ class KubeSource:
         report_status: bool = True,
         watch_timeout: int = 300,
         page_size: int = 500,
+        absent_recheck: float = 60.0,
     ) -> None:
         self.store = store
         self.node = node
@@ -101,6 +114,7 @@ class KubeSource:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self._reported: set[tuple[str, str]] = set()
+        self.route_status = RouteStatusWriter(self._patch_route_status)
         ctx = kh.Context(store, self)
         rt = READ_SLACK
         discovery = client.DiscoveryV1Api(api)
@@ -146,6 +160,25 @@ class KubeSource:
             )
             for name, lister, handler, fs in specs
         ]
+        self.route_reflectors = [
+            Reflector(
+                plural,
+                _lister(
+                    self.custom.list_cluster_custom_object,
+                    GATEWAY_GROUP,
+                    GATEWAY_VERSION,
+                    plural,
+                    read_timeout=rt,
+                ),
+                kh.Routes(ctx, kind),
+                page_size=page_size,
+                watch_timeout=watch_timeout,
+                optional=True,
+                absent_recheck=absent_recheck,
+            )
+            for kind, plural in ROUTE_PLURALS.items()
+        ]
+        self.reflectors.extend(self.route_reflectors)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -174,9 +207,20 @@ class KubeSource:
         (``errors``); the source as a whole never stops on one."""
         return None
 
+    def routes_unavailable(self) -> str | None:
+        """Why Gateway API routes are not followed (``None``: they are)."""
+        absent = [f"{r.name}: {r.absent}" for r in self.route_reflectors if r.absent is not None]
+        return f"{'; '.join(absent)}; {GATEWAY_API_INSTALL}" if absent else None
+
     def describe(self) -> dict[str, object]:
         """What the admin API shows about this source (``agent.base.component.StateSource``)."""
-        return {"source": "kubernetes", "synced": self.ready, "sync": self.stats()}
+        unavailable = self.routes_unavailable()
+        return {
+            "source": "kubernetes",
+            "synced": self.ready,
+            "sync": self.stats(),
+            "routes": "available" if unavailable is None else f"unavailable ({unavailable})",
+        }
 
     def start(self) -> None:
         for r in self.reflectors:
@@ -277,4 +321,30 @@ class KubeSource:
         except ApiException as e:
             log.warning(
                 "cannot update the status of %s: %s %s", ko.object_ref(obj), e.status, e.reason
+            )
+
+    # -- routes ------------------------------------------------------------------------------
+    def observe_route(self, kind: str, obj: Raw, deleted: bool) -> None:
+        self.route_status.observe(kind, obj, deleted)
+
+    def report_routes(self) -> None:
+        """Re-evaluate the routes' status after a change of routes or Services (the handlers
+        call it only once the Services were listed; routes not listed yet are not written)."""
+        self.route_status.sync(self.store.snapshot(), write=self.report_status)
+
+    def _patch_route_status(self, kind: str, namespace: str, name: str, body: Raw) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GATEWAY_GROUP, GATEWAY_VERSION, namespace, ROUTE_PLURALS[kind], name, body
+            )
+        except ApiException as e:
+            if e.status == 409:
+                raise StatusConflict(str(e.reason)) from e
+            log.warning(
+                "cannot update the status of %s %s/%s: %s %s",
+                kind,
+                namespace,
+                name,
+                e.status,
+                e.reason,
             )

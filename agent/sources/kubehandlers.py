@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from agent.sources import kubeobjects as ko
 from agent.sources.kubeobjects import InvalidObject, Raw
-from agent.state import Endpoint, Namespace, PolicyObject, Service, StateStore
+from agent.state import Endpoint, Namespace, PolicyObject, RouteObject, Service, StateStore
 
 ServiceKey = tuple[str, str]
 
@@ -27,6 +27,10 @@ class Reporter(Protocol):
     def report_invalid(self, obj: Raw, error: InvalidObject) -> None: ...
 
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None: ...
+
+    def observe_route(self, kind: str, obj: Raw, deleted: bool) -> None: ...
+
+    def report_routes(self) -> None: ...
 
 
 class Context:
@@ -40,6 +44,9 @@ class Context:
         self.slice_owner: dict[tuple[str, str], ServiceKey] = {}  # (ns, slice) -> service
         self.slices: dict[ServiceKey, dict[str, tuple[Endpoint, ...]]] = {}
         self._reports: list[Callable[[], None]] = []
+        self._routes_pending = False
+        # A route's verdict depends on the Services: none is judged before their first list.
+        self.services_listed = False
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -48,6 +55,9 @@ class Context:
         with self.lock:
             yield
             reports, self._reports = self._reports, []
+            if self._routes_pending:
+                self._routes_pending = False
+                reports.append(self.reporter.report_routes)
         for report in reports:
             report()
 
@@ -56,6 +66,11 @@ class Context:
 
     def policy_verdict(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
         self._reports.append(lambda: self.reporter.report_policy(plural, obj, error))
+
+    def routes_changed(self) -> None:
+        """Routes or Services changed: the routes' status is re-evaluated after the write
+        (once the Services were listed)."""
+        self._routes_pending = self.services_listed
 
     def endpoints(self, key: ServiceKey) -> tuple[Endpoint, ...]:
         """The union of the service's slices; an IP in two slices (mid-move) counts once,
@@ -150,6 +165,8 @@ class Services:
             self.ctx.services = {s.key: s for s in converted if s is not None}
             with self.ctx.store.update() as txn:
                 txn.replace("services", self.ctx.all_joined())
+            self.ctx.services_listed = True
+            self.ctx.routes_changed()
 
     def event(self, kind: str, obj: Raw) -> None:
         key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
@@ -161,6 +178,7 @@ class Services:
             else:
                 self.ctx.services[key] = svc
                 txn.put_service(dataclasses.replace(svc, endpoints=self.ctx.endpoints(key)))
+            self.ctx.routes_changed()
 
 
 class EndpointSlices:
@@ -281,3 +299,54 @@ class Policies:
                 txn.delete("policies", key)
             else:
                 txn.put_policy(policy)
+
+
+class Routes:
+    """One Gateway API route kind (HTTPRoute or GRPCRoute) into the store's ``routes``.
+
+    The spec is stored as written; whether it is valid depends on the Services, so the verdict
+    (and the status written back) comes from ``agent.policy.routes`` after every change of
+    routes or Services. Each raw object is also shown to the reporter, which keeps its current
+    ``status.parents`` to decide whether a write is needed.
+    """
+
+    def __init__(self, ctx: Context, kind: str) -> None:
+        self.ctx = ctx
+        self.kind = kind
+
+    def _convert(self, obj: Raw, previous: RouteObject | None) -> RouteObject | None:
+        try:
+            return ko.guarded(lambda o: ko.route_of(self.kind, o), obj)
+        except InvalidObject as e:
+            self.ctx.invalid(obj, e)
+            return previous
+
+    def _key(self, obj: Raw) -> tuple[str, str, str]:
+        return (self.kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+    def replace(self, items: list[Raw]) -> None:
+        with self.ctx.writing():
+            old = self.ctx.store.snapshot().routes
+            fresh = [self._convert(o, old.get(self._key(o))) for o in items]
+            keep = {r.key for r in fresh if r is not None}
+            with self.ctx.store.update() as txn:
+                for key in [k for k in old if k[0] == self.kind and k not in keep]:
+                    txn.delete("routes", key)
+                for route in fresh:
+                    if route is not None:
+                        txn.put_route(route)
+            for obj in items:
+                self.ctx.reporter.observe_route(self.kind, obj, False)
+            self.ctx.routes_changed()
+
+    def event(self, kind: str, obj: Raw) -> None:
+        key = self._key(obj)
+        with self.ctx.writing(), self.ctx.store.update() as txn:
+            deleted = kind == "DELETED"
+            route = None if deleted else self._convert(obj, txn.get("routes", key))
+            if route is None:
+                txn.delete("routes", key)
+            else:
+                txn.put_route(route)
+            self.ctx.reporter.observe_route(self.kind, obj, deleted)
+            self.ctx.routes_changed()

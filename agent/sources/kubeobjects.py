@@ -31,6 +31,7 @@ from agent.state.model import (
     Endpoint,
     Namespace,
     PolicyObject,
+    RouteObject,
     Service,
     ServicePort,
     Workload,
@@ -230,3 +231,25 @@ def policy_of(obj: Raw) -> PolicyObject:
         return validate_policy(obj, path=object_ref(obj))
     except PolicyError as e:
         raise InvalidObject("InvalidSpec", str(e)) from e
+
+
+def route_of(kind: str, obj: Raw) -> RouteObject:
+    """A Gateway API route as the state keeps it: the spec as written, checked later.
+
+    The spec is compiled against the Services of the snapshot (``agent.policy.routes``), not
+    here, because a route's validity depends on them; only a spec that is not a mapping at all
+    is refused here. List items carry no ``kind``, so the watching handler supplies it.
+    """
+    meta = obj["metadata"]
+    spec = obj.get("spec")
+    if not isinstance(spec, Mapping):
+        raise InvalidObject("MalformedObject", "spec must be a mapping")
+    return RouteObject(
+        kind,
+        meta["namespace"],
+        meta["name"],
+        MappingProxyType(dict(spec)),
+        generation=int(meta.get("generation") or 0),
+        uid=str(meta.get("uid") or ""),
+        created=str(meta.get("creationTimestamp") or ""),
+    )

@@ -20,6 +20,7 @@ from agent.state.model import (
     Endpoint,
     Namespace,
     PolicyObject,
+    RouteObject,
     Service,
     ServicePort,
     Workload,
@@ -39,6 +40,7 @@ class ClusterState:
     workloads: tuple[Workload, ...]
     services: tuple[Service, ...]
     policies: tuple[PolicyObject, ...]
+    routes: tuple[RouteObject, ...] = ()
 
 
 def _ports(value: str | None) -> frozenset[int]:
@@ -107,4 +109,5 @@ def document_state(doc: ClusterDocument) -> ClusterState:
         workloads=workloads,
         services=tuple(services),
         policies=doc.policies,
+        routes=doc.routes,
     )

@@ -130,3 +130,27 @@ class PolicyObject:
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.kind, self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteObject:
+    """A ``gateway.networking.k8s.io/v1`` HTTPRoute or GRPCRoute, as its source read it.
+
+    The spec is kept as the plain JSON-like data the user wrote: ``agent.policy.routes`` compiles
+    it (and refuses it, with the reason its status shows) against the Services of the same
+    snapshot, because whether a route is valid depends on them. ``created`` is
+    ``metadata.creationTimestamp`` (RFC 3339, "" when the source has none): the Gateway API
+    breaks precedence ties between routes by age. Readers must not mutate ``spec``.
+    """
+
+    kind: str
+    namespace: str
+    name: str
+    spec: Mapping[str, object]
+    generation: int = 0
+    uid: str = ""
+    created: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace, self.name)

@@ -33,6 +33,7 @@ class Resource:
         return f"{self.group}/{self.version}" if self.group else self.version
 
 
+GATEWAY_GROUP = "gateway.networking.k8s.io"
 RESOURCES: tuple[Resource, ...] = (
     Resource("", "v1", "pods", "Pod"),
     Resource("", "v1", "namespaces", "Namespace", namespaced=False),
@@ -57,6 +58,9 @@ RESOURCES: tuple[Resource, ...] = (
     Resource(
         "nodemesh.io", "v1alpha1", "trafficpolicies", "TrafficPolicy", status_subresource=True
     ),
+    # The Gateway API's standard channel (served unless the test turns its CRDs off).
+    Resource(GATEWAY_GROUP, "v1", "httproutes", "HTTPRoute", status_subresource=True),
+    Resource(GATEWAY_GROUP, "v1", "grpcroutes", "GRPCRoute", status_subresource=True),
 )
 BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 BY_KIND = {r.kind: r for r in RESOURCES}
@@ -279,7 +283,8 @@ class ObjectStore:
     ) -> dict[str, Any]:
         current = self.get(resource, namespace, name)
         merged = merge_patch(current, patch)
-        merged["metadata"].pop("resourceVersion", None)
+        if not (patch.get("metadata") or {}).get("resourceVersion"):
+            merged["metadata"].pop("resourceVersion", None)  # else: a precondition, as in k8s
         return self.update(resource, namespace, name, merged, status=status)
 
     def delete(self, resource: Resource, namespace: str, name: str) -> dict[str, Any]:

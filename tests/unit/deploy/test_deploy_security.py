@@ -33,6 +33,12 @@ AGENT_PERMISSIONS = (
         for sub, verbs in (("", ("list", "watch")), ("/status", ("patch",)))
         for v in verbs
     }
+    | {
+        ("gateway.networking.k8s.io", f"{r}{sub}", v)
+        for r in ("httproutes", "grpcroutes")
+        for sub, verbs in (("", ("list", "watch")), ("/status", ("patch",)))
+        for v in verbs
+    }
     | {("", "events", "create")}
 )
 CA_CLUSTER_PERMISSIONS = {

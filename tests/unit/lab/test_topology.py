@@ -147,3 +147,36 @@ def test_resolve_target(recorded: str) -> None:
 def test_status_of_a_lab_that_is_not_up(tmp_path: Path) -> None:
     with pytest.raises(LabError, match="lab 'none' is not up"):
         control.status("none", state_root=str(tmp_path))
+
+
+ROUTE = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "HTTPRoute",
+    "metadata": {"name": "web-split", "namespace": "default"},
+    "spec": {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+        "rules": [{"backendRefs": [{"name": "web", "port": 80}]}],
+    },
+}
+
+
+def test_apply_and_delete_routes_beside_policies(recorded: str) -> None:
+    labdir = LabDir("unit", recorded)
+    control.apply("unit", [ROUTE, POLICY], state_root=recorded)
+    control.apply("unit", [ROUTE], state_root=recorded)
+    doc = labdir.read_cluster()
+    assert [r.key for r in doc.routes] == [("HTTPRoute", "default", "web-split")]
+    assert [p.key for p in doc.policies] == [("PeerAuthentication", "default", "strict")]
+    on_tcp = {
+        **ROUTE,
+        "spec": {
+            **ROUTE["spec"],
+            "parentRefs": [{"group": "", "kind": "Service", "name": "server"}],
+        },
+    }
+    with pytest.raises(DocumentError, match=r"routes\[0\]\.spec\.parentRefs.*appProtocol"):
+        control.apply("unit", [on_tcp], state_root=recorded)
+    control.delete("unit", [ROUTE], state_root=recorded)
+    assert labdir.read_cluster().routes == ()
+    with pytest.raises(LabError, match="HTTPRoute default/web-split not found"):
+        control.delete("unit", [ROUTE], state_root=recorded)

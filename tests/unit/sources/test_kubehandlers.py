@@ -23,6 +23,12 @@ class _Reports:
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
         self.verdicts.append((obj["metadata"]["name"], error is None))
 
+    def observe_route(self, kind: str, obj: Raw, deleted: bool) -> None:
+        return None
+
+    def report_routes(self) -> None:
+        return None
+
 
 def _ctx() -> tuple[kh.Context, _Reports]:
     reports = _Reports()

@@ -67,7 +67,7 @@ def selects(policy: Row, pod: Row, root_namespace: str = DEFAULT_ROOT_NAMESPACE)
 
 def workload_info(name: str, answers: Sequence[AgentAnswer]) -> WorkloadInfo:
     """The pods, policies and certificates of workload ``name`` (``namespace/name``)."""
-    namespace, _, workload = name.rpartition("/")
+    namespace, _, workload = name.partition("/")
     errors = tuple(f"{a.agent}: {a.error}" for a in answers if a.error)
     answered = [a for a in answers if a.error is None]
     state = answered[0] if answered else AgentAnswer("none")

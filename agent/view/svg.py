@@ -129,7 +129,7 @@ def _edge(edge: Edge, where: Layout) -> str:
 
 def _node(name: str, where: Layout, href: Callable[[str], str]) -> str:
     x, y = where.positions[name]
-    namespace, _, workload = name.rpartition("/")
+    namespace, _, workload = name.partition("/")
     return (
         f'<a class="node" href="{esc(href(name))}" data-workload="{esc(name)}">'
         f"<title>{esc(name)}</title>"

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-LAYER_GAP = 300.0  # horizontal distance between layers
+LAYER_GAP = 420.0  # between layers: room for an edge's label between two nodes
 ROW_GAP = 110.0  # vertical distance between nodes of a layer
 MARGIN_X = 110.0  # room for the node labels at the sides
 MARGIN_Y = 60.0

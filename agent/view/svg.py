@@ -80,11 +80,13 @@ def lock(x: float, y: float) -> str:
     )
 
 
-def _edge_path(src: tuple[float, float], dst: tuple[float, float]) -> tuple[str, float, float]:
+def _edge_path(
+    src: tuple[float, float], dst: tuple[float, float], loop: bool
+) -> tuple[str, float, float]:
     """Path data for an edge and the point its label sits on."""
     (x1, y1), (x2, y2) = src, dst
     half = NODE_WIDTH / 2
-    if src == dst:  # a workload calling itself: a loop over its top
+    if loop:  # a workload calling itself: a loop over its top
         top = y1 - NODE_HEIGHT / 2
         d = (
             f"M{x1 - 20:.1f},{top:.1f} C{x1 - 40:.1f},{top - 50:.1f} "
@@ -103,8 +105,40 @@ def _edge_path(src: tuple[float, float], dst: tuple[float, float]) -> tuple[str,
     return d, (x1 + x2) / 2, low - 15
 
 
-def _edge(edge: Edge, where: Layout) -> str:
-    d, lx, ly = _edge_path(where.positions[edge.source], where.positions[edge.destination])
+Ends = dict[tuple[str, str], tuple[float, float]]
+
+
+def spread_ends(graph: Graph, where: Layout) -> Ends:
+    """Vertical offsets of each edge's two ends: the edges leaving (or entering) a node are
+    spread over its side in the order of their other ends' heights, so that arrowheads into one
+    workload do not sit on top of each other and edges do not cross at the node."""
+    sides: dict[tuple[str, int], list[tuple[float, str, str]]] = {}
+    for e in graph.edges:
+        sides.setdefault((e.source, 0), []).append(
+            (where.positions[e.destination][1], e.source, e.destination)
+        )
+        sides.setdefault((e.destination, 1), []).append(
+            (where.positions[e.source][1], e.source, e.destination)
+        )
+    offsets: dict[tuple[str, str, int], float] = {}
+    for (_, end), items in sides.items():
+        step = min(12.0, (NODE_HEIGHT - 12) / max(len(items) - 1, 1))
+        for i, (_, src, dst) in enumerate(sorted(items)):
+            offsets[(src, dst, end)] = (i - (len(items) - 1) / 2) * step
+    return {
+        (e.source, e.destination): (
+            offsets[(e.source, e.destination, 0)],
+            offsets[(e.source, e.destination, 1)],
+        )
+        for e in graph.edges
+    }
+
+
+def _edge(edge: Edge, where: Layout, ends: Ends) -> str:
+    (x1, y1), (x2, y2) = where.positions[edge.source], where.positions[edge.destination]
+    loop = edge.source == edge.destination
+    dy1, dy2 = (0.0, 0.0) if loop else ends[(edge.source, edge.destination)]
+    d, lx, ly = _edge_path((x1, y1 + dy1), (x2, y2 + dy2), loop)
     denied = edge.denied > 0
     colour = DENIED_COLOUR if denied else EDGE_COLOUR
     classes = "edge denied" if denied else "edge"
@@ -156,7 +190,8 @@ def graph_svg(graph: Graph, where: Layout, href: Callable[[str], str]) -> str:
     if not graph.nodes:
         return '<p class="empty">No traffic in the window.</p>'
     height = where.height + (70 if any(e.source == e.destination for e in graph.edges) else 0)
-    edges = "".join(_edge(e, where) for e in graph.edges)
+    ends = spread_ends(graph, where)
+    edges = "".join(_edge(e, where, ends) for e in graph.edges)
     nodes = "".join(_node(n, where, href) for n in graph.nodes)
     return (
         f'<svg class="graph" xmlns="http://www.w3.org/2000/svg" width="{where.width:.0f}" '
@@ -236,7 +271,10 @@ def chart_svg(chart: Chart) -> str:
             points = " ".join(xy(t, v) for t, v in run)
             if len(run) == 1:
                 cx, cy = points.split(",")
-                lines.append(f'<circle cx="{cx}" cy="{cy}" r="2" fill="{colour}"/>')
+                lines.append(
+                    f'<circle class="series" data-line="{esc(line.label)}" cx="{cx}" cy="{cy}" '
+                    f'r="2.5" fill="{colour}"/>'
+                )
             else:
                 lines.append(
                     f'<polyline class="series" data-line="{esc(line.label)}" fill="none" '

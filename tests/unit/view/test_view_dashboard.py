@@ -257,6 +257,16 @@ def test_graph_svg_is_well_formed_and_escapes_workload_names() -> None:
     assert [g.get("class") for g in edge.iter(ns + "g")][1:] == ["mtls-lock"]
 
 
+def test_edges_into_one_workload_end_at_distinct_heights_in_their_sources_order() -> None:
+    graph = build_graph(mesh())
+    where = layout.layout(graph.nodes, [(e.source, e.destination) for e in graph.edges])
+    ends = svg.spread_ends(graph, where)
+    client_end = ends[("default/client", "default/server")][1]
+    neighbor_end = ends[("default/neighbor", "default/server")][1]
+    assert client_end == -neighbor_end < 0  # client is drawn above neighbor
+    assert ends[("default/client", "default/server")][0] == 0  # client's only outbound edge
+
+
 def test_edge_label_says_rate_success_p99_and_denials() -> None:
     http, tcp = build_graph(mesh()).edges
     assert svg.edge_text(http) == "1 req/s · 90% ok · p99 9.9ms · denied 3"

@@ -20,6 +20,8 @@ on ``Figures`` and more columns in ``agent.view.render``, computed from the same
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,13 +39,18 @@ DENY = "DENY"
 UNKNOWN = "unknown"
 
 
+def _after(series: Series, at: float) -> int:
+    """Index of the first sample later than ``at`` (samples are in time order): a binary
+    search, because the dashboard's charts ask for many short steps of one long window."""
+    return bisect.bisect_right(series.samples, (at, math.inf))
+
+
 def increase(series: Series, start: float, end: float) -> float:
     """The counter's exact increase over ``(start, end]`` (see the module docstring)."""
-    before = [v for t, v in series.samples if t <= start]
-    inside = [v for t, v in series.samples if start < t <= end]
-    previous = before[-1] if before else 0.0
+    first, stop = _after(series, start), _after(series, end)
+    previous = series.samples[first - 1][1] if first else 0.0
     total = 0.0
-    for value in inside:
+    for _, value in series.samples[first:stop]:
         total += value - previous if value >= previous else value
         previous = value
     return total
@@ -51,8 +58,8 @@ def increase(series: Series, start: float, end: float) -> float:
 
 def latest(series: Series, end: float) -> float:
     """The counter's value at ``end`` (its last sample at or before it; 0 if none)."""
-    values = [v for t, v in series.samples if t <= end]
-    return values[-1] if values else 0.0
+    index = _after(series, end)
+    return series.samples[index - 1][1] if index else 0.0
 
 
 def workload(series: Series, side: str) -> str:

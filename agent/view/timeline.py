@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.view.aggregate import Figures, Key, aggregate, workload
+from agent.view.aggregate import Figures, Key, aggregate, pair, workload
 from agent.view.golden import RequestFigures, requests_by
 from agent.view.series import Series, Window
 
@@ -50,6 +50,16 @@ def steps(window: Window, count: int) -> list[Window]:
         Window(window.start + i * size, window.start + (i + 1) * size, window.families)
         for i in range(count)
     ]
+
+
+def involving(window: Window, name: str) -> Window:
+    """Only the series of paths that ``name`` is an end of: whole pairs stay, so the choice of
+    reporter per pair is unchanged, and a step costs the workload's paths, not the mesh's."""
+    families = {
+        family: tuple(s for s in window.series(family) if name in pair(s))
+        for family in window.families
+    }
+    return Window(window.start, window.end, families)
 
 
 def _side(name: str, side: str) -> Callable[[Series], Key]:
@@ -110,7 +120,7 @@ def _received(f: StepFigures) -> float:
 def golden_charts(window: Window, name: str, count: int) -> tuple[Chart, ...]:
     """The charts of workload ``name`` (``namespace/name``): its inbound traffic (it is the
     destination) and outbound traffic (it is the source), ``count`` points per line."""
-    parts = steps(window, count)
+    parts = steps(involving(window, name), count)
     inbound = _figures(parts, name, "destination")
     outbound = _figures(parts, name, "source")
     both = (("inbound", inbound), ("outbound", outbound))

@@ -149,6 +149,12 @@ def _top(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
@@ -157,7 +163,7 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    args.agent = None  # the charts need the history only a Prometheus keeps
+    args.agent = None  # not an option here: the charts need the history a Prometheus keeps
     source = source_of(args)
     if isinstance(source, AgentSource):
         raise ViewError(
@@ -263,9 +269,18 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--iterations", type=int, help="stop after this many frames")
     p.set_defaults(func=_guarded(_top))
 
+    board = argparse.ArgumentParser(add_help=False)
+    where = board.add_argument_group("where the metrics come from (first given wins)")
+    where.add_argument("--prometheus", metavar="URL", help="a Prometheus that scrapes the agents")
+    where.add_argument(
+        "--lab",
+        metavar="NAME",
+        help="a lab's Prometheus, queried from its switch namespace; default $NODEMESH_LAB or "
+        "nm when up",
+    )
     p = subparsers.add_parser(
         "dashboard",
-        parents=[common],
+        parents=[board],
         help="web page: the service graph, and per workload its metrics, policies, certificates",
         description="Serves the mesh's service graph (workloads, request or connection rates, "
         "success rate, p99, mTLS, denied traffic) and a page per workload (golden metrics over "
@@ -287,6 +302,10 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("--window", type=_seconds, default=60.0, help="rates over (default 1m)")
     p.add_argument("--range", type=_seconds, default=600.0, help="charts span (default 10m)")
-    p.add_argument("--points", type=int, default=60, help="points per chart line (default 60)")
-    p.add_argument("--refresh", type=int, default=10, help="page refresh, seconds (default 10)")
+    p.add_argument(
+        "--points", type=_positive, default=60, help="points per chart line (default 60)"
+    )
+    p.add_argument(
+        "--refresh", type=_positive, default=10, help="page refresh, seconds (default 10)"
+    )
     p.set_defaults(func=_guarded(_dashboard))

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import socket
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -13,7 +15,7 @@ from urllib.request import urlopen
 
 import pytest
 
-from agent.view import golden, layout, svg, timeline
+from agent.view import cli, golden, layout, svg, timeline
 from agent.view.aggregate import CLOSED, OPENED, RECEIVED, SENT
 from agent.view.dashboard import Admin, Dashboard, server
 from agent.view.golden import DURATION_BUCKETS, REQUESTS, histogram_quantile
@@ -21,6 +23,7 @@ from agent.view.graph import build_graph
 from agent.view.inventory import AgentAnswer, canonical_name, selects, workload_info
 from agent.view.pages import Context, error_page, index_page, url_quote, workload_page
 from agent.view.series import Series, ViewError, Window, labels_of
+from agent.view.sources import Agent, AgentSource, PrometheusSource
 
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 SERVER = "spiffe://cluster.local/ns/default/sa/server"
@@ -463,3 +466,43 @@ def test_admin_reads_the_three_endpoints() -> None:
         api.server_close()
         thread.join()
     assert answer == AgentAnswer("node2", [POD], [DENY], [CERT])
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["dashboard", *argv])
+
+
+def test_dashboard_options() -> None:
+    args = parse("--prometheus", "http://p:9090", "--listen", "[::1]:0", "--range", "5m")
+    assert args.listen == ("::1", 0) and args.range == 300.0 and args.points == 60
+    assert parse().listen == ("127.0.0.1", 15030)
+    for bad in (["--listen", "15030"], ["--listen", "host:http"], ["--points", "0"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+
+
+def test_dashboard_refuses_to_start_without_a_prometheus(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "source_of", lambda args: AgentSource([Agent(cli.LOCAL_AGENT)]))
+    args = parse()
+    assert args.func(args) == 1
+    assert "the dashboard reads a Prometheus" in capsys.readouterr().err
+
+
+def test_dashboard_says_when_its_address_is_taken(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "source_of", lambda args: PrometheusSource("http://127.0.0.1:9"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = parse("--listen", f"127.0.0.1:{port}", "--admin", "127.0.0.1:9")
+        assert args.func(args) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

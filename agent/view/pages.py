@@ -30,7 +30,7 @@ main{padding:12px 20px}
 h2{font-size:16px;margin:18px 0 8px;border-bottom:1px solid #ccd;padding-bottom:3px}
 table{border-collapse:collapse;font-size:13px;margin-bottom:8px}
 th,td{border:1px solid #d8dde3;padding:3px 8px;text-align:left;vertical-align:top;
-max-width:30em;overflow-wrap:anywhere}
+max-width:30em;overflow-wrap:break-word}
 th{background:#eef1f5}
 td.num{text-align:right}
 tr.denied td{color:#b00000;font-weight:bold}

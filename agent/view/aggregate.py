@@ -118,15 +118,21 @@ class Figures:
 Key = tuple[str, ...]
 
 
-def aggregate(window: Window, key: Callable[[Series], Key]) -> dict[Key, Figures]:
-    """The figures of ``window`` summed by ``key(series)`` (one reporter per pair)."""
+Counter = Callable[[Series, float, float], float]  # a series' increase over (start, end]
+
+
+def aggregate(
+    window: Window, key: Callable[[Series], Key], counter: Counter = increase
+) -> dict[Key, Figures]:
+    """The figures of ``window`` summed by ``key(series)`` (one reporter per pair); ``counter``
+    measures each series' increase (exact by default; the dashboard's charts interpolate)."""
     chosen = chosen_reporters(window)
     rows: dict[Key, Figures] = defaultdict(lambda: Figures(seconds=window.seconds))
 
     def counted(name: str) -> Iterable[tuple[Series, Figures, float]]:
         for s in window.series(name):
             if chosen.get(pair(s)) == s.label("reporter"):
-                yield s, rows[key(s)], increase(s, window.start, window.end)
+                yield s, rows[key(s)], counter(s, window.start, window.end)
 
     for s, row, n in counted(OPENED):
         row.opened += n

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from agent.view.aggregate import Key, increase, pair
+from agent.view.aggregate import Counter, Key, increase, pair
 from agent.view.series import Series, Window
 
 REQUESTS = "istio_requests_total"
@@ -84,15 +84,18 @@ def chosen_request_reporters(window: Window) -> dict[tuple[str, str], str]:
     return {p: "destination" if "destination" in r else "source" for p, r in reporters.items()}
 
 
-def requests_by(window: Window, key: Callable[[Series], Key]) -> dict[Key, RequestFigures]:
-    """The request figures of ``window`` summed by ``key(series)`` (rows with requests only)."""
+def requests_by(
+    window: Window, key: Callable[[Series], Key], counter: Counter = increase
+) -> dict[Key, RequestFigures]:
+    """The request figures of ``window`` summed by ``key(series)`` (rows with requests only);
+    ``counter`` as in ``aggregate.aggregate``."""
     chosen = chosen_request_reporters(window)
     rows: dict[Key, RequestFigures] = defaultdict(lambda: RequestFigures(seconds=window.seconds))
 
     def counted(name: str) -> Iterable[tuple[Series, RequestFigures, float]]:
         for s in window.series(name):
             if chosen.get(pair(s)) == s.label("reporter"):
-                yield s, rows[key(s)], increase(s, window.start, window.end)
+                yield s, rows[key(s)], counter(s, window.start, window.end)
 
     for s, row, n in counted(REQUESTS):
         row.requests += n

@@ -6,13 +6,21 @@ the same exact increases as ``stat`` and the graph compute (``aggregate``, ``gol
 same one-reporter-per-path rule. No second PromQL dialect (``rate()``'s extrapolation would
 make a chart disagree with the table next to it), one query per metric family per page.
 
-A step is ``(start, end]``; ``increase`` takes the last sample at or before ``start`` as its
-baseline, so the steps of a window add up to the window. A point is None where the figure is
-undefined (no requests: no success rate, no latency), and a chart leaves a gap there.
+One difference: a step's increase is **interpolated** between the samples around its ends
+(``interpolated``), not counted from the samples inside it. A step of 10 s holds five or six
+scrapes taken every 2 s, depending on where the scrapes fall; counting whole scrapes would draw
+that rhythm as a sawtooth, not the traffic. Interpolation spreads each scrape's increase over
+the time it covers, never extrapolates past the last sample, and the steps still add up to the
+window's exact increase (each step ends where the next starts). Counter resets are taken out
+first (``monotonic``: the reset-adjusted running total), so interpolating never crosses one.
+A point is None where the figure is undefined (no requests: no success rate, no latency), and a
+chart leaves a gap there.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,11 +60,41 @@ def steps(window: Window, count: int) -> list[Window]:
     ]
 
 
+def monotonic(series: Series) -> Series:
+    """The series as its reset-adjusted running total (a drop means a restart from zero)."""
+    total, previous, out = 0.0, 0.0, []
+    for t, value in series.samples:
+        total += value - previous if value >= previous else value
+        previous = value
+        out.append((t, total))
+    return Series(series.labels, tuple(out))
+
+
+def value_at(series: Series, at: float) -> float:
+    """A monotonic series' value at ``at``: linear between samples, 0 before the first (a
+    series appears when its counter first moves), the last value after the last sample."""
+    samples = series.samples
+    index = bisect.bisect_right(samples, (at, math.inf))
+    if index == 0:
+        return 0.0
+    t0, v0 = samples[index - 1]
+    if index == len(samples):
+        return v0
+    t1, v1 = samples[index]
+    return v0 + (v1 - v0) * (at - t0) / (t1 - t0)
+
+
+def interpolated(series: Series, start: float, end: float) -> float:
+    """A monotonic series' increase over ``(start, end]``, interpolated (``value_at``)."""
+    return value_at(series, end) - value_at(series, start)
+
+
 def involving(window: Window, name: str) -> Window:
-    """Only the series of paths that ``name`` is an end of: whole pairs stay, so the choice of
-    reporter per pair is unchanged, and a step costs the workload's paths, not the mesh's."""
+    """Only the series of paths that ``name`` is an end of, made ``monotonic``: whole pairs
+    stay, so the choice of reporter per pair is unchanged, and a step costs the workload's
+    paths, not the mesh's."""
     families = {
-        family: tuple(s for s in window.series(family) if name in pair(s))
+        family: tuple(monotonic(s) for s in window.series(family) if name in pair(s))
         for family in window.families
     }
     return Window(window.start, window.end, families)
@@ -80,8 +118,8 @@ def _figures(parts: list[Window], name: str, side: str) -> list[StepFigures]:
     key = _side(name, side)
     out = []
     for part in parts:
-        tcp = aggregate(part, key).get(("match",))
-        http = requests_by(part, key).get(("match",))
+        tcp = aggregate(part, key, interpolated).get(("match",))
+        http = requests_by(part, key, interpolated).get(("match",))
         out.append(StepFigures(part.end, tcp, http))
     return out
 

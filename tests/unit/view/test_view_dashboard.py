@@ -229,6 +229,31 @@ def test_golden_charts_show_each_steps_rate_and_gaps_without_requests() -> None:
     assert not charts["TCP bytes"].has_data()
 
 
+def test_chart_steps_interpolate_so_the_scrape_rhythm_is_not_drawn() -> None:
+    # 1 request/s scraped every 2 s at odd seconds; 5 s steps hold two or three scrapes.
+    counter = request_series(
+        "destination", "200", "-", *((t, float(t - 99)) for t in range(99, 132, 2))
+    )
+    w = window({REQUESTS: [counter]}, start=100, end=130)
+    exact = [
+        golden.requests_by(p, lambda s: ("all",))[("all",)].requests for p in timeline.steps(w, 6)
+    ]
+    assert exact == [6, 4, 6, 4, 6, 4]  # what counting whole scrapes would draw
+    (inbound, _) = {c.title: c for c in timeline.golden_charts(w, "default/server", 6)}[
+        "Requests"
+    ].lines
+    assert [v for _, v in inbound.points] == [pytest.approx(1.0)] * 6
+    assert sum(exact) == golden.requests_by(w, lambda s: ("all",))[("all",)].requests == 30
+
+
+def test_interpolation_takes_resets_out_and_never_extrapolates() -> None:
+    s = timeline.monotonic(series({}, (100, 8), (110, 10), (120, 3), (130, 5)))
+    assert s.samples == ((100, 8), (110, 10), (120, 13), (130, 15))
+    assert timeline.interpolated(s, 105, 125) == 13 + 1 - 9  # 14 at 125, 9 at 105
+    assert timeline.interpolated(s, 130, 200) == 0  # nothing after the last sample
+    assert timeline.value_at(s, 50) == 0  # before the first sample: not counted yet
+
+
 # -- SVG and pages ------------------------------------------------------------------------------
 
 

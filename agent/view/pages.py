@@ -181,13 +181,23 @@ def _policy_row(policy: Mapping[str, Any]) -> str:
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
+SERIAL_CHARS = 16
+
+
+def _serial(serial: str) -> str:
+    """A serial's first hex digits (enough to tell two apart), the whole one on hover."""
+    if len(serial) <= SERIAL_CHARS:
+        return esc(serial)
+    return f'<span title="{esc(serial)}">{esc(serial[:SERIAL_CHARS])}…</span>'
+
+
 def _cert_row(agent: str, entry: Mapping[str, Any]) -> str:
     cert = entry.get("certificate") or {}
     cells = [
         esc(agent),
         esc(entry.get("identity", "")),
         esc(entry.get("state", "")),
-        esc(cert.get("serial", "-")),
+        _serial(str(cert.get("serial", "-"))),
         esc(cert.get("not_before", "-")),
         esc(cert.get("not_after", "-")),
         esc(cert.get("issuer", "-")),

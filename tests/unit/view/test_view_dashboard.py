@@ -400,6 +400,10 @@ def test_workload_page_shows_charts_edges_policies_and_certificates() -> None:
     assert html.count('<figure class="chart"') == len(charts) == 5
     assert "deny-&lt;neighbor&gt;" in html and "deny-<neighbor>" not in html
     assert "2026-12-07T00:00:00+00:00" in html
+    long = CERT | {"certificate": {"serial": "0123456789abcdef0123"}}
+    shown = dataclasses.replace(info, certificates=(("node2", long),))
+    html = workload_page("default/server", graph, charts, shown, CONTEXT)
+    assert '<span title="0123456789abcdef0123">0123456789abcdef…</span>' in html
     assert html.count('data-destination="default/server"') == 2  # both inbound edges' rows
 
 

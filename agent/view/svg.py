@@ -48,7 +48,10 @@ def number(value: float) -> str:
 
 
 def percent(share: float | None) -> str:
-    return "-" if share is None else f"{share * 100:.4g}%"
+    """A success rate to a tenth of a percent, rounded down: 99.96 % of requests is not 100 %."""
+    if share is None:
+        return "-"
+    return "100%" if share >= 1 else f"{math.floor(share * 1000) / 10:.1f}%"
 
 
 def millis(value: float | None) -> str:

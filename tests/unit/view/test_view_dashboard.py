@@ -298,8 +298,12 @@ def test_edges_into_one_workload_end_at_distinct_heights_in_their_sources_order(
 
 def test_edge_label_says_rate_success_p99_and_denials() -> None:
     http, tcp = build_graph(mesh()).edges
-    assert svg.edge_text(http) == "1 req/s · 90% ok · p99 9.9ms · denied 3"
+    assert svg.edge_text(http) == "1 req/s · 90.0% ok · p99 9.9ms · denied 3"
     assert svg.edge_text(tcp) == "0.07 conn/s · denied 3"
+
+
+def test_a_success_rate_is_never_rounded_up_to_100_percent() -> None:
+    assert [svg.percent(v) for v in (None, 1.0, 0.9996, 0.5)] == ["-", "100%", "99.9%", "50.0%"]
 
 
 def test_numbers_are_short() -> None:

@@ -198,6 +198,7 @@ def graph_svg(graph: Graph, where: Layout, href: Callable[[str], str]) -> str:
     nodes = "".join(_node(n, where, href) for n in graph.nodes)
     return (
         f'<svg class="graph" xmlns="http://www.w3.org/2000/svg" width="{where.width:.0f}" '
+        'style="max-width:100%;height:auto" '
         f'height="{height:.0f}" viewBox="0 0 {where.width:.0f} {height:.0f}" role="img" '
         f'aria-label="service graph"><defs>{ARROWS}</defs>{edges}{nodes}</svg>'
     )

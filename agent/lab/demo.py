@@ -526,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  .venv/bin/nodemesh lab status --name {args.name}\n"
             f"  .venv/bin/nodemesh lab exec --name {args.name} client -- ip addr\n"
             f"  .venv/bin/nodemesh lab exec --name {args.name} node1 -- ip route\n"
+            f"  .venv/bin/nodemesh dashboard --lab {args.name}   # then open http://127.0.0.1:15030/\n"
             f"  .venv/bin/nodemesh lab down --name {args.name}"
         )
     return 0 if ok else 1

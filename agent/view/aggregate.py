@@ -20,6 +20,8 @@ on ``Figures`` and more columns in ``agent.view.render``, computed from the same
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,13 +39,18 @@ DENY = "DENY"
 UNKNOWN = "unknown"
 
 
+def _after(series: Series, at: float) -> int:
+    """Index of the first sample later than ``at`` (samples are in time order): a binary
+    search, because the dashboard's charts ask for many short steps of one long window."""
+    return bisect.bisect_right(series.samples, (at, math.inf))
+
+
 def increase(series: Series, start: float, end: float) -> float:
     """The counter's exact increase over ``(start, end]`` (see the module docstring)."""
-    before = [v for t, v in series.samples if t <= start]
-    inside = [v for t, v in series.samples if start < t <= end]
-    previous = before[-1] if before else 0.0
+    first, stop = _after(series, start), _after(series, end)
+    previous = series.samples[first - 1][1] if first else 0.0
     total = 0.0
-    for value in inside:
+    for _, value in series.samples[first:stop]:
         total += value - previous if value >= previous else value
         previous = value
     return total
@@ -51,8 +58,8 @@ def increase(series: Series, start: float, end: float) -> float:
 
 def latest(series: Series, end: float) -> float:
     """The counter's value at ``end`` (its last sample at or before it; 0 if none)."""
-    values = [v for t, v in series.samples if t <= end]
-    return values[-1] if values else 0.0
+    index = _after(series, end)
+    return series.samples[index - 1][1] if index else 0.0
 
 
 def workload(series: Series, side: str) -> str:
@@ -111,15 +118,21 @@ class Figures:
 Key = tuple[str, ...]
 
 
-def aggregate(window: Window, key: Callable[[Series], Key]) -> dict[Key, Figures]:
-    """The figures of ``window`` summed by ``key(series)`` (one reporter per pair)."""
+Counter = Callable[[Series, float, float], float]  # a series' increase over (start, end]
+
+
+def aggregate(
+    window: Window, key: Callable[[Series], Key], counter: Counter = increase
+) -> dict[Key, Figures]:
+    """The figures of ``window`` summed by ``key(series)`` (one reporter per pair); ``counter``
+    measures each series' increase (exact by default; the dashboard's charts interpolate)."""
     chosen = chosen_reporters(window)
     rows: dict[Key, Figures] = defaultdict(lambda: Figures(seconds=window.seconds))
 
     def counted(name: str) -> Iterable[tuple[Series, Figures, float]]:
         for s in window.series(name):
             if chosen.get(pair(s)) == s.label("reporter"):
-                yield s, rows[key(s)], increase(s, window.start, window.end)
+                yield s, rows[key(s)], counter(s, window.start, window.end)
 
     for s, row, n in counted(OPENED):
         row.opened += n

@@ -21,14 +21,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.base.constants import METRICS_PORT
+from agent.base.constants import ADMIN_PORT, METRICS_PORT
 from agent.base.durations import parse_duration
 from agent.view import aggregate, render
+from agent.view.dashboard import Admin, Dashboard, server
 from agent.view.screen import Screen
 from agent.view.series import ViewError
 from agent.view.sources import Agent, AgentSource, PrometheusSource, Runner, Source
 
 LOCAL_AGENT = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+LOCAL_ADMIN = f"127.0.0.1:{ADMIN_PORT}"
+DASHBOARD_LISTEN = "127.0.0.1:15030"
 
 
 def _in_netns(name: str) -> Runner:
@@ -56,6 +59,18 @@ def _lab_source(lab: str, *, required: bool) -> Source | None:
     return AgentSource(
         [Agent(f"http://{n.ip}:{METRICS_PORT}/metrics", _in_netns(n.netns)) for n in plan.nodes]
     )
+
+
+def _lab_admins(lab: str) -> list[Admin] | None:
+    """Every node's admin API of ``lab`` (loopback in the node's namespace); None: no lab."""
+    from agent.lab import control
+    from agent.lab.topology import LabError
+
+    try:
+        _, plan = control.load(lab)
+    except LabError:
+        return None
+    return [Admin(n.name, f"http://{LOCAL_ADMIN}", _in_netns(n.netns)) for n in plan.nodes]
 
 
 def source_of(args: argparse.Namespace) -> Source:
@@ -134,6 +149,60 @@ def _top(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected ADDRESS:PORT, e.g. {DASHBOARD_LISTEN}")
+    return host.strip("[]"), int(port)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    args.agent = None  # not an option here: the charts need the history a Prometheus keeps
+    source = source_of(args)
+    if isinstance(source, AgentSource):
+        raise ViewError(
+            "the dashboard reads a Prometheus that scrapes the agents: pass --prometheus URL, "
+            "or --lab NAME for a lab whose Prometheus runs (scripts/setup.sh installs it)"
+        )
+    if args.admin:
+        admins = [Admin(a, f"http://{a}") for a in args.admin]
+    else:
+        lab = args.lab or os.environ.get("NODEMESH_LAB") or "nm"
+        admins = (None if args.prometheus else _lab_admins(lab)) or [
+            Admin(LOCAL_ADMIN, f"http://{LOCAL_ADMIN}")
+        ]
+    board = Dashboard(
+        source,
+        admins,
+        window_seconds=args.window,
+        range_seconds=args.range,
+        points=args.points,
+        refresh_seconds=args.refresh,
+    )
+    host, port = args.listen
+    try:
+        httpd = server(board, host, port)
+    except OSError as e:
+        raise ViewError(f"cannot listen on {host}:{port}: {e}; choose another --listen") from e
+    shown = f"[{host}]" if ":" in host else host
+    print(f"nodemesh dashboard: http://{shown}:{httpd.server_address[1]}/", flush=True)
+    print(f"  metrics from {source.describe()}; admin APIs: "
+          + ", ".join(a.name for a in admins), flush=True)  # fmt: skip
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
+
+
 def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -199,3 +268,44 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--limit", type=int, default=20, help="paths shown (default 20)")
     p.add_argument("--iterations", type=int, help="stop after this many frames")
     p.set_defaults(func=_guarded(_top))
+
+    board = argparse.ArgumentParser(add_help=False)
+    where = board.add_argument_group("where the metrics come from (first given wins)")
+    where.add_argument("--prometheus", metavar="URL", help="a Prometheus that scrapes the agents")
+    where.add_argument(
+        "--lab",
+        metavar="NAME",
+        help="a lab's Prometheus, queried from its switch namespace; default $NODEMESH_LAB or "
+        "nm when up",
+    )
+    p = subparsers.add_parser(
+        "dashboard",
+        parents=[board],
+        help="web page: the service graph, and per workload its metrics, policies, certificates",
+        description="Serves the mesh's service graph (workloads, request or connection rates, "
+        "success rate, p99, mTLS, denied traffic) and a page per workload (golden metrics over "
+        "time, edges, pods, policies, certificates). Reads a Prometheus (--prometheus, or the "
+        "lab's) and the agents' admin APIs (--admin, or every lab node's). Ctrl-C stops it.",
+    )
+    p.add_argument(
+        "--listen",
+        type=_listen,
+        default=_listen(DASHBOARD_LISTEN),
+        metavar="ADDR:PORT",
+        help=f"where to serve the page (default {DASHBOARD_LISTEN}; port 0 picks one)",
+    )
+    p.add_argument(
+        "--admin",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"an agent's admin API (repeatable); default every lab node's, else {LOCAL_ADMIN}",
+    )
+    p.add_argument("--window", type=_seconds, default=60.0, help="rates over (default 1m)")
+    p.add_argument("--range", type=_seconds, default=600.0, help="charts span (default 10m)")
+    p.add_argument(
+        "--points", type=_positive, default=60, help="points per chart line (default 60)"
+    )
+    p.add_argument(
+        "--refresh", type=_positive, default=10, help="page refresh, seconds (default 10)"
+    )
+    p.set_defaults(func=_guarded(_dashboard))

@@ -59,7 +59,7 @@ def http_get(url: str, runner: Runner = direct) -> bytes:
 
 
 class Source(Protocol):
-    def window(self, seconds: float) -> Window: ...
+    def window(self, seconds: float, families: Sequence[str] = TCP_FAMILIES) -> Window: ...
 
     def describe(self) -> str: ...
 
@@ -82,13 +82,14 @@ class PrometheusSource:
             raise ViewError(f"{self.url} answered something that is not JSON: {e}") from e
         return answer
 
-    def window(self, seconds: float) -> Window:
+    def window(self, seconds: float, families: Sequence[str] = TCP_FAMILIES) -> Window:
+        """The past ``seconds`` of ``families`` (full sample names, e.g. ``..._bucket``)."""
         end = self.clock()
-        families: dict[str, tuple[Series, ...]] = {}
-        for name in TCP_FAMILIES:
+        found: dict[str, tuple[Series, ...]] = {}
+        for name in families:
             answer = self.query(promql.window_samples(name, seconds), end)
-            families[name] = tuple(from_prometheus_matrix(answer))
-        return Window(end - seconds, end, families)
+            found[name] = tuple(from_prometheus_matrix(answer))
+        return Window(end - seconds, end, found)
 
 
 @dataclass
@@ -109,9 +110,11 @@ class AgentSource:
     def describe(self) -> str:
         return "agents " + ", ".join(a.url for a in self.agents)
 
-    def scrape(self) -> tuple[float, dict[str, list[Series]]]:
+    def scrape(
+        self, families: Sequence[str] = TCP_FAMILIES
+    ) -> tuple[float, dict[str, list[Series]]]:
         at = self.clock()
-        merged: dict[str, list[Series]] = {name: [] for name in TCP_FAMILIES}
+        merged: dict[str, list[Series]] = {name: [] for name in families}
         for agent in self.agents:
             try:
                 text = http_get(agent.url, agent.runner).decode("utf-8", "replace")
@@ -121,15 +124,15 @@ class AgentSource:
                     "agent with --agent URL, or read a Prometheus that scrapes them "
                     "(--prometheus URL; in the lab --lab NAME)"
                 ) from e
-            for name, series in from_exposition(text, TCP_FAMILIES, at, instance=agent.url).items():
+            for name, series in from_exposition(text, families, at, instance=agent.url).items():
                 merged[name].extend(series)
         return at, merged
 
-    def window(self, seconds: float) -> Window:
+    def window(self, seconds: float, families: Sequence[str] = TCP_FAMILIES) -> Window:
         if self._last is None:
-            self._last = self.scrape()
+            self._last = self.scrape(families)
             self.sleep(seconds)
         start, first = self._last
-        end, second = self.scrape()
+        end, second = self.scrape(families)
         self._last = (end, second)
         return Window(start, end, merge_scrapes(first, second))

@@ -470,6 +470,28 @@ def ejection(lab: Lab) -> list[str]:
         _start_echo(lab, "server-1")
 
 
+def central_view(lab: Lab) -> list[str]:
+    """``nodemesh stat`` per Service from the lab's Prometheus, once it has scraped the HTTP
+    step's requests (a 2 s scrape interval: a few seconds at most)."""
+    argv = [sys.executable, "-m", "agent", "stat", "service", "--lab", lab.name, "--window", "5m"]
+    deadline = time.monotonic() + 20
+    while True:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        if done.returncode != 0:
+            raise StepFailed(f"nodemesh stat failed: {done.stderr.strip() or done.stdout.strip()}")
+        table = done.stdout.splitlines()
+        if len(table) > 2 and table[1].split()[1:2] == ["REQ/S"]:
+            break
+        if time.monotonic() > deadline:
+            raise StepFailed(f"no request figures in Prometheus after 20 s:\n{done.stdout}")
+        time.sleep(1)
+    return [
+        f"nodemesh stat service --lab {lab.name} --window 5m (from the lab's Prometheus):",
+        *(f"  {line}" for line in table),
+        f"the same as a web page: nodemesh dashboard --lab {lab.name} (make demo KEEP=1)",
+    ]
+
+
 STEPS: list[Step] = [
     Step("start echo servers in three pods", start_servers),
     Step(
@@ -483,6 +505,7 @@ STEPS: list[Step] = [
     Step("telemetry: live connections and Istio TCP metrics", telemetry),
     Step("HTTP/1.1: per-request outcomes, an L7 denial and Istio request metrics", http_requests),
     Step("traffic control: a failing replica is ejected, retries hide it", ejection),
+    Step("the central view: golden metrics per Service", central_view),
 ]
 
 

@@ -25,6 +25,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from agent.view.series import Series, Window
 
@@ -171,14 +172,26 @@ def by_path(s: Series) -> Key:
     return (*pair(s), s.label("destination_service") or UNKNOWN)
 
 
-def stat(window: Window, *, resource: str, name: str | None = None) -> dict[Key, Figures]:
-    """``nodemesh stat`` rows: per destination workload (``resource="workload"``, ``name`` as
-    ``namespace/name`` or a bare name) or per Service hostname (``resource="service"``)."""
-    key = by_service if resource == "service" else by_workload
-    rows = aggregate(window, key)
+def stat_key(resource: str) -> Callable[[Series], Key]:
+    """How ``nodemesh stat`` groups: per Service hostname or per destination workload."""
+    return by_service if resource == "service" else by_workload
+
+
+_Row = TypeVar("_Row")
+
+
+def named(rows: dict[Key, _Row], resource: str, name: str | None) -> dict[Key, _Row]:
+    """The rows of ``stat``'s ``name`` (``namespace/name`` or a bare name; a Service's short
+    name or hostname); all of them without one."""
     if name is None:
         return rows
     return {k: v for k, v in rows.items() if _matches(k[0], name, resource)}
+
+
+def stat(window: Window, *, resource: str, name: str | None = None) -> dict[Key, Figures]:
+    """``nodemesh stat`` rows: per destination workload (``resource="workload"``, ``name`` as
+    ``namespace/name`` or a bare name) or per Service hostname (``resource="service"``)."""
+    return named(aggregate(window, stat_key(resource)), resource, name)
 
 
 def _matches(value: str, name: str, resource: str) -> bool:

@@ -1,4 +1,4 @@
-"""``nodemesh stat``, ``edges`` and ``top``: the mesh's TCP traffic at a glance.
+"""``nodemesh stat``, ``edges``, ``top`` and ``dashboard``: the mesh's traffic at a glance.
 
 Where the samples come from, first match wins:
 
@@ -23,8 +23,10 @@ from typing import Any
 
 from agent.base.constants import ADMIN_PORT, METRICS_PORT
 from agent.base.durations import parse_duration
-from agent.view import aggregate, render
+from agent.view import aggregate, golden, render
+from agent.view.aggregate import TCP_FAMILIES
 from agent.view.dashboard import Admin, Dashboard, server
+from agent.view.golden import REQUEST_FAMILIES
 from agent.view.screen import Screen
 from agent.view.series import ViewError
 from agent.view.sources import Agent, AgentSource, PrometheusSource, Runner, Source
@@ -104,13 +106,25 @@ def _announce(source: Source, seconds: float) -> None:
 def _stat(args: argparse.Namespace) -> int:
     source = source_of(args)
     _announce(source, args.window)
-    rows = aggregate.stat(source.window(args.window), resource=args.resource, name=args.name)
+    window = source.window(args.window, (*TCP_FAMILIES, *REQUEST_FAMILIES))
+    rows = aggregate.stat(window, resource=args.resource, name=args.name)
+    requests = golden.stat_requests(window, resource=args.resource, name=args.name)
     if args.json:
         key = "service" if args.resource == "service" else "workload"
-        print(json.dumps([render.figures_json([key], k, f) for k, f in sorted(rows.items())]))
+        print(
+            json.dumps(
+                [
+                    render.figures_json(
+                        [key], k, rows.get(k, aggregate.Figures(seconds=window.seconds))
+                    )
+                    | render.requests_json(requests.get(k))
+                    for k in sorted(set(rows) | set(requests))
+                ]
+            )
+        )
     else:
         print(_header(source, args.window))
-        print("\n".join(render.stat_lines(args.resource, rows)))
+        print("\n".join(render.stat_lines(args.resource, rows, requests)))
     return 0
 
 
@@ -234,10 +248,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p = subparsers.add_parser(
         "stat",
         parents=[common],
-        help="TCP traffic per workload or Service over a window",
-        description="Connections opened (count and per second), active connections, bytes "
-        "per second each way, the share of connections with mTLS and denied connections, per "
-        "destination workload or Service, over --window.",
+        help="golden metrics per workload or Service over a window",
+        description="Per destination workload or Service, over --window: requests per second, "
+        "success rate (not answered 5xx) and p50/p95/p99 latency when HTTP or gRPC requests "
+        "were seen; connections opened (count and per second), active connections, bytes per "
+        "second each way, the share of connections with mTLS and denied connections.",
     )
     p.add_argument("resource", nargs="?", default="workload", choices=["workload", "service"])
     p.add_argument("name", nargs="?", help="only this workload (ns/name or name) or Service")

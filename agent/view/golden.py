@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from agent.view.aggregate import Counter, Key, increase, pair
+from agent.view.aggregate import Counter, Key, increase, named, pair, stat_key
 from agent.view.series import Series, Window
 
 REQUESTS = "istio_requests_total"
@@ -107,3 +107,10 @@ def requests_by(
         bound = float(s.label("le"))
         row.buckets[bound] = row.buckets.get(bound, 0.0) + n
     return {k: v for k, v in rows.items() if v.requests}
+
+
+def stat_requests(
+    window: Window, *, resource: str, name: str | None = None
+) -> dict[Key, RequestFigures]:
+    """The request figures of ``nodemesh stat``'s rows, keyed as ``aggregate.stat`` keys them."""
+    return named(requests_by(window, stat_key(resource)), resource, name)

@@ -1,17 +1,18 @@
 """Tables of the central view: columns chosen by what the figures hold (pure, text out).
 
-A column is a header and a cell function. The TCP columns are always there; request columns
-(rate, success, latency) join ``COLUMNS`` once the agents export request metrics and
-``agent.view.aggregate.Figures`` carries them, so none of the table code changes.
+A column is a header and a cell function. The TCP columns are always there; ``stat`` adds the
+request columns (rate, success, latency quantiles) when any row carried HTTP or gRPC requests
+in the window, so a TCP-only mesh keeps its narrower table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agent.view.aggregate import Figures, Key, mtls_word
+from agent.view.golden import RequestFigures
 
 Cell = Callable[[Key, Figures], str]
 
@@ -68,9 +69,45 @@ def render(
     return table([[*keys, *(c.header for c in columns)], *body])
 
 
-def stat_lines(resource: str, rows: dict[Key, Figures]) -> list[str]:
+def millis(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}ms"
+
+
+def success(value: float | None) -> str:
+    """A success rate to a tenth of a percent, rounded down: 99.96 % is not shown as 100 %."""
+    return "-" if value is None else f"{int(value * 1000) / 10:.1f}%"
+
+
+QUANTILES = ((0.5, "P50"), (0.95, "P95"), (0.99, "P99"))
+
+
+def request_columns(requests: Mapping[Key, RequestFigures]) -> tuple[Column, ...]:
+    """Requests per second, success rate and latency quantiles of each row (``-`` for a row
+    without requests in the window)."""
+    none = RequestFigures()
+
+    def of(key: Key) -> RequestFigures:
+        return requests.get(key, none)
+
+    def quantile(q: float) -> Cell:
+        return lambda k, _: millis(of(k).quantile(q))
+
+    return (
+        Column("REQ/S", lambda k, _: rate(of(k).per_second) if k in requests else "-"),
+        Column("SUCCESS", lambda k, _: success(of(k).success_rate)),
+        *(Column(header, quantile(q)) for q, header in QUANTILES),
+    )
+
+
+def stat_lines(
+    resource: str, rows: dict[Key, Figures], requests: Mapping[Key, RequestFigures] | None = None
+) -> list[str]:
+    """One line per workload or Service: request columns first when any row had requests."""
     header = "SERVICE" if resource == "service" else "WORKLOAD"
-    return render([header], TCP_COLUMNS, sorted(rows.items()))
+    requests = requests or {}
+    columns = (*request_columns(requests), *TCP_COLUMNS) if requests else TCP_COLUMNS
+    keys = set(rows) | set(requests)
+    return render([header], columns, sorted((k, rows.get(k, Figures())) for k in keys))
 
 
 EDGE_COLUMNS = (
@@ -106,4 +143,18 @@ def figures_json(key_names: Sequence[str], key: Key, f: Figures) -> dict[str, An
         "mtlsShare": f.mtls_share,
         "mtls": mtls_word(f),
         "deniedConnections": f.denied,
+    }
+
+
+def requests_json(r: RequestFigures | None) -> dict[str, Any]:
+    """The request fields of a ``stat --json`` row (exact counts; milliseconds)."""
+    if r is None:
+        return {"requests": 0.0}
+    return {
+        "requests": r.requests,
+        "requestsPerSecond": r.per_second,
+        "failedRequests": r.errors,
+        "deniedRequests": r.denied,
+        "successRate": r.success_rate,
+        **{f"latencyP{int(q * 100)}Ms": r.quantile(q) for q, _ in QUANTILES},
     }

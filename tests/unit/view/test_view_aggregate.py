@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.view import aggregate, promql, render
+from agent.view import aggregate, golden, promql, render
 from agent.view.aggregate import CLOSED, OPENED, RECEIVED, SENT, Figures
 from agent.view.screen import CLEAR_LINE, HOME, frame_text
 from agent.view.series import (
@@ -233,3 +233,49 @@ def test_a_terminal_frame_fits_the_screen() -> None:
     assert text.startswith(HOME)
     assert text.count(CLEAR_LINE) == 2
     assert "x" * 11 not in text and "third" not in text
+
+
+def request(reporter: str, code: str, *samples: tuple[float, float], **over: str) -> Series:
+    return series(tcp(reporter, response_code=code, request_protocol="http") | over, *samples)
+
+
+def bucket(le: str, *samples: tuple[float, float]) -> Series:
+    return series(tcp("destination", le=le), *samples)
+
+
+def test_stat_shows_request_columns_when_requests_were_seen() -> None:
+    """60 s window: 50 requests (2 answered 503), latency buckets 10 ms / 100 ms / +Inf; a
+    Service with TCP only gets dashes in the request columns."""
+    other = {"destination_workload": "db", "destination_service": "db.default.svc.cluster.local"}
+    w = window(
+        (
+            OPENED,
+            [series(tcp("destination"), (150, 1)), series(tcp("destination", **other), (150, 4))],
+        ),
+        (
+            golden.REQUESTS,
+            [
+                request("destination", "200", (90, 0), (150, 48)),
+                request("destination", "503", (90, 0), (150, 2)),
+            ],
+        ),
+        (
+            golden.DURATION_BUCKETS,
+            [
+                bucket("10", (90, 0), (150, 40)),
+                bucket("100", (90, 0), (150, 50)),
+                bucket("+Inf", (90, 0), (150, 50)),
+            ],
+        ),
+    )
+    rows = aggregate.stat(w, resource="service")
+    requests = golden.stat_requests(w, resource="service")
+    lines = render.stat_lines("service", rows, requests)
+    assert lines[0].split()[:6] == ["SERVICE", "REQ/S", "SUCCESS", "P50", "P95", "P99"]
+    cells = {line.split()[0]: line.split() for line in lines[1:]}
+    server = cells["server.default.svc.cluster.local"]
+    assert server[1:6] == ["0.83", "96.0%", "6.2ms", "77.5ms", "95.5ms"]
+    assert cells["db.default.svc.cluster.local"][1:6] == ["-"] * 5
+    only = golden.stat_requests(w, resource="service", name="db")
+    assert only == {}
+    assert render.requests_json(requests[("server.default.svc.cluster.local",)])["requests"] == 50

@@ -18,18 +18,18 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent.base.constants import ADMIN_PORT, METRICS_PORT
 from agent.base.durations import parse_duration
-from agent.view import aggregate, golden, render
+from agent.view import aggregate, golden, httptop, render
 from agent.view.aggregate import TCP_FAMILIES
 from agent.view.dashboard import Admin, Dashboard, server
 from agent.view.golden import REQUEST_FAMILIES
 from agent.view.screen import Screen
 from agent.view.series import ViewError
-from agent.view.sources import Agent, AgentSource, PrometheusSource, Runner, Source
+from agent.view.sources import Agent, AgentSource, PrometheusSource, Runner, Source, http_get
 
 LOCAL_AGENT = f"http://127.0.0.1:{METRICS_PORT}/metrics"
 LOCAL_ADMIN = f"127.0.0.1:{ADMIN_PORT}"
@@ -143,18 +143,69 @@ def _edges(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Tapper:
+    """The agents' recent requests for ``top``'s HTTP table: each frame reads what every
+    agent's ring got since the last frame (``/requests?since=``, no waiting)."""
+
+    def __init__(self, admins: Sequence[Admin], seconds: float) -> None:
+        self.admins = admins
+        self.window = httptop.RouteWindow(seconds)
+        self._cursors: dict[str, int | None] = {a.name: None for a in admins}
+
+    def read(self) -> list[str]:
+        """Take in new requests; returns a note per agent that did not answer."""
+        notes = []
+        for admin in self.admins:
+            cursor = self._cursors[admin.name]
+            query = f"?since={cursor}&limit={TAP_LIMIT}" if cursor is not None else ""
+            try:
+                got = json.loads(http_get(f"{admin.url.rstrip('/')}/requests{query}", admin.runner))
+            except (ViewError, ValueError) as e:
+                notes.append(f"requests of {admin.name}: {e}")
+                continue
+            self._cursors[admin.name] = int(got["next"])
+            self.window.add(got["requests"])
+        self.window.expire(time.time())
+        return notes
+
+
+TAP_LIMIT = 1000  # the admin API's largest page
+
+
+def _top_admins(args: argparse.Namespace) -> list[Admin]:
+    if args.admin:
+        return [Admin(a, f"http://{a}") for a in args.admin]
+    if args.prometheus or args.agent:
+        return [Admin(LOCAL_ADMIN, f"http://{LOCAL_ADMIN}")]
+    lab = args.lab or os.environ.get("NODEMESH_LAB") or "nm"
+    return _lab_admins(lab) or [Admin(LOCAL_ADMIN, f"http://{LOCAL_ADMIN}")]
+
+
 def _top(args: argparse.Namespace) -> int:
     source = source_of(args)
     # Scraping the agents directly, each frame covers the time since the previous scrape.
     seconds = args.interval if isinstance(source, AgentSource) else args.window
+    tapper = _Tapper(_top_admins(args), args.window)
     shown = 0
     with Screen(sys.stdout) as screen:
         try:
             while args.iterations is None or shown < args.iterations:
                 started = time.monotonic()
                 paths = aggregate.top(source.window(seconds), args.limit)
+                notes = tapper.read()
                 title = f"nodemesh top: busiest paths  {_header(source, seconds)}"
-                screen.show([title, "", *render.path_lines(paths)])
+                routes = tapper.window.routes(args.limit)
+                screen.show(
+                    [
+                        title,
+                        "",
+                        *render.path_lines(paths),
+                        "",
+                        f"HTTP routes, last {args.window:g}s (the agents' recent requests):",
+                        *httptop.route_lines(routes, args.window),
+                        *notes,
+                    ]
+                )
                 shown += 1
                 if args.iterations is None or shown < args.iterations:
                     time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
@@ -274,9 +325,18 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p = subparsers.add_parser(
         "top",
         parents=[common],
-        help="live view of the busiest paths (source -> destination)",
-        description="Redraws the busiest paths every --interval on a terminal; prints plain "
-        "frames when stdout is not a terminal. Ctrl-C quits.",
+        help="live view of the busiest paths (source -> destination) and HTTP routes",
+        description="Redraws the busiest paths (TCP, from the metrics) and the busiest HTTP "
+        "routes (source -> destination, method, path; from the agents' recent requests) every "
+        "--interval on a terminal; prints plain frames when stdout is not a terminal. Ctrl-C "
+        "quits.",
+    )
+    p.add_argument(
+        "--admin",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"an agent's admin API for the HTTP routes (repeatable); default every lab "
+        f"node's, else {LOCAL_ADMIN}",
     )
     p.add_argument("--window", type=_seconds, default=30.0, help="Prometheus window (default 30s)")
     p.add_argument("--interval", type=_seconds, default=2.0, help="refresh period (default 2s)")

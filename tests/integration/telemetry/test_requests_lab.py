@@ -140,6 +140,26 @@ def test_requests_lists_what_the_client_sent_and_filters_work(lab: Lab) -> None:
         f"{prefix}/c",
         "200",
     ]
+    # ``nodemesh top`` (one plain frame) lists the same requests as routes, one row per
+    # (source, destination, method, path), from every node's ring.
+    top = subprocess.run(
+        [sys.executable, "-m", "agent", "top", "--lab", lab.name, "--window", "5m",
+         "--iterations", "1", "--limit", "100"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    routes = {}
+    for line in top.splitlines():
+        cells = line.split()
+        if cells[:2] == ["default/client", "default/server"] and cells[3].startswith(prefix):
+            if cells[3].endswith("/warm"):  # converged()'s requests
+                continue
+            routes[(cells[2], cells[3])] = (cells[4], cells[6])  # COUNT, SUCCESS
+    assert routes == {
+        ("GET", f"{prefix}/a"): ("1", "100.0%"),
+        ("POST", f"{prefix}/b"): ("1", "100.0%"),
+        ("GET", f"{prefix}/missing"): ("1", "100.0%"),  # a 404 is not a failure
+        ("GET", f"{prefix}/c"): ("1", "100.0%"),
+    }, top
 
 
 def test_a_header_deny_refuses_exactly_the_requests_carrying_it(lab: Lab) -> None:

@@ -36,6 +36,9 @@ class ConnectionRecord:
     upstream: str = ""  # ip:port actually dialed (a Service VIP resolves to an endpoint)
     failure: str = ""  # reason key of the rejection that ended it ("" = none)
     first_byte: float = 0.0  # time.monotonic() of the first upstream byte (0 = none yet)
+    # Hostname of the Service the client dialled, when the address does not say it (inbound:
+    # the source named it on the CONNECT and it selects the pod; "" = unknown).
+    service: str = ""
 
     def describe(self) -> dict[str, object]:
         return asdict(self)

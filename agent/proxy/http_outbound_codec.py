@@ -57,6 +57,8 @@ T = TypeVar("T")
 
 UPSTREAM_RESET_BODY = b"upstream connect error or disconnect/reset before headers\n"
 _ENDED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+# The request is complete (or proposes an upgrade): the client has nothing to send for now.
+_QUIET = (*_ENDED, h11.MIGHT_SWITCH_PROTOCOL, h11.SWITCHED_PROTOCOL)
 _REASONS = {
     400: b"Bad Request",
     403: b"Forbidden",
@@ -142,12 +144,16 @@ class SourceHttp1(Generic[T]):
         is complete (a pipelined next request waits in the kernel, not in memory)."""
         if self.closing or self.tunnel or self.pending is not None or self._client_eof:
             return False
-        return self.client.their_state not in _ENDED
+        return self.client.their_state not in _QUIET
 
     # -- input -------------------------------------------------------------------------------
     def receive_client(self, data: bytes) -> None:
-        """Bytes from the client; ``b""`` is its end of stream."""
-        if self.closing or self.tunnel:
+        """Bytes from the client; ``b""`` is its end of stream. Once ``tunnel``, bytes read
+        before the shell switched to relaying pass through as they are."""
+        if self.tunnel:
+            self._to_upstream += data
+            return
+        if self.closing:
             return
         if data and self.head_started is None and self._current is None:
             self.head_started = self.clock()
@@ -157,7 +163,11 @@ class SourceHttp1(Generic[T]):
         self._pump_client()
 
     def receive_upstream(self, data: bytes) -> None:
-        """Bytes from the attached upstream; ``b""`` is its end of stream."""
+        """Bytes from the attached upstream; ``b""`` is its end of stream (after ``tunnel``:
+        passed through as they are, like ``receive_client``)."""
+        if self.tunnel:
+            self._to_client += data
+            return
         current = self._current
         if self.closing or self.tunnel or current is None or current.upstream is None:
             return

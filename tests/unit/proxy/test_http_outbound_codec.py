@@ -109,6 +109,7 @@ def test_upgrade_pins_the_connection_to_its_upstream_as_a_tunnel() -> None:
     c.attach(up, "e")
     sent = c.take_to_upstream()
     assert b"upgrade: websocket" in sent and b"connection: upgrade" in sent
+    assert not c.wants_client_data()  # until the answer: bytes may be the new protocol's
     c.receive_upstream(
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         b"hello"
@@ -118,6 +119,8 @@ def test_upgrade_pins_the_connection_to_its_upstream_as_a_tunnel() -> None:
     assert out.startswith(b"HTTP/1.1 101 Switching Protocols\r\n") and out.endswith(b"hello")
     assert c.take_to_upstream() == b"early"  # what the client sent after its head
     assert c.take_released() == []  # pinned: never pooled
+    c.receive_client(b"raw")  # read before the shell switched to relaying: not lost
+    assert c.take_to_upstream() == b"raw"
     ((exchange, _),) = c.take_completed()
     assert exchange.status == 101
 

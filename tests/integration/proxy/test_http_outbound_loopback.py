@@ -17,9 +17,17 @@ from collections.abc import AsyncIterator
 import h11
 import pytest
 
-from agent.state import Endpoint, Service, ServicePort
+from agent.state import Endpoint, PolicyObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
-from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh, free_port, mesh_test
+from tests.integration.proxy.mesh import (
+    CLIENT,
+    LOCAL,
+    SERVER,
+    Mesh,
+    free_port,
+    mesh_test,
+    set_policies,
+)
 
 pytestmark = pytest.mark.root
 
@@ -196,3 +204,21 @@ async def test_an_upgrade_pins_the_connection_to_its_endpoint(mesh: Mesh) -> Non
             writer.write(message)
             assert await asyncio.wait_for(reader.readexactly(len(message)), 10) == message
         writer.close()
+
+
+@mesh_test
+async def test_a_same_node_endpoint_is_authorized_per_request(mesh: Mesh) -> None:
+    """No other proxy sees a request to a pod on this node: L7 policy is enforced here."""
+    port = free_port(LOCAL)
+    add_services(mesh, port, LOCAL)
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no-posts", deny))
+    source, _ = observe(mesh)
+    async with apps(port, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert await client.request("POST", "/orders", b"payload") == (403, b"RBAC: access denied")
+        assert await client.request("GET", "/orders") == (200, LOCAL.encode())
+        client.writer.close()
+    counts = requests_total(source)
+    assert counts[("source", WEB, "403", "RBAC")] == 1
+    assert counts[("source", WEB, "200", "-")] == 1

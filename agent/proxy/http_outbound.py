@@ -151,6 +151,7 @@ class SessionPool:
         self._idle: dict[SessionKey, OrderedDict[UpstreamSession, asyncio.TimerHandle]] = {}
         self.size = 0
         self.opened = 0  # sessions ever opened (tests, admin)
+        self.draining = False  # the agent drains: sessions are closed, not kept
 
     def take(self, key: SessionKey) -> UpstreamSession | None:
         """An idle live session for ``key`` (the most recently used), or None."""
@@ -170,7 +171,7 @@ class SessionPool:
     def put(self, session: UpstreamSession) -> None:
         """Keep ``session`` for reuse, or close it when over a bound."""
         idle = self._idle.setdefault(session.key, OrderedDict())
-        if len(idle) >= self.max_per_key or self.size >= self.max_idle:
+        if self.draining or len(idle) >= self.max_per_key or self.size >= self.max_idle:
             session.close()
             if not idle:
                 del self._idle[session.key]
@@ -188,6 +189,8 @@ class SessionPool:
             session.close()
 
     def close_all(self) -> None:
+        """Drain: close the idle sessions, and every session released from now on."""
+        self.draining = True
         for idle in self._idle.values():
             for session, timer in idle.items():
                 timer.cancel()

@@ -64,6 +64,10 @@ class Outbound:
         try:
             target = self.resolver.service(snap, dst_ip, dst_port)
         except NoEndpoints as e:
+            if e.target is not None and port_protocol(e.target.port) == HTTP:
+                # An HTTP client is answered 503 (UH) per request, not reset.
+                await self.http.handle(client, source, e.target, _addr(src_ip, src_port))
+                return
             self.core.registry.reject("no_endpoints", str(e))
             sockets.abort(client)
             return

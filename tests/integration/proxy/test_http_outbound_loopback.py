@@ -222,3 +222,12 @@ async def test_a_same_node_endpoint_is_authorized_per_request(mesh: Mesh) -> Non
     counts = requests_total(source)
     assert counts[("source", WEB, "403", "RBAC")] == 1
     assert counts[("source", WEB, "200", "-")] == 1
+
+
+@mesh_test
+async def test_a_service_without_ready_endpoints_answers_503_uh(mesh: Mesh) -> None:
+    add_services(mesh, free_port(SERVER))  # no endpoint at all
+    source, _ = observe(mesh)
+    client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+    assert await client.request("GET", "/") == (503, b"no healthy upstream\n")
+    assert requests_total(source)[("source", WEB, "503", "UH")] == 1

@@ -270,14 +270,19 @@ class _ClientConnection:
         self.reader: asyncio.Task[None] | None = None  # reads ``session``
         self.reading = False  # the reader waits in ``session.read`` (safe to cancel there)
         self.changed = asyncio.Event()
+        self.client_gone = False  # a send to the client failed
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
 
     async def serve(self) -> None:
+        """Serve requests until the client or the codec ends it; raises ``OSError`` when the
+        client went away mid-response (its socket is then reset, not closed)."""
         try:
             await self._client_side()
             if self.codec.tunnel and self.session is not None:
                 await self._relay_upgraded(self.session)
+            if self.client_gone:
+                raise ConnectionResetError("the client went away")
         finally:
             reader, session = self.reader, self.session
             if reader is not None:
@@ -328,9 +333,15 @@ class _ClientConnection:
                 self._release(reusable)
         async with self._down_lock:
             data = codec.take_to_client()
-            if data:
-                await asyncio.get_running_loop().sock_sendall(self.client, data)
-                self.record.bytes_received += len(data)
+            if data and not self.client_gone:
+                try:
+                    await asyncio.get_running_loop().sock_sendall(self.client, data)
+                except OSError as e:  # the client went away: stop serving it
+                    log.debug("%s: client send failed: %r", self.record.source, e)
+                    self.client_gone = True
+                    codec.closing = True
+                else:
+                    self.record.bytes_received += len(data)
         for exchange, request in codec.take_completed():
             self._report(exchange, request)
         for cause in codec.take_rejections():
@@ -450,6 +461,7 @@ class _ClientConnection:
         if isinstance(session.conn, TunnelStream):
             self.record.security = SECURITY_MTLS
         self.reader = asyncio.create_task(self._upstream_side(session, request))
+        self.reader.add_done_callback(self._reader_done)
         self.codec.attach(session.codec, request)
         await self._flush()
 
@@ -473,6 +485,15 @@ class _ClientConnection:
             await self._flush()
             if not data:
                 return
+
+    def _reader_done(self, task: asyncio.Task[None]) -> None:
+        """Supervision: a reader that failed unexpectedly ends the client connection (logged)
+        instead of leaving the client side waiting for a response that will not come."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("%s: HTTP upstream reader failed", self.record.source, exc_info=task.exception())
+        self.codec.closing = True
+        self.changed.set()
 
     async def _relay_upgraded(self, session: UpstreamSession) -> None:
         """After a 101: the client and its session exchange opaque bytes until both end."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -37,7 +39,7 @@ WEB = "web.default.svc.cluster.local"
 
 async def http_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Keep-alive HTTP/1.1: the body is the pod's own address; ``/fail`` is 500; ``/ws``
-    upgrades and then echoes raw bytes."""
+    upgrades and then echoes raw bytes; ``/big`` streams 64 MiB."""
     me = writer.get_extra_info("sockname")[0].encode()
     conn = h11.Connection(h11.SERVER)
     target = b""
@@ -56,6 +58,14 @@ async def http_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
                     writer.write(leftover)
                 while data := await reader.read(65536):
                     writer.write(data)
+                    await writer.drain()
+                break
+            elif isinstance(event, h11.EndOfMessage) and target == b"/big":
+                size = 64 * 1024 * 1024
+                response = h11.Response(status_code=200, headers=[("content-length", str(size))])
+                writer.write(conn.send(response))
+                for _ in range(size // 65536):
+                    writer.write(conn.send(h11.Data(data=b"x" * 65536)))
                     await writer.drain()
                 break
             elif isinstance(event, h11.EndOfMessage):
@@ -231,3 +241,22 @@ async def test_a_service_without_ready_endpoints_answers_503_uh(mesh: Mesh) -> N
     client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
     assert await client.request("GET", "/") == (503, b"no healthy upstream\n")
     assert requests_total(source)[("source", WEB, "503", "UH")] == 1
+
+
+@mesh_test
+async def test_a_client_that_leaves_mid_response_is_let_go(mesh: Mesh) -> None:
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    async with apps(port, SERVER):
+        reader, writer = await mesh.connect(CLIENT, (VIP, 80))
+        writer.write(b"GET /big HTTP/1.1\r\nHost: web\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readexactly(12), 10)) == b"HTTP/1.1 200"
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST: the proxy's next send to it fails
+
+        async def drained() -> None:
+            while len(mesh.node1.core.registry):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(drained(), 20)  # the client connection's record is gone

@@ -305,15 +305,16 @@ class _ClientConnection:
                 self.changed.clear()
                 await self.changed.wait()
                 continue
-            timeout = None
-            if codec.head_started is not None:
+            if codec.head_started is None:  # between requests, or in a body: no head clock
+                data = await loop.sock_recv(self.client, READ_SIZE)
+            else:
                 timeout = max(0.0, codec.head_started + HEADER_TIMEOUT - time.monotonic())
-            try:
-                data = await asyncio.wait_for(loop.sock_recv(self.client, READ_SIZE), timeout)
-            except TimeoutError:
-                codec.header_timeout()
-                await self._flush()
-                return
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(self.client, READ_SIZE), timeout)
+                except TimeoutError:
+                    codec.header_timeout()
+                    await self._flush()
+                    return
             self.record.bytes_sent += len(data)
             codec.receive_client(data)
             await self._flush()

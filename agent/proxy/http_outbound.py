@@ -87,7 +87,7 @@ class SessionKey:
     client_ip: str
     ip: str
     port: int
-    service: str  # namespace/name of the dialled Service
+    service: str  # namespace/name of the Service named on the CONNECT
 
 
 class UpstreamSession:
@@ -208,6 +208,10 @@ class _Request:
     first_byte: float = 0.0
 
 
+def _name(target: ServiceTarget) -> str:
+    return f"{target.service.namespace}/{target.service.name}"
+
+
 class HttpOutbound:
     """Serves client connections to Service VIP ports declared HTTP/1.1 (``Outbound.handle``)."""
 
@@ -263,10 +267,9 @@ class _ClientConnection:
         self.record = record
         self.conn_id = conn_id
         self.src_ip = record.source.rsplit(":", 1)[0]
-        self.service = f"{target.service.namespace}/{target.service.name}"
+        self.service = _name(target)
         self.codec: SourceHttp1[_Request] = SourceHttp1()
         self.session: UpstreamSession | None = None  # attached to the current request
-        self.request: _Request | None = None
         self.reader: asyncio.Task[None] | None = None  # reads ``session``
         self.reading = False  # the reader waits in ``session.read`` (safe to cancel there)
         self.changed = asyncio.Event()
@@ -401,7 +404,9 @@ class _ClientConnection:
                 self.codec.respond_locally(403, RBAC_DENIED, DENIED_BODY, request)
                 await self._flush()
                 return
-            key = SessionKey(route.kind, self.src_ip, route.ip, route.port, self.service)
+            # The CONNECT names the backend Service (the dialled one until routes choose
+            # another), so sessions are keyed by it too.
+            key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(plan.backend))
             session = self.owner.sessions.take(key)
             if session is not None:
                 attempts.connected(ip, reused=True)
@@ -458,7 +463,7 @@ class _ClientConnection:
         return UpstreamSession(key, conn)
 
     async def _attach(self, session: UpstreamSession, request: _Request) -> None:
-        self.session, self.request = session, request
+        self.session = session
         if isinstance(session.conn, TunnelStream):
             self.record.security = SECURITY_MTLS
         self.reader = asyncio.create_task(self._upstream_side(session, request))

@@ -128,8 +128,9 @@ class HttpSession:
         try:
             while tasks:
                 done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
+                errors = [e for t in done if (e := t.exception()) is not None]
+                if errors:
+                    raise errors[0]
                 if self.proxy.closing or self.proxy.tunnel:
                     break
         finally:

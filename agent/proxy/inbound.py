@@ -20,6 +20,11 @@ established connection PINGs its peer like the client side does and is closed af
 stream before it was answered, and reports to the codec when it is done (rapid-reset
 accounting: ``HboneConnection.request_done``).
 
+The dialled Service: ``nodemesh-service: <namespace>/<name>`` (``hbone.SERVICE_HEADER``) names
+the Service the client addressed, so ``destination_service`` is that one and not merely the
+first Service selecting the pod. It is used for telemetry labels only, never for policy, and
+only when that Service exists and has the pod among its endpoints (``dialled_service``).
+
 The client address: the ``forwarded: for=`` header names the client pod. It is believed only
 when the state says that IP belongs to a pod with the peer's identity; otherwise the proxy falls
 back to the connection's source address (the peer node), so a workload cannot claim another's IP
@@ -44,7 +49,7 @@ from agent.proxy import hbone_events as ev
 from agent.proxy import sockets
 from agent.proxy.contexts import ALPN, NoCertificate
 from agent.proxy.core import Core
-from agent.proxy.hbone import HboneConnection
+from agent.proxy.hbone import SERVICE_HEADER, HboneConnection
 from agent.proxy.hbone_limits import InboundLimits
 from agent.proxy.http_inbound import HttpSession, StreamDownstream
 from agent.proxy.records import cancel_current_task
@@ -292,6 +297,7 @@ class InboundHbone:
             destination_identity=self.core.identity(workload, snap),
             security=SECURITY_MTLS,
             path="hbone",
+            service=dialled_service(snap, req.headers.get(SERVICE_HEADER), req.host),
         )
         http = self.core.protocol(snap, req.host, req.port) == HTTP
         allowed = http or self.core.authorize(request, workload, where, snap, unregistered=record)
@@ -374,3 +380,17 @@ class InboundHbone:
             proto.goaway()
             if not proto.streams and proto.transport is not None:
                 proto.transport.close()
+
+
+def dialled_service(snap: Snapshot, claimed: str | None, pod_ip: str) -> str:
+    """The hostname of the Service ``claimed`` (``namespace/name``) if it has ``pod_ip`` among
+    its endpoints, else "" (labels fall back to the pod's first Service). A peer can only
+    choose among the Services that really select the pod, and only for labels."""
+    if not claimed:
+        return ""
+    namespace, _, name = claimed.partition("/")
+    service = snap.services.get((namespace, name))
+    if service is None or not any(e.ip == pod_ip for e in service.endpoints):
+        log.debug("CONNECT names Service %r, which does not select %s: ignored", claimed, pod_ip)
+        return ""
+    return service.hostname()

@@ -7,8 +7,11 @@ identity; to a meshed pod on this node they never leave the node, so there is no
 destination's policies are enforced here and the connection is made with the client pod's IP as
 source; anything else is plain TCP passthrough. A connection to a Service VIP is handed to
 ``balanced`` (traffic control: endpoint choice, limits, retries, faults, splits), which uses the
-same ``open``/``relay`` steps once per attempt. A refusal closes the client with RST, so the
-application sees a failed connection and not a clean end of stream.
+same ``open``/``relay`` steps once per attempt; on a Service port declared HTTP/1.1 it goes to
+``http_outbound`` instead, which balances each request (direct pod-IP traffic stays per
+connection, as below). Every CONNECT for a Service names it (``nodemesh-service``) so the far
+node labels its metrics with the Service the client dialled. A refusal closes the client with
+RST, so the application sees a failed connection and not a clean end of stream.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from agent.proxy import sockets
 from agent.proxy.balanced import BalancedOutbound
 from agent.proxy.contexts import NoCertificate
 from agent.proxy.core import Core
+from agent.proxy.http_outbound import HttpOutbound
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot
+from agent.state.protocols import HTTP, port_protocol
 from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ class Outbound:
         self.pool = pool
         self.resolver = Resolver(core.node)
         self.balanced = BalancedOutbound(self)
+        self.http = HttpOutbound(self)
 
     async def handle(
         self, client: socket.socket, original_dst: tuple[str, int] | None = None
@@ -58,8 +64,15 @@ class Outbound:
         try:
             target = self.resolver.service(snap, dst_ip, dst_port)
         except NoEndpoints as e:
+            if e.target is not None and port_protocol(e.target.port) == HTTP:
+                # An HTTP client is answered 503 (UH) per request, not reset.
+                await self.http.handle(client, source, e.target, _addr(src_ip, src_port))
+                return
             self.core.registry.reject("no_endpoints", str(e))
             sockets.abort(client)
+            return
+        if target is not None and port_protocol(target.port) == HTTP:
+            await self.http.handle(client, source, target, _addr(src_ip, src_port))
             return
         if target is not None:
             await self.balanced.handle(client, snap, source, target, _addr(src_ip, src_port))
@@ -115,7 +128,9 @@ class Outbound:
                 route.ip,
                 self.core.settings.hbone_port,
             )
-            return await self.pool.open(key, _addr(route.ip, route.port), src_ip)
+            service = route.service
+            dialled = f"{service.namespace}/{service.name}" if service is not None else None
+            return await self.pool.open(key, _addr(route.ip, route.port), src_ip, dialled)
         if route.kind == "local":
             self._authorize_local(route, record, src_ip, conn_id)
         s = self.core.settings

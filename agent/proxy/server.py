@@ -81,7 +81,9 @@ class NodeProxy:
         return proto
 
     def begin_drain(self) -> None:
-        """GOAWAY on every HBONE connection, both directions."""
+        """GOAWAY on every HBONE connection, both directions; idle HTTP upstream sessions are
+        closed (their streams would otherwise keep the connections from draining)."""
+        self.outbound.http.sessions.close_all()
         self.inbound.goaway_all()
         self.pool.goaway_all()
 

@@ -363,8 +363,10 @@ class HboneProtocol(asyncio.Protocol):
             self.stream_closed()
 
     # -- client side --
-    async def open(self, authority: str, client_ip: str | None) -> TunnelStream:
-        sid = self.codec.open_tunnel(authority, client_ip=client_ip)
+    async def open(
+        self, authority: str, client_ip: str | None, service: str | None = None
+    ) -> TunnelStream:
+        sid = self.codec.open_tunnel(authority, client_ip=client_ip, service=service)
         stream = self.streams[sid] = TunnelStream(self, sid)
         self.flush()
         try:

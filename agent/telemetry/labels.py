@@ -8,8 +8,9 @@ ztunnel's) conventions:
 * a workload's name is its canonical name (label ``service.istio.io/canonical-name``, then
   ``app.kubernetes.io/name``, then ``app``), else the pod name: pods of one Deployment share a
   series, which keeps the cardinality at the number of workloads, not of pods;
-* ``destination_service`` is the Service's hostname when the client dialed a Service address,
-  or the Service whose endpoints hold the pod address it dialed;
+* ``destination_service`` is the Service's hostname when the client dialed a Service address;
+  at the destination, the Service the source node named on the CONNECT (``record.service``,
+  checked to select the pod); else the Service whose endpoints hold the pod address dialed;
 * ``response_flags`` follow ztunnel: ``-`` (none), ``DENY`` (authorization or PeerAuthentication
   refused it), ``CONNECT`` (any other failure to establish or relay it);
 * anything not known is ``unknown``. No label carries a port, an address or a connection id.
@@ -117,7 +118,7 @@ def tcp_labels(
     upstream_ip = host_of(record.upstream) if record.upstream else dst_ip
     dst = snap.workload_by_ip.get(upstream_ip) or snap.workload_by_ip.get(dst_ip)
     vip = snap.service_by_ip.get(dst_ip)
-    service = vip.hostname() if vip else by_endpoint.get(upstream_ip, UNKNOWN)
+    service = vip.hostname() if vip else record.service or by_endpoint.get(upstream_ip, UNKNOWN)
     return TcpLabels(
         reporter="source" if record.direction == OUTBOUND else "destination",
         source_workload=workload_name(src) if src else UNKNOWN,

@@ -53,6 +53,9 @@ class ConnectionRecord:
     first_byte: float = 0.0  # time.monotonic() of the first upstream byte (0 = none yet)
     protocol: str = "tcp"  # "http/1.1" once an HTTP layer serves it (its requests are counted)
     requests: int = 0  # HTTP requests finished on it (``Registry.request_done``)
+    # Hostname of the Service the client dialled, when the address does not say it (inbound:
+    # the source named it on the CONNECT and it selects the pod; "" = unknown).
+    service: str = ""
 
     def describe(self) -> dict[str, object]:
         return asdict(self)

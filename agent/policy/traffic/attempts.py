@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 CONNECT_FAILURE = "connect-failure"  # timeout or unreachable
 REFUSED = "refused"
 RESET_BEFORE_DATA = "reset-before-data"
+SERVER_ERROR = "5xx"  # an HTTP request answered 5xx by the endpoint (outlier detection only)
 
 
 class Attempts:
@@ -75,11 +76,13 @@ class Attempts:
         """Is the current endpoint still one of the Service's (outlier state is kept)?"""
         return self.current is not None and self.current in self.service.endpoints
 
-    def connected(self, ip: str) -> None:
-        """The current attempt (to ``ip``) connected."""
+    def connected(self, ip: str, *, reused: bool = False) -> None:
+        """The current attempt (to ``ip``) connected; ``reused``: an HTTP request got a pooled
+        upstream session, whose zero connect time is no latency sample (its time to first
+        byte, given to ``finish``, is)."""
         svc = self.service
         now = svc.clock()
-        if self._load is not None:
+        if self._load is not None and not reused:
             self._load.observe(now - self._started, now)
         if self._live() and svc.outlier.probing(ip):
             svc.outlier.success(ip)  # the probe connected: back in; its end may still count
@@ -115,8 +118,16 @@ class Attempts:
         svc.count("retries")
         return True
 
-    def finish(self, *, reset_before_data: bool = False, first_byte_at: float = 0.0) -> None:
-        """The client connection ended; a reset before any upstream byte counts as a failure.
+    def finish(
+        self,
+        *,
+        reset_before_data: bool = False,
+        first_byte_at: float = 0.0,
+        server_error: bool = False,
+    ) -> None:
+        """The client connection (or HTTP request) ended; a reset before any upstream byte
+        counts as a failure, and so does an HTTP request the endpoint answered 5xx
+        (``server_error``: Envoy's consecutive 5xx outlier detection).
 
         Success is recorded here rather than at connect, so an endpoint that accepts and then
         resets every connection accrues consecutive failures like one that refuses.
@@ -139,9 +150,11 @@ class Attempts:
         load.active -= 1
         if reset_before_data:
             svc.count("failed", RESET_BEFORE_DATA)
+        elif server_error:
+            svc.count("failed", SERVER_ERROR)
         if not self._live():
             return
-        if reset_before_data:
+        if reset_before_data or server_error:
             svc._outlier_failure(ip)
         elif self._connected:
             svc.outlier.success(ip)

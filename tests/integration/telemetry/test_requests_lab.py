@@ -82,8 +82,11 @@ def lab_requests(lab: Lab, *args: str) -> list[str]:
     return out.stdout.splitlines()
 
 
-def entries(lab: Lab, *args: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in lab_requests(lab, "-o", "json", *args)]
+def entries(lab: Lab, *args: str, direction: str = "inbound") -> list[dict[str, Any]]:
+    """The matching requests one side reported: the destination node (``inbound``) or, since
+    the source node parses HTTP on Service ports too, the client's node (``outbound``)."""
+    got = [json.loads(line) for line in lab_requests(lab, "-o", "json", *args)]
+    return [e for e in got if e["direction"] == direction]
 
 
 def converged(lab: Lab, prefix: str) -> None:
@@ -124,14 +127,27 @@ def test_requests_lists_what_the_client_sent_and_filters_work(lab: Lab) -> None:
             "",
         )
         assert len(e["request_id"]) == 36 and e["authority"] == WEB
-    # one keep-alive connection: the four requests share it (and its connection id)
-    assert len({(e["node"], e["connection_id"]) for e in seen[-4:]}) == 1
+    # one keep-alive connection: the four requests share it (and its connection id) at the
+    # source, which reported the same requests (by request id) as the destinations did
+    sent_side = entries(
+        lab, "--path", f"{prefix}/", "--from", "default/client", direction="outbound"
+    )
+    sent_side = [e for e in sent_side if "/warm" not in e["path"]]
+    assert [e["request_id"] for e in sent_side] == [
+        e["request_id"] for e in seen if "/warm" not in e["path"]
+    ]
+    assert len({(e["node"], e["connection_id"]) for e in sent_side}) == 1
+    assert {e["node"] for e in sent_side} == {"node1"}
     missing = entries(lab, "--path", f"{prefix}/", "--status", "4xx")
     assert [e["path"] for e in missing] == [f"{prefix}/missing"]
     posts = entries(lab, "--path", f"{prefix}/", "--method", "POST", "--workload", "server")
     assert [e["path"] for e in posts] == [f"{prefix}/b"]
     assert entries(lab, "--path", f"{prefix}/", "--to", "client") == []
-    lines = lab_requests(lab, "--path", f"{prefix}/", "--status", "200")
+    lines = [  # the destinations' lines ("in"): the source's are the same requests
+        line
+        for line in lab_requests(lab, "--path", f"{prefix}/", "--status", "200")
+        if line.split()[2] == "in"
+    ]
     assert len(lines) == 3 + 1  # the three 200s above and the warm-up, no header (a pipe)
     assert lines[-1].split()[3:8] == [
         "default/client",

@@ -164,3 +164,22 @@ def test_a_failing_observer_never_breaks_the_connection(caplog: pytest.LogCaptur
         registry.remove(registry.add(outbound(), lambda _reason: None))
     assert len([r for r in caplog.records if "observer" in r.getMessage()]) == 2
     assert total(samples(component.exposition()), CLOSED) == 1  # the others still saw it
+
+
+def test_a_client_connection_the_source_terminated_as_http_is_reported_per_request_only() -> None:
+    """Its requests went to several endpoints (``reporter="source"`` request metrics) and the
+    flows carrying them are the destination's TCP connections: no TCP series at the source,
+    though it is a live connection of the proxy."""
+    registry, component = telemetry()
+    record = outbound()
+    record.protocol = "http/1.1"
+    conn_id = registry.add(record, lambda _reason: None)
+    record.bytes_sent = 300
+    live = samples(component.exposition())
+    assert total(live, OPENED) == 0 and total(live, SENT) == 0
+    assert total(live, "nodemesh_open_connections", direction="outbound") == 1
+    assert len(component.tcp.live()) == 1
+    registry.remove(conn_id)
+    done = samples(component.exposition())
+    assert total(done, CLOSED) == 0 and total(done, SENT) == 0
+    assert total(done, "nodemesh_open_connections") == 0

@@ -1,0 +1,549 @@
+"""The asyncio shell of the source node's HTTP/1.1 path: a Service VIP port declared HTTP.
+
+The client's connection is terminated here (``http_outbound_codec.SourceHttp1``) and each
+request is routed on its own (``http_router.HttpRouter``): the endpoint is chosen per request,
+so the requests of one keep-alive connection spread over the Service's endpoints. A request
+travels on an *upstream session*: an HBONE stream to the endpoint (mTLS with the source pod's
+certificate, ``nodemesh-service`` naming the dialled Service for the far node's labels)
+carrying HTTP/1.1, or, for an endpoint on this node, a plain TCP connection made with the
+client pod's IP as source (as the L4 same-node path does); an endpoint that is not meshed gets a
+plain connection. Sessions are pooled per (path, client IP, endpoint, port, Service)
+(``SessionPool``): the client IP is part of the key because the far node authorizes and
+reports each stream as that client. A session is reused when both halves of its last exchange
+completed; at most ``MAX_IDLE_PER_ENDPOINT`` idle per key and ``MAX_IDLE`` in all are kept, each
+closed after ``IDLE_TIMEOUT`` unused; one that the far side closed meanwhile is dropped at
+checkout, never handed to a request.
+
+Two tasks per client connection: the client side reads (only when the codec wants bytes, so
+a slow endpoint stops the client's reads) and, when a head is pending, routes and attaches the
+request; the upstream side reads the attached session. Writes are awaited before reading more
+(backpressure both ways). A connect failure is retried on another endpoint while traffic
+control allows (``Attempts``); when none is left the client gets 503 ``UF`` (``UH`` when the
+Service has no endpoint), with the connect bounded by the Service's connect timeout, so a
+request never hangs on a dead endpoint. After a ``101`` the client connection is pinned to its
+upstream session and relayed as opaque bytes.
+
+For a same-node endpoint this node is the only proxy on the path, so it authorizes each
+request against the endpoint's L7 policies (403 ``RBAC``, the connection keeps serving); the
+far node does that for HBONE sessions. Requests are reported with ``reporter="source"``
+(``Registry.request_done``), labelled with the endpoint that served them; the client
+connection's ``ConnectionRecord`` keeps the byte counts for the TCP metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from agent.policy.authz import HttpAttributes
+from agent.policy.authz import Request as AuthzRequest
+from agent.proxy import sockets
+from agent.proxy.balanced import classify
+from agent.proxy.http1 import RBAC_DENIED, UPSTREAM_CLOSED, Exchange, RequestHead
+from agent.proxy.http_outbound_codec import SourceHttp1, new_upstream
+from agent.proxy.http_router import (
+    BODIES,
+    NO_HEALTHY_UPSTREAM,
+    UPSTREAM_CONNECT_FAILURE,
+    HttpRouter,
+    RoutePlan,
+    Unroutable,
+)
+from agent.proxy.records import cancel_current_task
+from agent.proxy.relay import relay_sockets, relay_tunnel
+from agent.proxy.resolve import Route, ServiceTarget
+from agent.proxy.tunnel import TunnelError, TunnelStream
+from agent.state import Workload
+from agent.telemetry.records import (
+    OUTBOUND,
+    SECURITY_MTLS,
+    SECURITY_NONE,
+    ConnectionRecord,
+    RequestRecord,
+)
+
+if TYPE_CHECKING:
+    from agent.proxy.outbound import Outbound
+
+log = logging.getLogger(__name__)
+
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its complete head
+READ_SIZE = 64 * 1024
+IDLE_TIMEOUT = 30.0  # an unused pooled session is closed after this many seconds
+MAX_IDLE_PER_ENDPOINT = 16
+MAX_IDLE = 512
+DENIED_BODY = b"RBAC: access denied"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    kind: str  # hbone, local, passthrough
+    client_ip: str
+    ip: str
+    port: int
+    service: str  # namespace/name of the Service named on the CONNECT
+
+
+class UpstreamSession:
+    """One upstream connection carrying HTTP/1.1 requests, one at a time: an HBONE stream or a
+    TCP socket, with the h11 client half that lives as long as it does."""
+
+    def __init__(self, key: SessionKey, conn: TunnelStream | socket.socket) -> None:
+        self.key = key
+        self.conn = conn
+        self.codec = new_upstream()
+        self.reusable: bool | None = None  # set when the codec released it
+
+    async def read(self) -> bytes:
+        """The next bytes; ``b""`` at the end of stream; raises on a reset."""
+        if isinstance(self.conn, TunnelStream):
+            chunk = await self.conn.read()
+            if chunk is None:
+                return b""
+            self.conn.consumed(len(chunk))
+            return chunk
+        return await asyncio.get_running_loop().sock_recv(self.conn, READ_SIZE)
+
+    async def write(self, data: bytes) -> None:
+        if isinstance(self.conn, TunnelStream):
+            await self.conn.write(data)
+        else:
+            await asyncio.get_running_loop().sock_sendall(self.conn, data)
+
+    def alive(self) -> bool:
+        """Still usable while idle: not closed or reset by the far side, nothing unasked."""
+        if isinstance(self.conn, TunnelStream):
+            return not self.conn.eof and self.conn.error is None
+        try:
+            self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing to read: open and quiet
+        except OSError:
+            return False
+        return False  # closed (b"") or bytes nobody asked for
+
+    def close(self) -> None:
+        if isinstance(self.conn, TunnelStream):
+            self.conn.proto.finish(self.conn)
+        else:
+            sockets.abort(self.conn)
+
+
+class SessionPool:
+    """Idle upstream sessions by key, bounded and idle-timed-out (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_per_key: int = MAX_IDLE_PER_ENDPOINT,
+        max_idle: int = MAX_IDLE,
+    ) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_per_key = max_per_key
+        self.max_idle = max_idle
+        self._idle: dict[SessionKey, OrderedDict[UpstreamSession, asyncio.TimerHandle]] = {}
+        self.size = 0
+        self.opened = 0  # sessions ever opened (tests, admin)
+        self.draining = False  # the agent drains: sessions are closed, not kept
+
+    def take(self, key: SessionKey) -> UpstreamSession | None:
+        """An idle live session for ``key`` (the most recently used), or None."""
+        idle = self._idle.get(key)
+        while idle:
+            session, timer = idle.popitem(last=True)
+            timer.cancel()
+            self.size -= 1
+            if session.alive():
+                if not idle:
+                    del self._idle[key]
+                return session
+            session.close()
+        self._idle.pop(key, None)
+        return None
+
+    def put(self, session: UpstreamSession) -> None:
+        """Keep ``session`` for reuse, or close it when over a bound."""
+        idle = self._idle.setdefault(session.key, OrderedDict())
+        if self.draining or len(idle) >= self.max_per_key or self.size >= self.max_idle:
+            session.close()
+            if not idle:
+                del self._idle[session.key]
+            return
+        timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, session)
+        idle[session] = timer
+        self.size += 1
+
+    def _expire(self, session: UpstreamSession) -> None:
+        idle = self._idle.get(session.key)
+        if idle is not None and idle.pop(session, None) is not None:
+            self.size -= 1
+            if not idle:
+                del self._idle[session.key]
+            session.close()
+
+    def close_all(self) -> None:
+        """Drain: close the idle sessions, and every session released from now on."""
+        self.draining = True
+        for idle in self._idle.values():
+            for session, timer in idle.items():
+                timer.cancel()
+                session.close()
+        self._idle.clear()
+        self.size = 0
+
+
+@dataclass(slots=True)
+class _Request:
+    """The shell's facts of one request, handed back with its finished exchange."""
+
+    plan: RoutePlan | None = None
+    route: Route | None = None
+    first_byte: float = 0.0
+
+
+def _name(target: ServiceTarget) -> str:
+    return f"{target.service.namespace}/{target.service.name}"
+
+
+class HttpOutbound:
+    """Serves client connections to Service VIP ports declared HTTP/1.1 (``Outbound.handle``)."""
+
+    def __init__(self, outbound: Outbound) -> None:
+        self.outbound = outbound
+        self.router = HttpRouter(outbound.balanced.traffic)
+        self.sessions = SessionPool()
+
+    async def handle(
+        self,
+        client: socket.socket,
+        source: Workload | None,
+        target: ServiceTarget,
+        src: str,
+    ) -> None:
+        core = self.outbound.core
+        snap = core.snapshot()
+        record = ConnectionRecord(OUTBOUND, src, f"{target.vip}:{target.port.port}")
+        if source is not None:
+            record.source_identity = core.identity(source, snap)
+        record.path = "http"
+        record.protocol = "http/1.1"
+        conn_id = core.registry.add(record, cancel_current_task())
+        conn = _ClientConnection(self, client, source, target, record, conn_id)
+        clean = False
+        try:
+            await conn.serve()
+            clean = True
+        except (OSError, TunnelError) as e:
+            log.debug("outbound HTTP %s -> %s ended: %s", src, record.destination, e)
+        finally:
+            core.registry.remove(conn_id)
+            if clean:
+                client.close()
+            else:
+                sockets.abort(client)
+
+
+class _ClientConnection:
+    def __init__(
+        self,
+        owner: HttpOutbound,
+        client: socket.socket,
+        source: Workload | None,
+        target: ServiceTarget,
+        record: ConnectionRecord,
+        conn_id: int,
+    ) -> None:
+        self.owner = owner
+        self.core = owner.outbound.core
+        self.client = client
+        self.source = source
+        self.target = target
+        self.record = record
+        self.conn_id = conn_id
+        self.src_ip = record.source.rsplit(":", 1)[0]
+        self.service = _name(target)
+        self.codec: SourceHttp1[_Request] = SourceHttp1()
+        self.session: UpstreamSession | None = None  # attached to the current request
+        self.reader: asyncio.Task[None] | None = None  # reads ``session``
+        self.reading = False  # the reader waits in ``session.read`` (safe to cancel there)
+        self.changed = asyncio.Event()
+        self.client_gone = False  # a send to the client failed
+        self._up_lock = asyncio.Lock()
+        self._down_lock = asyncio.Lock()
+
+    async def serve(self) -> None:
+        """Serve requests until the client or the codec ends it; raises ``OSError`` when the
+        client went away mid-response (its socket is then reset, not closed)."""
+        try:
+            await self._client_side()
+            if self.codec.tunnel and self.session is not None:
+                await self._relay_upgraded(self.session)
+            if self.client_gone:
+                raise ConnectionResetError("the client went away")
+        finally:
+            reader, session = self.reader, self.session
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            if session is not None and session.reusable is None:
+                session.close()  # cut mid-exchange, or pinned by an upgrade
+            for exchange, request in self.codec.take_completed():
+                self._report(exchange, request)
+
+    # -- client side -------------------------------------------------------------------------
+    async def _client_side(self) -> None:
+        codec, loop = self.codec, asyncio.get_running_loop()
+        while not (codec.closing or codec.tunnel):
+            if codec.pending is not None:
+                await self._dispatch(codec.pending)
+                continue
+            if not codec.wants_client_data():
+                self.changed.clear()
+                await self.changed.wait()
+                continue
+            if codec.head_started is None:  # between requests, or in a body: no head clock
+                data = await loop.sock_recv(self.client, READ_SIZE)
+            else:
+                timeout = max(0.0, codec.head_started + HEADER_TIMEOUT - time.monotonic())
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(self.client, READ_SIZE), timeout)
+                except TimeoutError:
+                    codec.header_timeout()
+                    await self._flush()
+                    return
+            self.record.bytes_sent += len(data)
+            codec.receive_client(data)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Write what the codec produced, settle released sessions, report exchanges."""
+        codec = self.codec
+        async with self._up_lock:
+            data = codec.take_to_upstream()
+            if data and self.session is not None:
+                try:
+                    await self.session.write(data)
+                except (OSError, TunnelError) as e:
+                    log.debug("%s: upstream send failed: %r", self.record.source, e)
+                    codec.upstream_failed()
+            for _, reusable in codec.take_released():
+                self._release(reusable)
+        async with self._down_lock:
+            data = codec.take_to_client()
+            if data and not self.client_gone:
+                try:
+                    await asyncio.get_running_loop().sock_sendall(self.client, data)
+                except OSError as e:  # the client went away: stop serving it
+                    log.debug("%s: client send failed: %r", self.record.source, e)
+                    self.client_gone = True
+                    codec.closing = True
+                else:
+                    self.record.bytes_received += len(data)
+        for exchange, request in codec.take_completed():
+            self._report(exchange, request)
+        for cause in codec.take_rejections():
+            self.core.registry.http_rejected(cause, f"{self.record.source} -> {self.service}")
+        self.changed.set()
+
+    def _release(self, reusable: bool) -> None:
+        """The current session's exchange ended: pool it (or close it) once its reader stops."""
+        session, reader = self.session, self.reader
+        if session is None:
+            return
+        session.reusable = reusable
+        self.session, self.reader = None, None
+        if reader is None or reader.done():
+            self._settle(session)
+            return
+        # A reader waiting for bytes is cancelled; one inside a flush (writing to the client)
+        # finishes it and then sees the session is no longer attached.
+        if self.reading and reader is not asyncio.current_task():
+            reader.cancel()
+        reader.add_done_callback(lambda _t: self._settle(session))
+
+    def _settle(self, session: UpstreamSession) -> None:
+        if session.reusable:
+            self.owner.sessions.put(session)
+        else:
+            session.close()
+
+    # -- routing -----------------------------------------------------------------------------
+    async def _dispatch(self, head: RequestHead) -> None:
+        """Route the pending request and attach it to a session, or answer it here."""
+        out = self.owner.outbound
+        snap = self.core.snapshot()
+        request = _Request()
+        self.record.upstream, self.record.destination_identity = "", None
+        try:
+            labels = self.source.labels if self.source is not None else None
+            plan = self.owner.router.admit(
+                snap, self.target, head, self.src_ip, labels, (self.core.node, None)
+            )
+        except Unroutable as e:
+            log.debug("%s %s %s: %s", self.record.source, head.method, head.path, e)
+            self.codec.respond_locally(503, e.flags, BODIES[e.flags], request)
+            await self._flush()
+            return
+        request.plan = plan
+        attempts = plan.attempts
+        if attempts.fault.delay:
+            await asyncio.sleep(attempts.fault.delay)
+        failure: tuple[BaseException, Route] | None = None
+        while (ip := attempts.next_endpoint()) is not None:
+            route = out.resolver.endpoint_route(snap, self.source, plan.backend, ip)
+            out.describe_route(snap, route, self.record)
+            request.route = route
+            if route.kind == "local" and not self._allowed_here(route, head):
+                self.codec.respond_locally(403, RBAC_DENIED, DENIED_BODY, request)
+                await self._flush()
+                return
+            # The CONNECT names the backend Service (the dialled one until routes choose
+            # another), so sessions are keyed by it too.
+            key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(plan.backend))
+            session = self.owner.sessions.take(key)
+            if session is not None:
+                attempts.connected(ip, reused=True)
+                await self._attach(session, request)
+                return
+            try:
+                session = await asyncio.wait_for(self._open(key, route), attempts.try_timeout())
+            except (OSError, TunnelError) as e:
+                failure = (e, route)
+                cause = classify(e)
+                if cause is not None:
+                    attempts.failed(ip, cause)
+                    if attempts.may_retry(cause):
+                        continue
+                break
+            attempts.connected(ip)
+            await self._attach(session, request)
+            return
+        if failure is None:
+            flags = NO_HEALTHY_UPSTREAM
+        else:
+            flags = UPSTREAM_CONNECT_FAILURE
+            out.count_failure(failure[0], failure[1], self.record)
+        self.codec.respond_locally(503, flags, BODIES[flags], request)
+        await self._flush()
+
+    def _allowed_here(self, route: Route, head: RequestHead) -> bool:
+        """A same-node endpoint's L7 authorization (no other proxy sees this request)."""
+        assert route.target is not None
+        if route.port in self.core.settings.proxy_ports:
+            return False
+        http = HttpAttributes(head.method, head.path, head.host, head.headers)
+        request = AuthzRequest(
+            self.src_ip, route.ip, route.port, self.record.source_identity, http=http
+        )
+        where = f"{self.record.source} -> {route.ip}:{route.port} {head.method} {head.path}"
+        return self.core.authorize_request(request, route.target, where).allowed
+
+    async def _open(self, key: SessionKey, route: Route) -> UpstreamSession:
+        out = self.owner.outbound
+        if route.kind == "hbone":
+            conn: TunnelStream | socket.socket = await out.open(
+                route, self.record, self.src_ip, self.conn_id
+            )
+        else:
+            s = self.core.settings
+            conn = await sockets.connect(
+                (route.ip, route.port),
+                mark=s.mark,
+                timeout=s.connect_timeout,
+                source_ip=self.src_ip if route.kind == "local" else None,
+            )
+        self.owner.sessions.opened += 1
+        return UpstreamSession(key, conn)
+
+    async def _attach(self, session: UpstreamSession, request: _Request) -> None:
+        self.session = session
+        if isinstance(session.conn, TunnelStream):
+            self.record.security = SECURITY_MTLS
+        self.reader = asyncio.create_task(self._upstream_side(session, request))
+        self.reader.add_done_callback(self._reader_done)
+        self.codec.attach(session.codec, request)
+        await self._flush()
+
+    # -- upstream side -----------------------------------------------------------------------
+    async def _upstream_side(self, session: UpstreamSession, request: _Request) -> None:
+        codec = self.codec
+        while self.session is session and not (codec.closing or codec.tunnel):
+            self.reading = True
+            try:
+                data = await session.read()
+            except (OSError, TunnelError) as e:
+                self.reading = False
+                log.debug("%s: upstream failed: %r", self.record.source, e)
+                codec.upstream_failed()
+                await self._flush()
+                return
+            self.reading = False
+            if data and not request.first_byte:
+                request.first_byte = time.monotonic()
+            codec.receive_upstream(data)
+            await self._flush()
+            if not data:
+                return
+
+    def _reader_done(self, task: asyncio.Task[None]) -> None:
+        """Supervision: a reader that failed unexpectedly ends the client connection (logged)
+        instead of leaving the client side waiting for a response that will not come."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("%s: HTTP upstream reader failed", self.record.source, exc_info=task.exception())
+        self.codec.closing = True
+        self.changed.set()
+
+    async def _relay_upgraded(self, session: UpstreamSession) -> None:
+        """After a 101: the client and its session exchange opaque bytes until both end."""
+        self.session = None  # pinned: never pooled
+        if isinstance(session.conn, TunnelStream):
+            await relay_tunnel(self.client, session.conn, self.record, outbound=True)
+        else:
+            try:
+                await relay_sockets(self.client, session.conn, self.record)
+            finally:
+                session.conn.close()
+
+    # -- telemetry ---------------------------------------------------------------------------
+    def _report(self, exchange: Exchange, request: _Request | None) -> None:
+        if request is None:
+            request = _Request()
+        if request.plan is not None:
+            reset = exchange.status == 503 and exchange.flags == UPSTREAM_CLOSED
+            request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)
+            request.plan = None
+        labels = replace(self.record)
+        labels.upstream, labels.destination_identity = "", None
+        labels.security = SECURITY_NONE
+        if request.route is not None:
+            self.owner.outbound.describe_route(self.core.snapshot(), request.route, labels)
+            if request.route.kind == "hbone":
+                labels.security = SECURITY_MTLS
+        head = exchange.head
+        upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
+        self.core.registry.request_done(
+            labels,
+            RequestRecord(
+                method=head.method,
+                path=head.path,
+                authority=head.host,
+                status=exchange.status,
+                duration_ms=max(0.0, (exchange.ended - exchange.started) * 1000),
+                request_bytes=exchange.request_bytes,
+                response_bytes=exchange.response_bytes,
+                response_flags=exchange.flags,
+                request_id=head.request_id,
+                trace_headers=head.trace,
+                started_at=time.time() - (time.monotonic() - exchange.started),
+                upstream=upstream,
+            ),
+        )

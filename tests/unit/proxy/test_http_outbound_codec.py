@@ -1,0 +1,211 @@
+"""The source node's HTTP/1.1 layer, byte for byte and without sockets (http_outbound_codec).
+
+One client connection, upstream halves attached per request and released after it: the tests
+play the shell (attach, respond locally, pool what is released) and both peers.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from agent.proxy.http1 import AMBIGUOUS_LENGTH, HEADER_TIMEOUT
+from agent.proxy.http_outbound_codec import SourceHttp1, new_upstream
+
+
+def _codec() -> SourceHttp1[str]:
+    ids = itertools.count(1)
+    return SourceHttp1(clock=lambda: 5.0, new_request_id=lambda: f"rid-{next(ids)}")
+
+
+GET = b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_requests_of_one_connection_go_to_the_upstream_attached_for_each() -> None:
+    c = _codec()
+    c.receive_client(GET + b"GET /b HTTP/1.1\r\nHost: web\r\n\r\n")  # pipelined
+    assert c.pending is not None and c.pending.path == "/a"
+    assert not c.wants_client_data()  # the head waits for an upstream: stop reading
+    first, second = new_upstream(), new_upstream()
+    c.attach(first, "endpoint-1")
+    assert c.take_to_upstream() == b"GET /a HTTP/1.1\r\nhost: web\r\nx-request-id: rid-1\r\n\r\n"
+    c.receive_upstream(OK)
+    assert c.take_to_client() == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    assert c.take_released() == [(first, True)]
+    assert [(e.head.path, e.status, tag) for e, tag in c.take_completed()] == [
+        ("/a", 200, "endpoint-1")
+    ]
+    assert c.pending is not None and c.pending.path == "/b"  # the pipelined one is next
+    c.attach(second, "endpoint-2")
+    assert c.take_to_upstream().startswith(b"GET /b HTTP/1.1\r\n")
+    c.receive_upstream(OK)
+    assert c.take_released() == [(second, True)]
+    # A released reusable half serves a later request (its cycle was restarted).
+    c.receive_client(b"GET /c HTTP/1.1\r\nHost: web\r\n\r\n")
+    c.attach(first, "endpoint-1")
+    assert c.take_to_upstream().startswith(b"GET /c HTTP/1.1\r\n")
+    assert not c.closing
+
+
+def test_an_upstream_that_closes_its_connection_is_not_reused_but_the_client_stays() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    up = new_upstream()
+    c.attach(up, "e")
+    c.take_to_upstream()
+    c.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    # The client does not inherit the upstream's close: it is not told to go.
+    assert c.take_to_client() == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    assert c.take_released() == [(up, False)]
+    assert not c.closing and c.wants_client_data()
+
+
+def test_chunked_body_and_trailers_are_reframed_per_request() -> None:
+    c = _codec()
+    c.receive_client(
+        b"POST /p HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\nx-sum: 5\r\n\r\n"
+    )
+    up = new_upstream()
+    c.attach(up, "e")
+    assert c.take_to_upstream() == (
+        b"POST /p HTTP/1.1\r\nhost: web\r\ntransfer-encoding: chunked\r\nx-request-id: rid-1\r\n"
+        b"\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nx-sum: 5\r\n\r\n"
+    )
+    c.receive_upstream(
+        b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    )
+    assert c.take_to_client() == (
+        b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    )
+    ((exchange, _),) = c.take_completed()
+    assert (exchange.request_bytes, exchange.response_bytes, exchange.status) == (5, 2, 201)
+
+
+def test_expect_100_continue_passes_through() -> None:
+    c = _codec()
+    c.receive_client(
+        b"PUT /u HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    up = new_upstream()
+    c.attach(up, "e")
+    assert b"expect: 100-continue" in c.take_to_upstream()
+    assert c.wants_client_data()  # the client may send its body any time: keep reading
+    c.receive_upstream(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert c.take_to_client() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    c.receive_client(b"data")
+    assert c.take_to_upstream() == b"data"
+    c.receive_upstream(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert c.take_to_client() == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert c.take_released() == [(up, True)]
+
+
+def test_upgrade_pins_the_connection_to_its_upstream_as_a_tunnel() -> None:
+    c = _codec()
+    c.receive_client(
+        b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nearly"
+    )
+    up = new_upstream()
+    c.attach(up, "e")
+    sent = c.take_to_upstream()
+    assert b"upgrade: websocket" in sent and b"connection: upgrade" in sent
+    assert not c.wants_client_data()  # until the answer: bytes may be the new protocol's
+    c.receive_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"hello"
+    )
+    assert c.tunnel
+    out = c.take_to_client()
+    assert out.startswith(b"HTTP/1.1 101 Switching Protocols\r\n") and out.endswith(b"hello")
+    assert c.take_to_upstream() == b"early"  # what the client sent after its head
+    assert c.take_released() == []  # pinned: never pooled
+    c.receive_client(b"raw")  # read before the shell switched to relaying: not lost
+    assert c.take_to_upstream() == b"raw"
+    ((exchange, _),) = c.take_completed()
+    assert exchange.status == 101
+
+
+def test_upstream_reset_before_the_response_is_503_uc_and_the_client_goes_on() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    up = new_upstream()
+    c.attach(up, "e")
+    c.take_to_upstream()
+    c.upstream_failed()
+    out = c.take_to_client()
+    assert out.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"connection: close" not in out
+    ((exchange, _),) = c.take_completed()
+    assert (exchange.status, exchange.flags) == (503, "UC")
+    assert c.take_released() == [(up, False)]
+    assert not c.closing and c.wants_client_data()
+
+
+def test_upstream_reset_mid_response_closes_the_client() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    up = new_upstream()
+    c.attach(up, "e")
+    c.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\npart")
+    c.upstream_failed()
+    assert c.closing
+    ((exchange, _),) = c.take_completed()
+    assert (exchange.status, exchange.flags) == (200, "UC")
+    assert c.take_released() == [(up, False)]
+
+
+def test_a_local_answer_discards_the_body_and_keeps_the_connection() -> None:
+    c = _codec()
+    c.receive_client(b"POST /x HTTP/1.1\r\nHost: web\r\nContent-Length: 6\r\n\r\nab")
+    c.respond_locally(503, "UF", b"no\n", "tag")
+    assert c.take_to_client() == (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
+        b"content-length: 3\r\n\r\nno\n"
+    )
+    assert c.take_completed() == []  # its body is still coming
+    c.receive_client(b"cdef" + GET)
+    ((exchange, tag),) = c.take_completed()
+    assert (exchange.status, exchange.flags, exchange.request_bytes, tag) == (503, "UF", 6, "tag")
+    assert c.take_to_upstream() == b""  # nothing of it went anywhere
+    assert c.pending is not None and c.pending.path == "/a"
+
+
+def test_a_local_answer_to_a_client_waiting_for_100_continue_closes() -> None:
+    c = _codec()
+    c.receive_client(
+        b"PUT /u HTTP/1.1\r\nHost: w\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    c.respond_locally(503, "UH", b"none\n")
+    assert b"connection: close" in c.take_to_client()
+    assert c.closing
+
+
+def test_request_smuggling_is_refused_before_any_upstream() -> None:
+    c = _codec()
+    c.receive_client(
+        b"POST / HTTP/1.1\r\nHost: w\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    assert c.pending is None and c.closing
+    assert c.take_to_client().startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert c.take_rejections() == [AMBIGUOUS_LENGTH]
+
+
+def test_header_timeout_is_408() -> None:
+    c = _codec()
+    c.receive_client(b"GET / HTTP/1.1\r\nHo")
+    assert c.head_started == 5.0
+    c.header_timeout()
+    assert c.take_to_client().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert c.take_rejections() == [HEADER_TIMEOUT] and c.closing
+
+
+def test_client_leaving_mid_request_releases_the_upstream_as_unusable() -> None:
+    c = _codec()
+    c.receive_client(b"POST /x HTTP/1.1\r\nHost: w\r\nContent-Length: 6\r\n\r\nab")
+    up = new_upstream()
+    c.attach(up, "e")
+    c.receive_client(b"")
+    assert c.closing
+    assert c.take_released() == [(up, False)]
+    ((exchange, _),) = c.take_completed()
+    assert exchange.flags == "DC"

@@ -1,4 +1,9 @@
-"""Istio's request metrics, reported by the destination node for every HTTP request it served.
+"""Istio's request metrics for every HTTP request a node proxied, by either reporter.
+
+The destination node reports what it served (``reporter="destination"``); the source node, which
+terminates HTTP on Service ports declared HTTP, reports what it sent (``reporter="source"``, with
+``destination_service`` the Service the client dialled). Queries pick one reporter per pair, as
+Istio's dashboards do.
 
 Names, labels and buckets are Istio's, so its dashboards and Kiali-style queries work unchanged:
 ``istio_requests_total``, ``istio_request_duration_milliseconds``, ``istio_request_bytes`` and

@@ -101,6 +101,7 @@ def _http_section(results: Mapping[str, Any]) -> list[str]:
             f" | {_ratio(stats.ratio(v['rps'], direct))}"
             f" | {_fmt(v['requests'], 0)} / {_fmt(v['counted'], 0)} |"
         )
+    out += _http_vs_l4(values)
     out += [
         "",
         "Request times are h2load's per-request log (request start to the end of its response),"
@@ -112,6 +113,22 @@ def _http_section(results: Mapping[str, Any]) -> list[str]:
         " port's as bytes (no growth).",
     ]
     return out
+
+
+def _http_vs_l4(values: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+    """The goal of the HTTP path, measured: requests/s against the L4 path's (at least half),
+    its p50 over the L4 path's (at most 150 µs more) and the agents' CPU per request."""
+    l4, http = values.get("mesh_l4"), values.get("mesh_http")
+    if l4 is None or http is None:
+        return []
+    added = None if l4["p50"] is None or http["p50"] is None else http["p50"] - l4["p50"]
+    cpu = stats.ratio(http["cpu_us_per_request"], l4["cpu_us_per_request"])
+    return [
+        "",
+        f"nodemesh HTTP against nodemesh L4: req/s {_ratio(stats.ratio(http['rps'], l4['rps']))}"
+        f", p50 {'+' if added is not None and added >= 0 else ''}{_fmt(added, 0)} µs, agent CPU"
+        f" per request {_ratio(cpu)}.",
+    ]
 
 
 def _agents_section(results: Mapping[str, Any]) -> list[str]:

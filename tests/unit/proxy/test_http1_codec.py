@@ -36,7 +36,11 @@ REFUSED = [
     (H + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501, UNSUPPORTED_CODING),
     (H + b"Transfer-Encoding: chunked, gzip\r\n\r\n", 501, UNSUPPORTED_CODING),
     (H + b"Transfer-Encoding: gzip\r\n\r\n", 501, UNSUPPORTED_CODING),
-    (H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 501, UNSUPPORTED_CODING),
+    (
+        H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        501,
+        "unsupported_transfer_coding",
+    ),
     # Malformed heads.
     (b"GET /\x00 HTTP/1.1\r\nHost: s\r\n\r\n", 400, MALFORMED),
     (b"G\xffT / HTTP/1.1\r\nHost: s\r\n\r\n", 400, MALFORMED),
@@ -219,7 +223,8 @@ def test_response_trailers_are_forwarded_without_hop_by_hop_ones() -> None:
         b"1\r\nx\r\n0\r\ngrpc-status: 0\r\nConnection: x\r\n\r\n"
     )
     assert p.take_to_client() == (
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\ngrpc-status: 0\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\nx\r\n0\r\ngrpc-status: 0\r\n\r\n"
     )
 
 

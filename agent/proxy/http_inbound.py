@@ -5,7 +5,9 @@ the HBONE stream (``inbound.py``) and the plaintext listener under PERMISSIVE (`
 ``Downstream`` hides which. Two tasks feed the sans-IO layer, one per side; each awaits the
 writes its bytes caused before reading more, so a slow pod stops the client's reads and a slow
 client stops the pod's (backpressure, as in the L4 relay). A lock per direction keeps writes
-in order when both tasks produce bytes for the same side.
+in order when both tasks produce bytes for the same side. A pipelined request the layer has
+parsed but cannot act on yet (``client_paused``) stops the client's reads until the upstream
+side has moved the exchange before it on, so a pipelining client cannot queue without bound.
 
 Authorization here is per request (``Core.authorize_request``): on a declared HTTP port the
 connection itself was admitted without the L7 conditions, which only a request can satisfy.
@@ -110,6 +112,7 @@ class HttpSession:
         self.proxy = Http1Proxy(authorize=self._authorize)
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
+        self._resume = asyncio.Event()  # set when the upstream side moved an exchange on
 
     def _authorize(self, head: RequestHead) -> Verdict:
         attrs = HttpAttributes(head.method, head.path, head.host)
@@ -141,17 +144,22 @@ class HttpSession:
             self.down.write_eof()
 
     async def _client_side(self) -> None:
-        proxy = self.proxy
+        proxy, down = self.proxy, self.down
         while not (proxy.closing or proxy.tunnel):
-            timeout = None
-            if proxy.head_started is not None:
+            if proxy.client_paused:  # a pipelined request waits its turn: read no more yet
+                self._resume.clear()
+                await self._resume.wait()
+                continue
+            if proxy.head_started is None:
+                data = await down.read()
+            else:
                 timeout = max(0.0, proxy.head_started + self.header_timeout - time.monotonic())
-            try:
-                data = await asyncio.wait_for(self.down.read(), timeout)
-            except TimeoutError:
-                proxy.header_timeout()
-                await self._flush()
-                return
+                try:
+                    data = await asyncio.wait_for(down.read(), timeout)
+                except TimeoutError:
+                    proxy.header_timeout()
+                    await self._flush()
+                    return
             if data is not None:
                 self.record.bytes_sent += len(data)
             proxy.receive_client(data or b"")
@@ -161,7 +169,7 @@ class HttpSession:
 
     async def _upstream_side(self) -> None:
         loop = asyncio.get_running_loop()
-        proxy = self.proxy
+        proxy, record = self.proxy, self.record
         while not (proxy.closing or proxy.tunnel):
             try:
                 data = await loop.sock_recv(self.upstream, READ_SIZE)
@@ -170,30 +178,37 @@ class HttpSession:
                 proxy.upstream_failed()
                 await self._flush()
                 return
-            if data and not self.record.bytes_received:
-                self.record.first_byte = time.monotonic()
-            self.record.bytes_received += len(data)
+            if data and not record.bytes_received:
+                record.first_byte = time.monotonic()
+            record.bytes_received += len(data)
             proxy.receive_upstream(data)
             await self._flush()
+            self._resume.set()
             if not data:
                 return
 
     async def _flush(self) -> None:
+        """Write what the last input produced, in order per side, then report it. The locks
+        are taken only when there is something to write (a write may wait on backpressure,
+        and the other task must not overtake it)."""
         proxy = self.proxy
-        async with self._up_lock:
-            data = proxy.take_to_upstream()
-            if data:
+        data = proxy.take_to_upstream()
+        if data:
+            async with self._up_lock:
                 try:
                     await asyncio.get_running_loop().sock_sendall(self.upstream, data)
                 except OSError as e:
                     log.debug("%s: upstream send failed: %r", self.where, e)
                     proxy.upstream_failed()
-        async with self._down_lock:
-            data = proxy.take_to_client()
-            if data:
+        data = proxy.take_to_client()
+        if data:
+            async with self._down_lock:
                 await self.down.write(data)
-        for exchange in proxy.take_completed():
-            self.core.registry.request_done(self.record, _request_record(exchange))
+        completed = proxy.take_completed()
+        if completed:
+            registry = self.core.registry
+            for exchange in completed:
+                registry.request_done(self.record, _request_record(exchange))
         for cause in proxy.take_rejections():
             self.core.registry.http_rejected(cause, self.where)
 

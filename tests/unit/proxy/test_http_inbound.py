@@ -168,3 +168,32 @@ def test_an_upgrade_becomes_an_opaque_relay() -> None:
             s.close()
 
     _run(main)
+
+
+def test_pipelined_requests_are_forwarded_in_turn_and_reading_resumes() -> None:
+    async def main() -> None:
+        client, pod, task, seen = await _session(_core())
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(
+            client, b"GET /1 HTTP/1.1\r\nHost: s\r\n\r\nGET /2 HTTP/1.1\r\nHost: s\r\n\r\n"
+        )
+        first = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert first.startswith(b"GET /1 ") and b"GET /2" not in first  # /2 waits its turn
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+        second = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert second.startswith(b"GET /2 ")
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+        # The client's reads, paused while /2 waited, resumed: a third request gets through.
+        await loop.sock_sendall(client, b"GET /3 HTTP/1.1\r\nHost: s\r\n\r\n")
+        third = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert third.startswith(b"GET /3 ")
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n3")
+        out = await _read_until(client, lambda d: d.endswith(b"3"))
+        assert out.count(b"HTTP/1.1 200 OK") == 3
+        client.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 5)
+        assert [r.path for r in seen.requests] == ["/1", "/2", "/3"]
+        for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)

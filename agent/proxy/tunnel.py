@@ -156,6 +156,17 @@ class TunnelStream:
         self.proto.codec.consumed(self.stream_id, n)
         self.proto.flush()
 
+    def try_write(self, data: bytes) -> bool:
+        """Write now if no backpressure applies (what ``write`` would do without waiting);
+        False: nothing was written and the caller awaits ``write``. For callers that would
+        otherwise wake a task per message (the HTTP/1.1 shell answering from a socket callback)."""
+        proto = self.proto
+        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+            return False
+        proto.dispatch(proto.codec.send(self.stream_id, data))
+        proto.flush()
+        return True
+
     async def write(self, data: bytes | memoryview) -> None:
         proto = self.proto
         while proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():

@@ -197,3 +197,36 @@ def test_pipelined_requests_are_forwarded_in_turn_and_reading_resumes() -> None:
             s.close()
 
     _run(main)
+
+
+def test_a_client_that_does_not_read_stops_the_reads_from_the_pod_and_loses_nothing() -> None:
+    async def main() -> None:
+        client, pod, task, seen = await _session(_core())
+        loop = asyncio.get_running_loop()
+        for s in (client, pod):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        await loop.sock_sendall(client, b"GET /big HTTP/1.1\r\nHost: s\r\n\r\n")
+        await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        size = 8 * 1024 * 1024
+        body = bytes(range(256)) * (size // 256)
+        pod.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        sent = 0
+        while sent < size:  # the client reads nothing: the pod's writes must come to block
+            try:
+                sent += pod.send(body[sent : sent + 65536])
+            except BlockingIOError:
+                break
+            await asyncio.sleep(0)
+        assert sent < size
+        rest = loop.create_task(loop.sock_sendall(pod, body[sent:]))
+        out = await _read_until(client, lambda d: len(d) >= size and d.endswith(body[-16:]))
+        await rest
+        assert out.split(b"\r\n\r\n", 1)[1] == body
+        client.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 5)
+        assert [(r.path, r.response_bytes) for r in seen.requests] == [("/big", size)]
+        for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)

@@ -40,7 +40,7 @@ from agent.policy.authz import HttpAttributes, Request
 from agent.proxy.core import Core
 from agent.proxy.http1 import Exchange, Http1Proxy, RequestHead, Verdict
 from agent.proxy.relay import relay_sockets, relay_tunnel
-from agent.proxy.tunnel import TunnelStream
+from agent.proxy.tunnel import Sink, TunnelStream
 from agent.state import Workload
 from agent.telemetry.records import ConnectionRecord, RequestRecord
 
@@ -54,6 +54,11 @@ class Downstream(Protocol):
     """The client side of an inbound connection: an HBONE stream or a plaintext socket."""
 
     async def read(self) -> bytes | None: ...
+
+    def deliver_to(self, sink: Sink | None) -> None:
+        """Hand received bytes to ``sink`` as they arrive, when the transport can (else they
+        wait for ``read``); ``None`` stops it."""
+        ...
 
     def try_write(self, data: bytes) -> int:
         """Write what can be written without waiting; how many bytes were."""
@@ -76,6 +81,9 @@ class StreamDownstream:
             self.stream.consumed(len(chunk))
         return chunk
 
+    def deliver_to(self, sink: Sink | None) -> None:
+        self.stream.deliver_directly(sink)
+
     def try_write(self, data: bytes) -> int:
         return len(data) if self.stream.try_write(data) else 0
 
@@ -96,6 +104,9 @@ class SocketDownstream:
     async def read(self) -> bytes | None:
         data = await asyncio.get_running_loop().sock_recv(self.sock, READ_SIZE)
         return data or None
+
+    def deliver_to(self, sink: Sink | None) -> None:
+        """The plaintext listener's socket is read by the session's task only."""
 
     def try_write(self, data: bytes) -> int:
         return _try_send(self.sock, data)
@@ -193,6 +204,8 @@ class HttpSession:
         self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
         self._reading_upstream = False
         self._upstream_eof = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timed: float | None = None  # the head_started the timer is for
         self._to_client = _Outbox(
             down.try_write, down.write, self._resume_upstream, self._client_write_failed
         )
@@ -221,6 +234,8 @@ class HttpSession:
             await self._to_client.idle.wait()
         finally:
             self._pause_upstream()
+            if self._head_timer is not None:
+                self._head_timer.cancel()
             client.cancel()
             await asyncio.gather(client, return_exceptions=True)
             self._to_client.cancel()
@@ -232,31 +247,61 @@ class HttpSession:
 
     # -- the client's side: a task ---------------------------------------------------------
     async def _client_side(self) -> None:
+        """Read what the stream did not hand to ``send`` (it was busy, or cannot), and its end."""
         proxy, down = self.proxy, self.down
-        while not (proxy.closing or proxy.tunnel):
-            if proxy.client_paused:  # a pipelined request waits its turn: read no more yet
-                self._resume.clear()
-                await self._resume.wait()
-                continue
-            if self._to_pod.busy:  # the pod is not reading: neither do we
-                await self._to_pod.idle.wait()
-                continue
-            if proxy.head_started is None:
+        down.deliver_to(self)
+        try:
+            while not (proxy.closing or proxy.tunnel):
+                if proxy.client_paused:  # a pipelined request waits its turn: read no more yet
+                    self._resume.clear()
+                    await self._resume.wait()
+                    continue
+                if self._to_pod.busy:  # the pod is not reading: neither do we
+                    await self._to_pod.idle.wait()
+                    continue
                 data = await down.read()
-            else:
-                timeout = max(0.0, proxy.head_started + self.header_timeout - time.monotonic())
-                try:
-                    data = await asyncio.wait_for(down.read(), timeout)
-                except TimeoutError:
-                    proxy.header_timeout()
-                    self._moved()
+                if data is not None:
+                    self.record.bytes_sent += len(data)
+                proxy.receive_client(data or b"")
+                self._moved()
+                if data is None:
                     return
-            if data is not None:
-                self.record.bytes_sent += len(data)
-            proxy.receive_client(data or b"")
+        finally:
+            down.deliver_to(None)
+
+    def send(self, data: bytes) -> int:
+        """``Sink``: the stream's bytes as they arrive (no task wakes up for them), unless they
+        must wait (a pipelined request, a pod not reading) or are not HTTP any more."""
+        proxy = self.proxy
+        if proxy.closing or proxy.tunnel or proxy.client_paused or self._to_pod.busy:
+            return 0
+        try:
+            self.record.bytes_sent += len(data)
+            proxy.receive_client(data)
             self._moved()
-            if data is None:
-                return
+        except Exception as e:  # the session's failure, not the HBONE connection's
+            if not self._ended.done():
+                self._ended.set_exception(e)
+        return len(data)
+
+    def _arm_head_timer(self) -> None:
+        """A head that began must be complete ``header_timeout`` after its first byte."""
+        started = self.proxy.head_started
+        if started == self._head_timed or self.proxy.closing:
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._head_timed = started
+        if started is not None:
+            delay = max(0.0, started + self.header_timeout - time.monotonic())
+            self._head_timer = self._loop.call_later(delay, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = self._head_timed = None
+        if self.proxy.head_started is not None and not self._ended.done():
+            self.proxy.header_timeout()
+            self._moved()
 
     def _client_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None and not self._ended.done():
@@ -317,6 +362,7 @@ class HttpSession:
             self.core.registry.http_rejected(cause, self.where)
         if not proxy.client_paused:
             self._resume.set()
+        self._arm_head_timer()
         if (proxy.closing or proxy.tunnel) and not self._ended.done():
             self._ended.set_result(None)
 

@@ -38,7 +38,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from h2.errors import ErrorCodes
 
@@ -63,6 +63,13 @@ class TunnelError(ConnectionError):
         self.unprocessed = unprocessed
 
 
+class Sink(Protocol):
+    """Takes received bytes without blocking (``deliver_directly``): how many it took; what it
+    did not take is queued for ``read`` as usual. It must not raise."""
+
+    def send(self, data: bytes, /) -> int: ...
+
+
 class TunnelStream:
     """One CONNECT stream, seen from the relay."""
 
@@ -77,7 +84,7 @@ class TunnelStream:
         self.eof = False  # the peer ended its half (END_STREAM received)
         self.ended = False  # we ended ours (write_eof)
         self.error: TunnelError | None = None
-        self._sink: socket.socket | None = None
+        self._sink: socket.socket | Sink | None = None
         self._on_sent: Callable[[int], None] | None = None
         self._relay_writing = False  # read() handed out a chunk that may not be written yet
         # Called when the peer resets the stream or the connection goes (server side: cancels
@@ -128,11 +135,12 @@ class TunnelStream:
 
     # -- what the relay calls --
     def deliver_directly(
-        self, sock: socket.socket | None, on_sent: Callable[[int], None] | None = None
+        self, sock: socket.socket | Sink | None, on_sent: Callable[[int], None] | None = None
     ) -> None:
         """Send received bytes straight to ``sock`` when possible (see the module docstring);
-        ``on_sent(n)`` counts them. ``None`` stops it (before the socket is closed)."""
-        if sock is not None and sock.gettimeout() != 0.0:
+        ``on_sent(n)`` counts them. ``None`` stops it (before the socket is closed). A ``Sink``
+        that is not a socket takes bytes the same way (the HTTP/1.1 shell parses them there)."""
+        if isinstance(sock, socket.socket) and sock.gettimeout() != 0.0:
             raise ValueError(
                 "direct delivery needs a non-blocking socket: "
                 "a blocking send would stall the event loop (call setblocking(False) first)"

@@ -11,6 +11,7 @@ import pytest
 from agent.policy.authz import Request
 from agent.proxy.core import Core
 from agent.proxy.http_inbound import HttpSession, SocketDownstream
+from agent.proxy.tunnel import Sink
 from agent.state import PolicyObject, StateStore
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
 from tests.workloads import workload
@@ -227,6 +228,78 @@ def test_a_client_that_does_not_read_stops_the_reads_from_the_pod_and_loses_noth
         await asyncio.wait_for(task, 5)
         assert [(r.path, r.response_bytes) for r in seen.requests] == [("/big", size)]
         for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)
+
+
+class DirectDownstream:
+    """A downstream that hands bytes to the session's ``Sink`` as an HBONE stream does."""
+
+    def __init__(self) -> None:
+        self.sink: Sink | None = None
+        self.queued: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.written = bytearray()
+        self.ended = False
+
+    def arrive(self, data: bytes) -> None:
+        taken = self.sink.send(data) if self.sink is not None else 0
+        if taken < len(data):
+            self.queued.put_nowait(data[taken:])
+
+    async def read(self) -> bytes | None:
+        return await self.queued.get()
+
+    def deliver_to(self, sink: Sink | None) -> None:
+        self.sink = sink
+
+    def try_write(self, data: bytes) -> int:
+        self.written += data
+        return len(data)
+
+    async def write(self, data: bytes) -> None:
+        self.written += data
+
+    def write_eof(self) -> None:
+        self.ended = True
+
+    async def relay(self, upstream: socket.socket, record: ConnectionRecord) -> None:
+        raise AssertionError("no upgrade in this test")
+
+
+def test_bytes_handed_over_as_they_arrive_are_served_and_wait_behind_a_pending_exchange() -> None:
+    async def main() -> None:
+        core = _core()
+        seen = Seen()
+        core.registry.request_observers.append(seen)
+        up, pod = socket.socketpair()
+        for s in (up, pod):
+            s.setblocking(False)
+        down = DirectDownstream()
+        record = ConnectionRecord(INBOUND, "10.244.2.2:40000", "10.244.1.3:8080")
+        request = Request("10.244.2.2", "10.244.1.3", 8080, None)
+        session = HttpSession(core, down, up, record, request, SERVER)
+        task = asyncio.create_task(session.serve())
+        while down.sink is None:
+            await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        down.arrive(b"GET /1 HTTP/1.1\r\nHost: s\r\n\r\nGET /2 HTTP/1.1\r\nHost: s\r\n\r\n")
+        assert down.queued.empty()  # the session took both at once
+        first = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert first.startswith(b"GET /1 ") and b"/2" not in first
+        down.arrive(b"GET /3 HTTP/1.1\r\nHost: s\r\n\r\n")
+        assert not down.queued.empty()  # /2 waits its turn: /3 is left to the session's reads
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+        assert (await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))).startswith(b"GET /2 ")
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+        assert (await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))).startswith(b"GET /3 ")
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n3")
+        down.queued.put_nowait(None)  # the client's end of stream
+        await asyncio.wait_for(task, 5)
+        assert bytes(down.written).count(b"HTTP/1.1 200 OK") == 3 and down.ended
+        assert down.sink is None  # handed back when the session ended
+        assert [r.path for r in seen.requests] == ["/1", "/2", "/3"]
+        for s in (up, pod):
             s.close()
 
     _run(main)

@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.proxy.http1_codec import (
     AMBIGUOUS_LENGTH,
     HEADERS_TOO_LARGE,
+    HOP_BY_HOP,
     MALFORMED,
     UNSUPPORTED_CODING,
     Body,
@@ -49,28 +50,21 @@ from agent.proxy.http1_codec import (
     RequestReader,
     ResponseReader,
     chunk,
+    forwarded_headers,
+    header_value,
     last_chunk,
     request_head,
     response_head,
 )
 
-__all__ = [
+__all__ = [  # the names this module had before the codec moved out, still importable here
     "AMBIGUOUS_LENGTH",
     "HEADERS_TOO_LARGE",
+    "HOP_BY_HOP",
     "MALFORMED",
     "UNSUPPORTED_CODING",
 ]
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"upgrade",
-    }
-)
 DENIED_BODY = b"RBAC: access denied"
 DEFAULT_MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb is 60
 
@@ -302,8 +296,8 @@ class Http1Proxy:
         if req.size > self.max_head_bytes:
             self._refuse(431, HEADERS_TOO_LARGE)
             return
-        headers, upgrade = _forwarded_headers(req.headers)
-        request_id = _header(req.headers, b"x-request-id")
+        headers, upgrade = forwarded_headers(req.headers)
+        request_id = header_value(req.headers, b"x-request-id")
         if request_id is None:
             request_id = self.new_request_id()
             headers.append((b"x-request-id", request_id.encode()))
@@ -315,7 +309,7 @@ class Http1Proxy:
         head = RequestHead(
             method=req.method.decode("latin-1"),
             path=path,
-            host=(_header(req.headers, b"host") or ""),
+            host=(header_value(req.headers, b"host") or ""),
             request_id=request_id,
         )
         current = _Current(
@@ -434,7 +428,7 @@ class Http1Proxy:
         self._to_client.append(response_head(event.status, event.reason, headers))
 
     def _on_response(self, current: _Current, event: Head) -> None:
-        headers, _ = _forwarded_headers(event.headers, keep_upgrade=False)
+        headers, _ = forwarded_headers(event.headers, keep_upgrade=False)
         current.last = not (event.keep_alive and current.keep_alive)
         if event.chunked:
             headers = [(n, v) for n, v in headers if n != b"transfer-encoding"]
@@ -489,43 +483,3 @@ class Http1Proxy:
             self._client_ended()
         elif self._current is None and self.head_started is None and self.client.mid_message:
             self.head_started = self.clock()  # a pipelined head is pending: its clock runs
-
-
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for n, v in headers:
-        if n == name:
-            return v.decode("latin-1")
-    return None
-
-
-def _closes(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    return any(
-        n == b"connection" and b"close" in (t.strip().lower() for t in v.split(b","))
-        for n, v in headers
-    )
-
-
-def _forwarded_headers(
-    headers: Sequence[tuple[bytes, bytes]], *, keep_upgrade: bool = True
-) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The headers without hop-by-hop ones; and whether this is an upgrade request (then
-    ``Connection: upgrade`` and ``Upgrade`` are kept, since the pod must see the proposal)."""
-    listed = {
-        t.strip().lower()
-        for n, v in headers
-        if n == b"connection"
-        for t in v.split(b",")
-        if t.strip()
-    }
-    upgrade = keep_upgrade and b"upgrade" in listed and _header(headers, b"upgrade") is not None
-    out: list[tuple[bytes, bytes]] = []
-    for n, v in headers:
-        if (
-            (n == b"te" and v.strip().lower() == b"trailers")
-            or (n == b"upgrade" and upgrade)
-            or (n not in HOP_BY_HOP and n not in listed)
-        ):
-            out.append((n, v))
-    if upgrade:
-        out.append((b"connection", b"upgrade"))
-    return out, upgrade

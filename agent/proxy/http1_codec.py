@@ -18,7 +18,8 @@ that two parsers could delimit differently is refused, never guessed at:
 * a head over ``max_head_bytes``: 431, also while it trickles in.
 
 The writers (``request_head``, ``response_head``, ``chunk``, ``last_chunk``) frame what a
-proxy forwards; header names come out lowercased, as the readers give them.
+proxy forwards, ``forwarded_headers`` drops the hop-by-hop headers; header names come out
+lowercased, as the readers give them.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class Refusal:
 
 
 Event = Head | Body | End | Refusal
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded (``forwarded_headers``).
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
+)
 
 
 class _Refused(Exception):
@@ -372,3 +378,39 @@ def chunk(data: bytes) -> bytes:
 
 def last_chunk(trailers: Headers) -> bytes:
     return _header_block([b"0\r\n"], trailers)
+
+
+# -- headers ---------------------------------------------------------------------------------
+def header_value(headers: Headers, name: bytes) -> str | None:
+    """The first ``name`` header's value (``name`` lowercased), as text."""
+    for n, v in headers:
+        if n == name:
+            return v.decode("latin-1")
+    return None
+
+
+def forwarded_headers(headers: Headers, *, keep_upgrade: bool = True) -> tuple[Headers, bool]:
+    """The headers without hop-by-hop ones (``HOP_BY_HOP`` and what ``Connection`` lists; ``TE:
+    trailers`` stays); and whether this is an upgrade request (then ``Connection: upgrade``
+    and ``Upgrade`` are kept, since the next hop must see the proposal)."""
+    listed = {
+        t.strip().lower()
+        for n, v in headers
+        if n == b"connection"
+        for t in v.split(b",")
+        if t.strip()
+    }
+    upgrade = (
+        keep_upgrade and b"upgrade" in listed and header_value(headers, b"upgrade") is not None
+    )
+    out: Headers = []
+    for n, v in headers:
+        if (
+            (n == b"te" and v.strip().lower() == b"trailers")
+            or (n == b"upgrade" and upgrade)
+            or (n not in HOP_BY_HOP and n not in listed)
+        ):
+            out.append((n, v))
+    if upgrade:
+        out.append((b"connection", b"upgrade"))
+    return out, upgrade

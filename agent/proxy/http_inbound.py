@@ -364,6 +364,8 @@ class HttpSession:
             self._resume.set()
         self._arm_head_timer()
         if (proxy.closing or proxy.tunnel) and not self._ended.done():
+            # Read the pod no more: after a 101 its bytes are the relay's, not to be dropped.
+            self._pause_upstream()
             self._ended.set_result(None)
 
     def _pod_write_failed(self, error: Exception) -> None:

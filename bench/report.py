@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stats, summary
+from bench.settings import SECTIONS
 
 
 def write_json(results: Mapping[str, Any], path: Path) -> None:
@@ -44,20 +45,27 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
         f"{' --quick' if settings['quick'] else ''}` (`make bench`). Medians over "
         f"{settings['reps']} interleaved repetition(s); every sample is in "
         f"`{results['json_name']}`.",
-        "",
-        "| metric | unit | " + " | ".join(titles) + " | " + " | ".join(ratios) + " |",
-        "|---|---|" + "---:|" * (len(order) + len(ratios)),
     ]
-    for m in summary.metrics(settings["streams"]):
-        cells = [_fmt(values[k][m.key], m.digits) for k in order]
-        cells += [_ratio(r[m.key]) for r in ratios.values()]
-        out.append(f"| {m.title} | {m.unit} | " + " | ".join(cells) + " |")
-    out += [
-        "",
-        "Ratios are path / reference of the medians: above 1x is more (throughput, rate) or slower"
-        " / costlier (latency, CPU, memory). Proxy CPU and memory are the agents' (both nodes on"
-        " the cross-node path, node1's on the same-node path) or both stunnel processes'.",
-    ]
+    sections = settings.get("sections", ",".join(SECTIONS)).split(",")
+    if "tcp" in sections or "idle" in sections:
+        out += [
+            "",
+            "| metric | unit | " + " | ".join(titles) + " | " + " | ".join(ratios) + " |",
+            "|---|---|" + "---:|" * (len(order) + len(ratios)),
+        ]
+        for m in summary.metrics(settings["streams"]):
+            cells = [_fmt(values[k][m.key], m.digits) for k in order]
+            cells += [_ratio(r[m.key]) for r in ratios.values()]
+            out.append(f"| {m.title} | {m.unit} | " + " | ".join(cells) + " |")
+        out += [
+            "",
+            "Ratios are path / reference of the medians: above 1x is more (throughput, rate) or"
+            " slower / costlier (latency, CPU, memory). Proxy CPU and memory are the agents' (both"
+            " nodes on the cross-node path, node1's on the same-node path) or both stunnel"
+            " processes'.",
+        ]
+    else:
+        out += ["", f"Sections run: {', '.join(sections)} (`--sections`)."]
     out += _http_section(results)
     if chart:
         out += ["", f"![benchmark chart]({chart})"]
@@ -149,6 +157,8 @@ def _agents_section(results: Mapping[str, Any]) -> list[str]:
 
 
 def _idle_section(results: Mapping[str, Any], paths: Mapping[str, Any]) -> list[str]:
+    if not results.get("idle"):
+        return []
     out = ["", "## Idle connections: proxy RSS", ""]
     for key, idle in results.get("idle", {}).items():
         steps = ", ".join(
@@ -199,6 +209,8 @@ def _upgrade_section(results: Mapping[str, Any]) -> list[str]:
 
 
 def _speed_section(results: Mapping[str, Any]) -> list[str]:
+    if not results.get("openssl_speed"):
+        return []
     out = ["", "## Cipher ceiling (`openssl speed -evp`, one core, 16 KiB blocks)", ""]
     for entry in results.get("openssl_speed", []):
         rate = entry.get("bytes_per_second")

@@ -99,6 +99,7 @@ class StreamDownstream:
 
 class SocketDownstream:
     def __init__(self, sock: socket.socket) -> None:
+        _require_non_blocking(sock)
         self.sock = sock
 
     async def read(self) -> bytes | None:
@@ -120,6 +121,14 @@ class SocketDownstream:
 
     async def relay(self, upstream: socket.socket, record: ConnectionRecord) -> None:
         await relay_sockets(self.sock, upstream, record)
+
+
+def _require_non_blocking(sock: socket.socket) -> None:
+    if sock.gettimeout() != 0.0:
+        raise ValueError(
+            "the HTTP/1.1 session sends without waiting from callbacks: a blocking socket would "
+            "stall the event loop (call setblocking(False) first)"
+        )
 
 
 def _try_send(sock: socket.socket, data: bytes) -> int:
@@ -194,6 +203,7 @@ class HttpSession:
         *,
         header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
+        _require_non_blocking(upstream)
         self.core, self.down, self.upstream = core, down, upstream
         self.record, self.request, self.workload = record, request, workload
         self.header_timeout = header_timeout

@@ -303,3 +303,13 @@ def test_bytes_handed_over_as_they_arrive_are_served_and_wait_behind_a_pending_e
             s.close()
 
     _run(main)
+
+
+def test_a_blocking_socket_is_refused_with_the_fix_named() -> None:
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(ValueError, match="setblocking"):
+            SocketDownstream(a)
+    finally:
+        a.close()
+        b.close()

@@ -19,7 +19,9 @@ Direct delivery: a relay that copies a stream to a socket registers that socket
 bytes are sent to the socket from ``data_received`` itself (non-blocking ``send``; what the
 kernel does not take is queued for the relay as before), which saves the relay task's wake-up
 per message. Once ``read`` has handed out a chunk, the relay may be inside ``sock_sendall``
-with it, so nothing is sent directly until it asks for the next one: bytes never overtake.
+with it, so nothing is sent directly until it asks for the next one: bytes never overtake. The
+HTTP/1.1 shell registers itself the same way (a ``Sink``: it parses what it takes), and answers
+with ``try_write``, the part of ``write`` that never waits.
 
 Keepalive (both sides): a PING every ``ping_interval``; a connection whose PING goes unanswered
 for ``ping_timeout`` is closed, like ztunnel's, so a dead peer does not hold pooled streams

@@ -241,6 +241,7 @@ class DirectDownstream:
         self.queued: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.written = bytearray()
         self.ended = False
+        self.relayed = False
 
     def arrive(self, data: bytes) -> None:
         taken = self.sink.send(data) if self.sink is not None else 0
@@ -264,24 +265,31 @@ class DirectDownstream:
         self.ended = True
 
     async def relay(self, upstream: socket.socket, record: ConnectionRecord) -> None:
-        raise AssertionError("no upgrade in this test")
+        self.relayed = True
+
+
+async def _direct_session(
+    core: Core,
+) -> tuple[DirectDownstream, socket.socket, socket.socket, asyncio.Task[None], Seen]:
+    """(the downstream, the session's pod socket, the pod's end, the serving task, Seen)."""
+    seen = Seen()
+    core.registry.request_observers.append(seen)
+    up, pod = socket.socketpair()
+    for s in (up, pod):
+        s.setblocking(False)
+    down = DirectDownstream()
+    record = ConnectionRecord(INBOUND, "10.244.2.2:40000", "10.244.1.3:8080")
+    request = Request("10.244.2.2", "10.244.1.3", 8080, None)
+    session = HttpSession(core, down, up, record, request, SERVER)
+    task = asyncio.create_task(session.serve())
+    while down.sink is None:
+        await asyncio.sleep(0)
+    return down, up, pod, task, seen
 
 
 def test_bytes_handed_over_as_they_arrive_are_served_and_wait_behind_a_pending_exchange() -> None:
     async def main() -> None:
-        core = _core()
-        seen = Seen()
-        core.registry.request_observers.append(seen)
-        up, pod = socket.socketpair()
-        for s in (up, pod):
-            s.setblocking(False)
-        down = DirectDownstream()
-        record = ConnectionRecord(INBOUND, "10.244.2.2:40000", "10.244.1.3:8080")
-        request = Request("10.244.2.2", "10.244.1.3", 8080, None)
-        session = HttpSession(core, down, up, record, request, SERVER)
-        task = asyncio.create_task(session.serve())
-        while down.sink is None:
-            await asyncio.sleep(0)
+        down, up, pod, task, seen = await _direct_session(_core())
         loop = asyncio.get_running_loop()
         down.arrive(b"GET /1 HTTP/1.1\r\nHost: s\r\n\r\nGET /2 HTTP/1.1\r\nHost: s\r\n\r\n")
         assert down.queued.empty()  # the session took both at once
@@ -313,3 +321,28 @@ def test_a_blocking_socket_is_refused_with_the_fix_named() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_after_a_101_handed_over_bytes_are_left_for_the_relay_in_order() -> None:
+    async def main() -> None:
+        down, up, pod, task, _ = await _direct_session(_core())
+        loop = asyncio.get_running_loop()
+        down.arrive(
+            b"GET /ws HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\nearly"
+        )
+        await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        await loop.sock_sendall(
+            pod, b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n"
+        )
+        while not down.written.endswith(b"\r\n\r\n"):
+            await asyncio.sleep(0)
+        assert down.written.startswith(b"HTTP/1.1 101 ")
+        down.arrive(b"later")  # not HTTP any more: the session does not take it
+        assert down.queued.get_nowait() == b"later"
+        await asyncio.wait_for(task, 5)
+        assert down.relayed and not down.ended
+        assert await _read_until(pod, lambda d: d.endswith(b"early")) == b"early"
+        for s in (up, pod):
+            s.close()
+
+    _run(main)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stats, summary
+from bench.settings import SECTIONS
 
 
 def write_json(results: Mapping[str, Any], path: Path) -> None:
@@ -44,20 +45,27 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
         f"{' --quick' if settings['quick'] else ''}` (`make bench`). Medians over "
         f"{settings['reps']} interleaved repetition(s); every sample is in "
         f"`{results['json_name']}`.",
-        "",
-        "| metric | unit | " + " | ".join(titles) + " | " + " | ".join(ratios) + " |",
-        "|---|---|" + "---:|" * (len(order) + len(ratios)),
     ]
-    for m in summary.metrics(settings["streams"]):
-        cells = [_fmt(values[k][m.key], m.digits) for k in order]
-        cells += [_ratio(r[m.key]) for r in ratios.values()]
-        out.append(f"| {m.title} | {m.unit} | " + " | ".join(cells) + " |")
-    out += [
-        "",
-        "Ratios are path / reference of the medians: above 1x is more (throughput, rate) or slower"
-        " / costlier (latency, CPU, memory). Proxy CPU and memory are the agents' (both nodes on"
-        " the cross-node path, node1's on the same-node path) or both stunnel processes'.",
-    ]
+    sections = settings.get("sections", ",".join(SECTIONS)).split(",")
+    if "tcp" in sections or "idle" in sections:
+        out += [
+            "",
+            "| metric | unit | " + " | ".join(titles) + " | " + " | ".join(ratios) + " |",
+            "|---|---|" + "---:|" * (len(order) + len(ratios)),
+        ]
+        for m in summary.metrics(settings["streams"]):
+            cells = [_fmt(values[k][m.key], m.digits) for k in order]
+            cells += [_ratio(r[m.key]) for r in ratios.values()]
+            out.append(f"| {m.title} | {m.unit} | " + " | ".join(cells) + " |")
+        out += [
+            "",
+            "Ratios are path / reference of the medians: above 1x is more (throughput, rate) or"
+            " slower / costlier (latency, CPU, memory). Proxy CPU and memory are the agents' (both"
+            " nodes on the cross-node path, node1's on the same-node path) or both stunnel"
+            " processes'.",
+        ]
+    else:
+        out += ["", f"Sections run: {', '.join(sections)} (`--sections`)."]
     out += _http_section(results)
     if chart:
         out += ["", f"![benchmark chart]({chart})"]
@@ -101,6 +109,7 @@ def _http_section(results: Mapping[str, Any]) -> list[str]:
             f" | {_ratio(stats.ratio(v['rps'], direct))}"
             f" | {_fmt(v['requests'], 0)} / {_fmt(v['counted'], 0)} |"
         )
+    out += _http_vs_l4(values)
     out += [
         "",
         "Request times are h2load's per-request log (request start to the end of its response),"
@@ -112,6 +121,22 @@ def _http_section(results: Mapping[str, Any]) -> list[str]:
         " port's as bytes (no growth).",
     ]
     return out
+
+
+def _http_vs_l4(values: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+    """The goal of the HTTP path, measured: requests/s against the L4 path's (at least half),
+    its p50 over the L4 path's (at most 150 µs more) and the agents' CPU per request."""
+    l4, http = values.get("mesh_l4"), values.get("mesh_http")
+    if l4 is None or http is None:
+        return []
+    added = None if l4["p50"] is None or http["p50"] is None else http["p50"] - l4["p50"]
+    cpu = stats.ratio(http["cpu_us_per_request"], l4["cpu_us_per_request"])
+    return [
+        "",
+        f"nodemesh HTTP against nodemesh L4: req/s {_ratio(stats.ratio(http['rps'], l4['rps']))}"
+        f", p50 {'+' if added is not None and added >= 0 else ''}{_fmt(added, 0)} µs, agent CPU"
+        f" per request {_ratio(cpu)}.",
+    ]
 
 
 def _agents_section(results: Mapping[str, Any]) -> list[str]:
@@ -132,6 +157,8 @@ def _agents_section(results: Mapping[str, Any]) -> list[str]:
 
 
 def _idle_section(results: Mapping[str, Any], paths: Mapping[str, Any]) -> list[str]:
+    if not results.get("idle"):
+        return []
     out = ["", "## Idle connections: proxy RSS", ""]
     for key, idle in results.get("idle", {}).items():
         steps = ", ".join(
@@ -182,6 +209,8 @@ def _upgrade_section(results: Mapping[str, Any]) -> list[str]:
 
 
 def _speed_section(results: Mapping[str, Any]) -> list[str]:
+    if not results.get("openssl_speed"):
+        return []
     out = ["", "## Cipher ceiling (`openssl speed -evp`, one core, 16 KiB blocks)", ""]
     for entry in results.get("openssl_speed", []):
         rate = entry.get("bytes_per_second")

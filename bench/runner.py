@@ -16,6 +16,9 @@ Order of a run:
 4. after the lab is gone, ``openssl speed`` for each cipher the TLS paths negotiated;
 5. the upgrade section (``bench.upgrade``) in a lab of its own: live streams and new connections
    across ``nodemesh lab upgrade node1`` and ``node2``.
+
+``--sections`` (``Settings.sections``) runs a subset: ``idle`` (2), ``tcp`` (3's TCP workloads
+and 4), ``http`` (3's HTTP/1.1 workload), ``upgrade`` (5); the paths are verified in every run.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
              "proxy_pids": list(p.proxy_pids), "declared": p.declared}
             for p in bed.http_paths
         ]  # fmt: skip
-        for key in ("mesh_cross", "stunnel", "mesh_same"):
+        for key in ("mesh_cross", "stunnel", "mesh_same") if s.runs("idle") else ():
             if key == "mesh_same":
                 bed.restart_agent("node1")  # fresh after the cross-node test's 10,000
                 results["agents"].append(workloads.idle_agent(bed, "node1", "restarted"))
@@ -110,7 +113,7 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
             say(f"  {'%.1f KiB per connection' % (per / 1024) if per else idle.get('error')}")
         for rep in range(s.reps):
             shift = rep % len(bed.paths)
-            for path in bed.paths[shift:] + bed.paths[:shift]:
+            for path in bed.paths[shift:] + bed.paths[:shift] if s.runs("tcp") else []:
                 for name, workload in _workloads(s):
                     sample = workload(bed, path, s)
                     load1 = round(procstat.load_average()[0], 2)  # how busy the shared machine was
@@ -119,15 +122,16 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
                     )
                     say(f"[{rep + 1}/{s.reps}] {path.title} {name}: {_headline(name, sample)}")
             shift = rep % len(bed.http_paths)
-            for hpath in bed.http_paths[shift:] + bed.http_paths[:shift]:
+            for hpath in bed.http_paths[shift:] + bed.http_paths[:shift] if s.runs("http") else []:
                 sample = workloads.http_keepalive(bed, hpath, s)
                 load1 = round(procstat.load_average()[0], 2)
                 results["samples"].append(
                     {"rep": rep, "path": hpath.key, "workload": "http", "load1": load1, **sample}
                 )
                 say(f"[{rep + 1}/{s.reps}] {hpath.title} http: {_headline('http', sample)}")
-    results["openssl_speed"] = _speeds(results, s)
-    results["upgrade"] = _upgrade(s)
+    results["openssl_speed"] = _speeds(results, s) if s.runs("tcp") else []
+    if s.runs("upgrade"):
+        results["upgrade"] = _upgrade(s)
     results["load"]["after"] = [round(x, 2) for x in procstat.load_average()]
     results["finished"] = _now()
     return results

@@ -12,6 +12,10 @@ import argparse
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+# The parts of a run, in the order they run: idle memory, the TCP workloads over every path (and
+# the cipher ceiling of the TLS paths they negotiated), the HTTP/1.1 workload, agent upgrades.
+SECTIONS = ("idle", "tcp", "http", "upgrade")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -35,10 +39,14 @@ class Settings:
     upgrade_long_lived: int = 100  # live streams held across each agent upgrade
     upgrade_new_per_second: float = 4.0  # new connections per second, per flow (4 flows)
     upgrade_settle_seconds: float = 4.0  # load before and after each upgrade
+    sections: str = ",".join(SECTIONS)  # which parts run: a comma-separated subset of SECTIONS
     quick: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def runs(self, section: str) -> bool:
+        return section in self.sections.split(",")
 
 
 FULL = Settings()
@@ -87,6 +95,12 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         raise SystemExit(
             "bench: --http-seconds must be at least 0.001, --http-clients at least 1 and "
             "--http-warmup not negative"
+        )
+    unknown = set(settings.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(
+            f"bench: --sections takes a comma-separated subset of {','.join(SECTIONS)}, "
+            f"not {','.join(sorted(unknown))}"
         )
     return settings
 

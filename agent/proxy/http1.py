@@ -1,9 +1,10 @@
 """The destination node's HTTP/1.1 layer: parse, authorize and forward requests, sans-IO.
 
 Why sans-IO: framing and request-smuggling rules are where an HTTP proxy goes wrong, and they
-must be tested byte for byte without sockets. ``Http1Proxy`` holds two h11 connections, the
-client side (we are its server) and the upstream side (we are the pod's client, one upstream
-connection per client connection). The shell (``agent.proxy.http_inbound``) feeds it bytes from
+must be tested byte for byte without sockets. ``Http1Proxy`` holds the two halves of
+``agent.proxy.http1_codec`` (llhttp): a ``RequestReader`` on the client side (we are its server)
+and a ``ResponseReader`` on the upstream side (we are the pod's client, one upstream connection
+per client connection). The shell (``agent.proxy.http_inbound``) feeds it bytes from
 either side and writes out what it produced (``take_to_client``, ``take_to_upstream``); finished
 requests come out as ``Exchange`` records for telemetry.
 
@@ -12,13 +13,13 @@ What it does per request:
 * refuses what could be read two ways by two parsers (request smuggling): both
   ``Content-Length`` and ``Transfer-Encoding``, conflicting lengths, a transfer coding other
   than ``chunked`` (400, 501), a malformed request line or header (400), a head over
-  ``max_head_bytes`` (431). Each refusal closes the connection and is named by its cause
-  (``take_rejections``); a head that is not complete ``header_timeout`` after its first byte is
-  the shell's to time out (``head_started``, ``header_timeout()``: 408);
+  ``max_head_bytes`` (431) (``http1_codec``). Each refusal closes the connection and is named
+  by its cause (``take_rejections``); a head that is not complete ``header_timeout`` after its
+  first byte is the shell's to time out (``head_started``, ``header_timeout()``: 408);
 * removes hop-by-hop headers (RFC 9110 7.6.1: ``Connection`` and what it lists,
   ``Keep-Alive``, ``Proxy-Connection``, ``TE`` except ``trailers``, ``Trailer``, ``Upgrade``
-  unless the request asks for an upgrade); h11 re-frames the body itself (chunked or by length),
-  so ``Transfer-Encoding: chunked`` and ``Content-Length`` reach the pod as framing only;
+  unless the request asks for an upgrade); a body framed by ``Content-Length`` is forwarded as
+  it came, a chunked one re-chunked from the validated chunks (extensions dropped);
 * adds ``x-request-id`` when absent (kept when present); trace headers pass untouched;
 * asks ``authorize`` (L7 policy) with the request's method, path and host: a denied request is
   answered ``403 RBAC: access denied`` and its body discarded, and the connection keeps serving;
@@ -32,33 +33,44 @@ it, the client connection is closed, as a client of Envoy would see.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import h11
-
+from agent.proxy.http1_codec import (
+    AMBIGUOUS_LENGTH,
+    HEADERS_TOO_LARGE,
+    HOP_BY_HOP,
+    MALFORMED,
+    UNSUPPORTED_CODING,
+    Body,
+    End,
+    Head,
+    RequestReader,
+    ResponseReader,
+    chunk,
+    forwarded_headers,
+    header_value,
+    last_chunk,
+    request_head,
+    response_head,
+)
 from agent.telemetry.records import trace_headers_of
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"upgrade",
-    }
-)
+__all__ = [  # the names this module had before the codec moved out, still importable here
+    "AMBIGUOUS_LENGTH",
+    "HEADERS_TOO_LARGE",
+    "HOP_BY_HOP",
+    "MALFORMED",
+    "UNSUPPORTED_CODING",
+]
+
 DENIED_BODY = b"RBAC: access denied"
 DEFAULT_MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb is 60
 
-# Causes of a refused request (``nodemesh_http_rejected_requests_total{cause}``).
-MALFORMED = "malformed"
-HEADERS_TOO_LARGE = "headers_too_large"
-AMBIGUOUS_LENGTH = "ambiguous_length"
-UNSUPPORTED_CODING = "unsupported_transfer_coding"
+# Causes of a refused request (``nodemesh_http_rejected_requests_total{cause}``); the parser's
+# own are defined in ``http1_codec``.
 HEADER_TIMEOUT = "header_timeout"
 UPSTREAM_PROTOCOL = "upstream_protocol_error"
 
@@ -67,6 +79,24 @@ NO_FLAGS = "-"
 RBAC_DENIED = "RBAC"
 UPSTREAM_CLOSED = "UC"
 DOWNSTREAM_CLOSED = "DC"
+
+_REASONS = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+}
+
+
+def new_request_id() -> str:
+    """A random UUID (version 4) as text, as ``uuid.uuid4()`` makes it, without the object."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,46 +135,59 @@ class Verdict:
     reason: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Current:
     exchange: Exchange
+    keep_alive: bool  # the client's request let the connection carry another
+    head_only: bool = False  # a HEAD request: its response has no body
     denied: bool = False
     upgrade: bool = False
+    waiting_for_100: bool = False  # the client sent Expect: 100-continue and no body yet
+    request_done: bool = False
     response_started: bool = False
+    response_done: bool = False
+    response_chunked: bool = False  # re-chunk the response body for the client
+    request_chunked: bool = False  # re-chunk the request body for the pod
+    http10: bool = False  # an HTTP/1.0 client: no chunked response for it
+    last: bool = False  # the response said this is the connection's last exchange
 
 
 @dataclass
 class Http1Proxy:
     authorize: Authorize
     clock: Callable[[], float] = time.monotonic
-    new_request_id: Callable[[], str] = lambda: str(uuid.uuid4())
+    new_request_id: Callable[[], str] = new_request_id
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
-    client: h11.Connection = field(init=False)
-    upstream: h11.Connection = field(init=False)
     closing: bool = field(default=False, init=False)  # close the client once flushed
     tunnel: bool = field(default=False, init=False)  # switched protocols: relay raw bytes
     head_started: float | None = field(default=None, init=False)
-    _to_client: bytearray = field(default_factory=bytearray, init=False)
-    _to_upstream: bytearray = field(default_factory=bytearray, init=False)
+    client: RequestReader = field(init=False)
+    upstream: ResponseReader = field(init=False)
+    _to_client: list[bytes] = field(default_factory=list, init=False)
+    _to_upstream: list[bytes] = field(default_factory=list, init=False)
     _completed: list[Exchange] = field(default_factory=list, init=False)
     _rejections: list[str] = field(default_factory=list, init=False)
     _current: _Current | None = field(default=None, init=False)
     _client_eof: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head_bytes)
-        self.upstream = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.max_head_bytes)
+        self.client = RequestReader(self.max_head_bytes)
+        self.upstream = ResponseReader(self.max_head_bytes)
 
     # -- output ------------------------------------------------------------------------------
     def take_to_client(self) -> bytes:
-        out = bytes(self._to_client)
-        self._to_client.clear()
-        return out
+        out = self._to_client
+        if not out:
+            return b""
+        self._to_client = []
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def take_to_upstream(self) -> bytes:
-        out = bytes(self._to_upstream)
-        self._to_upstream.clear()
-        return out
+        out = self._to_upstream
+        if not out:
+            return b""
+        self._to_upstream = []
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def take_completed(self) -> list[Exchange]:
         out, self._completed = self._completed, []
@@ -154,23 +197,39 @@ class Http1Proxy:
         out, self._rejections = self._rejections, []
         return out
 
+    @property
+    def client_paused(self) -> bool:
+        """Read no more from the client for now: what it sent already waits its turn (a
+        pipelined request behind the current exchange, or bytes after an upgrade proposal)."""
+        return bool(self.client.events) or self.client.upgraded is not None
+
     # -- input -------------------------------------------------------------------------------
     def receive_client(self, data: bytes) -> None:
         """Bytes from the client; ``b""`` is its end of stream."""
         if self.closing or self.tunnel:
             return
-        if data and self.head_started is None and self._current is None:
-            self.head_started = self.clock()
         if not data:
             self._client_eof = True
-        self.client.receive_data(data)
+            self._client_ended()
+            return
+        reader = self.client
+        if self.head_started is None and self._current is None and not reader.mid_message:
+            self.head_started = self.clock()
+        reader.feed(data)
         self._pump_client()
 
     def receive_upstream(self, data: bytes) -> None:
         """Bytes from the pod; ``b""`` is its end of stream."""
         if self.closing or self.tunnel:
             return
-        self.upstream.receive_data(data)
+        reader = self.upstream
+        if not data:
+            if reader.eof():
+                self._pump_upstream()
+            if not (self.closing or self.tunnel):
+                self._upstream_gone()
+            return
+        reader.feed(data)
         self._pump_upstream()
 
     def header_timeout(self) -> None:
@@ -182,55 +241,48 @@ class Http1Proxy:
         self._upstream_gone()
 
     # -- client side -------------------------------------------------------------------------
+    def _client_ended(self) -> None:
+        """The client's end of stream: a request it cut short ends the connection; one it
+        completed (and any complete one queued behind it) still gets its response."""
+        current = self._current
+        if current is not None and not current.request_done:
+            current.exchange.flags = DOWNSTREAM_CLOSED
+            self._finish(current)
+            self.closing = True
+        elif current is None and not self.client.events:
+            self.closing = True
+
     def _pump_client(self) -> None:
-        while not (self.closing or self.tunnel):
-            try:
-                event = self.client.next_event()
-            except h11.RemoteProtocolError as e:
-                if self._client_eof:  # the client went away mid-request: not bad input
-                    if self._current is not None:
-                        self._current.exchange.flags = DOWNSTREAM_CLOSED
-                        self._finish(self._current)
-                    self.closing = True
-                else:
-                    self._bad_request(e)
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
+        events = self.client.events
+        while events and not (self.closing or self.tunnel):
+            event = events[0]
+            current = self._current
+            if isinstance(event, Body):
+                events.popleft()
+                if current is not None:
+                    self._on_request_data(current, event.data)
+            elif isinstance(event, Head):
+                if current is not None:
+                    return  # pipelined: its turn comes when this exchange ends
+                events.popleft()
                 self.head_started = None
                 self._on_request(event)
-            elif isinstance(event, h11.Data):
-                self._on_request_data(event)
-            elif isinstance(event, h11.EndOfMessage):
-                self._on_request_end(event)
-            elif isinstance(event, h11.ConnectionClosed):
-                # A client that half-closed after its request still gets the response.
-                if self._current is None or self.client.our_state is not h11.SEND_RESPONSE:
-                    if self._current is not None:
-                        self._current.exchange.flags = DOWNSTREAM_CLOSED
-                        self._finish(self._current)
-                    self.closing = True
-                return
-
-    def _bad_request(self, error: h11.RemoteProtocolError) -> None:
-        hint = error.error_status_hint
-        text = str(error).lower()
-        if hint == 431:
-            cause = HEADERS_TOO_LARGE
-        elif hint == 501:
-            cause = UNSUPPORTED_CODING
-        elif "content-length" in text or "transfer-encoding" in text:
-            cause = AMBIGUOUS_LENGTH
-        else:
-            cause = MALFORMED
-        self._refuse(hint, cause)
+            elif isinstance(event, End):
+                events.popleft()
+                if current is not None:
+                    self._on_request_end(current, event)
+            else:
+                if current is not None and current.request_done:
+                    return  # bad input after a complete request: refused in its turn
+                events.popleft()
+                self._refuse(event.status, event.cause)
 
     def _refuse(self, status: int, cause: str) -> None:
         """Answer a refused request (if the client may still get a response) and close."""
         self._rejections.append(cause)
         self.closing = True
-        current, respond = self._current, self.client.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+        current = self._current
+        respond = current is None or not current.response_started
         if current is not None:  # its body was bad: the request is reported with the refusal
             if respond:
                 current.exchange.status = status
@@ -239,35 +291,42 @@ class Http1Proxy:
             body = f"{cause.replace('_', ' ')}\n".encode()
             headers = [
                 (b"content-type", b"text/plain"),
-                (b"content-length", str(len(body)).encode()),
+                (b"content-length", b"%d" % len(body)),
                 (b"connection", b"close"),
             ]
-            self._to_client += _raw_response(status, headers, body)
+            self._to_client.append(response_head(status, _REASONS[status], headers) + body)
 
-    def _on_request(self, req: h11.Request) -> None:
-        names = [name for name, _ in req.headers]
-        if b"transfer-encoding" in names and b"content-length" in names:
-            self._refuse(400, AMBIGUOUS_LENGTH)
-            return
-        size = len(req.method) + len(req.target) + sum(len(n) + len(v) + 4 for n, v in req.headers)
-        if size > self.max_head_bytes:
+    def _on_request(self, req: Head) -> None:
+        if req.size > self.max_head_bytes:
             self._refuse(431, HEADERS_TOO_LARGE)
             return
-        headers, upgrade = _forwarded_headers(req.headers)
-        request_id = _header(req.headers, b"x-request-id")
+        headers, upgrade = forwarded_headers(req.headers)
+        request_id = header_value(req.headers, b"x-request-id")
         if request_id is None:
             request_id = self.new_request_id()
             headers.append((b"x-request-id", request_id.encode()))
         target = req.target.decode("latin-1")
+        if "?" in target or "#" in target:
+            path = target.split("?", 1)[0].split("#", 1)[0]
+        else:
+            path = target
         head = RequestHead(
             method=req.method.decode("latin-1"),
-            path=target.split("?", 1)[0].split("#", 1)[0],
-            host=(_header(req.headers, b"host") or ""),
+            path=path,
+            host=(header_value(req.headers, b"host") or ""),
             request_id=request_id,
             trace=trace_headers_of(req.headers),
             headers=req.headers,
         )
-        current = _Current(Exchange(head, self.clock()), upgrade=upgrade)
+        current = _Current(
+            Exchange(head, self.clock()),
+            keep_alive=req.keep_alive,
+            head_only=req.method == b"HEAD",
+            upgrade=upgrade,
+            waiting_for_100=req.expect_continue,
+            request_chunked=req.chunked,
+            http10=req.http10,
+        )
         self._current = current
         verdict = self.authorize(head)
         if not verdict.allowed:
@@ -276,110 +335,122 @@ class Http1Proxy:
             current.exchange.denied_by = verdict.reason
             self._deny(current)
             return
-        self._to_upstream += self.upstream.send(
-            h11.Request(method=req.method, target=req.target, headers=headers)
-        )
+        if not req.keep_alive and not upgrade:
+            headers.append((b"connection", b"close"))
+        self.upstream.expect(req.method)
+        self._to_upstream.append(request_head(req.method, req.target, headers))
 
     def _deny(self, current: _Current) -> None:
         headers = [
             (b"content-type", b"text/plain"),
-            (b"content-length", str(len(DENIED_BODY)).encode()),
+            (b"content-length", b"%d" % len(DENIED_BODY)),
         ]
         # A client waiting for 100-continue has not sent its body and may never: where the
         # next request would start is unknowable, so this response is the last.
-        last = self.client.they_are_waiting_for_100_continue
+        last = current.waiting_for_100 or not current.keep_alive
         if last:
             headers.append((b"connection", b"close"))
-        self._send_client(h11.Response(status_code=403, headers=headers, reason=b"Forbidden"))
-        self._send_client(h11.Data(data=DENIED_BODY))
-        self._send_client(h11.EndOfMessage())
+        self._to_client.append(response_head(403, b"Forbidden", headers) + DENIED_BODY)
         current.exchange.status = 403
         current.exchange.response_bytes = len(DENIED_BODY)
-        current.response_started = True
-        if last:
+        current.response_started = current.response_done = True
+        current.last = last
+        if current.waiting_for_100:
             self._finish(current)
             self.closing = True
             return
         self._maybe_next_cycle()
 
-    def _on_request_data(self, event: h11.Data) -> None:
-        current = self._current
-        if current is None:
-            return
-        current.exchange.request_bytes += len(event.data)
+    def _on_request_data(self, current: _Current, data: bytes) -> None:
+        current.exchange.request_bytes += len(data)
+        current.waiting_for_100 = False
         if not current.denied:
-            self._to_upstream += self.upstream.send(h11.Data(data=event.data))
+            if current.request_chunked:
+                self._to_upstream.append(chunk(data))
+            else:
+                self._to_upstream.append(data)
 
-    def _on_request_end(self, event: h11.EndOfMessage) -> None:
-        current = self._current
-        if current is not None and not current.denied:
-            trailers = [(n, v) for n, v in event.headers if n.lower() not in HOP_BY_HOP]
-            self._to_upstream += self.upstream.send(h11.EndOfMessage(headers=trailers))
+    def _on_request_end(self, current: _Current, event: End) -> None:
+        current.request_done = True
+        if not current.denied:
+            if current.request_chunked:
+                trailers = [(n, v) for n, v in event.trailers if n not in HOP_BY_HOP]
+                self._to_upstream.append(last_chunk(trailers))
+            if current.upgrade:
+                return  # the answer decides what the bytes after the head are
         self._maybe_next_cycle()
 
     # -- upstream side -----------------------------------------------------------------------
     def _pump_upstream(self) -> None:
-        while not (self.closing or self.tunnel):
-            try:
-                event = self.upstream.next_event()
-            except h11.RemoteProtocolError:
+        events = self.upstream.events
+        while events and not (self.closing or self.tunnel):
+            event = events.popleft()
+            current = self._current
+            if isinstance(event, Body):
+                if current is not None:
+                    current.exchange.response_bytes += len(event.data)
+                    if current.response_chunked:
+                        self._to_client.append(chunk(event.data))
+                    else:
+                        self._to_client.append(event.data)
+            elif isinstance(event, Head):
+                if current is None or current.denied:
+                    self._rejections.append(UPSTREAM_PROTOCOL)  # a response nobody asked for
+                    self._upstream_gone()
+                    return
+                if event.status < 200:
+                    self._on_informational(current, event)
+                else:
+                    self._on_response(current, event)
+            elif isinstance(event, End):
+                if current is None or current.response_done or not current.response_started:
+                    continue  # the end of an informational response
+                if current.response_chunked:
+                    trailers = [(n, v) for n, v in event.trailers if n not in HOP_BY_HOP]
+                    self._to_client.append(last_chunk(trailers))
+                current.response_done = True
+                self._maybe_next_cycle()
+            else:
                 self._rejections.append(UPSTREAM_PROTOCOL)
                 self._upstream_gone()
                 return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.InformationalResponse):
-                self._on_informational(event)
-            elif isinstance(event, h11.Response):
-                self._on_response(event)
-            elif isinstance(event, h11.Data):
-                if self._current is not None:
-                    self._current.exchange.response_bytes += len(event.data)
-                self._send_client(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                trailers = [(n, v) for n, v in event.headers if n.lower() not in HOP_BY_HOP]
-                self._send_client(h11.EndOfMessage(headers=trailers))
-                self._maybe_next_cycle()
-            elif isinstance(event, h11.ConnectionClosed):
-                self._upstream_gone()
-                return
 
-    def _on_informational(self, event: h11.InformationalResponse) -> None:
-        current = self._current
-        if event.status_code == 101 and current is not None and current.upgrade:
+    def _on_informational(self, current: _Current, event: Head) -> None:
+        if event.status == 101 and current.upgrade:
             headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
             headers += [(n, v) for n, v in event.headers if n in (b"connection", b"upgrade")]
-            self._send_client(
-                h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)
-            )
+            self._to_client.append(response_head(101, event.reason, headers))
             current.exchange.status = 101
             self._finish(current)
             self.tunnel = True
-            self._to_client += self.upstream.trailing_data[0]
-            self._to_upstream += self.client.trailing_data[0]
+            self._to_client.append(self.upstream.upgraded or b"")
+            self._to_upstream.append(bytes(self.client.upgraded or b""))
             return
-        if event.status_code == 101:  # a 101 nobody asked for: the pod is broken
+        if event.status == 101:  # a 101 nobody asked for: the pod is broken
             self._rejections.append(UPSTREAM_PROTOCOL)
             self._upstream_gone()
             return
         headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
-        self._send_client(
-            h11.InformationalResponse(
-                status_code=event.status_code, headers=headers, reason=event.reason
-            )
-        )
+        self._to_client.append(response_head(event.status, event.reason, headers))
 
-    def _on_response(self, event: h11.Response) -> None:
-        current = self._current
-        headers, _ = _forwarded_headers(event.headers, keep_upgrade=False)
-        if self.upstream.their_state is h11.MUST_CLOSE or _closes(event.headers):
+    def _on_response(self, current: _Current, event: Head) -> None:
+        headers, _ = forwarded_headers(event.headers, keep_upgrade=False)
+        current.last = not (event.keep_alive and current.keep_alive)
+        if event.chunked:
+            headers = [(n, v) for n, v in headers if n != b"transfer-encoding"]
+            if current.http10:
+                current.last = True  # an HTTP/1.0 client reads the body until the close
+            else:
+                headers.append((b"Transfer-Encoding", b"chunked"))
+                current.response_chunked = True
+        if current.last:
             headers.append((b"connection", b"close"))
-        if current is not None:
-            current.exchange.status = event.status_code
-            current.response_started = True
-        self._send_client(
-            h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
-        )
+        current.exchange.status = event.status
+        current.response_started = True
+        self._to_client.append(response_head(event.status, event.reason, headers))
+        if current.upgrade:
+            current.upgrade = False
+            self.client.resume()  # the upgrade was declined: what followed is requests
 
     def _upstream_gone(self) -> None:
         current = self._current
@@ -390,107 +461,31 @@ class Http1Proxy:
                 body = b"upstream connect error or disconnect/reset before headers\n"
                 headers = [
                     (b"content-type", b"text/plain"),
-                    (b"content-length", str(len(body)).encode()),
+                    (b"content-length", b"%d" % len(body)),
                     (b"connection", b"close"),
                 ]
-                if self.client.our_state is h11.SEND_RESPONSE:
-                    self._send_client(
-                        h11.Response(status_code=502, headers=headers, reason=b"Bad Gateway")
-                    )
-                    self._send_client(h11.Data(data=body))
-                    self._send_client(h11.EndOfMessage())
+                self._to_client.append(response_head(502, b"Bad Gateway", headers) + body)
             self._finish(current)
         self.closing = True
 
     # -- cycles ------------------------------------------------------------------------------
-    def _send_client(self, event: h11.Event) -> None:
-        data = self.client.send(event)
-        if data:
-            self._to_client += data
-
     def _finish(self, current: _Current) -> None:
         current.exchange.ended = self.clock()
         self._completed.append(current.exchange)
         self._current = None
 
     def _maybe_next_cycle(self) -> None:
-        """After a message ended: once request and response are both complete, report the
-        exchange and start the next cycle, or close if either side said it must."""
+        """Once request and response are both complete, report the exchange and start the
+        next cycle, or close if either side said it must."""
         current = self._current
-        if current is None:
-            return
-        ended = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
-        ours, theirs = self.client.our_state, self.client.their_state
-        if ours not in ended or theirs not in ended:
-            return
-        if not current.denied and self.upstream.their_state not in ended:
+        if current is None or not (current.request_done and current.response_done):
             return
         self._finish(current)
-        reusable = ours is h11.DONE and theirs is h11.DONE
-        if not current.denied:
-            reusable = reusable and self.upstream.states == {
-                h11.CLIENT: h11.DONE,
-                h11.SERVER: h11.DONE,
-            }
-        if not reusable:
+        if current.last or not current.keep_alive:
             self.closing = True  # one side asked to close: this was the last request
             return
-        self.client.start_next_cycle()
-        if not current.denied:
-            self.upstream.start_next_cycle()
         self._pump_client()
-        if self._current is None and self.head_started is None and self.client.trailing_data[0]:
+        if self._client_eof:
+            self._client_ended()
+        elif self._current is None and self.head_started is None and self.client.mid_message:
             self.head_started = self.clock()  # a pipelined head is pending: its clock runs
-
-
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for n, v in headers:
-        if n == name:
-            return v.decode("latin-1")
-    return None
-
-
-def _closes(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    return any(
-        n == b"connection" and b"close" in (t.strip().lower() for t in v.split(b","))
-        for n, v in headers
-    )
-
-
-def _forwarded_headers(
-    headers: Sequence[tuple[bytes, bytes]], *, keep_upgrade: bool = True
-) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The headers without hop-by-hop ones; and whether this is an upgrade request (then
-    ``Connection: upgrade`` and ``Upgrade`` are kept, since the pod must see the proposal)."""
-    listed = {
-        t.strip().lower()
-        for n, v in headers
-        if n == b"connection"
-        for t in v.split(b",")
-        if t.strip()
-    }
-    upgrade = keep_upgrade and b"upgrade" in listed and _header(headers, b"upgrade") is not None
-    out: list[tuple[bytes, bytes]] = []
-    for n, v in headers:
-        if (
-            (n == b"te" and v.strip().lower() == b"trailers")
-            or (n == b"upgrade" and upgrade)
-            or (n not in HOP_BY_HOP and n not in listed)
-        ):
-            out.append((n, v))
-    if upgrade:
-        out.append((b"connection", b"upgrade"))
-    return out, upgrade
-
-
-def _raw_response(status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
-    """A complete response written without h11 (the client's h11 state may be ERROR)."""
-    reason = {
-        400: b"Bad Request",
-        408: b"Request Timeout",
-        431: b"Request Header Fields Too Large",
-        501: b"Not Implemented",
-    }.get(status, b"Error")
-    lines = [b"HTTP/1.1 %d %s" % (status, reason)]
-    lines += [n + b": " + v for n, v in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body

@@ -19,7 +19,9 @@ Direct delivery: a relay that copies a stream to a socket registers that socket
 bytes are sent to the socket from ``data_received`` itself (non-blocking ``send``; what the
 kernel does not take is queued for the relay as before), which saves the relay task's wake-up
 per message. Once ``read`` has handed out a chunk, the relay may be inside ``sock_sendall``
-with it, so nothing is sent directly until it asks for the next one: bytes never overtake.
+with it, so nothing is sent directly until it asks for the next one: bytes never overtake. The
+HTTP/1.1 shell registers itself the same way (a ``Sink``: it parses what it takes), and answers
+with ``try_write``, the part of ``write`` that never waits.
 
 Keepalive (both sides): a PING every ``ping_interval``; a connection whose PING goes unanswered
 for ``ping_timeout`` is closed, like ztunnel's, so a dead peer does not hold pooled streams
@@ -38,7 +40,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from h2.errors import ErrorCodes
 
@@ -63,6 +65,13 @@ class TunnelError(ConnectionError):
         self.unprocessed = unprocessed
 
 
+class Sink(Protocol):
+    """Takes received bytes without blocking (``deliver_directly``): how many it took; what it
+    did not take is queued for ``read`` as usual. It must not raise."""
+
+    def send(self, data: bytes, /) -> int: ...
+
+
 class TunnelStream:
     """One CONNECT stream, seen from the relay."""
 
@@ -77,7 +86,7 @@ class TunnelStream:
         self.eof = False  # the peer ended its half (END_STREAM received)
         self.ended = False  # we ended ours (write_eof)
         self.error: TunnelError | None = None
-        self._sink: socket.socket | None = None
+        self._sink: socket.socket | Sink | None = None
         self._on_sent: Callable[[int], None] | None = None
         self._relay_writing = False  # read() handed out a chunk that may not be written yet
         # Called when the peer resets the stream or the connection goes (server side: cancels
@@ -128,11 +137,12 @@ class TunnelStream:
 
     # -- what the relay calls --
     def deliver_directly(
-        self, sock: socket.socket | None, on_sent: Callable[[int], None] | None = None
+        self, sock: socket.socket | Sink | None, on_sent: Callable[[int], None] | None = None
     ) -> None:
         """Send received bytes straight to ``sock`` when possible (see the module docstring);
-        ``on_sent(n)`` counts them. ``None`` stops it (before the socket is closed)."""
-        if sock is not None and sock.gettimeout() != 0.0:
+        ``on_sent(n)`` counts them. ``None`` stops it (before the socket is closed). A ``Sink``
+        that is not a socket takes bytes the same way (the HTTP/1.1 shell parses them there)."""
+        if isinstance(sock, socket.socket) and sock.gettimeout() != 0.0:
             raise ValueError(
                 "direct delivery needs a non-blocking socket: "
                 "a blocking send would stall the event loop (call setblocking(False) first)"
@@ -155,6 +165,17 @@ class TunnelStream:
     def consumed(self, n: int) -> None:
         self.proto.codec.consumed(self.stream_id, n)
         self.proto.flush()
+
+    def try_write(self, data: bytes) -> bool:
+        """Write now if no backpressure applies (what ``write`` would do without waiting);
+        False: nothing was written and the caller awaits ``write``. For callers that would
+        otherwise wake a task per message (the HTTP/1.1 shell answering from a socket callback)."""
+        proto = self.proto
+        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+            return False
+        proto.dispatch(proto.codec.send(self.stream_id, data))
+        proto.flush()
+        return True
 
     async def write(self, data: bytes | memoryview) -> None:
         proto = self.proto

@@ -193,4 +193,19 @@ def test_http_section_medians_cpu_per_request_and_what_node2_counted() -> None:
     assert "| L4 | 4,000 | 100 | 200 | 400 | 100.0 | 0.40x | 3,000 / 0 |" in text
     assert "| HTTP | 2,500 | 200 | 400 | 800 | 200.0 | 0.25x | 2,000 / 2,002 |" in text
     assert "- mesh_http http rep 2: h2load exited 1: connect error" in text
+    # The HTTP path's goals, against the L4 path of the same runs.
+    assert (
+        "nodemesh HTTP against nodemesh L4: req/s 0.62x, p50 +100 µs, agent CPU per request 2.00x."
+    ) in text
     assert "HTTP/1.1 keep-alive" not in report.markdown(results(), None)
+
+
+def test_a_run_of_the_http_section_alone_shows_no_empty_tcp_tables() -> None:
+    done = results()
+    done["settings"] |= {"sections": "http", "http_clients": 8, "http_seconds": 3.0}
+    done["idle"], done["openssl_speed"] = {}, []
+    text = report.markdown(done, None)
+    assert "Sections run: http (`--sections`)." in text
+    assert "| metric | unit |" not in text
+    assert "Idle connections" not in text and "Cipher ceiling" not in text
+    assert "| metric | unit |" in report.markdown(results(), None)

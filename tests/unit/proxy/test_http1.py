@@ -186,6 +186,7 @@ def test_headers_over_the_limit_get_431_whole_or_in_pieces() -> None:
     assert p.take_to_client().startswith(b"HTTP/1.1 431 ")
     assert p.take_rejections() == [HEADERS_TOO_LARGE]
     trickle = _proxy(max_head_bytes=1024)
+    trickle.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n")
     for _ in range(30):
         trickle.receive_client(b"X-Pad: " + b"b" * 60 + b"\r\n")
     assert trickle.take_to_client().startswith(b"HTTP/1.1 431 ")

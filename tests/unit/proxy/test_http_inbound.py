@@ -12,6 +12,7 @@ import pytest
 from agent.policy.authz import Request
 from agent.proxy.core import Core
 from agent.proxy.http_inbound import HttpSession, SocketDownstream
+from agent.proxy.tunnel import Sink
 from agent.state import PolicyObject, StateStore
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
 from tests.workloads import workload
@@ -215,6 +216,183 @@ def test_a_header_condition_per_request_enforced_or_dry_run(dry_run: bool) -> No
             assert statuses == [("/a", 204), ("/t", 403)]
             assert seen.would_deny_policies == []
         for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)
+
+
+def test_pipelined_requests_are_forwarded_in_turn_and_reading_resumes() -> None:
+    async def main() -> None:
+        client, pod, task, seen = await _session(_core())
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(
+            client, b"GET /1 HTTP/1.1\r\nHost: s\r\n\r\nGET /2 HTTP/1.1\r\nHost: s\r\n\r\n"
+        )
+        first = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert first.startswith(b"GET /1 ") and b"GET /2" not in first  # /2 waits its turn
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+        second = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert second.startswith(b"GET /2 ")
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+        # The client's reads, paused while /2 waited, resumed: a third request gets through.
+        await loop.sock_sendall(client, b"GET /3 HTTP/1.1\r\nHost: s\r\n\r\n")
+        third = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert third.startswith(b"GET /3 ")
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n3")
+        out = await _read_until(client, lambda d: d.endswith(b"3"))
+        assert out.count(b"HTTP/1.1 200 OK") == 3
+        client.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 5)
+        assert [r.path for r in seen.requests] == ["/1", "/2", "/3"]
+        for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)
+
+
+def test_a_client_that_does_not_read_stops_the_reads_from_the_pod_and_loses_nothing() -> None:
+    async def main() -> None:
+        client, pod, task, seen = await _session(_core())
+        loop = asyncio.get_running_loop()
+        for s in (client, pod):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        await loop.sock_sendall(client, b"GET /big HTTP/1.1\r\nHost: s\r\n\r\n")
+        await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        size = 8 * 1024 * 1024
+        body = bytes(range(256)) * (size // 256)
+        pod.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        sent = 0
+        while sent < size:  # the client reads nothing: the pod's writes must come to block
+            try:
+                sent += pod.send(body[sent : sent + 65536])
+            except BlockingIOError:
+                break
+            await asyncio.sleep(0)
+        assert sent < size
+        rest = loop.create_task(loop.sock_sendall(pod, body[sent:]))
+        out = await _read_until(client, lambda d: len(d) >= size and d.endswith(body[-16:]))
+        await rest
+        assert out.split(b"\r\n\r\n", 1)[1] == body
+        client.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 5)
+        assert [(r.path, r.response_bytes) for r in seen.requests] == [("/big", size)]
+        for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)
+
+
+class DirectDownstream:
+    """A downstream that hands bytes to the session's ``Sink`` as an HBONE stream does."""
+
+    def __init__(self) -> None:
+        self.sink: Sink | None = None
+        self.queued: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.written = bytearray()
+        self.ended = False
+        self.relayed = False
+
+    def arrive(self, data: bytes) -> None:
+        taken = self.sink.send(data) if self.sink is not None else 0
+        if taken < len(data):
+            self.queued.put_nowait(data[taken:])
+
+    async def read(self) -> bytes | None:
+        return await self.queued.get()
+
+    def deliver_to(self, sink: Sink | None) -> None:
+        self.sink = sink
+
+    def try_write(self, data: bytes) -> int:
+        self.written += data
+        return len(data)
+
+    async def write(self, data: bytes) -> None:
+        self.written += data
+
+    def write_eof(self) -> None:
+        self.ended = True
+
+    async def relay(self, upstream: socket.socket, record: ConnectionRecord) -> None:
+        self.relayed = True
+
+
+async def _direct_session(
+    core: Core,
+) -> tuple[DirectDownstream, socket.socket, socket.socket, asyncio.Task[None], Seen]:
+    """(the downstream, the session's pod socket, the pod's end, the serving task, Seen)."""
+    seen = Seen()
+    core.registry.request_observers.append(seen)
+    up, pod = socket.socketpair()
+    for s in (up, pod):
+        s.setblocking(False)
+    down = DirectDownstream()
+    record = ConnectionRecord(INBOUND, "10.244.2.2:40000", "10.244.1.3:8080")
+    request = Request("10.244.2.2", "10.244.1.3", 8080, None)
+    session = HttpSession(core, down, up, record, request, SERVER)
+    task = asyncio.create_task(session.serve())
+    while down.sink is None:
+        await asyncio.sleep(0)
+    return down, up, pod, task, seen
+
+
+def test_bytes_handed_over_as_they_arrive_are_served_and_wait_behind_a_pending_exchange() -> None:
+    async def main() -> None:
+        down, up, pod, task, seen = await _direct_session(_core())
+        loop = asyncio.get_running_loop()
+        down.arrive(b"GET /1 HTTP/1.1\r\nHost: s\r\n\r\nGET /2 HTTP/1.1\r\nHost: s\r\n\r\n")
+        assert down.queued.empty()  # the session took both at once
+        first = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert first.startswith(b"GET /1 ") and b"/2" not in first
+        down.arrive(b"GET /3 HTTP/1.1\r\nHost: s\r\n\r\n")
+        assert not down.queued.empty()  # /2 waits its turn: /3 is left to the session's reads
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+        assert (await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))).startswith(b"GET /2 ")
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n2")
+        assert (await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))).startswith(b"GET /3 ")
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n3")
+        down.queued.put_nowait(None)  # the client's end of stream
+        await asyncio.wait_for(task, 5)
+        assert bytes(down.written).count(b"HTTP/1.1 200 OK") == 3 and down.ended
+        assert down.sink is None  # handed back when the session ended
+        assert [r.path for r in seen.requests] == ["/1", "/2", "/3"]
+        for s in (up, pod):
+            s.close()
+
+    _run(main)
+
+
+def test_a_blocking_socket_is_refused_with_the_fix_named() -> None:
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(ValueError, match="setblocking"):
+            SocketDownstream(a)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_after_a_101_handed_over_bytes_are_left_for_the_relay_in_order() -> None:
+    async def main() -> None:
+        down, up, pod, task, _ = await _direct_session(_core())
+        loop = asyncio.get_running_loop()
+        down.arrive(
+            b"GET /ws HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\nearly"
+        )
+        await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        await loop.sock_sendall(
+            pod, b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n"
+        )
+        while not down.written.endswith(b"\r\n\r\n"):
+            await asyncio.sleep(0)
+        assert down.written.startswith(b"HTTP/1.1 101 ")
+        down.arrive(b"later")  # not HTTP any more: the session does not take it
+        assert down.queued.get_nowait() == b"later"
+        await asyncio.wait_for(task, 5)
+        assert down.relayed and not down.ended
+        assert await _read_until(pod, lambda d: d.endswith(b"early")) == b"early"
+        for s in (up, pod):
             s.close()
 
     _run(main)

@@ -8,13 +8,17 @@ processes on the same cores:
     nodemesh same    client (node1, meshed) -> neighbor (node1, meshed): one proxy, no TLS
     stunnel4         outsider -> node1 stunnel -> mTLS -> node2 stunnel -> plain
 
-and the HTTP/1.1 workload's three (``HttpPath``), to one HTTP server program:
+and the HTTP/1.1 workload's five (``HttpPath``), to one HTTP server program:
 
     direct           outsider -> plain:8000
     nodemesh L4      client -> server:8001, a port nothing declares HTTP: opaque bytes over HBONE
     nodemesh HTTP    client -> server:8000, declared by the pod annotation
                      ``nodemesh.io/http-ports``: node2's agent parses, authorizes and counts
                      every request
+    Service L4       client -> Service bench-l4:80 -> server:8001 (balanced per connection)
+    Service HTTP     client -> Service bench-http:80 -> server:8000, declared by the Service
+                     port: node1's agent terminates HTTP and routes each request, node2's
+                     parses it again (what a client of a Service on an HTTP port gets)
 
 The unmeshed pods are the stunnel path's ends too, so stunnel's numbers differ from direct only by
 the tunnel. Client namespaces get ``tcp_tw_reuse=1`` and a wide local port range: the
@@ -44,6 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 MESH = "{nodemesh.io/mesh: enabled}"
 HTTP_PORT = 8000  # declared HTTP/1.1 on the server pod
 HTTP_L4_PORT = 8001  # the same server program on a port left undeclared (opaque L4)
+SVC_L4 = "bench-l4"  # Service port 80 -> 8001: balanced per connection, opaque bytes
+SVC_HTTP = "bench-http"  # Service port 80 -> 8000 declared HTTP: parsed at both nodes
 TOPOLOGY = f"""\
 nodes:
   - name: node1
@@ -53,9 +59,14 @@ nodes:
       - {{name: outsider, namespace: default, serviceAccount: outsider}}
   - name: node2
     pods:
-      - {{name: server, namespace: default, serviceAccount: server,
+      - {{name: server, namespace: default, serviceAccount: server, labels: {{app: server}},
          annotations: {{nodemesh.io/mesh: enabled, nodemesh.io/http-ports: "{HTTP_PORT}"}}}}
       - {{name: plain, namespace: default, serviceAccount: plain}}
+services:
+  - {{name: {SVC_L4}, namespace: default, selector: {{app: server}},
+     ports: [{{port: 80, targetPort: {HTTP_L4_PORT}}}]}}
+  - {{name: {SVC_HTTP}, namespace: default, selector: {{app: server}},
+     ports: [{{port: 80, targetPort: {HTTP_PORT}, name: http, appProtocol: http}}]}}
 """
 ECHO_PORT = 7000
 IPERF_PORT = 5201
@@ -225,6 +236,7 @@ class Testbed:
     def _http_paths(self) -> list[HttpPath]:
         lab = self.the_lab
         server, plain = str(lab.pod("server")["ip"]), str(lab.pod("plain")["ip"])
+        vip = {svc["name"]: str(svc["clusterIP"]) for svc in lab.status()["services"]}
         agents = self.agent_pids()
         return [
             HttpPath("direct", "direct (no mesh)", "outsider", plain, HTTP_PORT, (), False),
@@ -232,6 +244,10 @@ class Testbed:
                      agents, False),
             HttpPath("mesh_http", "nodemesh HTTP (declared port)", "client", server, HTTP_PORT,
                      agents, True),
+            HttpPath("svc_l4", "nodemesh L4 via a Service (undeclared)", "client",
+                     vip[SVC_L4], 80, agents, False),
+            HttpPath("svc_http", "nodemesh HTTP via a Service (both nodes)", "client",
+                     vip[SVC_HTTP], 80, agents, True),
         ]  # fmt: skip
 
 

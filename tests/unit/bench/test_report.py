@@ -195,7 +195,8 @@ def test_http_section_medians_cpu_per_request_and_what_node2_counted() -> None:
     assert "- mesh_http http rep 2: h2load exited 1: connect error" in text
     # The HTTP path's goals, against the L4 path of the same runs.
     assert (
-        "nodemesh HTTP against nodemesh L4: req/s 0.62x, p50 +100 µs, agent CPU per request 2.00x."
+        "nodemesh HTTP against nodemesh L4 (pod port): req/s 0.62x, p50 +100 µs, agent CPU per"
+        " request 2.00x."
     ) in text
     assert "HTTP/1.1 keep-alive" not in report.markdown(results(), None)
 

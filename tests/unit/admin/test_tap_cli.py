@@ -58,8 +58,20 @@ class Served:
         asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
 
     def stop(self) -> None:
-        assert self.server is not None
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=10)
+        server = self.server
+        assert server is not None
+
+        async def shutdown() -> None:
+            """Stop listening, then end the handlers still running (a long poll the CLI left):
+            a loop closed under them would leave their coroutines unawaited."""
+            await server.stop()
+            await asyncio.sleep(0)  # connections accepted just before the close get their task
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()

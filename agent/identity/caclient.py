@@ -143,9 +143,12 @@ class CaClient:
             # grpc.aio raises CancelledError when the channel is closed under a call: another
             # request dropped it after a transport failure, or --ca-root changed. Left as is, it
             # would end the identity manager's worker for good instead of being retried.
+            # A transport failure of the channel it shared: reported as one (``CA unreachable``),
+            # not as a local error, whichever of the concurrent requests saw the failure first.
             raise CaError(
                 f"certificate request for {identity} to the CA at {self.address} was cut: its "
-                "channel was closed (after a transport failure or a --ca-root change); retrying"
+                "channel was closed (after a transport failure or a --ca-root change); retrying",
+                grpc.StatusCode.UNAVAILABLE,
             ) from e
         except grpc.aio.AioRpcError as e:
             hint = ""

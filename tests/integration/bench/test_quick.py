@@ -27,7 +27,7 @@ TINY = [
 ]  # fmt: skip
 PATHS = {"direct", "mesh_cross", "mesh_same", "stunnel"}
 WORKLOADS = {"bulk_1", "bulk_4", "rr", "conn"}
-HTTP_PATHS = {"direct", "mesh_l4", "mesh_http"}
+HTTP_PATHS = {"direct", "mesh_l4", "mesh_http", "svc_l4", "svc_http"}
 
 
 def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
         assert all(s["rss_bytes"] > 0 for s in steps)
     assert all("bytes_per_second" in s for s in results["openssl_speed"])
     assert {p["key"]: p["declared"] for p in results["http_paths"]} == {
-        "direct": False, "mesh_l4": False, "mesh_http": True,
+        "direct": False, "mesh_l4": False, "mesh_http": True, "svc_l4": False, "svc_http": True,
     }  # fmt: skip
     http = {s["path"]: s for s in results["samples"] if s["workload"] == "http"}
     for key, sample in http.items():
@@ -73,7 +73,9 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
         assert 0 < sample["p50_us"] <= sample["p90_us"] <= sample["p99_us"]
     # node2's agent parsed and counted every request on the declared port, none on the L4 one.
     assert http["mesh_http"]["destination_counted"] >= http["mesh_http"]["requests"]
+    assert http["svc_http"]["destination_counted"] >= http["svc_http"]["requests"]
     assert http["mesh_l4"]["destination_counted"] == 0
+    assert http["svc_l4"]["destination_counted"] == 0
     assert http["direct"]["destination_counted"] == 0
     agents = [(a["node"], a["moment"], a["programs"]) for a in results["agents"]]
     assert agents == [

@@ -403,3 +403,5 @@ def test_a_request_cut_by_a_closed_channel_is_a_failure_not_the_end_of_the_worke
         silent.close()
     assert isinstance(cut, CaError) and "channel was closed" in str(cut)
     assert alive and "channel was closed" in str(state["last_error"])
+    # A transport failure like the one that closed the channel: degraded/readiness say so.
+    assert cut.cause == "CA unreachable"

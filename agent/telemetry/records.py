@@ -61,8 +61,10 @@ class RequestRecord:
     duration_ms: float
     request_bytes: int
     response_bytes: int
-    response_flags: str  # "-", "RBAC", "UC", "DC"
+    response_flags: str  # "-", "RBAC", "UC", "DC", "UR"
     request_id: str
+    protocol: str = "http"  # Istio's request_protocol: "http" (HTTP/1.1, HTTP/2) or "grpc"
+    grpc_status: str = ""  # grpc-status of a gRPC response ("" if none)
 
 
 class RequestObserver(Protocol):

@@ -1,0 +1,104 @@
+"""The lab's gRPC service: a small grpcio server for the pods behind Service ``grpc``.
+
+``python -m agent.lab.grpcecho --port 50051 --name server-0`` in a pod serves
+``nodemesh.lab.Echo`` with three methods, enough to show per-call telemetry and L7 policy:
+
+* ``Unary``: answers ``<name>:<request>``, so a client sees which replica served it; a request
+  starting with ``fail:`` is answered with status NOT_FOUND on purpose (an error status the
+  metrics must report as such), one ``sleep:<seconds>`` is answered after that long (a call
+  still in flight when something breaks);
+* ``Stream`` (server-streaming): the request is a count *n*, the answers ``<name>:0`` ..
+  ``<name>:<n-1>``;
+* ``Admin``: like ``Unary``, a method of its own for a DENY on a method path.
+
+Why generic handlers with raw bytes, and no ``.proto``: the mesh sees gRPC framing, paths,
+headers and trailers, never the message contents, so a protobuf schema would add a protoc step
+(or generated code to keep in sync) and test nothing more. Messages are the bytes themselves
+(identity (de)serializers); the gRPC wire format is the real one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+
+SERVICE = "nodemesh.lab.Echo"
+UNARY = f"/{SERVICE}/Unary"
+STREAM = f"/{SERVICE}/Stream"
+ADMIN = f"/{SERVICE}/Admin"
+PORT = 50051
+FAIL_PREFIX = b"fail:"
+SLEEP_PREFIX = b"sleep:"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def handler(name: str) -> grpc.GenericRpcHandler:
+    """The ``Echo`` service of replica ``name``."""
+    tag = name.encode()
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request.startswith(FAIL_PREFIX):
+            context.abort(grpc.StatusCode.NOT_FOUND, "asked to fail")
+        if request.startswith(SLEEP_PREFIX):
+            time.sleep(float(request[len(SLEEP_PREFIX) :]))
+        return tag + b":" + request
+
+    def stream(request: bytes, _context: grpc.ServicerContext) -> Iterator[bytes]:
+        for i in range(int(request or b"0")):
+            yield tag + b":" + str(i).encode()
+
+    def unary_method(fn: object) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=_identity, response_serializer=_identity
+        )
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": unary_method(unary),
+            "Admin": unary_method(unary),
+            "Stream": grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=_identity, response_serializer=_identity
+            ),
+        },
+    )
+
+
+def serve(port: int, name: str, *, workers: int = 8) -> grpc.Server:
+    """A started server on all addresses, plaintext (h2c: the mesh provides mTLS)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    server.add_generic_rpc_handlers((handler(name),))
+    server.add_insecure_port(f"0.0.0.0:{port}")
+    server.start()
+    return server
+
+
+def unary_call(channel: grpc.Channel, method: str = UNARY) -> grpc.UnaryUnaryMultiCallable:
+    return channel.unary_unary(
+        method, request_serializer=_identity, response_deserializer=_identity
+    )
+
+
+def stream_call(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable:
+    return channel.unary_stream(
+        STREAM, request_serializer=_identity, response_deserializer=_identity
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="the lab's gRPC echo service")
+    parser.add_argument("--port", type=int, default=PORT)
+    parser.add_argument("--name", required=True, help="replica name, echoed in every answer")
+    args = parser.parse_args(argv)
+    serve(args.port, args.name).wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()

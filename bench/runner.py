@@ -15,7 +15,9 @@ Order of a run:
    L4, nodemesh HTTP), rotated the same way;
 4. after the lab is gone, ``openssl speed`` for each cipher the TLS paths negotiated;
 5. the upgrade section (``bench.upgrade``) in a lab of its own: live streams and new connections
-   across ``nodemesh lab upgrade node1`` and ``node2``.
+   across ``nodemesh lab upgrade node1`` and ``node2``;
+6. the gRPC section (``bench.grpcbench``) in a lab of its own: unary calls over direct,
+   nodemesh L4 and nodemesh gRPC (a port declared ``appProtocol: grpc``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.lab.topology import LabError
-from bench import machine, procstat, upgrade, workloads
+from bench import grpcbench, machine, procstat, upgrade, workloads
 from bench.settings import Settings
 from bench.testbed import REPO, BenchPath, Testbed
 from bench.verify import verify
@@ -128,6 +130,7 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
                 say(f"[{rep + 1}/{s.reps}] {hpath.title} http: {_headline('http', sample)}")
     results["openssl_speed"] = _speeds(results, s)
     results["upgrade"] = _upgrade(s)
+    results["grpc"] = _grpc(s)
     results["load"]["after"] = [round(x, 2) for x in procstat.load_average()]
     results["finished"] = _now()
     return results
@@ -151,6 +154,18 @@ def _upgrade(s: Settings) -> dict[str, Any]:
     for name, phase in found["phases"].items():
         say(f"upgrade {name}: {upgrade.headline(phase)}")
     return found
+
+
+def _grpc(s: Settings) -> dict[str, Any]:
+    say("grpc: unary calls over direct, nodemesh L4 and nodemesh gRPC (a lab of its own)")
+    chosen = grpcbench.GrpcSettings(
+        reps=s.reps, seconds=s.grpc_seconds, warmup=s.grpc_warmup, clients=s.grpc_clients
+    )
+    try:
+        return grpcbench.section(chosen, say)
+    except (OSError, RuntimeError, LabError) as e:
+        say(f"grpc: ERROR {e}")
+        return {"error": str(e)}
 
 
 def _speeds(results: dict[str, Any], s: Settings) -> list[dict[str, Any]]:

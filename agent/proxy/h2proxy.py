@@ -151,10 +151,17 @@ class _Stream:
 
 def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
     """An h2c connection with ``limits``' settings, its preface and connection window queued.
-    Headers stay bytes: they are forwarded, not interpreted (``header_encoding=None``)."""
+    Headers stay bytes: they are forwarded, not interpreted (``header_encoding=None``); what
+    arrives is validated (RFC 9113 8.2), what is sent is not validated a second time."""
     conn = GracefulH2Connection(
         H2Configuration(
-            client_side=client_side, header_encoding=None, validate_inbound_headers=True
+            client_side=client_side,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            # What we send was validated as it arrived (or is ours): checking it again on the
+            # way out cost a fifth of the proxy's time per request.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
     )
     conn.local_settings = Settings(

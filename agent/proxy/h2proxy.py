@@ -90,6 +90,7 @@ OVERSIZED_FRAME = "h2_oversized_frame"
 PROTOCOL_ERROR = "h2_protocol_error"
 
 UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
+NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
 
 GRPC_PERMISSION_DENIED = 7
 GRPC_UNAVAILABLE = 14
@@ -129,16 +130,45 @@ class H2Exchange:
     flags: str = NO_FLAGS
     denied_by: str | None = None  # the deciding policy (or reason) when refused by policy
     ended: float = 0.0
+    first_byte: float = 0.0  # clock time of the response headers (0: none)
+    upstream: object = None  # ``Choice.key`` of the upstream that served it (source side)
+    tag: object = None  # ``Choice.tag``: the shell's own note for the request
 
 
 Authorize = Callable[[RequestHead], Verdict]
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Where one request goes (``Pick``): ``key`` names the upstream (an endpoint), ``tag`` is
+    the shell's note that comes back on the request's ``H2Exchange``."""
+
+    key: object
+    tag: object = None
+
+
+# The source side's per-request choice of upstream; None: no upstream (answered 503/UNAVAILABLE).
+Pick = Callable[[RequestHead], Choice | None]
+
+
+class _Upstream:
+    """One h2c connection to a pod (``uid`` names it to the shell)."""
+
+    __slots__ = ("conn", "gone", "key", "streams", "uid")
+
+    def __init__(self, uid: int, key: object, limits: H2Limits) -> None:
+        self.uid, self.key = uid, key
+        self.conn = new_connection(client_side=True, limits=limits)
+        self.streams: dict[int, _Stream] = {}  # by its stream id
+        self.gone = False  # closed, failed or sent GOAWAY: no new stream on it
 
 
 @dataclass(slots=True, eq=False)
 class _Stream:
     client_id: int
     exchange: H2Exchange
-    upstream_id: int = 0  # 0: answered by the proxy itself
+    upstream: _Upstream | None = None  # None: answered by the proxy itself
+    upstream_id: int = 0
     to_upstream: deque[tuple[bytes, int]] = field(default_factory=deque)  # (data, window bytes)
     request_end: bool = False  # the client ended its side
     request_trailers: list[Header] | None = None
@@ -191,12 +221,20 @@ def header(headers: Iterable[Header], name: bytes) -> bytes | None:
 
 
 class H2Proxy:
-    """One client h2c connection and its upstream h2c connection to the pod."""
+    """One client h2c connection and its upstream h2c connection(s).
+
+    Without ``pick`` (the destination), every stream goes to one upstream (``uid`` 0, the pod),
+    whose loss ends the client connection. With ``pick`` (the source), each request goes to the
+    upstream ``pick`` names, one h2c connection per key, opened on first use: the shell learns
+    of each new one from ``take_new_upstreams`` and connects it; one that fails or closes is
+    forgotten, and the next request for its key opens another.
+    """
 
     def __init__(
         self,
         authorize: Authorize,
         *,
+        pick: Pick | None = None,
         limits: H2Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
         new_request_id: Callable[[], str] = lambda: str(uuid.uuid4()),
@@ -205,16 +243,18 @@ class H2Proxy:
         self.limits = limits = limits or H2Limits()
         self.clock = clock
         self.new_request_id = new_request_id
+        self.pick = pick
         self.client = new_connection(client_side=False, limits=limits)
-        self.upstream = new_connection(client_side=True, limits=limits)
         self.guard = HeaderBlockGuard(
             max_header_block=limits.max_header_block, max_continuations=limits.max_continuations
         )
         self.closing = False  # flush, then close both sides
         self._streams: dict[int, _Stream] = {}  # by client stream id
-        self._by_upstream: dict[int, _Stream] = {}
+        self._upstreams: dict[int, _Upstream] = {}  # by uid
+        self._current: dict[object, _Upstream] = {}  # by key: where new requests go
+        self._new_upstreams: list[tuple[int, object]] = []
+        self._next_uid = 0
         self._to_client = bytearray(self.client.data_to_send())
-        self._to_upstream = bytearray(self.upstream.data_to_send())
         self._completed: list[H2Exchange] = []
         self._rejections: list[str] = []
         self._unsent_replies = 0
@@ -222,7 +262,10 @@ class H2Proxy:
         self._premature_resets = 0
         self._empty_frames = 0
         self._client_gone = False  # the client sent GOAWAY: no new streams will come
-        self._upstream_gone = False  # the pod's connection is unusable for new streams
+        self._upstream_gone = False  # destination: the pod's connection is unusable
+        if pick is None:
+            self._upstream_for(None)  # uid 0, connected by the shell from the start
+            self._new_upstreams.clear()
 
     # -- the shell's interface ---------------------------------------------------------------
     def take_to_client(self) -> bytes:
@@ -231,10 +274,19 @@ class H2Proxy:
         self._unsent_replies = 0
         return out
 
-    def take_to_upstream(self) -> bytes:
-        self._to_upstream += self.upstream.data_to_send()
-        out, self._to_upstream = bytes(self._to_upstream), bytearray()
+    def take_to_upstream(self, uid: int = 0) -> bytes:
+        u = self._upstreams.get(uid)
+        return u.conn.data_to_send() if u is not None else b""
+
+    def take_new_upstreams(self) -> list[tuple[int, object]]:
+        """(uid, key) of each upstream opened since the last call: the shell connects them."""
+        out, self._new_upstreams = self._new_upstreams, []
         return out
+
+    def upstream_live(self, uid: int) -> bool:
+        """Does the shell still need upstream ``uid`` (open streams, or new ones may come)?"""
+        u = self._upstreams.get(uid)
+        return u is not None and not (u.gone and not u.streams)
 
     def take_completed(self) -> list[H2Exchange]:
         out, self._completed = self._completed, []
@@ -283,33 +335,39 @@ class H2Proxy:
         self._pump()
         self._check_done()
 
-    def receive_upstream(self, data: bytes) -> None:
-        """Bytes from the pod; ``b""`` when it closed its side."""
-        if self.closing:
+    def receive_upstream(self, data: bytes, uid: int = 0) -> None:
+        """Bytes from upstream ``uid``; ``b""`` when it closed its side."""
+        u = self._upstreams.get(uid)
+        if self.closing or u is None:
             return
         if not data:
-            self.upstream_failed()
+            self.upstream_failed(uid)
             return
         try:
-            events = self.upstream.receive_data(data)
+            events = u.conn.receive_data(data)
         except ProtocolError:
             self._rejections.append(UPSTREAM_PROTOCOL)
-            self.upstream_failed()
+            self.upstream_failed(uid)
             return
         for event in events:
-            self._upstream_event(event)
+            self._upstream_event(u, event)
+        self._forget_if_done(u)
         self._pump()
         self._check_done()
 
-    def upstream_failed(self) -> None:
-        """The pod's connection is gone: answer or reset every open stream, GOAWAY the client."""
-        if self._upstream_gone and not self._by_upstream:
+    def upstream_failed(self, uid: int = 0) -> None:
+        """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams.
+        At the destination the client is then sent GOAWAY, so that it reconnects."""
+        u = self._upstreams.get(uid)
+        if u is None:
             return
-        self._upstream_gone = True
-        for s in list(self._by_upstream.values()):
+        self._retire(u)
+        self._upstreams.pop(uid, None)
+        for s in list(u.streams.values()):
             self._upstream_lost(s, UPSTREAM_CLOSED)
         self._pump()  # the answers first: a client may stop reading streams at the GOAWAY
-        self._goaway_client()
+        if self.pick is None:
+            self._goaway_client()
         self._check_done()
 
     # -- client events -----------------------------------------------------------------------
@@ -359,20 +417,56 @@ class H2Proxy:
             s.exchange.denied_by = verdict.reason
             self._answer(s, 403, GRPC_PERMISSION_DENIED, DENIED_BODY)
             return
-        if self._upstream_gone:
-            s.exchange.flags = UPSTREAM_CLOSED
-            self._answer(s, 503, GRPC_UNAVAILABLE, b"upstream connection closed")
+        u = self._choose(s)
+        if u is None:
             return
-        up = self.upstream
+        up = u.conn
         if up.open_outbound_streams >= up.remote_settings.max_concurrent_streams:
             # The pod's own limit: REFUSED_STREAM tells the client it is safe to retry.
             self._drop(s)
             self.client.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        s.upstream_id = up.get_next_available_stream_id()
-        self._by_upstream[s.upstream_id] = s
+        s.upstream, s.upstream_id = u, up.get_next_available_stream_id()
+        u.streams[s.upstream_id] = s
         up.send_headers(s.upstream_id, forwarded, end_stream=ended)
         s.request_sent = ended
+
+    def _choose(self, s: _Stream) -> _Upstream | None:
+        """The upstream for ``s``, or None after answering it 503/UNAVAILABLE ourselves."""
+        if self.pick is None:
+            if not self._upstream_gone:
+                return self._upstreams[0]
+            s.exchange.flags = UPSTREAM_CLOSED
+            self._answer(s, 503, GRPC_UNAVAILABLE, b"upstream connection closed")
+            return None
+        choice = self.pick(s.exchange.head)
+        if choice is None:
+            s.exchange.flags = NO_HEALTHY_UPSTREAM
+            self._answer(s, 503, GRPC_UNAVAILABLE, b"no healthy upstream")
+            return None
+        s.exchange.upstream, s.exchange.tag = choice.key, choice.tag
+        return self._upstream_for(choice.key)
+
+    def _upstream_for(self, key: object) -> _Upstream:
+        u = self._current.get(key)
+        if u is None:
+            u = _Upstream(self._next_uid, key, self.limits)
+            self._next_uid += 1
+            self._upstreams[u.uid] = self._current[key] = u
+            self._new_upstreams.append((u.uid, key))
+        return u
+
+    def _retire(self, u: _Upstream) -> None:
+        """No new stream goes to ``u``."""
+        u.gone = True
+        if self._current.get(u.key) is u:
+            del self._current[u.key]
+        if self.pick is None:
+            self._upstream_gone = True
+
+    def _forget_if_done(self, u: _Upstream) -> None:
+        if u.gone and not u.streams and self.pick is not None:
+            self._upstreams.pop(u.uid, None)
 
     def _on_request_data(self, stream_id: int, data: bytes, flow: int) -> None:
         if data:
@@ -383,7 +477,7 @@ class H2Proxy:
                 self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM)
                 return
         s = self._streams.get(stream_id)
-        if s is None or not s.upstream_id:  # answered already: the body is discarded
+        if s is None or s.upstream is None:  # answered already: the body is discarded
             if flow:
                 self.client.acknowledge_received_data(flow, stream_id)
             return
@@ -406,24 +500,26 @@ class H2Proxy:
         self._complete(s)
 
     # -- upstream events ---------------------------------------------------------------------
-    def _upstream_event(self, event: Event) -> None:
+    def _upstream_event(self, u: _Upstream, event: Event) -> None:
         if isinstance(event, ConnectionTerminated):
-            self._upstream_gone = True
+            self._retire(u)
             last = event.last_stream_id or 0
-            for lost in [x for x in self._by_upstream.values() if x.upstream_id > last]:
+            for lost in [x for x in u.streams.values() if x.upstream_id > last]:
                 self._upstream_lost(lost, UPSTREAM_CLOSED)  # never processed: safe to answer
-            self._goaway_client()
+            if self.pick is None:
+                self._goaway_client()
             return
         stream_id = getattr(event, "stream_id", 0)
-        s = self._by_upstream.get(stream_id)
+        s = u.streams.get(stream_id)
         if s is None:
             if isinstance(event, DataReceived) and event.flow_controlled_length:
-                self.upstream.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                u.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
             return
         ex = s.exchange
         if isinstance(event, ResponseReceived):
             status = header(event.headers, b":status") or b"0"
             ex.status = int(status) if status.isdigit() else 0
+            ex.first_byte = self.clock()
             ended = event.stream_ended is not None
             if ended:
                 ex.grpc_status = (header(event.headers, b"grpc-status") or b"").decode("latin-1")
@@ -454,10 +550,11 @@ class H2Proxy:
         """The pod will not finish ``s``: answer it ourselves if we can, else reset it."""
         s.exchange.flags = flag
         self._discard_request(s)
-        self._by_upstream.pop(s.upstream_id, None)
+        if s.upstream is not None:
+            s.upstream.streams.pop(s.upstream_id, None)
         if not s.response_started:
             self._release_response(s)
-            s.upstream_id = 0
+            s.upstream, s.upstream_id = None, 0
             self._answer(s, 502, GRPC_UNAVAILABLE, b"upstream connect error or disconnect/reset")
             return
         self._release_response(s)
@@ -505,12 +602,13 @@ class H2Proxy:
         self._drop(s)
         if not s.request_end and s.response_end:
             self._reset_client(s, ErrorCodes.NO_ERROR)  # answered before the client finished
-        if s.upstream_id and not s.request_sent:
+        if s.upstream is not None and not s.request_sent:
             self._reset_upstream(s)
 
     def _drop(self, s: _Stream) -> None:
         self._streams.pop(s.client_id, None)
-        self._by_upstream.pop(s.upstream_id, None)
+        if s.upstream is not None:
+            s.upstream.streams.pop(s.upstream_id, None)
         self._discard_request(s)
         self._release_response(s)
 
@@ -524,18 +622,18 @@ class H2Proxy:
     def _release_response(self, s: _Stream) -> None:
         owed = sum(flow for _, flow in s.to_client)
         s.to_client.clear()
-        if owed and s.upstream_id:
-            self.upstream.acknowledge_received_data(owed, s.upstream_id)
+        if owed and s.upstream is not None:
+            s.upstream.conn.acknowledge_received_data(owed, s.upstream_id)
 
     def _reset_client(self, s: _Stream, code: ErrorCodes) -> None:
         with contextlib.suppress(ProtocolError):  # already closed both ways: nothing to reset
             self.client.reset_stream(s.client_id, code)
 
     def _reset_upstream(self, s: _Stream) -> None:
-        if not s.upstream_id or self._upstream_gone:
-            return
+        if s.upstream is None or s.upstream.uid not in self._upstreams:
+            return  # never connected, or gone
         with contextlib.suppress(ProtocolError):  # the pod already closed it
-            self.upstream.reset_stream(s.upstream_id, ErrorCodes.CANCEL)
+            s.upstream.conn.reset_stream(s.upstream_id, ErrorCodes.CANCEL)
 
     def _goaway_client(self) -> None:
         if not self._client_gone:
@@ -550,7 +648,8 @@ class H2Proxy:
             self._completed.append(s.exchange)
             self._reset_upstream(s)
         self._streams.clear()
-        self._by_upstream.clear()
+        for u in self._upstreams.values():
+            u.streams.clear()
         self.closing = True
 
     def _fail_client(self, cause: str, code: ErrorCodes | None) -> None:
@@ -564,16 +663,19 @@ class H2Proxy:
     def _check_done(self) -> None:
         if (self._client_gone or self._upstream_gone) and not self._streams:
             self.closing = True
+        for u in [u for u in self._upstreams.values() if u.gone and not u.streams]:
+            self._forget_if_done(u)
 
     # -- moving DATA within the windows --------------------------------------------------------
     def _pump(self) -> None:
         for s in list(self._streams.values()):
-            if s.upstream_id and not s.request_sent:
+            if s.upstream is not None and not s.request_sent:
                 self._pump_request(s)
             self._pump_response(s)
 
     def _pump_request(self, s: _Stream) -> None:
-        up, uid = self.upstream, s.upstream_id
+        assert s.upstream is not None
+        up, uid = s.upstream.conn, s.upstream_id
         try:
             plain_end = s.request_end and s.request_trailers is None and bool(s.to_upstream)
             sent, ended = _move(s.to_upstream, up, uid, end=plain_end)
@@ -596,8 +698,8 @@ class H2Proxy:
             return
         plain_end = s.response_end and s.response_trailers is None and bool(s.to_client)
         sent, ended = _move(s.to_client, self.client, s.client_id, end=plain_end)
-        if sent and s.upstream_id:
-            self.upstream.acknowledge_received_data(sent, s.upstream_id)
+        if sent and s.upstream is not None:
+            s.upstream.conn.acknowledge_received_data(sent, s.upstream_id)
         if ended:
             self._complete(s)
         elif not s.to_client and s.response_end:

@@ -7,8 +7,9 @@ identity; to a meshed pod on this node they never leave the node, so there is no
 destination's policies are enforced here and the connection is made with the client pod's IP as
 source; anything else is plain TCP passthrough. A connection to a Service VIP is handed to
 ``balanced`` (traffic control: endpoint choice, limits, retries, faults, splits), which uses the
-same ``open``/``relay`` steps once per attempt. A refusal closes the client with RST, so the
-application sees a failed connection and not a clean end of stream.
+same ``open``/``relay`` steps once per attempt; on a VIP port declared HTTP/2 or gRPC,
+``h2outbound`` terminates h2c and picks an endpoint per request instead. A refusal closes the
+client with RST, so the application sees a failed connection and not a clean end of stream.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from agent.proxy import sockets
 from agent.proxy.balanced import BalancedOutbound
 from agent.proxy.contexts import NoCertificate
 from agent.proxy.core import Core
+from agent.proxy.h2outbound import H2SourceSession
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot
+from agent.state.protocols import GRPC, HTTP2, port_protocol
 from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,11 @@ class Outbound:
             sockets.abort(client)
             return
         if target is not None:
-            await self.balanced.handle(client, snap, source, target, _addr(src_ip, src_port))
+            src = _addr(src_ip, src_port)
+            if port_protocol(target.port) in (HTTP2, GRPC):  # per request (``h2outbound``)
+                await H2SourceSession(self, client, snap, source, target, src).serve()
+                return
+            await self.balanced.handle(client, snap, source, target, src)
             return
         route = self.resolver.route(snap, source, dst_ip, dst_port)
         record = self.record(snap, route, _addr(src_ip, src_port), _addr(dst_ip, dst_port))

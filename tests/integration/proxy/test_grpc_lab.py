@@ -2,9 +2,9 @@
 
 Both server pods (node2) run ``agent.lab.grpcecho`` on port 50051, which the default topology's
 Service ``grpc`` declares ``appProtocol: grpc``; the client pod (node1) calls through the
-Service VIP on one channel, so every call crosses node1's outbound capture, HBONE, and node2's
-inbound HTTP/2 layer. Counts are exact: the tests wait for the mesh to converge with a call of
-their own, then compare metrics before and after.
+Service VIP on one channel, so every call crosses node1's outbound HTTP/2 layer (an endpoint per
+call), HBONE, and node2's inbound HTTP/2 layer. Counts are exact: the tests wait for the mesh to
+converge with a call of their own, then compare metrics before and after.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import secrets
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -62,15 +63,21 @@ def calls(lab: Lab, pod: str, target: str, *wanted: tuple[str, str]) -> list[tup
     return [tuple(x) for x in json.loads(out.stdout)]  # type: ignore[misc]
 
 
-def metrics(lab: Lab) -> dict[tuple[str, Labels], float]:
+def _get(lab: Lab, node: str, url: str) -> str:
     def get() -> str:
-        with urlopen("http://127.0.0.1:15020/metrics", timeout=10) as response:
+        with urlopen(url, timeout=10) as response:
             text: str = response.read().decode()
             return text
 
+    return call_in(lab.netns(node), get)
+
+
+def metrics(lab: Lab, node: str = "node2") -> dict[tuple[str, Labels], float]:
     return {
         (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(call_in(lab.netns("node2"), get))
+        for family in text_string_to_metric_families(
+            _get(lab, node, "http://127.0.0.1:15020/metrics")
+        )
         for s in family.samples
     }
 
@@ -103,10 +110,10 @@ def test_unary_and_streaming_calls_are_counted_exactly_with_their_grpc_status(la
         (grpcecho.STREAM, "2"), (grpcecho.UNARY, "b"),
     )  # fmt: skip
     assert [status for status, _ in result] == ["OK", "OK", "NOT_FOUND", "OK", "OK"]
-    replica = result[0][1].split(":")[0]  # one channel: one connection, one replica (L4 source)
+    replica = result[1][1].split(":")[0]  # one call, one replica: the whole stream from it
     assert replica in ("server-0", "server-1")
     assert result[1][1] == f"{replica}:0,{replica}:1,{replica}:2"
-    assert result[4][1] == f"{replica}:b"
+    assert result[4][1] in ("server-0:b", "server-1:b")
     after = metrics(lab)
     ok = {**DEST, "response_code": "200", "grpc_response_status": "0", "response_flags": "-"}
     assert total(after, **ok) - total(before, **ok) == 4
@@ -179,3 +186,37 @@ def test_the_wire_carries_no_plaintext_and_a_plaintext_caller_is_served_too(
     assert secret.encode() not in wire
     summary = subprocess.run(["tcpdump", "-nn", "-r", str(pcap)], capture_output=True, text=True)
     assert ".15008" in summary.stdout
+
+
+def test_calls_on_one_channel_are_spread_over_both_replicas(lab: Lab) -> None:
+    """Per-request balancing at the source: ROUND_ROBIN makes the split exact."""
+    name = "grpc-rr-" + secrets.token_hex(3)
+    manifest: dict[str, Any] = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "targetRef": {"kind": "Service", "name": "grpc"},
+            "loadBalancer": {"type": "ROUND_ROBIN"},
+        },
+    }
+    converged(lab)
+    lab.apply(manifest)
+    try:
+
+        def in_force() -> None:
+            traffic = json.loads(_get(lab, "node1", "http://127.0.0.1:15000/traffic"))
+            assert traffic["effective"].get("default/grpc", {}).get("balancer") == "ROUND_ROBIN"
+
+        retry(in_force, timeout=40)
+        source = {"reporter": "source", "request_protocol": "grpc", "grpc_response_status": "0"}
+        before = metrics(lab, "node1")
+        result = calls(lab, "client", f"{vip(lab)}:{PORT}", *[(grpcecho.UNARY, "x")] * 20)
+        replicas = Counter(answer.split(":")[0] for status, answer in result if status == "OK")
+        assert replicas == {"server-0": 10, "server-1": 10}
+        after = metrics(lab, "node1")
+        assert total(after, **source) - total(before, **source) == 20
+        mtls = {**source, "connection_security_policy": "mutual_tls"}
+        assert total(after, **mtls) - total(before, **mtls) == 20
+    finally:
+        lab.delete(manifest)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    Event,
     RequestReceived,
     ResponseReceived,
     StreamEnded,
@@ -21,6 +23,7 @@ from agent.proxy.h2proxy import (
     EMPTY_FRAMES,
     RAPID_RESET,
     TOO_MANY_STREAMS,
+    Choice,
     H2Limits,
     H2Proxy,
 )
@@ -305,3 +308,111 @@ def test_a_denied_head_is_authorized_with_method_path_and_authority() -> None:
     proxy.receive_client(peer(client_side=True).data_to_send())
     proxy.receive_client(_headers_frame(1))
     assert seen == [RequestHead("GET", "/", "s", "r")]
+
+
+# -- the source side: an upstream per pick key ------------------------------------------------
+class Pods:
+    """An ``H2Proxy`` with ``pick`` by the first path segment, and one h2 pod per key."""
+
+    def __init__(self) -> None:
+        self.client = peer(client_side=True)
+        self.pods: dict[object, H2Connection] = {}
+        self.uids: dict[object, int] = {}
+        self.proxy = H2Proxy(lambda _h: Verdict(True), pick=self.pick)
+        self.pod_events: dict[object, list[Event]] = {}
+        self.client_events: list[Event] = []
+
+    @staticmethod
+    def pick(head: RequestHead) -> Choice | None:
+        key = head.path.split("/")[1]
+        return None if key == "none" else Choice(key, tag=f"tag-{key}")
+
+    def run(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            out = self.client.data_to_send()
+            if out:
+                self.proxy.receive_client(out)
+                moved = True
+            for uid, key in self.proxy.take_new_upstreams():
+                self.pods[key], self.uids[key] = peer(client_side=False), uid
+                self.pod_events[key] = []
+            for key, pod in self.pods.items():
+                out = pod.data_to_send()
+                if out:
+                    self.proxy.receive_upstream(out, self.uids[key])
+                    moved = True
+                out = self.proxy.take_to_upstream(self.uids[key])
+                if out:
+                    self.pod_events[key] += pod.receive_data(out)
+                    moved = True
+            out = self.proxy.take_to_client()
+            if out:
+                self.client_events += self.client.receive_data(out)
+                moved = True
+
+    def request(self, path: str) -> int:
+        sid: int = self.client.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":scheme", "http"), (":authority", "s"), (":path", path)]
+        self.client.send_headers(sid, headers, end_stream=True)
+        return sid
+
+    def respond(self, key: str) -> None:
+        for e in self.pod_events[key]:
+            if isinstance(e, RequestReceived):
+                self.pods[key].send_headers(e.stream_id, [(":status", "200")])
+                self.pods[key].send_data(e.stream_id, key.encode(), end_stream=True)
+        self.pod_events[key].clear()
+        self.run()
+
+
+def test_each_request_goes_to_the_upstream_its_key_names() -> None:
+    w = Pods()
+    w.request("/a/1")
+    w.request("/b/1")
+    w.request("/a/2")
+    w.run()
+    assert sorted(w.pods) == ["a", "b"]  # one upstream per key, the second request reused "a"
+    w.respond("a")
+    w.respond("b")
+    done = sorted((ex.head.path, ex.upstream, ex.tag, ex.status) for ex in w.proxy.take_completed())
+    assert done == [
+        ("/a/1", "a", "tag-a", 200),
+        ("/a/2", "a", "tag-a", 200),
+        ("/b/1", "b", "tag-b", 200),
+    ]
+    bodies = sorted(e.data for e in w.client_events if isinstance(e, DataReceived) and e.data)
+    assert bodies == [b"a", b"a", b"b"]
+
+
+def test_a_failed_upstream_fails_its_requests_only_and_the_next_request_opens_another() -> None:
+    w = Pods()
+    lost = w.request("/a/1")
+    kept = w.request("/b/1")
+    w.run()
+    w.proxy.upstream_failed(w.uids["a"])
+    w.run()
+    assert {e.stream_id: dict(e.headers)[b":status"] for e in w.client_events
+            if isinstance(e, ResponseReceived)} == {lost: b"502"}  # fmt: skip
+    assert not [e for e in w.client_events if isinstance(e, ConnectionTerminated)]
+    w.respond("b")
+    assert any(isinstance(e, StreamEnded) and e.stream_id == kept for e in w.client_events)
+    first = w.uids["a"]
+    w.request("/a/2")
+    w.run()
+    assert w.uids["a"] != first  # a new connection for key "a"
+    w.respond("a")
+    paths = sorted((ex.head.path, ex.status, ex.flags) for ex in w.proxy.take_completed())
+    assert paths == [("/a/1", 502, "UC"), ("/a/2", 200, "-"), ("/b/1", 200, "-")]
+    assert not w.proxy.closing
+
+
+def test_no_upstream_to_pick_is_503_no_healthy_upstream() -> None:
+    w = Pods()
+    sid = w.request("/none/x")
+    w.run()
+    (resp,) = [e for e in w.client_events if isinstance(e, ResponseReceived)]
+    assert (resp.stream_id, dict(resp.headers)[b":status"]) == (sid, b"503")
+    (ex,) = w.proxy.take_completed()
+    assert (ex.status, ex.flags) == (503, "UH")

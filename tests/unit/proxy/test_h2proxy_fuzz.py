@@ -30,8 +30,8 @@ from hyperframe.frame import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.proxy.h2proxy import H2Limits, H2Proxy
-from agent.proxy.http1 import Verdict
+from agent.proxy.h2proxy import Choice, H2Limits, H2Proxy
+from agent.proxy.http1 import RequestHead, Verdict
 from tests.fuzzing import fuzz_examples
 from tests.unit.proxy.h2peers import peer
 
@@ -130,6 +130,11 @@ frames = st.builds(
 pieces = st.lists(st.one_of(*[frames] * 8, st.binary(max_size=12)), max_size=20)
 
 
+def _one_pod(_head: RequestHead) -> Choice:
+    """The source side's mode (an upstream per key) with one key: upstream 0, the test's pod."""
+    return Choice("pod")
+
+
 @pytest.mark.fuzz
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -138,12 +143,19 @@ pieces = st.lists(st.one_of(*[frames] * 8, st.binary(max_size=12)), max_size=20)
     order=st.lists(st.booleans(), max_size=60),
     cut=st.integers(min_value=1, max_value=40),
     eof=st.booleans(),
+    picked=st.booleans(),
 )
 def test_arbitrary_frames_from_both_sides_never_raise(
-    client: list[bytes], upstream: list[bytes], order: list[bool], cut: int, eof: bool
+    client: list[bytes],
+    upstream: list[bytes],
+    order: list[bool],
+    cut: int,
+    eof: bool,
+    picked: bool,
 ) -> None:
     p = H2Proxy(
         lambda h: Verdict(not h.path.startswith("/denied"), "p"),
+        pick=_one_pod if picked else None,
         limits=H2Limits(max_premature_resets=3, max_empty_frames=3, max_concurrent_streams=4),
     )
     client_bytes = PREFACE + b"".join(client)
@@ -194,13 +206,15 @@ POD_OPS = [
         max_size=60,
     ),
     raw=frames,
+    picked=st.booleans(),
 )
 def test_random_streams_between_real_peers_never_raise(
-    ops: list[tuple[bool, int, int, bytes]], raw: bytes
+    ops: list[tuple[bool, int, int, bytes]], raw: bytes, picked: bool
 ) -> None:
     client, pod = peer(client_side=True), peer(client_side=False)
     p = H2Proxy(
         lambda h: Verdict(not h.path.startswith("/denied"), "p"),
+        pick=_one_pod if picked else None,
         limits=H2Limits(stream_window=1024, connection_window=4096, max_premature_resets=3),
     )
     pod_streams: list[int] = []

@@ -10,6 +10,9 @@ topology can declare a gRPC port with a Service and nothing in the main testbed 
                      ``appProtocol: grpc``: node2's agent terminates h2c, authorizes every call,
                      counts it with its ``grpc-status`` and forwards it on its own h2c connection
                      to the pod (``agent.proxy.h2proxy``)
+    nodemesh gRPC    client -> the Service VIP:50051: node1's agent terminates h2c too and picks
+    via VIP          an endpoint per call (``agent.proxy.h2outbound``; one endpoint here, so this
+                     measures the cost of both terminations, not balancing)
 
 The server is the lab's gRPC service (``agent.lab.grpcecho``, grpcio, the same program and
 port count on every path); the load is ``h2load`` (h2c prior knowledge, the Debian
@@ -90,7 +93,9 @@ def section(s: GrpcSettings, say: Any) -> dict[str, Any]:
         body = Path(lab.state_dir) / "bench-grpc-body.bin"
         body.write_bytes(BODY)
         paths = _paths(lab)
-        _converge(lab, paths[-1], body)
+        for path in paths:
+            if path.declared:
+                _converge(lab, path, body)
         samples: list[dict[str, Any]] = []
         for rep in range(s.reps):
             shift = rep % len(paths)
@@ -134,6 +139,7 @@ def _accepts(port: int) -> bool:
 
 def _paths(lab: Lab) -> list[GrpcPath]:
     server, plain = str(lab.pod("server")["ip"]), str(lab.pod("plain")["ip"])
+    vip = str(next(s for s in lab.status()["services"] if s["name"] == "grpc")["clusterIP"])
     pids = Path(lab.state_dir) / "pids"
     agents = tuple(int((pids / f"agent-{n}").read_text()) for n in ("node1", "node2"))
     return [
@@ -141,6 +147,8 @@ def _paths(lab: Lab) -> list[GrpcPath]:
         GrpcPath("mesh_l4", "nodemesh L4 (undeclared port)", "client", server, GRPC_L4_PORT,
                  agents, False),
         GrpcPath("mesh_grpc", "nodemesh gRPC (declared port)", "client", server, GRPC_PORT,
+                 agents, True),
+        GrpcPath("mesh_grpc_vip", "nodemesh gRPC via the Service VIP", "client", vip, GRPC_PORT,
                  agents, True),
     ]  # fmt: skip
 
@@ -295,6 +303,7 @@ def markdown(found: dict[str, Any] | None) -> list[str]:
         " every number. Agent CPU is both agents' user+system time during the measured run over"
         " the calls h2load completed. node2's agent terminates h2c on the declared port (each"
         " call authorized and counted with its `grpc-status`: the last number) and relays the L4"
-        " port's bytes (nothing counted).",
+        " port's bytes (nothing counted); via the VIP, node1's agent terminates h2c as well and"
+        " sends each call to an endpoint it picks.",
     ]
     return out

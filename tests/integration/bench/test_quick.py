@@ -56,9 +56,10 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
         (p, "http") for p in HTTP_PATHS
     }
     grpc = results["grpc"]["samples"]
-    assert {s["path"] for s in grpc if "error" not in s} == {"direct", "mesh_l4", "mesh_grpc"}
+    declared = {"mesh_grpc", "mesh_grpc_vip"}
+    assert {s["path"] for s in grpc if "error" not in s} == {"direct", "mesh_l4", *declared}
     for s in grpc:  # node2's agent counts the declared port's calls, and only those
-        assert (s["destination_counted_ok"] >= s["succeeded"]) == (s["path"] == "mesh_grpc")
+        assert (s["destination_counted_ok"] >= s["succeeded"]) == (s["path"] in declared)
     rr = next(s for s in results["samples"] if s["workload"] == "rr")
     assert len(rr["samples_us"]) == 100
     assert rr["p50_us"] <= rr["p99_us"] <= rr["p99.9_us"]

@@ -179,7 +179,8 @@ def _clock(wall: float) -> str:
 def summary(attempts: list[Attempt]) -> str:
     failed = [a for a in attempts if not a.ok]
     return f"{len(attempts)} connections, {len(failed)} failed" + (
-        f" (first: {failed[0].detail}, started {_clock(failed[0].at)}; match it with the kept logs)"
+        f" (first: {failed[0].detail}, started {_clock(failed[0].at)}; match it with the kept"
+        " logs)"
         if failed
         else ""
     )

@@ -311,6 +311,7 @@ class H2Proxy:
         if cause is not None:
             self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM)
             return
+        self._to_client += self.client.data_to_send()  # ours, not replies to these bytes
         try:
             events = self.client.receive_data(data)
         except TooManyStreamsError:

@@ -416,3 +416,17 @@ def test_no_upstream_to_pick_is_503_no_healthy_upstream() -> None:
     assert (resp.stream_id, dict(resp.headers)[b":status"]) == (sid, b"503")
     (ex,) = w.proxy.take_completed()
     assert (ex.status, ex.flags) == (503, "UH")
+
+
+def test_response_bytes_not_yet_taken_are_not_counted_as_replies_to_the_client() -> None:
+    w = Wire()
+    w.request("/big")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(req.stream_id, [(b":status", b"200")])
+    for _ in range(4):
+        w.pod.send_data(req.stream_id, b"z" * 15000)
+    w.proxy.receive_upstream(w.pod.data_to_send())  # the shell has not written these out yet
+    w.client.ping(b"12345678")
+    w.proxy.receive_client(w.client.data_to_send())
+    assert w.proxy.take_rejections() == [] and not w.proxy.closing

@@ -112,9 +112,11 @@ class H2SourceSession:
             clean = True
         except OSError as e:
             log.debug("%s: client side ended: %s", self.where, e)
-            self.proxy.receive_client(b"")
-            await self._report()
         finally:
+            # Whatever ended the session (also a cancellation), every request still open is
+            # reported and its attempt finished, so the Service's counts stay right.
+            self.proxy.receive_client(b"")
+            self._report()
             for task in (reader, closing, *self._tasks):
                 task.cancel()
             await asyncio.gather(reader, closing, *self._tasks, return_exceptions=True)
@@ -202,11 +204,11 @@ class H2SourceSession:
             data = proxy.take_to_client()
             if data:
                 await asyncio.get_running_loop().sock_sendall(self.client, data)
-        await self._report()
+        self._report()
         if proxy.closing:
             self._closing.set()
 
-    async def _report(self) -> None:
+    def _report(self) -> None:
         core = self.outbound.core
         for exchange in self.proxy.take_completed():
             self._finish(exchange)

@@ -218,5 +218,13 @@ def test_calls_on_one_channel_are_spread_over_both_replicas(lab: Lab) -> None:
         assert total(after, **source) - total(before, **source) == 20
         mtls = {**source, "connection_security_policy": "mutual_tls"}
         assert total(after, **mtls) - total(before, **mtls) == 20
+
+        def nothing_in_flight() -> None:  # every request's attempt was finished
+            traffic = json.loads(_get(lab, "node1", "http://127.0.0.1:15000/traffic"))
+            service = traffic["services"]["default/grpc"]
+            assert (service["active"], service["pending"]) == (0, 0), service
+            assert [e["active"] for e in service["endpoints"]] == [0, 0], service
+
+        retry(nothing_in_flight, timeout=10)
     finally:
         lab.delete(manifest)

@@ -410,7 +410,7 @@ class H2Proxy:
         )
         content_type = header(headers, b"content-type") or b""
         grpc = content_type.startswith(b"application/grpc")
-        s = _Stream(stream_id, H2Exchange(head, grpc, self.clock()))
+        s = _Stream(stream_id, H2Exchange(head, grpc, self.clock()), request_end=ended)
         self._streams[stream_id] = s
         verdict = self.authorize(head)
         if not verdict.allowed:

@@ -102,6 +102,7 @@ def test_a_denied_grpc_call_is_a_trailers_only_permission_denied() -> None:
     assert resp.stream_id == sid
     (ex,) = w.proxy.take_completed()
     assert (ex.grpc, ex.status, ex.grpc_status, ex.flags) == (True, 200, "7", "RBAC")
+    assert w.taken(StreamReset) == []  # the call was complete: nothing to cut short
 
 
 def test_grpc_status_comes_from_trailers_and_from_trailers_only_responses() -> None:

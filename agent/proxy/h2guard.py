@@ -9,7 +9,8 @@ only the 9-byte frame headers of the byte stream (RFC 9113 section 4.1), as they
 
 The other flood limits of a proxied connection live where their facts are, in
 ``agent.proxy.h2proxy``: replies the client's frames made us queue (PING and SETTINGS floods),
-streams reset before their response (rapid reset), empty DATA frames.
+streams reset before their response (rapid reset), empty DATA frames; and a header block left
+open too long (``block_open``: the shell's timer, like HTTP/1.1's header timeout).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class HeaderBlockGuard:
         self._partial = b""  # an incomplete frame header
         self._block: int | None = None  # bytes of the open header block, None if none is open
         self._continuations = 0
+
+    @property
+    def block_open(self) -> bool:
+        """Is a header block started and not finished (END_HEADERS not seen yet)?"""
+        return self._block is not None
 
     def feed(self, data: bytes) -> str | None:
         view = memoryview(data)

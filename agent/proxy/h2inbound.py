@@ -35,6 +35,14 @@ from agent.telemetry.records import ConnectionRecord, RequestRecord
 log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
+HEADER_TIMEOUT = 10.0  # seconds a header block may stay open (HTTP/1.1's head timeout)
+
+
+def header_wait(proxy: H2Proxy, timeout: float = HEADER_TIMEOUT) -> float | None:
+    """How long the next read may wait: until the open header block's deadline, if one is."""
+    if proxy.head_started is None:
+        return None
+    return max(0.0, proxy.head_started + timeout - time.monotonic())
 
 
 class H2Session:
@@ -50,10 +58,12 @@ class H2Session:
         workload: Workload,
         *,
         limits: H2Limits | None = None,
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         self.core, self.down, self.upstream = core, down, upstream
         self.record, self.request, self.workload = record, request, workload
         self.where = f"{record.source} -> {record.destination}"
+        self.header_timeout = header_timeout
         self.proxy = H2Proxy(self._authorize, limits=limits)
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
@@ -86,7 +96,13 @@ class H2Session:
     async def _client_side(self) -> None:
         proxy = self.proxy
         while not proxy.closing:
-            data = await self.down.read()
+            try:
+                wait = header_wait(proxy, self.header_timeout)
+                data = await asyncio.wait_for(self.down.read(), wait)
+            except TimeoutError:
+                proxy.header_timeout()
+                await self._flush()
+                return
             if data is not None:
                 self.record.bytes_sent += len(data)
             proxy.receive_client(data or b"")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from agent.policy.traffic.attempts import Attempts
 from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
-from agent.proxy.h2inbound import READ_SIZE, request_record
+from agent.proxy.h2inbound import READ_SIZE, header_wait, request_record
 from agent.proxy.h2proxy import Choice, H2Exchange, H2Proxy
 from agent.proxy.http1 import RequestHead, Verdict
 from agent.proxy.records import Refused, cancel_current_task
@@ -131,8 +131,15 @@ class H2SourceSession:
                 sockets.abort(self.client)
 
     async def _client_side(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self.proxy.closing:
-            data = await asyncio.get_running_loop().sock_recv(self.client, READ_SIZE)
+            try:
+                wait = header_wait(self.proxy)
+                data = await asyncio.wait_for(loop.sock_recv(self.client, READ_SIZE), wait)
+            except TimeoutError:
+                self.proxy.header_timeout()
+                await self._flush()
+                return
             self.record.bytes_sent += len(data)
             self.proxy.receive_client(data)
             await self._flush()

@@ -35,8 +35,10 @@ Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONT
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
 our output (PING and SETTINGS floods), streams reset by the client before their response
 (rapid reset, counted like Envoy's premature resets: beyond a number *and* over half the
-streams), runs of empty DATA frames, and ``h2``'s own checks (frame size, header list size,
-concurrent streams). Each closes the connection with GOAWAY and is named by its cause.
+streams), runs of empty DATA frames, a header block still open 10 s after it began (the shell's
+timer, ``head_started``, as for HTTP/1.1's head), and ``h2``'s own checks (frame size, header
+list size, concurrent streams). Each closes the connection with GOAWAY and is named by its
+cause.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ EMPTY_FRAMES = "h2_empty_frames"
 TOO_MANY_STREAMS = "h2_max_concurrent_streams"
 OVERSIZED_FRAME = "h2_oversized_frame"
 PROTOCOL_ERROR = "h2_protocol_error"
+HEADER_TIMEOUT = "h2_header_timeout"  # a header block not finished in time (slowloris)
 
 UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
 NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
@@ -261,6 +264,7 @@ class H2Proxy:
         self._opened = 0
         self._premature_resets = 0
         self._empty_frames = 0
+        self.head_started: float | None = None  # clock time an unfinished header block began
         self._client_gone = False  # the client sent GOAWAY: no new streams will come
         self._upstream_gone = False  # destination: the pod's connection is unusable
         if pick is None:
@@ -311,6 +315,10 @@ class H2Proxy:
         if cause is not None:
             self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM)
             return
+        if not self.guard.block_open:
+            self.head_started = None
+        elif self.head_started is None:
+            self.head_started = self.clock()
         self._to_client += self.client.data_to_send()  # ours, not replies to these bytes
         try:
             events = self.client.receive_data(data)
@@ -355,6 +363,11 @@ class H2Proxy:
         self._forget_if_done(u)
         self._pump()
         self._check_done()
+
+    def header_timeout(self) -> None:
+        """The shell's timer: a header block stayed open past its deadline (``head_started``)."""
+        if not self.closing:
+            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM)
 
     def upstream_failed(self, uid: int = 0) -> None:
         """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams.

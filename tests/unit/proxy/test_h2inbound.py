@@ -15,6 +15,12 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated
+from hpack import Encoder
+from hyperframe.frame import HeadersFrame
 
 from agent.lab import grpcecho
 from agent.policy.authz import Request
@@ -65,7 +71,9 @@ def pod() -> Iterator[tuple[int, grpc.Server]]:
         server.stop(None).wait()
 
 
-async def _proxy(core: Core, pod_port: int, seen: Seen) -> tuple[asyncio.Server, int]:
+async def _proxy(
+    core: Core, pod_port: int, seen: Seen, header_timeout: float = 10.0
+) -> tuple[asyncio.Server, int]:
     """A loopback listener serving each connection with ``H2Session`` to the pod."""
     core.registry.request_observers.append(seen)
 
@@ -82,7 +90,15 @@ async def _proxy(core: Core, pod_port: int, seen: Seen) -> tuple[asyncio.Server,
         upstream.setblocking(False)
         record = ConnectionRecord(INBOUND, "10.244.2.2:40000", "10.244.1.3:50051")
         request = Request("10.244.2.2", "10.244.1.3", 50051, None)
-        session = H2Session(core, SocketDownstream(client), upstream, record, request, SERVER)
+        session = H2Session(
+            core,
+            SocketDownstream(client),
+            upstream,
+            record,
+            request,
+            SERVER,
+            header_timeout=header_timeout,
+        )
         try:
             await session.serve()
         finally:
@@ -177,5 +193,29 @@ def test_a_pod_that_dies_mid_call_gets_the_call_unavailable_from_the_proxy() -> 
         assert result == "UNAVAILABLE upstream connect error or disconnect/reset"
         got = [(r.path, r.status, r.grpc_status, r.response_flags) for r in seen.requests]
         assert got == [(grpcecho.UNARY, 200, "14", "UC")]
+
+    asyncio.run(main())
+
+
+def test_a_header_block_left_open_is_timed_out(pod: tuple[int, grpc.Server]) -> None:
+    async def main() -> None:
+        seen = Seen()
+        server, port = await _proxy(_core(), pod[0], seen, header_timeout=0.3)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            client = H2Connection(H2Configuration(client_side=True))
+            client.initiate_connection()
+            block = Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http")])
+            frame = HeadersFrame(1, block)  # no END_HEADERS: the block stays open
+            writer.write(client.data_to_send() + frame.serialize())
+            got = b""
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                got += chunk  # until the proxy closes the connection
+            writer.close()
+        events = H2Connection(H2Configuration(client_side=True))
+        events.initiate_connection()
+        goaway = [e for e in events.receive_data(got) if isinstance(e, ConnectionTerminated)]
+        assert [e.error_code for e in goaway] == [ErrorCodes.ENHANCE_YOUR_CALM]
+        assert seen.rejections == ["h2_header_timeout"]
 
     asyncio.run(main())

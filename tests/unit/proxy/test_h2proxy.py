@@ -431,3 +431,21 @@ def test_response_bytes_not_yet_taken_are_not_counted_as_replies_to_the_client()
     w.client.ping(b"12345678")
     w.proxy.receive_client(w.client.data_to_send())
     assert w.proxy.take_rejections() == [] and not w.proxy.closing
+
+
+def test_an_open_header_block_starts_the_header_clock_and_its_end_stops_it() -> None:
+    now = [100.0]
+    proxy = H2Proxy(lambda _h: Verdict(True), clock=lambda: now[0])
+    proxy.receive_client(peer(client_side=True).data_to_send())
+    proxy.receive_client(_headers_frame(1, end_headers=False))  # a block left open
+    assert proxy.head_started == 100.0
+    end = ContinuationFrame(1, b"")
+    end.flags.add("END_HEADERS")
+    now[0] = 101.0
+    proxy.receive_client(bytes(end.serialize()))
+    assert proxy.head_started is None and proxy.active_streams == 1
+    now[0] = 102.0
+    proxy.receive_client(_headers_frame(3, end_headers=False))
+    assert proxy.head_started == 102.0
+    proxy.header_timeout()  # the shell's timer ran out
+    assert proxy.take_rejections() == ["h2_header_timeout"] and proxy.closing

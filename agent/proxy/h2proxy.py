@@ -191,8 +191,8 @@ def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connecti
             client_side=client_side,
             header_encoding=None,
             validate_inbound_headers=True,
-            # What we send was validated as it arrived (or is ours): checking it again on the
-            # way out cost a fifth of the proxy's time per request.
+            # What we send was validated as it arrived (or is ours): h2's outbound checks of
+            # every header were a visible share of a request's time in a profile, for nothing.
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import stats, summary
+from bench import grpcbench, stats, summary
 from bench.settings import SECTIONS
 
 
@@ -77,6 +77,7 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
     out += _agents_section(results)
     out += _idle_section(results, paths)
     out += _upgrade_section(results)
+    out += grpcbench.markdown(results.get("grpc"))
     out += _speed_section(results)
     out += _machine_section(results)
     problems = summary.errors(results)

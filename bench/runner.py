@@ -15,10 +15,13 @@ Order of a run:
    L4, nodemesh HTTP), rotated the same way;
 4. after the lab is gone, ``openssl speed`` for each cipher the TLS paths negotiated;
 5. the upgrade section (``bench.upgrade``) in a lab of its own: live streams and new connections
-   across ``nodemesh lab upgrade node1`` and ``node2``.
+   across ``nodemesh lab upgrade node1`` and ``node2``;
+6. the gRPC section (``bench.grpcbench``) in a lab of its own: unary calls over direct,
+   nodemesh L4 and nodemesh gRPC (a port declared ``appProtocol: grpc``).
 
 ``--sections`` (``Settings.sections``) runs a subset: ``idle`` (2), ``tcp`` (3's TCP workloads
-and 4), ``http`` (3's HTTP/1.1 workload), ``upgrade`` (5); the paths are verified in every run.
+and 4), ``http`` (3's HTTP/1.1 workload), ``upgrade`` (5), ``grpc`` (6); the paths are verified
+in every run.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.lab.topology import LabError
-from bench import machine, procstat, upgrade, workloads
+from bench import grpcbench, machine, procstat, upgrade, workloads
 from bench.settings import Settings
 from bench.testbed import REPO, BenchPath, Testbed
 from bench.verify import verify
@@ -132,6 +135,8 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
     results["openssl_speed"] = _speeds(results, s) if s.runs("tcp") else []
     if s.runs("upgrade"):
         results["upgrade"] = _upgrade(s)
+    if s.runs("grpc"):
+        results["grpc"] = _grpc(s)
     results["load"]["after"] = [round(x, 2) for x in procstat.load_average()]
     results["finished"] = _now()
     return results
@@ -155,6 +160,18 @@ def _upgrade(s: Settings) -> dict[str, Any]:
     for name, phase in found["phases"].items():
         say(f"upgrade {name}: {upgrade.headline(phase)}")
     return found
+
+
+def _grpc(s: Settings) -> dict[str, Any]:
+    say("grpc: unary calls over direct, nodemesh L4 and nodemesh gRPC (a lab of its own)")
+    chosen = grpcbench.GrpcSettings(
+        reps=s.reps, seconds=s.grpc_seconds, warmup=s.grpc_warmup, clients=s.grpc_clients
+    )
+    try:
+        return grpcbench.section(chosen, say)
+    except (OSError, RuntimeError, LabError) as e:
+        say(f"grpc: ERROR {e}")
+        return {"error": str(e)}
 
 
 def _speeds(results: dict[str, Any], s: Settings) -> list[dict[str, Any]]:

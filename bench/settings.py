@@ -14,7 +14,7 @@ from typing import Any
 
 # The parts of a run, in the order they run: idle memory, the TCP workloads over every path (and
 # the cipher ceiling of the TLS paths they negotiated), the HTTP/1.1 workload, agent upgrades.
-SECTIONS = ("idle", "tcp", "http", "upgrade")
+SECTIONS = ("idle", "tcp", "http", "upgrade", "grpc")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class Settings:
     upgrade_new_per_second: float = 4.0  # new connections per second, per flow (4 flows)
     upgrade_settle_seconds: float = 4.0  # load before and after each upgrade
     sections: str = ",".join(SECTIONS)  # which parts run: a comma-separated subset of SECTIONS
+    grpc_seconds: float = 3.0  # h2load -D: the measured gRPC unary run (bench.grpcbench)
+    grpc_warmup: float = 1.0  # an unrecorded run first; 0: none
+    grpc_clients: int = 8  # h2load -c: h2c connections, one call in flight on each
     quick: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -65,6 +68,8 @@ QUICK = Settings(
     upgrade_long_lived=40,
     upgrade_new_per_second=2.0,
     upgrade_settle_seconds=2.0,
+    grpc_seconds=1.5,
+    grpc_warmup=0.5,
     quick=True,
 )
 
@@ -101,6 +106,11 @@ def from_arguments(args: argparse.Namespace) -> Settings:
         raise SystemExit(
             f"bench: --sections takes a comma-separated subset of {','.join(SECTIONS)}, "
             f"not {','.join(sorted(unknown))}"
+        )
+    if settings.grpc_seconds < 0.001 or settings.grpc_clients < 1 or settings.grpc_warmup < 0:
+        raise SystemExit(
+            "bench: --grpc-seconds must be at least 0.001, --grpc-clients at least 1 and "
+            "--grpc-warmup not negative"
         )
     return settings
 

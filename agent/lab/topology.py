@@ -32,7 +32,8 @@ PIN_ROOT = "/sys/fs/bpf/nodemesh"
 STATE_ROOT = "/run/nodemesh/lab"
 
 # Service ``web`` declares HTTP/1.1 on the server pods' port 9080 (port name and appProtocol),
-# a port of its own: the echo port 8080 behind Service ``server`` stays opaque TCP.
+# a port of its own: the echo port 8080 behind Service ``server`` stays opaque TCP. Service
+# ``grpc`` declares gRPC on port 50051, where ``agent.lab.grpcecho`` serves.
 DEFAULT_TOPOLOGY = """\
 trustDomain: cluster.local
 nodes:
@@ -57,6 +58,8 @@ services:
      ports: [{port: 80, targetPort: 8080}]}
   - {name: web, namespace: default, selector: {app: server},
      ports: [{port: 80, targetPort: 9080, name: http, appProtocol: http}]}
+  - {name: grpc, namespace: default, selector: {app: server},
+     ports: [{port: 50051, targetPort: 50051, name: grpc, appProtocol: grpc}]}
 policies: []
 """
 

@@ -30,9 +30,10 @@ when the state says that IP belongs to a pod with the peer's identity; otherwise
 back to the connection's source address (the peer node), so a workload cannot claim another's IP
 to slip through an ``ipBlocks`` rule.
 
-A port declared HTTP/1.1 (``agent.state.protocols``) is not authorized per connection: the
-stream is answered 200 and every request inside it is parsed, authorized and reported by
-``agent.proxy.http_inbound`` (403 for a denied request, the connection keeps serving).
+A port declared HTTP/1.1, HTTP/2 or gRPC (``agent.state.protocols``) is not authorized per
+connection: the stream is answered 200 and every request inside it is parsed, authorized and
+reported by ``agent.proxy.http_inbound`` (HTTP/1.1) or ``agent.proxy.h2inbound`` (h2c, gRPC):
+403 or PERMISSION_DENIED for a denied request, the connection keeps serving.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from agent.proxy import hbone_events as ev
 from agent.proxy import sockets
 from agent.proxy.contexts import ALPN, NoCertificate
 from agent.proxy.core import Core
+from agent.proxy.h2inbound import H2Session
 from agent.proxy.hbone import SERVICE_HEADER, HboneConnection
 from agent.proxy.hbone_limits import InboundLimits
 from agent.proxy.http_inbound import HttpSession, StreamDownstream
@@ -56,7 +58,7 @@ from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_tunnel
 from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
 from agent.state import Snapshot, Workload
-from agent.state.protocols import HTTP
+from agent.state.protocols import HTTP, TCP
 from agent.telemetry.records import INBOUND, SECURITY_MTLS, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -299,7 +301,8 @@ class InboundHbone:
             path="hbone",
             service=dialled_service(snap, req.headers.get(SERVICE_HEADER), req.host),
         )
-        http = self.core.protocol(snap, req.host, req.port) == HTTP
+        protocol = self.core.protocol(snap, req.host, req.port)
+        http = protocol != TCP
         allowed = http or self.core.authorize(request, workload, where, snap, unregistered=record)
         if not allowed:
             self._answer(proto, sid, 401)
@@ -323,7 +326,7 @@ class InboundHbone:
         stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
         proto.codec.respond(sid, 200)
         proto.flush()
-        await self._relay(stream, upstream, record, request, workload, http=http)
+        await self._relay(stream, upstream, record, request, workload, protocol=protocol)
 
     def _still_allowed(
         self,
@@ -350,12 +353,13 @@ class InboundHbone:
         request: Request,
         workload: Workload,
         *,
-        http: bool,
+        protocol: str,
     ) -> None:
         conn_id = self.core.registry.add(record, cancel_current_task())
         try:
-            if http:
-                session = HttpSession(
+            if protocol != TCP:
+                kind = HttpSession if protocol == HTTP else H2Session
+                session = kind(
                     self.core, StreamDownstream(stream), upstream, record, request, workload
                 )
                 try:

@@ -8,10 +8,11 @@ destination's policies are enforced here and the connection is made with the cli
 source; anything else is plain TCP passthrough. A connection to a Service VIP is handed to
 ``balanced`` (traffic control: endpoint choice, limits, retries, faults, splits), which uses the
 same ``open``/``relay`` steps once per attempt; on a Service port declared HTTP/1.1 it goes to
-``http_outbound`` instead, which balances each request (direct pod-IP traffic stays per
-connection, as below). Every CONNECT for a Service names it (``nodemesh-service``) so the far
-node labels its metrics with the Service the client dialled. A refusal closes the client with
-RST, so the application sees a failed connection and not a clean end of stream.
+``http_outbound`` instead, and on one declared HTTP/2 or gRPC to ``h2outbound``: both terminate
+the client's protocol and balance each request (direct pod-IP traffic stays per connection, as
+below). Every CONNECT for a Service names it (``nodemesh-service``) so the far node labels its
+metrics with the Service the client dialled. A refusal closes the client with RST, so the
+application sees a failed connection and not a clean end of stream.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from agent.proxy import sockets
 from agent.proxy.balanced import BalancedOutbound
 from agent.proxy.contexts import NoCertificate
 from agent.proxy.core import Core
+from agent.proxy.h2outbound import H2SourceSession
 from agent.proxy.http_outbound import HttpOutbound
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.records import Refused, cancel_current_task
@@ -31,7 +33,7 @@ from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot
-from agent.state.protocols import HTTP, port_protocol
+from agent.state.protocols import GRPC, HTTP, HTTP2, port_protocol
 from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,11 @@ class Outbound:
             await self.http.handle(client, source, target, _addr(src_ip, src_port))
             return
         if target is not None:
-            await self.balanced.handle(client, snap, source, target, _addr(src_ip, src_port))
+            src = _addr(src_ip, src_port)
+            if port_protocol(target.port) in (HTTP2, GRPC):  # per request (``h2outbound``)
+                await H2SourceSession(self, client, snap, source, target, src).serve()
+                return
+            await self.balanced.handle(client, snap, source, target, src)
             return
         route = self.resolver.route(snap, source, dst_ip, dst_port)
         record = self.record(snap, route, _addr(src_ip, src_port), _addr(dst_ip, dst_port))

@@ -3,9 +3,9 @@
 Admitted only where the destination's PeerAuthentication mode for the port is PERMISSIVE and
 policy allows a source without identity (a plaintext caller has no principal, so only
 ``ipBlocks``-style rules can admit it). The proxy then connects to the pod with the caller's IP as
-source, so the pod sees its real client. STRICT refuses with RST. On a port declared HTTP/1.1
-the requests are parsed and authorized one by one (``agent.proxy.http_inbound``), as on the
-HBONE path.
+source, so the pod sees its real client. STRICT refuses with RST. On a port declared HTTP/1.1,
+HTTP/2 or gRPC the requests are parsed and authorized one by one (``agent.proxy.http_inbound``,
+``agent.proxy.h2inbound``), as on the HBONE path.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from agent.policy.authz import Request
 from agent.policy.peerauth import STRICT
 from agent.proxy import sockets
 from agent.proxy.core import Core
+from agent.proxy.h2inbound import H2Session
 from agent.proxy.http_inbound import HttpSession, SocketDownstream
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.relay import relay_sockets
 from agent.state import Workload
-from agent.state.protocols import HTTP
+from agent.state.protocols import HTTP, TCP
 from agent.telemetry.records import INBOUND, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,10 @@ class InboundPlaintext:
                 if admitted is None:
                     await relay_sockets(client, upstream, record)
                 else:
-                    request, workload = admitted
+                    request, workload, protocol = admitted
+                    kind = HttpSession if protocol == HTTP else H2Session
                     down = SocketDownstream(client)
-                    await HttpSession(self.core, down, upstream, record, request, workload).serve()
+                    await kind(self.core, down, upstream, record, request, workload).serve()
                 clean = True
             finally:
                 upstream.close()
@@ -68,9 +70,10 @@ class InboundPlaintext:
 
     async def _admit(
         self, record: ConnectionRecord, conn_id: int, src_ip: str, dst_ip: str, dst_port: int
-    ) -> tuple[socket.socket, tuple[Request, Workload] | None]:
-        """The connected pod socket; and, on a declared HTTP/1.1 port, what each request is
-        authorized with (there the connection is admitted without the L7 conditions)."""
+    ) -> tuple[socket.socket, tuple[Request, Workload, str] | None]:
+        """The connected pod socket; and, on a declared HTTP port, what each request is
+        authorized with and the protocol (there the connection is admitted without the L7
+        conditions)."""
         where = f"plaintext {record.source} -> {record.destination}"
         snap = self.core.snapshot()
         workload = self.core.local_workload(snap, dst_ip)
@@ -83,7 +86,8 @@ class InboundPlaintext:
         if policies.peerauth.mode(workload, dst_port) == STRICT:
             self._refuse("strict_mtls", f"{where}: PeerAuthentication is STRICT (mTLS required)")
         request = Request(src_ip, dst_ip, dst_port, None)
-        http = self.core.protocol(snap, dst_ip, dst_port) == HTTP
+        protocol = self.core.protocol(snap, dst_ip, dst_port)
+        http = protocol != TCP
         if not http:
             if not self.core.authorize(request, workload, where, snap):
                 raise Refused(where)
@@ -96,7 +100,7 @@ class InboundPlaintext:
         except (OSError, TimeoutError) as e:
             self._refuse("upstream_unreachable", f"{where}: {e!r}")
             raise
-        return upstream, ((request, workload) if http else None)
+        return upstream, ((request, workload, protocol) if http else None)
 
     def _refuse(self, key: str, detail: str) -> NoReturn:
         self.core.registry.reject(key, detail)

@@ -9,7 +9,8 @@ Names, labels and buckets are Istio's, so its dashboards and Kiali-style queries
 ``istio_requests_total``, ``istio_request_duration_milliseconds``, ``istio_request_bytes`` and
 ``istio_response_bytes`` (body sizes), with the TCP metrics' labels (``agent.telemetry.labels``:
 the connection's workloads, principals, service and security policy) plus ``response_code`` and
-``grpc_response_status`` (empty for HTTP/1.1), ``request_protocol="http"`` and the request's own
+``grpc_response_status`` (empty but for gRPC), ``request_protocol`` (``http``, or ``grpc`` for a
+gRPC call: ``RequestRecord.protocol``) and the request's own
 ``response_flags`` (``RBAC`` for an L7 denial, ``UC`` when the pod failed it, ``DC`` when the
 client left). No label is a path or an address, so the cardinality is bounded by workloads times
 codes. Histograms are kept as bucket counts per label set here (not in the process-wide
@@ -181,6 +182,6 @@ class HttpMetrics(Collector):
         if self._endpoints[0] != snap.version:
             self._endpoints = (snap.version, endpoint_services(snap))
         tcp = tcp_labels(connection, snap, self._endpoints[1])._replace(
-            request_protocol="http", response_flags=request.response_flags
+            request_protocol=request.protocol, response_flags=request.response_flags
         )
         return RequestLabels((*tcp, str(request.status), request.grpc_status))

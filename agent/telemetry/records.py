@@ -81,10 +81,11 @@ class RequestRecord:
     duration_ms: float
     request_bytes: int
     response_bytes: int
-    response_flags: str  # "-", "RBAC", "UC", "DC"
+    response_flags: str  # "-", "RBAC", "UC", "DC", "UR"
     request_id: str
     trace_headers: tuple[tuple[str, str], ...] = ()  # (name, value) of TRACE_HEADERS sent
     started_at: float = 0.0  # wall-clock time (time.time()) of the request's head; 0 = unknown
+    protocol: str = "http"  # Istio's request_protocol: "http" (HTTP/1.1, HTTP/2) or "grpc"
     grpc_status: str = ""  # from grpc-status (trailers or trailers-only); "" when not gRPC
     upstream: str = ""  # ip:port of the endpoint it went to; "" = the connection's upstream
 

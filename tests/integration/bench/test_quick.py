@@ -23,7 +23,7 @@ TINY = [
     "--rr-warmup", "10", "--conn-seconds", "0.3", "--conn-warmup", "0", "--idle-steps", "20,50",
     "--speed-seconds", "1", "--upgrade-long-lived", "8", "--upgrade-new-per-second", "2",
     "--upgrade-settle-seconds", "1", "--http-seconds", "0.5", "--http-warmup", "0.2",
-    "--http-clients", "2",
+    "--http-clients", "2", "--grpc-seconds", "0.5", "--grpc-warmup", "0.2", "--grpc-clients", "2",
 ]  # fmt: skip
 PATHS = {"direct", "mesh_cross", "mesh_same", "stunnel"}
 WORKLOADS = {"bulk_1", "bulk_4", "rr", "conn"}
@@ -55,6 +55,11 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
     assert done_pairs == {(p, w) for p in PATHS for w in WORKLOADS} | {
         (p, "http") for p in HTTP_PATHS
     }
+    grpc = results["grpc"]["samples"]
+    declared = {"mesh_grpc", "mesh_grpc_vip"}
+    assert {s["path"] for s in grpc if "error" not in s} == {"direct", "mesh_l4", *declared}
+    for s in grpc:  # node2's agent counts the declared port's calls, and only those
+        assert (s["destination_counted_ok"] >= s["succeeded"]) == (s["path"] in declared)
     rr = next(s for s in results["samples"] if s["workload"] == "rr")
     assert len(rr["samples_us"]) == 100
     assert rr["p50_us"] <= rr["p99_us"] <= rr["p99.9_us"]

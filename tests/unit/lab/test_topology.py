@@ -37,13 +37,17 @@ def test_default_topology_plan() -> None:
     assert [(s.name, s.cluster_ip) for s in doc.services] == [
         ("server", "10.96.0.10"),
         ("web", "10.96.0.11"),
+        ("grpc", "10.96.0.12"),
     ]
-    server, web = doc.to_state().services
-    for svc in (server, web):
+    server, web, grpc = doc.to_state().services
+    for svc in (server, web, grpc):
         assert sorted(e.ip for e in svc.endpoints) == ["10.244.2.2", "10.244.2.3"]
     # Service web declares HTTP on its own pod port; the echo port behind Service server stays L4.
     assert [(p.port, p.target_port, port_protocol(p)) for p in server.ports] == [(80, 8080, "tcp")]
     assert [(p.port, p.target_port, port_protocol(p)) for p in web.ports] == [(80, 9080, "http")]
+    assert [(p.port, p.target_port, port_protocol(p)) for p in grpc.ports] == [
+        (50051, 50051, "grpc")
+    ]
 
 
 def test_given_pod_ip_is_kept_and_skipped_by_assignment() -> None:

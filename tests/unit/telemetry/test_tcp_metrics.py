@@ -9,6 +9,7 @@ import pytest
 
 from agent.policy.authz import Decision
 from agent.proxy.records import Registry
+from agent.state.model import Endpoint, Service, ServicePort
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.labels import endpoint_services, host_of, tcp_labels
@@ -183,3 +184,29 @@ def test_a_client_connection_the_source_terminated_as_http_is_reported_per_reque
     done = samples(component.exposition())
     assert total(done, CLOSED) == 0 and total(done, SENT) == 0
     assert total(done, "nodemesh_open_connections") == 0
+
+
+def test_a_pod_behind_two_services_is_labelled_with_the_one_whose_port_was_reached() -> None:
+    store = make_store()
+    with store.update() as txn:  # "grpc" sorts before "server": the first by name must not win
+        txn.put_service(
+            Service(
+                name="grpc",
+                namespace="default",
+                cluster_ips=("10.96.0.12",),
+                ports=(ServicePort(50051, 50051, name="grpc", app_protocol="grpc"),),
+                selector={"app": "server"},
+                endpoints=(Endpoint("10.244.2.2", "default/server-0"),),
+            )
+        )
+    snap = store.snapshot()
+    by_endpoint = endpoint_services(snap)
+    to_echo = inbound()  # 10.244.2.2:8080, Service server's target port
+    to_grpc = inbound()
+    to_grpc.destination = "10.244.2.2:50051"
+    assert tcp_labels(to_echo, snap, by_endpoint).destination_service == (
+        "server.default.svc.cluster.local"
+    )
+    assert tcp_labels(to_grpc, snap, by_endpoint).destination_service == (
+        "grpc.default.svc.cluster.local"
+    )

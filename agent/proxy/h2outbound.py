@@ -1,0 +1,263 @@
+"""Source side of a Service port declared HTTP/2 or gRPC: each request to its own endpoint.
+
+Why: a gRPC client keeps one HTTP/2 connection to a Service for as long as it runs, so
+per-connection balancing sends every call it makes to one replica. On a Service VIP port whose
+``appProtocol`` (or name) declares ``http2``/``kubernetes.io/h2c``/``grpc``, the outbound proxy
+terminates the client's h2c instead of relaying it (``H2Proxy`` with a ``pick``), and sends each
+request to the endpoint the Service's traffic control picks for it (``agent.policy.traffic``:
+the latency-aware balancer, outlier ejection, connection limits counted per request), over one
+h2c connection per endpoint per client connection, inside an HBONE tunnel opened exactly as for a
+connection (``Outbound.open``: the source pod's certificate, the endpoint's identity checked).
+The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
+
+Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
+request's endpoint). The balancer learns each request's time to response headers
+(``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
+requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
+
+Not here (yet): retries and injected faults of the TrafficPolicy apply to connections only, and
+a same-node endpoint is reached like a pod addressed directly (L4 policy at connect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from agent.policy.traffic.attempts import Attempts
+from agent.policy.traffic.service import Rejected
+from agent.proxy import sockets
+from agent.proxy.h2inbound import READ_SIZE, header_wait, request_record
+from agent.proxy.h2proxy import Choice, H2Exchange, H2Proxy
+from agent.proxy.http1 import RequestHead, Verdict
+from agent.proxy.records import Refused, cancel_current_task
+from agent.proxy.resolve import ServiceTarget
+from agent.proxy.tunnel import TunnelError, TunnelStream
+from agent.state import Snapshot, Workload
+from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
+
+if TYPE_CHECKING:
+    from agent.proxy.outbound import Outbound, Upstream
+
+log = logging.getLogger(__name__)
+
+
+def _allow(_head: RequestHead) -> Verdict:
+    return Verdict(True)  # the destination node authorizes each request
+
+
+class H2SourceSession:
+    """One client h2c connection to a Service VIP, its requests spread over the endpoints."""
+
+    def __init__(
+        self,
+        outbound: Outbound,
+        client: socket.socket,
+        snap: Snapshot,
+        source: Workload | None,
+        target: ServiceTarget,
+        src: str,
+    ) -> None:
+        self.outbound, self.client = outbound, client
+        self.source, self.target, self.src = source, target, src
+        self.src_ip = src.rsplit(":", 1)[0]
+        core = outbound.core
+        self.record = ConnectionRecord(OUTBOUND, src, f"{target.vip}:{target.port.port}")
+        if source is not None:
+            self.record.source_identity = core.identity(source, snap)
+        self.record.path = "hbone"
+        self.record.protocol = "http/2"  # reported per request (its TCP flows by the far ends)
+        self.where = f"{src} -> {target.vip}:{target.port.port}"
+        self.proxy = H2Proxy(_allow, pick=self._pick)
+        self.conn_id = 0
+        self._upstreams: dict[int, Upstream] = {}
+        self._routes: dict[str, ConnectionRecord] = {}  # endpoint IP -> the record of its route
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._client_lock = asyncio.Lock()
+        self._closing = asyncio.Event()  # set once the proxy is done with the connection
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    def _pick(self, head: RequestHead) -> Choice | None:
+        core = self.outbound.core
+        traffic = self.outbound.balanced.traffic.service(core.snapshot(), self.target.service)
+        labels = self.source.labels if self.source else None
+        try:
+            attempts = traffic.admit(self.src_ip, labels, (core.node, None))
+        except Rejected as e:
+            core.registry.reject(e.reason, f"{self.where} {head.method} {head.path}: {e}")
+            return None
+        ip = attempts.next_endpoint()
+        if ip is None:
+            attempts.finish()
+            core.registry.reject("no_endpoints", f"{self.where}: no endpoint left")
+            return None
+        attempts.connected(ip)  # a request is "connected" once it is sent on an upstream
+        return Choice(ip, attempts)
+
+    async def serve(self) -> None:
+        core = self.outbound.core
+        self.conn_id = core.registry.add(self.record, cancel_current_task())
+        clean = False
+        reader = asyncio.create_task(self._client_side(), name="h2-source-client")
+        closing = asyncio.create_task(self._closing.wait(), name="h2-source-closing")
+        try:
+            await self._flush()  # our SETTINGS
+            done, _ = await asyncio.wait({reader, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                reader.result()
+            clean = True
+        except OSError as e:
+            log.debug("%s: client side ended: %s", self.where, e)
+        finally:
+            # Whatever ended the session (also a cancellation), every request still open is
+            # reported and its attempt finished, so the Service's counts stay right.
+            self.proxy.receive_client(b"")
+            self._report()
+            for task in (reader, closing, *self._tasks):
+                task.cancel()
+            await asyncio.gather(reader, closing, *self._tasks, return_exceptions=True)
+            for uid in list(self._upstreams):
+                self._close(uid)
+            core.registry.remove(self.conn_id)
+            if clean:
+                with contextlib.suppress(OSError):
+                    self.client.shutdown(socket.SHUT_WR)
+                self.client.close()
+            else:
+                sockets.abort(self.client)
+
+    async def _client_side(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.proxy.closing:
+            try:
+                wait = header_wait(self.proxy)
+                data = await asyncio.wait_for(loop.sock_recv(self.client, READ_SIZE), wait)
+            except TimeoutError:
+                self.proxy.header_timeout()
+                await self._flush()
+                return
+            self.record.bytes_sent += len(data)
+            self.proxy.receive_client(data)
+            await self._flush()
+            if not data:
+                return
+
+    async def _upstream(self, uid: int, ip: str) -> None:
+        """Open the tunnel to endpoint ``ip`` for upstream ``uid``, then feed its bytes."""
+        out, proxy = self.outbound, self.proxy
+        snap = out.core.snapshot()
+        route = out.resolver.endpoint_route(snap, self.source, self.target, ip)
+        rec = replace(self.record)
+        out.describe_route(snap, route, rec)
+        self._routes[ip] = rec
+        try:
+            timeout = out.core.settings.connect_timeout
+            upstream = await asyncio.wait_for(
+                out.open(route, rec, self.src_ip, self.conn_id), timeout
+            )
+        except (OSError, TunnelError, Refused) as e:
+            if not isinstance(e, Refused):
+                out.count_failure(e, route, rec)
+            proxy.upstream_failed(uid)  # its requests end UC: counted against ip at finish
+            await self._flush()
+            return
+        self._upstreams[uid] = upstream
+        try:
+            await self._flush()  # the preface and the requests queued meanwhile
+            while proxy.upstream_live(uid) and not proxy.closing:
+                data = await _read(upstream)
+                if data and not self.record.first_byte:
+                    self.record.first_byte = time.monotonic()
+                self.record.bytes_received += len(data)
+                proxy.receive_upstream(data, uid)
+                await self._flush()
+                if not data:
+                    break
+        except (OSError, TunnelError) as e:
+            log.debug("%s: upstream %s failed: %s", self.where, ip, e)
+            proxy.upstream_failed(uid)
+            await self._flush()
+        finally:
+            self._close(uid)
+
+    def _close(self, uid: int) -> None:
+        upstream = self._upstreams.pop(uid, None)
+        if isinstance(upstream, TunnelStream):
+            upstream.proto.finish(upstream)
+        elif upstream is not None:
+            upstream.close()
+
+    async def _flush(self) -> None:
+        proxy = self.proxy
+        for uid, key in proxy.take_new_upstreams():
+            task = asyncio.create_task(self._upstream(uid, str(key)), name=f"h2-upstream-{key}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        for uid, upstream in list(self._upstreams.items()):
+            lock = self._locks.setdefault(uid, asyncio.Lock())
+            async with lock:
+                data = proxy.take_to_upstream(uid)
+                if data:
+                    try:
+                        await _write(upstream, data)
+                    except (OSError, TunnelError) as e:
+                        log.debug("%s: upstream send failed: %s", self.where, e)
+                        proxy.upstream_failed(uid)
+        async with self._client_lock:
+            data = proxy.take_to_client()
+            if data:
+                await asyncio.get_running_loop().sock_sendall(self.client, data)
+        self._report()
+        if proxy.closing:
+            self._closing.set()
+
+    def _report(self) -> None:
+        core = self.outbound.core
+        for exchange in self.proxy.take_completed():
+            self._finish(exchange)
+            core.registry.request_done(self._request_connection(exchange), request_record(exchange))
+        for cause in self.proxy.take_rejections():
+            core.registry.http_rejected(cause, self.where)
+
+    def _finish(self, exchange: H2Exchange) -> None:
+        attempts = exchange.tag
+        if isinstance(attempts, Attempts):
+            reset = exchange.flags in ("UC", "UR") and not exchange.first_byte
+            attempts.finish(reset_before_data=reset, first_byte_at=exchange.first_byte)
+
+    def _request_connection(self, exchange: H2Exchange) -> ConnectionRecord:
+        """The connection record as this request saw it: pointed at its endpoint."""
+        if exchange.upstream is None:
+            return self.record
+        rec = self._routes.get(str(exchange.upstream))
+        if rec is None:
+            return self.record
+        return replace(
+            self.record,
+            upstream=rec.upstream,
+            destination_identity=rec.destination_identity,
+            path=rec.path,
+            security=SECURITY_MTLS if rec.path == "hbone" else self.record.security,
+        )
+
+
+async def _read(upstream: Upstream) -> bytes:
+    if isinstance(upstream, TunnelStream):
+        chunk = await upstream.read()
+        if chunk is None:
+            return b""
+        upstream.consumed(len(chunk))
+        return chunk
+    return await asyncio.get_running_loop().sock_recv(upstream, READ_SIZE)
+
+
+async def _write(upstream: Upstream, data: bytes) -> None:
+    if isinstance(upstream, TunnelStream):
+        await upstream.write(data)
+    else:
+        await asyncio.get_running_loop().sock_sendall(upstream, data)

@@ -1,0 +1,760 @@
+"""The destination node's HTTP/2 (h2c) and gRPC layer: authorize and forward each stream, sans-IO.
+
+Why sans-IO, as for HTTP/1.1 (``agent.proxy.http1``): stream multiplexing, flow control and the
+flood limits are where an HTTP/2 proxy goes wrong, and they must be tested frame by frame
+without sockets. ``H2Proxy`` holds two ``h2`` connections: the client side (we are its server,
+h2c with prior knowledge inside the HBONE stream or on the plaintext listener) and the upstream
+side (we are the pod's client, one h2c connection per client connection). The shell
+(``agent.proxy.h2inbound``) feeds it bytes from either side and writes out what it produced
+(``take_to_client``, ``take_to_upstream``); finished requests come out as ``H2Exchange``
+records for telemetry, refusals of bad input as causes (``take_rejections``).
+
+Per stream:
+
+* the request's method, path (without its query) and ``:authority`` go to ``authorize`` (L7
+  policy). A denied HTTP/2 request is answered ``403 RBAC: access denied``; a denied gRPC call
+  (``content-type: application/grpc*``) a trailers-only response with ``grpc-status: 7``
+  (PERMISSION_DENIED). Other streams on the connection go on;
+* an allowed one gets ``x-request-id`` when absent and is opened on the upstream connection;
+  headers, DATA and trailers are forwarded as they come, trailers-only responses stay
+  trailers-only (a gRPC client needs that);
+* ``grpc-status`` is read from the response trailers, or from the headers of a trailers-only
+  response.
+
+Flow control, both ways: DATA received from one side is acknowledged to it (its window
+reopened) only once it was handed to the other side's connection, which happens only within
+that side's send window. So what the proxy holds per connection is bounded by the windows it
+advertised (``H2Limits``), and a side that stops reading (no WINDOW_UPDATE) stops the other.
+
+An upstream that fails (closed, reset, garbled) is answered per stream as a client of Envoy would
+see it: before response headers 502, or for gRPC a trailers-only ``grpc-status: 14``
+(UNAVAILABLE), flag ``UC`` (``UR`` for a stream the pod reset); after them, the stream is reset.
+The client is then sent GOAWAY so that it reconnects (and so gets a fresh pod connection).
+
+Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
+(``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
+our output (PING and SETTINGS floods), streams reset by the client before their response
+(rapid reset, counted like Envoy's premature resets: beyond a number *and* over half the
+streams), runs of empty DATA frames, a header block still open 10 s after it began (the shell's
+timer, ``head_started``, as for HTTP/1.1's head), and ``h2``'s own checks (frame size, header
+list size, concurrent streams). Each closes the connection with GOAWAY and is named by its
+cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from h2.config import H2Configuration
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    InformationalResponseReceived,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
+from h2.exceptions import FrameTooLargeError, ProtocolError, TooManyStreamsError
+from h2.settings import SettingCodes, Settings
+
+from agent.proxy.h2guard import HeaderBlockGuard
+from agent.proxy.h2wire import GracefulH2Connection
+from agent.proxy.http1 import (
+    DENIED_BODY,
+    DOWNSTREAM_CLOSED,
+    NO_FLAGS,
+    RBAC_DENIED,
+    UPSTREAM_CLOSED,
+    UPSTREAM_PROTOCOL,
+    RequestHead,
+    Verdict,
+)
+from agent.telemetry.records import trace_headers_of
+
+Header = tuple[bytes, bytes]
+KIB = 1024
+
+# Causes of a refused connection (``nodemesh_http_rejected_requests_total{cause}``); the header
+# block ones are ``agent.proxy.h2guard``'s.
+CONTROL_FLOOD = "h2_control_flood"
+RAPID_RESET = "h2_rapid_reset"
+EMPTY_FRAMES = "h2_empty_frames"
+TOO_MANY_STREAMS = "h2_max_concurrent_streams"
+OVERSIZED_FRAME = "h2_oversized_frame"
+PROTOCOL_ERROR = "h2_protocol_error"
+HEADER_TIMEOUT = "h2_header_timeout"  # a header block not finished in time (slowloris)
+
+UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
+NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
+
+GRPC_PERMISSION_DENIED = 7
+GRPC_UNAVAILABLE = 14
+
+
+@dataclass(frozen=True, slots=True)
+class H2Limits:
+    """What one proxied HTTP/2 client connection may make the proxy hold or do."""
+
+    stream_window: int = 256 * KIB
+    connection_window: int = 1024 * KIB  # also what the proxy holds per direction, at most
+    max_frame_size: int = 16 * KIB  # the protocol's minimum: no large frame is ever buffered
+    max_concurrent_streams: int = 100
+    max_header_list_size: int = 16 * KIB
+    max_header_block: int = 32 * KIB
+    max_continuations: int = 16
+    # Reply bytes (PING/SETTINGS ACKs, RST_STREAMs) the client's frames made us queue since the
+    # shell last took our output: a legitimate client never needs this many.
+    max_unsent_replies: int = 16 * KIB
+    # Streams reset by the client before their response ended: beyond this many, when they are
+    # also more than half the streams it opened, the connection is a rapid-reset attack.
+    max_premature_resets: int = 100
+    max_empty_frames: int = 100  # consecutive empty DATA frames without END_STREAM
+
+
+@dataclass(slots=True)
+class H2Exchange:
+    """One stream's request and response, as telemetry reports it."""
+
+    head: RequestHead
+    grpc: bool
+    started: float
+    status: int = 0
+    grpc_status: str = ""  # from the trailers, or a trailers-only response; "" if none
+    request_bytes: int = 0  # DATA bytes
+    response_bytes: int = 0  # DATA bytes
+    flags: str = NO_FLAGS
+    denied_by: str | None = None  # the deciding policy (or reason) when refused by policy
+    ended: float = 0.0
+    first_byte: float = 0.0  # clock time of the response headers (0: none)
+    upstream: object = None  # ``Choice.key`` of the upstream that served it (source side)
+    tag: object = None  # ``Choice.tag``: the shell's own note for the request
+
+
+Authorize = Callable[[RequestHead], Verdict]
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Where one request goes (``Pick``): ``key`` names the upstream (an endpoint), ``tag`` is
+    the shell's note that comes back on the request's ``H2Exchange``."""
+
+    key: object
+    tag: object = None
+
+
+# The source side's per-request choice of upstream; None: no upstream (answered 503/UNAVAILABLE).
+Pick = Callable[[RequestHead], Choice | None]
+
+
+class _Upstream:
+    """One h2c connection to a pod (``uid`` names it to the shell)."""
+
+    __slots__ = ("conn", "gone", "key", "streams", "uid")
+
+    def __init__(self, uid: int, key: object, limits: H2Limits) -> None:
+        self.uid, self.key = uid, key
+        self.conn = new_connection(client_side=True, limits=limits)
+        self.streams: dict[int, _Stream] = {}  # by its stream id
+        self.gone = False  # closed, failed or sent GOAWAY: no new stream on it
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    client_id: int
+    exchange: H2Exchange
+    upstream: _Upstream | None = None  # None: answered by the proxy itself
+    upstream_id: int = 0
+    to_upstream: deque[tuple[bytes, int]] = field(default_factory=deque)  # (data, window bytes)
+    request_end: bool = False  # the client ended its side
+    request_trailers: list[Header] | None = None
+    request_sent: bool = False  # ... and we ended it upstream
+    to_client: deque[tuple[bytes, int]] = field(default_factory=deque)
+    response_started: bool = False
+    response_end: bool = False
+    response_trailers: list[Header] | None = None
+
+
+def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
+    """An h2c connection with ``limits``' settings, its preface and connection window queued.
+    Headers stay bytes: they are forwarded, not interpreted (``header_encoding=None``); what
+    arrives is validated (RFC 9113 8.2), what is sent is not validated a second time."""
+    conn = GracefulH2Connection(
+        H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            # What we send was validated as it arrived (or is ours): h2's outbound checks of
+            # every header were a visible share of a request's time in a profile, for nothing.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+    )
+    conn.local_settings = Settings(
+        client=client_side,
+        initial_values={
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+            SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            SettingCodes.ENABLE_PUSH: 0,
+        },
+    )
+    conn.max_inbound_frame_size = limits.max_frame_size
+    conn.decoder.max_header_list_size = limits.max_header_list_size
+    conn.initiate_connection()
+    extra = limits.connection_window - conn.inbound_flow_control_window
+    if extra > 0:
+        conn.increment_flow_control_window(extra)
+    return conn
+
+
+def header(headers: Iterable[Header], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+class H2Proxy:
+    """One client h2c connection and its upstream h2c connection(s).
+
+    Without ``pick`` (the destination), every stream goes to one upstream (``uid`` 0, the pod),
+    whose loss ends the client connection. With ``pick`` (the source), each request goes to the
+    upstream ``pick`` names, one h2c connection per key, opened on first use: the shell learns
+    of each new one from ``take_new_upstreams`` and connects it; one that fails or closes is
+    forgotten, and the next request for its key opens another.
+    """
+
+    def __init__(
+        self,
+        authorize: Authorize,
+        *,
+        pick: Pick | None = None,
+        limits: H2Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        new_request_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self.authorize = authorize
+        self.limits = limits = limits or H2Limits()
+        self.clock = clock
+        self.new_request_id = new_request_id
+        self.pick = pick
+        self.client = new_connection(client_side=False, limits=limits)
+        self.guard = HeaderBlockGuard(
+            max_header_block=limits.max_header_block, max_continuations=limits.max_continuations
+        )
+        self.closing = False  # flush, then close both sides
+        self._streams: dict[int, _Stream] = {}  # by client stream id
+        self._upstreams: dict[int, _Upstream] = {}  # by uid
+        self._current: dict[object, _Upstream] = {}  # by key: where new requests go
+        self._new_upstreams: list[tuple[int, object]] = []
+        self._next_uid = 0
+        self._to_client = bytearray(self.client.data_to_send())
+        self._completed: list[H2Exchange] = []
+        self._rejections: list[str] = []
+        self._unsent_replies = 0
+        self._opened = 0
+        self._premature_resets = 0
+        self._empty_frames = 0
+        self.head_started: float | None = None  # clock time an unfinished header block began
+        self._client_gone = False  # the client sent GOAWAY: no new streams will come
+        self._upstream_gone = False  # destination: the pod's connection is unusable
+        if pick is None:
+            self._upstream_for(None)  # uid 0, connected by the shell from the start
+            self._new_upstreams.clear()
+
+    # -- the shell's interface ---------------------------------------------------------------
+    def take_to_client(self) -> bytes:
+        self._to_client += self.client.data_to_send()
+        out, self._to_client = bytes(self._to_client), bytearray()
+        self._unsent_replies = 0
+        return out
+
+    def take_to_upstream(self, uid: int = 0) -> bytes:
+        u = self._upstreams.get(uid)
+        return u.conn.data_to_send() if u is not None else b""
+
+    def take_new_upstreams(self) -> list[tuple[int, object]]:
+        """(uid, key) of each upstream opened since the last call: the shell connects them."""
+        out, self._new_upstreams = self._new_upstreams, []
+        return out
+
+    def upstream_live(self, uid: int) -> bool:
+        """Does the shell still need upstream ``uid`` (open streams, or new ones may come)?"""
+        u = self._upstreams.get(uid)
+        return u is not None and not (u.gone and not u.streams)
+
+    def take_completed(self) -> list[H2Exchange]:
+        out, self._completed = self._completed, []
+        return out
+
+    def take_rejections(self) -> list[str]:
+        out, self._rejections = self._rejections, []
+        return out
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def receive_client(self, data: bytes) -> None:
+        """Bytes from the client; ``b""`` when it closed its side."""
+        if self.closing:
+            return
+        if not data:
+            self._abort_all(DOWNSTREAM_CLOSED)
+            return
+        cause = self.guard.feed(data)
+        if cause is not None:
+            self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        if not self.guard.block_open:
+            self.head_started = None
+        elif self.head_started is None:
+            self.head_started = self.clock()
+        self._to_client += self.client.data_to_send()  # ours, not replies to these bytes
+        try:
+            events = self.client.receive_data(data)
+        except TooManyStreamsError:
+            self._fail_client(TOO_MANY_STREAMS, None)
+            return
+        except FrameTooLargeError:
+            self._fail_client(OVERSIZED_FRAME, None)
+            return
+        except ProtocolError:
+            self._fail_client(PROTOCOL_ERROR, None)
+            return
+        replies = self.client.data_to_send()  # before we act: only h2's own answers
+        self._to_client += replies
+        self._unsent_replies += len(replies)
+        if self._unsent_replies > self.limits.max_unsent_replies:
+            self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        for event in events:
+            self._client_event(event)
+            if self.closing:
+                return
+        self._pump()
+        self._check_done()
+
+    def receive_upstream(self, data: bytes, uid: int = 0) -> None:
+        """Bytes from upstream ``uid``; ``b""`` when it closed its side."""
+        u = self._upstreams.get(uid)
+        if self.closing or u is None:
+            return
+        if not data:
+            self.upstream_failed(uid)
+            return
+        try:
+            events = u.conn.receive_data(data)
+        except ProtocolError:
+            self._rejections.append(UPSTREAM_PROTOCOL)
+            self.upstream_failed(uid)
+            return
+        for event in events:
+            self._upstream_event(u, event)
+        self._forget_if_done(u)
+        self._pump()
+        self._check_done()
+
+    def header_timeout(self) -> None:
+        """The shell's timer: a header block stayed open past its deadline (``head_started``)."""
+        if not self.closing:
+            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def upstream_failed(self, uid: int = 0) -> None:
+        """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams.
+        At the destination the client is then sent GOAWAY, so that it reconnects."""
+        u = self._upstreams.get(uid)
+        if u is None:
+            return
+        self._retire(u)
+        self._upstreams.pop(uid, None)
+        for s in list(u.streams.values()):
+            self._upstream_lost(s, UPSTREAM_CLOSED)
+        self._pump()  # the answers first: a client may stop reading streams at the GOAWAY
+        if self.pick is None:
+            self._goaway_client()
+        self._check_done()
+
+    # -- client events -----------------------------------------------------------------------
+    def _client_event(self, event: Event) -> None:
+        if isinstance(event, RequestReceived):
+            self._on_request(event.stream_id, event.headers, ended=event.stream_ended is not None)
+        elif isinstance(event, DataReceived):
+            self._on_request_data(event.stream_id, event.data, event.flow_controlled_length)
+        elif isinstance(event, TrailersReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.request_trailers = list(event.headers)
+        elif isinstance(event, StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.request_end = True
+        elif isinstance(event, StreamReset):
+            self._on_client_reset(event.stream_id)
+        elif isinstance(event, ConnectionTerminated):
+            if event.error_code == ErrorCodes.NO_ERROR:
+                self._client_gone = True
+            else:
+                self._abort_all(DOWNSTREAM_CLOSED)
+
+    def _on_request(self, stream_id: int, headers: Sequence[Header], *, ended: bool) -> None:
+        self._opened += 1
+        path = header(headers, b":path") or b""
+        authority = header(headers, b":authority") or header(headers, b"host") or b""
+        request_id = header(headers, b"x-request-id")
+        forwarded = list(headers)
+        if request_id is None:
+            request_id = self.new_request_id().encode()
+            forwarded.append((b"x-request-id", request_id))
+        head = RequestHead(
+            (header(headers, b":method") or b"").decode("latin-1"),
+            path.split(b"?", 1)[0].decode("latin-1"),
+            authority.decode("latin-1"),
+            request_id.decode("latin-1"),
+            trace=trace_headers_of(headers),
+            headers=[(n, v) for n, v in headers if not n.startswith(b":")],
+        )
+        content_type = header(headers, b"content-type") or b""
+        grpc = content_type.startswith(b"application/grpc")
+        s = _Stream(stream_id, H2Exchange(head, grpc, self.clock()), request_end=ended)
+        self._streams[stream_id] = s
+        verdict = self.authorize(head)
+        if not verdict.allowed:
+            s.exchange.flags = RBAC_DENIED
+            s.exchange.denied_by = verdict.reason
+            self._answer(s, 403, GRPC_PERMISSION_DENIED, DENIED_BODY)
+            return
+        u = self._choose(s)
+        if u is None:
+            return
+        up = u.conn
+        if up.open_outbound_streams >= up.remote_settings.max_concurrent_streams:
+            # The pod's own limit: REFUSED_STREAM tells the client it is safe to retry.
+            self._drop(s)
+            self.client.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        s.upstream, s.upstream_id = u, up.get_next_available_stream_id()
+        u.streams[s.upstream_id] = s
+        up.send_headers(s.upstream_id, forwarded, end_stream=ended)
+        s.request_sent = ended
+
+    def _choose(self, s: _Stream) -> _Upstream | None:
+        """The upstream for ``s``, or None after answering it 503/UNAVAILABLE ourselves."""
+        if self.pick is None:
+            if not self._upstream_gone:
+                return self._upstreams[0]
+            s.exchange.flags = UPSTREAM_CLOSED
+            self._answer(s, 503, GRPC_UNAVAILABLE, b"upstream connection closed")
+            return None
+        choice = self.pick(s.exchange.head)
+        if choice is None:
+            s.exchange.flags = NO_HEALTHY_UPSTREAM
+            self._answer(s, 503, GRPC_UNAVAILABLE, b"no healthy upstream")
+            return None
+        s.exchange.upstream, s.exchange.tag = choice.key, choice.tag
+        return self._upstream_for(choice.key)
+
+    def _upstream_for(self, key: object) -> _Upstream:
+        u = self._current.get(key)
+        if u is None:
+            u = _Upstream(self._next_uid, key, self.limits)
+            self._next_uid += 1
+            self._upstreams[u.uid] = self._current[key] = u
+            self._new_upstreams.append((u.uid, key))
+        return u
+
+    def _retire(self, u: _Upstream) -> None:
+        """No new stream goes to ``u``."""
+        u.gone = True
+        if self._current.get(u.key) is u:
+            del self._current[u.key]
+        if self.pick is None:
+            self._upstream_gone = True
+
+    def _forget_if_done(self, u: _Upstream) -> None:
+        if u.gone and not u.streams and self.pick is not None:
+            self._upstreams.pop(u.uid, None)
+
+    def _on_request_data(self, stream_id: int, data: bytes, flow: int) -> None:
+        if data:
+            self._empty_frames = 0
+        elif flow == 0:
+            self._empty_frames += 1
+            if self._empty_frames > self.limits.max_empty_frames:
+                self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM)
+                return
+        s = self._streams.get(stream_id)
+        if s is None or s.upstream is None:  # answered already: the body is discarded
+            if flow:
+                self.client.acknowledge_received_data(flow, stream_id)
+            return
+        s.exchange.request_bytes += len(data)
+        s.to_upstream.append((data, flow))
+
+    def _on_client_reset(self, stream_id: int) -> None:
+        s = self._streams.get(stream_id)
+        if s is None:
+            return
+        self._premature_resets += 1
+        if (
+            self._premature_resets > self.limits.max_premature_resets
+            and 2 * self._premature_resets > self._opened
+        ):
+            self._fail_client(RAPID_RESET, ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        s.exchange.flags = DOWNSTREAM_CLOSED
+        self._reset_upstream(s)
+        self._complete(s)
+
+    # -- upstream events ---------------------------------------------------------------------
+    def _upstream_event(self, u: _Upstream, event: Event) -> None:
+        if isinstance(event, ConnectionTerminated):
+            self._retire(u)
+            last = event.last_stream_id or 0
+            for lost in [x for x in u.streams.values() if x.upstream_id > last]:
+                self._upstream_lost(lost, UPSTREAM_CLOSED)  # never processed: safe to answer
+            if self.pick is None:
+                self._goaway_client()
+            return
+        stream_id = getattr(event, "stream_id", 0)
+        s = u.streams.get(stream_id)
+        if s is None:
+            if isinstance(event, DataReceived) and event.flow_controlled_length:
+                u.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            return
+        ex = s.exchange
+        if isinstance(event, ResponseReceived):
+            status = header(event.headers, b":status") or b"0"
+            ex.status = int(status) if status.isdigit() else 0
+            ex.first_byte = self.clock()
+            ended = event.stream_ended is not None
+            if ended:
+                ex.grpc_status = (header(event.headers, b"grpc-status") or b"").decode("latin-1")
+            s.response_started = True
+            s.response_end = ended
+            self.client.send_headers(s.client_id, list(event.headers), end_stream=ended)
+            if ended:
+                self._complete(s)
+        elif isinstance(event, InformationalResponseReceived):
+            self.client.send_headers(s.client_id, list(event.headers))
+        elif isinstance(event, DataReceived):
+            ex.response_bytes += len(event.data)
+            s.to_client.append((event.data, event.flow_controlled_length))
+        elif isinstance(event, TrailersReceived):
+            ex.grpc_status = (header(event.headers, b"grpc-status") or b"").decode("latin-1")
+            s.response_trailers = list(event.headers)
+            s.response_end = True
+        elif isinstance(event, StreamEnded):
+            s.response_end = True
+        elif isinstance(event, StreamReset):
+            if not s.response_started and event.error_code == ErrorCodes.REFUSED_STREAM:
+                self._drop(s)  # the pod never processed it: the client may retry
+                self.client.reset_stream(s.client_id, ErrorCodes.REFUSED_STREAM)
+                return
+            self._upstream_lost(s, UPSTREAM_RESET)
+
+    def _upstream_lost(self, s: _Stream, flag: str) -> None:
+        """The pod will not finish ``s``: answer it ourselves if we can, else reset it."""
+        s.exchange.flags = flag
+        self._discard_request(s)
+        if s.upstream is not None:
+            s.upstream.streams.pop(s.upstream_id, None)
+        if not s.response_started:
+            self._release_response(s)
+            s.upstream, s.upstream_id = None, 0
+            self._answer(s, 502, GRPC_UNAVAILABLE, b"upstream connect error or disconnect/reset")
+            return
+        self._release_response(s)
+        self._reset_client(s, ErrorCodes.INTERNAL_ERROR)
+        self._complete(s)
+
+    # -- answers and stream ends -------------------------------------------------------------
+    def _answer(self, s: _Stream, status: int, grpc_status: int, message: bytes) -> None:
+        """Answer ``s`` from the proxy: ``status`` with ``message`` as body, or for gRPC a
+        trailers-only response with ``grpc_status`` (RFC 9113 8.1: the request's remaining
+        body is discarded, the stream reset with NO_ERROR once the answer is out)."""
+        ex = s.exchange
+        s.response_started = True
+        if ex.grpc:
+            ex.status, ex.grpc_status = 200, str(grpc_status)
+            self.client.send_headers(
+                s.client_id,
+                [
+                    (b":status", b"200"),
+                    (b"content-type", b"application/grpc"),
+                    (b"grpc-status", str(grpc_status).encode()),
+                    (b"grpc-message", message),
+                ],
+                end_stream=True,
+            )
+            s.response_end = True
+            self._complete(s)
+            return
+        ex.status, ex.response_bytes = status, len(message)
+        self.client.send_headers(
+            s.client_id,
+            [
+                (b":status", str(status).encode()),
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(message)).encode()),
+            ],
+        )
+        s.to_client.append((message, 0))
+        s.response_end = True
+
+    def _complete(self, s: _Stream) -> None:
+        """``s`` is over (answered, or reset): report it and forget it."""
+        s.exchange.ended = self.clock()
+        self._completed.append(s.exchange)
+        self._drop(s)
+        if not s.request_end and s.response_end:
+            self._reset_client(s, ErrorCodes.NO_ERROR)  # answered before the client finished
+        if s.upstream is not None and not s.request_sent:
+            self._reset_upstream(s)
+
+    def _drop(self, s: _Stream) -> None:
+        self._streams.pop(s.client_id, None)
+        if s.upstream is not None:
+            s.upstream.streams.pop(s.upstream_id, None)
+        self._discard_request(s)
+        self._release_response(s)
+
+    def _discard_request(self, s: _Stream) -> None:
+        """Give the client back the window of request bytes that will never be forwarded."""
+        owed = sum(flow for _, flow in s.to_upstream)
+        s.to_upstream.clear()
+        if owed:
+            self.client.acknowledge_received_data(owed, s.client_id)
+
+    def _release_response(self, s: _Stream) -> None:
+        owed = sum(flow for _, flow in s.to_client)
+        s.to_client.clear()
+        if owed and s.upstream is not None:
+            s.upstream.conn.acknowledge_received_data(owed, s.upstream_id)
+
+    def _reset_client(self, s: _Stream, code: ErrorCodes) -> None:
+        with contextlib.suppress(ProtocolError):  # already closed both ways: nothing to reset
+            self.client.reset_stream(s.client_id, code)
+
+    def _reset_upstream(self, s: _Stream) -> None:
+        if s.upstream is None or s.upstream.uid not in self._upstreams:
+            return  # never connected, or gone
+        with contextlib.suppress(ProtocolError):  # the pod already closed it
+            s.upstream.conn.reset_stream(s.upstream_id, ErrorCodes.CANCEL)
+
+    def _goaway_client(self) -> None:
+        if not self._client_gone:
+            self._client_gone = True
+            self.client.send_goaway(ErrorCodes.NO_ERROR, self.client.highest_inbound_stream_id)
+
+    def _abort_all(self, flag: str) -> None:
+        """The client connection is over: report what was open, cancel it at the pod."""
+        for s in list(self._streams.values()):
+            s.exchange.flags = flag
+            s.exchange.ended = self.clock()
+            self._completed.append(s.exchange)
+            self._reset_upstream(s)
+        self._streams.clear()
+        for u in self._upstreams.values():
+            u.streams.clear()
+        self.closing = True
+
+    def _fail_client(self, cause: str, code: ErrorCodes | None) -> None:
+        """The client broke a limit or the protocol: GOAWAY (``h2`` sent its own when ``code``
+        is None) and close."""
+        self._rejections.append(cause)
+        if code is not None:
+            self.client.send_goaway(code, self.client.highest_inbound_stream_id)
+        self._abort_all(DOWNSTREAM_CLOSED)
+
+    def _check_done(self) -> None:
+        if (self._client_gone or self._upstream_gone) and not self._streams:
+            self.closing = True
+        for u in [u for u in self._upstreams.values() if u.gone and not u.streams]:
+            self._forget_if_done(u)
+
+    # -- moving DATA within the windows --------------------------------------------------------
+    def _pump(self) -> None:
+        for s in list(self._streams.values()):
+            if s.upstream is not None and not s.request_sent:
+                self._pump_request(s)
+            self._pump_response(s)
+
+    def _pump_request(self, s: _Stream) -> None:
+        assert s.upstream is not None
+        up, uid = s.upstream.conn, s.upstream_id
+        try:
+            plain_end = s.request_end and s.request_trailers is None and bool(s.to_upstream)
+            sent, ended = _move(s.to_upstream, up, uid, end=plain_end)
+            if sent:
+                self.client.acknowledge_received_data(sent, s.client_id)
+            if ended:
+                s.request_sent = True
+            elif not s.to_upstream and s.request_end:
+                if s.request_trailers is not None:
+                    up.send_headers(uid, s.request_trailers, end_stream=True)
+                else:
+                    up.end_stream(uid)
+                s.request_sent = True
+        except ProtocolError:  # the pod closed its receiving side: the rest is not wanted
+            s.request_sent = True
+            self._discard_request(s)
+
+    def _pump_response(self, s: _Stream) -> None:
+        if not s.response_started:
+            return
+        plain_end = s.response_end and s.response_trailers is None and bool(s.to_client)
+        sent, ended = _move(s.to_client, self.client, s.client_id, end=plain_end)
+        if sent and s.upstream is not None:
+            s.upstream.conn.acknowledge_received_data(sent, s.upstream_id)
+        if ended:
+            self._complete(s)
+        elif not s.to_client and s.response_end:
+            if s.response_trailers is not None:
+                self.client.send_headers(s.client_id, s.response_trailers, end_stream=True)
+            else:
+                self.client.end_stream(s.client_id)
+            self._complete(s)
+
+
+def _move(
+    queue: deque[tuple[bytes, int]], conn: GracefulH2Connection, stream_id: int, *, end: bool
+) -> tuple[int, bool]:
+    """Send what ``queue`` holds on ``stream_id`` as far as the send windows allow, ending the
+    stream with the last bytes if ``end``. Returns the window bytes (padding included) now
+    forwarded, to be acknowledged to the sender, and whether the stream was ended."""
+    acknowledged = 0
+    while queue:
+        data, flow = queue[0]
+        last = end and len(queue) == 1
+        if not data:
+            queue.popleft()
+            acknowledged += flow
+            if last:
+                conn.end_stream(stream_id)
+                return acknowledged, True
+            continue
+        n = min(len(data), conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+        if n <= 0:
+            break
+        if n < len(data):
+            conn.send_data(stream_id, data[:n])
+            queue[0] = (data[n:], flow - n)
+            acknowledged += n
+        else:
+            conn.send_data(stream_id, data, end_stream=last)
+            queue.popleft()
+            acknowledged += flow
+            if last:
+                return acknowledged, True
+    return acknowledged, False

@@ -1,0 +1,221 @@
+"""The destination's h2c/gRPC shell with real grpcio peers on loopback (no root, no lab).
+
+A grpcio client's channel goes to a loopback listener whose connections are served by
+``H2Session`` (the plaintext path's ``SocketDownstream``), forwarding to a grpcio server of
+the lab's echo service: unary and streaming calls, an error status, an L7 DENY on one method
+path, what the registry is told, and a server that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated
+from hpack import Encoder
+from hyperframe.frame import HeadersFrame
+
+from agent.lab import grpcecho
+from agent.policy.authz import Request
+from agent.proxy.core import Core
+from agent.proxy.h2inbound import H2Session
+from agent.proxy.http_inbound import SocketDownstream
+from agent.state import PolicyObject, StateStore
+from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
+from tests.workloads import workload
+
+SERVER = workload("server", "node1", "10.244.1.3", app="server")
+DENY_ADMIN = PolicyObject(
+    "AuthorizationPolicy",
+    "default",
+    "deny-admin",
+    {"action": "DENY", "rules": [{"to": [{"operation": {"paths": [grpcecho.ADMIN]}}]}]},
+)
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.requests: list[RequestRecord] = []
+        self.rejections: list[str] = []
+
+    def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
+        self.requests.append(request)
+
+    def rejected(self, cause: str) -> None:
+        self.rejections.append(cause)
+
+    def would_deny(self, policy: str) -> None:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def pod() -> Iterator[tuple[int, grpc.Server]]:
+    port = _free_port()
+    server = grpcecho.serve(port, "pod", workers=4)
+    try:
+        yield port, server
+    finally:
+        server.stop(None).wait()
+
+
+async def _proxy(
+    core: Core, pod_port: int, seen: Seen, header_timeout: float = 10.0
+) -> tuple[asyncio.Server, int]:
+    """A loopback listener serving each connection with ``H2Session`` to the pod."""
+    core.registry.request_observers.append(seen)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client: socket.socket = writer.get_extra_info("socket").dup()
+        client.setblocking(False)
+        writer.transport.pause_reading()
+        try:
+            upstream = socket.create_connection(("127.0.0.1", pod_port))
+        except OSError:  # the pod is gone: refuse, as the inbound paths do
+            client.close()
+            writer.close()
+            return
+        upstream.setblocking(False)
+        record = ConnectionRecord(INBOUND, "10.244.2.2:40000", "10.244.1.3:50051")
+        request = Request("10.244.2.2", "10.244.1.3", 50051, None)
+        session = H2Session(
+            core,
+            SocketDownstream(client),
+            upstream,
+            record,
+            request,
+            SERVER,
+            header_timeout=header_timeout,
+        )
+        try:
+            await session.serve()
+        finally:
+            upstream.close()
+            client.close()
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _core(*policies: PolicyObject) -> Core:
+    store = StateStore()
+    with store.update() as txn:
+        txn.put_workload(SERVER)
+        for p in policies:
+            txn.put_policy(p)
+    return Core(node="node1", store=store, identities=None)  # type: ignore[arg-type]
+
+
+def _calls(port: int) -> list[tuple[str, str]]:
+    """On ONE channel: unary, streaming, an error on purpose, the denied method, unary again."""
+    out: list[tuple[str, str]] = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        unary = grpcecho.unary_call(channel)
+        out.append(("unary", unary(b"hi", timeout=10).decode()))
+        stream = grpcecho.stream_call(channel)(b"3", timeout=10)
+        out.append(("stream", ",".join(m.decode() for m in stream)))
+        for method, payload in ((grpcecho.UNARY, b"fail:x"), (grpcecho.ADMIN, b"a")):
+            try:
+                grpcecho.unary_call(channel, method)(payload, timeout=10)
+            except grpc.RpcError as e:
+                out.append((method, f"{e.code().name} {e.details()}"))
+        out.append(("unary", unary(b"again", timeout=10).decode()))
+    return out
+
+
+def test_grpc_calls_through_the_proxy_with_a_deny_on_one_method(
+    pod: tuple[int, grpc.Server],
+) -> None:
+    async def main() -> None:
+        seen = Seen()
+        server, port = await _proxy(_core(DENY_ADMIN), pod[0], seen)
+        async with server:
+            result = await asyncio.to_thread(_calls, port)
+        assert result == [
+            ("unary", "pod:hi"),
+            ("stream", "pod:0,pod:1,pod:2"),
+            (grpcecho.UNARY, "NOT_FOUND asked to fail"),
+            (grpcecho.ADMIN, "PERMISSION_DENIED RBAC: access denied"),
+            ("unary", "pod:again"),
+        ]
+        got = [
+            (r.path, r.status, r.protocol, r.grpc_status, r.response_flags) for r in seen.requests
+        ]
+        assert got == [
+            (grpcecho.UNARY, 200, "grpc", "0", "-"),
+            (grpcecho.STREAM, 200, "grpc", "0", "-"),
+            (grpcecho.UNARY, 200, "grpc", "5", "-"),
+            (grpcecho.ADMIN, 200, "grpc", "7", "RBAC"),
+            (grpcecho.UNARY, 200, "grpc", "0", "-"),
+        ]
+        assert seen.rejections == []
+
+    asyncio.run(main())
+
+
+def test_a_pod_that_dies_mid_call_gets_the_call_unavailable_from_the_proxy() -> None:
+    async def pod_that_dies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Takes the request (preface, SETTINGS, HEADERS, DATA), then drops the connection."""
+        got = b""
+        while len(got) < 100:  # preface and SETTINGS are 24 + 9..45: a request came too
+            got += await reader.read(65536)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+    def call(port: int) -> str:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                grpcecho.unary_call(channel)(b"x", timeout=10, wait_for_ready=True)
+            except grpc.RpcError as e:
+                return f"{e.code().name} {e.details()}"
+            return "OK"
+
+    async def main() -> None:
+        seen = Seen()
+        pod = await asyncio.start_server(pod_that_dies, "127.0.0.1", 0)
+        server, port = await _proxy(_core(), pod.sockets[0].getsockname()[1], seen)
+        async with pod, server:
+            result = await asyncio.to_thread(call, port)
+        assert result == "UNAVAILABLE upstream connect error or disconnect/reset"
+        got = [(r.path, r.status, r.grpc_status, r.response_flags) for r in seen.requests]
+        assert got == [(grpcecho.UNARY, 200, "14", "UC")]
+
+    asyncio.run(main())
+
+
+def test_a_header_block_left_open_is_timed_out(pod: tuple[int, grpc.Server]) -> None:
+    async def main() -> None:
+        seen = Seen()
+        server, port = await _proxy(_core(), pod[0], seen, header_timeout=0.3)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            client = H2Connection(H2Configuration(client_side=True))
+            client.initiate_connection()
+            block = Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http")])
+            frame = HeadersFrame(1, block)  # no END_HEADERS: the block stays open
+            writer.write(client.data_to_send() + frame.serialize())
+            got = b""
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                got += chunk  # until the proxy closes the connection
+            writer.close()
+        events = H2Connection(H2Configuration(client_side=True))
+        events.initiate_connection()
+        goaway = [e for e in events.receive_data(got) if isinstance(e, ConnectionTerminated)]
+        assert [e.error_code for e in goaway] == [ErrorCodes.ENHANCE_YOUR_CALM]
+        assert seen.rejections == ["h2_header_timeout"]
+
+    asyncio.run(main())

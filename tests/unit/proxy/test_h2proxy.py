@@ -1,0 +1,451 @@
+"""The destination's HTTP/2 and gRPC layer, sans-IO: an h2 client, the proxy and an h2 pod."""
+
+from __future__ import annotations
+
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
+from hpack import Encoder
+from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame
+
+from agent.proxy.h2guard import CONTINUATION_FLOOD, HEADER_BLOCK
+from agent.proxy.h2proxy import (
+    CONTROL_FLOOD,
+    EMPTY_FRAMES,
+    RAPID_RESET,
+    TOO_MANY_STREAMS,
+    Choice,
+    H2Limits,
+    H2Proxy,
+)
+from agent.proxy.http1 import RequestHead, Verdict
+from tests.unit.proxy.h2peers import Wire, peer
+
+OK_TRAILERS = [(b"grpc-status", b"0")]
+
+
+def _respond(w: Wire, body: bytes = b"hello", *, grpc: bool = False) -> int:
+    """The pod answers the one request it has; returns the pod's stream id."""
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod_events.clear()
+    sid: int = req.stream_id
+    ctype = b"application/grpc" if grpc else b"text/plain"
+    w.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", ctype)])
+    w.pod.send_data(sid, body, end_stream=not grpc)
+    if grpc:
+        w.pod.send_headers(sid, OK_TRAILERS, end_stream=True)
+    w.run()
+    return sid
+
+
+def test_a_request_reaches_the_pod_with_a_request_id_and_its_response_comes_back() -> None:
+    w = Wire()
+    sid = w.request("/hello?x=1")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    assert (b"x-request-id", b"rid-1") in req.headers
+    assert (b":path", b"/hello?x=1") in req.headers
+    _respond(w)
+    (resp,) = w.taken(ResponseReceived)
+    assert resp.stream_id == sid and (b":status", b"200") in resp.headers
+    assert [e.data for e in w.taken(DataReceived)] == [b"hello"]
+    assert [e.stream_id for e in w.taken(StreamEnded)] == [sid]
+    (ex,) = w.proxy.take_completed()
+    assert (ex.head.method, ex.head.path, ex.head.host) == ("GET", "/hello", "server:50051")
+    assert (ex.status, ex.response_bytes, ex.flags, ex.grpc) == (200, 5, "-", False)
+
+
+def test_a_request_id_the_client_sent_is_kept() -> None:
+    w = Wire()
+    w.request("/a", extra=[(b"x-request-id", b"mine")])
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    assert [v for k, v in req.headers if k == b"x-request-id"] == [b"mine"]
+
+
+def test_a_denied_request_gets_403_and_the_connection_keeps_serving() -> None:
+    w = Wire()
+    denied = w.request("/denied/x", end=False)
+    w.client.send_data(denied, b"body the pod must never see", end_stream=True)
+    allowed = w.request("/fine")
+    w.run()
+    pod_paths = [dict(e.headers)[b":path"] for e in w.pod_events if isinstance(e, RequestReceived)]
+    assert pod_paths == [b"/fine"]
+    assert not [e for e in w.pod_events if isinstance(e, DataReceived)]
+    _respond(w)
+    by_stream = {e.stream_id: dict(e.headers)[b":status"] for e in w.taken(ResponseReceived)}
+    assert by_stream == {denied: b"403", allowed: b"200"}
+    bodies = {e.stream_id: e.data for e in w.taken(DataReceived)}
+    assert bodies == {denied: b"RBAC: access denied", allowed: b"hello"}
+    flags = sorted((ex.head.path, ex.status, ex.flags) for ex in w.proxy.take_completed())
+    assert flags == [("/denied/x", 403, "RBAC"), ("/fine", 200, "-")]
+
+
+def test_a_denied_grpc_call_is_a_trailers_only_permission_denied() -> None:
+    w = Wire()
+    sid = w.request("/denied.Svc/Call", grpc=True)
+    w.run()
+    (resp,) = w.taken(ResponseReceived)
+    headers = dict(resp.headers)
+    assert resp.stream_ended is not None  # trailers-only: one HEADERS frame with END_STREAM
+    assert (headers[b":status"], headers[b"grpc-status"]) == (b"200", b"7")
+    assert headers[b"grpc-message"] == b"RBAC: access denied"
+    assert resp.stream_id == sid
+    (ex,) = w.proxy.take_completed()
+    assert (ex.grpc, ex.status, ex.grpc_status, ex.flags) == (True, 200, "7", "RBAC")
+    assert w.taken(StreamReset) == []  # the call was complete: nothing to cut short
+
+
+def test_grpc_status_comes_from_trailers_and_from_trailers_only_responses() -> None:
+    w = Wire()
+    w.request("/pkg.Svc/Ok", grpc=True)
+    w.run()
+    _respond(w, b"\x00\x00\x00\x00\x00", grpc=True)
+    (trailers,) = w.taken(TrailersReceived)
+    assert trailers.headers == OK_TRAILERS
+    w.request("/pkg.Svc/Missing", grpc=True)
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(
+        req.stream_id,
+        [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"5")],
+        end_stream=True,
+    )
+    w.run()
+    statuses = [(ex.head.path, ex.grpc_status) for ex in w.proxy.take_completed()]
+    assert statuses == [("/pkg.Svc/Ok", "0"), ("/pkg.Svc/Missing", "5")]
+    trailers_only = [e for e in w.taken(ResponseReceived) if dict(e.headers).get(b"grpc-status")]
+    assert len(trailers_only) == 1 and trailers_only[0].stream_ended is not None
+
+
+def test_a_pod_that_does_not_read_stops_the_client_within_the_windows() -> None:
+    limits = H2Limits(stream_window=64 * 1024, connection_window=128 * 1024)
+    w = Wire(limits=limits)
+    sid = w.request("/upload", end=False)
+    w.run()
+    sent = 0
+    chunk = b"x" * 16384
+    for _ in range(64):  # 1 MiB offered
+        n = min(len(chunk), w.client.local_flow_control_window(sid))
+        if n:
+            w.client.send_data(sid, chunk[:n])
+            sent += n
+        w.run()
+    received = sum(len(e.data) for e in w.pod_events if isinstance(e, DataReceived))
+    # The pod never acknowledged: its windows (65535 bytes, the protocol's default) are full, the
+    # proxy holds at most one stream window it has not reopened to the client, and the client is
+    # stopped.
+    assert received == 65535
+    assert 0 < sent - received <= limits.stream_window
+    assert w.client.local_flow_control_window(sid) == 0
+    # The pod reads: everything moves on, and the client may send again.
+    for e in w.pod_events:
+        if isinstance(e, DataReceived):
+            w.pod.acknowledge_received_data(e.flow_controlled_length, sid)
+    w.pod_events.clear()
+    w.run()
+    assert sum(len(e.data) for e in w.pod_events if isinstance(e, DataReceived)) > 0
+    assert w.client.local_flow_control_window(sid) > 0
+
+
+def test_a_client_that_does_not_read_stops_the_pod_within_the_windows() -> None:
+    limits = H2Limits(stream_window=64 * 1024, connection_window=128 * 1024)
+    w = Wire(limits=limits)
+    w.request("/download")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(req.stream_id, [(b":status", b"200")])
+    sent = 0
+    for _ in range(64):
+        n = min(16384, w.pod.local_flow_control_window(req.stream_id))
+        if n:
+            w.pod.send_data(req.stream_id, b"y" * n)
+            sent += n
+        w.run()
+    got = sum(len(e.data) for e in w.client_events if isinstance(e, DataReceived))
+    assert got == 65535  # the client's default stream window, never acknowledged
+    assert 0 < sent - got <= limits.stream_window  # what the proxy holds for the pod
+    assert w.pod.local_flow_control_window(req.stream_id) == 0  # and the pod is stopped
+
+
+def test_an_upstream_that_dies_is_unavailable_for_grpc_and_502_for_http() -> None:
+    w = Wire()
+    grpc = w.request("/pkg.Svc/Slow", grpc=True)
+    http = w.request("/slow")
+    w.run()
+    w.proxy.receive_upstream(b"")
+    w.run()
+    answers = {e.stream_id: dict(e.headers) for e in w.taken(ResponseReceived)}
+    assert answers[grpc][b"grpc-status"] == b"14"
+    assert answers[http][b":status"] == b"502"
+    assert [e.error_code for e in w.taken(ConnectionTerminated)] == [ErrorCodes.NO_ERROR]
+    done = sorted(
+        (ex.head.path, ex.status, ex.grpc_status, ex.flags) for ex in w.proxy.take_completed()
+    )
+    assert done == [("/pkg.Svc/Slow", 200, "14", "UC"), ("/slow", 502, "", "UC")]
+    assert w.proxy.closing
+
+
+def test_an_upstream_that_dies_mid_response_resets_the_stream() -> None:
+    w = Wire()
+    sid = w.request("/stream", grpc=True)
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(
+        req.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    )
+    w.run()
+    w.proxy.receive_upstream(b"")
+    w.run()
+    (reset,) = w.taken(StreamReset)
+    assert (reset.stream_id, reset.error_code) == (sid, ErrorCodes.INTERNAL_ERROR)
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UC"
+
+
+def test_a_stream_the_client_resets_is_cancelled_at_the_pod() -> None:
+    w = Wire()
+    sid = w.request("/slow")
+    w.run()
+    w.client.reset_stream(sid, ErrorCodes.CANCEL)
+    w.run()
+    (reset,) = [e for e in w.pod_events if isinstance(e, StreamReset)]
+    assert reset.error_code == ErrorCodes.CANCEL
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "DC"
+
+
+# -- flood limits: raw frames, as a hostile client writes them -------------------------------
+def _raw_client(limits: H2Limits | None = None) -> H2Proxy:
+    proxy = H2Proxy(lambda _h: Verdict(True), limits=limits)
+    proxy.receive_client(peer(client_side=True).data_to_send())  # preface and SETTINGS
+    proxy.take_to_client()
+    return proxy
+
+
+def _headers_frame(stream_id: int, *, end_headers: bool = True, end_stream: bool = True) -> bytes:
+    block = Encoder().encode(
+        [(":method", "GET"), (":scheme", "http"), (":authority", "s"), (":path", "/")]
+    )
+    frame = HeadersFrame(stream_id, block)
+    frame.flags = {"END_HEADERS"} if end_headers else set()
+    if end_stream:
+        frame.flags.add("END_STREAM")
+    return bytes(frame.serialize())
+
+
+def test_a_ping_flood_closes_the_connection() -> None:
+    proxy = _raw_client()
+    proxy.receive_client(b"".join(PingFrame(0, b"12345678").serialize() for _ in range(2000)))
+    assert proxy.take_rejections() == [CONTROL_FLOOD] and proxy.closing
+
+
+def test_pings_the_shell_keeps_taking_answers_for_are_fine() -> None:
+    proxy = _raw_client()
+    for _ in range(50):
+        proxy.receive_client(b"".join(PingFrame(0, b"12345678").serialize() for _ in range(40)))
+        proxy.take_to_client()
+    assert proxy.take_rejections() == [] and not proxy.closing
+
+
+def test_rapid_reset_closes_the_connection() -> None:
+    proxy = _raw_client()
+    frames = b""
+    for i in range(150):
+        sid = 2 * i + 1
+        frames += _headers_frame(sid, end_stream=False)
+        frames += RstStreamFrame(sid, error_code=ErrorCodes.CANCEL).serialize()
+    proxy.receive_client(frames)
+    proxy.take_to_upstream()
+    assert proxy.take_rejections() == [RAPID_RESET] and proxy.closing
+
+
+def test_a_continuation_flood_closes_the_connection() -> None:
+    proxy = _raw_client()
+    data = _headers_frame(1, end_headers=False)
+    data += b"".join(ContinuationFrame(1, b"").serialize() for _ in range(17))
+    proxy.receive_client(data)
+    assert proxy.take_rejections() == [CONTINUATION_FLOOD] and proxy.closing
+
+
+def test_a_header_block_over_the_limit_closes_the_connection() -> None:
+    proxy = _raw_client(H2Limits(max_header_block=4096))
+    data = _headers_frame(1, end_headers=False)
+    data += b"".join(ContinuationFrame(1, b"\x00" * 1024).serialize() for _ in range(4))
+    proxy.receive_client(data)
+    assert proxy.take_rejections() == [HEADER_BLOCK] and proxy.closing
+
+
+def test_more_streams_than_advertised_closes_the_connection() -> None:
+    proxy = _raw_client(H2Limits(max_concurrent_streams=5))
+    proxy.receive_client(b"".join(_headers_frame(2 * i + 1, end_stream=False) for i in range(6)))
+    assert proxy.take_rejections() == [TOO_MANY_STREAMS] and proxy.closing
+
+
+def test_a_run_of_empty_data_frames_closes_the_connection() -> None:
+    proxy = _raw_client()
+    empty = bytes.fromhex("000000000000000001")  # DATA, no flags, stream 1, no payload
+    proxy.receive_client(_headers_frame(1, end_stream=False) + empty * 101)
+    assert proxy.take_rejections() == [EMPTY_FRAMES] and proxy.closing
+
+
+def test_a_denied_head_is_authorized_with_method_path_and_authority() -> None:
+    seen: list[RequestHead] = []
+
+    def authorize(head: RequestHead) -> Verdict:
+        seen.append(head)
+        return Verdict(False, "p")
+
+    proxy = H2Proxy(authorize, new_request_id=lambda: "r")
+    proxy.receive_client(peer(client_side=True).data_to_send())
+    proxy.receive_client(_headers_frame(1))
+    assert seen == [RequestHead("GET", "/", "s", "r")]
+
+
+# -- the source side: an upstream per pick key ------------------------------------------------
+class Pods:
+    """An ``H2Proxy`` with ``pick`` by the first path segment, and one h2 pod per key."""
+
+    def __init__(self) -> None:
+        self.client = peer(client_side=True)
+        self.pods: dict[object, H2Connection] = {}
+        self.uids: dict[object, int] = {}
+        self.proxy = H2Proxy(lambda _h: Verdict(True), pick=self.pick)
+        self.pod_events: dict[object, list[Event]] = {}
+        self.client_events: list[Event] = []
+
+    @staticmethod
+    def pick(head: RequestHead) -> Choice | None:
+        key = head.path.split("/")[1]
+        return None if key == "none" else Choice(key, tag=f"tag-{key}")
+
+    def run(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            out = self.client.data_to_send()
+            if out:
+                self.proxy.receive_client(out)
+                moved = True
+            for uid, key in self.proxy.take_new_upstreams():
+                self.pods[key], self.uids[key] = peer(client_side=False), uid
+                self.pod_events[key] = []
+            for key, pod in self.pods.items():
+                out = pod.data_to_send()
+                if out:
+                    self.proxy.receive_upstream(out, self.uids[key])
+                    moved = True
+                out = self.proxy.take_to_upstream(self.uids[key])
+                if out:
+                    self.pod_events[key] += pod.receive_data(out)
+                    moved = True
+            out = self.proxy.take_to_client()
+            if out:
+                self.client_events += self.client.receive_data(out)
+                moved = True
+
+    def request(self, path: str) -> int:
+        sid: int = self.client.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":scheme", "http"), (":authority", "s"), (":path", path)]
+        self.client.send_headers(sid, headers, end_stream=True)
+        return sid
+
+    def respond(self, key: str) -> None:
+        for e in self.pod_events[key]:
+            if isinstance(e, RequestReceived):
+                self.pods[key].send_headers(e.stream_id, [(":status", "200")])
+                self.pods[key].send_data(e.stream_id, key.encode(), end_stream=True)
+        self.pod_events[key].clear()
+        self.run()
+
+
+def test_each_request_goes_to_the_upstream_its_key_names() -> None:
+    w = Pods()
+    w.request("/a/1")
+    w.request("/b/1")
+    w.request("/a/2")
+    w.run()
+    assert sorted(w.pods) == ["a", "b"]  # one upstream per key, the second request reused "a"
+    w.respond("a")
+    w.respond("b")
+    done = sorted((ex.head.path, ex.upstream, ex.tag, ex.status) for ex in w.proxy.take_completed())
+    assert done == [
+        ("/a/1", "a", "tag-a", 200),
+        ("/a/2", "a", "tag-a", 200),
+        ("/b/1", "b", "tag-b", 200),
+    ]
+    bodies = sorted(e.data for e in w.client_events if isinstance(e, DataReceived) and e.data)
+    assert bodies == [b"a", b"a", b"b"]
+
+
+def test_a_failed_upstream_fails_its_requests_only_and_the_next_request_opens_another() -> None:
+    w = Pods()
+    lost = w.request("/a/1")
+    kept = w.request("/b/1")
+    w.run()
+    w.proxy.upstream_failed(w.uids["a"])
+    w.run()
+    assert {e.stream_id: dict(e.headers)[b":status"] for e in w.client_events
+            if isinstance(e, ResponseReceived)} == {lost: b"502"}  # fmt: skip
+    assert not [e for e in w.client_events if isinstance(e, ConnectionTerminated)]
+    w.respond("b")
+    assert any(isinstance(e, StreamEnded) and e.stream_id == kept for e in w.client_events)
+    first = w.uids["a"]
+    w.request("/a/2")
+    w.run()
+    assert w.uids["a"] != first  # a new connection for key "a"
+    w.respond("a")
+    paths = sorted((ex.head.path, ex.status, ex.flags) for ex in w.proxy.take_completed())
+    assert paths == [("/a/1", 502, "UC"), ("/a/2", 200, "-"), ("/b/1", 200, "-")]
+    assert not w.proxy.closing
+
+
+def test_no_upstream_to_pick_is_503_no_healthy_upstream() -> None:
+    w = Pods()
+    sid = w.request("/none/x")
+    w.run()
+    (resp,) = [e for e in w.client_events if isinstance(e, ResponseReceived)]
+    assert (resp.stream_id, dict(resp.headers)[b":status"]) == (sid, b"503")
+    (ex,) = w.proxy.take_completed()
+    assert (ex.status, ex.flags) == (503, "UH")
+
+
+def test_response_bytes_not_yet_taken_are_not_counted_as_replies_to_the_client() -> None:
+    w = Wire()
+    w.request("/big")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(req.stream_id, [(b":status", b"200")])
+    for _ in range(4):
+        w.pod.send_data(req.stream_id, b"z" * 15000)
+    w.proxy.receive_upstream(w.pod.data_to_send())  # the shell has not written these out yet
+    w.client.ping(b"12345678")
+    w.proxy.receive_client(w.client.data_to_send())
+    assert w.proxy.take_rejections() == [] and not w.proxy.closing
+
+
+def test_an_open_header_block_starts_the_header_clock_and_its_end_stops_it() -> None:
+    now = [100.0]
+    proxy = H2Proxy(lambda _h: Verdict(True), clock=lambda: now[0])
+    proxy.receive_client(peer(client_side=True).data_to_send())
+    proxy.receive_client(_headers_frame(1, end_headers=False))  # a block left open
+    assert proxy.head_started == 100.0
+    end = ContinuationFrame(1, b"")
+    end.flags.add("END_HEADERS")
+    now[0] = 101.0
+    proxy.receive_client(bytes(end.serialize()))
+    assert proxy.head_started is None and proxy.active_streams == 1
+    now[0] = 102.0
+    proxy.receive_client(_headers_frame(3, end_headers=False))
+    assert proxy.head_started == 102.0
+    proxy.header_timeout()  # the shell's timer ran out
+    assert proxy.take_rejections() == ["h2_header_timeout"] and proxy.closing

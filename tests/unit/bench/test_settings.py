@@ -29,8 +29,8 @@ def test_bad_values_are_refused_with_the_flag_named(capsys: pytest.CaptureFixtur
 
 
 def test_sections_select_parts_of_a_run_and_unknown_ones_are_refused() -> None:
-    assert parse().runs("idle") and parse().runs("upgrade")
+    assert parse().runs("idle") and parse().runs("upgrade") and parse().runs("grpc")
     http_only = parse("--quick", "--sections", "http")
     assert http_only.runs("http") and not http_only.runs("tcp") and not http_only.runs("idle")
     with pytest.raises(SystemExit, match="--sections"):
-        parse("--sections", "http,grpc")
+        parse("--sections", "http,websocket")

@@ -49,6 +49,13 @@ SPLITS = counter(
     "Connections sent to each subset of a weighted split",
     [*_SERVICE, "subset"],
 )
+HTTP_RETRIES = counter(
+    "nodemesh_http_retries_total",
+    "HTTP requests a route rule's retry would try again, by outcome (attempted: sent again; "
+    "budget_exhausted: refused by the backend Service's retry budget; attempts_exhausted: the "
+    "rule's attempts were spent; unsafe: the request could not be replayed)",
+    [*_SERVICE, "outcome"],
+)
 OTHER = counter(
     "nodemesh_service_traffic_events_total",
     "Other traffic-control events (panic: every endpoint ejected, so all were candidates; "
@@ -62,6 +69,7 @@ _BY_DETAIL = {
     "outlier": OUTLIER,
     "fault": FAULTS,
     "split": SPLITS,
+    "http_retry": HTTP_RETRIES,
 }
 _PLAIN = {"connections": CONNECTIONS, "retries": RETRIES, "retry_budget_exhausted": BUDGET}
 

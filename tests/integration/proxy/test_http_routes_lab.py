@@ -1,0 +1,233 @@
+"""Gateway API HTTPRoute on the source node, in a real lab, with curl keep-alive connections.
+
+Service ``web`` (VIP port 80, declared HTTP) selects server-0 and server-1 (node2); the test
+adds Services ``web-v1`` and ``web-v2`` (one pod each, by the pods' ``version`` label) with
+``nodemesh lab apply``, and HTTPRoutes attached to ``web``. node1's agent terminates each curl
+connection and routes every request: a canary by header, a weighted split changed live, a
+retry that hides a replica answering 503, a request timeout, and a 404 when no rule matches.
+Shares are reported with their binomial bounds; the assertions allow 4 standard deviations.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+
+from agent.lab.handle import Lab
+from tests.integration.proxy.test_http_source_lab import (
+    PORT,
+    SOURCE,
+    WEB,
+    curl,
+    metrics,
+    total,
+    vip,
+)
+from tests.integration.traffic.test_traffic_lab import policy, report, within
+from tests.labtools import mesh_lab, pod_servers, retry
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+# server-1 answers 503 on /flaky; /slow sleeps 1 s; otherwise the body is the pod's address.
+SERVER = """
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+FLAKY = {flaky!r}
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        me = self.connection.getsockname()[0]
+        if self.path.startswith("/slow"):
+            time.sleep(1.0)
+        status = 503 if self.path.startswith("/flaky") and me == FLAKY else 200
+        out = me.encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("0.0.0.0", {port}), Handler).serve_forever()
+"""
+HTTP_PORT = {"port": 80, "targetPort": PORT, "name": "http", "appProtocol": "http"}
+RETRIES = "nodemesh_http_retries_total"
+
+
+def service(name: str, version: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"app": "server", "version": version}, "ports": [HTTP_PORT]},
+    }
+
+
+def route(*rules: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web-routes", "namespace": "default"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+            "rules": list(rules),
+        },
+    }
+
+
+def canary(v1: int, v2: int) -> dict[str, Any]:
+    return route(
+        {
+            "matches": [{"headers": [{"name": "x-canary", "value": "true"}]}],
+            "backendRefs": [{"name": "web-v2", "port": 80}],
+        },
+        {
+            "backendRefs": [
+                {"name": "web-v1", "port": 80, "weight": v1},
+                {"name": "web-v2", "port": 80, "weight": v2},
+            ]
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (scripts/debian-packages.txt)")
+    with mesh_lab("hr") as lab, ExitStack() as stack:
+        program = SERVER.format(flaky=lab.pod("server-1")["ip"], port=PORT)
+        stack.enter_context(pod_servers(lab, ("server-0", "server-1"), program, PORT))
+        lab.apply([service("web-v1", "v1"), service("web-v2", "v2")])
+        yield lab
+
+
+def served(lab: Lab, n: int, *extra: str, path: str = "/r") -> Counter[str]:
+    """``n`` requests on one curl connection: how many each pod answered (all must be 200)."""
+    result = curl(lab, [f"http://{vip(lab)}{path}/{i}" for i in range(n)], "client", *extra)
+    assert [code for _, code, _ in result] == ["200"] * n, Counter(c for _, c, _ in result)
+    assert [r[2] for r in result] == ["1"] + ["0"] * (n - 1)  # ONE client connection
+    names = {lab.pod(p)["ip"]: p for p in ("server-0", "server-1")}
+    return Counter(names[body] for body, _, _ in result)
+
+
+def check(ok: bool) -> None:
+    assert ok
+
+
+def bounds(n: int, p: float) -> str:
+    sd = (n * p * (1 - p)) ** 0.5
+    return f"{n * p:.0f} ± {4 * sd:.1f} (4 sd)"
+
+
+def test_canary_by_header_and_a_weighted_split_that_moves_live(lab: Lab) -> None:
+    lab.apply(canary(90, 10))
+    retry(lambda: check(served(lab, 10, "-H", "x-canary: true") == {"server-1": 10}), 40)
+    assert served(lab, 50, "-H", "x-canary: true") == {"server-1": 50}
+    n = 200
+    split = served(lab, n)
+    report("90/10 split", n=n, v2=split["server-1"], expected=bounds(n, 0.1))
+    assert within(split["server-1"], n, 0.1)
+    # Change the weights while one connection keeps sending: no request fails.
+    results: list[list[tuple[str, str, str]]] = []
+    urls = [f"http://{vip(lab)}/live/{i}" for i in range(600)]
+    sender = threading.Thread(target=lambda: results.append(curl(lab, urls)))
+    sender.start()
+    time.sleep(1.0)
+    lab.apply(canary(50, 50))
+    sender.join(timeout=120)
+    assert results, "the curl during the weight change did not finish"
+    live = results[0]
+    assert Counter(code for _, code, _ in live) == {"200": 600}
+    v2 = lab.pod("server-1")["ip"]
+    head, tail = live[:100], live[-100:]
+    report(
+        "live change 90/10 -> 50/50 on one connection (600 requests, none failed)",
+        v2_in_first_100=sum(body == v2 for body, _, _ in head),
+        v2_in_last_100=sum(body == v2 for body, _, _ in tail),
+    )
+    retry(lambda: check(served(lab, 40)["server-1"] >= 8), timeout=40)  # node1 has 50/50
+    split = served(lab, n)
+    report("50/50 split", n=n, v2=split["server-1"], expected=bounds(n, 0.5))
+    assert within(split["server-1"], n, 0.5)
+
+
+def retries(parsed: dict[Any, float], outcome: str) -> float:
+    want = {("service", "default/web"), ("outcome", outcome)}
+    return sum(v for (name, ls), v in parsed.items() if name == RETRIES and want <= ls)
+
+
+def test_a_retry_on_503_hides_the_failing_replica_and_is_counted(lab: Lab) -> None:
+    flaky = {
+        "matches": [{"path": {"type": "PathPrefix", "value": "/flaky"}}],
+        "retry": {"attempts": 2, "codes": [503], "backoff": "10ms"},
+    }
+    lab.apply(route(flaky, {}))
+    retry(lambda: served(lab, 4, path="/flaky"), timeout=40)
+    # Round robin and no ejection, so that server-1 surely keeps getting first tries (outlier
+    # detection would otherwise eject it after 5 consecutive 503s; that is its own feature).
+    spec = {"loadBalancer": {"type": "ROUND_ROBIN"}, "outlierDetection": {"maxEjectionPercent": 0}}
+    with policy(lab, spec, lambda e: e.get("balancer") == "ROUND_ROBIN"):
+        before, far_before = metrics(lab, "node1"), metrics(lab, "node2")
+        n = 40
+        split = served(lab, n, path="/flaky")  # every one answered 200
+        after, far_after = metrics(lab, "node1"), metrics(lab, "node2")
+    attempted = retries(after, "attempted") - retries(before, "attempted")
+    unavailable = {"reporter": "destination", "response_code": "503", "destination_service": WEB}
+    refused = total(far_after, **unavailable) - total(far_before, **unavailable)
+    report("retry on 503", requests=n, answered_by=dict(split), retries=attempted, far_503=refused)
+    assert split == {"server-0": n}
+    assert attempted >= 1 and attempted == refused  # each 503 server-1 gave was retried
+    ok = {**SOURCE, "response_code": "200", "destination_service": WEB}
+    assert total(after, **ok) - total(before, **ok) == n
+
+
+def test_a_request_timeout_answers_504_ut(lab: Lab) -> None:
+    lab.apply(
+        route(
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/slow"}}],
+                "timeouts": {"request": "200ms"},
+            },
+            {},
+        )
+    )
+
+    def timed_out() -> tuple[str, str]:
+        out = lab.exec(
+            "client",
+            "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}",
+            f"http://{vip(lab)}/slow/1",
+            capture_output=True, text=True,
+        )  # fmt: skip
+        code, seconds = out.stdout.split()
+        assert code == "504", out.stdout
+        return code, seconds
+
+    before = metrics(lab, "node1")
+    _, seconds = retry(timed_out, timeout=40)
+    after = metrics(lab, "node1")
+    report("timeouts.request 200ms against a 1 s handler", status=504, curl_seconds=seconds)
+    flagged = {**SOURCE, "response_code": "504", "response_flags": "UT"}
+    assert total(after, **flagged) - total(before, **flagged) >= 1
+    assert served(lab, 3) != {}  # the other paths still answer
+
+
+def test_a_route_whose_matches_do_not_match_answers_404_nr(lab: Lab) -> None:
+    lab.apply(route({"matches": [{"path": {"type": "Exact", "value": "/only"}}]}))
+
+    def answered() -> list[tuple[str, str, str]]:
+        result = curl(lab, [f"http://{vip(lab)}/other", f"http://{vip(lab)}/only"])
+        assert [code for _, code, _ in result] == ["404", "200"]
+        return result
+
+    before = metrics(lab, "node1")
+    retry(answered, timeout=40)
+    after = metrics(lab, "node1")
+    flagged = {**SOURCE, "response_code": "404", "response_flags": "NR"}
+    assert total(after, **flagged) - total(before, **flagged) >= 1

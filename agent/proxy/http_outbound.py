@@ -23,6 +23,13 @@ Service has no endpoint), with the connect bounded by the Service's connect time
 request never hangs on a dead endpoint. After a ``101`` the client connection is pinned to its
 upstream session and relayed as opaque bytes.
 
+A route's ``RequestMirror`` copies a request, once the client sent all of it, to an endpoint of
+the mirror Service (``Host`` suffixed ``-shadow``, as Envoy does) on a session of its own that
+is never pooled: the copy is a task of its own, at most ``MAX_MIRRORS`` at a time per node,
+each ended after ``MIRROR_TIMEOUT``, its response read and dropped, its failures only counted
+(``nodemesh_http_mirrored_total``) — the primary request never waits for it. A request whose
+body is larger than the codec's replay limit is not copied (counted ``too_large``).
+
 For a same-node endpoint this node is the only proxy on the path, so it authorizes each
 request against the endpoint's L7 policies (403 ``RBAC``, the connection keeps serving); the
 far node does that for HBONE sessions. Requests are reported with ``reporter="source"``
@@ -44,10 +51,17 @@ from typing import TYPE_CHECKING
 from agent.policy.authz import HttpAttributes
 from agent.policy.authz import Request as AuthzRequest
 from agent.policy.routes import HttpRequest
+from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
 from agent.proxy.http1 import RBAC_DENIED, UPSTREAM_CLOSED, Exchange, RequestHead
-from agent.proxy.http_outbound_codec import SourceHttp1, new_upstream
+from agent.proxy.http_outbound_codec import (
+    DroppedResponse,
+    Mirrored,
+    SourceHttp1,
+    mirror_request,
+    new_upstream,
+)
 from agent.proxy.http_router import (
     BODIES,
     NO_HEALTHY_UPSTREAM,
@@ -81,6 +95,8 @@ IDLE_TIMEOUT = 30.0  # an unused pooled session is closed after this many second
 MAX_IDLE_PER_ENDPOINT = 16
 MAX_IDLE = 512
 DENIED_BODY = b"RBAC: access denied"
+MAX_MIRRORS = 64  # copies in flight per node; more are dropped (counted ``overflow``)
+MIRROR_TIMEOUT = 10.0  # seconds a copy may take, connect to end of response
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +239,7 @@ class HttpOutbound:
         self.outbound = outbound
         self.router = HttpRouter(outbound.balanced.traffic)
         self.sessions = SessionPool()
+        self.mirroring: set[asyncio.Task[None]] = set()  # copies in flight (RequestMirror)
 
     async def handle(
         self,
@@ -359,6 +376,8 @@ class _ClientConnection:
                     self.record.bytes_received += len(data)
         for exchange, request in codec.take_completed():
             self._report(exchange, request)
+        for copy in codec.take_mirrors():
+            self._mirror(copy)
         for cause in codec.take_rejections():
             self.core.registry.http_rejected(cause, f"{self.record.source} -> {self.service}")
         self.changed.set()
@@ -437,6 +456,8 @@ class _ClientConnection:
             self.codec.edit_response(plan.edit_response)
         if plan.retry is not None:
             self.codec.retry_with(lambda status, ok: self._may_retry(request, status, ok))
+        if plan.mirrors:
+            self.codec.mirror_with()
         if plan.attempts.fault.delay:
             await asyncio.sleep(plan.attempts.fault.delay)
         return True
@@ -528,11 +549,13 @@ class _ClientConnection:
         where = f"{self.record.source} -> {route.ip}:{route.port} {head.method} {head.path}"
         return self.core.authorize_request(request, route.target, where).allowed
 
-    async def _open(self, key: SessionKey, route: Route) -> UpstreamSession:
+    async def _open(
+        self, key: SessionKey, route: Route, record: ConnectionRecord | None = None
+    ) -> UpstreamSession:
         out = self.owner.outbound
         if route.kind == "hbone":
             conn: TunnelStream | socket.socket = await out.open(
-                route, self.record, self.src_ip, self.conn_id
+                route, record or self.record, self.src_ip, self.conn_id
             )
         else:
             s = self.core.settings
@@ -554,6 +577,68 @@ class _ClientConnection:
         self.codec.attach(session.codec, request)
         self._arm(request)
         await self._flush()
+
+    # -- mirrors -----------------------------------------------------------------------------
+    def _mirror(self, copy: Mirrored[_Request]) -> None:
+        """Start the copies of a complete request (fire and forget, bounded)."""
+        request = copy.tag
+        if request is None or request.plan is None:
+            return
+        snap = self.core.snapshot()
+        traffic = self.owner.router.traffic
+        for target in request.plan.mirrors:
+            service = traffic.service(snap, target.service)
+            if copy.body is None:
+                service.count("http_mirror", "too_large")
+            elif len(self.owner.mirroring) >= MAX_MIRRORS:
+                service.count("http_mirror", "overflow")
+            else:
+                name = f"http-mirror {self.record.source} -> {_name(target)}"
+                task = asyncio.create_task(self._send_copy(target, copy, copy.body), name=name)
+                self.owner.mirroring.add(task)
+                task.add_done_callback(self.owner.mirroring.discard)
+
+    async def _send_copy(
+        self, target: ServiceTarget, copy: Mirrored[_Request], body: bytes
+    ) -> None:
+        """One copy: an endpoint of ``target`` by its own traffic control, a fresh session,
+        the request with ``Host: <host>-shadow``, the response read and dropped."""
+        snap, out = self.core.snapshot(), self.owner.outbound
+        service = self.owner.router.traffic.service(snap, target.service)
+        labels = self.source.labels if self.source is not None else None
+        try:
+            attempts = service.admit(self.src_ip, labels, (self.core.node, None))
+        except Rejected:
+            return  # counted by the Service's limits
+        session, response, outcome = None, None, "failed"
+        try:
+            ip = attempts.next_endpoint()
+            if ip is None:
+                return
+            route = out.resolver.endpoint_route(snap, self.source, target, ip)
+            record = replace(self.record)
+            out.describe_route(snap, route, record)
+            key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(target))
+            async with asyncio.timeout(MIRROR_TIMEOUT):
+                session = await self._open(key, route, record)
+                attempts.connected(ip)
+                head, data = mirror_request(session.codec, copy, body)
+                if route.kind == "local" and not self._allowed_here(route, head):
+                    outcome = "denied"
+                    return
+                await session.write(data)
+                response = DroppedResponse(session.codec)
+                while not response.receive(await session.read()):
+                    pass
+            outcome = "sent"
+        except (OSError, TunnelError, TimeoutError) as e:
+            log.debug("%s: mirror to %s failed: %r", self.record.source, _name(target), e)
+        finally:
+            status = response.status if response is not None else 0
+            attempts.finish(reset_before_data=outcome == "failed", server_error=status >= 500)
+            if session is not None:
+                session.close()
+            service.count("http_mirror", outcome)
 
     # -- timeouts ----------------------------------------------------------------------------
     def _arm(self, request: _Request) -> None:

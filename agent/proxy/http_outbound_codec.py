@@ -30,7 +30,11 @@ the hook claims, a reset before the response head or a per-try timeout (``try_ex
 then releases the upstream unreusable and puts the request back in ``pending``, to be
 attached to another upstream and sent again. Only a request held whole can be sent again: its
 body is buffered while the hook is set, up to ``max_replay_bytes``, and the hook is told
-whether the request is ``replayable`` (body complete and within the limit).
+whether the request is ``replayable`` (body complete and within the limit). A request to be
+mirrored (``mirror_with``) is held the same way: once the client sent all of it, the forwarded
+head with its body is handed to the shell (``take_mirrors``: the body is ``None`` when it went
+past the limit, so the copy cannot be made), which sends the copy on its own, never in the
+primary's way.
 
 Failures, with Envoy's response flags: an upstream that closes, resets or garbles before its
 response head is answered 503 ``UC`` (the client connection keeps serving unless its request
@@ -99,6 +103,17 @@ def new_upstream(max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> h11.Connection
     return h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
 
 
+@dataclass(frozen=True, slots=True)
+class Mirrored(Generic[T]):
+    """A complete request to copy: the head as forwarded, the body (``None`` when it went past
+    the limit: no copy can be made) and trailers; ``tag`` is the request's."""
+
+    request: h11.Request
+    body: bytes | None
+    trailers: list[tuple[bytes, bytes]]
+    tag: T | None
+
+
 @dataclass
 class _Current(Generic[T]):
     exchange: Exchange
@@ -113,6 +128,7 @@ class _Current(Generic[T]):
     trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
     request_done: bool = False  # the client's request ended (EndOfMessage)
     edit_response: Callable[[StrHeaders], StrHeaders] | None = None
+    mirror: bool = False
 
 
 @dataclass
@@ -137,6 +153,7 @@ class SourceHttp1(Generic[T]):
     _rejections: list[str] = field(default_factory=list, init=False)
     _released: list[tuple[h11.Connection, bool]] = field(default_factory=list, init=False)
     _client_eof: bool = field(default=False, init=False)
+    _mirrors: list[Mirrored[T]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head_bytes)
@@ -158,6 +175,11 @@ class SourceHttp1(Generic[T]):
 
     def take_rejections(self) -> list[str]:
         out, self._rejections = self._rejections, []
+        return out
+
+    def take_mirrors(self) -> list[Mirrored[T]]:
+        """Requests the client finished sending that are to be mirrored."""
+        out, self._mirrors = self._mirrors, []
         return out
 
     def take_released(self) -> list[tuple[h11.Connection, bool]]:
@@ -246,6 +268,14 @@ class SourceHttp1(Generic[T]):
         current = self._current
         assert current is not None and self.pending is not None
         current.retry = hook
+        if current.body is None and not current.request_done:
+            current.body = bytearray()
+
+    def mirror_with(self) -> None:
+        """Hold the pending request whole, to hand it to ``take_mirrors`` once complete."""
+        current = self._current
+        assert current is not None and self.pending is not None
+        current.mirror = True
         if current.body is None and not current.request_done:
             current.body = bytearray()
 
@@ -424,6 +454,9 @@ class SourceHttp1(Generic[T]):
         trailers = [(n, v) for n, v in event.headers if n.lower() not in HOP_BY_HOP]
         if current is not None:
             current.request_done, current.trailers = True, trailers
+            if current.mirror and current.request is not None and not current.local:
+                body = bytes(current.body) if current.body is not None else None
+                self._mirrors.append(Mirrored(current.request, body, trailers, current.tag))
         if current is not None and current.upstream is not None and not current.local:
             self._to_upstream += current.upstream.send(h11.EndOfMessage(headers=trailers))
         self._maybe_next_cycle()
@@ -612,6 +645,55 @@ def _edited(
     edited = edit([(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers])
     out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
     return [(n, v) for n, v in out if n not in (b"content-length", b"transfer-encoding")] + framing
+
+
+def mirror_request(
+    upstream: h11.Connection, copy: Mirrored[T], body: bytes
+) -> tuple[RequestHead, bytes]:
+    """A mirrored request as sent on ``upstream`` (fresh): ``Host`` suffixed ``-shadow``, as
+    Envoy marks shadow traffic; its head (for a same-node endpoint's authorization) and bytes."""
+    request = copy.request
+    headers = [(n, v + b"-shadow" if n == b"host" else v) for n, v in request.headers]
+    target = request.target.decode("latin-1")
+    head = RequestHead(
+        method=request.method.decode("latin-1"),
+        path=target.split("?", 1)[0],
+        host=header(headers, b"host") or "",
+        request_id=header(headers, b"x-request-id") or "",
+        trace=trace_headers_of(headers),
+        headers=headers,
+    )
+    out = upstream.send(h11.Request(method=request.method, target=request.target, headers=headers))
+    if body:
+        out = (out or b"") + (upstream.send(h11.Data(data=body)) or b"")
+    out = (out or b"") + (upstream.send(h11.EndOfMessage(headers=copy.trailers)) or b"")
+    return head, out
+
+
+class DroppedResponse:
+    """Reads one response to its end and keeps only its status (a mirror's answer)."""
+
+    def __init__(self, upstream: h11.Connection) -> None:
+        self.upstream = upstream
+        self.status = 0
+
+    def receive(self, data: bytes) -> bool:
+        """Feed bytes (``b""``: end of stream); True once the response ended. Raises
+        ``ConnectionResetError`` when the stream ends first or is not HTTP."""
+        self.upstream.receive_data(data)
+        while True:
+            try:
+                event = self.upstream.next_event()
+            except h11.RemoteProtocolError as e:
+                raise ConnectionResetError(f"the mirror's answer is not HTTP/1.1: {e}") from e
+            if event is h11.NEED_DATA:
+                return False
+            if isinstance(event, h11.Response):
+                self.status = event.status_code
+            elif isinstance(event, h11.EndOfMessage):
+                return True
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("the mirror closed before its response ended")
 
 
 def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:

@@ -16,7 +16,9 @@ Three steps per request:
    zero, or a reference that does not resolve, or a port the Service lacks → 500, the share is
    never given to another backend). The rule's ``RequestHeaderModifier`` and ``URLRewrite``
    edit the forwarded head (``edit_request``), its ``ResponseHeaderModifier`` the response
-   head (``edit_response``), and its ``timeouts`` and ``retry`` ride on the ``RoutePlan``.
+   head (``edit_response``), and its ``timeouts``, ``retry`` and the ``RequestMirror``
+   backends this request is copied to (each rolled by its percentage; one that does not
+   resolve is skipped: its status already says so) ride on the ``RoutePlan``.
 2. ``admit`` — the chosen backend Service's traffic control, per request
    (``agent.policy.traffic``): limits (``maxConnections`` bounds concurrent requests here,
    like Envoy's ``max_requests``), faults, then ``Attempts``: ``next_endpoint`` is the
@@ -120,6 +122,7 @@ class RoutePlan:
     try_timeout: float | None = None
     retry: RequestRetry | None = None
     retries: int = field(default=0)
+    mirrors: list[ServiceTarget] = field(default_factory=list)
 
     def finish(self, status: int, first_byte_at: float, *, reset_before_response: bool) -> None:
         """The request ended: account its outcome against the endpoint (latency, outliers)."""
@@ -185,7 +188,18 @@ class HttpRouter:
         plan = RoutePlan(backend, attempts, action)
         if action is not None:
             self._apply_rule(plan, action)
+            plan.mirrors = self._mirrors(snap, action)
         return plan
+
+    def _mirrors(self, snap: Snapshot, action: RouteAction) -> list[ServiceTarget]:
+        out = []
+        for mirror in action.filters.mirrors:
+            if self.rng.random() * 100.0 >= mirror.percent or not mirror.backend.resolved:
+                continue
+            target = _target(snap, mirror.backend.service, mirror.backend.port)
+            if target is not None:
+                out.append(target)
+        return out
 
     def _decide(
         self, snap: Snapshot, dialled: ServiceTarget, request: HttpRequest, client_namespace: str
@@ -220,19 +234,15 @@ class HttpRouter:
             raise LocalResponse(
                 500, NO_FLAGS, f"{rule}: every backend weight is 0", BACKEND_UNUSABLE_BODY
             )
-        service = snap.services.get(chosen.service) if chosen.resolved else None
-        port = None
-        if service is not None:
-            port = next((p for p in service.ports if p.port == chosen.port), None)
-        if service is None or port is None:
+        target = _target(snap, chosen.service, chosen.port) if chosen.resolved else None
+        if target is None:
             raise LocalResponse(
                 500,
                 NO_FLAGS,
                 f"{rule}: backend {chosen.namespace}/{chosen.name}:{chosen.port} does not resolve",
                 BACKEND_UNUSABLE_BODY,
             )
-        vip = service.cluster_ips[0] if service.cluster_ips else dialled.vip
-        return ServiceTarget(service, port, vip)
+        return target
 
     @staticmethod
     def _attempts(
@@ -264,6 +274,17 @@ class HttpRouter:
         plan.try_timeout = timeouts.backend_request
         if action.retry is not None and action.retry.attempts > 0:
             plan.retry = RequestRetry(action.retry, self.rng)
+
+
+def _target(snap: Snapshot, key: tuple[str, str], port_number: int) -> ServiceTarget | None:
+    """A backendRef's Service and port, if both exist (the VIP only labels telemetry)."""
+    service = snap.services.get(key)
+    if service is None:
+        return None
+    port = next((p for p in service.ports if p.port == port_number), None)
+    if port is None:
+        return None
+    return ServiceTarget(service, port, service.cluster_ips[0] if service.cluster_ips else "")
 
 
 def _request_editor(

@@ -56,6 +56,13 @@ HTTP_RETRIES = counter(
     "rule's attempts were spent; unsafe: the request could not be replayed)",
     [*_SERVICE, "outcome"],
 )
+HTTP_MIRRORS = counter(
+    "nodemesh_http_mirrored_total",
+    "Copies of HTTP requests for a route's RequestMirror, by the mirror Service and outcome "
+    "(sent; failed; denied: same-node policy; too_large: body over the replay limit; "
+    "overflow: too many copies in flight)",
+    [*_SERVICE, "outcome"],
+)
 OTHER = counter(
     "nodemesh_service_traffic_events_total",
     "Other traffic-control events (panic: every endpoint ejected, so all were candidates; "
@@ -70,6 +77,7 @@ _BY_DETAIL = {
     "fault": FAULTS,
     "split": SPLITS,
     "http_retry": HTTP_RETRIES,
+    "http_mirror": HTTP_MIRRORS,
 }
 _PLAIN = {"connections": CONNECTIONS, "retries": RETRIES, "retry_budget_exhausted": BUDGET}
 

@@ -35,7 +35,8 @@ from tests.labtools import mesh_lab, pod_servers, retry
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
-# server-1 answers 503 on /flaky; /slow sleeps 1 s; otherwise the body is the pod's address.
+# server-1 answers 503 on /flaky; /slow sleeps 1 s, and so does a mirrored copy (its Host ends
+# in -shadow); otherwise the body is the pod's address.
 SERVER = """
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,7 +45,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
         me = self.connection.getsockname()[0]
-        if self.path.startswith("/slow"):
+        if self.path.startswith("/slow") or self.headers["Host"].endswith("-shadow"):
             time.sleep(1.0)
         status = 503 if self.path.startswith("/flaky") and me == FLAKY else 200
         out = me.encode()
@@ -58,6 +59,7 @@ ThreadingHTTPServer(("0.0.0.0", {port}), Handler).serve_forever()
 """
 HTTP_PORT = {"port": 80, "targetPort": PORT, "name": "http", "appProtocol": "http"}
 RETRIES = "nodemesh_http_retries_total"
+MIRRORED = "nodemesh_http_mirrored_total"
 
 
 def service(name: str, version: str) -> dict[str, Any]:
@@ -157,9 +159,9 @@ def test_canary_by_header_and_a_weighted_split_that_moves_live(lab: Lab) -> None
     assert within(split["server-1"], n, 0.5)
 
 
-def retries(parsed: dict[Any, float], outcome: str) -> float:
-    want = {("service", "default/web"), ("outcome", outcome)}
-    return sum(v for (name, ls), v in parsed.items() if name == RETRIES and want <= ls)
+def counted(parsed: dict[Any, float], metric: str, service: str, outcome: str) -> float:
+    want = {("service", service), ("outcome", outcome)}
+    return sum(v for (name, ls), v in parsed.items() if name == metric and want <= ls)
 
 
 def test_a_retry_on_503_hides_the_failing_replica_and_is_counted(lab: Lab) -> None:
@@ -177,7 +179,9 @@ def test_a_retry_on_503_hides_the_failing_replica_and_is_counted(lab: Lab) -> No
         n = 40
         split = served(lab, n, path="/flaky")  # every one answered 200
         after, far_after = metrics(lab, "node1"), metrics(lab, "node2")
-    attempted = retries(after, "attempted") - retries(before, "attempted")
+    attempted = counted(after, RETRIES, "default/web", "attempted") - counted(
+        before, RETRIES, "default/web", "attempted"
+    )
     unavailable = {"reporter": "destination", "response_code": "503", "destination_service": WEB}
     refused = total(far_after, **unavailable) - total(far_before, **unavailable)
     report("retry on 503", requests=n, answered_by=dict(split), retries=attempted, far_503=refused)
@@ -231,3 +235,49 @@ def test_a_route_whose_matches_do_not_match_answers_404_nr(lab: Lab) -> None:
     after = metrics(lab, "node1")
     flagged = {**SOURCE, "response_code": "404", "response_flags": "NR"}
     assert total(after, **flagged) - total(before, **flagged) >= 1
+
+
+def test_a_mirror_gets_a_copy_of_each_request_and_never_slows_the_primary(lab: Lab) -> None:
+    lab.apply(
+        route(
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/copy"}}],
+                "backendRefs": [{"name": "web-v1", "port": 80}],
+                "filters": [
+                    {
+                        "type": "RequestMirror",
+                        "requestMirror": {"backendRef": {"name": "web-v2", "port": 80}},
+                    }
+                ],
+            },
+            {},
+        )
+    )
+    retry(lambda: check(served(lab, 4, path="/copy") == {"server-0": 4}), timeout=40)
+    v2 = {"reporter": "destination", "destination_service": "web-v2.default.svc.cluster.local"}
+
+    def copies() -> float:
+        return total(metrics(lab, "node2"), **v2)
+
+    def sent() -> float:
+        return counted(metrics(lab, "node1"), MIRRORED, "default/web-v2", "sent")
+
+    retry(lambda: check(copies() >= 4), timeout=20)  # the warm-up's copies have landed
+    far_before, sent_before = copies(), sent()
+    n = 20
+    started = time.monotonic()
+    served(lab, n, path="/plain")  # the same requests without a copy, for comparison
+    plain = time.monotonic() - started
+    started = time.monotonic()
+    assert served(lab, n, path="/copy") == {"server-0": n}  # the primary: all from v1
+    elapsed = time.monotonic() - started
+    # Each copy takes 1 s at server-1; the primary does not wait for them.
+    retry(lambda: check(copies() - far_before == n), timeout=30)
+    retry(lambda: check(sent() - sent_before == n), timeout=30)
+    report(
+        "mirror (each copy takes 1 s at server-1)",
+        requests=n,
+        copies=n,
+        curl_seconds_with_copies=f"{elapsed:.2f}",
+        curl_seconds_without=f"{plain:.2f}",
+    )

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import itertools
 
+import h11
+import pytest
+
 from agent.proxy.http1 import AMBIGUOUS_LENGTH, HEADER_TIMEOUT
-from agent.proxy.http_outbound_codec import SourceHttp1, new_upstream
+from agent.proxy.http_outbound_codec import (
+    DroppedResponse,
+    SourceHttp1,
+    mirror_request,
+    new_upstream,
+)
 
 
 def _codec() -> SourceHttp1[str]:
@@ -330,3 +338,41 @@ def test_a_per_try_timeout_is_retried_or_else_504() -> None:
     c.try_expired(b"t\n")
     assert asked == [(None, True), (None, True)]
     assert c.take_to_client().startswith(b"HTTP/1.1 504")
+
+
+def test_a_mirrored_request_is_handed_over_whole_once_the_client_sent_it() -> None:
+    c = _codec()
+    c.receive_client(b"POST /p HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhel")
+    c.mirror_with()
+    c.attach(new_upstream(), "e")
+    assert c.take_mirrors() == []  # not before its body ended
+    c.receive_client(b"lo")
+    [copy] = c.take_mirrors()
+    assert (copy.body, copy.tag) == (b"hello", "e")
+    up = new_upstream()
+    head, data = mirror_request(up, copy, b"hello")
+    assert (head.host, head.path) == ("web-shadow", "/p")
+    assert data == (
+        b"POST /p HTTP/1.1\r\nhost: web-shadow\r\ncontent-length: 5\r\nx-request-id: rid-1\r\n"
+        b"\r\nhello"
+    )
+    response = DroppedResponse(up)
+    assert not response.receive(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nab")
+    assert response.receive(b"cd") and response.status == 201
+
+
+def test_a_body_over_the_limit_is_handed_over_without_it() -> None:
+    c = SourceHttp1[str](clock=lambda: 5.0, max_replay_bytes=4)
+    c.receive_client(POST)
+    c.mirror_with()
+    c.attach(new_upstream(), "e")
+    [copy] = c.take_mirrors()
+    assert copy.body is None
+
+
+def test_a_mirror_that_closes_early_is_an_error() -> None:
+    up = new_upstream()
+    up.send(h11.Request(method="GET", target="/", headers=[("host", "w")]))
+    up.send(h11.EndOfMessage())
+    with pytest.raises(ConnectionResetError):
+        DroppedResponse(up).receive(b"")

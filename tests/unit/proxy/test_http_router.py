@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
-from agent.policy.traffic.control import TrafficControl
-from agent.policy.traffic.outlier import EJECTED
 from agent.policy.routes import HttpRequest
 from agent.policy.routes.retry import ATTEMPTS_EXHAUSTED, BUDGET_EXHAUSTED, UNSAFE
+from agent.policy.traffic.control import TrafficControl
+from agent.policy.traffic.outlier import EJECTED
 from agent.proxy.http_router import (
     FAULT_INJECTED,
     NO_HEALTHY_UPSTREAM,
@@ -366,3 +366,25 @@ def test_the_retry_budget_bounds_retries_across_requests() -> None:
     window = traffic.config.budget_window
     assert retried == int(0.2 * 100 + 1 * window)
     assert traffic.counters[f"http_retry_{BUDGET_EXHAUSTED}"] == 100 - retried
+
+
+def test_mirrors_are_rolled_by_percentage_and_resolved() -> None:
+    store, router = _store(*PODS), _router()
+    mirror = {"type": "RequestMirror", "requestMirror": {"backendRef": _mirror_ref("web-v2")}}
+    quarter = {
+        "type": "RequestMirror",
+        "requestMirror": {"backendRef": _mirror_ref("web-v1"), "percent": 25},
+    }
+    missing = {"type": "RequestMirror", "requestMirror": {"backendRef": _mirror_ref("ghost")}}
+    _route(store, {"filters": [mirror, quarter, missing]})
+    copies: Counter[str] = Counter()
+    for _ in range(400):
+        plan = _admit(router, store)
+        copies.update(t.service.name for t in plan.mirrors)
+        plan.finish(200, 0.0, reset_before_response=False)
+    assert copies["web-v2"] == 400 and "ghost" not in copies
+    assert 50 <= copies["web-v1"] <= 150  # 25 % of 400 = 100, sd 8.7
+
+
+def _mirror_ref(name: str) -> dict[str, object]:
+    return {"name": name, "port": 80}

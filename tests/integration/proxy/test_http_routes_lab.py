@@ -14,7 +14,7 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -174,21 +174,46 @@ def test_a_retry_on_503_hides_the_failing_replica_and_is_counted(lab: Lab) -> No
     # Round robin and no ejection, so that server-1 surely keeps getting first tries (outlier
     # detection would otherwise eject it after 5 consecutive 503s; that is its own feature).
     spec = {"loadBalancer": {"type": "ROUND_ROBIN"}, "outlierDetection": {"maxEjectionPercent": 0}}
+    unavailable = {"reporter": "destination", "response_code": "503", "destination_service": WEB}
+
+    def refused() -> float:
+        """node2's 503s; it reports an exchange once it ended there, which may be a moment
+        after node1 dropped the session carrying it."""
+        return total(metrics(lab, "node2"), **unavailable)
+
     with policy(lab, spec, lambda e: e.get("balancer") == "ROUND_ROBIN"):
-        before, far_before = metrics(lab, "node1"), metrics(lab, "node2")
+        before, far_before = metrics(lab, "node1"), stable(refused)
         n = 40
         split = served(lab, n, path="/flaky")  # every one answered 200
-        after, far_after = metrics(lab, "node1"), metrics(lab, "node2")
+        after, far_after = metrics(lab, "node1"), stable(refused)
     attempted = counted(after, RETRIES, "default/web", "attempted") - counted(
         before, RETRIES, "default/web", "attempted"
     )
-    unavailable = {"reporter": "destination", "response_code": "503", "destination_service": WEB}
-    refused = total(far_after, **unavailable) - total(far_before, **unavailable)
-    report("retry on 503", requests=n, answered_by=dict(split), retries=attempted, far_503=refused)
-    assert split == {"server-0": n}
-    assert attempted >= 1 and attempted == refused  # each 503 server-1 gave was retried
+    report(
+        "retry on 503",
+        requests=n,
+        answered_by=dict(split),
+        retries=attempted,
+        far_503=far_after - far_before,
+    )
+    assert split == {"server-0": n}  # no 503 reached the client
+    # Every 503 node2 reported was retried. (Equal in most runs; node2 sometimes misses the
+    # report of an exchange whose stream node1 dropped right after the response head.)
+    assert 1 <= far_after - far_before <= attempted
     ok = {**SOURCE, "response_code": "200", "destination_service": WEB}
     assert total(after, **ok) - total(before, **ok) == n
+
+
+def stable(count: Callable[[], float]) -> float:
+    """``count()`` once it stayed the same for a second (reports still landing settle)."""
+
+    def settled() -> float:
+        first = count()
+        time.sleep(1.0)
+        assert count() == first
+        return first
+
+    return retry(settled, timeout=30)
 
 
 def test_a_request_timeout_answers_504_ut(lab: Lab) -> None:
@@ -262,8 +287,7 @@ def test_a_mirror_gets_a_copy_of_each_request_and_never_slows_the_primary(lab: L
     def sent() -> float:
         return counted(metrics(lab, "node1"), MIRRORED, "default/web-v2", "sent")
 
-    retry(lambda: check(copies() >= 4), timeout=20)  # the warm-up's copies have landed
-    far_before, sent_before = copies(), sent()
+    far_before, sent_before = stable(copies), stable(sent)  # no warm-up copy in flight
     n = 20
     started = time.monotonic()
     served(lab, n, path="/plain")  # the same requests without a copy, for comparison
@@ -274,6 +298,8 @@ def test_a_mirror_gets_a_copy_of_each_request_and_never_slows_the_primary(lab: L
     # Each copy takes 1 s at server-1; the primary does not wait for them.
     retry(lambda: check(copies() - far_before == n), timeout=30)
     retry(lambda: check(sent() - sent_before == n), timeout=30)
+    time.sleep(1.5)
+    assert (copies() - far_before, sent() - sent_before) == (n, n)  # and no more
     report(
         "mirror (each copy takes 1 s at server-1)",
         requests=n,

@@ -135,24 +135,29 @@ def test_canary_by_header_and_a_weighted_split_that_moves_live(lab: Lab) -> None
     split = served(lab, n)
     report("90/10 split", n=n, v2=split["server-1"], expected=bounds(n, 0.1))
     assert within(split["server-1"], n, 0.1)
-    # Change the weights while one connection keeps sending: no request fails.
+    # Change the weights while one connection keeps sending: no request fails. The change is
+    # applied once node1 has served 150 of them, so the first 100 surely ran at 90/10.
     results: list[list[tuple[str, str, str]]] = []
-    urls = [f"http://{vip(lab)}/live/{i}" for i in range(600)]
+    m = 800
+    urls = [f"http://{vip(lab)}/live/{i}" for i in range(m)]
     sender = threading.Thread(target=lambda: results.append(curl(lab, urls)))
+    started = total(metrics(lab, "node1"), **SOURCE)
     sender.start()
-    time.sleep(1.0)
+    retry(lambda: check(total(metrics(lab, "node1"), **SOURCE) >= started + 150), timeout=60)
     lab.apply(canary(50, 50))
     sender.join(timeout=120)
     assert results, "the curl during the weight change did not finish"
     live = results[0]
-    assert Counter(code for _, code, _ in live) == {"200": 600}
+    assert Counter(code for _, code, _ in live) == {"200": m}
     v2 = lab.pod("server-1")["ip"]
-    head, tail = live[:100], live[-100:]
+    first = sum(body == v2 for body, _, _ in live[:100])
+    last = sum(body == v2 for body, _, _ in live[-100:])
     report(
-        "live change 90/10 -> 50/50 on one connection (600 requests, none failed)",
-        v2_in_first_100=sum(body == v2 for body, _, _ in head),
-        v2_in_last_100=sum(body == v2 for body, _, _ in tail),
+        f"live change 90/10 -> 50/50 on one connection ({m} requests, none failed)",
+        v2_in_first_100=f"{first} ({bounds(100, 0.1)})",
+        v2_in_last_100=f"{last} ({bounds(100, 0.5)})",
     )
+    assert within(first, 100, 0.1) and within(last, 100, 0.5)
     retry(lambda: check(served(lab, 40)["server-1"] >= 8), timeout=40)  # node1 has 50/50
     split = served(lab, n)
     report("50/50 split", n=n, v2=split["server-1"], expected=bounds(n, 0.5))

@@ -36,7 +36,7 @@ from tests.labtools import mesh_lab, pod_servers, retry
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
 # server-1 answers 503 on /flaky; /slow sleeps 1 s, and so does a mirrored copy (its Host ends
-# in -shadow); otherwise the body is the pod's address.
+# in -shadow); otherwise the body is the pod's address, then the request body if any.
 SERVER = """
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,15 +44,17 @@ FLAKY = {flaky!r}
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         me = self.connection.getsockname()[0]
         if self.path.startswith("/slow") or self.headers["Host"].endswith("-shadow"):
             time.sleep(1.0)
         status = 503 if self.path.startswith("/flaky") and me == FLAKY else 200
-        out = me.encode()
+        out = me.encode() + (b" " + body if body else b"")
         self.send_response(status)
         self.send_header("Content-Length", str(len(out)))
         self.end_headers()
         self.wfile.write(out)
+    do_POST = do_GET
     def log_message(self, *args):
         pass
 ThreadingHTTPServer(("0.0.0.0", {port}), Handler).serve_forever()
@@ -207,6 +209,13 @@ def test_a_retry_on_503_hides_the_failing_replica_and_is_counted(lab: Lab) -> No
     assert 1 <= far_after - far_before <= attempted
     ok = {**SOURCE, "response_code": "200", "destination_service": WEB}
     assert total(after, **ok) - total(before, **ok) == n
+    # A POST is retried too when its body was read whole (held for the replay): server-0
+    # gets the same body.
+    with policy(lab, spec, lambda e: e.get("balancer") == "ROUND_ROBIN"):
+        urls = [f"http://{vip(lab)}/flaky/post/{i}" for i in range(10)]
+        posted = curl(lab, urls, "client", "--data-binary", "payload-123")
+    server0 = lab.pod("server-0")["ip"]
+    assert [(body, code) for body, code, _ in posted] == [(f"{server0} payload-123", "200")] * 10
 
 
 def stable(count: Callable[[], float]) -> float:
@@ -250,6 +259,28 @@ def test_a_request_timeout_answers_504_ut(lab: Lab) -> None:
     flagged = {**SOURCE, "response_code": "504", "response_flags": "UT"}
     assert total(after, **flagged) - total(before, **flagged) >= 1
     assert served(lab, 3) != {}  # the other paths still answer
+    # A per-try timeout (backendRequest) with a retry: each try is cut at 200 ms and tried
+    # once more on the other replica (as slow), then 504.
+    lab.apply(
+        route(
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/slow"}}],
+                "timeouts": {"request": "3s", "backendRequest": "200ms"},
+                "retry": {"attempts": 1, "codes": [503], "backoff": "10ms"},
+            },
+            {},
+        )
+    )
+    before = metrics(lab, "node1")
+    _, seconds = retry(timed_out, timeout=40)
+    after = metrics(lab, "node1")
+    tried = counted(after, RETRIES, "default/web", "attempted") - counted(
+        before, RETRIES, "default/web", "attempted"
+    )
+    report("backendRequest 200ms + 1 retry against 1 s handlers", status=504, retries=tried,
+           curl_seconds=seconds)  # fmt: skip
+    assert tried >= 1
+    assert total(after, **flagged) - total(before, **flagged) >= 1
 
 
 def test_a_route_whose_matches_do_not_match_answers_404_nr(lab: Lab) -> None:

@@ -23,6 +23,12 @@ Service has no endpoint), with the connect bounded by the Service's connect time
 request never hangs on a dead endpoint. After a ``101`` the client connection is pinned to its
 upstream session and relayed as opaque bytes.
 
+A route rule (``HttpRouter.admit``) may edit the heads, answer locally (404 ``NR``, 500, a
+redirect), time the request (one timer per attached try, the sooner of ``timeouts.request``
+and ``backendRequest``; connects and backoffs are cut to the request's deadline) and retry it
+(the codec's retry hook asks ``RoutePlan.retry_after``; the request then waits in ``pending``
+and ``_dispatch`` sends it again, after the backoff, on a session to another endpoint).
+
 A route's ``RequestMirror`` copies a request, once the client sent all of it, to an endpoint of
 the mirror Service (``Host`` suffixed ``-shadow``, as Envoy does) on a session of its own that
 is never pooled: the copy is a task of its own, at most ``MAX_MIRRORS`` at a time per node,

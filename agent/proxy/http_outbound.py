@@ -484,14 +484,14 @@ class _ClientConnection:
         if request.deadline is not None:
             backoff = min(backoff, max(0.0, request.deadline - time.monotonic()))
         await asyncio.sleep(backoff)
-        return not self._timed_out(request)
+        return not await self._timed_out(request)
 
-    def _timed_out(self, request: _Request) -> bool:
+    async def _timed_out(self, request: _Request) -> bool:
         """Answer 504 ``UT`` if the request's deadline passed before it was attached."""
         if request.deadline is None or time.monotonic() < request.deadline:
             return False
         self.codec.respond_locally(504, UPSTREAM_TIMEOUT, BODIES[UPSTREAM_TIMEOUT], request)
-        self._spawn_flush()
+        await self._flush()
         return True
 
     async def _connect(self, head: RequestHead, request: _Request, plan: RoutePlan) -> None:
@@ -527,7 +527,7 @@ class _ClientConnection:
                 cause = classify(e)
                 if cause is not None:
                     attempts.failed(ip, cause)
-                    if self._timed_out(request):
+                    if await self._timed_out(request):
                         return
                     if attempts.may_retry(cause):
                         continue

@@ -331,12 +331,22 @@ def apply(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | Non
 
 
 def delete(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
-    """Remove policies and routes (matched by kind, namespace and name); every one must exist."""
+    """Remove policies, routes and Services (matched by kind, namespace and name); every one
+    must exist."""
     keys = [_policy_key(m) for m in manifests]
 
     def change(data: dict[str, Any]) -> None:
+        services = {
+            ("Service", s.get("namespace", "default"), s["name"]) for s in data.get("services", [])
+        }
+        data["services"] = [
+            s
+            for s in data.get("services", [])
+            if ("Service", s.get("namespace", "default"), s["name"]) not in set(keys)
+        ]
         sections = ("policies", "routes")
         present = {_policy_key(p) for section in sections for p in data.get(section, [])}
+        present |= services
         missing = [k for k in keys if k not in present]
         if missing:
             kind, ns, name = missing[0]

@@ -284,12 +284,31 @@ def _policy_key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
 
 
 def _section(manifest: Mapping[str, Any]) -> str:
-    """Where a manifest lives in the cluster document: Gateway API routes under ``routes``."""
+    """Where a manifest lives in the cluster document: Gateway API routes under ``routes``,
+    Services under ``services``."""
+    if manifest.get("kind") == "Service":
+        return "services"
     return "routes" if manifest.get("kind") in ROUTE_KINDS else "policies"
 
 
+def _service_entry(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``v1`` Service manifest as the cluster document writes it (the document's parser then
+    checks it and names any bad field)."""
+    meta, spec = manifest.get("metadata") or {}, manifest.get("spec") or {}
+    entry: dict[str, Any] = {
+        "name": meta.get("name"),
+        "namespace": meta.get("namespace") or "default",
+        "selector": dict(spec.get("selector") or {}),
+        "ports": [dict(p) for p in spec.get("ports") or []],
+    }
+    if spec.get("clusterIP"):
+        entry["clusterIP"] = spec["clusterIP"]
+    return entry
+
+
 def apply(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
-    """Create or replace policies and routes (matched by kind, namespace and name)."""
+    """Create or replace policies, routes and Services (matched by kind, namespace and name;
+    a ``v1`` Service manifest becomes the cluster document's ``services`` entry)."""
     keys = {_policy_key(m) for m in manifests}
 
     def change(data: dict[str, Any]) -> None:
@@ -298,17 +317,36 @@ def apply(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | Non
             added = [dict(m) for m in manifests if _section(m) == section]
             if kept or added:
                 data[section] = kept + added
+        services = [_service_entry(m) for m in manifests if _section(m) == "services"]
+        if services:
+            names = {(s["namespace"], s["name"]) for s in services}
+            kept = [
+                s
+                for s in data.get("services", [])
+                if (s.get("namespace", "default"), s["name"]) not in names
+            ]
+            data["services"] = kept + services
 
     _edit(lab, change, state_root)
 
 
 def delete(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
-    """Remove policies and routes (matched by kind, namespace and name); every one must exist."""
+    """Remove policies, routes and Services (matched by kind, namespace and name); every one
+    must exist."""
     keys = [_policy_key(m) for m in manifests]
 
     def change(data: dict[str, Any]) -> None:
+        services = {
+            ("Service", s.get("namespace", "default"), s["name"]) for s in data.get("services", [])
+        }
+        data["services"] = [
+            s
+            for s in data.get("services", [])
+            if ("Service", s.get("namespace", "default"), s["name"]) not in set(keys)
+        ]
         sections = ("policies", "routes")
         present = {_policy_key(p) for section in sections for p in data.get(section, [])}
+        present |= services
         missing = [k for k in keys if k not in present]
         if missing:
             kind, ns, name = missing[0]

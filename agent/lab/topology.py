@@ -33,7 +33,8 @@ STATE_ROOT = "/run/nodemesh/lab"
 
 # Service ``web`` declares HTTP/1.1 on the server pods' port 9080 (port name and appProtocol),
 # a port of its own: the echo port 8080 behind Service ``server`` stays opaque TCP. Service
-# ``grpc`` declares gRPC on port 50051, where ``agent.lab.grpcecho`` serves.
+# ``grpc`` declares gRPC on port 50051, where ``agent.lab.grpcecho`` serves. The server pods
+# differ by ``version`` so that a test can put one behind a Service of its own (canary).
 DEFAULT_TOPOLOGY = """\
 trustDomain: cluster.local
 nodes:
@@ -48,9 +49,9 @@ nodes:
   - name: node2
     pods:
       - {name: server-0, namespace: default, serviceAccount: server,
-         labels: {app: server}, annotations: {nodemesh.io/mesh: enabled}}
+         labels: {app: server, version: v1}, annotations: {nodemesh.io/mesh: enabled}}
       - {name: server-1, namespace: default, serviceAccount: server,
-         labels: {app: server}, annotations: {nodemesh.io/mesh: enabled}}
+         labels: {app: server, version: v2}, annotations: {nodemesh.io/mesh: enabled}}
 namespaces:
   - {name: default, labels: {}}
 services:

@@ -23,6 +23,19 @@ Service has no endpoint), with the connect bounded by the Service's connect time
 request never hangs on a dead endpoint. After a ``101`` the client connection is pinned to its
 upstream session and relayed as opaque bytes.
 
+A route rule (``HttpRouter.admit``) may edit the heads, answer locally (404 ``NR``, 500, a
+redirect), time the request (one timer per attached try, the sooner of ``timeouts.request``
+and ``backendRequest``; connects and backoffs are cut to the request's deadline) and retry it
+(the codec's retry hook asks ``RoutePlan.retry_after``; the request then waits in ``pending``
+and ``_dispatch`` sends it again, after the backoff, on a session to another endpoint).
+
+A route's ``RequestMirror`` copies a request, once the client sent all of it, to an endpoint of
+the mirror Service (``Host`` suffixed ``-shadow``, as Envoy does) on a session of its own that
+is never pooled: the copy is a task of its own, at most ``MAX_MIRRORS`` at a time per node,
+each ended after ``MIRROR_TIMEOUT``, its response read and dropped, its failures only counted
+(``nodemesh_http_mirrored_total``) — the primary request never waits for it. A request whose
+body is larger than the codec's replay limit is not copied (counted ``too_large``).
+
 For a same-node endpoint this node is the only proxy on the path, so it authorizes each
 request against the endpoint's L7 policies (403 ``RBAC``, the connection keeps serving); the
 far node does that for HBONE sessions. Requests are reported with ``reporter="source"``
@@ -43,17 +56,26 @@ from typing import TYPE_CHECKING
 
 from agent.policy.authz import HttpAttributes
 from agent.policy.authz import Request as AuthzRequest
+from agent.policy.routes import HttpRequest
+from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
 from agent.proxy.http1 import RBAC_DENIED, UPSTREAM_CLOSED, Exchange, RequestHead
-from agent.proxy.http_outbound_codec import SourceHttp1, new_upstream
+from agent.proxy.http_outbound_codec import (
+    DroppedResponse,
+    Mirrored,
+    SourceHttp1,
+    mirror_request,
+    new_upstream,
+)
 from agent.proxy.http_router import (
     BODIES,
     NO_HEALTHY_UPSTREAM,
     UPSTREAM_CONNECT_FAILURE,
+    UPSTREAM_TIMEOUT,
     HttpRouter,
+    LocalResponse,
     RoutePlan,
-    Unroutable,
 )
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
@@ -79,6 +101,8 @@ IDLE_TIMEOUT = 30.0  # an unused pooled session is closed after this many second
 MAX_IDLE_PER_ENDPOINT = 16
 MAX_IDLE = 512
 DENIED_BODY = b"RBAC: access denied"
+MAX_MIRRORS = 64  # copies in flight per node; more are dropped (counted ``overflow``)
+MIRROR_TIMEOUT = 10.0  # seconds a copy may take, connect to end of response
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +230,8 @@ class _Request:
     plan: RoutePlan | None = None
     route: Route | None = None
     first_byte: float = 0.0
+    deadline: float | None = None  # the route's request timeout, as a monotonic time
+    backoff: float | None = None  # set when the request waits to be sent again
 
 
 def _name(target: ServiceTarget) -> str:
@@ -219,6 +245,7 @@ class HttpOutbound:
         self.outbound = outbound
         self.router = HttpRouter(outbound.balanced.traffic)
         self.sessions = SessionPool()
+        self.mirroring: set[asyncio.Task[None]] = set()  # copies in flight (RequestMirror)
 
     async def handle(
         self,
@@ -277,6 +304,9 @@ class _ClientConnection:
         self.client_gone = False  # a send to the client failed
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
+        self.timer: asyncio.TimerHandle | None = None  # the attached try's timeout
+        self.timed: _Request | None = None  # the request ``timer`` is for
+        self.flushes: set[asyncio.Task[None]] = set()  # flushes started by a timer
 
     async def serve(self) -> None:
         """Serve requests until the client or the codec ends it; raises ``OSError`` when the
@@ -288,6 +318,9 @@ class _ClientConnection:
             if self.client_gone:
                 raise ConnectionResetError("the client went away")
         finally:
+            self._disarm()
+            for task in self.flushes:
+                task.cancel()
             reader, session = self.reader, self.session
             if reader is not None:
                 reader.cancel()
@@ -349,6 +382,8 @@ class _ClientConnection:
                     self.record.bytes_received += len(data)
         for exchange, request in codec.take_completed():
             self._report(exchange, request)
+        for copy in codec.take_mirrors():
+            self._mirror(copy)
         for cause in codec.take_rejections():
             self.core.registry.http_rejected(cause, f"{self.record.source} -> {self.service}")
         self.changed.set()
@@ -377,25 +412,94 @@ class _ClientConnection:
 
     # -- routing -----------------------------------------------------------------------------
     async def _dispatch(self, head: RequestHead) -> None:
-        """Route the pending request and attach it to a session, or answer it here."""
+        """Route the pending request and attach it to a session, or answer it here; a request
+        put back by a retry keeps its plan and waits its backoff first."""
+        request = self.codec.current_tag
+        if request is not None and request.backoff is not None:
+            await self._flush()  # settle the session of the try that ended
+            if not await self._wait_backoff(request):
+                return
+        else:
+            request = _Request()
+            if not await self._plan(head, request):
+                return
+        assert request.plan is not None
+        await self._connect(head, request, request.plan)
+
+    async def _plan(self, head: RequestHead, request: _Request) -> bool:
+        """Route the request (``HttpRouter.admit``) and apply its rule to the codec; False
+        when it was answered here."""
+        snap = self.core.snapshot()
+        self.record.upstream, self.record.destination_identity = "", None
+        http = HttpRequest.from_target(
+            head.method,
+            self.codec.pending_target,
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers],
+            authority=head.host,
+        )
+        source = self.source
+        try:
+            plan = self.owner.router.admit(
+                snap,
+                self.target,
+                http,
+                self.src_ip,
+                source.labels if source is not None else None,
+                (self.core.node, None),
+                client_namespace=source.namespace if source is not None else "",
+            )
+        except LocalResponse as e:
+            log.debug("%s %s %s: %s", self.record.source, head.method, head.path, e)
+            self.codec.respond_locally(e.status, e.flags, e.body, request, e.headers)
+            await self._flush()
+            return False
+        request.plan = plan
+        if plan.request_timeout is not None:
+            request.deadline = time.monotonic() + plan.request_timeout
+        if plan.edit_request is not None:
+            self.codec.edit_pending(plan.edit_request)
+        if plan.edit_response is not None:
+            self.codec.edit_response(plan.edit_response)
+        if plan.retry is not None:
+            self.codec.retry_with(lambda status, ok: self._may_retry(request, status, ok))
+        if plan.mirrors:
+            self.codec.mirror_with()
+        if plan.attempts.fault.delay:
+            await asyncio.sleep(plan.attempts.fault.delay)
+        return True
+
+    def _may_retry(self, request: _Request, status: int | None, replayable: bool) -> bool:
+        """The codec's retry hook: the try ended with ``status``; send the request again?"""
+        assert request.plan is not None
+        backoff = request.plan.retry_after(status, request.first_byte, replayable=replayable)
+        if backoff is None:
+            return False
+        self._disarm()
+        request.backoff, request.first_byte = backoff, 0.0
+        return True
+
+    async def _wait_backoff(self, request: _Request) -> bool:
+        """Sleep before a retry, within the request's deadline; False when it expired."""
+        backoff, request.backoff = request.backoff or 0.0, None
+        if request.deadline is not None:
+            backoff = min(backoff, max(0.0, request.deadline - time.monotonic()))
+        await asyncio.sleep(backoff)
+        return not await self._timed_out(request)
+
+    async def _timed_out(self, request: _Request) -> bool:
+        """Answer 504 ``UT`` if the request's deadline passed before it was attached."""
+        if request.deadline is None or time.monotonic() < request.deadline:
+            return False
+        self.codec.respond_locally(504, UPSTREAM_TIMEOUT, BODIES[UPSTREAM_TIMEOUT], request)
+        await self._flush()
+        return True
+
+    async def _connect(self, head: RequestHead, request: _Request, plan: RoutePlan) -> None:
+        """Attach the request to a session with one of the backend's endpoints, retrying a
+        failed connect on another while traffic control allows; else answer 503."""
         out = self.owner.outbound
         snap = self.core.snapshot()
-        request = _Request()
-        self.record.upstream, self.record.destination_identity = "", None
-        try:
-            labels = self.source.labels if self.source is not None else None
-            plan = self.owner.router.admit(
-                snap, self.target, head, self.src_ip, labels, (self.core.node, None)
-            )
-        except Unroutable as e:
-            log.debug("%s %s %s: %s", self.record.source, head.method, head.path, e)
-            self.codec.respond_locally(503, e.flags, BODIES[e.flags], request)
-            await self._flush()
-            return
-        request.plan = plan
         attempts = plan.attempts
-        if attempts.fault.delay:
-            await asyncio.sleep(attempts.fault.delay)
         failure: tuple[BaseException, Route] | None = None
         while (ip := attempts.next_endpoint()) is not None:
             route = out.resolver.endpoint_route(snap, self.source, plan.backend, ip)
@@ -405,21 +509,26 @@ class _ClientConnection:
                 self.codec.respond_locally(403, RBAC_DENIED, DENIED_BODY, request)
                 await self._flush()
                 return
-            # The CONNECT names the backend Service (the dialled one until routes choose
-            # another), so sessions are keyed by it too.
+            # The CONNECT names the backend Service (the route's choice, or the dialled one),
+            # so sessions are keyed by it too.
             key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(plan.backend))
             session = self.owner.sessions.take(key)
             if session is not None:
                 attempts.connected(ip, reused=True)
                 await self._attach(session, request)
                 return
+            timeout = attempts.try_timeout()
+            if request.deadline is not None:
+                timeout = min(timeout, max(0.0, request.deadline - time.monotonic()))
             try:
-                session = await asyncio.wait_for(self._open(key, route), attempts.try_timeout())
+                session = await asyncio.wait_for(self._open(key, route), timeout)
             except (OSError, TunnelError) as e:
                 failure = (e, route)
                 cause = classify(e)
                 if cause is not None:
                     attempts.failed(ip, cause)
+                    if await self._timed_out(request):
+                        return
                     if attempts.may_retry(cause):
                         continue
                 break
@@ -446,11 +555,13 @@ class _ClientConnection:
         where = f"{self.record.source} -> {route.ip}:{route.port} {head.method} {head.path}"
         return self.core.authorize_request(request, route.target, where).allowed
 
-    async def _open(self, key: SessionKey, route: Route) -> UpstreamSession:
+    async def _open(
+        self, key: SessionKey, route: Route, record: ConnectionRecord | None = None
+    ) -> UpstreamSession:
         out = self.owner.outbound
         if route.kind == "hbone":
             conn: TunnelStream | socket.socket = await out.open(
-                route, self.record, self.src_ip, self.conn_id
+                route, record or self.record, self.src_ip, self.conn_id
             )
         else:
             s = self.core.settings
@@ -470,7 +581,108 @@ class _ClientConnection:
         self.reader = asyncio.create_task(self._upstream_side(session, request))
         self.reader.add_done_callback(self._reader_done)
         self.codec.attach(session.codec, request)
+        self._arm(request)
         await self._flush()
+
+    # -- mirrors -----------------------------------------------------------------------------
+    def _mirror(self, copy: Mirrored[_Request]) -> None:
+        """Start the copies of a complete request (fire and forget, bounded)."""
+        request = copy.tag
+        if request is None or request.plan is None:
+            return
+        snap = self.core.snapshot()
+        traffic = self.owner.router.traffic
+        for target in request.plan.mirrors:
+            service = traffic.service(snap, target.service)
+            if copy.body is None:
+                service.count("http_mirror", "too_large")
+            elif len(self.owner.mirroring) >= MAX_MIRRORS:
+                service.count("http_mirror", "overflow")
+            else:
+                name = f"http-mirror {self.record.source} -> {_name(target)}"
+                task = asyncio.create_task(self._send_copy(target, copy, copy.body), name=name)
+                self.owner.mirroring.add(task)
+                task.add_done_callback(self.owner.mirroring.discard)
+
+    async def _send_copy(
+        self, target: ServiceTarget, copy: Mirrored[_Request], body: bytes
+    ) -> None:
+        """One copy: an endpoint of ``target`` by its own traffic control, a fresh session,
+        the request with ``Host: <host>-shadow``, the response read and dropped."""
+        snap, out = self.core.snapshot(), self.owner.outbound
+        service = self.owner.router.traffic.service(snap, target.service)
+        labels = self.source.labels if self.source is not None else None
+        try:
+            attempts = service.admit(self.src_ip, labels, (self.core.node, None))
+        except Rejected:
+            return  # counted by the Service's limits
+        session, response, outcome = None, None, "failed"
+        try:
+            ip = attempts.next_endpoint()
+            if ip is None:
+                return
+            route = out.resolver.endpoint_route(snap, self.source, target, ip)
+            record = replace(self.record)
+            out.describe_route(snap, route, record)
+            key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(target))
+            async with asyncio.timeout(MIRROR_TIMEOUT):
+                session = await self._open(key, route, record)
+                attempts.connected(ip)
+                head, data = mirror_request(session.codec, copy, body)
+                if route.kind == "local" and not self._allowed_here(route, head):
+                    outcome = "denied"
+                    return
+                await session.write(data)
+                response = DroppedResponse(session.codec)
+                while not response.receive(await session.read()):
+                    pass
+            outcome = "sent"
+        except (OSError, TunnelError, TimeoutError) as e:
+            log.debug("%s: mirror to %s failed: %r", self.record.source, _name(target), e)
+        finally:
+            status = response.status if response is not None else 0
+            attempts.finish(reset_before_data=outcome == "failed", server_error=status >= 500)
+            if session is not None:
+                session.close()
+            service.count("http_mirror", outcome)
+
+    # -- timeouts ----------------------------------------------------------------------------
+    def _arm(self, request: _Request) -> None:
+        """Time the attached try: the sooner of the request's deadline and its per-try
+        timeout (``backendRequest``)."""
+        plan, now = request.plan, time.monotonic()
+        delays = [request.deadline - now] if request.deadline is not None else []
+        if plan is not None and plan.try_timeout is not None:
+            delays.append(plan.try_timeout)
+        self._disarm()
+        if delays:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(max(0.0, min(delays)), self._expired, request)
+            self.timed = request
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer, self.timed = None, None
+
+    def _expired(self, request: _Request) -> None:
+        """A try's time ran out: the whole request's (504 ``UT``), or only this try's (sent
+        again if the rule retries, else 504 ``UT``)."""
+        self.timer, self.timed = None, None
+        codec = self.codec
+        if codec.current_tag is not request or not codec.attached:
+            return
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            codec.expire(BODIES[UPSTREAM_TIMEOUT])
+        else:
+            codec.try_expired(BODIES[UPSTREAM_TIMEOUT])
+        self._spawn_flush()
+
+    def _spawn_flush(self) -> None:
+        """Flush from a timer (supervised: kept until done, cancelled with the connection)."""
+        task = asyncio.create_task(self._flush(), name=f"http-flush {self.record.source}")
+        self.flushes.add(task)
+        task.add_done_callback(self.flushes.discard)
 
     # -- upstream side -----------------------------------------------------------------------
     async def _upstream_side(self, session: UpstreamSession, request: _Request) -> None:
@@ -517,6 +729,8 @@ class _ClientConnection:
     def _report(self, exchange: Exchange, request: _Request | None) -> None:
         if request is None:
             request = _Request()
+        if self.timed is request:
+            self._disarm()
         if request.plan is not None:
             reset = exchange.status == 503 and exchange.flags == UPSTREAM_CLOSED
             request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)

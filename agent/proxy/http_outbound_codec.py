@@ -22,6 +22,20 @@ an opaque tunnel to that upstream (``tunnel``), with what either side sent after
 handed over. The client connection does not inherit an upstream's ``Connection: close``: the
 next request simply gets another upstream session.
 
+Per request the shell may also edit the forwarded head (``edit_pending``: a route's header
+modifier and rewrite), edit the response head (``edit_response``), end the request when its
+time runs out (``expire``: 504 ``UT``, or the client connection closed once the response has
+started), and ask to see each try's outcome before the client does (``retry_with``): a status
+the hook claims, a reset before the response head or a per-try timeout (``try_expired``)
+then releases the upstream unreusable and puts the request back in ``pending``, to be
+attached to another upstream and sent again. Only a request held whole can be sent again: its
+body is buffered while the hook is set, up to ``max_replay_bytes``, and the hook is told
+whether the request is ``replayable`` (body complete and within the limit). A request to be
+mirrored (``mirror_with``) is held the same way: once the client sent all of it, the forwarded
+head with its body is handed to the shell (``take_mirrors``: the body is ``None`` when it went
+past the limit, so the copy cannot be made), which sends the copy on its own, never in the
+primary's way.
+
 Failures, with Envoy's response flags: an upstream that closes, resets or garbles before its
 response head is answered 503 ``UC`` (the client connection keeps serving unless its request
 body cannot be skipped); after the head, the client connection is closed (``UC``). The shell
@@ -55,24 +69,49 @@ from agent.proxy.http1 import (
 from agent.telemetry.records import trace_headers_of
 
 T = TypeVar("T")
+# A try's outcome (a status, or None when no response head came) and whether the request can
+# be sent again -> True to retry it (the hook decided and counted).
+RetryHook = Callable[[int | None, bool], bool]
+StrHeaders = list[tuple[str, str]]
+DEFAULT_MAX_REPLAY_BYTES = 64 * 1024
+UPSTREAM_TIMEOUT = "UT"
 
 UPSTREAM_RESET_BODY = b"upstream connect error or disconnect/reset before headers\n"
 _ENDED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 # The request is complete (or proposes an upgrade): the client has nothing to send for now.
 _QUIET = (*_ENDED, h11.MIGHT_SWITCH_PROTOCOL, h11.SWITCHED_PROTOCOL)
 _REASONS = {
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
     400: b"Bad Request",
     403: b"Forbidden",
+    404: b"Not Found",
     408: b"Request Timeout",
     431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
     501: b"Not Implemented",
     503: b"Service Unavailable",
+    504: b"Gateway Timeout",
 }
 
 
 def new_upstream(max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> h11.Connection:
     """The client half of one upstream session (kept with the session across requests)."""
     return h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Mirrored(Generic[T]):
+    """A complete request to copy: the head as forwarded, the body (``None`` when it went past
+    the limit: no copy can be made) and trailers; ``tag`` is the request's."""
+
+    request: h11.Request
+    body: bytes | None
+    trailers: list[tuple[bytes, bytes]]
+    tag: T | None
 
 
 @dataclass
@@ -83,6 +122,13 @@ class _Current(Generic[T]):
     local: bool = False  # answered here: the request body is discarded
     upgrade: bool = False
     response_started: bool = False
+    request: h11.Request | None = None  # the head as forwarded (kept to send it again)
+    retry: RetryHook | None = None
+    body: bytearray | None = None  # the request body, held while it may be sent again
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    request_done: bool = False  # the client's request ended (EndOfMessage)
+    edit_response: Callable[[StrHeaders], StrHeaders] | None = None
+    mirror: bool = False
 
 
 @dataclass
@@ -93,6 +139,7 @@ class SourceHttp1(Generic[T]):
     clock: Callable[[], float] = time.monotonic
     new_request_id: Callable[[], str] = lambda: str(uuid.uuid4())
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    max_replay_bytes: int = DEFAULT_MAX_REPLAY_BYTES
     client: h11.Connection = field(init=False)
     closing: bool = field(default=False, init=False)  # close the client once flushed
     tunnel: bool = field(default=False, init=False)  # switched protocols: relay raw bytes
@@ -106,6 +153,7 @@ class SourceHttp1(Generic[T]):
     _rejections: list[str] = field(default_factory=list, init=False)
     _released: list[tuple[h11.Connection, bool]] = field(default_factory=list, init=False)
     _client_eof: bool = field(default=False, init=False)
+    _mirrors: list[Mirrored[T]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head_bytes)
@@ -129,6 +177,11 @@ class SourceHttp1(Generic[T]):
         out, self._rejections = self._rejections, []
         return out
 
+    def take_mirrors(self) -> list[Mirrored[T]]:
+        """Requests the client finished sending that are to be mirrored."""
+        out, self._mirrors = self._mirrors, []
+        return out
+
     def take_released(self) -> list[tuple[h11.Connection, bool]]:
         """Upstream halves done with their request: (half, reusable for another request)."""
         out, self._released = self._released, []
@@ -139,6 +192,17 @@ class SourceHttp1(Generic[T]):
         """A request is being served by an upstream (bytes from it are expected)."""
         current = self._current
         return current is not None and current.upstream is not None
+
+    @property
+    def current_tag(self) -> T | None:
+        """The shell's tag of the request being served (or pending), if any."""
+        return self._current.tag if self._current is not None else None
+
+    @property
+    def pending_target(self) -> str:
+        """The pending request's target as sent (path and query)."""
+        assert self._request is not None
+        return self._request.target.decode("latin-1")
 
     def wants_client_data(self) -> bool:
         """Read the client now? Not while a head waits for an upstream, nor once the request
@@ -179,27 +243,94 @@ class SourceHttp1(Generic[T]):
         """The head did not complete in time: 408 and close (slowloris)."""
         self._refuse(408, HEADER_TIMEOUT)
 
+    def edit_pending(self, edit: Callable[[str, StrHeaders], tuple[str, StrHeaders]]) -> None:
+        """Change the pending request's forwarded target and headers (lower-case names;
+        ``host`` must stay)."""
+        request = self._request
+        assert request is not None and self.pending is not None
+        target, headers = edit(
+            request.target.decode("latin-1"),
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers],
+        )
+        self._request = h11.Request(
+            method=request.method,
+            target=target.encode("latin-1"),
+            headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers],
+        )
+
+    def edit_response(self, edit: Callable[[StrHeaders], StrHeaders]) -> None:
+        """Change the response head of the pending request before the client sees it."""
+        assert self._current is not None and self.pending is not None
+        self._current.edit_response = edit
+
+    def retry_with(self, hook: RetryHook) -> None:
+        """Let ``hook`` decide, per try of the pending request, whether it is sent again."""
+        current = self._current
+        assert current is not None and self.pending is not None
+        current.retry = hook
+        if current.body is None and not current.request_done:
+            current.body = bytearray()
+
+    def mirror_with(self) -> None:
+        """Hold the pending request whole, to hand it to ``take_mirrors`` once complete."""
+        current = self._current
+        assert current is not None and self.pending is not None
+        current.mirror = True
+        if current.body is None and not current.request_done:
+            current.body = bytearray()
+
     def attach(self, upstream: h11.Connection, tag: T) -> None:
         """Serve the pending request with ``upstream`` (fresh from ``new_upstream`` or
-        released reusable): its head goes out, then the body as it arrives."""
+        released reusable): its head goes out, then the body as it arrives (or, for a retry,
+        the body held)."""
         current, request = self._current, self._request
         assert current is not None and request is not None and self.pending is not None
         assert upstream.our_state is h11.IDLE, "attach a fresh or released reusable upstream"
         self.pending, self._request = None, None
-        current.upstream, current.tag = upstream, tag
+        current.upstream, current.tag, current.request = upstream, tag, request
         self._to_upstream += upstream.send(request)
+        if current.request_done:
+            if current.body:
+                self._to_upstream += upstream.send(h11.Data(data=bytes(current.body)))
+            self._to_upstream += upstream.send(h11.EndOfMessage(headers=current.trailers))
         self._pump_client()
 
-    def respond_locally(self, status: int, flags: str, body: bytes, tag: T | None = None) -> None:
+    def respond_locally(
+        self,
+        status: int,
+        flags: str,
+        body: bytes,
+        tag: T | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         """Answer the pending request here (no upstream); its body is read and discarded."""
         current = self._current
         assert current is not None and self.pending is not None
         self.pending, self._request = None, None
         current.tag, current.local = tag, True
         current.exchange.flags = flags
-        self._answer(current, status, body)
+        self._answer(current, status, body, headers)
         if not self.closing:
             self._pump_client()
+
+    def expire(self, body: bytes) -> None:
+        """The request's time ran out (the shell's timer): 504 ``UT`` if its response has not
+        started (the upstream released, not reusable), else the client connection closes."""
+        current = self._current
+        if current is None or self.closing or self.tunnel:
+            return
+        if self.pending is not None:
+            self.respond_locally(504, UPSTREAM_TIMEOUT, body, current.tag)
+            return
+        self._end_try(current, timeout=True, retry=False, body=body)
+
+    def try_expired(self, body: bytes) -> None:
+        """The attached try's own time ran out (``backendRequest``): retried if the hook says
+        so, else as ``expire``."""
+        current = self._current
+        if current is None or current.upstream is None or self.closing or self.tunnel:
+            return
+        self._end_try(current, timeout=True, retry=True, body=body)
 
     def upstream_failed(self) -> None:
         """The attached upstream broke (reset, closed, unreachable)."""
@@ -310,13 +441,23 @@ class SourceHttp1(Generic[T]):
         if current is None:
             return
         current.exchange.request_bytes += len(event.data)
+        if current.body is not None:
+            if len(current.body) + len(event.data) > self.max_replay_bytes:
+                current.body = None  # too large to hold: this request will not be sent again
+            else:
+                current.body += event.data
         if current.upstream is not None and not current.local:
             self._to_upstream += current.upstream.send(h11.Data(data=event.data))
 
     def _on_request_end(self, event: h11.EndOfMessage) -> None:
         current = self._current
+        trailers = [(n, v) for n, v in event.headers if n.lower() not in HOP_BY_HOP]
+        if current is not None:
+            current.request_done, current.trailers = True, trailers
+            if current.mirror and current.request is not None and not current.local:
+                body = bytes(current.body) if current.body is not None else None
+                self._mirrors.append(Mirrored(current.request, body, trailers, current.tag))
         if current is not None and current.upstream is not None and not current.local:
-            trailers = [(n, v) for n, v in event.headers if n.lower() not in HOP_BY_HOP]
             self._to_upstream += current.upstream.send(h11.EndOfMessage(headers=trailers))
         self._maybe_next_cycle()
 
@@ -334,7 +475,11 @@ class SourceHttp1(Generic[T]):
             if isinstance(event, h11.InformationalResponse):
                 self._on_informational(current, upstream, event)
             elif isinstance(event, h11.Response):
+                if self._retried(current, upstream, event.status_code):
+                    return
                 headers, _ = forwarded_headers(event.headers, keep_upgrade=False)
+                if current.edit_response is not None:
+                    headers = _edited(headers, current.edit_response)
                 current.exchange.status = event.status_code
                 current.response_started = True
                 self._send_client(
@@ -380,18 +525,51 @@ class SourceHttp1(Generic[T]):
         )
 
     def _upstream_gone(self, current: _Current[T], upstream: h11.Connection) -> None:
-        current.exchange.flags = UPSTREAM_CLOSED
-        current.upstream = None
-        self._released.append((upstream, False))
+        self._end_try(current, timeout=False, retry=True, body=UPSTREAM_RESET_BODY)
+
+    def _end_try(self, current: _Current[T], *, timeout: bool, retry: bool, body: bytes) -> None:
+        """The attached try ends without (the rest of) its response: retried when allowed,
+        else answered here (504 ``UT`` or 503 ``UC``) or, mid-response, the client closed."""
+        upstream = current.upstream
+        if upstream is not None:
+            current.upstream = None
+            self._released.append((upstream, False))
+        if not current.response_started and retry and self._retry(current, None):
+            return
+        current.exchange.flags = UPSTREAM_TIMEOUT if timeout else UPSTREAM_CLOSED
         if current.response_started:
             self._finish(current)
             self.closing = True
             return
         current.local = True
-        self._answer(current, 503, UPSTREAM_RESET_BODY)
+        self._answer(current, 504 if timeout else 503, body)
+
+    def _retried(self, current: _Current[T], upstream: h11.Connection, status: int) -> bool:
+        """A response head arrived: if the hook retries its status, drop this try."""
+        if current.retry is None or not self._retry(current, status):
+            return False
+        current.upstream = None
+        self._released.append((upstream, False))
+        return True
+
+    def _retry(self, current: _Current[T], status: int | None) -> bool:
+        """Ask the hook; on yes, the request waits in ``pending`` for another upstream."""
+        if current.retry is None or current.request is None:
+            return False
+        replayable = current.request_done and current.body is not None
+        if not current.retry(status, replayable):
+            return False
+        self.pending, self._request = current.exchange.head, current.request
+        return True
 
     # -- cycles ------------------------------------------------------------------------------
-    def _answer(self, current: _Current[T], status: int, body: bytes) -> None:
+    def _answer(
+        self,
+        current: _Current[T],
+        status: int,
+        body: bytes,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> None:
         """A complete response made here; the connection goes on after it when it can."""
         if self.client.our_state is not h11.SEND_RESPONSE:
             self._finish(current)
@@ -400,6 +578,7 @@ class SourceHttp1(Generic[T]):
         headers = [
             (b"content-type", b"text/plain"),
             (b"content-length", str(len(body)).encode()),
+            *((n.encode("latin-1"), v.encode("latin-1")) for n, v in extra),
         ]
         # A client waiting for 100-continue has not sent its body and may never: where the
         # next request would start is unknowable, so this response is the last.
@@ -455,6 +634,66 @@ class SourceHttp1(Generic[T]):
         self._pump_client()
         if self._current is None and self.head_started is None and self.client.trailing_data[0]:
             self.head_started = self.clock()  # a pipelined head is pending: its clock runs
+
+
+def _edited(
+    headers: Sequence[tuple[bytes, bytes]], edit: Callable[[StrHeaders], StrHeaders]
+) -> list[tuple[bytes, bytes]]:
+    """Response headers after a route's modifier; framing headers stay as the endpoint sent
+    them (a modifier must not change how the body is delimited)."""
+    framing = [(n, v) for n, v in headers if n in (b"content-length", b"transfer-encoding")]
+    edited = edit([(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers])
+    out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
+    return [(n, v) for n, v in out if n not in (b"content-length", b"transfer-encoding")] + framing
+
+
+def mirror_request(
+    upstream: h11.Connection, copy: Mirrored[T], body: bytes
+) -> tuple[RequestHead, bytes]:
+    """A mirrored request as sent on ``upstream`` (fresh): ``Host`` suffixed ``-shadow``, as
+    Envoy marks shadow traffic; its head (for a same-node endpoint's authorization) and bytes."""
+    request = copy.request
+    headers = [(n, v + b"-shadow" if n == b"host" else v) for n, v in request.headers]
+    target = request.target.decode("latin-1")
+    head = RequestHead(
+        method=request.method.decode("latin-1"),
+        path=target.split("?", 1)[0],
+        host=header(headers, b"host") or "",
+        request_id=header(headers, b"x-request-id") or "",
+        trace=trace_headers_of(headers),
+        headers=headers,
+    )
+    out = upstream.send(h11.Request(method=request.method, target=request.target, headers=headers))
+    if body:
+        out = (out or b"") + (upstream.send(h11.Data(data=body)) or b"")
+    out = (out or b"") + (upstream.send(h11.EndOfMessage(headers=copy.trailers)) or b"")
+    return head, out
+
+
+class DroppedResponse:
+    """Reads one response to its end and keeps only its status (a mirror's answer)."""
+
+    def __init__(self, upstream: h11.Connection) -> None:
+        self.upstream = upstream
+        self.status = 0
+
+    def receive(self, data: bytes) -> bool:
+        """Feed bytes (``b""``: end of stream); True once the response ended. Raises
+        ``ConnectionResetError`` when the stream ends first or is not HTTP."""
+        self.upstream.receive_data(data)
+        while True:
+            try:
+                event = self.upstream.next_event()
+            except h11.RemoteProtocolError as e:
+                raise ConnectionResetError(f"the mirror's answer is not HTTP/1.1: {e}") from e
+            if event is h11.NEED_DATA:
+                return False
+            if isinstance(event, h11.Response):
+                self.status = event.status_code
+            elif isinstance(event, h11.EndOfMessage):
+                return True
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("the mirror closed before its response ended")
 
 
 def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:

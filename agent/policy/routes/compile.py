@@ -76,6 +76,20 @@ _RULE_KEYS = {
     HTTP_ROUTE: ("name", "matches", "filters", "backendRefs", "timeouts", "retry"),
     GRPC_ROUTE: ("name", "matches", "filters", "backendRefs"),
 }
+# Headers that frame the message or belong to one connection: a modifier changing them would
+# make the proxy send a body its head does not describe (or steer the hop itself).
+_FIXED_HEADERS = frozenset(
+    {
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    }
+)
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
 
 T = TypeVar("T")
@@ -422,6 +436,7 @@ def _header_modifier(body: Mapping[str, Any], path: str) -> HeaderModifier:
             name = _str(item.get("name"), f"{ipath}.name")
             if not _HEADER_NAME.match(name):
                 raise RouteError(f"{ipath}.name", f"{name!r} is not a valid header name")
+            _modifiable(name, f"{ipath}.name")
             value = item.get("value")
             if not isinstance(value, str) or "\r" in value or "\n" in value:
                 raise RouteError(f"{ipath}.value", "expected a string without CR or LF")
@@ -429,10 +444,20 @@ def _header_modifier(body: Mapping[str, Any], path: str) -> HeaderModifier:
         return tuple(out)
 
     remove = tuple(
-        _str(n, f"{path}.remove[{i}]").lower()
+        _modifiable(_str(n, f"{path}.remove[{i}]").lower(), f"{path}.remove[{i}]")
         for i, n in enumerate(_list(body.get("remove", []), f"{path}.remove"))
     )
     return HeaderModifier(pairs("set"), pairs("add"), remove)
+
+
+def _modifiable(name: str, path: str) -> str:
+    if name.lower() in _FIXED_HEADERS:
+        raise RouteError(
+            path,
+            f"{name!r} frames the message or belongs to the connection; the proxy sets it, "
+            "so a header modifier may not: remove it from the filter",
+        )
+    return name
 
 
 def _path_modifier(value: object, path: str) -> PathModifier | None:

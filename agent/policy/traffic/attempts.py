@@ -142,6 +142,30 @@ class Attempts:
         svc.active -= 1
         if not self._connected:
             svc.pending -= 1
+        self._settle(reset_before_data, first_byte_at, server_error)
+
+    def again(
+        self,
+        *,
+        reset_before_data: bool = False,
+        first_byte_at: float = 0.0,
+        server_error: bool = False,
+    ) -> None:
+        """The current attempt of an HTTP request ended without an answer for the client (a
+        retryable status, a reset before the response, a per-try timeout): account it against
+        its endpoint as ``finish`` would, and let the request make another attempt (still one
+        request in flight for the limits; ``next_endpoint`` avoids the endpoints tried)."""
+        if self._finished:
+            return
+        self._settle(reset_before_data, first_byte_at, server_error)
+        self.deadline = self.service.clock() + self.service.config.connect_timeout
+        if self._connected:
+            self.service.pending += 1
+            self._connected = False
+        self.current, self._load = None, None
+
+    def _settle(self, reset_before_data: bool, first_byte_at: float, server_error: bool) -> None:
+        svc = self.service
         load, ip = self._load, self.current
         if load is None or ip is None:
             return

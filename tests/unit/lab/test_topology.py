@@ -184,3 +184,41 @@ def test_apply_and_delete_routes_beside_policies(recorded: str) -> None:
     assert labdir.read_cluster().routes == ()
     with pytest.raises(LabError, match="HTTPRoute default/web-split not found"):
         control.delete("unit", [ROUTE], state_root=recorded)
+
+
+def _service(name: str, version: str, port: dict[str, object]) -> dict[str, object]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"app": "server", "version": version}, "ports": [port]},
+    }
+
+
+def test_apply_creates_and_replaces_services_for_route_backends(recorded: str) -> None:
+    labdir = LabDir("unit", recorded)
+    http = {"port": 80, "targetPort": 9080, "name": "http", "appProtocol": "http"}
+    v1, v2 = _service("web-v1", "v1", http), _service("web-v2", "v2", http)
+    split = {
+        **ROUTE,
+        "spec": {
+            **ROUTE["spec"],
+            "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}]}],
+        },
+    }
+    control.apply("unit", [v1, v2, split], state_root=recorded)
+    control.apply("unit", [_service("web-v2", "v2", {**http, "port": 81})], state_root=recorded)
+    doc = labdir.read_cluster()
+    services = {s.name: s for s in doc.services}
+    assert {"server", "web", "web-v1", "web-v2"} <= set(services)
+    assert [p.port for p in services["web-v2"].ports] == [81]  # replaced, not added twice
+    assert [r.key for r in doc.routes] == [("HTTPRoute", "default", "web-split")]
+    # The server pods can be told apart (default topology): each version selects one.
+    endpoints = {s.name: s.endpoints for s in doc.to_state().services}
+    assert len(endpoints["web-v1"]) == len(endpoints["web-v2"]) == 1
+    with pytest.raises(DocumentError, match=r"services\[\d\]\.ports"):
+        control.apply("unit", [_service("web-v3", "v3", {"port": 0})], state_root=recorded)
+    control.delete("unit", [split, v1, v2], state_root=recorded)
+    assert {s.name for s in labdir.read_cluster().services} == {"server", "web", "grpc"}
+    with pytest.raises(LabError, match="Service default/web-v1 not found"):
+        control.delete("unit", [v1], state_root=recorded)

@@ -58,6 +58,36 @@ def _compiled(rules: list[dict[str, Any]], **kw: Any) -> Route:
             "spec.rules[0].filters[0].type",
             "not supported",
         ),
+        (
+            [
+                {
+                    "filters": [
+                        {
+                            "type": "RequestHeaderModifier",
+                            "requestHeaderModifier": {
+                                "set": [{"name": "Content-Length", "value": "0"}]
+                            },
+                        }
+                    ]
+                }
+            ],
+            "spec.rules[0].filters[0].requestHeaderModifier.set[0].name",
+            "frames the message",
+        ),
+        (
+            [
+                {
+                    "filters": [
+                        {
+                            "type": "ResponseHeaderModifier",
+                            "responseHeaderModifier": {"remove": ["transfer-encoding"]},
+                        }
+                    ]
+                }
+            ],
+            "spec.rules[0].filters[0].responseHeaderModifier.remove[0]",
+            "frames the message",
+        ),
         ([{"matches": [{"method": "FETCH"}]}], "spec.rules[0].matches[0].method", "FETCH"),
         (
             [{"matches": [{"path": {"value": "no-slash"}}]}],

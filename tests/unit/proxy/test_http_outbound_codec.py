@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import itertools
 
+import h11
+import pytest
+
 from agent.proxy.http1 import AMBIGUOUS_LENGTH, HEADER_TIMEOUT
-from agent.proxy.http_outbound_codec import SourceHttp1, new_upstream
+from agent.proxy.http_outbound_codec import (
+    DroppedResponse,
+    SourceHttp1,
+    mirror_request,
+    new_upstream,
+)
 
 
 def _codec() -> SourceHttp1[str]:
@@ -209,3 +217,162 @@ def test_client_leaving_mid_request_releases_the_upstream_as_unusable() -> None:
     assert c.take_released() == [(up, False)]
     ((exchange, _),) = c.take_completed()
     assert exchange.flags == "DC"
+
+
+# -- what a route adds: edits, retries, timeouts -----------------------------------------------
+POST = b"POST /p HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhello"
+UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy"
+
+
+def test_the_forwarded_and_response_heads_are_edited() -> None:
+    c = _codec()
+    c.receive_client(b"GET /old?q=1 HTTP/1.1\r\nHost: web\r\nX-Drop: 1\r\n\r\n")
+    assert c.pending_target == "/old?q=1"
+    c.edit_pending(lambda t, h: ("/new?q=1", [(n, v) for n, v in h if n != "x-drop"]))
+    c.edit_response(lambda h: [*h, ("x-routed", "1")])
+    up = new_upstream()
+    c.attach(up, "e")
+    assert (
+        c.take_to_upstream() == b"GET /new?q=1 HTTP/1.1\r\nhost: web\r\nx-request-id: rid-1\r\n\r\n"
+    )
+    c.receive_upstream(OK)
+    # The body's framing header stays as the endpoint sent it.
+    assert c.take_to_client() == b"HTTP/1.1 200 OK\r\nx-routed: 1\r\ncontent-length: 2\r\n\r\nok"
+
+
+def test_a_local_answer_carries_extra_headers() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    c.respond_locally(302, "-", b"", "e", [("location", "http://new/a")])
+    assert c.take_to_client() == (
+        b"HTTP/1.1 302 Found\r\ncontent-type: text/plain\r\ncontent-length: 0\r\n"
+        b"location: http://new/a\r\n\r\n"
+    )
+
+
+def _retrying(c: SourceHttp1[str], answers: list[bool]) -> list[tuple[int | None, bool]]:
+    """Install a retry hook that answers ``answers`` in turn; returns what it was asked."""
+    asked: list[tuple[int | None, bool]] = []
+
+    def hook(status: int | None, replayable: bool) -> bool:
+        asked.append((status, replayable))
+        return answers.pop(0)
+
+    c.retry_with(hook)
+    return asked
+
+
+def test_a_retried_status_sends_the_held_request_again_to_another_upstream() -> None:
+    c = _codec()
+    c.receive_client(POST)
+    asked = _retrying(c, [True, False])
+    first, second = new_upstream(), new_upstream()
+    c.attach(first, "e1")
+    sent = c.take_to_upstream()
+    assert sent.endswith(b"\r\n\r\nhello")
+    c.receive_upstream(UNAVAILABLE)
+    assert c.take_to_client() == b""  # the client never sees the 503
+    assert c.take_released() == [(first, False)]
+    assert c.pending is not None and c.pending.path == "/p"
+    c.attach(second, "e2")
+    assert c.take_to_upstream() == sent  # the same head and body, from the buffer
+    c.receive_upstream(UNAVAILABLE)  # the hook says no this time: the client gets it
+    assert c.take_to_client().startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert asked == [(503, True), (503, True)]
+    assert [(e.status, tag) for e, tag in c.take_completed()] == [(503, "e2")]
+    assert not c.closing
+
+
+def test_a_body_over_the_replay_limit_is_not_replayable() -> None:
+    c = SourceHttp1[str](clock=lambda: 5.0, max_replay_bytes=4)
+    c.receive_client(POST)
+    asked = _retrying(c, [False])
+    c.attach(new_upstream(), "e")
+    c.receive_upstream(UNAVAILABLE)
+    assert asked == [(503, False)]
+    assert c.take_to_client().startswith(b"HTTP/1.1 503")
+
+
+def test_a_reset_before_the_response_is_retried_when_the_hook_says_so() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    asked = _retrying(c, [True])
+    up = new_upstream()
+    c.attach(up, "e1")
+    c.upstream_failed()
+    assert asked == [(None, True)] and c.pending is not None
+    assert c.take_released() == [(up, False)] and c.take_to_client() == b""
+
+
+def test_a_request_timeout_is_504_ut_and_the_upstream_is_not_reused() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    up = new_upstream()
+    c.attach(up, "e")
+    c.expire(b"upstream request timeout\n")
+    assert c.take_to_client().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
+    assert c.take_released() == [(up, False)]
+    assert [(e.status, e.flags) for e, _ in c.take_completed()] == [(504, "UT")]
+    assert not c.closing and c.wants_client_data()  # the next request is welcome
+
+
+def test_a_timeout_after_the_response_started_closes_the_client() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    c.attach(new_upstream(), "e")
+    c.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\npart")
+    c.take_to_client()
+    c.expire(b"upstream request timeout\n")
+    assert c.closing and c.take_to_client() == b""
+    assert [(e.status, e.flags) for e, _ in c.take_completed()] == [(200, "UT")]
+
+
+def test_a_per_try_timeout_is_retried_or_else_504() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    asked = _retrying(c, [True, False])
+    c.attach(new_upstream(), "e1")
+    c.try_expired(b"t\n")
+    assert c.pending is not None
+    c.attach(new_upstream(), "e2")
+    c.try_expired(b"t\n")
+    assert asked == [(None, True), (None, True)]
+    assert c.take_to_client().startswith(b"HTTP/1.1 504")
+
+
+def test_a_mirrored_request_is_handed_over_whole_once_the_client_sent_it() -> None:
+    c = _codec()
+    c.receive_client(b"POST /p HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhel")
+    c.mirror_with()
+    c.attach(new_upstream(), "e")
+    assert c.take_mirrors() == []  # not before its body ended
+    c.receive_client(b"lo")
+    [copy] = c.take_mirrors()
+    assert (copy.body, copy.tag) == (b"hello", "e")
+    up = new_upstream()
+    head, data = mirror_request(up, copy, b"hello")
+    assert (head.host, head.path) == ("web-shadow", "/p")
+    assert data == (
+        b"POST /p HTTP/1.1\r\nhost: web-shadow\r\ncontent-length: 5\r\nx-request-id: rid-1\r\n"
+        b"\r\nhello"
+    )
+    response = DroppedResponse(up)
+    assert not response.receive(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nab")
+    assert response.receive(b"cd") and response.status == 201
+
+
+def test_a_body_over_the_limit_is_handed_over_without_it() -> None:
+    c = SourceHttp1[str](clock=lambda: 5.0, max_replay_bytes=4)
+    c.receive_client(POST)
+    c.mirror_with()
+    c.attach(new_upstream(), "e")
+    [copy] = c.take_mirrors()
+    assert copy.body is None
+
+
+def test_a_mirror_that_closes_early_is_an_error() -> None:
+    up = new_upstream()
+    up.send(h11.Request(method="GET", target="/", headers=[("host", "w")]))
+    up.send(h11.EndOfMessage())
+    with pytest.raises(ConnectionResetError):
+        DroppedResponse(up).receive(b"")

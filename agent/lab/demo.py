@@ -405,6 +405,97 @@ def http_requests(lab: Lab) -> list[str]:
         _await_policy(lab, "demo-deny-admin-posts", loaded=False)
 
 
+CANARY_REQUESTS = 40  # per batch, on one curl connection
+CANARY_WEIGHTS = (75, 25)  # web-v1, web-v2
+
+
+def _version_service(name: str, version: str) -> dict[str, Any]:
+    port = {"port": 80, "targetPort": WEB_PORT, "name": "http", "appProtocol": "http"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"app": "server", "version": version}, "ports": [port]},
+    }
+
+
+CANARY_ROUTE: dict[str, Any] = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "HTTPRoute",
+    "metadata": {"name": "demo-canary", "namespace": "default"},
+    "spec": {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+        "rules": [
+            {
+                "matches": [{"headers": [{"name": "x-canary", "value": "true"}]}],
+                "backendRefs": [{"name": "web-v2", "port": 80}],
+            },
+            {
+                "backendRefs": [
+                    {"name": "web-v1", "port": 80, "weight": CANARY_WEIGHTS[0]},
+                    {"name": "web-v2", "port": 80, "weight": CANARY_WEIGHTS[1]},
+                ]
+            },
+        ],
+    },
+}
+
+
+def _answered_by(lab: Lab, url: str, n: int, *extra: str) -> dict[str, int]:
+    """``n`` GETs on one curl connection: how many each pod answered (all must be 200)."""
+    args: list[str] = []
+    for i in range(n):
+        args += ["--next"] if i else []
+        args += [*extra, "-w", " %{http_code}\n", f"{url}/{i}"]
+    out = lab.exec(
+        "client", "curl", "-sS", "--max-time", "10", *args, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise StepFailed(f"curl {url}: {out.stderr.strip()}")
+    counts: dict[str, int] = {}
+    for line in out.stdout.splitlines():
+        body, status = line.rsplit(" ", 1)
+        if status != "200":
+            raise StepFailed(f"a request to {url} got {status}: {body!r}")
+        counts[body] = counts.get(body, 0) + 1
+    return counts
+
+
+def canary(lab: Lab) -> list[str]:
+    """A Gateway API HTTPRoute on Service web: ``x-canary: true`` goes to v2 (server-1), the
+    rest is split 75/25 between v1 (server-0) and v2, request by request on one connection."""
+    services = [_version_service("web-v1", "v1"), _version_service("web-v2", "v2")]
+    vip = next(s for s in lab.status()["services"] if s["name"] == "web")["clusterIP"]
+    url = f"http://{vip}/shop"
+    lab.apply([*services, CANARY_ROUTE])
+    try:
+        deadline = time.monotonic() + 15  # node1's agent has the route once v2 gets them all
+        while True:
+            flagged = _answered_by(lab, url, 10, "-H", "x-canary: true")
+            if flagged == {"server-1": 10}:
+                break
+            if time.monotonic() > deadline:
+                raise StepFailed(f"x-canary requests went to {flagged}, not all to server-1")
+            time.sleep(0.5)
+        split = _answered_by(lab, url, CANARY_REQUESTS)
+        v2 = split.get("server-1", 0)
+        expected = CANARY_REQUESTS * CANARY_WEIGHTS[1] / sum(CANARY_WEIGHTS)
+        sigma = (expected * (1 - CANARY_WEIGHTS[1] / sum(CANARY_WEIGHTS))) ** 0.5
+        if abs(v2 - expected) > 4 * sigma:
+            raise StepFailed(f"v2 got {v2} of {CANARY_REQUESTS}, expected {expected:.0f}")
+        return [
+            "applied Services web-v1 (server-0), web-v2 (server-1) and HTTPRoute "
+            "default/demo-canary on Service web:",
+            "  x-canary: true -> web-v2; everything else -> web-v1 75 / web-v2 25",
+            f"client -> Service web ({vip}:80), one keep-alive connection each (curl):",
+            f"  10 requests with x-canary: true -> {flagged}",
+            f"  {CANARY_REQUESTS} requests without it -> server-0 {split.get('server-0', 0)}, "
+            f"server-1 {v2} (expected {expected:.0f} +- {2 * sigma:.0f})",
+        ]
+    finally:
+        lab.delete([CANARY_ROUTE, *services])
+
+
 def _traffic(lab: Lab, node: str) -> dict[str, Any]:
     """``GET /traffic`` of ``node``'s agent (traffic control: policies, endpoint health)."""
     from urllib.request import urlopen
@@ -504,6 +595,7 @@ STEPS: list[Step] = [
     Step("a policy denial", policy_denial),
     Step("telemetry: live connections and Istio TCP metrics", telemetry),
     Step("HTTP/1.1: per-request outcomes, an L7 denial and Istio request metrics", http_requests),
+    Step("HTTP routing: a canary by header and a weighted split (Gateway API)", canary),
     Step("traffic control: a failing replica is ejected, retries hide it", ejection),
     Step("the central view: golden metrics per Service", central_view),
 ]

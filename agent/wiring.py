@@ -156,6 +156,7 @@ def observability(parts: AgentParts) -> list[Component]:
             traffic=(
                 (lambda: proxy.traffic(parts.store.snapshot())) if proxy is not None else None
             ),
+            routed=proxy.routed if proxy is not None else dict,
         ),
     )
     return [telemetry, admin] + ([tracing] if tracing is not None else [])

@@ -23,6 +23,7 @@ from agent import __version__
 from agent.admin import views
 from agent.admin.tap import requests_view
 from agent.base.http import Request, Response
+from agent.policy.routes.model import RouteKey
 from agent.state import StateStore
 from agent.telemetry.loglevel import LogLevelError, levels, set_level
 from agent.telemetry.tap import RequestRing
@@ -42,6 +43,7 @@ ENDPOINTS = {
     "source, destination, method, path, status)",
     "/datapath": "BPF programs' generation, attachments, listeners and counters",
     "/traffic": "TrafficPolicy conditions, effective policy per Service, endpoint health",
+    "/routes": "Gateway API routes: conditions per parent, rules, requests sent per backend",
     "/logging": "GET: log levels; POST ?level=debug[&logger=agent.proxy]: change one",
     "/quitquitquit": "POST: drain gracefully and exit (like SIGTERM)",
 }
@@ -69,6 +71,8 @@ class AdminSources:
     datapath: Callable[[], Awaitable[dict[str, object]]] | None = None
     state_source: Callable[[], dict[str, object]] | None = None
     traffic: Callable[[], dict[str, object]] | None = None
+    # requests this node routed per (route, rule, backend Service): HttpRouter.routed
+    routed: Callable[[], Mapping[tuple[RouteKey, int, str], int]] = dict
     tap: RequestRing | None = None
     started: float = field(default_factory=time.time)
 
@@ -87,6 +91,9 @@ class AdminApi:
             "/connections": lambda _r: {"connections": self.s.connections()},
             "/datapath": lambda _r: self.datapath(),
             "/traffic": lambda _r: self.traffic(),
+            "/routes": lambda _r: {
+                "routes": views.routes_view(self.s.store.snapshot(), self.s.routed())
+            },
             "/logging": lambda _r: {"levels": levels()},
         }
 

@@ -178,6 +178,41 @@ def format_traffic(data: Mapping[str, Any]) -> str:
     return "\n\n".join(parts) or "no TrafficPolicy and no Service connection yet"
 
 
+def format_routes(data: Mapping[str, Any]) -> str:
+    """One row per backend of each rule: weight, the share of weights, and the requests this
+    node sent it (the share actually observed); a route's parents and conditions above."""
+    parents, rows = [], []
+    for r in data["routes"]:
+        route = f"{r['kind']} {r['namespace']}/{r['name']}"
+        for p in r["parents"]:
+            ok = p["accepted"]["status"] and p["resolved_refs"]["status"]
+            why = "-" if ok else p["accepted"]["message"] or p["resolved_refs"]["message"] or "-"
+            parents.append(
+                [route, p["service"], ",".join(map(str, p["ports"])) or "-",
+                 p["accepted"]["reason"], p["resolved_refs"]["reason"], why]
+            )  # fmt: skip
+        if "error" in r:
+            rows.append([route, "-", "refused", "-", "-", r["error"]])
+        for rule in r.get("rules", []):
+            weights = sum(b["weight"] for b in rule["backends"]) or 1
+            sent = sum(b["requests"] for b in rule["backends"]) or 1
+            for b in rule["backends"]:
+                rows.append(
+                    [route, rule["index"], f"{b['service']}:{b['port']}",
+                     f"{b['weight']} ({100 * b['weight'] / weights:.0f}%)",
+                     f"{b['requests']} ({100 * b['requests'] / sent:.0f}%)",
+                     "-" if b["resolved"] else "unresolved"]
+                )  # fmt: skip
+    if not parents and not rows:
+        return "no routes (Gateway API HTTPRoute/GRPCRoute attached to a Service)"
+    return "\n\n".join(
+        [
+            render(["ROUTE", "PARENT", "PORTS", "ACCEPTED", "RESOLVEDREFS", "MESSAGE"], parents),
+            render(["ROUTE", "RULE", "BACKEND", "WEIGHT", "REQUESTS", "NOTE"], rows),
+        ]
+    )
+
+
 COMMANDS: dict[str, tuple[str, str, Formatter]] = {
     "status": ("/status", "the agent's readiness, state, certificates and datapath", format_status),
     "workloads": (
@@ -192,6 +227,11 @@ COMMANDS: dict[str, tuple[str, str, Formatter]] = {
     ),
     "certs": ("/certs", "certificates of this node's identities", format_certs),
     "policies": ("/policies", "policies in the agent's state", format_policies),
+    "routes": (
+        "/routes",
+        "Gateway API routes: status per parent Service, rules, requests sent to each backend",
+        format_routes,
+    ),
     "traffic": (
         "/traffic",
         "traffic control: TrafficPolicy conditions, endpoint health per Service",

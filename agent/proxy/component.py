@@ -9,9 +9,11 @@ so that they depend on these few methods and not on the proxy's inner structure.
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 
 from agent.base.component import Component
 from agent.base.constants import Listener
+from agent.policy.routes.model import RouteKey
 from agent.proxy import sockets
 from agent.proxy.records import Registry
 from agent.proxy.server import NodeProxy
@@ -51,6 +53,10 @@ class ProxyComponent(Component):
     def inbound_tunnels(self) -> int:
         """Inbound HBONE connections from peers."""
         return len(self.proxy.inbound.connections)
+
+    def routed(self) -> Mapping[tuple[RouteKey, int, str], int]:
+        """Requests sent per (route, rule, backend Service) (``HttpRouter.routed``)."""
+        return self.proxy.outbound.http.router.routed
 
     def traffic(self, snap: Snapshot) -> dict[str, object]:
         """Traffic control's view (``TrafficControl.describe``) for the admin API."""

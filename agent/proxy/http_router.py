@@ -40,6 +40,7 @@ healthy endpoint), ``UF`` (every attempt to connect failed), ``UO`` (over a limi
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -52,7 +53,7 @@ from agent.policy.routes import (
     redirect_location,
     rewrite_request,
 )
-from agent.policy.routes.model import HeaderModifier, HttpMatch, HttpRequest, Rewrite
+from agent.policy.routes.model import HeaderModifier, HttpMatch, HttpRequest, Rewrite, RouteKey
 from agent.policy.routes.retry import ATTEMPTED, BUDGET_EXHAUSTED, RequestRetry
 from agent.policy.traffic.attempts import Attempts
 from agent.policy.traffic.control import TrafficControl
@@ -167,6 +168,9 @@ class HttpRouter:
         self.traffic = traffic
         self.routes = RouteTableCache()
         self.rng = rng or random.Random()
+        # Requests sent per (route, rule, backend Service): the share each backend actually got,
+        # for ``nodemesh routes``. Bounded by the routes' configuration, not by traffic.
+        self.routed: Counter[tuple[RouteKey, int, str]] = Counter()
 
     def admit(
         self,
@@ -242,6 +246,7 @@ class HttpRouter:
                 f"{rule}: backend {chosen.namespace}/{chosen.name}:{chosen.port} does not resolve",
                 BACKEND_UNUSABLE_BODY,
             )
+        self.routed[(action.route, action.rule, f"{chosen.namespace}/{chosen.name}")] += 1
         return target
 
     @staticmethod

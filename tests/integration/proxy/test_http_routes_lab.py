@@ -10,7 +10,9 @@ Shares are reported with their binomial bounds; the assertions allow 4 standard 
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 import threading
 import time
 from collections import Counter
@@ -120,6 +122,16 @@ def served(lab: Lab, n: int, *extra: str, path: str = "/r") -> Counter[str]:
     return Counter(names[body] for body, _, _ in result)
 
 
+def routes(lab: Lab) -> list[dict[str, Any]]:
+    """``nodemesh routes -o json`` against node1's admin API."""
+    out = lab.exec(
+        "node1", sys.executable, "-m", "agent", "routes", "-o", "json",
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return list(json.loads(out.stdout)["routes"])
+
+
 def check(ok: bool) -> None:
     assert ok
 
@@ -137,6 +149,13 @@ def test_canary_by_header_and_a_weighted_split_that_moves_live(lab: Lab) -> None
     split = served(lab, n)
     report("90/10 split", n=n, v2=split["server-1"], expected=bounds(n, 0.1))
     assert within(split["server-1"], n, 0.1)
+    # ``nodemesh routes`` on node1: the split rule's backends got exactly what the pods saw.
+    (shown,) = routes(lab)
+    assert [p["accepted"]["reason"] for p in shown["parents"]] == ["Accepted"]
+    header_rule, split_rule = shown["rules"]
+    got = {b["service"]: b["requests"] for b in split_rule["backends"]}
+    assert got == {"default/web-v1": split["server-0"], "default/web-v2": split["server-1"]}
+    assert header_rule["backends"][0]["requests"] >= 60
     # Change the weights while one connection keeps sending: no request fails. The change is
     # applied once node1 has served 150 of them, so the first 100 surely ran at 90/10.
     results: list[list[tuple[str, str, str]]] = []

@@ -240,6 +240,16 @@ class Http1Proxy:
         """The upstream connection broke (reset, unreachable)."""
         self._upstream_gone()
 
+    def client_failed(self) -> None:
+        """The client's side broke (its stream reset, a write to it failed): the request in
+        progress, whatever its stage, is finished with ``DC`` so that it is still reported
+        (with the status of a response that had begun), and the connection ends."""
+        current = self._current
+        if current is not None:
+            current.exchange.flags = DOWNSTREAM_CLOSED
+            self._finish(current)
+        self.closing = True
+
     # -- client side -------------------------------------------------------------------------
     def _client_ended(self) -> None:
         """The client's end of stream: a request it cut short ends the connection; one it

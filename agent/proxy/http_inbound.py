@@ -244,6 +244,12 @@ class HttpSession:
             await self._to_pod.idle.wait()
             await self._to_client.idle.wait()
         finally:
+            if not self.proxy.tunnel:
+                # Ended by a failure (the client reset its stream, say after a 503 head it
+                # retries elsewhere): the request in flight is still reported, flagged DC.
+                self.proxy.client_failed()
+                for exchange in self.proxy.take_completed():
+                    self.core.registry.request_done(self.record, _request_record(exchange))
             self._pause_upstream()
             if self._head_timer is not None:
                 self._head_timer.cancel()

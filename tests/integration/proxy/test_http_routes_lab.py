@@ -223,9 +223,9 @@ def test_a_retry_on_503_hides_the_failing_replica_and_is_counted(lab: Lab) -> No
         far_503=far_after - far_before,
     )
     assert split == {"server-0": n}  # no 503 reached the client
-    # Every 503 node2 reported was retried. (Equal in most runs; node2 sometimes misses the
-    # report of an exchange whose stream node1 dropped right after the response head.)
-    assert 1 <= far_after - far_before <= attempted
+    # Every 503 node2 answered was retried, and node2 reported each one, also when node1
+    # reset the stream right after the response head (flag DC at node2).
+    assert far_after - far_before == attempted
     ok = {**SOURCE, "response_code": "200", "destination_service": WEB}
     assert total(after, **ok) - total(before, **ok) == n
     # A POST is retried too when its body was read whole (held for the replay): server-0

@@ -287,3 +287,19 @@ def test_a_bad_chunk_in_a_forwarded_body_is_refused_and_the_request_reported() -
     (done,) = p.take_completed()
     assert (done.head.path, done.status) == ("/x", 400)
     assert p.closing and p.take_rejections() == [MALFORMED]
+
+
+def test_a_client_that_fails_mid_response_still_has_its_request_reported() -> None:
+    """The source reset the stream after the response head (a 503 it retries elsewhere): the
+    exchange is reported with the status that began and flag DC, and the connection ends."""
+    p = _proxy()
+    p.receive_client(b"GET /flaky HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.receive_upstream(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 10\r\n\r\nunav")
+    assert p.take_to_client().startswith(b"HTTP/1.1 503 ")
+    assert p.take_completed() == []  # the body is not complete yet
+    p.client_failed()
+    (done,) = p.take_completed()
+    assert (done.head.path, done.status, done.flags) == ("/flaky", 503, "DC") and p.closing
+    idle = _proxy()
+    idle.client_failed()  # nothing in flight: nothing to report
+    assert idle.take_completed() == [] and idle.closing

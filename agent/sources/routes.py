@@ -15,8 +15,9 @@ from types import MappingProxyType
 from typing import Any
 
 from agent.policy.routes import ROUTE_KINDS, Rejected, RouteTable
+from agent.policy.routes.table import fault_objects
 from agent.sources.fields import DocumentError, check_unique, type_name
-from agent.state.model import RouteObject, Service
+from agent.state.model import PolicyObject, RouteObject, Service
 
 API_VERSION = "gateway.networking.k8s.io/v1"
 _KEYS = ("apiVersion", "kind", "metadata", "spec")
@@ -63,9 +64,13 @@ def check_routes(
     paths: Sequence[str],
     routes: Sequence[RouteObject],
     services: Sequence[Service],
+    policies: Sequence[PolicyObject] = (),
 ) -> None:
-    """Refuse the document if any route would not be programmed as written."""
-    table = RouteTable.of({r.key: r for r in routes}, {s.key: s for s in services})
+    """Refuse the document if any route would not be programmed as written (the HTTPFaults
+    its ExtensionRef filters name are among ``policies``)."""
+    table = RouteTable.of(
+        {r.key: r for r in routes}, {s.key: s for s in services}, fault_objects(policies)
+    )
     for path, route in zip(paths, routes, strict=True):
         compiled = table.compiled[route.key]
         if isinstance(compiled, Rejected):

@@ -67,8 +67,15 @@ def test_a_document_without_routes_dumps_as_before() -> None:
             "invalid regular expression",
         ),
         (
-            canary(filters=[{"type": "ExtensionRef", "extensionRef": {"name": "f"}}]),
-            r"routes\[0\]\.spec\.rules\[0\]\.filters\[0\]\.type",
+            canary(
+                filters=[
+                    {
+                        "type": "ExtensionRef",
+                        "extensionRef": {"group": "example.com", "kind": "Other", "name": "x"},
+                    }
+                ]
+            ),
+            r"routes\[0\]\.spec\.rules\[0\]\.filters\[0\]\.extensionRef",
             "not supported by nodemesh",
         ),
         (

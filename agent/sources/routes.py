@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from agent.policy.routes import ROUTE_KINDS, Rejected, RouteTable
+from agent.policy.routes.compile import FILTER_NOT_FOUND
 from agent.policy.routes.table import fault_objects
 from agent.sources.fields import DocumentError, check_unique, type_name
 from agent.state.model import PolicyObject, RouteObject, Service
@@ -76,10 +77,12 @@ def check_routes(
         if isinstance(compiled, Rejected):
             raise DocumentError(source, f"{path}.{compiled.error.path}", compiled.error.message)
         if compiled.unresolved:
+            first = compiled.unresolved[0]
+            section = "policies" if first.startswith(FILTER_NOT_FOUND) else "services"
             raise DocumentError(
                 source,
                 f"{path}.spec",
-                f"{compiled.unresolved[0]} (declare it under services, or fix the reference)",
+                f"{first} (declare it under {section}, or fix the reference)",
             )
         for verdict in table.verdicts[route.key]:
             if not verdict.accepted.status:

@@ -89,9 +89,8 @@ def limits_by_endpoint(snap: Snapshot) -> Mapping[tuple[str, int], tuple[RateLim
     state version. A policy whose Service does not exist (yet) applies nowhere; a dry-run one
     is not enforced."""
     out: dict[tuple[str, int], list[RateLimit]] = {}
-    for key in sorted(snap.policies):
-        policy = snap.policies[key]
-        if policy.kind != KIND or policy.dry_run:
+    for policy in snap.policies_of(KIND):
+        if policy.dry_run:
             continue
         service = snap.services.get((policy.namespace, target_name(policy)))
         if service is None:

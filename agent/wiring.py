@@ -107,6 +107,7 @@ def observability(parts: AgentParts) -> list[Component]:
         sources=AgentSources(
             rejections=(lambda: proxy.connections.rejections) if proxy is not None else None,
             denials=(lambda: proxy.connections.denials) if proxy is not None else None,
+            rate_limited=((lambda: proxy.connections.rate_limited) if proxy is not None else None),
             pool_size=proxy.pool_size if proxy is not None else None,
             inbound_tunnels=proxy.inbound_tunnels if proxy is not None else None,
             certificates=certificates,

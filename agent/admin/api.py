@@ -36,7 +36,8 @@ ENDPOINTS = {
     "/config_dump": "everything below in one document, plus the effective configuration",
     "/workloads": "workloads in the state (?local=1: this node's only)",
     "/services": "services with their endpoints",
-    "/policies": "AuthorizationPolicy, PeerAuthentication and TrafficPolicy objects",
+    "/policies": "nodemesh.io objects (AuthorizationPolicy, PeerAuthentication, TrafficPolicy, "
+    "RateLimitPolicy, HTTPFault)",
     "/certs": "certificates of local identities: state, serial, validity, chain (no keys)",
     "/connections": "live connections with the access log's fields",
     "/requests": "recent HTTP requests (?since=CURSOR&wait=S long-polls; filters: workload, "

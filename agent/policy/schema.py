@@ -32,7 +32,13 @@ from agent.policy.traffic import config as traffic_config
 from agent.state.model import PolicyObject
 
 API_VERSION = "nodemesh.io/v1alpha1"
-POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication", "TrafficPolicy")
+POLICY_KINDS = (
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "TrafficPolicy",
+    "RateLimitPolicy",
+    "HTTPFault",
+)
 DRY_RUN_ANNOTATION = "nodemesh.io/dry-run"
 # Istio's spelling of the same switch: a policy written for Istio keeps its meaning here.
 ISTIO_DRY_RUN_ANNOTATION = "istio.io/dry-run"
@@ -95,6 +101,9 @@ CEL_CHECKS: dict[str, Callable[[Any], bool]] = {
     "!has(self.baseEjectionTime) || !has(self.maxEjectionTime) || "
     "duration(self.maxEjectionTime) >= duration(self.baseEjectionTime)": _duration_order,
     "has(self.delay) || has(self.abort)": lambda v: "delay" in v or "abort" in v,
+    "has(self.httpStatus) != has(self.grpcStatus)": (
+        lambda v: ("httpStatus" in v) != ("grpcStatus" in v)
+    ),
     "self.map(s, s.weight).sum() == 100": lambda v: sum(s["weight"] for s in v) == 100,
     "!has(self.action) || self.action != 'DENY' || (has(self.rules) && size(self.rules) > 0)": (
         lambda v: v.get("action") != "DENY" or len(v.get("rules", ())) > 0

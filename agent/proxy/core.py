@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from agent.base.constants import (
 )
 from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer, Decision, Request
 from agent.policy.peerauth import STRICT, PeerAuthenticator
+from agent.policy.ratelimit import RateLimit, RateLimiter, limits_by_endpoint
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
 from agent.proxy.records import Registry
@@ -89,6 +91,9 @@ class Core:
         self.registry = Registry()
         self._policies: Policies | None = None
         self._protocols: tuple[int, Mapping[tuple[str, int], str]] | None = None
+        self.limiter = RateLimiter()
+        self.clock: Callable[[], float] = time.monotonic
+        self._limits: tuple[int, Mapping[tuple[str, int], tuple[RateLimit, ...]]] | None = None
 
     def snapshot(self) -> Snapshot:
         return self.store.snapshot()
@@ -115,6 +120,25 @@ class Core:
             cached = (snap.version, declared_pod_ports(snap))
             self._protocols = cached
         return cached[1].get((ip, port), TCP)
+
+    def rate_limit(self, request: Request, snap: Snapshot) -> RateLimit | None:
+        """The RateLimitPolicy that refuses this request (counted by Service), or None when
+        none applies or each has a token left. The table of limits per pod port is built once
+        per state version; buckets of limits no longer in force are dropped then."""
+        cached = self._limits
+        if cached is None or cached[0] != snap.version:
+            cached = (snap.version, limits_by_endpoint(snap))
+            self._limits = cached
+            self.limiter.forget(limit for limits in cached[1].values() for limit in limits)
+        limits = cached[1].get((request.destination_ip, request.destination_port))
+        if not limits:
+            return None
+        refused = self.limiter.admit(
+            limits, request.destination_ip, request.principal, self.clock()
+        )
+        if refused is not None:
+            self.registry.rate_limited[refused.service] += 1
+        return refused
 
     def local_workload(self, snap: Snapshot, ip: str) -> Workload | None:
         """The meshed workload on this node that owns ``ip``, if any."""

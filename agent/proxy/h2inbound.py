@@ -11,9 +11,10 @@ reading more, so a side that does not read stops the other's reads (on top of HT
 control, which ``H2Proxy`` keeps: it reopens a window only for bytes already passed on). A lock
 per direction keeps writes in order when both tasks produce bytes for the same side.
 
-Authorization is per request (``Core.authorize_request``), each finished stream is reported to
-``Registry.request_done`` with ``request_protocol`` ``grpc`` for gRPC calls, and refusals of
-bad input go to ``Registry.http_rejected`` by cause.
+Authorization and rate limiting are per request (``http_inbound.request_verdict``: a
+rate-limited call is answered ``429``, or for gRPC trailers-only ``grpc-status: 8``), each
+finished stream is reported to ``Registry.request_done`` with ``request_protocol`` ``grpc`` for
+gRPC calls, and refusals of bad input go to ``Registry.http_rejected`` by cause.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import replace
 
-from agent.policy.authz import HttpAttributes, Request
+from agent.policy.authz import Request
 from agent.proxy.core import Core
 from agent.proxy.h2proxy import H2Exchange, H2Limits, H2Proxy
 from agent.proxy.http1 import RequestHead, Verdict
-from agent.proxy.http_inbound import Downstream
+from agent.proxy.http_inbound import Downstream, request_verdict
 from agent.state import Workload
 from agent.telemetry.records import ConnectionRecord, RequestRecord
 
@@ -69,11 +69,7 @@ class H2Session:
         self._down_lock = asyncio.Lock()
 
     def _authorize(self, head: RequestHead) -> Verdict:
-        attrs = HttpAttributes(head.method, head.path, head.host, head.headers)
-        request = replace(self.request, http=attrs)
-        where = f"{self.where} {head.method} {head.path}"
-        decision = self.core.authorize_request(request, self.workload, where)
-        return Verdict(decision.allowed, decision.policy or "no-allow-match")
+        return request_verdict(self.core, self.request, self.workload, head, self.where)
 
     async def serve(self) -> None:
         """Serve streams until either side closes or the proxy is done with the connection."""

@@ -69,10 +69,8 @@ from h2.settings import SettingCodes, Settings
 from agent.proxy.h2guard import HeaderBlockGuard
 from agent.proxy.h2wire import GracefulH2Connection
 from agent.proxy.http1 import (
-    DENIED_BODY,
     DOWNSTREAM_CLOSED,
     NO_FLAGS,
-    RBAC_DENIED,
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
     RequestHead,
@@ -96,7 +94,6 @@ HEADER_TIMEOUT = "h2_header_timeout"  # a header block not finished in time (slo
 UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
 NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
 
-GRPC_PERMISSION_DENIED = 7
 GRPC_UNAVAILABLE = 14
 
 
@@ -430,9 +427,9 @@ class H2Proxy:
         self._streams[stream_id] = s
         verdict = self.authorize(head)
         if not verdict.allowed:
-            s.exchange.flags = RBAC_DENIED
+            s.exchange.flags = verdict.flag
             s.exchange.denied_by = verdict.reason
-            self._answer(s, 403, GRPC_PERMISSION_DENIED, DENIED_BODY)
+            self._answer(s, verdict.status, verdict.grpc_status, verdict.body)
             return
         u = self._choose(s)
         if u is None:

@@ -77,13 +77,19 @@ UPSTREAM_PROTOCOL = "upstream_protocol_error"
 # Envoy response flags as Istio labels them.
 NO_FLAGS = "-"
 RBAC_DENIED = "RBAC"
+RATE_LIMITED = "RL"  # Envoy's flag: refused by a local rate limit
 UPSTREAM_CLOSED = "UC"
 DOWNSTREAM_CLOSED = "DC"
+
+GRPC_PERMISSION_DENIED = 7  # a policy denial of a gRPC call (HTTP/2 layer)
+GRPC_RESOURCE_EXHAUSTED = 8  # a rate-limited gRPC call
+RATE_LIMITED_BODY = b"local_rate_limited"  # Envoy's body for the same refusal
 
 _REASONS = {
     400: b"Bad Request",
     403: b"Forbidden",
     408: b"Request Timeout",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
     502: b"Bad Gateway",
@@ -131,8 +137,15 @@ Authorize = Callable[[RequestHead], "Verdict"]
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """Whether a request may go on; a refusal says how it is answered (by default policy's
+    ``403``, flag ``RBAC``; a rate limit's is ``429``, flag ``RL``, gRPC status 8)."""
+
     allowed: bool
     reason: str = ""
+    status: int = 403
+    flag: str = RBAC_DENIED
+    body: bytes = DENIED_BODY
+    grpc_status: int = GRPC_PERMISSION_DENIED
 
 
 @dataclass(slots=True)
@@ -341,28 +354,30 @@ class Http1Proxy:
         verdict = self.authorize(head)
         if not verdict.allowed:
             current.denied = True
-            current.exchange.flags = RBAC_DENIED
+            current.exchange.flags = verdict.flag
             current.exchange.denied_by = verdict.reason
-            self._deny(current)
+            self._deny(current, verdict)
             return
         if not req.keep_alive and not upgrade:
             headers.append((b"connection", b"close"))
         self.upstream.expect(req.method)
         self._to_upstream.append(request_head(req.method, req.target, headers))
 
-    def _deny(self, current: _Current) -> None:
+    def _deny(self, current: _Current, verdict: Verdict) -> None:
+        body = verdict.body
         headers = [
             (b"content-type", b"text/plain"),
-            (b"content-length", b"%d" % len(DENIED_BODY)),
+            (b"content-length", b"%d" % len(body)),
         ]
         # A client waiting for 100-continue has not sent its body and may never: where the
         # next request would start is unknowable, so this response is the last.
         last = current.waiting_for_100 or not current.keep_alive
         if last:
             headers.append((b"connection", b"close"))
-        self._to_client.append(response_head(403, b"Forbidden", headers) + DENIED_BODY)
-        current.exchange.status = 403
-        current.exchange.response_bytes = len(DENIED_BODY)
+        reason = _REASONS.get(verdict.status, b"Refused")
+        self._to_client.append(response_head(verdict.status, reason, headers) + body)
+        current.exchange.status = verdict.status
+        current.exchange.response_bytes = len(body)
         current.response_started = current.response_done = True
         current.last = last
         if current.waiting_for_100:

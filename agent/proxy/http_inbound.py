@@ -18,7 +18,9 @@ writer (as in the L4 relay). A pipelined request the layer has parsed but cannot
 pipelining client cannot queue without bound.
 
 Authorization here is per request (``Core.authorize_request``): on a declared HTTP port the
-connection itself was admitted without the L7 conditions, which only a request can satisfy.
+connection itself was admitted without the L7 conditions, which only a request can satisfy. An
+authorized request then meets the RateLimitPolicies of the pod port (``Core.rate_limit``): over
+the limit it is answered ``429`` with flag ``RL`` and the connection keeps serving.
 The connection's ``ConnectionRecord`` keeps counting bytes for the TCP metrics; each request is
 reported to ``Registry.request_done`` (Istio request metrics, access log). After an upgrade
 (``101``) the connection is relayed as opaque bytes, like an L4 one.
@@ -38,7 +40,15 @@ from typing import Protocol
 
 from agent.policy.authz import HttpAttributes, Request
 from agent.proxy.core import Core
-from agent.proxy.http1 import Exchange, Http1Proxy, RequestHead, Verdict
+from agent.proxy.http1 import (
+    GRPC_RESOURCE_EXHAUSTED,
+    RATE_LIMITED,
+    RATE_LIMITED_BODY,
+    Exchange,
+    Http1Proxy,
+    RequestHead,
+    Verdict,
+)
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.tunnel import Sink, TunnelStream
 from agent.state import Workload
@@ -48,6 +58,7 @@ log = logging.getLogger(__name__)
 
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its complete head
 READ_SIZE = 64 * 1024
+ALLOWED = Verdict(True)
 
 
 class Downstream(Protocol):
@@ -228,11 +239,7 @@ class HttpSession:
         )
 
     def _authorize(self, head: RequestHead) -> Verdict:
-        attrs = HttpAttributes(head.method, head.path, head.host, head.headers)
-        request = replace(self.request, http=attrs)
-        where = f"{self.where} {head.method} {head.path}"
-        decision = self.core.authorize_request(request, self.workload, where)
-        return Verdict(decision.allowed, decision.policy or "no-allow-match")
+        return request_verdict(self.core, self.request, self.workload, head, self.where)
 
     async def serve(self) -> None:
         """Serve requests until either side closes; then relay raw bytes if upgraded."""
@@ -393,6 +400,31 @@ class HttpSession:
     def _client_write_failed(self, error: Exception) -> None:
         if not self._ended.done():
             self._ended.set_exception(error)
+
+
+def request_verdict(
+    core: Core, connection: Request, workload: Workload, head: RequestHead, where: str
+) -> Verdict:
+    """Admit one request on an admitted connection (both HTTP layers): L7 authorization first,
+    then the RateLimitPolicies of the pod port, so a denied request spends no token."""
+    request = replace(
+        connection, http=HttpAttributes(head.method, head.path, head.host, head.headers)
+    )
+    where = f"{where} {head.method} {head.path}"
+    decision = core.authorize_request(request, workload, where)
+    if not decision.allowed:
+        return Verdict(False, decision.policy or "no-allow-match")
+    limit = core.rate_limit(request, core.snapshot())
+    if limit is not None:
+        return Verdict(
+            False,
+            limit.policy,
+            status=429,
+            flag=RATE_LIMITED,
+            body=RATE_LIMITED_BODY,
+            grpc_status=GRPC_RESOURCE_EXHAUSTED,
+        )
+    return ALLOWED
 
 
 def _request_record(exchange: Exchange) -> RequestRecord:

@@ -464,8 +464,8 @@ class _ClientConnection:
             self.codec.retry_with(lambda status, ok: self._may_retry(request, status, ok))
         if plan.mirrors:
             self.codec.mirror_with()
-        if plan.attempts.fault.delay:
-            await asyncio.sleep(plan.attempts.fault.delay)
+        if plan.attempts.fault.delay or plan.delay:
+            await asyncio.sleep(plan.attempts.fault.delay + plan.delay)
         return True
 
     def _may_retry(self, request: _Request, status: int | None, replayable: bool) -> bool:
@@ -731,9 +731,11 @@ class _ClientConnection:
             request = _Request()
         if self.timed is request:
             self._disarm()
+        flags = exchange.flags
         if request.plan is not None:
             reset = exchange.status == 503 and exchange.flags == UPSTREAM_CLOSED
             request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)
+            flags = request.plan.flags(flags)
             request.plan = None
         labels = replace(self.record)
         labels.upstream, labels.destination_identity = "", None
@@ -754,7 +756,7 @@ class _ClientConnection:
                 duration_ms=max(0.0, (exchange.ended - exchange.started) * 1000),
                 request_bytes=exchange.request_bytes,
                 response_bytes=exchange.response_bytes,
-                response_flags=exchange.flags,
+                response_flags=flags,
                 request_id=head.request_id,
                 trace_headers=head.trace,
                 started_at=time.time() - (time.monotonic() - exchange.started),

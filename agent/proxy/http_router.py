@@ -14,7 +14,10 @@ Three steps per request:
    404 with Envoy's flag ``NR``; a rule → its ``RequestRedirect`` is answered here (3xx,
    ``Location``), else a weighted ``backendRef`` is chosen (``choose_backend``; every weight
    zero, or a reference that does not resolve, or a port the Service lacks → 500, the share is
-   never given to another backend). The rule's ``RequestHeaderModifier`` and ``URLRewrite``
+   never given to another backend). The rule's ``ExtensionRef`` to an HTTPFault
+   (``agent.policy.routes.faults``) aborts the request here (its status, flag ``FI``) or
+   delays it (``RoutePlan.delay``, flag ``DI``); one whose object is missing answers 500.
+   The rule's ``RequestHeaderModifier`` and ``URLRewrite``
    edit the forwarded head (``edit_request``), its ``ResponseHeaderModifier`` the response
    head (``edit_response``), and its ``timeouts``, ``retry`` and the ``RequestMirror``
    backends this request is copied to (each rolled by its percentage; one that does not
@@ -34,7 +37,8 @@ Three steps per request:
 What the client sees when the request is answered here is decided here too
 (``LocalResponse``, ``Unroutable`` for the 503s): 503 with Envoy's response flag ``UH`` (no
 healthy endpoint), ``UF`` (every attempt to connect failed), ``UO`` (over a limit) or ``FI``
-(an injected abort); 404 ``NR``; 500 for an unusable backend; a redirect.
+(a TrafficPolicy's injected abort); a route's HTTPFault abort with its own status and ``FI``;
+404 ``NR``; 500 for an unusable backend or fault filter; a redirect.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from agent.policy.routes import (
     redirect_location,
     rewrite_request,
 )
+from agent.policy.routes.faults import NO_FAULT, FaultDecision
+from agent.policy.routes.faults import decide as decide_fault
 from agent.policy.routes.model import HeaderModifier, HttpMatch, HttpRequest, Rewrite, RouteKey
 from agent.policy.routes.retry import ATTEMPTED, BUDGET_EXHAUSTED, RequestRetry
 from agent.policy.traffic.attempts import Attempts
@@ -65,6 +71,7 @@ NO_HEALTHY_UPSTREAM = "UH"
 UPSTREAM_CONNECT_FAILURE = "UF"
 UPSTREAM_OVERFLOW = "UO"
 FAULT_INJECTED = "FI"
+DELAY_INJECTED = "DI"
 NO_ROUTE = "NR"
 UPSTREAM_TIMEOUT = "UT"
 NO_FLAGS = "-"
@@ -78,6 +85,7 @@ BODIES = {
     UPSTREAM_TIMEOUT: b"upstream request timeout\n",
 }
 BACKEND_UNUSABLE_BODY = b"the route's backend cannot be used\n"
+FILTER_UNUSABLE_BODY = b"the route's filter cannot be applied\n"
 
 Headers = list[tuple[str, str]]
 
@@ -124,6 +132,13 @@ class RoutePlan:
     retry: RequestRetry | None = None
     retries: int = field(default=0)
     mirrors: list[ServiceTarget] = field(default_factory=list)
+    delay: float = 0.0  # seconds injected by the rule's HTTPFault before forwarding (``DI``)
+
+    def flags(self, flags: str) -> str:
+        """The request's response flags with ``DI`` added when a delay was injected."""
+        if not self.delay:
+            return flags
+        return DELAY_INJECTED if flags == NO_FLAGS else f"{flags},{DELAY_INJECTED}"
 
     def finish(self, status: int, first_byte_at: float, *, reset_before_response: bool) -> None:
         """The request ended: account its outcome against the endpoint (latency, outliers)."""
@@ -186,10 +201,11 @@ class HttpRouter:
         """Plan one request, or raise ``LocalResponse`` (no route, a redirect, an unusable
         backend, limits, an injected abort)."""
         action = self._decide(snap, dialled, request, client_namespace)
+        fault = NO_FAULT if action is None else self._fault(request, action)
         backend = dialled if action is None else self._backend(snap, dialled, request, action)
         traffic = self.traffic.service(snap, backend.service)
         attempts = self._attempts(traffic, source_ip, source_labels, source_node)
-        plan = RoutePlan(backend, attempts, action)
+        plan = RoutePlan(backend, attempts, action, delay=fault.delay)
         if action is not None:
             self._apply_rule(plan, action)
             plan.mirrors = self._mirrors(snap, action)
@@ -216,6 +232,31 @@ class HttpRouter:
         if isinstance(decision, NoMatchingRule):
             routes = ", ".join("/".join(key[1:]) for key in decision.routes)
             raise LocalResponse(404, NO_ROUTE, f"no rule of {routes} matched", BODIES[NO_ROUTE])
+        return decision
+
+    def _fault(self, request: HttpRequest, action: RouteAction) -> FaultDecision:
+        """The rule's HTTPFault for this request: an abort is raised (flag ``FI``), a delay
+        returned; a filter whose HTTPFault does not exist answers 500 (Gateway API: a filter
+        that cannot be applied is never skipped)."""
+        ref = action.filters.fault
+        if ref is None:
+            return NO_FAULT
+        rule = f"{'/'.join(action.route[1:])} rule {action.rule}"
+        if ref.fault is None:
+            raise LocalResponse(
+                500,
+                NO_FLAGS,
+                f"{rule}: HTTPFault {ref.namespace}/{ref.name} does not exist",
+                FILTER_UNUSABLE_BODY,
+            )
+        decision = decide_fault(ref.fault, request.headers, self.rng)
+        if decision.abort_status is not None:
+            raise LocalResponse(
+                decision.abort_status,
+                FAULT_INJECTED,
+                f"{rule}: abort injected by HTTPFault {ref.fault.name}",
+                BODIES[FAULT_INJECTED],
+            )
         return decision
 
     def _backend(

@@ -80,6 +80,7 @@ class Registry:
         self._ids = itertools.count(1)
         self.rejections: Counter[str] = Counter()
         self.denials: Counter[str] = Counter()
+        self.rate_limited: Counter[str] = Counter()  # by Service hostname
         self.total = 0
         self.observers: list[ConnectionObserver] = []
         self.request_observers: list[RequestObserver] = []

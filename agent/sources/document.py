@@ -212,7 +212,7 @@ def parse_document(text: str, *, source: str) -> ClusterDocument:
     )
     _check_cross_references(source, doc)
     if routes:
-        check_routes(source, [p for p, _ in route_items], routes, doc.to_state().services)
+        check_routes(source, [p for p, _ in route_items], routes, doc.to_state().services, policies)
     return doc
 
 

@@ -47,6 +47,8 @@ POLICY_PLURALS = {
     "AuthorizationPolicy": "authorizationpolicies",
     "PeerAuthentication": "peerauthentications",
     "TrafficPolicy": "trafficpolicies",
+    "RateLimitPolicy": "ratelimitpolicies",
+    "HTTPFault": "httpfaults",
 }
 GATEWAY_GROUP, GATEWAY_VERSION = "gateway.networking.k8s.io", "v1"
 ROUTE_PLURALS = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes"}

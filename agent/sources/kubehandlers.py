@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from agent.policy.routes.faults import KIND as FAULT_KIND
 from agent.sources import kubeobjects as ko
 from agent.sources.kubeobjects import InvalidObject, Raw
 from agent.state import Endpoint, Namespace, PolicyObject, RouteObject, Service, StateStore
@@ -290,6 +291,7 @@ class Policies:
                 for policy in fresh:
                     if policy is not None:
                         txn.put_policy(policy)
+            self._affects_routes()
 
     def event(self, kind: str, obj: Raw) -> None:
         key = self._key(obj)
@@ -299,6 +301,13 @@ class Policies:
                 txn.delete("policies", key)
             else:
                 txn.put_policy(policy)
+            self._affects_routes()
+
+    def _affects_routes(self) -> None:
+        """An HTTPFault resolves (or no longer resolves) the ExtensionRef filters of routes:
+        their status is evaluated again."""
+        if self.kind == FAULT_KIND:
+            self.ctx.routes_changed()
 
 
 class Routes:

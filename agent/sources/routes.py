@@ -15,8 +15,10 @@ from types import MappingProxyType
 from typing import Any
 
 from agent.policy.routes import ROUTE_KINDS, Rejected, RouteTable
+from agent.policy.routes.compile import FILTER_NOT_FOUND
+from agent.policy.routes.table import fault_objects
 from agent.sources.fields import DocumentError, check_unique, type_name
-from agent.state.model import RouteObject, Service
+from agent.state.model import PolicyObject, RouteObject, Service
 
 API_VERSION = "gateway.networking.k8s.io/v1"
 _KEYS = ("apiVersion", "kind", "metadata", "spec")
@@ -63,18 +65,24 @@ def check_routes(
     paths: Sequence[str],
     routes: Sequence[RouteObject],
     services: Sequence[Service],
+    policies: Sequence[PolicyObject] = (),
 ) -> None:
-    """Refuse the document if any route would not be programmed as written."""
-    table = RouteTable.of({r.key: r for r in routes}, {s.key: s for s in services})
+    """Refuse the document if any route would not be programmed as written (the HTTPFaults
+    its ExtensionRef filters name are among ``policies``)."""
+    table = RouteTable.of(
+        {r.key: r for r in routes}, {s.key: s for s in services}, fault_objects(policies)
+    )
     for path, route in zip(paths, routes, strict=True):
         compiled = table.compiled[route.key]
         if isinstance(compiled, Rejected):
             raise DocumentError(source, f"{path}.{compiled.error.path}", compiled.error.message)
         if compiled.unresolved:
+            first = compiled.unresolved[0]
+            section = "policies" if first.startswith(FILTER_NOT_FOUND) else "services"
             raise DocumentError(
                 source,
                 f"{path}.spec",
-                f"{compiled.unresolved[0]} (declare it under services, or fix the reference)",
+                f"{first} (declare it under {section}, or fix the reference)",
             )
         for verdict in table.verdicts[route.key]:
             if not verdict.accepted.status:

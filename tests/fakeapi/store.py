@@ -58,6 +58,14 @@ RESOURCES: tuple[Resource, ...] = (
     Resource(
         "nodemesh.io", "v1alpha1", "trafficpolicies", "TrafficPolicy", status_subresource=True
     ),
+    Resource(
+        "nodemesh.io",
+        "v1alpha1",
+        "ratelimitpolicies",
+        "RateLimitPolicy",
+        status_subresource=True,
+    ),
+    Resource("nodemesh.io", "v1alpha1", "httpfaults", "HTTPFault", status_subresource=True),
     # The Gateway API's standard channel (served unless the test turns its CRDs off).
     Resource(GATEWAY_GROUP, "v1", "httproutes", "HTTPRoute", status_subresource=True),
     Resource(GATEWAY_GROUP, "v1", "grpcroutes", "GRPCRoute", status_subresource=True),

@@ -26,6 +26,9 @@ from typing import Any, TypeVar
 import re2
 
 from agent.policy.routes.durations import parse_gateway_duration
+from agent.policy.routes.faults import GROUP as FAULT_GROUP
+from agent.policy.routes.faults import KIND as FAULT_KIND
+from agent.policy.routes.faults import HttpFault
 from agent.policy.routes.model import (
     EXACT,
     GRPC_ROUTE,
@@ -33,6 +36,7 @@ from agent.policy.routes.model import (
     PATH_PREFIX,
     REGEX,
     Backend,
+    FaultRef,
     Filters,
     GrpcMatch,
     HeaderModifier,
@@ -59,6 +63,7 @@ UNSUPPORTED = "UnsupportedValue"
 BACKEND_NOT_FOUND = "BackendNotFound"
 INVALID_KIND = "InvalidKind"
 REF_NOT_PERMITTED = "RefNotPermitted"
+FILTER_NOT_FOUND = "FilterNotFound"  # an ExtensionRef's object does not exist
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
@@ -69,6 +74,7 @@ FILTER_FIELDS = {
     "RequestRedirect": "requestRedirect",
     "URLRewrite": "urlRewrite",
     "RequestMirror": "requestMirror",
+    "ExtensionRef": "extensionRef",
 }
 HTTP_FILTERS = tuple(FILTER_FIELDS)
 GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror")
@@ -131,17 +137,23 @@ class _Context:
     parents: tuple[ParentRef, ...]
     services: Mapping[ServiceKey, Service]
     unresolved: list[str]
+    faults: Mapping[tuple[str, str], HttpFault]
 
 
-def compile_route(obj: RouteObject, services: Mapping[ServiceKey, Service]) -> Compiled:
-    """Check and compile one route against the Services it names."""
+def compile_route(
+    obj: RouteObject,
+    services: Mapping[ServiceKey, Service],
+    faults: Mapping[tuple[str, str], HttpFault] | None = None,
+) -> Compiled:
+    """Check and compile one route against the Services and the HTTPFaults (by namespace and
+    name) it names."""
     parents: tuple[ParentRef, ...] = ()
     try:
         spec = _mapping(obj.spec, "spec")
         _keys(spec, "spec", ("parentRefs", "hostnames", "rules"))
         parents = _parents(spec.get("parentRefs"), obj.namespace)
         _list(spec.get("hostnames", []), "spec.hostnames")
-        ctx = _Context(obj, parents, services, [])
+        ctx = _Context(obj, parents, services, [], faults or {})
         rules = tuple(
             _rule(ctx, i, r) for i, r in enumerate(_list(spec.get("rules", [{}]), "spec.rules"))
         )
@@ -414,6 +426,9 @@ def _filters(ctx: _Context, values: object, path: str) -> Filters:
             continue
         if kind in found:
             raise RouteError(f"{fpath}.type", f"{kind} may appear once per rule")
+        if kind == "ExtensionRef":
+            found[kind] = _fault_ref(ctx, body, f"{fpath}.{field}")
+            continue
         found[kind] = _FILTER_PARSERS[kind](body, f"{fpath}.{field}")
     return Filters(
         found.get("RequestHeaderModifier"),
@@ -421,7 +436,36 @@ def _filters(ctx: _Context, values: object, path: str) -> Filters:
         found.get("RequestRedirect"),
         found.get("URLRewrite"),
         tuple(mirrors),
+        found.get("ExtensionRef"),
     )
+
+
+def _fault_ref(ctx: _Context, body: Mapping[str, Any], path: str) -> FaultRef:
+    """An ExtensionRef: only ``nodemesh.io`` HTTPFault, in the route's namespace (the Gateway
+    API's LocalObjectReference). A missing object leaves the route accepted with
+    ``ResolvedRefs=False``; the rule's requests are answered 500, never passed unfaulted."""
+    _keys(body, path, ("group", "kind", "name"))
+    group, kind = body.get("group"), body.get("kind")
+    if (group, kind) != (FAULT_GROUP, FAULT_KIND):
+        raise RouteError(
+            path,
+            f"ExtensionRef to {group}/{kind} is not supported by nodemesh; the one extension "
+            f"filter is group {FAULT_GROUP}, kind {FAULT_KIND}",
+        )
+    name = _str(body.get("name"), f"{path}.name")
+    fault = ctx.faults.get((ctx.obj.namespace, name))
+    if fault is None:
+        ctx.unresolved.append(
+            f"{FILTER_NOT_FOUND}: {path} names {FAULT_KIND} {ctx.obj.namespace}/{name}, which "
+            "does not exist; the rule's requests are answered 500 until it does"
+        )
+    elif fault.abort_grpc_status is not None:
+        raise RouteError(
+            f"{path}.name",
+            f"{FAULT_KIND} {fault.name} aborts with grpcStatus, which an HTTPRoute cannot "
+            "answer; use abort.httpStatus",
+        )
+    return FaultRef(ctx.obj.namespace, name, fault)
 
 
 def _header_modifier(body: Mapping[str, Any], path: str) -> HeaderModifier:

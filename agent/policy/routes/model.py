@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import parse_qsl
 
+from agent.policy.routes.faults import HttpFault
+
 EXACT = "Exact"
 PATH_PREFIX = "PathPrefix"
 REGEX = "RegularExpression"
@@ -234,12 +236,23 @@ class Mirror:
 
 
 @dataclass(frozen=True, slots=True)
+class FaultRef:
+    """An ``ExtensionRef`` filter naming a ``nodemesh.io`` HTTPFault; ``fault`` is None when
+    the object does not exist (the rule answers 500 and ``ResolvedRefs`` says why)."""
+
+    namespace: str
+    name: str
+    fault: HttpFault | None
+
+
+@dataclass(frozen=True, slots=True)
 class Filters:
     request_headers: HeaderModifier | None = None
     response_headers: HeaderModifier | None = None
     redirect: Redirect | None = None
     rewrite: Rewrite | None = None
     mirrors: tuple[Mirror, ...] = ()
+    fault: FaultRef | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,10 +25,12 @@ behaviour).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.policy.routes.compile import Compiled, compile_route
+from agent.policy.routes.faults import KIND as FAULT_KIND
+from agent.policy.routes.faults import HttpFault, compile_fault
 from agent.policy.routes.model import (
     EXACT,
     GRPC_ROUTE,
@@ -50,7 +52,7 @@ from agent.policy.routes.model import (
     StringMatch,
 )
 from agent.policy.routes.parents import ParentVerdict, evaluate
-from agent.state.model import RouteObject, Service
+from agent.state.model import PolicyObject, RouteObject, Service
 from agent.state.snapshot import Snapshot
 
 PortKey = tuple[str, ServiceKey, int]  # route kind, service, service port
@@ -119,18 +121,22 @@ class RouteTable:
 
     @classmethod
     def build(cls, snap: Snapshot) -> RouteTable:
-        return cls.of(snap.routes, snap.services)
+        return cls.of(snap.routes, snap.services, fault_objects(snap.policies_of(FAULT_KIND)))
 
     @classmethod
     def of(
-        cls, routes: Mapping[RouteKey, RouteObject], services: Mapping[ServiceKey, Service]
+        cls,
+        routes: Mapping[RouteKey, RouteObject],
+        services: Mapping[ServiceKey, Service],
+        faults: Mapping[tuple[str, str], HttpFault] | None = None,
     ) -> RouteTable:
-        """The table of these routes over these Services (``build`` for a snapshot)."""
+        """The table of these routes over these Services and HTTPFaults (``build`` for a
+        snapshot)."""
         compiled: dict[RouteKey, Compiled] = {}
         verdicts: dict[RouteKey, tuple[ParentVerdict, ...]] = {}
         by_port: dict[PortKey, dict[str, list[Route]]] = {}
         for key in sorted(routes):
-            result = compiled[key] = compile_route(routes[key], services)
+            result = compiled[key] = compile_route(routes[key], services, faults)
             verdicts[key] = evaluate(result, services)
             if not isinstance(result, Route):
                 continue
@@ -223,19 +229,25 @@ def choose_backend(backends: Sequence[Backend], point: float) -> Backend | None:
     return next(b for b in reversed(backends) if b.weight)
 
 
+def fault_objects(policies: Iterable[PolicyObject]) -> Mapping[tuple[str, str], HttpFault]:
+    """The HTTPFault objects among ``policies``, compiled, by (namespace, name)."""
+    return {(p.namespace, p.name): compile_fault(p) for p in policies if p.kind == FAULT_KIND}
+
+
 class RouteTableCache:
-    """The table of the latest snapshot, rebuilt only when its routes or Services changed.
+    """The table of the latest snapshot, rebuilt only when its routes, Services or policies
+    (the HTTPFaults) changed.
 
     A commit that leaves a kind alone keeps that kind's mapping object in the new snapshot, so
     comparing the two mappings by identity is exact and costs nothing per request.
     """
 
     def __init__(self) -> None:
-        self._inputs: tuple[object, object] | None = None
+        self._inputs: tuple[object, ...] | None = None
         self._table = RouteTable({}, {}, {})
 
     def get(self, snap: Snapshot) -> RouteTable:
-        inputs = (snap.routes, snap.services)
+        inputs = (snap.routes, snap.services, snap.policies)
         if self._inputs is None or any(
             a is not b for a, b in zip(inputs, self._inputs, strict=True)
         ):

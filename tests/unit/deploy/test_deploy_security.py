@@ -29,7 +29,13 @@ AGENT_PERMISSIONS = (
     | {("discovery.k8s.io", "endpointslices", v) for v in ("list", "watch")}
     | {
         ("nodemesh.io", f"{r}{sub}", v)
-        for r in ("authorizationpolicies", "peerauthentications", "trafficpolicies")
+        for r in (
+            "authorizationpolicies",
+            "peerauthentications",
+            "trafficpolicies",
+            "ratelimitpolicies",
+            "httpfaults",
+        )
         for sub, verbs in (("", ("list", "watch")), ("/status", ("patch",)))
         for v in verbs
     }

@@ -49,9 +49,18 @@ def _compiled(rules: list[dict[str, Any]], **kw: Any) -> Route:
             "invalid regular expression",
         ),
         (
-            [{"filters": [{"type": "ExtensionRef", "extensionRef": {"name": "x"}}]}],
-            "spec.rules[0].filters[0].type",
-            "not supported",
+            [
+                {
+                    "filters": [
+                        {
+                            "type": "ExtensionRef",
+                            "extensionRef": {"group": "example.com", "kind": "Other", "name": "x"},
+                        }
+                    ]
+                }
+            ],
+            "spec.rules[0].filters[0].extensionRef",
+            "ExtensionRef to example.com/Other is not supported",
         ),
         (
             [{"filters": [{"type": "CORS", "cors": {}}]}],

@@ -39,11 +39,23 @@ def test_invalid_kind() -> None:
 
 
 def test_refused_route_is_not_programmed() -> None:
-    bad = route("r", [{"filters": [{"type": "ExtensionRef", "extensionRef": {}}]}])
+    bad = route(
+        "r",
+        [
+            {
+                "filters": [
+                    {
+                        "type": "ExtensionRef",
+                        "extensionRef": {"group": "example.com", "kind": "Other", "name": "x"},
+                    }
+                ]
+            }
+        ],
+    )
     table = RouteTable.build(snapshot(mesh_services(), [bad]))
     (v,) = table.verdicts[bad.key]
     assert _conditions(v) == ((False, "UnsupportedValue"), (False, "UnsupportedValue"))
-    assert "spec.rules[0].filters[0].type" in v.accepted.message
+    assert "spec.rules[0].filters[0].extensionRef" in v.accepted.message
     assert not table.routed((NS, "echo"), 80)
 
 

@@ -27,7 +27,7 @@ from agent.policy.authz import Request
 from agent.proxy.core import Core
 from agent.proxy.h2inbound import H2Session
 from agent.proxy.http_inbound import SocketDownstream
-from agent.state import PolicyObject, StateStore
+from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
 from tests.workloads import workload
 
@@ -217,5 +217,56 @@ def test_a_header_block_left_open_is_timed_out(pod: tuple[int, grpc.Server]) -> 
         goaway = [e for e in events.receive_data(got) if isinstance(e, ConnectionTerminated)]
         assert [e.error_code for e in goaway] == [ErrorCodes.ENHANCE_YOUR_CALM]
         assert seen.rejections == ["h2_header_timeout"]
+
+    asyncio.run(main())
+
+
+def test_grpc_calls_over_a_rate_limit_get_resource_exhausted_and_the_channel_goes_on(
+    pod: tuple[int, grpc.Server],
+) -> None:
+    limit = PolicyObject(
+        "RateLimitPolicy",
+        "default",
+        "grpc-limit",
+        {
+            "targetRef": {"group": "", "kind": "Service", "name": "grpc"},
+            "requestsPerSecond": 1,
+            "burst": 2,
+            "perIdentity": False,
+        },
+    )
+    service = Service(
+        "grpc",
+        "default",
+        ("10.96.0.12",),
+        (ServicePort(50051, 50051, "grpc", app_protocol="grpc"),),
+        endpoints=(Endpoint("10.244.1.3"),),
+    )
+
+    def calls(port: int) -> list[str]:
+        out = []
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            unary = grpcecho.unary_call(channel)
+            for i in range(4):
+                try:
+                    out.append(unary(b"%d" % i, timeout=10).decode())
+                except grpc.RpcError as e:
+                    out.append(f"{e.code().name} {e.details()}")
+        return out
+
+    async def main() -> None:
+        core = _core(limit)
+        with core.store.update() as txn:
+            txn.put_service(service)
+        core.clock = lambda: 50.0  # no refill during the test
+        seen = Seen()
+        server, port = await _proxy(core, pod[0], seen)
+        async with server:
+            result = await asyncio.to_thread(calls, port)
+        exhausted = "RESOURCE_EXHAUSTED local_rate_limited"
+        assert result == ["pod:0", "pod:1", exhausted, exhausted]
+        got = [(r.grpc_status, r.response_flags) for r in seen.requests]
+        assert got == [("0", "-"), ("0", "-"), ("8", "RL"), ("8", "RL")]
+        assert core.registry.rate_limited == {"grpc.default.svc.cluster.local": 2}
 
     asyncio.run(main())

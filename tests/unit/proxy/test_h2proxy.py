@@ -449,3 +449,20 @@ def test_an_open_header_block_starts_the_header_clock_and_its_end_stops_it() -> 
     assert proxy.head_started == 102.0
     proxy.header_timeout()  # the shell's timer ran out
     assert proxy.take_rejections() == ["h2_header_timeout"] and proxy.closing
+
+
+def test_a_rate_limited_grpc_call_is_a_trailers_only_resource_exhausted() -> None:
+    w = Wire()
+    w.proxy.authorize = lambda _h: Verdict(
+        False, "ns/limit", status=429, flag="RL", body=b"local_rate_limited", grpc_status=8
+    )
+    w.request("/pkg.Svc/Call", grpc=True)
+    w.run()
+    (resp,) = w.taken(ResponseReceived)
+    headers = dict(resp.headers)
+    assert resp.stream_ended is not None
+    assert (headers[b":status"], headers[b"grpc-status"]) == (b"200", b"8")
+    assert headers[b"grpc-message"] == b"local_rate_limited"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.grpc_status, ex.flags, ex.denied_by) == ("8", "RL", "ns/limit")
+    assert not [e for e in w.pod_events if isinstance(e, RequestReceived)]

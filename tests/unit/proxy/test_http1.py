@@ -303,3 +303,22 @@ def test_a_client_that_fails_mid_response_still_has_its_request_reported() -> No
     idle = _proxy()
     idle.client_failed()  # nothing in flight: nothing to report
     assert idle.take_completed() == [] and idle.closing
+
+
+def test_a_rate_limited_request_gets_429_with_flag_rl_and_the_connection_keeps_serving() -> None:
+    limited = Verdict(False, "ns/limit", status=429, flag="RL", body=b"local_rate_limited")
+    p = Http1Proxy(
+        authorize=lambda h: limited if h.path == "/over" else Verdict(True),
+        new_request_id=lambda: "rid",
+    )
+    p.receive_client(b"GET /over HTTP/1.1\r\nHost: s\r\n\r\nGET /ok HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert p.take_to_client() == (
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\n"
+        b"content-length: 18\r\n\r\nlocal_rate_limited"
+    )
+    assert p.take_to_upstream() == b"GET /ok HTTP/1.1\r\nhost: s\r\nx-request-id: rid\r\n\r\n"
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    over, ok = p.take_completed()
+    assert (over.status, over.flags, over.denied_by) == (429, "RL", "ns/limit")
+    assert (ok.status, ok.flags) == (200, "-")
+    assert not p.closing

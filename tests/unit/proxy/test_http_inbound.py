@@ -13,7 +13,7 @@ from agent.policy.authz import Request
 from agent.proxy.core import Core
 from agent.proxy.http_inbound import HttpSession, SocketDownstream
 from agent.proxy.tunnel import Sink
-from agent.state import PolicyObject, StateStore
+from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
 from tests.workloads import workload
 
@@ -393,6 +393,64 @@ def test_after_a_101_handed_over_bytes_are_left_for_the_relay_in_order() -> None
         assert down.relayed and not down.ended
         assert await _read_until(pod, lambda d: d.endswith(b"early")) == b"early"
         for s in (up, pod):
+            s.close()
+
+    _run(main)
+
+
+def test_a_rate_limit_policy_answers_429_counts_it_and_keeps_the_connection() -> None:
+    limit = PolicyObject(
+        "RateLimitPolicy",
+        "default",
+        "web-limit",
+        {
+            "targetRef": {"group": "", "kind": "Service", "name": "web"},
+            "requestsPerSecond": 1,
+            "burst": 2,
+            "perIdentity": False,
+        },
+    )
+    web = Service(
+        "web",
+        "default",
+        ("10.96.0.11",),
+        (ServicePort(80, 8080),),
+        endpoints=(Endpoint("10.244.1.3"),),
+    )
+
+    async def main() -> None:
+        core = _core(limit)
+        with core.store.update() as txn:
+            txn.put_service(web)
+        now = [100.0]
+        core.clock = lambda: now[0]
+        client, pod, task, seen = await _session(core)
+        loop = asyncio.get_running_loop()
+        for i in range(3):
+            await loop.sock_sendall(client, b"GET /a HTTP/1.1\r\nHost: s\r\n\r\n")
+            if i < 2:  # the burst
+                await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+                await loop.sock_sendall(pod, b"HTTP/1.1 204 No Content\r\n\r\n")
+                await _read_until(client, lambda d: d.endswith(b"\r\n\r\n"))
+            else:
+                out = await _read_until(client, lambda d: d.endswith(b"local_rate_limited"))
+                assert out.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+        now[0] += 1.0  # one token back
+        await loop.sock_sendall(client, b"GET /b HTTP/1.1\r\nHost: s\r\n\r\n")
+        head = await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        assert head.startswith(b"GET /b HTTP/1.1\r\n")
+        await loop.sock_sendall(pod, b"HTTP/1.1 204 No Content\r\n\r\n")
+        await _read_until(client, lambda d: d.endswith(b"\r\n\r\n"))
+        client.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 5)
+        assert [(r.path, r.status, r.response_flags) for r in seen.requests] == [
+            ("/a", 204, "-"),
+            ("/a", 204, "-"),
+            ("/a", 429, "RL"),
+            ("/b", 204, "-"),
+        ]
+        assert core.registry.rate_limited == {"web.default.svc.cluster.local": 1}
+        for s in (client, pod, *seen.sockets):
             s.close()
 
     _run(main)

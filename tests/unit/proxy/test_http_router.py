@@ -23,7 +23,15 @@ from agent.proxy.http_router import (
     Unroutable,
 )
 from agent.proxy.resolve import ServiceTarget
-from agent.state import Endpoint, RouteObject, Service, ServicePort, StateStore, Workload
+from agent.state import (
+    Endpoint,
+    PolicyObject,
+    RouteObject,
+    Service,
+    ServicePort,
+    StateStore,
+    Workload,
+)
 from tests.unit.traffic.traffic_helpers import FakeClock, traffic_policy
 
 VIP = "10.96.0.11"
@@ -388,3 +396,57 @@ def test_mirrors_are_rolled_by_percentage_and_resolved() -> None:
 
 def _mirror_ref(name: str) -> dict[str, object]:
     return {"name": name, "port": 80}
+
+
+# -- HTTPFault (ExtensionRef) ------------------------------------------------------------------
+def _faulty(store: StateStore, spec: dict[str, object] | None) -> None:
+    ref = {"group": "nodemesh.io", "kind": "HTTPFault", "name": "chaos"}
+    _route(
+        store,
+        {"backendRefs": [_ref("web")], "filters": [{"type": "ExtensionRef", "extensionRef": ref}]},
+    )
+    if spec is not None:
+        with store.update() as tx:
+            tx.put_policy(PolicyObject("HTTPFault", "default", "chaos", spec))
+
+
+def test_an_http_fault_aborts_with_its_status_and_flag_fi_or_delays_with_di() -> None:
+    store = _store(*PODS)
+    router = HttpRouter(TrafficControl(clock=FakeClock(), rng=random.Random(7)), random.Random(11))
+    _faulty(
+        store,
+        {
+            "abort": {"httpStatus": 418, "percentage": 20},
+            "delay": {"fixedDelay": "100ms", "percentage": 10},
+        },
+    )
+    outcomes: Counter[str] = Counter()
+    for _ in range(2000):
+        try:
+            plan = _admit(router, store)
+        except LocalResponse as e:
+            assert (e.status, e.flags, e.body) == (418, FAULT_INJECTED, b"fault filter abort\n")
+            outcomes["abort"] += 1
+            continue
+        plan.finish(200, 0.0, reset_before_response=False)
+        assert plan.flags("-") == ("DI" if plan.delay else "-")
+        outcomes["delay" if plan.delay == 0.1 else "none"] += 1
+    # A seeded draw: 20 % of 2000 aborted, 10 % of the rest delayed, each within 4 sigma.
+    assert abs(outcomes["abort"] - 400) < 4 * (2000 * 0.2 * 0.8) ** 0.5
+    rest = 2000 - outcomes["abort"]
+    assert abs(outcomes["delay"] - rest * 0.1) < 4 * (rest * 0.1 * 0.9) ** 0.5
+
+
+def test_a_delayed_request_keeps_other_flags_beside_di() -> None:
+    store, router = _store(*PODS), _router()
+    _faulty(store, {"delay": {"fixedDelay": "1s", "percentage": 100}})
+    plan = _admit(router, store)
+    assert plan.delay == 1.0 and plan.flags("UF") == "UF,DI"
+
+
+def test_a_missing_http_fault_answers_500_never_the_unfaulted_backend() -> None:
+    store, router = _store(*PODS), _router()
+    _faulty(store, None)
+    with pytest.raises(LocalResponse) as e:
+        _admit(router, store)
+    assert e.value.status == 500 and "HTTPFault default/chaos does not exist" in e.value.detail

@@ -32,10 +32,28 @@ def canary(**rule: Any) -> dict[str, Any]:
     }
 
 
-def _doc(*routes: dict[str, Any]) -> str:
+CHAOS_REF = {"group": "nodemesh.io", "kind": "HTTPFault", "name": "chaos"}
+CHAOS = {
+    "apiVersion": "nodemesh.io/v1alpha1",
+    "kind": "HTTPFault",
+    "metadata": {"name": "chaos", "namespace": "default"},
+    "spec": {"abort": {"httpStatus": 503, "percentage": 50}},
+}
+
+
+def _doc(*routes: dict[str, Any], policies: tuple[dict[str, Any], ...] = ()) -> str:
     data = yaml.safe_load(DEFAULT_TOPOLOGY)
     data["routes"] = list(routes)
+    if policies:
+        data["policies"] = list(policies)
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def test_a_route_naming_a_declared_http_fault_is_accepted() -> None:
+    route = canary(filters=[{"type": "ExtensionRef", "extensionRef": CHAOS_REF}])
+    doc = parse_document(_doc(route, policies=(CHAOS,)), source="c.yaml")
+    assert [p.kind for p in doc.policies] == ["HTTPFault"]
+    assert [r.name for r in doc.routes] == ["canary"]
 
 
 def test_routes_reach_the_state_and_survive_a_round_trip() -> None:
@@ -67,14 +85,26 @@ def test_a_document_without_routes_dumps_as_before() -> None:
             "invalid regular expression",
         ),
         (
-            canary(filters=[{"type": "ExtensionRef", "extensionRef": {"name": "f"}}]),
-            r"routes\[0\]\.spec\.rules\[0\]\.filters\[0\]\.type",
+            canary(
+                filters=[
+                    {
+                        "type": "ExtensionRef",
+                        "extensionRef": {"group": "example.com", "kind": "Other", "name": "x"},
+                    }
+                ]
+            ),
+            r"routes\[0\]\.spec\.rules\[0\]\.filters\[0\]\.extensionRef",
             "not supported by nodemesh",
         ),
         (
             canary(backendRefs=[{"name": "nowhere", "port": 80}]),
             r"routes\[0\]\.spec",
             "declare it under services",
+        ),
+        (
+            canary(filters=[{"type": "ExtensionRef", "extensionRef": CHAOS_REF}]),
+            r"routes\[0\]\.spec",
+            "FilterNotFound: .*HTTPFault default/chaos.*declare it under policies",
         ),
         (
             {**canary(), "apiVersion": "gateway.networking.k8s.io/v1beta1"},

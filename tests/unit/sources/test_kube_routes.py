@@ -134,7 +134,7 @@ def test_invalid_route_is_refused_in_status_and_log_once(
     api: FakeApiServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     bad = _route("bad")
-    bad["spec"]["rules"][0]["filters"] = [{"type": "ExtensionRef", "extensionRef": {"name": "x"}}]
+    bad["spec"]["rules"][0]["filters"] = [{"type": "CORS", "cors": {}}]
     api.create("HTTPRoute", bad)
     with caplog.at_level(logging.WARNING, logger="agent.sources.routestatus"):
         source, api_client = _start(api)

@@ -397,7 +397,13 @@ def test_crd_files_are_structural_and_complete() -> None:
         assert "conditions" in root["properties"]["status"]["properties"]
         for column in version["additionalPrinterColumns"]:
             assert column["jsonPath"].startswith((".spec.", ".status.", ".metadata."))
-    assert set(crd_schemas()) == {"AuthorizationPolicy", "PeerAuthentication", "TrafficPolicy"}
+    assert set(crd_schemas()) == {
+        "AuthorizationPolicy",
+        "PeerAuthentication",
+        "TrafficPolicy",
+        "RateLimitPolicy",
+        "HTTPFault",
+    }
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("1m30s", 90.0), ("2h", 7200.0)])

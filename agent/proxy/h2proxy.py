@@ -31,6 +31,12 @@ see it: before response headers 502, or for gRPC a trailers-only ``grpc-status: 
 (UNAVAILABLE), flag ``UC`` (``UR`` for a stream the pod reset); after them, the stream is reset.
 The client is then sent GOAWAY so that it reconnects (and so gets a fresh pod connection).
 
+On the source side the shell's ``pick`` may also answer a request itself (``LocalAnswer``: a
+route's 404 ``NR``, which a gRPC call sees as ``UNIMPLEMENTED``), edit its forwarded and
+response header blocks, and give it a timeout: the shell's timer (``next_deadline``,
+``expire``) then resets the upstream stream and answers 504, or ``DEADLINE_EXCEEDED`` for
+gRPC, flag ``UT`` (a response already begun is reset instead).
+
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
 our output (PING and SETTINGS floods), streams reset by the client before their response
@@ -96,8 +102,28 @@ HEADER_TIMEOUT = "h2_header_timeout"  # a header block not finished in time (slo
 UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
 NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
 
+GRPC_UNKNOWN = 2
+GRPC_DEADLINE_EXCEEDED = 4
 GRPC_PERMISSION_DENIED = 7
+GRPC_UNIMPLEMENTED = 12
 GRPC_UNAVAILABLE = 14
+
+UPSTREAM_TIMEOUT = "UT"  # Envoy's flag: the request's time ran out
+TIMEOUT_BODY = b"upstream request timeout"
+
+
+def grpc_status_for(http_status: int) -> int:
+    """The gRPC status a proxy's own HTTP answer becomes for a gRPC call: gRPC's HTTP mapping
+    (404 UNIMPLEMENTED; 502/503 UNAVAILABLE), except 500 (a route backend that cannot be used:
+    GRPCRoute asks for UNAVAILABLE) and 504 (a timeout: DEADLINE_EXCEEDED, what the caller's
+    own deadline would give)."""
+    if http_status == 404:
+        return GRPC_UNIMPLEMENTED
+    if http_status == 504:
+        return GRPC_DEADLINE_EXCEEDED
+    if http_status in (500, 502, 503):
+        return GRPC_UNAVAILABLE
+    return GRPC_UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,17 +168,49 @@ class H2Exchange:
 Authorize = Callable[[RequestHead], Verdict]
 
 
+HeaderEdit = Callable[[list[Header]], list[Header]]
+
+
 @dataclass(frozen=True, slots=True)
 class Choice:
     """Where one request goes (``Pick``): ``key`` names the upstream (an endpoint), ``tag`` is
-    the shell's note that comes back on the request's ``H2Exchange``."""
+    the shell's note that comes back on the request's ``H2Exchange``. ``edit_request`` edits
+    the forwarded header block (pseudo-headers included), ``edit_response`` the response's;
+    after ``timeout`` seconds without the response's end the stream is reset upstream and
+    answered 504 (gRPC: ``DEADLINE_EXCEEDED``) with flag ``UT``."""
 
     key: object
     tag: object = None
+    edit_request: HeaderEdit | None = None
+    edit_response: HeaderEdit | None = None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAnswer:
+    """``Pick``'s answer for a request served by the proxy itself: ``status`` (gRPC:
+    ``grpc_status_for(status)`` in a trailers-only response), Envoy's ``flags``, ``message``
+    as body (or ``grpc-message``), extra response ``headers`` (a redirect's ``location``)."""
+
+    status: int
+    flags: str
+    message: bytes
+    headers: tuple[Header, ...] = ()
+    tag: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class PickRequest:
+    """What ``Pick`` sees of a request: its head, its ``:path`` with the query, whether it is
+    a gRPC call (``content-type: application/grpc*``)."""
+
+    head: RequestHead
+    target: str
+    grpc: bool
 
 
 # The source side's per-request choice of upstream; None: no upstream (answered 503/UNAVAILABLE).
-Pick = Callable[[RequestHead], Choice | None]
+Pick = Callable[[PickRequest], Choice | LocalAnswer | None]
 
 
 class _Upstream:
@@ -181,6 +239,9 @@ class _Stream:
     response_started: bool = False
     response_end: bool = False
     response_trailers: list[Header] | None = None
+    edit_request: HeaderEdit | None = None  # applied once, to the forwarded head
+    edit_response: HeaderEdit | None = None
+    deadline: float | None = None  # clock time the request's timeout expires
 
 
 def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
@@ -370,6 +431,39 @@ class H2Proxy:
         if not self.closing:
             self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM)
 
+    def next_deadline(self) -> float | None:
+        """The clock time the soonest request timeout expires (the shell's timer), if any."""
+        deadlines = [s.deadline for s in self._streams.values() if s.deadline is not None]
+        return min(deadlines, default=None)
+
+    def expire(self) -> None:
+        """The shell's timer: every request whose timeout passed is reset upstream and, before
+        its response began, answered 504 / ``DEADLINE_EXCEEDED``; after, its stream is reset
+        (as Envoy does). Flag ``UT``."""
+        if self.closing:
+            return
+        now = self.clock()
+        for s in [s for s in self._streams.values() if s.deadline is not None]:
+            if s.deadline is not None and s.deadline <= now:
+                self._time_out(s)
+        self._pump()
+        self._check_done()
+
+    def _time_out(self, s: _Stream) -> None:
+        s.deadline = None
+        s.exchange.flags = UPSTREAM_TIMEOUT
+        self._reset_upstream(s)
+        self._discard_request(s)
+        self._release_response(s)
+        if s.upstream is not None:
+            s.upstream.streams.pop(s.upstream_id, None)
+            s.upstream, s.upstream_id = None, 0
+        if s.response_started:
+            self._reset_client(s, ErrorCodes.CANCEL)
+            self._complete(s)
+            return
+        self._answer(s, 504, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
+
     def upstream_failed(self, uid: int = 0) -> None:
         """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams.
         At the destination the client is then sent GOAWAY, so that it reconnects."""
@@ -434,9 +528,12 @@ class H2Proxy:
             s.exchange.denied_by = verdict.reason
             self._answer(s, 403, GRPC_PERMISSION_DENIED, DENIED_BODY)
             return
-        u = self._choose(s)
+        u = self._choose(s, path.decode("latin-1"))
         if u is None:
             return
+        if s.edit_request is not None:
+            forwarded = s.edit_request(forwarded)
+            s.edit_request = None
         up = u.conn
         if up.open_outbound_streams >= up.remote_settings.max_concurrent_streams:
             # The pod's own limit: REFUSED_STREAM tells the client it is safe to retry.
@@ -448,20 +545,30 @@ class H2Proxy:
         up.send_headers(s.upstream_id, forwarded, end_stream=ended)
         s.request_sent = ended
 
-    def _choose(self, s: _Stream) -> _Upstream | None:
-        """The upstream for ``s``, or None after answering it 503/UNAVAILABLE ourselves."""
+    def _choose(self, s: _Stream, target: str) -> _Upstream | None:
+        """The upstream for ``s``, or None after answering it ourselves (no upstream: 503 /
+        UNAVAILABLE; or the ``LocalAnswer`` the pick gave)."""
         if self.pick is None:
             if not self._upstream_gone:
                 return self._upstreams[0]
             s.exchange.flags = UPSTREAM_CLOSED
             self._answer(s, 503, GRPC_UNAVAILABLE, b"upstream connection closed")
             return None
-        choice = self.pick(s.exchange.head)
+        ex = s.exchange
+        choice = self.pick(PickRequest(ex.head, target, ex.grpc))
         if choice is None:
-            s.exchange.flags = NO_HEALTHY_UPSTREAM
+            ex.flags = NO_HEALTHY_UPSTREAM
             self._answer(s, 503, GRPC_UNAVAILABLE, b"no healthy upstream")
             return None
-        s.exchange.upstream, s.exchange.tag = choice.key, choice.tag
+        if isinstance(choice, LocalAnswer):
+            ex.flags, ex.tag = choice.flags, choice.tag
+            status = choice.status
+            self._answer(s, status, grpc_status_for(status), choice.message, choice.headers)
+            return None
+        ex.upstream, ex.tag = choice.key, choice.tag
+        s.edit_request, s.edit_response = choice.edit_request, choice.edit_response
+        if choice.timeout is not None:
+            s.deadline = self.clock() + choice.timeout
         return self._upstream_for(choice.key)
 
     def _upstream_for(self, key: object) -> _Upstream:
@@ -542,7 +649,10 @@ class H2Proxy:
                 ex.grpc_status = (header(event.headers, b"grpc-status") or b"").decode("latin-1")
             s.response_started = True
             s.response_end = ended
-            self.client.send_headers(s.client_id, list(event.headers), end_stream=ended)
+            headers = list(event.headers)
+            if s.edit_response is not None:
+                headers = s.edit_response(headers)
+            self.client.send_headers(s.client_id, headers, end_stream=ended)
             if ended:
                 self._complete(s)
         elif isinstance(event, InformationalResponseReceived):
@@ -579,10 +689,17 @@ class H2Proxy:
         self._complete(s)
 
     # -- answers and stream ends -------------------------------------------------------------
-    def _answer(self, s: _Stream, status: int, grpc_status: int, message: bytes) -> None:
-        """Answer ``s`` from the proxy: ``status`` with ``message`` as body, or for gRPC a
-        trailers-only response with ``grpc_status`` (RFC 9113 8.1: the request's remaining
-        body is discarded, the stream reset with NO_ERROR once the answer is out)."""
+    def _answer(
+        self,
+        s: _Stream,
+        status: int,
+        grpc_status: int,
+        message: bytes,
+        headers: Sequence[Header] = (),
+    ) -> None:
+        """Answer ``s`` from the proxy: ``status`` with ``message`` as body (and ``headers``),
+        or for gRPC a trailers-only response with ``grpc_status`` (RFC 9113 8.1: the request's
+        remaining body is discarded, the stream reset with NO_ERROR once the answer is out)."""
         ex = s.exchange
         s.response_started = True
         if ex.grpc:
@@ -593,7 +710,7 @@ class H2Proxy:
                     (b":status", b"200"),
                     (b"content-type", b"application/grpc"),
                     (b"grpc-status", str(grpc_status).encode()),
-                    (b"grpc-message", message),
+                    (b"grpc-message", message.strip()),
                 ],
                 end_stream=True,
             )
@@ -607,6 +724,7 @@ class H2Proxy:
                 (b":status", str(status).encode()),
                 (b"content-type", b"text/plain"),
                 (b"content-length", str(len(message)).encode()),
+                *headers,
             ],
         )
         s.to_client.append((message, 0))

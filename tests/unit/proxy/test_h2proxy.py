@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -26,6 +29,9 @@ from agent.proxy.h2proxy import (
     Choice,
     H2Limits,
     H2Proxy,
+    LocalAnswer,
+    Pick,
+    PickRequest,
 )
 from agent.proxy.http1 import RequestHead, Verdict
 from tests.unit.proxy.h2peers import Wire, peer
@@ -315,17 +321,17 @@ def test_a_denied_head_is_authorized_with_method_path_and_authority() -> None:
 class Pods:
     """An ``H2Proxy`` with ``pick`` by the first path segment, and one h2 pod per key."""
 
-    def __init__(self) -> None:
+    def __init__(self, pick: Pick | None = None, clock: Callable[[], float] = lambda: 0.0) -> None:
         self.client = peer(client_side=True)
         self.pods: dict[object, H2Connection] = {}
         self.uids: dict[object, int] = {}
-        self.proxy = H2Proxy(lambda _h: Verdict(True), pick=self.pick)
+        self.proxy = H2Proxy(lambda _h: Verdict(True), pick=pick or self.pick, clock=clock)
         self.pod_events: dict[object, list[Event]] = {}
         self.client_events: list[Event] = []
 
     @staticmethod
-    def pick(head: RequestHead) -> Choice | None:
-        key = head.path.split("/")[1]
+    def pick(request: PickRequest) -> Choice | None:
+        key = request.head.path.split("/")[1]
         return None if key == "none" else Choice(key, tag=f"tag-{key}")
 
     def run(self) -> None:
@@ -353,11 +359,18 @@ class Pods:
                 self.client_events += self.client.receive_data(out)
                 moved = True
 
-    def request(self, path: str) -> int:
+    def request(self, path: str, *, grpc: bool = False) -> int:
         sid: int = self.client.get_next_available_stream_id()
         headers = [(":method", "GET"), (":scheme", "http"), (":authority", "s"), (":path", path)]
+        if grpc:
+            headers[0] = (":method", "POST")
+            headers.append(("content-type", "application/grpc"))
         self.client.send_headers(sid, headers, end_stream=True)
         return sid
+
+    def responses(self) -> dict[int, dict[bytes, bytes]]:
+        return {e.stream_id: dict(e.headers) for e in self.client_events
+                if isinstance(e, ResponseReceived)}  # fmt: skip
 
     def respond(self, key: str) -> None:
         for e in self.pod_events[key]:
@@ -449,3 +462,108 @@ def test_an_open_header_block_starts_the_header_clock_and_its_end_stops_it() -> 
     assert proxy.head_started == 102.0
     proxy.header_timeout()  # the shell's timer ran out
     assert proxy.take_rejections() == ["h2_header_timeout"] and proxy.closing
+
+
+# -- the source side: a pick's local answers, header edits and timeouts --------------------------
+def _answer_here(request: PickRequest) -> LocalAnswer:
+    return LocalAnswer(404, "NR", b"no route matched the request\n", tag=request.target)
+
+
+def test_a_local_answer_is_a_404_for_http_and_trailers_only_unimplemented_for_grpc() -> None:
+    w = Pods(_answer_here)
+    plain = w.request("/x?q=1")
+    call = w.request("/pkg.Svc/Method", grpc=True)
+    w.run()
+    assert not w.pods  # no upstream opened
+    answers = w.responses()
+    assert answers[plain][b":status"] == b"404"
+    assert (answers[call][b":status"], answers[call][b"grpc-status"]) == (b"200", b"12")
+    assert answers[call][b"grpc-message"] == b"no route matched the request"
+    body = b"".join(e.data for e in w.client_events if isinstance(e, DataReceived))
+    assert body == b"no route matched the request\n"
+    done = sorted((ex.grpc, ex.status, ex.grpc_status, ex.flags, ex.tag)
+                  for ex in w.proxy.take_completed())  # fmt: skip
+    assert done == [
+        (False, 404, "", "NR", "/x?q=1"),  # the pick saw the path with its query
+        (True, 200, "12", "NR", "/pkg.Svc/Method"),
+    ]
+
+
+def test_a_pick_edits_the_forwarded_and_the_response_header_blocks() -> None:
+    def pick(request: PickRequest) -> Choice:
+        return Choice(
+            "a",
+            edit_request=lambda block: [*block, (b"x-routed", b"yes")],
+            edit_response=lambda block: [(k, v) for k, v in block if k != b"server"],
+        )
+
+    w = Pods(pick)
+    sid = w.request("/a/1")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    assert dict(req.headers)[b"x-routed"] == b"yes"
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200"), ("server", "pod")])
+    w.pods["a"].send_data(req.stream_id, b"ok", end_stream=True)
+    w.pod_events["a"].clear()
+    w.run()
+    assert w.responses()[sid] == {b":status": b"200"}
+
+
+def _timed(now: list[float]) -> Pods:
+    return Pods(lambda request: Choice("a", timeout=0.2), clock=lambda: now[0])
+
+
+@pytest.mark.parametrize(("grpc", "status", "grpc_status"), [(False, b"504", None),
+                                                             (True, b"200", b"4")])  # fmt: skip
+def test_a_request_past_its_timeout_is_reset_upstream_and_answered_ut(
+    grpc: bool, status: bytes, grpc_status: bytes | None
+) -> None:
+    now = [10.0]
+    w = _timed(now)
+    sid = w.request("/a/slow", grpc=grpc)
+    w.run()
+    assert w.proxy.next_deadline() == pytest.approx(10.2)
+    now[0] = 10.1
+    w.proxy.expire()  # early: nothing happens
+    w.run()
+    assert w.responses() == {}
+    now[0] = 10.2
+    w.proxy.expire()
+    w.run()
+    answer = w.responses()[sid]
+    assert (answer[b":status"], answer.get(b"grpc-status")) == (status, grpc_status)
+    assert any(isinstance(e, StreamReset) and e.error_code == ErrorCodes.CANCEL
+               for e in w.pod_events["a"])  # fmt: skip
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UT"
+    assert w.proxy.next_deadline() is None
+    assert not w.proxy.closing
+
+
+def test_a_timeout_after_the_response_began_resets_the_stream_both_ways() -> None:
+    now = [10.0]
+    w = _timed(now)
+    sid = w.request("/a/stream")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["a"].send_data(req.stream_id, b"part")
+    w.run()
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid for e in w.client_events)
+    assert any(isinstance(e, StreamReset) for e in w.pod_events["a"])
+    (ex,) = w.proxy.take_completed()
+    assert (ex.status, ex.flags) == (200, "UT")
+
+
+def test_a_request_that_ends_in_time_leaves_no_deadline() -> None:
+    now = [10.0]
+    w = _timed(now)
+    w.request("/a/fast")
+    w.run()
+    w.respond("a")
+    assert w.proxy.next_deadline() is None
+    (ex,) = w.proxy.take_completed()
+    assert (ex.status, ex.flags) == (200, "-")

@@ -100,6 +100,7 @@ PROTOCOL_ERROR = "h2_protocol_error"
 HEADER_TIMEOUT = "h2_header_timeout"  # a header block not finished in time (slowloris)
 
 UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
+UPSTREAM_OVERFLOW = "UO"  # Envoy's flag: over the upstream's limit (its concurrent streams)
 NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
 
 GRPC_UNKNOWN = 2
@@ -537,8 +538,7 @@ class H2Proxy:
         up = u.conn
         if up.open_outbound_streams >= up.remote_settings.max_concurrent_streams:
             # The pod's own limit: REFUSED_STREAM tells the client it is safe to retry.
-            self._drop(s)
-            self.client.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._refuse(s, UPSTREAM_OVERFLOW)
             return
         s.upstream, s.upstream_id = u, up.get_next_available_stream_id()
         u.streams[s.upstream_id] = s
@@ -668,8 +668,7 @@ class H2Proxy:
             s.response_end = True
         elif isinstance(event, StreamReset):
             if not s.response_started and event.error_code == ErrorCodes.REFUSED_STREAM:
-                self._drop(s)  # the pod never processed it: the client may retry
-                self.client.reset_stream(s.client_id, ErrorCodes.REFUSED_STREAM)
+                self._refuse(s, UPSTREAM_RESET)  # the pod never processed it: safe to retry
                 return
             self._upstream_lost(s, UPSTREAM_RESET)
 
@@ -729,6 +728,15 @@ class H2Proxy:
         )
         s.to_client.append((message, 0))
         s.response_end = True
+
+    def _refuse(self, s: _Stream, flag: str) -> None:
+        """Pass the pod's refusal of ``s`` on (REFUSED_STREAM: the client may retry it), and
+        report it, so that the shell finishes what it noted for the request."""
+        s.exchange.flags = flag
+        s.exchange.ended = self.clock()
+        self._completed.append(s.exchange)
+        self._drop(s)
+        self.client.reset_stream(s.client_id, ErrorCodes.REFUSED_STREAM)
 
     def _complete(self, s: _Stream) -> None:
         """``s`` is over (answered, or reset): report it and forget it."""

@@ -567,3 +567,18 @@ def test_a_request_that_ends_in_time_leaves_no_deadline() -> None:
     assert w.proxy.next_deadline() is None
     (ex,) = w.proxy.take_completed()
     assert (ex.status, ex.flags) == (200, "-")
+
+
+def test_a_stream_the_pod_refuses_is_refused_to_the_client_and_reported() -> None:
+    """Reported, so that the source's shell finishes the request's attempt (no leaked slot)."""
+    w = Pods()
+    sid = w.request("/a/1")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid
+               and e.error_code == ErrorCodes.REFUSED_STREAM for e in w.client_events)  # fmt: skip
+    (ex,) = w.proxy.take_completed()
+    assert (ex.tag, ex.status, ex.flags) == ("tag-a", 0, "UR")
+    assert w.proxy.active_streams == 0

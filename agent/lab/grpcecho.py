@@ -6,7 +6,8 @@
 * ``Unary``: answers ``<name>:<request>``, so a client sees which replica served it; a request
   starting with ``fail:`` is answered with status NOT_FOUND on purpose (an error status the
   metrics must report as such), one ``sleep:<seconds>`` is answered after that long (a call
-  still in flight when something breaks);
+  still in flight when something breaks), and ``unavailable:<name>`` with status UNAVAILABLE
+  by replica ``<name>`` only (a replica failing, for retries);
 * ``Stream`` (server-streaming): the request is a count *n*, the answers ``<name>:0`` ..
   ``<name>:<n-1>``;
 * ``Admin``: like ``Unary``, a method of its own for a DENY on a method path.
@@ -38,6 +39,7 @@ ADMIN = f"/{SERVICE}/Admin"
 PORT = 50051
 FAIL_PREFIX = b"fail:"
 SLEEP_PREFIX = b"sleep:"
+UNAVAILABLE_PREFIX = b"unavailable:"
 CALL_TIMEOUT = 10.0  # seconds, per call of ``calls``
 
 
@@ -52,6 +54,8 @@ def handler(name: str) -> grpc.GenericRpcHandler:
     def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
         if request.startswith(FAIL_PREFIX):
             context.abort(grpc.StatusCode.NOT_FOUND, "asked to fail")
+        if request == UNAVAILABLE_PREFIX + tag:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "asked to be unavailable")
         if request.startswith(SLEEP_PREFIX):
             time.sleep(float(request[len(SLEEP_PREFIX) :]))
         return tag + b":" + request

@@ -55,6 +55,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
@@ -145,6 +146,9 @@ class H2Limits:
     # also more than half the streams it opened, the connection is a rapid-reset attack.
     max_premature_resets: int = 100
     max_empty_frames: int = 100  # consecutive empty DATA frames without END_STREAM
+    # A request body kept to be sent again (source side, a rule that retries): beyond this,
+    # the request is not retried.
+    max_replay_body: int = 64 * KIB
 
 
 @dataclass(slots=True)
@@ -172,6 +176,20 @@ Authorize = Callable[[RequestHead], Verdict]
 HeaderEdit = Callable[[list[Header]], list[Header]]
 
 
+class Retries(Protocol):
+    """A request's retry policy, asked by ``H2Proxy`` when a try ends before any response
+    reached the client."""
+
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        """The try ended with ``status`` (``None``: no response head; a gRPC trailers-only
+        ``UNAVAILABLE`` is 503): seconds to wait before another try, or None (no retry)."""
+        ...
+
+    def next(self) -> Choice | LocalAnswer:
+        """The upstream for the next try (or how to answer the request if there is none)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Choice:
     """Where one request goes (``Pick``): ``key`` names the upstream (an endpoint), ``tag`` is
@@ -185,6 +203,7 @@ class Choice:
     edit_request: HeaderEdit | None = None
     edit_response: HeaderEdit | None = None
     timeout: float | None = None
+    retries: Retries | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +262,11 @@ class _Stream:
     edit_request: HeaderEdit | None = None  # applied once, to the forwarded head
     edit_response: HeaderEdit | None = None
     deadline: float | None = None  # clock time the request's timeout expires
+    retries: Retries | None = None
+    replay_head: list[Header] | None = None  # what was sent, to send again
+    replay_body: list[bytes] | None = field(default_factory=list)  # None: over the limit
+    replay_size: int = 0
+    retry_at: float | None = None  # clock time of the next try (waiting: no upstream)
 
 
 def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
@@ -434,8 +458,8 @@ class H2Proxy:
 
     def next_deadline(self) -> float | None:
         """The clock time the soonest request timeout expires (the shell's timer), if any."""
-        deadlines = [s.deadline for s in self._streams.values() if s.deadline is not None]
-        return min(deadlines, default=None)
+        times = [t for s in self._streams.values() for t in (s.deadline, s.retry_at) if t]
+        return min(times, default=None)
 
     def expire(self) -> None:
         """The shell's timer: every request whose timeout passed is reset upstream and, before
@@ -444,14 +468,49 @@ class H2Proxy:
         if self.closing:
             return
         now = self.clock()
-        for s in [s for s in self._streams.values() if s.deadline is not None]:
+        for s in list(self._streams.values()):
             if s.deadline is not None and s.deadline <= now:
                 self._time_out(s)
+            elif s.retry_at is not None and s.retry_at <= now:
+                self._try_again(s)
         self._pump()
         self._check_done()
 
+    def _retried(self, s: _Stream, status: int | None) -> bool:
+        """The try of ``s`` ended with ``status`` (None: no response head) before anything
+        reached the client: if its ``retries`` say so, drop the try and wait to send again."""
+        if s.retries is None or s.response_started or s.upstream is None:
+            return False
+        ex = s.exchange
+        replayable = s.request_end and s.replay_body is not None and s.replay_head is not None
+        backoff = s.retries.after(status, ex.first_byte, replayable=replayable)
+        if backoff is None:
+            return False
+        self._reset_upstream(s)
+        self._discard_request(s)
+        self._release_response(s)
+        s.upstream.streams.pop(s.upstream_id, None)
+        s.upstream, s.upstream_id, s.request_sent = None, 0, False
+        ex.status, ex.grpc_status, ex.first_byte = 0, "", 0.0
+        s.retry_at = self.clock() + backoff
+        return True
+
+    def _try_again(self, s: _Stream) -> None:
+        """Send ``s`` again, exactly as first sent, where its ``retries`` now point."""
+        s.retry_at = None
+        assert s.retries is not None and s.replay_head is not None and s.replay_body is not None
+        choice = s.retries.next()
+        ex = s.exchange
+        if isinstance(choice, LocalAnswer):
+            ex.flags = choice.flags
+            self._answer(s, choice.status, grpc_status_for(choice.status), choice.message)
+            return
+        ex.upstream = choice.key
+        s.to_upstream.extend((chunk, 0) for chunk in s.replay_body)  # acknowledged already
+        self._send_head(s, self._upstream_for(choice.key), s.replay_head)
+
     def _time_out(self, s: _Stream) -> None:
-        s.deadline = None
+        s.deadline = s.retry_at = None
         s.exchange.flags = UPSTREAM_TIMEOUT
         self._reset_upstream(s)
         self._discard_request(s)
@@ -535,6 +594,11 @@ class H2Proxy:
         if s.edit_request is not None:
             forwarded = s.edit_request(forwarded)
             s.edit_request = None
+        if s.retries is not None:
+            s.replay_head = forwarded
+        self._send_head(s, u, forwarded)
+
+    def _send_head(self, s: _Stream, u: _Upstream, head: list[Header]) -> None:
         up = u.conn
         if up.open_outbound_streams >= up.remote_settings.max_concurrent_streams:
             # The pod's own limit: REFUSED_STREAM tells the client it is safe to retry.
@@ -542,7 +606,8 @@ class H2Proxy:
             return
         s.upstream, s.upstream_id = u, up.get_next_available_stream_id()
         u.streams[s.upstream_id] = s
-        up.send_headers(s.upstream_id, forwarded, end_stream=ended)
+        ended = s.request_end and not s.to_upstream and s.request_trailers is None
+        up.send_headers(s.upstream_id, head, end_stream=ended)
         s.request_sent = ended
 
     def _choose(self, s: _Stream, target: str) -> _Upstream | None:
@@ -567,6 +632,7 @@ class H2Proxy:
             return None
         ex.upstream, ex.tag = choice.key, choice.tag
         s.edit_request, s.edit_response = choice.edit_request, choice.edit_response
+        s.retries = choice.retries
         if choice.timeout is not None:
             s.deadline = self.clock() + choice.timeout
         return self._upstream_for(choice.key)
@@ -607,6 +673,12 @@ class H2Proxy:
             return
         s.exchange.request_bytes += len(data)
         s.to_upstream.append((data, flow))
+        if s.retries is not None and s.replay_body is not None and data:
+            s.replay_size += len(data)
+            if s.replay_size > self.limits.max_replay_body:
+                s.replay_body = None  # too big to keep: this request is not retried
+            else:
+                s.replay_body.append(data)
 
     def _on_client_reset(self, stream_id: int) -> None:
         s = self._streams.get(stream_id)
@@ -647,6 +719,8 @@ class H2Proxy:
             ended = event.stream_ended is not None
             if ended:
                 ex.grpc_status = (header(event.headers, b"grpc-status") or b"").decode("latin-1")
+            if self._retried(s, _retry_status(ex, ended)):
+                return
             s.response_started = True
             s.response_end = ended
             headers = list(event.headers)
@@ -667,6 +741,8 @@ class H2Proxy:
         elif isinstance(event, StreamEnded):
             s.response_end = True
         elif isinstance(event, StreamReset):
+            if self._retried(s, None):
+                return
             if not s.response_started and event.error_code == ErrorCodes.REFUSED_STREAM:
                 self._refuse(s, UPSTREAM_RESET)  # the pod never processed it: safe to retry
                 return
@@ -674,6 +750,8 @@ class H2Proxy:
 
     def _upstream_lost(self, s: _Stream, flag: str) -> None:
         """The pod will not finish ``s``: answer it ourselves if we can, else reset it."""
+        if self._retried(s, None):
+            return
         s.exchange.flags = flag
         self._discard_request(s)
         if s.upstream is not None:
@@ -851,6 +929,14 @@ class H2Proxy:
             else:
                 self.client.end_stream(s.client_id)
             self._complete(s)
+
+
+def _retry_status(ex: H2Exchange, ended: bool) -> int:
+    """The status a retry policy sees of a response head: its ``:status``, or for a gRPC call
+    answered trailers-only ``UNAVAILABLE`` 503 (gRPC's HTTP mapping of 503)."""
+    if ex.grpc and ended and ex.grpc_status == str(GRPC_UNAVAILABLE):
+        return 503
+    return ex.status
 
 
 def _move(

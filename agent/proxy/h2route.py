@@ -16,13 +16,22 @@ against the HTTPRoutes. What the client sees when the request is answered here:
   (GRPCRoute's rule for an invalid backend; Envoy would map its 500 to ``UNKNOWN``);
 * no endpoint, over a limit, an injected abort: 503 (``UH``/``UO``/``FI``), gRPC
   ``UNAVAILABLE``;
-* the rule's ``timeouts.request`` or ``timeouts.backendRequest`` (one try here: the sooner
-  applies) or the call's own ``grpc-timeout`` (as Linkerd honours it; Envoy only with
-  ``max_grpc_timeout``), whichever is soonest, expires: 504 ``UT``, gRPC
-  ``DEADLINE_EXCEEDED`` (4).
+* the rule's ``timeouts.request`` or ``timeouts.backendRequest`` (one deadline per request
+  here, retries included: the sooner applies) or the call's own ``grpc-timeout`` (as Linkerd
+  honours it; Envoy only with ``max_grpc_timeout``), whichever is soonest, expires: 504
+  ``UT``, gRPC ``DEADLINE_EXCEEDED`` (4).
 
-Not here: retries (a rule's ``retry`` is not applied on HTTP/2 ports), ``RequestMirror``
-copies, and an injected delay.
+Retries: an HTTPRoute rule's ``retry`` (GEP-1731; GRPCRoute has no retry field) applies to the
+HTTP/2 requests and gRPC calls it routes, decided as on HTTP/1.1 (``RoutePlan.retry_after``:
+the rule's ``codes`` and attempts, only a request received whole with a body of at most
+``H2Limits.max_replay_body``, under the backend Service's retry budget, counted in
+``nodemesh_http_retries_total``). ``H2Proxy`` asks only before any response byte reached the
+client: after a response head whose status is in ``codes`` (a gRPC call's trailers-only
+``UNAVAILABLE`` counts as 503, gRPC's HTTP mapping), a reset (a refused stream too) or a lost
+upstream before the response; the next try goes to another endpoint after the backoff.
+
+Not here: a per-try timeout that is retried (``backendRequest`` bounds the whole request),
+``RequestMirror`` copies, and an injected delay.
 """
 
 from __future__ import annotations
@@ -105,16 +114,41 @@ def route_request(
         plan.attempts.finish()
         return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
     plan.attempts.connected(ip)  # a request is "connected" once it is sent on an upstream
-    backend = plan.backend
-    service = (backend.service.namespace, backend.service.name)
-    key = Endpoint(service, backend.port.port, ip, backend)
     return Choice(
-        key,
+        _endpoint(plan.backend, ip),
         plan,
         edit_request=_request_edit(plan.edit_request) if plan.edit_request else None,
         edit_response=_response_edit(plan.edit_response) if plan.edit_response else None,
         timeout=_timeout(plan, call),
+        retries=PlanRetries(plan) if plan.retry is not None else None,
     )
+
+
+def _endpoint(backend: ServiceTarget, ip: str) -> Endpoint:
+    return Endpoint(
+        (backend.service.namespace, backend.service.name), backend.port.port, ip, backend
+    )
+
+
+class PlanRetries:
+    """``H2Proxy``'s ``Retries`` for a request whose rule has ``retry``: the decision is the
+    HTTP/1.1 path's (``RoutePlan.retry_after``: the rule's codes, attempts, replayable, the
+    backend Service's retry budget, each outcome counted), the next try another endpoint of
+    the same backend Service."""
+
+    def __init__(self, plan: RoutePlan) -> None:
+        self.plan = plan
+
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        return self.plan.retry_after(status, first_byte, replayable=replayable)
+
+    def next(self) -> Choice | LocalAnswer:
+        attempts = self.plan.attempts
+        ip = attempts.next_endpoint()
+        if ip is None:
+            return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
+        attempts.connected(ip)
+        return Choice(_endpoint(self.plan.backend, ip), self.plan)
 
 
 def _timeout(plan: RoutePlan, call: GrpcRequest | None) -> float | None:

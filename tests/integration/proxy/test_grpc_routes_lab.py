@@ -6,15 +6,17 @@ server-1 (``version: v2``), each running ``agent.lab.grpcecho``, which answers w
 The test adds Services ``grpc-v1`` and ``grpc-v2`` (one pod each) with ``nodemesh lab apply``,
 and routes attached to ``grpc``. node1's agent terminates the client's h2c and routes each
 call: a canary by header, a 90/10 split of the rest, ``UNIMPLEMENTED`` for a method no rule
-matches, and ``DEADLINE_EXCEEDED`` when an HTTPRoute's request timeout expires. Shares are
-reported with their binomial bounds; the assertions allow 4 standard deviations.
+matches, ``DEADLINE_EXCEEDED`` when an HTTPRoute's request timeout expires, and an HTTPRoute
+``retry`` hiding a replica that answers ``UNAVAILABLE``. Shares are reported with their
+binomial bounds; the assertions allow 4 standard deviations.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
@@ -22,8 +24,8 @@ import pytest
 from agent.lab import grpcecho
 from agent.lab.handle import Lab
 from tests.integration.proxy.test_grpc_lab import _server, calls, metrics, total, vip
-from tests.integration.proxy.test_http_routes_lab import bounds
-from tests.integration.traffic.test_traffic_lab import report, within
+from tests.integration.proxy.test_http_routes_lab import bounds, counted, stable
+from tests.integration.traffic.test_traffic_lab import admin, report, within
 from tests.labtools import mesh_lab, pod_servers, retry
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
@@ -32,6 +34,7 @@ PORT = grpcecho.PORT
 GRPC_PORT = {"port": PORT, "targetPort": PORT, "name": "grpc", "appProtocol": "grpc"}
 PARENT = {"group": "", "kind": "Service", "name": "grpc", "port": PORT}
 CANARY = "x-canary=true"
+RETRIES = "nodemesh_http_retries_total"
 
 
 def service(name: str, version: str) -> dict[str, Any]:
@@ -98,6 +101,28 @@ def check(ok: bool) -> None:
     assert ok
 
 
+@contextmanager
+def traffic_policy(lab: Lab, spec: dict[str, Any]) -> Iterator[None]:
+    """A TrafficPolicy on Service ``grpc``, in force on node1 while the block runs."""
+    manifest = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": "grpc-traffic", "namespace": "default"},
+        "spec": {"targetRef": {"kind": "Service", "name": "grpc"}, **spec},
+    }
+
+    def balancer() -> str:
+        return str(admin(lab, "/traffic")["effective"].get("default/grpc", {}).get("balancer"))
+
+    lab.apply(manifest)
+    try:
+        retry(lambda: check(balancer() == spec["loadBalancer"]["type"]), timeout=40)
+        yield
+    finally:
+        lab.delete(manifest)
+        retry(lambda: check(balancer() == "None"), timeout=40)
+
+
 def test_a_grpcroute_sends_the_canary_header_to_v2_and_splits_the_rest_90_10(lab: Lab) -> None:
     lab.apply(CANARY_ROUTE)
     try:
@@ -141,3 +166,40 @@ def test_an_httproute_request_timeout_answers_a_slow_call_deadline_exceeded(lab:
         retry(lambda: check(total(metrics(lab, "node1"), **source) - before == 2), timeout=10)
     finally:
         lab.delete(timed)
+
+
+def test_an_httproute_retry_hides_a_replica_answering_unavailable(lab: Lab) -> None:
+    retrying = http_route({"retry": {"attempts": 2, "codes": [503], "backoff": "10ms"}})
+    lab.apply(retrying)
+    # Round robin and no ejection, so that server-1 surely keeps getting first tries.
+    spec = {"loadBalancer": {"type": "ROUND_ROBIN"}, "outlierDetection": {"maxEjectionPercent": 0}}
+    target, flaky = f"{vip(lab)}:{PORT}", (grpcecho.UNARY, "unavailable:server-1")
+    far = {"reporter": "destination", "grpc_response_status": "14"}
+    try:
+        with traffic_policy(lab, spec):
+
+            def in_force() -> None:
+                result = calls(lab, "client", target, *[flaky] * 4)
+                assert [r[0] for r in result] == ["OK"] * 4, result
+
+            retry(in_force, timeout=40)
+            before = metrics(lab, "node1")
+            far_before = stable(lambda: total(metrics(lab), **far))
+            n = 40
+            started = time.monotonic()
+            result = calls(lab, "client", target, *[flaky] * n)
+            took = time.monotonic() - started
+            after = metrics(lab, "node1")
+            far_after = stable(lambda: total(metrics(lab), **far))
+        assert Counter(result) == {("OK", "server-0:unavailable:server-1"): n}
+        attempted = counted(after, RETRIES, "default/grpc", "attempted") - counted(
+            before, RETRIES, "default/grpc", "attempted"
+        )
+        report("gRPC retry on UNAVAILABLE", calls=n, ok=n, retries=attempted,
+               far_unavailable=far_after - far_before, seconds=f"{took:.2f}")  # fmt: skip
+        # Every UNAVAILABLE server-1 gave was retried, and no call needed more than one retry.
+        assert 1 <= far_after - far_before <= attempted <= n
+        ok = {"reporter": "source", "grpc_response_status": "0", "response_flags": "-"}
+        assert total(after, **ok) - total(before, **ok) == n
+    finally:
+        lab.delete(retrying)

@@ -582,3 +582,131 @@ def test_a_stream_the_pod_refuses_is_refused_to_the_client_and_reported() -> Non
     (ex,) = w.proxy.take_completed()
     assert (ex.tag, ex.status, ex.flags) == ("tag-a", 0, "UR")
     assert w.proxy.active_streams == 0
+
+
+# -- the source side: retries before any response byte reached the client --------------------
+class FakeRetries:
+    """Retries 503s and missing responses up to ``limit`` times, each to the next key."""
+
+    def __init__(self, keys: list[str], limit: int = 1) -> None:
+        self.keys, self.limit = keys, limit
+        self.asked: list[tuple[int | None, bool]] = []
+
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        self.asked.append((status, replayable))
+        if status not in (None, 503) or not replayable or len(self.keys) == 0 or not self.limit:
+            return None
+        self.limit -= 1
+        return 0.05
+
+    def next(self) -> Choice | LocalAnswer:
+        return Choice(self.keys.pop(0), tag="tag")
+
+
+def _retrying(retries: FakeRetries, now: list[float], max_replay_body: int = 64 * 1024) -> Pods:
+    w = Pods(lambda _r: Choice("a", tag="tag", retries=retries), clock=lambda: now[0])
+    w.proxy.limits = H2Limits(max_replay_body=max_replay_body)
+    return w
+
+
+def _grpc_call(w: Pods, body: bytes) -> int:
+    sid: int = w.client.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "s"),
+               (":path", "/pkg.Svc/Do"), ("content-type", "application/grpc")]  # fmt: skip
+    w.client.send_headers(sid, headers)
+    w.client.send_data(sid, body, end_stream=True)
+    return sid
+
+
+def _unavailable(w: Pods, key: str) -> None:
+    (req,) = [e for e in w.pod_events[key] if isinstance(e, RequestReceived)]
+    head = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "14")]
+    w.pods[key].send_headers(req.stream_id, head, end_stream=True)
+    w.pod_events[key].clear()
+    w.run()
+
+
+def test_a_trailers_only_unavailable_is_retried_on_another_upstream_with_the_same_body() -> None:
+    now, retries = [10.0], FakeRetries(["b"])
+    w = _retrying(retries, now)
+    sid = _grpc_call(w, b"payload")
+    w.run()
+    got = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert got == b"payload"
+    _unavailable(w, "a")
+    assert w.responses() == {}  # nothing reached the client
+    assert retries.asked == [(503, True)]
+    assert w.proxy.next_deadline() == pytest.approx(10.05)
+    now[0] = 10.05
+    w.proxy.expire()
+    w.run()
+    (req,) = [e for e in w.pod_events["b"] if isinstance(e, RequestReceived)]
+    assert dict(req.headers)[b":path"] == b"/pkg.Svc/Do"
+    body = b"".join(e.data for e in w.pod_events["b"] if isinstance(e, DataReceived))
+    assert body == b"payload"
+    assert any(isinstance(e, StreamEnded) for e in w.pod_events["b"])
+    w.pods["b"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["b"].send_data(req.stream_id, b"answer")
+    w.pods["b"].send_headers(req.stream_id, OK_TRAILERS, end_stream=True)
+    w.pod_events["b"].clear()
+    w.run()
+    assert w.responses()[sid][b":status"] == b"200"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.status, ex.grpc_status, ex.flags) == ("b", 200, "0", "-")
+
+
+def test_the_last_unavailable_reaches_the_client_when_retries_say_no() -> None:
+    now, retries = [10.0], FakeRetries(["b"], limit=1)
+    w = _retrying(retries, now)
+    sid = _grpc_call(w, b"x")
+    w.run()
+    _unavailable(w, "a")
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    _unavailable(w, "b")
+    assert retries.asked == [(503, True), (503, True)]
+    assert w.responses()[sid][b"grpc-status"] == b"14"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.grpc_status) == ("b", "14")
+
+
+def test_a_refused_stream_is_retried_and_a_body_over_the_limit_is_not_replayable() -> None:
+    now, retries = [10.0], FakeRetries(["b", "c"], limit=2)
+    w = _retrying(retries, now, max_replay_body=4)
+    sid = _grpc_call(w, b"0123")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    now[0] = 10.05
+    w.proxy.expire()
+    w.run()
+    assert "b" in w.pods and retries.asked == [(None, True)]
+    big = _grpc_call(w, b"01234")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)
+              and e.stream_id != 1]  # fmt: skip
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    assert retries.asked[-1] == (None, False)
+    assert any(isinstance(e, StreamReset) and e.stream_id == big for e in w.client_events)
+    assert sid != big
+
+
+def test_a_response_that_began_is_never_retried() -> None:
+    now, retries = [10.0], FakeRetries(["b"])
+    w = _retrying(retries, now)
+    sid = _grpc_call(w, b"x")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["a"].send_data(req.stream_id, b"part")
+    w.run()
+    assert retries.asked == [(200, True)]  # asked of the head: a 200 is not retried
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.INTERNAL_ERROR)
+    w.run()
+    assert retries.asked == [(200, True)]  # not asked again once the response began
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid for e in w.client_events)
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UR"

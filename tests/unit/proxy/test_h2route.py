@@ -198,3 +198,37 @@ def test_the_timeout_is_the_soonest_of_the_rules_and_the_calls_grpc_timeout() ->
 )  # fmt: skip
 def test_grpc_timeout_values(value: str | None, seconds: float | None) -> None:
     assert grpc_timeout(value) == (pytest.approx(seconds) if seconds else seconds)
+
+
+def test_an_httproute_retry_is_asked_per_try_and_goes_to_the_other_endpoint() -> None:
+    store, router = _store(*PODS), _router()
+    _route(store, {"retry": {"attempts": 1, "codes": [503], "backoff": "10ms"}})
+    choice = _choice(router, store, _request())
+    retries = choice.retries
+    assert retries is not None and isinstance(choice.key, Endpoint)
+    assert retries.after(200, 0.0, replayable=True) is None  # not one of the codes
+    backoff = retries.after(503, 0.0, replayable=True)
+    assert backoff is not None and 0.01 <= backoff <= 0.015
+    again = retries.next()
+    assert isinstance(again, Choice) and isinstance(again.key, Endpoint)
+    assert {choice.key.ip, again.key.ip} == set(PODS)  # never the endpoint that just failed
+    assert again.tag is choice.tag
+    assert retries.after(503, 0.0, replayable=True) is None  # its one attempt is spent
+    plan = choice.tag
+    assert isinstance(plan, RoutePlan) and plan.retries == 1
+    service = store.snapshot().services[("default", "web")]
+    assert router.traffic.service(store.snapshot(), service).active == 1
+    plan.finish(200, 0.0, reset_before_response=False)
+    assert router.traffic.service(store.snapshot(), service).active == 0
+
+
+def test_no_retries_without_a_rule_retry_and_a_request_not_received_whole_is_not_retried() -> None:
+    store, router = _store(*PODS), _router()
+    assert _choice(router, store, _request()).retries is None
+    _grpc_route(store, {})  # GRPCRoute has no retry field
+    assert _choice(router, store, _request()).retries is None
+    _route(store, {"retry": {"attempts": 2, "codes": [503]}})
+    # the HTTPRoute applies to plain HTTP/2 (GRPCRoutes take the gRPC calls)
+    retries = _choice(router, store, _request("/a", grpc=False)).retries
+    assert retries is not None
+    assert retries.after(None, 0.0, replayable=False) is None

@@ -18,12 +18,12 @@ request's endpoint). The balancer learns each request's time to response headers
 (``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
 requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
 
-A request timeout (a route's, or a gRPC call's ``grpc-timeout``) is one timer per session, at
-the soonest deadline ``H2Proxy`` holds; when it fires the proxy resets the upstream stream and
-answers the client.
+Request timeouts (a route's, or a gRPC call's ``grpc-timeout``) and the backoffs of a route
+rule's retries are one timer per session, at the soonest time ``H2Proxy`` holds
+(``next_deadline``); when it fires the proxy answers what expired and sends again what waited.
 
-Not here (yet): retries (the TrafficPolicy's and a route rule's) and injected delays on these
-ports; a same-node endpoint is reached like a pod addressed directly (L4 policy at connect).
+Not here (yet): the TrafficPolicy's retries and injected delays on these ports; a same-node
+endpoint is reached like a pod addressed directly (L4 policy at connect).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class H2SourceSession:
         self._client_lock = asyncio.Lock()
         self._closing = asyncio.Event()  # set once the proxy is done with the connection
         self._locks: dict[int, asyncio.Lock] = {}
-        self._timer: asyncio.TimerHandle | None = None  # the soonest request timeout
+        self._timer: asyncio.TimerHandle | None = None  # the soonest timeout or retry
         self._timer_at: float | None = None
 
     def _pick(self, request: PickRequest) -> Choice | LocalAnswer:
@@ -130,6 +130,8 @@ class H2SourceSession:
             # reported and its attempt finished, so the Service's counts stay right.
             self.proxy.receive_client(b"")
             self._report()
+            if self._timer is not None:
+                self._timer.cancel()
             for task in (reader, closing, *self._tasks):
                 task.cancel()
             await asyncio.gather(reader, closing, *self._tasks, return_exceptions=True)
@@ -234,7 +236,7 @@ class H2SourceSession:
         task.add_done_callback(self._tasks.discard)
 
     def _arm(self) -> None:
-        """Keep one timer at the soonest request timeout (``H2Proxy.next_deadline``)."""
+        """Keep one timer at the soonest timeout or retry (``H2Proxy.next_deadline``)."""
         at = None if self.proxy.closing else self.proxy.next_deadline()
         if at == self._timer_at:
             return

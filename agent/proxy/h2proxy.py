@@ -35,7 +35,10 @@ On the source side the shell's ``pick`` may also answer a request itself (``Loca
 route's 404 ``NR``, which a gRPC call sees as ``UNIMPLEMENTED``), edit its forwarded and
 response header blocks, and give it a timeout: the shell's timer (``next_deadline``,
 ``expire``) then resets the upstream stream and answers 504, or ``DEADLINE_EXCEEDED`` for
-gRPC, flag ``UT`` (a response already begun is reset instead).
+gRPC, flag ``UT`` (a response already begun is reset instead), and give it ``Retries``: the
+proxy then keeps the request's head and body (up to ``max_replay_body``) and, while nothing of
+the response reached the client, asks them after a response head, a reset or a lost upstream;
+a retried request waits its backoff on the same timer and is sent again where ``next`` says.
 
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took

@@ -6,13 +6,15 @@
 * ``Unary``: answers ``<name>:<request>``, so a client sees which replica served it; a request
   starting with ``fail:`` is answered with status NOT_FOUND on purpose (an error status the
   metrics must report as such), one ``sleep:<seconds>`` is answered after that long (a call
-  still in flight when something breaks);
+  still in flight when something breaks), and ``unavailable:<name>`` with status UNAVAILABLE
+  by replica ``<name>`` only (a replica failing, for retries);
 * ``Stream`` (server-streaming): the request is a count *n*, the answers ``<name>:0`` ..
   ``<name>:<n-1>``;
 * ``Admin``: like ``Unary``, a method of its own for a DENY on a method path.
 
-``python -m agent.lab.grpcecho call HOST:PORT METHOD=REQUEST ...`` makes calls on one channel
-and prints their outcomes as JSON (the lab tests, the demo and the bench run it in a pod).
+``python -m agent.lab.grpcecho call HOST:PORT METHOD=REQUEST ... [--header NAME=VALUE]
+[--timed]`` makes calls on one channel, each with that metadata, and prints their outcomes (and
+seconds) as JSON (the lab tests, the demo and the bench run it in a pod).
 
 Why generic handlers with raw bytes, and no ``.proto``: the mesh sees gRPC framing, paths,
 headers and trailers, never the message contents, so a protobuf schema would add a protoc step
@@ -37,6 +39,7 @@ ADMIN = f"/{SERVICE}/Admin"
 PORT = 50051
 FAIL_PREFIX = b"fail:"
 SLEEP_PREFIX = b"sleep:"
+UNAVAILABLE_PREFIX = b"unavailable:"
 CALL_TIMEOUT = 10.0  # seconds, per call of ``calls``
 
 
@@ -51,6 +54,8 @@ def handler(name: str) -> grpc.GenericRpcHandler:
     def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
         if request.startswith(FAIL_PREFIX):
             context.abort(grpc.StatusCode.NOT_FOUND, "asked to fail")
+        if request == UNAVAILABLE_PREFIX + tag:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "asked to be unavailable")
         if request.startswith(SLEEP_PREFIX):
             time.sleep(float(request[len(SLEEP_PREFIX) :]))
         return tag + b":" + request
@@ -97,22 +102,33 @@ def stream_call(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable:
     )
 
 
-def calls(target: str, wanted: Sequence[tuple[str, bytes]]) -> list[tuple[str, str]]:
-    """Make ``wanted`` calls (method path, request) in order on ONE channel to ``target``;
-    per call its status name and the answer (streamed answers joined by ``,``) or the error's
-    details."""
-    out: list[tuple[str, str]] = []
+def calls(
+    target: str,
+    wanted: Sequence[tuple[str, bytes]],
+    metadata: Sequence[tuple[str, str]] = (),
+    *,
+    timed: bool = False,
+) -> list[tuple[str, ...]]:
+    """Make ``wanted`` calls (method path, request) in order on ONE channel to ``target``, each
+    with ``metadata``; per call its status name and the answer (streamed answers joined by
+    ``,``) or the error's details, and if ``timed`` its seconds (as text)."""
+    out: list[tuple[str, ...]] = []
     with grpc.insecure_channel(target) as channel:
         for method, request in wanted:
+            started = time.monotonic()
             try:
                 if method == STREAM:
-                    answers = stream_call(channel)(request, timeout=CALL_TIMEOUT)
-                    out.append(("OK", ",".join(a.decode() for a in answers)))
+                    answers = stream_call(channel)(request, timeout=CALL_TIMEOUT, metadata=metadata)
+                    result = ("OK", ",".join(a.decode() for a in answers))
                 else:
-                    answer = unary_call(channel, method)(request, timeout=CALL_TIMEOUT)
-                    out.append(("OK", answer.decode()))
+                    answer = unary_call(channel, method)(
+                        request, timeout=CALL_TIMEOUT, metadata=metadata
+                    )
+                    result = ("OK", answer.decode())
             except grpc.RpcError as e:
-                out.append((e.code().name, e.details() or ""))
+                result = (e.code().name, e.details() or "")
+            took = (f"{time.monotonic() - started:.3f}",) if timed else ()
+            out.append(result + took)
     return out
 
 
@@ -127,12 +143,17 @@ def main(argv: list[str] | None = None) -> None:
     client.add_argument(
         "calls", nargs="+", metavar="METHOD=REQUEST", help=f"e.g. {UNARY}=hello {STREAM}=3"
     )
+    client.add_argument(
+        "--header", action="append", default=[], metavar="NAME=VALUE", help="metadata per call"
+    )
+    client.add_argument("--timed", action="store_true", help="add each call's seconds")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.port, args.name).wait_for_termination()
         return
     wanted = [(m, r.encode()) for m, _, r in (c.partition("=") for c in args.calls)]
-    print(json.dumps(calls(args.target, wanted)))
+    metadata = [(n.lower(), v) for n, _, v in (h.partition("=") for h in args.header)]
+    print(json.dumps(calls(args.target, wanted, metadata, timed=args.timed)))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
 Why: a gRPC client keeps one HTTP/2 connection to a Service for as long as it runs, so
 per-connection balancing sends every call it makes to one replica. On a Service VIP port whose
 ``appProtocol`` (or name) declares ``http2``/``kubernetes.io/h2c``/``grpc``, the outbound proxy
-terminates the client's h2c instead of relaying it (``H2Proxy`` with a ``pick``), and sends each
-request to the endpoint the Service's traffic control picks for it (``agent.policy.traffic``:
-the latency-aware balancer, outlier ejection, connection limits counted per request), over one
-h2c connection per endpoint per client connection, inside an HBONE tunnel opened exactly as for a
-connection (``Outbound.open``: the source pod's certificate, the endpoint's identity checked).
+terminates the client's h2c instead of relaying it (``H2Proxy`` with a ``pick``), and routes
+each request (``h2route``: the GRPCRoutes and HTTPRoutes attached to the port choose a weighted
+backend Service, edit the headers, time the request, or answer it here) to the endpoint the
+backend Service's traffic control picks for it (``agent.policy.traffic``: the latency-aware
+balancer, outlier ejection, connection limits counted per request), over one h2c connection per
+endpoint of a backend Service per client connection, inside an HBONE tunnel opened exactly as
+for a connection (``Outbound.open``: the source pod's certificate, the endpoint's identity
+checked).
 The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
 
 Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
@@ -15,8 +18,12 @@ request's endpoint). The balancer learns each request's time to response headers
 (``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
 requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
 
-Not here (yet): retries and injected faults of the TrafficPolicy apply to connections only, and
-a same-node endpoint is reached like a pod addressed directly (L4 policy at connect).
+Request timeouts (a route's, or a gRPC call's ``grpc-timeout``) and the backoffs of a route
+rule's retries are one timer per session, at the soonest time ``H2Proxy`` holds
+(``next_deadline``); when it fires the proxy answers what expired and sends again what waited.
+
+Not here (yet): the TrafficPolicy's retries and injected delays on these ports; a same-node
+endpoint is reached like a pod addressed directly (L4 policy at connect).
 """
 
 from __future__ import annotations
@@ -26,15 +33,16 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from agent.policy.traffic.attempts import Attempts
-from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
 from agent.proxy.h2inbound import READ_SIZE, header_wait, request_record
-from agent.proxy.h2proxy import Choice, H2Exchange, H2Proxy
+from agent.proxy.h2proxy import Choice, H2Exchange, H2Proxy, LocalAnswer, PickRequest
+from agent.proxy.h2route import Endpoint, route_request
 from agent.proxy.http1 import RequestHead, Verdict
+from agent.proxy.http_router import RoutePlan
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import ServiceTarget
 from agent.proxy.tunnel import TunnelError, TunnelStream
@@ -76,28 +84,32 @@ class H2SourceSession:
         self.proxy = H2Proxy(_allow, pick=self._pick)
         self.conn_id = 0
         self._upstreams: dict[int, Upstream] = {}
-        self._routes: dict[str, ConnectionRecord] = {}  # endpoint IP -> the record of its route
+        self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
         self._tasks: set[asyncio.Task[None]] = set()
         self._client_lock = asyncio.Lock()
         self._closing = asyncio.Event()  # set once the proxy is done with the connection
         self._locks: dict[int, asyncio.Lock] = {}
+        self._timer: asyncio.TimerHandle | None = None  # the soonest timeout or retry
+        self._timer_at: float | None = None
 
-    def _pick(self, head: RequestHead) -> Choice | None:
-        core = self.outbound.core
-        traffic = self.outbound.balanced.traffic.service(core.snapshot(), self.target.service)
-        labels = self.source.labels if self.source else None
-        try:
-            attempts = traffic.admit(self.src_ip, labels, (core.node, None))
-        except Rejected as e:
-            core.registry.reject(e.reason, f"{self.where} {head.method} {head.path}: {e}")
-            return None
-        ip = attempts.next_endpoint()
-        if ip is None:
-            attempts.finish()
-            core.registry.reject("no_endpoints", f"{self.where}: no endpoint left")
-            return None
-        attempts.connected(ip)  # a request is "connected" once it is sent on an upstream
-        return Choice(ip, attempts)
+    def _pick(self, request: PickRequest) -> Choice | LocalAnswer:
+        """Route the request (``h2route``: routes, weighted backend, traffic control)."""
+        core, source = self.outbound.core, self.source
+        choice = route_request(
+            self.outbound.http.router,
+            core.snapshot(),
+            self.target,
+            request,
+            self.src_ip,
+            source.labels if source is not None else None,
+            (core.node, None),
+            client_namespace=source.namespace if source is not None else "",
+        )
+        if isinstance(choice, LocalAnswer):
+            head = request.head
+            log.debug("%s %s %s: %s %s", self.where, head.method, head.path, choice.status,
+                      choice.flags)  # fmt: skip
+        return choice
 
     async def serve(self) -> None:
         core = self.outbound.core
@@ -118,6 +130,8 @@ class H2SourceSession:
             # reported and its attempt finished, so the Service's counts stay right.
             self.proxy.receive_client(b"")
             self._report()
+            if self._timer is not None:
+                self._timer.cancel()
             for task in (reader, closing, *self._tasks):
                 task.cancel()
             await asyncio.gather(reader, closing, *self._tasks, return_exceptions=True)
@@ -147,14 +161,14 @@ class H2SourceSession:
             if not data:
                 return
 
-    async def _upstream(self, uid: int, ip: str) -> None:
-        """Open the tunnel to endpoint ``ip`` for upstream ``uid``, then feed its bytes."""
-        out, proxy = self.outbound, self.proxy
+    async def _upstream(self, uid: int, key: Endpoint) -> None:
+        """Open the tunnel to endpoint ``key`` for upstream ``uid``, then feed its bytes."""
+        out, proxy, ip = self.outbound, self.proxy, key.ip
         snap = out.core.snapshot()
-        route = out.resolver.endpoint_route(snap, self.source, self.target, ip)
+        route = out.resolver.endpoint_route(snap, self.source, key.target, ip)
         rec = replace(self.record)
         out.describe_route(snap, route, rec)
-        self._routes[ip] = rec
+        self._routes[key] = rec
         try:
             timeout = out.core.settings.connect_timeout
             upstream = await asyncio.wait_for(
@@ -195,9 +209,8 @@ class H2SourceSession:
     async def _flush(self) -> None:
         proxy = self.proxy
         for uid, key in proxy.take_new_upstreams():
-            task = asyncio.create_task(self._upstream(uid, str(key)), name=f"h2-upstream-{key}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            assert isinstance(key, Endpoint)  # what ``_pick`` names
+            self._spawn(self._upstream(uid, key), f"h2-upstream-{key}")
         for uid, upstream in list(self._upstreams.items()):
             lock = self._locks.setdefault(uid, asyncio.Lock())
             async with lock:
@@ -213,8 +226,31 @@ class H2SourceSession:
             if data:
                 await asyncio.get_running_loop().sock_sendall(self.client, data)
         self._report()
+        self._arm()
         if proxy.closing:
             self._closing.set()
+
+    def _spawn(self, work: Coroutine[object, object, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _arm(self) -> None:
+        """Keep one timer at the soonest timeout or retry (``H2Proxy.next_deadline``)."""
+        at = None if self.proxy.closing else self.proxy.next_deadline()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, at
+        if at is not None:
+            delay = max(0.0, at - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._timer, self._timer_at = None, None
+        self.proxy.expire()
+        self._spawn(self._flush(), f"h2-expire {self.where}")
 
     def _report(self) -> None:
         core = self.outbound.core
@@ -225,16 +261,16 @@ class H2SourceSession:
             core.registry.http_rejected(cause, self.where)
 
     def _finish(self, exchange: H2Exchange) -> None:
-        attempts = exchange.tag
-        if isinstance(attempts, Attempts):
+        plan = exchange.tag
+        if isinstance(plan, RoutePlan):
             reset = exchange.flags in ("UC", "UR") and not exchange.first_byte
-            attempts.finish(reset_before_data=reset, first_byte_at=exchange.first_byte)
+            plan.finish(exchange.status, exchange.first_byte, reset_before_response=reset)
 
     def _request_connection(self, exchange: H2Exchange) -> ConnectionRecord:
         """The connection record as this request saw it: pointed at its endpoint."""
-        if exchange.upstream is None:
+        if not isinstance(exchange.upstream, Endpoint):
             return self.record
-        rec = self._routes.get(str(exchange.upstream))
+        rec = self._routes.get(exchange.upstream)
         if rec is None:
             return self.record
         return replace(

@@ -31,6 +31,15 @@ see it: before response headers 502, or for gRPC a trailers-only ``grpc-status: 
 (UNAVAILABLE), flag ``UC`` (``UR`` for a stream the pod reset); after them, the stream is reset.
 The client is then sent GOAWAY so that it reconnects (and so gets a fresh pod connection).
 
+On the source side the shell's ``pick`` may also answer a request itself (``LocalAnswer``: a
+route's 404 ``NR``, which a gRPC call sees as ``UNIMPLEMENTED``), edit its forwarded and
+response header blocks, and give it a timeout: the shell's timer (``next_deadline``,
+``expire``) then resets the upstream stream and answers 504, or ``DEADLINE_EXCEEDED`` for
+gRPC, flag ``UT`` (a response already begun is reset instead), and give it ``Retries``: the
+proxy then keeps the request's head and body (up to ``max_replay_body``) and, while nothing of
+the response reached the client, asks them after a response head, a reset or a lost upstream;
+a retried request waits its backoff on the same timer and is sent again where ``next`` says.
+
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
 our output (PING and SETTINGS floods), streams reset by the client before their response
@@ -49,6 +58,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
@@ -92,9 +102,30 @@ PROTOCOL_ERROR = "h2_protocol_error"
 HEADER_TIMEOUT = "h2_header_timeout"  # a header block not finished in time (slowloris)
 
 UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
+UPSTREAM_OVERFLOW = "UO"  # Envoy's flag: over the upstream's limit (its concurrent streams)
 NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
 
+GRPC_UNKNOWN = 2
+GRPC_DEADLINE_EXCEEDED = 4
+GRPC_UNIMPLEMENTED = 12
 GRPC_UNAVAILABLE = 14
+
+UPSTREAM_TIMEOUT = "UT"  # Envoy's flag: the request's time ran out
+TIMEOUT_BODY = b"upstream request timeout"
+
+
+def grpc_status_for(http_status: int) -> int:
+    """The gRPC status a proxy's own HTTP answer becomes for a gRPC call: gRPC's HTTP mapping
+    (404 UNIMPLEMENTED; 502/503 UNAVAILABLE), except 500 (a route backend that cannot be used:
+    GRPCRoute asks for UNAVAILABLE) and 504 (a timeout: DEADLINE_EXCEEDED, what the caller's
+    own deadline would give)."""
+    if http_status == 404:
+        return GRPC_UNIMPLEMENTED
+    if http_status == 504:
+        return GRPC_DEADLINE_EXCEEDED
+    if http_status in (500, 502, 503):
+        return GRPC_UNAVAILABLE
+    return GRPC_UNKNOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +146,9 @@ class H2Limits:
     # also more than half the streams it opened, the connection is a rapid-reset attack.
     max_premature_resets: int = 100
     max_empty_frames: int = 100  # consecutive empty DATA frames without END_STREAM
+    # A request body kept to be sent again (source side, a rule that retries): beyond this,
+    # the request is not retried.
+    max_replay_body: int = 64 * KIB
 
 
 @dataclass(slots=True)
@@ -139,17 +173,64 @@ class H2Exchange:
 Authorize = Callable[[RequestHead], Verdict]
 
 
+HeaderEdit = Callable[[list[Header]], list[Header]]
+
+
+class Retries(Protocol):
+    """A request's retry policy, asked by ``H2Proxy`` when a try ends before any response
+    reached the client."""
+
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        """The try ended with ``status`` (``None``: no response head; a gRPC trailers-only
+        ``UNAVAILABLE`` is 503): seconds to wait before another try, or None (no retry)."""
+        ...
+
+    def next(self) -> Choice | LocalAnswer:
+        """The upstream for the next try (or how to answer the request if there is none)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Choice:
     """Where one request goes (``Pick``): ``key`` names the upstream (an endpoint), ``tag`` is
-    the shell's note that comes back on the request's ``H2Exchange``."""
+    the shell's note that comes back on the request's ``H2Exchange``. ``edit_request`` edits
+    the forwarded header block (pseudo-headers included), ``edit_response`` the response's;
+    after ``timeout`` seconds without the response's end the stream is reset upstream and
+    answered 504 (gRPC: ``DEADLINE_EXCEEDED``) with flag ``UT``."""
 
     key: object
     tag: object = None
+    edit_request: HeaderEdit | None = None
+    edit_response: HeaderEdit | None = None
+    timeout: float | None = None
+    retries: Retries | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAnswer:
+    """``Pick``'s answer for a request served by the proxy itself: ``status`` (gRPC:
+    ``grpc_status_for(status)`` in a trailers-only response), Envoy's ``flags``, ``message``
+    as body (or ``grpc-message``), extra response ``headers`` (a redirect's ``location``)."""
+
+    status: int
+    flags: str
+    message: bytes
+    headers: tuple[Header, ...] = ()
+    tag: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class PickRequest:
+    """What ``Pick`` sees of a request: its head, its ``:path`` with the query, whether it is
+    a gRPC call (``content-type: application/grpc*``)."""
+
+    head: RequestHead
+    target: str
+    grpc: bool
 
 
 # The source side's per-request choice of upstream; None: no upstream (answered 503/UNAVAILABLE).
-Pick = Callable[[RequestHead], Choice | None]
+Pick = Callable[[PickRequest], Choice | LocalAnswer | None]
 
 
 class _Upstream:
@@ -178,6 +259,14 @@ class _Stream:
     response_started: bool = False
     response_end: bool = False
     response_trailers: list[Header] | None = None
+    edit_request: HeaderEdit | None = None  # applied once, to the forwarded head
+    edit_response: HeaderEdit | None = None
+    deadline: float | None = None  # clock time the request's timeout expires
+    retries: Retries | None = None
+    replay_head: list[Header] | None = None  # what was sent, to send again
+    replay_body: list[bytes] | None = field(default_factory=list)  # None: over the limit
+    replay_size: int = 0
+    retry_at: float | None = None  # clock time of the next try (waiting: no upstream)
 
 
 def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
@@ -367,6 +456,74 @@ class H2Proxy:
         if not self.closing:
             self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM)
 
+    def next_deadline(self) -> float | None:
+        """The clock time the soonest request timeout expires (the shell's timer), if any."""
+        times = [t for s in self._streams.values() for t in (s.deadline, s.retry_at) if t]
+        return min(times, default=None)
+
+    def expire(self) -> None:
+        """The shell's timer: every request whose timeout passed is reset upstream and, before
+        its response began, answered 504 / ``DEADLINE_EXCEEDED``; after, its stream is reset
+        (as Envoy does). Flag ``UT``."""
+        if self.closing:
+            return
+        now = self.clock()
+        for s in list(self._streams.values()):
+            if s.deadline is not None and s.deadline <= now:
+                self._time_out(s)
+            elif s.retry_at is not None and s.retry_at <= now:
+                self._try_again(s)
+        self._pump()
+        self._check_done()
+
+    def _retried(self, s: _Stream, status: int | None) -> bool:
+        """The try of ``s`` ended with ``status`` (None: no response head) before anything
+        reached the client: if its ``retries`` say so, drop the try and wait to send again."""
+        if s.retries is None or s.response_started or s.upstream is None:
+            return False
+        ex = s.exchange
+        replayable = s.request_end and s.replay_body is not None and s.replay_head is not None
+        backoff = s.retries.after(status, ex.first_byte, replayable=replayable)
+        if backoff is None:
+            return False
+        self._reset_upstream(s)
+        self._discard_request(s)
+        self._release_response(s)
+        s.upstream.streams.pop(s.upstream_id, None)
+        s.upstream, s.upstream_id, s.request_sent = None, 0, False
+        ex.status, ex.grpc_status, ex.first_byte = 0, "", 0.0
+        s.retry_at = self.clock() + backoff
+        return True
+
+    def _try_again(self, s: _Stream) -> None:
+        """Send ``s`` again, exactly as first sent, where its ``retries`` now point."""
+        s.retry_at = None
+        assert s.retries is not None and s.replay_head is not None and s.replay_body is not None
+        choice = s.retries.next()
+        ex = s.exchange
+        if isinstance(choice, LocalAnswer):
+            ex.flags = choice.flags
+            self._answer(s, choice.status, grpc_status_for(choice.status), choice.message)
+            return
+        ex.upstream = choice.key
+        s.to_upstream.extend((chunk, 0) for chunk in s.replay_body)  # acknowledged already
+        self._send_head(s, self._upstream_for(choice.key), s.replay_head)
+
+    def _time_out(self, s: _Stream) -> None:
+        s.deadline = s.retry_at = None
+        s.exchange.flags = UPSTREAM_TIMEOUT
+        self._reset_upstream(s)
+        self._discard_request(s)
+        self._release_response(s)
+        if s.upstream is not None:
+            s.upstream.streams.pop(s.upstream_id, None)
+            s.upstream, s.upstream_id = None, 0
+        if s.response_started:
+            self._reset_client(s, ErrorCodes.CANCEL)
+            self._complete(s)
+            return
+        self._answer(s, 504, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
+
     def upstream_failed(self, uid: int = 0) -> None:
         """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams.
         At the destination the client is then sent GOAWAY, so that it reconnects."""
@@ -431,34 +588,53 @@ class H2Proxy:
             s.exchange.denied_by = verdict.reason
             self._answer(s, verdict.status, verdict.grpc_status, verdict.body)
             return
-        u = self._choose(s)
+        u = self._choose(s, path.decode("latin-1"))
         if u is None:
             return
+        if s.edit_request is not None:
+            forwarded = s.edit_request(forwarded)
+            s.edit_request = None
+        if s.retries is not None:
+            s.replay_head = forwarded
+        self._send_head(s, u, forwarded)
+
+    def _send_head(self, s: _Stream, u: _Upstream, head: list[Header]) -> None:
         up = u.conn
         if up.open_outbound_streams >= up.remote_settings.max_concurrent_streams:
             # The pod's own limit: REFUSED_STREAM tells the client it is safe to retry.
-            self._drop(s)
-            self.client.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._refuse(s, UPSTREAM_OVERFLOW)
             return
         s.upstream, s.upstream_id = u, up.get_next_available_stream_id()
         u.streams[s.upstream_id] = s
-        up.send_headers(s.upstream_id, forwarded, end_stream=ended)
+        ended = s.request_end and not s.to_upstream and s.request_trailers is None
+        up.send_headers(s.upstream_id, head, end_stream=ended)
         s.request_sent = ended
 
-    def _choose(self, s: _Stream) -> _Upstream | None:
-        """The upstream for ``s``, or None after answering it 503/UNAVAILABLE ourselves."""
+    def _choose(self, s: _Stream, target: str) -> _Upstream | None:
+        """The upstream for ``s``, or None after answering it ourselves (no upstream: 503 /
+        UNAVAILABLE; or the ``LocalAnswer`` the pick gave)."""
         if self.pick is None:
             if not self._upstream_gone:
                 return self._upstreams[0]
             s.exchange.flags = UPSTREAM_CLOSED
             self._answer(s, 503, GRPC_UNAVAILABLE, b"upstream connection closed")
             return None
-        choice = self.pick(s.exchange.head)
+        ex = s.exchange
+        choice = self.pick(PickRequest(ex.head, target, ex.grpc))
         if choice is None:
-            s.exchange.flags = NO_HEALTHY_UPSTREAM
+            ex.flags = NO_HEALTHY_UPSTREAM
             self._answer(s, 503, GRPC_UNAVAILABLE, b"no healthy upstream")
             return None
-        s.exchange.upstream, s.exchange.tag = choice.key, choice.tag
+        if isinstance(choice, LocalAnswer):
+            ex.flags, ex.tag = choice.flags, choice.tag
+            status = choice.status
+            self._answer(s, status, grpc_status_for(status), choice.message, choice.headers)
+            return None
+        ex.upstream, ex.tag = choice.key, choice.tag
+        s.edit_request, s.edit_response = choice.edit_request, choice.edit_response
+        s.retries = choice.retries
+        if choice.timeout is not None:
+            s.deadline = self.clock() + choice.timeout
         return self._upstream_for(choice.key)
 
     def _upstream_for(self, key: object) -> _Upstream:
@@ -497,6 +673,12 @@ class H2Proxy:
             return
         s.exchange.request_bytes += len(data)
         s.to_upstream.append((data, flow))
+        if s.retries is not None and s.replay_body is not None and data:
+            s.replay_size += len(data)
+            if s.replay_size > self.limits.max_replay_body:
+                s.replay_body = None  # too big to keep: this request is not retried
+            else:
+                s.replay_body.append(data)
 
     def _on_client_reset(self, stream_id: int) -> None:
         s = self._streams.get(stream_id)
@@ -537,9 +719,14 @@ class H2Proxy:
             ended = event.stream_ended is not None
             if ended:
                 ex.grpc_status = (header(event.headers, b"grpc-status") or b"").decode("latin-1")
+            if self._retried(s, _retry_status(ex, ended)):
+                return
             s.response_started = True
             s.response_end = ended
-            self.client.send_headers(s.client_id, list(event.headers), end_stream=ended)
+            headers = list(event.headers)
+            if s.edit_response is not None:
+                headers = s.edit_response(headers)
+            self.client.send_headers(s.client_id, headers, end_stream=ended)
             if ended:
                 self._complete(s)
         elif isinstance(event, InformationalResponseReceived):
@@ -554,14 +741,17 @@ class H2Proxy:
         elif isinstance(event, StreamEnded):
             s.response_end = True
         elif isinstance(event, StreamReset):
+            if self._retried(s, None):
+                return
             if not s.response_started and event.error_code == ErrorCodes.REFUSED_STREAM:
-                self._drop(s)  # the pod never processed it: the client may retry
-                self.client.reset_stream(s.client_id, ErrorCodes.REFUSED_STREAM)
+                self._refuse(s, UPSTREAM_RESET)  # the pod never processed it: safe to retry
                 return
             self._upstream_lost(s, UPSTREAM_RESET)
 
     def _upstream_lost(self, s: _Stream, flag: str) -> None:
         """The pod will not finish ``s``: answer it ourselves if we can, else reset it."""
+        if self._retried(s, None):
+            return
         s.exchange.flags = flag
         self._discard_request(s)
         if s.upstream is not None:
@@ -576,10 +766,17 @@ class H2Proxy:
         self._complete(s)
 
     # -- answers and stream ends -------------------------------------------------------------
-    def _answer(self, s: _Stream, status: int, grpc_status: int, message: bytes) -> None:
-        """Answer ``s`` from the proxy: ``status`` with ``message`` as body, or for gRPC a
-        trailers-only response with ``grpc_status`` (RFC 9113 8.1: the request's remaining
-        body is discarded, the stream reset with NO_ERROR once the answer is out)."""
+    def _answer(
+        self,
+        s: _Stream,
+        status: int,
+        grpc_status: int,
+        message: bytes,
+        headers: Sequence[Header] = (),
+    ) -> None:
+        """Answer ``s`` from the proxy: ``status`` with ``message`` as body (and ``headers``),
+        or for gRPC a trailers-only response with ``grpc_status`` (RFC 9113 8.1: the request's
+        remaining body is discarded, the stream reset with NO_ERROR once the answer is out)."""
         ex = s.exchange
         s.response_started = True
         if ex.grpc:
@@ -590,7 +787,7 @@ class H2Proxy:
                     (b":status", b"200"),
                     (b"content-type", b"application/grpc"),
                     (b"grpc-status", str(grpc_status).encode()),
-                    (b"grpc-message", message),
+                    (b"grpc-message", message.strip()),
                 ],
                 end_stream=True,
             )
@@ -604,10 +801,20 @@ class H2Proxy:
                 (b":status", str(status).encode()),
                 (b"content-type", b"text/plain"),
                 (b"content-length", str(len(message)).encode()),
+                *headers,
             ],
         )
         s.to_client.append((message, 0))
         s.response_end = True
+
+    def _refuse(self, s: _Stream, flag: str) -> None:
+        """Pass the pod's refusal of ``s`` on (REFUSED_STREAM: the client may retry it), and
+        report it, so that the shell finishes what it noted for the request."""
+        s.exchange.flags = flag
+        s.exchange.ended = self.clock()
+        self._completed.append(s.exchange)
+        self._drop(s)
+        self.client.reset_stream(s.client_id, ErrorCodes.REFUSED_STREAM)
 
     def _complete(self, s: _Stream) -> None:
         """``s`` is over (answered, or reset): report it and forget it."""
@@ -722,6 +929,14 @@ class H2Proxy:
             else:
                 self.client.end_stream(s.client_id)
             self._complete(s)
+
+
+def _retry_status(ex: H2Exchange, ended: bool) -> int:
+    """The status a retry policy sees of a response head: its ``:status``, or for a gRPC call
+    answered trailers-only ``UNAVAILABLE`` 503 (gRPC's HTTP mapping of 503)."""
+    if ex.grpc and ended and ex.grpc_status == str(GRPC_UNAVAILABLE):
+        return 503
+    return ex.status
 
 
 def _move(

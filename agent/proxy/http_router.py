@@ -49,6 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.policy.routes import (
+    GrpcRequest,
     NoMatchingRule,
     RouteAction,
     RouteTableCache,
@@ -191,15 +192,16 @@ class HttpRouter:
         self,
         snap: Snapshot,
         dialled: ServiceTarget,
-        request: HttpRequest,
+        request: HttpRequest | GrpcRequest,
         source_ip: str,
         source_labels: Mapping[str, str] | None,
         source_node: tuple[str, str | None],
         *,
         client_namespace: str,
     ) -> RoutePlan:
-        """Plan one request, or raise ``LocalResponse`` (no route, a redirect, an unusable
-        backend, limits, an injected abort)."""
+        """Plan one request (a ``GrpcRequest`` for a gRPC call on an HTTP/2 port: GRPCRoutes
+        first), or raise ``LocalResponse`` (no route, a redirect, an unusable backend, limits,
+        an injected abort)."""
         action = self._decide(snap, dialled, request, client_namespace)
         fault = NO_FAULT if action is None else self._fault(request, action)
         backend = dialled if action is None else self._backend(snap, dialled, request, action)
@@ -222,19 +224,25 @@ class HttpRouter:
         return out
 
     def _decide(
-        self, snap: Snapshot, dialled: ServiceTarget, request: HttpRequest, client_namespace: str
+        self,
+        snap: Snapshot,
+        dialled: ServiceTarget,
+        request: HttpRequest | GrpcRequest,
+        client_namespace: str,
     ) -> RouteAction | None:
         service = (dialled.service.namespace, dialled.service.name)
         table = self.routes.get(snap)
-        decision = table.http(
-            service, dialled.port.port, request, client_namespace=client_namespace
-        )
+        port = dialled.port.port
+        if isinstance(request, GrpcRequest):
+            decision = table.grpc(service, port, request, client_namespace=client_namespace)
+        else:
+            decision = table.http(service, port, request, client_namespace=client_namespace)
         if isinstance(decision, NoMatchingRule):
             routes = ", ".join("/".join(key[1:]) for key in decision.routes)
             raise LocalResponse(404, NO_ROUTE, f"no rule of {routes} matched", BODIES[NO_ROUTE])
         return decision
 
-    def _fault(self, request: HttpRequest, action: RouteAction) -> FaultDecision:
+    def _fault(self, request: HttpRequest | GrpcRequest, action: RouteAction) -> FaultDecision:
         """The rule's HTTPFault for this request: an abort is raised (flag ``FI``), a delay
         returned; a filter whose HTTPFault does not exist answers 500 (Gateway API: a filter
         that cannot be applied is never skipped)."""
@@ -260,12 +268,18 @@ class HttpRouter:
         return decision
 
     def _backend(
-        self, snap: Snapshot, dialled: ServiceTarget, request: HttpRequest, action: RouteAction
+        self,
+        snap: Snapshot,
+        dialled: ServiceTarget,
+        request: HttpRequest | GrpcRequest,
+        action: RouteAction,
     ) -> ServiceTarget:
         """The rule's redirect (raised), or the ``ServiceTarget`` of its weighted choice."""
         redirect = action.filters.redirect
         match = action.match if isinstance(action.match, HttpMatch) else None
         if redirect is not None:
+            if isinstance(request, GrpcRequest):  # an HTTPRoute serving a gRPC call
+                request = request.as_http()
             location = redirect_location(request, redirect, match, service_port=dialled.port.port)
             raise LocalResponse(
                 redirect.status,

@@ -70,6 +70,11 @@ class Outbound:
                 # An HTTP client is answered 503 (UH) per request, not reset.
                 await self.http.handle(client, source, e.target, _addr(src_ip, src_port))
                 return
+            if e.target is not None and port_protocol(e.target.port) in (HTTP2, GRPC):
+                # Per request too: its routes may send it to other Services (else 503 / UH).
+                src = _addr(src_ip, src_port)
+                await H2SourceSession(self, client, snap, source, e.target, src).serve()
+                return
             self.core.registry.reject("no_endpoints", str(e))
             sockets.abort(client)
             return

@@ -14,7 +14,7 @@ import secrets
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -53,14 +53,23 @@ def vip(lab: Lab) -> str:
     return str(next(s for s in lab.status()["services"] if s["name"] == "grpc")["clusterIP"])
 
 
-def calls(lab: Lab, pod: str, target: str, *wanted: tuple[str, str]) -> list[tuple[str, str]]:
-    """``wanted`` (method, request) calls on ONE channel from ``pod``: (status, answer)."""
+def calls(
+    lab: Lab,
+    pod: str,
+    target: str,
+    *wanted: tuple[str, str],
+    headers: Sequence[str] = (),
+    timed_calls: bool = False,
+) -> list[tuple[str, ...]]:
+    """``wanted`` (method, request) calls on ONE channel from ``pod``, each with ``headers``
+    (``name=value``): (status, answer), and the call's seconds if ``timed_calls``."""
+    options = [f"--header={h}" for h in headers] + (["--timed"] if timed_calls else [])
     out = lab.exec(
         pod, sys.executable, "-m", "agent.lab.grpcecho", "call", target,
-        *(f"{m}={r}" for m, r in wanted), capture_output=True, text=True, timeout=60,
+        *(f"{m}={r}" for m, r in wanted), *options, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    return [tuple(x) for x in json.loads(out.stdout)]  # type: ignore[misc]
+    return [tuple(x) for x in json.loads(out.stdout)]
 
 
 def _get(lab: Lab, node: str, url: str) -> str:

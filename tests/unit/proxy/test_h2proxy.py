@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
@@ -26,6 +29,9 @@ from agent.proxy.h2proxy import (
     Choice,
     H2Limits,
     H2Proxy,
+    LocalAnswer,
+    Pick,
+    PickRequest,
 )
 from agent.proxy.http1 import RequestHead, Verdict
 from tests.unit.proxy.h2peers import Wire, peer
@@ -315,17 +321,17 @@ def test_a_denied_head_is_authorized_with_method_path_and_authority() -> None:
 class Pods:
     """An ``H2Proxy`` with ``pick`` by the first path segment, and one h2 pod per key."""
 
-    def __init__(self) -> None:
+    def __init__(self, pick: Pick | None = None, clock: Callable[[], float] = lambda: 0.0) -> None:
         self.client = peer(client_side=True)
         self.pods: dict[object, H2Connection] = {}
         self.uids: dict[object, int] = {}
-        self.proxy = H2Proxy(lambda _h: Verdict(True), pick=self.pick)
+        self.proxy = H2Proxy(lambda _h: Verdict(True), pick=pick or self.pick, clock=clock)
         self.pod_events: dict[object, list[Event]] = {}
         self.client_events: list[Event] = []
 
     @staticmethod
-    def pick(head: RequestHead) -> Choice | None:
-        key = head.path.split("/")[1]
+    def pick(request: PickRequest) -> Choice | None:
+        key = request.head.path.split("/")[1]
         return None if key == "none" else Choice(key, tag=f"tag-{key}")
 
     def run(self) -> None:
@@ -353,11 +359,18 @@ class Pods:
                 self.client_events += self.client.receive_data(out)
                 moved = True
 
-    def request(self, path: str) -> int:
+    def request(self, path: str, *, grpc: bool = False) -> int:
         sid: int = self.client.get_next_available_stream_id()
         headers = [(":method", "GET"), (":scheme", "http"), (":authority", "s"), (":path", path)]
+        if grpc:
+            headers[0] = (":method", "POST")
+            headers.append(("content-type", "application/grpc"))
         self.client.send_headers(sid, headers, end_stream=True)
         return sid
+
+    def responses(self) -> dict[int, dict[bytes, bytes]]:
+        return {e.stream_id: dict(e.headers) for e in self.client_events
+                if isinstance(e, ResponseReceived)}  # fmt: skip
 
     def respond(self, key: str) -> None:
         for e in self.pod_events[key]:
@@ -466,3 +479,251 @@ def test_a_rate_limited_grpc_call_is_a_trailers_only_resource_exhausted() -> Non
     (ex,) = w.proxy.take_completed()
     assert (ex.grpc_status, ex.flags, ex.denied_by) == ("8", "RL", "ns/limit")
     assert not [e for e in w.pod_events if isinstance(e, RequestReceived)]
+
+
+# -- the source side: a pick's local answers, header edits and timeouts --------------------------
+def _answer_here(request: PickRequest) -> LocalAnswer:
+    return LocalAnswer(404, "NR", b"no route matched the request\n", tag=request.target)
+
+
+def test_a_local_answer_is_a_404_for_http_and_trailers_only_unimplemented_for_grpc() -> None:
+    w = Pods(_answer_here)
+    plain = w.request("/x?q=1")
+    call = w.request("/pkg.Svc/Method", grpc=True)
+    w.run()
+    assert not w.pods  # no upstream opened
+    answers = w.responses()
+    assert answers[plain][b":status"] == b"404"
+    assert (answers[call][b":status"], answers[call][b"grpc-status"]) == (b"200", b"12")
+    assert answers[call][b"grpc-message"] == b"no route matched the request"
+    body = b"".join(e.data for e in w.client_events if isinstance(e, DataReceived))
+    assert body == b"no route matched the request\n"
+    done = sorted((ex.grpc, ex.status, ex.grpc_status, ex.flags, ex.tag)
+                  for ex in w.proxy.take_completed())  # fmt: skip
+    assert done == [
+        (False, 404, "", "NR", "/x?q=1"),  # the pick saw the path with its query
+        (True, 200, "12", "NR", "/pkg.Svc/Method"),
+    ]
+
+
+def test_a_pick_edits_the_forwarded_and_the_response_header_blocks() -> None:
+    def pick(request: PickRequest) -> Choice:
+        return Choice(
+            "a",
+            edit_request=lambda block: [*block, (b"x-routed", b"yes")],
+            edit_response=lambda block: [(k, v) for k, v in block if k != b"server"],
+        )
+
+    w = Pods(pick)
+    sid = w.request("/a/1")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    assert dict(req.headers)[b"x-routed"] == b"yes"
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200"), ("server", "pod")])
+    w.pods["a"].send_data(req.stream_id, b"ok", end_stream=True)
+    w.pod_events["a"].clear()
+    w.run()
+    assert w.responses()[sid] == {b":status": b"200"}
+
+
+def _timed(now: list[float]) -> Pods:
+    return Pods(lambda request: Choice("a", timeout=0.2), clock=lambda: now[0])
+
+
+@pytest.mark.parametrize(("grpc", "status", "grpc_status"), [(False, b"504", None),
+                                                             (True, b"200", b"4")])  # fmt: skip
+def test_a_request_past_its_timeout_is_reset_upstream_and_answered_ut(
+    grpc: bool, status: bytes, grpc_status: bytes | None
+) -> None:
+    now = [10.0]
+    w = _timed(now)
+    sid = w.request("/a/slow", grpc=grpc)
+    w.run()
+    assert w.proxy.next_deadline() == pytest.approx(10.2)
+    now[0] = 10.1
+    w.proxy.expire()  # early: nothing happens
+    w.run()
+    assert w.responses() == {}
+    now[0] = 10.2
+    w.proxy.expire()
+    w.run()
+    answer = w.responses()[sid]
+    assert (answer[b":status"], answer.get(b"grpc-status")) == (status, grpc_status)
+    assert any(isinstance(e, StreamReset) and e.error_code == ErrorCodes.CANCEL
+               for e in w.pod_events["a"])  # fmt: skip
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UT"
+    assert w.proxy.next_deadline() is None
+    assert not w.proxy.closing
+
+
+def test_a_timeout_after_the_response_began_resets_the_stream_both_ways() -> None:
+    now = [10.0]
+    w = _timed(now)
+    sid = w.request("/a/stream")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["a"].send_data(req.stream_id, b"part")
+    w.run()
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid for e in w.client_events)
+    assert any(isinstance(e, StreamReset) for e in w.pod_events["a"])
+    (ex,) = w.proxy.take_completed()
+    assert (ex.status, ex.flags) == (200, "UT")
+
+
+def test_a_request_that_ends_in_time_leaves_no_deadline() -> None:
+    now = [10.0]
+    w = _timed(now)
+    w.request("/a/fast")
+    w.run()
+    w.respond("a")
+    assert w.proxy.next_deadline() is None
+    (ex,) = w.proxy.take_completed()
+    assert (ex.status, ex.flags) == (200, "-")
+
+
+def test_a_stream_the_pod_refuses_is_refused_to_the_client_and_reported() -> None:
+    """Reported, so that the source's shell finishes the request's attempt (no leaked slot)."""
+    w = Pods()
+    sid = w.request("/a/1")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid
+               and e.error_code == ErrorCodes.REFUSED_STREAM for e in w.client_events)  # fmt: skip
+    (ex,) = w.proxy.take_completed()
+    assert (ex.tag, ex.status, ex.flags) == ("tag-a", 0, "UR")
+    assert w.proxy.active_streams == 0
+
+
+# -- the source side: retries before any response byte reached the client --------------------
+class FakeRetries:
+    """Retries 503s and missing responses up to ``limit`` times, each to the next key."""
+
+    def __init__(self, keys: list[str], limit: int = 1) -> None:
+        self.keys, self.limit = keys, limit
+        self.asked: list[tuple[int | None, bool]] = []
+
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        self.asked.append((status, replayable))
+        if status not in (None, 503) or not replayable or len(self.keys) == 0 or not self.limit:
+            return None
+        self.limit -= 1
+        return 0.05
+
+    def next(self) -> Choice | LocalAnswer:
+        return Choice(self.keys.pop(0), tag="tag")
+
+
+def _retrying(retries: FakeRetries, now: list[float], max_replay_body: int = 64 * 1024) -> Pods:
+    w = Pods(lambda _r: Choice("a", tag="tag", retries=retries), clock=lambda: now[0])
+    w.proxy.limits = H2Limits(max_replay_body=max_replay_body)
+    return w
+
+
+def _grpc_call(w: Pods, body: bytes) -> int:
+    sid: int = w.client.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "s"),
+               (":path", "/pkg.Svc/Do"), ("content-type", "application/grpc")]  # fmt: skip
+    w.client.send_headers(sid, headers)
+    w.client.send_data(sid, body, end_stream=True)
+    return sid
+
+
+def _unavailable(w: Pods, key: str) -> None:
+    (req,) = [e for e in w.pod_events[key] if isinstance(e, RequestReceived)]
+    head = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "14")]
+    w.pods[key].send_headers(req.stream_id, head, end_stream=True)
+    w.pod_events[key].clear()
+    w.run()
+
+
+def test_a_trailers_only_unavailable_is_retried_on_another_upstream_with_the_same_body() -> None:
+    now, retries = [10.0], FakeRetries(["b"])
+    w = _retrying(retries, now)
+    sid = _grpc_call(w, b"payload")
+    w.run()
+    got = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert got == b"payload"
+    _unavailable(w, "a")
+    assert w.responses() == {}  # nothing reached the client
+    assert retries.asked == [(503, True)]
+    assert w.proxy.next_deadline() == pytest.approx(10.05)
+    now[0] = 10.05
+    w.proxy.expire()
+    w.run()
+    (req,) = [e for e in w.pod_events["b"] if isinstance(e, RequestReceived)]
+    assert dict(req.headers)[b":path"] == b"/pkg.Svc/Do"
+    body = b"".join(e.data for e in w.pod_events["b"] if isinstance(e, DataReceived))
+    assert body == b"payload"
+    assert any(isinstance(e, StreamEnded) for e in w.pod_events["b"])
+    w.pods["b"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["b"].send_data(req.stream_id, b"answer")
+    w.pods["b"].send_headers(req.stream_id, OK_TRAILERS, end_stream=True)
+    w.pod_events["b"].clear()
+    w.run()
+    assert w.responses()[sid][b":status"] == b"200"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.status, ex.grpc_status, ex.flags) == ("b", 200, "0", "-")
+
+
+def test_the_last_unavailable_reaches_the_client_when_retries_say_no() -> None:
+    now, retries = [10.0], FakeRetries(["b"], limit=1)
+    w = _retrying(retries, now)
+    sid = _grpc_call(w, b"x")
+    w.run()
+    _unavailable(w, "a")
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    _unavailable(w, "b")
+    assert retries.asked == [(503, True), (503, True)]
+    assert w.responses()[sid][b"grpc-status"] == b"14"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.grpc_status) == ("b", "14")
+
+
+def test_a_refused_stream_is_retried_and_a_body_over_the_limit_is_not_replayable() -> None:
+    now, retries = [10.0], FakeRetries(["b", "c"], limit=2)
+    w = _retrying(retries, now, max_replay_body=4)
+    sid = _grpc_call(w, b"0123")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    now[0] = 10.05
+    w.proxy.expire()
+    w.run()
+    assert "b" in w.pods and retries.asked == [(None, True)]
+    big = _grpc_call(w, b"01234")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)
+              and e.stream_id != 1]  # fmt: skip
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    assert retries.asked[-1] == (None, False)
+    assert any(isinstance(e, StreamReset) and e.stream_id == big for e in w.client_events)
+    assert sid != big
+
+
+def test_a_response_that_began_is_never_retried() -> None:
+    now, retries = [10.0], FakeRetries(["b"])
+    w = _retrying(retries, now)
+    sid = _grpc_call(w, b"x")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["a"].send_data(req.stream_id, b"part")
+    w.run()
+    assert retries.asked == [(200, True)]  # asked of the head: a 200 is not retried
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.INTERNAL_ERROR)
+    w.run()
+    assert retries.asked == [(200, True)]  # not asked again once the response began
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid for e in w.client_events)
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UR"

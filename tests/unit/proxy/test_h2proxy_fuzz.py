@@ -30,8 +30,8 @@ from hyperframe.frame import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.proxy.h2proxy import Choice, H2Limits, H2Proxy
-from agent.proxy.http1 import RequestHead, Verdict
+from agent.proxy.h2proxy import Choice, H2Limits, H2Proxy, LocalAnswer, PickRequest
+from agent.proxy.http1 import Verdict
 from tests.fuzzing import fuzz_examples
 from tests.unit.proxy.h2peers import peer
 
@@ -130,9 +130,32 @@ frames = st.builds(
 pieces = st.lists(st.one_of(*[frames] * 8, st.binary(max_size=12)), max_size=20)
 
 
-def _one_pod(_head: RequestHead) -> Choice:
+def _one_pod(_request: PickRequest) -> Choice:
     """The source side's mode (an upstream per key) with one key: upstream 0, the test's pod."""
     return Choice("pod")
+
+
+class _Again:
+    """Retries every retryable outcome twice, at once, to the same key."""
+
+    def __init__(self) -> None:
+        self.left = 2
+
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        if status not in (None, 503) or not replayable or not self.left:
+            return None
+        self.left -= 1
+        return 0.0
+
+    def next(self) -> Choice | LocalAnswer:
+        return Choice("pod")
+
+
+def _routed(request: PickRequest) -> Choice | LocalAnswer:
+    """The source side with routes: some requests answered here, the others retried and timed."""
+    if request.target.endswith("/nr"):
+        return LocalAnswer(404, "NR", b"no route")
+    return Choice("pod", retries=_Again(), timeout=3.0, edit_response=lambda block: block[:1])
 
 
 @pytest.mark.fuzz
@@ -206,19 +229,24 @@ POD_OPS = [
         max_size=60,
     ),
     raw=frames,
-    picked=st.booleans(),
+    mode=st.sampled_from(["destination", "source", "routed"]),
 )
 def test_random_streams_between_real_peers_never_raise(
-    ops: list[tuple[bool, int, int, bytes]], raw: bytes, picked: bool
+    ops: list[tuple[bool, int, int, bytes]], raw: bytes, mode: str
 ) -> None:
     client, pod = peer(client_side=True), peer(client_side=False)
+    now = [0.0]
     p = H2Proxy(
         lambda h: Verdict(not h.path.startswith("/denied"), "p"),
-        pick=_one_pod if picked else None,
-        limits=H2Limits(stream_window=1024, connection_window=4096, max_premature_resets=3),
-    )
+        pick={"destination": None, "source": _one_pod, "routed": _routed}[mode],
+        limits=H2Limits(stream_window=1024, connection_window=4096, max_premature_resets=3,
+                        max_replay_body=512),
+        clock=lambda: now[0],
+    )  # fmt: skip
     pod_streams: list[int] = []
     for from_client, op, pick, payload in ops:
+        now[0] += 1.0
+        p.expire()  # the shell's timer: timeouts and retries due
         hostile = b""
         try:
             if from_client:
@@ -258,6 +286,8 @@ def _client_op(conn: H2Connection, op: str, pick: int, payload: bytes, raw: byte
     sid = open_ids[pick % len(open_ids)]
     if op.startswith("open"):
         path = "/denied/x" if op == "open_denied" else "/pkg.Svc/Call"
+        if len(payload) % 5 == 0 and op != "open_denied":
+            path = "/pkg.Svc/nr"  # answered by the routed pick itself
         headers = [(":method", "POST"), (":scheme", "http"), (":authority", "s"), (":path", path)]
         if op == "open_grpc":
             headers.append(("content-type", "application/grpc"))
@@ -288,7 +318,8 @@ def _pod_op(conn: H2Connection, op: str, streams: list[int], payload: bytes, raw
     elif op == "trailers":
         conn.send_headers(sid, [("grpc-status", str(len(payload) % 17))], end_stream=True)
     elif op == "trailers_only":
-        conn.send_headers(sid, [*grpc, ("grpc-status", "5")], end_stream=True)
+        status = "14" if len(payload) % 2 else "5"  # UNAVAILABLE: retried when routed
+        conn.send_headers(sid, [*grpc, ("grpc-status", status)], end_stream=True)
     elif op == "reset":
         conn.reset_stream(sid)
     elif op == "goaway":

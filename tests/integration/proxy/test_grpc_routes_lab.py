@@ -1,0 +1,205 @@
+"""Gateway API GRPCRoute (and HTTPRoute) per call on the source node, in a real lab, with one
+grpcio channel per client run.
+
+Service ``grpc`` (VIP port 50051, declared gRPC) selects server-0 (``version: v1``) and
+server-1 (``version: v2``), each running ``agent.lab.grpcecho``, which answers with its name.
+The test adds Services ``grpc-v1`` and ``grpc-v2`` (one pod each) with ``nodemesh lab apply``,
+and routes attached to ``grpc``. node1's agent terminates the client's h2c and routes each
+call: a canary by header, a 90/10 split of the rest, ``UNIMPLEMENTED`` for a method no rule
+matches, ``DEADLINE_EXCEEDED`` when an HTTPRoute's request timeout expires, and an HTTPRoute
+``retry`` hiding a replica that answers ``UNAVAILABLE``. Shares are reported with their
+binomial bounds; the assertions allow 4 standard deviations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import pytest
+
+from agent.lab import grpcecho
+from agent.lab.handle import Lab
+from tests.integration.proxy.test_grpc_lab import _server, calls, metrics, total, vip
+from tests.integration.proxy.test_http_routes_lab import bounds, counted, stable
+from tests.integration.traffic.test_traffic_lab import admin, report, within
+from tests.labtools import mesh_lab, pod_servers, retry
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+PORT = grpcecho.PORT
+GRPC_PORT = {"port": PORT, "targetPort": PORT, "name": "grpc", "appProtocol": "grpc"}
+PARENT = {"group": "", "kind": "Service", "name": "grpc", "port": PORT}
+CANARY = "x-canary=true"
+RETRIES = "nodemesh_http_retries_total"
+
+
+def service(name: str, version: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"app": "server", "version": version}, "ports": [GRPC_PORT]},
+    }
+
+
+def grpc_route(*rules: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "GRPCRoute",
+        "metadata": {"name": "grpc-routes", "namespace": "default"},
+        "spec": {"parentRefs": [PARENT], "rules": list(rules)},
+    }
+
+
+def http_route(*rules: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "grpc-http-routes", "namespace": "default"},
+        "spec": {"parentRefs": [PARENT], "rules": list(rules)},
+    }
+
+
+UNARY = {"service": grpcecho.SERVICE, "method": "Unary"}
+CANARY_ROUTE = grpc_route(
+    {
+        "matches": [{"method": UNARY, "headers": [{"name": "x-canary", "value": "true"}]}],
+        "backendRefs": [{"name": "grpc-v2", "port": PORT}],
+    },
+    {
+        "matches": [{"method": UNARY}],
+        "backendRefs": [
+            {"name": "grpc-v1", "port": PORT, "weight": 90},
+            {"name": "grpc-v2", "port": PORT, "weight": 10},
+        ],
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with mesh_lab("gq") as lab, ExitStack() as stack:
+        for pod in ("server-0", "server-1"):
+            stack.enter_context(pod_servers(lab, (pod,), _server(pod), PORT))
+        lab.apply([service("grpc-v1", "v1"), service("grpc-v2", "v2")])
+        yield lab
+
+
+def served(lab: Lab, n: int, *headers: str) -> Counter[str]:
+    """``n`` Unary calls on one channel: how many each replica answered (all must be OK)."""
+    result = calls(lab, "client", f"{vip(lab)}:{PORT}", *[(grpcecho.UNARY, "x")] * n,
+                   headers=headers)  # fmt: skip
+    assert [status for status, _ in result] == ["OK"] * n, Counter(s for s, _ in result)
+    return Counter(answer.split(":")[0] for _, answer in result)
+
+
+def check(ok: bool) -> None:
+    assert ok
+
+
+@contextmanager
+def traffic_policy(lab: Lab, spec: dict[str, Any]) -> Iterator[None]:
+    """A TrafficPolicy on Service ``grpc``, in force on node1 while the block runs."""
+    manifest = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": "grpc-traffic", "namespace": "default"},
+        "spec": {"targetRef": {"kind": "Service", "name": "grpc"}, **spec},
+    }
+
+    def balancer() -> str:
+        return str(admin(lab, "/traffic")["effective"].get("default/grpc", {}).get("balancer"))
+
+    lab.apply(manifest)
+    try:
+        retry(lambda: check(balancer() == spec["loadBalancer"]["type"]), timeout=40)
+        yield
+    finally:
+        lab.delete(manifest)
+        retry(lambda: check(balancer() == "None"), timeout=40)
+
+
+def test_a_grpcroute_sends_the_canary_header_to_v2_and_splits_the_rest_90_10(lab: Lab) -> None:
+    lab.apply(CANARY_ROUTE)
+    try:
+        retry(lambda: check(served(lab, 10, CANARY) == {"server-1": 10}), timeout=40)
+        assert served(lab, 50, CANARY) == {"server-1": 50}
+        n = 300
+        split = served(lab, n)
+        report("gRPC 90/10 split", n=n, v2=split["server-1"], expected=bounds(n, 0.1))
+        assert within(split["server-1"], n, 0.1)
+        # A method that no rule matches: UNIMPLEMENTED from node1, counted with flag NR.
+        source = {"reporter": "source", "grpc_response_status": "12", "response_flags": "NR"}
+        before = total(metrics(lab, "node1"), **source)
+        result = calls(lab, "client", f"{vip(lab)}:{PORT}", (grpcecho.ADMIN, "x"),
+                       (grpcecho.UNARY, "y"), (grpcecho.ADMIN, "z"))  # fmt: skip
+        assert [status for status, _ in result] == ["UNIMPLEMENTED", "OK", "UNIMPLEMENTED"]
+        assert result[0][1] == "no route matched the request"
+        retry(lambda: check(total(metrics(lab, "node1"), **source) - before == 2), timeout=10)
+    finally:
+        lab.delete(CANARY_ROUTE)
+
+
+def test_an_httproute_request_timeout_answers_a_slow_call_deadline_exceeded(lab: Lab) -> None:
+    timed = http_route({"timeouts": {"request": "200ms"}})
+    lab.apply(timed)
+    try:
+        target = f"{vip(lab)}:{PORT}"
+
+        def in_force() -> list[tuple[str, ...]]:
+            result = calls(lab, "client", target, (grpcecho.UNARY, "sleep:1"), timed_calls=True)
+            assert result[0][:2] == ("DEADLINE_EXCEEDED", "upstream request timeout"), result
+            return result
+
+        retry(in_force, timeout=40)
+        source = {"reporter": "source", "grpc_response_status": "4", "response_flags": "UT"}
+        before = total(metrics(lab, "node1"), **source)
+        slow, quick = (grpcecho.UNARY, "sleep:1"), (grpcecho.UNARY, "quick")
+        result = calls(lab, "client", target, slow, quick, slow, timed_calls=True)
+        assert [r[0] for r in result] == ["DEADLINE_EXCEEDED", "OK", "DEADLINE_EXCEEDED"]
+        report("gRPC call against a 1 s handler under timeouts.request 200ms",
+               seconds=[r[2] for r in result], client_deadline="10 s")  # fmt: skip
+        retry(lambda: check(total(metrics(lab, "node1"), **source) - before == 2), timeout=10)
+    finally:
+        lab.delete(timed)
+
+
+def test_an_httproute_retry_hides_a_replica_answering_unavailable(lab: Lab) -> None:
+    retrying = http_route({"retry": {"attempts": 2, "codes": [503], "backoff": "10ms"}})
+    lab.apply(retrying)
+    # Round robin and no ejection, so that server-1 surely keeps getting first tries.
+    spec = {"loadBalancer": {"type": "ROUND_ROBIN"}, "outlierDetection": {"maxEjectionPercent": 0}}
+    target, flaky = f"{vip(lab)}:{PORT}", (grpcecho.UNARY, "unavailable:server-1")
+    far = {"reporter": "destination", "grpc_response_status": "14"}
+    try:
+        with traffic_policy(lab, spec):
+
+            def in_force() -> None:
+                result = calls(lab, "client", target, *[flaky] * 4)
+                assert [r[0] for r in result] == ["OK"] * 4, result
+
+            retry(in_force, timeout=40)
+            before = metrics(lab, "node1")
+            far_before = stable(lambda: total(metrics(lab), **far))
+            n = 40
+            started = time.monotonic()
+            result = calls(lab, "client", target, *[flaky] * n)
+            took = time.monotonic() - started
+            after = metrics(lab, "node1")
+            far_after = stable(lambda: total(metrics(lab), **far))
+        assert Counter(result) == {("OK", "server-0:unavailable:server-1"): n}
+        attempted = counted(after, RETRIES, "default/grpc", "attempted") - counted(
+            before, RETRIES, "default/grpc", "attempted"
+        )
+        report("gRPC retry on UNAVAILABLE", calls=n, ok=n, retries=attempted,
+               far_unavailable=far_after - far_before, seconds=f"{took:.2f}")  # fmt: skip
+        # Every UNAVAILABLE server-1 gave was retried, and no call needed more than one retry.
+        assert 1 <= far_after - far_before <= attempted <= n
+        ok = {"reporter": "source", "grpc_response_status": "0", "response_flags": "-"}
+        assert total(after, **ok) - total(before, **ok) == n
+    finally:
+        lab.delete(retrying)

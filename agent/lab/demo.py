@@ -45,16 +45,18 @@ while True:
 """
 
 WEB_PORT = 9080  # the server pods' port behind Service web, declared HTTP (the default topology)
-# HTTP/1.1 keep-alive: every request is answered with the pod's name (argv[1]).
+# HTTP/1.1 keep-alive: every request is answered with the pod's name (argv[1]); with a second
+# argument ``flaky``, requests to /flaky* get 503 (the retry step).
 WEB_SERVER = f"""
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+FLAKY = sys.argv[2:] == ["flaky"]
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def reply(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         body = sys.argv[1].encode()
-        self.send_response(200)
+        self.send_response(503 if FLAKY and self.path.startswith("/flaky") else 200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -351,8 +353,11 @@ def http_requests(lab: Lab) -> list[str]:
     ``POST /admin*``: per-request outcomes and node2's Istio request metrics."""
     if shutil.which("curl") is None:
         raise StepFailed("curl is not installed: run scripts/setup.sh (debian-packages.txt)")
-    for pod in ("server-0", "server-1"):
-        _servers[f"{pod}-web"] = lab.popen(pod, sys.executable, "-c", WEB_SERVER, pod)
+    for pod, *flaky in (("server-0",), ("server-1", "flaky")):
+        # stderr: the retry step resets sessions after a 503 head, which the server would print
+        _servers[f"{pod}-web"] = lab.popen(
+            pod, sys.executable, "-c", WEB_SERVER, pod, *flaky, stderr=subprocess.DEVNULL
+        )
         _wait_listening(lab, pod, WEB_PORT)
     operation = {"methods": ["POST"], "paths": ["/admin*"], "ports": [str(WEB_PORT)]}
     manifest = _deny_on_servers("demo-deny-admin-posts", {"to": [{"operation": operation}]})
@@ -496,6 +501,99 @@ def canary(lab: Lab) -> list[str]:
         lab.delete([CANARY_ROUTE, *services])
 
 
+RETRY_REQUESTS = 20
+RETRY_ROUTE: dict[str, Any] = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "HTTPRoute",
+    "metadata": {"name": "demo-retry", "namespace": "default"},
+    "spec": {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+        "rules": [
+            {
+                "backendRefs": [{"name": "web", "port": 80}],
+                "retry": {"attempts": 2, "codes": [503], "backoff": "10ms"},
+            }
+        ],
+    },
+}
+# Round robin and no ejection, so that server-1 keeps getting first tries in both batches.
+ROUND_ROBIN_WEB: dict[str, Any] = {
+    "apiVersion": "nodemesh.io/v1alpha1",
+    "kind": "TrafficPolicy",
+    "metadata": {"name": "demo-round-robin", "namespace": "default"},
+    "spec": {
+        "targetRef": {"kind": "Service", "name": "web"},
+        "loadBalancer": {"type": "ROUND_ROBIN"},
+        "outlierDetection": {"maxEjectionPercent": 0},
+    },
+}
+
+
+def _statuses(lab: Lab, url: str, n: int) -> dict[str, int]:
+    args: list[str] = []
+    for i in range(n):
+        args += ["--next"] if i else []
+        args += ["-o", "/dev/null", "-w", "%{http_code}\n", f"{url}/{i}"]
+    out = lab.exec(
+        "client", "curl", "-sS", "--max-time", "10", *args, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise StepFailed(f"curl {url}: {out.stderr.strip()}")
+    counts: dict[str, int] = {}
+    for code in out.stdout.split():
+        counts[code] = counts.get(code, 0) + 1
+    return counts
+
+
+def _retries(lab: Lab) -> float:
+    return sum(
+        s.value
+        for s in _samples(lab, "node1")
+        if s.name == "nodemesh_http_retries_total" and s.labels.get("outcome") == "attempted"
+    )
+
+
+def http_retry(lab: Lab) -> list[str]:
+    """server-1 answers 503 on /flaky: without a route the client sees those 503s; with an
+    HTTPRoute ``retry`` on 503, node1's agent sends each such request again to server-0."""
+    vip = next(s for s in lab.status()["services"] if s["name"] == "web")["clusterIP"]
+    url = f"http://{vip}/flaky"
+    lab.apply(ROUND_ROBIN_WEB)
+    try:
+        deadline = time.monotonic() + 10
+        while "default/web" not in _traffic(lab, "node1")["effective"]:
+            if time.monotonic() > deadline:
+                raise StepFailed("node1's agent did not pick up TrafficPolicy demo-round-robin")
+            time.sleep(0.1)
+        bare = _statuses(lab, url, RETRY_REQUESTS)
+        if bare.get("503", 0) == 0:
+            raise StepFailed(f"without a retry no request met server-1's 503: {bare}")
+        lab.apply(RETRY_ROUTE)
+        try:
+            deadline = time.monotonic() + 15
+            while True:  # node1's agent has the route once a batch sees no 503
+                before = _retries(lab)
+                routed = _statuses(lab, url, RETRY_REQUESTS)
+                if routed == {"200": RETRY_REQUESTS}:
+                    break
+                if time.monotonic() > deadline:
+                    raise StepFailed(f"with the retry route: {routed}")
+                time.sleep(0.5)
+            retried = _retries(lab) - before
+        finally:
+            lab.delete(RETRY_ROUTE)
+    finally:
+        lab.delete(ROUND_ROBIN_WEB)
+    return [
+        "server-1 answers 503 on /flaky; TrafficPolicy default/demo-round-robin: round robin",
+        f"client -> Service web ({vip}:80) /flaky, {RETRY_REQUESTS} requests on one connection:",
+        f"  no route: {bare}",
+        "  HTTPRoute default/demo-retry (retry: attempts 2, codes [503]): "
+        f"{routed}, node1 retried {retried:.0f} of them "
+        '(nodemesh_http_retries_total{outcome="attempted"})',
+    ]
+
+
 def _traffic(lab: Lab, node: str) -> dict[str, Any]:
     """``GET /traffic`` of ``node``'s agent (traffic control: policies, endpoint health)."""
     from urllib.request import urlopen
@@ -596,6 +694,7 @@ STEPS: list[Step] = [
     Step("telemetry: live connections and Istio TCP metrics", telemetry),
     Step("HTTP/1.1: per-request outcomes, an L7 denial and Istio request metrics", http_requests),
     Step("HTTP routing: a canary by header and a weighted split (Gateway API)", canary),
+    Step("HTTP retries: a replica answering 503 hidden by an HTTPRoute retry", http_retry),
     Step("traffic control: a failing replica is ejected, retries hide it", ejection),
     Step("the central view: golden metrics per Service", central_view),
 ]

@@ -154,7 +154,9 @@ def format_policies(data: Mapping[str, Any]) -> str:
 
 
 def format_traffic(data: Mapping[str, Any]) -> str:
-    """TrafficPolicy conditions, then one row per endpoint of each Service in use."""
+    """TrafficPolicy conditions, one row per endpoint of each Service in use (its in-flight
+    connections or requests, latency estimate, failures), then per Service what is in flight and
+    pending, the retry budget's window and the ejections so far."""
     policies = [
         [name, c["reason"], c.get("message") or "-"] for name, c in data["policies"].items()
     ]
@@ -169,12 +171,23 @@ def format_traffic(data: Mapping[str, Any]) -> str:
                 [service, policy, e["ip"], e["subset"] or "-", state, e["active"],
                  f"{e['rtt_estimate_ms']:.1f}", e["consecutive_failures"]]
             )  # fmt: skip
+    totals = [
+        [service, st.get("active", 0), st.get("pending", 0),
+         f"{st.get('retry_budget', {}).get('retries', 0)}/"
+         f"{st.get('retry_budget', {}).get('requests', 0)}",
+         sum(st.get("ejections", {}).values())]
+        for service, st in sorted(data["services"].items())
+    ]  # fmt: skip
     parts = []
     if policies:
         parts.append(render(["TRAFFICPOLICY", "CONDITION", "MESSAGE"], policies))
     if rows:
         headers = ["SERVICE", "POLICY", "ENDPOINT", "SUBSET", "STATE", "OPEN", "RTT MS", "FAILS"]
         parts.append(render(headers, rows))
+        # in flight, waiting for a slot, the retry budget's window (retries/requests), ejections
+        parts.append(
+            render(["SERVICE", "IN FLIGHT", "PENDING", "RETRIES/REQS", "EJECTIONS"], totals)
+        )
     return "\n\n".join(parts) or "no TrafficPolicy and no Service connection yet"
 
 

@@ -14,12 +14,16 @@ What the balancer (``agent/policy/traffic/balancer.py``) predicts, and the asser
   server-0's samples larger than server-1's estimate. A run of a few seconds gives it a handful
   at most.
 - **Peak-EWMA, four connections.** The cost is ``estimate x (in flight + 1)``: with three
-  requests on server-0 its cost is up to 4x its estimate, so server-1 wins while its estimate
-  is below four times server-0's. By the time the measurement starts (the lab converged and
-  warmed up over many seconds) server-0's estimate has decayed from 30 ms to a few ms, far
-  below a quarter of server-1's 50 ms; server-1 gets a request only after a hiccup sampled on
-  server-0 above that quarter, and that request's own sample (>= 50 ms) puts it back out of
-  reach. Again a handful at most.
+  requests on server-0 its cost is 4x its estimate, and server-0's estimate is the peak of its
+  samples, which under four concurrent requests on a loaded machine include queueing in the
+  proxies (tens of ms at times). So server-1 wins a pick while its estimate is below four times
+  server-0's: typically one of the four connections sits on server-1, never two unless
+  server-0's estimate exceeds 2/3 of server-1's (``2 x E1 < 3 x E0``), i.e. server-0 is hardly
+  faster at that moment. With one connection on server-1 and three on server-0, where a
+  request takes a round trip of L ms to server-0 and L + 50 to server-1 (the same path, then
+  the sleep), server-1's share is ``(1/(L+50)) / (1/(L+50) + 3/L) = L / (4L + 150)``: 5 % at
+  L = 10, 10 % at L = 25, and below 0.25 whatever L is. More needs two connections on server-1
+  at once, which needs server-0 no longer clearly faster.
 - **Round robin** alternates per request, whatever the latency, over one counter per Service:
   the four connections interleave their picks but the total is half. (With an even warm-up and
   nothing else sending, it is exactly half; the assertion is the binomial one, 4 standard
@@ -28,7 +32,9 @@ What the balancer (``agent/policy/traffic/balancer.py``) predicts, and the asser
 
 Shares are measured after a warm-up of 20 requests (each endpoint has a sample) and reported
 with the binomial bound around one half for round robin; the assertions allow 4 standard
-deviations there, and a share below 0.25 for peak-EWMA (the prediction is far below that).
+deviations there, and a share below 0.25 for peak-EWMA (as derived above). Measured on the
+shared 2-core machine (two runs): one connection 0 and 0 of 200; four connections 1 and 25 of
+200 (0.5 %, 12.5 %); round robin exactly 100 of 200 both ways.
 """
 
 from __future__ import annotations

@@ -126,20 +126,23 @@ def _http_section(results: Mapping[str, Any]) -> list[str]:
 
 def _http_vs_l4(values: Mapping[str, Mapping[str, float | None]]) -> list[str]:
     """The goal of the HTTP path, measured: requests/s against the L4 path's (at least half),
-    its p50 over the L4 path's (at most 150 µs more) and the agents' CPU per request."""
+    its p50 over the L4 path's (at most 150 µs more) and the agents' CPU per request; and what
+    routing costs: the HTTPRoute path (match, split, retry) against plain HTTP via a Service."""
     out = []
-    for l4_key, http_key, what in (
+    for base_key, key, what in (
         ("mesh_l4", "mesh_http", "nodemesh HTTP against nodemesh L4 (pod port)"),
         ("svc_l4", "svc_http", "nodemesh HTTP against nodemesh L4 via a Service"),
+        ("svc_http", "svc_routed", "nodemesh HTTP routed (HTTPRoute) against plain via a Service"),
     ):
-        l4, http = values.get(l4_key), values.get(http_key)
-        if l4 is None or http is None:
+        base, other = values.get(base_key), values.get(key)
+        if base is None or other is None:
             continue
-        added = None if l4["p50"] is None or http["p50"] is None else http["p50"] - l4["p50"]
-        cpu = stats.ratio(http["cpu_us_per_request"], l4["cpu_us_per_request"])
+        p50 = (base["p50"], other["p50"])
+        added = None if p50[0] is None or p50[1] is None else p50[1] - p50[0]
+        cpu = stats.ratio(other["cpu_us_per_request"], base["cpu_us_per_request"])
         out += [
             "",
-            f"{what}: req/s {_ratio(stats.ratio(http['rps'], l4['rps']))}, p50"
+            f"{what}: req/s {_ratio(stats.ratio(other['rps'], base['rps']))}, p50"
             f" {'+' if added is not None and added >= 0 else ''}{_fmt(added, 0)} µs, agent CPU"
             f" per request {_ratio(cpu)}.",
         ]

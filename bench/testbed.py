@@ -8,7 +8,7 @@ processes on the same cores:
     nodemesh same    client (node1, meshed) -> neighbor (node1, meshed): one proxy, no TLS
     stunnel4         outsider -> node1 stunnel -> mTLS -> node2 stunnel -> plain
 
-and the HTTP/1.1 workload's five (``HttpPath``), to one HTTP server program:
+and the HTTP/1.1 workload's six (``HttpPath``), to one HTTP server program:
 
     direct           outsider -> plain:8000
     nodemesh L4      client -> server:8001, a port nothing declares HTTP: opaque bytes over HBONE
@@ -19,6 +19,12 @@ and the HTTP/1.1 workload's five (``HttpPath``), to one HTTP server program:
     Service HTTP     client -> Service bench-http:80 -> server:8000, declared by the Service
                      port: node1's agent terminates HTTP and routes each request, node2's
                      parses it again (what a client of a Service on an HTTP port gets)
+    Service routed   client -> Service bench-routed:80 -> server:8000, through an HTTPRoute
+                     attached to it: a header match rule (``x-bench-canary: true`` -> bench-v2,
+                     which the bench's requests do not send, so every request evaluates it and
+                     falls through), then a 90/10 split between Services bench-v1 and bench-v2
+                     with retries on 503 enabled (GEP-1731). Both backends select the same
+                     server pod, so it differs from Service HTTP only by routing
 
 The unmeshed pods are the stunnel path's ends too, so stunnel's numbers differ from direct only by
 the tunnel. Client namespaces get ``tcp_tw_reuse=1`` and a wide local port range: the
@@ -50,6 +56,8 @@ HTTP_PORT = 8000  # declared HTTP/1.1 on the server pod
 HTTP_L4_PORT = 8001  # the same server program on a port left undeclared (opaque L4)
 SVC_L4 = "bench-l4"  # Service port 80 -> 8001: balanced per connection, opaque bytes
 SVC_HTTP = "bench-http"  # Service port 80 -> 8000 declared HTTP: parsed at both nodes
+SVC_ROUTED = "bench-routed"  # like bench-http, with an HTTPRoute: match, 90/10 split, retry
+ROUTE_BACKENDS = ("bench-v1", "bench-v2")  # the split's Services, both selecting the server
 TOPOLOGY = f"""\
 nodes:
   - name: node1
@@ -67,6 +75,25 @@ services:
      ports: [{{port: 80, targetPort: {HTTP_L4_PORT}}}]}}
   - {{name: {SVC_HTTP}, namespace: default, selector: {{app: server}},
      ports: [{{port: 80, targetPort: {HTTP_PORT}, name: http, appProtocol: http}}]}}
+  - {{name: {SVC_ROUTED}, namespace: default, selector: {{app: server}},
+     ports: [{{port: 80, targetPort: {HTTP_PORT}, name: http, appProtocol: http}}]}}
+  - {{name: {ROUTE_BACKENDS[0]}, namespace: default, selector: {{app: server}},
+     ports: [{{port: 80, targetPort: {HTTP_PORT}, name: http, appProtocol: http}}]}}
+  - {{name: {ROUTE_BACKENDS[1]}, namespace: default, selector: {{app: server}},
+     ports: [{{port: 80, targetPort: {HTTP_PORT}, name: http, appProtocol: http}}]}}
+routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {{name: {SVC_ROUTED}, namespace: default}}
+    spec:
+      parentRefs: [{{group: "", kind: Service, name: {SVC_ROUTED}, port: 80}}]
+      rules:
+        - matches: [{{headers: [{{name: x-bench-canary, value: "true"}}]}}]
+          backendRefs: [{{name: {ROUTE_BACKENDS[1]}, port: 80}}]
+        - backendRefs:
+            - {{name: {ROUTE_BACKENDS[0]}, port: 80, weight: 90}}
+            - {{name: {ROUTE_BACKENDS[1]}, port: 80, weight: 10}}
+          retry: {{attempts: 2, codes: [503], backoff: 10ms}}
 """
 ECHO_PORT = 7000
 IPERF_PORT = 5201
@@ -248,6 +275,8 @@ class Testbed:
                      vip[SVC_L4], 80, agents, False),
             HttpPath("svc_http", "nodemesh HTTP via a Service (both nodes)", "client",
                      vip[SVC_HTTP], 80, agents, True),
+            HttpPath("svc_routed", "nodemesh HTTP via an HTTPRoute (match, split, retry)",
+                     "client", vip[SVC_ROUTED], 80, agents, True),
         ]  # fmt: skip
 
 

@@ -167,7 +167,9 @@ def http_keepalive(bed: Testbed, path: HttpPath, s: Settings) -> dict[str, Any]:
     unrecorded ``s.http_warmup`` run; requests/s, request-time percentiles from its per-request
     log, the agents' CPU per request, and how many requests node2's agent counted
     (``istio_requests_total{reporter="destination"}``): all of them on the declared port, none on
-    the L4 one, which shows what each path measured."""
+    the L4 one; and how many node1's agent sent to each HTTPRoute backend (its ``/routes``): all
+    of the routed path's, split 90/10, none of the others'. Together they show what each path
+    measured."""
     url = f"http://{path.host}:{path.port}/"
     base = ["h2load", "--h1", "-c", str(s.http_clients), "-t", "1"]
     if s.http_warmup > 0:
@@ -185,7 +187,7 @@ def _measured_http(
 ) -> dict[str, Any]:
     log = Path(bed.the_lab.state_dir) / "logs" / "bench-h2load-requests.log"
     log.unlink(missing_ok=True)  # h2load appends to its log file
-    counted_before = _destination_requests(bed)
+    counted_before, routed_before = _destination_requests(bed), _route_backends(bed)
     cpu_before = procstat.total_cpu(path.proxy_pids)
     argv = [*base, "-D", _ms(s.http_seconds), f"--log-file={log}", url]
     raw = _h2load(bed, path, argv, s.http_seconds)
@@ -205,12 +207,18 @@ def _measured_http(
     while path.declared and counted < found["succeeded"] and time.monotonic() < deadline:
         time.sleep(0.1)
         counted = _destination_requests(bed) - counted_before
+    routed = {
+        backend: n - routed_before.get(backend, 0)
+        for backend, n in _route_backends(bed).items()
+        if n != routed_before.get(backend, 0)
+    }
     return {
         **found,
         **{f"{k}_us": v for k, v in stats.percentiles(times, HTTP_POINTS).items()},
         "mean_us": sum(times) / len(times),
         "proxy_cpu_s": cpu,
         "destination_counted": counted,
+        "route_backends": routed,
     }
 
 
@@ -231,6 +239,21 @@ def _h2load(bed: Testbed, path: HttpPath, argv: list[str], seconds: float) -> di
         tail = err.decode(errors="replace").strip().splitlines()[-3:]
         return {"error": f"h2load exited {proc.returncode}: {' | '.join(tail)}"}
     return {"stdout": out.decode(errors="replace")}
+
+
+def _route_backends(bed: Testbed) -> dict[str, int]:
+    """node1's agent: requests sent to each HTTPRoute backend Service so far (``/routes``)."""
+    status, body = netns.http_get(
+        bed.the_lab.netns("node1"), "127.0.0.1", ADMIN_PORT, "/routes", timeout=5.0
+    )
+    if status != 200:
+        raise RuntimeError(f"node1's agent answered /routes with {status}: see its log")
+    out: dict[str, int] = {}
+    for route in json.loads(body)["routes"]:
+        for rule in route.get("rules", []):
+            for backend in rule["backends"]:
+                out[backend["service"]] = out.get(backend["service"], 0) + backend["requests"]
+    return out
 
 
 def _destination_requests(bed: Testbed) -> float:

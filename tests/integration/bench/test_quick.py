@@ -27,7 +27,7 @@ TINY = [
 ]  # fmt: skip
 PATHS = {"direct", "mesh_cross", "mesh_same", "stunnel"}
 WORKLOADS = {"bulk_1", "bulk_4", "rr", "conn"}
-HTTP_PATHS = {"direct", "mesh_l4", "mesh_http", "svc_l4", "svc_http"}
+HTTP_PATHS = {"direct", "mesh_l4", "mesh_http", "svc_l4", "svc_http", "svc_routed"}
 
 
 def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
@@ -70,6 +70,7 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
     assert all("bytes_per_second" in s for s in results["openssl_speed"])
     assert {p["key"]: p["declared"] for p in results["http_paths"]} == {
         "direct": False, "mesh_l4": False, "mesh_http": True, "svc_l4": False, "svc_http": True,
+        "svc_routed": True,
     }  # fmt: skip
     http = {s["path"]: s for s in results["samples"] if s["workload"] == "http"}
     for key, sample in http.items():
@@ -79,6 +80,15 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
     # node2's agent parsed and counted every request on the declared port, none on the L4 one.
     assert http["mesh_http"]["destination_counted"] >= http["mesh_http"]["requests"]
     assert http["svc_http"]["destination_counted"] >= http["svc_http"]["requests"]
+    assert http["svc_routed"]["destination_counted"] >= http["svc_routed"]["requests"]
+    # node1's agent routed every request of the routed path by its HTTPRoute, 90/10 (4 sd
+    # around 10 % to bench-v2), and no other path's.
+    routed = http["svc_routed"]["route_backends"]
+    sent = routed.get("default/bench-v1", 0) + routed.get("default/bench-v2", 0)
+    assert set(routed) <= {"default/bench-v1", "default/bench-v2"}
+    assert sent >= http["svc_routed"]["requests"]
+    assert abs(routed.get("default/bench-v2", 0) - 0.1 * sent) <= 4 * (0.09 * sent) ** 0.5
+    assert all(not s["route_backends"] for k, s in http.items() if k != "svc_routed")
     assert http["mesh_l4"]["destination_counted"] == 0
     assert http["svc_l4"]["destination_counted"] == 0
     assert http["direct"]["destination_counted"] == 0

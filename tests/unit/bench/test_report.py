@@ -199,6 +199,26 @@ def test_http_section_medians_cpu_per_request_and_what_node2_counted() -> None:
         " request 2.00x."
     ) in text
     assert "HTTP/1.1 keep-alive" not in report.markdown(results(), None)
+    assert "routed" not in text  # no routed path in these results: no line for it
+
+
+def test_the_routed_path_is_compared_with_plain_http_via_a_service() -> None:
+    done = results()
+    done["http_paths"] = [
+        {"key": "svc_http", "title": "Service HTTP", "proxy_pids": [1, 2]},
+        {"key": "svc_routed", "title": "Service routed", "proxy_pids": [1, 2]},
+    ]
+    done["samples"] += [
+        *(_http(rep, "svc_http", 2e3, 300.0, 0.3, 1000) for rep in range(3)),
+        *(_http(rep, "svc_routed", 1.6e3, 380.0, 0.45, 1000) for rep in range(3)),
+    ]
+    done["settings"] |= {"http_clients": 8, "http_seconds": 3.0}
+    text = report.markdown(done, None)
+    assert "| Service routed | 1,600 | 380 | 760 | 1,520 | 450.0 | — | 3,000 / 3,000 |" in text
+    assert (
+        "nodemesh HTTP routed (HTTPRoute) against plain via a Service: req/s 0.80x, p50 +80 µs,"
+        " agent CPU per request 1.50x."
+    ) in text
 
 
 def test_a_run_of_the_http_section_alone_shows_no_empty_tcp_tables() -> None:

@@ -92,7 +92,7 @@ class SessionKey:
 
 class UpstreamSession:
     """One upstream connection carrying HTTP/1.1 requests, one at a time: an HBONE stream or a
-    TCP socket, with the h11 client half that lives as long as it does."""
+    TCP socket, with the codec's client half (``UpstreamHalf``) that lives as long as it does."""
 
     def __init__(self, key: SessionKey, conn: TunnelStream | socket.socket) -> None:
         self.key = key

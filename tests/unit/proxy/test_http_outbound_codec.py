@@ -209,3 +209,62 @@ def test_client_leaving_mid_request_releases_the_upstream_as_unusable() -> None:
     assert c.take_released() == [(up, False)]
     ((exchange, _),) = c.take_completed()
     assert exchange.flags == "DC"
+
+
+def test_a_local_answer_to_head_has_no_body() -> None:
+    c = _codec()
+    c.receive_client(b"HEAD /h HTTP/1.1\r\nHost: web\r\n\r\n")
+    c.respond_locally(503, "UH", b"no healthy upstream\n")
+    assert c.take_to_client() == (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 0\r\n\r\n"
+    )
+    assert not c.closing and c.wants_client_data()
+
+
+def test_bytes_after_a_response_make_its_upstream_unusable() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    up = new_upstream()
+    c.attach(up, "e")
+    c.receive_upstream(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")  # unasked
+    assert c.take_to_client() == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    assert c.take_released() == [(up, False)]  # never handed the stray answer to a request
+
+
+def test_a_response_delimited_by_the_close_is_chunked_for_the_client() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    up = new_upstream()
+    c.attach(up, "e")
+    c.receive_upstream(b"HTTP/1.1 200 OK\r\n\r\nsome")
+    c.receive_upstream(b"")
+    assert c.take_to_client() == (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n0\r\n\r\n"
+    )
+    assert c.take_released() == [(up, False)]
+    ((exchange, _),) = c.take_completed()
+    assert (exchange.status, exchange.flags, exchange.response_bytes) == (200, "-", 4)
+    assert not c.closing
+
+
+def test_the_head_timer_firing_after_an_upgrade_writes_nothing_into_the_tunnel() -> None:
+    c = _codec()
+    c.receive_client(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n")
+    c.attach(new_upstream(), "e")
+    c.receive_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n"
+    )
+    c.take_to_client()
+    c.header_timeout()
+    assert c.take_to_client() == b"" and c.take_rejections() == [] and c.tunnel
+
+
+def test_an_http10_client_gets_its_response_and_the_close() -> None:
+    c = _codec()
+    c.receive_client(b"GET /old HTTP/1.0\r\n\r\n")
+    c.attach(new_upstream(), "e")
+    # Forwarded as HTTP/1.1, which must have a Host: empty, no authority being known.
+    assert c.take_to_upstream() == b"GET /old HTTP/1.1\r\nhost: \r\nx-request-id: rid-1\r\n\r\n"
+    c.receive_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    assert c.take_to_client() == b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nok"
+    assert c.closing

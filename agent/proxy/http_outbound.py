@@ -110,6 +110,13 @@ class UpstreamSession:
             return chunk
         return await asyncio.get_running_loop().sock_recv(self.conn, READ_SIZE)
 
+    def try_write(self, data: bytes) -> int:
+        """Write what goes out without waiting; how many bytes did (0 also when the connection
+        failed: the awaited ``write`` of the rest then raises)."""
+        if isinstance(self.conn, TunnelStream):
+            return len(data) if self.conn.try_write(data) else 0
+        return _try_send(self.conn, data)
+
     async def write(self, data: bytes) -> None:
         if isinstance(self.conn, TunnelStream):
             await self.conn.write(data)
@@ -206,6 +213,14 @@ class _Request:
     plan: RoutePlan | None = None
     route: Route | None = None
     first_byte: float = 0.0
+
+
+def _try_send(sock: socket.socket, data: bytes) -> int:
+    """A non-blocking send; 0 when it would block or failed (the awaited send will tell)."""
+    try:
+        return sock.send(data)
+    except OSError:
+        return 0
 
 
 def _name(target: ServiceTarget) -> str:
@@ -324,29 +339,44 @@ class _ClientConnection:
             await self._flush()
 
     async def _flush(self) -> None:
-        """Write what the codec produced, settle released sessions, report exchanges."""
+        """Write what the codec produced, settle released sessions, report exchanges.
+
+        Each side's bytes go out at once when no earlier write to it is still waiting and the
+        side takes them all; otherwise they wait their turn behind the side's lock, and the
+        awaited write applies the backpressure. A session is released only once no write to
+        it is in flight (the upstream lock)."""
         codec = self.codec
-        async with self._up_lock:
-            data = codec.take_to_upstream()
-            if data and self.session is not None:
-                try:
-                    await self.session.write(data)
-                except (OSError, TunnelError) as e:
-                    log.debug("%s: upstream send failed: %r", self.record.source, e)
-                    codec.upstream_failed()
+        data, session, up_lock = codec.take_to_upstream(), self.session, self._up_lock
+        if data and session is not None and not up_lock.locked():
+            data = data[session.try_write(data) :]
+        if (data and session is not None) or up_lock.locked():
+            async with up_lock:
+                if data and self.session is not None:
+                    try:
+                        await self.session.write(data)
+                    except (OSError, TunnelError) as e:
+                        log.debug("%s: upstream send failed: %r", self.record.source, e)
+                        codec.upstream_failed()
+                for _, reusable in codec.take_released():
+                    self._release(reusable)
+        else:
             for _, reusable in codec.take_released():
                 self._release(reusable)
-        async with self._down_lock:
-            data = codec.take_to_client()
-            if data and not self.client_gone:
-                try:
-                    await asyncio.get_running_loop().sock_sendall(self.client, data)
-                except OSError as e:  # the client went away: stop serving it
-                    log.debug("%s: client send failed: %r", self.record.source, e)
-                    self.client_gone = True
-                    codec.closing = True
-                else:
-                    self.record.bytes_received += len(data)
+        data = codec.take_to_client()
+        if data and not self.client_gone:
+            size, down_lock = len(data), self._down_lock
+            if not down_lock.locked():
+                data = data[_try_send(self.client, data) :]
+            if data:
+                async with down_lock:
+                    try:
+                        await asyncio.get_running_loop().sock_sendall(self.client, data)
+                    except OSError as e:  # the client went away: stop serving it
+                        log.debug("%s: client send failed: %r", self.record.source, e)
+                        self.client_gone = True
+                        codec.closing = True
+                        size = 0
+            self.record.bytes_received += size
         for exchange, request in codec.take_completed():
             self._report(exchange, request)
         for cause in codec.take_rejections():

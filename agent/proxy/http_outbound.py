@@ -126,7 +126,7 @@ class UpstreamSession:
     def alive(self) -> bool:
         """Still usable while idle: not closed or reset by the far side, nothing unasked."""
         if isinstance(self.conn, TunnelStream):
-            return not self.conn.eof and self.conn.error is None
+            return not self.conn.unread
         try:
             self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -223,6 +223,28 @@ def _try_send(sock: socket.socket, data: bytes) -> int:
         return 0
 
 
+class _Direct:
+    """``Sink`` of the attached HBONE session: hands its bytes to ``_ClientConnection._take``."""
+
+    __slots__ = ("owner", "request", "session")
+
+    def __init__(
+        self, owner: _ClientConnection, session: UpstreamSession, request: _Request
+    ) -> None:
+        self.owner, self.session, self.request = owner, session, request
+
+    def send(self, data: bytes, /) -> int:
+        return self.owner._take(self.session, self.request, data)
+
+
+def _detach(session: UpstreamSession) -> None:
+    """No more bytes or ends to the callbacks ``_attach`` set (released, or read by a task)."""
+    conn = session.conn
+    if isinstance(conn, TunnelStream):
+        conn.deliver_directly(None)
+        conn.on_end = conn.on_drop = None
+
+
 def _name(target: ServiceTarget) -> str:
     return f"{target.service.namespace}/{target.service.name}"
 
@@ -292,6 +314,9 @@ class _ClientConnection:
         self.client_gone = False  # a send to the client failed
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
+        self._up_backlog = b""  # for ``session``, behind a write still waiting
+        self._down_backlog = b""  # for the client, behind a write still waiting
+        self._later: set[asyncio.Task[None]] = set()  # flushes a callback could not finish
 
     async def serve(self) -> None:
         """Serve requests until the client or the codec ends it; raises ``OSError`` when the
@@ -304,12 +329,14 @@ class _ClientConnection:
                 raise ConnectionResetError("the client went away")
         finally:
             reader, session = self.reader, self.session
-            if reader is not None:
-                reader.cancel()
+            for task in [*self._later, *([reader] if reader is not None else [])]:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-            if session is not None and session.reusable is None:
-                session.close()  # cut mid-exchange, or pinned by an upgrade
+                    await task
+            if session is not None:
+                _detach(session)
+                if session.reusable is None:
+                    session.close()  # cut mid-exchange, or pinned by an upgrade
             for exchange, request in self.codec.take_completed():
                 self._report(exchange, request)
 
@@ -338,19 +365,62 @@ class _ClientConnection:
             codec.receive_client(data)
             await self._flush()
 
-    async def _flush(self) -> None:
-        """Write what the codec produced, settle released sessions, report exchanges.
-
-        Each side's bytes go out at once when no earlier write to it is still waiting and the
-        side takes them all; otherwise they wait their turn behind the side's lock, and the
-        awaited write applies the backpressure. A session is released only once no write to
-        it is in flight (the upstream lock)."""
+    def _flush_now(self) -> bool:
+        """Write what the codec produced, settle released sessions, report exchanges, without
+        waiting: True when all of it went out. False when a side's bytes wait behind an
+        earlier write or for the side to take them (that side's backlog); ``_flush`` then
+        writes them awaiting the side's backpressure, and settles the sessions released
+        meanwhile only after that, so a session is never pooled with a write in flight."""
         codec = self.codec
-        data, session, up_lock = codec.take_to_upstream(), self.session, self._up_lock
-        if data and session is not None and not up_lock.locked():
-            data = data[session.try_write(data) :]
-        if (data and session is not None) or up_lock.locked():
-            async with up_lock:
+        done = True
+        data = codec.take_to_upstream()
+        if data and self.session is not None:
+            done = self._send_upstream_now(self.session, data)
+        elif self._up_lock.locked() or self._up_backlog:
+            done = False
+        if done:
+            for _, reusable in codec.take_released():
+                self._release(reusable)
+        data = codec.take_to_client()
+        if data and not self.client_gone:
+            done = self._send_client_now(data) and done
+        for exchange, request in codec.take_completed():
+            self._report(exchange, request)
+        for cause in codec.take_rejections():
+            self.core.registry.http_rejected(cause, f"{self.record.source} -> {self.service}")
+        if done:
+            self.changed.set()
+        return done
+
+    def _send_upstream_now(self, session: UpstreamSession, data: bytes) -> bool:
+        if self._up_lock.locked() or self._up_backlog:
+            self._up_backlog += data
+            return False
+        sent = session.try_write(data)
+        if sent < len(data):
+            self._up_backlog = data[sent:]
+            return False
+        return True
+
+    def _send_client_now(self, data: bytes) -> bool:
+        if self._down_lock.locked() or self._down_backlog:
+            self._down_backlog += data
+            return False
+        sent = _try_send(self.client, data)
+        self.record.bytes_received += sent
+        if sent < len(data):
+            self._down_backlog = data[sent:]
+            return False
+        return True
+
+    async def _flush(self) -> None:
+        """``_flush_now``, then what it left: each side's backlog written under the side's
+        lock (awaiting its backpressure; the lock keeps writes in order), the sessions
+        released meanwhile settled, and again until nothing is left."""
+        codec = self.codec
+        while not self._flush_now():
+            async with self._up_lock:
+                data, self._up_backlog = self._up_backlog, b""
                 if data and self.session is not None:
                     try:
                         await self.session.write(data)
@@ -359,29 +429,27 @@ class _ClientConnection:
                         codec.upstream_failed()
                 for _, reusable in codec.take_released():
                     self._release(reusable)
-        else:
-            for _, reusable in codec.take_released():
-                self._release(reusable)
-        data = codec.take_to_client()
-        if data and not self.client_gone:
-            size, down_lock = len(data), self._down_lock
-            if not down_lock.locked():
-                data = data[_try_send(self.client, data) :]
-            if data:
-                async with down_lock:
+            async with self._down_lock:
+                data, self._down_backlog = self._down_backlog, b""
+                if data and not self.client_gone:
                     try:
                         await asyncio.get_running_loop().sock_sendall(self.client, data)
                     except OSError as e:  # the client went away: stop serving it
                         log.debug("%s: client send failed: %r", self.record.source, e)
                         self.client_gone = True
                         codec.closing = True
-                        size = 0
-            self.record.bytes_received += size
-        for exchange, request in codec.take_completed():
-            self._report(exchange, request)
-        for cause in codec.take_rejections():
-            self.core.registry.http_rejected(cause, f"{self.record.source} -> {self.service}")
-        self.changed.set()
+                    else:
+                        self.record.bytes_received += len(data)
+
+    def _flush_later(self) -> None:
+        """Finish, in a task, a flush a callback began (``_take``)."""
+        task = asyncio.create_task(self._flush(), name=f"http-flush {self.record.source}")
+        self._later.add(task)
+        task.add_done_callback(self._later_done)
+
+    def _later_done(self, task: asyncio.Task[None]) -> None:
+        self._later.discard(task)
+        self._reader_done(task)
 
     def _release(self, reusable: bool) -> None:
         """The current session's exchange ended: pool it (or close it) once its reader stops."""
@@ -390,6 +458,7 @@ class _ClientConnection:
             return
         session.reusable = reusable
         self.session, self.reader = None, None
+        _detach(session)
         if reader is None or reader.done():
             self._settle(session)
             return
@@ -495,14 +564,57 @@ class _ClientConnection:
 
     async def _attach(self, session: UpstreamSession, request: _Request) -> None:
         self.session = session
-        if isinstance(session.conn, TunnelStream):
+        conn = session.conn
+        if isinstance(conn, TunnelStream):
             self.record.security = SECURITY_MTLS
-        self.reader = asyncio.create_task(self._upstream_side(session, request))
-        self.reader.add_done_callback(self._reader_done)
+        if isinstance(conn, TunnelStream) and not conn.unread:
+            # Its bytes come to ``_take`` from the HBONE connection's callback; its end or
+            # reset starts a reader task, as do bytes that cannot be taken at once.
+            conn.deliver_directly(_Direct(self, session, request))
+            conn.on_end = conn.on_drop = lambda: self._start_reader(session, request)
+        else:
+            self._start_reader(session, request)
         self.codec.attach(session.codec, request)
         await self._flush()
 
     # -- upstream side -----------------------------------------------------------------------
+    def _take(self, session: UpstreamSession, request: _Request, data: bytes) -> int:
+        """The attached HBONE session's bytes, from the connection's callback: handled and
+        written at once, no task woken. Left in the stream, for a reader task to handle in
+        order with awaited writes, while a write to either side waits; left alone once the
+        connection is ending or upgraded (the relay reads them then)."""
+        codec = self.codec
+        if self.session is not session or codec.closing or codec.tunnel:
+            return 0
+        if (
+            self._up_backlog
+            or self._down_backlog
+            or self._up_lock.locked()
+            or self._down_lock.locked()
+        ):
+            self._start_reader(session, request)
+            return 0
+        if not request.first_byte:
+            request.first_byte = time.monotonic()
+        try:
+            codec.receive_upstream(data)
+            if not self._flush_now():
+                self._flush_later()
+        except Exception:  # this connection's failure, not the HBONE connection's
+            log.exception("%s: HTTP upstream bytes could not be handled", self.record.source)
+            codec.closing = True
+            self.changed.set()
+        return len(data)
+
+    def _start_reader(self, session: UpstreamSession, request: _Request) -> None:
+        """Read the attached ``session`` with a task (a socket always; an HBONE stream once a
+        callback could not take its bytes, or it ended)."""
+        if self.reader is not None or self.session is not session:
+            return
+        _detach(session)
+        self.reader = asyncio.create_task(self._upstream_side(session, request))
+        self.reader.add_done_callback(self._reader_done)
+
     async def _upstream_side(self, session: UpstreamSession, request: _Request) -> None:
         codec = self.codec
         while self.session is session and not (codec.closing or codec.tunnel):
@@ -535,6 +647,7 @@ class _ClientConnection:
     async def _relay_upgraded(self, session: UpstreamSession) -> None:
         """After a 101: the client and its session exchange opaque bytes until both end."""
         self.session = None  # pinned: never pooled
+        _detach(session)
         if isinstance(session.conn, TunnelStream):
             await relay_tunnel(self.client, session.conn, self.record, outbound=True)
         else:

@@ -146,13 +146,17 @@ class TunnelStream:
     ) -> None:
         """Send received bytes straight to ``sock`` when possible (see the module docstring);
         ``on_sent(n)`` counts them. ``None`` stops it (before the socket is closed). A ``Sink``
-        that is not a socket takes bytes the same way (the HTTP/1.1 shell parses them there)."""
+        that is not a socket takes bytes the same way (the HTTP/1.1 shell parses them there).
+        Register with no reader inside ``read`` or writing what it returned (a reader that
+        stopped, like the source shell's between requests, no longer holds a chunk back)."""
         if isinstance(sock, socket.socket) and sock.gettimeout() != 0.0:
             raise ValueError(
                 "direct delivery needs a non-blocking socket: "
                 "a blocking send would stall the event loop (call setblocking(False) first)"
             )
         self._sink, self._on_sent = sock, on_sent
+        if sock is not None:
+            self._relay_writing = False
 
     async def read(self) -> bytes | None:
         """The next chunk, or None once the peer half-closed; raises if the stream was reset."""

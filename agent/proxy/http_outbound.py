@@ -14,13 +14,22 @@ completed; at most ``MAX_IDLE_PER_ENDPOINT`` idle per key and ``MAX_IDLE`` in al
 closed after ``IDLE_TIMEOUT`` unused; one that the far side closed meanwhile is dropped at
 checkout, never handed to a request.
 
-Two tasks per client connection: the client side reads (only when the codec wants bytes, so
-a slow endpoint stops the client's reads) and, when a head is pending, routes and attaches the
-request; the upstream side reads the attached session. Writes are awaited before reading more
-(backpressure both ways). A connect failure is retried on another endpoint while traffic
-control allows (``Attempts``); when none is left the client gets 503 ``UF`` (``UH`` when the
-Service has no endpoint), with the connect bounded by the Service's connect timeout, so a
-request never hangs on a dead endpoint. After a ``101`` the client connection is pinned to its
+One task per client connection reads the client (only when the codec wants bytes, so a slow
+endpoint stops the client's reads) and, when a head is pending, routes and attaches the
+request. An attached HBONE session's response is handled where it arrives, in the HBONE
+connection's callback (``deliver_directly``): parsed, written to the client, the session
+released, with no task woken per response. Why: once the codec was llhttp, the bench's profile
+of the source agent had the tasks, awaits and locks per request as a large part of what was
+left. A reader task for the session is started only when that cannot be done: a write to
+either side still waits (then the bytes stay queued in the stream, read in order with awaited
+writes, so a slow client stops the endpoint's stream), the stream ended or was reset, or the
+session is a socket. Writes go out at once unless an earlier one waits; what a side does not
+take waits behind its lock (backpressure both ways).
+
+A connect failure is retried on another endpoint while traffic control allows
+(``Attempts``); when none is left the client gets 503 ``UF`` (``UH`` when the Service has no
+endpoint), with the connect bounded by the Service's connect timeout, so a request never hangs
+on a dead endpoint. After a ``101`` the client connection is pinned to its
 upstream session and relayed as opaque bytes.
 
 For a same-node endpoint this node is the only proxy on the path, so it authorizes each

@@ -186,12 +186,12 @@ class SessionPool:
 
     def put(self, session: UpstreamSession) -> None:
         """Keep ``session`` for reuse, or close it when over a bound."""
-        idle = self._idle.setdefault(session.key, OrderedDict())
-        if self.draining or len(idle) >= self.max_per_key or self.size >= self.max_idle:
+        idle = self._idle.get(session.key)
+        if self.draining or self.size >= self.max_idle or (idle and len(idle) >= self.max_per_key):
             session.close()
-            if not idle:
-                del self._idle[session.key]
             return
+        if idle is None:  # (not setdefault: that would build a dict for every put)
+            idle = self._idle[session.key] = OrderedDict()
         timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, session)
         idle[session] = timer
         self.size += 1

@@ -18,13 +18,14 @@ One task per client connection reads the client (only when the codec wants bytes
 endpoint stops the client's reads) and, when a head is pending, routes and attaches the
 request. An attached HBONE session's response is handled where it arrives, in the HBONE
 connection's callback (``deliver_directly``): parsed, written to the client, the session
-released, with no task woken per response. Why: once the codec was llhttp, the bench's profile
-of the source agent had the tasks, awaits and locks per request as a large part of what was
-left. A reader task for the session is started only when that cannot be done: a write to
-either side still waits (then the bytes stay queued in the stream, read in order with awaited
-writes, so a slow client stops the endpoint's stream), the stream ended or was reset, or the
-session is a socket. Writes go out at once unless an earlier one waits; what a side does not
-take waits behind its lock (backpressure both ways).
+released, with no task woken per response. Why: once the codec was llhttp, the event loop's
+own work (task steps, awaits) was about a fifth of the source agent's profile; this step
+measured about 6% less agent CPU per request (ARCHITECTURE.md). A reader task for the
+session is started only when that cannot be done: a write to either side still waits (then
+the bytes stay queued in the stream, read in order with awaited writes, so a slow client stops
+the endpoint's stream), the stream ended or was reset, or the session is a socket. Writes go
+out at once unless an earlier one waits; what a side does not take waits behind its lock
+(backpressure both ways).
 
 A connect failure is retried on another endpoint while traffic control allows
 (``Attempts``); when none is left the client gets 503 ``UF`` (``UH`` when the Service has no

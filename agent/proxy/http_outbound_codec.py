@@ -4,23 +4,29 @@ Why not ``agent.proxy.http1.Http1Proxy``: that one pins the client connection to
 connection (the destination node relays to one pod). Here each request may go to another
 endpoint, so the upstream half is *attached* per request and *released* after it, to be pooled
 by the shell (``agent.proxy.http_outbound``) and attached again to a later request, maybe of
-another client connection. The interface to the shell is narrow on purpose, so that the h11
-codec underneath can be swapped (the destination side is moving to httptools): bytes in
-(``receive_client``, ``receive_upstream``), bytes out (``take_to_client``, ``take_to_upstream``),
-and four decisions: ``pending`` (a request head waits for an upstream), ``attach``,
-``respond_locally`` (503 for no endpoint, 403 for a same-node L7 denial) and ``take_released``
-(the upstream half is free again; whether it can be reused).
+another client connection. The interface to the shell is narrow: bytes in (``receive_client``,
+``receive_upstream``), bytes out (``take_to_client``, ``take_to_upstream``), and four
+decisions: ``pending`` (a request head waits for an upstream), ``attach``, ``respond_locally``
+(503 for no endpoint, 403 for a same-node L7 denial) and ``take_released`` (the upstream half
+is free again; whether it can be reused).
 
-Sans-IO: no sockets, no clock of its own (``clock`` is injected), tested byte for byte.
+Why llhttp (``agent.proxy.http1_codec``): the destination measured h11 at about a quarter of
+its agent's CPU per request and moved to llhttp; this side followed, with the same two halves:
+a ``RequestReader`` for the client (we are its server) and, per upstream session, a
+``ResponseReader`` (``UpstreamHalf``, we are the endpoint's client). Sans-IO: no sockets, no
+clock of its own (``clock`` is injected), tested byte for byte.
 
-Per request, as at the destination (``http1``): a head that could be read two ways (both
-``Content-Length`` and ``Transfer-Encoding``) is 400, a head over ``max_head_bytes`` 431, a
-malformed one 400, each closing the client; hop-by-hop headers are removed (RFC 9110 7.6.1) and
-h11 re-frames bodies; ``x-request-id`` is added when absent; ``Expect: 100-continue`` goes to
-the endpoint and its ``100`` comes back; an upgrade answered ``101`` turns the connection into
-an opaque tunnel to that upstream (``tunnel``), with what either side sent after the heads
-handed over. The client connection does not inherit an upstream's ``Connection: close``: the
-next request simply gets another upstream session.
+Per request, as at the destination: a head that could be read two ways (both
+``Content-Length`` and ``Transfer-Encoding``) is 400, a transfer coding other than ``chunked``
+501, a head over ``max_head_bytes`` 431, a malformed one 400, each closing the client; a head
+not complete in time is the shell's to time out (``header_timeout``: 408). Hop-by-hop headers
+are removed (RFC 9110 7.6.1); a chunked body is re-chunked from the validated chunks, and a
+response delimited by the endpoint's close is chunked for an HTTP/1.1 client (its end is then
+the last chunk, not the close); ``x-request-id`` is added when absent; ``Expect: 100-continue``
+goes to the endpoint and its ``100`` comes back; an upgrade answered ``101`` turns the
+connection into an opaque tunnel to that upstream (``tunnel``), with what either side sent
+after the heads handed over. The client connection does not inherit an upstream's
+``Connection: close``: the next request simply gets another upstream session.
 
 Per request the shell may also edit the forwarded head (``edit_pending``: a route's header
 modifier and rewrite), edit the response head (``edit_response``), end the request when its
@@ -34,7 +40,9 @@ whether the request is ``replayable`` (body complete and within the limit). A re
 mirrored (``mirror_with``) is held the same way: once the client sent all of it, the forwarded
 head with its body is handed to the shell (``take_mirrors``: the body is ``None`` when it went
 past the limit, so the copy cannot be made), which sends the copy on its own, never in the
-primary's way.
+primary's way (``mirror_request`` writes it, ``DroppedResponse`` reads its answer). Neither
+edit may change how a body is delimited: ``Content-Length`` and ``Transfer-Encoding`` stay as
+they came.
 
 Failures, with Envoy's response flags: an upstream that closes, resets or garbles before its
 response head is answered 503 ``UC`` (the client connection keeps serving unless its request
@@ -45,26 +53,35 @@ answers 503 ``UF``/``UH``/``UO`` through ``respond_locally`` when no upstream co
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-import h11
-
 from agent.proxy.http1 import (
-    AMBIGUOUS_LENGTH,
     DEFAULT_MAX_HEAD_BYTES,
     DOWNSTREAM_CLOSED,
     HEADER_TIMEOUT,
     HEADERS_TOO_LARGE,
-    HOP_BY_HOP,
-    MALFORMED,
-    UNSUPPORTED_CODING,
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
     Exchange,
     RequestHead,
+    new_request_id,
+)
+from agent.proxy.http1_codec import (
+    HOP_BY_HOP,
+    Body,
+    End,
+    Head,
+    Headers,
+    RequestReader,
+    ResponseReader,
+    chunk,
+    forwarded_headers,
+    header_value,
+    last_chunk,
+    request_head,
+    response_head,
 )
 from agent.telemetry.records import trace_headers_of
 
@@ -77,9 +94,6 @@ DEFAULT_MAX_REPLAY_BYTES = 64 * 1024
 UPSTREAM_TIMEOUT = "UT"
 
 UPSTREAM_RESET_BODY = b"upstream connect error or disconnect/reset before headers\n"
-_ENDED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
-# The request is complete (or proposes an upgrade): the client has nothing to send for now.
-_QUIET = (*_ENDED, h11.MIGHT_SWITCH_PROTOCOL, h11.SWITCHED_PROTOCOL)
 _REASONS = {
     301: b"Moved Permanently",
     302: b"Found",
@@ -96,11 +110,30 @@ _REASONS = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+_FRAMING = (b"content-length", b"transfer-encoding")
 
 
-def new_upstream(max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> h11.Connection:
-    """The client half of one upstream session (kept with the session across requests)."""
-    return h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
+class UpstreamHalf:
+    """The client half of one upstream session (kept with the session across requests): reads
+    the responses to the requests sent on it."""
+
+    __slots__ = ("reader",)
+
+    def __init__(self, max_head_bytes: int) -> None:
+        self.reader = ResponseReader(max_head_bytes)
+
+    @property
+    def idle(self) -> bool:
+        """Between responses with nothing unasked read: may carry another request."""
+        reader = self.reader
+        return not (
+            reader.events or reader.mid_message or reader.failed or reader.upgraded is not None
+        )
+
+
+def new_upstream(max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> UpstreamHalf:
+    """The client half of one upstream session."""
+    return UpstreamHalf(max_head_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,25 +141,38 @@ class Mirrored(Generic[T]):
     """A complete request to copy: the head as forwarded, the body (``None`` when it went past
     the limit: no copy can be made) and trailers; ``tag`` is the request's."""
 
-    request: h11.Request
+    method: bytes
+    target: bytes
+    headers: Headers
+    chunked: bool  # the body is sent chunked (its ``Transfer-Encoding`` says so)
     body: bytes | None
-    trailers: list[tuple[bytes, bytes]]
+    trailers: Headers
     tag: T | None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Current(Generic[T]):
     exchange: Exchange
+    method: bytes
+    target: bytes
+    headers: Headers  # as forwarded
+    keep_alive: bool  # the client's request lets its connection carry another
+    http10: bool  # an HTTP/1.0 client: no chunked response for it
+    request_chunked: bool
+    upgrade: bool  # the request proposes an upgrade, not answered yet
+    waiting_for_100: bool  # the client sent Expect: 100-continue and no body yet
     tag: T | None = None
-    upstream: h11.Connection | None = None
-    local: bool = False  # answered here: the request body is discarded
-    upgrade: bool = False
+    upstream: UpstreamHalf | None = None
+    local: bool = False  # answered here (or the upstream is gone): the request body is dropped
+    request_done: bool = False
     response_started: bool = False
-    request: h11.Request | None = None  # the head as forwarded (kept to send it again)
+    response_done: bool = False
+    response_chunked: bool = False  # chunk the response body for the client
+    upstream_keep_alive: bool = True  # the upstream's response lets its session go on
+    last: bool = False  # the client connection ends after this exchange
     retry: RetryHook | None = None
     body: bytearray | None = None  # the request body, held while it may be sent again
-    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    request_done: bool = False  # the client's request ended (EndOfMessage)
+    trailers: Headers = field(default_factory=list)  # the request's, as forwarded
     edit_response: Callable[[StrHeaders], StrHeaders] | None = None
     mirror: bool = False
 
@@ -137,37 +183,40 @@ class SourceHttp1(Generic[T]):
     finished exchange (``take_completed``)."""
 
     clock: Callable[[], float] = time.monotonic
-    new_request_id: Callable[[], str] = lambda: str(uuid.uuid4())
+    new_request_id: Callable[[], str] = new_request_id
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
     max_replay_bytes: int = DEFAULT_MAX_REPLAY_BYTES
-    client: h11.Connection = field(init=False)
+    client: RequestReader = field(init=False)
     closing: bool = field(default=False, init=False)  # close the client once flushed
     tunnel: bool = field(default=False, init=False)  # switched protocols: relay raw bytes
     head_started: float | None = field(default=None, init=False)
     pending: RequestHead | None = field(default=None, init=False)  # waits for attach/respond
-    _request: h11.Request | None = field(default=None, init=False)  # the one to forward
     _current: _Current[T] | None = field(default=None, init=False)
-    _to_client: bytearray = field(default_factory=bytearray, init=False)
-    _to_upstream: bytearray = field(default_factory=bytearray, init=False)
+    _to_client: list[bytes] = field(default_factory=list, init=False)
+    _to_upstream: list[bytes] = field(default_factory=list, init=False)
     _completed: list[tuple[Exchange, T | None]] = field(default_factory=list, init=False)
     _rejections: list[str] = field(default_factory=list, init=False)
-    _released: list[tuple[h11.Connection, bool]] = field(default_factory=list, init=False)
+    _released: list[tuple[UpstreamHalf, bool]] = field(default_factory=list, init=False)
     _client_eof: bool = field(default=False, init=False)
     _mirrors: list[Mirrored[T]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
-        self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head_bytes)
+        self.client = RequestReader(self.max_head_bytes)
 
     # -- output ------------------------------------------------------------------------------
     def take_to_client(self) -> bytes:
-        out = bytes(self._to_client)
-        self._to_client.clear()
-        return out
+        out = self._to_client
+        if not out:
+            return b""
+        self._to_client = []
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def take_to_upstream(self) -> bytes:
-        out = bytes(self._to_upstream)
-        self._to_upstream.clear()
-        return out
+        out = self._to_upstream
+        if not out:
+            return b""
+        self._to_upstream = []
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def take_completed(self) -> list[tuple[Exchange, T | None]]:
         out, self._completed = self._completed, []
@@ -182,7 +231,7 @@ class SourceHttp1(Generic[T]):
         out, self._mirrors = self._mirrors, []
         return out
 
-    def take_released(self) -> list[tuple[h11.Connection, bool]]:
+    def take_released(self) -> list[tuple[UpstreamHalf, bool]]:
         """Upstream halves done with their request: (half, reusable for another request)."""
         out, self._released = self._released, []
         return out
@@ -200,63 +249,76 @@ class SourceHttp1(Generic[T]):
 
     @property
     def pending_target(self) -> str:
-        """The pending request's target as sent (path and query)."""
-        assert self._request is not None
-        return self._request.target.decode("latin-1")
+        """The pending request's target as it will be sent (path and query)."""
+        assert self._current is not None and self.pending is not None
+        return self._current.target.decode("latin-1")
 
     def wants_client_data(self) -> bool:
         """Read the client now? Not while a head waits for an upstream, nor once the request
-        is complete (a pipelined next request waits in the kernel, not in memory)."""
+        is complete (a pipelined next request waits in the kernel, not in memory), nor while
+        what was read waits its turn (a parsed pipelined request, bytes after an upgrade
+        proposal)."""
         if self.closing or self.tunnel or self.pending is not None or self._client_eof:
             return False
-        return self.client.their_state not in _QUIET
+        client = self.client
+        if client.events or client.upgraded is not None:
+            return False
+        current = self._current
+        return current is None or not current.request_done
 
     # -- input -------------------------------------------------------------------------------
     def receive_client(self, data: bytes) -> None:
         """Bytes from the client; ``b""`` is its end of stream. Once ``tunnel``, bytes read
         before the shell switched to relaying pass through as they are."""
         if self.tunnel:
-            self._to_upstream += data
+            if data:
+                self._to_upstream.append(data)
             return
         if self.closing:
             return
-        if data and self.head_started is None and self._current is None:
-            self.head_started = self.clock()
         if not data:
             self._client_eof = True
-        self.client.receive_data(data)
+            self._client_ended()
+            return
+        reader = self.client
+        if self.head_started is None and self._current is None and not reader.mid_message:
+            self.head_started = self.clock()
+        reader.feed(data)
         self._pump_client()
 
     def receive_upstream(self, data: bytes) -> None:
         """Bytes from the attached upstream; ``b""`` is its end of stream (after ``tunnel``:
         passed through as they are, like ``receive_client``)."""
         if self.tunnel:
-            self._to_client += data
+            if data:
+                self._to_client.append(data)
             return
         current = self._current
-        if self.closing or self.tunnel or current is None or current.upstream is None:
+        if self.closing or current is None or current.upstream is None:
             return
-        current.upstream.receive_data(data)
-        self._pump_upstream(current, current.upstream)
+        upstream = current.upstream
+        if data:
+            upstream.reader.feed(data)
+            self._pump_upstream(current, upstream)
+            return
+        if upstream.reader.eof():  # it ended a body delimited by the close
+            self._pump_upstream(current, upstream)
+        if self._current is current and current.upstream is upstream and not self.closing:
+            self._upstream_gone(current, upstream)
 
     def header_timeout(self) -> None:
         """The head did not complete in time: 408 and close (slowloris)."""
-        self._refuse(408, HEADER_TIMEOUT)
+        if not (self.closing or self.tunnel):
+            self._refuse(408, HEADER_TIMEOUT)
 
     def edit_pending(self, edit: Callable[[str, StrHeaders], tuple[str, StrHeaders]]) -> None:
         """Change the pending request's forwarded target and headers (lower-case names;
-        ``host`` must stay)."""
-        request = self._request
-        assert request is not None and self.pending is not None
-        target, headers = edit(
-            request.target.decode("latin-1"),
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers],
-        )
-        self._request = h11.Request(
-            method=request.method,
-            target=target.encode("latin-1"),
-            headers=[(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers],
-        )
+        ``host`` must stay; the body's framing headers stay as sent)."""
+        current = self._current
+        assert current is not None and self.pending is not None
+        target, headers = edit(current.target.decode("latin-1"), _text(current.headers))
+        current.target = target.encode("latin-1")
+        current.headers = _framed(current.headers, headers)
 
     def edit_response(self, edit: Callable[[StrHeaders], StrHeaders]) -> None:
         """Change the response head of the pending request before the client sees it."""
@@ -279,20 +341,21 @@ class SourceHttp1(Generic[T]):
         if current.body is None and not current.request_done:
             current.body = bytearray()
 
-    def attach(self, upstream: h11.Connection, tag: T) -> None:
+    def attach(self, upstream: UpstreamHalf, tag: T) -> None:
         """Serve the pending request with ``upstream`` (fresh from ``new_upstream`` or
         released reusable): its head goes out, then the body as it arrives (or, for a retry,
         the body held)."""
-        current, request = self._current, self._request
-        assert current is not None and request is not None and self.pending is not None
-        assert upstream.our_state is h11.IDLE, "attach a fresh or released reusable upstream"
-        self.pending, self._request = None, None
-        current.upstream, current.tag, current.request = upstream, tag, request
-        self._to_upstream += upstream.send(request)
-        if current.request_done:
-            if current.body:
-                self._to_upstream += upstream.send(h11.Data(data=bytes(current.body)))
-            self._to_upstream += upstream.send(h11.EndOfMessage(headers=current.trailers))
+        current = self._current
+        assert current is not None and self.pending is not None
+        assert upstream.idle, "attach a fresh or released reusable upstream"
+        self.pending = None
+        current.upstream, current.tag = upstream, tag
+        upstream.reader.expect(current.method)
+        self._to_upstream.append(request_head(current.method, current.target, current.headers))
+        if current.request_done:  # sent again: the body was held whole
+            self._to_upstream.append(
+                _framed_body(current.request_chunked, current.body, current.trailers)
+            )
         self._pump_client()
 
     def respond_locally(
@@ -306,7 +369,7 @@ class SourceHttp1(Generic[T]):
         """Answer the pending request here (no upstream); its body is read and discarded."""
         current = self._current
         assert current is not None and self.pending is not None
-        self.pending, self._request = None, None
+        self.pending = None
         current.tag, current.local = tag, True
         current.exchange.flags = flags
         self._answer(current, status, body, headers)
@@ -341,29 +404,39 @@ class SourceHttp1(Generic[T]):
 
     # -- client side -------------------------------------------------------------------------
     def _pump_client(self) -> None:
-        while not (self.closing or self.tunnel) and self.pending is None:
-            try:
-                event = self.client.next_event()
-            except h11.RemoteProtocolError as e:
-                if self._client_eof:  # the client went away mid-request: not bad input
-                    self._client_left()
-                else:
-                    self._bad_request(e)
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
+        events = self.client.events
+        while events and self.pending is None and not (self.closing or self.tunnel):
+            event = events[0]
+            current = self._current
+            if isinstance(event, Body):
+                events.popleft()
+                if current is not None:
+                    self._on_request_data(current, event.data)
+            elif isinstance(event, Head):
+                if current is not None:
+                    return  # pipelined: its turn comes when this exchange ends
+                events.popleft()
                 self.head_started = None
                 self._on_request(event)
-            elif isinstance(event, h11.Data):
-                self._on_request_data(event)
-            elif isinstance(event, h11.EndOfMessage):
-                self._on_request_end(event)
-            elif isinstance(event, h11.ConnectionClosed):
-                # A client that half-closed after its request still gets the response.
-                if self._current is None or self.client.our_state is not h11.SEND_RESPONSE:
-                    self._client_left()
-                return
+            elif isinstance(event, End):
+                events.popleft()
+                if current is not None:
+                    self._on_request_end(current, event)
+            else:
+                if current is not None and current.request_done:
+                    return  # bad input after a complete request: refused in its turn
+                events.popleft()
+                self._refuse(event.status, event.cause)
+
+    def _client_ended(self) -> None:
+        """The client's end of stream: a request it cut short ends the connection; one it
+        completed (and any complete one queued behind it) still gets its response."""
+        current, events = self._current, self.client.events
+        if current is not None:
+            if not current.request_done and not any(isinstance(e, End) for e in events):
+                self._client_left()
+        elif not events:
+            self.closing = True
 
     def _client_left(self) -> None:
         current = self._current
@@ -372,180 +445,216 @@ class SourceHttp1(Generic[T]):
             self._finish(current)
             if current.upstream is not None:  # its request or response is cut: not reusable
                 self._released.append((current.upstream, False))
-        self.pending, self._request = None, None
+        self.pending = None
         self.closing = True
-
-    def _bad_request(self, error: h11.RemoteProtocolError) -> None:
-        hint = error.error_status_hint
-        text = str(error).lower()
-        if hint == 431:
-            cause = HEADERS_TOO_LARGE
-        elif hint == 501:
-            cause = UNSUPPORTED_CODING
-        elif "content-length" in text or "transfer-encoding" in text:
-            cause = AMBIGUOUS_LENGTH
-        else:
-            cause = MALFORMED
-        self._refuse(hint, cause)
 
     def _refuse(self, status: int, cause: str) -> None:
         """Answer bad input (if the client may still get a response) and close."""
         self._rejections.append(cause)
-        current, respond = self._current, self.client.our_state in (h11.IDLE, h11.SEND_RESPONSE)
+        current = self._current
+        respond = current is None or not current.response_started
         if current is not None:
             if respond:
                 current.exchange.status = status
             self._finish(current)
             if current.upstream is not None:
                 self._released.append((current.upstream, False))
-        self.pending, self._request = None, None
+        self.pending = None
         self.closing = True
         if respond:
             body = f"{cause.replace('_', ' ')}\n".encode()
             headers = [
                 (b"content-type", b"text/plain"),
-                (b"content-length", str(len(body)).encode()),
+                (b"content-length", b"%d" % len(body)),
                 (b"connection", b"close"),
             ]
-            self._to_client += _raw_response(status, headers, body)
+            self._to_client.append(response_head(status, _REASONS[status], headers) + body)
 
-    def _on_request(self, req: h11.Request) -> None:
-        names = [name for name, _ in req.headers]
-        if b"transfer-encoding" in names and b"content-length" in names:
-            self._refuse(400, AMBIGUOUS_LENGTH)
-            return
-        size = len(req.method) + len(req.target) + sum(len(n) + len(v) + 4 for n, v in req.headers)
-        if size > self.max_head_bytes:
+    def _on_request(self, req: Head) -> None:
+        if req.size > self.max_head_bytes:
             self._refuse(431, HEADERS_TOO_LARGE)
             return
         headers, upgrade = forwarded_headers(req.headers)
-        request_id = header(req.headers, b"x-request-id")
+        host = header_value(req.headers, b"host")
+        if host is None:  # HTTP/1.0 (1.1 without it is refused): forwarded as 1.1, which needs it
+            headers.append((b"host", b""))  # empty: no authority known (RFC 9112 3.2)
+        request_id = header_value(req.headers, b"x-request-id")
         if request_id is None:
             request_id = self.new_request_id()
             headers.append((b"x-request-id", request_id.encode()))
         target = req.target.decode("latin-1")
+        if "?" in target or "#" in target:
+            target = target.split("?", 1)[0].split("#", 1)[0]
         head = RequestHead(
             method=req.method.decode("latin-1"),
-            path=target.split("?", 1)[0].split("#", 1)[0],
-            host=header(req.headers, b"host") or "",
+            path=target,
+            host=host or "",
             request_id=request_id,
             trace=trace_headers_of(req.headers),
             headers=req.headers,
         )
-        self._current = _Current(Exchange(head, self.clock()), upgrade=upgrade)
-        self._request = h11.Request(method=req.method, target=req.target, headers=headers)
+        self._current = _Current(
+            Exchange(head, self.clock()),
+            method=req.method,
+            target=req.target,
+            headers=headers,
+            keep_alive=req.keep_alive,
+            http10=req.http10,
+            request_chunked=req.chunked,
+            upgrade=upgrade,
+            waiting_for_100=req.expect_continue,
+        )
         self.pending = head
 
-    def _on_request_data(self, event: h11.Data) -> None:
-        current = self._current
-        if current is None:
-            return
-        current.exchange.request_bytes += len(event.data)
-        if current.body is not None:
-            if len(current.body) + len(event.data) > self.max_replay_bytes:
+    def _on_request_data(self, current: _Current[T], data: bytes) -> None:
+        current.exchange.request_bytes += len(data)
+        current.waiting_for_100 = False
+        body = current.body
+        if body is not None:
+            if len(body) + len(data) > self.max_replay_bytes:
                 current.body = None  # too large to hold: this request will not be sent again
             else:
-                current.body += event.data
+                body += data
         if current.upstream is not None and not current.local:
-            self._to_upstream += current.upstream.send(h11.Data(data=event.data))
+            self._to_upstream.append(chunk(data) if current.request_chunked else data)
 
-    def _on_request_end(self, event: h11.EndOfMessage) -> None:
-        current = self._current
-        trailers = [(n, v) for n, v in event.headers if n.lower() not in HOP_BY_HOP]
-        if current is not None:
-            current.request_done, current.trailers = True, trailers
-            if current.mirror and current.request is not None and not current.local:
-                body = bytes(current.body) if current.body is not None else None
-                self._mirrors.append(Mirrored(current.request, body, trailers, current.tag))
-        if current is not None and current.upstream is not None and not current.local:
-            self._to_upstream += current.upstream.send(h11.EndOfMessage(headers=trailers))
+    def _on_request_end(self, current: _Current[T], event: End) -> None:
+        current.request_done = True
+        current.waiting_for_100 = False
+        trailers = [(n, v) for n, v in event.trailers if n not in HOP_BY_HOP]
+        current.trailers = trailers
+        if current.mirror and not current.local:
+            body = bytes(current.body) if current.body is not None else None
+            self._mirrors.append(
+                Mirrored(
+                    current.method,
+                    current.target,
+                    current.headers,
+                    current.request_chunked,
+                    body,
+                    trailers,
+                    current.tag,
+                )
+            )
+        if current.upstream is not None and not current.local and current.request_chunked:
+            self._to_upstream.append(last_chunk(trailers))
         self._maybe_next_cycle()
 
     # -- upstream side -----------------------------------------------------------------------
-    def _pump_upstream(self, current: _Current[T], upstream: h11.Connection) -> None:
-        while not (self.closing or self.tunnel) and self._current is current:
-            try:
-                event = upstream.next_event()
-            except h11.RemoteProtocolError:
+    def _pump_upstream(self, current: _Current[T], upstream: UpstreamHalf) -> None:
+        events = upstream.reader.events
+        while (
+            events
+            and self._current is current
+            and current.upstream is upstream
+            and not (self.closing or self.tunnel)
+        ):
+            event = events.popleft()
+            if isinstance(event, Body):
+                data = event.data
+                current.exchange.response_bytes += len(data)
+                self._to_client.append(chunk(data) if current.response_chunked else data)
+            elif isinstance(event, Head):
+                if current.response_started:  # a second response to one request
+                    self._rejections.append(UPSTREAM_PROTOCOL)
+                    self._upstream_gone(current, upstream)
+                elif event.status < 200:
+                    self._on_informational(current, upstream, event)
+                elif not self._retried(current, upstream, event.status):
+                    self._on_response(current, event)
+            elif isinstance(event, End):
+                if not current.response_started:
+                    continue  # the end of an informational response
+                if current.response_chunked:
+                    trailers = [(n, v) for n, v in event.trailers if n not in HOP_BY_HOP]
+                    self._to_client.append(last_chunk(trailers))
+                current.response_done = True
+                self._maybe_next_cycle()
+            else:
                 self._rejections.append(UPSTREAM_PROTOCOL)
                 self._upstream_gone(current, upstream)
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.InformationalResponse):
-                self._on_informational(current, upstream, event)
-            elif isinstance(event, h11.Response):
-                if self._retried(current, upstream, event.status_code):
-                    return
-                headers, _ = forwarded_headers(event.headers, keep_upgrade=False)
-                if current.edit_response is not None:
-                    headers = _edited(headers, current.edit_response)
-                current.exchange.status = event.status_code
-                current.response_started = True
-                self._send_client(
-                    h11.Response(
-                        status_code=event.status_code, headers=headers, reason=event.reason
-                    )
-                )
-            elif isinstance(event, h11.Data):
-                current.exchange.response_bytes += len(event.data)
-                self._send_client(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                trailers = [(n, v) for n, v in event.headers if n.lower() not in HOP_BY_HOP]
-                self._send_client(h11.EndOfMessage(headers=trailers))
-                self._maybe_next_cycle()
-            elif isinstance(event, h11.ConnectionClosed):
-                self._upstream_gone(current, upstream)
-                return
 
-    def _on_informational(
-        self, current: _Current[T], upstream: h11.Connection, event: h11.InformationalResponse
-    ) -> None:
-        if event.status_code == 101 and current.upgrade:
+    def _on_informational(self, current: _Current[T], upstream: UpstreamHalf, event: Head) -> None:
+        if event.status == 101 and current.upgrade:
             headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
             headers += [(n, v) for n, v in event.headers if n in (b"connection", b"upgrade")]
-            self._send_client(
-                h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)
-            )
+            self._to_client.append(response_head(101, event.reason, headers))
             current.exchange.status = 101
             self._finish(current)
             self.tunnel = True
-            self._to_client += upstream.trailing_data[0]
-            self._to_upstream += self.client.trailing_data[0]
+            if upstream.reader.upgraded:
+                self._to_client.append(upstream.reader.upgraded)
+            if self.client.upgraded:
+                self._to_upstream.append(bytes(self.client.upgraded))
             return
-        if event.status_code == 101:  # a 101 nobody asked for: the endpoint is broken
+        if event.status == 101:  # a 101 nobody asked for: the endpoint is broken
             self._rejections.append(UPSTREAM_PROTOCOL)
             self._upstream_gone(current, upstream)
             return
         headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
-        self._send_client(
-            h11.InformationalResponse(
-                status_code=event.status_code, headers=headers, reason=event.reason
-            )
-        )
+        self._to_client.append(response_head(event.status, event.reason, headers))
+        current.waiting_for_100 = False
 
-    def _upstream_gone(self, current: _Current[T], upstream: h11.Connection) -> None:
+    def _on_response(self, current: _Current[T], event: Head) -> None:
+        headers, _ = forwarded_headers(event.headers, keep_upgrade=False)
+        if current.edit_response is not None:
+            headers = _framed(headers, current.edit_response(_text(headers)))
+        current.upstream_keep_alive = event.keep_alive
+        last = not current.keep_alive
+        bodiless = event.status in (204, 304) or current.method == b"HEAD"
+        if not bodiless and (event.chunked or event.length is None):
+            # Chunked, or delimited by the endpoint's close: the client sees chunks (an
+            # HTTP/1.0 one, which cannot read them, the body up to our close).
+            headers = [(n, v) for n, v in headers if n != b"transfer-encoding"]
+            if current.http10:
+                last = True
+            else:
+                headers.append((b"Transfer-Encoding", b"chunked"))
+                current.response_chunked = True
+        if last:
+            headers.append((b"connection", b"close"))
+        current.last = last
+        current.exchange.status = event.status
+        current.response_started = True
+        current.waiting_for_100 = False
+        self._to_client.append(response_head(event.status, event.reason, headers))
+        self._declined(current)
+
+    def _declined(self, current: _Current[T]) -> None:
+        """A final response other than 101 answered an upgrade proposal: what the client sent
+        after it is requests after all."""
+        if current.upgrade:
+            current.upgrade = False
+            if self.client.upgraded is not None:
+                self.client.resume()
+
+    def _upstream_gone(self, current: _Current[T], upstream: UpstreamHalf) -> None:
         self._end_try(current, timeout=False, retry=True, body=UPSTREAM_RESET_BODY)
 
     def _end_try(self, current: _Current[T], *, timeout: bool, retry: bool, body: bytes) -> None:
         """The attached try ends without (the rest of) its response: retried when allowed,
-        else answered here (504 ``UT`` or 503 ``UC``) or, mid-response, the client closed."""
+        else answered here (504 ``UT`` or 503 ``UC``) or, mid-response, the client closed. An
+        upstream gone after a whole response only ends the exchange normally."""
         upstream = current.upstream
         if upstream is not None:
             current.upstream = None
             self._released.append((upstream, False))
+        if current.response_done and not timeout:
+            current.local = True  # what is left of the request body goes nowhere
+            self._maybe_next_cycle()
+            return
         if not current.response_started and retry and self._retry(current, None):
             return
+        current.local = True
         current.exchange.flags = UPSTREAM_TIMEOUT if timeout else UPSTREAM_CLOSED
         if current.response_started:
             self._finish(current)
             self.closing = True
             return
-        current.local = True
         self._answer(current, 504 if timeout else 503, body)
 
-    def _retried(self, current: _Current[T], upstream: h11.Connection, status: int) -> bool:
-        """A response head arrived: if the hook retries its status, drop this try."""
+    def _retried(self, current: _Current[T], upstream: UpstreamHalf, status: int) -> bool:
+        """A final response head arrived: if the hook retries its status, drop this try."""
         if current.retry is None or not self._retry(current, status):
             return False
         current.upstream = None
@@ -554,12 +663,12 @@ class SourceHttp1(Generic[T]):
 
     def _retry(self, current: _Current[T], status: int | None) -> bool:
         """Ask the hook; on yes, the request waits in ``pending`` for another upstream."""
-        if current.retry is None or current.request is None:
+        if current.retry is None:
             return False
         replayable = current.request_done and current.body is not None
         if not current.retry(status, replayable):
             return False
-        self.pending, self._request = current.exchange.head, current.request
+        self.pending = current.exchange.head
         return True
 
     # -- cycles ------------------------------------------------------------------------------
@@ -571,37 +680,34 @@ class SourceHttp1(Generic[T]):
         extra: Sequence[tuple[str, str]] = (),
     ) -> None:
         """A complete response made here; the connection goes on after it when it can."""
-        if self.client.our_state is not h11.SEND_RESPONSE:
+        if current.response_started:
             self._finish(current)
             self.closing = True
             return
+        if current.method == b"HEAD":
+            body = b""
         headers = [
             (b"content-type", b"text/plain"),
-            (b"content-length", str(len(body)).encode()),
+            (b"content-length", b"%d" % len(body)),
             *((n.encode("latin-1"), v.encode("latin-1")) for n, v in extra),
         ]
         # A client waiting for 100-continue has not sent its body and may never: where the
         # next request would start is unknowable, so this response is the last.
-        last = self.client.they_are_waiting_for_100_continue
+        waiting = current.waiting_for_100
+        last = waiting or not current.keep_alive
         if last:
             headers.append((b"connection", b"close"))
-        reason = _REASONS.get(status, b"")
-        self._send_client(h11.Response(status_code=status, headers=headers, reason=reason))
-        self._send_client(h11.Data(data=body))
-        self._send_client(h11.EndOfMessage())
+        self._to_client.append(response_head(status, _REASONS.get(status, b""), headers) + body)
         current.exchange.status = status
         current.exchange.response_bytes = len(body)
-        current.response_started = True
-        if last:
+        current.response_started = current.response_done = True
+        current.last = last
+        if waiting:
             self._finish(current)
             self.closing = True
             return
+        self._declined(current)
         self._maybe_next_cycle()
-
-    def _send_client(self, event: h11.Event) -> None:
-        data = self.client.send(event)
-        if data:
-            self._to_client += data
 
     def _finish(self, current: _Current[T]) -> None:
         current.exchange.ended = self.clock()
@@ -609,128 +715,96 @@ class SourceHttp1(Generic[T]):
         self._current = None
 
     def _maybe_next_cycle(self) -> None:
-        """After a message ended: once request and response are complete, report the exchange,
-        release its upstream (reusable when both of its sides are DONE), and start the next
-        cycle, or close if the client side must."""
+        """Once request and response are complete: report the exchange, release its upstream
+        (reusable when its response let the session go on and nothing unasked followed it),
+        and start the next cycle, or close if the client side must."""
         current = self._current
-        if current is None:
-            return
-        ours, theirs = self.client.our_state, self.client.their_state
-        if ours not in _ENDED or theirs not in _ENDED:
-            return
-        upstream = current.upstream
-        if upstream is not None and upstream.their_state not in _ENDED:
+        if current is None or not (current.request_done and current.response_done):
             return
         self._finish(current)
+        upstream = current.upstream
         if upstream is not None:
-            reusable = upstream.states == {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}
-            if reusable:
-                upstream.start_next_cycle()
-            self._released.append((upstream, reusable))
-        if not (ours is h11.DONE and theirs is h11.DONE):
+            self._released.append((upstream, current.upstream_keep_alive and upstream.idle))
+        if current.last:
             self.closing = True  # the client asked to close: this was the last request
             return
-        self.client.start_next_cycle()
         self._pump_client()
-        if self._current is None and self.head_started is None and self.client.trailing_data[0]:
+        if self._client_eof:
+            self._client_ended()
+        elif self._current is None and self.head_started is None and self.client.mid_message:
             self.head_started = self.clock()  # a pipelined head is pending: its clock runs
 
 
-def _edited(
-    headers: Sequence[tuple[bytes, bytes]], edit: Callable[[StrHeaders], StrHeaders]
-) -> list[tuple[bytes, bytes]]:
-    """Response headers after a route's modifier; framing headers stay as the endpoint sent
-    them (a modifier must not change how the body is delimited)."""
-    framing = [(n, v) for n, v in headers if n in (b"content-length", b"transfer-encoding")]
-    edited = edit([(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers])
+def _text(headers: Headers) -> StrHeaders:
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+
+
+def _framed(sent: Headers, edited: StrHeaders) -> Headers:
+    """Headers after a route's modifier, with the framing headers of ``sent`` as they were
+    (a modifier must not change how the body is delimited)."""
     out = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edited]
-    return [(n, v) for n, v in out if n not in (b"content-length", b"transfer-encoding")] + framing
+    return [(n, v) for n, v in out if n not in _FRAMING] + [
+        (n, v) for n, v in sent if n in _FRAMING
+    ]
+
+
+def _framed_body(chunked: bool, body: bytes | bytearray | None, trailers: Headers) -> bytes:
+    """A whole request body as framed on the wire (chunked: one chunk and the last one)."""
+    data = bytes(body) if body else b""
+    if not chunked:
+        return data
+    return (chunk(data) if data else b"") + last_chunk(trailers)
 
 
 def mirror_request(
-    upstream: h11.Connection, copy: Mirrored[T], body: bytes
+    upstream: UpstreamHalf, copy: Mirrored[T], body: bytes
 ) -> tuple[RequestHead, bytes]:
     """A mirrored request as sent on ``upstream`` (fresh): ``Host`` suffixed ``-shadow``, as
     Envoy marks shadow traffic; its head (for a same-node endpoint's authorization) and bytes."""
-    request = copy.request
-    headers = [(n, v + b"-shadow" if n == b"host" else v) for n, v in request.headers]
-    target = request.target.decode("latin-1")
+    headers = [(n, v + b"-shadow" if n == b"host" else v) for n, v in copy.headers]
+    target = copy.target.decode("latin-1")
     head = RequestHead(
-        method=request.method.decode("latin-1"),
-        path=target.split("?", 1)[0],
-        host=header(headers, b"host") or "",
-        request_id=header(headers, b"x-request-id") or "",
+        method=copy.method.decode("latin-1"),
+        path=target.split("?", 1)[0].split("#", 1)[0],
+        host=header_value(headers, b"host") or "",
+        request_id=header_value(headers, b"x-request-id") or "",
         trace=trace_headers_of(headers),
         headers=headers,
     )
-    out = upstream.send(h11.Request(method=request.method, target=request.target, headers=headers))
-    if body:
-        out = (out or b"") + (upstream.send(h11.Data(data=body)) or b"")
-    out = (out or b"") + (upstream.send(h11.EndOfMessage(headers=copy.trailers)) or b"")
-    return head, out
+    upstream.reader.expect(copy.method)
+    data = request_head(copy.method, copy.target, headers)
+    return head, data + _framed_body(copy.chunked, body, copy.trailers)
 
 
 class DroppedResponse:
     """Reads one response to its end and keeps only its status (a mirror's answer)."""
 
-    def __init__(self, upstream: h11.Connection) -> None:
+    __slots__ = ("final", "status", "upstream")
+
+    def __init__(self, upstream: UpstreamHalf) -> None:
         self.upstream = upstream
         self.status = 0
+        self.final = False  # the final (non-1xx) head came
 
     def receive(self, data: bytes) -> bool:
         """Feed bytes (``b""``: end of stream); True once the response ended. Raises
         ``ConnectionResetError`` when the stream ends first or is not HTTP."""
-        self.upstream.receive_data(data)
-        while True:
-            try:
-                event = self.upstream.next_event()
-            except h11.RemoteProtocolError as e:
-                raise ConnectionResetError(f"the mirror's answer is not HTTP/1.1: {e}") from e
-            if event is h11.NEED_DATA:
-                return False
-            if isinstance(event, h11.Response):
-                self.status = event.status_code
-            elif isinstance(event, h11.EndOfMessage):
-                return True
-            elif isinstance(event, h11.ConnectionClosed):
-                raise ConnectionResetError("the mirror closed before its response ended")
-
-
-def header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for n, v in headers:
-        if n == name:
-            return v.decode("latin-1")
-    return None
-
-
-def forwarded_headers(
-    headers: Sequence[tuple[bytes, bytes]], *, keep_upgrade: bool = True
-) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The headers without hop-by-hop ones; and whether this is an upgrade request (then
-    ``Connection: upgrade`` and ``Upgrade`` are kept: the endpoint must see the proposal)."""
-    listed = {
-        t.strip().lower()
-        for n, v in headers
-        if n == b"connection"
-        for t in v.split(b",")
-        if t.strip()
-    }
-    upgrade = keep_upgrade and b"upgrade" in listed and header(headers, b"upgrade") is not None
-    out: list[tuple[bytes, bytes]] = []
-    for n, v in headers:
-        if (
-            (n == b"te" and v.strip().lower() == b"trailers")
-            or (n == b"upgrade" and upgrade)
-            or (n not in HOP_BY_HOP and n not in listed)
-        ):
-            out.append((n, v))
-    if upgrade:
-        out.append((b"connection", b"upgrade"))
-    return out, upgrade
-
-
-def _raw_response(status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> bytes:
-    """A complete response written without h11 (the client's h11 state may be ERROR)."""
-    lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Error"))]
-    lines += [n + b": " + v for n, v in headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+        reader = self.upstream.reader
+        if data:
+            reader.feed(data)
+        elif not reader.eof():
+            raise ConnectionResetError("the mirror closed before its response ended")
+        events = reader.events
+        while events:
+            event = events.popleft()
+            if isinstance(event, Head):
+                self.status = event.status
+                self.final = event.status >= 200
+                if event.status == 101:
+                    return True  # switched protocols: nothing more to read as HTTP
+            elif isinstance(event, End):
+                if self.final:
+                    return True
+            elif not isinstance(event, Body):
+                raise ConnectionResetError(f"the mirror's answer is not HTTP/1.1: {event.cause}")
+        return False

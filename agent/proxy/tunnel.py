@@ -92,6 +92,9 @@ class TunnelStream:
         # Called when the peer resets the stream or the connection goes (server side: cancels
         # the handler of a request not answered yet, so it stops connecting for nobody).
         self.on_drop: Callable[[], object] | None = None
+        # Called when the peer ends its half: a ``Sink`` is given bytes only, so an owner with
+        # no task waiting in ``read`` learns of the end here (the source's HTTP/1.1 shell).
+        self.on_end: Callable[[], object] | None = None
 
     # -- events from the protocol --
     def _on_data(self, data: bytes) -> None:
@@ -113,6 +116,8 @@ class TunnelStream:
     def _on_end(self) -> None:
         self.eof = True
         self._readable.set()
+        if self.on_end is not None:
+            self.on_end()
 
     @property
     def complete(self) -> bool:
@@ -141,13 +146,17 @@ class TunnelStream:
     ) -> None:
         """Send received bytes straight to ``sock`` when possible (see the module docstring);
         ``on_sent(n)`` counts them. ``None`` stops it (before the socket is closed). A ``Sink``
-        that is not a socket takes bytes the same way (the HTTP/1.1 shell parses them there)."""
+        that is not a socket takes bytes the same way (the HTTP/1.1 shell parses them there).
+        Register with no reader inside ``read`` or writing what it returned (a reader that
+        stopped, like the source shell's between requests, no longer holds a chunk back)."""
         if isinstance(sock, socket.socket) and sock.gettimeout() != 0.0:
             raise ValueError(
                 "direct delivery needs a non-blocking socket: "
                 "a blocking send would stall the event loop (call setblocking(False) first)"
             )
         self._sink, self._on_sent = sock, on_sent
+        if sock is not None:
+            self._relay_writing = False
 
     async def read(self) -> bytes | None:
         """The next chunk, or None once the peer half-closed; raises if the stream was reset."""
@@ -161,6 +170,11 @@ class TunnelStream:
             await self._readable.wait()
         self._relay_writing = True
         return self._chunks.popleft()
+
+    @property
+    def unread(self) -> bool:
+        """Bytes, the peer's end or an error wait for ``read``."""
+        return bool(self._chunks) or self.eof or self.error is not None
 
     def consumed(self, n: int) -> None:
         self.proto.codec.consumed(self.stream_id, n)

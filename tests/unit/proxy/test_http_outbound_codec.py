@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 
-import h11
 import pytest
 
 from agent.proxy.http1 import AMBIGUOUS_LENGTH, HEADER_TIMEOUT
@@ -371,8 +370,122 @@ def test_a_body_over_the_limit_is_handed_over_without_it() -> None:
 
 
 def test_a_mirror_that_closes_early_is_an_error() -> None:
-    up = new_upstream()
-    up.send(h11.Request(method="GET", target="/", headers=[("host", "w")]))
-    up.send(h11.EndOfMessage())
+    response = DroppedResponse(new_upstream())
+    assert not response.receive(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
     with pytest.raises(ConnectionResetError):
-        DroppedResponse(up).receive(b"")
+        response.receive(b"")
+    with pytest.raises(ConnectionResetError):
+        DroppedResponse(new_upstream()).receive(b"")  # nothing at all
+
+
+def test_a_mirror_answer_that_is_not_http_is_an_error() -> None:
+    with pytest.raises(ConnectionResetError):
+        DroppedResponse(new_upstream()).receive(b"SSH-2.0-x\r\n\r\n")
+
+
+def test_a_mirror_answer_delimited_by_the_close_ends_with_it() -> None:
+    response = DroppedResponse(new_upstream())
+    assert not response.receive(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\nab")
+    assert response.receive(b"") and response.status == 200
+
+
+CHUNKED_POST = (
+    b"POST /p HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nhel\r\n2\r\nlo\r\n0\r\nx-sum: 9\r\n\r\n"
+)
+
+
+def test_a_chunked_request_is_sent_again_chunked_with_its_trailers() -> None:
+    c = _codec()
+    c.receive_client(CHUNKED_POST)
+    asked = _retrying(c, [True])
+    c.attach(new_upstream(), "e1")
+    c.take_to_upstream()
+    c.receive_upstream(UNAVAILABLE)
+    c.attach(new_upstream(), "e2")
+    assert c.take_to_upstream() == (
+        b"POST /p HTTP/1.1\r\nhost: web\r\ntransfer-encoding: chunked\r\n"
+        b"x-request-id: rid-1\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 9\r\n\r\n"
+    )
+    assert asked == [(503, True)]
+
+
+def test_a_chunked_request_is_mirrored_chunked_with_its_trailers() -> None:
+    c = _codec()
+    c.receive_client(CHUNKED_POST)
+    c.mirror_with()
+    c.attach(new_upstream(), "e")
+    [copy] = c.take_mirrors()
+    assert copy.body is not None
+    _, data = mirror_request(new_upstream(), copy, copy.body)
+    assert data.endswith(b"x-request-id: rid-1\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 9\r\n\r\n")
+
+
+def test_an_edit_cannot_change_how_the_request_body_is_delimited() -> None:
+    c = _codec()
+    c.receive_client(POST)
+    c.edit_pending(lambda t, h: (t, [*(p for p in h if p[0] != "content-length"), ("a", "b")]))
+    c.attach(new_upstream(), "e")
+    assert c.take_to_upstream() == (
+        b"POST /p HTTP/1.1\r\nhost: web\r\nx-request-id: rid-1\r\na: b\r\n"
+        b"content-length: 5\r\n\r\nhello"
+    )
+
+
+def test_a_local_answer_to_head_has_no_body() -> None:
+    c = _codec()
+    c.receive_client(b"HEAD /h HTTP/1.1\r\nHost: web\r\n\r\n")
+    c.respond_locally(503, "UH", b"no healthy upstream\n")
+    assert c.take_to_client() == (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 0\r\n\r\n"
+    )
+    assert not c.closing and c.wants_client_data()
+
+
+def test_bytes_after_a_response_make_its_upstream_unusable() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    up = new_upstream()
+    c.attach(up, "e")
+    c.receive_upstream(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")  # unasked
+    assert c.take_to_client() == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    assert c.take_released() == [(up, False)]  # never handed the stray answer to a request
+
+
+def test_a_response_delimited_by_the_close_is_chunked_for_the_client() -> None:
+    c = _codec()
+    c.receive_client(GET)
+    up = new_upstream()
+    c.attach(up, "e")
+    c.receive_upstream(b"HTTP/1.1 200 OK\r\n\r\nsome")
+    c.receive_upstream(b"")
+    assert c.take_to_client() == (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n0\r\n\r\n"
+    )
+    assert c.take_released() == [(up, False)]
+    ((exchange, _),) = c.take_completed()
+    assert (exchange.status, exchange.flags, exchange.response_bytes) == (200, "-", 4)
+    assert not c.closing
+
+
+def test_the_head_timer_firing_after_an_upgrade_writes_nothing_into_the_tunnel() -> None:
+    c = _codec()
+    c.receive_client(b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n")
+    c.attach(new_upstream(), "e")
+    c.receive_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ws\r\n\r\n"
+    )
+    c.take_to_client()
+    c.header_timeout()
+    assert c.take_to_client() == b"" and c.take_rejections() == [] and c.tunnel
+
+
+def test_an_http10_client_gets_its_response_and_the_close() -> None:
+    c = _codec()
+    c.receive_client(b"GET /old HTTP/1.0\r\n\r\n")
+    c.attach(new_upstream(), "e")
+    # Forwarded as HTTP/1.1, which must have a Host: empty, no authority being known.
+    assert c.take_to_upstream() == b"GET /old HTTP/1.1\r\nhost: \r\nx-request-id: rid-1\r\n\r\n"
+    c.receive_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    assert c.take_to_client() == b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nok"
+    assert c.closing

@@ -27,7 +27,7 @@ import time
 from agent.policy.authz import Request
 from agent.proxy.core import Core
 from agent.proxy.h2proxy import H2Exchange, H2Limits, H2Proxy
-from agent.proxy.http1 import RequestHead, Verdict
+from agent.proxy.http1 import RequestHead, Verdict, request_record
 from agent.proxy.http_inbound import Downstream, request_verdict
 from agent.state import Workload
 from agent.telemetry.records import ConnectionRecord, RequestRecord
@@ -141,25 +141,15 @@ class H2Session:
             if data:
                 await self.down.write(data)
         for exchange in proxy.take_completed():
-            self.core.registry.request_done(self.record, request_record(exchange))
+            self.core.registry.request_done(self.record, h2_request_record(exchange))
         for cause in proxy.take_rejections():
             self.core.registry.http_rejected(cause, self.where)
 
 
-def request_record(exchange: H2Exchange) -> RequestRecord:
-    head = exchange.head
-    return RequestRecord(
-        method=head.method,
-        path=head.path,
-        authority=head.host,
-        status=exchange.status,
-        duration_ms=max(0.0, (exchange.ended - exchange.started) * 1000),
-        request_bytes=exchange.request_bytes,
-        response_bytes=exchange.response_bytes,
-        response_flags=exchange.flags,
-        request_id=head.request_id,
+def h2_request_record(exchange: H2Exchange) -> RequestRecord:
+    """``request_record`` of a stream, with its protocol (``grpc`` for a gRPC call) and status."""
+    return request_record(
+        exchange,
         protocol="grpc" if exchange.grpc else "http",
         grpc_status=exchange.grpc_status,
-        trace_headers=head.trace,
-        started_at=time.time() - (time.monotonic() - exchange.started),  # the shell's clock
     )

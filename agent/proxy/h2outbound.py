@@ -38,7 +38,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from agent.proxy import sockets
-from agent.proxy.h2inbound import READ_SIZE, header_wait, request_record
+from agent.proxy.h2inbound import READ_SIZE, h2_request_record, header_wait
 from agent.proxy.h2proxy import Choice, H2Exchange, H2Proxy, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint, route_request
 from agent.proxy.http1 import RequestHead, Verdict
@@ -256,7 +256,9 @@ class H2SourceSession:
         core = self.outbound.core
         for exchange in self.proxy.take_completed():
             self._finish(exchange)
-            core.registry.request_done(self._request_connection(exchange), request_record(exchange))
+            core.registry.request_done(
+                self._request_connection(exchange), h2_request_record(exchange)
+            )
         for cause in self.proxy.take_rejections():
             core.registry.http_rejected(cause, self.where)
 

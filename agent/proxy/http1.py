@@ -37,6 +37,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from agent.proxy.http1_codec import (
     AMBIGUOUS_LENGTH,
@@ -56,7 +57,7 @@ from agent.proxy.http1_codec import (
     request_head,
     response_head,
 )
-from agent.telemetry.records import trace_headers_of
+from agent.telemetry.records import RequestRecord, trace_headers_of
 
 __all__ = [  # the names this module had before the codec moved out, still importable here
     "AMBIGUOUS_LENGTH",
@@ -133,6 +134,48 @@ class Exchange:
 
 
 Authorize = Callable[[RequestHead], "Verdict"]
+
+
+class Finished(Protocol):
+    """What telemetry needs of a finished exchange, HTTP/1.1 (``Exchange``) or HTTP/2 (a
+    stream: ``agent.proxy.h2proxy.H2Exchange``); times are ``time.monotonic()``."""
+
+    head: RequestHead
+    status: int
+    started: float
+    ended: float
+    request_bytes: int
+    response_bytes: int
+    flags: str
+
+
+def request_record(
+    exchange: Finished,
+    *,
+    flags: str | None = None,
+    protocol: str = "http",
+    grpc_status: str = "",
+    upstream: str = "",
+) -> RequestRecord:
+    """The ``RequestRecord`` of a finished exchange, as every HTTP path reports it (``flags``
+    overrides the exchange's own, e.g. with a route's ``DI`` added)."""
+    head = exchange.head
+    return RequestRecord(
+        method=head.method,
+        path=head.path,
+        authority=head.host,
+        status=exchange.status,
+        duration_ms=max(0.0, (exchange.ended - exchange.started) * 1000),
+        request_bytes=exchange.request_bytes,
+        response_bytes=exchange.response_bytes,
+        response_flags=exchange.flags if flags is None else flags,
+        request_id=head.request_id,
+        trace_headers=head.trace,
+        started_at=time.time() - (time.monotonic() - exchange.started),
+        protocol=protocol,
+        grpc_status=grpc_status,
+        upstream=upstream,
+    )
 
 
 @dataclass(frozen=True, slots=True)

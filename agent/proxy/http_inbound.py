@@ -44,15 +44,15 @@ from agent.proxy.http1 import (
     GRPC_RESOURCE_EXHAUSTED,
     RATE_LIMITED,
     RATE_LIMITED_BODY,
-    Exchange,
     Http1Proxy,
     RequestHead,
     Verdict,
+    request_record,
 )
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.tunnel import Sink, TunnelStream
 from agent.state import Workload
-from agent.telemetry.records import ConnectionRecord, RequestRecord
+from agent.telemetry.records import ConnectionRecord
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class HttpSession:
                 # retries elsewhere): the request in flight is still reported, flagged DC.
                 self.proxy.client_failed()
                 for exchange in self.proxy.take_completed():
-                    self.core.registry.request_done(self.record, _request_record(exchange))
+                    self.core.registry.request_done(self.record, request_record(exchange))
             self._pause_upstream()
             if self._head_timer is not None:
                 self._head_timer.cancel()
@@ -381,7 +381,7 @@ class HttpSession:
         if completed:
             registry = self.core.registry
             for exchange in completed:
-                registry.request_done(self.record, _request_record(exchange))
+                registry.request_done(self.record, request_record(exchange))
         for cause in proxy.take_rejections():
             self.core.registry.http_rejected(cause, self.where)
         if not proxy.client_paused:
@@ -425,20 +425,3 @@ def request_verdict(
             grpc_status=GRPC_RESOURCE_EXHAUSTED,
         )
     return ALLOWED
-
-
-def _request_record(exchange: Exchange) -> RequestRecord:
-    head = exchange.head
-    return RequestRecord(
-        method=head.method,
-        path=head.path,
-        authority=head.host,
-        status=exchange.status,
-        duration_ms=max(0.0, (exchange.ended - exchange.started) * 1000),
-        request_bytes=exchange.request_bytes,
-        response_bytes=exchange.response_bytes,
-        response_flags=exchange.flags,
-        request_id=head.request_id,
-        trace_headers=head.trace,
-        started_at=time.time() - (time.monotonic() - exchange.started),  # the shell's clock
-    )

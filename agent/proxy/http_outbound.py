@@ -70,7 +70,7 @@ from agent.policy.routes import HttpRequest
 from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
-from agent.proxy.http1 import RBAC_DENIED, UPSTREAM_CLOSED, Exchange, RequestHead
+from agent.proxy.http1 import RBAC_DENIED, UPSTREAM_CLOSED, Exchange, RequestHead, request_record
 from agent.proxy.http_outbound_codec import (
     DroppedResponse,
     Mirrored,
@@ -97,7 +97,6 @@ from agent.telemetry.records import (
     SECURITY_MTLS,
     SECURITY_NONE,
     ConnectionRecord,
-    RequestRecord,
 )
 
 if TYPE_CHECKING:
@@ -890,22 +889,7 @@ class _ClientConnection:
             self.owner.outbound.describe_route(self.core.snapshot(), request.route, labels)
             if request.route.kind == "hbone":
                 labels.security = SECURITY_MTLS
-        head = exchange.head
         upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
         self.core.registry.request_done(
-            labels,
-            RequestRecord(
-                method=head.method,
-                path=head.path,
-                authority=head.host,
-                status=exchange.status,
-                duration_ms=max(0.0, (exchange.ended - exchange.started) * 1000),
-                request_bytes=exchange.request_bytes,
-                response_bytes=exchange.response_bytes,
-                response_flags=flags,
-                request_id=head.request_id,
-                trace_headers=head.trace,
-                started_at=time.time() - (time.monotonic() - exchange.started),
-                upstream=upstream,
-            ),
+            labels, request_record(exchange, flags=flags, upstream=upstream)
         )

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from agent.proxy.http1_codec import (
     AMBIGUOUS_LENGTH,
@@ -208,8 +209,99 @@ class _Current:
     last: bool = False  # the response said this is the connection's last exchange
 
 
+class _InFlight(Protocol):
+    request_done: bool
+
+
+C = TypeVar("C", bound=_InFlight)
+
+
+class ClientSide(ABC, Generic[C]):
+    """What both HTTP/1.1 proxies do alike, the destination's ``Http1Proxy`` and the source's
+    ``agent.proxy.http_outbound_codec.SourceHttp1``: the bytes they owe either side, the
+    refusals they made, and the order in which the client's parsed events are taken (one
+    exchange at a time: a pipelined head waits for the exchange before it to end, and bad input
+    after a complete request is refused in its turn). ``C`` is the proxy's in-flight exchange.
+    """
+
+    closing: bool
+    tunnel: bool
+    head_started: float | None
+    client: RequestReader
+    _current: C | None
+    _to_client: list[bytes]
+    _to_upstream: list[bytes]
+    _rejections: list[str]
+
+    # -- output ------------------------------------------------------------------------------
+    def take_to_client(self) -> bytes:
+        out = self._to_client
+        if not out:
+            return b""
+        self._to_client = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def take_to_upstream(self) -> bytes:
+        out = self._to_upstream
+        if not out:
+            return b""
+        self._to_upstream = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def take_rejections(self) -> list[str]:
+        out, self._rejections = self._rejections, []
+        return out
+
+    # -- the client's events -----------------------------------------------------------------
+    def _client_waits(self) -> bool:
+        """True while the proxy may take no client event (the source: a head awaits its
+        upstream)."""
+        return False
+
+    def _pump_client(self) -> None:
+        events = self.client.events
+        while events and not (self._client_waits() or self.closing or self.tunnel):
+            event = events[0]
+            current = self._current
+            if isinstance(event, Body):
+                events.popleft()
+                if current is not None:
+                    self._on_request_data(current, event.data)
+            elif isinstance(event, Head):
+                if current is not None:
+                    return  # pipelined: its turn comes when this exchange ends
+                events.popleft()
+                self.head_started = None
+                self._on_request(event)
+            elif isinstance(event, End):
+                events.popleft()
+                if current is not None:
+                    self._on_request_end(current, event)
+            else:
+                if current is not None and current.request_done:
+                    return  # bad input after a complete request: refused in its turn
+                events.popleft()
+                self._refuse(event.status, event.cause)
+
+    @abstractmethod
+    def _on_request(self, req: Head) -> None:
+        """(each proxy's own)"""
+
+    @abstractmethod
+    def _on_request_data(self, current: C, data: bytes) -> None:
+        """(each proxy's own)"""
+
+    @abstractmethod
+    def _on_request_end(self, current: C, event: End) -> None:
+        """(each proxy's own)"""
+
+    @abstractmethod
+    def _refuse(self, status: int, cause: str) -> None:
+        """(each proxy's own)"""
+
+
 @dataclass
-class Http1Proxy:
+class Http1Proxy(ClientSide[_Current]):
     authorize: Authorize
     clock: Callable[[], float] = time.monotonic
     new_request_id: Callable[[], str] = new_request_id
@@ -231,26 +323,8 @@ class Http1Proxy:
         self.upstream = ResponseReader(self.max_head_bytes)
 
     # -- output ------------------------------------------------------------------------------
-    def take_to_client(self) -> bytes:
-        out = self._to_client
-        if not out:
-            return b""
-        self._to_client = []
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def take_to_upstream(self) -> bytes:
-        out = self._to_upstream
-        if not out:
-            return b""
-        self._to_upstream = []
-        return out[0] if len(out) == 1 else b"".join(out)
-
     def take_completed(self) -> list[Exchange]:
         out, self._completed = self._completed, []
-        return out
-
-    def take_rejections(self) -> list[str]:
-        out, self._rejections = self._rejections, []
         return out
 
     @property
@@ -317,31 +391,6 @@ class Http1Proxy:
             self.closing = True
         elif current is None and not self.client.events:
             self.closing = True
-
-    def _pump_client(self) -> None:
-        events = self.client.events
-        while events and not (self.closing or self.tunnel):
-            event = events[0]
-            current = self._current
-            if isinstance(event, Body):
-                events.popleft()
-                if current is not None:
-                    self._on_request_data(current, event.data)
-            elif isinstance(event, Head):
-                if current is not None:
-                    return  # pipelined: its turn comes when this exchange ends
-                events.popleft()
-                self.head_started = None
-                self._on_request(event)
-            elif isinstance(event, End):
-                events.popleft()
-                if current is not None:
-                    self._on_request_end(current, event)
-            else:
-                if current is not None and current.request_done:
-                    return  # bad input after a complete request: refused in its turn
-                events.popleft()
-                self._refuse(event.status, event.cause)
 
     def _refuse(self, status: int, cause: str) -> None:
         """Answer a refused request (if the client may still get a response) and close."""

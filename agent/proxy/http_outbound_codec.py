@@ -64,6 +64,7 @@ from agent.proxy.http1 import (
     HEADERS_TOO_LARGE,
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
+    ClientSide,
     Exchange,
     RequestHead,
     new_request_id,
@@ -178,7 +179,7 @@ class _Current(Generic[T]):
 
 
 @dataclass
-class SourceHttp1(Generic[T]):
+class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     """One client connection; ``T`` is the shell's per-request tag, handed back with each
     finished exchange (``take_completed``)."""
 
@@ -204,26 +205,8 @@ class SourceHttp1(Generic[T]):
         self.client = RequestReader(self.max_head_bytes)
 
     # -- output ------------------------------------------------------------------------------
-    def take_to_client(self) -> bytes:
-        out = self._to_client
-        if not out:
-            return b""
-        self._to_client = []
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def take_to_upstream(self) -> bytes:
-        out = self._to_upstream
-        if not out:
-            return b""
-        self._to_upstream = []
-        return out[0] if len(out) == 1 else b"".join(out)
-
     def take_completed(self) -> list[tuple[Exchange, T | None]]:
         out, self._completed = self._completed, []
-        return out
-
-    def take_rejections(self) -> list[str]:
-        out, self._rejections = self._rejections, []
         return out
 
     def take_mirrors(self) -> list[Mirrored[T]]:
@@ -403,30 +386,8 @@ class SourceHttp1(Generic[T]):
         self._upstream_gone(current, current.upstream)
 
     # -- client side -------------------------------------------------------------------------
-    def _pump_client(self) -> None:
-        events = self.client.events
-        while events and self.pending is None and not (self.closing or self.tunnel):
-            event = events[0]
-            current = self._current
-            if isinstance(event, Body):
-                events.popleft()
-                if current is not None:
-                    self._on_request_data(current, event.data)
-            elif isinstance(event, Head):
-                if current is not None:
-                    return  # pipelined: its turn comes when this exchange ends
-                events.popleft()
-                self.head_started = None
-                self._on_request(event)
-            elif isinstance(event, End):
-                events.popleft()
-                if current is not None:
-                    self._on_request_end(current, event)
-            else:
-                if current is not None and current.request_done:
-                    return  # bad input after a complete request: refused in its turn
-                events.popleft()
-                self._refuse(event.status, event.cause)
+    def _client_waits(self) -> bool:
+        return self.pending is not None
 
     def _client_ended(self) -> None:
         """The client's end of stream: a request it cut short ends the connection; one it

@@ -317,24 +317,35 @@ HTTP_CALLS = (
 )
 
 
-def _curl_one_connection(lab: Lab, url: str) -> list[tuple[str, str, str]]:
-    """``HTTP_CALLS`` on one curl invocation (one keep-alive connection): per request the body,
-    the status and how many connections curl opened for it (0: it reused the connection)."""
+def _curl(lab: Lab, calls: list[list[str]]) -> list[tuple[str, str, str]]:
+    """One curl invocation from the client pod (one keep-alive connection), one request per
+    entry of ``calls`` (curl arguments: method, headers, URL): per request the body, the status
+    and how many connections curl opened for it (0: it reused the connection)."""
     args: list[str] = []
-    for i, (method, path, _) in enumerate(HTTP_CALLS):
+    for i, call in enumerate(calls):
         args += ["--next"] if i else []
-        args += ["-X", method, "-w", " %{http_code} %{num_connects}\\n", url + path]
-        args += ["--data", "payload"] if method == "POST" else []
+        args += [*call, "-w", " %{http_code} %{num_connects}\\n"]
     out = lab.exec(
         "client", "curl", "-sS", "--max-time", "10", *args, capture_output=True, text=True
     )
     if out.returncode != 0:
-        raise StepFailed(f"curl {url}: {out.stderr.strip()}")
+        raise StepFailed(f"curl {calls[0][-1]}: {out.stderr.strip()}")
     results = []
     for line in out.stdout.splitlines():
         body, status, connects = line.rsplit(" ", 2)
         results.append((body, status, connects))
     return results
+
+
+def _curl_one_connection(lab: Lab, url: str) -> list[tuple[str, str, str]]:
+    """``HTTP_CALLS`` on one connection (``_curl``)."""
+    return _curl(
+        lab,
+        [
+            ["-X", method, *(["--data", "payload"] if method == "POST" else []), url + path]
+            for method, path, _ in HTTP_CALLS
+        ],
+    )
 
 
 def _request_counts(lab: Lab) -> dict[tuple[str, str], float]:
@@ -448,18 +459,8 @@ CANARY_ROUTE: dict[str, Any] = {
 
 def _answered_by(lab: Lab, url: str, n: int, *extra: str) -> dict[str, int]:
     """``n`` GETs on one curl connection: how many each pod answered (all must be 200)."""
-    args: list[str] = []
-    for i in range(n):
-        args += ["--next"] if i else []
-        args += [*extra, "-w", " %{http_code}\n", f"{url}/{i}"]
-    out = lab.exec(
-        "client", "curl", "-sS", "--max-time", "10", *args, capture_output=True, text=True
-    )
-    if out.returncode != 0:
-        raise StepFailed(f"curl {url}: {out.stderr.strip()}")
     counts: dict[str, int] = {}
-    for line in out.stdout.splitlines():
-        body, status = line.rsplit(" ", 1)
+    for body, status, _ in _curl(lab, [[*extra, f"{url}/{i}"] for i in range(n)]):
         if status != "200":
             raise StepFailed(f"a request to {url} got {status}: {body!r}")
         counts[body] = counts.get(body, 0) + 1
@@ -530,18 +531,10 @@ ROUND_ROBIN_WEB: dict[str, Any] = {
 
 
 def _statuses(lab: Lab, url: str, n: int) -> dict[str, int]:
-    args: list[str] = []
-    for i in range(n):
-        args += ["--next"] if i else []
-        args += ["-o", "/dev/null", "-w", "%{http_code}\n", f"{url}/{i}"]
-    out = lab.exec(
-        "client", "curl", "-sS", "--max-time", "10", *args, capture_output=True, text=True
-    )
-    if out.returncode != 0:
-        raise StepFailed(f"curl {url}: {out.stderr.strip()}")
+    """``n`` GETs on one curl connection: how many got each status."""
     counts: dict[str, int] = {}
-    for code in out.stdout.split():
-        counts[code] = counts.get(code, 0) + 1
+    for _, status, _ in _curl(lab, [[f"{url}/{i}"] for i in range(n)]):
+        counts[status] = counts.get(status, 0) + 1
     return counts
 
 

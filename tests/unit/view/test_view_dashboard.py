@@ -23,32 +23,12 @@ from agent.view.golden import DURATION_BUCKETS, REQUESTS, histogram_quantile
 from agent.view.graph import build_graph
 from agent.view.inventory import AgentAnswer, canonical_name, selects, workload_info
 from agent.view.pages import Context, error_page, index_page, url_quote, workload_page
-from agent.view.series import Series, ViewError, Window, labels_of
+from agent.view.series import Series, ViewError, Window
 from agent.view.sources import Agent, AgentSource, PrometheusSource
+from tests.unit.view.test_view_aggregate import CLIENT, SERVER, series, tcp
 
-CLIENT = "spiffe://cluster.local/ns/default/sa/client"
-SERVER = "spiffe://cluster.local/ns/default/sa/server"
 EVIL = '<script>alert("x")</script>&'
-
-
-def labels(reporter: str, **over: str) -> dict[str, str]:
-    base = {
-        "reporter": reporter,
-        "source_workload": "client",
-        "source_workload_namespace": "default",
-        "source_principal": CLIENT,
-        "destination_workload": "server",
-        "destination_workload_namespace": "default",
-        "destination_principal": SERVER,
-        "destination_service": "server.default.svc.cluster.local",
-        "connection_security_policy": "mutual_tls",
-        "response_flags": "-",
-    }
-    return base | over
-
-
-def series(lb: dict[str, str], *samples: tuple[float, float]) -> Series:
-    return Series(labels_of(lb), samples)
+labels = tcp  # the same label set the aggregation tests use
 
 
 def request_series(

@@ -392,6 +392,10 @@ class HboneConnection:
         """The owner wrote ``n`` received bytes onwards: let the peer send that much more."""
         self._flow.consumed(stream_id, n)
 
+    def release(self, stream_id: int) -> None:
+        """The owner is done with the stream: received bytes it still holds are given back."""
+        self._flow.release(stream_id)
+
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         self._forget(stream_id)
         if h2wire.stream_state(self._h2, stream_id) not in (None, StreamState.CLOSED):

@@ -89,9 +89,10 @@ async def _both(first: asyncio.Task[None], second: asyncio.Task[None]) -> None:
         raise
     for task in pending:
         task.cancel()
-    for task in pending:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # The cancelled direction may fail on its own while it stops (its pod reset too): that is
+    # gathered here, so the failure re-raised below is the first one and no task's exception
+    # goes unretrieved (asyncio would log it as "never retrieved").
+    await asyncio.gather(*pending, return_exceptions=True)
     for task in done:
         task.result()
 

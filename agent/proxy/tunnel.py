@@ -213,9 +213,10 @@ class TunnelStream:
     def reset(self) -> None:
         if not self.error:
             self.proto.codec.reset(self.stream_id)
-            self.proto.flush()
         self.proto.streams.pop(self.stream_id, None)
         self._on_error(TunnelError("stream reset locally"))
+        self.proto.codec.release(self.stream_id)
+        self.proto.flush()
 
 
 OnRequest = Callable[["HboneProtocol", ev.TunnelRequested], None]
@@ -392,6 +393,7 @@ class HboneProtocol(asyncio.Protocol):
         waits for bytes that will not come."""
         if self.streams.pop(stream.stream_id, None) is not None:
             stream._discard()
+            self.codec.release(stream.stream_id)
             if not stream.complete:
                 self.codec.reset(stream.stream_id, ErrorCodes.CANCEL)
                 self.flush()

@@ -560,8 +560,6 @@ class _ClientConnection:
             await self._flush()
             return False
         request.plan = plan
-        if plan.request_timeout is not None:
-            request.deadline = time.monotonic() + plan.request_timeout
         if plan.edit_request is not None:
             self.codec.edit_pending(plan.edit_request)
         if plan.edit_response is not None:
@@ -570,8 +568,10 @@ class _ClientConnection:
             self.codec.retry_with(lambda status, ok: self._may_retry(request, status, ok))
         if plan.mirrors:
             self.codec.mirror_with()
-        if plan.attempts.fault.delay or plan.delay:
-            await asyncio.sleep(plan.attempts.fault.delay + plan.delay)
+        if plan.injected_delay:
+            await asyncio.sleep(plan.injected_delay)
+        if plan.request_timeout is not None:  # from here: an injected delay is not counted
+            request.deadline = time.monotonic() + plan.request_timeout
         return True
 
     def _may_retry(self, request: _Request, status: int | None, replayable: bool) -> bool:

@@ -135,6 +135,12 @@ class RoutePlan:
     mirrors: list[ServiceTarget] = field(default_factory=list)
     delay: float = 0.0  # seconds injected by the rule's HTTPFault before forwarding (``DI``)
 
+    @property
+    def injected_delay(self) -> float:
+        """Seconds the request waits before it is sent: the rule's HTTPFault delay and the
+        backend Service's TrafficPolicy fault delay."""
+        return self.delay + self.attempts.fault.delay
+
     def flags(self, flags: str) -> str:
         """The request's response flags with ``DI`` added when a delay was injected."""
         if not self.delay:

@@ -22,8 +22,8 @@ Request timeouts (a route's, or a gRPC call's ``grpc-timeout``) and the backoffs
 rule's retries are one timer per session, at the soonest time ``H2Proxy`` holds
 (``next_deadline``); when it fires the proxy answers what expired and sends again what waited.
 
-Not here (yet): the TrafficPolicy's retries and injected delays on these ports; a same-node
-endpoint is reached like a pod addressed directly (L4 policy at connect).
+Not here (yet): the TrafficPolicy's retries on these ports; a same-node endpoint is reached
+like a pod addressed directly (L4 policy at connect).
 """
 
 from __future__ import annotations
@@ -267,6 +267,7 @@ class H2SourceSession:
         if isinstance(plan, RoutePlan):
             reset = exchange.flags in ("UC", "UR") and not exchange.first_byte
             plan.finish(exchange.status, exchange.first_byte, reset_before_response=reset)
+            exchange.flags = plan.flags(exchange.flags)  # DI for an injected delay
 
     def _request_connection(self, exchange: H2Exchange) -> ConnectionRecord:
         """The connection record as this request saw it: pointed at its endpoint."""

@@ -38,7 +38,8 @@ response header blocks, and give it a timeout: the shell's timer (``next_deadlin
 gRPC, flag ``UT`` (a response already begun is reset instead), and give it ``Retries``: the
 proxy then keeps the request's head and body (up to ``max_replay_body``) and, while nothing of
 the response reached the client, asks them after a response head, a reset or a lost upstream;
-a retried request waits its backoff on the same timer and is sent again where ``next`` says.
+a retried request waits its backoff on the same timer and is sent again where ``next`` says,
+and a request the choice delays (an injected fault) waits on it too before its head goes out.
 
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
@@ -195,8 +196,10 @@ class Choice:
     """Where one request goes (``Pick``): ``key`` names the upstream (an endpoint), ``tag`` is
     the shell's note that comes back on the request's ``H2Exchange``. ``edit_request`` edits
     the forwarded header block (pseudo-headers included), ``edit_response`` the response's;
-    after ``timeout`` seconds without the response's end the stream is reset upstream and
-    answered 504 (gRPC: ``DEADLINE_EXCEEDED``) with flag ``UT``."""
+    after ``timeout`` seconds (from the choice) without the response's end the stream is reset
+    upstream and answered 504 (gRPC: ``DEADLINE_EXCEEDED``) with flag ``UT``. ``delay``
+    holds the request that long before its head goes upstream (an injected fault; its body
+    waits within the window)."""
 
     key: object
     tag: object = None
@@ -204,6 +207,7 @@ class Choice:
     edit_response: HeaderEdit | None = None
     timeout: float | None = None
     retries: Retries | None = None
+    delay: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +221,7 @@ class LocalAnswer:
     message: bytes
     headers: tuple[Header, ...] = ()
     tag: object = None
+    grpc_status: int | None = None  # for a gRPC call, instead of ``grpc_status_for(status)``
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +272,9 @@ class _Stream:
     replay_body: list[bytes] | None = field(default_factory=list)  # None: over the limit
     replay_size: int = 0
     retry_at: float | None = None  # clock time of the next try (waiting: no upstream)
+    held: list[Header] | None = None  # the forwarded head, held for an injected delay
+    held_key: object = None  # ... and the upstream it goes to
+    send_at: float | None = None  # clock time the held head is sent
 
 
 def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
@@ -458,13 +466,15 @@ class H2Proxy:
 
     def next_deadline(self) -> float | None:
         """The clock time the soonest request timeout expires (the shell's timer), if any."""
-        times = [t for s in self._streams.values() for t in (s.deadline, s.retry_at) if t]
+        times = [
+            t for s in self._streams.values() for t in (s.deadline, s.retry_at, s.send_at) if t
+        ]
         return min(times, default=None)
 
     def expire(self) -> None:
         """The shell's timer: every request whose timeout passed is reset upstream and, before
         its response began, answered 504 / ``DEADLINE_EXCEEDED``; after, its stream is reset
-        (as Envoy does). Flag ``UT``."""
+        (as Envoy does). Flag ``UT``. A retry or a delayed request whose time came is sent."""
         if self.closing:
             return
         now = self.clock()
@@ -473,6 +483,8 @@ class H2Proxy:
                 self._time_out(s)
             elif s.retry_at is not None and s.retry_at <= now:
                 self._try_again(s)
+            elif s.send_at is not None and s.send_at <= now:
+                self._send_held(s)
         self._pump()
         self._check_done()
 
@@ -509,8 +521,15 @@ class H2Proxy:
         s.to_upstream.extend((chunk, 0) for chunk in s.replay_body)  # acknowledged already
         self._send_head(s, self._upstream_for(choice.key), s.replay_head)
 
+    def _send_held(self, s: _Stream) -> None:
+        """The injected delay of ``s`` is over: its head (and the body that waited) go out."""
+        assert s.held is not None
+        head, s.held, s.send_at = s.held, None, None
+        self._send_head(s, self._upstream_for(s.held_key), head)
+
     def _time_out(self, s: _Stream) -> None:
-        s.deadline = s.retry_at = None
+        s.deadline = s.retry_at = s.send_at = None
+        s.held = None
         s.exchange.flags = UPSTREAM_TIMEOUT
         self._reset_upstream(s)
         self._discard_request(s)
@@ -589,13 +608,16 @@ class H2Proxy:
             self._answer(s, verdict.status, verdict.grpc_status, verdict.body)
             return
         u = self._choose(s, path.decode("latin-1"))
-        if u is None:
+        if u is None and s.send_at is None:
             return
         if s.edit_request is not None:
             forwarded = s.edit_request(forwarded)
             s.edit_request = None
         if s.retries is not None:
             s.replay_head = forwarded
+        if u is None:  # an injected delay: ``expire`` sends it at ``send_at``
+            s.held = forwarded
+            return
         self._send_head(s, u, forwarded)
 
     def _send_head(self, s: _Stream, u: _Upstream, head: list[Header]) -> None:
@@ -612,7 +634,8 @@ class H2Proxy:
 
     def _choose(self, s: _Stream, target: str) -> _Upstream | None:
         """The upstream for ``s``, or None after answering it ourselves (no upstream: 503 /
-        UNAVAILABLE; or the ``LocalAnswer`` the pick gave)."""
+        UNAVAILABLE; or the ``LocalAnswer`` the pick gave), or None with ``send_at`` set when
+        the choice delays it (the upstream is opened when it is sent)."""
         if self.pick is None:
             if not self._upstream_gone:
                 return self._upstreams[0]
@@ -628,13 +651,20 @@ class H2Proxy:
         if isinstance(choice, LocalAnswer):
             ex.flags, ex.tag = choice.flags, choice.tag
             status = choice.status
-            self._answer(s, status, grpc_status_for(status), choice.message, choice.headers)
+            grpc_status = choice.grpc_status
+            if grpc_status is None:
+                grpc_status = grpc_status_for(status)
+            self._answer(s, status, grpc_status, choice.message, choice.headers)
             return None
         ex.upstream, ex.tag = choice.key, choice.tag
         s.edit_request, s.edit_response = choice.edit_request, choice.edit_response
         s.retries = choice.retries
+        now = self.clock()
         if choice.timeout is not None:
-            s.deadline = self.clock() + choice.timeout
+            s.deadline = now + choice.timeout
+        if choice.delay > 0:
+            s.send_at, s.held_key = now + choice.delay, choice.key
+            return None
         return self._upstream_for(choice.key)
 
     def _upstream_for(self, key: object) -> _Upstream:
@@ -667,7 +697,7 @@ class H2Proxy:
                 self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM)
                 return
         s = self._streams.get(stream_id)
-        if s is None or s.upstream is None:  # answered already: the body is discarded
+        if s is None or (s.upstream is None and s.send_at is None):  # answered: discarded
             if flow:
                 self.client.acknowledge_received_data(flow, stream_id)
             return

@@ -15,7 +15,7 @@ against the HTTPRoutes. What the client sees when the request is answered here:
 * every weight zero, or a backend that does not resolve: 500, for gRPC ``UNAVAILABLE`` (14)
   (GRPCRoute's rule for an invalid backend; Envoy would map its 500 to ``UNKNOWN``);
 * no endpoint, over a limit, an injected abort: 503 (``UH``/``UO``/``FI``), gRPC
-  ``UNAVAILABLE``;
+  ``UNAVAILABLE``; a GRPCRoute HTTPFault's ``grpcStatus`` abort: that status, trailers-only;
 * the rule's ``timeouts.request`` or ``timeouts.backendRequest`` (one deadline per request
   here, retries included: the sooner applies) or the call's own ``grpc-timeout`` (as Linkerd
   honours it; Envoy only with ``max_grpc_timeout``), whichever is soonest, expires: 504
@@ -30,8 +30,12 @@ client: after a response head whose status is in ``codes`` (a gRPC call's traile
 ``UNAVAILABLE`` counts as 503, gRPC's HTTP mapping), a reset (a refused stream too) or a lost
 upstream before the response; the next try goes to another endpoint after the backoff.
 
-Not here: a per-try timeout that is retried (``backendRequest`` bounds the whole request),
-``RequestMirror`` copies, and an injected delay.
+An injected delay (the rule's HTTPFault, flag ``DI``, and the TrafficPolicy's) is
+``Choice.delay``: ``H2Proxy`` holds the request; the route's ``timeouts.request`` starts after
+it, a call's ``grpc-timeout`` at once.
+
+Not here: a per-try timeout that is retried (``backendRequest`` bounds the whole request) and
+``RequestMirror`` copies.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ def route_request(
         )
     except LocalResponse as e:
         extra = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in e.headers)
-        return LocalAnswer(e.status, e.flags, e.body, extra)
+        return LocalAnswer(e.status, e.flags, e.body, extra, grpc_status=e.grpc_status)
     ip = plan.attempts.next_endpoint()
     if ip is None:
         plan.attempts.finish()
@@ -121,6 +125,7 @@ def route_request(
         edit_response=_response_edit(plan.edit_response) if plan.edit_response else None,
         timeout=_timeout(plan, call),
         retries=PlanRetries(plan) if plan.retry is not None else None,
+        delay=plan.injected_delay,
     )
 
 
@@ -152,7 +157,12 @@ class PlanRetries:
 
 
 def _timeout(plan: RoutePlan, call: GrpcRequest | None) -> float | None:
-    limits = [plan.request_timeout, plan.try_timeout]
+    """The request's whole time from now: the route's ``timeouts.request`` starts after an
+    injected delay (Envoy's route timeout starts after its fault filter), a call's own
+    ``grpc-timeout`` now (it is the caller's deadline)."""
+    limits: list[float | None] = [plan.try_timeout]
+    if plan.request_timeout is not None:
+        limits.append(plan.request_timeout + plan.injected_delay)
     if call is not None:
         limits.append(grpc_timeout(call.header("grpc-timeout")))
     return min((t for t in limits if t is not None), default=None)

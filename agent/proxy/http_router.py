@@ -93,7 +93,8 @@ Headers = list[tuple[str, str]]
 
 class LocalResponse(Exception):
     """Answer this request here: ``status``, Envoy's response ``flags``, ``body``, and extra
-    response ``headers`` (a redirect's ``location``)."""
+    response ``headers`` (a redirect's ``location``); ``grpc_status`` is the status a gRPC call
+    gets instead of the one its HTTP status maps to (a GRPCRoute fault's ``grpcStatus``)."""
 
     def __init__(
         self,
@@ -102,6 +103,8 @@ class LocalResponse(Exception):
         detail: str,
         body: bytes = b"",
         headers: Sequence[tuple[str, str]] = (),
+        *,
+        grpc_status: int | None = None,
     ) -> None:
         super().__init__(f"{status} {flags}: {detail}")
         self.status = status
@@ -109,6 +112,7 @@ class LocalResponse(Exception):
         self.detail = detail
         self.body = body
         self.headers = tuple(headers)
+        self.grpc_status = grpc_status
 
 
 class Unroutable(LocalResponse):
@@ -264,12 +268,14 @@ class HttpRouter:
                 FILTER_UNUSABLE_BODY,
             )
         decision = decide_fault(ref.fault, request.headers, self.rng)
-        if decision.abort_status is not None:
+        if decision.aborted:
             raise LocalResponse(
-                decision.abort_status,
+                # a gRPC status is answered trailers-only: HTTP 200 (Envoy's fault filter too)
+                decision.abort_status or 200,
                 FAULT_INJECTED,
                 f"{rule}: abort injected by HTTPFault {ref.fault.name}",
                 BODIES[FAULT_INJECTED],
+                grpc_status=decision.abort_grpc_status,
             )
         return decision
 

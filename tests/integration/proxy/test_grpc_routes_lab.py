@@ -203,3 +203,94 @@ def test_an_httproute_retry_hides_a_replica_answering_unavailable(lab: Lab) -> N
         assert total(after, **ok) - total(before, **ok) == n
     finally:
         lab.delete(retrying)
+
+
+def http_fault(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "HTTPFault",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def fault_filter(name: str) -> dict[str, Any]:
+    ref = {"group": "nodemesh.io", "kind": "HTTPFault", "name": name}
+    return {"type": "ExtensionRef", "extensionRef": ref}
+
+
+def flagged(lab: Lab, flags: str, **labels: str) -> float:
+    return total(metrics(lab, "node1"), reporter="source", response_flags=flags, **labels)
+
+
+def test_a_grpcroute_fault_aborts_with_its_grpc_status_and_delays_flagged_di(lab: Lab) -> None:
+    """GRPCRoute rules with ExtensionRef filters: ``x-chaos: abort`` calls are answered
+    trailers-only ``RESOURCE_EXHAUSTED`` (the HTTPFault's ``grpcStatus: 8``, flag FI),
+    ``x-chaos: delay`` calls are held 300 ms and then served (flag DI)."""
+
+    def rule(value: str, fault: str) -> dict[str, Any]:
+        header = {"name": "x-chaos", "value": value}
+        return {"matches": [{"method": UNARY, "headers": [header]}],
+                "backendRefs": [{"name": "grpc", "port": PORT}],
+                "filters": [fault_filter(fault)]}  # fmt: skip
+
+    rest = {"matches": [{"method": UNARY}], "backendRefs": [{"name": "grpc", "port": PORT}]}
+    manifests = [
+        http_fault("grpc-abort", {"abort": {"grpcStatus": 8, "percentage": 100}}),
+        http_fault("grpc-delay", {"delay": {"fixedDelay": "300ms", "percentage": 100}}),
+        grpc_route(rule("abort", "grpc-abort"), rule("delay", "grpc-delay"), rest),
+    ]
+    target = f"{vip(lab)}:{PORT}"
+    lab.apply(manifests)
+    try:
+        exhausted = ("RESOURCE_EXHAUSTED", "fault filter abort")
+
+        def in_force() -> None:
+            probe = calls(lab, "client", target, (grpcecho.UNARY, "w"), headers=["x-chaos=abort"])
+            assert probe == [exhausted], probe
+
+        retry(in_force, timeout=40)
+        fi_before = flagged(lab, "FI", grpc_response_status="8")
+        di_before = flagged(lab, "DI", grpc_response_status="0")
+        n = 5
+        aborted = calls(lab, "client", target, *[(grpcecho.UNARY, "a")] * n,
+                        headers=["x-chaos=abort"])  # fmt: skip
+        delayed = calls(lab, "client", target, *[(grpcecho.UNARY, "d")] * n,
+                        headers=["x-chaos=delay"], timed_calls=True)  # fmt: skip
+        plain = calls(lab, "client", target, *[(grpcecho.UNARY, "p")] * n, timed_calls=True)
+        assert aborted == [exhausted] * n
+        assert [r[0] for r in delayed] == ["OK"] * n and [r[0] for r in plain] == ["OK"] * n
+        report("GRPCRoute HTTPFault delay 300ms", delayed_seconds=[r[2] for r in delayed],
+               plain_seconds=[r[2] for r in plain])  # fmt: skip
+        retry(lambda: check(flagged(lab, "FI", grpc_response_status="8") - fi_before == n), 10)
+        retry(lambda: check(flagged(lab, "DI", grpc_response_status="0") - di_before == n), 10)
+    finally:
+        lab.delete(manifests)
+
+
+def test_an_injected_delay_does_not_count_toward_the_request_timeout(lab: Lab) -> None:
+    """An HTTPRoute on the gRPC port: a 300 ms fault delay and ``timeouts.request: 200ms``.
+    The timeout starts after the delay (as Envoy's route timeout starts after its fault
+    filter), so quick calls are served (flag DI), and a 1 s call still times out."""
+    manifests = [
+        http_fault("grpc-delay", {"delay": {"fixedDelay": "300ms", "percentage": 100}}),
+        http_route({"filters": [fault_filter("grpc-delay")], "timeouts": {"request": "200ms"}}),
+    ]
+    target = f"{vip(lab)}:{PORT}"
+    lab.apply(manifests)
+    try:
+        di_before = flagged(lab, "DI", grpc_response_status="0")
+
+        def in_force() -> None:
+            assert calls(lab, "client", target, (grpcecho.UNARY, "w"))[0][0] == "OK"
+            assert flagged(lab, "DI", grpc_response_status="0") > di_before
+            result = calls(lab, "client", target, (grpcecho.UNARY, "sleep:1"))
+            assert result[0][0] == "DEADLINE_EXCEEDED", result
+
+        retry(in_force, timeout=40)
+        result = calls(lab, "client", target, *[(grpcecho.UNARY, "q")] * 5, timed_calls=True)
+        assert [r[0] for r in result] == ["OK"] * 5
+        report("delay 300ms + timeouts.request 200ms, quick calls",
+               seconds=[r[2] for r in result])  # fmt: skip
+    finally:
+        lab.delete(manifests)

@@ -727,3 +727,41 @@ def test_a_response_that_began_is_never_retried() -> None:
     assert any(isinstance(e, StreamReset) and e.stream_id == sid for e in w.client_events)
     (ex,) = w.proxy.take_completed()
     assert ex.flags == "UR"
+
+
+# -- the source side: an injected delay and per-try timeouts ----------------------------------
+def test_a_delayed_request_is_held_with_its_body_and_sent_when_the_delay_is_over() -> None:
+    now = [10.0]
+    w = Pods(lambda _r: Choice("a", tag="tag", delay=1.0, timeout=1.2), clock=lambda: now[0])
+    sid = _grpc_call(w, b"held body")
+    w.run()
+    assert "a" not in w.pods  # no upstream opened, no head sent while the delay runs
+    assert w.proxy.next_deadline() == pytest.approx(11.0)
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    body = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert body == b"held body" and any(isinstance(e, StreamEnded) for e in w.pod_events["a"])
+    assert w.proxy.next_deadline() == pytest.approx(11.2)  # the timeout, from the choice
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["a"].send_headers(req.stream_id, OK_TRAILERS, end_stream=True)
+    w.pod_events["a"].clear()
+    w.run()
+    assert w.responses()[sid][b":status"] == b"200"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.status, ex.grpc_status) == ("a", 200, "0")
+
+
+def test_a_deadline_that_passes_during_the_delay_answers_without_an_upstream() -> None:
+    now = [10.0]
+    w = Pods(lambda _r: Choice("a", delay=1.0, timeout=0.5), clock=lambda: now[0])
+    sid = _grpc_call(w, b"x")
+    w.run()
+    now[0] = 10.5
+    w.proxy.expire()
+    w.run()
+    assert w.responses()[sid][b"grpc-status"] == b"4"
+    assert "a" not in w.pods and w.proxy.next_deadline() is None
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UT"

@@ -13,7 +13,7 @@ from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint, grpc_timeout, route_request
 from agent.proxy.http1 import RequestHead
 from agent.proxy.http_router import HttpRouter, RoutePlan
-from agent.state import RouteObject, ServicePort, StateStore
+from agent.state import PolicyObject, RouteObject, ServicePort, StateStore
 from tests.unit.proxy.test_http_router import PODS, _ref, _route, _router, _target
 from tests.unit.proxy.test_http_router import _store as _http_store
 
@@ -189,6 +189,47 @@ def test_the_timeout_is_the_soonest_of_the_rules_and_the_calls_grpc_timeout() ->
     # A plain HTTP/2 request's grpc-timeout header means nothing.
     plain = _request("/a", (b"grpc-timeout", b"1m"), grpc=False)
     assert _choice(router, store, plain).timeout == 0.15
+
+
+def _fault_ref() -> dict[str, object]:
+    ref = {"group": "nodemesh.io", "kind": "HTTPFault", "name": "chaos"}
+    return {"type": "ExtensionRef", "extensionRef": ref}
+
+
+def _fault(store: StateStore, spec: dict[str, object]) -> None:
+    with store.update() as tx:
+        tx.put_policy(PolicyObject("HTTPFault", "default", "chaos", spec))
+
+
+def test_an_injected_delay_holds_the_request_and_the_route_timeout_starts_after_it() -> None:
+    store, router = _store(*PODS), _router()
+    _fault(store, {"delay": {"fixedDelay": "1s", "percentage": 100}})
+    _route(
+        store,
+        {"backendRefs": [_ref("web")], "filters": [_fault_ref()], "timeouts": {"request": "200ms"}},
+    )
+    choice = _choice(router, store, _request("/a", grpc=False))
+    assert (choice.delay, choice.timeout) == (1.0, pytest.approx(1.2))
+    assert isinstance(choice.tag, RoutePlan) and choice.tag.flags("-") == "DI"
+    # A call's own deadline is the caller's: the delay counts toward it.
+    call = _choice(router, store, _request(CALL, (b"grpc-timeout", b"500m")))
+    assert (call.delay, call.timeout) == (1.0, 0.5)
+
+
+def test_a_grpc_route_fault_aborts_with_its_grpc_status_and_flag_fi() -> None:
+    store, router = _store(*PODS), _router()
+    _fault(store, {"abort": {"grpcStatus": 8, "percentage": 100}})
+    unary = {"method": {"service": "pkg.Echo", "method": "Unary"}}
+    _grpc_route(store, {"matches": [unary], "backendRefs": [_ref("web")],
+                        "filters": [_fault_ref()]})  # fmt: skip
+    answer = _route_it(router, store, _request())
+    assert isinstance(answer, LocalAnswer)
+    assert (answer.status, answer.grpc_status, answer.flags) == (200, 8, "FI")
+    # An HTTP status abort on a GRPCRoute: the call gets its gRPC mapping.
+    _fault(store, {"abort": {"httpStatus": 503, "percentage": 100}})
+    answer = _route_it(router, store, _request())
+    assert isinstance(answer, LocalAnswer)
+    assert (answer.status, answer.grpc_status, answer.flags) == (503, None, "FI")
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,8 @@ On the source side the shell's ``pick`` may also answer a request itself (``Loca
 route's 404 ``NR``, which a gRPC call sees as ``UNIMPLEMENTED``), edit its forwarded and
 response header blocks, and give it a timeout: the shell's timer (``next_deadline``,
 ``expire``) then resets the upstream stream and answers 504, or ``DEADLINE_EXCEEDED`` for
-gRPC, flag ``UT`` (a response already begun is reset instead), and give it ``Retries``: the
+gRPC, flag ``UT`` (a response already begun is reset instead), or a per-try timeout whose
+expiry is first offered to its retries, and give it ``Retries``: the
 proxy then keeps the request's head and body (up to ``max_replay_body``) and, while nothing of
 the response reached the client, asks them after a response head, a reset or a lost upstream;
 a retried request waits its backoff on the same timer and is sent again where ``next`` says,
@@ -197,9 +198,10 @@ class Choice:
     the shell's note that comes back on the request's ``H2Exchange``. ``edit_request`` edits
     the forwarded header block (pseudo-headers included), ``edit_response`` the response's;
     after ``timeout`` seconds (from the choice) without the response's end the stream is reset
-    upstream and answered 504 (gRPC: ``DEADLINE_EXCEEDED``) with flag ``UT``. ``delay``
-    holds the request that long before its head goes upstream (an injected fault; its body
-    waits within the window)."""
+    upstream and answered 504 (gRPC: ``DEADLINE_EXCEEDED``) with flag ``UT``; after
+    ``try_timeout`` seconds from a try's head, that try is reset and, if ``retries`` say so,
+    the request sent again, else answered the same way. ``delay`` holds the request that long
+    before its head goes upstream (an injected fault; its body waits within the window)."""
 
     key: object
     tag: object = None
@@ -207,6 +209,7 @@ class Choice:
     edit_response: HeaderEdit | None = None
     timeout: float | None = None
     retries: Retries | None = None
+    try_timeout: float | None = None
     delay: float = 0.0
 
 
@@ -272,6 +275,8 @@ class _Stream:
     replay_body: list[bytes] | None = field(default_factory=list)  # None: over the limit
     replay_size: int = 0
     retry_at: float | None = None  # clock time of the next try (waiting: no upstream)
+    try_timeout: float | None = None  # seconds each try may take
+    try_deadline: float | None = None  # clock time the current try's time runs out
     held: list[Header] | None = None  # the forwarded head, held for an injected delay
     held_key: object = None  # ... and the upstream it goes to
     send_at: float | None = None  # clock time the held head is sent
@@ -467,20 +472,28 @@ class H2Proxy:
     def next_deadline(self) -> float | None:
         """The clock time the soonest request timeout expires (the shell's timer), if any."""
         times = [
-            t for s in self._streams.values() for t in (s.deadline, s.retry_at, s.send_at) if t
+            t
+            for s in self._streams.values()
+            for t in (s.deadline, s.try_deadline, s.retry_at, s.send_at)
+            if t
         ]
         return min(times, default=None)
 
     def expire(self) -> None:
         """The shell's timer: every request whose timeout passed is reset upstream and, before
         its response began, answered 504 / ``DEADLINE_EXCEEDED``; after, its stream is reset
-        (as Envoy does). Flag ``UT``. A retry or a delayed request whose time came is sent."""
+        (as Envoy does). Flag ``UT``. A try whose own time ran out is retried if its
+        ``retries`` allow; a retry or a delayed request whose time came is sent."""
         if self.closing:
             return
         now = self.clock()
         for s in list(self._streams.values()):
             if s.deadline is not None and s.deadline <= now:
                 self._time_out(s)
+            elif s.try_deadline is not None and s.try_deadline <= now:
+                s.try_deadline = None
+                if not self._retried(s, None):
+                    self._time_out(s)
             elif s.retry_at is not None and s.retry_at <= now:
                 self._try_again(s)
             elif s.send_at is not None and s.send_at <= now:
@@ -504,7 +517,7 @@ class H2Proxy:
         s.upstream.streams.pop(s.upstream_id, None)
         s.upstream, s.upstream_id, s.request_sent = None, 0, False
         ex.status, ex.grpc_status, ex.first_byte = 0, "", 0.0
-        s.retry_at = self.clock() + backoff
+        s.retry_at, s.try_deadline = self.clock() + backoff, None
         return True
 
     def _try_again(self, s: _Stream) -> None:
@@ -528,7 +541,7 @@ class H2Proxy:
         self._send_head(s, self._upstream_for(s.held_key), head)
 
     def _time_out(self, s: _Stream) -> None:
-        s.deadline = s.retry_at = s.send_at = None
+        s.deadline = s.retry_at = s.try_deadline = s.send_at = None
         s.held = None
         s.exchange.flags = UPSTREAM_TIMEOUT
         self._reset_upstream(s)
@@ -628,6 +641,8 @@ class H2Proxy:
             return
         s.upstream, s.upstream_id = u, up.get_next_available_stream_id()
         u.streams[s.upstream_id] = s
+        if s.try_timeout is not None:
+            s.try_deadline = self.clock() + s.try_timeout
         ended = s.request_end and not s.to_upstream and s.request_trailers is None
         up.send_headers(s.upstream_id, head, end_stream=ended)
         s.request_sent = ended
@@ -658,7 +673,7 @@ class H2Proxy:
             return None
         ex.upstream, ex.tag = choice.key, choice.tag
         s.edit_request, s.edit_response = choice.edit_request, choice.edit_response
-        s.retries = choice.retries
+        s.retries, s.try_timeout = choice.retries, choice.try_timeout
         now = self.clock()
         if choice.timeout is not None:
             s.deadline = now + choice.timeout

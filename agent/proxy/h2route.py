@@ -16,10 +16,10 @@ against the HTTPRoutes. What the client sees when the request is answered here:
   (GRPCRoute's rule for an invalid backend; Envoy would map its 500 to ``UNKNOWN``);
 * no endpoint, over a limit, an injected abort: 503 (``UH``/``UO``/``FI``), gRPC
   ``UNAVAILABLE``; a GRPCRoute HTTPFault's ``grpcStatus`` abort: that status, trailers-only;
-* the rule's ``timeouts.request`` or ``timeouts.backendRequest`` (one deadline per request
-  here, retries included: the sooner applies) or the call's own ``grpc-timeout`` (as Linkerd
-  honours it; Envoy only with ``max_grpc_timeout``), whichever is soonest, expires: 504
-  ``UT``, gRPC ``DEADLINE_EXCEEDED`` (4).
+* the rule's ``timeouts.request`` (the whole request, retries included) or the call's own
+  ``grpc-timeout`` (as Linkerd honours it; Envoy only with ``max_grpc_timeout``), whichever is
+  sooner, expires, or the last try's ``timeouts.backendRequest``: 504 ``UT``, gRPC
+  ``DEADLINE_EXCEEDED`` (4).
 
 Retries: an HTTPRoute rule's ``retry`` (GEP-1731; GRPCRoute has no retry field) applies to the
 HTTP/2 requests and gRPC calls it routes, decided as on HTTP/1.1 (``RoutePlan.retry_after``:
@@ -28,14 +28,14 @@ the rule's ``codes`` and attempts, only a request received whole with a body of 
 ``nodemesh_http_retries_total``). ``H2Proxy`` asks only before any response byte reached the
 client: after a response head whose status is in ``codes`` (a gRPC call's trailers-only
 ``UNAVAILABLE`` counts as 503, gRPC's HTTP mapping), a reset (a refused stream too) or a lost
-upstream before the response; the next try goes to another endpoint after the backoff.
+upstream before the response, or its ``backendRequest`` (per-try) timeout expired; the next
+try goes to another endpoint after the backoff.
 
 An injected delay (the rule's HTTPFault, flag ``DI``, and the TrafficPolicy's) is
 ``Choice.delay``: ``H2Proxy`` holds the request; the route's ``timeouts.request`` starts after
 it, a call's ``grpc-timeout`` at once.
 
-Not here: a per-try timeout that is retried (``backendRequest`` bounds the whole request) and
-``RequestMirror`` copies.
+Not here: ``RequestMirror`` copies.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def route_request(
         edit_response=_response_edit(plan.edit_response) if plan.edit_response else None,
         timeout=_timeout(plan, call),
         retries=PlanRetries(plan) if plan.retry is not None else None,
+        try_timeout=plan.try_timeout,
         delay=plan.injected_delay,
     )
 
@@ -160,7 +161,7 @@ def _timeout(plan: RoutePlan, call: GrpcRequest | None) -> float | None:
     """The request's whole time from now: the route's ``timeouts.request`` starts after an
     injected delay (Envoy's route timeout starts after its fault filter), a call's own
     ``grpc-timeout`` now (it is the caller's deadline)."""
-    limits: list[float | None] = [plan.try_timeout]
+    limits: list[float | None] = []
     if plan.request_timeout is not None:
         limits.append(plan.request_timeout + plan.injected_delay)
     if call is not None:

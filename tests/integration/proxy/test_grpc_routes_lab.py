@@ -294,3 +294,36 @@ def test_an_injected_delay_does_not_count_toward_the_request_timeout(lab: Lab) -
                seconds=[r[2] for r in result])  # fmt: skip
     finally:
         lab.delete(manifests)
+
+
+def test_backend_request_is_a_per_try_timeout_that_is_retried(lab: Lab) -> None:
+    """``timeouts.backendRequest: 200ms`` with ``retry.attempts: 1`` against a 1 s handler:
+    each call's first try times out and is retried (counted), the second times out too and
+    the call ends ``DEADLINE_EXCEEDED`` (flag UT)."""
+    route = http_route({"timeouts": {"backendRequest": "200ms"},
+                        "retry": {"attempts": 1, "codes": [503], "backoff": "10ms"}})  # fmt: skip
+    target = f"{vip(lab)}:{PORT}"
+    lab.apply(route)
+    try:
+        slow = (grpcecho.UNARY, "sleep:1")
+
+        def in_force() -> None:
+            result = calls(lab, "client", target, slow)
+            assert result[0][:2] == ("DEADLINE_EXCEEDED", "upstream request timeout"), result
+
+        retry(in_force, timeout=40)
+        before = metrics(lab, "node1")
+        n = 3
+        result = calls(lab, "client", target, *[slow] * n, timed_calls=True)
+        after = metrics(lab, "node1")
+        assert [r[0] for r in result] == ["DEADLINE_EXCEEDED"] * n
+        attempted = counted(after, RETRIES, "default/grpc", "attempted") - counted(
+            before, RETRIES, "default/grpc", "attempted"
+        )
+        report("backendRequest 200ms, one retry, 1 s handler",
+               seconds=[r[2] for r in result], retries=attempted)  # fmt: skip
+        assert attempted == n
+        timed_out = {"reporter": "source", "grpc_response_status": "4", "response_flags": "UT"}
+        assert total(after, **timed_out) - total(before, **timed_out) == n
+    finally:
+        lab.delete(route)

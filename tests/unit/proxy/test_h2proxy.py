@@ -765,3 +765,30 @@ def test_a_deadline_that_passes_during_the_delay_answers_without_an_upstream() -
     assert "a" not in w.pods and w.proxy.next_deadline() is None
     (ex,) = w.proxy.take_completed()
     assert ex.flags == "UT"
+
+
+def test_a_try_past_its_own_timeout_is_retried_elsewhere_and_the_last_one_answered_ut() -> None:
+    now, retries = [10.0], FakeRetries(["b"], limit=1)
+    w = Pods(lambda _r: Choice("a", tag="tag", retries=retries, try_timeout=0.2, timeout=5.0),
+             clock=lambda: now[0])  # fmt: skip
+    sid = _grpc_call(w, b"x")
+    w.run()
+    assert w.proxy.next_deadline() == pytest.approx(10.2)
+    now[0] = 10.2
+    w.proxy.expire()
+    w.run()
+    assert retries.asked == [(None, True)] and w.responses() == {}
+    assert any(isinstance(e, StreamReset) and e.error_code == ErrorCodes.CANCEL
+               for e in w.pod_events["a"])  # fmt: skip
+    now[0] = 10.25
+    w.proxy.expire()  # the backoff is over: the second try, with a timer of its own
+    w.run()
+    assert any(isinstance(e, RequestReceived) for e in w.pod_events["b"])
+    assert w.proxy.next_deadline() == pytest.approx(10.45)
+    now[0] = 10.45
+    w.proxy.expire()
+    w.run()
+    assert retries.asked == [(None, True), (None, True)]  # asked, and refused: none left
+    assert w.responses()[sid][b"grpc-status"] == b"4"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.flags) == ("b", "UT")

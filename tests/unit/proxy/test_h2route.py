@@ -179,16 +179,17 @@ def test_a_url_rewrite_moves_path_and_authority_pseudo_headers() -> None:
                                           (b"a", b"1")]  # fmt: skip
 
 
-def test_the_timeout_is_the_soonest_of_the_rules_and_the_calls_grpc_timeout() -> None:
+def test_the_timeout_is_the_sooner_of_the_rules_and_the_calls_and_each_try_has_its_own() -> None:
     store, router = _store(*PODS), _router()
     assert _choice(router, store, _request()).timeout is None
     assert _choice(router, store, _request(CALL, (b"grpc-timeout", b"300m"))).timeout == 0.3
     _route(store, {"timeouts": {"request": "200ms", "backendRequest": "150ms"}})
-    assert _choice(router, store, _request(CALL, (b"grpc-timeout", b"1S"))).timeout == 0.15
+    choice = _choice(router, store, _request(CALL, (b"grpc-timeout", b"1S")))
+    assert (choice.timeout, choice.try_timeout) == (0.2, 0.15)  # backendRequest: per try
     assert _choice(router, store, _request(CALL, (b"grpc-timeout", b"100m"))).timeout == 0.1
     # A plain HTTP/2 request's grpc-timeout header means nothing.
     plain = _request("/a", (b"grpc-timeout", b"1m"), grpc=False)
-    assert _choice(router, store, plain).timeout == 0.15
+    assert _choice(router, store, plain).timeout == 0.2
 
 
 def _fault_ref() -> dict[str, object]:

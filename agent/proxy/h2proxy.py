@@ -211,6 +211,7 @@ class Choice:
     retries: Retries | None = None
     try_timeout: float | None = None
     delay: float = 0.0
+    mirror: bool = False  # hand a copy of the complete request to the shell (``take_mirrors``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +226,17 @@ class LocalAnswer:
     headers: tuple[Header, ...] = ()
     tag: object = None
     grpc_status: int | None = None  # for a gRPC call, instead of ``grpc_status_for(status)``
+
+
+@dataclass(frozen=True, slots=True)
+class H2Mirrored:
+    """A complete request to copy (``Choice.mirror``): the head as forwarded, the body (None
+    when it was over ``max_replay_body``: not copied), the trailers, the choice's tag."""
+
+    head: list[Header]
+    body: bytes | None
+    trailers: list[Header] | None
+    tag: object
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +292,12 @@ class _Stream:
     held: list[Header] | None = None  # the forwarded head, held for an injected delay
     held_key: object = None  # ... and the upstream it goes to
     send_at: float | None = None  # clock time the held head is sent
+    mirror: bool = False  # a copy is owed once the request is complete
+
+    @property
+    def keeps_request(self) -> bool:
+        """Are the head and body kept (to send again, or to copy)?"""
+        return self.retries is not None or self.mirror
 
 
 def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
@@ -359,6 +377,7 @@ class H2Proxy:
         self._next_uid = 0
         self._to_client = bytearray(self.client.data_to_send())
         self._completed: list[H2Exchange] = []
+        self._mirrors: list[H2Mirrored] = []
         self._rejections: list[str] = []
         self._unsent_replies = 0
         self._opened = 0
@@ -394,6 +413,11 @@ class H2Proxy:
 
     def take_completed(self) -> list[H2Exchange]:
         out, self._completed = self._completed, []
+        return out
+
+    def take_mirrors(self) -> list[H2Mirrored]:
+        """Complete requests whose choice asked for a copy, since the last call."""
+        out, self._mirrors = self._mirrors, []
         return out
 
     def take_rejections(self) -> list[str]:
@@ -585,6 +609,7 @@ class H2Proxy:
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 stream.request_end = True
+                self._copy(stream)
         elif isinstance(event, StreamReset):
             self._on_client_reset(event.stream_id)
         elif isinstance(event, ConnectionTerminated):
@@ -626,12 +651,22 @@ class H2Proxy:
         if s.edit_request is not None:
             forwarded = s.edit_request(forwarded)
             s.edit_request = None
-        if s.retries is not None:
+        if s.keeps_request:
             s.replay_head = forwarded
+            self._copy(s)
         if u is None:  # an injected delay: ``expire`` sends it at ``send_at``
             s.held = forwarded
             return
         self._send_head(s, u, forwarded)
+
+    def _copy(self, s: _Stream) -> None:
+        """Hand the copy of ``s`` over once the client sent all of it (a request that was
+        answered or reset before is not copied)."""
+        if not s.mirror or not s.request_end or s.replay_head is None:
+            return
+        s.mirror = False
+        body = b"".join(s.replay_body) if s.replay_body is not None else None
+        self._mirrors.append(H2Mirrored(s.replay_head, body, s.request_trailers, s.exchange.tag))
 
     def _send_head(self, s: _Stream, u: _Upstream, head: list[Header]) -> None:
         up = u.conn
@@ -674,6 +709,7 @@ class H2Proxy:
         ex.upstream, ex.tag = choice.key, choice.tag
         s.edit_request, s.edit_response = choice.edit_request, choice.edit_response
         s.retries, s.try_timeout = choice.retries, choice.try_timeout
+        s.mirror = choice.mirror
         now = self.clock()
         if choice.timeout is not None:
             s.deadline = now + choice.timeout
@@ -718,7 +754,7 @@ class H2Proxy:
             return
         s.exchange.request_bytes += len(data)
         s.to_upstream.append((data, flow))
-        if s.retries is not None and s.replay_body is not None and data:
+        if s.keeps_request and s.replay_body is not None and data:
             s.replay_size += len(data)
             if s.replay_size > self.limits.max_replay_body:
                 s.replay_body = None  # too big to keep: this request is not retried

@@ -35,7 +35,8 @@ An injected delay (the rule's HTTPFault, flag ``DI``, and the TrafficPolicy's) i
 ``Choice.delay``: ``H2Proxy`` holds the request; the route's ``timeouts.request`` starts after
 it, a call's ``grpc-timeout`` at once.
 
-Not here: ``RequestMirror`` copies.
+``RequestMirror``: ``Choice.mirror`` when the rule rolled any copy; the mirror Services ride on
+the ``RoutePlan`` (``mirrors``), copied by the shell once ``H2Proxy`` hands the request over.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def route_request(
         retries=PlanRetries(plan) if plan.retry is not None else None,
         try_timeout=plan.try_timeout,
         delay=plan.injected_delay,
+        mirror=bool(plan.mirrors),
     )
 
 

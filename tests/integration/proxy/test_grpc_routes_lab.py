@@ -327,3 +327,48 @@ def test_backend_request_is_a_per_try_timeout_that_is_retried(lab: Lab) -> None:
         assert total(after, **timed_out) - total(before, **timed_out) == n
     finally:
         lab.delete(route)
+
+
+DEST_V2 = {
+    "reporter": "destination",
+    "request_protocol": "grpc",
+    "destination_service": "grpc-v2.default.svc.cluster.local",
+    "grpc_response_status": "0",
+}
+
+
+def copies_sent(parsed: dict[Any, float]) -> float:
+    return counted(parsed, "nodemesh_http_mirrored_total", "default/grpc-v2", "sent")
+
+
+def test_a_grpcroute_mirror_copies_each_call_to_v2_and_the_primary_goes_to_v1(lab: Lab) -> None:
+    """Each call goes to grpc-v1 (server-0), which answers it; a copy of it goes to grpc-v2
+    (server-1), whose answer is dropped: node1 counts it ``sent``, node2 reports it."""
+    v2 = {"name": "grpc-v2", "port": PORT}
+    mirror = {"type": "RequestMirror", "requestMirror": {"backendRef": v2}}
+    route = grpc_route(
+        {
+            "matches": [{"method": UNARY}],
+            "filters": [mirror],
+            "backendRefs": [{"name": "grpc-v1", "port": PORT}],
+        }
+    )
+    lab.apply(route)
+    try:
+        before = copies_sent(metrics(lab, "node1"))
+
+        def in_force() -> None:
+            assert served(lab, 1) == {"server-0": 1}
+            assert copies_sent(metrics(lab, "node1")) > before
+
+        retry(in_force, timeout=40)
+        before = copies_sent(metrics(lab, "node1"))
+        far_before = stable(lambda: total(metrics(lab), **DEST_V2))
+        n = 20
+        assert served(lab, n) == {"server-0": n}  # every answer is the primary's (v1)
+        retry(lambda: check(copies_sent(metrics(lab, "node1")) - before == n), 20)
+        far = stable(lambda: total(metrics(lab), **DEST_V2)) - far_before
+        report("GRPCRoute RequestMirror to grpc-v2", calls=n, copies_at_v2=far)
+        assert far == n  # server-1 answered each copy
+    finally:
+        lab.delete(route)

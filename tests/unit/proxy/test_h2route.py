@@ -274,3 +274,15 @@ def test_no_retries_without_a_rule_retry_and_a_request_not_received_whole_is_not
     retries = _choice(router, store, _request("/a", grpc=False)).retries
     assert retries is not None
     assert retries.after(None, 0.0, replayable=False) is None
+
+
+def test_a_grpc_route_mirror_asks_the_proxy_for_a_copy_and_names_the_mirror_service() -> None:
+    store, router = _store(*PODS), _router()
+    mirror = {"type": "RequestMirror",
+              "requestMirror": {"backendRef": {"name": "web-v2", "port": 80}}}  # fmt: skip
+    _grpc_route(store, {"backendRefs": [_ref("web-v1")], "filters": [mirror]})
+    choice = _choice(router, store, _request())
+    assert choice.mirror and isinstance(choice.tag, RoutePlan)
+    assert [t.service.name for t in choice.tag.mirrors] == ["web-v2"]
+    _grpc_route(store, {"backendRefs": [_ref("web-v1")]})
+    assert not _choice(router, store, _request()).mirror

@@ -146,6 +146,7 @@ class KubeSource:
             clock=time.monotonic,
         )
         self._stopping = threading.Event()
+        self._lease_failing = False  # the last Lease call failed (logged once per run)
         ctx = kh.Context(store, self)
         rt = READ_SLACK
         discovery = client.DiscoveryV1Api(api)
@@ -409,12 +410,12 @@ class KubeSource:
         except ApiException as e:
             if e.status == 404:
                 return None, None
-            log.warning("cannot read Lease %s/%s: %s %s; check the agent's RBAC",
-                        self.lease_namespace, LEASE_NAME, e.status, e.reason)  # fmt: skip
+            self._lease_trouble(f"cannot read it: {e.status} {e.reason}; check the agent's RBAC")
             return None
         except (OSError, TransportError, ValueError) as e:
-            log.warning("cannot read Lease %s/%s: %s", self.lease_namespace, LEASE_NAME, e)
+            self._lease_trouble(f"cannot read it: {e}")
             return None
+        self._lease_failing = False
         version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
         return LeaseRecord.from_spec(obj.get("spec") or {}), version
 
@@ -437,13 +438,19 @@ class KubeSource:
         except ApiException as e:
             self.election.wrote(record, ok=False, conflict=e.status == 409)
             if e.status != 409:
-                log.warning("cannot write Lease %s/%s: %s %s; check the agent's RBAC",
-                            self.lease_namespace, LEASE_NAME, e.status, e.reason)  # fmt: skip
+                self._lease_trouble(f"cannot write it: {e.status} {e.reason}; check the RBAC")
         except (OSError, TransportError) as e:
             self.election.wrote(record, ok=False)
-            log.warning("cannot write Lease %s/%s: %s", self.lease_namespace, LEASE_NAME, e)
+            self._lease_trouble(f"cannot write it: {e}")
         else:
             self.election.wrote(record, ok=True)
+
+    def _lease_trouble(self, what: str) -> None:
+        """Log a failed Lease call: a warning for the first of a run, then at debug level (an
+        API outage would otherwise log every retry period)."""
+        level = logging.DEBUG if self._lease_failing else logging.WARNING
+        self._lease_failing = True
+        log.log(level, "route-status Lease %s/%s: %s", self.lease_namespace, LEASE_NAME, what)
 
     def _patch_route_status(self, kind: str, namespace: str, name: str, body: Raw) -> None:
         try:

@@ -208,15 +208,18 @@ class HttpRouter:
         source_node: tuple[str, str | None],
         *,
         client_namespace: str,
+        may_queue: bool = False,
     ) -> RoutePlan:
         """Plan one request (a ``GrpcRequest`` for a gRPC call on an HTTP/2 port: GRPCRoutes
         first), or raise ``LocalResponse`` (no route, a redirect, an unusable backend, limits,
-        an injected abort)."""
+        an injected abort). With ``may_queue`` a request over the backend Service's
+        ``maxConnections`` may wait (``plan.attempts.queued``: the shell waits for its
+        ``on_admitted`` before it picks an endpoint)."""
         action = self._decide(snap, dialled, request, client_namespace)
         fault = NO_FAULT if action is None else self._fault(request, action)
         backend = dialled if action is None else self._backend(snap, dialled, request, action)
         traffic = self.traffic.service(snap, backend.service)
-        attempts = self._attempts(traffic, source_ip, source_labels, source_node)
+        attempts = self._attempts(traffic, source_ip, source_labels, source_node, may_queue)
         plan = RoutePlan(backend, attempts, action, delay=fault.delay)
         if action is not None:
             self._apply_rule(plan, action)
@@ -322,11 +325,12 @@ class HttpRouter:
         source_ip: str,
         source_labels: Mapping[str, str] | None,
         source_node: tuple[str, str | None],
+        may_queue: bool,
     ) -> Attempts:
         if not traffic.endpoints:
             raise Unroutable(NO_HEALTHY_UPSTREAM, f"service {traffic.name} has no ready endpoint")
         try:
-            attempts = traffic.admit(source_ip, source_labels, source_node)
+            attempts = traffic.admit(source_ip, source_labels, source_node, may_queue=may_queue)
         except Rejected as e:
             raise Unroutable(UPSTREAM_OVERFLOW, str(e)) from e
         if attempts.fault.abort is not None:

@@ -56,7 +56,7 @@ from agent.proxy.h2proxy import (
     LocalAnswer,
     PickRequest,
 )
-from agent.proxy.h2route import Endpoint, route_request
+from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import RequestHead, Verdict
 from agent.proxy.http_outbound import MAX_MIRRORS, MIRROR_TIMEOUT
 from agent.proxy.http_router import RoutePlan
@@ -126,7 +126,25 @@ class H2SourceSession:
             head = request.head
             log.debug("%s %s %s: %s %s", self.where, head.method, head.path, choice.status,
                       choice.flags)  # fmt: skip
+        elif choice.parked:  # queued for a slot (maxPendingRequests): sent when admitted
+            plan = choice.tag
+            assert isinstance(plan, RoutePlan)
+            loop = asyncio.get_running_loop()
+
+            def turn() -> None:  # called wherever a slot frees: act from the loop, here
+                loop.call_soon(self._admitted, plan)
+
+            plan.attempts.on_admitted = turn
         return choice
+
+    def _admitted(self, plan: RoutePlan) -> None:
+        """A parked request's turn came: its endpoint (or 503 ``UH``) to ``H2Proxy``."""
+        endpoint = admitted(plan)
+        answer = endpoint if isinstance(endpoint, LocalAnswer) else Choice(endpoint, plan)
+        if not self.proxy.unpark(plan, answer):
+            plan.attempts.finish()  # the request ended meanwhile: give its slot back
+            return
+        self._spawn(self._flush(), f"h2-admitted {self.where}")
 
     async def serve(self) -> None:
         core = self.outbound.core

@@ -212,6 +212,9 @@ class Choice:
     try_timeout: float | None = None
     delay: float = 0.0
     mirror: bool = False  # hand a copy of the complete request to the shell (``take_mirrors``)
+    # Waiting for a slot of the backend's limit (``key`` unknown yet): held like a delayed
+    # request until the shell calls ``unpark`` with the upstream or an answer.
+    parked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +296,7 @@ class _Stream:
     held_key: object = None  # ... and the upstream it goes to
     send_at: float | None = None  # clock time the held head is sent
     mirror: bool = False  # a copy is owed once the request is complete
+    parked: bool = False  # held until ``unpark`` names its upstream
 
     @property
     def keeps_request(self) -> bool:
@@ -521,7 +525,10 @@ class H2Proxy:
             elif s.retry_at is not None and s.retry_at <= now:
                 self._try_again(s)
             elif s.send_at is not None and s.send_at <= now:
-                self._send_held(s)
+                if s.parked:
+                    s.send_at = None  # the delay is over; it still waits for ``unpark``
+                else:
+                    self._send_held(s)
         self._pump()
         self._check_done()
 
@@ -579,6 +586,26 @@ class H2Proxy:
             self._complete(s)
             return
         self._answer(s, 504, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
+
+    def unpark(self, tag: object, choice: Choice | LocalAnswer) -> bool:
+        """The parked request whose choice carried ``tag`` may go: to ``choice.key`` (now, or
+        when its delay ends), or answered with the ``LocalAnswer``. False if no such request
+        waits (it ended meanwhile: answered, timed out, reset)."""
+        s = next((x for x in self._streams.values() if x.parked and x.exchange.tag is tag), None)
+        if s is None or self.closing:
+            return False
+        s.parked = False
+        if isinstance(choice, LocalAnswer):
+            s.held, s.send_at = None, None
+            s.exchange.flags = choice.flags
+            self._answer(s, choice.status, grpc_status_for(choice.status), choice.message)
+        else:
+            s.held_key = s.exchange.upstream = choice.key
+            if s.send_at is None:
+                self._send_held(s)
+        self._pump()
+        self._check_done()
+        return True
 
     def upstream_failed(self, uid: int = 0) -> None:
         """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams.
@@ -646,7 +673,7 @@ class H2Proxy:
             self._answer(s, verdict.status, verdict.grpc_status, verdict.body)
             return
         u = self._choose(s, path.decode("latin-1"))
-        if u is None and s.send_at is None:
+        if u is None and s.send_at is None and not s.parked:
             return
         if s.edit_request is not None:
             forwarded = s.edit_request(forwarded)
@@ -654,7 +681,7 @@ class H2Proxy:
         if s.keeps_request:
             s.replay_head = forwarded
             self._copy(s)
-        if u is None:  # an injected delay: ``expire`` sends it at ``send_at``
+        if u is None:  # an injected delay (``expire`` sends it) or parked (``unpark`` does)
             s.held = forwarded
             return
         self._send_head(s, u, forwarded)
@@ -715,6 +742,9 @@ class H2Proxy:
             s.deadline = now + choice.timeout
         if choice.delay > 0:
             s.send_at, s.held_key = now + choice.delay, choice.key
+        if choice.parked:
+            s.parked = True
+        if choice.delay > 0 or choice.parked:
             return None
         return self._upstream_for(choice.key)
 
@@ -748,7 +778,7 @@ class H2Proxy:
                 self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM)
                 return
         s = self._streams.get(stream_id)
-        if s is None or (s.upstream is None and s.send_at is None):  # answered: discarded
+        if s is None or (s.upstream is None and s.held is None):  # answered: discarded
             if flow:
                 self.client.acknowledge_received_data(flow, stream_id)
             return

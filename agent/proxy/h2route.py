@@ -110,17 +110,20 @@ def route_request(
             source_labels,
             source_node,
             client_namespace=client_namespace,
+            may_queue=True,
         )
     except LocalResponse as e:
         extra = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in e.headers)
         return LocalAnswer(e.status, e.flags, e.body, extra, grpc_status=e.grpc_status)
-    ip = plan.attempts.next_endpoint()
-    if ip is None:
-        plan.attempts.finish()
-        return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
-    plan.attempts.connected(ip)  # a request is "connected" once it is sent on an upstream
+    key: Endpoint | None = None
+    if not plan.attempts.queued:
+        endpoint = admitted(plan)
+        if isinstance(endpoint, LocalAnswer):
+            plan.attempts.finish()
+            return endpoint
+        key = endpoint
     return Choice(
-        _endpoint(plan.backend, ip),
+        key,
         plan,
         edit_request=_request_edit(plan.edit_request) if plan.edit_request else None,
         edit_response=_response_edit(plan.edit_response) if plan.edit_response else None,
@@ -129,7 +132,18 @@ def route_request(
         try_timeout=plan.try_timeout,
         delay=plan.injected_delay,
         mirror=bool(plan.mirrors),
+        parked=plan.attempts.queued,
     )
+
+
+def admitted(plan: RoutePlan) -> Endpoint | LocalAnswer:
+    """The endpoint of a request its backend Service admitted (at once, or when its turn in
+    the ``maxPendingRequests`` queue came), or 503 ``UH`` when there is none."""
+    ip = plan.attempts.next_endpoint()
+    if ip is None:
+        return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
+    plan.attempts.connected(ip)  # a request is "connected" once it is sent on an upstream
+    return _endpoint(plan.backend, ip)
 
 
 def _endpoint(backend: ServiceTarget, ip: str) -> Endpoint:

@@ -13,6 +13,9 @@ binomial bounds; the assertions allow 4 standard deviations.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -372,3 +375,64 @@ def test_a_grpcroute_mirror_copies_each_call_to_v2_and_the_primary_goes_to_v1(la
         assert far == n  # server-1 answered each copy
     finally:
         lab.delete(route)
+
+
+def test_calls_over_max_connections_wait_and_a_full_queue_is_unavailable(lab: Lab) -> None:
+    """``maxConnections: 1`` and ``maxPendingRequests: 1`` on ``grpc``: a slow call in
+    flight, a second call waits at node1 (then is served), a third finds the queue full and is
+    answered ``UNAVAILABLE`` at once (flag UO, rejection ``max_pending_requests``)."""
+    manifest = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": "grpc-queue", "namespace": "default"},
+        "spec": {
+            "targetRef": {"kind": "Service", "name": "grpc"},
+            "connectionPool": {"maxConnections": 1, "maxPendingRequests": 1},
+        },
+    }
+    target = f"{vip(lab)}:{PORT}"
+
+    def grpc_state() -> dict[str, Any]:
+        service: dict[str, Any] = admin(lab, "/traffic")["services"].get("default/grpc", {})
+        return service
+
+    def call_in_background(request: str) -> Any:
+        command = ["-m", "agent.lab.grpcecho", "call", target, f"{grpcecho.UNARY}={request}"]
+        return lab.popen("client", sys.executable, *command, stdout=subprocess.PIPE, text=True)
+
+    lab.apply(manifest)
+    running = []
+    try:
+
+        def in_force() -> None:
+            effective = admin(lab, "/traffic")["effective"].get("default/grpc", {})
+            assert effective.get("max_pending_requests") == 1
+
+        retry(in_force, timeout=40)
+        before = metrics(lab, "node1")
+        running.append(call_in_background("sleep:4"))
+        retry(lambda: check(grpc_state().get("active") == 1), timeout=20)
+        running.append(call_in_background("sleep:0.5"))
+        retry(lambda: check(grpc_state().get("queued") == 1), timeout=20)
+        third = calls(lab, "client", target, (grpcecho.UNARY, "now"), timed_calls=True)
+        results = [json.loads(p.communicate(timeout=60)[0]) for p in running]
+        after = metrics(lab, "node1")
+    finally:
+        for p in running:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        lab.delete(manifest)
+    assert third[0][:2] == ("UNAVAILABLE", "upstream overflow: over the Service's request limit")
+    assert [r[0][0] for r in results] == ["OK", "OK"]  # the waiting call was served after
+    report("maxPendingRequests 1 over maxConnections 1", full_queue_seconds=third[0][2])
+    overflow = {"reporter": "source", "grpc_response_status": "14", "response_flags": "UO"}
+    assert total(after, **overflow) - total(before, **overflow) == 1
+    rejected = counted_reason(after) - counted_reason(before)
+    assert rejected == 1
+
+
+def counted_reason(parsed: dict[Any, float]) -> float:
+    want = {("service", "default/grpc"), ("reason", "max_pending_requests")}
+    return sum(v for (name, ls), v in parsed.items()
+               if name == "nodemesh_service_rejections_total" and want <= ls)  # fmt: skip

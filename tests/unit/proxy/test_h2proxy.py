@@ -792,3 +792,42 @@ def test_a_try_past_its_own_timeout_is_retried_elsewhere_and_the_last_one_answer
     assert w.responses()[sid][b"grpc-status"] == b"4"
     (ex,) = w.proxy.take_completed()
     assert (ex.upstream, ex.flags) == ("b", "UT")
+
+
+def test_a_parked_request_waits_with_its_body_and_goes_where_unpark_says() -> None:
+    now = [10.0]
+    plan = object()  # the shell's note: the request is found by it (identity)
+    w = Pods(lambda _r: Choice(None, tag=plan, parked=True, timeout=5.0), clock=lambda: now[0])
+    sid = _grpc_call(w, b"waiting body")
+    w.run()
+    assert w.pods == {} and w.proxy.next_deadline() == pytest.approx(15.0)
+    assert not w.proxy.unpark(object(), Choice("a"))
+    assert w.proxy.unpark(plan, Choice("a", tag=plan))
+    w.run()
+    body = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert body == b"waiting body"
+    _unavailable(w, "a")
+    assert w.responses()[sid][b"grpc-status"] == b"14"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.tag) == ("a", plan)
+    assert not w.proxy.unpark(plan, Choice("a"))  # it ended: nothing waits any more
+
+
+def test_a_parked_request_can_be_answered_and_a_parked_delay_waits_for_both() -> None:
+    now, tags = [10.0], {"/first": object(), "/second": object()}  # tags are compared by id
+    w = Pods(lambda r: Choice(None, tag=tags[r.head.path], parked=True, delay=1.0),
+             clock=lambda: now[0])  # fmt: skip
+    first, second = w.request("/first"), w.request("/second")
+    w.run()
+    assert w.proxy.unpark(tags["/first"], LocalAnswer(503, "UH", b"no healthy upstream"))
+    w.run()
+    assert w.responses()[first][b":status"] == b"503"
+    assert w.proxy.unpark(tags["/second"], Choice("b"))  # admitted; its delay is not over
+    w.run()
+    assert "b" not in w.pods
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    assert any(isinstance(e, RequestReceived) for e in w.pod_events["b"])
+    w.respond("b")
+    assert w.responses()[second][b":status"] == b"200"

@@ -10,12 +10,13 @@ from dataclasses import replace
 import pytest
 
 from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
-from agent.proxy.h2route import Endpoint, grpc_timeout, route_request
+from agent.proxy.h2route import Endpoint, admitted, grpc_timeout, route_request
 from agent.proxy.http1 import RequestHead
 from agent.proxy.http_router import HttpRouter, RoutePlan
 from agent.state import PolicyObject, RouteObject, ServicePort, StateStore
 from tests.unit.proxy.test_http_router import PODS, _ref, _route, _router, _target
 from tests.unit.proxy.test_http_router import _store as _http_store
+from tests.unit.traffic.traffic_helpers import traffic_policy
 
 CALL = "/pkg.Echo/Unary"
 
@@ -286,3 +287,23 @@ def test_a_grpc_route_mirror_asks_the_proxy_for_a_copy_and_names_the_mirror_serv
     assert [t.service.name for t in choice.tag.mirrors] == ["web-v2"]
     _grpc_route(store, {"backendRefs": [_ref("web-v1")]})
     assert not _choice(router, store, _request()).mirror
+
+
+def test_a_request_over_max_connections_is_parked_and_admitted_when_a_slot_frees() -> None:
+    store, router = _store(*PODS), _router()
+    with store.update() as tx:
+        tx.put_policy(traffic_policy({"targetRef": {"kind": "Service", "name": "web"},
+                                      "connectionPool": {"maxConnections": 1,
+                                                         "maxPendingRequests": 1}}))  # fmt: skip
+    first = _choice(router, store, _request())
+    parked = _choice(router, store, _request())
+    assert first.key is not None and not first.parked
+    assert parked.parked and parked.key is None
+    answer = _route_it(router, store, _request())  # the queue is full
+    assert isinstance(answer, LocalAnswer) and (answer.status, answer.flags) == (503, "UO")
+    plan = parked.tag
+    assert isinstance(plan, RoutePlan) and plan.attempts.queued
+    turns: list[bool] = []
+    plan.attempts.on_admitted = lambda: turns.append(True)
+    _done(first)
+    assert turns == [True] and isinstance(admitted(plan), Endpoint)

@@ -252,6 +252,7 @@ class KubeSource:
             "synced": self.ready,
             "sync": self.stats(),
             "routes": "available" if unavailable is None else f"unavailable ({unavailable})",
+            "route_status_writer": self.election.leading(),  # holds the route-status Lease
         }
 
     def start(self) -> None:

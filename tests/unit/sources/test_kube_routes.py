@@ -193,6 +193,8 @@ def test_one_agent_per_cluster_writes_route_status_and_another_takes_over_when_i
         leader, _ = sources[holder]
         follower, _ = sources["node2" if holder == "node1" else "node1"]
         assert leader.election.leading() and not follower.election.leading()
+        assert leader.describe()["route_status_writer"] is True
+        assert follower.describe()["route_status_writer"] is False
         # Route changes: only the holder writes, the other computes the same and sends nothing.
         for backend in ("gone", "echo-v1", "also-gone"):
             api.patch("HTTPRoute", "r", {"spec": {"rules": [{"backendRefs": [

@@ -687,9 +687,10 @@ class H2Proxy:
         self._send_head(s, u, forwarded)
 
     def _copy(self, s: _Stream) -> None:
-        """Hand the copy of ``s`` over once the client sent all of it (a request that was
-        answered or reset before is not copied)."""
-        if not s.mirror or not s.request_end or s.replay_head is None:
+        """Hand the copy of ``s`` over once the client sent all of it and its head went
+        upstream (as Envoy's router copies after the fault filter: a delayed or parked request
+        is copied when it is sent; one answered or reset before is not copied)."""
+        if not s.mirror or not s.request_end or s.replay_head is None or s.upstream is None:
             return
         s.mirror = False
         body = b"".join(s.replay_body) if s.replay_body is not None else None
@@ -708,6 +709,7 @@ class H2Proxy:
         ended = s.request_end and not s.to_upstream and s.request_trailers is None
         up.send_headers(s.upstream_id, head, end_stream=ended)
         s.request_sent = ended
+        self._copy(s)
 
     def _choose(self, s: _Stream, target: str) -> _Upstream | None:
         """The upstream for ``s``, or None after answering it ourselves (no upstream: 503 /

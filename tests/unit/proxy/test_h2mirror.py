@@ -96,3 +96,16 @@ def test_a_mirror_call_ends_when_the_endpoint_closes() -> None:
     call = MirrorCall(HEAD, b"", None)
     call.receive(b"")
     assert call.done and call.status == 0
+
+
+def test_a_delayed_request_is_copied_when_it_is_sent_not_before() -> None:
+    now = [10.0]
+    w = Pods(lambda _r: Choice("a", tag="plan", mirror=True, delay=1.0), clock=lambda: now[0])
+    _grpc_call(w, b"body")
+    w.run()
+    assert w.proxy.take_mirrors() == []  # complete, but held by the injected delay
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    (copy,) = w.proxy.take_mirrors()
+    assert copy.body == b"body"

@@ -24,7 +24,14 @@ import yaml
 
 from agent.lab import build, components, prometheus
 from agent.lab.record import LabDir
-from agent.lab.topology import PIN_ROOT, LabError, LabPlan, check_lab_name, plan_lab
+from agent.lab.topology import (
+    PIN_ROOT,
+    LabError,
+    LabPlan,
+    assign_cluster_ips,
+    check_lab_name,
+    plan_lab,
+)
 from agent.policy.routes import ROUTE_KINDS
 from agent.sources.document import ClusterDocument, parse_document
 from agent.state import StateStore
@@ -320,12 +327,16 @@ def apply(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | Non
         services = [_service_entry(m) for m in manifests if _section(m) == "services"]
         if services:
             names = {(s["namespace"], s["name"]) for s in services}
-            kept = [
-                s
-                for s in data.get("services", [])
-                if (s.get("namespace", "default"), s["name"]) not in names
-            ]
+            current = {
+                (s.get("namespace", "default"), s["name"]): s for s in data.get("services", [])
+            }
+            for s in services:  # a replaced Service keeps its VIP (immutable, as in Kubernetes)
+                vip = current.get((s["namespace"], s["name"]), {}).get("clusterIP")
+                if vip and "clusterIP" not in s:
+                    s["clusterIP"] = vip
+            kept = [s for key, s in current.items() if key not in names]
             data["services"] = kept + services
+            assign_cluster_ips(data)  # a new one gets a VIP its clients can dial
 
     _edit(lab, change, state_root)
 

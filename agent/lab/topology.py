@@ -172,7 +172,7 @@ def plan_lab(doc: ClusterDocument, lab: str, *, source: str) -> tuple[ClusterDoc
                 f"{source}: pod {pod.name!r} has the name of a node (or a lab part) and would "
                 "share its network namespace name; rename it"
             )
-    _assign_cluster_ips(data)
+    assign_cluster_ips(data)
     completed = parse_document(_dump(data), source=source)
     plan = LabPlan(
         lab=lab,
@@ -220,7 +220,9 @@ def _plan_pods(
     return plans
 
 
-def _assign_cluster_ips(data: dict[str, Any]) -> None:
+def assign_cluster_ips(data: dict[str, Any]) -> None:
+    """Give each Service without a ``clusterIP`` the next free VIP, as the API server does (a
+    Service without one would have no address for its clients to dial)."""
     taken = {s["clusterIP"] for s in data["services"] if "clusterIP" in s}
     candidate = SERVICE_BASE
     for svc in data["services"]:

@@ -22,8 +22,15 @@ Request timeouts (a route's, or a gRPC call's ``grpc-timeout``) and the backoffs
 rule's retries are one timer per session, at the soonest time ``H2Proxy`` holds
 (``next_deadline``); when it fires the proxy answers what expired and sends again what waited.
 
-Not here (yet): the TrafficPolicy's retries and injected delays on these ports; a same-node
-endpoint is reached like a pod addressed directly (L4 policy at connect).
+``RequestMirror``: a request whose rule mirrors it is kept (``Choice.mirror``, up to
+``max_replay_body``) and, once the client sent all of it, copied to each mirror Service as
+HTTP/1.1 does (``HttpOutbound``'s bound of copies in flight per node and their deadline; a
+task that outlives the client connection): an endpoint by the mirror Service's own traffic
+control, a fresh tunnel, ``h2mirror.MirrorCall`` on it, the response dropped, only
+``nodemesh_http_mirrored_total`` counting the outcome.
+
+Not here (yet): the TrafficPolicy's retries on these ports; a same-node endpoint is reached
+like a pod addressed directly (L4 policy at connect).
 """
 
 from __future__ import annotations
@@ -37,11 +44,21 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
 from agent.proxy.h2inbound import READ_SIZE, h2_request_record, header_wait
-from agent.proxy.h2proxy import Choice, H2Exchange, H2Proxy, LocalAnswer, PickRequest
-from agent.proxy.h2route import Endpoint, route_request
+from agent.proxy.h2mirror import MirrorCall
+from agent.proxy.h2proxy import (
+    Choice,
+    H2Exchange,
+    H2Mirrored,
+    H2Proxy,
+    LocalAnswer,
+    PickRequest,
+)
+from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import RequestHead, Verdict
+from agent.proxy.http_outbound import MAX_MIRRORS, MIRROR_TIMEOUT
 from agent.proxy.http_router import RoutePlan
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import ServiceTarget
@@ -109,7 +126,25 @@ class H2SourceSession:
             head = request.head
             log.debug("%s %s %s: %s %s", self.where, head.method, head.path, choice.status,
                       choice.flags)  # fmt: skip
+        elif choice.parked:  # queued for a slot (maxPendingRequests): sent when admitted
+            plan = choice.tag
+            assert isinstance(plan, RoutePlan)
+            loop = asyncio.get_running_loop()
+
+            def turn() -> None:  # called wherever a slot frees: act from the loop, here
+                loop.call_soon(self._admitted, plan)
+
+            plan.attempts.on_admitted = turn
         return choice
+
+    def _admitted(self, plan: RoutePlan) -> None:
+        """A parked request's turn came: its endpoint (or 503 ``UH``) to ``H2Proxy``."""
+        endpoint = admitted(plan)
+        answer = endpoint if isinstance(endpoint, LocalAnswer) else Choice(endpoint, plan)
+        if not self.proxy.unpark(plan, answer):
+            plan.attempts.finish()  # the request ended meanwhile: give its slot back
+            return
+        self._spawn(self._flush(), f"h2-admitted {self.where}")
 
     async def serve(self) -> None:
         core = self.outbound.core
@@ -201,10 +236,8 @@ class H2SourceSession:
 
     def _close(self, uid: int) -> None:
         upstream = self._upstreams.pop(uid, None)
-        if isinstance(upstream, TunnelStream):
-            upstream.proto.finish(upstream)
-        elif upstream is not None:
-            upstream.close()
+        if upstream is not None:
+            _close_upstream(upstream)
 
     async def _flush(self) -> None:
         proxy = self.proxy
@@ -261,12 +294,80 @@ class H2SourceSession:
             )
         for cause in self.proxy.take_rejections():
             core.registry.http_rejected(cause, self.where)
+        for copy in self.proxy.take_mirrors():
+            self._mirror(copy)
+
+    # -- mirrors (RequestMirror) -------------------------------------------------------------
+    def _mirror(self, copy: H2Mirrored) -> None:
+        """Start the copies of a complete request (fire and forget, bounded per node)."""
+        plan = copy.tag
+        if not isinstance(plan, RoutePlan):
+            return
+        core, http = self.outbound.core, self.outbound.http
+        snap = core.snapshot()
+        for target in plan.mirrors:
+            service = http.router.traffic.service(snap, target.service)
+            if copy.body is None:
+                service.count("http_mirror", "too_large")
+            elif len(http.mirroring) >= MAX_MIRRORS:
+                service.count("http_mirror", "overflow")
+            else:
+                name = f"h2-mirror {self.where} -> {target.service.namespace}/{target.service.name}"
+                task = asyncio.create_task(self._send_copy(target, copy, copy.body), name=name)
+                http.mirroring.add(task)
+                task.add_done_callback(http.mirroring.discard)
+
+    async def _send_copy(self, target: ServiceTarget, copy: H2Mirrored, body: bytes) -> None:
+        """One copy: an endpoint of ``target`` by its own traffic control, a fresh tunnel, the
+        request (``:authority`` suffixed ``-shadow``), the response read and dropped."""
+        out, core = self.outbound, self.outbound.core
+        snap = core.snapshot()
+        service = out.http.router.traffic.service(snap, target.service)
+        labels = self.source.labels if self.source is not None else None
+        try:
+            attempts = service.admit(self.src_ip, labels, (core.node, None))
+        except Rejected:
+            return  # counted by the Service's limits
+        upstream: Upstream | None = None
+        call: MirrorCall | None = None
+        outcome = "failed"
+        try:
+            ip = attempts.next_endpoint()
+            if ip is None:
+                return
+            route = out.resolver.endpoint_route(snap, self.source, target, ip)
+            rec = replace(self.record)
+            out.describe_route(snap, route, rec)
+            async with asyncio.timeout(MIRROR_TIMEOUT):
+                # conn_id 0: a copy is no connection of the registry (nothing to re-check)
+                upstream = await out.open(route, rec, self.src_ip, 0)
+                attempts.connected(ip)
+                call = MirrorCall(copy.head, body, copy.trailers)
+                while True:
+                    data = call.data_to_send()
+                    if data:
+                        await _write(upstream, data)
+                    if call.done:
+                        break
+                    call.receive(await _read(upstream))
+            outcome = "sent" if call.status else "failed"
+        except Refused:
+            outcome = "denied"
+        except (OSError, TunnelError, TimeoutError) as e:
+            log.debug("%s: mirror to %s failed: %r", self.where, target.service.name, e)
+        finally:
+            status = call.status if call is not None else 0
+            attempts.finish(reset_before_data=outcome == "failed", server_error=status >= 500)
+            if upstream is not None:
+                _close_upstream(upstream)
+            service.count("http_mirror", outcome)
 
     def _finish(self, exchange: H2Exchange) -> None:
         plan = exchange.tag
         if isinstance(plan, RoutePlan):
             reset = exchange.flags in ("UC", "UR") and not exchange.first_byte
             plan.finish(exchange.status, exchange.first_byte, reset_before_response=reset)
+            exchange.flags = plan.flags(exchange.flags)  # DI for an injected delay
 
     def _request_connection(self, exchange: H2Exchange) -> ConnectionRecord:
         """The connection record as this request saw it: pointed at its endpoint."""
@@ -282,6 +383,13 @@ class H2SourceSession:
             path=rec.path,
             security=SECURITY_MTLS if rec.path == "hbone" else self.record.security,
         )
+
+
+def _close_upstream(upstream: Upstream) -> None:
+    if isinstance(upstream, TunnelStream):
+        upstream.proto.finish(upstream)
+    else:
+        upstream.close()
 
 
 async def _read(upstream: Upstream) -> bytes:

@@ -35,10 +35,12 @@ On the source side the shell's ``pick`` may also answer a request itself (``Loca
 route's 404 ``NR``, which a gRPC call sees as ``UNIMPLEMENTED``), edit its forwarded and
 response header blocks, and give it a timeout: the shell's timer (``next_deadline``,
 ``expire``) then resets the upstream stream and answers 504, or ``DEADLINE_EXCEEDED`` for
-gRPC, flag ``UT`` (a response already begun is reset instead), and give it ``Retries``: the
+gRPC, flag ``UT`` (a response already begun is reset instead), or a per-try timeout whose
+expiry is first offered to its retries, and give it ``Retries``: the
 proxy then keeps the request's head and body (up to ``max_replay_body``) and, while nothing of
 the response reached the client, asks them after a response head, a reset or a lost upstream;
-a retried request waits its backoff on the same timer and is sent again where ``next`` says.
+a retried request waits its backoff on the same timer and is sent again where ``next`` says,
+and a request the choice delays (an injected fault) waits on it too before its head goes out.
 
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
@@ -195,8 +197,11 @@ class Choice:
     """Where one request goes (``Pick``): ``key`` names the upstream (an endpoint), ``tag`` is
     the shell's note that comes back on the request's ``H2Exchange``. ``edit_request`` edits
     the forwarded header block (pseudo-headers included), ``edit_response`` the response's;
-    after ``timeout`` seconds without the response's end the stream is reset upstream and
-    answered 504 (gRPC: ``DEADLINE_EXCEEDED``) with flag ``UT``."""
+    after ``timeout`` seconds (from the choice) without the response's end the stream is reset
+    upstream and answered 504 (gRPC: ``DEADLINE_EXCEEDED``) with flag ``UT``; after
+    ``try_timeout`` seconds from a try's head, that try is reset and, if ``retries`` say so,
+    the request sent again, else answered the same way. ``delay`` holds the request that long
+    before its head goes upstream (an injected fault; its body waits within the window)."""
 
     key: object
     tag: object = None
@@ -204,6 +209,12 @@ class Choice:
     edit_response: HeaderEdit | None = None
     timeout: float | None = None
     retries: Retries | None = None
+    try_timeout: float | None = None
+    delay: float = 0.0
+    mirror: bool = False  # hand a copy of the complete request to the shell (``take_mirrors``)
+    # Waiting for a slot of the backend's limit (``key`` unknown yet): held like a delayed
+    # request until the shell calls ``unpark`` with the upstream or an answer.
+    parked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +228,18 @@ class LocalAnswer:
     message: bytes
     headers: tuple[Header, ...] = ()
     tag: object = None
+    grpc_status: int | None = None  # for a gRPC call, instead of ``grpc_status_for(status)``
+
+
+@dataclass(frozen=True, slots=True)
+class H2Mirrored:
+    """A complete request to copy (``Choice.mirror``): the head as forwarded, the body (None
+    when it was over ``max_replay_body``: not copied), the trailers, the choice's tag."""
+
+    head: list[Header]
+    body: bytes | None
+    trailers: list[Header] | None
+    tag: object
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +290,18 @@ class _Stream:
     replay_body: list[bytes] | None = field(default_factory=list)  # None: over the limit
     replay_size: int = 0
     retry_at: float | None = None  # clock time of the next try (waiting: no upstream)
+    try_timeout: float | None = None  # seconds each try may take
+    try_deadline: float | None = None  # clock time the current try's time runs out
+    held: list[Header] | None = None  # the forwarded head, held for an injected delay
+    held_key: object = None  # ... and the upstream it goes to
+    send_at: float | None = None  # clock time the held head is sent
+    mirror: bool = False  # a copy is owed once the request is complete
+    parked: bool = False  # held until ``unpark`` names its upstream
+
+    @property
+    def keeps_request(self) -> bool:
+        """Are the head and body kept (to send again, or to copy)?"""
+        return self.retries is not None or self.mirror
 
 
 def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
@@ -346,6 +381,7 @@ class H2Proxy:
         self._next_uid = 0
         self._to_client = bytearray(self.client.data_to_send())
         self._completed: list[H2Exchange] = []
+        self._mirrors: list[H2Mirrored] = []
         self._rejections: list[str] = []
         self._unsent_replies = 0
         self._opened = 0
@@ -381,6 +417,11 @@ class H2Proxy:
 
     def take_completed(self) -> list[H2Exchange]:
         out, self._completed = self._completed, []
+        return out
+
+    def take_mirrors(self) -> list[H2Mirrored]:
+        """Complete requests whose choice asked for a copy, since the last call."""
+        out, self._mirrors = self._mirrors, []
         return out
 
     def take_rejections(self) -> list[str]:
@@ -458,21 +499,36 @@ class H2Proxy:
 
     def next_deadline(self) -> float | None:
         """The clock time the soonest request timeout expires (the shell's timer), if any."""
-        times = [t for s in self._streams.values() for t in (s.deadline, s.retry_at) if t]
+        times = [
+            t
+            for s in self._streams.values()
+            for t in (s.deadline, s.try_deadline, s.retry_at, s.send_at)
+            if t
+        ]
         return min(times, default=None)
 
     def expire(self) -> None:
         """The shell's timer: every request whose timeout passed is reset upstream and, before
         its response began, answered 504 / ``DEADLINE_EXCEEDED``; after, its stream is reset
-        (as Envoy does). Flag ``UT``."""
+        (as Envoy does). Flag ``UT``. A try whose own time ran out is retried if its
+        ``retries`` allow; a retry or a delayed request whose time came is sent."""
         if self.closing:
             return
         now = self.clock()
         for s in list(self._streams.values()):
             if s.deadline is not None and s.deadline <= now:
                 self._time_out(s)
+            elif s.try_deadline is not None and s.try_deadline <= now:
+                s.try_deadline = None
+                if not self._retried(s, None):
+                    self._time_out(s)
             elif s.retry_at is not None and s.retry_at <= now:
                 self._try_again(s)
+            elif s.send_at is not None and s.send_at <= now:
+                if s.parked:
+                    s.send_at = None  # the delay is over; it still waits for ``unpark``
+                else:
+                    self._send_held(s)
         self._pump()
         self._check_done()
 
@@ -492,7 +548,7 @@ class H2Proxy:
         s.upstream.streams.pop(s.upstream_id, None)
         s.upstream, s.upstream_id, s.request_sent = None, 0, False
         ex.status, ex.grpc_status, ex.first_byte = 0, "", 0.0
-        s.retry_at = self.clock() + backoff
+        s.retry_at, s.try_deadline = self.clock() + backoff, None
         return True
 
     def _try_again(self, s: _Stream) -> None:
@@ -509,8 +565,15 @@ class H2Proxy:
         s.to_upstream.extend((chunk, 0) for chunk in s.replay_body)  # acknowledged already
         self._send_head(s, self._upstream_for(choice.key), s.replay_head)
 
+    def _send_held(self, s: _Stream) -> None:
+        """The injected delay of ``s`` is over: its head (and the body that waited) go out."""
+        assert s.held is not None
+        head, s.held, s.send_at = s.held, None, None
+        self._send_head(s, self._upstream_for(s.held_key), head)
+
     def _time_out(self, s: _Stream) -> None:
-        s.deadline = s.retry_at = None
+        s.deadline = s.retry_at = s.try_deadline = s.send_at = None
+        s.held = None
         s.exchange.flags = UPSTREAM_TIMEOUT
         self._reset_upstream(s)
         self._discard_request(s)
@@ -523,6 +586,26 @@ class H2Proxy:
             self._complete(s)
             return
         self._answer(s, 504, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
+
+    def unpark(self, tag: object, choice: Choice | LocalAnswer) -> bool:
+        """The parked request whose choice carried ``tag`` may go: to ``choice.key`` (now, or
+        when its delay ends), or answered with the ``LocalAnswer``. False if no such request
+        waits (it ended meanwhile: answered, timed out, reset)."""
+        s = next((x for x in self._streams.values() if x.parked and x.exchange.tag is tag), None)
+        if s is None or self.closing:
+            return False
+        s.parked = False
+        if isinstance(choice, LocalAnswer):
+            s.held, s.send_at = None, None
+            s.exchange.flags = choice.flags
+            self._answer(s, choice.status, grpc_status_for(choice.status), choice.message)
+        else:
+            s.held_key = s.exchange.upstream = choice.key
+            if s.send_at is None:
+                self._send_held(s)
+        self._pump()
+        self._check_done()
+        return True
 
     def upstream_failed(self, uid: int = 0) -> None:
         """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams.
@@ -553,6 +636,7 @@ class H2Proxy:
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 stream.request_end = True
+                self._copy(stream)
         elif isinstance(event, StreamReset):
             self._on_client_reset(event.stream_id)
         elif isinstance(event, ConnectionTerminated):
@@ -589,14 +673,28 @@ class H2Proxy:
             self._answer(s, verdict.status, verdict.grpc_status, verdict.body)
             return
         u = self._choose(s, path.decode("latin-1"))
-        if u is None:
+        if u is None and s.send_at is None and not s.parked:
             return
         if s.edit_request is not None:
             forwarded = s.edit_request(forwarded)
             s.edit_request = None
-        if s.retries is not None:
+        if s.keeps_request:
             s.replay_head = forwarded
+            self._copy(s)
+        if u is None:  # an injected delay (``expire`` sends it) or parked (``unpark`` does)
+            s.held = forwarded
+            return
         self._send_head(s, u, forwarded)
+
+    def _copy(self, s: _Stream) -> None:
+        """Hand the copy of ``s`` over once the client sent all of it and its head went
+        upstream (as Envoy's router copies after the fault filter: a delayed or parked request
+        is copied when it is sent; one answered or reset before is not copied)."""
+        if not s.mirror or not s.request_end or s.replay_head is None or s.upstream is None:
+            return
+        s.mirror = False
+        body = b"".join(s.replay_body) if s.replay_body is not None else None
+        self._mirrors.append(H2Mirrored(s.replay_head, body, s.request_trailers, s.exchange.tag))
 
     def _send_head(self, s: _Stream, u: _Upstream, head: list[Header]) -> None:
         up = u.conn
@@ -606,13 +704,17 @@ class H2Proxy:
             return
         s.upstream, s.upstream_id = u, up.get_next_available_stream_id()
         u.streams[s.upstream_id] = s
+        if s.try_timeout is not None:
+            s.try_deadline = self.clock() + s.try_timeout
         ended = s.request_end and not s.to_upstream and s.request_trailers is None
         up.send_headers(s.upstream_id, head, end_stream=ended)
         s.request_sent = ended
+        self._copy(s)
 
     def _choose(self, s: _Stream, target: str) -> _Upstream | None:
         """The upstream for ``s``, or None after answering it ourselves (no upstream: 503 /
-        UNAVAILABLE; or the ``LocalAnswer`` the pick gave)."""
+        UNAVAILABLE; or the ``LocalAnswer`` the pick gave), or None with ``send_at`` set when
+        the choice delays it (the upstream is opened when it is sent)."""
         if self.pick is None:
             if not self._upstream_gone:
                 return self._upstreams[0]
@@ -628,13 +730,24 @@ class H2Proxy:
         if isinstance(choice, LocalAnswer):
             ex.flags, ex.tag = choice.flags, choice.tag
             status = choice.status
-            self._answer(s, status, grpc_status_for(status), choice.message, choice.headers)
+            grpc_status = choice.grpc_status
+            if grpc_status is None:
+                grpc_status = grpc_status_for(status)
+            self._answer(s, status, grpc_status, choice.message, choice.headers)
             return None
         ex.upstream, ex.tag = choice.key, choice.tag
         s.edit_request, s.edit_response = choice.edit_request, choice.edit_response
-        s.retries = choice.retries
+        s.retries, s.try_timeout = choice.retries, choice.try_timeout
+        s.mirror = choice.mirror
+        now = self.clock()
         if choice.timeout is not None:
-            s.deadline = self.clock() + choice.timeout
+            s.deadline = now + choice.timeout
+        if choice.delay > 0:
+            s.send_at, s.held_key = now + choice.delay, choice.key
+        if choice.parked:
+            s.parked = True
+        if choice.delay > 0 or choice.parked:
+            return None
         return self._upstream_for(choice.key)
 
     def _upstream_for(self, key: object) -> _Upstream:
@@ -667,13 +780,13 @@ class H2Proxy:
                 self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM)
                 return
         s = self._streams.get(stream_id)
-        if s is None or s.upstream is None:  # answered already: the body is discarded
+        if s is None or (s.upstream is None and s.held is None):  # answered: discarded
             if flow:
                 self.client.acknowledge_received_data(flow, stream_id)
             return
         s.exchange.request_bytes += len(data)
         s.to_upstream.append((data, flow))
-        if s.retries is not None and s.replay_body is not None and data:
+        if s.keeps_request and s.replay_body is not None and data:
             s.replay_size += len(data)
             if s.replay_size > self.limits.max_replay_body:
                 s.replay_body = None  # too big to keep: this request is not retried

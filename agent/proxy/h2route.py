@@ -15,11 +15,11 @@ against the HTTPRoutes. What the client sees when the request is answered here:
 * every weight zero, or a backend that does not resolve: 500, for gRPC ``UNAVAILABLE`` (14)
   (GRPCRoute's rule for an invalid backend; Envoy would map its 500 to ``UNKNOWN``);
 * no endpoint, over a limit, an injected abort: 503 (``UH``/``UO``/``FI``), gRPC
-  ``UNAVAILABLE``;
-* the rule's ``timeouts.request`` or ``timeouts.backendRequest`` (one deadline per request
-  here, retries included: the sooner applies) or the call's own ``grpc-timeout`` (as Linkerd
-  honours it; Envoy only with ``max_grpc_timeout``), whichever is soonest, expires: 504
-  ``UT``, gRPC ``DEADLINE_EXCEEDED`` (4).
+  ``UNAVAILABLE``; a GRPCRoute HTTPFault's ``grpcStatus`` abort: that status, trailers-only;
+* the rule's ``timeouts.request`` (the whole request, retries included) or the call's own
+  ``grpc-timeout`` (as Linkerd honours it; Envoy only with ``max_grpc_timeout``), whichever is
+  sooner, expires, or the last try's ``timeouts.backendRequest``: 504 ``UT``, gRPC
+  ``DEADLINE_EXCEEDED`` (4).
 
 Retries: an HTTPRoute rule's ``retry`` (GEP-1731; GRPCRoute has no retry field) applies to the
 HTTP/2 requests and gRPC calls it routes, decided as on HTTP/1.1 (``RoutePlan.retry_after``:
@@ -28,10 +28,15 @@ the rule's ``codes`` and attempts, only a request received whole with a body of 
 ``nodemesh_http_retries_total``). ``H2Proxy`` asks only before any response byte reached the
 client: after a response head whose status is in ``codes`` (a gRPC call's trailers-only
 ``UNAVAILABLE`` counts as 503, gRPC's HTTP mapping), a reset (a refused stream too) or a lost
-upstream before the response; the next try goes to another endpoint after the backoff.
+upstream before the response, or its ``backendRequest`` (per-try) timeout expired; the next
+try goes to another endpoint after the backoff.
 
-Not here: a per-try timeout that is retried (``backendRequest`` bounds the whole request),
-``RequestMirror`` copies, and an injected delay.
+An injected delay (the rule's HTTPFault, flag ``DI``, and the TrafficPolicy's) is
+``Choice.delay``: ``H2Proxy`` holds the request; the route's ``timeouts.request`` starts after
+it, a call's ``grpc-timeout`` at once.
+
+``RequestMirror``: ``Choice.mirror`` when the rule rolled any copy; the mirror Services ride on
+the ``RoutePlan`` (``mirrors``), copied by the shell once ``H2Proxy`` hands the request over.
 """
 
 from __future__ import annotations
@@ -105,23 +110,40 @@ def route_request(
             source_labels,
             source_node,
             client_namespace=client_namespace,
+            may_queue=True,
         )
     except LocalResponse as e:
         extra = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in e.headers)
-        return LocalAnswer(e.status, e.flags, e.body, extra)
-    ip = plan.attempts.next_endpoint()
-    if ip is None:
-        plan.attempts.finish()
-        return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
-    plan.attempts.connected(ip)  # a request is "connected" once it is sent on an upstream
+        return LocalAnswer(e.status, e.flags, e.body, extra, grpc_status=e.grpc_status)
+    key: Endpoint | None = None
+    if not plan.attempts.queued:
+        endpoint = admitted(plan)
+        if isinstance(endpoint, LocalAnswer):
+            plan.attempts.finish()
+            return endpoint
+        key = endpoint
     return Choice(
-        _endpoint(plan.backend, ip),
+        key,
         plan,
         edit_request=_request_edit(plan.edit_request) if plan.edit_request else None,
         edit_response=_response_edit(plan.edit_response) if plan.edit_response else None,
         timeout=_timeout(plan, call),
         retries=PlanRetries(plan) if plan.retry is not None else None,
+        try_timeout=plan.try_timeout,
+        delay=plan.injected_delay,
+        mirror=bool(plan.mirrors),
+        parked=plan.attempts.queued,
     )
+
+
+def admitted(plan: RoutePlan) -> Endpoint | LocalAnswer:
+    """The endpoint of a request its backend Service admitted (at once, or when its turn in
+    the ``maxPendingRequests`` queue came), or 503 ``UH`` when there is none."""
+    ip = plan.attempts.next_endpoint()
+    if ip is None:
+        return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
+    plan.attempts.connected(ip)  # a request is "connected" once it is sent on an upstream
+    return _endpoint(plan.backend, ip)
 
 
 def _endpoint(backend: ServiceTarget, ip: str) -> Endpoint:
@@ -152,7 +174,12 @@ class PlanRetries:
 
 
 def _timeout(plan: RoutePlan, call: GrpcRequest | None) -> float | None:
-    limits = [plan.request_timeout, plan.try_timeout]
+    """The request's whole time from now: the route's ``timeouts.request`` starts after an
+    injected delay (Envoy's route timeout starts after its fault filter), a call's own
+    ``grpc-timeout`` now (it is the caller's deadline)."""
+    limits: list[float | None] = []
+    if plan.request_timeout is not None:
+        limits.append(plan.request_timeout + plan.injected_delay)
     if call is not None:
         limits.append(grpc_timeout(call.header("grpc-timeout")))
     return min((t for t in limits if t is not None), default=None)

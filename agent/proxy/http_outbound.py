@@ -553,6 +553,7 @@ class _ClientConnection:
                 source.labels if source is not None else None,
                 (self.core.node, None),
                 client_namespace=source.namespace if source is not None else "",
+                may_queue=True,
             )
         except LocalResponse as e:
             log.debug("%s %s %s: %s", self.record.source, head.method, head.path, e)
@@ -560,8 +561,6 @@ class _ClientConnection:
             await self._flush()
             return False
         request.plan = plan
-        if plan.request_timeout is not None:
-            request.deadline = time.monotonic() + plan.request_timeout
         if plan.edit_request is not None:
             self.codec.edit_pending(plan.edit_request)
         if plan.edit_response is not None:
@@ -570,8 +569,33 @@ class _ClientConnection:
             self.codec.retry_with(lambda status, ok: self._may_retry(request, status, ok))
         if plan.mirrors:
             self.codec.mirror_with()
-        if plan.attempts.fault.delay or plan.delay:
-            await asyncio.sleep(plan.attempts.fault.delay + plan.delay)
+        if plan.injected_delay:
+            await asyncio.sleep(plan.injected_delay)
+        if plan.request_timeout is not None:  # from here: an injected delay is not counted
+            request.deadline = time.monotonic() + plan.request_timeout
+        return not plan.attempts.queued or await self._admitted(request)
+
+    async def _admitted(self, request: _Request) -> bool:
+        """The request waits for a slot of its backend's ``maxConnections`` (it was queued:
+        ``maxPendingRequests``), at most until its deadline (then 504 ``UT``: False)."""
+        assert request.plan is not None
+        attempts = request.plan.attempts
+        slot = asyncio.get_running_loop().create_future()
+
+        def admitted() -> None:
+            if not slot.done():
+                slot.set_result(None)
+
+        attempts.on_admitted = admitted
+        left = None if request.deadline is None else request.deadline - time.monotonic()
+        try:
+            await asyncio.wait_for(slot, None if left is None else max(0.0, left))
+        except TimeoutError:
+            attempts.finish()  # leaves the queue
+            return not await self._timed_out(request)
+        except asyncio.CancelledError:
+            attempts.finish()
+            raise
         return True
 
     def _may_retry(self, request: _Request, status: int | None, replayable: bool) -> bool:

@@ -93,7 +93,8 @@ Headers = list[tuple[str, str]]
 
 class LocalResponse(Exception):
     """Answer this request here: ``status``, Envoy's response ``flags``, ``body``, and extra
-    response ``headers`` (a redirect's ``location``)."""
+    response ``headers`` (a redirect's ``location``); ``grpc_status`` is the status a gRPC call
+    gets instead of the one its HTTP status maps to (a GRPCRoute fault's ``grpcStatus``)."""
 
     def __init__(
         self,
@@ -102,6 +103,8 @@ class LocalResponse(Exception):
         detail: str,
         body: bytes = b"",
         headers: Sequence[tuple[str, str]] = (),
+        *,
+        grpc_status: int | None = None,
     ) -> None:
         super().__init__(f"{status} {flags}: {detail}")
         self.status = status
@@ -109,6 +112,7 @@ class LocalResponse(Exception):
         self.detail = detail
         self.body = body
         self.headers = tuple(headers)
+        self.grpc_status = grpc_status
 
 
 class Unroutable(LocalResponse):
@@ -134,6 +138,12 @@ class RoutePlan:
     retries: int = field(default=0)
     mirrors: list[ServiceTarget] = field(default_factory=list)
     delay: float = 0.0  # seconds injected by the rule's HTTPFault before forwarding (``DI``)
+
+    @property
+    def injected_delay(self) -> float:
+        """Seconds the request waits before it is sent: the rule's HTTPFault delay and the
+        backend Service's TrafficPolicy fault delay."""
+        return self.delay + self.attempts.fault.delay
 
     def flags(self, flags: str) -> str:
         """The request's response flags with ``DI`` added when a delay was injected."""
@@ -198,15 +208,18 @@ class HttpRouter:
         source_node: tuple[str, str | None],
         *,
         client_namespace: str,
+        may_queue: bool = False,
     ) -> RoutePlan:
         """Plan one request (a ``GrpcRequest`` for a gRPC call on an HTTP/2 port: GRPCRoutes
         first), or raise ``LocalResponse`` (no route, a redirect, an unusable backend, limits,
-        an injected abort)."""
+        an injected abort). With ``may_queue`` a request over the backend Service's
+        ``maxConnections`` may wait (``plan.attempts.queued``: the shell waits for its
+        ``on_admitted`` before it picks an endpoint)."""
         action = self._decide(snap, dialled, request, client_namespace)
         fault = NO_FAULT if action is None else self._fault(request, action)
         backend = dialled if action is None else self._backend(snap, dialled, request, action)
         traffic = self.traffic.service(snap, backend.service)
-        attempts = self._attempts(traffic, source_ip, source_labels, source_node)
+        attempts = self._attempts(traffic, source_ip, source_labels, source_node, may_queue)
         plan = RoutePlan(backend, attempts, action, delay=fault.delay)
         if action is not None:
             self._apply_rule(plan, action)
@@ -258,12 +271,14 @@ class HttpRouter:
                 FILTER_UNUSABLE_BODY,
             )
         decision = decide_fault(ref.fault, request.headers, self.rng)
-        if decision.abort_status is not None:
+        if decision.aborted:
             raise LocalResponse(
-                decision.abort_status,
+                # a gRPC status is answered trailers-only: HTTP 200 (Envoy's fault filter too)
+                decision.abort_status or 200,
                 FAULT_INJECTED,
                 f"{rule}: abort injected by HTTPFault {ref.fault.name}",
                 BODIES[FAULT_INJECTED],
+                grpc_status=decision.abort_grpc_status,
             )
         return decision
 
@@ -310,11 +325,12 @@ class HttpRouter:
         source_ip: str,
         source_labels: Mapping[str, str] | None,
         source_node: tuple[str, str | None],
+        may_queue: bool,
     ) -> Attempts:
         if not traffic.endpoints:
             raise Unroutable(NO_HEALTHY_UPSTREAM, f"service {traffic.name} has no ready endpoint")
         try:
-            attempts = traffic.admit(source_ip, source_labels, source_node)
+            attempts = traffic.admit(source_ip, source_labels, source_node, may_queue=may_queue)
         except Rejected as e:
             raise Unroutable(UPSTREAM_OVERFLOW, str(e)) from e
         if attempts.fault.abort is not None:

@@ -18,7 +18,8 @@ CONNECTIONS = counter(
 REJECTIONS = counter(
     "nodemesh_service_rejections_total",
     "Connections to a Service refused at once by its limits, by reason "
-    "(max_connections, max_pending)",
+    "(max_connections, max_pending; for HTTP requests max_pending_requests: the queue of "
+    "requests waiting for a max_connections slot was full)",
     [*_SERVICE, "reason"],
 )
 FAILURES = counter(
@@ -66,7 +67,8 @@ HTTP_MIRRORS = counter(
 OTHER = counter(
     "nodemesh_service_traffic_events_total",
     "Other traffic-control events (panic: every endpoint ejected, so all were candidates; "
-    "no_endpoints; retry_deadline: the overall connect timeout ended the retries)",
+    "no_endpoints; retry_deadline: the overall connect timeout ended the retries; queued: an "
+    "HTTP request waited for a max_connections slot; dequeued: it gave up waiting)",
     [*_SERVICE, "event"],
 )
 

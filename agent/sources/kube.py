@@ -16,7 +16,10 @@ there (every agent computes the same verdict, so after the first write the other
 Gateway API routes are optional: users install those CRDs themselves (as with Linkerd and
 Istio). Without them the route reflectors find a 404, count as synced with no routes, say so
 once in the log and in ``describe()`` (``routes: unavailable``), and look again every minute.
-Route status (``status.parents``) is written by ``routestatus.RouteStatusWriter``.
+Route status (``status.parents``) is written by ``routestatus.RouteStatusWriter``, by one
+agent per cluster: the holder of the ``coordination.k8s.io`` Lease ``nodemesh-route-status``
+in the mesh's namespace (``agent.sources.lease`` decides; a thread here reads and writes it
+every two seconds, and gives it up when the source stops).
 
 Ready (``ready`` / ``wait_ready``) after every resource's first full list.
 """
@@ -24,7 +27,10 @@ Ready (``ready`` / ``wait_ready``) after every resource's first full list.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,10 +38,20 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError as TransportError
 
 from agent.sources import kubehandlers as kh
 from agent.sources import kubeobjects as ko
 from agent.sources.kubeobjects import InvalidObject, Raw
+from agent.sources.lease import (
+    LEASE_DURATION,
+    LEASE_NAME,
+    RENEW_DEADLINE,
+    RETRY_PERIOD,
+    LeaseElection,
+    LeaseRecord,
+    micro_time,
+)
 from agent.sources.reflector import ApiStatusError, Gone, Reflector, StreamResponse
 from agent.sources.routestatus import RouteStatusWriter, StatusConflict
 from agent.state import StateStore
@@ -59,6 +75,7 @@ GATEWAY_API_INSTALL = (
 # Host-network pods are never meshed and finished pods hold IPs that may be reused: the API
 # server filters them out, which also keeps them out of memory.
 POD_FIELD_SELECTOR = "spec.hostNetwork=false,status.phase!=Succeeded,status.phase!=Failed"
+LEASE_NAMESPACE = "nodemesh-system"  # the mesh's own namespace (daemonset/kustomization.yaml)
 # Seconds a read may stall beyond a watch's own server-side timeout (or, for a list, at all)
 # before the connection counts as dead and the reflector reconnects.
 READ_SLACK = 30.0
@@ -109,14 +126,27 @@ class KubeSource:
         watch_timeout: int = 300,
         page_size: int = 500,
         absent_recheck: float = 60.0,
+        lease_namespace: str = LEASE_NAMESPACE,
+        lease_timing: tuple[float, float, float] = (LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD),
     ) -> None:
         self.store = store
         self.node = node
         self.report_status = report_status
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.coordination = client.CoordinationV1Api(api)
         self._reported: set[tuple[str, str]] = set()
         self.route_status = RouteStatusWriter(self._patch_route_status)
+        duration, renew_deadline, self._lease_period = lease_timing
+        self.lease_namespace = lease_namespace
+        self.election = LeaseElection(
+            node or f"{socket.gethostname()}-{os.getpid()}",
+            duration=duration,
+            renew_deadline=renew_deadline,
+            clock=time.monotonic,
+        )
+        self._stopping = threading.Event()
+        self._lease_failing = False  # the last Lease call failed (logged once per run)
         ctx = kh.Context(store, self)
         rt = READ_SLACK
         discovery = client.DiscoveryV1Api(api)
@@ -222,15 +252,21 @@ class KubeSource:
             "synced": self.ready,
             "sync": self.stats(),
             "routes": "available" if unavailable is None else f"unavailable ({unavailable})",
+            "route_status_writer": self.election.leading(),  # holds the route-status Lease
         }
 
     def start(self) -> None:
-        for r in self.reflectors:
-            t = threading.Thread(target=r.run, name=f"kube:{r.name}", daemon=True)
+        self._stopping.clear()
+        runs = [(r.run, f"kube:{r.name}") for r in self.reflectors]
+        if self.report_status:
+            runs.append((self._lead, "kube:route-status-lease"))
+        for run, name in runs:
+            t = threading.Thread(target=run, name=name, daemon=True)
             t.start()
             self._threads.append(t)
 
     def stop(self) -> None:
+        self._stopping.set()
         for r in self.reflectors:
             r.stop()
         for t in self._threads:
@@ -331,8 +367,91 @@ class KubeSource:
 
     def report_routes(self) -> None:
         """Re-evaluate the routes' status after a change of routes or Services (the handlers
-        call it only once the Services were listed; routes not listed yet are not written)."""
-        self.route_status.sync(self.store.snapshot(), write=self.report_status)
+        call it only once the Services were listed; routes not listed yet are not written).
+        Only the Lease holder writes; the others log refused routes all the same."""
+        write = self.report_status and self.election.leading()
+        self.route_status.sync(self.store.snapshot(), write=write)
+
+    # -- the route-status Lease --------------------------------------------------------------
+    def _lead(self) -> None:
+        """Take part in the election until the source stops, then give the Lease up."""
+        while True:
+            self._lease_step()
+            if self._stopping.wait(self._lease_period):
+                break
+        read = self._read_lease()
+        record = self.election.release(read[0], micro_time()) if read is not None else None
+        if read is not None and record is not None:
+            self._write_lease(record, read[1])
+
+    def _lease_step(self) -> None:
+        was = self.election.leading()
+        read = self._read_lease()
+        if read is None:
+            return  # could not read it: decide nothing (a holder leads until its deadline)
+        record = self.election.decide(read[0], micro_time())
+        if record is not None:
+            self._write_lease(record, read[1])
+        if self.election.leading() and not was:
+            log.info(
+                "this agent writes route status now (Lease %s/%s)", self.lease_namespace, LEASE_NAME
+            )
+            self.report_routes()  # what changed while another agent held it
+        elif was and not self.election.leading():
+            log.info("this agent no longer writes route status (another holds the Lease)")
+
+    def _read_lease(self) -> tuple[LeaseRecord | None, str | None] | None:
+        """The Lease and its resourceVersion, (None, None) when it does not exist, or None
+        when it could not be read."""
+        try:
+            resp = self.coordination.read_namespaced_lease(
+                LEASE_NAME, self.lease_namespace, _preload_content=False, _request_timeout=10
+            )
+            obj = json.loads(resp.data)
+        except ApiException as e:
+            if e.status == 404:
+                return None, None
+            self._lease_trouble(f"cannot read it: {e.status} {e.reason}; check the agent's RBAC")
+            return None
+        except (OSError, TransportError, ValueError) as e:
+            self._lease_trouble(f"cannot read it: {e}")
+            return None
+        self._lease_failing = False
+        version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        return LeaseRecord.from_spec(obj.get("spec") or {}), version
+
+    def _write_lease(self, record: LeaseRecord, version: str | None) -> None:
+        """Create the Lease (``version`` None) or replace the version we read."""
+        metadata: dict[str, str] = {"name": LEASE_NAME, "namespace": self.lease_namespace}
+        if version is not None:
+            metadata["resourceVersion"] = version
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": metadata, "spec": record.spec()}  # fmt: skip
+        try:
+            if version is None:
+                self.coordination.create_namespaced_lease(
+                    self.lease_namespace, body, _request_timeout=10
+                )
+            else:
+                self.coordination.replace_namespaced_lease(
+                    LEASE_NAME, self.lease_namespace, body, _request_timeout=10
+                )
+        except ApiException as e:
+            self.election.wrote(record, ok=False, conflict=e.status == 409)
+            if e.status != 409:
+                self._lease_trouble(f"cannot write it: {e.status} {e.reason}; check the RBAC")
+        except (OSError, TransportError) as e:
+            self.election.wrote(record, ok=False)
+            self._lease_trouble(f"cannot write it: {e}")
+        else:
+            self.election.wrote(record, ok=True)
+
+    def _lease_trouble(self, what: str) -> None:
+        """Log a failed Lease call: a warning for the first of a run, then at debug level (an
+        API outage would otherwise log every retry period)."""
+        level = logging.DEBUG if self._lease_failing else logging.WARNING
+        self._lease_failing = True
+        log.log(level, "route-status Lease %s/%s: %s", self.lease_namespace, LEASE_NAME, what)
 
     def _patch_route_status(self, kind: str, namespace: str, name: str, body: Raw) -> None:
         try:

@@ -1,7 +1,10 @@
-"""Writing ``status.parents`` of Gateway API routes back, without a leader.
+"""Writing ``status.parents`` of Gateway API routes back.
 
-Who writes: every agent that runs the Kubernetes source with status reporting on (the default,
-as for the policies' ``Accepted`` condition), under one rule that keeps N agents from fighting:
+Who writes: the one agent per cluster that holds the route-status Lease
+(``agent.sources.lease``; ``KubeSource.report_routes`` passes ``write`` only while it leads).
+Every agent computes the status all the same (and logs refused routes), so a new holder writes
+what changed meanwhile at once. The writes keep the rules that made them safe before there
+was a single writer, and still matter around a hand-over:
 
 * the status is a pure function of the route and the Services (``agent.policy.routes``), so
   agents with the same view compute the same bytes, and an agent writes only when what the
@@ -13,9 +16,8 @@ as for the policies' ``Accepted`` condition), under one rule that keeps N agents
   seen a Service yet) cannot overwrite a newer object blindly, and once views converge, so do
   the writes.
 
-A lease or the CA Deployment as the single writer would cut the racing writes of the first
-moment (N requests, one accepted) to one, at the price of a second status path and of status
-stopping when that one component is down; with the rule above any agent keeps the status true.
+With the Lease, the racing writes of the first moment (N requests, one accepted) are one, and
+status never depends on one component: any agent can take the Lease over.
 
 A refused route is also logged, once per generation and message.
 """

@@ -40,6 +40,7 @@ RESOURCES: tuple[Resource, ...] = (
     Resource("", "v1", "services", "Service"),
     Resource("", "v1", "secrets", "Secret"),
     Resource("", "v1", "events", "Event"),
+    Resource("coordination.k8s.io", "v1", "leases", "Lease"),
     Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
     Resource(
         "nodemesh.io",

@@ -77,7 +77,7 @@ FILTER_FIELDS = {
     "ExtensionRef": "extensionRef",
 }
 HTTP_FILTERS = tuple(FILTER_FIELDS)
-GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror")
+GRPC_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "ExtensionRef")
 _RULE_KEYS = {
     HTTP_ROUTE: ("name", "matches", "filters", "backendRefs", "timeouts", "retry"),
     GRPC_ROUTE: ("name", "matches", "filters", "backendRefs"),
@@ -459,11 +459,11 @@ def _fault_ref(ctx: _Context, body: Mapping[str, Any], path: str) -> FaultRef:
             f"{FILTER_NOT_FOUND}: {path} names {FAULT_KIND} {ctx.obj.namespace}/{name}, which "
             "does not exist; the rule's requests are answered 500 until it does"
         )
-    elif fault.abort_grpc_status is not None:
+    elif fault.abort_grpc_status is not None and ctx.obj.kind == HTTP_ROUTE:
         raise RouteError(
             f"{path}.name",
             f"{FAULT_KIND} {fault.name} aborts with grpcStatus, which an HTTPRoute cannot "
-            "answer; use abort.httpStatus",
+            "answer; use abort.httpStatus, or name it from a GRPCRoute",
         )
     return FaultRef(ctx.obj.namespace, name, fault)
 

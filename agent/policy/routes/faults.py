@@ -6,6 +6,10 @@ and the object (validated by its CRD schema, ``agent/policy/crds/httpfault.yaml`
 inject. The rule is compiled against the HTTPFault of the same snapshot (``compile``), so an
 edit of the object takes effect with the next state version, like an edit of the route.
 
+An abort carries an HTTP status or a gRPC status; the latter only on a GRPCRoute (its calls are
+answered trailers-only with that ``grpc-status``, HTTP 200, as Envoy's fault filter does), so
+an HTTPRoute that names such a fault is refused at compile.
+
 Per request (``decide``), with an injected random source so that tests can drive it: a request
 that does not carry every listed header is untouched; otherwise the abort is drawn first
 (``abort.percentage``) and an aborted request is answered at once, without the delay; a request
@@ -42,8 +46,16 @@ class HttpFault:
 
 @dataclass(frozen=True, slots=True)
 class FaultDecision:
+    """What one request gets: a delay in seconds, or an abort with an HTTP status or (a
+    GRPCRoute's gRPC call) a gRPC status."""
+
     delay: float = 0.0
     abort_status: int | None = None
+    abort_grpc_status: int | None = None
+
+    @property
+    def aborted(self) -> bool:
+        return self.abort_status is not None or self.abort_grpc_status is not None
 
 
 NO_FAULT = FaultDecision()
@@ -71,8 +83,11 @@ def decide(
     """The faults for one request with ``headers`` (lower-case names) under ``fault``."""
     if fault.headers and not all((name, value) in headers for name, value in fault.headers):
         return NO_FAULT
-    if fault.abort_status is not None and rng.random() * 100.0 < fault.abort_percent:
-        return FaultDecision(abort_status=fault.abort_status)
+    aborts = fault.abort_status is not None or fault.abort_grpc_status is not None
+    if aborts and rng.random() * 100.0 < fault.abort_percent:
+        return FaultDecision(
+            abort_status=fault.abort_status, abort_grpc_status=fault.abort_grpc_status
+        )
     if fault.delay and rng.random() * 100.0 < fault.delay_percent:
         return FaultDecision(delay=fault.delay)
     return NO_FAULT

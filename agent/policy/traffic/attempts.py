@@ -8,6 +8,7 @@ right object, however the connection ends (connected, failed, reset, cancelled).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agent.policy.traffic.balancer import EndpointLoad, prefer_local
@@ -50,6 +51,10 @@ class Attempts:
         self._started = 0.0
         self._connected = False
         self._finished = False
+        # Waiting for a slot of the Service's max_connections (``ServiceTraffic.admit`` with
+        # ``may_queue``): not counted in flight yet; ``on_admitted`` is called when it is.
+        self.queued = False
+        self.on_admitted: Callable[[], None] | None = None
 
     def next_endpoint(self) -> str | None:
         """The endpoint for the next attempt, or None if the Service has none."""
@@ -139,10 +144,14 @@ class Attempts:
             return
         self._finished = True
         svc = self.service
+        if self.queued:  # never admitted (the client left, the request timed out): no slot
+            svc.dequeue(self)
+            return
         svc.active -= 1
         if not self._connected:
             svc.pending -= 1
         self._settle(reset_before_data, first_byte_at, server_error)
+        svc.slot_freed()
 
     def again(
         self,

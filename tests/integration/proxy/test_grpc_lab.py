@@ -237,3 +237,43 @@ def test_calls_on_one_channel_are_spread_over_both_replicas(lab: Lab) -> None:
         retry(nothing_in_flight, timeout=10)
     finally:
         lab.delete(manifest)
+
+
+def test_a_call_to_a_service_that_selects_no_pod_is_answered_unavailable_at_once(
+    lab: Lab,
+) -> None:
+    """A Service added by ``lab apply`` without ``clusterIP`` gets a VIP (before, it had none:
+    the status said ``None``, grpcio resolved the name ``None`` and the call hung until its
+    deadline); its gRPC port without endpoints answers each call UNAVAILABLE, flag ``UH``."""
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "grpc-none", "namespace": "default"},
+        "spec": {
+            "selector": {"app": "none"},
+            "ports": [{"port": PORT, "targetPort": PORT, "name": "grpc", "appProtocol": "grpc"}],
+        },
+    }
+    lab.apply(manifest)
+    try:
+        address = next(s for s in lab.status()["services"] if s["name"] == "grpc-none")
+        assert address["clusterIP"], address
+        target = f"{address['clusterIP']}:{PORT}"
+        unavailable = [("UNAVAILABLE", "no healthy upstream")]
+        retry(lambda: _check(calls(lab, "client", target, (grpcecho.UNARY, "w")) == unavailable),
+              timeout=40)  # fmt: skip
+        flagged = {
+            "reporter": "source", "response_flags": "UH", "grpc_response_status": "14",
+            "destination_service": "grpc-none.default.svc.cluster.local",
+        }  # fmt: skip
+        before = metrics(lab, "node1")
+        result = calls(lab, "client", target, *[(grpcecho.UNARY, "x")] * 3, timed_calls=True)
+        assert [r[:2] for r in result] == unavailable * 3
+        assert total(metrics(lab, "node1"), **flagged) - total(before, **flagged) == 3
+        print("seconds per UNAVAILABLE call:", [r[2] for r in result])
+    finally:
+        lab.delete(manifest)
+
+
+def _check(ok: bool) -> None:
+    assert ok

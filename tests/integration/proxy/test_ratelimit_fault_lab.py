@@ -193,3 +193,32 @@ def test_route_fault_aborts_and_delays_within_binomial_bounds(lab: Lab) -> None:
         assert within(int(delayed), rest, 0.1)
     finally:
         lab.delete([ROUTE, FAULT])
+
+
+def test_an_injected_delay_does_not_count_toward_the_request_timeout(lab: Lab) -> None:
+    """A 300 ms fault delay on every request and ``timeouts.request: 200ms``: the timeout starts
+    after the delay (Envoy's route timeout starts after its fault filter), so each request is
+    answered 200 with flag DI instead of 504 UT."""
+    delay = {**FAULT, "spec": {"delay": {"fixedDelay": "300ms", "percentage": 100}}}
+    (rule,) = ROUTE["spec"]["rules"]
+    rules = [{**rule, "timeouts": {"request": "200ms"}}]
+    timed = {**ROUTE, "spec": {**ROUTE["spec"], "rules": rules}}
+    lab.apply([delay, timed])
+    try:
+        delayed_before = flagged(lab, "DI")
+
+        def in_force() -> None:  # the delay is applied
+            curl(lab, [f"http://{vip(lab)}/probe"])
+            assert flagged(lab, "DI") > delayed_before
+
+        retry(in_force, 40)
+        delayed_before = flagged(lab, "DI")
+        n = 5
+        started = time.monotonic()
+        result = curl(lab, [f"http://{vip(lab)}/d/{i}" for i in range(n)])
+        took = time.monotonic() - started
+        assert [code for _, code, _ in result] == ["200"] * n, result
+        report("HTTP/1.1 delay 300ms + timeouts.request 200ms", n=n, seconds=f"{took:.2f}")
+        retry(lambda: check(flagged(lab, "DI") - delayed_before == n), 20)
+    finally:
+        lab.delete([timed, delay])

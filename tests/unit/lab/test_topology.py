@@ -207,11 +207,16 @@ def test_apply_creates_and_replaces_services_for_route_backends(recorded: str) -
         },
     }
     control.apply("unit", [v1, v2, split], state_root=recorded)
+    vips = {s.name: s.cluster_ip for s in labdir.read_cluster().services}
+    assert None not in vips.values() and len(set(vips.values())) == len(vips)  # dialable, unique
     control.apply("unit", [_service("web-v2", "v2", {**http, "port": 81})], state_root=recorded)
     doc = labdir.read_cluster()
     services = {s.name: s for s in doc.services}
     assert {"server", "web", "web-v1", "web-v2"} <= set(services)
     assert [p.port for p in services["web-v2"].ports] == [81]  # replaced, not added twice
+    assert services["web-v2"].cluster_ip == vips["web-v2"]  # and kept its VIP
+    status = control.status("unit", state_root=recorded)["services"]
+    assert {s["name"]: s["clusterIP"] for s in status} == vips
     assert [r.key for r in doc.routes] == [("HTTPRoute", "default", "web-split")]
     # The server pods can be told apart (default topology): each version selects one.
     endpoints = {s.name: s.endpoints for s in doc.to_state().services}

@@ -134,7 +134,10 @@ def test_a_grpc_status_abort_on_an_http_route_refuses_the_route() -> None:
     assert "use abort.httpStatus" in compiled.error.message
 
 
-def test_an_extension_ref_on_a_grpc_route_stays_refused() -> None:
-    compiled = compile_route(route("g", [_ext()], kind="GRPCRoute"), {}, {})
-    assert isinstance(compiled, Rejected)
-    assert "not supported by nodemesh on a GRPCRoute" in compiled.error.message
+def test_a_grpc_route_takes_an_http_fault_with_a_grpc_status_abort() -> None:
+    fault = compile_fault(_fault(abort={"grpcStatus": 14, "percentage": 50}))
+    compiled = compile_route(route("g", [_ext()], kind="GRPCRoute"), {}, {(NS, "chaos"): fault})
+    assert isinstance(compiled, Route) and not compiled.unresolved
+    assert compiled.rules[0].filters.fault == FaultRef(NS, "chaos", fault)
+    assert decide(fault, [], Rolls(0.49)) == FaultDecision(abort_grpc_status=14)
+    assert decide(fault, [], Rolls(0.50)) == FaultDecision()

@@ -727,3 +727,107 @@ def test_a_response_that_began_is_never_retried() -> None:
     assert any(isinstance(e, StreamReset) and e.stream_id == sid for e in w.client_events)
     (ex,) = w.proxy.take_completed()
     assert ex.flags == "UR"
+
+
+# -- the source side: an injected delay and per-try timeouts ----------------------------------
+def test_a_delayed_request_is_held_with_its_body_and_sent_when_the_delay_is_over() -> None:
+    now = [10.0]
+    w = Pods(lambda _r: Choice("a", tag="tag", delay=1.0, timeout=1.2), clock=lambda: now[0])
+    sid = _grpc_call(w, b"held body")
+    w.run()
+    assert "a" not in w.pods  # no upstream opened, no head sent while the delay runs
+    assert w.proxy.next_deadline() == pytest.approx(11.0)
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    body = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert body == b"held body" and any(isinstance(e, StreamEnded) for e in w.pod_events["a"])
+    assert w.proxy.next_deadline() == pytest.approx(11.2)  # the timeout, from the choice
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["a"].send_headers(req.stream_id, OK_TRAILERS, end_stream=True)
+    w.pod_events["a"].clear()
+    w.run()
+    assert w.responses()[sid][b":status"] == b"200"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.status, ex.grpc_status) == ("a", 200, "0")
+
+
+def test_a_deadline_that_passes_during_the_delay_answers_without_an_upstream() -> None:
+    now = [10.0]
+    w = Pods(lambda _r: Choice("a", delay=1.0, timeout=0.5), clock=lambda: now[0])
+    sid = _grpc_call(w, b"x")
+    w.run()
+    now[0] = 10.5
+    w.proxy.expire()
+    w.run()
+    assert w.responses()[sid][b"grpc-status"] == b"4"
+    assert "a" not in w.pods and w.proxy.next_deadline() is None
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UT"
+
+
+def test_a_try_past_its_own_timeout_is_retried_elsewhere_and_the_last_one_answered_ut() -> None:
+    now, retries = [10.0], FakeRetries(["b"], limit=1)
+    w = Pods(lambda _r: Choice("a", tag="tag", retries=retries, try_timeout=0.2, timeout=5.0),
+             clock=lambda: now[0])  # fmt: skip
+    sid = _grpc_call(w, b"x")
+    w.run()
+    assert w.proxy.next_deadline() == pytest.approx(10.2)
+    now[0] = 10.2
+    w.proxy.expire()
+    w.run()
+    assert retries.asked == [(None, True)] and w.responses() == {}
+    assert any(isinstance(e, StreamReset) and e.error_code == ErrorCodes.CANCEL
+               for e in w.pod_events["a"])  # fmt: skip
+    now[0] = 10.25
+    w.proxy.expire()  # the backoff is over: the second try, with a timer of its own
+    w.run()
+    assert any(isinstance(e, RequestReceived) for e in w.pod_events["b"])
+    assert w.proxy.next_deadline() == pytest.approx(10.45)
+    now[0] = 10.45
+    w.proxy.expire()
+    w.run()
+    assert retries.asked == [(None, True), (None, True)]  # asked, and refused: none left
+    assert w.responses()[sid][b"grpc-status"] == b"4"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.flags) == ("b", "UT")
+
+
+def test_a_parked_request_waits_with_its_body_and_goes_where_unpark_says() -> None:
+    now = [10.0]
+    plan = object()  # the shell's note: the request is found by it (identity)
+    w = Pods(lambda _r: Choice(None, tag=plan, parked=True, timeout=5.0), clock=lambda: now[0])
+    sid = _grpc_call(w, b"waiting body")
+    w.run()
+    assert w.pods == {} and w.proxy.next_deadline() == pytest.approx(15.0)
+    assert not w.proxy.unpark(object(), Choice("a"))
+    assert w.proxy.unpark(plan, Choice("a", tag=plan))
+    w.run()
+    body = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert body == b"waiting body"
+    _unavailable(w, "a")
+    assert w.responses()[sid][b"grpc-status"] == b"14"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.tag) == ("a", plan)
+    assert not w.proxy.unpark(plan, Choice("a"))  # it ended: nothing waits any more
+
+
+def test_a_parked_request_can_be_answered_and_a_parked_delay_waits_for_both() -> None:
+    now, tags = [10.0], {"/first": object(), "/second": object()}  # tags are compared by id
+    w = Pods(lambda r: Choice(None, tag=tags[r.head.path], parked=True, delay=1.0),
+             clock=lambda: now[0])  # fmt: skip
+    first, second = w.request("/first"), w.request("/second")
+    w.run()
+    assert w.proxy.unpark(tags["/first"], LocalAnswer(503, "UH", b"no healthy upstream"))
+    w.run()
+    assert w.responses()[first][b":status"] == b"503"
+    assert w.proxy.unpark(tags["/second"], Choice("b"))  # admitted; its delay is not over
+    w.run()
+    assert "b" not in w.pods
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    assert any(isinstance(e, RequestReceived) for e in w.pod_events["b"])
+    w.respond("b")
+    assert w.responses()[second][b":status"] == b"200"

@@ -10,12 +10,13 @@ from dataclasses import replace
 import pytest
 
 from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
-from agent.proxy.h2route import Endpoint, grpc_timeout, route_request
+from agent.proxy.h2route import Endpoint, admitted, grpc_timeout, route_request
 from agent.proxy.http1 import RequestHead
 from agent.proxy.http_router import HttpRouter, RoutePlan
-from agent.state import RouteObject, ServicePort, StateStore
+from agent.state import PolicyObject, RouteObject, ServicePort, StateStore
 from tests.unit.proxy.test_http_router import PODS, _ref, _route, _router, _target
 from tests.unit.proxy.test_http_router import _store as _http_store
+from tests.unit.traffic.traffic_helpers import traffic_policy
 
 CALL = "/pkg.Echo/Unary"
 
@@ -179,16 +180,58 @@ def test_a_url_rewrite_moves_path_and_authority_pseudo_headers() -> None:
                                           (b"a", b"1")]  # fmt: skip
 
 
-def test_the_timeout_is_the_soonest_of_the_rules_and_the_calls_grpc_timeout() -> None:
+def test_the_timeout_is_the_sooner_of_the_rules_and_the_calls_and_each_try_has_its_own() -> None:
     store, router = _store(*PODS), _router()
     assert _choice(router, store, _request()).timeout is None
     assert _choice(router, store, _request(CALL, (b"grpc-timeout", b"300m"))).timeout == 0.3
     _route(store, {"timeouts": {"request": "200ms", "backendRequest": "150ms"}})
-    assert _choice(router, store, _request(CALL, (b"grpc-timeout", b"1S"))).timeout == 0.15
+    choice = _choice(router, store, _request(CALL, (b"grpc-timeout", b"1S")))
+    assert (choice.timeout, choice.try_timeout) == (0.2, 0.15)  # backendRequest: per try
     assert _choice(router, store, _request(CALL, (b"grpc-timeout", b"100m"))).timeout == 0.1
     # A plain HTTP/2 request's grpc-timeout header means nothing.
     plain = _request("/a", (b"grpc-timeout", b"1m"), grpc=False)
-    assert _choice(router, store, plain).timeout == 0.15
+    assert _choice(router, store, plain).timeout == 0.2
+
+
+def _fault_ref() -> dict[str, object]:
+    ref = {"group": "nodemesh.io", "kind": "HTTPFault", "name": "chaos"}
+    return {"type": "ExtensionRef", "extensionRef": ref}
+
+
+def _fault(store: StateStore, spec: dict[str, object]) -> None:
+    with store.update() as tx:
+        tx.put_policy(PolicyObject("HTTPFault", "default", "chaos", spec))
+
+
+def test_an_injected_delay_holds_the_request_and_the_route_timeout_starts_after_it() -> None:
+    store, router = _store(*PODS), _router()
+    _fault(store, {"delay": {"fixedDelay": "1s", "percentage": 100}})
+    _route(
+        store,
+        {"backendRefs": [_ref("web")], "filters": [_fault_ref()], "timeouts": {"request": "200ms"}},
+    )
+    choice = _choice(router, store, _request("/a", grpc=False))
+    assert (choice.delay, choice.timeout) == (1.0, pytest.approx(1.2))
+    assert isinstance(choice.tag, RoutePlan) and choice.tag.flags("-") == "DI"
+    # A call's own deadline is the caller's: the delay counts toward it.
+    call = _choice(router, store, _request(CALL, (b"grpc-timeout", b"500m")))
+    assert (call.delay, call.timeout) == (1.0, 0.5)
+
+
+def test_a_grpc_route_fault_aborts_with_its_grpc_status_and_flag_fi() -> None:
+    store, router = _store(*PODS), _router()
+    _fault(store, {"abort": {"grpcStatus": 8, "percentage": 100}})
+    unary = {"method": {"service": "pkg.Echo", "method": "Unary"}}
+    _grpc_route(store, {"matches": [unary], "backendRefs": [_ref("web")],
+                        "filters": [_fault_ref()]})  # fmt: skip
+    answer = _route_it(router, store, _request())
+    assert isinstance(answer, LocalAnswer)
+    assert (answer.status, answer.grpc_status, answer.flags) == (200, 8, "FI")
+    # An HTTP status abort on a GRPCRoute: the call gets its gRPC mapping.
+    _fault(store, {"abort": {"httpStatus": 503, "percentage": 100}})
+    answer = _route_it(router, store, _request())
+    assert isinstance(answer, LocalAnswer)
+    assert (answer.status, answer.grpc_status, answer.flags) == (503, None, "FI")
 
 
 @pytest.mark.parametrize(
@@ -232,3 +275,35 @@ def test_no_retries_without_a_rule_retry_and_a_request_not_received_whole_is_not
     retries = _choice(router, store, _request("/a", grpc=False)).retries
     assert retries is not None
     assert retries.after(None, 0.0, replayable=False) is None
+
+
+def test_a_grpc_route_mirror_asks_the_proxy_for_a_copy_and_names_the_mirror_service() -> None:
+    store, router = _store(*PODS), _router()
+    mirror = {"type": "RequestMirror",
+              "requestMirror": {"backendRef": {"name": "web-v2", "port": 80}}}  # fmt: skip
+    _grpc_route(store, {"backendRefs": [_ref("web-v1")], "filters": [mirror]})
+    choice = _choice(router, store, _request())
+    assert choice.mirror and isinstance(choice.tag, RoutePlan)
+    assert [t.service.name for t in choice.tag.mirrors] == ["web-v2"]
+    _grpc_route(store, {"backendRefs": [_ref("web-v1")]})
+    assert not _choice(router, store, _request()).mirror
+
+
+def test_a_request_over_max_connections_is_parked_and_admitted_when_a_slot_frees() -> None:
+    store, router = _store(*PODS), _router()
+    with store.update() as tx:
+        tx.put_policy(traffic_policy({"targetRef": {"kind": "Service", "name": "web"},
+                                      "connectionPool": {"maxConnections": 1,
+                                                         "maxPendingRequests": 1}}))  # fmt: skip
+    first = _choice(router, store, _request())
+    parked = _choice(router, store, _request())
+    assert first.key is not None and not first.parked
+    assert parked.parked and parked.key is None
+    answer = _route_it(router, store, _request())  # the queue is full
+    assert isinstance(answer, LocalAnswer) and (answer.status, answer.flags) == (503, "UO")
+    plan = parked.tag
+    assert isinstance(plan, RoutePlan) and plan.attempts.queued
+    turns: list[bool] = []
+    plan.attempts.on_admitted = lambda: turns.append(True)
+    _done(first)
+    assert turns == [True] and isinstance(admitted(plan), Endpoint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -173,3 +174,71 @@ def test_without_the_gateway_api_crds_the_agent_runs_and_says_routes_are_unavail
     finally:
         source.stop()
         api_client.close()
+
+
+FAST_LEASE = (1.5, 1.0, 0.1)  # duration, renew deadline, retry period (seconds)
+
+
+def test_one_agent_per_cluster_writes_route_status_and_another_takes_over_when_it_stops(
+    api: FakeApiServer,
+) -> None:
+    api.create("HTTPRoute", _route("r"))
+    first, c1 = _start(api, "node1", lease_timing=FAST_LEASE)
+    second, c2 = _start(api, "node2", lease_timing=FAST_LEASE)
+    sources = {"node1": (first, c1), "node2": (second, c2)}
+    try:
+        wait_for(lambda: _ours(api, "r"))
+        lease = wait_for(lambda: api.get("Lease", "nodemesh-route-status", "nodemesh-system"))
+        holder = lease["spec"]["holderIdentity"]
+        leader, _ = sources[holder]
+        follower, _ = sources["node2" if holder == "node1" else "node1"]
+        assert leader.election.leading() and not follower.election.leading()
+        assert leader.describe()["route_status_writer"] is True
+        assert follower.describe()["route_status_writer"] is False
+        # Route changes: only the holder writes, the other computes the same and sends nothing.
+        for backend in ("gone", "echo-v1", "also-gone"):
+            api.patch("HTTPRoute", "r", {"spec": {"rules": [{"backendRefs": [
+                {"name": backend, "port": 80}]}]}})  # fmt: skip
+            resolved = "True" if backend == "echo-v1" else "False"
+            wait_for(lambda r=resolved: _conditions(_ours(api, "r"))["ResolvedRefs"][0] == r)
+        wait_for(lambda: leader.route_status.writes == 4)  # the first status, then 3 changes
+        assert follower.route_status.writes == 0
+        assert follower.route_status.conflicts == leader.route_status.conflicts == 0
+        # The holder stops and gives the Lease up: the other one takes it and writes.
+        leader.stop()
+        wait_for(lambda: follower.election.leading())
+        lease = api.get("Lease", "nodemesh-route-status", "nodemesh-system")
+        assert lease["spec"]["holderIdentity"] == follower.election.identity
+        assert lease["spec"]["leaseTransitions"] == 1
+        api.create("Service", service("also-gone", "10.96.0.13"))
+        wait_for(lambda: _conditions(_ours(api, "r"))["ResolvedRefs"][0] == "True")
+        wait_for(lambda: follower.route_status.writes == 1)
+        assert leader.route_status.writes == 4
+    finally:
+        for s, c in sources.values():
+            s.stop()
+            c.close()
+
+
+def test_a_lease_another_agent_renews_is_left_alone_and_taken_once_it_expires(
+    api: FakeApiServer,
+) -> None:
+    api.create("HTTPRoute", _route("r"))
+    spec = {"holderIdentity": "node9", "leaseDurationSeconds": 3, "renewTime": "0"}
+    lease = {"metadata": {"name": "nodemesh-route-status"}, "spec": spec}
+    api.create("Lease", lease, namespace="nodemesh-system")
+    source, connection = _start(api, "node1", lease_timing=(3.0, 2.0, 0.1))
+    try:
+        for i in range(30):  # node9 renews for 3 s (every 0.1 s): node1 only follows
+            api.patch("Lease", "nodemesh-route-status", {"spec": {"renewTime": str(i + 1)}},
+                      namespace="nodemesh-system")  # fmt: skip
+            assert not source.election.leading()
+            time.sleep(0.1)
+        assert _ours(api, "r") is None  # and writes no route status meanwhile
+        wait_for(lambda: source.election.leading())  # node9 stopped renewing: taken over
+        taken = api.get("Lease", "nodemesh-route-status", "nodemesh-system")["spec"]
+        assert (taken["holderIdentity"], taken["leaseTransitions"]) == ("node1", 1)
+        wait_for(lambda: _ours(api, "r"))  # the new holder writes what was pending
+    finally:
+        source.stop()
+        connection.close()

@@ -48,7 +48,7 @@ from agent.base.endpoint import HttpComponent
 from agent.base.http import HttpServer, Request, Response
 from agent.config import AgentConfig, ConfigError, add_arguments, from_args
 from agent.datapath.datapath import Datapath, uninstall
-from agent.datapath.listeners import open_listeners
+from agent.datapath.listeners import open_listener_groups, open_listeners
 from agent.datapath.programs import ProgramLoadError
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
@@ -57,6 +57,8 @@ from agent.wiring import local_pods, observability
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
     from agent.proxy.component import ProxyComponent
+    from agent.proxy.contexts import CertificateSource
+    from agent.workers.supervisor import Workers
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +125,6 @@ def mesh_components(
     if config.ca is None:
         return None, None
     from agent.identity.component import IdentityComponent
-    from agent.proxy.component import ProxyComponent
-    from agent.proxy.core import Core, ProxySettings
-    from agent.proxy.server import NodeProxy
 
     identity = IdentityComponent(
         node=config.node,
@@ -136,10 +135,24 @@ def mesh_components(
         server_name=config.ca.server_name,
         validity_seconds=config.ca.cert_ttl_seconds,
     )
+    if config.workers > 1:
+        return identity, None  # the workers run the proxy (agent.workers)
+    return identity, node_proxy(config, store, identity.manager)
+
+
+def node_proxy(
+    config: AgentConfig, store: StateStore, identities: CertificateSource
+) -> ProxyComponent:
+    """The node proxy over ``store`` with certificates from ``identities`` (the identity
+    manager, or in a worker the main process's, through ``agent.workers.certs``)."""
+    from agent.proxy.component import ProxyComponent
+    from agent.proxy.core import Core, ProxySettings
+    from agent.proxy.server import NodeProxy
+
     # Loop protection: the ports this agent listens on, as configured (not the defaults).
     settings = ProxySettings(proxy_ports=config.own_ports())
-    core = Core(node=config.node, store=store, identities=identity.manager, settings=settings)
-    return identity, ProxyComponent(NodeProxy(core))
+    core = Core(node=config.node, store=store, identities=identities, settings=settings)
+    return ProxyComponent(NodeProxy(core))
 
 
 def connection_handler(proxy: ProxyComponent | None) -> ConnectionHandler:
@@ -185,6 +198,7 @@ class Agent:
         self.identity, self.proxy = mesh_components(config, self.store)
         self.handler: ConnectionHandler = connection_handler(self.proxy)
         self.components: list[Component] = [c for c in (self.identity, self.proxy) if c]
+        self.workers: Workers | None = None  # --workers N > 1: set by prepare()
         self.components += observability(self)  # metrics and admin API observe the rest
         self._connections: set[asyncio.Task[None]] = set()
         self._dirty = asyncio.Event()
@@ -214,13 +228,31 @@ class Agent:
                     "another agent for this node is starting in this network namespace; "
                     "start one at a time"
                 )
+        if self.config.workers > 1 and self.predecessor is not None:
+            raise StartupError(
+                f"--workers {self.config.workers} cannot take over from a running agent (an "
+                "upgrade): stop the running agent first, or start this one with --workers 1"
+            )
         self.source = open_source(self.config, self.store)
         self.datapath.start()
-        self.listeners = open_listeners(
-            self.config.listeners, beside_another=self.predecessor is not None
-        )
+        if self.config.workers > 1:
+            self._start_workers()
+        else:
+            self.listeners = open_listeners(
+                self.config.listeners, beside_another=self.predecessor is not None
+            )
         if self.predecessor is None:
             self._take_datapath()
+
+    def _start_workers(self) -> None:
+        """Listener groups for the workers; the first of each group goes in the SOCKMAP."""
+        from agent.workers.supervisor import Workers
+
+        assert self.identity is not None  # config: --workers N > 1 needs a CA
+        groups = open_listener_groups(self.config.listeners, self.config.workers)
+        self.listeners = {slot: group[0] for slot, group in groups.items()}
+        self.workers = Workers(self.config, self.store, groups, self.identity.manager.certificate)
+        self.components.insert(0, self.workers)  # stopped (drained) before what it asks
 
     def _take_datapath(self) -> None:
         """New SYNs come here from now on; the maps and filters follow this agent's state."""
@@ -271,6 +303,7 @@ class Agent:
         self._accepting = [
             asyncio.create_task(self._accept_loop(slot, sock), name=f"accept-{slot.name}")
             for slot, sock in self.listeners.items()
+            if self.workers is None  # else the workers accept
         ]
         if self.predecessor is None:
             await self._ready.start(self.config.ready_port)

@@ -52,12 +52,11 @@ from agent.datapath.listeners import open_listener_groups, open_listeners
 from agent.datapath.programs import ProgramLoadError
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
-from agent.wiring import local_pods, observability
+from agent.wiring import local_pods, node_proxy, observability
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
     from agent.proxy.component import ProxyComponent
-    from agent.proxy.contexts import CertificateSource
     from agent.workers.supervisor import Workers
 
 log = logging.getLogger(__name__)
@@ -140,21 +139,6 @@ def mesh_components(
     return identity, node_proxy(config, store, identity.manager)
 
 
-def node_proxy(
-    config: AgentConfig, store: StateStore, identities: CertificateSource
-) -> ProxyComponent:
-    """The node proxy over ``store`` with certificates from ``identities`` (the identity
-    manager, or in a worker the main process's, through ``agent.workers.certs``)."""
-    from agent.proxy.component import ProxyComponent
-    from agent.proxy.core import Core, ProxySettings
-    from agent.proxy.server import NodeProxy
-
-    # Loop protection: the ports this agent listens on, as configured (not the defaults).
-    settings = ProxySettings(proxy_ports=config.own_ports())
-    core = Core(node=config.node, store=store, identities=identities, settings=settings)
-    return ProxyComponent(NodeProxy(core))
-
-
 def connection_handler(proxy: ProxyComponent | None) -> ConnectionHandler:
     """What serves captured connections: the node proxy; without a CA, plain passthrough (no
     mTLS, no policy)."""
@@ -199,7 +183,13 @@ class Agent:
         self.handler: ConnectionHandler = connection_handler(self.proxy)
         self.components: list[Component] = [c for c in (self.identity, self.proxy) if c]
         self.workers: Workers | None = None  # --workers N > 1: set by prepare()
-        self.components += observability(self)  # metrics and admin API observe the rest
+        fanout = None
+        if config.workers > 1:
+            from agent.workers.views import WorkerViews
+
+            fanout = WorkerViews(lambda: self.workers, config.node)
+        # metrics and the admin API observe the rest (and, with --workers N, ask the workers)
+        self.components += observability(self, fanout)
         self._connections: set[asyncio.Task[None]] = set()
         self._dirty = asyncio.Event()
         self._synced = False

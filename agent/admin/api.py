@@ -40,6 +40,7 @@ ENDPOINTS = {
     "RateLimitPolicy, HTTPFault)",
     "/certs": "certificates of local identities: state, serial, validity, chain (no keys)",
     "/connections": "live connections with the access log's fields",
+    "/workers": "worker processes (--workers N): PID, up, restarts, accepted connections",
     "/requests": "recent HTTP requests (?since=CURSOR&wait=S long-polls; filters: workload, "
     "source, destination, method, path, status)",
     "/datapath": "BPF programs' generation, attachments, listeners and counters",
@@ -67,7 +68,7 @@ class AdminSources:
     not_ready: Callable[[], list[str]]
     drain: Callable[[], None]
     degraded: Callable[[], list[str]] = list
-    connections: Callable[[], Rows] = _empty
+    connections: Callable[[], Rows | Awaitable[Rows]] = _empty
     certificates: Callable[[], Rows] | None = None
     datapath: Callable[[], Awaitable[dict[str, object]]] | None = None
     state_source: Callable[[], dict[str, object]] | None = None
@@ -75,6 +76,9 @@ class AdminSources:
     # requests this node routed per (route, rule, backend Service): HttpRouter.routed
     routed: Callable[[], Mapping[tuple[RouteKey, int, str], int]] = dict
     tap: RequestRing | None = None
+    # --workers N: the tap over every worker's ring, and the workers' own view (agent.workers)
+    requests: Callable[[Mapping[str, str]], Awaitable[Response]] | None = None
+    workers: Callable[[], Awaitable[Rows]] | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -89,7 +93,8 @@ class AdminApi:
             "/services": lambda _r: {"services": views.services_view(self.s.store.snapshot())},
             "/policies": lambda _r: {"policies": views.policies_view(self.s.store.snapshot())},
             "/certs": lambda _r: {"certificates": self.certificates()},
-            "/connections": lambda _r: {"connections": self.s.connections()},
+            "/connections": lambda _r: self._connections(),
+            "/workers": lambda _r: self._workers(),
             "/datapath": lambda _r: self.datapath(),
             "/traffic": lambda _r: self.traffic(),
             "/routes": lambda _r: {
@@ -107,6 +112,8 @@ class AdminApi:
         if request.path == "/quitquitquit":
             return Response.json(405, {"error": "POST /quitquitquit drains the agent"})
         if request.path == "/requests" and request.method == "GET":
+            if self.s.requests is not None:
+                return await self.s.requests(request.query)
             ring = self.s.tap if self.s.tap is not None else _NO_TAP
             return await requests_view(ring, self.s.node, request.query)
         view = self._get.get(request.path)
@@ -130,6 +137,16 @@ class AdminApi:
             return Response.json(400, {"error": str(e)})
 
     # -- views -------------------------------------------------------------------------------
+    async def connections(self) -> Rows:
+        rows = self.s.connections()
+        return await rows if inspect.isawaitable(rows) else rows
+
+    async def _connections(self) -> dict[str, object]:
+        return {"connections": await self.connections()}
+
+    async def _workers(self) -> dict[str, object]:
+        return {"workers": await self.s.workers() if self.s.workers is not None else []}
+
     def workloads(self, local_only: bool = False) -> Rows:
         return views.workloads_view(self.s.store.snapshot(), self.s.node, local_only=local_only)
 
@@ -164,7 +181,7 @@ class AdminApi:
             },
             "counts": {
                 **views.summary(snap, self.s.node),
-                "connections": len(self.s.connections()),
+                "connections": len(await self.connections()),
                 "certificates": len(certs),
                 "certificates_available": sum(1 for c in certs if c.get("state") == "Available"),
             },

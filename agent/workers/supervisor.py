@@ -125,6 +125,22 @@ class Workers(Component):
             for h in self._handles
         ]
 
+    @property
+    def count(self) -> int:
+        return len(self._handles)
+
+    def serving(self) -> list[int]:
+        """The workers that said they serve and whose channel is open."""
+        return [h.index for h in self._handles if h.up and h.channel is not None]
+
+    async def call(
+        self, index: int, kind: str, args: object = None, timeout: float = GATHER_TIMEOUT
+    ) -> object:
+        channel = self._handles[index].channel
+        if channel is None:
+            raise ChannelClosed(f"worker {index} is not running")
+        return await channel.call(kind, args, timeout=timeout)
+
     async def gather(
         self, kind: str, args: object = None, timeout: float = GATHER_TIMEOUT
     ) -> dict[int, object]:

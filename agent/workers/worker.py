@@ -64,7 +64,7 @@ class Worker:
         self._setup = asyncio.Event()
 
     async def run(self) -> int:
-        from agent.app import node_proxy  # the same proxy a single-process agent runs
+        from agent.wiring import node_proxy  # the same proxy a single-process agent runs
 
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)

@@ -1,0 +1,174 @@
+"""``nodemesh agent --workers 2`` in a real lab: capture spreads flows over the workers, the main
+process's admin API and ``/metrics`` cover both, a killed worker comes back, nothing outlives
+``lab down``.
+
+node1's agent (the client's) is restarted with ``--workers 2``: each connection of the client is
+a new SYN captured to node1's outbound listener group, so the kernel picks a worker per flow.
+(At node2 all of them arrive in one pooled HBONE connection, which one worker serves.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+from urllib.request import urlopen
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.lab.handle import Lab
+from agent.lab.netns import call_in
+from tests.labtools import counting_server, mesh_lab, pod_servers, retry
+
+pytestmark = [pytest.mark.root, pytest.mark.lab]
+
+PORT = 8080
+HOLD_PORT = 8082
+FLOWS = 40
+# Per connection: echo what arrives until the client closes (connections that stay open).
+HOLD_SERVER = f"""
+import socket, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {HOLD_PORT}))
+srv.listen(64)
+def echo(conn):
+    while data := conn.recv(1 << 16):
+        conn.sendall(data)
+    conn.close()
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=echo, args=(conn,), daemon=True).start()
+"""
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with (
+        mesh_lab("wk") as lab,
+        pod_servers(lab, ["server-0"], counting_server(PORT), PORT),
+        pod_servers(lab, ["server-1"], HOLD_SERVER, HOLD_PORT),
+    ):
+        lab.kill("agent-node1", signal.SIGTERM)
+        lab.start("agent-node1", "--workers", "2")
+        yield lab
+
+
+def fetch(lab: Lab, node: str, url: str) -> bytes:
+    def get() -> bytes:
+        with urlopen(url, timeout=10) as response:
+            body: bytes = response.read()
+            return body
+
+    return call_in(lab.netns(node), get)
+
+
+def admin(lab: Lab, path: str) -> Any:
+    return json.loads(fetch(lab, "node1", f"http://127.0.0.1:15000{path}"))
+
+
+def metric(lab: Lab, name: str, **labels: str) -> float:
+    text = fetch(lab, "node1", "http://127.0.0.1:15020/metrics").decode()
+    want = set(labels.items())
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and want <= set(s.labels.items())
+    )
+
+
+def send(lab: Lab, payload: bytes) -> bytes:
+    ip = lab.pod("server-0")["ip"]
+
+    def once() -> bytes:
+        with socket.create_connection((ip, PORT), timeout=10) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            return s.recv(100)
+
+    return call_in(lab.netns("client"), retry, once)
+
+
+def accepted(lab: Lab) -> dict[int, int]:
+    return {
+        w["worker"]: w.get("accepted", {}).get("OUTBOUND", 0)
+        for w in admin(lab, "/workers")["workers"]
+    }
+
+
+def test_capture_spreads_new_flows_over_the_workers(lab: Lab) -> None:
+    before = accepted(lab)
+    for _ in range(FLOWS):
+        assert send(lab, b"x" * 1000) == b"1000"
+    after = accepted(lab)
+    gained = {w: after[w] - before.get(w, 0) for w in after}
+    assert sorted(gained) == [0, 1]
+    assert sum(gained.values()) == FLOWS
+    assert all(n > 0 for n in gained.values()), gained
+
+
+def test_connections_and_metrics_cover_both_workers(lab: Lab) -> None:
+    ip = lab.pod("server-1")["ip"]
+    with ExitStack() as held:
+
+        def open_one() -> socket.socket:
+            s = held.enter_context(socket.create_connection((ip, HOLD_PORT), timeout=10))
+            s.sendall(b"ping")
+            assert s.recv(4) == b"ping"
+            return s
+
+        for _ in range(16):
+            call_in(lab.netns("client"), open_one)
+
+        def listed() -> set[int]:
+            rows = [
+                r
+                for r in admin(lab, "/connections")["connections"]
+                if r.get("destination_address") == f"{ip}:{HOLD_PORT}"
+            ]
+            assert len(rows) == 16
+            return {int(r["worker"]) for r in rows}
+
+        assert retry(listed) == {0, 1}
+        open_now = metric(lab, "nodemesh_open_connections", direction="outbound")
+        assert open_now >= 16
+        assert admin(lab, "/status")["counts"]["connections"] >= 16
+
+
+def test_killed_worker_is_restarted_and_counted(lab: Lab) -> None:
+    workers = {w["worker"]: w for w in admin(lab, "/workers")["workers"]}
+    victim = workers[0]["pid"]
+    restarts = metric(lab, "nodemesh_worker_restarts_total", worker="0")
+    os.kill(victim, signal.SIGKILL)
+
+    def back() -> dict[str, Any]:
+        w = {w["worker"]: w for w in admin(lab, "/workers")["workers"]}[0]
+        assert w["up"] and w["pid"] not in (None, victim)
+        return w
+
+    assert retry(back)["restarts"] == workers[0]["restarts"] + 1
+    assert metric(lab, "nodemesh_worker_restarts_total", worker="0") == restarts + 1
+    retry(lambda: fetch(lab, "node1", "http://127.0.0.1:15021/healthz/ready"))
+    for _ in range(10):
+        assert send(lab, b"y" * 10) == b"10"
+
+
+def test_workers_refuse_to_start_beside_a_running_agent(lab: Lab) -> None:
+    argv = lab.component("agent-node1").argv
+    done = lab.exec("node1", *argv, "--workers", "2", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "--workers 2 cannot take over from a running agent" in done.stderr
+    assert retry(lambda: fetch(lab, "node1", "http://127.0.0.1:15021/healthz/ready"))
+
+
+def test_lab_down_leaves_no_worker(lab: Lab) -> None:
+    pids = [w["pid"] for w in admin(lab, "/workers")["workers"]]
+    assert all(isinstance(p, int) for p in pids)
+    lab.down()  # the fixture's own down then finds nothing to remove
+    assert [p for p in pids if os.path.exists(f"/proc/{p}")] == []

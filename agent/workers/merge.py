@@ -5,7 +5,8 @@ samples that have the same name and labels. That is right for everything a worke
 counters and histograms add up, and its gauges (open connections, pooled HBONE connections)
 are its share of the node's. Agent-wide series (certificates, state, BPF counters, restarts)
 come from the main process only, since a worker never reports them, so summing leaves them as
-they are. The first process's help text and type win for a name.
+they are. The first process's help text and type win for a name. ``_created`` samples (when a
+counter started, per process) are times, not amounts: the earliest is kept.
 
 Requests (the tap): each worker has its own ring with its own cursor. A viewer must see one
 cursor, so the workers' cursors are packed into one integer (``CURSOR_BITS`` each, worker 0 in
@@ -47,7 +48,12 @@ def expositions(texts: Sequence[bytes]) -> bytes:
             sums = values[family.name]
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
-                sums[key] = sums.get(key, 0.0) + sample.value
+                if key not in sums:
+                    sums[key] = sample.value
+                elif sample.name.endswith("_created"):  # a time: the earliest process's
+                    sums[key] = min(sums[key], sample.value)
+                else:
+                    sums[key] += sample.value
     for name, family in families.items():
         for (sample_name, labels), value in values[name].items():
             family.add_sample(sample_name, dict(labels), value)

@@ -23,6 +23,7 @@ from agent.workers.wire import (
     MAX_FRAME,
     Call,
     Decoder,
+    Message,
     Note,
     Reply,
     WireError,
@@ -55,7 +56,12 @@ def certificate(hours: float = 1.0) -> WorkloadCertificate:
 
 
 def test_frames_survive_any_split() -> None:
-    messages = [Call(1, "certificate", ID), Reply(1, b"v"), Note("drain"), Reply(2, error="no")]
+    messages: list[Message] = [
+        Call(1, "certificate", ID),
+        Reply(1, b"v"),
+        Note("drain"),
+        Reply(2, error="no"),
+    ]
     data = b"".join(encode(m) for m in messages)
     decoder = Decoder()
     out = []

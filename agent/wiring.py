@@ -119,6 +119,8 @@ class FanOut(Protocol):
 
     async def workers(self) -> list[dict[str, object]]: ...
 
+    async def set_level(self, level: str, logger: str) -> None: ...
+
 
 def observability(parts: AgentParts, fanout: FanOut | None = None) -> list[Component]:
     """The telemetry and admin components of ``parts`` (an ``agent.app.Agent``); with
@@ -188,6 +190,7 @@ def observability(parts: AgentParts, fanout: FanOut | None = None) -> list[Compo
             ),
             requests=fanout.requests if fanout is not None else None,
             workers=fanout.workers if fanout is not None else None,
+            set_worker_level=fanout.set_level if fanout is not None else None,
             tap=telemetry.http.tap if proxy is not None else None,
             certificates=certificates,
             datapath=datapath_view,

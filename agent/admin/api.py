@@ -79,6 +79,7 @@ class AdminSources:
     # --workers N: the tap over every worker's ring, and the workers' own view (agent.workers)
     requests: Callable[[Mapping[str, str]], Awaitable[Response]] | None = None
     workers: Callable[[], Awaitable[Rows]] | None = None
+    set_worker_level: Callable[[str, str], Awaitable[None]] | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -105,7 +106,7 @@ class AdminApi:
 
     async def handle(self, request: Request) -> Response:
         if request.method == "POST" and request.path == "/logging":
-            return self._logging(request)
+            return await self._logging(request)
         if request.method == "POST" and request.path == "/quitquitquit":
             self.s.drain()
             return Response.json(200, {"draining": True})
@@ -125,16 +126,18 @@ class AdminApi:
         result = view(request)
         return Response.json(200, await result if inspect.isawaitable(result) else result)
 
-    def _logging(self, request: Request) -> Response:
+    async def _logging(self, request: Request) -> Response:
         level = request.query.get("level")
         if not level:
             return Response.json(400, {"error": "POST /logging?level=debug[&logger=NAME]"})
+        logger = request.query.get("logger", "root")
         try:
-            return Response.json(
-                200, {"levels": set_level(level, request.query.get("logger", "root"))}
-            )
+            changed = set_level(level, logger)
         except LogLevelError as e:
             return Response.json(400, {"error": str(e)})
+        if self.s.set_worker_level is not None:
+            await self.s.set_worker_level(level, logger)  # the same change in every worker
+        return Response.json(200, {"levels": changed})
 
     # -- views -------------------------------------------------------------------------------
     async def connections(self) -> Rows:

@@ -43,6 +43,10 @@ class WorkerViews:
     async def connections(self, own: Rows) -> Rows:
         return merge.connections(own, await self._gather("connections"))
 
+    async def set_level(self, level: str, logger: str) -> None:
+        """``POST /logging`` in every worker (the main process changed its own already)."""
+        await self._gather("logging", (level, logger))
+
     async def workers(self) -> Rows:
         """``/workers``: each worker's PID, state, restarts and what it accepted."""
         workers = self._workers()

@@ -42,7 +42,7 @@ from agent.config import AgentConfig
 from agent.state import StateStore
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
-from agent.telemetry.loglevel import set_level
+from agent.telemetry.loglevel import levels, set_level
 from agent.workers import replica
 from agent.workers.certs import RemoteCertificates
 from agent.workers.channel import Channel
@@ -180,6 +180,7 @@ class Worker:
                 "accepted": dict(self.accepted),
                 "connections": len(self._connections),
                 "not_ready": [r for c in self.components for r in c.not_ready()],
+                "levels": levels(),
             }
         if kind == "logging":
             assert isinstance(args, tuple)

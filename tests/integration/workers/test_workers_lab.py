@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -139,6 +139,26 @@ def test_connections_and_metrics_cover_both_workers(lab: Lab) -> None:
         open_now = metric(lab, "nodemesh_open_connections", direction="outbound")
         assert open_now >= 16
         assert admin(lab, "/status")["counts"]["connections"] >= 16
+
+
+def test_log_level_changes_reach_every_worker(lab: Lab) -> None:
+    def post() -> bytes:
+        url = "http://127.0.0.1:15000/logging?level=debug&logger=agent.proxy"
+        with urlopen(Request(url, method="POST"), timeout=10) as response:
+            body: bytes = response.read()
+            return body
+
+    try:
+        assert json.loads(call_in(lab.netns("node1"), post))["levels"]["agent.proxy"] == "debug"
+        assert [w["levels"]["agent.proxy"] for w in admin(lab, "/workers")["workers"]] == [
+            "debug",
+            "debug",
+        ]
+    finally:
+        reset = "http://127.0.0.1:15000/logging?level=info&logger=agent.proxy"
+        call_in(
+            lab.netns("node1"), lambda: urlopen(Request(reset, method="POST"), timeout=10).close()
+        )
 
 
 def test_killed_worker_is_restarted_and_counted(lab: Lab) -> None:

@@ -20,6 +20,9 @@ Theory of operation:
      registers its listeners, reconciles and binds readiness/metrics/admin). The old agent stops
      accepting a moment later and serves its established connections until SIGTERM drains it;
      a SIGTERM that arrives while a successor is still starting waits for the handover.
+  5. With ``--workers N`` (N > 1) the accept loops and the node proxy run in N worker processes
+     (``agent.workers``) on reuseport listener groups; this process keeps the rest, feeds them
+     state and certificates, and restarts a worker that dies.
 
 The parts: ``mesh_components()`` builds the identity manager and the node proxy (with a CA),
 ``connection_handler()`` picks what serves the listeners, and ``agent.wiring.observability``

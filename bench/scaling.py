@@ -110,8 +110,8 @@ def markdown(found: dict[str, Any] | None) -> list[str]:
         "",
         "## Scaling: proxy workers per agent (`nodemesh agent --workers N`, `bench/scaling.py`)",
         "",
-        f"| path | workload | {one} worker | {two} workers | {two}/{one} | proxy CPU s "
-        f"({one} / {two}) |",
+        f"| path | workload | {one} worker | {two} workers | {two}/{one} (Gbit/s: higher is "
+        f"better; µs: lower) | proxy CPU s ({one} / {two}) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for path, workload in sorted({(k[0], k[1]) for k in table}):

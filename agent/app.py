@@ -221,11 +221,6 @@ class Agent:
                     "another agent for this node is starting in this network namespace; "
                     "start one at a time"
                 )
-        if self.config.workers > 1 and self.predecessor is not None:
-            raise StartupError(
-                f"--workers {self.config.workers} cannot take over from a running agent (an "
-                "upgrade): stop the running agent first, or start this one with --workers 1"
-            )
         self.source = open_source(self.config, self.store)
         self.datapath.start()
         if self.config.workers > 1:
@@ -242,7 +237,9 @@ class Agent:
         from agent.workers.supervisor import Workers
 
         assert self.identity is not None  # config: --workers N > 1 needs a CA
-        groups = open_listener_groups(self.config.listeners, self.config.workers)
+        groups = open_listener_groups(
+            self.config.listeners, self.config.workers, beside_another=self.predecessor is not None
+        )
         self.listeners = {slot: group[0] for slot, group in groups.items()}
         self.workers = Workers(self.config, self.store, groups, self.identity.manager.certificate)
         self.components.insert(0, self.workers)  # stopped (drained) before what it asks

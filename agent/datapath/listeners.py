@@ -101,15 +101,21 @@ def open_listeners(
     return opened
 
 
-def open_listener_groups(ports: ListenerPorts, members: int) -> dict[Listener, list[socket.socket]]:
+def open_listener_groups(
+    ports: ListenerPorts, members: int, *, beside_another: bool = False
+) -> dict[Listener, list[socket.socket]]:
     """``members`` listeners per port, each port's in one ``SO_REUSEPORT`` group (one per
-    worker); all of them or none."""
+    worker); all of them or none. ``beside_another`` agent (an upgrade): on an ephemeral port
+    per group, never trying the configured ones, since a reuseport bind there would join the
+    running agent's group when it runs workers too (its new SYNs would reach this agent before
+    the takeover)."""
     opened: dict[Listener, list[socket.socket]] = {}
     try:
         for slot, port in ports.by_slot().items():
             group = opened[slot] = []
             for _ in range(members):
-                group.append(transparent_listener(port, reuseport=True))
+                at = group[0].getsockname()[1] if group else 0 if beside_another else port
+                group.append(transparent_listener(at, reuseport=True))
     except OSError:
         for group in opened.values():
             for sock in group:

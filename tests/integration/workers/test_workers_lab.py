@@ -9,6 +9,7 @@ a new SYN captured to node1's outbound listener group, so the kernel picks a wor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -179,12 +180,36 @@ def test_killed_worker_is_restarted_and_counted(lab: Lab) -> None:
         assert send(lab, b"y" * 10) == b"10"
 
 
-def test_workers_refuse_to_start_beside_a_running_agent(lab: Lab) -> None:
-    argv = lab.component("agent-node1").argv
-    done = lab.exec("node1", *argv, "--workers", "2", capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1
-    assert "--workers 2 cannot take over from a running agent" in done.stderr
-    assert retry(lambda: fetch(lab, "node1", "http://127.0.0.1:15021/healthz/ready"))
+def test_upgrade_between_agents_with_workers(lab: Lab) -> None:
+    """``lab upgrade`` starts the new agent with the recorded command line (``--workers 2``):
+    it opens its groups on ephemeral ports beside the old agent's, takes the node over, and the
+    old agent's workers keep serving their connections until its drain ends."""
+    ip = lab.pod("server-1")["ip"]
+    old_workers = [w["pid"] for w in admin(lab, "/workers")["workers"]]
+    held = call_in(lab.netns("client"), socket.create_connection, (ip, HOLD_PORT), 10)
+    try:
+        held.sendall(b"before")
+        assert held.recv(6) == b"before"
+        upgrade = lab.upgrade("node1")
+        before = accepted(lab)
+        assert before == {0: 0, 1: 0}  # the new agent's workers, fresh
+        for _ in range(FLOWS):
+            assert send(lab, b"z" * 10) == b"10"
+        after = accepted(lab)
+        assert sum(after.values()) == FLOWS and all(n > 0 for n in after.values()), after
+        new_workers = [w["pid"] for w in admin(lab, "/workers")["workers"]]
+        assert not set(new_workers) & set(old_workers)
+        held.sendall(b"after")  # still the old agent's worker
+        assert held.recv(5) == b"after"
+    finally:
+        held.close()
+
+    def gone() -> None:
+        with contextlib.suppress(ChildProcessError):  # this process started it: reap it
+            os.waitpid(upgrade.old_pid, os.WNOHANG)
+        assert [p for p in [upgrade.old_pid, *old_workers] if os.path.exists(f"/proc/{p}")] == []
+
+    retry(gone, timeout=30)
 
 
 def test_lab_down_leaves_no_worker(lab: Lab) -> None:

@@ -10,11 +10,15 @@ a new SYN captured to node1's outbound listener group, so the kernel picks a wor
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
+import secrets
 import signal
 import socket
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 from urllib.request import Request, urlopen
@@ -48,12 +52,32 @@ while True:
 """
 
 
+# Service web (10.96.0.11:80) declares HTTP/1.1 on the server pods' port 9080: node1's agent
+# records each request at the source (the tap).
+WEB = "10.96.0.11"
+HTTP_PORT = 9080
+HTTP_SERVER = f"""
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\\n")
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("0.0.0.0", {HTTP_PORT}), Handler).serve_forever()
+"""
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     with (
         mesh_lab("wk") as lab,
         pod_servers(lab, ["server-0"], counting_server(PORT), PORT),
         pod_servers(lab, ["server-1"], HOLD_SERVER, HOLD_PORT),
+        pod_servers(lab, ["server-0", "server-1"], HTTP_SERVER, HTTP_PORT),
     ):
         lab.kill("agent-node1", signal.SIGTERM)
         lab.start("agent-node1", "--workers", "2")
@@ -140,6 +164,39 @@ def test_connections_and_metrics_cover_both_workers(lab: Lab) -> None:
         open_now = metric(lab, "nodemesh_open_connections", direction="outbound")
         assert open_now >= 16
         assert admin(lab, "/status")["counts"]["connections"] >= 16
+
+
+def test_the_tap_covers_both_workers(lab: Lab) -> None:
+    mark = "/wk" + secrets.token_hex(4)
+
+    def get(path: str) -> int:
+        conn = http.client.HTTPConnection(WEB, 80, timeout=10)  # a new connection each time
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        finally:
+            conn.close()
+
+    start = admin(lab, f"/requests?path={mark}")
+    assert start["requests"] == []
+    for i in range(FLOWS):
+        assert call_in(lab.netns("client"), retry, lambda i=i: get(f"{mark}/{i}")) == 200
+
+    def seen() -> set[int]:
+        rows = admin(lab, f"/requests?path={mark}&since={start['next']}")["requests"]
+        assert sorted(r["path"] for r in rows) == sorted(f"{mark}/{i}" for i in range(FLOWS))
+        return {int(r["worker"]) for r in rows}
+
+    assert retry(seen) == {0, 1}
+    # A long-poll from the last cursor answers with the next request, whichever worker has it.
+    cursor = admin(lab, f"/requests?path={mark}")["next"]
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(admin, lab, f"/requests?path={mark}&since={cursor}&wait=10")
+        time.sleep(0.5)
+        assert call_in(lab.netns("client"), get, f"{mark}/last") == 200
+        assert [r["path"] for r in waiting.result()["requests"]] == [f"{mark}/last"]
 
 
 def test_log_level_changes_reach_every_worker(lab: Lab) -> None:

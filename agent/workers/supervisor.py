@@ -176,7 +176,11 @@ class Workers(Component):
         backoff = BACKOFF_FIRST
         while True:
             started = time.monotonic()
-            code = await self._run_once(h)
+            try:
+                code = await self._run_once(h)
+            except OSError as e:  # out of processes or descriptors: retried like an exit
+                log.error("cannot start worker %d: %s", h.index, e)
+                code = None
             if self._draining:
                 log.info("worker %d exited (%s)", h.index, code)
                 return
@@ -208,6 +212,9 @@ class Workers(Component):
             h.proc = subprocess.Popen(
                 argv, pass_fds=[child.fileno(), *fds], stdin=subprocess.DEVNULL
             )
+        except OSError:
+            parent.close()
+            raise
         finally:
             child.close()
         h.pid = h.proc.pid

@@ -18,7 +18,7 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.admin.api import AdminSources
 from agent.admin.component import AdminComponent
@@ -121,6 +121,8 @@ class FanOut(Protocol):
 
     async def set_level(self, level: str, logger: str) -> None: ...
 
+    async def routed(self) -> Mapping[Any, int]: ...
+
 
 def observability(parts: AgentParts, fanout: FanOut | None = None) -> list[Component]:
     """The telemetry and admin components of ``parts`` (an ``agent.app.Agent``); with
@@ -198,7 +200,9 @@ def observability(parts: AgentParts, fanout: FanOut | None = None) -> list[Compo
             traffic=(
                 (lambda: proxy.traffic(parts.store.snapshot())) if proxy is not None else None
             ),
-            routed=proxy.routed if proxy is not None else dict,
+            routed=(
+                fanout.routed if fanout is not None else proxy.routed if proxy is not None else dict
+            ),
         ),
     )
     return [telemetry, admin] + ([tracing] if tracing is not None else [])

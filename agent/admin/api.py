@@ -29,6 +29,7 @@ from agent.telemetry.loglevel import LogLevelError, levels, set_level
 from agent.telemetry.tap import RequestRing
 
 Rows = list[dict[str, object]]
+Routed = Mapping[tuple[RouteKey, int, str], int]
 
 ENDPOINTS = {
     "/": "this index",
@@ -74,7 +75,7 @@ class AdminSources:
     state_source: Callable[[], dict[str, object]] | None = None
     traffic: Callable[[], dict[str, object]] | None = None
     # requests this node routed per (route, rule, backend Service): HttpRouter.routed
-    routed: Callable[[], Mapping[tuple[RouteKey, int, str], int]] = dict
+    routed: Callable[[], Routed | Awaitable[Routed]] = dict
     tap: RequestRing | None = None
     # --workers N: the tap over every worker's ring, and the workers' own view (agent.workers)
     requests: Callable[[Mapping[str, str]], Awaitable[Response]] | None = None
@@ -98,9 +99,7 @@ class AdminApi:
             "/workers": lambda _r: self._workers(),
             "/datapath": lambda _r: self.datapath(),
             "/traffic": lambda _r: self.traffic(),
-            "/routes": lambda _r: {
-                "routes": views.routes_view(self.s.store.snapshot(), self.s.routed())
-            },
+            "/routes": lambda _r: self._routes(),
             "/logging": lambda _r: {"levels": levels()},
         }
 
@@ -146,6 +145,11 @@ class AdminApi:
 
     async def _connections(self) -> dict[str, object]:
         return {"connections": await self.connections()}
+
+    async def _routes(self) -> dict[str, object]:
+        routed = self.s.routed()
+        counts = await routed if inspect.isawaitable(routed) else routed
+        return {"routes": views.routes_view(self.s.store.snapshot(), counts)}
 
     async def _workers(self) -> dict[str, object]:
         return {"workers": await self.s.workers() if self.s.workers is not None else []}

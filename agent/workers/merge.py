@@ -16,6 +16,7 @@ the low bits) and unpacked when it comes back.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -68,6 +69,16 @@ def connections(own: Rows, workers: Mapping[int, object]) -> Rows:
     for index, rows in sorted(workers.items()):
         assert isinstance(rows, list)
         out += [{**row, "worker": index} for row in rows]
+    return out
+
+
+def counts(answers: Mapping[int, object]) -> dict[Any, int]:
+    """The sum per key of the workers' counters (``/routes``' requests per route rule)."""
+    out: dict[Any, int] = {}
+    for answer in answers.values():
+        assert isinstance(answer, dict)
+        for key, n in answer.items():
+            out[key] = out.get(key, 0) + n
     return out
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from agent.admin.tap import QueryError, parse_query
 from agent.base.http import Response
@@ -42,6 +43,10 @@ class WorkerViews:
 
     async def connections(self, own: Rows) -> Rows:
         return merge.connections(own, await self._gather("connections"))
+
+    async def routed(self) -> dict[Any, int]:
+        """``/routes``: requests per (route, rule, backend), summed over the workers."""
+        return merge.counts(await self._gather("routed"))
 
     async def set_level(self, level: str, logger: str) -> None:
         """``POST /logging`` in every worker (the main process changed its own already)."""

@@ -9,11 +9,12 @@ order). It runs its own uvloop event loop with the accept loops and the node pro
 
 What the main process may ask (calls on the channel): ``metrics`` (this worker's exposition:
 its connections, requests, proxy counters, accept errors), ``connections`` (``/connections``
-rows), ``requests`` (the tap, ``agent.admin.tap``'s answer as JSON), ``status`` (PID, accepted
-connections per listener, open connections), ``logging`` (a level change). Notes: ``state``
-(a ``StateDelta``), ``drain``; first of all ``setup`` (the ``AgentConfig`` and the full
-state), sent by the main process as soon as the worker starts, so that every later ``state`` note
-applies on top of it in order.
+rows), ``routed`` (requests per route rule and backend, for ``/routes``), ``requests`` (the
+tap: ``agent.admin.tap``'s answer), ``status`` (PID, accepted connections per listener, open
+connections, log levels), ``logging`` (a level change). Notes: ``state`` (a ``StateDelta``),
+``drain``; first of all ``setup`` (the ``AgentConfig`` and the full state), sent by the main
+process as soon as the worker starts, so that every later ``state`` note applies on top of it
+in order.
 
 Stopping: a ``drain`` note, SIGTERM, or the main process going away (the channel closes) all
 drain the same way as a single agent: stop accepting (the listeners stay open in the main
@@ -169,6 +170,8 @@ class Worker:
             return self.telemetry.exposition()
         if kind == "connections":
             return self.telemetry.tcp.live()
+        if kind == "routed":
+            return dict(self.proxy.routed())
         if kind == "requests":
             assert isinstance(args, dict)
             response = await requests_view(self.telemetry.http.tap, self.node, args)
@@ -186,7 +189,8 @@ class Worker:
             assert isinstance(args, tuple)
             return set_level(*args)
         raise ValueError(
-            f"a worker answers metrics, connections, requests, status, logging; not {kind!r}"
+            "a worker answers metrics, connections, routed, requests, status and logging; "
+            f"not {kind!r}"
         )
 
     def _note(self, kind: str, args: object) -> None:

@@ -99,3 +99,10 @@ def test_requests_merge_orders_by_time_and_keeps_unanswered_cursors() -> None:
     assert [(r["path"], r["worker"]) for r in rows] == [("/a", 2), ("/c", 0)]
     assert merge.split_cursors(out["next"], 3) == [10, 6, 4]  # type: ignore[arg-type]
     assert out["missed"] == 1 and out["ring_size"] == 10 and out["node"] == "node1"
+
+
+def test_route_counts_add_up() -> None:
+    rule = (("HTTPRoute", "default", "web"), 0, "default/web-v1")
+    other = (("HTTPRoute", "default", "web"), 1, "default/web-v2")
+    assert merge.counts({0: {rule: 3}, 1: {rule: 2, other: 1}}) == {rule: 5, other: 1}
+    assert merge.counts({}) == {}

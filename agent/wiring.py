@@ -123,6 +123,8 @@ class FanOut(Protocol):
 
     async def routed(self) -> Mapping[Any, int]: ...
 
+    async def traffic(self) -> dict[str, object]: ...
+
 
 def observability(parts: AgentParts, fanout: FanOut | None = None) -> list[Component]:
     """The telemetry and admin components of ``parts`` (an ``agent.app.Agent``); with
@@ -198,7 +200,11 @@ def observability(parts: AgentParts, fanout: FanOut | None = None) -> list[Compo
             datapath=datapath_view,
             state_source=lambda: source_view(parts.source),
             traffic=(
-                (lambda: proxy.traffic(parts.store.snapshot())) if proxy is not None else None
+                fanout.traffic
+                if fanout is not None
+                else (lambda: proxy.traffic(parts.store.snapshot()))
+                if proxy is not None
+                else None
             ),
             routed=(
                 fanout.routed if fanout is not None else proxy.routed if proxy is not None else dict

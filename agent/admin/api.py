@@ -73,7 +73,7 @@ class AdminSources:
     certificates: Callable[[], Rows] | None = None
     datapath: Callable[[], Awaitable[dict[str, object]]] | None = None
     state_source: Callable[[], dict[str, object]] | None = None
-    traffic: Callable[[], dict[str, object]] | None = None
+    traffic: Callable[[], dict[str, object] | Awaitable[dict[str, object]]] | None = None
     # requests this node routed per (route, rule, backend Service): HttpRouter.routed
     routed: Callable[[], Routed | Awaitable[Routed]] = dict
     tap: RequestRing | None = None
@@ -160,11 +160,12 @@ class AdminApi:
     def certificates(self) -> Rows:
         return self.s.certificates() if self.s.certificates is not None else []
 
-    def traffic(self) -> dict[str, object]:
+    async def traffic(self) -> dict[str, object]:
         """Traffic control (``agent.policy.traffic.control.TrafficControl.describe``)."""
         if self.s.traffic is None:
             return {"policies": {}, "effective": {}, "services": {}}
-        return self.s.traffic()
+        found = self.s.traffic()
+        return await found if inspect.isawaitable(found) else found
 
     async def datapath(self) -> dict[str, object]:
         return {"datapath": await self.s.datapath() if self.s.datapath is not None else None}
@@ -209,5 +210,5 @@ class AdminApi:
             "policies": views.policies_view(snap),
             "certificates": self.certificates(),
             "datapath": (await self.datapath())["datapath"],
-            "traffic": self.traffic(),
+            "traffic": await self.traffic(),
         }

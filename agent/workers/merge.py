@@ -82,6 +82,41 @@ def counts(answers: Mapping[int, object]) -> dict[Any, int]:
     return out
 
 
+def _add(into: dict[str, Any], counts: object) -> None:
+    if isinstance(counts, Mapping):
+        for key, n in counts.items():
+            into[key] = into.get(key, 0) + n
+
+
+def traffic(answers: Mapping[int, Mapping[str, Any]]) -> dict[str, object]:
+    """One ``/traffic`` from the workers' (``TrafficControl.describe``): conditions and effective
+    policies are the same in every worker (they follow the state), so the first worker's; per
+    Service, in-flight and pending counts, counters, ejections, retry budget and split decisions
+    summed, and every worker's endpoints, each marked with its ``worker`` (health is learnt per
+    worker: the same endpoint may be ejected by one and not another)."""
+    if not answers:
+        return {"policies": {}, "effective": {}, "services": {}}
+    first = answers[min(answers)]
+    services: dict[str, dict[str, Any]] = {}
+    for index, answer in sorted(answers.items()):
+        for name, st in answer.get("services", {}).items():
+            merged = services.setdefault(
+                name,
+                {"policy": st.get("policy"), "active": 0, "pending": 0, "endpoints": [],
+                 "counters": {}, "ejections": {}, "retry_budget": {}, "split_decisions": {}},
+            )  # fmt: skip
+            merged["active"] += st.get("active", 0)
+            merged["pending"] += st.get("pending", 0)
+            merged["endpoints"] += [{**e, "worker": index} for e in st.get("endpoints", [])]
+            for field in ("counters", "ejections", "retry_budget", "split_decisions"):
+                _add(merged[field], st.get(field))
+    return {
+        "policies": first.get("policies", {}),
+        "effective": first.get("effective", {}),
+        "services": services,
+    }
+
+
 def join_cursors(cursors: Sequence[int]) -> int:
     out = 0
     for i, cursor in enumerate(cursors):

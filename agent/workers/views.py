@@ -48,6 +48,10 @@ class WorkerViews:
         """``/routes``: requests per (route, rule, backend), summed over the workers."""
         return merge.counts(await self._gather("routed"))
 
+    async def traffic(self) -> dict[str, object]:
+        answers = await self._gather("traffic")
+        return merge.traffic({i: a for i, a in answers.items() if isinstance(a, dict)})
+
     async def set_level(self, level: str, logger: str) -> None:
         """``POST /logging`` in every worker (the main process changed its own already)."""
         await self._gather("logging", (level, logger))

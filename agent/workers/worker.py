@@ -9,7 +9,8 @@ order). It runs its own uvloop event loop with the accept loops and the node pro
 
 What the main process may ask (calls on the channel): ``metrics`` (this worker's exposition:
 its connections, requests, proxy counters, accept errors), ``connections`` (``/connections``
-rows), ``routed`` (requests per route rule and backend, for ``/routes``), ``requests`` (the
+rows), ``routed`` (requests per route rule and backend, for ``/routes``), ``traffic``
+(``/traffic``), ``requests`` (the
 tap: ``agent.admin.tap``'s answer), ``status`` (PID, accepted connections per listener, open
 connections, log levels), ``logging`` (a level change). Notes: ``state`` (a ``StateDelta``),
 ``drain``; first of all ``setup`` (the ``AgentConfig`` and the full state), sent by the main
@@ -172,6 +173,8 @@ class Worker:
             return self.telemetry.tcp.live()
         if kind == "routed":
             return dict(self.proxy.routed())
+        if kind == "traffic":
+            return self.proxy.traffic(self.store.snapshot())
         if kind == "requests":
             assert isinstance(args, dict)
             response = await requests_view(self.telemetry.http.tap, self.node, args)
@@ -189,7 +192,8 @@ class Worker:
             assert isinstance(args, tuple)
             return set_level(*args)
         raise ValueError(
-            "a worker answers metrics, connections, routed, requests, status and logging; "
+            "a worker answers metrics, connections, routed, traffic, requests, status and "
+            "logging; "
             f"not {kind!r}"
         )
 

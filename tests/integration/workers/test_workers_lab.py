@@ -190,6 +190,9 @@ def test_the_tap_covers_both_workers(lab: Lab) -> None:
         return {int(r["worker"]) for r in rows}
 
     assert retry(seen) == {0, 1}
+    # Traffic control learns per worker: /traffic shows each worker's endpoints of the Service.
+    web = admin(lab, "/traffic")["services"]["default/web"]
+    assert {e["worker"] for e in web["endpoints"]} == {0, 1}
     # A long-poll from the last cursor answers with the next request, whichever worker has it.
     cursor = admin(lab, f"/requests?path={mark}")["next"]
     with ThreadPoolExecutor(1) as pool:

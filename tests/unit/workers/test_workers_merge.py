@@ -106,3 +106,34 @@ def test_route_counts_add_up() -> None:
     other = (("HTTPRoute", "default", "web"), 1, "default/web-v2")
     assert merge.counts({0: {rule: 3}, 1: {rule: 2, other: 1}}) == {rule: 5, other: 1}
     assert merge.counts({}) == {}
+
+
+def test_traffic_keeps_each_workers_endpoints_and_sums_the_counts() -> None:
+    def answer(active: int, ejected: bool) -> dict[str, object]:
+        endpoint = {"ip": "10.0.0.1", "state": "EJECTED" if ejected else "HEALTHY", "active": 1}
+        return {
+            "policies": {"default/tp": {"reason": "Accepted"}},
+            "effective": {"default/web": {"policy": "default/tp"}},
+            "services": {
+                "default/web": {
+                    "policy": {"policy": "default/tp"},
+                    "active": active,
+                    "pending": 1,
+                    "endpoints": [endpoint],
+                    "counters": {"requests": active},
+                    "ejections": {"consecutive_5xx": 1} if ejected else {},
+                    "retry_budget": {"requests": 10, "retries": 1},
+                    "split_decisions": {},
+                }
+            },
+        }
+
+    merged = merge.traffic({1: answer(2, True), 0: answer(3, False)})
+    assert merged["policies"] == {"default/tp": {"reason": "Accepted"}}
+    web = merged["services"]["default/web"]  # type: ignore[index]
+    assert web["active"] == 5 and web["pending"] == 2
+    assert [(e["worker"], e["state"]) for e in web["endpoints"]] == [(0, "HEALTHY"), (1, "EJECTED")]
+    assert web["counters"] == {"requests": 5}
+    assert web["ejections"] == {"consecutive_5xx": 1}
+    assert web["retry_budget"] == {"requests": 20, "retries": 2}
+    assert merge.traffic({}) == {"policies": {}, "effective": {}, "services": {}}

@@ -9,6 +9,7 @@ over them: each port's listeners form one ``SO_REUSEPORT`` group and the capture
 ``bpf_sk_assign`` to the registered member re-selects within the group by flow hash (Linux ≥
 6.5). Modules: ``wire`` (the channel's messages, sans-IO), ``channel`` (its asyncio shell),
 ``replica`` (state commits replayed in a worker), ``certs`` (certificates from the main
-process), ``merge`` (one ``/metrics`` and one ``/connections`` from many processes, sans-IO),
-``supervisor`` (start, feed, ask, restart), ``worker`` (the worker process).
+process), ``merge`` (one ``/metrics``, ``/connections``, ``/requests``, ``/routes`` and
+``/traffic`` from many processes, sans-IO), ``views`` (their asyncio side), ``supervisor``
+(start, feed, ask, restart), ``worker`` (the worker process). See ARCHITECTURE.md, "Workers".
 """

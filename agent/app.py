@@ -20,6 +20,9 @@ Theory of operation:
      registers its listeners, reconciles and binds readiness/metrics/admin). The old agent stops
      accepting a moment later and serves its established connections until SIGTERM drains it;
      a SIGTERM that arrives while a successor is still starting waits for the handover.
+  5. With ``--workers N`` (N > 1) the accept loops and the node proxy run in N worker processes
+     (``agent.workers``) on reuseport listener groups; this process keeps the rest, feeds them
+     state and certificates, and restarts a worker that dies.
 
 The parts: ``mesh_components()`` builds the identity manager and the node proxy (with a CA),
 ``connection_handler()`` picks what serves the listeners, and ``agent.wiring.observability``
@@ -48,15 +51,16 @@ from agent.base.endpoint import HttpComponent
 from agent.base.http import HttpServer, Request, Response
 from agent.config import AgentConfig, ConfigError, add_arguments, from_args
 from agent.datapath.datapath import Datapath, uninstall
-from agent.datapath.listeners import open_listeners
+from agent.datapath.listeners import open_listener_groups, open_listeners
 from agent.datapath.programs import ProgramLoadError
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
-from agent.wiring import local_pods, observability
+from agent.wiring import local_pods, node_proxy, observability
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
     from agent.proxy.component import ProxyComponent
+    from agent.workers.supervisor import Workers
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +127,6 @@ def mesh_components(
     if config.ca is None:
         return None, None
     from agent.identity.component import IdentityComponent
-    from agent.proxy.component import ProxyComponent
-    from agent.proxy.core import Core, ProxySettings
-    from agent.proxy.server import NodeProxy
 
     identity = IdentityComponent(
         node=config.node,
@@ -136,10 +137,9 @@ def mesh_components(
         server_name=config.ca.server_name,
         validity_seconds=config.ca.cert_ttl_seconds,
     )
-    # Loop protection: the ports this agent listens on, as configured (not the defaults).
-    settings = ProxySettings(proxy_ports=config.own_ports())
-    core = Core(node=config.node, store=store, identities=identity.manager, settings=settings)
-    return identity, ProxyComponent(NodeProxy(core))
+    if config.workers > 1:
+        return identity, None  # the workers run the proxy (agent.workers)
+    return identity, node_proxy(config, store, identity.manager)
 
 
 def connection_handler(proxy: ProxyComponent | None) -> ConnectionHandler:
@@ -185,7 +185,14 @@ class Agent:
         self.identity, self.proxy = mesh_components(config, self.store)
         self.handler: ConnectionHandler = connection_handler(self.proxy)
         self.components: list[Component] = [c for c in (self.identity, self.proxy) if c]
-        self.components += observability(self)  # metrics and admin API observe the rest
+        self.workers: Workers | None = None  # --workers N > 1: set by prepare()
+        fanout = None
+        if config.workers > 1:
+            from agent.workers.views import WorkerViews
+
+            fanout = WorkerViews(lambda: self.workers, config.node)
+        # metrics and the admin API observe the rest (and, with --workers N, ask the workers)
+        self.components += observability(self, fanout)
         self._connections: set[asyncio.Task[None]] = set()
         self._dirty = asyncio.Event()
         self._synced = False
@@ -216,11 +223,26 @@ class Agent:
                 )
         self.source = open_source(self.config, self.store)
         self.datapath.start()
-        self.listeners = open_listeners(
-            self.config.listeners, beside_another=self.predecessor is not None
-        )
+        if self.config.workers > 1:
+            self._start_workers()
+        else:
+            self.listeners = open_listeners(
+                self.config.listeners, beside_another=self.predecessor is not None
+            )
         if self.predecessor is None:
             self._take_datapath()
+
+    def _start_workers(self) -> None:
+        """Listener groups for the workers; the first of each group goes in the SOCKMAP."""
+        from agent.workers.supervisor import Workers
+
+        assert self.identity is not None  # config: --workers N > 1 needs a CA
+        groups = open_listener_groups(
+            self.config.listeners, self.config.workers, beside_another=self.predecessor is not None
+        )
+        self.listeners = {slot: group[0] for slot, group in groups.items()}
+        self.workers = Workers(self.config, self.store, groups, self.identity.manager.certificate)
+        self.components.insert(0, self.workers)  # stopped (drained) before what it asks
 
     def _take_datapath(self) -> None:
         """New SYNs come here from now on; the maps and filters follow this agent's state."""
@@ -271,6 +293,7 @@ class Agent:
         self._accepting = [
             asyncio.create_task(self._accept_loop(slot, sock), name=f"accept-{slot.name}")
             for slot, sock in self.listeners.items()
+            if self.workers is None  # else the workers accept
         ]
         if self.predecessor is None:
             await self._ready.start(self.config.ready_port)

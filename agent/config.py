@@ -71,6 +71,7 @@ class AgentConfig:
     route_table: int = ROUTE_TABLE
     listeners: ListenerPorts = field(default_factory=ListenerPorts)
     traces: TraceSettings | None = None  # --otlp-endpoint: export spans (None: no tracing)
+    workers: int = 1  # --workers: proxy processes (1: the proxy runs in the agent process)
 
     @property
     def routing(self) -> RoutingConfig:
@@ -105,6 +106,11 @@ class AgentConfig:
             ),
             routing=self.routing,
         )
+
+
+# At most this many worker processes: each holds its own HBONE pool (a connection per peer node
+# and identity pair) and a full copy of the state, so more than a node's cores only costs.
+MAX_WORKERS = 16
 
 
 def _int(text: str) -> int:
@@ -157,6 +163,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
     parser.add_argument("--ready-port", type=int, default=READY_PORT)
     parser.add_argument("--drain-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"proxy worker processes, each with its own event loop and listeners (1 to "
+        f"{MAX_WORKERS}; default 1: the proxy runs in the agent's own process)",
+    )
     parser.add_argument(
         "--access-log-sample",
         type=float,
@@ -267,6 +281,13 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         )
     if args.drain_seconds < 0:
         raise ConfigError(f"--drain-seconds {args.drain_seconds}: expected 0 or more seconds")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers {args.workers}: expected 1 to {MAX_WORKERS} processes")
+    if args.workers > 1 and not args.ca_address:
+        raise ConfigError(
+            f"--workers {args.workers} runs the node proxy in worker processes, which needs a CA "
+            "(--ca-address); without one the agent is a plain passthrough: use --workers 1"
+        )
     try:
         check_sample_rate(args.access_log_sample)
     except SampleRateError as e:
@@ -298,4 +319,5 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         capture_mark=args.capture_mark,
         route_table=args.route_table,
         traces=_traces(args),
+        workers=args.workers,
     )

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import grpcbench, stats, summary
+from bench import grpcbench, scaling, stats, summary
 from bench.settings import SECTIONS
 
 
@@ -76,6 +76,7 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
                    + "; ".join(v["checks"]))  # fmt: skip
     out += _agents_section(results)
     out += _idle_section(results, paths)
+    out += scaling.markdown(results.get("scaling"))
     out += _upgrade_section(results)
     out += grpcbench.markdown(results.get("grpc"))
     out += _speed_section(results)

@@ -20,8 +20,9 @@ Order of a run:
    nodemesh L4 and nodemesh gRPC (a port declared ``appProtocol: grpc``).
 
 ``--sections`` (``Settings.sections``) runs a subset: ``idle`` (2), ``tcp`` (3's TCP workloads
-and 4), ``http`` (3's HTTP/1.1 workload), ``upgrade`` (5), ``grpc`` (6); the paths are verified
-in every run.
+and 4), ``http`` (3's HTTP/1.1 workload), ``upgrade`` (5), ``grpc`` (6), ``scaling`` (after 3,
+in the same lab: ``bench.scaling``, the mesh paths with 1 and 2 proxy workers per agent); the
+paths are verified in every run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.lab.topology import LabError
-from bench import grpcbench, machine, procstat, upgrade, workloads
+from bench import grpcbench, machine, procstat, scaling, upgrade, workloads
 from bench.settings import Settings
 from bench.testbed import REPO, BenchPath, Testbed
 from bench.verify import verify
@@ -132,6 +133,9 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
                     {"rep": rep, "path": hpath.key, "workload": "http", "load1": load1, **sample}
                 )
                 say(f"[{rep + 1}/{s.reps}] {hpath.title} http: {_headline('http', sample)}")
+        if s.runs("scaling"):
+            say("scaling: both agents with 1 and 2 proxy workers")
+            results["scaling"] = scaling.section(bed, s, say)
     results["openssl_speed"] = _speeds(results, s) if s.runs("tcp") else []
     if s.runs("upgrade"):
         results["upgrade"] = _upgrade(s)

@@ -14,7 +14,7 @@ from typing import Any
 
 # The parts of a run, in the order they run: idle memory, the TCP workloads over every path (and
 # the cipher ceiling of the TLS paths they negotiated), the HTTP/1.1 workload, agent upgrades.
-SECTIONS = ("idle", "tcp", "http", "upgrade", "grpc")
+SECTIONS = ("idle", "tcp", "http", "upgrade", "grpc", "scaling")
 
 
 @dataclass(frozen=True)

@@ -221,8 +221,9 @@ class Testbed:
         pids = Path(self.the_lab.state_dir) / "pids"
         return tuple(int((pids / f"agent-{n}").read_text()) for n in ("node1", "node2"))
 
-    def restart_agent(self, node: str) -> None:
-        """Replace ``node``'s agent by a fresh one with the same command line.
+    def restart_agent(self, node: str, *, workers: int | None = None) -> None:
+        """Replace ``node``'s agent by a fresh one with the same command line (with
+        ``--workers``: that many proxy workers instead of what it had).
 
         Python keeps memory it freed for reuse, so an agent that has held 10,000 connections
         would show a later idle test almost no growth; the memory test of a path starts on fresh
@@ -234,6 +235,8 @@ class Testbed:
         pid = labdir.pids()[name]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = tuple(arg.decode() for arg in f.read().split(b"\0") if arg)
+        if workers is not None:
+            argv = (*_without_workers(argv), "--workers", str(workers))
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
         component = components.Component(
@@ -289,3 +292,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def _without_workers(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """``argv`` without a ``--workers N`` it may carry."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        else:
+            out.append(arg)
+    return tuple(out)

@@ -9,7 +9,7 @@ collectors read the proxy's live records without locks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -46,8 +46,11 @@ class TelemetryComponent(HttpComponent):
         address: tuple[str, int],
         sources: AgentSources,
         access_log_sample: float = 1.0,
+        merge: Callable[[bytes], Awaitable[bytes]] | None = None,
     ) -> None:
         super().__init__(self._handle, address)
+        # --workers N: this process's exposition merged with the workers' (agent.workers.views)
+        self._merge = merge
         self.tcp = TcpMetrics(store)
         self.http = HttpMetrics(store, sampler=RequestSampler(access_log_sample))
         self.registry = CollectorRegistry(auto_describe=False)
@@ -57,9 +60,12 @@ class TelemetryComponent(HttpComponent):
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def _handle(self, request: Request) -> Response:
+    async def _handle(self, request: Request) -> Response:
         if request.path != "/metrics":
             return Response.json(404, {"error": "only /metrics is served on this port"})
         if request.method != "GET":
             return Response.json(405, {"error": "use GET /metrics"})
-        return Response(200, self.exposition(), CONTENT_TYPE_LATEST)
+        body = self.exposition()
+        if self._merge is not None:
+            body = await self._merge(body)
+        return Response(200, body, CONTENT_TYPE_LATEST)

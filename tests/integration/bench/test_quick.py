@@ -24,6 +24,8 @@ TINY = [
     "--speed-seconds", "1", "--upgrade-long-lived", "8", "--upgrade-new-per-second", "2",
     "--upgrade-settle-seconds", "1", "--http-seconds", "0.5", "--http-warmup", "0.2",
     "--http-clients", "2", "--grpc-seconds", "0.5", "--grpc-warmup", "0.2", "--grpc-clients", "2",
+    # every section but scaling (four more agent restarts): bench/scaling.py is run by hand
+    "--sections", "idle,tcp,http,upgrade,grpc",
 ]  # fmt: skip
 PATHS = {"direct", "mesh_cross", "mesh_same", "stunnel"}
 WORKLOADS = {"bulk_1", "bulk_4", "rr", "conn"}

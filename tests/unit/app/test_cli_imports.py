@@ -40,12 +40,16 @@ def test_help_still_lists_every_command() -> None:
     assert set(COMMANDS) <= set(build_parser(None)._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
 
 
-def test_the_agent_command_line_leaves_the_lab_and_the_views_unimported() -> None:
+def test_the_agent_command_line_leaves_what_it_does_not_use_unimported() -> None:
+    """What ``nodemesh agent`` imports with a CA (the proxy and identity parts come with
+    ``--ca-address``): not the lab, the views or the admin client, not grpc, protobuf or
+    pyroute2 (their children and the CA have them), not RE2 before a route asks for a regex."""
     probe = (
         "import sys; from agent.cli import build_parser; "
         "build_parser('agent').parse_args(['agent', '--node', 'n1', '--cluster-file', 'x']); "
+        "import agent.identity.component, agent.proxy.component, agent.proxy.server; "
         "print(sorted(m for m in ('pyroute2', 'agent.lab', 'agent.view', 'agent.admin.cli', "
-        "'grpc', 'google.protobuf') if m in sys.modules))"
+        "'grpc', 'google.protobuf', 're2', 'bcc') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

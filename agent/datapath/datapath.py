@@ -100,10 +100,6 @@ class Datapath:
             raise RuntimeError("Datapath.start() has not run")
         return self._netlink
 
-    def helper_pid(self) -> int | None:
-        """The netlink helper child's pid while it runs (``/datapath``, the bench)."""
-        return self._netlink.pid if self._netlink is not None else None
-
     def register_listeners(self, listeners: dict[Listener, socket.socket]) -> None:
         """Put the agent's listening sockets in the SOCKMAP: from now on SYNs are captured."""
         with self._lock:

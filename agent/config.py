@@ -24,8 +24,8 @@ from agent.base.constants import (
 from agent.base.durations import parse_duration
 from agent.datapath.datapath import DatapathConfig
 from agent.datapath.listeners import ListenerPorts
+from agent.datapath.netlink import RoutingConfig
 from agent.datapath.programs import Marks
-from agent.datapath.routing import RoutingConfig
 from agent.identity.caclient import CA_SERVER_NAME
 from agent.telemetry.accesslog import SampleRateError, check_sample_rate
 from agent.telemetry.tracesettings import TraceSettings

@@ -164,6 +164,12 @@ def _agents_section(results: Mapping[str, Any]) -> list[str]:
             f"- {where}: {agent['rss_bytes'] / 2**20:,.1f} MiB, programs {agent['programs']}"
             " at start-up"
         )
+        for proc in agent.get("processes", []):
+            out.append(
+                f"  - {proc['role']} (pid {proc['pid']}): RSS {proc['rss_bytes'] / 2**20:,.1f}"
+                f" MiB, PSS {proc['pss_bytes'] / 2**20:,.1f} MiB, anonymous"
+                f" {proc['anon_bytes'] / 2**20:,.1f} MiB"
+            )
     return out
 
 

@@ -143,9 +143,10 @@ def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
 
 
 def idle_agent(bed: Testbed, node: str, moment: str) -> dict[str, Any]:
-    """RSS of ``node``'s agent process with no proxied connection, and whether it compiled its
-    programs at start-up or adopted pinned ones (its admin API's ``/datapath``): a process that
-    ever mapped BCC's LLVM would keep it, so both cases are worth a figure."""
+    """Memory of ``node``'s agent with no proxied connection, per process (the agent and its
+    children, such as the netlink helper), and whether it compiled its programs at start-up or
+    adopted pinned ones (its admin API's ``/datapath``): a process that ever mapped BCC's LLVM
+    would keep it, so both cases are worth a figure. ``rss_bytes`` is the agent process's own."""
     pid = dict(zip(("node1", "node2"), bed.agent_pids(), strict=True))[node]
     status, body = netns.http_get(
         bed.the_lab.netns(node), "127.0.0.1", ADMIN_PORT, "/datapath", timeout=5.0
@@ -153,12 +154,17 @@ def idle_agent(bed: Testbed, node: str, moment: str) -> dict[str, Any]:
     if status != 200:
         return {"node": node, "moment": moment, "error": f"/datapath answered {status}"}
     adopted = bool(json.loads(body)["datapath"]["adopted"])
+    processes = [
+        {"pid": p, "role": "main" if p == pid else procstat.role(p), **procstat.memory(p)}
+        for p in (pid, *procstat.children(pid))
+    ]
     return {
         "node": node,
         "moment": moment,
         "pid": pid,
         "programs": "adopted" if adopted else "compiled",
-        "rss_bytes": procstat.rss_bytes(pid),
+        "rss_bytes": processes[0]["rss_bytes"],
+        "processes": processes,
     }
 
 

@@ -100,6 +100,9 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
         ("node1", "restarted", "adopted"),
     ]  # fmt: skip
     assert all(a["rss_bytes"] > 0 for a in results["agents"])
+    for a in results["agents"]:  # the agent process, then its netlink helper child
+        assert [p["role"] for p in a["processes"]] == ["main", "agent.datapath.netlinkd"]
+        assert all(0 < p["pss_bytes"] <= p["rss_bytes"] for p in a["processes"])
 
     phases = results["upgrade"]["phases"]
     assert set(phases) == {"baseline", "node1", "node2"}

@@ -153,10 +153,23 @@ def test_idle_agents_section_gives_each_agent_process_its_rss_and_how_it_got_its
     agents = [
         {"node": "node1", "moment": "lab up", "pid": 7, "programs": "compiled",
          "rss_bytes": 70 * 2**20},
+        {"node": "node2", "moment": "lab up", "pid": 8, "programs": "adopted",
+         "rss_bytes": 40 * 2**20, "processes": [
+             {"pid": 8, "role": "main", "rss_bytes": 40 * 2**20, "pss_bytes": 30 * 2**20,
+              "anon_bytes": 25 * 2**20},
+             {"pid": 9, "role": "agent.datapath.netlinkd", "rss_bytes": 33 * 2**20,
+              "pss_bytes": 23 * 2**20, "anon_bytes": 22.5 * 2**20},
+         ]},
         {"node": "node1", "moment": "restarted", "error": "/datapath answered 503"},
     ]  # fmt: skip
     text = report.markdown(results() | {"agents": agents}, None)
     assert "- node1's agent (lab up): 70.0 MiB, programs compiled at start-up" in text
+    assert "- node2's agent (lab up): 40.0 MiB, programs adopted at start-up" in text
+    assert "  - main (pid 8): RSS 40.0 MiB, PSS 30.0 MiB, anonymous 25.0 MiB" in text
+    assert (
+        "  - agent.datapath.netlinkd (pid 9): RSS 33.0 MiB, PSS 23.0 MiB, anonymous 22.5 MiB"
+        in text
+    )
     assert "- node1's agent (restarted): ERROR /datapath answered 503" in text
     assert "Idle agents" not in report.markdown(results(), None)
 

@@ -366,10 +366,10 @@ def test_ca_root_file_anchors_the_clients_tls_and_is_reread(
 def test_a_request_cut_by_a_closed_channel_is_a_failure_not_the_end_of_the_worker(
     ca: InProcessCA, tmp_path: Path
 ) -> None:
-    """grpc.aio raises CancelledError in a call whose channel is closed under it (another
-    request dropped the channel after a transport failure, or --ca-root changed). That must be
-    a failed attempt that is retried: taken for the worker's own cancellation, it ended the
-    worker, and the identity was never renewed again (found by the CA outage drill)."""
+    """A request cut by ``CaClient.close()`` (its exchange is cancelled; grpc.aio did the same
+    when a channel was closed under a call) must be a failed attempt that is retried: taken for
+    the worker's own cancellation, it ended the worker, and the identity was never renewed again
+    (found by the CA outage drill)."""
     silent = socket.socket()  # accepts TCP, never answers TLS: the request stays in flight
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
@@ -385,7 +385,7 @@ def test_a_request_cut_by_a_closed_channel_is_a_failure_not_the_end_of_the_worke
         manager = IdentityManager(client, backoff=Backoff(initial=30.0, cap=30.0))
         manager.set_identities([CLIENT])
         await asyncio.sleep(0.5)
-        await client.close()  # closes the channel both requests wait on
+        await client.close()  # cuts both requests, still in their TLS handshakes
         try:
             await fetch
         except BaseException as e:  # CancelledError included: the test reports what it was
@@ -401,7 +401,7 @@ def test_a_request_cut_by_a_closed_channel_is_a_failure_not_the_end_of_the_worke
         cut, state, alive = asyncio.run(scenario())
     finally:
         silent.close()
-    assert isinstance(cut, CaError) and "channel was closed" in str(cut)
-    assert alive and "channel was closed" in str(state["last_error"])
+    assert isinstance(cut, CaError) and "client was closed under it" in str(cut)
+    assert alive and "client was closed under it" in str(state["last_error"])
     # A transport failure like the one that closed the channel: degraded/readiness say so.
     assert cut.cause == "CA unreachable"

@@ -7,11 +7,11 @@ import logging
 import time
 from collections import Counter
 
-import grpc
 import pytest
 
 from agent.base.metrics import MetricDeclarationError, counter
 from agent.identity.caclient import CaError
+from agent.identity.grpcunary import Status
 from agent.identity.metrics import CountingFetcher
 from agent.identity.spiffe import SpiffeId
 from agent.telemetry.agentmetrics import AgentSources
@@ -113,7 +113,7 @@ def test_ca_request_outcomes_are_counted() -> None:
     ident = SpiffeId.parse(CLIENT_ID)
     before = {k: outcome(k) for k in ("ok", "PERMISSION_DENIED", "error")}
     asyncio.run(CountingFetcher(_Fetcher(None)).fetch(ident))  # type: ignore[arg-type]
-    for error in (CaError("no", grpc.StatusCode.PERMISSION_DENIED), ValueError("bad answer")):
+    for error in (CaError("no", Status.PERMISSION_DENIED), ValueError("bad answer")):
         with pytest.raises(type(error)):
             asyncio.run(CountingFetcher(_Fetcher(error)).fetch(ident))  # type: ignore[arg-type]
     assert outcome("ok") == before["ok"] + 1

@@ -35,7 +35,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Protocol
 
 from agent.policy.authz import HttpAttributes, Request
@@ -407,8 +406,13 @@ def request_verdict(
 ) -> Verdict:
     """Admit one request on an admitted connection (both HTTP layers): L7 authorization first,
     then the RateLimitPolicies of the pod port, so a denied request spends no token."""
-    request = replace(
-        connection, http=HttpAttributes(head.method, head.path, head.host, head.headers)
+    # Built field by field: ``dataclasses.replace`` was a visible share of a request's time.
+    request = Request(
+        connection.source_ip,
+        connection.destination_ip,
+        connection.destination_port,
+        connection.principal,
+        HttpAttributes(head.method, head.path, head.host, head.headers),
     )
     where = f"{where} {head.method} {head.path}"
     decision = core.authorize_request(request, workload, where)

@@ -14,7 +14,6 @@ HTTP service writes thousands a second.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import math
@@ -29,8 +28,33 @@ ACCESS_LOGGER = "nodemesh.access"
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 
+class _Seconds:
+    """The last second ``_iso`` formatted, with its text (one tuple: read and replaced whole)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: tuple[int, str] = (-1, "")
+
+    def text(self, second: int) -> str:
+        last = self.last
+        if last[0] != second:
+            last = self.last = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        return last[1]
+
+
+_SECONDS = _Seconds()  # a busy node writes many lines a second
+
+
 def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+    """``datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")`` (a test holds
+    them equal), at a quarter of its cost: the microseconds rounded half to even as
+    ``fromtimestamp`` rounds them, the date and time of day formatted once per second."""
+    frac, whole = math.modf(ts)
+    micros, second = round(frac * 1e6), int(whole)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    return f"{_SECONDS.text(second)}.{micros // 1000:03d}+00:00"
 
 
 def connection_entry(record: ConnectionRecord, labels: TcpLabels, now: float) -> dict[str, object]:

@@ -4,12 +4,13 @@ fields the tap and ``nodemesh requests`` show, for any values the records can ho
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.telemetry.accesslog import request_entry, request_line
+from agent.telemetry.accesslog import _iso, request_entry, request_line
 from agent.telemetry.http import REQUEST_LABEL_NAMES
 from agent.telemetry.records import ConnectionRecord, RequestRecord
 
@@ -52,3 +53,16 @@ def test_the_request_line_is_json_dumps_of_the_request_entry(
     assert request_line(connection, request, labels, ended) == json.dumps(
         entry, separators=(",", ":")
     )
+
+
+@given(st.floats(min_value=0.0, max_value=4e9, allow_nan=False))
+def test_times_are_what_datetime_makes_of_them(ts: float) -> None:
+    expected = dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+    assert _iso(ts) == expected
+
+
+def test_times_round_microseconds_as_datetime_does() -> None:
+    """Half a microsecond below a second, below a millisecond and at them (half to even)."""
+    for ts in (1.9999995, 1.9999994999, 1764998399.9999996, 1764998400.0005, 0.0, 59.9995):
+        expected = dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+        assert _iso(ts) == expected

@@ -61,7 +61,6 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from copy import copy as shallow_copy
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -883,7 +882,7 @@ class _ClientConnection:
             request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)
             flags = request.plan.flags(flags)
             request.plan = None
-        labels = shallow_copy(self.record)  # (not dataclasses.replace: half the cost)
+        labels = self.record.copy()
         labels.upstream, labels.destination_identity = "", None
         labels.security = SECURITY_NONE
         if request.route is not None:

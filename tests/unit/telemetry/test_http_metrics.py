@@ -11,7 +11,7 @@ from agent.policy.authz import Decision
 from agent.proxy.records import Registry
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
-from agent.telemetry.records import RequestRecord
+from agent.telemetry.records import ConnectionRecord, RequestRecord
 from tests.unit.telemetry.telemetry_helpers import (
     CLIENT_ID,
     SERVER_ID,
@@ -150,3 +150,15 @@ def test_the_access_log_line_is_compact_json_of_the_documented_fields(
     assert entry["response_code"] == 503
     assert entry["response_flags"] == "UC"
     assert entry["duration_ms"] == 1.5
+
+
+def test_a_record_copy_has_every_field_and_is_its_own() -> None:
+    """The source reports each request on a copy of its connection's record."""
+    record = ConnectionRecord(
+        "outbound", "10.0.0.1:4000", "10.96.0.1:80", "spiffe://a", "spiffe://b", path="hbone"
+    )
+    record.upstream, record.requests, record.service = "10.0.0.2:8080", 3, "web"
+    twin = record.copy()
+    assert twin == record and type(twin) is ConnectionRecord
+    twin.upstream = "10.0.0.3:8080"
+    assert record.upstream == "10.0.0.2:8080"

@@ -9,7 +9,7 @@ shell, not the parser, as most of the HTTP path's cost once the parser was llhtt
 wake-up with its awaits (``sock_recv``, the write, the locks) per response was a large part of
 it. The pod's socket is watched with ``add_reader`` and its bytes go through ``Http1Proxy``
 and on to the client from the callback; the client's side stays a task (its reads are awaits
-on the HBONE stream). Each side's writes go through an ``_Outbox``: written at once when that
+on the HBONE stream). Each side's writes go through an ``Outbox``: written at once when that
 side takes them (``try_write``), else queued in order and written by a task that awaits the
 side's backpressure. While the client's outbox holds bytes the pod's socket is not read, and
 while the pod's holds bytes the client's stream is not read, so a slow reader stops its
@@ -35,7 +35,6 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Protocol
 
 from agent.policy.authz import HttpAttributes, Request
@@ -110,7 +109,7 @@ class StreamDownstream:
 
 class SocketDownstream:
     def __init__(self, sock: socket.socket) -> None:
-        _require_non_blocking(sock)
+        require_non_blocking(sock)
         self.sock = sock
 
     async def read(self) -> bytes | None:
@@ -121,7 +120,7 @@ class SocketDownstream:
         """The plaintext listener's socket is read by the session's task only."""
 
     def try_write(self, data: bytes) -> int:
-        return _try_send(self.sock, data)
+        return try_send(self.sock, data)
 
     async def write(self, data: bytes) -> None:
         await asyncio.get_running_loop().sock_sendall(self.sock, data)
@@ -134,7 +133,7 @@ class SocketDownstream:
         await relay_sockets(self.sock, upstream, record)
 
 
-def _require_non_blocking(sock: socket.socket) -> None:
+def require_non_blocking(sock: socket.socket) -> None:
     if sock.gettimeout() != 0.0:
         raise ValueError(
             "the HTTP/1.1 session sends without waiting from callbacks: a blocking socket would "
@@ -142,7 +141,7 @@ def _require_non_blocking(sock: socket.socket) -> None:
         )
 
 
-def _try_send(sock: socket.socket, data: bytes) -> int:
+def try_send(sock: socket.socket, data: bytes) -> int:
     """A non-blocking send; 0 when it would block or failed (the awaited send will tell)."""
     try:
         return sock.send(data)
@@ -150,7 +149,7 @@ def _try_send(sock: socket.socket, data: bytes) -> int:
         return 0
 
 
-class _Outbox:
+class Outbox:
     """Bytes for one side, in order: written at once when the side takes them, else queued and
     written by a task that awaits the side's backpressure. ``idle`` is set when nothing waits."""
 
@@ -214,7 +213,7 @@ class HttpSession:
         *,
         header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
-        _require_non_blocking(upstream)
+        require_non_blocking(upstream)
         self.core, self.down, self.upstream = core, down, upstream
         self.record, self.request, self.workload = record, request, workload
         self.header_timeout = header_timeout
@@ -228,11 +227,11 @@ class HttpSession:
         self._upstream_eof = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_timed: float | None = None  # the head_started the timer is for
-        self._to_client = _Outbox(
+        self._to_client = Outbox(
             down.try_write, down.write, self._resume_upstream, self._client_write_failed
         )
-        self._to_pod = _Outbox(
-            lambda data: _try_send(upstream, data),
+        self._to_pod = Outbox(
+            lambda data: try_send(upstream, data),
             lambda data: self._loop.sock_sendall(upstream, data),
             lambda: None,
             self._pod_write_failed,
@@ -407,8 +406,13 @@ def request_verdict(
 ) -> Verdict:
     """Admit one request on an admitted connection (both HTTP layers): L7 authorization first,
     then the RateLimitPolicies of the pod port, so a denied request spends no token."""
-    request = replace(
-        connection, http=HttpAttributes(head.method, head.path, head.host, head.headers)
+    # Built field by field: ``dataclasses.replace`` was a visible share of a request's time.
+    request = Request(
+        connection.source_ip,
+        connection.destination_ip,
+        connection.destination_port,
+        connection.principal,
+        HttpAttributes(head.method, head.path, head.host, head.headers),
     )
     where = f"{where} {head.method} {head.path}"
     decision = core.authorize_request(request, workload, where)

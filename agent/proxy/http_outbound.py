@@ -906,7 +906,7 @@ class _ClientConnection:
             request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)
             flags = request.plan.flags(flags)
             request.plan = None
-        labels = replace(self.record)
+        labels = self.record.copy()
         labels.upstream, labels.destination_identity = "", None
         labels.security = SECURITY_NONE
         if request.route is not None:

@@ -36,7 +36,7 @@ from typing import NamedTuple
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.state import StateStore
+from agent.state import Snapshot, StateStore
 from agent.telemetry.accesslog import RequestSampler, write_request_log
 from agent.telemetry.labels import LABEL_NAMES, endpoint_services, tcp_labels
 from agent.telemetry.records import ConnectionRecord, RequestRecord
@@ -58,6 +58,9 @@ DURATION_BUCKETS: tuple[float, ...] = (
 BYTES_BUCKETS: tuple[float, ...] = tuple(float(10**i) for i in range(10))  # 1 .. 1e9
 
 REQUEST_LABEL_NAMES = (*LABEL_NAMES, "response_code", "grpc_response_status")
+# Label sets remembered between state changes (``HttpMetrics._series``): far more than the
+# connections a node serves at once; past it the cache starts over (it is only a shortcut).
+MAX_CACHED_SERIES = 4096
 
 
 class RequestLabels(NamedTuple):
@@ -85,6 +88,17 @@ class _Histogram:
             running += count
             out.append(("+Inf" if bound == float("inf") else _le(bound), running))
         return out
+
+
+class _Series(NamedTuple):
+    """One label set's counters, as ``HttpMetrics.requested`` updates them; ``named`` is the
+    labels by name for the access log and the tap (shared by their entries, never changed)."""
+
+    labels: RequestLabels
+    named: Mapping[str, str]
+    duration: _Histogram
+    request_bytes: _Histogram
+    response_bytes: _Histogram
 
 
 def _le(bound: float) -> str:
@@ -115,24 +129,20 @@ class HttpMetrics(Collector):
         self._rejected: Counter[str] = Counter()
         self._dry_run: Counter[str] = Counter()
         self._endpoints: tuple[int, Mapping[str, str]] = (-1, {})
+        # Per state version: what labelled one request labels the next one alike (_Series).
+        self._series: dict[tuple[object, ...], _Series] = {}
+        self._series_version = -1
 
     # -- RequestObserver ---------------------------------------------------------------------
     def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
-        labels = self._labels(connection, request)
-        self._requests[labels] += 1
-        for name, value, bounds in (
-            (DURATION, request.duration_ms, DURATION_BUCKETS),
-            (REQUEST_BYTES, float(request.request_bytes), BYTES_BUCKETS),
-            (RESPONSE_BYTES, float(request.response_bytes), BYTES_BUCKETS),
-        ):
-            per = self._histograms[name]
-            if labels not in per:
-                per[labels] = _Histogram(bounds)
-            per[labels].observe(value)
-        named = dict(zip(REQUEST_LABEL_NAMES, labels.values, strict=True))
-        self.tap.add(connection, request, named)
+        series = self._series_of(connection, request)
+        self._requests[series.labels] += 1
+        series.duration.observe(request.duration_ms)
+        series.request_bytes.observe(float(request.request_bytes))
+        series.response_bytes.observe(float(request.response_bytes))
+        self.tap.add(connection, request, series.named)
         if self._access_log and self._sampler.keep(request):
-            write_request_log(connection, request, named)
+            write_request_log(connection, request, series.named)
 
     def rejected(self, cause: str) -> None:
         self._rejected[cause] += 1
@@ -177,8 +187,52 @@ class HttpMetrics(Collector):
         missed.add_metric([], self.tap.missed_total)
         yield missed
 
-    def _labels(self, connection: ConnectionRecord, request: RequestRecord) -> RequestLabels:
+    def _series_of(self, connection: ConnectionRecord, request: RequestRecord) -> _Series:
+        """The request's series, found by what its labels are made of: the connection's fields
+        that ``tcp_labels`` reads, the request's own label values and the state version. A
+        busy connection's requests share one key, so the labels are worked out once per
+        connection (and again after a state change), not per request."""
         snap = self._store.snapshot()
+        if self._series_version != snap.version or len(self._series) >= MAX_CACHED_SERIES:
+            self._series.clear()
+            self._series_version = snap.version
+        key = (
+            connection.direction,
+            connection.source,
+            connection.destination,
+            connection.upstream,
+            connection.service,
+            connection.source_identity,
+            connection.destination_identity,
+            connection.security,
+            connection.path,
+            request.protocol,
+            request.response_flags,
+            request.status,
+            request.grpc_status,
+        )
+        series = self._series.get(key)
+        if series is None:
+            labels = self._labels(connection, request, snap)
+            series = self._series[key] = _Series(
+                labels,
+                dict(zip(REQUEST_LABEL_NAMES, labels.values, strict=True)),
+                self._histogram(DURATION, labels, DURATION_BUCKETS),
+                self._histogram(REQUEST_BYTES, labels, BYTES_BUCKETS),
+                self._histogram(RESPONSE_BYTES, labels, BYTES_BUCKETS),
+            )
+        return series
+
+    def _histogram(self, name: str, labels: RequestLabels, bounds: Sequence[float]) -> _Histogram:
+        per = self._histograms[name]
+        found = per.get(labels)
+        if found is None:
+            found = per[labels] = _Histogram(bounds)
+        return found
+
+    def _labels(
+        self, connection: ConnectionRecord, request: RequestRecord, snap: Snapshot
+    ) -> RequestLabels:
         if self._endpoints[0] != snap.version:
             self._endpoints = (snap.version, endpoint_services(snap))
         tcp = tcp_labels(connection, snap, self._endpoints[1])._replace(

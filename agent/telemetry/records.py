@@ -60,6 +60,14 @@ class ConnectionRecord:
     def describe(self) -> dict[str, object]:
         return asdict(self)
 
+    def copy(self) -> ConnectionRecord:
+        """A shallow copy, field for field (what ``dataclasses.replace(self)`` gives at a
+        quarter of ``copy.copy``'s cost): the source reports each request on a copy pointed at
+        the endpoint that served it."""
+        twin = object.__new__(ConnectionRecord)
+        twin.__dict__.update(self.__dict__)
+        return twin
+
 
 class ConnectionObserver(Protocol):
     """Told about every record: ``opened`` once registered, ``closed`` once removed."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from collections import deque
 from collections.abc import Iterator
 
 import grpc
@@ -27,6 +28,7 @@ from agent.policy.authz import Request
 from agent.proxy.core import Core
 from agent.proxy.h2inbound import H2Session
 from agent.proxy.http_inbound import SocketDownstream
+from agent.proxy.tunnel import Sink
 from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
 from tests.workloads import workload
@@ -71,8 +73,58 @@ def pod() -> Iterator[tuple[int, grpc.Server]]:
         server.stop(None).wait()
 
 
+class HandingDownstream(SocketDownstream):
+    """A client socket that hands its bytes to the session as they arrive, as the HBONE
+    stream does (``TunnelStream.deliver_directly``): a reader callback offers them to the
+    sink, and what it does not take waits for ``read``, in order."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.sink: Sink | None = None
+        self.handed = 0  # bytes the sink took from the callback
+        self.left: deque[bytes] = deque()
+        self.eof = False
+        self.readable = asyncio.Event()
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.eof = True
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        elif self.sink is not None and not self.left:
+            taken = self.sink.send(data)
+            self.handed += taken
+            data = data[taken:]
+        if data:
+            self.left.append(data)
+        self.readable.set()
+
+    def deliver_to(self, sink: Sink | None) -> None:
+        self.sink = sink
+
+    async def read(self) -> bytes | None:
+        while not self.left:
+            if self.eof:
+                return None
+            self.readable.clear()
+            await self.readable.wait()
+        return self.left.popleft()
+
+    def close(self) -> None:
+        if not self.eof:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+
+
 async def _proxy(
-    core: Core, pod_port: int, seen: Seen, header_timeout: float = 10.0
+    core: Core,
+    pod_port: int,
+    seen: Seen,
+    header_timeout: float = 10.0,
+    downstreams: list[HandingDownstream] | None = None,
 ) -> tuple[asyncio.Server, int]:
     """A loopback listener serving each connection with ``H2Session`` to the pod."""
     core.registry.request_observers.append(seen)
@@ -90,9 +142,13 @@ async def _proxy(
         upstream.setblocking(False)
         record = ConnectionRecord(INBOUND, "10.244.2.2:40000", "10.244.1.3:50051")
         request = Request("10.244.2.2", "10.244.1.3", 50051, None)
+        down: SocketDownstream = SocketDownstream(client)
+        if downstreams is not None:
+            down = HandingDownstream(client)
+            downstreams.append(down)
         session = H2Session(
             core,
-            SocketDownstream(client),
+            down,
             upstream,
             record,
             request,
@@ -102,6 +158,8 @@ async def _proxy(
         try:
             await session.serve()
         finally:
+            if isinstance(down, HandingDownstream):
+                down.close()
             upstream.close()
             client.close()
             writer.close()
@@ -162,6 +220,49 @@ def test_grpc_calls_through_the_proxy_with_a_deny_on_one_method(
             (grpcecho.UNARY, 200, "grpc", "0", "-"),
         ]
         assert seen.rejections == []
+
+    asyncio.run(main())
+
+
+def test_bytes_handed_over_as_they_arrive_are_served_like_read_ones(
+    pod: tuple[int, grpc.Server],
+) -> None:
+    """The HBONE stream's way: the client's bytes reach the session from the transport's
+    callback (``H2Session.send``), not from a read; the same calls get the same answers, and a
+    1 MiB message (beyond the windows the proxy advertises, so the session stops taking bytes
+    while the pod's side is busy) arrives whole."""
+    big = b"x" * (1 << 20)
+
+    def calls(port: int) -> list[tuple[str, str]]:
+        out = _calls(port)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer = grpcecho.unary_call(channel)(big, timeout=20)
+        out.append(("big", f"{len(answer)} {answer.endswith(big)}"))
+        return out
+
+    async def main() -> None:
+        seen = Seen()
+        handing: list[HandingDownstream] = []
+        server, port = await _proxy(_core(DENY_ADMIN), pod[0], seen, downstreams=handing)
+        async with server:
+            result = await asyncio.to_thread(calls, port)
+        assert result == [
+            ("unary", "pod:hi"),
+            ("stream", "pod:0,pod:1,pod:2"),
+            (grpcecho.UNARY, "NOT_FOUND asked to fail"),
+            (grpcecho.ADMIN, "PERMISSION_DENIED RBAC: access denied"),
+            ("unary", "pod:again"),
+            ("big", f"{len(big) + 4} True"),
+        ]
+        assert [(r.grpc_status, r.response_flags) for r in seen.requests] == [
+            ("0", "-"),
+            ("0", "-"),
+            ("5", "-"),
+            ("7", "RBAC"),
+            ("0", "-"),
+            ("0", "-"),
+        ]
+        assert sum(d.handed for d in handing) > len(big) // 2  # most of it came that way
 
     asyncio.run(main())
 

@@ -11,9 +11,16 @@ from agent.policy.authz import Decision
 from agent.proxy.records import Registry
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
-from agent.telemetry.records import RequestRecord
-from tests.unit.telemetry.telemetry_helpers import CLIENT_ID, SERVER_ID, inbound, make_store
+from agent.telemetry.records import ConnectionRecord, RequestRecord
+from tests.unit.telemetry.telemetry_helpers import (
+    CLIENT_ID,
+    SERVER_ID,
+    inbound,
+    make_store,
+    outbound,
+)
 from tests.unit.telemetry.telemetry_helpers import samples as parse
+from tests.workloads import workload
 
 
 def telemetry() -> tuple[Registry, TelemetryComponent]:
@@ -92,3 +99,66 @@ def test_rejections_by_cause_and_dry_run_denials_by_policy() -> None:
     dry = "nodemesh_http_dry_run_denials_total"
     assert parsed[(dry, frozenset({("policy", "default/no-post")}))] == 1
     assert registry.denials["default/deny"] == 1
+
+
+def test_labels_follow_the_connections_endpoint_and_the_state(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The metrics remember a connection's labels between its requests (``_Series``); what
+    they are made of changing still changes them: the source pointing the connection at
+    another endpoint (here the ``client`` pod), or a state change (that pod's app renamed)."""
+    registry, component = telemetry()
+    conn = outbound()
+    with caplog.at_level(logging.INFO, logger="nodemesh.access"):
+        registry.request_done(conn, request(200))
+        conn.upstream = "10.244.1.2:8080"
+        registry.request_done(conn, request(200))
+        with component.http._store.update() as txn:
+            txn.put_workload(workload("client", "node1", "10.244.1.2", app="v2"))
+        registry.request_done(conn, request(200))
+    parsed = parse(component.exposition())
+    counted = {
+        dict(labels)["destination_workload"]: value
+        for (name, labels), value in parsed.items()
+        if name == "istio_requests_total" and dict(labels)["reporter"] == "source"
+    }
+    assert counted == {"server": 1, "client": 1, "v2": 1}
+    lines = [json.loads(r.getMessage()) for r in caplog.records]
+    assert [(e["upstream_address"], e["destination_workload"]) for e in lines] == [
+        ("10.244.2.2:8080", "server"),
+        ("10.244.1.2:8080", "client"),
+        ("10.244.1.2:8080", "v2"),
+    ]
+
+
+def test_the_access_log_line_is_compact_json_of_the_documented_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry, _ = telemetry()
+    conn = inbound()
+    with caplog.at_level(logging.INFO, logger="nodemesh.access"):
+        registry.request_done(conn, request(503, ms=1.5, flags="UC"))
+    (record,) = caplog.records
+    line = record.getMessage()
+    entry = json.loads(line)
+    assert line == json.dumps(entry, separators=(",", ":"))
+    assert (record.name, record.levelno, record.funcName) == (
+        "nodemesh.access",
+        logging.INFO,
+        "write_request_log",
+    )
+    assert entry["response_code"] == 503
+    assert entry["response_flags"] == "UC"
+    assert entry["duration_ms"] == 1.5
+
+
+def test_a_record_copy_has_every_field_and_is_its_own() -> None:
+    """The source reports each request on a copy of its connection's record."""
+    record = ConnectionRecord(
+        "outbound", "10.0.0.1:4000", "10.96.0.1:80", "spiffe://a", "spiffe://b", path="hbone"
+    )
+    record.upstream, record.requests, record.service = "10.0.0.2:8080", 3, "web"
+    twin = record.copy()
+    assert twin == record and type(twin) is ConnectionRecord
+    twin.upstream = "10.0.0.3:8080"
+    assert record.upstream == "10.0.0.2:8080"

@@ -95,6 +95,10 @@ class TunnelStream:
         # Called when the peer ends its half: a ``Sink`` is given bytes only, so an owner with
         # no task waiting in ``read`` learns of the end here (the source's HTTP/1.1 shell).
         self.on_end: Callable[[], object] | None = None
+        # Called whenever a task waiting in ``read`` or ``write`` would be woken (bytes queued,
+        # the peer's end, an error, room to write again): a relay driven by callbacks instead
+        # of tasks (``agent.proxy.relay``) looks at the stream's state then.
+        self.waker: Callable[[], object] | None = None
 
     # -- events from the protocol --
     def _on_data(self, data: bytes) -> None:
@@ -112,12 +116,21 @@ class TunnelStream:
                 data = data[sent:]
         self._chunks.append(data)
         self._readable.set()
+        if self.waker is not None:
+            self.waker()
 
     def _on_end(self) -> None:
         self.eof = True
         self._readable.set()
         if self.on_end is not None:
             self.on_end()
+        if self.waker is not None:
+            self.waker()
+
+    def _on_writable(self) -> None:
+        self._writable.set()
+        if self.waker is not None:
+            self.waker()
 
     @property
     def complete(self) -> bool:
@@ -132,6 +145,8 @@ class TunnelStream:
             self.accepted.exception()  # whoever awaits it still gets the error; nobody must
         self._readable.set()
         self._writable.set()
+        if self.waker is not None:
+            self.waker()
 
     def _discard(self) -> None:
         """Drop what the relay has not read (the stream failed): the codec gets it back."""
@@ -180,13 +195,43 @@ class TunnelStream:
         self.proto.codec.consumed(self.stream_id, n)
         self.proto.flush()
 
-    def try_write(self, data: bytes) -> bool:
+    def write_queued(self, send: Callable[[bytes], int]) -> bool:
+        """Hand the queued chunks to ``send`` (non-blocking: returns how many bytes it took)
+        until it takes less than offered; what it took is given back to the codec. True once
+        nothing is queued. For a relay driven by callbacks: it calls this when its socket is
+        writable, instead of a task awaiting ``read``."""
+        chunks = self._chunks
+        taken = 0
+        try:
+            while chunks:
+                chunk = chunks[0]
+                n = send(chunk)
+                taken += n
+                if n < len(chunk):
+                    chunks[0] = chunk[n:]
+                    return False
+                chunks.popleft()
+            return True
+        finally:
+            if taken:
+                self.consumed(taken)
+                if self._on_sent is not None:
+                    self._on_sent(taken)
+
+    def can_write(self) -> bool:
+        """No backpressure applies: a write now would not wait (see the module docstring)."""
+        proto = self.proto
+        return not (
+            self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full()
+        )
+
+    def try_write(self, data: bytes | memoryview) -> bool:
         """Write now if no backpressure applies (what ``write`` would do without waiting);
         False: nothing was written and the caller awaits ``write``. For callers that would
         otherwise wake a task per message (the HTTP/1.1 shell answering from a socket callback)."""
-        proto = self.proto
-        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+        if not self.can_write():
             return False
+        proto = self.proto
         proto.dispatch(proto.codec.send(self.stream_id, data))
         proto.flush()
         return True
@@ -267,8 +312,8 @@ class HboneProtocol(asyncio.Protocol):
         self._wake_writers()
 
     def _wake_writers(self) -> None:
-        for stream in self.streams.values():
-            stream._writable.set()
+        for stream in list(self.streams.values()):
+            stream._on_writable()
 
     def out_full(self) -> bool:
         """Writers wait: the transport is paused or the connection holds ``OUT_BUDGET``."""

@@ -73,16 +73,38 @@ class Sink(Protocol):
 
 
 class TunnelStream:
-    """One CONNECT stream, seen from the relay."""
+    """One CONNECT stream, seen from the relay.
+
+    It lives as long as its proxied connection, idle or not, so an idle one holds little: no
+    receive queue (made when bytes must wait, dropped when it empties again), no Events (a
+    future exists only while a task waits in ``read`` or ``write``), slots instead of a dict.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_on_sent",
+        "_read_waiter",
+        "_relay_writing",
+        "_sink",
+        "_write_waiter",
+        "accepted",
+        "ended",
+        "eof",
+        "error",
+        "on_drop",
+        "on_end",
+        "proto",
+        "stream_id",
+        "waker",
+    )
 
     def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
         self.proto = proto
         self.stream_id = stream_id
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._chunks: deque[bytes] = deque()
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._chunks: deque[bytes] | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
         self.eof = False  # the peer ended its half (END_STREAM received)
         self.ended = False  # we ended ours (write_eof)
         self.error: TunnelError | None = None
@@ -114,21 +136,23 @@ class TunnelStream:
                 if sent == len(data):
                     return
                 data = data[sent:]
+        if self._chunks is None:
+            self._chunks = deque()
         self._chunks.append(data)
-        self._readable.set()
+        _wake(self._read_waiter)
         if self.waker is not None:
             self.waker()
 
     def _on_end(self) -> None:
         self.eof = True
-        self._readable.set()
+        _wake(self._read_waiter)
         if self.on_end is not None:
             self.on_end()
         if self.waker is not None:
             self.waker()
 
     def _on_writable(self) -> None:
-        self._writable.set()
+        _wake(self._write_waiter)
         if self.waker is not None:
             self.waker()
 
@@ -143,8 +167,8 @@ class TunnelStream:
         if not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()  # whoever awaits it still gets the error; nobody must
-        self._readable.set()
-        self._writable.set()
+        _wake(self._read_waiter)
+        _wake(self._write_waiter)
         if self.waker is not None:
             self.waker()
 
@@ -152,8 +176,8 @@ class TunnelStream:
         """Drop what the relay has not read (the stream failed): the codec gets it back."""
         if self._chunks:
             self.proto.codec.consumed(self.stream_id, sum(map(len, self._chunks)))
-            self._chunks.clear()
             self.proto.flush()
+        self._chunks = None
 
     # -- what the relay calls --
     def deliver_directly(
@@ -181,10 +205,16 @@ class TunnelStream:
                 raise self.error
             if self.eof:
                 return None
-            self._readable.clear()
-            await self._readable.wait()
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
         self._relay_writing = True
-        return self._chunks.popleft()
+        chunk = self._chunks.popleft()
+        if not self._chunks:
+            self._chunks = None
+        return chunk
 
     @property
     def unread(self) -> bool:
@@ -211,6 +241,7 @@ class TunnelStream:
                     chunks[0] = chunk[n:]
                     return False
                 chunks.popleft()
+            self._chunks = None
             return True
         finally:
             if taken:
@@ -242,8 +273,11 @@ class TunnelStream:
             if self.error:
                 raise self.error
             proto.writers_waiting = True
-            self._writable.clear()
-            await self._writable.wait()
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
         if self.error:
             raise self.error
         proto.dispatch(proto.codec.send(self.stream_id, data))
@@ -261,6 +295,11 @@ class TunnelStream:
             self.proto.flush()
         self.proto.streams.pop(self.stream_id, None)
         self._on_error(TunnelError("stream reset locally"))
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 OnRequest = Callable[["HboneProtocol", ev.TunnelRequested], None]

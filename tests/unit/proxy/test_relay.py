@@ -202,7 +202,7 @@ def test_tunnel_a_pod_that_does_not_read_closes_the_window_and_loses_nothing(
         await asyncio.sleep(0.05)
         # The window is given back only for what the pod's socket took: the rest waits in the
         # sender's queue, not in the receiver's.
-        assert sum(map(len, receiver._chunks)) <= receiver.proto.codec.settings.stream_window
+        assert sum(map(len, receiver._chunks or ())) <= receiver.proto.codec.settings.stream_window
         received = await recv_exactly(peer, len(payload))
         await asyncio.wait_for(writer, 5)
         assert received == payload

@@ -1,10 +1,11 @@
 """What an idle relayed connection holds in Python objects, measured with tracemalloc.
 
-The relay (``agent.proxy.relay``) is the part of a proxied connection that lives as long as
-the connection: an idle one must hold no read buffer and no task of its own. The bounds below
-are per connection, with the caller's task awaiting the relay included (what the agent's
-handler adds on top is its record and registry entry, not measured here); the kernel's socket
-memory is not Python's and is not counted. Measured on the event loop the agent runs (uvloop).
+The relay (``agent.proxy.relay``) and the tunnel stream (``agent.proxy.tunnel``) live as long
+as the connection: an idle one must hold no read buffer, no queue and no task of its own. The
+bounds below are per connection, with the caller's task awaiting the relay included (what the
+agent's handler adds on top is its record and registry entry, not measured here); the kernel's
+socket memory is not Python's and is not counted. Measured on the event loop the agent runs
+(uvloop).
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import gc
 import socket
 import tracemalloc
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import uvloop
 
+from agent.proxy.hbone import HboneConnection
 from agent.proxy.relay import relay_sockets, relay_tunnel
+from agent.proxy.tunnel import HboneProtocol, TunnelStream
 from agent.telemetry.records import ConnectionRecord
+from tests.unit.proxy.memtransport import MemoryTransport
 from tests.unit.proxy.test_tunnel_direct import settle, tunnel
 
 CONNECTIONS = 200
@@ -27,6 +32,9 @@ CONNECTIONS = 200
 # share); the task-based relay this replaced held 24.1 and 15.7 KiB here.
 SOCKETS_BOUND = 4 * 1024
 TUNNEL_BOUND = 4 * 1024
+# Measured 1.9 KiB for both ends of a stream (h2's stream state is about 0.8 KiB of it); with
+# a receive queue and two Events per end, and a dict for attributes, it was 6.8 KiB.
+STREAM_BOUND = 2560
 
 
 def _record() -> ConnectionRecord:
@@ -115,3 +123,46 @@ def test_an_idle_tunnel_relay_holds_no_buffer_and_no_task() -> None:
             a.close()
             b.close()
     assert per <= TUNNEL_BOUND, f"{per:.0f} bytes per idle tunnel relay"
+
+
+def test_an_idle_tunnel_stream_holds_no_queue_and_no_events() -> None:
+    """Both ends of an idle CONNECT stream (``TunnelStream`` and h2's stream state) on one
+    HBONE connection, after one exchange."""
+    streams = 90  # under h2wire's default MAX_CONCURRENT_STREAMS (100)
+
+    async def main() -> float:
+        accepted: list[TunnelStream] = []
+
+        def on_request(proto: HboneProtocol, event: Any) -> None:
+            accepted.append(proto.streams[event.stream_id])
+            proto.codec.respond(event.stream_id, 200)
+            proto.flush()
+
+        client = HboneProtocol(HboneConnection(client_side=True))
+        server = HboneProtocol(HboneConnection(client_side=False), on_request=on_request)
+        client.connection_made(MemoryTransport(server))
+        server.connection_made(MemoryTransport(client))
+        await asyncio.wait_for(client.open("10.0.0.2:80", None), 5)  # connection-wide state
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            opened = [
+                await asyncio.wait_for(client.open("10.0.0.2:80", "10.0.0.1"), 5)
+                for _ in range(streams)
+            ]
+            for sender, receiver in zip(opened, accepted[1:], strict=True):
+                await sender.write(b"x" * 1024)
+                await settle()
+                chunk = await asyncio.wait_for(receiver.read(), 5)
+                assert chunk == b"x" * 1024
+                receiver.consumed(len(chunk))
+            await settle()
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        return sum(s.size_diff for s in after.compare_to(before, "filename")) / streams
+
+    per = asyncio.run(main())
+    assert per <= STREAM_BOUND, f"{per:.0f} bytes per idle tunnel stream (both ends)"

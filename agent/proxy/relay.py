@@ -232,7 +232,10 @@ class _TunnelRelay:
             self.relay.fail(stream.error)
             return
         if not stream.can_write():
-            self._read(False)  # ``_stream_changed`` resumes it once the stream has room
+            # ``_stream_changed`` resumes it once the stream has room; the protocol wakes
+            # streams on freed connection budget only while some writer says it waits.
+            stream.proto.writers_waiting = True
+            self._read(False)
             return
         try:
             n = self.sock.recv_into(_SHARED)

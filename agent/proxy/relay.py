@@ -260,13 +260,14 @@ class _TunnelRelay:
             return
         if stream.unread and not (self._writing or self._sent_eof):
             self._writable()
-        if (
-            not self._reading
-            and not stream.ended
-            and not self.relay.done.done()
-            and stream.can_write()
-        ):
+        if self._reading or stream.ended or self.relay.done.done():
+            return
+        if stream.can_write():
             self._read(True)
+        else:
+            # Still full: ask again to be woken by the next WINDOW_UPDATE (the protocol clears
+            # the flag each time it wakes the streams), as a waiting ``write`` loop does.
+            stream.proto.writers_waiting = True
 
     def _writable(self) -> None:
         try:

@@ -256,3 +256,30 @@ def test_tunnel_a_reset_stream_ends_the_relay_with_its_error(
         assert receiver.waker is None and receiver._sink is None  # nothing left registered
 
     asyncio.run(main())
+
+
+def test_tunnel_a_full_stream_keeps_asking_to_be_woken_until_it_has_room(
+    pod: tuple[socket.socket, socket.socket],
+) -> None:
+    """A WINDOW_UPDATE that leaves the stream above its high-water mark wakes the relay, which
+    must ask again to be woken by the next one: otherwise it would resume only once the whole
+    queue drained, and a bulk flow would stop and go (300 MiB through the loopback mesh took
+    7.5-13 s instead of 3.4-4.5 s)."""
+    sock, peer = pod
+    payload = bytes(range(256)) * 8 * 1024
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sender, _receiver = await tunnel()
+        task = asyncio.create_task(relay_tunnel(sock, sender, record(), outbound=True))
+        writer = asyncio.create_task(loop.sock_sendall(peer, payload))
+        await asyncio.sleep(0.05)
+        proto = sender.proto
+        assert not sender.can_write()  # paused: the peer granted no more window
+        proto.data_received(b"")  # woken (as by a WINDOW_UPDATE) while still full
+        assert proto.writers_waiting
+        writer.cancel()
+        task.cancel()
+        await asyncio.gather(writer, task, return_exceptions=True)
+
+    asyncio.run(main())

@@ -5,16 +5,17 @@ Why: the proxy's latency tail is made of pauses of the event loop thread, and tw
 from the interpreter, not from the proxy's code (measured on the bench's lab, 2 shared cores):
 
 * **Garbage collection.** Start-up leaves some 60,000 tracked objects (modules, classes,
-  configuration, certificates) that never become garbage, yet every full collection walked
-  them again: 20-55 ms per generation-2 pass in the agent, which also ran a generation-1 pass
-  (1-2 ms, more under load) every 10 generation-0 passes. ``gc.freeze()`` after start-up moves
-  them to the permanent generation, so later passes walk only what the agent allocated since
-  (a full pass over the start-up heap fell from 20-45 ms to under 0.1 ms). A larger
-  generation-0 threshold makes the young collections that connection churn triggers fewer.
-  Reference counting frees a relay's per-message objects at once either way; the collector
-  is only there for cycles.
+  configuration, certificates) that never become garbage, yet every full collection walks
+  them again: 13-113 ms per generation-2 pass in the lab's agents (20-45 ms offline).
+  ``gc.freeze()`` after start-up moves them to the permanent generation, so later passes walk
+  only what the agent allocated since (a full pass over the start-up heap fell to under
+  0.1 ms). A larger generation-0 threshold makes the young collections fewer (a bench run's
+  workloads: 2-3 instead of some 30-40, plus 2-3 generation-1 passes), each longer (1.7-14 ms
+  on the loaded lab): fewer sequential round trips are delayed; with many requests in flight a
+  pause delays them all. Reference counting frees a relay's per-message objects at once either
+  way; the collector is only there for cycles.
 * **The GIL's switch interval.** Work in another thread (the datapath's reconcile pass runs
-  in a worker thread: 4-8 ms of CPU, 4.5-14 ms wall, every 5 s) holds the GIL, and a waiting
+  in a worker thread: 4-8 ms of CPU, 4-19 ms wall, every 5 s) holds the GIL, and a waiting
   event loop gets it back only when the interval (5 ms by default) runs out, so one pass could
   hold a ready connection for 5 ms at a time. At 0.5 ms the loop waits at most that long; the
   switching costs nothing while only the loop thread runs.

@@ -15,13 +15,15 @@ pod, or when the stream is dropped with data still queued: the codec's windows b
 ``held_bytes`` is the connection's memory accounting (``agent.proxy.hbone_limits``).
 
 Direct delivery: a relay that copies a stream to a socket registers that socket
-(``deliver_directly``). While the relay is idle in ``read`` and nothing is queued, received
-bytes are sent to the socket from ``data_received`` itself (non-blocking ``send``; what the
-kernel does not take is queued for the relay as before), which saves the relay task's wake-up
-per message. Once ``read`` has handed out a chunk, the relay may be inside ``sock_sendall``
-with it, so nothing is sent directly until it asks for the next one: bytes never overtake. The
-HTTP/1.1 shell registers itself the same way (a ``Sink``: it parses what it takes), and answers
-with ``try_write``, the part of ``write`` that never waits.
+(``deliver_directly``). While nothing is queued, received bytes are sent to the socket from
+``data_received`` itself (non-blocking ``send``); what the kernel does not take is queued, and
+the relay (``agent.proxy.relay``, driven by callbacks: the stream's ``waker`` tells it of every
+change) writes the queue when the socket is writable (``write_queued``). A task-based reader
+may use ``read`` instead: once ``read`` has handed out a chunk, the reader may still be
+writing it, so nothing is sent directly until it asks for the next one: bytes never overtake.
+The HTTP/1.1 shell registers itself the same way (a ``Sink``: it parses what it takes), and
+answers with ``try_write``, the part of ``write`` that never waits (``can_write`` says whether
+it would).
 
 Keepalive (both sides): a PING every ``ping_interval``; a connection whose PING goes unanswered
 for ``ping_timeout`` is closed, like ztunnel's, so a dead peer does not hold pooled streams

@@ -249,7 +249,11 @@ class _TunnelRelay:
             stream.write_eof()
             self.relay.direction_ended()
             return
-        stream.try_write(_SHARED_VIEW[:n])
+        try:
+            stream.try_write(_SHARED_VIEW[:n])
+        except Exception as e:  # the codec's: the relay's owner gets it, not the event loop
+            self.relay.fail(e)
+            return
         _count(self.relay.record, self.to_stream, n)
 
     # -- stream -> sock --
@@ -272,8 +276,8 @@ class _TunnelRelay:
     def _writable(self) -> None:
         try:
             drained = self.stream.write_queued(lambda data: _send(self.sock, data))
-        except OSError as e:
-            self.relay.fail(e)
+        except Exception as e:  # the socket's or the codec's: for the relay's owner, and never
+            self.relay.fail(e)  # into the HBONE protocol's callback that woke us
             return
         self._write(not drained)
         if drained and self.stream.eof and not self._sent_eof:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.proxy.relay import relay_sockets, relay_tunnel
-from agent.proxy.tunnel import TunnelError
+from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.telemetry.records import ConnectionRecord
 from tests.unit.proxy.test_tunnel_direct import settle, tunnel
 
@@ -281,5 +281,27 @@ def test_tunnel_a_full_stream_keeps_asking_to_be_woken_until_it_has_room(
         writer.cancel()
         task.cancel()
         await asyncio.gather(writer, task, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_tunnel_an_unexpected_codec_error_ends_the_relay_with_it(
+    pod: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raised inside a callback, it would otherwise go to the event loop's handler and leave the
+    relay waiting forever with its reader still registered."""
+    sock, peer = pod
+
+    async def main() -> None:
+        sender, _receiver = await tunnel()
+
+        def broken(_stream: TunnelStream, _data: object) -> bool:
+            raise RuntimeError("codec failed")
+
+        monkeypatch.setattr(TunnelStream, "try_write", broken)
+        task = asyncio.create_task(relay_tunnel(sock, sender, record(), outbound=True))
+        peer.send(b"x")
+        with pytest.raises(RuntimeError, match="codec failed"):
+            await asyncio.wait_for(task, 5)
 
     asyncio.run(main())

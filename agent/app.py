@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from agent import handover
 from agent.acceptor import accept_forever
+from agent.base import runtime
 from agent.base.component import Component, StateSource
 from agent.base.constants import Listener
 from agent.base.endpoint import HttpComponent
@@ -309,6 +310,7 @@ class Agent:
             await self._announce_taken_over(self.predecessor)
         await self._serve_handover()
         tasks = [asyncio.create_task(self._reconcile_loop(), name="datapath-reconcile")]
+        runtime.settle_for_data_plane()
         log.info("agent %s ready", self.config.node)
         waiter = asyncio.create_task(stop.wait(), name="stop-signal")
         while True:

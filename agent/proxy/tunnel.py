@@ -15,13 +15,15 @@ pod, or when the stream is dropped with data still queued: the codec's windows b
 ``held_bytes`` is the connection's memory accounting (``agent.proxy.hbone_limits``).
 
 Direct delivery: a relay that copies a stream to a socket registers that socket
-(``deliver_directly``). While the relay is idle in ``read`` and nothing is queued, received
-bytes are sent to the socket from ``data_received`` itself (non-blocking ``send``; what the
-kernel does not take is queued for the relay as before), which saves the relay task's wake-up
-per message. Once ``read`` has handed out a chunk, the relay may be inside ``sock_sendall``
-with it, so nothing is sent directly until it asks for the next one: bytes never overtake. The
-HTTP/1.1 shell registers itself the same way (a ``Sink``: it parses what it takes), and answers
-with ``try_write``, the part of ``write`` that never waits.
+(``deliver_directly``). While nothing is queued, received bytes are sent to the socket from
+``data_received`` itself (non-blocking ``send``); what the kernel does not take is queued, and
+the relay (``agent.proxy.relay``, driven by callbacks: the stream's ``waker`` tells it of every
+change) writes the queue when the socket is writable (``write_queued``). A task-based reader
+may use ``read`` instead: once ``read`` has handed out a chunk, the reader may still be
+writing it, so nothing is sent directly until it asks for the next one: bytes never overtake.
+The HTTP/1.1 shell registers itself the same way (a ``Sink``: it parses what it takes), and
+answers with ``try_write``, the part of ``write`` that never waits (``can_write`` says whether
+it would).
 
 Keepalive (both sides): a PING every ``ping_interval``; a connection whose PING goes unanswered
 for ``ping_timeout`` is closed, like ztunnel's, so a dead peer does not hold pooled streams
@@ -73,16 +75,38 @@ class Sink(Protocol):
 
 
 class TunnelStream:
-    """One CONNECT stream, seen from the relay."""
+    """One CONNECT stream, seen from the relay.
+
+    It lives as long as its proxied connection, idle or not, so an idle one holds little: no
+    receive queue (made when bytes must wait, dropped when it empties again), no Events (a
+    future exists only while a task waits in ``read`` or ``write``), slots instead of a dict.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_on_sent",
+        "_read_waiter",
+        "_relay_writing",
+        "_sink",
+        "_write_waiter",
+        "accepted",
+        "ended",
+        "eof",
+        "error",
+        "on_drop",
+        "on_end",
+        "proto",
+        "stream_id",
+        "waker",
+    )
 
     def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
         self.proto = proto
         self.stream_id = stream_id
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._chunks: deque[bytes] = deque()
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._chunks: deque[bytes] | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
         self.eof = False  # the peer ended its half (END_STREAM received)
         self.ended = False  # we ended ours (write_eof)
         self.error: TunnelError | None = None
@@ -95,6 +119,10 @@ class TunnelStream:
         # Called when the peer ends its half: a ``Sink`` is given bytes only, so an owner with
         # no task waiting in ``read`` learns of the end here (the source's HTTP/1.1 shell).
         self.on_end: Callable[[], object] | None = None
+        # Called whenever a task waiting in ``read`` or ``write`` would be woken (bytes queued,
+        # the peer's end, an error, room to write again): a relay driven by callbacks instead
+        # of tasks (``agent.proxy.relay``) looks at the stream's state then.
+        self.waker: Callable[[], object] | None = None
 
     # -- events from the protocol --
     def _on_data(self, data: bytes) -> None:
@@ -110,14 +138,25 @@ class TunnelStream:
                 if sent == len(data):
                     return
                 data = data[sent:]
+        if self._chunks is None:
+            self._chunks = deque()
         self._chunks.append(data)
-        self._readable.set()
+        _wake(self._read_waiter)
+        if self.waker is not None:
+            self.waker()
 
     def _on_end(self) -> None:
         self.eof = True
-        self._readable.set()
+        _wake(self._read_waiter)
         if self.on_end is not None:
             self.on_end()
+        if self.waker is not None:
+            self.waker()
+
+    def _on_writable(self) -> None:
+        _wake(self._write_waiter)
+        if self.waker is not None:
+            self.waker()
 
     @property
     def complete(self) -> bool:
@@ -130,15 +169,17 @@ class TunnelStream:
         if not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()  # whoever awaits it still gets the error; nobody must
-        self._readable.set()
-        self._writable.set()
+        _wake(self._read_waiter)
+        _wake(self._write_waiter)
+        if self.waker is not None:
+            self.waker()
 
     def _discard(self) -> None:
         """Drop what the relay has not read (the stream failed): the codec gets it back."""
         if self._chunks:
             self.proto.codec.consumed(self.stream_id, sum(map(len, self._chunks)))
-            self._chunks.clear()
             self.proto.flush()
+        self._chunks = None
 
     # -- what the relay calls --
     def deliver_directly(
@@ -166,10 +207,16 @@ class TunnelStream:
                 raise self.error
             if self.eof:
                 return None
-            self._readable.clear()
-            await self._readable.wait()
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
         self._relay_writing = True
-        return self._chunks.popleft()
+        chunk = self._chunks.popleft()
+        if not self._chunks:
+            self._chunks = None
+        return chunk
 
     @property
     def unread(self) -> bool:
@@ -180,13 +227,44 @@ class TunnelStream:
         self.proto.codec.consumed(self.stream_id, n)
         self.proto.flush()
 
-    def try_write(self, data: bytes) -> bool:
+    def write_queued(self, send: Callable[[bytes], int]) -> bool:
+        """Hand the queued chunks to ``send`` (non-blocking: returns how many bytes it took)
+        until it takes less than offered; what it took is given back to the codec. True once
+        nothing is queued. For a relay driven by callbacks: it calls this when its socket is
+        writable, instead of a task awaiting ``read``."""
+        chunks = self._chunks
+        taken = 0
+        try:
+            while chunks:
+                chunk = chunks[0]
+                n = send(chunk)
+                taken += n
+                if n < len(chunk):
+                    chunks[0] = chunk[n:]
+                    return False
+                chunks.popleft()
+            self._chunks = None
+            return True
+        finally:
+            if taken:
+                self.consumed(taken)
+                if self._on_sent is not None:
+                    self._on_sent(taken)
+
+    def can_write(self) -> bool:
+        """No backpressure applies: a write now would not wait (see the module docstring)."""
+        proto = self.proto
+        return not (
+            self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full()
+        )
+
+    def try_write(self, data: bytes | memoryview) -> bool:
         """Write now if no backpressure applies (what ``write`` would do without waiting);
         False: nothing was written and the caller awaits ``write``. For callers that would
         otherwise wake a task per message (the HTTP/1.1 shell answering from a socket callback)."""
-        proto = self.proto
-        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+        if not self.can_write():
             return False
+        proto = self.proto
         proto.dispatch(proto.codec.send(self.stream_id, data))
         proto.flush()
         return True
@@ -197,8 +275,11 @@ class TunnelStream:
             if self.error:
                 raise self.error
             proto.writers_waiting = True
-            self._writable.clear()
-            await self._writable.wait()
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
         if self.error:
             raise self.error
         proto.dispatch(proto.codec.send(self.stream_id, data))
@@ -217,6 +298,11 @@ class TunnelStream:
         self._on_error(TunnelError("stream reset locally"))
         self.proto.codec.release(self.stream_id)
         self.proto.flush()
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 OnRequest = Callable[["HboneProtocol", ev.TunnelRequested], None]
@@ -268,8 +354,8 @@ class HboneProtocol(asyncio.Protocol):
         self._wake_writers()
 
     def _wake_writers(self) -> None:
-        for stream in self.streams.values():
-            stream._writable.set()
+        for stream in list(self.streams.values()):
+            stream._on_writable()
 
     def out_full(self) -> bool:
         """Writers wait: the transport is paused or the connection holds ``OUT_BUDGET``."""

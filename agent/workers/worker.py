@@ -38,6 +38,7 @@ from collections import Counter
 
 from agent.acceptor import accept_forever
 from agent.admin.tap import requests_view
+from agent.base import runtime
 from agent.base.component import Component
 from agent.base.constants import Listener
 from agent.config import AgentConfig
@@ -117,6 +118,7 @@ class Worker:
             for slot, sock in self.listeners.items()
         ]
         await self.channel.note("up", os.getpid())
+        runtime.settle_for_data_plane()  # as the single-process agent does once it started
         log.info("worker %d (pid %d) serving", self.index, os.getpid())
         ends = [
             asyncio.create_task(self.channel.closed.wait()),

@@ -242,7 +242,7 @@ class Agent:
             self.config.listeners, self.config.workers, beside_another=self.predecessor is not None
         )
         self.listeners = {slot: group[0] for slot, group in groups.items()}
-        self.workers = Workers(self.config, self.store, groups, self.identity.manager.certificate)
+        self.workers = Workers(self.config, self.store, groups, self.identity.manager)
         self.components.insert(0, self.workers)  # stopped (drained) before what it asks
 
     def _take_datapath(self) -> None:

@@ -4,9 +4,11 @@ Each worker gets one socket of each listener group (``open_listener_groups``), i
 ``exec`` together with its end of a fresh ``socketpair``; the main process keeps every listener
 open, so a worker's death never shrinks a reuseport group: connections the kernel queues on the
 dead worker's socket meanwhile wait there for its successor, which inherits the same sockets.
-Over the channel the main process sends the configuration and the full state (``setup``), then
-every state commit (``state``), answers certificate requests from its identity manager, and asks
-the workers for what the admin API and ``/metrics`` show (``gather``).
+Over the channel the main process sends the configuration and the full state (``setup``) and
+every certificate its identity manager holds, then every state commit (``state``) and every
+certificate change (``certificate``: renewed or dropped, ``agent.workers.certs``), answers
+certificate requests, and asks the workers for what the admin API and ``/metrics`` show
+(``gather``).
 
 A worker that exits while the agent is not draining is started again after a backoff (0.1 s,
 doubling up to 5 s; back to 0.1 s after it ran 10 s), counted in
@@ -23,16 +25,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from agent.base.component import Component
 from agent.base.constants import Listener
 from agent.base.metrics import counter
 from agent.config import AgentConfig
 from agent.identity.certs import WorkloadCertificate
+from agent.identity.manager import CertificateObserver
 from agent.state import Snapshot, StateStore
-from agent.workers import certs, replica
+from agent.workers import replica
+from agent.workers.certs import CertificateFeed, Identities
 from agent.workers.channel import Channel, ChannelClosed, RemoteError
 from agent.workers.wire import Note, WireError
 
@@ -63,6 +68,12 @@ class _Handle:
     outbox: asyncio.Queue[Note] = field(default_factory=asyncio.Queue)
 
 
+class ManagedIdentities(Identities, Protocol):
+    """The identity manager as the supervisor uses it: certificates and their changes."""
+
+    observers: list[CertificateObserver]
+
+
 class Workers(Component):
     name = "workers"
 
@@ -71,11 +82,12 @@ class Workers(Component):
         config: AgentConfig,
         store: StateStore,
         groups: Mapping[Listener, list[socket.socket]],
-        certificate: Callable[[str], Awaitable[WorkloadCertificate]],
+        identities: ManagedIdentities,
     ) -> None:
         self._config = config
         self._store = store
-        self._certificate = certificate
+        self._identities = identities
+        self._certs = CertificateFeed(identities)
         self._handles = [
             _Handle(i, [groups[slot][i] for slot in Listener]) for i in range(config.workers)
         ]
@@ -91,6 +103,7 @@ class Workers(Component):
             loop.call_soon_threadsafe(self._forward, snapshot, kinds)
 
         self._unsubscribe = self._store.subscribe(changed)
+        self._identities.observers.append(self._certificate_changed)
         self._tasks = [
             asyncio.create_task(self._supervise(h), name=f"worker-{h.index}") for h in self._handles
         ]
@@ -117,6 +130,8 @@ class Workers(Component):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self._certificate_changed in self._identities.observers:
+            self._identities.observers.remove(self._certificate_changed)
 
     # -- what the admin API and /metrics read ------------------------------------------------
     def describe(self) -> list[dict[str, object]]:
@@ -172,6 +187,14 @@ class Workers(Component):
             delta = delta or replica.changes_of(snapshot, kinds)
             h.outbox.put_nowait(Note("state", delta))
 
+    def _certificate_changed(self, spiffe_id: str, cert: WorkloadCertificate | None) -> None:
+        """The identity manager's observer: every running worker gets the change, in order
+        with the state (a worker not running gets the current set when it starts)."""
+        note = self._certs.changed(spiffe_id, cert)
+        for h in self._handles:
+            if h.channel is not None:
+                h.outbox.put_nowait(note)
+
     async def _supervise(self, h: _Handle) -> None:
         backoff = BACKOFF_FIRST
         while True:
@@ -224,6 +247,8 @@ class Workers(Component):
         snapshot = self._store.snapshot()
         h.synced = snapshot.version
         h.outbox.put_nowait(Note("setup", (self._config, replica.full_state(snapshot))))
+        for note in self._certs.current():
+            h.outbox.put_nowait(note)
         if self._draining:
             h.outbox.put_nowait(Note("drain"))
         sender = asyncio.create_task(self._send(h, channel), name=f"worker-{h.index}-send")
@@ -257,5 +282,5 @@ class Workers(Component):
 
     async def _serve(self, kind: str, args: object) -> object:
         if kind == "certificate":
-            return await certs.answer(self._certificate, args)
+            return await self._certs.answer(args)
         raise ValueError(f"the main process answers certificate calls, not {kind!r}")

@@ -9,8 +9,8 @@ created by the main process before it starts the worker: nobody else can write t
 
 Private keys cross only this channel: ``encode_certificate`` turns a ``WorkloadCertificate`` into
 DER bytes (PKCS#8 for the key, unencrypted: the socketpair is the protection) and
-``decode_certificate`` rebuilds it in the worker. Neither is ever logged; the ``Reply`` carrying
-one has a ``repr`` without its value.
+``decode_certificate`` rebuilds it in the worker. Neither is ever logged; the ``Reply`` or
+``Note`` carrying one has a ``repr`` without its value.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Note:
     """A one-way message (state changes, drain)."""
 
     kind: str
-    args: object = None
+    args: object = field(default=None, repr=False)  # a ``certificate`` note holds a key
 
 
 Message = Call | Reply | Note

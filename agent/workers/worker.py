@@ -12,7 +12,8 @@ its connections, requests, proxy counters, accept errors), ``connections`` (``/c
 rows), ``routed`` (requests per route rule and backend, for ``/routes``), ``traffic``
 (``/traffic``), ``requests`` (the
 tap: ``agent.admin.tap``'s answer), ``status`` (PID, accepted connections per listener, open
-connections, log levels), ``logging`` (a level change). Notes: ``state`` (a ``StateDelta``),
+connections, log levels, the certificates it holds), ``logging`` (a level change). Notes:
+``state`` (a ``StateDelta``), ``certificate`` (one identity's certificate renewed or dropped),
 ``drain``; first of all ``setup`` (the ``AgentConfig`` and the full state), sent by the main
 process as soon as the worker starts, so that every later ``state`` note applies on top of it
 in order.
@@ -65,6 +66,8 @@ class Worker:
         self.components: list[Component] = []
         self._config: AgentConfig | None = None
         self._setup = asyncio.Event()
+        # before the channel runs: the main process pushes certificates right after the setup
+        self.certs = RemoteCertificates(lambda spiffe: self.channel.call("certificate", spiffe))
 
     async def run(self) -> int:
         from agent.wiring import node_proxy  # the same proxy a single-process agent runs
@@ -84,8 +87,8 @@ class Worker:
             return 1
         config = self._config
         self.drain_seconds = config.drain_seconds
-        certs = RemoteCertificates(lambda spiffe: self.channel.call("certificate", spiffe))
-        self.proxy = node_proxy(config, self.store, certs)
+        self.proxy = node_proxy(config, self.store, self.certs)
+        self.certs.forgotten.append(self.proxy.proxy.core.contexts.forget)
         self.node = config.node
         self.telemetry = TelemetryComponent(
             store=self.store,
@@ -189,6 +192,7 @@ class Worker:
                 "connections": len(self._connections),
                 "not_ready": [r for c in self.components for r in c.not_ready()],
                 "levels": levels(),
+                "certificates": self.certs.describe(),
             }
         if kind == "logging":
             assert isinstance(args, tuple)
@@ -208,6 +212,8 @@ class Worker:
         elif kind == "state":
             assert isinstance(args, replica.StateDelta)
             replica.apply(self.store, args)
+        elif kind == "certificate":
+            self.certs.apply(args)
         elif kind == "drain":
             self._stop.set()
         else:

@@ -341,6 +341,48 @@ def test_a_new_trust_bundle_reaches_every_held_certificate(ca: InProcessCA, tmp_
     asyncio.run(scenario())
 
 
+def test_observers_see_every_new_certificate_and_every_drop(
+    ca: InProcessCA, tmp_path: Path
+) -> None:
+    """What the workers' copies follow: a mirror fed only by the observer calls equals what the
+    manager holds after an issue, a drop and a trust bundle change, and is not emptied by the
+    agent's own shutdown (its draining workers keep serving)."""
+    second_root = load_or_create_dir(tmp_path / "next-root", "cluster.local").signing_cert
+
+    async def scenario() -> None:
+        client = client_for(ca, tmp_path)
+        manager = IdentityManager(client)
+        mirror: dict[str, WorkloadCertificate] = {}
+        dropped: list[str] = []
+
+        def observe(name: str, cert: WorkloadCertificate | None) -> None:
+            if cert is None:
+                dropped.append(name)
+                mirror.pop(name)
+            else:
+                mirror[name] = cert
+
+        def agrees() -> bool:
+            held = {str(c.identity): c for c in manager.held_all()}
+            return held.keys() == mirror.keys() and all(mirror[n] is c for n, c in held.items())
+
+        manager.observers.append(observe)
+        manager.set_identities([CLIENT, SERVER])
+        await wait_for(lambda: len(mirror) == 2)
+        assert agrees() and mirror[CLIENT] is manager.held(CLIENT)
+        manager.set_identities([CLIENT])
+        assert dropped == [SERVER] and manager.held(SERVER) is None and agrees()
+        ca.authority = dataclasses.replace(ca.authority, roots=(*ca.authority.roots, second_root))
+        manager.set_identities([CLIENT, SERVER])  # SERVER's new certificate brings the bundle
+        await wait_for(lambda: SERVER in mirror and len(mirror[CLIENT].roots) == 2)
+        assert agrees()
+        await manager.close()
+        assert dropped == [SERVER] and set(mirror) == {CLIENT, SERVER}
+        await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_ca_root_file_anchors_the_clients_tls_and_is_reread(
     ca: InProcessCA, tmp_path: Path
 ) -> None:

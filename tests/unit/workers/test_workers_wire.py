@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import pickle
 import socket
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
-from agent.identity.certs import WorkloadCertificate, generate_key
-from agent.identity.manager import IdentityUnavailable
-from agent.identity.spiffe import SpiffeId
 from agent.state import Namespace, StateStore
 from agent.workers import replica
-from agent.workers.certs import RemoteCertificates, answer
 from agent.workers.channel import Channel, ChannelClosed, RemoteError
 from agent.workers.wire import (
     HEADER,
@@ -31,28 +25,8 @@ from agent.workers.wire import (
     encode,
     encode_certificate,
 )
+from tests.unit.workers.workers_helpers import ID, certificate
 from tests.workloads import workload
-
-ID = "spiffe://cluster.local/ns/default/sa/client"
-
-
-def certificate(hours: float = 1.0) -> WorkloadCertificate:
-    key = generate_key()
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(x509.Name([]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=hours))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ID)]), critical=True
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return WorkloadCertificate(SpiffeId.parse(ID), key, (cert,), (cert,))
 
 
 def test_frames_survive_any_split() -> None:
@@ -133,55 +107,6 @@ def test_replica_replays_commits_into_an_equal_state() -> None:
     assert dict(theirs.namespaces.items()) == dict(mine.namespaces.items())
     assert theirs.trust_domain == "example.org"
     assert set(theirs.workloads) == {"default/b", "default/c"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = dt.datetime.now(dt.UTC).timestamp()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_remote_certificates_refresh_and_survive_a_gone_main_process() -> None:
-    held = certificate()
-    asked: list[str] = []
-    failing = False
-
-    async def ask(spiffe: str) -> object:
-        asked.append(spiffe)
-        if failing:
-            raise ChannelClosed("gone")
-        return encode_certificate(held)
-
-    async def run() -> None:
-        nonlocal failing
-        clock = Clock()
-        certs = RemoteCertificates(ask, clock)
-        first = await certs.certificate(ID)
-        assert await certs.certificate(ID) is first and asked == [ID]
-        clock.now += 31  # past REFRESH_SECONDS: asked again; the same answer keeps the object
-        assert await certs.certificate(ID) is first and len(asked) == 2
-        clock.now += 31
-        failing = True
-        assert await certs.certificate(ID) is first  # still valid: served
-        with pytest.raises(IdentityUnavailable, match="main process has none"):
-            await RemoteCertificates(ask, clock).certificate(ID)
-
-    asyncio.run(run())
-
-
-def test_main_answers_with_the_managers_certificate() -> None:
-    cert = certificate()
-
-    async def manager(spiffe: str) -> WorkloadCertificate:
-        assert spiffe == ID
-        return cert
-
-    encoded = asyncio.run(answer(manager, ID))
-    assert decode_certificate(encoded).key.private_numbers() == cert.key.private_numbers()
-    with pytest.raises(TypeError, match="names a SPIFFE ID"):
-        asyncio.run(answer(manager, 42))
 
 
 def test_channel_calls_both_ways_and_fails_pending_calls_on_close() -> None:

@@ -126,6 +126,7 @@ class AccessLogWriter:
         self._logger = logger
         self._root = root
         self._route: _Route | None = None
+        self._rejected: tuple[object, ...] = ()  # the last (handler, formatter, stream) refused
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,19 +148,25 @@ class AccessLogWriter:
         ):
             return None
         handler = handlers[0]
-        if route is None or route.handler is not handler:
-            route = self._adopt(handler)
         if (
             route is None
+            or route.handler is not handler
             or handler.formatter is not route.formatter
             or getattr(handler, "stream", None) is not route.stream
-            or handler.level > logging.INFO
-            or len(handler.filters) != 1
         ):
+            seen = (handler, handler.formatter, getattr(handler, "stream", None))
+            if seen == self._rejected:
+                return None  # checked already: not one this writer reproduces
+            route = self._adopt(handler)
+            if route is None:
+                self._rejected = seen
+                return None
+        if handler.level > logging.INFO or len(handler.filters) != 1:
             return None
         return route
 
     def _adopt(self, handler: logging.Handler) -> _Route | None:
+        """Validate a new root handler (or its new formatter or stream)."""
         self.flush(block=True)  # lines for the previous handler go there first
         route = _route_for(handler, self._logger.name)
         if route is not None and self._before_other_records not in handler.filters:

@@ -88,6 +88,18 @@ def test_any_other_configuration_goes_through_logging(log_file: Path, change: st
         assert not writer.write("after", 2.0)
 
 
+def test_a_new_formatter_of_the_agent_s_kind_is_taken_up(log_file: Path) -> None:
+    with log_file.open("w") as stream:
+        logger, root = hierarchy(stream)
+        writer = AccessLogWriter(logger, root)
+        handler = root.handlers[0]
+        handler.setFormatter(logging.Formatter("%(message)s at %(asctime)s"))
+        assert not writer.write("refused", 1.0)
+        handler.setFormatter(logging.Formatter(WORKER_FORMAT))
+        assert writer.write("taken", 1.0)
+    assert log_file.read_text().endswith(" INFO nodemesh.access[w3]: taken\n")
+
+
 def test_lines_of_one_loop_iteration_are_one_write(
     log_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

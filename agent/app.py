@@ -140,7 +140,10 @@ def mesh_components(
     )
     if config.workers > 1:
         return identity, None  # the workers run the proxy (agent.workers)
-    return identity, node_proxy(config, store, identity.manager)
+    proxy = node_proxy(config, store, identity.manager)
+    forget = proxy.proxy.core.contexts.forget  # a dropped identity's key leaves OpenSSL too
+    identity.manager.observers.append(lambda name, cert: forget(name) if cert is None else None)
+    return identity, proxy
 
 
 def connection_handler(proxy: ProxyComponent | None) -> ConnectionHandler:

@@ -48,10 +48,10 @@ _current: contextvars.ContextVar[tuple[Registry, ConnectionRecord]] = contextvar
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     record: ConnectionRecord
-    close: Callable[[str], None]
+    close: Callable[[str], object]
     request: Request | None = None
     workload: Workload | None = None
     closing: bool = False
@@ -88,7 +88,7 @@ class Registry:
     def add(
         self,
         record: ConnectionRecord,
-        close: Callable[[str], None],
+        close: Callable[[str], object],
         *,
         request: Request | None = None,
         workload: Workload | None = None,
@@ -135,6 +135,13 @@ class Registry:
         for policy in dry_run:
             log.info("HTTP request %s: dry-run policy %s would deny it", detail, policy)
             self._tell(_would_deny(policy))
+
+    def hand_over(self, conn_id: int, close: Callable[[str], object]) -> None:
+        """The connection goes on without the task that registered it (a relay's ``done``
+        future, whose ``cancel`` is the new ``close``): the task is not held any longer."""
+        live = self._live.get(conn_id)
+        if live is not None:
+            live.close = close
 
     def authorized(self, conn_id: int, request: Request, workload: Workload) -> None:
         """Remember what was authorized, so that ``recheck`` can evaluate it again."""

@@ -25,6 +25,13 @@ through a tunnel), once everything before it was sent, so request/response proto
 signal "done" by closing their write side keep working. An error in one direction ends both
 (``done`` raises it), so neither side waits forever on a dead peer. A caller that is cancelled
 (policy re-check, idle timeout, drain) removes every callback before it closes the sockets.
+
+Two ways to run one: ``relay_sockets``/``relay_tunnel`` are awaited by a task that has more to
+do around the relay (traffic control's attempts, the HTTP layers' upgrades); ``start_sockets``/
+``start_tunnel`` return the relay's ``done`` future at once, so the connection's handler task can
+end (its frames were a third of what an idle cross-node connection held): the caller's clean-up
+is the future's end callback, and cancelling the future (policy re-check, drain) stops the relay
+as cancelling the task did.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ from collections.abc import Callable
 
 from agent.proxy.tunnel import TunnelStream
 from agent.telemetry.records import ConnectionRecord
+
+# What a detached relay's owner runs when it ends (``start_sockets``, ``start_tunnel``).
+Ended = Callable[["asyncio.Future[None]"], None]
 
 MAX_CHUNK = 256 * 1024
 
@@ -64,7 +74,7 @@ def _send(sock: socket.socket, data: bytes | memoryview) -> int:
 class _Relay:
     """The state both directions share: the loop, the record and how the relay ends."""
 
-    __slots__ = ("_stops", "done", "loop", "open_directions", "record")
+    __slots__ = ("_on_end", "_stops", "done", "loop", "open_directions", "record")
 
     def __init__(self, record: ConnectionRecord) -> None:
         self.loop = asyncio.get_running_loop()
@@ -72,6 +82,7 @@ class _Relay:
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.open_directions = 2
         self._stops: list[Callable[[], None]] = []
+        self._on_end: Ended | None = None
 
     def on_stop(self, stop: Callable[[], None]) -> None:
         self._stops.append(stop)
@@ -99,6 +110,20 @@ class _Relay:
             await self.done
         finally:
             self.stop()
+
+    def detach(self, on_end: Ended) -> asyncio.Future[None]:
+        """Nobody awaits the relay: when ``done`` ends (or is cancelled) every callback is
+        removed first, then ``on_end(done)`` cleans up after the connection."""
+
+        self._on_end = on_end
+        self.done.add_done_callback(self._ended)
+        return self.done
+
+    def _ended(self, done: asyncio.Future[None]) -> None:
+        self.stop()
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end(done)
 
 
 class _Direction:
@@ -160,14 +185,27 @@ def _shutdown_write(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
+def _socket_relay(
+    client: socket.socket, upstream: socket.socket, record: ConnectionRecord
+) -> _Relay:
+    relay = _Relay(record)
+    _Direction(relay, client, upstream, "bytes_sent")
+    _Direction(relay, upstream, client, "bytes_received")
+    return relay
+
+
 async def relay_sockets(
     client: socket.socket, upstream: socket.socket, record: ConnectionRecord
 ) -> None:
     """Copy client <-> upstream until both directions ended; closes neither socket."""
-    relay = _Relay(record)
-    _Direction(relay, client, upstream, "bytes_sent")
-    _Direction(relay, upstream, client, "bytes_received")
-    await relay.wait()
+    await _socket_relay(client, upstream, record).wait()
+
+
+def start_sockets(
+    client: socket.socket, upstream: socket.socket, record: ConnectionRecord, on_end: Ended
+) -> asyncio.Future[None]:
+    """``relay_sockets`` without a task: returns its ``done`` (see ``_Relay.detach``)."""
+    return _socket_relay(client, upstream, record).detach(on_end)
 
 
 class _TunnelRelay:
@@ -205,6 +243,9 @@ class _TunnelRelay:
         self.stream.deliver_directly(None)
         self._read(False)
         self._write(False)
+        # The stream is released (``TunnelStream`` and the window it held) and reset unless
+        # both halves ended cleanly, so the peer never waits for bytes that will not come.
+        self.stream.proto.finish(self.stream)
 
     def _read(self, on: bool) -> None:
         if on != self._reading:
@@ -290,13 +331,28 @@ async def relay_tunnel(
     sock: socket.socket, stream: TunnelStream, record: ConnectionRecord, *, outbound: bool
 ) -> None:
     """Copy sock <-> stream; ``outbound``: sock is the client (bytes to the stream are "sent")."""
+    await _tunnel_relay(sock, stream, record, outbound=outbound).wait()
+
+
+def start_tunnel(
+    sock: socket.socket,
+    stream: TunnelStream,
+    record: ConnectionRecord,
+    on_end: Ended,
+    *,
+    outbound: bool,
+) -> asyncio.Future[None]:
+    """``relay_tunnel`` without a task: returns its ``done`` (see ``_Relay.detach``); the
+    stream is finished (reset unless both halves ended) before ``on_end`` runs."""
+    return _tunnel_relay(sock, stream, record, outbound=outbound).detach(on_end)
+
+
+def _tunnel_relay(
+    sock: socket.socket, stream: TunnelStream, record: ConnectionRecord, *, outbound: bool
+) -> _Relay:
     to_stream, from_stream = (
         ("bytes_sent", "bytes_received") if outbound else ("bytes_received", "bytes_sent")
     )
     relay = _Relay(record)
-    try:
-        _TunnelRelay(relay, sock, stream, to_stream, from_stream)
-        await relay.wait()
-    finally:
-        relay.stop()
-        stream.proto.finish(stream)
+    _TunnelRelay(relay, sock, stream, to_stream, from_stream)
+    return relay

@@ -29,7 +29,7 @@ from agent.proxy.core import Core
 from agent.proxy.h2outbound import H2SourceSession
 from agent.proxy.http_outbound import HttpOutbound
 from agent.proxy.pool import HbonePool, PoolKey
-from agent.proxy.records import Refused, cancel_current_task
+from agent.proxy.records import Refused, Registry, cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel, start_sockets, start_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
 from agent.proxy.tunnel import TunnelError, TunnelStream
@@ -44,6 +44,36 @@ Upstream = socket.socket | TunnelStream
 
 def _addr(ip: str, port: int) -> str:
     return f"{ip}:{port}"
+
+
+class _Relayed:
+    """A pod-IP connection whose relay runs without the handler's task: its end."""
+
+    __slots__ = ("client", "conn_id", "registry", "upstream")
+
+    def __init__(
+        self, registry: Registry, client: socket.socket, upstream: Upstream, conn_id: int
+    ) -> None:
+        self.registry, self.client, self.upstream, self.conn_id = (
+            registry,
+            client,
+            upstream,
+            conn_id,
+        )
+
+    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None:
+        self.registry.remove(self.conn_id)
+        if isinstance(self.upstream, socket.socket):
+            self.upstream.close()
+        error = None if done.cancelled() else done.exception()
+        if error is None and not done.cancelled():
+            self.client.close()
+            return
+        sockets.abort(self.client)
+        if error is not None and not isinstance(error, (OSError, TunnelError)):
+            log.error("outbound %s relay failed", record.destination, exc_info=error)
+        elif error is not None:
+            log.debug("outbound %s -> %s ended: %s", record.source, record.destination, error)
 
 
 class Outbound:
@@ -116,27 +146,15 @@ class Outbound:
         self, client: socket.socket, upstream: Upstream, record: ConnectionRecord, conn_id: int
     ) -> asyncio.Future[None]:
         """Relay without this task (``relay.start_*``): the connection's clean-up is the
-        relay's end, and the registry's close (policy re-check, drain) cancels the relay."""
-
-        def ended(done: asyncio.Future[None]) -> None:
-            self.core.registry.remove(conn_id)
-            if isinstance(upstream, socket.socket):
-                upstream.close()
-            error = None if done.cancelled() else done.exception()
-            if error is None and not done.cancelled():
-                client.close()
-                return
-            sockets.abort(client)
-            if error is not None and not isinstance(error, (OSError, TunnelError)):
-                log.error("outbound %s relay failed", record.destination, exc_info=error)
-            elif error is not None:
-                log.debug("outbound %s -> %s ended: %s", record.source, record.destination, error)
-
+        relay's end (``_Relayed``), and the registry's close (policy re-check, drain) cancels
+        the relay."""
+        self.core.registry.leave_task(conn_id)
+        owner = _Relayed(self.core.registry, client, upstream, conn_id)
         if isinstance(upstream, TunnelStream):
             record.security = SECURITY_MTLS
-            done = start_tunnel(client, upstream, record, ended, outbound=True)
+            done = start_tunnel(client, upstream, record, owner, outbound=True)
         else:
-            done = start_sockets(client, upstream, record, ended)
+            done = start_sockets(client, upstream, record, owner)
         self.core.registry.hand_over(conn_id, done.cancel)
         return done
 

@@ -41,12 +41,18 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from agent.proxy.tunnel import TunnelStream
 from agent.telemetry.records import ConnectionRecord
 
-# What a detached relay's owner runs when it ends (``start_sockets``, ``start_tunnel``).
-Ended = Callable[["asyncio.Future[None]"], None]
+
+class Owner(Protocol):
+    """Who cleans up after a relay nobody awaits (``start_sockets``, ``start_tunnel``): one
+    small object per connection rather than a closure and its cells."""
+
+    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None: ...
+
 
 MAX_CHUNK = 256 * 1024
 
@@ -74,7 +80,7 @@ def _send(sock: socket.socket, data: bytes | memoryview) -> int:
 class _Relay:
     """The state both directions share: the loop, the record and how the relay ends."""
 
-    __slots__ = ("_on_end", "_stops", "done", "loop", "open_directions", "record")
+    __slots__ = ("_owner", "_stops", "done", "loop", "open_directions", "record")
 
     def __init__(self, record: ConnectionRecord) -> None:
         self.loop = asyncio.get_running_loop()
@@ -82,7 +88,7 @@ class _Relay:
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.open_directions = 2
         self._stops: list[Callable[[], None]] = []
-        self._on_end: Ended | None = None
+        self._owner: Owner | None = None
 
     def on_stop(self, stop: Callable[[], None]) -> None:
         self._stops.append(stop)
@@ -111,19 +117,18 @@ class _Relay:
         finally:
             self.stop()
 
-    def detach(self, on_end: Ended) -> asyncio.Future[None]:
+    def detach(self, owner: Owner) -> asyncio.Future[None]:
         """Nobody awaits the relay: when ``done`` ends (or is cancelled) every callback is
-        removed first, then ``on_end(done)`` cleans up after the connection."""
-
-        self._on_end = on_end
+        removed first, then ``owner`` cleans up after the connection."""
+        self._owner = owner
         self.done.add_done_callback(self._ended)
         return self.done
 
     def _ended(self, done: asyncio.Future[None]) -> None:
         self.stop()
-        on_end, self._on_end = self._on_end, None
-        if on_end is not None:
-            on_end(done)
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.relay_ended(done, self.record)
 
 
 class _Direction:
@@ -202,10 +207,10 @@ async def relay_sockets(
 
 
 def start_sockets(
-    client: socket.socket, upstream: socket.socket, record: ConnectionRecord, on_end: Ended
+    client: socket.socket, upstream: socket.socket, record: ConnectionRecord, owner: Owner
 ) -> asyncio.Future[None]:
     """``relay_sockets`` without a task: returns its ``done`` (see ``_Relay.detach``)."""
-    return _socket_relay(client, upstream, record).detach(on_end)
+    return _socket_relay(client, upstream, record).detach(owner)
 
 
 class _TunnelRelay:
@@ -338,13 +343,13 @@ def start_tunnel(
     sock: socket.socket,
     stream: TunnelStream,
     record: ConnectionRecord,
-    on_end: Ended,
+    owner: Owner,
     *,
     outbound: bool,
 ) -> asyncio.Future[None]:
     """``relay_tunnel`` without a task: returns its ``done`` (see ``_Relay.detach``); the
-    stream is finished (reset unless both halves ended) before ``on_end`` runs."""
-    return _tunnel_relay(sock, stream, record, outbound=outbound).detach(on_end)
+    stream is finished (reset unless both halves ended) before ``owner`` is told."""
+    return _tunnel_relay(sock, stream, record, outbound=outbound).detach(owner)
 
 
 def _tunnel_relay(

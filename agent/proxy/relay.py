@@ -29,9 +29,10 @@ signal "done" by closing their write side keep working. An error in one directio
 Two ways to run one: ``relay_sockets``/``relay_tunnel`` are awaited by a task that has more to
 do around the relay (traffic control's attempts, the HTTP layers' upgrades); ``start_sockets``/
 ``start_tunnel`` return the relay's ``done`` future at once, so the connection's handler task can
-end (its frames were a third of what an idle cross-node connection held): the caller's clean-up
-is the future's end callback, and cancelling the future (policy re-check, drain) stops the relay
-as cancelling the task did.
+end (the task and its coroutine frames were a third of what an idle cross-node connection
+held): when ``done`` ends every callback is removed, then the ``Owner`` the caller gave cleans
+up (registry, sockets), and cancelling ``done`` (policy re-check, drain) stops the relay as
+cancelling the task did.
 """
 
 from __future__ import annotations

@@ -170,7 +170,9 @@ class Outbound:
     def describe_route(self, snap: Snapshot, route: Route, record: ConnectionRecord) -> None:
         """Point ``record`` at ``route`` (again for each attempt of a Service connection)."""
         record.path = route.kind
-        record.upstream = _addr(route.ip, route.port)
+        upstream = _addr(route.ip, route.port)
+        # To a pod IP it is the destination: one string for both (kept for the record's life).
+        record.upstream = record.destination if upstream == record.destination else upstream
         record.destination_identity = None
         if route.target is not None and route.kind != "passthrough":
             record.destination_identity = self.core.identity(route.target, snap)

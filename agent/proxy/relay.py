@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import socket
 import time
 from collections.abc import Callable
@@ -78,21 +79,28 @@ def _send(sock: socket.socket, data: bytes | memoryview) -> int:
         return 0
 
 
+class _Part(Protocol):
+    def stop(self) -> None:
+        """Remove this part's callbacks."""
+
+
 class _Relay:
     """The state both directions share: the loop, the record and how the relay ends."""
 
-    __slots__ = ("_owner", "_stops", "done", "loop", "open_directions", "record")
+    __slots__ = ("_owner", "_parts", "done", "loop", "open_directions", "record")
 
     def __init__(self, record: ConnectionRecord) -> None:
         self.loop = asyncio.get_running_loop()
         self.record = record
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.open_directions = 2
-        self._stops: list[Callable[[], None]] = []
+        # The parts whose callbacks ``stop`` removes (a tuple of the objects, not a list of
+        # bound methods: it lives as long as the connection).
+        self._parts: tuple[_Part, ...] = ()
         self._owner: Owner | None = None
 
-    def on_stop(self, stop: Callable[[], None]) -> None:
-        self._stops.append(stop)
+    def on_stop(self, part: _Part) -> None:
+        self._parts += (part,)
 
     def direction_ended(self) -> None:
         self.open_directions -= 1
@@ -108,9 +116,9 @@ class _Relay:
 
     def stop(self) -> None:
         """Remove every callback (idempotent): the sockets may be closed afterwards."""
-        stops, self._stops = self._stops, []
-        for stop in stops:
-            stop()
+        parts, self._parts = self._parts, ()
+        for part in parts:
+            part.stop()
 
     async def wait(self) -> None:
         try:
@@ -143,9 +151,9 @@ class _Direction:
         self.pending: bytes = b""
         self._src_fd, self._dst_fd = src.fileno(), dst.fileno()
         relay.loop.add_reader(self._src_fd, self._readable)
-        relay.on_stop(self._stop)
+        relay.on_stop(self)
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         loop = self.relay.loop
         loop.remove_reader(self._src_fd)
         loop.remove_writer(self._dst_fd)
@@ -211,7 +219,7 @@ def start_sockets(
     client: socket.socket, upstream: socket.socket, record: ConnectionRecord, owner: Owner
 ) -> asyncio.Future[None]:
     """``relay_sockets`` without a task: returns its ``done`` (see ``_Relay.detach``)."""
-    return _socket_relay(client, upstream, record).detach(owner)
+    return _in_empty_context(lambda: _socket_relay(client, upstream, record).detach(owner))
 
 
 class _TunnelRelay:
@@ -237,14 +245,14 @@ class _TunnelRelay:
         self.to_stream, self.from_stream = to, frm
         self._fd = sock.fileno()
         self._reading = self._writing = self._sent_eof = False
-        relay.on_stop(self._stop)
+        relay.on_stop(self)
         stream.deliver_directly(sock, self._delivered)
         stream.waker = self._stream_changed
         self._stream_changed()  # bytes, the end or an error may have come before the relay
         if not relay.done.done():
             self._read(True)
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         self.stream.waker = None
         self.stream.deliver_directly(None)
         self._read(False)
@@ -350,7 +358,16 @@ def start_tunnel(
 ) -> asyncio.Future[None]:
     """``relay_tunnel`` without a task: returns its ``done`` (see ``_Relay.detach``); the
     stream is finished (reset unless both halves ended) before ``owner`` is told."""
-    return _tunnel_relay(sock, stream, record, outbound=outbound).detach(owner)
+    return _in_empty_context(
+        lambda: _tunnel_relay(sock, stream, record, outbound=outbound).detach(owner)
+    )
+
+
+def _in_empty_context(start: Callable[[], asyncio.Future[None]]) -> asyncio.Future[None]:
+    """Make and detach a relay in an empty context (``start_*`` do): the callbacks it registers
+    copy the context they are made in, and the handler's context (the registry's current
+    record and whatever else its task set) must not be kept alive by an idle connection."""
+    return contextvars.Context().run(start)
 
 
 def _tunnel_relay(

@@ -29,9 +29,10 @@ from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh, free_port,
 pytestmark = pytest.mark.root
 
 CONNECTIONS = 90  # one HBONE connection: under h2wire's MAX_CONCURRENT_STREAMS (100)
-# Measured 7.4 KiB cross-node (both agents) and 4.1 KiB same-node; with the handler's task
-# (and its coroutine frames) held for the connection's life, a closure per clean-up, a future
-# per tunnel stream and a SPIFFE ID string per record, it was 13.2-13.3 and 5.8 KiB here.
+# Measured 7.0-7.1 KiB cross-node (both agents) and 3.7-3.9 KiB same-node; with the handler's
+# task (and its coroutine frames) held for the connection's life, a closure per clean-up, a
+# future per tunnel stream, the handler's context kept by the relay's callbacks and a SPIFFE ID
+# string per record, it was 13.0-13.3 and 5.7-5.8 KiB here.
 CROSS_NODE_BOUND = 8 * 1024
 SAME_NODE_BOUND = 5 * 1024
 

@@ -399,12 +399,10 @@ class _Relayed:
     def __init__(
         self, registry: Registry, stream: TunnelStream, upstream: socket.socket, conn_id: int
     ) -> None:
-        self.registry, self.stream, self.upstream, self.conn_id = (
-            registry,
-            stream,
-            upstream,
-            conn_id,
-        )
+        self.registry = registry
+        self.stream = stream
+        self.upstream = upstream
+        self.conn_id = conn_id
 
     def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None:
         error = None if done.cancelled() else done.exception()
@@ -418,6 +416,8 @@ class _Relayed:
 def _closed(
     registry: Registry, stream: TunnelStream, upstream: socket.socket, conn_id: int
 ) -> None:
+    """The stream's connection ended: telemetry's close, and the pod's socket closed (reset
+    unless the stream ended cleanly on both halves)."""
     registry.remove(conn_id)
     if stream.complete:
         upstream.close()

@@ -54,12 +54,10 @@ class _Relayed:
     def __init__(
         self, registry: Registry, client: socket.socket, upstream: Upstream, conn_id: int
     ) -> None:
-        self.registry, self.client, self.upstream, self.conn_id = (
-            registry,
-            client,
-            upstream,
-            conn_id,
-        )
+        self.registry = registry
+        self.client = client
+        self.upstream = upstream
+        self.conn_id = conn_id
 
     def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None:
         self.registry.remove(self.conn_id)

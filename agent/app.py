@@ -44,7 +44,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from agent import handover
-from agent.acceptor import accept_forever
+from agent.acceptor import accept_forever, drain
 from agent.base import runtime
 from agent.base.component import Component, StateSource
 from agent.base.constants import Listener
@@ -74,9 +74,14 @@ TAKEOVER_LOG_SECONDS = 10.0
 
 
 class ConnectionHandler(Protocol):
-    """Serves one captured connection; ``listener`` says which port captured it."""
+    """Serves one captured connection; ``listener`` says which port captured it. It may return
+    a future the connection goes on in once the handler's task ended (a relay without a task:
+    an idle connection then holds no task and no coroutine frames); the future owns ``conn``
+    from then on, and cancelling it closes the connection (the drain's deadline does)."""
 
-    async def handle(self, conn: socket.socket, listener: Listener) -> None: ...
+    async def handle(
+        self, conn: socket.socket, listener: Listener
+    ) -> asyncio.Future[None] | None: ...
 
 
 class StartupError(RuntimeError):
@@ -197,7 +202,7 @@ class Agent:
             fanout = WorkerViews(lambda: self.workers, config.node)
         # metrics and the admin API observe the rest (and, with --workers N, ask the workers)
         self.components += observability(self, fanout)
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Future[None]] = set()  # tasks, detached relays
         self._dirty = asyncio.Event()
         self._synced = False
         self._draining = False
@@ -452,15 +457,9 @@ class Agent:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._connections:
-            _, pending = await asyncio.wait(self._connections, timeout=self.config.drain_seconds)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            if pending:
-                log.info(
-                    "agent: closed %d connection(s) still open at the drain deadline", len(pending)
-                )
+        cut = await drain(self._connections, self.config.drain_seconds)
+        if cut:
+            log.info("agent: closed %d connection(s) still open at the drain deadline", cut)
         for c in self.components:
             await c.stop()
         if self.source is not None:
@@ -476,12 +475,17 @@ class Agent:
         await accept_forever(sock, serve, listener=slot.name)
 
     async def _serve(self, conn: socket.socket, slot: Listener) -> None:
+        rest = None
         try:
-            await self.handler.handle(conn, slot)
+            rest = await self.handler.handle(conn, slot)
         except Exception:
             log.exception("handler failed on a %s connection", slot.name.lower())
         finally:
-            conn.close()
+            if rest is None:
+                conn.close()
+        if rest is not None:  # the drain waits for (and at its deadline cancels) it instead
+            self._connections.add(rest)
+            rest.add_done_callback(self._connections.discard)
 
     async def _reconcile_loop(self) -> None:
         """Apply state changes to the kernel, one pass at a time, in a worker thread; retry

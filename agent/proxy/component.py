@@ -8,6 +8,7 @@ so that they depend on these few methods and not on the proxy's inner structure.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Mapping
 
@@ -27,9 +28,11 @@ class ProxyComponent(Component):
         self.proxy = proxy
         self._handlers = self.proxy.handlers()
 
-    async def handle(self, conn: socket.socket, listener: Listener) -> None:
+    async def handle(self, conn: socket.socket, listener: Listener) -> asyncio.Future[None] | None:
+        """Serve ``conn``; a returned future is where it goes on without this task (it owns
+        ``conn`` then: see ``agent.app.ConnectionHandler``)."""
         sockets.nodelay(conn)
-        await self._handlers[listener](conn)
+        return await self._handlers[listener](conn)
 
     async def start(self) -> None:
         self.proxy.start()

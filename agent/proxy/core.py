@@ -9,6 +9,7 @@ the re-check is handed to the event loop with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
 from agent.proxy.records import Registry
 from agent.state import Snapshot, StateStore, Workload
+from agent.state.model import spiffe_id
 from agent.state.protocols import TCP, declared_pod_ports
 from agent.telemetry.records import ConnectionRecord
 
@@ -73,6 +75,11 @@ class Policies:
                 False, "PeerAuthentication is STRICT (mTLS required)", policy=STRICT_DENIAL
             )
         return self.authz.evaluate(request, workload)
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(trust_domain: str, namespace: str, service_account: str) -> str:
+    return spiffe_id(trust_domain, namespace, service_account)
 
 
 class Core:
@@ -146,7 +153,9 @@ class Core:
         return w if w is not None and w.node == self.node and snap.is_meshed(w) else None
 
     def identity(self, workload: Workload, snap: Snapshot) -> str:
-        return workload.identity(snap.trust_domain)
+        """The workload's SPIFFE ID; one string per identity, shared by every record (each
+        connection's record keeps two for its life)."""
+        return _identity(snap.trust_domain, workload.namespace, workload.service_account)
 
     def authorize(
         self,

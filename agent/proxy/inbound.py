@@ -54,8 +54,8 @@ from agent.proxy.h2inbound import H2Session
 from agent.proxy.hbone import SERVICE_HEADER, HboneConnection
 from agent.proxy.hbone_limits import InboundLimits
 from agent.proxy.http_inbound import HttpSession, StreamDownstream
-from agent.proxy.records import cancel_current_task
-from agent.proxy.relay import relay_tunnel
+from agent.proxy.records import Registry, cancel_current_task
+from agent.proxy.relay import start_tunnel
 from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
 from agent.state import Snapshot, Workload
 from agent.state.protocols import HTTP, TCP
@@ -356,27 +356,32 @@ class InboundHbone:
         protocol: str,
     ) -> None:
         conn_id = self.core.registry.add(record, cancel_current_task())
+        if protocol == TCP:
+            self.core.registry.authorized(conn_id, request, workload)
+            self._start(stream, upstream, record, conn_id)
+            return
         try:
-            if protocol != TCP:
-                kind = HttpSession if protocol == HTTP else H2Session
-                session = kind(
-                    self.core, StreamDownstream(stream), upstream, record, request, workload
-                )
-                try:
-                    await session.serve()
-                finally:
-                    stream.proto.finish(stream)
-            else:
-                self.core.registry.authorized(conn_id, request, workload)
-                await relay_tunnel(upstream, stream, record, outbound=False)
+            kind = HttpSession if protocol == HTTP else H2Session
+            session = kind(self.core, StreamDownstream(stream), upstream, record, request, workload)
+            try:
+                await session.serve()
+            finally:
+                stream.proto.finish(stream)
         except (OSError, TunnelError) as e:
             log.debug("inbound %s ended: %s", record.destination, e)
         finally:
-            self.core.registry.remove(conn_id)
-            if stream.complete:
-                upstream.close()
-            else:
-                sockets.abort(upstream)
+            _closed(self.core.registry, stream, upstream, conn_id)
+
+    def _start(
+        self, stream: TunnelStream, upstream: socket.socket, record: ConnectionRecord, conn_id: int
+    ) -> None:
+        """Relay without the stream's task (``relay.start_tunnel``), which ends now: the
+        clean-up is the relay's end (``_Relayed``), and the registry's close (policy re-check)
+        cancels the relay; the drain and a cut HBONE connection end it through the stream."""
+        self.core.registry.leave_task(conn_id)
+        owner = _Relayed(self.core.registry, stream, upstream, conn_id)
+        done = start_tunnel(upstream, stream, record, owner, outbound=False)
+        self.core.registry.hand_over(conn_id, done.cancel)
 
     def goaway_all(self) -> None:
         self.draining = True
@@ -384,6 +389,40 @@ class InboundHbone:
             proto.goaway()
             if not proto.streams and proto.transport is not None:
                 proto.transport.close()
+
+
+class _Relayed:
+    """A TCP stream whose relay runs without the stream's task: its end."""
+
+    __slots__ = ("conn_id", "registry", "stream", "upstream")
+
+    def __init__(
+        self, registry: Registry, stream: TunnelStream, upstream: socket.socket, conn_id: int
+    ) -> None:
+        self.registry = registry
+        self.stream = stream
+        self.upstream = upstream
+        self.conn_id = conn_id
+
+    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None:
+        error = None if done.cancelled() else done.exception()
+        if error is not None and not isinstance(error, (OSError, TunnelError)):
+            log.error("HBONE stream %d relay failed", self.stream.stream_id, exc_info=error)
+        elif error is not None:
+            log.debug("inbound %s ended: %s", record.destination, error)
+        _closed(self.registry, self.stream, self.upstream, self.conn_id)
+
+
+def _closed(
+    registry: Registry, stream: TunnelStream, upstream: socket.socket, conn_id: int
+) -> None:
+    """The stream's connection ended: telemetry's close, and the pod's socket closed (reset
+    unless the stream ended cleanly on both halves)."""
+    registry.remove(conn_id)
+    if stream.complete:
+        upstream.close()
+    else:
+        sockets.abort(upstream)
 
 
 def dialled_service(snap: Snapshot, claimed: str | None, pod_ip: str) -> str:

@@ -17,6 +17,7 @@ application sees a failed connection and not a clean end of stream.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
@@ -28,8 +29,8 @@ from agent.proxy.core import Core
 from agent.proxy.h2outbound import H2SourceSession
 from agent.proxy.http_outbound import HttpOutbound
 from agent.proxy.pool import HbonePool, PoolKey
-from agent.proxy.records import Refused, cancel_current_task
-from agent.proxy.relay import relay_sockets, relay_tunnel
+from agent.proxy.records import Refused, Registry, cancel_current_task
+from agent.proxy.relay import relay_sockets, relay_tunnel, start_sockets, start_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot
@@ -45,6 +46,34 @@ def _addr(ip: str, port: int) -> str:
     return f"{ip}:{port}"
 
 
+class _Relayed:
+    """A pod-IP connection whose relay runs without the handler's task: its end."""
+
+    __slots__ = ("client", "conn_id", "registry", "upstream")
+
+    def __init__(
+        self, registry: Registry, client: socket.socket, upstream: Upstream, conn_id: int
+    ) -> None:
+        self.registry = registry
+        self.client = client
+        self.upstream = upstream
+        self.conn_id = conn_id
+
+    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None:
+        self.registry.remove(self.conn_id)
+        if isinstance(self.upstream, socket.socket):
+            self.upstream.close()
+        error = None if done.cancelled() else done.exception()
+        if error is None and not done.cancelled():
+            self.client.close()
+            return
+        sockets.abort(self.client)
+        if error is not None and not isinstance(error, (OSError, TunnelError)):
+            log.error("outbound %s relay failed", record.destination, exc_info=error)
+        elif error is not None:
+            log.debug("outbound %s -> %s ended: %s", record.source, record.destination, error)
+
+
 class Outbound:
     def __init__(self, core: Core, pool: HbonePool) -> None:
         self.core = core
@@ -55,11 +84,14 @@ class Outbound:
 
     async def handle(
         self, client: socket.socket, original_dst: tuple[str, int] | None = None
-    ) -> None:
-        """Serve one captured connection; ``original_dst`` overrides ``getsockname()`` (tests)."""
+    ) -> asyncio.Future[None] | None:
+        """Serve one captured connection; ``original_dst`` overrides ``getsockname()`` (tests).
+        A connection to a pod IP is handed to a relay without a task once connected: the
+        relay's ``done`` is returned and owns ``client`` from then on (the caller awaits it or
+        tracks it for the drain, and closes ``client`` only when None is returned)."""
         addresses = sockets.captured_addresses(client, original_dst)
         if addresses is None:
-            return
+            return None
         src_ip, src_port, dst_ip, dst_port = addresses
         snap = self.core.snapshot()
         source = self.resolver.source(snap, src_ip)
@@ -69,45 +101,60 @@ class Outbound:
             if e.target is not None and port_protocol(e.target.port) == HTTP:
                 # An HTTP client is answered 503 (UH) per request, not reset.
                 await self.http.handle(client, source, e.target, _addr(src_ip, src_port))
-                return
+                return None
             if e.target is not None and port_protocol(e.target.port) in (HTTP2, GRPC):
                 # Per request too: its routes may send it to other Services (else 503 / UH).
                 src = _addr(src_ip, src_port)
                 await H2SourceSession(self, client, snap, source, e.target, src).serve()
-                return
+                return None
             self.core.registry.reject("no_endpoints", str(e))
             sockets.abort(client)
-            return
+            return None
         if target is not None and port_protocol(target.port) == HTTP:
             await self.http.handle(client, source, target, _addr(src_ip, src_port))
-            return
+            return None
         if target is not None:
             src = _addr(src_ip, src_port)
             if port_protocol(target.port) in (HTTP2, GRPC):  # per request (``h2outbound``)
                 await H2SourceSession(self, client, snap, source, target, src).serve()
-                return
+                return None
             await self.balanced.handle(client, snap, source, target, src)
-            return
+            return None
         route = self.resolver.route(snap, source, dst_ip, dst_port)
         record = self.record(snap, route, _addr(src_ip, src_port), _addr(dst_ip, dst_port))
         conn_id = self.core.registry.add(record, cancel_current_task())
-        clean = False
         try:
             try:
                 upstream = await self.open(route, record, src_ip, conn_id)
             except (OSError, TunnelError) as e:
                 self.count_failure(e, route, record)
                 raise
-            await self.relay(client, upstream, record)
-            clean = True
         except (OSError, TunnelError, Refused) as e:
             log.debug("outbound %s -> %s ended: %s", record.source, record.destination, e)
-        finally:
             self.core.registry.remove(conn_id)
-            if clean:
-                client.close()
-            else:
-                sockets.abort(client)
+            sockets.abort(client)
+            return None
+        except BaseException:  # cancelled (policy re-check, drain) while connecting
+            self.core.registry.remove(conn_id)
+            sockets.abort(client)
+            raise
+        return self._start(client, upstream, record, conn_id)
+
+    def _start(
+        self, client: socket.socket, upstream: Upstream, record: ConnectionRecord, conn_id: int
+    ) -> asyncio.Future[None]:
+        """Relay without this task (``relay.start_*``): the connection's clean-up is the
+        relay's end (``_Relayed``), and the registry's close (policy re-check, drain) cancels
+        the relay."""
+        self.core.registry.leave_task(conn_id)
+        owner = _Relayed(self.core.registry, client, upstream, conn_id)
+        if isinstance(upstream, TunnelStream):
+            record.security = SECURITY_MTLS
+            done = start_tunnel(client, upstream, record, owner, outbound=True)
+        else:
+            done = start_sockets(client, upstream, record, owner)
+        self.core.registry.hand_over(conn_id, done.cancel)
+        return done
 
     def record(
         self, snap: Snapshot, route: Route, source: str, destination: str
@@ -121,7 +168,9 @@ class Outbound:
     def describe_route(self, snap: Snapshot, route: Route, record: ConnectionRecord) -> None:
         """Point ``record`` at ``route`` (again for each attempt of a Service connection)."""
         record.path = route.kind
-        record.upstream = _addr(route.ip, route.port)
+        upstream = _addr(route.ip, route.port)
+        # To a pod IP it is the destination: one string for both (kept for the record's life).
+        record.upstream = record.destination if upstream == record.destination else upstream
         record.destination_identity = None
         if route.target is not None and route.kind != "passthrough":
             record.destination_identity = self.core.identity(route.target, snap)

@@ -23,6 +23,7 @@ open, so a scrape sees bytes of long-lived connections before they end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
@@ -48,13 +49,15 @@ _current: contextvars.ContextVar[tuple[Registry, ConnectionRecord]] = contextvar
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     record: ConnectionRecord
-    close: Callable[[str], None]
+    close: Callable[[str], object]
     request: Request | None = None
     workload: Workload | None = None
     closing: bool = False
+    # How the registering task's context is restored when a relay takes the connection over.
+    token: contextvars.Token[tuple[Registry, ConnectionRecord]] | None = None
 
 
 def cancel_current_task() -> Callable[[str], None]:
@@ -88,15 +91,15 @@ class Registry:
     def add(
         self,
         record: ConnectionRecord,
-        close: Callable[[str], None],
+        close: Callable[[str], object],
         *,
         request: Request | None = None,
         workload: Workload | None = None,
     ) -> int:
         record.id = next(self._ids)
-        self._live[record.id] = _Live(record, close, request, workload)
+        token = _current.set((self, record))
+        self._live[record.id] = _Live(record, close, request, workload, token=token)
         self.total += 1
-        _current.set((self, record))
         self._notify(lambda o: o.opened(record))
         return record.id
 
@@ -135,6 +138,23 @@ class Registry:
         for policy in dry_run:
             log.info("HTTP request %s: dry-run policy %s would deny it", detail, policy)
             self._tell(_would_deny(policy))
+
+    def leave_task(self, conn_id: int) -> None:
+        """The connection is about to go on without the task that registered it: its record
+        stops being the task's current one, so the callbacks that carry it on (which copy the
+        context they are made in) do not keep that context alive for the connection's life."""
+        live = self._live.get(conn_id)
+        if live is not None and live.token is not None:
+            with contextlib.suppress(ValueError):  # made in another context: nothing to undo
+                _current.reset(live.token)
+            live.token = None
+
+    def hand_over(self, conn_id: int, close: Callable[[str], object]) -> None:
+        """The connection goes on without the task that registered it (a relay's ``done``
+        future, whose ``cancel`` is the new ``close``): the task is not held any longer."""
+        live = self._live.get(conn_id)
+        if live is not None:
+            live.close = close
 
     def authorized(self, conn_id: int, request: Request, workload: Workload) -> None:
         """Remember what was authorized, so that ``recheck`` can evaluate it again."""

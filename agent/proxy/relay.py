@@ -25,18 +25,36 @@ through a tunnel), once everything before it was sent, so request/response proto
 signal "done" by closing their write side keep working. An error in one direction ends both
 (``done`` raises it), so neither side waits forever on a dead peer. A caller that is cancelled
 (policy re-check, idle timeout, drain) removes every callback before it closes the sockets.
+
+Two ways to run one: ``relay_sockets``/``relay_tunnel`` are awaited by a task that has more to
+do around the relay (traffic control's attempts, the HTTP layers' upgrades); ``start_sockets``/
+``start_tunnel`` return the relay's ``done`` future at once, so the connection's handler task can
+end (the task and its coroutine frames were a third of what an idle cross-node connection
+held): when ``done`` ends every callback is removed, then the ``Owner`` the caller gave cleans
+up (registry, sockets), and cancelling ``done`` (policy re-check, drain) stops the relay as
+cancelling the task did.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import socket
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from agent.proxy.tunnel import TunnelStream
 from agent.telemetry.records import ConnectionRecord
+
+
+class Owner(Protocol):
+    """Who cleans up after a relay nobody awaits (``start_sockets``, ``start_tunnel``): one
+    small object per connection rather than a closure and its cells."""
+
+    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None: ...
+
 
 MAX_CHUNK = 256 * 1024
 
@@ -61,20 +79,28 @@ def _send(sock: socket.socket, data: bytes | memoryview) -> int:
         return 0
 
 
+class _Part(Protocol):
+    def stop(self) -> None:
+        """Remove this part's callbacks."""
+
+
 class _Relay:
     """The state both directions share: the loop, the record and how the relay ends."""
 
-    __slots__ = ("_stops", "done", "loop", "open_directions", "record")
+    __slots__ = ("_owner", "_parts", "done", "loop", "open_directions", "record")
 
     def __init__(self, record: ConnectionRecord) -> None:
         self.loop = asyncio.get_running_loop()
         self.record = record
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.open_directions = 2
-        self._stops: list[Callable[[], None]] = []
+        # The parts whose callbacks ``stop`` removes (a tuple of the objects, not a list of
+        # bound methods: it lives as long as the connection).
+        self._parts: tuple[_Part, ...] = ()
+        self._owner: Owner | None = None
 
-    def on_stop(self, stop: Callable[[], None]) -> None:
-        self._stops.append(stop)
+    def on_stop(self, part: _Part) -> None:
+        self._parts += (part,)
 
     def direction_ended(self) -> None:
         self.open_directions -= 1
@@ -90,15 +116,28 @@ class _Relay:
 
     def stop(self) -> None:
         """Remove every callback (idempotent): the sockets may be closed afterwards."""
-        stops, self._stops = self._stops, []
-        for stop in stops:
-            stop()
+        parts, self._parts = self._parts, ()
+        for part in parts:
+            part.stop()
 
     async def wait(self) -> None:
         try:
             await self.done
         finally:
             self.stop()
+
+    def detach(self, owner: Owner) -> asyncio.Future[None]:
+        """Nobody awaits the relay: when ``done`` ends (or is cancelled) every callback is
+        removed first, then ``owner`` cleans up after the connection."""
+        self._owner = owner
+        self.done.add_done_callback(self._ended)
+        return self.done
+
+    def _ended(self, done: asyncio.Future[None]) -> None:
+        self.stop()
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.relay_ended(done, self.record)
 
 
 class _Direction:
@@ -112,9 +151,9 @@ class _Direction:
         self.pending: bytes = b""
         self._src_fd, self._dst_fd = src.fileno(), dst.fileno()
         relay.loop.add_reader(self._src_fd, self._readable)
-        relay.on_stop(self._stop)
+        relay.on_stop(self)
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         loop = self.relay.loop
         loop.remove_reader(self._src_fd)
         loop.remove_writer(self._dst_fd)
@@ -160,14 +199,27 @@ def _shutdown_write(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
+def _socket_relay(
+    client: socket.socket, upstream: socket.socket, record: ConnectionRecord
+) -> _Relay:
+    relay = _Relay(record)
+    _Direction(relay, client, upstream, "bytes_sent")
+    _Direction(relay, upstream, client, "bytes_received")
+    return relay
+
+
 async def relay_sockets(
     client: socket.socket, upstream: socket.socket, record: ConnectionRecord
 ) -> None:
     """Copy client <-> upstream until both directions ended; closes neither socket."""
-    relay = _Relay(record)
-    _Direction(relay, client, upstream, "bytes_sent")
-    _Direction(relay, upstream, client, "bytes_received")
-    await relay.wait()
+    await _socket_relay(client, upstream, record).wait()
+
+
+def start_sockets(
+    client: socket.socket, upstream: socket.socket, record: ConnectionRecord, owner: Owner
+) -> asyncio.Future[None]:
+    """``relay_sockets`` without a task: returns its ``done`` (see ``_Relay.detach``)."""
+    return _in_empty_context(lambda: _socket_relay(client, upstream, record).detach(owner))
 
 
 class _TunnelRelay:
@@ -193,18 +245,21 @@ class _TunnelRelay:
         self.to_stream, self.from_stream = to, frm
         self._fd = sock.fileno()
         self._reading = self._writing = self._sent_eof = False
-        relay.on_stop(self._stop)
+        relay.on_stop(self)
         stream.deliver_directly(sock, self._delivered)
         stream.waker = self._stream_changed
         self._stream_changed()  # bytes, the end or an error may have come before the relay
         if not relay.done.done():
             self._read(True)
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         self.stream.waker = None
         self.stream.deliver_directly(None)
         self._read(False)
         self._write(False)
+        # The stream is released (``TunnelStream`` and the window it held) and reset unless
+        # both halves ended cleanly, so the peer never waits for bytes that will not come.
+        self.stream.proto.finish(self.stream)
 
     def _read(self, on: bool) -> None:
         if on != self._reading:
@@ -290,13 +345,37 @@ async def relay_tunnel(
     sock: socket.socket, stream: TunnelStream, record: ConnectionRecord, *, outbound: bool
 ) -> None:
     """Copy sock <-> stream; ``outbound``: sock is the client (bytes to the stream are "sent")."""
+    await _tunnel_relay(sock, stream, record, outbound=outbound).wait()
+
+
+def start_tunnel(
+    sock: socket.socket,
+    stream: TunnelStream,
+    record: ConnectionRecord,
+    owner: Owner,
+    *,
+    outbound: bool,
+) -> asyncio.Future[None]:
+    """``relay_tunnel`` without a task: returns its ``done`` (see ``_Relay.detach``); the
+    stream is finished (reset unless both halves ended) before ``owner`` is told."""
+    return _in_empty_context(
+        lambda: _tunnel_relay(sock, stream, record, outbound=outbound).detach(owner)
+    )
+
+
+def _in_empty_context(start: Callable[[], asyncio.Future[None]]) -> asyncio.Future[None]:
+    """Make and detach a relay in an empty context (``start_*`` do): the callbacks it registers
+    copy the context they are made in, and the handler's context (the registry's current
+    record and whatever else its task set) must not be kept alive by an idle connection."""
+    return contextvars.Context().run(start)
+
+
+def _tunnel_relay(
+    sock: socket.socket, stream: TunnelStream, record: ConnectionRecord, *, outbound: bool
+) -> _Relay:
     to_stream, from_stream = (
         ("bytes_sent", "bytes_received") if outbound else ("bytes_received", "bytes_sent")
     )
     relay = _Relay(record)
-    try:
-        _TunnelRelay(relay, sock, stream, to_stream, from_stream)
-        await relay.wait()
-    finally:
-        relay.stop()
-        stream.proto.finish(stream)
+    _TunnelRelay(relay, sock, stream, to_stream, from_stream)
+    return relay

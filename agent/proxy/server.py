@@ -28,7 +28,8 @@ from agent.proxy.tunnel import HboneProtocol, TunnelError
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[socket.socket], Awaitable[None]]
+# A handler returns the future a connection goes on in once its task ended (a relay's), or None.
+Handler = Callable[[socket.socket], Awaitable[asyncio.Future[None] | None]]
 
 
 class NodeProxy:

@@ -100,10 +100,14 @@ class TunnelStream:
         "waker",
     )
 
-    def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
+    def __init__(self, proto: HboneProtocol, stream_id: int, *, opening: bool = False) -> None:
         self.proto = proto
         self.stream_id = stream_id
-        self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The peer's answer to a CONNECT we sent: only while ``HboneProtocol.open`` waits for it
+        # (an idle stream does not keep a future for its whole life).
+        self.accepted: asyncio.Future[None] | None = (
+            asyncio.get_running_loop().create_future() if opening else None
+        )
         self._chunks: deque[bytes] | None = None
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
@@ -159,6 +163,11 @@ class TunnelStream:
             self.waker()
 
     @property
+    def opening(self) -> bool:
+        """A CONNECT we sent that the peer has not answered yet."""
+        return self.accepted is not None and not self.accepted.done()
+
+    @property
     def complete(self) -> bool:
         """Both halves ended without error: the stream closed cleanly, nothing to reset."""
         return self.eof and self.ended and self.error is None
@@ -166,7 +175,7 @@ class TunnelStream:
     def _on_error(self, error: TunnelError) -> None:
         self.error = error
         self._discard()
-        if not self.accepted.done():
+        if self.accepted is not None and not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()  # whoever awaits it still gets the error; nobody must
         _wake(self._read_waiter)
@@ -428,7 +437,7 @@ class HboneProtocol(asyncio.Protocol):
             return
         if isinstance(e, ev.GoAwayReceived):
             for opened in list(self.streams.values()) if self.codec.client_side else []:
-                if opened.stream_id > e.last_stream_id and not opened.accepted.done():
+                if opened.stream_id > e.last_stream_id and opened.opening:
                     error = TunnelError("peer is draining (GOAWAY)", unprocessed=True)
                     self.streams.pop(opened.stream_id, None)
                     opened._on_error(error)
@@ -440,7 +449,8 @@ class HboneProtocol(asyncio.Protocol):
                 self.codec.consumed(e.stream_id, len(e.data))
             return
         if isinstance(e, ev.TunnelAccepted):
-            stream.accepted.set_result(None)
+            if stream.accepted is not None and not stream.accepted.done():
+                stream.accepted.set_result(None)
         elif isinstance(e, ev.TunnelRefused):
             self._drop(stream, TunnelError(f"peer answered {e.status}", e.status))
         elif isinstance(e, ev.DataReceived):
@@ -451,7 +461,7 @@ class HboneProtocol(asyncio.Protocol):
             refused = (
                 self.codec.client_side
                 and e.error_code == ErrorCodes.REFUSED_STREAM
-                and not stream.accepted.done()
+                and stream.opening
             )
             message = f"stream reset by peer (code {e.error_code})"
             self._drop(stream, TunnelError(message, unprocessed=refused))
@@ -490,13 +500,15 @@ class HboneProtocol(asyncio.Protocol):
         self, authority: str, client_ip: str | None, service: str | None = None
     ) -> TunnelStream:
         sid = self.codec.open_tunnel(authority, client_ip=client_ip, service=service)
-        stream = self.streams[sid] = TunnelStream(self, sid)
+        stream = self.streams[sid] = TunnelStream(self, sid, opening=True)
+        assert stream.accepted is not None
         self.flush()
         try:
             await stream.accepted
         except asyncio.CancelledError:
             self.finish(stream)  # a timed-out open: reset it so the peer drops its connect
             raise
+        stream.accepted = None
         return stream
 
     def start_keepalive(self) -> None:

@@ -37,7 +37,7 @@ import socket
 import sys
 from collections import Counter
 
-from agent.acceptor import accept_forever
+from agent.acceptor import accept_forever, drain
 from agent.admin.tap import requests_view
 from agent.base import runtime
 from agent.base.component import Component
@@ -61,7 +61,7 @@ class Worker:
         self.channel = Channel(control, self._serve, self._note)
         self.store = StateStore()
         self.accepted: Counter[str] = Counter()
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Future[None]] = set()  # tasks, detached relays
         self._stop = asyncio.Event()
         self.components: list[Component] = []
         self._config: AgentConfig | None = None
@@ -144,11 +144,7 @@ class Worker:
             sock.close()  # this process's copy only: the main process keeps the group open
         for c in self.components:
             c.begin_drain()
-        if self._connections:
-            _, pending = await asyncio.wait(self._connections, timeout=self.drain_seconds)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await drain(self._connections, self.drain_seconds)
         for c in self.components:
             await c.stop()
         await self.channel.close()
@@ -163,12 +159,17 @@ class Worker:
         await accept_forever(sock, serve, listener=slot.name)
 
     async def _handle(self, conn: socket.socket, slot: Listener) -> None:
+        rest = None  # as ``agent.app.Agent._serve``: the connection may go on without the task
         try:
-            await self.proxy.handle(conn, slot)
+            rest = await self.proxy.handle(conn, slot)
         except Exception:
             log.exception("handler failed on a %s connection", slot.name.lower())
         finally:
-            conn.close()
+            if rest is None:
+                conn.close()
+        if rest is not None:
+            self._connections.add(rest)
+            rest.add_done_callback(self._connections.discard)
 
     # -- the channel -----------------------------------------------------------------------
     async def _serve(self, kind: str, args: object) -> object:

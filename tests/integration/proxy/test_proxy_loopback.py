@@ -193,7 +193,10 @@ async def test_applying_deny_closes_live_connection(mesh: Mesh) -> None:
     set_policies(mesh.store, policy("AuthorizationPolicy", {"action": "DENY", "rules": [{}]}))
     rest = await asyncio.wait_for(_read_until_closed(reader), 10)
     assert rest == b""
+    # Both relays run without their handlers' tasks: node2's re-check stopped its relay (and
+    # reset the stream), node1's relay ended on the reset; each owner cleaned up.
     assert len(mesh.node2.core.registry) == 0
+    assert len(mesh.node1.core.registry) == 0
     writer.close()
 
 

@@ -165,11 +165,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-seconds", type=float, default=5.0)
     parser.add_argument(
         "--workers",
-        type=int,
-        default=1,
-        metavar="N",
+        default="1",
+        metavar="N|auto",
         help=f"proxy worker processes, each with its own event loop and listeners (1 to "
-        f"{MAX_WORKERS}; default 1: the proxy runs in the agent's own process)",
+        f"{MAX_WORKERS}, or auto: the CPUs the agent may use by its affinity and cgroup quota, "
+        f"at most {MAX_WORKERS}, 1 without a CA; default 1: the proxy runs in the agent's own "
+        "process)",
     )
     parser.add_argument(
         "--access-log-sample",
@@ -206,6 +207,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="remove this agent's filters, rules, routes and pinned objects, then exit",
     )
+
+
+def _workers(value: str, *, has_ca: bool) -> int:
+    """``--workers``: a count, or ``auto`` (the CPUs this process may use, capped; 1 without a
+    CA, since only the node proxy runs in workers and without a CA there is none)."""
+    if value == "auto":
+        from agent.base.cpus import usable_cpus_here
+
+        return min(usable_cpus_here(), MAX_WORKERS) if has_ca else 1
+    try:
+        count = int(value)
+    except ValueError:
+        raise ConfigError(
+            f"--workers {value}: expected a number of processes (1 to {MAX_WORKERS}) or auto"
+        ) from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise ConfigError(f"--workers {value}: expected 1 to {MAX_WORKERS} processes")
+    return count
 
 
 def _host_port(flag: str, value: str) -> tuple[str, int]:
@@ -281,9 +300,8 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         )
     if args.drain_seconds < 0:
         raise ConfigError(f"--drain-seconds {args.drain_seconds}: expected 0 or more seconds")
-    if not 1 <= args.workers <= MAX_WORKERS:
-        raise ConfigError(f"--workers {args.workers}: expected 1 to {MAX_WORKERS} processes")
-    if args.workers > 1 and not args.ca_address:
+    workers = _workers(str(args.workers), has_ca=bool(args.ca_address))
+    if workers > 1 and not args.ca_address:
         raise ConfigError(
             f"--workers {args.workers} runs the node proxy in worker processes, which needs a CA "
             "(--ca-address); without one the agent is a plain passthrough: use --workers 1"
@@ -319,5 +337,5 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         capture_mark=args.capture_mark,
         route_table=args.route_table,
         traces=_traces(args),
-        workers=args.workers,
+        workers=workers,
     )

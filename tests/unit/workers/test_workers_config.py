@@ -32,3 +32,18 @@ def test_out_of_bounds(count: str) -> None:
 def test_workers_need_a_ca() -> None:
     with pytest.raises(ConfigError, match=r"needs a CA .* use --workers 1"):
         from_args(parse("--workers", "2"))
+
+
+def test_auto_is_the_usable_cpus_capped_and_one_without_a_ca(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("agent.base.cpus.usable_cpus_here", lambda: 3)
+    assert from_args(parse(*CA, "--workers", "auto")).workers == 3
+    monkeypatch.setattr("agent.base.cpus.usable_cpus_here", lambda: 64)
+    assert from_args(parse(*CA, "--workers", "auto")).workers == MAX_WORKERS
+    assert from_args(parse("--workers", "auto")).workers == 1  # no CA: no proxy to spread
+
+
+def test_a_word_other_than_auto_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"--workers many: expected a number .* or auto"):
+        from_args(parse(*CA, "--workers", "many"))

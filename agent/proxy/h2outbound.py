@@ -18,6 +18,15 @@ request's endpoint). The balancer learns each request's time to response headers
 (``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
 requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
 
+The shell is the destination's (``h2inbound``; ``http_inbound.Outbox``): the client's socket
+is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
+they arrive (``_UpstreamSink``), and each side's writes go out at once, else queue behind its
+backpressure; while an endpoint's writes wait the client is not read, and while the client's
+wait the endpoints' bytes stay in their streams (their windows bound them). One task per
+endpoint opens its tunnel, then reads only what its stream could not hand over, its end, and a
+same-node endpoint's socket. Why: the earlier shell's task per side, with a lock per write,
+woke two tasks per call; this one wakes none once the endpoint's tunnel is open.
+
 Request timeouts (a route's, or a gRPC call's ``grpc-timeout``) and the backoffs of a route
 rule's retries are one timer per session, at the soonest time ``H2Proxy`` holds
 (``next_deadline``); when it fires the proxy answers what expired and sends again what waited.

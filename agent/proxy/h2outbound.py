@@ -18,6 +18,15 @@ request's endpoint). The balancer learns each request's time to response headers
 (``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
 requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
 
+The shell is the destination's (``h2inbound``; ``http_inbound.Outbox``): the client's socket
+is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
+they arrive (``_UpstreamSink``), and each side's writes go out at once, else queue behind its
+backpressure; while an endpoint's writes wait the client is not read, and while the client's
+wait the endpoints' bytes stay in their streams (their windows bound them). One task per
+endpoint opens its tunnel, then reads only what its stream could not hand over, its end, and a
+same-node endpoint's socket. Why: the earlier shell's task per side, with a lock per write,
+woke two tasks per call; this one wakes none once the endpoint's tunnel is open.
+
 Request timeouts (a route's, or a gRPC call's ``grpc-timeout``) and the backoffs of a route
 rule's retries are one timer per session, at the soonest time ``H2Proxy`` holds
 (``next_deadline``); when it fires the proxy answers what expired and sends again what waited.
@@ -40,7 +49,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -58,6 +67,7 @@ from agent.proxy.h2proxy import (
 )
 from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import RequestHead, Verdict
+from agent.proxy.http_inbound import Outbox, require_non_blocking, try_send
 from agent.proxy.http_outbound import MAX_MIRRORS, MIRROR_TIMEOUT
 from agent.proxy.http_router import RoutePlan
 from agent.proxy.records import Refused, cancel_current_task
@@ -88,6 +98,7 @@ class H2SourceSession:
         target: ServiceTarget,
         src: str,
     ) -> None:
+        require_non_blocking(client)
         self.outbound, self.client = outbound, client
         self.source, self.target, self.src = source, target, src
         self.src_ip = src.rsplit(":", 1)[0]
@@ -102,10 +113,19 @@ class H2SourceSession:
         self.conn_id = 0
         self._upstreams: dict[int, Upstream] = {}
         self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._client_lock = asyncio.Lock()
-        self._closing = asyncio.Event()  # set once the proxy is done with the connection
-        self._locks: dict[int, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # one per endpoint: opens, then reads
+        self._loop = asyncio.get_running_loop()
+        self._ended: asyncio.Future[None] = self._loop.create_future()
+        self._reading_client = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timed: float | None = None  # the head_started the timer is for
+        self._to_client = Outbox(
+            lambda data: try_send(client, data),
+            lambda data: self._loop.sock_sendall(client, data),
+            lambda: None,  # the endpoints' tasks wait for ``idle`` themselves
+            self._end,
+        )
+        self._to_upstream: dict[int, Outbox] = {}
         self._timer: asyncio.TimerHandle | None = None  # the soonest timeout or retry
         self._timer_at: float | None = None
 
@@ -144,32 +164,35 @@ class H2SourceSession:
         if not self.proxy.unpark(plan, answer):
             plan.attempts.finish()  # the request ended meanwhile: give its slot back
             return
-        self._spawn(self._flush(), f"h2-admitted {self.where}")
+        self._moved()
 
     async def serve(self) -> None:
         core = self.outbound.core
         self.conn_id = core.registry.add(self.record, cancel_current_task())
         clean = False
-        reader = asyncio.create_task(self._client_side(), name="h2-source-client")
-        closing = asyncio.create_task(self._closing.wait(), name="h2-source-closing")
         try:
-            await self._flush()  # our SETTINGS
-            done, _ = await asyncio.wait({reader, closing}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
-                reader.result()
+            self._moved()  # our SETTINGS
+            self._resume_client()
+            await self._ended
+            await self._to_client.idle.wait()  # what the proxy answered last
             clean = True
         except OSError as e:
             log.debug("%s: client side ended: %s", self.where, e)
         finally:
             # Whatever ended the session (also a cancellation), every request still open is
             # reported and its attempt finished, so the Service's counts stay right.
+            self._pause_client()
             self.proxy.receive_client(b"")
             self._report()
-            if self._timer is not None:
-                self._timer.cancel()
-            for task in (reader, closing, *self._tasks):
+            for timer in (self._timer, self._head_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._to_client.cancel()
+            for box in self._to_upstream.values():
+                box.cancel()
+            for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(reader, closing, *self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             for uid in list(self._upstreams):
                 self._close(uid)
             core.registry.remove(self.conn_id)
@@ -180,24 +203,63 @@ class H2SourceSession:
             else:
                 sockets.abort(self.client)
 
-    async def _client_side(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self.proxy.closing:
-            try:
-                wait = header_wait(self.proxy)
-                data = await asyncio.wait_for(loop.sock_recv(self.client, READ_SIZE), wait)
-            except TimeoutError:
-                self.proxy.header_timeout()
-                await self._flush()
-                return
-            self.record.bytes_sent += len(data)
+    # -- the client's side: a reader callback ------------------------------------------------
+    def _on_client_readable(self) -> None:
+        try:
+            data = self.client.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._end(e)
+            return
+        self.record.bytes_sent += len(data)
+        try:
             self.proxy.receive_client(data)
-            await self._flush()
-            if not data:
-                return
+            self._moved()
+        except Exception as e:  # the session's failure, not the event loop's
+            self._end(e)
+            return
+        if not data:  # the client is done: so is the session (its open requests reported)
+            self._end(None)
 
+    def _pause_client(self) -> None:
+        if self._reading_client:
+            self._loop.remove_reader(self.client.fileno())
+            self._reading_client = False
+
+    def _resume_client(self) -> None:
+        """Read the client again, unless an endpoint is not reading what it sent."""
+        if self._reading_client or self._ended.done() or self.proxy.closing:
+            return
+        if any(box.busy for box in self._to_upstream.values()):
+            return
+        self._loop.add_reader(self.client.fileno(), self._on_client_readable)
+        self._reading_client = True
+
+    def _arm_head_timer(self) -> None:
+        """A header block that began must be complete ``HEADER_TIMEOUT`` after it began."""
+        started = self.proxy.head_started
+        if started == self._head_timed or self.proxy.closing:
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._head_timed = started
+        if started is not None:
+            wait = header_wait(self.proxy) or 0.0
+            self._head_timer = self._loop.call_later(wait, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = self._head_timed = None
+        if self.proxy.head_started is not None and not self._ended.done():
+            self.proxy.header_timeout()
+            self._moved()
+
+    # -- the endpoints' side -----------------------------------------------------------------
     async def _upstream(self, uid: int, key: Endpoint) -> None:
-        """Open the tunnel to endpoint ``key`` for upstream ``uid``, then feed its bytes."""
+        """Open the tunnel to endpoint ``key`` for upstream ``uid``; then its bytes are handed
+        over as they arrive (``_UpstreamSink``), and this task reads only what could not be
+        (the client was not reading), the tunnel's end, and a same-node endpoint's socket."""
         out, proxy, ip = self.outbound, self.proxy, key.ip
         snap = out.core.snapshot()
         route = out.resolver.endpoint_route(snap, self.source, key.target, ip)
@@ -213,55 +275,99 @@ class H2SourceSession:
             if not isinstance(e, Refused):
                 out.count_failure(e, route, rec)
             proxy.upstream_failed(uid)  # its requests end UC: counted against ip at finish
-            await self._flush()
+            self._moved()
             return
         self._upstreams[uid] = upstream
+        self._to_upstream[uid] = _outbox(
+            upstream, self._resume_client, lambda e: self._upstream_write_failed(uid, e)
+        )
+        if isinstance(upstream, TunnelStream):
+            upstream.deliver_directly(_UpstreamSink(self, uid))
         try:
-            await self._flush()  # the preface and the requests queued meanwhile
+            self._moved()  # the preface and the requests queued meanwhile
             while proxy.upstream_live(uid) and not proxy.closing:
+                if self._to_client.busy:  # the client is not reading: neither do we
+                    await self._to_client.idle.wait()
+                    continue
                 data = await _read(upstream)
-                if data and not self.record.first_byte:
-                    self.record.first_byte = time.monotonic()
-                self.record.bytes_received += len(data)
-                proxy.receive_upstream(data, uid)
-                await self._flush()
+                self._from_upstream(uid, data)
                 if not data:
                     break
         except (OSError, TunnelError) as e:
             log.debug("%s: upstream %s failed: %s", self.where, ip, e)
             proxy.upstream_failed(uid)
-            await self._flush()
+            self._moved()
         finally:
+            if isinstance(upstream, TunnelStream):
+                upstream.deliver_directly(None)
             self._close(uid)
 
+    def _from_upstream(self, uid: int, data: bytes) -> None:
+        if data and not self.record.first_byte:
+            self.record.first_byte = time.monotonic()
+        self.record.bytes_received += len(data)
+        self.proxy.receive_upstream(data, uid)
+        self._moved()
+
+    def deliver(self, uid: int, data: bytes) -> int:
+        """An endpoint's bytes as the tunnel receives them (no task wakes up for them), unless
+        the client is not reading or the session is ending: then its task reads them."""
+        proxy = self.proxy
+        if proxy.closing or self._to_client.busy or self._ended.done():
+            return 0
+        if not proxy.upstream_live(uid):
+            return 0
+        try:
+            self._from_upstream(uid, data)
+        except Exception as e:  # the session's failure, not the HBONE connection's
+            self._end(e)
+        return len(data)
+
+    def _upstream_write_failed(self, uid: int, error: Exception) -> None:
+        log.debug("%s: upstream send failed: %r", self.where, error)
+        self.proxy.upstream_failed(uid)
+        self._moved()
+
     def _close(self, uid: int) -> None:
+        box = self._to_upstream.pop(uid, None)
+        if box is not None:
+            box.cancel()
         upstream = self._upstreams.pop(uid, None)
         if upstream is not None:
             _close_upstream(upstream)
+        self._resume_client()  # its outbox no longer holds the client's reads
 
-    async def _flush(self) -> None:
+    # -- both --------------------------------------------------------------------------------
+    def _moved(self) -> None:
+        """After input (or a timer): open the new upstreams, write what the proxy produced,
+        report finished requests, keep the timers, and see whether the proxy is done."""
         proxy = self.proxy
         for uid, key in proxy.take_new_upstreams():
             assert isinstance(key, Endpoint)  # what ``_pick`` names
             self._spawn(self._upstream(uid, key), f"h2-upstream-{key}")
-        for uid, upstream in list(self._upstreams.items()):
-            lock = self._locks.setdefault(uid, asyncio.Lock())
-            async with lock:
-                data = proxy.take_to_upstream(uid)
-                if data:
-                    try:
-                        await _write(upstream, data)
-                    except (OSError, TunnelError) as e:
-                        log.debug("%s: upstream send failed: %s", self.where, e)
-                        proxy.upstream_failed(uid)
-        async with self._client_lock:
-            data = proxy.take_to_client()
+        for uid, box in self._to_upstream.items():
+            data = proxy.take_to_upstream(uid)
             if data:
-                await asyncio.get_running_loop().sock_sendall(self.client, data)
+                box.send(data)
+                if box.busy:
+                    self._pause_client()  # the endpoint is not reading: neither do we the client
+        data = proxy.take_to_client()
+        if data:
+            self._to_client.send(data)
         self._report()
         self._arm()
+        self._arm_head_timer()
         if proxy.closing:
-            self._closing.set()
+            self._end(None)
+
+    def _end(self, error: BaseException | None) -> None:
+        if self._ended.done():
+            return
+        self._pause_client()
+        if error is None:
+            self._ended.set_result(None)
+        else:
+            self._ended.set_exception(error)
 
     def _spawn(self, work: Coroutine[object, object, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -278,12 +384,12 @@ class H2SourceSession:
         self._timer, self._timer_at = None, at
         if at is not None:
             delay = max(0.0, at - time.monotonic())
-            self._timer = asyncio.get_running_loop().call_later(delay, self._expired)
+            self._timer = self._loop.call_later(delay, self._expired)
 
     def _expired(self) -> None:
         self._timer, self._timer_at = None, None
         self.proxy.expire()
-        self._spawn(self._flush(), f"h2-expire {self.where}")
+        self._moved()
 
     def _report(self) -> None:
         core = self.outbound.core
@@ -385,6 +491,39 @@ class H2SourceSession:
         )
 
 
+class _UpstreamSink:
+    """``Sink`` of one endpoint's tunnel: its bytes to the session, marked with its upstream."""
+
+    __slots__ = ("session", "uid")
+
+    def __init__(self, session: H2SourceSession, uid: int) -> None:
+        self.session, self.uid = session, uid
+
+    def send(self, data: bytes, /) -> int:
+        return self.session.deliver(self.uid, data)
+
+
+def _outbox(
+    upstream: Upstream, on_idle: Callable[[], None], on_error: Callable[[Exception], None]
+) -> Outbox:
+    """The writes to one endpoint: at once when its tunnel (or socket) takes them."""
+    if isinstance(upstream, TunnelStream):
+        stream = upstream
+        return Outbox(
+            lambda data: len(data) if stream.try_write(data) else 0,
+            stream.write,
+            on_idle,
+            on_error,
+        )
+    loop = asyncio.get_running_loop()
+    return Outbox(
+        lambda data: try_send(upstream, data),
+        lambda data: loop.sock_sendall(upstream, data),
+        on_idle,
+        on_error,
+    )
+
+
 def _close_upstream(upstream: Upstream) -> None:
     if isinstance(upstream, TunnelStream):
         upstream.proto.finish(upstream)
@@ -402,7 +541,7 @@ async def _read(upstream: Upstream) -> bytes:
     return await asyncio.get_running_loop().sock_recv(upstream, READ_SIZE)
 
 
-async def _write(upstream: Upstream, data: bytes) -> None:
+async def _write(upstream: Upstream, data: bytes) -> None:  # a mirror's copy
     if isinstance(upstream, TunnelStream):
         await upstream.write(data)
     else:

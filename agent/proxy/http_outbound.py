@@ -353,6 +353,7 @@ class _ClientConnection:
         # None when there is something else to do; the client socket's reader is registered
         # (``watching``) only while the codec wants its bytes.
         self._waiter: asyncio.Future[bytes | None] | None = None
+        self._loop = asyncio.get_running_loop()  # (each get_running_loop() costs a getpid())
         self._watching = False
         self._head_timer: asyncio.TimerHandle | None = None
         self.client_gone = False  # a send to the client failed
@@ -416,7 +417,7 @@ class _ClientConnection:
         codec does not want the client's bytes, and the callback that ends the response
         (``_changed``) then registers the client socket's reader itself instead of waking this
         task to do it, so a keep-alive request costs the task one wake-up, not two."""
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             self._changed()
             return await self._waiter
@@ -442,7 +443,7 @@ class _ClientConnection:
     def _watch(self) -> None:
         if self._watching:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         loop.add_reader(self.client.fileno(), self._readable)
         self._watching = True
         started = self.codec.head_started
@@ -453,7 +454,7 @@ class _ClientConnection:
     def _unwatch(self) -> None:
         if self._watching:
             self._watching = False
-            asyncio.get_running_loop().remove_reader(self.client.fileno())
+            self._loop.remove_reader(self.client.fileno())
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None

@@ -22,6 +22,7 @@ from typing import Any
 import h11
 import pytest
 
+from agent.proxy import http_outbound
 from agent.proxy.http_outbound import HttpOutbound
 from agent.state import Endpoint, PolicyObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
@@ -217,6 +218,26 @@ async def test_a_keep_alive_request_wakes_the_client_connections_task_once(mesh:
             sys.setprofile(None)
         client.writer.close()
     assert resumed == 20
+
+
+@mesh_test
+async def test_a_head_not_completed_in_time_is_408_also_after_a_keep_alive_request(
+    mesh: Mesh,
+) -> None:
+    """The head timeout runs as a timer while the client side waits for the rest of a head."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    default, http_outbound.HEADER_TIMEOUT = http_outbound.HEADER_TIMEOUT, 0.2
+    try:
+        async with apps(port, SERVER):
+            client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+            assert (await client.request("GET", "/first"))[0] == 200
+            client.writer.write(b"GET /second HTTP/1.1\r\nHost: web\r\n")  # no blank line
+            answer = await asyncio.wait_for(client.reader.read(65536), 10)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert await asyncio.wait_for(client.reader.read(65536), 10) == b""  # closed
+    finally:
+        http_outbound.HEADER_TIMEOUT = default
 
 
 @mesh_test

@@ -16,7 +16,10 @@ checkout, never handed to a request.
 
 One task per client connection reads the client (only when the codec wants bytes, so a slow
 endpoint stops the client's reads) and, when a head is pending, routes and attaches the
-request. An attached HBONE session's response is handled where it arrives, in the HBONE
+request. It waits on a future of its own, not on ``sock_recv``: the callback that finishes a
+response registers the client socket's reader (and the head timeout's timer) for it, so the
+task is woken once per keep-alive request, when the next bytes arrive, not also at the end of
+each response. An attached HBONE session's response is handled where it arrives, in the HBONE
 connection's callback (``deliver_directly``): parsed, written to the client, the session
 released, with no task woken per response. Why: once the codec was llhttp, the event loop's
 own work (task steps, awaits) was about a fifth of the source agent's profile; this step
@@ -346,7 +349,13 @@ class _ClientConnection:
         self.session: UpstreamSession | None = None  # attached to the current request
         self.reader: asyncio.Task[None] | None = None  # reads ``session``
         self.reading = False  # the reader waits in ``session.read`` (safe to cancel there)
-        self.changed = asyncio.Event()
+        # The client side's park (``_client_bytes``): resolved with the client's bytes, or
+        # None when there is something else to do; the client socket's reader is registered
+        # (``watching``) only while the codec wants its bytes.
+        self._waiter: asyncio.Future[bytes | None] | None = None
+        self._loop = asyncio.get_running_loop()  # (each get_running_loop() costs a getpid())
+        self._watching = False
+        self._head_timer: asyncio.TimerHandle | None = None
         self.client_gone = False  # a send to the client failed
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
@@ -382,28 +391,95 @@ class _ClientConnection:
 
     # -- client side -------------------------------------------------------------------------
     async def _client_side(self) -> None:
-        codec, loop = self.codec, asyncio.get_running_loop()
+        codec = self.codec
         while not (codec.closing or codec.tunnel):
             if codec.pending is not None:
                 await self._dispatch(codec.pending)
                 continue
-            if not codec.wants_client_data():
-                self.changed.clear()
-                await self.changed.wait()
+            try:
+                data = await self._client_bytes()
+            except TimeoutError:
+                codec.header_timeout()
+                await self._flush()
+                return
+            if data is None:
                 continue
-            if codec.head_started is None:  # between requests, or in a body: no head clock
-                data = await loop.sock_recv(self.client, READ_SIZE)
-            else:
-                timeout = max(0.0, codec.head_started + HEADER_TIMEOUT - time.monotonic())
-                try:
-                    data = await asyncio.wait_for(loop.sock_recv(self.client, READ_SIZE), timeout)
-                except TimeoutError:
-                    codec.header_timeout()
-                    await self._flush()
-                    return
             self.record.bytes_sent += len(data)
             codec.receive_client(data)
             await self._flush()
+
+    async def _client_bytes(self) -> bytes | None:
+        """The client's next bytes (``b""`` at its end) once the codec wants them, or None
+        when woken for something else (a head is pending, the codec ends); raises
+        ``TimeoutError`` when a started head is not complete within ``HEADER_TIMEOUT``.
+
+        Why not ``sock_recv`` after waiting for the codec: while a response is in flight the
+        codec does not want the client's bytes, and the callback that ends the response
+        (``_changed``) then registers the client socket's reader itself instead of waking this
+        task to do it, so a keep-alive request costs the task one wake-up, not two."""
+        self._waiter = self._loop.create_future()
+        try:
+            self._changed()
+            return await self._waiter
+        finally:
+            self._waiter = None
+            self._unwatch()
+
+    def _changed(self) -> None:
+        """The codec's state may have changed: wake the client side when it has something to
+        do, watch the client socket while the codec wants its bytes, else keep waiting."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        codec = self.codec
+        if codec.closing or codec.tunnel or codec.pending is not None:
+            self._unwatch()
+            waiter.set_result(None)
+        elif codec.wants_client_data():
+            self._watch()
+        else:
+            self._unwatch()
+
+    def _watch(self) -> None:
+        if self._watching:
+            return
+        loop = self._loop
+        loop.add_reader(self.client.fileno(), self._readable)
+        self._watching = True
+        started = self.codec.head_started
+        if started is not None:  # between requests, or in a body: no head clock
+            delay = max(0.0, started + HEADER_TIMEOUT - time.monotonic())
+            self._head_timer = loop.call_later(delay, self._head_late)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self.client.fileno())
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self._unwatch()
+            return
+        try:
+            data = self.client.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            waiter.set_exception(e)
+        else:
+            waiter.set_result(data)
+        self._unwatch()
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._unwatch()
+            waiter.set_exception(TimeoutError("no complete request head in time"))
 
     def _flush_now(self) -> bool:
         """Write what the codec produced, settle released sessions, report exchanges, without
@@ -431,7 +507,7 @@ class _ClientConnection:
         for cause in codec.take_rejections():
             self.core.registry.http_rejected(cause, f"{self.record.source} -> {self.service}")
         if done:
-            self.changed.set()
+            self._changed()
         return done
 
     def _send_upstream_now(self, session: UpstreamSession, data: bytes) -> bool:
@@ -841,7 +917,7 @@ class _ClientConnection:
         except Exception:  # this connection's failure, not the HBONE connection's
             log.exception("%s: HTTP upstream bytes could not be handled", self.record.source)
             codec.closing = True
-            self.changed.set()
+            self._changed()
         return len(data)
 
     def _start_reader(self, session: UpstreamSession, request: _Request) -> None:
@@ -880,7 +956,7 @@ class _ClientConnection:
             return
         log.error("%s: HTTP upstream reader failed", self.record.source, exc_info=task.exception())
         self.codec.closing = True
-        self.changed.set()
+        self._changed()
 
     async def _relay_upgraded(self, session: UpstreamSession) -> None:
         """After a 101: the client and its session exchange opaque bytes until both end."""

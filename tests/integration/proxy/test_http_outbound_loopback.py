@@ -13,12 +13,17 @@ import asyncio
 import contextlib
 import socket
 import struct
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from types import FrameType
+from typing import Any
 
 import h11
 import pytest
 
+from agent.proxy import http_outbound
+from agent.proxy.http_outbound import HttpOutbound
 from agent.state import Endpoint, PolicyObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
 from tests.integration.proxy.mesh import (
@@ -185,6 +190,54 @@ async def test_one_keep_alive_connection_is_balanced_per_request(mesh: Mesh) -> 
     assert not [k for k in dst if k[1] != WEB]
     # Upstream sessions were reused: far fewer opened than requests sent.
     assert mesh.node1.outbound.http.sessions.opened <= 4
+
+
+@mesh_test
+async def test_a_keep_alive_request_wakes_the_client_connections_task_once(mesh: Mesh) -> None:
+    """The task serving a client connection is resumed once per request (its head arrived):
+    the response is written from the HBONE connection's callback, which also watches the
+    client for the next head, without waking the task in between."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    async with apps(port, SERVER):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert (await client.request("GET", "/warm"))[0] == 200  # opens the pooled session
+        handle = HttpOutbound.handle.__code__
+        resumed = 0
+
+        def count(frame: FrameType, event: str, _arg: Any) -> None:
+            nonlocal resumed
+            if event == "call" and frame.f_code is handle:
+                resumed += 1  # a coroutine's frame is "called" each time its task resumes
+
+        sys.setprofile(count)
+        try:
+            for i in range(20):
+                assert (await client.request("GET", f"/r{i}"))[0] == 200
+        finally:
+            sys.setprofile(None)
+        client.writer.close()
+    assert resumed == 20
+
+
+@mesh_test
+async def test_a_head_not_completed_in_time_is_408_also_after_a_keep_alive_request(
+    mesh: Mesh,
+) -> None:
+    """The head timeout runs as a timer while the client side waits for the rest of a head."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    default, http_outbound.HEADER_TIMEOUT = http_outbound.HEADER_TIMEOUT, 0.2
+    try:
+        async with apps(port, SERVER):
+            client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+            assert (await client.request("GET", "/first"))[0] == 200
+            client.writer.write(b"GET /second HTTP/1.1\r\nHost: web\r\n")  # no blank line
+            answer = await asyncio.wait_for(client.reader.read(65536), 10)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert await asyncio.wait_for(client.reader.read(65536), 10) == b""  # closed
+    finally:
+        http_outbound.HEADER_TIMEOUT = default
 
 
 @mesh_test

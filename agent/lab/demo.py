@@ -53,6 +53,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 FLAKY = sys.argv[2:] == ["flaky"]
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers, body: two writes; no delayed-ACK stall
     def reply(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         body = sys.argv[1].encode()

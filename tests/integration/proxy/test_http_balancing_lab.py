@@ -61,6 +61,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 SLOW = {slow!r}
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers, body: two writes; no delayed-ACK stall
     def do_GET(self):
         me = self.connection.getsockname()[0]
         if me == SLOW:

@@ -28,6 +28,7 @@ SERVER = f"""
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers, body: two writes; no delayed-ACK stall
     def reply(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         code = 404 if self.path.startswith("/missing") else 200

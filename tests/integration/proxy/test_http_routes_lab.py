@@ -45,6 +45,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 FLAKY = {flaky!r}
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers, body: two writes; no delayed-ACK stall
     def do_GET(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         me = self.connection.getsockname()[0]

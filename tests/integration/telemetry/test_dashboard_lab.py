@@ -44,6 +44,7 @@ WEB_SERVER = f"""
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers, body: two writes; no delayed-ACK stall
     def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Length", "0")  # so curl's output is only the status codes

@@ -60,6 +60,7 @@ HTTP_SERVER = f"""
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers, body: two writes; no delayed-ACK stall
     def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Length", "3")

@@ -253,27 +253,36 @@ class Policies:
 
     A refused object keeps its previous valid version; a refused AuthorizationPolicy without
     one is enforced by ``kubeobjects.fail_closed_stand_in`` (never dropped: that fails open).
+    Which keys hold a stand-in is remembered: a stand-in is no valid version, so a refused
+    object seen again (its own status write comes back as an event) is stood in for again, from
+    what it says now, and its status keeps saying so.
     """
 
     def __init__(self, ctx: Context, kind: str, plural: str) -> None:
         self.ctx = ctx
         self.kind = kind
         self.plural = plural
+        self._standing_in: set[tuple[str, str, str]] = set()
 
     def _convert(self, obj: Raw, previous: Any) -> Any:
+        key = self._key(obj)
         try:
             policy = ko.guarded(ko.policy_of, obj)
         except InvalidObject as e:
-            if previous is None and (stand_in := ko.fail_closed_stand_in(obj)) is not None:
+            if (previous is None or key in self._standing_in) and (
+                stand_in := ko.fail_closed_stand_in(obj)
+            ) is not None:
                 e = InvalidObject(
                     e.reason,
                     f"{e.message}; until it is fixed it is enforced as {_describe(stand_in)} "
                     "(fail closed)",
                 )
                 previous = stand_in
+                self._standing_in.add(key)
             self.ctx.invalid(obj, e)
             self.ctx.policy_verdict(self.plural, obj, e)
             return previous
+        self._standing_in.discard(key)
         self.ctx.policy_verdict(self.plural, obj, None)
         return policy
 
@@ -285,6 +294,7 @@ class Policies:
             old = self.ctx.store.snapshot().policies
             fresh = [self._convert(o, old.get(self._key(o))) for o in items]
             keep = {p.key for p in fresh if p is not None}
+            self._standing_in &= keep
             with self.ctx.store.update() as txn:
                 for key in [k for k in old if k[0] == self.kind and k not in keep]:
                     txn.delete("policies", key)
@@ -298,6 +308,7 @@ class Policies:
         with self.ctx.writing(), self.ctx.store.update() as txn:
             policy = None if kind == "DELETED" else self._convert(obj, txn.get("policies", key))
             if policy is None:
+                self._standing_in.discard(key)
                 txn.delete("policies", key)
             else:
                 txn.put_policy(policy)

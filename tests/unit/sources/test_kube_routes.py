@@ -203,7 +203,9 @@ def test_one_agent_per_cluster_writes_route_status_and_another_takes_over_when_i
             wait_for(lambda r=resolved: _conditions(_ours(api, "r"))["ResolvedRefs"][0] == r)
         wait_for(lambda: leader.route_status.writes == 4)  # the first status, then 3 changes
         assert follower.route_status.writes == 0
-        assert follower.route_status.conflicts == leader.route_status.conflicts == 0
+        # The follower never even tries. (The leader may meet a 409 when its write races one of
+        # the test's spec patches: optimistic concurrency, retried from the next event.)
+        assert follower.route_status.conflicts == 0
         # The holder stops and gives the Lease up: the other one takes it and writes.
         leader.stop()
         wait_for(lambda: follower.election.leading())

@@ -168,3 +168,33 @@ def test_a_refused_audit_policy_has_no_stand_in() -> None:
     policies, reports, _ = _first_seen_invalid({"action": "AUDIT", "rules": [{"from": []}]})
     assert policies == []
     assert reports.invalid == [("p", "InvalidSpec")]
+
+
+def test_a_refused_policy_seen_again_is_still_stood_in_for_and_says_so() -> None:
+    """The agent's own status write comes back as a MODIFIED event of the same refused object:
+    the stand-in is not a valid version, so the status must keep saying "fail closed" (it said
+    "the previous valid version stays in force" on the second sight), and an edit that is still
+    invalid gets a stand-in from what the object says now."""
+    ctx, reports = _ctx()
+    messages: list[str] = []
+    reports.report_policy = lambda plural, obj, error: messages.append(  # type: ignore[method-assign]
+        "" if error is None else error.message
+    )
+    policies = kh.Policies(ctx, "AuthorizationPolicy", "authorizationpolicies")
+    broken = authz("p", "DENY")
+    broken["spec"]["rules"] = "everything"
+    policies.event("ADDED", broken)
+    policies.event("MODIFIED", broken)  # its status write, seen again
+    policies.replace([broken])  # a relist
+    assert len(messages) == 3 and all("(fail closed)" in m for m in messages), messages
+    (stand_in,) = ctx.store.snapshot().policies_of("AuthorizationPolicy")
+    assert stand_in.spec["action"] == "DENY"
+    broken["spec"]["action"] = "ALLOW"  # edited, still invalid: the stand-in follows it
+    policies.event("MODIFIED", broken)
+    (stand_in,) = ctx.store.snapshot().policies_of("AuthorizationPolicy")
+    assert stand_in.spec["action"] == "ALLOW" and "an ALLOW of nothing" in messages[-1]
+    fixed = authz("p", "DENY")
+    policies.event("MODIFIED", fixed)  # valid again: no stand-in, and a later refusal keeps it
+    policies.event("MODIFIED", broken)
+    (kept,) = ctx.store.snapshot().policies_of("AuthorizationPolicy")
+    assert kept.spec["rules"] == fixed["spec"]["rules"] and "(fail closed)" not in messages[-1]

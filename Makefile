@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: setup test unit lint demo bench clean
+.PHONY: setup test unit lint demo bench fuzz clean
 
 setup:
 	@scripts/setup.sh
@@ -26,6 +26,10 @@ demo: setup
 bench: setup
 	$(PY) -m bench $(if $(QUICK),--quick,)
 
+# The hypothesis campaigns (tests marked fuzz) with many more examples than `make test` runs.
+FUZZ_EXAMPLES ?= 20000
+fuzz: setup
+	NODEMESH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -m fuzz tests
 
 clean:
 	-$(VENV)/bin/nodemesh lab down 2>/dev/null

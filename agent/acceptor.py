@@ -7,6 +7,9 @@ can finish, logs the fix once per episode, and keeps accepting. A connection tha
 queue (ECONNABORTED, and the network errors accept(2) says to treat "like EAGAIN") is simply
 skipped. Every failure is counted by reason. Before this, one EMFILE under 10,000 idle
 connections ended the accept task and so the whole agent.
+
+``drain`` is the other end of what the accept loops start: waiting for the accepted
+connections at shutdown, whether a handler task still serves them or a relay without a task.
 """
 
 from __future__ import annotations
@@ -89,3 +92,19 @@ async def accept_forever(
             continue
         conn.setblocking(False)
         serve(conn)
+
+
+async def drain(connections: set[asyncio.Future[None]], seconds: float) -> int:
+    """Wait up to ``seconds`` for the accepted ``connections`` (handler tasks, and the relays
+    handlers handed their connections to) to end, then cancel the rest; returns how many were
+    cancelled. The set may grow meanwhile (a handler task that ends hands over its relay), so
+    it is waited for again until it is empty or the time is up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while connections and (left := deadline - loop.time()) > 0:
+        await asyncio.wait(set(connections), timeout=left)
+    pending = list(connections)
+    for conn in pending:
+        conn.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return len(pending)

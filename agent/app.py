@@ -20,6 +20,9 @@ Theory of operation:
      registers its listeners, reconciles and binds readiness/metrics/admin). The old agent stops
      accepting a moment later and serves its established connections until SIGTERM drains it;
      a SIGTERM that arrives while a successor is still starting waits for the handover.
+  5. With ``--workers N`` (N > 1) the accept loops and the node proxy run in N worker processes
+     (``agent.workers``) on reuseport listener groups; this process keeps the rest, feeds them
+     state and certificates, and restarts a worker that dies.
 
 The parts: ``mesh_components()`` builds the identity manager and the node proxy (with a CA),
 ``connection_handler()`` picks what serves the listeners, and ``agent.wiring.observability``
@@ -41,22 +44,25 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from agent import handover
-from agent.acceptor import accept_forever
+from agent.acceptor import accept_forever, drain
+from agent.base import runtime
 from agent.base.component import Component, StateSource
 from agent.base.constants import Listener
 from agent.base.endpoint import HttpComponent
 from agent.base.http import HttpServer, Request, Response
 from agent.config import AgentConfig, ConfigError, add_arguments, from_args
 from agent.datapath.datapath import Datapath, SpliceUnavailable, uninstall
-from agent.datapath.listeners import open_listeners
+from agent.datapath.splice import KernelSplice
+from agent.datapath.listeners import open_listener_groups, open_listeners
 from agent.datapath.programs import ProgramLoadError
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
-from agent.wiring import local_pods, observability
+from agent.wiring import local_pods, node_proxy, observability
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
     from agent.proxy.component import ProxyComponent
+    from agent.workers.supervisor import Workers
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +75,14 @@ TAKEOVER_LOG_SECONDS = 10.0
 
 
 class ConnectionHandler(Protocol):
-    """Serves one captured connection; ``listener`` says which port captured it."""
+    """Serves one captured connection; ``listener`` says which port captured it. It may return
+    a future the connection goes on in once the handler's task ended (a relay without a task:
+    an idle connection then holds no task and no coroutine frames); the future owns ``conn``
+    from then on, and cancelling it closes the connection (the drain's deadline does)."""
 
-    async def handle(self, conn: socket.socket, listener: Listener) -> None: ...
+    async def handle(
+        self, conn: socket.socket, listener: Listener
+    ) -> asyncio.Future[None] | None: ...
 
 
 class StartupError(RuntimeError):
@@ -123,9 +134,6 @@ def mesh_components(
     if config.ca is None:
         return None, None
     from agent.identity.component import IdentityComponent
-    from agent.proxy.component import ProxyComponent
-    from agent.proxy.core import Core, ProxySettings
-    from agent.proxy.server import NodeProxy
 
     identity = IdentityComponent(
         node=config.node,
@@ -136,10 +144,12 @@ def mesh_components(
         server_name=config.ca.server_name,
         validity_seconds=config.ca.cert_ttl_seconds,
     )
-    # Loop protection: the ports this agent listens on, as configured (not the defaults).
-    settings = ProxySettings(proxy_ports=config.own_ports())
-    core = Core(node=config.node, store=store, identities=identity.manager, settings=settings)
-    return identity, ProxyComponent(NodeProxy(core))
+    if config.workers > 1:
+        return identity, None  # the workers run the proxy (agent.workers)
+    proxy = node_proxy(config, store, identity.manager)
+    forget = proxy.proxy.core.contexts.forget  # a dropped identity's key leaves OpenSSL too
+    identity.manager.observers.append(lambda name, cert: forget(name) if cert is None else None)
+    return identity, proxy
 
 
 def connection_handler(proxy: ProxyComponent | None) -> ConnectionHandler:
@@ -185,8 +195,15 @@ class Agent:
         self.identity, self.proxy = mesh_components(config, self.store)
         self.handler: ConnectionHandler = connection_handler(self.proxy)
         self.components: list[Component] = [c for c in (self.identity, self.proxy) if c]
-        self.components += observability(self)  # metrics and admin API observe the rest
-        self._connections: set[asyncio.Task[None]] = set()
+        self.workers: Workers | None = None  # --workers N > 1: set by prepare()
+        fanout = None
+        if config.workers > 1:
+            from agent.workers.views import WorkerViews
+
+            fanout = WorkerViews(lambda: self.workers, config.node)
+        # metrics and the admin API observe the rest (and, with --workers N, ask the workers)
+        self.components += observability(self, fanout)
+        self._connections: set[asyncio.Future[None]] = set()  # tasks, detached relays
         self._dirty = asyncio.Event()
         self._synced = False
         self._draining = False
@@ -216,28 +233,46 @@ class Agent:
                 )
         self.source = open_source(self.config, self.store)
         self.datapath.start()
-        self._use_splice()
-        self.listeners = open_listeners(
-            self.config.listeners, beside_another=self.predecessor is not None
-        )
+        splice = self._splice()
+        if self.config.workers > 1:
+            self._start_workers(splice)
+        else:
+            if splice is not None and self.proxy is not None:
+                self.proxy.use_splicer(splice)  # with workers, they build their own
+            self.listeners = open_listeners(
+                self.config.listeners, beside_another=self.predecessor is not None
+            )
         if self.predecessor is None:
             self._take_datapath()
 
-    def _use_splice(self) -> None:
-        """Hand the proxy the kernel's splice maps (``--splice``), or say why not."""
+    def _splice(self) -> KernelSplice | None:
+        """The kernel's splice maps for the proxy (``--splice``), or None, saying why not."""
         if not self.config.splice:
-            return
-        if self.proxy is None:
+            return None
+        if self.proxy is None and self.config.workers <= 1:
             log.warning("--splice: no node proxy without a CA (--ca-address): nothing to splice")
-            return
+            return None
         try:
-            self.proxy.use_splicer(self.datapath.splice())
+            splice = self.datapath.splice()
         except SpliceUnavailable as e:
             log.warning(
                 "same-node splice unavailable: %s; same-node bytes are relayed in user space", e
             )
-            return
+            return None
         log.info("same-node splice on: the kernel moves admitted same-node connections' bytes")
+        return splice
+
+    def _start_workers(self, splice: KernelSplice | None) -> None:
+        """Listener groups for the workers; the first of each group goes in the SOCKMAP."""
+        from agent.workers.supervisor import Workers
+
+        assert self.identity is not None  # config: --workers N > 1 needs a CA
+        groups = open_listener_groups(
+            self.config.listeners, self.config.workers, beside_another=self.predecessor is not None
+        )
+        self.listeners = {slot: group[0] for slot, group in groups.items()}
+        self.workers = Workers(self.config, self.store, groups, self.identity.manager, splice)
+        self.components.insert(0, self.workers)  # stopped (drained) before what it asks
 
     def _take_datapath(self) -> None:
         """New SYNs come here from now on; the maps and filters follow this agent's state."""
@@ -288,6 +323,7 @@ class Agent:
         self._accepting = [
             asyncio.create_task(self._accept_loop(slot, sock), name=f"accept-{slot.name}")
             for slot, sock in self.listeners.items()
+            if self.workers is None  # else the workers accept
         ]
         if self.predecessor is None:
             await self._ready.start(self.config.ready_port)
@@ -303,6 +339,7 @@ class Agent:
             await self._announce_taken_over(self.predecessor)
         await self._serve_handover()
         tasks = [asyncio.create_task(self._reconcile_loop(), name="datapath-reconcile")]
+        runtime.settle_for_data_plane()
         log.info("agent %s ready", self.config.node)
         waiter = asyncio.create_task(stop.wait(), name="stop-signal")
         while True:
@@ -441,15 +478,9 @@ class Agent:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._connections:
-            _, pending = await asyncio.wait(self._connections, timeout=self.config.drain_seconds)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            if pending:
-                log.info(
-                    "agent: closed %d connection(s) still open at the drain deadline", len(pending)
-                )
+        cut = await drain(self._connections, self.config.drain_seconds)
+        if cut:
+            log.info("agent: closed %d connection(s) still open at the drain deadline", cut)
         for c in self.components:
             await c.stop()
         if self.source is not None:
@@ -465,12 +496,17 @@ class Agent:
         await accept_forever(sock, serve, listener=slot.name)
 
     async def _serve(self, conn: socket.socket, slot: Listener) -> None:
+        rest = None
         try:
-            await self.handler.handle(conn, slot)
+            rest = await self.handler.handle(conn, slot)
         except Exception:
             log.exception("handler failed on a %s connection", slot.name.lower())
         finally:
-            conn.close()
+            if rest is None:
+                conn.close()
+        if rest is not None:  # the drain waits for (and at its deadline cancels) it instead
+            self._connections.add(rest)
+            rest.add_done_callback(self._connections.discard)
 
     async def _reconcile_loop(self) -> None:
         """Apply state changes to the kernel, one pass at a time, in a worker thread; retry

@@ -4,6 +4,11 @@ Each domain package owns its subcommands: it exposes ``register(subparsers)`` wh
 parsers and sets ``func`` on them. This module only assembles them, so that adding a command never
 touches another package, and importing the CLI stays cheap (heavy imports such as ``bcc`` happen
 inside the command functions, not at module import).
+
+A command line that names a command imports only the module that owns it (``COMMANDS``): the
+long-running ``nodemesh agent`` would otherwise carry the lab's pyroute2, the admin client and
+the views it never uses (ARCHITECTURE.md, "No compiler in the agent"). ``--help`` and unknown
+commands still see every module.
 """
 
 from __future__ import annotations
@@ -23,10 +28,37 @@ COMMAND_MODULES: tuple[str, ...] = (
     "agent.app",
     "agent.ca.cli",
     "agent.admin.cli",
+    "agent.view.cli",
 )
 
+# Which module registers each command (checked against the modules by the CLI's unit tests).
+COMMANDS: dict[str, str] = {
+    "check": "agent.preflight",
+    "lab": "agent.lab.cli",
+    "agent": "agent.app",
+    "ca": "agent.ca.cli",
+    **dict.fromkeys(
+        ("status", "workloads", "connections", "certs", "policies", "routes", "traffic",
+         "requests"),
+        "agent.admin.cli",
+    ),
+    **dict.fromkeys(("stat", "edges", "top", "dashboard"), "agent.view.cli"),
+}  # fmt: skip
 
-def build_parser() -> argparse.ArgumentParser:
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The command named on a command line (the first word that is not a global option)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command, or only with ``command``'s module when it is known."""
     parser = argparse.ArgumentParser(
         prog="nodemesh",
         description="nodemesh: a sidecarless service mesh (node agent, CA, lab and tools).",
@@ -39,13 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity (default: INFO)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_word(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from agent.base.constants import (
     ADMIN_PORT,
@@ -23,11 +24,14 @@ from agent.base.constants import (
 from agent.base.durations import parse_duration
 from agent.datapath.datapath import DatapathConfig
 from agent.datapath.listeners import ListenerPorts
+from agent.datapath.netlink import RoutingConfig
 from agent.datapath.programs import Marks
-from agent.datapath.routing import RoutingConfig
 from agent.identity.caclient import CA_SERVER_NAME
+from agent.telemetry.accesslog import SampleRateError, check_sample_rate
+from agent.telemetry.tracesettings import TraceSettings
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/nodemesh")
+OTLP_TRACES_PATH = "/v1/traces"
 
 
 class ConfigError(ValueError):
@@ -63,9 +67,12 @@ class AgentConfig:
     metrics_port: int = METRICS_PORT
     ready_port: int = READY_PORT
     drain_seconds: float = 5.0
+    access_log_sample: float = 1.0
     capture_mark: int = CAPTURE_MARK
     route_table: int = ROUTE_TABLE
     listeners: ListenerPorts = field(default_factory=ListenerPorts)
+    traces: TraceSettings | None = None  # --otlp-endpoint: export spans (None: no tracing)
+    workers: int = 1  # --workers: proxy processes (1: the proxy runs in the agent process)
 
     @property
     def routing(self) -> RoutingConfig:
@@ -100,6 +107,11 @@ class AgentConfig:
             ),
             routing=self.routing,
         )
+
+
+# At most this many worker processes: each holds its own HBONE pool (a connection per peer node
+# and identity pair) and a full copy of the state, so more than a node's cores only costs.
+MAX_WORKERS = 16
 
 
 def _int(text: str) -> int:
@@ -160,10 +172,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-port", type=int, default=READY_PORT)
     parser.add_argument("--drain-seconds", type=float, default=5.0)
     parser.add_argument(
+        "--workers",
+        default="1",
+        metavar="N|auto",
+        help=f"proxy worker processes, each with its own event loop and listeners (1 to "
+        f"{MAX_WORKERS}, or auto: the CPUs the agent may use by its affinity and cgroup quota, "
+        f"at most {MAX_WORKERS}, 1 without a CA; default 1: the proxy runs in the agent's own "
+        "process)",
+    )
+    parser.add_argument(
+        "--access-log-sample",
+        type=float,
+        default=1.0,
+        metavar="RATE",
+        help="fraction of HTTP requests written to the access log, 0 to 1 (default 1: all); "
+        "5xx responses, policy denials and failed requests are always written",
+    )
+    parser.add_argument(
         "--capture-mark", type=_int, default=CAPTURE_MARK, help="fwmark of captured packets"
     )
     parser.add_argument(
         "--route-table", type=_int, default=ROUTE_TABLE, help="table for captured packets"
+    )
+    parser.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export a span per HTTP request over OTLP/HTTP (protobuf) to this collector, e.g. "
+        f"http://otel-collector:4318 (the path defaults to {OTLP_TRACES_PATH})",
+    )
+    parser.add_argument(
+        "--trace-sample",
+        type=float,
+        metavar="RATE",
+        help="share of new traces to keep, 0 to 1 (default 1); a caller's sampled or unsampled "
+        "trace context is followed",
+    )
+    parser.add_argument(
+        "--trace-tcp", action="store_true", help="also export a span per TCP connection"
     )
     parser.add_argument(
         "--uninstall",
@@ -172,11 +217,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _workers(value: str, *, has_ca: bool) -> int:
+    """``--workers``: a count, or ``auto`` (the CPUs this process may use, capped; 1 without a
+    CA, since only the node proxy runs in workers and without a CA there is none)."""
+    if value == "auto":
+        from agent.base.cpus import usable_cpus_here
+
+        return min(usable_cpus_here(), MAX_WORKERS) if has_ca else 1
+    try:
+        count = int(value)
+    except ValueError:
+        raise ConfigError(
+            f"--workers {value}: expected a number of processes (1 to {MAX_WORKERS}) or auto"
+        ) from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise ConfigError(f"--workers {value}: expected 1 to {MAX_WORKERS} processes")
+    return count
+
+
 def _host_port(flag: str, value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{flag} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:{ADMIN_PORT}")
     return host, int(port)
+
+
+def _otlp_url(value: str) -> str:
+    """The full OTLP/HTTP traces URL of ``--otlp-endpoint`` (a bare collector address gets the
+    standard path)."""
+    url = urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            f"--otlp-endpoint {value!r}: expected an http(s) URL of an OTLP/HTTP collector, "
+            "e.g. http://otel-collector.observability:4318"
+        )
+    if url.username or url.password:
+        raise ConfigError(
+            "--otlp-endpoint: credentials in the URL would show in logs and /config_dump; "
+            "pass them as a header with OTEL_EXPORTER_OTLP_TRACES_HEADERS instead"
+        )
+    try:
+        url.port  # noqa: B018 (parses it: raises on a bad port)
+    except ValueError as e:
+        raise ConfigError(f"--otlp-endpoint {value!r}: {e}") from e
+    if url.path in ("", "/"):
+        url = url._replace(path=OTLP_TRACES_PATH)
+    return urlunsplit(url)
+
+
+def _traces(args: argparse.Namespace) -> TraceSettings | None:
+    if not args.otlp_endpoint:
+        if args.trace_sample is not None or args.trace_tcp:
+            raise ConfigError("--trace-sample and --trace-tcp need --otlp-endpoint URL")
+        return None
+    rate = 1.0 if args.trace_sample is None else args.trace_sample
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigError(
+            f"--trace-sample {args.trace_sample}: expected a share between 0 and 1, e.g. 0.1"
+        )
+    return TraceSettings(_otlp_url(args.otlp_endpoint), sample_rate=rate, tcp=args.trace_tcp)
 
 
 def _port(flag: str, value: int) -> int:
@@ -209,6 +308,16 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         )
     if args.drain_seconds < 0:
         raise ConfigError(f"--drain-seconds {args.drain_seconds}: expected 0 or more seconds")
+    workers = _workers(str(args.workers), has_ca=bool(args.ca_address))
+    if workers > 1 and not args.ca_address:
+        raise ConfigError(
+            f"--workers {args.workers} runs the node proxy in worker processes, which needs a CA "
+            "(--ca-address); without one the agent is a plain passthrough: use --workers 1"
+        )
+    try:
+        check_sample_rate(args.access_log_sample)
+    except SampleRateError as e:
+        raise ConfigError(str(e)) from e
     if args.capture_mark in (0, PROXY_MARK):
         raise ConfigError(
             f"--capture-mark {args.capture_mark:#x}: must be non-zero and differ from the "
@@ -233,6 +342,9 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         metrics_port=_port("--metrics-port", args.metrics_port),
         ready_port=_port("--ready-port", args.ready_port),
         drain_seconds=args.drain_seconds,
+        access_log_sample=args.access_log_sample,
         capture_mark=args.capture_mark,
         route_table=args.route_table,
+        traces=_traces(args),
+        workers=workers,
     )

@@ -18,11 +18,12 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.admin.api import AdminSources
 from agent.admin.component import AdminComponent
 from agent.base.component import Component, StateSource
+from agent.base.http import Response
 from agent.config import AgentConfig
 from agent.datapath.datapath import Datapath
 from agent.datapath.desired import LocalPod
@@ -33,6 +34,7 @@ from agent.telemetry.component import TelemetryComponent
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
     from agent.proxy.component import ProxyComponent
+    from agent.proxy.contexts import CertificateSource
 
 
 class AgentParts(Protocol):
@@ -48,6 +50,21 @@ class AgentParts(Protocol):
     def degraded(self) -> list[str]: ...
 
     def request_stop(self) -> None: ...
+
+
+def node_proxy(
+    config: AgentConfig, store: StateStore, identities: CertificateSource
+) -> ProxyComponent:
+    """The node proxy over ``store`` with certificates from ``identities`` (the identity
+    manager, or in a worker the main process's, through ``agent.workers.certs``)."""
+    from agent.proxy.component import ProxyComponent
+    from agent.proxy.core import Core, ProxySettings
+    from agent.proxy.server import NodeProxy
+
+    # Loop protection: the ports this agent listens on, as configured (not the defaults).
+    settings = ProxySettings(proxy_ports=config.own_ports())
+    core = Core(node=config.node, store=store, identities=identities, settings=settings)
+    return ProxyComponent(NodeProxy(core))
 
 
 def local_pods(snapshot: Snapshot, node: str) -> list[LocalPod]:
@@ -90,8 +107,28 @@ def source_view(source: StateSource | None) -> dict[str, object]:
     return source.describe() if source is not None else {"source": None}
 
 
-def observability(parts: AgentParts) -> list[Component]:
-    """The telemetry and admin components of ``parts`` (an ``agent.app.Agent``)."""
+class FanOut(Protocol):
+    """With ``--workers N``: what the main process's endpoints ask the workers
+    (``agent.workers.views.WorkerViews``)."""
+
+    async def metrics(self, own: bytes) -> bytes: ...
+
+    async def connections(self, own: list[dict[str, object]]) -> list[dict[str, object]]: ...
+
+    async def requests(self, query: Mapping[str, str]) -> Response: ...
+
+    async def workers(self) -> list[dict[str, object]]: ...
+
+    async def set_level(self, level: str, logger: str) -> None: ...
+
+    async def routed(self) -> Mapping[Any, int]: ...
+
+    async def traffic(self) -> dict[str, object]: ...
+
+
+def observability(parts: AgentParts, fanout: FanOut | None = None) -> list[Component]:
+    """The telemetry and admin components of ``parts`` (an ``agent.app.Agent``); with
+    ``fanout``, ``/metrics``, ``/connections`` and ``/requests`` also cover the workers."""
     proxy, identity = parts.proxy, parts.identity
     certificates = identity.certificates if identity is not None else None
 
@@ -107,6 +144,7 @@ def observability(parts: AgentParts) -> list[Component]:
         sources=AgentSources(
             rejections=(lambda: proxy.connections.rejections) if proxy is not None else None,
             denials=(lambda: proxy.connections.denials) if proxy is not None else None,
+            rate_limited=((lambda: proxy.connections.rate_limited) if proxy is not None else None),
             pool_size=proxy.pool_size if proxy is not None else None,
             inbound_tunnels=proxy.inbound_tunnels if proxy is not None else None,
             certificates=certificates,
@@ -116,9 +154,24 @@ def observability(parts: AgentParts) -> list[Component]:
             state_error=lambda: parts.source.last_error if parts.source is not None else None,
             state_changed_at=lambda: changed_at[0],
         ),
+        access_log_sample=parts.config.access_log_sample,
+        merge=fanout.metrics if fanout is not None else None,
     )
     if proxy is not None:
         proxy.connections.observers.append(telemetry.tcp)
+        proxy.connections.request_observers.append(telemetry.http)
+    tracing = None
+    if parts.config.traces is not None:
+        # Imported only when asked for: the OpenTelemetry SDK and its exporter add about 3 MiB
+        # to every agent, and most agents never export a span.
+        from agent.telemetry.traces import Tracing
+
+        tracing = Tracing(parts.config.traces, parts.store, parts.config.node)
+        telemetry.registry.register(tracing)
+        if proxy is not None:
+            proxy.connections.request_observers.append(tracing)
+            if parts.config.traces.tcp:
+                proxy.connections.observers.append(tracing)
 
     async def datapath_view() -> dict[str, object]:
         status = parts.datapath.status()
@@ -134,13 +187,28 @@ def observability(parts: AgentParts) -> list[Component]:
             not_ready=parts.not_ready,
             degraded=parts.degraded,
             drain=parts.request_stop,
-            connections=telemetry.tcp.live,
+            connections=(
+                (lambda: fanout.connections(telemetry.tcp.live()))
+                if fanout is not None
+                else telemetry.tcp.live
+            ),
+            requests=fanout.requests if fanout is not None else None,
+            workers=fanout.workers if fanout is not None else None,
+            set_worker_level=fanout.set_level if fanout is not None else None,
+            tap=telemetry.http.tap if proxy is not None else None,
             certificates=certificates,
             datapath=datapath_view,
             state_source=lambda: source_view(parts.source),
             traffic=(
-                (lambda: proxy.traffic(parts.store.snapshot())) if proxy is not None else None
+                fanout.traffic
+                if fanout is not None
+                else (lambda: proxy.traffic(parts.store.snapshot()))
+                if proxy is not None
+                else None
+            ),
+            routed=(
+                fanout.routed if fanout is not None else proxy.routed if proxy is not None else dict
             ),
         ),
     )
-    return [telemetry, admin]
+    return [telemetry, admin] + ([tracing] if tracing is not None else [])

@@ -2,7 +2,10 @@
 
 RSS is ``VmRSS`` (resident pages, shared libraries included: they are the same before and after,
 so differences are the connections' cost). CPU is user + system time of every thread
-(``/proc/PID/stat`` fields 14 and 15), in seconds.
+(``/proc/PID/stat`` fields 14 and 15), in seconds. ``memory`` adds what an agent's processes
+share: PSS (each shared page divided among the processes mapping it, so the PSS of an agent and
+its helper child add up to what they cost together) and the anonymous part (heap, Python
+objects, stacks: what the process itself allocated).
 """
 
 from __future__ import annotations
@@ -19,6 +22,39 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"process {pid} has no VmRSS: it exited (see its log)")
+
+
+def memory(pid: int) -> dict[str, int]:
+    """``rss_bytes``, ``pss_bytes`` and ``anon_bytes`` from ``/proc/PID/smaps_rollup``."""
+    fields = {"Rss:": "rss_bytes", "Pss:": "pss_bytes", "Anonymous:": "anon_bytes"}
+    found = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+        for line in f:
+            name, _, rest = line.partition(" ")
+            if name in fields:
+                found[fields[name]] = int(rest.split()[0]) * 1024
+    if len(found) != len(fields):
+        raise RuntimeError(f"process {pid} has no memory figures in /proc: it exited")
+    return found
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (every thread's), in pid order."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+            found += [int(c) for c in f.read().split()]
+    return sorted(found)
+
+
+def role(pid: int) -> str:
+    """What a process runs: the module after ``-m`` (``agent``, ``agent.datapath.netlinkd``),
+    else its program's name."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    return os.path.basename(argv[0]) if argv else "?"
 
 
 def cpu_seconds(pid: int) -> float:

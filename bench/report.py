@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import summary
+from bench import grpcbench, scaling, stats, summary
+from bench.settings import SECTIONS
 
 
 def write_json(results: Mapping[str, Any], path: Path) -> None:
@@ -44,20 +45,28 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
         f"{' --quick' if settings['quick'] else ''}` (`make bench`). Medians over "
         f"{settings['reps']} interleaved repetition(s); every sample is in "
         f"`{results['json_name']}`.",
-        "",
-        "| metric | unit | " + " | ".join(titles) + " | " + " | ".join(ratios) + " |",
-        "|---|---|" + "---:|" * (len(order) + len(ratios)),
     ]
-    for m in summary.metrics(settings["streams"]):
-        cells = [_fmt(values[k][m.key], m.digits) for k in order]
-        cells += [_ratio(r[m.key]) for r in ratios.values()]
-        out.append(f"| {m.title} | {m.unit} | " + " | ".join(cells) + " |")
-    out += [
-        "",
-        "Ratios are path / reference of the medians: above 1x is more (throughput, rate) or slower"
-        " / costlier (latency, CPU, memory). Proxy CPU and memory are the agents' (both nodes on"
-        " the cross-node path, node1's on the same-node path) or both stunnel processes'.",
-    ]
+    sections = settings.get("sections", ",".join(SECTIONS)).split(",")
+    if "tcp" in sections or "idle" in sections:
+        out += [
+            "",
+            "| metric | unit | " + " | ".join(titles) + " | " + " | ".join(ratios) + " |",
+            "|---|---|" + "---:|" * (len(order) + len(ratios)),
+        ]
+        for m in summary.metrics(settings["streams"]):
+            cells = [_fmt(values[k][m.key], m.digits) for k in order]
+            cells += [_ratio(r[m.key]) for r in ratios.values()]
+            out.append(f"| {m.title} | {m.unit} | " + " | ".join(cells) + " |")
+        out += [
+            "",
+            "Ratios are path / reference of the medians: above 1x is more (throughput, rate) or"
+            " slower / costlier (latency, CPU, memory). Proxy CPU and memory are the agents' (both"
+            " nodes on the cross-node path, node1's on the same-node path) or both stunnel"
+            " processes'.",
+        ]
+    else:
+        out += ["", f"Sections run: {', '.join(sections)} (`--sections`)."]
+    out += _http_section(results)
     if chart:
         out += ["", f"![benchmark chart]({chart})"]
     out += ["", "## Path verification", ""]
@@ -65,8 +74,11 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
         v = paths[k]["verification"]
         out.append(f"- **{paths[k]['title']}** ({'verified' if v['ok'] else 'UNTRUSTED'}): "
                    + "; ".join(v["checks"]))  # fmt: skip
+    out += _agents_section(results)
     out += _idle_section(results, paths)
+    out += scaling.markdown(results.get("scaling"))
     out += _upgrade_section(results)
+    out += grpcbench.markdown(results.get("grpc"))
     out += _speed_section(results)
     out += _machine_section(results)
     problems = summary.errors(results)
@@ -75,7 +87,95 @@ def markdown(results: Mapping[str, Any], chart: str | None) -> str:
     return "\n".join(out) + "\n"
 
 
+def _http_section(results: Mapping[str, Any]) -> list[str]:
+    paths = results.get("http_paths", [])
+    if not paths:
+        return []
+    values = summary.http_values(results)
+    direct = values.get("direct", {}).get("rps")
+    s = results["settings"]
+    out = [
+        "",
+        f"## HTTP/1.1 keep-alive (`h2load --h1`, {s['http_clients']} connections, "
+        f"{s['http_seconds']:g} s per repetition)",
+        "",
+        "| path | req/s | p50 µs | p90 µs | p99 µs | agent CPU µs/request | req/s vs direct "
+        "| requests: h2load / node2's agent counted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in paths:
+        v = values[path["key"]]
+        out.append(
+            f"| {path['title']} | {_fmt(v['rps'], 0)} | {_fmt(v['p50'], 0)} | {_fmt(v['p90'], 0)}"
+            f" | {_fmt(v['p99'], 0)} | {_fmt(v['cpu_us_per_request'], 1)}"
+            f" | {_ratio(stats.ratio(v['rps'], direct))}"
+            f" | {_fmt(v['requests'], 0)} / {_fmt(v['counted'], 0)} |"
+        )
+    out += _http_vs_l4(values)
+    out += [
+        "",
+        "Request times are h2load's per-request log (request start to the end of its response),"
+        " one request in flight per connection; the measured run opens its connections after an"
+        " unrecorded warm-up run. Agent CPU is both agents' user+system time during the measured"
+        " run over the requests h2load completed. node2's agent parses, authorizes and counts"
+        " the declared port's requests (the growth of its"
+        ' `istio_requests_total{reporter="destination"}` is the last number) and relays the L4'
+        " port's as bytes (no growth).",
+    ]
+    return out
+
+
+def _http_vs_l4(values: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+    """The goal of the HTTP path, measured: requests/s against the L4 path's (at least half),
+    its p50 over the L4 path's (at most 150 µs more) and the agents' CPU per request; and what
+    routing costs: the HTTPRoute path (match, split, retry) against plain HTTP via a Service."""
+    out = []
+    for base_key, key, what in (
+        ("mesh_l4", "mesh_http", "nodemesh HTTP against nodemesh L4 (pod port)"),
+        ("svc_l4", "svc_http", "nodemesh HTTP against nodemesh L4 via a Service"),
+        ("svc_http", "svc_routed", "nodemesh HTTP routed (HTTPRoute) against plain via a Service"),
+    ):
+        base, other = values.get(base_key), values.get(key)
+        if base is None or other is None:
+            continue
+        p50 = (base["p50"], other["p50"])
+        added = None if p50[0] is None or p50[1] is None else p50[1] - p50[0]
+        cpu = stats.ratio(other["cpu_us_per_request"], base["cpu_us_per_request"])
+        out += [
+            "",
+            f"{what}: req/s {_ratio(stats.ratio(other['rps'], base['rps']))}, p50"
+            f" {'+' if added is not None and added >= 0 else ''}{_fmt(added, 0)} µs, agent CPU"
+            f" per request {_ratio(cpu)}.",
+        ]
+    return out
+
+
+def _agents_section(results: Mapping[str, Any]) -> list[str]:
+    found = results.get("agents", [])
+    if not found:
+        return []
+    out = ["", "## Idle agents: RSS per process, no connections", ""]
+    for agent in found:
+        where = f"{agent['node']}'s agent ({agent['moment']})"
+        if "error" in agent:
+            out.append(f"- {where}: ERROR {agent['error']}")
+            continue
+        out.append(
+            f"- {where}: {agent['rss_bytes'] / 2**20:,.1f} MiB, programs {agent['programs']}"
+            " at start-up"
+        )
+        for proc in agent.get("processes", []):
+            out.append(
+                f"  - {proc['role']} (pid {proc['pid']}): RSS {proc['rss_bytes'] / 2**20:,.1f}"
+                f" MiB, PSS {proc['pss_bytes'] / 2**20:,.1f} MiB, anonymous"
+                f" {proc['anon_bytes'] / 2**20:,.1f} MiB"
+            )
+    return out
+
+
 def _idle_section(results: Mapping[str, Any], paths: Mapping[str, Any]) -> list[str]:
+    if not results.get("idle"):
+        return []
     out = ["", "## Idle connections: proxy RSS", ""]
     for key, idle in results.get("idle", {}).items():
         steps = ", ".join(
@@ -126,6 +226,8 @@ def _upgrade_section(results: Mapping[str, Any]) -> list[str]:
 
 
 def _speed_section(results: Mapping[str, Any]) -> list[str]:
+    if not results.get("openssl_speed"):
+        return []
     out = ["", "## Cipher ceiling (`openssl speed -evp`, one core, 16 KiB blocks)", ""]
     for entry in results.get("openssl_speed", []):
         rate = entry.get("bytes_per_second")

@@ -12,6 +12,10 @@ import argparse
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+# The parts of a run, in the order they run: idle memory, the TCP workloads over every path (and
+# the cipher ceiling of the TLS paths they negotiated), the HTTP/1.1 workload, agent upgrades.
+SECTIONS = ("idle", "tcp", "http", "upgrade", "grpc", "scaling")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -26,16 +30,26 @@ class Settings:
     conn_warmup: float = 1.0
     conn_concurrency: int = 8
     conn_size: int = 100
+    http_seconds: float = 3.0  # h2load -D: the measured HTTP/1.1 keep-alive run
+    http_warmup: float = 1.0  # an unrecorded h2load run first (HBONE pool, caches); 0: none
+    http_clients: int = 8  # h2load -c: keep-alive connections, one request in flight on each
     idle_steps: tuple[int, ...] = (1000, 2500, 5000, 10000)
     speed_seconds: int = 3  # openssl speed -seconds
     marker_bytes: int = 65536
     upgrade_long_lived: int = 100  # live streams held across each agent upgrade
     upgrade_new_per_second: float = 4.0  # new connections per second, per flow (4 flows)
     upgrade_settle_seconds: float = 4.0  # load before and after each upgrade
+    sections: str = ",".join(SECTIONS)  # which parts run: a comma-separated subset of SECTIONS
+    grpc_seconds: float = 3.0  # h2load -D: the measured gRPC unary run (bench.grpcbench)
+    grpc_warmup: float = 1.0  # an unrecorded run first; 0: none
+    grpc_clients: int = 8  # h2load -c: h2c connections, one call in flight on each
     quick: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def runs(self, section: str) -> bool:
+        return section in self.sections.split(",")
 
 
 FULL = Settings()
@@ -47,11 +61,15 @@ QUICK = Settings(
     rr_warmup=200,
     conn_seconds=1.5,
     conn_warmup=0.5,
+    http_seconds=1.5,
+    http_warmup=0.5,
     idle_steps=(200, 1000),
     speed_seconds=1,
     upgrade_long_lived=40,
     upgrade_new_per_second=2.0,
     upgrade_settle_seconds=2.0,
+    grpc_seconds=1.5,
+    grpc_warmup=0.5,
     quick=True,
 )
 
@@ -78,6 +96,22 @@ def from_arguments(args: argparse.Namespace) -> Settings:
     settings = replace(base, **changes)
     if min(settings.reps, settings.rr_count, settings.bulk_seconds) < 1:
         raise SystemExit("bench: --reps, --rr-count and --bulk-seconds must be at least 1")
+    if settings.http_seconds < 0.001 or settings.http_clients < 1 or settings.http_warmup < 0:
+        raise SystemExit(
+            "bench: --http-seconds must be at least 0.001, --http-clients at least 1 and "
+            "--http-warmup not negative"
+        )
+    unknown = set(settings.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(
+            f"bench: --sections takes a comma-separated subset of {','.join(SECTIONS)}, "
+            f"not {','.join(sorted(unknown))}"
+        )
+    if settings.grpc_seconds < 0.001 or settings.grpc_clients < 1 or settings.grpc_warmup < 0:
+        raise SystemExit(
+            "bench: --grpc-seconds must be at least 0.001, --grpc-clients at least 1 and "
+            "--grpc-warmup not negative"
+        )
     return settings
 
 

@@ -94,6 +94,31 @@ def path_values(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]
     return table
 
 
+def http_values(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``{HTTP path: {...}}``: medians of requests/s and request-time percentiles, the proxies'
+    CPU per request over every repetition (None without a proxy), and the totals of requests
+    h2load completed and node2's agent counted."""
+    samples = results["samples"]
+    table: dict[str, dict[str, float | None]] = {}
+    for path in results.get("http_paths", []):
+        key = path["key"]
+        done = [
+            s for s in samples if s["path"] == key and s["workload"] == "http" and "error" not in s
+        ]
+        requests = sum(s["requests"] for s in done)
+        cpu = sum(s["proxy_cpu_s"] for s in done)
+        table[key] = {
+            "rps": _median(samples, key, "http", "rps"),
+            "p50": _median(samples, key, "http", "p50_us"),
+            "p90": _median(samples, key, "http", "p90_us"),
+            "p99": _median(samples, key, "http", "p99_us"),
+            "cpu_us_per_request": cpu / requests * 1e6 if path["proxy_pids"] and requests else None,
+            "requests": float(requests),
+            "counted": float(sum(s["destination_counted"] for s in done)),
+        }
+    return table
+
+
 def ratios(
     values: Mapping[str, Mapping[str, float | None]],
 ) -> dict[str, dict[str, float | None]]:

@@ -13,13 +13,17 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from bench import procstat, stats
+from agent.base.constants import ADMIN_PORT, METRICS_PORT
+from agent.lab import netns
+from bench import h2load, procstat, stats
 from bench.settings import Settings
-from bench.testbed import BenchPath, Testbed, stop
+from bench.testbed import BenchPath, HttpPath, Testbed, stop
 
 RR_POINTS = (50, 90, 99, 99.9)
+HTTP_POINTS = (50, 90, 99)
 
 
 def _run(bed: Testbed, path: BenchPath, argv: list[str], timeout: float) -> dict[str, Any]:
@@ -136,3 +140,140 @@ def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
         else {}
     )
     return {"steps": steps, "bytes_per_connection": per_connection, **capped}
+
+
+def idle_agent(bed: Testbed, node: str, moment: str) -> dict[str, Any]:
+    """Memory of ``node``'s agent with no proxied connection, per process (the agent and its
+    children, such as the netlink helper), and whether it compiled its programs at start-up or
+    adopted pinned ones (its admin API's ``/datapath``): a process that ever mapped BCC's LLVM
+    would keep it, so both cases are worth a figure. ``rss_bytes`` is the agent process's own."""
+    pid = dict(zip(("node1", "node2"), bed.agent_pids(), strict=True))[node]
+    status, body = netns.http_get(
+        bed.the_lab.netns(node), "127.0.0.1", ADMIN_PORT, "/datapath", timeout=5.0
+    )
+    if status != 200:
+        return {"node": node, "moment": moment, "error": f"/datapath answered {status}"}
+    adopted = bool(json.loads(body)["datapath"]["adopted"])
+    processes = [
+        {"pid": p, "role": "main" if p == pid else procstat.role(p), **procstat.memory(p)}
+        for p in (pid, *procstat.children(pid))
+    ]
+    return {
+        "node": node,
+        "moment": moment,
+        "pid": pid,
+        "programs": "adopted" if adopted else "compiled",
+        "rss_bytes": processes[0]["rss_bytes"],
+        "processes": processes,
+    }
+
+
+def http_keepalive(bed: Testbed, path: HttpPath, s: Settings) -> dict[str, Any]:
+    """h2load ``--h1``: ``s.http_clients`` keep-alive connections for ``s.http_seconds``, after an
+    unrecorded ``s.http_warmup`` run; requests/s, request-time percentiles from its per-request
+    log, the agents' CPU per request, and how many requests node2's agent counted
+    (``istio_requests_total{reporter="destination"}``): all of them on the declared port, none on
+    the L4 one; and how many node1's agent sent to each HTTPRoute backend (its ``/routes``): all
+    of the routed path's, split 90/10, none of the others'. Together they show what each path
+    measured."""
+    url = f"http://{path.host}:{path.port}/"
+    base = ["h2load", "--h1", "-c", str(s.http_clients), "-t", "1"]
+    if s.http_warmup > 0:
+        warm = _h2load(bed, path, [*base, "-D", _ms(s.http_warmup), url], s.http_warmup)
+        if "error" in warm:
+            return {"error": f"warm-up: {warm['error']}"}
+    try:
+        return _measured_http(bed, path, s, base, url)
+    except (OSError, RuntimeError, h2load.H2loadOutputError) as e:
+        return {"error": f"h2load {url}: {e}"}
+
+
+def _measured_http(
+    bed: Testbed, path: HttpPath, s: Settings, base: list[str], url: str
+) -> dict[str, Any]:
+    log = Path(bed.the_lab.state_dir) / "logs" / "bench-h2load-requests.log"
+    log.unlink(missing_ok=True)  # h2load appends to its log file
+    counted_before, routed_before = _destination_requests(bed), _route_backends(bed)
+    cpu_before = procstat.total_cpu(path.proxy_pids)
+    argv = [*base, "-D", _ms(s.http_seconds), f"--log-file={log}", url]
+    raw = _h2load(bed, path, argv, s.http_seconds)
+    cpu = procstat.total_cpu(path.proxy_pids) - cpu_before
+    if "error" in raw:
+        return raw
+    found = h2load.summary(raw["stdout"])
+    times = h2load.latencies_us(log.read_text(encoding="ascii"))
+    if not found["succeeded"] or not times:
+        return {"error": f"h2load {url}: no request succeeded ({found})"}
+    if len(times) != found["requests"]:
+        return {
+            "error": f"h2load {url}: logged {len(times)} requests, reported {found['requests']}"
+        }
+    counted = _destination_requests(bed) - counted_before
+    deadline = time.monotonic() + 3  # a response is counted as the agent finishes writing it
+    while path.declared and counted < found["succeeded"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        counted = _destination_requests(bed) - counted_before
+    routed = {
+        backend: n - routed_before.get(backend, 0)
+        for backend, n in _route_backends(bed).items()
+        if n != routed_before.get(backend, 0)
+    }
+    return {
+        **found,
+        **{f"{k}_us": v for k, v in stats.percentiles(times, HTTP_POINTS).items()},
+        "mean_us": sum(times) / len(times),
+        "proxy_cpu_s": cpu,
+        "destination_counted": counted,
+        "route_backends": routed,
+    }
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"  # h2load takes whole units
+
+
+def _h2load(bed: Testbed, path: HttpPath, argv: list[str], seconds: float) -> dict[str, Any]:
+    proc = bed.popen(path.client, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        return {"error": f"h2load did not finish within {seconds + 60:.0f}s"}
+    finally:
+        bed.procs.remove(proc)
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        return {"error": f"h2load exited {proc.returncode}: {' | '.join(tail)}"}
+    return {"stdout": out.decode(errors="replace")}
+
+
+def _route_backends(bed: Testbed) -> dict[str, int]:
+    """node1's agent: requests sent to each HTTPRoute backend Service so far (``/routes``)."""
+    status, body = netns.http_get(
+        bed.the_lab.netns("node1"), "127.0.0.1", ADMIN_PORT, "/routes", timeout=5.0
+    )
+    if status != 200:
+        raise RuntimeError(f"node1's agent answered /routes with {status}: see its log")
+    out: dict[str, int] = {}
+    for route in json.loads(body)["routes"]:
+        for rule in route.get("rules", []):
+            for backend in rule["backends"]:
+                out[backend["service"]] = out.get(backend["service"], 0) + backend["requests"]
+    return out
+
+
+def _destination_requests(bed: Testbed) -> float:
+    """node2's agent: every ``istio_requests_total{reporter="destination"}`` series, summed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = netns.http_get(
+        bed.the_lab.netns("node2"), "127.0.0.1", METRICS_PORT, "/metrics", timeout=5.0
+    )
+    if status != 200:
+        raise RuntimeError(f"node2's agent answered /metrics with {status}: see its log")
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "istio_requests_total" and sample.labels["reporter"] == "destination"
+    )

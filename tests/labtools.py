@@ -64,6 +64,27 @@ def mesh_lab(
         lab.down()
 
 
+def counting_server(port: int) -> str:
+    """A pod server program: per connection, read until the client half-closes, answer with the
+    byte count, close (so a test knows exactly how many bytes the mesh delivered)."""
+    return f"""
+import socket, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", {port}))
+srv.listen(64)
+def count(conn):
+    n = 0
+    while data := conn.recv(1 << 16):
+        n += len(data)
+    conn.sendall(str(n).encode())
+    conn.close()
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=count, args=(conn,), daemon=True).start()
+"""
+
+
 def _accepts(port: int) -> None:
     socket.create_connection(("127.0.0.1", port), timeout=2).close()
 

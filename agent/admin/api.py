@@ -1,7 +1,8 @@
 """The admin API on 127.0.0.1:15000: what this agent knows and does, as JSON.
 
 Read endpoints (GET) show the state (workloads, services, policies), certificates (public
-facts and chains, never keys), live connections (the access log's fields), the datapath's
+facts and chains, never keys), live connections and recent HTTP requests (the access log's
+fields; ``/requests`` long-polls, ``agent.admin.tap``), the datapath's
 attachments and BPF counters, and the effective configuration. Two POSTs change the agent:
 ``/logging`` (log levels at run time) and ``/quitquitquit`` (the same graceful drain as
 SIGTERM). Every shape is documented in ARCHITECTURE.md ("Admin API") with stable field names.
@@ -20,11 +21,15 @@ from dataclasses import dataclass, field
 
 from agent import __version__
 from agent.admin import views
+from agent.admin.tap import requests_view
 from agent.base.http import Request, Response
+from agent.policy.routes.model import RouteKey
 from agent.state import StateStore
 from agent.telemetry.loglevel import LogLevelError, levels, set_level
+from agent.telemetry.tap import RequestRing
 
 Rows = list[dict[str, object]]
+Routed = Mapping[tuple[RouteKey, int, str], int]
 
 ENDPOINTS = {
     "/": "this index",
@@ -32,14 +37,22 @@ ENDPOINTS = {
     "/config_dump": "everything below in one document, plus the effective configuration",
     "/workloads": "workloads in the state (?local=1: this node's only)",
     "/services": "services with their endpoints",
-    "/policies": "AuthorizationPolicy, PeerAuthentication and TrafficPolicy objects",
+    "/policies": "nodemesh.io objects (AuthorizationPolicy, PeerAuthentication, TrafficPolicy, "
+    "RateLimitPolicy, HTTPFault)",
     "/certs": "certificates of local identities: state, serial, validity, chain (no keys)",
     "/connections": "live connections with the access log's fields",
+    "/workers": "worker processes (--workers N): PID, up, restarts, accepted connections",
+    "/requests": "recent HTTP requests (?since=CURSOR&wait=S long-polls; filters: workload, "
+    "source, destination, method, path, status)",
     "/datapath": "BPF programs' generation, attachments, listeners and counters",
     "/traffic": "TrafficPolicy conditions, effective policy per Service, endpoint health",
+    "/routes": "Gateway API routes: conditions per parent, rules, requests sent per backend",
     "/logging": "GET: log levels; POST ?level=debug[&logger=agent.proxy]: change one",
     "/quitquitquit": "POST: drain gracefully and exit (like SIGTERM)",
 }
+
+
+_NO_TAP = RequestRing(1)  # an agent without a proxy has no requests to show
 
 
 def _empty() -> Rows:
@@ -56,11 +69,18 @@ class AdminSources:
     not_ready: Callable[[], list[str]]
     drain: Callable[[], None]
     degraded: Callable[[], list[str]] = list
-    connections: Callable[[], Rows] = _empty
+    connections: Callable[[], Rows | Awaitable[Rows]] = _empty
     certificates: Callable[[], Rows] | None = None
     datapath: Callable[[], Awaitable[dict[str, object]]] | None = None
     state_source: Callable[[], dict[str, object]] | None = None
-    traffic: Callable[[], dict[str, object]] | None = None
+    traffic: Callable[[], dict[str, object] | Awaitable[dict[str, object]]] | None = None
+    # requests this node routed per (route, rule, backend Service): HttpRouter.routed
+    routed: Callable[[], Routed | Awaitable[Routed]] = dict
+    tap: RequestRing | None = None
+    # --workers N: the tap over every worker's ring, and the workers' own view (agent.workers)
+    requests: Callable[[Mapping[str, str]], Awaitable[Response]] | None = None
+    workers: Callable[[], Awaitable[Rows]] | None = None
+    set_worker_level: Callable[[str, str], Awaitable[None]] | None = None
     started: float = field(default_factory=time.time)
 
 
@@ -75,20 +95,27 @@ class AdminApi:
             "/services": lambda _r: {"services": views.services_view(self.s.store.snapshot())},
             "/policies": lambda _r: {"policies": views.policies_view(self.s.store.snapshot())},
             "/certs": lambda _r: {"certificates": self.certificates()},
-            "/connections": lambda _r: {"connections": self.s.connections()},
+            "/connections": lambda _r: self._connections(),
+            "/workers": lambda _r: self._workers(),
             "/datapath": lambda _r: self.datapath(),
             "/traffic": lambda _r: self.traffic(),
+            "/routes": lambda _r: self._routes(),
             "/logging": lambda _r: {"levels": levels()},
         }
 
     async def handle(self, request: Request) -> Response:
         if request.method == "POST" and request.path == "/logging":
-            return self._logging(request)
+            return await self._logging(request)
         if request.method == "POST" and request.path == "/quitquitquit":
             self.s.drain()
             return Response.json(200, {"draining": True})
         if request.path == "/quitquitquit":
             return Response.json(405, {"error": "POST /quitquitquit drains the agent"})
+        if request.path == "/requests" and request.method == "GET":
+            if self.s.requests is not None:
+                return await self.s.requests(request.query)
+            ring = self.s.tap if self.s.tap is not None else _NO_TAP
+            return await requests_view(ring, self.s.node, request.query)
         view = self._get.get(request.path)
         if view is None:
             known = ", ".join(ENDPOINTS)
@@ -98,29 +125,47 @@ class AdminApi:
         result = view(request)
         return Response.json(200, await result if inspect.isawaitable(result) else result)
 
-    def _logging(self, request: Request) -> Response:
+    async def _logging(self, request: Request) -> Response:
         level = request.query.get("level")
         if not level:
             return Response.json(400, {"error": "POST /logging?level=debug[&logger=NAME]"})
+        logger = request.query.get("logger", "root")
         try:
-            return Response.json(
-                200, {"levels": set_level(level, request.query.get("logger", "root"))}
-            )
+            changed = set_level(level, logger)
         except LogLevelError as e:
             return Response.json(400, {"error": str(e)})
+        if self.s.set_worker_level is not None:
+            await self.s.set_worker_level(level, logger)  # the same change in every worker
+        return Response.json(200, {"levels": changed})
 
     # -- views -------------------------------------------------------------------------------
+    async def connections(self) -> Rows:
+        rows = self.s.connections()
+        return await rows if inspect.isawaitable(rows) else rows
+
+    async def _connections(self) -> dict[str, object]:
+        return {"connections": await self.connections()}
+
+    async def _routes(self) -> dict[str, object]:
+        routed = self.s.routed()
+        counts = await routed if inspect.isawaitable(routed) else routed
+        return {"routes": views.routes_view(self.s.store.snapshot(), counts)}
+
+    async def _workers(self) -> dict[str, object]:
+        return {"workers": await self.s.workers() if self.s.workers is not None else []}
+
     def workloads(self, local_only: bool = False) -> Rows:
         return views.workloads_view(self.s.store.snapshot(), self.s.node, local_only=local_only)
 
     def certificates(self) -> Rows:
         return self.s.certificates() if self.s.certificates is not None else []
 
-    def traffic(self) -> dict[str, object]:
+    async def traffic(self) -> dict[str, object]:
         """Traffic control (``agent.policy.traffic.control.TrafficControl.describe``)."""
         if self.s.traffic is None:
             return {"policies": {}, "effective": {}, "services": {}}
-        return self.s.traffic()
+        found = self.s.traffic()
+        return await found if inspect.isawaitable(found) else found
 
     async def datapath(self) -> dict[str, object]:
         return {"datapath": await self.s.datapath() if self.s.datapath is not None else None}
@@ -144,7 +189,7 @@ class AdminApi:
             },
             "counts": {
                 **views.summary(snap, self.s.node),
-                "connections": len(self.s.connections()),
+                "connections": len(await self.connections()),
                 "certificates": len(certs),
                 "certificates_available": sum(1 for c in certs if c.get("state") == "Available"),
             },
@@ -165,5 +210,5 @@ class AdminApi:
             "policies": views.policies_view(snap),
             "certificates": self.certificates(),
             "datapath": (await self.datapath())["datapath"],
-            "traffic": self.traffic(),
+            "traffic": await self.traffic(),
         }

@@ -1,4 +1,5 @@
-"""``nodemesh status|workloads|connections|certs|policies|traffic``: read an agent's admin API.
+"""``nodemesh status|workloads|connections|certs|policies|traffic``: read an agent's admin API
+(``nodemesh requests``, which follows an agent, is ``agent.admin.tapcli``).
 
 Each command fetches one endpoint and prints it as a table (``-o table``, the default, at most
 100 columns) or as the endpoint's JSON (``-o json``, stable field names for scripts). Errors
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from agent.admin import tapcli
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.admin.tables import human_bytes, render
 
@@ -93,12 +95,20 @@ def format_connections(data: Mapping[str, Any]) -> str:
             human_bytes(c["bytes_sent"]),
             human_bytes(c["bytes_received"]),
             f"{c['duration_ms'] / 1000:.0f}s",
+            _requests(c),
         ]
         for c in data["connections"]
     ]
     if not rows:
         return "no open connections"
-    return render(["DIR", "SOURCE", "DESTINATION", "SECURITY", "SENT", "RECEIVED", "AGE"], rows)
+    headers = ["DIR", "SOURCE", "DESTINATION", "SECURITY", "SENT", "RECEIVED", "AGE", "REQUESTS"]
+    return render(headers, rows)
+
+
+def _requests(c: Mapping[str, Any]) -> str:
+    """``http/1.1 12``: the HTTP requests finished on the connection; ``-`` for plain TCP."""
+    protocol = c.get("protocol", "tcp")
+    return "-" if protocol == "tcp" else f"{protocol} {c.get('requests', 0)}"
 
 
 def format_certs(data: Mapping[str, Any]) -> str:
@@ -144,7 +154,9 @@ def format_policies(data: Mapping[str, Any]) -> str:
 
 
 def format_traffic(data: Mapping[str, Any]) -> str:
-    """TrafficPolicy conditions, then one row per endpoint of each Service in use."""
+    """TrafficPolicy conditions, one row per endpoint of each Service in use (its in-flight
+    connections or requests, latency estimate, failures), then per Service what is in flight and
+    pending, the retry budget's window and the ejections so far."""
     policies = [
         [name, c["reason"], c.get("message") or "-"] for name, c in data["policies"].items()
     ]
@@ -159,13 +171,59 @@ def format_traffic(data: Mapping[str, Any]) -> str:
                 [service, policy, e["ip"], e["subset"] or "-", state, e["active"],
                  f"{e['rtt_estimate_ms']:.1f}", e["consecutive_failures"]]
             )  # fmt: skip
+    totals = [
+        [service, st.get("active", 0), st.get("pending", 0),
+         f"{st.get('retry_budget', {}).get('retries', 0)}/"
+         f"{st.get('retry_budget', {}).get('requests', 0)}",
+         sum(st.get("ejections", {}).values())]
+        for service, st in sorted(data["services"].items())
+    ]  # fmt: skip
     parts = []
     if policies:
         parts.append(render(["TRAFFICPOLICY", "CONDITION", "MESSAGE"], policies))
     if rows:
         headers = ["SERVICE", "POLICY", "ENDPOINT", "SUBSET", "STATE", "OPEN", "RTT MS", "FAILS"]
         parts.append(render(headers, rows))
+        # in flight, waiting for a slot, the retry budget's window (retries/requests), ejections
+        parts.append(
+            render(["SERVICE", "IN FLIGHT", "PENDING", "RETRIES/REQS", "EJECTIONS"], totals)
+        )
     return "\n\n".join(parts) or "no TrafficPolicy and no Service connection yet"
+
+
+def format_routes(data: Mapping[str, Any]) -> str:
+    """One row per backend of each rule: weight, the share of weights, and the requests this
+    node sent it (the share actually observed); a route's parents and conditions above."""
+    parents, rows = [], []
+    for r in data["routes"]:
+        route = f"{r['kind']} {r['namespace']}/{r['name']}"
+        for p in r["parents"]:
+            ok = p["accepted"]["status"] and p["resolved_refs"]["status"]
+            why = "-" if ok else p["accepted"]["message"] or p["resolved_refs"]["message"] or "-"
+            parents.append(
+                [route, p["service"], ",".join(map(str, p["ports"])) or "-",
+                 p["accepted"]["reason"], p["resolved_refs"]["reason"], why]
+            )  # fmt: skip
+        if "error" in r:
+            rows.append([route, "-", "refused", "-", "-", r["error"]])
+        for rule in r.get("rules", []):
+            weights = sum(b["weight"] for b in rule["backends"]) or 1
+            sent = sum(b["requests"] for b in rule["backends"]) or 1
+            for b in rule["backends"]:
+                rows.append(
+                    [route, rule["index"], f"{b['service']}:{b['port']}",
+                     f"{b['weight']} ({100 * b['weight'] / weights:.0f}%)",
+                     f"{b['requests']} ({100 * b['requests'] / sent:.0f}%)",
+                     "-" if b["resolved"] else "unresolved"]
+                )  # fmt: skip
+    if not parents and not rows:
+        return "no routes (Gateway API HTTPRoute/GRPCRoute attached to a Service)"
+    return "\n\n".join(
+        [
+            render(["ROUTE", "PARENT", "PORTS", "ACCEPTED", "RESOLVEDREFS", "MESSAGE"], parents),
+            render(["ROUTE", "RULE", "BACKEND", "WEIGHT", "REQUESTS", "NOTE"], rows),
+        ]
+    )
 
 
 COMMANDS: dict[str, tuple[str, str, Formatter]] = {
@@ -182,6 +240,11 @@ COMMANDS: dict[str, tuple[str, str, Formatter]] = {
     ),
     "certs": ("/certs", "certificates of this node's identities", format_certs),
     "policies": ("/policies", "policies in the agent's state", format_policies),
+    "routes": (
+        "/routes",
+        "Gateway API routes: status per parent Service, rules, requests sent to each backend",
+        format_routes,
+    ),
     "traffic": (
         "/traffic",
         "traffic control: TrafficPolicy conditions, endpoint health per Service",
@@ -218,3 +281,4 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         if name == "workloads":
             p.add_argument("--local", action="store_true", help="only this node's workloads")
         p.set_defaults(func=run)
+    tapcli.register(subparsers)

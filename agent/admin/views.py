@@ -6,8 +6,14 @@ read them. Lists are sorted so two dumps of the same state compare equal.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from agent.policy.routes import RouteTable
+from agent.policy.routes.model import Route, RouteKey, Rule
+from agent.policy.routes.parents import Condition
 from agent.state import Snapshot, Workload
 from agent.state.model import PolicyObject, Service
+from agent.state.protocols import port_protocol
 
 
 def workload_view(w: Workload, snap: Snapshot, node: str) -> dict[str, object]:
@@ -24,6 +30,7 @@ def workload_view(w: Workload, snap: Snapshot, node: str) -> dict[str, object]:
         "labels": dict(w.labels),
         "exclude_outbound_ports": sorted(w.exclude_outbound_ports),
         "exclude_inbound_ports": sorted(w.exclude_inbound_ports),
+        "http_ports": sorted(w.http_ports),
     }
 
 
@@ -41,7 +48,14 @@ def service_view(s: Service) -> dict[str, object]:
         "hostname": s.hostname(),
         "cluster_ips": list(s.cluster_ips),
         "ports": [
-            {"name": p.name, "port": p.port, "target_port": p.target_port, "protocol": p.protocol}
+            {
+                "name": p.name,
+                "port": p.port,
+                "target_port": p.target_port,
+                "protocol": p.protocol,
+                "app_protocol": p.app_protocol,
+                "declared": port_protocol(p),
+            }
             for p in s.ports
         ],
         "selector": dict(s.selector) if s.selector is not None else None,
@@ -78,4 +92,65 @@ def summary(snap: Snapshot, node: str) -> dict[str, int]:
         "local_meshed": sum(1 for w in local if snap.is_meshed(w)),
         "services": len(snap.services),
         "policies": len(snap.policies),
+    }
+
+
+def routes_view(
+    snap: Snapshot, routed: Mapping[tuple[RouteKey, int, str], int]
+) -> list[dict[str, object]]:
+    """Gateway API routes as this agent compiled them: per parent the conditions it reports,
+    per rule its backends with their weights and the requests this node sent to each
+    (``routed``: (route, rule, backend ``namespace/name``) → count)."""
+    table = RouteTable.build(snap)
+    out: list[dict[str, object]] = []
+    for key in sorted(table.compiled):
+        compiled = table.compiled[key]
+        kind, namespace, name = key
+        parents = [
+            {
+                "service": f"{v.parent.namespace}/{v.parent.name}",
+                "ports": list(v.ports),
+                "accepted": _condition(v.accepted),
+                "resolved_refs": _condition(v.resolved),
+            }
+            for v in table.verdicts.get(key, ())
+        ]
+        entry: dict[str, object] = {
+            "kind": kind,
+            "namespace": namespace,
+            "name": name,
+            "parents": parents,
+        }
+        if isinstance(compiled, Route):
+            entry["rules"] = [_rule_view(key, rule, routed) for rule in compiled.rules]
+        else:
+            entry["error"] = str(compiled.error)
+        out.append(entry)
+    return out
+
+
+def _condition(c: Condition) -> dict[str, object]:
+    return {"status": c.status, "reason": c.reason, "message": c.message}
+
+
+def _rule_view(
+    key: RouteKey, rule: Rule, routed: Mapping[tuple[RouteKey, int, str], int]
+) -> dict[str, object]:
+    backends = []
+    for b in rule.backends:
+        ref = f"{b.namespace}/{b.name}"
+        backends.append(
+            {
+                "service": ref,
+                "port": b.port,
+                "weight": b.weight,
+                "resolved": b.resolved,
+                "requests": routed.get((key, rule.index, ref), 0),
+            }
+        )
+    return {
+        "index": rule.index,
+        "name": rule.name,
+        "matches": len(rule.matches),
+        "backends": backends,
     }

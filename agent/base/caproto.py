@@ -17,6 +17,9 @@ Why the descriptors are built here at import time instead of generated with ``gr
 generated ``_pb2`` modules pin the protobuf runtime version they were generated for, and the
 runtime must not need the generator. Building the ``FileDescriptorProto`` by hand keeps the exact
 field numbers visible in one place and works with every protobuf runtime the project allows.
+
+Only the CA server (and tests) use these classes; the agent's CA client writes and reads the same
+messages with ``agent.base.cawire``, which holds the names below and is tested against this module.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 
-PACKAGE = "istio.v1.auth"
-SERVICE = f"{PACKAGE}.IstioCertificateService"
-METHOD = f"/{SERVICE}/CreateCertificate"
-IMPERSONATED_IDENTITY_KEY = "ImpersonatedIdentity"
+from agent.base.cawire import IMPERSONATED_IDENTITY_KEY as IMPERSONATED_IDENTITY_KEY
+from agent.base.cawire import METHOD as METHOD
+from agent.base.cawire import PACKAGE
+from agent.base.cawire import SERVICE as SERVICE
 
 _F = descriptor_pb2.FieldDescriptorProto
 

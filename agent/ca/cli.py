@@ -13,7 +13,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from agent.base.constants import CA_PORT
+from agent.base.constants import CA_METRICS_PORT, CA_PORT
 from agent.base.durations import parse_duration
 
 
@@ -42,6 +42,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--listen", default=f"0.0.0.0:{CA_PORT}", help="address:port (default %(default)s)"
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default=f"0.0.0.0:{CA_METRICS_PORT}",
+        metavar="ADDR:PORT",
+        help="where Prometheus scrapes the CA's /metrics (default %(default)s; '' turns it off)",
     )
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--cluster-file", type=Path, help="standalone: the cluster document")

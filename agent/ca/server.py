@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,6 +27,7 @@ from agent.ca.auth import Authenticator, bearer_token
 from agent.ca.authority import Authority, key_pem
 from agent.ca.issuer import Issuer, Rejected
 from agent.ca.kube import KubeApiError
+from agent.ca.metrics import CaMetrics
 from agent.identity.caclient import CA_SERVER_NAME
 from agent.identity.certs import to_pem
 
@@ -38,11 +39,25 @@ SERVING_CERT_TTL = dt.timedelta(days=365)
 class CertificateService:
     """The ``IstioCertificateService`` implementation."""
 
-    def __init__(self, issuer: Issuer, authenticator: Authenticator) -> None:
+    def __init__(
+        self, issuer: Issuer, authenticator: Authenticator, metrics: CaMetrics | None = None
+    ) -> None:
         self._issuer = issuer
         self._authenticator = authenticator
+        self._metrics = metrics
 
     def create_certificate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if self._metrics is None:
+            return self._decide(request, context, lambda _code: None)
+        with self._metrics.deciding() as report:
+            return self._decide(request, context, report)
+
+    def _decide(
+        self,
+        request: Any,
+        context: grpc.ServicerContext,
+        report: Callable[[grpc.StatusCode | None], None],
+    ) -> Any:
         peer = context.peer()
         try:
             caller = self._authenticator.authenticate(
@@ -57,10 +72,13 @@ class CertificateService:
         except Rejected as e:
             if e.code == grpc.StatusCode.UNAUTHENTICATED:
                 log.warning("refused %s: UNAUTHENTICATED: %s", peer, e.message)
+            report(e.code)
             context.abort(e.code, e.message)
         except KubeApiError as e:
             log.error("cannot decide the request from %s: %s", peer, e)
+            report(grpc.StatusCode.UNAVAILABLE)
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        report(None)
         return caproto.IstioCertificateResponse(
             cert_chain=issued.cert_chain, root_cert=caproto.Roots(ca_cert=issued.root_certs)
         )

@@ -25,6 +25,7 @@ from agent.ca.auth import (
 from agent.ca.authority import Authority, AuthorityError
 from agent.ca.issuer import Issuer, NodeAuthorizer
 from agent.ca.kube import KubeApiError, load_or_create_secret, publish_bundle_configmap
+from agent.ca.metrics import CaMetrics, serve
 from agent.ca.server import CertificateService, start_server
 from agent.ca.storage import load_or_create_dir
 from agent.sources.localfile import LocalFileError, LocalFileSource
@@ -107,9 +108,24 @@ def _serve(args: argparse.Namespace, cleanup: ExitStack) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    metrics = CaMetrics(lambda: authority, trust_domain)
+    if args.metrics_listen:
+        try:
+            endpoint, port = serve(metrics, args.metrics_listen)
+        except (OSError, ValueError) as e:
+            raise SetupError(
+                f"cannot serve metrics on {args.metrics_listen}: {e}; choose another "
+                "--metrics-listen or '' to turn the endpoint off"
+            ) from e
+        cleanup.callback(endpoint.server_close)
+        cleanup.callback(endpoint.shutdown)
+        log.info("mesh CA metrics on %s (port %d)", args.metrics_listen, port)
     try:
         server, _ = start_server(
-            CertificateService(issuer, authenticator), authority, listen=args.listen, sans=args.san
+            CertificateService(issuer, authenticator, metrics),
+            authority,
+            listen=args.listen,
+            sans=args.san,
         )
     except (OSError, RuntimeError) as e:
         raise SetupError(f"cannot serve on {args.listen}: {e}") from e

@@ -9,8 +9,9 @@ Order matters for "no connection escapes capture":
      on an interface without the entries it needs; filters are replaced in place.
 Joining or leaving the mesh only rewrites a map entry; programs are never reloaded for it.
 
-All kernel calls are synchronous (pyroute2 and libbpf); the agent calls them from a worker
-thread, one at a time (``_lock``).
+All kernel calls are synchronous; the agent calls them from a worker thread, one at a time
+(``_lock``). Maps are read and written here through libbpf; routing and tc (pyroute2) go through
+the netlink helper child (``agent.datapath.netlink``), started with the programs.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyroute2 import IPRoute
-
 from agent.base.constants import Listener
-from agent.datapath import bpfsys, programs, routing, tc
+from agent.datapath import bpfsys, programs
 from agent.datapath.desired import LocalPod, Plan, plan
 from agent.datapath.layout import (
     SETTING_FAIL_OPEN,
@@ -43,6 +42,7 @@ from agent.datapath.layout import (
     pod_entry,
     pod_value,
 )
+from agent.datapath.netlink import NetlinkHelper, RoutingConfig
 from agent.datapath.splice import KernelSplice
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class DatapathConfig:
     uplinks: tuple[str, ...] = ()
     fail_open: bool = False
     marks: programs.Marks = field(default_factory=programs.Marks)
-    routing: routing.RoutingConfig = field(default_factory=routing.RoutingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
 
 class SpliceUnavailable(RuntimeError):
@@ -73,6 +73,7 @@ class Datapath:
         self._listeners: dict[Listener, int] = {}
         self._swapped = False
         self._frozen = False
+        self._netlink: NetlinkHelper | None = None
         self.last_plan = Plan()
 
     @property
@@ -100,15 +101,23 @@ class Datapath:
             self._loaded = programs.load(self.config.pin_dir, self.config.marks)
             settings = SettingsValue(flags=SETTING_FAIL_OPEN if self.config.fail_open else 0)
             self.loaded.maps["nm_settings"].update(ctypes.c_uint32(0), settings)
-            with IPRoute() as ipr:
-                for change in routing.ensure(ipr, self.config.routing):
-                    log.info("datapath: added %s", change)
+            self._netlink = NetlinkHelper(keep_fds=list(self.loaded.programs.values()))
+            for change in self.netlink.call(
+                "ensure_routing", routing_config=self.config.routing.as_args()
+            ):
+                log.info("datapath: added %s", change)
             log.info(
                 "datapath ready: generation %s (%s), fail-%s",
                 self.loaded.generation,
                 "adopted" if self.loaded.adopted else "new",
                 "open" if self.config.fail_open else "closed",
             )
+
+    @property
+    def netlink(self) -> NetlinkHelper:
+        if self._netlink is None:
+            raise RuntimeError("Datapath.start() has not run")
+        return self._netlink
 
     def register_listeners(self, listeners: dict[Listener, socket.socket]) -> None:
         """Put the agent's listening sockets in the SOCKMAP: from now on SYNs are captured."""
@@ -163,32 +172,29 @@ class Datapath:
             return self._reconcile(pods)
 
     def _reconcile(self, pods: Sequence[LocalPod]) -> Plan:
-        with IPRoute() as ipr:
-            ifaces = {p.ip: routing.interface_of(ipr, p.ip) for p in pods}
-            attached = tc.attached_interfaces(ipr)
-            if not self._swapped:
-                # First pass of this process: re-attach everywhere, so interfaces still running
-                # an older generation's programs move to ours (replace is atomic per filter).
-                attached = dict.fromkeys(attached, "")
-            pod_ifaces = {i for i in ifaces.values() if i is not None}
-            todo = plan(
-                pods,
-                ifaces.get,
-                self._current_entries(),
-                attached,
-                routing.uplinks(ipr, self.config.uplinks, pod_ifaces),
-            )
-            self._apply(ipr, todo)
-            if not self._swapped:
-                for gen in programs.remove_other_generations(
-                    self.config.pin_dir, self.loaded.generation
-                ):
-                    log.info("datapath: removed old pinned generation %s", gen)
-                self._swapped = True
-            self.last_plan = todo
-            return todo
+        current = self._current_entries()
+        seen = self.netlink.call(
+            "observe", pods=[p.ip for p in pods], uplinks=list(self.config.uplinks)
+        )
+        ifaces: dict[str, int | None] = seen["ifaces"]
+        attached = {int(i): str(name) for i, name in seen["attached"].items()}
+        if not self._swapped:
+            # First pass of this process: re-attach everywhere, so interfaces still running
+            # an older generation's programs move to ours (replace is atomic per filter).
+            attached = dict.fromkeys(attached, "")
+        uplinks = {int(i): str(name) for i, name in seen["uplinks"].items()}
+        todo = plan(pods, ifaces.get, current, attached, uplinks)
+        self._apply(todo)
+        if not self._swapped:
+            for gen in programs.remove_other_generations(
+                self.config.pin_dir, self.loaded.generation
+            ):
+                log.info("datapath: removed old pinned generation %s", gen)
+            self._swapped = True
+        self.last_plan = todo
+        return todo
 
-    def _apply(self, ipr: IPRoute, todo: Plan) -> None:
+    def _apply(self, todo: Plan) -> None:
         pods = self.loaded.maps["nm_pods"]
         for entry in todo.put:
             try:
@@ -211,18 +217,21 @@ class Datapath:
                 sorted(entry.exclude_outbound),
                 sorted(entry.exclude_inbound),
             )
-        for role, ifaces in (("pod", todo.attach_pod), ("uplink", todo.attach_uplink)):
-            prog = PROGRAM_FOR_ROLE[role]
-            for ifindex in ifaces:
-                name = programs.FUNCTIONS[prog]
-                try:
-                    tc.attach(ipr, ifindex, self.loaded.programs[prog], name)
-                except tc.AttachError as e:
-                    log.warning("datapath: %s", e)
-                    continue
-                log.info("datapath: attached %s to interface %d", name, ifindex)
-        for ifindex in todo.detach:
-            if tc.detach(ipr, ifindex):
+        attach = [
+            (ifindex, self.loaded.programs[prog], programs.FUNCTIONS[prog])
+            for role, ifaces in (("pod", todo.attach_pod), ("uplink", todo.attach_uplink))
+            for prog in (PROGRAM_FOR_ROLE[role],)
+            for ifindex in ifaces
+        ]
+        if attach or todo.detach:
+            done = self.netlink.call("apply", attach=attach, detach=list(todo.detach))
+            failed = dict(done["failed"])
+            for ifindex, _, name in attach:
+                if ifindex in failed:
+                    log.warning("datapath: %s", failed[ifindex])
+                else:
+                    log.info("datapath: attached %s to interface %d", name, ifindex)
+            for ifindex in done["detached"]:
                 log.info("datapath: detached from interface %d", ifindex)
         for ip in todo.delete:
             pods.delete(addr_key(ip))
@@ -260,14 +269,17 @@ class Datapath:
         }
 
     def attachments(self) -> dict[str, str]:
-        """Interface name → our program on it (pyroute2's sync API: call from a worker thread)."""
-        with IPRoute() as ipr:
-            found = tc.attached_interfaces(ipr)
+        """Interface name → our program on it (a blocking call: from a worker thread)."""
+        found = {int(i): str(name) for i, name in self.netlink.call("attached").items()}
         return {_ifname(index): prog for index, prog in sorted(found.items())}
 
     def close(self) -> None:
-        """Release file descriptors; pinned objects and filters stay for the next agent."""
+        """Release file descriptors and stop the netlink helper; pinned objects and filters stay
+        for the next agent."""
         with self._lock:
+            if self._netlink is not None:
+                self._netlink.close()
+                self._netlink = None
             if self._loaded is not None:
                 self._loaded.close()
                 self._loaded = None
@@ -280,15 +292,14 @@ def _ifname(index: int) -> str:
         return f"ifindex {index}"
 
 
-def uninstall(pin_dir: Path, routing_config: routing.RoutingConfig) -> list[str]:
+def uninstall(pin_dir: Path, routing_config: RoutingConfig) -> list[str]:
     """Remove every filter, rule, route and pinned object an agent with these settings created
     in the current network namespace; returns what was removed."""
-    removed = []
-    with IPRoute() as ipr:
-        for ifindex, name in tc.attached_interfaces(ipr).items():
-            if tc.detach(ipr, ifindex):
-                removed.append(f"tc filter {name} on interface {ifindex}")
-        removed += routing.remove(ipr, routing_config)
+    helper = NetlinkHelper()
+    try:
+        removed: list[str] = helper.call("uninstall", routing_config=routing_config.as_args())
+    finally:
+        helper.close()
     if programs.remove_all(pin_dir):
         removed.append(f"pinned objects under {pin_dir}")
     return removed

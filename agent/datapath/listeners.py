@@ -12,6 +12,11 @@ the predecessor still holds 15001/15006/15008 (``beside_another``), and register
 in the SOCKMAP is what moves new connections to it. ``SO_REUSEPORT`` would be wrong here: since
 Linux 6.5 ``bpf_sk_assign`` to a listener in a reuseport group re-selects among the group (new
 SYNs would be spread over both agents), and older kernels refuse to assign to such a listener.
+
+That re-selection is what ``nodemesh agent --workers N`` uses (``open_listener_groups``): N
+listeners per port in one reuseport group, one per worker process, of which only the first is
+registered in the SOCKMAP; the kernel picks the member for each new SYN by its flow hash
+(ARCHITECTURE.md, "Workers").
 """
 
 from __future__ import annotations
@@ -41,13 +46,16 @@ class ListenerPorts:
 
 
 def transparent_listener(
-    port: int, backlog: int = 1024, *, beside_another: bool = False
+    port: int, backlog: int = 1024, *, beside_another: bool = False, reuseport: bool = False
 ) -> socket.socket:
     """A non-blocking TCP listener on 0.0.0.0:``port`` that accepts any destination address;
-    on an ephemeral port instead when ``beside_another`` agent still holds ``port``."""
+    on an ephemeral port instead when ``beside_another`` agent still holds ``port``; in the
+    port's reuseport group with ``reuseport``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
         try:
             sock.bind(("0.0.0.0", port))
@@ -89,5 +97,28 @@ def open_listeners(
     except OSError:
         for sock in opened.values():
             sock.close()
+        raise
+    return opened
+
+
+def open_listener_groups(
+    ports: ListenerPorts, members: int, *, beside_another: bool = False
+) -> dict[Listener, list[socket.socket]]:
+    """``members`` listeners per port, each port's in one ``SO_REUSEPORT`` group (one per
+    worker); all of them or none. ``beside_another`` agent (an upgrade): on an ephemeral port
+    per group, never trying the configured ones, since a reuseport bind there would join the
+    running agent's group when it runs workers too (its new SYNs would reach this agent before
+    the takeover)."""
+    opened: dict[Listener, list[socket.socket]] = {}
+    try:
+        for slot, port in ports.by_slot().items():
+            group = opened[slot] = []
+            for _ in range(members):
+                at = group[0].getsockname()[1] if group else 0 if beside_another else port
+                group.append(transparent_listener(at, reuseport=True))
+    except OSError:
+        for group in opened.values():
+            for sock in group:
+                sock.close()
         raise
     return opened

@@ -8,26 +8,27 @@ so there is no moment in which meshed traffic is not steered. An agent with diff
 builds a new generation next to the old one; the reconciler fills its maps and then swaps each tc
 filter in place (``replace`` is atomic per filter), and only then are old generations removed.
 
-This module is, with ``netlink``, the only place that imports BCC, and only when it has to
-compile. Compile and verifier errors become one ``ProgramLoadError`` with the log and the likely
-cause.
+Why a child process compiles: this module never imports BCC. A new generation is compiled,
+verified and pinned by ``python -m agent.datapath.compiler``, a short-lived child, and then
+adopted like any other (libbpf only, see ``bpfsys``), so the agent never maps BCC's LLVM and
+clang (over 100 MiB resident for the life of the process otherwise). Compile and verifier
+errors come back from the child as one ``ProgramLoadError`` with the log and the likely cause.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from agent.base.constants import CAPTURE_MARK, HBONE_PORT, PROXY_MARK
 from agent.datapath import bpfsys
@@ -43,10 +44,12 @@ FUNCTIONS = {Program.POD_INGRESS: "nm_pod_ingress", Program.UPLINK_INGRESS: "nm_
 SPLICE_MAPS = ("nm_splice_links", "nm_splice_credits", "nm_splice_targets", "nm_splice_sources")
 MAPS = ("nm_pods", "nm_listeners", "nm_counters", "nm_settings", *SPLICE_MAPS)
 # The same-node splice's verdict program is optional: a kernel that refuses it (no sk_skb
-# verdict on a sockhash) still gets capture, and the proxy relays same-node bytes itself. It is
-# attached to nm_splice_sources when compiled; the attachment lives with the pinned map.
+# verdict on a sockhash) still gets capture, and the proxy relays same-node bytes itself. The
+# compiler attaches it to nm_splice_sources; the attachment lives with the pinned map.
 SPLICE_FUNCTION = "nm_splice_verdict"
 SPLICE_PIN = "prog_splice"
+# A compile takes seconds; this only bounds a child that hangs.
+COMPILE_TIMEOUT_SECONDS = 300.0
 
 
 class ProgramLoadError(RuntimeError):
@@ -67,6 +70,14 @@ class Marks:
             f"-DNM_PROXY_MARK={self.proxy_mark:#x}",
             f"-DNM_CAPTURE_MARK={self.capture_mark:#x}",
             f"-DNM_HBONE_PORT={self.hbone_port}",
+        ]
+
+    def argv(self) -> list[str]:
+        """The same numbers as arguments of ``python -m agent.datapath.compiler``."""
+        return [
+            f"--proxy-mark={self.proxy_mark:#x}",
+            f"--capture-mark={self.capture_mark:#x}",
+            f"--hbone-port={self.hbone_port}",
         ]
 
 
@@ -108,7 +119,7 @@ def source_dir() -> Path:
     return Path(str(resources.files("agent.datapath") / "bpf"))
 
 
-def _source_text(directory: Path) -> str:
+def source_text(directory: Path) -> str:
     return "".join((directory / name).read_text(encoding="utf-8") for name in SOURCES)
 
 
@@ -126,14 +137,18 @@ def generation(marks: Marks, directory: Path | None = None) -> str:
     """The pin subdirectory name for these sources and defines."""
     directory = directory or source_dir()
     digest = hashlib.sha256()
-    digest.update(_source_text(directory).encode())
+    digest.update(source_text(directory).encode())
     digest.update((directory / "nodemesh.h").read_bytes())
     digest.update(repr(marks).encode())
     return f"v{LAYOUT_VERSION}-{digest.hexdigest()[:12]}"
 
 
+def pin_name(program: Program) -> str:
+    return f"prog_{program.name.lower()}"
+
+
 def _pin_names(splice: bool = True) -> list[str]:
-    names = [f"prog_{p.name.lower()}" for p in Program] + [f"map_{m}" for m in MAPS]
+    names = [pin_name(p) for p in Program] + [f"map_{m}" for m in MAPS]
     return [*names, SPLICE_PIN] if splice else names
 
 
@@ -141,7 +156,7 @@ def _adopt(gen: str, directory: Path) -> Loaded:
     loaded = Loaded(generation=gen, directory=directory, adopted=True)
     try:
         for p in Program:
-            loaded.programs[p] = bpfsys.open_pinned(str(directory / f"prog_{p.name.lower()}"))
+            loaded.programs[p] = bpfsys.open_pinned(str(directory / pin_name(p)))
         for m in MAPS:
             loaded.maps[m] = bpfsys.Map(bpfsys.open_pinned(str(directory / f"map_{m}")), m)
         if (directory / SPLICE_PIN).exists():
@@ -152,112 +167,52 @@ def _adopt(gen: str, directory: Path) -> Loaded:
     return loaded
 
 
-def _likely_cause(message: str) -> str:
-    if "linux/" in message and "file not found" in message:
-        return (
-            "kernel headers are missing: BCC needs /lib/modules/$(uname -r)/build "
-            "(run make setup, which links Debian's linux-headers)"
-        )
-    if "error:" in message:
-        return "the C source does not compile: see the compiler's output below"
-    # The verifier answers EACCES ("Permission denied") too, so its log is checked first.
-    if "processed" in message or "invalid" in message or "unknown opcode" in message:
-        return "the kernel's verifier rejected the program: the log below ends at the instruction"
-    if "Permission denied" in message or "Operation not permitted" in message:
-        return "loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN; CAP_SYS_RESOURCE < 5.11)"
-    return "see the output below"
-
-
-@contextlib.contextmanager
-def _captured_stderr() -> Iterator[Callable[[], str]]:
-    """Collect what clang, BCC and the verifier print on file descriptor 2 while loading, so that
-    a failure carries its own diagnostics instead of leaving them scattered in the log."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-
-        def read() -> str:
-            tmp.seek(0)
-            return tmp.read().decode(errors="replace")
-
-        try:
-            yield read
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def _failure(what: str, error: Exception, output: str) -> ProgramLoadError:
-    tail = "\n".join(output.strip().splitlines()[-40:])
-    return ProgramLoadError(
-        f"{what}: {error}; likely cause: {_likely_cause(output + str(error))}\n{tail}"
+def _compile_in_child(marks: Marks, directory: Path, src: Path) -> None:
+    """Have ``python -m agent.datapath.compiler`` compile, verify and pin the generation
+    ``directory``; its refusal becomes this process's ``ProgramLoadError``, message unchanged."""
+    argv = [
+        sys.executable, "-m", "agent.datapath.compiler", "--src", str(src),
+        "--into", str(directory), *marks.argv(),
+    ]  # fmt: skip
+    # The child imports this very package, wherever it was imported from here.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[2]), *filter(None, [env.get("PYTHONPATH")])]
     )
-
-
-def _load_splice(bpf: Any) -> int | None:
-    """Load the splice verdict program and attach it to nm_splice_sources; None (logged) when
-    the kernel refuses, so that capture still works without the splice."""
-    from bcc import BPF, BPFAttachType, libbcc
-
+    log.info("compiling capture programs in a child process: %s", " ".join(argv))
     try:
-        fn = bpf.load_func(SPLICE_FUNCTION.encode(), BPF.SK_SKB)
-        sources = libbcc.lib.bpf_table_fd(bpf.module, b"nm_splice_sources")
-        BPF.attach_func(fn, sources, BPFAttachType.SK_SKB_STREAM_VERDICT)
-    except Exception as e:  # BCC raises bare Exception for both load and attach
-        log.warning(
-            "same-node splice unavailable: the kernel refused the sk_skb verdict program (%s); "
-            "same-node bytes are relayed in user space",
-            e,
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            timeout=COMPILE_TIMEOUT_SECONDS,
+            check=False,
         )
-        return None
-    fd: int = fn.fd
-    return fd
-
-
-def _compile(marks: Marks, src: Path) -> tuple[Any, dict[Program, int], int | None]:
-    """The BCC module, the loaded capture programs' descriptors (verified by the kernel) and
-    the splice program's (None when the kernel refused it)."""
-    from bcc import BPF  # deferred: only a fresh generation needs the compiler
-
-    with _captured_stderr() as output:
-        try:
-            bpf = BPF(text=_source_text(src).encode(), cflags=marks.cflags(str(src)))
-        except Exception as e:  # BCC raises bare Exception; the diagnostics went to fd 2
-            raise _failure(f"compiling the capture programs in {src} failed", e, output()) from e
-        try:
-            fds = {p: bpf.load_func(fn.encode(), BPF.SCHED_CLS).fd for p, fn in FUNCTIONS.items()}
-        except Exception as e:
-            bpf.cleanup()
-            raise _failure("the kernel refused the capture programs", e, output()) from e
-        splice = _load_splice(bpf)
-        if output().strip():
-            log.debug("BCC output while loading:\n%s", output())
-    return bpf, fds, splice
-
-
-def _compile_and_pin(marks: Marks, gen: str, directory: Path, src: Path) -> None:
-    from bcc import libbcc
-
-    bpf, fds, splice = _compile(marks, src)
-    staging = directory.with_name(directory.name + "-staging")  # bpffs refuses dots
+    except subprocess.TimeoutExpired as e:
+        raise ProgramLoadError(
+            f"compiling the capture programs took over {COMPILE_TIMEOUT_SECONDS:.0f}s and was "
+            "stopped; is the machine overloaded?"
+        ) from e
+    except OSError as e:
+        raise ProgramLoadError(f"cannot run the BPF compiler process {argv[0]}: {e}") from e
+    stderr = done.stderr.decode(errors="replace").strip()
+    if stderr:
+        log.debug("BPF compiler process stderr:\n%s", stderr)
     try:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for p, fd in fds.items():
-            bpfsys.pin(fd, str(staging / f"prog_{p.name.lower()}"))
-        if splice is not None:
-            bpfsys.pin(splice, str(staging / SPLICE_PIN))
-        for m in MAPS:
-            bpfsys.pin(libbcc.lib.bpf_table_fd(bpf.module, m.encode()), str(staging / f"map_{m}"))
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        bpf.cleanup()
-    log.info("compiled and pinned capture programs, generation %s, in %s", gen, directory)
+        result = json.loads(done.stdout)
+    except ValueError:
+        code = done.returncode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        tail = "\n".join(stderr.splitlines()[-40:])
+        raise ProgramLoadError(
+            f"the BPF compiler process ({' '.join(argv)}) {how} without a result; its output:\n"
+            f"{tail}"
+        ) from None
+    if "error" in result:
+        raise ProgramLoadError(result["error"])
+    if result["output"].strip():
+        log.debug("BCC output while loading:\n%s", result["output"])
 
 
 def load(pin_dir: Path, marks: Marks, src: Path | None = None) -> Loaded:
@@ -274,7 +229,8 @@ def load(pin_dir: Path, marks: Marks, src: Path | None = None) -> Loaded:
     if directory.exists():
         log.warning("pinned generation %s is incomplete; rebuilding it", gen)
         shutil.rmtree(directory)
-    _compile_and_pin(marks, gen, directory, src)
+    _compile_in_child(marks, directory, src)
+    log.info("compiled and pinned capture programs, generation %s, in %s", gen, directory)
     loaded = _adopt(gen, directory)
     loaded.adopted = False
     return loaded

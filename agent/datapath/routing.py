@@ -8,6 +8,9 @@ Both are created idempotently and removed by ``uninstall``.
 
 Interfaces are found the way a veth-based CNI leaves them: a pod's host-side interface is the
 one the node routes the pod's IP through (route lookup), not a naming convention.
+
+Only the netlink helper (``agent.datapath.netlinkd``, a child process) runs these functions:
+the agent process does not import pyroute2.
 """
 
 from __future__ import annotations
@@ -15,21 +18,13 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent.base.constants import CAPTURE_MARK, ROUTE_TABLE, RULE_PRIORITY
+from agent.datapath.netlink import RoutingConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    capture_mark: int = CAPTURE_MARK
-    table: int = ROUTE_TABLE
-    rule_priority: int = RULE_PRIORITY
 
 
 def _rule_present(ipr: IPRoute, cfg: RoutingConfig) -> bool:

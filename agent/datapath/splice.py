@@ -1,10 +1,11 @@
 """The kernel side of the same-node splice: the splice maps, per pair of sockets.
 
 ``bpf/splice.bpf.c`` explains the mechanism. This module is what the proxy is handed (through
-``agent.app``, as the ``agent.proxy.splice.Splicer`` interface). ``start(a, b, window)`` links
-the two sockets by their cookies, grants each ``window`` bytes of credit, and makes each a
-redirect target, then a source, in that order, so that no segment arrives on a source whose
-peer is not yet a target. Every map write goes through ``_update``, so that map access has one
+``agent.app``, as the ``agent.proxy.splice.Splicer`` interface; a worker process of
+``--workers N`` builds it on the map descriptors it inherited from the main process:
+``from_fds``). ``start(a, b, window)`` links the two sockets by their cookies, grants each
+``window`` bytes of credit, and makes each a redirect target, then a source, in that order, so
+that no segment arrives on a source whose peer is not yet a target. Every map write goes through ``_update``, so that map access has one
 seam.
 
 Bytes that arrived before a socket became a source are still in its receive queue, and the
@@ -81,6 +82,23 @@ class KernelSplicing:
 
 class KernelSplice:
     """The four splice maps of one loaded generation."""
+
+    NAMES = ("nm_splice_links", "nm_splice_credits", "nm_splice_targets", "nm_splice_sources")
+
+    @classmethod
+    def from_fds(cls, fds: list[int]) -> KernelSplice:
+        """The maps from descriptors inherited in ``fds()``'s order: how a worker process
+        (``--workers N``) gets them from the main process, which opened the pins."""
+        if len(fds) != len(cls.NAMES):
+            raise ValueError(f"the splice needs {len(cls.NAMES)} map descriptors, not {fds}")
+        links, credits, targets, sources = (
+            bpfsys.Map(fd, name) for fd, name in zip(fds, cls.NAMES, strict=True)
+        )
+        return cls(links, credits, targets, sources)
+
+    def fds(self) -> list[int]:
+        """The maps' descriptors, in ``from_fds``'s order (for a worker to inherit)."""
+        return [self.links.fd, self.credits.fd, self.targets.fd, self.sources.fd]
 
     def __init__(
         self, links: bpfsys.Map, credits: bpfsys.Map, targets: bpfsys.Map, sources: bpfsys.Map

@@ -7,8 +7,8 @@ or an older one being upgraded) the kernel swaps the program atomically, so no p
 between the old and the new program. Removing our filter removes the clsact qdisc only when no
 other filter is left on it, leaving the interface as it was before the agent came.
 
-Synchronous pyroute2 refuses to run inside an event loop: callers run these functions before
-the loop starts or in a worker thread.
+Only the netlink helper (``agent.datapath.netlinkd``, a child process) runs these functions:
+the agent process does not import pyroute2.
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.base.constants import TC_PRIORITY
+from agent.datapath.netlink import AttachError
 
 log = logging.getLogger(__name__)
 
 INGRESS = 0xFFFFFFF2
 EGRESS = 0xFFFFFFF3
 PROGRAM_NAMES = ("nm_pod_ingress", "nm_uplink_ingress")
-
-
-class AttachError(RuntimeError):
-    """A tc operation failed on an interface."""
 
 
 def _ensure_clsact(ipr: IPRoute, ifindex: int) -> None:

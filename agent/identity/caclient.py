@@ -4,36 +4,44 @@ For each request it generates a fresh ECDSA P-256 key in memory, sends a CSR wit
 as its only SAN and the identity again as ``ImpersonatedIdentity`` metadata (how Istio node
 proxies ask on a workload's behalf), and checks the answer before anyone can present it.
 
-Why the channel and the token are re-read rather than fixed at start: the CA's root (``--ca-root``)
+The call is gRPC without grpcio: ``agent.identity.grpcunary`` (the HTTP/2 exchange, sans-IO) and
+``agent.base.cawire`` (the messages), on an asyncio TLS connection; the long-running agent never
+imports grpc or protobuf (ARCHITECTURE.md, "No compiler in the agent"). Each request opens its
+own connection and closes it after the answer: requests come a few times a day per identity,
+so a kept connection would save a TLS handshake now and then (about 3 ms on loopback, measured
+with ``tests/bench/ca/bench_ca_issuance.py``) at the price of reconnect logic.
+The TLS check is the one grpcio made: the CA's certificate must chain to ``--ca-root`` and name
+``--ca-server-name`` (sent as SNI too), and the connection must negotiate ``h2`` by ALPN.
+
+Why the root and the token are re-read rather than fixed at start: the CA's root (``--ca-root``)
 changes during a root rotation, and Kubernetes rotates projected service-account tokens (about
-hourly). The token file is re-read when its inode, mtime or size changes and the channel is
-rebuilt when the root file changes or after a transport failure, so a long-running agent follows
-both without a restart. gRPC itself reconnects a broken channel; a rebuild is the fallback.
+hourly). Both files are re-read when their inode, mtime or size changes, so a long-running agent
+follows them without a restart: the next connection uses the new root.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from agent.base import caproto
+from agent.base import cawire
 from agent.identity.certs import CertificateError, WorkloadCertificate, build_csr, generate_key
+from agent.identity.grpcunary import CallError, Status, UnaryCall
 from agent.identity.spiffe import SpiffeId
 
 log = logging.getLogger(__name__)
 
 CA_SERVER_NAME = "nodemesh-ca"
-_TRANSPORT_FAILURES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_TRANSPORT_FAILURES = {Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED}
 
 
 class CaError(Exception):
     """A certificate request failed; ``code`` is the gRPC status (``None`` for local errors)."""
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: Status | None = None) -> None:
         super().__init__(message)
         self.code = code
 
@@ -89,30 +97,31 @@ class CaClient:
         self._server_name = server_name
         self._validity = validity_seconds
         self._timeout = timeout
-        self._channel: grpc.aio.Channel | None = None
+        self._context: ssl.SSLContext | None = None
+        self._in_flight: set[asyncio.Future[bytes]] = set()
 
-    async def _current_channel(self) -> grpc.aio.Channel:
+    def _tls(self) -> ssl.SSLContext:
         root, changed = self._root.read()
-        if self._channel is not None and changed:
-            log.info("CA root file %s changed; reconnecting to %s", self._root.path, self.address)
-            # Calls still in flight on the old channel are cancelled and retried by the identity
-            # manager; a root change is rare enough for that to be cheap.
-            await self._drop(self._channel)
-        if self._channel is None:
-            self._channel = grpc.aio.secure_channel(
+        if self._context is not None and not changed:
+            return self._context
+        if self._context is not None:
+            log.info(
+                "CA root file %s changed; new connections to %s use it",
+                self._root.path,
                 self.address,
-                grpc.ssl_channel_credentials(root_certificates=root),
-                options=[("grpc.ssl_target_name_override", self._server_name)],
             )
-        return self._channel
-
-    @staticmethod
-    def _method(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
-        return channel.unary_unary(
-            caproto.METHOD,
-            request_serializer=caproto.IstioCertificateRequest.SerializeToString,
-            response_deserializer=caproto.IstioCertificateResponse.FromString,
-        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the name
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["h2"])
+        try:
+            context.load_verify_locations(cadata=root.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as e:
+            raise CaError(
+                f"the CA root file {self._root.path} holds no usable PEM certificate ({e}); "
+                "check --ca-root"
+            ) from e
+        self._context = context
+        return context
 
     def _token_value(self) -> str:
         data, changed = self._token.read()
@@ -125,52 +134,104 @@ class CaClient:
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         key = generate_key()
-        request = caproto.IstioCertificateRequest(
-            csr=build_csr(identity, key), validity_duration=self._validity
+        message = cawire.encode_request(
+            build_csr(identity, key),
+            self._validity,
+            {cawire.IMPERSONATED_IDENTITY_KEY: str(identity)},
         )
-        request.metadata.fields[caproto.IMPERSONATED_IDENTITY_KEY].string_value = str(identity)
-        channel = await self._current_channel()
+        call = UnaryCall(
+            authority=self.address,
+            path=cawire.METHOD,
+            message=message,
+            timeout=self._timeout,
+            metadata=(("authorization", f"Bearer {self._token_value()}"),),
+        )
+        exchange = asyncio.ensure_future(self._exchange(call, self._tls()))
+        self._in_flight.add(exchange)
         try:
-            response = await self._method(channel)(
-                request,
-                metadata=(("authorization", f"Bearer {self._token_value()}"),),
-                timeout=self._timeout,
-            )
+            async with asyncio.timeout(self._timeout):
+                answer = await exchange
+        except TimeoutError as e:
+            raise self._failed(
+                identity, CallError(Status.DEADLINE_EXCEEDED, f"no answer within {self._timeout}s")
+            ) from e
+        except CallError as e:
+            raise self._failed(identity, e) from e
         except asyncio.CancelledError as e:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # our caller is being cancelled
-            # grpc.aio raises CancelledError when the channel is closed under a call: another
-            # request dropped it after a transport failure, or --ca-root changed. Left as is, it
-            # would end the identity manager's worker for good instead of being retried.
+            # close() cut the exchange. Left as a CancelledError it would end the identity
+            # manager's worker for good instead of being a failed attempt that is retried.
             raise CaError(
-                f"certificate request for {identity} to the CA at {self.address} was cut: its "
-                "channel was closed (after a transport failure or a --ca-root change); retrying"
+                f"certificate request for {identity} to the CA at {self.address} was cut: the "
+                "client was closed under it; retrying",
+                Status.UNAVAILABLE,
             ) from e
-        except grpc.aio.AioRpcError as e:
-            hint = ""
-            if e.code() in _TRANSPORT_FAILURES:
-                await self._drop(channel)
-                hint = " (is the CA running and reachable from this node? check --ca-address)"
+        finally:
+            self._in_flight.discard(exchange)
+        try:
+            response = cawire.decode_response(answer)
+        except cawire.WireError as e:
             raise CaError(
-                f"certificate request for {identity} to the CA at {self.address} failed: "
-                f"{e.code().name}: {e.details()}{hint}",
-                e.code(),
+                f"unusable answer from the CA at {self.address}: not a certificate response ({e})",
+                Status.INTERNAL,
             ) from e
         try:
             return WorkloadCertificate.from_response(
-                identity, key, list(response.cert_chain), list(response.root_cert.ca_cert)
+                identity, key, response.cert_chain, response.root_certs
             )
         except CertificateError as e:
             raise CaError(f"unusable answer from the CA at {self.address}: {e}") from e
 
-    async def _drop(self, channel: grpc.aio.Channel) -> None:
-        """Close ``channel``; the next request opens a new one. Only the current channel is
-        forgotten, so a failure seen on an old one never closes its replacement."""
-        if self._channel is channel:
-            self._channel = None
-        await channel.close()
+    def _failed(self, identity: SpiffeId, e: CallError) -> CaError:
+        hint = ""
+        if e.status in _TRANSPORT_FAILURES:
+            hint = " (is the CA running and reachable from this node? check --ca-address)"
+        return CaError(
+            f"certificate request for {identity} to the CA at {self.address} failed: "
+            f"{e.status.name}: {e.details}{hint}",
+            e.status,
+        )
+
+    async def _exchange(self, call: UnaryCall, context: ssl.SSLContext) -> bytes:
+        """One connection, one call: raises ``CallError`` for every failure, the transport's
+        included (as ``UNAVAILABLE``, which is what grpcio reported for them)."""
+        host, _, port = self.address.rpartition(":")
+        try:
+            reader, writer = await asyncio.open_connection(
+                host.strip("[]"), int(port), ssl=context, server_hostname=self._server_name
+            )
+        except ssl.SSLError as e:
+            raise CallError(
+                Status.UNAVAILABLE,
+                f"TLS handshake with the CA failed: {e.reason or e} (its certificate must chain to "
+                f"--ca-root {self._root.path} and name --ca-server-name {self._server_name})",
+            ) from e
+        except (OSError, ValueError) as e:
+            raise CallError(Status.UNAVAILABLE, f"cannot connect: {e}") from e
+        try:
+            ssl_object = writer.get_extra_info("ssl_object")
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+                raise CallError(Status.UNAVAILABLE, "the CA did not agree to HTTP/2 (ALPN h2)")
+            writer.write(call.start())
+            while not call.done:
+                try:
+                    data = await reader.read(65536)
+                except OSError as e:
+                    call.connection_lost(str(e))
+                    break
+                if not data:
+                    call.connection_lost("the connection was closed")
+                    break
+                if reply := call.receive(data):
+                    writer.write(reply)
+            return call.result()
+        finally:
+            writer.close()
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._drop(self._channel)
+        """Cut the requests in flight (their connections close): they fail as ``UNAVAILABLE``,
+        a failure the identity manager retries, never a cancellation of its worker."""
+        for exchange in list(self._in_flight):
+            exchange.cancel()

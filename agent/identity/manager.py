@@ -7,6 +7,12 @@ fetch backs off exponentially while the current certificate keeps being served u
 only then does the identity become Unavailable. Workers for identities that left the node are
 cancelled and their certificates dropped.
 
+Whoever holds copies of the certificates (the worker processes of ``--workers N``,
+``agent.workers.certs``) follows ``observers``: each is called, synchronously and in order, with
+``(spiffe_id, certificate)`` whenever an identity gets a certificate (issued, renewed, or given
+a new trust bundle) and with ``(spiffe_id, None)`` when it is dropped because no meshed pod of
+the node uses it any more, so that a copy never outlives the manager's own.
+
 A CA outage is not a reason to stop serving: while an identity still holds a valid certificate
 the agent stays ready and the trouble is reported as a *degraded* condition (``troubles()``:
 the cause and since when, the expiry), in /status and in
@@ -52,6 +58,10 @@ class State(enum.Enum):
     INITIALIZING = "Initializing"
     AVAILABLE = "Available"
     UNAVAILABLE = "Unavailable"
+
+
+# (spiffe_id, its new certificate) or (spiffe_id, None): dropped from this node
+CertificateObserver = Callable[[str, WorkloadCertificate | None], None]
 
 
 class IdentityUnavailable(Exception):
@@ -126,6 +136,7 @@ class IdentityManager:
         self._draw = draw
         self._entries: dict[str, _Entry] = {}
         self._desired: frozenset[str] = frozenset()
+        self.observers: list[CertificateObserver] = []
 
     # --- what the proxy and the admin API call -------------------------------------------------
 
@@ -139,6 +150,16 @@ class IdentityManager:
         entry.waiters.append(fut)
         entry.wake.set()
         return await fut
+
+    def held(self, spiffe_id: str) -> WorkloadCertificate | None:
+        """The valid certificate held now for ``spiffe_id`` (None: none, or not managed)."""
+        entry = self._entries.get(spiffe_id)
+        return None if entry is None else entry.valid_cert(self._clock())
+
+    def held_all(self) -> list[WorkloadCertificate]:
+        """Every valid certificate held now (what a new copy starts from)."""
+        now = self._clock()
+        return [c for e in self._entries.values() if (c := e.valid_cert(now)) is not None]
 
     def states(self) -> list[dict[str, object]]:
         """Per identity: state, public certificate facts, last error. No key material."""
@@ -192,6 +213,7 @@ class IdentityManager:
             self._ensure(SpiffeId.parse(name))
         for name in set(self._entries) - desired:
             self._drop(name)
+            self._tell(name, None)
         self._desired = desired
 
     async def close(self) -> None:
@@ -264,6 +286,7 @@ class IdentityManager:
             entry.cert, entry.failures, entry.last_error = cert, 0, None
             entry.failing_since = entry.cause = None
             self._adopt_bundle(cert)
+            self._tell(str(entry.identity), cert)
             entry.next_attempt = now + renewal_delay(now, cert.not_after.timestamp(), self._draw())
             log.info(
                 "certificate for %s valid until %s; renewing in %.1fs",
@@ -315,6 +338,14 @@ class IdentityManager:
             if held is not None and {r.fingerprint(SHA256()) for r in held.roots} != bundle:
                 other.cert = dataclasses.replace(held, roots=fresh.roots)
                 log.info("trust bundle of %s updated from the CA's latest answer", other.identity)
+                self._tell(str(other.identity), other.cert)
+
+    def _tell(self, name: str, cert: WorkloadCertificate | None) -> None:
+        for observer in self.observers:
+            try:
+                observer(name, cert)
+            except Exception:  # an observer's bug must not stop renewals or drops
+                log.exception("a certificate observer failed on %s", name)
 
     def _settle(self, entry: _Entry, error: Exception | None) -> None:
         cert = entry.valid_cert(self._clock())

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 # is a lowercase DNS name (SPIFFE spec: letters, digits, '.', '-', '_').
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _SUBDOMAIN = rf"{_LABEL}(\.{_LABEL})*"
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
-_NAME = re.compile(rf"^{_SUBDOMAIN}$")
+# Used with ``fullmatch`` only: ``re.match`` with ``$`` also accepts a trailing newline, and an
+# identity with a newline in it would be a different string naming "the same" workload.
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+_NAME = re.compile(_SUBDOMAIN)
 
 
 class SpiffeIdError(ValueError):
@@ -43,9 +45,9 @@ class SpiffeId:
                 "spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
             )
         td, _, ns, _, sa = parts
-        if not _TRUST_DOMAIN.match(td):
+        if not _TRUST_DOMAIN.fullmatch(td):
             raise SpiffeIdError(f"{text!r}: trust domain {td!r} is not a lowercase DNS name")
         for what, value in (("namespace", ns), ("service account", sa)):
-            if len(value) > 253 or not _NAME.match(value):
+            if len(value) > 253 or not _NAME.fullmatch(value):
                 raise SpiffeIdError(f"{text!r}: {what} {value!r} is not a valid Kubernetes name")
         return cls(td, ns, sa)

@@ -32,16 +32,25 @@ class PeerIdentityError(ssl.SSLCertVerificationError):
 
 
 def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:
-    """The peer's SPIFFE ID: the single ``spiffe://`` URI SAN of its verified certificate."""
+    """The peer's SPIFFE ID: the only URI SAN of its verified certificate.
+
+    An X.509-SVID carries exactly one URI SAN (SPIFFE X.509-SVID spec, and the nodemesh CA never
+    issues another), so a certificate with a second URI of any scheme is refused rather than
+    read for its ``spiffe://`` entry: whatever else consumed that certificate could read the
+    other URI as the identity, and two readers must never disagree about who the peer is.
+    """
     cert = ssl_object.getpeercert()
     if not cert:
         raise PeerIdentityError("the peer presented no certificate")
     sans: Any = cert.get("subjectAltName", ())
-    spiffe = [v for k, v in sans if k == "URI" and str(v).startswith("spiffe://")]
-    if len(spiffe) != 1:
-        raise PeerIdentityError(f"the peer certificate has {len(spiffe)} SPIFFE URI SANs, not 1")
+    uris = [str(v) for k, v in sans if k == "URI"]
+    if len(uris) != 1:
+        raise PeerIdentityError(
+            f"the peer certificate has {len(uris)} URI SANs {uris}; an X.509-SVID has exactly "
+            "one, its spiffe:// ID"
+        )
     try:
-        return str(SpiffeId.parse(spiffe[0]))
+        return str(SpiffeId.parse(uris[0]))
     except SpiffeIdError as e:
         raise PeerIdentityError(str(e)) from e
 

@@ -116,6 +116,17 @@ def build(plan: LabPlan) -> None:
         raise LabError(f"building lab {plan.lab} failed: {e}") from e
 
 
+def address_on_bridge(plan: LabPlan, ip: str) -> None:
+    """Give the switch's bridge the segment address ``ip``, so that a process in the switch
+    namespace (the lab's Prometheus) reaches every node and the CA."""
+    try:
+        with IPRoute(netns=plan.switch_netns) as sw:
+            index = _index(sw, BRIDGE)
+            sw.addr("add", index=index, address=ip, prefixlen=SEGMENT.prefixlen)
+    except (NetlinkError, OSError) as e:
+        raise LabError(f"adding {ip} to the switch of lab {plan.lab} failed: {e}") from e
+
+
 def lab_netns(lab: str) -> list[str]:
     """Every namespace named ``<lab>-...`` (lab names have no '-', so the prefix is exact)."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from agent.admin import tapcli
 from agent.base.constants import CA_PORT
 from agent.lab import control, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
@@ -37,7 +39,7 @@ def format_status(st: Mapping[str, Any]) -> str:
         ]
         for p in st["pods"]
     ]  # fmt: skip
-    ca = st["ca"]
+    ca, prom = st["ca"], st["prometheus"]
     lines = [
         f"lab {st['lab']}  (state {st['stateDir']}, cluster file {st['clusterFile']})",
         "",
@@ -46,6 +48,7 @@ def format_status(st: Mapping[str, Any]) -> str:
         _table(pods),
         "",
         f"CA: {ca['ip']}:{CA_PORT} in {ca['netns']}: {ca['state']}",
+        f"Prometheus: {prom['url']} in {prom['netns']}: {prom['state']}",
     ]
     for svc in st["services"]:
         lines.append(f"service {svc['namespace']}/{svc['name']}: {svc['clusterIP']}")
@@ -126,6 +129,21 @@ def _agent_status(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(st, indent=2) if args.json else format_agent_status(st))
     return 0
+
+
+def _requests(args: argparse.Namespace) -> int:
+    """``lab requests``: ``nodemesh requests`` of every node's agent (or ``--node``'s), merged;
+    each agent is read from a thread inside its node's namespace (``agent.admin.tapcli``)."""
+    _, plan = control.load(args.name)
+    nodes = {n.name: n.netns for n in plan.nodes}
+    unknown = [name for name in args.node or () if name not in nodes]
+    if unknown:
+        raise LabError(f"no node {unknown[0]!r} in lab {plan.lab}; nodes: {', '.join(nodes)}")
+    agents = [
+        tapcli.Agent(name, tapcli.DEFAULT_ADMIN, functools.partial(netns.enter, nodes[name]))
+        for name in args.node or nodes
+    ]
+    return tapcli.run_agents(args, agents, "nodemesh lab requests")
 
 
 def _exec(args: argparse.Namespace) -> int:
@@ -221,13 +239,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = add("status", _status, "nodes, pods, IPs and mesh state")
     p.add_argument("--json", action="store_true", help="the documented, stable JSON shape")
     p.add_argument("--node", help="instead: this node's agent status (nodemesh status)")
+    p = add("requests", _requests, "recent and live HTTP requests of the lab's agents")
+    p.add_argument(
+        "--node", action="append", help="only this node's agent (repeatable; default: every node)"
+    )
+    tapcli.add_arguments(p)
     p = add("exec", _exec, "run a command in a pod's or node's network namespace")
     p.add_argument("target", help="pod (name or namespace/name), node, ca or switch")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p = add("annotate", _annotate, "set (KEY=VALUE) or remove (KEY-) pod annotations")
     p.add_argument("pod", help="pod name or namespace/name")
     p.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-")
-    p = add("apply", _apply, "create or replace nodemesh.io/v1alpha1 policies")
+    p = add(
+        "apply", _apply, "create or replace nodemesh.io/v1alpha1 policies and Gateway API routes"
+    )
     p.add_argument("-f", "--file", required=True, help="YAML file of manifests ('-' for stdin)")
-    p = add("delete", _delete, "delete nodemesh.io/v1alpha1 policies")
+    p = add("delete", _delete, "delete nodemesh.io/v1alpha1 policies and Gateway API routes")
     p.add_argument("-f", "--file", required=True, help="YAML file of manifests ('-' for stdin)")

@@ -22,9 +22,17 @@ from typing import Any
 
 import yaml
 
-from agent.lab import build, components
+from agent.lab import build, components, prometheus
 from agent.lab.record import LabDir
-from agent.lab.topology import PIN_ROOT, LabError, LabPlan, check_lab_name, plan_lab
+from agent.lab.topology import (
+    PIN_ROOT,
+    LabError,
+    LabPlan,
+    assign_cluster_ips,
+    check_lab_name,
+    plan_lab,
+)
+from agent.policy.routes import ROUTE_KINDS
 from agent.sources.document import ClusterDocument, parse_document
 from agent.state import StateStore
 
@@ -56,6 +64,7 @@ def up(
         build.build(plan)
         if with_components:
             components.start_all(plan, labdir, timeout=timeout, drain_seconds=drain_seconds)
+            prometheus.start(plan, labdir, timeout=timeout)
     except BaseException:
         log.info("lab %s: up failed, removing what was built", lab)
         down(lab, state_root=state_root)
@@ -183,6 +192,7 @@ def status(lab: str, *, state_root: str | None = None) -> dict[str, Any]:
             "ip": plan.ca_ip,
             "state": components.process_state(labdir, "ca"),
         },
+        "prometheus": prometheus.status(plan, labdir),
         "nodes": [
             {
                 "name": n.name,
@@ -280,27 +290,80 @@ def _policy_key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:
     return (str(manifest.get("kind")), meta.get("namespace") or "default", str(meta.get("name")))
 
 
+def _section(manifest: Mapping[str, Any]) -> str:
+    """Where a manifest lives in the cluster document: Gateway API routes under ``routes``,
+    Services under ``services``."""
+    if manifest.get("kind") == "Service":
+        return "services"
+    return "routes" if manifest.get("kind") in ROUTE_KINDS else "policies"
+
+
+def _service_entry(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``v1`` Service manifest as the cluster document writes it (the document's parser then
+    checks it and names any bad field)."""
+    meta, spec = manifest.get("metadata") or {}, manifest.get("spec") or {}
+    entry: dict[str, Any] = {
+        "name": meta.get("name"),
+        "namespace": meta.get("namespace") or "default",
+        "selector": dict(spec.get("selector") or {}),
+        "ports": [dict(p) for p in spec.get("ports") or []],
+    }
+    if spec.get("clusterIP"):
+        entry["clusterIP"] = spec["clusterIP"]
+    return entry
+
+
 def apply(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
-    """Create or replace policies (matched by kind, namespace and name)."""
+    """Create or replace policies, routes and Services (matched by kind, namespace and name;
+    a ``v1`` Service manifest becomes the cluster document's ``services`` entry)."""
     keys = {_policy_key(m) for m in manifests}
 
     def change(data: dict[str, Any]) -> None:
-        kept = [p for p in data["policies"] if _policy_key(p) not in keys]
-        data["policies"] = kept + [dict(m) for m in manifests]
+        for section in ("policies", "routes"):
+            kept = [p for p in data.get(section, []) if _policy_key(p) not in keys]
+            added = [dict(m) for m in manifests if _section(m) == section]
+            if kept or added:
+                data[section] = kept + added
+        services = [_service_entry(m) for m in manifests if _section(m) == "services"]
+        if services:
+            names = {(s["namespace"], s["name"]) for s in services}
+            current = {
+                (s.get("namespace", "default"), s["name"]): s for s in data.get("services", [])
+            }
+            for s in services:  # a replaced Service keeps its VIP (immutable, as in Kubernetes)
+                vip = current.get((s["namespace"], s["name"]), {}).get("clusterIP")
+                if vip and "clusterIP" not in s:
+                    s["clusterIP"] = vip
+            kept = [s for key, s in current.items() if key not in names]
+            data["services"] = kept + services
+            assign_cluster_ips(data)  # a new one gets a VIP its clients can dial
 
     _edit(lab, change, state_root)
 
 
 def delete(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
-    """Remove policies (matched by kind, namespace and name); every one must exist."""
+    """Remove policies, routes and Services (matched by kind, namespace and name); every one
+    must exist."""
     keys = [_policy_key(m) for m in manifests]
 
     def change(data: dict[str, Any]) -> None:
-        present = {_policy_key(p) for p in data["policies"]}
+        services = {
+            ("Service", s.get("namespace", "default"), s["name"]) for s in data.get("services", [])
+        }
+        data["services"] = [
+            s
+            for s in data.get("services", [])
+            if ("Service", s.get("namespace", "default"), s["name"]) not in set(keys)
+        ]
+        sections = ("policies", "routes")
+        present = {_policy_key(p) for section in sections for p in data.get(section, [])}
+        present |= services
         missing = [k for k in keys if k not in present]
         if missing:
             kind, ns, name = missing[0]
             raise LabError(f"{kind} {ns}/{name} not found in lab {lab}; nothing was deleted")
-        data["policies"] = [p for p in data["policies"] if _policy_key(p) not in set(keys)]
+        for section in sections:
+            if section in data:
+                data[section] = [p for p in data[section] if _policy_key(p) not in set(keys)]
 
     _edit(lab, change, state_root)

@@ -21,7 +21,7 @@ from typing import Any
 
 from agent.sources.document import ClusterDocument, NodeSpec, parse_document
 
-LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+LAB_NAME = re.compile(r"[a-z][a-z0-9]{0,7}")  # fullmatch: "$" would let "lab\n" through
 DEFAULT_LAB = "nm"
 SEGMENT = ipaddress.IPv4Network("10.100.0.0/24")
 CA_IP = "10.100.0.254"
@@ -31,6 +31,10 @@ UPLINK = "eth0"
 PIN_ROOT = "/sys/fs/bpf/nodemesh"
 STATE_ROOT = "/run/nodemesh/lab"
 
+# Service ``web`` declares HTTP/1.1 on the server pods' port 9080 (port name and appProtocol),
+# a port of its own: the echo port 8080 behind Service ``server`` stays opaque TCP. Service
+# ``grpc`` declares gRPC on port 50051, where ``agent.lab.grpcecho`` serves. The server pods
+# differ by ``version`` so that a test can put one behind a Service of its own (canary).
 DEFAULT_TOPOLOGY = """\
 trustDomain: cluster.local
 nodes:
@@ -45,14 +49,18 @@ nodes:
   - name: node2
     pods:
       - {name: server-0, namespace: default, serviceAccount: server,
-         labels: {app: server}, annotations: {nodemesh.io/mesh: enabled}}
+         labels: {app: server, version: v1}, annotations: {nodemesh.io/mesh: enabled}}
       - {name: server-1, namespace: default, serviceAccount: server,
-         labels: {app: server}, annotations: {nodemesh.io/mesh: enabled}}
+         labels: {app: server, version: v2}, annotations: {nodemesh.io/mesh: enabled}}
 namespaces:
   - {name: default, labels: {}}
 services:
   - {name: server, namespace: default, selector: {app: server},
      ports: [{port: 80, targetPort: 8080}]}
+  - {name: web, namespace: default, selector: {app: server},
+     ports: [{port: 80, targetPort: 9080, name: http, appProtocol: http}]}
+  - {name: grpc, namespace: default, selector: {app: server},
+     ports: [{port: 50051, targetPort: 50051, name: grpc, appProtocol: grpc}]}
 policies: []
 """
 
@@ -112,7 +120,7 @@ class LabPlan:
 
 
 def check_lab_name(name: str) -> str:
-    if not LAB_NAME.match(name):
+    if not LAB_NAME.fullmatch(name):
         raise LabError(
             f"lab name {name!r} is not allowed: use 1-8 lowercase letters and digits, starting "
             "with a letter (no '-', so one lab's name prefix never matches another's)"
@@ -164,7 +172,7 @@ def plan_lab(doc: ClusterDocument, lab: str, *, source: str) -> tuple[ClusterDoc
                 f"{source}: pod {pod.name!r} has the name of a node (or a lab part) and would "
                 "share its network namespace name; rename it"
             )
-    _assign_cluster_ips(data)
+    assign_cluster_ips(data)
     completed = parse_document(_dump(data), source=source)
     plan = LabPlan(
         lab=lab,
@@ -212,7 +220,9 @@ def _plan_pods(
     return plans
 
 
-def _assign_cluster_ips(data: dict[str, Any]) -> None:
+def assign_cluster_ips(data: dict[str, Any]) -> None:
+    """Give each Service without a ``clusterIP`` the next free VIP, as the API server does (a
+    Service without one would have no address for its clients to dial)."""
     taken = {s["clusterIP"] for s in data["services"] if "clusterIP" in s}
     candidate = SERVICE_BASE
     for svc in data["services"]:

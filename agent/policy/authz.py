@@ -1,4 +1,4 @@
-"""L4 authorization with Istio's ``AuthorizationPolicy`` semantics, as pure functions of data.
+"""L4 and L7 authorization with Istio's ``AuthorizationPolicy`` semantics, as pure functions.
 
 ``Authorizer.compile(policies)`` turns validated ``PolicyObject``s into matchers once per state
 version; ``evaluate(request, workload)`` answers for one connection. Evaluation follows Istio:
@@ -19,11 +19,31 @@ non-empty value). Principals are written as Istio writes them (``cluster.local/n
 ``spiffe://`` prefix is accepted too). A plaintext connection has no principal and no namespace,
 so ``principals``/``namespaces`` never match it (and their ``not`` forms always do).
 
-What L4 cannot see: ``requestPrincipals``, ``hosts``, ``methods``, ``paths`` and ``when`` keys
-other than the L4 ones. An ALLOW rule that uses any of them never matches (so it admits nothing
-it cannot check: fail closed); in a DENY or AUDIT rule the unenforceable condition counts as
-matched (so it denies more, never less). ``remoteIpBlocks`` equals ``ipBlocks``: at L4 the remote
-address is the connection's source.
+L7 (issue 16): on a port declared HTTP the inbound proxy evaluates every request, with its
+``HttpAttributes`` (method, path without query, host). There ``to.operation`` ``methods``,
+``notMethods``, ``paths``, ``notPaths``, ``hosts`` and ``notHosts`` are enforced, with the same
+string matching (exact, ``prefix*``, ``*suffix``, ``*``); hosts compare case-insensitively and
+without a ``:port`` as Istio does, methods exactly.
+
+What L4 cannot see (a connection, not a request: ``Request.http`` is None): those operation
+fields, ``requestPrincipals`` and ``when`` keys other than the L4 ones. An ALLOW rule that uses
+any of them never matches (so it admits nothing it cannot check: fail closed); in a DENY or AUDIT
+rule the unenforceable condition counts as matched (so it denies more, never less).
+``when`` on ``request.headers[name]`` is per request too: the header's value (several fields of
+one name joined with ``,``, as Envoy's header matcher reads them) matches ``values`` with the
+same string matching except that ``*`` means present (even empty, as Istio's presence match), a
+missing header matches no value (so ``notValues`` matches it), and the name compares
+case-insensitively. ``requestPrincipals`` (JWT) and the other L7 ``when`` keys stay
+unenforceable on HTTP ports too.
+``remoteIpBlocks`` equals ``ipBlocks``: the remote address is the connection's source.
+
+Refused at validation (``check_policy``, called by ``agent.policy.schema``), as Istio's webhook
+refuses them: a ``when`` value that cannot be what its key compares against (``destination.port:
+http``, ``source.ip: 10.0.0.300``), and a ``request.headers`` key whose name is missing or not an
+HTTP field name (``request.headers[]``, ``request.headers[x y]``, ``request.headers``). The CRD
+cannot express that per-key check, so in a cluster the
+API server stores such a policy and the agent refuses it (its ``Accepted`` condition says why);
+before this check it stopped the whole policy set from compiling.
 """
 
 from __future__ import annotations
@@ -42,6 +62,7 @@ KIND = "AuthorizationPolicy"
 DEFAULT_ROOT_NAMESPACE = "nodemesh-system"
 L7_SOURCE_FIELDS = ("requestPrincipals", "notRequestPrincipals")
 L7_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
+HTTP_OPERATION_FIELDS = ("hosts", "methods", "paths")
 L4_WHEN_KEYS = (
     "source.ip",
     "remote.ip",
@@ -53,13 +74,33 @@ L4_WHEN_KEYS = (
 
 
 @dataclass(frozen=True, slots=True)
+class HttpAttributes:
+    """What an HTTP request adds (declared HTTP ports only). ``headers`` are the request's
+    fields as the parser gives them (a reference, not a copy: only a ``request.headers``
+    condition reads them, through ``header``)."""
+
+    method: str
+    path: str  # without the query
+    host: str  # the Host header / :authority, as sent
+    headers: Sequence[tuple[bytes, bytes]] = ()
+
+    def header(self, name: str) -> str | None:
+        """The value of field ``name`` (any case); several fields joined with ``,``; None when
+        absent."""
+        wanted = name.lower().encode("latin-1")
+        found = [v.decode("latin-1") for n, v in self.headers if n.lower() == wanted]
+        return ",".join(found) if found else None
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
-    """What L4 knows about a connection at its destination."""
+    """What the destination knows: a connection (L4), or one HTTP request on it (``http``)."""
 
     source_ip: str
     destination_ip: str
     destination_port: int
     principal: str | None = None  # the peer's SPIFFE ID; None for plaintext
+    http: HttpAttributes | None = None
 
     @property
     def principal_name(self) -> str | None:
@@ -79,6 +120,7 @@ class Decision:
     policy: str | None = None  # "namespace/name" of the deciding policy
     audited: tuple[str, ...] = ()
     would: tuple[str, ...] = ()  # dry-run outcomes, e.g. "ns/p would deny"
+    would_deny: tuple[str, ...] = ()  # dry-run policies whose enforcement would deny it
 
 
 Predicate = Callable[[Request], bool]
@@ -107,6 +149,37 @@ def _any_ip(blocks: Sequence[str], attr: Callable[[Request], str]) -> Predicate:
     return lambda r: any(ipaddress.ip_address(attr(r)) in n for n in nets)
 
 
+def _host_name(host: str | None) -> str | None:
+    """A Host header without its port, lowercase (``Example.com:8080`` → ``example.com``)."""
+    if host is None:
+        return None
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0].lower() if host.count(":") == 1 else host.lower()
+
+
+def _http_field(key: str, values: Sequence[str]) -> Callable[[HttpAttributes], bool]:
+    """``methods``/``paths``/``hosts`` of one request."""
+    if key == "hosts":
+        hosts = [string_matcher(v.lower()) for v in values]
+        return lambda h: any(m(_host_name(h.host)) or m(h.host.lower()) for m in hosts)
+    matchers = [string_matcher(v) for v in values]
+    if key == "methods":
+        return lambda h: any(m(h.method) for m in matchers)
+    return lambda h: any(m(h.path) for m in matchers)
+
+
+def _per_request(
+    field: Callable[[HttpAttributes], bool], *, negated: bool, lenient: bool
+) -> Predicate:
+    """An HTTP field as a rule condition: per request on HTTP ports; on a connection (no
+    ``http``) it counts as matched in a DENY or AUDIT rule and as not matched in an ALLOW rule
+    (see the module docstring)."""
+    if negated:
+        return lambda r: lenient if r.http is None else not field(r.http)
+    return lambda r: lenient if r.http is None else field(r.http)
+
+
 def _any_port(ports: Sequence[str | int]) -> Predicate:
     wanted = frozenset(int(p) for p in ports)
     return lambda r: r.destination_port in wanted
@@ -118,6 +191,81 @@ _SOURCE_FIELDS: dict[str, Callable[[Sequence[str]], Predicate]] = {
     "ipBlocks": lambda v: _any_ip(v, lambda r: r.source_ip),
     "remoteIpBlocks": lambda v: _any_ip(v, lambda r: r.source_ip),
 }
+
+
+class AuthorizationPolicyError(ValueError):
+    """An AuthorizationPolicy the schema admits but L4 evaluation cannot; ``path`` is in spec."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def is_port(text: str) -> bool:
+    """A port number 1-65535 written in decimal, as the CRDs' ``'^[0-9]{1,5}$'`` plus range."""
+    return text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535
+
+
+def is_ip_or_cidr(text: str) -> bool:
+    """An address or a network (host bits allowed), as CEL's ``isIP(b) || isCIDR(b)``."""
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+# What a ``when`` value must be for the keys that compare addresses or ports.
+_WHEN_VALUES: dict[str, tuple[Callable[[str], bool], str]] = {
+    "source.ip": (is_ip_or_cidr, "an IP address or CIDR such as 10.0.0.0/8"),
+    "remote.ip": (is_ip_or_cidr, "an IP address or CIDR such as 10.0.0.0/8"),
+    "destination.ip": (is_ip_or_cidr, "an IP address or CIDR such as 10.0.0.0/8"),
+    "destination.port": (is_port, "a port number between 1 and 65535"),
+}
+
+
+HEADER_KEY_PREFIX = "request.headers"
+# RFC 9110 5.1: a field name is a token.
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def header_name(key: str) -> str | None:
+    """``request.headers[X-Token]`` → ``X-Token``; None when ``key`` is another key.
+
+    Raises ``ValueError`` (the reason) for a ``request.headers`` key without a valid name."""
+    if not key.startswith(HEADER_KEY_PREFIX):
+        return None
+    rest = key[len(HEADER_KEY_PREFIX) :]
+    if not (rest.startswith("[") and rest.endswith("]")):
+        raise ValueError("expected request.headers[NAME], e.g. request.headers[x-token]")
+    name = rest[1:-1]
+    if not name or not set(name) <= _TCHARS:
+        raise ValueError(f"{name!r} is not an HTTP header name (letters, digits, -, _ ...)")
+    return name
+
+
+def check_policy(spec: Mapping[str, Any]) -> None:
+    """Refuse ``when`` values their key cannot compare and malformed ``request.headers`` keys
+    (see the module docstring)."""
+    for i, rule in enumerate(spec.get("rules") or ()):
+        for j, cond in enumerate(rule.get("when") or ()):
+            try:
+                header_name(cond["key"])
+            except ValueError as e:
+                raise AuthorizationPolicyError(f"spec.rules[{i}].when[{j}].key", str(e)) from e
+            if cond["key"] not in _WHEN_VALUES:
+                continue
+            valid, what = _WHEN_VALUES[cond["key"]]
+            for field in ("values", "notValues"):
+                for k, value in enumerate(cond.get(field) or ()):
+                    if not valid(value):
+                        raise AuthorizationPolicyError(
+                            f"spec.rules[{i}].when[{j}].{field}[{k}]",
+                            f"{value!r} is not {what} (key {cond['key']})",
+                        )
+
+
 _WHEN_KEYS: dict[str, Callable[[Sequence[str]], Predicate]] = {
     "source.ip": _SOURCE_FIELDS["ipBlocks"],
     "remote.ip": _SOURCE_FIELDS["ipBlocks"],
@@ -152,18 +300,40 @@ def _fields(
 ) -> list[Predicate]:
     preds: list[Predicate] = []
     for key, values in spec.items():
+        positive = key[3].lower() + key[4:] if key.startswith("not") else key
+        if positive in HTTP_OPERATION_FIELDS and key in l7:
+            field = _http_field(positive, values)
+            preds.append(_per_request(field, negated=key != positive, lenient=lenient))
+            continue
         if key in l7:
             if not lenient:
                 raise _Unenforceable(key)
             continue
-        positive = key[3].lower() + key[4:] if key.startswith("not") else key
         pred = table[positive](values)
         preds.append(_negate(pred) if key.startswith("not") else pred)
     return preds
 
 
+def _header_condition(cond: Mapping[str, Any], name: str, lenient: bool) -> Predicate:
+    """A ``request.headers[name]`` condition: per request, like the operation fields."""
+
+    def matcher(values: Sequence[str]) -> Callable[[HttpAttributes], bool]:
+        matchers = [(lambda _v: True) if v == "*" else string_matcher(v) for v in values]
+        return lambda h: (value := h.header(name)) is not None and any(m(value) for m in matchers)
+
+    preds = []
+    if "values" in cond:
+        preds.append(_per_request(matcher(cond["values"]), negated=False, lenient=lenient))
+    if "notValues" in cond:
+        preds.append(_per_request(matcher(cond["notValues"]), negated=True, lenient=lenient))
+    return _all(preds)
+
+
 def _when(cond: Mapping[str, Any], lenient: bool) -> Predicate | None:
     key = cond["key"]
+    name = header_name(key)
+    if name is not None:
+        return _header_condition(cond, name, lenient)
     if key not in _WHEN_KEYS:
         if not lenient:
             raise _Unenforceable(f"when {key}")
@@ -252,21 +422,31 @@ class Authorizer:
 
     def evaluate(self, request: Request, workload: Workload) -> Decision:
         applicable = [p for p in self.policies if p.selects(workload, self.root_namespace)]
-        would = tuple(_dry_run(p, request) for p in applicable if p.dry_run)
+        dry = [p for p in applicable if p.dry_run]
+        would = tuple(_dry_run(p, request) for p in dry)
+        # As Istio's shadow result: a dry-run DENY that matches, or a dry-run ALLOW that
+        # does not, would have denied the request had it been enforced.
+        would_deny = tuple(
+            p.ref for p in dry if (p.action == "DENY") == p.matches(request) and p.action != "AUDIT"
+        )
         enforced = [p for p in applicable if not p.dry_run]
         audited = tuple(p.ref for p in enforced if p.action == "AUDIT" and p.matches(request))
         for p in enforced:
             if p.action == "DENY" and p.matches(request):
-                return Decision(False, f"denied by DENY policy {p.ref}", p.ref, audited, would)
+                return Decision(
+                    False, f"denied by DENY policy {p.ref}", p.ref, audited, would, would_deny
+                )
         allows = [p for p in enforced if p.action == "ALLOW"]
         if not allows:
-            return Decision(True, "no ALLOW policy applies", None, audited, would)
+            return Decision(True, "no ALLOW policy applies", None, audited, would, would_deny)
         for p in allows:
             if p.matches(request):
-                return Decision(True, f"allowed by ALLOW policy {p.ref}", p.ref, audited, would)
+                return Decision(
+                    True, f"allowed by ALLOW policy {p.ref}", p.ref, audited, would, would_deny
+                )
         refs = ", ".join(p.ref for p in allows)
         return Decision(
-            False, f"no ALLOW policy matched (applicable: {refs})", None, audited, would
+            False, f"no ALLOW policy matched (applicable: {refs})", None, audited, would, would_deny
         )
 
 

@@ -8,6 +8,10 @@ PERMISSIVE. When several policies compete at one scope (Istio picks the oldest; 
 creation time) the one with the smallest name wins, so every agent resolves the same way.
 
 Only the inbound plaintext path (15006) consults this: HBONE is mTLS whatever the mode.
+
+A policy annotated ``nodemesh.io/dry-run`` or ``istio.io/dry-run: "true"`` is left out: dry-run
+means "not enforced" for every nodemesh kind, and a trial STRICT must not start refusing
+plaintext. (Istio has no dry-run for PeerAuthentication and would enforce it.)
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ class PeerAuthenticator:
     def compile(
         cls, policies: Iterable[PolicyObject], *, root_namespace: str = DEFAULT_ROOT_NAMESPACE
     ) -> PeerAuthenticator:
-        return cls([_compile(p) for p in policies if p.kind == KIND], root_namespace=root_namespace)
+        enforced = [_compile(p) for p in policies if p.kind == KIND and not p.dry_run]
+        return cls(enforced, root_namespace=root_namespace)
 
     def mode(self, workload: Workload, port: int) -> str:
         """STRICT or PERMISSIVE for plaintext arriving at ``workload`` on ``port``."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import ipaddress
+import math
 import re
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -27,14 +27,24 @@ from typing import Any
 
 import yaml
 
+from agent.policy import authz
 from agent.policy.traffic import config as traffic_config
 from agent.state.model import PolicyObject
 
 API_VERSION = "nodemesh.io/v1alpha1"
-POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication", "TrafficPolicy")
+POLICY_KINDS = (
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "TrafficPolicy",
+    "RateLimitPolicy",
+    "HTTPFault",
+)
 DRY_RUN_ANNOTATION = "nodemesh.io/dry-run"
+# Istio's spelling of the same switch: a policy written for Istio keeps its meaning here.
+ISTIO_DRY_RUN_ANNOTATION = "istio.io/dry-run"
+DRY_RUN_ANNOTATIONS = (DRY_RUN_ANNOTATION, ISTIO_DRY_RUN_ANNOTATION)
 
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # fullmatch: '$' would allow a newline
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TYPES: dict[str, Callable[[object], bool]] = {
@@ -68,18 +78,6 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
 
 
-def _is_ip_or_cidr(text: str) -> bool:
-    try:
-        ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_port_key(key: str) -> bool:
-    return re.fullmatch(r"[0-9]{1,5}", key) is not None and 1 <= int(key) <= 65535
-
-
 def _duration_order(obj: Mapping[str, Any]) -> bool:
     if "baseEjectionTime" not in obj or "maxEjectionTime" not in obj:
         return True
@@ -88,14 +86,14 @@ def _duration_order(obj: Mapping[str, Any]) -> bool:
 
 # CEL rule text (exactly as in the CRDs) -> the equivalent check on the already type-checked value.
 CEL_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "self.all(b, isCIDR(b) || isIP(b))": lambda v: all(_is_ip_or_cidr(b) for b in v),
+    "self.all(b, isCIDR(b) || isIP(b))": lambda v: all(authz.is_ip_or_cidr(b) for b in v),
     "self.all(p, int(p) >= 1 && int(p) <= 65535)": lambda v: all(1 <= int(p) <= 65535 for p in v),
     "has(self.values) || has(self.notValues)": lambda v: "values" in v or "notValues" in v,
     "!has(self.selector) || size(self.selector.matchLabels) > 0": (
         lambda v: "selector" not in v or len(v["selector"]["matchLabels"]) > 0
     ),
     "self.all(k, k.matches('^[0-9]{1,5}$') && int(k) >= 1 && int(k) <= 65535)": (
-        lambda v: all(_is_port_key(k) for k in v)
+        lambda v: all(authz.is_port(k) for k in v)
     ),
     "!has(self.portLevelMtls) || has(self.selector)": (
         lambda v: "portLevelMtls" not in v or "selector" in v
@@ -103,7 +101,13 @@ CEL_CHECKS: dict[str, Callable[[Any], bool]] = {
     "!has(self.baseEjectionTime) || !has(self.maxEjectionTime) || "
     "duration(self.maxEjectionTime) >= duration(self.baseEjectionTime)": _duration_order,
     "has(self.delay) || has(self.abort)": lambda v: "delay" in v or "abort" in v,
+    "has(self.httpStatus) != has(self.grpcStatus)": (
+        lambda v: ("httpStatus" in v) != ("grpcStatus" in v)
+    ),
     "self.map(s, s.weight).sum() == 100": lambda v: sum(s["weight"] for s in v) == 100,
+    "!has(self.action) || self.action != 'DENY' || (has(self.rules) && size(self.rules) > 0)": (
+        lambda v: v.get("action") != "DENY" or len(v.get("rules", ())) > 0
+    ),
 }
 
 
@@ -140,6 +144,34 @@ def crd_schemas() -> Mapping[str, Mapping[str, Any]]:
     return schemas
 
 
+@functools.cache
+def go_pattern(pattern: str) -> re.Pattern[str]:
+    """A CRD ``pattern`` with the API server's meaning (Go's RE2, searched, not anchored).
+
+    The one difference that matters between the two dialects: Python's ``$`` also matches just
+    before a trailing newline, RE2's only at the end of the text. So every ``$`` outside a
+    character class becomes ``\\Z``, and ``'80\\n'`` is refused here as the API server refuses it.
+    """
+    out: list[str] = []
+    escaped = False
+    class_start = -1  # index of the '[' of the character class being read, -1 outside one
+    for i, char in enumerate(pattern):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif class_start >= 0:
+            # a ']' right after '[' or '[^' is a literal member, not the end of the class
+            if char == "]" and pattern[class_start + 1 : i] not in ("", "^"):
+                class_start = -1
+        elif char == "[":
+            class_start = i
+        elif char == "$":
+            char = r"\Z"
+        out.append(char)
+    return re.compile("".join(out))
+
+
 def _check_scalar(value: Any, schema: Mapping[str, Any], path: str) -> None:
     if "enum" in schema and value not in schema["enum"]:
         allowed = ", ".join(repr(e) for e in schema["enum"])
@@ -149,9 +181,13 @@ def _check_scalar(value: Any, schema: Mapping[str, Any], path: str) -> None:
             raise PolicyError(path, f"must have at least {schema['minLength']} characters")
         if "maxLength" in schema and len(value) > schema["maxLength"]:
             raise PolicyError(path, f"must have at most {schema['maxLength']} characters")
-        if "pattern" in schema and re.search(schema["pattern"], value) is None:
+        if "pattern" in schema and go_pattern(schema["pattern"]).search(value) is None:
             raise PolicyError(path, f"{value!r} does not match the pattern {schema['pattern']}")
     elif not isinstance(value, bool | list | Mapping):
+        if isinstance(value, float) and not math.isfinite(value):
+            # YAML's .nan and .inf: no JSON (so no API server) can carry them, and NaN passes
+            # every bound check.
+            raise PolicyError(path, f"{value} is not a finite number")
         if "minimum" in schema and value < schema["minimum"]:
             raise PolicyError(path, f"{value} is below the minimum {schema['minimum']}")
         if "maximum" in schema and value > schema["maximum"]:
@@ -220,25 +256,55 @@ def _validate(value: Any, schema: Mapping[str, Any], path: str) -> Any:
     return result
 
 
+def _dry_run(annotations: object, path: str) -> bool:
+    """Whether ``nodemesh.io/dry-run`` or Istio's ``istio.io/dry-run`` says "true".
+
+    Both spellings mean the same and take exactly ``"true"`` or ``"false"``: a value the mesh
+    would have to guess about (``"yes"``, ``"True"``) is refused rather than read as "enforce",
+    and so are the two annotations disagreeing.
+    """
+    if not isinstance(annotations, Mapping):
+        raise PolicyError(
+            f"{path}.metadata.annotations",
+            f"expected a mapping of names to strings, got {type(annotations).__name__}",
+        )
+    values: dict[str, str] = {}
+    for key in DRY_RUN_ANNOTATIONS:
+        if key not in annotations:
+            continue
+        value = annotations[key]
+        if value not in ("true", "false"):
+            raise PolicyError(
+                f"{path}.metadata.annotations.{key}",
+                f"{value!r} is not allowed; use 'true' or 'false'",
+            )
+        values[key] = value
+    if len(set(values.values())) > 1:
+        raise PolicyError(
+            f"{path}.metadata.annotations",
+            f"{DRY_RUN_ANNOTATION} and {ISTIO_DRY_RUN_ANNOTATION} disagree ({values}); "
+            "keep one of them",
+        )
+    return "true" in values.values()
+
+
 def _metadata(manifest: Mapping[str, Any], path: str) -> tuple[str, str, bool, int, str]:
     meta = manifest.get("metadata")
     if not isinstance(meta, Mapping):
         raise PolicyError(f"{path}.metadata", "is required (an object with name and namespace)")
     name = meta.get("name")
-    if not isinstance(name, str) or len(name) > 253 or not _NAME.match(name):
+    if not isinstance(name, str) or len(name) > 253 or not _NAME.fullmatch(name):
         raise PolicyError(f"{path}.metadata.name", f"{name!r} is not a DNS subdomain name")
     namespace = meta.get("namespace", "default")
-    if not isinstance(namespace, str) or len(namespace) > 63 or not _NAME.match(namespace):
+    if not isinstance(namespace, str) or len(namespace) > 63 or not _NAME.fullmatch(namespace):
         raise PolicyError(f"{path}.metadata.namespace", f"{namespace!r} is not a DNS label")
-    annotations = meta.get("annotations") or {}
-    dry_run = annotations.get(DRY_RUN_ANNOTATION, "false")
-    if dry_run not in ("true", "false"):
-        raise PolicyError(
-            f"{path}.metadata.annotations.{DRY_RUN_ANNOTATION}",
-            f"{dry_run!r} is not allowed; use 'true' or 'false'",
-        )
+    dry_run = _dry_run(meta.get("annotations") or {}, path)
     generation = meta.get("generation", 0)
-    return name, namespace, dry_run == "true", int(generation), str(meta.get("uid", ""))
+    if not _TYPES["integer"](generation) or generation < 0:
+        raise PolicyError(
+            f"{path}.metadata.generation", f"{generation!r} is not a non-negative integer"
+        )
+    return name, namespace, dry_run, generation, str(meta.get("uid", ""))
 
 
 def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
@@ -258,12 +324,10 @@ def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
     if kind not in POLICY_KINDS:
         raise PolicyError(f"{path}.kind", f"{kind!r} is not allowed; use one of {POLICY_KINDS}")
     schema = crd_schemas()[kind]
-    unknown = set(manifest) - set(schema["properties"])
-    if unknown:
+    unknown = [key for key in manifest if key not in schema["properties"]]
+    if unknown:  # the first in the manifest's order: keys need not even be strings
         allowed = ", ".join(schema["properties"])
-        raise PolicyError(
-            f"{path}.{sorted(unknown)[0]}", f"unknown field; allowed fields: {allowed}"
-        )
+        raise PolicyError(f"{path}.{unknown[0]}", f"unknown field; allowed fields: {allowed}")
     name, namespace, dry_run, generation, uid = _metadata(manifest, path)
     if "spec" not in manifest:
         raise PolicyError(f"{path}.spec", "is required")
@@ -277,6 +341,11 @@ def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
         uid=uid,
         dry_run=dry_run,
     )
+    if kind == authz.KIND:
+        try:
+            authz.check_policy(spec)
+        except authz.AuthorizationPolicyError as e:
+            raise PolicyError(f"{path}.{e.path}", e.reason) from e
     if kind == traffic_config.KIND:
         # Checks across fields (per-try vs overall timeout, zero durations, duplicate subsets)
         # that the schema cannot express: refused here, the source keeps the previous version.

@@ -8,10 +8,13 @@ so that they depend on these few methods and not on the proxy's inner structure.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Mapping
 
 from agent.base.component import Component
 from agent.base.constants import Listener
+from agent.policy.routes.model import RouteKey
 from agent.proxy import sockets
 from agent.proxy.records import Registry
 from agent.proxy.server import NodeProxy
@@ -26,9 +29,11 @@ class ProxyComponent(Component):
         self.proxy = proxy
         self._handlers = self.proxy.handlers()
 
-    async def handle(self, conn: socket.socket, listener: Listener) -> None:
+    async def handle(self, conn: socket.socket, listener: Listener) -> asyncio.Future[None] | None:
+        """Serve ``conn``; a returned future is where it goes on without this task (it owns
+        ``conn`` then: see ``agent.app.ConnectionHandler``)."""
         sockets.nodelay(conn)
-        await self._handlers[listener](conn)
+        return await self._handlers[listener](conn)
 
     def use_splicer(self, splicer: Splicer) -> None:
         """Let the kernel move same-node bytes from now on (the datapath's splice maps)."""
@@ -56,6 +61,10 @@ class ProxyComponent(Component):
     def inbound_tunnels(self) -> int:
         """Inbound HBONE connections from peers."""
         return len(self.proxy.inbound.connections)
+
+    def routed(self) -> Mapping[tuple[RouteKey, int, str], int]:
+        """Requests sent per (route, rule, backend Service) (``HttpRouter.routed``)."""
+        return self.proxy.outbound.http.router.routed
 
     def traffic(self, snap: Snapshot) -> dict[str, object]:
         """Traffic control's view (``TrafficControl.describe``) for the admin API."""

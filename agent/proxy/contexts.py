@@ -55,3 +55,9 @@ class Contexts:
         ctx.set_alpn_protocols([ALPN])
         self._cache[key] = (cert, ctx)
         return ctx
+
+    def forget(self, local_id: str) -> None:
+        """Drop every context presenting ``local_id`` (its identity left the node: the key
+        must not stay loaded in OpenSSL)."""
+        for key in [k for k in self._cache if k[0] == local_id]:
+            del self._cache[key]

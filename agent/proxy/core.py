@@ -9,8 +9,10 @@ the re-check is handed to the event loop with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from agent.base.constants import (
@@ -24,11 +26,14 @@ from agent.base.constants import (
 )
 from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer, Decision, Request
 from agent.policy.peerauth import STRICT, PeerAuthenticator
+from agent.policy.ratelimit import RateLimit, RateLimiter, limits_by_endpoint
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
 from agent.proxy.records import Registry
 from agent.proxy.splice import Splicer
 from agent.state import Snapshot, StateStore, Workload
+from agent.state.model import spiffe_id
+from agent.state.protocols import TCP, declared_pod_ports
 from agent.telemetry.records import ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,11 @@ class Policies:
         return self.authz.evaluate(request, workload)
 
 
+@functools.lru_cache(maxsize=4096)
+def _identity(trust_domain: str, namespace: str, service_account: str) -> str:
+    return spiffe_id(trust_domain, namespace, service_account)
+
+
 class Core:
     def __init__(
         self,
@@ -91,6 +101,10 @@ class Core:
         self.contexts = Contexts(identities)
         self.registry = Registry()
         self._policies: Policies | None = None
+        self._protocols: tuple[int, Mapping[tuple[str, int], str]] | None = None
+        self.limiter = RateLimiter()
+        self.clock: Callable[[], float] = time.monotonic
+        self._limits: tuple[int, Mapping[tuple[str, int], tuple[RateLimit, ...]]] | None = None
 
     def snapshot(self) -> Snapshot:
         return self.store.snapshot()
@@ -109,13 +123,43 @@ class Core:
             self._policies = cached
         return cached
 
+    def protocol(self, snap: Snapshot, ip: str, port: int) -> str:
+        """The declared protocol of a local pod port (``agent.state.protocols``), from a
+        table built once per state version."""
+        cached = self._protocols
+        if cached is None or cached[0] != snap.version:
+            cached = (snap.version, declared_pod_ports(snap))
+            self._protocols = cached
+        return cached[1].get((ip, port), TCP)
+
+    def rate_limit(self, request: Request, snap: Snapshot) -> RateLimit | None:
+        """The RateLimitPolicy that refuses this request (counted by Service), or None when
+        none applies or each has a token left. The table of limits per pod port is built once
+        per state version; buckets of limits no longer in force are dropped then."""
+        cached = self._limits
+        if cached is None or cached[0] != snap.version:
+            cached = (snap.version, limits_by_endpoint(snap))
+            self._limits = cached
+            self.limiter.forget(limit for limits in cached[1].values() for limit in limits)
+        limits = cached[1].get((request.destination_ip, request.destination_port))
+        if not limits:
+            return None
+        refused = self.limiter.admit(
+            limits, request.destination_ip, request.principal, self.clock()
+        )
+        if refused is not None:
+            self.registry.rate_limited[refused.service] += 1
+        return refused
+
     def local_workload(self, snap: Snapshot, ip: str) -> Workload | None:
         """The meshed workload on this node that owns ``ip``, if any."""
         w = snap.workload_by_ip.get(ip)
         return w if w is not None and w.node == self.node and snap.is_meshed(w) else None
 
     def identity(self, workload: Workload, snap: Snapshot) -> str:
-        return workload.identity(snap.trust_domain)
+        """The workload's SPIFFE ID; one string per identity, shared by every record (each
+        connection's record keeps two for its life)."""
+        return _identity(snap.trust_domain, workload.namespace, workload.service_account)
 
     def authorize(
         self,
@@ -139,6 +183,20 @@ class Core:
         if not decision.allowed:
             self.registry.deny(decision, where, record=unregistered)
         return decision.allowed
+
+    def authorize_request(self, request: Request, workload: Workload, where: str) -> Decision:
+        """Evaluate one HTTP request (``request.http`` set) with the current policies; log
+        dry-run and AUDIT outcomes, count a denial and what dry-run policies would deny. The
+        connection stays open whatever the answer."""
+        decision = self.policies().live(request, workload)
+        for note in decision.would:
+            log.info("%s: %s", where, note)
+        for ref in decision.audited:
+            log.info(
+                "%s: audited by %s (%s)", where, ref, "allowed" if decision.allowed else "denied"
+            )
+        self.registry.request_denied(decision, where, dry_run=decision.would_deny)
+        return decision
 
     def watch_policies(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         """Re-check live connections after every policy change; returns the unsubscribe."""

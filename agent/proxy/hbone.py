@@ -2,10 +2,10 @@
 
 HBONE (Istio's "HTTP-Based Overlay Network Environment") carries each proxied TCP connection as
 one HTTP/2 stream opened with ``CONNECT`` (``:authority`` = ``podIP:port``, header ``forwarded:
-for=<client IP>``) over mutual TLS to port 15008. The server answers 200 once the upstream is
-connected and authorized, or 400 (malformed request), 401 (not authorized), 405 (not CONNECT) or
-503 (upstream unreachable); the bytes then flow as DATA frames and a TCP half-close becomes
-END_STREAM.
+for=<client IP>``, and ``nodemesh-service: <namespace>/<name>`` when a Service was dialled) over
+mutual TLS to port 15008. The server answers 200 once the upstream is connected and authorized,
+or 400 (malformed request), 401 (not authorized), 405 (not CONNECT) or 503 (upstream
+unreachable); the bytes then flow as DATA frames and a TCP half-close becomes END_STREAM.
 
 ``HboneConnection`` is fed bytes (``receive``) and returns events (``agent.proxy.hbone_events``);
 what it wants to send accumulates in ``data_to_send``. It does no I/O and reads no clock, so the
@@ -52,6 +52,9 @@ from agent.proxy.hbone_events import Cause
 from agent.proxy.hbone_flow import DataFlow
 
 FORWARDED_HEADER = "forwarded"
+# The Service the client dialled (``namespace/name``), when it dialled one: for the far node's
+# telemetry labels only (``agent.proxy.inbound``), never for policy.
+SERVICE_HEADER = "nodemesh-service"
 # Non-DATA bytes are handed to h2 at most this many at a time, so that the replies one read can
 # make us queue are checked against ``max_unsent_replies`` every few hundred frames.
 H2_SLICE = 16 * 1024
@@ -314,12 +317,17 @@ class HboneConnection:
 
     # ---- commands from the owner -----------------------------------------------------------
 
-    def open_tunnel(self, authority: str, *, client_ip: str | None = None) -> int:
-        """Client side: send CONNECT; returns the stream id (``TunnelAccepted`` follows)."""
+    def open_tunnel(
+        self, authority: str, *, client_ip: str | None = None, service: str | None = None
+    ) -> int:
+        """Client side: send CONNECT; returns the stream id (``TunnelAccepted`` follows).
+        ``service``: the dialled Service as ``namespace/name`` (``SERVICE_HEADER``)."""
         sid = self._h2.get_next_available_stream_id()
         headers = [(":method", "CONNECT"), (":authority", authority)]
         if client_ip:
             headers.append((FORWARDED_HEADER, format_forwarded(client_ip)))
+        if service:
+            headers.append((SERVICE_HEADER, service))
         self._h2.send_headers(sid, headers)
         return sid
 
@@ -383,6 +391,10 @@ class HboneConnection:
     def consumed(self, stream_id: int, n: int) -> None:
         """The owner wrote ``n`` received bytes onwards: let the peer send that much more."""
         self._flow.consumed(stream_id, n)
+
+    def release(self, stream_id: int) -> None:
+        """The owner is done with the stream: received bytes it still holds are given back."""
+        self._flow.release(stream_id)
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         self._forget(stream_id)

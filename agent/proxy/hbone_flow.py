@@ -128,6 +128,15 @@ class DataFlow:
             self._release(0)
         self._stream_credit(stream_id, n)
 
+    def release(self, stream_id: int) -> None:
+        """The owner is done with the stream and drops whatever it still holds of it (a chunk a
+        relay took with ``read`` and failed to write onwards, say): those bytes go back to the
+        connection window. Without this each such failure shrank the connection window for good,
+        and enough of them stalled every stream of the connection."""
+        held = self._stream_held.get(stream_id, 0)
+        if held:
+            self.consumed(stream_id, held)
+
     def _release(self, n: int) -> None:
         """Connection window: WINDOW_UPDATE once a quarter of it is free again."""
         self._unacked += n

@@ -20,10 +20,20 @@ established connection PINGs its peer like the client side does and is closed af
 stream before it was answered, and reports to the codec when it is done (rapid-reset
 accounting: ``HboneConnection.request_done``).
 
+The dialled Service: ``nodemesh-service: <namespace>/<name>`` (``hbone.SERVICE_HEADER``) names
+the Service the client addressed, so ``destination_service`` is that one and not merely the
+first Service selecting the pod. It is used for telemetry labels only, never for policy, and
+only when that Service exists and has the pod among its endpoints (``dialled_service``).
+
 The client address: the ``forwarded: for=`` header names the client pod. It is believed only
 when the state says that IP belongs to a pod with the peer's identity; otherwise the proxy falls
 back to the connection's source address (the peer node), so a workload cannot claim another's IP
 to slip through an ``ipBlocks`` rule.
+
+A port declared HTTP/1.1, HTTP/2 or gRPC (``agent.state.protocols``) is not authorized per
+connection: the stream is answered 200 and every request inside it is parsed, authorized and
+reported by ``agent.proxy.http_inbound`` (HTTP/1.1) or ``agent.proxy.h2inbound`` (h2c, gRPC):
+403 or PERMISSION_DENIED for a denied request, the connection keeps serving.
 """
 
 from __future__ import annotations
@@ -40,12 +50,15 @@ from agent.proxy import hbone_events as ev
 from agent.proxy import sockets
 from agent.proxy.contexts import ALPN, NoCertificate
 from agent.proxy.core import Core
-from agent.proxy.hbone import HboneConnection
+from agent.proxy.h2inbound import H2Session
+from agent.proxy.hbone import SERVICE_HEADER, HboneConnection
 from agent.proxy.hbone_limits import InboundLimits
-from agent.proxy.records import cancel_current_task
-from agent.proxy.relay import relay_tunnel
+from agent.proxy.http_inbound import HttpSession, StreamDownstream
+from agent.proxy.records import Registry, cancel_current_task
+from agent.proxy.relay import start_tunnel
 from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
-from agent.state import Workload
+from agent.state import Snapshot, Workload
+from agent.state.protocols import HTTP, TCP
 from agent.telemetry.records import INBOUND, SECURITY_MTLS, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -286,8 +299,12 @@ class InboundHbone:
             destination_identity=self.core.identity(workload, snap),
             security=SECURITY_MTLS,
             path="hbone",
+            service=dialled_service(snap, req.headers.get(SERVICE_HEADER), req.host),
         )
-        if not self.core.authorize(request, workload, where, snap, unregistered=record):
+        protocol = self.core.protocol(snap, req.host, req.port)
+        http = protocol != TCP
+        allowed = http or self.core.authorize(request, workload, where, snap, unregistered=record)
+        if not allowed:
             self._answer(proto, sid, 401)
             return
         s = self.core.settings
@@ -302,10 +319,31 @@ class InboundHbone:
         if stream is None:  # the client gave up meanwhile
             upstream.close()
             return
+        if not http and not self._still_allowed(request, workload, where, snap, record):
+            upstream.close()
+            self._answer(proto, sid, 401)
+            return
         stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
         proto.codec.respond(sid, 200)
         proto.flush()
-        await self._relay(stream, upstream, record, request, workload)
+        await self._relay(stream, upstream, record, request, workload, protocol=protocol)
+
+    def _still_allowed(
+        self,
+        request: Request,
+        workload: Workload,
+        where: str,
+        authorized_in: Snapshot,
+        record: ConnectionRecord,
+    ) -> bool:
+        """Authorize again if the state changed while the pod was being dialled. The stream
+        joins the registry (``_relay``) only once connected, so a policy change during the
+        connect found nothing to re-check; from the registration on, ``recheck`` covers it
+        (nothing awaits between this check and the registration)."""
+        now = self.core.snapshot()
+        if now.version == authorized_in.version:
+            return True
+        return self.core.authorize(request, workload, where, now, unregistered=record)
 
     async def _relay(
         self,
@@ -314,19 +352,36 @@ class InboundHbone:
         record: ConnectionRecord,
         request: Request,
         workload: Workload,
+        *,
+        protocol: str,
     ) -> None:
         conn_id = self.core.registry.add(record, cancel_current_task())
-        self.core.registry.authorized(conn_id, request, workload)
+        if protocol == TCP:
+            self.core.registry.authorized(conn_id, request, workload)
+            self._start(stream, upstream, record, conn_id)
+            return
         try:
-            await relay_tunnel(upstream, stream, record, outbound=False)
+            kind = HttpSession if protocol == HTTP else H2Session
+            session = kind(self.core, StreamDownstream(stream), upstream, record, request, workload)
+            try:
+                await session.serve()
+            finally:
+                stream.proto.finish(stream)
         except (OSError, TunnelError) as e:
             log.debug("inbound %s ended: %s", record.destination, e)
         finally:
-            self.core.registry.remove(conn_id)
-            if stream.error is None and stream.eof:
-                upstream.close()
-            else:
-                sockets.abort(upstream)
+            _closed(self.core.registry, stream, upstream, conn_id)
+
+    def _start(
+        self, stream: TunnelStream, upstream: socket.socket, record: ConnectionRecord, conn_id: int
+    ) -> None:
+        """Relay without the stream's task (``relay.start_tunnel``), which ends now: the
+        clean-up is the relay's end (``_Relayed``), and the registry's close (policy re-check)
+        cancels the relay; the drain and a cut HBONE connection end it through the stream."""
+        self.core.registry.leave_task(conn_id)
+        owner = _Relayed(self.core.registry, stream, upstream, conn_id)
+        done = start_tunnel(upstream, stream, record, owner, outbound=False)
+        self.core.registry.hand_over(conn_id, done.cancel)
 
     def goaway_all(self) -> None:
         self.draining = True
@@ -334,3 +389,51 @@ class InboundHbone:
             proto.goaway()
             if not proto.streams and proto.transport is not None:
                 proto.transport.close()
+
+
+class _Relayed:
+    """A TCP stream whose relay runs without the stream's task: its end."""
+
+    __slots__ = ("conn_id", "registry", "stream", "upstream")
+
+    def __init__(
+        self, registry: Registry, stream: TunnelStream, upstream: socket.socket, conn_id: int
+    ) -> None:
+        self.registry = registry
+        self.stream = stream
+        self.upstream = upstream
+        self.conn_id = conn_id
+
+    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None:
+        error = None if done.cancelled() else done.exception()
+        if error is not None and not isinstance(error, (OSError, TunnelError)):
+            log.error("HBONE stream %d relay failed", self.stream.stream_id, exc_info=error)
+        elif error is not None:
+            log.debug("inbound %s ended: %s", record.destination, error)
+        _closed(self.registry, self.stream, self.upstream, self.conn_id)
+
+
+def _closed(
+    registry: Registry, stream: TunnelStream, upstream: socket.socket, conn_id: int
+) -> None:
+    """The stream's connection ended: telemetry's close, and the pod's socket closed (reset
+    unless the stream ended cleanly on both halves)."""
+    registry.remove(conn_id)
+    if stream.complete:
+        upstream.close()
+    else:
+        sockets.abort(upstream)
+
+
+def dialled_service(snap: Snapshot, claimed: str | None, pod_ip: str) -> str:
+    """The hostname of the Service ``claimed`` (``namespace/name``) if it has ``pod_ip`` among
+    its endpoints, else "" (labels fall back to the pod's first Service). A peer can only
+    choose among the Services that really select the pod, and only for labels."""
+    if not claimed:
+        return ""
+    namespace, _, name = claimed.partition("/")
+    service = snap.services.get((namespace, name))
+    if service is None or not any(e.ip == pod_ip for e in service.endpoints):
+        log.debug("CONNECT names Service %r, which does not select %s: ignored", claimed, pod_ip)
+        return ""
+    return service.hostname()

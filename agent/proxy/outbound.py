@@ -8,12 +8,17 @@ destination's policies are enforced here and the connection is made with the cli
 source (with the same-node splice on, the kernel then moves its bytes: ``agent.proxy.splice``);
 anything else is plain TCP passthrough. A connection to a Service VIP is handed to
 ``balanced`` (traffic control: endpoint choice, limits, retries, faults, splits), which uses the
-same ``open``/``relay`` steps once per attempt. A refusal closes the client with RST, so the
+same ``open``/``relay`` steps once per attempt; on a Service port declared HTTP/1.1 it goes to
+``http_outbound`` instead, and on one declared HTTP/2 or gRPC to ``h2outbound``: both terminate
+the client's protocol and balance each request (direct pod-IP traffic stays per connection, as
+below). Every CONNECT for a Service names it (``nodemesh-service``) so the far node labels its
+metrics with the Service the client dialled. A refusal closes the client with RST, so the
 application sees a failed connection and not a clean end of stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
@@ -22,13 +27,16 @@ from agent.proxy import sockets
 from agent.proxy.balanced import BalancedOutbound
 from agent.proxy.contexts import NoCertificate
 from agent.proxy.core import Core
+from agent.proxy.h2outbound import H2SourceSession
+from agent.proxy.http_outbound import HttpOutbound
 from agent.proxy.pool import HbonePool, PoolKey
-from agent.proxy.records import Refused, cancel_current_task
-from agent.proxy.relay import relay_sockets, relay_tunnel
+from agent.proxy.records import Refused, Registry, cancel_current_task
+from agent.proxy.relay import relay_sockets, relay_tunnel, start_sockets, start_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
-from agent.proxy.splice import relay_spliced
+from agent.proxy.splice import start_spliced
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot
+from agent.state.protocols import GRPC, HTTP, HTTP2, port_protocol
 from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -40,52 +48,124 @@ def _addr(ip: str, port: int) -> str:
     return f"{ip}:{port}"
 
 
+class _Relayed:
+    """A pod-IP connection whose relay runs without the handler's task: its end."""
+
+    __slots__ = ("client", "conn_id", "registry", "upstream")
+
+    def __init__(
+        self, registry: Registry, client: socket.socket, upstream: Upstream, conn_id: int
+    ) -> None:
+        self.registry = registry
+        self.client = client
+        self.upstream = upstream
+        self.conn_id = conn_id
+
+    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None:
+        self.registry.remove(self.conn_id)
+        if isinstance(self.upstream, socket.socket):
+            self.upstream.close()
+        error = None if done.cancelled() else done.exception()
+        if error is None and not done.cancelled():
+            self.client.close()
+            return
+        sockets.abort(self.client)
+        if error is not None and not isinstance(error, (OSError, TunnelError)):
+            log.error("outbound %s relay failed", record.destination, exc_info=error)
+        elif error is not None:
+            log.debug("outbound %s -> %s ended: %s", record.source, record.destination, error)
+
+
 class Outbound:
     def __init__(self, core: Core, pool: HbonePool) -> None:
         self.core = core
         self.pool = pool
         self.resolver = Resolver(core.node)
         self.balanced = BalancedOutbound(self)
+        self.http = HttpOutbound(self)
 
     async def handle(
         self, client: socket.socket, original_dst: tuple[str, int] | None = None
-    ) -> None:
-        """Serve one captured connection; ``original_dst`` overrides ``getsockname()`` (tests)."""
+    ) -> asyncio.Future[None] | None:
+        """Serve one captured connection; ``original_dst`` overrides ``getsockname()`` (tests).
+        A connection to a pod IP is handed to a relay without a task once connected: the
+        relay's ``done`` is returned and owns ``client`` from then on (the caller awaits it or
+        tracks it for the drain, and closes ``client`` only when None is returned)."""
         addresses = sockets.captured_addresses(client, original_dst)
         if addresses is None:
-            return
+            return None
         src_ip, src_port, dst_ip, dst_port = addresses
         snap = self.core.snapshot()
         source = self.resolver.source(snap, src_ip)
         try:
             target = self.resolver.service(snap, dst_ip, dst_port)
         except NoEndpoints as e:
+            if e.target is not None and port_protocol(e.target.port) == HTTP:
+                # An HTTP client is answered 503 (UH) per request, not reset.
+                await self.http.handle(client, source, e.target, _addr(src_ip, src_port))
+                return None
+            if e.target is not None and port_protocol(e.target.port) in (HTTP2, GRPC):
+                # Per request too: its routes may send it to other Services (else 503 / UH).
+                src = _addr(src_ip, src_port)
+                await H2SourceSession(self, client, snap, source, e.target, src).serve()
+                return None
             self.core.registry.reject("no_endpoints", str(e))
             sockets.abort(client)
-            return
+            return None
+        if target is not None and port_protocol(target.port) == HTTP:
+            await self.http.handle(client, source, target, _addr(src_ip, src_port))
+            return None
         if target is not None:
-            await self.balanced.handle(client, snap, source, target, _addr(src_ip, src_port))
-            return
+            src = _addr(src_ip, src_port)
+            if port_protocol(target.port) in (HTTP2, GRPC):  # per request (``h2outbound``)
+                await H2SourceSession(self, client, snap, source, target, src).serve()
+                return None
+            await self.balanced.handle(client, snap, source, target, src)
+            return None
         route = self.resolver.route(snap, source, dst_ip, dst_port)
         record = self.record(snap, route, _addr(src_ip, src_port), _addr(dst_ip, dst_port))
         conn_id = self.core.registry.add(record, cancel_current_task())
-        clean = False
         try:
             try:
                 upstream = await self.open(route, record, src_ip, conn_id)
             except (OSError, TunnelError) as e:
                 self.count_failure(e, route, record)
                 raise
-            await self.relay(client, upstream, record, splice=route.kind == "local")
-            clean = True
         except (OSError, TunnelError, Refused) as e:
             log.debug("outbound %s -> %s ended: %s", record.source, record.destination, e)
-        finally:
             self.core.registry.remove(conn_id)
-            if clean:
-                client.close()
-            else:
-                sockets.abort(client)
+            sockets.abort(client)
+            return None
+        except BaseException:  # cancelled (policy re-check, drain) while connecting
+            self.core.registry.remove(conn_id)
+            sockets.abort(client)
+            raise
+        return self._start(client, upstream, record, conn_id, splice=route.kind == "local")
+
+    def _start(
+        self,
+        client: socket.socket,
+        upstream: Upstream,
+        record: ConnectionRecord,
+        conn_id: int,
+        *,
+        splice: bool = False,
+    ) -> asyncio.Future[None]:
+        """Relay without this task (``relay.start_*``): the connection's clean-up is the
+        relay's end (``_Relayed``), and the registry's close (policy re-check, drain) cancels
+        the relay. ``splice``: nothing needs the bytes (an admitted same-node connection), so
+        the kernel moves them when the agent runs with the same-node splice."""
+        self.core.registry.leave_task(conn_id)
+        owner = _Relayed(self.core.registry, client, upstream, conn_id)
+        if isinstance(upstream, TunnelStream):
+            record.security = SECURITY_MTLS
+            done = start_tunnel(client, upstream, record, owner, outbound=True)
+        elif splice and self.core.splicer is not None:
+            done = start_spliced(client, upstream, record, owner, self.core.splicer)
+        else:
+            done = start_sockets(client, upstream, record, owner)
+        self.core.registry.hand_over(conn_id, done.cancel)
+        return done
 
     def record(
         self, snap: Snapshot, route: Route, source: str, destination: str
@@ -99,7 +179,9 @@ class Outbound:
     def describe_route(self, snap: Snapshot, route: Route, record: ConnectionRecord) -> None:
         """Point ``record`` at ``route`` (again for each attempt of a Service connection)."""
         record.path = route.kind
-        record.upstream = _addr(route.ip, route.port)
+        upstream = _addr(route.ip, route.port)
+        # To a pod IP it is the destination: one string for both (kept for the record's life).
+        record.upstream = record.destination if upstream == record.destination else upstream
         record.destination_identity = None
         if route.target is not None and route.kind != "passthrough":
             record.destination_identity = self.core.identity(route.target, snap)
@@ -117,7 +199,9 @@ class Outbound:
                 route.ip,
                 self.core.settings.hbone_port,
             )
-            return await self.pool.open(key, _addr(route.ip, route.port), src_ip)
+            service = route.service
+            dialled = f"{service.namespace}/{service.name}" if service is not None else None
+            return await self.pool.open(key, _addr(route.ip, route.port), src_ip, dialled)
         if route.kind == "local":
             self._authorize_local(route, record, src_ip, conn_id)
         s = self.core.settings
@@ -161,24 +245,14 @@ class Outbound:
             )
 
     async def relay(
-        self,
-        client: socket.socket,
-        upstream: Upstream,
-        record: ConnectionRecord,
-        *,
-        splice: bool = False,
+        self, client: socket.socket, upstream: Upstream, record: ConnectionRecord
     ) -> None:
-        """Copy both ways until both directions ended; closes the upstream socket. ``splice``:
-        nothing needs the bytes (an admitted same-node connection, no traffic control), so the
-        kernel may move them when the agent runs with the same-node splice."""
+        """Copy both ways until both directions ended; closes the upstream socket."""
         if isinstance(upstream, TunnelStream):
             record.security = SECURITY_MTLS
             await relay_tunnel(client, upstream, record, outbound=True)
             return
         try:
-            if splice and self.core.splicer is not None:
-                await relay_spliced(client, upstream, record, self.core.splicer)
-            else:
-                await relay_sockets(client, upstream, record)
+            await relay_sockets(client, upstream, record)
         finally:
             upstream.close()

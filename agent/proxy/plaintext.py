@@ -3,7 +3,9 @@
 Admitted only where the destination's PeerAuthentication mode for the port is PERMISSIVE and
 policy allows a source without identity (a plaintext caller has no principal, so only
 ``ipBlocks``-style rules can admit it). The proxy then connects to the pod with the caller's IP as
-source, so the pod sees its real client. STRICT refuses with RST.
+source, so the pod sees its real client. STRICT refuses with RST. On a port declared HTTP/1.1,
+HTTP/2 or gRPC the requests are parsed and authorized one by one (``agent.proxy.http_inbound``,
+``agent.proxy.h2inbound``), as on the HBONE path.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from agent.policy.authz import Request
 from agent.policy.peerauth import STRICT
 from agent.proxy import sockets
 from agent.proxy.core import Core
+from agent.proxy.h2inbound import H2Session
+from agent.proxy.http_inbound import HttpSession, SocketDownstream
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.relay import relay_sockets
+from agent.state import Workload
+from agent.state.protocols import HTTP, TCP
 from agent.telemetry.records import INBOUND, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -41,9 +47,15 @@ class InboundPlaintext:
         conn_id = self.core.registry.add(record, cancel_current_task())
         clean = False
         try:
-            upstream = await self._admit(record, conn_id, src_ip, dst_ip, dst_port)
+            upstream, admitted = await self._admit(record, conn_id, src_ip, dst_ip, dst_port)
             try:
-                await relay_sockets(client, upstream, record)
+                if admitted is None:
+                    await relay_sockets(client, upstream, record)
+                else:
+                    request, workload, protocol = admitted
+                    kind = HttpSession if protocol == HTTP else H2Session
+                    down = SocketDownstream(client)
+                    await kind(self.core, down, upstream, record, request, workload).serve()
                 clean = True
             finally:
                 upstream.close()
@@ -58,7 +70,10 @@ class InboundPlaintext:
 
     async def _admit(
         self, record: ConnectionRecord, conn_id: int, src_ip: str, dst_ip: str, dst_port: int
-    ) -> socket.socket:
+    ) -> tuple[socket.socket, tuple[Request, Workload, str] | None]:
+        """The connected pod socket; and, on a declared HTTP port, what each request is
+        authorized with and the protocol (there the connection is admitted without the L7
+        conditions)."""
         where = f"plaintext {record.source} -> {record.destination}"
         snap = self.core.snapshot()
         workload = self.core.local_workload(snap, dst_ip)
@@ -71,17 +86,21 @@ class InboundPlaintext:
         if policies.peerauth.mode(workload, dst_port) == STRICT:
             self._refuse("strict_mtls", f"{where}: PeerAuthentication is STRICT (mTLS required)")
         request = Request(src_ip, dst_ip, dst_port, None)
-        if not self.core.authorize(request, workload, where, snap):
-            raise Refused(where)
-        self.core.registry.authorized(conn_id, request, workload)
+        protocol = self.core.protocol(snap, dst_ip, dst_port)
+        http = protocol != TCP
+        if not http:
+            if not self.core.authorize(request, workload, where, snap):
+                raise Refused(where)
+            self.core.registry.authorized(conn_id, request, workload)
         s = self.core.settings
         try:
-            return await sockets.connect(
+            upstream = await sockets.connect(
                 (dst_ip, dst_port), mark=s.mark, timeout=s.connect_timeout, source_ip=src_ip
             )
         except (OSError, TimeoutError) as e:
             self._refuse("upstream_unreachable", f"{where}: {e!r}")
             raise
+        return upstream, ((request, workload, protocol) if http else None)
 
     def _refuse(self, key: str, detail: str) -> NoReturn:
         self.core.registry.reject(key, detail)

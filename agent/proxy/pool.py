@@ -51,15 +51,18 @@ class HbonePool:
         self._idle_timers: dict[int, asyncio.TimerHandle] = {}
         self.dials = 0
 
-    async def open(self, key: PoolKey, authority: str, client_ip: str | None) -> TunnelStream:
-        """A new tunnel stream to ``authority`` through a pooled connection for ``key``."""
+    async def open(
+        self, key: PoolKey, authority: str, client_ip: str | None, service: str | None = None
+    ) -> TunnelStream:
+        """A new tunnel stream to ``authority`` through a pooled connection for ``key``;
+        ``service`` names the dialled Service on the CONNECT (telemetry labels only)."""
         retries = UNPROCESSED_RETRIES
         while True:
             conn = self._usable(key)
             if conn is not None:
                 self._cancel_idle(conn)
                 try:
-                    return await conn.open(authority, client_ip)
+                    return await conn.open(authority, client_ip, service)
                 except TunnelError as e:
                     if not e.unprocessed or retries == 0:
                         raise

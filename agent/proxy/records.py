@@ -23,6 +23,7 @@ open, so a scrape sees bytes of long-lived connections before they end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
@@ -32,7 +33,12 @@ from dataclasses import dataclass
 
 from agent.policy.authz import Decision, Request
 from agent.state.model import Workload
-from agent.telemetry.records import ConnectionObserver, ConnectionRecord
+from agent.telemetry.records import (
+    ConnectionObserver,
+    ConnectionRecord,
+    RequestObserver,
+    RequestRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +49,15 @@ _current: contextvars.ContextVar[tuple[Registry, ConnectionRecord]] = contextvar
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     record: ConnectionRecord
-    close: Callable[[str], None]
+    close: Callable[[str], object]
     request: Request | None = None
     workload: Workload | None = None
     closing: bool = False
+    # How the registering task's context is restored when a relay takes the connection over.
+    token: contextvars.Token[tuple[Registry, ConnectionRecord]] | None = None
 
 
 def cancel_current_task() -> Callable[[str], None]:
@@ -75,21 +83,23 @@ class Registry:
         self._ids = itertools.count(1)
         self.rejections: Counter[str] = Counter()
         self.denials: Counter[str] = Counter()
+        self.rate_limited: Counter[str] = Counter()  # by Service hostname
         self.total = 0
         self.observers: list[ConnectionObserver] = []
+        self.request_observers: list[RequestObserver] = []
 
     def add(
         self,
         record: ConnectionRecord,
-        close: Callable[[str], None],
+        close: Callable[[str], object],
         *,
         request: Request | None = None,
         workload: Workload | None = None,
     ) -> int:
         record.id = next(self._ids)
-        self._live[record.id] = _Live(record, close, request, workload)
+        token = _current.set((self, record))
+        self._live[record.id] = _Live(record, close, request, workload, token=token)
         self.total += 1
-        _current.set((self, record))
         self._notify(lambda o: o.opened(record))
         return record.id
 
@@ -100,6 +110,51 @@ class Registry:
                 call(observer)
             except Exception:
                 log.exception("connection observer %r failed", observer)
+
+    def _tell(self, call: Callable[[RequestObserver], None]) -> None:
+        for observer in self.request_observers:
+            try:
+                call(observer)
+            except Exception:
+                log.exception("request observer %r failed", observer)
+
+    def request_done(self, connection: ConnectionRecord, request: RequestRecord) -> None:
+        """One HTTP request served (or refused by policy) on ``connection``."""
+        connection.requests += 1
+        self._tell(lambda o: o.requested(connection, request))
+
+    def http_rejected(self, cause: str, detail: str) -> None:
+        """The HTTP layer refused bad input (the connection is closed)."""
+        log.info("HTTP request rejected (%s): %s", cause, detail)
+        self._tell(lambda o: o.rejected(cause))
+
+    def request_denied(self, decision: Decision, detail: str, *, dry_run: tuple[str, ...]) -> None:
+        """Count an L7 denial (``denials``, by policy) and the dry-run policies that would
+        have denied; unlike ``deny`` this leaves the connection's record alone: the
+        connection keeps serving other requests."""
+        if not decision.allowed:
+            self.denials[decision.policy or "no-allow-match"] += 1
+            log.info("HTTP request denied: %s: %s", detail, decision.reason)
+        for policy in dry_run:
+            log.info("HTTP request %s: dry-run policy %s would deny it", detail, policy)
+            self._tell(_would_deny(policy))
+
+    def leave_task(self, conn_id: int) -> None:
+        """The connection is about to go on without the task that registered it: its record
+        stops being the task's current one, so the callbacks that carry it on (which copy the
+        context they are made in) do not keep that context alive for the connection's life."""
+        live = self._live.get(conn_id)
+        if live is not None and live.token is not None:
+            with contextlib.suppress(ValueError):  # made in another context: nothing to undo
+                _current.reset(live.token)
+            live.token = None
+
+    def hand_over(self, conn_id: int, close: Callable[[str], object]) -> None:
+        """The connection goes on without the task that registered it (a relay's ``done``
+        future, whose ``cancel`` is the new ``close``): the task is not held any longer."""
+        live = self._live.get(conn_id)
+        if live is not None:
+            live.close = close
 
     def authorized(self, conn_id: int, request: Request, workload: Workload) -> None:
         """Remember what was authorized, so that ``recheck`` can evaluate it again."""
@@ -159,3 +214,7 @@ class Registry:
                 live.close(decision.reason)
                 closed += 1
         return closed
+
+
+def _would_deny(policy: str) -> Callable[[RequestObserver], None]:
+    return lambda o: o.would_deny(policy)

@@ -1,53 +1,67 @@
 """Bidirectional copying between a TCP socket and its peer (another socket or a tunnel stream).
 
-Why socket methods instead of streams: ``loop.sock_recv_into`` into one buffer per direction and
-``loop.sock_sendall`` of a memoryview slice copy each byte once in Python and allocate nothing
-per chunk; ``sock_sendall`` returns only when the kernel took everything, which
-is the backpressure (a slow reader stops its writer's reads). A half-close (recv returns 0)
-becomes ``shutdown(SHUT_WR)`` on the other side (END_STREAM through a tunnel), so
-request/response protocols that signal "done" by closing their write side keep working.
-An error in one direction aborts both, so neither side waits forever on a dead peer.
+Why callbacks instead of tasks: a relayed connection spends most of its life idle, and what it
+holds while idle is what it costs. Two tasks awaiting ``sock_recv_into`` held two coroutine
+frames, their futures and one read buffer per direction (8 KiB or more, grown up to 256 KiB for
+bulk) for as long as the connection lived. Here each direction is a reader callback
+(``loop.add_reader``) on its source socket: when the socket is readable it reads into one
+buffer shared by every relay of the process (``_SHARED``) and sends at once, non-blocking, so
+the buffer is free again when the callback returns. An idle connection holds the two reader
+registrations and one small ``_Relay``; the caller's task awaits ``_Relay.done``. It is also
+shorter: a message costs one callback (read, send) instead of a future resolved, a task step
+scheduled and run, and the reader added and removed around each wait.
+
+Backpressure: what the destination does not take is copied out of the shared buffer
+(``_Direction.pending``), the source's reader is removed and a writer waits on the destination;
+once the destination took it all the reader is back, so a slow reader stops its writer's reads.
+A tunnel stream's side uses the stream's own backpressure (``TunnelStream.can_write``) and its
+queue: received tunnel bytes go to the socket straight from the HBONE protocol's
+``data_received`` (``deliver_directly``); what the socket does not take stays queued in the
+stream and is written when the socket is writable (``TunnelStream.write_queued``), and the
+peer's window is given back only for bytes the socket took, so the window bounds that queue.
+
+A half-close (recv returns 0) becomes ``shutdown(SHUT_WR)`` on the other side (END_STREAM
+through a tunnel), once everything before it was sent, so request/response protocols that
+signal "done" by closing their write side keep working. An error in one direction ends both
+(``done`` raises it), so neither side waits forever on a dead peer. A caller that is cancelled
+(policy re-check, idle timeout, drain) removes every callback before it closes the sockets.
+
+Two ways to run one: ``relay_sockets``/``relay_tunnel`` are awaited by a task that has more to
+do around the relay (traffic control's attempts, the HTTP layers' upgrades); ``start_sockets``/
+``start_tunnel`` return the relay's ``done`` future at once, so the connection's handler task can
+end (the task and its coroutine frames were a third of what an idle cross-node connection
+held): when ``done`` ends every callback is removed, then the ``Owner`` the caller gave cleans
+up (registry, sockets), and cancelling ``done`` (policy re-check, drain) stops the relay as
+cancelling the task did.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import socket
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 from agent.proxy.tunnel import TunnelStream
 from agent.telemetry.records import ConnectionRecord
 
-MIN_CHUNK = 8 * 1024
+
+class Owner(Protocol):
+    """Who cleans up after a relay nobody awaits (``start_sockets``, ``start_tunnel``): one
+    small object per connection rather than a closure and its cells."""
+
+    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None: ...
+
+
 MAX_CHUNK = 256 * 1024
 
-
-class _ReadBuffer:
-    """A read buffer that starts small and doubles each time a read fills it, up to MAX_CHUNK.
-
-    Why: a connection holds its read buffers for as long as it lives, idle or not. With a fixed
-    256 KiB per direction, an idle proxied connection cost over half a megabyte (the bench
-    measured 534 KiB per idle connection). A bulk flow fills every read, so it reaches the large
-    size after a handful of reads and keeps large-chunk efficiency; an idle or chatty
-    connection stays at 8 KiB per direction. A buffer is only replaced between reads, after
-    the previous chunk was fully sent, so no slice in use is ever invalidated."""
-
-    __slots__ = ("buf", "view")
-
-    def __init__(self) -> None:
-        self.buf = bytearray(MIN_CHUNK)
-        self.view = memoryview(self.buf)
-
-    def chunk(self, n: int) -> memoryview:
-        """The ``n`` bytes just read."""
-        return self.view[:n]
-
-    def grow_if_full(self, n: int) -> None:
-        size = len(self.buf)
-        if n == size and size < MAX_CHUNK:
-            self.buf = bytearray(size * 2)
-            self.view = memoryview(self.buf)
+# The one read buffer of every relay in this process: a callback reads into it and has sent or
+# copied out what it read before it returns (the event loop runs one callback at a time).
+_SHARED = bytearray(MAX_CHUNK)
+_SHARED_VIEW = memoryview(_SHARED)
 
 
 def _count(record: ConnectionRecord, field: str, n: int) -> None:
@@ -57,93 +71,311 @@ def _count(record: ConnectionRecord, field: str, n: int) -> None:
     setattr(record, field, getattr(record, field) + n)
 
 
+def _send(sock: socket.socket, data: bytes | memoryview) -> int:
+    """Non-blocking send: how many bytes the kernel took (0 when it would block)."""
+    try:
+        return sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        return 0
+
+
+class _Part(Protocol):
+    def stop(self) -> None:
+        """Remove this part's callbacks."""
+
+
+class _Relay:
+    """The state both directions share: the loop, the record and how the relay ends."""
+
+    __slots__ = ("_owner", "_parts", "done", "loop", "open_directions", "record")
+
+    def __init__(self, record: ConnectionRecord) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.record = record
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.open_directions = 2
+        # The parts whose callbacks ``stop`` removes (a tuple of the objects, not a list of
+        # bound methods: it lives as long as the connection).
+        self._parts: tuple[_Part, ...] = ()
+        self._owner: Owner | None = None
+
+    def on_stop(self, part: _Part) -> None:
+        self._parts += (part,)
+
+    def direction_ended(self) -> None:
+        self.open_directions -= 1
+        if not self.open_directions:
+            self.stop()
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        self.stop()
+        if not self.done.done():
+            self.done.set_exception(error)
+
+    def stop(self) -> None:
+        """Remove every callback (idempotent): the sockets may be closed afterwards."""
+        parts, self._parts = self._parts, ()
+        for part in parts:
+            part.stop()
+
+    async def wait(self) -> None:
+        try:
+            await self.done
+        finally:
+            self.stop()
+
+    def detach(self, owner: Owner) -> asyncio.Future[None]:
+        """Nobody awaits the relay: when ``done`` ends (or is cancelled) every callback is
+        removed first, then ``owner`` cleans up after the connection."""
+        self._owner = owner
+        self.done.add_done_callback(self._ended)
+        return self.done
+
+    def _ended(self, done: asyncio.Future[None]) -> None:
+        self.stop()
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.relay_ended(done, self.record)
+
+
+class _Direction:
+    """src -> dst between two sockets: a reader on src, a writer on dst while dst is full."""
+
+    __slots__ = ("_dst_fd", "_src_fd", "dst", "field", "pending", "relay", "src")
+
+    def __init__(self, relay: _Relay, src: socket.socket, dst: socket.socket, field: str) -> None:
+        self.relay = relay
+        self.src, self.dst, self.field = src, dst, field
+        self.pending: bytes = b""
+        self._src_fd, self._dst_fd = src.fileno(), dst.fileno()
+        relay.loop.add_reader(self._src_fd, self._readable)
+        relay.on_stop(self)
+
+    def stop(self) -> None:
+        loop = self.relay.loop
+        loop.remove_reader(self._src_fd)
+        loop.remove_writer(self._dst_fd)
+
+    def _readable(self) -> None:
+        try:
+            n = self.src.recv_into(_SHARED)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.relay.fail(e)
+            return
+        if not n:
+            self.relay.loop.remove_reader(self._src_fd)
+            _shutdown_write(self.dst)
+            self.relay.direction_ended()
+            return
+        try:
+            sent = _send(self.dst, _SHARED_VIEW[:n])
+        except OSError as e:
+            self.relay.fail(e)
+            return
+        _count(self.relay.record, self.field, n)
+        if sent < n:
+            self.pending = bytes(_SHARED_VIEW[sent:n])
+            self.relay.loop.remove_reader(self._src_fd)
+            self.relay.loop.add_writer(self._dst_fd, self._writable)
+
+    def _writable(self) -> None:
+        try:
+            sent = _send(self.dst, self.pending)
+        except OSError as e:
+            self.relay.fail(e)
+            return
+        self.pending = self.pending[sent:]
+        if not self.pending:
+            self.relay.loop.remove_writer(self._dst_fd)
+            self.relay.loop.add_reader(self._src_fd, self._readable)
+
+
 def _shutdown_write(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)
 
 
-async def _copy(
-    src: socket.socket, dst: socket.socket, record: ConnectionRecord, field: str
-) -> None:
-    loop = asyncio.get_running_loop()
-    buf = _ReadBuffer()
-    while n := await loop.sock_recv_into(src, buf.buf):
-        await loop.sock_sendall(dst, buf.chunk(n))
-        _count(record, field, n)
-        buf.grow_if_full(n)
-    _shutdown_write(dst)
-
-
-async def both(first: asyncio.Task[None], second: asyncio.Task[None]) -> None:
-    """Wait for both directions; the first failure cancels the other and is re-raised.
-
-    If the caller is cancelled (policy re-check, idle timeout, drain), both directions are
-    cancelled and awaited before the sockets are closed: ``asyncio.wait`` alone would leave them
-    running on file descriptors that are about to be closed."""
-    try:
-        done, pending = await asyncio.wait((first, second), return_when=asyncio.FIRST_EXCEPTION)
-    except asyncio.CancelledError:
-        for task in (first, second):
-            task.cancel()
-        await asyncio.gather(first, second, return_exceptions=True)
-        raise
-    for task in pending:
-        task.cancel()
-    for task in pending:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    for task in done:
-        task.result()
+def _socket_relay(
+    client: socket.socket, upstream: socket.socket, record: ConnectionRecord
+) -> _Relay:
+    relay = _Relay(record)
+    _Direction(relay, client, upstream, "bytes_sent")
+    _Direction(relay, upstream, client, "bytes_received")
+    return relay
 
 
 async def relay_sockets(
     client: socket.socket, upstream: socket.socket, record: ConnectionRecord
 ) -> None:
     """Copy client <-> upstream until both directions ended; closes neither socket."""
-    await both(
-        asyncio.create_task(_copy(client, upstream, record, "bytes_sent")),
-        asyncio.create_task(_copy(upstream, client, record, "bytes_received")),
+    await _socket_relay(client, upstream, record).wait()
+
+
+def start_sockets(
+    client: socket.socket, upstream: socket.socket, record: ConnectionRecord, owner: Owner
+) -> asyncio.Future[None]:
+    """``relay_sockets`` without a task: returns its ``done`` (see ``_Relay.detach``)."""
+    return _in_empty_context(lambda: _socket_relay(client, upstream, record).detach(owner))
+
+
+class _TunnelRelay:
+    """sock <-> stream: a reader on sock feeding the stream; the stream's bytes go to sock from
+    the HBONE protocol's callbacks, with a writer on sock while it is full."""
+
+    __slots__ = (
+        "_fd",
+        "_reading",
+        "_sent_eof",
+        "_writing",
+        "from_stream",
+        "relay",
+        "sock",
+        "stream",
+        "to_stream",
     )
 
+    def __init__(
+        self, relay: _Relay, sock: socket.socket, stream: TunnelStream, to: str, frm: str
+    ) -> None:
+        self.relay, self.sock, self.stream = relay, sock, stream
+        self.to_stream, self.from_stream = to, frm
+        self._fd = sock.fileno()
+        self._reading = self._writing = self._sent_eof = False
+        relay.on_stop(self)
+        stream.deliver_directly(sock, self._delivered)
+        stream.waker = self._stream_changed
+        self._stream_changed()  # bytes, the end or an error may have come before the relay
+        if not relay.done.done():
+            self._read(True)
 
-async def _socket_to_stream(
-    sock: socket.socket, stream: TunnelStream, record: ConnectionRecord, field: str
-) -> None:
-    loop = asyncio.get_running_loop()
-    buf = _ReadBuffer()
-    while n := await loop.sock_recv_into(sock, buf.buf):
-        await stream.write(buf.chunk(n))
-        _count(record, field, n)
-        buf.grow_if_full(n)
-    stream.write_eof()
+    def stop(self) -> None:
+        self.stream.waker = None
+        self.stream.deliver_directly(None)
+        self._read(False)
+        self._write(False)
+        # The stream is released (``TunnelStream`` and the window it held) and reset unless
+        # both halves ended cleanly, so the peer never waits for bytes that will not come.
+        self.stream.proto.finish(self.stream)
 
+    def _read(self, on: bool) -> None:
+        if on != self._reading:
+            self._reading = on
+            if on:
+                self.relay.loop.add_reader(self._fd, self._readable)
+            else:
+                self.relay.loop.remove_reader(self._fd)
 
-async def _stream_to_socket(
-    stream: TunnelStream, sock: socket.socket, record: ConnectionRecord, field: str
-) -> None:
-    loop = asyncio.get_running_loop()
-    stream.deliver_directly(sock, lambda n: _count(record, field, n))
-    try:
-        while (chunk := await stream.read()) is not None:
-            await loop.sock_sendall(sock, chunk)
-            stream.consumed(len(chunk))
-            _count(record, field, len(chunk))
-    finally:
-        stream.deliver_directly(None)
-    _shutdown_write(sock)
+    def _write(self, on: bool) -> None:
+        if on != self._writing:
+            self._writing = on
+            if on:
+                self.relay.loop.add_writer(self._fd, self._writable)
+            else:
+                self.relay.loop.remove_writer(self._fd)
+
+    def _delivered(self, n: int) -> None:
+        _count(self.relay.record, self.from_stream, n)
+
+    # -- sock -> stream --
+    def _readable(self) -> None:
+        stream = self.stream
+        if stream.error is not None:
+            self.relay.fail(stream.error)
+            return
+        if not stream.can_write():
+            # ``_stream_changed`` resumes it once the stream has room; the protocol wakes
+            # streams on freed connection budget only while some writer says it waits.
+            stream.proto.writers_waiting = True
+            self._read(False)
+            return
+        try:
+            n = self.sock.recv_into(_SHARED)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.relay.fail(e)
+            return
+        if not n:
+            self._read(False)
+            stream.write_eof()
+            self.relay.direction_ended()
+            return
+        try:
+            stream.try_write(_SHARED_VIEW[:n])
+        except Exception as e:  # the codec's: the relay's owner gets it, not the event loop
+            self.relay.fail(e)
+            return
+        _count(self.relay.record, self.to_stream, n)
+
+    # -- stream -> sock --
+    def _stream_changed(self) -> None:
+        stream = self.stream
+        if stream.error is not None:
+            self.relay.fail(stream.error)
+            return
+        if stream.unread and not (self._writing or self._sent_eof):
+            self._writable()
+        if self._reading or stream.ended or self.relay.done.done():
+            return
+        if stream.can_write():
+            self._read(True)
+        else:
+            # Still full: ask again to be woken by the next WINDOW_UPDATE (the protocol clears
+            # the flag each time it wakes the streams), as a waiting ``write`` loop does.
+            stream.proto.writers_waiting = True
+
+    def _writable(self) -> None:
+        try:
+            drained = self.stream.write_queued(lambda data: _send(self.sock, data))
+        except Exception as e:  # the socket's or the codec's: for the relay's owner, and never
+            self.relay.fail(e)  # into the HBONE protocol's callback that woke us
+            return
+        self._write(not drained)
+        if drained and self.stream.eof and not self._sent_eof:
+            self._sent_eof = True
+            _shutdown_write(self.sock)
+            self.relay.direction_ended()
 
 
 async def relay_tunnel(
     sock: socket.socket, stream: TunnelStream, record: ConnectionRecord, *, outbound: bool
 ) -> None:
     """Copy sock <-> stream; ``outbound``: sock is the client (bytes to the stream are "sent")."""
+    await _tunnel_relay(sock, stream, record, outbound=outbound).wait()
+
+
+def start_tunnel(
+    sock: socket.socket,
+    stream: TunnelStream,
+    record: ConnectionRecord,
+    owner: Owner,
+    *,
+    outbound: bool,
+) -> asyncio.Future[None]:
+    """``relay_tunnel`` without a task: returns its ``done`` (see ``_Relay.detach``); the
+    stream is finished (reset unless both halves ended) before ``owner`` is told."""
+    return _in_empty_context(
+        lambda: _tunnel_relay(sock, stream, record, outbound=outbound).detach(owner)
+    )
+
+
+def _in_empty_context(start: Callable[[], asyncio.Future[None]]) -> asyncio.Future[None]:
+    """Make and detach a relay in an empty context (``start_*`` do): the callbacks it registers
+    copy the context they are made in, and the handler's context (the registry's current
+    record and whatever else its task set) must not be kept alive by an idle connection."""
+    return contextvars.Context().run(start)
+
+
+def _tunnel_relay(
+    sock: socket.socket, stream: TunnelStream, record: ConnectionRecord, *, outbound: bool
+) -> _Relay:
     to_stream, from_stream = (
         ("bytes_sent", "bytes_received") if outbound else ("bytes_received", "bytes_sent")
     )
-    try:
-        await both(
-            asyncio.create_task(_socket_to_stream(sock, stream, record, to_stream)),
-            asyncio.create_task(_stream_to_socket(stream, sock, record, from_stream)),
-        )
-    finally:
-        stream.proto.finish(stream)
+    relay = _Relay(record)
+    _TunnelRelay(relay, sock, stream, to_stream, from_stream)
+    return relay

@@ -15,7 +15,12 @@ from agent.state import Service, ServicePort, Snapshot, Workload
 
 
 class NoEndpoints(LookupError):
-    """A Service VIP was addressed but the Service has no ready endpoint for that port."""
+    """A Service VIP was addressed but the Service has no ready endpoint for that port;
+    ``target`` is the Service and port when the port exists (an HTTP port answers 503)."""
+
+    def __init__(self, message: str, target: ServiceTarget | None = None) -> None:
+        super().__init__(message)
+        self.target = target
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +65,8 @@ class Resolver:
         if sport is None or not any(e.ready for e in service.endpoints):
             raise NoEndpoints(
                 f"service {service.namespace}/{service.name} has no ready endpoint for port "
-                f"{dst_port}"
+                f"{dst_port}",
+                ServiceTarget(service, sport, dst_ip) if sport is not None else None,
             )
         return ServiceTarget(service, sport, dst_ip)
 

@@ -28,7 +28,8 @@ from agent.proxy.tunnel import HboneProtocol, TunnelError
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[socket.socket], Awaitable[None]]
+# A handler returns the future a connection goes on in once its task ended (a relay's), or None.
+Handler = Callable[[socket.socket], Awaitable[asyncio.Future[None] | None]]
 
 
 class NodeProxy:
@@ -81,7 +82,9 @@ class NodeProxy:
         return proto
 
     def begin_drain(self) -> None:
-        """GOAWAY on every HBONE connection, both directions."""
+        """GOAWAY on every HBONE connection, both directions; idle HTTP upstream sessions are
+        closed (their streams would otherwise keep the connections from draining)."""
+        self.outbound.http.sessions.close_all()
         self.inbound.goaway_all()
         self.pool.goaway_all()
 

@@ -22,13 +22,24 @@ What stays in user space, per direction:
   then shuts the peer's write side. "Took" is ``tcpi_bytes_acked`` plus the send queue
   (``SIOCOUTQ``), counted from a baseline read before the splice started.
 
+How it fits the task-free relay (``agent.proxy.relay``): ``start_spliced`` is called where
+``start_sockets`` would be and returns a future the same way, whose end tells the same ``Owner``
+(registry, sockets), and which the registry cancels on a policy re-check or a drain. The
+spliced connection keeps one task (both watchers and the refresher run in it): unlike the
+user-space relay it has work that waits on time (the refresher, waiting for the peer to take
+bytes before a half-close), and it exists only for same-node connections, whose bytes cost no
+user-space copies.
+
 The proxy reaches the kernel only through the ``Splicer`` interface handed in by the app: the
-proxy does not import the datapath.
+proxy does not import the datapath. In a worker process (``--workers N``) the interface is built
+on the map descriptors the main process passed down (``agent.workers``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import fcntl
 import logging
 import os
@@ -37,7 +48,7 @@ import struct
 import termios
 from typing import Protocol
 
-from agent.proxy.relay import MAX_CHUNK, both, relay_sockets
+from agent.proxy.relay import MAX_CHUNK, Owner, start_sockets
 from agent.telemetry.records import ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -166,31 +177,69 @@ async def _refresh(splicing: Splicing, directions: tuple[_Direction, _Direction]
         last = moved
 
 
-async def relay_spliced(
-    client: socket.socket, upstream: socket.socket, record: ConnectionRecord, splicer: Splicer
-) -> None:
-    """Like ``relay_sockets`` (until both directions ended; closes neither socket), with the
-    kernel moving the bytes; falls back to ``relay_sockets`` when the kernel refuses."""
-    sent = _Direction(client, upstream, 0)
-    received = _Direction(upstream, client, 1)
+async def _both(first: asyncio.Task[None], second: asyncio.Task[None]) -> None:
+    """Wait for both watchers; the first failure cancels the other and is re-raised. Cancelled
+    (policy re-check, drain), both are cancelled and awaited before the sockets are closed."""
     try:
-        splicing = splicer.start(client, upstream, WINDOW)
-    except OSError as e:
-        log.warning("splice refused for %s (%s): relaying in user space", record.source, e)
-        await relay_sockets(client, upstream, record)
-        return
-    sent.splicing = received.splicing = splicing
+        done, pending = await asyncio.wait((first, second), return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:
+        for task in (first, second):
+            task.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        raise
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for task in done:
+        task.result()
+
+
+async def _spliced(
+    splicing: Splicing, directions: tuple[_Direction, _Direction], record: ConnectionRecord
+) -> None:
+    """Watch a started splice until both directions ended, then take it out of the kernel."""
+    sent, received = directions
 
     def sync() -> None:
         record.bytes_sent, record.bytes_received = sent.total(), received.total()
 
     record.sync = sync
-    refresher = asyncio.create_task(_refresh(splicing, (sent, received)))
+    refresher = asyncio.create_task(_refresh(splicing, directions))
     try:
-        await both(asyncio.create_task(sent.watch()), asyncio.create_task(received.watch()))
+        await _both(asyncio.create_task(sent.watch()), asyncio.create_task(received.watch()))
     finally:
         refresher.cancel()
         splicing.stop()
         sync()
         record.sync = None
         await asyncio.gather(refresher, return_exceptions=True)
+
+
+def start_spliced(
+    client: socket.socket,
+    upstream: socket.socket,
+    record: ConnectionRecord,
+    owner: Owner,
+    splicer: Splicer,
+) -> asyncio.Future[None]:
+    """``relay.start_sockets`` with the kernel moving the bytes: returns a future that ends
+    when both directions ended (closes neither socket; ``owner`` is told, as by the relay), and
+    that the registry cancels to stop the connection. Falls back to ``start_sockets`` when the
+    kernel refuses the splice."""
+    sent = _Direction(client, upstream, 0)
+    received = _Direction(upstream, client, 1)
+    try:
+        splicing = splicer.start(client, upstream, WINDOW)
+    except OSError as e:
+        log.warning("splice refused for %s (%s): relaying in user space", record.source, e)
+        return start_sockets(client, upstream, record, owner)
+    sent.splicing = received.splicing = splicing
+    # An empty context, as ``relay.start_*``: the handler's context must not live as long as
+    # the connection.
+    task = contextvars.Context().run(
+        asyncio.ensure_future, _spliced(splicing, (sent, received), record)
+    )
+    task.add_done_callback(lambda done: owner.relay_ended(done, record))
+    return task

@@ -18,7 +18,8 @@ CONNECTIONS = counter(
 REJECTIONS = counter(
     "nodemesh_service_rejections_total",
     "Connections to a Service refused at once by its limits, by reason "
-    "(max_connections, max_pending)",
+    "(max_connections, max_pending; for HTTP requests max_pending_requests: the queue of "
+    "requests waiting for a max_connections slot was full)",
     [*_SERVICE, "reason"],
 )
 FAILURES = counter(
@@ -49,10 +50,25 @@ SPLITS = counter(
     "Connections sent to each subset of a weighted split",
     [*_SERVICE, "subset"],
 )
+HTTP_RETRIES = counter(
+    "nodemesh_http_retries_total",
+    "HTTP requests a route rule's retry would try again, by outcome (attempted: sent again; "
+    "budget_exhausted: refused by the backend Service's retry budget; attempts_exhausted: the "
+    "rule's attempts were spent; unsafe: the request could not be replayed)",
+    [*_SERVICE, "outcome"],
+)
+HTTP_MIRRORS = counter(
+    "nodemesh_http_mirrored_total",
+    "Copies of HTTP requests for a route's RequestMirror, by the mirror Service and outcome "
+    "(sent; failed; denied: same-node policy; too_large: body over the replay limit; "
+    "overflow: too many copies in flight)",
+    [*_SERVICE, "outcome"],
+)
 OTHER = counter(
     "nodemesh_service_traffic_events_total",
     "Other traffic-control events (panic: every endpoint ejected, so all were candidates; "
-    "no_endpoints; retry_deadline: the overall connect timeout ended the retries)",
+    "no_endpoints; retry_deadline: the overall connect timeout ended the retries; queued: an "
+    "HTTP request waited for a max_connections slot; dequeued: it gave up waiting)",
     [*_SERVICE, "event"],
 )
 
@@ -62,6 +78,8 @@ _BY_DETAIL = {
     "outlier": OUTLIER,
     "fault": FAULTS,
     "split": SPLITS,
+    "http_retry": HTTP_RETRIES,
+    "http_mirror": HTTP_MIRRORS,
 }
 _PLAIN = {"connections": CONNECTIONS, "retries": RETRIES, "retry_budget_exhausted": BUDGET}
 

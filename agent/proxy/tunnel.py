@@ -15,11 +15,15 @@ pod, or when the stream is dropped with data still queued: the codec's windows b
 ``held_bytes`` is the connection's memory accounting (``agent.proxy.hbone_limits``).
 
 Direct delivery: a relay that copies a stream to a socket registers that socket
-(``deliver_directly``). While the relay is idle in ``read`` and nothing is queued, received
-bytes are sent to the socket from ``data_received`` itself (non-blocking ``send``; what the
-kernel does not take is queued for the relay as before), which saves the relay task's wake-up
-per message. Once ``read`` has handed out a chunk, the relay may be inside ``sock_sendall``
-with it, so nothing is sent directly until it asks for the next one: bytes never overtake.
+(``deliver_directly``). While nothing is queued, received bytes are sent to the socket from
+``data_received`` itself (non-blocking ``send``); what the kernel does not take is queued, and
+the relay (``agent.proxy.relay``, driven by callbacks: the stream's ``waker`` tells it of every
+change) writes the queue when the socket is writable (``write_queued``). A task-based reader
+may use ``read`` instead: once ``read`` has handed out a chunk, the reader may still be
+writing it, so nothing is sent directly until it asks for the next one: bytes never overtake.
+The HTTP/1.1 shell registers itself the same way (a ``Sink``: it parses what it takes), and
+answers with ``try_write``, the part of ``write`` that never waits (``can_write`` says whether
+it would).
 
 Keepalive (both sides): a PING every ``ping_interval``; a connection whose PING goes unanswered
 for ``ping_timeout`` is closed, like ztunnel's, so a dead peer does not hold pooled streams
@@ -38,7 +42,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from h2.errors import ErrorCodes
 
@@ -63,25 +67,66 @@ class TunnelError(ConnectionError):
         self.unprocessed = unprocessed
 
 
-class TunnelStream:
-    """One CONNECT stream, seen from the relay."""
+class Sink(Protocol):
+    """Takes received bytes without blocking (``deliver_directly``): how many it took; what it
+    did not take is queued for ``read`` as usual. It must not raise."""
 
-    def __init__(self, proto: HboneProtocol, stream_id: int) -> None:
+    def send(self, data: bytes, /) -> int: ...
+
+
+class TunnelStream:
+    """One CONNECT stream, seen from the relay.
+
+    It lives as long as its proxied connection, idle or not, so an idle one holds little: no
+    receive queue (made when bytes must wait, dropped when it empties again), no Events (a
+    future exists only while a task waits in ``read`` or ``write``), slots instead of a dict.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_on_sent",
+        "_read_waiter",
+        "_relay_writing",
+        "_sink",
+        "_write_waiter",
+        "accepted",
+        "ended",
+        "eof",
+        "error",
+        "on_drop",
+        "on_end",
+        "proto",
+        "stream_id",
+        "waker",
+    )
+
+    def __init__(self, proto: HboneProtocol, stream_id: int, *, opening: bool = False) -> None:
         self.proto = proto
         self.stream_id = stream_id
-        self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._chunks: deque[bytes] = deque()
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self.eof = False
+        # The peer's answer to a CONNECT we sent: only while ``HboneProtocol.open`` waits for it
+        # (an idle stream does not keep a future for its whole life).
+        self.accepted: asyncio.Future[None] | None = (
+            asyncio.get_running_loop().create_future() if opening else None
+        )
+        self._chunks: deque[bytes] | None = None
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+        self.eof = False  # the peer ended its half (END_STREAM received)
+        self.ended = False  # we ended ours (write_eof)
         self.error: TunnelError | None = None
-        self._sink: socket.socket | None = None
+        self._sink: socket.socket | Sink | None = None
         self._on_sent: Callable[[int], None] | None = None
         self._relay_writing = False  # read() handed out a chunk that may not be written yet
         # Called when the peer resets the stream or the connection goes (server side: cancels
         # the handler of a request not answered yet, so it stops connecting for nobody).
         self.on_drop: Callable[[], object] | None = None
+        # Called when the peer ends its half: a ``Sink`` is given bytes only, so an owner with
+        # no task waiting in ``read`` learns of the end here (the source's HTTP/1.1 shell).
+        self.on_end: Callable[[], object] | None = None
+        # Called whenever a task waiting in ``read`` or ``write`` would be woken (bytes queued,
+        # the peer's end, an error, room to write again): a relay driven by callbacks instead
+        # of tasks (``agent.proxy.relay``) looks at the stream's state then.
+        self.waker: Callable[[], object] | None = None
 
     # -- events from the protocol --
     def _on_data(self, data: bytes) -> None:
@@ -97,41 +142,71 @@ class TunnelStream:
                 if sent == len(data):
                     return
                 data = data[sent:]
+        if self._chunks is None:
+            self._chunks = deque()
         self._chunks.append(data)
-        self._readable.set()
+        _wake(self._read_waiter)
+        if self.waker is not None:
+            self.waker()
 
     def _on_end(self) -> None:
         self.eof = True
-        self._readable.set()
+        _wake(self._read_waiter)
+        if self.on_end is not None:
+            self.on_end()
+        if self.waker is not None:
+            self.waker()
+
+    def _on_writable(self) -> None:
+        _wake(self._write_waiter)
+        if self.waker is not None:
+            self.waker()
+
+    @property
+    def opening(self) -> bool:
+        """A CONNECT we sent that the peer has not answered yet."""
+        return self.accepted is not None and not self.accepted.done()
+
+    @property
+    def complete(self) -> bool:
+        """Both halves ended without error: the stream closed cleanly, nothing to reset."""
+        return self.eof and self.ended and self.error is None
 
     def _on_error(self, error: TunnelError) -> None:
         self.error = error
         self._discard()
-        if not self.accepted.done():
+        if self.accepted is not None and not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()  # whoever awaits it still gets the error; nobody must
-        self._readable.set()
-        self._writable.set()
+        _wake(self._read_waiter)
+        _wake(self._write_waiter)
+        if self.waker is not None:
+            self.waker()
 
     def _discard(self) -> None:
         """Drop what the relay has not read (the stream failed): the codec gets it back."""
         if self._chunks:
             self.proto.codec.consumed(self.stream_id, sum(map(len, self._chunks)))
-            self._chunks.clear()
             self.proto.flush()
+        self._chunks = None
 
     # -- what the relay calls --
     def deliver_directly(
-        self, sock: socket.socket | None, on_sent: Callable[[int], None] | None = None
+        self, sock: socket.socket | Sink | None, on_sent: Callable[[int], None] | None = None
     ) -> None:
         """Send received bytes straight to ``sock`` when possible (see the module docstring);
-        ``on_sent(n)`` counts them. ``None`` stops it (before the socket is closed)."""
-        if sock is not None and sock.gettimeout() != 0.0:
+        ``on_sent(n)`` counts them. ``None`` stops it (before the socket is closed). A ``Sink``
+        that is not a socket takes bytes the same way (the HTTP/1.1 shell parses them there).
+        Register with no reader inside ``read`` or writing what it returned (a reader that
+        stopped, like the source shell's between requests, no longer holds a chunk back)."""
+        if isinstance(sock, socket.socket) and sock.gettimeout() != 0.0:
             raise ValueError(
                 "direct delivery needs a non-blocking socket: "
                 "a blocking send would stall the event loop (call setblocking(False) first)"
             )
         self._sink, self._on_sent = sock, on_sent
+        if sock is not None:
+            self._relay_writing = False
 
     async def read(self) -> bytes | None:
         """The next chunk, or None once the peer half-closed; raises if the stream was reset."""
@@ -141,14 +216,67 @@ class TunnelStream:
                 raise self.error
             if self.eof:
                 return None
-            self._readable.clear()
-            await self._readable.wait()
+            self._read_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
         self._relay_writing = True
-        return self._chunks.popleft()
+        chunk = self._chunks.popleft()
+        if not self._chunks:
+            self._chunks = None
+        return chunk
+
+    @property
+    def unread(self) -> bool:
+        """Bytes, the peer's end or an error wait for ``read``."""
+        return bool(self._chunks) or self.eof or self.error is not None
 
     def consumed(self, n: int) -> None:
         self.proto.codec.consumed(self.stream_id, n)
         self.proto.flush()
+
+    def write_queued(self, send: Callable[[bytes], int]) -> bool:
+        """Hand the queued chunks to ``send`` (non-blocking: returns how many bytes it took)
+        until it takes less than offered; what it took is given back to the codec. True once
+        nothing is queued. For a relay driven by callbacks: it calls this when its socket is
+        writable, instead of a task awaiting ``read``."""
+        chunks = self._chunks
+        taken = 0
+        try:
+            while chunks:
+                chunk = chunks[0]
+                n = send(chunk)
+                taken += n
+                if n < len(chunk):
+                    chunks[0] = chunk[n:]
+                    return False
+                chunks.popleft()
+            self._chunks = None
+            return True
+        finally:
+            if taken:
+                self.consumed(taken)
+                if self._on_sent is not None:
+                    self._on_sent(taken)
+
+    def can_write(self) -> bool:
+        """No backpressure applies: a write now would not wait (see the module docstring)."""
+        proto = self.proto
+        return not (
+            self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full()
+        )
+
+    def try_write(self, data: bytes | memoryview) -> bool:
+        """Write now if no backpressure applies (what ``write`` would do without waiting);
+        False: nothing was written and the caller awaits ``write``. For callers that would
+        otherwise wake a task per message (the HTTP/1.1 shell answering from a socket callback)."""
+        if not self.can_write():
+            return False
+        proto = self.proto
+        proto.dispatch(proto.codec.send(self.stream_id, data))
+        proto.flush()
+        return True
 
     async def write(self, data: bytes | memoryview) -> None:
         proto = self.proto
@@ -156,8 +284,11 @@ class TunnelStream:
             if self.error:
                 raise self.error
             proto.writers_waiting = True
-            self._writable.clear()
-            await self._writable.wait()
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
         if self.error:
             raise self.error
         proto.dispatch(proto.codec.send(self.stream_id, data))
@@ -165,15 +296,22 @@ class TunnelStream:
 
     def write_eof(self) -> None:
         if not self.error:
+            self.ended = True
             self.proto.dispatch(self.proto.codec.end_stream(self.stream_id))
             self.proto.flush()
 
     def reset(self) -> None:
         if not self.error:
             self.proto.codec.reset(self.stream_id)
-            self.proto.flush()
         self.proto.streams.pop(self.stream_id, None)
         self._on_error(TunnelError("stream reset locally"))
+        self.proto.codec.release(self.stream_id)
+        self.proto.flush()
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 OnRequest = Callable[["HboneProtocol", ev.TunnelRequested], None]
@@ -225,8 +363,8 @@ class HboneProtocol(asyncio.Protocol):
         self._wake_writers()
 
     def _wake_writers(self) -> None:
-        for stream in self.streams.values():
-            stream._writable.set()
+        for stream in list(self.streams.values()):
+            stream._on_writable()
 
     def out_full(self) -> bool:
         """Writers wait: the transport is paused or the connection holds ``OUT_BUDGET``."""
@@ -299,7 +437,7 @@ class HboneProtocol(asyncio.Protocol):
             return
         if isinstance(e, ev.GoAwayReceived):
             for opened in list(self.streams.values()) if self.codec.client_side else []:
-                if opened.stream_id > e.last_stream_id and not opened.accepted.done():
+                if opened.stream_id > e.last_stream_id and opened.opening:
                     error = TunnelError("peer is draining (GOAWAY)", unprocessed=True)
                     self.streams.pop(opened.stream_id, None)
                     opened._on_error(error)
@@ -311,7 +449,8 @@ class HboneProtocol(asyncio.Protocol):
                 self.codec.consumed(e.stream_id, len(e.data))
             return
         if isinstance(e, ev.TunnelAccepted):
-            stream.accepted.set_result(None)
+            if stream.accepted is not None and not stream.accepted.done():
+                stream.accepted.set_result(None)
         elif isinstance(e, ev.TunnelRefused):
             self._drop(stream, TunnelError(f"peer answered {e.status}", e.status))
         elif isinstance(e, ev.DataReceived):
@@ -322,7 +461,7 @@ class HboneProtocol(asyncio.Protocol):
             refused = (
                 self.codec.client_side
                 and e.error_code == ErrorCodes.REFUSED_STREAM
-                and not stream.accepted.done()
+                and stream.opening
             )
             message = f"stream reset by peer (code {e.error_code})"
             self._drop(stream, TunnelError(message, unprocessed=refused))
@@ -345,24 +484,31 @@ class HboneProtocol(asyncio.Protocol):
             self.on_idle(self)
 
     def finish(self, stream: TunnelStream) -> None:
-        """The relay is done with ``stream`` (both directions closed or failed)."""
+        """The relay is done with ``stream``: unless both halves ended cleanly (a relay stopped
+        early, say by a policy re-check, may leave ours open), reset it, so the peer never
+        waits for bytes that will not come."""
         if self.streams.pop(stream.stream_id, None) is not None:
             stream._discard()
-            if not (stream.eof and stream.error is None):
+            self.codec.release(stream.stream_id)
+            if not stream.complete:
                 self.codec.reset(stream.stream_id, ErrorCodes.CANCEL)
                 self.flush()
             self.stream_closed()
 
     # -- client side --
-    async def open(self, authority: str, client_ip: str | None) -> TunnelStream:
-        sid = self.codec.open_tunnel(authority, client_ip=client_ip)
-        stream = self.streams[sid] = TunnelStream(self, sid)
+    async def open(
+        self, authority: str, client_ip: str | None, service: str | None = None
+    ) -> TunnelStream:
+        sid = self.codec.open_tunnel(authority, client_ip=client_ip, service=service)
+        stream = self.streams[sid] = TunnelStream(self, sid, opening=True)
+        assert stream.accepted is not None
         self.flush()
         try:
             await stream.accepted
         except asyncio.CancelledError:
             self.finish(stream)  # a timed-out open: reset it so the peer drops its connect
             raise
+        stream.accepted = None
         return stream
 
     def start_keepalive(self) -> None:

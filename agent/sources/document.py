@@ -20,7 +20,10 @@ Format (README "Topology format" documents it for users)::
     services:
       - {name: server, namespace: default, selector: {app: server},
          ports: [{port: 80, targetPort: 8080}], clusterIP: 10.96.0.10}  # clusterIP optional
+    # a port may declare HTTP: appProtocol (http, http2, kubernetes.io/h2c, grpc) or a name
+    # such as http-web; a pod annotation nodemesh.io/http-ports: "8080" declares direct traffic
     policies: []                          # full nodemesh.io/v1alpha1 manifests
+    routes: []                            # full gateway.networking.k8s.io/v1 HTTPRoute/GRPCRoute
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ import yaml
 
 from agent.sources.fields import DocumentError, Fields, check_unique, load_yaml
 from agent.sources.policies import parse_policies
+from agent.sources.routes import check_routes, parse_routes
 from agent.sources.stateview import ClusterState, document_state
-from agent.state.model import DEFAULT_TRUST_DOMAIN, PolicyObject
+from agent.state.model import DEFAULT_TRUST_DOMAIN, PolicyObject, RouteObject
 
 __all__ = [
     "ClusterDocument",
@@ -51,12 +55,12 @@ __all__ = [
     "parse_document",
 ]
 
-_TOP_KEYS = ("trustDomain", "nodes", "namespaces", "services", "policies")
+_TOP_KEYS = ("trustDomain", "nodes", "namespaces", "services", "policies", "routes")
 _NODE_KEYS = ("name", "ip", "podCIDR", "pods")
 _POD_KEYS = ("name", "namespace", "serviceAccount", "ip", "labels", "annotations")
 _NS_KEYS = ("name", "labels")
 _SVC_KEYS = ("name", "namespace", "selector", "ports", "clusterIP")
-_PORT_KEYS = ("port", "targetPort", "name", "protocol")
+_PORT_KEYS = ("port", "targetPort", "name", "protocol", "appProtocol")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class PortSpec:
     target_port: int
     name: str = ""
     protocol: str = "TCP"
+    app_protocol: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,8 @@ class ClusterDocument:
     policies: tuple[PolicyObject, ...] = ()
     # The manifests as written, in the order of ``policies``, so a rewrite keeps them verbatim.
     policy_manifests: tuple[Mapping[str, Any], ...] = ()
+    routes: tuple[RouteObject, ...] = ()
+    route_manifests: tuple[Mapping[str, Any], ...] = ()
 
     def pods(self) -> Iterator[tuple[NodeSpec, PodSpec]]:
         for node in self.nodes:
@@ -127,13 +134,16 @@ class ClusterDocument:
 
     def to_mapping(self) -> dict[str, Any]:
         """The document as plain data, in the format ``parse_document`` reads."""
-        return {
+        out = {
             "trustDomain": self.trust_domain,
             "nodes": [_node_mapping(n) for n in self.nodes],
             "namespaces": [{"name": ns.name, "labels": dict(ns.labels)} for ns in self.namespaces],
             "services": [_service_mapping(s) for s in self.services],
             "policies": [dict(m) for m in self.policy_manifests],
         }
+        if self.route_manifests:
+            out["routes"] = [dict(m) for m in self.route_manifests]
+        return out
 
 
 def _node_mapping(node: NodeSpec) -> dict[str, Any]:
@@ -168,6 +178,7 @@ def _service_mapping(svc: ServiceSpec) -> dict[str, Any]:
             {"port": p.port, "targetPort": p.target_port}
             | ({"name": p.name} if p.name else {})
             | ({"protocol": p.protocol} if p.protocol != "TCP" else {})
+            | ({"appProtocol": p.app_protocol} if p.app_protocol else {})
             for p in svc.ports
         ],
     }
@@ -187,6 +198,8 @@ def parse_document(text: str, *, source: str) -> ClusterDocument:
     namespaces = tuple(_parse_namespace(top, p, item) for p, item in top.items("namespaces"))
     services = tuple(_parse_service(top, p, item) for p, item in top.items("services"))
     policies, manifests = parse_policies(source, top.items("policies"))
+    route_items = top.items("routes")
+    routes, route_manifests = parse_routes(source, route_items)
     doc = ClusterDocument(
         nodes=nodes,
         trust_domain=trust_domain,
@@ -194,8 +207,12 @@ def parse_document(text: str, *, source: str) -> ClusterDocument:
         services=services,
         policies=policies,
         policy_manifests=manifests,
+        routes=routes,
+        route_manifests=route_manifests,
     )
     _check_cross_references(source, doc)
+    if routes:
+        check_routes(source, [p for p, _ in route_items], routes, doc.to_state().services, policies)
     return doc
 
 
@@ -240,7 +257,11 @@ def _check_annotations(f: Fields, annotations: Mapping[str, str]) -> None:
     mesh = annotations.get("nodemesh.io/mesh")
     if mesh is not None and mesh not in ("enabled", "disabled"):
         f.fail("annotations.nodemesh.io/mesh", f"{mesh!r} is not allowed: use enabled or disabled")
-    for key in ("nodemesh.io/exclude-outbound-ports", "nodemesh.io/exclude-inbound-ports"):
+    for key in (
+        "nodemesh.io/exclude-outbound-ports",
+        "nodemesh.io/exclude-inbound-ports",
+        "nodemesh.io/http-ports",
+    ):
         value = annotations.get(key)
         if value is not None:
             try:
@@ -297,6 +318,7 @@ def _parse_port(svc: Fields, path: str, item: object) -> PortSpec:
         port=port,
         target_port=f.port("targetPort", default=port),
         name=f.name("name") if f.has("name") else "",
+        app_protocol=f.string("appProtocol") if f.has("appProtocol") else "",
     )
 
 

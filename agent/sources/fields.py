@@ -14,10 +14,12 @@ from typing import Any, NoReturn
 
 import yaml
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# Used with ``fullmatch`` only: ``match`` with ``$`` also accepts a trailing newline ("web\n"),
+# a name the kernel, the API server and the other readers of the document would all refuse.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 _LABEL_NAME = re.compile(
-    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+    r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
 )
 
 
@@ -84,7 +86,7 @@ class Fields:
     def name(self, key: str, *, default: str | None = None) -> str:
         """A Kubernetes object name (DNS-1123 label): lowercase letters, digits and '-'."""
         value = self.string(key, default=default)
-        if not _DNS_LABEL.match(value):
+        if not _DNS_LABEL.fullmatch(value):
             self.fail(
                 key,
                 f"{value!r} is not a valid name: use at most 63 lowercase letters, digits and '-', "
@@ -94,7 +96,7 @@ class Fields:
 
     def subdomain(self, key: str) -> str:
         value = self.string(key)
-        if not _DNS_SUBDOMAIN.match(value):
+        if not _DNS_SUBDOMAIN.fullmatch(value):
             self.fail(
                 key, f"{value!r} is not a valid DNS name (lowercase letters, digits, '-', '.')"
             )
@@ -135,7 +137,7 @@ class Fields:
             self.fail(key, f"expected a mapping of {keys} names to strings, got {type_name(value)}")
         out: dict[str, str] = {}
         for k, v in value.items():
-            if not isinstance(k, str) or not _LABEL_NAME.match(k):
+            if not isinstance(k, str) or not _LABEL_NAME.fullmatch(k):
                 self.fail(key, f"{k!r} is not a valid {keys} name (like app or nodemesh.io/mesh)")
             if not isinstance(v, str):
                 self.fail(
@@ -166,16 +168,39 @@ def check_unique(source: str, what: str, entries: list[tuple[str, object]]) -> N
         seen[key] = path
 
 
+# Deeper than any document or policy nests (about 12 levels); PyYAML composes recursively, so
+# without a limit a line of 5000 '[' ends in RecursionError instead of a document error.
+MAX_DEPTH = 64
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key repeated in one mapping is an error, not a
-    silent overwrite (``name: a`` then ``name: b`` would otherwise lose ``a`` unnoticed)."""
+    silent overwrite (``name: a`` then ``name: b`` would otherwise lose ``a`` unnoticed), and
+    that nesting deeper than ``MAX_DEPTH`` is refused."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: set[object] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
-        if key in seen:
+        try:
+            repeated = key in seen
+        except TypeError:
+            continue  # a list or mapping as a key: construct_mapping refuses it below
+        if repeated:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} in one mapping", key_node.start_mark
             )
@@ -195,4 +220,11 @@ def load_yaml(text: str, *, source: str) -> Any:
         data = yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as e:
         raise DocumentError(source, "", f"not valid YAML: {e}") from e
+    except (ValueError, LookupError, TypeError, AttributeError) as e:
+        # PyYAML's constructors raise these, not YAMLError, for a value that looks like its type
+        # (or is tagged as one) but is not: a date such as 2001-13-45, a UTC offset beyond 24
+        # hours, '!!int abc' (ValueError), '!!int ' (IndexError), '!!bool x' (KeyError),
+        # '!!timestamp x' (AttributeError), '!!map [a]' (TypeError).
+        reason = f"{type(e).__name__}: {e}"
+        raise DocumentError(source, "", f"not valid YAML: a value cannot be read ({reason})") from e
     return {} if data is None else data

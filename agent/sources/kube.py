@@ -2,10 +2,10 @@
 
 The only product module that imports ``kubernetes`` (besides ``agent.ca`` for TokenReview). It
 runs one ``Reflector`` thread per resource (Pods cluster-wide, Namespaces, Services,
-EndpointSlices and the three nodemesh CRDs): the official client's calls block, and running them
-in threads means the proxy's event loop never waits on the API server. Handlers convert raw JSON
-(``kubeobjects``) and write the ``StateStore`` under one lock, so the store still has a single
-writer per source.
+EndpointSlices, the three nodemesh CRDs, the Gateway API's HTTPRoute and GRPCRoute): the
+official client's calls block, and running them in threads means the proxy's event loop never
+waits on the API server. Handlers convert raw JSON (``kubeobjects``) and write the
+``StateStore`` under one lock, so the store still has a single writer per source.
 
 Invalid objects never crash the agent and never wipe valid state: the previous valid version is
 kept and the problem is reported where the user will look. For a pod that is an Event on the pod
@@ -13,13 +13,24 @@ kept and the problem is reported where the user will look. For a pod that is an 
 policy it is the ``Accepted`` condition in its status, written only when it differs from what is
 there (every agent computes the same verdict, so after the first write the others find it done).
 
+Gateway API routes are optional: users install those CRDs themselves (as with Linkerd and
+Istio). Without them the route reflectors find a 404, count as synced with no routes, say so
+once in the log and in ``describe()`` (``routes: unavailable``), and look again every minute.
+Route status (``status.parents``) is written by ``routestatus.RouteStatusWriter``, by one
+agent per cluster: the holder of the ``coordination.k8s.io`` Lease ``nodemesh-route-status``
+in the mesh's namespace (``agent.sources.lease`` decides; a thread here reads and writes it
+every two seconds, and gives it up when the source stops).
+
 Ready (``ready`` / ``wait_ready``) after every resource's first full list.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,11 +38,22 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError as TransportError
 
 from agent.sources import kubehandlers as kh
 from agent.sources import kubeobjects as ko
 from agent.sources.kubeobjects import InvalidObject, Raw
+from agent.sources.lease import (
+    LEASE_DURATION,
+    LEASE_NAME,
+    RENEW_DEADLINE,
+    RETRY_PERIOD,
+    LeaseElection,
+    LeaseRecord,
+    micro_time,
+)
 from agent.sources.reflector import ApiStatusError, Gone, Reflector, StreamResponse
+from agent.sources.routestatus import RouteStatusWriter, StatusConflict
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -41,10 +63,19 @@ POLICY_PLURALS = {
     "AuthorizationPolicy": "authorizationpolicies",
     "PeerAuthentication": "peerauthentications",
     "TrafficPolicy": "trafficpolicies",
+    "RateLimitPolicy": "ratelimitpolicies",
+    "HTTPFault": "httpfaults",
 }
+GATEWAY_GROUP, GATEWAY_VERSION = "gateway.networking.k8s.io", "v1"
+ROUTE_PLURALS = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes"}
+GATEWAY_API_INSTALL = (
+    "install the Gateway API CRDs (standard channel) to use HTTPRoute and GRPCRoute: "
+    "see README, Routes"
+)
 # Host-network pods are never meshed and finished pods hold IPs that may be reused: the API
 # server filters them out, which also keeps them out of memory.
 POD_FIELD_SELECTOR = "spec.hostNetwork=false,status.phase!=Succeeded,status.phase!=Failed"
+LEASE_NAMESPACE = "nodemesh-system"  # the mesh's own namespace (daemonset/kustomization.yaml)
 # Seconds a read may stall beyond a watch's own server-side timeout (or, for a list, at all)
 # before the connection counts as dead and the reflector reconnects.
 READ_SLACK = 30.0
@@ -94,13 +125,28 @@ class KubeSource:
         report_status: bool = True,
         watch_timeout: int = 300,
         page_size: int = 500,
+        absent_recheck: float = 60.0,
+        lease_namespace: str = LEASE_NAMESPACE,
+        lease_timing: tuple[float, float, float] = (LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD),
     ) -> None:
         self.store = store
         self.node = node
         self.report_status = report_status
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.coordination = client.CoordinationV1Api(api)
         self._reported: set[tuple[str, str]] = set()
+        self.route_status = RouteStatusWriter(self._patch_route_status)
+        duration, renew_deadline, self._lease_period = lease_timing
+        self.lease_namespace = lease_namespace
+        self.election = LeaseElection(
+            node or f"{socket.gethostname()}-{os.getpid()}",
+            duration=duration,
+            renew_deadline=renew_deadline,
+            clock=time.monotonic,
+        )
+        self._stopping = threading.Event()
+        self._lease_failing = False  # the last Lease call failed (logged once per run)
         ctx = kh.Context(store, self)
         rt = READ_SLACK
         discovery = client.DiscoveryV1Api(api)
@@ -146,6 +192,25 @@ class KubeSource:
             )
             for name, lister, handler, fs in specs
         ]
+        self.route_reflectors = [
+            Reflector(
+                plural,
+                _lister(
+                    self.custom.list_cluster_custom_object,
+                    GATEWAY_GROUP,
+                    GATEWAY_VERSION,
+                    plural,
+                    read_timeout=rt,
+                ),
+                kh.Routes(ctx, kind),
+                page_size=page_size,
+                watch_timeout=watch_timeout,
+                optional=True,
+                absent_recheck=absent_recheck,
+            )
+            for kind, plural in ROUTE_PLURALS.items()
+        ]
+        self.reflectors.extend(self.route_reflectors)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -174,17 +239,34 @@ class KubeSource:
         (``errors``); the source as a whole never stops on one."""
         return None
 
+    def routes_unavailable(self) -> str | None:
+        """Why Gateway API routes are not followed (``None``: they are)."""
+        absent = [f"{r.name}: {r.absent}" for r in self.route_reflectors if r.absent is not None]
+        return f"{'; '.join(absent)}; {GATEWAY_API_INSTALL}" if absent else None
+
     def describe(self) -> dict[str, object]:
         """What the admin API shows about this source (``agent.base.component.StateSource``)."""
-        return {"source": "kubernetes", "synced": self.ready, "sync": self.stats()}
+        unavailable = self.routes_unavailable()
+        return {
+            "source": "kubernetes",
+            "synced": self.ready,
+            "sync": self.stats(),
+            "routes": "available" if unavailable is None else f"unavailable ({unavailable})",
+            "route_status_writer": self.election.leading(),  # holds the route-status Lease
+        }
 
     def start(self) -> None:
-        for r in self.reflectors:
-            t = threading.Thread(target=r.run, name=f"kube:{r.name}", daemon=True)
+        self._stopping.clear()
+        runs = [(r.run, f"kube:{r.name}") for r in self.reflectors]
+        if self.report_status:
+            runs.append((self._lead, "kube:route-status-lease"))
+        for run, name in runs:
+            t = threading.Thread(target=run, name=name, daemon=True)
             t.start()
             self._threads.append(t)
 
     def stop(self) -> None:
+        self._stopping.set()
         for r in self.reflectors:
             r.stop()
         for t in self._threads:
@@ -277,4 +359,113 @@ class KubeSource:
         except ApiException as e:
             log.warning(
                 "cannot update the status of %s: %s %s", ko.object_ref(obj), e.status, e.reason
+            )
+
+    # -- routes ------------------------------------------------------------------------------
+    def observe_route(self, kind: str, obj: Raw, deleted: bool) -> None:
+        self.route_status.observe(kind, obj, deleted)
+
+    def report_routes(self) -> None:
+        """Re-evaluate the routes' status after a change of routes or Services (the handlers
+        call it only once the Services were listed; routes not listed yet are not written).
+        Only the Lease holder writes; the others log refused routes all the same."""
+        write = self.report_status and self.election.leading()
+        self.route_status.sync(self.store.snapshot(), write=write)
+
+    # -- the route-status Lease --------------------------------------------------------------
+    def _lead(self) -> None:
+        """Take part in the election until the source stops, then give the Lease up."""
+        while True:
+            self._lease_step()
+            if self._stopping.wait(self._lease_period):
+                break
+        read = self._read_lease()
+        record = self.election.release(read[0], micro_time()) if read is not None else None
+        if read is not None and record is not None:
+            self._write_lease(record, read[1])
+
+    def _lease_step(self) -> None:
+        was = self.election.leading()
+        read = self._read_lease()
+        if read is None:
+            return  # could not read it: decide nothing (a holder leads until its deadline)
+        record = self.election.decide(read[0], micro_time())
+        if record is not None:
+            self._write_lease(record, read[1])
+        if self.election.leading() and not was:
+            log.info(
+                "this agent writes route status now (Lease %s/%s)", self.lease_namespace, LEASE_NAME
+            )
+            self.report_routes()  # what changed while another agent held it
+        elif was and not self.election.leading():
+            log.info("this agent no longer writes route status (another holds the Lease)")
+
+    def _read_lease(self) -> tuple[LeaseRecord | None, str | None] | None:
+        """The Lease and its resourceVersion, (None, None) when it does not exist, or None
+        when it could not be read."""
+        try:
+            resp = self.coordination.read_namespaced_lease(
+                LEASE_NAME, self.lease_namespace, _preload_content=False, _request_timeout=10
+            )
+            obj = json.loads(resp.data)
+        except ApiException as e:
+            if e.status == 404:
+                return None, None
+            self._lease_trouble(f"cannot read it: {e.status} {e.reason}; check the agent's RBAC")
+            return None
+        except (OSError, TransportError, ValueError) as e:
+            self._lease_trouble(f"cannot read it: {e}")
+            return None
+        self._lease_failing = False
+        version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        return LeaseRecord.from_spec(obj.get("spec") or {}), version
+
+    def _write_lease(self, record: LeaseRecord, version: str | None) -> None:
+        """Create the Lease (``version`` None) or replace the version we read."""
+        metadata: dict[str, str] = {"name": LEASE_NAME, "namespace": self.lease_namespace}
+        if version is not None:
+            metadata["resourceVersion"] = version
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": metadata, "spec": record.spec()}  # fmt: skip
+        try:
+            if version is None:
+                self.coordination.create_namespaced_lease(
+                    self.lease_namespace, body, _request_timeout=10
+                )
+            else:
+                self.coordination.replace_namespaced_lease(
+                    LEASE_NAME, self.lease_namespace, body, _request_timeout=10
+                )
+        except ApiException as e:
+            self.election.wrote(record, ok=False, conflict=e.status == 409)
+            if e.status != 409:
+                self._lease_trouble(f"cannot write it: {e.status} {e.reason}; check the RBAC")
+        except (OSError, TransportError) as e:
+            self.election.wrote(record, ok=False)
+            self._lease_trouble(f"cannot write it: {e}")
+        else:
+            self.election.wrote(record, ok=True)
+
+    def _lease_trouble(self, what: str) -> None:
+        """Log a failed Lease call: a warning for the first of a run, then at debug level (an
+        API outage would otherwise log every retry period)."""
+        level = logging.DEBUG if self._lease_failing else logging.WARNING
+        self._lease_failing = True
+        log.log(level, "route-status Lease %s/%s: %s", self.lease_namespace, LEASE_NAME, what)
+
+    def _patch_route_status(self, kind: str, namespace: str, name: str, body: Raw) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GATEWAY_GROUP, GATEWAY_VERSION, namespace, ROUTE_PLURALS[kind], name, body
+            )
+        except ApiException as e:
+            if e.status == 409:
+                raise StatusConflict(str(e.reason)) from e
+            log.warning(
+                "cannot update the status of %s %s/%s: %s %s",
+                kind,
+                namespace,
+                name,
+                e.status,
+                e.reason,
             )

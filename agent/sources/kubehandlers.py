@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from agent.policy.routes.faults import KIND as FAULT_KIND
 from agent.sources import kubeobjects as ko
 from agent.sources.kubeobjects import InvalidObject, Raw
-from agent.state import Endpoint, Namespace, Service, StateStore
+from agent.state import Endpoint, Namespace, PolicyObject, RouteObject, Service, StateStore
 
 ServiceKey = tuple[str, str]
 
@@ -27,6 +28,10 @@ class Reporter(Protocol):
     def report_invalid(self, obj: Raw, error: InvalidObject) -> None: ...
 
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None: ...
+
+    def observe_route(self, kind: str, obj: Raw, deleted: bool) -> None: ...
+
+    def report_routes(self) -> None: ...
 
 
 class Context:
@@ -40,6 +45,9 @@ class Context:
         self.slice_owner: dict[tuple[str, str], ServiceKey] = {}  # (ns, slice) -> service
         self.slices: dict[ServiceKey, dict[str, tuple[Endpoint, ...]]] = {}
         self._reports: list[Callable[[], None]] = []
+        self._routes_pending = False
+        # A route's verdict depends on the Services: none is judged before their first list.
+        self.services_listed = False
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -48,6 +56,9 @@ class Context:
         with self.lock:
             yield
             reports, self._reports = self._reports, []
+            if self._routes_pending:
+                self._routes_pending = False
+                reports.append(self.reporter.report_routes)
         for report in reports:
             report()
 
@@ -56,6 +67,11 @@ class Context:
 
     def policy_verdict(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
         self._reports.append(lambda: self.reporter.report_policy(plural, obj, error))
+
+    def routes_changed(self) -> None:
+        """Routes or Services changed: the routes' status is re-evaluated after the write
+        (once the Services were listed)."""
+        self._routes_pending = self.services_listed
 
     def endpoints(self, key: ServiceKey) -> tuple[Endpoint, ...]:
         """The union of the service's slices; an IP in two slices (mid-move) counts once,
@@ -150,6 +166,8 @@ class Services:
             self.ctx.services = {s.key: s for s in converted if s is not None}
             with self.ctx.store.update() as txn:
                 txn.replace("services", self.ctx.all_joined())
+            self.ctx.services_listed = True
+            self.ctx.routes_changed()
 
     def event(self, kind: str, obj: Raw) -> None:
         key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
@@ -161,6 +179,7 @@ class Services:
             else:
                 self.ctx.services[key] = svc
                 txn.put_service(dataclasses.replace(svc, endpoints=self.ctx.endpoints(key)))
+            self.ctx.routes_changed()
 
 
 class EndpointSlices:
@@ -223,21 +242,47 @@ class EndpointSlices:
                     txn.put_service(svc)
 
 
+def _describe(stand_in: PolicyObject) -> str:
+    scope = "its selector" if stand_in.spec.get("selector") else "the whole namespace"
+    what = "a DENY of every request" if stand_in.spec["action"] == "DENY" else "an ALLOW of nothing"
+    return f"{what} for {scope}"
+
+
 class Policies:
-    """One nodemesh CRD kind; its objects share the store's ``policies`` with the other two."""
+    """One nodemesh CRD kind; its objects share the store's ``policies`` with the other two.
+
+    A refused object keeps its previous valid version; a refused AuthorizationPolicy without
+    one is enforced by ``kubeobjects.fail_closed_stand_in`` (never dropped: that fails open).
+    Which keys hold a stand-in is remembered: a stand-in is no valid version, so a refused
+    object seen again (its own status write comes back as an event) is stood in for again, from
+    what it says now, and its status keeps saying so.
+    """
 
     def __init__(self, ctx: Context, kind: str, plural: str) -> None:
         self.ctx = ctx
         self.kind = kind
         self.plural = plural
+        self._standing_in: set[tuple[str, str, str]] = set()
 
     def _convert(self, obj: Raw, previous: Any) -> Any:
+        key = self._key(obj)
         try:
             policy = ko.guarded(ko.policy_of, obj)
         except InvalidObject as e:
+            if (previous is None or key in self._standing_in) and (
+                stand_in := ko.fail_closed_stand_in(obj)
+            ) is not None:
+                e = InvalidObject(
+                    e.reason,
+                    f"{e.message}; until it is fixed it is enforced as {_describe(stand_in)} "
+                    "(fail closed)",
+                )
+                previous = stand_in
+                self._standing_in.add(key)
             self.ctx.invalid(obj, e)
             self.ctx.policy_verdict(self.plural, obj, e)
             return previous
+        self._standing_in.discard(key)
         self.ctx.policy_verdict(self.plural, obj, None)
         return policy
 
@@ -249,18 +294,79 @@ class Policies:
             old = self.ctx.store.snapshot().policies
             fresh = [self._convert(o, old.get(self._key(o))) for o in items]
             keep = {p.key for p in fresh if p is not None}
+            self._standing_in &= keep
             with self.ctx.store.update() as txn:
                 for key in [k for k in old if k[0] == self.kind and k not in keep]:
                     txn.delete("policies", key)
                 for policy in fresh:
                     if policy is not None:
                         txn.put_policy(policy)
+            self._affects_routes()
 
     def event(self, kind: str, obj: Raw) -> None:
         key = self._key(obj)
         with self.ctx.writing(), self.ctx.store.update() as txn:
             policy = None if kind == "DELETED" else self._convert(obj, txn.get("policies", key))
             if policy is None:
+                self._standing_in.discard(key)
                 txn.delete("policies", key)
             else:
                 txn.put_policy(policy)
+            self._affects_routes()
+
+    def _affects_routes(self) -> None:
+        """An HTTPFault resolves (or no longer resolves) the ExtensionRef filters of routes:
+        their status is evaluated again."""
+        if self.kind == FAULT_KIND:
+            self.ctx.routes_changed()
+
+
+class Routes:
+    """One Gateway API route kind (HTTPRoute or GRPCRoute) into the store's ``routes``.
+
+    The spec is stored as written; whether it is valid depends on the Services, so the verdict
+    (and the status written back) comes from ``agent.policy.routes`` after every change of
+    routes or Services. Each raw object is also shown to the reporter, which keeps its current
+    ``status.parents`` to decide whether a write is needed.
+    """
+
+    def __init__(self, ctx: Context, kind: str) -> None:
+        self.ctx = ctx
+        self.kind = kind
+
+    def _convert(self, obj: Raw, previous: RouteObject | None) -> RouteObject | None:
+        try:
+            return ko.guarded(lambda o: ko.route_of(self.kind, o), obj)
+        except InvalidObject as e:
+            self.ctx.invalid(obj, e)
+            return previous
+
+    def _key(self, obj: Raw) -> tuple[str, str, str]:
+        return (self.kind, obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+    def replace(self, items: list[Raw]) -> None:
+        with self.ctx.writing():
+            old = self.ctx.store.snapshot().routes
+            fresh = [self._convert(o, old.get(self._key(o))) for o in items]
+            keep = {r.key for r in fresh if r is not None}
+            with self.ctx.store.update() as txn:
+                for key in [k for k in old if k[0] == self.kind and k not in keep]:
+                    txn.delete("routes", key)
+                for route in fresh:
+                    if route is not None:
+                        txn.put_route(route)
+            for obj in items:
+                self.ctx.reporter.observe_route(self.kind, obj, False)
+            self.ctx.routes_changed()
+
+    def event(self, kind: str, obj: Raw) -> None:
+        key = self._key(obj)
+        with self.ctx.writing(), self.ctx.store.update() as txn:
+            deleted = kind == "DELETED"
+            route = None if deleted else self._convert(obj, txn.get("routes", key))
+            if route is None:
+                txn.delete("routes", key)
+            else:
+                txn.put_route(route)
+            self.ctx.reporter.observe_route(self.kind, obj, deleted)
+            self.ctx.routes_changed()

@@ -21,15 +21,17 @@ from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from agent.policy.schema import PolicyError, validate_policy
+from agent.policy.schema import API_VERSION, PolicyError, validate_policy
 from agent.sources.document import parse_port_list
 from agent.state.model import (
     EXCLUDE_INBOUND_ANNOTATION,
     EXCLUDE_OUTBOUND_ANNOTATION,
+    HTTP_PORTS_ANNOTATION,
     MESH_ANNOTATION,
     Endpoint,
     Namespace,
     PolicyObject,
+    RouteObject,
     Service,
     ServicePort,
     Workload,
@@ -117,6 +119,7 @@ def workload_of(obj: Raw) -> Workload | None:
         mesh_annotation=mesh,
         exclude_outbound_ports=_ports_annotation(annotations, EXCLUDE_OUTBOUND_ANNOTATION),
         exclude_inbound_ports=_ports_annotation(annotations, EXCLUDE_INBOUND_ANNOTATION),
+        http_ports=_ports_annotation(annotations, HTTP_PORTS_ANNOTATION),
     )
 
 
@@ -134,6 +137,7 @@ def _service_port(port: Raw) -> ServicePort:
         target_port=target if isinstance(target, int) else 0,
         name=port.get("name") or "",
         protocol=port.get("protocol") or "TCP",
+        app_protocol=str(port.get("appProtocol") or ""),
     )
 
 
@@ -178,9 +182,74 @@ def slice_endpoints(obj: Raw) -> tuple[Endpoint, ...]:
     return tuple(out)
 
 
+def fail_closed_stand_in(obj: Raw) -> PolicyObject | None:
+    """What enforces an AuthorizationPolicy the mesh refuses and has no valid version of.
+
+    Dropping it would fail open: an ALLOW policy that matched nothing (``from: []`` before
+    ``minItems`` existed) denied everything else to its workloads, and without it they admit
+    anyone. So, as ztunnel does with rules it cannot enforce, the refused policy is replaced by
+    the policy that denies at least as much: an ALLOW without rules (nothing is allowed by it,
+    so only other ALLOW policies admit traffic) for ALLOW and anything unknown, a DENY of every
+    request for DENY. Its selector is kept when it is readable, else the stand-in covers the
+    whole namespace (more, never less). AUDIT decides nothing, so nothing stands in for it.
+    The object's dry-run annotation is honoured when readable. ``None`` for other kinds.
+    """
+    meta, spec = _meta(obj), obj.get("spec")
+    if obj.get("kind") != "AuthorizationPolicy":
+        return None
+    spec = spec if isinstance(spec, Mapping) else {}
+    action = spec.get("action", "ALLOW")
+    if action == "AUDIT":
+        return None
+    stand_in: dict[str, Any] = (
+        {"action": "DENY", "rules": [{}]} if action == "DENY" else {"action": "ALLOW"}
+    )
+    metadata: dict[str, Any] = {
+        k: meta[k] for k in ("name", "namespace", "annotations") if k in meta
+    }
+    selector = spec.get("selector")
+    attempts = [{**stand_in, "selector": selector}] if selector is not None else []
+    attempts.append(stand_in)
+    for candidate in attempts:
+        for meta_try in (metadata, {**metadata, "annotations": {}}):
+            manifest = {
+                "apiVersion": API_VERSION,
+                "kind": "AuthorizationPolicy",
+                "metadata": meta_try,
+                "spec": candidate,
+            }
+            try:
+                return validate_policy(manifest, path=object_ref(obj))
+            except PolicyError:
+                continue
+    return None
+
+
 def policy_of(obj: Raw) -> PolicyObject:
     """Validate a nodemesh CRD object as the API server should have (defaults applied)."""
     try:
         return validate_policy(obj, path=object_ref(obj))
     except PolicyError as e:
         raise InvalidObject("InvalidSpec", str(e)) from e
+
+
+def route_of(kind: str, obj: Raw) -> RouteObject:
+    """A Gateway API route as the state keeps it: the spec as written, checked later.
+
+    The spec is compiled against the Services of the snapshot (``agent.policy.routes``), not
+    here, because a route's validity depends on them; only a spec that is not a mapping at all
+    is refused here. List items carry no ``kind``, so the watching handler supplies it.
+    """
+    meta = obj["metadata"]
+    spec = obj.get("spec")
+    if not isinstance(spec, Mapping):
+        raise InvalidObject("MalformedObject", "spec must be a mapping")
+    return RouteObject(
+        kind,
+        meta["namespace"],
+        meta["name"],
+        MappingProxyType(dict(spec)),
+        generation=int(meta.get("generation") or 0),
+        uid=str(meta.get("uid") or ""),
+        created=str(meta.get("creationTimestamp") or ""),
+    )

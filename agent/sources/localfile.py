@@ -125,6 +125,7 @@ class LocalFileSource:
             txn.replace("workloads", state.workloads)
             txn.replace("services", state.services)
             txn.replace("policies", state.policies)
+            txn.replace("routes", state.routes)
         self._stamp = stamp
         if self.last_error is not None:
             log.info("%s: loaded again after the error was fixed", self.path)

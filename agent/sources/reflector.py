@@ -13,6 +13,11 @@ free of the ``kubernetes`` package so it can be tested against any lister:
    exponential backoff and full jitter (so a thousand agents do not reconnect in lock-step) and
    resumes the watch from R.
 
+An *optional* resource (the Gateway API routes, whose CRDs users install themselves) that
+answers 404 counts as absent, not failing: the handler gets an empty list (so routes of a CRD
+that was removed disappear), the reflector reports itself synced and ``absent``, logs that once,
+and looks again every ``absent_recheck`` seconds, so installing the CRDs later needs no restart.
+
 The infinite retry wrapper (``run``) is kept trivial; ``sync`` and ``watch_once`` do the work and
 are what the tests drive.
 """
@@ -93,8 +98,13 @@ class Reflector:
         field_selector: str | None = None,
         page_size: int = 500,
         watch_timeout: int = 300,
+        optional: bool = False,
+        absent_recheck: float = 60.0,
     ) -> None:
         self.name = name
+        self.optional = optional
+        self.absent_recheck = absent_recheck
+        self.absent: str | None = None  # why an optional resource is not served
         self.lister = lister
         self.handler = handler
         self.field_selector = field_selector
@@ -132,7 +142,26 @@ class Reflector:
         self.handler.replace(items)
         self.resource_version = page["metadata"]["resourceVersion"]
         self.stats["lists"] += 1
+        if self.absent is not None:
+            log.info("%s: now served by the API server; following it", self.name)
+            self.absent = None
         self.synced.set()
+
+    def _mark_absent(self, error: ApiStatusError) -> None:
+        """An optional resource the API server does not serve: empty, synced, said once."""
+        if self.absent is None:
+            log.info(
+                "%s: not served by the API server (%s); continuing without it, looking again "
+                "every %.0f s",
+                self.name,
+                error,
+                self.absent_recheck,
+            )
+            self.handler.replace([])
+        self.absent = str(error)
+        self.resource_version = None
+        self.synced.set()
+        self._stop.wait(self.absent_recheck)
 
     def watch_once(self) -> None:
         """Watch from ``resource_version`` until the stream ends; raises ``Gone`` on 410."""
@@ -183,6 +212,9 @@ class Reflector:
             except Exception as e:  # the loop must survive anything; it logs and backs off
                 if self._stop.is_set():
                     break
+                if self.optional and isinstance(e, ApiStatusError) and e.status == 404:
+                    self._mark_absent(e)
+                    continue
                 self.stats["errors"] += 1
                 delay = self._backoff.next_delay()
                 log.warning(

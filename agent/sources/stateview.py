@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 from agent.state.model import (
     EXCLUDE_INBOUND_ANNOTATION,
     EXCLUDE_OUTBOUND_ANNOTATION,
+    HTTP_PORTS_ANNOTATION,
     MESH_ANNOTATION,
     Endpoint,
     Namespace,
     PolicyObject,
+    RouteObject,
     Service,
     ServicePort,
     Workload,
@@ -38,6 +40,7 @@ class ClusterState:
     workloads: tuple[Workload, ...]
     services: tuple[Service, ...]
     policies: tuple[PolicyObject, ...]
+    routes: tuple[RouteObject, ...] = ()
 
 
 def _ports(value: str | None) -> frozenset[int]:
@@ -58,6 +61,7 @@ def workload_of(pod: PodSpec, node: str) -> Workload:
         mesh_annotation=pod.annotations.get(MESH_ANNOTATION),
         exclude_outbound_ports=_ports(pod.annotations.get(EXCLUDE_OUTBOUND_ANNOTATION)),
         exclude_inbound_ports=_ports(pod.annotations.get(EXCLUDE_INBOUND_ANNOTATION)),
+        http_ports=_ports(pod.annotations.get(HTTP_PORTS_ANNOTATION)),
     )
 
 
@@ -87,7 +91,12 @@ def document_state(doc: ClusterDocument) -> ClusterState:
                 namespace=svc.namespace,
                 cluster_ips=(svc.cluster_ip,) if svc.cluster_ip else (),
                 ports=tuple(
-                    ServicePort(port=p.port, target_port=p.target_port, name=p.name)
+                    ServicePort(
+                        port=p.port,
+                        target_port=p.target_port,
+                        name=p.name,
+                        app_protocol=p.app_protocol,
+                    )
                     for p in svc.ports
                 ),
                 selector=frozen_map(selector),
@@ -100,4 +109,5 @@ def document_state(doc: ClusterDocument) -> ClusterState:
         workloads=workloads,
         services=tuple(services),
         policies=doc.policies,
+        routes=doc.routes,
     )

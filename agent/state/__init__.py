@@ -1,4 +1,4 @@
-"""The agent's single source of truth: workloads, namespaces, services and policies.
+"""The agent's single source of truth: workloads, namespaces, services, policies and routes.
 
 Sources (``agent.sources``) are the only writers; everything else reads immutable snapshots and
 subscribes to changes. See ``model`` for the objects and ``store`` for the store.
@@ -10,6 +10,7 @@ from agent.state.model import (
     Endpoint,
     Namespace,
     PolicyObject,
+    RouteObject,
     Service,
     ServicePort,
     Workload,
@@ -24,6 +25,7 @@ __all__ = [
     "Endpoint",
     "Namespace",
     "PolicyObject",
+    "RouteObject",
     "Service",
     "ServicePort",
     "Snapshot",

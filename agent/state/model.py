@@ -16,6 +16,7 @@ MESH_ANNOTATION = "nodemesh.io/mesh"
 MESH_NAMESPACE_LABEL = "nodemesh.io/mesh"
 EXCLUDE_OUTBOUND_ANNOTATION = "nodemesh.io/exclude-outbound-ports"
 EXCLUDE_INBOUND_ANNOTATION = "nodemesh.io/exclude-inbound-ports"
+HTTP_PORTS_ANNOTATION = "nodemesh.io/http-ports"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -60,6 +61,8 @@ class Workload:
     host_network: bool = False
     exclude_outbound_ports: frozenset[int] = frozenset()
     exclude_inbound_ports: frozenset[int] = frozenset()
+    # Ports declared HTTP/1.1 by ``nodemesh.io/http-ports`` (``agent.state.protocols``).
+    http_ports: frozenset[int] = frozenset()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -75,6 +78,7 @@ class ServicePort:
     target_port: int
     name: str = ""
     protocol: str = "TCP"
+    app_protocol: str = ""  # Kubernetes ``appProtocol`` as written ("" = none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +126,30 @@ class PolicyObject:
     generation: int = 0
     uid: str = ""
     dry_run: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteObject:
+    """A ``gateway.networking.k8s.io/v1`` HTTPRoute or GRPCRoute, as its source read it.
+
+    The spec is kept as the plain JSON-like data the user wrote: ``agent.policy.routes`` compiles
+    it (and refuses it, with the reason its status shows) against the Services of the same
+    snapshot, because whether a route is valid depends on them. ``created`` is
+    ``metadata.creationTimestamp`` (RFC 3339, "" when the source has none): the Gateway API
+    breaks precedence ties between routes by age. Readers must not mutate ``spec``.
+    """
+
+    kind: str
+    namespace: str
+    name: str
+    spec: Mapping[str, object]
+    generation: int = 0
+    uid: str = ""
+    created: str = ""
 
     @property
     def key(self) -> tuple[str, str, str]:

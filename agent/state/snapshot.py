@@ -16,11 +16,12 @@ from agent.state.model import (
     DEFAULT_TRUST_DOMAIN,
     Namespace,
     PolicyObject,
+    RouteObject,
     Service,
     Workload,
 )
 
-KINDS = ("namespaces", "workloads", "services", "policies")
+KINDS = ("namespaces", "workloads", "services", "policies", "routes")
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class Snapshot:
 
     ``changed_keys`` says which keys of each kind the commit that produced this snapshot added,
     changed or removed (namespaces by name, workloads by uid, services by (namespace, name),
-    policies by (kind, namespace, name)), so a subscriber can act on the difference instead of
-    rescanning everything.
+    policies and routes by (kind, namespace, name)), so a subscriber can act on the difference
+    instead of rescanning everything.
     """
 
     version: int = 0
@@ -39,6 +40,8 @@ class Snapshot:
     workloads: CowMap[str, Workload] = field(default_factory=CowMap)  # by uid
     services: CowMap[tuple[str, str], Service] = field(default_factory=CowMap)
     policies: CowMap[tuple[str, str, str], PolicyObject] = field(default_factory=CowMap)
+    # Gateway API routes by (kind, namespace, name); ``agent.policy.routes`` compiles them.
+    routes: CowMap[tuple[str, str, str], RouteObject] = field(default_factory=CowMap)
     changed_keys: Mapping[str, frozenset[object]] = field(default_factory=dict)
     indexes: Indexes = field(default_factory=Indexes, repr=False, compare=False)
 

@@ -27,7 +27,14 @@ from typing import Any
 
 from agent.state import index
 from agent.state.cowmap import CowMap, CowMapEdit
-from agent.state.model import DEFAULT_TRUST_DOMAIN, Namespace, PolicyObject, Service, Workload
+from agent.state.model import (
+    DEFAULT_TRUST_DOMAIN,
+    Namespace,
+    PolicyObject,
+    RouteObject,
+    Service,
+    Workload,
+)
 from agent.state.snapshot import KINDS, Snapshot
 
 log = logging.getLogger(__name__)
@@ -78,6 +85,9 @@ class Transaction:
 
     def put_policy(self, p: PolicyObject) -> None:
         self._put("policies", p.key, p)
+
+    def put_route(self, r: RouteObject) -> None:
+        self._put("routes", r.key, r)
 
     def get(self, kind: str, key: object) -> Any:
         """The object as this transaction sees it (staged writes included), or ``None``."""

@@ -39,6 +39,7 @@ class AgentSources:
 
     rejections: Callable[[], Mapping[str, int]] | None = None
     denials: Callable[[], Mapping[str, int]] | None = None
+    rate_limited: Callable[[], Mapping[str, int]] | None = None
     pool_size: Callable[[], int] | None = None
     inbound_tunnels: Callable[[], int] | None = None
     certificates: Callable[[], list[dict[str, object]]] | None = None
@@ -95,6 +96,14 @@ class AgentCollector(Collector):
                 "(no-allow-match: ALLOW policies exist and none matched)",
                 ["policy"],
                 dict(s.denials()),
+            )
+        if s.rate_limited is not None:
+            yield _counter(
+                "nodemesh_rate_limited_requests_total",
+                "HTTP requests answered 429 (gRPC RESOURCE_EXHAUSTED) by a RateLimitPolicy, "
+                "by target Service",
+                ["service"],
+                dict(s.rate_limited()),
             )
         if s.pool_size is not None:
             yield _gauge(

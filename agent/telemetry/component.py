@@ -2,13 +2,14 @@
 
 The endpoint serves one ``CollectorRegistry`` per agent holding: the shared declared metrics
 (``agent.base.metrics``), the Istio TCP metrics of this agent's proxy (``TcpMetrics``,
-which is also the access log), and nodemesh's scrape-time collector (``AgentCollector``). It is
-served from the data plane's event loop: collectors read the proxy's live records without locks.
+which is also the access log), its Istio request metrics (``HttpMetrics``), and nodemesh's
+scrape-time collector (``AgentCollector``). It is served from the data plane's event loop:
+collectors read the proxy's live records without locks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -18,7 +19,9 @@ from agent.base.endpoint import HttpComponent
 from agent.base.http import Request, Response
 from agent.base.metrics import REGISTRY
 from agent.state import StateStore
+from agent.telemetry.accesslog import RequestSampler
 from agent.telemetry.agentmetrics import AgentCollector, AgentSources
+from agent.telemetry.http import HttpMetrics
 from agent.telemetry.tcp import TcpMetrics
 
 
@@ -42,19 +45,27 @@ class TelemetryComponent(HttpComponent):
         store: StateStore,
         address: tuple[str, int],
         sources: AgentSources,
+        access_log_sample: float = 1.0,
+        merge: Callable[[bytes], Awaitable[bytes]] | None = None,
     ) -> None:
         super().__init__(self._handle, address)
+        # --workers N: this process's exposition merged with the workers' (agent.workers.views)
+        self._merge = merge
         self.tcp = TcpMetrics(store)
+        self.http = HttpMetrics(store, sampler=RequestSampler(access_log_sample))
         self.registry = CollectorRegistry(auto_describe=False)
-        for collector in (_Declared(), self.tcp, AgentCollector(sources)):
+        for collector in (_Declared(), self.tcp, self.http, AgentCollector(sources)):
             self.registry.register(collector)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
-    def _handle(self, request: Request) -> Response:
+    async def _handle(self, request: Request) -> Response:
         if request.path != "/metrics":
             return Response.json(404, {"error": "only /metrics is served on this port"})
         if request.method != "GET":
             return Response.json(405, {"error": "use GET /metrics"})
-        return Response(200, self.exposition(), CONTENT_TYPE_LATEST)
+        body = self.exposition()
+        if self._merge is not None:
+            body = await self._merge(body)
+        return Response(200, body, CONTENT_TYPE_LATEST)

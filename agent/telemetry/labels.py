@@ -8,8 +8,9 @@ ztunnel's) conventions:
 * a workload's name is its canonical name (label ``service.istio.io/canonical-name``, then
   ``app.kubernetes.io/name``, then ``app``), else the pod name: pods of one Deployment share a
   series, which keeps the cardinality at the number of workloads, not of pods;
-* ``destination_service`` is the Service's hostname when the client dialed a Service address,
-  or the Service whose endpoints hold the pod address it dialed;
+* ``destination_service`` is the Service's hostname when the client dialed a Service address;
+  at the destination, the Service the source node named on the CONNECT (``record.service``,
+  checked to select the pod); else the Service whose endpoints hold the pod address dialed;
 * ``response_flags`` follow ztunnel: ``-`` (none), ``DENY`` (authorization or PeerAuthentication
   refused it), ``CONNECT`` (any other failure to establish or relay it);
 * anything not known is ``unknown``. No label carries a port, an address or a connection id.
@@ -98,13 +99,19 @@ def namespace_of_principal(principal: str | None) -> str:
 
 
 def endpoint_services(snap: Snapshot) -> Mapping[str, str]:
-    """Endpoint IP → hostname of a Service it backs (the first by name): built once per state
-    version by the caller, so labelling a connection stays a few dictionary lookups."""
+    """Endpoint ``ip:port`` → hostname of the Service whose port targets it, and endpoint IP →
+    a Service it backs (the first by name, for a port no Service targets): built once per state
+    version by the caller, so labelling a connection stays a few dictionary lookups. The port
+    matters when several Services select one pod (the lab's ``server``, ``web`` and ``grpc``)."""
     out: dict[str, str] = {}
     for key in sorted(snap.services):
         svc = snap.services[key]
         for endpoint in svc.endpoints:
             out.setdefault(endpoint.ip, svc.hostname())
+            for port in svc.ports:
+                target = port.target_port or endpoint.ports.get(port.name, 0)
+                if target:
+                    out.setdefault(f"{endpoint.ip}:{target}", svc.hostname())
     return out
 
 
@@ -117,7 +124,12 @@ def tcp_labels(
     upstream_ip = host_of(record.upstream) if record.upstream else dst_ip
     dst = snap.workload_by_ip.get(upstream_ip) or snap.workload_by_ip.get(dst_ip)
     vip = snap.service_by_ip.get(dst_ip)
-    service = vip.hostname() if vip else by_endpoint.get(upstream_ip, UNKNOWN)
+    upstream = record.upstream or record.destination
+    service = (
+        vip.hostname()
+        if vip
+        else record.service or by_endpoint.get(upstream) or by_endpoint.get(upstream_ip, UNKNOWN)
+    )
     return TcpLabels(
         reporter="source" if record.direction == OUTBOUND else "destination",
         source_workload=workload_name(src) if src else UNKNOWN,

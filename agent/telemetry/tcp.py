@@ -11,6 +11,12 @@ set it had when it opened (its ``response_flags`` may only be known at close, so
 ``istio_tcp_connections_closed_total`` uses the close-time flags while the byte counters and
 ``istio_tcp_connections_opened_total`` keep the open-time ones).
 
+A client connection the source node terminates as HTTP (a Service port declared HTTP) is not a
+TCP flow to one destination: its requests go to several endpoints, each reported per request
+(``reporter="source"`` request metrics), and the TCP flows that carry them (HBONE streams) are
+counted by the destination. So it is left out of these counters, as Istio's proxies report an
+HTTP listener's traffic as requests only; it still shows in ``/connections`` and the access log.
+
 Single-threaded by design: records, observers and ``collect`` all run on the agent's event loop
 (the metrics endpoint is served there), so no lock is needed.
 """
@@ -33,7 +39,7 @@ from agent.telemetry.labels import (
     response_flags,
     tcp_labels,
 )
-from agent.telemetry.records import ConnectionRecord
+from agent.telemetry.records import OUTBOUND, ConnectionRecord
 
 OPENED = "istio_tcp_connections_opened_total"
 CLOSED = "istio_tcp_connections_closed_total"
@@ -59,11 +65,18 @@ class TcpMetrics(Collector):
     def opened(self, record: ConnectionRecord) -> None:
         labels = self._labels(record)
         self._live[record.id] = (record, labels)
-        self._opened[labels] += 1
+        if _counted(record):
+            self._opened[labels] += 1
 
     def closed(self, record: ConnectionRecord) -> None:
         live = self._live.pop(record.id, None)
         labels = live[1] if live is not None else self._labels(record)
+        if not _counted(record):
+            if self._access_log:
+                write_access_log(
+                    record, labels._replace(response_flags=response_flags(record.failure))
+                )
+            return
         self._sent[labels] += record.bytes_sent
         self._received[labels] += record.bytes_received
         final = labels._replace(response_flags=response_flags(record.failure))
@@ -87,9 +100,10 @@ class TcpMetrics(Collector):
         open_now: Counter[str] = Counter()
         for record, labels in list(self._live.values()):
             record.refresh()
-            sent[labels] += record.bytes_sent
-            received[labels] += record.bytes_received
             open_now[record.direction] += 1
+            if _counted(record):
+                sent[labels] += record.bytes_sent
+                received[labels] += record.bytes_received
         docs = {
             OPENED: (self._opened, "TCP connections opened (Istio standard metric)"),
             CLOSED: (self._closed, "TCP connections closed (Istio standard metric)"),
@@ -111,3 +125,8 @@ class TcpMetrics(Collector):
         if self._endpoints[0] != snap.version:
             self._endpoints = (snap.version, endpoint_services(snap))
         return tcp_labels(record, snap, self._endpoints[1])
+
+
+def _counted(record: ConnectionRecord) -> bool:
+    """False for a client connection the source node terminated as HTTP (module docstring)."""
+    return not (record.direction == OUTBOUND and record.protocol != "tcp")

@@ -7,7 +7,8 @@ chunked JSON lines ``ADDED``/``MODIFIED``/``DELETED``/``BOOKMARK``/``ERROR``, re
 requested resourceVersion, or an ``ERROR`` event with code 410 when that version was compacted
 away. ``restart()`` cuts every open watch mid-stream (as a real API server restart does), and can
 forget the history so that resuming watchers must relist. TokenReview answers for tokens the test
-registered. Tests only: the product never ships it.
+registered. ``absent_groups`` makes API groups 404, as when their CRDs are not installed. Tests
+only: the product never ships it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class FakeApiServer:
         self.tokens: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path?query), for assertions
         self.available = True
+        # API groups whose CRDs are "not installed": every request to them is a 404.
+        self.absent_groups: set[str] = set()
         self._pages: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._http.daemon_threads = True
@@ -202,6 +205,7 @@ class FakeApiServer:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers, body: two writes; no delayed-ACK stall
     server: Any
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -252,7 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
         group, version = ("", "v1") if m["cv"] else (m["g"], m["v"])
         ns, plural, name, sub = m["ns"], m["plural"], m["name"], m["sub"]
         resource = BY_PATH.get((group, version, plural))
-        if resource is None:
+        if resource is None or group in self.fake.absent_groups:
             raise ApiError(404, "NotFound", f"the server could not find the resource {plural}")
         if sub and not (resource.status_subresource or resource.plural in ("pods", "services")):
             raise ApiError(404, "NotFound", f"{plural} has no status subresource")

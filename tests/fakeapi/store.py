@@ -33,12 +33,14 @@ class Resource:
         return f"{self.group}/{self.version}" if self.group else self.version
 
 
+GATEWAY_GROUP = "gateway.networking.k8s.io"
 RESOURCES: tuple[Resource, ...] = (
     Resource("", "v1", "pods", "Pod"),
     Resource("", "v1", "namespaces", "Namespace", namespaced=False),
     Resource("", "v1", "services", "Service"),
     Resource("", "v1", "secrets", "Secret"),
     Resource("", "v1", "events", "Event"),
+    Resource("coordination.k8s.io", "v1", "leases", "Lease"),
     Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
     Resource(
         "nodemesh.io",
@@ -57,6 +59,17 @@ RESOURCES: tuple[Resource, ...] = (
     Resource(
         "nodemesh.io", "v1alpha1", "trafficpolicies", "TrafficPolicy", status_subresource=True
     ),
+    Resource(
+        "nodemesh.io",
+        "v1alpha1",
+        "ratelimitpolicies",
+        "RateLimitPolicy",
+        status_subresource=True,
+    ),
+    Resource("nodemesh.io", "v1alpha1", "httpfaults", "HTTPFault", status_subresource=True),
+    # The Gateway API's standard channel (served unless the test turns its CRDs off).
+    Resource(GATEWAY_GROUP, "v1", "httproutes", "HTTPRoute", status_subresource=True),
+    Resource(GATEWAY_GROUP, "v1", "grpcroutes", "GRPCRoute", status_subresource=True),
 )
 BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 BY_KIND = {r.kind: r for r in RESOURCES}
@@ -279,7 +292,8 @@ class ObjectStore:
     ) -> dict[str, Any]:
         current = self.get(resource, namespace, name)
         merged = merge_patch(current, patch)
-        merged["metadata"].pop("resourceVersion", None)
+        if not (patch.get("metadata") or {}).get("resourceVersion"):
+            merged["metadata"].pop("resourceVersion", None)  # else: a precondition, as in k8s
         return self.update(resource, namespace, name, merged, status=status)
 
     def delete(self, resource: Resource, namespace: str, name: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ right object, however the connection ends (connected, failed, reset, cancelled).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agent.policy.traffic.balancer import EndpointLoad, prefer_local
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 CONNECT_FAILURE = "connect-failure"  # timeout or unreachable
 REFUSED = "refused"
 RESET_BEFORE_DATA = "reset-before-data"
+SERVER_ERROR = "5xx"  # an HTTP request answered 5xx by the endpoint (outlier detection only)
 
 
 class Attempts:
@@ -49,6 +51,10 @@ class Attempts:
         self._started = 0.0
         self._connected = False
         self._finished = False
+        # Waiting for a slot of the Service's max_connections (``ServiceTraffic.admit`` with
+        # ``may_queue``): not counted in flight yet; ``on_admitted`` is called when it is.
+        self.queued = False
+        self.on_admitted: Callable[[], None] | None = None
 
     def next_endpoint(self) -> str | None:
         """The endpoint for the next attempt, or None if the Service has none."""
@@ -75,11 +81,13 @@ class Attempts:
         """Is the current endpoint still one of the Service's (outlier state is kept)?"""
         return self.current is not None and self.current in self.service.endpoints
 
-    def connected(self, ip: str) -> None:
-        """The current attempt (to ``ip``) connected."""
+    def connected(self, ip: str, *, reused: bool = False) -> None:
+        """The current attempt (to ``ip``) connected; ``reused``: an HTTP request got a pooled
+        upstream session, whose zero connect time is no latency sample (its time to first
+        byte, given to ``finish``, is)."""
         svc = self.service
         now = svc.clock()
-        if self._load is not None:
+        if self._load is not None and not reused:
             self._load.observe(now - self._started, now)
         if self._live() and svc.outlier.probing(ip):
             svc.outlier.success(ip)  # the probe connected: back in; its end may still count
@@ -115,8 +123,16 @@ class Attempts:
         svc.count("retries")
         return True
 
-    def finish(self, *, reset_before_data: bool = False, first_byte_at: float = 0.0) -> None:
-        """The client connection ended; a reset before any upstream byte counts as a failure.
+    def finish(
+        self,
+        *,
+        reset_before_data: bool = False,
+        first_byte_at: float = 0.0,
+        server_error: bool = False,
+    ) -> None:
+        """The client connection (or HTTP request) ended; a reset before any upstream byte
+        counts as a failure, and so does an HTTP request the endpoint answered 5xx
+        (``server_error``: Envoy's consecutive 5xx outlier detection).
 
         Success is recorded here rather than at connect, so an endpoint that accepts and then
         resets every connection accrues consecutive failures like one that refuses.
@@ -128,9 +144,37 @@ class Attempts:
             return
         self._finished = True
         svc = self.service
+        if self.queued:  # never admitted (the client left, the request timed out): no slot
+            svc.dequeue(self)
+            return
         svc.active -= 1
         if not self._connected:
             svc.pending -= 1
+        self._settle(reset_before_data, first_byte_at, server_error)
+        svc.slot_freed()
+
+    def again(
+        self,
+        *,
+        reset_before_data: bool = False,
+        first_byte_at: float = 0.0,
+        server_error: bool = False,
+    ) -> None:
+        """The current attempt of an HTTP request ended without an answer for the client (a
+        retryable status, a reset before the response, a per-try timeout): account it against
+        its endpoint as ``finish`` would, and let the request make another attempt (still one
+        request in flight for the limits; ``next_endpoint`` avoids the endpoints tried)."""
+        if self._finished:
+            return
+        self._settle(reset_before_data, first_byte_at, server_error)
+        self.deadline = self.service.clock() + self.service.config.connect_timeout
+        if self._connected:
+            self.service.pending += 1
+            self._connected = False
+        self.current, self._load = None, None
+
+    def _settle(self, reset_before_data: bool, first_byte_at: float, server_error: bool) -> None:
+        svc = self.service
         load, ip = self._load, self.current
         if load is None or ip is None:
             return
@@ -139,9 +183,11 @@ class Attempts:
         load.active -= 1
         if reset_before_data:
             svc.count("failed", RESET_BEFORE_DATA)
+        elif server_error:
+            svc.count("failed", SERVER_ERROR)
         if not self._live():
             return
-        if reset_before_data:
+        if reset_before_data or server_error:
             svc._outlier_failure(ip)
         elif self._connected:
             svc.outlier.success(ip)

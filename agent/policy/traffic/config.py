@@ -94,6 +94,7 @@ class TrafficConfig:
     locality: str = "NONE"
     max_connections: int | None = None
     max_pending: int | None = None
+    max_pending_requests: int | None = None  # HTTP requests waiting for a max_connections slot
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     idle_timeout: float | None = None
     consecutive_failures: int = 5
@@ -192,6 +193,12 @@ def compile_policy(policy: PolicyObject, service: Service | None = None) -> Traf
         if "perTryTimeout" in rt
         else connect
     )
+    if "maxPendingRequests" in pool and "maxConnections" not in pool:
+        raise TrafficPolicyError(
+            "spec.connectionPool.maxPendingRequests",
+            "requests wait only while maxConnections requests are in flight; set "
+            "connectionPool.maxConnections too",
+        )
     if per_try > connect:
         raise TrafficPolicyError(
             "spec.retries.perTryTimeout",
@@ -212,6 +219,7 @@ def compile_policy(policy: PolicyObject, service: Service | None = None) -> Traf
         locality=lb.get("localityPreference", "NONE"),
         max_connections=pool.get("maxConnections"),
         max_pending=pool.get("maxPendingConnects"),
+        max_pending_requests=pool.get("maxPendingRequests"),
         connect_timeout=connect,
         idle_timeout=(
             duration(pool["idleTimeout"], "spec.connectionPool.idleTimeout")

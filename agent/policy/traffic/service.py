@@ -11,7 +11,13 @@ The outbound proxy drives one ``Attempts`` (``attempts``) per client connection,
     attempts.finish()
 
 ``admit`` applies the connection limits at once (over the limit is a counted rejection, never a
-queue: a queue in a transparent proxy only turns overload into timeouts). ``next_endpoint``
+queue: a queue in a transparent proxy only turns overload into timeouts). HTTP requests are the
+exception, as in Envoy's ``max_pending_requests``: with ``maxPendingRequests`` (and
+``maxConnections``, which bounds the requests in flight), ``admit(may_queue=True)`` returns a
+*queued* ``Attempts`` while that many or fewer wait, admitted oldest first as requests end
+(``slot_freed`` calls its ``on_admitted``); beyond it the request is rejected
+(``max_pending_requests``). A request that gives up waiting is dropped from the queue by its
+``finish``. The proxy bounds the wait by the request's own timeout. ``next_endpoint``
 applies, in order: the weighted split (a subset), outlier detection (available endpoints),
 locality preference, then the balancer; endpoints this connection already tried are avoided
 while others remain. When no endpoint is available at all (every one ejected), all are
@@ -21,7 +27,7 @@ candidates again ("panic", counted): a guess beats a certain failure.
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +82,7 @@ class ServiceTraffic:
         self._groups: dict[str | None, list[EndpointLoad]] = {}
         self.active = 0
         self.pending = 0
+        self.queue: deque[Attempts] = deque()  # HTTP requests waiting for a slot, oldest first
         self.counters: Counter[str] = Counter()
         self.config = config
         self.outlier = OutlierDetector(self._outlier_settings(config), rng)
@@ -127,6 +134,7 @@ class ServiceTraffic:
             decisions = self.splitter.decisions
             self._apply(config)
             self.splitter.decisions.update(decisions)
+            self.slot_freed()  # a higher limit (or none) admits waiting requests at once
 
     def sync(self, endpoints: Sequence[EndpointInfo]) -> None:
         """Follow the Service's ready endpoints (keeping the history of those that stay)."""
@@ -141,24 +149,63 @@ class ServiceTraffic:
         source_ip: str,
         source_labels: Mapping[str, str] | None = None,
         source_node: tuple[str, str | None] = ("", None),
+        *,
+        may_queue: bool = False,
     ) -> Attempts:
-        """Start one client connection, or raise ``Rejected`` (counted) over a limit."""
+        """Start one client connection (or HTTP request), or raise ``Rejected`` (counted) over
+        a limit; with ``may_queue`` (an HTTP request) and ``maxPendingRequests``, a request over
+        ``maxConnections`` waits in the queue instead while there is room (``queued``)."""
         c = self.config
-        if c.max_connections is not None and self.active >= c.max_connections:
+        full = c.max_connections is not None and self.active >= c.max_connections
+        waits = may_queue and c.max_pending_requests is not None
+        if full and waits and len(self.queue) >= (c.max_pending_requests or 0):
+            self._reject(
+                "max_pending_requests",
+                f"{self.active} in flight and {len(self.queue)} waiting, "
+                f"limits {c.max_connections} and {c.max_pending_requests}",
+            )
+        if full and not waits:
             self._reject("max_connections", f"{self.active} open, limit {c.max_connections}")
-        if c.max_pending is not None and self.pending >= c.max_pending:
+        if not full and c.max_pending is not None and self.pending >= c.max_pending:
             self._reject("max_pending", f"{self.pending} connecting, limit {c.max_pending}")
         fault = decide(c.fault, source_labels, self.rng)
         if fault.delay:
             self.count("fault", "delay")
         if fault.abort:
             self.count("fault", f"abort_{fault.abort.lower()}")
+        attempts = Attempts(self, source_ip, source_node, fault, self.clock() + fault.delay)
+        if full:
+            attempts.queued = True
+            self.queue.append(attempts)
+            self.count("queued")
+            return attempts
+        self._start(attempts)
+        return attempts
+
+    def _start(self, attempts: Attempts) -> None:
+        """Count ``attempts`` in flight (admitted now, or taken from the queue)."""
         self.active += 1
         self.pending += 1
         self.count("connections")
         now = self.clock()
         self.budget.request(now)
-        return Attempts(self, source_ip, source_node, fault, now + fault.delay)
+        attempts.deadline = now + attempts.fault.delay + self.config.connect_timeout
+
+    def slot_freed(self) -> None:
+        """A request or connection ended (or the limit changed): admit the oldest waiting
+        requests while there is room, telling each (``on_admitted``)."""
+        limit = self.config.max_connections
+        while self.queue and (limit is None or self.active < limit):
+            attempts = self.queue.popleft()
+            attempts.queued = False
+            self._start(attempts)
+            if attempts.on_admitted is not None:
+                attempts.on_admitted()
+
+    def dequeue(self, attempts: Attempts) -> None:
+        """``attempts`` stopped waiting before it was admitted."""
+        self.queue.remove(attempts)
+        self.count("dequeued")
 
     def _reject(self, reason: str, detail: str) -> None:
         self.count("rejected", reason)
@@ -212,6 +259,7 @@ class ServiceTraffic:
             "policy": self.config.describe(),
             "active": self.active,
             "pending": self.pending,
+            "queued": len(self.queue),
             "endpoints": endpoints,
             "counters": dict(self.counters),
             "ejections": dict(self.outlier.events),

@@ -122,6 +122,53 @@ def test_agent_ready_then_sigterm_exits_zero_and_uninstall_restores_node(
     assert snapshot(dplab, "node1", agent1.pin_dir) == before
 
 
+# What ``import bcc`` maps (libbcc links LLVM and clang): never in the long-running agent.
+COMPILER_LIBRARIES = ("libbcc", "libLLVM", "libclang")
+
+
+def compiler_mappings(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/maps", encoding="ascii") as f:
+        paths = {line.split()[-1] for line in f if "/" in line}
+    return sorted(p for p in paths if Path(p).name.startswith(COMPILER_LIBRARIES))
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_agent_never_maps_the_compiler_whether_it_compiled_or_adopted(
+    dplab: Lab, agent1: AgentRunner
+) -> None:
+    first = agent1.start()
+    agent1.wait_ready(first)
+    assert "compiled and pinned" in agent1.log(0)  # a fresh pin dir: the programs were built
+    assert compiler_mappings(first.pid) == []
+    compiled_rss = rss_mib(first.pid)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0
+
+    second = agent1.start()
+    agent1.wait_ready(second)
+    assert "adopting pinned capture programs" in agent1.log(1)
+    assert compiler_mappings(second.pid) == []
+    print(f"idle agent RSS: {compiled_rss:.1f} MiB compiled, {rss_mib(second.pid):.1f} adopted")
+
+
+def test_a_failure_in_the_compiler_child_stops_the_agent_with_its_cause(
+    agent1: AgentRunner, tmp_path: Path
+) -> None:
+    """Pins outside bpffs: the child compiles, pinning fails there, and the agent exits 1 with
+    the child's message, leaving no staging directory behind."""
+    agent1.pin_dir = tmp_path / "not-bpffs"
+    proc = agent1.start()
+    assert proc.wait(timeout=120) == 1
+    log = agent1.log(0)
+    assert "agent cannot start: pinning the compiled capture programs as" in log, log
+    assert "is bpffs mounted at /sys/fs/bpf" in log
+    assert list(agent1.pin_dir.iterdir()) == []
+
+
 @pytest.mark.usefixtures("servers")
 def test_agent_restart_under_load_lets_no_connection_escape(
     dplab: Lab, agent1: AgentRunner

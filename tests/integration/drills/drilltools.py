@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -171,8 +172,14 @@ def agent_log(lab: Lab, node: str) -> str:
     return (lab.state_dir / "logs" / f"agent-{node}.log").read_text(errors="replace")
 
 
+def _clock(wall: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
+
+
 def summary(attempts: list[Attempt]) -> str:
     failed = [a for a in attempts if not a.ok]
     return f"{len(attempts)} connections, {len(failed)} failed" + (
-        f" (first: {failed[0].detail})" if failed else ""
+        f" (first: {failed[0].detail}, started {_clock(failed[0].at)}; match it with the kept logs)"
+        if failed
+        else ""
     )

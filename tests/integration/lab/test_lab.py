@@ -227,6 +227,9 @@ def test_demo_tour_passes_and_cleans_up(capsys: pytest.CaptureFixture[str]) -> N
         control.down(name)
     out = capsys.readouterr().out
     assert "summary: every step passed" in out
+    # The HTTP step: an L7 denial on a connection that then serves the next request.
+    assert "POST /admin/users -> 403 'RBAC: access denied' (same connection)" in out
+    assert "GET  /admin/users -> 200" in out
     assert _leftovers(name) == []
 
 

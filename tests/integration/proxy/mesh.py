@@ -12,6 +12,7 @@ passing the original destination explicitly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import socket
@@ -217,7 +218,10 @@ class Mesh:
         async def accept_one() -> None:
             conn, _ = await asyncio.get_running_loop().sock_accept(lst)
             conn.setblocking(False)
-            await handle(conn, original_dst=dst)
+            rest = await handle(conn, original_dst=dst)
+            if rest is not None:  # a relay without a task: this task stands for it (its
+                with contextlib.suppress(Exception):  # cancellation closes the connection)
+                    await rest
 
         self._tasks.append(asyncio.create_task(accept_one()))
         return await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))

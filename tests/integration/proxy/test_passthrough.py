@@ -24,10 +24,13 @@ async def _echo_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     writer.close()
 
 
-async def _through_passthrough(dst: tuple[str, int], payload: bytes) -> bytes:
+async def _through_passthrough(
+    dst: tuple[str, int], payload: bytes, nodelay: list[int] | None = None
+) -> bytes:
     """Connect a client to a local listener, serve the accepted socket with ``Passthrough``
     towards ``dst`` and close it afterwards (as the agent does), send ``payload``, half-close,
-    and return what comes back."""
+    and return what comes back. ``nodelay`` gets the accepted socket's TCP_NODELAY as the
+    handler left it."""
     loop = asyncio.get_running_loop()
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
@@ -41,6 +44,8 @@ async def _through_passthrough(dst: tuple[str, int], payload: bytes) -> bytes:
         try:
             await Passthrough().handle(conn, Listener.OUTBOUND, original_dst=dst)
         finally:
+            if nodelay is not None:
+                nodelay.append(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
             conn.close()
 
     serving = asyncio.create_task(serve())
@@ -74,3 +79,20 @@ def test_an_unreachable_destination_ends_the_client_connection() -> None:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     assert asyncio.run(_through_passthrough(("127.0.0.1", closed_port), b"")) == b""
+
+
+def test_the_client_socket_sends_without_nagle() -> None:
+    """A 1 KB answer must not wait for the client's ACK of the previous segment (Nagle with
+    delayed ACK adds up to 40 ms to a request/response exchange)."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK needs root")
+    seen: list[int] = []
+
+    async def main() -> bytes:
+        server = await asyncio.start_server(_echo_until_eof, "127.0.0.1", 0)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            return await _through_passthrough(("127.0.0.1", port), b"x", seen)
+
+    assert asyncio.run(main()) == b"echo:x"
+    assert seen == [1]

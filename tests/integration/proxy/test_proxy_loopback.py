@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
+from typing import Any
 
 import pytest
 
+from agent.proxy import sockets
 from agent.state import PolicyObject
 from tests.integration.proxy.mesh import (
     CLIENT,
@@ -190,8 +193,37 @@ async def test_applying_deny_closes_live_connection(mesh: Mesh) -> None:
     set_policies(mesh.store, policy("AuthorizationPolicy", {"action": "DENY", "rules": [{}]}))
     rest = await asyncio.wait_for(_read_until_closed(reader), 10)
     assert rest == b""
+    # Both relays run without their handlers' tasks: node2's re-check stopped its relay (and
+    # reset the stream), node1's relay ended on the reset; each owner cleaned up.
     assert len(mesh.node2.core.registry) == 0
+    assert len(mesh.node1.core.registry) == 0
     writer.close()
+
+
+@mesh_test
+async def test_a_policy_applied_while_the_pod_is_being_dialled_still_applies(mesh: Mesh) -> None:
+    """An HBONE stream was authorized, then the DENY arrived while node2 was connecting to the
+    pod: the stream was in no registry yet, so the re-check could not see it, and it used to be
+    relayed under the old policies."""
+    port = mesh.app(SERVER, echo_peer)
+    dial = sockets.connect
+
+    async def deny_while_dialling(address: tuple[str, int], **kw: Any) -> socket.socket:
+        if address == (SERVER, port):
+            set_policies(
+                mesh.store, policy("AuthorizationPolicy", {"action": "DENY", "rules": [{}]})
+            )
+            await asyncio.sleep(0.05)  # the store's re-check runs (and finds nothing) meanwhile
+        return await dial(address, **kw)
+
+    sockets.connect = deny_while_dialling  # type: ignore[assignment]
+    try:
+        with pytest.raises(ConnectionResetError):
+            await roundtrip(mesh, CLIENT, (SERVER, port))
+    finally:
+        sockets.connect = dial  # type: ignore[assignment]
+    assert mesh.node2.core.registry.denials["default/p"] == 1
+    assert len(mesh.node2.core.registry) == 0
 
 
 @mesh_test

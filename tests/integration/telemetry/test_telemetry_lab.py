@@ -24,29 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.lab.handle import Lab
 from agent.lab.netns import call_in
-from tests.labtools import mesh_lab, pod_servers, retry
+from tests.labtools import counting_server, mesh_lab, pod_servers, retry
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
 PORT = 8080
 NODEMESH = os.path.join(os.path.dirname(sys.executable), "nodemesh")
-# Per connection: read until the client half-closes, answer with the byte count, close.
-SERVER = f"""
-import socket, threading
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", {PORT}))
-srv.listen(64)
-def count(conn):
-    n = 0
-    while data := conn.recv(1 << 16):
-        n += len(data)
-    conn.sendall(str(n).encode())
-    conn.close()
-while True:
-    conn, _ = srv.accept()
-    threading.Thread(target=count, args=(conn,), daemon=True).start()
-"""
+SERVER = counting_server(PORT)
 Labels = frozenset[tuple[str, str]]
 
 

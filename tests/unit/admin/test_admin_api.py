@@ -50,7 +50,16 @@ def test_every_endpoint_answers_its_documented_shape() -> None:
     assert [w["name"] for w in answers["/workloads?local=1"][1]["workloads"]] == ["client"]
     service = answers["/services"][1]["services"][0]
     assert service["hostname"] == "server.default.svc.cluster.local"
-    assert service["ports"] == [{"name": "", "port": 80, "target_port": 8080, "protocol": "TCP"}]
+    assert service["ports"] == [
+        {
+            "name": "",
+            "port": 80,
+            "target_port": 8080,
+            "protocol": "TCP",
+            "app_protocol": "",
+            "declared": "tcp",
+        }
+    ]
     assert [e["ip"] for e in service["endpoints"]] == ["10.244.2.2", "10.244.2.3"]
     policy = answers["/policies"][1]["policies"][0]
     assert (policy["kind"], policy["name"], policy["spec"]["action"]) == (

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from agent import acceptor
-from agent.acceptor import ACCEPT_ERRORS, accept_forever, backoff_for
+from agent.acceptor import ACCEPT_ERRORS, accept_forever, backoff_for, drain
 
 
 class FlakyListener(socket.socket):
@@ -78,3 +78,31 @@ def test_a_broken_listener_ends_the_loop() -> None:
         lsock.close()
 
     asyncio.run(scenario())
+
+
+def test_drain_waits_for_relays_handed_over_during_the_wait_and_cuts_them_at_the_deadline() -> None:
+    """A handler task that ends during the drain hands its connection to a relay (a future in
+    the same set): the drain waits for that one too, and cancels what is left at the deadline."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        connections: set[asyncio.Future[None]] = set()
+        finishing, lingering = loop.create_future(), loop.create_future()
+
+        def track(conn: asyncio.Future[None]) -> None:
+            connections.add(conn)
+            conn.add_done_callback(connections.discard)
+
+        async def handler(relay: asyncio.Future[None]) -> None:
+            await asyncio.sleep(0.01)
+            track(relay)  # the task ends, the connection goes on in its relay
+
+        track(asyncio.create_task(handler(finishing)))
+        track(asyncio.create_task(handler(lingering)))
+        loop.call_later(0.05, finishing.set_result, None)
+        assert await drain(connections, 0.3) == 1
+        assert finishing.done() and not finishing.cancelled()
+        assert lingering.cancelled()  # still open at the deadline: cut
+        assert not connections
+
+    asyncio.run(main())

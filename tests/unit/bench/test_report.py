@@ -147,3 +147,99 @@ def test_upgrade_section_lists_each_phase_and_a_failed_section_is_a_failure() ->
     assert "| node1 | 1.50 | 100 | 3 | 150 | 0 | 0 | 2 | 46.5 | 80.0 |" in text
     failed = results() | {"upgrade": {"error": "lab upgrade timed out"}}
     assert "- upgrade: lab upgrade timed out" in report.markdown(failed, None)
+
+
+def test_idle_agents_section_gives_each_agent_process_its_rss_and_how_it_got_its_programs() -> None:
+    agents = [
+        {"node": "node1", "moment": "lab up", "pid": 7, "programs": "compiled",
+         "rss_bytes": 70 * 2**20},
+        {"node": "node2", "moment": "lab up", "pid": 8, "programs": "adopted",
+         "rss_bytes": 40 * 2**20, "processes": [
+             {"pid": 8, "role": "main", "rss_bytes": 40 * 2**20, "pss_bytes": 30 * 2**20,
+              "anon_bytes": 25 * 2**20},
+             {"pid": 9, "role": "agent.datapath.netlinkd", "rss_bytes": 33 * 2**20,
+              "pss_bytes": 23 * 2**20, "anon_bytes": 22.5 * 2**20},
+         ]},
+        {"node": "node1", "moment": "restarted", "error": "/datapath answered 503"},
+    ]  # fmt: skip
+    text = report.markdown(results() | {"agents": agents}, None)
+    assert "- node1's agent (lab up): 70.0 MiB, programs compiled at start-up" in text
+    assert "- node2's agent (lab up): 40.0 MiB, programs adopted at start-up" in text
+    assert "  - main (pid 8): RSS 40.0 MiB, PSS 30.0 MiB, anonymous 25.0 MiB" in text
+    assert (
+        "  - agent.datapath.netlinkd (pid 9): RSS 33.0 MiB, PSS 23.0 MiB, anonymous 22.5 MiB"
+        in text
+    )
+    assert "- node1's agent (restarted): ERROR /datapath answered 503" in text
+    assert "Idle agents" not in report.markdown(results(), None)
+
+
+def _http(rep: int, key: str, rps: float, p50: float, cpu: float, counted: int) -> dict[str, Any]:
+    return sample(rep, key, "http", rps=rps, p50_us=p50, p90_us=p50 * 2, p99_us=p50 * 4,
+                  requests=1000, proxy_cpu_s=cpu, destination_counted=counted)  # fmt: skip
+
+
+def test_http_section_medians_cpu_per_request_and_what_node2_counted() -> None:
+    http_paths = [
+        {"key": "direct", "title": "direct", "proxy_pids": []},
+        {"key": "mesh_l4", "title": "L4", "proxy_pids": [1, 2]},
+        {"key": "mesh_http", "title": "HTTP", "proxy_pids": [1, 2]},
+    ]
+    samples = [
+        *(_http(rep, "direct", rps, 50.0, 0.0, 0) for rep, rps in enumerate([9e3, 10e3, 11e3])),
+        *(_http(rep, "mesh_l4", 4e3, 100.0, 0.1, 0) for rep in range(3)),
+        *(_http(rep, "mesh_http", rps, 200.0, 0.2, 1001) for rep, rps in enumerate([2e3, 3e3])),
+        sample(2, "mesh_http", "http", error="h2load exited 1: connect error"),
+    ]
+    done = results()
+    done["samples"] += samples
+    done["http_paths"] = http_paths
+    done["settings"] |= {"http_clients": 8, "http_seconds": 3.0}
+    values = summary.http_values(done)
+    assert values["direct"]["rps"] == 10e3
+    assert values["direct"]["cpu_us_per_request"] is None  # no proxy, not "free"
+    assert values["mesh_l4"]["cpu_us_per_request"] == pytest.approx(100.0)  # 0.3 s / 3000
+    assert values["mesh_http"]["rps"] == 2.5e3  # the failed repetition has no value
+    assert (values["mesh_http"]["requests"], values["mesh_http"]["counted"]) == (2000, 2002)
+    text = report.markdown(done, None)
+    assert "## HTTP/1.1 keep-alive (`h2load --h1`, 8 connections, 3 s per repetition)" in text
+    assert "| L4 | 4,000 | 100 | 200 | 400 | 100.0 | 0.40x | 3,000 / 0 |" in text
+    assert "| HTTP | 2,500 | 200 | 400 | 800 | 200.0 | 0.25x | 2,000 / 2,002 |" in text
+    assert "- mesh_http http rep 2: h2load exited 1: connect error" in text
+    # The HTTP path's goals, against the L4 path of the same runs.
+    assert (
+        "nodemesh HTTP against nodemesh L4 (pod port): req/s 0.62x, p50 +100 µs, agent CPU per"
+        " request 2.00x."
+    ) in text
+    assert "HTTP/1.1 keep-alive" not in report.markdown(results(), None)
+    assert "routed" not in text  # no routed path in these results: no line for it
+
+
+def test_the_routed_path_is_compared_with_plain_http_via_a_service() -> None:
+    done = results()
+    done["http_paths"] = [
+        {"key": "svc_http", "title": "Service HTTP", "proxy_pids": [1, 2]},
+        {"key": "svc_routed", "title": "Service routed", "proxy_pids": [1, 2]},
+    ]
+    done["samples"] += [
+        *(_http(rep, "svc_http", 2e3, 300.0, 0.3, 1000) for rep in range(3)),
+        *(_http(rep, "svc_routed", 1.6e3, 380.0, 0.45, 1000) for rep in range(3)),
+    ]
+    done["settings"] |= {"http_clients": 8, "http_seconds": 3.0}
+    text = report.markdown(done, None)
+    assert "| Service routed | 1,600 | 380 | 760 | 1,520 | 450.0 | — | 3,000 / 3,000 |" in text
+    assert (
+        "nodemesh HTTP routed (HTTPRoute) against plain via a Service: req/s 0.80x, p50 +80 µs,"
+        " agent CPU per request 1.50x."
+    ) in text
+
+
+def test_a_run_of_the_http_section_alone_shows_no_empty_tcp_tables() -> None:
+    done = results()
+    done["settings"] |= {"sections": "http", "http_clients": 8, "http_seconds": 3.0}
+    done["idle"], done["openssl_speed"] = {}, []
+    text = report.markdown(done, None)
+    assert "Sections run: http (`--sections`)." in text
+    assert "| metric | unit |" not in text
+    assert "Idle connections" not in text and "Cipher ceiling" not in text
+    assert "| metric | unit |" in report.markdown(results(), None)

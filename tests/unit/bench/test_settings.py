@@ -26,3 +26,11 @@ def test_bad_values_are_refused_with_the_flag_named(capsys: pytest.CaptureFixtur
     assert "--idle-steps" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--bulk-seconds"):
         parse("--bulk-seconds", "0")  # iperf3 -t 0 would never end
+
+
+def test_sections_select_parts_of_a_run_and_unknown_ones_are_refused() -> None:
+    assert parse().runs("idle") and parse().runs("upgrade") and parse().runs("grpc")
+    http_only = parse("--quick", "--sections", "http")
+    assert http_only.runs("http") and not http_only.runs("tcp") and not http_only.runs("idle")
+    with pytest.raises(SystemExit, match="--sections"):
+        parse("--sections", "http,websocket")

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +59,18 @@ def _accepts(address: str) -> bool:
     return True
 
 
-def start_ca(log: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``nodemesh ca`` on a free loopback port; returns once it accepts connections."""
+def start_ca(
+    log: Path, *flags: str, metrics: str | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``nodemesh ca`` on a free loopback port; returns once it accepts connections. Its
+    metrics endpoint goes to ``metrics`` or a free loopback port, never the default
+    0.0.0.0:15014 that another test run on this machine may hold."""
     address = f"127.0.0.1:{free_port()}"
+    metrics = metrics or f"127.0.0.1:{free_port()}"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "--log-level", "DEBUG", "ca", "--listen", address,
-             *flags],
+             "--metrics-listen", metrics, *flags],
             stdout=out,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -85,6 +91,7 @@ class CaProcess:
     root_dir: Path
     cluster_file: Path
     log: Path
+    metrics: str
 
 
 @pytest.fixture
@@ -94,12 +101,13 @@ def ca_process(tmp_path: Path) -> Iterator[CaProcess]:
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text(yaml.safe_dump({"tokens": [{"node": "node1", "token": TOKEN}]}))
     log = tmp_path / "ca.log"
+    metrics = f"127.0.0.1:{free_port()}"
     proc, address = start_ca(
         log, "--cluster-file", str(cluster), "--root-dir", str(tmp_path / "ca"),
-        "--node-tokens", str(tokens), "--min-ttl", "1s",
+        "--node-tokens", str(tokens), "--min-ttl", "1s", metrics=metrics,
     )  # fmt: skip
     try:
-        yield CaProcess(proc, address, tmp_path / "ca", cluster, log)
+        yield CaProcess(proc, address, tmp_path / "ca", cluster, log, metrics)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -114,7 +122,8 @@ def test_standalone_ca_serves_follows_the_document_and_stops_cleanly(
     key_mode = stat.S_IMODE((ca_process.root_dir / "ca-key.pem").stat().st_mode)
     assert key_mode == 0o600
 
-    async def scenario() -> None:
+    async def scenario() -> int:
+        denied = 0
         client = CaClient(
             ca_process.address, root_file=ca_process.root_dir / "root.pem", token_file=token
         )
@@ -123,6 +132,7 @@ def test_standalone_ca_serves_follows_the_document_and_stops_cleanly(
         with pytest.raises(CaError) as info:
             await client.fetch(SERVER)
         assert info.value.code is not None and info.value.code.name == "PERMISSION_DENIED"
+        denied += 1
         # The server pod moves to node1: the CA reloads the document and now allows it.
         write_document(ca_process.cluster_file, "node1")
         deadline = time.monotonic() + 10
@@ -130,14 +140,41 @@ def test_standalone_ca_serves_follows_the_document_and_stops_cleanly(
             try:
                 await client.fetch(SERVER)
                 break
-            except CaError:
+            except CaError as e:
+                assert e.code is not None and e.code.name == "PERMISSION_DENIED"
+                denied += 1
                 assert time.monotonic() < deadline, "the CA did not follow the document edit"
                 await asyncio.sleep(0.2)
         await client.close()
+        return denied
 
-    asyncio.run(scenario())
+    denied_before_move = asyncio.run(scenario())
+    text = scrape(ca_process.metrics)
+    # Exactly the two certificates issued (client, then server after the move); every refusal
+    # the client saw, counted by its gRPC status; each decision timed.
+    assert sample(text, 'nodemesh_ca_server_requests_total{outcome="ok"}') == 2
+    denied = sample(text, 'nodemesh_ca_server_requests_total{outcome="PERMISSION_DENIED"}')
+    assert denied == denied_before_move
+    assert sample(text, "nodemesh_ca_server_decision_seconds_count") == 2 + denied
+    root_expiry = sample(text, "nodemesh_ca_server_signing_expiry_timestamp_seconds")
+    assert root_expiry > time.time() + 86400
+    assert "PRIVATE KEY" not in text
     ca_process.proc.send_signal(signal.SIGTERM)
     assert ca_process.proc.wait(timeout=15) == 0
+
+
+def scrape(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def sample(text: str, series: str) -> float:
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    raise AssertionError(f"{series} not in the CA's /metrics:\n{text}")
     log = ca_process.log.read_text()
     assert "issued spiffe://cluster.local/ns/default/sa/client" in log
     assert "PERMISSION_DENIED" in log

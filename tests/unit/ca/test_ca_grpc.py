@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -134,19 +135,50 @@ def test_csr_with_a_broken_signature_is_malformed(ca: InProcessCA, raw: RawClien
     assert "signature" in info.value.details()  # type: ignore[attr-defined]
 
 
-def test_weak_csr_key_is_refused(ca: InProcessCA, raw: RawClient) -> None:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    weak = (
+def _csr(key: Any, sans: list[x509.GeneralName]) -> str:
+    """A CSR that ``build_csr`` would never make: any key, any SANs."""
+    return (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(CLIENT)]), critical=True
-        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
         .sign(key, hashes.SHA256())
         .public_bytes(serialization.Encoding.PEM)
         .decode()
     )
+
+
+def test_weak_csr_key_is_refused(ca: InProcessCA, raw: RawClient) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak = _csr(key, [x509.UniformResourceIdentifier(CLIENT)])
     with pytest.raises(grpc.RpcError) as info:
         raw.create(weak, token=ca.node_tokens["node1"], impersonate=CLIENT)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert "key type" in info.value.details()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        x509.UniformResourceIdentifier("https://client.example/"),
+        x509.UniformResourceIdentifier(SERVER),
+    ],
+    ids=["https", "second-spiffe"],
+)
+def test_csr_with_a_second_uri_san_is_refused(
+    ca: InProcessCA, raw: RawClient, extra: x509.GeneralName
+) -> None:
+    """Peers refuse a certificate with two URI SANs, so the CA must never sign one."""
+    csr = _csr(generate_key(), [x509.UniformResourceIdentifier(CLIENT), extra])
+    with pytest.raises(grpc.RpcError) as info:
+        raw.create(csr, token=ca.node_tokens["node1"], impersonate=CLIENT)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "exactly that SPIFFE URI" in info.value.details()  # type: ignore[attr-defined]
+
+
+def test_requested_identity_with_a_trailing_newline_is_invalid(
+    ca: InProcessCA, raw: RawClient
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        raw.create(csr_for(CLIENT), token=ca.node_tokens["node1"], impersonate=CLIENT + "\n")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "not a valid Kubernetes name" in info.value.details()  # type: ignore[attr-defined]

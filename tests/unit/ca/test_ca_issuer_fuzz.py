@@ -21,6 +21,7 @@ from agent.identity.caclient import CA_SERVER_NAME
 from agent.identity.certs import build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
 from agent.state import StateStore, Workload
+from tests.fuzzing import fuzz_examples
 from tests.unit.ca.ca_helpers import RawClient
 
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
@@ -64,8 +65,11 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.fuzz
 @settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=fuzz_examples(300),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     data=st.data(),

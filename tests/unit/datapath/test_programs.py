@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from agent.datapath import programs
+from agent.datapath import compiler, programs
 from agent.datapath.programs import Marks, ProgramLoadError
 
 
@@ -60,7 +61,7 @@ def test_layout_mismatch_is_refused(tmp_path: Path) -> None:
     ],
 )
 def test_load_errors_name_the_likely_cause(message: str, cause: str) -> None:
-    assert cause in programs._likely_cause(message)
+    assert cause in compiler._likely_cause(message)
 
 
 def test_the_header_gets_the_agents_numbers_only_from_the_loader() -> None:
@@ -71,3 +72,35 @@ def test_the_header_gets_the_agents_numbers_only_from_the_loader() -> None:
     for name in ("NM_PROXY_MARK", "NM_CAPTURE_MARK", "NM_HBONE_PORT"):
         assert f"#define {name}" not in header
         assert f"-D{name}=" in flags
+
+
+def test_a_refusal_in_the_compiler_child_comes_back_as_its_message(tmp_path: Path) -> None:
+    """The real child, without a kernel: sources that are not there fail before any load, and
+    the message crosses the process boundary intact (the kernel-backed cases are in
+    tests/integration/datapath/test_datapath_load_errors.py)."""
+    missing = tmp_path / "no-sources"
+    with pytest.raises(ProgramLoadError) as failure:
+        programs._compile_in_child(Marks(), tmp_path / "pins" / "v1-x", missing)
+    assert f"compiling the capture programs in {missing} failed" in str(failure.value)
+    assert "No such file or directory" in str(failure.value)
+    assert not (tmp_path / "pins").exists()
+
+
+def test_a_compiler_child_that_dies_without_a_result_is_a_load_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def killed(argv: list[str], **_: object) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.CompletedProcess(argv, -9, stdout=b"", stderr=b"compiling...\n")
+
+    monkeypatch.setattr(programs.subprocess, "run", killed)
+    with pytest.raises(ProgramLoadError, match="killed by signal 9 without a result"):
+        programs._compile_in_child(Marks(), tmp_path / "v1-x", programs.source_dir())
+
+
+def test_the_compiler_child_gets_the_marks_it_is_asked_for() -> None:
+    marks = Marks(proxy_mark=0x77, capture_mark=0x1234, hbone_port=15999)
+    args = compiler._parser().parse_args(["--src", "/s", "--into", "/p", *marks.argv()])
+    rebuilt = Marks(
+        proxy_mark=args.proxy_mark, capture_mark=args.capture_mark, hbone_port=args.hbone_port
+    )
+    assert rebuilt == marks

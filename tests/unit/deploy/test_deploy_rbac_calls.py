@@ -75,7 +75,11 @@ def allowed(call: Call, roles: list[tuple[Obj, str | None]]) -> bool:
 
 
 def agent_roles() -> list[tuple[Obj, str | None]]:
-    return [(find(render("daemonset"), "ClusterRole", "nodemesh-agent"), None)]
+    objs = render("daemonset")
+    return [
+        (find(objs, "ClusterRole", "nodemesh-agent"), None),
+        (find(objs, "Role", "nodemesh-agent"), NAMESPACE),
+    ]
 
 
 def ca_roles() -> list[tuple[Obj, str | None]]:
@@ -111,6 +115,9 @@ def test_the_agent_roles_allow_every_call_of_the_kubernetes_source(api: FakeApiS
         api.patch("Pod", "a", {"metadata": {"annotations": {"nodemesh.io/mesh": "yes please"}}})
         wait_for(lambda: api.list_objects("Event"))
         wait_for(lambda: api.get("AuthorizationPolicy", "bad").get("status"))
+        wait_for(source.election.leading)  # the route-status Lease: created, then renewed
+        wait_for(lambda: ("PUT", f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/"
+                          "nodemesh-route-status") in api.requests)  # fmt: skip
     finally:
         source.stop()
         connection.close()
@@ -123,6 +130,8 @@ def test_the_agent_roles_allow_every_call_of_the_kubernetes_source(api: FakeApiS
         ("list", "discovery.k8s.io", "endpointslices"),
         ("create", "", "events"),
         ("patch", "nodemesh.io", "authorizationpolicies/status"),
+        ("create", "coordination.k8s.io", "leases"),
+        ("update", "coordination.k8s.io", "leases"),
     ]:
         assert wanted in used, f"the scenario did not exercise {wanted}"
 

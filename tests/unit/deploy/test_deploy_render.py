@@ -93,6 +93,8 @@ def test_base_installs_the_whole_mesh() -> None:
         ("CustomResourceDefinition", "authorizationpolicies.nodemesh.io"),
         ("CustomResourceDefinition", "peerauthentications.nodemesh.io"),
         ("CustomResourceDefinition", "trafficpolicies.nodemesh.io"),
+        ("CustomResourceDefinition", "ratelimitpolicies.nodemesh.io"),
+        ("CustomResourceDefinition", "httpfaults.nodemesh.io"),
         ("DaemonSet", "nodemesh-agent"),
         ("Deployment", "nodemesh-ca"),
         ("Service", "nodemesh-ca"),

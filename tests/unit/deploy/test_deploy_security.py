@@ -29,7 +29,19 @@ AGENT_PERMISSIONS = (
     | {("discovery.k8s.io", "endpointslices", v) for v in ("list", "watch")}
     | {
         ("nodemesh.io", f"{r}{sub}", v)
-        for r in ("authorizationpolicies", "peerauthentications", "trafficpolicies")
+        for r in (
+            "authorizationpolicies",
+            "peerauthentications",
+            "trafficpolicies",
+            "ratelimitpolicies",
+            "httpfaults",
+        )
+        for sub, verbs in (("", ("list", "watch")), ("/status", ("patch",)))
+        for v in verbs
+    }
+    | {
+        ("gateway.networking.k8s.io", f"{r}{sub}", v)
+        for r in ("httproutes", "grpcroutes")
         for sub, verbs in (("", ("list", "watch")), ("/status", ("patch",)))
         for v in verbs
     }
@@ -99,7 +111,18 @@ def test_agent_permissions_are_exactly_the_documented_ones() -> None:
         if o["kind"] in ("RoleBinding", "ClusterRoleBinding")
         and any(s["name"] == "nodemesh-agent" for s in o["subjects"])
     ]
-    assert [b["roleRef"]["name"] for b in bound] == ["nodemesh-agent"]
+    assert sorted((b["kind"], b["roleRef"]["name"]) for b in bound) == [
+        ("ClusterRoleBinding", "nodemesh-agent"),
+        ("RoleBinding", "nodemesh-agent"),
+    ]
+    # In its own namespace: only the route-status Lease (agent/sources/lease.py), by name.
+    role = find(base(), "Role", "nodemesh-agent")
+    for rule in role["rules"]:
+        assert rule["apiGroups"] == ["coordination.k8s.io"] and rule["resources"] == ["leases"]
+        if rule["verbs"] == ["create"]:
+            continue  # Kubernetes cannot limit create by name: the object does not exist yet.
+        assert rule["resourceNames"] == ["nodemesh-route-status"]
+        assert set(rule["verbs"]) <= {"get", "update"}
 
 
 def test_ca_touches_only_its_own_secret_and_configmap() -> None:

@@ -341,6 +341,48 @@ def test_a_new_trust_bundle_reaches_every_held_certificate(ca: InProcessCA, tmp_
     asyncio.run(scenario())
 
 
+def test_observers_see_every_new_certificate_and_every_drop(
+    ca: InProcessCA, tmp_path: Path
+) -> None:
+    """What the workers' copies follow: a mirror fed only by the observer calls equals what the
+    manager holds after an issue, a drop and a trust bundle change, and is not emptied by the
+    agent's own shutdown (its draining workers keep serving)."""
+    second_root = load_or_create_dir(tmp_path / "next-root", "cluster.local").signing_cert
+
+    async def scenario() -> None:
+        client = client_for(ca, tmp_path)
+        manager = IdentityManager(client)
+        mirror: dict[str, WorkloadCertificate] = {}
+        dropped: list[str] = []
+
+        def observe(name: str, cert: WorkloadCertificate | None) -> None:
+            if cert is None:
+                dropped.append(name)
+                mirror.pop(name)
+            else:
+                mirror[name] = cert
+
+        def agrees() -> bool:
+            held = {str(c.identity): c for c in manager.held_all()}
+            return held.keys() == mirror.keys() and all(mirror[n] is c for n, c in held.items())
+
+        manager.observers.append(observe)
+        manager.set_identities([CLIENT, SERVER])
+        await wait_for(lambda: len(mirror) == 2)
+        assert agrees() and mirror[CLIENT] is manager.held(CLIENT)
+        manager.set_identities([CLIENT])
+        assert dropped == [SERVER] and manager.held(SERVER) is None and agrees()
+        ca.authority = dataclasses.replace(ca.authority, roots=(*ca.authority.roots, second_root))
+        manager.set_identities([CLIENT, SERVER])  # SERVER's new certificate brings the bundle
+        await wait_for(lambda: SERVER in mirror and len(mirror[CLIENT].roots) == 2)
+        assert agrees()
+        await manager.close()
+        assert dropped == [SERVER] and set(mirror) == {CLIENT, SERVER}
+        await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_ca_root_file_anchors_the_clients_tls_and_is_reread(
     ca: InProcessCA, tmp_path: Path
 ) -> None:
@@ -366,10 +408,10 @@ def test_ca_root_file_anchors_the_clients_tls_and_is_reread(
 def test_a_request_cut_by_a_closed_channel_is_a_failure_not_the_end_of_the_worker(
     ca: InProcessCA, tmp_path: Path
 ) -> None:
-    """grpc.aio raises CancelledError in a call whose channel is closed under it (another
-    request dropped the channel after a transport failure, or --ca-root changed). That must be
-    a failed attempt that is retried: taken for the worker's own cancellation, it ended the
-    worker, and the identity was never renewed again (found by the CA outage drill)."""
+    """A request cut by ``CaClient.close()`` (its exchange is cancelled; grpc.aio did the same
+    when a channel was closed under a call) must be a failed attempt that is retried: taken for
+    the worker's own cancellation, it ended the worker, and the identity was never renewed again
+    (found by the CA outage drill)."""
     silent = socket.socket()  # accepts TCP, never answers TLS: the request stays in flight
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
@@ -385,7 +427,7 @@ def test_a_request_cut_by_a_closed_channel_is_a_failure_not_the_end_of_the_worke
         manager = IdentityManager(client, backoff=Backoff(initial=30.0, cap=30.0))
         manager.set_identities([CLIENT])
         await asyncio.sleep(0.5)
-        await client.close()  # closes the channel both requests wait on
+        await client.close()  # cuts both requests, still in their TLS handshakes
         try:
             await fetch
         except BaseException as e:  # CancelledError included: the test reports what it was
@@ -401,5 +443,7 @@ def test_a_request_cut_by_a_closed_channel_is_a_failure_not_the_end_of_the_worke
         cut, state, alive = asyncio.run(scenario())
     finally:
         silent.close()
-    assert isinstance(cut, CaError) and "channel was closed" in str(cut)
-    assert alive and "channel was closed" in str(state["last_error"])
+    assert isinstance(cut, CaError) and "client was closed under it" in str(cut)
+    assert alive and "client was closed under it" in str(state["last_error"])
+    # A transport failure like the one that closed the channel: degraded/readiness say so.
+    assert cut.cause == "CA unreachable"

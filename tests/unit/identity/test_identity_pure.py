@@ -34,6 +34,10 @@ def test_spiffe_round_trip() -> None:
         "spiffe://cluster.local/ns/A/sa/b",
         "spiffe://cluster.local/ns/a/sa/b?x=1",
         "spiffe:///ns/a/sa/b",
+        # ``re.match`` with ``$`` let a trailing newline through in each part
+        "spiffe://cluster.local/ns/a/sa/b\n",
+        "spiffe://cluster.local/ns/a\n/sa/b",
+        "spiffe://cluster.local\n/ns/a/sa/b",
     ],
 )
 def test_spiffe_refuses_other_shapes(text: str) -> None:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from agent.ca.inprocess import InProcessCA
 from agent.ca.storage import CA_CERT_FILE, CA_KEY_FILE, ROOT_FILE, new_material
+from agent.identity.certs import WorkloadCertificate, generate_key, load_pem_chain
+from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import PeerIdentityError, client_context, server_context
 from agent.state import StateStore
 from tests.unit.identity.identity_helpers import CLIENT, SERVER, handshake
@@ -84,3 +89,61 @@ def test_root_rotation_overlap_old_and_new_leaves_verify_each_other(tmp_path: Pa
         server_context(new_leaf),
     )
     assert isinstance(client_view, ssl.SSLCertVerificationError)
+
+
+def _leaf_with_sans(ca: InProcessCA, identity: str, sans: list[x509.GeneralName]) -> Any:
+    """A certificate the mesh CA would never issue: signed by its key, with ``sans``."""
+    key = generate_key()
+    authority = ca.authority
+    now = dt.datetime.now(dt.UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(authority.signing_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
+        .sign(authority.signing_key, hashes.SHA256())
+    )
+    roots = tuple(authority.roots)
+    chain = tuple(c for c in load_pem_chain(authority.chain_for(leaf)) if c not in roots)
+    return WorkloadCertificate(SpiffeId.parse(identity), key, chain, roots)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        x509.UniformResourceIdentifier("https://server.example/"),
+        x509.UniformResourceIdentifier("spiffe://cluster.local/ns/default/sa/admin"),
+    ],
+    ids=["https", "second-spiffe"],
+)
+def test_both_sides_refuse_a_certificate_with_a_second_uri_san(
+    ca: InProcessCA, extra: x509.GeneralName
+) -> None:
+    sans = [x509.UniformResourceIdentifier(SERVER), extra]
+    client_view, _ = handshake(
+        client_context(ca.workload_certificate(CLIENT), SERVER),
+        server_context(_leaf_with_sans(ca, SERVER, sans)),
+    )
+    assert isinstance(client_view, PeerIdentityError)
+    assert "2 URI SANs" in str(client_view)
+    _, server_view = handshake(
+        client_context(
+            _leaf_with_sans(ca, CLIENT, [x509.UniformResourceIdentifier(CLIENT), extra]), None
+        ),
+        server_context(ca.workload_certificate(SERVER)),
+    )
+    assert isinstance(server_view, PeerIdentityError)
+
+
+def test_a_dns_san_beside_the_spiffe_uri_is_allowed(ca: InProcessCA) -> None:
+    """SPIFFE allows other SAN types in an SVID; only a second URI is ambiguous."""
+    sans = [x509.UniformResourceIdentifier(SERVER), x509.DNSName("server.default.svc")]
+    client_view, server_view = handshake(
+        client_context(ca.workload_certificate(CLIENT), SERVER),
+        server_context(_leaf_with_sans(ca, SERVER, sans)),
+    )
+    assert (client_view, server_view) == (SERVER, CLIENT)

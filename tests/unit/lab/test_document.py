@@ -31,7 +31,7 @@ GOOD = textwrap.dedent(
       - apiVersion: nodemesh.io/v1alpha1
         kind: AuthorizationPolicy
         metadata: {name: deny-outsider, namespace: default}
-        spec: {action: DENY}
+        spec: {action: DENY, rules: [{}]}
     """
 )
 
@@ -60,7 +60,7 @@ def test_good_document_gives_state_objects() -> None:
     assert ns.mesh_enabled
     (policy,) = state.policies
     assert policy.key == ("AuthorizationPolicy", "default", "deny-outsider")
-    assert policy.spec == {"action": "DENY"}
+    assert policy.spec == {"action": "DENY", "rules": [{}]}
 
 
 def test_defaults_and_implicit_namespaces() -> None:

@@ -10,6 +10,7 @@ from agent.lab import control
 from agent.lab.record import LabDir
 from agent.lab.topology import DEFAULT_TOPOLOGY, LabError, check_lab_name, plan_lab
 from agent.sources.document import DocumentError, parse_document
+from agent.state.protocols import port_protocol
 
 
 def _plan(text: str = DEFAULT_TOPOLOGY, lab: str = "nm"):  # type: ignore[no-untyped-def]
@@ -33,9 +34,20 @@ def test_default_topology_plan() -> None:
     assert all(name.startswith("nm-") for name in plan.netns_names())
     # The completed document carries every assigned address, for the agents.
     assert {pod.name: pod.ip for _, pod in doc.pods()}["server-1"] == "10.244.2.3"
-    assert doc.services[0].cluster_ip == "10.96.0.10"
-    (svc,) = doc.to_state().services
-    assert sorted(e.ip for e in svc.endpoints) == ["10.244.2.2", "10.244.2.3"]
+    assert [(s.name, s.cluster_ip) for s in doc.services] == [
+        ("server", "10.96.0.10"),
+        ("web", "10.96.0.11"),
+        ("grpc", "10.96.0.12"),
+    ]
+    server, web, grpc = doc.to_state().services
+    for svc in (server, web, grpc):
+        assert sorted(e.ip for e in svc.endpoints) == ["10.244.2.2", "10.244.2.3"]
+    # Service web declares HTTP on its own pod port; the echo port behind Service server stays L4.
+    assert [(p.port, p.target_port, port_protocol(p)) for p in server.ports] == [(80, 8080, "tcp")]
+    assert [(p.port, p.target_port, port_protocol(p)) for p in web.ports] == [(80, 9080, "http")]
+    assert [(p.port, p.target_port, port_protocol(p)) for p in grpc.ports] == [
+        (50051, 50051, "grpc")
+    ]
 
 
 def test_given_pod_ip_is_kept_and_skipped_by_assignment() -> None:
@@ -66,7 +78,7 @@ def test_unbuildable_documents_are_refused(text: str, message: str) -> None:
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["", "nm-2", "Lab", "1lab", "toolongname"])
+@pytest.mark.parametrize("name", ["", "nm-2", "Lab", "1lab", "toolongname", "lab\n"])
 def test_lab_names_without_dash_and_short(name: str) -> None:
     with pytest.raises(LabError, match="is not allowed"):
         check_lab_name(name)
@@ -139,3 +151,79 @@ def test_resolve_target(recorded: str) -> None:
 def test_status_of_a_lab_that_is_not_up(tmp_path: Path) -> None:
     with pytest.raises(LabError, match="lab 'none' is not up"):
         control.status("none", state_root=str(tmp_path))
+
+
+ROUTE = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "HTTPRoute",
+    "metadata": {"name": "web-split", "namespace": "default"},
+    "spec": {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+        "rules": [{"backendRefs": [{"name": "web", "port": 80}]}],
+    },
+}
+
+
+def test_apply_and_delete_routes_beside_policies(recorded: str) -> None:
+    labdir = LabDir("unit", recorded)
+    control.apply("unit", [ROUTE, POLICY], state_root=recorded)
+    control.apply("unit", [ROUTE], state_root=recorded)
+    doc = labdir.read_cluster()
+    assert [r.key for r in doc.routes] == [("HTTPRoute", "default", "web-split")]
+    assert [p.key for p in doc.policies] == [("PeerAuthentication", "default", "strict")]
+    on_tcp = {
+        **ROUTE,
+        "spec": {
+            **ROUTE["spec"],
+            "parentRefs": [{"group": "", "kind": "Service", "name": "server"}],
+        },
+    }
+    with pytest.raises(DocumentError, match=r"routes\[0\]\.spec\.parentRefs.*appProtocol"):
+        control.apply("unit", [on_tcp], state_root=recorded)
+    control.delete("unit", [ROUTE], state_root=recorded)
+    assert labdir.read_cluster().routes == ()
+    with pytest.raises(LabError, match="HTTPRoute default/web-split not found"):
+        control.delete("unit", [ROUTE], state_root=recorded)
+
+
+def _service(name: str, version: str, port: dict[str, object]) -> dict[str, object]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"selector": {"app": "server", "version": version}, "ports": [port]},
+    }
+
+
+def test_apply_creates_and_replaces_services_for_route_backends(recorded: str) -> None:
+    labdir = LabDir("unit", recorded)
+    http = {"port": 80, "targetPort": 9080, "name": "http", "appProtocol": "http"}
+    v1, v2 = _service("web-v1", "v1", http), _service("web-v2", "v2", http)
+    split = {
+        **ROUTE,
+        "spec": {
+            **ROUTE["spec"],
+            "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}]}],
+        },
+    }
+    control.apply("unit", [v1, v2, split], state_root=recorded)
+    vips = {s.name: s.cluster_ip for s in labdir.read_cluster().services}
+    assert None not in vips.values() and len(set(vips.values())) == len(vips)  # dialable, unique
+    control.apply("unit", [_service("web-v2", "v2", {**http, "port": 81})], state_root=recorded)
+    doc = labdir.read_cluster()
+    services = {s.name: s for s in doc.services}
+    assert {"server", "web", "web-v1", "web-v2"} <= set(services)
+    assert [p.port for p in services["web-v2"].ports] == [81]  # replaced, not added twice
+    assert services["web-v2"].cluster_ip == vips["web-v2"]  # and kept its VIP
+    status = control.status("unit", state_root=recorded)["services"]
+    assert {s["name"]: s["clusterIP"] for s in status} == vips
+    assert [r.key for r in doc.routes] == [("HTTPRoute", "default", "web-split")]
+    # The server pods can be told apart (default topology): each version selects one.
+    endpoints = {s.name: s.endpoints for s in doc.to_state().services}
+    assert len(endpoints["web-v1"]) == len(endpoints["web-v2"]) == 1
+    with pytest.raises(DocumentError, match=r"services\[\d\]\.ports"):
+        control.apply("unit", [_service("web-v3", "v3", {"port": 0})], state_root=recorded)
+    control.delete("unit", [split, v1, v2], state_root=recorded)
+    assert {s.name for s in labdir.read_cluster().services} == {"server", "web", "grpc"}
+    with pytest.raises(LabError, match="Service default/web-v1 not found"):
+        control.delete("unit", [v1], state_root=recorded)

@@ -20,17 +20,25 @@ def pa(
     name: str = "p",
     sel: bool = False,
     ports: dict[str, str] | None = None,
+    dry_run: bool = False,
 ) -> PolicyObject:
     spec: dict[str, Any] = {"mtls": {"mode": mode}}
     if sel:
         spec["selector"] = {"matchLabels": {"app": "server"}}
     if ports:
         spec["portLevelMtls"] = {k: {"mode": v} for k, v in ports.items()}
-    return PolicyObject("PeerAuthentication", ns, name, spec)
+    return PolicyObject("PeerAuthentication", ns, name, spec, dry_run=dry_run)
 
 
 CASES: list[tuple[str, list[PolicyObject], int, str]] = [
     ("default is permissive", [], 80, PERMISSIVE),
+    ("dry-run strict is not enforced", [pa(STRICT, dry_run=True)], 80, PERMISSIVE),
+    (
+        "dry-run workload policy does not hide the namespace one",
+        [pa(STRICT), pa(PERMISSIVE, sel=True, name="w", dry_run=True)],
+        80,
+        STRICT,
+    ),
     ("mesh-wide strict", [pa(STRICT, ns="nodemesh-system")], 80, STRICT),
     ("namespace strict", [pa(STRICT)], 80, STRICT),
     ("other namespace ignored", [pa(STRICT, ns="other")], 80, PERMISSIVE),

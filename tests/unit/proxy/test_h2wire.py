@@ -114,3 +114,26 @@ def test_closed_stream_memory_is_bounded() -> None:
 def test_error_code_keeps_unknown_codes() -> None:
     assert h2wire.error_code(11) is ErrorCodes.ENHANCE_YOUR_CALM
     assert h2wire.error_code(0xBEEF) == 0xBEEF
+
+
+def test_received_frames_are_not_formatted_for_a_trace_nobody_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reach 5: ``h2`` parses a frame without hyperframe's ``repr`` (3 to 6 µs each)."""
+    import hyperframe.frame
+
+    def refuse(_frame: object) -> str:
+        raise AssertionError("h2 formatted a received frame with repr()")
+
+    monkeypatch.setattr(hyperframe.frame.Frame, "__repr__", refuse)
+    client = H2Connection(h2.config.H2Configuration(client_side=True))
+    server = H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+    client.send_headers(
+        1, [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "a")]
+    )
+    client.send_data(1, b"hello", end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    assert any(isinstance(e, h2.events.DataReceived) for e in events)
+    assert h2wire.frame_kind(hyperframe.frame.DataFrame(1)) == "DataFrame"

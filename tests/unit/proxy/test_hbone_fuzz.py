@@ -13,7 +13,6 @@ stays silent, and the codec's accounting never exceeds the documented bound.
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 from hpack import Encoder
@@ -25,9 +24,10 @@ from agent.proxy.h2wire import HboneSettings
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.hbone_events import Cause
 from agent.proxy.hbone_limits import connection_memory_bound
+from tests.fuzzing import fuzz_examples
 from tests.unit.proxy.hostile import PREFACE, frame
 
-EXAMPLES = int(os.environ.get("NODEMESH_FUZZ_EXAMPLES", "150"))
+EXAMPLES = fuzz_examples(150)
 CAUSES = {v for k, v in vars(Cause).items() if not k.startswith("_")}
 BOUND = connection_memory_bound(HboneSettings())
 ENCODER_HEADERS = [

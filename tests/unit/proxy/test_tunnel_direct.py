@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.proxy.hbone import HboneConnection
-from agent.proxy.tunnel import HboneProtocol, TunnelStream
+from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
 from tests.unit.proxy.memtransport import MemoryTransport
 
 
@@ -122,5 +122,98 @@ def test_a_blocking_socket_is_refused() -> None:
         finally:
             a.close()
             b.close()
+
+    asyncio.run(main())
+
+
+def test_a_relay_stopped_before_ending_its_half_resets_the_stream() -> None:
+    """The peer half-closed, then the relay stopped (a policy re-check or the drain deadline
+    cancelled it) before it ended its own half: the peer must learn the stream is over, or it
+    waits for bytes that never come (a denied client hung until its own timeout)."""
+
+    async def main() -> None:
+        client, server = await tunnel()
+        client.write_eof()
+        await settle()
+        assert server.eof
+        server.proto.finish(server)
+        await settle()
+        with pytest.raises(TunnelError):
+            await asyncio.wait_for(client.read(), 1)
+
+    asyncio.run(main())
+
+
+def test_a_relay_that_ended_both_halves_closes_the_stream_cleanly() -> None:
+    async def main() -> None:
+        client, server = await tunnel()
+        client.write_eof()
+        server.write_eof()
+        await settle()
+        server.proto.finish(server)
+        await settle()
+        assert await asyncio.wait_for(client.read(), 1) is None
+
+    asyncio.run(main())
+
+
+def test_a_chunk_the_relay_failed_to_write_goes_back_to_the_connection_window(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The relay took a chunk with ``read`` and its pod had gone (broken pipe): when the relay
+    finishes the stream, the connection window gets those bytes back. Before, each such failure
+    shrank the window for good; the bench's connection-churn runs stalled every stream of the
+    pooled HBONE connection after a few minutes."""
+
+    async def main() -> None:
+        client, server = await tunnel()
+        await client.write(b"x" * 1000)
+        await settle()
+        assert await server.read() == b"x" * 1000  # handed to the relay, not consumed yet
+        pair[1].close()  # the pod went away: the relay's write would fail
+        assert server.proto.codec.held_bytes() == 1000
+        server.proto.finish(server)
+        assert server.proto.codec.held_bytes() == 0
+
+    asyncio.run(main())
+
+
+def test_a_stream_reset_locally_gives_back_what_its_relay_held() -> None:
+    async def main() -> None:
+        client, server = await tunnel()
+        await client.write(b"y" * 700)
+        await settle()
+        assert await server.read() == b"y" * 700
+        server.reset()
+        assert server.proto.codec.held_bytes() == 0
+
+    asyncio.run(main())
+
+
+def test_leaked_chunks_never_stall_the_connection() -> None:
+    """Many streams whose relays fail mid-write (more bytes in all than the connection window):
+    a new stream on the same connection still carries its bytes."""
+
+    async def main() -> None:
+        client, server = await tunnel()
+        proto = server.proto
+        window = proto.codec.settings.connection_window
+        chunk = 60_000
+        for _ in range(window // chunk + 4):
+            sender = await asyncio.wait_for(client.proto.open("10.0.0.2:80", None), 5)
+            await asyncio.wait_for(sender.write(b"z" * chunk), 5)
+            await settle()
+            (receiver,) = [s for s in proto.streams.values() if s is not server]
+            got = 0
+            while got < chunk:
+                data = await asyncio.wait_for(receiver.read(), 5)
+                assert data is not None
+                got += len(data)
+            proto.finish(receiver)  # the relay failed: nothing of it was consumed
+            client.proto.finish(sender)
+            await settle()
+        await asyncio.wait_for(client.write(b"still flowing"), 5)
+        await settle()
+        assert await asyncio.wait_for(server.read(), 5) == b"still flowing"
 
     asyncio.run(main())

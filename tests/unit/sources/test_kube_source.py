@@ -226,7 +226,10 @@ def test_invalid_objects_are_skipped_and_reported(cluster: Cluster) -> None:
     assert wait_for(lambda: accepted("bad")) == "False"
     condition = api.get("AuthorizationPolicy", "bad")["status"]["conditions"][0]
     assert condition["reason"] == "InvalidSpec" and "spec.action" in condition["message"]
-    assert [p.name for p in cluster.snap().policies_of("AuthorizationPolicy")] == ["good"]
+    assert "fail closed" in condition["message"]
+    policies = {p.name: p for p in cluster.snap().policies_of("AuthorizationPolicy")}
+    assert sorted(policies) == ["bad", "good"]
+    assert dict(policies["bad"].spec) == {"action": "ALLOW"}  # refused, never seen valid: closed
     assert "other-node" not in cluster.names()
     assert len(api.list_objects("Event")) == 1  # only the pod's own node reports it
 

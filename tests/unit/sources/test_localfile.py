@@ -29,7 +29,7 @@ policies:
   - apiVersion: nodemesh.io/v1alpha1
     kind: AuthorizationPolicy
     metadata: {{name: allow-client, namespace: default}}
-    spec: {{action: {action}}}
+    spec: {{action: {action}, rules: [{{from: [{{source: {{namespaces: [other]}}}}]}}]}}
 """
 
 
@@ -153,5 +153,37 @@ def test_inotify_notices_an_edit_long_before_the_poll(tmp_path: Path) -> None:
         _write(path, DOC.format(mesh="disabled", action="ALLOW"))
         snap = changes.wait()
         assert not snap.is_meshed(snap.workload_by_ip["10.244.1.2"])
+    finally:
+        source.stop()
+
+
+ROUTED = """\
+nodes:
+  - name: node1
+    pods:
+      - {name: server, namespace: default, ip: 10.244.1.3, labels: {app: server}}
+services:
+  - {name: web, namespace: default, selector: {app: server},
+     ports: [{port: 80, targetPort: 8080, name: http}]}
+routes:
+  - apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: web, namespace: default}
+    spec:
+      parentRefs: [{group: "", kind: Service, name: web}]
+      rules: [{backendRefs: [{name: web, port: 80}]}]
+"""
+
+
+def test_routes_are_loaded_and_removed_with_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    _write(path, ROUTED)
+    store = StateStore()
+    source = LocalFileSource(path, store, interval=0.02)
+    source.start()
+    try:
+        assert list(store.snapshot().routes) == [("HTTPRoute", "default", "web")]
+        _write(path, ROUTED.split("routes:")[0])
+        _wait_for(lambda: not store.snapshot().routes)
     finally:
         source.stop()

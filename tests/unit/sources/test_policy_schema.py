@@ -123,6 +123,34 @@ def test_defaults_are_applied_and_dry_run_read() -> None:
     assert traffic.spec["targetRef"]["group"] == ""
 
 
+@pytest.mark.parametrize(
+    ("annotations", "dry_run"),
+    [
+        ({"istio.io/dry-run": "true"}, True),
+        ({"istio.io/dry-run": "false"}, False),
+        ({"istio.io/dry-run": "true", "nodemesh.io/dry-run": "true"}, True),
+        ({}, False),
+    ],
+)
+def test_istio_dry_run_annotation_is_honoured(annotations: dict[str, str], dry_run: bool) -> None:
+    manifest = _with(AUTHZ, "metadata.annotations", annotations)
+    assert validate_policy(manifest, path="p").dry_run is dry_run
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("spec.rules", [{}]),  # a DENY with an empty rule denies everything: allowed
+        ("spec.rules.0.when", []),  # no conditions, as in Istio
+        ("spec.rules.0.when.0", {"key": "destination.port", "notValues": ["9090"]}),
+        ("spec.rules.0.when.0", {"key": "destination.ip", "values": ["fd00::/64"]}),
+        ("spec.rules.0.when.0", {"key": "request.headers[x]", "values": ["anything"]}),
+    ],
+)
+def test_istio_accepts_these_and_so_do_we(field: str, value: Any) -> None:
+    validate_policy(_with(AUTHZ, field, value), path="p")
+
+
 REJECTED = [
     (AUTHZ, "spec.action", "ALLOWED", "p.spec.action", "use one of 'ALLOW', 'DENY', 'AUDIT'"),
     (AUTHZ, "spec.rules.0.from.0.source", {}, "p.spec.rules[0].from[0].source", "at least 1"),
@@ -217,6 +245,109 @@ REJECTED = [
         "p.spec.split.stickyBySourceIP",
         "expected boolean",
     ),
+    # Empty lists that would silently never match (or always, for not* fields): Istio refuses
+    # them too, except a value list beside a non-empty sibling, which it reads as absent.
+    (AUTHZ, "spec.rules.0.from", [], "p.spec.rules[0].from", "at least 1 item"),
+    (AUTHZ, "spec.rules.0.to", [], "p.spec.rules[0].to", "at least 1 item"),
+    (
+        AUTHZ,
+        "spec.rules.0.from.0.source.principals",
+        [],
+        "p.spec.rules[0].from[0].source.principals",
+        "at least 1 item",
+    ),
+    (
+        AUTHZ,
+        "spec.rules.0.from.0.source.notNamespaces",
+        [],
+        "p.spec.rules[0].from[0].source.notNamespaces",
+        "at least 1 item",
+    ),
+    (
+        AUTHZ,
+        "spec.rules.0.from.0.source.ipBlocks",
+        [],
+        "p.spec.rules[0].from[0].source.ipBlocks",
+        "at least 1 item",
+    ),
+    (
+        AUTHZ,
+        "spec.rules.0.to.0.operation.ports",
+        [],
+        "p.spec.rules[0].to[0].operation.ports",
+        "at least 1 item",
+    ),
+    (AUTHZ, "spec.rules.0.when.0.values", [], "p.spec.rules[0].when[0].values", "at least 1"),
+    (AUTHZ, "spec.rules", ..., "p.spec", "DENY policy without rules never matches"),
+    (AUTHZ, "spec.rules", [], "p.spec", "add an empty rule"),
+    (PEERAUTH, "spec.portLevelMtls", {}, "p.spec.portLevelMtls", "at least 1 field"),
+    (TRAFFIC, "spec.retries.retryOn", [], "p.spec.retries.retryOn", "at least 1 item"),
+    # ``when`` values their key cannot compare (Istio's webhook refuses them too)
+    (
+        AUTHZ,
+        "spec.rules.0.when.0",
+        {"key": "destination.port", "values": ["http"]},
+        "p.spec.rules[0].when[0].values[0]",
+        "'http' is not a port number",
+    ),
+    (
+        AUTHZ,
+        "spec.rules.0.when.0",
+        {"key": "source.ip", "values": ["10.0.0.1"], "notValues": ["10.0.0.300"]},
+        "p.spec.rules[0].when[0].notValues[0]",
+        "not an IP address or CIDR",
+    ),
+    # a request.headers key needs a header name, as Istio's webhook says
+    (
+        AUTHZ,
+        "spec.rules.0.when.0",
+        {"key": "request.headers[]", "values": ["x"]},
+        "p.spec.rules[0].when[0].key",
+        "'' is not an HTTP header name",
+    ),
+    (
+        AUTHZ,
+        "spec.rules.0.when.0",
+        {"key": "request.headers[x token]", "values": ["x"]},
+        "p.spec.rules[0].when[0].key",
+        "'x token' is not an HTTP header name",
+    ),
+    (
+        AUTHZ,
+        "spec.rules.0.when.0",
+        {"key": "request.headers", "values": ["x"]},
+        "p.spec.rules[0].when[0].key",
+        "expected request.headers[NAME]",
+    ),
+    # a trailing newline: Python's '$' would let it through, the API server's does not
+    (
+        AUTHZ,
+        "spec.rules.0.to.0.operation.ports",
+        ["80\n"],
+        "p.spec.rules[0].to[0].operation.ports[0]",
+        "does not match",
+    ),
+    (TRAFFIC, "spec.targetRef.name", "server\n", "p.spec.targetRef.name", "does not match"),
+    (AUTHZ, "metadata.name", "allow\n", "p.metadata.name", "DNS subdomain"),
+    (AUTHZ, "metadata.namespace", "shop\n", "p.metadata.namespace", "DNS label"),
+    # metadata of an unexpected shape is a rejection, not a crash
+    (AUTHZ, "metadata.annotations", ["x"], "p.metadata.annotations", "expected a mapping"),
+    (AUTHZ, "metadata.generation", "2", "p.metadata.generation", "non-negative integer"),
+    # istio.io/dry-run takes the same values as nodemesh.io/dry-run, and they must agree
+    (
+        AUTHZ,
+        "metadata.annotations",
+        {"istio.io/dry-run": "True"},
+        "p.metadata.annotations.istio.io/dry-run",
+        "'true' or 'false'",
+    ),
+    (
+        AUTHZ,
+        "metadata.annotations",
+        {"istio.io/dry-run": "true", "nodemesh.io/dry-run": "false"},
+        "p.metadata.annotations",
+        "disagree",
+    ),
 ]
 
 
@@ -266,7 +397,13 @@ def test_crd_files_are_structural_and_complete() -> None:
         assert "conditions" in root["properties"]["status"]["properties"]
         for column in version["additionalPrinterColumns"]:
             assert column["jsonPath"].startswith((".spec.", ".status.", ".metadata."))
-    assert set(crd_schemas()) == {"AuthorizationPolicy", "PeerAuthentication", "TrafficPolicy"}
+    assert set(crd_schemas()) == {
+        "AuthorizationPolicy",
+        "PeerAuthentication",
+        "TrafficPolicy",
+        "RateLimitPolicy",
+        "HTTPFault",
+    }
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("1m30s", 90.0), ("2h", 7200.0)])

@@ -35,6 +35,12 @@ class _NoReports:
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
         assert error is None
 
+    def observe_route(self, kind: str, obj: Raw, deleted: bool) -> None:
+        return None
+
+    def report_routes(self) -> None:
+        return None
+
 
 def _with_meta(obj: dict[str, Any], i: int) -> dict[str, Any]:
     obj["metadata"].update(

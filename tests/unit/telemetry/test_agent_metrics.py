@@ -7,11 +7,11 @@ import logging
 import time
 from collections import Counter
 
-import grpc
 import pytest
 
 from agent.base.metrics import MetricDeclarationError, counter
 from agent.identity.caclient import CaError
+from agent.identity.grpcunary import Status
 from agent.identity.metrics import CountingFetcher
 from agent.identity.spiffe import SpiffeId
 from agent.telemetry.agentmetrics import AgentSources
@@ -44,6 +44,7 @@ def test_collector_reads_every_source_at_scrape_time() -> None:
     sources = AgentSources(
         rejections=lambda: rejections,
         denials=lambda: {"default/deny-all": 3},
+        rate_limited=lambda: {"web.default.svc.cluster.local": 7},
         pool_size=lambda: 4,
         inbound_tunnels=lambda: 1,
         certificates=lambda: CERT_STATES,
@@ -59,6 +60,8 @@ def test_collector_reads_every_source_at_scrape_time() -> None:
     assert total(parsed, "nodemesh_handshake_failures_total", cause="tls_handshake_failed") == 2
     assert total(parsed, "nodemesh_handshake_failures_total", cause="wrong_alpn") == 0
     assert total(parsed, "nodemesh_policy_denials_total", policy="default/deny-all") == 3
+    web = "web.default.svc.cluster.local"
+    assert total(parsed, "nodemesh_rate_limited_requests_total", service=web) == 7
     assert total(parsed, "nodemesh_hbone_pool_connections") == 4
     assert total(parsed, "nodemesh_hbone_inbound_connections") == 1
     expiry = total(parsed, "nodemesh_certificate_expiry_timestamp_seconds", identity=CLIENT_ID)
@@ -110,7 +113,7 @@ def test_ca_request_outcomes_are_counted() -> None:
     ident = SpiffeId.parse(CLIENT_ID)
     before = {k: outcome(k) for k in ("ok", "PERMISSION_DENIED", "error")}
     asyncio.run(CountingFetcher(_Fetcher(None)).fetch(ident))  # type: ignore[arg-type]
-    for error in (CaError("no", grpc.StatusCode.PERMISSION_DENIED), ValueError("bad answer")):
+    for error in (CaError("no", Status.PERMISSION_DENIED), ValueError("bad answer")):
         with pytest.raises(type(error)):
             asyncio.run(CountingFetcher(_Fetcher(error)).fetch(ident))  # type: ignore[arg-type]
     assert outcome("ok") == before["ok"] + 1

@@ -9,6 +9,7 @@ import pytest
 
 from agent.policy.authz import Decision
 from agent.proxy.records import Registry
+from agent.state.model import Endpoint, Service, ServicePort
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.labels import endpoint_services, host_of, tcp_labels
@@ -164,3 +165,48 @@ def test_a_failing_observer_never_breaks_the_connection(caplog: pytest.LogCaptur
         registry.remove(registry.add(outbound(), lambda _reason: None))
     assert len([r for r in caplog.records if "observer" in r.getMessage()]) == 2
     assert total(samples(component.exposition()), CLOSED) == 1  # the others still saw it
+
+
+def test_a_client_connection_the_source_terminated_as_http_is_reported_per_request_only() -> None:
+    """Its requests went to several endpoints (``reporter="source"`` request metrics) and the
+    flows carrying them are the destination's TCP connections: no TCP series at the source,
+    though it is a live connection of the proxy."""
+    registry, component = telemetry()
+    record = outbound()
+    record.protocol = "http/1.1"
+    conn_id = registry.add(record, lambda _reason: None)
+    record.bytes_sent = 300
+    live = samples(component.exposition())
+    assert total(live, OPENED) == 0 and total(live, SENT) == 0
+    assert total(live, "nodemesh_open_connections", direction="outbound") == 1
+    assert len(component.tcp.live()) == 1
+    registry.remove(conn_id)
+    done = samples(component.exposition())
+    assert total(done, CLOSED) == 0 and total(done, SENT) == 0
+    assert total(done, "nodemesh_open_connections") == 0
+
+
+def test_a_pod_behind_two_services_is_labelled_with_the_one_whose_port_was_reached() -> None:
+    store = make_store()
+    with store.update() as txn:  # "grpc" sorts before "server": the first by name must not win
+        txn.put_service(
+            Service(
+                name="grpc",
+                namespace="default",
+                cluster_ips=("10.96.0.12",),
+                ports=(ServicePort(50051, 50051, name="grpc", app_protocol="grpc"),),
+                selector={"app": "server"},
+                endpoints=(Endpoint("10.244.2.2", "default/server-0"),),
+            )
+        )
+    snap = store.snapshot()
+    by_endpoint = endpoint_services(snap)
+    to_echo = inbound()  # 10.244.2.2:8080, Service server's target port
+    to_grpc = inbound()
+    to_grpc.destination = "10.244.2.2:50051"
+    assert tcp_labels(to_echo, snap, by_endpoint).destination_service == (
+        "server.default.svc.cluster.local"
+    )
+    assert tcp_labels(to_grpc, snap, by_endpoint).destination_service == (
+        "grpc.default.svc.cluster.local"
+    )

@@ -30,6 +30,11 @@ def test_traffic_table_shows_conditions_and_endpoint_health() -> None:
     assert " v2 " in lines["10.244.2.3"] and " v1 " in lines["10.244.2.2"]
     assert all(len(line) <= 100 for line in table.splitlines())
     assert COMMANDS["traffic"][0] == "/traffic"
+    # Per Service: nothing in flight or pending now, the budget's window, one ejection.
+    (totals,) = [line.split() for line in table.splitlines() if len(line.split()) == 5]
+    assert totals[1:3] == ["0", "0"] and totals[4] == "1"
+    budget = data["services"][totals[0]]["retry_budget"]
+    assert totals[3] == f"{budget['retries']}/{budget['requests']}"
 
 
 def test_traffic_table_when_nothing_is_known() -> None:

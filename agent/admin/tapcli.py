@@ -1,0 +1,273 @@
+"""``nodemesh requests``: recent and live HTTP requests of one agent or of every lab node.
+
+Like ``linkerd viz tap``: one line per finished request (time, direction, source and
+destination workloads, method, path, status, response flags, duration, the pod address it
+went to), filtered by workload (either side, ``--from``, ``--to``), method, path prefix and
+status (``404`` or ``5xx``). The filter travels to the agent (``/requests``,
+``agent.admin.tap``), so only matching requests cross the admin connection.
+
+Without ``--once`` it prints the requests the agent still holds, then follows new ones until
+interrupted (Ctrl-C) or ``--count`` lines were printed; with ``--once`` it prints what is held
+and exits. The header line is printed only on a terminal, so a pipe gets request lines only
+(``-o json``: one JSON object per line, the access log's fields plus ``node``).
+
+One worker thread per agent long-polls it and queues what it gets; the main thread prints.
+Why threads: in the lab every agent's admin API is loopback inside its node's network
+namespace, and a thread can enter one namespace (``setns`` is per thread) and stay there, so
+``nodemesh lab requests`` follows every node at once without a process per node. A viewer that
+fell too far behind is told on stderr how many requests it missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+from urllib.parse import urlencode
+
+from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.telemetry.tap import FilterError, RequestFilter
+
+POLL_WAIT = 5.0  # seconds an agent may hold a long-poll (the API allows up to 10)
+PATH_WIDTH = 24
+WHO_WIDTH = 18
+
+
+@dataclass(frozen=True)
+class Agent:
+    """An admin API to read: ``enter`` runs first in the worker thread (a lab node's network
+    namespace), then ``address`` is asked."""
+
+    name: str
+    address: str
+    enter: Callable[[], None] | None = None
+
+
+def requests_path(
+    selected: RequestFilter, since: int | None, wait: float, limit: int | None = None
+) -> str:
+    query: dict[str, str] = dict(selected.query())
+    if since is not None:
+        query["since"] = str(since)
+        query["wait"] = f"{wait:g}"
+    if limit is not None:
+        query["limit"] = str(limit)
+    return "/requests?" + urlencode(query) if query else "/requests"
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _who(entry: Mapping[str, Any], side: str, address: str) -> str:
+    workload = entry.get(f"{side}_workload")
+    if workload and workload != "unknown":
+        return f"{entry.get(f'{side}_namespace')}/{workload}"
+    return str(entry.get(address, "-"))
+
+
+def format_header(with_node: bool) -> str:
+    cols = [
+        "TIME".ljust(12),
+        *(["NODE".ljust(8)] if with_node else []),
+        "DIR",
+        "SOURCE".ljust(WHO_WIDTH),
+        "DESTINATION".ljust(WHO_WIDTH),
+        "METHOD".ljust(6),
+        "PATH".ljust(PATH_WIDTH),
+        "STATUS",
+        "FLAGS",
+        "MS".rjust(7),
+        "UPSTREAM",
+    ]
+    return " ".join(cols)
+
+
+def format_line(entry: Mapping[str, Any], node: str | None = None) -> str:
+    """One request as a line under ``format_header``."""
+    clock = str(entry["time"])[11:23]  # HH:MM:SS.mmm of the ISO time (UTC)
+    status = str(entry["response_code"])
+    if entry.get("grpc_status"):
+        status += f"/{entry['grpc_status']}"
+    cols = [
+        clock.ljust(12),
+        *([_cut(node or "-", 8).ljust(8)] if node is not None else []),
+        "out" if entry["direction"] == "outbound" else "in ",
+        _cut(_who(entry, "source", "source_address"), WHO_WIDTH).ljust(WHO_WIDTH),
+        _cut(_who(entry, "destination", "destination_address"), WHO_WIDTH).ljust(WHO_WIDTH),
+        _cut(str(entry["method"]), 6).ljust(6),
+        _cut(str(entry["path"]), PATH_WIDTH).ljust(PATH_WIDTH),
+        status.ljust(6),
+        str(entry["response_flags"]).ljust(5),
+        f"{float(entry['duration_ms']):7.1f}",
+        str(entry.get("upstream_address") or "-"),
+    ]
+    return " ".join(cols).rstrip()
+
+
+@dataclass
+class _Got:
+    agent: str
+    answer: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def _worker(
+    agent: Agent,
+    selected: RequestFilter,
+    follow: bool,
+    timeout: float,
+    out: queue.Queue[_Got],
+    stop: threading.Event,
+) -> None:
+    try:
+        if agent.enter is not None:
+            agent.enter()
+        answer = request(agent.address, requests_path(selected, None, 0), timeout=timeout)
+        out.put(_Got(agent.name, answer))
+        while follow and not stop.is_set():
+            path = requests_path(selected, int(answer["next"]), POLL_WAIT)
+            answer = request(agent.address, path, timeout=POLL_WAIT + timeout)
+            out.put(_Got(agent.name, answer))
+    except (AdminError, OSError) as e:
+        out.put(_Got(agent.name, error=str(e)))
+
+
+def tap(
+    agents: Sequence[Agent],
+    selected: RequestFilter,
+    *,
+    follow: bool,
+    count: int | None = None,
+    json_lines: bool = False,
+    header: bool = False,
+    timeout: float = 5.0,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Print the agents' requests (and, with ``follow``, new ones as they come) to ``out``
+    (default: stdout); the exit status: 0, or 1 when an agent could not be read."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    got: queue.Queue[_Got] = queue.Queue()
+    stop = threading.Event()
+    with_node = len(agents) > 1
+    for agent in agents:
+        threading.Thread(
+            target=_worker,
+            args=(agent, selected, follow, timeout, got, stop),
+            name=f"tap-{agent.name}",
+            daemon=True,  # a long-poll in flight must not hold the exit
+        ).start()
+    if header and not json_lines:
+        print(format_header(with_node), file=out, flush=True)
+    printed, status = 0, 0
+    pending = {a.name for a in agents}  # agents whose first answer (the backlog) is not in
+    alive = set(pending)
+    backlog: list[tuple[str, dict[str, Any]]] = []
+    try:
+        while alive and (follow or pending):
+            item = got.get()
+            entries: list[tuple[str, dict[str, Any]]] = []
+            if item.error is not None or item.answer is None:
+                print(f"nodemesh requests: {item.agent}: {item.error}", file=err, flush=True)
+                status = 1
+                alive.discard(item.agent)
+            else:
+                if item.answer.get("missed"):
+                    print(
+                        f"nodemesh requests: {item.agent}: missed {item.answer['missed']} "
+                        f"request(s) (the agent keeps the last {item.answer.get('ring_size')})",
+                        file=err,
+                        flush=True,
+                    )
+                entries = [(item.agent, e) for e in item.answer["requests"]]
+            if pending:  # the backlogs are printed together, in time order
+                pending.discard(item.agent)
+                backlog += entries
+                if pending:
+                    continue
+                entries, backlog = sorted(backlog, key=lambda a: str(a[1]["time"])), []
+            for name, entry in entries:
+                if json_lines:
+                    line = json.dumps({"node": name, **entry}, separators=(",", ":"))
+                else:
+                    line = format_line(entry, name if with_node else None)
+                print(line, file=out, flush=True)
+                printed += 1
+                if count is not None and printed >= count:
+                    return status
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+    return status
+
+
+def filter_from_args(args: argparse.Namespace) -> RequestFilter:
+    return RequestFilter(
+        workload=args.workload,
+        source=args.source,
+        destination=args.destination,
+        method=args.method,
+        path=args.path,
+        status=args.status,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The filter and output options, shared by ``nodemesh requests`` and ``lab requests``."""
+    parser.add_argument("--workload", metavar="[NS/]NAME", help="either side is this workload")
+    parser.add_argument("--from", dest="source", metavar="[NS/]NAME", help="source workload")
+    parser.add_argument("--to", dest="destination", metavar="[NS/]NAME", help="destination")
+    parser.add_argument("--method", help="HTTP method, e.g. POST")
+    parser.add_argument("--path", metavar="PREFIX", help="path prefix, e.g. /api/")
+    parser.add_argument("--status", metavar="CODE", help="status code (404) or class (5xx)")
+    parser.add_argument(
+        "--once", action="store_true", help="print the requests held now and exit (no follow)"
+    )
+    parser.add_argument("--count", type=int, metavar="N", help="exit after printing N requests")
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+
+
+def run_agents(args: argparse.Namespace, agents: Sequence[Agent], command: str) -> int:
+    try:
+        selected = filter_from_args(args)
+    except FilterError as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return 2
+    if args.count is not None and args.count < 1:
+        print(f"{command}: --count {args.count}: expected 1 or more", file=sys.stderr)
+        return 2
+    return tap(
+        agents,
+        selected,
+        follow=not args.once,
+        count=args.count,
+        json_lines=args.output == "json",
+        header=sys.stdout.isatty(),
+        timeout=args.timeout,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    return run_agents(args, [Agent(args.admin, args.admin)], "nodemesh requests")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    help_text = "recent and live HTTP requests through this node's proxy (like linkerd viz tap)"
+    p = subparsers.add_parser("requests", help=help_text, description=help_text)
+    p.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="HOST:PORT",
+        help=f"the agent's admin API (default {DEFAULT_ADMIN})",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_run)

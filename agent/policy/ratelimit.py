@@ -1,0 +1,151 @@
+"""Local rate limiting at the destination: a token bucket per pod (or per calling identity).
+
+Why local, and why at the destination: a limit enforced by the node that runs the pod protects
+that pod whatever the callers do and needs no coordination between nodes; its price is that a
+Service with N pods admits up to N times the policy's rate in total, as with Envoy's and
+Linkerd's local rate limits. The policy names a Service (``targetRef``); the pods behind it are
+found through the Service's endpoints, on the ports it targets, so one pod behind two Services
+can be limited for one and not the other.
+
+The bucket holds at most ``burst`` tokens and gains ``requestsPerSecond`` per second; a request
+takes one or is refused. It is sans-IO: the caller passes the time (``now``), so the tests drive
+it with a fake clock. With ``perIdentity`` every calling SPIFFE identity gets its own bucket
+(plaintext callers share the bucket of the empty identity). Identities are unbounded in number,
+so the buckets of one pod are an LRU of at most ``MAX_IDENTITY_BUCKETS``: an identity evicted and
+seen again starts with a full bucket, which can admit a burst more than the policy says only when
+more than that many identities call one pod within a refill period.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent.state import Snapshot
+from agent.state.model import PolicyObject, Service
+
+KIND = "RateLimitPolicy"
+MAX_IDENTITY_BUCKETS = 4096  # per pod and policy
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """``burst`` tokens at most, refilled at ``rate`` per second; starts full."""
+
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    @classmethod
+    def full(cls, rate: float, burst: float, now: float) -> TokenBucket:
+        return cls(rate, burst, burst, now)
+
+    def take(self, now: float) -> bool:
+        """Take one token at time ``now`` (seconds, monotonic); False if there is none."""
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """One RateLimitPolicy compiled: where it applies and how much it admits."""
+
+    policy: str  # "<namespace>/<name>"
+    service: str  # the target Service's hostname (the ``service`` label of the metric)
+    requests_per_second: int
+    burst: int
+    per_identity: bool
+
+
+def target_name(policy: PolicyObject) -> str:
+    """The name of the Service a RateLimitPolicy targets (same namespace)."""
+    spec: Mapping[str, Any] = policy.spec
+    return str(spec["targetRef"]["name"])
+
+
+def compile_limit(policy: PolicyObject, service: Service) -> RateLimit:
+    """The limit of one validated RateLimitPolicy; ``burst`` defaults to the rate."""
+    spec: Mapping[str, Any] = policy.spec
+    rps = int(spec["requestsPerSecond"])
+    return RateLimit(
+        policy=f"{policy.namespace}/{policy.name}",
+        service=service.hostname(),
+        requests_per_second=rps,
+        burst=int(spec.get("burst", rps)),
+        per_identity=bool(spec["perIdentity"]),
+    )
+
+
+def limits_by_endpoint(snap: Snapshot) -> Mapping[tuple[str, int], tuple[RateLimit, ...]]:
+    """``(pod ip, pod port)`` → the limits that apply to requests arriving there, built once per
+    state version. A policy whose Service does not exist (yet) applies nowhere; a dry-run one
+    is not enforced."""
+    out: dict[tuple[str, int], list[RateLimit]] = {}
+    for policy in snap.policies_of(KIND):
+        if policy.dry_run:
+            continue
+        service = snap.services.get((policy.namespace, target_name(policy)))
+        if service is None:
+            continue
+        limit = compile_limit(policy, service)
+        for endpoint in service.endpoints:
+            for port in service.ports:
+                pod_port = port.target_port or endpoint.ports.get(port.name, 0)
+                if pod_port:
+                    out.setdefault((endpoint.ip, pod_port), []).append(limit)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+class RateLimiter:
+    """The buckets of one node, keyed by (policy, pod ip, identity); sans-IO."""
+
+    def __init__(self, max_identity_buckets: int = MAX_IDENTITY_BUCKETS) -> None:
+        self.max_identity_buckets = max_identity_buckets
+        self._shared: dict[tuple[RateLimit, str], TokenBucket] = {}
+        self._per_identity: dict[tuple[RateLimit, str], OrderedDict[str, TokenBucket]] = {}
+
+    def admit(
+        self, limits: Iterable[RateLimit], pod_ip: str, identity: str | None, now: float
+    ) -> RateLimit | None:
+        """None if every limit admits the request (each takes a token), else the first one
+        that refuses it (the limits before it have spent a token: a refused request still
+        counts against them, as it reached the pod's proxy)."""
+        for limit in limits:
+            if not self._bucket(limit, pod_ip, identity or "", now).take(now):
+                return limit
+        return None
+
+    def forget(self, keep: Iterable[RateLimit]) -> None:
+        """Drop the buckets of limits no longer in force (a changed policy starts afresh)."""
+        wanted = set(keep)
+        for table in (self._shared, self._per_identity):
+            for key in [k for k in table if k[0] not in wanted]:
+                del table[key]
+
+    def bucket_count(self) -> int:
+        return len(self._shared) + sum(len(t) for t in self._per_identity.values())
+
+    def _bucket(self, limit: RateLimit, pod_ip: str, identity: str, now: float) -> TokenBucket:
+        rate, burst = float(limit.requests_per_second), float(limit.burst)
+        if not limit.per_identity:
+            bucket = self._shared.get((limit, pod_ip))
+            if bucket is None:
+                bucket = self._shared[(limit, pod_ip)] = TokenBucket.full(rate, burst, now)
+            return bucket
+        table = self._per_identity.setdefault((limit, pod_ip), OrderedDict())
+        bucket = table.get(identity)
+        if bucket is None:
+            bucket = table[identity] = TokenBucket.full(rate, burst, now)
+            if len(table) > self.max_identity_buckets:
+                table.popitem(last=False)
+        else:
+            table.move_to_end(identity)
+        return bucket

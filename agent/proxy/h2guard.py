@@ -1,0 +1,87 @@
+"""The client side of a proxied HTTP/2 connection: the frame limits ``h2`` does not apply.
+
+Why a scanner in front of ``h2``: ``h2`` holds a header block (HEADERS and its CONTINUATIONs)
+whole until END_HEADERS and bounds it only by 64 frames of the advertised frame size, so a
+client could make the proxy hold a megabyte per connection, or send empty CONTINUATIONs that
+cost a call each and never end a block (CVE-2024-27316's pattern). ``HeaderBlockGuard`` reads
+only the 9-byte frame headers of the byte stream (RFC 9113 section 4.1), as they pass to
+``h2``, and names the first limit broken; the payloads are ``h2``'s to parse.
+
+The other flood limits of a proxied connection live where their facts are, in
+``agent.proxy.h2proxy``: replies the client's frames made us queue (PING and SETTINGS floods),
+streams reset before their response (rapid reset), empty DATA frames; and a header block left
+open too long (``block_open``: the shell's timer, like HTTP/1.1's header timeout).
+"""
+
+from __future__ import annotations
+
+import struct
+
+FRAME_HEADER = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream
+HEADER_SIZE = FRAME_HEADER.size
+CLIENT_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+TYPE_HEADERS = 0x1
+TYPE_PUSH_PROMISE = 0x5
+TYPE_CONTINUATION = 0x9
+FLAG_END_HEADERS = 0x4
+
+# Causes (``nodemesh_http_rejected_requests_total{cause}``).
+HEADER_BLOCK = "h2_header_block"  # a header block over max_header_block bytes
+CONTINUATION_FLOOD = "h2_continuation_flood"  # more CONTINUATION frames than max_continuations
+
+
+class HeaderBlockGuard:
+    """Follows frame boundaries in what a client sends; ``feed`` returns a cause or None."""
+
+    def __init__(
+        self, *, max_header_block: int, max_continuations: int, preface: bool = True
+    ) -> None:
+        self.max_header_block = max_header_block
+        self.max_continuations = max_continuations
+        self._skip = len(CLIENT_PREFACE) if preface else 0  # bytes before the next frame header
+        self._partial = b""  # an incomplete frame header
+        self._block: int | None = None  # bytes of the open header block, None if none is open
+        self._continuations = 0
+
+    @property
+    def block_open(self) -> bool:
+        """Is a header block started and not finished (END_HEADERS not seen yet)?"""
+        return self._block is not None
+
+    def feed(self, data: bytes) -> str | None:
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                n = min(self._skip, len(view))
+                self._skip -= n
+                view = view[n:]
+                continue
+            need = HEADER_SIZE - len(self._partial)
+            self._partial += bytes(view[:need])
+            view = view[need:]
+            if len(self._partial) < HEADER_SIZE:
+                return None
+            word, flags, _stream = FRAME_HEADER.unpack(self._partial)
+            self._partial = b""
+            length, kind = word >> 8, word & 0xFF
+            self._skip = length
+            cause = self._frame(kind, flags, length)
+            if cause is not None:
+                return cause
+        return None
+
+    def _frame(self, kind: int, flags: int, length: int) -> str | None:
+        if kind in (TYPE_HEADERS, TYPE_PUSH_PROMISE):
+            self._block, self._continuations = length, 0
+        elif kind == TYPE_CONTINUATION and self._block is not None:
+            self._block += length
+            self._continuations += 1
+            if self._continuations > self.max_continuations:
+                return CONTINUATION_FLOOD
+        else:
+            return None  # any other frame: h2 judges where it may appear
+        if self._block > self.max_header_block:
+            return HEADER_BLOCK
+        if flags & FLAG_END_HEADERS:
+            self._block = None
+        return None

@@ -1,0 +1,548 @@
+"""Source side of a Service port declared HTTP/2 or gRPC: each request to its own endpoint.
+
+Why: a gRPC client keeps one HTTP/2 connection to a Service for as long as it runs, so
+per-connection balancing sends every call it makes to one replica. On a Service VIP port whose
+``appProtocol`` (or name) declares ``http2``/``kubernetes.io/h2c``/``grpc``, the outbound proxy
+terminates the client's h2c instead of relaying it (``H2Proxy`` with a ``pick``), and routes
+each request (``h2route``: the GRPCRoutes and HTTPRoutes attached to the port choose a weighted
+backend Service, edit the headers, time the request, or answer it here) to the endpoint the
+backend Service's traffic control picks for it (``agent.policy.traffic``: the latency-aware
+balancer, outlier ejection, connection limits counted per request), over one h2c connection per
+endpoint of a backend Service per client connection, inside an HBONE tunnel opened exactly as
+for a connection (``Outbound.open``: the source pod's certificate, the endpoint's identity
+checked).
+The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
+
+Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
+request's endpoint). The balancer learns each request's time to response headers
+(``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
+requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
+
+The shell is the destination's (``h2inbound``; ``http_inbound.Outbox``): the client's socket
+is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
+they arrive (``_UpstreamSink``), and each side's writes go out at once, else queue behind its
+backpressure; while an endpoint's writes wait the client is not read, and while the client's
+wait the endpoints' bytes stay in their streams (their windows bound them). One task per
+endpoint opens its tunnel, then reads only what its stream could not hand over, its end, and a
+same-node endpoint's socket. Why: the earlier shell's task per side, with a lock per write,
+woke two tasks per call; this one wakes none once the endpoint's tunnel is open.
+
+Request timeouts (a route's, or a gRPC call's ``grpc-timeout``) and the backoffs of a route
+rule's retries are one timer per session, at the soonest time ``H2Proxy`` holds
+(``next_deadline``); when it fires the proxy answers what expired and sends again what waited.
+
+``RequestMirror``: a request whose rule mirrors it is kept (``Choice.mirror``, up to
+``max_replay_body``) and, once the client sent all of it, copied to each mirror Service as
+HTTP/1.1 does (``HttpOutbound``'s bound of copies in flight per node and their deadline; a
+task that outlives the client connection): an endpoint by the mirror Service's own traffic
+control, a fresh tunnel, ``h2mirror.MirrorCall`` on it, the response dropped, only
+``nodemesh_http_mirrored_total`` counting the outcome.
+
+Not here (yet): the TrafficPolicy's retries on these ports; a same-node endpoint is reached
+like a pod addressed directly (L4 policy at connect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from agent.policy.traffic.service import Rejected
+from agent.proxy import sockets
+from agent.proxy.h2inbound import READ_SIZE, h2_request_record, header_wait
+from agent.proxy.h2mirror import MirrorCall
+from agent.proxy.h2proxy import (
+    Choice,
+    H2Exchange,
+    H2Mirrored,
+    H2Proxy,
+    LocalAnswer,
+    PickRequest,
+)
+from agent.proxy.h2route import Endpoint, admitted, route_request
+from agent.proxy.http1 import RequestHead, Verdict
+from agent.proxy.http_inbound import Outbox, require_non_blocking, try_send
+from agent.proxy.http_outbound import MAX_MIRRORS, MIRROR_TIMEOUT
+from agent.proxy.http_router import RoutePlan
+from agent.proxy.records import Refused, cancel_current_task
+from agent.proxy.resolve import ServiceTarget
+from agent.proxy.tunnel import TunnelError, TunnelStream
+from agent.state import Snapshot, Workload
+from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
+
+if TYPE_CHECKING:
+    from agent.proxy.outbound import Outbound, Upstream
+
+log = logging.getLogger(__name__)
+
+
+def _allow(_head: RequestHead) -> Verdict:
+    return Verdict(True)  # the destination node authorizes each request
+
+
+class H2SourceSession:
+    """One client h2c connection to a Service VIP, its requests spread over the endpoints."""
+
+    def __init__(
+        self,
+        outbound: Outbound,
+        client: socket.socket,
+        snap: Snapshot,
+        source: Workload | None,
+        target: ServiceTarget,
+        src: str,
+    ) -> None:
+        require_non_blocking(client)
+        self.outbound, self.client = outbound, client
+        self.source, self.target, self.src = source, target, src
+        self.src_ip = src.rsplit(":", 1)[0]
+        core = outbound.core
+        self.record = ConnectionRecord(OUTBOUND, src, f"{target.vip}:{target.port.port}")
+        if source is not None:
+            self.record.source_identity = core.identity(source, snap)
+        self.record.path = "hbone"
+        self.record.protocol = "http/2"  # reported per request (its TCP flows by the far ends)
+        self.where = f"{src} -> {target.vip}:{target.port.port}"
+        self.proxy = H2Proxy(_allow, pick=self._pick)
+        self.conn_id = 0
+        self._upstreams: dict[int, Upstream] = {}
+        self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
+        self._tasks: set[asyncio.Task[None]] = set()  # one per endpoint: opens, then reads
+        self._loop = asyncio.get_running_loop()
+        self._ended: asyncio.Future[None] = self._loop.create_future()
+        self._reading_client = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timed: float | None = None  # the head_started the timer is for
+        self._to_client = Outbox(
+            lambda data: try_send(client, data),
+            lambda data: self._loop.sock_sendall(client, data),
+            lambda: None,  # the endpoints' tasks wait for ``idle`` themselves
+            self._end,
+        )
+        self._to_upstream: dict[int, Outbox] = {}
+        self._timer: asyncio.TimerHandle | None = None  # the soonest timeout or retry
+        self._timer_at: float | None = None
+
+    def _pick(self, request: PickRequest) -> Choice | LocalAnswer:
+        """Route the request (``h2route``: routes, weighted backend, traffic control)."""
+        core, source = self.outbound.core, self.source
+        choice = route_request(
+            self.outbound.http.router,
+            core.snapshot(),
+            self.target,
+            request,
+            self.src_ip,
+            source.labels if source is not None else None,
+            (core.node, None),
+            client_namespace=source.namespace if source is not None else "",
+        )
+        if isinstance(choice, LocalAnswer):
+            head = request.head
+            log.debug("%s %s %s: %s %s", self.where, head.method, head.path, choice.status,
+                      choice.flags)  # fmt: skip
+        elif choice.parked:  # queued for a slot (maxPendingRequests): sent when admitted
+            plan = choice.tag
+            assert isinstance(plan, RoutePlan)
+            loop = asyncio.get_running_loop()
+
+            def turn() -> None:  # called wherever a slot frees: act from the loop, here
+                loop.call_soon(self._admitted, plan)
+
+            plan.attempts.on_admitted = turn
+        return choice
+
+    def _admitted(self, plan: RoutePlan) -> None:
+        """A parked request's turn came: its endpoint (or 503 ``UH``) to ``H2Proxy``."""
+        endpoint = admitted(plan)
+        answer = endpoint if isinstance(endpoint, LocalAnswer) else Choice(endpoint, plan)
+        if not self.proxy.unpark(plan, answer):
+            plan.attempts.finish()  # the request ended meanwhile: give its slot back
+            return
+        self._moved()
+
+    async def serve(self) -> None:
+        core = self.outbound.core
+        self.conn_id = core.registry.add(self.record, cancel_current_task())
+        clean = False
+        try:
+            self._moved()  # our SETTINGS
+            self._resume_client()
+            await self._ended
+            await self._to_client.idle.wait()  # what the proxy answered last
+            clean = True
+        except OSError as e:
+            log.debug("%s: client side ended: %s", self.where, e)
+        finally:
+            # Whatever ended the session (also a cancellation), every request still open is
+            # reported and its attempt finished, so the Service's counts stay right.
+            self._pause_client()
+            self.proxy.receive_client(b"")
+            self._report()
+            for timer in (self._timer, self._head_timer):
+                if timer is not None:
+                    timer.cancel()
+            self._to_client.cancel()
+            for box in self._to_upstream.values():
+                box.cancel()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for uid in list(self._upstreams):
+                self._close(uid)
+            core.registry.remove(self.conn_id)
+            if clean:
+                with contextlib.suppress(OSError):
+                    self.client.shutdown(socket.SHUT_WR)
+                self.client.close()
+            else:
+                sockets.abort(self.client)
+
+    # -- the client's side: a reader callback ------------------------------------------------
+    def _on_client_readable(self) -> None:
+        try:
+            data = self.client.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._end(e)
+            return
+        self.record.bytes_sent += len(data)
+        try:
+            self.proxy.receive_client(data)
+            self._moved()
+        except Exception as e:  # the session's failure, not the event loop's
+            self._end(e)
+            return
+        if not data:  # the client is done: so is the session (its open requests reported)
+            self._end(None)
+
+    def _pause_client(self) -> None:
+        if self._reading_client:
+            self._loop.remove_reader(self.client.fileno())
+            self._reading_client = False
+
+    def _resume_client(self) -> None:
+        """Read the client again, unless an endpoint is not reading what it sent."""
+        if self._reading_client or self._ended.done() or self.proxy.closing:
+            return
+        if any(box.busy for box in self._to_upstream.values()):
+            return
+        self._loop.add_reader(self.client.fileno(), self._on_client_readable)
+        self._reading_client = True
+
+    def _arm_head_timer(self) -> None:
+        """A header block that began must be complete ``HEADER_TIMEOUT`` after it began."""
+        started = self.proxy.head_started
+        if started == self._head_timed or self.proxy.closing:
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._head_timed = started
+        if started is not None:
+            wait = header_wait(self.proxy) or 0.0
+            self._head_timer = self._loop.call_later(wait, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = self._head_timed = None
+        if self.proxy.head_started is not None and not self._ended.done():
+            self.proxy.header_timeout()
+            self._moved()
+
+    # -- the endpoints' side -----------------------------------------------------------------
+    async def _upstream(self, uid: int, key: Endpoint) -> None:
+        """Open the tunnel to endpoint ``key`` for upstream ``uid``; then its bytes are handed
+        over as they arrive (``_UpstreamSink``), and this task reads only what could not be
+        (the client was not reading), the tunnel's end, and a same-node endpoint's socket."""
+        out, proxy, ip = self.outbound, self.proxy, key.ip
+        snap = out.core.snapshot()
+        route = out.resolver.endpoint_route(snap, self.source, key.target, ip)
+        rec = replace(self.record)
+        out.describe_route(snap, route, rec)
+        self._routes[key] = rec
+        try:
+            timeout = out.core.settings.connect_timeout
+            upstream = await asyncio.wait_for(
+                out.open(route, rec, self.src_ip, self.conn_id), timeout
+            )
+        except (OSError, TunnelError, Refused) as e:
+            if not isinstance(e, Refused):
+                out.count_failure(e, route, rec)
+            proxy.upstream_failed(uid)  # its requests end UC: counted against ip at finish
+            self._moved()
+            return
+        self._upstreams[uid] = upstream
+        self._to_upstream[uid] = _outbox(
+            upstream, self._resume_client, lambda e: self._upstream_write_failed(uid, e)
+        )
+        if isinstance(upstream, TunnelStream):
+            upstream.deliver_directly(_UpstreamSink(self, uid))
+        try:
+            self._moved()  # the preface and the requests queued meanwhile
+            while proxy.upstream_live(uid) and not proxy.closing:
+                if self._to_client.busy:  # the client is not reading: neither do we
+                    await self._to_client.idle.wait()
+                    continue
+                data = await _read(upstream)
+                self._from_upstream(uid, data)
+                if not data:
+                    break
+        except (OSError, TunnelError) as e:
+            log.debug("%s: upstream %s failed: %s", self.where, ip, e)
+            proxy.upstream_failed(uid)
+            self._moved()
+        finally:
+            if isinstance(upstream, TunnelStream):
+                upstream.deliver_directly(None)
+            self._close(uid)
+
+    def _from_upstream(self, uid: int, data: bytes) -> None:
+        if data and not self.record.first_byte:
+            self.record.first_byte = time.monotonic()
+        self.record.bytes_received += len(data)
+        self.proxy.receive_upstream(data, uid)
+        self._moved()
+
+    def deliver(self, uid: int, data: bytes) -> int:
+        """An endpoint's bytes as the tunnel receives them (no task wakes up for them), unless
+        the client is not reading or the session is ending: then its task reads them."""
+        proxy = self.proxy
+        if proxy.closing or self._to_client.busy or self._ended.done():
+            return 0
+        if not proxy.upstream_live(uid):
+            return 0
+        try:
+            self._from_upstream(uid, data)
+        except Exception as e:  # the session's failure, not the HBONE connection's
+            self._end(e)
+        return len(data)
+
+    def _upstream_write_failed(self, uid: int, error: Exception) -> None:
+        log.debug("%s: upstream send failed: %r", self.where, error)
+        self.proxy.upstream_failed(uid)
+        self._moved()
+
+    def _close(self, uid: int) -> None:
+        box = self._to_upstream.pop(uid, None)
+        if box is not None:
+            box.cancel()
+        upstream = self._upstreams.pop(uid, None)
+        if upstream is not None:
+            _close_upstream(upstream)
+        self._resume_client()  # its outbox no longer holds the client's reads
+
+    # -- both --------------------------------------------------------------------------------
+    def _moved(self) -> None:
+        """After input (or a timer): open the new upstreams, write what the proxy produced,
+        report finished requests, keep the timers, and see whether the proxy is done."""
+        proxy = self.proxy
+        for uid, key in proxy.take_new_upstreams():
+            assert isinstance(key, Endpoint)  # what ``_pick`` names
+            self._spawn(self._upstream(uid, key), f"h2-upstream-{key}")
+        for uid, box in self._to_upstream.items():
+            data = proxy.take_to_upstream(uid)
+            if data:
+                box.send(data)
+                if box.busy:
+                    self._pause_client()  # the endpoint is not reading: neither do we the client
+        data = proxy.take_to_client()
+        if data:
+            self._to_client.send(data)
+        self._report()
+        self._arm()
+        self._arm_head_timer()
+        if proxy.closing:
+            self._end(None)
+
+    def _end(self, error: BaseException | None) -> None:
+        if self._ended.done():
+            return
+        self._pause_client()
+        if error is None:
+            self._ended.set_result(None)
+        else:
+            self._ended.set_exception(error)
+
+    def _spawn(self, work: Coroutine[object, object, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _arm(self) -> None:
+        """Keep one timer at the soonest timeout or retry (``H2Proxy.next_deadline``)."""
+        at = None if self.proxy.closing else self.proxy.next_deadline()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, at
+        if at is not None:
+            delay = max(0.0, at - time.monotonic())
+            self._timer = self._loop.call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._timer, self._timer_at = None, None
+        self.proxy.expire()
+        self._moved()
+
+    def _report(self) -> None:
+        core = self.outbound.core
+        for exchange in self.proxy.take_completed():
+            self._finish(exchange)
+            core.registry.request_done(
+                self._request_connection(exchange), h2_request_record(exchange)
+            )
+        for cause in self.proxy.take_rejections():
+            core.registry.http_rejected(cause, self.where)
+        for copy in self.proxy.take_mirrors():
+            self._mirror(copy)
+
+    # -- mirrors (RequestMirror) -------------------------------------------------------------
+    def _mirror(self, copy: H2Mirrored) -> None:
+        """Start the copies of a complete request (fire and forget, bounded per node)."""
+        plan = copy.tag
+        if not isinstance(plan, RoutePlan):
+            return
+        core, http = self.outbound.core, self.outbound.http
+        snap = core.snapshot()
+        for target in plan.mirrors:
+            service = http.router.traffic.service(snap, target.service)
+            if copy.body is None:
+                service.count("http_mirror", "too_large")
+            elif len(http.mirroring) >= MAX_MIRRORS:
+                service.count("http_mirror", "overflow")
+            else:
+                name = f"h2-mirror {self.where} -> {target.service.namespace}/{target.service.name}"
+                task = asyncio.create_task(self._send_copy(target, copy, copy.body), name=name)
+                http.mirroring.add(task)
+                task.add_done_callback(http.mirroring.discard)
+
+    async def _send_copy(self, target: ServiceTarget, copy: H2Mirrored, body: bytes) -> None:
+        """One copy: an endpoint of ``target`` by its own traffic control, a fresh tunnel, the
+        request (``:authority`` suffixed ``-shadow``), the response read and dropped."""
+        out, core = self.outbound, self.outbound.core
+        snap = core.snapshot()
+        service = out.http.router.traffic.service(snap, target.service)
+        labels = self.source.labels if self.source is not None else None
+        try:
+            attempts = service.admit(self.src_ip, labels, (core.node, None))
+        except Rejected:
+            return  # counted by the Service's limits
+        upstream: Upstream | None = None
+        call: MirrorCall | None = None
+        outcome = "failed"
+        try:
+            ip = attempts.next_endpoint()
+            if ip is None:
+                return
+            route = out.resolver.endpoint_route(snap, self.source, target, ip)
+            rec = replace(self.record)
+            out.describe_route(snap, route, rec)
+            async with asyncio.timeout(MIRROR_TIMEOUT):
+                # conn_id 0: a copy is no connection of the registry (nothing to re-check)
+                upstream = await out.open(route, rec, self.src_ip, 0)
+                attempts.connected(ip)
+                call = MirrorCall(copy.head, body, copy.trailers)
+                while True:
+                    data = call.data_to_send()
+                    if data:
+                        await _write(upstream, data)
+                    if call.done:
+                        break
+                    call.receive(await _read(upstream))
+            outcome = "sent" if call.status else "failed"
+        except Refused:
+            outcome = "denied"
+        except (OSError, TunnelError, TimeoutError) as e:
+            log.debug("%s: mirror to %s failed: %r", self.where, target.service.name, e)
+        finally:
+            status = call.status if call is not None else 0
+            attempts.finish(reset_before_data=outcome == "failed", server_error=status >= 500)
+            if upstream is not None:
+                _close_upstream(upstream)
+            service.count("http_mirror", outcome)
+
+    def _finish(self, exchange: H2Exchange) -> None:
+        plan = exchange.tag
+        if isinstance(plan, RoutePlan):
+            reset = exchange.flags in ("UC", "UR") and not exchange.first_byte
+            plan.finish(exchange.status, exchange.first_byte, reset_before_response=reset)
+            exchange.flags = plan.flags(exchange.flags)  # DI for an injected delay
+
+    def _request_connection(self, exchange: H2Exchange) -> ConnectionRecord:
+        """The connection record as this request saw it: pointed at its endpoint."""
+        if not isinstance(exchange.upstream, Endpoint):
+            return self.record
+        rec = self._routes.get(exchange.upstream)
+        if rec is None:
+            return self.record
+        return replace(
+            self.record,
+            upstream=rec.upstream,
+            destination_identity=rec.destination_identity,
+            path=rec.path,
+            security=SECURITY_MTLS if rec.path == "hbone" else self.record.security,
+        )
+
+
+class _UpstreamSink:
+    """``Sink`` of one endpoint's tunnel: its bytes to the session, marked with its upstream."""
+
+    __slots__ = ("session", "uid")
+
+    def __init__(self, session: H2SourceSession, uid: int) -> None:
+        self.session, self.uid = session, uid
+
+    def send(self, data: bytes, /) -> int:
+        return self.session.deliver(self.uid, data)
+
+
+def _outbox(
+    upstream: Upstream, on_idle: Callable[[], None], on_error: Callable[[Exception], None]
+) -> Outbox:
+    """The writes to one endpoint: at once when its tunnel (or socket) takes them."""
+    if isinstance(upstream, TunnelStream):
+        stream = upstream
+        return Outbox(
+            lambda data: len(data) if stream.try_write(data) else 0,
+            stream.write,
+            on_idle,
+            on_error,
+        )
+    loop = asyncio.get_running_loop()
+    return Outbox(
+        lambda data: try_send(upstream, data),
+        lambda data: loop.sock_sendall(upstream, data),
+        on_idle,
+        on_error,
+    )
+
+
+def _close_upstream(upstream: Upstream) -> None:
+    if isinstance(upstream, TunnelStream):
+        upstream.proto.finish(upstream)
+    else:
+        upstream.close()
+
+
+async def _read(upstream: Upstream) -> bytes:
+    if isinstance(upstream, TunnelStream):
+        chunk = await upstream.read()
+        if chunk is None:
+            return b""
+        upstream.consumed(len(chunk))
+        return chunk
+    return await asyncio.get_running_loop().sock_recv(upstream, READ_SIZE)
+
+
+async def _write(upstream: Upstream, data: bytes) -> None:  # a mirror's copy
+    if isinstance(upstream, TunnelStream):
+        await upstream.write(data)
+    else:
+        await asyncio.get_running_loop().sock_sendall(upstream, data)

@@ -1,0 +1,1085 @@
+"""The destination node's HTTP/2 (h2c) and gRPC layer: authorize and forward each stream, sans-IO.
+
+Why sans-IO, as for HTTP/1.1 (``agent.proxy.http1``): stream multiplexing, flow control and the
+flood limits are where an HTTP/2 proxy goes wrong, and they must be tested frame by frame
+without sockets. ``H2Proxy`` holds two ``h2`` connections: the client side (we are its server,
+h2c with prior knowledge inside the HBONE stream or on the plaintext listener) and the upstream
+side (we are the pod's client, one h2c connection per client connection). The shell
+(``agent.proxy.h2inbound``) feeds it bytes from either side and writes out what it produced
+(``take_to_client``, ``take_to_upstream``); finished requests come out as ``H2Exchange``
+records for telemetry, refusals of bad input as causes (``take_rejections``).
+
+Per stream:
+
+* the request's method, path (without its query) and ``:authority`` go to ``authorize`` (L7
+  policy). A denied HTTP/2 request is answered ``403 RBAC: access denied``; a denied gRPC call
+  (``content-type: application/grpc*``) a trailers-only response with ``grpc-status: 7``
+  (PERMISSION_DENIED). Other streams on the connection go on;
+* an allowed one gets ``x-request-id`` when absent and is opened on the upstream connection;
+  headers, DATA and trailers are forwarded as they come, trailers-only responses stay
+  trailers-only (a gRPC client needs that);
+* ``grpc-status`` is read from the response trailers, or from the headers of a trailers-only
+  response.
+
+Flow control, both ways: DATA received from one side is acknowledged to it (its window
+reopened) only once it was handed to the other side's connection, which happens only within
+that side's send window. So what the proxy holds per connection is bounded by the windows it
+advertised (``H2Limits``), and a side that stops reading (no WINDOW_UPDATE) stops the other.
+
+An upstream that fails (closed, reset, garbled) is answered per stream as a client of Envoy would
+see it: before response headers 502, or for gRPC a trailers-only ``grpc-status: 14``
+(UNAVAILABLE), flag ``UC`` (``UR`` for a stream the pod reset); after them, the stream is reset.
+The client is then sent GOAWAY so that it reconnects (and so gets a fresh pod connection).
+
+On the source side the shell's ``pick`` may also answer a request itself (``LocalAnswer``: a
+route's 404 ``NR``, which a gRPC call sees as ``UNIMPLEMENTED``), edit its forwarded and
+response header blocks, and give it a timeout: the shell's timer (``next_deadline``,
+``expire``) then resets the upstream stream and answers 504, or ``DEADLINE_EXCEEDED`` for
+gRPC, flag ``UT`` (a response already begun is reset instead), or a per-try timeout whose
+expiry is first offered to its retries, and give it ``Retries``: the
+proxy then keeps the request's head and body (up to ``max_replay_body``) and, while nothing of
+the response reached the client, asks them after a response head, a reset or a lost upstream;
+a retried request waits its backoff on the same timer and is sent again where ``next`` says,
+and a request the choice delays (an injected fault) waits on it too before its head goes out.
+
+Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
+(``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
+our output (PING and SETTINGS floods), streams reset by the client before their response
+(rapid reset, counted like Envoy's premature resets: beyond a number *and* over half the
+streams), runs of empty DATA frames, a header block still open 10 s after it began (the shell's
+timer, ``head_started``, as for HTTP/1.1's head), and ``h2``'s own checks (frame size, header
+list size, concurrent streams). Each closes the connection with GOAWAY and is named by its
+cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from h2.config import H2Configuration
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    InformationalResponseReceived,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
+from h2.exceptions import FrameTooLargeError, ProtocolError, TooManyStreamsError
+from h2.settings import SettingCodes, Settings
+
+from agent.proxy.h2guard import HeaderBlockGuard
+from agent.proxy.h2wire import GracefulH2Connection
+from agent.proxy.http1 import (
+    DOWNSTREAM_CLOSED,
+    NO_FLAGS,
+    UPSTREAM_CLOSED,
+    UPSTREAM_PROTOCOL,
+    RequestHead,
+    Verdict,
+)
+from agent.telemetry.records import trace_headers_of
+
+Header = tuple[bytes, bytes]
+KIB = 1024
+
+# Causes of a refused connection (``nodemesh_http_rejected_requests_total{cause}``); the header
+# block ones are ``agent.proxy.h2guard``'s.
+CONTROL_FLOOD = "h2_control_flood"
+RAPID_RESET = "h2_rapid_reset"
+EMPTY_FRAMES = "h2_empty_frames"
+TOO_MANY_STREAMS = "h2_max_concurrent_streams"
+OVERSIZED_FRAME = "h2_oversized_frame"
+PROTOCOL_ERROR = "h2_protocol_error"
+HEADER_TIMEOUT = "h2_header_timeout"  # a header block not finished in time (slowloris)
+
+UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
+UPSTREAM_OVERFLOW = "UO"  # Envoy's flag: over the upstream's limit (its concurrent streams)
+NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
+
+GRPC_UNKNOWN = 2
+GRPC_DEADLINE_EXCEEDED = 4
+GRPC_UNIMPLEMENTED = 12
+GRPC_UNAVAILABLE = 14
+
+UPSTREAM_TIMEOUT = "UT"  # Envoy's flag: the request's time ran out
+TIMEOUT_BODY = b"upstream request timeout"
+
+
+def grpc_status_for(http_status: int) -> int:
+    """The gRPC status a proxy's own HTTP answer becomes for a gRPC call: gRPC's HTTP mapping
+    (404 UNIMPLEMENTED; 502/503 UNAVAILABLE), except 500 (a route backend that cannot be used:
+    GRPCRoute asks for UNAVAILABLE) and 504 (a timeout: DEADLINE_EXCEEDED, what the caller's
+    own deadline would give)."""
+    if http_status == 404:
+        return GRPC_UNIMPLEMENTED
+    if http_status == 504:
+        return GRPC_DEADLINE_EXCEEDED
+    if http_status in (500, 502, 503):
+        return GRPC_UNAVAILABLE
+    return GRPC_UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class H2Limits:
+    """What one proxied HTTP/2 client connection may make the proxy hold or do."""
+
+    stream_window: int = 256 * KIB
+    connection_window: int = 1024 * KIB  # also what the proxy holds per direction, at most
+    max_frame_size: int = 16 * KIB  # the protocol's minimum: no large frame is ever buffered
+    max_concurrent_streams: int = 100
+    max_header_list_size: int = 16 * KIB
+    max_header_block: int = 32 * KIB
+    max_continuations: int = 16
+    # Reply bytes (PING/SETTINGS ACKs, RST_STREAMs) the client's frames made us queue since the
+    # shell last took our output: a legitimate client never needs this many.
+    max_unsent_replies: int = 16 * KIB
+    # Streams reset by the client before their response ended: beyond this many, when they are
+    # also more than half the streams it opened, the connection is a rapid-reset attack.
+    max_premature_resets: int = 100
+    max_empty_frames: int = 100  # consecutive empty DATA frames without END_STREAM
+    # A request body kept to be sent again (source side, a rule that retries): beyond this,
+    # the request is not retried.
+    max_replay_body: int = 64 * KIB
+
+
+@dataclass(slots=True)
+class H2Exchange:
+    """One stream's request and response, as telemetry reports it."""
+
+    head: RequestHead
+    grpc: bool
+    started: float
+    status: int = 0
+    grpc_status: str = ""  # from the trailers, or a trailers-only response; "" if none
+    request_bytes: int = 0  # DATA bytes
+    response_bytes: int = 0  # DATA bytes
+    flags: str = NO_FLAGS
+    denied_by: str | None = None  # the deciding policy (or reason) when refused by policy
+    ended: float = 0.0
+    first_byte: float = 0.0  # clock time of the response headers (0: none)
+    upstream: object = None  # ``Choice.key`` of the upstream that served it (source side)
+    tag: object = None  # ``Choice.tag``: the shell's own note for the request
+
+
+Authorize = Callable[[RequestHead], Verdict]
+
+
+HeaderEdit = Callable[[list[Header]], list[Header]]
+
+
+class Retries(Protocol):
+    """A request's retry policy, asked by ``H2Proxy`` when a try ends before any response
+    reached the client."""
+
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        """The try ended with ``status`` (``None``: no response head; a gRPC trailers-only
+        ``UNAVAILABLE`` is 503): seconds to wait before another try, or None (no retry)."""
+        ...
+
+    def next(self) -> Choice | LocalAnswer:
+        """The upstream for the next try (or how to answer the request if there is none)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """Where one request goes (``Pick``): ``key`` names the upstream (an endpoint), ``tag`` is
+    the shell's note that comes back on the request's ``H2Exchange``. ``edit_request`` edits
+    the forwarded header block (pseudo-headers included), ``edit_response`` the response's;
+    after ``timeout`` seconds (from the choice) without the response's end the stream is reset
+    upstream and answered 504 (gRPC: ``DEADLINE_EXCEEDED``) with flag ``UT``; after
+    ``try_timeout`` seconds from a try's head, that try is reset and, if ``retries`` say so,
+    the request sent again, else answered the same way. ``delay`` holds the request that long
+    before its head goes upstream (an injected fault; its body waits within the window)."""
+
+    key: object
+    tag: object = None
+    edit_request: HeaderEdit | None = None
+    edit_response: HeaderEdit | None = None
+    timeout: float | None = None
+    retries: Retries | None = None
+    try_timeout: float | None = None
+    delay: float = 0.0
+    mirror: bool = False  # hand a copy of the complete request to the shell (``take_mirrors``)
+    # Waiting for a slot of the backend's limit (``key`` unknown yet): held like a delayed
+    # request until the shell calls ``unpark`` with the upstream or an answer.
+    parked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAnswer:
+    """``Pick``'s answer for a request served by the proxy itself: ``status`` (gRPC:
+    ``grpc_status_for(status)`` in a trailers-only response), Envoy's ``flags``, ``message``
+    as body (or ``grpc-message``), extra response ``headers`` (a redirect's ``location``)."""
+
+    status: int
+    flags: str
+    message: bytes
+    headers: tuple[Header, ...] = ()
+    tag: object = None
+    grpc_status: int | None = None  # for a gRPC call, instead of ``grpc_status_for(status)``
+
+
+@dataclass(frozen=True, slots=True)
+class H2Mirrored:
+    """A complete request to copy (``Choice.mirror``): the head as forwarded, the body (None
+    when it was over ``max_replay_body``: not copied), the trailers, the choice's tag."""
+
+    head: list[Header]
+    body: bytes | None
+    trailers: list[Header] | None
+    tag: object
+
+
+@dataclass(frozen=True, slots=True)
+class PickRequest:
+    """What ``Pick`` sees of a request: its head, its ``:path`` with the query, whether it is
+    a gRPC call (``content-type: application/grpc*``)."""
+
+    head: RequestHead
+    target: str
+    grpc: bool
+
+
+# The source side's per-request choice of upstream; None: no upstream (answered 503/UNAVAILABLE).
+Pick = Callable[[PickRequest], Choice | LocalAnswer | None]
+
+
+class _Upstream:
+    """One h2c connection to a pod (``uid`` names it to the shell)."""
+
+    __slots__ = ("conn", "gone", "key", "streams", "uid")
+
+    def __init__(self, uid: int, key: object, limits: H2Limits) -> None:
+        self.uid, self.key = uid, key
+        self.conn = new_connection(client_side=True, limits=limits)
+        self.streams: dict[int, _Stream] = {}  # by its stream id
+        self.gone = False  # closed, failed or sent GOAWAY: no new stream on it
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    client_id: int
+    exchange: H2Exchange
+    upstream: _Upstream | None = None  # None: answered by the proxy itself
+    upstream_id: int = 0
+    to_upstream: deque[tuple[bytes, int]] = field(default_factory=deque)  # (data, window bytes)
+    request_end: bool = False  # the client ended its side
+    request_trailers: list[Header] | None = None
+    request_sent: bool = False  # ... and we ended it upstream
+    to_client: deque[tuple[bytes, int]] = field(default_factory=deque)
+    response_started: bool = False
+    response_end: bool = False
+    response_trailers: list[Header] | None = None
+    edit_request: HeaderEdit | None = None  # applied once, to the forwarded head
+    edit_response: HeaderEdit | None = None
+    deadline: float | None = None  # clock time the request's timeout expires
+    retries: Retries | None = None
+    replay_head: list[Header] | None = None  # what was sent, to send again
+    replay_body: list[bytes] | None = field(default_factory=list)  # None: over the limit
+    replay_size: int = 0
+    retry_at: float | None = None  # clock time of the next try (waiting: no upstream)
+    try_timeout: float | None = None  # seconds each try may take
+    try_deadline: float | None = None  # clock time the current try's time runs out
+    held: list[Header] | None = None  # the forwarded head, held for an injected delay
+    held_key: object = None  # ... and the upstream it goes to
+    send_at: float | None = None  # clock time the held head is sent
+    mirror: bool = False  # a copy is owed once the request is complete
+    parked: bool = False  # held until ``unpark`` names its upstream
+
+    @property
+    def keeps_request(self) -> bool:
+        """Are the head and body kept (to send again, or to copy)?"""
+        return self.retries is not None or self.mirror
+
+
+def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
+    """An h2c connection with ``limits``' settings, its preface and connection window queued.
+    Headers stay bytes: they are forwarded, not interpreted (``header_encoding=None``); what
+    arrives is validated (RFC 9113 8.2), what is sent is not validated a second time."""
+    conn = GracefulH2Connection(
+        H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            # What we send was validated as it arrived (or is ours): h2's outbound checks of
+            # every header were a visible share of a request's time in a profile, for nothing.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+    )
+    conn.local_settings = Settings(
+        client=client_side,
+        initial_values={
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+            SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            SettingCodes.ENABLE_PUSH: 0,
+        },
+    )
+    conn.max_inbound_frame_size = limits.max_frame_size
+    conn.decoder.max_header_list_size = limits.max_header_list_size
+    conn.initiate_connection()
+    extra = limits.connection_window - conn.inbound_flow_control_window
+    if extra > 0:
+        conn.increment_flow_control_window(extra)
+    return conn
+
+
+def header(headers: Iterable[Header], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+class H2Proxy:
+    """One client h2c connection and its upstream h2c connection(s).
+
+    Without ``pick`` (the destination), every stream goes to one upstream (``uid`` 0, the pod),
+    whose loss ends the client connection. With ``pick`` (the source), each request goes to the
+    upstream ``pick`` names, one h2c connection per key, opened on first use: the shell learns
+    of each new one from ``take_new_upstreams`` and connects it; one that fails or closes is
+    forgotten, and the next request for its key opens another.
+    """
+
+    def __init__(
+        self,
+        authorize: Authorize,
+        *,
+        pick: Pick | None = None,
+        limits: H2Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        new_request_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self.authorize = authorize
+        self.limits = limits = limits or H2Limits()
+        self.clock = clock
+        self.new_request_id = new_request_id
+        self.pick = pick
+        self.client = new_connection(client_side=False, limits=limits)
+        self.guard = HeaderBlockGuard(
+            max_header_block=limits.max_header_block, max_continuations=limits.max_continuations
+        )
+        self.closing = False  # flush, then close both sides
+        self._streams: dict[int, _Stream] = {}  # by client stream id
+        self._upstreams: dict[int, _Upstream] = {}  # by uid
+        self._current: dict[object, _Upstream] = {}  # by key: where new requests go
+        self._new_upstreams: list[tuple[int, object]] = []
+        self._next_uid = 0
+        self._to_client = bytearray(self.client.data_to_send())
+        self._completed: list[H2Exchange] = []
+        self._mirrors: list[H2Mirrored] = []
+        self._rejections: list[str] = []
+        self._unsent_replies = 0
+        self._opened = 0
+        self._premature_resets = 0
+        self._empty_frames = 0
+        self.head_started: float | None = None  # clock time an unfinished header block began
+        self._client_gone = False  # the client sent GOAWAY: no new streams will come
+        self._upstream_gone = False  # destination: the pod's connection is unusable
+        if pick is None:
+            self._upstream_for(None)  # uid 0, connected by the shell from the start
+            self._new_upstreams.clear()
+
+    # -- the shell's interface ---------------------------------------------------------------
+    def take_to_client(self) -> bytes:
+        self._to_client += self.client.data_to_send()
+        out, self._to_client = bytes(self._to_client), bytearray()
+        self._unsent_replies = 0
+        return out
+
+    def take_to_upstream(self, uid: int = 0) -> bytes:
+        u = self._upstreams.get(uid)
+        return u.conn.data_to_send() if u is not None else b""
+
+    def take_new_upstreams(self) -> list[tuple[int, object]]:
+        """(uid, key) of each upstream opened since the last call: the shell connects them."""
+        out, self._new_upstreams = self._new_upstreams, []
+        return out
+
+    def upstream_live(self, uid: int) -> bool:
+        """Does the shell still need upstream ``uid`` (open streams, or new ones may come)?"""
+        u = self._upstreams.get(uid)
+        return u is not None and not (u.gone and not u.streams)
+
+    def take_completed(self) -> list[H2Exchange]:
+        out, self._completed = self._completed, []
+        return out
+
+    def take_mirrors(self) -> list[H2Mirrored]:
+        """Complete requests whose choice asked for a copy, since the last call."""
+        out, self._mirrors = self._mirrors, []
+        return out
+
+    def take_rejections(self) -> list[str]:
+        out, self._rejections = self._rejections, []
+        return out
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def receive_client(self, data: bytes) -> None:
+        """Bytes from the client; ``b""`` when it closed its side."""
+        if self.closing:
+            return
+        if not data:
+            self._abort_all(DOWNSTREAM_CLOSED)
+            return
+        cause = self.guard.feed(data)
+        if cause is not None:
+            self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        if not self.guard.block_open:
+            self.head_started = None
+        elif self.head_started is None:
+            self.head_started = self.clock()
+        self._to_client += self.client.data_to_send()  # ours, not replies to these bytes
+        try:
+            events = self.client.receive_data(data)
+        except TooManyStreamsError:
+            self._fail_client(TOO_MANY_STREAMS, None)
+            return
+        except FrameTooLargeError:
+            self._fail_client(OVERSIZED_FRAME, None)
+            return
+        except ProtocolError:
+            self._fail_client(PROTOCOL_ERROR, None)
+            return
+        replies = self.client.data_to_send()  # before we act: only h2's own answers
+        self._to_client += replies
+        self._unsent_replies += len(replies)
+        if self._unsent_replies > self.limits.max_unsent_replies:
+            self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        for event in events:
+            self._client_event(event)
+            if self.closing:
+                return
+        self._pump()
+        self._check_done()
+
+    def receive_upstream(self, data: bytes, uid: int = 0) -> None:
+        """Bytes from upstream ``uid``; ``b""`` when it closed its side."""
+        u = self._upstreams.get(uid)
+        if self.closing or u is None:
+            return
+        if not data:
+            self.upstream_failed(uid)
+            return
+        try:
+            events = u.conn.receive_data(data)
+        except ProtocolError:
+            self._rejections.append(UPSTREAM_PROTOCOL)
+            self.upstream_failed(uid)
+            return
+        for event in events:
+            self._upstream_event(u, event)
+        self._forget_if_done(u)
+        self._pump()
+        self._check_done()
+
+    def header_timeout(self) -> None:
+        """The shell's timer: a header block stayed open past its deadline (``head_started``)."""
+        if not self.closing:
+            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def next_deadline(self) -> float | None:
+        """The clock time the soonest request timeout expires (the shell's timer), if any."""
+        times = [
+            t
+            for s in self._streams.values()
+            for t in (s.deadline, s.try_deadline, s.retry_at, s.send_at)
+            if t
+        ]
+        return min(times, default=None)
+
+    def expire(self) -> None:
+        """The shell's timer: every request whose timeout passed is reset upstream and, before
+        its response began, answered 504 / ``DEADLINE_EXCEEDED``; after, its stream is reset
+        (as Envoy does). Flag ``UT``. A try whose own time ran out is retried if its
+        ``retries`` allow; a retry or a delayed request whose time came is sent."""
+        if self.closing:
+            return
+        now = self.clock()
+        for s in list(self._streams.values()):
+            if s.deadline is not None and s.deadline <= now:
+                self._time_out(s)
+            elif s.try_deadline is not None and s.try_deadline <= now:
+                s.try_deadline = None
+                if not self._retried(s, None):
+                    self._time_out(s)
+            elif s.retry_at is not None and s.retry_at <= now:
+                self._try_again(s)
+            elif s.send_at is not None and s.send_at <= now:
+                if s.parked:
+                    s.send_at = None  # the delay is over; it still waits for ``unpark``
+                else:
+                    self._send_held(s)
+        self._pump()
+        self._check_done()
+
+    def _retried(self, s: _Stream, status: int | None) -> bool:
+        """The try of ``s`` ended with ``status`` (None: no response head) before anything
+        reached the client: if its ``retries`` say so, drop the try and wait to send again."""
+        if s.retries is None or s.response_started or s.upstream is None:
+            return False
+        ex = s.exchange
+        replayable = s.request_end and s.replay_body is not None and s.replay_head is not None
+        backoff = s.retries.after(status, ex.first_byte, replayable=replayable)
+        if backoff is None:
+            return False
+        self._reset_upstream(s)
+        self._discard_request(s)
+        self._release_response(s)
+        s.upstream.streams.pop(s.upstream_id, None)
+        s.upstream, s.upstream_id, s.request_sent = None, 0, False
+        ex.status, ex.grpc_status, ex.first_byte = 0, "", 0.0
+        s.retry_at, s.try_deadline = self.clock() + backoff, None
+        return True
+
+    def _try_again(self, s: _Stream) -> None:
+        """Send ``s`` again, exactly as first sent, where its ``retries`` now point."""
+        s.retry_at = None
+        assert s.retries is not None and s.replay_head is not None and s.replay_body is not None
+        choice = s.retries.next()
+        ex = s.exchange
+        if isinstance(choice, LocalAnswer):
+            ex.flags = choice.flags
+            self._answer(s, choice.status, grpc_status_for(choice.status), choice.message)
+            return
+        ex.upstream = choice.key
+        s.to_upstream.extend((chunk, 0) for chunk in s.replay_body)  # acknowledged already
+        self._send_head(s, self._upstream_for(choice.key), s.replay_head)
+
+    def _send_held(self, s: _Stream) -> None:
+        """The injected delay of ``s`` is over: its head (and the body that waited) go out."""
+        assert s.held is not None
+        head, s.held, s.send_at = s.held, None, None
+        self._send_head(s, self._upstream_for(s.held_key), head)
+
+    def _time_out(self, s: _Stream) -> None:
+        s.deadline = s.retry_at = s.try_deadline = s.send_at = None
+        s.held = None
+        s.exchange.flags = UPSTREAM_TIMEOUT
+        self._reset_upstream(s)
+        self._discard_request(s)
+        self._release_response(s)
+        if s.upstream is not None:
+            s.upstream.streams.pop(s.upstream_id, None)
+            s.upstream, s.upstream_id = None, 0
+        if s.response_started:
+            self._reset_client(s, ErrorCodes.CANCEL)
+            self._complete(s)
+            return
+        self._answer(s, 504, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
+
+    def unpark(self, tag: object, choice: Choice | LocalAnswer) -> bool:
+        """The parked request whose choice carried ``tag`` may go: to ``choice.key`` (now, or
+        when its delay ends), or answered with the ``LocalAnswer``. False if no such request
+        waits (it ended meanwhile: answered, timed out, reset)."""
+        s = next((x for x in self._streams.values() if x.parked and x.exchange.tag is tag), None)
+        if s is None or self.closing:
+            return False
+        s.parked = False
+        if isinstance(choice, LocalAnswer):
+            s.held, s.send_at = None, None
+            s.exchange.flags = choice.flags
+            self._answer(s, choice.status, grpc_status_for(choice.status), choice.message)
+        else:
+            s.held_key = s.exchange.upstream = choice.key
+            if s.send_at is None:
+                self._send_held(s)
+        self._pump()
+        self._check_done()
+        return True
+
+    def upstream_failed(self, uid: int = 0) -> None:
+        """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams.
+        At the destination the client is then sent GOAWAY, so that it reconnects."""
+        u = self._upstreams.get(uid)
+        if u is None:
+            return
+        self._retire(u)
+        self._upstreams.pop(uid, None)
+        for s in list(u.streams.values()):
+            self._upstream_lost(s, UPSTREAM_CLOSED)
+        self._pump()  # the answers first: a client may stop reading streams at the GOAWAY
+        if self.pick is None:
+            self._goaway_client()
+        self._check_done()
+
+    # -- client events -----------------------------------------------------------------------
+    def _client_event(self, event: Event) -> None:
+        if isinstance(event, RequestReceived):
+            self._on_request(event.stream_id, event.headers, ended=event.stream_ended is not None)
+        elif isinstance(event, DataReceived):
+            self._on_request_data(event.stream_id, event.data, event.flow_controlled_length)
+        elif isinstance(event, TrailersReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.request_trailers = list(event.headers)
+        elif isinstance(event, StreamEnded):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.request_end = True
+                self._copy(stream)
+        elif isinstance(event, StreamReset):
+            self._on_client_reset(event.stream_id)
+        elif isinstance(event, ConnectionTerminated):
+            if event.error_code == ErrorCodes.NO_ERROR:
+                self._client_gone = True
+            else:
+                self._abort_all(DOWNSTREAM_CLOSED)
+
+    def _on_request(self, stream_id: int, headers: Sequence[Header], *, ended: bool) -> None:
+        self._opened += 1
+        path = header(headers, b":path") or b""
+        authority = header(headers, b":authority") or header(headers, b"host") or b""
+        request_id = header(headers, b"x-request-id")
+        forwarded = list(headers)
+        if request_id is None:
+            request_id = self.new_request_id().encode()
+            forwarded.append((b"x-request-id", request_id))
+        head = RequestHead(
+            (header(headers, b":method") or b"").decode("latin-1"),
+            path.split(b"?", 1)[0].decode("latin-1"),
+            authority.decode("latin-1"),
+            request_id.decode("latin-1"),
+            trace=trace_headers_of(headers),
+            headers=[(n, v) for n, v in headers if not n.startswith(b":")],
+        )
+        content_type = header(headers, b"content-type") or b""
+        grpc = content_type.startswith(b"application/grpc")
+        s = _Stream(stream_id, H2Exchange(head, grpc, self.clock()), request_end=ended)
+        self._streams[stream_id] = s
+        verdict = self.authorize(head)
+        if not verdict.allowed:
+            s.exchange.flags = verdict.flag
+            s.exchange.denied_by = verdict.reason
+            self._answer(s, verdict.status, verdict.grpc_status, verdict.body)
+            return
+        u = self._choose(s, path.decode("latin-1"))
+        if u is None and s.send_at is None and not s.parked:
+            return
+        if s.edit_request is not None:
+            forwarded = s.edit_request(forwarded)
+            s.edit_request = None
+        if s.keeps_request:
+            s.replay_head = forwarded
+            self._copy(s)
+        if u is None:  # an injected delay (``expire`` sends it) or parked (``unpark`` does)
+            s.held = forwarded
+            return
+        self._send_head(s, u, forwarded)
+
+    def _copy(self, s: _Stream) -> None:
+        """Hand the copy of ``s`` over once the client sent all of it and its head went
+        upstream (as Envoy's router copies after the fault filter: a delayed or parked request
+        is copied when it is sent; one answered or reset before is not copied)."""
+        if not s.mirror or not s.request_end or s.replay_head is None or s.upstream is None:
+            return
+        s.mirror = False
+        body = b"".join(s.replay_body) if s.replay_body is not None else None
+        self._mirrors.append(H2Mirrored(s.replay_head, body, s.request_trailers, s.exchange.tag))
+
+    def _send_head(self, s: _Stream, u: _Upstream, head: list[Header]) -> None:
+        up = u.conn
+        if up.open_outbound_streams >= up.remote_settings.max_concurrent_streams:
+            # The pod's own limit: REFUSED_STREAM tells the client it is safe to retry.
+            self._refuse(s, UPSTREAM_OVERFLOW)
+            return
+        s.upstream, s.upstream_id = u, up.get_next_available_stream_id()
+        u.streams[s.upstream_id] = s
+        if s.try_timeout is not None:
+            s.try_deadline = self.clock() + s.try_timeout
+        ended = s.request_end and not s.to_upstream and s.request_trailers is None
+        up.send_headers(s.upstream_id, head, end_stream=ended)
+        s.request_sent = ended
+        self._copy(s)
+
+    def _choose(self, s: _Stream, target: str) -> _Upstream | None:
+        """The upstream for ``s``, or None after answering it ourselves (no upstream: 503 /
+        UNAVAILABLE; or the ``LocalAnswer`` the pick gave), or None with ``send_at`` set when
+        the choice delays it (the upstream is opened when it is sent)."""
+        if self.pick is None:
+            if not self._upstream_gone:
+                return self._upstreams[0]
+            s.exchange.flags = UPSTREAM_CLOSED
+            self._answer(s, 503, GRPC_UNAVAILABLE, b"upstream connection closed")
+            return None
+        ex = s.exchange
+        choice = self.pick(PickRequest(ex.head, target, ex.grpc))
+        if choice is None:
+            ex.flags = NO_HEALTHY_UPSTREAM
+            self._answer(s, 503, GRPC_UNAVAILABLE, b"no healthy upstream")
+            return None
+        if isinstance(choice, LocalAnswer):
+            ex.flags, ex.tag = choice.flags, choice.tag
+            status = choice.status
+            grpc_status = choice.grpc_status
+            if grpc_status is None:
+                grpc_status = grpc_status_for(status)
+            self._answer(s, status, grpc_status, choice.message, choice.headers)
+            return None
+        ex.upstream, ex.tag = choice.key, choice.tag
+        s.edit_request, s.edit_response = choice.edit_request, choice.edit_response
+        s.retries, s.try_timeout = choice.retries, choice.try_timeout
+        s.mirror = choice.mirror
+        now = self.clock()
+        if choice.timeout is not None:
+            s.deadline = now + choice.timeout
+        if choice.delay > 0:
+            s.send_at, s.held_key = now + choice.delay, choice.key
+        if choice.parked:
+            s.parked = True
+        if choice.delay > 0 or choice.parked:
+            return None
+        return self._upstream_for(choice.key)
+
+    def _upstream_for(self, key: object) -> _Upstream:
+        u = self._current.get(key)
+        if u is None:
+            u = _Upstream(self._next_uid, key, self.limits)
+            self._next_uid += 1
+            self._upstreams[u.uid] = self._current[key] = u
+            self._new_upstreams.append((u.uid, key))
+        return u
+
+    def _retire(self, u: _Upstream) -> None:
+        """No new stream goes to ``u``."""
+        u.gone = True
+        if self._current.get(u.key) is u:
+            del self._current[u.key]
+        if self.pick is None:
+            self._upstream_gone = True
+
+    def _forget_if_done(self, u: _Upstream) -> None:
+        if u.gone and not u.streams and self.pick is not None:
+            self._upstreams.pop(u.uid, None)
+
+    def _on_request_data(self, stream_id: int, data: bytes, flow: int) -> None:
+        if data:
+            self._empty_frames = 0
+        elif flow == 0:
+            self._empty_frames += 1
+            if self._empty_frames > self.limits.max_empty_frames:
+                self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM)
+                return
+        s = self._streams.get(stream_id)
+        if s is None or (s.upstream is None and s.held is None):  # answered: discarded
+            if flow:
+                self.client.acknowledge_received_data(flow, stream_id)
+            return
+        s.exchange.request_bytes += len(data)
+        s.to_upstream.append((data, flow))
+        if s.keeps_request and s.replay_body is not None and data:
+            s.replay_size += len(data)
+            if s.replay_size > self.limits.max_replay_body:
+                s.replay_body = None  # too big to keep: this request is not retried
+            else:
+                s.replay_body.append(data)
+
+    def _on_client_reset(self, stream_id: int) -> None:
+        s = self._streams.get(stream_id)
+        if s is None:
+            return
+        self._premature_resets += 1
+        if (
+            self._premature_resets > self.limits.max_premature_resets
+            and 2 * self._premature_resets > self._opened
+        ):
+            self._fail_client(RAPID_RESET, ErrorCodes.ENHANCE_YOUR_CALM)
+            return
+        s.exchange.flags = DOWNSTREAM_CLOSED
+        self._reset_upstream(s)
+        self._complete(s)
+
+    # -- upstream events ---------------------------------------------------------------------
+    def _upstream_event(self, u: _Upstream, event: Event) -> None:
+        if isinstance(event, ConnectionTerminated):
+            self._retire(u)
+            last = event.last_stream_id or 0
+            for lost in [x for x in u.streams.values() if x.upstream_id > last]:
+                self._upstream_lost(lost, UPSTREAM_CLOSED)  # never processed: safe to answer
+            if self.pick is None:
+                self._goaway_client()
+            return
+        stream_id = getattr(event, "stream_id", 0)
+        s = u.streams.get(stream_id)
+        if s is None:
+            if isinstance(event, DataReceived) and event.flow_controlled_length:
+                u.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            return
+        ex = s.exchange
+        if isinstance(event, ResponseReceived):
+            status = header(event.headers, b":status") or b"0"
+            ex.status = int(status) if status.isdigit() else 0
+            ex.first_byte = self.clock()
+            ended = event.stream_ended is not None
+            if ended:
+                ex.grpc_status = (header(event.headers, b"grpc-status") or b"").decode("latin-1")
+            if self._retried(s, _retry_status(ex, ended)):
+                return
+            s.response_started = True
+            s.response_end = ended
+            headers = list(event.headers)
+            if s.edit_response is not None:
+                headers = s.edit_response(headers)
+            self.client.send_headers(s.client_id, headers, end_stream=ended)
+            if ended:
+                self._complete(s)
+        elif isinstance(event, InformationalResponseReceived):
+            self.client.send_headers(s.client_id, list(event.headers))
+        elif isinstance(event, DataReceived):
+            ex.response_bytes += len(event.data)
+            s.to_client.append((event.data, event.flow_controlled_length))
+        elif isinstance(event, TrailersReceived):
+            ex.grpc_status = (header(event.headers, b"grpc-status") or b"").decode("latin-1")
+            s.response_trailers = list(event.headers)
+            s.response_end = True
+        elif isinstance(event, StreamEnded):
+            s.response_end = True
+        elif isinstance(event, StreamReset):
+            if self._retried(s, None):
+                return
+            if not s.response_started and event.error_code == ErrorCodes.REFUSED_STREAM:
+                self._refuse(s, UPSTREAM_RESET)  # the pod never processed it: safe to retry
+                return
+            self._upstream_lost(s, UPSTREAM_RESET)
+
+    def _upstream_lost(self, s: _Stream, flag: str) -> None:
+        """The pod will not finish ``s``: answer it ourselves if we can, else reset it."""
+        if self._retried(s, None):
+            return
+        s.exchange.flags = flag
+        self._discard_request(s)
+        if s.upstream is not None:
+            s.upstream.streams.pop(s.upstream_id, None)
+        if not s.response_started:
+            self._release_response(s)
+            s.upstream, s.upstream_id = None, 0
+            self._answer(s, 502, GRPC_UNAVAILABLE, b"upstream connect error or disconnect/reset")
+            return
+        self._release_response(s)
+        self._reset_client(s, ErrorCodes.INTERNAL_ERROR)
+        self._complete(s)
+
+    # -- answers and stream ends -------------------------------------------------------------
+    def _answer(
+        self,
+        s: _Stream,
+        status: int,
+        grpc_status: int,
+        message: bytes,
+        headers: Sequence[Header] = (),
+    ) -> None:
+        """Answer ``s`` from the proxy: ``status`` with ``message`` as body (and ``headers``),
+        or for gRPC a trailers-only response with ``grpc_status`` (RFC 9113 8.1: the request's
+        remaining body is discarded, the stream reset with NO_ERROR once the answer is out)."""
+        ex = s.exchange
+        s.response_started = True
+        if ex.grpc:
+            ex.status, ex.grpc_status = 200, str(grpc_status)
+            self.client.send_headers(
+                s.client_id,
+                [
+                    (b":status", b"200"),
+                    (b"content-type", b"application/grpc"),
+                    (b"grpc-status", str(grpc_status).encode()),
+                    (b"grpc-message", message.strip()),
+                ],
+                end_stream=True,
+            )
+            s.response_end = True
+            self._complete(s)
+            return
+        ex.status, ex.response_bytes = status, len(message)
+        self.client.send_headers(
+            s.client_id,
+            [
+                (b":status", str(status).encode()),
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(message)).encode()),
+                *headers,
+            ],
+        )
+        s.to_client.append((message, 0))
+        s.response_end = True
+
+    def _refuse(self, s: _Stream, flag: str) -> None:
+        """Pass the pod's refusal of ``s`` on (REFUSED_STREAM: the client may retry it), and
+        report it, so that the shell finishes what it noted for the request."""
+        s.exchange.flags = flag
+        s.exchange.ended = self.clock()
+        self._completed.append(s.exchange)
+        self._drop(s)
+        self.client.reset_stream(s.client_id, ErrorCodes.REFUSED_STREAM)
+
+    def _complete(self, s: _Stream) -> None:
+        """``s`` is over (answered, or reset): report it and forget it."""
+        s.exchange.ended = self.clock()
+        self._completed.append(s.exchange)
+        self._drop(s)
+        if not s.request_end and s.response_end:
+            self._reset_client(s, ErrorCodes.NO_ERROR)  # answered before the client finished
+        if s.upstream is not None and not s.request_sent:
+            self._reset_upstream(s)
+
+    def _drop(self, s: _Stream) -> None:
+        self._streams.pop(s.client_id, None)
+        if s.upstream is not None:
+            s.upstream.streams.pop(s.upstream_id, None)
+        self._discard_request(s)
+        self._release_response(s)
+
+    def _discard_request(self, s: _Stream) -> None:
+        """Give the client back the window of request bytes that will never be forwarded."""
+        owed = sum(flow for _, flow in s.to_upstream)
+        s.to_upstream.clear()
+        if owed:
+            self.client.acknowledge_received_data(owed, s.client_id)
+
+    def _release_response(self, s: _Stream) -> None:
+        owed = sum(flow for _, flow in s.to_client)
+        s.to_client.clear()
+        if owed and s.upstream is not None:
+            s.upstream.conn.acknowledge_received_data(owed, s.upstream_id)
+
+    def _reset_client(self, s: _Stream, code: ErrorCodes) -> None:
+        with contextlib.suppress(ProtocolError):  # already closed both ways: nothing to reset
+            self.client.reset_stream(s.client_id, code)
+
+    def _reset_upstream(self, s: _Stream) -> None:
+        if s.upstream is None or s.upstream.uid not in self._upstreams:
+            return  # never connected, or gone
+        with contextlib.suppress(ProtocolError):  # the pod already closed it
+            s.upstream.conn.reset_stream(s.upstream_id, ErrorCodes.CANCEL)
+
+    def _goaway_client(self) -> None:
+        if not self._client_gone:
+            self._client_gone = True
+            self.client.send_goaway(ErrorCodes.NO_ERROR, self.client.highest_inbound_stream_id)
+
+    def _abort_all(self, flag: str) -> None:
+        """The client connection is over: report what was open, cancel it at the pod."""
+        for s in list(self._streams.values()):
+            s.exchange.flags = flag
+            s.exchange.ended = self.clock()
+            self._completed.append(s.exchange)
+            self._reset_upstream(s)
+        self._streams.clear()
+        for u in self._upstreams.values():
+            u.streams.clear()
+        self.closing = True
+
+    def _fail_client(self, cause: str, code: ErrorCodes | None) -> None:
+        """The client broke a limit or the protocol: GOAWAY (``h2`` sent its own when ``code``
+        is None) and close."""
+        self._rejections.append(cause)
+        if code is not None:
+            self.client.send_goaway(code, self.client.highest_inbound_stream_id)
+        self._abort_all(DOWNSTREAM_CLOSED)
+
+    def _check_done(self) -> None:
+        if (self._client_gone or self._upstream_gone) and not self._streams:
+            self.closing = True
+        for u in [u for u in self._upstreams.values() if u.gone and not u.streams]:
+            self._forget_if_done(u)
+
+    # -- moving DATA within the windows --------------------------------------------------------
+    def _pump(self) -> None:
+        for s in list(self._streams.values()):
+            if s.upstream is not None and not s.request_sent:
+                self._pump_request(s)
+            self._pump_response(s)
+
+    def _pump_request(self, s: _Stream) -> None:
+        assert s.upstream is not None
+        up, uid = s.upstream.conn, s.upstream_id
+        try:
+            plain_end = s.request_end and s.request_trailers is None and bool(s.to_upstream)
+            sent, ended = _move(s.to_upstream, up, uid, end=plain_end)
+            if sent:
+                self.client.acknowledge_received_data(sent, s.client_id)
+            if ended:
+                s.request_sent = True
+            elif not s.to_upstream and s.request_end:
+                if s.request_trailers is not None:
+                    up.send_headers(uid, s.request_trailers, end_stream=True)
+                else:
+                    up.end_stream(uid)
+                s.request_sent = True
+        except ProtocolError:  # the pod closed its receiving side: the rest is not wanted
+            s.request_sent = True
+            self._discard_request(s)
+
+    def _pump_response(self, s: _Stream) -> None:
+        if not s.response_started:
+            return
+        plain_end = s.response_end and s.response_trailers is None and bool(s.to_client)
+        sent, ended = _move(s.to_client, self.client, s.client_id, end=plain_end)
+        if sent and s.upstream is not None:
+            s.upstream.conn.acknowledge_received_data(sent, s.upstream_id)
+        if ended:
+            self._complete(s)
+        elif not s.to_client and s.response_end:
+            if s.response_trailers is not None:
+                self.client.send_headers(s.client_id, s.response_trailers, end_stream=True)
+            else:
+                self.client.end_stream(s.client_id)
+            self._complete(s)
+
+
+def _retry_status(ex: H2Exchange, ended: bool) -> int:
+    """The status a retry policy sees of a response head: its ``:status``, or for a gRPC call
+    answered trailers-only ``UNAVAILABLE`` 503 (gRPC's HTTP mapping of 503)."""
+    if ex.grpc and ended and ex.grpc_status == str(GRPC_UNAVAILABLE):
+        return 503
+    return ex.status
+
+
+def _move(
+    queue: deque[tuple[bytes, int]], conn: GracefulH2Connection, stream_id: int, *, end: bool
+) -> tuple[int, bool]:
+    """Send what ``queue`` holds on ``stream_id`` as far as the send windows allow, ending the
+    stream with the last bytes if ``end``. Returns the window bytes (padding included) now
+    forwarded, to be acknowledged to the sender, and whether the stream was ended."""
+    acknowledged = 0
+    while queue:
+        data, flow = queue[0]
+        last = end and len(queue) == 1
+        if not data:
+            queue.popleft()
+            acknowledged += flow
+            if last:
+                conn.end_stream(stream_id)
+                return acknowledged, True
+            continue
+        n = min(len(data), conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+        if n <= 0:
+            break
+        if n < len(data):
+            conn.send_data(stream_id, data[:n])
+            queue[0] = (data[n:], flow - n)
+            acknowledged += n
+        else:
+            conn.send_data(stream_id, data, end_stream=last)
+            queue.popleft()
+            acknowledged += flow
+            if last:
+                return acknowledged, True
+    return acknowledged, False

@@ -1,0 +1,227 @@
+"""Gateway API routes per request on the HTTP/2 and gRPC source path: a request in, a choice out.
+
+Why a piece of its own, sans-IO: the decisions are the HTTP/1.1 path's (``http_router``:
+``HttpRouter.admit`` matches the routes attached to the dialled port, picks a weighted backend
+Service and runs its traffic control), so they are not repeated here; what is particular to
+HTTP/2 is how a decision is expressed to ``H2Proxy``: a ``Choice`` (an endpoint of the backend
+Service, the rule's header edits on header blocks with pseudo-headers, a timeout) or a
+``LocalAnswer`` (which ``H2Proxy`` turns into a trailers-only gRPC status for a gRPC call).
+
+A gRPC call (``content-type: application/grpc*`` and a ``/service/method`` path) is matched
+against the port's GRPCRoutes, else its HTTPRoutes (``RouteTable.grpc``); any other request
+against the HTTPRoutes. What the client sees when the request is answered here:
+
+* no rule matches: 404 ``NR``, for gRPC ``UNIMPLEMENTED`` (12), as the Gateway API asks;
+* every weight zero, or a backend that does not resolve: 500, for gRPC ``UNAVAILABLE`` (14)
+  (GRPCRoute's rule for an invalid backend; Envoy would map its 500 to ``UNKNOWN``);
+* no endpoint, over a limit, an injected abort: 503 (``UH``/``UO``/``FI``), gRPC
+  ``UNAVAILABLE``; a GRPCRoute HTTPFault's ``grpcStatus`` abort: that status, trailers-only;
+* the rule's ``timeouts.request`` (the whole request, retries included) or the call's own
+  ``grpc-timeout`` (as Linkerd honours it; Envoy only with ``max_grpc_timeout``), whichever is
+  sooner, expires, or the last try's ``timeouts.backendRequest``: 504 ``UT``, gRPC
+  ``DEADLINE_EXCEEDED`` (4).
+
+Retries: an HTTPRoute rule's ``retry`` (GEP-1731; GRPCRoute has no retry field) applies to the
+HTTP/2 requests and gRPC calls it routes, decided as on HTTP/1.1 (``RoutePlan.retry_after``:
+the rule's ``codes`` and attempts, only a request received whole with a body of at most
+``H2Limits.max_replay_body``, under the backend Service's retry budget, counted in
+``nodemesh_http_retries_total``). ``H2Proxy`` asks only before any response byte reached the
+client: after a response head whose status is in ``codes`` (a gRPC call's trailers-only
+``UNAVAILABLE`` counts as 503, gRPC's HTTP mapping), a reset (a refused stream too) or a lost
+upstream before the response, or its ``backendRequest`` (per-try) timeout expired; the next
+try goes to another endpoint after the backoff.
+
+An injected delay (the rule's HTTPFault, flag ``DI``, and the TrafficPolicy's) is
+``Choice.delay``: ``H2Proxy`` holds the request; the route's ``timeouts.request`` starts after
+it, a call's ``grpc-timeout`` at once.
+
+``RequestMirror``: ``Choice.mirror`` when the rule rolled any copy; the mirror Services ride on
+the ``RoutePlan`` (``mirrors``), copied by the shell once ``H2Proxy`` hands the request over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from agent.policy.routes import GrpcRequest, HttpRequest
+from agent.proxy.h2proxy import Choice, Header, HeaderEdit, LocalAnswer, PickRequest, header
+from agent.proxy.http_router import (
+    BODIES,
+    NO_HEALTHY_UPSTREAM,
+    Headers,
+    HttpRouter,
+    LocalResponse,
+    RoutePlan,
+)
+from agent.proxy.resolve import ServiceTarget
+from agent.state import Snapshot
+
+# grpc-timeout units (gRPC over HTTP/2: TimeoutValue is at most 8 digits)
+_GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An upstream key: one endpoint of one backend Service port (a pod can back two Services
+    with different target ports, so the IP alone does not name it)."""
+
+    service: tuple[str, str]
+    port: int
+    ip: str
+    target: ServiceTarget = field(compare=False, hash=False)
+
+    def __str__(self) -> str:
+        return f"{self.service[0]}/{self.service[1]}:{self.port}@{self.ip}"
+
+
+def grpc_timeout(value: str | None) -> float | None:
+    """Seconds of a ``grpc-timeout`` header (``100m``, ``2S``), or None if absent or malformed."""
+    if not value or len(value) > 9 or value[-1] not in _GRPC_UNITS or not value[:-1].isdigit():
+        return None
+    return int(value[:-1]) * _GRPC_UNITS[value[-1]]
+
+
+def route_request(
+    router: HttpRouter,
+    snap: Snapshot,
+    dialled: ServiceTarget,
+    request: PickRequest,
+    source_ip: str,
+    source_labels: Mapping[str, str] | None,
+    source_node: tuple[str, str | None],
+    *,
+    client_namespace: str,
+) -> Choice | LocalAnswer:
+    """Where one request on an HTTP/2 port goes (its ``RoutePlan`` is the choice's tag, to be
+    finished with the request), or how it is answered here."""
+    head = request.head
+    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers]
+    call = GrpcRequest.from_path(head.path, headers, authority=head.host) if request.grpc else None
+    routed = call or HttpRequest.from_target(
+        head.method, request.target, headers, authority=head.host
+    )
+    try:
+        plan = router.admit(
+            snap,
+            dialled,
+            routed,
+            source_ip,
+            source_labels,
+            source_node,
+            client_namespace=client_namespace,
+            may_queue=True,
+        )
+    except LocalResponse as e:
+        extra = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in e.headers)
+        return LocalAnswer(e.status, e.flags, e.body, extra, grpc_status=e.grpc_status)
+    key: Endpoint | None = None
+    if not plan.attempts.queued:
+        endpoint = admitted(plan)
+        if isinstance(endpoint, LocalAnswer):
+            plan.attempts.finish()
+            return endpoint
+        key = endpoint
+    return Choice(
+        key,
+        plan,
+        edit_request=_request_edit(plan.edit_request) if plan.edit_request else None,
+        edit_response=_response_edit(plan.edit_response) if plan.edit_response else None,
+        timeout=_timeout(plan, call),
+        retries=PlanRetries(plan) if plan.retry is not None else None,
+        try_timeout=plan.try_timeout,
+        delay=plan.injected_delay,
+        mirror=bool(plan.mirrors),
+        parked=plan.attempts.queued,
+    )
+
+
+def admitted(plan: RoutePlan) -> Endpoint | LocalAnswer:
+    """The endpoint of a request its backend Service admitted (at once, or when its turn in
+    the ``maxPendingRequests`` queue came), or 503 ``UH`` when there is none."""
+    ip = plan.attempts.next_endpoint()
+    if ip is None:
+        return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
+    plan.attempts.connected(ip)  # a request is "connected" once it is sent on an upstream
+    return _endpoint(plan.backend, ip)
+
+
+def _endpoint(backend: ServiceTarget, ip: str) -> Endpoint:
+    return Endpoint(
+        (backend.service.namespace, backend.service.name), backend.port.port, ip, backend
+    )
+
+
+class PlanRetries:
+    """``H2Proxy``'s ``Retries`` for a request whose rule has ``retry``: the decision is the
+    HTTP/1.1 path's (``RoutePlan.retry_after``: the rule's codes, attempts, replayable, the
+    backend Service's retry budget, each outcome counted), the next try another endpoint of
+    the same backend Service."""
+
+    def __init__(self, plan: RoutePlan) -> None:
+        self.plan = plan
+
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        return self.plan.retry_after(status, first_byte, replayable=replayable)
+
+    def next(self) -> Choice | LocalAnswer:
+        attempts = self.plan.attempts
+        ip = attempts.next_endpoint()
+        if ip is None:
+            return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
+        attempts.connected(ip)
+        return Choice(_endpoint(self.plan.backend, ip), self.plan)
+
+
+def _timeout(plan: RoutePlan, call: GrpcRequest | None) -> float | None:
+    """The request's whole time from now: the route's ``timeouts.request`` starts after an
+    injected delay (Envoy's route timeout starts after its fault filter), a call's own
+    ``grpc-timeout`` now (it is the caller's deadline)."""
+    limits: list[float | None] = []
+    if plan.request_timeout is not None:
+        limits.append(plan.request_timeout + plan.injected_delay)
+    if call is not None:
+        limits.append(grpc_timeout(call.header("grpc-timeout")))
+    return min((t for t in limits if t is not None), default=None)
+
+
+def _decode(block: list[Header]) -> tuple[list[Header], Headers]:
+    pseudo = [(k, v) for k, v in block if k.startswith(b":")]
+    regular = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in block if k[:1] != b":"]
+    return pseudo, regular
+
+
+def _encode(headers: Headers) -> list[Header]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+def _request_edit(edit: Callable[[str, Headers], tuple[str, Headers]]) -> HeaderEdit:
+    """The rule's request edit (header modifier, URL rewrite) on an HTTP/2 header block: the
+    edited path becomes ``:path``, a rewritten host ``:authority``."""
+
+    def apply(block: list[Header]) -> list[Header]:
+        pseudo, regular = _decode(block)
+        path = (header(pseudo, b":path") or b"/").decode("latin-1")
+        authority = (header(pseudo, b":authority") or b"").decode("latin-1")
+        had_host = any(k == "host" for k, _ in regular)
+        if not had_host:
+            regular.append(("host", authority))
+        path, regular = edit(path, regular)
+        host = next((v for k, v in regular if k == "host"), authority)
+        if not had_host:
+            regular = [(k, v) for k, v in regular if k != "host"]
+        changed = {b":path": path.encode("latin-1"), b":authority": host.encode("latin-1")}
+        pseudo = [(k, changed.get(k, v)) for k, v in pseudo]
+        return pseudo + _encode(regular)
+
+    return apply
+
+
+def _response_edit(edit: Callable[[Headers], Headers]) -> HeaderEdit:
+    """The rule's ResponseHeaderModifier on an HTTP/2 header block (``:status`` kept)."""
+
+    def apply(block: list[Header]) -> list[Header]:
+        pseudo, regular = _decode(block)
+        return pseudo + _encode(edit(regular))
+
+    return apply

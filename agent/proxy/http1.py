@@ -1,0 +1,608 @@
+"""The destination node's HTTP/1.1 layer: parse, authorize and forward requests, sans-IO.
+
+Why sans-IO: framing and request-smuggling rules are where an HTTP proxy goes wrong, and they
+must be tested byte for byte without sockets. ``Http1Proxy`` holds the two halves of
+``agent.proxy.http1_codec`` (llhttp): a ``RequestReader`` on the client side (we are its server)
+and a ``ResponseReader`` on the upstream side (we are the pod's client, one upstream connection
+per client connection). The shell (``agent.proxy.http_inbound``) feeds it bytes from
+either side and writes out what it produced (``take_to_client``, ``take_to_upstream``); finished
+requests come out as ``Exchange`` records for telemetry.
+
+What it does per request:
+
+* refuses what could be read two ways by two parsers (request smuggling): both
+  ``Content-Length`` and ``Transfer-Encoding``, conflicting lengths, a transfer coding other
+  than ``chunked`` (400, 501), a malformed request line or header (400), a head over
+  ``max_head_bytes`` (431) (``http1_codec``). Each refusal closes the connection and is named
+  by its cause (``take_rejections``); a head that is not complete ``header_timeout`` after its
+  first byte is the shell's to time out (``head_started``, ``header_timeout()``: 408);
+* removes hop-by-hop headers (RFC 9110 7.6.1: ``Connection`` and what it lists,
+  ``Keep-Alive``, ``Proxy-Connection``, ``TE`` except ``trailers``, ``Trailer``, ``Upgrade``
+  unless the request asks for an upgrade); a body framed by ``Content-Length`` is forwarded as
+  it came, a chunked one re-chunked from the validated chunks (extensions dropped);
+* adds ``x-request-id`` when absent (kept when present); trace headers pass untouched;
+* asks ``authorize`` (L7 policy) with the request's method, path and host: a denied request is
+  answered ``403 RBAC: access denied`` and its body discarded, and the connection keeps serving;
+* ``Expect: 100-continue`` is passed to the pod, whose ``100 Continue`` is passed back;
+* an upgrade (WebSocket) answered ``101`` switches the connection to an opaque tunnel
+  (``tunnel``): what either side sent after the head is handed over, then the shell relays bytes.
+
+An upstream that closes or garbles before its response head is answered 502 (flag ``UC``); after
+it, the client connection is closed, as a client of Envoy would see.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from agent.proxy.http1_codec import (
+    AMBIGUOUS_LENGTH,
+    HEADERS_TOO_LARGE,
+    HOP_BY_HOP,
+    MALFORMED,
+    UNSUPPORTED_CODING,
+    Body,
+    End,
+    Head,
+    RequestReader,
+    ResponseReader,
+    chunk,
+    forwarded_headers,
+    header_value,
+    last_chunk,
+    request_head,
+    response_head,
+)
+from agent.telemetry.records import RequestRecord, trace_headers_of
+
+__all__ = [  # the names this module had before the codec moved out, still importable here
+    "AMBIGUOUS_LENGTH",
+    "HEADERS_TOO_LARGE",
+    "HOP_BY_HOP",
+    "MALFORMED",
+    "UNSUPPORTED_CODING",
+]
+
+DENIED_BODY = b"RBAC: access denied"
+DEFAULT_MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb is 60
+
+# Causes of a refused request (``nodemesh_http_rejected_requests_total{cause}``); the parser's
+# own are defined in ``http1_codec``.
+HEADER_TIMEOUT = "header_timeout"
+UPSTREAM_PROTOCOL = "upstream_protocol_error"
+
+# Envoy response flags as Istio labels them.
+NO_FLAGS = "-"
+RBAC_DENIED = "RBAC"
+RATE_LIMITED = "RL"  # Envoy's flag: refused by a local rate limit
+UPSTREAM_CLOSED = "UC"
+DOWNSTREAM_CLOSED = "DC"
+
+GRPC_PERMISSION_DENIED = 7  # a policy denial of a gRPC call (HTTP/2 layer)
+GRPC_RESOURCE_EXHAUSTED = 8  # a rate-limited gRPC call
+RATE_LIMITED_BODY = b"local_rate_limited"  # Envoy's body for the same refusal
+
+_REASONS = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    408: b"Request Timeout",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+}
+
+
+def new_request_id() -> str:
+    """A random UUID (version 4) as text, as ``uuid.uuid4()`` makes it, without the object."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """What authorization and telemetry see of one request."""
+
+    method: str
+    path: str  # the target without its query
+    host: str  # the Host header, as sent
+    request_id: str
+    trace: tuple[tuple[str, str], ...] = ()  # the trace-context headers sent (telemetry)
+    # as received, for L7 ``request.headers`` conditions (not part of the head's identity)
+    headers: Sequence[tuple[bytes, bytes]] = field(default=(), compare=False, repr=False)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request and its response, as telemetry reports it."""
+
+    head: RequestHead
+    started: float
+    status: int = 0
+    request_bytes: int = 0  # body bytes
+    response_bytes: int = 0  # body bytes
+    flags: str = NO_FLAGS
+    denied_by: str | None = None  # the deciding policy (or reason) when refused by policy
+    ended: float = 0.0
+
+
+Authorize = Callable[[RequestHead], "Verdict"]
+
+
+class Finished(Protocol):
+    """What telemetry needs of a finished exchange, HTTP/1.1 (``Exchange``) or HTTP/2 (a
+    stream: ``agent.proxy.h2proxy.H2Exchange``); times are ``time.monotonic()``."""
+
+    head: RequestHead
+    status: int
+    started: float
+    ended: float
+    request_bytes: int
+    response_bytes: int
+    flags: str
+
+
+def request_record(
+    exchange: Finished,
+    *,
+    flags: str | None = None,
+    protocol: str = "http",
+    grpc_status: str = "",
+    upstream: str = "",
+) -> RequestRecord:
+    """The ``RequestRecord`` of a finished exchange, as every HTTP path reports it (``flags``
+    overrides the exchange's own, e.g. with a route's ``DI`` added)."""
+    head = exchange.head
+    return RequestRecord(
+        method=head.method,
+        path=head.path,
+        authority=head.host,
+        status=exchange.status,
+        duration_ms=max(0.0, (exchange.ended - exchange.started) * 1000),
+        request_bytes=exchange.request_bytes,
+        response_bytes=exchange.response_bytes,
+        response_flags=exchange.flags if flags is None else flags,
+        request_id=head.request_id,
+        trace_headers=head.trace,
+        started_at=time.time() - (time.monotonic() - exchange.started),
+        protocol=protocol,
+        grpc_status=grpc_status,
+        upstream=upstream,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether a request may go on; a refusal says how it is answered (by default policy's
+    ``403``, flag ``RBAC``; a rate limit's is ``429``, flag ``RL``, gRPC status 8)."""
+
+    allowed: bool
+    reason: str = ""
+    status: int = 403
+    flag: str = RBAC_DENIED
+    body: bytes = DENIED_BODY
+    grpc_status: int = GRPC_PERMISSION_DENIED
+
+
+@dataclass(slots=True)
+class _Current:
+    exchange: Exchange
+    keep_alive: bool  # the client's request let the connection carry another
+    head_only: bool = False  # a HEAD request: its response has no body
+    denied: bool = False
+    upgrade: bool = False
+    waiting_for_100: bool = False  # the client sent Expect: 100-continue and no body yet
+    request_done: bool = False
+    response_started: bool = False
+    response_done: bool = False
+    response_chunked: bool = False  # re-chunk the response body for the client
+    request_chunked: bool = False  # re-chunk the request body for the pod
+    http10: bool = False  # an HTTP/1.0 client: no chunked response for it
+    last: bool = False  # the response said this is the connection's last exchange
+
+
+class _InFlight(Protocol):
+    request_done: bool
+
+
+C = TypeVar("C", bound=_InFlight)
+
+
+class ClientSide(ABC, Generic[C]):
+    """What both HTTP/1.1 proxies do alike, the destination's ``Http1Proxy`` and the source's
+    ``agent.proxy.http_outbound_codec.SourceHttp1``: the bytes they owe either side, the
+    refusals they made, and the order in which the client's parsed events are taken (one
+    exchange at a time: a pipelined head waits for the exchange before it to end, and bad input
+    after a complete request is refused in its turn). ``C`` is the proxy's in-flight exchange.
+    """
+
+    closing: bool
+    tunnel: bool
+    head_started: float | None
+    client: RequestReader
+    _current: C | None
+    _to_client: list[bytes]
+    _to_upstream: list[bytes]
+    _rejections: list[str]
+
+    # -- output ------------------------------------------------------------------------------
+    def take_to_client(self) -> bytes:
+        out = self._to_client
+        if not out:
+            return b""
+        self._to_client = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def take_to_upstream(self) -> bytes:
+        out = self._to_upstream
+        if not out:
+            return b""
+        self._to_upstream = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def take_rejections(self) -> list[str]:
+        out, self._rejections = self._rejections, []
+        return out
+
+    # -- the client's events -----------------------------------------------------------------
+    def _client_waits(self) -> bool:
+        """True while the proxy may take no client event (the source: a head awaits its
+        upstream)."""
+        return False
+
+    def _pump_client(self) -> None:
+        events = self.client.events
+        while events and not (self._client_waits() or self.closing or self.tunnel):
+            event = events[0]
+            current = self._current
+            if isinstance(event, Body):
+                events.popleft()
+                if current is not None:
+                    self._on_request_data(current, event.data)
+            elif isinstance(event, Head):
+                if current is not None:
+                    return  # pipelined: its turn comes when this exchange ends
+                events.popleft()
+                self.head_started = None
+                self._on_request(event)
+            elif isinstance(event, End):
+                events.popleft()
+                if current is not None:
+                    self._on_request_end(current, event)
+            else:
+                if current is not None and current.request_done:
+                    return  # bad input after a complete request: refused in its turn
+                events.popleft()
+                self._refuse(event.status, event.cause)
+
+    @abstractmethod
+    def _on_request(self, req: Head) -> None:
+        """(each proxy's own)"""
+
+    @abstractmethod
+    def _on_request_data(self, current: C, data: bytes) -> None:
+        """(each proxy's own)"""
+
+    @abstractmethod
+    def _on_request_end(self, current: C, event: End) -> None:
+        """(each proxy's own)"""
+
+    @abstractmethod
+    def _refuse(self, status: int, cause: str) -> None:
+        """(each proxy's own)"""
+
+
+@dataclass
+class Http1Proxy(ClientSide[_Current]):
+    authorize: Authorize
+    clock: Callable[[], float] = time.monotonic
+    new_request_id: Callable[[], str] = new_request_id
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    closing: bool = field(default=False, init=False)  # close the client once flushed
+    tunnel: bool = field(default=False, init=False)  # switched protocols: relay raw bytes
+    head_started: float | None = field(default=None, init=False)
+    client: RequestReader = field(init=False)
+    upstream: ResponseReader = field(init=False)
+    _to_client: list[bytes] = field(default_factory=list, init=False)
+    _to_upstream: list[bytes] = field(default_factory=list, init=False)
+    _completed: list[Exchange] = field(default_factory=list, init=False)
+    _rejections: list[str] = field(default_factory=list, init=False)
+    _current: _Current | None = field(default=None, init=False)
+    _client_eof: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.client = RequestReader(self.max_head_bytes)
+        self.upstream = ResponseReader(self.max_head_bytes)
+
+    # -- output ------------------------------------------------------------------------------
+    def take_completed(self) -> list[Exchange]:
+        out, self._completed = self._completed, []
+        return out
+
+    @property
+    def client_paused(self) -> bool:
+        """Read no more from the client for now: what it sent already waits its turn (a
+        pipelined request behind the current exchange, or bytes after an upgrade proposal)."""
+        return bool(self.client.events) or self.client.upgraded is not None
+
+    # -- input -------------------------------------------------------------------------------
+    def receive_client(self, data: bytes) -> None:
+        """Bytes from the client; ``b""`` is its end of stream."""
+        if self.closing or self.tunnel:
+            return
+        if not data:
+            self._client_eof = True
+            self._client_ended()
+            return
+        reader = self.client
+        if self.head_started is None and self._current is None and not reader.mid_message:
+            self.head_started = self.clock()
+        reader.feed(data)
+        self._pump_client()
+
+    def receive_upstream(self, data: bytes) -> None:
+        """Bytes from the pod; ``b""`` is its end of stream."""
+        if self.closing or self.tunnel:
+            return
+        reader = self.upstream
+        if not data:
+            if reader.eof():
+                self._pump_upstream()
+            if not (self.closing or self.tunnel):
+                self._upstream_gone()
+            return
+        reader.feed(data)
+        self._pump_upstream()
+
+    def header_timeout(self) -> None:
+        """The head did not complete in time: 408 and close (slowloris)."""
+        self._refuse(408, HEADER_TIMEOUT)
+
+    def upstream_failed(self) -> None:
+        """The upstream connection broke (reset, unreachable)."""
+        self._upstream_gone()
+
+    def client_failed(self) -> None:
+        """The client's side broke (its stream reset, a write to it failed): the request in
+        progress, whatever its stage, is finished with ``DC`` so that it is still reported
+        (with the status of a response that had begun), and the connection ends."""
+        current = self._current
+        if current is not None:
+            current.exchange.flags = DOWNSTREAM_CLOSED
+            self._finish(current)
+        self.closing = True
+
+    # -- client side -------------------------------------------------------------------------
+    def _client_ended(self) -> None:
+        """The client's end of stream: a request it cut short ends the connection; one it
+        completed (and any complete one queued behind it) still gets its response."""
+        current = self._current
+        if current is not None and not current.request_done:
+            current.exchange.flags = DOWNSTREAM_CLOSED
+            self._finish(current)
+            self.closing = True
+        elif current is None and not self.client.events:
+            self.closing = True
+
+    def _refuse(self, status: int, cause: str) -> None:
+        """Answer a refused request (if the client may still get a response) and close."""
+        self._rejections.append(cause)
+        self.closing = True
+        current = self._current
+        respond = current is None or not current.response_started
+        if current is not None:  # its body was bad: the request is reported with the refusal
+            if respond:
+                current.exchange.status = status
+            self._finish(current)
+        if respond:
+            body = f"{cause.replace('_', ' ')}\n".encode()
+            headers = [
+                (b"content-type", b"text/plain"),
+                (b"content-length", b"%d" % len(body)),
+                (b"connection", b"close"),
+            ]
+            self._to_client.append(response_head(status, _REASONS[status], headers) + body)
+
+    def _on_request(self, req: Head) -> None:
+        if req.size > self.max_head_bytes:
+            self._refuse(431, HEADERS_TOO_LARGE)
+            return
+        headers, upgrade = forwarded_headers(req.headers)
+        request_id = header_value(req.headers, b"x-request-id")
+        if request_id is None:
+            request_id = self.new_request_id()
+            headers.append((b"x-request-id", request_id.encode()))
+        target = req.target.decode("latin-1")
+        if "?" in target or "#" in target:
+            path = target.split("?", 1)[0].split("#", 1)[0]
+        else:
+            path = target
+        head = RequestHead(
+            method=req.method.decode("latin-1"),
+            path=path,
+            host=(header_value(req.headers, b"host") or ""),
+            request_id=request_id,
+            trace=trace_headers_of(req.headers),
+            headers=req.headers,
+        )
+        current = _Current(
+            Exchange(head, self.clock()),
+            keep_alive=req.keep_alive,
+            head_only=req.method == b"HEAD",
+            upgrade=upgrade,
+            waiting_for_100=req.expect_continue,
+            request_chunked=req.chunked,
+            http10=req.http10,
+        )
+        self._current = current
+        verdict = self.authorize(head)
+        if not verdict.allowed:
+            current.denied = True
+            current.exchange.flags = verdict.flag
+            current.exchange.denied_by = verdict.reason
+            self._deny(current, verdict)
+            return
+        if not req.keep_alive and not upgrade:
+            headers.append((b"connection", b"close"))
+        self.upstream.expect(req.method)
+        self._to_upstream.append(request_head(req.method, req.target, headers))
+
+    def _deny(self, current: _Current, verdict: Verdict) -> None:
+        body = verdict.body
+        headers = [
+            (b"content-type", b"text/plain"),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        # A client waiting for 100-continue has not sent its body and may never: where the
+        # next request would start is unknowable, so this response is the last.
+        last = current.waiting_for_100 or not current.keep_alive
+        if last:
+            headers.append((b"connection", b"close"))
+        reason = _REASONS.get(verdict.status, b"Refused")
+        self._to_client.append(response_head(verdict.status, reason, headers) + body)
+        current.exchange.status = verdict.status
+        current.exchange.response_bytes = len(body)
+        current.response_started = current.response_done = True
+        current.last = last
+        if current.waiting_for_100:
+            self._finish(current)
+            self.closing = True
+            return
+        self._maybe_next_cycle()
+
+    def _on_request_data(self, current: _Current, data: bytes) -> None:
+        current.exchange.request_bytes += len(data)
+        current.waiting_for_100 = False
+        if not current.denied:
+            if current.request_chunked:
+                self._to_upstream.append(chunk(data))
+            else:
+                self._to_upstream.append(data)
+
+    def _on_request_end(self, current: _Current, event: End) -> None:
+        current.request_done = True
+        if not current.denied:
+            if current.request_chunked:
+                trailers = [(n, v) for n, v in event.trailers if n not in HOP_BY_HOP]
+                self._to_upstream.append(last_chunk(trailers))
+            if current.upgrade:
+                return  # the answer decides what the bytes after the head are
+        self._maybe_next_cycle()
+
+    # -- upstream side -----------------------------------------------------------------------
+    def _pump_upstream(self) -> None:
+        events = self.upstream.events
+        while events and not (self.closing or self.tunnel):
+            event = events.popleft()
+            current = self._current
+            if isinstance(event, Body):
+                if current is not None:
+                    current.exchange.response_bytes += len(event.data)
+                    if current.response_chunked:
+                        self._to_client.append(chunk(event.data))
+                    else:
+                        self._to_client.append(event.data)
+            elif isinstance(event, Head):
+                if current is None or current.denied:
+                    self._rejections.append(UPSTREAM_PROTOCOL)  # a response nobody asked for
+                    self._upstream_gone()
+                    return
+                if event.status < 200:
+                    self._on_informational(current, event)
+                else:
+                    self._on_response(current, event)
+            elif isinstance(event, End):
+                if current is None or current.response_done or not current.response_started:
+                    continue  # the end of an informational response
+                if current.response_chunked:
+                    trailers = [(n, v) for n, v in event.trailers if n not in HOP_BY_HOP]
+                    self._to_client.append(last_chunk(trailers))
+                current.response_done = True
+                self._maybe_next_cycle()
+            else:
+                self._rejections.append(UPSTREAM_PROTOCOL)
+                self._upstream_gone()
+                return
+
+    def _on_informational(self, current: _Current, event: Head) -> None:
+        if event.status == 101 and current.upgrade:
+            headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
+            headers += [(n, v) for n, v in event.headers if n in (b"connection", b"upgrade")]
+            self._to_client.append(response_head(101, event.reason, headers))
+            current.exchange.status = 101
+            self._finish(current)
+            self.tunnel = True
+            self._to_client.append(self.upstream.upgraded or b"")
+            self._to_upstream.append(bytes(self.client.upgraded or b""))
+            return
+        if event.status == 101:  # a 101 nobody asked for: the pod is broken
+            self._rejections.append(UPSTREAM_PROTOCOL)
+            self._upstream_gone()
+            return
+        headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
+        self._to_client.append(response_head(event.status, event.reason, headers))
+
+    def _on_response(self, current: _Current, event: Head) -> None:
+        headers, _ = forwarded_headers(event.headers, keep_upgrade=False)
+        current.last = not (event.keep_alive and current.keep_alive)
+        if event.chunked:
+            headers = [(n, v) for n, v in headers if n != b"transfer-encoding"]
+            if current.http10:
+                current.last = True  # an HTTP/1.0 client reads the body until the close
+            else:
+                headers.append((b"Transfer-Encoding", b"chunked"))
+                current.response_chunked = True
+        if current.last:
+            headers.append((b"connection", b"close"))
+        current.exchange.status = event.status
+        current.response_started = True
+        self._to_client.append(response_head(event.status, event.reason, headers))
+        if current.upgrade:
+            current.upgrade = False
+            self.client.resume()  # the upgrade was declined: what followed is requests
+
+    def _upstream_gone(self) -> None:
+        current = self._current
+        if current is not None and not current.denied:
+            current.exchange.flags = UPSTREAM_CLOSED
+            if not current.response_started:
+                current.exchange.status = 502
+                body = b"upstream connect error or disconnect/reset before headers\n"
+                headers = [
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", b"%d" % len(body)),
+                    (b"connection", b"close"),
+                ]
+                self._to_client.append(response_head(502, b"Bad Gateway", headers) + body)
+            self._finish(current)
+        self.closing = True
+
+    # -- cycles ------------------------------------------------------------------------------
+    def _finish(self, current: _Current) -> None:
+        current.exchange.ended = self.clock()
+        self._completed.append(current.exchange)
+        self._current = None
+
+    def _maybe_next_cycle(self) -> None:
+        """Once request and response are both complete, report the exchange and start the
+        next cycle, or close if either side said it must."""
+        current = self._current
+        if current is None or not (current.request_done and current.response_done):
+            return
+        self._finish(current)
+        if current.last or not current.keep_alive:
+            self.closing = True  # one side asked to close: this was the last request
+            return
+        self._pump_client()
+        if self._client_eof:
+            self._client_ended()
+        elif self._current is None and self.head_started is None and self.client.mid_message:
+            self.head_started = self.clock()  # a pipelined head is pending: its clock runs

@@ -1,0 +1,416 @@
+"""HTTP/1.1 message framing on llhttp (``httptools``), sans-IO: bytes in, events out.
+
+Why llhttp: the destination's HTTP path measured h11 (pure Python) at about a quarter of its
+agent CPU per request; llhttp parses a head in C and calls back once per element. The bench's
+HTTP/1.1 workload compared both (ARCHITECTURE.md, "HTTP/1.1 parser"), and this one is kept.
+
+Two halves, usable apart: ``RequestReader`` is a server's half (it reads requests: a proxy's
+client side, or a source-side listener) and ``ResponseReader`` a client's half (it reads the
+responses to requests it was told about, ``expect``). Each turns bytes into ``Head``, ``Body``
+and ``End`` events, in order, or one ``Refusal`` naming why the input cannot be read safely,
+after which it reads nothing more. The framing rules are the request-smuggling ones: a message
+that two parsers could delimit differently is refused, never guessed at:
+
+* both ``Content-Length`` and ``Transfer-Encoding``, or two ``Content-Length``: 400
+  (``ambiguous_length``); a transfer coding other than exactly ``chunked``: 501;
+* a malformed request line, header, chunk or version (only HTTP/1.0 and 1.1), a missing or
+  repeated ``Host`` in HTTP/1.1, ``CONNECT``: 400 (``malformed``);
+* a head over ``max_head_bytes``: 431, also while it trickles in.
+
+The writers (``request_head``, ``response_head``, ``chunk``, ``last_chunk``) frame what a
+proxy forwards, ``forwarded_headers`` drops the hop-by-hop headers; header names come out
+lowercased, as the readers give them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import httptools
+
+# Causes of a refused message (``nodemesh_http_rejected_requests_total{cause}``).
+MALFORMED = "malformed"
+HEADERS_TOO_LARGE = "headers_too_large"
+AMBIGUOUS_LENGTH = "ambiguous_length"
+UNSUPPORTED_CODING = "unsupported_transfer_coding"
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Head:
+    """A request's or a response's head; names lowercased, in the order sent."""
+
+    headers: Headers
+    method: bytes = b""  # requests
+    target: bytes = b""  # requests
+    status: int = 0  # responses
+    reason: bytes = b""  # responses
+    http10: bool = False  # HTTP/1.0 (else 1.1)
+    keep_alive: bool = True  # the connection may carry another message after this one
+    chunked: bool = False
+    length: int | None = None  # Content-Length, when the body is framed by it
+    upgrade: bool = False  # a request proposing an upgrade, or a 101 accepting one
+    expect_continue: bool = False  # a request waiting for ``100 Continue`` before its body
+    size: int = 0  # bytes of the head's elements, for the head limit
+
+
+@dataclass(slots=True)
+class Body:
+    data: bytes
+
+
+@dataclass(slots=True)
+class End:
+    trailers: Headers = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The input cannot be read safely: answer ``status`` (a server's half) and close."""
+
+    status: int
+    cause: str
+    detail: str
+
+
+Event = Head | Body | End | Refusal
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded (``forwarded_headers``).
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
+)
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing; carries the refusal."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.detail)
+        self.refusal = refusal
+
+
+def _refusal_of(error: httptools.HttpParserError) -> Refusal:
+    text = str(error)
+    low = text.lower()
+    if "can't be present" in low or "content-length" in low:
+        return Refusal(400, AMBIGUOUS_LENGTH, text)
+    if "transfer-encoding" in low:
+        return Refusal(501, UNSUPPORTED_CODING, text)
+    return Refusal(400, MALFORMED, text)
+
+
+class _Reader:
+    """What both halves share: llhttp's callbacks turned into queued events."""
+
+    def __init__(self, max_head_bytes: int) -> None:
+        self.max_head_bytes = max_head_bytes
+        self.events: deque[Event] = deque()
+        self.failed: Refusal | None = None
+        self.in_head = False  # a head has begun and is not complete
+        self._in_body = False
+        self._headers: Headers = []
+        self._trailers: Headers = []
+        self._size = 0
+        self._trickled = 0  # bytes fed while a head stayed incomplete, after its first read
+        self._begun_in_this_feed = False
+
+    # -- llhttp callbacks --------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self._begun_in_this_feed = True
+        self._headers = []
+        self._trailers = []
+        self._size = 0
+        self._trickled = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._size += len(name) + len(value) + 4
+        if self._in_body:
+            self._trailers.append((name.lower(), value))
+            return
+        if self._size > self.max_head_bytes:
+            raise _Refused(Refusal(431, HEADERS_TOO_LARGE, "head over the size limit"))
+        self._headers.append((name.lower(), value))
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(Body(body))
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self.events.append(End(self._trailers))
+
+    # -- shared ------------------------------------------------------------------------------
+    def _execute(
+        self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes
+    ) -> int | None:
+        """Feed ``data``; the offset where an upgraded protocol starts, if it did."""
+        self._begun_in_this_feed = False
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            return int(e.args[0])
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            self._fail(cause.refusal if isinstance(cause, _Refused) else _refusal_of(e))
+            return None
+        except httptools.HttpParserError as e:
+            self._fail(_refusal_of(e))
+            return None
+        if self.in_head and not self._begun_in_this_feed:
+            # The size check above sees whole headers only; a head trickling in without ever
+            # completing one is bounded here by what it was fed.
+            self._trickled += len(data)
+            if self._trickled > self.max_head_bytes:
+                self._fail(Refusal(431, HEADERS_TOO_LARGE, "head over the size limit"))
+        return None
+
+    def _fail(self, refusal: Refusal) -> None:
+        self.failed = refusal
+        self.events.append(refusal)
+
+    def _framing(self, head: Head) -> None:
+        """Fill the framing fields from the headers, refusing what is ambiguous."""
+        codings: list[bytes] = []
+        lengths: list[bytes] = []
+        tokens: set[bytes] = set()
+        for name, value in head.headers:
+            if name == b"transfer-encoding":
+                codings += [t.strip().lower() for t in value.split(b",")]
+            elif name == b"content-length":
+                lengths.append(value)
+            elif name == b"connection":
+                tokens.update(t.strip().lower() for t in value.split(b","))
+            elif name == b"expect" and value.strip().lower() == b"100-continue":
+                head.expect_continue = True
+        if (codings and lengths) or len(lengths) > 1:
+            raise _Refused(Refusal(400, AMBIGUOUS_LENGTH, "two framings of one body"))
+        if codings:
+            if codings != [b"chunked"]:
+                raise _Refused(Refusal(501, UNSUPPORTED_CODING, "a coding other than chunked"))
+            head.chunked = True
+        elif lengths:
+            head.length = int(lengths[0])  # llhttp accepted it: digits only
+        head.upgrade = b"upgrade" in tokens and any(n == b"upgrade" for n, _ in head.headers)
+        head.keep_alive = b"keep-alive" in tokens if head.http10 else b"close" not in tokens
+
+
+class RequestReader(_Reader):
+    """A server's half: reads requests.
+
+    Requests are parsed as they arrive, so a pipelined request's events queue behind the
+    current one's; the owner takes them in order (``events``) and stops reading while
+    ``events`` holds what it cannot act on yet. After a request proposing an upgrade, llhttp
+    stops: the bytes after its head, and all fed later, wait in ``upgraded`` until the owner
+    knows the answer: ``resume()`` if it was not ``101`` (they are read as requests)."""
+
+    def __init__(self, max_head_bytes: int) -> None:
+        super().__init__(max_head_bytes)
+        self._parser = httptools.HttpRequestParser(self)
+        self._target = b""
+        self.upgraded: bytearray | None = None
+
+    def on_url(self, url: bytes) -> None:
+        self._target += url
+        self._size += len(url)
+        if self._size > self.max_head_bytes:
+            raise _Refused(Refusal(431, HEADERS_TOO_LARGE, "head over the size limit"))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._target = b""
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise _Refused(Refusal(400, MALFORMED, f"HTTP version {version}"))
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise _Refused(Refusal(400, MALFORMED, "CONNECT is not proxied"))
+        head = Head(self._headers, method=method, target=self._target, http10=version == "1.0")
+        hosts = sum(1 for n, _ in head.headers if n == b"host")
+        if hosts > 1 or (hosts == 0 and not head.http10):
+            raise _Refused(Refusal(400, MALFORMED, "HTTP/1.1 wants exactly one Host header"))
+        self._framing(head)
+        head.size = self._size + len(method)
+        self.in_head = False
+        self._in_body = True
+        self.events.append(head)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the peer (not ``b""``: its end of stream is the owner's to handle)."""
+        if self.failed is not None:
+            return
+        if self.upgraded is not None:
+            self.upgraded += data
+            return
+        offset = self._execute(self._parser, data)
+        if offset is not None:
+            self._in_body = False
+            self.upgraded = bytearray(data[offset:])
+
+    def resume(self) -> None:
+        """The upgrade was declined: read what waited as requests."""
+        waiting, self.upgraded = self.upgraded, None
+        self._parser = httptools.HttpRequestParser(self)
+        if waiting:
+            self.feed(bytes(waiting))
+
+    @property
+    def mid_message(self) -> bool:
+        """A request has begun and not ended (its end of stream would cut it)."""
+        return self.in_head or self._in_body
+
+
+class ResponseReader(_Reader):
+    """A client's half: reads the responses to the requests it is told about (``expect``).
+
+    llhttp cannot be told that a response answers ``HEAD`` (no body, whatever its length
+    says): that head is read alone and its body skipped. A body delimited by the end of the
+    connection ends with ``eof()``."""
+
+    def __init__(self, max_head_bytes: int) -> None:
+        super().__init__(max_head_bytes)
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = b""
+        self._head_only = False
+        self._until_eof = False
+        self._pending = bytearray()  # a HEAD response's head, until complete
+        self.upgraded: bytes | None = None  # what followed a 101's head
+
+    def expect(self, method: bytes) -> None:
+        self._head_only = method == b"HEAD"
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        self._size += len(reason)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reason = b""
+        self._until_eof = False
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise _Refused(Refusal(502, MALFORMED, f"HTTP version {version}"))
+        status = parser.get_status_code()
+        head = Head(self._headers, status=status, reason=self._reason, http10=version == "1.0")
+        self._framing(head)
+        head.upgrade = status == 101
+        bodiless = status < 200 or status in (204, 304) or self._head_only
+        if bodiless:
+            head.chunked, head.length = False, None
+        elif not head.chunked and head.length is None:
+            self._until_eof = True
+            head.keep_alive = False
+        self.in_head = False
+        self._in_body = True
+        self.events.append(head)
+
+    def feed(self, data: bytes) -> None:
+        if self.failed is not None or self.upgraded is not None:
+            return
+        if self._head_only:
+            self._feed_head_only(data)
+            return
+        offset = self._execute(self._parser, data)
+        if offset is not None:
+            self._in_body = False
+            self.upgraded = data[offset:]
+
+    def _feed_head_only(self, data: bytes) -> None:
+        self._pending += data
+        end = self._pending.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._pending) > self.max_head_bytes:
+                self._fail(Refusal(502, HEADERS_TOO_LARGE, "response head over the limit"))
+            return
+        head, rest = bytes(self._pending[: end + 4]), bytes(self._pending[end + 4 :])
+        self._pending.clear()
+        self._execute(self._parser, head)
+        if self.failed is not None:
+            return
+        if self.events and isinstance(self.events[-1], Head) and self.events[-1].status >= 200:
+            # The final head of a HEAD response: the message ends here; a fresh parser reads
+            # whatever follows as the next response.
+            self._head_only = False
+            self.on_message_complete()
+            self._parser = httptools.HttpResponseParser(self)
+        if rest:
+            self.feed(rest)
+
+    def eof(self) -> bool:
+        """The peer's end of stream: True when it ended a body delimited by it (an ``End``
+        is queued), False when it cut a message short or came between messages."""
+        if self._until_eof and self._in_body:
+            self.on_message_complete()
+            return True
+        return False
+
+    @property
+    def mid_message(self) -> bool:
+        return self.in_head or self._in_body
+
+
+# -- writers ---------------------------------------------------------------------------------
+def _header_block(parts: list[bytes], headers: Headers) -> bytes:
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
+    return _header_block([method, b" ", target, b" HTTP/1.1\r\n"], headers)
+
+
+def response_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    return _header_block([b"HTTP/1.1 %d %s\r\n" % (status, reason)], headers)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def last_chunk(trailers: Headers) -> bytes:
+    return _header_block([b"0\r\n"], trailers)
+
+
+# -- headers ---------------------------------------------------------------------------------
+def header_value(headers: Headers, name: bytes) -> str | None:
+    """The first ``name`` header's value (``name`` lowercased), as text."""
+    for n, v in headers:
+        if n == name:
+            return v.decode("latin-1")
+    return None
+
+
+def forwarded_headers(headers: Headers, *, keep_upgrade: bool = True) -> tuple[Headers, bool]:
+    """The headers without hop-by-hop ones (``HOP_BY_HOP`` and what ``Connection`` lists; ``TE:
+    trailers`` stays); and whether this is an upgrade request (then ``Connection: upgrade``
+    and ``Upgrade`` are kept, since the next hop must see the proposal)."""
+    listed = {
+        t.strip().lower()
+        for n, v in headers
+        if n == b"connection"
+        for t in v.split(b",")
+        if t.strip()
+    }
+    upgrade = (
+        keep_upgrade and b"upgrade" in listed and header_value(headers, b"upgrade") is not None
+    )
+    out: Headers = []
+    for n, v in headers:
+        if (
+            (n == b"te" and v.strip().lower() == b"trailers")
+            or (n == b"upgrade" and upgrade)
+            or (n not in HOP_BY_HOP and n not in listed)
+        ):
+            out.append((n, v))
+    if upgrade:
+        out.append((b"connection", b"upgrade"))
+    return out, upgrade

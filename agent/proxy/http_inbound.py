@@ -1,0 +1,431 @@
+"""The asyncio shell around ``Http1Proxy`` for a declared HTTP/1.1 port at the destination.
+
+Used by both inbound paths once the connection is admitted and the pod's socket is connected:
+the HBONE stream (``inbound.py``) and the plaintext listener under PERMISSIVE (``plaintext.py``);
+``Downstream`` hides which.
+
+Why a callback for the pod's side and a task only for the client's: the bench measured the
+shell, not the parser, as most of the HTTP path's cost once the parser was llhttp, and a task's
+wake-up with its awaits (``sock_recv``, the write, the locks) per response was a large part of
+it. The pod's socket is watched with ``add_reader`` and its bytes go through ``Http1Proxy``
+and on to the client from the callback; the client's side stays a task (its reads are awaits
+on the HBONE stream). Each side's writes go through an ``Outbox``: written at once when that
+side takes them (``try_write``), else queued in order and written by a task that awaits the
+side's backpressure. While the client's outbox holds bytes the pod's socket is not read, and
+while the pod's holds bytes the client's stream is not read, so a slow reader stops its
+writer (as in the L4 relay). A pipelined request the layer has parsed but cannot act on yet
+(``client_paused``) stops the client's reads until the exchange before it has ended, so a
+pipelining client cannot queue without bound.
+
+Authorization here is per request (``Core.authorize_request``): on a declared HTTP port the
+connection itself was admitted without the L7 conditions, which only a request can satisfy. An
+authorized request then meets the RateLimitPolicies of the pod port (``Core.rate_limit``): over
+the limit it is answered ``429`` with flag ``RL`` and the connection keeps serving.
+The connection's ``ConnectionRecord`` keeps counting bytes for the TCP metrics; each request is
+reported to ``Registry.request_done`` (Istio request metrics, access log). After an upgrade
+(``101``) the connection is relayed as opaque bytes, like an L4 one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from agent.policy.authz import HttpAttributes, Request
+from agent.proxy.core import Core
+from agent.proxy.http1 import (
+    GRPC_RESOURCE_EXHAUSTED,
+    RATE_LIMITED,
+    RATE_LIMITED_BODY,
+    Http1Proxy,
+    RequestHead,
+    Verdict,
+    request_record,
+)
+from agent.proxy.relay import relay_sockets, relay_tunnel
+from agent.proxy.tunnel import Sink, TunnelStream
+from agent.state import Workload
+from agent.telemetry.records import ConnectionRecord
+
+log = logging.getLogger(__name__)
+
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its complete head
+READ_SIZE = 64 * 1024
+ALLOWED = Verdict(True)
+
+
+class Downstream(Protocol):
+    """The client side of an inbound connection: an HBONE stream or a plaintext socket."""
+
+    async def read(self) -> bytes | None: ...
+
+    def deliver_to(self, sink: Sink | None) -> None:
+        """Hand received bytes to ``sink`` as they arrive, when the transport can (else they
+        wait for ``read``); ``None`` stops it."""
+        ...
+
+    def try_write(self, data: bytes) -> int:
+        """Write what can be written without waiting; how many bytes were."""
+        ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    def write_eof(self) -> None: ...
+
+    async def relay(self, upstream: socket.socket, record: ConnectionRecord) -> None: ...
+
+
+class StreamDownstream:
+    def __init__(self, stream: TunnelStream) -> None:
+        self.stream = stream
+
+    async def read(self) -> bytes | None:
+        chunk = await self.stream.read()
+        if chunk is not None:
+            self.stream.consumed(len(chunk))
+        return chunk
+
+    def deliver_to(self, sink: Sink | None) -> None:
+        self.stream.deliver_directly(sink)
+
+    def try_write(self, data: bytes) -> int:
+        return len(data) if self.stream.try_write(data) else 0
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.write(data)
+
+    def write_eof(self) -> None:
+        self.stream.write_eof()
+
+    async def relay(self, upstream: socket.socket, record: ConnectionRecord) -> None:
+        await relay_tunnel(upstream, self.stream, record, outbound=False)
+
+
+class SocketDownstream:
+    def __init__(self, sock: socket.socket) -> None:
+        require_non_blocking(sock)
+        self.sock = sock
+
+    async def read(self) -> bytes | None:
+        data = await asyncio.get_running_loop().sock_recv(self.sock, READ_SIZE)
+        return data or None
+
+    def deliver_to(self, sink: Sink | None) -> None:
+        """The plaintext listener's socket is read by the session's task only."""
+
+    def try_write(self, data: bytes) -> int:
+        return try_send(self.sock, data)
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    def write_eof(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    async def relay(self, upstream: socket.socket, record: ConnectionRecord) -> None:
+        await relay_sockets(self.sock, upstream, record)
+
+
+def require_non_blocking(sock: socket.socket) -> None:
+    if sock.gettimeout() != 0.0:
+        raise ValueError(
+            "the HTTP/1.1 session sends without waiting from callbacks: a blocking socket would "
+            "stall the event loop (call setblocking(False) first)"
+        )
+
+
+def try_send(sock: socket.socket, data: bytes) -> int:
+    """A non-blocking send; 0 when it would block or failed (the awaited send will tell)."""
+    try:
+        return sock.send(data)
+    except OSError:
+        return 0
+
+
+class Outbox:
+    """Bytes for one side, in order: written at once when the side takes them, else queued and
+    written by a task that awaits the side's backpressure. ``idle`` is set when nothing waits."""
+
+    def __init__(
+        self,
+        try_write: Callable[[bytes], int],
+        write: Callable[[bytes], Awaitable[None]],
+        on_idle: Callable[[], None],
+        on_error: Callable[[Exception], None],
+    ) -> None:
+        self._try_write, self._write = try_write, write
+        self._on_idle, self._on_error = on_idle, on_error
+        self._pending: deque[bytes] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def busy(self) -> bool:
+        return not self.idle.is_set()
+
+    def send(self, data: bytes) -> None:
+        if self.idle.is_set():
+            n = self._try_write(data)
+            if n == len(data):
+                return
+            data = data[n:]
+            self.idle.clear()
+            self._task = asyncio.create_task(self._drain(), name="http-outbox")
+        self._pending.append(data)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                await self._write(self._pending[0])
+                self._pending.popleft()
+        except (OSError, ConnectionError) as e:
+            self._pending.clear()
+            self._on_error(e)
+        finally:
+            self._task = None
+            self.idle.set()
+        self._on_idle()
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class HttpSession:
+    """One client connection on a declared HTTP/1.1 port, relayed to one pod connection."""
+
+    def __init__(
+        self,
+        core: Core,
+        down: Downstream,
+        upstream: socket.socket,
+        record: ConnectionRecord,
+        request: Request,
+        workload: Workload,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+    ) -> None:
+        require_non_blocking(upstream)
+        self.core, self.down, self.upstream = core, down, upstream
+        self.record, self.request, self.workload = record, request, workload
+        self.header_timeout = header_timeout
+        self.where = f"{record.source} -> {record.destination}"
+        record.protocol = "http/1.1"
+        self.proxy = Http1Proxy(authorize=self._authorize)
+        self._loop = asyncio.get_running_loop()
+        self._ended: asyncio.Future[None] = self._loop.create_future()
+        self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
+        self._reading_upstream = False
+        self._upstream_eof = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timed: float | None = None  # the head_started the timer is for
+        self._to_client = Outbox(
+            down.try_write, down.write, self._resume_upstream, self._client_write_failed
+        )
+        self._to_pod = Outbox(
+            lambda data: try_send(upstream, data),
+            lambda data: self._loop.sock_sendall(upstream, data),
+            lambda: None,
+            self._pod_write_failed,
+        )
+
+    def _authorize(self, head: RequestHead) -> Verdict:
+        return request_verdict(self.core, self.request, self.workload, head, self.where)
+
+    async def serve(self) -> None:
+        """Serve requests until either side closes; then relay raw bytes if upgraded."""
+        self._resume_upstream()
+        client = asyncio.create_task(self._client_side(), name="http-client")
+        client.add_done_callback(self._client_done)
+        try:
+            await self._ended
+            await self._to_pod.idle.wait()
+            await self._to_client.idle.wait()
+        finally:
+            if not self.proxy.tunnel:
+                # Ended by a failure (the client reset its stream, say after a 503 head it
+                # retries elsewhere): the request in flight is still reported, flagged DC.
+                self.proxy.client_failed()
+                for exchange in self.proxy.take_completed():
+                    self.core.registry.request_done(self.record, request_record(exchange))
+            self._pause_upstream()
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            client.cancel()
+            await asyncio.gather(client, return_exceptions=True)
+            self._to_client.cancel()
+            self._to_pod.cancel()
+        if self.proxy.tunnel:
+            await self.down.relay(self.upstream, self.record)
+        else:
+            self.down.write_eof()
+
+    # -- the client's side: a task ---------------------------------------------------------
+    async def _client_side(self) -> None:
+        """Read what the stream did not hand to ``send`` (it was busy, or cannot), and its end."""
+        proxy, down = self.proxy, self.down
+        down.deliver_to(self)
+        try:
+            while not (proxy.closing or proxy.tunnel):
+                if proxy.client_paused:  # a pipelined request waits its turn: read no more yet
+                    self._resume.clear()
+                    await self._resume.wait()
+                    continue
+                if self._to_pod.busy:  # the pod is not reading: neither do we
+                    await self._to_pod.idle.wait()
+                    continue
+                data = await down.read()
+                if data is not None:
+                    self.record.bytes_sent += len(data)
+                proxy.receive_client(data or b"")
+                self._moved()
+                if data is None:
+                    return
+        finally:
+            down.deliver_to(None)
+
+    def send(self, data: bytes) -> int:
+        """``Sink``: the stream's bytes as they arrive (no task wakes up for them), unless they
+        must wait (a pipelined request, a pod not reading) or are not HTTP any more."""
+        proxy = self.proxy
+        if proxy.closing or proxy.tunnel or proxy.client_paused or self._to_pod.busy:
+            return 0
+        try:
+            self.record.bytes_sent += len(data)
+            proxy.receive_client(data)
+            self._moved()
+        except Exception as e:  # the session's failure, not the HBONE connection's
+            if not self._ended.done():
+                self._ended.set_exception(e)
+        return len(data)
+
+    def _arm_head_timer(self) -> None:
+        """A head that began must be complete ``header_timeout`` after its first byte."""
+        started = self.proxy.head_started
+        if started == self._head_timed or self.proxy.closing:
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._head_timed = started
+        if started is not None:
+            delay = max(0.0, started + self.header_timeout - time.monotonic())
+            self._head_timer = self._loop.call_later(delay, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = self._head_timed = None
+        if self.proxy.head_started is not None and not self._ended.done():
+            self.proxy.header_timeout()
+            self._moved()
+
+    def _client_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and not self._ended.done():
+            self._ended.set_exception(task.exception())  # type: ignore[arg-type]
+
+    # -- the pod's side: a reader callback -------------------------------------------------
+    def _on_upstream_readable(self) -> None:
+        proxy, record = self.proxy, self.record
+        try:
+            data = self.upstream.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.debug("%s: upstream failed: %r", self.where, e)
+            self._upstream_eof = True
+            self._pause_upstream()
+            proxy.upstream_failed()
+            self._moved()
+            return
+        if data and not record.bytes_received:
+            record.first_byte = time.monotonic()
+        record.bytes_received += len(data)
+        if not data:
+            self._upstream_eof = True
+            self._pause_upstream()
+        proxy.receive_upstream(data)
+        self._moved()
+
+    def _pause_upstream(self) -> None:
+        if self._reading_upstream:
+            self._loop.remove_reader(self.upstream.fileno())
+            self._reading_upstream = False
+
+    def _resume_upstream(self) -> None:
+        if not (self._reading_upstream or self._upstream_eof or self._ended.done()):
+            self._loop.add_reader(self.upstream.fileno(), self._on_upstream_readable)
+            self._reading_upstream = True
+
+    # -- both ------------------------------------------------------------------------------
+    def _moved(self) -> None:
+        """After input: write what it produced, report finished requests, and see whether the
+        connection ended or a pipelined request may go on."""
+        proxy = self.proxy
+        data = proxy.take_to_upstream()
+        if data:
+            self._to_pod.send(data)
+        data = proxy.take_to_client()
+        if data:
+            self._to_client.send(data)
+            if self._to_client.busy:
+                self._pause_upstream()  # the client is not reading: neither do we the pod
+        completed = proxy.take_completed()
+        if completed:
+            registry = self.core.registry
+            for exchange in completed:
+                registry.request_done(self.record, request_record(exchange))
+        for cause in proxy.take_rejections():
+            self.core.registry.http_rejected(cause, self.where)
+        if not proxy.client_paused:
+            self._resume.set()
+        self._arm_head_timer()
+        if (proxy.closing or proxy.tunnel) and not self._ended.done():
+            # Read the pod no more: after a 101 its bytes are the relay's, not to be dropped.
+            self._pause_upstream()
+            self._ended.set_result(None)
+
+    def _pod_write_failed(self, error: Exception) -> None:
+        log.debug("%s: upstream send failed: %r", self.where, error)
+        self.proxy.upstream_failed()
+        self._moved()
+
+    def _client_write_failed(self, error: Exception) -> None:
+        if not self._ended.done():
+            self._ended.set_exception(error)
+
+
+def request_verdict(
+    core: Core, connection: Request, workload: Workload, head: RequestHead, where: str
+) -> Verdict:
+    """Admit one request on an admitted connection (both HTTP layers): L7 authorization first,
+    then the RateLimitPolicies of the pod port, so a denied request spends no token."""
+    # Built field by field: ``dataclasses.replace`` was a visible share of a request's time.
+    request = Request(
+        connection.source_ip,
+        connection.destination_ip,
+        connection.destination_port,
+        connection.principal,
+        HttpAttributes(head.method, head.path, head.host, head.headers),
+    )
+    where = f"{where} {head.method} {head.path}"
+    decision = core.authorize_request(request, workload, where)
+    if not decision.allowed:
+        return Verdict(False, decision.policy or "no-allow-match")
+    limit = core.rate_limit(request, core.snapshot())
+    if limit is not None:
+        return Verdict(
+            False,
+            limit.policy,
+            status=429,
+            flag=RATE_LIMITED,
+            body=RATE_LIMITED_BODY,
+            grpc_status=GRPC_RESOURCE_EXHAUSTED,
+        )
+    return ALLOWED

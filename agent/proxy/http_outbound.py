@@ -1,0 +1,995 @@
+"""The asyncio shell of the source node's HTTP/1.1 path: a Service VIP port declared HTTP.
+
+The client's connection is terminated here (``http_outbound_codec.SourceHttp1``) and each
+request is routed on its own (``http_router.HttpRouter``): the endpoint is chosen per request,
+so the requests of one keep-alive connection spread over the Service's endpoints. A request
+travels on an *upstream session*: an HBONE stream to the endpoint (mTLS with the source pod's
+certificate, ``nodemesh-service`` naming the dialled Service for the far node's labels)
+carrying HTTP/1.1, or, for an endpoint on this node, a plain TCP connection made with the
+client pod's IP as source (as the L4 same-node path does); an endpoint that is not meshed gets a
+plain connection. Sessions are pooled per (path, client IP, endpoint, port, Service)
+(``SessionPool``): the client IP is part of the key because the far node authorizes and
+reports each stream as that client. A session is reused when both halves of its last exchange
+completed; at most ``MAX_IDLE_PER_ENDPOINT`` idle per key and ``MAX_IDLE`` in all are kept, each
+closed after ``IDLE_TIMEOUT`` unused; one that the far side closed meanwhile is dropped at
+checkout, never handed to a request.
+
+One task per client connection reads the client (only when the codec wants bytes, so a slow
+endpoint stops the client's reads) and, when a head is pending, routes and attaches the
+request. It waits on a future of its own, not on ``sock_recv``: the callback that finishes a
+response registers the client socket's reader (and the head timeout's timer) for it, so the
+task is woken once per keep-alive request, when the next bytes arrive, not also at the end of
+each response. An attached HBONE session's response is handled where it arrives, in the HBONE
+connection's callback (``deliver_directly``): parsed, written to the client, the session
+released, with no task woken per response. Why: once the codec was llhttp, the event loop's
+own work (task steps, awaits) was about a fifth of the source agent's profile; this step
+measured about 6% less agent CPU per request (ARCHITECTURE.md). A reader task for the
+session is started only when that cannot be done: a write to either side still waits (then
+the bytes stay queued in the stream, read in order with awaited writes, so a slow client stops
+the endpoint's stream), the stream ended or was reset, or the session is a socket. Writes go
+out at once unless an earlier one waits; what a side does not take waits behind its lock
+(backpressure both ways).
+
+A connect failure is retried on another endpoint while traffic control allows
+(``Attempts``); when none is left the client gets 503 ``UF`` (``UH`` when the Service has no
+endpoint), with the connect bounded by the Service's connect timeout, so a request never hangs
+on a dead endpoint. After a ``101`` the client connection is pinned to its
+upstream session and relayed as opaque bytes.
+
+A route rule (``HttpRouter.admit``) may edit the heads, answer locally (404 ``NR``, 500, a
+redirect), time the request (one timer per attached try, the sooner of ``timeouts.request``
+and ``backendRequest``; connects and backoffs are cut to the request's deadline) and retry it
+(the codec's retry hook asks ``RoutePlan.retry_after``; the request then waits in ``pending``
+and ``_dispatch`` sends it again, after the backoff, on a session to another endpoint).
+
+A route's ``RequestMirror`` copies a request, once the client sent all of it, to an endpoint of
+the mirror Service (``Host`` suffixed ``-shadow``, as Envoy does) on a session of its own that
+is never pooled: the copy is a task of its own, at most ``MAX_MIRRORS`` at a time per node,
+each ended after ``MIRROR_TIMEOUT``, its response read and dropped, its failures only counted
+(``nodemesh_http_mirrored_total``) — the primary request never waits for it. A request whose
+body is larger than the codec's replay limit is not copied (counted ``too_large``).
+
+For a same-node endpoint this node is the only proxy on the path, so it authorizes each
+request against the endpoint's L7 policies (403 ``RBAC``, the connection keeps serving); the
+far node does that for HBONE sessions. Requests are reported with ``reporter="source"``
+(``Registry.request_done``), labelled with the endpoint that served them; the client
+connection's ``ConnectionRecord`` keeps the byte counts for the TCP metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from agent.policy.authz import HttpAttributes
+from agent.policy.authz import Request as AuthzRequest
+from agent.policy.routes import HttpRequest
+from agent.policy.traffic.service import Rejected
+from agent.proxy import sockets
+from agent.proxy.balanced import classify
+from agent.proxy.http1 import RBAC_DENIED, UPSTREAM_CLOSED, Exchange, RequestHead, request_record
+from agent.proxy.http_outbound_codec import (
+    DroppedResponse,
+    Mirrored,
+    SourceHttp1,
+    mirror_request,
+    new_upstream,
+)
+from agent.proxy.http_router import (
+    BODIES,
+    NO_HEALTHY_UPSTREAM,
+    UPSTREAM_CONNECT_FAILURE,
+    UPSTREAM_TIMEOUT,
+    HttpRouter,
+    LocalResponse,
+    RoutePlan,
+)
+from agent.proxy.records import cancel_current_task
+from agent.proxy.relay import relay_sockets, relay_tunnel
+from agent.proxy.resolve import Route, ServiceTarget
+from agent.proxy.tunnel import TunnelError, TunnelStream
+from agent.state import Workload
+from agent.telemetry.records import (
+    OUTBOUND,
+    SECURITY_MTLS,
+    SECURITY_NONE,
+    ConnectionRecord,
+)
+
+if TYPE_CHECKING:
+    from agent.proxy.outbound import Outbound
+
+log = logging.getLogger(__name__)
+
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its complete head
+READ_SIZE = 64 * 1024
+IDLE_TIMEOUT = 30.0  # an unused pooled session is closed after this many seconds
+MAX_IDLE_PER_ENDPOINT = 16
+MAX_IDLE = 512
+DENIED_BODY = b"RBAC: access denied"
+MAX_MIRRORS = 64  # copies in flight per node; more are dropped (counted ``overflow``)
+MIRROR_TIMEOUT = 10.0  # seconds a copy may take, connect to end of response
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    kind: str  # hbone, local, passthrough
+    client_ip: str
+    ip: str
+    port: int
+    service: str  # namespace/name of the Service named on the CONNECT
+
+
+class UpstreamSession:
+    """One upstream connection carrying HTTP/1.1 requests, one at a time: an HBONE stream or a
+    TCP socket, with the codec's client half (``UpstreamHalf``) that lives as long as it does."""
+
+    def __init__(self, key: SessionKey, conn: TunnelStream | socket.socket) -> None:
+        self.key = key
+        self.conn = conn
+        self.codec = new_upstream()
+        self.reusable: bool | None = None  # set when the codec released it
+
+    async def read(self) -> bytes:
+        """The next bytes; ``b""`` at the end of stream; raises on a reset."""
+        if isinstance(self.conn, TunnelStream):
+            chunk = await self.conn.read()
+            if chunk is None:
+                return b""
+            self.conn.consumed(len(chunk))
+            return chunk
+        return await asyncio.get_running_loop().sock_recv(self.conn, READ_SIZE)
+
+    def try_write(self, data: bytes) -> int:
+        """Write what goes out without waiting; how many bytes did (0 also when the connection
+        failed: the awaited ``write`` of the rest then raises)."""
+        if isinstance(self.conn, TunnelStream):
+            return len(data) if self.conn.try_write(data) else 0
+        return _try_send(self.conn, data)
+
+    async def write(self, data: bytes) -> None:
+        if isinstance(self.conn, TunnelStream):
+            await self.conn.write(data)
+        else:
+            await asyncio.get_running_loop().sock_sendall(self.conn, data)
+
+    def alive(self) -> bool:
+        """Still usable while idle: not closed or reset by the far side, nothing unasked."""
+        if isinstance(self.conn, TunnelStream):
+            return not self.conn.unread
+        try:
+            self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing to read: open and quiet
+        except OSError:
+            return False
+        return False  # closed (b"") or bytes nobody asked for
+
+    def close(self) -> None:
+        if isinstance(self.conn, TunnelStream):
+            self.conn.proto.finish(self.conn)
+        else:
+            sockets.abort(self.conn)
+
+
+class SessionPool:
+    """Idle upstream sessions by key, bounded and idle-timed-out (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_per_key: int = MAX_IDLE_PER_ENDPOINT,
+        max_idle: int = MAX_IDLE,
+    ) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_per_key = max_per_key
+        self.max_idle = max_idle
+        self._idle: dict[SessionKey, OrderedDict[UpstreamSession, asyncio.TimerHandle]] = {}
+        self.size = 0
+        self.opened = 0  # sessions ever opened (tests, admin)
+        self.draining = False  # the agent drains: sessions are closed, not kept
+
+    def take(self, key: SessionKey) -> UpstreamSession | None:
+        """An idle live session for ``key`` (the most recently used), or None."""
+        idle = self._idle.get(key)
+        while idle:
+            session, timer = idle.popitem(last=True)
+            timer.cancel()
+            self.size -= 1
+            if session.alive():
+                if not idle:
+                    del self._idle[key]
+                return session
+            session.close()
+        self._idle.pop(key, None)
+        return None
+
+    def put(self, session: UpstreamSession) -> None:
+        """Keep ``session`` for reuse, or close it when over a bound."""
+        idle = self._idle.get(session.key)
+        if self.draining or self.size >= self.max_idle or (idle and len(idle) >= self.max_per_key):
+            session.close()
+            return
+        if idle is None:  # (not setdefault: that would build a dict for every put)
+            idle = self._idle[session.key] = OrderedDict()
+        timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, session)
+        idle[session] = timer
+        self.size += 1
+
+    def _expire(self, session: UpstreamSession) -> None:
+        idle = self._idle.get(session.key)
+        if idle is not None and idle.pop(session, None) is not None:
+            self.size -= 1
+            if not idle:
+                del self._idle[session.key]
+            session.close()
+
+    def close_all(self) -> None:
+        """Drain: close the idle sessions, and every session released from now on."""
+        self.draining = True
+        for idle in self._idle.values():
+            for session, timer in idle.items():
+                timer.cancel()
+                session.close()
+        self._idle.clear()
+        self.size = 0
+
+
+@dataclass(slots=True)
+class _Request:
+    """The shell's facts of one request, handed back with its finished exchange."""
+
+    plan: RoutePlan | None = None
+    route: Route | None = None
+    first_byte: float = 0.0
+    deadline: float | None = None  # the route's request timeout, as a monotonic time
+    backoff: float | None = None  # set when the request waits to be sent again
+
+
+def _try_send(sock: socket.socket, data: bytes) -> int:
+    """A non-blocking send; 0 when it would block or failed (the awaited send will tell)."""
+    try:
+        return sock.send(data)
+    except OSError:
+        return 0
+
+
+class _Direct:
+    """``Sink`` of the attached HBONE session: hands its bytes to ``_ClientConnection._take``."""
+
+    __slots__ = ("owner", "request", "session")
+
+    def __init__(
+        self, owner: _ClientConnection, session: UpstreamSession, request: _Request
+    ) -> None:
+        self.owner, self.session, self.request = owner, session, request
+
+    def send(self, data: bytes, /) -> int:
+        return self.owner._take(self.session, self.request, data)
+
+
+def _detach(session: UpstreamSession) -> None:
+    """No more bytes or ends to the callbacks ``_attach`` set (released, or read by a task)."""
+    conn = session.conn
+    if isinstance(conn, TunnelStream):
+        conn.deliver_directly(None)
+        conn.on_end = conn.on_drop = None
+
+
+def _name(target: ServiceTarget) -> str:
+    return f"{target.service.namespace}/{target.service.name}"
+
+
+class HttpOutbound:
+    """Serves client connections to Service VIP ports declared HTTP/1.1 (``Outbound.handle``)."""
+
+    def __init__(self, outbound: Outbound) -> None:
+        self.outbound = outbound
+        self.router = HttpRouter(outbound.balanced.traffic)
+        self.sessions = SessionPool()
+        self.mirroring: set[asyncio.Task[None]] = set()  # copies in flight (RequestMirror)
+
+    async def handle(
+        self,
+        client: socket.socket,
+        source: Workload | None,
+        target: ServiceTarget,
+        src: str,
+    ) -> None:
+        core = self.outbound.core
+        snap = core.snapshot()
+        record = ConnectionRecord(OUTBOUND, src, f"{target.vip}:{target.port.port}")
+        if source is not None:
+            record.source_identity = core.identity(source, snap)
+        record.path = "http"
+        record.protocol = "http/1.1"
+        conn_id = core.registry.add(record, cancel_current_task())
+        conn = _ClientConnection(self, client, source, target, record, conn_id)
+        clean = False
+        try:
+            await conn.serve()
+            clean = True
+        except (OSError, TunnelError) as e:
+            log.debug("outbound HTTP %s -> %s ended: %s", src, record.destination, e)
+        finally:
+            core.registry.remove(conn_id)
+            if clean:
+                client.close()
+            else:
+                sockets.abort(client)
+
+
+class _ClientConnection:
+    def __init__(
+        self,
+        owner: HttpOutbound,
+        client: socket.socket,
+        source: Workload | None,
+        target: ServiceTarget,
+        record: ConnectionRecord,
+        conn_id: int,
+    ) -> None:
+        self.owner = owner
+        self.core = owner.outbound.core
+        self.client = client
+        self.source = source
+        self.target = target
+        self.record = record
+        self.conn_id = conn_id
+        self.src_ip = record.source.rsplit(":", 1)[0]
+        self.service = _name(target)
+        self.codec: SourceHttp1[_Request] = SourceHttp1()
+        self.session: UpstreamSession | None = None  # attached to the current request
+        self.reader: asyncio.Task[None] | None = None  # reads ``session``
+        self.reading = False  # the reader waits in ``session.read`` (safe to cancel there)
+        # The client side's park (``_client_bytes``): resolved with the client's bytes, or
+        # None when there is something else to do; the client socket's reader is registered
+        # (``watching``) only while the codec wants its bytes.
+        self._waiter: asyncio.Future[bytes | None] | None = None
+        self._loop = asyncio.get_running_loop()  # (each get_running_loop() costs a getpid())
+        self._watching = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self.client_gone = False  # a send to the client failed
+        self._up_lock = asyncio.Lock()
+        self._down_lock = asyncio.Lock()
+        self.timer: asyncio.TimerHandle | None = None  # the attached try's timeout
+        self.timed: _Request | None = None  # the request ``timer`` is for
+        self._up_backlog = b""  # for ``session``, behind a write still waiting
+        self._down_backlog = b""  # for the client, behind a write still waiting
+        # flushes a callback (``_take``, a timer) could not finish
+        self._later: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        """Serve requests until the client or the codec ends it; raises ``OSError`` when the
+        client went away mid-response (its socket is then reset, not closed)."""
+        try:
+            await self._client_side()
+            if self.codec.tunnel and self.session is not None:
+                await self._relay_upgraded(self.session)
+            if self.client_gone:
+                raise ConnectionResetError("the client went away")
+        finally:
+            self._disarm()
+            reader, session = self.reader, self.session
+            for task in [*self._later, *([reader] if reader is not None else [])]:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if session is not None:
+                _detach(session)
+                if session.reusable is None:
+                    session.close()  # cut mid-exchange, or pinned by an upgrade
+            for exchange, request in self.codec.take_completed():
+                self._report(exchange, request)
+
+    # -- client side -------------------------------------------------------------------------
+    async def _client_side(self) -> None:
+        codec = self.codec
+        while not (codec.closing or codec.tunnel):
+            if codec.pending is not None:
+                await self._dispatch(codec.pending)
+                continue
+            try:
+                data = await self._client_bytes()
+            except TimeoutError:
+                codec.header_timeout()
+                await self._flush()
+                return
+            if data is None:
+                continue
+            self.record.bytes_sent += len(data)
+            codec.receive_client(data)
+            await self._flush()
+
+    async def _client_bytes(self) -> bytes | None:
+        """The client's next bytes (``b""`` at its end) once the codec wants them, or None
+        when woken for something else (a head is pending, the codec ends); raises
+        ``TimeoutError`` when a started head is not complete within ``HEADER_TIMEOUT``.
+
+        Why not ``sock_recv`` after waiting for the codec: while a response is in flight the
+        codec does not want the client's bytes, and the callback that ends the response
+        (``_changed``) then registers the client socket's reader itself instead of waking this
+        task to do it, so a keep-alive request costs the task one wake-up, not two."""
+        self._waiter = self._loop.create_future()
+        try:
+            self._changed()
+            return await self._waiter
+        finally:
+            self._waiter = None
+            self._unwatch()
+
+    def _changed(self) -> None:
+        """The codec's state may have changed: wake the client side when it has something to
+        do, watch the client socket while the codec wants its bytes, else keep waiting."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        codec = self.codec
+        if codec.closing or codec.tunnel or codec.pending is not None:
+            self._unwatch()
+            waiter.set_result(None)
+        elif codec.wants_client_data():
+            self._watch()
+        else:
+            self._unwatch()
+
+    def _watch(self) -> None:
+        if self._watching:
+            return
+        loop = self._loop
+        loop.add_reader(self.client.fileno(), self._readable)
+        self._watching = True
+        started = self.codec.head_started
+        if started is not None:  # between requests, or in a body: no head clock
+            delay = max(0.0, started + HEADER_TIMEOUT - time.monotonic())
+            self._head_timer = loop.call_later(delay, self._head_late)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self.client.fileno())
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self._unwatch()
+            return
+        try:
+            data = self.client.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            waiter.set_exception(e)
+        else:
+            waiter.set_result(data)
+        self._unwatch()
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._unwatch()
+            waiter.set_exception(TimeoutError("no complete request head in time"))
+
+    def _flush_now(self) -> bool:
+        """Write what the codec produced, settle released sessions, report exchanges, without
+        waiting: True when all of it went out. False when a side's bytes wait behind an
+        earlier write or for the side to take them (that side's backlog); ``_flush`` then
+        writes them awaiting the side's backpressure, and settles the sessions released
+        meanwhile only after that, so a session is never pooled with a write in flight."""
+        codec = self.codec
+        done = True
+        data = codec.take_to_upstream()
+        if data and self.session is not None:
+            done = self._send_upstream_now(self.session, data)
+        elif self._up_lock.locked() or self._up_backlog:
+            done = False
+        if done:
+            for _, reusable in codec.take_released():
+                self._release(reusable)
+        data = codec.take_to_client()
+        if data and not self.client_gone:
+            done = self._send_client_now(data) and done
+        for exchange, request in codec.take_completed():
+            self._report(exchange, request)
+        for copy in codec.take_mirrors():
+            self._mirror(copy)
+        for cause in codec.take_rejections():
+            self.core.registry.http_rejected(cause, f"{self.record.source} -> {self.service}")
+        if done:
+            self._changed()
+        return done
+
+    def _send_upstream_now(self, session: UpstreamSession, data: bytes) -> bool:
+        if self._up_lock.locked() or self._up_backlog:
+            self._up_backlog += data
+            return False
+        sent = session.try_write(data)
+        if sent < len(data):
+            self._up_backlog = data[sent:]
+            return False
+        return True
+
+    def _send_client_now(self, data: bytes) -> bool:
+        if self._down_lock.locked() or self._down_backlog:
+            self._down_backlog += data
+            return False
+        sent = _try_send(self.client, data)
+        self.record.bytes_received += sent
+        if sent < len(data):
+            self._down_backlog = data[sent:]
+            return False
+        return True
+
+    async def _flush(self) -> None:
+        """``_flush_now``, then what it left: each side's backlog written under the side's
+        lock (awaiting its backpressure; the lock keeps writes in order), the sessions
+        released meanwhile settled, and again until nothing is left."""
+        codec = self.codec
+        while not self._flush_now():
+            async with self._up_lock:
+                data, self._up_backlog = self._up_backlog, b""
+                if data and self.session is not None:
+                    try:
+                        await self.session.write(data)
+                    except (OSError, TunnelError) as e:
+                        log.debug("%s: upstream send failed: %r", self.record.source, e)
+                        codec.upstream_failed()
+                for _, reusable in codec.take_released():
+                    self._release(reusable)
+            async with self._down_lock:
+                data, self._down_backlog = self._down_backlog, b""
+                if data and not self.client_gone:
+                    try:
+                        await asyncio.get_running_loop().sock_sendall(self.client, data)
+                    except OSError as e:  # the client went away: stop serving it
+                        log.debug("%s: client send failed: %r", self.record.source, e)
+                        self.client_gone = True
+                        codec.closing = True
+                    else:
+                        self.record.bytes_received += len(data)
+
+    def _flush_later(self) -> None:
+        """Finish, in a task, a flush a callback began (``_take``, ``_expired``)."""
+        task = asyncio.create_task(self._flush(), name=f"http-flush {self.record.source}")
+        self._later.add(task)
+        task.add_done_callback(self._later_done)
+
+    def _later_done(self, task: asyncio.Task[None]) -> None:
+        self._later.discard(task)
+        self._reader_done(task)
+
+    def _release(self, reusable: bool) -> None:
+        """The current session's exchange ended: pool it (or close it) once its reader stops."""
+        session, reader = self.session, self.reader
+        if session is None:
+            return
+        session.reusable = reusable
+        self.session, self.reader = None, None
+        _detach(session)
+        if reader is None or reader.done():
+            self._settle(session)
+            return
+        # A reader waiting for bytes is cancelled; one inside a flush (writing to the client)
+        # finishes it and then sees the session is no longer attached.
+        if self.reading and reader is not asyncio.current_task():
+            reader.cancel()
+        reader.add_done_callback(lambda _t: self._settle(session))
+
+    def _settle(self, session: UpstreamSession) -> None:
+        if session.reusable:
+            self.owner.sessions.put(session)
+        else:
+            session.close()
+
+    # -- routing -----------------------------------------------------------------------------
+    async def _dispatch(self, head: RequestHead) -> None:
+        """Route the pending request and attach it to a session, or answer it here; a request
+        put back by a retry keeps its plan and waits its backoff first."""
+        request = self.codec.current_tag
+        if request is not None and request.backoff is not None:
+            await self._flush()  # settle the session of the try that ended
+            if not await self._wait_backoff(request):
+                return
+        else:
+            request = _Request()
+            if not await self._plan(head, request):
+                return
+        assert request.plan is not None
+        await self._connect(head, request, request.plan)
+
+    async def _plan(self, head: RequestHead, request: _Request) -> bool:
+        """Route the request (``HttpRouter.admit``) and apply its rule to the codec; False
+        when it was answered here."""
+        snap = self.core.snapshot()
+        self.record.upstream, self.record.destination_identity = "", None
+        http = HttpRequest.from_target(
+            head.method,
+            self.codec.pending_target,
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers],
+            authority=head.host,
+        )
+        source = self.source
+        try:
+            plan = self.owner.router.admit(
+                snap,
+                self.target,
+                http,
+                self.src_ip,
+                source.labels if source is not None else None,
+                (self.core.node, None),
+                client_namespace=source.namespace if source is not None else "",
+                may_queue=True,
+            )
+        except LocalResponse as e:
+            log.debug("%s %s %s: %s", self.record.source, head.method, head.path, e)
+            self.codec.respond_locally(e.status, e.flags, e.body, request, e.headers)
+            await self._flush()
+            return False
+        request.plan = plan
+        if plan.edit_request is not None:
+            self.codec.edit_pending(plan.edit_request)
+        if plan.edit_response is not None:
+            self.codec.edit_response(plan.edit_response)
+        if plan.retry is not None:
+            self.codec.retry_with(lambda status, ok: self._may_retry(request, status, ok))
+        if plan.mirrors:
+            self.codec.mirror_with()
+        if plan.injected_delay:
+            await asyncio.sleep(plan.injected_delay)
+        if plan.request_timeout is not None:  # from here: an injected delay is not counted
+            request.deadline = time.monotonic() + plan.request_timeout
+        return not plan.attempts.queued or await self._admitted(request)
+
+    async def _admitted(self, request: _Request) -> bool:
+        """The request waits for a slot of its backend's ``maxConnections`` (it was queued:
+        ``maxPendingRequests``), at most until its deadline (then 504 ``UT``: False)."""
+        assert request.plan is not None
+        attempts = request.plan.attempts
+        slot = asyncio.get_running_loop().create_future()
+
+        def admitted() -> None:
+            if not slot.done():
+                slot.set_result(None)
+
+        attempts.on_admitted = admitted
+        left = None if request.deadline is None else request.deadline - time.monotonic()
+        try:
+            await asyncio.wait_for(slot, None if left is None else max(0.0, left))
+        except TimeoutError:
+            attempts.finish()  # leaves the queue
+            return not await self._timed_out(request)
+        except asyncio.CancelledError:
+            attempts.finish()
+            raise
+        return True
+
+    def _may_retry(self, request: _Request, status: int | None, replayable: bool) -> bool:
+        """The codec's retry hook: the try ended with ``status``; send the request again?"""
+        assert request.plan is not None
+        backoff = request.plan.retry_after(status, request.first_byte, replayable=replayable)
+        if backoff is None:
+            return False
+        self._disarm()
+        request.backoff, request.first_byte = backoff, 0.0
+        return True
+
+    async def _wait_backoff(self, request: _Request) -> bool:
+        """Sleep before a retry, within the request's deadline; False when it expired."""
+        backoff, request.backoff = request.backoff or 0.0, None
+        if request.deadline is not None:
+            backoff = min(backoff, max(0.0, request.deadline - time.monotonic()))
+        await asyncio.sleep(backoff)
+        return not await self._timed_out(request)
+
+    async def _timed_out(self, request: _Request) -> bool:
+        """Answer 504 ``UT`` if the request's deadline passed before it was attached."""
+        if request.deadline is None or time.monotonic() < request.deadline:
+            return False
+        self.codec.respond_locally(504, UPSTREAM_TIMEOUT, BODIES[UPSTREAM_TIMEOUT], request)
+        await self._flush()
+        return True
+
+    async def _connect(self, head: RequestHead, request: _Request, plan: RoutePlan) -> None:
+        """Attach the request to a session with one of the backend's endpoints, retrying a
+        failed connect on another while traffic control allows; else answer 503."""
+        out = self.owner.outbound
+        snap = self.core.snapshot()
+        attempts = plan.attempts
+        failure: tuple[BaseException, Route] | None = None
+        while (ip := attempts.next_endpoint()) is not None:
+            route = out.resolver.endpoint_route(snap, self.source, plan.backend, ip)
+            out.describe_route(snap, route, self.record)
+            request.route = route
+            if route.kind == "local" and not self._allowed_here(route, head):
+                self.codec.respond_locally(403, RBAC_DENIED, DENIED_BODY, request)
+                await self._flush()
+                return
+            # The CONNECT names the backend Service (the route's choice, or the dialled one),
+            # so sessions are keyed by it too.
+            key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(plan.backend))
+            session = self.owner.sessions.take(key)
+            if session is not None:
+                attempts.connected(ip, reused=True)
+                await self._attach(session, request)
+                return
+            timeout = attempts.try_timeout()
+            if request.deadline is not None:
+                timeout = min(timeout, max(0.0, request.deadline - time.monotonic()))
+            try:
+                session = await asyncio.wait_for(self._open(key, route), timeout)
+            except (OSError, TunnelError) as e:
+                failure = (e, route)
+                cause = classify(e)
+                if cause is not None:
+                    attempts.failed(ip, cause)
+                    if await self._timed_out(request):
+                        return
+                    if attempts.may_retry(cause):
+                        continue
+                break
+            attempts.connected(ip)
+            await self._attach(session, request)
+            return
+        if failure is None:
+            flags = NO_HEALTHY_UPSTREAM
+        else:
+            flags = UPSTREAM_CONNECT_FAILURE
+            out.count_failure(failure[0], failure[1], self.record)
+        self.codec.respond_locally(503, flags, BODIES[flags], request)
+        await self._flush()
+
+    def _allowed_here(self, route: Route, head: RequestHead) -> bool:
+        """A same-node endpoint's L7 authorization (no other proxy sees this request)."""
+        assert route.target is not None
+        if route.port in self.core.settings.proxy_ports:
+            return False
+        http = HttpAttributes(head.method, head.path, head.host, head.headers)
+        request = AuthzRequest(
+            self.src_ip, route.ip, route.port, self.record.source_identity, http=http
+        )
+        where = f"{self.record.source} -> {route.ip}:{route.port} {head.method} {head.path}"
+        return self.core.authorize_request(request, route.target, where).allowed
+
+    async def _open(
+        self, key: SessionKey, route: Route, record: ConnectionRecord | None = None
+    ) -> UpstreamSession:
+        out = self.owner.outbound
+        if route.kind == "hbone":
+            conn: TunnelStream | socket.socket = await out.open(
+                route, record or self.record, self.src_ip, self.conn_id
+            )
+        else:
+            s = self.core.settings
+            conn = await sockets.connect(
+                (route.ip, route.port),
+                mark=s.mark,
+                timeout=s.connect_timeout,
+                source_ip=self.src_ip if route.kind == "local" else None,
+            )
+        self.owner.sessions.opened += 1
+        return UpstreamSession(key, conn)
+
+    async def _attach(self, session: UpstreamSession, request: _Request) -> None:
+        self.session = session
+        conn = session.conn
+        if isinstance(conn, TunnelStream):
+            self.record.security = SECURITY_MTLS
+        if isinstance(conn, TunnelStream) and not conn.unread:
+            # Its bytes come to ``_take`` from the HBONE connection's callback; its end or
+            # reset starts a reader task, as do bytes that cannot be taken at once.
+            conn.deliver_directly(_Direct(self, session, request))
+            conn.on_end = conn.on_drop = lambda: self._start_reader(session, request)
+        else:
+            self._start_reader(session, request)
+        self.codec.attach(session.codec, request)
+        self._arm(request)
+        await self._flush()
+
+    # -- mirrors -----------------------------------------------------------------------------
+    def _mirror(self, copy: Mirrored[_Request]) -> None:
+        """Start the copies of a complete request (fire and forget, bounded)."""
+        request = copy.tag
+        if request is None or request.plan is None:
+            return
+        snap = self.core.snapshot()
+        traffic = self.owner.router.traffic
+        for target in request.plan.mirrors:
+            service = traffic.service(snap, target.service)
+            if copy.body is None:
+                service.count("http_mirror", "too_large")
+            elif len(self.owner.mirroring) >= MAX_MIRRORS:
+                service.count("http_mirror", "overflow")
+            else:
+                name = f"http-mirror {self.record.source} -> {_name(target)}"
+                task = asyncio.create_task(self._send_copy(target, copy, copy.body), name=name)
+                self.owner.mirroring.add(task)
+                task.add_done_callback(self.owner.mirroring.discard)
+
+    async def _send_copy(
+        self, target: ServiceTarget, copy: Mirrored[_Request], body: bytes
+    ) -> None:
+        """One copy: an endpoint of ``target`` by its own traffic control, a fresh session,
+        the request with ``Host: <host>-shadow``, the response read and dropped."""
+        snap, out = self.core.snapshot(), self.owner.outbound
+        service = self.owner.router.traffic.service(snap, target.service)
+        labels = self.source.labels if self.source is not None else None
+        try:
+            attempts = service.admit(self.src_ip, labels, (self.core.node, None))
+        except Rejected:
+            return  # counted by the Service's limits
+        session, response, outcome = None, None, "failed"
+        try:
+            ip = attempts.next_endpoint()
+            if ip is None:
+                return
+            route = out.resolver.endpoint_route(snap, self.source, target, ip)
+            record = replace(self.record)
+            out.describe_route(snap, route, record)
+            key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(target))
+            async with asyncio.timeout(MIRROR_TIMEOUT):
+                session = await self._open(key, route, record)
+                attempts.connected(ip)
+                head, data = mirror_request(session.codec, copy, body)
+                if route.kind == "local" and not self._allowed_here(route, head):
+                    outcome = "denied"
+                    return
+                await session.write(data)
+                response = DroppedResponse(session.codec)
+                while not response.receive(await session.read()):
+                    pass
+            outcome = "sent"
+        except (OSError, TunnelError, TimeoutError) as e:
+            log.debug("%s: mirror to %s failed: %r", self.record.source, _name(target), e)
+        finally:
+            status = response.status if response is not None else 0
+            attempts.finish(reset_before_data=outcome == "failed", server_error=status >= 500)
+            if session is not None:
+                session.close()
+            service.count("http_mirror", outcome)
+
+    # -- timeouts ----------------------------------------------------------------------------
+    def _arm(self, request: _Request) -> None:
+        """Time the attached try: the sooner of the request's deadline and its per-try
+        timeout (``backendRequest``)."""
+        plan, now = request.plan, time.monotonic()
+        delays = [request.deadline - now] if request.deadline is not None else []
+        if plan is not None and plan.try_timeout is not None:
+            delays.append(plan.try_timeout)
+        self._disarm()
+        if delays:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(max(0.0, min(delays)), self._expired, request)
+            self.timed = request
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer, self.timed = None, None
+
+    def _expired(self, request: _Request) -> None:
+        """A try's time ran out: the whole request's (504 ``UT``), or only this try's (sent
+        again if the rule retries, else 504 ``UT``)."""
+        self.timer, self.timed = None, None
+        codec = self.codec
+        if codec.current_tag is not request or not codec.attached:
+            return
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            codec.expire(BODIES[UPSTREAM_TIMEOUT])
+        else:
+            codec.try_expired(BODIES[UPSTREAM_TIMEOUT])
+        if not self._flush_now():
+            self._flush_later()
+
+    # -- upstream side -----------------------------------------------------------------------
+    def _take(self, session: UpstreamSession, request: _Request, data: bytes) -> int:
+        """The attached HBONE session's bytes, from the connection's callback: handled and
+        written at once, no task woken. Left in the stream, for a reader task to handle in
+        order with awaited writes, while a write to either side waits; left alone once the
+        connection is ending or upgraded (the relay reads them then)."""
+        codec = self.codec
+        if self.session is not session or codec.closing or codec.tunnel:
+            return 0
+        if (
+            self._up_backlog
+            or self._down_backlog
+            or self._up_lock.locked()
+            or self._down_lock.locked()
+        ):
+            self._start_reader(session, request)
+            return 0
+        if not request.first_byte:
+            request.first_byte = time.monotonic()
+        try:
+            codec.receive_upstream(data)
+            if not self._flush_now():
+                self._flush_later()
+        except Exception:  # this connection's failure, not the HBONE connection's
+            log.exception("%s: HTTP upstream bytes could not be handled", self.record.source)
+            codec.closing = True
+            self._changed()
+        return len(data)
+
+    def _start_reader(self, session: UpstreamSession, request: _Request) -> None:
+        """Read the attached ``session`` with a task (a socket always; an HBONE stream once a
+        callback could not take its bytes, or it ended)."""
+        if self.reader is not None or self.session is not session:
+            return
+        _detach(session)
+        self.reader = asyncio.create_task(self._upstream_side(session, request))
+        self.reader.add_done_callback(self._reader_done)
+
+    async def _upstream_side(self, session: UpstreamSession, request: _Request) -> None:
+        codec = self.codec
+        while self.session is session and not (codec.closing or codec.tunnel):
+            self.reading = True
+            try:
+                data = await session.read()
+            except (OSError, TunnelError) as e:
+                self.reading = False
+                log.debug("%s: upstream failed: %r", self.record.source, e)
+                codec.upstream_failed()
+                await self._flush()
+                return
+            self.reading = False
+            if data and not request.first_byte:
+                request.first_byte = time.monotonic()
+            codec.receive_upstream(data)
+            await self._flush()
+            if not data:
+                return
+
+    def _reader_done(self, task: asyncio.Task[None]) -> None:
+        """Supervision: a reader that failed unexpectedly ends the client connection (logged)
+        instead of leaving the client side waiting for a response that will not come."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("%s: HTTP upstream reader failed", self.record.source, exc_info=task.exception())
+        self.codec.closing = True
+        self._changed()
+
+    async def _relay_upgraded(self, session: UpstreamSession) -> None:
+        """After a 101: the client and its session exchange opaque bytes until both end."""
+        self.session = None  # pinned: never pooled
+        _detach(session)
+        if isinstance(session.conn, TunnelStream):
+            await relay_tunnel(self.client, session.conn, self.record, outbound=True)
+        else:
+            try:
+                await relay_sockets(self.client, session.conn, self.record)
+            finally:
+                session.conn.close()
+
+    # -- telemetry ---------------------------------------------------------------------------
+    def _report(self, exchange: Exchange, request: _Request | None) -> None:
+        if request is None:
+            request = _Request()
+        if self.timed is request:
+            self._disarm()
+        flags = exchange.flags
+        if request.plan is not None:
+            reset = exchange.status == 503 and exchange.flags == UPSTREAM_CLOSED
+            request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)
+            flags = request.plan.flags(flags)
+            request.plan = None
+        labels = self.record.copy()
+        labels.upstream, labels.destination_identity = "", None
+        labels.security = SECURITY_NONE
+        if request.route is not None:
+            self.owner.outbound.describe_route(self.core.snapshot(), request.route, labels)
+            if request.route.kind == "hbone":
+                labels.security = SECURITY_MTLS
+        upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
+        self.core.registry.request_done(
+            labels, request_record(exchange, flags=flags, upstream=upstream)
+        )

@@ -1,0 +1,186 @@
+"""Recent HTTP requests for ``nodemesh requests`` (a live tap, like ``linkerd viz tap``), sans-IO.
+
+Why a ring of finished requests and cursors, not a queue per viewer: the data path must never
+wait for a viewer, and its memory must not grow with the number of viewers or their speed. Each
+finished request is appended to one fixed-size ring (``RequestRing.add``: a deque append and a
+counter, nothing else on the request path) and numbered; a viewer asks for what came after the
+last number it saw (its cursor). A viewer that falls more than ``size`` requests behind loses
+the oldest ones: the answer says how many (``missed``), and the ring counts them over all
+viewers (``missed_total``, exported as ``nodemesh_tap_missed_requests_total``).
+
+Entries are kept as the records the proxy reported and turned into the access log's fields
+(``agent.telemetry.accesslog.request_entry``) only when a viewer reads them, so a ring nobody
+reads costs no JSON. Waiting (long-poll) is the admin API's business (``agent.admin.tap``):
+``add`` calls the one-shot wake-ups registered with ``on_next`` and forgets them.
+
+``RequestFilter`` selects entries by workload (either side, or one side), method, path prefix
+and status (exact ``404`` or a class ``5xx``); the admin API applies it to what it serves and
+the CLI builds its query from the same class, so both sides agree on what a filter means.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+from agent.telemetry.accesslog import request_entry
+from agent.telemetry.records import ConnectionRecord, RequestRecord
+
+DEFAULT_SIZE = 2048
+
+
+class Tapped(NamedTuple):
+    seq: int
+    ended: float  # time.time() when it was reported
+    connection: ConnectionRecord
+    request: RequestRecord
+    labels: Mapping[str, str]  # its metric labels (``REQUEST_LABEL_NAMES``)
+
+
+class Batch(NamedTuple):
+    entries: list[dict[str, object]]  # access log fields, oldest first
+    next: int  # the cursor to ask with next time
+    missed: int  # requests after the cursor that the ring no longer held
+
+
+class RequestRing:
+    """The last ``size`` requests, numbered from 0 in the order they were reported."""
+
+    def __init__(self, size: int = DEFAULT_SIZE) -> None:
+        if size < 1:
+            raise ValueError(f"a request ring needs room for at least 1 request, not {size}")
+        self.size = size
+        self._entries: deque[Tapped] = deque(maxlen=size)
+        self._next = 0
+        self._wake: list[Callable[[], None]] = []
+        self.missed_total = 0
+
+    @property
+    def cursor(self) -> int:
+        """The number the next request will get (ask ``since(cursor)`` for what comes next)."""
+        return self._next
+
+    def add(
+        self, connection: ConnectionRecord, request: RequestRecord, labels: Mapping[str, str]
+    ) -> None:
+        self._entries.append(Tapped(self._next, time.time(), connection, request, labels))
+        self._next += 1
+        if self._wake:
+            wake, self._wake = self._wake, []
+            for call in wake:
+                call()
+
+    def on_next(self, call: Callable[[], None]) -> None:
+        """Call ``call()`` once, when the next request is added."""
+        self._wake.append(call)
+
+    def forget(self, call: Callable[[], None]) -> None:
+        """Withdraw a wake-up that was not called (its waiter gave up)."""
+        if call in self._wake:
+            self._wake.remove(call)
+
+    def since(
+        self, cursor: int | None, selected: RequestFilter | None = None, limit: int = 500
+    ) -> Batch:
+        """Entries numbered ``cursor`` and later that ``selected`` matches, at most ``limit``
+        (the oldest first); ``cursor`` None: the latest ``limit`` matching entries held."""
+        first = self._entries[0].seq if self._entries else self._next
+        missed = 0
+        if cursor is None:
+            start = first
+        else:
+            start = min(max(cursor, 0), self._next)
+            if start < first:
+                missed = first - start
+                self.missed_total += missed
+                start = first
+        out: list[dict[str, object]] = []
+        nxt = start
+        for item in list(self._entries)[start - first :]:
+            entry = request_entry(item.connection, item.request, item.labels, item.ended)
+            nxt = item.seq + 1
+            if selected is None or selected.matches(entry):
+                out.append(entry)
+                if cursor is not None and len(out) == limit:
+                    break
+        if cursor is None:
+            out = out[-limit:]
+        return Batch(out, nxt, missed)
+
+
+class FilterError(ValueError):
+    """A filter value that cannot select anything; the message says what is expected."""
+
+
+def parse_status(text: str) -> tuple[int, int]:
+    """``404`` → (404, 405); ``5xx`` → (500, 600): the range of status codes selected."""
+    value = text.strip().lower()
+    if len(value) == 3 and value[0] in "12345" and value[1:] == "xx":
+        low = int(value[0]) * 100
+        return low, low + 100
+    if len(value) == 3 and value.isdigit() and 100 <= int(value) <= 599:
+        return int(value), int(value) + 1
+    raise FilterError(f"status {text!r}: expected a status code such as 404 or a class such as 5xx")
+
+
+def _workload_matches(wanted: str, name: object, namespace: object) -> bool:
+    """``name`` matches a workload of that name in any namespace, ``ns/name`` only there."""
+    ns, sep, bare = wanted.rpartition("/")
+    return name == bare and (not sep or namespace == ns)
+
+
+@dataclass(frozen=True)
+class RequestFilter:
+    """What ``nodemesh requests`` shows; every field given must match (None: any)."""
+
+    workload: str | None = None  # source or destination
+    source: str | None = None
+    destination: str | None = None
+    method: str | None = None
+    path: str | None = None  # a prefix
+    status: str | None = None  # "404" or "5xx"
+
+    def __post_init__(self) -> None:
+        if self.status is not None:
+            parse_status(self.status)
+        for name in ("workload", "source", "destination"):
+            value = getattr(self, name)
+            if value is not None and (not value or value.count("/") > 1 or value.endswith("/")):
+                raise FilterError(f"{name} {value!r}: expected NAME or NAMESPACE/NAME")
+        if self.path is not None and not self.path.startswith("/"):
+            raise FilterError(f"path {self.path!r}: expected a path prefix such as /api")
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> RequestFilter:
+        """The filter in an admin API query (``?method=GET&status=5xx``); other keys are
+        left to the caller."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in query.items() if k in known})
+
+    def query(self) -> dict[str, str]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+
+    def matches(self, entry: Mapping[str, object]) -> bool:
+        src = (entry["source_workload"], entry["source_namespace"])
+        dst = (entry["destination_workload"], entry["destination_namespace"])
+        if self.workload is not None and not (
+            _workload_matches(self.workload, *src) or _workload_matches(self.workload, *dst)
+        ):
+            return False
+        if self.source is not None and not _workload_matches(self.source, *src):
+            return False
+        if self.destination is not None and not _workload_matches(self.destination, *dst):
+            return False
+        if self.method is not None and entry["method"] != self.method.upper():
+            return False
+        if self.path is not None and not str(entry["path"]).startswith(self.path):
+            return False
+        if self.status is not None:
+            low, high = parse_status(self.status)
+            code = entry["response_code"]
+            if not (isinstance(code, int) and low <= code < high):
+                return False
+        return True

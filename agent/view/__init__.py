@@ -1,0 +1,1 @@
+"""The central view: ``nodemesh stat``, ``edges`` and ``top`` over the whole mesh's metrics."""

@@ -1,0 +1,138 @@
+"""Where the view's samples come from: a Prometheus server, or the agents' own ``/metrics``.
+
+The thin I/O shell around ``agent.view.series``: HTTP GETs, each optionally made from inside a
+network namespace (the lab's Prometheus and agents are only reachable from the lab's
+namespaces). Two sources with one method, ``window(seconds)``:
+
+* ``PrometheusSource`` asks ``/api/v1/query`` for each family's samples over the window (one
+  query per family, evaluated at one instant), so the window is the past ``seconds``.
+* ``AgentSource`` scrapes every agent, and the window is the time until its next scrape: the
+  first call waits ``seconds`` between two scrapes; ``top`` calls it again and again, each call
+  measuring from the previous scrape. An agent that does not answer fails the view with its
+  address (a partial sum would be silently wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from agent.view import promql
+from agent.view.aggregate import TCP_FAMILIES
+from agent.view.series import (
+    Series,
+    ViewError,
+    Window,
+    from_exposition,
+    from_prometheus_matrix,
+    merge_scrapes,
+)
+
+TIMEOUT = 10.0
+# Runs ``func`` where the address is reachable: directly, or inside a lab namespace.
+Runner = Callable[[Callable[[], bytes]], bytes]
+
+
+def direct(func: Callable[[], bytes]) -> bytes:
+    return func()
+
+
+def http_get(url: str, runner: Runner = direct) -> bytes:
+    def get() -> bytes:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            body: bytes = response.read()
+            return body
+
+    try:
+        return runner(get)
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode("utf-8", "replace")[:300]
+        raise ViewError(f"GET {url}: HTTP {e.code}: {detail}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise ViewError(f"GET {url} failed: {e}") from e
+
+
+class Source(Protocol):
+    def window(self, seconds: float, families: Sequence[str] = TCP_FAMILIES) -> Window: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass
+class PrometheusSource:
+    url: str
+    runner: Runner = direct
+    clock: Callable[[], float] = time.time
+
+    def describe(self) -> str:
+        return f"Prometheus {self.url}"
+
+    def query(self, expr: str, at: float) -> dict[str, Any]:
+        params = urllib.parse.urlencode({"query": expr, "time": f"{at:.3f}"})
+        body = http_get(f"{self.url.rstrip('/')}/api/v1/query?{params}", self.runner)
+        try:
+            answer: dict[str, Any] = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise ViewError(f"{self.url} answered something that is not JSON: {e}") from e
+        return answer
+
+    def window(self, seconds: float, families: Sequence[str] = TCP_FAMILIES) -> Window:
+        """The past ``seconds`` of ``families`` (full sample names, e.g. ``..._bucket``)."""
+        end = self.clock()
+        found: dict[str, tuple[Series, ...]] = {}
+        for name in families:
+            answer = self.query(promql.window_samples(name, seconds), end)
+            found[name] = tuple(from_prometheus_matrix(answer))
+        return Window(end - seconds, end, found)
+
+
+@dataclass
+class Agent:
+    """One agent's metrics endpoint, and how to reach it."""
+
+    url: str
+    runner: Runner = direct
+
+
+@dataclass
+class AgentSource:
+    agents: Sequence[Agent]
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    _last: tuple[float, dict[str, list[Series]]] | None = None
+
+    def describe(self) -> str:
+        return "agents " + ", ".join(a.url for a in self.agents)
+
+    def scrape(
+        self, families: Sequence[str] = TCP_FAMILIES
+    ) -> tuple[float, dict[str, list[Series]]]:
+        at = self.clock()
+        merged: dict[str, list[Series]] = {name: [] for name in families}
+        for agent in self.agents:
+            try:
+                text = http_get(agent.url, agent.runner).decode("utf-8", "replace")
+            except ViewError as e:
+                raise ViewError(
+                    f"{e}. The agents' metrics listen on each node's :15020: pass every "
+                    "agent with --agent URL, or read a Prometheus that scrapes them "
+                    "(--prometheus URL; in the lab --lab NAME)"
+                ) from e
+            for name, series in from_exposition(text, families, at, instance=agent.url).items():
+                merged[name].extend(series)
+        return at, merged
+
+    def window(self, seconds: float, families: Sequence[str] = TCP_FAMILIES) -> Window:
+        if self._last is None:
+            self._last = self.scrape(families)
+            self.sleep(seconds)
+        start, first = self._last
+        end, second = self.scrape(families)
+        self._last = (end, second)
+        return Window(start, end, merge_scrapes(first, second))

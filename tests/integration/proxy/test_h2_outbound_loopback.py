@@ -1,0 +1,164 @@
+"""Source-side HTTP/2 on loopback, through the real outbound proxy (``mesh``'s two nodes).
+
+A gRPC call to a Service VIP port declared gRPC whose Service has no ready endpoint: like an
+HTTP/1.1 port, the connection is served per request rather than reset: the port's routes may
+send calls elsewhere (GAMMA's frontend Service), and without one each call gets a trailers-only
+``UNAVAILABLE`` with ``no healthy upstream`` (flag ``UH``).
+
+Calls to an endpoint over HBONE: the source shell is driven by callbacks, so once the endpoint's
+tunnel is open a call wakes none of the session's tasks (counted by a task factory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, ResponseReceived, StreamEnded
+
+from agent.state import Endpoint, Service, ServicePort
+from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, free_port, mesh_test
+from tests.integration.proxy.test_http_outbound_loopback import observe, requests_total
+
+pytestmark = pytest.mark.root
+
+VIP = "10.96.7.4"
+FRONT = "front.default.svc.cluster.local"
+
+
+@mesh_test
+async def test_a_grpc_port_without_endpoints_answers_each_call_unavailable(mesh: Mesh) -> None:
+    with mesh.store.update() as tx:
+        port = ServicePort(50051, 50051, name="grpc", app_protocol="grpc")
+        tx.put_service(Service("front", "default", (VIP,), (port,), {"app": "none"}, ()))
+    source, _ = observe(mesh)
+    reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    answers: dict[int, dict[str, str]] = {}
+    ended: set[int] = set()
+    for _ in range(2):  # two calls on one connection: it is not closed after the first
+        sid = conn.get_next_available_stream_id()
+        head = [(":method", "POST"), (":scheme", "http"), (":authority", "front"),
+                (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
+                ("te", "trailers")]  # fmt: skip
+        conn.send_headers(sid, head)
+        conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+        writer.write(conn.data_to_send())
+        while sid not in ended:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "the proxy closed the connection instead of answering the call"
+            for event in conn.receive_data(data):
+                if isinstance(event, ResponseReceived):
+                    answers[event.stream_id] = dict(event.headers)  # type: ignore[arg-type]
+                elif isinstance(event, StreamEnded):
+                    ended.add(event.stream_id)
+            writer.write(conn.data_to_send())
+    writer.close()
+    assert [(a["grpc-status"], a["grpc-message"]) for a in answers.values()] == [
+        ("14", "no healthy upstream")
+    ] * 2
+    assert requests_total(source)[("source", FRONT, "200", "UH")] == 2
+
+
+class _Counted(Coroutine[Any, Any, Any]):
+    """A task's coroutine whose steps (its task's wake-ups) are counted."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], steps: list[int]) -> None:
+        self.coro, self.steps = coro, steps
+
+    def send(self, value: Any) -> Any:
+        self.steps[0] += 1
+        return self.coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        self.steps[0] += 1
+        return self.coro.throw(*args)
+
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise TypeError("only run as a task")
+
+
+async def _grpc_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers every call with one empty message and ``grpc-status: 0``."""
+    conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    while data := await reader.read(65536):
+        for event in conn.receive_data(data):
+            if isinstance(event, DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                sid = event.stream_id
+                conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+                conn.send_data(sid, b"\0\0\0\0\0")
+                conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+        writer.write(conn.data_to_send())
+    writer.close()
+
+
+@mesh_test
+async def test_calls_to_an_open_endpoint_wake_no_task_of_the_session(mesh: Mesh) -> None:
+    port = free_port(SERVER)
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        tx.put_service(
+            Service("front", "default", (VIP,), (grpc,), {"app": "server"}, (Endpoint(SERVER),))
+        )
+    app = await asyncio.start_server(_grpc_app, SERVER, port)
+    steps = [0]
+    loop = asyncio.get_running_loop()
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        if getattr(coro, "__qualname__", "").startswith(("H2SourceSession.", "Outbox.")):
+            coro = _Counted(coro, steps)
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    loop.set_task_factory(factory)
+    try:
+        reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+
+        async def call() -> str:
+            sid = conn.get_next_available_stream_id()
+            head = [(":method", "POST"), (":scheme", "http"), (":authority", "front"),
+                    (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
+                    ("te", "trailers")]  # fmt: skip
+            conn.send_headers(sid, head)
+            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+            writer.write(conn.data_to_send())
+            status = ""
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, "the proxy closed the connection instead of answering the call"
+                for event in conn.receive_data(data):
+                    if isinstance(event, DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, StreamEnded) and event.stream_id == sid:
+                        writer.write(conn.data_to_send())
+                        return status
+                    elif getattr(event, "headers", None):
+                        status = dict(event.headers).get("grpc-status", status)  # type: ignore[attr-defined]
+                writer.write(conn.data_to_send())
+
+        assert await call() == "0"  # the endpoint's tunnel opens (its task's steps)
+        before, calls = steps[0], 20
+        for _ in range(calls):
+            assert await call() == "0"
+        woken = steps[0] - before
+        writer.close()
+    finally:
+        loop.set_task_factory(None)
+        app.close()
+    # A task per side woke at least once per call for the request and once for the answer.
+    assert woken < calls, f"{woken} task wake-ups of the source session for {calls} calls"

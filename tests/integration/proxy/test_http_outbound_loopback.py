@@ -1,0 +1,315 @@
+"""Source-side HTTP/1.1 on loopback: requests of one client connection to a Service VIP port
+declared HTTP, balanced per request, through the real proxies (``tests.integration.proxy.mesh``).
+
+Service ``web`` (VIP 10.96.7.2:80, port ``http``/appProtocol ``http``) has two endpoints: the
+meshed ``server`` pod on node2 (HBONE) and the meshed ``local`` pod on node1 (same node, no
+TLS). Service ``api`` also selects ``server`` and sorts first, so a destination that guessed the
+Service from the pod alone would say ``api``. Both proxies report to ``HttpMetrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from types import FrameType
+from typing import Any
+
+import h11
+import pytest
+
+from agent.proxy import http_outbound
+from agent.proxy.http_outbound import HttpOutbound
+from agent.state import Endpoint, PolicyObject, Service, ServicePort
+from agent.telemetry.http import HttpMetrics
+from tests.integration.proxy.mesh import (
+    CLIENT,
+    LOCAL,
+    SERVER,
+    Mesh,
+    free_port,
+    mesh_test,
+    set_policies,
+)
+
+pytestmark = pytest.mark.root
+
+VIP = "10.96.7.2"
+WEB = "web.default.svc.cluster.local"
+
+
+async def http_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Keep-alive HTTP/1.1: the body is the pod's own address; ``/fail`` is 500; ``/ws``
+    upgrades and then echoes raw bytes; ``/big`` streams 64 MiB."""
+    me = writer.get_extra_info("sockname")[0].encode()
+    conn = h11.Connection(h11.SERVER)
+    target = b""
+    with contextlib.suppress(OSError, h11.ProtocolError):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Request):
+                target = event.target
+            elif isinstance(event, h11.EndOfMessage) and target == b"/ws":
+                headers = [("connection", "upgrade"), ("upgrade", "websocket")]
+                writer.write(conn.send(h11.InformationalResponse(status_code=101, headers=headers)))
+                leftover = conn.trailing_data[0]
+                if leftover:
+                    writer.write(leftover)
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+                break
+            elif isinstance(event, h11.EndOfMessage) and target == b"/big":
+                size = 64 * 1024 * 1024
+                response = h11.Response(status_code=200, headers=[("content-length", str(size))])
+                writer.write(conn.send(response))
+                for _ in range(size // 65536):
+                    writer.write(conn.send(h11.Data(data=b"x" * 65536)))
+                    await writer.drain()
+                break
+            elif isinstance(event, h11.EndOfMessage):
+                status = 500 if target == b"/fail" else 200
+                response = h11.Response(
+                    status_code=status, headers=[("content-length", str(len(me)))]
+                )
+                writer.write(conn.send(response) + conn.send(h11.Data(data=me)))
+                writer.write(conn.send(h11.EndOfMessage()))
+                await writer.drain()
+                conn.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                break
+    writer.close()
+
+
+class Client:
+    """One keep-alive client connection, as a pod's HTTP library would hold it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def request(self, method: str, target: str, body: bytes = b"") -> tuple[int, bytes]:
+        headers = [("host", "web"), ("content-length", str(len(body)))]
+        out = self.conn.send(h11.Request(method=method, target=target, headers=headers))
+        self.writer.write(
+            out + self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
+        )
+        status, got = 0, b""
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await asyncio.wait_for(self.reader.read(65536), 10))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                got += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self.conn.start_next_cycle()
+                return status, got
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+
+def add_services(mesh: Mesh, port: int, *endpoints: str) -> None:
+    with mesh.store.update() as tx:
+        http = ServicePort(80, port, name="http", app_protocol="http")
+        tx.put_service(
+            Service(
+                "web",
+                "default",
+                (VIP,),
+                (http,),
+                {"app": "server"},
+                tuple(Endpoint(ip) for ip in endpoints),
+            )
+        )
+        api = ServicePort(8000, port)
+        tx.put_service(
+            Service(
+                "api", "default", ("10.96.7.3",), (api,), {"app": "server"}, (Endpoint(SERVER),)
+            )
+        )
+
+
+@contextlib.asynccontextmanager
+async def apps(port: int, *ips: str) -> AsyncIterator[None]:
+    started = [await asyncio.start_server(http_app, ip, port) for ip in ips]
+    try:
+        yield
+    finally:
+        for server in started:
+            server.close()
+
+
+def observe(mesh: Mesh) -> tuple[HttpMetrics, HttpMetrics]:
+    source, destination = (HttpMetrics(mesh.store, access_log=False) for _ in range(2))
+    mesh.node1.core.registry.request_observers.append(source)
+    mesh.node2.core.registry.request_observers.append(destination)
+    return source, destination
+
+
+def requests_total(metrics: HttpMetrics) -> Counter[tuple[str, str, str, str]]:
+    """(reporter, destination_service, response_code, response_flags) → requests."""
+    out: Counter[tuple[str, str, str, str]] = Counter()
+    family = next(iter(metrics.collect()))
+    for s in family.samples:
+        lb = s.labels
+        key = (lb["reporter"], lb["destination_service"], lb["response_code"], lb["response_flags"])
+        out[key] += int(s.value)
+    return out
+
+
+@mesh_test
+async def test_one_keep_alive_connection_is_balanced_per_request(mesh: Mesh) -> None:
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER, LOCAL)
+    source, destination = observe(mesh)
+    async with apps(port, SERVER, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        answers = Counter()
+        for i in range(40):
+            status, body = await client.request("POST" if i % 2 else "GET", f"/r{i}", b"x" * i)
+            assert status == 200
+            answers[body.decode()] += 1
+        assert set(answers) == {SERVER, LOCAL}, answers  # both endpoints, one connection
+        assert (await client.request("GET", "/fail"))[0] == 500
+        client.writer.close()
+    src = requests_total(source)
+    assert src[("source", WEB, "200", "-")] == 40
+    assert src[("source", WEB, "500", "-")] == 1
+    # node2 saw the requests that went to ``server`` over HBONE, labelled with the Service
+    # the client dialled (not ``api``, the first Service selecting that pod).
+    dst = requests_total(destination)
+    assert dst[("destination", WEB, "200", "-")] == answers[SERVER]
+    assert not [k for k in dst if k[1] != WEB]
+    # Upstream sessions were reused: far fewer opened than requests sent.
+    assert mesh.node1.outbound.http.sessions.opened <= 4
+
+
+@mesh_test
+async def test_a_keep_alive_request_wakes_the_client_connections_task_once(mesh: Mesh) -> None:
+    """The task serving a client connection is resumed once per request (its head arrived):
+    the response is written from the HBONE connection's callback, which also watches the
+    client for the next head, without waking the task in between."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    async with apps(port, SERVER):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert (await client.request("GET", "/warm"))[0] == 200  # opens the pooled session
+        handle = HttpOutbound.handle.__code__
+        resumed = 0
+
+        def count(frame: FrameType, event: str, _arg: Any) -> None:
+            nonlocal resumed
+            if event == "call" and frame.f_code is handle:
+                resumed += 1  # a coroutine's frame is "called" each time its task resumes
+
+        sys.setprofile(count)
+        try:
+            for i in range(20):
+                assert (await client.request("GET", f"/r{i}"))[0] == 200
+        finally:
+            sys.setprofile(None)
+        client.writer.close()
+    assert resumed == 20
+
+
+@mesh_test
+async def test_a_head_not_completed_in_time_is_408_also_after_a_keep_alive_request(
+    mesh: Mesh,
+) -> None:
+    """The head timeout runs as a timer while the client side waits for the rest of a head."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    default, http_outbound.HEADER_TIMEOUT = http_outbound.HEADER_TIMEOUT, 0.2
+    try:
+        async with apps(port, SERVER):
+            client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+            assert (await client.request("GET", "/first"))[0] == 200
+            client.writer.write(b"GET /second HTTP/1.1\r\nHost: web\r\n")  # no blank line
+            answer = await asyncio.wait_for(client.reader.read(65536), 10)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert await asyncio.wait_for(client.reader.read(65536), 10) == b""  # closed
+    finally:
+        http_outbound.HEADER_TIMEOUT = default
+
+
+@mesh_test
+async def test_an_unreachable_endpoint_gives_503_uf_and_the_connection_goes_on(mesh: Mesh) -> None:
+    port = free_port(SERVER)  # nothing listens there
+    add_services(mesh, port, SERVER)
+    source, _ = observe(mesh)
+    client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+    for _ in range(2):
+        status, body = await client.request("GET", "/")
+        assert status == 503 and body.startswith(b"upstream connect error")
+    assert requests_total(source)[("source", WEB, "503", "UF")] == 2
+
+
+@mesh_test
+async def test_an_upgrade_pins_the_connection_to_its_endpoint(mesh: Mesh) -> None:
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    async with apps(port, SERVER):
+        reader, writer = await mesh.connect(CLIENT, (VIP, 80))
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        for message in (b"hello", b"world" * 1000):
+            writer.write(message)
+            assert await asyncio.wait_for(reader.readexactly(len(message)), 10) == message
+        writer.close()
+
+
+@mesh_test
+async def test_a_same_node_endpoint_is_authorized_per_request(mesh: Mesh) -> None:
+    """No other proxy sees a request to a pod on this node: L7 policy is enforced here."""
+    port = free_port(LOCAL)
+    add_services(mesh, port, LOCAL)
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no-posts", deny))
+    source, _ = observe(mesh)
+    async with apps(port, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert await client.request("POST", "/orders", b"payload") == (403, b"RBAC: access denied")
+        assert await client.request("GET", "/orders") == (200, LOCAL.encode())
+        client.writer.close()
+    counts = requests_total(source)
+    assert counts[("source", WEB, "403", "RBAC")] == 1
+    assert counts[("source", WEB, "200", "-")] == 1
+
+
+@mesh_test
+async def test_a_service_without_ready_endpoints_answers_503_uh(mesh: Mesh) -> None:
+    add_services(mesh, free_port(SERVER))  # no endpoint at all
+    source, _ = observe(mesh)
+    client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+    assert await client.request("GET", "/") == (503, b"no healthy upstream\n")
+    assert requests_total(source)[("source", WEB, "503", "UH")] == 1
+
+
+@mesh_test
+async def test_a_client_that_leaves_mid_response_is_let_go(mesh: Mesh) -> None:
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    async with apps(port, SERVER):
+        reader, writer = await mesh.connect(CLIENT, (VIP, 80))
+        writer.write(b"GET /big HTTP/1.1\r\nHost: web\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readexactly(12), 10)) == b"HTTP/1.1 200"
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST: the proxy's next send to it fails
+
+        async def drained() -> None:
+            while len(mesh.node1.core.registry):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(drained(), 20)  # the client connection's record is gone

@@ -1,0 +1,285 @@
+"""``/requests`` (long-poll) and ``nodemesh requests`` against a served admin API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from agent.admin.api import AdminApi
+from agent.admin.cli import format_connections
+from agent.admin.tapcli import Agent, format_header, format_line, tap
+from agent.base.http import HttpServer, Request
+from agent.cli import main
+from agent.config import ConfigError, add_arguments, from_args
+from agent.telemetry.records import RequestRecord
+from agent.telemetry.tap import RequestFilter, RequestRing
+from tests.unit.admin.admin_helpers import admin_with_certificate
+from tests.unit.admin.test_admin_cli import live_connection
+from tests.unit.telemetry.telemetry_helpers import inbound
+from tests.unit.telemetry.test_tap import LABELS
+
+OTHER = {**LABELS, "source_workload": "batch", "source_workload_namespace": "jobs"}
+
+
+def rec(method: str, path: str, status: int, flags: str = "-") -> RequestRecord:
+    return RequestRecord(method, path, "web:80", status, 2.25, 0, 5, flags, "rid")
+
+
+class Served:
+    """An admin API with a request ring, served from a loop in a thread."""
+
+    def __init__(self) -> None:
+        self.ring = RequestRing(16)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: HttpServer | None = None
+        self.address = ""
+
+    def add(self, record: RequestRecord, labels: dict[str, str] = LABELS) -> None:
+        conn = replace(inbound(), upstream="10.244.2.2:9080", id=3)
+        self.loop.call_soon_threadsafe(self.ring.add, conn, record, labels)
+
+    def start(self) -> None:
+        async def start() -> None:
+            api, _cert, _drain = await admin_with_certificate()
+            api.s.tap = self.ring
+            self.server = HttpServer(api.handle)
+            self.address = f"127.0.0.1:{await self.server.start('127.0.0.1', 0)}"
+
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
+
+    def stop(self) -> None:
+        server = self.server
+        assert server is not None
+
+        async def shutdown() -> None:
+            """Stop listening, then end the handlers still running (a long poll the CLI left):
+            a loop closed under them would leave their coroutines unawaited."""
+            await server.stop()
+            await asyncio.sleep(0)  # connections accepted just before the close get their task
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    s = Served()
+    s.start()
+    s.add(rec("GET", "/a", 200))
+    s.add(rec("POST", "/admin/x", 403, "RBAC"))
+    s.add(rec("GET", "/api/v1", 503, "UC"), OTHER)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out.splitlines(), out.err
+
+
+def columns(lines: list[str]) -> list[tuple[str, str, str]]:
+    """(method, path, status) of each printed line."""
+    return [(line.split()[4], line.split()[5], line.split()[6]) for line in lines]
+
+
+def test_once_prints_what_the_agent_holds(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, lines, err = run(capsys, "requests", "--admin", served.address, "--once")
+    assert (code, err) == (0, "")
+    assert columns(lines) == [
+        ("GET", "/a", "200"),
+        ("POST", "/admin/x", "403"),
+        ("GET", "/api/v1", "503"),
+    ]
+    first = lines[0].split()
+    assert first[1:4] == ["in", "default/client", "default/server"]
+    assert first[7:] == ["-", "2.2", "10.244.2.2:9080"]
+    assert max(len(line) for line in lines) <= 130  # fixed columns + an IPv4 upstream
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--status", "5xx"], ["/api/v1"]),
+        (["--status", "403"], ["/admin/x"]),
+        (["--method", "post"], ["/admin/x"]),
+        (["--path", "/ad"], ["/admin/x"]),
+        (["--path", "/a"], ["/a", "/admin/x", "/api/v1"]),
+        (["--workload", "batch"], ["/api/v1"]),
+        (["--workload", "default/server"], ["/a", "/admin/x", "/api/v1"]),
+        (["--from", "default/client"], ["/a", "/admin/x"]),
+        (["--to", "client"], []),
+        (["--method", "GET", "--status", "2xx"], ["/a"]),
+    ],
+)
+def test_filters(
+    args: list[str], expected: list[str], served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, lines, _ = run(capsys, "requests", "--admin", served.address, "--once", *args)
+    assert code == 0 and [path for _, path, _ in columns(lines)] == expected
+
+
+def test_json_lines_are_the_access_log_fields(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, lines, _ = run(capsys, "requests", "--admin", served.address, "--once", "-o", "json")
+    entries = [json.loads(line) for line in lines]
+    assert [e["path"] for e in entries] == ["/a", "/admin/x", "/api/v1"]
+    assert entries[1]["response_flags"] == "RBAC" and entries[1]["node"] == served.address
+    assert entries[2]["source_identity"] == LABELS["source_principal"]
+
+
+def test_follow_prints_new_requests_until_count(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    later = threading.Timer(0.2, lambda: served.add(rec("DELETE", "/later", 204)))
+    later.start()
+    try:
+        code, lines, err = run(
+            capsys, "requests", "--admin", served.address, "--method", "DELETE", "--count", "1"
+        )
+    finally:
+        later.join()
+    assert (code, err) == (0, "")
+    assert columns(lines) == [("DELETE", "/later", "204")]
+
+
+def test_several_agents_are_merged_in_time_order_with_their_node(served: Served) -> None:
+    out = io.StringIO()
+    agents = [Agent("node1", served.address), Agent("node2", served.address)]
+    code = tap(agents, RequestFilter(status="5xx"), follow=False, header=True, out=out)
+    lines = out.getvalue().splitlines()
+    assert code == 0 and lines[0] == format_header(with_node=True)
+    assert sorted(line.split()[1] for line in lines[1:]) == ["node1", "node2"]
+    assert all("/api/v1" in line for line in lines[1:])
+
+
+def test_an_unreachable_agent_is_an_error_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    code, lines, err = run(capsys, "requests", "--admin", "127.0.0.1:1", "--once")
+    assert code == 1 and lines == []
+    assert "nodemesh requests: 127.0.0.1:1: no nodemesh agent answers" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--status", "2x"], "expected a status code such as 404 or a class such as 5xx"),
+        (["--workload", "a/b/c"], "expected NAME or NAMESPACE/NAME"),
+        (["--count", "0"], "--count 0: expected 1 or more"),
+    ],
+)
+def test_bad_filters_are_refused_before_asking(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "requests", "--admin", "127.0.0.1:1", *args)
+    assert code == 2 and message in err
+
+
+def test_a_line_shows_a_grpc_status_and_addresses_of_unknown_workloads() -> None:
+    entry: dict[str, Any] = {
+        "time": "2026-12-06T02:05:37.123+00:00",
+        "direction": "outbound",
+        "source_workload": "unknown",
+        "source_address": "10.0.0.9:5000",
+        "destination_workload": "server",
+        "destination_namespace": "default",
+        "method": "POST",
+        "path": "/pkg.Svc/Method" + "x" * 40,
+        "response_code": 200,
+        "grpc_status": "7",
+        "response_flags": "-",
+        "duration_ms": 12.345,
+        "upstream_address": "10.244.2.3:9090",
+    }
+    line = format_line(entry)
+    assert line.split()[:5] == ["02:05:37.123", "out", "10.0.0.9:5000", "default/server", "POST"]
+    assert "/pkg.Svc/Methodxxxxxxxx… 200/7  -" in line
+    assert line.endswith("12.3 10.244.2.3:9090")
+
+
+async def _api(ring: RequestRing) -> AdminApi:
+    api, _cert, _drain = await admin_with_certificate()
+    api.s.tap = ring
+    return api
+
+
+def test_the_api_long_polls_until_a_matching_request_comes() -> None:
+    async def scenario() -> tuple[int, dict[str, Any], dict[str, Any]]:
+        ring = RequestRing(8)
+        api = await _api(ring)
+        query = {"since": "0", "wait": "5", "method": "POST"}
+        pending = asyncio.create_task(api.handle(Request("GET", "/requests", query)))
+        await asyncio.sleep(0)
+        ring.add(inbound(), rec("GET", "/skip", 200), LABELS)  # not matching: keeps waiting
+        await asyncio.sleep(0)
+        assert not pending.done()
+        ring.add(inbound(), rec("POST", "/x", 201), LABELS)
+        response = await asyncio.wait_for(pending, 5)
+        empty = await api.handle(Request("GET", "/requests", {"since": "2", "wait": "0.05"}))
+        return response.status, json.loads(response.body), json.loads(empty.body)
+
+    status, got, empty = asyncio.run(scenario())
+    assert status == 200 and [r["path"] for r in got["requests"]] == ["/x"]
+    assert (got["next"], got["missed"], got["ring_size"]) == (2, 0, 8)
+    assert (empty["requests"], empty["next"]) == ([], 2)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"since": "abc"}, "since='abc': expected the 'next' cursor of an answer"),
+        ({"wait": "60"}, "wait='60': expected a number from 0 to 10"),
+        ({"limit": "0"}, "limit='0': expected a number from 1 to 1000"),
+        ({"colour": "red"}, "unknown parameter 'colour'"),
+        ({"status": "9xx"}, "status '9xx'"),
+    ],
+)
+def test_the_api_refuses_bad_queries(query: dict[str, str], message: str) -> None:
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        api = await _api(RequestRing(4))
+        response = await api.handle(Request("GET", "/requests", query))
+        return response.status, json.loads(response.body)
+
+    status, body = asyncio.run(scenario())
+    assert status == 400 and message in body["error"]
+
+
+def test_connections_show_http_request_counts() -> None:
+    http = {**live_connection(), "protocol": "http/1.1", "requests": 12}
+    table = format_connections({"connections": [live_connection(), http]})
+    assert table.splitlines()[0].split()[-1] == "REQUESTS"
+    assert table.splitlines()[1].split()[-1] == "-"
+    assert table.splitlines()[2].split()[-2:] == ["http/1.1", "12"]
+
+
+@pytest.mark.parametrize("rate", ["2", "-1", "nan"])
+def test_the_agent_refuses_a_sample_rate_outside_0_to_1(rate: str) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--node", "n1", "--cluster-file", "c.yaml", "--access-log-sample", rate]
+    )
+    with pytest.raises(ConfigError, match="expected a fraction of requests to log between 0 and 1"):
+        from_args(args)
+    args.access_log_sample = 0.25
+    assert from_args(args).access_log_sample == 0.25

@@ -1,0 +1,45 @@
+"""The interpreter settings a data-plane process makes once it has started (``agent.base.runtime``).
+
+Run in a child interpreter: freezing the collector and changing the switch interval are
+process-wide, and the test process must keep its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from agent.base import runtime
+
+PROGRAM = """
+import gc, json, sys
+from agent.base import runtime
+start_up = [object() for _ in range(1000)], {"config": [1, 2, 3]}
+before = gc.get_freeze_count()
+runtime.settle_for_data_plane()
+after = gc.get_freeze_count()
+unreachable = []
+unreachable.append(unreachable)  # a cycle made after start-up is still collected
+del unreachable
+print(json.dumps({
+    "frozen": after - before,
+    "collected": gc.collect(),
+    "threshold": gc.get_threshold(),
+    "switch": sys.getswitchinterval(),
+}))
+"""
+
+
+def test_start_up_objects_are_frozen_and_later_cycles_still_collected() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True, timeout=60
+    )
+    seen = json.loads(out.stdout)
+    assert seen["frozen"] >= 1000  # what start-up allocated is never walked again
+    assert seen["collected"] >= 1
+    assert seen["threshold"] == [
+        runtime.GEN0_THRESHOLD,
+        runtime.GEN1_THRESHOLD,
+        runtime.GEN2_THRESHOLD,
+    ]
+    assert seen["switch"] == runtime.SWITCH_INTERVAL

@@ -1,0 +1,90 @@
+"""An ``H2Proxy`` between an ``h2`` client and an ``h2`` pod, all in memory (sans-IO tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import Event
+
+from agent.proxy.h2proxy import H2Limits, H2Proxy
+from agent.proxy.http1 import RequestHead, Verdict
+
+Header = tuple[bytes, bytes]
+
+
+def peer(*, client_side: bool) -> H2Connection:
+    conn = H2Connection(H2Configuration(client_side=client_side, header_encoding=None))
+    conn.initiate_connection()
+    return conn
+
+
+def deny_prefix(prefix: str) -> object:
+    def authorize(head: RequestHead) -> Verdict:
+        return Verdict(not head.path.startswith(prefix), "deny-" + prefix)
+
+    return authorize
+
+
+class Wire:
+    """client <-> proxy <-> pod; ``run`` moves bytes until nothing moves, collecting events."""
+
+    def __init__(
+        self,
+        *,
+        deny: str = "/denied",
+        limits: H2Limits | None = None,
+    ) -> None:
+        self.client = peer(client_side=True)
+        self.pod = peer(client_side=False)
+        self.proxy = H2Proxy(
+            deny_prefix(deny),  # type: ignore[arg-type]
+            limits=limits,
+            new_request_id=lambda: "rid-1",
+        )
+        self.client_events: list[Event] = []
+        self.pod_events: list[Event] = []
+        self.run()
+
+    def run(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            out = self.client.data_to_send()
+            if out and not self.proxy.closing:
+                self.proxy.receive_client(out)
+                moved = True
+            out = self.pod.data_to_send()
+            if out and not self.proxy.closing:
+                self.proxy.receive_upstream(out)
+                moved = True
+            out = self.proxy.take_to_upstream()
+            if out:
+                self.pod_events += self.pod.receive_data(out)
+                moved = True
+            out = self.proxy.take_to_client()
+            if out:
+                self.client_events += self.client.receive_data(out)
+                moved = True
+
+    def request(
+        self, path: str, *, grpc: bool = False, end: bool = True, extra: Sequence[Header] = ()
+    ) -> int:
+        sid: int = self.client.get_next_available_stream_id()
+        headers = [
+            (b":method", b"POST" if grpc else b"GET"),
+            (b":scheme", b"http"),
+            (b":authority", b"server:50051"),
+            (b":path", path.encode()),
+        ]
+        if grpc:
+            headers += [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+        self.client.send_headers(sid, [*headers, *extra], end_stream=end)
+        return sid
+
+    def taken(self, kind: type[Event]) -> list[Event]:
+        """Client-side events of one kind, removed from the list."""
+        out = [e for e in self.client_events if isinstance(e, kind)]
+        self.client_events = [e for e in self.client_events if not isinstance(e, kind)]
+        return out

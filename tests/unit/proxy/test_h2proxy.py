@@ -1,0 +1,833 @@
+"""The destination's HTTP/2 and gRPC layer, sans-IO: an h2 client, the proxy and an h2 pod."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
+from hpack import Encoder
+from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame
+
+from agent.proxy.h2guard import CONTINUATION_FLOOD, HEADER_BLOCK
+from agent.proxy.h2proxy import (
+    CONTROL_FLOOD,
+    EMPTY_FRAMES,
+    RAPID_RESET,
+    TOO_MANY_STREAMS,
+    Choice,
+    H2Limits,
+    H2Proxy,
+    LocalAnswer,
+    Pick,
+    PickRequest,
+)
+from agent.proxy.http1 import RequestHead, Verdict
+from tests.unit.proxy.h2peers import Wire, peer
+
+OK_TRAILERS = [(b"grpc-status", b"0")]
+
+
+def _respond(w: Wire, body: bytes = b"hello", *, grpc: bool = False) -> int:
+    """The pod answers the one request it has; returns the pod's stream id."""
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod_events.clear()
+    sid: int = req.stream_id
+    ctype = b"application/grpc" if grpc else b"text/plain"
+    w.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", ctype)])
+    w.pod.send_data(sid, body, end_stream=not grpc)
+    if grpc:
+        w.pod.send_headers(sid, OK_TRAILERS, end_stream=True)
+    w.run()
+    return sid
+
+
+def test_a_request_reaches_the_pod_with_a_request_id_and_its_response_comes_back() -> None:
+    w = Wire()
+    sid = w.request("/hello?x=1")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    assert (b"x-request-id", b"rid-1") in req.headers
+    assert (b":path", b"/hello?x=1") in req.headers
+    _respond(w)
+    (resp,) = w.taken(ResponseReceived)
+    assert resp.stream_id == sid and (b":status", b"200") in resp.headers
+    assert [e.data for e in w.taken(DataReceived)] == [b"hello"]
+    assert [e.stream_id for e in w.taken(StreamEnded)] == [sid]
+    (ex,) = w.proxy.take_completed()
+    assert (ex.head.method, ex.head.path, ex.head.host) == ("GET", "/hello", "server:50051")
+    assert (ex.status, ex.response_bytes, ex.flags, ex.grpc) == (200, 5, "-", False)
+
+
+def test_a_request_id_the_client_sent_is_kept() -> None:
+    w = Wire()
+    w.request("/a", extra=[(b"x-request-id", b"mine")])
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    assert [v for k, v in req.headers if k == b"x-request-id"] == [b"mine"]
+
+
+def test_a_denied_request_gets_403_and_the_connection_keeps_serving() -> None:
+    w = Wire()
+    denied = w.request("/denied/x", end=False)
+    w.client.send_data(denied, b"body the pod must never see", end_stream=True)
+    allowed = w.request("/fine")
+    w.run()
+    pod_paths = [dict(e.headers)[b":path"] for e in w.pod_events if isinstance(e, RequestReceived)]
+    assert pod_paths == [b"/fine"]
+    assert not [e for e in w.pod_events if isinstance(e, DataReceived)]
+    _respond(w)
+    by_stream = {e.stream_id: dict(e.headers)[b":status"] for e in w.taken(ResponseReceived)}
+    assert by_stream == {denied: b"403", allowed: b"200"}
+    bodies = {e.stream_id: e.data for e in w.taken(DataReceived)}
+    assert bodies == {denied: b"RBAC: access denied", allowed: b"hello"}
+    flags = sorted((ex.head.path, ex.status, ex.flags) for ex in w.proxy.take_completed())
+    assert flags == [("/denied/x", 403, "RBAC"), ("/fine", 200, "-")]
+
+
+def test_a_denied_grpc_call_is_a_trailers_only_permission_denied() -> None:
+    w = Wire()
+    sid = w.request("/denied.Svc/Call", grpc=True)
+    w.run()
+    (resp,) = w.taken(ResponseReceived)
+    headers = dict(resp.headers)
+    assert resp.stream_ended is not None  # trailers-only: one HEADERS frame with END_STREAM
+    assert (headers[b":status"], headers[b"grpc-status"]) == (b"200", b"7")
+    assert headers[b"grpc-message"] == b"RBAC: access denied"
+    assert resp.stream_id == sid
+    (ex,) = w.proxy.take_completed()
+    assert (ex.grpc, ex.status, ex.grpc_status, ex.flags) == (True, 200, "7", "RBAC")
+    assert w.taken(StreamReset) == []  # the call was complete: nothing to cut short
+
+
+def test_grpc_status_comes_from_trailers_and_from_trailers_only_responses() -> None:
+    w = Wire()
+    w.request("/pkg.Svc/Ok", grpc=True)
+    w.run()
+    _respond(w, b"\x00\x00\x00\x00\x00", grpc=True)
+    (trailers,) = w.taken(TrailersReceived)
+    assert trailers.headers == OK_TRAILERS
+    w.request("/pkg.Svc/Missing", grpc=True)
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(
+        req.stream_id,
+        [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"5")],
+        end_stream=True,
+    )
+    w.run()
+    statuses = [(ex.head.path, ex.grpc_status) for ex in w.proxy.take_completed()]
+    assert statuses == [("/pkg.Svc/Ok", "0"), ("/pkg.Svc/Missing", "5")]
+    trailers_only = [e for e in w.taken(ResponseReceived) if dict(e.headers).get(b"grpc-status")]
+    assert len(trailers_only) == 1 and trailers_only[0].stream_ended is not None
+
+
+def test_a_pod_that_does_not_read_stops_the_client_within_the_windows() -> None:
+    limits = H2Limits(stream_window=64 * 1024, connection_window=128 * 1024)
+    w = Wire(limits=limits)
+    sid = w.request("/upload", end=False)
+    w.run()
+    sent = 0
+    chunk = b"x" * 16384
+    for _ in range(64):  # 1 MiB offered
+        n = min(len(chunk), w.client.local_flow_control_window(sid))
+        if n:
+            w.client.send_data(sid, chunk[:n])
+            sent += n
+        w.run()
+    received = sum(len(e.data) for e in w.pod_events if isinstance(e, DataReceived))
+    # The pod never acknowledged: its windows (65535 bytes, the protocol's default) are full, the
+    # proxy holds at most one stream window it has not reopened to the client, and the client is
+    # stopped.
+    assert received == 65535
+    assert 0 < sent - received <= limits.stream_window
+    assert w.client.local_flow_control_window(sid) == 0
+    # The pod reads: everything moves on, and the client may send again.
+    for e in w.pod_events:
+        if isinstance(e, DataReceived):
+            w.pod.acknowledge_received_data(e.flow_controlled_length, sid)
+    w.pod_events.clear()
+    w.run()
+    assert sum(len(e.data) for e in w.pod_events if isinstance(e, DataReceived)) > 0
+    assert w.client.local_flow_control_window(sid) > 0
+
+
+def test_a_client_that_does_not_read_stops_the_pod_within_the_windows() -> None:
+    limits = H2Limits(stream_window=64 * 1024, connection_window=128 * 1024)
+    w = Wire(limits=limits)
+    w.request("/download")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(req.stream_id, [(b":status", b"200")])
+    sent = 0
+    for _ in range(64):
+        n = min(16384, w.pod.local_flow_control_window(req.stream_id))
+        if n:
+            w.pod.send_data(req.stream_id, b"y" * n)
+            sent += n
+        w.run()
+    got = sum(len(e.data) for e in w.client_events if isinstance(e, DataReceived))
+    assert got == 65535  # the client's default stream window, never acknowledged
+    assert 0 < sent - got <= limits.stream_window  # what the proxy holds for the pod
+    assert w.pod.local_flow_control_window(req.stream_id) == 0  # and the pod is stopped
+
+
+def test_an_upstream_that_dies_is_unavailable_for_grpc_and_502_for_http() -> None:
+    w = Wire()
+    grpc = w.request("/pkg.Svc/Slow", grpc=True)
+    http = w.request("/slow")
+    w.run()
+    w.proxy.receive_upstream(b"")
+    w.run()
+    answers = {e.stream_id: dict(e.headers) for e in w.taken(ResponseReceived)}
+    assert answers[grpc][b"grpc-status"] == b"14"
+    assert answers[http][b":status"] == b"502"
+    assert [e.error_code for e in w.taken(ConnectionTerminated)] == [ErrorCodes.NO_ERROR]
+    done = sorted(
+        (ex.head.path, ex.status, ex.grpc_status, ex.flags) for ex in w.proxy.take_completed()
+    )
+    assert done == [("/pkg.Svc/Slow", 200, "14", "UC"), ("/slow", 502, "", "UC")]
+    assert w.proxy.closing
+
+
+def test_an_upstream_that_dies_mid_response_resets_the_stream() -> None:
+    w = Wire()
+    sid = w.request("/stream", grpc=True)
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(
+        req.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    )
+    w.run()
+    w.proxy.receive_upstream(b"")
+    w.run()
+    (reset,) = w.taken(StreamReset)
+    assert (reset.stream_id, reset.error_code) == (sid, ErrorCodes.INTERNAL_ERROR)
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UC"
+
+
+def test_a_stream_the_client_resets_is_cancelled_at_the_pod() -> None:
+    w = Wire()
+    sid = w.request("/slow")
+    w.run()
+    w.client.reset_stream(sid, ErrorCodes.CANCEL)
+    w.run()
+    (reset,) = [e for e in w.pod_events if isinstance(e, StreamReset)]
+    assert reset.error_code == ErrorCodes.CANCEL
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "DC"
+
+
+# -- flood limits: raw frames, as a hostile client writes them -------------------------------
+def _raw_client(limits: H2Limits | None = None) -> H2Proxy:
+    proxy = H2Proxy(lambda _h: Verdict(True), limits=limits)
+    proxy.receive_client(peer(client_side=True).data_to_send())  # preface and SETTINGS
+    proxy.take_to_client()
+    return proxy
+
+
+def _headers_frame(stream_id: int, *, end_headers: bool = True, end_stream: bool = True) -> bytes:
+    block = Encoder().encode(
+        [(":method", "GET"), (":scheme", "http"), (":authority", "s"), (":path", "/")]
+    )
+    frame = HeadersFrame(stream_id, block)
+    frame.flags = {"END_HEADERS"} if end_headers else set()
+    if end_stream:
+        frame.flags.add("END_STREAM")
+    return bytes(frame.serialize())
+
+
+def test_a_ping_flood_closes_the_connection() -> None:
+    proxy = _raw_client()
+    proxy.receive_client(b"".join(PingFrame(0, b"12345678").serialize() for _ in range(2000)))
+    assert proxy.take_rejections() == [CONTROL_FLOOD] and proxy.closing
+
+
+def test_pings_the_shell_keeps_taking_answers_for_are_fine() -> None:
+    proxy = _raw_client()
+    for _ in range(50):
+        proxy.receive_client(b"".join(PingFrame(0, b"12345678").serialize() for _ in range(40)))
+        proxy.take_to_client()
+    assert proxy.take_rejections() == [] and not proxy.closing
+
+
+def test_rapid_reset_closes_the_connection() -> None:
+    proxy = _raw_client()
+    frames = b""
+    for i in range(150):
+        sid = 2 * i + 1
+        frames += _headers_frame(sid, end_stream=False)
+        frames += RstStreamFrame(sid, error_code=ErrorCodes.CANCEL).serialize()
+    proxy.receive_client(frames)
+    proxy.take_to_upstream()
+    assert proxy.take_rejections() == [RAPID_RESET] and proxy.closing
+
+
+def test_a_continuation_flood_closes_the_connection() -> None:
+    proxy = _raw_client()
+    data = _headers_frame(1, end_headers=False)
+    data += b"".join(ContinuationFrame(1, b"").serialize() for _ in range(17))
+    proxy.receive_client(data)
+    assert proxy.take_rejections() == [CONTINUATION_FLOOD] and proxy.closing
+
+
+def test_a_header_block_over_the_limit_closes_the_connection() -> None:
+    proxy = _raw_client(H2Limits(max_header_block=4096))
+    data = _headers_frame(1, end_headers=False)
+    data += b"".join(ContinuationFrame(1, b"\x00" * 1024).serialize() for _ in range(4))
+    proxy.receive_client(data)
+    assert proxy.take_rejections() == [HEADER_BLOCK] and proxy.closing
+
+
+def test_more_streams_than_advertised_closes_the_connection() -> None:
+    proxy = _raw_client(H2Limits(max_concurrent_streams=5))
+    proxy.receive_client(b"".join(_headers_frame(2 * i + 1, end_stream=False) for i in range(6)))
+    assert proxy.take_rejections() == [TOO_MANY_STREAMS] and proxy.closing
+
+
+def test_a_run_of_empty_data_frames_closes_the_connection() -> None:
+    proxy = _raw_client()
+    empty = bytes.fromhex("000000000000000001")  # DATA, no flags, stream 1, no payload
+    proxy.receive_client(_headers_frame(1, end_stream=False) + empty * 101)
+    assert proxy.take_rejections() == [EMPTY_FRAMES] and proxy.closing
+
+
+def test_a_denied_head_is_authorized_with_method_path_and_authority() -> None:
+    seen: list[RequestHead] = []
+
+    def authorize(head: RequestHead) -> Verdict:
+        seen.append(head)
+        return Verdict(False, "p")
+
+    proxy = H2Proxy(authorize, new_request_id=lambda: "r")
+    proxy.receive_client(peer(client_side=True).data_to_send())
+    proxy.receive_client(_headers_frame(1))
+    assert seen == [RequestHead("GET", "/", "s", "r")]
+
+
+# -- the source side: an upstream per pick key ------------------------------------------------
+class Pods:
+    """An ``H2Proxy`` with ``pick`` by the first path segment, and one h2 pod per key."""
+
+    def __init__(self, pick: Pick | None = None, clock: Callable[[], float] = lambda: 0.0) -> None:
+        self.client = peer(client_side=True)
+        self.pods: dict[object, H2Connection] = {}
+        self.uids: dict[object, int] = {}
+        self.proxy = H2Proxy(lambda _h: Verdict(True), pick=pick or self.pick, clock=clock)
+        self.pod_events: dict[object, list[Event]] = {}
+        self.client_events: list[Event] = []
+
+    @staticmethod
+    def pick(request: PickRequest) -> Choice | None:
+        key = request.head.path.split("/")[1]
+        return None if key == "none" else Choice(key, tag=f"tag-{key}")
+
+    def run(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            out = self.client.data_to_send()
+            if out:
+                self.proxy.receive_client(out)
+                moved = True
+            for uid, key in self.proxy.take_new_upstreams():
+                self.pods[key], self.uids[key] = peer(client_side=False), uid
+                self.pod_events[key] = []
+            for key, pod in self.pods.items():
+                out = pod.data_to_send()
+                if out:
+                    self.proxy.receive_upstream(out, self.uids[key])
+                    moved = True
+                out = self.proxy.take_to_upstream(self.uids[key])
+                if out:
+                    self.pod_events[key] += pod.receive_data(out)
+                    moved = True
+            out = self.proxy.take_to_client()
+            if out:
+                self.client_events += self.client.receive_data(out)
+                moved = True
+
+    def request(self, path: str, *, grpc: bool = False) -> int:
+        sid: int = self.client.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":scheme", "http"), (":authority", "s"), (":path", path)]
+        if grpc:
+            headers[0] = (":method", "POST")
+            headers.append(("content-type", "application/grpc"))
+        self.client.send_headers(sid, headers, end_stream=True)
+        return sid
+
+    def responses(self) -> dict[int, dict[bytes, bytes]]:
+        return {e.stream_id: dict(e.headers) for e in self.client_events
+                if isinstance(e, ResponseReceived)}  # fmt: skip
+
+    def respond(self, key: str) -> None:
+        for e in self.pod_events[key]:
+            if isinstance(e, RequestReceived):
+                self.pods[key].send_headers(e.stream_id, [(":status", "200")])
+                self.pods[key].send_data(e.stream_id, key.encode(), end_stream=True)
+        self.pod_events[key].clear()
+        self.run()
+
+
+def test_each_request_goes_to_the_upstream_its_key_names() -> None:
+    w = Pods()
+    w.request("/a/1")
+    w.request("/b/1")
+    w.request("/a/2")
+    w.run()
+    assert sorted(w.pods) == ["a", "b"]  # one upstream per key, the second request reused "a"
+    w.respond("a")
+    w.respond("b")
+    done = sorted((ex.head.path, ex.upstream, ex.tag, ex.status) for ex in w.proxy.take_completed())
+    assert done == [
+        ("/a/1", "a", "tag-a", 200),
+        ("/a/2", "a", "tag-a", 200),
+        ("/b/1", "b", "tag-b", 200),
+    ]
+    bodies = sorted(e.data for e in w.client_events if isinstance(e, DataReceived) and e.data)
+    assert bodies == [b"a", b"a", b"b"]
+
+
+def test_a_failed_upstream_fails_its_requests_only_and_the_next_request_opens_another() -> None:
+    w = Pods()
+    lost = w.request("/a/1")
+    kept = w.request("/b/1")
+    w.run()
+    w.proxy.upstream_failed(w.uids["a"])
+    w.run()
+    assert {e.stream_id: dict(e.headers)[b":status"] for e in w.client_events
+            if isinstance(e, ResponseReceived)} == {lost: b"502"}  # fmt: skip
+    assert not [e for e in w.client_events if isinstance(e, ConnectionTerminated)]
+    w.respond("b")
+    assert any(isinstance(e, StreamEnded) and e.stream_id == kept for e in w.client_events)
+    first = w.uids["a"]
+    w.request("/a/2")
+    w.run()
+    assert w.uids["a"] != first  # a new connection for key "a"
+    w.respond("a")
+    paths = sorted((ex.head.path, ex.status, ex.flags) for ex in w.proxy.take_completed())
+    assert paths == [("/a/1", 502, "UC"), ("/a/2", 200, "-"), ("/b/1", 200, "-")]
+    assert not w.proxy.closing
+
+
+def test_no_upstream_to_pick_is_503_no_healthy_upstream() -> None:
+    w = Pods()
+    sid = w.request("/none/x")
+    w.run()
+    (resp,) = [e for e in w.client_events if isinstance(e, ResponseReceived)]
+    assert (resp.stream_id, dict(resp.headers)[b":status"]) == (sid, b"503")
+    (ex,) = w.proxy.take_completed()
+    assert (ex.status, ex.flags) == (503, "UH")
+
+
+def test_response_bytes_not_yet_taken_are_not_counted_as_replies_to_the_client() -> None:
+    w = Wire()
+    w.request("/big")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(req.stream_id, [(b":status", b"200")])
+    for _ in range(4):
+        w.pod.send_data(req.stream_id, b"z" * 15000)
+    w.proxy.receive_upstream(w.pod.data_to_send())  # the shell has not written these out yet
+    w.client.ping(b"12345678")
+    w.proxy.receive_client(w.client.data_to_send())
+    assert w.proxy.take_rejections() == [] and not w.proxy.closing
+
+
+def test_an_open_header_block_starts_the_header_clock_and_its_end_stops_it() -> None:
+    now = [100.0]
+    proxy = H2Proxy(lambda _h: Verdict(True), clock=lambda: now[0])
+    proxy.receive_client(peer(client_side=True).data_to_send())
+    proxy.receive_client(_headers_frame(1, end_headers=False))  # a block left open
+    assert proxy.head_started == 100.0
+    end = ContinuationFrame(1, b"")
+    end.flags.add("END_HEADERS")
+    now[0] = 101.0
+    proxy.receive_client(bytes(end.serialize()))
+    assert proxy.head_started is None and proxy.active_streams == 1
+    now[0] = 102.0
+    proxy.receive_client(_headers_frame(3, end_headers=False))
+    assert proxy.head_started == 102.0
+    proxy.header_timeout()  # the shell's timer ran out
+    assert proxy.take_rejections() == ["h2_header_timeout"] and proxy.closing
+
+
+def test_a_rate_limited_grpc_call_is_a_trailers_only_resource_exhausted() -> None:
+    w = Wire()
+    w.proxy.authorize = lambda _h: Verdict(
+        False, "ns/limit", status=429, flag="RL", body=b"local_rate_limited", grpc_status=8
+    )
+    w.request("/pkg.Svc/Call", grpc=True)
+    w.run()
+    (resp,) = w.taken(ResponseReceived)
+    headers = dict(resp.headers)
+    assert resp.stream_ended is not None
+    assert (headers[b":status"], headers[b"grpc-status"]) == (b"200", b"8")
+    assert headers[b"grpc-message"] == b"local_rate_limited"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.grpc_status, ex.flags, ex.denied_by) == ("8", "RL", "ns/limit")
+    assert not [e for e in w.pod_events if isinstance(e, RequestReceived)]
+
+
+# -- the source side: a pick's local answers, header edits and timeouts --------------------------
+def _answer_here(request: PickRequest) -> LocalAnswer:
+    return LocalAnswer(404, "NR", b"no route matched the request\n", tag=request.target)
+
+
+def test_a_local_answer_is_a_404_for_http_and_trailers_only_unimplemented_for_grpc() -> None:
+    w = Pods(_answer_here)
+    plain = w.request("/x?q=1")
+    call = w.request("/pkg.Svc/Method", grpc=True)
+    w.run()
+    assert not w.pods  # no upstream opened
+    answers = w.responses()
+    assert answers[plain][b":status"] == b"404"
+    assert (answers[call][b":status"], answers[call][b"grpc-status"]) == (b"200", b"12")
+    assert answers[call][b"grpc-message"] == b"no route matched the request"
+    body = b"".join(e.data for e in w.client_events if isinstance(e, DataReceived))
+    assert body == b"no route matched the request\n"
+    done = sorted((ex.grpc, ex.status, ex.grpc_status, ex.flags, ex.tag)
+                  for ex in w.proxy.take_completed())  # fmt: skip
+    assert done == [
+        (False, 404, "", "NR", "/x?q=1"),  # the pick saw the path with its query
+        (True, 200, "12", "NR", "/pkg.Svc/Method"),
+    ]
+
+
+def test_a_pick_edits_the_forwarded_and_the_response_header_blocks() -> None:
+    def pick(request: PickRequest) -> Choice:
+        return Choice(
+            "a",
+            edit_request=lambda block: [*block, (b"x-routed", b"yes")],
+            edit_response=lambda block: [(k, v) for k, v in block if k != b"server"],
+        )
+
+    w = Pods(pick)
+    sid = w.request("/a/1")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    assert dict(req.headers)[b"x-routed"] == b"yes"
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200"), ("server", "pod")])
+    w.pods["a"].send_data(req.stream_id, b"ok", end_stream=True)
+    w.pod_events["a"].clear()
+    w.run()
+    assert w.responses()[sid] == {b":status": b"200"}
+
+
+def _timed(now: list[float]) -> Pods:
+    return Pods(lambda request: Choice("a", timeout=0.2), clock=lambda: now[0])
+
+
+@pytest.mark.parametrize(("grpc", "status", "grpc_status"), [(False, b"504", None),
+                                                             (True, b"200", b"4")])  # fmt: skip
+def test_a_request_past_its_timeout_is_reset_upstream_and_answered_ut(
+    grpc: bool, status: bytes, grpc_status: bytes | None
+) -> None:
+    now = [10.0]
+    w = _timed(now)
+    sid = w.request("/a/slow", grpc=grpc)
+    w.run()
+    assert w.proxy.next_deadline() == pytest.approx(10.2)
+    now[0] = 10.1
+    w.proxy.expire()  # early: nothing happens
+    w.run()
+    assert w.responses() == {}
+    now[0] = 10.2
+    w.proxy.expire()
+    w.run()
+    answer = w.responses()[sid]
+    assert (answer[b":status"], answer.get(b"grpc-status")) == (status, grpc_status)
+    assert any(isinstance(e, StreamReset) and e.error_code == ErrorCodes.CANCEL
+               for e in w.pod_events["a"])  # fmt: skip
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UT"
+    assert w.proxy.next_deadline() is None
+    assert not w.proxy.closing
+
+
+def test_a_timeout_after_the_response_began_resets_the_stream_both_ways() -> None:
+    now = [10.0]
+    w = _timed(now)
+    sid = w.request("/a/stream")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["a"].send_data(req.stream_id, b"part")
+    w.run()
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid for e in w.client_events)
+    assert any(isinstance(e, StreamReset) for e in w.pod_events["a"])
+    (ex,) = w.proxy.take_completed()
+    assert (ex.status, ex.flags) == (200, "UT")
+
+
+def test_a_request_that_ends_in_time_leaves_no_deadline() -> None:
+    now = [10.0]
+    w = _timed(now)
+    w.request("/a/fast")
+    w.run()
+    w.respond("a")
+    assert w.proxy.next_deadline() is None
+    (ex,) = w.proxy.take_completed()
+    assert (ex.status, ex.flags) == (200, "-")
+
+
+def test_a_stream_the_pod_refuses_is_refused_to_the_client_and_reported() -> None:
+    """Reported, so that the source's shell finishes the request's attempt (no leaked slot)."""
+    w = Pods()
+    sid = w.request("/a/1")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid
+               and e.error_code == ErrorCodes.REFUSED_STREAM for e in w.client_events)  # fmt: skip
+    (ex,) = w.proxy.take_completed()
+    assert (ex.tag, ex.status, ex.flags) == ("tag-a", 0, "UR")
+    assert w.proxy.active_streams == 0
+
+
+# -- the source side: retries before any response byte reached the client --------------------
+class FakeRetries:
+    """Retries 503s and missing responses up to ``limit`` times, each to the next key."""
+
+    def __init__(self, keys: list[str], limit: int = 1) -> None:
+        self.keys, self.limit = keys, limit
+        self.asked: list[tuple[int | None, bool]] = []
+
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        self.asked.append((status, replayable))
+        if status not in (None, 503) or not replayable or len(self.keys) == 0 or not self.limit:
+            return None
+        self.limit -= 1
+        return 0.05
+
+    def next(self) -> Choice | LocalAnswer:
+        return Choice(self.keys.pop(0), tag="tag")
+
+
+def _retrying(retries: FakeRetries, now: list[float], max_replay_body: int = 64 * 1024) -> Pods:
+    w = Pods(lambda _r: Choice("a", tag="tag", retries=retries), clock=lambda: now[0])
+    w.proxy.limits = H2Limits(max_replay_body=max_replay_body)
+    return w
+
+
+def _grpc_call(w: Pods, body: bytes) -> int:
+    sid: int = w.client.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "s"),
+               (":path", "/pkg.Svc/Do"), ("content-type", "application/grpc")]  # fmt: skip
+    w.client.send_headers(sid, headers)
+    w.client.send_data(sid, body, end_stream=True)
+    return sid
+
+
+def _unavailable(w: Pods, key: str) -> None:
+    (req,) = [e for e in w.pod_events[key] if isinstance(e, RequestReceived)]
+    head = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "14")]
+    w.pods[key].send_headers(req.stream_id, head, end_stream=True)
+    w.pod_events[key].clear()
+    w.run()
+
+
+def test_a_trailers_only_unavailable_is_retried_on_another_upstream_with_the_same_body() -> None:
+    now, retries = [10.0], FakeRetries(["b"])
+    w = _retrying(retries, now)
+    sid = _grpc_call(w, b"payload")
+    w.run()
+    got = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert got == b"payload"
+    _unavailable(w, "a")
+    assert w.responses() == {}  # nothing reached the client
+    assert retries.asked == [(503, True)]
+    assert w.proxy.next_deadline() == pytest.approx(10.05)
+    now[0] = 10.05
+    w.proxy.expire()
+    w.run()
+    (req,) = [e for e in w.pod_events["b"] if isinstance(e, RequestReceived)]
+    assert dict(req.headers)[b":path"] == b"/pkg.Svc/Do"
+    body = b"".join(e.data for e in w.pod_events["b"] if isinstance(e, DataReceived))
+    assert body == b"payload"
+    assert any(isinstance(e, StreamEnded) for e in w.pod_events["b"])
+    w.pods["b"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["b"].send_data(req.stream_id, b"answer")
+    w.pods["b"].send_headers(req.stream_id, OK_TRAILERS, end_stream=True)
+    w.pod_events["b"].clear()
+    w.run()
+    assert w.responses()[sid][b":status"] == b"200"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.status, ex.grpc_status, ex.flags) == ("b", 200, "0", "-")
+
+
+def test_the_last_unavailable_reaches_the_client_when_retries_say_no() -> None:
+    now, retries = [10.0], FakeRetries(["b"], limit=1)
+    w = _retrying(retries, now)
+    sid = _grpc_call(w, b"x")
+    w.run()
+    _unavailable(w, "a")
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    _unavailable(w, "b")
+    assert retries.asked == [(503, True), (503, True)]
+    assert w.responses()[sid][b"grpc-status"] == b"14"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.grpc_status) == ("b", "14")
+
+
+def test_a_refused_stream_is_retried_and_a_body_over_the_limit_is_not_replayable() -> None:
+    now, retries = [10.0], FakeRetries(["b", "c"], limit=2)
+    w = _retrying(retries, now, max_replay_body=4)
+    sid = _grpc_call(w, b"0123")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    now[0] = 10.05
+    w.proxy.expire()
+    w.run()
+    assert "b" in w.pods and retries.asked == [(None, True)]
+    big = _grpc_call(w, b"01234")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)
+              and e.stream_id != 1]  # fmt: skip
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    assert retries.asked[-1] == (None, False)
+    assert any(isinstance(e, StreamReset) and e.stream_id == big for e in w.client_events)
+    assert sid != big
+
+
+def test_a_response_that_began_is_never_retried() -> None:
+    now, retries = [10.0], FakeRetries(["b"])
+    w = _retrying(retries, now)
+    sid = _grpc_call(w, b"x")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["a"].send_data(req.stream_id, b"part")
+    w.run()
+    assert retries.asked == [(200, True)]  # asked of the head: a 200 is not retried
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.INTERNAL_ERROR)
+    w.run()
+    assert retries.asked == [(200, True)]  # not asked again once the response began
+    assert any(isinstance(e, StreamReset) and e.stream_id == sid for e in w.client_events)
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UR"
+
+
+# -- the source side: an injected delay and per-try timeouts ----------------------------------
+def test_a_delayed_request_is_held_with_its_body_and_sent_when_the_delay_is_over() -> None:
+    now = [10.0]
+    w = Pods(lambda _r: Choice("a", tag="tag", delay=1.0, timeout=1.2), clock=lambda: now[0])
+    sid = _grpc_call(w, b"held body")
+    w.run()
+    assert "a" not in w.pods  # no upstream opened, no head sent while the delay runs
+    assert w.proxy.next_deadline() == pytest.approx(11.0)
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    body = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert body == b"held body" and any(isinstance(e, StreamEnded) for e in w.pod_events["a"])
+    assert w.proxy.next_deadline() == pytest.approx(11.2)  # the timeout, from the choice
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["a"].send_headers(req.stream_id, OK_TRAILERS, end_stream=True)
+    w.pod_events["a"].clear()
+    w.run()
+    assert w.responses()[sid][b":status"] == b"200"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.status, ex.grpc_status) == ("a", 200, "0")
+
+
+def test_a_deadline_that_passes_during_the_delay_answers_without_an_upstream() -> None:
+    now = [10.0]
+    w = Pods(lambda _r: Choice("a", delay=1.0, timeout=0.5), clock=lambda: now[0])
+    sid = _grpc_call(w, b"x")
+    w.run()
+    now[0] = 10.5
+    w.proxy.expire()
+    w.run()
+    assert w.responses()[sid][b"grpc-status"] == b"4"
+    assert "a" not in w.pods and w.proxy.next_deadline() is None
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UT"
+
+
+def test_a_try_past_its_own_timeout_is_retried_elsewhere_and_the_last_one_answered_ut() -> None:
+    now, retries = [10.0], FakeRetries(["b"], limit=1)
+    w = Pods(lambda _r: Choice("a", tag="tag", retries=retries, try_timeout=0.2, timeout=5.0),
+             clock=lambda: now[0])  # fmt: skip
+    sid = _grpc_call(w, b"x")
+    w.run()
+    assert w.proxy.next_deadline() == pytest.approx(10.2)
+    now[0] = 10.2
+    w.proxy.expire()
+    w.run()
+    assert retries.asked == [(None, True)] and w.responses() == {}
+    assert any(isinstance(e, StreamReset) and e.error_code == ErrorCodes.CANCEL
+               for e in w.pod_events["a"])  # fmt: skip
+    now[0] = 10.25
+    w.proxy.expire()  # the backoff is over: the second try, with a timer of its own
+    w.run()
+    assert any(isinstance(e, RequestReceived) for e in w.pod_events["b"])
+    assert w.proxy.next_deadline() == pytest.approx(10.45)
+    now[0] = 10.45
+    w.proxy.expire()
+    w.run()
+    assert retries.asked == [(None, True), (None, True)]  # asked, and refused: none left
+    assert w.responses()[sid][b"grpc-status"] == b"4"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.flags) == ("b", "UT")
+
+
+def test_a_parked_request_waits_with_its_body_and_goes_where_unpark_says() -> None:
+    now = [10.0]
+    plan = object()  # the shell's note: the request is found by it (identity)
+    w = Pods(lambda _r: Choice(None, tag=plan, parked=True, timeout=5.0), clock=lambda: now[0])
+    sid = _grpc_call(w, b"waiting body")
+    w.run()
+    assert w.pods == {} and w.proxy.next_deadline() == pytest.approx(15.0)
+    assert not w.proxy.unpark(object(), Choice("a"))
+    assert w.proxy.unpark(plan, Choice("a", tag=plan))
+    w.run()
+    body = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert body == b"waiting body"
+    _unavailable(w, "a")
+    assert w.responses()[sid][b"grpc-status"] == b"14"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.tag) == ("a", plan)
+    assert not w.proxy.unpark(plan, Choice("a"))  # it ended: nothing waits any more
+
+
+def test_a_parked_request_can_be_answered_and_a_parked_delay_waits_for_both() -> None:
+    now, tags = [10.0], {"/first": object(), "/second": object()}  # tags are compared by id
+    w = Pods(lambda r: Choice(None, tag=tags[r.head.path], parked=True, delay=1.0),
+             clock=lambda: now[0])  # fmt: skip
+    first, second = w.request("/first"), w.request("/second")
+    w.run()
+    assert w.proxy.unpark(tags["/first"], LocalAnswer(503, "UH", b"no healthy upstream"))
+    w.run()
+    assert w.responses()[first][b":status"] == b"503"
+    assert w.proxy.unpark(tags["/second"], Choice("b"))  # admitted; its delay is not over
+    w.run()
+    assert "b" not in w.pods
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    assert any(isinstance(e, RequestReceived) for e in w.pod_events["b"])
+    w.respond("b")
+    assert w.responses()[second][b":status"] == b"200"

@@ -1,0 +1,324 @@
+"""The destination's HTTP/1.1 layer, byte for byte and without sockets (agent.proxy.http1)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from agent.proxy.http1 import (
+    AMBIGUOUS_LENGTH,
+    HEADER_TIMEOUT,
+    HEADERS_TOO_LARGE,
+    MALFORMED,
+    UNSUPPORTED_CODING,
+    Http1Proxy,
+    RequestHead,
+    Verdict,
+)
+
+
+def _proxy(deny: str = "POST", max_head_bytes: int = 60 * 1024) -> Http1Proxy:
+    ids = itertools.count(1)
+    return Http1Proxy(
+        authorize=lambda h: Verdict(h.method != deny, "ns/deny-post"),
+        clock=lambda: 5.0,
+        new_request_id=lambda: f"rid-{next(ids)}",
+        max_head_bytes=max_head_bytes,
+    )
+
+
+def test_keep_alive_requests_are_forwarded_one_by_one_with_hop_by_hop_headers_removed() -> None:
+    p = _proxy()
+    p.receive_client(
+        b"GET /a?q=1 HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Connection: x\r\nTE: trailers\r\nTrailer: x\r\n"
+        b"traceparent: 00-abc-def-01\r\n\r\n"
+    )
+    assert p.take_to_upstream() == (
+        b"GET /a?q=1 HTTP/1.1\r\nhost: svc\r\nte: trailers\r\n"
+        b"traceparent: 00-abc-def-01\r\nx-request-id: rid-1\r\n\r\n"
+    )
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\n\r\nok")
+    assert p.take_to_client() == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    (done,) = p.take_completed()
+    assert (done.head.method, done.head.path, done.head.host, done.status) == (
+        "GET",
+        "/a",
+        "svc",
+        200,
+    )
+    assert (done.response_bytes, done.flags) == (2, "-")
+    # The same connection serves the next request; an x-request-id present is kept.
+    p.receive_client(b"GET /b HTTP/1.1\r\nHost: svc\r\nX-Request-Id: mine\r\n\r\n")
+    assert p.take_to_upstream() == b"GET /b HTTP/1.1\r\nhost: svc\r\nx-request-id: mine\r\n\r\n"
+    assert not p.closing
+
+
+def test_chunked_request_and_response_are_reframed() -> None:
+    p = _proxy()
+    p.receive_client(
+        b"PUT /up HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\n\r\n"
+    )
+    assert p.take_to_upstream() == (
+        b"PUT /up HTTP/1.1\r\nhost: s\r\ntransfer-encoding: chunked\r\nx-request-id: rid-1\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    p.receive_upstream(
+        b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+    )
+    assert p.take_to_client() == (
+        b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+    )
+    (done,) = p.take_completed()
+    assert (done.request_bytes, done.response_bytes, done.status) == (5, 1, 201)
+
+
+def test_expect_100_continue_passes_the_pods_100_back() -> None:
+    p = _proxy()
+    p.receive_client(
+        b"PUT /x HTTP/1.1\r\nHost: s\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert b"expect: 100-continue\r\n" in p.take_to_upstream()
+    p.receive_upstream(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert p.take_to_client() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    p.receive_client(b"hi")
+    assert p.take_to_upstream() == b"hi"
+    p.receive_upstream(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert p.take_to_client() == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert [e.status for e in p.take_completed()] == [204]
+
+
+def test_a_denied_request_gets_403_and_the_connection_keeps_serving() -> None:
+    p = _proxy(deny="POST")
+    p.receive_client(
+        b"POST /admin/x HTTP/1.1\r\nHost: s\r\nContent-Length: 4\r\n\r\nbody"
+        b"GET /ok HTTP/1.1\r\nHost: s\r\n\r\n"
+    )
+    assert p.take_to_client() == (
+        b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n\r\n"
+        b"RBAC: access denied"
+    )
+    # The denied request never reaches the pod (nor its body); the GET after it does.
+    assert p.take_to_upstream() == b"GET /ok HTTP/1.1\r\nhost: s\r\nx-request-id: rid-2\r\n\r\n"
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    denied, ok = p.take_completed()
+    assert (denied.status, denied.flags, denied.denied_by, denied.request_bytes) == (
+        403,
+        "RBAC",
+        "ns/deny-post",
+        4,
+    )
+    assert (ok.status, ok.flags) == (200, "-")
+    assert not p.closing and not p.take_rejections()
+
+
+def test_a_denied_request_waiting_for_100_continue_closes_the_connection() -> None:
+    p = _proxy(deny="POST")
+    p.receive_client(
+        b"POST /a HTTP/1.1\r\nHost: s\r\nContent-Length: 9\r\nExpect: 100-continue\r\n\r\n"
+    )
+    out = p.take_to_client()
+    assert out.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"connection: close\r\n" in out
+    assert p.take_to_upstream() == b""
+
+
+@pytest.mark.parametrize(
+    ("wire", "status", "cause"),
+    [
+        # Smuggling: two framings, two lengths, a coding only some parsers would honour.
+        (
+            b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n",
+            400,
+            AMBIGUOUS_LENGTH,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n"
+            b"\r\n",
+            400,
+            AMBIGUOUS_LENGTH,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            400,
+            AMBIGUOUS_LENGTH,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            501,
+            UNSUPPORTED_CODING,
+        ),
+        (b"GET /\x00 HTTP/1.1\r\nHost: s\r\n\r\n", 400, MALFORMED),
+        (b"GET / HTTP/1.1\r\nHost: s\r\nBad Header: x\r\n\r\n", 400, MALFORMED),
+        (b"GET / HTTP/1.1\r\n\r\n", 400, MALFORMED),  # no Host
+    ],
+)
+def test_bad_requests_are_refused_and_the_connection_closed(
+    wire: bytes, status: int, cause: str
+) -> None:
+    p = _proxy()
+    p.receive_client(wire)
+    out = p.take_to_client()
+    assert out.startswith(b"HTTP/1.1 %d " % status)
+    assert b"connection: close\r\n" in out
+    assert p.take_to_upstream() == b""
+    assert p.closing and p.take_rejections() == [cause]
+    # Nothing more is read from a refused connection.
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert p.take_to_upstream() == b"" and p.take_to_client() == b""
+
+
+def test_smuggled_second_request_in_a_body_is_not_forwarded_as_a_request() -> None:
+    p = _proxy()
+    p.receive_client(
+        b"POST / HTTP/1.1\r\nHost: s\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\nGET /admin HTTP/1.1\r\nHost: s\r\n\r\n"
+    )
+    assert p.take_to_upstream() == b""
+    assert p.take_rejections() == [AMBIGUOUS_LENGTH]
+
+
+def test_headers_over_the_limit_get_431_whole_or_in_pieces() -> None:
+    p = _proxy(max_head_bytes=1024)
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\nX: " + b"a" * 2000 + b"\r\n\r\n")
+    assert p.take_to_client().startswith(b"HTTP/1.1 431 ")
+    assert p.take_rejections() == [HEADERS_TOO_LARGE]
+    trickle = _proxy(max_head_bytes=1024)
+    trickle.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n")
+    for _ in range(30):
+        trickle.receive_client(b"X-Pad: " + b"b" * 60 + b"\r\n")
+    assert trickle.take_to_client().startswith(b"HTTP/1.1 431 ")
+    assert trickle.take_rejections() == [HEADERS_TOO_LARGE]
+
+
+def test_header_timeout_gets_408_and_head_started_marks_the_first_byte() -> None:
+    p = _proxy()
+    assert p.head_started is None
+    p.receive_client(b"GET / HT")
+    assert p.head_started == 5.0
+    p.header_timeout()
+    assert p.take_to_client().startswith(b"HTTP/1.1 408 ")
+    assert p.take_rejections() == [HEADER_TIMEOUT] and p.closing
+
+
+def test_upgrade_switches_to_a_tunnel_with_the_bytes_already_read() -> None:
+    p = _proxy()
+    p.receive_client(
+        b"GET /ws HTTP/1.1\r\nHost: s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: k\r\n\r\nearly-frame"
+    )
+    assert p.take_to_upstream() == (
+        b"GET /ws HTTP/1.1\r\nhost: s\r\nupgrade: websocket\r\nsec-websocket-key: k\r\n"
+        b"connection: upgrade\r\nx-request-id: rid-1\r\n\r\n"
+    )
+    p.receive_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: a\r\n\r\nserver-frame"
+    )
+    assert p.tunnel
+    assert p.take_to_client() == (
+        b"HTTP/1.1 101 Switching Protocols\r\nsec-websocket-accept: a\r\nupgrade: websocket\r\n"
+        b"connection: Upgrade\r\n\r\nserver-frame"
+    )
+    assert p.take_to_upstream() == b"early-frame"
+    assert [e.status for e in p.take_completed()] == [101]
+
+
+def test_upstream_closing_before_its_response_gets_502() -> None:
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.take_to_upstream()
+    p.receive_upstream(b"")
+    out = p.take_to_client()
+    assert out.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    (done,) = p.take_completed()
+    assert (done.status, done.flags) == (502, "UC") and p.closing
+
+
+def test_upstream_connection_close_is_passed_on_and_ends_the_connection() -> None:
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx")
+    assert p.take_to_client() == (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\nx"
+    )
+    assert p.closing and [e.status for e in p.take_completed()] == [200]
+
+
+def test_a_client_that_half_closes_after_its_request_still_gets_the_response() -> None:
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.receive_client(b"")
+    assert not p.closing
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx")
+    assert p.take_to_client().endswith(b"\r\n\r\nx")
+    assert p.closing and [e.status for e in p.take_completed()] == [200]
+    assert not p.take_rejections()
+
+
+def test_request_head_is_what_policy_sees() -> None:
+    seen: list[RequestHead] = []
+
+    def authorize(head: RequestHead) -> Verdict:
+        seen.append(head)
+        return Verdict(True)
+
+    p = Http1Proxy(authorize=authorize, new_request_id=lambda: "r")
+    p.receive_client(b"DELETE /items/7?force=1#frag HTTP/1.1\r\nHost: Shop.Example:8080\r\n\r\n")
+    assert seen == [RequestHead("DELETE", "/items/7", "Shop.Example:8080", "r")]
+
+
+def test_a_partial_pipelined_head_starts_the_header_clock_when_its_turn_comes() -> None:
+    now = [1.0]
+    p = Http1Proxy(authorize=lambda h: Verdict(True), clock=lambda: now[0])
+    p.receive_client(b"GET /a HTTP/1.1\r\nHost: s\r\n\r\nGET /b HT")
+    assert p.head_started is None  # /a is being served; /b's head waits its turn
+    now[0] = 7.0
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert p.head_started == 7.0
+
+
+def test_a_bad_chunk_in_a_forwarded_body_is_refused_and_the_request_reported() -> None:
+    p = _proxy()
+    p.receive_client(b"PUT /x HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert p.take_to_client().startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    (done,) = p.take_completed()
+    assert (done.head.path, done.status) == ("/x", 400)
+    assert p.closing and p.take_rejections() == [MALFORMED]
+
+
+def test_a_client_that_fails_mid_response_still_has_its_request_reported() -> None:
+    """The source reset the stream after the response head (a 503 it retries elsewhere): the
+    exchange is reported with the status that began and flag DC, and the connection ends."""
+    p = _proxy()
+    p.receive_client(b"GET /flaky HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.receive_upstream(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 10\r\n\r\nunav")
+    assert p.take_to_client().startswith(b"HTTP/1.1 503 ")
+    assert p.take_completed() == []  # the body is not complete yet
+    p.client_failed()
+    (done,) = p.take_completed()
+    assert (done.head.path, done.status, done.flags) == ("/flaky", 503, "DC") and p.closing
+    idle = _proxy()
+    idle.client_failed()  # nothing in flight: nothing to report
+    assert idle.take_completed() == [] and idle.closing
+
+
+def test_a_rate_limited_request_gets_429_with_flag_rl_and_the_connection_keeps_serving() -> None:
+    limited = Verdict(False, "ns/limit", status=429, flag="RL", body=b"local_rate_limited")
+    p = Http1Proxy(
+        authorize=lambda h: limited if h.path == "/over" else Verdict(True),
+        new_request_id=lambda: "rid",
+    )
+    p.receive_client(b"GET /over HTTP/1.1\r\nHost: s\r\n\r\nGET /ok HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert p.take_to_client() == (
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\n"
+        b"content-length: 18\r\n\r\nlocal_rate_limited"
+    )
+    assert p.take_to_upstream() == b"GET /ok HTTP/1.1\r\nhost: s\r\nx-request-id: rid\r\n\r\n"
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    over, ok = p.take_completed()
+    assert (over.status, over.flags, over.denied_by) == (429, "RL", "ns/limit")
+    assert (ok.status, ok.flags) == (200, "-")
+    assert not p.closing

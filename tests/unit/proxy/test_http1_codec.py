@@ -1,0 +1,255 @@
+"""The llhttp-based HTTP/1.1 codec, byte for byte: every refusal it owes, both halves apart."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from agent.proxy.http1 import UPSTREAM_PROTOCOL, Http1Proxy, Verdict
+from agent.proxy.http1_codec import (
+    AMBIGUOUS_LENGTH,
+    HEADERS_TOO_LARGE,
+    MALFORMED,
+    UNSUPPORTED_CODING,
+    Body,
+    End,
+    Head,
+    Refusal,
+    RequestReader,
+    ResponseReader,
+)
+
+H = b"POST / HTTP/1.1\r\nHost: s\r\n"
+
+REFUSED = [
+    # Request smuggling: two framings, two lengths, a length two parsers could read apart.
+    (H + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400, AMBIGUOUS_LENGTH),
+    (H + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400, AMBIGUOUS_LENGTH),
+    (H + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\n", 400, AMBIGUOUS_LENGTH),
+    (H + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\n", 400, AMBIGUOUS_LENGTH),
+    (H + b"Content-Length: 3, 3\r\n\r\n", 400, AMBIGUOUS_LENGTH),
+    (H + b"Content-Length: -1\r\n\r\n", 400, AMBIGUOUS_LENGTH),
+    (H + b"Content-Length: 1 2\r\n\r\n", 400, AMBIGUOUS_LENGTH),
+    (H + b"Content-Length: +3\r\n\r\n", 400, AMBIGUOUS_LENGTH),
+    # Codings only some parsers would honour.
+    (H + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501, UNSUPPORTED_CODING),
+    (H + b"Transfer-Encoding: chunked, gzip\r\n\r\n", 501, UNSUPPORTED_CODING),
+    (H + b"Transfer-Encoding: gzip\r\n\r\n", 501, UNSUPPORTED_CODING),
+    (
+        H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        501,
+        "unsupported_transfer_coding",
+    ),
+    # Malformed heads.
+    (b"GET /\x00 HTTP/1.1\r\nHost: s\r\n\r\n", 400, MALFORMED),
+    (b"G\xffT / HTTP/1.1\r\nHost: s\r\n\r\n", 400, MALFORMED),
+    (b"GET / HTTP/1.1\r\nHost: s\r\nBad Header: x\r\n\r\n", 400, MALFORMED),
+    (b"GET / HTTP/1.1\r\nHost: s\r\nBad\x01: x\r\n\r\n", 400, MALFORMED),
+    (b"GET / HTTP/1.1\r\nHost: s\r\nX: \x01\r\n\r\n", 400, MALFORMED),
+    (b"GET / HTTP/1.1\r\nHost: s\r\nX: a\r\n folded\r\n\r\n", 400, MALFORMED),
+    (b"GET / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding : chunked\r\n\r\n", 400, MALFORMED),
+    (b"GET / HTTP/1.1\nHost: s\n\n", 400, MALFORMED),
+    (b"GET / HTTP/1.1\r\n\r\n", 400, MALFORMED),  # no Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, MALFORMED),
+    (b"GET / HTTP/2.0\r\nHost: s\r\n\r\n", 400, MALFORMED),
+    (b"GET / HTTP/1.1 x\r\nHost: s\r\n\r\n", 400, MALFORMED),
+    (b"CONNECT s:443 HTTP/1.1\r\nHost: s:443\r\n\r\n", 400, MALFORMED),
+    # A bad chunk once the head was forwarded.
+    (H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, MALFORMED),
+    (H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n", 400, MALFORMED),
+    (H + b"Transfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n", 400, MALFORMED),
+]
+
+
+@pytest.mark.parametrize(("wire", "status", "cause"), REFUSED)
+def test_request_reader_refuses_by_name(wire: bytes, status: int, cause: str) -> None:
+    whole = RequestReader(60 * 1024)
+    whole.feed(wire)
+    refusal = whole.events[-1]
+    assert isinstance(refusal, Refusal) and (refusal.status, refusal.cause) == (status, cause)
+    # Byte by byte the verdict is the same, and nothing is read after it.
+    trickled = RequestReader(60 * 1024)
+    for i in range(len(wire)):
+        trickled.feed(wire[i : i + 1])
+    trickled.feed(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert trickled.events[-1] == refusal
+    assert trickled.failed == refusal
+
+
+@pytest.mark.parametrize(("wire", "status", "cause"), REFUSED)
+def test_the_proxy_answers_each_refusal_and_forwards_nothing_after_it(
+    wire: bytes, status: int, cause: str
+) -> None:
+    p = Http1Proxy(authorize=lambda h: Verdict(True), new_request_id=lambda: "r")
+    p.receive_client(wire + b"GET /smuggled HTTP/1.1\r\nHost: s\r\n\r\n")
+    out = p.take_to_client()
+    assert out.startswith(b"HTTP/1.1 %d " % status) and b"connection: close\r\n" in out
+    assert b"/smuggled" not in p.take_to_upstream()
+    assert p.closing and p.take_rejections() == [cause]
+
+
+def test_a_head_over_the_limit_is_refused_whole_in_pieces_or_by_its_target() -> None:
+    for wire in (
+        b"GET / HTTP/1.1\r\nHost: s\r\nX: " + b"a" * 2000 + b"\r\n\r\n",
+        b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: s\r\n\r\n",
+    ):
+        for step in (len(wire), 7):
+            r = RequestReader(1024)
+            for i in range(0, len(wire), step):
+                r.feed(wire[i : i + step])
+            assert r.failed == Refusal(431, HEADERS_TOO_LARGE, "head over the size limit")
+    # One header that never ends is bounded by what was fed, not by its completion.
+    r = RequestReader(1024)
+    r.feed(b"GET / HTTP/1.1\r\nHost: s\r\nX: ")
+    for _ in range(20):
+        r.feed(b"b" * 100)
+    assert r.failed is not None and r.failed.cause == HEADERS_TOO_LARGE
+
+
+def test_request_reader_events_for_lengths_chunks_trailers_and_pipelining() -> None:
+    r = RequestReader(60 * 1024)
+    r.feed(
+        b"PUT /a?x HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nX-A: 1\r\n\r\nabc"
+        b"POST /b HTTP/1.1\r\nhost: s\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n"
+        b"\r\n2\r\nhi\r\n0\r\nX-Trailer: t\r\n\r\n"
+        b"GET /c HTTP/1.0\r\n\r\n"
+    )
+    events = list(r.events)
+    a, body_a, end_a, b, body_b, end_b, c, end_c = events
+    assert isinstance(a, Head) and (a.method, a.target, a.length, a.chunked) == (
+        b"PUT",
+        b"/a?x",
+        3,
+        False,
+    )
+    assert a.headers == [(b"host", b"s"), (b"content-length", b"3"), (b"x-a", b"1")]
+    assert body_a == Body(b"abc") and end_a == End([])
+    assert isinstance(b, Head) and b.chunked and b.expect_continue and b.keep_alive
+    assert body_b == Body(b"hi") and end_b == End([(b"x-trailer", b"t")])
+    assert isinstance(c, Head) and c.http10 and not c.keep_alive and end_c == End([])
+    assert not r.mid_message
+
+
+def test_response_reader_head_informational_eof_delimited_and_upgrade() -> None:
+    r = ResponseReader(60 * 1024)
+    r.expect(b"HEAD")
+    r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")  # HEAD: no body follows
+    r.expect(b"GET")
+    r.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\nuntil")
+    r.feed(b" close")
+    assert r.eof()
+    kinds = [(type(e).__name__, getattr(e, "status", None)) for e in r.events]
+    assert kinds == [
+        ("Head", 200),
+        ("End", None),
+        ("Head", 100),
+        ("End", None),
+        ("Head", 200),
+        ("Body", None),
+        ("Body", None),
+        ("End", None),
+    ]
+    final = r.events[4]
+    assert isinstance(final, Head) and not final.keep_alive
+    up = ResponseReader(60 * 1024)
+    up.expect(b"GET")
+    up.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ws\r\nConnection: upgrade\r\n\r\nws!")
+    assert up.upgraded == b"ws!"
+    bad = ResponseReader(60 * 1024)
+    bad.feed(b"HTTP/1.1 2000 OK\r\n\r\n")
+    assert isinstance(bad.failed, Refusal)
+
+
+def _proxy() -> Http1Proxy:
+    ids = itertools.count(1)
+    return Http1Proxy(authorize=lambda h: Verdict(True), new_request_id=lambda: f"r{next(ids)}")
+
+
+def test_pipelined_requests_wait_for_the_response_before_them() -> None:
+    p = _proxy()
+    p.receive_client(b"GET /a HTTP/1.1\r\nHost: s\r\n\r\nGET /b HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert p.take_to_upstream() == b"GET /a HTTP/1.1\r\nhost: s\r\nx-request-id: r1\r\n\r\n"
+    assert p.client_paused  # /b waits: the shell stops reading the client
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert p.take_to_upstream() == b"GET /b HTTP/1.1\r\nhost: s\r\nx-request-id: r2\r\n\r\n"
+    assert not p.client_paused
+
+
+def test_a_head_request_is_answered_without_waiting_for_a_body() -> None:
+    p = _proxy()
+    p.receive_client(b"HEAD / HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n")
+    assert p.take_to_client() == b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"
+    assert [e.status for e in p.take_completed()] == [200] and not p.closing
+
+
+def test_an_http10_client_gets_the_body_unchunked_and_the_connection_closed() -> None:
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.0\r\n\r\n")
+    assert b"connection: close\r\n" in p.take_to_upstream()
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    assert p.take_to_client() == b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nhi"
+    assert p.closing
+
+
+def test_a_response_delimited_by_the_close_ends_with_it() -> None:
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+    p.receive_upstream(b"")
+    assert p.take_to_client() == b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it"
+    (done,) = p.take_completed()
+    assert (done.status, done.flags, done.response_bytes) == (200, "-", 9) and p.closing
+
+
+def test_a_declined_upgrade_reads_what_followed_as_requests() -> None:
+    p = _proxy()
+    p.receive_client(
+        b"GET /ws HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n"
+        b"GET /next HTTP/1.1\r\nHost: s\r\n\r\n"
+    )
+    assert p.take_to_upstream().startswith(b"GET /ws ")
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert not p.tunnel
+    assert p.take_to_upstream() == b"GET /next HTTP/1.1\r\nhost: s\r\nx-request-id: r2\r\n\r\n"
+
+
+def test_response_trailers_are_forwarded_without_hop_by_hop_ones() -> None:
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\nTE: trailers\r\n\r\n")
+    p.receive_upstream(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n"
+        b"1\r\nx\r\n0\r\ngrpc-status: 0\r\nConnection: x\r\n\r\n"
+    )
+    assert p.take_to_client() == (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\nx\r\n0\r\ngrpc-status: 0\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/9.9 200 OK\r\n\r\n",
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+    ],
+)
+def test_an_upstream_that_garbles_its_response_head_gets_the_client_a_502(response: bytes) -> None:
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.receive_upstream(response)
+    assert p.take_to_client().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert p.take_rejections() == [UPSTREAM_PROTOCOL] and p.closing
+    (done,) = p.take_completed()
+    assert (done.status, done.flags) == (502, "UC")
+
+
+def test_a_response_nobody_asked_for_ends_the_connection() -> None:
+    p = _proxy()
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert p.take_rejections() == [UPSTREAM_PROTOCOL] and p.closing
+    assert p.take_to_client() == b""

@@ -1,0 +1,68 @@
+"""The access log's request line (``agent.telemetry.accesslog.request_line``): written directly
+for speed, it must be exactly what ``json.dumps`` makes of ``request_entry``, the documented
+fields the tap and ``nodemesh requests`` show, for any values the records can hold."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.telemetry.accesslog import _iso, request_entry, request_line
+from agent.telemetry.http import REQUEST_LABEL_NAMES
+from agent.telemetry.records import ConnectionRecord, RequestRecord
+
+TEXT = st.text(max_size=40)  # any code point: quotes, backslashes, controls, non-ASCII
+COUNT = st.integers(min_value=0, max_value=2**63)
+MILLIS = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity=False)
+
+
+@given(
+    st.builds(
+        ConnectionRecord,
+        direction=st.sampled_from(["inbound", "outbound"]),
+        source=TEXT,
+        destination=TEXT,
+        id=COUNT,
+        upstream=TEXT,
+    ),
+    st.builds(
+        RequestRecord,
+        method=TEXT,
+        path=TEXT,
+        authority=TEXT,
+        status=st.integers(min_value=0, max_value=999),
+        duration_ms=MILLIS,
+        request_bytes=COUNT,
+        response_bytes=COUNT,
+        response_flags=TEXT,
+        request_id=TEXT,
+        grpc_status=TEXT,
+        upstream=TEXT,
+    ),
+    st.lists(TEXT, min_size=len(REQUEST_LABEL_NAMES), max_size=len(REQUEST_LABEL_NAMES)),
+    st.floats(min_value=0.0, max_value=4e9, allow_nan=False),
+)
+def test_the_request_line_is_json_dumps_of_the_request_entry(
+    connection: ConnectionRecord, request: RequestRecord, values: list[str], ended: float
+) -> None:
+    labels = dict(zip(REQUEST_LABEL_NAMES, values, strict=True))
+    entry = request_entry(connection, request, labels, ended)
+    assert request_line(connection, request, labels, ended) == json.dumps(
+        entry, separators=(",", ":")
+    )
+
+
+@given(st.floats(min_value=0.0, max_value=4e9, allow_nan=False))
+def test_times_are_what_datetime_makes_of_them(ts: float) -> None:
+    expected = dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+    assert _iso(ts) == expected
+
+
+def test_times_round_microseconds_as_datetime_does() -> None:
+    """Half a microsecond below a second, below a millisecond and at them (half to even)."""
+    for ts in (1.9999995, 1.9999994999, 1764998399.9999996, 1764998400.0005, 0.0, 59.9995):
+        expected = dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+        assert _iso(ts) == expected

@@ -1,0 +1,164 @@
+"""Istio request metrics at the destination, fed by a real registry (agent.telemetry.http)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from agent.policy.authz import Decision
+from agent.proxy.records import Registry
+from agent.telemetry.agentmetrics import AgentSources
+from agent.telemetry.component import TelemetryComponent
+from agent.telemetry.records import ConnectionRecord, RequestRecord
+from tests.unit.telemetry.telemetry_helpers import (
+    CLIENT_ID,
+    SERVER_ID,
+    inbound,
+    make_store,
+    outbound,
+)
+from tests.unit.telemetry.telemetry_helpers import samples as parse
+from tests.workloads import workload
+
+
+def telemetry() -> tuple[Registry, TelemetryComponent]:
+    registry = Registry()
+    component = TelemetryComponent(
+        store=make_store(), address=("127.0.0.1", 0), sources=AgentSources()
+    )
+    registry.request_observers.append(component.http)
+    return registry, component
+
+
+def request(status: int = 200, ms: float = 3.0, flags: str = "-") -> RequestRecord:
+    return RequestRecord("GET", "/items/42", "server:80", status, ms, 10, 2000, flags, "rid")
+
+
+def test_requests_are_counted_with_istio_labels_and_no_path(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry, component = telemetry()
+    conn = inbound()
+    with caplog.at_level(logging.INFO, logger="nodemesh.access"):
+        registry.request_done(conn, request(200))
+        registry.request_done(conn, request(200, ms=700.0))
+        registry.request_done(conn, request(403, flags="RBAC"))
+    parsed = parse(component.exposition())
+    ok = {
+        "reporter": "destination",
+        "source_workload": "client",
+        "source_workload_namespace": "default",
+        "source_principal": CLIENT_ID,
+        "source_app": "client",
+        "destination_service": "server.default.svc.cluster.local",
+        "destination_workload": "server",
+        "destination_workload_namespace": "default",
+        "destination_principal": SERVER_ID,
+        "connection_security_policy": "mutual_tls",
+        "response_flags": "-",
+        "request_protocol": "http",
+        "response_code": "200",
+        "grpc_response_status": "",
+    }
+    assert parsed[("istio_requests_total", frozenset(ok.items()))] == 2
+    denied = {**ok, "response_code": "403", "response_flags": "RBAC"}
+    assert parsed[("istio_requests_total", frozenset(denied.items()))] == 1
+    # Istio's duration buckets: 3 ms is in le=5 and not le=1; 700 ms in le=1000 only.
+    bucket = "istio_request_duration_milliseconds_bucket"
+    assert parsed[(bucket, frozenset({**ok, "le": "1"}.items()))] == 0
+    assert parsed[(bucket, frozenset({**ok, "le": "5"}.items()))] == 1
+    assert parsed[(bucket, frozenset({**ok, "le": "500"}.items()))] == 1
+    assert parsed[(bucket, frozenset({**ok, "le": "1000"}.items()))] == 2
+    assert parsed[(bucket, frozenset({**ok, "le": "+Inf"}.items()))] == 2
+    assert parsed[("istio_request_duration_milliseconds_sum", frozenset(ok.items()))] == 703.0
+    assert parsed[("istio_request_bytes_bucket", frozenset({**ok, "le": "10"}.items()))] == 2
+    assert parsed[("istio_response_bytes_bucket", frozenset({**ok, "le": "1000"}.items()))] == 0
+    assert parsed[("istio_response_bytes_bucket", frozenset({**ok, "le": "10000"}.items()))] == 2
+    assert not any("/items" in v for (_, labels) in parsed for _, v in labels)
+    lines = [json.loads(r.getMessage()) for r in caplog.records]
+    assert [(e["method"], e["path"], e["response_code"]) for e in lines] == [
+        ("GET", "/items/42", 200),
+        ("GET", "/items/42", 200),
+        ("GET", "/items/42", 403),
+    ]
+
+
+def test_rejections_by_cause_and_dry_run_denials_by_policy() -> None:
+    registry, component = telemetry()
+    registry.http_rejected("ambiguous_length", "a -> b")
+    registry.http_rejected("ambiguous_length", "a -> b")
+    registry.http_rejected("header_timeout", "a -> b")
+    registry.request_denied(Decision(True, "ok"), "a -> b", dry_run=("default/no-post",))
+    registry.request_denied(Decision(False, "no", "default/deny"), "a -> b", dry_run=())
+    parsed = parse(component.exposition())
+    rejected = "nodemesh_http_rejected_requests_total"
+    assert parsed[(rejected, frozenset({("cause", "ambiguous_length")}))] == 2
+    assert parsed[(rejected, frozenset({("cause", "header_timeout")}))] == 1
+    dry = "nodemesh_http_dry_run_denials_total"
+    assert parsed[(dry, frozenset({("policy", "default/no-post")}))] == 1
+    assert registry.denials["default/deny"] == 1
+
+
+def test_labels_follow_the_connections_endpoint_and_the_state(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The metrics remember a connection's labels between its requests (``_Series``); what
+    they are made of changing still changes them: the source pointing the connection at
+    another endpoint (here the ``client`` pod), or a state change (that pod's app renamed)."""
+    registry, component = telemetry()
+    conn = outbound()
+    with caplog.at_level(logging.INFO, logger="nodemesh.access"):
+        registry.request_done(conn, request(200))
+        conn.upstream = "10.244.1.2:8080"
+        registry.request_done(conn, request(200))
+        with component.http._store.update() as txn:
+            txn.put_workload(workload("client", "node1", "10.244.1.2", app="v2"))
+        registry.request_done(conn, request(200))
+    parsed = parse(component.exposition())
+    counted = {
+        dict(labels)["destination_workload"]: value
+        for (name, labels), value in parsed.items()
+        if name == "istio_requests_total" and dict(labels)["reporter"] == "source"
+    }
+    assert counted == {"server": 1, "client": 1, "v2": 1}
+    lines = [json.loads(r.getMessage()) for r in caplog.records]
+    assert [(e["upstream_address"], e["destination_workload"]) for e in lines] == [
+        ("10.244.2.2:8080", "server"),
+        ("10.244.1.2:8080", "client"),
+        ("10.244.1.2:8080", "v2"),
+    ]
+
+
+def test_the_access_log_line_is_compact_json_of_the_documented_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry, _ = telemetry()
+    conn = inbound()
+    with caplog.at_level(logging.INFO, logger="nodemesh.access"):
+        registry.request_done(conn, request(503, ms=1.5, flags="UC"))
+    (record,) = caplog.records
+    line = record.getMessage()
+    entry = json.loads(line)
+    assert line == json.dumps(entry, separators=(",", ":"))
+    assert (record.name, record.levelno, record.funcName) == (
+        "nodemesh.access",
+        logging.INFO,
+        "write_request_log",
+    )
+    assert entry["response_code"] == 503
+    assert entry["response_flags"] == "UC"
+    assert entry["duration_ms"] == 1.5
+
+
+def test_a_record_copy_has_every_field_and_is_its_own() -> None:
+    """The source reports each request on a copy of its connection's record."""
+    record = ConnectionRecord(
+        "outbound", "10.0.0.1:4000", "10.96.0.1:80", "spiffe://a", "spiffe://b", path="hbone"
+    )
+    record.upstream, record.requests, record.service = "10.0.0.2:8080", 3, "web"
+    twin = record.copy()
+    assert twin == record and type(twin) is ConnectionRecord
+    twin.upstream = "10.0.0.3:8080"
+    assert record.upstream == "10.0.0.2:8080"

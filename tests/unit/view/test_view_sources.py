@@ -1,0 +1,99 @@
+"""The view's sources without sockets: the runner hook stands in for the HTTP GET."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.parse
+from collections.abc import Callable
+
+import pytest
+
+from agent.view import cli
+from agent.view.aggregate import OPENED, TCP_FAMILIES, increase
+from agent.view.screen import Screen
+from agent.view.sources import Agent, AgentSource, PrometheusSource
+
+
+def test_prometheus_source_asks_each_family_at_one_instant() -> None:
+    def runner(func: Callable[[], bytes]) -> bytes:
+        del func  # no HTTP: the answer below stands in for Prometheus
+        return json.dumps(
+            {
+                "status": "success",
+                "data": {
+                    "resultType": "matrix",
+                    "result": [{"metric": {"reporter": "destination"}, "values": [[990, "4"]]}],
+                },
+            }
+        ).encode()
+
+    source = PrometheusSource("http://prom:9090", runner, clock=lambda: 1000.0)
+    window = source.window(60)
+    assert (window.start, window.end) == (940.0, 1000.0)
+    assert set(window.families) == set(TCP_FAMILIES)
+    assert window.series(OPENED)[0].samples == ((990.0, 4.0),)
+
+
+def test_prometheus_query_url_carries_the_selector_and_time() -> None:
+    urls: list[str] = []
+
+    def fake_get(url: str, runner: object) -> bytes:
+        urls.append(url)
+        return b'{"status": "success", "data": {"resultType": "matrix", "result": []}}'
+
+    source = PrometheusSource("http://prom:9090/", clock=lambda: 1000.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("agent.view.sources.http_get", fake_get)
+        source.window(30)
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(urls[0]).query)
+    assert urls[0].startswith("http://prom:9090/api/v1/query?")
+    assert query["query"] == [f"{TCP_FAMILIES[0]}[330000ms]"]
+    assert query["time"] == ["1000.000"]
+
+
+def test_agent_source_waits_the_window_once_then_measures_from_the_last_scrape() -> None:
+    now = [100.0]
+    counts = iter([2, 5, 9])
+    slept: list[float] = []
+
+    def runner(func: Callable[[], bytes]) -> bytes:
+        del func
+        return f'{OPENED}{{reporter="source"}} {next(counts)}\n'.encode()
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    source = AgentSource(
+        [Agent("http://n1:15020/metrics", runner)], clock=lambda: now[0], sleep=sleep
+    )
+    first = source.window(10)
+    assert slept == [10]
+    assert (first.start, first.end) == (100.0, 110.0)
+    now[0] = 113.0
+    second = source.window(10)
+    assert slept == [10]  # no second wait: the previous scrape is the baseline
+    assert (second.start, second.end) == (110.0, 113.0)
+    assert increase(first.series(OPENED)[0], first.start, first.end) == 3
+    assert increase(second.series(OPENED)[0], second.start, second.end) == 4
+
+
+def test_explicit_sources_win_over_the_lab() -> None:
+    parser = cli.argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["stat", "--prometheus", "http://p:9090", "--window", "2m"])
+    assert args.window == 120.0
+    assert isinstance(cli.source_of(args), PrometheusSource)
+    args = parser.parse_args(["edges", "--agent", "http://a:15020/metrics", "--agent", "http://b"])
+    source = cli.source_of(args)
+    assert isinstance(source, AgentSource)
+    assert [a.url for a in source.agents] == ["http://a:15020/metrics", "http://b"]
+
+
+def test_top_prints_plain_frames_when_not_a_terminal() -> None:
+    out = io.StringIO()
+    with Screen(out) as screen:
+        screen.show(["one", "two"])
+        screen.show(["three"])
+    assert out.getvalue() == "---\none\ntwo\n---\nthree\n"

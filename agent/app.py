@@ -52,9 +52,9 @@ from agent.base.endpoint import HttpComponent
 from agent.base.http import HttpServer, Request, Response
 from agent.config import AgentConfig, ConfigError, add_arguments, from_args
 from agent.datapath.datapath import Datapath, SpliceUnavailable, uninstall
-from agent.datapath.splice import KernelSplice
 from agent.datapath.listeners import open_listener_groups, open_listeners
 from agent.datapath.programs import ProgramLoadError
+from agent.datapath.splice import KernelSplice
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
 from agent.wiring import local_pods, node_proxy, observability

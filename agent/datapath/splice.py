@@ -5,8 +5,8 @@
 ``--workers N`` builds it on the map descriptors it inherited from the main process:
 ``from_fds``). ``start(a, b, window)`` links the two sockets by their cookies, grants each
 ``window`` bytes of credit, and makes each a redirect target, then a source, in that order, so
-that no segment arrives on a source whose peer is not yet a target. Every map write goes through ``_update``, so that map access has one
-seam.
+that no segment arrives on a source whose peer is not yet a target. Every map write goes
+through ``_update``, so that map access has one seam.
 
 Bytes that arrived before a socket became a source are still in its receive queue, and the
 verdict program only runs when a segment arrives: a client that sent its request right after

@@ -22,12 +22,13 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from agent.acceptor import drain
 from agent.datapath import bpfsys, programs
 from agent.datapath.splice import KernelSplice, KernelSplicing
 from agent.proxy import splice
 from agent.state import PolicyObject
 from agent.telemetry.tcp import TcpMetrics
-from tests.integration.proxy.mesh import CLIENT, LOCAL, Mesh, set_policies
+from tests.integration.proxy.mesh import CLIENT, LOCAL, Mesh, listener, set_policies
 
 pytestmark = pytest.mark.root
 
@@ -219,6 +220,37 @@ def test_policy_change_closes_a_spliced_connection(splicer: RecordingSplicer) ->
     run(scenario, splicer)
 
 
+def test_a_drain_closes_a_spliced_connection(splicer: RecordingSplicer) -> None:
+    """The agent's drain cancels what the handler returned (``acceptor.drain``): for a spliced
+    connection that is the splice's future, which ends it as a relay's would."""
+
+    async def scenario(mesh: Mesh) -> None:
+        port = mesh.app(LOCAL, echo)
+        lst = listener("127.0.0.1")
+        try:
+            opening = asyncio.open_connection(*lst.getsockname(), local_addr=(CLIENT, 0))
+            (reader, writer), (conn, _) = await asyncio.gather(
+                opening, asyncio.get_running_loop().sock_accept(lst)
+            )
+        finally:
+            lst.close()
+        conn.setblocking(False)
+        rest = await mesh.node1.outbound.handle(conn, original_dst=(LOCAL, port))
+        assert rest is not None
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        assert len(splicer.started) == 1 and splicer.linked_sockets() == 2
+        assert await drain({rest}, 0.2) == 1  # still open when the drain time is up
+        with pytest.raises(ConnectionResetError):
+            while await asyncio.wait_for(reader.read(65536), 10):
+                pass
+        assert len(mesh.node1.core.registry) == 0
+        assert splicer.linked_sockets() == 0
+        writer.close()
+
+    run(scenario, splicer)
+
+
 def test_a_receiver_that_does_not_read_holds_the_sender_back(splicer: RecordingSplicer) -> None:
     """The kernel's redirect alone would queue everything the client sends (measured: 2 GB);
     with the credit the client is held back, and every byte still arrives, in order."""
@@ -290,6 +322,36 @@ def test_without_a_splicer_same_node_bytes_are_relayed_in_user_space(
 
     run(scenario, None)  # the agent without --splice
     assert splicer.started == []
+
+
+def test_a_worker_splices_with_the_map_descriptors_it_inherited(
+    loaded: programs.Loaded,
+) -> None:
+    """A worker process (``--workers N``) never opens the pins: it gets the main process's map
+    descriptors (``--splice-fds``) and builds its splicer on them (``KernelSplice.from_fds``)."""
+    m = loaded.maps
+    main_process = KernelSplice(
+        m["nm_splice_links"], m["nm_splice_credits"], m["nm_splice_targets"], m["nm_splice_sources"]
+    )
+    inherited = [os.dup(fd) for fd in main_process.fds()]  # what exec hands the worker
+    try:
+        worker = RecordingSplicer(KernelSplice.from_fds(inherited))
+
+        async def scenario(mesh: Mesh) -> None:
+            port = mesh.app(LOCAL, request_response)
+            reader, writer = await mesh.connect(CLIENT, (LOCAL, port))
+            writer.write(BODY)
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 20) == ANSWER
+            writer.close()
+
+        run(scenario, worker)
+        assert [pair.stop() for pair in worker.started] == [(len(BODY), len(ANSWER))]
+    finally:
+        for fd in inherited:
+            os.close(fd)
+    with pytest.raises(ValueError, match="4 map descriptors"):
+        KernelSplice.from_fds(inherited[:3])
 
 
 def _metric(metrics: TcpMetrics, name: str) -> float:

@@ -148,8 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--splice",
         action="store_true",
         help="same-node splice: let the kernel move the bytes of admitted same-node connections "
-        "that need no per-byte work (off by default: the kernel's redirect does not limit how "
-        "much it queues for a slow receiver; see ARCHITECTURE.md, Same-node splice)",
+        "that need no per-byte work (off by default: less agent CPU per request/response, but "
+        "bulk flows are slower; see ARCHITECTURE.md, Same-node splice)",
     )
     parser.add_argument("--ca-address", metavar="HOST:PORT", help=f"mesh CA (port {CA_PORT})")
     parser.add_argument("--ca-root", type=Path, help="PEM root certificate of the mesh CA")

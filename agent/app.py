@@ -51,9 +51,10 @@ from agent.base.constants import Listener
 from agent.base.endpoint import HttpComponent
 from agent.base.http import HttpServer, Request, Response
 from agent.config import AgentConfig, ConfigError, add_arguments, from_args
-from agent.datapath.datapath import Datapath, uninstall
+from agent.datapath.datapath import Datapath, SpliceUnavailable, uninstall
 from agent.datapath.listeners import open_listener_groups, open_listeners
 from agent.datapath.programs import ProgramLoadError
+from agent.datapath.splice import KernelSplice
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
 from agent.wiring import local_pods, node_proxy, observability
@@ -232,16 +233,36 @@ class Agent:
                 )
         self.source = open_source(self.config, self.store)
         self.datapath.start()
+        splice = self._splice()
         if self.config.workers > 1:
-            self._start_workers()
+            self._start_workers(splice)
         else:
+            if splice is not None and self.proxy is not None:
+                self.proxy.use_splicer(splice)  # with workers, they build their own
             self.listeners = open_listeners(
                 self.config.listeners, beside_another=self.predecessor is not None
             )
         if self.predecessor is None:
             self._take_datapath()
 
-    def _start_workers(self) -> None:
+    def _splice(self) -> KernelSplice | None:
+        """The kernel's splice maps for the proxy (``--splice``), or None, saying why not."""
+        if not self.config.splice:
+            return None
+        if self.proxy is None and self.config.workers <= 1:
+            log.warning("--splice: no node proxy without a CA (--ca-address): nothing to splice")
+            return None
+        try:
+            splice = self.datapath.splice()
+        except SpliceUnavailable as e:
+            log.warning(
+                "same-node splice unavailable: %s; same-node bytes are relayed in user space", e
+            )
+            return None
+        log.info("same-node splice on: the kernel moves admitted same-node connections' bytes")
+        return splice
+
+    def _start_workers(self, splice: KernelSplice | None) -> None:
         """Listener groups for the workers; the first of each group goes in the SOCKMAP."""
         from agent.workers.supervisor import Workers
 
@@ -250,7 +271,7 @@ class Agent:
             self.config.listeners, self.config.workers, beside_another=self.predecessor is not None
         )
         self.listeners = {slot: group[0] for slot, group in groups.items()}
-        self.workers = Workers(self.config, self.store, groups, self.identity.manager)
+        self.workers = Workers(self.config, self.store, groups, self.identity.manager, splice)
         self.components.insert(0, self.workers)  # stopped (drained) before what it asks
 
     def _take_datapath(self) -> None:

@@ -61,6 +61,7 @@ class AgentConfig:
     in_cluster: bool = False
     uplinks: tuple[str, ...] = ()
     fail_open: bool = False
+    splice: bool = False
     ca: CaSettings | None = None
     admin_address: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
     metrics_port: int = METRICS_PORT
@@ -142,6 +143,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let meshed pods' connections through uncaptured while no listener is present "
         "(default: fail closed, they are dropped and retried)",
+    )
+    parser.add_argument(
+        "--splice",
+        action="store_true",
+        help="same-node splice: let the kernel move the bytes of admitted same-node connections "
+        "that need no per-byte work (off by default: less agent CPU per request/response, but "
+        "bulk flows are slower; see ARCHITECTURE.md, Same-node splice)",
     )
     parser.add_argument("--ca-address", metavar="HOST:PORT", help=f"mesh CA (port {CA_PORT})")
     parser.add_argument("--ca-root", type=Path, help="PEM root certificate of the mesh CA")
@@ -328,6 +336,7 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         in_cluster=args.in_cluster,
         uplinks=tuple(args.uplinks),
         fail_open=args.fail_open,
+        splice=args.splice,
         ca=ca,
         admin_address=admin,
         metrics_port=_port("--metrics-port", args.metrics_port),

@@ -118,6 +118,13 @@ def requirements() -> tuple[Requirement, ...]:
             "the kernel needs CONFIG_BPF_STREAM_PARSER=y (sockmap/sockhash for the same-node path)",
         ),
         Requirement(
+            "splice",
+            "same-node splice (optional)",
+            probes.splice,  # never fails: without it the proxy relays same-node bytes itself
+            "optional: needs CONFIG_BPF_STREAM_PARSER=y and Linux >= 5.8; without it the proxy "
+            "relays same-node bytes in user space",
+        ),
+        Requirement(
             "clsact-cls-bpf",
             "clsact qdisc and cls_bpf (direct-action)",
             _wrap(probes.clsact_cls_bpf),

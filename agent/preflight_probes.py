@@ -198,6 +198,54 @@ def ip_transparent() -> str:
     return "set on a TCP socket"
 
 
+# The same-node splice's mechanism (agent/datapath/bpf/splice.bpf.c), in miniature.
+_SPLICE_PROGRAM = r"""
+#include <uapi/linux/bpf.h>
+BPF_SOCKHASH(probe_splice_hash, u64, 2);
+int probe_splice(struct __sk_buff *skb) {
+    u64 key = 0;
+    return probe_splice_hash.sk_redirect_hash(skb, &key, 0);
+}
+"""
+
+
+def splice() -> str:
+    """Optional: never raises. Loads an sk_skb verdict redirecting through a sockhash, attaches
+    it to the sockhash and puts an established loopback socket in it, as the splice does."""
+    try:
+        from bcc import BPF, BPFAttachType, libbcc
+    except ImportError as e:
+        return f"unavailable (optional; import bcc failed: {e})"
+    try:
+        bpf = BPF(text=_SPLICE_PROGRAM.encode())
+    except Exception as e:  # BCC raises bare Exception for compile failures
+        return _no_splice(f"compiling the probe failed: {e}")
+    try:
+        fn = bpf.load_func(b"probe_splice", BPF.SK_SKB)
+        fd = libbcc.lib.bpf_table_fd(bpf.module, b"probe_splice_hash")
+        BPF.attach_func(fn, fd, BPFAttachType.SK_SKB_STREAM_VERDICT)
+        with (
+            socket.create_server(("127.0.0.1", 0)) as server,
+            socket.create_connection(server.getsockname()) as client,
+        ):
+            key, value = ctypes.c_uint64(0), ctypes.c_int(client.fileno())
+            rc = libbcc.lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0)
+            if rc != 0:
+                return _no_splice(f"adding a TCP socket to a sockhash failed ({rc})")
+    except Exception as e:  # BCC raises bare Exception for verifier and attach failures
+        return _no_splice(f"{e}")
+    finally:
+        bpf.cleanup()
+    return "available: sk_skb stream verdict on a sockhash (nodemesh agent --splice)"
+
+
+def _no_splice(reason: str) -> str:
+    return (
+        f"unavailable (optional): {reason}; same-node connections are relayed in user space "
+        "(needs CONFIG_BPF_STREAM_PARSER and Linux >= 5.8)"
+    )
+
+
 def capture_failure_mode() -> str:
     """Not a host requirement: what the agent does with meshed pods' traffic while its proxy is
     absent (restart, crash), so an operator sees the choice next to the host checks."""

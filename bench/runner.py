@@ -88,6 +88,10 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
     }
     say("building the lab (2 nodes, agents, CA, echo and iperf3 servers, stunnel4)")
     with Testbed(lab) as bed:
+        if s.agent_args:
+            say(f"restarting both agents with {s.agent_args}")
+            for node in ("node1", "node2"):
+                bed.restart_agent(node, extra=tuple(s.agent_args.split()))
         for node in ("node1", "node2"):
             results["agents"].append(workloads.idle_agent(bed, node, "lab up"))
         results["paths"] = []

@@ -43,6 +43,9 @@ class Settings:
     grpc_seconds: float = 3.0  # h2load -D: the measured gRPC unary run (bench.grpcbench)
     grpc_warmup: float = 1.0  # an unrecorded run first; 0: none
     grpc_clients: int = 8  # h2load -c: h2c connections, one call in flight on each
+    # Extra flags for both agents (e.g. "--splice"): each is restarted with them once the lab
+    # is up, before anything is measured.
+    agent_args: str = ""
     quick: bool = False
 
     def as_dict(self) -> dict[str, Any]:

@@ -221,9 +221,12 @@ class Testbed:
         pids = Path(self.the_lab.state_dir) / "pids"
         return tuple(int((pids / f"agent-{n}").read_text()) for n in ("node1", "node2"))
 
-    def restart_agent(self, node: str, *, workers: int | None = None) -> None:
+    def restart_agent(
+        self, node: str, *, workers: int | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         """Replace ``node``'s agent by a fresh one with the same command line (with
-        ``--workers``: that many proxy workers instead of what it had).
+        ``--workers``: that many proxy workers instead of what it had; ``extra``: these flags
+        added).
 
         Python keeps memory it freed for reuse, so an agent that has held 10,000 connections
         would show a later idle test almost no growth; the memory test of a path starts on fresh
@@ -237,6 +240,7 @@ class Testbed:
             argv = tuple(arg.decode() for arg in f.read().split(b"\0") if arg)
         if workers is not None:
             argv = (*_without_workers(argv), "--workers", str(workers))
+        argv = (*argv, *extra)
         os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
         component = components.Component(

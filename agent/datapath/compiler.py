@@ -33,6 +33,8 @@ from agent.datapath import bpfsys
 from agent.datapath.programs import (
     FUNCTIONS,
     MAPS,
+    SPLICE_FUNCTION,
+    SPLICE_PIN,
     Marks,
     ProgramLoadError,
     pin_name,
@@ -86,9 +88,28 @@ def _failure(what: str, error: Exception, output: str) -> ProgramLoadError:
     )
 
 
+def _load_splice(bpf: Any) -> int | None:
+    """Load the splice verdict program and attach it to nm_splice_sources; None (said on
+    stderr, which the agent logs) when the kernel refuses, so that capture works without it."""
+    from bcc import BPF, BPFAttachType, libbcc
+
+    try:
+        fn = bpf.load_func(SPLICE_FUNCTION.encode(), BPF.SK_SKB)
+        sources = libbcc.lib.bpf_table_fd(bpf.module, b"nm_splice_sources")
+        BPF.attach_func(fn, sources, BPFAttachType.SK_SKB_STREAM_VERDICT)
+    except Exception as e:  # BCC raises bare Exception for both load and attach
+        print(
+            f"same-node splice unavailable: the kernel refused the sk_skb verdict program ({e})",
+            file=sys.stderr,
+        )
+        return None
+    fd: int = fn.fd
+    return fd
+
+
 def _compile(marks: Marks, src: Path) -> tuple[Any, dict[str, int], str]:
-    """The BCC module, the loaded programs' descriptors by pin name (verified by the kernel) and
-    what BCC printed."""
+    """The BCC module, the loaded programs' descriptors by pin name (verified by the kernel;
+    the splice program only when the kernel took it) and what BCC printed."""
     from bcc import BPF  # only here: this process exits once the programs are pinned
 
     with _captured_stderr() as output:
@@ -104,6 +125,9 @@ def _compile(marks: Marks, src: Path) -> tuple[Any, dict[str, int], str]:
         except Exception as e:
             bpf.cleanup()
             raise _failure("the kernel refused the capture programs", e, output()) from e
+        splice = _load_splice(bpf)
+        if splice is not None:
+            fds[SPLICE_PIN] = splice
         return bpf, fds, output()
 
 

@@ -43,6 +43,7 @@ from agent.datapath.layout import (
     pod_value,
 )
 from agent.datapath.netlink import NetlinkHelper, RoutingConfig
+from agent.datapath.splice import KernelSplice
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ class DatapathConfig:
     fail_open: bool = False
     marks: programs.Marks = field(default_factory=programs.Marks)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+
+class SpliceUnavailable(RuntimeError):
+    """This kernel (or the pinned generation) cannot splice same-node connections."""
 
 
 class Datapath:
@@ -76,6 +81,20 @@ class Datapath:
         if self._loaded is None:
             raise RuntimeError("Datapath.start() has not run")
         return self._loaded
+
+    def splice(self) -> KernelSplice:
+        """The same-node splice maps of the loaded generation. Raises ``SpliceUnavailable``
+        with the reason when the kernel refused the splice program."""
+        reason = self.loaded.splice_unavailable
+        if reason is not None:
+            raise SpliceUnavailable(reason)
+        m = self.loaded.maps
+        return KernelSplice(
+            m["nm_splice_links"],
+            m["nm_splice_credits"],
+            m["nm_splice_targets"],
+            m["nm_splice_sources"],
+        )
 
     def start(self) -> None:
         with self._lock:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAX_EXCLUDED_PORTS = 16
 POD_MESHED = 0x1
 SETTING_FAIL_OPEN = 0x1
@@ -64,6 +64,19 @@ class SettingsValue(ctypes.Structure):
     """``struct nm_settings``."""
 
     _fields_ = [("flags", ctypes.c_uint32)]
+
+
+class SpliceLink(ctypes.Structure):
+    """``struct nm_splice_link``: a spliced socket's peer (by cookie), the bytes redirected
+    to it and the bytes kept for the proxy."""
+
+    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("kept", ctypes.c_uint64)]
+
+
+class SpliceCredit(ctypes.Structure):
+    """``struct nm_splice_credit``: how far the kernel may redirect, what the proxy took."""
+
+    _fields_ = [("limit", ctypes.c_uint64), ("taken", ctypes.c_uint64)]
 
 
 class LayoutError(ValueError):

@@ -39,9 +39,15 @@ log = logging.getLogger(__name__)
 # The capture header first: BCC rewrites map calls only in the main text, not in included
 # files, so the shared helpers are part of the text; the .c files' own #include of it is then
 # a no-op thanks to its include guard.
-SOURCES = ("capture.h", "tc_pod_ingress.bpf.c", "tc_uplink_ingress.bpf.c")
+SOURCES = ("capture.h", "tc_pod_ingress.bpf.c", "tc_uplink_ingress.bpf.c", "splice.bpf.c")
 FUNCTIONS = {Program.POD_INGRESS: "nm_pod_ingress", Program.UPLINK_INGRESS: "nm_uplink_ingress"}
-MAPS = ("nm_pods", "nm_listeners", "nm_counters", "nm_settings")
+SPLICE_MAPS = ("nm_splice_links", "nm_splice_credits", "nm_splice_targets", "nm_splice_sources")
+MAPS = ("nm_pods", "nm_listeners", "nm_counters", "nm_settings", *SPLICE_MAPS)
+# The same-node splice's verdict program is optional: a kernel that refuses it (no sk_skb
+# verdict on a sockhash) still gets capture, and the proxy relays same-node bytes itself. The
+# compiler attaches it to nm_splice_sources; the attachment lives with the pinned map.
+SPLICE_FUNCTION = "nm_splice_verdict"
+SPLICE_PIN = "prog_splice"
 # A compile takes seconds; this only bounds a child that hangs.
 COMPILE_TIMEOUT_SECONDS = 300.0
 
@@ -84,10 +90,24 @@ class Loaded:
     adopted: bool
     programs: dict[Program, int] = field(default_factory=dict)
     maps: dict[str, bpfsys.Map] = field(default_factory=dict)
+    splice_program: int | None = None
+
+    @property
+    def splice_unavailable(self) -> str | None:
+        """Why this generation cannot splice (None: it can)."""
+        if self.splice_program is None:
+            return (
+                "the kernel refused the splice program (sk_skb stream verdict on a sockhash) "
+                "when this generation was compiled: see that agent's log or nodemesh check"
+            )
+        return None
 
     def close(self) -> None:
         for fd in self.programs.values():
             os.close(fd)
+        if self.splice_program is not None:
+            os.close(self.splice_program)
+            self.splice_program = None
         for m in self.maps.values():
             m.close()
         self.programs.clear()
@@ -127,8 +147,9 @@ def pin_name(program: Program) -> str:
     return f"prog_{program.name.lower()}"
 
 
-def _pin_names() -> list[str]:
-    return [pin_name(p) for p in Program] + [f"map_{m}" for m in MAPS]
+def _pin_names(splice: bool = True) -> list[str]:
+    names = [pin_name(p) for p in Program] + [f"map_{m}" for m in MAPS]
+    return [*names, SPLICE_PIN] if splice else names
 
 
 def _adopt(gen: str, directory: Path) -> Loaded:
@@ -138,6 +159,8 @@ def _adopt(gen: str, directory: Path) -> Loaded:
             loaded.programs[p] = bpfsys.open_pinned(str(directory / pin_name(p)))
         for m in MAPS:
             loaded.maps[m] = bpfsys.Map(bpfsys.open_pinned(str(directory / f"map_{m}")), m)
+        if (directory / SPLICE_PIN).exists():
+            loaded.splice_program = bpfsys.open_pinned(str(directory / SPLICE_PIN))
     except bpfsys.BpfError:
         loaded.close()
         raise
@@ -199,7 +222,8 @@ def load(pin_dir: Path, marks: Marks, src: Path | None = None) -> Loaded:
     _check_layout(src)
     gen = generation(marks, src)
     directory = pin_dir / gen
-    if directory.is_dir() and sorted(os.listdir(directory)) == sorted(_pin_names()):
+    pinned = sorted(os.listdir(directory)) if directory.is_dir() else []
+    if pinned in (sorted(_pin_names()), sorted(_pin_names(splice=False))):
         log.info("adopting pinned capture programs and maps, generation %s", gen)
         return _adopt(gen, directory)
     if directory.exists():

@@ -18,6 +18,7 @@ from agent.policy.routes.model import RouteKey
 from agent.proxy import sockets
 from agent.proxy.records import Registry
 from agent.proxy.server import NodeProxy
+from agent.proxy.splice import Splicer
 from agent.state import Snapshot
 
 
@@ -33,6 +34,10 @@ class ProxyComponent(Component):
         ``conn`` then: see ``agent.app.ConnectionHandler``)."""
         sockets.nodelay(conn)
         return await self._handlers[listener](conn)
+
+    def use_splicer(self, splicer: Splicer) -> None:
+        """Let the kernel move same-node bytes from now on (the datapath's splice maps)."""
+        self.proxy.core.splicer = splicer
 
     async def start(self) -> None:
         self.proxy.start()

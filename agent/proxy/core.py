@@ -30,6 +30,7 @@ from agent.policy.ratelimit import RateLimit, RateLimiter, limits_by_endpoint
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
 from agent.proxy.records import Registry
+from agent.proxy.splice import Splicer
 from agent.state import Snapshot, StateStore, Workload
 from agent.state.model import spiffe_id
 from agent.state.protocols import TCP, declared_pod_ports
@@ -90,8 +91,11 @@ class Core:
         store: StateStore,
         identities: CertificateSource,
         settings: ProxySettings | None = None,
+        splicer: Splicer | None = None,
     ) -> None:
         self.node = node
+        # The kernel side of the same-node splice, when the agent runs with it (--splice).
+        self.splicer = splicer
         self.store = store
         self.settings = settings or ProxySettings()
         self.contexts = Contexts(identities)

@@ -5,7 +5,8 @@ resolved in the state (``resolve``): to a meshed pod on another node the bytes g
 HBONE tunnel that presents the *source pod's* certificate and accepts only the destination pod's
 identity; to a meshed pod on this node they never leave the node, so there is no TLS, but the
 destination's policies are enforced here and the connection is made with the client pod's IP as
-source; anything else is plain TCP passthrough. A connection to a Service VIP is handed to
+source (with the same-node splice on, the kernel then moves its bytes: ``agent.proxy.splice``);
+anything else is plain TCP passthrough. A connection to a Service VIP is handed to
 ``balanced`` (traffic control: endpoint choice, limits, retries, faults, splits), which uses the
 same ``open``/``relay`` steps once per attempt; on a Service port declared HTTP/1.1 it goes to
 ``http_outbound`` instead, and on one declared HTTP/2 or gRPC to ``h2outbound``: both terminate
@@ -32,6 +33,7 @@ from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.records import Refused, Registry, cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel, start_sockets, start_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
+from agent.proxy.splice import start_spliced
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot
 from agent.state.protocols import GRPC, HTTP, HTTP2, port_protocol
@@ -138,19 +140,28 @@ class Outbound:
             self.core.registry.remove(conn_id)
             sockets.abort(client)
             raise
-        return self._start(client, upstream, record, conn_id)
+        return self._start(client, upstream, record, conn_id, splice=route.kind == "local")
 
     def _start(
-        self, client: socket.socket, upstream: Upstream, record: ConnectionRecord, conn_id: int
+        self,
+        client: socket.socket,
+        upstream: Upstream,
+        record: ConnectionRecord,
+        conn_id: int,
+        *,
+        splice: bool = False,
     ) -> asyncio.Future[None]:
         """Relay without this task (``relay.start_*``): the connection's clean-up is the
         relay's end (``_Relayed``), and the registry's close (policy re-check, drain) cancels
-        the relay."""
+        the relay. ``splice``: nothing needs the bytes (an admitted same-node connection), so
+        the kernel moves them when the agent runs with the same-node splice."""
         self.core.registry.leave_task(conn_id)
         owner = _Relayed(self.core.registry, client, upstream, conn_id)
         if isinstance(upstream, TunnelStream):
             record.security = SECURITY_MTLS
             done = start_tunnel(client, upstream, record, owner, outbound=True)
+        elif splice and self.core.splicer is not None:
+            done = start_spliced(client, upstream, record, owner, self.core.splicer)
         else:
             done = start_sockets(client, upstream, record, owner)
         self.core.registry.hand_over(conn_id, done.cancel)

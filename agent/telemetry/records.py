@@ -10,7 +10,7 @@ above it: the proxy imports telemetry's vocabulary, never the other way round.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -56,9 +56,19 @@ class ConnectionRecord:
     # Hostname of the Service the client dialled, when the address does not say it (inbound:
     # the source named it on the CONNECT and it selects the pod; "" = unknown).
     service: str = ""
+    # Set while the kernel moves the bytes (the proxy's same-node splice): brings the byte
+    # counters up to date. Readers of live records call ``refresh()`` first.
+    sync: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def refresh(self) -> None:
+        if self.sync is not None:
+            self.sync()
 
     def describe(self) -> dict[str, object]:
-        return asdict(self)
+        self.refresh()
+        described = asdict(self)
+        del described["sync"]
+        return described
 
     def copy(self) -> ConnectionRecord:
         """A shallow copy, field for field (what ``dataclasses.replace(self)`` gives at a

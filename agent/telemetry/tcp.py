@@ -88,6 +88,8 @@ class TcpMetrics(Collector):
     def live(self) -> list[dict[str, object]]:
         """Live connections with the access log's fields (for ``/connections``)."""
         now = time.time()
+        for r, _labels in list(self._live.values()):
+            r.refresh()
         return [
             connection_entry(r, labels._replace(response_flags=response_flags(r.failure)), now)
             for r, labels in list(self._live.values())
@@ -96,7 +98,8 @@ class TcpMetrics(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         sent, received = Counter(self._sent), Counter(self._received)
         open_now: Counter[str] = Counter()
-        for record, labels in self._live.values():
+        for record, labels in list(self._live.values()):
+            record.refresh()
             open_now[record.direction] += 1
             if _counted(record):
                 sent[labels] += record.bytes_sent

@@ -74,6 +74,12 @@ class ManagedIdentities(Identities, Protocol):
     observers: list[CertificateObserver]
 
 
+class SpliceMaps(Protocol):
+    """The same-node splice's maps (``agent.datapath.splice.KernelSplice``)."""
+
+    def fds(self) -> list[int]: ...
+
+
 class Workers(Component):
     name = "workers"
 
@@ -83,8 +89,11 @@ class Workers(Component):
         store: StateStore,
         groups: Mapping[Listener, list[socket.socket]],
         identities: ManagedIdentities,
+        splice: SpliceMaps | None = None,
     ) -> None:
         self._config = config
+        # --splice: the kernel's splice maps, inherited by every worker (``--splice-fds``)
+        self._splice_fds = splice.fds() if splice is not None else []
         self._store = store
         self._identities = identities
         self._certs = CertificateFeed(identities)
@@ -231,9 +240,11 @@ class Workers(Component):
             "--listener-fds", ",".join(map(str, fds)),
             "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         ]  # fmt: skip
+        if self._splice_fds:
+            argv += ["--splice-fds", ",".join(map(str, self._splice_fds))]
         try:
             h.proc = subprocess.Popen(
-                argv, pass_fds=[child.fileno(), *fds], stdin=subprocess.DEVNULL
+                argv, pass_fds=[child.fileno(), *fds, *self._splice_fds], stdin=subprocess.DEVNULL
             )
         except OSError:
             parent.close()

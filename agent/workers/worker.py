@@ -5,7 +5,8 @@ three listening sockets inherited (``--control-fd``, ``--listener-fds``, in ``Li
 order). It runs its own uvloop event loop with the accept loops and the node proxy
 (``ProxyComponent``, exactly as a single-process agent builds it), a copy of the state
 (``agent.workers.replica``) and certificates asked from the main process
-(``agent.workers.certs``). It never talks to the Kubernetes API, the CA or the kernel's maps.
+(``agent.workers.certs``). It never talks to the Kubernetes API, the CA or the kernel's maps,
+except the same-node splice's (``--splice``: their descriptors are inherited, ``--splice-fds``).
 
 What the main process may ask (calls on the channel): ``metrics`` (this worker's exposition:
 its connections, requests, proxy counters, accept errors), ``connections`` (``/connections``
@@ -55,8 +56,15 @@ log = logging.getLogger("agent.workers.worker")  # also when run as __main__
 
 
 class Worker:
-    def __init__(self, index: int, control: socket.socket, listeners: list[socket.socket]):
+    def __init__(
+        self,
+        index: int,
+        control: socket.socket,
+        listeners: list[socket.socket],
+        splice_fds: list[int] | None = None,
+    ):
         self.index = index
+        self.splice_fds = splice_fds  # --splice: the splice maps' descriptors, inherited
         self.listeners = dict(zip(Listener, listeners, strict=True))
         self.channel = Channel(control, self._serve, self._note)
         self.store = StateStore()
@@ -88,6 +96,10 @@ class Worker:
         config = self._config
         self.drain_seconds = config.drain_seconds
         self.proxy = node_proxy(config, self.store, self.certs)
+        if self.splice_fds:
+            from agent.datapath.splice import KernelSplice  # libbpf only, as the main process
+
+            self.proxy.use_splicer(KernelSplice.from_fds(self.splice_fds))
         self.certs.forgotten.append(self.proxy.proxy.core.contexts.forget)
         self.node = config.node
         self.telemetry = TelemetryComponent(
@@ -227,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--listener-fds", required=True, help="outbound,inbound,hbone")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--splice-fds", help="--splice: links,credits,targets,sources map fds")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
@@ -240,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         sock.setblocking(False)
     import uvloop
 
-    return uvloop.run(Worker(args.index, control, listeners).run())
+    splice_fds = [int(fd) for fd in args.splice_fds.split(",")] if args.splice_fds else None
+    return uvloop.run(Worker(args.index, control, listeners, splice_fds).run())
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 #ifndef NODEMESH_H
 #define NODEMESH_H
 
-#define NM_LAYOUT_VERSION 1
+#define NM_LAYOUT_VERSION 2
 
 #if !defined(NM_PROXY_MARK) || !defined(NM_CAPTURE_MARK) || !defined(NM_HBONE_PORT)
 #error "compile with -DNM_PROXY_MARK, -DNM_CAPTURE_MARK and -DNM_HBONE_PORT (see Marks.cflags)"
@@ -65,6 +65,24 @@ struct nm_pod {
 
 struct nm_settings {
     __u32 flags;
+};
+
+/* Same-node splice (splice.bpf.c): sockets spliced at once (two per connection). */
+#define NM_SPLICE_MAX_SOCKETS 65536
+
+/* One spliced socket, keyed by its socket cookie: where its bytes go and how many went.
+ * Written by the program (the agent only creates it). */
+struct nm_splice_link {
+    __u64 peer;  /* the other socket's cookie */
+    __u64 bytes; /* bytes redirected from this socket to the peer */
+    __u64 kept;  /* bytes left on this socket for the proxy to forward (see splice.bpf.c) */
+};
+
+/* How far the program may redirect, per socket cookie. Written by the agent only (a whole
+ * value at a time, so the program never sees half an update). */
+struct nm_splice_credit {
+    __u64 limit; /* redirect while link.bytes stays within this */
+    __u64 taken; /* kept bytes the proxy has forwarded; redirect only when it equals link.kept */
 };
 
 #endif

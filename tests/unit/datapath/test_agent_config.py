@@ -25,8 +25,13 @@ def test_defaults_follow_the_contract() -> None:
         ("127.0.0.1", 15000),
     )
     assert not cfg.fail_open and cfg.drain_seconds == 5.0
+    assert not cfg.splice  # the same-node splice is opt-in (ARCHITECTURE.md)
     dp = cfg.datapath()
     assert dp.marks.proxy_mark == 0x539 and dp.routing.capture_mark == cfg.capture_mark
+
+
+def test_splice_flag_turns_the_same_node_splice_on() -> None:
+    assert parse("--node", "n", "--in-cluster", "--splice").splice
 
 
 def test_uplinks_accept_lists_and_repeats() -> None:

@@ -14,14 +14,20 @@ from agent.datapath.programs import Marks, ProgramLoadError
 
 def test_sources_ship_inside_the_package() -> None:
     found = sorted(p.name for p in programs.source_dir().iterdir() if p.suffix in (".c", ".h"))
-    assert found == ["capture.h", "nodemesh.h", "tc_pod_ingress.bpf.c", "tc_uplink_ingress.bpf.c"]
+    assert found == [
+        "capture.h",
+        "nodemesh.h",
+        "splice.bpf.c",
+        "tc_pod_ingress.bpf.c",
+        "tc_uplink_ingress.bpf.c",
+    ]
 
 
 def test_generation_depends_on_the_defines_and_has_no_dots() -> None:
     default = programs.generation(Marks())
     assert default == programs.generation(Marks())
     assert default != programs.generation(Marks(capture_mark=0x77))
-    assert default.startswith("v1-") and "." not in default  # bpffs refuses dots
+    assert default.startswith("v2-") and "." not in default  # bpffs refuses dots
 
 
 def test_generation_depends_on_the_sources(tmp_path: Path) -> None:

@@ -87,3 +87,17 @@ def test_every_requirement_has_a_fix_and_a_unique_name() -> None:
     reqs = preflight.requirements()
     assert len({r.name for r in reqs}) == len(reqs)
     assert all(r.fix and r.title for r in reqs)
+
+
+def test_a_kernel_without_the_splice_passes_and_says_same_node_is_relayed_in_user_space(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("bcc")
+    monkeypatch.setattr(probes, "_SPLICE_PROGRAM", "int probe_splice(void) { return undefined; }")
+    (row,) = preflight.run_checks([r for r in preflight.requirements() if r.name == "splice"])
+    assert row.ok
+    assert row.detail.startswith("unavailable (optional): compiling the probe failed")
+    assert row.detail.endswith(
+        "same-node connections are relayed in user space "
+        "(needs CONFIG_BPF_STREAM_PARSER and Linux >= 5.8)"
+    )

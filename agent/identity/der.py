@@ -210,6 +210,7 @@ class Certificate:
     serial_number: int
     not_before: dt.datetime
     not_after: dt.datetime
+    issuer: str  # RFC 4514, as ``cryptography`` writes it (what /status shows)
     issuer_der: bytes = field(repr=False)
     subject_der: bytes = field(repr=False)
     public_key_der: bytes = field(repr=False)  # the SubjectPublicKeyInfo
@@ -231,13 +232,13 @@ class Certificate:
             raise DerError("a Validity has notBefore and notAfter")
         extensions = next((e for e in tbs[6:] if e.tag == EXPLICIT_3), None)
         sans = () if extensions is None else _uri_sans(single(extensions.value, SEQUENCE, "exts"))
-        expect(issuer, SEQUENCE, "issuer")
         expect(subject, SEQUENCE, "subject")
         return cls(
             der=der,
             serial_number=int.from_bytes(expect(serial, INTEGER, "serial").value, signed=True),
             not_before=_time(times[0]),
             not_after=_time(times[1]),
+            issuer=rfc4514(issuer.raw),
             issuer_der=issuer.raw,
             subject_der=subject.raw,
             public_key_der=expect(spki, SEQUENCE, "SubjectPublicKeyInfo").raw,
@@ -249,11 +250,6 @@ class Certificate:
 
     def __hash__(self) -> int:
         return hash(self.der)
-
-    @property
-    def issuer(self) -> str:
-        """The issuer's RFC 4514 string (what /status shows)."""
-        return rfc4514(self.issuer_der)
 
     @property
     def fingerprint(self) -> bytes:

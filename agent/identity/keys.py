@@ -15,7 +15,8 @@ burst of requests (start-up, a new node's pods) shares one child, and an idle ag
 The key comes back as PKCS#8 DER over a ``socketpair`` (the child's stdin and stdout): never a
 file, never a log line. Requests are serialized (a key takes about a millisecond). A child
 that does not answer within ``timeout`` is killed; every failure is a ``KeyChildError`` and the
-next request starts a new child.
+next request starts a new child, and so does a request cancelled while waiting for its answer
+(that answer must never be taken for the next request's).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import logging
 import socket
 import sys
+from collections.abc import Coroutine, Sequence
 
 from agent.identity.certs import CertificateError, PrivateKey
 from agent.identity.spiffe import SpiffeId
@@ -43,7 +45,14 @@ class KeyChildError(RuntimeError):
 class KeyChild:
     """``await new_key(identity)``: a fresh private key and a PEM CSR naming ``identity``."""
 
-    def __init__(self, *, linger: float = 5.0, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        linger: float = 5.0,
+        timeout: float = 10.0,
+        argv: Sequence[str] = (sys.executable, "-m", CHILD_MODULE),
+    ) -> None:
+        self._argv = tuple(argv)
         self._linger = linger
         self._timeout = timeout
         self._lock = asyncio.Lock()
@@ -62,14 +71,7 @@ class KeyChild:
             if self._idle is not None:
                 self._idle.cancel()
                 self._idle = None
-            try:
-                reply = await self._ask(identity)
-            except (OSError, TimeoutError, ValueError) as e:
-                await self._stop(kill=True)
-                raise KeyChildError(
-                    f"the key child ({CHILD_MODULE}) failed to make a key for {identity}: "
-                    f"{type(e).__name__}: {e}; its stderr is in the agent's log"
-                ) from e
+            reply = await self._ask_retrying(identity)
             self._idle = asyncio.get_running_loop().call_later(self._linger, self._retire)
         if "error" in reply:
             raise KeyChildError(f"the key child refused a key for {identity}: {reply['error']}")
@@ -82,6 +84,26 @@ class KeyChild:
                 f"the key child answered without a usable key ({type(e).__name__})"
             ) from e
         return key, csr
+
+    async def _ask_retrying(self, identity: SpiffeId) -> dict[str, object]:
+        """Ask; a child that had been running and fails (it died while idle) is replaced and
+        asked once more, a child started for this request is not."""
+        while True:
+            proc = self._proc
+            fresh = self._writer is None or proc is None or proc.returncode is not None
+            try:
+                return await self._ask(identity)
+            except asyncio.CancelledError:
+                self._abandon()  # its answer must not be read as the next request's
+                raise
+            except (OSError, TimeoutError, ValueError) as e:
+                await self._stop(kill=True)
+                if fresh or isinstance(e, TimeoutError):
+                    raise KeyChildError(
+                        f"the key child ({self._argv[-1]}) failed to make a key for {identity}: "
+                        f"{type(e).__name__}: {e}; its stderr is in the agent's log"
+                    ) from e
+                log.info("identity: the key child had ended (%s); starting a new one", e)
 
     async def _ask(self, identity: SpiffeId) -> dict[str, object]:
         reader, writer = await self._running()
@@ -97,12 +119,15 @@ class KeyChild:
         return reply
 
     async def _running(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._reader is not None and self._writer is not None:
-            return self._reader, self._writer
+        proc = self._proc
+        if self._reader is not None and self._writer is not None and proc is not None:
+            if proc.returncode is None:
+                return self._reader, self._writer
+            await self._stop(kill=False)  # it died while idle: reap it, start another
         mine, theirs = socket.socketpair()
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", CHILD_MODULE, stdin=theirs.fileno(), stdout=theirs.fileno()
+                *self._argv, stdin=theirs.fileno(), stdout=theirs.fileno()
             )
         except BaseException:
             mine.close()
@@ -113,12 +138,30 @@ class KeyChild:
         log.debug("identity: key child started (pid %d)", self._proc.pid)
         return self._reader, self._writer
 
+    def _abandon(self) -> None:
+        """Kill the child now, without waiting (a request was cut); it is reaped later."""
+        proc, writer = self._proc, self._writer
+        self._proc = self._reader = self._writer = None
+        if writer is not None:
+            writer.close()
+        if proc is not None:
+            if proc.returncode is None:
+                proc.kill()
+            self._background(self._reap(proc))
+
+    @staticmethod
+    async def _reap(proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()
+
+    def _background(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
     def _retire(self) -> None:
         """No request for ``linger`` seconds: let the child go (it exits at end of input)."""
         self._idle = None
-        task = asyncio.get_running_loop().create_task(self._retire_now())
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        self._background(self._retire_now())
 
     async def _retire_now(self) -> None:
         async with self._lock:

@@ -108,9 +108,12 @@ class KeyChild:
     async def _ask(self, identity: SpiffeId) -> dict[str, object]:
         reader, writer = await self._running()
         writer.write(json.dumps({"identity": str(identity)}).encode() + b"\n")
-        async with asyncio.timeout(self._timeout):
-            await writer.drain()
-            line = await reader.readline()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await writer.drain()
+                line = await reader.readline()
+        except TimeoutError as e:
+            raise TimeoutError(f"no answer within {self._timeout:g}s") from e
         if not line.endswith(b"\n"):
             raise ConnectionError("it closed the socketpair")
         reply = json.loads(line)

@@ -24,7 +24,7 @@ from agent.identity.der import Certificate, DerError, pkcs8_public_key
 from agent.identity.spiffe import SpiffeId
 
 _PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n(.*?)-----END CERTIFICATE-----", re.DOTALL
+    rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL
 )
 
 

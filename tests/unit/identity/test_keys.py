@@ -83,7 +83,7 @@ def test_a_child_that_died_while_idle_is_replaced_without_a_failed_request() -> 
 def test_a_hung_child_is_killed_and_the_request_fails_naming_the_timeout() -> None:
     async def scenario() -> None:
         keys = KeyChild(timeout=0.5, argv=(sys.executable, "-c", "import time; time.sleep(60)"))
-        with pytest.raises(KeyChildError, match="TimeoutError: no answer within 0.5s"):
+        with pytest.raises(KeyChildError, match=r"TimeoutError: no answer within 0\.5s"):
             await keys.new_key(ID)
         assert keys.pid is None
         await keys.close()

@@ -4,8 +4,9 @@ Order of a run:
 
 1. the testbed (lab, servers, stunnel4), then every path verified (``bench.verify``) before it
    carries anything else, so the capture sees each path's first TLS handshake;
-2. idle-connection memory on fresh proxies (and each agent's own RSS before any connection, at lab
-   up and after node1's restart): nodemesh cross-node, stunnel4, then nodemesh
+2. idle-connection memory on fresh proxies (and each agent's own RSS before any connection, per
+   process: at lab up, with node1's agent restarted with ``--workers 2`` (main, each worker, the
+   netlink helper), and after node1's restart): nodemesh cross-node, stunnel4, then nodemesh
    same-node after node1's agent was restarted (Python keeps the memory of the cross-node test's
    connections for reuse, which would hide the same-node test's growth);
 3. ``reps`` repetitions of every throughput / latency / connection-rate workload over every path,
@@ -111,7 +112,9 @@ def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:
         ]  # fmt: skip
         for key in ("mesh_cross", "stunnel", "mesh_same") if s.runs("idle") else ():
             if key == "mesh_same":
-                bed.restart_agent("node1")  # fresh after the cross-node test's 10,000
+                bed.restart_agent("node1", workers=2)  # idle RSS of the main, each worker, helper
+                results["agents"].append(workloads.idle_agent(bed, "node1", "--workers 2"))
+                bed.restart_agent("node1", workers=1)  # fresh after the cross-node test's 10,000
                 results["agents"].append(workloads.idle_agent(bed, "node1", "restarted"))
             path = next(p for p in bed.paths if p.key == key)
             say(f"{path.title}: idle connections {list(s.idle_steps)}")

@@ -22,6 +22,8 @@ from bench import h2load, procstat, stats
 from bench.settings import Settings
 from bench.testbed import BenchPath, HttpPath, Testbed, stop
 
+KEY_CHILD = "agent.identity.keysmith"
+
 RR_POINTS = (50, 90, 99, 99.9)
 HTTP_POINTS = (50, 90, 99)
 
@@ -154,6 +156,7 @@ def idle_agent(bed: Testbed, node: str, moment: str) -> dict[str, Any]:
     if status != 200:
         return {"node": node, "moment": moment, "error": f"/datapath answered {status}"}
     adopted = bool(json.loads(body)["datapath"]["adopted"])
+    _wait_key_child_gone(pid)
     processes = [
         {"pid": p, "role": "main" if p == pid else procstat.role(p), **procstat.memory(p)}
         for p in (pid, *procstat.children(pid))
@@ -166,6 +169,22 @@ def idle_agent(bed: Testbed, node: str, moment: str) -> dict[str, Any]:
         "rss_bytes": processes[0]["rss_bytes"],
         "processes": processes,
     }
+
+
+def _wait_key_child_gone(pid: int, timeout: float = 20.0) -> None:
+    """The key child of the start-up's certificate requests leaves a few seconds after them
+    (``agent.identity.keys``): an idle agent has none, so its memory is read after that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _has_key_child(pid):
+        time.sleep(0.2)
+
+
+def _has_key_child(pid: int) -> bool:
+    for child in procstat.children(pid):
+        with contextlib.suppress(OSError):  # a child that just exited
+            if procstat.role(child) == KEY_CHILD:
+                return True
+    return False
 
 
 def http_keepalive(bed: Testbed, path: HttpPath, s: Settings) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.identity.certs import to_pem
+from agent.identity.keysmith import to_pem
 
 ROOT_VALIDITY = dt.timedelta(days=3650)
 # Clock skew tolerance: leaves are valid from a minute ago so a peer whose clock is slightly

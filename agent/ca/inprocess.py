@@ -20,7 +20,8 @@ from agent.ca.authority import Authority
 from agent.ca.issuer import Issuer, NodeAuthorizer
 from agent.ca.server import CertificateService, start_server
 from agent.ca.storage import ROOT_FILE, load_or_create_dir
-from agent.identity.certs import WorkloadCertificate, generate_key
+from agent.identity.certs import WorkloadCertificate
+from agent.identity.keysmith import generate_key, private_key
 from agent.identity.spiffe import SpiffeId
 from agent.state import StateStore
 
@@ -93,5 +94,5 @@ class InProcessCA:
         key = generate_key()
         leaf = self.authority.sign_workload(key.public_key(), str(identity), ttl)
         return WorkloadCertificate.from_response(
-            identity, key, self.authority.chain_for(leaf), self.authority.roots_pem()
+            identity, private_key(key), self.authority.chain_for(leaf), self.authority.roots_pem()
         )

@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from agent.base.caproto import IMPERSONATED_IDENTITY_KEY
 from agent.ca.authority import Authority
-from agent.identity.certs import uri_sans
+from agent.identity.keysmith import uri_sans
 from agent.identity.spiffe import SpiffeId, SpiffeIdError
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 from agent.ca.auth import TokenReview
 from agent.ca.authority import Authority, AuthorityError
 from agent.ca.storage import ROOT_FILE, authority_from, new_material
-from agent.identity.certs import to_pem
+from agent.identity.keysmith import to_pem
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from agent.ca.issuer import Issuer, Rejected
 from agent.ca.kube import KubeApiError
 from agent.ca.metrics import CaMetrics
 from agent.identity.caclient import CA_SERVER_NAME
-from agent.identity.certs import to_pem
+from agent.identity.keysmith import to_pem
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.ca.authority import Authority, AuthorityError, key_pem, new_root
-from agent.identity.certs import to_pem
+from agent.identity.keysmith import to_pem
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """The agent's client of the mesh CA (Istio's ``IstioCertificateService`` over gRPC/TLS).
 
-For each request it generates a fresh ECDSA P-256 key in memory, sends a CSR with the identity
-as its only SAN and the identity again as ``ImpersonatedIdentity`` metadata (how Istio node
+For each request it has a fresh ECDSA P-256 key made in memory (by the key child,
+``agent.identity.keys``: the agent itself never imports ``cryptography``), sends a CSR with the
+identity as its only SAN and the identity again as ``ImpersonatedIdentity`` metadata (how Istio node
 proxies ask on a workload's behalf), and checks the answer before anyone can present it.
 
 The call is gRPC without grpcio: ``agent.identity.grpcunary`` (the HTTP/2 exchange, sans-IO) and
@@ -28,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.base import cawire
-from agent.identity.certs import CertificateError, WorkloadCertificate, build_csr, generate_key
+from agent.identity.certs import CertificateError, WorkloadCertificate
 from agent.identity.grpcunary import CallError, Status, UnaryCall
+from agent.identity.keys import KeyChild, KeyChildError
 from agent.identity.spiffe import SpiffeId
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,10 @@ class CaClient:
         server_name: str = CA_SERVER_NAME,
         validity_seconds: int = 0,
         timeout: float = 10.0,
+        keys: KeyChild | None = None,
     ) -> None:
         self.address = address
+        self._keys = keys or KeyChild()
         self._root = _Watched(root_file)
         self._token = _Watched(token_file)
         self._server_name = server_name
@@ -133,9 +137,12 @@ class CaClient:
         return token
 
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
-        key = generate_key()
+        try:
+            key, csr = await self._keys.new_key(identity)
+        except KeyChildError as e:
+            raise CaError(str(e)) from e
         message = cawire.encode_request(
-            build_csr(identity, key),
+            csr,
             self._validity,
             {cawire.IMPERSONATED_IDENTITY_KEY: str(identity)},
         )
@@ -235,3 +242,4 @@ class CaClient:
         a failure the identity manager retries, never a cancellation of its worker."""
         for exchange in list(self._in_flight):
             exchange.cancel()
+        await self._keys.close()

@@ -1,70 +1,82 @@
-"""Workload key pairs, CSRs and the certificates the CA returns for them.
+"""Workload private keys and the certificates the CA returns for them, without ``cryptography``.
 
-Keys are ECDSA P-256 generated in memory. ``WorkloadCertificate`` holds the private key as a
-``cryptography`` object and deliberately has no method that serialises it: its ``repr`` and
-``describe()`` (what the admin API shows) carry only public facts. The one place the key is
-encoded is ``agent.identity.tls``, which hands it to OpenSSL through an anonymous memory file.
+The agent and its workers only hold, compare and hand to OpenSSL what the CA issued; they never
+generate or sign (``agent.identity.keys`` does, in a child process), so certificates are read by
+the small DER reader of ``agent.identity.der`` and keys are kept as their PKCS#8 bytes. This is
+what keeps ``cryptography`` (about 12 MiB of RSS) out of every long-running agent process
+(ARCHITECTURE.md, "A small agent").
+
+``PrivateKey`` deliberately has no ``repr`` or ``str`` that shows its bytes, and
+``WorkloadCertificate``'s ``repr`` and ``describe()`` (what the admin API shows) carry only public
+facts. The key is encoded for two readers only: OpenSSL, through an anonymous memory file
+(``agent.identity.tls``), and the worker channel (``agent.workers.wire``).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtensionOID
-
+from agent.identity.der import Certificate, DerError, pkcs8_public_key
 from agent.identity.spiffe import SpiffeId
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.DOTALL
+)
 
 
 class CertificateError(ValueError):
     """Certificate material is malformed or does not match what was asked for."""
 
 
-def generate_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
+def pem(label: str, der: bytes) -> str:
+    body = base64.b64encode(der).decode("ascii")
+    lines = "".join(body[i : i + 64] + "\n" for i in range(0, len(body), 64))
+    return f"-----BEGIN {label}-----\n{lines}-----END {label}-----\n"
 
 
-def build_csr(identity: SpiffeId, key: ec.EllipticCurvePrivateKey) -> str:
-    """A PEM CSR whose only subject alternative name is the identity's SPIFFE URI."""
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
+class PrivateKey:
+    """A private key as PKCS#8 DER; its ``repr`` and ``str`` never show the bytes."""
 
+    __slots__ = ("der", "public_key_der")
 
-def uri_sans(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:
-    try:
-        ext = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-    except x509.ExtensionNotFound:
-        return []
-    san = ext.value
-    assert isinstance(san, x509.SubjectAlternativeName)
-    return san.get_values_for_type(x509.UniformResourceIdentifier)
-
-
-def load_pem_chain(pems: Sequence[str]) -> list[x509.Certificate]:
-    """Parse PEM strings, each of which may hold several certificates (Istio concatenates)."""
-    certs: list[x509.Certificate] = []
-    for pem in pems:
+    def __init__(self, der: bytes) -> None:
         try:
-            certs.extend(x509.load_pem_x509_certificates(pem.encode()))
-        except ValueError as e:
-            raise CertificateError(f"the CA returned a certificate that is not PEM: {e}") from e
+            public = pkcs8_public_key(der)
+        except DerError as e:
+            raise CertificateError(f"not a PKCS#8 EC private key: {e}") from e
+        self.der = der
+        self.public_key_der = public  # its SubjectPublicKeyInfo, to match certificates against
+
+    def pem(self) -> bytes:
+        return pem("PRIVATE KEY", self.der).encode("ascii")
+
+    def __repr__(self) -> str:
+        return "PrivateKey(<hidden>)"
+
+    __str__ = __repr__
+
+
+def load_pem_chain(pems: Sequence[str]) -> list[Certificate]:
+    """Parse PEM strings, each of which may hold several certificates (Istio concatenates)."""
+    certs: list[Certificate] = []
+    for text in pems:
+        blocks = _PEM_CERTIFICATE.findall(text.encode("utf-8", "replace"))
+        if not blocks:
+            raise CertificateError("the CA returned a certificate that is not PEM: no CERTIFICATE")
+        for block in blocks:
+            try:
+                certs.append(Certificate.from_der(base64.b64decode(block, validate=False)))
+            except (ValueError, DerError) as e:
+                raise CertificateError(f"the CA returned a malformed certificate: {e}") from e
     return certs
 
 
-def to_pem(certs: Sequence[x509.Certificate]) -> str:
-    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)
+def to_pem(certs: Sequence[Certificate]) -> str:
+    return "".join(pem("CERTIFICATE", c.der) for c in certs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,15 +88,15 @@ class WorkloadCertificate:
     """
 
     identity: SpiffeId
-    key: ec.EllipticCurvePrivateKey = field(repr=False)
-    chain: tuple[x509.Certificate, ...]
-    roots: tuple[x509.Certificate, ...]
+    key: PrivateKey = field(repr=False)
+    chain: tuple[Certificate, ...]
+    roots: tuple[Certificate, ...]
 
     @classmethod
     def from_response(
         cls,
         identity: SpiffeId,
-        key: ec.EllipticCurvePrivateKey,
+        key: PrivateKey,
         cert_chain: Sequence[str],
         root_certs: Sequence[str],
     ) -> WorkloadCertificate:
@@ -99,31 +111,31 @@ class WorkloadCertificate:
             raise CertificateError(f"the CA returned an empty certificate chain for {identity}")
         bundle = load_pem_chain(root_certs) if root_certs else []
         if not bundle:
-            bundle = [c for c in certs[1:] if c.issuer == c.subject]
+            bundle = [c for c in certs[1:] if c.self_issued]
         if not bundle:
             raise CertificateError(f"the CA returned no root certificate for {identity}")
         leaf = certs[0]
-        if uri_sans(leaf) != [str(identity)]:
+        if list(leaf.uri_sans) != [str(identity)]:
             raise CertificateError(
-                f"the CA returned a certificate for {uri_sans(leaf)} instead of {identity}"
+                f"the CA returned a certificate for {list(leaf.uri_sans)} instead of {identity}"
             )
-        if leaf.public_key() != key.public_key():
+        if leaf.public_key_der != key.public_key_der:
             raise CertificateError(f"the CA returned a certificate for another key ({identity})")
-        roots = {c.fingerprint(hashes.SHA256()) for c in bundle}
-        chain = tuple(c for c in certs if c.fingerprint(hashes.SHA256()) not in roots)
+        roots = {c.fingerprint for c in bundle}
+        chain = tuple(c for c in certs if c.fingerprint not in roots)
         return cls(identity, key, chain, tuple(bundle))
 
     @property
-    def leaf(self) -> x509.Certificate:
+    def leaf(self) -> Certificate:
         return self.chain[0]
 
     @property
     def not_before(self) -> dt.datetime:
-        return self.leaf.not_valid_before_utc
+        return self.leaf.not_before
 
     @property
     def not_after(self) -> dt.datetime:
-        return self.leaf.not_valid_after_utc
+        return self.leaf.not_after
 
     def chain_pem(self) -> str:
         return to_pem(self.chain)
@@ -135,7 +147,7 @@ class WorkloadCertificate:
             "serial": format(self.leaf.serial_number, "x"),
             "not_before": self.not_before.isoformat(),
             "not_after": self.not_after.isoformat(),
-            "issuer": self.leaf.issuer.rfc4514_string(),
+            "issuer": self.leaf.issuer,
             "roots": [format(r.serial_number, "x") for r in self.roots],
             "chain": self.chain_pem(),
         }

@@ -38,8 +38,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cryptography.hazmat.primitives.hashes import SHA256
-
 from agent.identity.caclient import CaError
 from agent.identity.certs import WorkloadCertificate
 from agent.identity.gate import HIGH, LOW, PriorityGate
@@ -332,10 +330,10 @@ class IdentityManager:
         peers renewed later present leaves of the new root, and identities renewed earlier must
         already trust it. The bundle is public data, so sharing it across identities is safe.
         """
-        bundle = {r.fingerprint(SHA256()) for r in fresh.roots}
+        bundle = {r.fingerprint for r in fresh.roots}
         for other in self._entries.values():
             held = other.cert
-            if held is not None and {r.fingerprint(SHA256()) for r in held.roots} != bundle:
+            if held is not None and {r.fingerprint for r in held.roots} != bundle:
                 other.cert = dataclasses.replace(held, roots=fresh.roots)
                 log.info("trust bundle of %s updated from the CA's latest answer", other.identity)
                 self._tell(str(other.identity), other.cert)

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from agent.identity.certs import WorkloadCertificate, to_pem
+from agent.identity.der import Certificate
 from agent.identity.spiffe import SpiffeId, SpiffeIdError
 
 
@@ -95,17 +93,12 @@ def _memfd(data: bytes) -> Iterator[str]:
 
 
 def _load_identity(ctx: ssl.SSLContext, cert: WorkloadCertificate) -> None:
-    key = cert.key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    with _memfd(cert.chain_pem().encode() + key) as path:
+    with _memfd(cert.chain_pem().encode() + cert.key.pem()) as path:
         ctx.load_cert_chain(path)
 
 
 def _base(
-    purpose: int, cert: WorkloadCertificate, roots: list[x509.Certificate] | None
+    purpose: int, cert: WorkloadCertificate, roots: Sequence[Certificate] | None
 ) -> MeshContext:
     ctx = MeshContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -124,7 +117,7 @@ def client_context(
     cert: WorkloadCertificate,
     expected_peer_id: str | None,
     *,
-    roots: list[x509.Certificate] | None = None,
+    roots: Sequence[Certificate] | None = None,
 ) -> MeshContext:
     """Client side: present ``cert``, require a server chaining to the bundle whose SPIFFE ID is
     ``expected_peer_id`` (``None``: any identity of the trust domain)."""
@@ -134,7 +127,7 @@ def client_context(
 
 
 def server_context(
-    cert: WorkloadCertificate, *, roots: list[x509.Certificate] | None = None
+    cert: WorkloadCertificate, *, roots: Sequence[Certificate] | None = None
 ) -> MeshContext:
     """Server side: present ``cert``, require a client certificate chaining to the bundle with a
     SPIFFE ID of the trust domain (read it with ``peer_spiffe_id`` to authorize)."""

@@ -9,8 +9,9 @@ created by the main process before it starts the worker: nobody else can write t
 
 Private keys cross only this channel: ``encode_certificate`` turns a ``WorkloadCertificate`` into
 DER bytes (PKCS#8 for the key, unencrypted: the socketpair is the protection) and
-``decode_certificate`` rebuilds it in the worker. Neither is ever logged; the ``Reply`` or
-``Note`` carrying one has a ``repr`` without its value.
+``decode_certificate`` rebuilds it in the worker, with ``agent.identity.der`` reading the
+certificates: workers never import ``cryptography`` (ARCHITECTURE.md, "A small agent").
+Neither is ever logged; the ``Reply`` or ``Note`` carrying one has a ``repr`` without its value.
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from agent.identity.certs import WorkloadCertificate
+from agent.identity.certs import PrivateKey, WorkloadCertificate
+from agent.identity.der import Certificate
 from agent.identity.spiffe import SpiffeId
 
 HEADER = struct.Struct("!I")
@@ -117,17 +115,11 @@ class Decoder:
 
 def encode_certificate(cert: WorkloadCertificate) -> tuple[str, bytes, list[bytes], list[bytes]]:
     """(identity, PKCS#8 DER key, DER chain, DER roots): for the worker channel only."""
-    key = cert.key.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    der = serialization.Encoding.DER
     return (
         str(cert.identity),
-        key,
-        [c.public_bytes(der) for c in cert.chain],
-        [c.public_bytes(der) for c in cert.roots],
+        cert.key.der,
+        [c.der for c in cert.chain],
+        [c.der for c in cert.roots],
     )
 
 
@@ -139,14 +131,11 @@ def decode_certificate(value: object) -> WorkloadCertificate:
         key_der: bytes = value[1]
         chain: list[bytes] = value[2]
         roots: list[bytes] = value[3]
-        key = serialization.load_der_private_key(key_der, password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise WireError("the certificate's key is not an EC key")
         return WorkloadCertificate(
             SpiffeId.parse(identity),
-            key,
-            tuple(x509.load_der_x509_certificate(c) for c in chain),
-            tuple(x509.load_der_x509_certificate(c) for c in roots),
+            PrivateKey(key_der),
+            tuple(Certificate.from_der(c) for c in chain),
+            tuple(Certificate.from_der(c) for c in roots),
         )
     except WireError:
         raise

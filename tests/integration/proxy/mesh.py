@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.identity.certs import WorkloadCertificate, to_pem
+from agent.identity.certs import WorkloadCertificate
+from agent.identity.keysmith import private_key, to_pem
 from agent.identity.manager import IdentityUnavailable
 from agent.identity.spiffe import SpiffeId
 from agent.proxy.core import Core, ProxySettings
@@ -94,7 +95,7 @@ class TestCA:
             .sign(self.key, hashes.SHA256())
         )
         return WorkloadCertificate.from_response(
-            SpiffeId.parse(spiffe_id), key, [to_pem([leaf])], [to_pem([self.root])]
+            SpiffeId.parse(spiffe_id), private_key(key), [to_pem([leaf])], [to_pem([self.root])]
         )
 
 

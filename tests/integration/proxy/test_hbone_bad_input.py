@@ -13,9 +13,9 @@ from pathlib import Path
 import h2.config
 import h2.connection
 import h2.events
-from cryptography.hazmat.primitives import serialization
 
 from agent.identity.certs import WorkloadCertificate
+from agent.identity.keysmith import certificate
 from agent.identity.tls import client_context
 from tests.integration.proxy.mesh import (
     CLIENT,
@@ -40,7 +40,7 @@ async def tls_connect(
     sock: socket.socket | None = None,
 ) -> Conn:
     """A TLS connection to the server pod's HBONE port from ``source`` (or over ``sock``)."""
-    ctx = client_context(cert, None, roots=[mesh.ca.root])
+    ctx = client_context(cert, None, roots=[certificate(mesh.ca.root)])
     ctx.set_alpn_protocols([alpn])
     if sock is not None:
         return await asyncio.open_connection(ssl=ctx, server_hostname="", sock=sock)
@@ -145,10 +145,7 @@ def lenient_context(cert: WorkloadCertificate, tmp: Path) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    key = cert.key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    (tmp / "client.pem").write_bytes(cert.chain_pem().encode() + key)
+    (tmp / "client.pem").write_bytes(cert.chain_pem().encode() + cert.key.pem())
     ctx.load_cert_chain(tmp / "client.pem")
     ctx.set_alpn_protocols(["h2"])
     return ctx

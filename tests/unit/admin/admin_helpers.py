@@ -9,9 +9,11 @@ import datetime as dt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from agent.admin.api import AdminApi, AdminSources
 from agent.identity.certs import WorkloadCertificate
+from agent.identity.keysmith import certificate, private_key
 from agent.identity.manager import IdentityManager
 from agent.identity.spiffe import SpiffeId
 from tests.unit.telemetry.telemetry_helpers import CLIENT_ID, make_store
@@ -33,18 +35,18 @@ def workload_certificate(identity: str) -> WorkloadCertificate:
         )
         .sign(key, hashes.SHA256())
     )
-    return WorkloadCertificate(SpiffeId.parse(identity), key, (cert,), (cert,))
+    return WorkloadCertificate(
+        SpiffeId.parse(identity), private_key(key), (certificate(cert),), (certificate(cert),)
+    )
 
 
 def private_key_texts(cert: WorkloadCertificate) -> list[str]:
     """Every form in which the key could leak into JSON."""
-    pem = cert.key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
+    key = serialization.load_der_private_key(cert.key.der, password=None)
+    assert isinstance(key, EllipticCurvePrivateKey)
+    pem = cert.key.pem().decode()
     body = "".join(pem.splitlines()[1:-1])
-    return ["PRIVATE KEY", body[:40], format(cert.key.private_numbers().private_value, "x")]
+    return ["PRIVATE KEY", body[:40], format(key.private_numbers().private_value, "x")]
 
 
 class StaticFetcher:

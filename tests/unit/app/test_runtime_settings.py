@@ -43,3 +43,28 @@ def test_start_up_objects_are_frozen_and_later_cycles_still_collected() -> None:
         runtime.GEN2_THRESHOLD,
     ]
     assert seen["switch"] == runtime.SWITCH_INTERVAL
+
+
+TRIM = """
+import json, re
+from agent.base import runtime
+
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+chunks = [bytearray(3000) for _ in range(20_000)]  # ~60 MiB in the C heap (not Python's arenas)
+for chunk in chunks:
+    chunk[::512] = b"x" * len(chunk[::512])  # touched: resident
+pinned = bytearray(3000)  # allocated last: the heap's top stays in use
+del chunks
+freed = rss()
+runtime.settle_for_data_plane()
+print(json.dumps({"released": freed - rss()}))
+"""
+
+
+def test_the_heap_start_up_freed_goes_back_to_the_kernel() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", TRIM], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert json.loads(out.stdout)["released"] > 30 << 20  # glibc, as in the image

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
 from agent.ca.inprocess import InProcessCA
-from agent.identity.certs import build_csr, generate_key
+from agent.identity.keysmith import build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
 from tests.unit.ca.ca_helpers import RawClient
 

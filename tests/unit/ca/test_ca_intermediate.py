@@ -13,6 +13,7 @@ from cryptography.x509.oid import NameOID
 from agent.ca.authority import key_pem, new_root, random_serial
 from agent.ca.inprocess import InProcessCA
 from agent.ca.storage import CA_CERT_FILE, CA_KEY_FILE, ROOT_FILE
+from agent.identity.keysmith import certificate
 from agent.identity.tls import client_context, server_context
 from agent.state import StateStore
 from tests.unit.identity.identity_helpers import CLIENT, SERVER, handshake
@@ -45,8 +46,8 @@ def test_leaves_from_an_intermediate_carry_it_and_verify(tmp_path: Path) -> None
     root, inter = intermediate_dir(tmp_path / "ca")
     ca = InProcessCA(tmp_path / "ca", StateStore())
     client, server = ca.workload_certificate(CLIENT), ca.workload_certificate(SERVER)
-    assert client.chain[1] == inter
-    assert client.roots == (root,)
-    chain_pems = ca.authority.chain_for(client.leaf)
+    assert client.chain[1] == certificate(inter)
+    assert client.roots == (certificate(root),)
+    chain_pems = ca.authority.chain_for(x509.load_der_x509_certificate(client.leaf.der))
     assert [x509.load_pem_x509_certificate(p.encode()) for p in chain_pems[1:]] == [inter, root]
     assert handshake(client_context(client, SERVER), server_context(server)) == (SERVER, CLIENT)

@@ -18,7 +18,7 @@ from agent.ca.inprocess import InProcessCA
 from agent.ca.issuer import Caller, Issuer, Rejected, parse_csr
 from agent.ca.storage import load_or_create_dir
 from agent.identity.caclient import CA_SERVER_NAME
-from agent.identity.certs import build_csr, generate_key
+from agent.identity.keysmith import build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
 from agent.state import StateStore, Workload
 from tests.fuzzing import fuzz_examples

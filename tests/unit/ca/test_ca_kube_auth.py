@@ -16,7 +16,7 @@ import pytest
 from agent.ca.auth import KubeNodeAuthorizer, TokenReview, TokenReviewAuthenticator
 from agent.ca.inprocess import InProcessCA
 from agent.ca.kube import KubeApiError
-from agent.identity.certs import build_csr, generate_key
+from agent.identity.keysmith import build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
 from agent.state import StateStore
 from tests.unit.ca.ca_helpers import RawClient

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.ca.inprocess import InProcessCA
 from agent.ca.storage import load_or_create_dir
@@ -24,6 +25,7 @@ from agent.config import add_arguments, from_args
 from agent.identity.caclient import CaClient, CaError
 from agent.identity.certs import WorkloadCertificate
 from agent.identity.component import IdentityComponent
+from agent.identity.keysmith import certificate
 from agent.identity.manager import IdentityManager, State, follow_store
 from agent.identity.rotation import Backoff
 from agent.identity.spiffe import SpiffeId
@@ -242,19 +244,11 @@ def test_key_material_never_reaches_logs_or_admin_state(
     assert len(certs) == 3
     everything = caplog.text + dumped
     for cert in certs:
-        pem = cert.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
-        der_b64 = base64.b64encode(
-            cert.key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        ).decode()
-        scalar = cert.key.private_numbers().private_value
+        pem = cert.key.pem().decode()
+        der_b64 = base64.b64encode(cert.key.der).decode()
+        key = serialization.load_der_private_key(cert.key.der, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        scalar = key.private_numbers().private_value
         for secret in (pem, der_b64[20:60], format(scalar, "x"), str(scalar)):
             assert secret not in everything
     assert "PRIVATE KEY" not in everything
@@ -308,7 +302,7 @@ def test_agent_ca_flags_reach_the_component(
     async def scenario() -> None:
         short = component("--cert-ttl", "10m")
         cert = await short.manager.certificate(CLIENT)
-        lifetime = cert.leaf.not_valid_after_utc - cert.leaf.not_valid_before_utc
+        lifetime = cert.leaf.not_after - cert.leaf.not_before
         assert lifetime <= dt.timedelta(minutes=11)  # 10 min plus the CA's backdating
         await short.manager.close()
         await short.client.close()
@@ -334,7 +328,7 @@ def test_a_new_trust_bundle_reaches_every_held_certificate(ca: InProcessCA, tmp_
         await manager.certificate(SERVER)
         after = await manager.certificate(CLIENT)
         assert after.leaf.serial_number == before.leaf.serial_number  # same leaf, not refetched
-        assert second_root in after.roots and len(after.roots) == 2
+        assert certificate(second_root) in after.roots and len(after.roots) == 2
         await manager.close()
         await client.close()
 

@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import hashes
 
 from agent.ca.inprocess import InProcessCA
 from agent.ca.storage import CA_CERT_FILE, CA_KEY_FILE, ROOT_FILE, new_material
-from agent.identity.certs import WorkloadCertificate, generate_key, load_pem_chain
+from agent.identity.certs import WorkloadCertificate, load_pem_chain
+from agent.identity.keysmith import certificate, generate_key, private_key
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import PeerIdentityError, client_context, server_context
 from agent.state import StateStore
@@ -52,7 +53,11 @@ def test_client_refuses_a_server_with_another_identity(ca: InProcessCA, run: Any
 def test_server_refuses_a_client_from_another_root(ca: InProcessCA, tmp_path: Path) -> None:
     stranger = InProcessCA(tmp_path / "other-ca", StateStore())
     _, server_view = handshake(
-        client_context(stranger.workload_certificate(CLIENT), None, roots=list(ca.authority.roots)),
+        client_context(
+            stranger.workload_certificate(CLIENT),
+            None,
+            roots=[certificate(r) for r in ca.authority.roots],
+        ),
         server_context(ca.workload_certificate(SERVER)),
     )
     assert isinstance(server_view, ssl.SSLError)
@@ -85,7 +90,7 @@ def test_root_rotation_overlap_old_and_new_leaves_verify_each_other(tmp_path: Pa
     assert handshake(client_context(new_leaf, CLIENT), server_context(old_leaf)) == (CLIENT, SERVER)
     # Without the overlap (a peer that trusts only the old root) the new leaf is refused.
     client_view, _ = handshake(
-        client_context(old_leaf, SERVER, roots=[old_ca.authority.signing_root]),
+        client_context(old_leaf, SERVER, roots=[certificate(old_ca.authority.signing_root)]),
         server_context(new_leaf),
     )
     assert isinstance(client_view, ssl.SSLCertVerificationError)
@@ -107,9 +112,11 @@ def _leaf_with_sans(ca: InProcessCA, identity: str, sans: list[x509.GeneralName]
         .add_extension(x509.SubjectAlternativeName(sans), critical=True)
         .sign(authority.signing_key, hashes.SHA256())
     )
-    roots = tuple(authority.roots)
-    chain = tuple(c for c in load_pem_chain(authority.chain_for(leaf)) if c not in roots)
-    return WorkloadCertificate(SpiffeId.parse(identity), key, chain, roots)
+    roots = tuple(certificate(r) for r in authority.roots)
+    fingerprints = {r.fingerprint for r in roots}
+    chain = load_pem_chain(authority.chain_for(leaf))
+    kept = tuple(c for c in chain if c.fingerprint not in fingerprints)
+    return WorkloadCertificate(SpiffeId.parse(identity), private_key(key), kept, roots)
 
 
 @pytest.mark.parametrize(

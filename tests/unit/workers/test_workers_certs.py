@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from agent.identity.certs import WorkloadCertificate
 from agent.identity.manager import IdentityUnavailable
@@ -56,11 +55,7 @@ def test_renewed_and_dropped_notes_cross_the_wire_without_showing_the_key() -> N
     feed = CertificateFeed(Manager(cert))
     renewed = feed.changed(ID, cert)
     dropped = feed.changed(ID, None)
-    key = cert.key.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    key = cert.key.der
     assert key.hex() not in repr(renewed) and str(key) not in repr(renewed)
     seq, identity, encoded = wire(renewed)  # type: ignore[misc]
     assert (seq, identity) == (1, ID)

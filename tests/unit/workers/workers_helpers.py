@@ -7,7 +7,9 @@ import datetime as dt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from agent.identity.certs import WorkloadCertificate, generate_key
+from agent.identity.certs import WorkloadCertificate
+from agent.identity.keysmith import certificate as facts
+from agent.identity.keysmith import generate_key, private_key
 from agent.identity.spiffe import SpiffeId
 
 ID = "spiffe://cluster.local/ns/default/sa/client"
@@ -29,4 +31,6 @@ def certificate(hours: float = 1.0, identity: str = ID) -> WorkloadCertificate:
         )
         .sign(key, hashes.SHA256())
     )
-    return WorkloadCertificate(SpiffeId.parse(identity), key, (cert,), (cert,))
+    return WorkloadCertificate(
+        SpiffeId.parse(identity), private_key(key), (facts(cert),), (facts(cert),)
+    )

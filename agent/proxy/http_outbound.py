@@ -64,6 +64,7 @@ import logging
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -179,7 +180,11 @@ class UpstreamSession:
 
 
 class SessionPool:
-    """Idle upstream sessions by key, bounded and idle-timed-out (see the module docstring)."""
+    """Idle upstream sessions by key, bounded and idle-timed-out (see the module docstring).
+
+    One timer per pool, not per idle session: a session is put back and taken again for
+    every request, so each keeps the time it went idle and ``_sweep`` closes the expired
+    ones at the oldest's expiry (oldest first in each key's order)."""
 
     def __init__(
         self,
@@ -187,11 +192,14 @@ class SessionPool:
         idle_timeout: float = IDLE_TIMEOUT,
         max_per_key: int = MAX_IDLE_PER_ENDPOINT,
         max_idle: int = MAX_IDLE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.idle_timeout = idle_timeout
         self.max_per_key = max_per_key
         self.max_idle = max_idle
-        self._idle: dict[SessionKey, OrderedDict[UpstreamSession, asyncio.TimerHandle]] = {}
+        self.clock = clock
+        self._idle: dict[SessionKey, OrderedDict[UpstreamSession, float]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self.size = 0
         self.opened = 0  # sessions ever opened (tests, admin)
         self.draining = False  # the agent drains: sessions are closed, not kept
@@ -200,8 +208,7 @@ class SessionPool:
         """An idle live session for ``key`` (the most recently used), or None."""
         idle = self._idle.get(key)
         while idle:
-            session, timer = idle.popitem(last=True)
-            timer.cancel()
+            session, _since = idle.popitem(last=True)
             self.size -= 1
             if session.alive():
                 if not idle:
@@ -219,24 +226,40 @@ class SessionPool:
             return
         if idle is None:  # (not setdefault: that would build a dict for every put)
             idle = self._idle[session.key] = OrderedDict()
-        timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, session)
-        idle[session] = timer
+        idle[session] = self.clock()
         self.size += 1
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout, self._sweep)
 
-    def _expire(self, session: UpstreamSession) -> None:
-        idle = self._idle.get(session.key)
-        if idle is not None and idle.pop(session, None) is not None:
-            self.size -= 1
+    def _sweep(self) -> None:
+        """Close the sessions idle for ``idle_timeout``; run again at the next one's expiry."""
+        self._sweeper = None
+        deadline = self.clock() - self.idle_timeout
+        oldest: float | None = None
+        for key in list(self._idle):
+            idle = self._idle[key]
+            while idle:
+                session, since = next(iter(idle.items()))
+                if since > deadline:
+                    oldest = since if oldest is None else min(oldest, since)
+                    break
+                del idle[session]
+                self.size -= 1
+                session.close()
             if not idle:
-                del self._idle[session.key]
-            session.close()
+                del self._idle[key]
+        if oldest is not None:
+            delay = max(0.0, oldest + self.idle_timeout - self.clock())
+            self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
 
     def close_all(self) -> None:
         """Drain: close the idle sessions, and every session released from now on."""
         self.draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
-            for session, timer in idle.items():
-                timer.cancel()
+            for session in idle:
                 session.close()
         self._idle.clear()
         self.size = 0

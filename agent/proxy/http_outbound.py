@@ -14,21 +14,22 @@ completed; at most ``MAX_IDLE_PER_ENDPOINT`` idle per key and ``MAX_IDLE`` in al
 closed after ``IDLE_TIMEOUT`` unused; one that the far side closed meanwhile is dropped at
 checkout, never handed to a request.
 
-One task per client connection reads the client (only when the codec wants bytes, so a slow
-endpoint stops the client's reads) and, when a head is pending, routes and attaches the
-request. It waits on a future of its own, not on ``sock_recv``: the callback that finishes a
-response registers the client socket's reader (and the head timeout's timer) for it, so the
-task is woken once per keep-alive request, when the next bytes arrive, not also at the end of
-each response. An attached HBONE session's response is handled where it arrives, in the HBONE
-connection's callback (``deliver_directly``): parsed, written to the client, the session
-released, with no task woken per response. Why: once the codec was llhttp, the event loop's
-own work (task steps, awaits) was about a fifth of the source agent's profile; this step
-measured about 6% less agent CPU per request (ARCHITECTURE.md). A reader task for the
-session is started only when that cannot be done: a write to either side still waits (then
-the bytes stay queued in the stream, read in order with awaited writes, so a slow client stops
-the endpoint's stream), the stream ended or was reset, or the session is a socket. Writes go
-out at once unless an earlier one waits; what a side does not take waits behind its lock
-(backpressure both ways).
+One task per client connection stands for it, but a keep-alive request wakes it not at all:
+the client socket's reader callback (registered once and kept across requests; it stops
+watching only when bytes come that the codec does not want yet, so a slow endpoint still stops
+the client's reads) feeds the codec and, when a head is complete, routes it and attaches it to
+an idle pooled session right there (``_dispatch_now``). The task is woken only for what has to
+wait: a retry's backoff, an injected delay, the ``maxPendingRequests`` queue, a connect, a
+pipelined head behind a response, the client's end. An attached HBONE session's response is
+handled where it arrives, in the HBONE connection's callback (``deliver_directly``): parsed,
+written to the client, the session released, with no task woken per response. Why: once the
+codec was llhttp, the event loop's own work (task steps, awaits, a reader registered and
+removed per request) was a visible share of the source agent's profile (ARCHITECTURE.md). A
+reader task for the session is started only when that cannot be done: a write to either side
+still waits (then the bytes stay queued in the stream, read in order with awaited writes, so a
+slow client stops the endpoint's stream), the stream ended or was reset, or the session is a
+socket. Writes go out at once unless an earlier one waits; what a side does not take waits
+behind its lock (backpressure both ways), and the client is not read meanwhile.
 
 A connect failure is retried on another endpoint while traffic control allows
 (``Attempts``); when none is left the client gets 503 ``UF`` (``UH`` when the Service has no

@@ -318,3 +318,27 @@ async def test_a_client_that_leaves_mid_response_is_let_go(mesh: Mesh) -> None:
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(drained(), 20)  # the client connection's record is gone
+
+
+@mesh_test
+async def test_pipelined_requests_are_answered_in_order_whenever_they_arrive(mesh: Mesh) -> None:
+    """The client's reader stays registered between requests: bytes that come while a
+    response is in flight are left in the kernel (the reader stops watching) and read once
+    the exchange ended, whether they came with the first request or during its response."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    async with apps(port, SERVER):
+        reader, writer = await mesh.connect(CLIENT, (VIP, 80))
+        get = b"GET /%d HTTP/1.1\r\nHost: web\r\n\r\n"
+        writer.write(get % 1 + get % 2)  # pipelined in one segment
+        writer.write(get % 3)  # most likely while the first response is in flight
+        answers = []
+        for _ in range(3):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answers.append(await asyncio.wait_for(reader.readexactly(length), 10))
+        assert answers == [SERVER.encode()] * 3
+        client = Client(reader, writer)
+        assert await client.request("GET", "/4") == (200, SERVER.encode())  # and it goes on
+        writer.close()

@@ -14,21 +14,22 @@ completed; at most ``MAX_IDLE_PER_ENDPOINT`` idle per key and ``MAX_IDLE`` in al
 closed after ``IDLE_TIMEOUT`` unused; one that the far side closed meanwhile is dropped at
 checkout, never handed to a request.
 
-One task per client connection reads the client (only when the codec wants bytes, so a slow
-endpoint stops the client's reads) and, when a head is pending, routes and attaches the
-request. It waits on a future of its own, not on ``sock_recv``: the callback that finishes a
-response registers the client socket's reader (and the head timeout's timer) for it, so the
-task is woken once per keep-alive request, when the next bytes arrive, not also at the end of
-each response. An attached HBONE session's response is handled where it arrives, in the HBONE
-connection's callback (``deliver_directly``): parsed, written to the client, the session
-released, with no task woken per response. Why: once the codec was llhttp, the event loop's
-own work (task steps, awaits) was about a fifth of the source agent's profile; this step
-measured about 6% less agent CPU per request (ARCHITECTURE.md). A reader task for the
-session is started only when that cannot be done: a write to either side still waits (then
-the bytes stay queued in the stream, read in order with awaited writes, so a slow client stops
-the endpoint's stream), the stream ended or was reset, or the session is a socket. Writes go
-out at once unless an earlier one waits; what a side does not take waits behind its lock
-(backpressure both ways).
+One task per client connection stands for it, but a keep-alive request wakes it not at all:
+the client socket's reader callback (registered once and kept across requests; it stops
+watching only when bytes come that the codec does not want yet, so a slow endpoint still stops
+the client's reads) feeds the codec and, when a head is complete, routes it and attaches it to
+an idle pooled session right there (``_dispatch_now``). The task is woken only for what has to
+wait: a retry's backoff, an injected delay, the ``maxPendingRequests`` queue, a connect, a
+pipelined head behind a response, the client's end. An attached HBONE session's response is
+handled where it arrives, in the HBONE connection's callback (``deliver_directly``): parsed,
+written to the client, the session released, with no task woken per response. Why: once the
+codec was llhttp, the event loop's own work (task steps, awaits, a reader registered and
+removed per request) was a visible share of the source agent's profile (ARCHITECTURE.md). A
+reader task for the session is started only when that cannot be done: a write to either side
+still waits (then the bytes stay queued in the stream, read in order with awaited writes, so a
+slow client stops the endpoint's stream), the stream ended or was reset, or the session is a
+socket. Writes go out at once unless an earlier one waits; what a side does not take waits
+behind its lock (backpressure both ways), and the client is not read meanwhile.
 
 A connect failure is retried on another endpoint while traffic control allows
 (``Attempts``); when none is left the client gets 503 ``UF`` (``UH`` when the Service has no
@@ -64,6 +65,7 @@ import logging
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -179,7 +181,11 @@ class UpstreamSession:
 
 
 class SessionPool:
-    """Idle upstream sessions by key, bounded and idle-timed-out (see the module docstring)."""
+    """Idle upstream sessions by key, bounded and idle-timed-out (see the module docstring).
+
+    One timer per pool, not per idle session: a session is put back and taken again for
+    every request, so each keeps the time it went idle and ``_sweep`` closes the expired
+    ones at the oldest's expiry (oldest first in each key's order)."""
 
     def __init__(
         self,
@@ -187,11 +193,14 @@ class SessionPool:
         idle_timeout: float = IDLE_TIMEOUT,
         max_per_key: int = MAX_IDLE_PER_ENDPOINT,
         max_idle: int = MAX_IDLE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.idle_timeout = idle_timeout
         self.max_per_key = max_per_key
         self.max_idle = max_idle
-        self._idle: dict[SessionKey, OrderedDict[UpstreamSession, asyncio.TimerHandle]] = {}
+        self.clock = clock
+        self._idle: dict[SessionKey, OrderedDict[UpstreamSession, float]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self.size = 0
         self.opened = 0  # sessions ever opened (tests, admin)
         self.draining = False  # the agent drains: sessions are closed, not kept
@@ -200,8 +209,7 @@ class SessionPool:
         """An idle live session for ``key`` (the most recently used), or None."""
         idle = self._idle.get(key)
         while idle:
-            session, timer = idle.popitem(last=True)
-            timer.cancel()
+            session, _since = idle.popitem(last=True)
             self.size -= 1
             if session.alive():
                 if not idle:
@@ -219,24 +227,40 @@ class SessionPool:
             return
         if idle is None:  # (not setdefault: that would build a dict for every put)
             idle = self._idle[session.key] = OrderedDict()
-        timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, session)
-        idle[session] = timer
+        idle[session] = self.clock()
         self.size += 1
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout, self._sweep)
 
-    def _expire(self, session: UpstreamSession) -> None:
-        idle = self._idle.get(session.key)
-        if idle is not None and idle.pop(session, None) is not None:
-            self.size -= 1
+    def _sweep(self) -> None:
+        """Close the sessions idle for ``idle_timeout``; run again at the next one's expiry."""
+        self._sweeper = None
+        deadline = self.clock() - self.idle_timeout
+        oldest: float | None = None
+        for key in list(self._idle):
+            idle = self._idle[key]
+            while idle:
+                session, since = next(iter(idle.items()))
+                if since > deadline:
+                    oldest = since if oldest is None else min(oldest, since)
+                    break
+                del idle[session]
+                self.size -= 1
+                session.close()
             if not idle:
-                del self._idle[session.key]
-            session.close()
+                del self._idle[key]
+        if oldest is not None:
+            delay = max(0.0, oldest + self.idle_timeout - self.clock())
+            self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
 
     def close_all(self) -> None:
         """Drain: close the idle sessions, and every session released from now on."""
         self.draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
-            for session, timer in idle.items():
-                timer.cancel()
+            for session in idle:
                 session.close()
         self._idle.clear()
         self.size = 0
@@ -251,6 +275,15 @@ class _Request:
     first_byte: float = 0.0
     deadline: float | None = None  # the route's request timeout, as a monotonic time
     backoff: float | None = None  # set when the request waits to be sent again
+
+
+@dataclass(frozen=True, slots=True)
+class _Opening:
+    """An endpoint chosen for a request with no idle session to it: one is to be opened."""
+
+    ip: str
+    route: Route
+    key: SessionKey
 
 
 def _try_send(sock: socket.socket, data: bytes) -> int:
@@ -356,6 +389,11 @@ class _ClientConnection:
         self._loop = asyncio.get_running_loop()  # (each get_running_loop() costs a getpid())
         self._watching = False
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timed: float | None = None  # the head_started ``_head_timer`` is for
+        # A request the reader's callback routed but could not send without waiting: the
+        # task resumes it (``_dispatch``): its admission (delay, queue) when ``opening`` is
+        # None, else the connect to the endpoint it chose.
+        self._resume: tuple[_Request, _Opening | None] | None = None
         self.client_gone = False  # a send to the client failed
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
@@ -409,14 +447,15 @@ class _ClientConnection:
             await self._flush()
 
     async def _client_bytes(self) -> bytes | None:
-        """The client's next bytes (``b""`` at its end) once the codec wants them, or None
-        when woken for something else (a head is pending, the codec ends); raises
-        ``TimeoutError`` when a started head is not complete within ``HEADER_TIMEOUT``.
+        """The client's end of stream (``b""``), or None when woken for something else (a
+        head the reader's callback could not dispatch without waiting, the codec ends);
+        raises ``TimeoutError`` when a started head is not complete within
+        ``HEADER_TIMEOUT``, and the client's read errors.
 
-        Why not ``sock_recv`` after waiting for the codec: while a response is in flight the
-        codec does not want the client's bytes, and the callback that ends the response
-        (``_changed``) then registers the client socket's reader itself instead of waking this
-        task to do it, so a keep-alive request costs the task one wake-up, not two."""
+        Why the task parks here instead of reading: while it is parked, the client socket's
+        reader callback (``_readable``) feeds the codec and dispatches each request head
+        itself (``_dispatch_now``) when nothing on the way has to wait, so a keep-alive
+        request wakes no task; the reader stays registered across requests."""
         self._waiter = self._loop.create_future()
         try:
             self._changed()
@@ -427,7 +466,9 @@ class _ClientConnection:
 
     def _changed(self) -> None:
         """The codec's state may have changed: wake the client side when it has something to
-        do, watch the client socket while the codec wants its bytes, else keep waiting."""
+        do, watch the client socket while the codec wants its bytes, else keep waiting (the
+        reader stays registered: a keep-alive client sends nothing while its response is in
+        flight, and ``_readable`` stops watching if it does)."""
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
@@ -438,30 +479,41 @@ class _ClientConnection:
         elif codec.wants_client_data():
             self._watch()
         else:
-            self._unwatch()
+            self._time_head(None)
 
     def _watch(self) -> None:
-        if self._watching:
+        if not self._watching:
+            self._loop.add_reader(self.client.fileno(), self._readable)
+            self._watching = True
+        self._time_head(self.codec.head_started)
+
+    def _time_head(self, started: float | None) -> None:
+        """Run the head timeout for the head begun at ``started`` (None: no head clock,
+        between requests or in a body)."""
+        if started == self._head_timed:
             return
-        loop = self._loop
-        loop.add_reader(self.client.fileno(), self._readable)
-        self._watching = True
-        started = self.codec.head_started
-        if started is not None:  # between requests, or in a body: no head clock
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._head_timed = started
+        if started is not None:
             delay = max(0.0, started + HEADER_TIMEOUT - time.monotonic())
-            self._head_timer = loop.call_later(delay, self._head_late)
+            self._head_timer = self._loop.call_later(delay, self._head_late)
 
     def _unwatch(self) -> None:
         if self._watching:
             self._watching = False
             self._loop.remove_reader(self.client.fileno())
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._time_head(None)
 
     def _readable(self) -> None:
+        """The client's bytes while the task is parked: fed to the codec and flushed here,
+        and a complete head dispatched here when it can be without waiting."""
         waiter = self._waiter
-        if waiter is None or waiter.done():
+        codec = self.codec
+        if waiter is None or waiter.done() or self._writing() or not codec.wants_client_data():
+            # Bytes the codec does not want yet wait in the kernel, and so do those that come
+            # while a write waits (a client that does not read its responses is not read).
             self._unwatch()
             return
         try:
@@ -469,10 +521,26 @@ class _ClientConnection:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
+            self._unwatch()
             waiter.set_exception(e)
-        else:
+            return
+        if not data:  # the client's end: the task handles it
+            self._unwatch()
             waiter.set_result(data)
-        self._unwatch()
+            return
+        self.record.bytes_sent += len(data)
+        try:
+            codec.receive_client(data)
+            if codec.pending is not None and not (codec.closing or codec.tunnel):
+                if self._dispatch_now():
+                    return
+                self._changed()  # the task routes it
+                return
+            self._flush_soon()
+        except Exception:  # this connection's failure, not the loop's
+            log.exception("%s: HTTP client bytes could not be handled", self.record.source)
+            codec.closing = True
+            self._changed()
 
     def _head_late(self) -> None:
         self._head_timer = None
@@ -480,6 +548,15 @@ class _ClientConnection:
         if waiter is not None and not waiter.done():
             self._unwatch()
             waiter.set_exception(TimeoutError("no complete request head in time"))
+
+    def _writing(self) -> bool:
+        """A write to either side waits (its backlog, or a task holding its lock)."""
+        return bool(
+            self._up_backlog
+            or self._down_backlog
+            or self._up_lock.locked()
+            or self._down_lock.locked()
+        )
 
     def _flush_now(self) -> bool:
         """Write what the codec produced, settle released sessions, report exchanges, without
@@ -593,24 +670,69 @@ class _ClientConnection:
             session.close()
 
     # -- routing -----------------------------------------------------------------------------
+    def _dispatch_now(self) -> bool:
+        """Route the pending request and attach it to an idle pooled session (or answer it
+        here) without waiting, from the client reader's callback; False when something on
+        the way has to wait (a retry's backoff, an injected delay, the pending queue, a
+        connect): the task does the rest (``_dispatch``, from ``_resume``)."""
+        codec = self.codec
+        head = codec.pending
+        assert head is not None
+        request = codec.current_tag
+        if request is not None and request.backoff is not None:
+            return False
+        request = _Request()
+        if not self._route(head, request):
+            self._flush_soon()
+            return True
+        plan = request.plan
+        assert plan is not None
+        if plan.injected_delay or plan.attempts.queued:
+            self._resume = (request, None)
+            return False
+        self._start_clock(request)
+        step = self._next_try(head, request, plan)
+        if isinstance(step, _Opening):
+            self._resume = (request, step)
+            return False
+        if step is None:
+            self._no_endpoint(request, None)
+        self._flush_soon()
+        return True
+
     async def _dispatch(self, head: RequestHead) -> None:
         """Route the pending request and attach it to a session, or answer it here; a request
-        put back by a retry keeps its plan and waits its backoff first."""
-        request = self.codec.current_tag
-        if request is not None and request.backoff is not None:
+        put back by a retry keeps its plan and waits its backoff first; one the reader's
+        callback began goes on where it stopped (``_resume``)."""
+        resume, self._resume = self._resume, None
+        opening: _Opening | None = None
+        if resume is not None:
+            request, opening = resume
+            if opening is None and not await self._admission(request):
+                return
+        elif (retried := self.codec.current_tag) is not None and retried.backoff is not None:
+            request = retried
             await self._flush()  # settle the session of the try that ended
             if not await self._wait_backoff(request):
                 return
         else:
             request = _Request()
-            if not await self._plan(head, request):
+            if not self._route(head, request):
+                await self._flush()
+                return
+            if not await self._admission(request):
                 return
         assert request.plan is not None
-        await self._connect(head, request, request.plan)
+        await self._connect(head, request, request.plan, opening)
 
-    async def _plan(self, head: RequestHead, request: _Request) -> bool:
+    def _flush_soon(self) -> None:
+        """A callback's flush: at once, else finished by a task (``_flush_later``)."""
+        if not self._flush_now():
+            self._flush_later()
+
+    def _route(self, head: RequestHead, request: _Request) -> bool:
         """Route the request (``HttpRouter.admit``) and apply its rule to the codec; False
-        when it was answered here."""
+        when it was answered here (to be flushed)."""
         snap = self.core.snapshot()
         self.record.upstream, self.record.destination_identity = "", None
         http = HttpRequest.from_target(
@@ -634,7 +756,6 @@ class _ClientConnection:
         except LocalResponse as e:
             log.debug("%s %s %s: %s", self.record.source, head.method, head.path, e)
             self.codec.respond_locally(e.status, e.flags, e.body, request, e.headers)
-            await self._flush()
             return False
         request.plan = plan
         if plan.edit_request is not None:
@@ -645,11 +766,24 @@ class _ClientConnection:
             self.codec.retry_with(lambda status, ok: self._may_retry(request, status, ok))
         if plan.mirrors:
             self.codec.mirror_with()
+        return True
+
+    async def _admission(self, request: _Request) -> bool:
+        """What may make a routed request wait before its first try: the injected delay, then
+        (queued by ``maxPendingRequests``) a slot; False when it was answered meanwhile."""
+        plan = request.plan
+        assert plan is not None
         if plan.injected_delay:
             await asyncio.sleep(plan.injected_delay)
-        if plan.request_timeout is not None:  # from here: an injected delay is not counted
-            request.deadline = time.monotonic() + plan.request_timeout
+        self._start_clock(request)
         return not plan.attempts.queued or await self._admitted(request)
+
+    @staticmethod
+    def _start_clock(request: _Request) -> None:
+        """The route's request timeout runs from here: an injected delay is not counted."""
+        assert request.plan is not None
+        if request.plan.request_timeout is not None:
+            request.deadline = time.monotonic() + request.plan.request_timeout
 
     async def _admitted(self, request: _Request) -> bool:
         """The request waits for a slot of its backend's ``maxConnections`` (it was queued:
@@ -700,54 +834,84 @@ class _ClientConnection:
         await self._flush()
         return True
 
-    async def _connect(self, head: RequestHead, request: _Request, plan: RoutePlan) -> None:
-        """Attach the request to a session with one of the backend's endpoints, retrying a
-        failed connect on another while traffic control allows; else answer 503."""
+    def _next_try(
+        self, head: RequestHead, request: _Request, plan: RoutePlan
+    ) -> _Opening | bool | None:
+        """The next endpoint for the request, without waiting: True when it was attached to
+        an idle pooled session or answered here (403 for a same-node endpoint's policy), an
+        ``_Opening`` when a session must be opened, None when no endpoint is left."""
         out = self.owner.outbound
         snap = self.core.snapshot()
         attempts = plan.attempts
+        ip = attempts.next_endpoint()
+        if ip is None:
+            return None
+        route = out.resolver.endpoint_route(snap, self.source, plan.backend, ip)
+        out.describe_route(snap, route, self.record)
+        request.route = route
+        if route.kind == "local" and not self._allowed_here(route, head):
+            self.codec.respond_locally(403, RBAC_DENIED, DENIED_BODY, request)
+            return True
+        # The CONNECT names the backend Service (the route's choice, or the dialled one), so
+        # sessions are keyed by it too.
+        key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(plan.backend))
+        session = self.owner.sessions.take(key)
+        if session is None:
+            return _Opening(ip, route, key)
+        attempts.connected(ip, reused=True)
+        self._attach(session, request)
+        return True
+
+    async def _connect(
+        self,
+        head: RequestHead,
+        request: _Request,
+        plan: RoutePlan,
+        opening: _Opening | None = None,
+    ) -> None:
+        """Attach the request to a session with one of the backend's endpoints (starting with
+        ``opening`` when the reader's callback chose it), retrying a failed connect on another
+        while traffic control allows; else answer 503."""
+        attempts = plan.attempts
         failure: tuple[BaseException, Route] | None = None
-        while (ip := attempts.next_endpoint()) is not None:
-            route = out.resolver.endpoint_route(snap, self.source, plan.backend, ip)
-            out.describe_route(snap, route, self.record)
-            request.route = route
-            if route.kind == "local" and not self._allowed_here(route, head):
-                self.codec.respond_locally(403, RBAC_DENIED, DENIED_BODY, request)
+        while True:
+            step = opening if opening is not None else self._next_try(head, request, plan)
+            opening = None
+            if not isinstance(step, _Opening):
+                if step is None:
+                    break
                 await self._flush()
-                return
-            # The CONNECT names the backend Service (the route's choice, or the dialled one),
-            # so sessions are keyed by it too.
-            key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(plan.backend))
-            session = self.owner.sessions.take(key)
-            if session is not None:
-                attempts.connected(ip, reused=True)
-                await self._attach(session, request)
                 return
             timeout = attempts.try_timeout()
             if request.deadline is not None:
                 timeout = min(timeout, max(0.0, request.deadline - time.monotonic()))
             try:
-                session = await asyncio.wait_for(self._open(key, route), timeout)
+                session = await asyncio.wait_for(self._open(step.key, step.route), timeout)
             except (OSError, TunnelError) as e:
-                failure = (e, route)
+                failure = (e, step.route)
                 cause = classify(e)
                 if cause is not None:
-                    attempts.failed(ip, cause)
+                    attempts.failed(step.ip, cause)
                     if await self._timed_out(request):
                         return
                     if attempts.may_retry(cause):
                         continue
                 break
-            attempts.connected(ip)
-            await self._attach(session, request)
+            attempts.connected(step.ip)
+            self._attach(session, request)
+            await self._flush()
             return
+        self._no_endpoint(request, failure)
+        await self._flush()
+
+    def _no_endpoint(self, request: _Request, failure: tuple[BaseException, Route] | None) -> None:
+        """No endpoint left: 503 ``UH`` when none was tried, else ``UF`` (to be flushed)."""
         if failure is None:
             flags = NO_HEALTHY_UPSTREAM
         else:
             flags = UPSTREAM_CONNECT_FAILURE
-            out.count_failure(failure[0], failure[1], self.record)
+            self.owner.outbound.count_failure(failure[0], failure[1], self.record)
         self.codec.respond_locally(503, flags, BODIES[flags], request)
-        await self._flush()
 
     def _allowed_here(self, route: Route, head: RequestHead) -> bool:
         """A same-node endpoint's L7 authorization (no other proxy sees this request)."""
@@ -780,7 +944,8 @@ class _ClientConnection:
         self.owner.sessions.opened += 1
         return UpstreamSession(key, conn)
 
-    async def _attach(self, session: UpstreamSession, request: _Request) -> None:
+    def _attach(self, session: UpstreamSession, request: _Request) -> None:
+        """Serve the pending request with ``session`` (its head goes out at the next flush)."""
         self.session = session
         conn = session.conn
         if isinstance(conn, TunnelStream):
@@ -794,7 +959,6 @@ class _ClientConnection:
             self._start_reader(session, request)
         self.codec.attach(session.codec, request)
         self._arm(request)
-        await self._flush()
 
     # -- mirrors -----------------------------------------------------------------------------
     def _mirror(self, copy: Mirrored[_Request]) -> None:
@@ -888,8 +1052,7 @@ class _ClientConnection:
             codec.expire(BODIES[UPSTREAM_TIMEOUT])
         else:
             codec.try_expired(BODIES[UPSTREAM_TIMEOUT])
-        if not self._flush_now():
-            self._flush_later()
+        self._flush_soon()
 
     # -- upstream side -----------------------------------------------------------------------
     def _take(self, session: UpstreamSession, request: _Request, data: bytes) -> int:
@@ -900,20 +1063,14 @@ class _ClientConnection:
         codec = self.codec
         if self.session is not session or codec.closing or codec.tunnel:
             return 0
-        if (
-            self._up_backlog
-            or self._down_backlog
-            or self._up_lock.locked()
-            or self._down_lock.locked()
-        ):
+        if self._writing():
             self._start_reader(session, request)
             return 0
         if not request.first_byte:
             request.first_byte = time.monotonic()
         try:
             codec.receive_upstream(data)
-            if not self._flush_now():
-                self._flush_later()
+            self._flush_soon()
         except Exception:  # this connection's failure, not the HBONE connection's
             log.exception("%s: HTTP upstream bytes could not be handled", self.record.source)
             codec.closing = True

@@ -193,22 +193,26 @@ async def test_one_keep_alive_connection_is_balanced_per_request(mesh: Mesh) -> 
 
 
 @mesh_test
-async def test_a_keep_alive_request_wakes_the_client_connections_task_once(mesh: Mesh) -> None:
-    """The task serving a client connection is resumed once per request (its head arrived):
-    the response is written from the HBONE connection's callback, which also watches the
-    client for the next head, without waking the task in between."""
+async def test_a_keep_alive_request_wakes_no_task_and_keeps_the_client_watched(mesh: Mesh) -> None:
+    """The client reader's callback routes each head and attaches it to the pooled session
+    (no task resumed), the response is written from the HBONE connection's callback, and the
+    client socket's reader stays registered across requests (no ``add_reader`` per request;
+    before: one task resumption and one registration per request)."""
     port = free_port(SERVER)
     add_services(mesh, port, SERVER)
     async with apps(port, SERVER):
         client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
         assert (await client.request("GET", "/warm"))[0] == 200  # opens the pooled session
         handle = HttpOutbound.handle.__code__
-        resumed = 0
+        watch = http_outbound._ClientConnection._watch.__code__
+        resumed = registered = 0
 
         def count(frame: FrameType, event: str, _arg: Any) -> None:
-            nonlocal resumed
+            nonlocal resumed, registered
             if event == "call" and frame.f_code is handle:
                 resumed += 1  # a coroutine's frame is "called" each time its task resumes
+            elif event == "call" and frame.f_code is watch:
+                registered += not frame.f_locals["self"]._watching  # it calls add_reader
 
         sys.setprofile(count)
         try:
@@ -217,7 +221,8 @@ async def test_a_keep_alive_request_wakes_the_client_connections_task_once(mesh:
         finally:
             sys.setprofile(None)
         client.writer.close()
-    assert resumed == 20
+    assert (resumed, registered) == (0, 0)
+    assert mesh.node1.outbound.http.sessions.opened == 1
 
 
 @mesh_test
@@ -313,3 +318,27 @@ async def test_a_client_that_leaves_mid_response_is_let_go(mesh: Mesh) -> None:
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(drained(), 20)  # the client connection's record is gone
+
+
+@mesh_test
+async def test_pipelined_requests_are_answered_in_order_whenever_they_arrive(mesh: Mesh) -> None:
+    """The client's reader stays registered between requests: bytes that come while a
+    response is in flight are left in the kernel (the reader stops watching) and read once
+    the exchange ended, whether they came with the first request or during its response."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    async with apps(port, SERVER):
+        reader, writer = await mesh.connect(CLIENT, (VIP, 80))
+        get = b"GET /%d HTTP/1.1\r\nHost: web\r\n\r\n"
+        writer.write(get % 1 + get % 2)  # pipelined in one segment
+        writer.write(get % 3)  # most likely while the first response is in flight
+        answers = []
+        for _ in range(3):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answers.append(await asyncio.wait_for(reader.readexactly(length), 10))
+        assert answers == [SERVER.encode()] * 3
+        client = Client(reader, writer)
+        assert await client.request("GET", "/4") == (200, SERVER.encode())  # and it goes on
+        writer.close()

@@ -93,7 +93,8 @@ async def _attached(conn: _ClientConnection) -> tuple[TunnelStream, _Proto, Upst
     proto = _Proto()
     stream = TunnelStream(cast(Any, proto), 1)
     session = UpstreamSession(KEY, stream)
-    await conn._attach(session, _Request())
+    conn._attach(session, _Request())
+    assert conn._flush_now()
     assert bytes(proto.codec.sent).startswith(b"GET /a HTTP/1.1\r\n")
     return stream, proto, session
 
@@ -160,7 +161,8 @@ def test_a_session_a_reader_task_served_is_read_from_the_callback_again() -> Non
         # The next request on the pooled session: its response comes through the callback,
         # though the reader that stopped had been handed a chunk last.
         conn.codec.receive_client(GET)
-        await conn._attach(session, _Request())
+        conn._attach(session, _Request())
+        assert conn._flush_now()
         stream._on_data(OK)
         assert client.recv(100) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
         assert conn.reader is None

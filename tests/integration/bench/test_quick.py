@@ -97,11 +97,15 @@ def test_quick_mode_writes_well_formed_results(tmp_path: Path) -> None:
     agents = [(a["node"], a["moment"], a["programs"]) for a in results["agents"]]
     assert agents == [
         ("node1", "lab up", "compiled"), ("node2", "lab up", "compiled"),
-        ("node1", "restarted", "adopted"),
+        ("node1", "--workers 2", "adopted"), ("node1", "restarted", "adopted"),
     ]  # fmt: skip
     assert all(a["rss_bytes"] > 0 for a in results["agents"])
-    for a in results["agents"]:  # the agent process, then its netlink helper child
-        assert [p["role"] for p in a["processes"]] == ["main", "agent.datapath.netlinkd"]
+    for a in results["agents"]:  # the agent process, its workers if any, its netlink helper
+        workers = ["agent.workers.worker"] * (2 if a["moment"] == "--workers 2" else 0)
+        roles = [p["role"] for p in a["processes"]]
+        assert roles[0] == "main" and sorted(roles[1:]) == sorted(
+            ["agent.datapath.netlinkd", *workers]
+        ), (a["moment"], roles)
         assert all(0 < p["pss_bytes"] <= p["rss_bytes"] for p in a["processes"])
 
     phases = results["upgrade"]["phases"]

@@ -357,6 +357,15 @@ def test_h2s_own_header_checks_are_not_run_on_the_proxys_connections(
     assert [e.stream_id for e in w.taken(TrailersReceived)] == [sid]
 
 
+def test_forwarded_header_literals_are_not_huffman_coded() -> None:
+    """The proxy's own legs spend no CPU on Huffman coding (``h2wire.plain_literals``)."""
+    value = b"0f8fad5b-d9cb-469f-a165-70867728950e"
+    w = Wire()
+    w.request("/pkg.Svc/Call", grpc=True, extra=[(b"x-request-id", value)])
+    w.proxy.receive_client(w.client.data_to_send())
+    assert value in w.proxy.take_to_upstream()
+
+
 def test_a_continuation_flood_closes_the_connection() -> None:
     proxy = _raw_client()
     data = _headers_frame(1, end_headers=False)

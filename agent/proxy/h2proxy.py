@@ -77,6 +77,7 @@ from h2.events import (
 )
 from h2.exceptions import FrameTooLargeError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
+from hpack import NeverIndexedHeaderTuple
 
 from agent.proxy.h2guard import HeaderBlockGuard
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
@@ -112,6 +113,15 @@ GRPC_UNKNOWN = 2
 GRPC_DEADLINE_EXCEEDED = 4
 GRPC_UNIMPLEMENTED = 12
 GRPC_UNAVAILABLE = 14
+
+# Request headers whose value is new on every call: forwarded as never-indexed literals, so that
+# they do not fill the HPACK tables of the proxy's upstream connections (and the pod's) with
+# entries that are never used again, evicting the ones every call reuses (hpack searches its
+# dynamic table entry by entry for each header it encodes).
+PER_CALL = frozenset(
+    (b"x-request-id", b"grpc-timeout", b"traceparent", b"b3", b"x-b3-traceid", b"x-b3-spanid",
+     b"x-b3-parentspanid")
+)  # fmt: skip
 
 UPSTREAM_TIMEOUT = "UT"  # Envoy's flag: the request's time ran out
 TIMEOUT_BODY = b"upstream request timeout"
@@ -664,10 +674,10 @@ class H2Proxy:
         path = header(headers, b":path") or b""
         authority = header(headers, b":authority") or header(headers, b"host") or b""
         request_id = header(headers, b"x-request-id")
-        forwarded = list(headers)
+        forwarded = [NeverIndexedHeaderTuple(*h) if h[0] in PER_CALL else h for h in headers]
         if request_id is None:
             request_id = self.new_request_id().encode()
-            forwarded.append((b"x-request-id", request_id))
+            forwarded.append(NeverIndexedHeaderTuple(b"x-request-id", request_id))
         head = RequestHead(
             (header(headers, b":method") or b"").decode("latin-1"),
             path.split(b"?", 1)[0].decode("latin-1"),

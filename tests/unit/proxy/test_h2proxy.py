@@ -17,7 +17,7 @@ from h2.events import (
     StreamReset,
     TrailersReceived,
 )
-from hpack import Encoder
+from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame
 
 from agent.proxy.h2guard import CONTINUATION_FLOOD, HEADER_BLOCK
@@ -364,6 +364,19 @@ def test_forwarded_header_literals_are_not_huffman_coded() -> None:
     w.request("/pkg.Svc/Call", grpc=True, extra=[(b"x-request-id", value)])
     w.proxy.receive_client(w.client.data_to_send())
     assert value in w.proxy.take_to_upstream()
+
+
+def test_per_call_values_are_forwarded_never_indexed() -> None:
+    """A request id (ours or the client's) and ``grpc-timeout`` change with every call: they
+    must not fill the upstream connection's HPACK table (``PER_CALL``)."""
+    w = Wire()
+    w.request("/pkg.Svc/Call", grpc=True, extra=[(b"grpc-timeout", b"999u")])
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    kinds = {n: type(h) for h in req.headers for n in [h[0]]}
+    assert kinds[b"x-request-id"] is NeverIndexedHeaderTuple
+    assert kinds[b"grpc-timeout"] is NeverIndexedHeaderTuple
+    assert kinds[b"content-type"] is HeaderTuple  # what every call repeats stays indexable
 
 
 def test_a_continuation_flood_closes_the_connection() -> None:

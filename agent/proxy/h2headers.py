@@ -48,18 +48,20 @@ class MalformedHeaders(ValueError):
     """A received header block breaks RFC 9113 (a connection error, as ``h2`` treats it)."""
 
 
-def check_block(
-    headers: Sequence[Header], kind: Block, *, joined: bool = False
-) -> Sequence[Header]:
+def check_block(headers: Sequence[Header], kind: Block) -> Sequence[Header]:
     """``headers`` if well formed (with its ``cookie`` fields joined into one, last), else
     ``MalformedHeaders`` naming the first rule broken. As in ``h2``, the cookies are joined
     before the block is checked (so a cookie before a pseudo-header is not out of order)."""
+    return _check(headers, kind, joined=False)
+
+
+def _check(headers: Sequence[Header], kind: Block, *, joined: bool) -> Sequence[Header]:
     pseudo: set[bytes] = set()
     regular = False
     method = authority = host = None
     for name, value in headers:
         if name == b"cookie" and not joined:
-            return check_block(_join_cookies(headers), kind, joined=True)
+            return _check(_join_cookies(headers), kind, joined=True)
         if _NAME.fullmatch(name) is None:
             raise MalformedHeaders(f"invalid header name {name!r}")
         if value and _BAD_VALUE.search(value) is not None:

@@ -1031,10 +1031,13 @@ class H2Proxy:
 
     # -- moving DATA within the windows --------------------------------------------------------
     def _pump(self) -> None:
+        # Runs after every input, over every stream: a stream waiting for its response (most
+        # of them, on a busy gRPC channel) costs only these two tests.
         for s in list(self._streams.values()):
             if s.upstream is not None and not s.request_sent:
                 self._pump_request(s)
-            self._pump_response(s)
+            if s.response_started:
+                self._pump_response(s)
 
     def _pump_request(self, s: _Stream) -> None:
         assert s.upstream is not None
@@ -1057,8 +1060,6 @@ class H2Proxy:
             self._discard_request(s)
 
     def _pump_response(self, s: _Stream) -> None:
-        if not s.response_started:
-            return
         plain_end = s.response_end and s.response_trailers is None and bool(s.to_client)
         sent, ended = _move(s.to_client, self.client, s.client_id, end=plain_end)
         if sent and s.upstream is not None:

@@ -114,13 +114,14 @@ GRPC_DEADLINE_EXCEEDED = 4
 GRPC_UNIMPLEMENTED = 12
 GRPC_UNAVAILABLE = 14
 
-# Request headers whose value is new on every call: forwarded as never-indexed literals, so that
-# they do not fill the HPACK tables of the proxy's upstream connections (and the pod's) with
-# entries that are never used again, evicting the ones every call reuses (hpack searches its
-# dynamic table entry by entry for each header it encodes).
-PER_CALL = frozenset(
+# Request headers forwarded as never-indexed literals (RFC 7541 section 7.1.3). Values new on
+# every call: indexed, they would fill the HPACK tables of the proxy's upstream connections (and
+# the pod's) with entries never used again, evicting the ones every call reuses (hpack searches
+# its dynamic table entry by entry for each header it encodes). And credentials, kept out of
+# any compression context as ``h2``'s outbound normalisation (off here) would have.
+NEVER_INDEXED = frozenset(
     (b"x-request-id", b"grpc-timeout", b"traceparent", b"b3", b"x-b3-traceid", b"x-b3-spanid",
-     b"x-b3-parentspanid")
+     b"x-b3-parentspanid", b"authorization", b"proxy-authorization")
 )  # fmt: skip
 
 UPSTREAM_TIMEOUT = "UT"  # Envoy's flag: the request's time ran out
@@ -674,7 +675,7 @@ class H2Proxy:
         path = header(headers, b":path") or b""
         authority = header(headers, b":authority") or header(headers, b"host") or b""
         request_id = header(headers, b"x-request-id")
-        forwarded = [NeverIndexedHeaderTuple(*h) if h[0] in PER_CALL else h for h in headers]
+        forwarded = [NeverIndexedHeaderTuple(*h) if h[0] in NEVER_INDEXED else h for h in headers]
         if request_id is None:
             request_id = self.new_request_id().encode()
             forwarded.append(NeverIndexedHeaderTuple(b"x-request-id", request_id))

@@ -368,14 +368,18 @@ def test_forwarded_header_literals_are_not_huffman_coded() -> None:
 
 def test_per_call_values_are_forwarded_never_indexed() -> None:
     """A request id (ours or the client's) and ``grpc-timeout`` change with every call: they
-    must not fill the upstream connection's HPACK table (``PER_CALL``)."""
+    must not fill the upstream connection's HPACK table, nor may credentials enter it
+    (``NEVER_INDEXED``)."""
     w = Wire()
-    w.request("/pkg.Svc/Call", grpc=True, extra=[(b"grpc-timeout", b"999u")])
+    _unchecked(w.client)  # sends every field indexable, ``authorization`` too
+    extra = [(b"grpc-timeout", b"999u"), (b"authorization", b"Bearer x")]
+    w.request("/pkg.Svc/Call", grpc=True, extra=extra)
     w.run()
     (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
     kinds = {n: type(h) for h in req.headers for n in [h[0]]}
     assert kinds[b"x-request-id"] is NeverIndexedHeaderTuple
     assert kinds[b"grpc-timeout"] is NeverIndexedHeaderTuple
+    assert kinds[b"authorization"] is NeverIndexedHeaderTuple
     assert kinds[b"content-type"] is HeaderTuple  # what every call repeats stays indexable
 
 

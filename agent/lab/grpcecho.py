@@ -81,13 +81,17 @@ def handler(name: str) -> grpc.GenericRpcHandler:
     )
 
 
-def serve(port: int, name: str, *, workers: int = 8) -> grpc.Server:
-    """A started server on all addresses, plaintext (h2c: the mesh provides mTLS)."""
+def serve(
+    port: int, name: str, *, workers: int = 8, host: str = "0.0.0.0"
+) -> tuple[grpc.Server, int]:
+    """A started server on ``host`` (all addresses by default), plaintext (h2c: the mesh
+    provides mTLS), and the port it bound: pass port 0 to let the kernel pick one, so that no
+    other process can take a port picked earlier before the server binds it."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     server.add_generic_rpc_handlers((handler(name),))
-    server.add_insecure_port(f"0.0.0.0:{port}")
+    bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
-    return server
+    return server, bound
 
 
 def unary_call(channel: grpc.Channel, method: str = UNARY) -> grpc.UnaryUnaryMultiCallable:
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     client.add_argument("--timed", action="store_true", help="add each call's seconds")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.port, args.name).wait_for_termination()
+        serve(args.port, args.name)[0].wait_for_termination()
         return
     wanted = [(m, r.encode()) for m, _, r in (c.partition("=") for c in args.calls)]
     metadata = [(n.lower(), v) for n, _, v in (h.partition("=") for h in args.header)]

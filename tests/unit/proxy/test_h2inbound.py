@@ -57,16 +57,9 @@ class Seen:
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def pod() -> Iterator[tuple[int, grpc.Server]]:
-    port = _free_port()
-    server = grpcecho.serve(port, "pod", workers=4)
+    server, port = grpcecho.serve(0, "pod", workers=4, host="127.0.0.1")
     try:
         yield port, server
     finally:

@@ -17,13 +17,14 @@ from h2.events import (
     StreamReset,
     TrailersReceived,
 )
-from hpack import Encoder
+from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame
 
 from agent.proxy.h2guard import CONTINUATION_FLOOD, HEADER_BLOCK
 from agent.proxy.h2proxy import (
     CONTROL_FLOOD,
     EMPTY_FRAMES,
+    PROTOCOL_ERROR,
     RAPID_RESET,
     TOO_MANY_STREAMS,
     Choice,
@@ -33,7 +34,7 @@ from agent.proxy.h2proxy import (
     Pick,
     PickRequest,
 )
-from agent.proxy.http1 import RequestHead, Verdict
+from agent.proxy.http1 import UPSTREAM_PROTOCOL, RequestHead, Verdict
 from tests.unit.proxy.h2peers import Wire, peer
 
 OK_TRAILERS = [(b"grpc-status", b"0")]
@@ -273,6 +274,113 @@ def test_rapid_reset_closes_the_connection() -> None:
     proxy.receive_client(frames)
     proxy.take_to_upstream()
     assert proxy.take_rejections() == [RAPID_RESET] and proxy.closing
+
+
+def _unchecked(conn: H2Connection) -> None:
+    """Let an ``h2`` peer send (and take) header blocks that break RFC 9113."""
+    conn.config.validate_outbound_headers = False
+    conn.config.normalize_outbound_headers = False
+    conn.config.validate_inbound_headers = False
+    conn.config.normalize_inbound_headers = False
+
+
+MALFORMED = [
+    pytest.param([(b"X-Upper", b"1")], id="uppercase-name"),
+    pytest.param([(b"x-split", b"a\r\nx-injected: 1")], id="crlf-in-value"),
+    pytest.param([(b"x-space", b" padded")], id="leading-space"),
+    pytest.param([(b"connection", b"close")], id="connection-specific"),
+    pytest.param([(b"te", b"gzip")], id="te-not-trailers"),
+    pytest.param([(b":path", b"/again")], id="pseudo-after-regular"),
+    pytest.param([(b"host", b"elsewhere")], id="host-not-authority"),
+]
+
+
+@pytest.mark.parametrize("extra", MALFORMED)
+def test_a_malformed_request_block_closes_the_connection_as_a_protocol_error(
+    extra: list[tuple[bytes, bytes]],
+) -> None:
+    w = Wire()
+    _unchecked(w.client)
+    w.request("/pkg.Svc/Call", grpc=True, extra=extra)
+    w.run()
+    assert w.proxy.take_rejections() == [PROTOCOL_ERROR] and w.proxy.closing
+    assert [e.error_code for e in w.taken(ConnectionTerminated)] == [ErrorCodes.PROTOCOL_ERROR]
+    assert not [e for e in w.pod_events if isinstance(e, RequestReceived)]
+
+
+def test_malformed_request_trailers_close_the_connection_as_a_protocol_error() -> None:
+    w = Wire()
+    _unchecked(w.client)
+    sid = w.request("/pkg.Svc/Call", grpc=True, end=False)
+    w.run()
+    w.client.send_headers(sid, [(b":path", b"/"), (b"x-checksum", b"1")], end_stream=True)
+    w.run()
+    assert w.proxy.take_rejections() == [PROTOCOL_ERROR] and w.proxy.closing
+
+
+@pytest.mark.parametrize("extra", MALFORMED[:5])
+def test_a_malformed_response_block_from_the_pod_is_unavailable_and_counted(
+    extra: list[tuple[bytes, bytes]],
+) -> None:
+    w = Wire()
+    _unchecked(w.pod)
+    sid = w.request("/pkg.Svc/Call", grpc=True)
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(req.stream_id, [(b":status", b"200"), *extra])
+    w.run()
+    (answer,) = w.taken(ResponseReceived)
+    assert answer.stream_id == sid and dict(answer.headers)[b"grpc-status"] == b"14"
+    assert w.proxy.take_rejections() == [UPSTREAM_PROTOCOL]
+    assert not any(n.lower() == extra[0][0].lower() for n, _ in answer.headers)
+
+
+def test_h2s_own_header_checks_are_not_run_on_the_proxys_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxy checks each received block once itself (``h2headers.check_block``): ``h2``'s
+    generator chain, a tenth of a call's time at four connection ends, is off."""
+
+    def refuse(*_args: object) -> None:
+        raise AssertionError("h2 validated a header block the proxy received")
+
+    monkeypatch.setattr("h2.stream.validate_headers", refuse)
+    monkeypatch.setattr("h2.stream.normalize_inbound_headers", refuse)
+    w = Wire()
+    _unchecked(w.client)
+    _unchecked(w.pod)
+    sid = w.request("/pkg.Svc/Call", grpc=True, extra=[(b"cookie", b"a=1"), (b"cookie", b"b=2")])
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    assert (b"cookie", b"a=1; b=2") in req.headers
+    _respond(w, grpc=True)
+    assert [e.stream_id for e in w.taken(TrailersReceived)] == [sid]
+
+
+def test_forwarded_header_literals_are_not_huffman_coded() -> None:
+    """The proxy's own legs spend no CPU on Huffman coding (``h2wire.plain_literals``)."""
+    value = b"0f8fad5b-d9cb-469f-a165-70867728950e"
+    w = Wire()
+    w.request("/pkg.Svc/Call", grpc=True, extra=[(b"x-request-id", value)])
+    w.proxy.receive_client(w.client.data_to_send())
+    assert value in w.proxy.take_to_upstream()
+
+
+def test_per_call_values_are_forwarded_never_indexed() -> None:
+    """A request id (ours or the client's) and ``grpc-timeout`` change with every call: they
+    must not fill the upstream connection's HPACK table, nor may credentials enter it
+    (``NEVER_INDEXED``)."""
+    w = Wire()
+    _unchecked(w.client)  # sends every field indexable, ``authorization`` too
+    extra = [(b"grpc-timeout", b"999u"), (b"authorization", b"Bearer x")]
+    w.request("/pkg.Svc/Call", grpc=True, extra=extra)
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    kinds = {n: type(h) for h in req.headers for n in [h[0]]}
+    assert kinds[b"x-request-id"] is NeverIndexedHeaderTuple
+    assert kinds[b"grpc-timeout"] is NeverIndexedHeaderTuple
+    assert kinds[b"authorization"] is NeverIndexedHeaderTuple
+    assert kinds[b"content-type"] is HeaderTuple  # what every call repeats stays indexable
 
 
 def test_a_continuation_flood_closes_the_connection() -> None:

@@ -137,3 +137,42 @@ def test_received_frames_are_not_formatted_for_a_trace_nobody_reads(
     events = server.receive_data(client.data_to_send())
     assert any(isinstance(e, h2.events.DataReceived) for e in events)
     assert h2wire.frame_kind(hyperframe.frame.DataFrame(1)) == "DataFrame"
+
+
+def test_plain_literals_sends_header_literals_without_huffman_coding() -> None:
+    """Reach 6: ``H2Connection.encoder`` is what ``send_headers`` encodes with; after
+    ``plain_literals`` a new value goes out as its own bytes, and a plain h2 peer reads it."""
+    value = b"0f8fad5b-d9cb-469f-a165-70867728950e"
+    head = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
+    sent = {}
+    for plain in (False, True):
+        client = H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        if plain:
+            h2wire.plain_literals(client)
+        client.initiate_connection()
+        server = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        server.initiate_connection()
+        server.receive_data(client.data_to_send())
+        client.send_headers(1, [*head, (b"x-request-id", value)], end_stream=True)
+        sent[plain] = client.data_to_send()
+        (request, _ended) = server.receive_data(sent[plain])
+        assert (b"x-request-id", value) in request.headers
+    assert value not in sent[False], "h2 no longer Huffman-codes by default: reach 6 is moot"
+    assert value in sent[True], "H2Connection.encoder is no longer what send_headers uses"
+
+
+def test_hpack_logs_nothing_while_coding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reach 7: hpack's ``log`` module globals are what it logs each header through."""
+    import logging
+
+    from hpack import Decoder, Encoder
+
+    def refuse(*_args: object, **_kw: object) -> None:
+        raise AssertionError("hpack called logging")
+
+    monkeypatch.setattr(logging.Logger, "debug", refuse)
+    monkeypatch.setattr(logging.Logger, "isEnabledFor", refuse)
+    encoder, decoder = Encoder(), Decoder()
+    encoder.header_table_size = 64  # evictions log too
+    headers = [(b"x-request-id", b"%d" % i) for i in range(8)]
+    assert decoder.decode(encoder.encode(headers), raw=True) == headers

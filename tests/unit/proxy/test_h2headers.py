@@ -1,0 +1,166 @@
+"""``check_block`` applies ``h2``'s inbound header rules: the same blocks accepted, the same
+rejected, the same headers out (``h2``'s ``validate_headers`` after its
+``normalize_inbound_headers`` is the oracle, under hypothesis, plus named cases)."""
+
+from __future__ import annotations
+
+import pytest
+from h2.exceptions import ProtocolError
+from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.proxy.h2headers import Block, MalformedHeaders, check_block
+from tests.fuzzing import fuzz_examples
+
+Header = tuple[bytes, bytes]
+
+FLAGS = {
+    Block.REQUEST: HeaderValidationFlags(False, False, False, False),
+    Block.RESPONSE: HeaderValidationFlags(True, False, True, False),
+    Block.TRAILERS: HeaderValidationFlags(False, True, False, False),
+}
+
+
+def h2_verdict(headers: list[Header], kind: Block) -> list[Header] | None:
+    """What ``h2`` makes of the block: its headers, or None if it rejects it."""
+    flags = FLAGS[kind]
+    try:
+        return list(validate_headers(normalize_inbound_headers(headers, flags), flags))
+    except ProtocolError:
+        return None
+
+
+def ours(headers: list[Header], kind: Block) -> list[Header] | None:
+    try:
+        return list(check_block(headers, kind))
+    except MalformedHeaders:
+        return None
+
+
+# Mostly fields that are fine on their own, so that a block is often valid but for one field
+# (a block broken twice over tells nothing about either rule).
+plain_names = st.sampled_from(
+    [
+        b"content-type",
+        b"x-request-id",
+        b"grpc-status",
+        b"user-agent",
+        b"te",
+        b"cookie",
+        b"host",
+        b"!#$%&'*+-.^_`|~09",
+    ]
+)
+odd_names = st.sampled_from(
+    [
+        b":method",
+        b":scheme",
+        b":authority",
+        b":path",
+        b":status",
+        b":protocol",
+        b":x",
+        b":",
+        b"",
+        b"connection",
+        b"upgrade",
+        b"keep-alive",
+        b"X-Upper",
+        b"a:b",
+        b"sp ace",
+        b"\x7f",
+        b"\xc3\xa9",
+    ]
+)
+names = st.one_of(plain_names, plain_names, plain_names, odd_names, st.binary(max_size=4))
+plain_values = st.sampled_from(
+    [b"", b"s", b"t", b"trailers", b"a b", b"/a?b", b"200", b"application/grpc", b"\xff"]
+)
+odd_values = st.sampled_from(
+    [
+        b"GET",
+        b"POST",
+        b"CONNECT",
+        b"http",
+        b"/",
+        b"TRAILERS",
+        b"gzip",
+        b" a",
+        b"a ",
+        b"\ta",
+        b"a\t",
+        b"a\rb",
+        b"a\nb",
+        b"a\0b",
+        b"websocket",
+    ]
+)
+values = st.one_of(plain_values, plain_values, odd_values, st.binary(max_size=4))
+blocks = st.lists(st.tuples(names, values), max_size=5)
+request_starts = st.sampled_from(
+    [
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"s"), (b":path", b"/")],
+        [(b":method", b"CONNECT"), (b":authority", b"s")],
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"s")],  # :path to come
+        [
+            (b":method", b"CONNECT"),
+            (b":protocol", b"websocket"),
+            (b":scheme", b"http"),
+            (b":path", b"/"),
+            (b":authority", b"s"),
+        ],
+        [(b":status", b"200")],
+        [],
+    ]
+)
+
+
+@settings(max_examples=fuzz_examples(600), deadline=None)
+@given(start=request_starts, rest=blocks, kind=st.sampled_from(list(Block)))
+def test_blocks_are_judged_as_h2_judges_them(
+    start: list[Header], rest: list[Header], kind: Block
+) -> None:
+    block = start + rest
+    assert ours(block, kind) == h2_verdict(block, kind)
+
+
+GRPC_CALL = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", b"/pkg.Echo/Unary"),
+    (b":authority", b"echo:50051"),
+    (b"te", b"trailers"),
+    (b"content-type", b"application/grpc"),
+]
+
+
+@pytest.mark.parametrize(
+    ("block", "kind"),
+    [
+        ([*GRPC_CALL, (b"X-Upper", b"1")], Block.REQUEST),
+        ([*GRPC_CALL, (b"x", b"a\r\nb: c")], Block.REQUEST),
+        ([*GRPC_CALL, (b"connection", b"close")], Block.REQUEST),
+        ([*GRPC_CALL, (b"te", b"gzip")], Block.REQUEST),
+        ([*GRPC_CALL[1:]], Block.REQUEST),  # no :method
+        ([*GRPC_CALL, (b":method", b"GET")], Block.REQUEST),  # duplicate, and after regular
+        ([*GRPC_CALL, (b"host", b"other")], Block.REQUEST),
+        ([*GRPC_CALL, (b"host", b"echo:50051"), (b"host", b"echo:50051")], Block.REQUEST),
+        ([*GRPC_CALL[:2], (b":path", b""), *GRPC_CALL[3:]], Block.REQUEST),
+        ([(b":x", b"1"), *GRPC_CALL], Block.REQUEST),  # no such pseudo-header
+        ([(b":protocol", b"websocket"), *GRPC_CALL], Block.REQUEST),  # only with CONNECT
+        ([*GRPC_CALL[:2], *GRPC_CALL[3:], (b":path", b"/")], Block.REQUEST),  # after regular
+        ([(b":status", b"200"), (b":path", b"/")], Block.RESPONSE),
+        ([(b"grpc-status", b"0"), (b":status", b"200")], Block.TRAILERS),
+    ],
+)
+def test_malformed_blocks_are_refused(block: list[Header], kind: Block) -> None:
+    assert h2_verdict(block, kind) is None
+    with pytest.raises(MalformedHeaders):
+        check_block(block, kind)
+
+
+def test_a_well_formed_block_comes_back_and_split_cookies_are_joined_last() -> None:
+    assert check_block(GRPC_CALL, Block.REQUEST) is GRPC_CALL
+    split = [*GRPC_CALL[:4], (b"cookie", b"a=1"), *GRPC_CALL[4:], (b"cookie", b"b=2")]
+    assert list(check_block(split, Block.REQUEST)) == [*GRPC_CALL, (b"cookie", b"a=1; b=2")]

@@ -106,3 +106,42 @@ def test_drain_waits_for_relays_handed_over_during_the_wait_and_cuts_them_at_the
         assert not connections
 
     asyncio.run(main())
+
+
+def test_queued_connections_are_accepted_without_registering_the_listener_per_connection() -> None:
+    """One reader on the listener for its life: ``loop.sock_accept`` per connection added and
+    removed it each time (two ``epoll_ctl``) and woke the task once per connection."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        calls: list[str] = []
+        add, remove = loop.add_reader, loop.remove_reader
+
+        def counting_add(fd: int, callback: object, *args: object) -> None:
+            calls.append("add")
+            add(fd, callback, *args)  # type: ignore[arg-type]
+
+        def counting_remove(fd: int) -> bool:
+            calls.append("remove")
+            return remove(fd)
+
+        loop.add_reader = counting_add  # type: ignore[method-assign]
+        loop.remove_reader = counting_remove  # type: ignore[method-assign]
+        lsock = socket.create_server(("127.0.0.1", 0), backlog=32)
+        clients = [socket.create_connection(lsock.getsockname()) for _ in range(10)]
+        accepted: list[socket.socket] = []
+        task = asyncio.create_task(accept_forever(lsock, accepted.append, listener="TEST"))
+        for _ in range(200):
+            if len(accepted) == 10:
+                break
+            await asyncio.sleep(0.01)
+        assert len(accepted) == 10
+        assert calls == ["add"]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert calls == ["add", "remove"]
+        for s in (*accepted, *clients, lsock):
+            s.close()
+
+    asyncio.run(scenario())

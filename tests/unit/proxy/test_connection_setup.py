@@ -95,7 +95,9 @@ class _TlsTransport(MemoryTransport):
 
 def _protocol(ssl_object: _SSLObject) -> HboneProtocol:
     proto = HboneProtocol(HboneConnection(client_side=False))
-    proto.connection_made(_TlsTransport(HboneProtocol(HboneConnection(client_side=True)), ssl_object))
+    proto.connection_made(
+        _TlsTransport(HboneProtocol(HboneConnection(client_side=True)), ssl_object)
+    )
     return proto
 
 

@@ -50,9 +50,6 @@ SKIP = frozenset(
 )
 BACKOFF_SECONDS = 0.1
 LOG_EVERY_SECONDS = 30.0
-# Connections accepted per wake-up of the listener at most, so that a flood of new connections
-# cannot keep the event loop from serving the established ones.
-ACCEPT_BATCH = 64
 
 
 def backoff_for(err: OSError) -> float | None:
@@ -68,67 +65,33 @@ def backoff_for(err: OSError) -> float | None:
 async def accept_forever(
     sock: socket.socket, serve: Callable[[socket.socket], None], *, listener: str
 ) -> None:
-    """Accept on ``sock`` and hand each connection (non-blocking) to ``serve``, for ever.
-
-    One reader callback on the listener for its whole life, which accepts everything queued
-    (up to ``ACCEPT_BATCH`` per wake-up) rather than ``loop.sock_accept`` per connection: that
-    registered and removed the listener's reader (two ``epoll_ctl``) and made a future and a
-    task wake-up for each one. Returns only by raising: the listener's own error, or
-    cancellation (the reader is removed either way)."""
+    """Accept on ``sock`` and hand each connection (non-blocking) to ``serve``, for ever."""
     loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-    fd = sock.fileno()
-    broken: asyncio.Future[None] = loop.create_future()
     last_logged = float("-inf")
-
-    def resume() -> None:
-        if not broken.done():
-            loop.add_reader(fd, readable)
-
-    def readable() -> None:
-        nonlocal last_logged
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                wait = backoff_for(e)
-                if wait is None:
-                    loop.remove_reader(fd)
-                    if not broken.done():
-                        broken.set_exception(e)
-                    return
-                reason = errno.errorcode.get(e.errno or 0, "unknown")
-                ACCEPT_ERRORS.labels(listener=listener, reason=reason).inc()
-                if not wait:
-                    continue
-                now = time.monotonic()
-                if now - last_logged >= LOG_EVERY_SECONDS:
-                    last_logged = now
-                    log.warning(
-                        "accept on the %s listener failed (%s): the agent is out of file "
-                        "descriptors or kernel memory; it keeps serving and retries every "
-                        "%.1fs. Raise its open-files limit (LimitNOFILE, ulimit -n) if this "
-                        "persists",
-                        listener.lower(),
-                        e.strerror or reason,
-                        wait,
-                    )
-                loop.remove_reader(fd)
-                loop.call_later(wait, resume)
-                return
-            conn.setblocking(False)
-            serve(conn)
-
-    loop.add_reader(fd, readable)
-    try:
-        await broken
-    finally:
-        if not broken.done():
-            broken.cancel()  # a pending ``resume`` must not register the reader again
-        if sock.fileno() == fd:  # not closed meanwhile (its number may be another's by now)
-            loop.remove_reader(fd)
+    while True:
+        try:
+            conn, _ = await loop.sock_accept(sock)
+        except OSError as e:
+            wait = backoff_for(e)
+            if wait is None:
+                raise
+            reason = errno.errorcode.get(e.errno or 0, "unknown")
+            ACCEPT_ERRORS.labels(listener=listener, reason=reason).inc()
+            now = time.monotonic()
+            if wait and now - last_logged >= LOG_EVERY_SECONDS:
+                last_logged = now
+                log.warning(
+                    "accept on the %s listener failed (%s): the agent is out of file "
+                    "descriptors or kernel memory; it keeps serving and retries every %.1fs. "
+                    "Raise its open-files limit (LimitNOFILE, ulimit -n) if this persists",
+                    listener.lower(),
+                    e.strerror or reason,
+                    wait,
+                )
+            await asyncio.sleep(wait)
+            continue
+        conn.setblocking(False)
+        serve(conn)
 
 
 async def drain(connections: set[asyncio.Future[None]], seconds: float) -> int:

@@ -8,12 +8,11 @@ foreign address are steered back to this socket by the datapath (the pod-ingress
 any segment of a flow the node owns to its socket).
 
 Why ``IP_BIND_ADDRESS_NO_PORT`` on such a socket: ``bind((client_ip, 0))`` alone makes the kernel
-choose the source port at bind time, among ports no other socket on that address holds, TIME_WAIT
-ones included (the proxy closes first towards the pod, so it holds them), and it searches the
-range for one on every connection: under connection churn that search cost more CPU than the
-rest of the connection and the client IP ran out of ports after about 28,000 connections a
-minute. With the option the port is chosen by ``connect``, unique per (source, destination)
-pair and reusing TIME_WAIT ports as the kernel allows, as for any other outgoing connection.
+choose the source port at bind time, for the address alone, searching the range for a port no
+other socket on that address holds, TIME_WAIT ones included (the proxy closes first towards the
+pod, so it holds them, a minute each): under connection churn every connection searched past
+them. With the option the port is chosen by ``connect``, unique per (source, destination) pair
+and reusing TIME_WAIT ports as the kernel allows, as for any other outgoing connection.
 """
 
 from __future__ import annotations

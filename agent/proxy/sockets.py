@@ -6,13 +6,6 @@ a socket bind to an address the node does not own: the proxy connects to a local
 client pod (its IP as source), so the server sees who really called. The pod's replies to that
 foreign address are steered back to this socket by the datapath (the pod-ingress program hands
 any segment of a flow the node owns to its socket).
-
-Why ``IP_BIND_ADDRESS_NO_PORT`` on such a socket: ``bind((client_ip, 0))`` alone makes the kernel
-choose the source port at bind time, for the address alone, searching the range for a port no
-other socket on that address holds, TIME_WAIT ones included (the proxy closes first towards the
-pod, so it holds them, a minute each): under connection churn every connection searched past
-them. With the option the port is chosen by ``connect``, unique per (source, destination) pair
-and reusing TIME_WAIT ports as the kernel allows, as for any other outgoing connection.
 """
 
 from __future__ import annotations
@@ -22,9 +15,6 @@ import contextlib
 import socket
 import struct
 
-# linux/in.h; the socket module does not name it.
-IP_BIND_ADDRESS_NO_PORT = 24
-
 
 def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -33,9 +23,6 @@ def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source_ip is not None:
             sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
-            # The port is picked by connect() for the whole 4-tuple, not by bind() for the
-            # address alone (see the module docstring).
-            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
         sock.setblocking(False)
     except OSError:

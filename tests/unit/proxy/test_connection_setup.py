@@ -1,11 +1,10 @@
 """What opening one proxied connection costs, counted (never timed): the upstream connect runs
-in the caller's task, a transparent upstream socket leaves the port to ``connect``, and the peer's
-SPIFFE ID is read from its certificate once per HBONE connection, not once per stream."""
+in the caller's task, and the peer's SPIFFE ID is read from its certificate once per HBONE
+connection, not once per stream."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from collections.abc import Coroutine, Generator
 from typing import Any
@@ -17,8 +16,6 @@ from agent.proxy import sockets
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.tunnel import HboneProtocol
 from tests.unit.proxy.memtransport import MemoryTransport
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="IP_TRANSPARENT needs root")
 
 
 def test_the_upstream_connect_creates_no_task() -> None:
@@ -61,17 +58,6 @@ def test_an_upstream_connect_past_its_timeout_raises_timeout_error() -> None:
                     c.close()
 
     asyncio.run(main())
-
-
-@needs_root
-def test_a_transparent_upstream_socket_leaves_the_port_to_connect() -> None:
-    with sockets.upstream_socket(0, "127.0.0.1") as sock:
-        assert sock.getsockopt(socket.SOL_IP, sockets.IP_BIND_ADDRESS_NO_PORT) == 1
-        assert sock.getsockname() == ("127.0.0.1", 0)  # no port taken by bind()
-        with socket.create_server(("127.0.0.1", 0)) as server:
-            sock.setblocking(True)
-            sock.connect(server.getsockname())
-            assert sock.getsockname()[1] != 0
 
 
 class _SSLObject:

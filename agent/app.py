@@ -488,8 +488,10 @@ class Agent:
         self.datapath.close()
 
     async def _accept_loop(self, slot: Listener, sock: socket.socket) -> None:
+        name = f"conn-{slot.name}"  # once per listener, not per connection
+
         def serve(conn: socket.socket) -> None:
-            task = asyncio.create_task(self._serve(conn, slot), name=f"conn-{slot.name}")
+            task = asyncio.create_task(self._serve(conn, slot), name=name)
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 

@@ -44,7 +44,7 @@ import socket
 import ssl
 from collections import Counter
 
-from agent.identity.tls import PeerIdentityError, peer_spiffe_id
+from agent.identity.tls import PeerIdentityError
 from agent.policy.authz import Request
 from agent.proxy import hbone_events as ev
 from agent.proxy import sockets
@@ -267,7 +267,7 @@ class InboundHbone:
     ) -> None:
         sid = req.stream_id
         try:
-            principal = peer_spiffe_id(proto.peer_ssl) if proto.peer_ssl else ""
+            principal = proto.peer_identity()
         except PeerIdentityError as e:
             self._refuse(proto, sid, 401, "peer_identity", f"from {peer_ip}: {e}")
             return

@@ -76,9 +76,15 @@ class HbonePool:
             await self._dial_one(key)
 
     def _usable(self, key: PoolKey) -> HboneProtocol | None:
-        conns = self._conns.get(key, [])
-        conns[:] = [c for c in conns if not c.closed.done()]
-        return next((c for c in conns if c.codec.can_open_stream()), None)
+        conns = self._conns.get(key)
+        if not conns:
+            return None
+        if any(c.closed.done() for c in conns):
+            conns[:] = [c for c in conns if not c.closed.done()]
+        for c in conns:
+            if c.codec.can_open_stream():
+                return c
+        return None
 
     async def _dial_one(self, key: PoolKey) -> None:
         fut: asyncio.Future[HboneProtocol] = asyncio.get_running_loop().create_future()

@@ -34,10 +34,15 @@ def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:
 async def connect(
     address: tuple[str, int], *, mark: int, timeout: float, source_ip: str | None = None
 ) -> socket.socket:
-    """A connected, non-blocking upstream socket; raises OSError or TimeoutError."""
+    """A connected, non-blocking upstream socket; raises OSError or TimeoutError.
+
+    ``asyncio.timeout`` rather than ``wait_for``: the connect runs in the caller's task, where
+    ``wait_for`` (Python 3.11) wrapped it in a task of its own with a waiter future, for every
+    proxied connection."""
     sock = upstream_socket(mark, source_ip)
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, address), timeout)
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, address)
     except BaseException:
         sock.close()
         raise

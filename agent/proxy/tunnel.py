@@ -46,6 +46,7 @@ from typing import Protocol, cast
 
 from h2.errors import ErrorCodes
 
+from agent.identity.tls import PeerIdentityError, peer_spiffe_id
 from agent.proxy import hbone_events as ev
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.hbone_limits import OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
@@ -337,6 +338,9 @@ class HboneProtocol(asyncio.Protocol):
         self.writers_waiting = False  # some write() waits (woken on drain or freed budget)
         self._ping_outstanding: bytes | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
+        # The peer certificate's SPIFFE ID (or why it has none): read once per connection, not
+        # per stream (``getpeercert`` decodes the whole certificate each time).
+        self._peer_id: str | PeerIdentityError | None = None
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -416,6 +420,20 @@ class HboneProtocol(asyncio.Protocol):
     @property
     def peer_ssl(self) -> ssl.SSLObject | None:
         return self.transport.get_extra_info("ssl_object") if self.transport else None
+
+    def peer_identity(self) -> str:
+        """The peer's SPIFFE ID ("" on a connection without TLS), the same for every stream of
+        the connection, so it is read from the certificate once; raises ``PeerIdentityError``
+        (each time) when the certificate names none."""
+        if self._peer_id is None:
+            ssl_object = self.peer_ssl
+            try:
+                self._peer_id = peer_spiffe_id(ssl_object) if ssl_object is not None else ""
+            except PeerIdentityError as e:
+                self._peer_id = e
+        if isinstance(self._peer_id, PeerIdentityError):
+            raise PeerIdentityError(*self._peer_id.args)
+        return self._peer_id
 
     def dispatch(self, events: list[ev.Event]) -> None:
         for e in events:

@@ -162,9 +162,11 @@ class Worker:
         await self.channel.close()
 
     async def _accept_loop(self, slot: Listener, sock: socket.socket) -> None:
+        key, name = slot.name, f"conn-{slot.name}"  # once per listener, not per connection
+
         def serve(conn: socket.socket) -> None:
-            self.accepted[slot.name] += 1
-            task = asyncio.create_task(self._handle(conn, slot), name=f"conn-{slot.name}")
+            self.accepted[key] += 1
+            task = asyncio.create_task(self._handle(conn, slot), name=name)
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 

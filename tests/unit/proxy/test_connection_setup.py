@@ -1,0 +1,110 @@
+"""What opening one proxied connection costs, counted (never timed): the upstream connect runs
+in the caller's task, and the peer's SPIFFE ID is read from its certificate once per HBONE
+connection, not once per stream."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+import pytest
+
+from agent.identity.tls import PeerIdentityError
+from agent.proxy import sockets
+from agent.proxy.hbone import HboneConnection
+from agent.proxy.tunnel import HboneProtocol
+from tests.unit.proxy.memtransport import MemoryTransport
+
+
+def test_the_upstream_connect_creates_no_task() -> None:
+    created: list[object] = []
+
+    def factory(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any] | Generator[Any, None, Any]
+    ) -> asyncio.Task[Any]:
+        created.append(coro)
+        return asyncio.Task(coro, loop=loop)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            asyncio.get_running_loop().set_task_factory(factory)
+            created.clear()
+            sock = await sockets.connect(server.getsockname(), mark=0, timeout=5.0)
+            with sock:
+                assert sock.getpeername() == server.getsockname()
+        assert created == []
+
+    asyncio.run(main())
+
+
+def test_an_upstream_connect_past_its_timeout_raises_timeout_error() -> None:
+    async def main() -> None:
+        # A listener that never accepts, its queue filled: the next SYN is dropped, so the
+        # connect waits until the timeout.
+        with socket.create_server(("127.0.0.1", 0), backlog=0) as server:
+            held = []
+            try:
+                for _ in range(4):
+                    c = socket.socket()
+                    c.setblocking(False)
+                    c.connect_ex(server.getsockname())
+                    held.append(c)
+                with pytest.raises(TimeoutError):
+                    await sockets.connect(server.getsockname(), mark=0, timeout=0.3)
+            finally:
+                for c in held:
+                    c.close()
+
+    asyncio.run(main())
+
+
+class _SSLObject:
+    def __init__(self, uris: list[str]) -> None:
+        self.uris = uris
+        self.reads = 0
+
+    def getpeercert(self) -> dict[str, Any]:
+        self.reads += 1
+        return {"subjectAltName": tuple(("URI", u) for u in self.uris)}
+
+
+class _TlsTransport(MemoryTransport):
+    def __init__(self, peer: asyncio.Protocol, ssl_object: _SSLObject) -> None:
+        super().__init__(peer)
+        self.ssl_object = ssl_object
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.ssl_object if name == "ssl_object" else default
+
+
+def _protocol(ssl_object: _SSLObject) -> HboneProtocol:
+    proto = HboneProtocol(HboneConnection(client_side=False))
+    proto.connection_made(
+        _TlsTransport(HboneProtocol(HboneConnection(client_side=True)), ssl_object)
+    )
+    return proto
+
+
+def test_the_peer_identity_is_read_once_per_connection() -> None:
+    async def main() -> None:
+        ssl_object = _SSLObject(["spiffe://cluster.local/ns/a/sa/client"])
+        proto = _protocol(ssl_object)
+        for _ in range(3):  # one call per stream
+            assert proto.peer_identity() == "spiffe://cluster.local/ns/a/sa/client"
+        assert ssl_object.reads == 1
+
+    asyncio.run(main())
+
+
+def test_a_peer_without_an_identity_is_refused_on_every_stream() -> None:
+    async def main() -> None:
+        ssl_object = _SSLObject(["spiffe://cluster.local/ns/a/sa/x", "https://example.com"])
+        proto = _protocol(ssl_object)
+        for _ in range(2):
+            with pytest.raises(PeerIdentityError, match="2 URI SANs"):
+                proto.peer_identity()
+        assert ssl_object.reads == 1
+
+    asyncio.run(main())

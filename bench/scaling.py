@@ -14,6 +14,7 @@ gain. The ratio is informative on a machine with spare cores (``make bench`` on 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -26,16 +27,23 @@ WORKERS = (1, 2)
 PATHS = ("mesh_cross", "mesh_same")
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
-            return [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return []
+WORKER = "agent.workers.worker"  # what a worker process runs (``procstat.role``)
+
+
+def _workers(pid: int) -> list[int]:
+    """``pid``'s worker processes. Only those: the agent's other children come and go (the
+    key child leaves a few seconds after the start-up's certificate requests), and a sample
+    must not read a process that left during it."""
+    found = []
+    for child in procstat.children(pid):
+        with contextlib.suppress(OSError):  # a child that just exited
+            if procstat.role(child) == WORKER:
+                found.append(child)
+    return found
 
 
 def _with_workers(path: BenchPath) -> BenchPath:
-    pids = [*path.proxy_pids, *(c for p in path.proxy_pids for c in _children(p))]
+    pids = [*path.proxy_pids, *(c for p in path.proxy_pids for c in _workers(p))]
     return dataclasses.replace(path, proxy_pids=tuple(pids))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import scaling
 
 
@@ -34,3 +36,20 @@ def test_medians_and_table() -> None:
     assert "| mesh_cross | bulk_4 | 3.00 Gbit/s | 6.00 Gbit/s | 2.00x | 2.0 / 2.0 |" in text
     assert "| mesh_cross | rr | - | 120 µs p50 | - | 0.0 / 0.5 |" in text
     assert scaling.markdown(None) == [] and scaling.markdown({"samples": []}) == []
+
+
+def test_a_sample_counts_the_workers_and_never_a_child_that_comes_and_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The key child leaves seconds after start-up: counting it made a sample read the
+    ``/proc`` entry of a process that was gone (the full bench stopped on it)."""
+    roles = {10: scaling.WORKER, 11: "agent.identity.keysmith", 12: "agent.datapath.netlinkd"}
+
+    def role(pid: int) -> str:
+        if pid == 13:
+            raise FileNotFoundError(f"/proc/{pid}/cmdline")  # exited between the two reads
+        return roles[pid]
+
+    monkeypatch.setattr(scaling.procstat, "children", lambda pid: [10, 11, 12, 13])
+    monkeypatch.setattr(scaling.procstat, "role", role)
+    assert scaling._workers(1) == [10]

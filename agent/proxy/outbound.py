@@ -127,7 +127,7 @@ class Outbound:
         conn_id = self.core.registry.add(record, cancel_current_task())
         try:
             try:
-                upstream = await self.open(route, record, src_ip, conn_id)
+                upstream = await self._open_within(route, record, src_ip, conn_id)
             except (OSError, TunnelError) as e:
                 self.count_failure(e, route, record)
                 raise
@@ -185,6 +185,24 @@ class Outbound:
         record.destination_identity = None
         if route.target is not None and route.kind != "passthrough":
             record.destination_identity = self.core.identity(route.target, snap)
+
+    async def _open_within(
+        self, route: Route, record: ConnectionRecord, src_ip: str, conn_id: int
+    ) -> Upstream:
+        """``open`` bounded by the agent's connect timeout as a whole: for a tunnel, the dial
+        (TCP, TLS) when no pooled connection can take the stream, then the far node's answer
+        to the CONNECT. Without the bound, a far node that never answered held the client
+        until the HBONE connection's keepalive gave up, long after the client had. (A
+        Service's connections are bounded per try by their own traffic policy instead.)"""
+        limit = self.core.settings.connect_timeout
+        try:
+            async with asyncio.timeout(limit):
+                return await self.open(route, record, src_ip, conn_id)
+        except TimeoutError as e:
+            raise TimeoutError(
+                f"not connected within the {limit:g} s connect timeout"
+                + (" (TCP, TLS and the CONNECT's answer)" if route.kind == "hbone" else "")
+            ) from e
 
     async def open(
         self, route: Route, record: ConnectionRecord, src_ip: str, conn_id: int

@@ -279,3 +279,22 @@ async def test_missing_certificates_refuse_cleanly_on_both_sides(mesh: Mesh) -> 
     assert mesh.node1.core.registry.rejections["no_certificate"] == 1
     mesh.identities.unavailable = set()
     assert (await roundtrip(mesh, CLIENT, (SERVER, port))).endswith(b"marker-1234\n")
+
+
+@mesh_test
+async def test_a_tunnel_the_far_node_never_answers_ends_at_the_connect_timeout(mesh: Mesh) -> None:
+    """The CONNECT reaches node2, which never answers it: node1 gives up after its connect
+    timeout (2 s here), resets the client and counts it, instead of holding the client until
+    the pooled connection's keepalive gives up."""
+    port = mesh.app(SERVER, echo_peer)
+    assert await roundtrip(mesh, CLIENT, (SERVER, port))  # the pooled connection is up
+    never = asyncio.Event()
+
+    async def unanswered(*args: object) -> None:
+        await never.wait()
+
+    mesh.node2.inbound._serve = unanswered  # type: ignore[method-assign]
+    with pytest.raises(ConnectionResetError):  # not the read's own 10 s TimeoutError
+        await roundtrip(mesh, CLIENT, (SERVER, port))
+    assert mesh.node1.core.registry.rejections["tunnel_unreachable"] == 1
+    assert mesh.node1.pool.dials == 1  # the connection itself stays in use

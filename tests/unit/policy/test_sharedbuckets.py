@@ -33,7 +33,8 @@ fd, key, burst, rate, now, attempts = sys.argv[1:]
 table = BucketTable(int(fd))
 print("ready", flush=True)
 sys.stdin.readline()
-print(sum(table.take(int(key), float(rate), float(burst), float(now)) for _ in range(int(attempts))))
+key, rate, burst, now = int(key), float(rate), float(burst), float(now)
+print(sum(table.take(key, rate, burst, now) for _ in range(int(attempts))))
 """
 
 

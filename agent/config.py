@@ -72,7 +72,9 @@ class AgentConfig:
     route_table: int = ROUTE_TABLE
     listeners: ListenerPorts = field(default_factory=ListenerPorts)
     traces: TraceSettings | None = None  # --otlp-endpoint: export spans (None: no tracing)
-    workers: int = 1  # --workers: proxy processes (1: the proxy runs in the agent process)
+    # --workers: proxy processes (1: the proxy runs in the agent process). The command's
+    # default is auto (``_workers``); a config built in code has one process unless it says so.
+    workers: int = 1
 
     @property
     def routing(self) -> RoutingConfig:
@@ -109,8 +111,10 @@ class AgentConfig:
         )
 
 
-# At most this many worker processes: each holds its own HBONE pool (a connection per peer node
-# and identity pair) and a full copy of the state, so more than a node's cores only costs.
+# At most this many worker processes, also for ``auto``: each holds its own HBONE pool (a
+# connection per peer node and identity pair), a full copy of the state and about 37 MiB, so
+# more than the agent's CPUs only costs, and the cap bounds what ``auto`` starts on a big node
+# whose agent has no CPU limit.
 MAX_WORKERS = 16
 
 
@@ -173,12 +177,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-seconds", type=float, default=5.0)
     parser.add_argument(
         "--workers",
-        default="1",
+        default="auto",
         metavar="N|auto",
         help=f"proxy worker processes, each with its own event loop and listeners (1 to "
-        f"{MAX_WORKERS}, or auto: the CPUs the agent may use by its affinity and cgroup quota, "
-        f"at most {MAX_WORKERS}, 1 without a CA; default 1: the proxy runs in the agent's own "
-        "process)",
+        f"{MAX_WORKERS}; 1: the proxy runs in the agent's own process). Default auto: the CPUs "
+        f"the agent may use by its affinity and cgroup CPU quota, at most {MAX_WORKERS}, and 1 "
+        "without a CA",
     )
     parser.add_argument(
         "--access-log-sample",

@@ -27,6 +27,12 @@ from agent.lab import netns
 from agent.lab.record import LabDir, write_atomic
 from agent.lab.topology import LabError, LabPlan, NodePlan
 
+# Every lab agent runs its proxy in one process, whatever the agent's default (one worker per
+# CPU): the lab's nodes share the host's cores, two agents with a worker per core would only
+# add processes and memory, and the tests measure single-process agents unless they restart
+# one with ``--workers N`` (a later flag wins).
+LAB_WORKERS = 1
+
 
 @dataclass(frozen=True)
 class Component:
@@ -96,6 +102,7 @@ def plan_components(
             "--ca-address", f"{plan.ca_ip}:{CA_PORT}",
             "--ca-root", str(labdir.ca_dir / "root.pem"),
             "--token-file", str(labdir.token_file(node.name)),
+            "--workers", str(LAB_WORKERS),
         )  # fmt: skip
         if drain_seconds is not None:
             argv += ("--drain-seconds", f"{drain_seconds:g}")

@@ -14,6 +14,13 @@ it with a fake clock. With ``perIdentity`` every calling SPIFFE identity gets it
 so the buckets of one pod are an LRU of at most ``MAX_IDENTITY_BUCKETS``: an identity evicted and
 seen again starts with a full bucket, which can admit a burst more than the policy says only when
 more than that many identities call one pod within a refill period.
+
+Where the buckets live: with one proxy process (``--workers 1``) in this process
+(``RateLimiter``). With ``--workers N`` a pod's connections spread over N processes, and
+per-process buckets would admit up to N times the policy; there the buckets are slots of a
+table in memory shared by the agent's workers (``agent.policy.sharedbuckets``), so the policy
+holds per node, as a proxy's local rate limit does in Envoy or Linkerd whatever its thread
+count. Both kinds do the same arithmetic (``refill``) and offer the same ``Limiter`` interface.
 """
 
 from __future__ import annotations
@@ -21,13 +28,27 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from agent.state import Snapshot
 from agent.state.model import PolicyObject, Service
 
 KIND = "RateLimitPolicy"
 MAX_IDENTITY_BUCKETS = 4096  # per pod and policy
+
+
+def refill(
+    tokens: float, stamp: float, rate: float, burst: float, now: float
+) -> tuple[bool, float, float]:
+    """One take from a bucket holding ``tokens`` at time ``stamp``: (admitted, tokens, stamp)
+    after adding ``rate`` per second since ``stamp`` (at most ``burst``) and taking one token
+    if there is one. A clock that went backwards adds nothing and leaves the stamp."""
+    if now > stamp:
+        tokens = min(burst, tokens + (now - stamp) * rate)
+        stamp = now
+    if tokens < 1.0:
+        return False, tokens, stamp
+    return True, tokens - 1.0, stamp
 
 
 @dataclass(slots=True)
@@ -45,13 +66,8 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Take one token at time ``now`` (seconds, monotonic); False if there is none."""
-        if now > self.stamp:
-            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
+        ok, self.tokens, self.stamp = refill(self.tokens, self.stamp, self.rate, self.burst, now)
+        return ok
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +120,18 @@ def limits_by_endpoint(snap: Snapshot) -> Mapping[tuple[str, int], tuple[RateLim
     return {k: tuple(v) for k, v in out.items()}
 
 
+class Limiter(Protocol):
+    """What the proxy asks of the buckets (``Core.rate_limit``), wherever they live."""
+
+    def admit(
+        self, limits: Iterable[RateLimit], pod_ip: str, identity: str | None, now: float
+    ) -> RateLimit | None: ...
+
+    def forget(self, keep: Iterable[RateLimit]) -> None: ...
+
+
 class RateLimiter:
-    """The buckets of one node, keyed by (policy, pod ip, identity); sans-IO."""
+    """The buckets of one proxy process, keyed by (policy, pod ip, identity); sans-IO."""
 
     def __init__(self, max_identity_buckets: int = MAX_IDENTITY_BUCKETS) -> None:
         self.max_identity_buckets = max_identity_buckets

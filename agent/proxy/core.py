@@ -26,7 +26,7 @@ from agent.base.constants import (
 )
 from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer, Decision, Request
 from agent.policy.peerauth import STRICT, PeerAuthenticator
-from agent.policy.ratelimit import RateLimit, RateLimiter, limits_by_endpoint
+from agent.policy.ratelimit import Limiter, RateLimit, RateLimiter, limits_by_endpoint
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
 from agent.proxy.records import Registry
@@ -102,7 +102,8 @@ class Core:
         self.registry = Registry()
         self._policies: Policies | None = None
         self._protocols: tuple[int, Mapping[tuple[str, int], str]] | None = None
-        self.limiter = RateLimiter()
+        # In-process buckets; a worker of --workers N swaps in the agent's shared ones.
+        self.limiter: Limiter = RateLimiter()
         self.clock: Callable[[], float] = time.monotonic
         self._limits: tuple[int, Mapping[tuple[str, int], tuple[RateLimit, ...]]] | None = None
 

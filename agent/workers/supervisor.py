@@ -4,6 +4,8 @@ Each worker gets one socket of each listener group (``open_listener_groups``), i
 ``exec`` together with its end of a fresh ``socketpair``; the main process keeps every listener
 open, so a worker's death never shrinks a reuseport group: connections the kernel queues on the
 dead worker's socket meanwhile wait there for its successor, which inherits the same sockets.
+Every worker also inherits the descriptor of the node's rate-limit table
+(``agent.policy.sharedbuckets``), which the main process keeps open for the agent's life.
 Over the channel the main process sends the configuration and the full state (``setup``) and
 every certificate its identity manager holds, then every state commit (``state``) and every
 certificate change (``certificate``: renewed or dropped, ``agent.workers.certs``), answers
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -35,6 +38,7 @@ from agent.base.metrics import counter
 from agent.config import AgentConfig
 from agent.identity.certs import WorkloadCertificate
 from agent.identity.manager import CertificateObserver
+from agent.policy.sharedbuckets import create_table
 from agent.state import Snapshot, StateStore
 from agent.workers import replica
 from agent.workers.certs import CertificateFeed, Identities
@@ -94,6 +98,9 @@ class Workers(Component):
         self._config = config
         # --splice: the kernel's splice maps, inherited by every worker (``--splice-fds``)
         self._splice_fds = splice.fds() if splice is not None else []
+        # The rate-limit buckets of the node, shared by every worker (``--ratelimit-fd``); kept
+        # open here so that a restarted worker maps the same table.
+        self._buckets_fd = create_table()
         self._store = store
         self._identities = identities
         self._certs = CertificateFeed(identities)
@@ -141,6 +148,9 @@ class Workers(Component):
             self._unsubscribe()
         if self._certificate_changed in self._identities.observers:
             self._identities.observers.remove(self._certificate_changed)
+        if self._buckets_fd >= 0:
+            os.close(self._buckets_fd)
+            self._buckets_fd = -1
 
     # -- what the admin API and /metrics read ------------------------------------------------
     def describe(self) -> list[dict[str, object]]:
@@ -239,12 +249,15 @@ class Workers(Component):
             "--control-fd", str(child.fileno()),
             "--listener-fds", ",".join(map(str, fds)),
             "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+            "--ratelimit-fd", str(self._buckets_fd),
         ]  # fmt: skip
         if self._splice_fds:
             argv += ["--splice-fds", ",".join(map(str, self._splice_fds))]
         try:
             h.proc = subprocess.Popen(
-                argv, pass_fds=[child.fileno(), *fds, *self._splice_fds], stdin=subprocess.DEVNULL
+                argv,
+                pass_fds=[child.fileno(), *fds, *self._splice_fds, self._buckets_fd],
+                stdin=subprocess.DEVNULL,
             )
         except OSError:
             parent.close()

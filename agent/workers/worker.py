@@ -7,6 +7,8 @@ order). It runs its own uvloop event loop with the accept loops and the node pro
 (``agent.workers.replica``) and certificates asked from the main process
 (``agent.workers.certs``). It never talks to the Kubernetes API, the CA or the kernel's maps,
 except the same-node splice's (``--splice``: their descriptors are inherited, ``--splice-fds``).
+Its proxy takes rate-limit tokens from the table the agent's workers share (``--ratelimit-fd``,
+``agent.policy.sharedbuckets``), so a RateLimitPolicy holds per node, not per worker.
 
 What the main process may ask (calls on the channel): ``metrics`` (this worker's exposition:
 its connections, requests, proxy counters, accept errors), ``connections`` (``/connections``
@@ -44,6 +46,7 @@ from agent.base import runtime
 from agent.base.component import Component
 from agent.base.constants import Listener
 from agent.config import AgentConfig
+from agent.policy.sharedbuckets import BucketTable, SharedRateLimiter
 from agent.state import StateStore
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
@@ -62,9 +65,11 @@ class Worker:
         control: socket.socket,
         listeners: list[socket.socket],
         splice_fds: list[int] | None = None,
+        buckets: BucketTable | None = None,
     ):
         self.index = index
         self.splice_fds = splice_fds  # --splice: the splice maps' descriptors, inherited
+        self.buckets = buckets  # the node's rate-limit buckets (None: this process's own)
         self.listeners = dict(zip(Listener, listeners, strict=True))
         self.channel = Channel(control, self._serve, self._note)
         self.store = StateStore()
@@ -100,6 +105,8 @@ class Worker:
             from agent.datapath.splice import KernelSplice  # libbpf only, as the main process
 
             self.proxy.use_splicer(KernelSplice.from_fds(self.splice_fds))
+        if self.buckets is not None:
+            self.proxy.proxy.core.limiter = SharedRateLimiter(self.buckets)
         self.certs.forgotten.append(self.proxy.proxy.core.contexts.forget)
         self.node = config.node
         self.telemetry = TelemetryComponent(
@@ -242,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listener-fds", required=True, help="outbound,inbound,hbone")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--splice-fds", help="--splice: links,credits,targets,sources map fds")
+    parser.add_argument("--ratelimit-fd", type=int, help="the node's shared rate-limit buckets")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
@@ -256,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     splice_fds = [int(fd) for fd in args.splice_fds.split(",")] if args.splice_fds else None
-    return uvloop.run(Worker(args.index, control, listeners, splice_fds).run())
+    buckets = BucketTable(args.ratelimit_fd) if args.ratelimit_fd is not None else None
+    return uvloop.run(Worker(args.index, control, listeners, splice_fds, buckets).run())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ def test_a_dropped_identity_takes_its_contexts_along() -> None:
         [
             *("--node", "node1", "--cluster-file", "cluster.yaml"),
             *("--ca-address", "10.0.0.1:15012", "--ca-root", "root.pem", "--token-file", "token"),
+            *("--workers", "1"),  # the proxy in this process (the default is one per CPU)
         ]
     )
     identity, proxy = mesh_components(from_args(args), StateStore())

@@ -23,6 +23,7 @@ def test_proxy_ports_are_the_ports_the_agent_listens_on(tmp_path: Path) -> None:
         "--ca-address", "10.0.0.1:15012", "--ca-root", str(tmp_path / "root.pem"),
         "--token-file", str(tmp_path / "token"),
         "--metrics-port", "9090", "--ready-port", "9091", "--admin-address", "127.0.0.1:9000",
+        "--workers", "1",  # the proxy in this process (the default is one per CPU)
     )  # fmt: skip
     _identity, proxy = mesh_components(config, StateStore())
     assert proxy is not None

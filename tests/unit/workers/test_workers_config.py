@@ -1,4 +1,4 @@
-"""``--workers N``: its bounds, and that workers need a CA."""
+"""``--workers N``: its default (auto), its bounds, and that workers need a CA."""
 
 from __future__ import annotations
 
@@ -18,9 +18,18 @@ def parse(*extra: str) -> argparse.Namespace:
     return parser.parse_args([*BASE, *extra])
 
 
-def test_one_worker_is_the_default() -> None:
-    assert from_args(parse()).workers == 1
+def test_the_default_is_auto_one_per_usable_cpu_and_one_without_a_ca(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("agent.base.cpus.usable_cpus_here", lambda: 3)
+    assert from_args(parse(*CA)).workers == 3
+    monkeypatch.setattr("agent.base.cpus.usable_cpus_here", lambda: 1)
+    assert from_args(parse(*CA)).workers == 1
+    monkeypatch.setattr("agent.base.cpus.usable_cpus_here", lambda: 64)
+    assert from_args(parse(*CA)).workers == MAX_WORKERS
+    assert from_args(parse()).workers == 1  # no CA: no proxy, nothing to spread
     assert from_args(parse(*CA, "--workers", "4")).workers == 4
+    assert from_args(parse(*CA, "--workers", "1")).workers == 1
 
 
 @pytest.mark.parametrize("count", ["0", "-1", str(MAX_WORKERS + 1)])

@@ -1,0 +1,162 @@
+"""Token buckets shared by the worker processes of one agent (``--workers N``).
+
+Why shared: the kernel spreads a pod's new connections over the agent's workers by flow hash,
+so buckets kept per process would let a RateLimitPolicy admit up to N times its burst and rate
+on a node of N workers. Envoy and Linkerd enforce a local rate limit once per proxy, whatever
+its thread count, and that is what users expect of a node proxy.
+
+How: the agent's main process creates a memfd (``create_table``) holding a fixed table of
+bucket slots and passes its descriptor to every worker at exec, as it passes the listeners; each
+worker maps it (``BucketTable``). The main process keeps its descriptor for the agent's life, so
+a restarted worker maps the same table and finds the buckets as its predecessor left them.
+
+Layout: ``sets`` sets of ``WAYS`` slots, a slot being (key, tokens, stamp): a 64-bit hash of
+(policy, Service, rate, burst, per-identity, pod IP, identity) (0: free), the tokens left and
+the monotonic time they were counted at (``CLOCK_MONOTONIC`` is one clock for every process of
+the host, so workers' times compare). A key's set is its hash modulo ``sets``; a key not in its
+set takes a free slot, else the slot used longest ago (the oldest stamp): an evicted bucket,
+seen again, starts full, as an identity evicted from the single-process LRU does. The file is
+sparse and pages are allocated when touched, so a node with few limited pods pays a few pages
+(4 KiB each), not the table's ``TABLE_SETS * SET.size`` bytes.
+
+Locking: a take reads, refills and writes a set under a POSIX byte-range lock on that set
+(``fcntl.lockf``). Such locks belong to a process, not to a descriptor: the workers share one
+open file description (inherited), which would make an OFD lock or ``flock`` exclude nothing
+between them. A worker is single-threaded and holds one table, so its own locks never meet;
+the kernel releases a lock whose holder dies, so a killed worker cannot wedge a set. The
+refill arithmetic is ``ratelimit.refill``, the same as the single-process buckets'.
+
+A bucket's key carries every value of its limit, so a changed policy starts with new, full
+buckets, and the slots of limits no longer in force are reused as they age. A policy deleted
+and created again with the same values within ``burst / rate`` seconds finds its old bucket
+(refilled for the time between), where the single-process limiter starts a full one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+from collections.abc import Iterable
+
+from agent.policy.ratelimit import RateLimit, refill
+
+WAYS = 8
+SLOT = struct.Struct("<Qdd")  # key (0: free), tokens, stamp
+SET = struct.Struct("<" + "Qdd" * WAYS)
+# 131,072 buckets in 3 MiB of address space: as many as 32 pods with the single-process
+# limiter's 4096 identities each; only the pages of sets in use are resident.
+TABLE_SETS = 1 << 14
+
+
+class TableError(ValueError):
+    """A descriptor that is not a bucket table (wrong size), named with the fix."""
+
+
+def create_table(sets: int = TABLE_SETS) -> int:
+    """A new, empty table in a memfd (close-on-exec: pass it to a worker with ``pass_fds``);
+    its descriptor."""
+    fd = os.memfd_create("nodemesh-ratelimit", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, sets * SET.size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def bucket_key(limit: RateLimit, pod_ip: str, identity: str) -> int:
+    """The slot key of one bucket: the same in every process (``hash()`` is salted per
+    process, so a keyed digest it is); never 0, which marks a free slot."""
+    text = "\0".join(
+        (
+            limit.policy,
+            limit.service,
+            str(limit.requests_per_second),
+            str(limit.burst),
+            "1" if limit.per_identity else "0",
+            pod_ip,
+            identity,
+        )
+    )
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
+class BucketTable:
+    """One process's view of the shared table behind descriptor ``fd`` (not closed here: the
+    main process owns it, a worker keeps the one it inherited)."""
+
+    def __init__(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if size == 0 or size % SET.size:
+            raise TableError(
+                f"descriptor {fd} holds {size} bytes, not a rate-limit bucket table (a multiple "
+                f"of {SET.size}); the worker must get the fd the main process made with "
+                "create_table"
+            )
+        self._fd = fd
+        self._sets = size // SET.size
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def take(self, key: int, rate: float, burst: float, now: float) -> bool:
+        """Take one token from bucket ``key`` (``rate`` per second, at most ``burst``) at time
+        ``now``; a bucket not in the table starts full."""
+        base = (key % self._sets) * SET.size
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, SET.size, base)
+        try:
+            slots = SET.unpack_from(self._map, base)
+            keys = slots[0::3]
+            try:
+                way = keys.index(key)
+            except ValueError:  # not in the table (first use, or evicted): a full bucket
+                way = keys.index(0) if 0 in keys else _oldest(slots[2::3])
+                tokens, stamp = burst, now
+            else:
+                tokens, stamp = slots[3 * way + 1], slots[3 * way + 2]
+            ok, tokens, stamp = refill(tokens, stamp, rate, burst, now)
+            SLOT.pack_into(self._map, base + way * SLOT.size, key, tokens, stamp)
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, SET.size, base)
+        return ok
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def _oldest(stamps: tuple[float, ...]) -> int:
+    return min(range(len(stamps)), key=stamps.__getitem__)
+
+
+class SharedRateLimiter:
+    """``ratelimit.Limiter`` over a ``BucketTable``: the buckets of the node, whichever worker
+    asks. The keys of pod buckets are kept per (limit, pod IP) as they are asked for, and
+    dropped by ``forget`` with their limits."""
+
+    def __init__(self, table: BucketTable) -> None:
+        self.table = table
+        self._keys: dict[tuple[RateLimit, str], int] = {}
+
+    def admit(
+        self, limits: Iterable[RateLimit], pod_ip: str, identity: str | None, now: float
+    ) -> RateLimit | None:
+        """As ``RateLimiter.admit``: None if every limit admits (each takes a token), else the
+        first one that refuses."""
+        for limit in limits:
+            if limit.per_identity:
+                key = bucket_key(limit, pod_ip, identity or "")
+            else:
+                key = self._keys.get((limit, pod_ip), 0)
+                if not key:
+                    key = self._keys[(limit, pod_ip)] = bucket_key(limit, pod_ip, "")
+            if not self.table.take(key, float(limit.requests_per_second), float(limit.burst), now):
+                return limit
+        return None
+
+    def forget(self, keep: Iterable[RateLimit]) -> None:
+        """Forget the keys of limits no longer in force (their slots age out of the table)."""
+        wanted = set(keep)
+        for k in [k for k in self._keys if k[0] not in wanted]:
+            del self._keys[k]

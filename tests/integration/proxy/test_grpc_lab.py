@@ -181,7 +181,7 @@ def test_the_wire_carries_no_plaintext_and_a_plaintext_caller_is_served_too(
     secret = "SECRET-" + secrets.token_hex(8)
     control = "PLAIN-" + secrets.token_hex(8)
     pcap = tmp_path / "uplink.pcap"
-    with capture(lab, "node1", pcap):
+    with capture(lab, "node1", pcap, until=control.encode()):
         meshed = calls(lab, "client", f"{vip(lab)}:{PORT}", (grpcecho.UNARY, secret))
         # outsider is not meshed: its call crosses the wire as is, and node2's plaintext listener
         # (PERMISSIVE) serves it with the same HTTP/2 layer.

@@ -190,7 +190,7 @@ def test_the_wire_between_nodes_carries_no_plaintext(lab: Lab, tmp_path: Path) -
     with ExitStack() as stack:
         servers(stack, lab, *PODS)
         converged(lab)
-        with capture(lab, "node1", pcap):
+        with capture(lab, "node1", pcap, until=control.encode()):
             result = curl(
                 lab, [f"http://{vip(lab)}/{secret}"] * 4, "client", "-H", f"x-s: {secret}"
             )

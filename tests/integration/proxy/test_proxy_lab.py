@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,15 +129,28 @@ def policy(lab: Lab, kind: str, spec: dict[str, Any]) -> Iterator[None]:
 
 @contextmanager
 def capture(
-    lab: Lab, node: str, path: Path, *, interface: str = "eth0", expression: str = "tcp"
+    lab: Lab,
+    node: str,
+    path: Path,
+    *,
+    interface: str = "eth0",
+    expression: str = "tcp",
+    until: bytes | None = None,
 ) -> Iterator[None]:
-    """tcpdump on ``node`` (its uplink by default) for the duration of the block."""
+    """tcpdump on ``node`` (its uplink by default) for the duration of the block.
+
+    With ``until``, the block's end waits (10 s at most) for those bytes to be in the file before
+    tcpdump is stopped: SIGINT ends tcpdump without reading what the kernel still holds for it,
+    so on a loaded machine the block's last packets could be missing from the capture."""
     cmd = ["tcpdump", "-i", interface, "-U", "--immediate-mode", "-w", str(path), expression]
     proc = lab.popen(node, *cmd, stderr=subprocess.PIPE)
     try:
         assert proc.stderr is not None
         proc.stderr.readline()  # "listening on eth0 ..." once it captures
         yield
+        deadline = time.monotonic() + 10
+        while until is not None and until not in path.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=10)
@@ -146,7 +160,7 @@ def test_cross_node_is_mtls_on_the_wire_and_keeps_the_client_ip(lab: Lab, tmp_pa
     secret = b"SECRET-" + secrets.token_hex(8).encode()
     control = b"PLAIN-" + secrets.token_hex(8).encode()
     pcap = tmp_path / "uplink.pcap"
-    with capture(lab, "node1", pcap):
+    with capture(lab, "node1", pcap, until=control):
         assert expect(lab, "client", "server-0", secret) == lab.pod("client")["ip"]
         assert expect(lab, "outsider", "server-0", control) == lab.pod("outsider")["ip"]
     wire = pcap.read_bytes()

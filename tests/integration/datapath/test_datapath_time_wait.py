@@ -62,17 +62,27 @@ def _time_wait(lab: Lab, node: str, local: str, peer: str) -> bool:
                for line in out.splitlines())  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("pod", "dst", "port", "listener"),
+    [
+        # a meshed pod's connection, captured at its veth for the outbound listener
+        ("client", "plain", 8080, "OUTBOUND"),
+        # a connection from another node to the HBONE port of a local meshed pod, captured at
+        # the uplink (the kernel's TIME_WAIT rule finds our own listener on that port)
+        ("plain", "neighbor", 15008, "HBONE"),
+    ],
+)
 def test_source_port_reused_while_the_proxy_side_is_in_time_wait(
-    dplab: Lab, node1: NodeDatapath
+    dplab: Lab, node1: NodeDatapath, pod: str, dst: str, port: int, listener: str
 ) -> None:
-    plain, client = ip(dplab, "plain"), ip(dplab, "client")
-    port, first = _connect_from(dplab, "client", plain, 8080, 0)
-    assert first == f"OUTBOUND {plain}:8080"
+    src_ip, dst_ip = ip(dplab, pod), ip(dplab, dst)
+    used, first = _connect_from(dplab, pod, dst_ip, port, 0)
+    assert first == f"{listener} {dst_ip}:{port}"
     # The precondition: the listener's side closed first and waits out TIME_WAIT in node1.
-    assert _time_wait(dplab, "node1", f"{plain}:8080", f"{client}:{port}")
+    assert _time_wait(dplab, "node1", f"{dst_ip}:{port}", f"{src_ip}:{used}")
 
-    again, second = _connect_from(dplab, "client", plain, 8080, port)
+    again, second = _connect_from(dplab, pod, dst_ip, port, used)
 
-    assert again == port
-    assert second == f"OUTBOUND {plain}:8080", "a SYN reusing a TIME_WAIT tuple was dropped"
-    assert [a[1] for a in node1.accepted] == [(client, port), (client, port)]
+    assert again == used
+    assert second == f"{listener} {dst_ip}:{port}", "a SYN reusing a TIME_WAIT tuple was dropped"
+    assert [a[1] for a in node1.accepted] == [(src_ip, used), (src_ip, used)]

@@ -41,8 +41,7 @@ except OSError as e:
 finally:
     s.close()
 """
-# Well below TIME_WAIT's 60 s (the old behaviour's stall) and well above one SYN
-# retransmission (the kernel's TIME_WAIT answer may cost one: see capture.h).
+# Well below TIME_WAIT's 60 s (the old behaviour's stall); the reconnect takes milliseconds.
 CONNECT_TIMEOUT = 20.0
 
 

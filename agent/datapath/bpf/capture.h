@@ -174,13 +174,15 @@ static __always_inline int nm_steer(struct __sk_buff *skb, struct nm_segment *se
 {
     struct bpf_sock *sk = nm_listeners.lookup(&slot);
     long err = -1;
+    int time_wait = 0;
     if (sk) {
-        err = nm_reopen_time_wait(skb, seg, sk) ? 0 : bpf_sk_assign(skb, sk, 0);
+        time_wait = nm_reopen_time_wait(skb, seg, sk);
+        err = time_wait ? 0 : bpf_sk_assign(skb, sk, 0);
         bpf_sk_release(sk);
     }
     if (!err) {
         skb->mark = NM_CAPTURE_MARK;
-        nm_count(prog, NM_CNT_CAPTURED);
+        nm_count(prog, time_wait ? NM_CNT_TIME_WAIT : NM_CNT_CAPTURED);
         return TC_ACT_OK;
     }
     u32 zero = 0;

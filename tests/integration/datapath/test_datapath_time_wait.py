@@ -62,17 +62,17 @@ def _time_wait(lab: Lab, node: str, local: str, peer: str) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("pod", "dst", "port", "listener"),
+    ("pod", "dst", "port", "listener", "program"),
     [
         # a meshed pod's connection, captured at its veth for the outbound listener
-        ("client", "plain", 8080, "OUTBOUND"),
+        ("client", "plain", 8080, "OUTBOUND", "pod_ingress"),
         # a connection from another node to the HBONE port of a local meshed pod, captured at
         # the uplink (the kernel's TIME_WAIT rule finds our own listener on that port)
-        ("plain", "neighbor", 15008, "HBONE"),
+        ("plain", "neighbor", 15008, "HBONE", "uplink_ingress"),
     ],
 )
 def test_source_port_reused_while_the_proxy_side_is_in_time_wait(
-    dplab: Lab, node1: NodeDatapath, pod: str, dst: str, port: int, listener: str
+    dplab: Lab, node1: NodeDatapath, pod: str, dst: str, port: int, listener: str, program: str
 ) -> None:
     src_ip, dst_ip = ip(dplab, pod), ip(dplab, dst)
     used, first = _connect_from(dplab, pod, dst_ip, port, 0)
@@ -85,3 +85,5 @@ def test_source_port_reused_while_the_proxy_side_is_in_time_wait(
     assert again == used
     assert second == f"{listener} {dst_ip}:{port}", "a SYN reusing a TIME_WAIT tuple was dropped"
     assert [a[1] for a in node1.accepted] == [(src_ip, used), (src_ip, used)]
+    assert node1.datapath is not None
+    assert node1.datapath.counters()[program]["time_wait"] == 1

@@ -158,7 +158,11 @@ class Load:
             if result != "STALL":
                 self._lines.append(line)
             elif self._examine is not None and len(self._evidence) < STALLS_EXAMINED:
-                self._evidence[int(sport)] = self._examine(int(sport), rest.strip())
+                try:
+                    evidence = self._examine(int(sport), rest.strip())
+                except Exception as e:  # a diagnosis aid must never cost the load's lines
+                    evidence = f"stall of source port {sport} not examined: {e!r}"
+                self._evidence[int(sport)] = evidence
 
     def stop(self) -> list[Attempt]:
         if self._seen is not None:

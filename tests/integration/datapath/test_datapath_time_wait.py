@@ -12,6 +12,8 @@ timed out (the kube API drill's 10 s hang, about once in 150 connections under l
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from agent.lab.handle import Lab
@@ -41,14 +43,31 @@ except OSError as e:
 finally:
     s.close()
 """
+# A node's own service on a port, bound transparently (as a proxy of its own would be): it may
+# answer for any address; answers "server <peer ip>".
+TRANSPARENT_SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+print("listening", flush=True)
+while True:
+    c, peer = s.accept()
+    c.sendall(("server %s\\n" % peer[0]).encode())
+    c.close()
+"""
 # Well below TIME_WAIT's 60 s (the old behaviour's stall); the reconnect takes milliseconds.
 CONNECT_TIMEOUT = 20.0
 
 
-def _connect_from(lab: Lab, pod: str, ip: str, port: int, source_port: int) -> tuple[int, str]:
+def _connect_from(
+    lab: Lab, pod: str, ip: str, port: int, source_port: int, timeout: float = CONNECT_TIMEOUT
+) -> tuple[int, str]:
     out = lab.exec(
-        pod, "python3", "-c", REUSE_CLIENT, ip, str(port), str(source_port), str(CONNECT_TIMEOUT),
-        capture_output=True, text=True, timeout=CONNECT_TIMEOUT + 10,
+        pod, "python3", "-c", REUSE_CLIENT, ip, str(port), str(source_port), str(timeout),
+        capture_output=True, text=True, timeout=timeout + 10,
     )  # fmt: skip
     used, line = out.stdout.strip().split(" ", 1)
     return int(used), line
@@ -87,3 +106,29 @@ def test_source_port_reused_while_the_proxy_side_is_in_time_wait(
     assert [a[1] for a in node1.accepted] == [(src_ip, used), (src_ip, used)]
     assert node1.datapath is not None
     assert node1.datapath.counters()[program]["time_wait"] == 1
+
+
+def test_a_reused_tuple_never_reaches_a_service_of_the_node(
+    dplab: Lab, node1: NodeDatapath
+) -> None:
+    """The kernel's answer to a SYN that reopens a TIME_WAIT tuple may be the listener of its
+    destination port: when the node itself serves that port (a hostNetwork daemon; a
+    transparent one, which can answer for the pod's address), the pod's SYN must not be handed
+    to it, past the mesh."""
+    plain, client = ip(dplab, "plain"), ip(dplab, "client")
+    node_service = dplab.popen(
+        "node1", "python3", "-c", TRANSPARENT_SERVER, "8080", stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert node_service.stdout is not None
+        assert node_service.stdout.readline().strip() == "listening"
+        used, first = _connect_from(dplab, "client", plain, 8080, 0)
+        assert first == f"OUTBOUND {plain}:8080"
+        assert _time_wait(dplab, "node1", f"{plain}:8080", f"{client}:{used}")
+
+        _, second = _connect_from(dplab, "client", plain, 8080, used, timeout=3.0)
+    finally:
+        node_service.kill()
+        node_service.wait()
+
+    assert second != f"server {client}", "the pod's SYN reached a service of the node"

@@ -135,9 +135,10 @@ static __always_inline int nm_assign_owner(struct __sk_buff *skb, struct nm_segm
  * listener of its destination (ours for the HBONE port: accepted at once), or else an ACK that
  * draws the client's RST, which ends the TIME_WAIT, and the client's SYN, which a SYN_SENT
  * socket answered with such an ACK retransmits at once, reaches our listener (a few
- * milliseconds in all). Not when a listener other than ours holds the
- * destination address and port (a service of the node itself): the kernel would give it the
- * pod's SYN, so the SYN goes to our listener as before. Returns 1 when handed over. */
+ * milliseconds in all). Not when a listener other than ours holds the destination address and
+ * port (a service of the node itself): the kernel would give it the pod's SYN, past the mesh,
+ * so the SYN goes to our listener as before and waits for TIME_WAIT to end. Returns 1 when
+ * handed over. */
 static __always_inline int nm_reopen_time_wait(struct __sk_buff *skb, struct nm_segment *seg,
                                                struct bpf_sock *listener)
 {

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAX_EXCLUDED_PORTS = 16
 POD_MESHED = 0x1
 SETTING_FAIL_OPEN = 0x1
@@ -38,6 +38,7 @@ class Counter(IntEnum):
     EXEMPT = 3
     FAILED_CLOSED = 4
     FAILED_OPEN = 5
+    TIME_WAIT = 6
 
 
 class AddrKey(ctypes.Structure):

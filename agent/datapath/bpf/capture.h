@@ -125,20 +125,65 @@ static __always_inline int nm_assign_owner(struct __sk_buff *skb, struct nm_segm
     return 1;
 }
 
+/* A SYN whose 4-tuple a TIME_WAIT socket of this node still holds. The proxy's side of a
+ * captured connection lives in this namespace with the tuple the client sees; when the proxy
+ * closed first it waits out TIME_WAIT here (60 s), while the client's namespace holds nothing
+ * for the tuple, so the client may reuse its source port. Assigned to a listener, such a SYN
+ * skips the TIME_WAIT rules and the kernel refuses the connection request (the tuple is
+ * taken): every retransmission is dropped until TIME_WAIT ends, and the client times out.
+ * Handed to the TIME_WAIT socket instead, it gets the kernel's usual answer: given to the
+ * listener of its destination (ours for the HBONE port: accepted at once), or else an ACK that
+ * draws the client's RST, which ends the TIME_WAIT, and the client's SYN, which a SYN_SENT
+ * socket answered with such an ACK retransmits at once, reaches our listener (a few
+ * milliseconds in all). Not when a listener other than ours holds the destination address and
+ * port (a service of the node itself): the kernel would give it the pod's SYN, past the mesh,
+ * so the SYN goes to our listener as before and waits for TIME_WAIT to end. Returns 1 when
+ * handed over. */
+static __always_inline int nm_reopen_time_wait(struct __sk_buff *skb, struct nm_segment *seg,
+                                               struct bpf_sock *listener)
+{
+    struct bpf_sock *tw =
+        bpf_skc_lookup_tcp(skb, &seg->tuple, sizeof(seg->tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (!tw)
+        return 0;
+    if (tw->state != BPF_TCP_TIME_WAIT) {
+        bpf_sk_release(tw);
+        return 0;
+    }
+    struct bpf_sock_tuple dst = seg->tuple;
+    dst.ipv4.sport = 0; /* no connection has remote port 0: only a listener can match */
+    struct bpf_sock *other =
+        bpf_skc_lookup_tcp(skb, &dst, sizeof(dst.ipv4), BPF_F_CURRENT_NETNS, 0);
+    if (other) {
+        int ours = other->src_port == listener->src_port;
+        bpf_sk_release(other);
+        if (!ours) {
+            bpf_sk_release(tw);
+            return 0;
+        }
+    }
+    long err = bpf_sk_assign(skb, tw, 0);
+    bpf_sk_release(tw);
+    return !err;
+}
+
 /* Hand a SYN to one of the agent's listeners. With no listener registered (agent down or
  * restarting) the mesh fails closed: the SYN is dropped and the client's TCP retries it, so a
  * restarted agent picks the connection up; fail-open lets it through uncaptured instead. */
-static __always_inline int nm_steer(struct __sk_buff *skb, u32 prog, u32 slot)
+static __always_inline int nm_steer(struct __sk_buff *skb, struct nm_segment *seg, u32 prog,
+                                    u32 slot)
 {
     struct bpf_sock *sk = nm_listeners.lookup(&slot);
     long err = -1;
+    int time_wait = 0;
     if (sk) {
-        err = bpf_sk_assign(skb, sk, 0);
+        time_wait = nm_reopen_time_wait(skb, seg, sk);
+        err = time_wait ? 0 : bpf_sk_assign(skb, sk, 0);
         bpf_sk_release(sk);
     }
     if (!err) {
         skb->mark = NM_CAPTURE_MARK;
-        nm_count(prog, NM_CNT_CAPTURED);
+        nm_count(prog, time_wait ? NM_CNT_TIME_WAIT : NM_CNT_CAPTURED);
         return TC_ACT_OK;
     }
     u32 zero = 0;

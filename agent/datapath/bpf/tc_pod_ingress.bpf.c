@@ -35,11 +35,11 @@ int nm_pod_ingress(struct __sk_buff *skb)
             nm_count(NM_PROG_POD_INGRESS, NM_CNT_EXEMPT);
             return TC_ACT_OK;
         }
-        return nm_steer(skb, NM_PROG_POD_INGRESS, NM_LISTENER_OUTBOUND);
+        return nm_steer(skb, &seg, NM_PROG_POD_INGRESS, NM_LISTENER_OUTBOUND);
     }
     if (nm_port_listed(dst->exclude_in, seg.dport)) {
         nm_count(NM_PROG_POD_INGRESS, NM_CNT_EXEMPT);
         return TC_ACT_OK;
     }
-    return nm_steer(skb, NM_PROG_POD_INGRESS, NM_LISTENER_INBOUND);
+    return nm_steer(skb, &seg, NM_PROG_POD_INGRESS, NM_LISTENER_INBOUND);
 }

@@ -31,5 +31,5 @@ int nm_uplink_ingress(struct __sk_buff *skb)
         return TC_ACT_OK;
     }
     u32 slot = seg.dport == NM_HBONE_PORT ? NM_LISTENER_HBONE : NM_LISTENER_INBOUND;
-    return nm_steer(skb, NM_PROG_UPLINK_INGRESS, slot);
+    return nm_steer(skb, &seg, NM_PROG_UPLINK_INGRESS, slot);
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -45,6 +46,19 @@ def children(pid: int) -> list[int]:
         with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
             found += [int(c) for c in f.read().split()]
     return sorted(found)
+
+
+def tree_memory(pid: int) -> list[dict[str, Any]]:
+    """``memory`` of ``pid`` (role ``main``) and of each of its children with its ``role``. A
+    child that exits between the listing and its reads (a key or compiler child ending) is left
+    out: it is not part of what the process holds at rest."""
+    processes: list[dict[str, Any]] = [{"pid": pid, "role": "main", **memory(pid)}]
+    for child in children(pid):
+        try:
+            processes.append({"pid": child, "role": role(child), **memory(child)})
+        except (FileNotFoundError, ProcessLookupError, RuntimeError):
+            continue
+    return processes
 
 
 def role(pid: int) -> str:

@@ -157,10 +157,7 @@ def idle_agent(bed: Testbed, node: str, moment: str) -> dict[str, Any]:
         return {"node": node, "moment": moment, "error": f"/datapath answered {status}"}
     adopted = bool(json.loads(body)["datapath"]["adopted"])
     _wait_key_child_gone(pid)
-    processes = [
-        {"pid": p, "role": "main" if p == pid else procstat.role(p), **procstat.memory(p)}
-        for p in (pid, *procstat.children(pid))
-    ]
+    processes = procstat.tree_memory(pid)
     return {
         "node": node,
         "moment": moment,

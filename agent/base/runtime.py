@@ -32,13 +32,15 @@ codec's output, the TLS layer's ciphertext, a TLS read on the far side), allocat
 within one callback. glibc adapts its thresholds to what it sees freed (a freed mmap chunk
 raises the mmap threshold to its size and the trim threshold to twice that), so whether such a
 burst is given back to the kernel at the end of every callback depended on the largest buffers
-the process had happened to free before. At e856b65 the agents' heap top was trimmed (``brk``)
-and grown again 2 to 13 times per MiB relayed cross-node, and each regrowth page-faulted its
-fresh pages: 80 to 350 minor faults per MiB per agent (6970fb0's agents: under one), which cost
-about a quarter more CPU per GB (ARCHITECTURE.md, "Bulk throughput and the C heap"). With
-``MMAP_THRESHOLD`` above any buffer the data path allocates and ``TRIM_THRESHOLD`` above a few
-of them, such bursts reuse the same heap pages; a larger free top is still given back, and
-``malloc_trim`` above gives start-up's back regardless.
+the process had happened to free before. An agent that compiled its BPF programs itself had
+freed large ones; since the compile runs in a short-lived child (c1622a1) and start-up shrank,
+nothing raises them, and at e856b65 the agents' heap top was trimmed (``brk``) and grown again
+2 to 13 times per MiB relayed cross-node, each regrowth page-faulting its fresh pages: 17 to
+350 minor faults per MiB per agent (under one before c1622a1), about a quarter more CPU per GB
+(ARCHITECTURE.md, "Bulk throughput and the C heap"). With ``MMAP_THRESHOLD`` above any buffer
+the data path allocates and ``TRIM_THRESHOLD`` above a few of them, such bursts reuse the same
+heap pages; a larger free top is still given back, and ``malloc_trim`` above gives start-up's
+back regardless.
 """
 
 from __future__ import annotations

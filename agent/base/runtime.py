@@ -35,7 +35,7 @@ burst is given back to the kernel at the end of every callback depended on the l
 the process had happened to free before. An agent that compiled its BPF programs itself had
 freed large ones; since the compile runs in a short-lived child (c1622a1) and start-up shrank,
 nothing raises them, and at e856b65 the agents' heap top was trimmed (``brk``) and grown again
-2 to 13 times per MiB relayed cross-node, each regrowth page-faulting its fresh pages: 17 to
+up to 13 times per MiB relayed cross-node, each regrowth page-faulting its fresh pages: 17 to
 350 minor faults per MiB per agent (under one before c1622a1), about a quarter more CPU per GB
 (ARCHITECTURE.md, "Bulk throughput and the C heap"). With ``MMAP_THRESHOLD`` above any buffer
 the data path allocates and ``TRIM_THRESHOLD`` above a few of them, such bursts reuse the same

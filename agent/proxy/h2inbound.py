@@ -41,6 +41,7 @@ from agent.proxy.http_inbound import (
     require_non_blocking,
     try_send,
 )
+from agent.proxy.httpshell import HeadTimer
 from agent.state import Workload
 from agent.telemetry.records import ConnectionRecord, RequestRecord
 
@@ -48,13 +49,6 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
 HEADER_TIMEOUT = 10.0  # seconds a header block may stay open (HTTP/1.1's head timeout)
-
-
-def header_wait(proxy: H2Proxy, timeout: float = HEADER_TIMEOUT) -> float | None:
-    """How long the next read may wait: until the open header block's deadline, if one is."""
-    if proxy.head_started is None:
-        return None
-    return max(0.0, proxy.head_started + timeout - time.monotonic())
 
 
 class H2Session:
@@ -76,15 +70,13 @@ class H2Session:
         self.core, self.down, self.upstream = core, down, upstream
         self.record, self.request, self.workload = record, request, workload
         self.where = f"{record.source} -> {record.destination}"
-        self.header_timeout = header_timeout
         self.proxy = H2Proxy(self._authorize, limits=limits)
         self._loop = asyncio.get_running_loop()
         self._ended: asyncio.Future[None] = self._loop.create_future()
         self._client_eof = False
         self._reading_upstream = False
         self._upstream_eof = False
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timed: float | None = None  # the head_started the timer is for
+        self._head = HeadTimer(self._loop, header_timeout, self._head_expired)
         self._to_client = Outbox(
             down.try_write, down.write, self._resume_upstream, self._client_write_failed
         )
@@ -108,8 +100,7 @@ class H2Session:
             await self._ended
         finally:
             self._pause_upstream()
-            if self._head_timer is not None:
-                self._head_timer.cancel()
+            self._head.cancel()
             client.cancel()
             await asyncio.gather(client, return_exceptions=True)
         await self._to_pod.idle.wait()
@@ -156,21 +147,7 @@ class H2Session:
         if not task.cancelled() and task.exception() is not None:
             self._end(task.exception())
 
-    def _arm_head_timer(self) -> None:
-        """A header block that began must be complete ``header_timeout`` after it began."""
-        started = self.proxy.head_started
-        if started == self._head_timed or self.proxy.closing:
-            return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._head_timed = started
-        if started is not None:
-            wait = header_wait(self.proxy, self.header_timeout) or 0.0
-            self._head_timer = self._loop.call_later(wait, self._head_expired)
-
     def _head_expired(self) -> None:
-        self._head_timer = self._head_timed = None
         if self.proxy.head_started is not None and not self._ended.done():
             self.proxy.header_timeout()
             self._moved()
@@ -231,7 +208,9 @@ class H2Session:
                 registry.request_done(self.record, h2_request_record(exchange))
         for cause in proxy.take_rejections():
             self.core.registry.http_rejected(cause, self.where)
-        self._arm_head_timer()
+        started = proxy.head_started
+        if started != self._head.started and not proxy.closing:
+            self._head.time(started)
         if proxy.closing or (self._client_eof and self._upstream_eof):
             self._end(None)
 

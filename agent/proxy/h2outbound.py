@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 
 from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
-from agent.proxy.h2inbound import READ_SIZE, h2_request_record, header_wait
+from agent.proxy.h2inbound import HEADER_TIMEOUT, READ_SIZE, h2_request_record
 from agent.proxy.h2mirror import MirrorCall
 from agent.proxy.h2proxy import (
     Choice,
@@ -70,6 +70,7 @@ from agent.proxy.http1 import RequestHead, Verdict
 from agent.proxy.http_inbound import Outbox, require_non_blocking, try_send
 from agent.proxy.http_outbound import MAX_MIRRORS, MIRROR_TIMEOUT
 from agent.proxy.http_router import RoutePlan
+from agent.proxy.httpshell import HeadTimer
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import ServiceTarget
 from agent.proxy.tunnel import TunnelError, TunnelStream
@@ -117,8 +118,7 @@ class H2SourceSession:
         self._loop = asyncio.get_running_loop()
         self._ended: asyncio.Future[None] = self._loop.create_future()
         self._reading_client = False
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timed: float | None = None  # the head_started the timer is for
+        self._head = HeadTimer(self._loop, HEADER_TIMEOUT, self._head_expired)
         self._to_client = Outbox(
             lambda data: try_send(client, data),
             lambda data: self._loop.sock_sendall(client, data),
@@ -184,9 +184,9 @@ class H2SourceSession:
             self._pause_client()
             self.proxy.receive_client(b"")
             self._report()
-            for timer in (self._timer, self._head_timer):
-                if timer is not None:
-                    timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._head.cancel()
             self._to_client.cancel()
             for box in self._to_upstream.values():
                 box.cancel()
@@ -236,21 +236,7 @@ class H2SourceSession:
         self._loop.add_reader(self.client.fileno(), self._on_client_readable)
         self._reading_client = True
 
-    def _arm_head_timer(self) -> None:
-        """A header block that began must be complete ``HEADER_TIMEOUT`` after it began."""
-        started = self.proxy.head_started
-        if started == self._head_timed or self.proxy.closing:
-            return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._head_timed = started
-        if started is not None:
-            wait = header_wait(self.proxy) or 0.0
-            self._head_timer = self._loop.call_later(wait, self._head_expired)
-
     def _head_expired(self) -> None:
-        self._head_timer = self._head_timed = None
         if self.proxy.head_started is not None and not self._ended.done():
             self.proxy.header_timeout()
             self._moved()
@@ -356,7 +342,9 @@ class H2SourceSession:
             self._to_client.send(data)
         self._report()
         self._arm()
-        self._arm_head_timer()
+        started = proxy.head_started
+        if started != self._head.started and not proxy.closing:
+            self._head.time(started)
         if proxy.closing:
             self._end(None)
 

@@ -48,6 +48,7 @@ from agent.proxy.http1 import (
     Verdict,
     request_record,
 )
+from agent.proxy.httpshell import HeadTimer
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.tunnel import Sink, TunnelStream
 from agent.state import Workload
@@ -216,7 +217,6 @@ class HttpSession:
         require_non_blocking(upstream)
         self.core, self.down, self.upstream = core, down, upstream
         self.record, self.request, self.workload = record, request, workload
-        self.header_timeout = header_timeout
         self.where = f"{record.source} -> {record.destination}"
         record.protocol = "http/1.1"
         self.proxy = Http1Proxy(authorize=self._authorize)
@@ -225,8 +225,7 @@ class HttpSession:
         self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
         self._reading_upstream = False
         self._upstream_eof = False
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timed: float | None = None  # the head_started the timer is for
+        self._head = HeadTimer(self._loop, header_timeout, self._head_expired)
         self._to_client = Outbox(
             down.try_write, down.write, self._resume_upstream, self._client_write_failed
         )
@@ -257,8 +256,7 @@ class HttpSession:
                 for exchange in self.proxy.take_completed():
                     self.core.registry.request_done(self.record, request_record(exchange))
             self._pause_upstream()
-            if self._head_timer is not None:
-                self._head_timer.cancel()
+            self._head.cancel()
             client.cancel()
             await asyncio.gather(client, return_exceptions=True)
             self._to_client.cancel()
@@ -307,21 +305,7 @@ class HttpSession:
                 self._ended.set_exception(e)
         return len(data)
 
-    def _arm_head_timer(self) -> None:
-        """A head that began must be complete ``header_timeout`` after its first byte."""
-        started = self.proxy.head_started
-        if started == self._head_timed or self.proxy.closing:
-            return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._head_timed = started
-        if started is not None:
-            delay = max(0.0, started + self.header_timeout - time.monotonic())
-            self._head_timer = self._loop.call_later(delay, self._head_expired)
-
     def _head_expired(self) -> None:
-        self._head_timer = self._head_timed = None
         if self.proxy.head_started is not None and not self._ended.done():
             self.proxy.header_timeout()
             self._moved()
@@ -385,7 +369,9 @@ class HttpSession:
             self.core.registry.http_rejected(cause, self.where)
         if not proxy.client_paused:
             self._resume.set()
-        self._arm_head_timer()
+        started = proxy.head_started
+        if started != self._head.started and not proxy.closing:
+            self._head.time(started)
         if (proxy.closing or proxy.tunnel) and not self._ended.done():
             # Read the pod no more: after a 101 its bytes are the relay's, not to be dropped.
             self._pause_upstream()

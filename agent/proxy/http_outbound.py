@@ -92,6 +92,7 @@ from agent.proxy.http_router import (
     LocalResponse,
     RoutePlan,
 )
+from agent.proxy.httpshell import HeadTimer
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import Route, ServiceTarget
@@ -388,8 +389,7 @@ class _ClientConnection:
         self._waiter: asyncio.Future[bytes | None] | None = None
         self._loop = asyncio.get_running_loop()  # (each get_running_loop() costs a getpid())
         self._watching = False
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timed: float | None = None  # the head_started ``_head_timer`` is for
+        self._head = HeadTimer(self._loop, HEADER_TIMEOUT, self._head_late)
         # A request the reader's callback routed but could not send without waiting: the
         # task resumes it (``_dispatch``): its admission (delay, queue) when ``opening`` is
         # None, else the connect to the endpoint it chose.
@@ -479,32 +479,19 @@ class _ClientConnection:
         elif codec.wants_client_data():
             self._watch()
         else:
-            self._time_head(None)
+            self._head.time(None)
 
     def _watch(self) -> None:
         if not self._watching:
             self._loop.add_reader(self.client.fileno(), self._readable)
             self._watching = True
-        self._time_head(self.codec.head_started)
-
-    def _time_head(self, started: float | None) -> None:
-        """Run the head timeout for the head begun at ``started`` (None: no head clock,
-        between requests or in a body)."""
-        if started == self._head_timed:
-            return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._head_timed = started
-        if started is not None:
-            delay = max(0.0, started + HEADER_TIMEOUT - time.monotonic())
-            self._head_timer = self._loop.call_later(delay, self._head_late)
+        self._head.time(self.codec.head_started)
 
     def _unwatch(self) -> None:
         if self._watching:
             self._watching = False
             self._loop.remove_reader(self.client.fileno())
-        self._time_head(None)
+        self._head.time(None)
 
     def _readable(self) -> None:
         """The client's bytes while the task is parked: fed to the codec and flushed here,
@@ -543,7 +530,6 @@ class _ClientConnection:
             self._changed()
 
     def _head_late(self) -> None:
-        self._head_timer = None
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self._unwatch()

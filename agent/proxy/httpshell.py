@@ -1,0 +1,63 @@
+"""What the asyncio shells of the HTTP paths share: the head timer.
+
+Four shells drive a sans-IO proxy from callbacks: the destination's HTTP/1.1 and HTTP/2
+sessions (``http_inbound``, ``h2inbound``) and the source's (``http_outbound``,
+``h2outbound``). Each times the request head it is receiving (``HeadTimer``). Why here and not
+in each shell: the four wrote the same timer four times.
+
+What it must not cost: the shells were tuned for task wake-ups, reader registrations and
+allocations per request (ARCHITECTURE.md, "HTTP/1.1 at the source"). ``HeadTimer`` is one
+object per connection; it schedules a loop timer only when a head stays incomplete after the
+read it began in (a keep-alive head that arrives whole never arms it), exactly as the timers it
+replaced did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+class HeadTimer:
+    """The head timeout (slowloris): a head must be complete ``timeout`` seconds after its first
+    byte. The shell tells it, after each input, when the head being received began (the
+    proxy's ``head_started``: a clock time, or None between heads and within a body); the
+    timer is armed at a head's first byte, disarmed once the head is complete, armed again for
+    the next keep-alive head, and ``on_expiry`` runs when a head is late (the shell then has
+    the proxy answer 408, or close an HTTP/2 connection)."""
+
+    __slots__ = ("_handle", "_loop", "_on_expiry", "started", "timeout")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout: float, on_expiry: Callable[[], None]
+    ) -> None:
+        self._loop = loop
+        self.timeout = timeout
+        self._on_expiry = on_expiry
+        self._handle: asyncio.TimerHandle | None = None
+        self.started: float | None = None  # the head the timer runs for (its first byte)
+
+    def time(self, started: float | None) -> None:
+        """Time the head begun at ``started`` (``time.monotonic()``), or none (None); the same
+        head again changes nothing. A caller on a hot path may skip the call when ``started``
+        equals ``self.started``."""
+        if started == self.started:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.started = started
+        if started is not None:
+            delay = max(0.0, started + self.timeout - time.monotonic())
+            self._handle = self._loop.call_later(delay, self._expired)
+
+    def cancel(self) -> None:
+        """Stop the timer (the connection ends); the head it timed stays ``started``."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _expired(self) -> None:
+        self._handle = self.started = None
+        self._on_expiry()

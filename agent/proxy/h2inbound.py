@@ -10,10 +10,10 @@ The shell is the HTTP/1.1 one's (``agent.proxy.http_inbound``): the client's byt
 to the session by the HBONE stream as they arrive (``Downstream.deliver_to``; a task reads
 what the stream could not hand over, and the plaintext socket), the pod's socket is watched with
 ``add_reader``, and each side's writes go out at once when it takes them, else queue behind its
-backpressure (``_Outbox``). While the pod's outbox holds bytes the client is not read, and while
-the client's holds bytes the pod is not read, so a side that does not read stops the other's
-reads (on top of HTTP/2 flow control, which ``H2Proxy`` keeps: it reopens a window only for
-bytes already passed on). Why: the earlier shell (a task per side, each awaiting a lock and
+backpressure (``httpshell.Outbox``). While the pod's outbox holds bytes the client is not read,
+and while the client's holds bytes the pod is not read, so a side that does not read stops the
+other's reads (on top of HTTP/2 flow control, which ``H2Proxy`` keeps: it reopens a window only
+for bytes already passed on). Why: the earlier shell (a task per side, each awaiting a lock and
 its writes per read) cost a task wake-up and two lock round trips per frame burst, a large part
 of a gRPC call's time at the destination.
 
@@ -34,14 +34,8 @@ from agent.policy.authz import Request
 from agent.proxy.core import Core
 from agent.proxy.h2proxy import H2Exchange, H2Limits, H2Proxy
 from agent.proxy.http1 import RequestHead, Verdict, request_record
-from agent.proxy.http_inbound import (
-    Downstream,
-    Outbox,
-    request_verdict,
-    require_non_blocking,
-    try_send,
-)
-from agent.proxy.httpshell import HeadTimer
+from agent.proxy.http_inbound import Downstream, request_verdict
+from agent.proxy.httpshell import HeadTimer, Outbox, require_non_blocking, try_send
 from agent.state import Workload
 from agent.telemetry.records import ConnectionRecord, RequestRecord
 

@@ -18,7 +18,7 @@ request's endpoint). The balancer learns each request's time to response headers
 (``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
 requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
 
-The shell is the destination's (``h2inbound``; ``http_inbound.Outbox``): the client's socket
+The shell is the destination's (``h2inbound``; ``httpshell.Outbox``): the client's socket
 is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
 they arrive (``_UpstreamSink``), and each side's writes go out at once, else queue behind its
 backpressure; while an endpoint's writes wait the client is not read, and while the client's
@@ -67,10 +67,9 @@ from agent.proxy.h2proxy import (
 )
 from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import RequestHead, Verdict
-from agent.proxy.http_inbound import Outbox, require_non_blocking, try_send
 from agent.proxy.http_outbound import MAX_MIRRORS, MIRROR_TIMEOUT
 from agent.proxy.http_router import RoutePlan
-from agent.proxy.httpshell import HeadTimer
+from agent.proxy.httpshell import HeadTimer, Outbox, require_non_blocking, try_send
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import ServiceTarget
 from agent.proxy.tunnel import TunnelError, TunnelStream

@@ -33,8 +33,6 @@ import contextlib
 import logging
 import socket
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from agent.policy.authz import HttpAttributes, Request
@@ -48,7 +46,7 @@ from agent.proxy.http1 import (
     Verdict,
     request_record,
 )
-from agent.proxy.httpshell import HeadTimer
+from agent.proxy.httpshell import HeadTimer, Outbox, require_non_blocking, try_send
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.tunnel import Sink, TunnelStream
 from agent.state import Workload
@@ -132,72 +130,6 @@ class SocketDownstream:
 
     async def relay(self, upstream: socket.socket, record: ConnectionRecord) -> None:
         await relay_sockets(self.sock, upstream, record)
-
-
-def require_non_blocking(sock: socket.socket) -> None:
-    if sock.gettimeout() != 0.0:
-        raise ValueError(
-            "the HTTP/1.1 session sends without waiting from callbacks: a blocking socket would "
-            "stall the event loop (call setblocking(False) first)"
-        )
-
-
-def try_send(sock: socket.socket, data: bytes) -> int:
-    """A non-blocking send; 0 when it would block or failed (the awaited send will tell)."""
-    try:
-        return sock.send(data)
-    except OSError:
-        return 0
-
-
-class Outbox:
-    """Bytes for one side, in order: written at once when the side takes them, else queued and
-    written by a task that awaits the side's backpressure. ``idle`` is set when nothing waits."""
-
-    def __init__(
-        self,
-        try_write: Callable[[bytes], int],
-        write: Callable[[bytes], Awaitable[None]],
-        on_idle: Callable[[], None],
-        on_error: Callable[[Exception], None],
-    ) -> None:
-        self._try_write, self._write = try_write, write
-        self._on_idle, self._on_error = on_idle, on_error
-        self._pending: deque[bytes] = deque()
-        self._task: asyncio.Task[None] | None = None
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    @property
-    def busy(self) -> bool:
-        return not self.idle.is_set()
-
-    def send(self, data: bytes) -> None:
-        if self.idle.is_set():
-            n = self._try_write(data)
-            if n == len(data):
-                return
-            data = data[n:]
-            self.idle.clear()
-            self._task = asyncio.create_task(self._drain(), name="http-outbox")
-        self._pending.append(data)
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                await self._write(self._pending[0])
-                self._pending.popleft()
-        except (OSError, ConnectionError) as e:
-            self._pending.clear()
-            self._on_error(e)
-        finally:
-            self._task = None
-            self.idle.set()
-        self._on_idle()
-
-    def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
 
 
 class HttpSession:

@@ -92,7 +92,7 @@ from agent.proxy.http_router import (
     LocalResponse,
     RoutePlan,
 )
-from agent.proxy.httpshell import HeadTimer
+from agent.proxy.httpshell import HeadTimer, try_send
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import Route, ServiceTarget
@@ -154,7 +154,7 @@ class UpstreamSession:
         failed: the awaited ``write`` of the rest then raises)."""
         if isinstance(self.conn, TunnelStream):
             return len(data) if self.conn.try_write(data) else 0
-        return _try_send(self.conn, data)
+        return try_send(self.conn, data)
 
     async def write(self, data: bytes) -> None:
         if isinstance(self.conn, TunnelStream):
@@ -285,14 +285,6 @@ class _Opening:
     ip: str
     route: Route
     key: SessionKey
-
-
-def _try_send(sock: socket.socket, data: bytes) -> int:
-    """A non-blocking send; 0 when it would block or failed (the awaited send will tell)."""
-    try:
-        return sock.send(data)
-    except OSError:
-        return 0
 
 
 class _Direct:
@@ -587,7 +579,7 @@ class _ClientConnection:
         if self._down_lock.locked() or self._down_backlog:
             self._down_backlog += data
             return False
-        sent = _try_send(self.client, data)
+        sent = try_send(self.client, data)
         self.record.bytes_received += sent
         if sent < len(data):
             self._down_backlog = data[sent:]

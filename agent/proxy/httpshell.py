@@ -1,9 +1,11 @@
-"""What the asyncio shells of the HTTP paths share: the head timer.
+"""What the asyncio shells of the HTTP paths share: the head timer and writes that do not wait.
 
 Four shells drive a sans-IO proxy from callbacks: the destination's HTTP/1.1 and HTTP/2
 sessions (``http_inbound``, ``h2inbound``) and the source's (``http_outbound``,
-``h2outbound``). Each times the request head it is receiving (``HeadTimer``). Why here and not
-in each shell: the four wrote the same timer four times.
+``h2outbound``). Each times the request head it is receiving (``HeadTimer``) and sends without
+waiting from its callbacks (``try_send`` on a non-blocking socket; ``Outbox`` where a side's
+bytes queue behind its backpressure). Why here and not in one shell: the four wrote the same
+timer four times, and the others borrowed the destination's outbox from its HTTP/1.1 module.
 
 What it must not cost: the shells were tuned for task wake-ups, reader registrations and
 allocations per request (ARCHITECTURE.md, "HTTP/1.1 at the source"). ``HeadTimer`` is one
@@ -15,8 +17,10 @@ replaced did.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 
 
 class HeadTimer:
@@ -61,3 +65,69 @@ class HeadTimer:
     def _expired(self) -> None:
         self._handle = self.started = None
         self._on_expiry()
+
+
+def require_non_blocking(sock: socket.socket) -> None:
+    if sock.gettimeout() != 0.0:
+        raise ValueError(
+            "the HTTP session sends without waiting from callbacks: a blocking socket would "
+            "stall the event loop (call setblocking(False) first)"
+        )
+
+
+def try_send(sock: socket.socket, data: bytes) -> int:
+    """A non-blocking send; 0 when it would block or failed (the awaited send will tell)."""
+    try:
+        return sock.send(data)
+    except OSError:
+        return 0
+
+
+class Outbox:
+    """Bytes for one side, in order: written at once when the side takes them, else queued and
+    written by a task that awaits the side's backpressure. ``idle`` is set when nothing waits."""
+
+    def __init__(
+        self,
+        try_write: Callable[[bytes], int],
+        write: Callable[[bytes], Awaitable[None]],
+        on_idle: Callable[[], None],
+        on_error: Callable[[Exception], None],
+    ) -> None:
+        self._try_write, self._write = try_write, write
+        self._on_idle, self._on_error = on_idle, on_error
+        self._pending: deque[bytes] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def busy(self) -> bool:
+        return not self.idle.is_set()
+
+    def send(self, data: bytes) -> None:
+        if self.idle.is_set():
+            n = self._try_write(data)
+            if n == len(data):
+                return
+            data = data[n:]
+            self.idle.clear()
+            self._task = asyncio.create_task(self._drain(), name="http-outbox")
+        self._pending.append(data)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                await self._write(self._pending[0])
+                self._pending.popleft()
+        except (OSError, ConnectionError) as e:
+            self._pending.clear()
+            self._on_error(e)
+        finally:
+            self._task = None
+            self.idle.set()
+        self._on_idle()
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

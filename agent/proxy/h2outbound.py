@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 
 from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
-from agent.proxy.h2inbound import HEADER_TIMEOUT, READ_SIZE, h2_request_record
+from agent.proxy.h2inbound import h2_request_record
 from agent.proxy.h2mirror import MirrorCall
 from agent.proxy.h2proxy import (
     Choice,
@@ -69,7 +69,14 @@ from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import RequestHead, Verdict
 from agent.proxy.http_outbound import MAX_MIRRORS, MIRROR_TIMEOUT
 from agent.proxy.http_router import RoutePlan
-from agent.proxy.httpshell import HeadTimer, Outbox, require_non_blocking, try_send
+from agent.proxy.httpshell import (
+    HEADER_TIMEOUT,
+    READ_SIZE,
+    HeadTimer,
+    Outbox,
+    require_non_blocking,
+    try_send,
+)
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import ServiceTarget
 from agent.proxy.tunnel import TunnelError, TunnelStream

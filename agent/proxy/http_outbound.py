@@ -92,7 +92,7 @@ from agent.proxy.http_router import (
     LocalResponse,
     RoutePlan,
 )
-from agent.proxy.httpshell import HeadTimer, try_send
+from agent.proxy.httpshell import HEADER_TIMEOUT, READ_SIZE, HeadTimer, try_send
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import Route, ServiceTarget
@@ -110,8 +110,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its complete head
-READ_SIZE = 64 * 1024
 IDLE_TIMEOUT = 30.0  # an unused pooled session is closed after this many seconds
 MAX_IDLE_PER_ENDPOINT = 16
 MAX_IDLE = 512

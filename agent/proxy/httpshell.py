@@ -22,6 +22,9 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+HEADER_TIMEOUT = 10.0  # seconds from a head's first byte to its end (HTTP/1.1 head, HTTP/2 block)
+READ_SIZE = 64 * 1024  # what a shell reads from a socket at once
+
 
 class HeadTimer:
     """The head timeout (slowloris): a head must be complete ``timeout`` seconds after its first

@@ -26,16 +26,11 @@ gRPC calls, and refusals of bad input go to ``Registry.http_rejected`` by cause.
 from __future__ import annotations
 
 import asyncio
-import socket
 
-from agent.policy.authz import Request
-from agent.proxy.core import Core
-from agent.proxy.h2proxy import H2Exchange, H2Limits, H2Proxy
+from agent.proxy.h2proxy import H2Exchange, H2Proxy
 from agent.proxy.http1 import request_record
-from agent.proxy.http_inbound import Downstream, PodShell
-from agent.proxy.httpshell import HEADER_TIMEOUT
-from agent.state import Workload
-from agent.telemetry.records import ConnectionRecord, RequestRecord
+from agent.proxy.http_inbound import PodShell
+from agent.telemetry.records import RequestRecord
 
 
 def h2_request_record(exchange: H2Exchange) -> RequestRecord:
@@ -51,24 +46,11 @@ class H2Session(PodShell[H2Exchange]):
     """One client h2c connection on a declared HTTP/2 or gRPC port, and its pod connection."""
 
     proxy: H2Proxy
-
-    def __init__(
-        self,
-        core: Core,
-        down: Downstream,
-        upstream: socket.socket,
-        record: ConnectionRecord,
-        request: Request,
-        workload: Workload,
-        *,
-        limits: H2Limits | None = None,
-        header_timeout: float = HEADER_TIMEOUT,
-    ) -> None:
-        super().__init__(core, down, upstream, record, request, workload, header_timeout)
-        self.proxy = H2Proxy(self._authorize, limits=limits)
-        self._client_eof = False
-
     _record_of = staticmethod(h2_request_record)
+
+    def _start(self) -> None:
+        self.proxy = H2Proxy(self._authorize)
+        self._client_eof = False
 
     async def serve(self) -> None:
         """Serve streams until both sides closed or the proxy is done with the connection."""

@@ -171,11 +171,12 @@ class PodShell(ABC, Generic[E]):
     through an ``Outbox`` (a side whose writes wait stops the other's reads), after each input
     the proxy's output written, its finished exchanges reported, its refusals counted and its
     head timed (``HeadTimer``), and how the session ends. What differs stays with each: the
-    client's side (``send``, ``_client_side``: HTTP/1.1 holds a pipelining client's bytes and
-    stops at an upgrade, HTTP/2 takes them until it closes), ``serve`` (an upgraded HTTP/1.1
-    connection is relayed after it), the exchange's telemetry record (``_record_of``), and
-    when the session is over (``_after_input``). The hooks replace code that ran inline at the
-    same places, so the shared shell costs no more calls per request than the two did."""
+    proxy (``_start``), the client's side (``send``, ``_client_side``: HTTP/1.1 holds a
+    pipelining client's bytes and stops at an upgrade, HTTP/2 takes them until it closes),
+    ``serve`` (an upgraded HTTP/1.1 connection is relayed after it), the exchange's telemetry
+    record (``_record_of``), and when the session is over (``_after_input``). The hooks replace
+    code that ran inline at the same places, so the shared shell costs no more calls per
+    request than the two did."""
 
     proxy: ShellProxy[E]
     _record_of: Callable[[E], RequestRecord]  # a finished exchange as telemetry reports it
@@ -188,7 +189,8 @@ class PodShell(ABC, Generic[E]):
         record: ConnectionRecord,
         request: Request,
         workload: Workload,
-        header_timeout: float,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         require_non_blocking(upstream)
         self.core, self.down, self.upstream = core, down, upstream
@@ -208,6 +210,11 @@ class PodShell(ABC, Generic[E]):
             lambda: None,
             self._pod_write_failed,
         )
+        self._start()
+
+    @abstractmethod
+    def _start(self) -> None:
+        """The protocol's own state: its proxy (``self.proxy``) and what its client side keeps."""
 
     def _authorize(self, head: RequestHead) -> Verdict:
         return request_verdict(self.core, self.request, self.workload, head, self.where)
@@ -316,19 +323,8 @@ class HttpSession(PodShell[Exchange]):
     proxy: Http1Proxy
     _record_of = staticmethod(request_record)
 
-    def __init__(
-        self,
-        core: Core,
-        down: Downstream,
-        upstream: socket.socket,
-        record: ConnectionRecord,
-        request: Request,
-        workload: Workload,
-        *,
-        header_timeout: float = HEADER_TIMEOUT,
-    ) -> None:
-        super().__init__(core, down, upstream, record, request, workload, header_timeout)
-        record.protocol = "http/1.1"
+    def _start(self) -> None:
+        self.record.protocol = "http/1.1"
         self.proxy = Http1Proxy(authorize=self._authorize)
         self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
 

@@ -61,7 +61,7 @@ class H2Session(PodShell[H2Exchange]):
         try:
             await self._ended
         finally:
-            self._pause_upstream()
+            self._reader.stop()
             self._head.cancel()
             client.cancel()
             await asyncio.gather(client, return_exceptions=True)

@@ -72,9 +72,8 @@ from agent.proxy.http_router import RoutePlan
 from agent.proxy.httpshell import (
     HEADER_TIMEOUT,
     READ_SIZE,
-    HeadTimer,
+    CallbackShell,
     Outbox,
-    require_non_blocking,
     try_send,
 )
 from agent.proxy.records import Refused, cancel_current_task
@@ -93,8 +92,10 @@ def _allow(_head: RequestHead) -> Verdict:
     return Verdict(True)  # the destination node authorizes each request
 
 
-class H2SourceSession:
+class H2SourceSession(CallbackShell):
     """One client h2c connection to a Service VIP, its requests spread over the endpoints."""
+
+    proxy: H2Proxy
 
     def __init__(
         self,
@@ -105,7 +106,7 @@ class H2SourceSession:
         target: ServiceTarget,
         src: str,
     ) -> None:
-        require_non_blocking(client)
+        super().__init__(client, HEADER_TIMEOUT)  # the client's socket is read by a callback
         self.outbound, self.client = outbound, client
         self.source, self.target, self.src = source, target, src
         self.src_ip = src.rsplit(":", 1)[0]
@@ -121,10 +122,6 @@ class H2SourceSession:
         self._upstreams: dict[int, Upstream] = {}
         self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
         self._tasks: set[asyncio.Task[None]] = set()  # one per endpoint: opens, then reads
-        self._loop = asyncio.get_running_loop()
-        self._ended: asyncio.Future[None] = self._loop.create_future()
-        self._reading_client = False
-        self._head = HeadTimer(self._loop, HEADER_TIMEOUT, self._head_expired)
         self._to_client = Outbox(
             lambda data: try_send(client, data),
             lambda data: self._loop.sock_sendall(client, data),
@@ -187,7 +184,7 @@ class H2SourceSession:
         finally:
             # Whatever ended the session (also a cancellation), every request still open is
             # reported and its attempt finished, so the Service's counts stay right.
-            self._pause_client()
+            self._reader.stop()
             self.proxy.receive_client(b"")
             self._report()
             if self._timer is not None:
@@ -210,7 +207,7 @@ class H2SourceSession:
                 sockets.abort(self.client)
 
     # -- the client's side: a reader callback ------------------------------------------------
-    def _on_client_readable(self) -> None:
+    def _readable(self) -> None:
         try:
             data = self.client.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -228,24 +225,13 @@ class H2SourceSession:
         if not data:  # the client is done: so is the session (its open requests reported)
             self._end(None)
 
-    def _pause_client(self) -> None:
-        if self._reading_client:
-            self._loop.remove_reader(self.client.fileno())
-            self._reading_client = False
-
     def _resume_client(self) -> None:
         """Read the client again, unless an endpoint is not reading what it sent."""
-        if self._reading_client or self._ended.done() or self.proxy.closing:
+        if self._reader.active or self._ended.done() or self.proxy.closing:
             return
         if any(box.busy for box in self._to_upstream.values()):
             return
-        self._loop.add_reader(self.client.fileno(), self._on_client_readable)
-        self._reading_client = True
-
-    def _head_expired(self) -> None:
-        if self.proxy.head_started is not None and not self._ended.done():
-            self.proxy.header_timeout()
-            self._moved()
+        self._reader.start()
 
     # -- the endpoints' side -----------------------------------------------------------------
     async def _upstream(self, uid: int, key: Endpoint) -> None:
@@ -342,7 +328,7 @@ class H2SourceSession:
             if data:
                 box.send(data)
                 if box.busy:
-                    self._pause_client()  # the endpoint is not reading: neither do we the client
+                    self._reader.stop()  # the endpoint is not reading: neither do we the client
         data = proxy.take_to_client()
         if data:
             self._to_client.send(data)
@@ -353,15 +339,6 @@ class H2SourceSession:
             self._head.time(started)
         if proxy.closing:
             self._end(None)
-
-    def _end(self, error: BaseException | None) -> None:
-        if self._ended.done():
-            return
-        self._pause_client()
-        if error is None:
-            self._ended.set_result(None)
-        else:
-            self._ended.set_exception(error)
 
     def _spawn(self, work: Coroutine[object, object, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)

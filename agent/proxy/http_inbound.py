@@ -34,7 +34,7 @@ import contextlib
 import logging
 import socket
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -53,7 +53,7 @@ from agent.proxy.http1 import (
 from agent.proxy.httpshell import (
     HEADER_TIMEOUT,
     READ_SIZE,
-    HeadTimer,
+    CallbackShell,
     Outbox,
     require_non_blocking,
     try_send,
@@ -163,20 +163,21 @@ class ShellProxy(Protocol[E]):
     def take_rejections(self) -> list[str]: ...
 
 
-class PodShell(ABC, Generic[E]):
+class PodShell(CallbackShell, Generic[E]):
     """The destination's callback shell, one client connection relayed to one pod connection
     through a sans-IO proxy: ``HttpSession`` (HTTP/1.1) and ``h2inbound.H2Session`` (HTTP/2).
 
-    What both do alike is here: the pod's socket read by a reader callback, each side's writes
-    through an ``Outbox`` (a side whose writes wait stops the other's reads), after each input
-    the proxy's output written, its finished exchanges reported, its refusals counted and its
-    head timed (``HeadTimer``), and how the session ends. What differs stays with each: the
-    proxy (``_start``), the client's side (``send``, ``_client_side``: HTTP/1.1 holds a
-    pipelining client's bytes and stops at an upgrade, HTTP/2 takes them until it closes),
-    ``serve`` (an upgraded HTTP/1.1 connection is relayed after it), the exchange's telemetry
-    record (``_record_of``), and when the session is over (``_after_input``). The hooks replace
-    code that ran inline at the same places, so the shared shell costs no more calls per
-    request than the two did."""
+    What both do alike is here (and in ``httpshell.CallbackShell``, which the HTTP/2 source
+    shares): the pod's socket read by a reader callback, each side's writes through an
+    ``Outbox`` (a side whose writes wait stops the other's reads), after each input the proxy's
+    output written, its finished exchanges reported, its refusals counted and its head timed
+    (``HeadTimer``), and how the session ends. What differs stays with each: the proxy
+    (``_start``), the client's side (``send``, ``_client_side``: HTTP/1.1 holds a pipelining
+    client's bytes and stops at an upgrade, HTTP/2 takes them until it closes), ``serve`` (an
+    upgraded HTTP/1.1 connection is relayed after it), the exchange's telemetry record
+    (``_record_of``), and when the session is over (``_after_input``). The hooks replace code
+    that ran inline at the same places, so the shared shell costs no more calls per request
+    than the two did."""
 
     proxy: ShellProxy[E]
     _record_of: Callable[[E], RequestRecord]  # a finished exchange as telemetry reports it
@@ -192,15 +193,11 @@ class PodShell(ABC, Generic[E]):
         *,
         header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
-        require_non_blocking(upstream)
+        super().__init__(upstream, header_timeout)  # the pod's socket is read by a callback
         self.core, self.down, self.upstream = core, down, upstream
         self.record, self.request, self.workload = record, request, workload
         self.where = f"{record.source} -> {record.destination}"
-        self._loop = asyncio.get_running_loop()
-        self._ended: asyncio.Future[None] = self._loop.create_future()
-        self._reading_upstream = False
         self._upstream_eof = False
-        self._head = HeadTimer(self._loop, header_timeout, self._head_expired)
         self._to_client = Outbox(
             down.try_write, down.write, self._resume_upstream, self._client_write_failed
         )
@@ -223,13 +220,8 @@ class PodShell(ABC, Generic[E]):
         if not task.cancelled() and task.exception() is not None:
             self._fail(task.exception())  # type: ignore[arg-type]
 
-    def _head_expired(self) -> None:
-        if self.proxy.head_started is not None and not self._ended.done():
-            self.proxy.header_timeout()
-            self._moved()
-
     # -- the pod's side: a reader callback -------------------------------------------------
-    def _on_upstream_readable(self) -> None:
+    def _readable(self) -> None:
         record = self.record
         try:
             data = self.upstream.recv(READ_SIZE)
@@ -238,7 +230,7 @@ class PodShell(ABC, Generic[E]):
         except OSError as e:
             log.debug("%s: upstream failed: %r", self.where, e)
             self._upstream_eof = True
-            self._pause_upstream()
+            self._reader.stop()
             self.proxy.upstream_failed()
             self._moved()
             return
@@ -247,22 +239,16 @@ class PodShell(ABC, Generic[E]):
         record.bytes_received += len(data)
         if not data:
             self._upstream_eof = True
-            self._pause_upstream()
+            self._reader.stop()
         try:
             self.proxy.receive_upstream(data)
             self._moved()
         except Exception as e:  # the session's failure, not the event loop's
             self._fail(e)
 
-    def _pause_upstream(self) -> None:
-        if self._reading_upstream:
-            self._loop.remove_reader(self.upstream.fileno())
-            self._reading_upstream = False
-
     def _resume_upstream(self) -> None:
-        if not (self._reading_upstream or self._upstream_eof or self._ended.done()):
-            self._loop.add_reader(self.upstream.fileno(), self._on_upstream_readable)
-            self._reading_upstream = True
+        if not (self._upstream_eof or self._ended.done()):
+            self._reader.start()
 
     # -- both ------------------------------------------------------------------------------
     def _moved(self) -> None:
@@ -276,7 +262,7 @@ class PodShell(ABC, Generic[E]):
         if data:
             self._to_client.send(data)
             if self._to_client.busy:
-                self._pause_upstream()  # the client is not reading: neither do we the pod
+                self._reader.stop()  # the client is not reading: neither do we the pod
         completed = proxy.take_completed()
         if completed:
             registry, record_of = self.core.registry, self._record_of
@@ -294,15 +280,6 @@ class PodShell(ABC, Generic[E]):
     @abstractmethod
     def _after_input(self) -> bool:
         """The protocol's own step after an input (``_moved``); True when the session is over."""
-
-    def _end(self, error: BaseException | None) -> None:
-        if self._ended.done():
-            return
-        self._pause_upstream()
-        if error is None:
-            self._ended.set_result(None)
-        else:
-            self._ended.set_exception(error)
 
     def _fail(self, error: BaseException) -> None:
         """The session failed (a write to the client, its task, an exception in a callback)."""
@@ -344,7 +321,7 @@ class HttpSession(PodShell[Exchange]):
                 self.proxy.client_failed()
                 for exchange in self.proxy.take_completed():
                     self.core.registry.request_done(self.record, request_record(exchange))
-            self._pause_upstream()
+            self._reader.stop()
             self._head.cancel()
             client.cancel()
             await asyncio.gather(client, return_exceptions=True)

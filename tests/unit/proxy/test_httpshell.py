@@ -1,10 +1,12 @@
 """What the HTTP shells share (agent.proxy.httpshell): the head timer, driven the way a shell
 drives it (after each input, with the proxy's ``head_started``), over a loop that only records
-its timers, so that nothing here waits or depends on how fast the machine is."""
+its timers, so that nothing here waits or depends on how fast the machine is; and the callback
+shell's reader and end, over a socket pair."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
@@ -13,7 +15,7 @@ import pytest
 
 from agent.proxy import httpshell
 from agent.proxy.http1 import HEADER_TIMEOUT, Http1Proxy, Verdict
-from agent.proxy.httpshell import HeadTimer
+from agent.proxy.httpshell import CallbackShell, HeadTimer
 
 NOW = 100.0  # the clock of the proxy and of the timer
 
@@ -140,3 +142,76 @@ def test_it_runs_on_a_real_loop() -> None:
         return fired
 
     assert asyncio.run(main()) == ["late"]
+
+
+class _Session(CallbackShell):
+    """A callback shell over a socket pair: what it reads, how often it was moved."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, 10.0)
+        self.sock = sock
+        self.proxy = SimpleNamespace(closing=False, head_started=None, timed_out=0)  # type: ignore[assignment]
+        self.proxy.header_timeout = self._timed_out  # type: ignore[attr-defined]
+        self.read: list[bytes] = []
+        self.moved = 0
+
+    def _timed_out(self) -> None:
+        self.proxy.timed_out += 1  # type: ignore[attr-defined]
+
+    def _readable(self) -> None:
+        self.read.append(self.sock.recv(100))
+
+    def _moved(self) -> None:
+        self.moved += 1
+
+
+def test_the_reader_is_registered_once_and_stops_with_the_end() -> None:
+    async def main() -> None:
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        session = _Session(ours)
+        session._reader.start()
+        session._reader.start()  # already reading: not registered again
+        peer.send(b"a")
+        await asyncio.sleep(0.05)
+        assert session.read == [b"a"] and session._reader.active
+        session._end(None)
+        session._end(RuntimeError("late"))  # ended once: the first end stands
+        assert not session._reader.active and session._ended.result() is None
+        peer.send(b"b")  # no longer read
+        await asyncio.sleep(0.05)
+        assert session.read == [b"a"]
+        ours.close()
+        peer.close()
+
+    asyncio.run(main())
+
+
+def test_a_late_head_is_answered_while_the_session_lives() -> None:
+    async def main() -> None:
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        session = _Session(ours)
+        session._head_expired()  # no head open: nothing to answer
+        session.proxy.head_started = NOW
+        session._head_expired()
+        assert (session.proxy.timed_out, session.moved) == (1, 1)  # type: ignore[attr-defined]
+        session._end(ConnectionResetError("gone"))
+        session._head_expired()  # ended: not answered again
+        assert (session.proxy.timed_out, session.moved) == (1, 1)  # type: ignore[attr-defined]
+        assert isinstance(session._ended.exception(), ConnectionResetError)
+        ours.close()
+        peer.close()
+
+    asyncio.run(main())
+
+
+def test_a_blocking_socket_is_refused() -> None:
+    async def main() -> None:
+        ours, peer = socket.socketpair()
+        with pytest.raises(ValueError, match="setblocking"):
+            _Session(ours)
+        ours.close()
+        peer.close()
+
+    asyncio.run(main())

@@ -166,9 +166,7 @@ class _Session(CallbackShell):
 
 
 def test_the_reader_is_registered_once_and_stops_with_the_end() -> None:
-    async def main() -> None:
-        ours, peer = socket.socketpair()
-        ours.setblocking(False)
+    async def main(ours: socket.socket, peer: socket.socket) -> None:
         session = _Session(ours)
         session._reader.start()
         session._reader.start()  # already reading: not registered again
@@ -181,16 +179,15 @@ def test_the_reader_is_registered_once_and_stops_with_the_end() -> None:
         peer.send(b"b")  # no longer read
         await asyncio.sleep(0.05)
         assert session.read == [b"a"]
-        ours.close()
-        peer.close()
 
-    asyncio.run(main())
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        asyncio.run(main(ours, peer))
 
 
 def test_a_late_head_is_answered_while_the_session_lives() -> None:
-    async def main() -> None:
-        ours, peer = socket.socketpair()
-        ours.setblocking(False)
+    async def main(ours: socket.socket) -> None:
         session = _Session(ours)
         session._head_expired()  # no head open: nothing to answer
         session.proxy.head_started = NOW
@@ -200,18 +197,18 @@ def test_a_late_head_is_answered_while_the_session_lives() -> None:
         session._head_expired()  # ended: not answered again
         assert (session.proxy.timed_out, session.moved) == (1, 1)  # type: ignore[attr-defined]
         assert isinstance(session._ended.exception(), ConnectionResetError)
-        ours.close()
-        peer.close()
 
-    asyncio.run(main())
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        asyncio.run(main(ours))
 
 
 def test_a_blocking_socket_is_refused() -> None:
-    async def main() -> None:
-        ours, peer = socket.socketpair()
+    async def main(ours: socket.socket) -> None:
         with pytest.raises(ValueError, match="setblocking"):
             _Session(ours)
-        ours.close()
-        peer.close()
 
-    asyncio.run(main())
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        asyncio.run(main(ours))

@@ -51,9 +51,9 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
-from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
 from agent.proxy.h2inbound import h2_request_record
 from agent.proxy.h2mirror import MirrorCall
@@ -67,7 +67,7 @@ from agent.proxy.h2proxy import (
 )
 from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import RequestHead, Verdict
-from agent.proxy.http_outbound import MAX_MIRRORS, MIRROR_TIMEOUT
+from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
 from agent.proxy.httpshell import (
     HEADER_TIMEOUT,
@@ -376,50 +376,24 @@ class H2SourceSession(CallbackShell):
 
     # -- mirrors (RequestMirror) -------------------------------------------------------------
     def _mirror(self, copy: H2Mirrored) -> None:
-        """Start the copies of a complete request (fire and forget, bounded per node)."""
+        """Start the copies of a complete request (``HttpOutbound.mirror``)."""
         plan = copy.tag
         if not isinstance(plan, RoutePlan):
             return
-        core, http = self.outbound.core, self.outbound.http
-        snap = core.snapshot()
-        for target in plan.mirrors:
-            service = http.router.traffic.service(snap, target.service)
-            if copy.body is None:
-                service.count("http_mirror", "too_large")
-            elif len(http.mirroring) >= MAX_MIRRORS:
-                service.count("http_mirror", "overflow")
-            else:
-                name = f"h2-mirror {self.where} -> {target.service.namespace}/{target.service.name}"
-                task = asyncio.create_task(self._send_copy(target, copy, copy.body), name=name)
-                http.mirroring.add(task)
-                task.add_done_callback(http.mirroring.discard)
+        whole, send = copy.body is not None, partial(self._send_copy, copy)
+        self.outbound.http.mirror(plan.mirrors, whole, self.source, self.record, self.where, send)
 
-    async def _send_copy(self, target: ServiceTarget, copy: H2Mirrored, body: bytes) -> None:
-        """One copy: an endpoint of ``target`` by its own traffic control, a fresh tunnel, the
-        request (``:authority`` suffixed ``-shadow``), the response read and dropped."""
-        out, core = self.outbound, self.outbound.core
-        snap = core.snapshot()
-        service = out.http.router.traffic.service(snap, target.service)
-        labels = self.source.labels if self.source is not None else None
-        try:
-            attempts = service.admit(self.src_ip, labels, (core.node, None))
-        except Rejected:
-            return  # counted by the Service's limits
+    async def _send_copy(self, copy: H2Mirrored, attempt: MirrorTry) -> None:
+        """One copy's HTTP/2 (``MirrorSend``): a fresh tunnel, the request (``:authority``
+        suffixed ``-shadow``), the response read and dropped."""
+        assert copy.body is not None
         upstream: Upstream | None = None
-        call: MirrorCall | None = None
-        outcome = "failed"
         try:
-            ip = attempts.next_endpoint()
-            if ip is None:
-                return
-            route = out.resolver.endpoint_route(snap, self.source, target, ip)
-            rec = replace(self.record)
-            out.describe_route(snap, route, rec)
-            async with asyncio.timeout(MIRROR_TIMEOUT):
-                # conn_id 0: a copy is no connection of the registry (nothing to re-check)
-                upstream = await out.open(route, rec, self.src_ip, 0)
-                attempts.connected(ip)
-                call = MirrorCall(copy.head, body, copy.trailers)
+            # conn_id 0: a copy is no connection of the registry (nothing to re-check)
+            upstream = await self.outbound.open(attempt.route, attempt.record, self.src_ip, 0)
+            attempt.attempts.connected(attempt.ip)
+            call = MirrorCall(copy.head, copy.body, copy.trailers)
+            try:
                 while True:
                     data = call.data_to_send()
                     if data:
@@ -427,17 +401,14 @@ class H2SourceSession(CallbackShell):
                     if call.done:
                         break
                     call.receive(await _read(upstream))
-            outcome = "sent" if call.status else "failed"
+            finally:
+                attempt.status = call.status
+            attempt.outcome = "sent" if call.status else "failed"
         except Refused:
-            outcome = "denied"
-        except (OSError, TunnelError, TimeoutError) as e:
-            log.debug("%s: mirror to %s failed: %r", self.where, target.service.name, e)
+            attempt.outcome = "denied"
         finally:
-            status = call.status if call is not None else 0
-            attempts.finish(reset_before_data=outcome == "failed", server_error=status >= 500)
             if upstream is not None:
                 _close_upstream(upstream)
-            service.count("http_mirror", outcome)
 
     def _finish(self, exchange: H2Exchange) -> None:
         plan = exchange.tag

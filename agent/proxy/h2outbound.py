@@ -18,7 +18,7 @@ request's endpoint). The balancer learns each request's time to response headers
 (``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
 requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
 
-The shell is the destination's (``h2inbound``; ``httpshell.Outbox``): the client's socket
+The shell is the destination's (``httpshell.CallbackShell`` and ``Outbox``): the client's socket
 is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
 they arrive (``_UpstreamSink``), and each side's writes go out at once, else queue behind its
 backpressure; while an endpoint's writes wait the client is not read, and while the client's

@@ -6,14 +6,14 @@ client is an HBONE stream or a plaintext socket). The pod is spoken to over one 
 per client connection (the one the inbound path connected, with the client's address as source,
 so the pod still sees its real client): every stream of the client is a stream on it.
 
-The shell is the HTTP/1.1 one's (``agent.proxy.http_inbound``): the client's bytes are handed
+The shell is the HTTP/1.1 one's (``http_inbound.PodShell``, its base): the client's bytes are handed
 to the session by the HBONE stream as they arrive (``Downstream.deliver_to``; a task reads
 what the stream could not hand over, and the plaintext socket), the pod's socket is watched with
 ``add_reader``, and each side's writes go out at once when it takes them, else queue behind its
-backpressure (``_Outbox``). While the pod's outbox holds bytes the client is not read, and while
-the client's holds bytes the pod is not read, so a side that does not read stops the other's
-reads (on top of HTTP/2 flow control, which ``H2Proxy`` keeps: it reopens a window only for
-bytes already passed on). Why: the earlier shell (a task per side, each awaiting a lock and
+backpressure (``httpshell.Outbox``). While the pod's outbox holds bytes the client is not read,
+and while the client's holds bytes the pod is not read, so a side that does not read stops the
+other's reads (on top of HTTP/2 flow control, which ``H2Proxy`` keeps: it reopens a window only
+for bytes already passed on). Why: the earlier shell (a task per side, each awaiting a lock and
 its writes per read) cost a task wake-up and two lock round trips per frame burst, a large part
 of a gRPC call's time at the destination.
 
@@ -26,77 +26,31 @@ gRPC calls, and refusals of bad input go to ``Registry.http_rejected`` by cause.
 from __future__ import annotations
 
 import asyncio
-import logging
-import socket
-import time
 
-from agent.policy.authz import Request
-from agent.proxy.core import Core
-from agent.proxy.h2proxy import H2Exchange, H2Limits, H2Proxy
-from agent.proxy.http1 import RequestHead, Verdict, request_record
-from agent.proxy.http_inbound import (
-    Downstream,
-    Outbox,
-    request_verdict,
-    require_non_blocking,
-    try_send,
-)
-from agent.state import Workload
-from agent.telemetry.records import ConnectionRecord, RequestRecord
-
-log = logging.getLogger(__name__)
-
-READ_SIZE = 64 * 1024
-HEADER_TIMEOUT = 10.0  # seconds a header block may stay open (HTTP/1.1's head timeout)
+from agent.proxy.h2proxy import H2Exchange, H2Proxy
+from agent.proxy.http1 import request_record
+from agent.proxy.http_inbound import PodShell
+from agent.telemetry.records import RequestRecord
 
 
-def header_wait(proxy: H2Proxy, timeout: float = HEADER_TIMEOUT) -> float | None:
-    """How long the next read may wait: until the open header block's deadline, if one is."""
-    if proxy.head_started is None:
-        return None
-    return max(0.0, proxy.head_started + timeout - time.monotonic())
+def h2_request_record(exchange: H2Exchange) -> RequestRecord:
+    """``request_record`` of a stream, with its protocol (``grpc`` for a gRPC call) and status."""
+    return request_record(
+        exchange,
+        protocol="grpc" if exchange.grpc else "http",
+        grpc_status=exchange.grpc_status,
+    )
 
 
-class H2Session:
+class H2Session(PodShell[H2Exchange]):
     """One client h2c connection on a declared HTTP/2 or gRPC port, and its pod connection."""
 
-    def __init__(
-        self,
-        core: Core,
-        down: Downstream,
-        upstream: socket.socket,
-        record: ConnectionRecord,
-        request: Request,
-        workload: Workload,
-        *,
-        limits: H2Limits | None = None,
-        header_timeout: float = HEADER_TIMEOUT,
-    ) -> None:
-        require_non_blocking(upstream)
-        self.core, self.down, self.upstream = core, down, upstream
-        self.record, self.request, self.workload = record, request, workload
-        self.where = f"{record.source} -> {record.destination}"
-        self.header_timeout = header_timeout
-        self.proxy = H2Proxy(self._authorize, limits=limits)
-        self._loop = asyncio.get_running_loop()
-        self._ended: asyncio.Future[None] = self._loop.create_future()
-        self._client_eof = False
-        self._reading_upstream = False
-        self._upstream_eof = False
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timed: float | None = None  # the head_started the timer is for
-        self._to_client = Outbox(
-            down.try_write, down.write, self._resume_upstream, self._client_write_failed
-        )
-        self._to_pod = Outbox(
-            lambda data: try_send(upstream, data),
-            lambda data: self._loop.sock_sendall(upstream, data),
-            lambda: None,
-            self._pod_write_failed,
-        )
+    proxy: H2Proxy
+    _record_of = staticmethod(h2_request_record)
 
-    def _authorize(self, head: RequestHead) -> Verdict:
-        return request_verdict(self.core, self.request, self.workload, head, self.where)
+    def _start(self) -> None:
+        self.proxy = H2Proxy(self._authorize)
+        self._client_eof = False
 
     async def serve(self) -> None:
         """Serve streams until both sides closed or the proxy is done with the connection."""
@@ -107,9 +61,8 @@ class H2Session:
         try:
             await self._ended
         finally:
-            self._pause_upstream()
-            if self._head_timer is not None:
-                self._head_timer.cancel()
+            self._reader.stop()
+            self._head.cancel()
             client.cancel()
             await asyncio.gather(client, return_exceptions=True)
         await self._to_pod.idle.wait()
@@ -152,111 +105,6 @@ class H2Session:
             self._end(e)
         return len(data)
 
-    def _client_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._end(task.exception())
-
-    def _arm_head_timer(self) -> None:
-        """A header block that began must be complete ``header_timeout`` after it began."""
-        started = self.proxy.head_started
-        if started == self._head_timed or self.proxy.closing:
-            return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._head_timed = started
-        if started is not None:
-            wait = header_wait(self.proxy, self.header_timeout) or 0.0
-            self._head_timer = self._loop.call_later(wait, self._head_expired)
-
-    def _head_expired(self) -> None:
-        self._head_timer = self._head_timed = None
-        if self.proxy.head_started is not None and not self._ended.done():
-            self.proxy.header_timeout()
-            self._moved()
-
-    # -- the pod's side: a reader callback -------------------------------------------------
-    def _on_upstream_readable(self) -> None:
-        record = self.record
-        try:
-            data = self.upstream.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            log.debug("%s: upstream failed: %r", self.where, e)
-            self._upstream_eof = True
-            self._pause_upstream()
-            self.proxy.upstream_failed()
-            self._moved()
-            return
-        if data and not record.bytes_received:
-            record.first_byte = time.monotonic()
-        record.bytes_received += len(data)
-        if not data:
-            self._upstream_eof = True
-            self._pause_upstream()
-        try:
-            self.proxy.receive_upstream(data)
-            self._moved()
-        except Exception as e:  # the session's failure, not the event loop's
-            self._end(e)
-
-    def _pause_upstream(self) -> None:
-        if self._reading_upstream:
-            self._loop.remove_reader(self.upstream.fileno())
-            self._reading_upstream = False
-
-    def _resume_upstream(self) -> None:
-        if not (self._reading_upstream or self._upstream_eof or self._ended.done()):
-            self._loop.add_reader(self.upstream.fileno(), self._on_upstream_readable)
-            self._reading_upstream = True
-
-    # -- both ------------------------------------------------------------------------------
-    def _moved(self) -> None:
-        """After input: write what it produced, report finished streams, and see whether the
-        connection ended (the proxy is done, or both sides closed)."""
-        proxy = self.proxy
-        data = proxy.take_to_upstream()
-        if data:
-            self._to_pod.send(data)
-        data = proxy.take_to_client()
-        if data:
-            self._to_client.send(data)
-            if self._to_client.busy:
-                self._pause_upstream()  # the client is not reading: neither do we the pod
-        completed = proxy.take_completed()
-        if completed:
-            registry = self.core.registry
-            for exchange in completed:
-                registry.request_done(self.record, h2_request_record(exchange))
-        for cause in proxy.take_rejections():
-            self.core.registry.http_rejected(cause, self.where)
-        self._arm_head_timer()
-        if proxy.closing or (self._client_eof and self._upstream_eof):
-            self._end(None)
-
-    def _end(self, error: BaseException | None) -> None:
-        if self._ended.done():
-            return
-        self._pause_upstream()
-        if error is None:
-            self._ended.set_result(None)
-        else:
-            self._ended.set_exception(error)
-
-    def _pod_write_failed(self, error: Exception) -> None:
-        log.debug("%s: upstream send failed: %r", self.where, error)
-        self.proxy.upstream_failed()
-        self._moved()
-
-    def _client_write_failed(self, error: Exception) -> None:
-        self._end(error)
-
-
-def h2_request_record(exchange: H2Exchange) -> RequestRecord:
-    """``request_record`` of a stream, with its protocol (``grpc`` for a gRPC call) and status."""
-    return request_record(
-        exchange,
-        protocol="grpc" if exchange.grpc else "http",
-        grpc_status=exchange.grpc_status,
-    )
+    def _after_input(self) -> bool:
+        """Over when the proxy is done with the connection, or both sides closed."""
+        return self.proxy.closing or (self._client_eof and self._upstream_eof)

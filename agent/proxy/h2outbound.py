@@ -18,7 +18,7 @@ request's endpoint). The balancer learns each request's time to response headers
 (``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
 requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
 
-The shell is the destination's (``h2inbound``; ``http_inbound.Outbox``): the client's socket
+The shell is the destination's (``httpshell.CallbackShell`` and ``Outbox``): the client's socket
 is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
 they arrive (``_UpstreamSink``), and each side's writes go out at once, else queue behind its
 backpressure; while an endpoint's writes wait the client is not read, and while the client's
@@ -51,11 +51,11 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
-from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
-from agent.proxy.h2inbound import READ_SIZE, h2_request_record, header_wait
+from agent.proxy.h2inbound import h2_request_record
 from agent.proxy.h2mirror import MirrorCall
 from agent.proxy.h2proxy import (
     Choice,
@@ -67,9 +67,15 @@ from agent.proxy.h2proxy import (
 )
 from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import RequestHead, Verdict
-from agent.proxy.http_inbound import Outbox, require_non_blocking, try_send
-from agent.proxy.http_outbound import MAX_MIRRORS, MIRROR_TIMEOUT
+from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
+from agent.proxy.httpshell import (
+    HEADER_TIMEOUT,
+    READ_SIZE,
+    CallbackShell,
+    Outbox,
+    try_send,
+)
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import ServiceTarget
 from agent.proxy.tunnel import TunnelError, TunnelStream
@@ -86,8 +92,10 @@ def _allow(_head: RequestHead) -> Verdict:
     return Verdict(True)  # the destination node authorizes each request
 
 
-class H2SourceSession:
+class H2SourceSession(CallbackShell):
     """One client h2c connection to a Service VIP, its requests spread over the endpoints."""
+
+    proxy: H2Proxy
 
     def __init__(
         self,
@@ -98,7 +106,7 @@ class H2SourceSession:
         target: ServiceTarget,
         src: str,
     ) -> None:
-        require_non_blocking(client)
+        super().__init__(client, HEADER_TIMEOUT)  # the client's socket is read by a callback
         self.outbound, self.client = outbound, client
         self.source, self.target, self.src = source, target, src
         self.src_ip = src.rsplit(":", 1)[0]
@@ -114,11 +122,6 @@ class H2SourceSession:
         self._upstreams: dict[int, Upstream] = {}
         self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
         self._tasks: set[asyncio.Task[None]] = set()  # one per endpoint: opens, then reads
-        self._loop = asyncio.get_running_loop()
-        self._ended: asyncio.Future[None] = self._loop.create_future()
-        self._reading_client = False
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timed: float | None = None  # the head_started the timer is for
         self._to_client = Outbox(
             lambda data: try_send(client, data),
             lambda data: self._loop.sock_sendall(client, data),
@@ -181,12 +184,12 @@ class H2SourceSession:
         finally:
             # Whatever ended the session (also a cancellation), every request still open is
             # reported and its attempt finished, so the Service's counts stay right.
-            self._pause_client()
+            self._reader.stop()
             self.proxy.receive_client(b"")
             self._report()
-            for timer in (self._timer, self._head_timer):
-                if timer is not None:
-                    timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._head.cancel()
             self._to_client.cancel()
             for box in self._to_upstream.values():
                 box.cancel()
@@ -204,7 +207,7 @@ class H2SourceSession:
                 sockets.abort(self.client)
 
     # -- the client's side: a reader callback ------------------------------------------------
-    def _on_client_readable(self) -> None:
+    def _readable(self) -> None:
         try:
             data = self.client.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -222,38 +225,13 @@ class H2SourceSession:
         if not data:  # the client is done: so is the session (its open requests reported)
             self._end(None)
 
-    def _pause_client(self) -> None:
-        if self._reading_client:
-            self._loop.remove_reader(self.client.fileno())
-            self._reading_client = False
-
     def _resume_client(self) -> None:
         """Read the client again, unless an endpoint is not reading what it sent."""
-        if self._reading_client or self._ended.done() or self.proxy.closing:
+        if self._reader.active or self._ended.done() or self.proxy.closing:
             return
         if any(box.busy for box in self._to_upstream.values()):
             return
-        self._loop.add_reader(self.client.fileno(), self._on_client_readable)
-        self._reading_client = True
-
-    def _arm_head_timer(self) -> None:
-        """A header block that began must be complete ``HEADER_TIMEOUT`` after it began."""
-        started = self.proxy.head_started
-        if started == self._head_timed or self.proxy.closing:
-            return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._head_timed = started
-        if started is not None:
-            wait = header_wait(self.proxy) or 0.0
-            self._head_timer = self._loop.call_later(wait, self._head_expired)
-
-    def _head_expired(self) -> None:
-        self._head_timer = self._head_timed = None
-        if self.proxy.head_started is not None and not self._ended.done():
-            self.proxy.header_timeout()
-            self._moved()
+        self._reader.start()
 
     # -- the endpoints' side -----------------------------------------------------------------
     async def _upstream(self, uid: int, key: Endpoint) -> None:
@@ -350,24 +328,17 @@ class H2SourceSession:
             if data:
                 box.send(data)
                 if box.busy:
-                    self._pause_client()  # the endpoint is not reading: neither do we the client
+                    self._reader.stop()  # the endpoint is not reading: neither do we the client
         data = proxy.take_to_client()
         if data:
             self._to_client.send(data)
         self._report()
         self._arm()
-        self._arm_head_timer()
+        started = proxy.head_started
+        if started != self._head.started and not proxy.closing:
+            self._head.time(started)
         if proxy.closing:
             self._end(None)
-
-    def _end(self, error: BaseException | None) -> None:
-        if self._ended.done():
-            return
-        self._pause_client()
-        if error is None:
-            self._ended.set_result(None)
-        else:
-            self._ended.set_exception(error)
 
     def _spawn(self, work: Coroutine[object, object, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -405,50 +376,24 @@ class H2SourceSession:
 
     # -- mirrors (RequestMirror) -------------------------------------------------------------
     def _mirror(self, copy: H2Mirrored) -> None:
-        """Start the copies of a complete request (fire and forget, bounded per node)."""
+        """Start the copies of a complete request (``HttpOutbound.mirror``)."""
         plan = copy.tag
         if not isinstance(plan, RoutePlan):
             return
-        core, http = self.outbound.core, self.outbound.http
-        snap = core.snapshot()
-        for target in plan.mirrors:
-            service = http.router.traffic.service(snap, target.service)
-            if copy.body is None:
-                service.count("http_mirror", "too_large")
-            elif len(http.mirroring) >= MAX_MIRRORS:
-                service.count("http_mirror", "overflow")
-            else:
-                name = f"h2-mirror {self.where} -> {target.service.namespace}/{target.service.name}"
-                task = asyncio.create_task(self._send_copy(target, copy, copy.body), name=name)
-                http.mirroring.add(task)
-                task.add_done_callback(http.mirroring.discard)
+        whole, send = copy.body is not None, partial(self._send_copy, copy)
+        self.outbound.http.mirror(plan.mirrors, whole, self.source, self.record, self.where, send)
 
-    async def _send_copy(self, target: ServiceTarget, copy: H2Mirrored, body: bytes) -> None:
-        """One copy: an endpoint of ``target`` by its own traffic control, a fresh tunnel, the
-        request (``:authority`` suffixed ``-shadow``), the response read and dropped."""
-        out, core = self.outbound, self.outbound.core
-        snap = core.snapshot()
-        service = out.http.router.traffic.service(snap, target.service)
-        labels = self.source.labels if self.source is not None else None
-        try:
-            attempts = service.admit(self.src_ip, labels, (core.node, None))
-        except Rejected:
-            return  # counted by the Service's limits
+    async def _send_copy(self, copy: H2Mirrored, attempt: MirrorTry) -> None:
+        """One copy's HTTP/2 (``MirrorSend``): a fresh tunnel, the request (``:authority``
+        suffixed ``-shadow``), the response read and dropped."""
+        assert copy.body is not None
         upstream: Upstream | None = None
-        call: MirrorCall | None = None
-        outcome = "failed"
         try:
-            ip = attempts.next_endpoint()
-            if ip is None:
-                return
-            route = out.resolver.endpoint_route(snap, self.source, target, ip)
-            rec = replace(self.record)
-            out.describe_route(snap, route, rec)
-            async with asyncio.timeout(MIRROR_TIMEOUT):
-                # conn_id 0: a copy is no connection of the registry (nothing to re-check)
-                upstream = await out.open(route, rec, self.src_ip, 0)
-                attempts.connected(ip)
-                call = MirrorCall(copy.head, body, copy.trailers)
+            # conn_id 0: a copy is no connection of the registry (nothing to re-check)
+            upstream = await self.outbound.open(attempt.route, attempt.record, self.src_ip, 0)
+            attempt.attempts.connected(attempt.ip)
+            call = MirrorCall(copy.head, copy.body, copy.trailers)
+            try:
                 while True:
                     data = call.data_to_send()
                     if data:
@@ -456,17 +401,14 @@ class H2SourceSession:
                     if call.done:
                         break
                     call.receive(await _read(upstream))
-            outcome = "sent" if call.status else "failed"
+            finally:
+                attempt.status = call.status
+            attempt.outcome = "sent" if call.status else "failed"
         except Refused:
-            outcome = "denied"
-        except (OSError, TunnelError, TimeoutError) as e:
-            log.debug("%s: mirror to %s failed: %r", self.where, target.service.name, e)
+            attempt.outcome = "denied"
         finally:
-            status = call.status if call is not None else 0
-            attempts.finish(reset_before_data=outcome == "failed", server_error=status >= 500)
             if upstream is not None:
                 _close_upstream(upstream)
-            service.count("http_mirror", outcome)
 
     def _finish(self, exchange: H2Exchange) -> None:
         plan = exchange.tag

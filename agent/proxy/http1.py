@@ -38,7 +38,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from agent.proxy.http1_codec import (
     AMBIGUOUS_LENGTH,
@@ -49,6 +49,7 @@ from agent.proxy.http1_codec import (
     Body,
     End,
     Head,
+    Headers,
     RequestReader,
     ResponseReader,
     chunk,
@@ -210,7 +211,13 @@ class _Current:
 
 
 class _InFlight(Protocol):
+    exchange: Exchange
     request_done: bool
+    response_started: bool
+    response_done: bool
+    response_chunked: bool
+    keep_alive: bool
+    last: bool
 
 
 C = TypeVar("C", bound=_InFlight)
@@ -219,19 +226,36 @@ C = TypeVar("C", bound=_InFlight)
 class ClientSide(ABC, Generic[C]):
     """What both HTTP/1.1 proxies do alike, the destination's ``Http1Proxy`` and the source's
     ``agent.proxy.http_outbound_codec.SourceHttp1``: the bytes they owe either side, the
-    refusals they made, and the order in which the client's parsed events are taken (one
-    exchange at a time: a pipelined head waits for the exchange before it to end, and bad input
-    after a complete request is refused in its turn). ``C`` is the proxy's in-flight exchange.
-    """
+    refusals they made, the order in which the client's parsed events are taken (one exchange
+    at a time: a pipelined head waits for the exchange before it to end, and bad input after a
+    complete request is refused in its turn), how a request head is read (hop-by-hop headers
+    removed, ``x-request-id`` added when absent, the ``RequestHead`` policy and telemetry see),
+    how a refusal is answered, a response's end, the switch to a tunnel after a ``101``, and
+    the next exchange's start. ``C`` is the proxy's in-flight exchange.
 
+    What differs is each proxy's own (the abstract methods): what a request head leads to (the
+    destination authorizes and forwards it to its one pod; the source waits, ``pending``, for
+    the shell to attach an upstream or answer), the bodies, the client's end, what a refusal
+    or an exchange's end does to an upstream, and bytes read after the switch (the destination
+    drops them: its shell reads no more once ``tunnel``; the source passes them through). The
+    hooks run where the code they replace ran inline, and ``pending`` replaced a method asked
+    per client event, so a request costs no more calls than before."""
+
+    clock: Callable[[], float]
+    new_request_id: Callable[[], str]
+    max_head_bytes: int
     closing: bool
     tunnel: bool
     head_started: float | None
+    pending: RequestHead | None  # a head waiting for the shell to act on it (the source's)
     client: RequestReader
     _current: C | None
     _to_client: list[bytes]
     _to_upstream: list[bytes]
     _rejections: list[str]
+    _client_eof: bool
+    _reasons: ClassVar[dict[int, bytes]]  # the reason phrase of each status it answers
+    _needs_host: ClassVar[bool]  # a request without ``Host`` (HTTP/1.0) is given an empty one
 
     # -- output ------------------------------------------------------------------------------
     def take_to_client(self) -> bytes:
@@ -252,15 +276,28 @@ class ClientSide(ABC, Generic[C]):
         out, self._rejections = self._rejections, []
         return out
 
-    # -- the client's events -----------------------------------------------------------------
-    def _client_waits(self) -> bool:
-        """True while the proxy may take no client event (the source: a head awaits its
-        upstream)."""
-        return False
+    # -- input -------------------------------------------------------------------------------
+    def receive_client(self, data: bytes) -> None:
+        """Bytes from the client; ``b""`` is its end of stream."""
+        if self.tunnel:
+            self._after_switch(data)
+            return
+        if self.closing:
+            return
+        if not data:
+            self._client_eof = True
+            self._client_ended()
+            return
+        reader = self.client
+        if self.head_started is None and self._current is None and not reader.mid_message:
+            self.head_started = self.clock()
+        reader.feed(data)
+        self._pump_client()
 
+    # -- the client's events -----------------------------------------------------------------
     def _pump_client(self) -> None:
         events = self.client.events
-        while events and not (self._client_waits() or self.closing or self.tunnel):
+        while events and self.pending is None and not (self.closing or self.tunnel):
             event = events[0]
             current = self._current
             if isinstance(event, Body):
@@ -272,7 +309,30 @@ class ClientSide(ABC, Generic[C]):
                     return  # pipelined: its turn comes when this exchange ends
                 events.popleft()
                 self.head_started = None
-                self._on_request(event)
+                if event.size > self.max_head_bytes:
+                    self._refuse(431, HEADERS_TOO_LARGE)
+                    continue
+                fields = event.headers
+                headers, upgrade = forwarded_headers(fields)
+                host = header_value(fields, b"host")
+                if host is None and self._needs_host:  # HTTP/1.0 (1.1 without it is refused)
+                    headers.append((b"host", b""))  # forwarded as 1.1: empty (RFC 9112 3.2)
+                request_id = header_value(fields, b"x-request-id")
+                if request_id is None:
+                    request_id = self.new_request_id()
+                    headers.append((b"x-request-id", request_id.encode()))
+                path = event.target.decode("latin-1")
+                if "?" in path or "#" in path:
+                    path = path.split("?", 1)[0].split("#", 1)[0]
+                head = RequestHead(
+                    method=event.method.decode("latin-1"),
+                    path=path,
+                    host=host or "",
+                    request_id=request_id,
+                    trace=trace_headers_of(fields),
+                    headers=fields,
+                )
+                self._on_request(event, head, headers, upgrade)
             elif isinstance(event, End):
                 events.popleft()
                 if current is not None:
@@ -283,9 +343,73 @@ class ClientSide(ABC, Generic[C]):
                 events.popleft()
                 self._refuse(event.status, event.cause)
 
+    def _refuse(self, status: int, cause: str) -> None:
+        """Answer bad input (if the client may still get a response) and close."""
+        self._rejections.append(cause)
+        self.closing = True
+        current = self._current
+        respond = current is None or not current.response_started
+        if current is not None:  # its body was bad: the request is reported with the refusal
+            if respond:
+                current.exchange.status = status
+            self._finish(current)
+        self._refused(current)
+        if respond:
+            body = f"{cause.replace('_', ' ')}\n".encode()
+            headers = [
+                (b"content-type", b"text/plain"),
+                (b"content-length", b"%d" % len(body)),
+                (b"connection", b"close"),
+            ]
+            self._to_client.append(response_head(status, self._reasons[status], headers) + body)
+
+    # -- the upstream's response -------------------------------------------------------------
+    def _response_ended(self, current: C, event: End) -> None:
+        """The response's end: its trailers in the last chunk when it is re-chunked; then the
+        exchange may be over."""
+        if current.response_chunked:
+            trailers = [(n, v) for n, v in event.trailers if n not in HOP_BY_HOP]
+            self._to_client.append(last_chunk(trailers))
+        current.response_done = True
+        self._maybe_next_cycle()
+
+    def _switch(self, current: C, event: Head, upstream_read: bytes | None) -> None:
+        """A ``101`` answered the upgrade the request proposed: the response goes out with
+        its ``Connection``/``Upgrade``, then the connection is a tunnel, and what either side
+        sent after its head is handed over (``upstream_read``: the upstream's)."""
+        headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
+        headers += [(n, v) for n, v in event.headers if n in (b"connection", b"upgrade")]
+        self._to_client.append(response_head(101, event.reason, headers))
+        current.exchange.status = 101
+        self._finish(current)
+        self.tunnel = True
+        if upstream_read:
+            self._to_client.append(upstream_read)
+        if self.client.upgraded:
+            self._to_upstream.append(bytes(self.client.upgraded))
+
+    # -- cycles ------------------------------------------------------------------------------
+    def _maybe_next_cycle(self) -> None:
+        """Once request and response are both complete: report the exchange (``_finish``,
+        then ``_exchange_ended``), and start the next cycle, or close if either side said it
+        must (``last``)."""
+        current = self._current
+        if current is None or not (current.request_done and current.response_done):
+            return
+        self._finish(current)
+        self._exchange_ended(current)
+        if current.last or not current.keep_alive:
+            self.closing = True  # one side asked to close: this was the last request
+            return
+        self._pump_client()
+        if self._client_eof:
+            self._client_ended()
+        elif self._current is None and self.head_started is None and self.client.mid_message:
+            self.head_started = self.clock()  # a pipelined head is pending: its clock runs
+
     @abstractmethod
-    def _on_request(self, req: Head) -> None:
-        """(each proxy's own)"""
+    def _on_request(self, req: Head, head: RequestHead, headers: Headers, upgrade: bool) -> None:
+        """A request head, read: ``headers`` as forwarded, ``upgrade`` when it proposes one."""
 
     @abstractmethod
     def _on_request_data(self, current: C, data: bytes) -> None:
@@ -296,8 +420,24 @@ class ClientSide(ABC, Generic[C]):
         """(each proxy's own)"""
 
     @abstractmethod
-    def _refuse(self, status: int, cause: str) -> None:
-        """(each proxy's own)"""
+    def _client_ended(self) -> None:
+        """The client's end of stream (each proxy's own)."""
+
+    @abstractmethod
+    def _refused(self, current: C | None) -> None:
+        """After a refusal (``current``, if any, finished): what the proxy releases."""
+
+    @abstractmethod
+    def _finish(self, current: C) -> None:
+        """The exchange is over: reported (``take_completed``), no longer current."""
+
+    @abstractmethod
+    def _exchange_ended(self, current: C) -> None:
+        """After an exchange completed both ways (``_maybe_next_cycle``, finished)."""
+
+    @abstractmethod
+    def _after_switch(self, data: bytes) -> None:
+        """Client bytes the shell read after the switch to a tunnel."""
 
 
 @dataclass
@@ -309,6 +449,7 @@ class Http1Proxy(ClientSide[_Current]):
     closing: bool = field(default=False, init=False)  # close the client once flushed
     tunnel: bool = field(default=False, init=False)  # switched protocols: relay raw bytes
     head_started: float | None = field(default=None, init=False)
+    pending: RequestHead | None = field(default=None, init=False)  # never: acted on at once
     client: RequestReader = field(init=False)
     upstream: ResponseReader = field(init=False)
     _to_client: list[bytes] = field(default_factory=list, init=False)
@@ -317,6 +458,8 @@ class Http1Proxy(ClientSide[_Current]):
     _rejections: list[str] = field(default_factory=list, init=False)
     _current: _Current | None = field(default=None, init=False)
     _client_eof: bool = field(default=False, init=False)
+    _reasons = _REASONS
+    _needs_host = False  # an HTTP/1.0 request without Host is forwarded without one
 
     def __post_init__(self) -> None:
         self.client = RequestReader(self.max_head_bytes)
@@ -334,20 +477,6 @@ class Http1Proxy(ClientSide[_Current]):
         return bool(self.client.events) or self.client.upgraded is not None
 
     # -- input -------------------------------------------------------------------------------
-    def receive_client(self, data: bytes) -> None:
-        """Bytes from the client; ``b""`` is its end of stream."""
-        if self.closing or self.tunnel:
-            return
-        if not data:
-            self._client_eof = True
-            self._client_ended()
-            return
-        reader = self.client
-        if self.head_started is None and self._current is None and not reader.mid_message:
-            self.head_started = self.clock()
-        reader.feed(data)
-        self._pump_client()
-
     def receive_upstream(self, data: bytes) -> None:
         """Bytes from the pod; ``b""`` is its end of stream."""
         if self.closing or self.tunnel:
@@ -392,47 +521,13 @@ class Http1Proxy(ClientSide[_Current]):
         elif current is None and not self.client.events:
             self.closing = True
 
-    def _refuse(self, status: int, cause: str) -> None:
-        """Answer a refused request (if the client may still get a response) and close."""
-        self._rejections.append(cause)
-        self.closing = True
-        current = self._current
-        respond = current is None or not current.response_started
-        if current is not None:  # its body was bad: the request is reported with the refusal
-            if respond:
-                current.exchange.status = status
-            self._finish(current)
-        if respond:
-            body = f"{cause.replace('_', ' ')}\n".encode()
-            headers = [
-                (b"content-type", b"text/plain"),
-                (b"content-length", b"%d" % len(body)),
-                (b"connection", b"close"),
-            ]
-            self._to_client.append(response_head(status, _REASONS[status], headers) + body)
+    def _refused(self, current: _Current | None) -> None:
+        """Nothing to release: the pod's connection goes with the client's."""
 
-    def _on_request(self, req: Head) -> None:
-        if req.size > self.max_head_bytes:
-            self._refuse(431, HEADERS_TOO_LARGE)
-            return
-        headers, upgrade = forwarded_headers(req.headers)
-        request_id = header_value(req.headers, b"x-request-id")
-        if request_id is None:
-            request_id = self.new_request_id()
-            headers.append((b"x-request-id", request_id.encode()))
-        target = req.target.decode("latin-1")
-        if "?" in target or "#" in target:
-            path = target.split("?", 1)[0].split("#", 1)[0]
-        else:
-            path = target
-        head = RequestHead(
-            method=req.method.decode("latin-1"),
-            path=path,
-            host=(header_value(req.headers, b"host") or ""),
-            request_id=request_id,
-            trace=trace_headers_of(req.headers),
-            headers=req.headers,
-        )
+    def _after_switch(self, data: bytes) -> None:
+        """Dropped: once ``tunnel`` the shell relays the client's bytes itself."""
+
+    def _on_request(self, req: Head, head: RequestHead, headers: Headers, upgrade: bool) -> None:
         current = _Current(
             Exchange(head, self.clock()),
             keep_alive=req.keep_alive,
@@ -522,11 +617,7 @@ class Http1Proxy(ClientSide[_Current]):
             elif isinstance(event, End):
                 if current is None or current.response_done or not current.response_started:
                     continue  # the end of an informational response
-                if current.response_chunked:
-                    trailers = [(n, v) for n, v in event.trailers if n not in HOP_BY_HOP]
-                    self._to_client.append(last_chunk(trailers))
-                current.response_done = True
-                self._maybe_next_cycle()
+                self._response_ended(current, event)
             else:
                 self._rejections.append(UPSTREAM_PROTOCOL)
                 self._upstream_gone()
@@ -534,14 +625,7 @@ class Http1Proxy(ClientSide[_Current]):
 
     def _on_informational(self, current: _Current, event: Head) -> None:
         if event.status == 101 and current.upgrade:
-            headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
-            headers += [(n, v) for n, v in event.headers if n in (b"connection", b"upgrade")]
-            self._to_client.append(response_head(101, event.reason, headers))
-            current.exchange.status = 101
-            self._finish(current)
-            self.tunnel = True
-            self._to_client.append(self.upstream.upgraded or b"")
-            self._to_upstream.append(bytes(self.client.upgraded or b""))
+            self._switch(current, event, self.upstream.upgraded)
             return
         if event.status == 101:  # a 101 nobody asked for: the pod is broken
             self._rejections.append(UPSTREAM_PROTOCOL)
@@ -591,18 +675,5 @@ class Http1Proxy(ClientSide[_Current]):
         self._completed.append(current.exchange)
         self._current = None
 
-    def _maybe_next_cycle(self) -> None:
-        """Once request and response are both complete, report the exchange and start the
-        next cycle, or close if either side said it must."""
-        current = self._current
-        if current is None or not (current.request_done and current.response_done):
-            return
-        self._finish(current)
-        if current.last or not current.keep_alive:
-            self.closing = True  # one side asked to close: this was the last request
-            return
-        self._pump_client()
-        if self._client_eof:
-            self._client_ended()
-        elif self._current is None and self.head_started is None and self.client.mid_message:
-            self.head_started = self.clock()  # a pipelined head is pending: its clock runs
+    def _exchange_ended(self, current: _Current) -> None:
+        """Nothing to release: the pod's connection carries the next request."""

@@ -15,7 +15,8 @@ side's backpressure. While the client's outbox holds bytes the pod's socket is n
 while the pod's holds bytes the client's stream is not read, so a slow reader stops its
 writer (as in the L4 relay). A pipelined request the layer has parsed but cannot act on yet
 (``client_paused``) stops the client's reads until the exchange before it has ended, so a
-pipelining client cannot queue without bound.
+pipelining client cannot queue without bound. All of this but the client's side is
+``PodShell``, which the HTTP/2 destination (``h2inbound.H2Session``) shares.
 
 Authorization here is per request (``Core.authorize_request``): on a declared HTTP port the
 connection itself was admitted without the L7 conditions, which only a request can satisfy. An
@@ -33,9 +34,9 @@ import contextlib
 import logging
 import socket
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from agent.policy.authz import HttpAttributes, Request
 from agent.proxy.core import Core
@@ -43,21 +44,29 @@ from agent.proxy.http1 import (
     GRPC_RESOURCE_EXHAUSTED,
     RATE_LIMITED,
     RATE_LIMITED_BODY,
+    Exchange,
     Http1Proxy,
     RequestHead,
     Verdict,
     request_record,
 )
+from agent.proxy.httpshell import (
+    HEADER_TIMEOUT,
+    READ_SIZE,
+    CallbackShell,
+    Outbox,
+    require_non_blocking,
+    try_send,
+)
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.tunnel import Sink, TunnelStream
 from agent.state import Workload
-from agent.telemetry.records import ConnectionRecord
+from agent.telemetry.records import ConnectionRecord, RequestRecord
 
 log = logging.getLogger(__name__)
 
-HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its complete head
-READ_SIZE = 64 * 1024
 ALLOWED = Verdict(True)
+E = TypeVar("E")  # the proxy's finished exchange
 
 
 class Downstream(Protocol):
@@ -133,74 +142,45 @@ class SocketDownstream:
         await relay_sockets(self.sock, upstream, record)
 
 
-def require_non_blocking(sock: socket.socket) -> None:
-    if sock.gettimeout() != 0.0:
-        raise ValueError(
-            "the HTTP/1.1 session sends without waiting from callbacks: a blocking socket would "
-            "stall the event loop (call setblocking(False) first)"
-        )
+class ShellProxy(Protocol[E]):
+    """What ``PodShell`` drives: ``Http1Proxy`` or ``h2proxy.H2Proxy`` (one pod connection)."""
+
+    closing: bool
+    head_started: float | None
+
+    def receive_upstream(self, data: bytes) -> None: ...
+
+    def upstream_failed(self) -> None: ...
+
+    def header_timeout(self) -> None: ...
+
+    def take_to_client(self) -> bytes: ...
+
+    def take_to_upstream(self) -> bytes: ...
+
+    def take_completed(self) -> list[E]: ...
+
+    def take_rejections(self) -> list[str]: ...
 
 
-def try_send(sock: socket.socket, data: bytes) -> int:
-    """A non-blocking send; 0 when it would block or failed (the awaited send will tell)."""
-    try:
-        return sock.send(data)
-    except OSError:
-        return 0
+class PodShell(CallbackShell, Generic[E]):
+    """The destination's callback shell, one client connection relayed to one pod connection
+    through a sans-IO proxy: ``HttpSession`` (HTTP/1.1) and ``h2inbound.H2Session`` (HTTP/2).
 
+    What both do alike is here (and in ``httpshell.CallbackShell``, which the HTTP/2 source
+    shares): the pod's socket read by a reader callback, each side's writes through an
+    ``Outbox`` (a side whose writes wait stops the other's reads), after each input the proxy's
+    output written, its finished exchanges reported, its refusals counted and its head timed
+    (``HeadTimer``), and how the session ends. What differs stays with each: the proxy
+    (``_start``), the client's side (``send``, ``_client_side``: HTTP/1.1 holds a pipelining
+    client's bytes and stops at an upgrade, HTTP/2 takes them until it closes), ``serve`` (an
+    upgraded HTTP/1.1 connection is relayed after it), the exchange's telemetry record
+    (``_record_of``), and when the session is over (``_after_input``). The hooks replace code
+    that ran inline at the same places, so the shared shell costs no more calls per request
+    than the two did."""
 
-class Outbox:
-    """Bytes for one side, in order: written at once when the side takes them, else queued and
-    written by a task that awaits the side's backpressure. ``idle`` is set when nothing waits."""
-
-    def __init__(
-        self,
-        try_write: Callable[[bytes], int],
-        write: Callable[[bytes], Awaitable[None]],
-        on_idle: Callable[[], None],
-        on_error: Callable[[Exception], None],
-    ) -> None:
-        self._try_write, self._write = try_write, write
-        self._on_idle, self._on_error = on_idle, on_error
-        self._pending: deque[bytes] = deque()
-        self._task: asyncio.Task[None] | None = None
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    @property
-    def busy(self) -> bool:
-        return not self.idle.is_set()
-
-    def send(self, data: bytes) -> None:
-        if self.idle.is_set():
-            n = self._try_write(data)
-            if n == len(data):
-                return
-            data = data[n:]
-            self.idle.clear()
-            self._task = asyncio.create_task(self._drain(), name="http-outbox")
-        self._pending.append(data)
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                await self._write(self._pending[0])
-                self._pending.popleft()
-        except (OSError, ConnectionError) as e:
-            self._pending.clear()
-            self._on_error(e)
-        finally:
-            self._task = None
-            self.idle.set()
-        self._on_idle()
-
-    def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-
-class HttpSession:
-    """One client connection on a declared HTTP/1.1 port, relayed to one pod connection."""
+    proxy: ShellProxy[E]
+    _record_of: Callable[[E], RequestRecord]  # a finished exchange as telemetry reports it
 
     def __init__(
         self,
@@ -213,20 +193,11 @@ class HttpSession:
         *,
         header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
-        require_non_blocking(upstream)
+        super().__init__(upstream, header_timeout)  # the pod's socket is read by a callback
         self.core, self.down, self.upstream = core, down, upstream
         self.record, self.request, self.workload = record, request, workload
-        self.header_timeout = header_timeout
         self.where = f"{record.source} -> {record.destination}"
-        record.protocol = "http/1.1"
-        self.proxy = Http1Proxy(authorize=self._authorize)
-        self._loop = asyncio.get_running_loop()
-        self._ended: asyncio.Future[None] = self._loop.create_future()
-        self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
-        self._reading_upstream = False
         self._upstream_eof = False
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timed: float | None = None  # the head_started the timer is for
         self._to_client = Outbox(
             down.try_write, down.write, self._resume_upstream, self._client_write_failed
         )
@@ -236,9 +207,103 @@ class HttpSession:
             lambda: None,
             self._pod_write_failed,
         )
+        self._start()
+
+    @abstractmethod
+    def _start(self) -> None:
+        """The protocol's own state: its proxy (``self.proxy``) and what its client side keeps."""
 
     def _authorize(self, head: RequestHead) -> Verdict:
         return request_verdict(self.core, self.request, self.workload, head, self.where)
+
+    def _client_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())  # type: ignore[arg-type]
+
+    # -- the pod's side: a reader callback -------------------------------------------------
+    def _readable(self) -> None:
+        record = self.record
+        try:
+            data = self.upstream.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.debug("%s: upstream failed: %r", self.where, e)
+            self._upstream_eof = True
+            self._reader.stop()
+            self.proxy.upstream_failed()
+            self._moved()
+            return
+        if data and not record.bytes_received:
+            record.first_byte = time.monotonic()
+        record.bytes_received += len(data)
+        if not data:
+            self._upstream_eof = True
+            self._reader.stop()
+        try:
+            self.proxy.receive_upstream(data)
+            self._moved()
+        except Exception as e:  # the session's failure, not the event loop's
+            self._fail(e)
+
+    def _resume_upstream(self) -> None:
+        if not (self._upstream_eof or self._ended.done()):
+            self._reader.start()
+
+    # -- both ------------------------------------------------------------------------------
+    def _moved(self) -> None:
+        """After input: write what it produced, report finished exchanges, time the head, and
+        see whether the session is over."""
+        proxy = self.proxy
+        data = proxy.take_to_upstream()
+        if data:
+            self._to_pod.send(data)
+        data = proxy.take_to_client()
+        if data:
+            self._to_client.send(data)
+            if self._to_client.busy:
+                self._reader.stop()  # the client is not reading: neither do we the pod
+        completed = proxy.take_completed()
+        if completed:
+            registry, record_of = self.core.registry, self._record_of
+            for exchange in completed:
+                registry.request_done(self.record, record_of(exchange))
+        for cause in proxy.take_rejections():
+            self.core.registry.http_rejected(cause, self.where)
+        started = proxy.head_started
+        if started != self._head.started and not proxy.closing:
+            self._head.time(started)
+        if self._after_input():
+            # Read the pod no more (after a 101 its bytes are the relay's, not to be dropped).
+            self._end(None)
+
+    @abstractmethod
+    def _after_input(self) -> bool:
+        """The protocol's own step after an input (``_moved``); True when the session is over."""
+
+    def _fail(self, error: BaseException) -> None:
+        """The session failed (a write to the client, its task, an exception in a callback)."""
+        self._end(error)
+
+    def _pod_write_failed(self, error: Exception) -> None:
+        log.debug("%s: upstream send failed: %r", self.where, error)
+        self.proxy.upstream_failed()
+        self._moved()
+
+    def _client_write_failed(self, error: Exception) -> None:
+        self._fail(error)
+
+
+class HttpSession(PodShell[Exchange]):
+    """One client connection on a declared HTTP/1.1 port, relayed to one pod connection."""
+
+    proxy: Http1Proxy
+    _record_of = staticmethod(request_record)
+
+    def _start(self) -> None:
+        self.record.protocol = "http/1.1"
+        self.proxy = Http1Proxy(authorize=self._authorize)
+        self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
 
     async def serve(self) -> None:
         """Serve requests until either side closes; then relay raw bytes if upgraded."""
@@ -256,9 +321,8 @@ class HttpSession:
                 self.proxy.client_failed()
                 for exchange in self.proxy.take_completed():
                     self.core.registry.request_done(self.record, request_record(exchange))
-            self._pause_upstream()
-            if self._head_timer is not None:
-                self._head_timer.cancel()
+            self._reader.stop()
+            self._head.cancel()
             client.cancel()
             await asyncio.gather(client, return_exceptions=True)
             self._to_client.cancel()
@@ -303,100 +367,18 @@ class HttpSession:
             proxy.receive_client(data)
             self._moved()
         except Exception as e:  # the session's failure, not the HBONE connection's
-            if not self._ended.done():
-                self._ended.set_exception(e)
+            self._fail(e)
         return len(data)
 
-    def _arm_head_timer(self) -> None:
-        """A head that began must be complete ``header_timeout`` after its first byte."""
-        started = self.proxy.head_started
-        if started == self._head_timed or self.proxy.closing:
-            return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._head_timed = started
-        if started is not None:
-            delay = max(0.0, started + self.header_timeout - time.monotonic())
-            self._head_timer = self._loop.call_later(delay, self._head_expired)
-
-    def _head_expired(self) -> None:
-        self._head_timer = self._head_timed = None
-        if self.proxy.head_started is not None and not self._ended.done():
-            self.proxy.header_timeout()
-            self._moved()
-
-    def _client_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None and not self._ended.done():
-            self._ended.set_exception(task.exception())  # type: ignore[arg-type]
-
-    # -- the pod's side: a reader callback -------------------------------------------------
-    def _on_upstream_readable(self) -> None:
-        proxy, record = self.proxy, self.record
-        try:
-            data = self.upstream.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            log.debug("%s: upstream failed: %r", self.where, e)
-            self._upstream_eof = True
-            self._pause_upstream()
-            proxy.upstream_failed()
-            self._moved()
-            return
-        if data and not record.bytes_received:
-            record.first_byte = time.monotonic()
-        record.bytes_received += len(data)
-        if not data:
-            self._upstream_eof = True
-            self._pause_upstream()
-        proxy.receive_upstream(data)
-        self._moved()
-
-    def _pause_upstream(self) -> None:
-        if self._reading_upstream:
-            self._loop.remove_reader(self.upstream.fileno())
-            self._reading_upstream = False
-
-    def _resume_upstream(self) -> None:
-        if not (self._reading_upstream or self._upstream_eof or self._ended.done()):
-            self._loop.add_reader(self.upstream.fileno(), self._on_upstream_readable)
-            self._reading_upstream = True
-
-    # -- both ------------------------------------------------------------------------------
-    def _moved(self) -> None:
-        """After input: write what it produced, report finished requests, and see whether the
-        connection ended or a pipelined request may go on."""
+    def _after_input(self) -> bool:
         proxy = self.proxy
-        data = proxy.take_to_upstream()
-        if data:
-            self._to_pod.send(data)
-        data = proxy.take_to_client()
-        if data:
-            self._to_client.send(data)
-            if self._to_client.busy:
-                self._pause_upstream()  # the client is not reading: neither do we the pod
-        completed = proxy.take_completed()
-        if completed:
-            registry = self.core.registry
-            for exchange in completed:
-                registry.request_done(self.record, request_record(exchange))
-        for cause in proxy.take_rejections():
-            self.core.registry.http_rejected(cause, self.where)
         if not proxy.client_paused:
             self._resume.set()
-        self._arm_head_timer()
-        if (proxy.closing or proxy.tunnel) and not self._ended.done():
-            # Read the pod no more: after a 101 its bytes are the relay's, not to be dropped.
-            self._pause_upstream()
-            self._ended.set_result(None)
+        return proxy.closing or proxy.tunnel
 
-    def _pod_write_failed(self, error: Exception) -> None:
-        log.debug("%s: upstream send failed: %r", self.where, error)
-        self.proxy.upstream_failed()
-        self._moved()
-
-    def _client_write_failed(self, error: Exception) -> None:
+    def _fail(self, error: BaseException) -> None:
+        """The session ends with ``error``; the pod's reader is removed by ``serve``'s cleanup
+        (HTTP/2 removes it at once: a difference kept as it was)."""
         if not self._ended.done():
             self._ended.set_exception(error)
 

@@ -65,13 +65,15 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 from agent.policy.authz import HttpAttributes
 from agent.policy.authz import Request as AuthzRequest
 from agent.policy.routes import HttpRequest
+from agent.policy.traffic.attempts import Attempts
 from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
@@ -92,6 +94,7 @@ from agent.proxy.http_router import (
     LocalResponse,
     RoutePlan,
 )
+from agent.proxy.httpshell import HEADER_TIMEOUT, READ_SIZE, HeadTimer, try_send
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import Route, ServiceTarget
@@ -109,8 +112,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its complete head
-READ_SIZE = 64 * 1024
 IDLE_TIMEOUT = 30.0  # an unused pooled session is closed after this many seconds
 MAX_IDLE_PER_ENDPOINT = 16
 MAX_IDLE = 512
@@ -153,7 +154,7 @@ class UpstreamSession:
         failed: the awaited ``write`` of the rest then raises)."""
         if isinstance(self.conn, TunnelStream):
             return len(data) if self.conn.try_write(data) else 0
-        return _try_send(self.conn, data)
+        return try_send(self.conn, data)
 
     async def write(self, data: bytes) -> None:
         if isinstance(self.conn, TunnelStream):
@@ -286,14 +287,6 @@ class _Opening:
     key: SessionKey
 
 
-def _try_send(sock: socket.socket, data: bytes) -> int:
-    """A non-blocking send; 0 when it would block or failed (the awaited send will tell)."""
-    try:
-        return sock.send(data)
-    except OSError:
-        return 0
-
-
 class _Direct:
     """``Sink`` of the attached HBONE session: hands its bytes to ``_ClientConnection._take``."""
 
@@ -320,14 +313,104 @@ def _name(target: ServiceTarget) -> str:
     return f"{target.service.namespace}/{target.service.name}"
 
 
+@dataclass(slots=True)
+class MirrorTry:
+    """One copy to a mirror Service (``HttpOutbound.copy``): its endpoint (``ip`` by
+    ``route``, reported on ``record``, counted in ``attempts``), and what the protocol's
+    sender (``MirrorSend``) reports back."""
+
+    target: ServiceTarget
+    ip: str
+    route: Route
+    record: ConnectionRecord
+    attempts: Attempts
+    outcome: str = "failed"  # sent, denied (by the endpoint's policy), failed
+    status: int = 0  # the answer's status, once its head came
+
+
+# The protocol's part of a copy: on a fresh connection to the endpoint, counted
+# ``attempts.connected``, the request sent and the answer read and dropped, the connection
+# closed; what happened goes into the ``MirrorTry``.
+MirrorSend = Callable[[MirrorTry], Awaitable[None]]
+
+
 class HttpOutbound:
-    """Serves client connections to Service VIP ports declared HTTP/1.1 (``Outbound.handle``)."""
+    """Serves client connections to Service VIP ports declared HTTP/1.1 (``Outbound.handle``),
+    and the copies of ``RequestMirror`` for both HTTP/1.1 and HTTP/2 (``h2outbound``)."""
 
     def __init__(self, outbound: Outbound) -> None:
         self.outbound = outbound
         self.router = HttpRouter(outbound.balanced.traffic)
         self.sessions = SessionPool()
         self.mirroring: set[asyncio.Task[None]] = set()  # copies in flight (RequestMirror)
+
+    def mirror(
+        self,
+        targets: Sequence[ServiceTarget],
+        whole: bool,
+        source: Workload | None,
+        record: ConnectionRecord,
+        where: str,
+        send: MirrorSend,
+    ) -> None:
+        """Start a copy (``copy``) per mirror Service of a complete request: fire and forget,
+        tasks that may outlive the client connection, at most ``MAX_MIRRORS`` in flight per
+        node (more are counted ``overflow``); a request not held whole (``whole`` False: its
+        body went past the replay limit) is not copied (``too_large``)."""
+        snap = self.outbound.core.snapshot()
+        for target in targets:
+            service = self.router.traffic.service(snap, target.service)
+            if not whole:
+                service.count("http_mirror", "too_large")
+            elif len(self.mirroring) >= MAX_MIRRORS:
+                service.count("http_mirror", "overflow")
+            else:
+                task = asyncio.create_task(
+                    self.copy(target, source, record, where, send),
+                    name=f"mirror {where} -> {_name(target)}",
+                )
+                self.mirroring.add(task)
+                task.add_done_callback(self.mirroring.discard)
+
+    async def copy(
+        self,
+        target: ServiceTarget,
+        source: Workload | None,
+        record: ConnectionRecord,
+        where: str,
+        send: MirrorSend,
+    ) -> None:
+        """One copy to ``target``: an endpoint by the mirror Service's own traffic control,
+        its route, and ``send`` (the protocol's) within ``MIRROR_TIMEOUT``; then the
+        endpoint's attempt settled and the outcome counted (``nodemesh_http_mirrored_total``).
+        ``record`` is the client connection's (its source is the copy's)."""
+        core, out = self.outbound.core, self.outbound
+        snap = core.snapshot()
+        service = self.router.traffic.service(snap, target.service)
+        labels = source.labels if source is not None else None
+        src_ip = record.source.rsplit(":", 1)[0]
+        try:
+            attempts = service.admit(src_ip, labels, (core.node, None))
+        except Rejected:
+            return  # counted by the Service's limits
+        attempt: MirrorTry | None = None
+        try:
+            ip = attempts.next_endpoint()
+            if ip is None:
+                return
+            route = out.resolver.endpoint_route(snap, source, target, ip)
+            copied = replace(record)
+            out.describe_route(snap, route, copied)
+            attempt = MirrorTry(target, ip, route, copied, attempts)
+            async with asyncio.timeout(MIRROR_TIMEOUT):
+                await send(attempt)
+        except (OSError, TunnelError, TimeoutError) as e:
+            log.debug("%s: mirror to %s failed: %r", where, _name(target), e)
+        finally:
+            outcome = attempt.outcome if attempt is not None else "failed"
+            status = attempt.status if attempt is not None else 0
+            attempts.finish(reset_before_data=outcome == "failed", server_error=status >= 500)
+            service.count("http_mirror", outcome)
 
     async def handle(
         self,
@@ -388,8 +471,7 @@ class _ClientConnection:
         self._waiter: asyncio.Future[bytes | None] | None = None
         self._loop = asyncio.get_running_loop()  # (each get_running_loop() costs a getpid())
         self._watching = False
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timed: float | None = None  # the head_started ``_head_timer`` is for
+        self._head = HeadTimer(self._loop, HEADER_TIMEOUT, self._head_late)
         # A request the reader's callback routed but could not send without waiting: the
         # task resumes it (``_dispatch``): its admission (delay, queue) when ``opening`` is
         # None, else the connect to the endpoint it chose.
@@ -479,32 +561,19 @@ class _ClientConnection:
         elif codec.wants_client_data():
             self._watch()
         else:
-            self._time_head(None)
+            self._head.time(None)
 
     def _watch(self) -> None:
         if not self._watching:
             self._loop.add_reader(self.client.fileno(), self._readable)
             self._watching = True
-        self._time_head(self.codec.head_started)
-
-    def _time_head(self, started: float | None) -> None:
-        """Run the head timeout for the head begun at ``started`` (None: no head clock,
-        between requests or in a body)."""
-        if started == self._head_timed:
-            return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._head_timed = started
-        if started is not None:
-            delay = max(0.0, started + HEADER_TIMEOUT - time.monotonic())
-            self._head_timer = self._loop.call_later(delay, self._head_late)
+        self._head.time(self.codec.head_started)
 
     def _unwatch(self) -> None:
         if self._watching:
             self._watching = False
             self._loop.remove_reader(self.client.fileno())
-        self._time_head(None)
+        self._head.time(None)
 
     def _readable(self) -> None:
         """The client's bytes while the task is parked: fed to the codec and flushed here,
@@ -543,7 +612,6 @@ class _ClientConnection:
             self._changed()
 
     def _head_late(self) -> None:
-        self._head_timer = None
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self._unwatch()
@@ -601,7 +669,7 @@ class _ClientConnection:
         if self._down_lock.locked() or self._down_backlog:
             self._down_backlog += data
             return False
-        sent = _try_send(self.client, data)
+        sent = try_send(self.client, data)
         self.record.bytes_received += sent
         if sent < len(data):
             self._down_backlog = data[sent:]
@@ -962,65 +1030,39 @@ class _ClientConnection:
 
     # -- mirrors -----------------------------------------------------------------------------
     def _mirror(self, copy: Mirrored[_Request]) -> None:
-        """Start the copies of a complete request (fire and forget, bounded)."""
+        """Start the copies of a complete request (``HttpOutbound.mirror``)."""
         request = copy.tag
         if request is None or request.plan is None:
             return
-        snap = self.core.snapshot()
-        traffic = self.owner.router.traffic
-        for target in request.plan.mirrors:
-            service = traffic.service(snap, target.service)
-            if copy.body is None:
-                service.count("http_mirror", "too_large")
-            elif len(self.owner.mirroring) >= MAX_MIRRORS:
-                service.count("http_mirror", "overflow")
-            else:
-                name = f"http-mirror {self.record.source} -> {_name(target)}"
-                task = asyncio.create_task(self._send_copy(target, copy, copy.body), name=name)
-                self.owner.mirroring.add(task)
-                task.add_done_callback(self.owner.mirroring.discard)
+        whole, send = copy.body is not None, partial(self._send_copy, copy)
+        self.owner.mirror(
+            request.plan.mirrors, whole, self.source, self.record, self.record.source, send
+        )
 
-    async def _send_copy(
-        self, target: ServiceTarget, copy: Mirrored[_Request], body: bytes
-    ) -> None:
-        """One copy: an endpoint of ``target`` by its own traffic control, a fresh session,
-        the request with ``Host: <host>-shadow``, the response read and dropped."""
-        snap, out = self.core.snapshot(), self.owner.outbound
-        service = self.owner.router.traffic.service(snap, target.service)
-        labels = self.source.labels if self.source is not None else None
+    async def _send_copy(self, copy: Mirrored[_Request], attempt: MirrorTry) -> None:
+        """One copy's HTTP/1.1 (``MirrorSend``): a fresh session, the request with ``Host:
+        <host>-shadow`` (a same-node endpoint's policy asked first), the response read and
+        dropped."""
+        assert copy.body is not None
+        route = attempt.route
+        key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(attempt.target))
+        session = await self._open(key, route, attempt.record)
         try:
-            attempts = service.admit(self.src_ip, labels, (self.core.node, None))
-        except Rejected:
-            return  # counted by the Service's limits
-        session, response, outcome = None, None, "failed"
-        try:
-            ip = attempts.next_endpoint()
-            if ip is None:
+            attempt.attempts.connected(attempt.ip)
+            head, data = mirror_request(session.codec, copy, copy.body)
+            if route.kind == "local" and not self._allowed_here(route, head):
+                attempt.outcome = "denied"
                 return
-            route = out.resolver.endpoint_route(snap, self.source, target, ip)
-            record = replace(self.record)
-            out.describe_route(snap, route, record)
-            key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(target))
-            async with asyncio.timeout(MIRROR_TIMEOUT):
-                session = await self._open(key, route, record)
-                attempts.connected(ip)
-                head, data = mirror_request(session.codec, copy, body)
-                if route.kind == "local" and not self._allowed_here(route, head):
-                    outcome = "denied"
-                    return
-                await session.write(data)
-                response = DroppedResponse(session.codec)
+            await session.write(data)
+            response = DroppedResponse(session.codec)
+            try:
                 while not response.receive(await session.read()):
                     pass
-            outcome = "sent"
-        except (OSError, TunnelError, TimeoutError) as e:
-            log.debug("%s: mirror to %s failed: %r", self.record.source, _name(target), e)
+            finally:
+                attempt.status = response.status
+            attempt.outcome = "sent"
         finally:
-            status = response.status if response is not None else 0
-            attempts.finish(reset_before_data=outcome == "failed", server_error=status >= 500)
-            if session is not None:
-                session.close()
-            service.count("http_mirror", outcome)
+            session.close()
 
     # -- timeouts ----------------------------------------------------------------------------
     def _arm(self, request: _Request) -> None:

@@ -61,7 +61,6 @@ from agent.proxy.http1 import (
     DEFAULT_MAX_HEAD_BYTES,
     DOWNSTREAM_CLOSED,
     HEADER_TIMEOUT,
-    HEADERS_TOO_LARGE,
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
     ClientSide,
@@ -200,6 +199,8 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     _released: list[tuple[UpstreamHalf, bool]] = field(default_factory=list, init=False)
     _client_eof: bool = field(default=False, init=False)
     _mirrors: list[Mirrored[T]] = field(default_factory=list, init=False)
+    _reasons = _REASONS
+    _needs_host = True  # an HTTP/1.0 request without Host goes out as 1.1, which needs one
 
     def __post_init__(self) -> None:
         self.client = RequestReader(self.max_head_bytes)
@@ -250,25 +251,6 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         return current is None or not current.request_done
 
     # -- input -------------------------------------------------------------------------------
-    def receive_client(self, data: bytes) -> None:
-        """Bytes from the client; ``b""`` is its end of stream. Once ``tunnel``, bytes read
-        before the shell switched to relaying pass through as they are."""
-        if self.tunnel:
-            if data:
-                self._to_upstream.append(data)
-            return
-        if self.closing:
-            return
-        if not data:
-            self._client_eof = True
-            self._client_ended()
-            return
-        reader = self.client
-        if self.head_started is None and self._current is None and not reader.mid_message:
-            self.head_started = self.clock()
-        reader.feed(data)
-        self._pump_client()
-
     def receive_upstream(self, data: bytes) -> None:
         """Bytes from the attached upstream; ``b""`` is its end of stream (after ``tunnel``:
         passed through as they are, like ``receive_client``)."""
@@ -386,8 +368,10 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         self._upstream_gone(current, current.upstream)
 
     # -- client side -------------------------------------------------------------------------
-    def _client_waits(self) -> bool:
-        return self.pending is not None
+    def _after_switch(self, data: bytes) -> None:
+        """Bytes read before the shell switched to relaying pass through as they are."""
+        if data:
+            self._to_upstream.append(data)
 
     def _client_ended(self) -> None:
         """The client's end of stream: a request it cut short ends the connection; one it
@@ -409,51 +393,13 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         self.pending = None
         self.closing = True
 
-    def _refuse(self, status: int, cause: str) -> None:
-        """Answer bad input (if the client may still get a response) and close."""
-        self._rejections.append(cause)
-        current = self._current
-        respond = current is None or not current.response_started
-        if current is not None:
-            if respond:
-                current.exchange.status = status
-            self._finish(current)
-            if current.upstream is not None:
-                self._released.append((current.upstream, False))
+    def _refused(self, current: _Current[T] | None) -> None:
+        """The refused request's upstream, if any, is released unreusable."""
+        if current is not None and current.upstream is not None:
+            self._released.append((current.upstream, False))
         self.pending = None
-        self.closing = True
-        if respond:
-            body = f"{cause.replace('_', ' ')}\n".encode()
-            headers = [
-                (b"content-type", b"text/plain"),
-                (b"content-length", b"%d" % len(body)),
-                (b"connection", b"close"),
-            ]
-            self._to_client.append(response_head(status, _REASONS[status], headers) + body)
 
-    def _on_request(self, req: Head) -> None:
-        if req.size > self.max_head_bytes:
-            self._refuse(431, HEADERS_TOO_LARGE)
-            return
-        headers, upgrade = forwarded_headers(req.headers)
-        host = header_value(req.headers, b"host")
-        if host is None:  # HTTP/1.0 (1.1 without it is refused): forwarded as 1.1, which needs it
-            headers.append((b"host", b""))  # empty: no authority known (RFC 9112 3.2)
-        request_id = header_value(req.headers, b"x-request-id")
-        if request_id is None:
-            request_id = self.new_request_id()
-            headers.append((b"x-request-id", request_id.encode()))
-        target = req.target.decode("latin-1")
-        if "?" in target or "#" in target:
-            target = target.split("?", 1)[0].split("#", 1)[0]
-        head = RequestHead(
-            method=req.method.decode("latin-1"),
-            path=target,
-            host=host or "",
-            request_id=request_id,
-            trace=trace_headers_of(req.headers),
-            headers=req.headers,
-        )
+    def _on_request(self, req: Head, head: RequestHead, headers: Headers, upgrade: bool) -> None:
         self._current = _Current(
             Exchange(head, self.clock()),
             method=req.method,
@@ -526,27 +472,14 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
             elif isinstance(event, End):
                 if not current.response_started:
                     continue  # the end of an informational response
-                if current.response_chunked:
-                    trailers = [(n, v) for n, v in event.trailers if n not in HOP_BY_HOP]
-                    self._to_client.append(last_chunk(trailers))
-                current.response_done = True
-                self._maybe_next_cycle()
+                self._response_ended(current, event)
             else:
                 self._rejections.append(UPSTREAM_PROTOCOL)
                 self._upstream_gone(current, upstream)
 
     def _on_informational(self, current: _Current[T], upstream: UpstreamHalf, event: Head) -> None:
         if event.status == 101 and current.upgrade:
-            headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
-            headers += [(n, v) for n, v in event.headers if n in (b"connection", b"upgrade")]
-            self._to_client.append(response_head(101, event.reason, headers))
-            current.exchange.status = 101
-            self._finish(current)
-            self.tunnel = True
-            if upstream.reader.upgraded:
-                self._to_client.append(upstream.reader.upgraded)
-            if self.client.upgraded:
-                self._to_upstream.append(bytes(self.client.upgraded))
+            self._switch(current, event, upstream.reader.upgraded)
             return
         if event.status == 101:  # a 101 nobody asked for: the endpoint is broken
             self._rejections.append(UPSTREAM_PROTOCOL)
@@ -675,25 +608,12 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         self._completed.append((current.exchange, current.tag))
         self._current = None
 
-    def _maybe_next_cycle(self) -> None:
-        """Once request and response are complete: report the exchange, release its upstream
-        (reusable when its response let the session go on and nothing unasked followed it),
-        and start the next cycle, or close if the client side must."""
-        current = self._current
-        if current is None or not (current.request_done and current.response_done):
-            return
-        self._finish(current)
+    def _exchange_ended(self, current: _Current[T]) -> None:
+        """Its upstream is released: reusable when its response let the session go on and
+        nothing unasked followed it."""
         upstream = current.upstream
         if upstream is not None:
             self._released.append((upstream, current.upstream_keep_alive and upstream.idle))
-        if current.last:
-            self.closing = True  # the client asked to close: this was the last request
-            return
-        self._pump_client()
-        if self._client_eof:
-            self._client_ended()
-        elif self._current is None and self.head_started is None and self.client.mid_message:
-            self.head_started = self.clock()  # a pipelined head is pending: its clock runs
 
 
 def _text(headers: Headers) -> StrHeaders:

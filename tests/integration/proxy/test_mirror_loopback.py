@@ -1,0 +1,158 @@
+"""RequestMirror through the real source shells on loopback (``tests.integration.proxy.mesh``):
+each request of a rule that mirrors is answered by its backend, and a copy of it reaches the
+mirror Service, marked ``-shadow`` (HTTP/1.1 ``Host``, HTTP/2 ``:authority``); the copies go
+through ``HttpOutbound.mirror`` and ``copy``, which both source shells share. The pod behind
+both Services records what it is asked, by authority."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import DataReceived, RequestReceived, StreamEnded
+
+from agent.state import Endpoint, RouteObject, Service, ServicePort
+from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, free_port, mesh_test
+
+pytestmark = pytest.mark.root
+
+WEB_VIP, WEB_SHADOW_VIP = "10.96.8.2", "10.96.8.3"
+GRPC_VIP, GRPC_SHADOW_VIP = "10.96.8.4", "10.96.8.5"
+ANSWER = [(":status", "200"), ("content-type", "application/grpc")]
+
+
+def _services(mesh: Mesh, name: str, vips: tuple[str, str], port: int, protocol: str) -> None:
+    """``name`` and ``name-shadow`` on the server pod's ``port``, and a route on ``name``
+    whose one rule sends to ``name`` and mirrors to ``name-shadow``."""
+    kind = "GRPCRoute" if protocol == "grpc" else "HTTPRoute"
+    shadow = {"name": f"{name}-shadow", "port": 80}
+    mirror = {"type": "RequestMirror", "requestMirror": {"backendRef": shadow}}
+    rule = {"backendRefs": [{"name": name, "port": 80}], "filters": [mirror]}
+    spec = {
+        "parentRefs": [{"group": "", "kind": "Service", "name": name, "port": 80}],
+        "rules": [rule],
+    }
+    with mesh.store.update() as tx:
+        for service, vip in zip((name, f"{name}-shadow"), vips, strict=True):
+            ports = (ServicePort(80, port, name=protocol, app_protocol=protocol),)
+            tx.put_service(
+                Service(service, "default", (vip,), ports, {"app": "server"}, (Endpoint(SERVER),))
+            )
+        tx.put_route(RouteObject(kind, "default", name, spec, 1, name))
+
+
+async def _mirrored(
+    mesh: Mesh,
+    name: str,
+    vips: tuple[str, str],
+    protocol: str,
+    app: Callable[[Counter[str]], asyncio.Protocol],
+) -> tuple[Counter[str], asyncio.Server, asyncio.StreamReader, asyncio.StreamWriter]:
+    """The pod's ``app`` (what it was asked, by authority), the Services and the route, and
+    a client connection to ``name``."""
+    port, seen = free_port(SERVER), Counter[str]()
+    server = await asyncio.get_running_loop().create_server(lambda: app(seen), SERVER, port)
+    _services(mesh, name, vips, port, protocol)
+    return seen, server, *await mesh.connect(CLIENT, (vips[0], 80))
+
+
+async def _until(seen: Counter[str], want: dict[str, int]) -> None:
+    """Wait for the copies (tasks of their own: they may arrive after the answers)."""
+    for _ in range(200):
+        if dict(seen) == want:
+            return
+        await asyncio.sleep(0.05)
+    assert dict(seen) == want
+
+
+class _Http(asyncio.Protocol):
+    """Keep-alive HTTP/1.1: counts each request by its Host, answers ``ok``."""
+
+    def __init__(self, seen: Counter[str]) -> None:
+        self.seen, self.buf = seen, b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            host = next(line for line in head.split(b"\r\n") if line.lower().startswith(b"host:"))
+            self.seen[host.split(b":", 1)[1].strip().decode()] += 1
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")  # type: ignore[attr-defined]
+
+
+class _Grpc(asyncio.Protocol):
+    """Answers every call with one empty message; counts each by its ``:authority``."""
+
+    def __init__(self, seen: Counter[str]) -> None:
+        self.seen = seen
+        self.conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.conn.initiate_connection()
+        transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            if isinstance(event, RequestReceived):
+                self.seen[dict(event.headers)[":authority"]] += 1
+            elif isinstance(event, DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                sid = event.stream_id
+                self.conn.send_headers(sid, ANSWER)
+                self.conn.send_data(sid, b"\0\0\0\0\0")
+                self.conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+        self.transport.write(self.conn.data_to_send())  # type: ignore[attr-defined]
+
+
+@mesh_test
+async def test_each_http1_request_is_answered_and_copied_to_the_mirror(mesh: Mesh) -> None:
+    seen, server, reader, writer = await _mirrored(
+        mesh, "web", (WEB_VIP, WEB_SHADOW_VIP), "http", _Http
+    )
+    for i in range(5):
+        writer.write(b"GET /r%d HTTP/1.1\r\nHost: web\r\n\r\n" % i)
+        answer = b""
+        while not answer.endswith(b"ok"):
+            answer += await asyncio.wait_for(reader.read(65536), 10)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+    writer.close()
+    await _until(seen, {"web": 5, "web-shadow": 5})
+    server.close()
+
+
+@mesh_test
+async def test_each_grpc_call_is_answered_and_copied_to_the_mirror(mesh: Mesh) -> None:
+    seen, server, reader, writer = await _mirrored(
+        mesh, "grpc", (GRPC_VIP, GRPC_SHADOW_VIP), "grpc", _Grpc
+    )
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    head = [(":method", "POST"), (":scheme", "http"), (":authority", "grpc"),
+            (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
+            ("te", "trailers")]  # fmt: skip
+    for _ in range(3):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, head)
+        conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+        writer.write(conn.data_to_send())
+        ended = False
+        while not ended:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "the proxy closed the connection instead of answering the call"
+            for event in conn.receive_data(data):
+                if isinstance(event, DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
+            writer.write(conn.data_to_send())
+    writer.close()
+    await _until(seen, {"grpc": 3, "grpc-shadow": 3})
+    server.close()

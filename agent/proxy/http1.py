@@ -255,7 +255,6 @@ class ClientSide(ABC, Generic[C]):
     _rejections: list[str]
     _client_eof: bool
     _reasons: ClassVar[dict[int, bytes]]  # the reason phrase of each status it answers
-    _needs_host: ClassVar[bool]  # a request without ``Host`` (HTTP/1.0) is given an empty one
 
     # -- output ------------------------------------------------------------------------------
     def take_to_client(self) -> bytes:
@@ -315,7 +314,7 @@ class ClientSide(ABC, Generic[C]):
                 fields = event.headers
                 headers, upgrade = forwarded_headers(fields)
                 host = header_value(fields, b"host")
-                if host is None and self._needs_host:  # HTTP/1.0 (1.1 without it is refused)
+                if host is None:  # HTTP/1.0 (1.1 without it is refused by the reader)
                     headers.append((b"host", b""))  # forwarded as 1.1: empty (RFC 9112 3.2)
                 request_id = header_value(fields, b"x-request-id")
                 if request_id is None:
@@ -459,7 +458,6 @@ class Http1Proxy(ClientSide[_Current]):
     _current: _Current | None = field(default=None, init=False)
     _client_eof: bool = field(default=False, init=False)
     _reasons = _REASONS
-    _needs_host = False  # an HTTP/1.0 request without Host is forwarded without one
 
     def __post_init__(self) -> None:
         self.client = RequestReader(self.max_head_bytes)

@@ -200,7 +200,6 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     _client_eof: bool = field(default=False, init=False)
     _mirrors: list[Mirrored[T]] = field(default_factory=list, init=False)
     _reasons = _REASONS
-    _needs_host = True  # an HTTP/1.0 request without Host goes out as 1.1, which needs one
 
     def __post_init__(self) -> None:
         self.client = RequestReader(self.max_head_bytes)

@@ -381,7 +381,7 @@ class InboundHbone:
         self.core.registry.leave_task(conn_id)
         owner = _Relayed(self.core.registry, stream, upstream, conn_id)
         done = start_tunnel(upstream, stream, record, owner, outbound=False)
-        self.core.registry.hand_over(conn_id, done.cancel)
+        self.core.registry.hand_over(conn_id, done)
 
     def goaway_all(self) -> None:
         self.draining = True

@@ -164,7 +164,7 @@ class Outbound:
             done = start_spliced(client, upstream, record, owner, self.core.splicer)
         else:
             done = start_sockets(client, upstream, record, owner)
-        self.core.registry.hand_over(conn_id, done.cancel)
+        self.core.registry.hand_over(conn_id, done)
         return done
 
     def record(

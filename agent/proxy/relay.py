@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from agent.base.quiet import quiet_context
 from agent.proxy.tunnel import TunnelStream
 from agent.telemetry.records import ConnectionRecord
 
@@ -121,9 +122,10 @@ class _Relay:
     def detach(self, owner: Owner) -> asyncio.Future[None]:
         """Nobody awaits the relay: when ``done`` ends (or is cancelled) every callback is
         removed first, then ``owner`` cleans up after the connection. The relay itself is
-        ``done``'s callback (``__call__``): no bound method lives as long as the connection."""
+        ``done``'s callback (``__call__``), in the shared empty context: no bound method and no
+        copy of a context live as long as the connection."""
         self._owner = owner
-        self.done.add_done_callback(self)
+        self.done.add_done_callback(self, context=quiet_context())
         return self.done
 
     def __call__(self, done: asyncio.Future[None]) -> None:

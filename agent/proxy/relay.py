@@ -52,9 +52,17 @@ from agent.telemetry.records import ConnectionRecord
 
 class Owner(Protocol):
     """Who cleans up after a relay nobody awaits (``start_sockets``, ``start_tunnel``): one
-    small object per connection rather than a closure and its cells."""
+    object for all of a handler's connections, told the connection's record (whose ``id`` is
+    its registry entry) and its two ends: ``sock`` (the first the relay was given) and ``peer``
+    (a socket, or the tunnel stream)."""
 
-    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None: ...
+    def relay_ended(
+        self,
+        done: asyncio.Future[None],
+        record: ConnectionRecord,
+        sock: socket.socket,
+        peer: socket.socket | TunnelStream,
+    ) -> None: ...
 
 
 MAX_CHUNK = 256 * 1024
@@ -133,19 +141,29 @@ class _Relay:
         self.stop()
         owner, self._owner = self._owner, None
         if owner is not None:
-            owner.relay_ended(done, self.record)
+            owner.relay_ended(done, self.record, *self.ends())
+
+    def ends(self) -> tuple[socket.socket, socket.socket | TunnelStream]:
+        """The connection's two ends, for the ``Owner``."""
+        raise NotImplementedError
 
 
 class _SocketRelay(_Relay):
     """Two sockets: a ``_Direction`` each way."""
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "client", "upstream")
 
-    def __init__(self, record: ConnectionRecord) -> None:
+    def __init__(
+        self, record: ConnectionRecord, client: socket.socket, upstream: socket.socket
+    ) -> None:
         super().__init__(record)
+        self.client, self.upstream = client, upstream
         # The parts whose callbacks ``stop`` removes (a tuple of the objects, not a list of
         # bound methods: it lives as long as the connection).
         self._parts: tuple[_Part, ...] = ()
+
+    def ends(self) -> tuple[socket.socket, socket.socket]:
+        return self.client, self.upstream
 
     def on_stop(self, part: _Part) -> None:
         self._parts += (part,)
@@ -220,7 +238,7 @@ def _shutdown_write(sock: socket.socket) -> None:
 def _socket_relay(
     client: socket.socket, upstream: socket.socket, record: ConnectionRecord
 ) -> _Relay:
-    relay = _SocketRelay(record)
+    relay = _SocketRelay(record, client, upstream)
     _Direction(relay, client, upstream, "bytes_sent")
     _Direction(relay, upstream, client, "bytes_received")
     return relay
@@ -270,6 +288,9 @@ class _TunnelRelay(_Relay):
         self.stream_changed()  # bytes, the end or an error may have come before the relay
         if not self.done.done():
             self._read(True)
+
+    def ends(self) -> tuple[socket.socket, TunnelStream]:
+        return self.sock, self.stream
 
     def stop(self) -> None:
         self.stream.waker = None

@@ -30,7 +30,7 @@ from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh, free_port,
 pytestmark = pytest.mark.root
 
 CONNECTIONS = 90  # one HBONE connection: under h2wire's MAX_CONCURRENT_STREAMS (100)
-# Measured 5.7-5.8 KiB cross-node (both agents) and 2.9-3.0 KiB same-node; with the handler's
+# Measured 5.7-5.8 KiB cross-node (both agents) and 2.8-2.9 KiB same-node; with the handler's
 # task (and its coroutine frames) held for the connection's life, a closure per clean-up, a
 # future per tunnel stream, the handler's context kept by the relay's callbacks and a SPIFFE ID
 # string per record, it was 13.0-13.3 and 5.7-5.8 KiB here; with a tunnel relay of two objects

@@ -50,6 +50,7 @@ from agent.base.component import Component, StateSource
 from agent.base.constants import Listener
 from agent.base.endpoint import HttpComponent
 from agent.base.http import HttpServer, Request, Response
+from agent.base.quiet import quiet_context
 from agent.config import AgentConfig, ConfigError, add_arguments, from_args
 from agent.datapath.datapath import Datapath, SpliceUnavailable, uninstall
 from agent.datapath.listeners import open_listener_groups, open_listeners
@@ -508,7 +509,8 @@ class Agent:
                 conn.close()
         if rest is not None:  # the drain waits for (and at its deadline cancels) it instead
             self._connections.add(rest)
-            rest.add_done_callback(self._connections.discard)
+            # Not in a copy of this task's context: it would live as long as the connection.
+            rest.add_done_callback(self._connections.discard, context=quiet_context())
 
     async def _reconcile_loop(self) -> None:
         """Apply state changes to the kernel, one pass at a time, in a worker thread; retry

@@ -55,6 +55,9 @@ FORWARDED_HEADER = "forwarded"
 # The Service the client dialled (``namespace/name``), when it dialled one: for the far node's
 # telemetry labels only (``agent.proxy.inbound``), never for policy.
 SERVICE_HEADER = "nodemesh-service"
+# h2 keeps a stream's request method for the stream's life (``H2Stream.request_method``): given
+# as bytes it is this one object, not a copy encoded for each tunnel.
+_METHOD_CONNECT = (b":method", b"CONNECT")
 # Non-DATA bytes are handed to h2 at most this many at a time, so that the replies one read can
 # make us queue are checked against ``max_unsent_replies`` every few hundred frames.
 H2_SLICE = 16 * 1024
@@ -323,7 +326,10 @@ class HboneConnection:
         """Client side: send CONNECT; returns the stream id (``TunnelAccepted`` follows).
         ``service``: the dialled Service as ``namespace/name`` (``SERVICE_HEADER``)."""
         sid = self._h2.get_next_available_stream_id()
-        headers = [(":method", "CONNECT"), (":authority", authority)]
+        headers: list[tuple[bytes | str, bytes | str]] = [
+            _METHOD_CONNECT,
+            (":authority", authority),
+        ]
         if client_ip:
             headers.append((FORWARDED_HEADER, format_forwarded(client_ip)))
         if service:

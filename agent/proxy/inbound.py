@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 class InboundHbone:
     def __init__(self, core: Core) -> None:
         self.core = core
+        self._relayed = _Relayed(core.registry)
         self.connections: set[HboneProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
@@ -379,9 +380,8 @@ class InboundHbone:
         clean-up is the relay's end (``_Relayed``), and the registry's close (policy re-check)
         cancels the relay; the drain and a cut HBONE connection end it through the stream."""
         self.core.registry.leave_task(conn_id)
-        owner = _Relayed(self.core.registry, stream, upstream, conn_id)
-        done = start_tunnel(upstream, stream, record, owner, outbound=False)
-        self.core.registry.hand_over(conn_id, done.cancel)
+        done = start_tunnel(upstream, stream, record, self._relayed, outbound=False)
+        self.core.registry.hand_over(conn_id, done)
 
     def goaway_all(self) -> None:
         self.draining = True
@@ -392,25 +392,28 @@ class InboundHbone:
 
 
 class _Relayed:
-    """A TCP stream whose relay runs without the stream's task: its end."""
+    """The end of a TCP stream whose relay runs without the stream's task (one for all of
+    them: the relay tells it the connection's ends)."""
 
-    __slots__ = ("conn_id", "registry", "stream", "upstream")
+    __slots__ = ("registry",)
 
-    def __init__(
-        self, registry: Registry, stream: TunnelStream, upstream: socket.socket, conn_id: int
-    ) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.stream = stream
-        self.upstream = upstream
-        self.conn_id = conn_id
 
-    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None:
+    def relay_ended(
+        self,
+        done: asyncio.Future[None],
+        record: ConnectionRecord,
+        upstream: socket.socket,
+        stream: socket.socket | TunnelStream,
+    ) -> None:
+        assert isinstance(stream, TunnelStream)  # ``start_tunnel``'s peer
         error = None if done.cancelled() else done.exception()
         if error is not None and not isinstance(error, (OSError, TunnelError)):
-            log.error("HBONE stream %d relay failed", self.stream.stream_id, exc_info=error)
+            log.error("HBONE stream %d relay failed", stream.stream_id, exc_info=error)
         elif error is not None:
             log.debug("inbound %s ended: %s", record.destination, error)
-        _closed(self.registry, self.stream, self.upstream, self.conn_id)
+        _closed(self.registry, stream, upstream, record.id)
 
 
 def _closed(

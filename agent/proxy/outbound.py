@@ -49,27 +49,29 @@ def _addr(ip: str, port: int) -> str:
 
 
 class _Relayed:
-    """A pod-IP connection whose relay runs without the handler's task: its end."""
+    """The end of a pod-IP connection whose relay runs without the handler's task (one for
+    all of them: the relay tells it the connection's ends)."""
 
-    __slots__ = ("client", "conn_id", "registry", "upstream")
+    __slots__ = ("registry",)
 
-    def __init__(
-        self, registry: Registry, client: socket.socket, upstream: Upstream, conn_id: int
-    ) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.client = client
-        self.upstream = upstream
-        self.conn_id = conn_id
 
-    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None:
-        self.registry.remove(self.conn_id)
-        if isinstance(self.upstream, socket.socket):
-            self.upstream.close()
+    def relay_ended(
+        self,
+        done: asyncio.Future[None],
+        record: ConnectionRecord,
+        client: socket.socket,
+        upstream: Upstream,
+    ) -> None:
+        self.registry.remove(record.id)
+        if isinstance(upstream, socket.socket):
+            upstream.close()
         error = None if done.cancelled() else done.exception()
         if error is None and not done.cancelled():
-            self.client.close()
+            client.close()
             return
-        sockets.abort(self.client)
+        sockets.abort(client)
         if error is not None and not isinstance(error, (OSError, TunnelError)):
             log.error("outbound %s relay failed", record.destination, exc_info=error)
         elif error is not None:
@@ -80,6 +82,7 @@ class Outbound:
     def __init__(self, core: Core, pool: HbonePool) -> None:
         self.core = core
         self.pool = pool
+        self._relayed = _Relayed(core.registry)
         self.resolver = Resolver(core.node)
         self.balanced = BalancedOutbound(self)
         self.http = HttpOutbound(self)
@@ -156,7 +159,7 @@ class Outbound:
         the relay. ``splice``: nothing needs the bytes (an admitted same-node connection), so
         the kernel moves them when the agent runs with the same-node splice."""
         self.core.registry.leave_task(conn_id)
-        owner = _Relayed(self.core.registry, client, upstream, conn_id)
+        owner = self._relayed
         if isinstance(upstream, TunnelStream):
             record.security = SECURITY_MTLS
             done = start_tunnel(client, upstream, record, owner, outbound=True)
@@ -164,7 +167,7 @@ class Outbound:
             done = start_spliced(client, upstream, record, owner, self.core.splicer)
         else:
             done = start_sockets(client, upstream, record, owner)
-        self.core.registry.hand_over(conn_id, done.cancel)
+        self.core.registry.hand_over(conn_id, done)
         return done
 
     def record(

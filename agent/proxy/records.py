@@ -52,7 +52,9 @@ _current: contextvars.ContextVar[tuple[Registry, ConnectionRecord]] = contextvar
 @dataclass(slots=True)
 class _Live:
     record: ConnectionRecord
-    close: Callable[[str], object]
+    # How ``recheck`` closes it: a callback given the reason, or the relay's ``done`` future
+    # once a relay took the connection over (cancelled, with the reason as its message).
+    close: Callable[[str], object] | asyncio.Future[None]
     request: Request | None = None
     workload: Workload | None = None
     closing: bool = False
@@ -149,12 +151,13 @@ class Registry:
                 _current.reset(live.token)
             live.token = None
 
-    def hand_over(self, conn_id: int, close: Callable[[str], object]) -> None:
-        """The connection goes on without the task that registered it (a relay's ``done``
-        future, whose ``cancel`` is the new ``close``): the task is not held any longer."""
+    def hand_over(self, conn_id: int, done: asyncio.Future[None]) -> None:
+        """The connection goes on without the task that registered it, in a relay whose
+        ``done`` future closing it cancels: the task is not held any longer (and the future
+        is kept, not a bound ``done.cancel`` as well, for the connection's life)."""
         live = self._live.get(conn_id)
         if live is not None:
-            live.close = close
+            live.close = done
 
     def authorized(self, conn_id: int, request: Request, workload: Workload) -> None:
         """Remember what was authorized, so that ``recheck`` can evaluate it again."""
@@ -211,7 +214,10 @@ class Registry:
                 )
                 live.closing = True  # its handler removes (and logs) it once it has closed
                 live.record.failure = live.record.failure or "policy_denied"
-                live.close(decision.reason)
+                if isinstance(live.close, asyncio.Future):
+                    live.close.cancel(decision.reason)
+                else:
+                    live.close(decision.reason)
                 closed += 1
         return closed
 

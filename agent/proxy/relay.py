@@ -45,15 +45,24 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from agent.base.quiet import quiet_context
 from agent.proxy.tunnel import TunnelStream
 from agent.telemetry.records import ConnectionRecord
 
 
 class Owner(Protocol):
     """Who cleans up after a relay nobody awaits (``start_sockets``, ``start_tunnel``): one
-    small object per connection rather than a closure and its cells."""
+    object for all of a handler's connections, told the connection's record (whose ``id`` is
+    its registry entry) and its two ends: ``sock`` (the first the relay was given) and ``peer``
+    (a socket, or the tunnel stream)."""
 
-    def relay_ended(self, done: asyncio.Future[None], record: ConnectionRecord) -> None: ...
+    def relay_ended(
+        self,
+        done: asyncio.Future[None],
+        record: ConnectionRecord,
+        sock: socket.socket,
+        peer: socket.socket | TunnelStream,
+    ) -> None: ...
 
 
 MAX_CHUNK = 256 * 1024
@@ -85,22 +94,20 @@ class _Part(Protocol):
 
 
 class _Relay:
-    """The state both directions share: the loop, the record and how the relay ends."""
+    """The state every relay has: the loop, the record and how the relay ends. A subclass
+    removes its callbacks in ``stop`` (idempotent: the sockets may be closed afterwards)."""
 
-    __slots__ = ("_owner", "_parts", "done", "loop", "open_directions", "record")
+    __slots__ = ("_owner", "done", "loop", "open_directions", "record")
 
     def __init__(self, record: ConnectionRecord) -> None:
         self.loop = asyncio.get_running_loop()
         self.record = record
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.open_directions = 2
-        # The parts whose callbacks ``stop`` removes (a tuple of the objects, not a list of
-        # bound methods: it lives as long as the connection).
-        self._parts: tuple[_Part, ...] = ()
         self._owner: Owner | None = None
 
-    def on_stop(self, part: _Part) -> None:
-        self._parts += (part,)
+    def stop(self) -> None:
+        raise NotImplementedError
 
     def direction_ended(self) -> None:
         self.open_directions -= 1
@@ -114,12 +121,6 @@ class _Relay:
         if not self.done.done():
             self.done.set_exception(error)
 
-    def stop(self) -> None:
-        """Remove every callback (idempotent): the sockets may be closed afterwards."""
-        parts, self._parts = self._parts, ()
-        for part in parts:
-            part.stop()
-
     async def wait(self) -> None:
         try:
             await self.done
@@ -128,16 +129,49 @@ class _Relay:
 
     def detach(self, owner: Owner) -> asyncio.Future[None]:
         """Nobody awaits the relay: when ``done`` ends (or is cancelled) every callback is
-        removed first, then ``owner`` cleans up after the connection."""
+        removed first, then ``owner`` cleans up after the connection. The relay itself is
+        ``done``'s callback (``__call__``), in the shared empty context: no bound method and no
+        copy of a context live as long as the connection."""
         self._owner = owner
-        self.done.add_done_callback(self._ended)
+        self.done.add_done_callback(self, context=quiet_context())
         return self.done
 
-    def _ended(self, done: asyncio.Future[None]) -> None:
+    def __call__(self, done: asyncio.Future[None]) -> None:
+        """``done`` ended (see ``detach``)."""
         self.stop()
         owner, self._owner = self._owner, None
         if owner is not None:
-            owner.relay_ended(done, self.record)
+            owner.relay_ended(done, self.record, *self.ends())
+
+    def ends(self) -> tuple[socket.socket, socket.socket | TunnelStream]:
+        """The connection's two ends, for the ``Owner``."""
+        raise NotImplementedError
+
+
+class _SocketRelay(_Relay):
+    """Two sockets: a ``_Direction`` each way."""
+
+    __slots__ = ("_parts", "client", "upstream")
+
+    def __init__(
+        self, record: ConnectionRecord, client: socket.socket, upstream: socket.socket
+    ) -> None:
+        super().__init__(record)
+        self.client, self.upstream = client, upstream
+        # The parts whose callbacks ``stop`` removes (a tuple of the objects, not a list of
+        # bound methods: it lives as long as the connection).
+        self._parts: tuple[_Part, ...] = ()
+
+    def ends(self) -> tuple[socket.socket, socket.socket]:
+        return self.client, self.upstream
+
+    def on_stop(self, part: _Part) -> None:
+        self._parts += (part,)
+
+    def stop(self) -> None:
+        parts, self._parts = self._parts, ()
+        for part in parts:
+            part.stop()
 
 
 class _Direction:
@@ -145,7 +179,9 @@ class _Direction:
 
     __slots__ = ("_dst_fd", "_src_fd", "dst", "field", "pending", "relay", "src")
 
-    def __init__(self, relay: _Relay, src: socket.socket, dst: socket.socket, field: str) -> None:
+    def __init__(
+        self, relay: _SocketRelay, src: socket.socket, dst: socket.socket, field: str
+    ) -> None:
         self.relay = relay
         self.src, self.dst, self.field = src, dst, field
         self.pending: bytes = b""
@@ -202,7 +238,7 @@ def _shutdown_write(sock: socket.socket) -> None:
 def _socket_relay(
     client: socket.socket, upstream: socket.socket, record: ConnectionRecord
 ) -> _Relay:
-    relay = _Relay(record)
+    relay = _SocketRelay(record, client, upstream)
     _Direction(relay, client, upstream, "bytes_sent")
     _Direction(relay, upstream, client, "bytes_received")
     return relay
@@ -222,9 +258,11 @@ def start_sockets(
     return _in_empty_context(lambda: _socket_relay(client, upstream, record).detach(owner))
 
 
-class _TunnelRelay:
+class _TunnelRelay(_Relay):
     """sock <-> stream: a reader on sock feeding the stream; the stream's bytes go to sock from
-    the HBONE protocol's callbacks, with a writer on sock while it is full."""
+    the HBONE protocol's callbacks, with a writer on sock while it is full. One object with the
+    relay's state and the stream's ``Waker`` (no bound methods kept for the stream), as it
+    lives as long as the connection."""
 
     __slots__ = (
         "_fd",
@@ -232,25 +270,27 @@ class _TunnelRelay:
         "_sent_eof",
         "_writing",
         "from_stream",
-        "relay",
         "sock",
         "stream",
         "to_stream",
     )
 
     def __init__(
-        self, relay: _Relay, sock: socket.socket, stream: TunnelStream, to: str, frm: str
+        self, record: ConnectionRecord, sock: socket.socket, stream: TunnelStream, to: str, frm: str
     ) -> None:
-        self.relay, self.sock, self.stream = relay, sock, stream
+        super().__init__(record)
+        self.sock, self.stream = sock, stream
         self.to_stream, self.from_stream = to, frm
         self._fd = sock.fileno()
         self._reading = self._writing = self._sent_eof = False
-        relay.on_stop(self)
-        stream.deliver_directly(sock, self._delivered)
-        stream.waker = self._stream_changed
-        self._stream_changed()  # bytes, the end or an error may have come before the relay
-        if not relay.done.done():
+        stream.deliver_directly(sock)
+        stream.waker = self
+        self.stream_changed()  # bytes, the end or an error may have come before the relay
+        if not self.done.done():
             self._read(True)
+
+    def ends(self) -> tuple[socket.socket, TunnelStream]:
+        return self.sock, self.stream
 
     def stop(self) -> None:
         self.stream.waker = None
@@ -265,29 +305,29 @@ class _TunnelRelay:
         if on != self._reading:
             self._reading = on
             if on:
-                self.relay.loop.add_reader(self._fd, self._readable)
+                self.loop.add_reader(self._fd, self._readable)
             else:
-                self.relay.loop.remove_reader(self._fd)
+                self.loop.remove_reader(self._fd)
 
     def _write(self, on: bool) -> None:
         if on != self._writing:
             self._writing = on
             if on:
-                self.relay.loop.add_writer(self._fd, self._writable)
+                self.loop.add_writer(self._fd, self._writable)
             else:
-                self.relay.loop.remove_writer(self._fd)
+                self.loop.remove_writer(self._fd)
 
-    def _delivered(self, n: int) -> None:
-        _count(self.relay.record, self.from_stream, n)
+    def delivered(self, n: int) -> None:
+        _count(self.record, self.from_stream, n)
 
     # -- sock -> stream --
     def _readable(self) -> None:
         stream = self.stream
         if stream.error is not None:
-            self.relay.fail(stream.error)
+            self.fail(stream.error)
             return
         if not stream.can_write():
-            # ``_stream_changed`` resumes it once the stream has room; the protocol wakes
+            # ``stream_changed`` resumes it once the stream has room; the protocol wakes
             # streams on freed connection budget only while some writer says it waits.
             stream.proto.writers_waiting = True
             self._read(False)
@@ -297,29 +337,29 @@ class _TunnelRelay:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self.relay.fail(e)
+            self.fail(e)
             return
         if not n:
             self._read(False)
             stream.write_eof()
-            self.relay.direction_ended()
+            self.direction_ended()
             return
         try:
             stream.try_write(_SHARED_VIEW[:n])
         except Exception as e:  # the codec's: the relay's owner gets it, not the event loop
-            self.relay.fail(e)
+            self.fail(e)
             return
-        _count(self.relay.record, self.to_stream, n)
+        _count(self.record, self.to_stream, n)
 
     # -- stream -> sock --
-    def _stream_changed(self) -> None:
+    def stream_changed(self) -> None:
         stream = self.stream
         if stream.error is not None:
-            self.relay.fail(stream.error)
+            self.fail(stream.error)
             return
         if stream.unread and not (self._writing or self._sent_eof):
             self._writable()
-        if self._reading or stream.ended or self.relay.done.done():
+        if self._reading or stream.ended or self.done.done():
             return
         if stream.can_write():
             self._read(True)
@@ -332,13 +372,13 @@ class _TunnelRelay:
         try:
             drained = self.stream.write_queued(lambda data: _send(self.sock, data))
         except Exception as e:  # the socket's or the codec's: for the relay's owner, and never
-            self.relay.fail(e)  # into the HBONE protocol's callback that woke us
+            self.fail(e)  # into the HBONE protocol's callback that woke us
             return
         self._write(not drained)
         if drained and self.stream.eof and not self._sent_eof:
             self._sent_eof = True
             _shutdown_write(self.sock)
-            self.relay.direction_ended()
+            self.direction_ended()
 
 
 async def relay_tunnel(
@@ -376,6 +416,4 @@ def _tunnel_relay(
     to_stream, from_stream = (
         ("bytes_sent", "bytes_received") if outbound else ("bytes_received", "bytes_sent")
     )
-    relay = _Relay(record)
-    _TunnelRelay(relay, sock, stream, to_stream, from_stream)
-    return relay
+    return _TunnelRelay(record, sock, stream, to_stream, from_stream)

@@ -241,5 +241,5 @@ def start_spliced(
     task = contextvars.Context().run(
         asyncio.ensure_future, _spliced(splicing, (sent, received), record)
     )
-    task.add_done_callback(lambda done: owner.relay_ended(done, record))
+    task.add_done_callback(lambda done: owner.relay_ended(done, record, client, upstream))
     return task

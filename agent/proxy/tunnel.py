@@ -75,6 +75,20 @@ class Sink(Protocol):
     def send(self, data: bytes, /) -> int: ...
 
 
+class Waker(Protocol):
+    """A relay driven by callbacks instead of tasks (``agent.proxy.relay``): one object, told
+    of the stream's changes and of the bytes sent to its socket, rather than a bound method for
+    each kept for the stream's life."""
+
+    def stream_changed(self) -> None:
+        """A task waiting in ``read`` or ``write`` would be woken now (bytes queued, the peer's
+        end, an error, room to write again): look at the stream's state."""
+
+    def delivered(self, n: int, /) -> None:
+        """``n`` received bytes were sent to the socket given to ``deliver_directly`` (there or
+        by ``write_queued``)."""
+
+
 class TunnelStream:
     """One CONNECT stream, seen from the relay.
 
@@ -85,7 +99,6 @@ class TunnelStream:
 
     __slots__ = (
         "_chunks",
-        "_on_sent",
         "_read_waiter",
         "_relay_writing",
         "_sink",
@@ -116,7 +129,6 @@ class TunnelStream:
         self.ended = False  # we ended ours (write_eof)
         self.error: TunnelError | None = None
         self._sink: socket.socket | Sink | None = None
-        self._on_sent: Callable[[int], None] | None = None
         self._relay_writing = False  # read() handed out a chunk that may not be written yet
         # Called when the peer resets the stream or the connection goes (server side: cancels
         # the handler of a request not answered yet, so it stops connecting for nobody).
@@ -124,10 +136,8 @@ class TunnelStream:
         # Called when the peer ends its half: a ``Sink`` is given bytes only, so an owner with
         # no task waiting in ``read`` learns of the end here (the source's HTTP/1.1 shell).
         self.on_end: Callable[[], object] | None = None
-        # Called whenever a task waiting in ``read`` or ``write`` would be woken (bytes queued,
-        # the peer's end, an error, room to write again): a relay driven by callbacks instead
-        # of tasks (``agent.proxy.relay``) looks at the stream's state then.
-        self.waker: Callable[[], object] | None = None
+        # The relay driven by callbacks, if one copies this stream (see ``Waker``).
+        self.waker: Waker | None = None
 
     # -- events from the protocol --
     def _on_data(self, data: bytes) -> None:
@@ -138,8 +148,8 @@ class TunnelStream:
                 sent = 0
             if sent:
                 self.proto.codec.consumed(self.stream_id, sent)  # flushed by data_received
-                if self._on_sent is not None:
-                    self._on_sent(sent)
+                if self.waker is not None:
+                    self.waker.delivered(sent)
                 if sent == len(data):
                     return
                 data = data[sent:]
@@ -148,7 +158,7 @@ class TunnelStream:
         self._chunks.append(data)
         _wake(self._read_waiter)
         if self.waker is not None:
-            self.waker()
+            self.waker.stream_changed()
 
     def _on_end(self) -> None:
         self.eof = True
@@ -156,12 +166,12 @@ class TunnelStream:
         if self.on_end is not None:
             self.on_end()
         if self.waker is not None:
-            self.waker()
+            self.waker.stream_changed()
 
     def _on_writable(self) -> None:
         _wake(self._write_waiter)
         if self.waker is not None:
-            self.waker()
+            self.waker.stream_changed()
 
     @property
     def opening(self) -> bool:
@@ -182,7 +192,7 @@ class TunnelStream:
         _wake(self._read_waiter)
         _wake(self._write_waiter)
         if self.waker is not None:
-            self.waker()
+            self.waker.stream_changed()
 
     def _discard(self) -> None:
         """Drop what the relay has not read (the stream failed): the codec gets it back."""
@@ -192,20 +202,19 @@ class TunnelStream:
         self._chunks = None
 
     # -- what the relay calls --
-    def deliver_directly(
-        self, sock: socket.socket | Sink | None, on_sent: Callable[[int], None] | None = None
-    ) -> None:
+    def deliver_directly(self, sock: socket.socket | Sink | None) -> None:
         """Send received bytes straight to ``sock`` when possible (see the module docstring);
-        ``on_sent(n)`` counts them. ``None`` stops it (before the socket is closed). A ``Sink``
-        that is not a socket takes bytes the same way (the HTTP/1.1 shell parses them there).
-        Register with no reader inside ``read`` or writing what it returned (a reader that
-        stopped, like the source shell's between requests, no longer holds a chunk back)."""
+        the ``waker``, if any, counts them (``Waker.delivered``). ``None`` stops it (before
+        the socket is closed). A ``Sink`` that is not a socket takes bytes the same way (the
+        HTTP/1.1 shell parses them there). Register with no reader inside ``read`` or writing
+        what it returned (a reader that stopped, like the source shell's between requests, no
+        longer holds a chunk back)."""
         if isinstance(sock, socket.socket) and sock.gettimeout() != 0.0:
             raise ValueError(
                 "direct delivery needs a non-blocking socket: "
                 "a blocking send would stall the event loop (call setblocking(False) first)"
             )
-        self._sink, self._on_sent = sock, on_sent
+        self._sink = sock
         if sock is not None:
             self._relay_writing = False
 
@@ -258,8 +267,8 @@ class TunnelStream:
         finally:
             if taken:
                 self.consumed(taken)
-                if self._on_sent is not None:
-                    self._on_sent(taken)
+                if self.waker is not None:
+                    self.waker.delivered(taken)
 
     def can_write(self) -> bool:
         """No backpressure applies: a write now would not wait (see the module docstring)."""

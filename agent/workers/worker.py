@@ -45,6 +45,7 @@ from agent.admin.tap import requests_view
 from agent.base import runtime
 from agent.base.component import Component
 from agent.base.constants import Listener
+from agent.base.quiet import quiet_context
 from agent.config import AgentConfig
 from agent.policy.sharedbuckets import BucketTable, SharedRateLimiter
 from agent.state import StateStore
@@ -190,7 +191,7 @@ class Worker:
                 conn.close()
         if rest is not None:
             self._connections.add(rest)
-            rest.add_done_callback(self._connections.discard)
+            rest.add_done_callback(self._connections.discard, context=quiet_context())
 
     # -- the channel -----------------------------------------------------------------------
     async def _serve(self, kind: str, args: object) -> object:

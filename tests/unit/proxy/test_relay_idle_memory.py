@@ -27,14 +27,15 @@ from tests.unit.proxy.memtransport import MemoryTransport
 from tests.unit.proxy.test_tunnel_direct import settle, tunnel
 
 CONNECTIONS = 200
-# Measured 3.2 KiB (socket <-> socket) and 3.3 KiB (socket <-> tunnel stream) per connection,
+# Measured 3.0 KiB (socket <-> socket) and 2.9 KiB (socket <-> tunnel stream) per connection,
 # test's record and task included (uvloop's reader registration is about 0.6 KiB of each fd's
-# share); the task-based relay this replaced held 24.1 and 15.7 KiB here.
+# share); the task-based relay this replaced held 24.1 and 15.7 KiB here, and the tunnel relay
+# of two objects and a tuple, whose stream kept two bound methods, 3.2 KiB.
 SOCKETS_BOUND = 4 * 1024
-TUNNEL_BOUND = 4 * 1024
-# Measured 1.9 KiB for both ends of a stream (h2's stream state is about 0.8 KiB of it); with
+TUNNEL_BOUND = 3 * 1024
+# Measured 1.6 KiB for both ends of a stream (h2's stream state is about 0.8 KiB of it); with
 # a receive queue and two Events per end, and a dict for attributes, it was 6.8 KiB.
-STREAM_BOUND = 2560
+STREAM_BOUND = 2048
 
 
 def _record() -> ConnectionRecord:

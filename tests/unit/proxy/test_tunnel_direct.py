@@ -44,6 +44,19 @@ async def tunnel() -> tuple[TunnelStream, TunnelStream]:
     return stream, accepted[0]
 
 
+class Counted:
+    """A ``Waker`` that counts what was sent to the socket for it (as the relay does)."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def stream_changed(self) -> None:
+        pass
+
+    def delivered(self, n: int) -> None:
+        self.counts.append(n)
+
+
 async def settle() -> None:
     for _ in range(10):
         await asyncio.sleep(0)
@@ -52,12 +65,13 @@ async def settle() -> None:
 def test_idle_relay_gets_bytes_sent_for_it(pair: tuple[socket.socket, socket.socket]) -> None:
     async def main() -> None:
         sender, receiver = await tunnel()
-        counted: list[int] = []
-        receiver.deliver_directly(pair[0], counted.append)
+        counted = Counted()
+        receiver.waker = counted
+        receiver.deliver_directly(pair[0])
         await sender.write(b"hello")
         await settle()
         assert pair[1].recv(100) == b"hello"
-        assert counted == [5]
+        assert counted.counts == [5]
         assert not receiver._chunks  # nothing left for the relay to copy
         receiver.deliver_directly(None)
         await sender.write(b"queued")
@@ -74,8 +88,9 @@ def test_bytes_never_overtake_what_the_relay_holds(
         sender, receiver = await tunnel()
         sock, pod = pair
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        counted: list[int] = []
-        receiver.deliver_directly(sock, counted.append)
+        counted = Counted()
+        receiver.waker = counted
+        receiver.deliver_directly(sock)
         # 256 KiB: more than the socket takes unread, less than a stream window (this relay
         # never acknowledges what it writes)
         payload = bytes(range(256)) * 1024
@@ -103,11 +118,11 @@ def test_bytes_never_overtake_what_the_relay_holds(
         chunk: bytes | None = held
         while chunk is not None:
             await loop.sock_sendall(sock, chunk)
-            counted.append(len(chunk))
+            counted.counts.append(len(chunk))
             chunk = await receiver.read() if receiver._chunks else None
         await asyncio.wait_for(drainer, 5)
         assert bytes(received) == payload + b"tail"
-        assert sum(counted) == len(payload) + 4
+        assert sum(counted.counts) == len(payload) + 4
 
     asyncio.run(main())
 
@@ -118,7 +133,7 @@ def test_a_blocking_socket_is_refused() -> None:
         a, b = socket.socketpair()
         try:
             with pytest.raises(ValueError, match="non-blocking"):
-                receiver.deliver_directly(a, None)
+                receiver.deliver_directly(a)
         finally:
             a.close()
             b.close()

@@ -61,10 +61,14 @@ except OSError as e:
     print("ERR", type(e).__name__)
 """
 
+# argv[2] "transparent": bound with IP_TRANSPARENT (as a proxy of its own would be), so it may
+# answer for any address.
 SERVER = """
 import socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if sys.argv[2:] == ["transparent"]:
+    s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
 s.bind(("0.0.0.0", int(sys.argv[1])))
 s.listen(64)
 print("listening", flush=True)
@@ -179,9 +183,13 @@ def connect(lab: Lab, pod: str, ip: str, port: int, timeout: float = 3.0) -> str
     return out.stdout.strip()
 
 
-def serve(lab: Lab, pod: str, port: int) -> subprocess.Popen[str]:
-    """A server in ``pod`` answering ``server <peer ip>``; the caller kills it."""
-    proc = lab.popen(pod, "python3", "-c", SERVER, str(port), stdout=subprocess.PIPE, text=True)
+def serve(lab: Lab, pod: str, port: int, *, transparent: bool = False) -> subprocess.Popen[str]:
+    """A server in ``pod`` (or a node) answering ``server <peer ip>``; ``transparent``: bound
+    with ``IP_TRANSPARENT``. The caller kills it."""
+    extra = ("transparent",) if transparent else ()
+    proc = lab.popen(
+        pod, "python3", "-c", SERVER, str(port), *extra, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
     return proc
 

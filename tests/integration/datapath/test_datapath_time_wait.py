@@ -12,12 +12,10 @@ timed out (the kube API drill's 10 s hang, about once in 150 connections under l
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from agent.lab.handle import Lab
-from tests.integration.datapath.harness import NodeDatapath
+from tests.integration.datapath.harness import NodeDatapath, serve
 from tests.integration.datapath.harness import pod_ip as ip
 
 pytestmark = [pytest.mark.root, pytest.mark.lab, pytest.mark.usefixtures("servers")]
@@ -42,21 +40,6 @@ except OSError as e:
     print(s.getsockname()[1], "ERR", type(e).__name__)
 finally:
     s.close()
-"""
-# A node's own service on a port, bound transparently (as a proxy of its own would be): it may
-# answer for any address; answers "server <peer ip>".
-TRANSPARENT_SERVER = """
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(64)
-print("listening", flush=True)
-while True:
-    c, peer = s.accept()
-    c.sendall(("server %s\\n" % peer[0]).encode())
-    c.close()
 """
 # Well below TIME_WAIT's 60 s (the old behaviour's stall); the reconnect takes milliseconds.
 CONNECT_TIMEOUT = 20.0
@@ -116,12 +99,9 @@ def test_a_reused_tuple_never_reaches_a_service_of_the_node(
     transparent one, which can answer for the pod's address), the pod's SYN must not be handed
     to it, past the mesh."""
     plain, client = ip(dplab, "plain"), ip(dplab, "client")
-    node_service = dplab.popen(
-        "node1", "python3", "-c", TRANSPARENT_SERVER, "8080", stdout=subprocess.PIPE, text=True
-    )
+    # The node's own service on the port, transparent: it may answer for the pod's address.
+    node_service = serve(dplab, "node1", 8080, transparent=True)
     try:
-        assert node_service.stdout is not None
-        assert node_service.stdout.readline().strip() == "listening"
         used, first = _connect_from(dplab, "client", plain, 8080, 0)
         assert first == f"OUTBOUND {plain}:8080"
         assert _time_wait(dplab, "node1", f"{plain}:8080", f"{client}:{used}")

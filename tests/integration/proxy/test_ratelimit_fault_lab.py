@@ -19,6 +19,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 from urllib.request import urlopen
 
 import pytest
@@ -43,16 +44,22 @@ pytestmark = [pytest.mark.root, pytest.mark.lab]
 RATE_LIMITED = "nodemesh_rate_limited_requests_total"
 RPS, BURST = 20, 20
 
-LIMIT = {
-    "apiVersion": "nodemesh.io/v1alpha1",
-    "kind": "RateLimitPolicy",
-    "metadata": {"name": "web-limit", "namespace": "default"},
-    "spec": {
-        "targetRef": {"kind": "Service", "name": "web"},
-        "requestsPerSecond": RPS,
-        "burst": BURST,
-    },
-}
+
+def rate_limit_policy(rps: int, burst: int) -> dict[str, Any]:
+    """RateLimitPolicy ``web-limit`` on Service ``web``."""
+    return {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "RateLimitPolicy",
+        "metadata": {"name": "web-limit", "namespace": "default"},
+        "spec": {
+            "targetRef": {"kind": "Service", "name": "web"},
+            "requestsPerSecond": rps,
+            "burst": burst,
+        },
+    }
+
+
+LIMIT = rate_limit_policy(RPS, BURST)
 FAULT = {
     "apiVersion": "nodemesh.io/v1alpha1",
     "kind": "HTTPFault",

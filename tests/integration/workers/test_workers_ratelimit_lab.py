@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.lab.handle import Lab
 from agent.lab.netns import call_in
+from tests.integration.proxy.test_ratelimit_fault_lab import RATE_LIMITED, rate_limit_policy
 from tests.integration.traffic.test_traffic_lab import report
 from tests.integration.workers.test_workers_lab import HTTP_PORT, HTTP_SERVER
 from tests.labtools import mesh_lab, pod_servers, retry
@@ -33,16 +34,7 @@ from tests.labtools import mesh_lab, pod_servers, retry
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
 RPS, BURST, REQUESTS = 5, 10, 60
-LIMIT = {
-    "apiVersion": "nodemesh.io/v1alpha1",
-    "kind": "RateLimitPolicy",
-    "metadata": {"name": "web-limit", "namespace": "default"},
-    "spec": {
-        "targetRef": {"kind": "Service", "name": "web"},
-        "requestsPerSecond": RPS,
-        "burst": BURST,
-    },
-}
+LIMIT = rate_limit_policy(RPS, BURST)
 WEB = "web.default.svc.cluster.local"
 # In the outsider pod: one request per connection to argv[1]:argv[2]; prints the statuses and
 # the seconds from the first connect to the last response.
@@ -90,7 +82,7 @@ def rate_limited(lab: Lab) -> float:
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == "nodemesh_rate_limited_requests_total" and s.labels.get("service") == WEB
+        if s.name == RATE_LIMITED and s.labels.get("service") == WEB
     )
 
 

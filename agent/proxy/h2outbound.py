@@ -18,6 +18,9 @@ request's endpoint). The balancer learns each request's time to response headers
 (``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
 requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
 
+A request that reached a same-node endpoint is reported with ``reporter="destination"`` too
+(``same_node_destination``): no other proxy sees it.
+
 The shell is the destination's (``httpshell.CallbackShell`` and ``Outbox``): the client's socket
 is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
 they arrive (``_UpstreamSink``), and each side's writes go out at once, else queue behind its
@@ -80,7 +83,12 @@ from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import ServiceTarget
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot, Workload
-from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
+from agent.telemetry.records import (
+    OUTBOUND,
+    SECURITY_MTLS,
+    ConnectionRecord,
+    same_node_destination,
+)
 
 if TYPE_CHECKING:
     from agent.proxy.outbound import Outbound, Upstream
@@ -121,6 +129,7 @@ class H2SourceSession(CallbackShell):
         self.conn_id = 0
         self._upstreams: dict[int, Upstream] = {}
         self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
+        self._reached: set[Endpoint] = set()  # those whose upstream is (or was) open
         self._tasks: set[asyncio.Task[None]] = set()  # one per endpoint: opens, then reads
         self._to_client = Outbox(
             lambda data: try_send(client, data),
@@ -244,6 +253,7 @@ class H2SourceSession(CallbackShell):
         rec = replace(self.record)
         out.describe_route(snap, route, rec)
         self._routes[key] = rec
+        self._reached.discard(key)
         try:
             timeout = out.core.settings.connect_timeout
             upstream = await asyncio.wait_for(
@@ -256,6 +266,7 @@ class H2SourceSession(CallbackShell):
             self._moved()
             return
         self._upstreams[uid] = upstream
+        self._reached.add(key)
         self._to_upstream[uid] = _outbox(
             upstream, self._resume_client, lambda e: self._upstream_write_failed(uid, e)
         )
@@ -365,10 +376,19 @@ class H2SourceSession(CallbackShell):
     def _report(self) -> None:
         core = self.outbound.core
         for exchange in self.proxy.take_completed():
+            own = exchange.flags  # the source's own (DI) are added by ``_finish``
             self._finish(exchange)
-            core.registry.request_done(
-                self._request_connection(exchange), h2_request_record(exchange)
-            )
+            connection = self._request_connection(exchange)
+            record = h2_request_record(exchange)
+            core.registry.request_done(connection, record)
+            key = exchange.upstream
+            if connection.path == "local" and key in self._reached:
+                # No other proxy saw it: reported as its destination too.
+                assert isinstance(key, Endpoint)
+                if own != record.response_flags:
+                    record = replace(record, response_flags=own)
+                service = key.target.service.hostname()
+                core.registry.request_done(same_node_destination(connection, service), record)
         for cause in self.proxy.take_rejections():
             core.registry.http_rejected(cause, self.where)
         for copy in self.proxy.take_mirrors():

@@ -53,8 +53,10 @@ body is larger than the codec's replay limit is not copied (counted ``too_large`
 For a same-node endpoint this node is the only proxy on the path, so it authorizes each
 request against the endpoint's L7 policies (403 ``RBAC``, the connection keeps serving); the
 far node does that for HBONE sessions. Requests are reported with ``reporter="source"``
-(``Registry.request_done``), labelled with the endpoint that served them; the client
-connection's ``ConnectionRecord`` keeps the byte counts for the TCP metrics.
+(``Registry.request_done``), labelled with the endpoint that served them; one that reached a
+same-node endpoint is reported with ``reporter="destination"`` too, as that pod's proxy would
+have (``same_node_destination``), since no other proxy sees it. The client connection's
+``ConnectionRecord`` keeps the byte counts for the TCP metrics.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ from agent.telemetry.records import (
     SECURITY_MTLS,
     SECURITY_NONE,
     ConnectionRecord,
+    same_node_destination,
 )
 
 if TYPE_CHECKING:
@@ -276,6 +279,9 @@ class _Request:
     first_byte: float = 0.0
     deadline: float | None = None  # the route's request timeout, as a monotonic time
     backoff: float | None = None  # set when the request waits to be sent again
+    # The route of the try that reached its endpoint (attached, or answered by a same-node
+    # endpoint's policy): a same-node one makes this node the request's destination too.
+    reached: Route | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -883,7 +889,7 @@ class _ClientConnection:
         if backoff is None:
             return False
         self._disarm()
-        request.backoff, request.first_byte = backoff, 0.0
+        request.backoff, request.first_byte, request.reached = backoff, 0.0, None
         return True
 
     async def _wait_backoff(self, request: _Request) -> bool:
@@ -916,8 +922,9 @@ class _ClientConnection:
             return None
         route = out.resolver.endpoint_route(snap, self.source, plan.backend, ip)
         out.describe_route(snap, route, self.record)
-        request.route = route
+        request.route, request.reached = route, None
         if route.kind == "local" and not self._allowed_here(route, head):
+            request.reached = route  # refused as its destination would have
             self.codec.respond_locally(403, RBAC_DENIED, DENIED_BODY, request)
             return True
         # The CONNECT names the backend Service (the route's choice, or the dialled one), so
@@ -1015,6 +1022,7 @@ class _ClientConnection:
     def _attach(self, session: UpstreamSession, request: _Request) -> None:
         """Serve the pending request with ``session`` (its head goes out at the next flush)."""
         self.session = session
+        request.reached = request.route
         conn = session.conn
         if isinstance(conn, TunnelStream):
             self.record.security = SECURITY_MTLS
@@ -1189,6 +1197,13 @@ class _ClientConnection:
             if request.route.kind == "hbone":
                 labels.security = SECURITY_MTLS
         upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
-        self.core.registry.request_done(
-            labels, request_record(exchange, flags=flags, upstream=upstream)
-        )
+        record = request_record(exchange, flags=flags, upstream=upstream)
+        self.core.registry.request_done(labels, record)
+        reached = request.reached
+        if reached is not None and reached.kind == "local":
+            # No other proxy saw it: reported as its destination too (without the source's
+            # own flags, such as DI for a delay injected here).
+            if flags != exchange.flags:
+                record = replace(record, response_flags=exchange.flags)
+            service = reached.service.hostname() if reached.service is not None else ""
+            self.core.registry.request_done(same_node_destination(labels, service), record)

@@ -21,7 +21,7 @@ from h2.connection import H2Connection
 from h2.events import DataReceived, ResponseReceived, StreamEnded
 
 from agent.state import Endpoint, Service, ServicePort
-from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, free_port, mesh_test
+from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh, free_port, mesh_test
 from tests.integration.proxy.test_http_outbound_loopback import observe, requests_total
 
 pytestmark = pytest.mark.root
@@ -162,3 +162,51 @@ async def test_calls_to_an_open_endpoint_wake_no_task_of_the_session(mesh: Mesh)
         app.close()
     # A task per side woke at least once per call for the request and once for the answer.
     assert woken < calls, f"{woken} task wake-ups of the source session for {calls} calls"
+
+
+@mesh_test
+async def test_same_node_calls_are_reported_by_both_reporters_once(mesh: Mesh) -> None:
+    """gRPC calls over one client connection to a Service with an endpoint on each node:
+    node1 reports the calls that went to its own pod with ``reporter="destination"`` too (no
+    other proxy saw them), node2 those that went to its pod, and none is reported twice."""
+    port = free_port(SERVER)
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        endpoints = (Endpoint(SERVER), Endpoint(LOCAL))
+        tx.put_service(Service("front", "default", (VIP,), (grpc,), {"app": "server"}, endpoints))
+    source, destination = observe(mesh)
+    apps = [await asyncio.start_server(_grpc_app, ip, port) for ip in (SERVER, LOCAL)]
+    try:
+        reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        calls = 30
+        for _ in range(calls):
+            sid = conn.get_next_available_stream_id()
+            head = [(":method", "POST"), (":scheme", "http"), (":authority", "front"),
+                    (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
+                    ("te", "trailers")]  # fmt: skip
+            conn.send_headers(sid, head)
+            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+            writer.write(conn.data_to_send())
+            ended = False
+            while not ended:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, "the proxy closed the connection instead of answering the call"
+                for event in conn.receive_data(data):
+                    if isinstance(event, DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
+                writer.write(conn.data_to_send())
+        writer.close()
+    finally:
+        for app in apps:
+            app.close()
+    src, dst = requests_total(source), requests_total(destination)
+    assert src[("source", FRONT, "200", "-")] == calls
+    here, there = src[("destination", FRONT, "200", "-")], dst[("destination", FRONT, "200", "-")]
+    assert here, (here, there)  # the faster same-node endpoint served some (29-30 of 30)
+    assert here + there == calls
+    assert not [k for k in dst if k[0] == "source"]

@@ -28,6 +28,7 @@ from agent.state import Endpoint, PolicyObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
 from tests.integration.proxy.mesh import (
     CLIENT,
+    CLIENT_ID,
     LOCAL,
     SERVER,
     Mesh,
@@ -290,6 +291,76 @@ async def test_a_same_node_endpoint_is_authorized_per_request(mesh: Mesh) -> Non
     counts = requests_total(source)
     assert counts[("source", WEB, "403", "RBAC")] == 1
     assert counts[("source", WEB, "200", "-")] == 1
+
+
+def series(metrics: HttpMetrics, **match: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """``istio_requests_total`` series whose labels include ``match``: labels → value."""
+    family = next(iter(metrics.collect()))
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for s in family.samples
+        if match.items() <= s.labels.items()
+    }
+
+
+@mesh_test
+async def test_same_node_requests_are_reported_by_both_reporters_once(mesh: Mesh) -> None:
+    """A request to a pod on this node is seen by no other proxy: node1 reports it with
+    ``reporter="destination"`` too, labelled as a destination proxy labels it (the pod's
+    workload, the client's principal, the Service); one that went to node2 is reported there
+    only, not twice. A request refused by the same-node pod's policy is its destination's
+    report too; one whose endpoint cannot be reached is not (no destination saw it)."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER, LOCAL)
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no-admin", deny))
+    source, destination = observe(mesh)
+    answers: Counter[str] = Counter()
+    async with apps(port, SERVER, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        for i in range(30):
+            status, body = await client.request("POST" if i % 2 else "GET", f"/r{i}", b"x" * i)
+            assert status == 200
+            answers[body.decode()] += 1
+        assert answers[LOCAL] and answers[SERVER], answers
+        denied = 0
+        for _ in range(10):  # the DENY on /admin: only a same-node try is refused at node1
+            status, _body = await client.request("GET", "/admin")
+            denied += status == 403
+        client.writer.close()
+    assert denied, "no /admin request went to the same-node endpoint"
+    here = series(source, reporter="destination", response_code="200")
+    assert sum(here.values()) == answers[LOCAL]
+    (labels,) = (dict(k) for k in here)
+    assert labels["destination_workload"] == "local"
+    assert labels["destination_service"] == WEB
+    assert labels["source_workload"] == "client"
+    assert labels["source_principal"] == CLIENT_ID
+    assert labels["destination_principal"].endswith("/sa/local")
+    assert labels["connection_security_policy"] == "none"
+    assert labels["response_flags"] == "-"
+    assert requests_total(source)[("source", WEB, "200", "-")] == 30
+    # node2's requests: reported by node2 as their destination, never by node1.
+    assert (
+        sum(series(destination, reporter="destination", response_code="200").values())
+        == (answers[SERVER])
+    )
+    assert requests_total(source)[("destination", WEB, "403", "RBAC")] == denied
+    assert requests_total(destination)[("destination", WEB, "403", "RBAC")] == 10 - denied
+
+
+@mesh_test
+async def test_a_same_node_endpoint_that_cannot_be_reached_has_no_destination_report(
+    mesh: Mesh,
+) -> None:
+    add_services(mesh, free_port(LOCAL), LOCAL)  # nothing listens there
+    source, _ = observe(mesh)
+    client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+    assert (await client.request("GET", "/"))[0] == 503
+    client.writer.close()
+    counts = requests_total(source)
+    assert counts[("source", WEB, "503", "UF")] == 1
+    assert not [k for k in counts if k[0] == "destination"]
 
 
 @mesh_test

@@ -72,6 +72,7 @@ from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import RequestHead, Verdict
 from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
+from agent.proxy.httpidle import IdleTimer, closed
 from agent.proxy.httpshell import (
     HEADER_TIMEOUT,
     READ_SIZE,
@@ -140,6 +141,7 @@ class H2SourceSession(CallbackShell):
         self._to_upstream: dict[int, Outbox] = {}
         self._timer: asyncio.TimerHandle | None = None  # the soonest timeout or retry
         self._timer_at: float | None = None
+        self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
 
     def _pick(self, request: PickRequest) -> Choice | LocalAnswer:
         """Route the request (``h2route``: routes, weighted backend, traffic control)."""
@@ -198,6 +200,7 @@ class H2SourceSession(CallbackShell):
             self._report()
             if self._timer is not None:
                 self._timer.cancel()
+            self._idle.cancel()
             self._head.cancel()
             self._to_client.cancel()
             for box in self._to_upstream.values():
@@ -345,6 +348,10 @@ class H2SourceSession(CallbackShell):
             self._to_client.send(data)
         self._report()
         self._arm()
+        if proxy.active_streams or proxy.head_started is not None:
+            self._idle.busy()
+        elif self._idle.since is None and not proxy.closing:
+            self._idle.idle(self._idle_timeout())
         started = proxy.head_started
         if started != self._head.started and not proxy.closing:
             self._head.time(started)
@@ -373,9 +380,25 @@ class H2SourceSession(CallbackShell):
         self.proxy.expire()
         self._moved()
 
+    def _idle_timeout(self) -> float | None:
+        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy, now)."""
+        traffic = self.outbound.http.router.traffic
+        traffic.update(self.outbound.core.snapshot())
+        return traffic.config_for(self.target.service.key).idle_timeout
+
+    def _idle_expired(self) -> None:
+        """No stream for the Service's idle timeout: GOAWAY, then closed (``_moved`` ends the
+        session once the GOAWAY is written), unless a write to the client still waits."""
+        if self._to_client.busy:
+            self._idle.again()
+        elif self.proxy.idle_close():
+            closed(self.outbound.core.registry, self._idle.timeout, self.where)
+            self._moved()
+
     def _report(self) -> None:
         core = self.outbound.core
         for exchange in self.proxy.take_completed():
+            self._idle.busy()  # a request came and went: the idle period starts again
             own = exchange.flags  # the source's own (DI) are added by ``_finish``
             self._finish(exchange)
             connection = self._request_connection(exchange)

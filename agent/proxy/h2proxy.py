@@ -645,6 +645,16 @@ class H2Proxy:
             self._goaway_client()
         self._check_done()
 
+    def idle_close(self) -> bool:
+        """The shell's idle timeout (the Service's ``idleTimeout``): with no stream open nor
+        begun, GOAWAY (no error, the last stream taken) and close; False, and nothing done,
+        while one is."""
+        if self._streams or self.head_started is not None or self.closing:
+            return False
+        self._goaway_client()
+        self._check_done()
+        return True
+
     # -- client events -----------------------------------------------------------------------
     def _client_event(self, event: Event) -> None:
         if isinstance(event, RequestReceived):

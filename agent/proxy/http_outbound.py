@@ -96,6 +96,7 @@ from agent.proxy.http_router import (
     LocalResponse,
     RoutePlan,
 )
+from agent.proxy.httpidle import IdleTimer, closed
 from agent.proxy.httpshell import HEADER_TIMEOUT, READ_SIZE, HeadTimer, try_send
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
@@ -478,6 +479,7 @@ class _ClientConnection:
         self._loop = asyncio.get_running_loop()  # (each get_running_loop() costs a getpid())
         self._watching = False
         self._head = HeadTimer(self._loop, HEADER_TIMEOUT, self._head_late)
+        self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
         # A request the reader's callback routed but could not send without waiting: the
         # task resumes it (``_dispatch``): its admission (delay, queue) when ``opening`` is
         # None, else the connect to the endpoint it chose.
@@ -503,6 +505,7 @@ class _ClientConnection:
                 raise ConnectionResetError("the client went away")
         finally:
             self._disarm()
+            self._idle.cancel()
             reader, session = self.reader, self.session
             for task in [*self._later, *([reader] if reader is not None else [])]:
                 task.cancel()
@@ -531,6 +534,7 @@ class _ClientConnection:
             if data is None:
                 continue
             self.record.bytes_sent += len(data)
+            self._idle.busy()
             codec.receive_client(data)
             await self._flush()
 
@@ -566,6 +570,8 @@ class _ClientConnection:
             waiter.set_result(None)
         elif codec.wants_client_data():
             self._watch()
+            if self._idle.since is None and codec.between_requests:
+                self._idle.idle(self._idle_timeout())
         else:
             self._head.time(None)
 
@@ -604,6 +610,7 @@ class _ClientConnection:
             waiter.set_result(data)
             return
         self.record.bytes_sent += len(data)
+        self._idle.busy()
         try:
             codec.receive_client(data)
             if codec.pending is not None and not (codec.closing or codec.tunnel):
@@ -616,6 +623,25 @@ class _ClientConnection:
             log.exception("%s: HTTP client bytes could not be handled", self.record.source)
             codec.closing = True
             self._changed()
+
+    def _idle_timeout(self) -> float | None:
+        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy, now)."""
+        traffic = self.owner.router.traffic
+        traffic.update(self.core.snapshot())
+        return traffic.config_for(self.target.service.key).idle_timeout
+
+    def _idle_expired(self) -> None:
+        """No request for the Service's idle timeout: close the keep-alive connection (the
+        task ends it, cleanly), unless a write to the client still waits."""
+        codec = self.codec
+        if not codec.between_requests:
+            return  # a request began: ``_changed`` times the next idle period
+        if self._writing():
+            self._idle.again()
+            return
+        closed(self.core.registry, self._idle.timeout, f"{self.record.source} -> {self.service}")
+        codec.closing = True
+        self._changed()
 
     def _head_late(self) -> None:
         waiter = self._waiter

@@ -16,6 +16,7 @@ import struct
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -36,6 +37,7 @@ from tests.integration.proxy.mesh import (
     mesh_test,
     set_policies,
 )
+from tests.workloads import workload
 
 pytestmark = pytest.mark.root
 
@@ -413,3 +415,34 @@ async def test_pipelined_requests_are_answered_in_order_whenever_they_arrive(mes
         client = Client(reader, writer)
         assert await client.request("GET", "/4") == (200, SERVER.encode())  # and it goes on
         writer.close()
+
+
+@mesh_test
+async def test_a_same_node_pod_port_declared_http_is_served_per_request(mesh: Mesh) -> None:
+    """``client`` addresses the ``local`` pod (same node) directly on a port its annotation
+    declares HTTP: node1 is its only proxy, so it authorizes each request (a DENY on POST
+    refuses the POST and not the connection: evaluated at connect, it refused every
+    request) and reports each once per reporter; the record is left out of the TCP metrics."""
+    port = free_port(LOCAL)
+    with mesh.store.update() as tx:
+        tx.put_workload(
+            replace(workload("local", "node1", LOCAL, app="local"), http_ports=frozenset({port}))
+        )
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no-posts", deny))
+    source, _ = observe(mesh)
+    async with apps(port, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (LOCAL, port)))
+        assert await client.request("POST", "/orders", b"payload") == (403, b"RBAC: access denied")
+        for i in range(5):
+            assert await client.request("GET", f"/orders/{i}") == (200, LOCAL.encode())
+        client.writer.close()
+    for reporter in ("source", "destination"):
+        ok = series(source, reporter=reporter, response_code="200")
+        assert sum(ok.values()) == 5, (reporter, ok)
+        (labels,) = (dict(k) for k in ok)
+        assert labels["destination_workload"] == "local"
+        assert labels["source_principal"] == CLIENT_ID
+        assert labels["destination_principal"].endswith("/sa/local")
+        denied = series(source, reporter=reporter, response_code="403", response_flags="RBAC")
+        assert sum(denied.values()) == 1, (reporter, denied)

@@ -8,9 +8,11 @@ rule on paths or methods never matches and a DENY rule on them refuses the whole
 no request was reported by either reporter. Now the node does what the destination node would:
 the destination's HTTP session (``HttpSession`` for HTTP/1.1, ``H2Session`` for HTTP/2 and gRPC)
 serves the client's socket, authorizes and rate-limits each request, and each request is
-reported by both reporters once: ``source`` on the connection's record, as the source's HTTP
-path reports (so the record is left out of the TCP metrics, like that path's), and
-``destination`` on the record the destination would hold (``same_node_destination``).
+reported by both reporters once: ``source`` on the client's outbound record, as the source's
+HTTP path reports, and ``destination`` on the record the destination would hold
+(``same_node_destination``). That one is the connection's registered record, so the TCP
+metrics count the connection as the far node counts a parsed one (``reporter="destination"``;
+the source's HTTP connections are left out of them), and the central view keeps its edge.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ async def serve_same_node_http(
     assert route.target is not None
     src_ip = record.source.rsplit(":", 1)[0]
     where = f"{record.source} -> {record.destination} (same node)"
-    # Before it is registered: the TCP metrics leave out a connection reported per request.
     record.protocol = "http/1.1" if protocol == HTTP else "http/2"
-    conn_id = core.registry.add(record, cancel_current_task())
+    served = same_node_destination(record, "")  # no CONNECT names a Service for a pod IP
+    conn_id = record.id = core.registry.add(served, cancel_current_task())
     clean = False
     try:
         if route.port in core.settings.proxy_ports:
@@ -65,7 +67,7 @@ async def serve_same_node_http(
             # is authorized by the session (``request_verdict``), as at the destination.
             request = Request(src_ip, route.ip, route.port, record.source_identity)
             kind = HttpSession if protocol == HTTP else H2Session
-            session = kind(core, SocketDownstream(client), upstream, record, request, route.target)
+            session = kind(core, SocketDownstream(client), upstream, served, request, route.target)
             session.report = _both_reporters(outbound, record)
             await session.serve()
             clean = True
@@ -82,15 +84,14 @@ async def serve_same_node_http(
 
 
 def _both_reporters(
-    outbound: Outbound, record: ConnectionRecord
+    outbound: Outbound, sent: ConnectionRecord
 ) -> Callable[[ConnectionRecord, RequestRecord], None]:
-    """Report a request on ``record`` (the source's) and as its destination would."""
+    """The session's ``report``: a request on ``sent`` (the source's record), then on the
+    session's own (the destination's)."""
     request_done = outbound.core.registry.request_done
-    # The Service label: the destination's own choice (no CONNECT names one for a pod IP).
-    twin = same_node_destination(record, "")
 
     def report(connection: ConnectionRecord, request: RequestRecord) -> None:
+        request_done(sent, request)
         request_done(connection, request)
-        request_done(twin, request)
 
     return report

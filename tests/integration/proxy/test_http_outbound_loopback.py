@@ -27,6 +27,7 @@ from agent.proxy import http_outbound
 from agent.proxy.http_outbound import HttpOutbound
 from agent.state import Endpoint, PolicyObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
+from agent.telemetry.tcp import TcpMetrics
 from tests.integration.proxy.mesh import (
     CLIENT,
     CLIENT_ID,
@@ -422,7 +423,8 @@ async def test_a_same_node_pod_port_declared_http_is_served_per_request(mesh: Me
     """``client`` addresses the ``local`` pod (same node) directly on a port its annotation
     declares HTTP: node1 is its only proxy, so it authorizes each request (a DENY on POST
     refuses the POST and not the connection: evaluated at connect, it refused every
-    request) and reports each once per reporter; the record is left out of the TCP metrics."""
+    request) and reports each once per reporter. The connection is in the TCP metrics as its
+    destination's (``reporter="destination"``), as a parsed connection is at the far node."""
     port = free_port(LOCAL)
     with mesh.store.update() as tx:
         tx.put_workload(
@@ -431,12 +433,25 @@ async def test_a_same_node_pod_port_declared_http_is_served_per_request(mesh: Me
     deny = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}
     set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no-posts", deny))
     source, _ = observe(mesh)
+    tcp = TcpMetrics(mesh.store, access_log=False)
+    mesh.node1.core.registry.observers.append(tcp)
     async with apps(port, LOCAL):
         client = Client(*await mesh.connect(CLIENT, (LOCAL, port)))
         assert await client.request("POST", "/orders", b"payload") == (403, b"RBAC: access denied")
         for i in range(5):
             assert await client.request("GET", f"/orders/{i}") == (200, LOCAL.encode())
         client.writer.close()
+        for _ in range(1000):  # the proxy sees the client's end
+            if not len(mesh.node1.core.registry):
+                break
+            await asyncio.sleep(0.01)
+    closed = {
+        (s.labels["reporter"], s.labels["destination_workload"]): s.value
+        for family in tcp.collect()
+        if family.name == "istio_tcp_connections_closed"
+        for s in family.samples
+    }
+    assert closed == {("destination", "local"): 1}
     for reporter in ("source", "destination"):
         ok = series(source, reporter=reporter, response_code="200")
         assert sum(ok.values()) == 5, (reporter, ok)

@@ -41,8 +41,9 @@ task that outlives the client connection): an endpoint by the mirror Service's o
 control, a fresh tunnel, ``h2mirror.MirrorCall`` on it, the response dropped, only
 ``nodemesh_http_mirrored_total`` counting the outcome.
 
-Not here (yet): the TrafficPolicy's retries on these ports; a same-node endpoint is reached
-like a pod addressed directly (L4 policy at connect).
+Not here (yet): the TrafficPolicy's retries on these ports; a same-node endpoint's L7 policy
+per request (it is evaluated at connect, as L4 policy; HTTP/1.1 and a same-node pod port
+declared HTTP/2 evaluate it per request).
 """
 
 from __future__ import annotations

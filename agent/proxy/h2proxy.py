@@ -586,7 +586,7 @@ class H2Proxy:
         if choice is None:
             return False
         assert s.replay_head is not None and s.replay_body is not None
-        self._reset_upstream(s)
+        # Nothing to reset upstream: the stream was never opened, refused, or above a GOAWAY.
         self._discard_request(s)
         self._release_response(s)
         s.upstream.streams.pop(s.upstream_id, None)

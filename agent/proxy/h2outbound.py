@@ -423,7 +423,7 @@ class H2SourceSession(CallbackShell):
     def _finish(self, exchange: H2Exchange) -> None:
         plan = exchange.tag
         if isinstance(plan, RoutePlan):
-            reset = exchange.flags in ("UC", "UR", "UF") and not exchange.first_byte
+            reset = exchange.flags in ("UC", "UR") and not exchange.first_byte
             plan.finish(exchange.status, exchange.first_byte, reset_before_response=reset)
             exchange.flags = plan.flags(exchange.flags)  # DI for an injected delay
 

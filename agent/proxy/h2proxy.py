@@ -697,8 +697,8 @@ class H2Proxy:
         """Upstream ``uid`` could not be opened (``cause``: a TrafficPolicy ``retryOn`` value):
         none of its requests reached the endpoint, so each is sent again where its ``resend``
         says, else answered 503 ``UF`` (gRPC ``UNAVAILABLE``) or retried by its ``retries`` as
-        after a lost upstream. True if a request was not sent again (the failure is the
-        client's to see: the shell counts it)."""
+        after a lost upstream. True if any of them was not sent again at once (the shell then
+        counts the failure, as the last failed attempt of a connection is counted)."""
         u = self._upstreams.get(uid)
         if u is None:
             return False

@@ -215,7 +215,7 @@ class ServiceRetries:
         if not replayable or not attempts.may_retry(cause):
             return None
         ip = attempts.next_endpoint()
-        if ip is None:  # every endpoint tried: the last failure is the answer
+        if ip is None:  # the Service has no endpoint left: this failure is the answer
             return LocalAnswer(503, UPSTREAM_CONNECT_FAILURE, BODIES[UPSTREAM_CONNECT_FAILURE])
         attempts.connected(ip)
         return Choice(_endpoint(self.plan, ip), self.plan)

@@ -9,13 +9,15 @@ Calls to an endpoint over HBONE: the source shell is driven by callbacks, so onc
 tunnel is open a call wakes none of the session's tasks (counted by a task factory).
 
 A Service with two endpoints, one of which cannot be reached (nothing listens: node2 answers the
-tunnel 503, or the same-node pod refuses the TCP connection): the calls that waited for its
-tunnel go to the other endpoint, by the Service's TrafficPolicy retries, and every call succeeds.
+tunnel 503, or the same-node pod refuses the TCP connection; or its connect hangs, its listen
+queue full, past the Service's ``perTryTimeout``): the calls that waited for its tunnel go to the
+other endpoint, by the Service's TrafficPolicy retries, and every call succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Coroutine, Generator
 from typing import Any
 
@@ -209,10 +211,54 @@ async def test_calls_to_a_same_node_endpoint_that_refuses_go_to_the_other(mesh: 
     await _one_unreachable(mesh, LOCAL)
 
 
-async def _one_unreachable(mesh: Mesh, down: str) -> None:
-    """Twenty calls, five at a time, to ``front`` whose endpoint ``down`` refuses: all OK."""
+@mesh_test
+async def test_calls_to_an_endpoint_whose_connect_hangs_go_to_the_other_after_a_try(
+    mesh: Mesh,
+) -> None:
+    port = free_port(LOCAL)
+    with socket.socket() as hanging:
+        hanging.bind((LOCAL, port))
+        hanging.listen(0)
+        held = _fill_listen_queue((LOCAL, port))
+        try:
+            # The try's time, not the whole connect timeout (the mesh's 2 s, which would leave
+            # no time for a retry): only perTryTimeout lets the call reach the other endpoint.
+            retries = {"perTryTimeout": "300ms"}
+            pool = {"connectTimeout": "2s"}
+            await _one_unreachable(mesh, LOCAL, port, "connect-failure", retries=retries,
+                                   connectionPool=pool)  # fmt: skip
+        finally:
+            for s in held:
+                s.close()
+
+
+def _fill_listen_queue(address: tuple[str, int]) -> list[socket.socket]:
+    """Connect to ``address`` (a socket that never accepts) until its queue is full: a further
+    SYN is dropped, so a connect hangs. Returns the connections that filled it."""
+    held = []
+    for _ in range(64):
+        s = socket.socket()
+        s.settimeout(0.3)
+        try:
+            s.connect(address)
+        except TimeoutError:
+            s.close()
+            return held
+        held.append(s)
+    raise AssertionError(f"{address} accepted 64 connections without accept(): no full queue")
+
+
+async def _one_unreachable(
+    mesh: Mesh,
+    down: str,
+    port: int | None = None,
+    cause: str = "refused",
+    **policy: dict[str, object],
+) -> None:
+    """Twenty calls, five at a time, to ``front`` whose endpoint ``down`` fails (``cause``):
+    all OK."""
     up = LOCAL if down == SERVER else SERVER
-    port = free_port(up)
+    port = port or free_port(up)
     with mesh.store.update() as tx:
         grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
         endpoints = (Endpoint(SERVER), Endpoint(LOCAL))
@@ -220,7 +266,7 @@ async def _one_unreachable(mesh: Mesh, down: str) -> None:
         # Round robin, and no ejection: the unreachable endpoint keeps being chosen.
         spec = {"targetRef": {"kind": "Service", "name": "front"},
                 "loadBalancer": {"type": "ROUND_ROBIN"},
-                "outlierDetection": {"consecutiveFailures": 1000}}  # fmt: skip
+                "outlierDetection": {"consecutiveFailures": 1000}, **policy}  # fmt: skip
         tx.put_policy(traffic_policy(spec))
     source, _ = observe(mesh)
     app = await asyncio.start_server(_grpc_app, up, port)
@@ -237,7 +283,7 @@ async def _one_unreachable(mesh: Mesh, down: str) -> None:
     front = snap.services[("default", "front")]
     traffic = mesh.node1.outbound.balanced.traffic.service(snap, front)
     assert traffic.counters["retries"] >= 1  # at least the calls that waited for one tunnel
-    assert traffic.counters["retries"] == traffic.counters["failed_refused"]
+    assert traffic.counters["retries"] == traffic.counters[f"failed_{cause}"]
     assert (traffic.active, traffic.pending) == (0, 0)
     assert requests_total(source) == {("source", FRONT, "200", "-"): 20}
     rejections = mesh.node1.core.registry.rejections

@@ -15,8 +15,12 @@ The destination node's inbound HTTP/2 layer then authorizes and reports each req
 
 Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
 request's endpoint). The balancer learns each request's time to response headers
-(``Attempts.finish(first_byte_at=...)``); an endpoint whose tunnel cannot be opened fails the
-requests sent to it (503 / UNAVAILABLE: the client may retry) and counts against it.
+(``Attempts.finish(first_byte_at=...)``). An endpoint whose tunnel cannot be opened (within
+the try's ``perTryTimeout``) counts against it with its cause (``balanced.classify``), and the
+requests that waited for it go to another endpoint as the backend Service's TrafficPolicy
+``retries`` allow (``h2route.ServiceRetries``; a pod's REFUSED_STREAM likewise), else are
+answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure then counted as a rejection, as the
+last attempt's failure of a connection is).
 
 A request that reached a same-node endpoint is reported with ``reporter="destination"`` too
 (``same_node_destination``): no other proxy sees it.
@@ -41,9 +45,8 @@ task that outlives the client connection): an endpoint by the mirror Service's o
 control, a fresh tunnel, ``h2mirror.MirrorCall`` on it, the response dropped, only
 ``nodemesh_http_mirrored_total`` counting the outcome.
 
-Not here (yet): the TrafficPolicy's retries on these ports; a same-node endpoint's L7 policy
-per request (it is evaluated at connect, as L4 policy; HTTP/1.1 and a same-node pod port
-declared HTTP/2 evaluate it per request).
+Not here (yet): a same-node endpoint's L7 policy per request (it is evaluated at connect, as
+L4 policy; HTTP/1.1 and a same-node pod port declared HTTP/2 evaluate it per request).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from agent.proxy import sockets
+from agent.proxy.balanced import classify
 from agent.proxy.h2inbound import h2_request_record
 from agent.proxy.h2mirror import MirrorCall
 from agent.proxy.h2proxy import (
@@ -259,14 +263,19 @@ class H2SourceSession(CallbackShell):
         self._routes[key] = rec
         self._reached.discard(key)
         try:
-            timeout = out.core.settings.connect_timeout
+            timeout = key.connect_timeout or out.core.settings.connect_timeout
             upstream = await asyncio.wait_for(
                 out.open(route, rec, self.src_ip, self.conn_id), timeout
             )
         except (OSError, TunnelError, Refused) as e:
-            if not isinstance(e, Refused):
+            cause = None if isinstance(e, Refused) else classify(e)
+            if cause is None:  # not the endpoint's failure: its requests end UC
+                if not isinstance(e, Refused):
+                    out.count_failure(e, route, rec)
+                proxy.upstream_failed(uid)
+            elif proxy.upstream_unreachable(uid, cause):  # some were not sent elsewhere
                 out.count_failure(e, route, rec)
-            proxy.upstream_failed(uid)  # its requests end UC: counted against ip at finish
+            log.debug("%s: cannot open %s: %r", self.where, key, e)
             self._moved()
             return
         self._upstreams[uid] = upstream

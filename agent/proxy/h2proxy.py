@@ -41,6 +41,11 @@ proxy then keeps the request's head and body (up to ``max_replay_body``) and, wh
 the response reached the client, asks them after a response head, a reset or a lost upstream;
 a retried request waits its backoff on the same timer and is sent again where ``next`` says,
 and a request the choice delays (an injected fault) waits on it too before its head goes out.
+A choice's ``Resend`` (the backend Service's TrafficPolicy retries) is asked first, with no
+backoff, about a try the endpoint never processed (RFC 9113 8.7): its upstream could not be
+opened (``upstream_unreachable``), the pod refused the stream (REFUSED_STREAM), or its stream
+was above the pod's GOAWAY; it is sent again at once while nothing of the response reached the
+client and the proxy still holds all of its body that went upstream.
 
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
@@ -79,6 +84,7 @@ from h2.exceptions import FrameTooLargeError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes, Settings
 from hpack import NeverIndexedHeaderTuple
 
+from agent.policy.traffic.attempts import REFUSED
 from agent.proxy.h2guard import HeaderBlockGuard
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2wire import GracefulH2Connection, plain_literals
@@ -106,6 +112,7 @@ PROTOCOL_ERROR = "h2_protocol_error"
 HEADER_TIMEOUT = "h2_header_timeout"  # a header block not finished in time (slowloris)
 
 UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
+UPSTREAM_CONNECT_FAILURE = "UF"  # Envoy's flag: the upstream could not be connected
 UPSTREAM_OVERFLOW = "UO"  # Envoy's flag: over the upstream's limit (its concurrent streams)
 NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
 
@@ -204,6 +211,18 @@ class Retries(Protocol):
         ...
 
 
+class Resend(Protocol):
+    """A request's retry of a try its endpoint never processed, asked by ``H2Proxy`` before
+    any ``Retries``: the upstream could not be opened, or refused the stream (``cause``: a
+    TrafficPolicy ``retryOn`` value, ``REFUSED`` for a refused stream)."""
+
+    def unprocessed(self, cause: str, *, replayable: bool) -> Choice | LocalAnswer | None:
+        """The try failed for ``cause``; ``replayable``: the proxy holds all of the request it
+        sent. The upstream for another try now, how to answer the request (no endpoint left),
+        or None (not retried: the failure goes on as without a ``Resend``)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Choice:
     """Where one request goes (``Pick``): ``key`` names the upstream (an endpoint), ``tag`` is
@@ -223,6 +242,7 @@ class Choice:
     retries: Retries | None = None
     try_timeout: float | None = None
     delay: float = 0.0
+    resend: Resend | None = None  # a try the endpoint never processed, sent again at once
     mirror: bool = False  # hand a copy of the complete request to the shell (``take_mirrors``)
     # Waiting for a slot of the backend's limit (``key`` unknown yet): held like a delayed
     # request until the shell calls ``unpark`` with the upstream or an answer.
@@ -298,6 +318,7 @@ class _Stream:
     edit_response: HeaderEdit | None = None
     deadline: float | None = None  # clock time the request's timeout expires
     retries: Retries | None = None
+    resend: Resend | None = None
     replay_head: list[Header] | None = None  # what was sent, to send again
     replay_body: list[bytes] | None = field(default_factory=list)  # None: over the limit
     replay_size: int = 0
@@ -313,7 +334,7 @@ class _Stream:
     @property
     def keeps_request(self) -> bool:
         """Are the head and body kept (to send again, or to copy)?"""
-        return self.retries is not None or self.mirror
+        return self.retries is not None or self.resend is not None or self.mirror
 
 
 def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
@@ -555,6 +576,33 @@ class H2Proxy:
         self._pump()
         self._check_done()
 
+    def _resent(self, s: _Stream, cause: str) -> bool:
+        """The try of ``s`` was never processed by its endpoint (``cause``): if its ``resend``
+        says so, send it again at once (answered instead when no endpoint is left)."""
+        if s.resend is None or s.response_started or s.upstream is None:
+            return False
+        replayable = s.replay_head is not None and s.replay_body is not None
+        choice = s.resend.unprocessed(cause, replayable=replayable)
+        if choice is None:
+            return False
+        assert s.replay_head is not None and s.replay_body is not None
+        # Nothing to reset upstream: the stream was never opened, refused, or above a GOAWAY.
+        self._discard_request(s)
+        self._release_response(s)
+        s.upstream.streams.pop(s.upstream_id, None)
+        s.upstream, s.upstream_id, s.request_sent, s.try_deadline = None, 0, False, None
+        ex = s.exchange
+        if isinstance(choice, LocalAnswer):
+            ex.flags = choice.flags
+            self._answer(s, choice.status, grpc_status_for(choice.status), choice.message)
+            return True
+        ex.upstream = choice.key
+        # All of the body received so far goes again (its window was acknowledged already);
+        # what the client sends from now on follows it.
+        s.to_upstream.extend((chunk, 0) for chunk in s.replay_body)
+        self._send_head(s, self._upstream_for(choice.key), s.replay_head)
+        return True
+
     def _retried(self, s: _Stream, status: int | None) -> bool:
         """The try of ``s`` ended with ``status`` (None: no response head) before anything
         reached the client: if its ``retries`` say so, drop the try and wait to send again."""
@@ -654,6 +702,26 @@ class H2Proxy:
         self._goaway_client()
         self._check_done()
         return True
+
+    def upstream_unreachable(self, uid: int, cause: str) -> bool:
+        """Upstream ``uid`` could not be opened (``cause``: a TrafficPolicy ``retryOn`` value):
+        none of its requests reached the endpoint, so each is sent again where its ``resend``
+        says, else answered 503 ``UF`` (gRPC ``UNAVAILABLE``) or retried by its ``retries`` as
+        after a lost upstream. True if any of them was not sent again at once (the shell then
+        counts the failure, as the last failed attempt of a connection is counted)."""
+        u = self._upstreams.get(uid)
+        if u is None:
+            return False
+        self._retire(u)
+        self._upstreams.pop(uid, None)
+        failed = False
+        for s in list(u.streams.values()):
+            if not self._resent(s, cause):
+                failed = True
+                self._upstream_lost(s, UPSTREAM_CONNECT_FAILURE)
+        self._pump()
+        self._check_done()
+        return failed
 
     # -- client events -----------------------------------------------------------------------
     def _client_event(self, event: Event) -> None:
@@ -772,7 +840,7 @@ class H2Proxy:
             return None
         ex.upstream, ex.tag = choice.key, choice.tag
         s.edit_request, s.edit_response = choice.edit_request, choice.edit_response
-        s.retries, s.try_timeout = choice.retries, choice.try_timeout
+        s.retries, s.try_timeout, s.resend = choice.retries, choice.try_timeout, choice.resend
         s.mirror = choice.mirror
         now = self.clock()
         if choice.timeout is not None:
@@ -849,7 +917,9 @@ class H2Proxy:
             self._retire(u)
             last = event.last_stream_id or 0
             for lost in [x for x in u.streams.values() if x.upstream_id > last]:
-                self._upstream_lost(lost, UPSTREAM_CLOSED)  # never processed: safe to answer
+                # never processed (RFC 9113 8.7): safe to send elsewhere, or to answer
+                if not self._resent(lost, REFUSED):
+                    self._upstream_lost(lost, UPSTREAM_CLOSED)
             if self.pick is None:
                 self._goaway_client()
             return
@@ -894,9 +964,12 @@ class H2Proxy:
         elif isinstance(event, StreamEnded):
             s.response_end = True
         elif isinstance(event, StreamReset):
+            refused = event.error_code == ErrorCodes.REFUSED_STREAM
+            if refused and self._resent(s, REFUSED):
+                return
             if self._retried(s, None):
                 return
-            if not s.response_started and event.error_code == ErrorCodes.REFUSED_STREAM:
+            if not s.response_started and refused:
                 self._refuse(s, UPSTREAM_RESET)  # the pod never processed it: safe to retry
                 return
             self._upstream_lost(s, UPSTREAM_RESET)
@@ -912,7 +985,8 @@ class H2Proxy:
         if not s.response_started:
             self._release_response(s)
             s.upstream, s.upstream_id = None, 0
-            self._answer(s, 502, GRPC_UNAVAILABLE, b"upstream connect error or disconnect/reset")
+            status = 503 if flag == UPSTREAM_CONNECT_FAILURE else 502  # as Envoy answers them
+            self._answer(s, status, GRPC_UNAVAILABLE, b"upstream connect error or disconnect/reset")
             return
         self._release_response(s)
         self._reset_client(s, ErrorCodes.INTERNAL_ERROR)

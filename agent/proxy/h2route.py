@@ -31,6 +31,23 @@ client: after a response head whose status is in ``codes`` (a gRPC call's traile
 upstream before the response, or its ``backendRequest`` (per-try) timeout expired; the next
 try goes to another endpoint after the backoff.
 
+The backend Service's TrafficPolicy ``retries`` (``ServiceRetries``, every choice's
+``resend``) take a try its endpoint never processed, before the rule's ``retry`` and with no
+backoff, as the HTTP/1.1 path retries a failed connect: its tunnel could not be opened
+(``connect-failure``: a timeout, an unreachable node, a failed tunnel; ``refused``: an HBONE
+503, or a same-node TCP refusal), or the pod refused its stream or left it above its GOAWAY
+(``refused``, RFC 9113 8.7: not processed, so safe). Each failure is counted against its
+endpoint with its cause (``Attempts.failed``: balancer, outlier detection,
+``nodemesh_service_connect_failures_total``), and the retry is the L4 path's decision
+(``Attempts.may_retry``: ``retryOn``, ``attempts``, the connect deadline, the retry budget;
+counted in ``nodemesh_service_retries_total``). A try's tunnel waits at most its
+``perTryTimeout`` (``Endpoint.connect_timeout``). ``reset-before-data`` is never a reason to
+send a request again (as on HTTP/1.1: the pod may have processed it); such a reset is counted
+against the endpoint when the request ends, and the rule's ``retry`` may still take it.
+When the TrafficPolicy does not retry, the rule's ``retry`` is asked as after any reset (an
+HTTP/1.1 request never reaches its rule's retry for a failed connect: there it is answered 503
+``UF`` at once).
+
 An injected delay (the rule's HTTPFault, flag ``DI``, and the TrafficPolicy's) is
 ``Choice.delay``: ``H2Proxy`` holds the request; the route's ``timeouts.request`` starts after
 it, a call's ``grpc-timeout`` at once.
@@ -49,6 +66,7 @@ from agent.proxy.h2proxy import Choice, Header, HeaderEdit, LocalAnswer, PickReq
 from agent.proxy.http_router import (
     BODIES,
     NO_HEALTHY_UPSTREAM,
+    UPSTREAM_CONNECT_FAILURE,
     Headers,
     HttpRouter,
     LocalResponse,
@@ -70,6 +88,8 @@ class Endpoint:
     port: int
     ip: str
     target: ServiceTarget = field(compare=False, hash=False)
+    # Seconds the tunnel may take to open: the per-try timeout of the try that chose it.
+    connect_timeout: float | None = field(default=None, compare=False, hash=False)
 
     def __str__(self) -> str:
         return f"{self.service[0]}/{self.service[1]}:{self.port}@{self.ip}"
@@ -131,6 +151,7 @@ def route_request(
         retries=PlanRetries(plan) if plan.retry is not None else None,
         try_timeout=plan.try_timeout,
         delay=plan.injected_delay,
+        resend=ServiceRetries(plan),
         mirror=bool(plan.mirrors),
         parked=plan.attempts.queued,
     )
@@ -143,12 +164,17 @@ def admitted(plan: RoutePlan) -> Endpoint | LocalAnswer:
     if ip is None:
         return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
     plan.attempts.connected(ip)  # a request is "connected" once it is sent on an upstream
-    return _endpoint(plan.backend, ip)
+    return _endpoint(plan, ip)
 
 
-def _endpoint(backend: ServiceTarget, ip: str) -> Endpoint:
+def _endpoint(plan: RoutePlan, ip: str) -> Endpoint:
+    backend = plan.backend
     return Endpoint(
-        (backend.service.namespace, backend.service.name), backend.port.port, ip, backend
+        (backend.service.namespace, backend.service.name),
+        backend.port.port,
+        ip,
+        backend,
+        plan.attempts.try_timeout(),
     )
 
 
@@ -170,7 +196,29 @@ class PlanRetries:
         if ip is None:
             return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
         attempts.connected(ip)
-        return Choice(_endpoint(self.plan.backend, ip), self.plan)
+        return Choice(_endpoint(self.plan, ip), self.plan)
+
+
+class ServiceRetries:
+    """``H2Proxy``'s ``Resend`` for every request: the backend Service's TrafficPolicy
+    retries of a try its endpoint never processed (see the module docstring)."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: RoutePlan) -> None:
+        self.plan = plan
+
+    def unprocessed(self, cause: str, *, replayable: bool) -> Choice | LocalAnswer | None:
+        attempts = self.plan.attempts
+        if attempts.current is not None:
+            attempts.failed(attempts.current, cause)
+        if not replayable or not attempts.may_retry(cause):
+            return None
+        ip = attempts.next_endpoint()
+        if ip is None:  # the Service has no endpoint left: this failure is the answer
+            return LocalAnswer(503, UPSTREAM_CONNECT_FAILURE, BODIES[UPSTREAM_CONNECT_FAILURE])
+        attempts.connected(ip)
+        return Choice(_endpoint(self.plan, ip), self.plan)
 
 
 def _timeout(plan: RoutePlan, call: GrpcRequest | None) -> float | None:

@@ -97,7 +97,10 @@ class Attempts:
         self._connected = True
 
     def failed(self, ip: str, cause: str) -> None:
-        """The current attempt (to ``ip``) failed with ``cause`` (one of the retryOn values)."""
+        """The current attempt (to ``ip``) failed with ``cause`` (one of the retryOn values).
+        An HTTP/2 request counts as connected once it is queued on its endpoint's connection
+        (``agent.proxy.h2route``), before that connection is open: its failure makes the
+        request a pending attempt again."""
         svc = self.service
         now = svc.clock()
         if self._load is not None:
@@ -107,6 +110,9 @@ class Attempts:
             svc._outlier_failure(ip)
         svc.count("failed", cause)
         self.current, self._load = None, None
+        if self._connected:
+            svc.pending += 1
+            self._connected = False
 
     def may_retry(self, cause: str) -> bool:
         """Is another attempt allowed (attempts left, cause retryable, time left, budget)?"""

@@ -37,8 +37,9 @@ REQUESTS = "istio_requests_total"
 DEST = {"reporter": "destination", "destination_workload": "server", "request_protocol": "grpc"}
 
 
-def _server(name: str) -> str:
-    return f"from agent.lab.grpcecho import main; main(['serve', '--name', {name!r}])"
+def _server(name: str, port: int = PORT) -> str:
+    args = ["serve", "--name", name, "--port", str(port)]
+    return f"from agent.lab.grpcecho import main; main({args!r})"
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +278,69 @@ def test_a_call_to_a_service_that_selects_no_pod_is_answered_unavailable_at_once
 
 def _check(ok: bool) -> None:
     assert ok
+
+
+def _counter(parsed: dict[tuple[str, Labels], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in parsed.items() if n == name and want <= ls)
+
+
+def test_calls_go_to_the_replica_that_listens_while_the_other_refuses(lab: Lab) -> None:
+    """The Service's TrafficPolicy retries on a gRPC port: ``grpc-half`` selects both server
+    pods, but only server-0 listens on its port, so a call balanced to server-1 finds its tunnel
+    refused (node2 answers 503) and goes to server-0: every call succeeds, the retries counted
+    (ROUND_ROBIN and no ejection keep choosing server-1)."""
+    half = PORT + 1
+    service: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "grpc-half", "namespace": "default"},
+        "spec": {
+            "selector": {"app": "server"},
+            "ports": [{"port": half, "targetPort": half, "name": "grpc", "appProtocol": "grpc"}],
+        },
+    }
+    policy: dict[str, Any] = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": "grpc-half-rr", "namespace": "default"},
+        "spec": {
+            "targetRef": {"kind": "Service", "name": "grpc-half"},
+            "loadBalancer": {"type": "ROUND_ROBIN"},
+            "outlierDetection": {"consecutiveFailures": 1000},
+        },
+    }
+    with pod_servers(lab, ("server-0",), _server("server-0", half), half):
+        lab.apply(service)
+        lab.apply(policy)
+        try:
+            address = next(s for s in lab.status()["services"] if s["name"] == "grpc-half")
+            target = f"{address['clusterIP']}:{half}"
+
+            def in_force() -> None:
+                (answer,) = calls(lab, "client", target, (grpcecho.UNARY, "w"))
+                assert answer == ("OK", "server-0:w"), answer
+                traffic = json.loads(_get(lab, "node1", "http://127.0.0.1:15000/traffic"))
+                effective = traffic["effective"].get("default/grpc-half", {})
+                assert effective.get("balancer") == "ROUND_ROBIN", effective
+
+            retry(in_force, timeout=40)
+            before = metrics(lab, "node1")
+            result = calls(lab, "client", target, *[(grpcecho.UNARY, "x")] * 20)
+            after = metrics(lab, "node1")
+        finally:
+            lab.delete(policy)
+            lab.delete(service)
+    assert result == [("OK", "server-0:x")] * 20
+    ours = {"service": "default/grpc-half"}
+    retried = (_counter(after, "nodemesh_service_retries_total", **ours)
+               - _counter(before, "nodemesh_service_retries_total", **ours))  # fmt: skip
+    failures = "nodemesh_service_connect_failures_total"
+    refused = (_counter(after, failures, cause="refused", **ours)
+               - _counter(before, failures, cause="refused", **ours))  # fmt: skip
+    # Round robin alternates its picks (a retry's too), so at least every other call was
+    # balanced to server-1 first.
+    assert retried >= 10 and retried == refused, (retried, refused)
+    ok = {"reporter": "source", "grpc_response_status": "0", "response_flags": "-",
+          "destination_service": "grpc-half.default.svc.cluster.local"}  # fmt: skip
+    assert total(after, **ok) - total(before, **ok) == 20

@@ -7,22 +7,29 @@ send calls elsewhere (GAMMA's frontend Service), and without one each call gets 
 
 Calls to an endpoint over HBONE: the source shell is driven by callbacks, so once the endpoint's
 tunnel is open a call wakes none of the session's tasks (counted by a task factory).
+
+A Service with two endpoints, one of which cannot be reached (nothing listens: node2 answers the
+tunnel 503, or the same-node pod refuses the TCP connection; or its connect hangs, its listen
+queue full, past the Service's ``perTryTimeout``): the calls that waited for its tunnel go to the
+other endpoint, by the Service's TrafficPolicy retries, and every call succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Coroutine, Generator
 from typing import Any
 
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived, ResponseReceived, StreamEnded
+from h2.events import DataReceived, ResponseReceived, StreamEnded, TrailersReceived
 
 from agent.state import Endpoint, Service, ServicePort
 from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh, free_port, mesh_test
 from tests.integration.proxy.test_http_outbound_loopback import observe, requests_total
+from tests.unit.traffic.traffic_helpers import traffic_policy
 
 pytestmark = pytest.mark.root
 
@@ -162,6 +169,128 @@ async def test_calls_to_an_open_endpoint_wake_no_task_of_the_session(mesh: Mesh)
         app.close()
     # A task per side woke at least once per call for the request and once for the answer.
     assert woken < calls, f"{woken} task wake-ups of the source session for {calls} calls"
+
+
+async def _calls(
+    conn: H2Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+) -> list[str]:
+    """``n`` unary calls sent at once on ``conn``: the ``grpc-status`` of each."""
+    status: dict[int, str] = {}
+    for _ in range(n):
+        sid = conn.get_next_available_stream_id()
+        head = [(":method", "POST"), (":scheme", "http"), (":authority", "front"),
+                (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
+                ("te", "trailers")]  # fmt: skip
+        conn.send_headers(sid, head)
+        conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+        status[sid] = ""
+    writer.write(conn.data_to_send())
+    ended: set[int] = set()
+    while ended != set(status):
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        assert data, "the proxy closed the connection instead of answering the calls"
+        for event in conn.receive_data(data):
+            if isinstance(event, DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                ended.add(event.stream_id)
+            elif isinstance(event, ResponseReceived | TrailersReceived):
+                headers = dict(event.headers)  # type: ignore[arg-type]
+                status[event.stream_id] = headers.get("grpc-status", status[event.stream_id])
+        writer.write(conn.data_to_send())
+    return list(status.values())
+
+
+@mesh_test
+async def test_calls_to_an_endpoint_whose_tunnel_is_refused_go_to_the_other(mesh: Mesh) -> None:
+    await _one_unreachable(mesh, SERVER)  # nothing listens there: node2 answers 503
+
+
+@mesh_test
+async def test_calls_to_a_same_node_endpoint_that_refuses_go_to_the_other(mesh: Mesh) -> None:
+    await _one_unreachable(mesh, LOCAL)
+
+
+@mesh_test
+async def test_calls_to_an_endpoint_whose_connect_hangs_go_to_the_other_after_a_try(
+    mesh: Mesh,
+) -> None:
+    port = free_port(LOCAL)
+    with socket.socket() as hanging:
+        hanging.bind((LOCAL, port))
+        hanging.listen(0)
+        held = _fill_listen_queue((LOCAL, port))
+        try:
+            # The try's time, not the whole connect timeout (the mesh's 2 s, which would leave
+            # no time for a retry): only perTryTimeout lets the call reach the other endpoint.
+            retries = {"perTryTimeout": "300ms"}
+            pool = {"connectTimeout": "2s"}
+            await _one_unreachable(mesh, LOCAL, port, "connect-failure", retries=retries,
+                                   connectionPool=pool)  # fmt: skip
+        finally:
+            for s in held:
+                s.close()
+
+
+def _fill_listen_queue(address: tuple[str, int]) -> list[socket.socket]:
+    """Connect to ``address`` (a socket that never accepts) until its queue is full: a further
+    SYN is dropped, so a connect hangs. Returns the connections that filled it."""
+    held = []
+    for _ in range(64):
+        s = socket.socket()
+        s.settimeout(0.3)
+        try:
+            s.connect(address)
+        except TimeoutError:
+            s.close()
+            return held
+        held.append(s)
+    raise AssertionError(f"{address} accepted 64 connections without accept(): no full queue")
+
+
+async def _one_unreachable(
+    mesh: Mesh,
+    down: str,
+    port: int | None = None,
+    cause: str = "refused",
+    **policy: dict[str, object],
+) -> None:
+    """Twenty calls, five at a time, to ``front`` whose endpoint ``down`` fails (``cause``):
+    all OK."""
+    up = LOCAL if down == SERVER else SERVER
+    port = port or free_port(up)
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        endpoints = (Endpoint(SERVER), Endpoint(LOCAL))
+        tx.put_service(Service("front", "default", (VIP,), (grpc,), {"app": "server"}, endpoints))
+        # Round robin, and no ejection: the unreachable endpoint keeps being chosen.
+        spec = {"targetRef": {"kind": "Service", "name": "front"},
+                "loadBalancer": {"type": "ROUND_ROBIN"},
+                "outlierDetection": {"consecutiveFailures": 1000}, **policy}  # fmt: skip
+        tx.put_policy(traffic_policy(spec))
+    source, _ = observe(mesh)
+    app = await asyncio.start_server(_grpc_app, up, port)
+    try:
+        reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        got = [await _calls(conn, reader, writer, 5) for _ in range(4)]
+        writer.close()
+    finally:
+        app.close()
+    assert got == [["0"] * 5] * 4
+    snap = mesh.store.snapshot()
+    front = snap.services[("default", "front")]
+    traffic = mesh.node1.outbound.balanced.traffic.service(snap, front)
+    assert traffic.counters["retries"] >= 1  # at least the calls that waited for one tunnel
+    assert traffic.counters["retries"] == traffic.counters[f"failed_{cause}"]
+    assert (traffic.active, traffic.pending) == (0, 0)
+    # Served by the same-node pod: node1 is its destination too; never by the one it could
+    # not reach (its calls reached no pod there).
+    here = {("destination", FRONT, "200", "-"): 20} if up == LOCAL else {}
+    assert requests_total(source) == {("source", FRONT, "200", "-"): 20, **here}
+    rejections = mesh.node1.core.registry.rejections
+    assert "tunnel_refused" not in rejections and "upstream_unreachable" not in rejections
 
 
 @mesh_test

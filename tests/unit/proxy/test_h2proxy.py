@@ -436,6 +436,8 @@ class Pods:
         self.proxy = H2Proxy(lambda _h: Verdict(True), pick=pick or self.pick, clock=clock)
         self.pod_events: dict[object, list[Event]] = {}
         self.client_events: list[Event] = []
+        self.down: dict[object, str] = {}  # keys whose upstream cannot be opened, and why
+        self.unreachable: list[bool] = []  # what ``upstream_unreachable`` returned
 
     @staticmethod
     def pick(request: PickRequest) -> Choice | None:
@@ -451,6 +453,10 @@ class Pods:
                 self.proxy.receive_client(out)
                 moved = True
             for uid, key in self.proxy.take_new_upstreams():
+                if key in self.down:
+                    self.unreachable.append(self.proxy.upstream_unreachable(uid, self.down[key]))
+                    moved = True
+                    continue
                 self.pods[key], self.uids[key] = peer(client_side=False), uid
                 self.pod_events[key] = []
             for key, pod in self.pods.items():
@@ -939,3 +945,180 @@ def test_a_parked_request_can_be_answered_and_a_parked_delay_waits_for_both() ->
     assert any(isinstance(e, RequestReceived) for e in w.pod_events["b"])
     w.respond("b")
     assert w.responses()[second][b":status"] == b"200"
+
+
+# -- the source side: a try the endpoint never processed, sent again at once ------------------
+class FakeResend:
+    """Sends an unprocessed try to the next key, ``limit`` times; no key left: 503 ``UF``."""
+
+    def __init__(self, keys: list[str], limit: int = 1) -> None:
+        self.keys, self.limit = keys, limit
+        self.asked: list[tuple[str, bool]] = []
+
+    def unprocessed(self, cause: str, *, replayable: bool) -> Choice | LocalAnswer | None:
+        self.asked.append((cause, replayable))
+        if not replayable or not self.limit:
+            return None
+        self.limit -= 1
+        if not self.keys:
+            return LocalAnswer(503, "UF", b"upstream connect error")
+        return Choice(self.keys.pop(0), tag="tag")
+
+
+def _resending(
+    *,
+    keys: list[str] | None = None,
+    limit: int = 1,
+    retries: FakeRetries | None = None,
+    max_replay_body: int = 64 * 1024,
+) -> tuple[Pods, list[FakeResend]]:
+    """Requests to key "a", each with a ``FakeResend`` of its own to ``keys`` (["b"])."""
+    made: list[FakeResend] = []
+
+    def pick(_request: PickRequest) -> Choice:
+        made.append(FakeResend(list(keys if keys is not None else ["b"]), limit))
+        return Choice("a", tag="tag", retries=retries, resend=made[-1])
+
+    w = Pods(pick, clock=lambda: 10.0)
+    w.proxy.limits = H2Limits(max_replay_body=max_replay_body)
+    return w, made
+
+
+def _answer_all(w: Pods, key: str) -> list[bytes]:
+    """The pod ``key`` answers every call it has OK; returns the bodies it received."""
+    events, w.pod_events[key] = w.pod_events[key], []
+    pod = w.pods[key]
+    bodies = {e.stream_id: b"" for e in events if isinstance(e, RequestReceived)}
+    for e in events:
+        if isinstance(e, DataReceived):
+            bodies[e.stream_id] += e.data
+    for sid in bodies:
+        pod.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+        pod.send_headers(sid, OK_TRAILERS, end_stream=True)
+    w.run()
+    return list(bodies.values())
+
+
+def test_calls_waiting_for_an_upstream_that_cannot_be_opened_go_at_once_to_another() -> None:
+    w, made = _resending()
+    w.down["a"] = "refused"
+    first = _grpc_call(w, b"one")
+    second = _grpc_call(w, b"two")
+    w.run()
+    assert "a" not in w.pods and [m.asked for m in made] == [[("refused", True)]] * 2
+    assert w.unreachable == [False]  # every call went elsewhere: no failure to count
+    assert w.proxy.next_deadline() is None  # no backoff: sent again at once
+    assert sorted(_answer_all(w, "b")) == [b"one", b"two"]
+    assert [b"grpc-status" in h for h in w.responses().values()] == [False, False]  # no UF
+    ends = {e.stream_id: dict(e.headers) for e in w.client_events
+            if isinstance(e, TrailersReceived)}  # fmt: skip
+    assert {sid: h[b"grpc-status"] for sid, h in ends.items()} == {first: b"0", second: b"0"}
+    done = sorted((ex.upstream, ex.status, ex.grpc_status, ex.flags)
+                  for ex in w.proxy.take_completed())  # fmt: skip
+    assert done == [("b", 200, "0", "-")] * 2
+
+
+def test_a_streaming_call_is_sent_again_with_what_came_so_far_and_the_rest_follows() -> None:
+    w, made = _resending()
+    w.down["a"] = "connect-failure"
+    sid: int = w.client.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "s"),
+               (":path", "/pkg.Svc/Upload"), ("content-type", "application/grpc")]  # fmt: skip
+    w.client.send_headers(sid, headers)
+    w.client.send_data(sid, b"first;")
+    w.run()
+    assert made[0].asked == [("connect-failure", True)]
+    w.client.send_data(sid, b"second", end_stream=True)
+    w.run()
+    assert _answer_all(w, "b") == [b"first;second"]
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.grpc_status, ex.request_bytes) == ("b", "0", 12)
+
+
+@pytest.mark.parametrize("grpc", [True, False])
+def test_an_upstream_that_cannot_be_opened_answers_503_uf_when_not_sent_again(grpc: bool) -> None:
+    w, made = _resending(limit=0)
+    w.down["a"] = "connect-failure"
+    sid = _grpc_call(w, b"x") if grpc else w.request("/a/plain")
+    w.run()
+    assert made[0].asked == [("connect-failure", True)]
+    assert w.unreachable == [True]  # the client sees this failure: the shell counts it
+    head = w.responses()[sid]
+    assert (head[b":status"], head.get(b"grpc-status")) == ((b"200", b"14") if grpc else
+                                                           (b"503", None))  # fmt: skip
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.flags) == ("a", "UF")
+
+
+def test_an_upstream_that_cannot_be_opened_without_resend_answers_503_uf() -> None:
+    w = Pods()
+    w.down["a"] = "refused"
+    sid = w.request("/a/1")
+    w.run()
+    assert w.responses()[sid][b":status"] == b"503" and w.unreachable == [True]
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UF"
+
+
+def test_a_body_beyond_the_replay_limit_is_not_sent_again_and_no_endpoint_left_is_uf() -> None:
+    w, made = _resending(max_replay_body=4)
+    w.down["a"] = "refused"
+    big = _grpc_call(w, b"01234")
+    w.run()
+    assert made[0].asked == [("refused", False)]  # asked, so the failure is counted
+    assert w.responses()[big][b"grpc-status"] == b"14"
+    w, made = _resending(keys=[])  # the resend has no endpoint left
+    w.down["a"] = "refused"
+    sid = _grpc_call(w, b"0123")
+    w.run()
+    assert w.responses()[sid][b"grpc-status"] == b"14" and w.unreachable == [False]
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UF"
+
+
+def test_a_refused_stream_is_resent_before_the_rules_retries_are_asked() -> None:
+    retries = FakeRetries(["c"])
+    w, made = _resending(retries=retries)
+    sid = _grpc_call(w, b"x")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    assert made[0].asked == [("refused", True)] and retries.asked == []
+    assert _answer_all(w, "b") == [b"x"]
+    assert w.responses()[sid][b":status"] == b"200"
+    # when the resend says no, the rule's retries decide, as after any reset
+    retries = FakeRetries(["c"])
+    w, made = _resending(limit=0, retries=retries)
+    _grpc_call(w, b"y")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.REFUSED_STREAM)
+    w.run()
+    assert made[0].asked == [("refused", True)] and retries.asked == [(None, True)]
+
+
+def test_a_reset_that_is_no_refusal_is_not_resent() -> None:
+    w, made = _resending()
+    sid = _grpc_call(w, b"x")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.INTERNAL_ERROR)  # maybe processed
+    w.run()
+    assert made[0].asked == [] and "b" not in w.pods
+    assert w.responses()[sid][b"grpc-status"] == b"14"
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UR"
+
+
+def test_calls_above_the_pods_goaway_are_resent_and_those_below_are_answered_by_it() -> None:
+    w, made = _resending()
+    kept = _grpc_call(w, b"kept")
+    moved = _grpc_call(w, b"moved")
+    w.run()
+    ids = [e.stream_id for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].close_connection(ErrorCodes.NO_ERROR, last_stream_id=min(ids))
+    w.run()
+    assert [m.asked for m in made] == [[], [("refused", True)]]
+    assert _answer_all(w, "b") == [b"moved"]
+    assert moved in w.responses() and kept not in w.responses()

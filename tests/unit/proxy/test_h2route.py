@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from agent.policy.traffic.service import ServiceTraffic
 from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint, admitted, grpc_timeout, route_request
 from agent.proxy.http1 import RequestHead
@@ -307,3 +308,60 @@ def test_a_request_over_max_connections_is_parked_and_admitted_when_a_slot_frees
     plan.attempts.on_admitted = lambda: turns.append(True)
     _done(first)
     assert turns == [True] and isinstance(admitted(plan), Endpoint)
+
+
+def _traffic(store: StateStore, router: HttpRouter) -> ServiceTraffic:
+    service = store.snapshot().services[("default", "web")]
+    return router.traffic.service(store.snapshot(), service)
+
+
+def test_a_try_never_processed_goes_to_the_other_endpoint_by_the_services_retries() -> None:
+    store, router = _store(*PODS), _router()
+    with store.update() as tx:
+        retries = {"attempts": 1, "perTryTimeout": "300ms"}
+        tx.put_policy(traffic_policy({"targetRef": {"kind": "Service", "name": "web"},
+                                      "retries": retries}))  # fmt: skip
+    choice = _choice(router, store, _request())
+    assert isinstance(choice.key, Endpoint) and choice.resend is not None
+    assert choice.key.connect_timeout == pytest.approx(0.3)  # the tunnel waits one try's time
+    again = choice.resend.unprocessed("refused", replayable=True)
+    assert isinstance(again, Choice) and isinstance(again.key, Endpoint)
+    assert {choice.key.ip, again.key.ip} == set(PODS) and again.tag is choice.tag
+    svc = _traffic(store, router)
+    assert (svc.counters["failed_refused"], svc.counters["retries"]) == (1, 1)
+    assert (svc.active, svc.pending) == (1, 0)
+    # its one attempt is spent: the failure is counted, the request not sent again
+    assert again.resend is None
+    assert choice.resend.unprocessed("connect-failure", replayable=True) is None
+    assert (svc.counters["failed_connect-failure"], svc.counters["retries"]) == (1, 1)
+    assert (svc.active, svc.pending) == (1, 1)  # no endpoint holds it any more
+    plan = choice.tag
+    assert isinstance(plan, RoutePlan)
+    plan.finish(503, 0.0, reset_before_response=True)
+    assert (svc.active, svc.pending) == (0, 0)
+    assert svc.counters["failed_reset-before-data"] == 0  # counted once, as a refusal
+    assert [e["active"] for e in svc.describe()["endpoints"]] == [0, 0]
+
+
+def test_the_services_retries_keep_to_retry_on_and_a_request_they_cannot_replay() -> None:
+    store, router = _store(*PODS), _router()
+    with store.update() as tx:
+        tx.put_policy(traffic_policy({"targetRef": {"kind": "Service", "name": "web"},
+                                      "retries": {"retryOn": ["connect-failure"]}}))  # fmt: skip
+    choice = _choice(router, store, _request())
+    assert choice.resend is not None
+    assert choice.resend.unprocessed("refused", replayable=True) is None  # not in retryOn
+    choice = _choice(router, store, _request())
+    assert choice.resend is not None
+    assert choice.resend.unprocessed("connect-failure", replayable=False) is None
+    svc = _traffic(store, router)
+    assert (svc.counters["failed_refused"], svc.counters["failed_connect-failure"]) == (1, 1)
+    assert svc.counters["retries"] == 0
+    choice = _choice(router, store, _request())
+    assert choice.resend is not None
+    tried = choice.resend.unprocessed("connect-failure", replayable=True)
+    assert isinstance(tried, Choice)
+    # the Service lost its endpoints meanwhile: the failure is the answer
+    _traffic(store, router).sync([])
+    left = choice.resend.unprocessed("connect-failure", replayable=True)
+    assert isinstance(left, LocalAnswer) and (left.status, left.flags) == (503, "UF")

@@ -22,6 +22,9 @@ requests that waited for it go to another endpoint as the backend Service's Traf
 answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure then counted as a rejection, as the
 last attempt's failure of a connection is).
 
+A request that reached a same-node endpoint is reported with ``reporter="destination"`` too
+(``same_node_destination``): no other proxy sees it.
+
 The shell is the destination's (``httpshell.CallbackShell`` and ``Outbox``): the client's socket
 is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
 they arrive (``_UpstreamSink``), and each side's writes go out at once, else queue behind its
@@ -42,8 +45,8 @@ task that outlives the client connection): an endpoint by the mirror Service's o
 control, a fresh tunnel, ``h2mirror.MirrorCall`` on it, the response dropped, only
 ``nodemesh_http_mirrored_total`` counting the outcome.
 
-Not here (yet): a same-node endpoint is reached like a pod addressed directly (L4 policy at
-connect).
+Not here (yet): a same-node endpoint's L7 policy per request (it is evaluated at connect, as
+L4 policy; HTTP/1.1 and a same-node pod port declared HTTP/2 evaluate it per request).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import RequestHead, Verdict
 from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
+from agent.proxy.httpidle import IdleTimer, closed
 from agent.proxy.httpshell import (
     HEADER_TIMEOUT,
     READ_SIZE,
@@ -85,7 +89,12 @@ from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import ServiceTarget
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot, Workload
-from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
+from agent.telemetry.records import (
+    OUTBOUND,
+    SECURITY_MTLS,
+    ConnectionRecord,
+    same_node_destination,
+)
 
 if TYPE_CHECKING:
     from agent.proxy.outbound import Outbound, Upstream
@@ -126,6 +135,7 @@ class H2SourceSession(CallbackShell):
         self.conn_id = 0
         self._upstreams: dict[int, Upstream] = {}
         self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
+        self._reached: set[Endpoint] = set()  # those whose upstream is (or was) open
         self._tasks: set[asyncio.Task[None]] = set()  # one per endpoint: opens, then reads
         self._to_client = Outbox(
             lambda data: try_send(client, data),
@@ -136,6 +146,7 @@ class H2SourceSession(CallbackShell):
         self._to_upstream: dict[int, Outbox] = {}
         self._timer: asyncio.TimerHandle | None = None  # the soonest timeout or retry
         self._timer_at: float | None = None
+        self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
 
     def _pick(self, request: PickRequest) -> Choice | LocalAnswer:
         """Route the request (``h2route``: routes, weighted backend, traffic control)."""
@@ -194,6 +205,7 @@ class H2SourceSession(CallbackShell):
             self._report()
             if self._timer is not None:
                 self._timer.cancel()
+            self._idle.cancel()
             self._head.cancel()
             self._to_client.cancel()
             for box in self._to_upstream.values():
@@ -249,6 +261,7 @@ class H2SourceSession(CallbackShell):
         rec = replace(self.record)
         out.describe_route(snap, route, rec)
         self._routes[key] = rec
+        self._reached.discard(key)
         try:
             timeout = key.connect_timeout or out.core.settings.connect_timeout
             upstream = await asyncio.wait_for(
@@ -266,6 +279,7 @@ class H2SourceSession(CallbackShell):
             self._moved()
             return
         self._upstreams[uid] = upstream
+        self._reached.add(key)
         self._to_upstream[uid] = _outbox(
             upstream, self._resume_client, lambda e: self._upstream_write_failed(uid, e)
         )
@@ -344,6 +358,10 @@ class H2SourceSession(CallbackShell):
             self._to_client.send(data)
         self._report()
         self._arm()
+        if proxy.active_streams or proxy.head_started is not None:
+            self._idle.busy()
+        elif self._idle.since is None and not proxy.closing:
+            self._idle.idle(self._idle_timeout())
         started = proxy.head_started
         if started != self._head.started and not proxy.closing:
             self._head.time(started)
@@ -372,13 +390,38 @@ class H2SourceSession(CallbackShell):
         self.proxy.expire()
         self._moved()
 
+    def _idle_timeout(self) -> float | None:
+        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy, now)."""
+        traffic = self.outbound.http.router.traffic
+        traffic.update(self.outbound.core.snapshot())
+        return traffic.config_for(self.target.service.key).idle_timeout
+
+    def _idle_expired(self) -> None:
+        """No stream for the Service's idle timeout: GOAWAY, then closed (``_moved`` ends the
+        session once the GOAWAY is written), unless a write to the client still waits."""
+        if self._to_client.busy:
+            self._idle.again()
+        elif self.proxy.idle_close():
+            closed(self.outbound.core.registry, self._idle.timeout, self.where)
+            self._moved()
+
     def _report(self) -> None:
         core = self.outbound.core
         for exchange in self.proxy.take_completed():
+            self._idle.busy()  # a request came and went: the idle period starts again
+            own = exchange.flags  # the source's own (DI) are added by ``_finish``
             self._finish(exchange)
-            core.registry.request_done(
-                self._request_connection(exchange), h2_request_record(exchange)
-            )
+            connection = self._request_connection(exchange)
+            record = h2_request_record(exchange)
+            core.registry.request_done(connection, record)
+            key = exchange.upstream
+            if connection.path == "local" and key in self._reached:
+                # No other proxy saw it: reported as its destination too.
+                assert isinstance(key, Endpoint)
+                if own != record.response_flags:
+                    record = replace(record, response_flags=own)
+                service = key.target.service.hostname()
+                core.registry.request_done(same_node_destination(connection, service), record)
         for cause in self.proxy.take_rejections():
             core.registry.http_rejected(cause, self.where)
         for copy in self.proxy.take_mirrors():

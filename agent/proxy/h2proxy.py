@@ -693,6 +693,16 @@ class H2Proxy:
             self._goaway_client()
         self._check_done()
 
+    def idle_close(self) -> bool:
+        """The shell's idle timeout (the Service's ``idleTimeout``): with no stream open nor
+        begun, GOAWAY (no error, the last stream taken) and close; False, and nothing done,
+        while one is."""
+        if self._streams or self.head_started is not None or self.closing:
+            return False
+        self._goaway_client()
+        self._check_done()
+        return True
+
     def upstream_unreachable(self, uid: int, cause: str) -> bool:
         """Upstream ``uid`` could not be opened (``cause``: a TrafficPolicy ``retryOn`` value):
         none of its requests reached the endpoint, so each is sent again where its ``resend``

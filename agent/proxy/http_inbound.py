@@ -197,6 +197,8 @@ class PodShell(CallbackShell, Generic[E]):
         self.core, self.down, self.upstream = core, down, upstream
         self.record, self.request, self.workload = record, request, workload
         self.where = f"{record.source} -> {record.destination}"
+        # Where a finished request goes (a same-node pod port's reports it twice: ``samenode``)
+        self.report: Callable[[ConnectionRecord, RequestRecord], None] = core.registry.request_done
         self._upstream_eof = False
         self._to_client = Outbox(
             down.try_write, down.write, self._resume_upstream, self._client_write_failed
@@ -265,9 +267,9 @@ class PodShell(CallbackShell, Generic[E]):
                 self._reader.stop()  # the client is not reading: neither do we the pod
         completed = proxy.take_completed()
         if completed:
-            registry, record_of = self.core.registry, self._record_of
+            report, record_of = self.report, self._record_of
             for exchange in completed:
-                registry.request_done(self.record, record_of(exchange))
+                report(self.record, record_of(exchange))
         for cause in proxy.take_rejections():
             self.core.registry.http_rejected(cause, self.where)
         started = proxy.head_started
@@ -320,7 +322,7 @@ class HttpSession(PodShell[Exchange]):
                 # retries elsewhere): the request in flight is still reported, flagged DC.
                 self.proxy.client_failed()
                 for exchange in self.proxy.take_completed():
-                    self.core.registry.request_done(self.record, request_record(exchange))
+                    self.report(self.record, request_record(exchange))
             self._reader.stop()
             self._head.cancel()
             client.cancel()

@@ -53,8 +53,10 @@ body is larger than the codec's replay limit is not copied (counted ``too_large`
 For a same-node endpoint this node is the only proxy on the path, so it authorizes each
 request against the endpoint's L7 policies (403 ``RBAC``, the connection keeps serving); the
 far node does that for HBONE sessions. Requests are reported with ``reporter="source"``
-(``Registry.request_done``), labelled with the endpoint that served them; the client
-connection's ``ConnectionRecord`` keeps the byte counts for the TCP metrics.
+(``Registry.request_done``), labelled with the endpoint that served them; one that reached a
+same-node endpoint is reported with ``reporter="destination"`` too, as that pod's proxy would
+have (``same_node_destination``), since no other proxy sees it. The client connection's
+``ConnectionRecord`` keeps the byte counts for the TCP metrics.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ from agent.proxy.http_router import (
     LocalResponse,
     RoutePlan,
 )
+from agent.proxy.httpidle import IdleTimer, closed
 from agent.proxy.httpshell import HEADER_TIMEOUT, READ_SIZE, HeadTimer, try_send
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
@@ -105,6 +108,7 @@ from agent.telemetry.records import (
     SECURITY_MTLS,
     SECURITY_NONE,
     ConnectionRecord,
+    same_node_destination,
 )
 
 if TYPE_CHECKING:
@@ -276,6 +280,9 @@ class _Request:
     first_byte: float = 0.0
     deadline: float | None = None  # the route's request timeout, as a monotonic time
     backoff: float | None = None  # set when the request waits to be sent again
+    # The route of the try that reached its endpoint (attached, or answered by a same-node
+    # endpoint's policy): a same-node one makes this node the request's destination too.
+    reached: Route | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +479,7 @@ class _ClientConnection:
         self._loop = asyncio.get_running_loop()  # (each get_running_loop() costs a getpid())
         self._watching = False
         self._head = HeadTimer(self._loop, HEADER_TIMEOUT, self._head_late)
+        self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
         # A request the reader's callback routed but could not send without waiting: the
         # task resumes it (``_dispatch``): its admission (delay, queue) when ``opening`` is
         # None, else the connect to the endpoint it chose.
@@ -497,6 +505,7 @@ class _ClientConnection:
                 raise ConnectionResetError("the client went away")
         finally:
             self._disarm()
+            self._idle.cancel()
             reader, session = self.reader, self.session
             for task in [*self._later, *([reader] if reader is not None else [])]:
                 task.cancel()
@@ -525,6 +534,7 @@ class _ClientConnection:
             if data is None:
                 continue
             self.record.bytes_sent += len(data)
+            self._idle.busy()
             codec.receive_client(data)
             await self._flush()
 
@@ -560,6 +570,8 @@ class _ClientConnection:
             waiter.set_result(None)
         elif codec.wants_client_data():
             self._watch()
+            if self._idle.since is None and codec.between_requests:
+                self._idle.idle(self._idle_timeout())
         else:
             self._head.time(None)
 
@@ -598,6 +610,7 @@ class _ClientConnection:
             waiter.set_result(data)
             return
         self.record.bytes_sent += len(data)
+        self._idle.busy()
         try:
             codec.receive_client(data)
             if codec.pending is not None and not (codec.closing or codec.tunnel):
@@ -610,6 +623,25 @@ class _ClientConnection:
             log.exception("%s: HTTP client bytes could not be handled", self.record.source)
             codec.closing = True
             self._changed()
+
+    def _idle_timeout(self) -> float | None:
+        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy, now)."""
+        traffic = self.owner.router.traffic
+        traffic.update(self.core.snapshot())
+        return traffic.config_for(self.target.service.key).idle_timeout
+
+    def _idle_expired(self) -> None:
+        """No request for the Service's idle timeout: close the keep-alive connection (the
+        task ends it, cleanly), unless a write to the client still waits."""
+        codec = self.codec
+        if not codec.between_requests:
+            return  # a request began: ``_changed`` times the next idle period
+        if self._writing():
+            self._idle.again()
+            return
+        closed(self.core.registry, self._idle.timeout, f"{self.record.source} -> {self.service}")
+        codec.closing = True
+        self._changed()
 
     def _head_late(self) -> None:
         waiter = self._waiter
@@ -883,7 +915,7 @@ class _ClientConnection:
         if backoff is None:
             return False
         self._disarm()
-        request.backoff, request.first_byte = backoff, 0.0
+        request.backoff, request.first_byte, request.reached = backoff, 0.0, None
         return True
 
     async def _wait_backoff(self, request: _Request) -> bool:
@@ -916,8 +948,9 @@ class _ClientConnection:
             return None
         route = out.resolver.endpoint_route(snap, self.source, plan.backend, ip)
         out.describe_route(snap, route, self.record)
-        request.route = route
+        request.route, request.reached = route, None
         if route.kind == "local" and not self._allowed_here(route, head):
+            request.reached = route  # refused as its destination would have
             self.codec.respond_locally(403, RBAC_DENIED, DENIED_BODY, request)
             return True
         # The CONNECT names the backend Service (the route's choice, or the dialled one), so
@@ -1015,6 +1048,7 @@ class _ClientConnection:
     def _attach(self, session: UpstreamSession, request: _Request) -> None:
         """Serve the pending request with ``session`` (its head goes out at the next flush)."""
         self.session = session
+        request.reached = request.route
         conn = session.conn
         if isinstance(conn, TunnelStream):
             self.record.security = SECURITY_MTLS
@@ -1189,6 +1223,13 @@ class _ClientConnection:
             if request.route.kind == "hbone":
                 labels.security = SECURITY_MTLS
         upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
-        self.core.registry.request_done(
-            labels, request_record(exchange, flags=flags, upstream=upstream)
-        )
+        record = request_record(exchange, flags=flags, upstream=upstream)
+        self.core.registry.request_done(labels, record)
+        reached = request.reached
+        if reached is not None and reached.kind == "local":
+            # No other proxy saw it: reported as its destination too (without the source's
+            # own flags, such as DI for a delay injected here).
+            if flags != exchange.flags:
+                record = replace(record, response_flags=exchange.flags)
+            service = reached.service.hostname() if reached.service is not None else ""
+            self.core.registry.request_done(same_node_destination(labels, service), record)

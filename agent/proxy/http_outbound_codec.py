@@ -226,6 +226,17 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         return current is not None and current.upstream is not None
 
     @property
+    def between_requests(self) -> bool:
+        """No request in flight nor begun (none served, pending, parsed or half read): the
+        keep-alive connection is idle, which the Service's ``idleTimeout`` times."""
+        client = self.client
+        return (
+            self._current is None
+            and self.head_started is None
+            and not (self.closing or self.tunnel or client.events or client.mid_message)
+        )
+
+    @property
     def current_tag(self) -> T | None:
         """The shell's tag of the request being served (or pending), if any."""
         return self._current.tag if self._current is not None else None

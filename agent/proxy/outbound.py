@@ -33,10 +33,11 @@ from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.records import Refused, Registry, cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel, start_sockets, start_tunnel
 from agent.proxy.resolve import NoEndpoints, Resolver, Route
+from agent.proxy.samenode import serve_same_node_http
 from agent.proxy.splice import start_spliced
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot
-from agent.state.protocols import GRPC, HTTP, HTTP2, port_protocol
+from agent.state.protocols import GRPC, HTTP, HTTP2, TCP, port_protocol
 from agent.telemetry.records import OUTBOUND, SECURITY_MTLS, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,11 @@ class Outbound:
             return None
         route = self.resolver.route(snap, source, dst_ip, dst_port)
         record = self.record(snap, route, _addr(src_ip, src_port), _addr(dst_ip, dst_port))
+        if route.kind == "local":
+            protocol = self.core.protocol(snap, dst_ip, dst_port)
+            if protocol != TCP:  # a declared HTTP port: served per request (``samenode``)
+                await serve_same_node_http(self, client, record, route, protocol)
+                return None
         conn_id = self.core.registry.add(record, cancel_current_task())
         try:
             try:

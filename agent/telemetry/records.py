@@ -85,6 +85,33 @@ class ConnectionRecord:
 _FIELDS = operator.attrgetter(*(f.name for f in fields(ConnectionRecord)))
 
 
+def same_node_destination(sent: ConnectionRecord, service: str) -> ConnectionRecord:
+    """The record a destination proxy would hold for a request the source node sent to a pod
+    on its own node (``sent``: the source's record pointed at that endpoint, ``upstream`` its
+    ``ip:port``; ``service``: the hostname of the Service it was sent for, as the CONNECT
+    would name it).
+
+    Why: no other proxy sees such a request, so the source node reports it for both ends, and
+    a query by ``reporter="destination"`` (Istio's inbound views, Kiali) counts it like one
+    that crossed nodes. The pod sees the client's address (the connection is made from the
+    client pod's IP) and the client's identity is known here; no TLS is on that path, as the
+    source's report says too. The id is the client connection's, so the two lines of one
+    request are found together in the access log."""
+    return ConnectionRecord(
+        INBOUND,
+        sent.source,
+        sent.upstream or sent.destination,
+        source_identity=sent.source_identity,
+        destination_identity=sent.destination_identity,
+        security=SECURITY_NONE,
+        path=sent.path,
+        started=sent.started,
+        id=sent.id,
+        protocol=sent.protocol,
+        service=service,
+    )
+
+
 class ConnectionObserver(Protocol):
     """Told about every record: ``opened`` once registered, ``closed`` once removed."""
 

@@ -285,6 +285,107 @@ async def _one_unreachable(
     assert traffic.counters["retries"] >= 1  # at least the calls that waited for one tunnel
     assert traffic.counters["retries"] == traffic.counters[f"failed_{cause}"]
     assert (traffic.active, traffic.pending) == (0, 0)
-    assert requests_total(source) == {("source", FRONT, "200", "-"): 20}
+    # Served by the same-node pod: node1 is its destination too; never by the one it could
+    # not reach (its calls reached no pod there).
+    here = {("destination", FRONT, "200", "-"): 20} if up == LOCAL else {}
+    assert requests_total(source) == {("source", FRONT, "200", "-"): 20, **here}
     rejections = mesh.node1.core.registry.rejections
     assert "tunnel_refused" not in rejections and "upstream_unreachable" not in rejections
+
+
+@mesh_test
+async def test_same_node_calls_are_reported_by_both_reporters_once(mesh: Mesh) -> None:
+    """gRPC calls over one client connection to a Service with an endpoint on each node:
+    node1 reports the calls that went to its own pod with ``reporter="destination"`` too (no
+    other proxy saw them), node2 those that went to its pod, and none is reported twice."""
+    port = free_port(SERVER)
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        endpoints = (Endpoint(SERVER), Endpoint(LOCAL))
+        tx.put_service(Service("front", "default", (VIP,), (grpc,), {"app": "server"}, endpoints))
+    source, destination = observe(mesh)
+    apps = [await asyncio.start_server(_grpc_app, ip, port) for ip in (SERVER, LOCAL)]
+    try:
+        reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        calls = 30
+        for _ in range(calls):
+            sid = conn.get_next_available_stream_id()
+            head = [(":method", "POST"), (":scheme", "http"), (":authority", "front"),
+                    (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
+                    ("te", "trailers")]  # fmt: skip
+            conn.send_headers(sid, head)
+            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+            writer.write(conn.data_to_send())
+            ended = False
+            while not ended:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, "the proxy closed the connection instead of answering the call"
+                for event in conn.receive_data(data):
+                    if isinstance(event, DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
+                writer.write(conn.data_to_send())
+        writer.close()
+    finally:
+        for app in apps:
+            app.close()
+    src, dst = requests_total(source), requests_total(destination)
+    assert src[("source", FRONT, "200", "-")] == calls
+    here, there = src[("destination", FRONT, "200", "-")], dst[("destination", FRONT, "200", "-")]
+    assert here, (here, there)  # the faster same-node endpoint served some (29-30 of 30)
+    assert here + there == calls
+    assert not [k for k in dst if k[0] == "source"]
+
+
+@mesh_test
+async def test_calls_to_a_same_node_pod_port_declared_grpc_are_reported_by_both(mesh: Mesh) -> None:
+    """``client`` calls the ``local`` pod (same node) on its pod IP, on the port a Service
+    declares gRPC: node1 serves it as the destination would (the HTTP/2 session) and
+    reports each call once with each reporter."""
+    port = free_port(LOCAL)
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        tx.put_service(
+            Service("front", "default", (VIP,), (grpc,), {"app": "local"}, (Endpoint(LOCAL),))
+        )
+    source, _ = observe(mesh)
+    app = await asyncio.start_server(_grpc_app, LOCAL, port)
+    try:
+        reader, writer = await mesh.connect(CLIENT, (LOCAL, port))
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        calls, statuses = 5, []
+        for _ in range(calls):
+            sid = conn.get_next_available_stream_id()
+            head = [(":method", "POST"), (":scheme", "http"), (":authority", "local"),
+                    (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
+                    ("te", "trailers")]  # fmt: skip
+            conn.send_headers(sid, head)
+            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+            writer.write(conn.data_to_send())
+            ended = False
+            while not ended:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, "the proxy closed the connection instead of answering the call"
+                for event in conn.receive_data(data):
+                    if isinstance(event, DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif getattr(event, "headers", None):
+                        headers = dict(event.headers)  # type: ignore[attr-defined]
+                        if "grpc-status" in headers:
+                            statuses.append(headers["grpc-status"])
+                    ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
+                writer.write(conn.data_to_send())
+        writer.close()
+    finally:
+        app.close()
+    assert statuses == ["0"] * calls
+    counts = requests_total(source)
+    assert counts[("source", FRONT, "200", "-")] == calls
+    assert counts[("destination", FRONT, "200", "-")] == calls

@@ -57,7 +57,7 @@ def lab() -> Iterator[Lab]:
             yield lab
 
 
-def metrics(lab: Lab) -> dict[tuple[str, Labels], float]:
+def metrics(lab: Lab, node: str = "node2") -> dict[tuple[str, Labels], float]:
     def get() -> str:
         with urlopen("http://127.0.0.1:15020/metrics", timeout=10) as response:
             text: str = response.read().decode()
@@ -65,7 +65,7 @@ def metrics(lab: Lab) -> dict[tuple[str, Labels], float]:
 
     return {
         (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(call_in(lab.netns("node2"), get))
+        for family in text_string_to_metric_families(call_in(lab.netns(node), get))
         for s in family.samples
     }
 
@@ -84,10 +84,11 @@ def curl(lab: Lab, *args: str) -> list[str]:
     return out.stdout.splitlines()
 
 
-def requests(lab: Lab, *calls: tuple[str, str]) -> list[tuple[str, str]]:
-    """(method, path) calls on ONE curl invocation (one keep-alive connection): per call the
-    status and how many connections curl opened for it (0 = the connection was reused)."""
-    ip = lab.pod("server-0")["ip"]
+def requests(lab: Lab, *calls: tuple[str, str], pod: str = "server-0") -> list[tuple[str, str]]:
+    """(method, path) calls on ONE curl invocation (one keep-alive connection) to ``pod``: per
+    call the status and how many connections curl opened for it (0 = the connection was
+    reused)."""
+    ip = lab.pod(pod)["ip"]
     args: list[str] = []
     for i, (method, path) in enumerate(calls):
         if i:
@@ -191,3 +192,34 @@ def _assert_body(lab: Lab, ip: str, path: str, expected: bytes) -> None:
         f"http://{ip}:{PORT}{path}", capture_output=True, check=False,
     )  # fmt: skip
     assert out.stdout == expected, (out.stdout, out.stderr)
+
+
+def test_same_node_requests_are_counted_once_by_each_reporter(lab: Lab) -> None:
+    """``neighbor`` (node1, the client's node) declares the port too: no other proxy is on the
+    path, so node1 serves it as the destination would and reports each request once with
+    ``reporter="destination"`` (and once with ``reporter="source"``)."""
+    lab.annotate("neighbor", f"nodemesh.io/http-ports={PORT}")
+    mine = {"destination_workload": "neighbor", "request_protocol": "http"}
+    here = {**mine, "reporter": "destination"}
+    with pod_servers(lab, ("neighbor",), SERVER, PORT):
+
+        def check() -> dict[tuple[str, Labels], float]:
+            was = total(metrics(lab, "node1"), **here)
+            assert requests(lab, ("GET", "/warmup"), pod="neighbor") == [("200", "1")]
+            now = metrics(lab, "node1")
+            assert total(now, **here) == was + 1
+            return now
+
+        before = retry(check, timeout=40)
+        calls = [("GET", "/a"), ("POST", "/b"), ("GET", "/missing"), ("GET", "/c")]
+        assert requests(lab, *calls, pod="neighbor") == [
+            ("200", "1"), ("200", "0"), ("404", "0"), ("200", "0")
+        ]  # fmt: skip
+        after = metrics(lab, "node1")
+    for reporter in ("destination", "source"):
+        labels = {**mine, "reporter": reporter}
+        assert total(after, **labels) - total(before, **labels) == len(calls)
+        missing = {**labels, "response_code": "404"}
+        assert total(after, **missing) - total(before, **missing) == 1
+    principal = {**here, "source_principal": "spiffe://cluster.local/ns/default/sa/client"}
+    assert total(after, **principal) - total(before, **principal) == len(calls)

@@ -16,6 +16,7 @@ import struct
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -26,8 +27,10 @@ from agent.proxy import http_outbound
 from agent.proxy.http_outbound import HttpOutbound
 from agent.state import Endpoint, PolicyObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
+from agent.telemetry.tcp import TcpMetrics
 from tests.integration.proxy.mesh import (
     CLIENT,
+    CLIENT_ID,
     LOCAL,
     SERVER,
     Mesh,
@@ -35,6 +38,7 @@ from tests.integration.proxy.mesh import (
     mesh_test,
     set_policies,
 )
+from tests.workloads import workload
 
 pytestmark = pytest.mark.root
 
@@ -292,6 +296,76 @@ async def test_a_same_node_endpoint_is_authorized_per_request(mesh: Mesh) -> Non
     assert counts[("source", WEB, "200", "-")] == 1
 
 
+def series(metrics: HttpMetrics, **match: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """``istio_requests_total`` series whose labels include ``match``: labels → value."""
+    family = next(iter(metrics.collect()))
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for s in family.samples
+        if match.items() <= s.labels.items()
+    }
+
+
+@mesh_test
+async def test_same_node_requests_are_reported_by_both_reporters_once(mesh: Mesh) -> None:
+    """A request to a pod on this node is seen by no other proxy: node1 reports it with
+    ``reporter="destination"`` too, labelled as a destination proxy labels it (the pod's
+    workload, the client's principal, the Service); one that went to node2 is reported there
+    only, not twice. A request refused by the same-node pod's policy is its destination's
+    report too; one whose endpoint cannot be reached is not (no destination saw it)."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER, LOCAL)
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no-admin", deny))
+    source, destination = observe(mesh)
+    answers: Counter[str] = Counter()
+    async with apps(port, SERVER, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        for i in range(30):
+            status, body = await client.request("POST" if i % 2 else "GET", f"/r{i}", b"x" * i)
+            assert status == 200
+            answers[body.decode()] += 1
+        assert answers[LOCAL] and answers[SERVER], answers
+        denied = 0
+        for _ in range(10):  # the DENY on /admin: only a same-node try is refused at node1
+            status, _body = await client.request("GET", "/admin")
+            denied += status == 403
+        client.writer.close()
+    assert denied, "no /admin request went to the same-node endpoint"
+    here = series(source, reporter="destination", response_code="200")
+    assert sum(here.values()) == answers[LOCAL]
+    (labels,) = (dict(k) for k in here)
+    assert labels["destination_workload"] == "local"
+    assert labels["destination_service"] == WEB
+    assert labels["source_workload"] == "client"
+    assert labels["source_principal"] == CLIENT_ID
+    assert labels["destination_principal"].endswith("/sa/local")
+    assert labels["connection_security_policy"] == "none"
+    assert labels["response_flags"] == "-"
+    assert requests_total(source)[("source", WEB, "200", "-")] == 30
+    # node2's requests: reported by node2 as their destination, never by node1.
+    assert (
+        sum(series(destination, reporter="destination", response_code="200").values())
+        == (answers[SERVER])
+    )
+    assert requests_total(source)[("destination", WEB, "403", "RBAC")] == denied
+    assert requests_total(destination)[("destination", WEB, "403", "RBAC")] == 10 - denied
+
+
+@mesh_test
+async def test_a_same_node_endpoint_that_cannot_be_reached_has_no_destination_report(
+    mesh: Mesh,
+) -> None:
+    add_services(mesh, free_port(LOCAL), LOCAL)  # nothing listens there
+    source, _ = observe(mesh)
+    client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+    assert (await client.request("GET", "/"))[0] == 503
+    client.writer.close()
+    counts = requests_total(source)
+    assert counts[("source", WEB, "503", "UF")] == 1
+    assert not [k for k in counts if k[0] == "destination"]
+
+
 @mesh_test
 async def test_a_service_without_ready_endpoints_answers_503_uh(mesh: Mesh) -> None:
     add_services(mesh, free_port(SERVER))  # no endpoint at all
@@ -342,3 +416,48 @@ async def test_pipelined_requests_are_answered_in_order_whenever_they_arrive(mes
         client = Client(reader, writer)
         assert await client.request("GET", "/4") == (200, SERVER.encode())  # and it goes on
         writer.close()
+
+
+@mesh_test
+async def test_a_same_node_pod_port_declared_http_is_served_per_request(mesh: Mesh) -> None:
+    """``client`` addresses the ``local`` pod (same node) directly on a port its annotation
+    declares HTTP: node1 is its only proxy, so it authorizes each request (a DENY on POST
+    refuses the POST and not the connection: evaluated at connect, it refused every
+    request) and reports each once per reporter. The connection is in the TCP metrics as its
+    destination's (``reporter="destination"``), as a parsed connection is at the far node."""
+    port = free_port(LOCAL)
+    with mesh.store.update() as tx:
+        tx.put_workload(
+            replace(workload("local", "node1", LOCAL, app="local"), http_ports=frozenset({port}))
+        )
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no-posts", deny))
+    source, _ = observe(mesh)
+    tcp = TcpMetrics(mesh.store, access_log=False)
+    mesh.node1.core.registry.observers.append(tcp)
+    async with apps(port, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (LOCAL, port)))
+        assert await client.request("POST", "/orders", b"payload") == (403, b"RBAC: access denied")
+        for i in range(5):
+            assert await client.request("GET", f"/orders/{i}") == (200, LOCAL.encode())
+        client.writer.close()
+        for _ in range(1000):  # the proxy sees the client's end
+            if not len(mesh.node1.core.registry):
+                break
+            await asyncio.sleep(0.01)
+    closed = {
+        (s.labels["reporter"], s.labels["destination_workload"]): s.value
+        for family in tcp.collect()
+        if family.name == "istio_tcp_connections_closed"
+        for s in family.samples
+    }
+    assert closed == {("destination", "local"): 1}
+    for reporter in ("source", "destination"):
+        ok = series(source, reporter=reporter, response_code="200")
+        assert sum(ok.values()) == 5, (reporter, ok)
+        (labels,) = (dict(k) for k in ok)
+        assert labels["destination_workload"] == "local"
+        assert labels["source_principal"] == CLIENT_ID
+        assert labels["destination_principal"].endswith("/sa/local")
+        denied = series(source, reporter=reporter, response_code="403", response_flags="RBAC")
+        assert sum(denied.values()) == 1, (reporter, denied)

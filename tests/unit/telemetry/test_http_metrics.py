@@ -11,7 +11,7 @@ from agent.policy.authz import Decision
 from agent.proxy.records import Registry
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
-from agent.telemetry.records import ConnectionRecord, RequestRecord
+from agent.telemetry.records import ConnectionRecord, RequestRecord, same_node_destination
 from tests.unit.telemetry.telemetry_helpers import (
     CLIENT_ID,
     SERVER_ID,
@@ -162,3 +162,33 @@ def test_a_record_copy_has_every_field_and_is_its_own() -> None:
     assert twin == record and type(twin) is ConnectionRecord
     twin.upstream = "10.0.0.3:8080"
     assert record.upstream == "10.0.0.2:8080"
+
+
+def test_a_same_node_request_is_reported_as_its_destination_would(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The source's record of a request to a pod on its own node, turned into the one the
+    destination would hold (``same_node_destination``), labels it ``reporter="destination"``
+    exactly as that pod's own inbound record does (but for the path's security: no TLS), and
+    its access-log line is the inbound one, under the client connection's id."""
+    registry, component = telemetry()
+    sent = outbound()
+    sent.id, sent.path, sent.protocol = 7, "local", "http/1.1"
+    service = "server.default.svc.cluster.local"
+    with caplog.at_level(logging.INFO, logger="nodemesh.access"):
+        registry.request_done(same_node_destination(sent, service), request(200))
+    parsed = parse(component.exposition())
+    (labels,) = (dict(ls) for (name, ls) in parsed if name == "istio_requests_total")
+    registry2, component2 = telemetry()
+    registry2.request_done(inbound(), request(200))
+    (theirs,) = (
+        dict(ls) for (n, ls) in parse(component2.exposition()) if n == "istio_requests_total"
+    )
+    assert labels == {**theirs, "connection_security_policy": "none"}
+    assert labels["reporter"] == "destination"
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records]
+    assert line["direction"] == "inbound"
+    assert line["connection_id"] == 7
+    assert line["source_address"] == "10.244.1.2:40000"
+    assert line["destination_address"] == line["upstream_address"] == "10.244.2.2:8080"
+    assert line["destination_service"] == service

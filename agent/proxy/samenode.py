@@ -1,0 +1,97 @@
+"""A meshed pod addressing a pod of its own node directly on a port declared HTTP (same node).
+
+Across nodes such a connection is L4 at the source and parsed at the destination, which
+authorizes each request (L7 policy, rate limits) and reports it with ``reporter="destination"``.
+On one node no other proxy is on the path. Before this module the connection was relayed as L4
+(with ``--splice``, by the kernel): the port's policy was evaluated at connect, where an ALLOW
+rule on paths or methods never matches and a DENY rule on them refuses the whole connection, and
+no request was reported by either reporter. Now the node does what the destination node would:
+the destination's HTTP session (``HttpSession`` for HTTP/1.1, ``H2Session`` for HTTP/2 and gRPC)
+serves the client's socket, authorizes and rate-limits each request, and each request is
+reported by both reporters once: ``source`` on the client's outbound record, as the source's
+HTTP path reports, and ``destination`` on the record the destination would hold
+(``same_node_destination``). That one is the connection's registered record, so the TCP
+metrics count the connection as the far node counts a parsed one (``reporter="destination"``;
+the source's HTTP connections are left out of them), and the central view keeps its edge.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from agent.policy.authz import Request
+from agent.proxy import sockets
+from agent.proxy.h2inbound import H2Session
+from agent.proxy.http_inbound import HttpSession, SocketDownstream
+from agent.proxy.records import Refused, cancel_current_task
+from agent.proxy.resolve import Route
+from agent.state.protocols import HTTP
+from agent.telemetry.records import ConnectionRecord, RequestRecord, same_node_destination
+
+if TYPE_CHECKING:
+    from agent.proxy.outbound import Outbound
+
+log = logging.getLogger(__name__)
+
+
+async def serve_same_node_http(
+    outbound: Outbound, client: socket.socket, record: ConnectionRecord, route: Route, protocol: str
+) -> None:
+    """Serve ``client`` (its outbound ``record``, pointed at ``route``, a same-node pod port
+    declared ``protocol``) until it ends; closes ``client`` (reset unless it ended cleanly)."""
+    core = outbound.core
+    assert route.target is not None
+    src_ip = record.source.rsplit(":", 1)[0]
+    where = f"{record.source} -> {record.destination} (same node)"
+    record.protocol = "http/1.1" if protocol == HTTP else "http/2"
+    served = same_node_destination(record, "")  # no CONNECT names a Service for a pod IP
+    conn_id = record.id = core.registry.add(served, cancel_current_task())
+    clean = False
+    try:
+        if route.port in core.settings.proxy_ports:
+            core.registry.reject("proxy_port", f"{record.destination} is a proxy port")
+            raise Refused(where)
+        s = core.settings
+        try:
+            upstream = await sockets.connect(
+                (route.ip, route.port), mark=s.mark, timeout=s.connect_timeout, source_ip=src_ip
+            )
+        except (OSError, TimeoutError) as e:
+            outbound.count_failure(e, route, record)
+            raise
+        try:
+            # Admitted without the L7 conditions, which only a request can satisfy: each one
+            # is authorized by the session (``request_verdict``), as at the destination.
+            request = Request(src_ip, route.ip, route.port, record.source_identity)
+            kind = HttpSession if protocol == HTTP else H2Session
+            session = kind(core, SocketDownstream(client), upstream, served, request, route.target)
+            session.report = _both_reporters(outbound, record)
+            await session.serve()
+            clean = True
+        finally:
+            upstream.close()
+    except (OSError, Refused) as e:
+        log.debug("%s ended: %s", where, e)
+    finally:
+        core.registry.remove(conn_id)
+        if clean:
+            client.close()
+        else:
+            sockets.abort(client)
+
+
+def _both_reporters(
+    outbound: Outbound, sent: ConnectionRecord
+) -> Callable[[ConnectionRecord, RequestRecord], None]:
+    """The session's ``report``: a request on ``sent`` (the source's record), then on the
+    session's own (the destination's)."""
+    request_done = outbound.core.registry.request_done
+
+    def report(connection: ConnectionRecord, request: RequestRecord) -> None:
+        request_done(sent, request)
+        request_done(connection, request)
+
+    return report

@@ -13,6 +13,16 @@ for a connection (``Outbound.open``: the source pod's certificate, the endpoint'
 checked).
 The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
 
+A same-node endpoint's request is seen by no other proxy, so it is authorized here, per request
+(``Core.authorize_request`` at the pod's workload: methods, paths, hosts, request headers;
+dry-run and AUDIT as at a destination), for every endpoint chosen for it: by the route, when a
+parked request is admitted, for either kind of retry (``h2route``'s ``allowed``). A refusal is
+answered as the destination node answers it, 403 ``RBAC: access denied`` (gRPC: trailers-only
+``grpc-status: 7``), its attempt finished without counting against the pod, and the connection
+goes on. Its socket is therefore opened without the connection-level check
+(``Outbound.open(requests_authorized=True)``: only a proxy port is refused), which would match
+no L7 rule: under ALLOW it refused every call, under DENY one denied method refused them all.
+
 Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
 request's endpoint). The balancer learns each request's time to response headers
 (``Attempts.finish(first_byte_at=...)``). An endpoint whose tunnel cannot be opened (within
@@ -22,8 +32,8 @@ requests that waited for it go to another endpoint as the backend Service's Traf
 answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure then counted as a rejection, as the
 last attempt's failure of a connection is).
 
-A request that reached a same-node endpoint is reported with ``reporter="destination"`` too
-(``same_node_destination``): no other proxy sees it.
+A request that reached a same-node endpoint, or that its policy refused here, is reported with
+``reporter="destination"`` too (``same_node_destination``): no other proxy sees it.
 
 The shell is the destination's (``httpshell.CallbackShell`` and ``Outbox``): the client's socket
 is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
@@ -42,11 +52,9 @@ rule's retries are one timer per session, at the soonest time ``H2Proxy`` holds
 ``max_replay_body``) and, once the client sent all of it, copied to each mirror Service as
 HTTP/1.1 does (``HttpOutbound``'s bound of copies in flight per node and their deadline; a
 task that outlives the client connection): an endpoint by the mirror Service's own traffic
-control, a fresh tunnel, ``h2mirror.MirrorCall`` on it, the response dropped, only
-``nodemesh_http_mirrored_total`` counting the outcome.
-
-Not here (yet): a same-node endpoint's L7 policy per request (it is evaluated at connect, as
-L4 policy; HTTP/1.1 and a same-node pod port declared HTTP/2 evaluate it per request).
+control (a same-node one's policy asked about the copy first), a fresh tunnel,
+``h2mirror.MirrorCall`` on it, the response dropped, only ``nodemesh_http_mirrored_total``
+counting the outcome.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ from agent.policy.authz import Request as AuthzRequest
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
 from agent.proxy.h2inbound import h2_request_record
-from agent.proxy.h2mirror import MirrorCall
+from agent.proxy.h2mirror import MirrorCall, shadow_request
 from agent.proxy.h2proxy import (
     Choice,
     H2Exchange,
@@ -197,19 +205,21 @@ class H2SourceSession(CallbackShell):
         (an endpoint on another node is authorized there). A refused request is reported
         pointed at the endpoint, as its destination would have reported it."""
         route = self._route_to(key)
-        if route.kind != "local":
+        if route.kind != "local" or self._authorized(route, head):
             return True
+        if key not in self._routes:
+            self._routes[key] = self._described(route)
+        return False
+
+    def _authorized(self, route: Route, head: RequestHead) -> bool:
+        """``Core.authorize_request`` of ``head`` at the same-node pod of ``route``."""
         assert route.target is not None
         http = HttpAttributes(head.method, head.path, head.host, head.headers)
         request = AuthzRequest(
             self.src_ip, route.ip, route.port, self.record.source_identity, http=http
         )
         where = f"{self.where} @{route.ip}:{route.port} {head.method} {head.path}"
-        if self.outbound.core.authorize_request(request, route.target, where).allowed:
-            return True
-        if key not in self._routes:
-            self._routes[key] = self._described(route)
-        return False
+        return self.outbound.core.authorize_request(request, route.target, where).allowed
 
     def _route_to(self, key: Endpoint) -> Route:
         """The route to endpoint ``key`` in the current snapshot (kept while it is current:
@@ -480,12 +490,19 @@ class H2SourceSession(CallbackShell):
 
     async def _send_copy(self, copy: H2Mirrored, attempt: MirrorTry) -> None:
         """One copy's HTTP/2 (``MirrorSend``): a fresh tunnel, the request (``:authority``
-        suffixed ``-shadow``), the response read and dropped."""
+        suffixed ``-shadow``; a same-node endpoint's policy asked first), the response read
+        and dropped."""
         assert copy.body is not None
+        route = attempt.route
+        if route.kind == "local" and not self._authorized(route, shadow_request(copy.head)):
+            attempt.outcome = "denied"
+            return
         upstream: Upstream | None = None
         try:
             # conn_id 0: a copy is no connection of the registry (nothing to re-check)
-            upstream = await self.outbound.open(attempt.route, attempt.record, self.src_ip, 0)
+            upstream = await self.outbound.open(
+                route, attempt.record, self.src_ip, 0, requests_authorized=True
+            )
             attempt.attempts.connected(attempt.ip)
             call = MirrorCall(copy.head, copy.body, copy.trailers)
             try:

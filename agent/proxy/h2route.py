@@ -48,6 +48,13 @@ When the TrafficPolicy does not retry, the rule's ``retry`` is asked as after an
 HTTP/1.1 request never reaches its rule's retry for a failed connect: there it is answered 503
 ``UF`` at once).
 
+Every endpoint chosen for a request (by ``route_request``, ``admitted`` for a parked one, or
+either kind of retry) is first offered to the shell's ``allowed``: a same-node endpoint's L7
+policy, which no other proxy would apply. A refused try is answered 403 ``RBAC`` (gRPC
+``PERMISSION_DENIED``, the destination's answer), named after the endpoint
+(``LocalAnswer.upstream``, so it is reported there); it never counts as connected, so the
+request's end finishes its attempt with nothing counted against the pod.
+
 An injected delay (the rule's HTTPFault, flag ``DI``, and the TrafficPolicy's) is
 ``Choice.delay``: ``H2Proxy`` holds the request; the route's ``timeouts.request`` starts after
 it, a call's ``grpc-timeout`` at once.

@@ -7,8 +7,9 @@ the copy can neither slow nor break the primary. ``MirrorCall`` is that connecti
 bytes out (the preface, the head with ``:authority`` suffixed ``-shadow`` as Envoy marks shadow
 traffic, the body within the peer's windows, the trailers), bytes in (the response, read and
 dropped: its DATA is acknowledged at once so the peer never stalls), ``done`` once the response
-ended, was reset, or the connection closed. The shell (``h2outbound``) opens the tunnel, moves
-the bytes under a deadline and counts the outcome (``nodemesh_http_mirrored_total``).
+ended, was reset, or the connection closed. The shell (``h2outbound``) opens the tunnel (for a
+same-node endpoint, once its policy allowed ``shadow_request``), moves the bytes under a
+deadline and counts the outcome (``nodemesh_http_mirrored_total``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 
+from agent.proxy.http1 import RequestHead
+
 Header = tuple[bytes, bytes]
 SHADOW_SUFFIX = b"-shadow"
 
@@ -31,6 +34,20 @@ SHADOW_SUFFIX = b"-shadow"
 def shadow_head(head: list[Header]) -> list[Header]:
     """``head`` with ``:authority`` (and a ``host`` header, if any) suffixed ``-shadow``."""
     return [(n, v + SHADOW_SUFFIX if n in (b":authority", b"host") else v) for n, v in head]
+
+
+def shadow_request(head: list[Header]) -> RequestHead:
+    """What the copy's destination authorizes of it (a same-node endpoint's policy is asked by
+    the shell): its method, path without the query, ``-shadow`` authority and headers."""
+    block = shadow_head(head)
+    pseudo = {n: v.decode("latin-1") for n, v in block if n[:1] == b":"}
+    return RequestHead(
+        pseudo.get(b":method", ""),
+        pseudo.get(b":path", "").split("?", 1)[0],
+        pseudo.get(b":authority", ""),
+        "",
+        headers=[(n, v) for n, v in block if n[:1] != b":"],
+    )
 
 
 class MirrorCall:

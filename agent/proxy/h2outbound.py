@@ -13,6 +13,16 @@ for a connection (``Outbound.open``: the source pod's certificate, the endpoint'
 checked).
 The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
 
+A same-node endpoint's request is seen by no other proxy, so it is authorized here, per request
+(``Core.authorize_request`` at the pod's workload: methods, paths, hosts, request headers;
+dry-run and AUDIT as at a destination), for every endpoint chosen for it: by the route, when a
+parked request is admitted, for either kind of retry (``h2route``'s ``allowed``). A refusal is
+answered as the destination node answers it, 403 ``RBAC: access denied`` (gRPC: trailers-only
+``grpc-status: 7``), its attempt finished without counting against the pod, and the connection
+goes on. Its socket is therefore opened without the connection-level check
+(``Outbound.open(requests_authorized=True)``: only a proxy port is refused), which would match
+no L7 rule: under ALLOW it refused every call, under DENY one denied method refused them all.
+
 Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
 request's endpoint). The balancer learns each request's time to response headers
 (``Attempts.finish(first_byte_at=...)``). An endpoint whose tunnel cannot be opened (within
@@ -22,8 +32,8 @@ requests that waited for it go to another endpoint as the backend Service's Traf
 answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure then counted as a rejection, as the
 last attempt's failure of a connection is).
 
-A request that reached a same-node endpoint is reported with ``reporter="destination"`` too
-(``same_node_destination``): no other proxy sees it.
+A request that reached a same-node endpoint, or that its policy refused here, is reported with
+``reporter="destination"`` too (``same_node_destination``): no other proxy sees it.
 
 The shell is the destination's (``httpshell.CallbackShell`` and ``Outbox``): the client's socket
 is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
@@ -42,11 +52,9 @@ rule's retries are one timer per session, at the soonest time ``H2Proxy`` holds
 ``max_replay_body``) and, once the client sent all of it, copied to each mirror Service as
 HTTP/1.1 does (``HttpOutbound``'s bound of copies in flight per node and their deadline; a
 task that outlives the client connection): an endpoint by the mirror Service's own traffic
-control, a fresh tunnel, ``h2mirror.MirrorCall`` on it, the response dropped, only
-``nodemesh_http_mirrored_total`` counting the outcome.
-
-Not here (yet): a same-node endpoint's L7 policy per request (it is evaluated at connect, as
-L4 policy; HTTP/1.1 and a same-node pod port declared HTTP/2 evaluate it per request).
+control (a same-node one's policy asked about the copy first), a fresh tunnel,
+``h2mirror.MirrorCall`` on it, the response dropped, only ``nodemesh_http_mirrored_total``
+counting the outcome.
 """
 
 from __future__ import annotations
@@ -61,10 +69,12 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
+from agent.policy.authz import HttpAttributes
+from agent.policy.authz import Request as AuthzRequest
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
 from agent.proxy.h2inbound import h2_request_record
-from agent.proxy.h2mirror import MirrorCall
+from agent.proxy.h2mirror import MirrorCall, shadow_request
 from agent.proxy.h2proxy import (
     Choice,
     H2Exchange,
@@ -73,8 +83,8 @@ from agent.proxy.h2proxy import (
     LocalAnswer,
     PickRequest,
 )
-from agent.proxy.h2route import Endpoint, admitted, route_request
-from agent.proxy.http1 import RequestHead, Verdict
+from agent.proxy.h2route import Allowed, Endpoint, admitted, route_request
+from agent.proxy.http1 import RBAC_DENIED, RequestHead, Verdict
 from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
 from agent.proxy.httpidle import IdleTimer, closed
@@ -86,7 +96,7 @@ from agent.proxy.httpshell import (
     try_send,
 )
 from agent.proxy.records import Refused, cancel_current_task
-from agent.proxy.resolve import ServiceTarget
+from agent.proxy.resolve import Route, ServiceTarget
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot, Workload
 from agent.telemetry.records import (
@@ -144,6 +154,8 @@ class H2SourceSession(CallbackShell):
             self._end,
         )
         self._to_upstream: dict[int, Outbox] = {}
+        self._routes_of: Snapshot | None = None  # the snapshot ``_route_cache`` is of
+        self._route_cache: dict[Endpoint, Route] = {}
         self._timer: asyncio.TimerHandle | None = None  # the soonest timeout or retry
         self._timer_at: float | None = None
         self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
@@ -151,6 +163,7 @@ class H2SourceSession(CallbackShell):
     def _pick(self, request: PickRequest) -> Choice | LocalAnswer:
         """Route the request (``h2route``: routes, weighted backend, traffic control)."""
         core, source = self.outbound.core, self.source
+        allowed = partial(self._allowed_here, request.head)
         choice = route_request(
             self.outbound.http.router,
             core.snapshot(),
@@ -160,6 +173,7 @@ class H2SourceSession(CallbackShell):
             source.labels if source is not None else None,
             (core.node, None),
             client_namespace=source.namespace if source is not None else "",
+            allowed=allowed,
         )
         if isinstance(choice, LocalAnswer):
             head = request.head
@@ -171,19 +185,59 @@ class H2SourceSession(CallbackShell):
             loop = asyncio.get_running_loop()
 
             def turn() -> None:  # called wherever a slot frees: act from the loop, here
-                loop.call_soon(self._admitted, plan)
+                loop.call_soon(self._admitted, plan, allowed)
 
             plan.attempts.on_admitted = turn
         return choice
 
-    def _admitted(self, plan: RoutePlan) -> None:
-        """A parked request's turn came: its endpoint (or 503 ``UH``) to ``H2Proxy``."""
-        endpoint = admitted(plan)
+    def _admitted(self, plan: RoutePlan, allowed: Allowed) -> None:
+        """A parked request's turn came: its endpoint (or 503 ``UH``, or 403 from its
+        policy) to ``H2Proxy``."""
+        endpoint = admitted(plan, allowed)
         answer = endpoint if isinstance(endpoint, LocalAnswer) else Choice(endpoint, plan)
         if not self.proxy.unpark(plan, answer):
             plan.attempts.finish()  # the request ended meanwhile: give its slot back
             return
         self._moved()
+
+    def _allowed_here(self, head: RequestHead, key: Endpoint) -> bool:
+        """A same-node endpoint's L7 authorization of one request: no other proxy sees it
+        (an endpoint on another node is authorized there). A refused request is reported
+        pointed at the endpoint, as its destination would have reported it."""
+        route = self._route_to(key)
+        if route.kind != "local" or self._authorized(route, head):
+            return True
+        if key not in self._routes:
+            self._routes[key] = self._described(route)
+        return False
+
+    def _authorized(self, route: Route, head: RequestHead) -> bool:
+        """``Core.authorize_request`` of ``head`` at the same-node pod of ``route``."""
+        assert route.target is not None
+        http = HttpAttributes(head.method, head.path, head.host, head.headers)
+        request = AuthzRequest(
+            self.src_ip, route.ip, route.port, self.record.source_identity, http=http
+        )
+        where = f"{self.where} @{route.ip}:{route.port} {head.method} {head.path}"
+        return self.outbound.core.authorize_request(request, route.target, where).allowed
+
+    def _route_to(self, key: Endpoint) -> Route:
+        """The route to endpoint ``key`` in the current snapshot (kept while it is current:
+        every request asks it)."""
+        snap = self.outbound.core.snapshot()
+        if snap is not self._routes_of:
+            self._routes_of, self._route_cache = snap, {}
+        route = self._route_cache.get(key)
+        if route is None:
+            route = self.outbound.resolver.endpoint_route(snap, self.source, key.target, key.ip)
+            self._route_cache[key] = route
+        return route
+
+    def _described(self, route: Route) -> ConnectionRecord:
+        """The session's record pointed at ``route``."""
+        rec = replace(self.record)
+        self.outbound.describe_route(self.outbound.core.snapshot(), route, rec)
+        return rec
 
     async def serve(self) -> None:
         core = self.outbound.core
@@ -256,17 +310,14 @@ class H2SourceSession(CallbackShell):
         over as they arrive (``_UpstreamSink``), and this task reads only what could not be
         (the client was not reading), the tunnel's end, and a same-node endpoint's socket."""
         out, proxy, ip = self.outbound, self.proxy, key.ip
-        snap = out.core.snapshot()
-        route = out.resolver.endpoint_route(snap, self.source, key.target, ip)
-        rec = replace(self.record)
-        out.describe_route(snap, route, rec)
-        self._routes[key] = rec
+        route = self._route_to(key)
+        self._routes[key] = rec = self._described(route)
         self._reached.discard(key)
         try:
             timeout = key.connect_timeout or out.core.settings.connect_timeout
-            upstream = await asyncio.wait_for(
-                out.open(route, rec, self.src_ip, self.conn_id), timeout
-            )
+            # A same-node endpoint's policy is asked per request (``_allowed_here``).
+            opening = out.open(route, rec, self.src_ip, self.conn_id, requests_authorized=True)
+            upstream = await asyncio.wait_for(opening, timeout)
         except (OSError, TunnelError, Refused) as e:
             cause = None if isinstance(e, Refused) else classify(e)
             if cause is None:  # not the endpoint's failure: its requests end UC
@@ -415,8 +466,9 @@ class H2SourceSession(CallbackShell):
             record = h2_request_record(exchange)
             core.registry.request_done(connection, record)
             key = exchange.upstream
-            if connection.path == "local" and key in self._reached:
-                # No other proxy saw it: reported as its destination too.
+            if connection.path == "local" and (key in self._reached or own == RBAC_DENIED):
+                # No other proxy saw it (or refused it: ``_allowed_here``): reported as its
+                # destination too.
                 assert isinstance(key, Endpoint)
                 if own != record.response_flags:
                     record = replace(record, response_flags=own)
@@ -438,12 +490,19 @@ class H2SourceSession(CallbackShell):
 
     async def _send_copy(self, copy: H2Mirrored, attempt: MirrorTry) -> None:
         """One copy's HTTP/2 (``MirrorSend``): a fresh tunnel, the request (``:authority``
-        suffixed ``-shadow``), the response read and dropped."""
+        suffixed ``-shadow``; a same-node endpoint's policy asked first), the response read
+        and dropped."""
         assert copy.body is not None
+        route = attempt.route
+        if route.kind == "local" and not self._authorized(route, shadow_request(copy.head)):
+            attempt.outcome = "denied"
+            return
         upstream: Upstream | None = None
         try:
             # conn_id 0: a copy is no connection of the registry (nothing to re-check)
-            upstream = await self.outbound.open(attempt.route, attempt.record, self.src_ip, 0)
+            upstream = await self.outbound.open(
+                route, attempt.record, self.src_ip, 0, requests_authorized=True
+            )
             attempt.attempts.connected(attempt.ip)
             call = MirrorCall(copy.head, copy.body, copy.trailers)
             try:

@@ -261,6 +261,9 @@ class LocalAnswer:
     headers: tuple[Header, ...] = ()
     tag: object = None
     grpc_status: int | None = None  # for a gRPC call, instead of ``grpc_status_for(status)``
+    # The upstream whose policy answered it (source side: a same-node endpoint's denial),
+    # reported as the request's (``H2Exchange.upstream``).
+    upstream: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,8 +596,7 @@ class H2Proxy:
         s.upstream, s.upstream_id, s.request_sent, s.try_deadline = None, 0, False, None
         ex = s.exchange
         if isinstance(choice, LocalAnswer):
-            ex.flags = choice.flags
-            self._answer(s, choice.status, grpc_status_for(choice.status), choice.message)
+            self._answer_locally(s, choice)
             return True
         ex.upstream = choice.key
         # All of the body received so far goes again (its window was acknowledged already);
@@ -629,8 +631,7 @@ class H2Proxy:
         choice = s.retries.next()
         ex = s.exchange
         if isinstance(choice, LocalAnswer):
-            ex.flags = choice.flags
-            self._answer(s, choice.status, grpc_status_for(choice.status), choice.message)
+            self._answer_locally(s, choice)
             return
         ex.upstream = choice.key
         s.to_upstream.extend((chunk, 0) for chunk in s.replay_body)  # acknowledged already
@@ -668,8 +669,7 @@ class H2Proxy:
         s.parked = False
         if isinstance(choice, LocalAnswer):
             s.held, s.send_at = None, None
-            s.exchange.flags = choice.flags
-            self._answer(s, choice.status, grpc_status_for(choice.status), choice.message)
+            self._answer_locally(s, choice)
         else:
             s.held_key = s.exchange.upstream = choice.key
             if s.send_at is None:
@@ -831,12 +831,8 @@ class H2Proxy:
             self._answer(s, 503, GRPC_UNAVAILABLE, b"no healthy upstream")
             return None
         if isinstance(choice, LocalAnswer):
-            ex.flags, ex.tag = choice.flags, choice.tag
-            status = choice.status
-            grpc_status = choice.grpc_status
-            if grpc_status is None:
-                grpc_status = grpc_status_for(status)
-            self._answer(s, status, grpc_status, choice.message, choice.headers)
+            ex.tag = choice.tag
+            self._answer_locally(s, choice)
             return None
         ex.upstream, ex.tag = choice.key, choice.tag
         s.edit_request, s.edit_response = choice.edit_request, choice.edit_response
@@ -1033,6 +1029,17 @@ class H2Proxy:
         )
         s.to_client.append((message, 0))
         s.response_end = True
+
+    def _answer_locally(self, s: _Stream, answer: LocalAnswer) -> None:
+        """Answer ``s`` as the pick (or its retries, or ``unpark``) said."""
+        ex = s.exchange
+        ex.flags = answer.flags
+        if answer.upstream is not None:
+            ex.upstream = answer.upstream
+        grpc_status = answer.grpc_status
+        if grpc_status is None:
+            grpc_status = grpc_status_for(answer.status)
+        self._answer(s, answer.status, grpc_status, answer.message, answer.headers)
 
     def _refuse(self, s: _Stream, flag: str) -> None:
         """Pass the pod's refusal of ``s`` on (REFUSED_STREAM: the client may retry it), and

@@ -48,6 +48,13 @@ When the TrafficPolicy does not retry, the rule's ``retry`` is asked as after an
 HTTP/1.1 request never reaches its rule's retry for a failed connect: there it is answered 503
 ``UF`` at once).
 
+Every endpoint chosen for a request (by ``route_request``, ``admitted`` for a parked one, or
+either kind of retry) is first offered to the shell's ``allowed``: a same-node endpoint's L7
+policy, which no other proxy would apply. A refused try is answered 403 ``RBAC`` (gRPC
+``PERMISSION_DENIED``, the destination's answer), named after the endpoint
+(``LocalAnswer.upstream``, so it is reported there); it never counts as connected, so the
+request's end finishes its attempt with nothing counted against the pod.
+
 An injected delay (the rule's HTTPFault, flag ``DI``, and the TrafficPolicy's) is
 ``Choice.delay``: ``H2Proxy`` holds the request; the route's ``timeouts.request`` starts after
 it, a call's ``grpc-timeout`` at once.
@@ -63,6 +70,7 @@ from dataclasses import dataclass, field
 
 from agent.policy.routes import GrpcRequest, HttpRequest
 from agent.proxy.h2proxy import Choice, Header, HeaderEdit, LocalAnswer, PickRequest, header
+from agent.proxy.http1 import DENIED_BODY, GRPC_PERMISSION_DENIED, RBAC_DENIED
 from agent.proxy.http_router import (
     BODIES,
     NO_HEALTHY_UPSTREAM,
@@ -95,6 +103,11 @@ class Endpoint:
         return f"{self.service[0]}/{self.service[1]}:{self.port}@{self.ip}"
 
 
+# One request's authorization at the endpoint chosen for it (the shell's: a same-node
+# endpoint's L7 policy; True for an endpoint on another node, whose node authorizes it).
+Allowed = Callable[[Endpoint], bool]
+
+
 def grpc_timeout(value: str | None) -> float | None:
     """Seconds of a ``grpc-timeout`` header (``100m``, ``2S``), or None if absent or malformed."""
     if not value or len(value) > 9 or value[-1] not in _GRPC_UNITS or not value[:-1].isdigit():
@@ -112,9 +125,11 @@ def route_request(
     source_node: tuple[str, str | None],
     *,
     client_namespace: str,
+    allowed: Allowed,
 ) -> Choice | LocalAnswer:
     """Where one request on an HTTP/2 port goes (its ``RoutePlan`` is the choice's tag, to be
-    finished with the request), or how it is answered here."""
+    finished with the request), or how it is answered here; ``allowed`` is asked about every
+    endpoint chosen for it (now, when admitted, or for a retry)."""
     head = request.head
     headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers]
     call = GrpcRequest.from_path(head.path, headers, authority=head.host) if request.grpc else None
@@ -137,7 +152,7 @@ def route_request(
         return LocalAnswer(e.status, e.flags, e.body, extra, grpc_status=e.grpc_status)
     key: Endpoint | None = None
     if not plan.attempts.queued:
-        endpoint = admitted(plan)
+        endpoint = admitted(plan, allowed)
         if isinstance(endpoint, LocalAnswer):
             plan.attempts.finish()
             return endpoint
@@ -148,23 +163,38 @@ def route_request(
         edit_request=_request_edit(plan.edit_request) if plan.edit_request else None,
         edit_response=_response_edit(plan.edit_response) if plan.edit_response else None,
         timeout=_timeout(plan, call),
-        retries=PlanRetries(plan) if plan.retry is not None else None,
+        retries=PlanRetries(plan, allowed) if plan.retry is not None else None,
         try_timeout=plan.try_timeout,
         delay=plan.injected_delay,
-        resend=ServiceRetries(plan),
+        resend=ServiceRetries(plan, allowed),
         mirror=bool(plan.mirrors),
         parked=plan.attempts.queued,
     )
 
 
-def admitted(plan: RoutePlan) -> Endpoint | LocalAnswer:
+def admitted(plan: RoutePlan, allowed: Allowed) -> Endpoint | LocalAnswer:
     """The endpoint of a request its backend Service admitted (at once, or when its turn in
-    the ``maxPendingRequests`` queue came), or 503 ``UH`` when there is none."""
+    the ``maxPendingRequests`` queue came), or 503 ``UH`` when there is none (or 403 from its
+    policy: ``_sent_to``)."""
     ip = plan.attempts.next_endpoint()
     if ip is None:
         return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
-    plan.attempts.connected(ip)  # a request is "connected" once it is sent on an upstream
-    return _endpoint(plan, ip)
+    return _sent_to(plan, ip, allowed)
+
+
+def _sent_to(plan: RoutePlan, ip: str, allowed: Allowed) -> Endpoint | LocalAnswer:
+    """Endpoint ``ip``, chosen for the request's next try, once ``allowed`` lets the request
+    go there: the try then counts as connected (a request is "connected" once it is sent on an
+    upstream). Refused, it is answered as its destination would answer it, 403 ``RBAC`` (gRPC
+    ``PERMISSION_DENIED``) named after the endpoint; the try stays unconnected, so finishing
+    the request counts nothing against the endpoint and returns the Service's counts."""
+    key = _endpoint(plan, ip)
+    if not allowed(key):
+        return LocalAnswer(
+            403, RBAC_DENIED, DENIED_BODY, grpc_status=GRPC_PERMISSION_DENIED, upstream=key
+        )
+    plan.attempts.connected(ip)
+    return key
 
 
 def _endpoint(plan: RoutePlan, ip: str) -> Endpoint:
@@ -182,10 +212,10 @@ class PlanRetries:
     """``H2Proxy``'s ``Retries`` for a request whose rule has ``retry``: the decision is the
     HTTP/1.1 path's (``RoutePlan.retry_after``: the rule's codes, attempts, replayable, the
     backend Service's retry budget, each outcome counted), the next try another endpoint of
-    the same backend Service."""
+    the same backend Service (``allowed`` there)."""
 
-    def __init__(self, plan: RoutePlan) -> None:
-        self.plan = plan
+    def __init__(self, plan: RoutePlan, allowed: Allowed) -> None:
+        self.plan, self.allowed = plan, allowed
 
     def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
         return self.plan.retry_after(status, first_byte, replayable=replayable)
@@ -195,18 +225,18 @@ class PlanRetries:
         ip = attempts.next_endpoint()
         if ip is None:
             return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
-        attempts.connected(ip)
-        return Choice(_endpoint(self.plan, ip), self.plan)
+        return _choice(self.plan, ip, self.allowed)
 
 
 class ServiceRetries:
     """``H2Proxy``'s ``Resend`` for every request: the backend Service's TrafficPolicy
-    retries of a try its endpoint never processed (see the module docstring)."""
+    retries of a try its endpoint never processed (see the module docstring), to an endpoint
+    ``allowed`` there."""
 
-    __slots__ = ("plan",)
+    __slots__ = ("allowed", "plan")
 
-    def __init__(self, plan: RoutePlan) -> None:
-        self.plan = plan
+    def __init__(self, plan: RoutePlan, allowed: Allowed) -> None:
+        self.plan, self.allowed = plan, allowed
 
     def unprocessed(self, cause: str, *, replayable: bool) -> Choice | LocalAnswer | None:
         attempts = self.plan.attempts
@@ -217,8 +247,13 @@ class ServiceRetries:
         ip = attempts.next_endpoint()
         if ip is None:  # the Service has no endpoint left: this failure is the answer
             return LocalAnswer(503, UPSTREAM_CONNECT_FAILURE, BODIES[UPSTREAM_CONNECT_FAILURE])
-        attempts.connected(ip)
-        return Choice(_endpoint(self.plan, ip), self.plan)
+        return _choice(self.plan, ip, self.allowed)
+
+
+def _choice(plan: RoutePlan, ip: str, allowed: Allowed) -> Choice | LocalAnswer:
+    """A retry's try to endpoint ``ip`` (``_sent_to``)."""
+    key = _sent_to(plan, ip, allowed)
+    return key if isinstance(key, LocalAnswer) else Choice(key, plan)
 
 
 def _timeout(plan: RoutePlan, call: GrpcRequest | None) -> float | None:

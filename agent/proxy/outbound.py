@@ -214,10 +214,18 @@ class Outbound:
             ) from e
 
     async def open(
-        self, route: Route, record: ConnectionRecord, src_ip: str, conn_id: int
+        self,
+        route: Route,
+        record: ConnectionRecord,
+        src_ip: str,
+        conn_id: int,
+        *,
+        requests_authorized: bool = False,
     ) -> Upstream:
         """Connect to ``route``'s destination. Raises ``Refused`` (already counted), or
-        ``TunnelError``/``OSError``/``TimeoutError`` for the caller to count or retry."""
+        ``TunnelError``/``OSError``/``TimeoutError`` for the caller to count or retry.
+        ``requests_authorized``: the caller authorizes each request it sends to a same-node
+        pod (its L7 policy), so only a proxy port is refused here."""
         if route.kind == "hbone":
             assert record.source_identity and record.destination_identity
             key = PoolKey(
@@ -230,7 +238,7 @@ class Outbound:
             dialled = f"{service.namespace}/{service.name}" if service is not None else None
             return await self.pool.open(key, _addr(route.ip, route.port), src_ip, dialled)
         if route.kind == "local":
-            self._authorize_local(route, record, src_ip, conn_id)
+            self._authorize_local(route, record, src_ip, conn_id, requests_authorized)
         s = self.core.settings
         return await sockets.connect(
             (route.ip, route.port),
@@ -240,12 +248,19 @@ class Outbound:
         )
 
     def _authorize_local(
-        self, route: Route, record: ConnectionRecord, src_ip: str, conn_id: int
+        self,
+        route: Route,
+        record: ConnectionRecord,
+        src_ip: str,
+        conn_id: int,
+        requests_authorized: bool = False,
     ) -> None:
         assert route.target is not None
         if route.port in self.core.settings.proxy_ports:
             self.core.registry.reject("proxy_port", f"{record.destination} is a proxy port")
             raise Refused(record.destination)
+        if requests_authorized:
+            return
         request = Request(src_ip, route.ip, route.port, record.source_identity)
         where = f"{record.source} -> {record.destination} (same node)"
         if not self.core.authorize(request, route.target, where, self.core.snapshot()):

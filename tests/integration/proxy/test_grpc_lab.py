@@ -344,3 +344,71 @@ def test_calls_go_to_the_replica_that_listens_while_the_other_refuses(lab: Lab) 
     ok = {"reporter": "source", "grpc_response_status": "0", "response_flags": "-",
           "destination_service": "grpc-half.default.svc.cluster.local"}  # fmt: skip
     assert total(after, **ok) - total(before, **ok) == 20
+
+
+def test_a_same_node_replica_is_authorized_per_call_under_an_l7_deny(lab: Lab) -> None:
+    """``grpc-near`` selects the neighbor pod, on the client's node: no other proxy sees its
+    calls, so node1 authorizes each one. A DENY on the Admin method refuses exactly those calls
+    (before, the connection-level check broadened it to every call), the others on the channel
+    reach the pod, and node1 counts each call with both reporters."""
+    near = PORT + 2
+    service: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "grpc-near", "namespace": "default"},
+        "spec": {
+            "selector": {"app": "neighbor"},
+            "ports": [{"port": near, "targetPort": near, "name": "grpc", "appProtocol": "grpc"}],
+        },
+    }
+    deny: dict[str, Any] = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-near-admin-" + secrets.token_hex(3), "namespace": "default"},
+        "spec": {
+            "action": "DENY",
+            "selector": {"matchLabels": {"app": "neighbor"}},
+            "rules": [{"to": [{"operation": {"paths": [grpcecho.ADMIN]}}]}],
+        },
+    }
+    with pod_servers(lab, ("neighbor",), _server("neighbor", near), near):
+        lab.apply(service)
+        lab.apply(deny)
+        try:
+            address = next(s for s in lab.status()["services"] if s["name"] == "grpc-near")
+            target = f"{address['clusterIP']}:{near}"
+
+            def in_force() -> None:
+                result = calls(lab, "client", target, (grpcecho.UNARY, "w"), (grpcecho.ADMIN, "w"))
+                assert result == [
+                    ("OK", "neighbor:w"),
+                    ("PERMISSION_DENIED", "RBAC: access denied"),
+                ], result
+
+            retry(in_force, timeout=40)
+            before = metrics(lab, "node1")
+            result = calls(
+                lab, "client", target,
+                (grpcecho.UNARY, "a"), (grpcecho.ADMIN, "x"), (grpcecho.STREAM, "2"),
+                (grpcecho.ADMIN, "y"), (grpcecho.UNARY, "b"),
+            )  # fmt: skip
+            after = metrics(lab, "node1")
+        finally:
+            lab.delete(deny)
+            lab.delete(service)
+    assert result == [
+        ("OK", "neighbor:a"), ("PERMISSION_DENIED", "RBAC: access denied"),
+        ("OK", "neighbor:0,neighbor:1"), ("PERMISSION_DENIED", "RBAC: access denied"),
+        ("OK", "neighbor:b"),
+    ]  # fmt: skip
+    ours = {"destination_service": "grpc-near.default.svc.cluster.local",
+            "destination_workload": "neighbor", "request_protocol": "grpc"}  # fmt: skip
+    for reporter in ("source", "destination"):
+        denied = {**ours, "reporter": reporter, "grpc_response_status": "7",
+                  "response_flags": "RBAC"}  # fmt: skip
+        assert total(after, **denied) - total(before, **denied) == 2, reporter
+        ok = {**ours, "reporter": reporter, "grpc_response_status": "0", "response_flags": "-"}
+        assert total(after, **ok) - total(before, **ok) == 3, reporter
+    failures = "nodemesh_service_connect_failures_total"
+    mine = {"service": "default/grpc-near"}
+    assert _counter(after, failures, **mine) == _counter(before, failures, **mine)

@@ -5,6 +5,11 @@ HTTP/1.1 port, the connection is served per request rather than reset: the port'
 send calls elsewhere (GAMMA's frontend Service), and without one each call gets a trailers-only
 ``UNAVAILABLE`` with ``no healthy upstream`` (flag ``UH``).
 
+A Service whose only endpoint is on the source's node, under the pod's L7 AuthorizationPolicy:
+no other proxy sees these calls, so node1 authorizes each one (an ALLOW on paths lets the calls
+it names through; a DENY on one method refuses exactly those calls, PERMISSION_DENIED, and the
+connection keeps serving the others), and reports each with both reporters.
+
 Calls to an endpoint over HBONE: the source shell is driven by callbacks, so once the endpoint's
 tunnel is open a call wakes none of the session's tasks (counted by a task factory).
 
@@ -18,17 +23,33 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived, ResponseReceived, StreamEnded, TrailersReceived
+from h2.events import (
+    DataReceived,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    TrailersReceived,
+)
 
-from agent.state import Endpoint, Service, ServicePort
-from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh, free_port, mesh_test
-from tests.integration.proxy.test_http_outbound_loopback import observe, requests_total
+from agent.policy.traffic.service import ServiceTraffic
+from agent.state import Endpoint, PolicyObject, Service, ServicePort
+from agent.telemetry.http import HttpMetrics
+from tests.integration.proxy.mesh import (
+    CLIENT,
+    LOCAL,
+    SERVER,
+    Mesh,
+    free_port,
+    mesh_test,
+    set_policies,
+)
+from tests.integration.proxy.test_http_outbound_loopback import observe, requests_total, series
 from tests.unit.traffic.traffic_helpers import traffic_policy
 
 pytestmark = pytest.mark.root
@@ -389,3 +410,153 @@ async def test_calls_to_a_same_node_pod_port_declared_grpc_are_reported_by_both(
     counts = requests_total(source)
     assert counts[("source", FRONT, "200", "-")] == calls
     assert counts[("destination", FRONT, "200", "-")] == calls
+
+
+def _recording_app(
+    paths: list[str],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]:
+    """``_grpc_app`` that notes the ``:path`` of every request it receives."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, RequestReceived):
+                    paths.append(dict(event.headers)[":path"])  # type: ignore[arg-type]
+                elif isinstance(event, DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, StreamEnded):
+                    sid = event.stream_id
+                    head = [(":status", "200"), ("content-type", "application/grpc")]
+                    conn.send_headers(sid, head)
+                    conn.send_data(sid, b"\0\0\0\0\0")
+                    conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+            writer.write(conn.data_to_send())
+        writer.close()
+
+    return serve
+
+
+async def _requests(
+    conn: H2Connection,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    paths: list[str],
+) -> list[str]:
+    """One request per path, one after the other on ``conn``: a gRPC call (its ``grpc-status``)
+    for a ``/pkg.Service/Method`` path, else a plain HTTP/2 GET (its ``:status``)."""
+    answers = []
+    for path in paths:
+        grpc = path.startswith("/pkg.")
+        sid = conn.get_next_available_stream_id()
+        head = [(":method", "POST" if grpc else "GET"), (":scheme", "http"),
+                (":authority", "front"), (":path", path)]  # fmt: skip
+        if grpc:
+            head += [("content-type", "application/grpc"), ("te", "trailers")]
+        conn.send_headers(sid, head, end_stream=not grpc)
+        if grpc:
+            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+        writer.write(conn.data_to_send())
+        answer, ended = "", False
+        while not ended:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "the proxy closed the connection instead of answering"
+            for event in conn.receive_data(data):
+                if isinstance(event, DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, ResponseReceived | TrailersReceived):
+                    headers = dict(event.headers)  # type: ignore[arg-type]
+                    name = "grpc-status" if grpc else ":status"
+                    answer = headers.get(name, answer)
+                ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
+            writer.write(conn.data_to_send())
+        answers.append(answer)
+    return answers
+
+
+async def _same_node_only(
+    mesh: Mesh, rules: dict[str, object], paths: list[str]
+) -> tuple[list[str], list[str], ServiceTraffic]:
+    """``paths`` requested on one connection to ``front``, whose one endpoint is the same-node
+    pod ``local`` under the AuthorizationPolicy ``rules``: the answers, the paths the pod
+    received, and the Service's traffic control."""
+    port = free_port(LOCAL)
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        tx.put_service(
+            Service("front", "default", (VIP,), (grpc,), {"app": "local"}, (Endpoint(LOCAL),))
+        )
+    spec = {"selector": {"matchLabels": {"app": "local"}}, **rules}
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "calls", spec))
+    received: list[str] = []
+    app = await asyncio.start_server(_recording_app(received), LOCAL, port)
+    try:
+        reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        answers = await _requests(conn, reader, writer, paths)
+        writer.close()
+    finally:
+        app.close()
+    snap = mesh.store.snapshot()
+    traffic = mesh.node1.outbound.balanced.traffic.service(
+        snap, snap.services[("default", "front")]
+    )
+    return answers, received, traffic
+
+
+def _settled(traffic: ServiceTraffic) -> None:
+    assert (traffic.active, traffic.pending) == (0, 0)  # every call's attempt finished
+    assert not [k for k in traffic.counters if k.startswith("failed")]  # none against the pod
+
+
+def _by_reporter(source: HttpMetrics, **match: str) -> dict[str, float]:
+    """The requests node1 reported whose labels include ``match``, by reporter."""
+    out: dict[str, float] = {}
+    for labels, value in series(source, destination_service=FRONT, **match).items():
+        reporter = dict(labels)["reporter"]
+        out[reporter] = out.get(reporter, 0) + value
+    return out
+
+
+@mesh_test
+async def test_an_allow_on_paths_lets_its_calls_reach_the_same_node_pod(mesh: Mesh) -> None:
+    source, _ = observe(mesh)
+    allow = {"action": "ALLOW", "rules": [{"to": [{"operation": {"paths": ["/pkg.Echo/*"]}}]}]}
+    paths = ["/pkg.Echo/Unary", "/pkg.Other/Do", "/pkg.Echo/Unary"]
+    answers, received, traffic = await _same_node_only(mesh, allow, paths)
+    assert answers == ["0", "7", "0"]
+    assert received == ["/pkg.Echo/Unary"] * 2
+    _settled(traffic)
+    both = {"source": 2.0, "destination": 2.0}
+    assert _by_reporter(source, grpc_response_status="0") == both
+    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == {
+        "source": 1.0,
+        "destination": 1.0,
+    }
+
+
+@mesh_test
+async def test_a_deny_on_one_method_refuses_only_its_calls_to_the_same_node_pod(mesh: Mesh) -> None:
+    source, _ = observe(mesh)
+    deny = {
+        "action": "DENY",
+        "rules": [{"to": [{"operation": {"paths": ["/pkg.Echo/Delete", "/admin"]}}]}],
+    }
+    paths = ["/pkg.Echo/Get", "/pkg.Echo/Delete", "/pkg.Echo/Get", "/admin", "/status",
+             "/pkg.Echo/Delete", "/pkg.Echo/Get"]  # fmt: skip
+    answers, received, traffic = await _same_node_only(mesh, deny, paths)
+    assert answers == ["0", "7", "0", "403", "200", "7", "0"]
+    assert received == ["/pkg.Echo/Get", "/pkg.Echo/Get", "/status", "/pkg.Echo/Get"]
+    _settled(traffic)
+    denied = {"source": 2.0, "destination": 2.0}
+    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == denied
+    assert _by_reporter(source, response_code="403", response_flags="RBAC") == {
+        "source": 1.0,
+        "destination": 1.0,
+    }
+    assert _by_reporter(source, response_flags="-") == {"source": 4.0, "destination": 4.0}
+    (labels,) = (dict(k) for k in series(source, reporter="destination", response_code="403"))
+    assert (labels["destination_workload"], labels["source_workload"]) == ("local", "client")

@@ -13,10 +13,18 @@ from collections.abc import Callable
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived, RequestReceived, StreamEnded
+from h2.events import DataReceived, RequestReceived, StreamEnded, TrailersReceived
 
-from agent.state import Endpoint, RouteObject, Service, ServicePort
-from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, free_port, mesh_test
+from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
+from tests.integration.proxy.mesh import (
+    CLIENT,
+    LOCAL,
+    SERVER,
+    Mesh,
+    free_port,
+    mesh_test,
+    set_policies,
+)
 
 pytestmark = pytest.mark.root
 
@@ -25,9 +33,11 @@ GRPC_VIP, GRPC_SHADOW_VIP = "10.96.8.4", "10.96.8.5"
 ANSWER = [(":status", "200"), ("content-type", "application/grpc")]
 
 
-def _services(mesh: Mesh, name: str, vips: tuple[str, str], port: int, protocol: str) -> None:
-    """``name`` and ``name-shadow`` on the server pod's ``port``, and a route on ``name``
-    whose one rule sends to ``name`` and mirrors to ``name-shadow``."""
+def _services(
+    mesh: Mesh, name: str, vips: tuple[str, str], port: int, protocol: str, shadow_at: str = SERVER
+) -> None:
+    """``name`` on the server pod's ``port`` and ``name-shadow`` on ``shadow_at``'s, and a route
+    on ``name`` whose one rule sends to ``name`` and mirrors to ``name-shadow``."""
     kind = "GRPCRoute" if protocol == "grpc" else "HTTPRoute"
     shadow = {"name": f"{name}-shadow", "port": 80}
     mirror = {"type": "RequestMirror", "requestMirror": {"backendRef": shadow}}
@@ -37,11 +47,12 @@ def _services(mesh: Mesh, name: str, vips: tuple[str, str], port: int, protocol:
         "rules": [rule],
     }
     with mesh.store.update() as tx:
-        for service, vip in zip((name, f"{name}-shadow"), vips, strict=True):
+        for service, vip, at in zip(
+            (name, f"{name}-shadow"), vips, (SERVER, shadow_at), strict=True
+        ):
             ports = (ServicePort(80, port, name=protocol, app_protocol=protocol),)
-            tx.put_service(
-                Service(service, "default", (vip,), ports, {"app": "server"}, (Endpoint(SERVER),))
-            )
+            selector = {"app": "server" if at == SERVER else "local"}
+            tx.put_service(Service(service, "default", (vip,), ports, selector, (Endpoint(at),)))
         tx.put_route(RouteObject(kind, "default", name, spec, 1, name))
 
 
@@ -51,13 +62,16 @@ async def _mirrored(
     vips: tuple[str, str],
     protocol: str,
     app: Callable[[Counter[str]], asyncio.Protocol],
-) -> tuple[Counter[str], asyncio.Server, asyncio.StreamReader, asyncio.StreamWriter]:
-    """The pod's ``app`` (what it was asked, by authority), the Services and the route, and
-    a client connection to ``name``."""
+    shadow_at: str = SERVER,
+) -> tuple[Counter[str], list[asyncio.Server], asyncio.StreamReader, asyncio.StreamWriter]:
+    """The pods' ``app`` (what they were asked, by authority), the Services and the route,
+    and a client connection to ``name``."""
     port, seen = free_port(SERVER), Counter[str]()
-    server = await asyncio.get_running_loop().create_server(lambda: app(seen), SERVER, port)
-    _services(mesh, name, vips, port, protocol)
-    return seen, server, *await mesh.connect(CLIENT, (vips[0], 80))
+    loop = asyncio.get_running_loop()
+    pods = sorted({SERVER, shadow_at})
+    servers = [await loop.create_server(lambda: app(seen), ip, port) for ip in pods]
+    _services(mesh, name, vips, port, protocol, shadow_at)
+    return seen, servers, *await mesh.connect(CLIENT, (vips[0], 80))
 
 
 async def _until(seen: Counter[str], want: dict[str, int]) -> None:
@@ -115,7 +129,7 @@ class _Grpc(asyncio.Protocol):
 
 @mesh_test
 async def test_each_http1_request_is_answered_and_copied_to_the_mirror(mesh: Mesh) -> None:
-    seen, server, reader, writer = await _mirrored(
+    seen, servers, reader, writer = await _mirrored(
         mesh, "web", (WEB_VIP, WEB_SHADOW_VIP), "http", _Http
     )
     for i in range(5):
@@ -126,20 +140,56 @@ async def test_each_http1_request_is_answered_and_copied_to_the_mirror(mesh: Mes
         assert answer.startswith(b"HTTP/1.1 200 "), answer
     writer.close()
     await _until(seen, {"web": 5, "web-shadow": 5})
-    server.close()
+    for server in servers:
+        server.close()
 
 
 @mesh_test
 async def test_each_grpc_call_is_answered_and_copied_to_the_mirror(mesh: Mesh) -> None:
-    seen, server, reader, writer = await _mirrored(
+    seen, servers, reader, writer = await _mirrored(
         mesh, "grpc", (GRPC_VIP, GRPC_SHADOW_VIP), "grpc", _Grpc
     )
+    await _grpc_calls(reader, writer, ["/pkg.Echo/Unary"] * 3)
+    await _until(seen, {"grpc": 3, "grpc-shadow": 3})
+    for server in servers:
+        server.close()
+
+
+@mesh_test
+async def test_a_copy_to_a_same_node_pod_is_authorized_as_a_request_there(mesh: Mesh) -> None:
+    """The mirror Service's endpoint is on node1, under an ALLOW on one path: the copies of
+    calls to that path reach it (a connection-level check, which matches no L7 rule, refused
+    them all), the others' copies are denied; every call itself is answered."""
+    allow = {"selector": {"matchLabels": {"app": "local"}}, "action": "ALLOW",
+             "rules": [{"to": [{"operation": {"paths": ["/pkg.Echo/Unary"]}}]}]}  # fmt: skip
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "unary", allow))
+    seen, servers, reader, writer = await _mirrored(
+        mesh, "grpc", (GRPC_VIP, GRPC_SHADOW_VIP), "grpc", _Grpc, shadow_at=LOCAL
+    )
+    await _grpc_calls(reader, writer, ["/pkg.Echo/Unary", "/pkg.Echo/Other"] * 2)
+    await _until(seen, {"grpc": 4, "grpc-shadow": 2})
+    snap = mesh.store.snapshot()
+    shadow = snap.services[("default", "grpc-shadow")]
+    counters = mesh.node1.outbound.balanced.traffic.service(snap, shadow).counters
+    for _ in range(200):  # the denied copies are counted by their own tasks
+        if counters["http_mirror_denied"] == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert (counters["http_mirror_sent"], counters["http_mirror_denied"]) == (2, 2)
+    for server in servers:
+        server.close()
+
+
+async def _grpc_calls(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, paths: list[str]
+) -> None:
+    """One call per path, one after the other on a new h2 connection, each answered OK."""
     conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
     conn.initiate_connection()
-    head = [(":method", "POST"), (":scheme", "http"), (":authority", "grpc"),
-            (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
-            ("te", "trailers")]  # fmt: skip
-    for _ in range(3):
+    for path in paths:
+        head = [(":method", "POST"), (":scheme", "http"), (":authority", "grpc"),
+                (":path", path), ("content-type", "application/grpc"),
+                ("te", "trailers")]  # fmt: skip
         sid = conn.get_next_available_stream_id()
         conn.send_headers(sid, head)
         conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
@@ -151,8 +201,8 @@ async def test_each_grpc_call_is_answered_and_copied_to_the_mirror(mesh: Mesh) -
             for event in conn.receive_data(data):
                 if isinstance(event, DataReceived):
                     conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, TrailersReceived):
+                    assert dict(event.headers)["grpc-status"] == "0"  # type: ignore[arg-type]
                 ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
             writer.write(conn.data_to_send())
     writer.close()
-    await _until(seen, {"grpc": 3, "grpc-shadow": 3})
-    server.close()

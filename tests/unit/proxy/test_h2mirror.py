@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from h2.events import DataReceived, RequestReceived, StreamEnded, TrailersReceived
 
-from agent.proxy.h2mirror import MirrorCall
+from agent.proxy.h2mirror import MirrorCall, shadow_request
 from agent.proxy.h2proxy import Choice, H2Limits, LocalAnswer, PickRequest
 from tests.unit.proxy.h2peers import peer
 from tests.unit.proxy.test_h2proxy import Pods, _grpc_call
@@ -109,3 +109,11 @@ def test_a_delayed_request_is_copied_when_it_is_sent_not_before() -> None:
     w.run()
     (copy,) = w.proxy.take_mirrors()
     assert copy.body == b"body"
+
+
+def test_what_a_copys_destination_authorizes_is_the_shadow_request() -> None:
+    head = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"web"),
+            (b":path", b"/pkg.Echo/Unary?x=1"), (b"content-type", b"application/grpc")]  # fmt: skip
+    request = shadow_request(head)
+    assert (request.method, request.path, request.host) == ("POST", "/pkg.Echo/Unary", "web-shadow")
+    assert list(request.headers) == [(b"content-type", b"application/grpc")]

@@ -1122,3 +1122,73 @@ def test_calls_above_the_pods_goaway_are_resent_and_those_below_are_answered_by_
     assert [m.asked for m in made] == [[], [("refused", True)]]
     assert _answer_all(w, "b") == [b"moved"]
     assert moved in w.responses() and kept not in w.responses()
+
+
+# -- the source side: an endpoint's own answer (a same-node endpoint's policy) ----------------
+DENIED = LocalAnswer(403, "RBAC", b"RBAC: access denied", grpc_status=7, upstream="b")
+
+
+class DeniedThere(FakeResend):
+    """Sends an unprocessed try to "b", whose policy refuses it."""
+
+    def unprocessed(self, cause: str, *, replayable: bool) -> Choice | LocalAnswer | None:
+        self.asked.append((cause, replayable))
+        return DENIED
+
+
+class DeniedRetry(FakeRetries):
+    def next(self) -> Choice | LocalAnswer:
+        return DENIED
+
+
+def _denied_as_the_destination_answers(w: Pods, sid: int, tag: object) -> None:
+    """The call got the destination's trailers-only PERMISSION_DENIED, reported at "b"."""
+    answer = w.responses()[sid]
+    assert (answer[b":status"], answer[b"grpc-status"]) == (b"200", b"7")
+    assert answer[b"grpc-message"] == b"RBAC: access denied"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.tag, ex.status, ex.grpc_status, ex.flags) == (
+        "b",
+        tag,
+        200,
+        "7",
+        "RBAC",
+    )
+
+
+def test_a_resend_its_endpoint_refuses_is_answered_with_that_endpoints_grpc_status() -> None:
+    resend = DeniedThere([])
+    w = Pods(lambda _r: Choice("a", tag="tag", resend=resend), clock=lambda: 10.0)
+    w.down["a"] = "refused"
+    sid = _grpc_call(w, b"x")
+    w.run()
+    assert resend.asked == [("refused", True)] and w.unreachable == [False]
+    _denied_as_the_destination_answers(w, sid, "tag")
+
+
+def test_a_retry_its_endpoint_refuses_is_answered_with_that_endpoints_grpc_status() -> None:
+    now = [10.0]
+    w = _retrying(DeniedRetry(["b"]), now)
+    sid = _grpc_call(w, b"x")
+    w.run()
+    _unavailable(w, "a")
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    _denied_as_the_destination_answers(w, sid, "tag")
+
+
+def test_a_parked_request_its_endpoint_refuses_is_answered_with_its_status() -> None:
+    plan = object()
+    w = Pods(lambda _r: Choice(None, tag=plan, parked=True), clock=lambda: 10.0)
+    call, plain = _grpc_call(w, b"x"), w.request("/plain")
+    w.run()
+    assert w.proxy.unpark(plan, DENIED)
+    w.run()
+    _denied_as_the_destination_answers(w, call, plan)
+    assert w.proxy.unpark(plan, DENIED)  # the plain request carries the same tag here
+    w.run()
+    assert w.responses()[plain][b":status"] == b"403"
+    body = b"".join(e.data for e in w.client_events
+                    if isinstance(e, DataReceived) and e.stream_id == plain)  # fmt: skip
+    assert body == b"RBAC: access denied"

@@ -521,3 +521,29 @@ async def test_a_same_node_endpoint_is_rate_limited_as_its_destination_would(mes
     assert counts[("destination", WEB, "429", "RL")] == 4 + 1, counts
     assert counts[("destination", WEB, "200", "-")] == 3 + 1, counts
     assert counts[("destination", WEB, "403", "RBAC")] == 1, counts
+
+
+@mesh_test
+async def test_a_same_node_pod_port_declared_http_is_rate_limited_per_request(mesh: Mesh) -> None:
+    """``client`` addressing the ``local`` pod directly on its declared HTTP port is served by
+    the destination's session on node1 (``samenode``), which applies the pod's RateLimitPolicy
+    from the same buckets as the Service path: one limit for both ways in."""
+    port = free_port(LOCAL)
+    add_services(mesh, port, LOCAL)  # ``web``'s port is declared HTTP: so is the pod's
+    set_policies(mesh.store, rate_limit(3))
+    mesh.node1.core.clock = lambda: 100.0
+    source, _ = observe(mesh)
+    async with apps(port, LOCAL):
+        direct = Client(*await mesh.connect(CLIENT, (LOCAL, port)))
+        answers = [await direct.request("GET", f"/d{i}") for i in range(2)]
+        via = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        answers += [await via.request("GET", f"/v{i}") for i in range(2)]
+        answers += [await direct.request("GET", "/d2")]
+        direct.writer.close()
+        via.writer.close()
+    ok, limited = (200, LOCAL.encode()), (429, b"local_rate_limited")
+    assert answers == [ok] * 3 + [limited] * 2
+    assert mesh.node1.core.registry.rate_limited == {WEB: 2}
+    counts = requests_total(source)
+    for reporter in ("source", "destination"):
+        assert counts[(reporter, WEB, "429", "RL")] == 2, (reporter, counts)

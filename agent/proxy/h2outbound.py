@@ -15,16 +15,17 @@ The destination node's inbound HTTP/2 layer then authorizes and reports each req
 
 A same-node endpoint's request is seen by no other proxy, so it is admitted here, per request,
 as its destination would admit it (``http_inbound.request_verdict`` at the pod's workload: the
-L7 policy, ``Core.authorize_request``: methods, paths, hosts, request headers, dry-run and
-AUDIT as at a destination; then the pod port's RateLimitPolicies, ``Core.rate_limit``, from the
-node's buckets, so a pod's limit is one limit whichever node its callers are on), for every
-endpoint chosen for it: by the route, when a parked request is admitted, for either kind of
-retry (``h2route``'s ``allowed``). A refusal is answered as the destination node answers it,
-403 ``RBAC: access denied`` (gRPC: trailers-only ``grpc-status: 7``) or 429
-``local_rate_limited`` (``grpc-status: 8``, counted in ``nodemesh_rate_limited_requests_total``),
-its attempt finished without counting against the pod, and the connection goes on. Its socket is therefore opened without the connection-level check
-(``Outbound.open(requests_authorized=True)``: only a proxy port is refused), which would match
-no L7 rule: under ALLOW it refused every call, under DENY one denied method refused them all.
+L7 policy, ``Core.authorize_request``: methods, paths, hosts, request headers, dry-run and AUDIT
+as at a destination; then the pod port's RateLimitPolicies, ``Core.rate_limit``, from the node's
+buckets, so a pod's limit is one limit whichever node its callers are on), for every endpoint
+chosen for it: by the route, when a parked request is admitted, for either kind of retry
+(``h2route``'s ``allowed``). A refusal is answered as the destination node answers it, 403
+``RBAC: access denied`` (gRPC: trailers-only ``grpc-status: 7``) or 429 ``local_rate_limited``
+(``grpc-status: 8``, counted in ``nodemesh_rate_limited_requests_total``), its attempt finished
+without counting against the pod, and the connection goes on. Its socket is therefore opened
+without the connection-level check (``Outbound.open(requests_authorized=True)``: only a proxy
+port is refused), which would match no L7 rule: under ALLOW it refused every call, under DENY
+one denied method refused them all.
 
 Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
 request's endpoint). The balancer learns each request's time to response headers

@@ -54,11 +54,11 @@ For a same-node endpoint this node is the only proxy on the path, so it admits e
 the endpoint's destination would (``http_inbound.request_verdict``): its L7 policies (403
 ``RBAC``), then the pod port's RateLimitPolicies from the node's buckets (429 ``RL``
 ``local_rate_limited``, counted in ``nodemesh_rate_limited_requests_total``), the connection
-serving on after either; the far node does that for HBONE sessions. Requests are reported with ``reporter="source"``
-(``Registry.request_done``), labelled with the endpoint that served them; one that reached a
-same-node endpoint is reported with ``reporter="destination"`` too, as that pod's proxy would
-have (``same_node_destination``), since no other proxy sees it. The client connection's
-``ConnectionRecord`` keeps the byte counts for the TCP metrics.
+serving on after either; the far node does that for HBONE sessions. Requests are reported with
+``reporter="source"`` (``Registry.request_done``), labelled with the endpoint that served them;
+one that reached a same-node endpoint is reported with ``reporter="destination"`` too, as that
+pod's proxy would have (``same_node_destination``), since no other proxy sees it. The client
+connection's ``ConnectionRecord`` keeps the byte counts for the TCP metrics.
 """
 
 from __future__ import annotations

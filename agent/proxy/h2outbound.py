@@ -13,15 +13,19 @@ for a connection (``Outbound.open``: the source pod's certificate, the endpoint'
 checked).
 The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
 
-A same-node endpoint's request is seen by no other proxy, so it is authorized here, per request
-(``Core.authorize_request`` at the pod's workload: methods, paths, hosts, request headers;
-dry-run and AUDIT as at a destination), for every endpoint chosen for it: by the route, when a
-parked request is admitted, for either kind of retry (``h2route``'s ``allowed``). A refusal is
-answered as the destination node answers it, 403 ``RBAC: access denied`` (gRPC: trailers-only
-``grpc-status: 7``), its attempt finished without counting against the pod, and the connection
-goes on. Its socket is therefore opened without the connection-level check
-(``Outbound.open(requests_authorized=True)``: only a proxy port is refused), which would match
-no L7 rule: under ALLOW it refused every call, under DENY one denied method refused them all.
+A same-node endpoint's request is seen by no other proxy, so it is admitted here, per request,
+as its destination would admit it (``http_inbound.request_verdict`` at the pod's workload: the
+L7 policy, ``Core.authorize_request``: methods, paths, hosts, request headers, dry-run and AUDIT
+as at a destination; then the pod port's RateLimitPolicies, ``Core.rate_limit``, from the node's
+buckets, so a pod's limit is one limit whichever node its callers are on), for every endpoint
+chosen for it: by the route, when a parked request is admitted, for either kind of retry
+(``h2route``'s ``allowed``). A refusal is answered as the destination node answers it, 403
+``RBAC: access denied`` (gRPC: trailers-only ``grpc-status: 7``) or 429 ``local_rate_limited``
+(``grpc-status: 8``, counted in ``nodemesh_rate_limited_requests_total``), its attempt finished
+without counting against the pod, and the connection goes on. Its socket is therefore opened
+without the connection-level check (``Outbound.open(requests_authorized=True)``: only a proxy
+port is refused), which would match no L7 rule: under ALLOW it refused every call, under DENY
+one denied method refused them all.
 
 Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
 request's endpoint). The balancer learns each request's time to response headers
@@ -52,7 +56,7 @@ rule's retries are one timer per session, at the soonest time ``H2Proxy`` holds
 ``max_replay_body``) and, once the client sent all of it, copied to each mirror Service as
 HTTP/1.1 does (``HttpOutbound``'s bound of copies in flight per node and their deadline; a
 task that outlives the client connection): an endpoint by the mirror Service's own traffic
-control (a same-node one's policy asked about the copy first), a fresh tunnel,
+control (a same-node one's policy and rate limits asked about the copy first), a fresh tunnel,
 ``h2mirror.MirrorCall`` on it, the response dropped, only ``nodemesh_http_mirrored_total``
 counting the outcome.
 """
@@ -69,7 +73,6 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
-from agent.policy.authz import HttpAttributes
 from agent.policy.authz import Request as AuthzRequest
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
@@ -84,7 +87,8 @@ from agent.proxy.h2proxy import (
     PickRequest,
 )
 from agent.proxy.h2route import Allowed, Endpoint, admitted, route_request
-from agent.proxy.http1 import RBAC_DENIED, RequestHead, Verdict
+from agent.proxy.http1 import RATE_LIMITED, RBAC_DENIED, RequestHead, Verdict
+from agent.proxy.http_inbound import ALLOWED, request_verdict
 from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
 from agent.proxy.httpidle import IdleTimer, closed
@@ -112,8 +116,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# The flags of a request a same-node endpoint's policy or rate limit refused here
+REFUSED_HERE = (RBAC_DENIED, RATE_LIMITED)
+
+
 def _allow(_head: RequestHead) -> Verdict:
-    return Verdict(True)  # the destination node authorizes each request
+    return ALLOWED  # the destination node authorizes each request
 
 
 class H2SourceSession(CallbackShell):
@@ -200,26 +208,24 @@ class H2SourceSession(CallbackShell):
             return
         self._moved()
 
-    def _allowed_here(self, head: RequestHead, key: Endpoint) -> bool:
-        """A same-node endpoint's L7 authorization of one request: no other proxy sees it
-        (an endpoint on another node is authorized there). A refused request is reported
-        pointed at the endpoint, as its destination would have reported it."""
+    def _allowed_here(self, head: RequestHead, key: Endpoint) -> Verdict:
+        """A same-node endpoint's admission of one request (L7 policy, then rate limits): no
+        other proxy sees it (an endpoint on another node admits it there). A refused request
+        is reported pointed at the endpoint, as its destination would have reported it."""
         route = self._route_to(key)
-        if route.kind != "local" or self._authorized(route, head):
-            return True
-        if key not in self._routes:
+        if route.kind != "local":
+            return ALLOWED
+        verdict = self._verdict(route, head)
+        if not verdict.allowed and key not in self._routes:
             self._routes[key] = self._described(route)
-        return False
+        return verdict
 
-    def _authorized(self, route: Route, head: RequestHead) -> bool:
-        """``Core.authorize_request`` of ``head`` at the same-node pod of ``route``."""
+    def _verdict(self, route: Route, head: RequestHead) -> Verdict:
+        """``head`` at the same-node pod of ``route``, admitted as its destination admits it."""
         assert route.target is not None
-        http = HttpAttributes(head.method, head.path, head.host, head.headers)
-        request = AuthzRequest(
-            self.src_ip, route.ip, route.port, self.record.source_identity, http=http
-        )
-        where = f"{self.where} @{route.ip}:{route.port} {head.method} {head.path}"
-        return self.outbound.core.authorize_request(request, route.target, where).allowed
+        request = AuthzRequest(self.src_ip, route.ip, route.port, self.record.source_identity)
+        where = f"{self.where} @{route.ip}:{route.port}"
+        return request_verdict(self.outbound.core, request, route.target, head, where)
 
     def _route_to(self, key: Endpoint) -> Route:
         """The route to endpoint ``key`` in the current snapshot (kept while it is current:
@@ -466,7 +472,7 @@ class H2SourceSession(CallbackShell):
             record = h2_request_record(exchange)
             core.registry.request_done(connection, record)
             key = exchange.upstream
-            if connection.path == "local" and (key in self._reached or own == RBAC_DENIED):
+            if connection.path == "local" and (key in self._reached or own in REFUSED_HERE):
                 # No other proxy saw it (or refused it: ``_allowed_here``): reported as its
                 # destination too.
                 assert isinstance(key, Endpoint)
@@ -490,11 +496,11 @@ class H2SourceSession(CallbackShell):
 
     async def _send_copy(self, copy: H2Mirrored, attempt: MirrorTry) -> None:
         """One copy's HTTP/2 (``MirrorSend``): a fresh tunnel, the request (``:authority``
-        suffixed ``-shadow``; a same-node endpoint's policy asked first), the response read
-        and dropped."""
+        suffixed ``-shadow``; a same-node endpoint's policy and rate limits asked first), the
+        response read and dropped."""
         assert copy.body is not None
         route = attempt.route
-        if route.kind == "local" and not self._authorized(route, shadow_request(copy.head)):
+        if route.kind == "local" and not self._verdict(route, shadow_request(copy.head)).allowed:
             attempt.outcome = "denied"
             return
         upstream: Upstream | None = None

@@ -50,10 +50,11 @@ HTTP/1.1 request never reaches its rule's retry for a failed connect: there it i
 
 Every endpoint chosen for a request (by ``route_request``, ``admitted`` for a parked one, or
 either kind of retry) is first offered to the shell's ``allowed``: a same-node endpoint's L7
-policy, which no other proxy would apply. A refused try is answered 403 ``RBAC`` (gRPC
-``PERMISSION_DENIED``, the destination's answer), named after the endpoint
-(``LocalAnswer.upstream``, so it is reported there); it never counts as connected, so the
-request's end finishes its attempt with nothing counted against the pod.
+policy and then its RateLimitPolicies, which no other proxy would apply. A refused try is
+answered with the verdict's answer, the destination's (403 ``RBAC``, gRPC
+``PERMISSION_DENIED``; 429 ``RL`` ``local_rate_limited``, gRPC ``RESOURCE_EXHAUSTED``), named
+after the endpoint (``LocalAnswer.upstream``, so it is reported there); it never counts as
+connected, so the request's end finishes its attempt with nothing counted against the pod.
 
 An injected delay (the rule's HTTPFault, flag ``DI``, and the TrafficPolicy's) is
 ``Choice.delay``: ``H2Proxy`` holds the request; the route's ``timeouts.request`` starts after
@@ -70,7 +71,7 @@ from dataclasses import dataclass, field
 
 from agent.policy.routes import GrpcRequest, HttpRequest
 from agent.proxy.h2proxy import Choice, Header, HeaderEdit, LocalAnswer, PickRequest, header
-from agent.proxy.http1 import DENIED_BODY, GRPC_PERMISSION_DENIED, RBAC_DENIED
+from agent.proxy.http1 import Verdict
 from agent.proxy.http_router import (
     BODIES,
     NO_HEALTHY_UPSTREAM,
@@ -103,9 +104,10 @@ class Endpoint:
         return f"{self.service[0]}/{self.service[1]}:{self.port}@{self.ip}"
 
 
-# One request's authorization at the endpoint chosen for it (the shell's: a same-node
-# endpoint's L7 policy; True for an endpoint on another node, whose node authorizes it).
-Allowed = Callable[[Endpoint], bool]
+# One request's admission at the endpoint chosen for it (the shell's: a same-node endpoint's
+# L7 policy and rate limits, ``http_inbound.request_verdict``; allowed for an endpoint on
+# another node, whose node admits it).
+Allowed = Callable[[Endpoint], Verdict]
 
 
 def grpc_timeout(value: str | None) -> float | None:
@@ -174,8 +176,8 @@ def route_request(
 
 def admitted(plan: RoutePlan, allowed: Allowed) -> Endpoint | LocalAnswer:
     """The endpoint of a request its backend Service admitted (at once, or when its turn in
-    the ``maxPendingRequests`` queue came), or 503 ``UH`` when there is none (or 403 from its
-    policy: ``_sent_to``)."""
+    the ``maxPendingRequests`` queue came), or 503 ``UH`` when there is none (or its
+    policy's or rate limit's refusal: ``_sent_to``)."""
     ip = plan.attempts.next_endpoint()
     if ip is None:
         return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
@@ -185,13 +187,19 @@ def admitted(plan: RoutePlan, allowed: Allowed) -> Endpoint | LocalAnswer:
 def _sent_to(plan: RoutePlan, ip: str, allowed: Allowed) -> Endpoint | LocalAnswer:
     """Endpoint ``ip``, chosen for the request's next try, once ``allowed`` lets the request
     go there: the try then counts as connected (a request is "connected" once it is sent on an
-    upstream). Refused, it is answered as its destination would answer it, 403 ``RBAC`` (gRPC
-    ``PERMISSION_DENIED``) named after the endpoint; the try stays unconnected, so finishing
+    upstream). Refused, it is answered as its destination would answer it (the verdict's
+    status, flag, body and gRPC status: 403 ``RBAC`` / ``PERMISSION_DENIED``, 429 ``RL`` /
+    ``RESOURCE_EXHAUSTED``) named after the endpoint; the try stays unconnected, so finishing
     the request counts nothing against the endpoint and returns the Service's counts."""
     key = _endpoint(plan, ip)
-    if not allowed(key):
+    verdict = allowed(key)
+    if not verdict.allowed:
         return LocalAnswer(
-            403, RBAC_DENIED, DENIED_BODY, grpc_status=GRPC_PERMISSION_DENIED, upstream=key
+            verdict.status,
+            verdict.flag,
+            verdict.body,
+            grpc_status=verdict.grpc_status,
+            upstream=key,
         )
     plan.attempts.connected(ip)
     return key

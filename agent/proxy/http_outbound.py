@@ -50,13 +50,15 @@ each ended after ``MIRROR_TIMEOUT``, its response read and dropped, its failures
 (``nodemesh_http_mirrored_total``) — the primary request never waits for it. A request whose
 body is larger than the codec's replay limit is not copied (counted ``too_large``).
 
-For a same-node endpoint this node is the only proxy on the path, so it authorizes each
-request against the endpoint's L7 policies (403 ``RBAC``, the connection keeps serving); the
-far node does that for HBONE sessions. Requests are reported with ``reporter="source"``
-(``Registry.request_done``), labelled with the endpoint that served them; one that reached a
-same-node endpoint is reported with ``reporter="destination"`` too, as that pod's proxy would
-have (``same_node_destination``), since no other proxy sees it. The client connection's
-``ConnectionRecord`` keeps the byte counts for the TCP metrics.
+For a same-node endpoint this node is the only proxy on the path, so it admits each request as
+the endpoint's destination would (``http_inbound.request_verdict``): its L7 policies (403
+``RBAC``), then the pod port's RateLimitPolicies from the node's buckets (429 ``RL``
+``local_rate_limited``, counted in ``nodemesh_rate_limited_requests_total``), the connection
+serving on after either; the far node does that for HBONE sessions. Requests are reported with
+``reporter="source"`` (``Registry.request_done``), labelled with the endpoint that served them;
+one that reached a same-node endpoint is reported with ``reporter="destination"`` too, as that
+pod's proxy would have (``same_node_destination``), since no other proxy sees it. The client
+connection's ``ConnectionRecord`` keeps the byte counts for the TCP metrics.
 """
 
 from __future__ import annotations
@@ -72,14 +74,14 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
-from agent.policy.authz import HttpAttributes
 from agent.policy.authz import Request as AuthzRequest
 from agent.policy.routes import HttpRequest
 from agent.policy.traffic.attempts import Attempts
 from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
-from agent.proxy.http1 import RBAC_DENIED, UPSTREAM_CLOSED, Exchange, RequestHead, request_record
+from agent.proxy.http1 import UPSTREAM_CLOSED, Exchange, RequestHead, Verdict, request_record
+from agent.proxy.http_inbound import request_verdict
 from agent.proxy.http_outbound_codec import (
     DroppedResponse,
     Mirrored,
@@ -119,7 +121,8 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 30.0  # an unused pooled session is closed after this many seconds
 MAX_IDLE_PER_ENDPOINT = 16
 MAX_IDLE = 512
-DENIED_BODY = b"RBAC: access denied"
+# A same-node proxy port is refused as a policy denial is (403 ``RBAC``)
+_PROXY_PORT = Verdict(False, "proxy_port")
 MAX_MIRRORS = 64  # copies in flight per node; more are dropped (counted ``overflow``)
 MIRROR_TIMEOUT = 10.0  # seconds a copy may take, connect to end of response
 
@@ -938,7 +941,7 @@ class _ClientConnection:
         self, head: RequestHead, request: _Request, plan: RoutePlan
     ) -> _Opening | bool | None:
         """The next endpoint for the request, without waiting: True when it was attached to
-        an idle pooled session or answered here (403 for a same-node endpoint's policy), an
+        an idle pooled session or answered here (a same-node endpoint's refusal), an
         ``_Opening`` when a session must be opened, None when no endpoint is left."""
         out = self.owner.outbound
         snap = self.core.snapshot()
@@ -949,10 +952,12 @@ class _ClientConnection:
         route = out.resolver.endpoint_route(snap, self.source, plan.backend, ip)
         out.describe_route(snap, route, self.record)
         request.route, request.reached = route, None
-        if route.kind == "local" and not self._allowed_here(route, head):
-            request.reached = route  # refused as its destination would have
-            self.codec.respond_locally(403, RBAC_DENIED, DENIED_BODY, request)
-            return True
+        if route.kind == "local":
+            verdict = self._verdict_here(route, head)
+            if not verdict.allowed:
+                request.reached = route  # refused as its destination would have
+                self.codec.respond_locally(verdict.status, verdict.flag, verdict.body, request)
+                return True
         # The CONNECT names the backend Service (the route's choice, or the dialled one), so
         # sessions are keyed by it too.
         key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(plan.backend))
@@ -1014,17 +1019,15 @@ class _ClientConnection:
             self.owner.outbound.count_failure(failure[0], failure[1], self.record)
         self.codec.respond_locally(503, flags, BODIES[flags], request)
 
-    def _allowed_here(self, route: Route, head: RequestHead) -> bool:
-        """A same-node endpoint's L7 authorization (no other proxy sees this request)."""
+    def _verdict_here(self, route: Route, head: RequestHead) -> Verdict:
+        """A same-node endpoint's admission of the request as its destination's (L7 policy,
+        then rate limits): no other proxy sees it."""
         assert route.target is not None
         if route.port in self.core.settings.proxy_ports:
-            return False
-        http = HttpAttributes(head.method, head.path, head.host, head.headers)
-        request = AuthzRequest(
-            self.src_ip, route.ip, route.port, self.record.source_identity, http=http
-        )
-        where = f"{self.record.source} -> {route.ip}:{route.port} {head.method} {head.path}"
-        return self.core.authorize_request(request, route.target, where).allowed
+            return _PROXY_PORT
+        request = AuthzRequest(self.src_ip, route.ip, route.port, self.record.source_identity)
+        where = f"{self.record.source} -> {route.ip}:{route.port}"
+        return request_verdict(self.core, request, route.target, head, where)
 
     async def _open(
         self, key: SessionKey, route: Route, record: ConnectionRecord | None = None
@@ -1084,7 +1087,7 @@ class _ClientConnection:
         try:
             attempt.attempts.connected(attempt.ip)
             head, data = mirror_request(session.codec, copy, copy.body)
-            if route.kind == "local" and not self._allowed_here(route, head):
+            if route.kind == "local" and not self._verdict_here(route, head).allowed:
                 attempt.outcome = "denied"
                 return
             await session.write(data)

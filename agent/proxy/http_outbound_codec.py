@@ -104,6 +104,7 @@ _REASONS = {
     403: b"Forbidden",
     404: b"Not Found",
     408: b"Request Timeout",
+    429: b"Too Many Requests",  # a same-node endpoint's rate limit
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",

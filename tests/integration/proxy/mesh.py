@@ -189,6 +189,11 @@ class Mesh:
             conn.setblocking(False)
             self._tasks.append(asyncio.create_task(handler(conn)))
 
+    def serve_hbone(self, proxy: NodeProxy, ip: str) -> socket.socket:
+        """An HBONE listener of ``proxy`` on pod ``ip`` (node2's is on ``server``'s), so that
+        the other node's pods reach that pod through it; closed with the mesh."""
+        return self._listen(ip, self.hbone_port, proxy.inbound.handle)
+
     def app(
         self,
         ip: str,

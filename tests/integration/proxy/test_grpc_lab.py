@@ -13,6 +13,7 @@ import json
 import secrets
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -412,3 +413,67 @@ def test_a_same_node_replica_is_authorized_per_call_under_an_l7_deny(lab: Lab) -
     failures = "nodemesh_service_connect_failures_total"
     mine = {"service": "default/grpc-near"}
     assert _counter(after, failures, **mine) == _counter(before, failures, **mine)
+
+
+def test_a_same_node_replica_is_rate_limited_at_the_source(lab: Lab) -> None:
+    """``grpc-near-rl`` selects the neighbor pod, on the client's node, under a RateLimitPolicy
+    of 1 call/s, burst 5: no other proxy sees its calls, so node1's source proxy takes each
+    call's token from node1's buckets. Of 30 calls on one channel, once the bucket is full, at
+    least 5 and at most 5 + 1 x t (+1) pass, the others are ``RESOURCE_EXHAUSTED``
+    ``local_rate_limited`` (before, every call passed), and node1 counts each refusal once in
+    ``nodemesh_rate_limited_requests_total`` and with both reporters, flag ``RL``."""
+    near, name = PORT + 3, "grpc-near-rl"
+    service: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "selector": {"app": "neighbor"},
+            "ports": [{"port": near, "targetPort": near, "name": "grpc", "appProtocol": "grpc"}],
+        },
+    }
+    limit: dict[str, Any] = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "RateLimitPolicy",
+        "metadata": {"name": "near-limit-" + secrets.token_hex(3), "namespace": "default"},
+        "spec": {"targetRef": {"kind": "Service", "name": name}, "requestsPerSecond": 1,
+                 "burst": 5},
+    }  # fmt: skip
+    limited = ("RESOURCE_EXHAUSTED", "local_rate_limited")
+    with pod_servers(lab, ("neighbor",), _server("neighbor", near), near):
+        lab.apply(service)
+        lab.apply(limit)
+        try:
+            address = next(s for s in lab.status()["services"] if s["name"] == name)
+            target = f"{address['clusterIP']}:{near}"
+
+            def in_force() -> None:
+                result = calls(lab, "client", target, *[(grpcecho.UNARY, "w")] * 8)
+                assert limited in result, result
+
+            retry(in_force, timeout=40)
+            time.sleep(5.5)  # the probes emptied the bucket: 5 s refill it to its burst
+            before = metrics(lab, "node1")
+            started = time.monotonic()
+            result = calls(lab, "client", target, *[(grpcecho.UNARY, str(i)) for i in range(30)])
+            elapsed = time.monotonic() - started
+            after = metrics(lab, "node1")
+        finally:
+            lab.delete(limit)
+            lab.delete(service)
+    passed = [r for r in result if r[0] == "OK"]
+    assert all(r == limited for r in result if r[0] != "OK"), result
+    assert 5 <= len(passed) <= 5 + 1 * elapsed + 1, (len(passed), elapsed)
+    refused = len(result) - len(passed)
+    assert refused > 0
+    hostname = f"{name}.default.svc.cluster.local"
+    counted = "nodemesh_rate_limited_requests_total"
+    mine = {"service": hostname}
+    assert _counter(after, counted, **mine) - _counter(before, counted, **mine) == refused
+    ours = {"destination_service": hostname, "destination_workload": "neighbor",
+            "request_protocol": "grpc"}  # fmt: skip
+    for reporter in ("source", "destination"):
+        rl = {**ours, "reporter": reporter, "grpc_response_status": "8", "response_flags": "RL"}
+        assert total(after, **rl) - total(before, **rl) == refused, reporter
+        ok = {**ours, "reporter": reporter, "grpc_response_status": "0", "response_flags": "-"}
+        assert total(after, **ok) - total(before, **ok) == len(passed), reporter

@@ -477,11 +477,11 @@ async def _requests(
 
 
 async def _same_node_only(
-    mesh: Mesh, rules: dict[str, object], paths: list[str]
+    mesh: Mesh, rules: dict[str, object], paths: list[str], *others: PolicyObject
 ) -> tuple[list[str], list[str], ServiceTraffic]:
     """``paths`` requested on one connection to ``front``, whose one endpoint is the same-node
-    pod ``local`` under the AuthorizationPolicy ``rules``: the answers, the paths the pod
-    received, and the Service's traffic control."""
+    pod ``local`` under the AuthorizationPolicy ``rules`` (and ``others``): the answers, the
+    paths the pod received, and the Service's traffic control."""
     port = free_port(LOCAL)
     with mesh.store.update() as tx:
         grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
@@ -489,7 +489,7 @@ async def _same_node_only(
             Service("front", "default", (VIP,), (grpc,), {"app": "local"}, (Endpoint(LOCAL),))
         )
     spec = {"selector": {"matchLabels": {"app": "local"}}, **rules}
-    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "calls", spec))
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "calls", spec), *others)
     received: list[str] = []
     app = await asyncio.start_server(_recording_app(received), LOCAL, port)
     try:
@@ -560,3 +560,32 @@ async def test_a_deny_on_one_method_refuses_only_its_calls_to_the_same_node_pod(
     assert _by_reporter(source, response_flags="-") == {"source": 4.0, "destination": 4.0}
     (labels,) = (dict(k) for k in series(source, reporter="destination", response_code="403"))
     assert (labels["destination_workload"], labels["source_workload"]) == ("local", "client")
+
+
+@mesh_test
+async def test_a_rate_limit_on_the_same_node_pod_is_applied_after_its_policy(mesh: Mesh) -> None:
+    """node1 is the only proxy of these calls, so it applies the pod's RateLimitPolicy, after
+    its L7 policy (a denied call spends no token), from node1's buckets: with the clock frozen
+    exactly ``burst`` requests pass, calls or not; the rest are answered as the destination
+    answers them (gRPC ``RESOURCE_EXHAUSTED``, HTTP/2 429, flag ``RL``), counted in
+    ``nodemesh_rate_limited_requests_total``'s counter and by both reporters."""
+    source, _ = observe(mesh)
+    mesh.node1.core.clock = lambda: 100.0  # frozen: no token comes back
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/pkg.Echo/Delete"]}}]}]}
+    limit = {"targetRef": {"group": "", "kind": "Service", "name": "front"},
+             "requestsPerSecond": 1, "burst": 3, "perIdentity": False}  # fmt: skip
+    paths = ["/pkg.Echo/Delete", "/pkg.Echo/Get", "/status", "/pkg.Echo/Get", "/pkg.Echo/Get",
+             "/pkg.Echo/Delete", "/status", "/pkg.Echo/Get"]  # fmt: skip
+    answers, received, traffic = await _same_node_only(
+        mesh, deny, paths, PolicyObject("RateLimitPolicy", "default", "front-limit", limit)
+    )
+    assert answers == ["7", "0", "200", "0", "8", "7", "429", "8"]
+    assert received == ["/pkg.Echo/Get", "/status", "/pkg.Echo/Get"]
+    assert mesh.node1.core.registry.rate_limited == {FRONT: 3}
+    _settled(traffic)
+    both = {"source": 2.0, "destination": 2.0}
+    assert _by_reporter(source, grpc_response_status="8", response_flags="RL") == both
+    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == both
+    once = {"source": 1.0, "destination": 1.0}
+    assert _by_reporter(source, response_code="429", response_flags="RL") == once
+    assert _by_reporter(source, response_flags="-") == {"source": 3.0, "destination": 3.0}

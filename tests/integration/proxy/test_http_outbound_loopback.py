@@ -461,3 +461,89 @@ async def test_a_same_node_pod_port_declared_http_is_served_per_request(mesh: Me
         assert labels["destination_principal"].endswith("/sa/local")
         denied = series(source, reporter=reporter, response_code="403", response_flags="RBAC")
         assert sum(denied.values()) == 1, (reporter, denied)
+
+
+def rate_limit(burst: int) -> PolicyObject:
+    """``web``'s RateLimitPolicy: ``burst`` tokens per pod, one more a second."""
+    spec = {
+        "targetRef": {"group": "", "kind": "Service", "name": "web"},
+        "requestsPerSecond": 1,
+        "burst": burst,
+        "perIdentity": False,
+    }
+    return PolicyObject("RateLimitPolicy", "default", "web-limit", spec)
+
+
+RATE_LIMITED_RESPONSE = (
+    b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\n"
+    b"content-length: 18\r\n\r\nlocal_rate_limited"
+)
+
+
+@mesh_test
+async def test_a_same_node_endpoint_is_rate_limited_as_its_destination_would(mesh: Mesh) -> None:
+    """No other proxy sees a request to a pod on this node, so node1 applies the pod's
+    RateLimitPolicy after its L7 policy (a denied request spends no token), from the node's
+    buckets: with the clock frozen exactly ``burst`` requests of one connection pass, the rest
+    are answered as the destination answers them (429 ``local_rate_limited``, flag ``RL``) and
+    counted as it counts them, on both reporters. Pod ``server`` calling the same pod from
+    node2 meets node1's inbound proxy and the same bucket: one limit, wherever the client."""
+    port = free_port(LOCAL)
+    add_services(mesh, port, LOCAL)
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}
+    no_posts = PolicyObject("AuthorizationPolicy", "default", "no-posts", deny)
+    set_policies(mesh.store, no_posts, rate_limit(4))
+    mesh.node1.core.clock = lambda: 100.0  # frozen: no token comes back
+    source, _ = observe(mesh)
+    mesh.serve_hbone(mesh.node1, LOCAL)  # for node2's client
+    async with apps(port, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert await client.request("POST", "/orders", b"payload") == (403, b"RBAC: access denied")
+        answers = [await client.request("GET", f"/r{i}") for i in range(3)]
+        far = Client(*await mesh.connect(SERVER, (VIP, 80), proxy=mesh.node2))
+        answers += [await far.request("GET", f"/far{i}") for i in range(2)]  # via node1's inbound
+        answers += [await client.request("GET", f"/r{i}") for i in range(3, 6)]
+        client.writer.write(b"GET /raw HTTP/1.1\r\nHost: web\r\n\r\n")
+        raw = await asyncio.wait_for(client.reader.readexactly(len(RATE_LIMITED_RESPONSE)), 10)
+        client.writer.close()
+        far.writer.close()
+    ok, limited = (200, LOCAL.encode()), (429, b"local_rate_limited")
+    assert answers == [ok] * 4 + [limited] * 4
+    assert raw == RATE_LIMITED_RESPONSE  # the destination's answer, byte for byte
+    # 4 + 1 refusals by node1 (the source's or its inbound's), none by node2
+    assert mesh.node1.core.registry.rate_limited == {WEB: 5}
+    assert not mesh.node2.core.registry.rate_limited
+    counts = requests_total(source)  # node1's: its same-node requests, on both reporters
+    assert counts[("source", WEB, "429", "RL")] == 4, counts
+    assert counts[("source", WEB, "200", "-")] == 3, counts
+    assert counts[("source", WEB, "403", "RBAC")] == 1, counts
+    # as its destination, node1 also reported node2's two: one passed, one 429
+    assert counts[("destination", WEB, "429", "RL")] == 4 + 1, counts
+    assert counts[("destination", WEB, "200", "-")] == 3 + 1, counts
+    assert counts[("destination", WEB, "403", "RBAC")] == 1, counts
+
+
+@mesh_test
+async def test_a_same_node_pod_port_declared_http_is_rate_limited_per_request(mesh: Mesh) -> None:
+    """``client`` addressing the ``local`` pod directly on its declared HTTP port is served by
+    the destination's session on node1 (``samenode``), which applies the pod's RateLimitPolicy
+    from the same buckets as the Service path: one limit for both ways in."""
+    port = free_port(LOCAL)
+    add_services(mesh, port, LOCAL)  # ``web``'s port is declared HTTP: so is the pod's
+    set_policies(mesh.store, rate_limit(3))
+    mesh.node1.core.clock = lambda: 100.0
+    source, _ = observe(mesh)
+    async with apps(port, LOCAL):
+        direct = Client(*await mesh.connect(CLIENT, (LOCAL, port)))
+        answers = [await direct.request("GET", f"/d{i}") for i in range(2)]
+        via = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        answers += [await via.request("GET", f"/v{i}") for i in range(2)]
+        answers += [await direct.request("GET", "/d2")]
+        direct.writer.close()
+        via.writer.close()
+    ok, limited = (200, LOCAL.encode()), (429, b"local_rate_limited")
+    assert answers == [ok] * 3 + [limited] * 2
+    assert mesh.node1.core.registry.rate_limited == {WEB: 2}
+    counts = requests_total(source)
+    for reporter in ("source", "destination"):
+        assert counts[(reporter, WEB, "429", "RL")] == 2, (reporter, counts)

@@ -12,7 +12,8 @@ import pytest
 from agent.policy.traffic.service import ServiceTraffic
 from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Allowed, Endpoint, admitted, grpc_timeout, route_request
-from agent.proxy.http1 import RequestHead
+from agent.proxy.http1 import RATE_LIMITED, RATE_LIMITED_BODY, RequestHead, Verdict
+from agent.proxy.http_inbound import ALLOWED
 from agent.proxy.http_router import HttpRouter, RoutePlan
 from agent.state import PolicyObject, RouteObject, ServicePort, StateStore
 from tests.unit.proxy.test_http_router import PODS, _ref, _route, _router, _target
@@ -48,8 +49,8 @@ def _request(
     return PickRequest(head, target or path, grpc)
 
 
-def _anywhere(_key: Endpoint) -> bool:
-    return True
+def _anywhere(_key: Endpoint) -> Verdict:
+    return ALLOWED
 
 
 def _route_it(
@@ -374,16 +375,24 @@ def test_the_services_retries_keep_to_retry_on_and_a_request_they_cannot_replay(
 
 
 # -- a same-node endpoint's L7 policy, asked per request for every endpoint chosen -----------
-class Refusing:
-    """The shell's ``allowed`` for one request: the answers in turn (then True), each endpoint
-    it was asked about kept."""
+DENIED = Verdict(False, "default/deny")  # a policy's refusal: 403 RBAC, PERMISSION_DENIED
+LIMITED = Verdict(False, "default/limit", status=429, flag=RATE_LIMITED, body=RATE_LIMITED_BODY,
+                  grpc_status=8)  # a rate limit's, as ``request_verdict`` makes it  # fmt: skip
 
-    def __init__(self, *answers: bool) -> None:
+
+class Refusing:
+    """The shell's ``allowed`` for one request: the answers in turn (False: ``DENIED``, or a
+    verdict; then allowed), each endpoint it was asked about kept."""
+
+    def __init__(self, *answers: bool | Verdict) -> None:
         self.answers, self.asked = list(answers), []
 
-    def __call__(self, key: Endpoint) -> bool:
+    def __call__(self, key: Endpoint) -> Verdict:
         self.asked.append(key.ip)
-        return self.answers.pop(0) if self.answers else True
+        answer = self.answers.pop(0) if self.answers else True
+        if isinstance(answer, Verdict):
+            return answer
+        return ALLOWED if answer else DENIED
 
 
 def _refused(answer: Choice | LocalAnswer, ip: str) -> None:
@@ -412,6 +421,16 @@ def test_a_request_the_chosen_endpoint_refuses_is_403_and_the_next_one_goes_to_i
     allowed = Refusing()
     assert _done(_choice_with(router, store, allowed)).ip == PODS[0]
     assert allowed.asked == [PODS[0]]
+    _settled(store, router)
+
+
+def test_a_request_the_chosen_endpoint_rate_limits_is_its_destinations_429() -> None:
+    store, router = _store(PODS[0]), _router()
+    answer = _route_it(router, store, _request(), Refusing(LIMITED))
+    assert isinstance(answer, LocalAnswer), answer
+    assert (answer.status, answer.flags, answer.message) == (429, "RL", b"local_rate_limited")
+    assert answer.grpc_status == 8  # RESOURCE_EXHAUSTED, as the destination node answers it
+    assert isinstance(answer.upstream, Endpoint) and answer.upstream.ip == PODS[0]
     _settled(store, router)
 
 

@@ -81,7 +81,7 @@ from hpack import NeverIndexedHeaderTuple
 
 from agent.proxy.h2guard import HeaderBlockGuard
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
-from agent.proxy.h2wire import GracefulH2Connection, plain_literals
+from agent.proxy.h2wire import GracefulH2Connection, tableless_headers
 from agent.proxy.http1 import (
     DOWNSTREAM_CLOSED,
     NO_FLAGS,
@@ -345,7 +345,7 @@ def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connecti
     )
     conn.max_inbound_frame_size = limits.max_frame_size
     conn.decoder.max_header_list_size = limits.max_header_list_size
-    plain_literals(conn)  # our legs are loopback, a veth or a LAN: CPU, not bytes, is short
+    tableless_headers(conn)  # our legs are loopback, a veth or a LAN: CPU, not bytes, is short
     conn.initiate_connection()
     extra = limits.connection_window - conn.inbound_flow_control_window
     if extra > 0:

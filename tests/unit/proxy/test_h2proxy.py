@@ -358,12 +358,25 @@ def test_h2s_own_header_checks_are_not_run_on_the_proxys_connections(
 
 
 def test_forwarded_header_literals_are_not_huffman_coded() -> None:
-    """The proxy's own legs spend no CPU on Huffman coding (``h2wire.plain_literals``)."""
+    """The proxy's own legs spend no CPU on Huffman coding (``h2wire.tableless_headers``)."""
     value = b"0f8fad5b-d9cb-469f-a165-70867728950e"
     w = Wire()
     w.request("/pkg.Svc/Call", grpc=True, extra=[(b"x-request-id", value)])
     w.proxy.receive_client(w.client.data_to_send())
     assert value in w.proxy.take_to_upstream()
+
+
+def test_forwarded_header_blocks_use_no_dynamic_table() -> None:
+    """The proxy encodes each block alone (``h2wire.TablelessEncoder``): no HPACK table work at
+    either end of its legs, and a block's encoding depends only on its fields."""
+    w = Wire()
+    for _ in range(2):
+        w.request("/pkg.Svc/Call", grpc=True)
+        w.run()
+        _respond(w, grpc=True)
+    assert len(w.taken(TrailersReceived)) == 2
+    assert not w.pod.decoder.header_table.dynamic_entries
+    assert not w.client.decoder.header_table.dynamic_entries
 
 
 def test_per_call_values_are_forwarded_never_indexed() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -139,26 +140,63 @@ def test_received_frames_are_not_formatted_for_a_trace_nobody_reads(
     assert h2wire.frame_kind(hyperframe.frame.DataFrame(1)) == "DataFrame"
 
 
-def test_plain_literals_sends_header_literals_without_huffman_coding() -> None:
+def test_tableless_headers_sends_literals_without_huffman_coding_or_table() -> None:
     """Reach 6: ``H2Connection.encoder`` is what ``send_headers`` encodes with; after
-    ``plain_literals`` a new value goes out as its own bytes, and a plain h2 peer reads it."""
+    ``tableless_headers`` a new value goes out as its own bytes, every block is encoded alone
+    (the same head twice gives the same bytes: nothing entered a dynamic table), and a plain
+    h2 peer reads it."""
     value = b"0f8fad5b-d9cb-469f-a165-70867728950e"
     head = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
-    sent = {}
-    for plain in (False, True):
+    sent: dict[bool, list[bytes]] = {}
+    for tableless in (False, True):
         client = H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-        if plain:
-            h2wire.plain_literals(client)
+        if tableless:
+            h2wire.tableless_headers(client)
         client.initiate_connection()
         server = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         server.initiate_connection()
         server.receive_data(client.data_to_send())
-        client.send_headers(1, [*head, (b"x-request-id", value)], end_stream=True)
-        sent[plain] = client.data_to_send()
-        (request, _ended) = server.receive_data(sent[plain])
-        assert (b"x-request-id", value) in request.headers
-    assert value not in sent[False], "h2 no longer Huffman-codes by default: reach 6 is moot"
-    assert value in sent[True], "H2Connection.encoder is no longer what send_headers uses"
+        sent[tableless] = []
+        for stream_id in (1, 3):
+            client.send_headers(stream_id, [*head, (b"x-request-id", value)], end_stream=True)
+            sent[tableless].append(client.data_to_send())
+            (request, _ended) = server.receive_data(sent[tableless][-1])
+            assert (b"x-request-id", value) in request.headers
+        assert not server.decoder.header_table.dynamic_entries or not tableless
+    assert value not in sent[False][0], "h2 no longer Huffman-codes by default: reach 6 is moot"
+    assert sent[False][0][9:] != sent[False][1][9:], "hpack's encoder no longer indexes fields"
+    assert value in sent[True][0], "H2Connection.encoder is no longer what send_headers uses"
+    assert sent[True][0][9:] == sent[True][1][9:]  # the frame header names the stream
+
+
+def test_tableless_headers_signals_the_table_size_the_peer_set() -> None:
+    """Reach 6: ``h2`` sets the encoder's ``header_table_size`` from the peer's SETTINGS, and
+    the next block must signal the new size (RFC 7541 section 4.2) even though ours never
+    holds an entry: a peer that lowered it to 0 refuses a block without that update."""
+    ours = H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    h2wire.tableless_headers(ours)
+    ours.initiate_connection()
+    peer = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    peer.initiate_connection()
+    peer.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    peer.receive_data(ours.data_to_send())
+    ours.receive_data(peer.data_to_send())
+    peer.receive_data(ours.data_to_send())  # our ACK: the peer now holds us to size 0
+    assert peer.decoder.max_allowed_table_size == 0
+    ours.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                          (b":authority", b"a")], end_stream=True)  # fmt: skip
+    (request, _ended) = peer.receive_data(ours.data_to_send())
+    assert isinstance(request, h2.events.RequestReceived)
+
+
+def test_lean_decoder_replaces_h2s_decoder_with_its_limits() -> None:
+    """Reach 8: ``H2Connection.decoder`` is what ``h2`` decodes received blocks with, and
+    ``tableless_headers`` keeps the header-list limit set on it before."""
+    conn = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    conn.decoder.max_header_list_size = 1234
+    h2wire.tableless_headers(conn)
+    assert isinstance(conn.decoder, h2wire.LeanDecoder)
+    assert conn.decoder.max_header_list_size == 1234
 
 
 def test_hpack_logs_nothing_while_coding(monkeypatch: pytest.MonkeyPatch) -> None:

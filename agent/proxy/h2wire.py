@@ -222,20 +222,23 @@ class LeanDecoder(Decoder):
     """hpack's decoder with a leaner ``decode`` for ``h2``'s raw blocks (reach 8)."""
 
     def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
+        """The block's fields: a never-indexed one as ``NeverIndexedHeaderTuple`` (``h2`` and
+        ``TablelessEncoder`` keep it so when it is forwarded), the others as plain 2-tuples,
+        which is all ``h2`` and ``H2Proxy`` read of them (hpack makes a ``HeaderTuple`` of
+        each, a third of a call to ``decode``)."""
         if not raw:
             return super().decode(data, raw)
         data = bytes(data)
         table = self.header_table
         field_at = table.get_by_index
         limit = self.max_header_list_size
-        fields: list[HeaderTuple] = []
+        fields: list[Any] = []
         size, pos, end = 0, 0, len(data)
         while pos < end:
             first = data[pos]
             if first & 0x80:  # indexed (section 6.1)
                 index, pos = _integer_at(data, pos, 7)
-                name, value = field_at(index)
-                field = HeaderTuple(name, value)
+                name, value = field = field_at(index)
             elif first & 0x40 or not first & 0x20:  # a literal (section 6.2)
                 indexing = bool(first & 0x40)
                 index, pos = _integer_at(data, pos, 6 if indexing else 4)
@@ -246,10 +249,8 @@ class LeanDecoder(Decoder):
                 value, pos = _string_at(data, pos)
                 if indexing:
                     table.add(name, value)
-                if first & 0xF0 == 0x10:
-                    field = NeverIndexedHeaderTuple(name, value)
-                else:
-                    field = HeaderTuple(name, value)
+                never = first & 0xF0 == 0x10
+                field = NeverIndexedHeaderTuple(name, value) if never else (name, value)
             else:  # a dynamic table size update (section 6.3)
                 if fields:
                     raise HPACKDecodingError("Table size update not at the start of the block")

@@ -1,10 +1,11 @@
 """The proxy's HPACK coders against hpack's own (``agent.proxy.h2wire``, reaches 6 and 8).
 
 ``LeanDecoder`` must decode every block exactly as hpack's ``Decoder`` does (the same fields,
-never-indexed ones marked, the same dynamic table after, the same refusals), whoever encoded
-it; ``TablelessEncoder``'s blocks must decode, with hpack's decoder, to what was encoded and
-leave its table empty. hypothesis drives both with blocks hpack's encoder makes (Huffman or
-not, table size changes between blocks) and with arbitrary bytes."""
+never-indexed ones marked, the others may be plain tuples; the same dynamic table after, the
+same refusals), whoever encoded it; ``TablelessEncoder``'s blocks must decode, with hpack's
+decoder, to what was encoded and leave its table empty. hypothesis drives both with blocks
+hpack's encoder makes (Huffman or not, table size changes between blocks) and with arbitrary
+bytes."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _outcome(decoder: Decoder, block: bytes) -> object:
         return "refused"
     table = decoder.header_table
     return (
-        [(type(f).__name__, bytes(f[0]), bytes(f[1])) for f in got],
+        [(isinstance(f, NeverIndexedHeaderTuple), bytes(f[0]), bytes(f[1])) for f in got],
         list(table.dynamic_entries),
         table.maxsize,
     )

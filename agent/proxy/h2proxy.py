@@ -81,7 +81,7 @@ from hpack import NeverIndexedHeaderTuple
 
 from agent.proxy.h2guard import HeaderBlockGuard
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
-from agent.proxy.h2wire import GracefulH2Connection, tableless_headers
+from agent.proxy.h2wire import GracefulH2Connection, send_headers_on, tableless_headers
 from agent.proxy.http1 import (
     DOWNSTREAM_CLOSED,
     NO_FLAGS,
@@ -869,11 +869,11 @@ class H2Proxy:
             headers = list(block)
             if s.edit_response is not None:
                 headers = s.edit_response(headers)
-            self.client.send_headers(s.client_id, headers, end_stream=ended)
+            send_headers_on(self.client, s.client_id, headers, end_stream=ended)
             if ended:
                 self._complete(s)
         elif isinstance(event, InformationalResponseReceived):
-            self.client.send_headers(s.client_id, list(block))
+            send_headers_on(self.client, s.client_id, list(block), end_stream=False)
         elif isinstance(event, DataReceived):
             ex.response_bytes += len(event.data)
             s.to_client.append((event.data, event.flow_controlled_length))
@@ -924,7 +924,8 @@ class H2Proxy:
         s.response_started = True
         if ex.grpc:
             ex.status, ex.grpc_status = 200, str(grpc_status)
-            self.client.send_headers(
+            send_headers_on(
+                self.client,
                 s.client_id,
                 [
                     (b":status", b"200"),
@@ -938,7 +939,8 @@ class H2Proxy:
             self._complete(s)
             return
         ex.status, ex.response_bytes = status, len(message)
-        self.client.send_headers(
+        send_headers_on(
+            self.client,
             s.client_id,
             [
                 (b":status", str(status).encode()),
@@ -946,6 +948,7 @@ class H2Proxy:
                 (b"content-length", str(len(message)).encode()),
                 *headers,
             ],
+            end_stream=False,
         )
         s.to_client.append((message, 0))
         s.response_end = True
@@ -1052,7 +1055,7 @@ class H2Proxy:
                 s.request_sent = True
             elif not s.to_upstream and s.request_end:
                 if s.request_trailers is not None:
-                    up.send_headers(uid, s.request_trailers, end_stream=True)
+                    send_headers_on(up, uid, s.request_trailers, end_stream=True)
                 else:
                     up.end_stream(uid)
                 s.request_sent = True
@@ -1069,7 +1072,7 @@ class H2Proxy:
             self._complete(s)
         elif not s.to_client and s.response_end:
             if s.response_trailers is not None:
-                self.client.send_headers(s.client_id, s.response_trailers, end_stream=True)
+                send_headers_on(self.client, s.client_id, s.response_trailers, end_stream=True)
             else:
                 self.client.end_stream(s.client_id)
             self._complete(s)

@@ -69,12 +69,24 @@ import so that a missing member stops the agent at start-up instead of in the mi
    ``test_h2wire.py``) in one loop over the block. hpack's copies the rest of the block for
    every literal (``memoryview.tobytes``) and makes two calls per field besides: with
    ``TablelessEncoder``'s blocks, all literals, it cost more than the encoder saved.
+9. Sending a header block on a stream ``h2`` already holds (``send_headers_on``): a response
+   head, trailers. ``h2``'s ``send_headers`` re-encodes every name and value
+   (``utf8_encode_headers``), computes validation flags it does not use with validation off,
+   builds hyperframe objects and serializes them: about three quarters of what sending a
+   gRPC response head cost after ``TablelessEncoder``. ``send_headers_on`` drives the same
+   state machines (``H2Connection.state_machine`` with ``ConnectionInputs.SEND_HEADERS``,
+   the stream's ``state_machine`` with ``SEND_HEADERS`` or ``SEND_INFORMATIONAL_HEADERS`` and
+   ``SEND_END_STREAM``, its ``trailers_sent`` check), encodes with the connection's encoder
+   and appends the frames to ``H2Connection._data_to_send``, where ``_prepare_for_sending``
+   puts ``h2``'s own. A block that opens a stream still goes through ``h2`` (stream ids,
+   limits, windows).
 Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
 ``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -83,11 +95,13 @@ import h2.connection as _h2_connection
 import hpack.hpack as _hpack
 import hpack.table as _hpack_table
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionInputs, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream, StreamState
+from h2.stream import H2Stream, StreamInputs, StreamState
+from h2.utilities import is_informational_response
 from hpack import (
     Decoder,
     Encoder,
@@ -270,6 +284,49 @@ class LeanDecoder(Decoder):
         return fields
 
 
+_FRAME = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream id
+_HEADERS, _CONTINUATION = 0x1, 0x9
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+
+
+def send_headers_on(
+    conn: H2Connection, stream_id: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
+) -> None:
+    """``conn.send_headers`` for a block on a stream ``conn`` already holds, in fewer steps
+    (reach 9); a block that would open the stream is ``conn``'s own ``send_headers``."""
+    stream = conn.streams.get(stream_id)
+    if stream is None:
+        conn.send_headers(stream_id, headers, end_stream=end_stream)
+        return
+    machine = stream.state_machine
+    conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+    if not machine.client and is_informational_response(headers):
+        if end_stream:
+            raise ProtocolError("Cannot set END_STREAM on informational responses.")
+        machine.process_input(StreamInputs.SEND_INFORMATIONAL_HEADERS)
+    else:
+        machine.process_input(StreamInputs.SEND_HEADERS)
+    block = conn.encoder.encode(headers)
+    if end_stream:
+        machine.process_input(StreamInputs.SEND_END_STREAM)
+    elif machine.trailers_sent:
+        raise ProtocolError("Trailers must have END_STREAM set.")
+    size = conn.max_outbound_frame_size
+    flags = _END_STREAM if end_stream else 0
+    out = conn._data_to_send
+    if len(block) <= size:
+        out += _FRAME.pack(len(block) << 8 | _HEADERS, flags | _END_HEADERS, stream_id)
+        out += block
+        return
+    kind = _HEADERS
+    for start in range(0, len(block), size):
+        piece = block[start : start + size]
+        last = start + size >= len(block)
+        out += _FRAME.pack(len(piece) << 8 | kind, flags | (_END_HEADERS if last else 0), stream_id)
+        out += piece
+        kind, flags = _CONTINUATION, 0
+
+
 def tableless_headers(conn: H2Connection) -> None:
     """Make ``conn`` encode header blocks with ``TablelessEncoder`` and decode them with
     ``LeanDecoder`` (keeping the limits ``h2`` set on its decoder); call before it sends."""
@@ -382,6 +439,10 @@ def check_h2_internals() -> None:
     if not hasattr(Encoder, "_encode_table_size_change"):
         missing.append("hpack.Encoder._encode_table_size_change")
     probe = H2Connection(H2Configuration(client_side=True))
+    if not isinstance(getattr(probe, "_data_to_send", None), bytearray):
+        missing.append("H2Connection._data_to_send (a bytearray)")
+    if not hasattr(getattr(probe, "state_machine", None), "process_input"):
+        missing.append("H2Connection.state_machine")
     if not isinstance(getattr(probe, "encoder", None), Encoder):
         missing.append("H2Connection.encoder (an hpack.Encoder)")
     probe.initiate_connection()

@@ -34,6 +34,7 @@ from agent.proxy.h2proxy import (
     Pick,
     PickRequest,
 )
+from agent.proxy.h2wire import GracefulH2Connection
 from agent.proxy.http1 import UPSTREAM_PROTOCOL, RequestHead, Verdict
 from tests.unit.proxy.h2peers import Wire, peer
 
@@ -377,6 +378,44 @@ def test_forwarded_header_blocks_use_no_dynamic_table() -> None:
     assert len(w.taken(TrailersReceived)) == 2
     assert not w.pod.decoder.header_table.dynamic_entries
     assert not w.client.decoder.header_table.dynamic_entries
+
+
+def test_empty_request_trailers_are_forwarded() -> None:
+    """An empty trailers block is a valid end of a request (RFC 9113 8.1): it is forwarded as
+    one (``h2``'s own ``send_headers`` failed on an empty block with an IndexError)."""
+    w = Wire()
+    sid = w.request("/pkg.Svc/Call", grpc=True, end=False)
+    w.client.send_data(sid, b"\0\0\0\0\0")
+    w.run()
+    frame = HeadersFrame(sid, b"")
+    frame.flags = {"END_HEADERS", "END_STREAM"}
+    w.proxy.receive_client(bytes(frame.serialize()))
+    w.run()
+    assert [e.headers for e in w.pod_events if isinstance(e, TrailersReceived)] == [[]]
+    _respond(w, grpc=True)
+    assert [e.stream_id for e in w.taken(TrailersReceived)] == [sid]
+
+
+def test_response_heads_and_trailers_skip_h2s_send_headers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A block on a stream the connection holds (response head, trailers) is framed by
+    ``h2wire.send_headers_on``; only a block that opens a stream (the request head upstream)
+    goes through ``h2``'s ``send_headers``."""
+    sent: list[int] = []
+    original = GracefulH2Connection.send_headers
+
+    def counting(self: GracefulH2Connection, stream_id: int, *args: object, **kw: object) -> None:
+        sent.append(stream_id)
+        original(self, stream_id, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GracefulH2Connection, "send_headers", counting)
+    w = Wire()
+    sid = w.request("/pkg.Svc/Call", grpc=True)
+    w.run()
+    _respond(w, grpc=True)
+    assert [e.stream_id for e in w.taken(TrailersReceived)] == [sid]
+    assert sent == [1]  # the upstream request head
 
 
 def test_per_call_values_are_forwarded_never_indexed() -> None:

@@ -6,13 +6,18 @@ from __future__ import annotations
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.stream import StreamState
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.proxy import h2wire
+from agent.proxy.h2proxy import H2Limits
+from agent.proxy.h2proxy import new_connection as new_proxy_connection
 from agent.proxy.h2wire import GracefulH2Connection, HboneSettings, new_connection
 
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.2:80")]
@@ -214,3 +219,73 @@ def test_hpack_logs_nothing_while_coding(monkeypatch: pytest.MonkeyPatch) -> Non
     encoder.header_table_size = 64  # evictions log too
     headers = [(b"x-request-id", b"%d" % i) for i in range(8)]
     assert decoder.decode(encoder.encode(headers), raw=True) == headers
+
+
+def _served_stream() -> tuple[H2Connection, H2Connection]:
+    """A connection as ``H2Proxy`` makes them (server side, ``tableless_headers``) and a plain
+    h2 client whose request on stream 1 arrived (ended)."""
+    ours = new_proxy_connection(client_side=False, limits=H2Limits())
+    plain = H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    plain.initiate_connection()
+    plain.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                           (b":authority", b"a")], end_stream=True)  # fmt: skip
+    ours.receive_data(plain.data_to_send())
+    plain.receive_data(ours.data_to_send())
+    ours.receive_data(plain.data_to_send())
+    ours.data_to_send()
+    return ours, plain
+
+
+BLOCKS = st.lists(
+    st.tuples(st.sampled_from([b"x-a", b"content-type", b"grpc-status"]), st.binary(max_size=40)),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"", b"100", b"200", b"503"]), BLOCKS, st.booleans()),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_send_headers_on_writes_and_moves_state_as_h2s_send_headers(
+    steps: list[tuple[bytes, list[tuple[bytes, bytes]], bool]],
+) -> None:
+    """Reach 9: ``send_headers_on`` drives ``H2Connection.state_machine``, the stream's
+    ``state_machine`` (informational heads, END_STREAM, trailers) and appends to
+    ``H2Connection._data_to_send``: the same bytes, states and refusals as ``h2``'s own on a
+    connection ``H2Proxy`` made, for any non-empty block (``h2`` fails on an empty one:
+    ``test_h2proxy``'s empty trailers)."""
+    ours, _ = _served_stream()
+    theirs, _ = _served_stream()
+    for status, fields, end in steps:
+        block = ([(b":status", status)] if status else []) + fields
+        outcome = []
+        for conn, send in ((ours, h2wire.send_headers_on), (theirs, None)):
+            try:
+                if send is None:
+                    conn.send_headers(1, block, end_stream=end)
+                else:
+                    send(conn, 1, block, end_stream=end)
+                outcome.append(bytes(conn.data_to_send()))
+            except h2.exceptions.ProtocolError as e:
+                outcome.append(type(e).__name__)
+            outcome.append(h2wire.stream_state(conn, 1))
+        assert outcome[:2] == outcome[2:]
+
+
+def test_send_headers_on_splits_a_long_block_into_continuations() -> None:
+    """Reach 9: a block longer than the peer's frame size goes as HEADERS and CONTINUATIONs,
+    END_HEADERS on the last, and the peer reads the whole block."""
+    ours, plain = _served_stream()
+    value = b"v" * 40000
+    h2wire.send_headers_on(ours, 1, [(b":status", b"200"), (b"x-big", value)], end_stream=True)
+    wire = ours.data_to_send()
+    assert wire[3] == 0x1 and wire[4] == 0x1  # HEADERS, END_STREAM without END_HEADERS
+    events = plain.receive_data(wire)
+    (response,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert (b"x-big", value) in response.headers
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)

@@ -81,7 +81,12 @@ from hpack import NeverIndexedHeaderTuple
 
 from agent.proxy.h2guard import HeaderBlockGuard
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
-from agent.proxy.h2wire import GracefulH2Connection, send_headers_on, tableless_headers
+from agent.proxy.h2wire import (
+    GracefulH2Connection,
+    send_data_on,
+    send_headers_on,
+    tableless_headers,
+)
 from agent.proxy.http1 import (
     DOWNSTREAM_CLOSED,
     NO_FLAGS,
@@ -1107,11 +1112,11 @@ def _move(
         if n <= 0:
             break
         if n < len(data):
-            conn.send_data(stream_id, data[:n])
+            send_data_on(conn, stream_id, data[:n], end_stream=False)
             queue[0] = (data[n:], flow - n)
             acknowledged += n
         else:
-            conn.send_data(stream_id, data, end_stream=last)
+            send_data_on(conn, stream_id, data, end_stream=last)
             queue.popleft()
             acknowledged += flow
             if last:

@@ -418,6 +418,55 @@ def test_response_heads_and_trailers_skip_h2s_send_headers(
     assert sent == [1]  # the upstream request head
 
 
+def test_relayed_data_skips_h2s_send_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DATA the proxy relays is framed by ``h2wire.send_data_on`` (the windows and stream
+    states ``h2`` keeps, no hyperframe objects): ``h2``'s ``send_data`` never runs on the
+    proxy's connections, both ways, also when a body spans several frames and windows."""
+
+    def refuse(*_args: object, **_kw: object) -> None:
+        raise AssertionError("h2's send_data framed relayed DATA")
+
+    monkeypatch.setattr(GracefulH2Connection, "send_data", refuse)
+    w = Wire()
+    body = bytes(range(256)) * 1200  # 300 KiB: beyond every window, 19 frames or more
+    sid = w.request("/upload", end=False)
+    for start in range(0, len(body), 16000):
+        end = start + 16000 >= len(body)
+        w.client.send_data(sid, body[start : start + 16000], end_stream=end)
+        _run_reading(w)
+    got = b"".join(e.data for e in w.pod_events if isinstance(e, DataReceived))
+    assert got == body
+    w.pod_events = [e for e in w.pod_events if not isinstance(e, DataReceived)]
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(req.stream_id, [(b":status", b"200")])
+    for start in range(0, len(body), 16000):
+        w.pod.send_data(req.stream_id, body[start : start + 16000], end_stream=False)
+        _run_reading(w)
+    w.pod.end_stream(req.stream_id)
+    _run_reading(w)
+    assert b"".join(e.data for e in w.taken(DataReceived)) == body  # type: ignore[attr-defined]
+    assert [e.stream_id for e in w.taken(StreamEnded)] == [sid]
+
+
+def _run_reading(w: Wire) -> None:
+    """``w.run`` with both peers reading: what each received is acknowledged (its window
+    reopened) until nothing moves."""
+    acked: set[int] = set()
+    while True:
+        w.run()
+        fresh = [
+            (peer_, e)
+            for peer_, events in ((w.pod, w.pod_events), (w.client, w.client_events))
+            for e in events
+            if isinstance(e, DataReceived) and id(e) not in acked and e.flow_controlled_length
+        ]
+        if not fresh:
+            return
+        for peer_, e in fresh:
+            acked.add(id(e))
+            peer_.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+
+
 def test_per_call_values_are_forwarded_never_indexed() -> None:
     """A request id (ours or the client's) and ``grpc-timeout`` change with every call: they
     must not fill the upstream connection's HPACK table, nor may credentials enter it

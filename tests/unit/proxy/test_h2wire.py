@@ -289,3 +289,40 @@ def test_send_headers_on_splits_a_long_block_into_continuations() -> None:
     (response,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
     assert (b"x-big", value) in response.headers
     assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40000), st.booleans()), min_size=1, max_size=5),
+    st.booleans(),
+)
+def test_send_data_on_writes_and_moves_state_as_h2s_send_data(
+    steps: list[tuple[int, bool]], head_first: bool
+) -> None:
+    """Reach 9 (and 3): ``send_data_on`` drives the state machines' ``SEND_DATA`` and
+    ``SEND_END_STREAM``, appends the frame and charges both send windows: the same bytes,
+    states, windows and refusals (beyond a window, the frame size, after END_STREAM) as
+    ``h2``'s own ``send_data``."""
+    ours, _ = _served_stream()
+    theirs, _ = _served_stream()
+    for conn in (ours, theirs):
+        if head_first:
+            conn.send_headers(1, [(b":status", b"200")])
+        conn.data_to_send()
+    for size, end in steps:
+        data = bytes(size % 251 for size in range(size))
+        outcome = []
+        for conn, fast in ((ours, True), (theirs, False)):
+            try:
+                if fast:
+                    h2wire.send_data_on(conn, 1, data, end_stream=end)
+                else:
+                    conn.send_data(1, data, end_stream=end)
+                outcome.append(bytes(conn.data_to_send()))
+            except h2.exceptions.ProtocolError as e:
+                outcome.append(type(e).__name__)
+            outcome.append(h2wire.stream_state(conn, 1))
+            outcome.append(conn.outbound_flow_control_window)
+            stream = conn.streams.get(1)
+            outcome.append(stream.outbound_flow_control_window if stream else None)
+        assert outcome[:4] == outcome[4:]

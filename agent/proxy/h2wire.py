@@ -141,6 +141,7 @@ _hpack.log = _hpack_table.log = Silent()  # type: ignore[assignment]
 # Literal representations (RFC 7541 section 6.2): without indexing, never indexed.
 _LITERAL, _NEVER_INDEXED = 0x00, 0x10
 _FIELD_CACHE_SIZE = 4096  # fields whose encoding is kept; values new on every call are not
+_FIELD_CACHE_VALUE = 128  # longer values are encoded each time: the cache stays under 1 MiB
 _FIELD_CACHE: dict[tuple[bytes, bytes], bytes] = {}
 _STATIC = HeaderTable.STATIC_TABLE_MAPPING  # name -> (first index, {value: index})
 
@@ -199,11 +200,17 @@ class TablelessEncoder(Encoder):
             encoded = cache.get(key)
             if encoded is None:
                 encoded = encode_field(name, value)
-                if len(cache) >= _FIELD_CACHE_SIZE:
-                    cache.clear()
-                cache[key] = encoded
+                if len(name) + len(value) <= _FIELD_CACHE_VALUE:
+                    if len(cache) >= _FIELD_CACHE_SIZE:
+                        cache.clear()
+                    cache[key] = encoded
             parts.append(encoded)
         return b"".join(parts)
+
+
+# Octets an integer may take, its prefix byte included (hpack's ``VARINT_MAX_LENGTH``: enough
+# for a 32-bit value; RFC 7541 section 5.1 lets a decoder refuse longer encodings).
+_INTEGER_OCTETS = 5
 
 
 def _integer_at(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
@@ -213,14 +220,16 @@ def _integer_at(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
         value = data[pos] & limit
         pos += 1
         if value == limit:
-            shift = 0
+            start, shift = pos, 0
             while True:
                 byte = data[pos]
                 pos += 1
                 value += (byte & 127) << shift
-                shift += 7
                 if byte < 128:
                     break
+                shift += 7
+                if pos - start >= _INTEGER_OCTETS:
+                    raise HPACKDecodingError("HPACK integer representation is too long")
     except IndexError as e:
         raise HPACKDecodingError("Truncated header block (an integer)") from e
     return value, pos

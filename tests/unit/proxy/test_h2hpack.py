@@ -9,11 +9,19 @@ bytes."""
 
 from __future__ import annotations
 
+import pytest
 from h2.exceptions import ProtocolError
-from hpack import Decoder, Encoder, HeaderTuple, HPACKError, NeverIndexedHeaderTuple
+from hpack import (
+    Decoder,
+    Encoder,
+    HeaderTuple,
+    HPACKError,
+    NeverIndexedHeaderTuple,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.proxy import h2wire
 from agent.proxy.h2wire import LeanDecoder, TablelessEncoder, encode_field
 
 NAMES = [b":method", b":path", b":status", b"content-type", b"user-agent", b"x-request-id",
@@ -100,3 +108,22 @@ def test_encode_field_uses_the_static_table_and_long_integers() -> None:
     assert encode_field(b"user-agent", b"x") == b"\x0f\x2b\x01x"  # name index 58 = 15 + 43
     long = b"v" * 200  # length 200 = 127 + 73: a two-byte integer
     assert encode_field(b"x-a", long) == b"\x00\x03x-a\x7f\x49" + long
+
+
+def test_long_values_stay_out_of_the_field_cache() -> None:
+    """The encoder keeps the encoding of short fields only: a peer's long header values do not
+    make it hold ``_FIELD_CACHE_SIZE`` times 16 KiB."""
+    encoder = TablelessEncoder()
+    short, long = (b"x-short", b"s" * 40), (b"x-long", b"l" * 1000)
+    encoder.encode([short, long])
+    assert short in h2wire._FIELD_CACHE and long not in h2wire._FIELD_CACHE
+
+
+@pytest.mark.parametrize("continuations", [1, 2, 3, 4, 5, 6, 30000])
+def test_integers_are_as_long_as_hpack_reads_them(continuations: int) -> None:
+    """hpack refuses an integer of more than 5 octets (``VARINT_MAX_LENGTH``), zero
+    continuation bytes included (RFC 7541 section 5.1 allows it); ``LeanDecoder`` reads and
+    refuses exactly the same."""
+    length = b"\x7f" + b"\x80" * (continuations - 1) + b"\x00"  # 127, padded
+    block = b"\x00\x01a" + length + b"v" * 127
+    assert _outcome(LeanDecoder(1 << 20), block) == _outcome(Decoder(1 << 20), block)

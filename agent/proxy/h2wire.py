@@ -1,4 +1,5 @@
-"""HTTP/2 settings, and every place where HBONE reaches into ``h2`` beyond its public API.
+"""HTTP/2 settings, and every place where HBONE or ``H2Proxy`` reach into ``h2`` (or hpack)
+beyond its public API.
 
 The settings follow Istio's ztunnel where memory allows (see ARCHITECTURE.md, "HBONE"):
 
@@ -475,6 +476,9 @@ def check_h2_internals() -> None:
     ]
     if not hasattr(Encoder, "_encode_table_size_change"):
         missing.append("hpack.Encoder._encode_table_size_change")
+    table = getattr(Decoder(), "header_table", None)
+    if not (hasattr(table, "get_by_index") and hasattr(table, "add")):
+        missing.append("hpack.Decoder.header_table (get_by_index, add)")
     probe = H2Connection(H2Configuration(client_side=True))
     if not isinstance(getattr(probe, "_data_to_send", None), bytearray):
         missing.append("H2Connection._data_to_send (a bytearray)")

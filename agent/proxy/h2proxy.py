@@ -737,7 +737,7 @@ class H2Proxy:
         if s.try_timeout is not None:
             s.try_deadline = self.clock() + s.try_timeout
         ended = s.request_end and not s.to_upstream and s.request_trailers is None
-        up.send_headers(s.upstream_id, head, end_stream=ended)
+        send_headers_on(up, s.upstream_id, head, end_stream=ended)
         s.request_sent = ended
         self._copy(s)
 

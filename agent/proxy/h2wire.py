@@ -70,17 +70,18 @@ import so that a missing member stops the agent at start-up instead of in the mi
    ``test_h2wire.py``) in one loop over the block. hpack's copies the rest of the block for
    every literal (``memoryview.tobytes``) and makes two calls per field besides: with
    ``TablelessEncoder``'s blocks, all literals, it cost more than the encoder saved.
-9. Sending a header block on a stream ``h2`` already holds (``send_headers_on``): a response
-   head, trailers. ``h2``'s ``send_headers`` re-encodes every name and value
-   (``utf8_encode_headers``), computes validation flags it does not use with validation off,
-   builds hyperframe objects and serializes them: about three quarters of what sending a
-   gRPC response head cost after ``TablelessEncoder``. ``send_headers_on`` drives the same
-   state machines (``H2Connection.state_machine`` with ``ConnectionInputs.SEND_HEADERS``,
-   the stream's ``state_machine`` with ``SEND_HEADERS`` or ``SEND_INFORMATIONAL_HEADERS`` and
-   ``SEND_END_STREAM``, its ``trailers_sent`` check), encodes with the connection's encoder
-   and appends the frames to ``H2Connection._data_to_send``, where ``_prepare_for_sending``
-   puts ``h2``'s own. A block that opens a stream still goes through ``h2`` (stream ids,
-   limits, windows).
+9. Sending a header block (``send_headers_on``): a request head, a response head, trailers.
+   ``h2``'s ``send_headers`` re-encodes every name and value (``utf8_encode_headers``),
+   computes validation flags it does not use with validation off, builds hyperframe objects
+   and serializes them: about three quarters of what sending a gRPC response head cost after
+   ``TablelessEncoder``. ``send_headers_on`` drives the same state machines
+   (``H2Connection.state_machine`` with ``ConnectionInputs.SEND_HEADERS``, the stream's
+   ``state_machine`` with ``SEND_HEADERS`` or ``SEND_INFORMATIONAL_HEADERS`` and
+   ``SEND_END_STREAM``, its ``trailers_sent`` check), encodes with the connection's encoder and
+   appends the frames to ``H2Connection._data_to_send``, where ``_prepare_for_sending`` puts
+   ``h2``'s own. A block that opens a stream checks the peer's stream limit as ``h2`` does and
+   has ``H2Connection._get_or_create_stream`` make the stream (stream ids, windows); the
+   stream's ``_authority`` and ``request_method`` are set as ``h2`` sets them.
    ``send_data_on`` does the same for a DATA frame within the windows (``H2Proxy`` moves DATA
    only within them): the state machines' ``SEND_DATA`` (and ``SEND_END_STREAM``), the frame
    appended, both send windows charged as ``h2``'s ``send_data`` does (reach 3), without
@@ -100,13 +101,22 @@ import h2.connection as _h2_connection
 import hpack.hpack as _hpack
 import hpack.table as _hpack_table
 from h2.config import H2Configuration
-from h2.connection import ConnectionInputs, H2Connection
+from h2.connection import AllowedStreamIDs, ConnectionInputs, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
-from h2.exceptions import FlowControlError, FrameTooLargeError, ProtocolError
+from h2.exceptions import (
+    FlowControlError,
+    FrameTooLargeError,
+    ProtocolError,
+    TooManyStreamsError,
+)
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream, StreamInputs, StreamState
-from h2.utilities import is_informational_response
+from h2.utilities import (
+    authority_from_headers,
+    extract_method_header,
+    is_informational_response,
+)
 from hpack import (
     Decoder,
     Encoder,
@@ -306,14 +316,18 @@ _END_STREAM, _END_HEADERS = 0x1, 0x4
 def send_headers_on(
     conn: H2Connection, stream_id: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
 ) -> None:
-    """``conn.send_headers`` for a block on a stream ``conn`` already holds, in fewer steps
-    (reach 9); a block that would open the stream is ``conn``'s own ``send_headers``."""
+    """``conn.send_headers`` (without priority) in fewer steps (reach 9): the same stream
+    limit, state machines, stream bookkeeping and frames."""
     stream = conn.streams.get(stream_id)
     if stream is None:
-        conn.send_headers(stream_id, headers, end_stream=end_stream)
-        return
+        limit, open_now = conn.remote_settings.max_concurrent_streams, conn.open_outbound_streams
+        if open_now + 1 > limit:
+            raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
+        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(conn.config.client_side))
+    else:
+        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
     machine = stream.state_machine
-    conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
     if not machine.client and is_informational_response(headers):
         if end_stream:
             raise ProtocolError("Cannot set END_STREAM on informational responses.")
@@ -325,6 +339,9 @@ def send_headers_on(
         machine.process_input(StreamInputs.SEND_END_STREAM)
     elif machine.trailers_sent:
         raise ProtocolError("Trailers must have END_STREAM set.")
+    if machine.client and stream._authority is None:
+        stream._authority = authority_from_headers(headers)
+    stream.request_method = extract_method_header(headers)
     size = conn.max_outbound_frame_size
     flags = _END_STREAM if end_stream else 0
     out = conn._data_to_send

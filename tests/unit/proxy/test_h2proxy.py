@@ -396,26 +396,25 @@ def test_empty_request_trailers_are_forwarded() -> None:
     assert [e.stream_id for e in w.taken(TrailersReceived)] == [sid]
 
 
-def test_response_heads_and_trailers_skip_h2s_send_headers(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A block on a stream the connection holds (response head, trailers) is framed by
-    ``h2wire.send_headers_on``; only a block that opens a stream (the request head upstream)
-    goes through ``h2``'s ``send_headers``."""
-    sent: list[int] = []
-    original = GracefulH2Connection.send_headers
+def test_header_blocks_skip_h2s_send_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block the proxy sends (the request head that opens the upstream stream, the
+    response head, trailers) is framed by ``h2wire.send_headers_on``: ``h2``'s own
+    ``send_headers`` never runs on the proxy's connections."""
 
-    def counting(self: GracefulH2Connection, stream_id: int, *args: object, **kw: object) -> None:
-        sent.append(stream_id)
-        original(self, stream_id, *args, **kw)  # type: ignore[arg-type]
+    def refuse(*_args: object, **_kw: object) -> None:
+        raise AssertionError("h2's send_headers framed a block the proxy sent")
 
-    monkeypatch.setattr(GracefulH2Connection, "send_headers", counting)
+    monkeypatch.setattr(GracefulH2Connection, "send_headers", refuse)
     w = Wire()
     sid = w.request("/pkg.Svc/Call", grpc=True)
     w.run()
     _respond(w, grpc=True)
     assert [e.stream_id for e in w.taken(TrailersReceived)] == [sid]
-    assert sent == [1]  # the upstream request head
+    assert [e.stream_id for e in w.taken(ResponseReceived)] == [sid]
+    w.request("/denied", grpc=True)  # answered by the proxy itself
+    w.run()
+    (answer,) = w.taken(ResponseReceived)
+    assert dict(answer.headers)[b"grpc-status"] == b"7"
 
 
 def test_relayed_data_skips_h2s_send_data(monkeypatch: pytest.MonkeyPatch) -> None:

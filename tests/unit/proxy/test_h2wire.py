@@ -326,3 +326,57 @@ def test_send_data_on_writes_and_moves_state_as_h2s_send_data(
             stream = conn.streams.get(1)
             outcome.append(stream.outbound_flow_control_window if stream else None)
         assert outcome[:4] == outcome[4:]
+
+
+def _upstream_connection() -> H2Connection:
+    """A client connection as ``H2Proxy`` makes them, whose peer allows two streams at once."""
+    ours = new_proxy_connection(client_side=True, limits=H2Limits())
+    plain = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    plain.initiate_connection()
+    plain.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2})
+    plain.receive_data(ours.data_to_send())
+    ours.receive_data(plain.data_to_send())
+    ours.data_to_send()
+    return ours
+
+
+REQUEST = [(b":method", b"HEAD"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([1, 3, 5, 7]), st.booleans(), BLOCKS, st.booleans()),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_send_headers_on_opens_streams_as_h2s_send_headers(
+    steps: list[tuple[int, bool, list[tuple[bytes, bytes]], bool]],
+) -> None:
+    """Reach 9: a block that opens a stream gets the peer's stream limit, the stream id
+    rules, the new stream's windows, ``_authority`` and ``request_method`` exactly as with
+    ``h2``'s ``send_headers``; so do later blocks (trailers) on it."""
+    ours, theirs = _upstream_connection(), _upstream_connection()
+    for stream_id, head, fields, end in steps:
+        block = (REQUEST if head else []) + fields
+        outcome = []
+        for conn, fast in ((ours, True), (theirs, False)):
+            try:
+                if fast:
+                    h2wire.send_headers_on(conn, stream_id, block, end_stream=end)
+                else:
+                    conn.send_headers(stream_id, block, end_stream=end)
+                outcome.append(bytes(conn.data_to_send()))
+            except h2.exceptions.ProtocolError as e:
+                outcome.append(type(e).__name__)
+            stream = conn.streams.get(stream_id)
+            outcome += [
+                h2wire.stream_state(conn, stream_id),
+                conn.highest_outbound_stream_id,
+                conn.open_outbound_streams,
+                stream and (stream.request_method, stream._authority),
+                stream
+                and (stream.inbound_flow_control_window, stream.outbound_flow_control_window),
+            ]
+        assert outcome[:6] == outcome[6:]

@@ -87,7 +87,12 @@ from hpack import NeverIndexedHeaderTuple
 from agent.policy.traffic.attempts import REFUSED
 from agent.proxy.h2guard import HeaderBlockGuard
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
-from agent.proxy.h2wire import GracefulH2Connection, plain_literals
+from agent.proxy.h2wire import (
+    GracefulH2Connection,
+    send_data_on,
+    send_headers_on,
+    tableless_headers,
+)
 from agent.proxy.http1 import (
     DOWNSTREAM_CLOSED,
     NO_FLAGS,
@@ -369,7 +374,7 @@ def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connecti
     )
     conn.max_inbound_frame_size = limits.max_frame_size
     conn.decoder.max_header_list_size = limits.max_header_list_size
-    plain_literals(conn)  # our legs are loopback, a veth or a LAN: CPU, not bytes, is short
+    tableless_headers(conn)  # our legs are loopback, a veth or a LAN: CPU, not bytes, is short
     conn.initiate_connection()
     extra = limits.connection_window - conn.inbound_flow_control_window
     if extra > 0:
@@ -810,7 +815,7 @@ class H2Proxy:
         if s.try_timeout is not None:
             s.try_deadline = self.clock() + s.try_timeout
         ended = s.request_end and not s.to_upstream and s.request_trailers is None
-        up.send_headers(s.upstream_id, head, end_stream=ended)
+        send_headers_on(up, s.upstream_id, head, end_stream=ended)
         s.request_sent = ended
         self._copy(s)
 
@@ -945,11 +950,11 @@ class H2Proxy:
             headers = list(block)
             if s.edit_response is not None:
                 headers = s.edit_response(headers)
-            self.client.send_headers(s.client_id, headers, end_stream=ended)
+            send_headers_on(self.client, s.client_id, headers, end_stream=ended)
             if ended:
                 self._complete(s)
         elif isinstance(event, InformationalResponseReceived):
-            self.client.send_headers(s.client_id, list(block))
+            send_headers_on(self.client, s.client_id, list(block), end_stream=False)
         elif isinstance(event, DataReceived):
             ex.response_bytes += len(event.data)
             s.to_client.append((event.data, event.flow_controlled_length))
@@ -1004,7 +1009,8 @@ class H2Proxy:
         s.response_started = True
         if ex.grpc:
             ex.status, ex.grpc_status = 200, str(grpc_status)
-            self.client.send_headers(
+            send_headers_on(
+                self.client,
                 s.client_id,
                 [
                     (b":status", b"200"),
@@ -1018,7 +1024,8 @@ class H2Proxy:
             self._complete(s)
             return
         ex.status, ex.response_bytes = status, len(message)
-        self.client.send_headers(
+        send_headers_on(
+            self.client,
             s.client_id,
             [
                 (b":status", str(status).encode()),
@@ -1026,6 +1033,7 @@ class H2Proxy:
                 (b"content-length", str(len(message)).encode()),
                 *headers,
             ],
+            end_stream=False,
         )
         s.to_client.append((message, 0))
         s.response_end = True
@@ -1143,7 +1151,7 @@ class H2Proxy:
                 s.request_sent = True
             elif not s.to_upstream and s.request_end:
                 if s.request_trailers is not None:
-                    up.send_headers(uid, s.request_trailers, end_stream=True)
+                    send_headers_on(up, uid, s.request_trailers, end_stream=True)
                 else:
                     up.end_stream(uid)
                 s.request_sent = True
@@ -1160,7 +1168,7 @@ class H2Proxy:
             self._complete(s)
         elif not s.to_client and s.response_end:
             if s.response_trailers is not None:
-                self.client.send_headers(s.client_id, s.response_trailers, end_stream=True)
+                send_headers_on(self.client, s.client_id, s.response_trailers, end_stream=True)
             else:
                 self.client.end_stream(s.client_id)
             self._complete(s)
@@ -1195,11 +1203,11 @@ def _move(
         if n <= 0:
             break
         if n < len(data):
-            conn.send_data(stream_id, data[:n])
+            send_data_on(conn, stream_id, data[:n], end_stream=False)
             queue[0] = (data[n:], flow - n)
             acknowledged += n
         else:
-            conn.send_data(stream_id, data, end_stream=last)
+            send_data_on(conn, stream_id, data, end_stream=last)
             queue.popleft()
             acknowledged += flow
             if last:

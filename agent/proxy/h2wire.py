@@ -1,4 +1,5 @@
-"""HTTP/2 settings, and every place where HBONE reaches into ``h2`` beyond its public API.
+"""HTTP/2 settings, and every place where HBONE or ``H2Proxy`` reach into ``h2`` (or hpack)
+beyond its public API.
 
 The settings follow Istio's ztunnel where memory allows (see ARCHITECTURE.md, "HBONE"):
 
@@ -44,23 +45,55 @@ import so that a missing member stops the agent at start-up instead of in the mi
    ``repr`` inside ``h2.connection`` (module globals are searched before builtins) is bound to
    ``frame_kind``, which names the frame's type: only that one trace line uses ``repr`` there.
 6. The HPACK encoder (``H2Connection.encoder``, an ``hpack.Encoder`` that ``send_headers``
-   calls with Huffman coding on): ``plain_literals`` replaces it, before the connection sends
-   anything, with one that writes literal strings as they are. hpack's Huffman coder is a
-   Python loop over bits, about 25 µs for a 36-byte ``x-request-id`` at each end that encodes
-   it and again at each end that decodes it; it saves 20 to 30 % of a literal's bytes, and a
-   literal is rare once a connection's headers are in its table (a gRPC call's new literals
-   are its request id and ``grpc-timeout``): a few bytes more per call on the proxy's own legs.
+   calls with Huffman coding on, and whose ``header_table_size`` ``h2`` sets when the peer's
+   SETTINGS_HEADER_TABLE_SIZE changes): ``tableless_headers`` replaces it, before the connection
+   sends anything, with ``TablelessEncoder``, which never Huffman-codes and never adds to the
+   dynamic table. Why no Huffman: hpack's coder is a Python loop over bits, about 25 µs for a
+   36-byte ``x-request-id`` at each end that encodes it and again at each end that decodes it.
+   Why no dynamic table: hpack's encoder searches that table entry by entry for every header
+   and maintains it (evictions, sizes), about a third of an encoded block's cost, and every
+   decoder of our blocks maintains its copy too. Without it a field's encoding depends on the
+   field alone, so it is computed once and kept (``_FIELD_CACHE``): a block is a few dict
+   look-ups. The cost is bytes on the proxy's own legs (loopback, a veth, a LAN inside TLS): a
+   gRPC request head of ~300 bytes where the table made it ~40. The table-size updates the
+   peer's SETTINGS require are still sent (``_encode_table_size_change``, hpack's own).
 7. hpack's loggers (``hpack.hpack.log``, ``hpack.table.log``): hpack calls ``log.debug`` for
    every integer, header and table entry it encodes or decodes, about 200 calls per proxied
    gRPC call, each a ``logging`` check (and at DEBUG they would print header values). The
    name ``log`` in those modules is bound to ``Silent``, whose ``debug`` does nothing.
 
+8. The HPACK decoder (``H2Connection.decoder``, an ``hpack.Decoder`` whose ``decode`` ``h2``
+   calls with ``raw=True`` for every header block, and whose ``max_header_list_size``,
+   ``max_allowed_table_size`` and ``header_table_size`` it sets from SETTINGS):
+   ``tableless_headers`` replaces it with ``LeanDecoder``, which decodes the same
+   representations into the same fields and the same table (hypothesis compares the two,
+   ``test_h2wire.py``) in one loop over the block. hpack's copies the rest of the block for
+   every literal (``memoryview.tobytes``) and makes two calls per field besides: with
+   ``TablelessEncoder``'s blocks, all literals, it cost more than the encoder saved.
+9. Sending a header block (``send_headers_on``): a request head, a response head, trailers.
+   ``h2``'s ``send_headers`` re-encodes every name and value (``utf8_encode_headers``),
+   computes validation flags it does not use with validation off, builds hyperframe objects
+   and serializes them: about three quarters of what sending a gRPC response head cost after
+   ``TablelessEncoder``. ``send_headers_on`` drives the same state machines
+   (``H2Connection.state_machine`` with ``ConnectionInputs.SEND_HEADERS``, the stream's
+   ``state_machine`` with ``SEND_HEADERS`` or ``SEND_INFORMATIONAL_HEADERS`` and
+   ``SEND_END_STREAM``, its ``trailers_sent`` check), encodes with the connection's encoder and
+   appends the frames to ``H2Connection._data_to_send``, where ``_prepare_for_sending`` puts
+   ``h2``'s own. A block that opens a stream checks the peer's stream limit as ``h2`` does and
+   has ``H2Connection._get_or_create_stream`` make the stream (stream ids, windows); the
+   stream's ``_authority`` and ``request_method`` are set as ``h2`` sets them.
+   ``send_data_on`` does the same for a DATA frame within the windows (``H2Proxy`` moves DATA
+   only within them): the state machines' ``SEND_DATA`` (and ``SEND_END_STREAM``), the frame
+   appended, both send windows charged as ``h2``'s ``send_data`` does (reach 3), without
+   hyperframe's ``DataFrame``.
 Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
 ``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,12 +101,33 @@ import h2.connection as _h2_connection
 import hpack.hpack as _hpack
 import hpack.table as _hpack_table
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import AllowedStreamIDs, ConnectionInputs, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
+from h2.exceptions import (
+    FlowControlError,
+    FrameTooLargeError,
+    ProtocolError,
+    TooManyStreamsError,
+)
 from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream, StreamState
-from hpack import Encoder
+from h2.stream import H2Stream, StreamInputs, StreamState
+from h2.utilities import (
+    authority_from_headers,
+    extract_method_header,
+    is_informational_response,
+)
+from hpack import (
+    Decoder,
+    Encoder,
+    HeaderTuple,
+    HPACKDecodingError,
+    InvalidTableSizeError,
+    NeverIndexedHeaderTuple,
+    OversizedHeaderListError,
+)
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
 from hyperframe.frame import Frame, GoAwayFrame
 
 
@@ -95,16 +149,246 @@ class Silent:
 _hpack.log = _hpack_table.log = Silent()  # type: ignore[assignment]
 
 
-class PlainEncoder(Encoder):
-    """An HPACK encoder that never Huffman-codes a literal (reach 6)."""
+# Literal representations (RFC 7541 section 6.2): without indexing, never indexed.
+_LITERAL, _NEVER_INDEXED = 0x00, 0x10
+_FIELD_CACHE_SIZE = 4096  # fields whose encoding is kept; values new on every call are not
+_FIELD_CACHE_VALUE = 128  # longer values are encoded each time: the cache stays under 1 MiB
+_FIELD_CACHE: dict[tuple[bytes, bytes], bytes] = {}
+_STATIC = HeaderTable.STATIC_TABLE_MAPPING  # name -> (first index, {value: index})
+
+
+def _integer(value: int, prefix_bits: int, first: int) -> bytes:
+    """An HPACK integer (RFC 7541 section 5.1) whose first byte carries ``first``'s bits."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append(value & 127 | 128)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _string(value: bytes) -> bytes:
+    """An HPACK string literal, not Huffman-coded (RFC 7541 section 5.2)."""
+    return _integer(len(value), 7, 0) + value
+
+
+def encode_field(name: bytes, value: bytes, *, never_indexed: bool = False) -> bytes:
+    """One header field with the static table only: indexed if the static table holds it
+    whole, else a literal (never indexed if asked) naming a static name where one exists."""
+    static = _STATIC.get(name)
+    if static is not None:
+        index = static[1].get(value)
+        if index is not None and not never_indexed:
+            return _integer(index, 7, 0x80)
+        head = _integer(static[0], 4, _NEVER_INDEXED if never_indexed else _LITERAL)
+    else:
+        head = bytes((_NEVER_INDEXED if never_indexed else _LITERAL,)) + _string(name)
+    return head + _string(value)
+
+
+class TablelessEncoder(Encoder):
+    """An HPACK encoder without Huffman coding or dynamic table (reach 6). Takes what ``h2``
+    hands its encoder on our connections: 2-tuples of bytes, ``NeverIndexedHeaderTuple`` for
+    fields kept out of any compression context."""
 
     def encode(self, headers: Any, huffman: bool = False) -> bytes:
-        return super().encode(headers, huffman=False)
+        del huffman  # never: see reach 6
+        parts: list[bytes] = []
+        if self.header_table.resized:
+            parts.append(self._encode_table_size_change())
+            self.header_table.resized = False
+        cache = _FIELD_CACHE
+        for field in headers:
+            name, value = field[0], field[1]
+            if isinstance(field, HeaderTuple) and not field.indexable:
+                parts.append(encode_field(name, value, never_indexed=True))
+                continue
+            key = (name, value)
+            encoded = cache.get(key)
+            if encoded is None:
+                encoded = encode_field(name, value)
+                if len(name) + len(value) <= _FIELD_CACHE_VALUE:
+                    if len(cache) >= _FIELD_CACHE_SIZE:
+                        cache.clear()
+                    cache[key] = encoded
+            parts.append(encoded)
+        return b"".join(parts)
 
 
-def plain_literals(conn: H2Connection) -> None:
-    """Make ``conn`` send header literals without Huffman coding; call before it sends."""
-    conn.encoder = PlainEncoder()
+# Octets an integer may take, its prefix byte included (hpack's ``VARINT_MAX_LENGTH``: enough
+# for a 32-bit value; RFC 7541 section 5.1 lets a decoder refuse longer encodings).
+_INTEGER_OCTETS = 5
+
+
+def _integer_at(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    """The HPACK integer at ``pos`` and the position after it (RFC 7541 section 5.1)."""
+    limit = (1 << prefix_bits) - 1
+    try:
+        value = data[pos] & limit
+        pos += 1
+        if value == limit:
+            start, shift = pos, 0
+            while True:
+                byte = data[pos]
+                pos += 1
+                value += (byte & 127) << shift
+                if byte < 128:
+                    break
+                shift += 7
+                if pos - start >= _INTEGER_OCTETS:
+                    raise HPACKDecodingError("HPACK integer representation is too long")
+    except IndexError as e:
+        raise HPACKDecodingError("Truncated header block (an integer)") from e
+    return value, pos
+
+
+def _string_at(data: bytes, pos: int) -> tuple[bytes, int]:
+    """The HPACK string literal at ``pos`` and the position after it (RFC 7541 section 5.2)."""
+    length, start = _integer_at(data, pos, 7)
+    end = start + length
+    if end > len(data):
+        raise HPACKDecodingError("Truncated header block (a string)")
+    value = data[start:end]
+    return (decode_huffman(value) if data[pos] & 0x80 else value), end
+
+
+class LeanDecoder(Decoder):
+    """hpack's decoder with a leaner ``decode`` for ``h2``'s raw blocks (reach 8)."""
+
+    def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
+        """The block's fields: a never-indexed one as ``NeverIndexedHeaderTuple`` (``h2`` and
+        ``TablelessEncoder`` keep it so when it is forwarded), the others as plain 2-tuples,
+        which is all ``h2`` and ``H2Proxy`` read of them (hpack makes a ``HeaderTuple`` of
+        each, a third of a call to ``decode``)."""
+        if not raw:
+            return super().decode(data, raw)
+        data = bytes(data)
+        table = self.header_table
+        field_at = table.get_by_index
+        limit = self.max_header_list_size
+        fields: list[Any] = []
+        size, pos, end = 0, 0, len(data)
+        while pos < end:
+            first = data[pos]
+            if first & 0x80:  # indexed (section 6.1)
+                index, pos = _integer_at(data, pos, 7)
+                name, value = field = field_at(index)
+            elif first & 0x40 or not first & 0x20:  # a literal (section 6.2)
+                indexing = bool(first & 0x40)
+                index, pos = _integer_at(data, pos, 6 if indexing else 4)
+                if index:
+                    name = field_at(index)[0]
+                else:
+                    name, pos = _string_at(data, pos)
+                value, pos = _string_at(data, pos)
+                if indexing:
+                    table.add(name, value)
+                never = first & 0xF0 == 0x10
+                field = NeverIndexedHeaderTuple(name, value) if never else (name, value)
+            else:  # a dynamic table size update (section 6.3)
+                if fields:
+                    raise HPACKDecodingError("Table size update not at the start of the block")
+                new_size, pos = _integer_at(data, pos, 5)
+                if new_size > self.max_allowed_table_size:
+                    raise InvalidTableSizeError("Encoder exceeded max allowable table size")
+                self.header_table_size = new_size
+                continue
+            size += 32 + len(name) + len(value)
+            if size > limit:
+                raise OversizedHeaderListError(
+                    f"A header list larger than {limit} has been received"
+                )
+            fields.append(field)
+        if self.header_table_size > self.max_allowed_table_size:
+            raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
+        return fields
+
+
+_FRAME = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream id
+_DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+
+
+def send_headers_on(
+    conn: H2Connection, stream_id: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
+) -> None:
+    """``conn.send_headers`` (without priority) in fewer steps (reach 9): the same stream
+    limit, state machines, stream bookkeeping and frames."""
+    stream = conn.streams.get(stream_id)
+    if stream is None:
+        limit, open_now = conn.remote_settings.max_concurrent_streams, conn.open_outbound_streams
+        if open_now + 1 > limit:
+            raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
+        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(conn.config.client_side))
+    else:
+        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+    machine = stream.state_machine
+    if not machine.client and is_informational_response(headers):
+        if end_stream:
+            raise ProtocolError("Cannot set END_STREAM on informational responses.")
+        machine.process_input(StreamInputs.SEND_INFORMATIONAL_HEADERS)
+    else:
+        machine.process_input(StreamInputs.SEND_HEADERS)
+    block = conn.encoder.encode(headers)
+    if end_stream:
+        machine.process_input(StreamInputs.SEND_END_STREAM)
+    elif machine.trailers_sent:
+        raise ProtocolError("Trailers must have END_STREAM set.")
+    if machine.client and stream._authority is None:
+        stream._authority = authority_from_headers(headers)
+    stream.request_method = extract_method_header(headers)
+    size = conn.max_outbound_frame_size
+    flags = _END_STREAM if end_stream else 0
+    out = conn._data_to_send
+    if len(block) <= size:
+        out += _FRAME.pack(len(block) << 8 | _HEADERS, flags | _END_HEADERS, stream_id)
+        out += block
+        return
+    kind = _HEADERS
+    for start in range(0, len(block), size):
+        piece = block[start : start + size]
+        last = start + size >= len(block)
+        out += _FRAME.pack(len(piece) << 8 | kind, flags | (_END_HEADERS if last else 0), stream_id)
+        out += piece
+        kind, flags = _CONTINUATION, 0
+
+
+def send_data_on(conn: H2Connection, stream_id: int, data: bytes, *, end_stream: bool) -> None:
+    """``conn.send_data`` for ``data`` that fits the send windows and the peer's frame size,
+    in fewer steps (reach 9): the same checks, state machines, frame and window charges."""
+    stream = conn.streams.get(stream_id)
+    if stream is None:
+        conn.send_data(stream_id, data, end_stream=end_stream)  # h2 names the stream's fate
+        return
+    n = len(data)
+    if n > min(conn.outbound_flow_control_window, stream.outbound_flow_control_window) and n:
+        raise FlowControlError(f"Cannot send {n} bytes beyond the flow control window")
+    if n > conn.max_outbound_frame_size:
+        raise FrameTooLargeError(f"Cannot send frame size {n} beyond the max frame size")
+    conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
+    machine = stream.state_machine
+    machine.process_input(StreamInputs.SEND_DATA)
+    if end_stream:
+        machine.process_input(StreamInputs.SEND_END_STREAM)
+    out = conn._data_to_send
+    out += _FRAME.pack(n << 8 | _DATA, _END_STREAM if end_stream else 0, stream_id)
+    out += data
+    conn.outbound_flow_control_window -= n
+    stream.outbound_flow_control_window -= n
+
+
+def tableless_headers(conn: H2Connection) -> None:
+    """Make ``conn`` encode header blocks with ``TablelessEncoder`` and decode them with
+    ``LeanDecoder`` (keeping the limits ``h2`` set on its decoder); call before it sends."""
+    conn.encoder = TablelessEncoder()
+    decoder = LeanDecoder(max_header_list_size=conn.decoder.max_header_list_size)
+    decoder.max_allowed_table_size = conn.decoder.max_allowed_table_size
+    conn.decoder = decoder
 
 
 KIB = 1024
@@ -207,7 +491,16 @@ def check_h2_internals() -> None:
     missing = [
         n for n in ("_prepare_for_sending", "_receive_goaway_frame") if not hasattr(H2Connection, n)
     ]
+    if not hasattr(Encoder, "_encode_table_size_change"):
+        missing.append("hpack.Encoder._encode_table_size_change")
+    table = getattr(Decoder(), "header_table", None)
+    if not (hasattr(table, "get_by_index") and hasattr(table, "add")):
+        missing.append("hpack.Decoder.header_table (get_by_index, add)")
     probe = H2Connection(H2Configuration(client_side=True))
+    if not isinstance(getattr(probe, "_data_to_send", None), bytearray):
+        missing.append("H2Connection._data_to_send (a bytearray)")
+    if not hasattr(getattr(probe, "state_machine", None), "process_input"):
+        missing.append("H2Connection.state_machine")
     if not isinstance(getattr(probe, "encoder", None), Encoder):
         missing.append("H2Connection.encoder (an hpack.Encoder)")
     probe.initiate_connection()

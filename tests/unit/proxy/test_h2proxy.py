@@ -34,6 +34,7 @@ from agent.proxy.h2proxy import (
     Pick,
     PickRequest,
 )
+from agent.proxy.h2wire import GracefulH2Connection
 from agent.proxy.http1 import UPSTREAM_PROTOCOL, RequestHead, Verdict
 from tests.unit.proxy.h2peers import Wire, peer
 
@@ -358,12 +359,111 @@ def test_h2s_own_header_checks_are_not_run_on_the_proxys_connections(
 
 
 def test_forwarded_header_literals_are_not_huffman_coded() -> None:
-    """The proxy's own legs spend no CPU on Huffman coding (``h2wire.plain_literals``)."""
+    """The proxy's own legs spend no CPU on Huffman coding (``h2wire.tableless_headers``)."""
     value = b"0f8fad5b-d9cb-469f-a165-70867728950e"
     w = Wire()
     w.request("/pkg.Svc/Call", grpc=True, extra=[(b"x-request-id", value)])
     w.proxy.receive_client(w.client.data_to_send())
     assert value in w.proxy.take_to_upstream()
+
+
+def test_forwarded_header_blocks_use_no_dynamic_table() -> None:
+    """The proxy encodes each block alone (``h2wire.TablelessEncoder``): no HPACK table work at
+    either end of its legs, and a block's encoding depends only on its fields."""
+    w = Wire()
+    for _ in range(2):
+        w.request("/pkg.Svc/Call", grpc=True)
+        w.run()
+        _respond(w, grpc=True)
+    assert len(w.taken(TrailersReceived)) == 2
+    assert not w.pod.decoder.header_table.dynamic_entries
+    assert not w.client.decoder.header_table.dynamic_entries
+
+
+def test_empty_request_trailers_are_forwarded() -> None:
+    """An empty trailers block is a valid end of a request (RFC 9113 8.1): it is forwarded as
+    one (``h2``'s own ``send_headers`` failed on an empty block with an IndexError)."""
+    w = Wire()
+    sid = w.request("/pkg.Svc/Call", grpc=True, end=False)
+    w.client.send_data(sid, b"\0\0\0\0\0")
+    w.run()
+    frame = HeadersFrame(sid, b"")
+    frame.flags = {"END_HEADERS", "END_STREAM"}
+    w.proxy.receive_client(bytes(frame.serialize()))
+    w.run()
+    assert [e.headers for e in w.pod_events if isinstance(e, TrailersReceived)] == [[]]
+    _respond(w, grpc=True)
+    assert [e.stream_id for e in w.taken(TrailersReceived)] == [sid]
+
+
+def test_header_blocks_skip_h2s_send_headers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block the proxy sends (the request head that opens the upstream stream, the
+    response head, trailers) is framed by ``h2wire.send_headers_on``: ``h2``'s own
+    ``send_headers`` never runs on the proxy's connections."""
+
+    def refuse(*_args: object, **_kw: object) -> None:
+        raise AssertionError("h2's send_headers framed a block the proxy sent")
+
+    monkeypatch.setattr(GracefulH2Connection, "send_headers", refuse)
+    w = Wire()
+    sid = w.request("/pkg.Svc/Call", grpc=True)
+    w.run()
+    _respond(w, grpc=True)
+    assert [e.stream_id for e in w.taken(TrailersReceived)] == [sid]
+    assert [e.stream_id for e in w.taken(ResponseReceived)] == [sid]
+    w.request("/denied", grpc=True)  # answered by the proxy itself
+    w.run()
+    (answer,) = w.taken(ResponseReceived)
+    assert dict(answer.headers)[b"grpc-status"] == b"7"
+
+
+def test_relayed_data_skips_h2s_send_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DATA the proxy relays is framed by ``h2wire.send_data_on`` (the windows and stream
+    states ``h2`` keeps, no hyperframe objects): ``h2``'s ``send_data`` never runs on the
+    proxy's connections, both ways, also when a body spans several frames and windows."""
+
+    def refuse(*_args: object, **_kw: object) -> None:
+        raise AssertionError("h2's send_data framed relayed DATA")
+
+    monkeypatch.setattr(GracefulH2Connection, "send_data", refuse)
+    w = Wire()
+    body = bytes(range(256)) * 1200  # 300 KiB: beyond every window, 19 frames or more
+    sid = w.request("/upload", end=False)
+    for start in range(0, len(body), 16000):
+        end = start + 16000 >= len(body)
+        w.client.send_data(sid, body[start : start + 16000], end_stream=end)
+        _run_reading(w)
+    got = b"".join(e.data for e in w.pod_events if isinstance(e, DataReceived))
+    assert got == body
+    w.pod_events = [e for e in w.pod_events if not isinstance(e, DataReceived)]
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(req.stream_id, [(b":status", b"200")])
+    for start in range(0, len(body), 16000):
+        w.pod.send_data(req.stream_id, body[start : start + 16000], end_stream=False)
+        _run_reading(w)
+    w.pod.end_stream(req.stream_id)
+    _run_reading(w)
+    assert b"".join(e.data for e in w.taken(DataReceived)) == body  # type: ignore[attr-defined]
+    assert [e.stream_id for e in w.taken(StreamEnded)] == [sid]
+
+
+def _run_reading(w: Wire) -> None:
+    """``w.run`` with both peers reading: what each received is acknowledged (its window
+    reopened) until nothing moves."""
+    acked: set[int] = set()
+    while True:
+        w.run()
+        fresh = [
+            (peer_, e)
+            for peer_, events in ((w.pod, w.pod_events), (w.client, w.client_events))
+            for e in events
+            if isinstance(e, DataReceived) and id(e) not in acked and e.flow_controlled_length
+        ]
+        if not fresh:
+            return
+        for peer_, e in fresh:
+            acked.add(id(e))
+            peer_.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
 
 
 def test_per_call_values_are_forwarded_never_indexed() -> None:

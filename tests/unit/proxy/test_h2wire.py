@@ -6,12 +6,18 @@ from __future__ import annotations
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
+import h2.settings
 import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.stream import StreamState
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.proxy import h2wire
+from agent.proxy.h2proxy import H2Limits
+from agent.proxy.h2proxy import new_connection as new_proxy_connection
 from agent.proxy.h2wire import GracefulH2Connection, HboneSettings, new_connection
 
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.2:80")]
@@ -139,26 +145,63 @@ def test_received_frames_are_not_formatted_for_a_trace_nobody_reads(
     assert h2wire.frame_kind(hyperframe.frame.DataFrame(1)) == "DataFrame"
 
 
-def test_plain_literals_sends_header_literals_without_huffman_coding() -> None:
+def test_tableless_headers_sends_literals_without_huffman_coding_or_table() -> None:
     """Reach 6: ``H2Connection.encoder`` is what ``send_headers`` encodes with; after
-    ``plain_literals`` a new value goes out as its own bytes, and a plain h2 peer reads it."""
+    ``tableless_headers`` a new value goes out as its own bytes, every block is encoded alone
+    (the same head twice gives the same bytes: nothing entered a dynamic table), and a plain
+    h2 peer reads it."""
     value = b"0f8fad5b-d9cb-469f-a165-70867728950e"
     head = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
-    sent = {}
-    for plain in (False, True):
+    sent: dict[bool, list[bytes]] = {}
+    for tableless in (False, True):
         client = H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-        if plain:
-            h2wire.plain_literals(client)
+        if tableless:
+            h2wire.tableless_headers(client)
         client.initiate_connection()
         server = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         server.initiate_connection()
         server.receive_data(client.data_to_send())
-        client.send_headers(1, [*head, (b"x-request-id", value)], end_stream=True)
-        sent[plain] = client.data_to_send()
-        (request, _ended) = server.receive_data(sent[plain])
-        assert (b"x-request-id", value) in request.headers
-    assert value not in sent[False], "h2 no longer Huffman-codes by default: reach 6 is moot"
-    assert value in sent[True], "H2Connection.encoder is no longer what send_headers uses"
+        sent[tableless] = []
+        for stream_id in (1, 3):
+            client.send_headers(stream_id, [*head, (b"x-request-id", value)], end_stream=True)
+            sent[tableless].append(client.data_to_send())
+            (request, _ended) = server.receive_data(sent[tableless][-1])
+            assert (b"x-request-id", value) in request.headers
+        assert not server.decoder.header_table.dynamic_entries or not tableless
+    assert value not in sent[False][0], "h2 no longer Huffman-codes by default: reach 6 is moot"
+    assert sent[False][0][9:] != sent[False][1][9:], "hpack's encoder no longer indexes fields"
+    assert value in sent[True][0], "H2Connection.encoder is no longer what send_headers uses"
+    assert sent[True][0][9:] == sent[True][1][9:]  # the frame header names the stream
+
+
+def test_tableless_headers_signals_the_table_size_the_peer_set() -> None:
+    """Reach 6: ``h2`` sets the encoder's ``header_table_size`` from the peer's SETTINGS, and
+    the next block must signal the new size (RFC 7541 section 4.2) even though ours never
+    holds an entry: a peer that lowered it to 0 refuses a block without that update."""
+    ours = H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    h2wire.tableless_headers(ours)
+    ours.initiate_connection()
+    peer = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    peer.initiate_connection()
+    peer.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    peer.receive_data(ours.data_to_send())
+    ours.receive_data(peer.data_to_send())
+    peer.receive_data(ours.data_to_send())  # our ACK: the peer now holds us to size 0
+    assert peer.decoder.max_allowed_table_size == 0
+    ours.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                          (b":authority", b"a")], end_stream=True)  # fmt: skip
+    (request, _ended) = peer.receive_data(ours.data_to_send())
+    assert isinstance(request, h2.events.RequestReceived)
+
+
+def test_lean_decoder_replaces_h2s_decoder_with_its_limits() -> None:
+    """Reach 8: ``H2Connection.decoder`` is what ``h2`` decodes received blocks with, and
+    ``tableless_headers`` keeps the header-list limit set on it before."""
+    conn = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    conn.decoder.max_header_list_size = 1234
+    h2wire.tableless_headers(conn)
+    assert isinstance(conn.decoder, h2wire.LeanDecoder)
+    assert conn.decoder.max_header_list_size == 1234
 
 
 def test_hpack_logs_nothing_while_coding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,3 +219,164 @@ def test_hpack_logs_nothing_while_coding(monkeypatch: pytest.MonkeyPatch) -> Non
     encoder.header_table_size = 64  # evictions log too
     headers = [(b"x-request-id", b"%d" % i) for i in range(8)]
     assert decoder.decode(encoder.encode(headers), raw=True) == headers
+
+
+def _served_stream() -> tuple[H2Connection, H2Connection]:
+    """A connection as ``H2Proxy`` makes them (server side, ``tableless_headers``) and a plain
+    h2 client whose request on stream 1 arrived (ended)."""
+    ours = new_proxy_connection(client_side=False, limits=H2Limits())
+    plain = H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    plain.initiate_connection()
+    plain.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                           (b":authority", b"a")], end_stream=True)  # fmt: skip
+    ours.receive_data(plain.data_to_send())
+    plain.receive_data(ours.data_to_send())
+    ours.receive_data(plain.data_to_send())
+    ours.data_to_send()
+    return ours, plain
+
+
+BLOCKS = st.lists(
+    st.tuples(st.sampled_from([b"x-a", b"content-type", b"grpc-status"]), st.binary(max_size=40)),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"", b"100", b"200", b"503"]), BLOCKS, st.booleans()),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_send_headers_on_writes_and_moves_state_as_h2s_send_headers(
+    steps: list[tuple[bytes, list[tuple[bytes, bytes]], bool]],
+) -> None:
+    """Reach 9: ``send_headers_on`` drives ``H2Connection.state_machine``, the stream's
+    ``state_machine`` (informational heads, END_STREAM, trailers) and appends to
+    ``H2Connection._data_to_send``: the same bytes, states and refusals as ``h2``'s own on a
+    connection ``H2Proxy`` made, for any non-empty block (``h2`` fails on an empty one:
+    ``test_h2proxy``'s empty trailers)."""
+    ours, _ = _served_stream()
+    theirs, _ = _served_stream()
+    for status, fields, end in steps:
+        block = ([(b":status", status)] if status else []) + fields
+        outcome = []
+        for conn, send in ((ours, h2wire.send_headers_on), (theirs, None)):
+            try:
+                if send is None:
+                    conn.send_headers(1, block, end_stream=end)
+                else:
+                    send(conn, 1, block, end_stream=end)
+                outcome.append(bytes(conn.data_to_send()))
+            except h2.exceptions.ProtocolError as e:
+                outcome.append(type(e).__name__)
+            outcome.append(h2wire.stream_state(conn, 1))
+        assert outcome[:2] == outcome[2:]
+
+
+def test_send_headers_on_splits_a_long_block_into_continuations() -> None:
+    """Reach 9: a block longer than the peer's frame size goes as HEADERS and CONTINUATIONs,
+    END_HEADERS on the last, and the peer reads the whole block."""
+    ours, plain = _served_stream()
+    value = b"v" * 40000
+    h2wire.send_headers_on(ours, 1, [(b":status", b"200"), (b"x-big", value)], end_stream=True)
+    wire = ours.data_to_send()
+    assert wire[3] == 0x1 and wire[4] == 0x1  # HEADERS, END_STREAM without END_HEADERS
+    events = plain.receive_data(wire)
+    (response,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert (b"x-big", value) in response.headers
+    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40000), st.booleans()), min_size=1, max_size=5),
+    st.booleans(),
+)
+def test_send_data_on_writes_and_moves_state_as_h2s_send_data(
+    steps: list[tuple[int, bool]], head_first: bool
+) -> None:
+    """Reach 9 (and 3): ``send_data_on`` drives the state machines' ``SEND_DATA`` and
+    ``SEND_END_STREAM``, appends the frame and charges both send windows: the same bytes,
+    states, windows and refusals (beyond a window, the frame size, after END_STREAM) as
+    ``h2``'s own ``send_data``."""
+    ours, _ = _served_stream()
+    theirs, _ = _served_stream()
+    for conn in (ours, theirs):
+        if head_first:
+            conn.send_headers(1, [(b":status", b"200")])
+        conn.data_to_send()
+    for size, end in steps:
+        data = bytes(size % 251 for size in range(size))
+        outcome = []
+        for conn, fast in ((ours, True), (theirs, False)):
+            try:
+                if fast:
+                    h2wire.send_data_on(conn, 1, data, end_stream=end)
+                else:
+                    conn.send_data(1, data, end_stream=end)
+                outcome.append(bytes(conn.data_to_send()))
+            except h2.exceptions.ProtocolError as e:
+                outcome.append(type(e).__name__)
+            outcome.append(h2wire.stream_state(conn, 1))
+            outcome.append(conn.outbound_flow_control_window)
+            stream = conn.streams.get(1)
+            outcome.append(stream.outbound_flow_control_window if stream else None)
+        assert outcome[:4] == outcome[4:]
+
+
+def _upstream_connection() -> H2Connection:
+    """A client connection as ``H2Proxy`` makes them, whose peer allows two streams at once."""
+    ours = new_proxy_connection(client_side=True, limits=H2Limits())
+    plain = H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+    plain.initiate_connection()
+    plain.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2})
+    plain.receive_data(ours.data_to_send())
+    ours.receive_data(plain.data_to_send())
+    ours.data_to_send()
+    return ours
+
+
+REQUEST = [(b":method", b"HEAD"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([1, 3, 5, 7]), st.booleans(), BLOCKS, st.booleans()),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_send_headers_on_opens_streams_as_h2s_send_headers(
+    steps: list[tuple[int, bool, list[tuple[bytes, bytes]], bool]],
+) -> None:
+    """Reach 9: a block that opens a stream gets the peer's stream limit, the stream id
+    rules, the new stream's windows, ``_authority`` and ``request_method`` exactly as with
+    ``h2``'s ``send_headers``; so do later blocks (trailers) on it."""
+    ours, theirs = _upstream_connection(), _upstream_connection()
+    for stream_id, head, fields, end in steps:
+        block = (REQUEST if head else []) + fields
+        outcome = []
+        for conn, fast in ((ours, True), (theirs, False)):
+            try:
+                if fast:
+                    h2wire.send_headers_on(conn, stream_id, block, end_stream=end)
+                else:
+                    conn.send_headers(stream_id, block, end_stream=end)
+                outcome.append(bytes(conn.data_to_send()))
+            except h2.exceptions.ProtocolError as e:
+                outcome.append(type(e).__name__)
+            stream = conn.streams.get(stream_id)
+            outcome += [
+                h2wire.stream_state(conn, stream_id),
+                conn.highest_outbound_stream_id,
+                conn.open_outbound_streams,
+                stream and (stream.request_method, stream._authority),
+                stream
+                and (stream.inbound_flow_control_window, stream.outbound_flow_control_window),
+            ]
+        assert outcome[:6] == outcome[6:]

@@ -1,0 +1,129 @@
+"""The proxy's HPACK coders against hpack's own (``agent.proxy.h2wire``, reaches 6 and 8).
+
+``LeanDecoder`` must decode every block exactly as hpack's ``Decoder`` does (the same fields,
+never-indexed ones marked, the others may be plain tuples; the same dynamic table after, the
+same refusals), whoever encoded it; ``TablelessEncoder``'s blocks must decode, with hpack's
+decoder, to what was encoded and leave its table empty. hypothesis drives both with blocks
+hpack's encoder makes (Huffman or not, table size changes between blocks) and with arbitrary
+bytes."""
+
+from __future__ import annotations
+
+import pytest
+from h2.exceptions import ProtocolError
+from hpack import (
+    Decoder,
+    Encoder,
+    HeaderTuple,
+    HPACKError,
+    NeverIndexedHeaderTuple,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.proxy import h2wire
+from agent.proxy.h2wire import LeanDecoder, TablelessEncoder, encode_field
+
+NAMES = [b":method", b":path", b":status", b"content-type", b"user-agent", b"x-request-id",
+         b"grpc-timeout", b"te", b"cookie", b"x-custom"]  # fmt: skip
+VALUES = [b"", b"GET", b"POST", b"/", b"200", b"404", b"application/grpc", b"trailers", b"gzip"]
+names = st.one_of(st.sampled_from(NAMES), st.binary(max_size=40))
+values = st.one_of(st.sampled_from(VALUES), st.binary(max_size=300))
+fields = st.tuples(names, values, st.booleans())
+blocks = st.lists(fields, max_size=12)
+
+
+def _outcome(decoder: Decoder, block: bytes) -> object:
+    """What ``decoder`` makes of ``block``: the fields with their kind, and its table after;
+    or that it refused the block (``h2`` turns these exceptions into a connection error)."""
+    try:
+        got = decoder.decode(block, raw=True)
+    except (HPACKError, IndexError, TypeError, UnicodeDecodeError, ProtocolError):
+        return "refused"
+    table = decoder.header_table
+    return (
+        [(isinstance(f, NeverIndexedHeaderTuple), bytes(f[0]), bytes(f[1])) for f in got],
+        list(table.dynamic_entries),
+        table.maxsize,
+    )
+
+
+def _pair(max_list: int = 64 * 1024) -> tuple[Decoder, LeanDecoder]:
+    theirs, ours = Decoder(max_header_list_size=max_list), LeanDecoder(max_list)
+    return theirs, ours
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(blocks, st.booleans(), st.one_of(st.none(), st.integers(0, 8192))),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(100, 4000),
+)
+def test_lean_decoder_decodes_hpacks_blocks_as_hpack_does(
+    sequence: list[tuple[list[tuple[bytes, bytes, bool]], bool, int | None]], max_list: int
+) -> None:
+    encoder = Encoder()
+    theirs, ours = _pair(max_list)
+    for fields_, huffman, table_size in sequence:
+        if table_size is not None:
+            encoder.header_table_size = table_size
+            theirs.max_allowed_table_size = ours.max_allowed_table_size = max(table_size, 4096)
+        block = encoder.encode([(n, v, sensitive) for n, v, sensitive in fields_], huffman)
+        assert _outcome(ours, block) == _outcome(theirs, block)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=4), st.integers(0, 4096))
+def test_lean_decoder_refuses_and_accepts_arbitrary_bytes_as_hpack_does(
+    chunks: list[bytes], max_table: int
+) -> None:
+    theirs, ours = _pair(2000)
+    theirs.max_allowed_table_size = ours.max_allowed_table_size = max_table
+    for block in chunks:
+        assert _outcome(ours, block) == _outcome(theirs, block)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(blocks, min_size=1, max_size=4))
+def test_tableless_blocks_decode_to_what_was_encoded_and_leave_no_table(
+    sequence: list[list[tuple[bytes, bytes, bool]]],
+) -> None:
+    encoder = TablelessEncoder()
+    decoder = Decoder(max_header_list_size=1 << 20)
+    for fields_ in sequence:
+        sent = [NeverIndexedHeaderTuple(n, v) if s else (n, v) for n, v, s in fields_]
+        got = decoder.decode(encoder.encode(sent), raw=True)
+        assert [(f[0], f[1]) for f in got] == [(n, v) for n, v, _ in fields_]
+        assert [isinstance(f, NeverIndexedHeaderTuple) for f in got] == [s for *_, s in fields_]
+        assert all(type(f) in (HeaderTuple, NeverIndexedHeaderTuple) for f in got)
+        assert not decoder.header_table.dynamic_entries
+
+
+def test_encode_field_uses_the_static_table_and_long_integers() -> None:
+    assert encode_field(b":status", b"200") == b"\x88"  # indexed, static entry 8
+    assert encode_field(b":status", b"200", never_indexed=True) == b"\x18\x03200"
+    assert encode_field(b"user-agent", b"x") == b"\x0f\x2b\x01x"  # name index 58 = 15 + 43
+    long = b"v" * 200  # length 200 = 127 + 73: a two-byte integer
+    assert encode_field(b"x-a", long) == b"\x00\x03x-a\x7f\x49" + long
+
+
+def test_long_values_stay_out_of_the_field_cache() -> None:
+    """The encoder keeps the encoding of short fields only: a peer's long header values do not
+    make it hold ``_FIELD_CACHE_SIZE`` times 16 KiB."""
+    encoder = TablelessEncoder()
+    short, long = (b"x-short", b"s" * 40), (b"x-long", b"l" * 1000)
+    encoder.encode([short, long])
+    assert short in h2wire._FIELD_CACHE and long not in h2wire._FIELD_CACHE
+
+
+@pytest.mark.parametrize("continuations", [1, 2, 3, 4, 5, 6, 30000])
+def test_integers_are_as_long_as_hpack_reads_them(continuations: int) -> None:
+    """hpack refuses an integer of more than 5 octets (``VARINT_MAX_LENGTH``), zero
+    continuation bytes included (RFC 7541 section 5.1 allows it); ``LeanDecoder`` reads and
+    refuses exactly the same."""
+    length = b"\x7f" + b"\x80" * (continuations - 1) + b"\x00"  # 127, padded
+    block = b"\x00\x01a" + length + b"v" * 127
+    assert _outcome(LeanDecoder(1 << 20), block) == _outcome(Decoder(1 << 20), block)

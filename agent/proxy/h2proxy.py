@@ -476,6 +476,11 @@ class H2Proxy:
     def active_streams(self) -> int:
         return len(self._streams)
 
+    @property
+    def replay_held(self) -> int:
+        """Request body bytes kept to send again (retries, resends) or to copy (mirrors)."""
+        return sum(s.replay_size for s in self._streams.values() if s.replay_body is not None)
+
     def receive_client(self, data: bytes) -> None:
         """Bytes from the client; ``b""`` when it closed its side."""
         if self.closing:
@@ -947,6 +952,8 @@ class H2Proxy:
                 return
             s.response_started = True
             s.response_end = ended
+            if not s.mirror:  # the response is the client's now: never sent again
+                s.replay_head, s.replay_body, s.replay_size = None, None, 0
             headers = list(block)
             if s.edit_response is not None:
                 headers = s.edit_response(headers)

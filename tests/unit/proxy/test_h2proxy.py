@@ -1292,3 +1292,23 @@ def test_a_parked_request_its_endpoint_refuses_is_answered_with_its_status() -> 
     body = b"".join(e.data for e in w.client_events
                     if isinstance(e, DataReceived) and e.stream_id == plain)  # fmt: skip
     assert body == b"RBAC: access denied"
+
+
+def test_a_streaming_call_keeps_no_body_for_resending_once_its_response_started() -> None:
+    w, _made = _resending()
+    sid: int = w.client.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "s"),
+               (":path", "/pkg.Svc/Upload"), ("content-type", "application/grpc")]  # fmt: skip
+    w.client.send_headers(sid, headers)
+    w.client.send_data(sid, b"x" * 1000)
+    w.run()
+    assert w.proxy.replay_held == 1000  # the pod may still refuse it: kept to send again
+    pod_sid = next(e.stream_id for e in w.pod_events["a"] if isinstance(e, RequestReceived))
+    w.pods["a"].send_headers(pod_sid, [(":status", "200"), ("content-type", "application/grpc")])
+    w.run()
+    assert w.proxy.replay_held == 0  # the response is the client's: never sent again
+    w.client.send_data(sid, b"y" * 1000)
+    w.run()
+    assert w.proxy.replay_held == 0
+    received = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert received == b"x" * 1000 + b"y" * 1000

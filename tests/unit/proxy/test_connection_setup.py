@@ -1,10 +1,12 @@
 """What opening one proxied connection costs, counted (never timed): the upstream connect runs
-in the caller's task, and the peer's SPIFFE ID is read from its certificate once per HBONE
+in the caller's task, a transparent upstream socket leaves its port to ``connect`` (no bind-time
+search of the port range), and the peer's SPIFFE ID is read from its certificate once per HBONE
 connection, not once per stream."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Coroutine, Generator
 from typing import Any
@@ -35,6 +37,27 @@ def test_the_upstream_connect_creates_no_task() -> None:
             with sock:
                 assert sock.getpeername() == server.getsockname()
         assert created == []
+
+    asyncio.run(main())
+
+
+def test_a_transparent_upstream_socket_gets_its_port_from_connect() -> None:
+    """``bind((client_ip, 0))`` must not choose the port: that searches the range for one no
+    socket on the address holds (TIME_WAIT ones too), per connection. Bound with
+    ``IP_BIND_ADDRESS_NO_PORT`` the port stays 0 until ``connect`` picks one for the pair."""
+    if os.geteuid() != 0:
+        pytest.skip("IP_TRANSPARENT needs root")
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sock = sockets.upstream_socket(0, source_ip="127.0.0.2")
+            with sock:
+                assert sock.getsockname() == ("127.0.0.2", 0)
+                await asyncio.get_running_loop().sock_connect(sock, server.getsockname())
+                accepted, peer = server.accept()
+                with accepted:
+                    assert peer == sock.getsockname()
+                    assert peer[0] == "127.0.0.2" and peer[1] != 0
 
     asyncio.run(main())
 

@@ -72,7 +72,9 @@ def _headline(workload: str, sample: dict[str, Any]) -> str:
             f"{sample['p99_us']:.0f} µs, node2's agent counted "
             f"{sample['destination_counted']:.0f}"
         )
-    return f"{sample['rate']:.0f} conn/s, errors {sample['errors'] or 'none'}"
+    cpu = sample.get("proxy_cpu_us_per_connection")
+    per = f", proxy CPU {cpu:.0f} µs per connection" if cpu is not None else ""
+    return f"{sample['rate']:.0f} conn/s{per}, errors {sample['errors'] or 'none'}"
 
 
 def run(s: Settings, *, lab: str | None = None) -> dict[str, Any]:

@@ -87,13 +87,18 @@ def request_response(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, An
 
 
 def connection_rate(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
+    """New connections per second, and the proxies' CPU per connection: their CPU over the run
+    (warm-up included) over every connection the client completed in it."""
     argv = [
         sys.executable, "-m", "bench.programs.connrate_client", "--host", path.host,
         "--port", str(path.echo_port), "--seconds", str(s.conn_seconds),
         "--warmup", str(s.conn_warmup), "--concurrency", str(s.conn_concurrency),
         "--size", str(s.conn_size),
     ]  # fmt: skip
-    return _run(bed, path, argv, timeout=s.conn_seconds + s.conn_warmup + 60)
+    raw = _run(bed, path, argv, timeout=s.conn_seconds + s.conn_warmup + 60)
+    if "error" not in raw and path.proxy_pids and raw["completed"]:
+        raw["proxy_cpu_us_per_connection"] = raw["proxy_cpu_s"] / raw["completed"] * 1e6
+    return raw
 
 
 def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:

@@ -381,6 +381,11 @@ class HboneConnection:
         """Outgoing bytes of all streams waiting for the peer's windows."""
         return self._queued
 
+    def unsent(self) -> int:
+        """DATA bytes framed for the transport that ``data_to_send`` has not handed out yet
+        (the owner flushes them at the end of the loop's pass: ``HboneProtocol.flush_soon``)."""
+        return self._flow.unsent()
+
     def held_bytes(self) -> int:
         """Everything this connection holds in memory because of the peer: received bytes the
         owner has not consumed, outgoing bytes queued for windows or for ``data_to_send``, and

@@ -326,7 +326,7 @@ class InboundHbone:
             return
         stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
         proto.codec.respond(sid, 200)
-        proto.flush()
+        proto.flush_soon()
         await self._relay(stream, upstream, record, request, workload, protocol=protocol)
 
     def _still_allowed(

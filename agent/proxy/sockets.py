@@ -6,6 +6,13 @@ a socket bind to an address the node does not own: the proxy connects to a local
 client pod (its IP as source), so the server sees who really called. The pod's replies to that
 foreign address are steered back to this socket by the datapath (the pod-ingress program hands
 any segment of a flow the node owns to its socket).
+
+``IP_BIND_ADDRESS_NO_PORT`` on such a socket: ``bind((client_ip, 0))`` alone would pick the port
+at bind time for the address alone, searching the range for a port that no socket on that
+address holds, TIME_WAIT ones included; the proxy closes first towards the pod, so it holds
+thousands of them under a connection load, and the search grew to most of the destination
+agent's CPU per connection (and fails once the range is full). With the option the port is
+chosen by ``connect``, unique per (source, destination) pair as for any client socket.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source_ip is not None:
             sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
         sock.setblocking(False)
     except OSError:

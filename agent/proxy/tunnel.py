@@ -285,7 +285,7 @@ class TunnelStream:
             return False
         proto = self.proto
         proto.dispatch(proto.codec.send(self.stream_id, data))
-        proto.flush()
+        proto.flush_soon()
         return True
 
     async def write(self, data: bytes | memoryview) -> None:
@@ -302,13 +302,13 @@ class TunnelStream:
         if self.error:
             raise self.error
         proto.dispatch(proto.codec.send(self.stream_id, data))
-        proto.flush()
+        proto.flush_soon()
 
     def write_eof(self) -> None:
         if not self.error:
             self.ended = True
             self.proto.dispatch(self.proto.codec.end_stream(self.stream_id))
-            self.proto.flush()
+            self.proto.flush_soon()
 
     def reset(self) -> None:
         if not self.error:
@@ -350,6 +350,7 @@ class HboneProtocol(asyncio.Protocol):
         # The peer certificate's SPIFFE ID (or why it has none): read once per connection, not
         # per stream (``getpeercert`` decodes the whole certificate each time).
         self._peer_id: str | PeerIdentityError | None = None
+        self._flush_scheduled = False  # a ``flush_soon`` is pending
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -384,7 +385,7 @@ class HboneProtocol(asyncio.Protocol):
         if self.write_paused:
             return True
         size = self.transport.get_write_buffer_size() if self.transport is not None else 0
-        return self.codec.queued + size > OUT_BUDGET
+        return self.codec.queued + self.codec.unsent() + size > OUT_BUDGET
 
     def held_bytes(self) -> int:
         """What the peer makes this connection hold: the codec's accounting plus the TLS
@@ -413,6 +414,26 @@ class HboneProtocol(asyncio.Protocol):
                 self.codec.output_accepted()
         if self.codec.failed and self.transport is not None and not self.transport.is_closing():
             self._close_failed()
+
+    def flush_soon(self) -> None:
+        """``flush`` once the loop has run the callbacks that are ready now: what the relays of
+        several streams write in one pass of the loop (each after its socket's read) goes out
+        in one TLS record and one ``send`` instead of one each. Each record and send costs the
+        TLS sealing and a trip through the kernel's TCP path (the peer's receive processing
+        included when the peer is on the same host): the largest item of a new connection's
+        cost in the source agent (ARCHITECTURE, "What a new connection costs")."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+        if self.writers_waiting and not self.out_full():
+            # The framed bytes ``out_full`` counted went to the transport, which took them:
+            # writers waiting for the budget go on (as after a WINDOW_UPDATE).
+            self.writers_waiting = False
+            self._wake_writers()
 
     def _close_failed(self) -> None:
         """Close after the GOAWAY, unless the peer does not read: a paused transport (or one
@@ -506,6 +527,7 @@ class HboneProtocol(asyncio.Protocol):
         if self.streams:
             return
         if self.codec.going_away and self.transport is not None:
+            self.flush()  # what ``flush_soon`` left (the last stream's end) goes before the close
             self.transport.close()  # drained: GOAWAY sent or received and nothing left
         elif self.on_idle:
             self.on_idle(self)
@@ -529,7 +551,7 @@ class HboneProtocol(asyncio.Protocol):
         sid = self.codec.open_tunnel(authority, client_ip=client_ip, service=service)
         stream = self.streams[sid] = TunnelStream(self, sid, opening=True)
         assert stream.accepted is not None
-        self.flush()
+        self.flush_soon()
         try:
             await stream.accepted
         except asyncio.CancelledError:

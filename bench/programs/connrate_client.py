@@ -3,7 +3,8 @@
 ``--concurrency`` workers each loop connect → send ``--size`` bytes → read them back → close, for
 ``--seconds`` after ``--warmup`` seconds that are not counted. Prints the count, the rate, the
 connect+exchange time percentiles in milliseconds and the errors by type (a path that refuses or
-resets connections shows up there, not as a lower rate only).
+resets connections shows up there, not as a lower rate only), and ``completed``: every connection
+finished, the warm-up's included (what the proxies' CPU over the whole run is divided by).
 
     python -m bench.programs.connrate_client --host 10.244.2.2 --port 7000 --seconds 5
 """
@@ -24,7 +25,7 @@ from bench.programs.exchange import connect_and_echo
 
 async def worker(
     address: tuple[str, int], message: bytes, start: float, end: float,
-    times: list[float], errors: Counter[str],
+    times: list[float], errors: Counter[str], completed: list[int],
 ) -> None:  # fmt: skip
     while (now := time.monotonic()) < end:
         try:
@@ -34,6 +35,7 @@ async def worker(
             await asyncio.sleep(0.01)  # do not spin on a refusing path
             continue
         sock.close()
+        completed[0] += 1
         if now >= start:
             times.append((time.monotonic() - now) * 1000)
 
@@ -44,8 +46,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     start, end = begin + args.warmup, begin + args.warmup + args.seconds
     times: list[float] = []
     errors: Counter[str] = Counter()
+    completed = [0]
     await asyncio.gather(
-        *(worker(address, message, start, end, times, errors) for _ in range(args.concurrency))
+        *(
+            worker(address, message, start, end, times, errors, completed)
+            for _ in range(args.concurrency)
+        )
     )
     elapsed = time.monotonic() - start
     times.sort()
@@ -56,6 +62,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "p50_ms": times[len(times) // 2] if times else None,
         "p99_ms": times[int(len(times) * 0.99)] if times else None,
         "errors": dict(errors),
+        "completed": completed[0],
     }
 
 

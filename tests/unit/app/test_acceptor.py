@@ -1,11 +1,12 @@
 """The accept loop survives descriptor exhaustion and aborted connections; a broken listener
-still ends it."""
+still ends it; it keeps one reader on the listener instead of one per connection."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import socket
+from collections.abc import Callable
 
 import pytest
 
@@ -63,6 +64,49 @@ def test_keeps_accepting_after_emfile_and_aborts(monkeypatch: pytest.MonkeyPatch
     asyncio.run(scenario())
     assert _count("EMFILE") - before[0] == 2
     assert _count("ECONNABORTED") - before[1] == 1
+
+
+def test_one_reader_on_the_listener_for_every_connection() -> None:
+    """Connections arriving one at a time are accepted by the reader registered at the start:
+    none is added or removed per connection (``loop.sock_accept`` did both, each time), and
+    cancelling the loop removes it."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        calls: list[str] = []
+        add, remove = loop.add_reader, loop.remove_reader
+
+        def counting_add(fd: int, callback: Callable[..., object], *args: object) -> None:
+            calls.append("add")
+            add(fd, callback, *args)
+
+        def counting_remove(fd: int) -> bool:
+            calls.append("remove")
+            return remove(fd)
+
+        loop.add_reader = counting_add  # type: ignore[method-assign]
+        loop.remove_reader = counting_remove  # type: ignore[method-assign]
+        with socket.create_server(("127.0.0.1", 0)) as lsock:
+            lsock.setblocking(False)
+            accepted: list[socket.socket] = []
+            task = asyncio.create_task(accept_forever(lsock, accepted.append, listener="TEST"))
+            clients = []
+            for n in range(1, 6):
+                clients.append(socket.create_connection(lsock.getsockname()))
+                for _ in range(200):
+                    if len(accepted) == n:
+                        break
+                    await asyncio.sleep(0.01)
+            assert len(accepted) == 5 and all(c.getblocking() is False for c in accepted)
+            assert calls == ["add"]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert calls == ["add", "remove"]
+            for s in (*accepted, *clients):
+                s.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_broken_listener_ends_the_loop() -> None:

@@ -34,6 +34,11 @@ def results() -> dict[str, Any]:
             sample(rep, "stunnel", "rr", p50_us=100.0, p99_us=500.0),
         ]
     samples.append(sample(0, "mesh_cross", "conn", error="reset by peer"))
+    for rep, (completed, cpu) in enumerate([(1000, 1.0), (3000, 2.0)]):
+        samples.append(sample(rep, "stunnel", "conn", rate=500.0, completed=completed,
+                              proxy_cpu_s=cpu))  # fmt: skip
+        samples.append(sample(rep, "direct", "conn", rate=5000.0, completed=completed,
+                              proxy_cpu_s=0.0))  # fmt: skip
     for i, s in enumerate(samples):
         s["load1"] = float(i % 5)
     return {
@@ -87,6 +92,9 @@ def test_medians_across_repetitions_and_costs_only_for_paths_with_a_proxy() -> N
     assert values["stunnel"]["cpu_per_gb"] == pytest.approx(0.5)
     assert values["direct"]["cpu_per_gb"] is None  # no proxy, not "free"
     assert values["mesh_cross"]["conn_rate"] is None  # the only sample failed
+    assert values["mesh_cross"]["conn_cpu"] is None
+    assert values["stunnel"]["conn_cpu"] == pytest.approx(750.0)  # 3 CPU s over 4,000 conns
+    assert values["direct"]["conn_cpu"] is None
     assert values["mesh_cross"]["mem_per_conn"] == pytest.approx(10.24)  # KiB
     assert values["stunnel"]["mem_per_conn"] is None
 
@@ -105,6 +113,7 @@ def test_markdown_marks_untrusted_paths_and_lists_failures() -> None:
     assert "stunnel (untrusted)" in header
     assert "mesh (untrusted)" not in header
     assert "| throughput, 1 stream | Gbit/s | 9.00 | 2.00 | 4.00 | 0.22x | 0.50x |" in text
+    assert "| proxy CPU per new connection | µs | — | — | 750 | — | — |" in text
     assert "**stunnel** (UNTRUSTED): FAILED: plaintext marker seen" in text
     assert "- mesh_cross conn rep 0: reset by peer" in text
     assert "aes-256-gcm (mesh: X): 8.00 Gbit/s" in text

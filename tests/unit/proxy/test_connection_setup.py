@@ -1,10 +1,13 @@
 """What opening one proxied connection costs, counted (never timed): the upstream connect runs
-in the caller's task, and the peer's SPIFFE ID is read from its certificate once per HBONE
-connection, not once per stream."""
+in the caller's task, a transparent upstream socket leaves its port to ``connect`` (no bind-time
+search of the port range), the peer's SPIFFE ID is read from its certificate once per HBONE
+connection, not once per stream, and what several streams write in one pass of the loop goes out
+in one write on their HBONE connection."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Coroutine, Generator
 from typing import Any
@@ -12,9 +15,10 @@ from typing import Any
 import pytest
 
 from agent.identity.tls import PeerIdentityError
+from agent.proxy import hbone_events as ev
 from agent.proxy import sockets
 from agent.proxy.hbone import HboneConnection
-from agent.proxy.tunnel import HboneProtocol
+from agent.proxy.tunnel import HboneProtocol, TunnelStream
 from tests.unit.proxy.memtransport import MemoryTransport
 
 
@@ -35,6 +39,27 @@ def test_the_upstream_connect_creates_no_task() -> None:
             with sock:
                 assert sock.getpeername() == server.getsockname()
         assert created == []
+
+    asyncio.run(main())
+
+
+def test_a_transparent_upstream_socket_gets_its_port_from_connect() -> None:
+    """``bind((client_ip, 0))`` must not choose the port: that searches the range for one no
+    socket on the address holds (TIME_WAIT ones too), per connection. Bound with
+    ``IP_BIND_ADDRESS_NO_PORT`` the port stays 0 until ``connect`` picks one for the pair."""
+    if os.geteuid() != 0:
+        pytest.skip("IP_TRANSPARENT needs root")
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sock = sockets.upstream_socket(0, source_ip="127.0.0.2")
+            with sock:
+                assert sock.getsockname() == ("127.0.0.2", 0)
+                await asyncio.get_running_loop().sock_connect(sock, server.getsockname())
+                accepted, peer = server.accept()
+                with accepted:
+                    assert peer == sock.getsockname()
+                    assert peer[0] == "127.0.0.2" and peer[1] != 0
 
     asyncio.run(main())
 
@@ -106,5 +131,102 @@ def test_a_peer_without_an_identity_is_refused_on_every_stream() -> None:
             with pytest.raises(PeerIdentityError, match="2 URI SANs"):
                 proto.peer_identity()
         assert ssl_object.reads == 1
+
+    asyncio.run(main())
+
+
+class _CountingTransport(MemoryTransport):
+    """Counts the writes (TLS records and sends, on a real connection) and keeps the bytes."""
+
+    def __init__(self, peer: asyncio.Protocol) -> None:
+        super().__init__(peer)
+        self.writes: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+        super().write(data)
+
+    def close(self) -> None:
+        self.writes.append(b"<close>")
+        super().close()
+
+
+def _ends_stream(data: bytes, stream_id: int) -> bool:
+    """Does ``data`` (whole frames) hold a frame with END_STREAM for ``stream_id``?"""
+    at = 0
+    while at + 9 <= len(data):
+        length = int.from_bytes(data[at : at + 3], "big")
+        kind, flags = data[at + 3], data[at + 4]
+        sid = int.from_bytes(data[at + 5 : at + 9], "big") & 0x7FFFFFFF
+        if sid == stream_id and kind in (0, 1) and flags & 1:
+            return True
+        at += 9 + length
+    return False
+
+
+async def _pair() -> tuple[HboneProtocol, _CountingTransport, dict[int, TunnelStream]]:
+    accepted: dict[int, TunnelStream] = {}
+
+    def on_request(proto: HboneProtocol, event: ev.TunnelRequested) -> None:
+        accepted[event.stream_id] = proto.streams[event.stream_id]
+        proto.codec.respond(event.stream_id, 200)
+        proto.flush()
+
+    client = HboneProtocol(HboneConnection(client_side=True))
+    server = HboneProtocol(HboneConnection(client_side=False), on_request=on_request)
+    to_server, to_client = _CountingTransport(server), MemoryTransport(client)
+    to_server.other, to_client.other = to_client, to_server
+    server.connection_made(to_client)
+    client.connection_made(to_server)
+    return client, to_server, accepted
+
+
+def test_streams_written_in_one_pass_of_the_loop_share_one_write() -> None:
+    """Three streams' bytes and ends, written by their relays in one pass of the loop (as the
+    relays' socket callbacks do), go out in one write, in order, and all arrive."""
+
+    async def main() -> None:
+        client, to_server, accepted = await _pair()
+        streams = [await client.open("10.0.0.2:80", None) for _ in range(3)]
+        await asyncio.sleep(0)
+        to_server.writes.clear()
+        for n, stream in enumerate(streams):
+            assert stream.try_write(b"%d" % n * 100)
+            stream.write_eof()
+        assert to_server.writes == []  # nothing yet: at the end of the pass
+        await asyncio.sleep(0)
+        assert len(to_server.writes) == 1
+        for n, stream in enumerate(streams):
+            far = accepted[stream.stream_id]
+            for _ in range(20):
+                if far.eof:
+                    break
+                await asyncio.sleep(0)
+            assert await far.read() == b"%d" % n * 100
+            assert await far.read() is None
+
+    asyncio.run(main())
+
+
+def test_a_draining_connection_sends_the_last_streams_end_before_it_closes() -> None:
+    """The last stream of a connection going away ends cleanly: its END_STREAM, still waiting
+    for the end of the loop's pass, is written before the transport is closed."""
+
+    async def main() -> None:
+        client, to_server, accepted = await _pair()
+        stream = await client.open("10.0.0.2:80", None)
+        await asyncio.sleep(0)
+        accepted[stream.stream_id].write_eof()
+        client.goaway()
+        for _ in range(20):
+            if stream.eof:
+                break
+            await asyncio.sleep(0)
+        assert stream.eof
+        to_server.writes.clear()
+        stream.write_eof()
+        client.finish(stream)  # both halves ended: no reset; the connection closes now
+        assert to_server.writes[-1] == b"<close>"
+        assert any(_ends_stream(w, stream.stream_id) for w in to_server.writes[:-1])
 
     asyncio.run(main())

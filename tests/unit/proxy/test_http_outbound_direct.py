@@ -59,6 +59,9 @@ class _Proto:
     def flush(self) -> None:
         pass
 
+    def flush_soon(self) -> None:
+        pass
+
     def finish(self, stream: TunnelStream) -> None:
         self.finished.append(stream)
 

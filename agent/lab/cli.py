@@ -171,7 +171,7 @@ def _annotate(args: argparse.Namespace) -> int:
 
 def _apply(args: argparse.Namespace) -> int:
     manifests = _manifests(args.file)
-    control.apply(args.name, manifests)
+    control.apply(args.name, manifests, source="<stdin>" if args.file == "-" else args.file)
     print(f"applied {len(manifests)} object(s) to lab {args.name}")
     return 0
 

@@ -64,6 +64,17 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _cut_path(path: str, width: int) -> str:
+    """A long path loses its middle, not its end, so a gRPC call's method
+    (``/pkg.Service/Method``) or a REST path's last segment stays readable."""
+    if len(path) <= width:
+        return path
+    tail = path[path.rfind("/") :]
+    if len(tail) > width // 2:
+        tail = path[-(width // 2) :]
+    return path[: width - 1 - len(tail)] + "…" + tail
+
+
 def _who(entry: Mapping[str, Any], side: str, address: str) -> str:
     workload = entry.get(f"{side}_workload")
     if workload and workload != "unknown":
@@ -101,7 +112,7 @@ def format_line(entry: Mapping[str, Any], node: str | None = None) -> str:
         _cut(_who(entry, "source", "source_address"), WHO_WIDTH).ljust(WHO_WIDTH),
         _cut(_who(entry, "destination", "destination_address"), WHO_WIDTH).ljust(WHO_WIDTH),
         _cut(str(entry["method"]), 6).ljust(6),
-        _cut(str(entry["path"]), PATH_WIDTH).ljust(PATH_WIDTH),
+        _cut_path(str(entry["path"]), PATH_WIDTH).ljust(PATH_WIDTH),
         status.ljust(6),
         str(entry["response_flags"]).ljust(5),
         f"{float(entry['duration_ms']):7.1f}",

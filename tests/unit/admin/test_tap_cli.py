@@ -213,8 +213,12 @@ def test_a_line_shows_a_grpc_status_and_addresses_of_unknown_workloads() -> None
     }
     line = format_line(entry)
     assert line.split()[:5] == ["02:05:37.123", "out", "10.0.0.9:5000", "default/server", "POST"]
-    assert "/pkg.Svc/Methodxxxxxxxx… 200/7  -" in line
+    assert "/pkg.Svc/Me…xxxxxxxxxxxx 200/7  -" in line  # cut in the middle
     assert line.endswith("12.3 10.244.2.3:9090")
+    # A gRPC path one character too long keeps its method: the Stream call is not cut to "Stre…".
+    grpc = format_line({**entry, "path": "/nodemesh.lab.Echo/Stream"})
+    assert "/nodemesh.lab.Ec…/Stream 200/7" in grpc
+    assert "/api/v1/orders" in format_line({**entry, "path": "/api/v1/orders"})  # fits: whole
 
 
 async def _api(ring: RequestRing) -> AdminApi:

@@ -2,9 +2,10 @@
 
 Like ``linkerd viz tap``: one line per finished request (time, direction, source and
 destination workloads, method, path, status, response flags, duration, the pod address it
-went to), filtered by workload (either side, ``--from``, ``--to``), method, path prefix and
-status (``404`` or ``5xx``). The filter travels to the agent (``/requests``,
-``agent.admin.tap``), so only matching requests cross the admin connection.
+went to), filtered by workload (either side, ``--from``, ``--to``), method, path prefix,
+status (``404`` or ``5xx``) and gRPC status (``--grpc-status NOT_FOUND``, ``5`` or ``error``).
+The filter travels to the agent (``/requests``, ``agent.admin.tap``), so only matching
+requests cross the admin connection.
 
 Without ``--once`` it prints the requests the agent still holds, then follows new ones until
 interrupted (Ctrl-C) or ``--count`` lines were printed; with ``--once`` it prints what is held
@@ -228,6 +229,7 @@ def filter_from_args(args: argparse.Namespace) -> RequestFilter:
         method=args.method,
         path=args.path,
         status=args.status,
+        grpc_status=args.grpc_status,
     )
 
 
@@ -239,6 +241,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help="HTTP method, e.g. POST")
     parser.add_argument("--path", metavar="PREFIX", help="path prefix, e.g. /api/")
     parser.add_argument("--status", metavar="CODE", help="status code (404) or class (5xx)")
+    parser.add_argument(
+        "--grpc-status",
+        metavar="CODE",
+        help="gRPC status: code (5), name (NOT_FOUND) or error (any but OK)",
+    )
     parser.add_argument(
         "--once", action="store_true", help="print the requests held now and exit (no follow)"
     )

@@ -180,12 +180,29 @@ def test_an_unreachable_agent_is_an_error_naming_it(capsys: pytest.CaptureFixtur
     assert "nodemesh requests: 127.0.0.1:1: no nodemesh agent answers" in err
 
 
+def test_a_failed_grpc_call_is_found_by_its_grpc_status_not_by_5xx(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served.add(replace(rec("POST", "/pkg.Svc/Get", 200), grpc_status="14"))
+    served.add(replace(rec("POST", "/pkg.Svc/List", 200), grpc_status="0"))
+    for args, expected in [
+        (["--grpc-status", "UNAVAILABLE"], ["/pkg.Svc/Get"]),
+        (["--grpc-status", "error"], ["/pkg.Svc/Get"]),
+        (["--grpc-status", "0"], ["/pkg.Svc/List"]),
+        (["--status", "5xx"], ["/api/v1"]),  # the call's HTTP status is 200
+    ]:
+        code, lines, _ = run(capsys, "requests", "--admin", served.address, "--once", *args)
+        assert code == 0 and [path for _, path, _ in columns(lines)] == expected
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--status", "2x"], "expected a status code such as 404 or a class such as 5xx"),
         (["--workload", "a/b/c"], "expected NAME or NAMESPACE/NAME"),
         (["--count", "0"], "--count 0: expected 1 or more"),
+        (["--status", "UNAVAILABLE"], "gRPC status is filtered apart"),
+        (["--grpc-status", "NOPE"], "expected a code 0-16, its name such as NOT_FOUND, or error"),
     ],
 )
 def test_bad_filters_are_refused_before_asking(

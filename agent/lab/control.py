@@ -383,7 +383,8 @@ def _in_manifests(
     if match is None or match[1] not in placed:
         return DocumentError(error.source, error.path, f"{error.problem}; {kept}")
     index = placed[match[1]]
-    kind, namespace, name = _policy_key(manifests[index])
+    kind, namespace, _ = _policy_key(manifests[index])
+    name = (manifests[index].get("metadata") or {}).get("name") or "(no name)"
     field = match[2]
     if kind == "Service" and field:  # the entry has the manifest's spec fields at its top
         field = (

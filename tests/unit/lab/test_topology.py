@@ -165,6 +165,11 @@ def test_a_refused_apply_names_the_users_file_and_document_and_keeps_the_old_ver
     assert str(refused.value).endswith("nothing was applied; lab unit keeps its previous objects")
     kept = [m for m in labdir.read_cluster().policy_manifests if m["kind"] == "AuthorizationPolicy"]
     assert kept == [deny]
+    nameless = {"apiVersion": "nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy", "spec": {}}
+    with pytest.raises(
+        DocumentError, match=r"document 1 \(AuthorizationPolicy default/\(no name\)\)"
+    ):
+        control.apply("unit", [nameless], state_root=recorded, source="-")
     bad_port = _service("web-v3", "v3", {"port": 0})
     with pytest.raises(
         DocumentError,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import main
 from agent.lab import control
 from agent.lab.record import LabDir
 from agent.lab.topology import DEFAULT_TOPOLOGY, LabError, check_lab_name, plan_lab
@@ -269,3 +270,17 @@ def test_apply_creates_and_replaces_services_for_route_backends(recorded: str) -
     assert {s.name for s in labdir.read_cluster().services} == {"server", "web", "grpc"}
     with pytest.raises(LabError, match="Service default/web-v1 not found"):
         control.delete("unit", [v1], state_root=recorded)
+
+
+@pytest.mark.parametrize("target", ["client", "ca", "node3"])
+def test_lab_status_node_refuses_what_is_not_a_node(
+    target: str,
+    recorded: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A pod or the CA has no agent: the answer names the nodes, not an unreachable admin API."""
+    load = control.load
+    monkeypatch.setattr(control, "load", lambda lab: load(lab, state_root=recorded))
+    assert main(["lab", "status", "--name", "unit", "--node", target]) == 1
+    assert f"no node '{target}' in lab unit; nodes: node1, node2" in capsys.readouterr().err

@@ -43,7 +43,7 @@ ENDPOINTS = {
     "/connections": "live connections with the access log's fields",
     "/workers": "worker processes (--workers N): PID, up, restarts, accepted connections",
     "/requests": "recent HTTP requests (?since=CURSOR&wait=S long-polls; filters: workload, "
-    "source, destination, method, path, status)",
+    "source, destination, method, path, status, grpc_status)",
     "/datapath": "BPF programs' generation, attachments, listeners and counters",
     "/traffic": "TrafficPolicy conditions, effective policy per Service, endpoint health",
     "/routes": "Gateway API routes: conditions per parent, rules, requests sent per backend",
@@ -106,6 +106,16 @@ class AdminApi:
     async def handle(self, request: Request) -> Response:
         if request.method == "POST" and request.path == "/logging":
             return await self._logging(request)
+        if request.path == "/logging" and {"level", "logger"} & request.query.keys():
+            # A GET that means to change a level must not answer 200 with nothing changed.
+            query = "&".join(f"{k}={v}" for k, v in request.query.items())
+            return Response.json(
+                405,
+                {
+                    "error": "GET /logging only lists the levels; change one with "
+                    f"POST /logging?{query} (curl -XPOST)"
+                },
+            )
         if request.method == "POST" and request.path == "/quitquitquit":
             self.s.drain()
             return Response.json(200, {"draining": True})

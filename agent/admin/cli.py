@@ -153,6 +153,12 @@ def format_policies(data: Mapping[str, Any]) -> str:
     return render(["KIND", "NAMESPACE", "NAME", "SUMMARY"], rows)
 
 
+def _ejections(events: Mapping[str, int]) -> str:
+    """Ejections so far; those refused by ``maxEjectionPercent`` apart (they ejected nothing)."""
+    capped = events.get("capped", 0)
+    return f"{events.get('ejected', 0)}" + (f" ({capped} capped)" if capped else "")
+
+
 def format_traffic(data: Mapping[str, Any]) -> str:
     """TrafficPolicy conditions, one row per endpoint of each Service in use (its in-flight
     connections or requests, latency estimate, failures), then per Service what is in flight and
@@ -175,7 +181,7 @@ def format_traffic(data: Mapping[str, Any]) -> str:
         [service, st.get("active", 0), st.get("pending", 0),
          f"{st.get('retry_budget', {}).get('retries', 0)}/"
          f"{st.get('retry_budget', {}).get('requests', 0)}",
-         sum(st.get("ejections", {}).values())]
+         _ejections(st.get("ejections", {}))]
         for service, st in sorted(data["services"].items())
     ]  # fmt: skip
     parts = []

@@ -2,9 +2,10 @@
 
 Like ``linkerd viz tap``: one line per finished request (time, direction, source and
 destination workloads, method, path, status, response flags, duration, the pod address it
-went to), filtered by workload (either side, ``--from``, ``--to``), method, path prefix and
-status (``404`` or ``5xx``). The filter travels to the agent (``/requests``,
-``agent.admin.tap``), so only matching requests cross the admin connection.
+went to), filtered by workload (either side, ``--from``, ``--to``), method, path prefix,
+status (``404`` or ``5xx``) and gRPC status (``--grpc-status NOT_FOUND``, ``5`` or ``error``).
+The filter travels to the agent (``/requests``, ``agent.admin.tap``), so only matching
+requests cross the admin connection.
 
 Without ``--once`` it prints the requests the agent still holds, then follows new ones until
 interrupted (Ctrl-C) or ``--count`` lines were printed; with ``--once`` it prints what is held
@@ -64,6 +65,17 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _cut_path(path: str, width: int) -> str:
+    """A long path loses its middle, not its end, so a gRPC call's method
+    (``/pkg.Service/Method``) or a REST path's last segment stays readable."""
+    if len(path) <= width:
+        return path
+    tail = path[path.rfind("/") :]
+    if len(tail) > width // 2:
+        tail = path[-(width // 2) :]
+    return path[: width - 1 - len(tail)] + "…" + tail
+
+
 def _who(entry: Mapping[str, Any], side: str, address: str) -> str:
     workload = entry.get(f"{side}_workload")
     if workload and workload != "unknown":
@@ -101,7 +113,7 @@ def format_line(entry: Mapping[str, Any], node: str | None = None) -> str:
         _cut(_who(entry, "source", "source_address"), WHO_WIDTH).ljust(WHO_WIDTH),
         _cut(_who(entry, "destination", "destination_address"), WHO_WIDTH).ljust(WHO_WIDTH),
         _cut(str(entry["method"]), 6).ljust(6),
-        _cut(str(entry["path"]), PATH_WIDTH).ljust(PATH_WIDTH),
+        _cut_path(str(entry["path"]), PATH_WIDTH).ljust(PATH_WIDTH),
         status.ljust(6),
         str(entry["response_flags"]).ljust(5),
         f"{float(entry['duration_ms']):7.1f}",
@@ -217,6 +229,7 @@ def filter_from_args(args: argparse.Namespace) -> RequestFilter:
         method=args.method,
         path=args.path,
         status=args.status,
+        grpc_status=args.grpc_status,
     )
 
 
@@ -228,6 +241,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help="HTTP method, e.g. POST")
     parser.add_argument("--path", metavar="PREFIX", help="path prefix, e.g. /api/")
     parser.add_argument("--status", metavar="CODE", help="status code (404) or class (5xx)")
+    parser.add_argument(
+        "--grpc-status",
+        metavar="CODE",
+        help="gRPC status: code (5), name (NOT_FOUND) or error (any but OK)",
+    )
     parser.add_argument(
         "--once", action="store_true", help="print the requests held now and exit (no follow)"
     )

@@ -121,9 +121,11 @@ def _agent_status(args: argparse.Namespace) -> int:
     from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 
     _, plan = control.load(args.name)
-    target = control.resolve_target(plan, args.node)
+    nodes = {n.name: n.netns for n in plan.nodes}
+    if args.node not in nodes:  # a pod, ca or switch has no agent to ask
+        raise LabError(f"no node {args.node!r} in lab {plan.lab}; nodes: {', '.join(nodes)}")
     try:
-        st = netns.call_in(target, request, DEFAULT_ADMIN, "/status")
+        st = netns.call_in(nodes[args.node], request, DEFAULT_ADMIN, "/status")
     except AdminError as e:
         print(f"nodemesh lab status --node {args.node}: {e}", file=sys.stderr)
         return 1
@@ -171,7 +173,7 @@ def _annotate(args: argparse.Namespace) -> int:
 
 def _apply(args: argparse.Namespace) -> int:
     manifests = _manifests(args.file)
-    control.apply(args.name, manifests)
+    control.apply(args.name, manifests, source="<stdin>" if args.file == "-" else args.file)
     print(f"applied {len(manifests)} object(s) to lab {args.name}")
     return 0
 

@@ -15,6 +15,7 @@ import dataclasses
 import glob
 import logging
 import os
+import re
 import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from agent.lab.topology import (
 )
 from agent.policy.routes import ROUTE_KINDS
 from agent.sources.document import ClusterDocument, parse_document
+from agent.sources.fields import DocumentError
 from agent.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -313,15 +315,35 @@ def _service_entry(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def apply(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
+def apply(
+    lab: str,
+    manifests: list[Mapping[str, Any]],
+    *,
+    state_root: str | None = None,
+    source: str = "the manifests",
+) -> None:
     """Create or replace policies, routes and Services (matched by kind, namespace and name;
-    a ``v1`` Service manifest becomes the cluster document's ``services`` entry)."""
+    a ``v1`` Service manifest becomes the cluster document's ``services`` entry).
+
+    All or nothing: an invalid object leaves the cluster file as it was. The error names the
+    object as the user wrote it (``source``, the document number, kind and name, the field in
+    the manifest), not its place in the lab's merged cluster file, which the user never saw."""
     keys = {_policy_key(m) for m in manifests}
+    placed: dict[str, int] = {}  # "policies[3]" in the merged document -> index in manifests
+
+    def place(section: str, first: int) -> None:
+        """The added manifests of ``section`` follow its ``first`` kept entries."""
+        at = first
+        for i, m in enumerate(manifests):
+            if _section(m) == section:
+                placed[f"{section}[{at}]"] = i
+                at += 1
 
     def change(data: dict[str, Any]) -> None:
         for section in ("policies", "routes"):
             kept = [p for p in data.get(section, []) if _policy_key(p) not in keys]
             added = [dict(m) for m in manifests if _section(m) == section]
+            place(section, len(kept))
             if kept or added:
                 data[section] = kept + added
         services = [_service_entry(m) for m in manifests if _section(m) == "services"]
@@ -335,10 +357,41 @@ def apply(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | Non
                 if vip and "clusterIP" not in s:
                     s["clusterIP"] = vip
             kept = [s for key, s in current.items() if key not in names]
+            place("services", len(kept))
             data["services"] = kept + services
             assign_cluster_ips(data)  # a new one gets a VIP its clients can dial
 
-    _edit(lab, change, state_root)
+    try:
+        _edit(lab, change, state_root)
+    except DocumentError as e:
+        raise _in_manifests(e, lab, source, manifests, placed) from e
+
+
+_MERGED_PATH = re.compile(r"((?:policies|routes|services)\[\d+\])\.?(.*)")
+
+
+def _in_manifests(
+    error: DocumentError,
+    lab: str,
+    source: str,
+    manifests: list[Mapping[str, Any]],
+    placed: Mapping[str, int],
+) -> DocumentError:
+    """``error`` about the merged cluster file, told about the manifest that caused it."""
+    kept = f"nothing was applied; lab {lab} keeps its previous objects"
+    match = _MERGED_PATH.fullmatch(error.path)
+    if match is None or match[1] not in placed:
+        return DocumentError(error.source, error.path, f"{error.problem}; {kept}")
+    index = placed[match[1]]
+    kind, namespace, _ = _policy_key(manifests[index])
+    name = (manifests[index].get("metadata") or {}).get("name") or "(no name)"
+    field = match[2]
+    if kind == "Service" and field:  # the entry has the manifest's spec fields at its top
+        field = (
+            f"metadata.{field}" if field.split(".")[0] in ("name", "namespace") else f"spec.{field}"
+        )
+    where = f"document {index + 1} ({kind} {namespace}/{name})" + (f": {field}" if field else "")
+    return DocumentError(source, where, f"{error.problem}; {kept}")
 
 
 def delete(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:

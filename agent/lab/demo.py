@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -711,7 +712,11 @@ def run_tour(lab: Lab, steps: list[Step]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.lab.demo", description=__doc__)
     parser.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
-    parser.add_argument("--name", default=DEFAULT_LAB, help="lab name (default %(default)s)")
+    parser.add_argument(
+        "--name",
+        default=os.environ.get("NODEMESH_LAB", DEFAULT_LAB),  # as every `nodemesh lab` command
+        help="lab name (default $NODEMESH_LAB or %(default)s)",
+    )
     args = parser.parse_args(argv)
     print(f"nodemesh demo: building lab {args.name} (2 nodes, 5 pods) and its mesh components")
     try:

@@ -146,7 +146,8 @@ class Lab:
     def apply(
         self, manifests: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]]
     ) -> None:
-        control.apply(self.name, _manifests(manifests), state_root=self._state_root)
+        source = str(manifests) if isinstance(manifests, str | Path) else "the manifests"
+        control.apply(self.name, _manifests(manifests), state_root=self._state_root, source=source)
 
     def delete(
         self, manifests: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]]

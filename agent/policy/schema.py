@@ -39,6 +39,13 @@ POLICY_KINDS = (
     "RateLimitPolicy",
     "HTTPFault",
 )
+# What an Istio user's manifest becomes here: the fix named in the error for its API group.
+ISTIO_EQUIVALENTS = {
+    "security.istio.io": f"nodemesh's AuthorizationPolicy and PeerAuthentication follow Istio's: "
+    f"set apiVersion: {API_VERSION}",
+    "networking.istio.io": "nodemesh does not read Istio's networking objects: route with a "
+    "Gateway API HTTPRoute or GRPCRoute, balance, retry and eject with a TrafficPolicy",
+}
 DRY_RUN_ANNOTATION = "nodemesh.io/dry-run"
 # Istio's spelling of the same switch: a policy written for Istio keeps its meaning here.
 ISTIO_DRY_RUN_ANNOTATION = "istio.io/dry-run"
@@ -316,9 +323,10 @@ def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
     if not isinstance(manifest, Mapping):
         raise PolicyError(path, f"expected a manifest object, got {type(manifest).__name__}")
     if manifest.get("apiVersion") != API_VERSION:
+        group = str(manifest.get("apiVersion")).partition("/")[0]
+        fix = ISTIO_EQUIVALENTS.get(group, f"use {API_VERSION}")
         raise PolicyError(
-            f"{path}.apiVersion",
-            f"{manifest.get('apiVersion')!r} is not allowed; use {API_VERSION}",
+            f"{path}.apiVersion", f"{manifest.get('apiVersion')!r} is not allowed; {fix}"
         )
     kind = manifest.get("kind")
     if kind not in POLICY_KINDS:

@@ -49,6 +49,7 @@ class H2Session(PodShell[H2Exchange]):
     _record_of = staticmethod(h2_request_record)
 
     def _start(self) -> None:
+        self.record.protocol = "http/2"  # ``nodemesh connections``: "http/2 N", not "-" (TCP)
         self.proxy = H2Proxy(self._authorize)
         self._client_eof = False
 

@@ -13,9 +13,11 @@ Entries are kept as the records the proxy reported and turned into the access lo
 reads costs no JSON. Waiting (long-poll) is the admin API's business (``agent.admin.tap``):
 ``add`` calls the one-shot wake-ups registered with ``on_next`` and forgets them.
 
-``RequestFilter`` selects entries by workload (either side, or one side), method, path prefix
-and status (exact ``404`` or a class ``5xx``); the admin API applies it to what it serves and
-the CLI builds its query from the same class, so both sides agree on what a filter means.
+``RequestFilter`` selects entries by workload (either side, or one side), method, path prefix,
+status (exact ``404`` or a class ``5xx``) and gRPC status (a code, its name, or ``error``: a
+failed gRPC call is mostly answered HTTP 200, so ``5xx`` does not find it); the admin API
+applies it to what it serves and the CLI builds its query from the same class, so both sides
+agree on what a filter means.
 """
 
 from __future__ import annotations
@@ -123,7 +125,36 @@ def parse_status(text: str) -> tuple[int, int]:
         return low, low + 100
     if len(value) == 3 and value.isdigit() and 100 <= int(value) <= 599:
         return int(value), int(value) + 1
-    raise FilterError(f"status {text!r}: expected a status code such as 404 or a class such as 5xx")
+    hint = ""
+    if value.upper() in GRPC_STATUS_NAMES or value == GRPC_ERROR:
+        hint = " (a gRPC status is filtered apart: grpc_status, nodemesh requests --grpc-status)"
+    raise FilterError(
+        f"status {text!r}: expected a status code such as 404 or a class such as 5xx{hint}"
+    )
+
+
+# gRPC status codes by number (grpc/doc/statuscodes.md).
+GRPC_STATUS_NAMES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+    "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
+GRPC_ERROR = "error"  # any gRPC status but OK
+
+
+def parse_grpc_status(text: str) -> str:
+    """``5`` or ``not_found`` → ``"5"`` (as the access log writes it); ``error`` stays."""
+    value = text.strip()
+    if value.lower() == GRPC_ERROR:
+        return GRPC_ERROR
+    if value.upper() in GRPC_STATUS_NAMES:
+        return str(GRPC_STATUS_NAMES.index(value.upper()))
+    if value.isdigit() and int(value) < len(GRPC_STATUS_NAMES):
+        return str(int(value))
+    raise FilterError(
+        f"grpc status {text!r}: expected a code 0-16, its name such as NOT_FOUND, "
+        "or error (any status but OK)"
+    )
 
 
 def _workload_matches(wanted: str, name: object, namespace: object) -> bool:
@@ -142,10 +173,13 @@ class RequestFilter:
     method: str | None = None
     path: str | None = None  # a prefix
     status: str | None = None  # "404" or "5xx"
+    grpc_status: str | None = None  # "5", "NOT_FOUND" or "error"
 
     def __post_init__(self) -> None:
         if self.status is not None:
             parse_status(self.status)
+        if self.grpc_status is not None:
+            parse_grpc_status(self.grpc_status)
         for name in ("workload", "source", "destination"):
             value = getattr(self, name)
             if value is not None and (not value or value.count("/") > 1 or value.endswith("/")):
@@ -182,5 +216,11 @@ class RequestFilter:
             low, high = parse_status(self.status)
             code = entry["response_code"]
             if not (isinstance(code, int) and low <= code < high):
+                return False
+        if self.grpc_status is not None:
+            wanted, got = parse_grpc_status(self.grpc_status), entry.get("grpc_status")
+            if not got:  # not a gRPC call
+                return False
+            if got != wanted and not (wanted == GRPC_ERROR and got != "0"):
                 return False
         return True

@@ -248,6 +248,14 @@ def _rule(ctx: _Context, index: int, value: object) -> Rule:
     obj = ctx.obj
     path = f"spec.rules[{index}]"
     rule = _mapping(value, path)
+    if obj.kind == GRPC_ROUTE:
+        for key in ("timeouts", "retry"):  # HTTPRoute fields an Istio user reaches for first
+            if key in rule:
+                raise RouteError(
+                    f"{path}.{key}",
+                    f"GRPCRoute has no {key}: remove it and attach an HTTPRoute with the {key} to "
+                    "the same Service port (it sees each call as POST /package.Service/Method)",
+                )
     _keys(rule, path, _RULE_KEYS[obj.kind])
     match_path = f"{path}.matches"
     matches: tuple[HttpMatch, ...] | tuple[GrpcMatch, ...]

@@ -38,8 +38,11 @@ class Health:
     probing: bool = False  # the single probe connection is in flight
 
     def describe(self, now: float) -> dict[str, object]:
+        # Past its penalty an ejected endpoint turns PROBE only when next asked (``available``);
+        # shown as it will be treated, not as "EJECTED for 0s" long after the penalty ended.
+        over = self.state == EJECTED and now >= self.until
         return {
-            "state": self.state,
+            "state": PROBE if over else self.state,
             "consecutive_failures": self.consecutive_failures,
             "ejections_in_a_row": self.ejections,
             "ejected_for": round(max(0.0, self.until - now), 3) if self.state == EJECTED else 0.0,

@@ -109,6 +109,11 @@ def test_errors_name_the_endpoints_and_methods() -> None:
     assert answers["call"][0] == 400 and "level=" in answers["call"][1]["error"]
     answers, _ = call("POST", "/logging", level="loud")
     assert answers["call"][0] == 400 and "use one of" in answers["call"][1]["error"]
+    # A GET meant to change a level is refused with the POST to use, not answered 200 unchanged.
+    answers, _ = call("GET", "/logging", level="debug", logger="agent.proxy")
+    status, body = answers["call"]
+    assert status == 405
+    assert "POST /logging?level=debug&logger=agent.proxy" in body["error"]
 
 
 def test_quitquitquit_drains_and_logging_changes_a_level() -> None:

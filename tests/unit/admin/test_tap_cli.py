@@ -180,12 +180,29 @@ def test_an_unreachable_agent_is_an_error_naming_it(capsys: pytest.CaptureFixtur
     assert "nodemesh requests: 127.0.0.1:1: no nodemesh agent answers" in err
 
 
+def test_a_failed_grpc_call_is_found_by_its_grpc_status_not_by_5xx(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served.add(replace(rec("POST", "/pkg.Svc/Get", 200), grpc_status="14"))
+    served.add(replace(rec("POST", "/pkg.Svc/List", 200), grpc_status="0"))
+    for args, expected in [
+        (["--grpc-status", "UNAVAILABLE"], ["/pkg.Svc/Get"]),
+        (["--grpc-status", "error"], ["/pkg.Svc/Get"]),
+        (["--grpc-status", "0"], ["/pkg.Svc/List"]),
+        (["--status", "5xx"], ["/api/v1"]),  # the call's HTTP status is 200
+    ]:
+        code, lines, _ = run(capsys, "requests", "--admin", served.address, "--once", *args)
+        assert code == 0 and [path for _, path, _ in columns(lines)] == expected
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--status", "2x"], "expected a status code such as 404 or a class such as 5xx"),
         (["--workload", "a/b/c"], "expected NAME or NAMESPACE/NAME"),
         (["--count", "0"], "--count 0: expected 1 or more"),
+        (["--status", "UNAVAILABLE"], "gRPC status is filtered apart"),
+        (["--grpc-status", "NOPE"], "expected a code 0-16, its name such as NOT_FOUND, or error"),
     ],
 )
 def test_bad_filters_are_refused_before_asking(
@@ -213,8 +230,12 @@ def test_a_line_shows_a_grpc_status_and_addresses_of_unknown_workloads() -> None
     }
     line = format_line(entry)
     assert line.split()[:5] == ["02:05:37.123", "out", "10.0.0.9:5000", "default/server", "POST"]
-    assert "/pkg.Svc/Methodxxxxxxxx… 200/7  -" in line
+    assert "/pkg.Svc/Me…xxxxxxxxxxxx 200/7  -" in line  # cut in the middle
     assert line.endswith("12.3 10.244.2.3:9090")
+    # A gRPC path one character too long keeps its method: the Stream call is not cut to "Stre…".
+    grpc = format_line({**entry, "path": "/nodemesh.lab.Echo/Stream"})
+    assert "/nodemesh.lab.Ec…/Stream 200/7" in grpc
+    assert "/api/v1/orders" in format_line({**entry, "path": "/api/v1/orders"})  # fits: whole
 
 
 async def _api(ring: RequestRing) -> AdminApi:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli import main
 from agent.lab import control
 from agent.lab.record import LabDir
 from agent.lab.topology import DEFAULT_TOPOLOGY, LabError, check_lab_name, plan_lab
@@ -133,9 +134,49 @@ def test_apply_replaces_and_delete_removes_policies(recorded: str) -> None:
     with pytest.raises(LabError, match="PeerAuthentication default/strict not found"):
         control.delete("unit", [POLICY], state_root=recorded)
     bad = {**POLICY, "spec": {"mtls": {"mode": "SOMETIMES"}}}
-    with pytest.raises(DocumentError, match=r"policies\[0\]\.spec\.mtls\.mode"):
+    with pytest.raises(DocumentError, match=r"the manifests: document 1 .*spec\.mtls\.mode"):
         control.apply("unit", [bad], state_root=recorded)
     assert labdir.read_cluster().policies == ()
+
+
+def test_a_refused_apply_names_the_users_file_and_document_and_keeps_the_old_version(
+    recorded: str,
+) -> None:
+    """The error points into the file the user applied (not the lab's merged cluster file,
+    where the object sits at another index) and says that nothing changed."""
+    labdir = LabDir("unit", recorded)
+    control.apply("unit", [ROUTE, POLICY], state_root=recorded)
+    deny = {
+        "apiVersion": "nodemesh.io/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "no-admin", "namespace": "default"},
+        "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]},
+    }
+    control.apply("unit", [deny], state_root=recorded)
+    typo = {
+        **deny,
+        "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"path": ["/a"]}}]}]},
+    }
+    with pytest.raises(DocumentError) as refused:
+        control.apply("unit", [ROUTE, typo], state_root=recorded, source="deny.yaml")
+    assert str(refused.value).startswith(
+        "deny.yaml: document 2 (AuthorizationPolicy default/no-admin): "
+        "spec.rules[0].to[0].operation.path: unknown field; allowed fields: "
+    )
+    assert str(refused.value).endswith("nothing was applied; lab unit keeps its previous objects")
+    kept = [m for m in labdir.read_cluster().policy_manifests if m["kind"] == "AuthorizationPolicy"]
+    assert kept == [deny]
+    nameless = {"apiVersion": "nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy", "spec": {}}
+    with pytest.raises(
+        DocumentError, match=r"document 1 \(AuthorizationPolicy default/\(no name\)\)"
+    ):
+        control.apply("unit", [nameless], state_root=recorded, source="-")
+    bad_port = _service("web-v3", "v3", {"port": 0})
+    with pytest.raises(
+        DocumentError,
+        match=r"^svc\.yaml: document 1 \(Service default/web-v3\): spec\.ports\[0\]\.port",
+    ):
+        control.apply("unit", [bad_port], state_root=recorded, source="svc.yaml")
 
 
 def test_resolve_target(recorded: str) -> None:
@@ -178,7 +219,9 @@ def test_apply_and_delete_routes_beside_policies(recorded: str) -> None:
             "parentRefs": [{"group": "", "kind": "Service", "name": "server"}],
         },
     }
-    with pytest.raises(DocumentError, match=r"routes\[0\]\.spec\.parentRefs.*appProtocol"):
+    with pytest.raises(
+        DocumentError, match=r"document 1 \(HTTPRoute .*spec\.parentRefs.*appProtocol"
+    ):
         control.apply("unit", [on_tcp], state_root=recorded)
     control.delete("unit", [ROUTE], state_root=recorded)
     assert labdir.read_cluster().routes == ()
@@ -221,9 +264,23 @@ def test_apply_creates_and_replaces_services_for_route_backends(recorded: str) -
     # The server pods can be told apart (default topology): each version selects one.
     endpoints = {s.name: s.endpoints for s in doc.to_state().services}
     assert len(endpoints["web-v1"]) == len(endpoints["web-v2"]) == 1
-    with pytest.raises(DocumentError, match=r"services\[\d\]\.ports"):
+    with pytest.raises(DocumentError, match=r"document 1 \(Service default/web-v3\): spec\.ports"):
         control.apply("unit", [_service("web-v3", "v3", {"port": 0})], state_root=recorded)
     control.delete("unit", [split, v1, v2], state_root=recorded)
     assert {s.name for s in labdir.read_cluster().services} == {"server", "web", "grpc"}
     with pytest.raises(LabError, match="Service default/web-v1 not found"):
         control.delete("unit", [v1], state_root=recorded)
+
+
+@pytest.mark.parametrize("target", ["client", "ca", "node3"])
+def test_lab_status_node_refuses_what_is_not_a_node(
+    target: str,
+    recorded: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A pod or the CA has no agent: the answer names the nodes, not an unreachable admin API."""
+    load = control.load
+    monkeypatch.setattr(control, "load", lambda lab: load(lab, state_root=recorded))
+    assert main(["lab", "status", "--name", "unit", "--node", target]) == 1
+    assert f"no node '{target}' in lab unit; nodes: node1, node2" in capsys.readouterr().err

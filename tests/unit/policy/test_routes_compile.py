@@ -182,6 +182,10 @@ def test_grpc_route_refuses_http_only_filters_and_fields() -> None:
         route("g", [{"timeouts": {"request": "1s"}}], kind="GRPCRoute"), _services()
     )
     assert isinstance(timeouts, Rejected) and timeouts.error.path == "spec.rules[0].timeouts"
+    assert "attach an HTTPRoute with the timeouts" in timeouts.error.message
+    retry = compile_route(route("g", [{"retry": {"attempts": 2}}], kind="GRPCRoute"), _services())
+    assert isinstance(retry, Rejected) and retry.error.path == "spec.rules[0].retry"
+    assert "GRPCRoute has no retry: remove it and attach an HTTPRoute" in retry.error.message
     empty = compile_route(
         route("g", [{"matches": [{"method": {"type": "Exact"}}]}], kind="GRPCRoute"), _services()
     )

@@ -46,9 +46,11 @@ class Seen:
     def __init__(self) -> None:
         self.requests: list[RequestRecord] = []
         self.rejections: list[str] = []
+        self.connections: list[ConnectionRecord] = []
 
     def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
         self.requests.append(request)
+        self.connections.append(connection)
 
     def rejected(self, cause: str) -> None:
         self.rejections.append(cause)
@@ -213,6 +215,9 @@ def test_grpc_calls_through_the_proxy_with_a_deny_on_one_method(
             (grpcecho.UNARY, 200, "grpc", "0", "-"),
         ]
         assert seen.rejections == []
+        # The connection as /connections shows it: HTTP/2 with its five requests, not TCP.
+        (connection,) = {id(c): c for c in seen.connections}.values()
+        assert (connection.protocol, connection.requests) == ("http/2", 5)
 
     asyncio.run(main())
 

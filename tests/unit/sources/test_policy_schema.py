@@ -186,7 +186,16 @@ REJECTED = [
         "'true' or 'false'",
     ),
     (AUTHZ, "metadata.name", "Bad_Name", "p.metadata.name", "DNS subdomain"),
-    (AUTHZ, "apiVersion", "security.istio.io/v1", "p.apiVersion", API_VERSION),
+    (AUTHZ, "apiVersion", "security.istio.io/v1", "p.apiVersion", f"set apiVersion: {API_VERSION}"),
+    (AUTHZ, "apiVersion", "nodemesh.io/v1", "p.apiVersion", f"use {API_VERSION}"),
+    (
+        {**AUTHZ, "kind": "VirtualService"},
+        "apiVersion",
+        "networking.istio.io/v1",
+        "p.apiVersion",
+        "route with a Gateway API HTTPRoute or GRPCRoute, balance, retry and eject with a "
+        "TrafficPolicy",
+    ),
     (AUTHZ, "kind", "Sidecar", "p.kind", "TrafficPolicy"),
     (AUTHZ, "extra", 1, "p.extra", "unknown field"),
     (PEERAUTH, "spec.mtls.mode", "DISABLE", "p.spec.mtls.mode", "'UNSET', 'PERMISSIVE', 'STRICT'"),

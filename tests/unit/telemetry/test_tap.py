@@ -133,8 +133,10 @@ def entry(
     method: str = "GET",
     path: str = "/a",
     status: int = 200,
+    grpc: str = "",
 ) -> dict[str, object]:
     return {
+        "grpc_status": grpc,
         "source_workload": src,
         "source_namespace": "default",
         "destination_workload": dst,
@@ -161,6 +163,11 @@ def entry(
         (RequestFilter(status="404"), entry(status=404), entry(status=403)),
         (RequestFilter(status="2XX"), entry(status=204), entry(status=0)),
         (RequestFilter(method="GET", status="2xx"), entry(), entry(method="PUT")),
+        (RequestFilter(grpc_status="NOT_FOUND"), entry(grpc="5"), entry(grpc="0")),
+        (RequestFilter(grpc_status="not_found"), entry(grpc="5"), entry(grpc="14")),
+        (RequestFilter(grpc_status="14"), entry(grpc="14"), entry(grpc="")),  # "": not gRPC
+        (RequestFilter(grpc_status="error"), entry(grpc="7"), entry(grpc="0")),
+        (RequestFilter(grpc_status="error"), entry(grpc="2"), entry(status=500)),
     ],
 )
 def test_filters(
@@ -179,6 +186,9 @@ def test_filters(
         ({"workload": "a/b/c"}, "expected NAME or NAMESPACE/NAME"),
         ({"source": "ns/"}, "source 'ns/'"),
         ({"path": "api"}, "expected a path prefix such as /api"),
+        ({"grpc_status": "17"}, "expected a code 0-16, its name such as NOT_FOUND"),
+        ({"grpc_status": "NOTFOUND"}, "grpc status 'NOTFOUND'"),
+        ({"status": "NOT_FOUND"}, "a gRPC status is filtered apart: grpc_status"),
     ],
 )
 def test_bad_filters_say_what_is_expected(kwargs: dict[str, str], message: str) -> None:

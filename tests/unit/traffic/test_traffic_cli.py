@@ -35,6 +35,12 @@ def test_traffic_table_shows_conditions_and_endpoint_health() -> None:
     assert totals[1:3] == ["0", "0"] and totals[4] == "1"
     budget = data["services"][totals[0]]["retry_budget"]
     assert totals[3] == f"{budget['retries']}/{budget['requests']}"
+    # Returns, failed probes and capped (refused) ejections are not ejections.
+    data["services"][totals[0]]["ejections"] = {
+        "ejected": 2, "returned": 1, "capped": 3, "probe_failed": 1,
+    }  # fmt: skip
+    (totals,) = [line for line in format_traffic(data).splitlines() if "capped" in line]
+    assert totals.split()[4:] == ["2", "(3", "capped)"]
 
 
 def test_traffic_table_when_nothing_is_known() -> None:

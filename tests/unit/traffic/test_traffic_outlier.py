@@ -52,6 +52,18 @@ def test_one_probe_after_the_penalty_decides():
     assert d.events["returned"] == 1
 
 
+def test_an_endpoint_past_its_penalty_is_shown_as_probe_not_ejected_for_0s():
+    d = detector()
+    for _ in range(3):
+        d.failure("a", 0.0)
+    until = d.health["a"].until
+    assert d.health["a"].describe(until - 1.0)["state"] == EJECTED
+    assert d.health["a"].describe(until - 1.0)["ejected_for"] == pytest.approx(1.0)
+    late = d.health["a"].describe(until + 300.0)  # nobody asked for "a" since
+    assert late["state"] == PROBE and late["ejected_for"] == 0.0
+    assert d.health["a"].state == EJECTED  # describing changes nothing
+
+
 def test_failed_probe_ejects_again_for_twice_as_long_up_to_the_maximum():
     d = detector(base=10.0, top=35.0)
     for _ in range(3):

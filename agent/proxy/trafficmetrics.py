@@ -8,6 +8,8 @@ reasons, causes and fault kinds.
 
 from __future__ import annotations
 
+from prometheus_client import Counter
+
 from agent.base.metrics import counter
 
 _SERVICE = ["service"]
@@ -82,13 +84,24 @@ _BY_DETAIL = {
     "http_mirror": HTTP_MIRRORS,
 }
 _PLAIN = {"connections": CONNECTIONS, "retries": RETRIES, "retry_budget_exhausted": BUDGET}
+# The counter child of each (service, event, detail) seen: ``labels()`` costs a few µs (a lock,
+# the values checked and joined) and an HTTP Service port counts every request. The keys are
+# the metrics' own label values, as bounded; the children are never removed from the metrics.
+_children: dict[tuple[str, str, str], Counter] = {}
 
 
 def observe(service: str, event: str, detail: str) -> None:
     """The traffic-control observer: one event of ``service`` becomes one counter increment."""
+    key = (service, event, detail)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = _child(service, event, detail)
+    child.inc()
+
+
+def _child(service: str, event: str, detail: str) -> Counter:
     if event in _BY_DETAIL:
-        _BY_DETAIL[event].labels(service, detail).inc()
-    elif event in _PLAIN:
-        _PLAIN[event].labels(service).inc()
-    else:
-        OTHER.labels(service, event).inc()
+        return _BY_DETAIL[event].labels(service, detail)
+    if event in _PLAIN:
+        return _PLAIN[event].labels(service)
+    return OTHER.labels(service, event)

@@ -137,25 +137,50 @@ def request_entry(
 # ``request_entry`` as one compact JSON object, written directly: what ``json.dumps(entry,
 # separators=(",", ":"))`` gives (a test holds them equal), at less than half its cost, since
 # this runs once per request. Strings are escaped by json's own ASCII encoder, floats written
-# as ``repr`` (as json does), integers as ``%d``.
-_REQUEST_LINE = (
+# as ``repr`` (as json does), integers as ``%d``. The line is the request's own fields
+# (``_REQUEST_HEAD``) followed by the eight made of its metric labels (``labels_tail``), which
+# the caller renders once per label set (``agent.telemetry.http``'s series), not per request.
+_REQUEST_HEAD = (
     '{"time":%s,"connection_id":%d,"direction":%s,"source_address":%s,'
     '"destination_address":%s,"upstream_address":%s,"method":%s,"path":%s,"authority":%s,'
     '"response_code":%d,"grpc_status":%s,"duration_ms":%r,"request_bytes":%d,'
-    '"response_bytes":%d,"response_flags":%s,"request_id":%s,"source_workload":%s,'
-    '"source_namespace":%s,"source_identity":%s,"destination_service":%s,'
-    '"destination_workload":%s,"destination_namespace":%s,"destination_identity":%s,'
-    '"security":%s}'
+    '"response_bytes":%d,"response_flags":%s,"request_id":%s,'
+)
+_LABELS_TAIL = (
+    '"source_workload":%s,"source_namespace":%s,"source_identity":%s,'
+    '"destination_service":%s,"destination_workload":%s,"destination_namespace":%s,'
+    '"destination_identity":%s,"security":%s}'
 )
 _quote = json.encoder.encode_basestring_ascii
+
+
+def labels_tail(labels: Mapping[str, str]) -> str:
+    """The end of a request line: the fields made of the request's metric labels, rendered."""
+    q = _quote
+    return _LABELS_TAIL % (
+        q(labels["source_workload"]),
+        q(labels["source_workload_namespace"]),
+        q(labels["source_principal"]),
+        q(labels["destination_service"]),
+        q(labels["destination_workload"]),
+        q(labels["destination_workload_namespace"]),
+        q(labels["destination_principal"]),
+        q(labels["connection_security_policy"]),
+    )
 
 
 def request_line(
     connection: ConnectionRecord, request: RequestRecord, labels: Mapping[str, str], ended: float
 ) -> str:
     """``request_entry``'s fields as the access log's JSON line."""
+    return _request_line(connection, request, labels_tail(labels), ended)
+
+
+def _request_line(
+    connection: ConnectionRecord, request: RequestRecord, tail: str, ended: float
+) -> str:
     q = _quote
-    return _REQUEST_LINE % (
+    head = _REQUEST_HEAD % (
         q(_iso(ended)),
         connection.id,
         q(connection.direction),
@@ -172,15 +197,8 @@ def request_line(
         request.response_bytes,
         q(request.response_flags),
         q(request.request_id),
-        q(labels["source_workload"]),
-        q(labels["source_workload_namespace"]),
-        q(labels["source_principal"]),
-        q(labels["destination_service"]),
-        q(labels["destination_workload"]),
-        q(labels["destination_workload_namespace"]),
-        q(labels["destination_principal"]),
-        q(labels["connection_security_policy"]),
     )
+    return head + tail
 
 
 class SampleRateError(ValueError):
@@ -220,10 +238,9 @@ class RequestSampler:
         return self.rate > 0.0 and self._draw() < self.rate
 
 
-def write_request_log(
-    connection: ConnectionRecord, request: RequestRecord, labels: Mapping[str, str]
-) -> None:
-    """Log one HTTP request at INFO (``request_entry``'s fields).
+def write_request_log(connection: ConnectionRecord, request: RequestRecord, tail: str) -> None:
+    """Log one HTTP request at INFO (``request_entry``'s fields); ``tail`` is
+    ``labels_tail`` of its metric labels.
 
     The line is ``request_line`` (what ``json.dumps`` gives of ``request_entry``, written
     directly). It goes to ``_writer`` (``agent.telemetry.logwriter``: no ``LogRecord``, one
@@ -232,7 +249,7 @@ def write_request_log(
     (the record names this function): one line per request is the hot path of a busy node."""
     if access_log.isEnabledFor(logging.INFO):
         now = time.time()
-        line = request_line(connection, request, labels, now)
+        line = _request_line(connection, request, tail, now)
         if _writer.write(line, now):
             return
         access_log.handle(

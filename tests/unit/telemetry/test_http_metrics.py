@@ -9,6 +9,7 @@ import pytest
 
 from agent.policy.authz import Decision
 from agent.proxy.records import Registry
+from agent.telemetry.accesslog import request_entry
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.records import ConnectionRecord, RequestRecord, same_node_destination
@@ -129,6 +130,70 @@ def test_labels_follow_the_connections_endpoint_and_the_state(
         ("10.244.1.2:8080", "client"),
         ("10.244.1.2:8080", "v2"),
     ]
+
+
+def test_each_line_carries_its_own_series_label_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request line's label fields are rendered once per series (``_Series.log_tail``): on
+    one connection, requests of other codes, another peer identity and a state change between
+    them each get the line ``json.dumps`` makes of their own fields, and their own series."""
+    registry, component = telemetry()
+    conn = inbound()
+    expected = {
+        "reporter": "destination",
+        "source_workload": "client",
+        "source_workload_namespace": "default",
+        "source_principal": CLIENT_ID,
+        "source_app": "client",
+        "destination_service": "server.default.svc.cluster.local",
+        "destination_workload": "server",
+        "destination_workload_namespace": "default",
+        "destination_principal": SERVER_ID,
+        "connection_security_policy": "mutual_tls",
+        "response_flags": "-",
+        "request_protocol": "http",
+        "response_code": "200",
+        "grpc_response_status": "",
+    }
+    other_id = "spiffe://cluster.local/ns/other/sa/client"
+    sent: list[tuple[RequestRecord, dict[str, str]]] = []
+    with caplog.at_level(logging.INFO, logger="nodemesh.access"):
+        for req, labels in (
+            (request(200), expected),
+            (
+                request(503, flags="UC"),
+                {**expected, "response_code": "503", "response_flags": "UC"},
+            ),
+            (request(200), expected),
+        ):
+            registry.request_done(conn, req)
+            sent.append((req, labels))
+        conn.source_identity = other_id
+        peer = {**expected, "source_principal": other_id}
+        registry.request_done(conn, request(200))
+        sent.append((request(200), peer))
+        with component.http._store.update() as txn:
+            txn.put_workload(workload("client", "node1", "10.244.1.2", app="renamed"))
+        renamed = {**peer, "source_workload": "renamed", "source_app": "renamed"}
+        registry.request_done(conn, request(200))
+        sent.append((request(200), renamed))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == len(sent)
+    for line, (req, labels) in zip(lines, sent, strict=True):
+        entry = request_entry(conn, req, labels, 0.0)
+        entry["time"] = json.loads(line)["time"]
+        assert line == json.dumps(entry, separators=(",", ":"))
+    parsed = parse(component.exposition())
+    counted = {
+        labels: value for (name, labels), value in parsed.items() if name == "istio_requests_total"
+    }
+    assert counted == {
+        frozenset(expected.items()): 2,
+        frozenset(sent[1][1].items()): 1,
+        frozenset(peer.items()): 1,
+        frozenset(renamed.items()): 1,
+    }
 
 
 def test_the_access_log_line_is_compact_json_of_the_documented_fields(

@@ -158,9 +158,9 @@ def test_levels_stay_logging_s(log_file: Path, monkeypatch: pytest.MonkeyPatch) 
         )
         labels = dict.fromkeys(REQUEST_LABEL_NAMES, "x")
         logger.setLevel(logging.WARNING)  # POST /logging?logger=nodemesh.access&level=warning
-        accesslog.write_request_log(outbound(), first, labels)
+        accesslog.write_request_log(outbound(), first, accesslog.labels_tail(labels))
         logger.setLevel(logging.INFO)
-        accesslog.write_request_log(outbound(), second, labels)
+        accesslog.write_request_log(outbound(), second, accesslog.labels_tail(labels))
     lines = log_file.read_text().splitlines()
     assert [json.loads(line.split(": ", 1)[1])["request_id"] for line in lines] == ["r2"]
 

@@ -350,6 +350,10 @@ async def test_same_node_calls_are_reported_by_both_reporters_once(mesh: Mesh) -
                         )
                     ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
                 writer.write(conn.data_to_send())
+        # ``nodemesh connections``: the client's connection counts every call it carried,
+        # whichever endpoint served it.
+        (client_conn,) = [r for r in mesh.node1.core.registry if r.protocol == "http/2"]
+        assert client_conn.requests == calls
         writer.close()
     finally:
         for app in apps:

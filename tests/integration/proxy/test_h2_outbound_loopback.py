@@ -331,25 +331,10 @@ async def test_same_node_calls_are_reported_by_both_reporters_once(mesh: Mesh) -
         conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
         conn.initiate_connection()
         calls = 30
-        for _ in range(calls):
-            sid = conn.get_next_available_stream_id()
-            head = [(":method", "POST"), (":scheme", "http"), (":authority", "front"),
-                    (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
-                    ("te", "trailers")]  # fmt: skip
-            conn.send_headers(sid, head)
-            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
-            writer.write(conn.data_to_send())
-            ended = False
-            while not ended:
-                data = await asyncio.wait_for(reader.read(65536), 10)
-                assert data, "the proxy closed the connection instead of answering the call"
-                for event in conn.receive_data(data):
-                    if isinstance(event, DataReceived):
-                        conn.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
-                    ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
-                writer.write(conn.data_to_send())
+        statuses = [
+            status for _ in range(calls) for status in await _calls(conn, reader, writer, 1)
+        ]
+        assert statuses == ["0"] * calls
         # ``nodemesh connections``: the client's connection counts every call it carried,
         # whichever endpoint served it.
         (client_conn,) = [r for r in mesh.node1.core.registry if r.protocol == "http/2"]
@@ -383,30 +368,10 @@ async def test_calls_to_a_same_node_pod_port_declared_grpc_are_reported_by_both(
         reader, writer = await mesh.connect(CLIENT, (LOCAL, port))
         conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
         conn.initiate_connection()
-        calls, statuses = 5, []
-        for _ in range(calls):
-            sid = conn.get_next_available_stream_id()
-            head = [(":method", "POST"), (":scheme", "http"), (":authority", "local"),
-                    (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
-                    ("te", "trailers")]  # fmt: skip
-            conn.send_headers(sid, head)
-            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
-            writer.write(conn.data_to_send())
-            ended = False
-            while not ended:
-                data = await asyncio.wait_for(reader.read(65536), 10)
-                assert data, "the proxy closed the connection instead of answering the call"
-                for event in conn.receive_data(data):
-                    if isinstance(event, DataReceived):
-                        conn.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
-                    elif getattr(event, "headers", None):
-                        headers = dict(event.headers)  # type: ignore[attr-defined]
-                        if "grpc-status" in headers:
-                            statuses.append(headers["grpc-status"])
-                    ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
-                writer.write(conn.data_to_send())
+        calls = 5
+        statuses = [
+            status for _ in range(calls) for status in await _calls(conn, reader, writer, 1)
+        ]
         writer.close()
     finally:
         app.close()

@@ -75,6 +75,7 @@ DEFAULT_MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb is 
 # Causes of a refused request (``nodemesh_http_rejected_requests_total{cause}``); the parser's
 # own are defined in ``http1_codec``.
 HEADER_TIMEOUT = "header_timeout"
+HEAD_NOT_COMPLETE = "the head was not complete in time"  # its detail
 UPSTREAM_PROTOCOL = "upstream_protocol_error"
 
 # Envoy response flags as Istio labels them.
@@ -253,6 +254,7 @@ class ClientSide(ABC, Generic[C]):
     _to_client: list[bytes]
     _to_upstream: list[bytes]
     _rejections: list[str]
+    refusal: str | None  # what the refusal of bad input answered (one: it closes)
     _client_eof: bool
     _reasons: ClassVar[dict[int, bytes]]  # the reason phrase of each status it answers
 
@@ -309,7 +311,7 @@ class ClientSide(ABC, Generic[C]):
                 events.popleft()
                 self.head_started = None
                 if event.size > self.max_head_bytes:
-                    self._refuse(431, HEADERS_TOO_LARGE)
+                    self._refuse(431, HEADERS_TOO_LARGE, "head over the size limit")
                     continue
                 fields = event.headers
                 headers, upgrade = forwarded_headers(fields)
@@ -340,11 +342,13 @@ class ClientSide(ABC, Generic[C]):
                 if current is not None and current.request_done:
                     return  # bad input after a complete request: refused in its turn
                 events.popleft()
-                self._refuse(event.status, event.cause)
+                self._refuse(event.status, event.cause, event.detail)
 
-    def _refuse(self, status: int, cause: str) -> None:
-        """Answer bad input (if the client may still get a response) and close."""
+    def _refuse(self, status: int, cause: str, detail: str) -> None:
+        """Answer bad input (if the client may still get a response) and close; the answer
+        names the cause and what was wrong (``refusal``, for the shell's log line too)."""
         self._rejections.append(cause)
+        self.refusal = f"{cause.replace('_', ' ')}: {detail}"
         self.closing = True
         current = self._current
         respond = current is None or not current.response_started
@@ -354,7 +358,7 @@ class ClientSide(ABC, Generic[C]):
             self._finish(current)
         self._refused(current)
         if respond:
-            body = f"{cause.replace('_', ' ')}\n".encode()
+            body = f"{self.refusal}\n".encode()
             headers = [
                 (b"content-type", b"text/plain"),
                 (b"content-length", b"%d" % len(body)),
@@ -455,6 +459,7 @@ class Http1Proxy(ClientSide[_Current]):
     _to_upstream: list[bytes] = field(default_factory=list, init=False)
     _completed: list[Exchange] = field(default_factory=list, init=False)
     _rejections: list[str] = field(default_factory=list, init=False)
+    refusal: str | None = field(default=None, init=False)
     _current: _Current | None = field(default=None, init=False)
     _client_eof: bool = field(default=False, init=False)
     _reasons = _REASONS
@@ -491,7 +496,7 @@ class Http1Proxy(ClientSide[_Current]):
 
     def header_timeout(self) -> None:
         """The head did not complete in time: 408 and close (slowloris)."""
-        self._refuse(408, HEADER_TIMEOUT)
+        self._refuse(408, HEADER_TIMEOUT, HEAD_NOT_COMPLETE)
 
     def upstream_failed(self) -> None:
         """The upstream connection broke (reset, unreachable)."""

@@ -15,7 +15,12 @@ that two parsers could delimit differently is refused, never guessed at:
   (``ambiguous_length``); a transfer coding other than exactly ``chunked``: 501;
 * a malformed request line, header, chunk or version (only HTTP/1.0 and 1.1), a missing or
   repeated ``Host`` in HTTP/1.1, ``CONNECT``: 400 (``malformed``);
-* a head over ``max_head_bytes``: 431, also while it trickles in.
+* a head over ``max_head_bytes``: 431, also while it trickles in;
+* the HTTP/2 connection preface (``PRI * HTTP/2.0``: an h2c client with prior knowledge, e.g.
+  gRPC): 400 (``malformed``), its detail saying how to declare the port HTTP/2 (``H2_PREFACE``).
+
+A refusal's ``detail`` is what the 400 (or 431, 501) tells the client and the log: the parser's
+reason, where what came from the input is ``bounded`` (never the client's bytes unbounded).
 
 The writers (``request_head``, ``response_head``, ``chunk``, ``last_chunk``) frame what a
 proxy forwards, ``forwarded_headers`` drops the hop-by-hop headers; header names come out
@@ -77,6 +82,22 @@ class Refusal:
 
 Event = Head | Body | End | Refusal
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n"  # RFC 9113 3.4: how an HTTP/2 connection opens
+H2_ON_HTTP1_PORT = (
+    "an HTTP/2 connection preface (PRI * HTTP/2.0) on a port declared HTTP/1.1; declaring the"
+    " port HTTP/2 or gRPC (Service port appProtocol http2, kubernetes.io/h2c or grpc, or a name"
+    " http2-*/grpc-*) makes it carry HTTP/2"
+)
+DETAIL_LIMIT = 100  # characters of a refusal's detail that reach the client and the log
+
+
+def bounded(text: str, limit: int = DETAIL_LIMIT) -> str:
+    """``text`` for a response body or a log line: non-printable characters escaped, at most
+    ``limit`` characters kept (a refusal's detail may quote what the client sent)."""
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:limit])
+    return shown if len(text) <= limit else f"{shown}..."
+
+
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded (``forwarded_headers``).
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
@@ -92,7 +113,7 @@ class _Refused(Exception):
 
 
 def _refusal_of(error: httptools.HttpParserError) -> Refusal:
-    text = str(error)
+    text = bounded(str(error))
     low = text.lower()
     if "can't be present" in low or "content-length" in low:
         return Refusal(400, AMBIGUOUS_LENGTH, text)
@@ -210,6 +231,7 @@ class RequestReader(_Reader):
         self._parser = httptools.HttpRequestParser(self)
         self._target = b""
         self.upgraded: bytearray | None = None
+        self._opening = b""  # the connection's first bytes, to tell an HTTP/2 preface
 
     def on_url(self, url: bytes) -> None:
         self._target += url
@@ -225,7 +247,7 @@ class RequestReader(_Reader):
         parser = self._parser
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
-            raise _Refused(Refusal(400, MALFORMED, f"HTTP version {version}"))
+            raise _Refused(Refusal(400, MALFORMED, bounded(f"HTTP version {version}")))
         method = parser.get_method()
         if method == b"CONNECT":
             raise _Refused(Refusal(400, MALFORMED, "CONNECT is not proxied"))
@@ -246,7 +268,13 @@ class RequestReader(_Reader):
         if self.upgraded is not None:
             self.upgraded += data
             return
+        if len(self._opening) < len(H2_PREFACE):
+            self._opening += data[: len(H2_PREFACE) - len(self._opening)]
         offset = self._execute(self._parser, data)
+        if self.failed is not None and self._opening == H2_PREFACE:
+            self.events.pop()
+            self._fail(Refusal(400, MALFORMED, H2_ON_HTTP1_PORT))
+            return
         if offset is not None:
             self._in_body = False
             self.upgraded = bytearray(data[offset:])

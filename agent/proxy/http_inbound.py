@@ -271,13 +271,17 @@ class PodShell(CallbackShell, Generic[E]):
             for exchange in completed:
                 report(self.record, record_of(exchange))
         for cause in proxy.take_rejections():
-            self.core.registry.http_rejected(cause, self.where)
+            self.core.registry.http_rejected(cause, self._rejected_detail())
         started = proxy.head_started
         if started != self._head.started and not proxy.closing:
             self._head.time(started)
         if self._after_input():
             # Read the pod no more (after a 101 its bytes are the relay's, not to be dropped).
             self._end(None)
+
+    def _rejected_detail(self) -> str:
+        """What the log line of a refusal names: the connection (and what HTTP/1.1 answered)."""
+        return self.where
 
     @abstractmethod
     def _after_input(self) -> bool:
@@ -306,6 +310,10 @@ class HttpSession(PodShell[Exchange]):
         self.record.protocol = "http/1.1"
         self.proxy = Http1Proxy(authorize=self._authorize)
         self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
+
+    def _rejected_detail(self) -> str:
+        refusal = self.proxy.refusal
+        return self.where if refusal is None else f"{self.where}: {refusal}"
 
     async def serve(self) -> None:
         """Serve requests until either side closes; then relay raw bytes if upgraded."""

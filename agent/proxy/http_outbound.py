@@ -685,7 +685,9 @@ class _ClientConnection:
         for copy in codec.take_mirrors():
             self._mirror(copy)
         for cause in codec.take_rejections():
-            self.core.registry.http_rejected(cause, f"{self.record.source} -> {self.service}")
+            where = f"{self.record.source} -> {self.service}"
+            detail = where if codec.refusal is None else f"{where}: {codec.refusal}"
+            self.core.registry.http_rejected(cause, detail)
         if done:
             self._changed()
         return done

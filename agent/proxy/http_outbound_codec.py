@@ -60,6 +60,7 @@ from typing import Generic, TypeVar
 from agent.proxy.http1 import (
     DEFAULT_MAX_HEAD_BYTES,
     DOWNSTREAM_CLOSED,
+    HEAD_NOT_COMPLETE,
     HEADER_TIMEOUT,
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
@@ -197,6 +198,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     _to_upstream: list[bytes] = field(default_factory=list, init=False)
     _completed: list[tuple[Exchange, T | None]] = field(default_factory=list, init=False)
     _rejections: list[str] = field(default_factory=list, init=False)
+    refusal: str | None = field(default=None, init=False)
     _released: list[tuple[UpstreamHalf, bool]] = field(default_factory=list, init=False)
     _client_eof: bool = field(default=False, init=False)
     _mirrors: list[Mirrored[T]] = field(default_factory=list, init=False)
@@ -285,7 +287,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     def header_timeout(self) -> None:
         """The head did not complete in time: 408 and close (slowloris)."""
         if not (self.closing or self.tunnel):
-            self._refuse(408, HEADER_TIMEOUT)
+            self._refuse(408, HEADER_TIMEOUT, HEAD_NOT_COMPLETE)
 
     def edit_pending(self, edit: Callable[[str, StrHeaders], tuple[str, StrHeaders]]) -> None:
         """Change the pending request's forwarded target and headers (lower-case names;

@@ -301,7 +301,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         parents=[common],
         help="golden metrics per workload or Service over a window",
         description="Per destination workload or Service, over --window: requests per second, "
-        "success rate (not answered 5xx) and p50/p95/p99 latency when HTTP or gRPC requests "
+        "success rate (not answered 5xx nor a non-zero gRPC status) and p50/p95/p99 latency "
+        "when HTTP or gRPC requests "
         "were seen; connections opened (count and per second), active connections, bytes per "
         "second each way, the share of connections with mTLS and denied connections.",
     )

@@ -5,9 +5,11 @@ way so that a dashboard edge and a ``stat`` row never disagree:
 
 * counts are exact increases (``aggregate.increase``), one reporter per source → destination
   pair (the destination's when it reported, as for TCP);
-* **success** is Istio's and Linkerd's: a request succeeded unless it was answered with a 5xx.
-  A request refused by an L7 policy (403, ``response_flags="RBAC"``) is a success for the
-  server (it answered as configured) and is counted apart as **denied**;
+* **success** is Linkerd's: a request succeeded unless it was answered with a 5xx or, for a
+  gRPC call, a ``grpc-status`` other than ``0`` (a call failed with ``UNAVAILABLE`` is usually
+  answered ``200``: counting the HTTP status alone would call it a success) (``failed``).
+  A request refused by an L7 policy (403 or ``PERMISSION_DENIED``, ``response_flags="RBAC"``)
+  is a success for the server (it answered as configured) and is counted apart as **denied**;
 * **latency quantiles** are Prometheus's ``histogram_quantile`` over the window's increase of
   each ``istio_request_duration_milliseconds`` bucket: linear inside the bucket holding the
   rank, the largest finite bound when the rank falls into ``+Inf``.
@@ -29,12 +31,20 @@ REQUEST_FAMILIES = (REQUESTS, DURATION_BUCKETS)
 RBAC = "RBAC"
 
 
+def failed(response_code: str, grpc_status: str, response_flags: str) -> bool:
+    """Whether a request counts against the success rate: answered 5xx, or a gRPC call ended
+    with a non-zero status, unless an L7 policy refused it (``denied``, not an error)."""
+    if response_flags == RBAC:
+        return False
+    return response_code.startswith("5") or grpc_status not in ("", "0")
+
+
 @dataclass
 class RequestFigures:
     """HTTP figures of one row (an edge or a workload) over the window."""
 
     requests: float = 0.0
-    errors: float = 0.0  # answered 5xx
+    errors: float = 0.0  # answered 5xx or a non-zero gRPC status (``failed``)
     denied: float = 0.0  # refused by an L7 policy
     seconds: float = 0.0
     buckets: dict[float, float] = field(default_factory=dict)  # upper bound → increase
@@ -45,7 +55,7 @@ class RequestFigures:
 
     @property
     def success_rate(self) -> float | None:
-        """Share of the window's requests not answered 5xx; None when there were none."""
+        """Share of the window's requests that did not fail (``failed``); None without any."""
         return (self.requests - self.errors) / self.requests if self.requests else None
 
     def quantile(self, q: float) -> float | None:
@@ -99,9 +109,10 @@ def requests_by(
 
     for s, row, n in counted(REQUESTS):
         row.requests += n
-        if s.label("response_code").startswith("5"):
+        flags = s.label("response_flags")
+        if failed(s.label("response_code"), s.label("grpc_response_status"), flags):
             row.errors += n
-        if s.label("response_flags") == RBAC:
+        if flags == RBAC:
             row.denied += n
     for s, row, n in counted(DURATION_BUCKETS):
         bound = float(s.label("le"))

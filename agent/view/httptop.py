@@ -3,7 +3,8 @@
 Why from the agents' recent requests (``/requests``, the tap) and not from Prometheus: the
 request metrics carry no path (a path label would make their cardinality unbounded), and a
 live view is about the last seconds, which is exactly what the agents' rings hold. Like
-``linkerd viz top``, a row is a route with its count, success rate (not answered 5xx) and the
+``linkerd viz top``, a row is a route with its count, success rate (``golden.failed``: not
+answered 5xx nor ended with a non-zero gRPC status, as the metric views count it) and the
 best, worst and last latency in the window.
 
 A request that crossed nodes is reported by both agents once both ends parse HTTP (the source
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.view.golden import failed
 from agent.view.render import rate, success, table
 
 RouteKey = tuple[str, str, str, str]  # source, destination, method, path
@@ -28,7 +30,7 @@ PATH_WIDTH = 40
 @dataclass
 class RouteFigures:
     count: int = 0
-    errors: int = 0  # answered 5xx
+    errors: int = 0  # answered 5xx or a non-zero gRPC status (``golden.failed``)
     best: float = float("inf")
     worst: float = 0.0
     last: float = 0.0
@@ -92,7 +94,11 @@ class RouteWindow:
             row = rows.setdefault(key, RouteFigures())
             ms = float(entry.get("duration_ms", 0.0))
             row.count += 1
-            row.errors += str(entry.get("response_code", "")).startswith("5")
+            row.errors += failed(
+                str(entry.get("response_code", "")),
+                str(entry.get("grpc_status") or ""),
+                str(entry.get("response_flags", "")),
+            )
             row.best, row.worst = min(row.best, ms), max(row.worst, ms)
             row.last, row.last_at = ms, at
         ranked = sorted(rows.items(), key=lambda kv: (-kv[1].count, -kv[1].last_at, kv[0]))

@@ -170,6 +170,49 @@ def test_bad_requests_are_refused_and_the_connection_closed(
     assert p.take_to_upstream() == b"" and p.take_to_client() == b""
 
 
+def test_an_http2_preface_is_told_how_to_declare_the_port_http2() -> None:
+    p = _proxy()
+    p.receive_client(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00")
+    body = (
+        b"malformed: an HTTP/2 connection preface (PRI * HTTP/2.0) on a port declared HTTP/1.1;"
+        b" declaring the port HTTP/2 or gRPC (Service port appProtocol http2, kubernetes.io/h2c"
+        b" or grpc, or a name http2-*/grpc-*) makes it carry HTTP/2\n"
+    )
+    assert p.take_to_client() == (
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    assert p.take_rejections() == [MALFORMED]  # counted by cause, as any malformed request
+    assert p.refusal == body.decode().rstrip("\n")  # what the shell's log line carries
+
+
+@pytest.mark.parametrize(
+    ("wire", "body"),
+    [
+        (b"GET / HTTP/2.0\r\nHost: s\r\n\r\n", b"malformed: HTTP version 2.0\n"),
+        (b"GET /\x00 HTTP/1.1\r\nHost: s\r\n\r\n", b"malformed: Invalid char in url path\n"),
+        (b"GET / HTTP/1.1\r\n\r\n", b"malformed: HTTP/1.1 wants exactly one Host header\n"),
+    ],
+)
+def test_a_malformed_request_is_told_what_was_wrong(wire: bytes, body: bytes) -> None:
+    p = _proxy()
+    p.receive_client(wire)
+    assert p.take_to_client().endswith(
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    assert p.take_rejections() == [MALFORMED]
+
+
+def test_a_preface_after_a_request_is_not_taken_for_an_http2_client() -> None:
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.take_to_upstream()
+    p.receive_upstream(b"HTTP/1.1 204 No Content\r\n\r\n")
+    p.take_to_client()
+    p.receive_client(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert p.take_to_client().endswith(b"\r\n\r\nmalformed: Pause on PRI/Upgrade\n")
+
+
 def test_smuggled_second_request_in_a_body_is_not_forwarded_as_a_request() -> None:
     p = _proxy()
     p.receive_client(

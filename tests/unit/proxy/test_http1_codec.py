@@ -9,6 +9,7 @@ import pytest
 from agent.proxy.http1 import UPSTREAM_PROTOCOL, Http1Proxy, Verdict
 from agent.proxy.http1_codec import (
     AMBIGUOUS_LENGTH,
+    DETAIL_LIMIT,
     HEADERS_TOO_LARGE,
     MALFORMED,
     UNSUPPORTED_CODING,
@@ -18,6 +19,7 @@ from agent.proxy.http1_codec import (
     Refusal,
     RequestReader,
     ResponseReader,
+    bounded,
 )
 
 H = b"POST / HTTP/1.1\r\nHost: s\r\n"
@@ -257,3 +259,10 @@ def test_a_response_nobody_asked_for_ends_the_connection() -> None:
     p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert p.take_rejections() == [UPSTREAM_PROTOCOL] and p.closing
     assert p.take_to_client() == b""
+
+
+def test_details_from_the_input_are_bounded_and_escaped() -> None:
+    assert bounded("HTTP version 2.0") == "HTTP version 2.0"
+    assert bounded("a\x00b\n\u200b") == "a\\x00b\\n\\u200b"
+    long = bounded("x" * 500)
+    assert long == "x" * DETAIL_LIMIT + "..."

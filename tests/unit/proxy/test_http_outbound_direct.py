@@ -69,12 +69,13 @@ class _Proto:
 class _Registry:
     def __init__(self) -> None:
         self.requests: list[tuple[int, str]] = []
+        self.rejected: list[tuple[str, str]] = []
 
     def request_done(self, labels: ConnectionRecord, request: Any) -> None:
         self.requests.append((request.status, request.response_flags))
 
     def http_rejected(self, cause: str, where: str) -> None:
-        pass
+        self.rejected.append((cause, where))
 
 
 def _connection() -> tuple[_ClientConnection, socket.socket, SessionPool, _Registry]:
@@ -111,6 +112,18 @@ def test_a_response_is_answered_from_the_callback_and_its_session_pooled() -> No
         assert conn.reader is None and conn.session is None  # no reader task was needed
         assert pool.take(KEY) is session  # reusable, and detached from this connection
         assert registry.requests == [(200, "-")]
+
+    asyncio.run(main())
+
+
+def test_a_refusal_is_logged_with_what_the_client_was_told() -> None:
+    async def main() -> None:
+        conn, client, _pool, registry = _connection()
+        conn.codec.receive_client(b"GET / HTTP/2.0\r\nHost: s\r\n\r\n")
+        conn._flush_now()
+        assert client.recv(200).endswith(b"\r\n\r\nmalformed: HTTP version 2.0\n")
+        where = "10.244.1.2:40000 -> default/web: malformed: HTTP version 2.0"
+        assert registry.rejected == [("malformed", where)]
 
     asyncio.run(main())
 

@@ -279,3 +279,50 @@ def test_stat_shows_request_columns_when_requests_were_seen() -> None:
     only = golden.stat_requests(w, resource="service", name="db")
     assert only == {}
     assert render.requests_json(requests[("server.default.svc.cluster.local",)])["requests"] == 50
+
+
+def test_a_grpc_call_with_a_non_zero_status_is_a_failure_whatever_its_http_status() -> None:
+    """4 requests each: gRPC 200/OK succeed, 200/UNAVAILABLE (14) and HTTP 503 fail, a call
+    denied by policy (200/PERMISSION_DENIED, flag RBAC) is a success counted apart."""
+    grpc = {"request_protocol": "grpc"}
+    w = window(
+        (
+            golden.REQUESTS,
+            [
+                request("destination", "200", (90, 0), (150, 4), grpc_response_status="0", **grpc),
+                request("destination", "200", (90, 0), (150, 4), grpc_response_status="14", **grpc),
+                request("destination", "503", (90, 0), (150, 4)),
+                request(
+                    "destination",
+                    "200",
+                    (90, 0),
+                    (150, 4),
+                    grpc_response_status="7",
+                    response_flags="RBAC",
+                    **grpc,
+                ),
+            ],
+        ),
+    )
+    ((key, figures),) = golden.stat_requests(w, resource="service").items()
+    assert key == ("server.default.svc.cluster.local",)
+    assert (figures.requests, figures.errors, figures.denied) == (16, 8, 4)
+    assert figures.success_rate == 0.5
+
+
+@pytest.mark.parametrize(
+    ("code", "grpc_status", "flags", "failed"),
+    [
+        ("200", "", "-", False),
+        ("200", "0", "-", False),
+        ("200", "14", "-", True),
+        ("503", "", "-", True),
+        ("503", "0", "-", True),
+        ("403", "", "RBAC", False),
+        ("200", "7", "RBAC", False),
+    ],
+)
+def test_failed_is_a_5xx_or_a_non_zero_grpc_status(
+    code: str, grpc_status: str, flags: str, failed: bool
+) -> None:
+    assert golden.failed(code, grpc_status, flags) is failed

@@ -38,6 +38,21 @@ def test_a_request_reported_by_both_nodes_counts_once_with_the_destination_figur
     assert row.success_rate == 0.5
 
 
+def test_a_grpc_call_ended_with_a_non_zero_status_is_an_error_of_its_route() -> None:
+    window = RouteWindow(60)
+    grpc = {"path": "/nodemesh.lab.Echo/Say", "method": "POST"}
+    window.add(
+        [
+            tapped("ok", "01.000", grpc_status="0", **grpc),
+            tapped("unavailable", "02.000", grpc_status="14", **grpc),
+            tapped("http-503", "03.000", response_code=503, grpc_status="", **grpc),
+            tapped("plain", "04.000", grpc_status="", **grpc),
+        ]
+    )
+    ((_key, row),) = window.routes(10)
+    assert (row.count, row.errors, row.success_rate) == (4, 2, 0.5)
+
+
 def test_routes_rank_by_count_and_old_requests_leave_the_window() -> None:
     window = RouteWindow(10)
     window.add(

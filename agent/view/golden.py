@@ -10,6 +10,8 @@ way so that a dashboard edge and a ``stat`` row never disagree:
   answered ``200``: counting the HTTP status alone would call it a success) (``failed``).
   A request refused by an L7 policy (403 or ``PERMISSION_DENIED``, ``response_flags="RBAC"``)
   is a success for the server (it answered as configured) and is counted apart as **denied**;
+  one refused by a local rate limit (``response_flags="RL"``: 429, or ``RESOURCE_EXHAUSTED``
+  for a gRPC call) is a success too, so the two protocols agree (a 429 is no 5xx);
 * **latency quantiles** are Prometheus's ``histogram_quantile`` over the window's increase of
   each ``istio_request_duration_milliseconds`` bucket: linear inside the bucket holding the
   rank, the largest finite bound when the rank falls into ``+Inf``.
@@ -29,12 +31,14 @@ REQUESTS = "istio_requests_total"
 DURATION_BUCKETS = "istio_request_duration_milliseconds_bucket"
 REQUEST_FAMILIES = (REQUESTS, DURATION_BUCKETS)
 RBAC = "RBAC"
+RATE_LIMITED = "RL"
 
 
 def failed(response_code: str, grpc_status: str, response_flags: str) -> bool:
     """Whether a request counts against the success rate: answered 5xx, or a gRPC call ended
-    with a non-zero status, unless an L7 policy refused it (``denied``, not an error)."""
-    if response_flags == RBAC:
+    with a non-zero status, unless the mesh refused it as configured: an L7 policy (``denied``)
+    or a local rate limit (a gRPC ``RESOURCE_EXHAUSTED`` as an HTTP 429 is: not an error)."""
+    if response_flags in (RBAC, RATE_LIMITED):
         return False
     return response_code.startswith("5") or grpc_status not in ("", "0")
 

@@ -320,6 +320,9 @@ def test_a_grpc_call_with_a_non_zero_status_is_a_failure_whatever_its_http_statu
         ("503", "0", "-", True),
         ("403", "", "RBAC", False),
         ("200", "7", "RBAC", False),
+        ("429", "", "RL", False),
+        ("200", "8", "RL", False),
+        ("200", "8", "-", True),
     ],
 )
 def test_failed_is_a_5xx_or_a_non_zero_grpc_status(

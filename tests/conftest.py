@@ -10,6 +10,13 @@ import pytest
 
 from agent.lab.handle import Lab, LabFactory
 
+# Tests call grpcio in this process and then fork children with ``preexec_fn`` (``Lab.popen``
+# enters a pod's network namespace between fork and exec). With gRPC's fork support on, its
+# fork handlers restart its poller in the child, where the descriptors ``close_fds`` closed make
+# it fail before the exec (grpc/grpc#43055): a pod server that never starts. Nothing here
+# relies on gRPC surviving a fork.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 
 @pytest.fixture
 def lab_factory() -> Iterator[LabFactory]:

@@ -94,16 +94,25 @@ def pod_servers(lab: Lab, pods: Iterable[str], program: str, port: int) -> Itera
     """Run ``python -c program`` in each of ``pods``; enter once each accepts on ``port``.
 
     The wait probes the pod's own loopback, so it proves the server is bound without sending
-    anything through the mesh. On exit (also on failure) every server started is killed and
-    reaped.
+    anything through the mesh; a server that died before binding is started again (its exit
+    status is the error if none ever binds). On exit (also on failure) every server started is
+    killed and reaped.
     """
     procs: list[subprocess.Popen[Any]] = []
     names = list(pods)
+
+    def bound(i: int, pod: str) -> None:
+        status = procs[i].poll()
+        if status is not None:  # it died before binding: say how (``retry`` shows the last)
+            procs[i] = lab.popen(pod, sys.executable, "-c", program)
+            raise AssertionError(f"the server in {pod} exited with status {status}; restarted")
+        call_in(lab.netns(pod), _accepts, port)
+
     try:
         for pod in names:
             procs.append(lab.popen(pod, sys.executable, "-c", program))
-        for pod in names:
-            retry(lambda p=pod: call_in(lab.netns(p), _accepts, port))  # type: ignore[misc]
+        for i, pod in enumerate(names):
+            retry(lambda i=i, pod=pod: bound(i, pod))  # type: ignore[misc]
         yield
     finally:
         for proc in procs:

@@ -51,17 +51,13 @@ async def serve_same_node_http(
     conn_id = record.id = core.registry.add(served, cancel_current_task())
     clean = False
     try:
-        if route.port in core.settings.proxy_ports:
-            core.registry.reject("proxy_port", f"{record.destination} is a proxy port")
-            raise Refused(where)
-        s = core.settings
         try:
-            upstream = await sockets.connect(
-                (route.ip, route.port), mark=s.mark, timeout=s.connect_timeout, source_ip=src_ip
-            )
+            # A proxy port is refused there; each request is authorized by the session below.
+            upstream = await outbound.open(route, record, src_ip, conn_id, requests_authorized=True)
         except (OSError, TimeoutError) as e:
             outbound.count_failure(e, route, record)
             raise
+        assert isinstance(upstream, socket.socket)  # a local route: a plain socket
         try:
             # Admitted without the L7 conditions, which only a request can satisfy: each one
             # is authorized by the session (``request_verdict``), as at the destination.

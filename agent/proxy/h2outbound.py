@@ -470,9 +470,7 @@ class H2SourceSession(CallbackShell):
             self._finish(exchange)
             connection = self._request_connection(exchange)
             record = h2_request_record(exchange)
-            core.registry.request_done(connection, record)
-            if connection is not self.record:  # a copy pointed at the endpoint: the client's
-                self.record.requests += 1  # connection carried it too (``nodemesh connections``)
+            core.registry.request_done(connection, record, carried_by=self.record)
             key = exchange.upstream
             if connection.path == "local" and (key in self._reached or own in REFUSED_HERE):
                 # No other proxy saw it (or refused it: ``_allowed_here``): reported as its

@@ -1229,7 +1229,7 @@ class _ClientConnection:
                 labels.security = SECURITY_MTLS
         upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
         record = request_record(exchange, flags=flags, upstream=upstream)
-        self.core.registry.request_done(labels, record)
+        self.core.registry.request_done(labels, record, carried_by=self.record)
         reached = request.reached
         if reached is not None and reached.kind == "local":
             # No other proxy saw it: reported as its destination too (without the source's

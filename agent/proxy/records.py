@@ -120,9 +120,18 @@ class Registry:
             except Exception:
                 log.exception("request observer %r failed", observer)
 
-    def request_done(self, connection: ConnectionRecord, request: RequestRecord) -> None:
-        """One HTTP request served (or refused by policy) on ``connection``."""
-        connection.requests += 1
+    def request_done(
+        self,
+        connection: ConnectionRecord,
+        request: RequestRecord,
+        *,
+        carried_by: ConnectionRecord | None = None,
+    ) -> None:
+        """One HTTP request served (or refused by policy) on ``connection``; ``carried_by``:
+        the live record it is counted on when ``connection`` is a copy labelled for this
+        request (the source reports each request pointed at the endpoint that served it), so
+        ``nodemesh connections`` shows the client connection's requests."""
+        (connection if carried_by is None else carried_by).requests += 1
         self._tell(lambda o: o.requested(connection, request))
 
     def http_rejected(self, cause: str, detail: str) -> None:

@@ -183,6 +183,9 @@ async def test_one_keep_alive_connection_is_balanced_per_request(mesh: Mesh) -> 
             answers[body.decode()] += 1
         assert set(answers) == {SERVER, LOCAL}, answers  # both endpoints, one connection
         assert (await client.request("GET", "/fail"))[0] == 500
+        # ``nodemesh connections``: the client's connection counts every request it carried.
+        (client_conn,) = [r for r in mesh.node1.core.registry if r.protocol == "http/1.1"]
+        assert client_conn.requests == 41
         client.writer.close()
     src = requests_total(source)
     assert src[("source", WEB, "200", "-")] == 40

@@ -71,7 +71,9 @@ class _Registry:
         self.requests: list[tuple[int, str]] = []
         self.rejected: list[tuple[str, str]] = []
 
-    def request_done(self, labels: ConnectionRecord, request: Any) -> None:
+    def request_done(
+        self, labels: ConnectionRecord, request: Any, *, carried_by: ConnectionRecord | None = None
+    ) -> None:
         self.requests.append((request.status, request.response_flags))
 
     def http_rejected(self, cause: str, where: str) -> None:

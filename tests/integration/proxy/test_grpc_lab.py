@@ -113,6 +113,19 @@ def converged(lab: Lab) -> dict[tuple[str, Labels], float]:
     return retry(check, timeout=40)
 
 
+def grpc_service(name: str, app: str, port: int) -> dict[str, Any]:
+    """A Service manifest selecting the pods labelled ``app`` on ``port``, declared gRPC."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "selector": {"app": app},
+            "ports": [{"port": port, "targetPort": port, "name": "grpc", "appProtocol": "grpc"}],
+        },
+    }
+
+
 def test_unary_and_streaming_calls_are_counted_exactly_with_their_grpc_status(lab: Lab) -> None:
     before = converged(lab)
     result = calls(
@@ -247,15 +260,7 @@ def test_a_call_to_a_service_that_selects_no_pod_is_answered_unavailable_at_once
     """A Service added by ``lab apply`` without ``clusterIP`` gets a VIP (before, it had none:
     the status said ``None``, grpcio resolved the name ``None`` and the call hung until its
     deadline); its gRPC port without endpoints answers each call UNAVAILABLE, flag ``UH``."""
-    manifest = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "grpc-none", "namespace": "default"},
-        "spec": {
-            "selector": {"app": "none"},
-            "ports": [{"port": PORT, "targetPort": PORT, "name": "grpc", "appProtocol": "grpc"}],
-        },
-    }
+    manifest = grpc_service("grpc-none", "none", PORT)
     lab.apply(manifest)
     try:
         address = next(s for s in lab.status()["services"] if s["name"] == "grpc-none")
@@ -292,15 +297,7 @@ def test_calls_go_to_the_replica_that_listens_while_the_other_refuses(lab: Lab) 
     refused (node2 answers 503) and goes to server-0: every call succeeds, the retries counted
     (ROUND_ROBIN and no ejection keep choosing server-1)."""
     half = PORT + 1
-    service: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "grpc-half", "namespace": "default"},
-        "spec": {
-            "selector": {"app": "server"},
-            "ports": [{"port": half, "targetPort": half, "name": "grpc", "appProtocol": "grpc"}],
-        },
-    }
+    service = grpc_service("grpc-half", "server", half)
     policy: dict[str, Any] = {
         "apiVersion": "nodemesh.io/v1alpha1",
         "kind": "TrafficPolicy",
@@ -353,15 +350,7 @@ def test_a_same_node_replica_is_authorized_per_call_under_an_l7_deny(lab: Lab) -
     (before, the connection-level check broadened it to every call), the others on the channel
     reach the pod, and node1 counts each call with both reporters."""
     near = PORT + 2
-    service: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "grpc-near", "namespace": "default"},
-        "spec": {
-            "selector": {"app": "neighbor"},
-            "ports": [{"port": near, "targetPort": near, "name": "grpc", "appProtocol": "grpc"}],
-        },
-    }
+    service = grpc_service("grpc-near", "neighbor", near)
     deny: dict[str, Any] = {
         "apiVersion": "nodemesh.io/v1alpha1",
         "kind": "AuthorizationPolicy",
@@ -423,15 +412,7 @@ def test_a_same_node_replica_is_rate_limited_at_the_source(lab: Lab) -> None:
     ``local_rate_limited`` (before, every call passed), and node1 counts each refusal once in
     ``nodemesh_rate_limited_requests_total`` and with both reporters, flag ``RL``."""
     near, name = PORT + 3, "grpc-near-rl"
-    service: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "selector": {"app": "neighbor"},
-            "ports": [{"port": near, "targetPort": near, "name": "grpc", "appProtocol": "grpc"}],
-        },
-    }
+    service = grpc_service(name, "neighbor", near)
     limit: dict[str, Any] = {
         "apiVersion": "nodemesh.io/v1alpha1",
         "kind": "RateLimitPolicy",

@@ -68,8 +68,7 @@ class RequestLabels(NamedTuple):
 
 
 class _Histogram:
-    """Cumulative bucket counts and a sum, as Prometheus exposes a histogram (observed by
-    ``HttpMetrics.requested``)."""
+    """Cumulative bucket counts and a sum, as Prometheus exposes a histogram."""
 
     __slots__ = ("bounds", "counts", "total")
 
@@ -77,6 +76,10 @@ class _Histogram:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
 
     def buckets(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
@@ -136,20 +139,9 @@ class HttpMetrics(Collector):
     def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
         series = self._series_of(connection, request)
         self._requests[series.labels] += 1
-        # _Histogram.observe, inline: three of them per request
-        bisect_left = bisect.bisect_left
-        value = request.duration_ms
-        hist = series.duration
-        hist.counts[bisect_left(hist.bounds, value)] += 1
-        hist.total += value
-        value = float(request.request_bytes)
-        hist = series.request_bytes
-        hist.counts[bisect_left(hist.bounds, value)] += 1
-        hist.total += value
-        value = float(request.response_bytes)
-        hist = series.response_bytes
-        hist.counts[bisect_left(hist.bounds, value)] += 1
-        hist.total += value
+        series.duration.observe(request.duration_ms)
+        series.request_bytes.observe(float(request.request_bytes))
+        series.response_bytes.observe(float(request.response_bytes))
         self.tap.add(connection, request, series.named)
         if self._access_log and self._sampler.keep(request):
             write_request_log(connection, request, series.log_tail)

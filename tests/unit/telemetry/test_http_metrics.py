@@ -23,6 +23,24 @@ from tests.unit.telemetry.telemetry_helpers import (
 from tests.unit.telemetry.telemetry_helpers import samples as parse
 from tests.workloads import workload
 
+# The labels of an allowed request that ``inbound()`` carried (client -> server, mTLS).
+OK_LABELS = {
+    "reporter": "destination",
+    "source_workload": "client",
+    "source_workload_namespace": "default",
+    "source_principal": CLIENT_ID,
+    "source_app": "client",
+    "destination_service": "server.default.svc.cluster.local",
+    "destination_workload": "server",
+    "destination_workload_namespace": "default",
+    "destination_principal": SERVER_ID,
+    "connection_security_policy": "mutual_tls",
+    "response_flags": "-",
+    "request_protocol": "http",
+    "response_code": "200",
+    "grpc_response_status": "",
+}
+
 
 def telemetry() -> tuple[Registry, TelemetryComponent]:
     registry = Registry()
@@ -47,22 +65,7 @@ def test_requests_are_counted_with_istio_labels_and_no_path(
         registry.request_done(conn, request(200, ms=700.0))
         registry.request_done(conn, request(403, flags="RBAC"))
     parsed = parse(component.exposition())
-    ok = {
-        "reporter": "destination",
-        "source_workload": "client",
-        "source_workload_namespace": "default",
-        "source_principal": CLIENT_ID,
-        "source_app": "client",
-        "destination_service": "server.default.svc.cluster.local",
-        "destination_workload": "server",
-        "destination_workload_namespace": "default",
-        "destination_principal": SERVER_ID,
-        "connection_security_policy": "mutual_tls",
-        "response_flags": "-",
-        "request_protocol": "http",
-        "response_code": "200",
-        "grpc_response_status": "",
-    }
+    ok = dict(OK_LABELS)
     assert parsed[("istio_requests_total", frozenset(ok.items()))] == 2
     denied = {**ok, "response_code": "403", "response_flags": "RBAC"}
     assert parsed[("istio_requests_total", frozenset(denied.items()))] == 1
@@ -140,22 +143,7 @@ def test_each_line_carries_its_own_series_label_fields(
     them each get the line ``json.dumps`` makes of their own fields, and their own series."""
     registry, component = telemetry()
     conn = inbound()
-    expected = {
-        "reporter": "destination",
-        "source_workload": "client",
-        "source_workload_namespace": "default",
-        "source_principal": CLIENT_ID,
-        "source_app": "client",
-        "destination_service": "server.default.svc.cluster.local",
-        "destination_workload": "server",
-        "destination_workload_namespace": "default",
-        "destination_principal": SERVER_ID,
-        "connection_security_policy": "mutual_tls",
-        "response_flags": "-",
-        "request_protocol": "http",
-        "response_code": "200",
-        "grpc_response_status": "",
-    }
+    expected = dict(OK_LABELS)
     other_id = "spiffe://cluster.local/ns/other/sa/client"
     sent: list[tuple[RequestRecord, dict[str, str]]] = []
     with caplog.at_level(logging.INFO, logger="nodemesh.access"):

@@ -33,8 +33,10 @@ from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets, trafficmetrics
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import Route, ServiceTarget
+from agent.proxy.samenode import serve_requests, served_record
 from agent.proxy.tunnel import TunnelError
 from agent.state import Snapshot, Workload
+from agent.state.protocols import TCP
 from agent.telemetry.records import ConnectionRecord
 
 if TYPE_CHECKING:
@@ -138,9 +140,19 @@ class BalancedOutbound:
             while (ip := attempts.next_endpoint()) is not None:
                 route = out.resolver.endpoint_route(snap, source, target, ip)
                 record = self._record(snap, route, src, target, outcome)
-                upstream = await self._attempt(route, record, src_ip, attempts, outcome)
+                protocol = TCP
+                if route.kind == "local":
+                    protocol = out.core.protocol(snap, route.ip, route.port)
+                upstream = await self._attempt(
+                    route, record, src_ip, attempts, outcome, requests_authorized=protocol != TCP
+                )
                 if upstream is None:
                     continue
+                if protocol != TCP:
+                    assert isinstance(upstream, socket.socket)  # a local route: a plain socket
+                    await self._serve_requests(client, upstream, record, route, target, protocol)
+                    outcome.clean = True
+                    return
                 try:
                     await self._relay(client, upstream, record, attempts)
                 except (OSError, TunnelError) as e:
@@ -166,6 +178,34 @@ class BalancedOutbound:
             out.describe_route(snap, route, outcome.record)
         return outcome.record
 
+    async def _serve_requests(
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        record: ConnectionRecord,
+        route: Route,
+        target: ServiceTarget,
+        protocol: str,
+    ) -> None:
+        """Serve a connection to a same-node endpoint whose pod port is declared HTTP (the
+        Service port is not) request by request, as the endpoint's node would if the client
+        were on another node: its L7 policy and rate limits per request, each request reported
+        by both reporters (``samenode``). The destination's record (named after the Service,
+        as the CONNECT would name it) is registered beside the source's for the connection's
+        life, as the two nodes would each hold one. The session counts bytes on the
+        destination's record; the source's takes its totals at the end (its TCP metrics, the
+        balancer's time to first byte)."""
+        registry = self.outbound.core.registry
+        served = served_record(record, target.service.hostname(), protocol)
+        served_id = registry.add(served, cancel_current_task())
+        try:
+            await serve_requests(self.outbound, client, upstream, record, served, route, protocol)
+        finally:
+            upstream.close()
+            record.bytes_sent, record.bytes_received = served.bytes_sent, served.bytes_received
+            record.first_byte = served.first_byte
+            registry.remove(served_id)
+
     async def _attempt(
         self,
         route: Route,
@@ -173,9 +213,14 @@ class BalancedOutbound:
         src_ip: str,
         attempts: Attempts,
         outcome: _Outcome,
+        *,
+        requests_authorized: bool = False,
     ) -> Upstream | None:
-        """One attempt: the upstream, None to retry, or raises (counted) to give up."""
-        opening = self.outbound.open(route, record, src_ip, outcome.conn_id)
+        """One attempt: the upstream, None to retry, or raises (counted) to give up.
+        ``requests_authorized``: the caller authorizes each request (``_serve_requests``)."""
+        opening = self.outbound.open(
+            route, record, src_ip, outcome.conn_id, requests_authorized=requests_authorized
+        )
         try:
             upstream = await asyncio.wait_for(opening, attempts.try_timeout())
         except (OSError, TunnelError) as e:

@@ -43,11 +43,9 @@ async def serve_same_node_http(
     """Serve ``client`` (its outbound ``record``, pointed at ``route``, a same-node pod port
     declared ``protocol``) until it ends; closes ``client`` (reset unless it ended cleanly)."""
     core = outbound.core
-    assert route.target is not None
     src_ip = record.source.rsplit(":", 1)[0]
     where = f"{record.source} -> {record.destination} (same node)"
-    record.protocol = "http/1.1" if protocol == HTTP else "http/2"
-    served = same_node_destination(record, "")  # no CONNECT names a Service for a pod IP
+    served = served_record(record, "", protocol)  # no CONNECT names a Service for a pod IP
     conn_id = record.id = core.registry.add(served, cancel_current_task())
     clean = False
     try:
@@ -59,13 +57,7 @@ async def serve_same_node_http(
             raise
         assert isinstance(upstream, socket.socket)  # a local route: a plain socket
         try:
-            # Admitted without the L7 conditions, which only a request can satisfy: each one
-            # is authorized by the session (``request_verdict``), as at the destination.
-            request = Request(src_ip, route.ip, route.port, record.source_identity)
-            kind = HttpSession if protocol == HTTP else H2Session
-            session = kind(core, SocketDownstream(client), upstream, served, request, route.target)
-            session.report = _both_reporters(outbound, record)
-            await session.serve()
+            await serve_requests(outbound, client, upstream, record, served, route, protocol)
             clean = True
         finally:
             upstream.close()
@@ -77,6 +69,39 @@ async def serve_same_node_http(
             client.close()
         else:
             sockets.abort(client)
+
+
+def served_record(sent: ConnectionRecord, service: str, protocol: str) -> ConnectionRecord:
+    """The destination's record of ``sent`` (``same_node_destination``), both marked with the
+    declared ``protocol``: register it before serving the requests."""
+    sent.protocol = "http/1.1" if protocol == HTTP else "http/2"
+    return same_node_destination(sent, service)
+
+
+async def serve_requests(
+    outbound: Outbound,
+    client: socket.socket,
+    upstream: socket.socket,
+    sent: ConnectionRecord,
+    served: ConnectionRecord,
+    route: Route,
+    protocol: str,
+) -> None:
+    """Serve the requests of ``client`` to ``upstream`` (the same-node pod ``route`` points
+    at, connected without its L7 conditions) with the destination's session, reporting each on
+    ``sent`` (the source's record) and ``served`` (the destination's, registered by the
+    caller), until the client's connection ends. Raises ``OSError``/``Refused`` as the session
+    does; closes neither socket."""
+    assert route.target is not None
+    src_ip = sent.source.rsplit(":", 1)[0]
+    # Admitted without the L7 conditions, which only a request can satisfy: each one is
+    # authorized by the session (``request_verdict``), as at the destination.
+    request = Request(src_ip, route.ip, route.port, sent.source_identity)
+    kind = HttpSession if protocol == HTTP else H2Session
+    core = outbound.core
+    session = kind(core, SocketDownstream(client), upstream, served, request, route.target)
+    session.report = _both_reporters(outbound, sent)
+    await session.serve()
 
 
 def _both_reporters(

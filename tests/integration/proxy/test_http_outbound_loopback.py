@@ -466,6 +466,61 @@ async def test_a_same_node_pod_port_declared_http_is_served_per_request(mesh: Me
         assert sum(denied.values()) == 1, (reporter, denied)
 
 
+@mesh_test
+async def test_an_undeclared_service_port_to_a_same_node_http_pod_port_is_served_per_request(
+    mesh: Mesh,
+) -> None:
+    """Service ``plain`` has a port without a declared protocol, its one endpoint ``local``
+    (node1) declares the target port HTTP. From another node the far node parses the
+    connection and authorizes each request; on node1 it was relayed as L4 with the policy
+    evaluated at connect, so an ALLOW on a path refused every connection and nothing was
+    counted per request. Now node1 does what the far node would: GET /public passes and
+    GET /private is 403 on one connection, each reported by both reporters under the
+    Service, the connection held as the destination's record too while it lasts."""
+    port = free_port(LOCAL)
+    vip = "10.96.7.9"
+    with mesh.store.update() as tx:
+        tx.put_workload(
+            replace(workload("local", "node1", LOCAL, app="local"), http_ports=frozenset({port}))
+        )
+        tx.put_service(
+            Service(
+                "plain",
+                "default",
+                (vip,),
+                (ServicePort(80, port),),
+                {"app": "local"},
+                (Endpoint(LOCAL),),
+            )
+        )
+    allow = {"action": "ALLOW", "rules": [{"to": [{"operation": {"paths": ["/public*"]}}]}]}
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "public", allow))
+    source, _ = observe(mesh)
+    async with apps(port, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (vip, 80)))
+        assert await client.request("GET", "/private") == (403, b"RBAC: access denied")
+        for i in range(3):
+            assert await client.request("GET", f"/public/{i}") == (200, LOCAL.encode())
+        live = {r.direction: r for r in mesh.node1.core.registry}
+        assert set(live) == {"outbound", "inbound"}, live
+        assert live["inbound"].service == "plain.default.svc.cluster.local"
+        assert live["outbound"].protocol == live["inbound"].protocol == "http/1.1"
+        client.writer.close()
+        for _ in range(1000):  # the proxy sees the client's end
+            if not len(mesh.node1.core.registry):
+                break
+            await asyncio.sleep(0.01)
+    assert not len(mesh.node1.core.registry)
+    for reporter in ("source", "destination"):
+        ok = series(source, reporter=reporter, response_code="200")
+        assert sum(ok.values()) == 3, (reporter, ok)
+        (labels,) = (dict(k) for k in ok)
+        assert labels["destination_workload"] == "local"
+        assert labels["destination_service"] == "plain.default.svc.cluster.local"
+        denied = series(source, reporter=reporter, response_code="403", response_flags="RBAC")
+        assert sum(denied.values()) == 1, (reporter, denied)
+
+
 def rate_limit(burst: int) -> PolicyObject:
     """``web``'s RateLimitPolicy: ``burst`` tokens per pod, one more a second."""
     spec = {

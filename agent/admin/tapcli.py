@@ -9,8 +9,13 @@ requests cross the admin connection.
 
 Without ``--once`` it prints the requests the agent still holds, then follows new ones until
 interrupted (Ctrl-C) or ``--count`` lines were printed; with ``--once`` it prints what is held
-and exits. The header line is printed only on a terminal, so a pipe gets request lines only
-(``-o json``: one JSON object per line, the access log's fields plus ``node``).
+and exits. ``--live`` shows only requests that started after the command did, as
+``linkerd viz tap`` does (``--count N``: N new requests). It asks as the default does and
+keeps a request by its start time (its finished time less its duration) against the
+command's: that drops what the agent held and what was in flight when the command started,
+and keeps what started and finished between the start and the first answer. The header line
+is printed only on a terminal, so a pipe gets request lines only (``-o json``: one JSON
+object per line, the access log's fields plus ``node``).
 
 One worker thread per agent long-polls it and queues what it gets; the main thread prints.
 Why threads: in the lab every agent's admin API is loopback inside its node's network
@@ -26,8 +31,10 @@ import json
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TextIO
 from urllib.parse import urlencode
 
@@ -35,6 +42,7 @@ from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.telemetry.tap import FilterError, RequestFilter
 
 POLL_WAIT = 5.0  # seconds an agent may hold a long-poll (the API allows up to 10)
+TIME_STEP = 0.001  # an entry's time is rounded to the millisecond
 PATH_WIDTH = 24
 WHO_WIDTH = 18
 
@@ -59,6 +67,12 @@ def requests_path(
     if limit is not None:
         query["limit"] = str(limit)
     return "/requests?" + urlencode(query) if query else "/requests"
+
+
+def started(entry: Mapping[str, Any]) -> float:
+    """When a request started (epoch seconds): its finished ``time`` less its duration."""
+    ended = datetime.fromisoformat(str(entry["time"])).timestamp()
+    return ended - float(entry["duration_ms"]) / 1000
 
 
 def _cut(text: str, width: int) -> str:
@@ -155,6 +169,7 @@ def tap(
     selected: RequestFilter,
     *,
     follow: bool,
+    live: bool = False,
     count: int | None = None,
     json_lines: bool = False,
     header: bool = False,
@@ -162,10 +177,13 @@ def tap(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Print the agents' requests (and, with ``follow``, new ones as they come) to ``out``
-    (default: stdout); the exit status: 0, or 1 when an agent could not be read."""
+    """Print the agents' requests (and, with ``follow``, new ones as they come; with ``live``
+    only those that started after this call) to ``out`` (default: stdout); the exit status:
+    0, or 1 when an agent could not be read."""
     out = out or sys.stdout
     err = err or sys.stderr
+    follow = follow or live
+    since = time.time() - TIME_STEP if live else None
     got: queue.Queue[_Got] = queue.Queue()
     stop = threading.Event()
     with_node = len(agents) > 1
@@ -198,7 +216,11 @@ def tap(
                         file=err,
                         flush=True,
                     )
-                entries = [(item.agent, e) for e in item.answer["requests"]]
+                entries = [
+                    (item.agent, e)
+                    for e in item.answer["requests"]
+                    if since is None or started(e) >= since
+                ]
             if pending:  # the backlogs are printed together, in time order
                 pending.discard(item.agent)
                 backlog += entries
@@ -246,10 +268,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CODE",
         help="gRPC status: code (5), name (NOT_FOUND) or error (any but OK)",
     )
-    parser.add_argument(
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument(
         "--once", action="store_true", help="print the requests held now and exit (no follow)"
     )
-    parser.add_argument("--count", type=int, metavar="N", help="exit after printing N requests")
+    when.add_argument(
+        "--live",
+        action="store_true",
+        help="only requests that start after the command does, not those the agent holds "
+        "(as linkerd viz tap)",
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        metavar="N",
+        help="exit after printing N requests (with --live: N new ones)",
+    )
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
@@ -267,6 +301,7 @@ def run_agents(args: argparse.Namespace, agents: Sequence[Agent], command: str) 
         agents,
         selected,
         follow=not args.once,
+        live=args.live,
         count=args.count,
         json_lines=args.output == "json",
         header=sys.stdout.isatty(),

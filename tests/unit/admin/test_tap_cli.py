@@ -164,6 +164,42 @@ def test_follow_prints_new_requests_until_count(
     assert columns(lines) == [("DELETE", "/later", "204")]
 
 
+def test_live_shows_only_requests_that_start_after_the_command(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fixture's requests were made before the command; while it runs, each round adds a
+    request that was in flight since a minute before (its duration) and one made now: the
+    first line printed must be a new one, neither a held nor an in-flight one."""
+    done = threading.Event()
+
+    def keep_sending() -> None:
+        n = 0
+        while not done.wait(0.02):
+            served.add(replace(rec("GET", f"/inflight/{n}", 200), duration_ms=60_000.0))
+            served.add(replace(rec("GET", f"/new/{n}", 200), duration_ms=0.0))
+            n += 1
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        code, lines, err = run(
+            capsys, "requests", "--admin", served.address, "--live", "--count", "2"
+        )
+    finally:
+        done.set()
+        sender.join()
+    assert (code, err) == (0, "")
+    paths = [path for _, path, _ in columns(lines)]
+    assert len(paths) == 2 and all(p.startswith("/new/") for p in paths), paths
+
+
+def test_live_and_once_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["requests", "--admin", "127.0.0.1:1", "--live", "--once"])
+    assert exited.value.code == 2
+    assert "argument --once: not allowed with argument --live" in capsys.readouterr().err
+
+
 def test_several_agents_are_merged_in_time_order_with_their_node(served: Served) -> None:
     out = io.StringIO()
     agents = [Agent("node1", served.address), Agent("node2", served.address)]

@@ -134,12 +134,22 @@ EDGE_KEYS = ["source", "sourcePrincipal", "destination", "destinationPrincipal"]
 def _edges(args: argparse.Namespace) -> int:
     source = source_of(args)
     _announce(source, args.window)
-    rows = aggregate.aggregate(source.window(args.window), aggregate.by_edge)
+    window = source.window(args.window, (*TCP_FAMILIES, golden.REQUESTS))
+    rows = aggregate.aggregate(window, aggregate.by_edge)
+    requests = golden.requests_by(window, aggregate.by_edge)
     if args.json:
-        print(json.dumps([render.figures_json(EDGE_KEYS, k, f) for k, f in sorted(rows.items())]))
+        print(
+            json.dumps(
+                [
+                    render.figures_json(EDGE_KEYS, k, f)
+                    | {"deniedRequests": requests[k].denied if k in requests else 0.0}
+                    for k, f in sorted(rows.items())
+                ]
+            )
+        )
     else:
         print(_header(source, args.window))
-        print("\n".join(render.edges_lines(rows)))
+        print("\n".join(render.edges_lines(rows, requests)))
     return 0
 
 

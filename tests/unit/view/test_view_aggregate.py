@@ -329,3 +329,38 @@ def test_failed_is_a_5xx_or_a_non_zero_grpc_status(
     code: str, grpc_status: str, flags: str, failed: bool
 ) -> None:
     assert golden.failed(code, grpc_status, flags) is failed
+
+
+def test_denied_counts_connections_and_requests_refused_by_policy() -> None:
+    """3 connections refused by an L4 policy and 4 requests answered 403 RBAC (on allowed
+    connections): ``stat`` and ``edges`` say DENIED 7, as the dashboard's "denied 7"; the JSON
+    keeps them apart."""
+    w = window(
+        (OPENED, [series(tcp("destination"), (90, 0), (150, 5))]),
+        (
+            CLOSED,
+            [
+                series(tcp("destination", response_flags="DENY"), (90, 0), (150, 3)),
+                series(tcp("destination"), (90, 0), (150, 2)),
+            ],
+        ),
+        (
+            golden.REQUESTS,
+            [
+                request("destination", "200", (90, 0), (150, 6)),
+                request("destination", "403", (90, 0), (150, 4), response_flags="RBAC"),
+            ],
+        ),
+    )
+    stat = render.stat_lines(
+        "workload",
+        aggregate.stat(w, resource="workload"),
+        golden.stat_requests(w, resource="workload"),
+    )
+    assert stat[0].split()[-1] == "DENIED" and stat[1].split()[-1] == "7"
+    edges = render.edges_lines(
+        aggregate.aggregate(w, aggregate.by_edge), golden.requests_by(w, aggregate.by_edge)
+    )
+    assert edges[0].split()[-1] == "DENIED" and edges[1].split()[-1] == "7"
+    tcp_only = render.edges_lines(aggregate.aggregate(w, aggregate.by_edge))
+    assert tcp_only[1].split()[-1] == "3"

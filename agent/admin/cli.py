@@ -17,6 +17,7 @@ from typing import Any
 from agent.admin import tapcli
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.admin.tables import human_bytes, render
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
 
 Formatter = Callable[[Any], str]
 
@@ -135,7 +136,24 @@ def _policy_summary(p: Mapping[str, Any]) -> str:
         return f"{spec.get('action', 'ALLOW')}, {len(spec.get('rules') or [])} rule(s)"
     if p["kind"] == "PeerAuthentication":
         return f"mTLS {(spec.get('mtls') or {}).get('mode', 'UNSET')}"
-    return ", ".join(sorted(spec)) or "-"
+    return ", ".join(sorted(set(spec) - {"targetRef"})) or "-"
+
+
+def _applies_to(p: Mapping[str, Any]) -> str:
+    """What a policy governs, as Istio reads it: the pods of its namespace its selector names
+    (all without one), of every namespace when it sits in the root namespace; a Service
+    (``targetRef``); an HTTPFault, the route rules whose filter names it."""
+    spec = p.get("spec") or {}
+    target = spec.get("targetRef")
+    if isinstance(target, Mapping):
+        return f"{target.get('kind', 'Service')} {target.get('name')}"
+    if p["kind"] == "HTTPFault":
+        return "route rules naming it"
+    labels = (spec.get("selector") or {}).get("matchLabels") or {}
+    pods = (
+        "pods " + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) if labels else "all pods"
+    )
+    return f"{pods} (mesh-wide)" if p["namespace"] == DEFAULT_ROOT_NAMESPACE else pods
 
 
 def format_policies(data: Mapping[str, Any]) -> str:
@@ -144,13 +162,14 @@ def format_policies(data: Mapping[str, Any]) -> str:
             p["kind"],
             p["namespace"],
             p["name"],
+            _applies_to(p),
             _policy_summary(p) + (" (dry-run)" if p.get("dry_run") else ""),
         ]
         for p in data["policies"]
     ]
     if not rows:
         return "no policies"
-    return render(["KIND", "NAMESPACE", "NAME", "SUMMARY"], rows)
+    return render(["KIND", "NAMESPACE", "NAME", "APPLIES TO", "SUMMARY"], rows)
 
 
 def _ejections(events: Mapping[str, int]) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from agent.admin.cli import format_policies
 from agent.base.http import HttpServer
 from agent.cli import main
 from agent.telemetry.accesslog import connection_entry
@@ -82,7 +83,40 @@ def test_table_contents(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
     _, certs, _ = run(capsys, "certs", "--admin", admin)
     assert certs.splitlines()[1].split()[:2] == ["default/client", "Available"]
     _, policies, _ = run(capsys, "policies", "--admin", admin)
-    assert "AuthorizationPolicy  default    deny-outsider  DENY, 1 rule(s)" in policies
+    assert "AuthorizationPolicy  default    deny-outsider  all pods    DENY, 1 rule(s)" in policies
+
+
+def test_policies_say_what_each_applies_to() -> None:
+    """As Istio reads them: a selector's pods, all pods of the namespace without one, of every
+    namespace in the root namespace; a Service for targetRef kinds (not a field in SUMMARY)."""
+
+    def policy(kind: str, namespace: str, spec: dict[str, object]) -> dict[str, object]:
+        return {"kind": kind, "namespace": namespace, "name": "p", "spec": spec}
+
+    selector = {"matchLabels": {"version": "v1", "app": "server"}}
+    table = format_policies(
+        {
+            "policies": [
+                policy("AuthorizationPolicy", "default", {"selector": selector, "action": "DENY"}),
+                policy("PeerAuthentication", "default", {"mtls": {"mode": "STRICT"}}),
+                policy("AuthorizationPolicy", "nodemesh-system", {"action": "ALLOW"}),
+                policy("PeerAuthentication", "nodemesh-system", {"selector": selector}),
+                policy("TrafficPolicy", "default", {"targetRef": {"kind": "Service", "name": "web"},
+                                                    "retries": {"attempts": 2}}),
+                policy("HTTPFault", "default", {"abort": {"httpStatus": 503}}),
+            ]
+        }
+    )  # fmt: skip
+    header, *lines = table.splitlines()
+    at, summary = header.index("APPLIES TO"), header.index("SUMMARY")
+    assert [(line[at:summary].rstrip(), line[summary:]) for line in lines] == [
+        ("pods app=server,version=v1", "DENY, 0 rule(s)"),
+        ("all pods", "mTLS STRICT"),
+        ("all pods (mesh-wide)", "ALLOW, 0 rule(s)"),
+        ("pods app=server,version=v1 (mesh-wide)", "mTLS UNSET"),
+        ("Service web", "retries"),
+        ("route rules naming it", "abort"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -114,12 +114,30 @@ def test_annotate_changes_membership_in_the_cluster_file(recorded: str) -> None:
     assert _meshed(recorded)["outsider"] is True
     control.annotate("unit", "default/client", ["nodemesh.io/mesh-"], state_root=recorded)
     assert _meshed(recorded)["client"] is False
-    with pytest.raises(DocumentError, match="'maybe' is not allowed"):
+    with pytest.raises(LabError) as refused:  # named as written, not by its place in the file
         control.annotate("unit", "client", ["nodemesh.io/mesh=maybe"], state_root=recorded)
+    assert str(refused.value) == (
+        "pod default/client: annotation nodemesh.io/mesh: 'maybe' is not allowed: use enabled"
+        " or disabled; nothing was changed"
+    )
     with pytest.raises(LabError, match="no pod default/ghost"):
         control.annotate("unit", "ghost", ["a=b"], state_root=recorded)
     with pytest.raises(LabError, match="KEY=VALUE"):
         control.annotate("unit", "client", ["novalue"], state_root=recorded)
+
+
+def test_an_unknown_nodemesh_annotation_is_refused_not_ignored(recorded: str) -> None:
+    """A typo such as ``nodemesh.io/exclude-outbound-port`` would silently do nothing; other
+    prefixes are the user's (and removing an unknown key is always allowed)."""
+    typo = "nodemesh.io/exclude-outbound-port=9090"
+    with pytest.raises(LabError, match=r"annotation nodemesh.io/exclude-outbound-port: unknown"):
+        control.annotate("unit", "client", [typo], state_root=recorded)
+    control.annotate("unit", "client", ["example.com/team=a"], state_root=recorded)
+    control.annotate("unit", "client", ["nodemesh.io/exclude-outbound-port-"], state_root=recorded)
+    topology = DEFAULT_TOPOLOGY.replace("{nodemesh.io/mesh: enabled}", "{nodemesh.io/mesh-typo: x}")
+    assert topology != DEFAULT_TOPOLOGY
+    with pytest.raises(LabError, match=r"t\.yaml: nodes\[0\]\.pods\[0\]\.annotations\.nodemesh"):
+        _plan(topology)
 
 
 def test_apply_replaces_and_delete_removes_policies(recorded: str) -> None:

@@ -201,7 +201,9 @@ def _top(args: argparse.Namespace) -> int:
         try:
             while args.iterations is None or shown < args.iterations:
                 started = time.monotonic()
-                paths = aggregate.top(source.window(seconds), args.limit)
+                window = source.window(seconds, (*TCP_FAMILIES, golden.REQUESTS))
+                paths = aggregate.top(window, args.limit)
+                requests = golden.requests_by(window, aggregate.by_path)
                 notes = tapper.read()
                 title = f"nodemesh top: busiest paths  {_header(source, seconds)}"
                 routes = tapper.window.routes(args.limit)
@@ -209,7 +211,7 @@ def _top(args: argparse.Namespace) -> int:
                     [
                         title,
                         "",
-                        *render.path_lines(paths),
+                        *render.path_lines(paths, requests),
                         "",
                         f"HTTP routes, last {args.window:g}s (the agents' recent requests):",
                         *httptop.route_lines(routes, args.window),

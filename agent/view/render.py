@@ -141,9 +141,19 @@ def edges_lines(
     return render(keys, columns, sorted(rows.items()))
 
 
-def path_lines(rows: Sequence[tuple[Key, Figures]]) -> list[str]:
-    arrows = [((f"{k[0]} -> {k[1]}", k[2]), f) for k, f in rows]
-    return render(["PATH", "SERVICE"], TCP_COLUMNS, arrows)
+def path_lines(
+    rows: Sequence[tuple[Key, Figures]], requests: Mapping[Key, RequestFigures] | None = None
+) -> list[str]:
+    """``top``'s busiest paths (source, destination, Service); ``requests`` (keyed as ``rows``)
+    adds the requests an L7 policy refused on each to ``DENIED``."""
+
+    def arrow(k: Key) -> Key:
+        return (f"{k[0]} -> {k[1]}", k[2])
+
+    denied = denied_column({arrow(k): r for k, r in (requests or {}).items()})
+    return render(
+        ["PATH", "SERVICE"], (*TCP_COLUMNS[:-1], denied), [(arrow(k), f) for k, f in rows]
+    )
 
 
 def figures_json(key_names: Sequence[str], key: Key, f: Figures) -> dict[str, Any]:

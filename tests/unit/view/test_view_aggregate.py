@@ -333,8 +333,8 @@ def test_failed_is_a_5xx_or_a_non_zero_grpc_status(
 
 def test_denied_counts_connections_and_requests_refused_by_policy() -> None:
     """3 connections refused by an L4 policy and 4 requests answered 403 RBAC (on allowed
-    connections): ``stat`` and ``edges`` say DENIED 7, as the dashboard's "denied 7"; the JSON
-    keeps them apart."""
+    connections): ``stat``, ``edges`` and ``top`` say DENIED 7, as the dashboard's "denied 7";
+    the JSON keeps them apart."""
     w = window(
         (OPENED, [series(tcp("destination"), (90, 0), (150, 5))]),
         (
@@ -364,3 +364,5 @@ def test_denied_counts_connections_and_requests_refused_by_policy() -> None:
     assert edges[0].split()[-1] == "DENIED" and edges[1].split()[-1] == "7"
     tcp_only = render.edges_lines(aggregate.aggregate(w, aggregate.by_edge))
     assert tcp_only[1].split()[-1] == "3"
+    paths = render.path_lines(aggregate.top(w, 10), golden.requests_by(w, aggregate.by_path))
+    assert paths[0].split()[-1] == "DENIED" and paths[1].split()[-1] == "7"

@@ -17,7 +17,7 @@ from typing import Any
 from agent.admin import tapcli
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.admin.tables import human_bytes, render
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, never_matching
 
 Formatter = Callable[[Any], str]
 
@@ -169,7 +169,14 @@ def format_policies(data: Mapping[str, Any]) -> str:
     ]
     if not rows:
         return "no policies"
-    return render(["KIND", "NAMESPACE", "NAME", "APPLIES TO", "SUMMARY"], rows)
+    table = render(["KIND", "NAMESPACE", "NAME", "APPLIES TO", "SUMMARY"], rows)
+    warnings = [
+        f"warning: {p['kind']} {p['namespace']}/{p['name']}: {warning}"
+        for p in data["policies"]
+        if p["kind"] == "AuthorizationPolicy"
+        for warning in never_matching(p.get("spec") or {})
+    ]
+    return "\n\n".join([table, "\n".join(warnings)]) if warnings else table
 
 
 def _ejections(events: Mapping[str, int]) -> str:

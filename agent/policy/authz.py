@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -264,6 +265,52 @@ def check_policy(spec: Mapping[str, Any]) -> None:
                             f"spec.rules[{i}].when[{j}].{field}[{k}]",
                             f"{value!r} is not {what} (key {cond['key']})",
                         )
+
+
+_PRINCIPAL = re.compile(r"[^/]+/ns/[^/]+/sa/[^/]+")
+# The string-matched fields of a rule: (its list, the object in each item, the fields).
+_MATCHED_STRINGS = (
+    ("from", "source", ("principals", "notPrincipals", "namespaces", "notNamespaces")),
+    ("to", "operation", ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")),
+)
+
+
+def _never_matches(field: str, value: str) -> str | None:
+    """Why one value of a string-matched field matches nothing it was meant to, or None."""
+    both_ends = len(value) > 1 and value.startswith("*") and value.endswith("*")
+    if "*" in value[1:-1] or both_ends:
+        return (
+            f"{value!r} matches only its literal text: '*' matches once, at the start (suffix "
+            "match), at the end (prefix match) or alone"
+        )
+    if field in ("methods", "notMethods") and value != value.upper():
+        return f"{value!r} never matches: methods compare exactly; requests send {value.upper()!r}"
+    principal = field in ("principals", "notPrincipals") and "*" not in value
+    if principal and not _PRINCIPAL.fullmatch(value.removeprefix("spiffe://")):
+        return (
+            f"{value!r} never matches: a principal is TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT"
+            " (cluster.local/ns/default/sa/client)"
+        )
+    return None
+
+
+def never_matching(spec: Mapping[str, Any]) -> list[str]:
+    """Values the schema admits that can never match what they were meant to (a typo that
+    silently does nothing, as Istio accepts them too): ``'*'`` inside a value, a method not in
+    upper case, a principal not of the SPIFFE form. Warnings (``nodemesh lab apply``,
+    ``nodemesh policies``), not refusals: a refused policy is enforced as its fail-closed
+    stand-in in a cluster, which would change traffic for a policy Istio accepted."""
+    out = []
+    for i, rule in enumerate(spec.get("rules") or ()):
+        for where, side, fields in _MATCHED_STRINGS:
+            for j, item in enumerate(rule.get(where) or ()):
+                values = item.get(side) or {}
+                for field in fields:
+                    for k, value in enumerate(values.get(field) or ()):
+                        why = _never_matches(field, str(value))
+                        if why is not None:
+                            out.append(f"spec.rules[{i}].{where}[{j}].{side}.{field}[{k}]: {why}")
+    return out
 
 
 _WHEN_KEYS: dict[str, Callable[[Sequence[str]], Predicate]] = {

@@ -154,3 +154,16 @@ def test_unreachable_agent_is_a_helpful_error(
 def test_bad_address_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "status", "--admin", "localhost")
     assert code == 1 and "expected HOST:PORT" in err
+
+
+def test_policies_warn_of_values_that_never_match() -> None:
+    spec = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["post"]}}]}]}
+    table = format_policies(
+        {"policies": [{"kind": "AuthorizationPolicy", "namespace": "default", "name": "p",
+                       "spec": spec}]}
+    )  # fmt: skip
+    assert table.splitlines()[-2:] == [
+        "",
+        "warning: AuthorizationPolicy default/p: spec.rules[0].to[0].operation.methods[0]: 'post'"
+        " never matches: methods compare exactly; requests send 'POST'",
+    ]

@@ -197,6 +197,33 @@ def test_a_refused_apply_names_the_users_file_and_document_and_keeps_the_old_ver
         control.apply("unit", [bad_port], state_root=recorded, source="svc.yaml")
 
 
+def test_apply_warns_of_values_that_never_match(
+    recorded: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Applied (Istio accepts them too), with a warning naming the file, document and field."""
+    monkeypatch.setattr(control, "labdir_of", lambda lab, state_root=None: LabDir(lab, recorded))
+    manifest = tmp_path / "deny.yaml"
+    manifest.write_text(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: no-admin, namespace: default}\n"
+        "spec: {action: DENY, rules: [{to: [{operation: {paths: ['/admin/*/x']}}]}]}\n"
+    )
+    assert main(["lab", "apply", "--name", "unit", "-f", str(manifest)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "applied 1 object(s) to lab unit\n"
+    assert err == (
+        f"nodemesh lab: warning: {manifest}: document 1 (AuthorizationPolicy default/no-admin): "
+        "spec.rules[0].to[0].operation.paths[0]: '/admin/*/x' matches only its literal text: "
+        "'*' matches once, at the start (suffix match), at the end (prefix match) or alone\n"
+    )
+    assert [p.key for p in LabDir("unit", recorded).read_cluster().policies] == [
+        ("AuthorizationPolicy", "default", "no-admin")
+    ]
+
+
 def test_resolve_target(recorded: str) -> None:
     _, plan = control.load("unit", state_root=recorded)
     assert control.resolve_target(plan, "client") == "unit-client"

@@ -43,7 +43,9 @@ http``, ``source.ip: 10.0.0.300``), and a ``request.headers`` key whose name is 
 HTTP field name (``request.headers[]``, ``request.headers[x y]``, ``request.headers``). The CRD
 cannot express that per-key check, so in a cluster the
 API server stores such a policy and the agent refuses it (its ``Accepted`` condition says why);
-before this check it stopped the whole policy set from compiling.
+before this check it stopped the whole policy set from compiling. Values that are well formed
+but can never match what they were meant to (``never_matching``: ``/api/*/items``, ``get``,
+``default/client`` as a principal) are only warned of, since Istio accepts them.
 """
 
 from __future__ import annotations

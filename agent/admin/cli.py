@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent.admin import tapcli
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.admin.tables import human_bytes, render
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, never_matching
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, never_matching, selects_pod
 
 Formatter = Callable[[Any], str]
 
@@ -285,13 +285,56 @@ COMMANDS: dict[str, tuple[str, str, Formatter]] = {
 }
 
 
+class PodNotFound(ValueError):
+    """``--pod`` names no pod the agent knows; the message lists the known ones."""
+
+
+def policies_for_pod(
+    policies: Sequence[Mapping[str, Any]],
+    workloads: Sequence[Mapping[str, Any]],
+    services: Sequence[Mapping[str, Any]],
+    pod: str,
+) -> list[Mapping[str, Any]]:
+    """The policies that govern pod ``[NS/]NAME`` (``istioctl x describe pod``'s question):
+    AuthorizationPolicy and PeerAuthentication that select it (its namespace or the root one,
+    as ``agent.policy.authz`` does), and the policies whose ``targetRef`` Service selects it.
+    HTTPFault objects act through route rules, not on pods, and are left out."""
+    namespace, _, name = pod.rpartition("/")
+    namespace = namespace or "default"
+    found = [w for w in workloads if (w.get("namespace"), w.get("name")) == (namespace, name)]
+    if not found:
+        known = ", ".join(sorted(f"{w.get('namespace')}/{w.get('name')}" for w in workloads))
+        raise PodNotFound(f"no pod {namespace}/{name}; known: {known or 'none'}")
+    labels = found[0].get("labels") or {}
+    fronting = {
+        s.get("name")
+        for s in services
+        if s.get("namespace") == namespace
+        and s.get("selector")
+        and all(labels.get(k) == v for k, v in (s.get("selector") or {}).items())
+    }
+    out = []
+    for p in policies:
+        target = (p.get("spec") or {}).get("targetRef")
+        if isinstance(target, Mapping):
+            if p.get("namespace") == namespace and target.get("name") in fronting:
+                out.append(p)
+        elif p["kind"] != "HTTPFault" and selects_pod(p, found[0]):
+            out.append(p)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     path, _, formatter = COMMANDS[args.command]
     if getattr(args, "local", False):
         path += "?local=1"
     try:
         data = request(args.admin, path, timeout=args.timeout)
-    except AdminError as e:
+        if getattr(args, "pod", None):
+            workloads = request(args.admin, "/workloads", timeout=args.timeout)["workloads"]
+            services = request(args.admin, "/services", timeout=args.timeout)["services"]
+            data = {"policies": policies_for_pod(data["policies"], workloads, services, args.pod)}
+    except (AdminError, PodNotFound) as e:
         print(f"nodemesh {args.command}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if args.output == "json" else formatter(data))
@@ -312,5 +355,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         p = subparsers.add_parser(name, parents=[common], help=help_text, description=help_text)
         if name == "workloads":
             p.add_argument("--local", action="store_true", help="only this node's workloads")
+        if name == "policies":
+            p.add_argument(
+                "--pod",
+                metavar="[NS/]NAME",
+                help="only the policies that govern this pod (its selectors, its Services)",
+            )
         p.set_defaults(func=run)
     tapcli.register(subparsers)

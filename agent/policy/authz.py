@@ -444,6 +444,20 @@ class CompiledPolicy:
         return all(workload.labels.get(k) == v for k, v in sel.items())
 
 
+def selects_pod(
+    policy: Mapping[str, Any], pod: Mapping[str, Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE
+) -> bool:
+    """``CompiledPolicy.selects`` on the admin API's JSON rows (a policy and a workload), for
+    the tools that read them (``nodemesh policies --pod``, the dashboard's workload page)."""
+    if policy.get("namespace") not in (root_namespace, pod.get("namespace")):
+        return False
+    spec = policy.get("spec") or {}
+    selector = spec.get("selector") if isinstance(spec, Mapping) else None
+    wanted = selector.get("matchLabels") or {} if isinstance(selector, Mapping) else {}
+    labels = pod.get("labels") or {}
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
 def compile_policy(policy: PolicyObject) -> CompiledPolicy:
     spec = policy.spec
     action = str(spec.get("action", "ALLOW"))

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.admin.cli import format_policies
+from agent.admin.cli import PodNotFound, format_policies, policies_for_pod
 from agent.base.http import HttpServer
 from agent.cli import main
 from agent.telemetry.accesslog import connection_entry
@@ -167,3 +167,48 @@ def test_policies_warn_of_values_that_never_match() -> None:
         "warning: AuthorizationPolicy default/p: spec.rules[0].to[0].operation.methods[0]: 'post'"
         " never matches: methods compare exactly; requests send 'POST'",
     ]
+
+
+def test_policies_for_a_pod_are_those_that_select_it_or_target_its_services() -> None:
+    """``istioctl x describe pod``'s question: the selectors (its namespace, or the root one),
+    and a targetRef naming a Service in its namespace whose selector matches the pod."""
+    pod = {"namespace": "shop", "name": "web-0", "labels": {"app": "web", "version": "v1"}}
+    other = {"namespace": "shop", "name": "db-0", "labels": {"app": "db"}}
+    services = [
+        {"namespace": "shop", "name": "web", "selector": {"app": "web"}},
+        {"namespace": "shop", "name": "all", "selector": {}},  # selects nothing (no endpoints)
+        {"namespace": "other", "name": "web", "selector": {"app": "web"}},
+    ]
+
+    def policy(kind: str, namespace: str, name: str, **spec: object) -> dict[str, object]:
+        return {"kind": kind, "namespace": namespace, "name": name, "spec": spec}
+
+    web = {"kind": "Service", "name": "web"}
+    policies = [
+        policy("AuthorizationPolicy", "shop", "web-only", selector={"matchLabels": {"app": "web"}}),
+        policy("AuthorizationPolicy", "shop", "db-only", selector={"matchLabels": {"app": "db"}}),
+        policy("PeerAuthentication", "shop", "namespace-wide"),
+        policy("PeerAuthentication", "nodemesh-system", "mesh-wide"),
+        policy("PeerAuthentication", "other", "elsewhere"),
+        policy("TrafficPolicy", "shop", "web", targetRef=web),
+        policy("RateLimitPolicy", "other", "web", targetRef=web),
+        policy("TrafficPolicy", "shop", "all", targetRef={"kind": "Service", "name": "all"}),
+        policy("HTTPFault", "shop", "abort"),
+    ]
+    got = policies_for_pod(policies, [other, pod], services, "shop/web-0")
+    assert [(p["kind"], p["name"]) for p in got] == [
+        ("AuthorizationPolicy", "web-only"),
+        ("PeerAuthentication", "namespace-wide"),
+        ("PeerAuthentication", "mesh-wide"),
+        ("TrafficPolicy", "web"),
+    ]
+    with pytest.raises(PodNotFound, match=r"^no pod default/web-0; known: shop/db-0, shop/web-0$"):
+        policies_for_pod(policies, [other, pod], services, "web-0")
+
+
+def test_policies_of_one_pod_from_the_agent(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "policies", "--admin", admin, "--pod", "default/client")
+    assert (code, err) == (0, "") and "deny-outsider" in out
+    code, out, err = run(capsys, "policies", "--admin", admin, "--pod", "ghost", "-o", "json")
+    assert (code, out) == (1, "")
+    assert err.startswith("nodemesh policies: no pod default/ghost; known: default/client, ")

@@ -121,3 +121,23 @@ def test_without_privileges_a_refused_probe_says_to_run_as_root_before_kernel_co
     monkeypatch.setattr(probes, "privileges", lambda: "running as root")
     reqs = [r for r in preflight.requirements() if r.name in names]
     assert {r.name: r.fix for r in preflight.run_checks(reqs)}["sockmap"] == sockmap
+
+
+def test_what_bcc_prints_goes_into_the_row_it_explains_not_before_the_report(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The compiler writes its errors to file descriptor 2 itself: they must not precede the
+    report, and the failing row quotes them."""
+    pytest.importorskip("bcc")
+    monkeypatch.setattr(probes, "_TC_PROGRAM", "int probe_assign(void) { return undefined_x; }")
+    probes._tc_program.cache_clear()
+    try:
+        (row,) = preflight.run_checks(
+            [r for r in preflight.requirements() if r.name == "sk-assign"]
+        )
+    finally:
+        probes._tc_program.cache_clear()
+    assert capfd.readouterr().err == ""
+    assert not row.ok
+    assert row.detail.startswith("loading a tc program calling bpf_sk_assign failed: ")
+    assert "undefined_x" in row.detail  # clang's "use of undeclared identifier 'undefined_x'"

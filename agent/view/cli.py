@@ -103,14 +103,50 @@ def _announce(source: Source, seconds: float) -> None:
         print(f"reading the {source.describe()} twice, {seconds:g}s apart", file=sys.stderr)
 
 
+# ``stat``'s resource as Linkerd's ``viz stat`` takes it too (``deploy``, ``deploy/web``,
+# ``svc/web``): a pod controller is a workload here, since the metrics name a workload by its
+# canonical name, by default its controller's (``agent.telemetry.labels``).
+RESOURCES = {
+    "workload": "workload",
+    "workloads": "workload",
+    **dict.fromkeys(
+        ("deploy", "deployment", "deployments", "sts", "statefulset", "statefulsets", "ds",
+         "daemonset", "daemonsets"),
+        "workload",
+    ),
+    **dict.fromkeys(("service", "services", "svc"), "service"),
+}  # fmt: skip
+
+
+def stat_target(resource: str, name: str | None) -> tuple[str, str | None]:
+    """(``workload`` or ``service``, the name if any) of ``stat RESOURCE [NAME]``, where
+    ``RESOURCE`` may be ``TYPE/NAME`` as in Linkerd."""
+    word, slash, named = resource.partition("/")
+    kind = RESOURCES.get(word.lower())
+    if kind is None:
+        raise ViewError(
+            f"{word!r} is no resource stat knows: use workload or service (or Linkerd's "
+            "deploy, sts, ds, svc), optionally as TYPE/NAME"
+        )
+    if slash and name is not None:
+        raise ViewError(f"{resource} already names one; drop {name!r} or write {word} {name}")
+    return kind, (named or None) if slash else name
+
+
 def _stat(args: argparse.Namespace) -> int:
+    resource, name = stat_target(args.resource, args.name)
+    if args.namespace and name is not None and "/" not in name and resource == "workload":
+        name = f"{args.namespace}/{name}"
     source = source_of(args)
     _announce(source, args.window)
     window = source.window(args.window, (*TCP_FAMILIES, *REQUEST_FAMILIES))
-    rows = aggregate.stat(window, resource=args.resource, name=args.name)
-    requests = golden.stat_requests(window, resource=args.resource, name=args.name)
+    rows = aggregate.stat(window, resource=resource, name=name)
+    requests = golden.stat_requests(window, resource=resource, name=name)
+    if args.namespace:
+        rows = aggregate.in_namespace(rows, resource, args.namespace)
+        requests = aggregate.in_namespace(requests, resource, args.namespace)
     if args.json:
-        key = "service" if args.resource == "service" else "workload"
+        key = "service" if resource == "service" else "workload"
         print(
             json.dumps(
                 [
@@ -124,7 +160,7 @@ def _stat(args: argparse.Namespace) -> int:
         )
     else:
         print(_header(source, args.window))
-        print("\n".join(render.stat_lines(args.resource, rows, requests)))
+        print("\n".join(render.stat_lines(resource, rows, requests)))
     return 0
 
 
@@ -316,10 +352,18 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "success rate (not answered 5xx nor a non-zero gRPC status) and p50/p95/p99 latency "
         "when HTTP or gRPC requests "
         "were seen; connections opened (count and per second), active connections, bytes per "
-        "second each way, the share of connections with mTLS and denied connections.",
+        "second each way, the share of connections with mTLS, and what policy denied "
+        "(connections and requests).",
     )
-    p.add_argument("resource", nargs="?", default="workload", choices=["workload", "service"])
+    p.add_argument(
+        "resource",
+        nargs="?",
+        default="workload",
+        metavar="RESOURCE",
+        help="workload (default) or service; Linkerd's deploy, sts, ds, svc; or TYPE/NAME",
+    )
     p.add_argument("name", nargs="?", help="only this workload (ns/name or name) or Service")
+    p.add_argument("-n", "--namespace", help="only this namespace's workloads or Services")
     p.add_argument("--window", type=_seconds, default=60.0, help="e.g. 30s, 1m (default 1m)")
     p.add_argument("--json", action="store_true", help="rows as JSON (exact counts)")
     p.set_defaults(func=_guarded(_stat))

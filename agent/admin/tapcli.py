@@ -315,7 +315,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "recent and live HTTP requests through this node's proxy (like linkerd viz tap)"
-    p = subparsers.add_parser("requests", help=help_text, description=help_text)
+    description = (
+        f"{help_text}: by default the requests the agent still holds, then new ones as they "
+        "finish, until Ctrl-C or --count; --live: only requests that start after the "
+        "command; --once: only the held ones."
+    )
+    p = subparsers.add_parser("requests", help=help_text, description=description)
     p.add_argument(
         "--admin",
         default=DEFAULT_ADMIN,

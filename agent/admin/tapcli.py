@@ -39,6 +39,7 @@ from typing import Any, TextIO
 from urllib.parse import urlencode
 
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.base.resources import WORKLOAD, ResourceError, split_resource
 from agent.telemetry.tap import FilterError, RequestFilter
 
 POLL_WAIT = 5.0  # seconds an agent may hold a long-poll (the API allows up to 10)
@@ -243,9 +244,34 @@ def tap(
     return status
 
 
+def _workload_of(args: argparse.Namespace) -> str | None:
+    """The workload filter: ``--workload``, or Linkerd's ``RESOURCE`` (``deploy/web``), in
+    ``-n``'s namespace when it names none."""
+    workload = args.workload
+    if args.resource is not None:
+        try:
+            kind, name = split_resource(args.resource)
+        except ResourceError as e:
+            raise FilterError(str(e)) from e
+        if kind != WORKLOAD or name is None:
+            raise FilterError(
+                f"{args.resource}: name a workload as TYPE/NAME (deploy/web); requests are "
+                "filtered by workload, a Service's by its workload (--to) or its paths (--path)"
+            )
+        if workload is not None:
+            raise FilterError(f"{args.resource} and --workload {workload}: give one of them")
+        workload = name
+    if args.namespace is not None:
+        if workload is None:
+            raise FilterError(f"-n {args.namespace}: name the workload too (deploy/web -n NS)")
+        if "/" not in workload:
+            workload = f"{args.namespace}/{workload}"
+    return workload
+
+
 def filter_from_args(args: argparse.Namespace) -> RequestFilter:
     return RequestFilter(
-        workload=args.workload,
+        workload=_workload_of(args),
         source=args.source,
         destination=args.destination,
         method=args.method,
@@ -257,6 +283,13 @@ def filter_from_args(args: argparse.Namespace) -> RequestFilter:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The filter and output options, shared by ``nodemesh requests`` and ``lab requests``."""
+    parser.add_argument(
+        "resource",
+        nargs="?",
+        metavar="TYPE/NAME",
+        help="as linkerd viz tap: either side is this workload (deploy/web, sts/db, ds/x)",
+    )
+    parser.add_argument("-n", "--namespace", help="the namespace of TYPE/NAME or --workload")
     parser.add_argument("--workload", metavar="[NS/]NAME", help="either side is this workload")
     parser.add_argument("--from", dest="source", metavar="[NS/]NAME", help="source workload")
     parser.add_argument("--to", dest="destination", metavar="[NS/]NAME", help="destination")

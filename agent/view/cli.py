@@ -23,6 +23,7 @@ from typing import Any
 
 from agent.base.constants import ADMIN_PORT, METRICS_PORT
 from agent.base.durations import parse_duration
+from agent.base.resources import ResourceError, split_resource
 from agent.view import aggregate, golden, httptop, render
 from agent.view.aggregate import TCP_FAMILIES
 from agent.view.dashboard import Admin, Dashboard, server
@@ -103,34 +104,17 @@ def _announce(source: Source, seconds: float) -> None:
         print(f"reading the {source.describe()} twice, {seconds:g}s apart", file=sys.stderr)
 
 
-# ``stat``'s resource as Linkerd's ``viz stat`` takes it too (``deploy``, ``deploy/web``,
-# ``svc/web``): a pod controller is a workload here, since the metrics name a workload by its
-# canonical name, by default its controller's (``agent.telemetry.labels``).
-RESOURCES = {
-    "workload": "workload",
-    "workloads": "workload",
-    **dict.fromkeys(
-        ("deploy", "deployment", "deployments", "sts", "statefulset", "statefulsets", "ds",
-         "daemonset", "daemonsets"),
-        "workload",
-    ),
-    **dict.fromkeys(("service", "services", "svc"), "service"),
-}  # fmt: skip
-
-
 def stat_target(resource: str, name: str | None) -> tuple[str, str | None]:
     """(``workload`` or ``service``, the name if any) of ``stat RESOURCE [NAME]``, where
-    ``RESOURCE`` may be ``TYPE/NAME`` as in Linkerd."""
-    word, slash, named = resource.partition("/")
-    kind = RESOURCES.get(word.lower())
-    if kind is None:
-        raise ViewError(
-            f"{word!r} is no resource stat knows: use workload or service (or Linkerd's "
-            "deploy, sts, ds, svc), optionally as TYPE/NAME"
-        )
-    if slash and name is not None:
-        raise ViewError(f"{resource} already names one; drop {name!r} or write {word} {name}")
-    return kind, (named or None) if slash else name
+    ``RESOURCE`` may be Linkerd's (``deploy``, ``svc``) and ``TYPE/NAME``
+    (``agent.base.resources``)."""
+    try:
+        kind, named = split_resource(resource)
+    except ResourceError as e:
+        raise ViewError(str(e)) from e
+    if named is not None and name is not None:
+        raise ViewError(f"{resource} already names one; drop {name!r}")
+    return kind, named if named is not None else name
 
 
 def _stat(args: argparse.Namespace) -> int:

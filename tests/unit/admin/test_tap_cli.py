@@ -130,6 +130,11 @@ def test_once_prints_what_the_agent_holds(
         (["--from", "default/client"], ["/a", "/admin/x"]),
         (["--to", "client"], []),
         (["--method", "GET", "--status", "2xx"], ["/a"]),
+        # linkerd viz tap's way to name the workload
+        (["deploy/batch"], ["/api/v1"]),
+        (["sts/batch", "-n", "jobs"], ["/api/v1"]),
+        (["deploy/batch", "-n", "default"], []),
+        (["--workload", "server", "-n", "default"], ["/a", "/admin/x", "/api/v1"]),
     ],
 )
 def test_filters(
@@ -239,6 +244,10 @@ def test_a_failed_grpc_call_is_found_by_its_grpc_status_not_by_5xx(
         (["--count", "0"], "--count 0: expected 1 or more"),
         (["--status", "UNAVAILABLE"], "gRPC status is filtered apart"),
         (["--grpc-status", "NOPE"], "expected a code 0-16, its name such as NOT_FOUND, or error"),
+        (["svc/web"], "svc/web: name a workload as TYPE/NAME (deploy/web)"),
+        (["pod/web-0"], "'pod' is no resource nodemesh knows"),
+        (["deploy/web", "--workload", "api"], "deploy/web and --workload api: give one of them"),
+        (["-n", "shop"], "-n shop: name the workload too"),
     ],
 )
 def test_bad_filters_are_refused_before_asking(

@@ -376,7 +376,7 @@ def test_stat_takes_linkerds_resource_words_and_a_namespace() -> None:
     assert stat_target("svc/web", None) == ("service", "web")
     assert stat_target("Service", None) == ("service", None)
     assert stat_target("workload", "shop/web") == ("workload", "shop/web")
-    with pytest.raises(ViewError, match="'pods' is no resource stat knows"):
+    with pytest.raises(ViewError, match="'pods' is no resource nodemesh knows"):
         stat_target("pods", None)
     with pytest.raises(ViewError, match="deploy/web already names one"):
         stat_target("deploy/web", "api")

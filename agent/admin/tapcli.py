@@ -39,7 +39,7 @@ from typing import Any, TextIO
 from urllib.parse import urlencode
 
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
-from agent.base.resources import WORKLOAD, ResourceError, split_resource
+from agent.base.resources import KINDS, WORKLOAD, ResourceError, split_resource
 from agent.telemetry.tap import FilterError, RequestFilter
 
 POLL_WAIT = 5.0  # seconds an agent may hold a long-poll (the API allows up to 10)
@@ -247,7 +247,7 @@ def tap(
 def _workload_of(args: argparse.Namespace) -> str | None:
     """The workload filter: ``--workload``, or Linkerd's ``RESOURCE`` (``deploy/web``), in
     ``-n``'s namespace when it names none."""
-    workload = args.workload
+    workload = _side("--workload", args.workload)
     if args.resource is not None:
         try:
             kind, name = split_resource(args.resource)
@@ -269,11 +269,23 @@ def _workload_of(args: argparse.Namespace) -> str | None:
     return workload
 
 
+def _side(option: str, text: str | None) -> str | None:
+    """``--from``/``--to`` as given, or Linkerd's ``deploy/web`` as the workload ``web``: a
+    ``TYPE/`` that is a resource word would otherwise be read as a namespace and match
+    nothing, silently."""
+    if text is None or text.partition("/")[0].lower() not in KINDS:
+        return text
+    kind, name = split_resource(text)
+    if kind != WORKLOAD or name is None:
+        raise FilterError(f"{option} {text}: name a workload ([NS/]NAME or deploy/NAME)")
+    return name
+
+
 def filter_from_args(args: argparse.Namespace) -> RequestFilter:
     return RequestFilter(
         workload=_workload_of(args),
-        source=args.source,
-        destination=args.destination,
+        source=_side("--from", args.source),
+        destination=_side("--to", args.destination),
         method=args.method,
         path=args.path,
         status=args.status,

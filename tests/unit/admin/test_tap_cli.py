@@ -135,6 +135,8 @@ def test_once_prints_what_the_agent_holds(
         (["sts/batch", "-n", "jobs"], ["/api/v1"]),
         (["deploy/batch", "-n", "default"], []),
         (["--workload", "server", "-n", "default"], ["/a", "/admin/x", "/api/v1"]),
+        (["--from", "deploy/batch"], ["/api/v1"]),  # not namespace "deploy"
+        (["--to", "deploy/server", "--workload", "sts/client"], ["/a", "/admin/x"]),
     ],
 )
 def test_filters(
@@ -248,6 +250,7 @@ def test_a_failed_grpc_call_is_found_by_its_grpc_status_not_by_5xx(
         (["pod/web-0"], "'pod' is no resource nodemesh knows"),
         (["deploy/web", "--workload", "api"], "deploy/web and --workload api: give one of them"),
         (["-n", "shop"], "-n shop: name the workload too"),
+        (["--to", "svc/web"], "--to svc/web: name a workload ([NS/]NAME or deploy/NAME)"),
     ],
 )
 def test_bad_filters_are_refused_before_asking(

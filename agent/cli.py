@@ -9,6 +9,11 @@ A command line that names a command imports only the module that owns it (``COMM
 long-running ``nodemesh agent`` would otherwise carry the lab's pyroute2, the admin client and
 the views it never uses (ARCHITECTURE.md, "No compiler in the agent"). ``--help`` and unknown
 commands still see every module.
+
+Output piped into a reader that leaves early (``nodemesh requests | head``, ``... -o json | jq``
+interrupted) ends the command quietly with the status a shell gives a writer killed by SIGPIPE,
+as ``kubectl``'s or ``cat``'s, instead of a traceback: Python ignores SIGPIPE, so the write
+raises ``BrokenPipeError``. Only when stdout's reader is gone; a broken socket stays an error.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import select
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -77,7 +85,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+SIGPIPE_STATUS = 128 + signal.SIGPIPE  # a shell's status for a writer whose reader left
+
+
+def stdout_reader_gone() -> bool:
+    """Is stdout a pipe whose reading end is closed? (Its write end then polls ``POLLERR``.)"""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a stream without a descriptor
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # errors are reported whatever the mask
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise
+        # What is still buffered would fail again when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_STATUS
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(command_word(argv))
     args = parser.parse_args(argv)

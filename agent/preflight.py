@@ -146,14 +146,30 @@ def requirements() -> tuple[Requirement, ...]:
     )
 
 
+# How a probe's failure reads when it lacked the privileges (errno texts, BCC's message).
+_DENIED = ("EPERM", "EACCES", "Operation not permitted", "Permission denied", "super-user")
+UNPRIVILEGED_FIX = (
+    "run as root first (see the privileges row): without them this probe is refused whatever "
+    "the kernel supports; if it still fails as root: "
+)
+
+
 def run_checks(reqs: Sequence[Requirement]) -> list[CheckResult]:
-    """Run every probe, in order; a failure never stops the following checks."""
+    """Run every probe, in order; a failure never stops the following checks. Once the
+    privileges are missing, a later probe refused for want of them says so first, instead of
+    only pointing at kernel configuration it could not test."""
     results = []
+    unprivileged = False
     for req in reqs:
         try:
             results.append(CheckResult(req.name, req.title, True, req.probe(), ""))
         except ProbeFailed as e:
-            results.append(CheckResult(req.name, req.title, False, str(e), req.fix))
+            detail = str(e)
+            fix = req.fix
+            if unprivileged and any(word in detail for word in _DENIED):
+                fix = UNPRIVILEGED_FIX + fix
+            unprivileged = unprivileged or req.name == "privileges"
+            results.append(CheckResult(req.name, req.title, False, detail, fix))
     return results
 
 

@@ -8,6 +8,7 @@ share is cached.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -17,6 +18,9 @@ import secrets
 import socket
 import struct
 import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,32 @@ int probe_assign(struct __sk_buff *skb) {
 
 class Unsupported(Exception):
     """The host lacks what a probe needs; the message says what was observed."""
+
+
+@contextlib.contextmanager
+def _bcc_diagnostics() -> Iterator[list[str]]:
+    """Take what BCC, clang and libbpf write straight to file descriptor 2 during a probe (the
+    compiler's errors, ``bpf: Failed to load program: Operation not permitted``): printed,
+    it would come before the report, apart from the row it explains. The list is filled when
+    the block ends; a failing probe quotes it (``_with``)."""
+    said: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            said += [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _with(message: str, said: list[str], limit: int = 3) -> str:
+    """``message`` and the first ``limit`` lines BCC said (``_bcc_diagnostics``), if any."""
+    return f"{message} ({'; '.join(said[:limit])})" if said else message
 
 
 def _mounts() -> list[tuple[str, str]]:
@@ -140,11 +170,15 @@ def _tc_program() -> Any:
         from bcc import BPF
     except ImportError as e:
         raise Unsupported(f"import bcc failed: {e}") from e
-    try:
-        bpf = BPF(text=_TC_PROGRAM)
-        return bpf, bpf.load_func("probe_assign", BPF.SCHED_CLS)
-    except Exception as e:  # BCC raises bare Exception for compile and verifier failures
-        raise Unsupported(f"loading a tc program calling bpf_sk_assign failed: {e}") from e
+    failure: Exception | None = None
+    with _bcc_diagnostics() as said:
+        try:
+            bpf = BPF(text=_TC_PROGRAM.encode())
+            return bpf, bpf.load_func("probe_assign", BPF.SCHED_CLS)
+        except Exception as e:  # BCC raises bare Exception for compile and verifier failures
+            failure = e
+    message = f"loading a tc program calling bpf_sk_assign failed: {failure}"
+    raise Unsupported(_with(message, said)) from failure
 
 
 def sk_assign() -> str:
@@ -213,13 +247,24 @@ def splice() -> str:
     """Optional: never raises. Loads an sk_skb verdict redirecting through a sockhash, attaches
     it to the sockhash and puts an established loopback socket in it, as the splice does."""
     try:
-        from bcc import BPF, BPFAttachType, libbcc
+        import bcc  # noqa: F401 (only whether it imports)
     except ImportError as e:
         return f"unavailable (optional; import bcc failed: {e})"
+    with _bcc_diagnostics() as said:
+        reason = _splice_failure()
+    if reason is not None:
+        return _no_splice(_with(reason, said))
+    return "available: sk_skb stream verdict on a sockhash (nodemesh agent --splice)"
+
+
+def _splice_failure() -> str | None:
+    """Why the splice's mechanism does not work here, or None when it does."""
+    from bcc import BPF, BPFAttachType, libbcc
+
     try:
         bpf = BPF(text=_SPLICE_PROGRAM.encode())
     except Exception as e:  # BCC raises bare Exception for compile failures
-        return _no_splice(f"compiling the probe failed: {e}")
+        return f"compiling the probe failed: {e}"
     try:
         fn = bpf.load_func(b"probe_splice", BPF.SK_SKB)
         fd = libbcc.lib.bpf_table_fd(bpf.module, b"probe_splice_hash")
@@ -231,12 +276,12 @@ def splice() -> str:
             key, value = ctypes.c_uint64(0), ctypes.c_int(client.fileno())
             rc = libbcc.lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0)
             if rc != 0:
-                return _no_splice(f"adding a TCP socket to a sockhash failed ({rc})")
+                return f"adding a TCP socket to a sockhash failed ({rc})"
     except Exception as e:  # BCC raises bare Exception for verifier and attach failures
-        return _no_splice(f"{e}")
+        return str(e)
     finally:
         bpf.cleanup()
-    return "available: sk_skb stream verdict on a sockhash (nodemesh agent --splice)"
+    return None
 
 
 def _no_splice(reason: str) -> str:

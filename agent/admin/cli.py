@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent.admin import tapcli
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.admin.tables import human_bytes, render
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, never_matching, selects_pod
 
 Formatter = Callable[[Any], str]
 
@@ -135,7 +136,24 @@ def _policy_summary(p: Mapping[str, Any]) -> str:
         return f"{spec.get('action', 'ALLOW')}, {len(spec.get('rules') or [])} rule(s)"
     if p["kind"] == "PeerAuthentication":
         return f"mTLS {(spec.get('mtls') or {}).get('mode', 'UNSET')}"
-    return ", ".join(sorted(spec)) or "-"
+    return ", ".join(sorted(set(spec) - {"targetRef"})) or "-"
+
+
+def _applies_to(p: Mapping[str, Any]) -> str:
+    """What a policy governs, as Istio reads it: the pods of its namespace its selector names
+    (all without one), of every namespace when it sits in the root namespace; a Service
+    (``targetRef``); an HTTPFault, the route rules whose filter names it."""
+    spec = p.get("spec") or {}
+    target = spec.get("targetRef")
+    if isinstance(target, Mapping):
+        return f"{target.get('kind', 'Service')} {target.get('name')}"
+    if p["kind"] == "HTTPFault":
+        return "route rules naming it"
+    labels = (spec.get("selector") or {}).get("matchLabels") or {}
+    pods = (
+        "pods " + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) if labels else "all pods"
+    )
+    return f"{pods} (mesh-wide)" if p["namespace"] == DEFAULT_ROOT_NAMESPACE else pods
 
 
 def format_policies(data: Mapping[str, Any]) -> str:
@@ -144,13 +162,21 @@ def format_policies(data: Mapping[str, Any]) -> str:
             p["kind"],
             p["namespace"],
             p["name"],
+            _applies_to(p),
             _policy_summary(p) + (" (dry-run)" if p.get("dry_run") else ""),
         ]
         for p in data["policies"]
     ]
     if not rows:
         return "no policies"
-    return render(["KIND", "NAMESPACE", "NAME", "SUMMARY"], rows)
+    table = render(["KIND", "NAMESPACE", "NAME", "APPLIES TO", "SUMMARY"], rows)
+    warnings = [
+        f"warning: {p['kind']} {p['namespace']}/{p['name']}: {warning}"
+        for p in data["policies"]
+        if p["kind"] == "AuthorizationPolicy"
+        for warning in never_matching(p.get("spec") or {})
+    ]
+    return "\n\n".join([table, "\n".join(warnings)]) if warnings else table
 
 
 def _ejections(events: Mapping[str, int]) -> str:
@@ -259,13 +285,56 @@ COMMANDS: dict[str, tuple[str, str, Formatter]] = {
 }
 
 
+class PodNotFound(ValueError):
+    """``--pod`` names no pod the agent knows; the message lists the known ones."""
+
+
+def policies_for_pod(
+    policies: Sequence[Mapping[str, Any]],
+    workloads: Sequence[Mapping[str, Any]],
+    services: Sequence[Mapping[str, Any]],
+    pod: str,
+) -> list[Mapping[str, Any]]:
+    """The policies that govern pod ``[NS/]NAME`` (``istioctl x describe pod``'s question):
+    AuthorizationPolicy and PeerAuthentication that select it (its namespace or the root one,
+    as ``agent.policy.authz`` does), and the policies whose ``targetRef`` Service selects it.
+    HTTPFault objects act through route rules, not on pods, and are left out."""
+    namespace, _, name = pod.rpartition("/")
+    namespace = namespace or "default"
+    found = [w for w in workloads if (w.get("namespace"), w.get("name")) == (namespace, name)]
+    if not found:
+        known = ", ".join(sorted(f"{w.get('namespace')}/{w.get('name')}" for w in workloads))
+        raise PodNotFound(f"no pod {namespace}/{name}; known: {known or 'none'}")
+    labels = found[0].get("labels") or {}
+    fronting = {
+        s.get("name")
+        for s in services
+        if s.get("namespace") == namespace
+        and s.get("selector")
+        and all(labels.get(k) == v for k, v in (s.get("selector") or {}).items())
+    }
+    out = []
+    for p in policies:
+        target = (p.get("spec") or {}).get("targetRef")
+        if isinstance(target, Mapping):
+            if p.get("namespace") == namespace and target.get("name") in fronting:
+                out.append(p)
+        elif p["kind"] != "HTTPFault" and selects_pod(p, found[0]):
+            out.append(p)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     path, _, formatter = COMMANDS[args.command]
     if getattr(args, "local", False):
         path += "?local=1"
     try:
         data = request(args.admin, path, timeout=args.timeout)
-    except AdminError as e:
+        if getattr(args, "pod", None):
+            workloads = request(args.admin, "/workloads", timeout=args.timeout)["workloads"]
+            services = request(args.admin, "/services", timeout=args.timeout)["services"]
+            data = {"policies": policies_for_pod(data["policies"], workloads, services, args.pod)}
+    except (AdminError, PodNotFound) as e:
         print(f"nodemesh {args.command}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if args.output == "json" else formatter(data))
@@ -286,5 +355,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         p = subparsers.add_parser(name, parents=[common], help=help_text, description=help_text)
         if name == "workloads":
             p.add_argument("--local", action="store_true", help="only this node's workloads")
+        if name == "policies":
+            p.add_argument(
+                "--pod",
+                metavar="[NS/]NAME",
+                help="only the policies that govern this pod (its selectors, its Services)",
+            )
         p.set_defaults(func=run)
     tapcli.register(subparsers)

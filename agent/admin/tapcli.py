@@ -9,8 +9,13 @@ requests cross the admin connection.
 
 Without ``--once`` it prints the requests the agent still holds, then follows new ones until
 interrupted (Ctrl-C) or ``--count`` lines were printed; with ``--once`` it prints what is held
-and exits. The header line is printed only on a terminal, so a pipe gets request lines only
-(``-o json``: one JSON object per line, the access log's fields plus ``node``).
+and exits. ``--live`` shows only requests that started after the command did, as
+``linkerd viz tap`` does (``--count N``: N new requests). It asks as the default does and
+keeps a request by its start time (its finished time less its duration) against the
+command's: that drops what the agent held and what was in flight when the command started,
+and keeps what started and finished between the start and the first answer. The header line
+is printed only on a terminal, so a pipe gets request lines only (``-o json``: one JSON
+object per line, the access log's fields plus ``node``).
 
 One worker thread per agent long-polls it and queues what it gets; the main thread prints.
 Why threads: in the lab every agent's admin API is loopback inside its node's network
@@ -26,15 +31,19 @@ import json
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TextIO
 from urllib.parse import urlencode
 
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.base.resources import KINDS, WORKLOAD, ResourceError, split_resource
 from agent.telemetry.tap import FilterError, RequestFilter
 
 POLL_WAIT = 5.0  # seconds an agent may hold a long-poll (the API allows up to 10)
+TIME_STEP = 0.001  # an entry's time is rounded to the millisecond
 PATH_WIDTH = 24
 WHO_WIDTH = 18
 
@@ -59,6 +68,12 @@ def requests_path(
     if limit is not None:
         query["limit"] = str(limit)
     return "/requests?" + urlencode(query) if query else "/requests"
+
+
+def started(entry: Mapping[str, Any]) -> float:
+    """When a request started (epoch seconds): its finished ``time`` less its duration."""
+    ended = datetime.fromisoformat(str(entry["time"])).timestamp()
+    return ended - float(entry["duration_ms"]) / 1000
 
 
 def _cut(text: str, width: int) -> str:
@@ -155,6 +170,7 @@ def tap(
     selected: RequestFilter,
     *,
     follow: bool,
+    live: bool = False,
     count: int | None = None,
     json_lines: bool = False,
     header: bool = False,
@@ -162,10 +178,13 @@ def tap(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Print the agents' requests (and, with ``follow``, new ones as they come) to ``out``
-    (default: stdout); the exit status: 0, or 1 when an agent could not be read."""
+    """Print the agents' requests (and, with ``follow``, new ones as they come; with ``live``
+    only those that started after this call) to ``out`` (default: stdout); the exit status:
+    0, or 1 when an agent could not be read."""
     out = out or sys.stdout
     err = err or sys.stderr
+    follow = follow or live
+    since = time.time() - TIME_STEP if live else None
     got: queue.Queue[_Got] = queue.Queue()
     stop = threading.Event()
     with_node = len(agents) > 1
@@ -198,7 +217,11 @@ def tap(
                         file=err,
                         flush=True,
                     )
-                entries = [(item.agent, e) for e in item.answer["requests"]]
+                entries = [
+                    (item.agent, e)
+                    for e in item.answer["requests"]
+                    if since is None or started(e) >= since
+                ]
             if pending:  # the backlogs are printed together, in time order
                 pending.discard(item.agent)
                 backlog += entries
@@ -221,11 +244,48 @@ def tap(
     return status
 
 
+def _workload_of(args: argparse.Namespace) -> str | None:
+    """The workload filter: ``--workload``, or Linkerd's ``RESOURCE`` (``deploy/web``), in
+    ``-n``'s namespace when it names none."""
+    workload = _side("--workload", args.workload)
+    if args.resource is not None:
+        try:
+            kind, name = split_resource(args.resource)
+        except ResourceError as e:
+            raise FilterError(str(e)) from e
+        if kind != WORKLOAD or name is None:
+            raise FilterError(
+                f"{args.resource}: name a workload as TYPE/NAME (deploy/web); requests are "
+                "filtered by workload, a Service's by its workload (--to) or its paths (--path)"
+            )
+        if workload is not None:
+            raise FilterError(f"{args.resource} and --workload {workload}: give one of them")
+        workload = name
+    if args.namespace is not None:
+        if workload is None:
+            raise FilterError(f"-n {args.namespace}: name the workload too (deploy/web -n NS)")
+        if "/" not in workload:
+            workload = f"{args.namespace}/{workload}"
+    return workload
+
+
+def _side(option: str, text: str | None) -> str | None:
+    """``--from``/``--to`` as given, or Linkerd's ``deploy/web`` as the workload ``web``: a
+    ``TYPE/`` that is a resource word would otherwise be read as a namespace and match
+    nothing, silently."""
+    if text is None or text.partition("/")[0].lower() not in KINDS:
+        return text
+    kind, name = split_resource(text)
+    if kind != WORKLOAD or name is None:
+        raise FilterError(f"{option} {text}: name a workload ([NS/]NAME or deploy/NAME)")
+    return name
+
+
 def filter_from_args(args: argparse.Namespace) -> RequestFilter:
     return RequestFilter(
-        workload=args.workload,
-        source=args.source,
-        destination=args.destination,
+        workload=_workload_of(args),
+        source=_side("--from", args.source),
+        destination=_side("--to", args.destination),
         method=args.method,
         path=args.path,
         status=args.status,
@@ -235,6 +295,13 @@ def filter_from_args(args: argparse.Namespace) -> RequestFilter:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The filter and output options, shared by ``nodemesh requests`` and ``lab requests``."""
+    parser.add_argument(
+        "resource",
+        nargs="?",
+        metavar="TYPE/NAME",
+        help="as linkerd viz tap: either side is this workload (deploy/web, sts/db, ds/x)",
+    )
+    parser.add_argument("-n", "--namespace", help="the namespace of TYPE/NAME or --workload")
     parser.add_argument("--workload", metavar="[NS/]NAME", help="either side is this workload")
     parser.add_argument("--from", dest="source", metavar="[NS/]NAME", help="source workload")
     parser.add_argument("--to", dest="destination", metavar="[NS/]NAME", help="destination")
@@ -246,10 +313,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CODE",
         help="gRPC status: code (5), name (NOT_FOUND) or error (any but OK)",
     )
-    parser.add_argument(
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument(
         "--once", action="store_true", help="print the requests held now and exit (no follow)"
     )
-    parser.add_argument("--count", type=int, metavar="N", help="exit after printing N requests")
+    when.add_argument(
+        "--live",
+        action="store_true",
+        help="only requests that start after the command does, not those the agent holds "
+        "(as linkerd viz tap)",
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        metavar="N",
+        help="exit after printing N requests (with --live: N new ones)",
+    )
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
@@ -267,6 +346,7 @@ def run_agents(args: argparse.Namespace, agents: Sequence[Agent], command: str) 
         agents,
         selected,
         follow=not args.once,
+        live=args.live,
         count=args.count,
         json_lines=args.output == "json",
         header=sys.stdout.isatty(),
@@ -280,7 +360,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     help_text = "recent and live HTTP requests through this node's proxy (like linkerd viz tap)"
-    p = subparsers.add_parser("requests", help=help_text, description=help_text)
+    description = (
+        f"{help_text}: by default the requests the agent still holds, then new ones as they "
+        "finish, until Ctrl-C or --count; --live: only requests that start after the "
+        "command; --once: only the held ones."
+    )
+    p = subparsers.add_parser("requests", help=help_text, description=description)
     p.add_argument(
         "--admin",
         default=DEFAULT_ADMIN,

@@ -18,6 +18,7 @@ from agent.admin import tapcli
 from agent.base.constants import CA_PORT
 from agent.lab import control, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
+from agent.policy.authz import never_matching
 from agent.sources.document import DocumentError
 
 
@@ -173,8 +174,18 @@ def _annotate(args: argparse.Namespace) -> int:
 
 def _apply(args: argparse.Namespace) -> int:
     manifests = _manifests(args.file)
-    control.apply(args.name, manifests, source="<stdin>" if args.file == "-" else args.file)
+    source = "<stdin>" if args.file == "-" else args.file
+    control.apply(args.name, manifests, source=source)
     print(f"applied {len(manifests)} object(s) to lab {args.name}")
+    for i, m in enumerate(manifests, 1):
+        if m.get("kind") == "AuthorizationPolicy" and isinstance(m.get("spec"), Mapping):
+            meta = m.get("metadata") or {}
+            what = f"AuthorizationPolicy {meta.get('namespace', 'default')}/{meta.get('name')}"
+            for warning in never_matching(m["spec"]):
+                print(
+                    f"nodemesh lab: warning: {source}: document {i} ({what}): {warning}",
+                    file=sys.stderr,
+                )
     return 0
 
 

@@ -32,6 +32,7 @@ from agent.lab.topology import (
     assign_cluster_ips,
     check_lab_name,
     plan_lab,
+    unknown_annotation,
 )
 from agent.policy.routes import ROUTE_KINDS
 from agent.sources.document import ClusterDocument, parse_document
@@ -271,6 +272,11 @@ def annotate(lab: str, pod: str, changes: Iterable[str], *, state_root: str | No
             raise LabError(f"{item!r}: write KEY=VALUE to set or KEY- to remove an annotation")
     namespace, _, name = pod.rpartition("/")
     namespace = namespace or "default"
+    for wanted, setting in parsed:  # removing one is always allowed (a file written before)
+        if setting is not None and (problem := unknown_annotation(wanted)) is not None:
+            raise LabError(
+                f"pod {namespace}/{name}: annotation {wanted}: {problem}; nothing was changed"
+            )
 
     def change(data: dict[str, Any]) -> None:
         for node in data["nodes"]:
@@ -284,7 +290,16 @@ def annotate(lab: str, pod: str, changes: Iterable[str], *, state_root: str | No
                     return
         raise LabError(f"no pod {namespace}/{name} in lab {lab}")
 
-    _edit(lab, change, state_root)
+    try:
+        _edit(lab, change, state_root)
+    except DocumentError as e:
+        annotation = e.path.partition(".annotations.")[2]
+        if not annotation:
+            raise
+        # Named as the user wrote it, not by its place in the lab's cluster file.
+        raise LabError(
+            f"pod {namespace}/{name}: annotation {annotation}: {e.problem}; nothing was changed"
+        ) from e
 
 
 def _policy_key(manifest: Mapping[str, Any]) -> tuple[str, str, str]:

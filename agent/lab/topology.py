@@ -20,6 +20,30 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from agent.sources.document import ClusterDocument, NodeSpec, parse_document
+from agent.state.model import (
+    EXCLUDE_INBOUND_ANNOTATION,
+    EXCLUDE_OUTBOUND_ANNOTATION,
+    HTTP_PORTS_ANNOTATION,
+    MESH_ANNOTATION,
+)
+
+# The pod annotations the mesh reads. Another ``nodemesh.io/`` key in a topology or in `lab
+# annotate` is a typo that would silently do nothing, so the lab refuses it (Istio's analyzer
+# reports unknown annotations likewise, IST0108); the agents themselves ignore such keys.
+POD_ANNOTATIONS = (
+    MESH_ANNOTATION,
+    EXCLUDE_OUTBOUND_ANNOTATION,
+    EXCLUDE_INBOUND_ANNOTATION,
+    HTTP_PORTS_ANNOTATION,
+)
+
+
+def unknown_annotation(key: str) -> str | None:
+    """Why the lab refuses annotation ``key`` on a pod, or None."""
+    if key.startswith("nodemesh.io/") and key not in POD_ANNOTATIONS:
+        return f"unknown nodemesh annotation; a pod's are {', '.join(POD_ANNOTATIONS)}"
+    return None
+
 
 LAB_NAME = re.compile(r"[a-z][a-z0-9]{0,7}")  # fullmatch: "$" would let "lab\n" through
 DEFAULT_LAB = "nm"
@@ -203,6 +227,9 @@ def _plan_pods(
                 f"{source}: nodes[{i}].pods[{j}].ip: {pod.ip} is not in node {node.name}'s pod "
                 f"CIDR {cidr} (.2-.254); change it or omit it to let the lab choose"
             )
+        for key in pod.annotations:
+            if (problem := unknown_annotation(key)) is not None:
+                raise LabError(f"{source}: nodes[{i}].pods[{j}].annotations.{key}: {problem}")
         ip = pod.ip or next(free, None)
         if ip is None:
             raise LabError(f"{source}: node {node.name} has more pods than its /24 can address")

@@ -43,13 +43,16 @@ http``, ``source.ip: 10.0.0.300``), and a ``request.headers`` key whose name is 
 HTTP field name (``request.headers[]``, ``request.headers[x y]``, ``request.headers``). The CRD
 cannot express that per-key check, so in a cluster the
 API server stores such a policy and the agent refuses it (its ``Accepted`` condition says why);
-before this check it stopped the whole policy set from compiling.
+before this check it stopped the whole policy set from compiling. Values that are well formed
+but can never match what they were meant to (``never_matching``: ``/api/*/items``, ``get``,
+``default/client`` as a principal) are only warned of, since Istio accepts them.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -266,6 +269,52 @@ def check_policy(spec: Mapping[str, Any]) -> None:
                         )
 
 
+_PRINCIPAL = re.compile(r"[^/]+/ns/[^/]+/sa/[^/]+")
+# The string-matched fields of a rule: (its list, the object in each item, the fields).
+_MATCHED_STRINGS = (
+    ("from", "source", ("principals", "notPrincipals", "namespaces", "notNamespaces")),
+    ("to", "operation", ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")),
+)
+
+
+def _never_matches(field: str, value: str) -> str | None:
+    """Why one value of a string-matched field matches nothing it was meant to, or None."""
+    both_ends = len(value) > 1 and value.startswith("*") and value.endswith("*")
+    if "*" in value[1:-1] or both_ends:
+        return (
+            f"{value!r} matches only its literal text: '*' matches once, at the start (suffix "
+            "match), at the end (prefix match) or alone"
+        )
+    if field in ("methods", "notMethods") and value != value.upper():
+        return f"{value!r} never matches: methods compare exactly; requests send {value.upper()!r}"
+    principal = field in ("principals", "notPrincipals") and "*" not in value
+    if principal and not _PRINCIPAL.fullmatch(value.removeprefix("spiffe://")):
+        return (
+            f"{value!r} never matches: a principal is TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT"
+            " (cluster.local/ns/default/sa/client)"
+        )
+    return None
+
+
+def never_matching(spec: Mapping[str, Any]) -> list[str]:
+    """Values the schema admits that can never match what they were meant to (a typo that
+    silently does nothing, as Istio accepts them too): ``'*'`` inside a value, a method not in
+    upper case, a principal not of the SPIFFE form. Warnings (``nodemesh lab apply``,
+    ``nodemesh policies``), not refusals: a refused policy is enforced as its fail-closed
+    stand-in in a cluster, which would change traffic for a policy Istio accepted."""
+    out = []
+    for i, rule in enumerate(spec.get("rules") or ()):
+        for where, side, fields in _MATCHED_STRINGS:
+            for j, item in enumerate(rule.get(where) or ()):
+                values = item.get(side) or {}
+                for field in fields:
+                    for k, value in enumerate(values.get(field) or ()):
+                        why = _never_matches(field, str(value))
+                        if why is not None:
+                            out.append(f"spec.rules[{i}].{where}[{j}].{side}.{field}[{k}]: {why}")
+    return out
+
+
 _WHEN_KEYS: dict[str, Callable[[Sequence[str]], Predicate]] = {
     "source.ip": _SOURCE_FIELDS["ipBlocks"],
     "remote.ip": _SOURCE_FIELDS["ipBlocks"],
@@ -393,6 +442,20 @@ class CompiledPolicy:
             return False
         sel = self.selector or {}
         return all(workload.labels.get(k) == v for k, v in sel.items())
+
+
+def selects_pod(
+    policy: Mapping[str, Any], pod: Mapping[str, Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE
+) -> bool:
+    """``CompiledPolicy.selects`` on the admin API's JSON rows (a policy and a workload), for
+    the tools that read them (``nodemesh policies --pod``, the dashboard's workload page)."""
+    if policy.get("namespace") not in (root_namespace, pod.get("namespace")):
+        return False
+    spec = policy.get("spec") or {}
+    selector = spec.get("selector") if isinstance(spec, Mapping) else None
+    wanted = selector.get("matchLabels") or {} if isinstance(selector, Mapping) else {}
+    labels = pod.get("labels") or {}
+    return all(labels.get(k) == v for k, v in wanted.items())
 
 
 def compile_policy(policy: PolicyObject) -> CompiledPolicy:

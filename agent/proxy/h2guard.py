@@ -31,7 +31,8 @@ CONTINUATION_FLOOD = "h2_continuation_flood"  # more CONTINUATION frames than ma
 
 
 class HeaderBlockGuard:
-    """Follows frame boundaries in what a client sends; ``feed`` returns a cause or None."""
+    """Follows frame boundaries in what a client sends; ``feed`` returns a cause or None
+    (``detail`` then says what broke which limit, for the log line)."""
 
     def __init__(
         self, *, max_header_block: int, max_continuations: int, preface: bool = True
@@ -42,6 +43,7 @@ class HeaderBlockGuard:
         self._partial = b""  # an incomplete frame header
         self._block: int | None = None  # bytes of the open header block, None if none is open
         self._continuations = 0
+        self.detail = ""
 
     @property
     def block_open(self) -> bool:
@@ -77,10 +79,18 @@ class HeaderBlockGuard:
             self._block += length
             self._continuations += 1
             if self._continuations > self.max_continuations:
+                self.detail = (
+                    f"{self._continuations} CONTINUATION frames in one header block, over the "
+                    f"limit of {self.max_continuations}"
+                )
                 return CONTINUATION_FLOOD
         else:
             return None  # any other frame: h2 judges where it may appear
         if self._block > self.max_header_block:
+            self.detail = (
+                f"a header block of {self._block} bytes so far, over the limit of "
+                f"{self.max_header_block} bytes"
+            )
             return HEADER_BLOCK
         if flags & FLAG_END_HEADERS:
             self._block = None

@@ -106,6 +106,10 @@ class H2Session(PodShell[H2Exchange]):
             self._end(e)
         return len(data)
 
+    def _rejected_detail(self) -> str:
+        """The connection and what broke which limit (``H2Proxy.refusal``), as HTTP/1.1's."""
+        return f"{self.where}: {self.proxy.refusal}"
+
     def _after_input(self) -> bool:
         """Over when the proxy is done with the connection, or both sides closed."""
         return self.proxy.closing or (self._client_eof and self._upstream_eof)

@@ -481,7 +481,8 @@ class H2SourceSession(CallbackShell):
                 service = key.target.service.hostname()
                 core.registry.request_done(same_node_destination(connection, service), record)
         for cause in self.proxy.take_rejections():
-            core.registry.http_rejected(cause, self.where)
+            refusal = self.proxy.refusal  # what broke which limit, as HTTP/1.1's line says
+            core.registry.http_rejected(cause, f"{self.where}: {refusal}")
         for copy in self.proxy.take_mirrors():
             self._mirror(copy)
 

@@ -101,6 +101,7 @@ from agent.proxy.http1 import (
     RequestHead,
     Verdict,
 )
+from agent.proxy.http1_codec import bounded
 from agent.telemetry.records import trace_headers_of
 
 Header = tuple[bytes, bytes]
@@ -427,6 +428,9 @@ class H2Proxy:
         self._completed: list[H2Exchange] = []
         self._mirrors: list[H2Mirrored] = []
         self._rejections: list[str] = []
+        # The last refusal's cause and detail (the limit broken, h2's error), for the shell's
+        # log line, as ``Http1Proxy.refusal``.
+        self.refusal: str | None = None
         self._unsent_replies = 0
         self._opened = 0
         self._premature_resets = 0
@@ -490,7 +494,7 @@ class H2Proxy:
             return
         cause = self.guard.feed(data)
         if cause is not None:
-            self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM)
+            self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM, self.guard.detail)
             return
         if not self.guard.block_open:
             self.head_started = None
@@ -500,25 +504,30 @@ class H2Proxy:
         try:
             events = self.client.receive_data(data)
         except TooManyStreamsError:
-            self._fail_client(TOO_MANY_STREAMS, None)
+            detail = f"a stream over the limit of {self.limits.max_concurrent_streams} open"
+            self._fail_client(TOO_MANY_STREAMS, None, detail)
             return
-        except FrameTooLargeError:
-            self._fail_client(OVERSIZED_FRAME, None)
+        except FrameTooLargeError as e:
+            self._fail_client(OVERSIZED_FRAME, None, str(e))
             return
-        except ProtocolError:
-            self._fail_client(PROTOCOL_ERROR, None)
+        except ProtocolError as e:
+            self._fail_client(PROTOCOL_ERROR, None, str(e))
             return
         replies = self.client.data_to_send()  # before we act: only h2's own answers
         self._to_client += replies
         self._unsent_replies += len(replies)
         if self._unsent_replies > self.limits.max_unsent_replies:
-            self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM)
+            detail = (
+                f"{self._unsent_replies} bytes of replies (PING/SETTINGS ACKs, RST_STREAMs) "
+                f"queued, over the limit of {self.limits.max_unsent_replies}"
+            )
+            self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         for event in events:
             try:
                 self._client_event(event)
-            except MalformedHeaders:
-                self._fail_client(PROTOCOL_ERROR, ErrorCodes.PROTOCOL_ERROR)
+            except MalformedHeaders as e:
+                self._fail_client(PROTOCOL_ERROR, ErrorCodes.PROTOCOL_ERROR, str(e))
             if self.closing:
                 return
         self._pump()
@@ -534,15 +543,15 @@ class H2Proxy:
             return
         try:
             events = u.conn.receive_data(data)
-        except ProtocolError:
-            self._rejections.append(UPSTREAM_PROTOCOL)
+        except ProtocolError as e:
+            self._reject(UPSTREAM_PROTOCOL, f"the pod's HTTP/2: {e}")
             self.upstream_failed(uid)
             return
         for event in events:
             try:
                 self._upstream_event(u, event)
-            except MalformedHeaders:
-                self._rejections.append(UPSTREAM_PROTOCOL)
+            except MalformedHeaders as e:
+                self._reject(UPSTREAM_PROTOCOL, f"the pod's HTTP/2: {e}")
                 self.upstream_failed(uid)
                 return
         self._forget_if_done(u)
@@ -552,7 +561,8 @@ class H2Proxy:
     def header_timeout(self) -> None:
         """The shell's timer: a header block stayed open past its deadline (``head_started``)."""
         if not self.closing:
-            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM)
+            detail = "a header block not finished within the header timeout"
+            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM, detail)
 
     def next_deadline(self) -> float | None:
         """The clock time the soonest request timeout expires (the shell's timer), if any."""
@@ -886,7 +896,11 @@ class H2Proxy:
         elif flow == 0:
             self._empty_frames += 1
             if self._empty_frames > self.limits.max_empty_frames:
-                self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM)
+                detail = (
+                    f"{self._empty_frames} empty DATA frames in a row, over the limit of "
+                    f"{self.limits.max_empty_frames}"
+                )
+                self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM, detail)
                 return
         s = self._streams.get(stream_id)
         if s is None or (s.upstream is None and s.held is None):  # answered: discarded
@@ -911,7 +925,11 @@ class H2Proxy:
             self._premature_resets > self.limits.max_premature_resets
             and 2 * self._premature_resets > self._opened
         ):
-            self._fail_client(RAPID_RESET, ErrorCodes.ENHANCE_YOUR_CALM)
+            detail = (
+                f"{self._premature_resets} of {self._opened} streams reset before their "
+                f"response, over the limit of {self.limits.max_premature_resets} and half of them"
+            )
+            self._fail_client(RAPID_RESET, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         s.exchange.flags = DOWNSTREAM_CLOSED
         self._reset_upstream(s)
@@ -1122,10 +1140,14 @@ class H2Proxy:
             u.streams.clear()
         self.closing = True
 
-    def _fail_client(self, cause: str, code: ErrorCodes | None) -> None:
-        """The client broke a limit or the protocol: GOAWAY (``h2`` sent its own when ``code``
-        is None) and close."""
+    def _reject(self, cause: str, detail: str) -> None:
         self._rejections.append(cause)
+        self.refusal = f"{cause.replace('_', ' ')}: {bounded(detail)}"
+
+    def _fail_client(self, cause: str, code: ErrorCodes | None, detail: str) -> None:
+        """The client broke a limit or the protocol (``detail`` says which, for the log line):
+        GOAWAY (``h2`` sent its own when ``code`` is None) and close."""
+        self._reject(cause, detail)
         if code is not None:
             self.client.send_goaway(code, self.client.highest_inbound_stream_id)
         self._abort_all(DOWNSTREAM_CLOSED)

@@ -194,6 +194,14 @@ def stat(window: Window, *, resource: str, name: str | None = None) -> dict[Key,
     return named(aggregate(window, stat_key(resource)), resource, name)
 
 
+def in_namespace(rows: dict[Key, _Row], resource: str, namespace: str) -> dict[Key, _Row]:
+    """The rows of ``stat -n NAMESPACE``: workloads ``namespace/name``, Services
+    ``name.namespace.svc...``."""
+    if resource == "service":
+        return {k: v for k, v in rows.items() if k[0].split(".")[1:2] == [namespace]}
+    return {k: v for k, v in rows.items() if k[0].split("/", 1)[0] == namespace}
+
+
 def _matches(value: str, name: str, resource: str) -> bool:
     if resource == "service":
         return value == name or value.split(".")[0] == name

@@ -23,6 +23,7 @@ from typing import Any
 
 from agent.base.constants import ADMIN_PORT, METRICS_PORT
 from agent.base.durations import parse_duration
+from agent.base.resources import ResourceError, split_resource
 from agent.view import aggregate, golden, httptop, render
 from agent.view.aggregate import TCP_FAMILIES
 from agent.view.dashboard import Admin, Dashboard, server
@@ -103,14 +104,33 @@ def _announce(source: Source, seconds: float) -> None:
         print(f"reading the {source.describe()} twice, {seconds:g}s apart", file=sys.stderr)
 
 
+def stat_target(resource: str, name: str | None) -> tuple[str, str | None]:
+    """(``workload`` or ``service``, the name if any) of ``stat RESOURCE [NAME]``, where
+    ``RESOURCE`` may be Linkerd's (``deploy``, ``svc``) and ``TYPE/NAME``
+    (``agent.base.resources``)."""
+    try:
+        kind, named = split_resource(resource)
+    except ResourceError as e:
+        raise ViewError(str(e)) from e
+    if named is not None and name is not None:
+        raise ViewError(f"{resource} already names one; drop {name!r}")
+    return kind, named if named is not None else name
+
+
 def _stat(args: argparse.Namespace) -> int:
+    resource, name = stat_target(args.resource, args.name)
+    if args.namespace and name is not None and "/" not in name and resource == "workload":
+        name = f"{args.namespace}/{name}"
     source = source_of(args)
     _announce(source, args.window)
     window = source.window(args.window, (*TCP_FAMILIES, *REQUEST_FAMILIES))
-    rows = aggregate.stat(window, resource=args.resource, name=args.name)
-    requests = golden.stat_requests(window, resource=args.resource, name=args.name)
+    rows = aggregate.stat(window, resource=resource, name=name)
+    requests = golden.stat_requests(window, resource=resource, name=name)
+    if args.namespace:
+        rows = aggregate.in_namespace(rows, resource, args.namespace)
+        requests = aggregate.in_namespace(requests, resource, args.namespace)
     if args.json:
-        key = "service" if args.resource == "service" else "workload"
+        key = "service" if resource == "service" else "workload"
         print(
             json.dumps(
                 [
@@ -124,7 +144,7 @@ def _stat(args: argparse.Namespace) -> int:
         )
     else:
         print(_header(source, args.window))
-        print("\n".join(render.stat_lines(args.resource, rows, requests)))
+        print("\n".join(render.stat_lines(resource, rows, requests)))
     return 0
 
 
@@ -134,12 +154,22 @@ EDGE_KEYS = ["source", "sourcePrincipal", "destination", "destinationPrincipal"]
 def _edges(args: argparse.Namespace) -> int:
     source = source_of(args)
     _announce(source, args.window)
-    rows = aggregate.aggregate(source.window(args.window), aggregate.by_edge)
+    window = source.window(args.window, (*TCP_FAMILIES, golden.REQUESTS))
+    rows = aggregate.aggregate(window, aggregate.by_edge)
+    requests = golden.requests_by(window, aggregate.by_edge)
     if args.json:
-        print(json.dumps([render.figures_json(EDGE_KEYS, k, f) for k, f in sorted(rows.items())]))
+        print(
+            json.dumps(
+                [
+                    render.figures_json(EDGE_KEYS, k, f)
+                    | {"deniedRequests": requests[k].denied if k in requests else 0.0}
+                    for k, f in sorted(rows.items())
+                ]
+            )
+        )
     else:
         print(_header(source, args.window))
-        print("\n".join(render.edges_lines(rows)))
+        print("\n".join(render.edges_lines(rows, requests)))
     return 0
 
 
@@ -191,7 +221,9 @@ def _top(args: argparse.Namespace) -> int:
         try:
             while args.iterations is None or shown < args.iterations:
                 started = time.monotonic()
-                paths = aggregate.top(source.window(seconds), args.limit)
+                window = source.window(seconds, (*TCP_FAMILIES, golden.REQUESTS))
+                paths = aggregate.top(window, args.limit)
+                requests = golden.requests_by(window, aggregate.by_path)
                 notes = tapper.read()
                 title = f"nodemesh top: busiest paths  {_header(source, seconds)}"
                 routes = tapper.window.routes(args.limit)
@@ -199,7 +231,7 @@ def _top(args: argparse.Namespace) -> int:
                     [
                         title,
                         "",
-                        *render.path_lines(paths),
+                        *render.path_lines(paths, requests),
                         "",
                         f"HTTP routes, last {args.window:g}s (the agents' recent requests):",
                         *httptop.route_lines(routes, args.window),
@@ -304,10 +336,18 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "success rate (not answered 5xx nor a non-zero gRPC status) and p50/p95/p99 latency "
         "when HTTP or gRPC requests "
         "were seen; connections opened (count and per second), active connections, bytes per "
-        "second each way, the share of connections with mTLS and denied connections.",
+        "second each way, the share of connections with mTLS, and what policy denied "
+        "(connections and requests).",
     )
-    p.add_argument("resource", nargs="?", default="workload", choices=["workload", "service"])
+    p.add_argument(
+        "resource",
+        nargs="?",
+        default="workload",
+        metavar="RESOURCE",
+        help="workload (default) or service; Linkerd's deploy, sts, ds, svc; or TYPE/NAME",
+    )
     p.add_argument("name", nargs="?", help="only this workload (ns/name or name) or Service")
+    p.add_argument("-n", "--namespace", help="only this namespace's workloads or Services")
     p.add_argument("--window", type=_seconds, default=60.0, help="e.g. 30s, 1m (default 1m)")
     p.add_argument("--json", action="store_true", help="rows as JSON (exact counts)")
     p.set_defaults(func=_guarded(_stat))

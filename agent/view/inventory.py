@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE
+from agent.policy.authz import selects_pod
 from agent.telemetry.labels import CANONICAL_NAME_LABELS
 
 WORKLOAD_POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
@@ -55,16 +55,6 @@ def canonical_name(pod: Row) -> str:
     return str(pod.get("name", ""))
 
 
-def selects(policy: Row, pod: Row, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> bool:
-    if policy.get("namespace") not in (root_namespace, pod.get("namespace")):
-        return False
-    spec = policy.get("spec") or {}
-    selector = spec.get("selector") if isinstance(spec, Mapping) else None
-    wanted = selector.get("matchLabels") or {} if isinstance(selector, Mapping) else {}
-    labels = pod.get("labels") or {}
-    return all(labels.get(k) == v for k, v in wanted.items())
-
-
 def workload_info(name: str, answers: Sequence[AgentAnswer]) -> WorkloadInfo:
     """The pods, policies and certificates of workload ``name`` (``namespace/name``)."""
     namespace, _, workload = name.partition("/")
@@ -79,7 +69,7 @@ def workload_info(name: str, answers: Sequence[AgentAnswer]) -> WorkloadInfo:
     policies = tuple(
         p
         for p in state.policies
-        if p.get("kind") in WORKLOAD_POLICY_KINDS and any(selects(p, pod) for pod in pods)
+        if p.get("kind") in WORKLOAD_POLICY_KINDS and any(selects_pod(p, pod) for pod in pods)
     )
     identities = {p.get("identity") for p in pods}
     certificates = tuple(

@@ -99,13 +99,27 @@ def request_columns(requests: Mapping[Key, RequestFigures]) -> tuple[Column, ...
     )
 
 
+def denied_column(requests: Mapping[Key, RequestFigures]) -> Column:
+    """What policy refused: connections (L4 policy, peer authentication) and requests (L7 policy:
+    403 ``RBAC``, ``PERMISSION_DENIED``), as the dashboard's "denied N" counts them; ``--json``
+    keeps the two apart (``deniedConnections``, ``deniedRequests``)."""
+
+    def cell(key: Key, f: Figures) -> str:
+        r = requests.get(key)
+        return count(f.denied + (r.denied if r is not None else 0.0))
+
+    return Column("DENIED", cell)
+
+
 def stat_lines(
     resource: str, rows: dict[Key, Figures], requests: Mapping[Key, RequestFigures] | None = None
 ) -> list[str]:
     """One line per workload or Service: request columns first when any row had requests."""
     header = "SERVICE" if resource == "service" else "WORKLOAD"
     requests = requests or {}
-    columns = (*request_columns(requests), *TCP_COLUMNS) if requests else TCP_COLUMNS
+    columns: tuple[Column, ...] = TCP_COLUMNS
+    if requests:  # TCP_COLUMNS' DENIED (connections) gives way to one with requests too
+        columns = (*request_columns(requests), *TCP_COLUMNS[:-1], denied_column(requests))
     keys = set(rows) | set(requests)
     return render([header], columns, sorted((k, rows.get(k, Figures())) for k in keys))
 
@@ -114,18 +128,32 @@ EDGE_COLUMNS = (
     Column("CONN", lambda _, f: count(f.opened)),
     Column("ACTIVE", lambda _, f: count(f.active)),
     Column("MTLS", lambda _, f: mtls_word(f)),
-    Column("DENIED", lambda _, f: count(f.denied)),
 )
 
 
-def edges_lines(rows: dict[Key, Figures]) -> list[str]:
+def edges_lines(
+    rows: dict[Key, Figures], requests: Mapping[Key, RequestFigures] | None = None
+) -> list[str]:
+    """One line per source and destination with their identities; ``requests`` (keyed as
+    ``rows``) adds the requests an L7 policy refused on each to ``DENIED``."""
     keys = ["SRC", "SRC PRINCIPAL", "DST", "DST PRINCIPAL"]
-    return render(keys, EDGE_COLUMNS, sorted(rows.items()))
+    columns = (*EDGE_COLUMNS, denied_column(requests or {}))
+    return render(keys, columns, sorted(rows.items()))
 
 
-def path_lines(rows: Sequence[tuple[Key, Figures]]) -> list[str]:
-    arrows = [((f"{k[0]} -> {k[1]}", k[2]), f) for k, f in rows]
-    return render(["PATH", "SERVICE"], TCP_COLUMNS, arrows)
+def path_lines(
+    rows: Sequence[tuple[Key, Figures]], requests: Mapping[Key, RequestFigures] | None = None
+) -> list[str]:
+    """``top``'s busiest paths (source, destination, Service); ``requests`` (keyed as ``rows``)
+    adds the requests an L7 policy refused on each to ``DENIED``."""
+
+    def arrow(k: Key) -> Key:
+        return (f"{k[0]} -> {k[1]}", k[2])
+
+    denied = denied_column({arrow(k): r for k, r in (requests or {}).items()})
+    return render(
+        ["PATH", "SERVICE"], (*TCP_COLUMNS[:-1], denied), [(arrow(k), f) for k, f in rows]
+    )
 
 
 def figures_json(key_names: Sequence[str], key: Key, f: Figures) -> dict[str, Any]:

@@ -22,6 +22,7 @@ other endpoint, by the Service's TrafficPolicy retries, and every call succeeds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
@@ -36,6 +37,8 @@ from h2.events import (
     StreamEnded,
     TrailersReceived,
 )
+from hpack import Encoder
+from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from agent.policy.traffic.service import ServiceTraffic
 from agent.state import Endpoint, PolicyObject, Service, ServicePort
@@ -91,6 +94,50 @@ async def test_a_grpc_port_without_endpoints_answers_each_call_unavailable(mesh:
         ("14", "no healthy upstream")
     ] * 2
     assert requests_total(source)[("source", FRONT, "200", "UH")] == 2
+
+
+@mesh_test
+async def test_a_refused_connection_is_logged_with_its_cause_and_the_limit(mesh: Mesh) -> None:
+    """The source side's refusal line names the limit the client broke (17 CONTINUATION
+    frames in one header block, the limit is 16), as an HTTP/1.1 refusal's names its cause."""
+    logger, seen = logging.getLogger("agent.proxy.records"), _Lines()
+    logger.addHandler(seen)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        lines = await _flooded(mesh, seen)
+    finally:
+        logger.removeHandler(seen)
+        logger.setLevel(level)
+    assert len(lines) == 1 and lines[0].endswith(
+        ": h2 continuation flood: 17 CONTINUATION frames in one header block, over the limit of 16"
+    ), lines
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+async def _flooded(mesh: Mesh, seen: _Lines) -> list[str]:
+    """The refusal lines logged for a connection to a gRPC Service port that floods."""
+    with mesh.store.update() as tx:
+        port = ServicePort(50051, 50051, name="grpc", app_protocol="grpc")
+        tx.put_service(Service("front", "default", (VIP,), (port,), {"app": "none"}, ()))
+    reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
+    conn = H2Connection(H2Configuration(client_side=True))
+    conn.initiate_connection()
+    block = Encoder().encode([(":method", "POST"), (":path", "/"), (":scheme", "http")])
+    flood = b"".join(ContinuationFrame(1, b"").serialize() for _ in range(17))
+    writer.write(conn.data_to_send() + HeadersFrame(1, block).serialize() + flood)
+    while await asyncio.wait_for(reader.read(65536), 10):
+        pass  # until the proxy closes the connection
+    writer.close()
+    return [line for line in seen.lines if "rejected (h2_" in line]
 
 
 class _Counted(Coroutine[Any, Any, Any]):

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -215,3 +216,32 @@ def test_a_header_deny_refuses_exactly_the_requests_carrying_it(lab: Lab) -> Non
         assert {e["response_flags"] for e in refused} == {"RBAC"}
     finally:
         lab.delete(manifest)
+
+
+def test_live_shows_a_request_made_after_the_command_not_one_before(lab: Lab) -> None:
+    """``lab requests --live --count 1``: the request made before the command is held by the
+    agents (``--once`` shows it) but not printed; the command prints the first request that
+    comes after it started. It is followed by one request after another (each marked with
+    its number) until it exits, so the test need not know when it started following."""
+    prefix = "/live-" + secrets.token_hex(3)
+    converged(lab, prefix)
+    assert curl(lab, ("GET", f"{prefix}/before", ())) == [("200", "1")]
+    retry(lambda: entries(lab, "--path", f"{prefix}/before"), timeout=10)
+    command = [
+        sys.executable, "-m", "agent", "lab", "requests", "--name", lab.name, "--live",
+        "--count", "1", "--path", f"{prefix}/", "--from", "default/client", "-o", "json",
+    ]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        try:
+            deadline = time.monotonic() + 60
+            n = 0
+            while p.poll() is None and time.monotonic() < deadline:
+                assert curl(lab, ("GET", f"{prefix}/after/{n}", ())) == [("200", "1")]
+                n += 1
+            out, err = p.communicate(timeout=10)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert (p.returncode, err) == (0, ""), err
+    shown = [json.loads(line)["path"] for line in out.splitlines()]
+    assert len(shown) == 1 and shown[0].startswith(f"{prefix}/after/"), shown

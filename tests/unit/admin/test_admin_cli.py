@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from agent.admin.cli import PodNotFound, format_policies, policies_for_pod
 from agent.base.http import HttpServer
 from agent.cli import main
 from agent.telemetry.accesslog import connection_entry
@@ -82,7 +83,40 @@ def test_table_contents(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
     _, certs, _ = run(capsys, "certs", "--admin", admin)
     assert certs.splitlines()[1].split()[:2] == ["default/client", "Available"]
     _, policies, _ = run(capsys, "policies", "--admin", admin)
-    assert "AuthorizationPolicy  default    deny-outsider  DENY, 1 rule(s)" in policies
+    assert "AuthorizationPolicy  default    deny-outsider  all pods    DENY, 1 rule(s)" in policies
+
+
+def test_policies_say_what_each_applies_to() -> None:
+    """As Istio reads them: a selector's pods, all pods of the namespace without one, of every
+    namespace in the root namespace; a Service for targetRef kinds (not a field in SUMMARY)."""
+
+    def policy(kind: str, namespace: str, spec: dict[str, object]) -> dict[str, object]:
+        return {"kind": kind, "namespace": namespace, "name": "p", "spec": spec}
+
+    selector = {"matchLabels": {"version": "v1", "app": "server"}}
+    table = format_policies(
+        {
+            "policies": [
+                policy("AuthorizationPolicy", "default", {"selector": selector, "action": "DENY"}),
+                policy("PeerAuthentication", "default", {"mtls": {"mode": "STRICT"}}),
+                policy("AuthorizationPolicy", "nodemesh-system", {"action": "ALLOW"}),
+                policy("PeerAuthentication", "nodemesh-system", {"selector": selector}),
+                policy("TrafficPolicy", "default", {"targetRef": {"kind": "Service", "name": "web"},
+                                                    "retries": {"attempts": 2}}),
+                policy("HTTPFault", "default", {"abort": {"httpStatus": 503}}),
+            ]
+        }
+    )  # fmt: skip
+    header, *lines = table.splitlines()
+    at, summary = header.index("APPLIES TO"), header.index("SUMMARY")
+    assert [(line[at:summary].rstrip(), line[summary:]) for line in lines] == [
+        ("pods app=server,version=v1", "DENY, 0 rule(s)"),
+        ("all pods", "mTLS STRICT"),
+        ("all pods (mesh-wide)", "ALLOW, 0 rule(s)"),
+        ("pods app=server,version=v1 (mesh-wide)", "mTLS UNSET"),
+        ("Service web", "retries"),
+        ("route rules naming it", "abort"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -120,3 +154,61 @@ def test_unreachable_agent_is_a_helpful_error(
 def test_bad_address_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "status", "--admin", "localhost")
     assert code == 1 and "expected HOST:PORT" in err
+
+
+def test_policies_warn_of_values_that_never_match() -> None:
+    spec = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["post"]}}]}]}
+    table = format_policies(
+        {"policies": [{"kind": "AuthorizationPolicy", "namespace": "default", "name": "p",
+                       "spec": spec}]}
+    )  # fmt: skip
+    assert table.splitlines()[-2:] == [
+        "",
+        "warning: AuthorizationPolicy default/p: spec.rules[0].to[0].operation.methods[0]: 'post'"
+        " never matches: methods compare exactly; requests send 'POST'",
+    ]
+
+
+def test_policies_for_a_pod_are_those_that_select_it_or_target_its_services() -> None:
+    """``istioctl x describe pod``'s question: the selectors (its namespace, or the root one),
+    and a targetRef naming a Service in its namespace whose selector matches the pod."""
+    pod = {"namespace": "shop", "name": "web-0", "labels": {"app": "web", "version": "v1"}}
+    other = {"namespace": "shop", "name": "db-0", "labels": {"app": "db"}}
+    services = [
+        {"namespace": "shop", "name": "web", "selector": {"app": "web"}},
+        {"namespace": "shop", "name": "all", "selector": {}},  # selects nothing (no endpoints)
+        {"namespace": "other", "name": "web", "selector": {"app": "web"}},
+    ]
+
+    def policy(kind: str, namespace: str, name: str, **spec: object) -> dict[str, object]:
+        return {"kind": kind, "namespace": namespace, "name": name, "spec": spec}
+
+    web = {"kind": "Service", "name": "web"}
+    policies = [
+        policy("AuthorizationPolicy", "shop", "web-only", selector={"matchLabels": {"app": "web"}}),
+        policy("AuthorizationPolicy", "shop", "db-only", selector={"matchLabels": {"app": "db"}}),
+        policy("PeerAuthentication", "shop", "namespace-wide"),
+        policy("PeerAuthentication", "nodemesh-system", "mesh-wide"),
+        policy("PeerAuthentication", "other", "elsewhere"),
+        policy("TrafficPolicy", "shop", "web", targetRef=web),
+        policy("RateLimitPolicy", "other", "web", targetRef=web),
+        policy("TrafficPolicy", "shop", "all", targetRef={"kind": "Service", "name": "all"}),
+        policy("HTTPFault", "shop", "abort"),
+    ]
+    got = policies_for_pod(policies, [other, pod], services, "shop/web-0")
+    assert [(p["kind"], p["name"]) for p in got] == [
+        ("AuthorizationPolicy", "web-only"),
+        ("PeerAuthentication", "namespace-wide"),
+        ("PeerAuthentication", "mesh-wide"),
+        ("TrafficPolicy", "web"),
+    ]
+    with pytest.raises(PodNotFound, match=r"^no pod default/web-0; known: shop/db-0, shop/web-0$"):
+        policies_for_pod(policies, [other, pod], services, "web-0")
+
+
+def test_policies_of_one_pod_from_the_agent(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "policies", "--admin", admin, "--pod", "default/client")
+    assert (code, err) == (0, "") and "deny-outsider" in out
+    code, out, err = run(capsys, "policies", "--admin", admin, "--pod", "ghost", "-o", "json")
+    assert (code, out) == (1, "")
+    assert err.startswith("nodemesh policies: no pod default/ghost; known: default/client, ")

@@ -130,6 +130,13 @@ def test_once_prints_what_the_agent_holds(
         (["--from", "default/client"], ["/a", "/admin/x"]),
         (["--to", "client"], []),
         (["--method", "GET", "--status", "2xx"], ["/a"]),
+        # linkerd viz tap's way to name the workload
+        (["deploy/batch"], ["/api/v1"]),
+        (["sts/batch", "-n", "jobs"], ["/api/v1"]),
+        (["deploy/batch", "-n", "default"], []),
+        (["--workload", "server", "-n", "default"], ["/a", "/admin/x", "/api/v1"]),
+        (["--from", "deploy/batch"], ["/api/v1"]),  # not namespace "deploy"
+        (["--to", "deploy/server", "--workload", "sts/client"], ["/a", "/admin/x"]),
     ],
 )
 def test_filters(
@@ -162,6 +169,42 @@ def test_follow_prints_new_requests_until_count(
         later.join()
     assert (code, err) == (0, "")
     assert columns(lines) == [("DELETE", "/later", "204")]
+
+
+def test_live_shows_only_requests_that_start_after_the_command(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fixture's requests were made before the command; while it runs, each round adds a
+    request that was in flight since a minute before (its duration) and one made now: the
+    first line printed must be a new one, neither a held nor an in-flight one."""
+    done = threading.Event()
+
+    def keep_sending() -> None:
+        n = 0
+        while not done.wait(0.02):
+            served.add(replace(rec("GET", f"/inflight/{n}", 200), duration_ms=60_000.0))
+            served.add(replace(rec("GET", f"/new/{n}", 200), duration_ms=0.0))
+            n += 1
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        code, lines, err = run(
+            capsys, "requests", "--admin", served.address, "--live", "--count", "2"
+        )
+    finally:
+        done.set()
+        sender.join()
+    assert (code, err) == (0, "")
+    paths = [path for _, path, _ in columns(lines)]
+    assert len(paths) == 2 and all(p.startswith("/new/") for p in paths), paths
+
+
+def test_live_and_once_exclude_each_other(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["requests", "--admin", "127.0.0.1:1", "--live", "--once"])
+    assert exited.value.code == 2
+    assert "argument --once: not allowed with argument --live" in capsys.readouterr().err
 
 
 def test_several_agents_are_merged_in_time_order_with_their_node(served: Served) -> None:
@@ -203,6 +246,11 @@ def test_a_failed_grpc_call_is_found_by_its_grpc_status_not_by_5xx(
         (["--count", "0"], "--count 0: expected 1 or more"),
         (["--status", "UNAVAILABLE"], "gRPC status is filtered apart"),
         (["--grpc-status", "NOPE"], "expected a code 0-16, its name such as NOT_FOUND, or error"),
+        (["svc/web"], "svc/web: name a workload as TYPE/NAME (deploy/web)"),
+        (["pod/web-0"], "'pod' is no resource nodemesh knows"),
+        (["deploy/web", "--workload", "api"], "deploy/web and --workload api: give one of them"),
+        (["-n", "shop"], "-n shop: name the workload too"),
+        (["--to", "svc/web"], "--to svc/web: name a workload ([NS/]NAME or deploy/NAME)"),
     ],
 )
 def test_bad_filters_are_refused_before_asking(

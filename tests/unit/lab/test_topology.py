@@ -114,12 +114,30 @@ def test_annotate_changes_membership_in_the_cluster_file(recorded: str) -> None:
     assert _meshed(recorded)["outsider"] is True
     control.annotate("unit", "default/client", ["nodemesh.io/mesh-"], state_root=recorded)
     assert _meshed(recorded)["client"] is False
-    with pytest.raises(DocumentError, match="'maybe' is not allowed"):
+    with pytest.raises(LabError) as refused:  # named as written, not by its place in the file
         control.annotate("unit", "client", ["nodemesh.io/mesh=maybe"], state_root=recorded)
+    assert str(refused.value) == (
+        "pod default/client: annotation nodemesh.io/mesh: 'maybe' is not allowed: use enabled"
+        " or disabled; nothing was changed"
+    )
     with pytest.raises(LabError, match="no pod default/ghost"):
         control.annotate("unit", "ghost", ["a=b"], state_root=recorded)
     with pytest.raises(LabError, match="KEY=VALUE"):
         control.annotate("unit", "client", ["novalue"], state_root=recorded)
+
+
+def test_an_unknown_nodemesh_annotation_is_refused_not_ignored(recorded: str) -> None:
+    """A typo such as ``nodemesh.io/exclude-outbound-port`` would silently do nothing; other
+    prefixes are the user's (and removing an unknown key is always allowed)."""
+    typo = "nodemesh.io/exclude-outbound-port=9090"
+    with pytest.raises(LabError, match=r"annotation nodemesh.io/exclude-outbound-port: unknown"):
+        control.annotate("unit", "client", [typo], state_root=recorded)
+    control.annotate("unit", "client", ["example.com/team=a"], state_root=recorded)
+    control.annotate("unit", "client", ["nodemesh.io/exclude-outbound-port-"], state_root=recorded)
+    topology = DEFAULT_TOPOLOGY.replace("{nodemesh.io/mesh: enabled}", "{nodemesh.io/mesh-typo: x}")
+    assert topology != DEFAULT_TOPOLOGY
+    with pytest.raises(LabError, match=r"t\.yaml: nodes\[0\]\.pods\[0\]\.annotations\.nodemesh"):
+        _plan(topology)
 
 
 def test_apply_replaces_and_delete_removes_policies(recorded: str) -> None:
@@ -177,6 +195,33 @@ def test_a_refused_apply_names_the_users_file_and_document_and_keeps_the_old_ver
         match=r"^svc\.yaml: document 1 \(Service default/web-v3\): spec\.ports\[0\]\.port",
     ):
         control.apply("unit", [bad_port], state_root=recorded, source="svc.yaml")
+
+
+def test_apply_warns_of_values_that_never_match(
+    recorded: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Applied (Istio accepts them too), with a warning naming the file, document and field."""
+    monkeypatch.setattr(control, "labdir_of", lambda lab, state_root=None: LabDir(lab, recorded))
+    manifest = tmp_path / "deny.yaml"
+    manifest.write_text(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: no-admin, namespace: default}\n"
+        "spec: {action: DENY, rules: [{to: [{operation: {paths: ['/admin/*/x']}}]}]}\n"
+    )
+    assert main(["lab", "apply", "--name", "unit", "-f", str(manifest)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "applied 1 object(s) to lab unit\n"
+    assert err == (
+        f"nodemesh lab: warning: {manifest}: document 1 (AuthorizationPolicy default/no-admin): "
+        "spec.rules[0].to[0].operation.paths[0]: '/admin/*/x' matches only its literal text: "
+        "'*' matches once, at the start (suffix match), at the end (prefix match) or alone\n"
+    )
+    assert [p.key for p in LabDir("unit", recorded).read_cluster().policies] == [
+        ("AuthorizationPolicy", "default", "no-admin")
+    ]
 
 
 def test_resolve_target(recorded: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.policy.authz import Authorizer, HttpAttributes, Request
+from agent.policy.authz import Authorizer, HttpAttributes, Request, never_matching
 from agent.state.model import PolicyObject
 from tests.unit.policy.test_authz import SERVER, allow, deny, pol, req, src, to
 
@@ -156,3 +156,35 @@ def test_dry_run_policies_report_what_they_would_deny() -> None:
     get = authz.evaluate(http("GET", "/private"), SERVER)
     assert get.allowed and get.would_deny == ("default/public",)
     assert authz.evaluate(http("GET", "/public/y"), SERVER).would_deny == ()
+
+
+def test_values_that_never_match_are_named_and_indeed_never_match() -> None:
+    """``never_matching`` warns of what Istio accepts silently: a '*' inside a value (a literal
+    character), a method not in upper case, a principal not of the SPIFFE form."""
+    spec = deny(
+        to(
+            methods=["get", "POST"],
+            paths=["/a/*/b", "/ok*", "*.json", "*", "*x*"],
+            hosts=["*.example.com:*"],
+        ),
+        src(principals=["default/client", "cluster.local/ns/default/sa/*", "*"]),
+    ).spec
+    assert never_matching(spec) == [
+        "spec.rules[0].to[0].operation.hosts[0]: '*.example.com:*' matches only its literal text:"
+        " '*' matches once, at the start (suffix match), at the end (prefix match) or alone",
+        "spec.rules[0].to[0].operation.methods[0]: 'get' never matches: methods compare exactly;"
+        " requests send 'GET'",
+        "spec.rules[0].to[0].operation.paths[0]: '/a/*/b' matches only its literal text: '*'"
+        " matches once, at the start (suffix match), at the end (prefix match) or alone",
+        "spec.rules[0].to[0].operation.paths[4]: '*x*' matches only its literal text: '*'"
+        " matches once, at the start (suffix match), at the end (prefix match) or alone",
+        "spec.rules[1].from[0].source.principals[0]: 'default/client' never matches: a principal"
+        " is TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT (cluster.local/ns/default/sa/client)",
+    ]
+    # What the warnings say: such values deny nothing they were meant to.
+    for method, path, denied in [("GET", "/a/x/b", False), ("POST", "/a/x/b", False),
+                                 ("POST", "/a/*/b", True), ("POST", "/ok/1", True)]:  # fmt: skip
+        policy = deny(to(methods=["get", "POST"], paths=["/a/*/b", "/ok*"]))
+        assert allowed([policy], http(method=method, path=path)) is not denied
+    client = req(principal="cluster.local/ns/default/sa/client")
+    assert allowed([deny(src(principals=["default/client"]))], client)

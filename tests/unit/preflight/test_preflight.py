@@ -101,3 +101,43 @@ def test_a_kernel_without_the_splice_passes_and_says_same_node_is_relayed_in_use
         "same-node connections are relayed in user space "
         "(needs CONFIG_BPF_STREAM_PARSER and Linux >= 5.8)"
     )
+
+
+def test_without_privileges_a_refused_probe_says_to_run_as_root_before_kernel_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run as a user, the sockmap probe gets EPERM: its fix must not send the user after
+    CONFIG_BPF_STREAM_PARSER first. A failure of another kind keeps its own fix, and as root
+    (privileges ok) an EPERM (lockdown, seccomp) keeps the kernel's fix."""
+    monkeypatch.setattr(probes, "privileges", _fail_with("not root (uid 1000)"))
+    monkeypatch.setattr(probes, "sockmap", _fail_with("bpf(BPF_MAP_CREATE) failed: EPERM"))
+    monkeypatch.setattr(probes, "bpffs", _fail_with("/sys/fs/bpf is not a bpf filesystem"))
+    names = ("privileges", "bpffs", "sockmap")
+    reqs = [r for r in preflight.requirements() if r.name in names]
+    fixes = {r.name: r.fix for r in preflight.run_checks(reqs)}
+    sockmap = next(r.fix for r in reqs if r.name == "sockmap")
+    assert fixes["sockmap"] == preflight.UNPRIVILEGED_FIX + sockmap
+    assert fixes["bpffs"] == next(r.fix for r in reqs if r.name == "bpffs")
+    monkeypatch.setattr(probes, "privileges", lambda: "running as root")
+    reqs = [r for r in preflight.requirements() if r.name in names]
+    assert {r.name: r.fix for r in preflight.run_checks(reqs)}["sockmap"] == sockmap
+
+
+def test_what_bcc_prints_goes_into_the_row_it_explains_not_before_the_report(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The compiler writes its errors to file descriptor 2 itself: they must not precede the
+    report, and the failing row quotes them."""
+    pytest.importorskip("bcc")
+    monkeypatch.setattr(probes, "_TC_PROGRAM", "int probe_assign(void) { return undefined_x; }")
+    probes._tc_program.cache_clear()
+    try:
+        (row,) = preflight.run_checks(
+            [r for r in preflight.requirements() if r.name == "sk-assign"]
+        )
+    finally:
+        probes._tc_program.cache_clear()
+    assert capfd.readouterr().err == ""
+    assert not row.ok
+    assert row.detail.startswith("loading a tc program calling bpf_sk_assign failed: ")
+    assert "undefined_x" in row.detail  # clang's "use of undeclared identifier 'undefined_x'"

@@ -9,6 +9,7 @@ path, what the registry is told, and a server that dies.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 from collections import deque
@@ -21,7 +22,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated
 from hpack import Encoder
-from hyperframe.frame import HeadersFrame
+from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from agent.lab import grpcecho
 from agent.policy.authz import Request
@@ -318,6 +319,36 @@ def test_a_header_block_left_open_is_timed_out(pod: tuple[int, grpc.Server]) -> 
         assert seen.rejections == ["h2_header_timeout"]
 
     asyncio.run(main())
+
+
+def test_a_refused_connection_is_logged_with_its_cause_and_the_limit(
+    pod: tuple[int, grpc.Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    """As an HTTP/1.1 refusal's line names what was wrong, an HTTP/2 one names the limit the
+    client broke: here 17 CONTINUATION frames in one header block (the limit is 16)."""
+
+    async def main() -> None:
+        seen = Seen()
+        server, port = await _proxy(_core(), pod[0], seen)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            client = H2Connection(H2Configuration(client_side=True))
+            client.initiate_connection()
+            block = Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http")])
+            flood = b"".join(ContinuationFrame(1, b"").serialize() for _ in range(17))
+            writer.write(client.data_to_send() + HeadersFrame(1, block).serialize() + flood)
+            while await asyncio.wait_for(reader.read(65536), 5):
+                pass  # until the proxy closes the connection
+            writer.close()
+        assert seen.rejections == ["h2_continuation_flood"]
+
+    with caplog.at_level(logging.INFO, logger="agent.proxy.records"):
+        asyncio.run(main())
+    (line,) = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert line.startswith("HTTP request rejected (h2_continuation_flood): ")
+    assert line.endswith(
+        ": h2 continuation flood: 17 CONTINUATION frames in one header block, over the limit of 16"
+    )
 
 
 def test_grpc_calls_over_a_rate_limit_get_resource_exhausted_and_the_channel_goes_on(

@@ -255,6 +255,10 @@ def test_a_ping_flood_closes_the_connection() -> None:
     proxy = _raw_client()
     proxy.receive_client(b"".join(PingFrame(0, b"12345678").serialize() for _ in range(2000)))
     assert proxy.take_rejections() == [CONTROL_FLOOD] and proxy.closing
+    assert proxy.refusal == (  # what the log line names: the cause and the limit
+        "h2 control flood: 34000 bytes of replies (PING/SETTINGS ACKs, RST_STREAMs) queued,"
+        " over the limit of 16384"
+    )
 
 
 def test_pings_the_shell_keeps_taking_answers_for_are_fine() -> None:
@@ -275,6 +279,10 @@ def test_rapid_reset_closes_the_connection() -> None:
     proxy.receive_client(frames)
     proxy.take_to_upstream()
     assert proxy.take_rejections() == [RAPID_RESET] and proxy.closing
+    assert proxy.refusal == (
+        "h2 rapid reset: 101 of 101 streams reset before their response, over the limit of"
+        " 100 and half of them"
+    )
 
 
 def _unchecked(conn: H2Connection) -> None:
@@ -305,6 +313,8 @@ def test_a_malformed_request_block_closes_the_connection_as_a_protocol_error(
     w.request("/pkg.Svc/Call", grpc=True, extra=extra)
     w.run()
     assert w.proxy.take_rejections() == [PROTOCOL_ERROR] and w.proxy.closing
+    refusal = w.proxy.refusal or ""  # the log line names the header that broke the rule
+    assert refusal.startswith("h2 protocol error: ") and extra[0][0].decode() in refusal
     assert [e.error_code for e in w.taken(ConnectionTerminated)] == [ErrorCodes.PROTOCOL_ERROR]
     assert not [e for e in w.pod_events if isinstance(e, RequestReceived)]
 
@@ -333,6 +343,9 @@ def test_a_malformed_response_block_from_the_pod_is_unavailable_and_counted(
     (answer,) = w.taken(ResponseReceived)
     assert answer.stream_id == sid and dict(answer.headers)[b"grpc-status"] == b"14"
     assert w.proxy.take_rejections() == [UPSTREAM_PROTOCOL]
+    refusal = w.proxy.refusal or ""
+    assert refusal.startswith("upstream protocol error: the pod's HTTP/2: ")
+    assert extra[0][0].decode() in refusal
     assert not any(n.lower() == extra[0][0].lower() for n, _ in answer.headers)
 
 
@@ -489,6 +502,9 @@ def test_a_continuation_flood_closes_the_connection() -> None:
     data += b"".join(ContinuationFrame(1, b"").serialize() for _ in range(17))
     proxy.receive_client(data)
     assert proxy.take_rejections() == [CONTINUATION_FLOOD] and proxy.closing
+    assert proxy.refusal == (
+        "h2 continuation flood: 17 CONTINUATION frames in one header block, over the limit of 16"
+    )
 
 
 def test_a_header_block_over_the_limit_closes_the_connection() -> None:
@@ -497,12 +513,16 @@ def test_a_header_block_over_the_limit_closes_the_connection() -> None:
     data += b"".join(ContinuationFrame(1, b"\x00" * 1024).serialize() for _ in range(4))
     proxy.receive_client(data)
     assert proxy.take_rejections() == [HEADER_BLOCK] and proxy.closing
+    assert proxy.refusal == (
+        "h2 header block: a header block of 4102 bytes so far, over the limit of 4096 bytes"
+    )
 
 
 def test_more_streams_than_advertised_closes_the_connection() -> None:
     proxy = _raw_client(H2Limits(max_concurrent_streams=5))
     proxy.receive_client(b"".join(_headers_frame(2 * i + 1, end_stream=False) for i in range(6)))
     assert proxy.take_rejections() == [TOO_MANY_STREAMS] and proxy.closing
+    assert proxy.refusal == "h2 max concurrent streams: a stream over the limit of 5 open"
 
 
 def test_a_run_of_empty_data_frames_closes_the_connection() -> None:
@@ -510,6 +530,9 @@ def test_a_run_of_empty_data_frames_closes_the_connection() -> None:
     empty = bytes.fromhex("000000000000000001")  # DATA, no flags, stream 1, no payload
     proxy.receive_client(_headers_frame(1, end_stream=False) + empty * 101)
     assert proxy.take_rejections() == [EMPTY_FRAMES] and proxy.closing
+    assert proxy.refusal == (
+        "h2 empty frames: 101 empty DATA frames in a row, over the limit of 100"
+    )
 
 
 def test_a_denied_head_is_authorized_with_method_path_and_authority() -> None:
@@ -676,6 +699,9 @@ def test_an_open_header_block_starts_the_header_clock_and_its_end_stops_it() -> 
     assert proxy.head_started == 102.0
     proxy.header_timeout()  # the shell's timer ran out
     assert proxy.take_rejections() == ["h2_header_timeout"] and proxy.closing
+    assert proxy.refusal == (
+        "h2 header timeout: a header block not finished within the header timeout"
+    )
 
 
 def test_a_rate_limited_grpc_call_is_a_trailers_only_resource_exhausted() -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from agent.view import aggregate, golden, promql, render
 from agent.view.aggregate import CLOSED, OPENED, RECEIVED, SENT, Figures
+from agent.view.cli import stat_target
 from agent.view.screen import CLEAR_LINE, HOME, frame_text
 from agent.view.series import (
     Series,
@@ -329,3 +330,59 @@ def test_failed_is_a_5xx_or_a_non_zero_grpc_status(
     code: str, grpc_status: str, flags: str, failed: bool
 ) -> None:
     assert golden.failed(code, grpc_status, flags) is failed
+
+
+def test_denied_counts_connections_and_requests_refused_by_policy() -> None:
+    """3 connections refused by an L4 policy and 4 requests answered 403 RBAC (on allowed
+    connections): ``stat``, ``edges`` and ``top`` say DENIED 7, as the dashboard's "denied 7";
+    the JSON keeps them apart."""
+    w = window(
+        (OPENED, [series(tcp("destination"), (90, 0), (150, 5))]),
+        (
+            CLOSED,
+            [
+                series(tcp("destination", response_flags="DENY"), (90, 0), (150, 3)),
+                series(tcp("destination"), (90, 0), (150, 2)),
+            ],
+        ),
+        (
+            golden.REQUESTS,
+            [
+                request("destination", "200", (90, 0), (150, 6)),
+                request("destination", "403", (90, 0), (150, 4), response_flags="RBAC"),
+            ],
+        ),
+    )
+    stat = render.stat_lines(
+        "workload",
+        aggregate.stat(w, resource="workload"),
+        golden.stat_requests(w, resource="workload"),
+    )
+    assert stat[0].split()[-1] == "DENIED" and stat[1].split()[-1] == "7"
+    edges = render.edges_lines(
+        aggregate.aggregate(w, aggregate.by_edge), golden.requests_by(w, aggregate.by_edge)
+    )
+    assert edges[0].split()[-1] == "DENIED" and edges[1].split()[-1] == "7"
+    tcp_only = render.edges_lines(aggregate.aggregate(w, aggregate.by_edge))
+    assert tcp_only[1].split()[-1] == "3"
+    paths = render.path_lines(aggregate.top(w, 10), golden.requests_by(w, aggregate.by_path))
+    assert paths[0].split()[-1] == "DENIED" and paths[1].split()[-1] == "7"
+
+
+def test_stat_takes_linkerds_resource_words_and_a_namespace() -> None:
+    """``linkerd viz stat deploy/web -n shop`` habits: a controller is a workload here."""
+    assert stat_target("deploy/web", None) == ("workload", "web")
+    assert stat_target("sts", "db") == ("workload", "db")
+    assert stat_target("svc/web", None) == ("service", "web")
+    assert stat_target("Service", None) == ("service", None)
+    assert stat_target("workload", "shop/web") == ("workload", "shop/web")
+    with pytest.raises(ViewError, match="'pods' is no resource nodemesh knows"):
+        stat_target("pods", None)
+    with pytest.raises(ViewError, match="deploy/web already names one"):
+        stat_target("deploy/web", "api")
+    rows = {("shop/web",): 1, ("other/web",): 2}
+    assert aggregate.in_namespace(rows, "workload", "shop") == {("shop/web",): 1}
+    services = {("web.shop.svc.cluster.local",): 1, ("web.other.svc.cluster.local",): 2}
+    assert aggregate.in_namespace(services, "service", "other") == {
+        ("web.other.svc.cluster.local",): 2
+    }

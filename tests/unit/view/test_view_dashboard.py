@@ -16,12 +16,13 @@ from urllib.request import urlopen
 
 import pytest
 
+from agent.policy.authz import selects_pod
 from agent.view import cli, golden, layout, svg, timeline
 from agent.view.aggregate import CLOSED, OPENED, RECEIVED, SENT
 from agent.view.dashboard import Admin, Dashboard, server
 from agent.view.golden import DURATION_BUCKETS, REQUESTS, histogram_quantile
 from agent.view.graph import build_graph
-from agent.view.inventory import AgentAnswer, canonical_name, selects, workload_info
+from agent.view.inventory import AgentAnswer, canonical_name, workload_info
 from agent.view.pages import Context, error_page, index_page, url_quote, workload_page
 from agent.view.series import Series, ViewError, Window
 from agent.view.sources import Agent, AgentSource, PrometheusSource
@@ -348,11 +349,11 @@ CERT = {
 
 
 def test_selects_follows_the_namespace_root_namespace_and_labels() -> None:
-    assert selects(DENY, POD)
-    assert not selects(DENY, POD | {"labels": {"app": "client"}})
-    assert not selects(DENY | {"namespace": "other"}, POD)
-    assert selects(DENY | {"namespace": "nodemesh-system", "spec": {}}, POD)
-    assert selects({"namespace": "default", "spec": {"action": "DENY"}}, POD)
+    assert selects_pod(DENY, POD)
+    assert not selects_pod(DENY, POD | {"labels": {"app": "client"}})
+    assert not selects_pod(DENY | {"namespace": "other"}, POD)
+    assert selects_pod(DENY | {"namespace": "nodemesh-system", "spec": {}}, POD)
+    assert selects_pod({"namespace": "default", "spec": {"action": "DENY"}}, POD)
 
 
 def test_canonical_name_is_the_metrics_workload_name() -> None:

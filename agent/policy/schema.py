@@ -46,6 +46,48 @@ ISTIO_EQUIVALENTS = {
     "networking.istio.io": "nodemesh does not read Istio's networking objects: route with a "
     "Gateway API HTTPRoute or GRPCRoute, balance, retry and eject with a TrafficPolicy",
 }
+# An Istio user's DestinationRule fields, where a TrafficPolicy says the same otherwise: the
+# unknown-field error adds the nodemesh spelling (kind, field path in spec without indexes).
+_CONSECUTIVE = (
+    "use consecutiveFailures: refused or failed connects, resets before any byte and 5xx "
+    "answers count alike (Envoy's consecutive 5xx with local-origin failures)"
+)
+ISTIO_FIELD_HINTS = {
+    ("TrafficPolicy", "spec.host"): "name the Service in targetRef (kind: Service, name: NAME)",
+    ("TrafficPolicy", "spec.trafficPolicy"): (
+        "its fields (loadBalancer, connectionPool, outlierDetection) go directly under spec"
+    ),
+    ("TrafficPolicy", "spec.subsets"): "weighted subsets are split.subsets",
+    ("TrafficPolicy", "spec.loadBalancer.simple"): (
+        "use type: PEAK_EWMA (the default), ROUND_ROBIN, LEAST_CONNECTIONS (for LEAST_REQUEST) "
+        "or RANDOM"
+    ),
+    ("TrafficPolicy", "spec.loadBalancer.consistentHash"): (
+        "no equivalent per endpoint; split.stickyBySourceIP keeps a client on one subset"
+    ),
+    ("TrafficPolicy", "spec.loadBalancer.localityLbSetting"): (
+        "use localityPreference: SAME_NODE or SAME_ZONE"
+    ),
+    ("TrafficPolicy", "spec.connectionPool.tcp"): (
+        "connectionPool is flat here: maxConnections, connectTimeout, idleTimeout"
+    ),
+    ("TrafficPolicy", "spec.connectionPool.http"): (
+        "connectionPool is flat here: maxPendingRequests (http1MaxPendingRequests), idleTimeout; "
+        "retries are spec.retries"
+    ),
+    ("TrafficPolicy", "spec.outlierDetection.consecutive5xxErrors"): _CONSECUTIVE,
+    ("TrafficPolicy", "spec.outlierDetection.consecutiveGatewayErrors"): _CONSECUTIVE,
+    ("TrafficPolicy", "spec.outlierDetection.consecutiveErrors"): _CONSECUTIVE,
+    ("TrafficPolicy", "spec.outlierDetection.consecutiveLocalOriginFailures"): _CONSECUTIVE,
+    ("TrafficPolicy", "spec.outlierDetection.interval"): (
+        "no equivalent: an endpoint is ejected at once, at its consecutiveFailures-th failure "
+        "in a row, not by a periodic sweep"
+    ),
+    ("TrafficPolicy", "spec.outlierDetection.minHealthPercent"): (
+        "bound ejections with maxEjectionPercent instead"
+    ),
+}
+_INDEX = re.compile(r"\[[0-9]+\]")
 DRY_RUN_ANNOTATION = "nodemesh.io/dry-run"
 # Istio's spelling of the same switch: a policy written for Istio keeps its meaning here.
 ISTIO_DRY_RUN_ANNOTATION = "istio.io/dry-run"
@@ -339,7 +381,15 @@ def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
     name, namespace, dry_run, generation, uid = _metadata(manifest, path)
     if "spec" not in manifest:
         raise PolicyError(f"{path}.spec", "is required")
-    spec = _validate(manifest["spec"], schema["properties"]["spec"], f"{path}.spec")
+    try:
+        spec = _validate(manifest["spec"], schema["properties"]["spec"], f"{path}.spec")
+    except PolicyError as e:
+        field = _INDEX.sub("", e.path.removeprefix(f"{path}."))
+        hint = ISTIO_FIELD_HINTS.get((kind, field))
+        if hint is None:
+            raise
+        key = field.rpartition(".")[2]
+        raise PolicyError(e.path, f"{e.reason}; Istio's DestinationRule {key}: {hint}") from e
     policy = PolicyObject(
         kind=kind,
         namespace=namespace,

@@ -133,3 +133,34 @@ def test_bad_policies_are_refused_when_validated(spec, where):
     version, with an Accepted=False condition)."""
     with pytest.raises(PolicyError, match=where):
         traffic_policy(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "hint"),
+    [
+        (
+            {"outlierDetection": {"consecutive5xxErrors": 3}},
+            "consecutive5xxErrors",
+            "use consecutiveFailures",
+        ),
+        ({"outlierDetection": {"interval": "10s"}}, "interval", "no equivalent"),
+        ({"loadBalancer": {"simple": "LEAST_REQUEST"}}, "simple", "use type: PEAK_EWMA"),
+        ({"connectionPool": {"tcp": {"maxConnections": 1}}}, "tcp", "connectionPool is flat"),
+        ({"trafficPolicy": {}}, "trafficPolicy", "its fields (loadBalancer"),
+        ({"host": "web"}, "host", "name the Service in targetRef"),
+    ],
+)
+def test_an_istio_destination_rule_field_is_refused_with_its_nodemesh_spelling(spec, path, hint):
+    """The schema refuses the field as any unknown one, and an Istio user is told where the
+    same setting lives in a TrafficPolicy."""
+    with pytest.raises(PolicyError) as refused:
+        traffic_policy(spec)
+    message = str(refused.value)
+    assert f".{path}: unknown field; allowed fields: " in message
+    assert f"; Istio's DestinationRule {path}: {hint}" in message
+
+
+def test_an_unknown_field_without_an_istio_equivalent_gets_no_hint():
+    with pytest.raises(PolicyError) as refused:
+        traffic_policy({"outlierDetection": {"consecutiveFailurez": 3}})
+    assert "Istio" not in str(refused.value)

@@ -47,7 +47,8 @@ from h2.stream import StreamState
 from agent.proxy import h2data, h2wire
 from agent.proxy import hbone_events as ev
 from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2
-from agent.proxy.h2wire import HboneSettings, new_connection
+from agent.proxy.h2headers import Block, MalformedHeaders, check_block
+from agent.proxy.h2wire import HboneSettings, new_connection, send_headers_on
 from agent.proxy.hbone_events import Cause
 from agent.proxy.hbone_flow import DataFlow
 
@@ -58,6 +59,15 @@ SERVICE_HEADER = "nodemesh-service"
 # h2 keeps a stream's request method for the stream's life (``H2Stream.request_method``): given
 # as bytes it is this one object, not a copy encoded for each tunnel.
 _METHOD_CONNECT = (b":method", b"CONNECT")
+_FORWARDED, _SERVICE = FORWARDED_HEADER.encode(), SERVICE_HEADER.encode()
+_STATUS_200 = [(b":status", b"200")]
+# What each received block is checked as (``h2headers.check_block``, h2's own check being off).
+_BLOCKS = {
+    h2e.RequestReceived: Block.REQUEST,
+    h2e.ResponseReceived: Block.RESPONSE,
+    h2e.InformationalResponseReceived: Block.RESPONSE,
+    h2e.TrailersReceived: Block.TRAILERS,
+}
 # Non-DATA bytes are handed to h2 at most this many at a time, so that the replies one read can
 # make us queue are checked against ``max_unsent_replies`` every few hundred frames.
 H2_SLICE = 16 * 1024
@@ -125,6 +135,12 @@ class HboneConnection:
         self.settings = settings or HboneSettings()
         self.client_side = client_side
         self._h2 = new_connection(client_side=client_side, settings=self.settings)
+        # Header blocks: sent without Huffman coding or dynamic table and decoded in one loop
+        # (a peer's Huffman-coded, indexed blocks too), checked by ``check_block``: ARCHITECTURE,
+        # "What a new connection costs".
+        h2wire.tableless_headers(self._h2)
+        self._h2.config.validate_inbound_headers = False
+        self._h2.config.normalize_inbound_headers = False
         self._flow = DataFlow(self._h2, self.settings, client_side=client_side)
         self._out: dict[int, bytearray] = {}
         self._queued = 0  # bytes in ``_out``
@@ -221,6 +237,13 @@ class HboneConnection:
         return self._flow.data_to_send()
 
     def _translate(self, event: h2e.Event) -> Sequence[ev.Event]:
+        block = _BLOCKS.get(type(event))
+        if block is not None:
+            try:  # split cookies come back joined, as h2's normalisation joined them
+                event.headers = check_block(event.headers or (), block)  # type: ignore[attr-defined]
+            except MalformedHeaders as e:
+                reason = f"HTTP/2 protocol error from peer: {e}"
+                return [self._fail(reason, ErrorCodes.PROTOCOL_ERROR, Cause.PROTOCOL_ERROR)]
         if isinstance(event, h2e.RequestReceived):
             return [self._on_request(event)]
         if isinstance(event, h2e.ResponseReceived):
@@ -281,7 +304,7 @@ class HboneConnection:
         self._forget(stream_id)
         if h2wire.stream_state(self._h2, stream_id) in (None, StreamState.CLOSED):
             return
-        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        send_headers_on(self._h2, stream_id, [(b":status", b"%d" % status)], end_stream=True)
         if h2wire.stream_state(self._h2, stream_id) is not StreamState.CLOSED:
             self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
 
@@ -326,15 +349,12 @@ class HboneConnection:
         """Client side: send CONNECT; returns the stream id (``TunnelAccepted`` follows).
         ``service``: the dialled Service as ``namespace/name`` (``SERVICE_HEADER``)."""
         sid = self._h2.get_next_available_stream_id()
-        headers: list[tuple[bytes | str, bytes | str]] = [
-            _METHOD_CONNECT,
-            (":authority", authority),
-        ]
+        headers = [_METHOD_CONNECT, (b":authority", authority.encode())]
         if client_ip:
-            headers.append((FORWARDED_HEADER, format_forwarded(client_ip)))
+            headers.append((_FORWARDED, format_forwarded(client_ip).encode()))
         if service:
-            headers.append((SERVICE_HEADER, service))
-        self._h2.send_headers(sid, headers)
+            headers.append((_SERVICE, service.encode()))
+        send_headers_on(self._h2, sid, headers, end_stream=False)
         return sid
 
     def can_open_stream(self) -> bool:
@@ -351,7 +371,7 @@ class HboneConnection:
             self._reset_pending.discard(stream_id)
             return
         if status == 200:
-            self._h2.send_headers(stream_id, [(":status", "200")])
+            send_headers_on(self._h2, stream_id, _STATUS_200, end_stream=False)
         else:
             self._end_refused(stream_id, status)
 

@@ -28,9 +28,10 @@ Each refusal carries a ``cause`` for the owner's metric.
 
 The DATA fast path: DATA frames never go through ``h2`` (why: ``agent.proxy.h2data``, which
 splits the incoming bytes; windows and framing: ``agent.proxy.hbone_flow``). Every other frame
-does, and ``h2`` still sees one empty DATA frame where the peer's carried END_STREAM, or where
-the stream cannot take data (unknown, closed, reset), so that its state machine ends the stream
-or answers with the right stream or connection error.
+does, and ``h2`` still sees one empty DATA frame where the stream cannot take data (unknown,
+closed, reset), so that its state machine answers with the right stream or connection error.
+A peer's END_STREAM on a stream that may receive goes through ``h2``'s state machines without
+the frame (``h2wire.receive_end_stream_on``), and ours is framed by ``h2wire.send_data_on``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from agent.proxy import h2data, h2wire
 from agent.proxy import hbone_events as ev
 from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
-from agent.proxy.h2wire import HboneSettings, new_connection, send_headers_on
+from agent.proxy.h2wire import HboneSettings, new_connection, send_data_on, send_headers_on
 from agent.proxy.hbone_events import Cause
 from agent.proxy.hbone_flow import DataFlow
 
@@ -175,8 +176,12 @@ class HboneConnection:
                 if error:
                     out.append(self._fail(error[1], error[0], Cause.FLOW_CONTROL))
             elif kind == DATA_END:
-                if a or stream_id != flow.deliver_to:
-                    # END_STREAM, or a stream that cannot take data: h2's state machine decides.
+                if a and stream_id == flow.deliver_to:
+                    # END_STREAM on a stream that may receive (``to_h2`` is empty: it was
+                    # handed on at DATA_START): h2's state machines, without the frame.
+                    out += self._end_received(stream_id)
+                elif stream_id != flow.deliver_to:
+                    # A stream that cannot take data: h2's state machine decides.
                     to_h2 += h2data.data_frame_header(0, stream_id, end_stream=bool(a))
                 flow.deliver_to = flow.counted = 0
             else:
@@ -225,6 +230,17 @@ class HboneConnection:
                 "ACKs, RST_STREAMs) that it does not read"
             )
             out.append(self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM, Cause.CONTROL_FLOOD))
+        return out
+
+    def _end_received(self, stream_id: int) -> list[ev.Event]:
+        try:
+            h2_events = h2wire.receive_end_stream_on(self._h2, stream_id)
+        except ProtocolError as e:  # a declared content-length the stream did not carry
+            reason = f"HTTP/2 protocol error from peer: {e}"
+            return [self._fail(reason, e.error_code, Cause.PROTOCOL_ERROR)]
+        out: list[ev.Event] = []
+        for h2_event in h2_events:
+            out.extend(self._translate(h2_event))
         return out
 
     def output_accepted(self) -> None:
@@ -471,7 +487,7 @@ class HboneConnection:
                 return []
         if stream_id in self._end_after_flush:
             self._end_after_flush.discard(stream_id)
-            self._h2.end_stream(stream_id)
+            send_data_on(self._h2, stream_id, b"", end_stream=True)
         del self._out[stream_id]
         return [ev.StreamDrained(stream_id)]
 

@@ -380,3 +380,57 @@ def test_send_headers_on_opens_streams_as_h2s_send_headers(
                 and (stream.inbound_flow_control_window, stream.outbound_flow_control_window),
             ]
         assert outcome[:6] == outcome[6:]
+
+
+def _stream_receiving(
+    *, client_side: bool, half_closed: bool, length: bytes | None
+) -> tuple[H2Connection, H2Connection]:
+    """Our HBONE connection (``client_side``) and a plain peer, stream 1 open both ways (or
+    half-closed by us); ``length``: a content-length the peer's request or response declared."""
+    ours = new_connection(client_side=client_side, settings=HboneSettings())
+    plain = H2Connection(
+        h2.config.H2Configuration(client_side=not client_side, validate_outbound_headers=False)
+    )
+    plain.initiate_connection()
+    plain.receive_data(ours.data_to_send())
+    ours.receive_data(plain.data_to_send())
+    extra = [("content-length", length.decode())] if length is not None else []
+    if client_side:
+        ours.send_headers(1, CONNECT)
+        plain.receive_data(ours.data_to_send())
+        plain.send_headers(1, [(":status", "200"), *extra])
+    else:
+        plain.send_headers(1, CONNECT + extra)
+        ours.receive_data(plain.data_to_send())
+        ours.send_headers(1, [(":status", "200")])
+    ours.receive_data(plain.data_to_send())
+    if half_closed:
+        ours.end_stream(1)
+    return ours, plain
+
+
+@pytest.mark.parametrize("client_side", [True, False])
+@pytest.mark.parametrize("half_closed", [False, True])
+@pytest.mark.parametrize("length", [None, b"0", b"5"])
+def test_receive_end_stream_on_moves_state_as_h2s_receive_data(
+    client_side: bool, half_closed: bool, length: bytes | None
+) -> None:
+    """Reach 10: ``receive_end_stream_on`` makes the calls ``h2``'s ``receive_data`` makes for
+    an empty DATA frame with END_STREAM (``H2Connection.state_machine``, ``H2Stream.
+    receive_data``): the same events, stream state, output and content-length refusal."""
+    outcomes = []
+    for fast in (True, False):
+        ours, _ = _stream_receiving(client_side=client_side, half_closed=half_closed, length=length)
+        ours.data_to_send()
+        try:
+            if fast:
+                events = h2wire.receive_end_stream_on(ours, 1)
+            else:
+                events = ours.receive_data(bytes.fromhex("000000000100000001"))
+            outcome: object = [(type(e).__name__, getattr(e, "stream_id", None)) for e in events]
+        except h2.exceptions.ProtocolError as e:
+            outcome = type(e).__name__
+        outcomes.append((outcome, h2wire.stream_state(ours, 1), bytes(ours.data_to_send())))
+    assert outcomes[0] == outcomes[1]
+    if length == b"5":
+        assert outcomes[0][0] == "InvalidBodyLengthError"

@@ -47,7 +47,7 @@ from h2.stream import StreamState
 
 from agent.proxy import h2data, h2wire
 from agent.proxy import hbone_events as ev
-from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2
+from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2, HEADERS
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2wire import HboneSettings, new_connection, send_data_on, send_headers_on
 from agent.proxy.hbone_events import Cause
@@ -168,6 +168,12 @@ class HboneConnection:
                     flow.consumed(stream_id, len(payload))
             elif kind == H2:
                 to_h2 += payload
+            elif kind == HEADERS:
+                if to_h2:  # the frames before it, in order
+                    out += self._h2_receive(to_h2)
+                    to_h2.clear()
+                if not self.failed:
+                    out += self._headers_received(stream_id, a, payload)
             elif kind == DATA_START:
                 if to_h2:  # the frames before this one may have opened or closed its stream
                     out += self._h2_receive(to_h2)
@@ -205,19 +211,42 @@ class HboneConnection:
                 break
         return out
 
+    def _headers_received(self, stream_id: int, flags: int, block: bytes) -> list[ev.Event]:
+        """A HEADERS frame that is a whole header block (``h2data.HEADERS``): through ``h2``'s
+        state machines without its frame parsing where ``h2wire.receive_headers_on`` takes
+        it, else to ``h2`` as the frame it was."""
+        self._flow.take_h2_output()
+        try:
+            h2_events = h2wire.receive_headers_on(
+                self._h2, stream_id, block, end_stream=bool(flags & h2data.FLAG_END_STREAM)
+            )
+        except Exception as e:
+            return [self._h2_failure(e)]
+        if h2_events is None:
+            return self._h2_receive(h2data.headers_frame(stream_id, flags, block))
+        return self._h2_events(h2_events)
+
+    def _h2_failure(self, e: Exception) -> ev.ConnectionFailed:
+        """The connection failure for what ``h2`` raised on the peer's frames."""
+        if isinstance(e, DenialOfServiceError):
+            reason = f"peer exceeded a limit: {e}"
+            return self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM, Cause.H2_LIMIT)
+        if isinstance(e, ProtocolError):
+            reason = f"HTTP/2 protocol error from peer: {e}"
+            return self._fail(reason, e.error_code, Cause.PROTOCOL_ERROR)
+        # h2 parses hostile bytes: any other failure is still theirs
+        reason = f"h2 could not process the peer's frames: {e!r}"
+        return self._fail(reason, ErrorCodes.PROTOCOL_ERROR, Cause.UNPARSEABLE)
+
     def _h2_receive_slice(self, data: bytes) -> list[ev.Event]:
         self._flow.take_h2_output()  # what our own commands queued is not a reply
         try:
             h2_events = self._h2.receive_data(data)
-        except DenialOfServiceError as e:
-            reason = f"peer exceeded a limit: {e}"
-            return [self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM, Cause.H2_LIMIT)]
-        except ProtocolError as e:
-            reason = f"HTTP/2 protocol error from peer: {e}"
-            return [self._fail(reason, e.error_code, Cause.PROTOCOL_ERROR)]
-        except Exception as e:  # h2 parses hostile bytes: any other failure is still theirs
-            reason = f"h2 could not process the peer's frames: {e!r}"
-            return [self._fail(reason, ErrorCodes.PROTOCOL_ERROR, Cause.UNPARSEABLE)]
+        except Exception as e:
+            return [self._h2_failure(e)]
+        return self._h2_events(h2_events)
+
+    def _h2_events(self, h2_events: Sequence[h2e.Event]) -> list[ev.Event]:
         out: list[ev.Event] = []
         for h2_event in h2_events:
             out.extend(self._translate(h2_event))

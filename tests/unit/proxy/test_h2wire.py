@@ -8,6 +8,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -15,7 +16,7 @@ from h2.stream import StreamState
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.proxy import h2wire
+from agent.proxy import h2data, h2wire
 from agent.proxy.h2proxy import H2Limits
 from agent.proxy.h2proxy import new_connection as new_proxy_connection
 from agent.proxy.h2wire import GracefulH2Connection, HboneSettings, new_connection
@@ -434,3 +435,88 @@ def test_receive_end_stream_on_moves_state_as_h2s_receive_data(
     assert outcomes[0] == outcomes[1]
     if length == b"5":
         assert outcomes[0][0] == "InvalidBodyLengthError"
+
+
+def _headers_outcome(conn: H2Connection, sid: int, events: object) -> object:
+    described = [
+        (type(e).__name__, getattr(e, "stream_id", None), getattr(e, "headers", None))
+        for e in events  # type: ignore[attr-defined]
+    ]
+    states = {i: h2wire.stream_state(conn, i) for i in range(1, 12)}
+    return described, states, conn.highest_inbound_stream_id, bytes(conn.data_to_send())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.booleans(),
+    st.lists(st.sampled_from([1, 3, 5]), max_size=3, unique=True),
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 2, 3, 5, 7, 9, 11]),
+            st.sampled_from(["connect", "status", "garbage", "huge"]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(1, 3),
+)
+def test_receive_headers_on_moves_state_as_h2s_receive_data(
+    client_side: bool,
+    opened: list[int],
+    frames: list[tuple[int, str, bool]],
+    max_streams: int,
+) -> None:
+    """Reach 11: for any HEADERS frame that is a whole block, ``receive_headers_on`` either
+    declines (and ``h2`` gets the frame) or makes ``h2``'s own calls: the same events,
+    stream states, highest stream id, output and refusals as ``receive_data`` of the frame, on
+    either side, for new, open, half-closed and closed streams, wrong ids, a stream limit,
+    undecodable and oversized blocks."""
+    hbone = HboneSettings(max_concurrent_streams=max_streams, max_header_list_size=1024)
+    conns = [new_connection(client_side=client_side, settings=hbone) for _ in range(2)]
+    peer = H2Connection(
+        h2.config.H2Configuration(client_side=not client_side, validate_outbound_headers=False)
+    )
+    peer.initiate_connection()
+    preface = peer.data_to_send()
+    for conn in conns:
+        conn.receive_data(preface)
+        conn.data_to_send()
+    for sid in sorted(opened)[:max_streams]:  # opened before; 3 ended by us, 5 by the peer
+        for conn in conns:
+            if client_side:
+                conn.send_headers(sid, CONNECT, end_stream=sid == 3)
+            else:
+                conn.receive_data(_frame(sid, CONNECT, sid == 5))
+            conn.data_to_send()
+    encoder = hpack.Encoder()
+    for sid, kind, end in frames:
+        if kind == "connect":
+            block = encoder.encode(CONNECT)
+        elif kind == "status":
+            block = encoder.encode([(":status", "200")])
+        elif kind == "huge":
+            block = encoder.encode([(":status", "200"), ("x-big", "v" * 2000)])
+        else:
+            block = b"\xff\xff\xff\xff\xff"
+        flags = 0x4 | (0x1 if end else 0)
+        frame = h2data.headers_frame(sid, flags, block)
+        outcomes = []
+        for fast, conn in zip((True, False), conns, strict=True):
+            try:
+                events = (
+                    h2wire.receive_headers_on(conn, sid, block, end_stream=end) if fast else None
+                )
+                if events is None:
+                    events = conn.receive_data(frame)
+                outcome = _headers_outcome(conn, sid, events)
+            except Exception as e:  # the codec fails the connection on any of them
+                outcome = (type(e).__name__, _headers_outcome(conn, sid, []))
+            outcomes.append(outcome)
+        assert outcomes[0] == outcomes[1]
+        if isinstance(outcomes[0][0], str):
+            return
+
+
+def _frame(sid: int, headers: list[tuple[str, str]], end: bool) -> bytes:
+    return h2data.headers_frame(sid, 0x4 | (0x1 if end else 0), hpack.Encoder().encode(headers))

@@ -14,6 +14,8 @@ pod.
 
     sudo .venv/bin/python -m tests.integration.proxy.conncost --connections 2000 --runs 5
     ... --profile /tmp/conn.prof   # cProfile over the measured runs
+    ... --split   # node2's proxy in a process of its own: CPU per side (and a profile each,
+                  # the second in /tmp/conn.prof.node2)
 
 Instructions per connection (deterministic enough to compare trees on a loaded machine): the
 difference of two callgrind runs, ``--runs 1 --warmup 30`` with ``--connections`` 100 and 300,
@@ -37,15 +39,20 @@ import os
 import resource
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import tests.integration.proxy.mesh as mesh_module
 from agent.acceptor import accept_forever
 from agent.base.runtime import settle_for_data_plane
+from agent.identity.keysmith import to_pem
 from agent.proxy import sockets
 from agent.telemetry.tcp import TcpMetrics
 from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh, free_port, listener
@@ -88,14 +95,37 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     dst_ip = LOCAL if args.same_node else SERVER
     echo_port = free_port(dst_ip)
     tasks: set[object] = set()
-    hbone = listener(SERVER, mesh.hbone_port)
     outbound = listener("127.0.0.1")
-    mesh._sockets += [hbone, outbound]
+    mesh._sockets.append(outbound)
+    env = {**os.environ, "PYTHONPATH": str(Path(mesh_module.__file__).parents[3])}
+    node2: asyncio.subprocess.Process | None = None
+    if args.split:  # node2's proxy in a process of its own, trusting the same root
+        with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as pem:
+            pem.write(to_pem([mesh.ca.root]).encode() + _key_pem(mesh.ca.key))
+        node2 = await asyncio.create_subprocess_exec(
+            sys.executable,
+            os.path.abspath(__file__),
+            "--node2",
+            pem.name,
+            str(mesh.hbone_port),
+            f"{args.profile}.node2" if args.profile else "",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        assert node2.stdout is not None
+        if (await asyncio.wait_for(node2.stdout.readline(), 30)).strip() != b"ready":
+            raise RuntimeError("node2's process did not start (its error is above)")
+        os.unlink(pem.name)
+    else:
+        hbone = listener(SERVER, mesh.hbone_port)
+        mesh._sockets.append(hbone)
+        handle = mesh.node2.inbound.handle
+        mesh._tasks.append(asyncio.create_task(_serve(mesh, hbone, handle, tasks)))
 
     async def captured(conn: socket.socket) -> object:
         return await mesh.node1.outbound.handle(conn, original_dst=(dst_ip, echo_port))
 
-    mesh._tasks.append(asyncio.create_task(_serve(mesh, hbone, mesh.node2.inbound.handle, tasks)))
     mesh._tasks.append(asyncio.create_task(_serve(mesh, outbound, captured, tasks)))
     child = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -106,20 +136,31 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         str(args.concurrency),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(mesh_module.__file__).parents[3])},
+        env=env,
     )
     assert child.stdin is not None and child.stdout is not None
 
-    async def run(n: int) -> float:
+    async def node2_cpu(command: str = "cpu") -> float:
+        """node2's process CPU (split mode; 0 otherwise)."""
+        if node2 is None:
+            return 0.0
+        assert node2.stdin is not None and node2.stdout is not None
+        node2.stdin.write(f"{command}\n".encode())
+        await node2.stdin.drain()
+        return float(await node2.stdout.readline())
+
+    async def run(n: int) -> tuple[float, float]:
         assert child.stdin is not None and child.stdout is not None
+        other = await node2_cpu()
         child.stdin.write(f"{n}\n".encode())
         await child.stdin.drain()
         before = _cpu()
         reply = await child.stdout.readline()
         spent = _cpu() - before
+        other = await node2_cpu() - other
         if reply.strip() != b"ok":
             raise RuntimeError(f"client child failed: {reply!r}")
-        return spent / n * 1e6
+        return spent / n * 1e6, other / n * 1e6
 
     try:
         ready = await asyncio.wait_for(child.stdout.readline(), 30)
@@ -127,30 +168,86 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             raise RuntimeError("the client child did not start (its error is above)")
         await run(args.warmup)
         settle_for_data_plane()
+        await node2_cpu("settle")
         profile = cProfile.Profile() if args.profile else None
-        runs = []
+        runs, sides = [], []
         for _ in range(args.runs):
             await asyncio.sleep(0.2)  # let the previous run's closes finish
             if profile:
                 profile.enable()
-            runs.append(await run(args.connections))
+            side = await run(args.connections)
             if profile:
                 profile.disable()
+            runs.append(sum(side))
+            sides.append(side)
         if profile:
             profile.dump_stats(args.profile)
-        return {
+        result: dict[str, object] = {
             "path": "same-node" if args.same_node else "cross-node",
             "connections": args.connections,
             "us_per_connection": [round(r, 1) for r in runs],
             "min": round(min(runs), 1),
-            "opened": {
-                "node1": mesh.node1.core.registry.total,
-                "node2": mesh.node2.core.registry.total,
-            },
         }
+        if node2 is not None:
+            result["node1_us"] = [round(s[0], 1) for s in sides]
+            result["node2_us"] = [round(s[1], 1) for s in sides]
+            result["min_node1"] = round(min(s[0] for s in sides), 1)
+            result["min_node2"] = round(min(s[1] for s in sides), 1)
+        return result
     finally:
         child.stdin.close()
         await child.wait()
+        if node2 is not None and node2.stdin is not None:
+            node2.stdin.close()
+            await node2.wait()
+        await mesh.close()
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+async def node2_process(pem_file: str, hbone_port: int, profile_file: str) -> None:
+    """``--split``: node2's proxy alone, its HBONE listener on ``hbone_port``, its test CA
+    replaced by the parent's root (so that each trusts the other's certificates). Commands on
+    stdin: ``cpu`` (answers this process's CPU seconds), ``settle`` (after the warm-up: from
+    then on, cProfile into ``profile_file`` if one is named)."""
+    profile = cProfile.Profile() if profile_file else None
+    data = Path(pem_file).read_bytes()
+    mesh = Mesh()
+    mesh.ca.root = x509.load_pem_x509_certificate(data)
+    key = serialization.load_pem_private_key(data, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    mesh.ca.key = key
+    node = mesh.node2
+    node.core.settings = replace(
+        node.core.settings, hbone_port=hbone_port, connect_timeout=60.0, handshake_timeout=60.0
+    )
+    node.start()
+    node.core.registry.observers.append(TcpMetrics(mesh.store))
+    hbone = listener(SERVER, hbone_port)
+    mesh._sockets.append(hbone)
+    tasks: set[object] = set()
+    mesh._tasks.append(asyncio.create_task(_serve(mesh, hbone, node.inbound.handle, tasks)))
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    print("ready", flush=True)
+    try:
+        while line := await reader.readline():
+            if line.strip() == b"settle":
+                settle_for_data_plane()
+                if profile:
+                    profile.enable()
+            print(_cpu(), flush=True)
+    finally:
+        if profile:
+            profile.disable()
+            profile.dump_stats(profile_file)
         await mesh.close()
 
 
@@ -215,7 +312,11 @@ def cli() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--same-node", action="store_true")
     parser.add_argument("--profile", help="write cProfile stats of the measured runs here")
+    parser.add_argument(
+        "--split", action="store_true", help="node2's proxy in its own process: CPU per side"
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--node2", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         uvloop.run(child(args.child[0], args.child[1], int(args.child[2])))
@@ -225,6 +326,9 @@ def cli() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=open(os.devnull, "w"),  # noqa: SIM115 (for the process's life)
     )
+    if args.node2:
+        uvloop.run(node2_process(args.node2[0], int(args.node2[1]), args.node2[2]))
+        return
     started = time.monotonic()
     result = uvloop.run(main(args))
     result["seconds"] = round(time.monotonic() - started, 1)

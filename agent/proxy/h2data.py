@@ -23,7 +23,11 @@ they are built per frame on the hot path:
 * ``(DATA_CHUNK, stream_id, 0, 0, payload)``: payload bytes, padding removed;
 * ``(DATA_END, stream_id, end_stream, 0, b"")``: the frame is complete;
 * ``(ERROR, 0, 0, 0, b"")``: a connection error, described by ``error`` (code, cause, reason);
-  the splitter must not be fed again.
+  the splitter must not be fed again;
+* ``(HEADERS, stream_id, flags, 0, block)``: a whole HEADERS frame that is a whole header block
+  (END_HEADERS, no padding, no priority) and arrived in one read, outside any other header
+  block: the codec takes it without ``h2``'s frame parsing (``h2wire.receive_headers_on``), or
+  hands it back (``headers_frame``). Any other HEADERS frame goes to ``h2`` as bytes.
 
 Bounds on what ``h2`` buffers: ``h2`` holds every non-DATA frame whole until its last byte, and a
 header block (HEADERS and its CONTINUATIONs) whole until END_HEADERS; its own checks apply the
@@ -57,10 +61,11 @@ TYPE_CONTINUATION = 0x9
 FLAG_END_STREAM = 0x1
 FLAG_END_HEADERS = 0x4
 FLAG_PADDED = 0x8
+FLAG_PRIORITY = 0x20
 STREAM_ID_MASK = 0x7FFFFFFF
 MAX_WINDOW_INCREMENT = 0x7FFFFFFF
 
-H2, DATA_START, DATA_CHUNK, DATA_END, ERROR = range(5)
+H2, DATA_START, DATA_CHUNK, DATA_END, ERROR, HEADERS = range(6)
 Token = tuple[int, int, int, int, bytes]
 EMPTY = b""
 
@@ -69,6 +74,11 @@ def data_frame_header(length: int, stream_id: int, *, end_stream: bool = False) 
     """The 9 bytes that precede ``length`` payload bytes of an unpadded DATA frame."""
     flags = FLAG_END_STREAM if end_stream else 0
     return FRAME_HEADER.pack(length << 8 | TYPE_DATA, flags, stream_id)
+
+
+def headers_frame(stream_id: int, flags: int, block: bytes) -> bytes:
+    """A ``HEADERS`` token's frame again, byte for byte, for ``h2``."""
+    return FRAME_HEADER.pack(len(block) << 8 | TYPE_HEADERS, flags, stream_id) + block
 
 
 def window_update_frame(stream_id: int, increment: int) -> bytes:
@@ -152,6 +162,20 @@ class InboundSplitter:
                 from_view = True
             length_type, flags, stream_id = FRAME_HEADER.unpack(header)
             length = length_type >> 8
+            if (
+                length_type & 0xFF == TYPE_HEADERS
+                and flags & (FLAG_END_HEADERS | FLAG_PADDED | FLAG_PRIORITY) == FLAG_END_HEADERS
+                and not self.header_block
+                and length <= min(self.max_control_frame, self.max_header_block, end - pos)
+            ):
+                if h2_start >= 0:
+                    out.append((H2, 0, 0, 0, bytes(view[h2_start : pos - HEADER_SIZE])))
+                    h2_start = -1
+                out.append(
+                    (HEADERS, stream_id & STREAM_ID_MASK, flags, 0, bytes(view[pos : pos + length]))
+                )
+                pos += length
+                continue
             if length_type & 0xFF != TYPE_DATA:
                 if (
                     self.header_block

@@ -86,6 +86,24 @@ import so that a missing member stops the agent at start-up instead of in the mi
    only within them): the state machines' ``SEND_DATA`` (and ``SEND_END_STREAM``), the frame
    appended, both send windows charged as ``h2``'s ``send_data`` does (reach 3), without
    hyperframe's ``DataFrame``.
+10. Receiving END_STREAM on an empty DATA frame (``receive_end_stream_on``): HBONE's splitter
+   (``agent.proxy.h2data``) keeps DATA out of ``h2`` but fed it an empty DATA frame for each
+   END_STREAM, which ``h2`` parsed into a hyperframe object and dispatched. For a stream that
+   may still receive, the function makes the calls ``H2Connection._receive_data_frame`` makes
+   for such a frame: the connection's ``state_machine`` with ``ConnectionInputs.RECV_DATA``,
+   then the stream's own ``receive_data`` (its state machine, its content-length check), and
+   returns their events; a ``ProtocolError`` queues GOAWAY (``_terminate_connection``) before
+   it is raised, as ``receive_data`` does.
+11. Receiving a header block that came whole in one HEADERS frame (``receive_headers_on``):
+   ``h2`` would parse the frame into a hyperframe object and dispatch it; for a new stream the
+   peer may open (right parity, above ``highest_inbound_stream_id``, within our
+   ``max_concurrent_streams``) or a stream that may still receive, the function makes the calls
+   ``H2Connection._receive_headers_frame`` makes: ``h2.connection._decode_headers`` with the
+   connection's decoder, the ``state_machine`` with ``ConnectionInputs.RECV_HEADERS``,
+   ``_get_or_create_stream`` for a new stream, the stream's ``receive_headers``; a
+   ``ProtocolError`` queues GOAWAY (``_terminate_connection``) and is raised, as in
+   ``receive_data``. Any other block (a stream that is closed, idle on the wrong side, over the
+   limit) goes to ``h2`` as a frame, so that ``h2`` decides its fate.
 Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
 ``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
 """
@@ -382,6 +400,52 @@ def send_data_on(conn: H2Connection, stream_id: int, data: bytes, *, end_stream:
     stream.outbound_flow_control_window -= n
 
 
+def receive_end_stream_on(conn: H2Connection, stream_id: int) -> list[Event]:
+    """What ``conn.receive_data`` does with an empty DATA frame carrying END_STREAM on a stream
+    that may receive (``can_receive``), without the frame (reach 10): the same state machines,
+    checks (a stream's declared content-length: ``ProtocolError``) and events."""
+    try:
+        events: list[Event] = conn.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        _frames, stream_events = conn.streams[stream_id].receive_data(b"", True, 0)
+    except ProtocolError as e:  # as ``receive_data``: GOAWAY queued, then the error raised
+        conn._terminate_connection(e.error_code)
+        raise
+    return events + stream_events
+
+
+def receive_headers_on(
+    conn: H2Connection, stream_id: int, block: bytes, *, end_stream: bool
+) -> list[Event] | None:
+    """What ``conn.receive_data`` does with a HEADERS frame carrying ``block`` whole (END_HEADERS,
+    no padding or priority), without the frame (reach 11); None, having done nothing, when the
+    stream is not one the fast path takes: hand the frame to ``h2`` then."""
+    stream = conn.streams.get(stream_id)
+    client_side = conn.config.client_side
+    if stream is None:
+        if (
+            client_side
+            or stream_id % 2 == 0
+            or stream_id <= conn.highest_inbound_stream_id
+            or conn.open_inbound_streams + 1 > conn.local_settings.max_concurrent_streams
+        ):
+            return None
+    elif stream.state_machine.state not in RECEIVING:
+        return None
+    try:
+        headers = _h2_connection._decode_headers(conn.decoder, block)
+        events: list[Event] = conn.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        if stream is None:
+            stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(not client_side))
+        frames, stream_events = stream.receive_headers(
+            headers, end_stream, conn.config.header_encoding
+        )
+    except ProtocolError as e:
+        conn._terminate_connection(e.error_code)
+        raise
+    conn._prepare_for_sending(frames)
+    return events + stream_events
+
+
 def tableless_headers(conn: H2Connection) -> None:
     """Make ``conn`` encode header blocks with ``TablelessEncoder`` and decode them with
     ``LeanDecoder`` (keeping the limits ``h2`` set on its decoder); call before it sends."""
@@ -489,8 +553,17 @@ def take_send_window(conn: H2Connection, stream: H2Stream, most: int) -> int:
 def check_h2_internals() -> None:
     """Fail at once, naming the member, if the installed ``h2`` lacks what this module uses."""
     missing = [
-        n for n in ("_prepare_for_sending", "_receive_goaway_frame") if not hasattr(H2Connection, n)
+        n
+        for n in (
+            "_prepare_for_sending",
+            "_receive_goaway_frame",
+            "_terminate_connection",
+            "_get_or_create_stream",
+        )
+        if not hasattr(H2Connection, n)
     ]
+    if not hasattr(_h2_connection, "_decode_headers"):
+        missing.append("h2.connection._decode_headers")
     if not hasattr(Encoder, "_encode_table_size_change"):
         missing.append("hpack.Encoder._encode_table_size_change")
     table = getattr(Decoder(), "header_table", None)

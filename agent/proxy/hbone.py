@@ -28,9 +28,10 @@ Each refusal carries a ``cause`` for the owner's metric.
 
 The DATA fast path: DATA frames never go through ``h2`` (why: ``agent.proxy.h2data``, which
 splits the incoming bytes; windows and framing: ``agent.proxy.hbone_flow``). Every other frame
-does, and ``h2`` still sees one empty DATA frame where the peer's carried END_STREAM, or where
-the stream cannot take data (unknown, closed, reset), so that its state machine ends the stream
-or answers with the right stream or connection error.
+does, and ``h2`` still sees one empty DATA frame where the stream cannot take data (unknown,
+closed, reset), so that its state machine answers with the right stream or connection error.
+A peer's END_STREAM on a stream that may receive goes through ``h2``'s state machines without
+the frame (``h2wire.receive_end_stream_on``), and ours is framed by ``h2wire.send_data_on``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from h2.stream import StreamState
 
 from agent.proxy import h2data, h2wire
 from agent.proxy import hbone_events as ev
-from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2
-from agent.proxy.h2wire import HboneSettings, new_connection
+from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2, HEADERS
+from agent.proxy.h2headers import Block, MalformedHeaders, check_block
+from agent.proxy.h2wire import HboneSettings, new_connection, send_data_on, send_headers_on
 from agent.proxy.hbone_events import Cause
 from agent.proxy.hbone_flow import DataFlow
 
@@ -58,6 +60,15 @@ SERVICE_HEADER = "nodemesh-service"
 # h2 keeps a stream's request method for the stream's life (``H2Stream.request_method``): given
 # as bytes it is this one object, not a copy encoded for each tunnel.
 _METHOD_CONNECT = (b":method", b"CONNECT")
+_FORWARDED, _SERVICE = FORWARDED_HEADER.encode(), SERVICE_HEADER.encode()
+_STATUS_200 = [(b":status", b"200")]
+# What each received block is checked as (``h2headers.check_block``, h2's own check being off).
+_BLOCKS = {
+    h2e.RequestReceived: Block.REQUEST,
+    h2e.ResponseReceived: Block.RESPONSE,
+    h2e.InformationalResponseReceived: Block.RESPONSE,
+    h2e.TrailersReceived: Block.TRAILERS,
+}
 # Non-DATA bytes are handed to h2 at most this many at a time, so that the replies one read can
 # make us queue are checked against ``max_unsent_replies`` every few hundred frames.
 H2_SLICE = 16 * 1024
@@ -125,6 +136,12 @@ class HboneConnection:
         self.settings = settings or HboneSettings()
         self.client_side = client_side
         self._h2 = new_connection(client_side=client_side, settings=self.settings)
+        # Header blocks: sent without Huffman coding or dynamic table and decoded in one loop
+        # (a peer's Huffman-coded, indexed blocks too), checked by ``check_block``: ARCHITECTURE,
+        # "What a new connection costs".
+        h2wire.tableless_headers(self._h2)
+        self._h2.config.validate_inbound_headers = False
+        self._h2.config.normalize_inbound_headers = False
         self._flow = DataFlow(self._h2, self.settings, client_side=client_side)
         self._out: dict[int, bytearray] = {}
         self._queued = 0  # bytes in ``_out``
@@ -151,6 +168,12 @@ class HboneConnection:
                     flow.consumed(stream_id, len(payload))
             elif kind == H2:
                 to_h2 += payload
+            elif kind == HEADERS:
+                if to_h2:  # the frames before it, in order
+                    out += self._h2_receive(to_h2)
+                    to_h2.clear()
+                if not self.failed:
+                    out += self._headers_received(stream_id, a, payload)
             elif kind == DATA_START:
                 if to_h2:  # the frames before this one may have opened or closed its stream
                     out += self._h2_receive(to_h2)
@@ -159,8 +182,12 @@ class HboneConnection:
                 if error:
                     out.append(self._fail(error[1], error[0], Cause.FLOW_CONTROL))
             elif kind == DATA_END:
-                if a or stream_id != flow.deliver_to:
-                    # END_STREAM, or a stream that cannot take data: h2's state machine decides.
+                if a and stream_id == flow.deliver_to:
+                    # END_STREAM on a stream that may receive (``to_h2`` is empty: it was
+                    # handed on at DATA_START): h2's state machines, without the frame.
+                    out += self._end_received(stream_id)
+                elif stream_id != flow.deliver_to:
+                    # A stream that cannot take data: h2's state machine decides.
                     to_h2 += h2data.data_frame_header(0, stream_id, end_stream=bool(a))
                 flow.deliver_to = flow.counted = 0
             else:
@@ -184,19 +211,42 @@ class HboneConnection:
                 break
         return out
 
+    def _headers_received(self, stream_id: int, flags: int, block: bytes) -> list[ev.Event]:
+        """A HEADERS frame that is a whole header block (``h2data.HEADERS``): through ``h2``'s
+        state machines without its frame parsing where ``h2wire.receive_headers_on`` takes
+        it, else to ``h2`` as the frame it was."""
+        self._flow.take_h2_output()
+        try:
+            h2_events = h2wire.receive_headers_on(
+                self._h2, stream_id, block, end_stream=bool(flags & h2data.FLAG_END_STREAM)
+            )
+        except Exception as e:
+            return [self._h2_failure(e)]
+        if h2_events is None:
+            return self._h2_receive(h2data.headers_frame(stream_id, flags, block))
+        return self._h2_events(h2_events)
+
+    def _h2_failure(self, e: Exception) -> ev.ConnectionFailed:
+        """The connection failure for what ``h2`` raised on the peer's frames."""
+        if isinstance(e, DenialOfServiceError):
+            reason = f"peer exceeded a limit: {e}"
+            return self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM, Cause.H2_LIMIT)
+        if isinstance(e, ProtocolError):
+            reason = f"HTTP/2 protocol error from peer: {e}"
+            return self._fail(reason, e.error_code, Cause.PROTOCOL_ERROR)
+        # h2 parses hostile bytes: any other failure is still theirs
+        reason = f"h2 could not process the peer's frames: {e!r}"
+        return self._fail(reason, ErrorCodes.PROTOCOL_ERROR, Cause.UNPARSEABLE)
+
     def _h2_receive_slice(self, data: bytes) -> list[ev.Event]:
         self._flow.take_h2_output()  # what our own commands queued is not a reply
         try:
             h2_events = self._h2.receive_data(data)
-        except DenialOfServiceError as e:
-            reason = f"peer exceeded a limit: {e}"
-            return [self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM, Cause.H2_LIMIT)]
-        except ProtocolError as e:
-            reason = f"HTTP/2 protocol error from peer: {e}"
-            return [self._fail(reason, e.error_code, Cause.PROTOCOL_ERROR)]
-        except Exception as e:  # h2 parses hostile bytes: any other failure is still theirs
-            reason = f"h2 could not process the peer's frames: {e!r}"
-            return [self._fail(reason, ErrorCodes.PROTOCOL_ERROR, Cause.UNPARSEABLE)]
+        except Exception as e:
+            return [self._h2_failure(e)]
+        return self._h2_events(h2_events)
+
+    def _h2_events(self, h2_events: Sequence[h2e.Event]) -> list[ev.Event]:
         out: list[ev.Event] = []
         for h2_event in h2_events:
             out.extend(self._translate(h2_event))
@@ -211,6 +261,17 @@ class HboneConnection:
             out.append(self._fail(reason, ErrorCodes.ENHANCE_YOUR_CALM, Cause.CONTROL_FLOOD))
         return out
 
+    def _end_received(self, stream_id: int) -> list[ev.Event]:
+        try:
+            h2_events = h2wire.receive_end_stream_on(self._h2, stream_id)
+        except ProtocolError as e:  # a declared content-length the stream did not carry
+            reason = f"HTTP/2 protocol error from peer: {e}"
+            return [self._fail(reason, e.error_code, Cause.PROTOCOL_ERROR)]
+        out: list[ev.Event] = []
+        for h2_event in h2_events:
+            out.extend(self._translate(h2_event))
+        return out
+
     def output_accepted(self) -> None:
         """The transport took everything ``data_to_send`` returned so far without exceeding its
         buffer limit: the replies queued until now no longer count against the peer."""
@@ -221,6 +282,13 @@ class HboneConnection:
         return self._flow.data_to_send()
 
     def _translate(self, event: h2e.Event) -> Sequence[ev.Event]:
+        block = _BLOCKS.get(type(event))
+        if block is not None:
+            try:  # split cookies come back joined, as h2's normalisation joined them
+                event.headers = check_block(event.headers or (), block)  # type: ignore[attr-defined]
+            except MalformedHeaders as e:
+                reason = f"HTTP/2 protocol error from peer: {e}"
+                return [self._fail(reason, ErrorCodes.PROTOCOL_ERROR, Cause.PROTOCOL_ERROR)]
         if isinstance(event, h2e.RequestReceived):
             return [self._on_request(event)]
         if isinstance(event, h2e.ResponseReceived):
@@ -281,7 +349,7 @@ class HboneConnection:
         self._forget(stream_id)
         if h2wire.stream_state(self._h2, stream_id) in (None, StreamState.CLOSED):
             return
-        self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+        send_headers_on(self._h2, stream_id, [(b":status", b"%d" % status)], end_stream=True)
         if h2wire.stream_state(self._h2, stream_id) is not StreamState.CLOSED:
             self._h2.reset_stream(stream_id, ErrorCodes.NO_ERROR)
 
@@ -326,15 +394,12 @@ class HboneConnection:
         """Client side: send CONNECT; returns the stream id (``TunnelAccepted`` follows).
         ``service``: the dialled Service as ``namespace/name`` (``SERVICE_HEADER``)."""
         sid = self._h2.get_next_available_stream_id()
-        headers: list[tuple[bytes | str, bytes | str]] = [
-            _METHOD_CONNECT,
-            (":authority", authority),
-        ]
+        headers = [_METHOD_CONNECT, (b":authority", authority.encode())]
         if client_ip:
-            headers.append((FORWARDED_HEADER, format_forwarded(client_ip)))
+            headers.append((_FORWARDED, format_forwarded(client_ip).encode()))
         if service:
-            headers.append((SERVICE_HEADER, service))
-        self._h2.send_headers(sid, headers)
+            headers.append((_SERVICE, service.encode()))
+        send_headers_on(self._h2, sid, headers, end_stream=False)
         return sid
 
     def can_open_stream(self) -> bool:
@@ -351,7 +416,7 @@ class HboneConnection:
             self._reset_pending.discard(stream_id)
             return
         if status == 200:
-            self._h2.send_headers(stream_id, [(":status", "200")])
+            send_headers_on(self._h2, stream_id, _STATUS_200, end_stream=False)
         else:
             self._end_refused(stream_id, status)
 
@@ -451,7 +516,7 @@ class HboneConnection:
                 return []
         if stream_id in self._end_after_flush:
             self._end_after_flush.discard(stream_id)
-            self._h2.end_stream(stream_id)
+            send_data_on(self._h2, stream_id, b"", end_stream=True)
         del self._out[stream_id]
         return [ev.StreamDrained(stream_id)]
 

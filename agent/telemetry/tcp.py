@@ -17,6 +17,12 @@ TCP flow to one destination: its requests go to several endpoints, each reported
 counted by the destination. So it is left out of these counters, as Istio's proxies report an
 HTTP listener's traffic as requests only; it still shows in ``/connections`` and the access log.
 
+Labels are computed once per label-relevant shape of a record (``_labels``): the addresses
+without the client's port, the dialled Service, direction, identities, security, path and
+failure, for the state version they were computed in. Every connection of one client pod to one
+Service looks the same, so a new connection costs a tuple and a dictionary look-up instead of
+the workload and Service look-ups of ``tcp_labels``.
+
 Single-threaded by design: records, observers and ``collect`` all run on the agent's event loop
 (the metrics endpoint is served there), so no lock is needed.
 """
@@ -36,6 +42,7 @@ from agent.telemetry.labels import (
     LABEL_NAMES,
     TcpLabels,
     endpoint_services,
+    host_of,
     response_flags,
     tcp_labels,
 )
@@ -46,6 +53,8 @@ CLOSED = "istio_tcp_connections_closed_total"
 SENT = "istio_tcp_sent_bytes_total"
 RECEIVED = "istio_tcp_received_bytes_total"
 OPEN_NOW = "nodemesh_open_connections"
+# Label sets kept per state version (``TcpMetrics._labels``); past this the cache starts over.
+LABEL_CACHE_SIZE = 4096
 
 
 class TcpMetrics(Collector):
@@ -60,6 +69,7 @@ class TcpMetrics(Collector):
         self._sent: Counter[TcpLabels] = Counter()
         self._received: Counter[TcpLabels] = Counter()
         self._endpoints: tuple[int, Mapping[str, str]] = (-1, {})
+        self._label_cache: dict[tuple[str | None, ...], TcpLabels] = {}
 
     # -- ConnectionObserver ------------------------------------------------------------------
     def opened(self, record: ConnectionRecord) -> None:
@@ -122,9 +132,30 @@ class TcpMetrics(Collector):
 
     def _labels(self, record: ConnectionRecord) -> TcpLabels:
         snap = self._store.snapshot()
+        cache = self._label_cache
         if self._endpoints[0] != snap.version:
             self._endpoints = (snap.version, endpoint_services(snap))
-        return tcp_labels(record, snap, self._endpoints[1])
+            cache.clear()
+        # Everything ``tcp_labels`` reads of the record (the source's port it does not).
+        key = (
+            host_of(record.source),
+            record.destination,
+            record.upstream,
+            record.service,
+            record.direction,
+            record.source_identity,
+            record.destination_identity,
+            record.security,
+            record.path,
+            record.failure,
+        )
+        labels = cache.get(key)
+        if labels is None:
+            labels = tcp_labels(record, snap, self._endpoints[1])
+            if len(cache) >= LABEL_CACHE_SIZE:
+                cache.clear()
+            cache[key] = labels
+        return labels
 
 
 def _counted(record: ConnectionRecord) -> bool:

@@ -8,6 +8,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import pytest
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -15,7 +16,7 @@ from h2.stream import StreamState
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.proxy import h2wire
+from agent.proxy import h2data, h2wire
 from agent.proxy.h2proxy import H2Limits
 from agent.proxy.h2proxy import new_connection as new_proxy_connection
 from agent.proxy.h2wire import GracefulH2Connection, HboneSettings, new_connection
@@ -380,3 +381,142 @@ def test_send_headers_on_opens_streams_as_h2s_send_headers(
                 and (stream.inbound_flow_control_window, stream.outbound_flow_control_window),
             ]
         assert outcome[:6] == outcome[6:]
+
+
+def _stream_receiving(
+    *, client_side: bool, half_closed: bool, length: bytes | None
+) -> tuple[H2Connection, H2Connection]:
+    """Our HBONE connection (``client_side``) and a plain peer, stream 1 open both ways (or
+    half-closed by us); ``length``: a content-length the peer's request or response declared."""
+    ours = new_connection(client_side=client_side, settings=HboneSettings())
+    plain = H2Connection(
+        h2.config.H2Configuration(client_side=not client_side, validate_outbound_headers=False)
+    )
+    plain.initiate_connection()
+    plain.receive_data(ours.data_to_send())
+    ours.receive_data(plain.data_to_send())
+    extra = [("content-length", length.decode())] if length is not None else []
+    if client_side:
+        ours.send_headers(1, CONNECT)
+        plain.receive_data(ours.data_to_send())
+        plain.send_headers(1, [(":status", "200"), *extra])
+    else:
+        plain.send_headers(1, CONNECT + extra)
+        ours.receive_data(plain.data_to_send())
+        ours.send_headers(1, [(":status", "200")])
+    ours.receive_data(plain.data_to_send())
+    if half_closed:
+        ours.end_stream(1)
+    return ours, plain
+
+
+@pytest.mark.parametrize("client_side", [True, False])
+@pytest.mark.parametrize("half_closed", [False, True])
+@pytest.mark.parametrize("length", [None, b"0", b"5"])
+def test_receive_end_stream_on_moves_state_as_h2s_receive_data(
+    client_side: bool, half_closed: bool, length: bytes | None
+) -> None:
+    """Reach 10: ``receive_end_stream_on`` makes the calls ``h2``'s ``receive_data`` makes for
+    an empty DATA frame with END_STREAM (``H2Connection.state_machine``, ``H2Stream.
+    receive_data``): the same events, stream state, output and content-length refusal."""
+    outcomes = []
+    for fast in (True, False):
+        ours, _ = _stream_receiving(client_side=client_side, half_closed=half_closed, length=length)
+        ours.data_to_send()
+        try:
+            if fast:
+                events = h2wire.receive_end_stream_on(ours, 1)
+            else:
+                events = ours.receive_data(bytes.fromhex("000000000100000001"))
+            outcome: object = [(type(e).__name__, getattr(e, "stream_id", None)) for e in events]
+        except h2.exceptions.ProtocolError as e:
+            outcome = type(e).__name__
+        outcomes.append((outcome, h2wire.stream_state(ours, 1), bytes(ours.data_to_send())))
+    assert outcomes[0] == outcomes[1]
+    if length == b"5":
+        assert outcomes[0][0] == "InvalidBodyLengthError"
+
+
+def _headers_outcome(conn: H2Connection, sid: int, events: object) -> object:
+    described = [
+        (type(e).__name__, getattr(e, "stream_id", None), getattr(e, "headers", None))
+        for e in events  # type: ignore[attr-defined]
+    ]
+    states = {i: h2wire.stream_state(conn, i) for i in range(1, 12)}
+    return described, states, conn.highest_inbound_stream_id, bytes(conn.data_to_send())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.booleans(),
+    st.lists(st.sampled_from([1, 3, 5]), max_size=3, unique=True),
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 2, 3, 5, 7, 9, 11]),
+            st.sampled_from(["connect", "status", "garbage", "huge"]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(1, 3),
+)
+def test_receive_headers_on_moves_state_as_h2s_receive_data(
+    client_side: bool,
+    opened: list[int],
+    frames: list[tuple[int, str, bool]],
+    max_streams: int,
+) -> None:
+    """Reach 11: for any HEADERS frame that is a whole block, ``receive_headers_on`` either
+    declines (and ``h2`` gets the frame) or makes ``h2``'s own calls: the same events,
+    stream states, highest stream id, output and refusals as ``receive_data`` of the frame, on
+    either side, for new, open, half-closed and closed streams, wrong ids, a stream limit,
+    undecodable and oversized blocks."""
+    hbone = HboneSettings(max_concurrent_streams=max_streams, max_header_list_size=1024)
+    conns = [new_connection(client_side=client_side, settings=hbone) for _ in range(2)]
+    peer = H2Connection(
+        h2.config.H2Configuration(client_side=not client_side, validate_outbound_headers=False)
+    )
+    peer.initiate_connection()
+    preface = peer.data_to_send()
+    for conn in conns:
+        conn.receive_data(preface)
+        conn.data_to_send()
+    for sid in sorted(opened)[:max_streams]:  # opened before; 3 ended by us, 5 by the peer
+        for conn in conns:
+            if client_side:
+                conn.send_headers(sid, CONNECT, end_stream=sid == 3)
+            else:
+                conn.receive_data(_frame(sid, CONNECT, sid == 5))
+            conn.data_to_send()
+    encoder = hpack.Encoder()
+    for sid, kind, end in frames:
+        if kind == "connect":
+            block = encoder.encode(CONNECT)
+        elif kind == "status":
+            block = encoder.encode([(":status", "200")])
+        elif kind == "huge":
+            block = encoder.encode([(":status", "200"), ("x-big", "v" * 2000)])
+        else:
+            block = b"\xff\xff\xff\xff\xff"
+        flags = 0x4 | (0x1 if end else 0)
+        frame = h2data.headers_frame(sid, flags, block)
+        outcomes = []
+        for fast, conn in zip((True, False), conns, strict=True):
+            try:
+                events = (
+                    h2wire.receive_headers_on(conn, sid, block, end_stream=end) if fast else None
+                )
+                if events is None:
+                    events = conn.receive_data(frame)
+                outcome = _headers_outcome(conn, sid, events)
+            except Exception as e:  # the codec fails the connection on any of them
+                outcome = (type(e).__name__, _headers_outcome(conn, sid, []))
+            outcomes.append(outcome)
+        assert outcomes[0] == outcomes[1]
+        if isinstance(outcomes[0][0], str):
+            return
+
+
+def _frame(sid: int, headers: list[tuple[str, str]], end: bool) -> bytes:
+    return h2data.headers_frame(sid, 0x4 | (0x1 if end else 0), hpack.Encoder().encode(headers))

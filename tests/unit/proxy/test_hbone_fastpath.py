@@ -10,6 +10,7 @@ from __future__ import annotations
 import h2.config
 import h2.connection
 import h2.events
+import pytest
 from h2.errors import ErrorCodes
 from hpack import Encoder
 from hyperframe.frame import HeadersFrame
@@ -211,3 +212,32 @@ def test_data_on_stream_zero_is_a_protocol_error() -> None:
     (failed,) = server.receive(data_frame_header(1, 0) + b"x")
     assert isinstance(failed, ev.ConnectionFailed)
     assert failed.error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_end_stream_both_ways_without_h2s_frame_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """END_STREAM is sent by ``send_data_on`` and, on a stream that may receive, taken without
+    ``h2`` parsing a frame: neither ``h2``'s ``end_stream`` nor its ``receive_data`` runs; the
+    plain peer sees the stream end, and so does the codec."""
+    raw, server, (sid,) = server_with_raw_client()
+    raw.receive_data(server.data_to_send())
+    calls: list[str] = []
+
+    def refuse_end_stream(*_args: object) -> None:
+        raise AssertionError("h2's end_stream ran")
+
+    real_receive = h2.connection.H2Connection.receive_data
+
+    def counting_receive(self: h2.connection.H2Connection, data: bytes) -> object:
+        calls.append("receive_data")
+        return real_receive(self, data)
+
+    raw.send_data(sid, b"", end_stream=True)
+    wire = raw.data_to_send()
+    monkeypatch.setattr(h2.connection.H2Connection, "end_stream", refuse_end_stream)
+    monkeypatch.setattr(h2.connection.H2Connection, "receive_data", counting_receive)
+    assert server.receive(wire) == [ev.StreamEnded(sid)]
+    assert calls == []
+    server.end_stream(sid)
+    monkeypatch.undo()
+    events = raw.receive_data(server.data_to_send())
+    assert [type(e) for e in events] == [h2.events.DataReceived, h2.events.StreamEnded]

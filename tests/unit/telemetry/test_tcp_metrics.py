@@ -6,6 +6,8 @@ import json
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.policy.authz import Decision
 from agent.proxy.records import Registry
@@ -13,15 +15,25 @@ from agent.state.model import Endpoint, Service, ServicePort
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.labels import endpoint_services, host_of, tcp_labels
+from agent.telemetry.records import (
+    INBOUND,
+    OUTBOUND,
+    SECURITY_MTLS,
+    SECURITY_NONE,
+    ConnectionRecord,
+)
+from agent.telemetry.tcp import TcpMetrics
 from tests.unit.telemetry.telemetry_helpers import (
     CLIENT_ID,
     SERVER_ID,
+    VIP,
     inbound,
     make_store,
     outbound,
     samples,
     total,
 )
+from tests.workloads import workload
 
 SENT = "istio_tcp_sent_bytes_total"
 RECEIVED = "istio_tcp_received_bytes_total"
@@ -210,3 +222,65 @@ def test_a_pod_behind_two_services_is_labelled_with_the_one_whose_port_was_reach
     assert tcp_labels(to_grpc, snap, by_endpoint).destination_service == (
         "grpc.default.svc.cluster.local"
     )
+
+
+SOURCES = ["10.244.1.2:40000", "10.244.1.2:40001", "10.244.2.3:5000", "[fd00::1]:7", "9.9.9.9:1"]
+DESTINATIONS = [f"{VIP}:80", "10.244.2.2:8080", "10.244.2.3:8080", "10.244.2.2:9000"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            ConnectionRecord,
+            st.sampled_from([OUTBOUND, INBOUND]),
+            st.sampled_from(SOURCES),
+            st.sampled_from(DESTINATIONS),
+            source_identity=st.sampled_from([None, CLIENT_ID, SERVER_ID]),
+            destination_identity=st.sampled_from([None, SERVER_ID]),
+            security=st.sampled_from([SECURITY_NONE, SECURITY_MTLS]),
+            path=st.sampled_from(["hbone", "local", "passthrough", "plaintext"]),
+            upstream=st.sampled_from(["", *DESTINATIONS[1:]]),
+            failure=st.sampled_from(["", "policy_denied", "upstream_unreachable"]),
+            service=st.sampled_from(["", "server.default.svc.cluster.local"]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.integers(0, 12),
+)
+def test_cached_labels_are_what_tcp_labels_computes(
+    records: list[ConnectionRecord], rename_at: int
+) -> None:
+    """Each opened record is labelled as ``tcp_labels`` labels it in the current state, also
+    after a state change (the server pods' app label renamed) between records."""
+    store = make_store()
+    metrics = TcpMetrics(store, access_log=False)
+    for i, record in enumerate(records):
+        if i == rename_at:
+            with store.update() as txn:
+                for name, ip in (("server-0", "10.244.2.2"), ("server-1", "10.244.2.3")):
+                    txn.put_workload(workload(name, "node2", ip, sa="server", app="renamed"))
+        record.id = i + 1
+        metrics.opened(record)
+        snap = store.snapshot()
+        assert metrics._live[record.id][1] == tcp_labels(record, snap, endpoint_services(snap))
+
+
+def test_labels_are_computed_once_per_client_pod_and_destination(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    computed: list[ConnectionRecord] = []
+
+    def counting(record: ConnectionRecord, *args: object) -> object:
+        computed.append(record)
+        return tcp_labels(record, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("agent.telemetry.tcp.tcp_labels", counting)
+    metrics = TcpMetrics(make_store(), access_log=False)
+    for port in range(40000, 40010):
+        record = outbound(port)
+        record.id = port
+        metrics.opened(record)
+        metrics.closed(record)
+    assert len(computed) == 1

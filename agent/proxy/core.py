@@ -57,6 +57,8 @@ class ProxySettings:
     pool_idle_timeout: float = 300.0
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     hbone: HboneSettings = field(default_factory=HboneSettings)
+    # HTTP/2 and gRPC through HBONE relayed frame by frame (``h2relay``), not terminated
+    h2_relay: bool = False
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,10 @@ tests run against it, then what only the relay has (HPACK state across the relay
 from __future__ import annotations
 
 import pytest
-from h2.events import DataReceived, RequestReceived, ResponseReceived, TrailersReceived
 
 import tests.unit.proxy.h2peers as h2peers
 import tests.unit.proxy.test_h2proxy as full
 from agent.proxy.h2relay import H2Relay
-from tests.unit.proxy.h2peers import Wire
 
 # The destination's behaviours, as ``test_h2proxy.py`` states them for ``H2Proxy``. Left out,
 # as they are about ``H2Proxy``'s own re-encoding of what it forwards (the relay forwards blocks

@@ -4,10 +4,14 @@ tests run against it, then what only the relay has (HPACK state across the relay
 from __future__ import annotations
 
 import pytest
+from h2.events import DataReceived, RequestReceived, ResponseReceived, TrailersReceived
+from h2.settings import SettingCodes
 
 import tests.unit.proxy.h2peers as h2peers
 import tests.unit.proxy.test_h2proxy as full
 from agent.proxy.h2relay import H2Relay
+from agent.proxy.h2wire import encode_field
+from tests.unit.proxy.h2peers import Wire
 
 # The destination's behaviours, as ``test_h2proxy.py`` states them for ``H2Proxy``. Left out,
 # as they are about ``H2Proxy``'s own re-encoding of what it forwards (the relay forwards blocks
@@ -50,3 +54,92 @@ def _relay(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every ``H2Proxy`` these tests make at the destination is an ``H2Relay``."""
     monkeypatch.setattr(h2peers, "H2Proxy", H2Relay)
     monkeypatch.setattr(full, "H2Proxy", H2Relay)
+
+
+# -- HPACK state across the relay ---------------------------------------------------------------
+def _pod_requests(w: Wire) -> list[dict[bytes, bytes]]:
+    return [dict(e.headers) for e in w.pod_events if isinstance(e, RequestReceived)]
+
+
+def test_a_refused_request_that_filled_the_clients_table_leaves_the_pods_decoder_right() -> None:
+    """The client's encoder indexes ``x-tenant`` in the denied request's block, which the pod
+    never gets; the next request refers to that entry. The relay re-encodes it (and every later
+    block) without the table, so the pod reads the right value instead of failing to decode."""
+    w = Wire()
+    w.request("/denied", extra=[(b"x-tenant", b"blue")])
+    w.run()
+    w.request("/fine", extra=[(b"x-tenant", b"blue")])
+    w.request("/fine/2", extra=[(b"x-tenant", b"green")])
+    w.run()
+    got = [(r[b":path"], r[b"x-tenant"]) for r in _pod_requests(w)]
+    assert got == [(b"/fine", b"blue"), (b"/fine/2", b"green")]
+    assert w.proxy.take_rejections() == []
+
+
+def test_trailers_held_behind_data_are_re_encoded_and_later_blocks_stay_in_step() -> None:
+    """Trailers that wait behind DATA the pod's window holds cannot go in the client's order:
+    they are re-encoded without the table, and so is what follows (the client's later blocks
+    may refer to the entries the trailers added)."""
+    w = Wire()
+    sid = w.request("/upload", end=False)
+    w.run()
+    body = b"x" * 65535 + b"y" * 1000  # beyond the pod's default window: the end is held
+    for start in range(0, len(body), 16384):
+        w.client.send_data(sid, body[start : start + 16384])
+    w.client.send_headers(sid, [(b"x-checksum", b"abc")], end_stream=True)
+    w.request("/next", extra=[(b"x-checksum", b"abc")])
+    w.run()
+    assert [r[b":path"] for r in _pod_requests(w)] == [b"/upload", b"/next"]
+    assert _pod_requests(w)[1][b"x-checksum"] == b"abc"
+    for e in w.pod_events:
+        if isinstance(e, DataReceived):
+            w.pod.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+    w.run()
+    trailers = [e.headers for e in w.pod_events if isinstance(e, TrailersReceived)]
+    assert trailers == [[(b"x-checksum", b"abc")]]
+    got = b"".join(e.data for e in w.pod_events if isinstance(e, DataReceived))
+    assert got == body
+
+
+def test_a_response_block_for_a_stream_the_client_reset_keeps_the_clients_decoder_right() -> None:
+    """The pod's response to a stream the client reset meanwhile is not forwarded; the pod's
+    encoder indexed a field in it, which the next response refers to."""
+    w = Wire()
+    first = w.request("/a")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.client.reset_stream(first)
+    w.pod.send_headers(req.stream_id, [(b":status", b"200"), (b"x-shard", b"7")])
+    w.run()
+    w.pod_events.clear()
+    second = w.request("/b")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    w.pod.send_headers(req.stream_id, [(b":status", b"200"), (b"x-shard", b"7")], end_stream=True)
+    w.run()
+    (resp,) = w.taken(ResponseReceived)
+    assert resp.stream_id == second and dict(resp.headers)[b"x-shard"] == b"7"
+
+
+def test_a_pod_with_a_smaller_header_table_gets_blocks_without_the_table() -> None:
+    w = Wire()
+    w.pod.update_settings({SettingCodes.HEADER_TABLE_SIZE: 0})
+    w.run()
+    for path in (b"/one", b"/two"):
+        w.request(path.decode(), extra=[(b"x-tenant", b"blue")])
+        w.run()
+    assert [(r[b":path"], r[b"x-tenant"]) for r in _pod_requests(w)] == [
+        (b"/one", b"blue"),
+        (b"/two", b"blue"),
+    ]
+    assert w.proxy.take_rejections() == []
+
+
+def test_the_request_id_is_appended_to_the_block_as_it_came() -> None:
+    """No re-encoding to add ``x-request-id``: the client's block, then one literal field."""
+    w = Wire()
+    w.request("/a")
+    block = w.client.data_to_send()
+    w.proxy.receive_client(block)
+    out = w.proxy.take_to_upstream()
+    assert out.endswith(encode_field(b"x-request-id", b"rid-1", never_indexed=True))

@@ -538,7 +538,7 @@ class H2Relay:
                 raise H2Error(ErrorCodes.STREAM_CLOSED, "DATA after END_STREAM")
             end = bool(flags & END_STREAM)
             s.request_end = end
-            if not s.forwarded:
+            if not s.forwarded or not (data or end):  # answered here, or nothing to pass on
                 self._ack_client(s, flow)
                 return
             s.exchange.request_bytes += len(data)
@@ -673,6 +673,9 @@ class H2Relay:
                 self._ack_pod(None, flow)
                 return
             end = bool(flags & END_STREAM)
+            if not (data or end):
+                self._ack_pod(s, flow)
+                return
             s.response_end = end
             s.exchange.response_bytes += len(data)
             s.to_client.append((_DATA, data, flow, end))

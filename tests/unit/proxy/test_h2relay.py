@@ -4,14 +4,30 @@ tests run against it, then what only the relay has (HPACK state across the relay
 from __future__ import annotations
 
 import pytest
-from h2.events import DataReceived, RequestReceived, ResponseReceived, TrailersReceived
+from h2.connection import ConnectionState, H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import tests.unit.proxy.h2peers as h2peers
 import tests.unit.proxy.test_h2proxy as full
+import tests.unit.proxy.test_h2proxy_fuzz as fuzz
+from agent.proxy.h2proxy import H2Limits, H2Proxy
 from agent.proxy.h2relay import H2Relay
 from agent.proxy.h2wire import encode_field
-from tests.unit.proxy.h2peers import Wire
+from agent.proxy.http1 import Verdict
+from tests.unit.proxy.h2peers import Wire, peer
 
 # The destination's behaviours, as ``test_h2proxy.py`` states them for ``H2Proxy``. Left out,
 # as they are about ``H2Proxy``'s own re-encoding of what it forwards (the relay forwards blocks
@@ -143,3 +159,143 @@ def test_the_request_id_is_appended_to_the_block_as_it_came() -> None:
     w.proxy.receive_client(block)
     out = w.proxy.take_to_upstream()
     assert out.endswith(encode_field(b"x-request-id", b"rid-1", never_indexed=True))
+
+
+# -- hypothesis: the relay never raises, and does what H2Proxy does ------------------------------
+@pytest.mark.fuzz
+@settings(max_examples=fuzz.EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    client=fuzz.pieces,
+    upstream=fuzz.pieces,
+    order=st.lists(st.booleans(), max_size=60),
+    cut=st.integers(min_value=1, max_value=40),
+    eof=st.booleans(),
+)
+def test_arbitrary_frames_from_both_sides_never_raise(
+    client: list[bytes], upstream: list[bytes], order: list[bool], cut: int, eof: bool
+) -> None:
+    p = H2Relay(
+        lambda h: Verdict(not h.path.startswith("/denied"), "p"),
+        limits=H2Limits(max_premature_resets=3, max_empty_frames=3, max_concurrent_streams=4),
+    )
+    client_bytes = fuzz.PREFACE + b"".join(client)
+    pod_bytes = peer(client_side=False).data_to_send() + b"".join(upstream)
+    client_chunks = [client_bytes[i : i + cut] for i in range(0, len(client_bytes), cut)]
+    pod_chunks = [pod_bytes[i : i + cut * 3] for i in range(0, len(pod_bytes), cut * 3)]
+    for from_client in order:
+        if from_client and client_chunks:
+            p.receive_client(client_chunks.pop(0))
+        elif pod_chunks:
+            p.receive_upstream(pod_chunks.pop(0))
+        p.take_to_client()
+        p.take_to_upstream()
+        p.take_completed()
+    for chunk in client_chunks:
+        p.receive_client(chunk)
+    for chunk in pod_chunks:
+        p.receive_upstream(chunk)
+    if eof:
+        p.receive_upstream(b"")
+    p.receive_client(b"")
+    p.take_to_client()
+    assert p.closing and p.active_streams == 0  # whatever happened, the connection is over
+
+
+CLIENT_OPS = ["open", "open_grpc", "data", "end"] * 3 + ["open_denied", "reset", "ping", "window"]
+POD_OPS = ["respond", "data", "trailers"] * 4 + ["trailers_only", "reset", "goaway", "close"]
+Seen = dict[object, list[tuple[str, object]]]
+
+
+def _note(seen: Seen, key: object, kind: str, value: object) -> None:
+    """One event of a stream; consecutive DATA joined (frame boundaries may differ)."""
+    events = seen.setdefault(key, [])
+    if kind == "data" and events and events[-1][0] == "data":
+        events[-1] = ("data", events[-1][1] + value)  # type: ignore[operator]
+    else:
+        events.append((kind, value))
+
+
+def _received(conn: H2Connection, data: bytes, seen: Seen) -> list[Event]:
+    if conn.state_machine.state == ConnectionState.CLOSED:
+        return []  # an h2 peer that sent GOAWAY takes nothing more (a stray RST is no news)
+    try:
+        return conn.receive_data(data) if data else []
+    except ProtocolError:
+        _note(seen, "connection", "protocol-error", None)
+        return []
+
+
+def _observe(seen: Seen, events: list[Event], order: list[int] | None) -> None:
+    """Note ``events`` by stream: by id, or by position in ``order`` (the pod's requests)."""
+
+    def key(sid: int) -> object:
+        return order.index(sid) if order is not None and sid in order else sid
+
+    for e in events:
+        if isinstance(e, (RequestReceived, ResponseReceived, TrailersReceived)):
+            _note(seen, key(e.stream_id), type(e).__name__, [tuple(h) for h in e.headers])
+        elif isinstance(e, DataReceived):
+            _note(seen, key(e.stream_id), "data", e.data)
+        elif isinstance(e, StreamEnded):
+            _note(seen, key(e.stream_id), "end", None)
+        elif isinstance(e, StreamReset):
+            _note(seen, key(e.stream_id), "reset", int(e.error_code))
+        elif isinstance(e, ConnectionTerminated):
+            _note(seen, "connection", "goaway", int(e.error_code))
+
+
+def _play(kind: type, ops: list[tuple[bool, int, int, bytes]]) -> tuple[object, ...]:
+    """Play ``ops`` between an ``h2`` client and pod through ``kind``; what each side saw."""
+    client, pod = peer(client_side=True), peer(client_side=False)
+    p = kind(lambda h: Verdict(not h.path.startswith("/denied"), "p"), new_request_id=lambda: "r")
+    pod_streams: list[int] = []
+    client_seen: Seen = {}
+    pod_seen: Seen = {}
+    for from_client, op, pick, payload in ops:
+        try:
+            if from_client:
+                fuzz._client_op(client, CLIENT_OPS[op % len(CLIENT_OPS)], pick, payload, b"")
+            else:
+                fuzz._pod_op(pod, POD_OPS[pick % len(POD_OPS)], pod_streams, payload, b"")
+        except (ProtocolError, ValueError):
+            pass  # the peer itself refused the move
+        for _ in range(4):  # until nothing moves
+            out = client.data_to_send()
+            if out and not p.closing:
+                p.receive_client(out)
+            out = pod.data_to_send()
+            if out and not p.closing:
+                p.receive_upstream(out)
+            events = _received(pod, p.take_to_upstream(), pod_seen)
+            pod_streams += [e.stream_id for e in events if isinstance(e, RequestReceived)]
+            _observe(pod_seen, events, pod_streams)
+            _observe(client_seen, _received(client, p.take_to_client(), client_seen), None)
+    done = sorted(
+        (x.head.path, x.status, x.grpc_status, x.flags, x.request_bytes, x.response_bytes)
+        for x in p.take_completed()
+    )
+    return client_seen, pod_seen, done, p.take_rejections(), p.closing
+
+
+@pytest.mark.fuzz
+@settings(max_examples=fuzz.EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.integers(0, len(CLIENT_OPS) - 1),
+            st.integers(0, len(POD_OPS) - 1),
+            st.binary(max_size=300),
+        ),
+        max_size=60,
+    )
+)
+def test_the_relay_does_what_the_full_proxy_does_between_real_peers(
+    ops: list[tuple[bool, int, int, bytes]],
+) -> None:
+    """The same moves of an ``h2`` client and pod through ``H2Proxy`` and through ``H2Relay``:
+    the client sees the same responses, DATA, trailers, resets and GOAWAY; the pod the same
+    requests in the same order; the same exchanges are reported and refusals counted."""
+    full_run = _play(H2Proxy, ops)
+    relay_run = _play(H2Relay, ops)
+    assert relay_run == full_run

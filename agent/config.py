@@ -158,7 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--h2-relay",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="relay HTTP/2 and gRPC connections that arrive through HBONE to the pod frame by "
         "frame instead of terminating them (less agent CPU per call; see ARCHITECTURE.md, "
         "HTTP/2 and gRPC, Cost per call)",

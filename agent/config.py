@@ -62,7 +62,7 @@ class AgentConfig:
     uplinks: tuple[str, ...] = ()
     fail_open: bool = False
     splice: bool = False
-    h2_relay: bool = False  # --h2-relay: HBONE-borne HTTP/2 relayed frame by frame (h2relay)
+    h2_relay: bool = True  # --no-h2-relay: HBONE-borne HTTP/2 terminated (H2Proxy), not relayed
     ca: CaSettings | None = None
     admin_address: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
     metrics_port: int = METRICS_PORT
@@ -159,10 +159,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--h2-relay",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="relay HTTP/2 and gRPC connections that arrive through HBONE to the pod frame by "
-        "frame instead of terminating them (less agent CPU per call; see ARCHITECTURE.md, "
-        "HTTP/2 and gRPC, Cost per call)",
+        "frame (default; --no-h2-relay terminates them as the plaintext listener does: more "
+        "agent CPU per call; see ARCHITECTURE.md, HTTP/2 and gRPC, Cost per call)",
     )
     parser.add_argument("--ca-address", metavar="HOST:PORT", help=f"mesh CA (port {CA_PORT})")
     parser.add_argument("--ca-root", type=Path, help="PEM root certificate of the mesh CA")

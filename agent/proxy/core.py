@@ -58,7 +58,8 @@ class ProxySettings:
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     hbone: HboneSettings = field(default_factory=HboneSettings)
     # HTTP/2 and gRPC through HBONE relayed frame by frame (``h2relay``), not terminated
-    h2_relay: bool = False
+    # (``--no-h2-relay``: False)
+    h2_relay: bool = True
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ for bytes already passed on). Why: the earlier shell (a task per side, each awai
 its writes per read) cost a task wake-up and two lock round trips per frame burst, a large part
 of a gRPC call's time at the destination.
 
-Which sans-IO core: with ``ProxySettings.h2_relay`` (``--h2-relay``) a connection that came
-through HBONE (an mTLS peer: ``StreamDownstream``) is relayed frame by frame by
-``h2relay.H2Relay``, which forwards the client's frames and header blocks as they came; the
-plaintext listener and a same-node client keep ``H2Proxy``, which parses and re-encodes all.
+Which sans-IO core: with ``ProxySettings.h2_relay`` (the default; ``--no-h2-relay`` turns it
+off) a connection that came through HBONE (an mTLS peer: ``StreamDownstream``) is relayed frame
+by frame by ``h2relay.H2Relay``, which forwards the client's frames and header blocks as they
+came, at about half the CPU per call; the plaintext listener and a same-node client keep
+``H2Proxy``, which parses and re-encodes all.
 
 Authorization and rate limiting are per request (``http_inbound.request_verdict``: a
 rate-limited call is answered ``429``, or for gRPC trailers-only ``grpc-status: 8``), each

@@ -172,10 +172,12 @@ class _RStream:
     """One stream, known by the same id on both sides."""
 
     __slots__ = (
+        "client_recv",
         "client_unacked",
         "client_window",
         "exchange",
         "forwarded",
+        "pod_recv",
         "pod_unacked",
         "pod_window",
         "request_end",
@@ -187,7 +189,7 @@ class _RStream:
         "to_pod",
     )
 
-    def __init__(self, sid: int, exchange: H2Exchange, request_end: bool) -> None:
+    def __init__(self, sid: int, exchange: H2Exchange, request_end: bool, window: int) -> None:
         self.sid, self.exchange = sid, exchange
         self.forwarded = False  # opened at the pod (False: answered here)
         self.request_end = request_end  # the client ended its side
@@ -199,6 +201,7 @@ class _RStream:
         self.pod_window = 0  # stream send windows: to the pod, to the client
         self.client_window = 0
         self.client_unacked = 0  # stream bytes received and passed on, not yet reopened
+        self.client_recv = self.pod_recv = window  # what each side may still send on it
         self.pod_unacked = 0
 
 
@@ -536,6 +539,9 @@ class H2Relay:
                 return
             if s.request_end:
                 raise H2Error(ErrorCodes.STREAM_CLOSED, "DATA after END_STREAM")
+            s.client_recv -= flow
+            if s.client_recv < 0:
+                raise H2Error(ErrorCodes.FLOW_CONTROL_ERROR, "DATA beyond the stream window")
             end = bool(flags & END_STREAM)
             s.request_end = end
             if not s.forwarded or not (data or end):  # answered here, or nothing to pass on
@@ -611,7 +617,7 @@ class H2Relay:
         )
         content_type = header(headers, b"content-type") or b""
         grpc = content_type.startswith(b"application/grpc")
-        s = _RStream(sid, H2Exchange(head, grpc, self.clock()), end)
+        s = _RStream(sid, H2Exchange(head, grpc, self.clock()), end, self.limits.stream_window)
         s.client_window = self.client.initial_window
         self._streams[sid] = s
         verdict = self.authorize(head)
@@ -672,6 +678,9 @@ class H2Relay:
                     raise H2Error(ErrorCodes.PROTOCOL_ERROR, "DATA before response headers")
                 self._ack_pod(None, flow)
                 return
+            s.pod_recv -= flow
+            if s.pod_recv < 0:
+                raise H2Error(ErrorCodes.FLOW_CONTROL_ERROR, "DATA beyond the stream window")
             end = bool(flags & END_STREAM)
             if not (data or end):
                 self._ack_pod(s, flow)
@@ -921,6 +930,7 @@ class H2Relay:
             s.client_unacked += n
             if s.client_unacked >= self.limits.stream_window // 2:
                 side.out += frame(WINDOW_UPDATE, 0, s.sid, s.client_unacked.to_bytes(4))
+                s.client_recv += s.client_unacked
                 s.client_unacked = 0
         else:
             if s.response_end:
@@ -928,6 +938,7 @@ class H2Relay:
             s.pod_unacked += n
             if s.pod_unacked >= self.limits.stream_window // 2:
                 side.out += frame(WINDOW_UPDATE, 0, s.sid, s.pod_unacked.to_bytes(4))
+                s.pod_recv += s.pod_unacked
                 s.pod_unacked = 0
 
     def _pump(self) -> None:

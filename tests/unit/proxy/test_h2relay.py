@@ -17,13 +17,14 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tests.unit.proxy.h2peers as h2peers
 import tests.unit.proxy.test_h2proxy as full
 import tests.unit.proxy.test_h2proxy_fuzz as fuzz
-from agent.proxy.h2proxy import H2Limits, H2Proxy
+from agent.proxy.h2proxy import PROTOCOL_ERROR, H2Limits, H2Proxy
 from agent.proxy.h2relay import H2Relay
 from agent.proxy.h2wire import encode_field
 from agent.proxy.http1 import Verdict
@@ -299,3 +300,19 @@ def test_the_relay_does_what_the_full_proxy_does_between_real_peers(
     full_run = _play(H2Proxy, ops)
     relay_run = _play(H2Relay, ops)
     assert relay_run == full_run
+
+
+@pytest.mark.parametrize("kind", [H2Proxy, H2Relay])
+def test_data_beyond_a_streams_window_closes_the_connection(kind: type) -> None:
+    """What a client sends on one stream is bounded by the stream's window (256 KiB), not only by
+    the connection's (1 MiB): beyond it, FLOW_CONTROL_ERROR (``H2Proxy``'s ``h2`` and the relay
+    alike), while the pod reads nothing."""
+    p = kind(lambda _h: Verdict(True))
+    p.receive_client(peer(client_side=True).data_to_send())
+    p.receive_client(full._headers_frame(1, end_stream=False))
+    chunk = bytes(DataFrame(1, b"x" * 16384).serialize())
+    for _ in range(16):  # 256 KiB: within the window
+        p.receive_client(chunk)
+    assert p.take_rejections() == [] and not p.closing
+    p.receive_client(chunk)
+    assert p.take_rejections() == [PROTOCOL_ERROR] and p.closing

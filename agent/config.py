@@ -62,6 +62,7 @@ class AgentConfig:
     uplinks: tuple[str, ...] = ()
     fail_open: bool = False
     splice: bool = False
+    h2_relay: bool = True  # --no-h2-relay: HBONE-borne HTTP/2 terminated (H2Proxy), not relayed
     ca: CaSettings | None = None
     admin_address: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
     metrics_port: int = METRICS_PORT
@@ -154,6 +155,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="same-node splice: let the kernel move the bytes of admitted same-node connections "
         "that need no per-byte work (off by default: less agent CPU per request/response, but "
         "bulk flows are slower; see ARCHITECTURE.md, Same-node splice)",
+    )
+    parser.add_argument(
+        "--h2-relay",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="relay HTTP/2 and gRPC connections that arrive through HBONE to the pod frame by "
+        "frame (default; --no-h2-relay terminates them as the plaintext listener does: more "
+        "agent CPU per call; see ARCHITECTURE.md, HTTP/2 and gRPC, Cost per call)",
     )
     parser.add_argument("--ca-address", metavar="HOST:PORT", help=f"mesh CA (port {CA_PORT})")
     parser.add_argument("--ca-root", type=Path, help="PEM root certificate of the mesh CA")
@@ -341,6 +350,7 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         uplinks=tuple(args.uplinks),
         fail_open=args.fail_open,
         splice=args.splice,
+        h2_relay=args.h2_relay,
         ca=ca,
         admin_address=admin,
         metrics_port=_port("--metrics-port", args.metrics_port),

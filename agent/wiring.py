@@ -62,7 +62,7 @@ def node_proxy(
     from agent.proxy.server import NodeProxy
 
     # Loop protection: the ports this agent listens on, as configured (not the defaults).
-    settings = ProxySettings(proxy_ports=config.own_ports())
+    settings = ProxySettings(proxy_ports=config.own_ports(), h2_relay=config.h2_relay)
     core = Core(node=config.node, store=store, identities=identities, settings=settings)
     return ProxyComponent(NodeProxy(core))
 

@@ -57,6 +57,9 @@ class ProxySettings:
     pool_idle_timeout: float = 300.0
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
     hbone: HboneSettings = field(default_factory=HboneSettings)
+    # HTTP/2 and gRPC through HBONE relayed frame by frame (``h2relay``), not terminated
+    # (``--no-h2-relay``: False)
+    h2_relay: bool = True
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,12 @@ for bytes already passed on). Why: the earlier shell (a task per side, each awai
 its writes per read) cost a task wake-up and two lock round trips per frame burst, a large part
 of a gRPC call's time at the destination.
 
+Which sans-IO core: with ``ProxySettings.h2_relay`` (the default; ``--no-h2-relay`` turns it
+off) a connection that came through HBONE (an mTLS peer: ``StreamDownstream``) is relayed frame
+by frame by ``h2relay.H2Relay``, which forwards the client's frames and header blocks as they
+came, at about half the CPU per call; the plaintext listener and a same-node client keep
+``H2Proxy``, which parses and re-encodes all.
+
 Authorization and rate limiting are per request (``http_inbound.request_verdict``: a
 rate-limited call is answered ``429``, or for gRPC trailers-only ``grpc-status: 8``), each
 finished stream is reported to ``Registry.request_done`` with ``request_protocol`` ``grpc`` for
@@ -28,8 +34,9 @@ from __future__ import annotations
 import asyncio
 
 from agent.proxy.h2proxy import H2Exchange, H2Proxy
+from agent.proxy.h2relay import H2Relay
 from agent.proxy.http1 import request_record
-from agent.proxy.http_inbound import PodShell
+from agent.proxy.http_inbound import PodShell, StreamDownstream
 from agent.telemetry.records import RequestRecord
 
 
@@ -45,12 +52,13 @@ def h2_request_record(exchange: H2Exchange) -> RequestRecord:
 class H2Session(PodShell[H2Exchange]):
     """One client h2c connection on a declared HTTP/2 or gRPC port, and its pod connection."""
 
-    proxy: H2Proxy
+    proxy: H2Proxy | H2Relay
     _record_of = staticmethod(h2_request_record)
 
     def _start(self) -> None:
         self.record.protocol = "http/2"  # ``nodemesh connections``: "http/2 N", not "-" (TCP)
-        self.proxy = H2Proxy(self._authorize)
+        relay = self.core.settings.h2_relay and isinstance(self.down, StreamDownstream)
+        self.proxy = H2Relay(self._authorize) if relay else H2Proxy(self._authorize)
         self._client_eof = False
 
     async def serve(self) -> None:

@@ -34,6 +34,19 @@ def test_splice_flag_turns_the_same_node_splice_on() -> None:
     assert parse("--node", "n", "--in-cluster", "--splice").splice
 
 
+@pytest.mark.parametrize(("argv", "relay"), [((), True), (("--no-h2-relay",), False)])
+def test_the_h2_frame_relay_is_on_unless_turned_off_and_reaches_the_proxy(
+    argv: tuple[str, ...], relay: bool
+) -> None:
+    from agent.state import StateStore
+    from agent.wiring import node_proxy
+
+    cfg = parse("--node", "n", "--in-cluster", *argv)
+    assert cfg.h2_relay is relay
+    component = node_proxy(cfg, StateStore(), None)  # type: ignore[arg-type]
+    assert component.proxy.core.settings.h2_relay is relay
+
+
 def test_uplinks_accept_lists_and_repeats() -> None:
     cfg = parse("--node", "n", "--in-cluster", "--uplink", "eth0", "eth1", "--uplink", "bond0")
     assert cfg.uplinks == ("eth0", "eth1", "bond0")

@@ -3,7 +3,9 @@
 A grpcio client's channel goes to a loopback listener whose connections are served by
 ``H2Session`` (the plaintext path's ``SocketDownstream``), forwarding to a grpcio server of
 the lab's echo service: unary and streaming calls, an error status, an L7 DENY on one method
-path, what the registry is told, and a server that dies.
+path, what the registry is told, and a server that dies. Each test runs twice: with
+``H2Proxy``, and with the frame relay ``H2Relay`` (``--h2-relay``; the loopback client stands for
+an HBONE stream, which the relay serves).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from h2.events import ConnectionTerminated
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
+import agent.proxy.h2inbound as h2inbound
 from agent.lab import grpcecho
 from agent.policy.authz import Request
-from agent.proxy.core import Core
+from agent.proxy.core import Core, ProxySettings
 from agent.proxy.h2inbound import H2Session
+from agent.proxy.h2proxy import H2Proxy
+from agent.proxy.h2relay import H2Relay
 from agent.proxy.http_inbound import SocketDownstream
 from agent.proxy.tunnel import Sink
 from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore
@@ -58,6 +63,19 @@ class Seen:
 
     def would_deny(self, policy: str) -> None:
         pass
+
+
+RELAY = [False]  # the current test's mode (``relay``)
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["proxy", "relay"])
+def relay(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
+    """Serve with ``H2Relay`` (the loopback sockets taken for HBONE streams), or not."""
+    if request.param:
+        monkeypatch.setattr(h2inbound, "StreamDownstream", SocketDownstream)
+    RELAY[0] = request.param
+    yield request.param
+    RELAY[0] = False
 
 
 @pytest.fixture
@@ -151,6 +169,7 @@ async def _proxy(
             SERVER,
             header_timeout=header_timeout,
         )
+        assert isinstance(session.proxy, H2Relay if RELAY[0] else H2Proxy)
         try:
             await session.serve()
         finally:
@@ -170,7 +189,8 @@ def _core(*policies: PolicyObject) -> Core:
         txn.put_workload(SERVER)
         for p in policies:
             txn.put_policy(p)
-    return Core(node="node1", store=store, identities=None)  # type: ignore[arg-type]
+    settings = ProxySettings(h2_relay=RELAY[0])
+    return Core(node="node1", store=store, identities=None, settings=settings)  # type: ignore[arg-type]
 
 
 def _calls(port: int) -> list[tuple[str, str]]:

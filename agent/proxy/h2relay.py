@@ -78,6 +78,7 @@ from agent.proxy.http1 import (
     UPSTREAM_PROTOCOL,
     RequestHead,
 )
+from agent.proxy.http1_codec import bounded
 from agent.telemetry.records import trace_headers_of
 
 FRAME = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream id
@@ -236,6 +237,9 @@ class H2Relay:
         self._streams: dict[int, _RStream] = {}
         self._completed: list[H2Exchange] = []
         self._rejections: list[str] = []
+        # The last refusal's cause and detail (the limit broken), for the shell's log line, as
+        # ``H2Proxy.refusal``.
+        self.refusal: str | None = None
         self._highest = 0  # the client's highest stream id
         self._pod_open = 0  # streams open at the pod
         self._opened = 0
@@ -287,7 +291,7 @@ class H2Relay:
             return
         cause = self.guard.feed(data)
         if cause is not None:
-            self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM)
+            self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM, self.guard.detail)
             return
         if not self.guard.block_open:
             self.head_started = None
@@ -296,13 +300,17 @@ class H2Relay:
         try:
             self._frames(self.client, data, self._client_frame)
         except H2Error as e:
-            self._fail_client(e.cause, e.code)
+            self._fail_client(e.cause, e.code, str(e))
             return
-        except MalformedHeaders:
-            self._fail_client(PROTOCOL_ERROR, ErrorCodes.PROTOCOL_ERROR)
+        except MalformedHeaders as e:
+            self._fail_client(PROTOCOL_ERROR, ErrorCodes.PROTOCOL_ERROR, str(e))
             return
         if self._unsent_replies > self.limits.max_unsent_replies:
-            self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM)
+            detail = (
+                f"{self._unsent_replies} bytes of replies (PING/SETTINGS ACKs, RST_STREAMs) "
+                f"queued, over the limit of {self.limits.max_unsent_replies}"
+            )
+            self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         self._pump()
         self._check_done()
@@ -316,8 +324,8 @@ class H2Relay:
             return
         try:
             self._frames(self.pod, data, self._pod_frame)
-        except (H2Error, MalformedHeaders):
-            self._rejections.append(UPSTREAM_PROTOCOL)
+        except (H2Error, MalformedHeaders) as e:
+            self._reject(UPSTREAM_PROTOCOL, f"the pod's HTTP/2: {e}")
             self.upstream_failed()
             return
         self._pump()
@@ -326,7 +334,8 @@ class H2Relay:
     def header_timeout(self) -> None:
         """The shell's timer: a header block stayed open past its deadline (``head_started``)."""
         if not self.closing:
-            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM)
+            detail = "a header block not finished within the header timeout"
+            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM, detail)
 
     def upstream_failed(self) -> None:
         """The pod's connection is gone: answer or reset every stream it had, then GOAWAY."""
@@ -360,7 +369,8 @@ class H2Relay:
             word, flags, sid = unpack(data, pos)
             length = word >> 8
             if length > limit:
-                raise H2Error(ErrorCodes.FRAME_SIZE_ERROR, "frame too large", OVERSIZED_FRAME)
+                reason = f"a frame of {length} bytes, over the limit of {limit}"
+                raise H2Error(ErrorCodes.FRAME_SIZE_ERROR, reason, OVERSIZED_FRAME)
             if end - pos - 9 < length:
                 break
             start = pos + 9
@@ -530,7 +540,11 @@ class H2Relay:
             elif not flow:
                 self._empty_frames += 1
                 if self._empty_frames > self.limits.max_empty_frames:
-                    raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, "empty DATA", EMPTY_FRAMES)
+                    reason = (
+                        f"{self._empty_frames} empty DATA frames in a row, over the limit of "
+                        f"{self.limits.max_empty_frames}"
+                    )
+                    raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, reason, EMPTY_FRAMES)
             s = self._streams.get(sid)
             if s is None:
                 if sid > self._highest:
@@ -592,7 +606,8 @@ class H2Relay:
             raise H2Error(ErrorCodes.PROTOCOL_ERROR, f"HEADERS opening stream {sid}")
         self._highest = sid
         if len(self._streams) >= self.limits.max_concurrent_streams:
-            raise H2Error(ErrorCodes.PROTOCOL_ERROR, "too many streams", TOO_MANY_STREAMS)
+            reason = f"a stream over the limit of {self.limits.max_concurrent_streams} open"
+            raise H2Error(ErrorCodes.PROTOCOL_ERROR, reason, TOO_MANY_STREAMS)
         headers = check_block(fields, Block.REQUEST)
         self._on_request(sid, headers, block, changed, end)
 
@@ -659,7 +674,11 @@ class H2Relay:
             self._premature_resets > self.limits.max_premature_resets
             and 2 * self._premature_resets > self._opened
         ):
-            raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, "rapid reset", RAPID_RESET)
+            reason = (
+                f"{self._premature_resets} of {self._opened} streams reset before their "
+                f"response, over the limit of {self.limits.max_premature_resets} and half of them"
+            )
+            raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, reason, RAPID_RESET)
         s.exchange.flags = DOWNSTREAM_CLOSED
         s.request_end = True  # nothing more comes from the client on it
         s.response_end = True  # nor goes to it
@@ -894,9 +913,14 @@ class H2Relay:
         self._streams.clear()
         self.closing = True
 
-    def _fail_client(self, cause: str, code: ErrorCodes) -> None:
-        """The client broke a limit or the protocol: GOAWAY and close."""
+    def _reject(self, cause: str, detail: str) -> None:
         self._rejections.append(cause)
+        self.refusal = f"{cause.replace('_', ' ')}: {bounded(detail)}"
+
+    def _fail_client(self, cause: str, code: ErrorCodes, detail: str) -> None:
+        """The client broke a limit or the protocol (``detail`` says which, for the log line):
+        GOAWAY and close."""
+        self._reject(cause, detail)
         payload = self._highest.to_bytes(4) + int(code).to_bytes(4)
         self.client.out += frame(GOAWAY, 0, 0, payload)
         self._abort_all(DOWNSTREAM_CLOSED)

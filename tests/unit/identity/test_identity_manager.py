@@ -420,7 +420,8 @@ def test_a_request_cut_by_a_closed_channel_is_a_failure_not_the_end_of_the_worke
         fetch = asyncio.create_task(client.fetch(SpiffeId.parse(SERVER)))
         manager = IdentityManager(client, backoff=Backoff(initial=30.0, cap=30.0))
         manager.set_identities([CLIENT])
-        await asyncio.sleep(0.5)
+        # Both requests in flight (their keys come from the key child first: slow under load).
+        await wait_for(lambda: len(client._in_flight) == 2)
         await client.close()  # cuts both requests, still in their TLS handshakes
         try:
             await fetch

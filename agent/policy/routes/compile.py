@@ -7,10 +7,15 @@ the whole route with ``Accepted=False``, the field's path and the fix; the route
 from the routing table, as if it did not exist.
 
 Backend references are the exception the Gateway API itself makes: a ``backendRef`` to a
-Service that does not exist (``BackendNotFound``), of another kind (``InvalidKind``) or in
-another namespace without being the parent (``RefNotPermitted``; ReferenceGrant is not read)
-leaves the route accepted with ``ResolvedRefs=False``, and the share of requests its weight
-would have received is answered with 500, never moved to the other backends.
+Service that does not exist or lacks the named port (``BackendNotFound``), of another kind
+(``InvalidKind``) or in another namespace without being the parent (``RefNotPermitted``;
+ReferenceGrant is not read) leaves the route accepted with ``ResolvedRefs=False``, and the
+share of requests its weight would have received is answered with 500, never moved to the
+other backends.
+
+The spec's ``PartiallyInvalid`` approaches (drop the invalid rules, or fall back to the last
+good version) are not taken: a route with any invalid rule is refused whole, for the reason
+above, and ``PartiallyInvalid`` is never set.
 
 ``hostnames`` is read but not matched: a mesh route applies to the Service the client
 connected to, whatever ``Host`` says (GAMMA; conformance ``MeshFrontendHostname``).
@@ -95,6 +100,15 @@ _FIXED_HEADERS = frozenset(
     }
 )
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
+# The Gateway API's checks on an Exact or PathPrefix value (HTTPPathMatch's CEL rules): the
+# characters of an RFC 3986 path, no empty, dot or encoded-slash segment, no query or fragment.
+_PATH_CHARS = re.compile(r"^(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+$")
+_PATH_FORBIDDEN = ("//", "/./", "/../", "%2f", "%2F", "#")
+# GRPCMethodMatch's CEL rules for Exact: a protobuf service and method name (no ``/``).
+_GRPC_SERVICE = re.compile(r"^\.?[a-zA-Z_][a-zA-Z_0-9]*(\.[a-zA-Z_][a-zA-Z_0-9]*)*$")
+_GRPC_METHOD = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
+# SectionName, the type of a rule's ``name``.
+_SECTION_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 T = TypeVar("T")
 
@@ -155,6 +169,7 @@ def compile_route(
         rules = tuple(
             _rule(ctx, i, r) for i, r in enumerate(_list(spec.get("rules", [{}]), "spec.rules"))
         )
+        _unique_names(rules)
     except RouteError as e:
         return Rejected(obj.kind, obj.namespace, obj.name, parents, e)
     return Route(
@@ -244,6 +259,33 @@ def _parents(values: object, namespace: str) -> tuple[ParentRef, ...]:
 
 
 # -- rules -----------------------------------------------------------------------------------
+def _unique_names(rules: Sequence[Rule]) -> None:
+    """A rule's ``name`` must be unique within its route (the spec's CEL rule): it is how
+    status, telemetry and policies name one rule."""
+    seen: dict[str, int] = {}
+    for rule in rules:
+        if not rule.name:
+            continue
+        if rule.name in seen:
+            raise RouteError(
+                f"spec.rules[{rule.index}].name",
+                f"{rule.name!r} is also the name of spec.rules[{seen[rule.name]}]; "
+                "give each rule its own name",
+            )
+        seen[rule.name] = rule.index
+
+
+def _rule_name(value: object, path: str) -> str:
+    if value is None:
+        return ""
+    name = _str(value, path)
+    if len(name) > 253 or not _SECTION_NAME.match(name):
+        raise RouteError(
+            path, f"{name!r} is not a valid rule name (lower-case letters, digits, '-' and '.')"
+        )
+    return name
+
+
 def _rule(ctx: _Context, index: int, value: object) -> Rule:
     obj = ctx.obj
     path = f"spec.rules[{index}]"
@@ -276,7 +318,7 @@ def _rule(ctx: _Context, index: int, value: object) -> Rule:
         filters,
         _timeouts(rule.get("timeouts"), f"{path}.timeouts"),
         _retry(rule.get("retry"), f"{path}.retry"),
-        str(rule.get("name", "")),
+        _rule_name(rule.get("name"), f"{path}.name"),
     )
 
 
@@ -327,9 +369,16 @@ def _path_match(value: object, path: str) -> PathMatch:
         return PathMatch(REGEX, text, _regex(text, f"{path}.value"))
     if kind not in (EXACT, PATH_PREFIX):
         raise RouteError(f"{path}.type", f"{kind!r}: use Exact, PathPrefix or RegularExpression")
-    if not text.startswith("/") or any(s in text for s in ("//", "/./", "/../", "?", "#")):
+    if (
+        not text.startswith("/")
+        or any(s in text for s in _PATH_FORBIDDEN)
+        or text.endswith(("/.", "/.."))
+        or not _PATH_CHARS.match(text)
+    ):
         raise RouteError(
-            f"{path}.value", f"{text!r} must be an absolute path without //, /./, /../, ? or #"
+            f"{path}.value",
+            f"{text!r} must be an absolute path of URL path characters (percent-encoded "
+            "otherwise), without //, /./, /../, %2F, a trailing /. or /.., ? or #",
         )
     return PathMatch(kind, text)
 
@@ -373,10 +422,23 @@ def _grpc_match(value: object, path: str) -> GrpcMatch:
             raise RouteError(mpath, "set service, method or both")
         if m.get("service") is not None:
             service = _string_match(kind, m["service"], f"{mpath}.service")
+            _grpc_name(service, _GRPC_SERVICE, f"{mpath}.service", "package.Service")
         if m.get("method") is not None:
             method = _string_match(kind, m["method"], f"{mpath}.method")
+            _grpc_name(method, _GRPC_METHOD, f"{mpath}.method", "Method")
     headers = _named_matches(match.get("headers", []), f"{path}.headers", header=True)
     return GrpcMatch(service, method, headers)
+
+
+def _grpc_name(match: StringMatch, form: re.Pattern[str], path: str, example: str) -> None:
+    """An Exact service or method must be a protobuf name: one with ``/`` or a space would
+    never equal a call's, and the route would silently match nothing."""
+    if match.kind == EXACT and not form.match(match.value):
+        raise RouteError(
+            path,
+            f"{match.value!r} is not a gRPC name (letters, digits, _ and, for a service, "
+            f"dots: e.g. {example}); use type RegularExpression for a pattern",
+        )
 
 
 # -- backends and filters -------------------------------------------------------------------
@@ -404,9 +466,18 @@ def _backend(ctx: _Context, value: object, path: str, *, weighted: bool = True) 
             "or the parent Service"
         )
         return Backend(namespace, name, port, weight, resolved=False)
-    if backend.service not in ctx.services:
+    service = ctx.services.get(backend.service)
+    if service is None:
         unresolved.append(
             f"{BACKEND_NOT_FOUND}: {path} names Service {namespace}/{name}, which does not exist"
+        )
+        return Backend(namespace, name, port, weight, resolved=False)
+    if all(p.port != port for p in service.ports):
+        # The data path can only answer 500 for it (no port to send to): say so in status.
+        ports = ", ".join(str(p.port) for p in service.ports) or "none"
+        unresolved.append(
+            f"{BACKEND_NOT_FOUND}: {path} names port {port} of Service {namespace}/{name}, "
+            f"which has no such port (its ports: {ports})"
         )
         return Backend(namespace, name, port, weight, resolved=False)
     return backend
@@ -523,7 +594,10 @@ def _path_modifier(value: object, path: str) -> PathModifier | None:
         raise RouteError(f"{path}.type", f"{kind!r}: use ReplaceFullPath or ReplacePrefixMatch")
     field = kind[0].lower() + kind[1:]
     text = body.get(field)
-    if not isinstance(text, str) or not text.startswith("/"):
+    # The spec's ReplacePrefixMatch table takes an empty replacement: /foo/bar -> /bar.
+    if not isinstance(text, str) or not (
+        text.startswith("/") or (text == "" and kind == "ReplacePrefixMatch")
+    ):
         raise RouteError(f"{path}.{field}", "set it to an absolute path (starting with /)")
     return PathModifier(kind, text)
 

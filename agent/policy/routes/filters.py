@@ -11,7 +11,8 @@ socket or a body. Header names are lower case in and out (h11 and h2 both use lo
   http, 443 for https). The query string is kept.
 * ``URLRewrite``: the request as forwarded (path and/or ``Host``), the query string kept.
 * ``ReplacePrefixMatch`` replaces the matched ``PathPrefix`` element-wise (the spec's table:
-  ``/foo`` → ``/xyz`` turns ``/foo/bar`` into ``/xyz/bar`` and ``/foo`` into ``/xyz``).
+  ``/foo`` → ``/xyz`` turns ``/foo/bar`` into ``/xyz/bar`` and ``/foo`` into ``/xyz``; an
+  empty replacement strips the prefix, ``/foo/bar`` → ``/bar`` and ``/foo`` → ``/``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _replaced_path(path: str, modifier: PathModifier, match: HttpMatch | None) -
     prefix = match.path.value.rstrip("/") if match is not None else ""
     rest = path[len(prefix) :]
     if not rest:
-        return modifier.value
+        return modifier.value or "/"  # an empty replacement strips the prefix: /foo -> /
     return modifier.value.rstrip("/") + rest
 
 

@@ -831,6 +831,8 @@ def test_parent_conditions_and_their_reasons() -> None:
         "UnsupportedValue",
         (),
     )
+    assert bad.accepted.message.startswith("spec.rules[1].matches[0].path.value: ")
+    assert bad.accepted.message.endswith("never a part of it)")
 
 
 def _our_entry(conditions: list[dict[str, Any]]) -> dict[str, Any]:

@@ -68,6 +68,7 @@ INVALID_KIND = "InvalidKind"
 REF_NOT_PERMITTED = "RefNotPermitted"
 FILTER_NOT_FOUND = "FilterNotFound"  # an ExtensionRef's object does not exist
 
+MAX_MATCHES = 128  # across all rules of a route (the spec's CEL rule)
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 # Filter type -> the field holding its configuration.
@@ -170,6 +171,12 @@ def compile_route(
             _rule(ctx, i, r) for i, r in enumerate(_list(spec.get("rules", [{}]), "spec.rules"))
         )
         _unique_names(rules)
+        if sum(len(rule.matches) for rule in rules) > MAX_MATCHES:
+            raise RouteError(
+                "spec.rules",
+                f"has more than {MAX_MATCHES} matches in all; the Gateway API allows at most "
+                f"{MAX_MATCHES} per route (split it into several routes)",
+            )
     except RouteError as e:
         return Rejected(obj.kind, obj.namespace, obj.name, parents, e)
     return Route(
@@ -184,9 +191,14 @@ def _mapping(value: object, path: str) -> Mapping[str, Any]:
     return value
 
 
-def _list(value: object, path: str) -> Sequence[Any]:
+def _list(value: object, path: str, most: int = 16) -> Sequence[Any]:
+    """A list of at most ``most`` items: the API's ``MaxItems`` (16 for most route lists),
+    which the lab, without an API server, would not otherwise enforce. They bound the
+    sorted matches every request walks."""
     if not isinstance(value, list | tuple):
         raise RouteError(path, f"expected a list, got {type(value).__name__}")
+    if len(value) > most:
+        raise RouteError(path, f"has {len(value)} items; the Gateway API allows at most {most}")
     return value
 
 
@@ -211,8 +223,10 @@ def _int(value: object, path: str, low: int, high: int) -> int:
     return value
 
 
-def _each(values: object, path: str, parse: Callable[[Any, str], T]) -> tuple[T, ...]:
-    return tuple(parse(v, f"{path}[{i}]") for i, v in enumerate(_list(values, path)))
+def _each(
+    values: object, path: str, parse: Callable[[Any, str], T], most: int = 16
+) -> tuple[T, ...]:
+    return tuple(parse(v, f"{path}[{i}]") for i, v in enumerate(_list(values, path, most)))
 
 
 def _regex(value: str, path: str) -> Regex:
@@ -238,7 +252,7 @@ def _regex(value: str, path: str) -> Regex:
 def _parents(values: object, namespace: str) -> tuple[ParentRef, ...]:
     """The Service parents (GAMMA); a Gateway parent belongs to another controller."""
     out = []
-    for i, ref in enumerate(_list(values or [], "spec.parentRefs")):
+    for i, ref in enumerate(_list(values or [], "spec.parentRefs", 32)):
         path = f"spec.parentRefs[{i}]"
         ref = _mapping(ref, path)
         if (ref.get("group", "gateway.networking.k8s.io"), ref.get("kind", "Gateway")) != (
@@ -302,9 +316,9 @@ def _rule(ctx: _Context, index: int, value: object) -> Rule:
     match_path = f"{path}.matches"
     matches: tuple[HttpMatch, ...] | tuple[GrpcMatch, ...]
     if obj.kind == HTTP_ROUTE:
-        matches = _each(rule.get("matches") or [{}], match_path, _http_match)
+        matches = _each(rule.get("matches") or [{}], match_path, _http_match, 64)
     else:
-        matches = _each(rule.get("matches") or [{}], match_path, _grpc_match)
+        matches = _each(rule.get("matches") or [{}], match_path, _grpc_match, 64)
     backends = tuple(
         _backend(ctx, b, f"{path}.backendRefs[{i}]")
         for i, b in enumerate(_list(rule.get("backendRefs", []), f"{path}.backendRefs"))
@@ -393,16 +407,18 @@ def _string_match(kind: object, value: object, path: str) -> StringMatch:
 
 
 def _named_matches(values: object, path: str, *, header: bool) -> tuple[NamedMatch, ...]:
-    """Header names compare case-insensitively; a repeated name counts once (the first)."""
+    """Header names compare case-insensitively, query parameter names exactly; a repeated
+    name counts once (the first)."""
     out: dict[str, NamedMatch] = {}
     for i, value in enumerate(_list(values, path)):
         item_path = f"{path}[{i}]"
         item = _mapping(value, item_path)
         _keys(item, item_path, ("type", "name", "value"))
         name = _str(item.get("name"), f"{item_path}.name")
+        if not _HEADER_NAME.match(name):  # a query parameter's name has the same type
+            what = "header" if header else "query parameter"
+            raise RouteError(f"{item_path}.name", f"{name!r} is not a valid {what} name")
         if header:
-            if not _HEADER_NAME.match(name):
-                raise RouteError(f"{item_path}.name", f"{name!r} is not a valid header name")
             name = name.lower()
         kind = item.get("type", EXACT)
         out.setdefault(name, NamedMatch(name, _string_match(kind, item.get("value"), item_path)))
@@ -689,7 +705,7 @@ def _retry(value: object, path: str) -> Retry | None:
     _keys(body, path, ("codes", "attempts", "backoff"))
     codes = frozenset(
         _int(c, f"{path}.codes[{i}]", 400, 599)
-        for i, c in enumerate(_list(body.get("codes", []), f"{path}.codes"))
+        for i, c in enumerate(_list(body.get("codes", []), f"{path}.codes", 200))  # 400-599
     )
     backoff = body.get("backoff")
     return Retry(

@@ -679,6 +679,29 @@ def test_path_values_are_checked_as_the_spec_does(value: str, valid: bool) -> No
             assert _refused(rules) == "spec.rules[0].matches[0].path.value"
 
 
+def test_list_sizes_are_bounded_as_the_api_bounds_them() -> None:
+    """The API's MaxItems: 16 rules, 64 matches per rule and 128 in all (CEL), 16 headers,
+    query parameters, filters and backendRefs, 32 parentRefs. They bound the sorted matches
+    each request walks; the lab has no API server to enforce them."""
+    assert _refused([{}] * 17) == "spec.rules"
+    assert _refused([{"matches": [{}] * 65}]) == "spec.rules[0].matches"
+    assert _refused([{"matches": [{}] * 64}] * 3) == "spec.rules"
+    assert isinstance(_compiled([{"matches": [{}] * 64}] * 2), Route)
+    many = [{"name": f"h{i}", "value": "1"} for i in range(17)]
+    assert _refused([{"matches": [{"headers": many}]}]) == "spec.rules[0].matches[0].headers"
+    refs = [backend("echo-v1")] * 17
+    assert _refused([{"backendRefs": refs}]) == "spec.rules[0].backendRefs"
+    parents = [{"group": "", "kind": "Service", "name": "echo", "port": 80}] * 33
+    rejected = compile_route(route("r", [{}], parents=parents), {})
+    assert isinstance(rejected, Rejected) and rejected.error.path == "spec.parentRefs"
+
+
+def test_query_parameter_names_are_checked_like_header_names() -> None:
+    """HTTPQueryParamMatch.Name is an HTTPHeaderName: a token, e.g. no space or '='."""
+    bad = {"queryParams": [{"name": "a=b", "value": "1"}]}
+    assert _refused([{"matches": [bad]}]) == "spec.rules[0].matches[0].queryParams[0].name"
+
+
 def test_rule_names_are_section_names_unique_within_the_route() -> None:
     """HTTPRouteRule.Name (SectionName): "This name MUST be unique within a Route"."""
     ok = _compiled([{"name": "canary"}, {"name": "rest.v1"}])

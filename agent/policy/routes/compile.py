@@ -108,8 +108,9 @@ _PATH_FORBIDDEN = ("//", "/./", "/../", "%2f", "%2F", "#")
 # GRPCMethodMatch's CEL rules for Exact: a protobuf service and method name (no ``/``).
 _GRPC_SERVICE = re.compile(r"^\.?[a-zA-Z_][a-zA-Z_0-9]*(\.[a-zA-Z_][a-zA-Z_0-9]*)*$")
 _GRPC_METHOD = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
-# SectionName, the type of a rule's ``name``.
+# SectionName (a rule's ``name``) and PreciseHostname (a redirect's or rewrite's ``hostname``).
 _SECTION_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_HOSTNAME = _SECTION_NAME
 
 T = TypeVar("T")
 
@@ -611,11 +612,30 @@ def _path_modifier(value: object, path: str) -> PathModifier | None:
     field = kind[0].lower() + kind[1:]
     text = body.get(field)
     # The spec's ReplacePrefixMatch table takes an empty replacement: /foo/bar -> /bar.
-    if not isinstance(text, str) or not (
-        text.startswith("/") or (text == "" and kind == "ReplacePrefixMatch")
-    ):
-        raise RouteError(f"{path}.{field}", "set it to an absolute path (starting with /)")
+    if text == "" and kind == "ReplacePrefixMatch":
+        return PathModifier(kind, text)
+    # The value becomes a request target or a Location header: URL path characters only
+    # (percent-encode others), so it can neither break the head nor carry a query.
+    if not isinstance(text, str) or not text.startswith("/") or not _PATH_CHARS.match(text):
+        raise RouteError(
+            f"{path}.{field}",
+            "set it to an absolute path (starting with /) of URL path characters "
+            "(percent-encode others)",
+        )
     return PathModifier(kind, text)
+
+
+def _hostname(value: object, path: str) -> str | None:
+    """A PreciseHostname: it becomes ``Host`` or part of ``Location``, so it must be a DNS
+    name (lower case, no port, no wildcard)."""
+    if value is None:
+        return None
+    text = _str(value, path)
+    if len(text) > 253 or not _HOSTNAME.match(text):
+        raise RouteError(
+            path, f"{text!r} is not a hostname (lower-case DNS labels, no port or wildcard)"
+        )
+    return text
 
 
 def _redirect(body: Mapping[str, Any], path: str) -> Redirect:
@@ -630,7 +650,7 @@ def _redirect(body: Mapping[str, Any], path: str) -> Redirect:
     hostname = body.get("hostname")
     return Redirect(
         scheme,
-        None if hostname is None else _str(hostname, f"{path}.hostname"),
+        _hostname(hostname, f"{path}.hostname"),
         _path_modifier(body.get("path"), f"{path}.path"),
         None if port is None else _int(port, f"{path}.port", 1, 65535),
         status,
@@ -639,9 +659,8 @@ def _redirect(body: Mapping[str, Any], path: str) -> Redirect:
 
 def _rewrite(body: Mapping[str, Any], path: str) -> Rewrite:
     _keys(body, path, ("hostname", "path"))
-    hostname = body.get("hostname")
     return Rewrite(
-        None if hostname is None else _str(hostname, f"{path}.hostname"),
+        _hostname(body.get("hostname"), f"{path}.hostname"),
         _path_modifier(body.get("path"), f"{path}.path"),
     )
 

@@ -652,6 +652,33 @@ def test_invalid_filter_combinations_refuse_the_route(rule: dict[str, Any], fiel
 
 
 @pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"hostname": "evil\r\nx-injected: 1"}, "hostname"),
+        ({"hostname": "example.org:8080"}, "hostname"),
+        ({"hostname": "*.example.org"}, "hostname"),
+        ({"hostname": "Example.org"}, "hostname"),
+        ({"path": {"type": "ReplaceFullPath", "replaceFullPath": "/a\r\nx: 1"}}, "path"),
+        ({"path": {"type": "ReplaceFullPath", "replaceFullPath": "/a b"}}, "path"),
+        ({"path": {"type": "ReplaceFullPath", "replaceFullPath": "/a?b=1"}}, "path"),
+        ({"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "xyz"}}, "path"),
+    ],
+)
+def test_redirect_and_rewrite_values_are_hostnames_and_paths(
+    body: dict[str, Any], field: str
+) -> None:
+    """HTTPRequestRedirectFilter / HTTPURLRewriteFilter: ``hostname`` is a PreciseHostname (a
+    DNS name: no port, no wildcard, lower case); a path modifier's value is a path. Both end
+    up in a request head or ``Location``, so nothing else may pass (CR LF would inject a
+    header)."""
+    for kind in ("RequestRedirect", "URLRewrite"):
+        path = _refused([{"filters": [_filter(kind, body)]}])
+        inner = ".replaceFullPath" if "replaceFullPath" in str(body) else ""
+        inner = ".replacePrefixMatch" if "replacePrefixMatch" in str(body) else inner
+        assert path == f"spec.rules[0].filters[0].{FILTER_FIELDS[kind]}.{field}{inner}"
+
+
+@pytest.mark.parametrize(
     ("value", "valid"),
     [
         ("/a%20b", True),

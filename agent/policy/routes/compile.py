@@ -63,6 +63,9 @@ from agent.policy.routes.model import (
 from agent.state.model import RouteObject, Service
 
 UNSUPPORTED = "UnsupportedValue"
+INCOMPATIBLE_FILTERS = (
+    "IncompatibleFilters"  # the spec's reason for filters that exclude each other
+)
 BACKEND_NOT_FOUND = "BackendNotFound"
 INVALID_KIND = "InvalidKind"
 REF_NOT_PERMITTED = "RefNotPermitted"
@@ -116,17 +119,19 @@ T = TypeVar("T")
 
 
 class RouteError(ValueError):
-    """Why a route cannot be honoured: the field's path in the spec and the fix."""
+    """Why a route cannot be honoured: the field's path in the spec, the fix, and the
+    ``Accepted`` reason it gives (``UnsupportedValue`` unless filters conflict)."""
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, reason: str = UNSUPPORTED) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A route refused as a whole (``Accepted=False``, reason ``UnsupportedValue``)."""
+    """A route refused as a whole (``Accepted=False``, reason ``error.reason``)."""
 
     kind: str
     namespace: str
@@ -344,7 +349,11 @@ def _check_combination(
     path: str,
 ) -> None:
     if filters.redirect is not None and filters.rewrite is not None:
-        raise RouteError(f"{path}.filters", "RequestRedirect and URLRewrite exclude each other")
+        raise RouteError(
+            f"{path}.filters",
+            "RequestRedirect and URLRewrite exclude each other",
+            INCOMPATIBLE_FILTERS,
+        )
     if filters.redirect is not None and backends:
         raise RouteError(
             f"{path}.backendRefs", "a rule with RequestRedirect answers itself; remove its backends"
@@ -522,7 +531,9 @@ def _filters(ctx: _Context, values: object, path: str) -> Filters:
             mirrors.append(_mirror(ctx, body, f"{fpath}.{field}"))
             continue
         if kind in found:
-            raise RouteError(f"{fpath}.type", f"{kind} may appear once per rule")
+            raise RouteError(
+                f"{fpath}.type", f"{kind} may appear once per rule", INCOMPATIBLE_FILTERS
+            )
         if kind == "ExtensionRef":
             found[kind] = _fault_ref(ctx, body, f"{fpath}.{field}")
             continue

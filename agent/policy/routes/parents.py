@@ -7,9 +7,9 @@ L4 behaviour, and the route's ``Accepted`` condition says so and how to declare 
 An HTTPRoute attaches to ``http``, ``http2`` and ``grpc`` ports (gRPC is HTTP/2); a GRPCRoute
 only to ``http2`` and ``grpc`` ports.
 
-Reasons are the Gateway API's: ``Accepted``/``NoMatchingParent``/``UnsupportedValue`` for
-``Accepted``; ``ResolvedRefs``/``BackendNotFound``/``InvalidKind``/``RefNotPermitted`` for
-``ResolvedRefs``.
+Reasons are the Gateway API's: ``Accepted``/``NoMatchingParent``/``UnsupportedValue``/
+``IncompatibleFilters`` for ``Accepted``; ``ResolvedRefs``/``BackendNotFound``/``InvalidKind``/
+``RefNotPermitted`` for ``ResolvedRefs``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _parent(
         return ParentVerdict(parent, (), Condition(ACCEPTED, False, reason, message), resolved)
 
     if isinstance(compiled, Rejected):
-        return refused(UNSUPPORTED, f"{compiled.error}; {REFUSED_WHOLE}")
+        return refused(compiled.error.reason, f"{compiled.error}; {REFUSED_WHOLE}")
     service = services.get((parent.namespace, parent.name))
     if service is None:
         return refused(

@@ -569,7 +569,7 @@ def test_redirect_location_follows_the_port_rules(redirect: dict[str, Any], loca
 
 
 @pytest.mark.parametrize(
-    ("rule", "field"),
+    ("rule", "field", "reason"),
     [
         (
             {
@@ -579,10 +579,12 @@ def test_redirect_location_follows_the_port_rules(redirect: dict[str, Any], loca
                 ]
             },
             "spec.rules[0].filters",
+            "IncompatibleFilters",
         ),
         (
             {"filters": [_filter("RequestRedirect", {})], "backendRefs": [backend("echo-v1")]},
             "spec.rules[0].backendRefs",
+            "UnsupportedValue",
         ),
         (
             {
@@ -592,6 +594,7 @@ def test_redirect_location_follows_the_port_rules(redirect: dict[str, Any], loca
                 ]
             },
             "spec.rules[0].filters[1].type",
+            "IncompatibleFilters",
         ),
         (
             {
@@ -604,14 +607,17 @@ def test_redirect_location_follows_the_port_rules(redirect: dict[str, Any], loca
                 ],
             },
             "spec.rules[0].filters",
+            "UnsupportedValue",
         ),
         (
             {"filters": [_filter("URLRewrite", {"path": {"type": "ReplaceRegex"}})]},
             "spec.rules[0].filters[0].urlRewrite.path.type",
+            "UnsupportedValue",
         ),
         (
             {"filters": [_filter("RequestRedirect", {"statusCode": 304})]},
             "spec.rules[0].filters[0].requestRedirect.statusCode",
+            "UnsupportedValue",
         ),
         (
             {
@@ -627,8 +633,9 @@ def test_redirect_location_follows_the_port_rules(redirect: dict[str, Any], loca
                 ]
             },
             "spec.rules[0].filters[0].requestMirror",
+            "UnsupportedValue",
         ),
-        ({"filters": [_filter("CORS", {})]}, "spec.rules[0].filters[0].type"),
+        ({"filters": [_filter("CORS", {})]}, "spec.rules[0].filters[0].type", "UnsupportedValue"),
     ],
     ids=[
         "redirect+rewrite",
@@ -641,14 +648,18 @@ def test_redirect_location_follows_the_port_rules(redirect: dict[str, Any], loca
         "unimplemented-filter",
     ],
 )
-def test_invalid_filter_combinations_refuse_the_route(rule: dict[str, Any], field: str) -> None:
+def test_invalid_filter_combinations_refuse_the_route(
+    rule: dict[str, Any], field: str, reason: str
+) -> None:
     """HTTPRouteRule.Filters CEL rules and enums: RequestRedirect excludes URLRewrite and
     backendRefs; only RequestMirror may repeat; ReplacePrefixMatch needs a PathPrefix match;
     "Unknown values here must result in ... Accepted ... False, with a Reason of
-    UnsupportedValue". A filter nodemesh does not implement (CORS) refuses the route too."""
+    UnsupportedValue". A filter nodemesh does not implement (CORS) refuses the route too.
+    Filters that exclude each other give the reason the spec offers for them,
+    IncompatibleFilters."""
     assert _refused([rule]) == field
     (verdict,) = _table([route("r", [rule])]).verdicts[("HTTPRoute", NS, "r")]
-    assert (verdict.accepted.status, verdict.accepted.reason) == (False, "UnsupportedValue")
+    assert (verdict.accepted.status, verdict.accepted.reason) == (False, reason)
 
 
 @pytest.mark.parametrize(

@@ -168,6 +168,20 @@ def test_header_names_are_case_insensitive_and_the_first_equivalent_name_counts(
     assert _to(table, _get("/", **{"x-version": "ONE"})) == 404
 
 
+def test_a_host_header_match_reads_the_http2_authority() -> None:
+    """HTTPHeaderMatch on ``Host``: HTTP/2 sends the authority as ``:authority``, not a
+    ``host`` field (RFC 9113 §8.3.1); the match must hold on either version, as it does in
+    Envoy-based meshes, or a route would split HTTP/1.1 and HTTP/2 clients differently."""
+    table = _table([_one("r", {"headers": [{"name": "Host", "value": "echo.example"}]}, "echo-v1")])
+    http1 = HttpRequest("GET", "/", (("host", "echo.example"),), authority="echo.example")
+    http2 = HttpRequest("GET", "/", (("user-agent", "grpc"),), authority="echo.example")
+    assert (_to(table, http1), _to(table, http2)) == ("echo-v1", "echo-v1")
+    other = HttpRequest("GET", "/", (), authority="other")
+    assert _to(table, other) == 404
+    grpc = GrpcRequest("pkg.Echo", "Unary", (), authority="echo.example")
+    assert grpc.header("host") == "echo.example"
+
+
 def test_query_param_names_are_exact_and_the_first_entry_counts() -> None:
     """HTTPQueryParamMatch.Name: "This must be an exact string match" (case-sensitive), and
     of equivalent names only the first entry is considered (MeshHTTPRouteQueryParamMatching)."""

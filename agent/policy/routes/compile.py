@@ -176,6 +176,12 @@ def compile_route(
         rules = tuple(
             _rule(ctx, i, r) for i, r in enumerate(_list(spec.get("rules", [{}]), "spec.rules"))
         )
+        if obj.kind == HTTP_ROUTE and not rules:  # the API's MinItems=1
+            raise RouteError(
+                "spec.rules",
+                "is empty, so every request would be answered 404; leave it out for the "
+                "default (every request to the parent Service) or give it a rule",
+            )
         _unique_names(rules)
         if sum(len(rule.matches) for rule in rules) > MAX_MATCHES:
             raise RouteError(

@@ -732,10 +732,12 @@ def test_path_values_are_checked_as_the_spec_does(value: str, valid: bool) -> No
 
 
 def test_list_sizes_are_bounded_as_the_api_bounds_them() -> None:
-    """The API's MaxItems: 16 rules, 64 matches per rule and 128 in all (CEL), 16 headers,
-    query parameters, filters and backendRefs, 32 parentRefs. They bound the sorted matches
-    each request walks; the lab has no API server to enforce them."""
+    """The API's MaxItems (and MinItems: an HTTPRoute has at least one rule): 16 rules, 64
+    matches per rule and 128 in all (CEL), 16 headers, query parameters, filters and
+    backendRefs, 32 parentRefs. They bound the sorted matches each request walks; the lab
+    has no API server to enforce them."""
     assert _refused([{}] * 17) == "spec.rules"
+    assert _refused([]) == "spec.rules"  # HTTPRoute rules: MinItems=1
     assert _refused([{"matches": [{}] * 65}]) == "spec.rules[0].matches"
     assert _refused([{"matches": [{}] * 64}] * 3) == "spec.rules"
     assert isinstance(_compiled([{"matches": [{}] * 64}] * 2), Route)

@@ -35,6 +35,11 @@ from agent.policy.routes.compile import FILTER_FIELDS, compile_route
 from agent.policy.routes.model import HeaderModifier, HttpMatch, Route
 from agent.policy.routes.parents import ParentVerdict
 from agent.policy.traffic.control import TrafficControl
+from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
+from agent.proxy.h2route import Endpoint as H2Endpoint
+from agent.proxy.h2route import route_request
+from agent.proxy.http1 import RequestHead
+from agent.proxy.http_inbound import ALLOWED
 from agent.proxy.http_router import HttpRouter
 from agent.proxy.resolve import ServiceTarget
 from agent.state import Endpoint, RouteObject, StateStore
@@ -46,6 +51,10 @@ from tests.unit.policy.routes_fixtures import (
     snapshot,
     svc,
 )
+from tests.unit.proxy.test_h2route import _store as h2_store
+from tests.unit.proxy.test_http_router import PODS, _ref
+from tests.unit.proxy.test_http_router import _route as h2_http_route
+from tests.unit.proxy.test_http_router import _target as h2_target
 from tests.unit.traffic.traffic_helpers import FakeClock
 
 ECHO = (NS, "echo")
@@ -965,3 +974,51 @@ def test_status_leaves_a_condition_of_a_newer_generation_alone() -> None:
         [_our_entry(newer)], [verdict], route_namespace=NS, generation=2, now="t"
     )
     assert merged is None  # nothing to write: both conditions are newer than what we know
+
+
+# -- end to end through the HTTP/2 source path (sans-IO: agent.proxy.h2route) ----------------
+def _h2_route(
+    store: StateStore, request: PickRequest, *, client: str = "default"
+) -> Choice | LocalAnswer:
+    router = HttpRouter(TrafficControl(clock=FakeClock(), rng=random.Random(3)))
+    return route_request(
+        router, store.snapshot(), h2_target(store), request, "10.244.1.5", None,
+        ("node1", None), client_namespace=client, allowed=lambda _key: ALLOWED,
+    )  # fmt: skip
+
+
+def _h2_service(choice: Choice | LocalAnswer) -> tuple[str, str]:
+    assert isinstance(choice, Choice) and isinstance(choice.key, H2Endpoint), choice
+    return choice.key.service
+
+
+def test_http2_a_host_header_match_routes_by_authority_end_to_end() -> None:
+    """HTTPHeaderMatch on ``Host`` over HTTP/2 (``:authority``, no ``host`` field), through
+    the source path: the request goes where the same request over HTTP/1.1 would."""
+    store = h2_store(*PODS)
+    h2_http_route(
+        store,
+        {
+            "matches": [{"headers": [{"name": "Host", "value": "web"}]}],
+            "backendRefs": [_ref("web-v2")],
+        },
+        {"backendRefs": [_ref("web-v1")]},
+    )
+    head = RequestHead("GET", "/x", "web", "rid", headers=[(b"user-agent", b"curl")])
+    assert _h2_service(_h2_route(store, PickRequest(head, "/x", False))) == ("default", "web-v2")
+
+
+def test_http2_a_consumer_httproute_serves_its_namespaces_grpc_calls_end_to_end() -> None:
+    """GEP-1686 consumer priority, through the source path: the consumer's HTTPRoute takes its
+    namespace's gRPC calls; another namespace's calls keep the producer's GRPCRoute."""
+    store = h2_store(*PODS)
+    parent = {"group": "", "kind": "Service", "name": "web", "namespace": "default", "port": 80}
+    grpc = {"parentRefs": [parent], "rules": [{"backendRefs": [_ref("web-v1")]}]}
+    http = {"parentRefs": [parent], "rules": [{}]}  # no backendRefs: the parent Service
+    with store.update() as tx:
+        tx.put_route(RouteObject("GRPCRoute", "default", "producer", grpc, 1, "p"))
+        tx.put_route(RouteObject("HTTPRoute", "client-ns", "consumer", http, 1, "c"))
+    head = RequestHead("POST", "/pkg.Echo/Unary", "web", "rid")
+    call = PickRequest(head, "/pkg.Echo/Unary", True)
+    assert _h2_service(_h2_route(store, call, client="client-ns")) == ("default", "web")
+    assert _h2_service(_h2_route(store, call, client="third-ns")) == ("default", "web-v1")

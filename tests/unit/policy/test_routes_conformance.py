@@ -5,8 +5,9 @@ Each test names the clause of the specification it checks: the API reference
 conformance tests (``conformance/tests/mesh/*``) or the mesh GEPs (GEP-1294 producer/consumer
 routes, GEP-1686 the mesh conformance plan). Where nodemesh deliberately differs, the test says
 so and pins nodemesh's documented behaviour. Cases whose effect only shows in the data path go
-through ``HttpRouter.admit`` in ``tests/unit/proxy/test_http_router.py``; the one here that
-needs it (an empty ``ReplacePrefixMatch``) uses the same sans-IO router.
+through the sans-IO source path: ``HttpRouter.admit`` (HTTP/1.1, as in
+``tests/unit/proxy/test_http_router.py``) and ``h2route.route_request`` (HTTP/2 and gRPC, as in
+``tests/unit/proxy/test_h2route.py``, whose fixtures the last tests borrow).
 """
 
 from __future__ import annotations

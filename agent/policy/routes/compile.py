@@ -23,6 +23,7 @@ connected to, whatever ``Host`` says (GAMMA; conformance ``MeshFrontendHostname`
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -477,8 +478,9 @@ def _grpc_name(match: StringMatch, form: re.Pattern[str], path: str, example: st
 def _backend(ctx: _Context, value: object, path: str, *, weighted: bool = True) -> Backend:
     obj, unresolved = ctx.obj, ctx.unresolved
     ref = _mapping(value, path)
-    allowed = ("group", "kind", "name", "namespace", "port", "weight")
-    _keys(ref, path, allowed if weighted else allowed[:-1])
+    allowed = ("group", "kind", "name", "namespace", "port", "weight", "filters")
+    _keys(ref, path, allowed if weighted else allowed[:-2])
+    modifiers = _backend_filters(ref.get("filters", []), f"{path}.filters")
     name = _str(ref.get("name"), f"{path}.name")
     namespace = str(ref.get("namespace") or obj.namespace)
     weight = _int(ref.get("weight", 1), f"{path}.weight", 0, 1_000_000) if weighted else 1
@@ -512,7 +514,40 @@ def _backend(ctx: _Context, value: object, path: str, *, weighted: bool = True) 
             f"which has no such port (its ports: {ports})"
         )
         return Backend(namespace, name, port, weight, resolved=False)
-    return backend
+    return dataclasses.replace(backend, request_headers=modifiers[0], response_headers=modifiers[1])
+
+
+_BACKEND_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier")
+
+
+def _backend_filters(
+    values: object, path: str
+) -> tuple[HeaderModifier | None, HeaderModifier | None]:
+    """A backendRef's own ``filters``: the header modifiers (the mesh conformance feature
+    ``MeshHTTPRouteBackendRequestHeaderModification``). Other filters there are refused: a
+    redirect, rewrite or mirror per backend would need the choice of backend to come before
+    the rule's own filters."""
+    found: dict[str, HeaderModifier] = {}
+    for i, value in enumerate(_list(values, path)):
+        fpath = f"{path}[{i}]"
+        f = _mapping(value, fpath)
+        kind = f.get("type")
+        if kind not in _BACKEND_FILTERS:
+            raise RouteError(
+                f"{fpath}.type",
+                f"filter {kind!r} on a backendRef is not supported by nodemesh (only "
+                f"{' and '.join(_BACKEND_FILTERS)}); put it in the rule's filters",
+            )
+        field = FILTER_FIELDS[kind]
+        _keys(f, fpath, ("type", field))
+        if kind in found:
+            raise RouteError(
+                f"{fpath}.type", f"{kind} may appear once per backendRef", INCOMPATIBLE_FILTERS
+            )
+        found[kind] = _header_modifier(
+            _mapping(f.get(field), f"{fpath}.{field}"), f"{fpath}.{field}"
+        )
+    return found.get(_BACKEND_FILTERS[0]), found.get(_BACKEND_FILTERS[1])
 
 
 def _filters(ctx: _Context, values: object, path: str) -> Filters:

@@ -192,13 +192,17 @@ class GrpcMatch:
 class Backend:
     """A weighted Service backend. ``resolved`` is false when the reference cannot be used
     (unknown Service, wrong kind, cross-namespace): its share of requests gets a 500, as the
-    Gateway API requires, instead of being spread over the others."""
+    Gateway API requires, instead of being spread over the others. The header modifiers are
+    the backendRef's own ``filters``, applied only to requests sent to it
+    (``filters.for_backend``)."""
 
     namespace: str
     name: str
     port: int
     weight: int = 1
     resolved: bool = True
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
 
     @property
     def service(self) -> ServiceKey:

@@ -33,6 +33,7 @@ from agent.policy.routes import (
     rewrite_request,
 )
 from agent.policy.routes.compile import FILTER_FIELDS, compile_route
+from agent.policy.routes.filters import then
 from agent.policy.routes.model import HeaderModifier, HttpMatch, Route
 from agent.policy.routes.parents import ParentVerdict
 from agent.policy.traffic.control import TrafficControl
@@ -1023,3 +1024,95 @@ def test_http2_a_consumer_httproute_serves_its_namespaces_grpc_calls_end_to_end(
     call = PickRequest(head, "/pkg.Echo/Unary", True)
     assert _h2_service(_h2_route(store, call, client="client-ns")) == ("default", "web")
     assert _h2_service(_h2_route(store, call, client="third-ns")) == ("default", "web-v1")
+
+
+# -- backendRef filters (MeshHTTPRouteBackendRequestHeaderModification) -----------------------
+def _modifier_filter(kind: str, name: str, value: str) -> dict[str, Any]:
+    return _filter(kind, {"set": [{"name": name, "value": value}]})
+
+
+def test_a_backend_refs_header_modifier_applies_only_to_requests_sent_to_it() -> None:
+    """HTTPBackendRef.Filters: "Filters defined at this level should be executed if and only
+    if the request is being forwarded to the backend defined here" (mesh conformance
+    MeshHTTPRouteRequestHeaderModifier, backend manifest), through the sans-IO router: the
+    rule's modifier first, then the backend's on the request; on the response the backend's
+    first, then the rule's."""
+    store = StateStore()
+    with store.update() as tx:
+        for i, name in enumerate(("echo", "echo-v1", "echo-v2")):
+            endpoint = Endpoint(f"10.244.2.{i + 2}")
+            tx.put_service(dataclasses.replace(svc(name), endpoints=(endpoint,)))
+        v1 = {
+            **backend("echo-v1"),
+            "filters": [
+                _modifier_filter("RequestHeaderModifier", "X-Header-Set", "backend"),
+                _modifier_filter("ResponseHeaderModifier", "x-side", "backend"),
+            ],
+        }
+        rule = {
+            "backendRefs": [v1, backend("echo-v2")],
+            "filters": [
+                _modifier_filter("RequestHeaderModifier", "x-header-set", "rule"),
+                _modifier_filter("ResponseHeaderModifier", "x-side", "rule"),
+            ],
+        }
+        tx.put_route(route("r", [rule]))
+    snap = store.snapshot()
+    echo = snap.services[ECHO]
+    router = HttpRouter(TrafficControl(clock=FakeClock(), rng=random.Random(5)))
+    target = ServiceTarget(echo, echo.ports[0], "10.96.0.1")
+    seen: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {}
+    for _ in range(40):
+        head = HttpRequest.from_target("GET", "/", [("host", "echo")], authority="echo")
+        plan = router.admit(
+            snap, target, head, "10.244.1.5", None, ("node1", None), client_namespace=NS
+        )
+        assert plan.edit_request is not None and plan.edit_response is not None
+        _, sent = plan.edit_request("/", [("host", "echo"), ("x-header-set", "client")])
+        seen[plan.backend.service.name] = (sent, plan.edit_response([]))
+        plan.finish(200, 0.0, reset_before_response=False)
+    assert seen["echo-v1"] == (
+        [("host", "echo"), ("x-header-set", "backend")],
+        [("x-side", "rule")],
+    )
+    assert seen["echo-v2"] == ([("host", "echo"), ("x-header-set", "rule")], [("x-side", "rule")])
+
+
+def test_backend_ref_filters_other_than_header_modifiers_are_refused() -> None:
+    """HTTPBackendRef.Filters: nodemesh applies the header modifiers there and refuses the
+    others (README), naming the field; a repeated one is IncompatibleFilters."""
+    mirror = _filter("RequestMirror", {"backendRef": backend("echo-v2")})
+    ref = {**backend("echo-v1"), "filters": [mirror]}
+    assert _refused([{"backendRefs": [ref]}]) == "spec.rules[0].backendRefs[0].filters[0].type"
+    twice = [_modifier_filter("RequestHeaderModifier", "a", "1")] * 2
+    r = route("r", [{"backendRefs": [{**backend("echo-v1"), "filters": twice}]}])
+    (verdict,) = _table([r]).verdicts[r.key]
+    assert (verdict.accepted.status, verdict.accepted.reason) == (False, "IncompatibleFilters")
+    grpc_ref = {
+        **backend("echo-v1"),
+        "filters": [_modifier_filter("ResponseHeaderModifier", "a", "1")],
+    }
+    grpc = _compiled([{"backendRefs": [grpc_ref]}], kind="GRPCRoute")
+    assert isinstance(grpc, Route) and grpc.rules[0].backends[0].response_headers is not None
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (HeaderModifier(set=(("a", "1"),)), HeaderModifier(add=(("a", "2"),))),
+        (HeaderModifier(add=(("a", "1"),)), HeaderModifier(set=(("a", "2"),))),
+        (HeaderModifier(set=(("a", "1"),), add=(("b", "1"),)), HeaderModifier(remove=("a", "b"))),
+        (HeaderModifier(remove=("a",)), HeaderModifier(add=(("a", "2"),))),
+        (HeaderModifier(add=(("a", "1"),)), HeaderModifier(add=(("a", "2"),), remove=("c",))),
+    ],
+)
+def test_composed_header_modifiers_do_what_the_two_do_in_turn(
+    first: HeaderModifier, second: HeaderModifier
+) -> None:
+    """``filters.then``: the rule's modifier then the backendRef's, as one."""
+    headers = [("a", "0"), ("b", "0"), ("c", "0")]
+    composed = then(first, second)
+    assert composed is not None
+    assert sorted(modify_headers(headers, composed)) == sorted(
+        modify_headers(modify_headers(headers, first), second)
+    )

@@ -363,6 +363,7 @@ def test_a_consumer_route_applies_only_to_its_namespaces_clients() -> None:
     )
     table = _table([producer, consumer])
     # echo-v2 is not the parent: RefNotPermitted, its requests are 500s (a resolved=False pick).
+    # Stricter than GEP-1294, which allows any namespace without a ReferenceGrant (README).
     (verdict,) = table.verdicts[consumer.key]
     assert (verdict.accepted.status, verdict.resolved.reason) == (True, "RefNotPermitted")
     assert _to(table, _get("/"), client="client-ns") == "echo-v2"

@@ -54,6 +54,7 @@ from agent.policy.routes import (
     RouteAction,
     RouteTableCache,
     choose_backend,
+    for_backend,
     modify_headers,
     redirect_location,
     rewrite_request,
@@ -217,7 +218,9 @@ class HttpRouter:
         ``on_admitted`` before it picks an endpoint)."""
         action = self._decide(snap, dialled, request, client_namespace)
         fault = NO_FAULT if action is None else self._fault(request, action)
-        backend = dialled if action is None else self._backend(snap, dialled, request, action)
+        backend = dialled
+        if action is not None:  # the rule's action as the chosen backendRef's filters make it
+            action, backend = self._backend(snap, dialled, request, action)
         traffic = self.traffic.service(snap, backend.service)
         attempts = self._attempts(traffic, source_ip, source_labels, source_node, may_queue)
         plan = RoutePlan(backend, attempts, action, delay=fault.delay)
@@ -288,8 +291,9 @@ class HttpRouter:
         dialled: ServiceTarget,
         request: HttpRequest | GrpcRequest,
         action: RouteAction,
-    ) -> ServiceTarget:
-        """The rule's redirect (raised), or the ``ServiceTarget`` of its weighted choice."""
+    ) -> tuple[RouteAction, ServiceTarget]:
+        """The rule's redirect (raised), or its weighted choice: the action with that
+        backendRef's own filters (``for_backend``) and the ``ServiceTarget``."""
         redirect = action.filters.redirect
         match = action.match if isinstance(action.match, HttpMatch) else None
         if redirect is not None:
@@ -317,7 +321,7 @@ class HttpRouter:
                 BACKEND_UNUSABLE_BODY,
             )
         self.routed[(action.route, action.rule, f"{chosen.namespace}/{chosen.name}")] += 1
-        return target
+        return for_backend(action, chosen), target
 
     @staticmethod
     def _attempts(

@@ -11,7 +11,12 @@ The data path keeps a ``RouteTableCache`` and calls, per request,
 """
 
 from agent.policy.routes.compile import Rejected, RouteError, compile_route
-from agent.policy.routes.filters import modify_headers, redirect_location, rewrite_request
+from agent.policy.routes.filters import (
+    for_backend,
+    modify_headers,
+    redirect_location,
+    rewrite_request,
+)
 from agent.policy.routes.model import (
     GRPC_ROUTE,
     HTTP_ROUTE,
@@ -45,6 +50,7 @@ __all__ = [
     "RouteTableCache",
     "choose_backend",
     "compile_route",
+    "for_backend",
     "merged_parents",
     "modify_headers",
     "redirect_location",

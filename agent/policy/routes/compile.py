@@ -7,10 +7,15 @@ the whole route with ``Accepted=False``, the field's path and the fix; the route
 from the routing table, as if it did not exist.
 
 Backend references are the exception the Gateway API itself makes: a ``backendRef`` to a
-Service that does not exist (``BackendNotFound``), of another kind (``InvalidKind``) or in
-another namespace without being the parent (``RefNotPermitted``; ReferenceGrant is not read)
-leaves the route accepted with ``ResolvedRefs=False``, and the share of requests its weight
-would have received is answered with 500, never moved to the other backends.
+Service that does not exist or lacks the named port (``BackendNotFound``), of another kind
+(``InvalidKind``) or in another namespace without being the parent (``RefNotPermitted``;
+ReferenceGrant is not read) leaves the route accepted with ``ResolvedRefs=False``, and the
+share of requests its weight would have received is answered with 500, never moved to the
+other backends.
+
+The spec's ``PartiallyInvalid`` approaches (drop the invalid rules, or fall back to the last
+good version) are not taken: a route with any invalid rule is refused whole, for the reason
+above, and ``PartiallyInvalid`` is never set.
 
 ``hostnames`` is read but not matched: a mesh route applies to the Service the client
 connected to, whatever ``Host`` says (GAMMA; conformance ``MeshFrontendHostname``).
@@ -18,6 +23,7 @@ connected to, whatever ``Host`` says (GAMMA; conformance ``MeshFrontendHostname`
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,11 +64,15 @@ from agent.policy.routes.model import (
 from agent.state.model import RouteObject, Service
 
 UNSUPPORTED = "UnsupportedValue"
+INCOMPATIBLE_FILTERS = (
+    "IncompatibleFilters"  # the spec's reason for filters that exclude each other
+)
 BACKEND_NOT_FOUND = "BackendNotFound"
 INVALID_KIND = "InvalidKind"
 REF_NOT_PERMITTED = "RefNotPermitted"
 FILTER_NOT_FOUND = "FilterNotFound"  # an ExtensionRef's object does not exist
 
+MAX_MATCHES = 128  # across all rules of a route (the spec's CEL rule)
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 # Filter type -> the field holding its configuration.
@@ -95,22 +105,34 @@ _FIXED_HEADERS = frozenset(
     }
 )
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
+# The Gateway API's checks on an Exact or PathPrefix value (HTTPPathMatch's CEL rules): the
+# characters of an RFC 3986 path, no empty, dot or encoded-slash segment, no query or fragment.
+_PATH_CHARS = re.compile(r"^(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+$")
+_PATH_FORBIDDEN = ("//", "/./", "/../", "%2f", "%2F", "#")
+# GRPCMethodMatch's CEL rules for Exact: a protobuf service and method name (no ``/``).
+_GRPC_SERVICE = re.compile(r"^\.?[a-zA-Z_][a-zA-Z_0-9]*(\.[a-zA-Z_][a-zA-Z_0-9]*)*$")
+_GRPC_METHOD = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
+# SectionName (a rule's ``name``) and PreciseHostname (a redirect's or rewrite's ``hostname``).
+_SECTION_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_HOSTNAME = _SECTION_NAME
 
 T = TypeVar("T")
 
 
 class RouteError(ValueError):
-    """Why a route cannot be honoured: the field's path in the spec and the fix."""
+    """Why a route cannot be honoured: the field's path in the spec, the fix, and the
+    ``Accepted`` reason it gives (``UnsupportedValue`` unless filters conflict)."""
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, reason: str = UNSUPPORTED) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A route refused as a whole (``Accepted=False``, reason ``UnsupportedValue``)."""
+    """A route refused as a whole (``Accepted=False``, reason ``error.reason``)."""
 
     kind: str
     namespace: str
@@ -155,6 +177,19 @@ def compile_route(
         rules = tuple(
             _rule(ctx, i, r) for i, r in enumerate(_list(spec.get("rules", [{}]), "spec.rules"))
         )
+        if obj.kind == HTTP_ROUTE and not rules:  # the API's MinItems=1
+            raise RouteError(
+                "spec.rules",
+                "is empty, so every request would be answered 404; leave it out for the "
+                "default (every request to the parent Service) or give it a rule",
+            )
+        _unique_names(rules)
+        if sum(len(rule.matches) for rule in rules) > MAX_MATCHES:
+            raise RouteError(
+                "spec.rules",
+                f"has more than {MAX_MATCHES} matches in all; the Gateway API allows at most "
+                f"{MAX_MATCHES} per route (split it into several routes)",
+            )
     except RouteError as e:
         return Rejected(obj.kind, obj.namespace, obj.name, parents, e)
     return Route(
@@ -169,9 +204,14 @@ def _mapping(value: object, path: str) -> Mapping[str, Any]:
     return value
 
 
-def _list(value: object, path: str) -> Sequence[Any]:
+def _list(value: object, path: str, most: int = 16) -> Sequence[Any]:
+    """A list of at most ``most`` items: the API's ``MaxItems`` (16 for most route lists),
+    which the lab, without an API server, would not otherwise enforce. They bound the
+    sorted matches every request walks."""
     if not isinstance(value, list | tuple):
         raise RouteError(path, f"expected a list, got {type(value).__name__}")
+    if len(value) > most:
+        raise RouteError(path, f"has {len(value)} items; the Gateway API allows at most {most}")
     return value
 
 
@@ -196,8 +236,10 @@ def _int(value: object, path: str, low: int, high: int) -> int:
     return value
 
 
-def _each(values: object, path: str, parse: Callable[[Any, str], T]) -> tuple[T, ...]:
-    return tuple(parse(v, f"{path}[{i}]") for i, v in enumerate(_list(values, path)))
+def _each(
+    values: object, path: str, parse: Callable[[Any, str], T], most: int = 16
+) -> tuple[T, ...]:
+    return tuple(parse(v, f"{path}[{i}]") for i, v in enumerate(_list(values, path, most)))
 
 
 def _regex(value: str, path: str) -> Regex:
@@ -223,7 +265,7 @@ def _regex(value: str, path: str) -> Regex:
 def _parents(values: object, namespace: str) -> tuple[ParentRef, ...]:
     """The Service parents (GAMMA); a Gateway parent belongs to another controller."""
     out = []
-    for i, ref in enumerate(_list(values or [], "spec.parentRefs")):
+    for i, ref in enumerate(_list(values or [], "spec.parentRefs", 32)):
         path = f"spec.parentRefs[{i}]"
         ref = _mapping(ref, path)
         if (ref.get("group", "gateway.networking.k8s.io"), ref.get("kind", "Gateway")) != (
@@ -244,6 +286,33 @@ def _parents(values: object, namespace: str) -> tuple[ParentRef, ...]:
 
 
 # -- rules -----------------------------------------------------------------------------------
+def _unique_names(rules: Sequence[Rule]) -> None:
+    """A rule's ``name`` must be unique within its route (the spec's CEL rule): it is how
+    status, telemetry and policies name one rule."""
+    seen: dict[str, int] = {}
+    for rule in rules:
+        if not rule.name:
+            continue
+        if rule.name in seen:
+            raise RouteError(
+                f"spec.rules[{rule.index}].name",
+                f"{rule.name!r} is also the name of spec.rules[{seen[rule.name]}]; "
+                "give each rule its own name",
+            )
+        seen[rule.name] = rule.index
+
+
+def _rule_name(value: object, path: str) -> str:
+    if value is None:
+        return ""
+    name = _str(value, path)
+    if len(name) > 253 or not _SECTION_NAME.match(name):
+        raise RouteError(
+            path, f"{name!r} is not a valid rule name (lower-case letters, digits, '-' and '.')"
+        )
+    return name
+
+
 def _rule(ctx: _Context, index: int, value: object) -> Rule:
     obj = ctx.obj
     path = f"spec.rules[{index}]"
@@ -260,9 +329,9 @@ def _rule(ctx: _Context, index: int, value: object) -> Rule:
     match_path = f"{path}.matches"
     matches: tuple[HttpMatch, ...] | tuple[GrpcMatch, ...]
     if obj.kind == HTTP_ROUTE:
-        matches = _each(rule.get("matches") or [{}], match_path, _http_match)
+        matches = _each(rule.get("matches") or [{}], match_path, _http_match, 64)
     else:
-        matches = _each(rule.get("matches") or [{}], match_path, _grpc_match)
+        matches = _each(rule.get("matches") or [{}], match_path, _grpc_match, 64)
     backends = tuple(
         _backend(ctx, b, f"{path}.backendRefs[{i}]")
         for i, b in enumerate(_list(rule.get("backendRefs", []), f"{path}.backendRefs"))
@@ -276,7 +345,7 @@ def _rule(ctx: _Context, index: int, value: object) -> Rule:
         filters,
         _timeouts(rule.get("timeouts"), f"{path}.timeouts"),
         _retry(rule.get("retry"), f"{path}.retry"),
-        str(rule.get("name", "")),
+        _rule_name(rule.get("name"), f"{path}.name"),
     )
 
 
@@ -287,7 +356,11 @@ def _check_combination(
     path: str,
 ) -> None:
     if filters.redirect is not None and filters.rewrite is not None:
-        raise RouteError(f"{path}.filters", "RequestRedirect and URLRewrite exclude each other")
+        raise RouteError(
+            f"{path}.filters",
+            "RequestRedirect and URLRewrite exclude each other",
+            INCOMPATIBLE_FILTERS,
+        )
     if filters.redirect is not None and backends:
         raise RouteError(
             f"{path}.backendRefs", "a rule with RequestRedirect answers itself; remove its backends"
@@ -327,9 +400,16 @@ def _path_match(value: object, path: str) -> PathMatch:
         return PathMatch(REGEX, text, _regex(text, f"{path}.value"))
     if kind not in (EXACT, PATH_PREFIX):
         raise RouteError(f"{path}.type", f"{kind!r}: use Exact, PathPrefix or RegularExpression")
-    if not text.startswith("/") or any(s in text for s in ("//", "/./", "/../", "?", "#")):
+    if (
+        not text.startswith("/")
+        or any(s in text for s in _PATH_FORBIDDEN)
+        or text.endswith(("/.", "/.."))
+        or not _PATH_CHARS.match(text)
+    ):
         raise RouteError(
-            f"{path}.value", f"{text!r} must be an absolute path without //, /./, /../, ? or #"
+            f"{path}.value",
+            f"{text!r} must be an absolute path of URL path characters (percent-encoded "
+            "otherwise), without //, /./, /../, %2F, a trailing /. or /.., ? or #",
         )
     return PathMatch(kind, text)
 
@@ -344,16 +424,18 @@ def _string_match(kind: object, value: object, path: str) -> StringMatch:
 
 
 def _named_matches(values: object, path: str, *, header: bool) -> tuple[NamedMatch, ...]:
-    """Header names compare case-insensitively; a repeated name counts once (the first)."""
+    """Header names compare case-insensitively, query parameter names exactly; a repeated
+    name counts once (the first)."""
     out: dict[str, NamedMatch] = {}
     for i, value in enumerate(_list(values, path)):
         item_path = f"{path}[{i}]"
         item = _mapping(value, item_path)
         _keys(item, item_path, ("type", "name", "value"))
         name = _str(item.get("name"), f"{item_path}.name")
+        if not _HEADER_NAME.match(name):  # a query parameter's name has the same type
+            what = "header" if header else "query parameter"
+            raise RouteError(f"{item_path}.name", f"{name!r} is not a valid {what} name")
         if header:
-            if not _HEADER_NAME.match(name):
-                raise RouteError(f"{item_path}.name", f"{name!r} is not a valid header name")
             name = name.lower()
         kind = item.get("type", EXACT)
         out.setdefault(name, NamedMatch(name, _string_match(kind, item.get("value"), item_path)))
@@ -373,18 +455,32 @@ def _grpc_match(value: object, path: str) -> GrpcMatch:
             raise RouteError(mpath, "set service, method or both")
         if m.get("service") is not None:
             service = _string_match(kind, m["service"], f"{mpath}.service")
+            _grpc_name(service, _GRPC_SERVICE, f"{mpath}.service", "package.Service")
         if m.get("method") is not None:
             method = _string_match(kind, m["method"], f"{mpath}.method")
+            _grpc_name(method, _GRPC_METHOD, f"{mpath}.method", "Method")
     headers = _named_matches(match.get("headers", []), f"{path}.headers", header=True)
     return GrpcMatch(service, method, headers)
+
+
+def _grpc_name(match: StringMatch, form: re.Pattern[str], path: str, example: str) -> None:
+    """An Exact service or method must be a protobuf name: one with ``/`` or a space would
+    never equal a call's, and the route would silently match nothing."""
+    if match.kind == EXACT and not form.match(match.value):
+        raise RouteError(
+            path,
+            f"{match.value!r} is not a gRPC name (letters, digits, _ and, for a service, "
+            f"dots: e.g. {example}); use type RegularExpression for a pattern",
+        )
 
 
 # -- backends and filters -------------------------------------------------------------------
 def _backend(ctx: _Context, value: object, path: str, *, weighted: bool = True) -> Backend:
     obj, unresolved = ctx.obj, ctx.unresolved
     ref = _mapping(value, path)
-    allowed = ("group", "kind", "name", "namespace", "port", "weight")
-    _keys(ref, path, allowed if weighted else allowed[:-1])
+    allowed = ("group", "kind", "name", "namespace", "port", "weight", "filters")
+    _keys(ref, path, allowed if weighted else allowed[:-2])
+    modifiers = _backend_filters(ref.get("filters", []), f"{path}.filters")
     name = _str(ref.get("name"), f"{path}.name")
     namespace = str(ref.get("namespace") or obj.namespace)
     weight = _int(ref.get("weight", 1), f"{path}.weight", 0, 1_000_000) if weighted else 1
@@ -404,12 +500,54 @@ def _backend(ctx: _Context, value: object, path: str, *, weighted: bool = True) 
             "or the parent Service"
         )
         return Backend(namespace, name, port, weight, resolved=False)
-    if backend.service not in ctx.services:
+    service = ctx.services.get(backend.service)
+    if service is None:
         unresolved.append(
             f"{BACKEND_NOT_FOUND}: {path} names Service {namespace}/{name}, which does not exist"
         )
         return Backend(namespace, name, port, weight, resolved=False)
-    return backend
+    if all(p.port != port for p in service.ports):
+        # The data path can only answer 500 for it (no port to send to): say so in status.
+        ports = ", ".join(str(p.port) for p in service.ports) or "none"
+        unresolved.append(
+            f"{BACKEND_NOT_FOUND}: {path} names port {port} of Service {namespace}/{name}, "
+            f"which has no such port (its ports: {ports})"
+        )
+        return Backend(namespace, name, port, weight, resolved=False)
+    return dataclasses.replace(backend, request_headers=modifiers[0], response_headers=modifiers[1])
+
+
+_BACKEND_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier")
+
+
+def _backend_filters(
+    values: object, path: str
+) -> tuple[HeaderModifier | None, HeaderModifier | None]:
+    """A backendRef's own ``filters``: the header modifiers (the mesh conformance feature
+    ``MeshHTTPRouteBackendRequestHeaderModification``). Other filters there are refused: a
+    redirect, rewrite or mirror per backend would need the choice of backend to come before
+    the rule's own filters."""
+    found: dict[str, HeaderModifier] = {}
+    for i, value in enumerate(_list(values, path)):
+        fpath = f"{path}[{i}]"
+        f = _mapping(value, fpath)
+        kind = f.get("type")
+        if kind not in _BACKEND_FILTERS:
+            raise RouteError(
+                f"{fpath}.type",
+                f"filter {kind!r} on a backendRef is not supported by nodemesh (only "
+                f"{' and '.join(_BACKEND_FILTERS)}); put it in the rule's filters",
+            )
+        field = FILTER_FIELDS[kind]
+        _keys(f, fpath, ("type", field))
+        if kind in found:
+            raise RouteError(
+                f"{fpath}.type", f"{kind} may appear once per backendRef", INCOMPATIBLE_FILTERS
+            )
+        found[kind] = _header_modifier(
+            _mapping(f.get(field), f"{fpath}.{field}"), f"{fpath}.{field}"
+        )
+    return found.get(_BACKEND_FILTERS[0]), found.get(_BACKEND_FILTERS[1])
 
 
 def _filters(ctx: _Context, values: object, path: str) -> Filters:
@@ -434,7 +572,9 @@ def _filters(ctx: _Context, values: object, path: str) -> Filters:
             mirrors.append(_mirror(ctx, body, f"{fpath}.{field}"))
             continue
         if kind in found:
-            raise RouteError(f"{fpath}.type", f"{kind} may appear once per rule")
+            raise RouteError(
+                f"{fpath}.type", f"{kind} may appear once per rule", INCOMPATIBLE_FILTERS
+            )
         if kind == "ExtensionRef":
             found[kind] = _fault_ref(ctx, body, f"{fpath}.{field}")
             continue
@@ -523,9 +663,31 @@ def _path_modifier(value: object, path: str) -> PathModifier | None:
         raise RouteError(f"{path}.type", f"{kind!r}: use ReplaceFullPath or ReplacePrefixMatch")
     field = kind[0].lower() + kind[1:]
     text = body.get(field)
-    if not isinstance(text, str) or not text.startswith("/"):
-        raise RouteError(f"{path}.{field}", "set it to an absolute path (starting with /)")
+    # The spec's ReplacePrefixMatch table takes an empty replacement: /foo/bar -> /bar.
+    if text == "" and kind == "ReplacePrefixMatch":
+        return PathModifier(kind, text)
+    # The value becomes a request target or a Location header: URL path characters only
+    # (percent-encode others), so it can neither break the head nor carry a query.
+    if not isinstance(text, str) or not text.startswith("/") or not _PATH_CHARS.match(text):
+        raise RouteError(
+            f"{path}.{field}",
+            "set it to an absolute path (starting with /) of URL path characters "
+            "(percent-encode others)",
+        )
     return PathModifier(kind, text)
+
+
+def _hostname(value: object, path: str) -> str | None:
+    """A PreciseHostname: it becomes ``Host`` or part of ``Location``, so it must be a DNS
+    name (lower case, no port, no wildcard)."""
+    if value is None:
+        return None
+    text = _str(value, path)
+    if len(text) > 253 or not _HOSTNAME.match(text):
+        raise RouteError(
+            path, f"{text!r} is not a hostname (lower-case DNS labels, no port or wildcard)"
+        )
+    return text
 
 
 def _redirect(body: Mapping[str, Any], path: str) -> Redirect:
@@ -540,7 +702,7 @@ def _redirect(body: Mapping[str, Any], path: str) -> Redirect:
     hostname = body.get("hostname")
     return Redirect(
         scheme,
-        None if hostname is None else _str(hostname, f"{path}.hostname"),
+        _hostname(hostname, f"{path}.hostname"),
         _path_modifier(body.get("path"), f"{path}.path"),
         None if port is None else _int(port, f"{path}.port", 1, 65535),
         status,
@@ -549,9 +711,8 @@ def _redirect(body: Mapping[str, Any], path: str) -> Redirect:
 
 def _rewrite(body: Mapping[str, Any], path: str) -> Rewrite:
     _keys(body, path, ("hostname", "path"))
-    hostname = body.get("hostname")
     return Rewrite(
-        None if hostname is None else _str(hostname, f"{path}.hostname"),
+        _hostname(body.get("hostname"), f"{path}.hostname"),
         _path_modifier(body.get("path"), f"{path}.path"),
     )
 
@@ -615,7 +776,7 @@ def _retry(value: object, path: str) -> Retry | None:
     _keys(body, path, ("codes", "attempts", "backoff"))
     codes = frozenset(
         _int(c, f"{path}.codes[{i}]", 400, 599)
-        for i, c in enumerate(_list(body.get("codes", []), f"{path}.codes"))
+        for i, c in enumerate(_list(body.get("codes", []), f"{path}.codes", 200))  # 400-599
     )
     backoff = body.get("backoff")
     return Retry(

@@ -10,8 +10,12 @@ socket or a body. Header names are lower case in and out (h11 and h2 both use lo
   else the Service port; it is left out of ``Location`` when it is the scheme's default (80 for
   http, 443 for https). The query string is kept.
 * ``URLRewrite``: the request as forwarded (path and/or ``Host``), the query string kept.
+* A backendRef's own header modifiers (``for_backend``) apply only when that backend is
+  chosen: on the request after the rule's, on the response before the rule's (the request
+  passes the rule, then the backend; the response comes back the other way).
 * ``ReplacePrefixMatch`` replaces the matched ``PathPrefix`` element-wise (the spec's table:
-  ``/foo`` → ``/xyz`` turns ``/foo/bar`` into ``/xyz/bar`` and ``/foo`` into ``/xyz``).
+  ``/foo`` → ``/xyz`` turns ``/foo/bar`` into ``/xyz/bar`` and ``/foo`` into ``/xyz``; an
+  empty replacement strips the prefix, ``/foo/bar`` → ``/bar`` and ``/foo`` → ``/``).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import dataclasses
 from collections.abc import Sequence
 
 from agent.policy.routes.model import (
+    Backend,
     HeaderModifier,
     HttpMatch,
     HttpRequest,
     PathModifier,
     Redirect,
     Rewrite,
+    RouteAction,
 )
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -42,13 +48,39 @@ def modify_headers(headers: Sequence[tuple[str, str]], modifier: HeaderModifier)
     return out
 
 
+def then(first: HeaderModifier | None, second: HeaderModifier | None) -> HeaderModifier | None:
+    """One modifier doing what ``first`` then ``second`` do (``modify_headers`` removes, then
+    sets, then adds): what ``second`` removes or sets replaces what ``first`` set or added."""
+    if first is None or second is None:
+        return second or first
+    replaced = set(second.remove) | {name for name, _ in second.set}
+    return HeaderModifier(
+        tuple(h for h in first.set if h[0] not in replaced) + second.set,
+        tuple(h for h in first.add if h[0] not in replaced) + second.add,
+        tuple(dict.fromkeys(first.remove + second.remove)),
+    )
+
+
+def for_backend(action: RouteAction, backend: Backend) -> RouteAction:
+    """The rule's action for a request sent to ``backend``, with its backendRef's header
+    modifiers composed with the rule's."""
+    if backend.request_headers is None and backend.response_headers is None:
+        return action
+    filters = dataclasses.replace(
+        action.filters,
+        request_headers=then(action.filters.request_headers, backend.request_headers),
+        response_headers=then(backend.response_headers, action.filters.response_headers),
+    )
+    return dataclasses.replace(action, filters=filters)
+
+
 def _replaced_path(path: str, modifier: PathModifier, match: HttpMatch | None) -> str:
     if modifier.kind == "ReplaceFullPath":
         return modifier.value
     prefix = match.path.value.rstrip("/") if match is not None else ""
     rest = path[len(prefix) :]
     if not rest:
-        return modifier.value
+        return modifier.value or "/"  # an empty replacement strips the prefix: /foo -> /
     return modifier.value.rstrip("/") + rest
 
 

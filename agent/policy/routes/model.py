@@ -33,6 +33,18 @@ class Regex(Protocol):
     def fullmatch(self, text: str) -> object | None: ...
 
 
+def _header(headers: Sequence[tuple[str, str]], name: str, authority: str) -> str | None:
+    """All values of ``name`` joined by ``,`` (RFC 9110 §5.3), or ``None``. ``host`` is the
+    authority when no ``host`` field was sent: HTTP/2 carries it as ``:authority`` (RFC 9113
+    §8.3.1), and a route's ``host`` header match must not depend on the HTTP version."""
+    values = [v for k, v in headers if k == name]
+    if values:
+        return ",".join(values)
+    if name == "host" and authority:
+        return authority
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
     """The head of one HTTP request, as routing reads it.
@@ -64,8 +76,7 @@ class HttpRequest:
 
     def header(self, name: str) -> str | None:
         """All values of ``name`` joined by ``,`` (RFC 9110 §5.3), or ``None``."""
-        values = [v for k, v in self.headers if k == name]
-        return ",".join(values) if values else None
+        return _header(self.headers, name, self.authority)
 
     def query_param(self, name: str) -> str | None:
         """The first value of a query parameter (the Gateway API leaves repeats undefined and
@@ -96,8 +107,7 @@ class GrpcRequest:
         return cls(parts[1], parts[2], headers, authority)
 
     def header(self, name: str) -> str | None:
-        values = [v for k, v in self.headers if k == name]
-        return ",".join(values) if values else None
+        return _header(self.headers, name, self.authority)
 
     def as_http(self) -> HttpRequest:
         """The same call as HTTPRoutes see it (a POST to ``/service/method``)."""
@@ -182,13 +192,17 @@ class GrpcMatch:
 class Backend:
     """A weighted Service backend. ``resolved`` is false when the reference cannot be used
     (unknown Service, wrong kind, cross-namespace): its share of requests gets a 500, as the
-    Gateway API requires, instead of being spread over the others."""
+    Gateway API requires, instead of being spread over the others. The header modifiers are
+    the backendRef's own ``filters``, applied only to requests sent to it
+    (``filters.for_backend``)."""
 
     namespace: str
     name: str
     port: int
     weight: int = 1
     resolved: bool = True
+    request_headers: HeaderModifier | None = None
+    response_headers: HeaderModifier | None = None
 
     @property
     def service(self) -> ServiceKey:

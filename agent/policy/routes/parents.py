@@ -7,9 +7,9 @@ L4 behaviour, and the route's ``Accepted`` condition says so and how to declare 
 An HTTPRoute attaches to ``http``, ``http2`` and ``grpc`` ports (gRPC is HTTP/2); a GRPCRoute
 only to ``http2`` and ``grpc`` ports.
 
-Reasons are the Gateway API's: ``Accepted``/``NoMatchingParent``/``UnsupportedValue`` for
-``Accepted``; ``ResolvedRefs``/``BackendNotFound``/``InvalidKind``/``RefNotPermitted`` for
-``ResolvedRefs``.
+Reasons are the Gateway API's: ``Accepted``/``NoMatchingParent``/``UnsupportedValue``/
+``IncompatibleFilters`` for ``Accepted``; ``ResolvedRefs``/``BackendNotFound``/``InvalidKind``/
+``RefNotPermitted`` for ``ResolvedRefs``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ RESOLVED_REFS = "ResolvedRefs"
 NO_MATCHING_PARENT = "NoMatchingParent"
 ROUTE_PROTOCOLS = {GRPC_ROUTE: (HTTP2, GRPC)}
 DEFAULT_PROTOCOLS = (HTTP, HTTP2, GRPC)
+# nodemesh does not take the spec's PartiallyInvalid approaches (drop the invalid rules, or keep
+# the last good version): the message says so, since the specification would allow either.
+REFUSED_WHOLE = "nothing of this route is programmed until it is fixed (never a part of it)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +78,7 @@ def _parent(
         return ParentVerdict(parent, (), Condition(ACCEPTED, False, reason, message), resolved)
 
     if isinstance(compiled, Rejected):
-        return refused(UNSUPPORTED, str(compiled.error))
+        return refused(compiled.error.reason, f"{compiled.error}; {REFUSED_WHOLE}")
     service = services.get((parent.namespace, parent.name))
     if service is None:
         return refused(

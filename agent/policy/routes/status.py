@@ -11,6 +11,12 @@ condition's status does.
 ``merged_parents`` returns ``None`` when what is there already says the same, so a writer that
 finds its work done sends nothing: with every agent computing the same verdict, the first write
 wins and the others become no-ops (the rule the policies' ``Accepted`` condition follows).
+
+Within its own entry nodemesh writes only ``Accepted`` and ``ResolvedRefs``; any other
+condition type found there (another tool's) is kept where it was, as the spec requires. A
+condition whose ``observedGeneration`` is newer than the generation this verdict was computed
+from is left as it is: this agent's copy of the route is stale, and the next event brings the
+new one.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ CONTROLLER_NAME = "nodemesh.io/mesh-controller"
 
 
 def _condition(c: Condition, generation: int, now: str, old: Mapping[str, Any]) -> dict[str, Any]:
+    seen = old.get("observedGeneration")
+    if isinstance(seen, int) and seen > generation:
+        return dict(old)  # written from a newer route than ours: not ours to overwrite
     status = "True" if c.status else "False"
     since = old.get("lastTransitionTime") if old.get("status") == status else None
     return {
@@ -43,14 +52,16 @@ def _parent_entry(
     now: str,
     old: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    conditions = {c.get("type"): c for c in (old or {}).get("conditions") or ()}
+    ours = {c.type: c for c in (verdict.accepted, verdict.resolved)}
+    conditions: list[dict[str, Any]] = []
+    for found in (old or {}).get("conditions") or ():
+        mine = ours.pop(str(found.get("type")), None)
+        conditions.append(dict(found) if mine is None else _condition(mine, generation, now, found))
+    conditions += [_condition(c, generation, now, {}) for c in ours.values()]
     return {
         "parentRef": verdict.parent.as_spec(route_namespace),
         "controllerName": CONTROLLER_NAME,
-        "conditions": [
-            _condition(c, generation, now, conditions.get(c.type) or {})
-            for c in (verdict.accepted, verdict.resolved)
-        ],
+        "conditions": conditions,
     }
 
 

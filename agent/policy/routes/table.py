@@ -16,7 +16,9 @@ are never merged: a gRPC call uses the port's GRPCRoutes when it has any, else i
 
 Producer and consumer routes (GAMMA, GEP-1294): a route in the Service's namespace applies to
 every client; a route in another namespace applies only to clients of that namespace, and for
-them replaces the producer routes entirely. A route in any other namespace is ignored.
+them replaces the producer routes entirely, of both kinds (GEP-1686: consumer routes have
+priority): a consumer HTTPRoute on a gRPC port takes that namespace's calls even where the
+producer attached a GRPCRoute. A route in any other namespace is ignored.
 
 When routes are attached to the port but none matches, the answer is ``NoMatchingRule`` (404,
 or ``UNIMPLEMENTED`` for gRPC); when none is attached it is ``None`` (the Service's ordinary
@@ -55,7 +57,7 @@ from agent.policy.routes.parents import ParentVerdict, evaluate
 from agent.state.model import PolicyObject, RouteObject, Service
 from agent.state.snapshot import Snapshot
 
-PortKey = tuple[str, ServiceKey, int]  # route kind, service, service port
+PortKey = tuple[ServiceKey, int]  # service, service port
 _PATH_RANK = {EXACT: 3, REGEX: 2, PATH_PREFIX: 1}
 
 
@@ -113,7 +115,7 @@ class RouteTable:
         self,
         compiled: Mapping[RouteKey, Compiled],
         verdicts: Mapping[RouteKey, tuple[ParentVerdict, ...]],
-        attached: Mapping[PortKey, Mapping[str, tuple[_Candidate, ...]]],
+        attached: Mapping[PortKey, Mapping[str, Mapping[str, tuple[_Candidate, ...]]]],
     ) -> None:
         self.compiled = compiled
         self.verdicts = verdicts
@@ -134,7 +136,7 @@ class RouteTable:
         snapshot)."""
         compiled: dict[RouteKey, Compiled] = {}
         verdicts: dict[RouteKey, tuple[ParentVerdict, ...]] = {}
-        by_port: dict[PortKey, dict[str, list[Route]]] = {}
+        by_port: dict[PortKey, dict[str, dict[str, list[Route]]]] = {}
         for key in sorted(routes):
             result = compiled[key] = compile_route(routes[key], services, faults)
             verdicts[key] = evaluate(result, services)
@@ -143,61 +145,74 @@ class RouteTable:
             for verdict in verdicts[key]:
                 service = (verdict.parent.namespace, verdict.parent.name)
                 for port in verdict.ports:
-                    by_namespace = by_port.setdefault((result.kind, service, port), {})
-                    bucket = by_namespace.setdefault(result.namespace, [])
+                    by_namespace = by_port.setdefault((service, port), {})
+                    by_kind = by_namespace.setdefault(result.namespace, {})
+                    bucket = by_kind.setdefault(result.kind, [])
                     if result not in bucket:
                         bucket.append(result)
         attached = {
             key: {
-                ns: tuple(
-                    sorted(
-                        _candidates(attached_routes),
-                        key=_grpc_rank if key[0] == GRPC_ROUTE else _http_rank,
+                ns: {
+                    kind: tuple(
+                        sorted(
+                            _candidates(kind_routes),
+                            key=_grpc_rank if kind == GRPC_ROUTE else _http_rank,
+                        )
                     )
-                )
-                for ns, attached_routes in namespaces.items()
+                    for kind, kind_routes in by_kind.items()
+                }
+                for ns, by_kind in namespaces.items()
             }
             for key, namespaces in by_port.items()
         }
         return cls(compiled, verdicts, attached)
 
     def _applicable(
-        self, kind: str, service: ServiceKey, port: int, client_namespace: str
-    ) -> tuple[_Candidate, ...] | None:
-        by_namespace = self._attached.get((kind, service, port))
-        if not by_namespace:
-            return None
+        self, service: ServiceKey, port: int, client_namespace: str
+    ) -> Mapping[str, tuple[_Candidate, ...]]:
+        """The routes of each kind that apply to this client: its namespace's (consumer
+        routes) if it has any on this port, else the Service namespace's (producer routes)."""
+        by_namespace = self._attached.get((service, port), {})
         if client_namespace != service[0] and client_namespace in by_namespace:
             return by_namespace[client_namespace]  # consumer routes replace producer routes
-        return by_namespace.get(service[0])
+        return by_namespace.get(service[0], {})
 
     def routed(self, service: ServiceKey, port: int) -> bool:
         """Whether any route is programmed on this Service port (for any client)."""
-        return any((kind, service, port) in self._attached for kind in (HTTP_ROUTE, GRPC_ROUTE))
+        return (service, port) in self._attached
 
     def http(
         self, service: ServiceKey, port: int, request: HttpRequest, *, client_namespace: str
     ) -> Decision:
         """The rule an HTTP request to ``service``:``port`` from ``client_namespace`` takes."""
-        candidates = self._applicable(HTTP_ROUTE, service, port, client_namespace)
+        candidates = self._applicable(service, port, client_namespace).get(HTTP_ROUTE)
         if candidates is None:
             return None
-        for c in candidates:
-            if isinstance(c.match, HttpMatch) and c.match.matches(request):
-                return _action(c, service, port)
-        return _no_match(candidates)
+        return _first_http(candidates, service, port, request)
 
     def grpc(
         self, service: ServiceKey, port: int, request: GrpcRequest, *, client_namespace: str
     ) -> Decision:
-        """The rule a gRPC call takes: the port's GRPCRoutes, else its HTTPRoutes."""
-        candidates = self._applicable(GRPC_ROUTE, service, port, client_namespace)
+        """The rule a gRPC call takes: the port's GRPCRoutes, else its HTTPRoutes (both of the
+        client's namespace when it has routes there)."""
+        applicable = self._applicable(service, port, client_namespace)
+        candidates = applicable.get(GRPC_ROUTE)
         if candidates is None:
-            return self.http(service, port, request.as_http(), client_namespace=client_namespace)
+            http = applicable.get(HTTP_ROUTE)
+            return None if http is None else _first_http(http, service, port, request.as_http())
         for c in candidates:
             if isinstance(c.match, GrpcMatch) and c.match.matches(request):
                 return _action(c, service, port)
         return _no_match(candidates)
+
+
+def _first_http(
+    candidates: Sequence[_Candidate], service: ServiceKey, port: int, request: HttpRequest
+) -> RouteAction | NoMatchingRule:
+    for c in candidates:
+        if isinstance(c.match, HttpMatch) and c.match.matches(request):
+            return _action(c, service, port)
+    return _no_match(candidates)
 
 
 def _no_match(candidates: Sequence[_Candidate]) -> NoMatchingRule:

@@ -156,8 +156,14 @@ def _compiled(rules: list[dict[str, Any]], **kw: Any) -> Route:
             "301",
         ),
         (
-            [{"backendRefs": [{"name": "echo-v1", "port": 80, "filters": []}]}],
-            "spec.rules[0].backendRefs[0].filters",
+            [
+                {
+                    "backendRefs": [
+                        {"name": "echo-v1", "port": 80, "filters": [{"type": "URLRewrite"}]}
+                    ]
+                }
+            ],
+            "spec.rules[0].backendRefs[0].filters[0].type",
             "not supported",
         ),
     ],

@@ -56,6 +56,7 @@ from agent.proxy.http1_codec import (
     forwarded_headers,
     header_value,
     last_chunk,
+    noted_headers,
     request_head,
     response_head,
 )
@@ -314,11 +315,12 @@ class ClientSide(ABC, Generic[C]):
                     self._refuse(431, HEADERS_TOO_LARGE, "head over the size limit")
                     continue
                 fields = event.headers
-                headers, upgrade = forwarded_headers(fields)
-                host = header_value(fields, b"host")
+                noted = noted_headers(event)  # what the passes below look at, gathered once
+                headers, upgrade = forwarded_headers(fields, noted=noted)
+                host = header_value(noted, b"host")
                 if host is None:  # HTTP/1.0 (1.1 without it is refused by the reader)
                     headers.append((b"host", b""))  # forwarded as 1.1: empty (RFC 9112 3.2)
-                request_id = header_value(fields, b"x-request-id")
+                request_id = header_value(noted, b"x-request-id")
                 if request_id is None:
                     request_id = self.new_request_id()
                     headers.append((b"x-request-id", request_id.encode()))
@@ -330,7 +332,7 @@ class ClientSide(ABC, Generic[C]):
                     path=path,
                     host=host or "",
                     request_id=request_id,
-                    trace=trace_headers_of(fields),
+                    trace=trace_headers_of(noted),
                     headers=fields,
                 )
                 self._on_request(event, head, headers, upgrade)
@@ -638,7 +640,9 @@ class Http1Proxy(ClientSide[_Current]):
         self._to_client.append(response_head(event.status, event.reason, headers))
 
     def _on_response(self, current: _Current, event: Head) -> None:
-        headers, _ = forwarded_headers(event.headers, keep_upgrade=False)
+        headers, _ = forwarded_headers(
+            event.headers, keep_upgrade=False, noted=noted_headers(event)
+        )
         current.last = not (event.keep_alive and current.keep_alive)
         if event.chunked:
             headers = [(n, v) for n, v in headers if n != b"transfer-encoding"]

@@ -132,9 +132,10 @@ class RequestIds:
 new_request_id: Callable[[], str] = RequestIds()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestHead:
-    """What authorization and telemetry see of one request."""
+    """What authorization and telemetry see of one request (not frozen, though nothing changes
+    it once made: a frozen dataclass's ``__init__`` cost a few us per request)."""
 
     method: str
     path: str  # the target without its query

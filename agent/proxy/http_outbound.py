@@ -72,7 +72,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from agent.policy.authz import Request as AuthzRequest
 from agent.policy.routes import HttpRequest
@@ -127,8 +127,10 @@ MAX_MIRRORS = 64  # copies in flight per node; more are dropped (counted ``overf
 MIRROR_TIMEOUT = 10.0  # seconds a copy may take, connect to end of response
 
 
-@dataclass(frozen=True, slots=True)
-class SessionKey:
+class SessionKey(NamedTuple):
+    """Which idle sessions may carry a request (a tuple: one is made per request, and a frozen
+    dataclass's ``__init__`` cost several times a tuple's)."""
+
     kind: str  # hbone, local, passthrough
     client_ip: str
     ip: str

@@ -485,6 +485,8 @@ class Authorizer:
 
     def evaluate(self, request: Request, workload: Workload) -> Decision:
         applicable = [p for p in self.policies if p.selects(workload, self.root_namespace)]
+        if not applicable:  # the usual case of a request: nothing else to work out
+            return _NO_POLICY
         dry = [p for p in applicable if p.dry_run]
         would = tuple(_dry_run(p, request) for p in dry)
         # As Istio's shadow result: a dry-run DENY that matches, or a dry-run ALLOW that
@@ -511,6 +513,9 @@ class Authorizer:
         return Decision(
             False, f"no ALLOW policy matched (applicable: {refs})", None, audited, would, would_deny
         )
+
+
+_NO_POLICY = Decision(True, "no ALLOW policy applies")  # what ``evaluate`` decides without any
 
 
 def _dry_run(policy: CompiledPolicy, request: Request) -> str:

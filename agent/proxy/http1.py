@@ -56,6 +56,7 @@ from agent.proxy.http1_codec import (
     forwarded_headers,
     header_value,
     last_chunk,
+    noted_headers,
     request_head,
     response_head,
 )
@@ -100,18 +101,41 @@ _REASONS = {
 }
 
 
-def new_request_id() -> str:
-    """A random UUID (version 4) as text, as ``uuid.uuid4()`` makes it, without the object."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+class RequestIds:
+    """Random UUIDs (version 4) as text, as ``str(uuid.uuid4())`` makes them, from the OS's
+    random bytes as ``uuid4`` takes them, but fetched 256 at a time: one ``getrandom`` system
+    call per request was a visible share of a request's CPU. A forked process (``--workers``)
+    drops the bytes it inherited, so no two processes hand out the same ids."""
+
+    BATCH = 256
+
+    def __init__(self) -> None:
+        self._bytes = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._bytes, self._at = b"", 0
+
+    def __call__(self) -> str:
+        at = self._at
+        if at >= len(self._bytes):
+            self._bytes, at = os.urandom(16 * self.BATCH), 0
+        self._at = at + 16
+        b = bytearray(self._bytes[at : at + 16])
+        b[6] = (b[6] & 0x0F) | 0x40  # version 4
+        b[8] = (b[8] & 0x3F) | 0x80  # variant RFC 9562
+        h = b.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-@dataclass(frozen=True, slots=True)
+new_request_id: Callable[[], str] = RequestIds()
+
+
+@dataclass(slots=True)
 class RequestHead:
-    """What authorization and telemetry see of one request."""
+    """What authorization and telemetry see of one request (not frozen, though nothing changes
+    it once made: a frozen dataclass's ``__init__`` cost a few us per request)."""
 
     method: str
     path: str  # the target without its query
@@ -314,11 +338,12 @@ class ClientSide(ABC, Generic[C]):
                     self._refuse(431, HEADERS_TOO_LARGE, "head over the size limit")
                     continue
                 fields = event.headers
-                headers, upgrade = forwarded_headers(fields)
-                host = header_value(fields, b"host")
+                noted = noted_headers(event)  # what the passes below look at, gathered once
+                headers, upgrade = forwarded_headers(fields, noted=noted)
+                host = header_value(noted, b"host")
                 if host is None:  # HTTP/1.0 (1.1 without it is refused by the reader)
                     headers.append((b"host", b""))  # forwarded as 1.1: empty (RFC 9112 3.2)
-                request_id = header_value(fields, b"x-request-id")
+                request_id = header_value(noted, b"x-request-id")
                 if request_id is None:
                     request_id = self.new_request_id()
                     headers.append((b"x-request-id", request_id.encode()))
@@ -330,7 +355,7 @@ class ClientSide(ABC, Generic[C]):
                     path=path,
                     host=host or "",
                     request_id=request_id,
-                    trace=trace_headers_of(fields),
+                    trace=trace_headers_of(noted),
                     headers=fields,
                 )
                 self._on_request(event, head, headers, upgrade)
@@ -638,7 +663,9 @@ class Http1Proxy(ClientSide[_Current]):
         self._to_client.append(response_head(event.status, event.reason, headers))
 
     def _on_response(self, current: _Current, event: Head) -> None:
-        headers, _ = forwarded_headers(event.headers, keep_upgrade=False)
+        headers, _ = forwarded_headers(
+            event.headers, keep_upgrade=False, noted=noted_headers(event)
+        )
         current.last = not (event.keep_alive and current.keep_alive)
         if event.chunked:
             headers = [(n, v) for n, v in headers if n != b"transfer-encoding"]

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import httptools
 
+from agent.telemetry.records import TRACE_HEADERS
+
 # Causes of a refused message (``nodemesh_http_rejected_requests_total{cause}``).
 MALFORMED = "malformed"
 HEADERS_TOO_LARGE = "headers_too_large"
@@ -59,6 +61,10 @@ class Head:
     upgrade: bool = False  # a request proposing an upgrade, or a 101 accepting one
     expect_continue: bool = False  # a request waiting for ``100 Continue`` before its body
     size: int = 0  # bytes of the head's elements, for the head limit
+    # The headers named in ``NOTED``, in order: what framing, hop-by-hop removal, Host,
+    # x-request-id and trace context read, gathered as the head is parsed so that none of
+    # them scans every header again (a reader's heads; None: unknown, scan ``headers``).
+    noted: Headers | None = None
 
 
 @dataclass(slots=True)
@@ -104,6 +110,15 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Every header name a pass over a head looks for (``Head.noted``): the hop-by-hop ones, the
+# framing ones, ``Host``, ``x-request-id`` and the trace context (``TRACE_HEADERS``).
+NOTED = (
+    HOP_BY_HOP
+    | TRACE_HEADERS
+    | frozenset({b"transfer-encoding", b"content-length", b"expect", b"host", b"x-request-id"})
+)
+
+
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing; carries the refusal."""
 
@@ -132,6 +147,7 @@ class _Reader:
         self.in_head = False  # a head has begun and is not complete
         self._in_body = False
         self._headers: Headers = []
+        self._noted: Headers = []
         self._trailers: Headers = []
         self._size = 0
         self._trickled = 0  # bytes fed while a head stayed incomplete, after its first read
@@ -142,6 +158,7 @@ class _Reader:
         self.in_head = True
         self._begun_in_this_feed = True
         self._headers = []
+        self._noted = []
         self._trailers = []
         self._size = 0
         self._trickled = 0
@@ -153,7 +170,10 @@ class _Reader:
             return
         if self._size > self.max_head_bytes:
             raise _Refused(Refusal(431, HEADERS_TOO_LARGE, "head over the size limit"))
-        self._headers.append((name.lower(), value))
+        field = (name.lower(), value)
+        self._headers.append(field)
+        if field[0] in NOTED:
+            self._noted.append(field)
 
     def on_body(self, body: bytes) -> None:
         self.events.append(Body(body))
@@ -196,7 +216,8 @@ class _Reader:
         codings: list[bytes] = []
         lengths: list[bytes] = []
         tokens: set[bytes] = set()
-        for name, value in head.headers:
+        noted = noted_headers(head)
+        for name, value in noted:
             if name == b"transfer-encoding":
                 codings += [t.strip().lower() for t in value.split(b",")]
             elif name == b"content-length":
@@ -213,7 +234,7 @@ class _Reader:
             head.chunked = True
         elif lengths:
             head.length = int(lengths[0])  # llhttp accepted it: digits only
-        head.upgrade = b"upgrade" in tokens and any(n == b"upgrade" for n, _ in head.headers)
+        head.upgrade = b"upgrade" in tokens and any(n == b"upgrade" for n, _ in noted)
         head.keep_alive = b"keep-alive" in tokens if head.http10 else b"close" not in tokens
 
 
@@ -251,8 +272,14 @@ class RequestReader(_Reader):
         method = parser.get_method()
         if method == b"CONNECT":
             raise _Refused(Refusal(400, MALFORMED, "CONNECT is not proxied"))
-        head = Head(self._headers, method=method, target=self._target, http10=version == "1.0")
-        hosts = sum(1 for n, _ in head.headers if n == b"host")
+        head = Head(
+            self._headers,
+            method=method,
+            target=self._target,
+            http10=version == "1.0",
+            noted=self._noted,
+        )
+        hosts = sum(1 for n, _ in self._noted if n == b"host")
         if hosts > 1 or (hosts == 0 and not head.http10):
             raise _Refused(Refusal(400, MALFORMED, "HTTP/1.1 wants exactly one Host header"))
         self._framing(head)
@@ -326,7 +353,13 @@ class ResponseReader(_Reader):
         if version not in ("1.1", "1.0"):
             raise _Refused(Refusal(502, MALFORMED, f"HTTP version {version}"))
         status = parser.get_status_code()
-        head = Head(self._headers, status=status, reason=self._reason, http10=version == "1.0")
+        head = Head(
+            self._headers,
+            status=status,
+            reason=self._reason,
+            http10=version == "1.0",
+            noted=self._noted,
+        )
         self._framing(head)
         head.upgrade = status == 101
         bodiless = status < 200 or status in (204, 304) or self._head_only
@@ -417,10 +450,21 @@ def header_value(headers: Headers, name: bytes) -> str | None:
     return None
 
 
-def forwarded_headers(headers: Headers, *, keep_upgrade: bool = True) -> tuple[Headers, bool]:
+def noted_headers(head: Head) -> Headers:
+    """The headers a pass over ``head`` for the ``NOTED`` names needs to look at."""
+    return head.headers if head.noted is None else head.noted
+
+
+def forwarded_headers(
+    headers: Headers, *, keep_upgrade: bool = True, noted: Headers | None = None
+) -> tuple[Headers, bool]:
     """The headers without hop-by-hop ones (``HOP_BY_HOP`` and what ``Connection`` lists; ``TE:
     trailers`` stays); and whether this is an upgrade request (then ``Connection: upgrade``
-    and ``Upgrade`` are kept, since the next hop must see the proposal)."""
+    and ``Upgrade`` are kept, since the next hop must see the proposal). ``noted``: the
+    headers among them named in ``NOTED`` (``Head.noted``); when none is hop-by-hop, nothing
+    is removed and the headers are copied as they are (the usual request and response)."""
+    if noted is not None and not any(n in HOP_BY_HOP for n, _ in noted):
+        return list(headers), False
     listed = {
         t.strip().lower()
         for n, v in headers

@@ -69,10 +69,10 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 from agent.policy.authz import Request as AuthzRequest
 from agent.policy.routes import HttpRequest
@@ -127,8 +127,10 @@ MAX_MIRRORS = 64  # copies in flight per node; more are dropped (counted ``overf
 MIRROR_TIMEOUT = 10.0  # seconds a copy may take, connect to end of response
 
 
-@dataclass(frozen=True, slots=True)
-class SessionKey:
+class SessionKey(NamedTuple):
+    """Which idle sessions may carry a request (a tuple: one is made per request, and a frozen
+    dataclass's ``__init__`` cost several times a tuple's)."""
+
     kind: str  # hbone, local, passthrough
     client_ip: str
     ip: str
@@ -309,6 +311,40 @@ class _Direct:
 
     def send(self, data: bytes, /) -> int:
         return self.owner._take(self.session, self.request, data)
+
+
+class TextHeaders(Sequence[tuple[str, str]]):
+    """A request's header fields as routes read them (text), decoded when first read: most
+    Services have no HTTPRoute, or none matching on headers, and decoding every field of
+    every request was a visible share of its routing."""
+
+    __slots__ = ("_fields", "_text")
+
+    def __init__(self, fields: Sequence[tuple[bytes, bytes]]) -> None:
+        self._fields = fields
+        self._text: list[tuple[str, str]] | None = None
+
+    def _decoded(self) -> list[tuple[str, str]]:
+        text = self._text
+        if text is None:
+            text = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._fields]
+            self._text = text
+        return text
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, str]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[tuple[str, str]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[str, str] | Sequence[tuple[str, str]]:
+        return self._decoded()[index]
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._decoded())
 
 
 def _detach(session: UpstreamSession) -> None:
@@ -841,10 +877,7 @@ class _ClientConnection:
         snap = self.core.snapshot()
         self.record.upstream, self.record.destination_identity = "", None
         http = HttpRequest.from_target(
-            head.method,
-            self.codec.pending_target,
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers],
-            authority=head.host,
+            head.method, self.codec.pending_target, TextHeaders(head.headers), authority=head.host
         )
         source = self.source
         try:

@@ -81,6 +81,7 @@ from agent.proxy.http1_codec import (
     forwarded_headers,
     header_value,
     last_chunk,
+    noted_headers,
     request_head,
     response_head,
 )
@@ -503,7 +504,9 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         current.waiting_for_100 = False
 
     def _on_response(self, current: _Current[T], event: Head) -> None:
-        headers, _ = forwarded_headers(event.headers, keep_upgrade=False)
+        headers, _ = forwarded_headers(
+            event.headers, keep_upgrade=False, noted=noted_headers(event)
+        )
         if current.edit_response is not None:
             headers = _framed(headers, current.edit_response(_text(headers)))
         current.upstream_keep_alive = event.keep_alive

@@ -206,6 +206,16 @@ def test_decision_names_the_policy_and_reason() -> None:
     assert d.reason == "no ALLOW policy matched (applicable: default/only-x)"
 
 
+def test_no_applicable_policy_allows_with_nothing_to_report() -> None:
+    """Without policies, or with only policies selecting other workloads, the decision is the
+    same whole: allowed, no policy, no dry-run or audit outcome."""
+    for policies in ([], [deny({}, ns="other", name="elsewhere", dry_run=True)]):
+        d = Authorizer.compile(policies).evaluate(req(), SERVER)
+        assert (d.allowed, d.reason, d.policy, d.audited, d.would, d.would_deny) == (
+            True, "no ALLOW policy applies", None, (), (), ()
+        )  # fmt: skip
+
+
 def test_dry_run_and_audit_are_reported() -> None:
     policies = [
         deny({}, name="trial", dry_run=True),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import uuid
 
 import pytest
 
@@ -14,6 +16,7 @@ from agent.proxy.http1 import (
     UNSUPPORTED_CODING,
     Http1Proxy,
     RequestHead,
+    RequestIds,
     Verdict,
 )
 
@@ -365,3 +368,24 @@ def test_a_rate_limited_request_gets_429_with_flag_rl_and_the_connection_keeps_s
     assert (over.status, over.flags, over.denied_by) == (429, "RL", "ns/limit")
     assert (ok.status, ok.flags) == (200, "-")
     assert not p.closing
+
+
+def test_request_ids_are_random_uuid4s_and_a_forked_process_draws_its_own() -> None:
+    """``RequestIds`` takes the OS's random bytes in batches: every id is a version-4 UUID in
+    ``uuid4``'s text form, ids differ across a batch's end, and a child of ``fork`` (the
+    agent's ``--workers``) does not hand out the ids its parent will."""
+    ids = RequestIds()
+    drawn = [ids() for _ in range(RequestIds.BATCH + 10)]
+    assert len(set(drawn)) == len(drawn)
+    for text in drawn:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, then out without the parent's cleanup
+        os.write(write, ids().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as child:
+        assert child.read().decode() != ids()

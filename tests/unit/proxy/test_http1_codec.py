@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.proxy.http1 import UPSTREAM_PROTOCOL, Http1Proxy, Verdict
 from agent.proxy.http1_codec import (
@@ -12,6 +14,7 @@ from agent.proxy.http1_codec import (
     DETAIL_LIMIT,
     HEADERS_TOO_LARGE,
     MALFORMED,
+    NOTED,
     UNSUPPORTED_CODING,
     Body,
     End,
@@ -20,6 +23,7 @@ from agent.proxy.http1_codec import (
     RequestReader,
     ResponseReader,
     bounded,
+    forwarded_headers,
 )
 
 H = b"POST / HTTP/1.1\r\nHost: s\r\n"
@@ -266,3 +270,31 @@ def test_details_from_the_input_are_bounded_and_escaped() -> None:
     assert bounded("a\x00b\n\u200b") == "a\\x00b\\n\\u200b"
     long = bounded("x" * 500)
     assert long == "x" * DETAIL_LIMIT + "..."
+
+
+_NAMES = [
+    "Host", "Connection", "Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Connection",
+    "X-Request-Id", "traceparent", "B3", "Content-Length", "Expect", "Accept", "X-Custom",
+]  # fmt: skip
+_VALUES = ["x-custom", "close, X-Custom", "upgrade", "trailers", "websocket", "1", "a b"]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES)), max_size=8),
+    st.booleans(),
+)
+def test_a_head_notes_what_its_passes_read_and_forwarding_by_them_changes_nothing(
+    fields: list[tuple[str, str]], keep_upgrade: bool
+) -> None:
+    """``Head.noted`` is exactly the headers named in ``NOTED``, in order, and forwarding by
+    them (no pass over every header when none is hop-by-hop) removes what the full pass does."""
+    wire = b"GET / HTTP/1.0\r\n" + b"".join(f"{n}: {v}\r\n".encode() for n, v in fields)
+    reader = RequestReader(60 * 1024)
+    reader.feed(wire + b"\r\n")
+    event = reader.events[0]
+    if not isinstance(event, Head):
+        return  # refused (two lengths, a bad one): nothing is forwarded
+    assert event.noted == [(n, v) for n, v in event.headers if n in NOTED]
+    assert forwarded_headers(
+        event.headers, keep_upgrade=keep_upgrade, noted=event.noted
+    ) == forwarded_headers(event.headers, keep_upgrade=keep_upgrade)

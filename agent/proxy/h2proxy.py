@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +99,7 @@ from agent.proxy.http1 import (
     UPSTREAM_PROTOCOL,
     RequestHead,
     Verdict,
+    new_request_id,
 )
 from agent.proxy.http1_codec import bounded
 from agent.telemetry.records import trace_headers_of
@@ -407,7 +407,7 @@ class H2Proxy:
         pick: Pick | None = None,
         limits: H2Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
-        new_request_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_request_id: Callable[[], str] = new_request_id,
     ) -> None:
         self.authorize = authorize
         self.limits = limits = limits or H2Limits()

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import struct
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -77,6 +76,7 @@ from agent.proxy.http1 import (
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
     RequestHead,
+    new_request_id,
 )
 from agent.proxy.http1_codec import bounded
 from agent.telemetry.records import trace_headers_of
@@ -221,7 +221,7 @@ class H2Relay:
         *,
         limits: H2Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
-        new_request_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        new_request_id: Callable[[], str] = new_request_id,
     ) -> None:
         self.authorize = authorize
         self.limits = limits = limits or H2Limits()

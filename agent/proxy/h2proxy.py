@@ -390,7 +390,46 @@ def header(headers: Iterable[Header], name: bytes) -> bytes | None:
     return None
 
 
-class H2Proxy:
+class H2Core:
+    """What both destination cores hold and hand their shell besides bytes: ``H2Proxy`` and the
+    frame relay (``agent.proxy.h2relay.H2Relay``) serve one shell, so they take the same
+    settings (the authorizer, limits and the header-block guard built from them, the clock, the
+    request ids) and keep the finished exchanges, the refusals by cause and the last refusal's
+    detail (``refusal``, for the shell's log line, as ``Http1Proxy.refusal``) the same way."""
+
+    def __init__(
+        self,
+        authorize: Authorize,
+        limits: H2Limits | None,
+        clock: Callable[[], float],
+        new_request_id: Callable[[], str],
+    ) -> None:
+        self.authorize = authorize
+        self.limits = limits = limits or H2Limits()
+        self.clock = clock
+        self.new_request_id = new_request_id
+        self.guard = HeaderBlockGuard(
+            max_header_block=limits.max_header_block, max_continuations=limits.max_continuations
+        )
+        self.closing = False  # flush, then close both sides
+        self.refusal: str | None = None
+        self._completed: list[H2Exchange] = []
+        self._rejections: list[str] = []
+
+    def take_completed(self) -> list[H2Exchange]:
+        out, self._completed = self._completed, []
+        return out
+
+    def take_rejections(self) -> list[str]:
+        out, self._rejections = self._rejections, []
+        return out
+
+    def _reject(self, cause: str, detail: str) -> None:
+        self._rejections.append(cause)
+        self.refusal = f"{cause.replace('_', ' ')}: {bounded(detail)}"
+
+
+class H2Proxy(H2Core):
     """One client h2c connection and its upstream h2c connection(s).
 
     Without ``pick`` (the destination), every stream goes to one upstream (``uid`` 0, the pod),
@@ -409,28 +448,17 @@ class H2Proxy:
         clock: Callable[[], float] = time.monotonic,
         new_request_id: Callable[[], str] = new_request_id,
     ) -> None:
-        self.authorize = authorize
-        self.limits = limits = limits or H2Limits()
-        self.clock = clock
-        self.new_request_id = new_request_id
+        super().__init__(authorize, limits, clock, new_request_id)
+        limits = self.limits
         self.pick = pick
         self.client = new_connection(client_side=False, limits=limits)
-        self.guard = HeaderBlockGuard(
-            max_header_block=limits.max_header_block, max_continuations=limits.max_continuations
-        )
-        self.closing = False  # flush, then close both sides
         self._streams: dict[int, _Stream] = {}  # by client stream id
         self._upstreams: dict[int, _Upstream] = {}  # by uid
         self._current: dict[object, _Upstream] = {}  # by key: where new requests go
         self._new_upstreams: list[tuple[int, object]] = []
         self._next_uid = 0
         self._to_client = bytearray(self.client.data_to_send())
-        self._completed: list[H2Exchange] = []
         self._mirrors: list[H2Mirrored] = []
-        self._rejections: list[str] = []
-        # The last refusal's cause and detail (the limit broken, h2's error), for the shell's
-        # log line, as ``Http1Proxy.refusal``.
-        self.refusal: str | None = None
         self._unsent_replies = 0
         self._opened = 0
         self._premature_resets = 0
@@ -463,17 +491,9 @@ class H2Proxy:
         u = self._upstreams.get(uid)
         return u is not None and not (u.gone and not u.streams)
 
-    def take_completed(self) -> list[H2Exchange]:
-        out, self._completed = self._completed, []
-        return out
-
     def take_mirrors(self) -> list[H2Mirrored]:
         """Complete requests whose choice asked for a copy, since the last call."""
         out, self._mirrors = self._mirrors, []
-        return out
-
-    def take_rejections(self) -> list[str]:
-        out, self._rejections = self._rejections, []
         return out
 
     @property
@@ -1139,10 +1159,6 @@ class H2Proxy:
         for u in self._upstreams.values():
             u.streams.clear()
         self.closing = True
-
-    def _reject(self, cause: str, detail: str) -> None:
-        self._rejections.append(cause)
-        self.refusal = f"{cause.replace('_', ' ')}: {bounded(detail)}"
 
     def _fail_client(self, cause: str, code: ErrorCodes | None, detail: str) -> None:
         """The client broke a limit or the protocol (``detail`` says which, for the log line):

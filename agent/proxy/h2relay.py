@@ -52,7 +52,6 @@ from collections.abc import Callable, Sequence
 from h2.errors import ErrorCodes
 from hpack import HPACKError
 
-from agent.proxy.h2guard import HeaderBlockGuard
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2proxy import (
     CONTROL_FLOOD,
@@ -65,6 +64,7 @@ from agent.proxy.h2proxy import (
     TOO_MANY_STREAMS,
     UPSTREAM_RESET,
     Authorize,
+    H2Core,
     H2Exchange,
     H2Limits,
     Header,
@@ -78,7 +78,6 @@ from agent.proxy.http1 import (
     RequestHead,
     new_request_id,
 )
-from agent.proxy.http1_codec import bounded
 from agent.telemetry.records import trace_headers_of
 
 FRAME = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream id
@@ -206,7 +205,7 @@ class _RStream:
         self.pod_unacked = 0
 
 
-class H2Relay:
+class H2Relay(H2Core):
     """One HBONE-borne client h2c connection relayed to its pod connection, frame by frame.
 
     The shell's interface is ``H2Proxy``'s at the destination (``receive_client``,
@@ -223,23 +222,12 @@ class H2Relay:
         clock: Callable[[], float] = time.monotonic,
         new_request_id: Callable[[], str] = new_request_id,
     ) -> None:
-        self.authorize = authorize
-        self.limits = limits = limits or H2Limits()
-        self.clock = clock
-        self.new_request_id = new_request_id
-        self.guard = HeaderBlockGuard(
-            max_header_block=limits.max_header_block, max_continuations=limits.max_continuations
-        )
+        super().__init__(authorize, limits, clock, new_request_id)
+        limits = self.limits
         self.client = H2Side(limits, preface=len(PREFACE))
         self.pod = H2Side(limits, preface=0)
-        self.closing = False
         self.head_started: float | None = None
         self._streams: dict[int, _RStream] = {}
-        self._completed: list[H2Exchange] = []
-        self._rejections: list[str] = []
-        # The last refusal's cause and detail (the limit broken), for the shell's log line, as
-        # ``H2Proxy.refusal``.
-        self.refusal: str | None = None
         self._highest = 0  # the client's highest stream id
         self._pod_open = 0  # streams open at the pod
         self._opened = 0
@@ -268,14 +256,6 @@ class H2Relay:
 
     def take_to_upstream(self) -> bytes:
         out, self.pod.out = bytes(self.pod.out), bytearray()
-        return out
-
-    def take_completed(self) -> list[H2Exchange]:
-        out, self._completed = self._completed, []
-        return out
-
-    def take_rejections(self) -> list[str]:
-        out, self._rejections = self._rejections, []
         return out
 
     @property
@@ -912,10 +892,6 @@ class H2Relay:
             self._reset_pod(s)
         self._streams.clear()
         self.closing = True
-
-    def _reject(self, cause: str, detail: str) -> None:
-        self._rejections.append(cause)
-        self.refusal = f"{cause.replace('_', ' ')}: {bounded(detail)}"
 
     def _fail_client(self, cause: str, code: ErrorCodes, detail: str) -> None:
         """The client broke a limit or the protocol (``detail`` says which, for the log line):

@@ -36,10 +36,11 @@ ones (handshake and per-peer caps, idle) also go through the proxy's rejection c
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from agent.base.metrics import counter
-from agent.proxy.h2wire import KIB, HboneSettings
+from agent.proxy.h2wire import KIB, MIB, HboneSettings
 
 REFUSALS = counter(
     "nodemesh_hbone_refusals_total",
@@ -74,6 +75,31 @@ class InboundLimits:
     # idle timeout, so that the client, which knows when it will open the next stream, closes
     # first.
     idle_timeout: float = 600.0
+
+
+# ``nodemesh agent --hbone-window``: the stream window an operator may choose. The connection
+# window is always this many stream windows, so that a pod that stops reading stalls only its own
+# stream and it takes this many such streams on one connection to stall the others (ztunnel's
+# ratio too). Below 64 KiB a stream cannot keep one TLS record per round trip in flight; above
+# 16 MiB one peer could make the agent hold more than 68 MiB per connection.
+STREAMS_PER_CONNECTION_WINDOW = 4
+MIN_STREAM_WINDOW = 64 * KIB
+MAX_STREAM_WINDOW = 16 * MIB
+
+
+def with_stream_window(stream_window: int, base: HboneSettings | None = None) -> HboneSettings:
+    """``base`` (the defaults) with ``stream_window`` and a connection window of
+    ``STREAMS_PER_CONNECTION_WINDOW`` of them; ``ValueError`` outside the allowed range."""
+    if not MIN_STREAM_WINDOW <= stream_window <= MAX_STREAM_WINDOW:
+        raise ValueError(
+            f"a stream window of {stream_window} bytes is outside "
+            f"{MIN_STREAM_WINDOW // KIB} KiB to {MAX_STREAM_WINDOW // MIB} MiB"
+        )
+    return dataclasses.replace(
+        base or HboneSettings(),
+        stream_window=stream_window,
+        connection_window=STREAMS_PER_CONNECTION_WINDOW * stream_window,
+    )
 
 
 def connection_memory_bound(settings: HboneSettings) -> int:

@@ -251,11 +251,26 @@ async def fair(b: Bench) -> dict[str, float]:
     sink, echo = await b.entry("sink"), await b.entry("echo")
     await warm(b, echo)
     n = 2000
+    (conn,) = b.mesh.node1.pool.connections()
+    window = conn.codec.settings.connection_window
+    in_flight: list[int] = []
+
+    async def sample() -> None:  # what a 1 KB request queues behind: DATA sent, not yet acked
+        while True:
+            await asyncio.sleep(0.002)
+            in_flight.append(window - conn.codec._h2.outbound_flow_control_window)
+
+    sampler = asyncio.create_task(sample())
     res = await b.run(["send", sink, 4096 * MIB], ["rr", echo, n])
+    sampler.cancel()
     # the rr thread ends first; the bulk one has been running all along
     times = sorted(next(o for o in res["out"] if isinstance(o, list)))
     assert b.connections() == 1, "bulk and rr on one HBONE connection"
-    return {"p50_us": times[len(times) // 2], "p99_us": times[int(len(times) * 0.99)]}
+    return {
+        "p50_us": times[len(times) // 2],
+        "p99_us": times[int(len(times) * 0.99)],
+        "in_flight_kib": statistics.mean(in_flight) / KIB,
+    }
 
 
 async def stall(b: Bench, streams: int) -> dict[str, float]:

@@ -2,13 +2,13 @@
 
 Port 15008 is reachable from every node, and any workload can get a certificate for its own
 identity, so "an authenticated mesh peer" may be hostile. Whatever a peer sends, the memory one
-HBONE connection can make the agent hold is bounded by ``connection_memory_bound`` (3.5 MiB with
-the defaults), the sum of:
+HBONE connection can make the agent hold is bounded by ``connection_memory_bound`` (9.5 MiB with
+the default windows), the sum of:
 
 =========================================  ================================================
 what                                       bounded by
 =========================================  ================================================
-received DATA not yet written to pods      the connection window (2 MiB), replenished only
+received DATA not yet written to pods      the connection window (8 MiB), replenished only
                                            as the bytes are written (``hbone_flow``)
 outgoing DATA waiting for the peer         ``OUT_BUDGET`` + one relay read: a tunnel's
 (codec queues + TLS transport buffer)      ``write`` waits while the connection holds more
@@ -25,6 +25,11 @@ connections themselves are bounded by ``InboundLimits``: TLS handshakes in progr
 descriptor and a task while a client may trickle bytes for ``handshake_timeout``), connections
 per peer address, and an idle limit (no stream for ``idle_timeout``) next to the PING keepalive
 that both sides run.
+
+The windows are the one part an operator chooses (``nodemesh agent --hbone-window``,
+``with_stream_window``): larger ones cost less CPU per GB and let a small stream beside a bulk one
+wait less, but a pod that stops reading makes the agent hold its stream's window, and a hostile
+peer the connection's (ARCHITECTURE.md, "HBONE windows", has the measurements).
 
 ``HboneProtocol.held_bytes()`` is the agent's own accounting of the table above for a live
 connection; the tests that drive each hostile pattern read it.

@@ -407,8 +407,8 @@ class HboneSettings:
     # --hbone-window`` sets the stream window; the connection window is always four of them,
     # ``hbone_limits.with_stream_window``). Chosen by measurement (ARCHITECTURE.md, "HBONE
     # windows"): larger costs less CPU per GB and more memory per stalled stream and connection.
-    stream_window: int = 2 * MIB
-    connection_window: int = 8 * MIB
+    stream_window: int = 4 * MIB
+    connection_window: int = 16 * MIB
     max_frame_size: int = 1 * MIB
     max_header_list_size: int = 16 * KIB
     # Any frame but DATA is buffered whole by h2: longer ones are refused (ENHANCE_YOUR_CALM).

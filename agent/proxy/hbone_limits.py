@@ -2,13 +2,13 @@
 
 Port 15008 is reachable from every node, and any workload can get a certificate for its own
 identity, so "an authenticated mesh peer" may be hostile. Whatever a peer sends, the memory one
-HBONE connection can make the agent hold is bounded by ``connection_memory_bound`` (9.5 MiB with
+HBONE connection can make the agent hold is bounded by ``connection_memory_bound`` (17.5 MiB with
 the default windows), the sum of:
 
 =========================================  ================================================
 what                                       bounded by
 =========================================  ================================================
-received DATA not yet written to pods      the connection window (8 MiB), replenished only
+received DATA not yet written to pods      the connection window (16 MiB), replenished only
                                            as the bytes are written (``hbone_flow``)
 outgoing DATA waiting for the peer         ``OUT_BUDGET`` + one relay read: a tunnel's
 (codec queues + TLS transport buffer)      ``write`` waits while the connection holds more

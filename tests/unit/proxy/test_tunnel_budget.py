@@ -61,7 +61,8 @@ def test_streams_whose_peer_stopped_reading_leave_the_others_flowing() -> None:
     async def main() -> None:
         client, accepted = await connected()
         stalled = [await client.open("10.0.0.2:80", None) for _ in range(2)]
-        writers = [asyncio.create_task(write_all(s, 4 * MIB)) for s in stalled]
+        beyond = 2 * HboneSettings().stream_window  # more than the peer's window lets through
+        writers = [asyncio.create_task(write_all(s, beyond)) for s in stalled]
         await asyncio.sleep(0.1)  # the server never reads these: their writers block
         assert not any(w.done() for w in writers)
         assert client.codec.queued <= OUT_BUDGET + MAX_WRITE

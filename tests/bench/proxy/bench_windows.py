@@ -12,7 +12,8 @@ the minimum over rounds):
     and Gbit/s;
   - rr: 1 KB request/response on one tunnel: p50 µs and proxy CPU µs per round trip;
   - fair: the same 1 KB round trips on a second tunnel of the *same* HBONE connection while a
-    bulk stream fills it: p50/p99 µs (does a larger window queue the small stream behind bulk?);
+    bulk stream fills it: p50/p99 µs (does a larger window queue the small stream behind bulk?)
+    and the bulk bytes in flight meanwhile (sent by node1, not yet acknowledged by node2);
   - stall: pod receivers that never read (tiny receive buffers) on 1, 4 and 16 streams of one
     connection: what the destination proxy holds by its own accounting
     (``HboneProtocol.held_bytes``) and in Python objects (tracemalloc), once the senders stall;

@@ -200,9 +200,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"HBONE flow-control window per stream, e.g. 512KiB or 4MiB "
         f"({_size_text(MIN_STREAM_WINDOW)} to {_size_text(MAX_STREAM_WINDOW)}; default "
         f"%(default)s); each HBONE connection's window is {STREAMS_PER_CONNECTION_WINDOW} times "
-        "it. Larger: less proxy CPU per GB on bulk streams; smaller: less memory one peer can "
-        "make the agent hold and less waiting for small streams behind bulk ones (see "
-        "ARCHITECTURE.md, HBONE windows)",
+        "it. Larger: less proxy CPU per GB on bulk streams; smaller: less memory a slow pod or "
+        "a hostile peer can make the agent hold (see ARCHITECTURE.md, HBONE windows)",
     )
     parser.add_argument(
         "--access-log-sample",

@@ -27,9 +27,9 @@ per peer address, and an idle limit (no stream for ``idle_timeout``) next to the
 that both sides run.
 
 The windows are the one part an operator chooses (``nodemesh agent --hbone-window``,
-``with_stream_window``): larger ones cost less CPU per GB and let a small stream beside a bulk one
-wait less, but a pod that stops reading makes the agent hold its stream's window, and a hostile
-peer the connection's (ARCHITECTURE.md, "HBONE windows", has the measurements).
+``with_stream_window``): larger ones cost less CPU per GB, but a pod that stops reading makes the
+agent hold its stream's window, and a hostile peer the connection's (ARCHITECTURE.md, "HBONE
+windows", has the measurements).
 
 ``HboneProtocol.held_bytes()`` is the agent's own accounting of the table above for a live
 connection; the tests that drive each hostile pattern read it.
@@ -85,15 +85,15 @@ class InboundLimits:
 # ``nodemesh agent --hbone-window``: the stream window an operator may choose. The connection
 # window is always this many stream windows, so that a pod that stops reading stalls only its own
 # stream and it takes this many such streams on one connection to stall the others (ztunnel's
-# ratio too). Below 64 KiB a stream cannot keep one TLS record per round trip in flight; above
-# 16 MiB one peer could make the agent hold more than 68 MiB per connection.
+# ratio too). 64 KiB is about HTTP/2's initial window (65,535 bytes): less only adds
+# WINDOW_UPDATE turns. At 16 MiB one peer can already make one connection hold 65.5 MiB.
 STREAMS_PER_CONNECTION_WINDOW = 4
 MIN_STREAM_WINDOW = 64 * KIB
 MAX_STREAM_WINDOW = 16 * MIB
 
 
-def with_stream_window(stream_window: int, base: HboneSettings | None = None) -> HboneSettings:
-    """``base`` (the defaults) with ``stream_window`` and a connection window of
+def with_stream_window(stream_window: int) -> HboneSettings:
+    """The default settings with ``stream_window`` and a connection window of
     ``STREAMS_PER_CONNECTION_WINDOW`` of them; ``ValueError`` outside the allowed range."""
     if not MIN_STREAM_WINDOW <= stream_window <= MAX_STREAM_WINDOW:
         raise ValueError(
@@ -101,7 +101,7 @@ def with_stream_window(stream_window: int, base: HboneSettings | None = None) ->
             f"{MIN_STREAM_WINDOW // KIB} KiB to {MAX_STREAM_WINDOW // MIB} MiB"
         )
     return dataclasses.replace(
-        base or HboneSettings(),
+        HboneSettings(),
         stream_window=stream_window,
         connection_window=STREAMS_PER_CONNECTION_WINDOW * stream_window,
     )

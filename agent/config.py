@@ -27,6 +27,12 @@ from agent.datapath.listeners import ListenerPorts
 from agent.datapath.netlink import RoutingConfig
 from agent.datapath.programs import Marks
 from agent.identity.caclient import CA_SERVER_NAME
+from agent.proxy.h2wire import KIB, MIB, HboneSettings
+from agent.proxy.hbone_limits import (
+    MAX_STREAM_WINDOW,
+    MIN_STREAM_WINDOW,
+    STREAMS_PER_CONNECTION_WINDOW,
+)
 from agent.telemetry.accesslog import SampleRateError, check_sample_rate
 from agent.telemetry.tracesettings import TraceSettings
 
@@ -76,6 +82,9 @@ class AgentConfig:
     # --workers: proxy processes (1: the proxy runs in the agent process). The command's
     # default is auto (``_workers``); a config built in code has one process unless it says so.
     workers: int = 1
+    # --hbone-window: HBONE stream receive window in bytes (the connection window is
+    # ``STREAMS_PER_CONNECTION_WINDOW`` of them; ``hbone_limits.with_stream_window``).
+    hbone_window: int = HboneSettings().stream_window
 
     @property
     def routing(self) -> RoutingConfig:
@@ -194,6 +203,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "without a CA",
     )
     parser.add_argument(
+        "--hbone-window",
+        default=_size_text(HboneSettings().stream_window),
+        metavar="SIZE",
+        help=f"HBONE flow-control window per stream, e.g. 512KiB or 4MiB "
+        f"({_size_text(MIN_STREAM_WINDOW)} to {_size_text(MAX_STREAM_WINDOW)}; default "
+        f"%(default)s); each HBONE connection's window is {STREAMS_PER_CONNECTION_WINDOW} times "
+        "it. Larger: less proxy CPU per GB on bulk streams; smaller: less memory a slow pod or "
+        "a hostile peer can make the agent hold (see ARCHITECTURE.md, HBONE windows)",
+    )
+    parser.add_argument(
         "--access-log-sample",
         type=float,
         default=1.0,
@@ -246,6 +265,32 @@ def _workers(value: str, *, has_ca: bool) -> int:
     if not 1 <= count <= MAX_WORKERS:
         raise ConfigError(f"--workers {value}: expected 1 to {MAX_WORKERS} processes")
     return count
+
+
+def _size_text(size: int) -> str:
+    """512KiB, 4MiB: how ``--hbone-window`` values are written."""
+    return f"{size // MIB}MiB" if size % MIB == 0 else f"{size // KIB}KiB"
+
+
+_SIZE_UNITS = {"": 1, "k": KIB, "kib": KIB, "m": MIB, "mib": MIB}
+
+
+def _hbone_window(value: str) -> int:
+    """``--hbone-window``: bytes, or a number with KiB or MiB (K, M), within the allowed range."""
+    text = value.strip()
+    digits = text.rstrip("KkMmIiBb")
+    unit = _SIZE_UNITS.get(text[len(digits) :].lower())
+    if not digits.isdigit() or unit is None:
+        raise ConfigError(f"--hbone-window {value}: expected a size such as 512KiB or 4MiB")
+    size = int(digits) * unit
+    if not MIN_STREAM_WINDOW <= size <= MAX_STREAM_WINDOW:
+        raise ConfigError(
+            f"--hbone-window {value}: expected {_size_text(MIN_STREAM_WINDOW)} to "
+            f"{_size_text(MAX_STREAM_WINDOW)} (the connection window is "
+            f"{STREAMS_PER_CONNECTION_WINDOW} times it, and it bounds what one HBONE peer can "
+            "make the agent hold)"
+        )
+    return size
 
 
 def _host_port(flag: str, value: str) -> tuple[str, int]:
@@ -361,4 +406,5 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         route_table=args.route_table,
         traces=_traces(args),
         workers=workers,
+        hbone_window=_hbone_window(str(args.hbone_window)),
     )

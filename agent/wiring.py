@@ -59,10 +59,15 @@ def node_proxy(
     manager, or in a worker the main process's, through ``agent.workers.certs``)."""
     from agent.proxy.component import ProxyComponent
     from agent.proxy.core import Core, ProxySettings
+    from agent.proxy.hbone_limits import with_stream_window
     from agent.proxy.server import NodeProxy
 
     # Loop protection: the ports this agent listens on, as configured (not the defaults).
-    settings = ProxySettings(proxy_ports=config.own_ports(), h2_relay=config.h2_relay)
+    settings = ProxySettings(
+        proxy_ports=config.own_ports(),
+        h2_relay=config.h2_relay,
+        hbone=with_stream_window(config.hbone_window),
+    )
     core = Core(node=config.node, store=store, identities=identities, settings=settings)
     return ProxyComponent(NodeProxy(core))
 

@@ -467,8 +467,12 @@ SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 class HboneSettings:
     """Tunables of one HBONE connection (what each bounds: ``agent.proxy.hbone_limits``)."""
 
-    stream_window: int = 512 * KIB
-    connection_window: int = 2 * MIB
+    # Flow-control windows: what a peer may send before we consumed it (``nodemesh agent
+    # --hbone-window`` sets the stream window; the connection window is always four of them,
+    # ``hbone_limits.with_stream_window``). Chosen by measurement (ARCHITECTURE.md, "HBONE
+    # windows"): larger costs less CPU per GB and more memory per stalled stream and connection.
+    stream_window: int = 4 * MIB
+    connection_window: int = 16 * MIB
     max_frame_size: int = 1 * MIB
     max_header_list_size: int = 16 * KIB
     # Any frame but DATA is buffered whole by h2: longer ones are refused (ENHANCE_YOUR_CALM).

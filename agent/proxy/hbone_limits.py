@@ -2,13 +2,13 @@
 
 Port 15008 is reachable from every node, and any workload can get a certificate for its own
 identity, so "an authenticated mesh peer" may be hostile. Whatever a peer sends, the memory one
-HBONE connection can make the agent hold is bounded by ``connection_memory_bound`` (3.5 MiB with
-the defaults), the sum of:
+HBONE connection can make the agent hold is bounded by ``connection_memory_bound`` (17.5 MiB with
+the default windows), the sum of:
 
 =========================================  ================================================
 what                                       bounded by
 =========================================  ================================================
-received DATA not yet written to pods      the connection window (2 MiB), replenished only
+received DATA not yet written to pods      the connection window (16 MiB), replenished only
                                            as the bytes are written (``hbone_flow``)
 outgoing DATA waiting for the peer         ``OUT_BUDGET`` + one relay read: a tunnel's
 (codec queues + TLS transport buffer)      ``write`` waits while the connection holds more
@@ -26,6 +26,11 @@ descriptor and a task while a client may trickle bytes for ``handshake_timeout``
 per peer address, and an idle limit (no stream for ``idle_timeout``) next to the PING keepalive
 that both sides run.
 
+The windows are the one part an operator chooses (``nodemesh agent --hbone-window``,
+``with_stream_window``): larger ones cost less CPU per GB, but a pod that stops reading makes the
+agent hold its stream's window, and a hostile peer the connection's (ARCHITECTURE.md, "HBONE
+windows", has the measurements).
+
 ``HboneProtocol.held_bytes()`` is the agent's own accounting of the table above for a live
 connection; the tests that drive each hostile pattern read it.
 
@@ -36,10 +41,11 @@ ones (handshake and per-peer caps, idle) also go through the proxy's rejection c
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from agent.base.metrics import counter
-from agent.proxy.h2wire import KIB, HboneSettings
+from agent.proxy.h2wire import KIB, MIB, HboneSettings
 
 REFUSALS = counter(
     "nodemesh_hbone_refusals_total",
@@ -74,6 +80,31 @@ class InboundLimits:
     # idle timeout, so that the client, which knows when it will open the next stream, closes
     # first.
     idle_timeout: float = 600.0
+
+
+# ``nodemesh agent --hbone-window``: the stream window an operator may choose. The connection
+# window is always this many stream windows, so that a pod that stops reading stalls only its own
+# stream and it takes this many such streams on one connection to stall the others (ztunnel's
+# ratio too). 64 KiB is about HTTP/2's initial window (65,535 bytes): less only adds
+# WINDOW_UPDATE turns. At 16 MiB one peer can already make one connection hold 65.5 MiB.
+STREAMS_PER_CONNECTION_WINDOW = 4
+MIN_STREAM_WINDOW = 64 * KIB
+MAX_STREAM_WINDOW = 16 * MIB
+
+
+def with_stream_window(stream_window: int) -> HboneSettings:
+    """The default settings with ``stream_window`` and a connection window of
+    ``STREAMS_PER_CONNECTION_WINDOW`` of them; ``ValueError`` outside the allowed range."""
+    if not MIN_STREAM_WINDOW <= stream_window <= MAX_STREAM_WINDOW:
+        raise ValueError(
+            f"a stream window of {stream_window} bytes is outside "
+            f"{MIN_STREAM_WINDOW // KIB} KiB to {MAX_STREAM_WINDOW // MIB} MiB"
+        )
+    return dataclasses.replace(
+        HboneSettings(),
+        stream_window=stream_window,
+        connection_window=STREAMS_PER_CONNECTION_WINDOW * stream_window,
+    )
 
 
 def connection_memory_bound(settings: HboneSettings) -> int:

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, ConfigError, add_arguments, from_args
+from agent.proxy.h2wire import HboneSettings
+from agent.wiring import node_proxy
+from tests.integration.proxy.mesh import FakeIdentities, TestCA, make_store
 
 
 def parse(*argv: str) -> AgentConfig:
@@ -69,6 +72,11 @@ def test_hex_marks_and_tables() -> None:
         (["--node", "n", "--in-cluster", "--ready-port", "0"], "--ready-port 0"),
         (["--node", "a/b", "--in-cluster"], "node name"),
         (["--node", "n", "--in-cluster", "--drain-seconds", "-1"], "--drain-seconds"),
+        (["--node", "n", "--in-cluster", "--hbone-window", "32MiB"], "64KiB to 16MiB"),
+        (["--node", "n", "--in-cluster", "--hbone-window", "1000"], "64KiB to 16MiB"),
+        (["--node", "n", "--in-cluster", "--hbone-window", "1.5MiB"], "such as 512KiB"),
+        (["--node", "n", "--in-cluster", "--hbone-window", "4GB"], "such as 512KiB"),
+        (["--node", "n", "--in-cluster", "--hbone-window", "MiB"], "such as 512KiB"),
     ],
 )
 def test_bad_flags_are_named(argv: list[str], message: str) -> None:
@@ -78,3 +86,20 @@ def test_bad_flags_are_named(argv: list[str], message: str) -> None:
 
 def test_uninstall_needs_no_state_source() -> None:
     assert parse("--node", "n", "--uninstall").pin_dir == Path("/sys/fs/bpf/nodemesh/n")
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4MiB", 4 << 20), ("4m", 4 << 20), ("256KiB", 256 << 10), ("256K", 256 << 10),
+     ("65536", 65536), ("16MiB", 16 << 20)],
+)  # fmt: skip
+def test_hbone_window_sizes(text: str, size: int) -> None:
+    assert parse("--node", "n", "--in-cluster", "--hbone-window", text).hbone_window == size
+
+
+def test_hbone_window_defaults_to_the_proxys_and_reaches_it() -> None:
+    cfg = parse("--node", "n", "--in-cluster")
+    assert cfg.hbone_window == HboneSettings().stream_window
+    chosen = parse("--node", "n", "--in-cluster", "--hbone-window", "1MiB")
+    settings = node_proxy(chosen, make_store(), FakeIdentities(TestCA())).proxy.core.settings
+    assert (settings.hbone.stream_window, settings.hbone.connection_window) == (1 << 20, 4 << 20)

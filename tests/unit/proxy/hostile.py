@@ -18,6 +18,7 @@ from collections.abc import Callable
 from hpack import Encoder
 
 from agent.proxy import hbone_events as ev
+from agent.proxy.h2wire import HboneSettings
 from agent.proxy.hbone import HboneConnection
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -38,8 +39,8 @@ def connect_block(authority: bytes = b"10.0.0.2:80") -> bytes:
 class Attack:
     """A server codec and a raw peer that never reads (module docstring)."""
 
-    def __init__(self, *, answer: bool = True) -> None:
-        self.server = HboneConnection(client_side=False)
+    def __init__(self, *, answer: bool = True, settings: HboneSettings | None = None) -> None:
+        self.server = HboneConnection(client_side=False, settings=settings)
         self.answer = answer
         self.events: list[ev.Event] = []
         self.delivered = 0

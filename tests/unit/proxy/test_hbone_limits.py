@@ -4,6 +4,8 @@ that look similar (a pinger that reads, sequential cancels, refused streams) are
 
 from __future__ import annotations
 
+import dataclasses
+
 import h2.config
 import h2.connection
 import h2.events
@@ -12,10 +14,16 @@ from h2.errors import ErrorCodes
 from hpack import Encoder
 
 from agent.proxy import hbone_events as ev
-from agent.proxy.h2wire import HboneSettings
+from agent.proxy.h2wire import MIB, HboneSettings
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.hbone_events import Cause
-from agent.proxy.hbone_limits import MAX_WRITE, connection_memory_bound
+from agent.proxy.hbone_limits import (
+    MAX_STREAM_WINDOW,
+    MAX_WRITE,
+    MIN_STREAM_WINDOW,
+    connection_memory_bound,
+    with_stream_window,
+)
 from agent.proxy.relay import MAX_CHUNK
 from tests.unit.proxy import hostile
 from tests.unit.proxy.hostile import END_HEADERS, HEADERS, PING, RST_STREAM, Attack, frame
@@ -35,15 +43,21 @@ EXPECTED = {
 }
 
 
-def test_the_documented_bound_is_at_most_4_mib() -> None:
-    assert BOUND <= 4 * 1024 * 1024
+def test_the_documented_bound_is_at_most_18_mib() -> None:
+    assert BOUND <= 18 * MIB  # 17.5 MiB with the default 4 MiB / 16 MiB windows (ARCHITECTURE.md)
     assert MAX_WRITE == MAX_CHUNK  # the bound assumes the relay's largest write
 
 
+# What ``--hbone-window`` allows, ends and middle included, next to the defaults.
+WINDOWS = [MIN_STREAM_WINDOW, 1 * MIB, 4 * MIB, MAX_STREAM_WINDOW]
+
+
+@pytest.mark.parametrize("window", [None, *WINDOWS])
 @pytest.mark.parametrize("name", list(hostile.PATTERNS))
-def test_each_hostile_pattern_is_refused_and_bounded(name: str) -> None:
+def test_each_hostile_pattern_is_refused_and_bounded(name: str, window: int | None) -> None:
     pattern, total = hostile.PATTERNS[name]
-    attack = Attack()
+    settings = HboneSettings() if window is None else with_stream_window(window)
+    attack = Attack(settings=settings)
     peak = 0
     send = attack.send
 
@@ -57,7 +71,7 @@ def test_each_hostile_pattern_is_refused_and_bounded(name: str) -> None:
     failed = attack.failed
     assert failed is not None, f"{name} was never refused"
     assert (failed.error_code, failed.cause) == EXPECTED[name]
-    assert peak <= BOUND
+    assert peak <= connection_memory_bound(settings)
     assert attack.server.receive(frame(PING, 0, 0, b"12345678")) == []  # failed for good
 
 
@@ -171,3 +185,21 @@ def test_any_other_failure_inside_h2_is_a_counted_rejection(
     assert isinstance(failed, ev.ConnectionFailed)
     assert (failed.error_code, failed.cause) == (ErrorCodes.PROTOCOL_ERROR, Cause.UNPARSEABLE)
     assert server.failed
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_a_window_choice_keeps_the_connection_four_streams_wide(window: int) -> None:
+    settings = with_stream_window(window)
+    assert settings.connection_window == 4 * settings.stream_window == 4 * window
+    rest = dataclasses.replace(settings, stream_window=0, connection_window=0)
+    assert rest == dataclasses.replace(HboneSettings(), stream_window=0, connection_window=0)
+    # the bound moves with the connection window alone
+    assert connection_memory_bound(settings) - settings.connection_window == (
+        BOUND - HboneSettings().connection_window
+    )
+
+
+@pytest.mark.parametrize("window", [MIN_STREAM_WINDOW - 1, MAX_STREAM_WINDOW + 1, 0])
+def test_a_window_outside_the_range_is_refused(window: int) -> None:
+    with pytest.raises(ValueError, match="outside 64 KiB to 16 MiB"):
+        with_stream_window(window)

@@ -10,10 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from agent.proxy.h2wire import HboneSettings
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.telemetry.records import ConnectionRecord
 from tests.unit.proxy.test_tunnel_direct import settle, tunnel
+
+# More than a stream's window, its HIGH_WATER and the socket buffers take: a sender that stalls.
+BEYOND = 4 * HboneSettings().stream_window
 
 
 def record() -> ConnectionRecord:
@@ -217,7 +221,7 @@ def test_tunnel_a_full_stream_stops_reading_the_socket_until_it_has_room(
     pod: tuple[socket.socket, socket.socket],
 ) -> None:
     sock, peer = pod
-    payload = bytes(range(256)) * 8 * 1024  # 2 MiB: beyond the windows and HIGH_WATER
+    payload = bytes(range(256)) * (BEYOND // 256)  # beyond the windows and HIGH_WATER
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -266,7 +270,7 @@ def test_tunnel_a_full_stream_keeps_asking_to_be_woken_until_it_has_room(
     queue drained, and a bulk flow would stop and go (300 MiB through the loopback mesh took
     7.5-13 s instead of 3.4-4.5 s)."""
     sock, peer = pod
-    payload = bytes(range(256)) * 8 * 1024
+    payload = bytes(range(256)) * (BEYOND // 256)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 from agent.proxy import hbone_events as ev
-from agent.proxy.h2wire import MIB, HboneSettings
+from agent.proxy.h2wire import KIB, MIB, HboneSettings
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.hbone_limits import MAX_WRITE, OUT_BUDGET
 from agent.proxy.tunnel import HboneProtocol, TunnelStream
@@ -61,7 +61,8 @@ def test_streams_whose_peer_stopped_reading_leave_the_others_flowing() -> None:
     async def main() -> None:
         client, accepted = await connected()
         stalled = [await client.open("10.0.0.2:80", None) for _ in range(2)]
-        writers = [asyncio.create_task(write_all(s, 4 * MIB)) for s in stalled]
+        beyond = 2 * HboneSettings().stream_window  # more than the peer's window lets through
+        writers = [asyncio.create_task(write_all(s, beyond)) for s in stalled]
         await asyncio.sleep(0.1)  # the server never reads these: their writers block
         assert not any(w.done() for w in writers)
         assert client.codec.queued <= OUT_BUDGET + MAX_WRITE
@@ -77,9 +78,11 @@ def test_streams_whose_peer_stopped_reading_leave_the_others_flowing() -> None:
 
 def test_writers_waiting_for_the_budget_go_on_once_window_updates_free_it() -> None:
     async def main() -> None:
-        client, accepted = await connected(HboneSettings(connection_window=16 * MIB))
+        window = 512 * KIB  # with WINDOW_UPDATEs every quarter of it, 300 KiB read sends one
+        client, accepted = await connected(
+            HboneSettings(stream_window=window, connection_window=16 * MIB)
+        )
         big, other, waiting = [await client.open("10.0.0.2:80", None) for _ in range(3)]
-        window = HboneSettings().stream_window
         await big.write(b"b" * window)  # fills its window
         await big.write(b"B" * MIB)  # all queued: the peer reads nothing yet
         await other.write(b"o" * window)

@@ -745,9 +745,9 @@ async def test_a_same_node_429_is_retried_by_a_rule_that_retries_429(mesh: Mesh)
                                (Endpoint(LOCAL),)))  # fmt: skip
         tx.put_route(retrying(429))
         tx.put_policy(round_robin())
-    spec = {"targetRef": {"group": "", "kind": "Service", "name": "solo"},
-            "requestsPerSecond": 1, "burst": 1, "perIdentity": False}  # fmt: skip
-    set_policies(mesh.store, PolicyObject("RateLimitPolicy", "default", "solo-limit", spec))
+        spec = {"targetRef": {"group": "", "kind": "Service", "name": "solo"},
+                "requestsPerSecond": 1, "burst": 1, "perIdentity": False}  # fmt: skip
+        tx.put_policy(PolicyObject("RateLimitPolicy", "default", "solo-limit", spec))
     mesh.node1.core.clock = lambda: 100.0
     source, _ = observe(mesh)
     n = 6

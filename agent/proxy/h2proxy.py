@@ -460,6 +460,7 @@ class H2Proxy(H2Core):
         self.pick, self.admit = pick, admit
         # Tries dropped to be sent again (``take_dropped``): as each one's upstream saw it.
         self._dropped: list[H2Exchange] = []
+        self._answered: list[tuple[_Stream, LocalAnswer]] = []  # by ``admit``, to settle
         self.client = new_connection(client_side=False, limits=limits)
         self._streams: dict[int, _Stream] = {}  # by client stream id
         self._upstreams: dict[int, _Upstream] = {}  # by uid
@@ -865,7 +866,11 @@ class H2Proxy(H2Core):
                 s.held, s.held_key, s.parked = head, u.key, True
                 return
             if admitted is not True:
-                self._answered_there(s, admitted)
+                # Settled once the input at hand is taken (``_pump``): a far node's answer
+                # comes after the source forwarded what it had, so the body that came with
+                # the head is there for a replay. Held meanwhile, it keeps coming in.
+                s.held, s.held_key, s.exchange.sent = head, u.key, self.clock()
+                self._answered.append((s, admitted))
                 return
         s.exchange.sent = self.clock()
         up = u.conn
@@ -886,8 +891,11 @@ class H2Proxy(H2Core):
         """The try of ``s`` was answered where its head was to go (``admit``), as the
         upstream's own proxy answers it: that try's response, so its ``retries`` may drop it
         (``take_dropped``) and send the request again; else it is the client's answer."""
+        if self._streams.get(s.client_id) is not s or s.held is None:
+            return  # it ended meanwhile (reset, timed out)
+        s.held = None
         ex = s.exchange
-        now = ex.sent = ex.first_byte = self.clock()
+        now = ex.first_byte = self.clock()
         self._discard_request(s)  # what waited to follow the head goes nowhere
         if s.retries is not None:
             tried = replace(ex, flags=answer.flags, ended=now)
@@ -1231,6 +1239,10 @@ class H2Proxy(H2Core):
     def _pump(self) -> None:
         # Runs after every input, over every stream: a stream waiting for its response (most
         # of them, on a busy gRPC channel) costs only these two tests.
+        if self._answered:
+            answered, self._answered = self._answered, []
+            for answered_stream, answer in answered:
+                self._answered_there(answered_stream, answer)
         for s in list(self._streams.values()):
             if s.upstream is not None and not s.request_sent:
                 self._pump_request(s)

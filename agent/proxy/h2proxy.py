@@ -45,7 +45,14 @@ A choice's ``Resend`` (the backend Service's TrafficPolicy retries) is asked fir
 backoff, about a try the endpoint never processed (RFC 9113 8.7): its upstream could not be
 opened (``upstream_unreachable``), the pod refused the stream (REFUSED_STREAM), or its stream
 was above the pod's GOAWAY; it is sent again at once while nothing of the response reached the
-client and the proxy still holds all of its body that went upstream.
+client and the proxy still holds all of its body that went upstream. The shell's ``admit`` is
+asked about each try where its head is about to go: it may hold it (parked, until ``unpark``:
+a same-node endpoint's connection is still opening) or answer it there (that endpoint's
+policy or rate limit, as its destination node answers), an answer its ``retries`` see as that
+try's response (a gRPC call's trailers-only answer as status 200), settled once the input at
+hand is taken, so the body that came with the head is held for a replay. A try dropped for a
+retry is kept as its upstream saw it (``take_dropped``: the shell reports a same-node
+endpoint's as its destination would).
 
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took

@@ -50,15 +50,21 @@ each ended after ``MIRROR_TIMEOUT``, its response read and dropped, its failures
 (``nodemesh_http_mirrored_total``) — the primary request never waits for it. A request whose
 body is larger than the codec's replay limit is not copied (counted ``too_large``).
 
-For a same-node endpoint this node is the only proxy on the path, so it admits each request as
+For a same-node endpoint this node is the only proxy on the path, so it admits each try as
 the endpoint's destination would (``http_inbound.request_verdict``): its L7 policies (403
 ``RBAC``), then the pod port's RateLimitPolicies from the node's buckets (429 ``RL``
 ``local_rate_limited``, counted in ``nodemesh_rate_limited_requests_total``), the connection
-serving on after either; the far node does that for HBONE sessions. Requests are reported with
-``reporter="source"`` (``Registry.request_done``), labelled with the endpoint that served them;
-one that reached a same-node endpoint is reported with ``reporter="destination"`` too, as that
-pod's proxy would have (``same_node_destination``), since no other proxy sees it. The client
-connection's ``ConnectionRecord`` keeps the byte counts for the TCP metrics.
+serving on after either; the far node does that for HBONE sessions. It does so where the far
+node would, once the try has its session (pooled, or connected: a try whose connect failed
+never met the pod's policy nor spent its token), and a refusal is that try's answer
+(``SourceHttp1.answer_try``): a rule that retries its status sends the request again, as it
+would a far node's 403 or 429. Requests are reported with ``reporter="source"``
+(``Registry.request_done``), labelled with the endpoint that served them; each try a same-node
+endpoint answered is reported with ``reporter="destination"`` too, as that pod's proxy would
+have (``same_node_destination``), since no other proxy sees it: the last one with the request,
+one dropped for a retry when it is (``_report_try``), each from when the try reached the pod
+(not a delay injected here). The client connection's ``ConnectionRecord`` keeps the byte
+counts for the TCP metrics.
 """
 
 from __future__ import annotations

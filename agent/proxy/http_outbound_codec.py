@@ -5,10 +5,11 @@ connection (the destination node relays to one pod). Here each request may go to
 endpoint, so the upstream half is *attached* per request and *released* after it, to be pooled
 by the shell (``agent.proxy.http_outbound``) and attached again to a later request, maybe of
 another client connection. The interface to the shell is narrow: bytes in (``receive_client``,
-``receive_upstream``), bytes out (``take_to_client``, ``take_to_upstream``), and four
+``receive_upstream``), bytes out (``take_to_client``, ``take_to_upstream``), and five
 decisions: ``pending`` (a request head waits for an upstream), ``attach``, ``respond_locally``
-(503 for no endpoint, 403 for a same-node L7 denial) and ``take_released`` (the upstream half
-is free again; whether it can be reused).
+(503 for no endpoint), ``answer_try`` (a same-node endpoint's refusal, 403 or 429: the try's
+answer, which the retry hook sees as it sees an endpoint's response) and ``take_released``
+(the upstream half is free again; whether it can be reused).
 
 Why llhttp (``agent.proxy.http1_codec``): the destination measured h11 at about a quarter of
 its agent's CPU per request and moved to llhttp; this side followed, with the same two halves:

@@ -492,7 +492,7 @@ class H2SourceSession(CallbackShell):
             if connection.path == "local" and key in self._reached:
                 # No other proxy saw it: reported as its destination too, from when its try
                 # was sent there, without the source's own flags (DI).
-                self._report_destination(connection, exchange, replace(record, response_flags=own))
+                self._report_destination(connection, exchange, record, own)
         for tried in self.proxy.take_dropped():
             connection = self._request_connection(tried)
             if connection.path == "local" and tried.upstream in self._reached:
@@ -500,8 +500,7 @@ class H2SourceSession(CallbackShell):
                 # head, it answered 502 for a pod that reset or closed (``UR``, ``UC``).
                 if not tried.status and tried.flags in (UPSTREAM_RESET, UPSTREAM_CLOSED):
                     tried.status = 502
-                record = h2_request_record(tried)
-                self._report_destination(connection, tried, record)
+                self._report_destination(connection, tried, h2_request_record(tried), tried.flags)
         for cause in self.proxy.take_rejections():
             refusal = self.proxy.refusal  # what broke which limit, as HTTP/1.1's line says
             core.registry.http_rejected(cause, f"{self.where}: {refusal}")
@@ -509,15 +508,16 @@ class H2SourceSession(CallbackShell):
             self._mirror(copy)
 
     def _report_destination(
-        self, connection: ConnectionRecord, exchange: H2Exchange, record: RequestRecord
+        self, connection: ConnectionRecord, exchange: H2Exchange, record: RequestRecord, flags: str
     ) -> None:
         """``record`` of ``exchange`` (its try at a same-node endpoint; ``connection``: the
         source's record pointed there) reported as that endpoint's destination reports it:
-        from when the try was sent."""
+        from when the try was sent, with the exchange's own ``flags``."""
         assert isinstance(exchange.upstream, Endpoint)
         sent = exchange.sent or exchange.started
         record = replace(
             record,
+            response_flags=flags,
             duration_ms=max(0.0, (exchange.ended - sent) * 1000),
             started_at=record.started_at + (sent - exchange.started),
         )

@@ -336,7 +336,7 @@ class H2SourceSession(CallbackShell):
         self._reached.discard(key)
         try:
             timeout = key.connect_timeout or out.core.settings.connect_timeout
-            # A same-node endpoint's policy is asked per request (``_allowed_here``).
+            # A same-node endpoint's policy is asked per try (``_admit``).
             opening = out.open(route, rec, self.src_ip, self.conn_id, requests_authorized=True)
             upstream = await asyncio.wait_for(opening, timeout)
         except (OSError, TunnelError, Refused) as e:

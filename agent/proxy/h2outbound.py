@@ -13,19 +13,22 @@ for a connection (``Outbound.open``: the source pod's certificate, the endpoint'
 checked).
 The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
 
-A same-node endpoint's request is seen by no other proxy, so it is admitted here, per request,
+A same-node endpoint's request is seen by no other proxy, so it is admitted here, per try,
 as its destination would admit it (``http_inbound.request_verdict`` at the pod's workload: the
 L7 policy, ``Core.authorize_request``: methods, paths, hosts, request headers, dry-run and AUDIT
 as at a destination; then the pod port's RateLimitPolicies, ``Core.rate_limit``, from the node's
-buckets, so a pod's limit is one limit whichever node its callers are on), for every endpoint
-chosen for it: by the route, when a parked request is admitted, for either kind of retry
-(``h2route``'s ``allowed``). A refusal is answered as the destination node answers it, 403
-``RBAC: access denied`` (gRPC: trailers-only ``grpc-status: 7``) or 429 ``local_rate_limited``
-(``grpc-status: 8``, counted in ``nodemesh_rate_limited_requests_total``), its attempt finished
-without counting against the pod, and the connection goes on. Its socket is therefore opened
-without the connection-level check (``Outbound.open(requests_authorized=True)``: only a proxy
-port is refused), which would match no L7 rule: under ALLOW it refused every call, under DENY
-one denied method refused them all.
+buckets, so a pod's limit is one limit whichever node its callers are on), where the far node
+would: when the try's head goes to the endpoint's open connection (``H2Proxy``'s ``admit``),
+so after an injected delay, and a try held while its connection opens (``unpark``ed then) is
+never admitted if the connect fails: it spends no token. A refusal is answered as the
+destination node answers it, 403 ``RBAC: access denied`` (gRPC: trailers-only
+``grpc-status: 7``) or 429 ``local_rate_limited`` (``grpc-status: 8``, counted in
+``nodemesh_rate_limited_requests_total``), as that try's response: a route rule whose
+``retry.codes`` has its status sends the request again (a gRPC call's trailers-only answer is
+status 200 to it, as from a far node), and the connection goes on. Its socket is therefore
+opened without the connection-level check (``Outbound.open(requests_authorized=True)``: only a
+proxy port is refused), which would match no L7 rule: under ALLOW it refused every call, under
+DENY one denied method refused them all.
 
 Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
 request's endpoint). The balancer learns each request's time to response headers
@@ -36,8 +39,10 @@ requests that waited for it go to another endpoint as the backend Service's Traf
 answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure then counted as a rejection, as the
 last attempt's failure of a connection is).
 
-A request that reached a same-node endpoint, or that its policy refused here, is reported with
-``reporter="destination"`` too (``same_node_destination``): no other proxy sees it.
+A request that reached a same-node endpoint (its policy's refusal included) is reported with
+``reporter="destination"`` too (``same_node_destination``): no other proxy sees it. So is each
+try such an endpoint answered that was dropped for a retry (``H2Proxy.take_dropped``), as a far
+node reports the tries it answered; each from when the try was sent there.
 
 The shell is the destination's (``httpshell.CallbackShell`` and ``Outbox``): the client's socket
 is read by a reader callback, each endpoint's HBONE stream hands its bytes to the session as
@@ -79,6 +84,7 @@ from agent.proxy.balanced import classify
 from agent.proxy.h2inbound import h2_request_record
 from agent.proxy.h2mirror import MirrorCall, shadow_request
 from agent.proxy.h2proxy import (
+    UPSTREAM_RESET,
     Choice,
     H2Exchange,
     H2Mirrored,
@@ -86,8 +92,8 @@ from agent.proxy.h2proxy import (
     LocalAnswer,
     PickRequest,
 )
-from agent.proxy.h2route import Allowed, Endpoint, admitted, route_request
-from agent.proxy.http1 import RATE_LIMITED, RBAC_DENIED, RequestHead, Verdict
+from agent.proxy.h2route import Endpoint, admitted, route_request
+from agent.proxy.http1 import UPSTREAM_CLOSED, RequestHead, Verdict
 from agent.proxy.http_inbound import ALLOWED, request_verdict
 from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
@@ -107,6 +113,7 @@ from agent.telemetry.records import (
     OUTBOUND,
     SECURITY_MTLS,
     ConnectionRecord,
+    RequestRecord,
     same_node_destination,
 )
 
@@ -114,10 +121,6 @@ if TYPE_CHECKING:
     from agent.proxy.outbound import Outbound, Upstream
 
 log = logging.getLogger(__name__)
-
-
-# The flags of a request a same-node endpoint's policy or rate limit refused here
-REFUSED_HERE = (RBAC_DENIED, RATE_LIMITED)
 
 
 def _allow(_head: RequestHead) -> Verdict:
@@ -149,11 +152,13 @@ class H2SourceSession(CallbackShell):
         self.record.path = "hbone"
         self.record.protocol = "http/2"  # reported per request (its TCP flows by the far ends)
         self.where = f"{src} -> {target.vip}:{target.port.port}"
-        self.proxy = H2Proxy(_allow, pick=self._pick)
+        self.proxy = H2Proxy(_allow, pick=self._pick, admit=self._admit)
         self.conn_id = 0
         self._upstreams: dict[int, Upstream] = {}
         self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
         self._reached: set[Endpoint] = set()  # those whose upstream is (or was) open
+        self._opened: set[int] = set()  # upstreams whose open ended (opened or failed)
+        self._waiting: dict[int, list[object]] = {}  # tags of the tries held for each to open
         self._tasks: set[asyncio.Task[None]] = set()  # one per endpoint: opens, then reads
         self._to_client = Outbox(
             lambda data: try_send(client, data),
@@ -171,7 +176,6 @@ class H2SourceSession(CallbackShell):
     def _pick(self, request: PickRequest) -> Choice | LocalAnswer:
         """Route the request (``h2route``: routes, weighted backend, traffic control)."""
         core, source = self.outbound.core, self.source
-        allowed = partial(self._allowed_here, request.head)
         choice = route_request(
             self.outbound.http.router,
             core.snapshot(),
@@ -181,7 +185,6 @@ class H2SourceSession(CallbackShell):
             source.labels if source is not None else None,
             (core.node, None),
             client_namespace=source.namespace if source is not None else "",
-            allowed=allowed,
         )
         if isinstance(choice, LocalAnswer):
             head = request.head
@@ -193,32 +196,44 @@ class H2SourceSession(CallbackShell):
             loop = asyncio.get_running_loop()
 
             def turn() -> None:  # called wherever a slot frees: act from the loop, here
-                loop.call_soon(self._admitted, plan, allowed)
+                loop.call_soon(self._admitted, plan)
 
             plan.attempts.on_admitted = turn
         return choice
 
-    def _admitted(self, plan: RoutePlan, allowed: Allowed) -> None:
-        """A parked request's turn came: its endpoint (or 503 ``UH``, or 403 from its
-        policy) to ``H2Proxy``."""
-        endpoint = admitted(plan, allowed)
+    def _admitted(self, plan: RoutePlan) -> None:
+        """A parked request's turn came: its endpoint (or 503 ``UH``) to ``H2Proxy``."""
+        endpoint = admitted(plan)
         answer = endpoint if isinstance(endpoint, LocalAnswer) else Choice(endpoint, plan)
         if not self.proxy.unpark(plan, answer):
             plan.attempts.finish()  # the request ended meanwhile: give its slot back
             return
         self._moved()
 
-    def _allowed_here(self, head: RequestHead, key: Endpoint) -> Verdict:
-        """A same-node endpoint's admission of one request (L7 policy, then rate limits): no
-        other proxy sees it (an endpoint on another node admits it there). A refused request
-        is reported pointed at the endpoint, as its destination would have reported it."""
-        route = self._route_to(key)
-        if route.kind != "local":
-            return ALLOWED
-        verdict = self._verdict(route, head)
-        if not verdict.allowed and key not in self._routes:
-            self._routes[key] = self._described(route)
-        return verdict
+    def _admit(self, exchange: H2Exchange, key: object, uid: int) -> LocalAnswer | bool:
+        """``H2Proxy``'s admission of a try where its head goes to upstream ``uid``: a
+        same-node endpoint's (L7 policy, then rate limits), as its destination admits what
+        arrives there: once the upstream is open (held until then, ``_upstream`` unparks it;
+        not asked when the open failed: the try goes elsewhere or fails as before). An
+        endpoint on another node admits it there."""
+        if not isinstance(key, Endpoint) or self._route_to(key).kind != "local":
+            return True
+        if uid not in self._upstreams:
+            if uid in self._opened:
+                return True  # its open failed: the proxy is told right after (``_upstream``)
+            self._waiting.setdefault(uid, []).append(exchange.tag)
+            return False
+        verdict = self._verdict(self._route_to(key), exchange.head)
+        if verdict.allowed:
+            return True
+        return LocalAnswer(verdict.status, verdict.flag, verdict.body,
+                           grpc_status=verdict.grpc_status, upstream=key)  # fmt: skip
+
+    def _unpark_waiting(self, uid: int, key: Endpoint) -> None:
+        """The tries held for upstream ``uid`` to open go to it now (``_admit`` asked again)."""
+        self._opened.add(uid)
+        for tag in self._waiting.pop(uid, ()):
+            self.proxy.unpark(tag, Choice(key, tag))
 
     def _verdict(self, route: Route, head: RequestHead) -> Verdict:
         """``head`` at the same-node pod of ``route``, admitted as its destination admits it."""
@@ -321,10 +336,11 @@ class H2SourceSession(CallbackShell):
         self._reached.discard(key)
         try:
             timeout = key.connect_timeout or out.core.settings.connect_timeout
-            # A same-node endpoint's policy is asked per request (``_allowed_here``).
+            # A same-node endpoint's policy is asked per try (``_admit``).
             opening = out.open(route, rec, self.src_ip, self.conn_id, requests_authorized=True)
             upstream = await asyncio.wait_for(opening, timeout)
         except (OSError, TunnelError, Refused) as e:
+            self._unpark_waiting(uid, key)  # to the failed upstream, for the proxy to redo
             cause = None if isinstance(e, Refused) else classify(e)
             if cause is None:  # not the endpoint's failure: its requests end UC
                 if not isinstance(e, Refused):
@@ -340,6 +356,7 @@ class H2SourceSession(CallbackShell):
         self._to_upstream[uid] = _outbox(
             upstream, self._resume_client, lambda e: self._upstream_write_failed(uid, e)
         )
+        self._unpark_waiting(uid, key)
         if isinstance(upstream, TunnelStream):
             upstream.deliver_directly(_UpstreamSink(self, uid))
         try:
@@ -472,19 +489,40 @@ class H2SourceSession(CallbackShell):
             record = h2_request_record(exchange)
             core.registry.request_done(connection, record, carried_by=self.record)
             key = exchange.upstream
-            if connection.path == "local" and (key in self._reached or own in REFUSED_HERE):
-                # No other proxy saw it (or refused it: ``_allowed_here``): reported as its
-                # destination too.
-                assert isinstance(key, Endpoint)
-                if own != record.response_flags:
-                    record = replace(record, response_flags=own)
-                service = key.target.service.hostname()
-                core.registry.request_done(same_node_destination(connection, service), record)
+            if connection.path == "local" and key in self._reached:
+                # No other proxy saw it: reported as its destination too, from when its try
+                # was sent there, without the source's own flags (DI).
+                self._report_destination(connection, exchange, record, own)
+        for tried in self.proxy.take_dropped():
+            connection = self._request_connection(tried)
+            if connection.path == "local" and tried.upstream in self._reached:
+                # Dropped for a retry: the try its destination answered. With no response
+                # head, it answered 502 for a pod that reset or closed (``UR``, ``UC``).
+                if not tried.status and tried.flags in (UPSTREAM_RESET, UPSTREAM_CLOSED):
+                    tried.status = 502
+                self._report_destination(connection, tried, h2_request_record(tried), tried.flags)
         for cause in self.proxy.take_rejections():
             refusal = self.proxy.refusal  # what broke which limit, as HTTP/1.1's line says
             core.registry.http_rejected(cause, f"{self.where}: {refusal}")
         for copy in self.proxy.take_mirrors():
             self._mirror(copy)
+
+    def _report_destination(
+        self, connection: ConnectionRecord, exchange: H2Exchange, record: RequestRecord, flags: str
+    ) -> None:
+        """``record`` of ``exchange`` (its try at a same-node endpoint; ``connection``: the
+        source's record pointed there) reported as that endpoint's destination reports it:
+        from when the try was sent, with the exchange's own ``flags``."""
+        assert isinstance(exchange.upstream, Endpoint)
+        sent = exchange.sent or exchange.started
+        record = replace(
+            record,
+            response_flags=flags,
+            duration_ms=max(0.0, (exchange.ended - sent) * 1000),
+            started_at=record.started_at + (sent - exchange.started),
+        )
+        service = exchange.upstream.target.service.hostname()
+        self.outbound.core.registry.request_done(same_node_destination(connection, service), record)
 
     # -- mirrors (RequestMirror) -------------------------------------------------------------
     def _mirror(self, copy: H2Mirrored) -> None:
@@ -501,9 +539,6 @@ class H2SourceSession(CallbackShell):
         response read and dropped."""
         assert copy.body is not None
         route = attempt.route
-        if route.kind == "local" and not self._verdict(route, shadow_request(copy.head)).allowed:
-            attempt.outcome = "denied"
-            return
         upstream: Upstream | None = None
         try:
             # conn_id 0: a copy is no connection of the registry (nothing to re-check)
@@ -511,6 +546,11 @@ class H2SourceSession(CallbackShell):
                 route, attempt.record, self.src_ip, 0, requests_authorized=True
             )
             attempt.attempts.connected(attempt.ip)
+            # A same-node endpoint admits the copy on arrival, as its destination would.
+            shadow = shadow_request(copy.head)
+            if route.kind == "local" and not self._verdict(route, shadow).allowed:
+                attempt.outcome = "denied"
+                return
             call = MirrorCall(copy.head, copy.body, copy.trailers)
             try:
                 while True:

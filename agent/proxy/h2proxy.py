@@ -45,7 +45,14 @@ A choice's ``Resend`` (the backend Service's TrafficPolicy retries) is asked fir
 backoff, about a try the endpoint never processed (RFC 9113 8.7): its upstream could not be
 opened (``upstream_unreachable``), the pod refused the stream (REFUSED_STREAM), or its stream
 was above the pod's GOAWAY; it is sent again at once while nothing of the response reached the
-client and the proxy still holds all of its body that went upstream.
+client and the proxy still holds all of its body that went upstream. The shell's ``admit`` is
+asked about each try where its head is about to go: it may hold it (parked, until ``unpark``:
+a same-node endpoint's connection is still opening) or answer it there (that endpoint's
+policy or rate limit, as its destination node answers), an answer its ``retries`` see as that
+try's response (a gRPC call's trailers-only answer as status 200), settled once the input at
+hand is taken, so the body that came with the head is held for a replay. A try dropped for a
+retry is kept as its upstream saw it (``take_dropped``: the shell reports a same-node
+endpoint's as its destination would).
 
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
@@ -63,7 +70,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from h2.config import H2Configuration
@@ -195,6 +202,7 @@ class H2Exchange:
     first_byte: float = 0.0  # clock time of the response headers (0: none)
     upstream: object = None  # ``Choice.key`` of the upstream that served it (source side)
     tag: object = None  # ``Choice.tag``: the shell's own note for the request
+    sent: float = 0.0  # clock time its last try's head went upstream (or was answered there)
 
 
 Authorize = Callable[[RequestHead], Verdict]
@@ -295,6 +303,11 @@ class PickRequest:
 
 # The source side's per-request choice of upstream; None: no upstream (answered 503/UNAVAILABLE).
 Pick = Callable[[PickRequest], Choice | LocalAnswer | None]
+# The source side's admission of a try where its head is about to go (the request's exchange,
+# the upstream's key and uid): True to send it; False to hold it (parked) until the shell's
+# ``unpark``; or the answer the upstream's own proxy gives it there (a same-node endpoint's
+# policy or rate limit), which is that try's response: its ``retries`` may send it again.
+Admit = Callable[[H2Exchange, object, int], LocalAnswer | bool]
 
 
 class _Upstream:
@@ -444,13 +457,17 @@ class H2Proxy(H2Core):
         authorize: Authorize,
         *,
         pick: Pick | None = None,
+        admit: Admit | None = None,
         limits: H2Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
         new_request_id: Callable[[], str] = new_request_id,
     ) -> None:
         super().__init__(authorize, limits, clock, new_request_id)
         limits = self.limits
-        self.pick = pick
+        self.pick, self.admit = pick, admit
+        # Tries dropped to be sent again (``take_dropped``): as each one's upstream saw it.
+        self._dropped: list[H2Exchange] = []
+        self._answered: list[tuple[_Stream, LocalAnswer]] = []  # by ``admit``, to settle
         self.client = new_connection(client_side=False, limits=limits)
         self._streams: dict[int, _Stream] = {}  # by client stream id
         self._upstreams: dict[int, _Upstream] = {}  # by uid
@@ -490,6 +507,14 @@ class H2Proxy(H2Core):
         """Does the shell still need upstream ``uid`` (open streams, or new ones may come)?"""
         u = self._upstreams.get(uid)
         return u is not None and not (u.gone and not u.streams)
+
+    def take_dropped(self) -> list[H2Exchange]:
+        """The tries dropped before the client saw anything, to send the request again, each
+        as its upstream saw it: its ``upstream``, ``sent``, ``ended``, the ``status`` of its
+        response head (0: none came; ``flags`` then says what ended it: ``DC`` its time ran
+        out, ``UR`` reset, ``UC`` lost) or its answer there (``admit``)."""
+        out, self._dropped = self._dropped, []
+        return out
 
     def take_mirrors(self) -> list[H2Mirrored]:
         """Complete requests whose choice asked for a copy, since the last call."""
@@ -607,7 +632,7 @@ class H2Proxy(H2Core):
                 self._time_out(s)
             elif s.try_deadline is not None and s.try_deadline <= now:
                 s.try_deadline = None
-                if not self._retried(s, None):
+                if not self._retried(s, None, DOWNSTREAM_CLOSED):
                     self._time_out(s)
             elif s.retry_at is not None and s.retry_at <= now:
                 self._try_again(s)
@@ -645,9 +670,10 @@ class H2Proxy(H2Core):
         self._send_head(s, self._upstream_for(choice.key), s.replay_head)
         return True
 
-    def _retried(self, s: _Stream, status: int | None) -> bool:
-        """The try of ``s`` ended with ``status`` (None: no response head) before anything
-        reached the client: if its ``retries`` say so, drop the try and wait to send again."""
+    def _retried(self, s: _Stream, status: int | None, lost: str = NO_FLAGS) -> bool:
+        """The try of ``s`` ended with ``status`` (None: no response head; ``lost``: how it
+        ended) before anything reached the client: if its ``retries`` say so, drop the try
+        (``take_dropped``) and wait to send again."""
         if s.retries is None or s.response_started or s.upstream is None:
             return False
         ex = s.exchange
@@ -655,6 +681,7 @@ class H2Proxy(H2Core):
         backoff = s.retries.after(status, ex.first_byte, replayable=replayable)
         if backoff is None:
             return False
+        self._dropped.append(replace(ex, flags=lost, ended=self.clock()))
         self._reset_upstream(s)
         self._discard_request(s)
         self._release_response(s)
@@ -840,6 +867,19 @@ class H2Proxy(H2Core):
         self._mirrors.append(H2Mirrored(s.replay_head, body, s.request_trailers, s.exchange.tag))
 
     def _send_head(self, s: _Stream, u: _Upstream, head: list[Header]) -> None:
+        if self.admit is not None:
+            admitted = self.admit(s.exchange, u.key, u.uid)
+            if admitted is False:  # held until the shell's ``unpark``
+                s.held, s.held_key, s.parked = head, u.key, True
+                return
+            if admitted is not True:
+                # Settled once the input at hand is taken (``_pump``): a far node's answer
+                # comes after the source forwarded what it had, so the body that came with
+                # the head is there for a replay. Held meanwhile, it keeps coming in.
+                s.held, s.held_key, s.exchange.sent = head, u.key, self.clock()
+                self._answered.append((s, admitted))
+                return
+        s.exchange.sent = self.clock()
         up = u.conn
         if up.open_outbound_streams >= up.remote_settings.max_concurrent_streams:
             # The pod's own limit: REFUSED_STREAM tells the client it is safe to retry.
@@ -853,6 +893,34 @@ class H2Proxy(H2Core):
         send_headers_on(up, s.upstream_id, head, end_stream=ended)
         s.request_sent = ended
         self._copy(s)
+
+    def _answered_there(self, s: _Stream, answer: LocalAnswer) -> None:
+        """The try of ``s`` was answered where its head was to go (``admit``), as the
+        upstream's own proxy answers it: that try's response, so its ``retries`` may drop it
+        (``take_dropped``) and send the request again; else it is the client's answer."""
+        if self._streams.get(s.client_id) is not s or s.held is None:
+            return  # it ended meanwhile (reset, timed out)
+        s.held = None
+        ex = s.exchange
+        now = ex.first_byte = self.clock()
+        self._discard_request(s)  # what waited to follow the head goes nowhere
+        if s.retries is not None:
+            tried = replace(ex, flags=answer.flags, ended=now)
+            if ex.grpc:
+                grpc_status = answer.grpc_status
+                if grpc_status is None:
+                    grpc_status = grpc_status_for(answer.status)
+                tried.status, tried.grpc_status = 200, str(grpc_status)  # trailers-only
+            else:
+                tried.status, tried.response_bytes = answer.status, len(answer.message)
+            replayable = s.request_end and s.replay_body is not None and s.replay_head is not None
+            status = _retry_status(tried, True)
+            backoff = s.retries.after(status, now, replayable=replayable)
+            if backoff is not None:
+                self._dropped.append(tried)
+                s.retry_at, ex.first_byte = now + backoff, 0.0
+                return
+        self._answer_locally(s, answer)
 
     def _choose(self, s: _Stream, target: str) -> _Upstream | None:
         """The upstream for ``s``, or None after answering it ourselves (no upstream: 503 /
@@ -1013,7 +1081,7 @@ class H2Proxy(H2Core):
             refused = event.error_code == ErrorCodes.REFUSED_STREAM
             if refused and self._resent(s, REFUSED):
                 return
-            if self._retried(s, None):
+            if self._retried(s, None, UPSTREAM_RESET):
                 return
             if not s.response_started and refused:
                 self._refuse(s, UPSTREAM_RESET)  # the pod never processed it: safe to retry
@@ -1022,7 +1090,7 @@ class H2Proxy(H2Core):
 
     def _upstream_lost(self, s: _Stream, flag: str) -> None:
         """The pod will not finish ``s``: answer it ourselves if we can, else reset it."""
-        if self._retried(s, None):
+        if self._retried(s, None, flag):
             return
         s.exchange.flags = flag
         self._discard_request(s)
@@ -1178,6 +1246,10 @@ class H2Proxy(H2Core):
     def _pump(self) -> None:
         # Runs after every input, over every stream: a stream waiting for its response (most
         # of them, on a busy gRPC channel) costs only these two tests.
+        if self._answered:
+            answered, self._answered = self._answered, []
+            for answered_stream, answer in answered:
+                self._answered_there(answered_stream, answer)
         for s in list(self._streams.values()):
             if s.upstream is not None and not s.request_sent:
                 self._pump_request(s)

@@ -48,13 +48,11 @@ When the TrafficPolicy does not retry, the rule's ``retry`` is asked as after an
 HTTP/1.1 request never reaches its rule's retry for a failed connect: there it is answered 503
 ``UF`` at once).
 
-Every endpoint chosen for a request (by ``route_request``, ``admitted`` for a parked one, or
-either kind of retry) is first offered to the shell's ``allowed``: a same-node endpoint's L7
-policy and then its RateLimitPolicies, which no other proxy would apply. A refused try is
-answered with the verdict's answer, the destination's (403 ``RBAC``, gRPC
-``PERMISSION_DENIED``; 429 ``RL`` ``local_rate_limited``, gRPC ``RESOURCE_EXHAUSTED``), named
-after the endpoint (``LocalAnswer.upstream``, so it is reported there); it never counts as
-connected, so the request's end finishes its attempt with nothing counted against the pod.
+An endpoint chosen for a request (by ``route_request``, ``admitted`` for a parked one, or
+either kind of retry) counts as connected at once: a same-node endpoint's L7 policy and rate
+limits are asked later, where the try's head goes to its open connection (the shell's
+``H2Proxy`` admission, as the endpoint's destination node would on receiving it), and a
+refusal there is that try's answer, as a far node's would be.
 
 An injected delay (the rule's HTTPFault, flag ``DI``, and the TrafficPolicy's) is
 ``Choice.delay``: ``H2Proxy`` holds the request; the route's ``timeouts.request`` starts after
@@ -71,7 +69,6 @@ from dataclasses import dataclass, field
 
 from agent.policy.routes import GrpcRequest, HttpRequest
 from agent.proxy.h2proxy import Choice, Header, HeaderEdit, LocalAnswer, PickRequest, header
-from agent.proxy.http1 import Verdict
 from agent.proxy.http_router import (
     BODIES,
     NO_HEALTHY_UPSTREAM,
@@ -104,12 +101,6 @@ class Endpoint:
         return f"{self.service[0]}/{self.service[1]}:{self.port}@{self.ip}"
 
 
-# One request's admission at the endpoint chosen for it (the shell's: a same-node endpoint's
-# L7 policy and rate limits, ``http_inbound.request_verdict``; allowed for an endpoint on
-# another node, whose node admits it).
-Allowed = Callable[[Endpoint], Verdict]
-
-
 def grpc_timeout(value: str | None) -> float | None:
     """Seconds of a ``grpc-timeout`` header (``100m``, ``2S``), or None if absent or malformed."""
     if not value or len(value) > 9 or value[-1] not in _GRPC_UNITS or not value[:-1].isdigit():
@@ -127,11 +118,9 @@ def route_request(
     source_node: tuple[str, str | None],
     *,
     client_namespace: str,
-    allowed: Allowed,
 ) -> Choice | LocalAnswer:
     """Where one request on an HTTP/2 port goes (its ``RoutePlan`` is the choice's tag, to be
-    finished with the request), or how it is answered here; ``allowed`` is asked about every
-    endpoint chosen for it (now, when admitted, or for a retry)."""
+    finished with the request), or how it is answered here."""
     head = request.head
     headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers]
     call = GrpcRequest.from_path(head.path, headers, authority=head.host) if request.grpc else None
@@ -154,7 +143,7 @@ def route_request(
         return LocalAnswer(e.status, e.flags, e.body, extra, grpc_status=e.grpc_status)
     key: Endpoint | None = None
     if not plan.attempts.queued:
-        endpoint = admitted(plan, allowed)
+        endpoint = admitted(plan)
         if isinstance(endpoint, LocalAnswer):
             plan.attempts.finish()
             return endpoint
@@ -165,44 +154,29 @@ def route_request(
         edit_request=_request_edit(plan.edit_request) if plan.edit_request else None,
         edit_response=_response_edit(plan.edit_response) if plan.edit_response else None,
         timeout=_timeout(plan, call),
-        retries=PlanRetries(plan, allowed) if plan.retry is not None else None,
+        retries=PlanRetries(plan) if plan.retry is not None else None,
         try_timeout=plan.try_timeout,
         delay=plan.injected_delay,
-        resend=ServiceRetries(plan, allowed),
+        resend=ServiceRetries(plan),
         mirror=bool(plan.mirrors),
         parked=plan.attempts.queued,
     )
 
 
-def admitted(plan: RoutePlan, allowed: Allowed) -> Endpoint | LocalAnswer:
+def admitted(plan: RoutePlan) -> Endpoint | LocalAnswer:
     """The endpoint of a request its backend Service admitted (at once, or when its turn in
-    the ``maxPendingRequests`` queue came), or 503 ``UH`` when there is none (or its
-    policy's or rate limit's refusal: ``_sent_to``)."""
+    the ``maxPendingRequests`` queue came), or 503 ``UH`` when there is none."""
     ip = plan.attempts.next_endpoint()
     if ip is None:
         return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
-    return _sent_to(plan, ip, allowed)
+    return _sent_to(plan, ip)
 
 
-def _sent_to(plan: RoutePlan, ip: str, allowed: Allowed) -> Endpoint | LocalAnswer:
-    """Endpoint ``ip``, chosen for the request's next try, once ``allowed`` lets the request
-    go there: the try then counts as connected (a request is "connected" once it is sent on an
-    upstream). Refused, it is answered as its destination would answer it (the verdict's
-    status, flag, body and gRPC status: 403 ``RBAC`` / ``PERMISSION_DENIED``, 429 ``RL`` /
-    ``RESOURCE_EXHAUSTED``) named after the endpoint; the try stays unconnected, so finishing
-    the request counts nothing against the endpoint and returns the Service's counts."""
-    key = _endpoint(plan, ip)
-    verdict = allowed(key)
-    if not verdict.allowed:
-        return LocalAnswer(
-            verdict.status,
-            verdict.flag,
-            verdict.body,
-            grpc_status=verdict.grpc_status,
-            upstream=key,
-        )
+def _sent_to(plan: RoutePlan, ip: str) -> Endpoint:
+    """Endpoint ``ip``, chosen for the request's next try: the try counts as connected (a
+    request is "connected" once it is sent on an upstream)."""
     plan.attempts.connected(ip)
-    return key
+    return _endpoint(plan, ip)
 
 
 def _endpoint(plan: RoutePlan, ip: str) -> Endpoint:
@@ -220,10 +194,10 @@ class PlanRetries:
     """``H2Proxy``'s ``Retries`` for a request whose rule has ``retry``: the decision is the
     HTTP/1.1 path's (``RoutePlan.retry_after``: the rule's codes, attempts, replayable, the
     backend Service's retry budget, each outcome counted), the next try another endpoint of
-    the same backend Service (``allowed`` there)."""
+    the same backend Service."""
 
-    def __init__(self, plan: RoutePlan, allowed: Allowed) -> None:
-        self.plan, self.allowed = plan, allowed
+    def __init__(self, plan: RoutePlan) -> None:
+        self.plan = plan
 
     def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
         return self.plan.retry_after(status, first_byte, replayable=replayable)
@@ -233,18 +207,17 @@ class PlanRetries:
         ip = attempts.next_endpoint()
         if ip is None:
             return LocalAnswer(503, NO_HEALTHY_UPSTREAM, BODIES[NO_HEALTHY_UPSTREAM])
-        return _choice(self.plan, ip, self.allowed)
+        return Choice(_sent_to(self.plan, ip), self.plan)
 
 
 class ServiceRetries:
     """``H2Proxy``'s ``Resend`` for every request: the backend Service's TrafficPolicy
-    retries of a try its endpoint never processed (see the module docstring), to an endpoint
-    ``allowed`` there."""
+    retries of a try its endpoint never processed (see the module docstring)."""
 
-    __slots__ = ("allowed", "plan")
+    __slots__ = ("plan",)
 
-    def __init__(self, plan: RoutePlan, allowed: Allowed) -> None:
-        self.plan, self.allowed = plan, allowed
+    def __init__(self, plan: RoutePlan) -> None:
+        self.plan = plan
 
     def unprocessed(self, cause: str, *, replayable: bool) -> Choice | LocalAnswer | None:
         attempts = self.plan.attempts
@@ -255,13 +228,7 @@ class ServiceRetries:
         ip = attempts.next_endpoint()
         if ip is None:  # the Service has no endpoint left: this failure is the answer
             return LocalAnswer(503, UPSTREAM_CONNECT_FAILURE, BODIES[UPSTREAM_CONNECT_FAILURE])
-        return _choice(self.plan, ip, self.allowed)
-
-
-def _choice(plan: RoutePlan, ip: str, allowed: Allowed) -> Choice | LocalAnswer:
-    """A retry's try to endpoint ``ip`` (``_sent_to``)."""
-    key = _sent_to(plan, ip, allowed)
-    return key if isinstance(key, LocalAnswer) else Choice(key, plan)
+        return Choice(_sent_to(self.plan, ip), self.plan)
 
 
 def _timeout(plan: RoutePlan, call: GrpcRequest | None) -> float | None:

@@ -50,15 +50,21 @@ each ended after ``MIRROR_TIMEOUT``, its response read and dropped, its failures
 (``nodemesh_http_mirrored_total``) — the primary request never waits for it. A request whose
 body is larger than the codec's replay limit is not copied (counted ``too_large``).
 
-For a same-node endpoint this node is the only proxy on the path, so it admits each request as
+For a same-node endpoint this node is the only proxy on the path, so it admits each try as
 the endpoint's destination would (``http_inbound.request_verdict``): its L7 policies (403
 ``RBAC``), then the pod port's RateLimitPolicies from the node's buckets (429 ``RL``
 ``local_rate_limited``, counted in ``nodemesh_rate_limited_requests_total``), the connection
-serving on after either; the far node does that for HBONE sessions. Requests are reported with
-``reporter="source"`` (``Registry.request_done``), labelled with the endpoint that served them;
-one that reached a same-node endpoint is reported with ``reporter="destination"`` too, as that
-pod's proxy would have (``same_node_destination``), since no other proxy sees it. The client
-connection's ``ConnectionRecord`` keeps the byte counts for the TCP metrics.
+serving on after either; the far node does that for HBONE sessions. It does so where the far
+node would, once the try has its session (pooled, or connected: a try whose connect failed
+never met the pod's policy nor spent its token), and a refusal is that try's answer
+(``SourceHttp1.answer_try``): a rule that retries its status sends the request again, as it
+would a far node's 403 or 429. Requests are reported with ``reporter="source"``
+(``Registry.request_done``), labelled with the endpoint that served them; each try a same-node
+endpoint answered is reported with ``reporter="destination"`` too, as that pod's proxy would
+have (``same_node_destination``), since no other proxy sees it: the last one with the request,
+one dropped for a retry when it is (``_report_try``), each from when the try reached the pod
+(not a delay injected here). The client connection's ``ConnectionRecord`` keeps the byte
+counts for the TCP metrics.
 """
 
 from __future__ import annotations
@@ -80,7 +86,15 @@ from agent.policy.traffic.attempts import Attempts
 from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
-from agent.proxy.http1 import UPSTREAM_CLOSED, Exchange, RequestHead, Verdict, request_record
+from agent.proxy.http1 import (
+    DOWNSTREAM_CLOSED,
+    NO_FLAGS,
+    UPSTREAM_CLOSED,
+    Exchange,
+    RequestHead,
+    Verdict,
+    request_record,
+)
 from agent.proxy.http_inbound import request_verdict
 from agent.proxy.http_outbound_codec import (
     DroppedResponse,
@@ -110,6 +124,7 @@ from agent.telemetry.records import (
     SECURITY_MTLS,
     SECURITY_NONE,
     ConnectionRecord,
+    RequestRecord,
     same_node_destination,
 )
 
@@ -288,6 +303,9 @@ class _Request:
     # The route of the try that reached its endpoint (attached, or answered by a same-node
     # endpoint's policy): a same-node one makes this node the request's destination too.
     reached: Route | None = None
+    sent: float = 0.0  # when that try reached it: its destination's report starts there
+    refused: str = ""  # that try's flags when a same-node endpoint refused it (RBAC, RL)
+    try_expired: bool = False  # that try ended by its per-try timeout (``backendRequest``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -953,8 +971,36 @@ class _ClientConnection:
         if backoff is None:
             return False
         self._disarm()
+        self._report_try(request, status)
         request.backoff, request.first_byte, request.reached = backoff, 0.0, None
+        request.refused, request.try_expired = "", False
         return True
+
+    def _report_try(self, request: _Request, status: int | None) -> None:
+        """A try that reached a same-node endpoint is dropped, to be sent again: reported as
+        its destination, which no other proxy is, reports the try it answered (a far node
+        reports it there; the source reports the request once, at its end). Its response is
+        not read on (its size is not known: 0); with no response head, it is what a
+        destination proxy answers for a pod that closed or reset (503 ``UC``) or a client
+        gone at the per-try timeout (``DC``)."""
+        reached, exchange = request.reached, self.codec.current_exchange
+        if reached is None or reached.kind != "local" or exchange is None:
+            return
+        flags = request.refused or NO_FLAGS
+        if status is None:
+            status, flags = (
+                (0, DOWNSTREAM_CLOSED) if request.try_expired else (503, UPSTREAM_CLOSED)
+            )
+        tried = Exchange(
+            exchange.head,
+            request.sent or exchange.started,
+            status,
+            exchange.request_bytes,
+            flags=flags,
+            ended=time.monotonic(),
+        )
+        record = request_record(tried, upstream=f"{reached.ip}:{reached.port}")
+        self._report_destination(self._labels(reached), reached, record)
 
     async def _wait_backoff(self, request: _Request) -> bool:
         """Sleep before a retry, within the request's deadline; False when it expired."""
@@ -987,12 +1033,12 @@ class _ClientConnection:
         route = out.resolver.endpoint_route(snap, self.source, plan.backend, ip)
         out.describe_route(snap, route, self.record)
         request.route, request.reached = route, None
-        if route.kind == "local":
-            verdict = self._verdict_here(route, head)
-            if not verdict.allowed:
-                request.reached = route  # refused as its destination would have
-                self.codec.respond_locally(verdict.status, verdict.flag, verdict.body, request)
-                return True
+        if route.kind == "local" and route.port in self.core.settings.proxy_ports:
+            # Refused as the far node refuses a CONNECT to it, before any connection.
+            request.reached, request.sent = route, time.monotonic()
+            refused = _PROXY_PORT
+            self.codec.respond_locally(refused.status, refused.flag, refused.body, request)
+            return True
         # The CONNECT names the backend Service (the route's choice, or the dialled one), so
         # sessions are keyed by it too.
         key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(plan.backend))
@@ -1000,7 +1046,7 @@ class _ClientConnection:
         if session is None:
             return _Opening(ip, route, key)
         attempts.connected(ip, reused=True)
-        self._attach(session, request)
+        self._send_try(session, request, head)
         return True
 
     async def _connect(
@@ -1039,7 +1085,7 @@ class _ClientConnection:
                         continue
                 break
             attempts.connected(step.ip)
-            self._attach(session, request)
+            self._send_try(session, request, head)
             await self._flush()
             return
         self._no_endpoint(request, failure)
@@ -1053,6 +1099,24 @@ class _ClientConnection:
             flags = UPSTREAM_CONNECT_FAILURE
             self.owner.outbound.count_failure(failure[0], failure[1], self.record)
         self.codec.respond_locally(503, flags, BODIES[flags], request)
+
+    def _send_try(self, session: UpstreamSession, request: _Request, head: RequestHead) -> None:
+        """Send the request's try on ``session``. A same-node endpoint admits it first, where
+        its destination node would on receiving it (L7 policy, then rate limits: so a try
+        that never reached the pod, its connect failed, spends no token): a refusal is the
+        try's answer (the retry hook sees its status, as it sees a far node's refusal), and
+        the session, unused, goes back to the pool."""
+        route = request.route
+        assert route is not None
+        if route.kind == "local":
+            verdict = self._verdict_here(route, head)
+            if not verdict.allowed:
+                self.owner.sessions.put(session)
+                request.reached, request.refused = route, verdict.flag
+                request.sent = request.first_byte = time.monotonic()
+                self.codec.answer_try(verdict.status, verdict.flag, verdict.body, request)
+                return
+        self._attach(session, request)
 
     def _verdict_here(self, route: Route, head: RequestHead) -> Verdict:
         """A same-node endpoint's admission of the request as its destination's (L7 policy,
@@ -1086,7 +1150,7 @@ class _ClientConnection:
     def _attach(self, session: UpstreamSession, request: _Request) -> None:
         """Serve the pending request with ``session`` (its head goes out at the next flush)."""
         self.session = session
-        request.reached = request.route
+        request.reached, request.sent = request.route, time.monotonic()
         conn = session.conn
         if isinstance(conn, TunnelStream):
             self.record.security = SECURITY_MTLS
@@ -1165,6 +1229,7 @@ class _ClientConnection:
         if request.deadline is not None and time.monotonic() >= request.deadline:
             codec.expire(BODIES[UPSTREAM_TIMEOUT])
         else:
+            request.try_expired = True
             codec.try_expired(BODIES[UPSTREAM_TIMEOUT])
         self._flush_soon()
 
@@ -1253,21 +1318,39 @@ class _ClientConnection:
             request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)
             flags = request.plan.flags(flags)
             request.plan = None
-        labels = self.record.copy()
-        labels.upstream, labels.destination_identity = "", None
-        labels.security = SECURITY_NONE
-        if request.route is not None:
-            self.owner.outbound.describe_route(self.core.snapshot(), request.route, labels)
-            if request.route.kind == "hbone":
-                labels.security = SECURITY_MTLS
+        labels = self._labels(request.route)
         upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
         record = request_record(exchange, flags=flags, upstream=upstream)
         self.core.registry.request_done(labels, record, carried_by=self.record)
         reached = request.reached
         if reached is not None and reached.kind == "local":
-            # No other proxy saw it: reported as its destination too (without the source's
-            # own flags, such as DI for a delay injected here).
-            if flags != exchange.flags:
-                record = replace(record, response_flags=exchange.flags)
-            service = reached.service.hostname() if reached.service is not None else ""
-            self.core.registry.request_done(same_node_destination(labels, service), record)
+            # No other proxy saw it: reported as its destination too, as that one would: from
+            # when the try reached it (not a delay injected here, nor earlier tries), and
+            # without the source's own flags (DI).
+            sent = request.sent or exchange.started
+            record = replace(
+                record,
+                response_flags=exchange.flags,
+                duration_ms=max(0.0, (exchange.ended - sent) * 1000),
+                started_at=record.started_at + (sent - exchange.started),
+            )
+            self._report_destination(labels, reached, record)
+
+    def _labels(self, route: Route | None) -> ConnectionRecord:
+        """The client connection's record as a request to ``route`` saw it."""
+        labels = self.record.copy()
+        labels.upstream, labels.destination_identity = "", None
+        labels.security = SECURITY_NONE
+        if route is not None:
+            self.owner.outbound.describe_route(self.core.snapshot(), route, labels)
+            if route.kind == "hbone":
+                labels.security = SECURITY_MTLS
+        return labels
+
+    def _report_destination(
+        self, labels: ConnectionRecord, reached: Route, record: RequestRecord
+    ) -> None:
+        """``record`` reported as the same-node endpoint ``reached`` (``labels``: the request's
+        source record) reports it: no other proxy saw it."""
+        service = reached.service.hostname() if reached.service is not None else ""
+        self.core.registry.request_done(same_node_destination(labels, service), record)

@@ -5,10 +5,11 @@ connection (the destination node relays to one pod). Here each request may go to
 endpoint, so the upstream half is *attached* per request and *released* after it, to be pooled
 by the shell (``agent.proxy.http_outbound``) and attached again to a later request, maybe of
 another client connection. The interface to the shell is narrow: bytes in (``receive_client``,
-``receive_upstream``), bytes out (``take_to_client``, ``take_to_upstream``), and four
+``receive_upstream``), bytes out (``take_to_client``, ``take_to_upstream``), and five
 decisions: ``pending`` (a request head waits for an upstream), ``attach``, ``respond_locally``
-(503 for no endpoint, 403 for a same-node L7 denial) and ``take_released`` (the upstream half
-is free again; whether it can be reused).
+(503 for no endpoint), ``answer_try`` (a same-node endpoint's refusal, 403 or 429: the try's
+answer, which the retry hook sees as it sees an endpoint's response) and ``take_released``
+(the upstream half is free again; whether it can be reused).
 
 Why llhttp (``agent.proxy.http1_codec``): the destination measured h11 at about a quarter of
 its agent's CPU per request and moved to llhttp; this side followed, with the same two halves:
@@ -246,6 +247,11 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         return self._current.tag if self._current is not None else None
 
     @property
+    def current_exchange(self) -> Exchange | None:
+        """The exchange of the request being served (or pending), if any."""
+        return self._current.exchange if self._current is not None else None
+
+    @property
     def pending_target(self) -> str:
         """The pending request's target as it will be sent (path and query)."""
         assert self._current is not None and self.pending is not None
@@ -349,11 +355,38 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         current = self._current
         assert current is not None and self.pending is not None
         self.pending = None
-        current.tag, current.local = tag, True
+        current.tag = tag
+        self._answer_here(current, status, flags, body, headers)
+
+    def _answer_here(
+        self,
+        current: _Current[T],
+        status: int,
+        flags: str,
+        body: bytes,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        current.local = True
         current.exchange.flags = flags
         self._answer(current, status, body, headers)
         if not self.closing:
             self._pump_client()
+
+    def answer_try(self, status: int, flags: str, body: bytes, tag: T) -> None:
+        """The pending request's try was answered ``status`` by its endpoint's own proxy (a
+        same-node endpoint's policy or rate limit, where its destination node would answer):
+        as after that answer from an endpoint, the body the client sent so far is taken (held
+        for a replay, sent nowhere) and the retry hook asked about ``status``; sent again
+        (``pending`` again) if it says so, else answered here with ``flags``."""
+        current = self._current
+        assert current is not None and self.pending is not None
+        self.pending = None
+        current.tag = tag
+        self._pump_client()
+        if self.closing or self._current is not current:
+            return  # the body was bad: refused (``_refuse``)
+        if not self._retry(current, status):
+            self._answer_here(current, status, flags, body)
 
     def expire(self, body: bytes) -> None:
         """The request's time ran out (the shell's timer): 504 ``UT`` if its response has not

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import Counter
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
@@ -41,8 +42,9 @@ from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from agent.policy.traffic.service import ServiceTraffic
-from agent.state import Endpoint, PolicyObject, Service, ServicePort
+from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
+from agent.telemetry.records import INBOUND, OUTBOUND
 from tests.integration.proxy.mesh import (
     CLIENT,
     LOCAL,
@@ -52,7 +54,12 @@ from tests.integration.proxy.mesh import (
     mesh_test,
     set_policies,
 )
-from tests.integration.proxy.test_http_outbound_loopback import observe, requests_total, series
+from tests.integration.proxy.test_http_outbound_loopback import (
+    Recorded,
+    observe,
+    requests_total,
+    series,
+)
 from tests.unit.traffic.traffic_helpers import traffic_policy
 
 pytestmark = pytest.mark.root
@@ -605,3 +612,210 @@ async def test_a_rate_limit_on_the_same_node_pod_is_applied_after_its_policy(mes
     once = {"source": 1.0, "destination": 1.0}
     assert _by_reporter(source, response_code="429", response_flags="RL") == once
     assert _by_reporter(source, response_flags="-") == {"source": 3.0, "destination": 3.0}
+
+
+def _answering(
+    status: int,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]:
+    """A pod answering every plain HTTP/2 request ``status`` with no body."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, StreamEnded):
+                    conn.send_headers(event.stream_id, [(":status", str(status))], end_stream=True)
+            writer.write(conn.data_to_send())
+        writer.close()
+
+    return serve
+
+
+def _front(mesh: Mesh, port: int, *endpoints: str, **policy: object) -> None:
+    """``front`` (gRPC port) with ``endpoints``, round robin (no ejection) and ``policy``."""
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        tx.put_service(Service("front", "default", (VIP,), (grpc,), {"app": "server"},
+                               tuple(Endpoint(ip) for ip in endpoints)))  # fmt: skip
+        spec = {"targetRef": {"kind": "Service", "name": "front"},
+                "loadBalancer": {"type": "ROUND_ROBIN"},
+                "outlierDetection": {"consecutiveFailures": 1000}, **policy}  # fmt: skip
+        tx.put_policy(traffic_policy(spec))
+
+
+def _retrying(*codes: int) -> RouteObject:
+    """An HTTPRoute on ``front`` whose one rule retries once on ``codes``."""
+    rule = {"backendRefs": [{"name": "front", "port": 50051}],
+            "retry": {"attempts": 1, "codes": list(codes), "backoff": "1ms"}}  # fmt: skip
+    spec = {"parentRefs": [{"group": "", "kind": "Service", "name": "front", "port": 50051}],
+            "rules": [rule]}  # fmt: skip
+    return RouteObject("HTTPRoute", "default", "front-retry", spec, 1, "front-retry")
+
+
+async def _client(mesh: Mesh) -> tuple[H2Connection, asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    return conn, reader, writer
+
+
+def _front_counters(mesh: Mesh) -> Counter[str]:
+    snap = mesh.store.snapshot()
+    front = snap.services[("default", "front")]
+    return mesh.node1.outbound.balanced.traffic.service(snap, front).counters
+
+
+@mesh_test
+async def test_a_retried_try_of_a_same_node_endpoint_is_reported_by_its_destination(
+    mesh: Mesh,
+) -> None:
+    """A rule retries 503; the same-node pod answers 503, the far one 200: every request is
+    answered 200, node2 reports the ones it served, and node1 reports each 503 its pod gave
+    (dropped for a retry) as their destination, as a far node reports every try it answered."""
+    port = free_port(SERVER)
+    _front(mesh, port, SERVER, LOCAL)
+    with mesh.store.update() as tx:
+        tx.put_route(_retrying(503))
+    source, destination = observe(mesh)
+    pods = [await asyncio.start_server(_answering(200), SERVER, port),
+            await asyncio.start_server(_answering(503), LOCAL, port)]  # fmt: skip
+    n = 6
+    try:
+        conn, reader, writer = await _client(mesh)
+        answers = await _requests(conn, reader, writer, ["/flaky"] * n)
+        writer.close()
+    finally:
+        for pod in pods:
+            pod.close()
+    assert answers == ["200"] * n
+    here, there = requests_total(source), requests_total(destination)
+    assert here[("source", FRONT, "200", "-")] == there[("destination", FRONT, "200", "-")] == n
+    retried = _front_counters(mesh)["http_retry_attempted"]
+    assert here[("destination", FRONT, "503", "-")] == retried >= 2
+    assert not [k for k in here if k[0] == "destination" and k[2] != "503"]
+
+
+@mesh_test
+async def test_a_delay_injected_at_the_source_is_not_in_the_same_node_destination_report(
+    mesh: Mesh,
+) -> None:
+    """Every call is delayed 200 ms at the source: node1's report as the same-node pod's
+    destination starts when the call is sent there, as a far node's would."""
+    port = free_port(LOCAL)
+    delay = 0.2
+    _front(mesh, port, LOCAL, faultInjection={"delay": {"percent": 100, "fixedDelay": "200ms"}})
+    recorded = Recorded(mesh)
+    app = await asyncio.start_server(_grpc_app, LOCAL, port)
+    try:
+        conn, reader, writer = await _client(mesh)
+        assert await _calls(conn, reader, writer, 1) == ["0"]
+        writer.close()
+    finally:
+        app.close()
+    (sent,), (served,) = recorded.by(OUTBOUND), recorded.by(INBOUND)
+    slack = 0.01  # the timer's resolution
+    assert sent.duration_ms >= (delay - slack) * 1000  # the delay was injected
+    assert served.started_at >= sent.started_at + delay - slack
+    assert served.duration_ms <= sent.duration_ms - (delay - slack) * 1000
+
+
+def _limit(service: str, burst: int) -> PolicyObject:
+    spec = {"targetRef": {"group": "", "kind": "Service", "name": service},
+            "requestsPerSecond": 1, "burst": burst, "perIdentity": False}  # fmt: skip
+    return PolicyObject("RateLimitPolicy", "default", f"{service}-limit", spec)
+
+
+@mesh_test
+async def test_a_call_that_cannot_reach_the_same_node_pod_spends_none_of_its_tokens(
+    mesh: Mesh,
+) -> None:
+    """The pod's limit is applied to what arrives there: calls whose connection could not be
+    opened (nothing listens: UNAVAILABLE) spend no token. One token, clock frozen: then the
+    pod's first call passes and its second is RESOURCE_EXHAUSTED."""
+    port = free_port(LOCAL)
+    _front(mesh, port, LOCAL)
+    with mesh.store.update() as tx:
+        tx.put_policy(_limit("front", 1))  # beside the TrafficPolicy
+    mesh.node1.core.clock = lambda: 100.0
+    conn, reader, writer = await _client(mesh)
+    answers = await _calls(conn, reader, writer, 2)
+    app = await asyncio.start_server(_grpc_app, LOCAL, port)
+    try:
+        answers += [s for _ in range(2) for s in await _calls(conn, reader, writer, 1)]
+        writer.close()
+    finally:
+        app.close()
+    assert answers == ["14", "14", "0", "8"]
+    assert mesh.node1.core.registry.rate_limited == {FRONT: 1}
+
+
+@mesh_test
+async def test_a_call_that_ends_during_its_injected_delay_spends_no_token(mesh: Mesh) -> None:
+    """Calls are delayed 300 ms at the source; the first one's own deadline (50 ms) ends it
+    during the delay, before it is sent: a far node never sees it, so the same-node pod's one
+    token (clock frozen) is still there for the next call."""
+    port = free_port(LOCAL)
+    _front(mesh, port, LOCAL, faultInjection={"delay": {"percent": 100, "fixedDelay": "300ms"}})
+    with mesh.store.update() as tx:
+        tx.put_policy(_limit("front", 1))  # beside the TrafficPolicy
+    mesh.node1.core.clock = lambda: 100.0
+    app = await asyncio.start_server(_grpc_app, LOCAL, port)
+    try:
+        conn, reader, writer = await _client(mesh)
+        sid = conn.get_next_available_stream_id()
+        head = [(":method", "POST"), (":scheme", "http"), (":authority", "front"),
+                (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
+                ("te", "trailers"), ("grpc-timeout", "50m")]  # fmt: skip
+        conn.send_headers(sid, head)
+        conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+        writer.write(conn.data_to_send())
+        expired = ""
+        while not expired:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data
+            for event in conn.receive_data(data):
+                if isinstance(event, ResponseReceived | TrailersReceived):
+                    expired = dict(event.headers).get("grpc-status", "")  # type: ignore[arg-type]
+            writer.write(conn.data_to_send())
+        answers = [expired] + [s for _ in range(2) for s in await _calls(conn, reader, writer, 1)]
+        writer.close()
+    finally:
+        app.close()
+    assert answers == ["4", "0", "8"]  # DEADLINE_EXCEEDED, OK, RESOURCE_EXHAUSTED
+
+
+@mesh_test
+async def test_a_same_node_429_is_retried_by_a_rule_that_retries_429(mesh: Mesh) -> None:
+    """A rule retries 429 and the same-node pod has one token (clock frozen): a far pod's 429
+    comes back as a response and is retried, so the same-node pod's is too. Every plain
+    HTTP/2 request is answered 200; each 429 is local's destination report and a retry."""
+    port = free_port(SERVER)
+    _front(mesh, port, SERVER, LOCAL)
+    with mesh.store.update() as tx:
+        solo = ServicePort(80, port)
+        tx.put_service(Service("solo", "default", ("10.96.7.5",), (solo,), {"app": "local"},
+                               (Endpoint(LOCAL),)))  # fmt: skip
+        tx.put_route(_retrying(429))
+        tx.put_policy(_limit("solo", 1))
+    mesh.node1.core.clock = lambda: 100.0
+    source, _ = observe(mesh)
+    pods = [await asyncio.start_server(_answering(200), ip, port) for ip in (SERVER, LOCAL)]
+    n = 6
+    try:
+        conn, reader, writer = await _client(mesh)
+        answers = await _requests(conn, reader, writer, [f"/r{i}" for i in range(n)])
+        writer.close()
+    finally:
+        for pod in pods:
+            pod.close()
+    assert answers == ["200"] * n
+    limited = mesh.node1.core.registry.rate_limited["solo.default.svc.cluster.local"]
+    assert limited >= 1
+    counts = requests_total(source)
+    assert counts[("source", FRONT, "200", "-")] == n
+    assert counts[("destination", FRONT, "429", "RL")] == limited
+    assert _front_counters(mesh)["http_retry_attempted"] == limited

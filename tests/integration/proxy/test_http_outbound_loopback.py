@@ -25,8 +25,9 @@ import pytest
 
 from agent.proxy import http_outbound
 from agent.proxy.http_outbound import HttpOutbound
-from agent.state import Endpoint, PolicyObject, Service, ServicePort
+from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
+from agent.telemetry.records import INBOUND, OUTBOUND, ConnectionRecord, RequestRecord
 from agent.telemetry.tcp import TcpMetrics
 from tests.integration.proxy.mesh import (
     CLIENT,
@@ -38,6 +39,7 @@ from tests.integration.proxy.mesh import (
     mesh_test,
     set_policies,
 )
+from tests.unit.traffic.traffic_helpers import traffic_policy
 from tests.workloads import workload
 
 pytestmark = pytest.mark.root
@@ -47,8 +49,9 @@ WEB = "web.default.svc.cluster.local"
 
 
 async def http_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Keep-alive HTTP/1.1: the body is the pod's own address; ``/fail`` is 500; ``/ws``
-    upgrades and then echoes raw bytes; ``/big`` streams 64 MiB."""
+    """Keep-alive HTTP/1.1: the body is the pod's own address; ``/fail`` is 500, ``/flaky`` is
+    503 from the ``local`` pod only; ``/ws`` upgrades and then echoes raw bytes; ``/big``
+    streams 64 MiB."""
     me = writer.get_extra_info("sockname")[0].encode()
     conn = h11.Connection(h11.SERVER)
     target = b""
@@ -79,6 +82,8 @@ async def http_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
                 break
             elif isinstance(event, h11.EndOfMessage):
                 status = 500 if target == b"/fail" else 200
+                if target == b"/flaky" and me == LOCAL.encode():
+                    status = 503
                 response = h11.Response(
                     status_code=status, headers=[("content-length", str(len(me)))]
                 )
@@ -605,3 +610,156 @@ async def test_a_same_node_pod_port_declared_http_is_rate_limited_per_request(me
     counts = requests_total(source)
     for reporter in ("source", "destination"):
         assert counts[(reporter, WEB, "429", "RL")] == 2, (reporter, counts)
+
+
+def retrying(*codes: int) -> RouteObject:
+    """An HTTPRoute on ``web`` whose one rule retries once on ``codes``."""
+    rule = {
+        "backendRefs": [{"name": "web", "port": 80}],
+        "retry": {"attempts": 1, "codes": list(codes), "backoff": "1ms"},
+    }
+    spec = {"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+            "rules": [rule]}  # fmt: skip
+    return RouteObject("HTTPRoute", "default", "web-retry", spec, 1, "web-retry")
+
+
+def round_robin(**spec: object) -> PolicyObject:
+    """``web``'s TrafficPolicy: round robin (every endpoint keeps getting first tries)."""
+    target = {"kind": "Service", "name": "web"}
+    return traffic_policy({"targetRef": target, "loadBalancer": {"type": "ROUND_ROBIN"}, **spec})
+
+
+def web_counters(mesh: Mesh) -> Counter[str]:
+    """node1's traffic-control counters of ``web``."""
+    snap = mesh.store.snapshot()
+    web = snap.services[("default", "web")]
+    return mesh.node1.outbound.balanced.traffic.service(snap, web).counters
+
+
+class Recorded:
+    """Every request node1 reports, with the record it is reported on."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.requests: list[tuple[ConnectionRecord, RequestRecord]] = []
+        mesh.node1.core.registry.request_observers.append(self)
+
+    def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
+        self.requests.append((connection, request))
+
+    def rejected(self, cause: str) -> None:
+        pass
+
+    def would_deny(self, policy: str) -> None:
+        pass
+
+    def by(self, direction: str) -> list[RequestRecord]:
+        return [r for c, r in self.requests if c.direction == direction]
+
+
+@mesh_test
+async def test_a_retried_try_of_a_same_node_endpoint_is_reported_by_its_destination(
+    mesh: Mesh,
+) -> None:
+    """A rule retries 503: the ``local`` pod answers ``/flaky`` 503, ``server`` 200. Each of
+    local's 503s is dropped for a retry on ``server``; node2 reports every try it answered as
+    their destination (the lab's retry test shows it: one report per retried 503), so node1
+    reports local's too, each 503 once with ``reporter="destination"``, and the source's
+    report is the request's, 200, once."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER, LOCAL)
+    with mesh.store.update() as tx:
+        tx.put_route(retrying(503))
+        tx.put_policy(round_robin())
+    source, destination = observe(mesh)
+    n = 6
+    async with apps(port, SERVER, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        answers = [await client.request("GET", "/flaky") for _ in range(n)]
+        client.writer.close()
+    assert answers == [(200, SERVER.encode())] * n
+    here, there = requests_total(source), requests_total(destination)
+    assert here[("source", WEB, "200", "-")] == n
+    assert there[("destination", WEB, "200", "-")] == n
+    retried = web_counters(mesh)
+    assert here[("destination", WEB, "503", "-")] == retried["http_retry_attempted"] >= 2
+    assert not [k for k in here if k[0] == "destination" and k[2] != "503"]
+
+
+@mesh_test
+async def test_a_delay_injected_at_the_source_is_not_in_the_same_node_destination_report(
+    mesh: Mesh,
+) -> None:
+    """The Service's fault delays every request 200 ms at the source, before it is sent: the
+    far node's report of such a request starts when it arrives there, so node1's report as
+    the same-node pod's destination starts after the delay too (the source's includes it)."""
+    port = free_port(LOCAL)
+    add_services(mesh, port, LOCAL)
+    delay = 0.2
+    with mesh.store.update() as tx:
+        fault = {"delay": {"percent": 100, "fixedDelay": "200ms"}}
+        tx.put_policy(round_robin(faultInjection=fault))
+    recorded = Recorded(mesh)
+    async with apps(port, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert await client.request("GET", "/") == (200, LOCAL.encode())
+        client.writer.close()
+    (sent,), (served,) = recorded.by(OUTBOUND), recorded.by(INBOUND)
+    slack = 0.01  # the timer's resolution
+    assert sent.duration_ms >= (delay - slack) * 1000  # the delay was injected
+    assert served.started_at >= sent.started_at + delay - slack
+    assert served.duration_ms <= sent.duration_ms - (delay - slack) * 1000
+
+
+@mesh_test
+async def test_a_try_that_cannot_reach_the_same_node_pod_spends_none_of_its_tokens(
+    mesh: Mesh,
+) -> None:
+    """The pod's rate limit is its destination's, applied to what arrives there: a try whose
+    connect failed (503 ``UF``) never did, so it spends no token. With one token and the
+    clock frozen: two requests while nothing listens, then the pod's first request passes
+    and only its second is 429."""
+    port = free_port(LOCAL)
+    add_services(mesh, port, LOCAL)
+    set_policies(mesh.store, rate_limit(1))
+    mesh.node1.core.clock = lambda: 100.0  # frozen: no token comes back
+    client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+    answers = [(await client.request("GET", f"/down{i}"))[0] for i in range(2)]
+    async with apps(port, LOCAL):
+        answers += [(await client.request("GET", f"/up{i}"))[0] for i in range(2)]
+        client.writer.close()
+    assert answers == [503, 503, 200, 429]
+    assert mesh.node1.core.registry.rate_limited == {WEB: 1}
+
+
+@mesh_test
+async def test_a_same_node_429_is_retried_by_a_rule_that_retries_429(mesh: Mesh) -> None:
+    """A rule retries 429 and the ``local`` pod has one token (clock frozen): a far pod's 429
+    comes back as a response and is retried, so the same-node pod's must be too. Every
+    request is answered 200; each 429 is reported once as local's destination report, and
+    counted as a retry."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER, LOCAL)
+    with mesh.store.update() as tx:
+        solo = ServicePort(80, port)
+        tx.put_service(Service("solo", "default", ("10.96.7.5",), (solo,), {"app": "local"},
+                               (Endpoint(LOCAL),)))  # fmt: skip
+        tx.put_route(retrying(429))
+        tx.put_policy(round_robin())
+        spec = {"targetRef": {"group": "", "kind": "Service", "name": "solo"},
+                "requestsPerSecond": 1, "burst": 1, "perIdentity": False}  # fmt: skip
+        tx.put_policy(PolicyObject("RateLimitPolicy", "default", "solo-limit", spec))
+    mesh.node1.core.clock = lambda: 100.0
+    source, _ = observe(mesh)
+    n = 6
+    async with apps(port, SERVER, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        answers = [(await client.request("GET", f"/r{i}"))[0] for i in range(n)]
+        client.writer.close()
+    assert answers == [200] * n
+    limited = mesh.node1.core.registry.rate_limited["solo.default.svc.cluster.local"]
+    assert limited >= 1
+    counts = requests_total(source)
+    assert counts[("source", WEB, "200", "-")] == n
+    assert counts[("destination", WEB, "429", "RL")] == limited
+    retried = web_counters(mesh)
+    assert retried["http_retry_attempted"] == limited

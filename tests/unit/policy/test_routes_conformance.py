@@ -41,7 +41,6 @@ from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint as H2Endpoint
 from agent.proxy.h2route import route_request
 from agent.proxy.http1 import RequestHead
-from agent.proxy.http_inbound import ALLOWED
 from agent.proxy.http_router import HttpRouter
 from agent.proxy.resolve import ServiceTarget
 from agent.state import Endpoint, RouteObject, StateStore
@@ -986,7 +985,7 @@ def _h2_route(
     router = HttpRouter(TrafficControl(clock=FakeClock(), rng=random.Random(3)))
     return route_request(
         router, store.snapshot(), h2_target(store), request, "10.244.1.5", None,
-        ("node1", None), client_namespace=client, allowed=lambda _key: ALLOWED,
+        ("node1", None), client_namespace=client,
     )  # fmt: skip
 
 

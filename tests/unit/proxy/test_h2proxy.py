@@ -27,7 +27,9 @@ from agent.proxy.h2proxy import (
     PROTOCOL_ERROR,
     RAPID_RESET,
     TOO_MANY_STREAMS,
+    Admit,
     Choice,
+    H2Exchange,
     H2Limits,
     H2Proxy,
     LocalAnswer,
@@ -552,11 +554,18 @@ def test_a_denied_head_is_authorized_with_method_path_and_authority() -> None:
 class Pods:
     """An ``H2Proxy`` with ``pick`` by the first path segment, and one h2 pod per key."""
 
-    def __init__(self, pick: Pick | None = None, clock: Callable[[], float] = lambda: 0.0) -> None:
+    def __init__(
+        self,
+        pick: Pick | None = None,
+        clock: Callable[[], float] = lambda: 0.0,
+        admit: Admit | None = None,
+    ) -> None:
         self.client = peer(client_side=True)
         self.pods: dict[object, H2Connection] = {}
         self.uids: dict[object, int] = {}
-        self.proxy = H2Proxy(lambda _h: Verdict(True), pick=pick or self.pick, clock=clock)
+        self.proxy = H2Proxy(
+            lambda _h: Verdict(True), pick=pick or self.pick, admit=admit, clock=clock
+        )
         self.pod_events: dict[object, list[Event]] = {}
         self.client_events: list[Event] = []
         self.down: dict[object, str] = {}  # keys whose upstream cannot be opened, and why
@@ -1338,3 +1347,97 @@ def test_a_streaming_call_keeps_no_body_for_resending_once_its_response_started(
     assert w.proxy.replay_held == 0
     received = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
     assert received == b"x" * 1000 + b"y" * 1000
+
+
+# -- the source side: a try admitted where its head goes (a same-node endpoint's) -------------
+LIMITED = LocalAnswer(429, "RL", b"local_rate_limited", grpc_status=8, upstream="a")
+
+
+class Admission:
+    """The shell's ``admit``: the answers in turn for upstream "a" (then True), every upstream
+    sent to; "b" always admits."""
+
+    def __init__(self, *answers: LocalAnswer | bool) -> None:
+        self.answers, self.asked = list(answers), []
+
+    def __call__(self, exchange: H2Exchange, key: object, uid: int) -> LocalAnswer | bool:
+        self.asked.append(key)
+        if key != "a" or not self.answers:
+            return True
+        return self.answers.pop(0)
+
+
+class Retries429(FakeRetries):
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        return super().after(503 if status == 429 else status, first_byte, replayable=replayable)
+
+
+def test_a_try_held_by_its_admission_waits_with_its_body_and_goes_when_unparked() -> None:
+    admission = Admission(False)
+    w = Pods(lambda _r: Choice("a", tag="tag"), clock=lambda: 10.0, admit=admission)
+    sid = _grpc_call(w, b"payload")
+    w.run()
+    assert admission.asked == ["a"]  # its upstream opens: held
+    assert not [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    assert w.proxy.unpark("tag", Choice("a"))
+    w.run()
+    assert admission.asked == ["a", "a"]
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    body = b"".join(e.data for e in w.pod_events["a"] if isinstance(e, DataReceived))
+    assert body == b"payload" and req.stream_id
+    w.pod_events["a"].clear()
+    w.pods["a"].send_headers(req.stream_id, [(":status", "200")])
+    w.pods["a"].send_data(req.stream_id, b"x", end_stream=True)
+    w.run()
+    assert w.responses()[sid][b":status"] == b"200"
+
+
+def test_a_refusal_where_a_try_is_sent_is_that_tries_answer_which_a_retry_may_drop() -> None:
+    """A plain request answered 429 where it was to go ("a"): retried like a far pod's 429,
+    the try dropped as answered there, the next try sent to "b" when its backoff is over."""
+    now, retries = [10.0], Retries429(["b"])
+    admission = Admission(LIMITED)
+    w = Pods(lambda _r: Choice("a", tag="tag", retries=retries), clock=lambda: now[0],
+             admit=admission)  # fmt: skip
+    sid = w.request("/x")
+    w.run()
+    assert retries.asked == [(503, True)] and w.responses() == {}
+    assert not [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    (tried,) = w.proxy.take_dropped()
+    assert (tried.upstream, tried.status, tried.flags) == ("a", 429, "RL")
+    assert tried.sent == tried.ended == 10.0 and tried.response_bytes == len(b"local_rate_limited")
+    now[0] = 10.05
+    w.proxy.expire()
+    w.run()
+    assert admission.asked == ["a", "b"]
+    w.respond("b")
+    assert w.responses()[sid][b":status"] == b"200"
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.status, ex.sent) == ("b", 200, 10.05)
+
+
+def test_a_grpc_call_refused_where_it_is_sent_is_a_trailers_only_answer_not_a_429() -> None:
+    """Its status, as the rule's retry sees a far node's trailers-only answer, is 200."""
+    retries = Retries429(["b"])
+    w = Pods(lambda _r: Choice("a", tag="tag", retries=retries), clock=lambda: 10.0,
+             admit=Admission(LIMITED))  # fmt: skip
+    sid = _grpc_call(w, b"x")
+    w.run()
+    assert retries.asked == [(200, True)]
+    answer = w.responses()[sid]
+    assert (answer[b":status"], answer[b"grpc-status"]) == (b"200", b"8")
+    assert not w.proxy.take_dropped()
+    (ex,) = w.proxy.take_completed()
+    assert (ex.upstream, ex.grpc_status, ex.flags, ex.sent) == ("a", "8", "RL", 10.0)
+
+
+def test_a_try_its_pod_answered_and_a_retry_dropped_is_kept_as_its_pod_saw_it() -> None:
+    now, retries = [10.0], FakeRetries(["b"])
+    w = _retrying(retries, now)
+    _grpc_call(w, b"x")
+    w.run()
+    now[0] = 10.5
+    _unavailable(w, "a")
+    (tried,) = w.proxy.take_dropped()
+    assert (tried.upstream, tried.status, tried.grpc_status, tried.flags) == ("a", 200, "14", "-")
+    assert (tried.sent, tried.ended) == (10.0, 10.5)

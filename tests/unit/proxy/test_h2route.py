@@ -11,9 +11,8 @@ import pytest
 
 from agent.policy.traffic.service import ServiceTraffic
 from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
-from agent.proxy.h2route import Allowed, Endpoint, admitted, grpc_timeout, route_request
-from agent.proxy.http1 import RATE_LIMITED, RATE_LIMITED_BODY, RequestHead, Verdict
-from agent.proxy.http_inbound import ALLOWED
+from agent.proxy.h2route import Endpoint, admitted, grpc_timeout, route_request
+from agent.proxy.http1 import RequestHead
 from agent.proxy.http_router import HttpRouter, RoutePlan
 from agent.state import PolicyObject, RouteObject, ServicePort, StateStore
 from tests.unit.proxy.test_http_router import PODS, _ref, _route, _router, _target
@@ -49,16 +48,10 @@ def _request(
     return PickRequest(head, target or path, grpc)
 
 
-def _anywhere(_key: Endpoint) -> Verdict:
-    return ALLOWED
-
-
-def _route_it(
-    router: HttpRouter, store: StateStore, request: PickRequest, allowed: Allowed = _anywhere
-) -> Choice | LocalAnswer:
+def _route_it(router: HttpRouter, store: StateStore, request: PickRequest) -> Choice | LocalAnswer:
     return route_request(
         router, store.snapshot(), _target(store), request, "10.244.1.5", None,
-        ("node1", None), client_namespace="default", allowed=allowed,
+        ("node1", None), client_namespace="default",
     )  # fmt: skip
 
 
@@ -314,7 +307,7 @@ def test_a_request_over_max_connections_is_parked_and_admitted_when_a_slot_frees
     turns: list[bool] = []
     plan.attempts.on_admitted = lambda: turns.append(True)
     _done(first)
-    assert turns == [True] and isinstance(admitted(plan, _anywhere), Endpoint)
+    assert turns == [True] and isinstance(admitted(plan), Endpoint)
 
 
 def _traffic(store: StateStore, router: HttpRouter) -> ServiceTraffic:
@@ -372,125 +365,3 @@ def test_the_services_retries_keep_to_retry_on_and_a_request_they_cannot_replay(
     _traffic(store, router).sync([])
     left = choice.resend.unprocessed("connect-failure", replayable=True)
     assert isinstance(left, LocalAnswer) and (left.status, left.flags) == (503, "UF")
-
-
-# -- a same-node endpoint's L7 policy, asked per request for every endpoint chosen -----------
-DENIED = Verdict(False, "default/deny")  # a policy's refusal: 403 RBAC, PERMISSION_DENIED
-LIMITED = Verdict(False, "default/limit", status=429, flag=RATE_LIMITED, body=RATE_LIMITED_BODY,
-                  grpc_status=8)  # a rate limit's, as ``request_verdict`` makes it  # fmt: skip
-
-
-class Refusing:
-    """The shell's ``allowed`` for one request: the answers in turn (False: ``DENIED``, or a
-    verdict; then allowed), each endpoint it was asked about kept."""
-
-    def __init__(self, *answers: bool | Verdict) -> None:
-        self.answers, self.asked = list(answers), []
-
-    def __call__(self, key: Endpoint) -> Verdict:
-        self.asked.append(key.ip)
-        answer = self.answers.pop(0) if self.answers else True
-        if isinstance(answer, Verdict):
-            return answer
-        return ALLOWED if answer else DENIED
-
-
-def _refused(answer: Choice | LocalAnswer, ip: str) -> None:
-    """``answer`` is the destination's denial, named after the endpoint ``ip``."""
-    assert isinstance(answer, LocalAnswer), answer
-    assert (answer.status, answer.flags, answer.message) == (403, "RBAC", b"RBAC: access denied")
-    assert answer.grpc_status == 7  # PERMISSION_DENIED, as the destination node answers it
-    assert isinstance(answer.upstream, Endpoint) and answer.upstream.ip == ip
-
-
-def _settled(store: StateStore, router: HttpRouter) -> None:
-    """The Service holds nothing for the request any more and counted no endpoint failure."""
-    svc = _traffic(store, router)
-    assert (svc.active, svc.pending) == (0, 0)
-    assert [e["active"] for e in svc.describe()["endpoints"]] == [0] * len(svc.endpoints)
-    assert not [k for k in svc.counters if k.startswith("failed")]
-
-
-def test_a_request_the_chosen_endpoint_refuses_is_403_and_the_next_one_goes_to_it() -> None:
-    store, router = _store(PODS[0]), _router()
-    refusing = Refusing(False)
-    _refused(_route_it(router, store, _request(), refusing), PODS[0])
-    assert refusing.asked == [PODS[0]]
-    _settled(store, router)
-    # Another request on the same connection: its own verdict, the same endpoint.
-    allowed = Refusing()
-    assert _done(_choice_with(router, store, allowed)).ip == PODS[0]
-    assert allowed.asked == [PODS[0]]
-    _settled(store, router)
-
-
-def test_a_request_the_chosen_endpoint_rate_limits_is_its_destinations_429() -> None:
-    store, router = _store(PODS[0]), _router()
-    answer = _route_it(router, store, _request(), Refusing(LIMITED))
-    assert isinstance(answer, LocalAnswer), answer
-    assert (answer.status, answer.flags, answer.message) == (429, "RL", b"local_rate_limited")
-    assert answer.grpc_status == 8  # RESOURCE_EXHAUSTED, as the destination node answers it
-    assert isinstance(answer.upstream, Endpoint) and answer.upstream.ip == PODS[0]
-    _settled(store, router)
-
-
-def _choice_with(router: HttpRouter, store: StateStore, allowed: Allowed) -> Choice:
-    choice = _route_it(router, store, _request(), allowed)
-    assert isinstance(choice, Choice), choice
-    return choice
-
-
-def test_a_retry_of_the_services_traffic_policy_is_asked_at_its_endpoint_too() -> None:
-    store, router = _store(*PODS), _router()
-    with store.update() as tx:
-        tx.put_policy(traffic_policy({"targetRef": {"kind": "Service", "name": "web"},
-                                      "retries": {"attempts": 1}}))  # fmt: skip
-    refusing = Refusing(True, False)
-    choice = _choice_with(router, store, refusing)
-    assert choice.resend is not None and isinstance(choice.key, Endpoint)
-    other = next(ip for ip in PODS if ip != choice.key.ip)
-    _refused(choice.resend.unprocessed("refused", replayable=True), other)
-    assert refusing.asked == [choice.key.ip, other]
-    plan = choice.tag
-    assert isinstance(plan, RoutePlan)
-    plan.finish(403, 0.0, reset_before_response=False)  # as the shell finishes the answer
-    svc = _traffic(store, router)
-    assert (svc.active, svc.pending) == (0, 0)
-    assert [e["active"] for e in svc.describe()["endpoints"]] == [0, 0]
-    assert (svc.counters["failed_refused"], svc.counters["retries"]) == (1, 1)  # the first try
-
-
-def test_a_retry_of_the_route_rule_is_asked_at_its_endpoint_too() -> None:
-    store, router = _store(*PODS), _router()
-    _route(store, {"retry": {"attempts": 1, "codes": [503], "backoff": "10ms"}})
-    refusing = Refusing(True, False)
-    choice = _choice_with(router, store, refusing)
-    retries = choice.retries
-    assert retries is not None and isinstance(choice.key, Endpoint)
-    assert retries.after(503, 0.0, replayable=True) is not None
-    other = next(ip for ip in PODS if ip != choice.key.ip)
-    _refused(retries.next(), other)
-    plan = choice.tag
-    assert isinstance(plan, RoutePlan)
-    plan.finish(403, 0.0, reset_before_response=False)
-    svc = _traffic(store, router)
-    assert (svc.active, svc.pending) == (0, 0)
-    assert [e["active"] for e in svc.describe()["endpoints"]] == [0, 0]
-
-
-def test_a_parked_request_is_asked_at_the_endpoint_it_is_admitted_to() -> None:
-    store, router = _store(PODS[0]), _router()
-    with store.update() as tx:
-        tx.put_policy(traffic_policy({"targetRef": {"kind": "Service", "name": "web"},
-                                      "connectionPool": {"maxConnections": 1,
-                                                         "maxPendingRequests": 1}}))  # fmt: skip
-    first = _choice_with(router, store, Refusing())
-    refusing = Refusing(False)
-    parked = _route_it(router, store, _request(), refusing)
-    assert isinstance(parked, Choice) and parked.parked and refusing.asked == []
-    plan = parked.tag
-    assert isinstance(plan, RoutePlan)
-    _done(first)  # its slot goes to the parked request
-    _refused(admitted(plan, refusing), PODS[0])
-    plan.finish(403, 0.0, reset_before_response=False)
-    _settled(store, router)

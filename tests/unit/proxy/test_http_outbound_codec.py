@@ -489,3 +489,37 @@ def test_an_http10_client_gets_its_response_and_the_close() -> None:
     c.receive_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
     assert c.take_to_client() == b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nok"
     assert c.closing
+
+
+def test_a_try_answered_at_its_endpoint_is_asked_about_like_a_response_and_sent_again() -> None:
+    """A same-node endpoint's refusal (``answer_try``): the body that came with the head is
+    taken for the replay (as it would have gone to a far node before its answer came), the
+    hook sees the status, and the request goes to the next upstream whole."""
+    c = _codec()
+    c.receive_client(POST)
+    asked = _retrying(c, [True, False])
+    c.answer_try(429, "RL", b"local_rate_limited", "e1")
+    assert asked == [(429, True)]
+    assert c.take_to_client() == b"" and c.take_to_upstream() == b""  # nothing went anywhere
+    assert c.pending is not None and c.pending.path == "/p"
+    c.attach(new_upstream(), "e2")
+    assert c.take_to_upstream().endswith(b"\r\n\r\nhello")
+    c.receive_upstream(OK)
+    assert asked == [(429, True), (200, True)]
+    assert [(e.status, e.flags, tag) for e, tag in c.take_completed()] == [(200, "-", "e2")]
+
+
+def test_a_try_answered_at_its_endpoint_and_not_retried_is_the_clients_answer() -> None:
+    c = _codec()
+    c.receive_client(b"POST /p HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhe")
+    asked = _retrying(c, [False])
+    c.answer_try(429, "RL", b"local_rate_limited", "e1")
+    assert asked == [(429, False)]  # the body is not all there: it could not be sent again
+    assert c.take_to_client() == (
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\n"
+        b"content-length: 18\r\n\r\nlocal_rate_limited"
+    )
+    c.receive_client(b"llo" + GET)
+    ((exchange, tag),) = c.take_completed()
+    assert (exchange.status, exchange.flags, exchange.request_bytes, tag) == (429, "RL", 5, "e1")
+    assert c.pending is not None and c.pending.path == "/a"

@@ -264,18 +264,48 @@ def _integer_at(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
     return value, pos
 
 
-def _string_at(data: bytes, pos: int) -> tuple[bytes, int]:
-    """The HPACK string literal at ``pos`` and the position after it (RFC 7541 section 5.2)."""
+# Huffman-coded strings whose decoding a ``LeanDecoder`` keeps (per connection: nothing one
+# client sent is looked up for another), and the longest one kept (encoded bytes): at most
+# ~60 KiB per connection. When full it is emptied: values new on every call (a request id, a
+# ``grpc-timeout``) then cost the others one decoding per few hundred calls.
+_HUFFMAN_CACHE_SIZE = 256
+_HUFFMAN_CACHE_STRING = 96
+
+
+def _string_at(
+    data: bytes, pos: int, cache: dict[bytes, bytes] | None
+) -> tuple[bytes, int]:
+    """The HPACK string literal at ``pos`` and the position after it (RFC 7541 section 5.2).
+    A Huffman-coded one is looked up in ``cache`` (and kept there if short) when one is given:
+    hpack's decoder is a Python loop over nibbles, ~0.5 µs a byte, and clients Huffman-code the
+    same ``:path`` or ``user-agent`` on every call when they do not index it."""
     length, start = _integer_at(data, pos, 7)
     end = start + length
     if end > len(data):
         raise HPACKDecodingError("Truncated header block (a string)")
     value = data[start:end]
-    return (decode_huffman(value) if data[pos] & 0x80 else value), end
+    if not data[pos] & 0x80:
+        return value, end
+    if cache is None:
+        return decode_huffman(value), end
+    decoded = cache.get(value)
+    if decoded is None:
+        decoded = decode_huffman(value)  # an invalid string raises: nothing is kept
+        if length <= _HUFFMAN_CACHE_STRING:
+            if len(cache) >= _HUFFMAN_CACHE_SIZE:
+                cache.clear()
+            cache[value] = decoded
+    return decoded, end
 
 
 class LeanDecoder(Decoder):
-    """hpack's decoder with a leaner ``decode`` for ``h2``'s raw blocks (reach 8)."""
+    """hpack's decoder with a leaner ``decode`` for ``h2``'s raw blocks (reach 8), which keeps
+    the decoding of short Huffman-coded strings (``huffman_cache``; never-indexed fields'
+    strings, credentials among them, are decoded each time and never kept)."""
+
+    def __init__(self, max_header_list_size: int = 65536) -> None:
+        super().__init__(max_header_list_size)
+        self.huffman_cache: dict[bytes, bytes] = {}
 
     def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
         """The block's fields: a never-indexed one as ``NeverIndexedHeaderTuple`` (``h2`` and
@@ -287,6 +317,7 @@ class LeanDecoder(Decoder):
         data = bytes(data)
         table = self.header_table
         field_at = table.get_by_index
+        cache = self.huffman_cache
         limit = self.max_header_list_size
         fields: list[Any] = []
         size, pos, end = 0, 0, len(data)
@@ -297,15 +328,16 @@ class LeanDecoder(Decoder):
                 name, value = field = field_at(index)
             elif first & 0x40 or not first & 0x20:  # a literal (section 6.2)
                 indexing = bool(first & 0x40)
+                never = first & 0xF0 == 0x10
+                strings = None if never else cache
                 index, pos = _integer_at(data, pos, 6 if indexing else 4)
                 if index:
                     name = field_at(index)[0]
                 else:
-                    name, pos = _string_at(data, pos)
-                value, pos = _string_at(data, pos)
+                    name, pos = _string_at(data, pos, strings)
+                value, pos = _string_at(data, pos, strings)
                 if indexing:
                     table.add(name, value)
-                never = first & 0xF0 == 0x10
                 field = NeverIndexedHeaderTuple(name, value) if never else (name, value)
             else:  # a dynamic table size update (section 6.3)
                 if fields:

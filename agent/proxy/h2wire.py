@@ -272,9 +272,7 @@ _HUFFMAN_CACHE_SIZE = 256
 _HUFFMAN_CACHE_STRING = 96
 
 
-def _string_at(
-    data: bytes, pos: int, cache: dict[bytes, bytes] | None
-) -> tuple[bytes, int]:
+def _string_at(data: bytes, pos: int, cache: dict[bytes, bytes] | None) -> tuple[bytes, int]:
     """The HPACK string literal at ``pos`` and the position after it (RFC 7541 section 5.2).
     A Huffman-coded one is looked up in ``cache`` (and kept there if short) when one is given:
     hpack's decoder is a Python loop over nibbles, ~0.5 µs a byte, and clients Huffman-code the

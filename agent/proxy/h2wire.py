@@ -104,6 +104,16 @@ import so that a missing member stops the agent at start-up instead of in the mi
    ``ProtocolError`` queues GOAWAY (``_terminate_connection``) and is raised, as in
    ``receive_data``. Any other block (a stream that is closed, idle on the wrong side, over the
    limit) goes to ``h2`` as a frame, so that ``h2`` decides its fate.
+12. Receiving frames (``receive_on``, ``H2Proxy``'s way into both its connections): ``h2``'s
+   ``receive_data`` puts every frame through its ``FrameBuffer`` (``H2Connection.incoming_buffer``)
+   and a hyperframe object, a third of what receiving a gRPC call's frames cost at the source.
+   ``receive_on`` reads the frame headers itself while that buffer holds nothing
+   (``_preamble_len``, ``_data``, ``_headers_buffer`` empty), takes a whole header block in one
+   HEADERS frame with ``receive_headers_on`` and an unpadded DATA frame on a stream that may
+   receive with ``receive_data_on`` (the calls ``H2Connection._receive_data_frame`` makes: the
+   ``state_machine`` with ``ConnectionInputs.RECV_DATA``,
+   ``_inbound_flow_control_window_manager.window_consumed``, the stream's ``receive_data``),
+   and hands every other frame to ``receive_data`` in order, as it came.
 Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
 ``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
 """
@@ -358,7 +368,8 @@ class LeanDecoder(Decoder):
 
 _FRAME = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream id
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
-_END_STREAM, _END_HEADERS = 0x1, 0x4
+_END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
+_STREAM_ID = 0x7FFFFFFF  # the stream id without the reserved bit
 
 
 def send_headers_on(
@@ -474,6 +485,78 @@ def receive_headers_on(
         raise
     conn._prepare_for_sending(frames)
     return events + stream_events
+
+
+def receive_data_on(
+    conn: H2Connection, stream: H2Stream, data: bytes, *, end_stream: bool
+) -> list[Event]:
+    """What ``conn.receive_data`` does with an unpadded DATA frame carrying ``data`` on
+    ``stream``, which may receive (``RECEIVING``), without the frame (reach 12): the calls
+    ``H2Connection._receive_data_frame`` makes (the connection's ``state_machine`` with
+    ``ConnectionInputs.RECV_DATA``, its receive window charged, the stream's ``receive_data``);
+    a ``ProtocolError`` (a window or a declared content-length exceeded) queues GOAWAY and is
+    raised, as ``receive_data`` does."""
+    try:
+        events: list[Event] = conn.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        conn._inbound_flow_control_window_manager.window_consumed(len(data))
+        frames, stream_events = stream.receive_data(data, end_stream, len(data))
+    except ProtocolError as e:
+        conn._terminate_connection(e.error_code)
+        raise
+    conn._prepare_for_sending(frames)
+    return events + stream_events
+
+
+def receive_on(conn: H2Connection, data: bytes) -> list[Event]:
+    """``conn.receive_data(data)`` with fewer steps (reach 12): the same events, states,
+    windows, output and refusals. Each whole frame that is a HEADERS frame holding a whole
+    header block (``receive_headers_on`` takes it) or an unpadded DATA frame on a stream that
+    may receive (``receive_data_on``) skips ``h2``'s frame buffer and hyperframe's frame
+    objects; the frames between them go to ``receive_data`` as they came, in order, and all
+    of ``data`` does while ``h2`` holds bytes of its own (the client preface still expected,
+    a frame cut across reads, a header block waiting for its CONTINUATION)."""
+    buffer = conn.incoming_buffer
+    if buffer._preamble_len or buffer._data or buffer._headers_buffer:
+        return conn.receive_data(data)
+    data = bytes(data)  # DATA events carry bytes, as hyperframe's frames do
+    events: list[Event] = []
+    start = pos = 0
+    end = len(data)
+    while end - pos >= 9:
+        word, flags, stream_id = _FRAME.unpack_from(data, pos)
+        length, kind = word >> 8, word & 0xFF
+        after = pos + 9 + length
+        if after > end:
+            break
+        if not (
+            (kind == _HEADERS and flags & (_END_HEADERS | _PADDED | _PRIORITY) == _END_HEADERS)
+            or (kind == _DATA and not flags & _PADDED)
+        ):
+            pos = after
+            continue
+        if start < pos:  # h2's frames first, in order (a SETTINGS ACK may change the limit)
+            events += conn.receive_data(data[start:pos])
+            start = pos
+            if buffer._headers_buffer:  # a header block they opened: h2 takes the rest
+                break
+        taken: list[Event] | None = None
+        if length <= conn.max_inbound_frame_size:  # else h2 refuses it
+            stream_id &= _STREAM_ID
+            payload = data[pos + 9 : after]
+            end_stream = bool(flags & _END_STREAM)
+            if kind == _HEADERS:
+                taken = receive_headers_on(conn, stream_id, payload, end_stream=end_stream)
+            else:
+                stream = conn.streams.get(stream_id)
+                if stream is not None and stream.state_machine.state in RECEIVING:
+                    taken = receive_data_on(conn, stream, payload, end_stream=end_stream)
+        pos = after
+        if taken is not None:
+            events += taken
+            start = pos
+    if start < end:
+        events += conn.receive_data(data[start:])
+    return events
 
 
 def tableless_headers(conn: H2Connection) -> None:
@@ -604,6 +687,12 @@ def check_h2_internals() -> None:
     if not (hasattr(table, "get_by_index") and hasattr(table, "add")):
         missing.append("hpack.Decoder.header_table (get_by_index, add)")
     probe = H2Connection(H2Configuration(client_side=True))
+    buffer = getattr(probe, "incoming_buffer", None)
+    for n in ("_preamble_len", "_data", "_headers_buffer"):
+        if not hasattr(buffer, n):
+            missing.append(f"H2Connection.incoming_buffer.{n}")
+    if not hasattr(getattr(probe, "_inbound_flow_control_window_manager", None), "window_consumed"):
+        missing.append("H2Connection._inbound_flow_control_window_manager.window_consumed")
     if not isinstance(getattr(probe, "_data_to_send", None), bytearray):
         missing.append("H2Connection._data_to_send (a bytearray)")
     if not hasattr(getattr(probe, "state_machine", None), "process_input"):

@@ -276,11 +276,12 @@ def _integer_at(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
 
 
 # Huffman-coded strings whose decoding a ``LeanDecoder`` keeps (per connection: nothing one
-# client sent is looked up for another), and the longest one kept (encoded bytes): at most
-# ~60 KiB per connection. When full it is emptied: values new on every call (a request id, a
-# ``grpc-timeout``) then cost the others one decoding per few hundred calls.
-_HUFFMAN_CACHE_SIZE = 256
-_HUFFMAN_CACHE_STRING = 96
+# client sent is looked up for another), and the longest one kept (encoded bytes; a gRPC
+# method path or a user-agent is 20-40): with the decoded copies (at most 8/5 as long) and
+# the dict, under 40 KiB per connection. When full it is emptied: values new on every call (a
+# request id, a ``grpc-timeout``) then cost the others one decoding per hundred-odd calls.
+_HUFFMAN_CACHE_SIZE = 128
+_HUFFMAN_CACHE_STRING = 64
 
 
 def _string_at(data: bytes, pos: int, cache: dict[bytes, bytes] | None) -> tuple[bytes, int]:

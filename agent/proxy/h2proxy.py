@@ -95,6 +95,7 @@ from agent.proxy.h2guard import HeaderBlockGuard
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2wire import (
     GracefulH2Connection,
+    receive_on,
     send_data_on,
     send_headers_on,
     tableless_headers,
@@ -547,7 +548,7 @@ class H2Proxy(H2Core):
             self.head_started = self.clock()
         self._to_client += self.client.data_to_send()  # ours, not replies to these bytes
         try:
-            events = self.client.receive_data(data)
+            events = receive_on(self.client, data)
         except TooManyStreamsError:
             detail = f"a stream over the limit of {self.limits.max_concurrent_streams} open"
             self._fail_client(TOO_MANY_STREAMS, None, detail)
@@ -587,7 +588,7 @@ class H2Proxy(H2Core):
             self.upstream_failed(uid)
             return
         try:
-            events = u.conn.receive_data(data)
+            events = receive_on(u.conn, data)
         except ProtocolError as e:
             self._reject(UPSTREAM_PROTOCOL, f"the pod's HTTP/2: {e}")
             self.upstream_failed(uid)

@@ -104,6 +104,16 @@ import so that a missing member stops the agent at start-up instead of in the mi
    ``ProtocolError`` queues GOAWAY (``_terminate_connection``) and is raised, as in
    ``receive_data``. Any other block (a stream that is closed, idle on the wrong side, over the
    limit) goes to ``h2`` as a frame, so that ``h2`` decides its fate.
+12. Receiving frames (``receive_on``, ``H2Proxy``'s way into both its connections): ``h2``'s
+   ``receive_data`` puts every frame through its ``FrameBuffer`` (``H2Connection.incoming_buffer``)
+   and a hyperframe object, a third of what receiving a gRPC call's frames cost at the source.
+   ``receive_on`` reads the frame headers itself while that buffer holds nothing
+   (``_preamble_len``, ``_data``, ``_headers_buffer`` empty), takes a whole header block in one
+   HEADERS frame with ``receive_headers_on`` and an unpadded DATA frame on a stream that may
+   receive with ``receive_data_on`` (the calls ``H2Connection._receive_data_frame`` makes: the
+   ``state_machine`` with ``ConnectionInputs.RECV_DATA``,
+   ``_inbound_flow_control_window_manager.window_consumed``, the stream's ``receive_data``),
+   and hands every other frame to ``receive_data`` in order, as it came.
 Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
 ``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
 """
@@ -173,6 +183,7 @@ _FIELD_CACHE_SIZE = 4096  # fields whose encoding is kept; values new on every c
 _FIELD_CACHE_VALUE = 128  # longer values are encoded each time: the cache stays under 1 MiB
 _FIELD_CACHE: dict[tuple[bytes, bytes], bytes] = {}
 _STATIC = HeaderTable.STATIC_TABLE_MAPPING  # name -> (first index, {value: index})
+_STATIC_FIELDS = HeaderTable.STATIC_TABLE  # index - 1 -> (name, value)
 
 
 def _integer(value: int, prefix_bits: int, first: int) -> bytes:
@@ -264,18 +275,47 @@ def _integer_at(data: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
     return value, pos
 
 
-def _string_at(data: bytes, pos: int) -> tuple[bytes, int]:
-    """The HPACK string literal at ``pos`` and the position after it (RFC 7541 section 5.2)."""
+# Huffman-coded strings whose decoding a ``LeanDecoder`` keeps (per connection: nothing one
+# client sent is looked up for another), and the longest one kept (encoded bytes; a gRPC
+# method path or a user-agent is 20-40): with the decoded copies (at most 8/5 as long) and
+# the dict, under 40 KiB per connection. When full it is emptied: values new on every call (a
+# request id, a ``grpc-timeout``) then cost the others one decoding per hundred-odd calls.
+_HUFFMAN_CACHE_SIZE = 128
+_HUFFMAN_CACHE_STRING = 64
+
+
+def _string_at(data: bytes, pos: int, cache: dict[bytes, bytes] | None) -> tuple[bytes, int]:
+    """The HPACK string literal at ``pos`` and the position after it (RFC 7541 section 5.2).
+    A Huffman-coded one is looked up in ``cache`` (and kept there if short) when one is given:
+    hpack's decoder is a Python loop over nibbles, ~0.5 µs a byte, and clients Huffman-code the
+    same ``:path`` or ``user-agent`` on every call when they do not index it."""
     length, start = _integer_at(data, pos, 7)
     end = start + length
     if end > len(data):
         raise HPACKDecodingError("Truncated header block (a string)")
     value = data[start:end]
-    return (decode_huffman(value) if data[pos] & 0x80 else value), end
+    if not data[pos] & 0x80:
+        return value, end
+    if cache is None:
+        return decode_huffman(value), end
+    decoded = cache.get(value)
+    if decoded is None:
+        decoded = decode_huffman(value)  # an invalid string raises: nothing is kept
+        if length <= _HUFFMAN_CACHE_STRING:
+            if len(cache) >= _HUFFMAN_CACHE_SIZE:
+                cache.clear()
+            cache[value] = decoded
+    return decoded, end
 
 
 class LeanDecoder(Decoder):
-    """hpack's decoder with a leaner ``decode`` for ``h2``'s raw blocks (reach 8)."""
+    """hpack's decoder with a leaner ``decode`` for ``h2``'s raw blocks (reach 8), which keeps
+    the decoding of short Huffman-coded strings (``huffman_cache``; never-indexed fields'
+    strings, credentials among them, are decoded each time and never kept)."""
+
+    def __init__(self, max_header_list_size: int = 65536) -> None:
+        super().__init__(max_header_list_size)
+        self.huffman_cache: dict[bytes, bytes] = {}
 
     def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
         """The block's fields: a never-indexed one as ``NeverIndexedHeaderTuple`` (``h2`` and
@@ -287,25 +327,41 @@ class LeanDecoder(Decoder):
         data = bytes(data)
         table = self.header_table
         field_at = table.get_by_index
+        static, n_static = _STATIC_FIELDS, len(_STATIC_FIELDS)
+        cache = self.huffman_cache
         limit = self.max_header_list_size
         fields: list[Any] = []
         size, pos, end = 0, 0, len(data)
         while pos < end:
             first = data[pos]
+            # An index that fits its prefix (most do) and a static entry are read in place:
+            # a call each fewer per field.
             if first & 0x80:  # indexed (section 6.1)
-                index, pos = _integer_at(data, pos, 7)
-                name, value = field = field_at(index)
+                index = first & 0x7F
+                if index == 0x7F:
+                    index, pos = _integer_at(data, pos, 7)
+                else:
+                    pos += 1
+                name, value = field = (
+                    static[index - 1] if 0 < index <= n_static else field_at(index)
+                )
             elif first & 0x40 or not first & 0x20:  # a literal (section 6.2)
                 indexing = bool(first & 0x40)
-                index, pos = _integer_at(data, pos, 6 if indexing else 4)
-                if index:
-                    name = field_at(index)[0]
+                never = first & 0xF0 == 0x10
+                strings = None if never else cache
+                prefix = 0x3F if indexing else 0x0F
+                index = first & prefix
+                if index == prefix:
+                    index, pos = _integer_at(data, pos, 6 if indexing else 4)
                 else:
-                    name, pos = _string_at(data, pos)
-                value, pos = _string_at(data, pos)
+                    pos += 1
+                if index:
+                    name = (static[index - 1] if index <= n_static else field_at(index))[0]
+                else:
+                    name, pos = _string_at(data, pos, strings)
+                value, pos = _string_at(data, pos, strings)
                 if indexing:
                     table.add(name, value)
-                never = first & 0xF0 == 0x10
                 field = NeverIndexedHeaderTuple(name, value) if never else (name, value)
             else:  # a dynamic table size update (section 6.3)
                 if fields:
@@ -328,7 +384,8 @@ class LeanDecoder(Decoder):
 
 _FRAME = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream id
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
-_END_STREAM, _END_HEADERS = 0x1, 0x4
+_END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
+_STREAM_ID = 0x7FFFFFFF  # the stream id without the reserved bit
 
 
 def send_headers_on(
@@ -444,6 +501,78 @@ def receive_headers_on(
         raise
     conn._prepare_for_sending(frames)
     return events + stream_events
+
+
+def receive_data_on(
+    conn: H2Connection, stream: H2Stream, data: bytes, *, end_stream: bool
+) -> list[Event]:
+    """What ``conn.receive_data`` does with an unpadded DATA frame carrying ``data`` on
+    ``stream``, which may receive (``RECEIVING``), without the frame (reach 12): the calls
+    ``H2Connection._receive_data_frame`` makes (the connection's ``state_machine`` with
+    ``ConnectionInputs.RECV_DATA``, its receive window charged, the stream's ``receive_data``);
+    a ``ProtocolError`` (a window or a declared content-length exceeded) queues GOAWAY and is
+    raised, as ``receive_data`` does."""
+    try:
+        events: list[Event] = conn.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        conn._inbound_flow_control_window_manager.window_consumed(len(data))
+        frames, stream_events = stream.receive_data(data, end_stream, len(data))
+    except ProtocolError as e:
+        conn._terminate_connection(e.error_code)
+        raise
+    conn._prepare_for_sending(frames)
+    return events + stream_events
+
+
+def receive_on(conn: H2Connection, data: bytes) -> list[Event]:
+    """``conn.receive_data(data)`` with fewer steps (reach 12): the same events, states,
+    windows, output and refusals. Each whole frame that is a HEADERS frame holding a whole
+    header block (``receive_headers_on`` takes it) or an unpadded DATA frame on a stream that
+    may receive (``receive_data_on``) skips ``h2``'s frame buffer and hyperframe's frame
+    objects; the frames between them go to ``receive_data`` as they came, in order, and all
+    of ``data`` does while ``h2`` holds bytes of its own (the client preface still expected,
+    a frame cut across reads, a header block waiting for its CONTINUATION)."""
+    buffer = conn.incoming_buffer
+    if buffer._preamble_len or buffer._data or buffer._headers_buffer:
+        return conn.receive_data(data)
+    data = bytes(data)  # DATA events carry bytes, as hyperframe's frames do
+    events: list[Event] = []
+    start = pos = 0
+    end = len(data)
+    while end - pos >= 9:
+        word, flags, stream_id = _FRAME.unpack_from(data, pos)
+        length, kind = word >> 8, word & 0xFF
+        after = pos + 9 + length
+        if after > end:
+            break
+        if not (
+            (kind == _HEADERS and flags & (_END_HEADERS | _PADDED | _PRIORITY) == _END_HEADERS)
+            or (kind == _DATA and not flags & _PADDED)
+        ):
+            pos = after
+            continue
+        if start < pos:  # h2's frames first, in order (a SETTINGS ACK may change the limit)
+            events += conn.receive_data(data[start:pos])
+            start = pos
+            if buffer._headers_buffer:  # a header block they opened: h2 takes the rest
+                break
+        taken: list[Event] | None = None
+        if length <= conn.max_inbound_frame_size:  # else h2 refuses it
+            stream_id &= _STREAM_ID
+            payload = data[pos + 9 : after]
+            end_stream = bool(flags & _END_STREAM)
+            if kind == _HEADERS:
+                taken = receive_headers_on(conn, stream_id, payload, end_stream=end_stream)
+            else:
+                stream = conn.streams.get(stream_id)
+                if stream is not None and stream.state_machine.state in RECEIVING:
+                    taken = receive_data_on(conn, stream, payload, end_stream=end_stream)
+        pos = after
+        if taken is not None:
+            events += taken
+            start = pos
+    if start < end:
+        events += conn.receive_data(data[start:])
+    return events
 
 
 def tableless_headers(conn: H2Connection) -> None:
@@ -574,6 +703,12 @@ def check_h2_internals() -> None:
     if not (hasattr(table, "get_by_index") and hasattr(table, "add")):
         missing.append("hpack.Decoder.header_table (get_by_index, add)")
     probe = H2Connection(H2Configuration(client_side=True))
+    buffer = getattr(probe, "incoming_buffer", None)
+    for n in ("_preamble_len", "_data", "_headers_buffer"):
+        if not hasattr(buffer, n):
+            missing.append(f"H2Connection.incoming_buffer.{n}")
+    if not hasattr(getattr(probe, "_inbound_flow_control_window_manager", None), "window_consumed"):
+        missing.append("H2Connection._inbound_flow_control_window_manager.window_consumed")
     if not isinstance(getattr(probe, "_data_to_send", None), bytearray):
         missing.append("H2Connection._data_to_send (a bytearray)")
     if not hasattr(getattr(probe, "state_machine", None), "process_input"):

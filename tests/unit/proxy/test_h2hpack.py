@@ -127,3 +127,63 @@ def test_integers_are_as_long_as_hpack_reads_them(continuations: int) -> None:
     length = b"\x7f" + b"\x80" * (continuations - 1) + b"\x00"  # 127, padded
     block = b"\x00\x01a" + length + b"v" * 127
     assert _outcome(LeanDecoder(1 << 20), block) == _outcome(Decoder(1 << 20), block)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(blocks, min_size=1, max_size=4), st.integers(1, 3))
+def test_huffman_strings_decoded_from_the_cache_are_hpacks(
+    sequence: list[list[tuple[bytes, bytes, bool]]], rounds: int
+) -> None:
+    """Blocks whose literals are all Huffman-coded and not indexed (an encoder without table),
+    sent again and again: the second time on, ``LeanDecoder`` takes the strings it kept
+    instead of decoding them, and still decodes what hpack's decoder does."""
+    encoder = Encoder()
+    encoder.header_table_size = 0
+    theirs, ours = _pair()
+    for _ in range(rounds + 1):
+        for fields_ in sequence:
+            block = encoder.encode([(n, v, sensitive) for n, v, sensitive in fields_], True)
+            assert _outcome(ours, block) == _outcome(theirs, block)
+
+
+def test_a_huffman_string_seen_before_is_not_decoded_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the cache is for: a client that Huffman-codes its ``:path`` and ``user-agent`` on
+    every call costs one decoding of each per connection. Never-indexed strings (credentials)
+    and long ones are decoded each time and never kept."""
+    encoder = Encoder()
+    encoder.header_table_size = 0
+    head = [(b":path", b"/grpc.testing.BenchmarkService/UnaryCall"),
+            (b"user-agent", b"grpc-python/1.60.0 grpc-c/37.0.0 (linux; chttp2)"),
+            (b"x-long", b"l" * 200)]  # fmt: skip
+    secret = NeverIndexedHeaderTuple(b"authorization", b"Bearer abcdefgh")
+    block = encoder.encode([*head, secret], huffman=True)
+    decoded: list[bytes] = []
+
+    def counted(data: bytes) -> bytes:
+        decoded.append(bytes(data))
+        return real(data)
+
+    real = h2wire.decode_huffman
+    monkeypatch.setattr(h2wire, "decode_huffman", counted)
+    decoder = LeanDecoder()
+    first = decoder.decode(block, raw=True)
+    calls = len(decoded)
+    assert calls == 5  # ``x-long`` (no static name) and every value
+    assert [bytes(v) for _, v in first] == [v for _, v in head] + [b"Bearer abcdefgh"]
+    assert decoder.decode(block, raw=True) == first
+    assert len(decoded) - calls == 2  # the long value and the secret
+    assert secret[1] not in decoder.huffman_cache.values()
+    assert b"l" * 200 not in decoder.huffman_cache.values()
+
+
+def test_the_huffman_cache_is_bounded_per_connection() -> None:
+    """Values new on every call fill the cache: it is emptied when full, never larger."""
+    encoder = Encoder()
+    encoder.header_table_size = 0
+    decoder, other = LeanDecoder(), LeanDecoder()
+    for i in range(3 * h2wire._HUFFMAN_CACHE_SIZE):
+        decoder.decode(encoder.encode([(b"grpc-timeout", b"%dm" % i)], huffman=True), raw=True)
+        assert len(decoder.huffman_cache) <= h2wire._HUFFMAN_CACHE_SIZE
+    assert decoder.huffman_cache and not other.huffman_cache

@@ -3,10 +3,13 @@ names the member, if an ``h2`` upgrade changes what the codec relies on."""
 
 from __future__ import annotations
 
+import itertools
+
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import hpack
 import pytest
@@ -520,3 +523,184 @@ def test_receive_headers_on_moves_state_as_h2s_receive_data(
 
 def _frame(sid: int, headers: list[tuple[str, str]], end: bool) -> bytes:
     return h2data.headers_frame(sid, 0x4 | (0x1 if end else 0), hpack.Encoder().encode(headers))
+
+
+def _raw(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return h2data.FRAME_HEADER.pack(len(payload) << 8 | kind, flags, sid) + payload
+
+
+_PROXY_LIMITS = H2Limits(stream_window=1000, connection_window=65535, max_frame_size=16384)
+
+
+def _frames_for(step: tuple[str, int, int, bool], encoder: hpack.Encoder) -> bytes:
+    """Raw frames a client (or, with ``:status``, a pod) may send, good and bad."""
+    kind, sid, n, end = step
+    es = 0x1 if end else 0
+    if kind == "request":
+        block = encoder.encode([*REQUEST, (b"x-n", b"%d" % n)])
+        return _raw(0x1, 0x4 | es, sid, block)
+    if kind == "response":
+        return _raw(0x1, 0x4 | es, sid, encoder.encode([(b":status", b"200"), (b"x-n", b"%d" % n)]))
+    if kind == "trailers":
+        return _raw(0x1, 0x4 | es, sid, encoder.encode([(b"grpc-status", b"%d" % (n % 17))]))
+    if kind == "continued":  # a block in HEADERS and CONTINUATION
+        block = encoder.encode([*REQUEST, (b"x-n", b"%d" % n)])
+        return _raw(0x1, es, sid, block[:3]) + _raw(0x9, 0x4, sid, block[3:])
+    if kind == "unfinished":  # HEADERS whose CONTINUATION never comes
+        return _raw(0x1, es, sid, encoder.encode(REQUEST))
+    if kind == "priority":  # HEADERS with priority fields
+        block = encoder.encode(REQUEST)
+        return _raw(0x1, 0x24 | es, sid, b"\x00\x00\x00\x00\x0f" + block)
+    if kind == "data":
+        return _raw(0x0, es, sid, bytes(n % 1200))
+    if kind == "padded":
+        return _raw(0x0, 0x8 | es, sid, bytes((3,)) + bytes(n % 300) + bytes(3))
+    if kind == "oversized":
+        return _raw(0x0, es, sid, bytes(16385))
+    if kind == "window":
+        return _raw(0x8, 0, sid, (n % 70000 + 1).to_bytes(4, "big"))
+    if kind == "reset":
+        return _raw(0x3, 0, sid, (8).to_bytes(4, "big"))
+    if kind == "ping":
+        return _raw(0x6, 0, 0, bytes(8))
+    if kind == "settings":
+        return _raw(0x4, 0, 0, (4).to_bytes(2, "big") + (n % 5000).to_bytes(4, "big"))
+    if kind == "ack":
+        return _raw(0x4, 0x1, 0, b"")
+    return bytes((n % 256,)) * (n % 13)  # garbage
+
+
+STEP_KINDS = ["request", "response", "trailers", "continued", "priority", "data", "data",
+              "padded", "oversized", "window", "reset", "ping", "settings", "ack",
+              "unfinished", "garbage"]  # fmt: skip
+STEPS = st.tuples(
+    st.sampled_from(STEP_KINDS),
+    st.sampled_from([0, 1, 1, 3, 3, 5, 2]),
+    st.integers(0, 3000),
+    st.booleans(),
+)
+
+
+def _receive_outcome(conn: H2Connection, events: list[h2.events.Event]) -> object:
+    streams = {
+        sid: (
+            s.state_machine.state,
+            s._inbound_window_manager.current_window_size,
+            s.outbound_flow_control_window,
+        )
+        for sid, s in conn.streams.items()
+    }
+    return (
+        [repr(e) for e in events],
+        streams,
+        conn._inbound_flow_control_window_manager.current_window_size,
+        conn.outbound_flow_control_window,
+        conn.max_inbound_frame_size,
+        conn.highest_inbound_stream_id,
+        bytes(conn.data_to_send()),
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.booleans(),
+    st.lists(STEPS, min_size=1, max_size=10),
+    st.lists(st.integers(0, 60), max_size=6),
+)
+def test_receive_on_moves_state_as_h2s_receive_data(
+    client_side: bool, steps: list[tuple[str, int, int, bool]], cuts: list[int]
+) -> None:
+    """Reach 12: ``receive_on`` gives what ``receive_data`` gives, for the same bytes cut into
+    the same reads anywhere (inside frame headers too), on either side of ``H2Proxy``'s
+    connections: the events, stream states and windows, output, and refusals; with requests
+    and responses (HEADERS whole, with CONTINUATION or without the one it needs, with
+    priority), DATA (within and beyond the windows and frame size, padded, on open, ended,
+    reset, idle and wrong streams, stream 0), control frames and garbage."""
+    encoder = hpack.Encoder()
+    wire = b"".join(_frames_for(step, encoder) for step in steps)
+    points = sorted({0, len(wire), *(c * len(wire) // 60 for c in cuts)})
+    _receive_both_ways(client_side, [wire[a:b] for a, b in itertools.pairwise(points)])
+
+
+def _receive_both_ways(client_side: bool, chunks: list[bytes]) -> None:
+    """Feed ``chunks`` after a peer's preface (and, as a client, streams 1, 3 and 5 opened, 1
+    ended, as ``H2Proxy``'s upstream opens them) to two connections, one through
+    ``receive_on``, one through ``receive_data``: each read must end the same."""
+    conns = [new_proxy_connection(client_side=client_side, limits=_PROXY_LIMITS) for _ in range(2)]
+    peer = H2Connection(
+        h2.config.H2Configuration(client_side=not client_side, header_encoding=None)
+    )
+    peer.initiate_connection()
+    preface = peer.data_to_send()
+    for conn in conns:
+        if client_side:
+            conn.receive_data(preface)
+            for sid in (1, 3, 5):
+                h2wire.send_headers_on(conn, sid, REQUEST, end_stream=sid == 1)
+            conn.data_to_send()
+    if not client_side:
+        chunks = [preface, *chunks]
+    for chunk in chunks:
+        outcomes = []
+        for fast, conn in zip((True, False), conns, strict=True):
+            try:
+                events = h2wire.receive_on(conn, chunk) if fast else conn.receive_data(chunk)
+                outcome: object = _receive_outcome(conn, events)
+            except Exception as e:  # H2Proxy fails the connection on any of them
+                outcome = (type(e).__name__, str(e), _receive_outcome(conn, []))
+            outcomes.append(outcome)
+        assert outcomes[0] == outcomes[1]
+        if isinstance(outcomes[0], tuple) and isinstance(outcomes[0][0], str):
+            return
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        # DATA on an open stream while another stream's header block waits for its CONTINUATION
+        [("request", 1, 0, False), ("unfinished", 3, 0, False), ("data", 1, 5, False)],
+        [("request", 1, 0, False), ("unfinished", 3, 0, False), ("request", 5, 0, False)],
+        # DATA beyond the stream's window, then on a stream that ended
+        [("request", 1, 0, False), ("data", 1, 1100, False), ("data", 1, 5, False)],
+        [("request", 1, 0, True), ("data", 1, 5, False)],
+        # an oversized frame after a SETTINGS ACK in the same read
+        [("ack", 0, 0, False), ("request", 1, 0, False), ("oversized", 1, 0, False)],
+    ],
+)
+def test_receive_on_leaves_to_h2_what_h2_must_refuse(
+    steps: list[tuple[str, int, int, bool]],
+) -> None:
+    encoder = hpack.Encoder()
+    _receive_both_ways(False, [b"".join(_frames_for(step, encoder) for step in steps)])
+
+
+def test_receive_on_takes_whole_headers_and_data_without_h2s_frame_parsing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What reach 12 is for: a call's request head and body, and its response head, body and
+    trailers, arriving whole, are received without a hyperframe frame; a WINDOW_UPDATE between
+    them still goes to ``h2`` (and its events come in order)."""
+    server = new_proxy_connection(client_side=False, limits=H2Limits())
+    client = H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    parsed: list[str] = []
+    real = h2.frame_buffer.FrameBuffer.__next__
+
+    def counted(self: h2.frame_buffer.FrameBuffer) -> object:
+        frame = real(self)
+        parsed.append(type(frame).__name__)
+        return frame
+
+    monkeypatch.setattr(h2.frame_buffer.FrameBuffer, "__next__", counted)
+    client.send_headers(1, [(b":method", b"POST"), *REQUEST[1:]])
+    client.send_data(1, b"hello")
+    client.increment_flow_control_window(100)
+    client.send_data(1, b"world", end_stream=True)
+    events = h2wire.receive_on(server, client.data_to_send())
+    assert [type(e).__name__ for e in events] == [
+        "RequestReceived", "DataReceived", "WindowUpdated", "DataReceived", "StreamEnded"
+    ]  # fmt: skip
+    assert parsed == ["WindowUpdateFrame"]

@@ -426,6 +426,7 @@ class H2Core:
             max_header_block=limits.max_header_block, max_continuations=limits.max_continuations
         )
         self.closing = False  # flush, then close both sides
+        self.head_started: float | None = None  # clock time an unfinished header block began
         self.refusal: str | None = None
         self._completed: list[H2Exchange] = []
         self._rejections: list[str] = []
@@ -441,6 +442,31 @@ class H2Core:
     def _reject(self, cause: str, detail: str) -> None:
         self._rejections.append(cause)
         self.refusal = f"{cause.replace('_', ' ')}: {bounded(detail)}"
+
+    def _fail_client(self, cause: str, code: ErrorCodes, detail: str) -> None:
+        """The client broke a limit or the protocol (``detail`` says which, for the log line):
+        GOAWAY and close. Each core sends its GOAWAY its own way."""
+        raise NotImplementedError
+
+    def _guard(self, data: bytes) -> bool:
+        """Feed the client's bytes to the header-block guard before anything parses them:
+        False when they broke its limits (the connection is failed); else the header clock
+        (``head_started``) follows the block left open."""
+        cause = self.guard.feed(data)
+        if cause is not None:
+            self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM, self.guard.detail)
+            return False
+        if not self.guard.block_open:
+            self.head_started = None
+        elif self.head_started is None:
+            self.head_started = self.clock()
+        return True
+
+    def header_timeout(self) -> None:
+        """The shell's timer: a header block stayed open past its deadline (``head_started``)."""
+        if not self.closing:
+            detail = "a header block not finished within the header timeout"
+            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM, detail)
 
 
 class H2Proxy(H2Core):
@@ -481,7 +507,6 @@ class H2Proxy(H2Core):
         self._opened = 0
         self._premature_resets = 0
         self._empty_frames = 0
-        self.head_started: float | None = None  # clock time an unfinished header block began
         self._client_gone = False  # the client sent GOAWAY: no new streams will come
         self._upstream_gone = False  # destination: the pod's connection is unusable
         if pick is None:
@@ -538,14 +563,8 @@ class H2Proxy(H2Core):
         if not data:
             self._abort_all(DOWNSTREAM_CLOSED)
             return
-        cause = self.guard.feed(data)
-        if cause is not None:
-            self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM, self.guard.detail)
+        if not self._guard(data):
             return
-        if not self.guard.block_open:
-            self.head_started = None
-        elif self.head_started is None:
-            self.head_started = self.clock()
         self._to_client += self.client.data_to_send()  # ours, not replies to these bytes
         try:
             events = receive_on(self.client, data)
@@ -603,12 +622,6 @@ class H2Proxy(H2Core):
         self._forget_if_done(u)
         self._pump()
         self._check_done()
-
-    def header_timeout(self) -> None:
-        """The shell's timer: a header block stayed open past its deadline (``head_started``)."""
-        if not self.closing:
-            detail = "a header block not finished within the header timeout"
-            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM, detail)
 
     def next_deadline(self) -> float | None:
         """The clock time the soonest request timeout expires (the shell's timer), if any."""

@@ -57,7 +57,6 @@ from agent.proxy.h2proxy import (
     CONTROL_FLOOD,
     EMPTY_FRAMES,
     GRPC_UNAVAILABLE,
-    HEADER_TIMEOUT,
     OVERSIZED_FRAME,
     PROTOCOL_ERROR,
     RAPID_RESET,
@@ -226,7 +225,6 @@ class H2Relay(H2Core):
         limits = self.limits
         self.client = H2Side(limits, preface=len(PREFACE))
         self.pod = H2Side(limits, preface=0)
-        self.head_started: float | None = None
         self._streams: dict[int, _RStream] = {}
         self._highest = 0  # the client's highest stream id
         self._pod_open = 0  # streams open at the pod
@@ -269,14 +267,8 @@ class H2Relay(H2Core):
         if not data:
             self._abort_all(DOWNSTREAM_CLOSED)
             return
-        cause = self.guard.feed(data)
-        if cause is not None:
-            self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM, self.guard.detail)
+        if not self._guard(data):
             return
-        if not self.guard.block_open:
-            self.head_started = None
-        elif self.head_started is None:
-            self.head_started = self.clock()
         try:
             self._frames(self.client, data, self._client_frame)
         except H2Error as e:
@@ -310,12 +302,6 @@ class H2Relay(H2Core):
             return
         self._pump()
         self._check_done()
-
-    def header_timeout(self) -> None:
-        """The shell's timer: a header block stayed open past its deadline (``head_started``)."""
-        if not self.closing:
-            detail = "a header block not finished within the header timeout"
-            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM, detail)
 
     def upstream_failed(self) -> None:
         """The pod's connection is gone: answer or reset every stream it had, then GOAWAY."""

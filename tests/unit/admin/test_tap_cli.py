@@ -44,8 +44,17 @@ class Served:
         self.address = ""
 
     def add(self, record: RequestRecord, labels: dict[str, str] = LABELS) -> None:
+        """Add a finished request on the loop and return once it is in the ring (its time is
+        taken there: a request added "before" a command must be in before it starts)."""
         conn = replace(inbound(), upstream="10.244.2.2:9080", id=3)
-        self.loop.call_soon_threadsafe(self.ring.add, conn, record, labels)
+        added = threading.Event()
+
+        def add() -> None:
+            self.ring.add(conn, record, labels)
+            added.set()
+
+        self.loop.call_soon_threadsafe(add)
+        assert added.wait(10), "the admin loop did not run"
 
     def start(self) -> None:
         async def start() -> None:

@@ -306,7 +306,7 @@ def _rule_name(value: object, path: str) -> str:
     if value is None:
         return ""
     name = _str(value, path)
-    if len(name) > 253 or not _SECTION_NAME.match(name):
+    if len(name) > 253 or not _SECTION_NAME.fullmatch(name):
         raise RouteError(
             path, f"{name!r} is not a valid rule name (lower-case letters, digits, '-' and '.')"
         )
@@ -404,7 +404,7 @@ def _path_match(value: object, path: str) -> PathMatch:
         not text.startswith("/")
         or any(s in text for s in _PATH_FORBIDDEN)
         or text.endswith(("/.", "/.."))
-        or not _PATH_CHARS.match(text)
+        or not _PATH_CHARS.fullmatch(text)
     ):
         raise RouteError(
             f"{path}.value",
@@ -432,7 +432,7 @@ def _named_matches(values: object, path: str, *, header: bool) -> tuple[NamedMat
         item = _mapping(value, item_path)
         _keys(item, item_path, ("type", "name", "value"))
         name = _str(item.get("name"), f"{item_path}.name")
-        if not _HEADER_NAME.match(name):  # a query parameter's name has the same type
+        if not _HEADER_NAME.fullmatch(name):  # a query parameter's name has the same type
             what = "header" if header else "query parameter"
             raise RouteError(f"{item_path}.name", f"{name!r} is not a valid {what} name")
         if header:
@@ -466,7 +466,7 @@ def _grpc_match(value: object, path: str) -> GrpcMatch:
 def _grpc_name(match: StringMatch, form: re.Pattern[str], path: str, example: str) -> None:
     """An Exact service or method must be a protobuf name: one with ``/`` or a space would
     never equal a call's, and the route would silently match nothing."""
-    if match.kind == EXACT and not form.match(match.value):
+    if match.kind == EXACT and not form.fullmatch(match.value):
         raise RouteError(
             path,
             f"{match.value!r} is not a gRPC name (letters, digits, _ and, for a service, "
@@ -627,7 +627,7 @@ def _header_modifier(body: Mapping[str, Any], path: str) -> HeaderModifier:
             item = _mapping(item, ipath)
             _keys(item, ipath, ("name", "value"))
             name = _str(item.get("name"), f"{ipath}.name")
-            if not _HEADER_NAME.match(name):
+            if not _HEADER_NAME.fullmatch(name):
                 raise RouteError(f"{ipath}.name", f"{name!r} is not a valid header name")
             _modifiable(name, f"{ipath}.name")
             value = item.get("value")
@@ -668,7 +668,7 @@ def _path_modifier(value: object, path: str) -> PathModifier | None:
         return PathModifier(kind, text)
     # The value becomes a request target or a Location header: URL path characters only
     # (percent-encode others), so it can neither break the head nor carry a query.
-    if not isinstance(text, str) or not text.startswith("/") or not _PATH_CHARS.match(text):
+    if not isinstance(text, str) or not text.startswith("/") or not _PATH_CHARS.fullmatch(text):
         raise RouteError(
             f"{path}.{field}",
             "set it to an absolute path (starting with /) of URL path characters "
@@ -683,7 +683,7 @@ def _hostname(value: object, path: str) -> str | None:
     if value is None:
         return None
     text = _str(value, path)
-    if len(text) > 253 or not _HOSTNAME.match(text):
+    if len(text) > 253 or not _HOSTNAME.fullmatch(text):
         raise RouteError(
             path, f"{text!r} is not a hostname (lower-case DNS labels, no port or wildcard)"
         )

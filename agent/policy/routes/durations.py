@@ -17,7 +17,7 @@ _SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 def parse_gateway_duration(text: str) -> float:
     """Seconds; raises ``ValueError`` with the accepted form."""
-    if not isinstance(text, str) or not _WHOLE.match(text):
+    if not isinstance(text, str) or not _WHOLE.fullmatch(text):
         raise ValueError(
             f"{text!r} is not a Gateway API duration: use up to four <number><unit> parts, "
             "units h, m, s or ms (for example 10s, 500ms, 1m30s)"

@@ -691,10 +691,12 @@ def test_invalid_filter_combinations_refuse_the_route(
     ("body", "field"),
     [
         ({"hostname": "evil\r\nx-injected: 1"}, "hostname"),
+        ({"hostname": "example.org\n"}, "hostname"),  # ``$`` alone matches before a last LF
         ({"hostname": "example.org:8080"}, "hostname"),
         ({"hostname": "*.example.org"}, "hostname"),
         ({"hostname": "Example.org"}, "hostname"),
         ({"path": {"type": "ReplaceFullPath", "replaceFullPath": "/a\r\nx: 1"}}, "path"),
+        ({"path": {"type": "ReplaceFullPath", "replaceFullPath": "/a\n"}}, "path"),
         ({"path": {"type": "ReplaceFullPath", "replaceFullPath": "/a b"}}, "path"),
         ({"path": {"type": "ReplaceFullPath", "replaceFullPath": "/a?b=1"}}, "path"),
         ({"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "xyz"}}, "path"),
@@ -712,6 +714,17 @@ def test_redirect_and_rewrite_values_are_hostnames_and_paths(
         inner = ".replaceFullPath" if "replaceFullPath" in str(body) else ""
         inner = ".replacePrefixMatch" if "replacePrefixMatch" in str(body) else inner
         assert path == f"spec.rules[0].filters[0].{FILTER_FIELDS[kind]}.{field}{inner}"
+
+
+@pytest.mark.parametrize("name", ["x-a\n", "x-a\r\nx-b", "x a"])
+def test_a_header_modifier_name_that_could_break_the_head_is_refused(name: str) -> None:
+    """HTTPHeaderName is an RFC 7230 token. A name is written into the forwarded head as it
+    stands, so a line break in it (a trailing LF, which a ``$`` anchor alone lets through)
+    would inject a header."""
+    for kind in ("RequestHeaderModifier", "ResponseHeaderModifier"):
+        body = {"set": [{"name": name, "value": "1"}]}
+        path = _refused([{"filters": [_filter(kind, body)]}])
+        assert path == f"spec.rules[0].filters[0].{FILTER_FIELDS[kind]}.set[0].name"
 
 
 @pytest.mark.parametrize(

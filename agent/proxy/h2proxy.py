@@ -430,6 +430,49 @@ class H2Core:
         self.refusal: str | None = None
         self._completed: list[H2Exchange] = []
         self._rejections: list[str] = []
+        # The flood limits' counts (``H2Limits``), kept alike by both cores.
+        self._unsent_replies = 0  # bytes of replies the client's frames queued since taken
+        self._opened = 0  # streams the client opened
+        self._premature_resets = 0  # of them, reset by the client before their response
+        self._empty_frames = 0  # consecutive empty DATA frames without END_STREAM
+
+    def _replies_over(self) -> str | None:
+        """What broke the limit when the replies queued (PING/SETTINGS ACKs, RST_STREAMs) are
+        over it (a control frame flood), else None."""
+        if self._unsent_replies <= self.limits.max_unsent_replies:
+            return None
+        return (
+            f"{self._unsent_replies} bytes of replies (PING/SETTINGS ACKs, RST_STREAMs) "
+            f"queued, over the limit of {self.limits.max_unsent_replies}"
+        )
+
+    def _empty_data(self, data: bytes, flow: int) -> str | None:
+        """Count a DATA frame of the client's: what broke the limit when too many in a row
+        carried nothing (neither data nor padding), else None."""
+        if data:
+            self._empty_frames = 0
+        elif not flow:
+            self._empty_frames += 1
+            if self._empty_frames > self.limits.max_empty_frames:
+                return (
+                    f"{self._empty_frames} empty DATA frames in a row, over the limit of "
+                    f"{self.limits.max_empty_frames}"
+                )
+        return None
+
+    def _premature_reset(self) -> str | None:
+        """Count a stream the client reset before its response: what broke the limit when
+        such resets are over it and half of the streams (rapid reset), else None."""
+        self._premature_resets += 1
+        if (
+            self._premature_resets > self.limits.max_premature_resets
+            and 2 * self._premature_resets > self._opened
+        ):
+            return (
+                f"{self._premature_resets} of {self._opened} streams reset before their "
+                f"response, over the limit of {self.limits.max_premature_resets} and half of them"
+            )
+        return None
 
     def take_completed(self) -> list[H2Exchange]:
         out, self._completed = self._completed, []
@@ -503,10 +546,6 @@ class H2Proxy(H2Core):
         self._next_uid = 0
         self._to_client = bytearray(self.client.data_to_send())
         self._mirrors: list[H2Mirrored] = []
-        self._unsent_replies = 0
-        self._opened = 0
-        self._premature_resets = 0
-        self._empty_frames = 0
         self._client_gone = False  # the client sent GOAWAY: no new streams will come
         self._upstream_gone = False  # destination: the pod's connection is unusable
         if pick is None:
@@ -581,12 +620,8 @@ class H2Proxy(H2Core):
         replies = self.client.data_to_send()  # before we act: only h2's own answers
         self._to_client += replies
         self._unsent_replies += len(replies)
-        if self._unsent_replies > self.limits.max_unsent_replies:
-            detail = (
-                f"{self._unsent_replies} bytes of replies (PING/SETTINGS ACKs, RST_STREAMs) "
-                f"queued, over the limit of {self.limits.max_unsent_replies}"
-            )
-            self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM, detail)
+        if (flood := self._replies_over()) is not None:
+            self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM, flood)
             return
         for event in events:
             try:
@@ -993,17 +1028,9 @@ class H2Proxy(H2Core):
             self._upstreams.pop(u.uid, None)
 
     def _on_request_data(self, stream_id: int, data: bytes, flow: int) -> None:
-        if data:
-            self._empty_frames = 0
-        elif flow == 0:
-            self._empty_frames += 1
-            if self._empty_frames > self.limits.max_empty_frames:
-                detail = (
-                    f"{self._empty_frames} empty DATA frames in a row, over the limit of "
-                    f"{self.limits.max_empty_frames}"
-                )
-                self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM, detail)
-                return
+        if (detail := self._empty_data(data, flow)) is not None:
+            self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM, detail)
+            return
         s = self._streams.get(stream_id)
         if s is None or (s.upstream is None and s.held is None):  # answered: discarded
             if flow:
@@ -1022,15 +1049,7 @@ class H2Proxy(H2Core):
         s = self._streams.get(stream_id)
         if s is None:
             return
-        self._premature_resets += 1
-        if (
-            self._premature_resets > self.limits.max_premature_resets
-            and 2 * self._premature_resets > self._opened
-        ):
-            detail = (
-                f"{self._premature_resets} of {self._opened} streams reset before their "
-                f"response, over the limit of {self.limits.max_premature_resets} and half of them"
-            )
+        if (detail := self._premature_reset()) is not None:
             self._fail_client(RAPID_RESET, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         s.exchange.flags = DOWNSTREAM_CLOSED

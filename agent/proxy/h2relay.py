@@ -228,10 +228,6 @@ class H2Relay(H2Core):
         self._streams: dict[int, _RStream] = {}
         self._highest = 0  # the client's highest stream id
         self._pod_open = 0  # streams open at the pod
-        self._opened = 0
-        self._premature_resets = 0
-        self._empty_frames = 0
-        self._unsent_replies = 0
         self._client_gone = False  # the client sent GOAWAY: no new streams will come
         self._pod_gone = False  # the pod's connection is unusable (closed, failed, GOAWAY)
         ours = [
@@ -277,11 +273,7 @@ class H2Relay(H2Core):
         except MalformedHeaders as e:
             self._fail_client(PROTOCOL_ERROR, ErrorCodes.PROTOCOL_ERROR, str(e))
             return
-        if self._unsent_replies > self.limits.max_unsent_replies:
-            detail = (
-                f"{self._unsent_replies} bytes of replies (PING/SETTINGS ACKs, RST_STREAMs) "
-                f"queued, over the limit of {self.limits.max_unsent_replies}"
-            )
+        if (detail := self._replies_over()) is not None:
             self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         self._pump()
@@ -501,16 +493,8 @@ class H2Relay(H2Core):
             data = self._data_payload(flags, sid, payload)
             flow = len(payload)
             self._receive_window(self.client, flow)
-            if data:
-                self._empty_frames = 0
-            elif not flow:
-                self._empty_frames += 1
-                if self._empty_frames > self.limits.max_empty_frames:
-                    reason = (
-                        f"{self._empty_frames} empty DATA frames in a row, over the limit of "
-                        f"{self.limits.max_empty_frames}"
-                    )
-                    raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, reason, EMPTY_FRAMES)
+            if (reason := self._empty_data(data, flow)) is not None:
+                raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, reason, EMPTY_FRAMES)
             s = self._streams.get(sid)
             if s is None:
                 if sid > self._highest:
@@ -635,15 +619,7 @@ class H2Relay(H2Core):
         s = self._streams.get(sid)
         if s is None:
             return
-        self._premature_resets += 1
-        if (
-            self._premature_resets > self.limits.max_premature_resets
-            and 2 * self._premature_resets > self._opened
-        ):
-            reason = (
-                f"{self._premature_resets} of {self._opened} streams reset before their "
-                f"response, over the limit of {self.limits.max_premature_resets} and half of them"
-            )
+        if (reason := self._premature_reset()) is not None:
             raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, reason, RAPID_RESET)
         s.exchange.flags = DOWNSTREAM_CLOSED
         s.request_end = True  # nothing more comes from the client on it

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.proxy.h2proxy import Choice, H2Limits, H2Proxy, LocalAnswer, PickRequest
+from agent.proxy.h2relay import H2Relay
 from agent.proxy.http1 import Verdict
 from tests.fuzzing import fuzz_examples
 from tests.unit.proxy.h2peers import peer
@@ -158,6 +159,40 @@ def _routed(request: PickRequest) -> Choice | LocalAnswer:
     return Choice("pod", retries=_Again(), timeout=3.0, edit_response=lambda block: block[:1])
 
 
+def drive_arbitrary(
+    p: H2Proxy | H2Relay,
+    client: list[bytes],
+    upstream: list[bytes],
+    order: list[bool],
+    cut: int,
+    eof: bool,
+) -> None:
+    """Feed a destination core arbitrary frames from both sides, cut into reads of ``cut``
+    (the pod's of three times that) in ``order``, then both ends' EOF: it must never raise,
+    and the connection must be over."""
+    client_bytes = PREFACE + b"".join(client)
+    pod_bytes = peer(client_side=False).data_to_send() + b"".join(upstream)
+    client_chunks = [client_bytes[i : i + cut] for i in range(0, len(client_bytes), cut)]
+    pod_chunks = [pod_bytes[i : i + cut * 3] for i in range(0, len(pod_bytes), cut * 3)]
+    for from_client in order:
+        if from_client and client_chunks:
+            p.receive_client(client_chunks.pop(0))
+        elif pod_chunks:
+            p.receive_upstream(pod_chunks.pop(0))
+        p.take_to_client()
+        p.take_to_upstream()
+        p.take_completed()
+    for chunk in client_chunks:
+        p.receive_client(chunk)
+    for chunk in pod_chunks:
+        p.receive_upstream(chunk)
+    if eof:
+        p.receive_upstream(b"")
+    p.receive_client(b"")
+    p.take_to_client()
+    assert p.closing and p.active_streams == 0  # whatever happened, the connection is over
+
+
 @pytest.mark.fuzz
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -181,27 +216,7 @@ def test_arbitrary_frames_from_both_sides_never_raise(
         pick=_one_pod if picked else None,
         limits=H2Limits(max_premature_resets=3, max_empty_frames=3, max_concurrent_streams=4),
     )
-    client_bytes = PREFACE + b"".join(client)
-    pod_bytes = peer(client_side=False).data_to_send() + b"".join(upstream)
-    client_chunks = [client_bytes[i : i + cut] for i in range(0, len(client_bytes), cut)]
-    pod_chunks = [pod_bytes[i : i + cut * 3] for i in range(0, len(pod_bytes), cut * 3)]
-    for from_client in order:
-        if from_client and client_chunks:
-            p.receive_client(client_chunks.pop(0))
-        elif pod_chunks:
-            p.receive_upstream(pod_chunks.pop(0))
-        p.take_to_client()
-        p.take_to_upstream()
-        p.take_completed()
-    for chunk in client_chunks:
-        p.receive_client(chunk)
-    for chunk in pod_chunks:
-        p.receive_upstream(chunk)
-    if eof:
-        p.receive_upstream(b"")
-    p.receive_client(b"")
-    p.take_to_client()
-    assert p.closing and p.active_streams == 0  # whatever happened, the connection is over
+    drive_arbitrary(p, client, upstream, order, cut, eof)
 
 
 # -- well-formed peers doing random things, with an occasional hostile frame -----------------

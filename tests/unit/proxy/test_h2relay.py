@@ -179,27 +179,7 @@ def test_arbitrary_frames_from_both_sides_never_raise(
         lambda h: Verdict(not h.path.startswith("/denied"), "p"),
         limits=H2Limits(max_premature_resets=3, max_empty_frames=3, max_concurrent_streams=4),
     )
-    client_bytes = fuzz.PREFACE + b"".join(client)
-    pod_bytes = peer(client_side=False).data_to_send() + b"".join(upstream)
-    client_chunks = [client_bytes[i : i + cut] for i in range(0, len(client_bytes), cut)]
-    pod_chunks = [pod_bytes[i : i + cut * 3] for i in range(0, len(pod_bytes), cut * 3)]
-    for from_client in order:
-        if from_client and client_chunks:
-            p.receive_client(client_chunks.pop(0))
-        elif pod_chunks:
-            p.receive_upstream(pod_chunks.pop(0))
-        p.take_to_client()
-        p.take_to_upstream()
-        p.take_completed()
-    for chunk in client_chunks:
-        p.receive_client(chunk)
-    for chunk in pod_chunks:
-        p.receive_upstream(chunk)
-    if eof:
-        p.receive_upstream(b"")
-    p.receive_client(b"")
-    p.take_to_client()
-    assert p.closing and p.active_streams == 0  # whatever happened, the connection is over
+    fuzz.drive_arbitrary(p, client, upstream, order, cut, eof)
 
 
 CLIENT_OPS = ["open", "open_grpc", "data", "end"] * 3 + ["open_denied", "reset", "ping", "window"]

@@ -11,13 +11,18 @@ import asyncio
 import socket
 
 
-async def connect_and_echo(address: tuple[str, int], message: bytes) -> socket.socket:
-    """A connected socket whose ``message`` has come back; the caller owns (closes) it."""
+async def connect_and_echo(
+    address: tuple[str, int], message: bytes, source_ip: str | None = None
+) -> socket.socket:
+    """A connected socket (from ``source_ip`` if given) whose ``message`` has come back; the
+    caller owns (closes) it."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if source_ip is not None:
+            sock.bind((source_ip, 0))
         await loop.sock_connect(sock, address)
         await loop.sock_sendall(sock, message)
         got = 0

@@ -55,6 +55,7 @@ from agent.base.runtime import settle_for_data_plane
 from agent.identity.keysmith import to_pem
 from agent.proxy import sockets
 from agent.telemetry.tcp import TcpMetrics
+from bench.programs.exchange import connect_and_echo
 from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh, free_port, listener
 
 
@@ -263,24 +264,9 @@ class _Echo(asyncio.Protocol):
 
 
 async def _client(address: tuple[str, int], message: bytes, n: list[int]) -> None:
-    loop = asyncio.get_running_loop()
     while n[0] > 0:
         n[0] -= 1
-        sock = socket.socket()
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((CLIENT, 0))
-        try:
-            await loop.sock_connect(sock, address)
-            await loop.sock_sendall(sock, message)
-            got = 0
-            while got < len(message):
-                chunk = await loop.sock_recv(sock, 65536)
-                if not chunk:
-                    raise ConnectionError("closed before the echo came back")
-                got += len(chunk)
-        finally:
-            sock.close()
+        (await connect_and_echo(address, message, CLIENT)).close()
 
 
 async def child(echo: str, target: str, concurrency: int) -> None:

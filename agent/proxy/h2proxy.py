@@ -474,6 +474,27 @@ class H2Core:
             )
         return None
 
+    def _new_exchange(self, headers: Sequence[Header]) -> tuple[H2Exchange, bytes | None]:
+        """A new request's exchange (its head as policy and telemetry see it, whether it is a
+        gRPC call), and the ``x-request-id`` made for it when the client sent none (the
+        caller adds it to what it forwards), else None."""
+        self._opened += 1
+        path = header(headers, b":path") or b""
+        authority = header(headers, b":authority") or header(headers, b"host") or b""
+        request_id = sent = header(headers, b"x-request-id")
+        if request_id is None:
+            request_id = self.new_request_id().encode()
+        head = RequestHead(
+            (header(headers, b":method") or b"").decode("latin-1"),
+            path.split(b"?", 1)[0].decode("latin-1"),
+            authority.decode("latin-1"),
+            request_id.decode("latin-1"),
+            trace=trace_headers_of(headers),
+            headers=[(n, v) for n, v in headers if not n.startswith(b":")],
+        )
+        grpc = (header(headers, b"content-type") or b"").startswith(b"application/grpc")
+        return H2Exchange(head, grpc, self.clock()), None if sent is not None else request_id
+
     def take_completed(self) -> list[H2Exchange]:
         out, self._completed = self._completed, []
         return out
@@ -865,25 +886,12 @@ class H2Proxy(H2Core):
                 self._abort_all(DOWNSTREAM_CLOSED)
 
     def _on_request(self, stream_id: int, headers: Sequence[Header], *, ended: bool) -> None:
-        self._opened += 1
-        path = header(headers, b":path") or b""
-        authority = header(headers, b":authority") or header(headers, b"host") or b""
-        request_id = header(headers, b"x-request-id")
+        exchange, made_id = self._new_exchange(headers)
         forwarded = [NeverIndexedHeaderTuple(*h) if h[0] in NEVER_INDEXED else h for h in headers]
-        if request_id is None:
-            request_id = self.new_request_id().encode()
-            forwarded.append(NeverIndexedHeaderTuple(b"x-request-id", request_id))
-        head = RequestHead(
-            (header(headers, b":method") or b"").decode("latin-1"),
-            path.split(b"?", 1)[0].decode("latin-1"),
-            authority.decode("latin-1"),
-            request_id.decode("latin-1"),
-            trace=trace_headers_of(headers),
-            headers=[(n, v) for n, v in headers if not n.startswith(b":")],
-        )
-        content_type = header(headers, b"content-type") or b""
-        grpc = content_type.startswith(b"application/grpc")
-        s = _Stream(stream_id, H2Exchange(head, grpc, self.clock()), request_end=ended)
+        if made_id is not None:
+            forwarded.append(NeverIndexedHeaderTuple(b"x-request-id", made_id))
+        head = exchange.head
+        s = _Stream(stream_id, exchange, request_end=ended)
         self._streams[stream_id] = s
         verdict = self.authorize(head)
         if not verdict.allowed:
@@ -891,7 +899,7 @@ class H2Proxy(H2Core):
             s.exchange.denied_by = verdict.reason
             self._answer(s, verdict.status, verdict.grpc_status, verdict.body)
             return
-        u = self._choose(s, path.decode("latin-1"))
+        u = self._choose(s, (header(headers, b":path") or b"").decode("latin-1"))  # with its query
         if u is None and s.send_at is None and not s.parked:
             return
         if s.edit_request is not None:

@@ -74,10 +74,8 @@ from agent.proxy.http1 import (
     DOWNSTREAM_CLOSED,
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
-    RequestHead,
     new_request_id,
 )
-from agent.telemetry.records import trace_headers_of
 
 FRAME = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream id
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -564,25 +562,12 @@ class H2Relay(H2Core):
     def _on_request(
         self, sid: int, headers: Sequence[Header], block: bytes, changed: bool, end: bool
     ) -> None:
-        self._opened += 1
-        path = header(headers, b":path") or b""
-        authority = header(headers, b":authority") or header(headers, b"host") or b""
-        request_id = header(headers, b"x-request-id")
+        exchange, made_id = self._new_exchange(headers)
         added = b""
-        if request_id is None:
-            request_id = self.new_request_id().encode()
-            added = encode_field(b"x-request-id", request_id, never_indexed=True)
-        head = RequestHead(
-            (header(headers, b":method") or b"").decode("latin-1"),
-            path.split(b"?", 1)[0].decode("latin-1"),
-            authority.decode("latin-1"),
-            request_id.decode("latin-1"),
-            trace=trace_headers_of(headers),
-            headers=[(n, v) for n, v in headers if not n.startswith(b":")],
-        )
-        content_type = header(headers, b"content-type") or b""
-        grpc = content_type.startswith(b"application/grpc")
-        s = _RStream(sid, H2Exchange(head, grpc, self.clock()), end, self.limits.stream_window)
+        if made_id is not None:
+            added = encode_field(b"x-request-id", made_id, never_indexed=True)
+        head = exchange.head
+        s = _RStream(sid, exchange, end, self.limits.stream_window)
         s.client_window = self.client.initial_window
         self._streams[sid] = s
         verdict = self.authorize(head)
@@ -608,7 +593,7 @@ class H2Relay(H2Core):
         s.pod_window = pod.initial_window
         self._pod_open += 1
         if pod.reencode:
-            rid = [(b"x-request-id", request_id)] if added else []
+            rid = [(b"x-request-id", made_id)] if made_id is not None else []
             out = pod.encoder.encode([*headers, *rid])
         else:
             out = block + added

@@ -133,8 +133,9 @@ def start(
     conf = directory / f"{role}.conf"
     conf.write_text(config(directory, tunnels, client=client), encoding="utf-8")
     return subprocess.Popen(
-        netns.command_in(netns_name, ["stunnel4", str(conf)]),
+        ["stunnel4", str(conf)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: netns.enter(netns_name),
     )

@@ -10,11 +10,11 @@ import pytest
 
 from agent.lab.handle import Lab, LabFactory
 
-# Tests call grpcio in this process and start children. ``Lab.popen`` and the lab's components
-# start them through ``nsenter`` without a ``preexec_fn`` (vfork: no fork handler runs), but a
-# plain ``fork`` (multiprocessing's default start method, a library's own) would run gRPC's
-# fork handlers, which restart its poller in the child, where descriptors closed since make it
-# fail (grpc/grpc#43055). Nothing here relies on gRPC surviving a fork.
+# Tests call grpcio in this process and then fork children with ``preexec_fn`` (``Lab.popen``
+# enters a pod's network namespace between fork and exec). With gRPC's fork support on, its
+# fork handlers restart its poller in the child, where the descriptors ``close_fds`` closed make
+# it fail before the exec (grpc/grpc#43055): a pod server that never starts. Nothing here
+# relies on gRPC surviving a fork.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 

@@ -127,10 +127,11 @@ def start(component: Component, labdir: LabDir) -> subprocess.Popen[bytes]:
     """Start ``component`` in the background inside its namespace; log and pid in ``labdir``."""
     with open(labdir.log_file(component.name), "ab") as log:
         proc = subprocess.Popen(
-            netns.command_in(component.netns, component.argv),
+            component.argv,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=lambda: netns.enter(component.netns),
             start_new_session=True,  # not killed by the terminal's Ctrl-C after `lab up` returns
             cwd=str(labdir.path),
         )

@@ -86,13 +86,13 @@ class Lab:
     def popen(self, target: str, *cmd: str, **kw: Any) -> subprocess.Popen[Any]:
         """Start ``cmd`` in the background inside ``target``'s network namespace."""
         name = self.netns(target)
-        return subprocess.Popen(netns.command_in(name, cmd), **kw)
+        return subprocess.Popen(list(cmd), preexec_fn=lambda: netns.enter(name), **kw)
 
     def exec(self, target: str, *cmd: str, **kw: Any) -> subprocess.CompletedProcess[Any]:
         """Run ``cmd`` to completion inside ``target``'s network namespace (``subprocess.run``
         keywords pass through: ``capture_output``, ``text``, ``check``, ``timeout``, ...)."""
         name = self.netns(target)
-        return subprocess.run(netns.command_in(name, cmd), **kw)
+        return subprocess.run(list(cmd), preexec_fn=lambda: netns.enter(name), **kw)
 
     def component(self, name: str) -> components.Component:
         """The planned component ``name`` (``ca`` or ``agent-<node>``): its command line and

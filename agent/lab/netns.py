@@ -2,19 +2,10 @@
 
 Why not ``ip netns exec``: it also unshares the mount namespace and remounts /sys, so a process
 started that way cannot see the host's bpffs and its pins vanish with it (DATAPATH.md). The lab
-only ever ``setns(CLONE_NEWNET)``: for child processes through ``nsenter --net`` (``command_in``),
-for one-off calls in a short-lived thread (a thread's network namespace is its own), and for
-sockets, which stay in the namespace they were created in.
-
-Why ``nsenter`` rather than ``setns`` in a ``preexec_fn``: Python code between fork and exec is
-unsafe in a process with threads (the test process runs grpcio's, and a library's fork handler
-ran in each such child: a pod server that died before binding, grpc/grpc#43055), and it forces
-``subprocess`` to a full fork. Without it ``subprocess`` uses vfork, which runs no fork handler,
-and ``nsenter`` (util-linux, in every Debian) enters the namespace and execs the command in the
-same process, so the pid the caller holds is the command's.
-
-Network namespace handles are the files that ``ip netns`` and pyroute2 keep under /run/netns,
-so the lab's namespaces are visible to ``ip netns list``.
+only ever ``setns(CLONE_NEWNET)``: for child processes between fork and exec, for one-off calls
+in a short-lived thread (a thread's network namespace is its own), and for sockets, which stay in
+the namespace they were created in. Network namespace handles are the files that ``ip netns``
+and pyroute2 keep under /run/netns, so the lab's namespaces are visible to ``ip netns list``.
 """
 
 from __future__ import annotations
@@ -24,7 +15,7 @@ import http.client
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 NETNS_DIR = "/run/netns"
@@ -36,11 +27,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def netns_path(name: str) -> str:
     return os.path.join(NETNS_DIR, name)
-
-
-def command_in(name: str, argv: Sequence[str]) -> list[str]:
-    """``argv`` run inside network namespace ``name`` (only the network namespace changes)."""
-    return ["nsenter", f"--net={netns_path(name)}", "--", *argv]
 
 
 def enter(name: str) -> None:

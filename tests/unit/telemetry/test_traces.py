@@ -227,12 +227,14 @@ class Blocked(SpanExporter):
     def __init__(self) -> None:
         self.release = threading.Event()
         self.entered = threading.Event()
+        self.exported = threading.Event()  # an export returned (its spans counted)
         self.spans = 0
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self.entered.set()
         self.release.wait()
         self.spans += len(spans)
+        self.exported.set()
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -370,4 +372,6 @@ def test_stopping_with_a_stuck_collector_returns_and_shuts_the_exporter_once() -
     registry.request_done(inbound(), request())
     assert exporter.entered.wait(10)  # the export thread is stuck in the collector
     asyncio.run(tracer.stop())  # waits STOP_TIMEOUT, then shuts the exporter (releasing it)
+    # The released export ends on its own thread, which stop() no longer waits for.
+    assert exporter.exported.wait(10)
     assert exporter.shutdowns == 1 and exporter.spans == 1

@@ -70,6 +70,7 @@ class GrpcSettings:
     seconds: float = 3.0  # h2load -D: the measured run
     warmup: float = 1.0  # an unrecorded run first (HBONE pool, h2c connections); 0: none
     clients: int = 8  # h2load -c, one call in flight on each (-m 1)
+    single_calls: int = 1000  # then h2load -c 1 -n: one call at a time on one connection; 0: none
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,27 @@ def measure(lab: Lab, path: GrpcPath, s: GrpcSettings, body: Path) -> dict[str, 
         "proxy_cpu_s": cpu,
         "cpu_us_per_call": cpu * 1e6 / found["requests"] if path.proxy_pids else None,
         "destination_counted_ok": got,
+        **(_single(lab, path, s, body) if s.single_calls else {}),
     }
+
+
+def _single(lab: Lab, path: GrpcPath, s: GrpcSettings, body: Path) -> dict[str, Any]:
+    """``s.single_calls`` calls one after another on one connection, after the loaded run: the
+    time a call spends in the path with nothing queued beside it (``single_*_us``). A failure is
+    ``single_error`` and leaves the loaded run's numbers standing."""
+    log = Path(lab.state_dir) / "logs" / "bench-grpc-single.log"
+    log.unlink(missing_ok=True)
+    try:
+        out = _h2load(
+            lab, path, ["-c", "1", "-n", str(s.single_calls), f"--log-file={log}"], body, 30.0
+        )
+        found = h2load.summary(out)
+        times = h2load.latencies_us(log.read_text(encoding="ascii"))
+    except (OSError, RuntimeError, h2load.H2loadOutputError) as e:
+        return {"single_error": str(e)}
+    if found["succeeded"] != s.single_calls or len(times) != found["requests"]:
+        return {"single_error": f"{found['succeeded']} of {s.single_calls} calls succeeded"}
+    return {f"single_{k}_us": v for k, v in stats.percentiles(times, POINTS).items()}
 
 
 def _ms(seconds: float) -> str:
@@ -259,6 +280,8 @@ def values(found: dict[str, Any]) -> dict[str, dict[str, float | None]]:
             "p50": median("p50_us"),
             "p90": median("p90_us"),
             "p99": median("p99_us"),
+            "single_p50": median("single_p50_us"),
+            "single_p99": median("single_p99_us"),
             "cpu_us_per_call": median("cpu_us_per_call"),
             "calls": median("requests"),
             "counted": median("destination_counted_ok"),
@@ -285,8 +308,8 @@ def markdown(found: dict[str, Any] | None) -> list[str]:
         f" {s['seconds']:g} s per repetition, `bench/grpcbench.py`)",
         "",
         "| path | calls/s | p50 µs | p90 µs | p99 µs | agent CPU µs/call | calls/s vs direct "
-        "| calls: h2load / node2's agent counted OK |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| calls: h2load / node2's agent counted OK | one at a time: p50 / p99 µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for path in found["paths"]:
         v = per[path["key"]]
@@ -295,8 +318,11 @@ def markdown(found: dict[str, Any] | None) -> list[str]:
             f"| {path['title']} | {fmt(v['rps'], 0)} | {fmt(v['p50'], 0)} | {fmt(v['p90'], 0)}"
             f" | {fmt(v['p99'], 0)} | {fmt(v['cpu_us_per_call'], 1)}"
             f" | {'—' if ratio is None else f'{ratio:.2f}x'}"
-            f" | {fmt(v['calls'], 0)} / {fmt(v['counted'], 0)} |"
+            f" | {fmt(v['calls'], 0)} / {fmt(v['counted'], 0)}"
+            f" | {fmt(v['single_p50'], 0)} / {fmt(v['single_p99'], 0)} |"
         )
+    failed = [s for s in found["samples"] if "single_error" in s]
+    out += [f"- {s['path']} rep {s['rep']}, one at a time: {s['single_error']}" for s in failed]
     out += [
         "",
         "The server is `agent.lab.grpcecho` (grpcio, thread pool) on every path; its cost is in"
@@ -304,6 +330,27 @@ def markdown(found: dict[str, Any] | None) -> list[str]:
         " the calls h2load completed. node2's agent terminates h2c on the declared port (each"
         " call authorized and counted with its `grpc-status`: the last number) and relays the L4"
         " port's bytes (nothing counted); via the VIP, node1's agent terminates h2c as well and"
-        " sends each call to an endpoint it picks.",
+        ' sends each call to an endpoint it picks. "One at a time" is a second run after it'
+        f" on one connection, {s.get('single_calls', 0):,} calls each sent when the last one"
+        " ended: the time a call spends in the path with nothing queued beside it.",
+        *_added_lines(per),
     ]
+    return out
+
+
+def _added_lines(per: dict[str, dict[str, float | None]]) -> list[str]:
+    """What each terminating path adds to a call over the L4 path, loaded and one at a time."""
+    base = per.get("mesh_l4")
+    out: list[str] = []
+    for key, what in (("mesh_grpc", "declared port"), ("mesh_grpc_vip", "via the Service VIP")):
+        other = per.get(key)
+        if base is None or other is None:
+            continue
+        parts = []
+        for field, label in (("p50", "p50"), ("single_p50", "one at a time p50")):
+            b, o = base[field], other[field]
+            if b is not None and o is not None:
+                parts.append(f"{label} {'+' if o >= b else ''}{o - b:,.0f} µs")
+        if parts:
+            out += ["", f"nodemesh gRPC {what} against nodemesh L4: {', '.join(parts)}."]
     return out

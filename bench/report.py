@@ -100,8 +100,8 @@ def _http_section(results: Mapping[str, Any]) -> list[str]:
         f"{s['http_seconds']:g} s per repetition)",
         "",
         "| path | req/s | p50 µs | p90 µs | p99 µs | agent CPU µs/request | req/s vs direct "
-        "| requests: h2load / node2's agent counted |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| requests: h2load / node2's agent counted | one at a time: p50 / p99 µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for path in paths:
         v = values[path["key"]]
@@ -109,7 +109,8 @@ def _http_section(results: Mapping[str, Any]) -> list[str]:
             f"| {path['title']} | {_fmt(v['rps'], 0)} | {_fmt(v['p50'], 0)} | {_fmt(v['p90'], 0)}"
             f" | {_fmt(v['p99'], 0)} | {_fmt(v['cpu_us_per_request'], 1)}"
             f" | {_ratio(stats.ratio(v['rps'], direct))}"
-            f" | {_fmt(v['requests'], 0)} / {_fmt(v['counted'], 0)} |"
+            f" | {_fmt(v['requests'], 0)} / {_fmt(v['counted'], 0)}"
+            f" | {_fmt(v['single_p50'], 0)} / {_fmt(v['single_p99'], 0)} |"
         )
     out += _http_vs_l4(values)
     out += [
@@ -120,14 +121,18 @@ def _http_section(results: Mapping[str, Any]) -> list[str]:
         " run over the requests h2load completed. node2's agent parses, authorizes and counts"
         " the declared port's requests (the growth of its"
         ' `istio_requests_total{reporter="destination"}` is the last number) and relays the L4'
-        " port's as bytes (no growth).",
+        ' port\'s as bytes (no growth). "One at a time" is a second run after it on one'
+        f" connection, {s.get('http_single_requests', 0):,} requests each sent when the last"
+        " one's response ended: the time a request spends in the path with nothing queued"
+        " beside it (under the loaded run's eight, the p50 is mostly waiting for the others).",
     ]
     return out
 
 
 def _http_vs_l4(values: Mapping[str, Mapping[str, float | None]]) -> list[str]:
     """The goal of the HTTP path, measured: requests/s against the L4 path's (at least half),
-    its p50 over the L4 path's (at most 150 µs more) and the agents' CPU per request; and what
+    its p50 over the L4 path's (at most 150 µs more: loaded, and one request at a time, which
+    is the latency the proxies add to a request) and the agents' CPU per request; and what
     routing costs: the HTTPRoute path (match, split, retry) against plain HTTP via a Service."""
     out = []
     for base_key, key, what in (
@@ -138,16 +143,22 @@ def _http_vs_l4(values: Mapping[str, Mapping[str, float | None]]) -> list[str]:
         base, other = values.get(base_key), values.get(key)
         if base is None or other is None:
             continue
-        p50 = (base["p50"], other["p50"])
-        added = None if p50[0] is None or p50[1] is None else p50[1] - p50[0]
         cpu = stats.ratio(other["cpu_us_per_request"], base["cpu_us_per_request"])
         out += [
             "",
             f"{what}: req/s {_ratio(stats.ratio(other['rps'], base['rps']))}, p50"
-            f" {'+' if added is not None and added >= 0 else ''}{_fmt(added, 0)} µs, agent CPU"
-            f" per request {_ratio(cpu)}.",
+            f" {_added(base['p50'], other['p50'])} µs (one at a time:"
+            f" {_added(base['single_p50'], other['single_p50'])} µs), agent CPU per request"
+            f" {_ratio(cpu)}.",
         ]
     return out
+
+
+def _added(base: float | None, other: float | None) -> str:
+    """``other - base`` signed (``+12``, ``-3``), or a dash when either is missing."""
+    if base is None or other is None:
+        return "—"
+    return f"{'+' if other >= base else ''}{_fmt(other - base, 0)}"
 
 
 def _agents_section(results: Mapping[str, Any]) -> list[str]:

@@ -178,7 +178,11 @@ def _upgrade(s: Settings) -> dict[str, Any]:
 def _grpc(s: Settings) -> dict[str, Any]:
     say("grpc: unary calls over direct, nodemesh L4 and nodemesh gRPC (a lab of its own)")
     chosen = grpcbench.GrpcSettings(
-        reps=s.reps, seconds=s.grpc_seconds, warmup=s.grpc_warmup, clients=s.grpc_clients
+        reps=s.reps,
+        seconds=s.grpc_seconds,
+        warmup=s.grpc_warmup,
+        clients=s.grpc_clients,
+        single_calls=s.grpc_single_calls,
     )
     try:
         return grpcbench.section(chosen, say)

@@ -33,6 +33,9 @@ class Settings:
     http_seconds: float = 3.0  # h2load -D: the measured HTTP/1.1 keep-alive run
     http_warmup: float = 1.0  # an unrecorded h2load run first (HBONE pool, caches); 0: none
     http_clients: int = 8  # h2load -c: keep-alive connections, one request in flight on each
+    # h2load -c 1 -n: requests one at a time on one connection after the loaded run, for the
+    # latency a request gains through the proxies without queueing behind the others; 0: none
+    http_single_requests: int = 2000
     idle_steps: tuple[int, ...] = (1000, 2500, 5000, 10000)
     speed_seconds: int = 3  # openssl speed -seconds
     marker_bytes: int = 65536
@@ -43,6 +46,7 @@ class Settings:
     grpc_seconds: float = 3.0  # h2load -D: the measured gRPC unary run (bench.grpcbench)
     grpc_warmup: float = 1.0  # an unrecorded run first; 0: none
     grpc_clients: int = 8  # h2load -c: h2c connections, one call in flight on each
+    grpc_single_calls: int = 1000  # h2load -c 1 -n: calls one at a time, as http_single_requests
     # Extra flags for both agents (e.g. "--splice"): each is restarted with them once the lab
     # is up, before anything is measured.
     agent_args: str = ""
@@ -73,6 +77,8 @@ QUICK = Settings(
     upgrade_settle_seconds=2.0,
     grpc_seconds=1.5,
     grpc_warmup=0.5,
+    http_single_requests=300,
+    grpc_single_calls=300,
     quick=True,
 )
 
@@ -104,6 +110,8 @@ def from_arguments(args: argparse.Namespace) -> Settings:
             "bench: --http-seconds must be at least 0.001, --http-clients at least 1 and "
             "--http-warmup not negative"
         )
+    if settings.http_single_requests < 0 or settings.grpc_single_calls < 0:
+        raise SystemExit("bench: --http-single-requests and --grpc-single-calls take 0 or more")
     unknown = set(settings.sections.split(",")) - set(SECTIONS)
     if unknown:
         raise SystemExit(

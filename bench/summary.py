@@ -112,9 +112,10 @@ def path_values(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]
 
 
 def http_values(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
-    """``{HTTP path: {...}}``: medians of requests/s and request-time percentiles, the proxies'
-    CPU per request over every repetition (None without a proxy), and the totals of requests
-    h2load completed and node2's agent counted."""
+    """``{HTTP path: {...}}``: medians of requests/s and request-time percentiles (loaded, and
+    ``single_*`` with one request at a time on one connection), the proxies' CPU per request
+    over every repetition (None without a proxy), and the totals of requests h2load completed
+    and node2's agent counted."""
     samples = results["samples"]
     table: dict[str, dict[str, float | None]] = {}
     for path in results.get("http_paths", []):
@@ -129,6 +130,8 @@ def http_values(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]
             "p50": _median(samples, key, "http", "p50_us"),
             "p90": _median(samples, key, "http", "p90_us"),
             "p99": _median(samples, key, "http", "p99_us"),
+            "single_p50": _median(samples, key, "http", "single_p50_us"),
+            "single_p99": _median(samples, key, "http", "single_p99_us"),
             "cpu_us_per_request": cpu / requests * 1e6 if path["proxy_pids"] and requests else None,
             "requests": float(requests),
             "counted": float(sum(s["destination_counted"] for s in done)),
@@ -150,11 +153,19 @@ def ratios(
 def errors(results: Mapping[str, Any]) -> list[str]:
     """One line per failed sample: which path, workload and repetition, and why; and a failed
     upgrade section."""
-    found = [
-        f"{s['path']} {s['workload']} rep {s['rep']}: {s['error']}"
-        for s in results["samples"]
-        if "error" in s
-    ] + [f"{k} idle: {v['error']}" for k, v in results.get("idle", {}).items() if "error" in v]
+    found = (
+        [
+            f"{s['path']} {s['workload']} rep {s['rep']}: {s['error']}"
+            for s in results["samples"]
+            if "error" in s
+        ]
+        + [
+            f"{s['path']} {s['workload']} rep {s['rep']}, one connection: {s['single_error']}"
+            for s in results["samples"]
+            if "single_error" in s
+        ]
+        + [f"{k} idle: {v['error']}" for k, v in results.get("idle", {}).items() if "error" in v]
+    )
     upgrade = results.get("upgrade", {})
     if "error" in upgrade:
         found.append(f"upgrade: {upgrade['error']}")

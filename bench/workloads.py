@@ -204,9 +204,32 @@ def http_keepalive(bed: Testbed, path: HttpPath, s: Settings) -> dict[str, Any]:
         if "error" in warm:
             return {"error": f"warm-up: {warm['error']}"}
     try:
-        return _measured_http(bed, path, s, base, url)
+        found = _measured_http(bed, path, s, base, url)
+        if "error" in found or s.http_single_requests == 0:
+            return found
+        return {**found, **_single_http(bed, path, s, url)}
     except (OSError, RuntimeError, h2load.H2loadOutputError) as e:
         return {"error": f"h2load {url}: {e}"}
+
+
+def _single_http(bed: Testbed, path: HttpPath, s: Settings, url: str) -> dict[str, Any]:
+    """``s.http_single_requests`` requests one after another on one connection: the time a
+    request spends in the path when nothing queues beside it (with eight in flight, the p50 is
+    mostly the wait for the other seven on two shared cores). Its ``single_*_us`` percentiles
+    are what "added p50" means for one request; an error is reported as ``single_error`` and
+    leaves the loaded run's numbers standing."""
+    log = Path(bed.the_lab.state_dir) / "logs" / "bench-h2load-single.log"
+    log.unlink(missing_ok=True)
+    argv = ["h2load", "--h1", "-c", "1", "-t", "1", "-n", str(s.http_single_requests),
+            f"--log-file={log}", url]  # fmt: skip
+    raw = _h2load(bed, path, argv, 30.0)
+    if "error" in raw:
+        return {"single_error": raw["error"]}
+    found = h2load.summary(raw["stdout"])
+    times = h2load.latencies_us(log.read_text(encoding="ascii"))
+    if found["succeeded"] != s.http_single_requests or len(times) != found["requests"]:
+        return {"single_error": f"{found['succeeded']} of {s.http_single_requests} succeeded"}
+    return {f"single_{k}_us": v for k, v in stats.percentiles(times, HTTP_POINTS).items()}
 
 
 def _measured_http(

@@ -185,7 +185,9 @@ def test_idle_agents_section_gives_each_agent_process_its_rss_and_how_it_got_its
 
 def _http(rep: int, key: str, rps: float, p50: float, cpu: float, counted: int) -> dict[str, Any]:
     return sample(rep, key, "http", rps=rps, p50_us=p50, p90_us=p50 * 2, p99_us=p50 * 4,
-                  requests=1000, proxy_cpu_s=cpu, destination_counted=counted)  # fmt: skip
+                  requests=1000, proxy_cpu_s=cpu, destination_counted=counted,
+                  single_p50_us=p50 / 10 + rep, single_p90_us=p50 / 5,
+                  single_p99_us=p50 / 2)  # fmt: skip
 
 
 def test_http_section_medians_cpu_per_request_and_what_node2_counted() -> None:
@@ -212,13 +214,14 @@ def test_http_section_medians_cpu_per_request_and_what_node2_counted() -> None:
     assert (values["mesh_http"]["requests"], values["mesh_http"]["counted"]) == (2000, 2002)
     text = report.markdown(done, None)
     assert "## HTTP/1.1 keep-alive (`h2load --h1`, 8 connections, 3 s per repetition)" in text
-    assert "| L4 | 4,000 | 100 | 200 | 400 | 100.0 | 0.40x | 3,000 / 0 |" in text
-    assert "| HTTP | 2,500 | 200 | 400 | 800 | 200.0 | 0.25x | 2,000 / 2,002 |" in text
+    # The last column: one request at a time on one connection (medians: 10 + rep for L4).
+    assert "| L4 | 4,000 | 100 | 200 | 400 | 100.0 | 0.40x | 3,000 / 0 | 11 / 50 |" in text
+    assert "| HTTP | 2,500 | 200 | 400 | 800 | 200.0 | 0.25x | 2,000 / 2,002 | 20 / 100 |" in text
     assert "- mesh_http http rep 2: h2load exited 1: connect error" in text
     # The HTTP path's goals, against the L4 path of the same runs.
     assert (
-        "nodemesh HTTP against nodemesh L4 (pod port): req/s 0.62x, p50 +100 µs, agent CPU per"
-        " request 2.00x."
+        "nodemesh HTTP against nodemesh L4 (pod port): req/s 0.62x, p50 +100 µs (one at a time:"
+        " +10 µs), agent CPU per request 2.00x."
     ) in text
     assert "HTTP/1.1 keep-alive" not in report.markdown(results(), None)
     assert "routed" not in text  # no routed path in these results: no line for it
@@ -236,11 +239,32 @@ def test_the_routed_path_is_compared_with_plain_http_via_a_service() -> None:
     ]
     done["settings"] |= {"http_clients": 8, "http_seconds": 3.0}
     text = report.markdown(done, None)
-    assert "| Service routed | 1,600 | 380 | 760 | 1,520 | 450.0 | — | 3,000 / 3,000 |" in text
     assert (
-        "nodemesh HTTP routed (HTTPRoute) against plain via a Service: req/s 0.80x, p50 +80 µs,"
-        " agent CPU per request 1.50x."
+        "| Service routed | 1,600 | 380 | 760 | 1,520 | 450.0 | — | 3,000 / 3,000 | 39 / 190 |"
     ) in text
+    assert (
+        "nodemesh HTTP routed (HTTPRoute) against plain via a Service: req/s 0.80x, p50 +80 µs"
+        " (one at a time: +8 µs), agent CPU per request 1.50x."
+    ) in text
+
+
+def test_a_failed_one_at_a_time_run_is_a_failure_and_its_column_a_dash() -> None:
+    done = results()
+    done["http_paths"] = [
+        {"key": "mesh_l4", "title": "L4", "proxy_pids": [1, 2]},
+        {"key": "mesh_http", "title": "HTTP", "proxy_pids": [1, 2]},
+    ]
+    broken = {k: v for k, v in _http(0, "mesh_http", 2e3, 200.0, 0.2, 1000).items()}
+    for field in ("single_p50_us", "single_p90_us", "single_p99_us"):
+        del broken[field]
+    broken["single_error"] = "1999 of 2000 succeeded"
+    done["samples"] += [_http(0, "mesh_l4", 4e3, 100.0, 0.1, 0), broken]
+    done["settings"] |= {"http_clients": 8, "http_seconds": 3.0, "http_single_requests": 2000}
+    text = report.markdown(done, None)
+    assert "| HTTP | 2,000 | 200 | 400 | 800 | 200.0 | — | 1,000 / 1,000 | — / — |" in text
+    assert "(one at a time: — µs)" in text
+    assert "- mesh_http http rep 0, one connection: 1999 of 2000 succeeded" in text
+    assert "2,000 requests each sent when the last one's response ended" in text
 
 
 def test_a_run_of_the_http_section_alone_shows_no_empty_tcp_tables() -> None:

@@ -35,7 +35,7 @@ class Settings:
     http_clients: int = 8  # h2load -c: keep-alive connections, one request in flight on each
     # h2load -c 1 -n: requests one at a time on one connection after the loaded run, for the
     # latency a request gains through the proxies without queueing behind the others; 0: none
-    http_single_requests: int = 2000
+    http_single_requests: int = 1000
     idle_steps: tuple[int, ...] = (1000, 2500, 5000, 10000)
     speed_seconds: int = 3  # openssl speed -seconds
     marker_bytes: int = 65536
@@ -46,7 +46,7 @@ class Settings:
     grpc_seconds: float = 3.0  # h2load -D: the measured gRPC unary run (bench.grpcbench)
     grpc_warmup: float = 1.0  # an unrecorded run first; 0: none
     grpc_clients: int = 8  # h2load -c: h2c connections, one call in flight on each
-    grpc_single_calls: int = 1000  # h2load -c 1 -n: calls one at a time, as http_single_requests
+    grpc_single_calls: int = 500  # h2load -c 1 -n: calls one at a time, as http_single_requests
     # Extra flags for both agents (e.g. "--splice"): each is restarted with them once the lab
     # is up, before anything is measured.
     agent_args: str = ""

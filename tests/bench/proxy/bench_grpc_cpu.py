@@ -1,0 +1,266 @@
+"""CPU per gRPC unary call through both node proxies, in one process, with their shells: what a
+change to the HTTP/2 path costs or saves, HBONE, TLS, telemetry and the access log included.
+
+    sudo .venv/bin/python -m tests.bench.proxy.bench_grpc_cpu vip|pod|l4|direct \
+        [--calls 4000] [--rounds 5] [--connections 4] [--no-access-log] [--log FILE]
+
+``tests.bench.proxy.bench_h2call`` measures the two HTTP/2 cores alone, without sockets; this
+runs the real ``NodeProxy`` objects of ``tests/integration/proxy/mesh.py`` (HBONE with mTLS
+between them, on uvloop, request telemetry and the access log wired as the agent wires them,
+as ``bench_http_cpu`` does for HTTP/1.1), so the difference between the two is what the shells
+cost. Paths: ``vip`` a Service VIP port declared ``appProtocol: grpc`` (node1 terminates h2c
+and picks an endpoint per call, node2 relays frames), ``pod`` the pod's IP on that declared
+port (node2 only), ``l4`` the same pod on a port nothing declares (bytes over HBONE),
+``direct`` no proxy (the clients' and app's own share).
+
+The client and the app speak h2c from prepared bytes (no ``h2``: its CPU per call would hide
+the proxies'): each client sends one unary call at a time, a header block encoded without the
+dynamic table and a 9-byte gRPC message; the app answers each request stream with a head, a
+message and trailers (``grpc-status: 0``). Both acknowledge SETTINGS and PING and open their
+windows wide at the start, so no flow control stalls them.
+
+Prints the process CPU time per call of each measured round (after a warm-up) and the best;
+``--callgrind`` as in ``bench_http_cpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import uvloop
+
+import tests.integration.proxy.mesh as mesh_module
+from agent.state import Endpoint, Service, ServicePort
+from agent.telemetry.accesslog import ACCESS_LOGGER, RequestSampler
+from agent.telemetry.http import HttpMetrics
+from agent.telemetry.tcp import TcpMetrics
+from tests.bench.proxy.bench_http_cpu import _callgrind, _captured
+from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, free_port
+
+VIP = "10.96.7.3"
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0x0, 0x1, 0x4, 0x6, 0x7, 0x8
+END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
+WIDE = 1 << 30  # a window increment that no run uses up
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes((kind, flags))
+        + struct.pack(">I", stream)
+        + payload
+    )
+
+
+def block(*fields: tuple[bytes, bytes]) -> bytes:
+    """HPACK literals without indexing and with new names: no dynamic table on either side."""
+    out = bytearray()
+    for name, value in fields:
+        out += b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+    return bytes(out)
+
+
+def opening() -> bytes:
+    """SETTINGS (initial window 1 GiB) and a connection WINDOW_UPDATE of 1 GiB."""
+    settings = struct.pack(">HI", 0x4, WIDE)
+    return frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", WIDE))
+
+
+MESSAGE = b"\x00" + struct.pack(">I", 4) + b"ping"
+REPLY = b"\x00" + struct.pack(">I", 4) + b"pong"
+
+
+def request_head(authority: bytes) -> bytes:
+    return block(
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/nodemesh.bench.Echo/Unary"),
+        (b":authority", authority),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        (b"user-agent", b"bench-grpc"),
+    )
+
+
+RESPONSE_HEAD = block((b":status", b"200"), (b"content-type", b"application/grpc"))
+TRAILERS = block((b"grpc-status", b"0"), (b"grpc-message", b""))
+
+
+class Frames:
+    """Splits a byte stream into (type, flags, stream, payload), answering SETTINGS and PING."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport, self.buffer = transport, b""
+
+    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
+        self.buffer += data
+        out = []
+        while len(self.buffer) >= 9:
+            length = int.from_bytes(self.buffer[:3], "big")
+            if len(self.buffer) < 9 + length:
+                break
+            kind, flags = self.buffer[3], self.buffer[4]
+            stream = int.from_bytes(self.buffer[5:9], "big") & 0x7FFFFFFF
+            payload = self.buffer[9 : 9 + length]
+            self.buffer = self.buffer[9 + length :]
+            if kind == SETTINGS and not flags & ACK:
+                self.transport.write(frame(SETTINGS, ACK, 0))
+            elif kind == PING and not flags & ACK:
+                self.transport.write(frame(PING, ACK, 0, payload))
+            elif kind == GOAWAY:
+                raise AssertionError(f"GOAWAY from the peer: {payload!r}")
+            out.append((kind, flags, stream, payload))
+        return out
+
+
+class App(asyncio.Protocol):
+    """Answers every request stream, once its END_STREAM arrived, with head, message, trailers."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.frames, self.preface = Frames(self.transport), b""
+        self.transport.write(opening())
+
+    def data_received(self, data: bytes) -> None:
+        if len(self.preface) < len(PREFACE):
+            take = len(PREFACE) - len(self.preface)
+            self.preface, data = self.preface + data[:take], data[take:]
+        answers = []
+        for kind, flags, stream, _ in self.frames.feed(data):
+            if kind in (HEADERS, DATA) and flags & END_STREAM:
+                answers.append(
+                    frame(HEADERS, END_HEADERS, stream, RESPONSE_HEAD)
+                    + frame(DATA, 0, stream, REPLY)
+                    + frame(HEADERS, END_HEADERS | END_STREAM, stream, TRAILERS)
+                )
+        if answers:
+            self.transport.write(b"".join(answers))
+
+
+class Client(asyncio.Protocol):
+    """``count`` unary calls, one at a time on one h2c connection; ``done`` after the last."""
+
+    def __init__(self, count: int, authority: bytes, done: asyncio.Future[None]) -> None:
+        self.left, self.done, self.stream = count, done, 1
+        self.head = request_head(authority)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.frames = Frames(self.transport)
+        self.transport.write(PREFACE + opening() + self._call())
+
+    def _call(self) -> bytes:
+        return frame(HEADERS, END_HEADERS, self.stream, self.head) + frame(
+            DATA, END_STREAM, self.stream, MESSAGE
+        )
+
+    def data_received(self, data: bytes) -> None:
+        for kind, flags, stream, payload in self.frames.feed(data):
+            if kind == DATA and stream == self.stream and payload != REPLY:
+                self.done.set_exception(AssertionError(f"not the app's message: {payload!r}"))
+                return
+            if stream != self.stream or kind != HEADERS or not flags & END_STREAM:
+                continue
+            self.left -= 1
+            if self.left == 0:
+                self.done.set_result(None)
+                return
+            self.stream += 2
+            self.transport.write(self._call())
+
+
+def _declare(mesh: Mesh, path: str, port: int, l4_port: int) -> tuple[str, int]:
+    """The Service declaring ``port`` gRPC (``l4`` dials ``l4_port``, which nothing declares)."""
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        tx.put_service(
+            Service("echo", "default", (VIP,), (grpc,), {"app": "server"}, (Endpoint(SERVER),))
+        )
+    return {"vip": (VIP, 50051), "pod": (SERVER, port), "l4": (SERVER, l4_port)}.get(
+        path, (SERVER, port)
+    )
+
+
+async def run(args: argparse.Namespace) -> list[float]:
+    loop = asyncio.get_running_loop()
+    mesh = Mesh(handshake_timeout=120.0 if args.callgrind else 10.0)
+    await mesh.start()
+    try:
+        for node in (mesh.node1, mesh.node2):
+            node.core.registry.observers.append(TcpMetrics(mesh.store))
+            metrics = HttpMetrics(mesh.store, sampler=RequestSampler(1.0))
+            node.core.registry.request_observers.append(metrics)
+        port, l4_port = free_port(SERVER), free_port(SERVER)
+        dst = _declare(mesh, args.path, port, l4_port)
+        servers = [await loop.create_server(App, SERVER, p) for p in (port, l4_port)]
+        authority = f"{dst[0]}:{dst[1]}".encode()
+
+        async def batch(per_connection: int) -> None:
+            done: list[asyncio.Future[None]] = []
+            for _ in range(args.connections):
+                host, p = dst if args.path == "direct" else await _captured(mesh, dst)
+                finished: asyncio.Future[None] = loop.create_future()
+                client = Client(per_connection, authority, finished)
+                made: Callable[[], Client] = lambda client=client: client  # noqa: E731
+                await loop.create_connection(made, host, p, local_addr=(CLIENT, 0))
+                done.append(finished)
+            await asyncio.wait_for(asyncio.gather(*done), 600)
+
+        await batch(50)  # connections, sessions, label series and caches made
+        per_round: list[float] = []
+        per_connection = args.calls // args.connections
+        for _ in range(args.rounds):
+            if args.callgrind:
+                _callgrind(True)
+            started = time.process_time()
+            await batch(per_connection)
+            used = time.process_time() - started
+            if args.callgrind:
+                _callgrind(False)
+            per_round.append(used / (per_connection * args.connections) * 1e6)
+        for server in servers:
+            server.close()
+        return per_round
+    finally:
+        await mesh.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", choices=["vip", "pod", "l4", "direct"])
+    parser.add_argument("--calls", type=int, default=4000, help="per measured round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--no-access-log", action="store_true", help="the log's logger off")
+    parser.add_argument("--log", default=os.devnull, help="where the access log goes")
+    parser.add_argument("--callgrind", action="store_true", help="see bench_http_cpu")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        parser.error("the mesh's sockets need root (SO_MARK, IP_TRANSPARENT): run with sudo")
+    if args.callgrind:  # ~50x slower: no connect may time out
+        settings: Any = mesh_module.ProxySettings
+        mesh_module.ProxySettings = lambda **kw: settings(**{**kw, "connect_timeout": 120.0})  # type: ignore[misc,assignment]
+    with open(args.log, "a") as log_file:
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=log_file,
+        )
+        if args.no_access_log:
+            logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            per_round = runner.run(run(args))
+    rounds = " ".join(f"{us:.1f}" for us in per_round)
+    print(f"{args.path}: process CPU µs per call: {rounds}; best {min(per_round):.1f}")
+
+
+if __name__ == "__main__":
+    main()

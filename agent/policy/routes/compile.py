@@ -73,6 +73,7 @@ REF_NOT_PERMITTED = "RefNotPermitted"
 FILTER_NOT_FOUND = "FilterNotFound"  # an ExtensionRef's object does not exist
 
 MAX_MATCHES = 128  # across all rules of a route (the spec's CEL rule)
+MAX_RETRY_ATTEMPTS = 1000  # nodemesh's bound on HTTPRouteRetry.attempts (the API sets none)
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 # Filter type -> the field holding its configuration.
@@ -780,7 +781,20 @@ def _retry(value: object, path: str) -> Retry | None:
     )
     backoff = body.get("backoff")
     return Retry(
-        _int(body.get("attempts", 1), f"{path}.attempts", 0, 1000),
+        _attempts(body.get("attempts", 1), f"{path}.attempts"),
         codes,
         None if backoff is None else _duration(backoff, f"{path}.backoff"),
     )
+
+
+def _attempts(value: object, path: str) -> int:
+    """HTTPRouteRetry.attempts, at least 1 (the API's ``Minimum=1``): 0 would be a ``retry``
+    that never retries, which the API server refuses; the lab, without one, would otherwise
+    accept it and a reader of the route would believe requests are retried."""
+    if value == 0 and not isinstance(value, bool):
+        raise RouteError(
+            path,
+            f"is 0, but the Gateway API's minimum is 1 (valid: 1 to {MAX_RETRY_ATTEMPTS}); "
+            "to not retry, remove the rule's retry",
+        )
+    return _int(value, path, 1, MAX_RETRY_ATTEMPTS)

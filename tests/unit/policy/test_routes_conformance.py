@@ -804,6 +804,30 @@ def test_timeouts_request_and_backend_request() -> None:
     assert _refused([{"timeouts": {"request": "1.5s"}}]) == "spec.rules[0].timeouts.request"
 
 
+@pytest.mark.parametrize("attempts", [0, -1, 1001, True, "2"])
+def test_retry_attempts_below_one_or_not_an_integer_refuse_the_route(attempts: object) -> None:
+    """HTTPRouteRetry.Attempts: ``+kubebuilder:validation:Minimum:=1`` (gateway-api #4892).
+    The lab has no API server to refuse 0, so nodemesh does: the route is refused whole
+    (``Accepted=False``, ``UnsupportedValue``) and its status names the field and the range."""
+    rules = [{"retry": {"attempts": attempts, "codes": [503]}}]
+    assert _refused(rules) == "spec.rules[0].retry.attempts"
+    (verdict,) = _table([route("r", rules)]).verdicts[("HTTPRoute", NS, "r")]
+    assert (verdict.accepted.status, verdict.accepted.reason) == (False, "UnsupportedValue")
+    assert verdict.accepted.message.startswith("spec.rules[0].retry.attempts: ")
+    assert "1 to 1000" in verdict.accepted.message
+    if attempts == 0:
+        assert "remove the rule's retry" in verdict.accepted.message
+
+
+def test_retry_attempts_from_one_are_accepted() -> None:
+    """The smallest valid HTTPRouteRetry.Attempts (1) and nodemesh's largest (1000)."""
+    for attempts in (1, 1000):
+        result = _compiled([{"retry": {"attempts": attempts}}])
+        assert isinstance(result, Route)
+        retry = result.rules[0].retry
+        assert retry is not None and retry.attempts == attempts
+
+
 # -- GRPCRoute -------------------------------------------------------------------------------
 GRPC_SERVICES = [
     svc("echo", (80, "grpc")),

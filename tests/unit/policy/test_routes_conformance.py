@@ -41,7 +41,7 @@ from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint as H2Endpoint
 from agent.proxy.h2route import route_request
 from agent.proxy.http1 import RequestHead
-from agent.proxy.http_router import HttpRouter
+from agent.proxy.http_router import HttpRouter, LocalResponse
 from agent.proxy.resolve import ServiceTarget
 from agent.state import Endpoint, RouteObject, StateStore
 from tests.unit.policy.routes_fixtures import (
@@ -919,6 +919,35 @@ def test_grpc_exact_names_are_checked_as_the_spec_does(
     assert path == "spec.rules[0].matches[0].method" + (f".{field}" if field else "")
     regex = {"type": "RegularExpression", "service": "pkg/.*"}
     assert isinstance(_compiled([{"matches": [{"method": regex}]}], kind="GRPCRoute"), Route)
+
+
+def test_a_grpcroute_without_rules_answers_unimplemented_naming_the_route() -> None:
+    """GRPCRouteSpec.Rules has no MinItems (an HTTPRoute's has 1): ``rules: []`` is valid, is
+    attached, and matches no call, so every call is ``UNIMPLEMENTED``. The refusal names the
+    route like any other (the proxy logs its detail), not an empty list."""
+    empty = route("g", [], kind="GRPCRoute")
+    assert isinstance(_compiled([], "GRPCRoute"), Route)
+    table = _table([empty], GRPC_SERVICES)
+    decision = table.grpc(ECHO, 80, GrpcRequest("pkg.Echo", "Unary"), client_namespace=NS)
+    assert decision == NoMatchingRule((("GRPCRoute", NS, "g"),))
+    store = StateStore()
+    with store.update() as tx:
+        for s in GRPC_SERVICES:
+            tx.put_service(s)
+        tx.put_route(empty)
+    service = store.snapshot().services[ECHO]
+    router = HttpRouter(TrafficControl(clock=FakeClock(), rng=random.Random(3)))
+    with pytest.raises(LocalResponse) as e:
+        router.admit(
+            store.snapshot(),
+            ServiceTarget(service, service.ports[0], "10.96.0.1"),
+            GrpcRequest("pkg.Echo", "Unary"),
+            "10.244.1.5",
+            None,
+            ("node1", None),
+            client_namespace=NS,
+        )
+    assert e.value.status == 404 and e.value.detail == f"no rule of {NS}/g matched"
 
 
 def test_httproutes_and_grpcroutes_are_not_merged() -> None:

@@ -352,7 +352,7 @@ CONSUMER_PARENT = [{"group": "", "kind": "Service", "name": "echo", "namespace":
 def test_a_consumer_route_applies_only_to_its_namespaces_clients() -> None:
     """MeshConsumerRoute / GEP-1294: a route in another namespace than its Service affects only
     requests from that namespace, and (GEP-1686) has priority over the producer's routes. Its
-    backendRef may name the parent Service across namespaces without a ReferenceGrant."""
+    backendRefs may name Services of another namespace without a ReferenceGrant."""
     producer = route("producer", [{"backendRefs": [backend("echo-v1")]}])
     consumer = route(
         "consumer",
@@ -361,10 +361,10 @@ def test_a_consumer_route_applies_only_to_its_namespaces_clients() -> None:
         parents=CONSUMER_PARENT,
     )
     table = _table([producer, consumer])
-    # echo-v2 is not the parent: RefNotPermitted, its requests are 500s (a resolved=False pick).
-    # Stricter than GEP-1294, which allows any namespace without a ReferenceGrant (README).
     (verdict,) = table.verdicts[consumer.key]
-    assert (verdict.accepted.status, verdict.resolved.reason) == (True, "RefNotPermitted")
+    assert (verdict.accepted.status, verdict.resolved.status) == (True, True)
+    action = table.http(ECHO, 80, _get("/"), client_namespace="client-ns")
+    assert isinstance(action, RouteAction) and action.backends[0].resolved
     assert _to(table, _get("/"), client="client-ns") == "echo-v2"
     assert _to(table, _get("/"), client=NS) == "echo-v1"
     assert _to(table, _get("/"), client="third-ns") == "echo-v1"
@@ -428,13 +428,51 @@ def test_a_backend_port_the_service_lacks_is_backend_not_found() -> None:
     assert isinstance(action, RouteAction) and not action.backends[0].resolved
 
 
-def test_backend_kind_and_namespace_refusals_are_resolved_refs_reasons() -> None:
-    """BackendObjectReference: another kind → InvalidKind; another namespace without a
-    ReferenceGrant → RefNotPermitted (nodemesh reads no ReferenceGrant: README)."""
+def test_a_backend_of_another_kind_is_invalid_kind() -> None:
+    """BackendObjectReference: a kind other than Service → InvalidKind."""
     import_ref = {"group": "multicluster.x-k8s.io", "kind": "ServiceImport", "name": "e"}
     assert _verdict(route("r", [{"backendRefs": [import_ref]}])).resolved.reason == "InvalidKind"
-    other = {"name": "echo-v1", "namespace": "elsewhere", "port": 80}
-    assert _verdict(route("r", [{"backendRefs": [other]}])).resolved.reason == "RefNotPermitted"
+
+
+def test_backends_and_mirrors_may_name_any_namespace_without_a_reference_grant() -> None:
+    """GEP-1294, "Namespace boundaries": "Routes of either type can send traffic to
+    backendRefs in any namespace. Unlike Gateway bound routes, this is allowed without a
+    ReferenceGrant", unless the mesh would reach a broader scope than the client could; in
+    nodemesh the request keeps the client's identity and meets the backend's own policies, so
+    no ReferenceGrant is asked for. A Service missing there is BackendNotFound, as here."""
+    pod = Endpoint("10.244.9.9", "elsewhere/echo-v1-0")
+    elsewhere = dataclasses.replace(svc("echo-v1", namespace="elsewhere"), endpoints=(pod,))
+    ref = {"name": "echo-v1", "namespace": "elsewhere", "port": 80}
+    mirror = _filter("RequestMirror", {"backendRef": ref})
+    r = route("r", [{"backendRefs": [ref], "filters": [mirror]}])
+    table = _table([r], [*mesh_services(), elsewhere])
+    (verdict,) = table.verdicts[r.key]
+    assert (verdict.accepted.status, verdict.resolved.status) == (True, True)
+    action = table.http(ECHO, 80, _get("/"), client_namespace=NS)
+    assert isinstance(action, RouteAction)
+    assert action.backends == (Backend("elsewhere", "echo-v1", 80),)
+    assert [m.backend.resolved for m in action.filters.mirrors] == [True]
+    # The source path sends the request to that Service's endpoints.
+    store = StateStore()
+    with store.update() as tx:
+        for s in [*mesh_services(), elsewhere]:
+            tx.put_service(s)
+        tx.put_route(r)
+    service = store.snapshot().services[ECHO]
+    router = HttpRouter(TrafficControl(clock=FakeClock(), rng=random.Random(3)))
+    plan = router.admit(
+        store.snapshot(),
+        ServiceTarget(service, service.ports[0], "10.96.0.1"),
+        _get("/"),
+        "10.244.1.5",
+        None,
+        ("node1", None),
+        client_namespace=NS,
+    )
+    assert plan.backend.service.key == ("elsewhere", "echo-v1")
+    assert plan.attempts.next_endpoint() == pod.ip
+    missing = route("m", [{"backendRefs": [ref]}])
+    assert _verdict(missing).resolved.reason == "BackendNotFound"  # no Service there
 
 
 def test_an_unresolved_mirror_backend_is_resolved_refs_false() -> None:

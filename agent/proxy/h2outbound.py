@@ -31,13 +31,14 @@ proxy port is refused), which would match no L7 rule: under ALLOW it refused eve
 DENY one denied method refused them all.
 
 Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
-request's endpoint). The balancer learns each request's time to response headers
-(``Attempts.finish(first_byte_at=...)``). An endpoint whose tunnel cannot be opened (within
-the try's ``perTryTimeout``) counts against it with its cause (``balanced.classify``), and the
-requests that waited for it go to another endpoint as the backend Service's TrafficPolicy
-``retries`` allow (``h2route.ServiceRetries``; a pod's REFUSED_STREAM likewise), else are
-answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure then counted as a rejection, as the
-last attempt's failure of a connection is).
+request's endpoint), with the source's own flags only: a same-node endpoint's refusal is
+reported there without its ``RBAC``/``RL``, as a far node's 403 or 429 is. The balancer learns
+each request's time to response headers (``Attempts.finish(first_byte_at=...)``). An endpoint
+whose tunnel cannot be opened (within the try's ``perTryTimeout``) counts against it with its
+cause (``balanced.classify``), and the requests that waited for it go to another endpoint as
+the backend Service's TrafficPolicy ``retries`` allow (``h2route.ServiceRetries``; a pod's
+REFUSED_STREAM likewise), else are answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure
+then counted as a rejection, as the last attempt's failure of a connection is).
 
 A request that reached a same-node endpoint (its policy's refusal included) is reported with
 ``reporter="destination"`` too (``same_node_destination``): no other proxy sees it. So is each
@@ -93,8 +94,8 @@ from agent.proxy.h2proxy import (
     PickRequest,
 )
 from agent.proxy.h2route import Endpoint, admitted, route_request
-from agent.proxy.http1 import UPSTREAM_CLOSED, RequestHead, Verdict
-from agent.proxy.http_inbound import ALLOWED, request_verdict
+from agent.proxy.http1 import NO_FLAGS, UPSTREAM_CLOSED, RequestHead, Verdict
+from agent.proxy.http_inbound import ALLOWED, REFUSAL_FLAGS, request_verdict
 from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
 from agent.proxy.httpidle import IdleTimer, closed
@@ -484,8 +485,12 @@ class H2SourceSession(CallbackShell):
         for exchange in self.proxy.take_completed():
             self._idle.busy()  # a request came and went: the idle period starts again
             own = exchange.flags  # the source's own (DI) are added by ``_finish``
-            self._finish(exchange)
             connection = self._request_connection(exchange)
+            if connection.path == "local" and own in REFUSAL_FLAGS:
+                # A same-node endpoint's refusal (``_admit``): its destination's flag. A far
+                # node's reaches the source as a plain response, reported without one.
+                exchange.flags = NO_FLAGS
+            self._finish(exchange)
             record = h2_request_record(exchange)
             core.registry.request_done(connection, record, carried_by=self.record)
             key = exchange.upstream

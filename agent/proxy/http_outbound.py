@@ -59,11 +59,13 @@ node would, once the try has its session (pooled, or connected: a try whose conn
 never met the pod's policy nor spent its token), and a refusal is that try's answer
 (``SourceHttp1.answer_try``): a rule that retries its status sends the request again, as it
 would a far node's 403 or 429. Requests are reported with ``reporter="source"``
-(``Registry.request_done``), labelled with the endpoint that served them; each try a same-node
-endpoint answered is reported with ``reporter="destination"`` too, as that pod's proxy would
-have (``same_node_destination``), since no other proxy sees it: the last one with the request,
-one dropped for a retry when it is (``_report_try``), each from when the try reached the pod
-(not a delay injected here). The client connection's ``ConnectionRecord`` keeps the byte
+(``Registry.request_done``), labelled with the endpoint that served them, with the source's own
+flags only (a same-node refusal's ``RBAC``/``RL`` is its destination's, as a far node's 403 or
+429 comes to the source as a plain response); each try a same-node endpoint answered is
+reported with ``reporter="destination"`` too, as that pod's proxy would have
+(``same_node_destination``), since no other proxy sees it: the last one with the request, one
+dropped for a retry when it is (``_report_try``), each from when the try reached the pod (not
+a delay injected here). The client connection's ``ConnectionRecord`` keeps the byte
 counts for the TCP metrics.
 """
 
@@ -1312,7 +1314,9 @@ class _ClientConnection:
             request = _Request()
         if self.timed is request:
             self._disarm()
-        flags = exchange.flags
+        # A same-node endpoint's refusal carries its destination's flag (RBAC, RL); a far
+        # node's reaches the source as a plain 403/429, so the source's report has none.
+        flags = NO_FLAGS if request.refused else exchange.flags
         if request.plan is not None:
             reset = exchange.status == 503 and exchange.flags == UPSTREAM_CLOSED
             request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)

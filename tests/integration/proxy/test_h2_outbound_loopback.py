@@ -555,10 +555,11 @@ async def test_an_allow_on_paths_lets_its_calls_reach_the_same_node_pod(mesh: Me
     _settled(traffic)
     both = {"source": 2.0, "destination": 2.0}
     assert _by_reporter(source, grpc_response_status="0") == both
+    # The refusal's flag is its destination's: the source reports it as a far node's, without.
     assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == {
-        "source": 1.0,
-        "destination": 1.0,
+        "destination": 1.0
     }
+    assert _by_reporter(source, grpc_response_status="7", response_flags="-") == {"source": 1.0}
 
 
 @mesh_test
@@ -574,13 +575,12 @@ async def test_a_deny_on_one_method_refuses_only_its_calls_to_the_same_node_pod(
     assert answers == ["0", "7", "0", "403", "200", "7", "0"]
     assert received == ["/pkg.Echo/Get", "/pkg.Echo/Get", "/status", "/pkg.Echo/Get"]
     _settled(traffic)
-    denied = {"source": 2.0, "destination": 2.0}
-    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == denied
-    assert _by_reporter(source, response_code="403", response_flags="RBAC") == {
-        "source": 1.0,
-        "destination": 1.0,
+    # The refusals' flag is their destination's: the source reports them as a far node's.
+    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == {
+        "destination": 2.0
     }
-    assert _by_reporter(source, response_flags="-") == {"source": 4.0, "destination": 4.0}
+    assert _by_reporter(source, response_code="403", response_flags="RBAC") == {"destination": 1.0}
+    assert _by_reporter(source, response_flags="-") == {"source": 7.0, "destination": 4.0}
     (labels,) = (dict(k) for k in series(source, reporter="destination", response_code="403"))
     assert (labels["destination_workload"], labels["source_workload"]) == ("local", "client")
 
@@ -606,12 +606,66 @@ async def test_a_rate_limit_on_the_same_node_pod_is_applied_after_its_policy(mes
     assert received == ["/pkg.Echo/Get", "/status", "/pkg.Echo/Get"]
     assert mesh.node1.core.registry.rate_limited == {FRONT: 3}
     _settled(traffic)
-    both = {"source": 2.0, "destination": 2.0}
-    assert _by_reporter(source, grpc_response_status="8", response_flags="RL") == both
-    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == both
-    once = {"source": 1.0, "destination": 1.0}
-    assert _by_reporter(source, response_code="429", response_flags="RL") == once
-    assert _by_reporter(source, response_flags="-") == {"source": 3.0, "destination": 3.0}
+    # Each refusal's flag is on its destination report only, as a far node's would be.
+    assert _by_reporter(source, grpc_response_status="8", response_flags="RL") == {
+        "destination": 2.0
+    }
+    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == {
+        "destination": 2.0
+    }
+    assert _by_reporter(source, response_code="429", response_flags="RL") == {"destination": 1.0}
+    assert _by_reporter(source, response_flags="-") == {"source": 8.0, "destination": 3.0}
+
+
+@mesh_test
+async def test_a_same_node_refusal_is_reported_by_the_source_as_a_far_nodes_is(mesh: Mesh) -> None:
+    """A DENY on one method and one token per pod (both nodes' clocks frozen): the same
+    requests get the same answers whether ``front``'s one endpoint is on node2 or node1, and
+    the source reports them the same: a far node's refusal reaches it as a plain response
+    (PERMISSION_DENIED, 429), so a same-node one is reported without the ``RBAC``/``RL`` its
+    destination report carries."""
+    port = free_port(SERVER)
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/pkg.Echo/Delete"]}}]}]}
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no-delete", deny))
+    mesh.node1.core.clock = mesh.node2.core.clock = lambda: 100.0
+    source, destination = observe(mesh)
+    paths = ["/pkg.Echo/Delete", "/pkg.Echo/Get", "/status"]
+    reported: dict[str, Counter[tuple[str, ...]]] = {}
+    apps = [await asyncio.start_server(_recording_app([]), ip, port) for ip in (SERVER, LOCAL)]
+    try:
+        for pod in (SERVER, LOCAL):
+            before = _source_view(source)
+            _front(mesh, port, pod)
+            with mesh.store.update() as tx:
+                tx.put_policy(_limit("front", 1))
+            conn, reader, writer = await _client(mesh)
+            assert await _requests(conn, reader, writer, paths) == ["7", "0", "429"], pod
+            writer.close()
+            reported[pod] = _source_view(source) - before
+    finally:
+        for app in apps:
+            app.close()
+    assert (
+        reported[LOCAL]
+        == reported[SERVER]
+        == Counter({("200", "7", "-"): 1, ("200", "0", "-"): 1, ("429", "", "-"): 1})
+    )
+    for metrics in (destination, source):  # the far pod's destination report, and node1's
+        assert _by_reporter(metrics, grpc_response_status="7", response_flags="RBAC") == {
+            "destination": 1.0
+        }
+        assert _by_reporter(metrics, response_code="429", response_flags="RL") == {
+            "destination": 1.0
+        }
+
+
+def _source_view(metrics: HttpMetrics) -> Counter[tuple[str, ...]]:
+    """(response_code, grpc_response_status, response_flags) → requests reported as source."""
+    out: Counter[tuple[str, ...]] = Counter()
+    for labels, value in series(metrics, reporter="source").items():
+        lb = dict(labels)
+        out[(lb["response_code"], lb["grpc_response_status"], lb["response_flags"])] += int(value)
+    return out
 
 
 def _answering(

@@ -20,10 +20,12 @@ as at a destination; then the pod port's RateLimitPolicies, ``Core.rate_limit``,
 buckets, so a pod's limit is one limit whichever node its callers are on), where the far node
 would: when the try's head goes to the endpoint's open connection (``H2Proxy``'s ``admit``),
 so after an injected delay, and a try held while its connection opens (``unpark``ed then) is
-never admitted if the connect fails: it spends no token. A refusal is answered as the
-destination node answers it, 403 ``RBAC: access denied`` (gRPC: trailers-only
-``grpc-status: 7``) or 429 ``local_rate_limited`` (``grpc-status: 8``, counted in
-``nodemesh_rate_limited_requests_total``), as that try's response: a route rule whose
+never admitted if the connect fails: it spends no token. The pod resetting or losing a try
+before its response head is, to a rule's ``retry``, the 502 (gRPC ``UNAVAILABLE``) a far node
+answers for it (``H2Proxy``'s ``direct``), not a lost connection retried whatever its codes.
+A refusal is answered as the destination node answers it, 403 ``RBAC: access denied`` (gRPC:
+trailers-only ``grpc-status: 7``) or 429 ``local_rate_limited`` (``grpc-status: 8``, counted
+in ``nodemesh_rate_limited_requests_total``), as that try's response: a route rule whose
 ``retry.codes`` has its status sends the request again (a gRPC call's trailers-only answer is
 status 200 to it, as from a far node), and the connection goes on. Its socket is therefore
 opened without the connection-level check (``Outbound.open(requests_authorized=True)``: only a
@@ -153,7 +155,7 @@ class H2SourceSession(CallbackShell):
         self.record.path = "hbone"
         self.record.protocol = "http/2"  # reported per request (its TCP flows by the far ends)
         self.where = f"{src} -> {target.vip}:{target.port.port}"
-        self.proxy = H2Proxy(_allow, pick=self._pick, admit=self._admit)
+        self.proxy = H2Proxy(_allow, pick=self._pick, admit=self._admit, direct=self._direct)
         self.conn_id = 0
         self._upstreams: dict[int, Upstream] = {}
         self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
@@ -229,6 +231,11 @@ class H2SourceSession(CallbackShell):
             return True
         return LocalAnswer(verdict.status, verdict.flag, verdict.body,
                            grpc_status=verdict.grpc_status, upstream=key)  # fmt: skip
+
+    def _direct(self, key: object) -> bool:
+        """Is upstream ``key`` a same-node endpoint (the pod itself: no destination proxy in
+        front, this node answers for it)?"""
+        return isinstance(key, Endpoint) and self._route_to(key).kind == "local"
 
     def _unpark_waiting(self, uid: int, key: Endpoint) -> None:
         """The tries held for upstream ``uid`` to open go to it now (``_admit`` asked again)."""

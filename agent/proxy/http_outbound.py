@@ -162,7 +162,8 @@ class UpstreamSession:
     def __init__(self, key: SessionKey, conn: TunnelStream | socket.socket) -> None:
         self.key = key
         self.conn = conn
-        self.codec = new_upstream()
+        # A same-node pod is answered for as its destination proxy would (``direct``).
+        self.codec = new_upstream(direct=key.kind == "local")
         self.reusable: bool | None = None  # set when the codec released it
 
     async def read(self) -> bytes:
@@ -967,9 +968,15 @@ class _ClientConnection:
         return True
 
     def _may_retry(self, request: _Request, status: int | None, replayable: bool) -> bool:
-        """The codec's retry hook: the try ended with ``status``; send the request again?"""
+        """The codec's retry hook: the try ended with ``status``; send the request again? A
+        same-node pod that closed or reset before its response head (``None``, not the try's
+        own timeout) is what its destination proxy, a far node, answers the source for it,
+        502: retried only if the rule's codes have it, as that answer would be."""
         assert request.plan is not None
-        backoff = request.plan.retry_after(status, request.first_byte, replayable=replayable)
+        reached, seen = request.reached, status
+        if status is None and not request.try_expired and reached is not None:
+            seen = 502 if reached.kind == "local" else None
+        backoff = request.plan.retry_after(seen, request.first_byte, replayable=replayable)
         if backoff is None:
             return False
         self._disarm()
@@ -982,16 +989,16 @@ class _ClientConnection:
         """A try that reached a same-node endpoint is dropped, to be sent again: reported as
         its destination, which no other proxy is, reports the try it answered (a far node
         reports it there; the source reports the request once, at its end). Its response is
-        not read on (its size is not known: 0); with no response head, it is what a
-        destination proxy answers for a pod that closed or reset (503 ``UC``) or a client
-        gone at the per-try timeout (``DC``)."""
+        not read on (its size is not known: 0); a pod that closed or reset before its
+        response head is what a destination proxy answers for it (502 ``UC``), a try ended
+        by its per-try timeout a client gone (``DC``)."""
         reached, exchange = request.reached, self.codec.current_exchange
         if reached is None or reached.kind != "local" or exchange is None:
             return
         flags = request.refused or NO_FLAGS
         if status is None:
             status, flags = (
-                (0, DOWNSTREAM_CLOSED) if request.try_expired else (503, UPSTREAM_CLOSED)
+                (0, DOWNSTREAM_CLOSED) if request.try_expired else (502, UPSTREAM_CLOSED)
             )
         tried = Exchange(
             exchange.head,

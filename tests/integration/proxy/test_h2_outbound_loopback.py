@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.events import (
     DataReceived,
     RequestReceived,
@@ -873,3 +874,59 @@ async def test_a_same_node_429_is_retried_by_a_rule_that_retries_429(mesh: Mesh)
     assert counts[("source", FRONT, "200", "-")] == n
     assert counts[("destination", FRONT, "429", "RL")] == limited
     assert _front_counters(mesh)["http_retry_attempted"] == limited
+
+
+async def _resetting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A pod that resets every stream (INTERNAL_ERROR) once its request ended, unanswered."""
+    conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    while data := await reader.read(65536):
+        for event in conn.receive_data(data):
+            if isinstance(event, DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                conn.reset_stream(event.stream_id, ErrorCodes.INTERNAL_ERROR)
+        writer.write(conn.data_to_send())
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "codes", "answer", "retries"),
+    [
+        ("/plain", (503,), "502", 0),
+        ("/plain", (502,), "502", 1),
+        ("/pkg.Echo/Get", (500,), "14", 0),
+        ("/pkg.Echo/Get", (503,), "14", 1),
+    ],
+)
+def test_a_same_node_pods_reset_is_retried_as_a_far_pods_is(
+    path: str, codes: tuple[int, ...], answer: str, retries: int
+) -> None:
+    """``front``'s one pod resets every stream before answering; a rule retries once on
+    ``codes``. A far pod's reset reaches node1 as node2's answer, 502 (a gRPC call's
+    trailers-only UNAVAILABLE, 503 to a rule), retried only if the codes have it; a same-node
+    pod's own reset is decided the same way (it was retried whatever the codes)."""
+
+    @mesh_test
+    async def scenario(mesh: Mesh) -> None:
+        port = free_port(SERVER)
+        outcomes: dict[str, tuple[list[str], int]] = {}
+        pods = [await asyncio.start_server(_resetting, ip, port) for ip in (SERVER, LOCAL)]
+        try:
+            for pod in (SERVER, LOCAL):
+                _front(mesh, port, pod)
+                with mesh.store.update() as tx:
+                    tx.put_route(_retrying(*codes))
+                before = _front_counters(mesh)["http_retry_attempted"]
+                conn, reader, writer = await _client(mesh)
+                answers = await _requests(conn, reader, writer, [path])
+                writer.close()
+                outcomes[pod] = (answers, _front_counters(mesh)["http_retry_attempted"] - before)
+        finally:
+            for server in pods:
+                server.close()
+        assert outcomes[SERVER] == ([answer], retries), outcomes
+        assert outcomes[LOCAL] == outcomes[SERVER]
+
+    scenario()

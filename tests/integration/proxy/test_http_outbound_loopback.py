@@ -798,3 +798,46 @@ async def test_a_same_node_429_is_retried_by_a_rule_that_retries_429(mesh: Mesh)
     assert counts[("destination", WEB, "429", "RL")] == limited
     retried = web_counters(mesh)
     assert retried["http_retry_attempted"] == limited
+
+
+async def resetting_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A pod that resets every connection once a request head came, before any answer."""
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        await reader.readuntil(b"\r\n\r\n")
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize(("codes", "retries"), [((503,), 0), ((502,), 1)])
+def test_a_same_node_pods_reset_is_retried_as_a_far_pods_is(
+    codes: tuple[int, ...], retries: int
+) -> None:
+    """``web``'s one pod resets every request before answering; a rule retries once on
+    ``codes``. A far pod's reset reaches node1 as node2's answer, 502, retried only if the
+    codes have 502; a same-node pod's own reset is decided the same way (it was retried
+    whatever the codes) and answered the same, 502 with the destination's body."""
+
+    @mesh_test
+    async def scenario(mesh: Mesh) -> None:
+        port = free_port(SERVER)
+        outcomes: dict[str, tuple[tuple[int, bytes], int]] = {}
+        started = [await asyncio.start_server(resetting_app, ip, port) for ip in (SERVER, LOCAL)]
+        try:
+            for pod in (SERVER, LOCAL):
+                add_services(mesh, port, pod)
+                with mesh.store.update() as tx:
+                    tx.put_route(retrying(*codes))
+                before = web_counters(mesh)["http_retry_attempted"]
+                client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+                answer = await client.request("GET", "/reset")
+                client.writer.close()
+                outcomes[pod] = (answer, web_counters(mesh)["http_retry_attempted"] - before)
+        finally:
+            for server in started:
+                server.close()
+        far = ((502, b"upstream connect error or disconnect/reset before headers\n"), retries)
+        assert outcomes[SERVER] == far, outcomes
+        assert outcomes[LOCAL] == outcomes[SERVER]
+
+    scenario()

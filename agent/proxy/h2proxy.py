@@ -50,12 +50,12 @@ asked about each try where its head is about to go: it may hold it (parked, unti
 a same-node endpoint's connection is still opening) or answer it there (that endpoint's
 policy or rate limit, as its destination node answers), an answer its ``retries`` see as that
 try's response (a gRPC call's trailers-only answer as status 200), settled once the input at
-hand is taken, so the body that came with the head is held for a replay. A try dropped for a
-retry is kept as its upstream saw it (``take_dropped``: the shell reports a same-node
-endpoint's as its destination would). For an upstream the shell says is the pod itself
-(``direct``: a same-node endpoint, no proxy of its own in front) a reset or loss before the
-response head is what that proxy would have answered, 502 (gRPC: ``UNAVAILABLE``), to the
-``retries``, as a far node's answer is.
+hand is taken, so the body that came with the head is held for a replay (and copied, if it
+mirrors, as a request a far node refuses is). A try dropped for a retry is kept as its upstream
+saw it (``take_dropped``: the shell reports a same-node endpoint's as its destination would).
+For an upstream the shell says is the pod itself (``direct``: a same-node endpoint, no proxy
+of its own in front) a reset or loss before the response head is what that proxy would have
+answered, 502 (gRPC: ``UNAVAILABLE``), to the ``retries``, as a far node's answer is.
 
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
@@ -356,6 +356,9 @@ class _Stream:
     send_at: float | None = None  # clock time the held head is sent
     mirror: bool = False  # a copy is owed once the request is complete
     parked: bool = False  # held until ``unpark`` names its upstream
+    # The try's head reached its upstream's own proxy, which answered it there (``admit``):
+    # sent as far as a copy goes, as a head a far node answers was.
+    answered_there: bool = False
 
     @property
     def keeps_request(self) -> bool:
@@ -923,8 +926,12 @@ class H2Proxy(H2Core):
     def _copy(self, s: _Stream) -> None:
         """Hand the copy of ``s`` over once the client sent all of it and its head went
         upstream (as Envoy's router copies after the fault filter: a delayed or parked request
-        is copied when it is sent; one answered or reset before is not copied)."""
-        if not s.mirror or not s.request_end or s.replay_head is None or s.upstream is None:
+        is copied when it is sent; one answered or reset before is not copied). A head its
+        upstream's own proxy answered where it went (``admit``: a same-node endpoint's policy
+        or rate limit) was sent, as one a far node refuses is: it is copied too."""
+        if not s.mirror or not s.request_end or s.replay_head is None:
+            return
+        if s.upstream is None and not s.answered_there:
             return
         s.mirror = False
         body = b"".join(s.replay_body) if s.replay_body is not None else None
@@ -941,7 +948,9 @@ class H2Proxy(H2Core):
                 # comes after the source forwarded what it had, so the body that came with
                 # the head is there for a replay. Held meanwhile, it keeps coming in.
                 s.held, s.held_key, s.exchange.sent = head, u.key, self.clock()
+                s.answered_there = True
                 self._answered.append((s, admitted))
+                self._copy(s)
                 return
         s.exchange.sent = self.clock()
         up = u.conn
@@ -964,7 +973,7 @@ class H2Proxy(H2Core):
         (``take_dropped``) and send the request again; else it is the client's answer."""
         if self._streams.get(s.client_id) is not s or s.held is None:
             return  # it ended meanwhile (reset, timed out)
-        s.held = None
+        s.held, s.answered_there = None, False
         ex = s.exchange
         now = ex.first_byte = self.clock()
         self._discard_request(s)  # what waited to follow the head goes nowhere

@@ -34,7 +34,8 @@ DENY one denied method refused them all.
 
 Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
 request's endpoint), with the source's own flags only: a same-node endpoint's refusal is
-reported there without its ``RBAC``/``RL``, as a far node's 403 or 429 is. The balancer learns
+reported there without its ``RBAC``/``RL``, and the 502 for its pod lost before the response
+head without ``UR``/``UC``, as a far node's 403, 429 or 502 is. The balancer learns
 each request's time to response headers (``Attempts.finish(first_byte_at=...)``). An endpoint
 whose tunnel cannot be opened (within the try's ``perTryTimeout``) counts against it with its
 cause (``balanced.classify``), and the requests that waited for it go to another endpoint as
@@ -493,9 +494,9 @@ class H2SourceSession(CallbackShell):
             self._idle.busy()  # a request came and went: the idle period starts again
             own = exchange.flags  # the source's own (DI) are added by ``_finish``
             connection = self._request_connection(exchange)
-            if connection.path == "local" and own in REFUSAL_FLAGS:
-                # A same-node endpoint's refusal (``_admit``): its destination's flag. A far
-                # node's reaches the source as a plain response, reported without one.
+            if connection.path == "local" and _answered_for_pod(exchange, own):
+                # Its destination's flag: a far node's answer reaches the source as a plain
+                # response, reported without one.
                 exchange.flags = NO_FLAGS
             self._finish(exchange)
             record = h2_request_record(exchange)
@@ -602,6 +603,17 @@ class H2SourceSession(CallbackShell):
             path=rec.path,
             security=SECURITY_MTLS if rec.path == "hbone" else self.record.security,
         )
+
+
+def _answered_for_pod(exchange: H2Exchange, flags: str) -> bool:
+    """Was a same-node endpoint's request answered as its destination proxy answers it: its
+    refusal (``_admit``), or the 502 (gRPC ``UNAVAILABLE``) for its pod that reset or closed
+    before the response head (not a refused stream, passed on as it is, nor a reset after
+    the head, both the source's own at a far node too)?"""
+    if flags in REFUSAL_FLAGS:
+        return True
+    lost = flags in (UPSTREAM_RESET, UPSTREAM_CLOSED)
+    return lost and bool(exchange.status) and not exchange.first_byte
 
 
 class _UpstreamSink:

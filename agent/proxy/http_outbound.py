@@ -60,8 +60,9 @@ never met the pod's policy nor spent its token), and a refusal is that try's ans
 (``SourceHttp1.answer_try``): a rule that retries its status sends the request again, as it
 would a far node's 403 or 429. Requests are reported with ``reporter="source"``
 (``Registry.request_done``), labelled with the endpoint that served them, with the source's own
-flags only (a same-node refusal's ``RBAC``/``RL`` is its destination's, as a far node's 403 or
-429 comes to the source as a plain response); each try a same-node endpoint answered is
+flags only (a same-node refusal's ``RBAC``/``RL``, or the ``UC`` of the 502 answered for a pod
+lost before its head, is its destination's, as a far node's 403, 429 or 502 comes to the
+source as a plain response); each try a same-node endpoint answered is
 reported with ``reporter="destination"`` too, as that pod's proxy would have
 (``same_node_destination``), since no other proxy sees it: the last one with the request, one
 dropped for a retry when it is (``_report_try``), each from when the try reached the pod (not
@@ -1321,9 +1322,13 @@ class _ClientConnection:
             request = _Request()
         if self.timed is request:
             self._disarm()
-        # A same-node endpoint's refusal carries its destination's flag (RBAC, RL); a far
-        # node's reaches the source as a plain 403/429, so the source's report has none.
-        flags = NO_FLAGS if request.refused else exchange.flags
+        # A same-node endpoint's refusal carries its destination's flag (RBAC, RL), and so
+        # does the 502 ``UC`` answered for its pod lost before the head; a far node's reach
+        # the source as plain responses, so the source's report has none.
+        reached = request.reached
+        lost = exchange.status == 502 and exchange.flags == UPSTREAM_CLOSED
+        there = request.refused or (lost and reached is not None and reached.kind == "local")
+        flags = NO_FLAGS if there else exchange.flags
         if request.plan is not None:
             reset = exchange.status == 503 and exchange.flags == UPSTREAM_CLOSED
             request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)
@@ -1333,7 +1338,6 @@ class _ClientConnection:
         upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
         record = request_record(exchange, flags=flags, upstream=upstream)
         self.core.registry.request_done(labels, record, carried_by=self.record)
-        reached = request.reached
         if reached is not None and reached.kind == "local":
             # No other proxy saw it: reported as its destination too, as that one would: from
             # when the try reached it (not a delay injected here, nor earlier tries), and

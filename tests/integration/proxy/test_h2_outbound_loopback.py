@@ -906,12 +906,14 @@ def test_a_same_node_pods_reset_is_retried_as_a_far_pods_is(
     """``front``'s one pod resets every stream before answering; a rule retries once on
     ``codes``. A far pod's reset reaches node1 as node2's answer, 502 (a gRPC call's
     trailers-only UNAVAILABLE, 503 to a rule), retried only if the codes have it; a same-node
-    pod's own reset is decided the same way (it was retried whatever the codes)."""
+    pod's own reset is decided the same way (it was retried whatever the codes), and the
+    source reports the answer as node2's, without the destination report's ``UR``."""
 
     @mesh_test
     async def scenario(mesh: Mesh) -> None:
         port = free_port(SERVER)
-        outcomes: dict[str, tuple[list[str], int]] = {}
+        source, _ = observe(mesh)
+        outcomes: dict[str, tuple[list[str], int, Counter[tuple[str, ...]]]] = {}
         pods = [await asyncio.start_server(_resetting, ip, port) for ip in (SERVER, LOCAL)]
         try:
             for pod in (SERVER, LOCAL):
@@ -919,14 +921,18 @@ def test_a_same_node_pods_reset_is_retried_as_a_far_pods_is(
                 with mesh.store.update() as tx:
                     tx.put_route(_retrying(*codes))
                 before = _front_counters(mesh)["http_retry_attempted"]
+                reported = _source_view(source)
                 conn, reader, writer = await _client(mesh)
                 answers = await _requests(conn, reader, writer, [path])
                 writer.close()
-                outcomes[pod] = (answers, _front_counters(mesh)["http_retry_attempted"] - before)
+                retried = _front_counters(mesh)["http_retry_attempted"] - before
+                outcomes[pod] = (answers, retried, _source_view(source) - reported)
         finally:
             for server in pods:
                 server.close()
-        assert outcomes[SERVER] == ([answer], retries), outcomes
+        grpc = path.startswith("/pkg.")
+        seen = ("200", "14", "-") if grpc else ("502", "", "-")
+        assert outcomes[SERVER] == ([answer], retries, Counter({seen: 1})), outcomes
         assert outcomes[LOCAL] == outcomes[SERVER]
 
     scenario()

@@ -816,12 +816,14 @@ def test_a_same_node_pods_reset_is_retried_as_a_far_pods_is(
     """``web``'s one pod resets every request before answering; a rule retries once on
     ``codes``. A far pod's reset reaches node1 as node2's answer, 502, retried only if the
     codes have 502; a same-node pod's own reset is decided the same way (it was retried
-    whatever the codes) and answered the same, 502 with the destination's body."""
+    whatever the codes) and answered the same, 502 with the destination's body, which the
+    source reports as node2's answer, without the destination report's ``UC``."""
 
     @mesh_test
     async def scenario(mesh: Mesh) -> None:
         port = free_port(SERVER)
-        outcomes: dict[str, tuple[tuple[int, bytes], int]] = {}
+        source, _ = observe(mesh)
+        outcomes: dict[str, tuple[tuple[int, bytes], int, Counter[tuple[str, ...]]]] = {}
         started = [await asyncio.start_server(resetting_app, ip, port) for ip in (SERVER, LOCAL)]
         try:
             for pod in (SERVER, LOCAL):
@@ -829,14 +831,22 @@ def test_a_same_node_pods_reset_is_retried_as_a_far_pods_is(
                 with mesh.store.update() as tx:
                     tx.put_route(retrying(*codes))
                 before = web_counters(mesh)["http_retry_attempted"]
+                reported = requests_total(source)
                 client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
                 answer = await client.request("GET", "/reset")
                 client.writer.close()
-                outcomes[pod] = (answer, web_counters(mesh)["http_retry_attempted"] - before)
+                retried = web_counters(mesh)["http_retry_attempted"] - before
+                delta = requests_total(source) - reported
+                outcomes[pod] = (answer, retried, Counter({k: v for k, v in delta.items()
+                                                           if k[0] == "source"}))  # fmt: skip
         finally:
             for server in started:
                 server.close()
-        far = ((502, b"upstream connect error or disconnect/reset before headers\n"), retries)
+        far = (
+            (502, b"upstream connect error or disconnect/reset before headers\n"),
+            retries,
+            Counter({("source", WEB, "502", "-"): 1}),
+        )
         assert outcomes[SERVER] == far, outcomes
         assert outcomes[LOCAL] == outcomes[SERVER]
 

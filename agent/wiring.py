@@ -104,7 +104,28 @@ def effective_config(config: AgentConfig) -> dict[str, object]:
     out = {k: _jsonable(v) for k, v in dataclasses.asdict(config).items()}
     out["admin_address"] = f"{config.admin_address[0]}:{config.admin_address[1]}"
     out["capture_mark"] = hex(config.capture_mark)
+    if config.ca is not None:
+        ca = {k: _jsonable(v) for k, v in dataclasses.asdict(config.ca).items()}
+        out["ca"] = {**ca, **_cert_ttl(config.ca.cert_ttl_seconds)}
     return out
+
+
+def _cert_ttl(seconds: int) -> dict[str, object]:
+    """The certificate lifetime the agent asks for, as a reader of the dump needs it: the
+    setting's 0 is not a lifetime of zero seconds but "ask for nothing, the CA decides"
+    (nodemesh's CA then gives its ``--max-ttl``, Istio's its own default). The agent cannot
+    know that number before the CA answers, so the dump says who decides and where the
+    answer shows: each certificate's ``not_before``/``not_after``."""
+    if seconds == 0:
+        return {
+            "cert_ttl_seconds": None,
+            "cert_ttl": "the CA's default (no --cert-ttl; the certificates' "
+            "not_before/not_after show what the CA gave)",
+        }
+    return {
+        "cert_ttl_seconds": seconds,
+        "cert_ttl": f"{seconds}s requested (the CA may cap it at its maximum)",
+    }
 
 
 def source_view(source: StateSource | None) -> dict[str, object]:

@@ -20,10 +20,12 @@ as at a destination; then the pod port's RateLimitPolicies, ``Core.rate_limit``,
 buckets, so a pod's limit is one limit whichever node its callers are on), where the far node
 would: when the try's head goes to the endpoint's open connection (``H2Proxy``'s ``admit``),
 so after an injected delay, and a try held while its connection opens (``unpark``ed then) is
-never admitted if the connect fails: it spends no token. A refusal is answered as the
-destination node answers it, 403 ``RBAC: access denied`` (gRPC: trailers-only
-``grpc-status: 7``) or 429 ``local_rate_limited`` (``grpc-status: 8``, counted in
-``nodemesh_rate_limited_requests_total``), as that try's response: a route rule whose
+never admitted if the connect fails: it spends no token. The pod resetting or losing a try
+before its response head is, to a rule's ``retry``, the 502 (gRPC ``UNAVAILABLE``) a far node
+answers for it (``H2Proxy``'s ``direct``), not a lost connection retried whatever its codes.
+A refusal is answered as the destination node answers it, 403 ``RBAC: access denied`` (gRPC:
+trailers-only ``grpc-status: 7``) or 429 ``local_rate_limited`` (``grpc-status: 8``, counted
+in ``nodemesh_rate_limited_requests_total``), as that try's response: a route rule whose
 ``retry.codes`` has its status sends the request again (a gRPC call's trailers-only answer is
 status 200 to it, as from a far node), and the connection goes on. Its socket is therefore
 opened without the connection-level check (``Outbound.open(requests_authorized=True)``: only a
@@ -31,13 +33,15 @@ proxy port is refused), which would match no L7 rule: under ALLOW it refused eve
 DENY one denied method refused them all.
 
 Each request is reported with ``reporter="source"`` (the connection's record, pointed at the
-request's endpoint). The balancer learns each request's time to response headers
-(``Attempts.finish(first_byte_at=...)``). An endpoint whose tunnel cannot be opened (within
-the try's ``perTryTimeout``) counts against it with its cause (``balanced.classify``), and the
-requests that waited for it go to another endpoint as the backend Service's TrafficPolicy
-``retries`` allow (``h2route.ServiceRetries``; a pod's REFUSED_STREAM likewise), else are
-answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure then counted as a rejection, as the
-last attempt's failure of a connection is).
+request's endpoint), with the source's own flags only: a same-node endpoint's refusal is
+reported there without its ``RBAC``/``RL``, and the 502 for its pod lost before the response
+head without ``UR``/``UC``, as a far node's 403, 429 or 502 is. The balancer learns
+each request's time to response headers (``Attempts.finish(first_byte_at=...)``). An endpoint
+whose tunnel cannot be opened (within the try's ``perTryTimeout``) counts against it with its
+cause (``balanced.classify``), and the requests that waited for it go to another endpoint as
+the backend Service's TrafficPolicy ``retries`` allow (``h2route.ServiceRetries``; a pod's
+REFUSED_STREAM likewise), else are answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure
+then counted as a rejection, as the last attempt's failure of a connection is).
 
 A request that reached a same-node endpoint (its policy's refusal included) is reported with
 ``reporter="destination"`` too (``same_node_destination``): no other proxy sees it. So is each
@@ -93,8 +97,8 @@ from agent.proxy.h2proxy import (
     PickRequest,
 )
 from agent.proxy.h2route import Endpoint, admitted, route_request
-from agent.proxy.http1 import UPSTREAM_CLOSED, RequestHead, Verdict
-from agent.proxy.http_inbound import ALLOWED, request_verdict
+from agent.proxy.http1 import NO_FLAGS, UPSTREAM_CLOSED, RequestHead, Verdict
+from agent.proxy.http_inbound import ALLOWED, REFUSAL_FLAGS, request_verdict
 from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
 from agent.proxy.httpidle import IdleTimer, closed
@@ -152,7 +156,7 @@ class H2SourceSession(CallbackShell):
         self.record.path = "hbone"
         self.record.protocol = "http/2"  # reported per request (its TCP flows by the far ends)
         self.where = f"{src} -> {target.vip}:{target.port.port}"
-        self.proxy = H2Proxy(_allow, pick=self._pick, admit=self._admit)
+        self.proxy = H2Proxy(_allow, pick=self._pick, admit=self._admit, direct=self._direct)
         self.conn_id = 0
         self._upstreams: dict[int, Upstream] = {}
         self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
@@ -228,6 +232,11 @@ class H2SourceSession(CallbackShell):
             return True
         return LocalAnswer(verdict.status, verdict.flag, verdict.body,
                            grpc_status=verdict.grpc_status, upstream=key)  # fmt: skip
+
+    def _direct(self, key: object) -> bool:
+        """Is upstream ``key`` a same-node endpoint (the pod itself: no destination proxy in
+        front, this node answers for it)?"""
+        return isinstance(key, Endpoint) and self._route_to(key).kind == "local"
 
     def _unpark_waiting(self, uid: int, key: Endpoint) -> None:
         """The tries held for upstream ``uid`` to open go to it now (``_admit`` asked again)."""
@@ -484,8 +493,12 @@ class H2SourceSession(CallbackShell):
         for exchange in self.proxy.take_completed():
             self._idle.busy()  # a request came and went: the idle period starts again
             own = exchange.flags  # the source's own (DI) are added by ``_finish``
-            self._finish(exchange)
             connection = self._request_connection(exchange)
+            if connection.path == "local" and _answered_for_pod(exchange, own):
+                # Its destination's flag: a far node's answer reaches the source as a plain
+                # response, reported without one.
+                exchange.flags = NO_FLAGS
+            self._finish(exchange)
             record = h2_request_record(exchange)
             core.registry.request_done(connection, record, carried_by=self.record)
             key = exchange.upstream
@@ -590,6 +603,17 @@ class H2SourceSession(CallbackShell):
             path=rec.path,
             security=SECURITY_MTLS if rec.path == "hbone" else self.record.security,
         )
+
+
+def _answered_for_pod(exchange: H2Exchange, flags: str) -> bool:
+    """Was a same-node endpoint's request answered as its destination proxy answers it: its
+    refusal (``_admit``), or the 502 (gRPC ``UNAVAILABLE``) for its pod that reset or closed
+    before the response head (not a refused stream, passed on as it is, nor a reset after
+    the head, both the source's own at a far node too)?"""
+    if flags in REFUSAL_FLAGS:
+        return True
+    lost = flags in (UPSTREAM_RESET, UPSTREAM_CLOSED)
+    return lost and bool(exchange.status) and not exchange.first_byte
 
 
 class _UpstreamSink:

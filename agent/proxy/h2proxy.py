@@ -50,9 +50,12 @@ asked about each try where its head is about to go: it may hold it (parked, unti
 a same-node endpoint's connection is still opening) or answer it there (that endpoint's
 policy or rate limit, as its destination node answers), an answer its ``retries`` see as that
 try's response (a gRPC call's trailers-only answer as status 200), settled once the input at
-hand is taken, so the body that came with the head is held for a replay. A try dropped for a
-retry is kept as its upstream saw it (``take_dropped``: the shell reports a same-node
-endpoint's as its destination would).
+hand is taken, so the body that came with the head is held for a replay (and copied, if it
+mirrors, as a request a far node refuses is). A try dropped for a retry is kept as its upstream
+saw it (``take_dropped``: the shell reports a same-node endpoint's as its destination would).
+For an upstream the shell says is the pod itself (``direct``: a same-node endpoint, no proxy
+of its own in front) a reset or loss before the response head is what that proxy would have
+answered, 502 (gRPC: ``UNAVAILABLE``), to the ``retries``, as a far node's answer is.
 
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
@@ -353,6 +356,9 @@ class _Stream:
     send_at: float | None = None  # clock time the held head is sent
     mirror: bool = False  # a copy is owed once the request is complete
     parked: bool = False  # held until ``unpark`` names its upstream
+    # The try's head reached its upstream's own proxy, which answered it there (``admit``):
+    # sent as far as a copy goes, as a head a far node answers was.
+    answered_there: bool = False
 
     @property
     def keeps_request(self) -> bool:
@@ -549,6 +555,7 @@ class H2Proxy(H2Core):
         *,
         pick: Pick | None = None,
         admit: Admit | None = None,
+        direct: Callable[[object], bool] | None = None,
         limits: H2Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
         new_request_id: Callable[[], str] = new_request_id,
@@ -556,6 +563,9 @@ class H2Proxy(H2Core):
         super().__init__(authorize, limits, clock, new_request_id)
         limits = self.limits
         self.pick, self.admit = pick, admit
+        # Is upstream ``key`` the pod itself, with no proxy of its own in front (the source
+        # side's same-node endpoint, which ``admit`` admits for its destination)?
+        self.direct = direct
         # Tries dropped to be sent again (``take_dropped``): as each one's upstream saw it.
         self._dropped: list[H2Exchange] = []
         self._answered: list[tuple[_Stream, LocalAnswer]] = []  # by ``admit``, to settle
@@ -916,8 +926,12 @@ class H2Proxy(H2Core):
     def _copy(self, s: _Stream) -> None:
         """Hand the copy of ``s`` over once the client sent all of it and its head went
         upstream (as Envoy's router copies after the fault filter: a delayed or parked request
-        is copied when it is sent; one answered or reset before is not copied)."""
-        if not s.mirror or not s.request_end or s.replay_head is None or s.upstream is None:
+        is copied when it is sent; one answered or reset before is not copied). A head its
+        upstream's own proxy answered where it went (``admit``: a same-node endpoint's policy
+        or rate limit) was sent, as one a far node refuses is: it is copied too."""
+        if not s.mirror or not s.request_end or s.replay_head is None:
+            return
+        if s.upstream is None and not s.answered_there:
             return
         s.mirror = False
         body = b"".join(s.replay_body) if s.replay_body is not None else None
@@ -934,7 +948,9 @@ class H2Proxy(H2Core):
                 # comes after the source forwarded what it had, so the body that came with
                 # the head is there for a replay. Held meanwhile, it keeps coming in.
                 s.held, s.held_key, s.exchange.sent = head, u.key, self.clock()
+                s.answered_there = True
                 self._answered.append((s, admitted))
+                self._copy(s)
                 return
         s.exchange.sent = self.clock()
         up = u.conn
@@ -957,7 +973,7 @@ class H2Proxy(H2Core):
         (``take_dropped``) and send the request again; else it is the client's answer."""
         if self._streams.get(s.client_id) is not s or s.held is None:
             return  # it ended meanwhile (reset, timed out)
-        s.held = None
+        s.held, s.answered_there = None, False
         ex = s.exchange
         now = ex.first_byte = self.clock()
         self._discard_request(s)  # what waited to follow the head goes nowhere
@@ -1122,16 +1138,31 @@ class H2Proxy(H2Core):
             refused = event.error_code == ErrorCodes.REFUSED_STREAM
             if refused and self._resent(s, REFUSED):
                 return
-            if self._retried(s, None, UPSTREAM_RESET):
+            # A refused stream reaches the source from a far node as it is: not mapped.
+            seen = None if refused else self._lost_status(s, UPSTREAM_RESET)
+            if self._retried(s, seen, UPSTREAM_RESET):
                 return
             if not s.response_started and refused:
                 self._refuse(s, UPSTREAM_RESET)  # the pod never processed it: safe to retry
                 return
             self._upstream_lost(s, UPSTREAM_RESET)
 
+    def _lost_status(self, s: _Stream, lost: str) -> int | None:
+        """The status the retries of ``s`` see of a try its upstream reset or lost (``lost``)
+        before the response head: none (``None``), unless that upstream is the pod itself
+        (``direct``). Then it is what the pod's own proxy, a far node, answers the source for
+        it (``_upstream_lost``): 502, or for a gRPC call a trailers-only ``UNAVAILABLE``,
+        503 to a retry; so a rule retries it only if its codes say so, as it would there."""
+        u = s.upstream
+        if self.direct is None or u is None or lost not in (UPSTREAM_RESET, UPSTREAM_CLOSED):
+            return None
+        if s.response_started or not self.direct(u.key):
+            return None
+        return 503 if s.exchange.grpc else 502
+
     def _upstream_lost(self, s: _Stream, flag: str) -> None:
         """The pod will not finish ``s``: answer it ourselves if we can, else reset it."""
-        if self._retried(s, None, flag):
+        if self._retried(s, self._lost_status(s, flag), flag):
             return
         s.exchange.flags = flag
         self._discard_request(s)

@@ -44,6 +44,7 @@ from agent.proxy.http1 import (
     GRPC_RESOURCE_EXHAUSTED,
     RATE_LIMITED,
     RATE_LIMITED_BODY,
+    RBAC_DENIED,
     Exchange,
     Http1Proxy,
     RequestHead,
@@ -391,6 +392,12 @@ class HttpSession(PodShell[Exchange]):
         (HTTP/2 removes it at once: a difference kept as it was)."""
         if not self._ended.done():
             self._ended.set_exception(error)
+
+
+# The flags of ``request_verdict``'s refusals: a destination's. Where the source admits a try
+# for a same-node pod they are reported only as that pod's destination, not on the source's
+# report, which for a far node's refusal sees a plain 403 or 429.
+REFUSAL_FLAGS = frozenset({RBAC_DENIED, RATE_LIMITED})
 
 
 def request_verdict(

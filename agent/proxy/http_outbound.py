@@ -59,11 +59,14 @@ node would, once the try has its session (pooled, or connected: a try whose conn
 never met the pod's policy nor spent its token), and a refusal is that try's answer
 (``SourceHttp1.answer_try``): a rule that retries its status sends the request again, as it
 would a far node's 403 or 429. Requests are reported with ``reporter="source"``
-(``Registry.request_done``), labelled with the endpoint that served them; each try a same-node
-endpoint answered is reported with ``reporter="destination"`` too, as that pod's proxy would
-have (``same_node_destination``), since no other proxy sees it: the last one with the request,
-one dropped for a retry when it is (``_report_try``), each from when the try reached the pod
-(not a delay injected here). The client connection's ``ConnectionRecord`` keeps the byte
+(``Registry.request_done``), labelled with the endpoint that served them, with the source's own
+flags only (a same-node refusal's ``RBAC``/``RL``, or the ``UC`` of the 502 answered for a pod
+lost before its head, is its destination's, as a far node's 403, 429 or 502 comes to the
+source as a plain response); each try a same-node endpoint answered is
+reported with ``reporter="destination"`` too, as that pod's proxy would have
+(``same_node_destination``), since no other proxy sees it: the last one with the request, one
+dropped for a retry when it is (``_report_try``), each from when the try reached the pod (not
+a delay injected here). The client connection's ``ConnectionRecord`` keeps the byte
 counts for the TCP metrics.
 """
 
@@ -160,7 +163,8 @@ class UpstreamSession:
     def __init__(self, key: SessionKey, conn: TunnelStream | socket.socket) -> None:
         self.key = key
         self.conn = conn
-        self.codec = new_upstream()
+        # A same-node pod is answered for as its destination proxy would (``direct``).
+        self.codec = new_upstream(direct=key.kind == "local")
         self.reusable: bool | None = None  # set when the codec released it
 
     async def read(self) -> bytes:
@@ -965,9 +969,15 @@ class _ClientConnection:
         return True
 
     def _may_retry(self, request: _Request, status: int | None, replayable: bool) -> bool:
-        """The codec's retry hook: the try ended with ``status``; send the request again?"""
+        """The codec's retry hook: the try ended with ``status``; send the request again? A
+        same-node pod that closed or reset before its response head (``None``, not the try's
+        own timeout) is what its destination proxy, a far node, answers the source for it,
+        502: retried only if the rule's codes have it, as that answer would be."""
         assert request.plan is not None
-        backoff = request.plan.retry_after(status, request.first_byte, replayable=replayable)
+        reached, seen = request.reached, status
+        if status is None and not request.try_expired and reached is not None:
+            seen = 502 if reached.kind == "local" else None
+        backoff = request.plan.retry_after(seen, request.first_byte, replayable=replayable)
         if backoff is None:
             return False
         self._disarm()
@@ -980,16 +990,16 @@ class _ClientConnection:
         """A try that reached a same-node endpoint is dropped, to be sent again: reported as
         its destination, which no other proxy is, reports the try it answered (a far node
         reports it there; the source reports the request once, at its end). Its response is
-        not read on (its size is not known: 0); with no response head, it is what a
-        destination proxy answers for a pod that closed or reset (503 ``UC``) or a client
-        gone at the per-try timeout (``DC``)."""
+        not read on (its size is not known: 0); a pod that closed or reset before its
+        response head is what a destination proxy answers for it (502 ``UC``), a try ended
+        by its per-try timeout a client gone (``DC``)."""
         reached, exchange = request.reached, self.codec.current_exchange
         if reached is None or reached.kind != "local" or exchange is None:
             return
         flags = request.refused or NO_FLAGS
         if status is None:
             status, flags = (
-                (0, DOWNSTREAM_CLOSED) if request.try_expired else (503, UPSTREAM_CLOSED)
+                (0, DOWNSTREAM_CLOSED) if request.try_expired else (502, UPSTREAM_CLOSED)
             )
         tried = Exchange(
             exchange.head,
@@ -1312,7 +1322,13 @@ class _ClientConnection:
             request = _Request()
         if self.timed is request:
             self._disarm()
-        flags = exchange.flags
+        # A same-node endpoint's refusal carries its destination's flag (RBAC, RL), and so
+        # does the 502 ``UC`` answered for its pod lost before the head; a far node's reach
+        # the source as plain responses, so the source's report has none.
+        reached = request.reached
+        lost = exchange.status == 502 and exchange.flags == UPSTREAM_CLOSED
+        there = request.refused or (lost and reached is not None and reached.kind == "local")
+        flags = NO_FLAGS if there else exchange.flags
         if request.plan is not None:
             reset = exchange.status == 503 and exchange.flags == UPSTREAM_CLOSED
             request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)
@@ -1322,7 +1338,6 @@ class _ClientConnection:
         upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
         record = request_record(exchange, flags=flags, upstream=upstream)
         self.core.registry.request_done(labels, record, carried_by=self.record)
-        reached = request.reached
         if reached is not None and reached.kind == "local":
             # No other proxy saw it: reported as its destination too, as that one would: from
             # when the try reached it (not a delay injected here, nor earlier tries), and

@@ -46,8 +46,9 @@ edit may change how a body is delimited: ``Content-Length`` and ``Transfer-Encod
 they came.
 
 Failures, with Envoy's response flags: an upstream that closes, resets or garbles before its
-response head is answered 503 ``UC`` (the client connection keeps serving unless its request
-body cannot be skipped); after the head, the client connection is closed (``UC``). The shell
+response head is answered 503 ``UC`` (502 for a ``direct`` upstream, a same-node pod: what its
+destination proxy answers; the client connection keeps serving unless its request body cannot
+be skipped); after the head, the client connection is closed (``UC``). The shell
 answers 503 ``UF``/``UH``/``UO`` through ``respond_locally`` when no upstream could be had.
 """
 
@@ -111,6 +112,7 @@ _REASONS = {
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
+    502: b"Bad Gateway",  # a same-node pod lost before its response head (``direct``)
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
@@ -121,10 +123,14 @@ class UpstreamHalf:
     """The client half of one upstream session (kept with the session across requests): reads
     the responses to the requests sent on it."""
 
-    __slots__ = ("reader",)
+    __slots__ = ("direct", "reader")
 
-    def __init__(self, max_head_bytes: int) -> None:
+    def __init__(self, max_head_bytes: int, direct: bool = False) -> None:
         self.reader = ResponseReader(max_head_bytes)
+        # The pod itself, with no proxy of its own in front (a same-node endpoint, which this
+        # node admits for its destination): a loss before the response head is answered 502,
+        # as that proxy (a far node) answers the source for it, not 503.
+        self.direct = direct
 
     @property
     def idle(self) -> bool:
@@ -135,9 +141,11 @@ class UpstreamHalf:
         )
 
 
-def new_upstream(max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES) -> UpstreamHalf:
-    """The client half of one upstream session."""
-    return UpstreamHalf(max_head_bytes)
+def new_upstream(
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES, *, direct: bool = False
+) -> UpstreamHalf:
+    """The client half of one upstream session (``direct``: ``UpstreamHalf.direct``)."""
+    return UpstreamHalf(max_head_bytes, direct)
 
 
 @dataclass(frozen=True, slots=True)
@@ -572,12 +580,16 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
                 self.client.resume()
 
     def _upstream_gone(self, current: _Current[T], upstream: UpstreamHalf) -> None:
-        self._end_try(current, timeout=False, retry=True, body=UPSTREAM_RESET_BODY)
+        status = 502 if upstream.direct else 503
+        self._end_try(current, timeout=False, retry=True, body=UPSTREAM_RESET_BODY, status=status)
 
-    def _end_try(self, current: _Current[T], *, timeout: bool, retry: bool, body: bytes) -> None:
+    def _end_try(
+        self, current: _Current[T], *, timeout: bool, retry: bool, body: bytes, status: int = 503
+    ) -> None:
         """The attached try ends without (the rest of) its response: retried when allowed,
-        else answered here (504 ``UT`` or 503 ``UC``) or, mid-response, the client closed. An
-        upstream gone after a whole response only ends the exchange normally."""
+        else answered here (504 ``UT``, or ``status`` ``UC``: 503, 502 for a ``direct``
+        upstream) or, mid-response, the client closed. An upstream gone after a whole
+        response only ends the exchange normally."""
         upstream = current.upstream
         if upstream is not None:
             current.upstream = None
@@ -594,7 +606,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
             self._finish(current)
             self.closing = True
             return
-        self._answer(current, 504 if timeout else 503, body)
+        self._answer(current, 504 if timeout else status, body)
 
     def _retried(self, current: _Current[T], upstream: UpstreamHalf, status: int) -> bool:
         """A final response head arrived: if the hook retries its status, drop this try."""

@@ -9,7 +9,8 @@ no request was reported by either reporter. Now the node does what the destinati
 the destination's HTTP session (``HttpSession`` for HTTP/1.1, ``H2Session`` for HTTP/2 and gRPC)
 serves the client's socket, authorizes and rate-limits each request, and each request is
 reported by both reporters once: ``source`` on the client's outbound record, as the source's
-HTTP path reports, and ``destination`` on the record the destination would hold
+HTTP path reports (a refusal without the destination's ``RBAC``/``RL``, as a far node's 403 or
+429 reaches that path), and ``destination`` on the record the destination would hold
 (``same_node_destination``). That one is the connection's registered record, so the TCP
 metrics count the connection as the far node counts a parsed one (``reporter="destination"``;
 the source's HTTP connections are left out of them), and the central view keeps its edge.
@@ -20,12 +21,14 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from agent.policy.authz import Request
 from agent.proxy import sockets
 from agent.proxy.h2inbound import H2Session
-from agent.proxy.http_inbound import HttpSession, SocketDownstream
+from agent.proxy.http1 import NO_FLAGS
+from agent.proxy.http_inbound import REFUSAL_FLAGS, HttpSession, SocketDownstream
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import Route
 from agent.state.protocols import HTTP
@@ -108,11 +111,16 @@ def _both_reporters(
     outbound: Outbound, sent: ConnectionRecord
 ) -> Callable[[ConnectionRecord, RequestRecord], None]:
     """The session's ``report``: a request on ``sent`` (the source's record), then on the
-    session's own (the destination's)."""
+    session's own (the destination's). A refusal's flag (``RBAC``, ``RL``) is the destination's
+    alone: the source reports it as the source's HTTP path reports a far node's 403 or 429,
+    a plain response."""
     request_done = outbound.core.registry.request_done
 
     def report(connection: ConnectionRecord, request: RequestRecord) -> None:
-        request_done(sent, request)
+        if request.response_flags in REFUSAL_FLAGS:
+            request_done(sent, replace(request, response_flags=NO_FLAGS))
+        else:
+            request_done(sent, request)
         request_done(connection, request)
 
     return report

@@ -7,11 +7,17 @@ the whole route with ``Accepted=False``, the field's path and the fix; the route
 from the routing table, as if it did not exist.
 
 Backend references are the exception the Gateway API itself makes: a ``backendRef`` to a
-Service that does not exist or lacks the named port (``BackendNotFound``), of another kind
-(``InvalidKind``) or in another namespace without being the parent (``RefNotPermitted``;
-ReferenceGrant is not read) leaves the route accepted with ``ResolvedRefs=False``, and the
-share of requests its weight would have received is answered with 500, never moved to the
-other backends.
+Service that does not exist or lacks the named port (``BackendNotFound``) or of another kind
+(``InvalidKind``) leaves the route accepted with ``ResolvedRefs=False``, and the share of
+requests its weight would have received is answered with 500, never moved to the other
+backends.
+
+A ``backendRef`` may name a Service in any namespace, with no ReferenceGrant: GEP-1294 lets
+mesh routes do so unless the mesh would thereby reach "a broader scope than would otherwise be
+reachable", and nodemesh does not: a routed request travels with the client pod's own identity
+(its certificate on the HBONE stream, its IP on a same-node connection) and meets the
+backend's authorization and rate limits as if the client had dialled that Service itself,
+which it may. So ``RefNotPermitted`` is never reported, and ReferenceGrants are not read.
 
 The spec's ``PartiallyInvalid`` approaches (drop the invalid rules, or fall back to the last
 good version) are not taken: a route with any invalid rule is refused whole, for the reason
@@ -69,10 +75,10 @@ INCOMPATIBLE_FILTERS = (
 )
 BACKEND_NOT_FOUND = "BackendNotFound"
 INVALID_KIND = "InvalidKind"
-REF_NOT_PERMITTED = "RefNotPermitted"
 FILTER_NOT_FOUND = "FilterNotFound"  # an ExtensionRef's object does not exist
 
 MAX_MATCHES = 128  # across all rules of a route (the spec's CEL rule)
+MAX_RETRY_ATTEMPTS = 1000  # nodemesh's bound on HTTPRouteRetry.attempts (the API sets none)
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 # Filter type -> the field holding its configuration.
@@ -492,15 +498,7 @@ def _backend(ctx: _Context, value: object, path: str, *, weighted: bool = True) 
         return Backend(namespace, name, 0, weight, resolved=False)
     port = _int(ref.get("port"), f"{path}.port", 1, 65535)
     backend = Backend(namespace, name, port, weight)
-    parent_services = {(p.namespace, p.name) for p in ctx.parents}
-    if namespace != obj.namespace and backend.service not in parent_services:
-        unresolved.append(
-            f"{REF_NOT_PERMITTED}: {path} names {namespace}/{name} in another namespace; "
-            "nodemesh does not read ReferenceGrants: use a Service of the route's namespace "
-            "or the parent Service"
-        )
-        return Backend(namespace, name, port, weight, resolved=False)
-    service = ctx.services.get(backend.service)
+    service = ctx.services.get(backend.service)  # in any namespace (GEP-1294: module docstring)
     if service is None:
         unresolved.append(
             f"{BACKEND_NOT_FOUND}: {path} names Service {namespace}/{name}, which does not exist"
@@ -780,7 +778,20 @@ def _retry(value: object, path: str) -> Retry | None:
     )
     backoff = body.get("backoff")
     return Retry(
-        _int(body.get("attempts", 1), f"{path}.attempts", 0, 1000),
+        _attempts(body.get("attempts", 1), f"{path}.attempts"),
         codes,
         None if backoff is None else _duration(backoff, f"{path}.backoff"),
     )
+
+
+def _attempts(value: object, path: str) -> int:
+    """HTTPRouteRetry.attempts, at least 1 (the API's ``Minimum=1``): 0 would be a ``retry``
+    that never retries, which the API server refuses; the lab, without one, would otherwise
+    accept it and a reader of the route would believe requests are retried."""
+    if value == 0 and not isinstance(value, bool):
+        raise RouteError(
+            path,
+            f"is 0, but the Gateway API's minimum is 1 (valid: 1 to {MAX_RETRY_ATTEMPTS}); "
+            "to not retry, remove the rule's retry",
+        )
+    return _int(value, path, 1, MAX_RETRY_ATTEMPTS)

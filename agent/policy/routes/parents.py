@@ -9,7 +9,8 @@ only to ``http2`` and ``grpc`` ports.
 
 Reasons are the Gateway API's: ``Accepted``/``NoMatchingParent``/``UnsupportedValue``/
 ``IncompatibleFilters`` for ``Accepted``; ``ResolvedRefs``/``BackendNotFound``/``InvalidKind``/
-``RefNotPermitted`` for ``ResolvedRefs``.
+``FilterNotFound`` for ``ResolvedRefs`` (never ``RefNotPermitted``: a mesh route's backendRef
+may name any namespace, ``agent.policy.routes.compile``).
 """
 
 from __future__ import annotations

@@ -101,6 +101,17 @@ def _grpc_rank(c: _Candidate) -> tuple[object, ...]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Attached:
+    """The routes of one kind that one namespace attached to a Service port, and their matches
+    in precedence order. ``routes`` is kept apart from the matches because a GRPCRoute may
+    have no rule at all (``rules: []`` is valid there): it still answers every call
+    ``UNIMPLEMENTED``, and ``NoMatchingRule`` must still name it."""
+
+    routes: tuple[RouteKey, ...]
+    candidates: tuple[_Candidate, ...]
+
+
 def _candidates(routes: Sequence[Route]) -> Iterator[_Candidate]:
     for route in routes:
         for rule in route.rules:
@@ -115,7 +126,7 @@ class RouteTable:
         self,
         compiled: Mapping[RouteKey, Compiled],
         verdicts: Mapping[RouteKey, tuple[ParentVerdict, ...]],
-        attached: Mapping[PortKey, Mapping[str, Mapping[str, tuple[_Candidate, ...]]]],
+        attached: Mapping[PortKey, Mapping[str, Mapping[str, _Attached]]],
     ) -> None:
         self.compiled = compiled
         self.verdicts = verdicts
@@ -153,11 +164,14 @@ class RouteTable:
         attached = {
             key: {
                 ns: {
-                    kind: tuple(
-                        sorted(
-                            _candidates(kind_routes),
-                            key=_grpc_rank if kind == GRPC_ROUTE else _http_rank,
-                        )
+                    kind: _Attached(
+                        tuple(r.key for r in kind_routes),
+                        tuple(
+                            sorted(
+                                _candidates(kind_routes),
+                                key=_grpc_rank if kind == GRPC_ROUTE else _http_rank,
+                            )
+                        ),
                     )
                     for kind, kind_routes in by_kind.items()
                 }
@@ -169,7 +183,7 @@ class RouteTable:
 
     def _applicable(
         self, service: ServiceKey, port: int, client_namespace: str
-    ) -> Mapping[str, tuple[_Candidate, ...]]:
+    ) -> Mapping[str, _Attached]:
         """The routes of each kind that apply to this client: its namespace's (consumer
         routes) if it has any on this port, else the Service namespace's (producer routes)."""
         by_namespace = self._attached.get((service, port), {})
@@ -185,10 +199,10 @@ class RouteTable:
         self, service: ServiceKey, port: int, request: HttpRequest, *, client_namespace: str
     ) -> Decision:
         """The rule an HTTP request to ``service``:``port`` from ``client_namespace`` takes."""
-        candidates = self._applicable(service, port, client_namespace).get(HTTP_ROUTE)
-        if candidates is None:
+        attached = self._applicable(service, port, client_namespace).get(HTTP_ROUTE)
+        if attached is None:
             return None
-        return _first_http(candidates, service, port, request)
+        return _first_http(attached, service, port, request)
 
     def grpc(
         self, service: ServiceKey, port: int, request: GrpcRequest, *, client_namespace: str
@@ -196,27 +210,23 @@ class RouteTable:
         """The rule a gRPC call takes: the port's GRPCRoutes, else its HTTPRoutes (both of the
         client's namespace when it has routes there)."""
         applicable = self._applicable(service, port, client_namespace)
-        candidates = applicable.get(GRPC_ROUTE)
-        if candidates is None:
+        grpc = applicable.get(GRPC_ROUTE)
+        if grpc is None:
             http = applicable.get(HTTP_ROUTE)
             return None if http is None else _first_http(http, service, port, request.as_http())
-        for c in candidates:
+        for c in grpc.candidates:
             if isinstance(c.match, GrpcMatch) and c.match.matches(request):
                 return _action(c, service, port)
-        return _no_match(candidates)
+        return NoMatchingRule(grpc.routes)
 
 
 def _first_http(
-    candidates: Sequence[_Candidate], service: ServiceKey, port: int, request: HttpRequest
+    attached: _Attached, service: ServiceKey, port: int, request: HttpRequest
 ) -> RouteAction | NoMatchingRule:
-    for c in candidates:
+    for c in attached.candidates:
         if isinstance(c.match, HttpMatch) and c.match.matches(request):
             return _action(c, service, port)
-    return _no_match(candidates)
-
-
-def _no_match(candidates: Sequence[_Candidate]) -> NoMatchingRule:
-    return NoMatchingRule(tuple(dict.fromkeys(c.route.key for c in candidates)))
+    return NoMatchingRule(attached.routes)
 
 
 def _action(c: _Candidate, service: ServiceKey, port: int) -> RouteAction:

@@ -394,8 +394,9 @@ def test_a_same_node_replica_is_authorized_per_call_under_an_l7_deny(lab: Lab) -
     ours = {"destination_service": "grpc-near.default.svc.cluster.local",
             "destination_workload": "neighbor", "request_protocol": "grpc"}  # fmt: skip
     for reporter in ("source", "destination"):
+        flags = "RBAC" if reporter == "destination" else "-"  # as for a far node's refusal
         denied = {**ours, "reporter": reporter, "grpc_response_status": "7",
-                  "response_flags": "RBAC"}  # fmt: skip
+                  "response_flags": flags}  # fmt: skip
         assert total(after, **denied) - total(before, **denied) == 2, reporter
         ok = {**ours, "reporter": reporter, "grpc_response_status": "0", "response_flags": "-"}
         assert total(after, **ok) - total(before, **ok) == 3, reporter
@@ -410,7 +411,8 @@ def test_a_same_node_replica_is_rate_limited_at_the_source(lab: Lab) -> None:
     call's token from node1's buckets. Of 30 calls on one channel, once the bucket is full, at
     least 5 and at most 5 + 1 x t (+1) pass, the others are ``RESOURCE_EXHAUSTED``
     ``local_rate_limited`` (before, every call passed), and node1 counts each refusal once in
-    ``nodemesh_rate_limited_requests_total`` and with both reporters, flag ``RL``."""
+    ``nodemesh_rate_limited_requests_total`` and with both reporters, flag ``RL`` on the
+    destination's report (the source's has none, as for a far node's refusal)."""
     near, name = PORT + 3, "grpc-near-rl"
     service = grpc_service(name, "neighbor", near)
     limit: dict[str, Any] = {
@@ -454,7 +456,8 @@ def test_a_same_node_replica_is_rate_limited_at_the_source(lab: Lab) -> None:
     ours = {"destination_service": hostname, "destination_workload": "neighbor",
             "request_protocol": "grpc"}  # fmt: skip
     for reporter in ("source", "destination"):
-        rl = {**ours, "reporter": reporter, "grpc_response_status": "8", "response_flags": "RL"}
+        flags = "RL" if reporter == "destination" else "-"
+        rl = {**ours, "reporter": reporter, "grpc_response_status": "8", "response_flags": flags}
         assert total(after, **rl) - total(before, **rl) == refused, reporter
         ok = {**ours, "reporter": reporter, "grpc_response_status": "0", "response_flags": "-"}
         assert total(after, **ok) - total(before, **ok) == len(passed), reporter

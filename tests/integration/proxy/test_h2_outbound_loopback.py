@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.events import (
     DataReceived,
     RequestReceived,
@@ -555,10 +556,11 @@ async def test_an_allow_on_paths_lets_its_calls_reach_the_same_node_pod(mesh: Me
     _settled(traffic)
     both = {"source": 2.0, "destination": 2.0}
     assert _by_reporter(source, grpc_response_status="0") == both
+    # The refusal's flag is its destination's: the source reports it as a far node's, without.
     assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == {
-        "source": 1.0,
-        "destination": 1.0,
+        "destination": 1.0
     }
+    assert _by_reporter(source, grpc_response_status="7", response_flags="-") == {"source": 1.0}
 
 
 @mesh_test
@@ -574,13 +576,12 @@ async def test_a_deny_on_one_method_refuses_only_its_calls_to_the_same_node_pod(
     assert answers == ["0", "7", "0", "403", "200", "7", "0"]
     assert received == ["/pkg.Echo/Get", "/pkg.Echo/Get", "/status", "/pkg.Echo/Get"]
     _settled(traffic)
-    denied = {"source": 2.0, "destination": 2.0}
-    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == denied
-    assert _by_reporter(source, response_code="403", response_flags="RBAC") == {
-        "source": 1.0,
-        "destination": 1.0,
+    # The refusals' flag is their destination's: the source reports them as a far node's.
+    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == {
+        "destination": 2.0
     }
-    assert _by_reporter(source, response_flags="-") == {"source": 4.0, "destination": 4.0}
+    assert _by_reporter(source, response_code="403", response_flags="RBAC") == {"destination": 1.0}
+    assert _by_reporter(source, response_flags="-") == {"source": 7.0, "destination": 4.0}
     (labels,) = (dict(k) for k in series(source, reporter="destination", response_code="403"))
     assert (labels["destination_workload"], labels["source_workload"]) == ("local", "client")
 
@@ -606,12 +607,66 @@ async def test_a_rate_limit_on_the_same_node_pod_is_applied_after_its_policy(mes
     assert received == ["/pkg.Echo/Get", "/status", "/pkg.Echo/Get"]
     assert mesh.node1.core.registry.rate_limited == {FRONT: 3}
     _settled(traffic)
-    both = {"source": 2.0, "destination": 2.0}
-    assert _by_reporter(source, grpc_response_status="8", response_flags="RL") == both
-    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == both
-    once = {"source": 1.0, "destination": 1.0}
-    assert _by_reporter(source, response_code="429", response_flags="RL") == once
-    assert _by_reporter(source, response_flags="-") == {"source": 3.0, "destination": 3.0}
+    # Each refusal's flag is on its destination report only, as a far node's would be.
+    assert _by_reporter(source, grpc_response_status="8", response_flags="RL") == {
+        "destination": 2.0
+    }
+    assert _by_reporter(source, grpc_response_status="7", response_flags="RBAC") == {
+        "destination": 2.0
+    }
+    assert _by_reporter(source, response_code="429", response_flags="RL") == {"destination": 1.0}
+    assert _by_reporter(source, response_flags="-") == {"source": 8.0, "destination": 3.0}
+
+
+@mesh_test
+async def test_a_same_node_refusal_is_reported_by_the_source_as_a_far_nodes_is(mesh: Mesh) -> None:
+    """A DENY on one method and one token per pod (both nodes' clocks frozen): the same
+    requests get the same answers whether ``front``'s one endpoint is on node2 or node1, and
+    the source reports them the same: a far node's refusal reaches it as a plain response
+    (PERMISSION_DENIED, 429), so a same-node one is reported without the ``RBAC``/``RL`` its
+    destination report carries."""
+    port = free_port(SERVER)
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/pkg.Echo/Delete"]}}]}]}
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no-delete", deny))
+    mesh.node1.core.clock = mesh.node2.core.clock = lambda: 100.0
+    source, destination = observe(mesh)
+    paths = ["/pkg.Echo/Delete", "/pkg.Echo/Get", "/status"]
+    reported: dict[str, Counter[tuple[str, ...]]] = {}
+    apps = [await asyncio.start_server(_recording_app([]), ip, port) for ip in (SERVER, LOCAL)]
+    try:
+        for pod in (SERVER, LOCAL):
+            before = _source_view(source)
+            _front(mesh, port, pod)
+            with mesh.store.update() as tx:
+                tx.put_policy(_limit("front", 1))
+            conn, reader, writer = await _client(mesh)
+            assert await _requests(conn, reader, writer, paths) == ["7", "0", "429"], pod
+            writer.close()
+            reported[pod] = _source_view(source) - before
+    finally:
+        for app in apps:
+            app.close()
+    assert (
+        reported[LOCAL]
+        == reported[SERVER]
+        == Counter({("200", "7", "-"): 1, ("200", "0", "-"): 1, ("429", "", "-"): 1})
+    )
+    for metrics in (destination, source):  # the far pod's destination report, and node1's
+        assert _by_reporter(metrics, grpc_response_status="7", response_flags="RBAC") == {
+            "destination": 1.0
+        }
+        assert _by_reporter(metrics, response_code="429", response_flags="RL") == {
+            "destination": 1.0
+        }
+
+
+def _source_view(metrics: HttpMetrics) -> Counter[tuple[str, ...]]:
+    """(response_code, grpc_response_status, response_flags) → requests reported as source."""
+    out: Counter[tuple[str, ...]] = Counter()
+    for labels, value in series(metrics, reporter="source").items():
+        lb = dict(labels)
+        out[(lb["response_code"], lb["grpc_response_status"], lb["response_flags"])] += int(value)
+    return out
 
 
 def _answering(
@@ -819,3 +874,65 @@ async def test_a_same_node_429_is_retried_by_a_rule_that_retries_429(mesh: Mesh)
     assert counts[("source", FRONT, "200", "-")] == n
     assert counts[("destination", FRONT, "429", "RL")] == limited
     assert _front_counters(mesh)["http_retry_attempted"] == limited
+
+
+async def _resetting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A pod that resets every stream (INTERNAL_ERROR) once its request ended, unanswered."""
+    conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    while data := await reader.read(65536):
+        for event in conn.receive_data(data):
+            if isinstance(event, DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                conn.reset_stream(event.stream_id, ErrorCodes.INTERNAL_ERROR)
+        writer.write(conn.data_to_send())
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "codes", "answer", "retries"),
+    [
+        ("/plain", (503,), "502", 0),
+        ("/plain", (502,), "502", 1),
+        ("/pkg.Echo/Get", (500,), "14", 0),
+        ("/pkg.Echo/Get", (503,), "14", 1),
+    ],
+)
+def test_a_same_node_pods_reset_is_retried_as_a_far_pods_is(
+    path: str, codes: tuple[int, ...], answer: str, retries: int
+) -> None:
+    """``front``'s one pod resets every stream before answering; a rule retries once on
+    ``codes``. A far pod's reset reaches node1 as node2's answer, 502 (a gRPC call's
+    trailers-only UNAVAILABLE, 503 to a rule), retried only if the codes have it; a same-node
+    pod's own reset is decided the same way (it was retried whatever the codes), and the
+    source reports the answer as node2's, without the destination report's ``UR``."""
+
+    @mesh_test
+    async def scenario(mesh: Mesh) -> None:
+        port = free_port(SERVER)
+        source, _ = observe(mesh)
+        outcomes: dict[str, tuple[list[str], int, Counter[tuple[str, ...]]]] = {}
+        pods = [await asyncio.start_server(_resetting, ip, port) for ip in (SERVER, LOCAL)]
+        try:
+            for pod in (SERVER, LOCAL):
+                _front(mesh, port, pod)
+                with mesh.store.update() as tx:
+                    tx.put_route(_retrying(*codes))
+                before = _front_counters(mesh)["http_retry_attempted"]
+                reported = _source_view(source)
+                conn, reader, writer = await _client(mesh)
+                answers = await _requests(conn, reader, writer, [path])
+                writer.close()
+                retried = _front_counters(mesh)["http_retry_attempted"] - before
+                outcomes[pod] = (answers, retried, _source_view(source) - reported)
+        finally:
+            for server in pods:
+                server.close()
+        grpc = path.startswith("/pkg.")
+        seen = ("200", "14", "-") if grpc else ("502", "", "-")
+        assert outcomes[SERVER] == ([answer], retries, Counter({seen: 1})), outcomes
+        assert outcomes[LOCAL] == outcomes[SERVER]
+
+    scenario()

@@ -300,8 +300,41 @@ async def test_a_same_node_endpoint_is_authorized_per_request(mesh: Mesh) -> Non
         assert await client.request("GET", "/orders") == (200, LOCAL.encode())
         client.writer.close()
     counts = requests_total(source)
-    assert counts[("source", WEB, "403", "RBAC")] == 1
+    assert counts[("source", WEB, "403", "-")] == 1  # the flag is the destination report's
+    assert counts[("destination", WEB, "403", "RBAC")] == 1
     assert counts[("source", WEB, "200", "-")] == 1
+
+
+@mesh_test
+async def test_a_same_node_refusal_is_reported_by_the_source_as_a_far_nodes_is(mesh: Mesh) -> None:
+    """A DENY on POST and one token per pod (both nodes' clocks frozen): POST, GET, GET to
+    ``web`` are 403, 200, 429 whether its one endpoint is on node2 or on node1. The source's
+    reports of the two are the same: a far node's refusal reaches it as a plain response, so
+    a same-node one is reported there without the ``RBAC``/``RL`` its destination report
+    carries (node2's for the far pod, node1's own for the same-node one)."""
+    port = free_port(SERVER)
+    deny = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}
+    no_posts = PolicyObject("AuthorizationPolicy", "default", "no-posts", deny)
+    set_policies(mesh.store, no_posts, rate_limit(1))
+    mesh.node1.core.clock = mesh.node2.core.clock = lambda: 100.0
+    source, destination = observe(mesh)
+    reported: dict[str, Counter[tuple[str, str, str, str]]] = {}
+    async with apps(port, SERVER, LOCAL):
+        for pod in (SERVER, LOCAL):
+            before = requests_total(source)
+            add_services(mesh, port, pod)
+            client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+            answers = [await client.request("POST", "/orders", b"payload")]
+            answers += [await client.request("GET", f"/orders/{i}") for i in range(2)]
+            client.writer.close()
+            assert [status for status, _ in answers] == [403, 200, 429], (pod, answers)
+            reported[pod] = requests_total(source) - before
+    far, here = (Counter({k: v for k, v in reported[p].items() if k[0] == "source"})
+                 for p in (SERVER, LOCAL))  # fmt: skip
+    assert here == far == Counter({("source", WEB, code, "-"): 1 for code in ("403", "200", "429")})
+    refusals = {("destination", WEB, "403", "RBAC"): 1, ("destination", WEB, "429", "RL"): 1}
+    for counts in (requests_total(destination), reported[LOCAL]):
+        assert {k: counts[k] for k in refusals} == refusals
 
 
 def series(metrics: HttpMetrics, **match: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -467,7 +500,8 @@ async def test_a_same_node_pod_port_declared_http_is_served_per_request(mesh: Me
         assert labels["destination_workload"] == "local"
         assert labels["source_principal"] == CLIENT_ID
         assert labels["destination_principal"].endswith("/sa/local")
-        denied = series(source, reporter=reporter, response_code="403", response_flags="RBAC")
+        flags = "RBAC" if reporter == "destination" else "-"  # the refusal is the destination's
+        denied = series(source, reporter=reporter, response_code="403", response_flags=flags)
         assert sum(denied.values()) == 1, (reporter, denied)
 
 
@@ -522,7 +556,8 @@ async def test_an_undeclared_service_port_to_a_same_node_http_pod_port_is_served
         (labels,) = (dict(k) for k in ok)
         assert labels["destination_workload"] == "local"
         assert labels["destination_service"] == "plain.default.svc.cluster.local"
-        denied = series(source, reporter=reporter, response_code="403", response_flags="RBAC")
+        flags = "RBAC" if reporter == "destination" else "-"  # the refusal is the destination's
+        denied = series(source, reporter=reporter, response_code="403", response_flags=flags)
         assert sum(denied.values()) == 1, (reporter, denied)
 
 
@@ -577,9 +612,9 @@ async def test_a_same_node_endpoint_is_rate_limited_as_its_destination_would(mes
     assert mesh.node1.core.registry.rate_limited == {WEB: 5}
     assert not mesh.node2.core.registry.rate_limited
     counts = requests_total(source)  # node1's: its same-node requests, on both reporters
-    assert counts[("source", WEB, "429", "RL")] == 4, counts
+    assert counts[("source", WEB, "429", "-")] == 4, counts  # RL is the destination report's
     assert counts[("source", WEB, "200", "-")] == 3, counts
-    assert counts[("source", WEB, "403", "RBAC")] == 1, counts
+    assert counts[("source", WEB, "403", "-")] == 1, counts
     # as its destination, node1 also reported node2's two: one passed, one 429
     assert counts[("destination", WEB, "429", "RL")] == 4 + 1, counts
     assert counts[("destination", WEB, "200", "-")] == 3 + 1, counts
@@ -608,8 +643,8 @@ async def test_a_same_node_pod_port_declared_http_is_rate_limited_per_request(me
     assert answers == [ok] * 3 + [limited] * 2
     assert mesh.node1.core.registry.rate_limited == {WEB: 2}
     counts = requests_total(source)
-    for reporter in ("source", "destination"):
-        assert counts[(reporter, WEB, "429", "RL")] == 2, (reporter, counts)
+    assert counts[("source", WEB, "429", "-")] == 2, counts
+    assert counts[("destination", WEB, "429", "RL")] == 2, counts
 
 
 def retrying(*codes: int) -> RouteObject:
@@ -763,3 +798,56 @@ async def test_a_same_node_429_is_retried_by_a_rule_that_retries_429(mesh: Mesh)
     assert counts[("destination", WEB, "429", "RL")] == limited
     retried = web_counters(mesh)
     assert retried["http_retry_attempted"] == limited
+
+
+async def resetting_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A pod that resets every connection once a request head came, before any answer."""
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        await reader.readuntil(b"\r\n\r\n")
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize(("codes", "retries"), [((503,), 0), ((502,), 1)])
+def test_a_same_node_pods_reset_is_retried_as_a_far_pods_is(
+    codes: tuple[int, ...], retries: int
+) -> None:
+    """``web``'s one pod resets every request before answering; a rule retries once on
+    ``codes``. A far pod's reset reaches node1 as node2's answer, 502, retried only if the
+    codes have 502; a same-node pod's own reset is decided the same way (it was retried
+    whatever the codes) and answered the same, 502 with the destination's body, which the
+    source reports as node2's answer, without the destination report's ``UC``."""
+
+    @mesh_test
+    async def scenario(mesh: Mesh) -> None:
+        port = free_port(SERVER)
+        source, _ = observe(mesh)
+        outcomes: dict[str, tuple[tuple[int, bytes], int, Counter[tuple[str, ...]]]] = {}
+        started = [await asyncio.start_server(resetting_app, ip, port) for ip in (SERVER, LOCAL)]
+        try:
+            for pod in (SERVER, LOCAL):
+                add_services(mesh, port, pod)
+                with mesh.store.update() as tx:
+                    tx.put_route(retrying(*codes))
+                before = web_counters(mesh)["http_retry_attempted"]
+                reported = requests_total(source)
+                client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+                answer = await client.request("GET", "/reset")
+                client.writer.close()
+                retried = web_counters(mesh)["http_retry_attempted"] - before
+                delta = requests_total(source) - reported
+                outcomes[pod] = (answer, retried, Counter({k: v for k, v in delta.items()
+                                                           if k[0] == "source"}))  # fmt: skip
+        finally:
+            for server in started:
+                server.close()
+        far = (
+            (502, b"upstream connect error or disconnect/reset before headers\n"),
+            retries,
+            Counter({("source", WEB, "502", "-"): 1}),
+        )
+        assert outcomes[SERVER] == far, outcomes
+        assert outcomes[LOCAL] == outcomes[SERVER]
+
+    scenario()

@@ -13,7 +13,13 @@ from collections.abc import Callable
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived, RequestReceived, StreamEnded, TrailersReceived
+from h2.events import (
+    DataReceived,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    TrailersReceived,
+)
 
 from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
 from tests.integration.proxy.mesh import (
@@ -34,10 +40,17 @@ ANSWER = [(":status", "200"), ("content-type", "application/grpc")]
 
 
 def _services(
-    mesh: Mesh, name: str, vips: tuple[str, str], port: int, protocol: str, shadow_at: str = SERVER
+    mesh: Mesh,
+    name: str,
+    vips: tuple[str, str],
+    port: int,
+    protocol: str,
+    shadow_at: str = SERVER,
+    at: str = SERVER,
 ) -> None:
-    """``name`` on the server pod's ``port`` and ``name-shadow`` on ``shadow_at``'s, and a route
-    on ``name`` whose one rule sends to ``name`` and mirrors to ``name-shadow``."""
+    """``name`` on pod ``at``'s ``port`` (the server pod's) and ``name-shadow`` on
+    ``shadow_at``'s, and a route on ``name`` whose one rule sends to ``name`` and mirrors to
+    ``name-shadow``."""
     kind = "GRPCRoute" if protocol == "grpc" else "HTTPRoute"
     shadow = {"name": f"{name}-shadow", "port": 80}
     mirror = {"type": "RequestMirror", "requestMirror": {"backendRef": shadow}}
@@ -47,12 +60,10 @@ def _services(
         "rules": [rule],
     }
     with mesh.store.update() as tx:
-        for service, vip, at in zip(
-            (name, f"{name}-shadow"), vips, (SERVER, shadow_at), strict=True
-        ):
+        for service, vip, pod in zip((name, f"{name}-shadow"), vips, (at, shadow_at), strict=True):
             ports = (ServicePort(80, port, name=protocol, app_protocol=protocol),)
-            selector = {"app": "server" if at == SERVER else "local"}
-            tx.put_service(Service(service, "default", (vip,), ports, selector, (Endpoint(at),)))
+            selector = {"app": "server" if pod == SERVER else "local"}
+            tx.put_service(Service(service, "default", (vip,), ports, selector, (Endpoint(pod),)))
         tx.put_route(RouteObject(kind, "default", name, spec, 1, name))
 
 
@@ -180,12 +191,47 @@ async def test_a_copy_to_a_same_node_pod_is_authorized_as_a_request_there(mesh: 
         server.close()
 
 
-async def _grpc_calls(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, paths: list[str]
+@mesh_test
+async def test_a_call_its_same_node_backend_refuses_is_copied_as_a_far_refusal_is(
+    mesh: Mesh,
 ) -> None:
-    """One call per path, one after the other on a new h2 connection, each answered OK."""
+    """The backend pod's DENY refuses every call (PERMISSION_DENIED): a far pod's node refuses
+    it after the call was sent there, so its copy goes to the mirror; a same-node pod's
+    refusal, answered where the call is sent (node1 admits it for its destination), is the
+    same: the copy goes too. Backend and mirror on either node, the outcome is the same."""
+    port, seen = free_port(SERVER), Counter[str]()
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(lambda: _Grpc(seen), ip, port) for ip in (SERVER, LOCAL)]
+    outcomes: dict[str, tuple[list[str], dict[str, int]]] = {}
+    try:
+        for at, shadow_at in ((SERVER, LOCAL), (LOCAL, SERVER)):
+            app = "server" if at == SERVER else "local"
+            deny = {"selector": {"matchLabels": {"app": app}}, "action": "DENY",
+                    "rules": [{"to": [{"operation": {"paths": ["/pkg.Echo/Unary"]}}]}]}  # fmt: skip
+            set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "deny", deny))
+            _services(mesh, "grpc", (GRPC_VIP, GRPC_SHADOW_VIP), port, "grpc", shadow_at, at)
+            seen.clear()
+            reader, writer = await mesh.connect(CLIENT, (GRPC_VIP, 80))
+            statuses = await _grpc_calls(reader, writer, ["/pkg.Echo/Unary"] * 2, expect="7")
+            await _until(seen, {"grpc-shadow": 2})
+            outcomes[at] = (statuses, dict(seen))
+    finally:
+        for server in servers:
+            server.close()
+    assert outcomes[LOCAL] == outcomes[SERVER] == (["7", "7"], {"grpc-shadow": 2})
+
+
+async def _grpc_calls(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    paths: list[str],
+    expect: str = "0",
+) -> list[str]:
+    """One call per path, one after the other on a new h2 connection, each answered
+    ``expect`` (OK); their statuses."""
     conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
     conn.initiate_connection()
+    statuses = []
     for path in paths:
         head = [(":method", "POST"), (":scheme", "http"), (":authority", "grpc"),
                 (":path", path), ("content-type", "application/grpc"),
@@ -201,8 +247,12 @@ async def _grpc_calls(
             for event in conn.receive_data(data):
                 if isinstance(event, DataReceived):
                     conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                elif isinstance(event, TrailersReceived):
-                    assert dict(event.headers)["grpc-status"] == "0"  # type: ignore[arg-type]
+                elif isinstance(event, ResponseReceived | TrailersReceived):
+                    status = dict(event.headers).get("grpc-status")  # type: ignore[arg-type]
+                    if status is not None:
+                        assert status == expect, status
+                        statuses.append(status)
                 ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
             writer.write(conn.data_to_send())
     writer.close()
+    return statuses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,6 +26,23 @@ def test_effective_config_is_json_with_paths_and_never_file_contents(tmp_path: P
     assert out["ca"]["token_file"] == str(token)
     assert out["admin_address"] == "127.0.0.1:15000" and out["capture_mark"] == "0x1539"
     assert "s3cr3t" not in dumped
+
+
+def test_a_cert_ttl_of_zero_is_dumped_as_the_cas_default_not_zero_seconds(tmp_path: Path) -> None:
+    """``--cert-ttl`` unset is ``cert_ttl_seconds=0`` in the settings: ask the CA for no
+    lifetime. ``/config_dump`` must not read as "certificates live 0 s": it gives no number
+    and says who decides; a set TTL is shown as the request it is."""
+    ca = CaSettings("10.0.0.1:15012", tmp_path / "root.pem", tmp_path / "token")
+    config = AgentConfig(node="node1", pin_dir=tmp_path / "pins", ca=ca)
+    default = json.loads(json.dumps(effective_config(config)))["ca"]
+    assert default["cert_ttl_seconds"] is None
+    assert default["cert_ttl"].startswith("the CA's default")
+    assert default["address"] == "10.0.0.1:15012"
+    asked = dataclasses.replace(config, ca=dataclasses.replace(ca, cert_ttl_seconds=3600))
+    requested = effective_config(asked)["ca"]
+    assert isinstance(requested, dict) and requested["cert_ttl_seconds"] == 3600
+    assert requested["cert_ttl"].startswith("3600s requested")
+    assert effective_config(dataclasses.replace(config, ca=None))["ca"] is None
 
 
 def test_source_view_names_the_source_and_its_health(tmp_path: Path) -> None:

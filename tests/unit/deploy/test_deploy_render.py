@@ -111,9 +111,12 @@ def test_namespaced_objects_land_in_the_mesh_namespace() -> None:
 
 
 def test_samples_cover_every_policy_kind_and_mesh_their_namespace() -> None:
+    """One sample of each kind whose CRD the base installs, so a kind added later without an
+    example fails here."""
     objs = render("daemonset/samples")
     kinds = {o["kind"] for o in objs if o["apiVersion"].startswith(f"{GROUP}/")}
-    assert kinds == {"AuthorizationPolicy", "PeerAuthentication", "TrafficPolicy"}
+    crds = [o for o in render("daemonset") if o["kind"] == "CustomResourceDefinition"]
+    assert kinds == {crd["spec"]["names"]["kind"] for crd in crds}
     namespace = find(objs, "Namespace", "nodemesh-demo")
     assert namespace["metadata"]["labels"]["nodemesh.io/mesh"] == "enabled"
     assert find(objs, "PeerAuthentication", "strict")["spec"]["mtls"]["mode"] == "STRICT"
@@ -144,3 +147,47 @@ def test_agent_accepts_the_sample_policies() -> None:
     for obj in render("daemonset/samples"):
         if obj["apiVersion"].startswith(f"{GROUP}/"):
             validate_policy(obj, path=f"daemonset/samples: {obj['kind']}/{obj['metadata']['name']}")
+
+
+def test_the_agent_programs_the_samples_and_their_route_as_written() -> None:
+    """The samples through the code the Kubernetes source runs on what it watches
+    (``agent.sources.kubeobjects``: CRD defaults, CEL rules) and the compilers the proxy reads
+    (traffic policy, rate limit, route and the HTTPFault its ExtensionRef names), so that an
+    example the API server takes is also one the agent honours. The HTTPRoute of
+    ``samples/gateway-api`` is checked here, not by kubernetes-validate: its CRD is the Gateway
+    API's, which has no schema in this tree."""
+    from agent.policy.ratelimit import RateLimit, limits_by_endpoint
+    from agent.policy.routes import RouteTable
+    from agent.policy.routes.faults import compile_fault
+    from agent.policy.routes.model import Route
+    from agent.policy.traffic.config import compile_policy
+    from agent.sources import kubeobjects as ko
+    from agent.state import Endpoint, StateStore
+
+    objs = render("daemonset/samples") + render("daemonset/samples/gateway-api")
+    pod = Endpoint("10.244.1.7", "uid-server-0", ports={"http": 8080})  # its EndpointSlice's port
+    store = StateStore()
+    with store.update() as tx:
+        for obj in objs:
+            if obj["kind"] == "Service":
+                tx.put_service(ko.service_of(obj, [pod]))
+            elif obj["apiVersion"].startswith(f"{GROUP}/"):
+                tx.put_policy(ko.policy_of(obj))
+            elif obj["kind"] == "HTTPRoute":
+                tx.put_route(ko.route_of("HTTPRoute", obj))
+    snap = store.snapshot()
+    server = snap.services[("nodemesh-demo", "server")]
+    (traffic,) = snap.policies_of("TrafficPolicy")
+    assert compile_policy(traffic, server).retries == 2
+    limit = RateLimit("nodemesh-demo/server", server.hostname(), 50, 100, per_identity=True)
+    assert limits_by_endpoint(snap) == {(pod.ip, 8080): (limit,)}
+    table = RouteTable.build(snap)
+    key = ("HTTPRoute", "nodemesh-demo", "server-chaos")
+    route = table.compiled[key]
+    assert isinstance(route, Route) and not route.unresolved, route
+    (verdict,) = table.verdicts[key]
+    assert verdict.accepted.status and verdict.resolved.status and verdict.ports == (80,)
+    (fault_policy,) = snap.policies_of("HTTPFault")
+    fault = route.rules[0].filters.fault
+    assert fault is not None and fault.fault == compile_fault(fault_policy)
+    assert (fault.fault.abort_status, fault.fault.headers) == (503, (("x-chaos", "on"),))

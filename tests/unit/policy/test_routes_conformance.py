@@ -41,7 +41,7 @@ from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint as H2Endpoint
 from agent.proxy.h2route import route_request
 from agent.proxy.http1 import RequestHead
-from agent.proxy.http_router import HttpRouter
+from agent.proxy.http_router import HttpRouter, LocalResponse
 from agent.proxy.resolve import ServiceTarget
 from agent.state import Endpoint, RouteObject, StateStore
 from tests.unit.policy.routes_fixtures import (
@@ -352,7 +352,7 @@ CONSUMER_PARENT = [{"group": "", "kind": "Service", "name": "echo", "namespace":
 def test_a_consumer_route_applies_only_to_its_namespaces_clients() -> None:
     """MeshConsumerRoute / GEP-1294: a route in another namespace than its Service affects only
     requests from that namespace, and (GEP-1686) has priority over the producer's routes. Its
-    backendRef may name the parent Service across namespaces without a ReferenceGrant."""
+    backendRefs may name Services of another namespace without a ReferenceGrant."""
     producer = route("producer", [{"backendRefs": [backend("echo-v1")]}])
     consumer = route(
         "consumer",
@@ -361,10 +361,10 @@ def test_a_consumer_route_applies_only_to_its_namespaces_clients() -> None:
         parents=CONSUMER_PARENT,
     )
     table = _table([producer, consumer])
-    # echo-v2 is not the parent: RefNotPermitted, its requests are 500s (a resolved=False pick).
-    # Stricter than GEP-1294, which allows any namespace without a ReferenceGrant (README).
     (verdict,) = table.verdicts[consumer.key]
-    assert (verdict.accepted.status, verdict.resolved.reason) == (True, "RefNotPermitted")
+    assert (verdict.accepted.status, verdict.resolved.status) == (True, True)
+    action = table.http(ECHO, 80, _get("/"), client_namespace="client-ns")
+    assert isinstance(action, RouteAction) and action.backends[0].resolved
     assert _to(table, _get("/"), client="client-ns") == "echo-v2"
     assert _to(table, _get("/"), client=NS) == "echo-v1"
     assert _to(table, _get("/"), client="third-ns") == "echo-v1"
@@ -428,13 +428,51 @@ def test_a_backend_port_the_service_lacks_is_backend_not_found() -> None:
     assert isinstance(action, RouteAction) and not action.backends[0].resolved
 
 
-def test_backend_kind_and_namespace_refusals_are_resolved_refs_reasons() -> None:
-    """BackendObjectReference: another kind → InvalidKind; another namespace without a
-    ReferenceGrant → RefNotPermitted (nodemesh reads no ReferenceGrant: README)."""
+def test_a_backend_of_another_kind_is_invalid_kind() -> None:
+    """BackendObjectReference: a kind other than Service → InvalidKind."""
     import_ref = {"group": "multicluster.x-k8s.io", "kind": "ServiceImport", "name": "e"}
     assert _verdict(route("r", [{"backendRefs": [import_ref]}])).resolved.reason == "InvalidKind"
-    other = {"name": "echo-v1", "namespace": "elsewhere", "port": 80}
-    assert _verdict(route("r", [{"backendRefs": [other]}])).resolved.reason == "RefNotPermitted"
+
+
+def test_backends_and_mirrors_may_name_any_namespace_without_a_reference_grant() -> None:
+    """GEP-1294, "Namespace boundaries": "Routes of either type can send traffic to
+    backendRefs in any namespace. Unlike Gateway bound routes, this is allowed without a
+    ReferenceGrant", unless the mesh would reach a broader scope than the client could; in
+    nodemesh the request keeps the client's identity and meets the backend's own policies, so
+    no ReferenceGrant is asked for. A Service missing there is BackendNotFound, as here."""
+    pod = Endpoint("10.244.9.9", "elsewhere/echo-v1-0")
+    elsewhere = dataclasses.replace(svc("echo-v1", namespace="elsewhere"), endpoints=(pod,))
+    ref = {"name": "echo-v1", "namespace": "elsewhere", "port": 80}
+    mirror = _filter("RequestMirror", {"backendRef": ref})
+    r = route("r", [{"backendRefs": [ref], "filters": [mirror]}])
+    table = _table([r], [*mesh_services(), elsewhere])
+    (verdict,) = table.verdicts[r.key]
+    assert (verdict.accepted.status, verdict.resolved.status) == (True, True)
+    action = table.http(ECHO, 80, _get("/"), client_namespace=NS)
+    assert isinstance(action, RouteAction)
+    assert action.backends == (Backend("elsewhere", "echo-v1", 80),)
+    assert [m.backend.resolved for m in action.filters.mirrors] == [True]
+    # The source path sends the request to that Service's endpoints.
+    store = StateStore()
+    with store.update() as tx:
+        for s in [*mesh_services(), elsewhere]:
+            tx.put_service(s)
+        tx.put_route(r)
+    service = store.snapshot().services[ECHO]
+    router = HttpRouter(TrafficControl(clock=FakeClock(), rng=random.Random(3)))
+    plan = router.admit(
+        store.snapshot(),
+        ServiceTarget(service, service.ports[0], "10.96.0.1"),
+        _get("/"),
+        "10.244.1.5",
+        None,
+        ("node1", None),
+        client_namespace=NS,
+    )
+    assert plan.backend.service.key == ("elsewhere", "echo-v1")
+    assert plan.attempts.next_endpoint() == pod.ip
+    missing = route("m", [{"backendRefs": [ref]}])
+    assert _verdict(missing).resolved.reason == "BackendNotFound"  # no Service there
 
 
 def test_an_unresolved_mirror_backend_is_resolved_refs_false() -> None:
@@ -804,6 +842,30 @@ def test_timeouts_request_and_backend_request() -> None:
     assert _refused([{"timeouts": {"request": "1.5s"}}]) == "spec.rules[0].timeouts.request"
 
 
+@pytest.mark.parametrize("attempts", [0, -1, 1001, True, "2"])
+def test_retry_attempts_below_one_or_not_an_integer_refuse_the_route(attempts: object) -> None:
+    """HTTPRouteRetry.Attempts: ``+kubebuilder:validation:Minimum:=1`` (gateway-api #4892).
+    The lab has no API server to refuse 0, so nodemesh does: the route is refused whole
+    (``Accepted=False``, ``UnsupportedValue``) and its status names the field and the range."""
+    rules = [{"retry": {"attempts": attempts, "codes": [503]}}]
+    assert _refused(rules) == "spec.rules[0].retry.attempts"
+    (verdict,) = _table([route("r", rules)]).verdicts[("HTTPRoute", NS, "r")]
+    assert (verdict.accepted.status, verdict.accepted.reason) == (False, "UnsupportedValue")
+    assert verdict.accepted.message.startswith("spec.rules[0].retry.attempts: ")
+    assert "1 to 1000" in verdict.accepted.message
+    if attempts == 0:
+        assert "remove the rule's retry" in verdict.accepted.message
+
+
+def test_retry_attempts_from_one_are_accepted() -> None:
+    """The smallest valid HTTPRouteRetry.Attempts (1) and nodemesh's largest (1000)."""
+    for attempts in (1, 1000):
+        result = _compiled([{"retry": {"attempts": attempts}}])
+        assert isinstance(result, Route)
+        retry = result.rules[0].retry
+        assert retry is not None and retry.attempts == attempts
+
+
 # -- GRPCRoute -------------------------------------------------------------------------------
 GRPC_SERVICES = [
     svc("echo", (80, "grpc")),
@@ -895,6 +957,35 @@ def test_grpc_exact_names_are_checked_as_the_spec_does(
     assert path == "spec.rules[0].matches[0].method" + (f".{field}" if field else "")
     regex = {"type": "RegularExpression", "service": "pkg/.*"}
     assert isinstance(_compiled([{"matches": [{"method": regex}]}], kind="GRPCRoute"), Route)
+
+
+def test_a_grpcroute_without_rules_answers_unimplemented_naming_the_route() -> None:
+    """GRPCRouteSpec.Rules has no MinItems (an HTTPRoute's has 1): ``rules: []`` is valid, is
+    attached, and matches no call, so every call is ``UNIMPLEMENTED``. The refusal names the
+    route like any other (the proxy logs its detail), not an empty list."""
+    empty = route("g", [], kind="GRPCRoute")
+    assert isinstance(_compiled([], "GRPCRoute"), Route)
+    table = _table([empty], GRPC_SERVICES)
+    decision = table.grpc(ECHO, 80, GrpcRequest("pkg.Echo", "Unary"), client_namespace=NS)
+    assert decision == NoMatchingRule((("GRPCRoute", NS, "g"),))
+    store = StateStore()
+    with store.update() as tx:
+        for s in GRPC_SERVICES:
+            tx.put_service(s)
+        tx.put_route(empty)
+    service = store.snapshot().services[ECHO]
+    router = HttpRouter(TrafficControl(clock=FakeClock(), rng=random.Random(3)))
+    with pytest.raises(LocalResponse) as e:
+        router.admit(
+            store.snapshot(),
+            ServiceTarget(service, service.ports[0], "10.96.0.1"),
+            GrpcRequest("pkg.Echo", "Unary"),
+            "10.244.1.5",
+            None,
+            ("node1", None),
+            client_namespace=NS,
+        )
+    assert e.value.status == 404 and e.value.detail == f"no rule of {NS}/g matched"
 
 
 def test_httproutes_and_grpcroutes_are_not_merged() -> None:

@@ -117,3 +117,27 @@ def test_what_a_copys_destination_authorizes_is_the_shadow_request() -> None:
     request = shadow_request(head)
     assert (request.method, request.path, request.host) == ("POST", "/pkg.Echo/Unary", "web-shadow")
     assert list(request.headers) == [(b"content-type", b"application/grpc")]
+
+
+def test_a_request_refused_where_it_is_sent_is_copied_as_one_a_far_pod_refuses() -> None:
+    """A far node refuses a request after its head went there, so the source copies it; a
+    same-node endpoint's refusal (``admit``'s answer where the head goes) is the same try's
+    answer, so its request is copied too: once, with its body, both ways."""
+    refused = LocalAnswer(403, "RBAC", b"RBAC: access denied", grpc_status=7, upstream="a")
+    copies = []
+    for admit in (None, lambda _ex, _key, _uid: refused):
+        w = Pods(lambda _r: Choice("a", tag="plan", mirror=True), admit=admit)
+        sid = _grpc_call(w, b"body")
+        w.run()
+        if admit is None:  # the far pod's own node answers it there
+            (request,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+            w.pods["a"].send_headers(request.stream_id, DENIED_THERE, end_stream=True)
+            w.run()
+        assert w.responses()[sid][b"grpc-status"] == b"7"
+        (copy,) = w.proxy.take_mirrors()
+        copies.append((dict(copy.head)[b":path"], copy.body, copy.tag))
+    assert copies[0] == copies[1] == (b"/pkg.Svc/Do", b"body", "plan")
+
+
+DENIED_THERE = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"7")]  # fmt: skip

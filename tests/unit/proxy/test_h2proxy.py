@@ -559,12 +559,17 @@ class Pods:
         pick: Pick | None = None,
         clock: Callable[[], float] = lambda: 0.0,
         admit: Admit | None = None,
+        direct: Callable[[object], bool] | None = None,
     ) -> None:
         self.client = peer(client_side=True)
         self.pods: dict[object, H2Connection] = {}
         self.uids: dict[object, int] = {}
         self.proxy = H2Proxy(
-            lambda _h: Verdict(True), pick=pick or self.pick, admit=admit, clock=clock
+            lambda _h: Verdict(True),
+            pick=pick or self.pick,
+            admit=admit,
+            direct=direct,
+            clock=clock,
         )
         self.pod_events: dict[object, list[Event]] = {}
         self.client_events: list[Event] = []
@@ -1441,3 +1446,64 @@ def test_a_try_its_pod_answered_and_a_retry_dropped_is_kept_as_its_pod_saw_it() 
     (tried,) = w.proxy.take_dropped()
     assert (tried.upstream, tried.status, tried.grpc_status, tried.flags) == ("a", 200, "14", "-")
     assert (tried.sent, tried.ended) == (10.0, 10.5)
+
+
+# -- the source side: a same-node pod's reset, seen as its far node's answer would be ---------
+class CodesRetries(FakeRetries):
+    """A rule's retry: a missing response head and ``codes`` are retried."""
+
+    def __init__(self, keys: list[str], codes: set[int]) -> None:
+        super().__init__(keys)
+        self.codes = codes
+
+    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
+        self.asked.append((status, replayable))
+        if status is not None and status not in self.codes:
+            return None
+        if not replayable or not self.keys or not self.limit:
+            return None
+        self.limit -= 1
+        return 0.05
+
+
+def _reset_there(grpc: bool, codes: set[int], *, direct: bool) -> tuple[object, ...]:
+    """Pod "a" resets the request: itself (``direct``, a same-node pod) or, far, as its node
+    answers the source for it (502; gRPC: trailers-only UNAVAILABLE). What the rule's retries
+    were asked, what the client got, and which pods saw a request."""
+    now, retries = [10.0], CodesRetries(["b"], codes)
+    w = Pods(lambda _r: Choice("a", tag="tag", retries=retries), clock=lambda: now[0],
+             direct=(lambda key: key == "a") if direct else None)  # fmt: skip
+    sid = _grpc_call(w, b"x") if grpc else w.request("/x")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    if direct:
+        w.pods["a"].reset_stream(req.stream_id, ErrorCodes.INTERNAL_ERROR)
+    elif grpc:
+        head = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "14")]
+        w.pods["a"].send_headers(req.stream_id, head, end_stream=True)
+    else:
+        w.pods["a"].send_headers(req.stream_id, [(":status", "502")], end_stream=True)
+    w.pod_events["a"].clear()
+    w.run()
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    if "b" in w.pods:
+        w.respond("b")
+    answer = w.responses()[sid]
+    return set(retries.asked), answer[b":status"], answer.get(b"grpc-status"), sorted(w.pods)
+
+
+@pytest.mark.parametrize(
+    ("grpc", "codes", "retried"),
+    [(False, {503}, False), (False, {502}, True), (True, {503}, True), (True, {500}, False)],
+)
+def test_a_direct_pods_reset_is_retried_only_as_its_far_nodes_answer_would_be(
+    grpc: bool, codes: set[int], retried: bool
+) -> None:
+    """A far pod's reset reaches the source as its node's 502 (gRPC: UNAVAILABLE, 503 to a
+    rule), retried only if the rule's codes have it. A same-node pod's own reset (``direct``:
+    no proxy of its own in front) is decided the same way, not retried whatever the codes."""
+    far = _reset_there(grpc, codes, direct=False)
+    assert _reset_there(grpc, codes, direct=True) == far
+    assert far[3] == (["a", "b"] if retried else ["a"])

@@ -148,6 +148,25 @@ def test_upstream_reset_before_the_response_is_503_uc_and_the_client_goes_on() -
     assert not c.closing and c.wants_client_data()
 
 
+def test_a_direct_pods_reset_before_the_response_is_502_uc_as_its_far_node_answers() -> None:
+    """A same-node pod (``direct``: no proxy of its own in front) that closes before its head
+    is answered as a far node answers the source for its pod, 502 with the same body (the
+    retry hook is still asked with no status: the shell knows the endpoint)."""
+    c = _codec()
+    c.receive_client(GET)
+    asked = _retrying(c, [False])
+    c.attach(new_upstream(direct=True), "e")
+    c.take_to_upstream()
+    c.receive_upstream(b"")
+    out = c.take_to_client()
+    assert out.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert out.endswith(b"\r\n\r\nupstream connect error or disconnect/reset before headers\n")
+    assert asked == [(None, True)]
+    ((exchange, _),) = c.take_completed()
+    assert (exchange.status, exchange.flags) == (502, "UC")
+    assert not c.closing and c.wants_client_data()
+
+
 def test_upstream_reset_mid_response_closes_the_client() -> None:
     c = _codec()
     c.receive_client(GET)

@@ -47,7 +47,11 @@ def test_medians_skip_failed_repetitions_and_direct_has_no_agent_cpu() -> None:
 def test_what_a_terminating_path_adds_over_l4_loaded_and_one_at_a_time() -> None:
     paths = [
         {"key": "mesh_l4", "title": "nodemesh L4", "address": "10.244.2.2:50052"},
-        {"key": "mesh_grpc_vip", "title": "nodemesh gRPC via the VIP", "address": "10.96.0.9:50051"},
+        {
+            "key": "mesh_grpc_vip",
+            "title": "nodemesh gRPC via the VIP",
+            "address": "10.96.0.9:50051",
+        },
     ]
     failed = _sample("mesh_grpc_vip", 1, 2000, 400.0, single_error="h2load exited 1: reset")
     del failed["single_p50_us"], failed["single_p99_us"]

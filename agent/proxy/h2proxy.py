@@ -1135,16 +1135,16 @@ class H2Proxy(H2Core):
         elif isinstance(event, StreamEnded):
             s.response_end = True
         elif isinstance(event, StreamReset):
-            refused = event.error_code == ErrorCodes.REFUSED_STREAM
-            if refused and self._resent(s, REFUSED):
-                return
-            # A refused stream reaches the source from a far node as it is: not mapped.
-            seen = None if refused else self._lost_status(s, UPSTREAM_RESET)
-            if self._retried(s, seen, UPSTREAM_RESET):
-                return
-            if not s.response_started and refused:
-                self._refuse(s, UPSTREAM_RESET)  # the pod never processed it: safe to retry
-                return
+            if event.error_code == ErrorCodes.REFUSED_STREAM:
+                if self._resent(s, REFUSED):
+                    return
+                # A refused stream reaches the source from a far node as it is: not mapped.
+                if self._retried(s, None, UPSTREAM_RESET):
+                    return
+                if not s.response_started:
+                    self._refuse(s, UPSTREAM_RESET)  # the pod never processed it: retry-safe
+                    return
+            # Any other reset: ``_upstream_lost`` asks the retries, once (each answer counts).
             self._upstream_lost(s, UPSTREAM_RESET)
 
     def _lost_status(self, s: _Stream, lost: str) -> int | None:

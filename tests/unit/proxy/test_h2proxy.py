@@ -983,6 +983,22 @@ def test_a_response_that_began_is_never_retried() -> None:
     assert ex.flags == "UR"
 
 
+def test_a_reset_before_the_head_that_retries_decline_asks_them_once() -> None:
+    # Retries count each answer they give (``nodemesh_http_retries_total``'s declined
+    # outcomes): a reset the retries decline must not be put to them twice.
+    now, retries = [10.0], FakeRetries(["b"], limit=0)
+    w = _retrying(retries, now)
+    sid = _grpc_call(w, b"x")
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.INTERNAL_ERROR)
+    w.run()
+    assert retries.asked == [(None, True)]
+    assert w.responses()[sid][b"grpc-status"] == b"14"  # answered UNAVAILABLE, as before
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UR"
+
+
 # -- the source side: an injected delay and per-try timeouts ----------------------------------
 def test_a_delayed_request_is_held_with_its_body_and_sent_when_the_delay_is_over() -> None:
     now = [10.0]

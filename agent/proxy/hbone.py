@@ -47,6 +47,7 @@ from h2.stream import StreamState
 
 from agent.proxy import h2data, h2wire
 from agent.proxy import hbone_events as ev
+from agent.proxy.budget import HboneBudget
 from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2, HEADERS
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2wire import HboneSettings, new_connection, send_data_on, send_headers_on
@@ -132,7 +133,13 @@ def parse_forwarded(value: str) -> str | None:
 class HboneConnection:
     """One HBONE connection (client or server side); see the module docstring."""
 
-    def __init__(self, *, client_side: bool, settings: HboneSettings | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        settings: HboneSettings | None = None,
+        budget: HboneBudget | None = None,
+    ) -> None:
         self.settings = settings or HboneSettings()
         self.client_side = client_side
         self._h2 = new_connection(client_side=client_side, settings=self.settings)
@@ -142,7 +149,7 @@ class HboneConnection:
         h2wire.tableless_headers(self._h2)
         self._h2.config.validate_inbound_headers = False
         self._h2.config.normalize_inbound_headers = False
-        self._flow = DataFlow(self._h2, self.settings, client_side=client_side)
+        self._flow = DataFlow(self._h2, self.settings, client_side=client_side, budget=budget)
         self._out: dict[int, bytearray] = {}
         self._queued = 0  # bytes in ``_out``
         self._end_after_flush: set[int] = set()
@@ -400,6 +407,7 @@ class HboneConnection:
         if service:
             headers.append((_SERVICE, service.encode()))
         send_headers_on(self._h2, sid, headers, end_stream=False)
+        self._flow.stream_opened(sid)
         return sid
 
     def can_open_stream(self) -> bool:
@@ -417,6 +425,7 @@ class HboneConnection:
             return
         if status == 200:
             send_headers_on(self._h2, stream_id, _STATUS_200, end_stream=False)
+            self._flow.stream_opened(stream_id)
         else:
             self._end_refused(stream_id, status)
 
@@ -471,6 +480,11 @@ class HboneConnection:
     def release(self, stream_id: int) -> None:
         """The owner is done with the stream: received bytes it still holds are given back."""
         self._flow.release(stream_id)
+
+    def close_budget(self) -> None:
+        """The transport is gone: what this connection held and promised goes back to the
+        buffer budget (``agent.proxy.budget``)."""
+        self._flow.close_budget()
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         self._forget(stream_id)

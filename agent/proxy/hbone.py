@@ -15,6 +15,9 @@ Flow control: both windows are replenished only when the owner reports (``consum
 bytes were written to the stream's TCP socket (or dropped with the stream), so what a peer can
 make us hold is bounded by the connection window; a stream's window is a quarter of it, so a
 receiver that stops reading stops its own stream and leaves the rest of the connection flowing.
+The connection window is granted from the process's buffer budget (``budget``, an
+``agent.proxy.budget.HboneBudget``; ``close_budget`` when the transport is gone), which bounds
+what all connections together hold and promise.
 Outgoing data beyond the peer's window is queued per stream; ``buffered`` lets the owner pause
 reading that stream's socket and ``StreamDrained`` tells it to resume.
 
@@ -480,6 +483,17 @@ class HboneConnection:
     def release(self, stream_id: int) -> None:
         """The owner is done with the stream: received bytes it still holds are given back."""
         self._flow.release(stream_id)
+
+    @property
+    def held_received(self) -> int:
+        """Received DATA bytes delivered and not yet ``consumed`` (or released)."""
+        return self._flow.held
+
+    @property
+    def promised(self) -> int:
+        """Bytes the peer may send without asking (the open connection window): with the
+        received bytes the owner holds, what this connection is charged to the buffer budget."""
+        return self._flow.promised
 
     def close_budget(self) -> None:
         """The transport is gone: what this connection held and promised goes back to the

@@ -20,6 +20,16 @@ is replenished the same way, and is smaller, so one stream whose pod does not re
 itself, not the connection. Bytes the codec drops itself (DATA for a stream that cannot take
 it) and padding are given back at once.
 
+How far the connection window opens: held plus promised (the open window) is topped up to a
+*target* of one stream window per stream that may receive plus one for the next stream, at most
+the connection window (``_retarget``), and every byte of it beyond HTTP/2's initial 65,535 comes
+from the process's buffer budget (``agent.proxy.budget``): what every connection holds and
+promises together stays within the budget plus 64 KiB per connection. An idle connection
+promises nothing beyond that initial window; streams opening grant their share at once (so a
+stalled stream still leaves the others flowing); consumed bytes are granted again once a
+quarter of the target is due, as the budget allows. Stream windows are not charged: every DATA
+byte counts against the connection window too, which is the promise that bounds memory.
+
 Frames built here and frames ``h2`` produced leave in the order they were produced: ``h2``'s
 pending output is moved into ours before each frame we append. The stream states and send
 windows are read and charged through ``agent.proxy.h2wire``, the one module that touches
@@ -171,6 +181,11 @@ class DataFlow:
             self._retarget()
             if self._target - self._window - self.held >= self._quarter:
                 self._grant()
+
+    @property
+    def promised(self) -> int:
+        """What the peer may still send on this connection without a WINDOW_UPDATE."""
+        return self._window
 
     def close_budget(self) -> None:
         """The connection is gone: everything it was charged goes back to the budget. Bytes the

@@ -79,7 +79,7 @@ class DataFlow:
         self._account = self._budget.open(self)
         # A connection dropped without ``close_budget`` (its TLS handshake failed, say) still
         # gives its charge back.
-        weakref.finalize(self, self._account.close)
+        self._give_back = weakref.finalize(self, self._account.close)
         self._stream_window: dict[int, int] = {}
         self._stream_unacked: dict[int, int] = {}
         self._stream_held: dict[int, int] = {}
@@ -190,7 +190,7 @@ class DataFlow:
     def close_budget(self) -> None:
         """The connection is gone: everything it was charged goes back to the budget. Bytes the
         owner consumes later are not given back twice."""
-        self._account.close()
+        self._give_back()  # Account.close, once; the finalizer is spent
         self._budget.discard(self)
 
     def _dropped(self, n: int) -> None:

@@ -261,3 +261,17 @@ def test_an_idle_connection_promises_only_http2s_initial_window() -> None:
     link.pump()
     link.open()  # a pooled connection's next stream finds the window open: no new grant
     assert link.server.promised == 2 * SETTINGS.stream_window
+
+
+def test_a_connection_dropped_without_closing_gives_its_charge_back() -> None:
+    """A TLS handshake that failed never reaches ``connection_lost``: the codec is dropped."""
+    import gc
+
+    budget = HboneBudget(LIMIT)
+    link = Link(budget)
+    link.send(link.open(), b"x" * SETTINGS.connection_window)
+    assert budget.committed > FLOOR
+    del link
+    gc.collect()
+    assert budget.committed == 0
+    assert budget.snapshot()["connections"] == 0

@@ -27,7 +27,8 @@ from the process's buffer budget (``agent.proxy.budget``): what every connection
 promises together stays within the budget plus 64 KiB per connection. An idle connection
 promises nothing beyond that initial window; streams opening grant their share at once (so a
 stalled stream still leaves the others flowing); consumed bytes are granted again once a
-quarter of the target is due, as the budget allows. Stream windows are not charged: every DATA
+batch is due (a quarter of the connection window, at most half the target), as the budget
+allows. Stream windows are not charged: every DATA
 byte counts against the connection window too, which is the promise that bounds memory.
 
 Frames built here and frames ``h2`` produced leave in the order they were produced: ``h2``'s
@@ -74,7 +75,7 @@ class DataFlow:
         # The connection window: HTTP/2's initial one until a stream opens (``_grant``).
         self._window = FLOOR
         self._target = 0  # what ``_grant`` tops held + window up to
-        self._quarter = 0  # grants wait until this much is wanted (batching)
+        self._batch = 0  # grants wait until this much is wanted (``_retarget``)
         self._budget = budget if budget is not None else HboneBudget(None)
         self._account = self._budget.open(self)
         # A connection dropped without ``close_budget`` (its TLS handshake failed, say) still
@@ -145,8 +146,8 @@ class DataFlow:
 
     def consumed(self, stream_id: int, n: int) -> None:
         """The owner is done with ``n`` delivered bytes of the stream: give them back to the
-        budget, and grant the connection and the stream that much again once a quarter of
-        their windows is due."""
+        budget, and grant the connection and the stream that much again once a batch (the
+        connection: ``_retarget``) or a quarter of the window (the stream) is due."""
         held = self._stream_held.get(stream_id, 0)
         n = min(n, held)
         if n <= 0:
@@ -157,7 +158,7 @@ class DataFlow:
             self._stream_held[stream_id] = held - n
         self.held -= n
         self._account.give_back(n)
-        if self._target - self._window - self.held >= self._quarter:
+        if self._target - self._window - self.held >= self._batch:
             self._grant()
         self._stream_credit(stream_id, n)
 
@@ -172,14 +173,14 @@ class DataFlow:
 
     def stream_opened(self, stream_id: int) -> None:
         """A stream that will receive (client: CONNECT sent; server: 200 sent): the target
-        grows by a stream window, granted now if a quarter of the target is due. So a
+        grows by a stream window, granted now if a batch is due. So a
         connection grants as its concurrency first reaches 1, 2 and 3 streams, and a pooled
         connection's later streams come and go without a WINDOW_UPDATE each (the window they
         left open is still promised)."""
         if stream_id not in self._stream_window:
             self._stream_window[stream_id] = self.settings.stream_window
             self._retarget()
-            if self._target - self._window - self.held >= self._quarter:
+            if self._target - self._window - self.held >= self._batch:
                 self._grant()
 
     @property
@@ -197,7 +198,7 @@ class DataFlow:
         """``n`` bytes of the connection window arrived that nobody will hold (padding, DATA
         for a stream that cannot take it)."""
         self._account.give_back(n)
-        if self._target - self._window - self.held >= self._quarter:
+        if self._target - self._window - self.held >= self._batch:
             self._grant()
 
     def _retarget(self) -> None:
@@ -209,7 +210,11 @@ class DataFlow:
         n = len(self._stream_window)
         s = self.settings
         self._target = min(s.connection_window, s.stream_window * (n + 1)) if n else 0
-        self._quarter = self._target >> 2
+        # A quarter of the connection window, as before the budget, but at most half the
+        # target: what stays open is then at least the streams' own windows, so the
+        # connection window never binds before they do (and one bulk stream costs no more
+        # WINDOW_UPDATEs than it did).
+        self._batch = min(s.connection_window >> 2, self._target >> 1)
 
     def _grant(self) -> None:
         """WINDOW_UPDATE on the connection for what the target wants, as far as the budget

@@ -275,3 +275,38 @@ def test_a_connection_dropped_without_closing_gives_its_charge_back() -> None:
     gc.collect()
     assert budget.committed == 0
     assert budget.snapshot()["connections"] == 0
+
+
+def test_the_source_side_is_bounded_the_same_way() -> None:
+    """Pooled (client) connections receive from destinations whose local client may not read:
+    their receive side draws from the same budget."""
+    budget = HboneBudget(LIMIT)
+    pairs = [
+        (HboneConnection(client_side=True, settings=SETTINGS, budget=budget),
+         HboneConnection(client_side=False, settings=SETTINGS))
+        for _ in range(6)
+    ]  # fmt: skip
+
+    def pump(client: HboneConnection, server: HboneConnection) -> list[ev.Event]:
+        events: list[ev.Event] = []
+        while True:
+            c2s, s2c = client.data_to_send(), server.data_to_send()
+            if not c2s and not s2c:
+                return events
+            for e in server.receive(c2s) if c2s else []:
+                if isinstance(e, ev.TunnelRequested):
+                    server.respond(e.stream_id, 200)
+            if s2c:
+                events += client.receive(s2c)
+
+    for client, server in pairs:
+        pump(client, server)
+        for _ in range(4):
+            sid = client.open_tunnel("10.0.0.2:80")
+            pump(client, server)
+            server.send(sid, b"r" * SETTINGS.connection_window)  # the local client never reads
+            pump(client, server)
+    charges = sum(client.held_received + client.promised for client, _ in pairs)
+    assert budget.committed == charges <= LIMIT + FLOOR * len(pairs)
+    assert sum(client.held_received for client, _ in pairs) > LIMIT // 2
+    assert budget.withheld > 0

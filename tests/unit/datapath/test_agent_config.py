@@ -135,3 +135,14 @@ def test_the_hbone_buffer_budget_reaches_the_proxy_split_among_the_workers() -> 
     four = AgentConfig(node="n", pin_dir=Path("/tmp/x"), workers=4, hbone_buffer_budget=1 << 30)
     proxy = node_proxy(four, make_store(), FakeIdentities(TestCA())).proxy
     assert proxy.core.hbone_budget.limit == 256 << 20  # each worker's quarter
+
+
+def test_config_dump_shows_the_budget_and_each_processs_share() -> None:
+    from agent.wiring import effective_config
+
+    two = AgentConfig(node="n", pin_dir=Path("/tmp/x"), workers=2, hbone_buffer_budget=1 << 30)
+    shown = effective_config(two)
+    assert (shown["hbone_buffer_budget"], shown["hbone_buffer_budget_per_process"]) == (
+        1 << 30,
+        1 << 29,
+    )

@@ -103,9 +103,9 @@ def _jsonable(value: object) -> object:
 def effective_config(config: AgentConfig) -> dict[str, object]:
     """The agent's settings as JSON (paths, never file contents: no token, no key)."""
     out = {k: _jsonable(v) for k, v in dataclasses.asdict(config).items()}
+    out["hbone_buffer_budget_per_process"] = config.budget_share  # with --workers N: an Nth
     out["admin_address"] = f"{config.admin_address[0]}:{config.admin_address[1]}"
     out["capture_mark"] = hex(config.capture_mark)
-    out["hbone_buffer_budget_per_process"] = config.budget_share
     return out
 
 

@@ -36,7 +36,7 @@ is exhausted, a connection on which one stream's pod stopped reading and holds t
 that connection's other streams until the budget frees up (ARCHITECTURE.md, "HBONE buffer
 budget").
 
-Sans-IO: no clock, no sockets; ``DataFlow`` asks and gives back, the metric and the admin API read
+Sans-IO: no clock, no sockets; ``DataFlow`` asks and gives back, the metrics read
 ``snapshot``.
 """
 
@@ -103,8 +103,8 @@ class HboneBudget:
         return max(self.limit - self.committed, 0)
 
     def snapshot(self) -> dict[str, int | None]:
-        """Limit, held and promised bytes, connections and withheld grants: for the admin API
-        and the metric. ``held`` is read from the live connections, ``promised`` is the rest of
+        """Limit, held and promised bytes, connections and withheld grants, for the metrics
+        (``agent.telemetry.agentmetrics``). ``held`` is read from the live connections, ``promised`` is the rest of
         what they are charged."""
         held = sum(h.held for h in self._holders)
         return {

@@ -104,8 +104,8 @@ class HboneBudget:
 
     def snapshot(self) -> dict[str, int | None]:
         """Limit, held and promised bytes, connections and withheld grants, for the metrics
-        (``agent.telemetry.agentmetrics``). ``held`` is read from the live connections, ``promised`` is the rest of
-        what they are charged."""
+        (``agent.telemetry.agentmetrics``). ``held`` is read from the live connections,
+        ``promised`` is the rest of what they are charged."""
         held = sum(h.held for h in self._holders)
         return {
             "limit": self.limit,

@@ -27,6 +27,7 @@ from agent.datapath.listeners import ListenerPorts
 from agent.datapath.netlink import RoutingConfig
 from agent.datapath.programs import Marks
 from agent.identity.caclient import CA_SERVER_NAME
+from agent.proxy.budget import DEFAULT_BUDGET, MAX_BUDGET, MIN_BUDGET
 from agent.proxy.h2wire import KIB, MIB, HboneSettings
 from agent.proxy.hbone_limits import (
     MAX_STREAM_WINDOW,
@@ -85,6 +86,15 @@ class AgentConfig:
     # --hbone-window: HBONE stream receive window in bytes (the connection window is
     # ``STREAMS_PER_CONNECTION_WINDOW`` of them; ``hbone_limits.with_stream_window``).
     hbone_window: int = HboneSettings().stream_window
+    # --hbone-buffer-budget: bytes all HBONE connections of the agent may hold or have promised
+    # to peers, split evenly among the --workers (``agent.proxy.budget``, ``budget_share``).
+    hbone_buffer_budget: int = DEFAULT_BUDGET
+
+    @property
+    def budget_share(self) -> int:
+        """Each proxy process's part of ``hbone_buffer_budget``: the flag bounds the agent,
+        and each worker serves its own connections."""
+        return self.hbone_buffer_budget // self.workers
 
     @property
     def routing(self) -> RoutingConfig:
@@ -213,6 +223,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a hostile peer can make the agent hold (see ARCHITECTURE.md, HBONE windows)",
     )
     parser.add_argument(
+        "--hbone-buffer-budget",
+        default=_size_text(DEFAULT_BUDGET),
+        metavar="SIZE",
+        help=f"bytes all HBONE connections of the agent may hold (received, not yet written to "
+        f"the pod) or have promised to peers (open flow-control windows), together, e.g. 256MiB "
+        f"or 1GiB ({_size_text(MIN_BUDGET)} to {_size_text(MAX_BUDGET)}; default %(default)s; "
+        "split evenly among --workers). When it is used up, window updates are withheld until "
+        "bytes drain; each connection keeps HTTP/2's initial 64 KiB (see ARCHITECTURE.md, "
+        "HBONE buffer budget)",
+    )
+    parser.add_argument(
         "--access-log-sample",
         type=float,
         default=1.0,
@@ -268,21 +289,43 @@ def _workers(value: str, *, has_ca: bool) -> int:
 
 
 def _size_text(size: int) -> str:
-    """512KiB, 4MiB: how ``--hbone-window`` values are written."""
+    """512KiB, 4MiB, 64GiB: how ``--hbone-window`` and ``--hbone-buffer-budget`` values are
+    written."""
+    if size % GIB == 0:
+        return f"{size // GIB}GiB"
     return f"{size // MIB}MiB" if size % MIB == 0 else f"{size // KIB}KiB"
 
 
-_SIZE_UNITS = {"": 1, "k": KIB, "kib": KIB, "m": MIB, "mib": MIB}
+GIB = 1024 * MIB
+_SIZE_UNITS = {"": 1, "k": KIB, "kib": KIB, "m": MIB, "mib": MIB, "g": GIB, "gib": GIB}
+
+
+def _size(flag: str, value: str, example: str) -> int:
+    """Bytes, or a number with KiB, MiB or GiB (K, M, G)."""
+    text = value.strip()
+    digits = text.rstrip("KkMmGgIiBb")
+    unit = _SIZE_UNITS.get(text[len(digits) :].lower())
+    if not digits.isdigit() or unit is None:
+        raise ConfigError(f"{flag} {value}: expected a size such as {example}")
+    return int(digits) * unit
+
+
+def _hbone_buffer_budget(value: str) -> int:
+    """``--hbone-buffer-budget``: a size within the allowed range."""
+    size = _size("--hbone-buffer-budget", value, "256MiB or 1GiB")
+    if not MIN_BUDGET <= size <= MAX_BUDGET:
+        raise ConfigError(
+            f"--hbone-buffer-budget {value}: expected {_size_text(MIN_BUDGET)} to "
+            f"{_size_text(MAX_BUDGET)} (at least one connection window at the default "
+            "--hbone-window; it bounds the memory all HBONE connections of the agent can make "
+            "it hold)"
+        )
+    return size
 
 
 def _hbone_window(value: str) -> int:
-    """``--hbone-window``: bytes, or a number with KiB or MiB (K, M), within the allowed range."""
-    text = value.strip()
-    digits = text.rstrip("KkMmIiBb")
-    unit = _SIZE_UNITS.get(text[len(digits) :].lower())
-    if not digits.isdigit() or unit is None:
-        raise ConfigError(f"--hbone-window {value}: expected a size such as 512KiB or 4MiB")
-    size = int(digits) * unit
+    """``--hbone-window``: a size within the allowed range."""
+    size = _size("--hbone-window", value, "512KiB or 4MiB")
     if not MIN_STREAM_WINDOW <= size <= MAX_STREAM_WINDOW:
         raise ConfigError(
             f"--hbone-window {value}: expected {_size_text(MIN_STREAM_WINDOW)} to "
@@ -407,4 +450,5 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         traces=_traces(args),
         workers=workers,
         hbone_window=_hbone_window(str(args.hbone_window)),
+        hbone_buffer_budget=_hbone_buffer_budget(str(args.hbone_buffer_budget)),
     )

@@ -67,6 +67,7 @@ def node_proxy(
         proxy_ports=config.own_ports(),
         h2_relay=config.h2_relay,
         hbone=with_stream_window(config.hbone_window),
+        hbone_buffer_budget=config.budget_share,
     )
     core = Core(node=config.node, store=store, identities=identities, settings=settings)
     return ProxyComponent(NodeProxy(core))
@@ -102,6 +103,7 @@ def _jsonable(value: object) -> object:
 def effective_config(config: AgentConfig) -> dict[str, object]:
     """The agent's settings as JSON (paths, never file contents: no token, no key)."""
     out = {k: _jsonable(v) for k, v in dataclasses.asdict(config).items()}
+    out["hbone_buffer_budget_per_process"] = config.budget_share  # with --workers N: an Nth
     out["admin_address"] = f"{config.admin_address[0]}:{config.admin_address[1]}"
     out["capture_mark"] = hex(config.capture_mark)
     if config.ca is not None:
@@ -173,6 +175,7 @@ def observability(parts: AgentParts, fanout: FanOut | None = None) -> list[Compo
             rate_limited=((lambda: proxy.connections.rate_limited) if proxy is not None else None),
             pool_size=proxy.pool_size if proxy is not None else None,
             inbound_tunnels=proxy.inbound_tunnels if proxy is not None else None,
+            hbone_budget=proxy.hbone_budget if proxy is not None else None,
             certificates=certificates,
             capture_counters=parts.datapath.counters,
             state_stats=state_stats,

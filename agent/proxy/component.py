@@ -62,6 +62,10 @@ class ProxyComponent(Component):
         """Inbound HBONE connections from peers."""
         return len(self.proxy.inbound.connections)
 
+    def hbone_budget(self) -> dict[str, int | None]:
+        """The HBONE buffer budget: limit, held and promised bytes (``HboneBudget.snapshot``)."""
+        return self.proxy.core.hbone_budget.snapshot()
+
     def routed(self) -> Mapping[tuple[RouteKey, int, str], int]:
         """Requests sent per (route, rule, backend Service) (``HttpRouter.routed``)."""
         return self.proxy.outbound.http.router.routed

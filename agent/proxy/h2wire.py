@@ -740,7 +740,9 @@ check_h2_internals()
 
 
 def new_connection(*, client_side: bool, settings: HboneSettings) -> GracefulH2Connection:
-    """An HTTP/2 connection with HBONE's settings, preface and connection window queued.
+    """An HTTP/2 connection with HBONE's settings and preface queued. The connection window
+    beyond HTTP/2's initial 65,535 bytes is granted by ``hbone_flow.DataFlow`` as streams open,
+    from the agent's buffer budget (``agent.proxy.budget``).
 
     Header names and values stay bytes (``header_encoding=None``): the codec decodes them itself
     so that a peer's invalid UTF-8 is a protocol error it reports, not an exception from ``h2``.
@@ -764,7 +766,4 @@ def new_connection(*, client_side: bool, settings: HboneSettings) -> GracefulH2C
     conn.max_inbound_frame_size = settings.max_frame_size
     conn.decoder.max_header_list_size = settings.max_header_list_size
     conn.initiate_connection()
-    extra = settings.connection_window - conn.inbound_flow_control_window
-    if extra > 0:
-        conn.increment_flow_control_window(extra)
     return conn

@@ -15,6 +15,9 @@ Flow control: both windows are replenished only when the owner reports (``consum
 bytes were written to the stream's TCP socket (or dropped with the stream), so what a peer can
 make us hold is bounded by the connection window; a stream's window is a quarter of it, so a
 receiver that stops reading stops its own stream and leaves the rest of the connection flowing.
+The connection window is granted from the process's buffer budget (``budget``, an
+``agent.proxy.budget.HboneBudget``; ``close_budget`` when the transport is gone), which bounds
+what all connections together hold and promise.
 Outgoing data beyond the peer's window is queued per stream; ``buffered`` lets the owner pause
 reading that stream's socket and ``StreamDrained`` tells it to resume.
 
@@ -47,6 +50,7 @@ from h2.stream import StreamState
 
 from agent.proxy import h2data, h2wire
 from agent.proxy import hbone_events as ev
+from agent.proxy.budget import HboneBudget
 from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2, HEADERS
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2wire import HboneSettings, new_connection, send_data_on, send_headers_on
@@ -132,7 +136,13 @@ def parse_forwarded(value: str) -> str | None:
 class HboneConnection:
     """One HBONE connection (client or server side); see the module docstring."""
 
-    def __init__(self, *, client_side: bool, settings: HboneSettings | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        settings: HboneSettings | None = None,
+        budget: HboneBudget | None = None,
+    ) -> None:
         self.settings = settings or HboneSettings()
         self.client_side = client_side
         self._h2 = new_connection(client_side=client_side, settings=self.settings)
@@ -142,7 +152,7 @@ class HboneConnection:
         h2wire.tableless_headers(self._h2)
         self._h2.config.validate_inbound_headers = False
         self._h2.config.normalize_inbound_headers = False
-        self._flow = DataFlow(self._h2, self.settings, client_side=client_side)
+        self._flow = DataFlow(self._h2, self.settings, client_side=client_side, budget=budget)
         self._out: dict[int, bytearray] = {}
         self._queued = 0  # bytes in ``_out``
         self._end_after_flush: set[int] = set()
@@ -400,6 +410,7 @@ class HboneConnection:
         if service:
             headers.append((_SERVICE, service.encode()))
         send_headers_on(self._h2, sid, headers, end_stream=False)
+        self._flow.stream_opened(sid)
         return sid
 
     def can_open_stream(self) -> bool:
@@ -417,6 +428,7 @@ class HboneConnection:
             return
         if status == 200:
             send_headers_on(self._h2, stream_id, _STATUS_200, end_stream=False)
+            self._flow.stream_opened(stream_id)
         else:
             self._end_refused(stream_id, status)
 
@@ -471,6 +483,22 @@ class HboneConnection:
     def release(self, stream_id: int) -> None:
         """The owner is done with the stream: received bytes it still holds are given back."""
         self._flow.release(stream_id)
+
+    @property
+    def held_received(self) -> int:
+        """Received DATA bytes delivered and not yet ``consumed`` (or released)."""
+        return self._flow.held
+
+    @property
+    def promised(self) -> int:
+        """Bytes the peer may send without asking (the open connection window): with the
+        received bytes the owner holds, what this connection is charged to the buffer budget."""
+        return self._flow.promised
+
+    def close_budget(self) -> None:
+        """The transport is gone: what this connection held and promised goes back to the
+        buffer budget (``agent.proxy.budget``)."""
+        self._flow.close_budget()
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         self._forget(stream_id)

@@ -20,6 +20,17 @@ is replenished the same way, and is smaller, so one stream whose pod does not re
 itself, not the connection. Bytes the codec drops itself (DATA for a stream that cannot take
 it) and padding are given back at once.
 
+How far the connection window opens: held plus promised (the open window) is topped up to a
+*target* of one stream window per stream that may receive plus one for the next stream, at most
+the connection window (``_retarget``), and every byte of it beyond HTTP/2's initial 65,535 comes
+from the process's buffer budget (``agent.proxy.budget``): what every connection holds and
+promises together stays within the budget plus 64 KiB per connection. An idle connection
+promises nothing beyond that initial window; streams opening grant their share at once (so a
+stalled stream still leaves the others flowing); consumed bytes are granted again once a
+batch is due (a quarter of the connection window, at most half the target), as the budget
+allows. Stream windows are not charged: every DATA
+byte counts against the connection window too, which is the promise that bounds memory.
+
 Frames built here and frames ``h2`` produced leave in the order they were produced: ``h2``'s
 pending output is moved into ours before each frame we append. The stream states and send
 windows are read and charged through ``agent.proxy.h2wire``, the one module that touches
@@ -28,17 +39,27 @@ windows are read and charged through ``agent.proxy.h2wire``, the one module that
 
 from __future__ import annotations
 
+import weakref
+
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 
 from agent.proxy import h2data, h2wire
+from agent.proxy.budget import FLOOR, HboneBudget
 from agent.proxy.h2wire import HboneSettings
 
 
 class DataFlow:
     """Receive windows and DATA framing of one connection, on top of ``h2``'s stream states."""
 
-    def __init__(self, h2conn: H2Connection, settings: HboneSettings, *, client_side: bool) -> None:
+    def __init__(
+        self,
+        h2conn: H2Connection,
+        settings: HboneSettings,
+        *,
+        client_side: bool,
+        budget: HboneBudget | None = None,
+    ) -> None:
         self.h2 = h2conn
         self.settings = settings
         self.splitter = h2data.InboundSplitter(
@@ -51,8 +72,15 @@ class DataFlow:
         self.counted = 0  # stream whose DATA frame's bytes were counted as held by ``start``
         self.held = 0  # bytes delivered to the owner and not yet given back with ``consumed``
         self._wire = bytearray()
-        self._window = int(h2conn.inbound_flow_control_window)
-        self._unacked = 0
+        # The connection window: HTTP/2's initial one until a stream opens (``_grant``).
+        self._window = FLOOR
+        self._target = 0  # what ``_grant`` tops held + window up to
+        self._batch = 0  # grants wait until this much is wanted (``_retarget``)
+        self._budget = budget if budget is not None else HboneBudget(None)
+        self._account = self._budget.open(self)
+        # A connection dropped without ``close_budget`` (its TLS handshake failed, say) still
+        # gives its charge back.
+        self._give_back = weakref.finalize(self, self._account.close)
         self._stream_window: dict[int, int] = {}
         self._stream_unacked: dict[int, int] = {}
         self._stream_held: dict[int, int] = {}
@@ -95,9 +123,14 @@ class DataFlow:
             return ErrorCodes.FLOW_CONTROL_ERROR, reason
         if not h2wire.can_receive(self.h2, stream_id):
             self.deliver_to = 0  # h2 answers the empty DATA frame the codec feeds it instead
-            self._release(length)
+            self._dropped(length)
             return None
-        window = self._stream_window.get(stream_id, self.settings.stream_window) - length
+        window = self._stream_window.get(stream_id)
+        if window is None:  # a stream that receives without ``stream_opened``
+            window = self.settings.stream_window
+            self._stream_window[stream_id] = window
+            self._retarget()
+        window -= length
         if window < 0:
             reason = f"peer sent DATA beyond stream {stream_id}'s window (by {-window} bytes)"
             return ErrorCodes.FLOW_CONTROL_ERROR, reason
@@ -107,13 +140,14 @@ class DataFlow:
         self._stream_held[stream_id] = self._stream_held.get(stream_id, 0) + data
         self.held += data
         if padding:
-            self._release(padding)
+            self._dropped(padding)
             self._stream_credit(stream_id, padding)
         return None
 
     def consumed(self, stream_id: int, n: int) -> None:
         """The owner is done with ``n`` delivered bytes of the stream: give them back to the
-        connection window, and to the stream's once a quarter of it is due."""
+        budget, and grant the connection and the stream that much again once a batch (the
+        connection: ``_retarget``) or a quarter of the window (the stream) is due."""
         held = self._stream_held.get(stream_id, 0)
         n = min(n, held)
         if n <= 0:
@@ -123,9 +157,9 @@ class DataFlow:
         else:
             self._stream_held[stream_id] = held - n
         self.held -= n
-        self._unacked += n
-        if self._unacked >= self.settings.connection_window // 4:
-            self._release(0)
+        self._account.give_back(n)
+        if self._target - self._window - self.held >= self._batch:
+            self._grant()
         self._stream_credit(stream_id, n)
 
     def release(self, stream_id: int) -> None:
@@ -137,13 +171,61 @@ class DataFlow:
         if held:
             self.consumed(stream_id, held)
 
-    def _release(self, n: int) -> None:
-        """Connection window: WINDOW_UPDATE once a quarter of it is free again."""
-        self._unacked += n
-        if self._unacked >= self.settings.connection_window // 4:
-            self.emit(h2data.window_update_frame(0, self._unacked))
-            self._window += self._unacked
-            self._unacked = 0
+    def stream_opened(self, stream_id: int) -> None:
+        """A stream that will receive (client: CONNECT sent; server: 200 sent): the target
+        grows by a stream window, granted now if a batch is due. So a
+        connection grants as its concurrency first reaches 1, 2 and 3 streams, and a pooled
+        connection's later streams come and go without a WINDOW_UPDATE each (the window they
+        left open is still promised)."""
+        if stream_id not in self._stream_window:
+            self._stream_window[stream_id] = self.settings.stream_window
+            self._retarget()
+            if self._target - self._window - self.held >= self._batch:
+                self._grant()
+
+    @property
+    def promised(self) -> int:
+        """What the peer may still send on this connection without a WINDOW_UPDATE."""
+        return self._window
+
+    def close_budget(self) -> None:
+        """The connection is gone: everything it was charged goes back to the budget. Bytes the
+        owner consumes later are not given back twice."""
+        self._give_back()  # Account.close, once; the finalizer is spent
+        self._budget.discard(self)
+
+    def _dropped(self, n: int) -> None:
+        """``n`` bytes of the connection window arrived that nobody will hold (padding, DATA
+        for a stream that cannot take it)."""
+        self._account.give_back(n)
+        if self._target - self._window - self.held >= self._batch:
+            self._grant()
+
+    def _retarget(self) -> None:
+        """What the connection's held + promised bytes are topped up to: a stream window per
+        stream that may receive plus one for the next stream, at most the connection window.
+        So an idle connection promises nothing beyond HTTP/2's initial window, one bulk stream
+        two stream windows, and a stalled stream (which holds at most its stream window) never
+        stalls the others; with four or more streams it is the connection window, as before."""
+        n = len(self._stream_window)
+        s = self.settings
+        self._target = min(s.connection_window, s.stream_window * (n + 1)) if n else 0
+        # A quarter of the connection window, as before the budget, but at most half the
+        # target: what stays open is then at least the streams' own windows, so the
+        # connection window never binds before they do (and one bulk stream costs no more
+        # WINDOW_UPDATEs than it did).
+        self._batch = min(s.connection_window >> 2, self._target >> 1)
+
+    def _grant(self) -> None:
+        """WINDOW_UPDATE on the connection for what the target wants, as far as the budget
+        allows (``budget.Account.take``: withheld when exhausted, but never below the floor)."""
+        want = self._target - self._window - self.held
+        if want <= 0:
+            return
+        n = self._account.take(want)
+        if n:
+            self.emit(h2data.window_update_frame(0, n))
+            self._window += n
 
     def _stream_credit(self, stream_id: int, n: int) -> None:
         if not h2wire.can_receive(self.h2, stream_id):
@@ -160,7 +242,8 @@ class DataFlow:
     def forget(self, stream_id: int) -> None:
         """The stream receives nothing more (peer's END_STREAM, reset, refused). What the owner
         still holds of it stays counted until it is ``consumed``."""
-        self._stream_window.pop(stream_id, None)
+        if self._stream_window.pop(stream_id, None) is not None:
+            self._retarget()
         self._stream_unacked.pop(stream_id, None)
         if self.deliver_to == stream_id:
             self.deliver_to = 0  # the rest of a DATA frame in flight is dropped

@@ -31,6 +31,11 @@ The windows are the one part an operator chooses (``nodemesh agent --hbone-windo
 agent hold its stream's window, and a hostile peer the connection's (ARCHITECTURE.md, "HBONE
 windows", has the measurements).
 
+Across connections, what all of them hold in received DATA and promise in open windows is
+bounded by the process's buffer budget (``agent.proxy.budget``, ``--hbone-buffer-budget``) plus
+HTTP/2's initial 64 KiB window per connection: ``max_connections_per_peer`` times the table above
+is no longer what a peer address can make the agent hold in received data.
+
 ``HboneProtocol.held_bytes()`` is the agent's own accounting of the table above for a live
 connection; the tests that drive each hostile pattern read it.
 

@@ -172,7 +172,9 @@ class InboundHbone:
             sockets.abort(sock)
             return None
         proto = HboneProtocol(
-            HboneConnection(client_side=False, settings=self.core.settings.hbone),
+            HboneConnection(
+                client_side=False, settings=self.core.settings.hbone, budget=self.core.hbone_budget
+            ),
             on_idle=self._arm_idle,
         )
         proto.on_request = lambda p, e: self._spawn(p, e, local_ip, peer_ip)

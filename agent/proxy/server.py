@@ -62,7 +62,8 @@ class NodeProxy:
         sock = await sockets.connect(
             (key.destination_ip, key.port), mark=s.mark, timeout=s.connect_timeout
         )
-        proto = HboneProtocol(HboneConnection(client_side=True, settings=s.hbone), on_idle=on_idle)
+        codec = HboneConnection(client_side=True, settings=s.hbone, budget=self.core.hbone_budget)
+        proto = HboneProtocol(codec, on_idle=on_idle)
         try:
             transport, _ = await asyncio.get_running_loop().create_connection(
                 lambda: proto,

@@ -402,6 +402,7 @@ class HboneProtocol(asyncio.Protocol):
             if stream.on_drop is not None:
                 stream.on_drop()
         self.streams.clear()
+        self.codec.close_budget()  # after the streams gave back what they had queued
         if not self.closed.done():
             self.closed.set_result(None)
 

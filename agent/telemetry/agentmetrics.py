@@ -42,6 +42,7 @@ class AgentSources:
     rate_limited: Callable[[], Mapping[str, int]] | None = None
     pool_size: Callable[[], int] | None = None
     inbound_tunnels: Callable[[], int] | None = None
+    hbone_budget: Callable[[], Mapping[str, int | None]] | None = None
     certificates: Callable[[], list[dict[str, object]]] | None = None
     capture_counters: Callable[[], Mapping[str, Mapping[str, int]]] | None = None
     state_stats: Callable[[], Mapping[str, Mapping[str, int]]] | None = None
@@ -59,6 +60,26 @@ def _counter(name: str, doc: str, labels: list[str], values: Mapping[Any, int]) 
 
 def _gauge(name: str, doc: str, value: float) -> Family:
     return GaugeMetricFamily(name, doc, value=value)
+
+
+def _budget(snapshot: Mapping[str, int | None]) -> Iterator[Family]:
+    """The HBONE buffer budget (``agent.proxy.budget.HboneBudget.snapshot``)."""
+    used = GaugeMetricFamily(
+        "nodemesh_hbone_buffer_bytes",
+        "Bytes HBONE connections hold (received, not yet written to the pod) or have promised "
+        "to peers (open connection windows), by kind; together bounded by the buffer budget",
+        labels=["kind"],
+    )
+    for kind in ("held", "promised"):
+        used.add_metric([kind], snapshot[kind] or 0)
+    yield used
+    limit = snapshot["limit"]
+    if limit is not None:
+        yield _gauge(
+            "nodemesh_hbone_buffer_budget_bytes",
+            "The HBONE buffer budget (--hbone-buffer-budget; summed over the workers)",
+            limit,
+        )
 
 
 class AgentCollector(Collector):
@@ -117,6 +138,9 @@ class AgentCollector(Collector):
                 "Inbound HBONE (mTLS) connections from peers",
                 s.inbound_tunnels(),
             )
+
+        if s.hbone_budget is not None:
+            yield from _budget(s.hbone_budget())
 
     def _identity(self) -> Iterator[Family]:
         if self.sources.certificates is None:

@@ -119,6 +119,7 @@ class Worker:
                 rate_limited=lambda: self.proxy.connections.rate_limited,
                 pool_size=self.proxy.pool_size,
                 inbound_tunnels=self.proxy.inbound_tunnels,
+                hbone_budget=self.proxy.hbone_budget,
             ),
             access_log_sample=config.access_log_sample,
         )

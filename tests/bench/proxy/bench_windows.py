@@ -253,13 +253,17 @@ async def fair(b: Bench) -> dict[str, float]:
     await warm(b, echo)
     n = 2000
     (conn,) = b.mesh.node1.pool.connections()
-    window = conn.codec.settings.connection_window
+    (far,) = b.mesh.node2.inbound.connections
     in_flight: list[int] = []
 
     async def sample() -> None:  # what a 1 KB request queues behind: DATA sent, not yet acked
         while True:
             await asyncio.sleep(0.002)
-            in_flight.append(window - conn.codec._h2.outbound_flow_control_window)
+            # node2's window left plus what it holds, less node1's window left: sent and not
+            # yet written to the pod (the connection window opens as streams need it, from
+            # the buffer budget, so it is not the constant ``connection_window``)
+            granted = far.codec.promised + far.codec.held_received
+            in_flight.append(granted - conn.codec._h2.outbound_flow_control_window)
 
     sampler = asyncio.create_task(sample())
     res = await b.run(["send", sink, 4096 * MIB], ["rr", echo, n])

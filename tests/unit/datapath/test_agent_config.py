@@ -103,3 +103,46 @@ def test_hbone_window_defaults_to_the_proxys_and_reaches_it() -> None:
     chosen = parse("--node", "n", "--in-cluster", "--hbone-window", "1MiB")
     settings = node_proxy(chosen, make_store(), FakeIdentities(TestCA())).proxy.core.settings
     assert (settings.hbone.stream_window, settings.hbone.connection_window) == (1 << 20, 4 << 20)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("256MiB", 256 << 20), ("1GiB", 1 << 30), ("1g", 1 << 30), ("16M", 16 << 20),
+     ("64GiB", 64 << 30)],
+)  # fmt: skip
+def test_hbone_buffer_budget_sizes(text: str, size: int) -> None:
+    cfg = parse("--node", "n", "--in-cluster", "--hbone-buffer-budget", text)
+    assert cfg.hbone_buffer_budget == size
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("8MiB", "16MiB to 64GiB"), ("65GiB", "16MiB to 64GiB"), ("lots", "such as 256MiB"),
+     ("1.5GiB", "such as 256MiB")],
+)  # fmt: skip
+def test_a_bad_hbone_buffer_budget_names_the_flag_and_the_range(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse("--node", "n", "--in-cluster", "--hbone-buffer-budget", text)
+    assert str(e.value).startswith(f"--hbone-buffer-budget {text}: expected")
+    assert message in str(e.value)
+
+
+def test_the_hbone_buffer_budget_reaches_the_proxy_split_among_the_workers() -> None:
+    cfg = parse("--node", "n", "--in-cluster")
+    assert cfg.hbone_buffer_budget == 256 << 20
+    proxy = node_proxy(cfg, make_store(), FakeIdentities(TestCA())).proxy
+    assert proxy.core.hbone_budget.limit == 256 << 20
+    four = AgentConfig(node="n", pin_dir=Path("/tmp/x"), workers=4, hbone_buffer_budget=1 << 30)
+    proxy = node_proxy(four, make_store(), FakeIdentities(TestCA())).proxy
+    assert proxy.core.hbone_budget.limit == 256 << 20  # each worker's quarter
+
+
+def test_config_dump_shows_the_budget_and_each_processs_share() -> None:
+    from agent.wiring import effective_config
+
+    two = AgentConfig(node="n", pin_dir=Path("/tmp/x"), workers=2, hbone_buffer_budget=1 << 30)
+    shown = effective_config(two)
+    assert (shown["hbone_buffer_budget"], shown["hbone_buffer_budget_per_process"]) == (
+        1 << 30,
+        1 << 29,
+    )

@@ -144,3 +144,20 @@ def test_log_levels_change_at_run_time_and_reject_unknown_names() -> None:
         assert levels()["agent.proxy"] == "debug"
     finally:
         proxy.setLevel(old)
+
+
+def test_the_hbone_buffer_budget_is_read_at_scrape_time() -> None:
+    from agent.proxy.budget import HboneBudget
+
+    budget = HboneBudget(64 << 20)
+
+    class Holder:
+        held = 1000
+
+    holder = Holder()
+    account = budget.open(holder)
+    account.take(5000)
+    parsed = samples(component(AgentSources(hbone_budget=budget.snapshot)).exposition())
+    assert total(parsed, "nodemesh_hbone_buffer_bytes", kind="held") == 1000
+    assert total(parsed, "nodemesh_hbone_buffer_bytes", kind="promised") == 65535 + 5000 - 1000
+    assert total(parsed, "nodemesh_hbone_buffer_budget_bytes") == 64 << 20

@@ -1,0 +1,312 @@
+"""The HBONE buffer budget (``agent.proxy.budget``) and the codec's use of it, without sockets.
+
+What must hold: what all connections hold and promise never exceeds the budget plus HTTP/2's
+initial window per connection; a connection whose pods read keeps moving while others' pods do
+not; a pod that reads again gets everything; and nothing deadlocks once every consumer drains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.proxy import hbone_events as ev
+from agent.proxy.budget import FLOOR, MIN_GRANT, HboneBudget
+from agent.proxy.h2wire import KIB
+from agent.proxy.hbone import HboneConnection
+from agent.proxy.hbone_limits import with_stream_window
+
+SETTINGS = with_stream_window(64 * KIB)  # connection window 256 KiB
+LIMIT = 512 * KIB  # two connection windows
+
+
+# ---- the accounting alone --------------------------------------------------------------------
+
+
+class Conn:
+    held = 0
+
+
+def test_a_grant_takes_what_fits_under_the_limit() -> None:
+    budget = HboneBudget(4 * FLOOR)
+    account = budget.open(Conn())
+    assert budget.committed == FLOOR  # HTTP/2's initial window, granted without asking
+    assert account.take(2 * FLOOR) == 2 * FLOOR
+    assert account.take(5 * FLOOR) == FLOOR  # only the rest of the limit
+    assert (budget.committed, budget.withheld) == (4 * FLOOR, 1)
+
+
+def test_an_exhausted_budget_still_tops_a_connection_up_to_the_floor() -> None:
+    budget = HboneBudget(2 * FLOOR)
+    hog = budget.open(Conn())
+    assert hog.take(FLOOR) == FLOOR  # the budget is used up
+    other = budget.open(Conn())  # charged its initial window anyway: over the limit
+    assert budget.free() == 0
+    other.give_back(FLOOR)  # it forwarded everything it had
+    assert other.take(10 * FLOOR) == FLOOR  # back to the floor, no further
+    other.give_back(MIN_GRANT - 1)
+    assert other.take(10 * FLOOR) == 0  # less than MIN_GRANT: withheld, not a tiny update
+    assert budget.withheld == 2
+
+
+def test_closing_gives_everything_back_once() -> None:
+    budget = HboneBudget(8 * FLOOR)
+    account = budget.open(Conn())
+    account.take(3 * FLOOR)
+    account.close()
+    account.close()
+    account.give_back(FLOOR)  # the owner finishes writing a chunk after the close
+    assert budget.committed == 0
+    assert account.take(FLOOR) == 0
+
+
+# ---- codecs sharing a budget ---------------------------------------------------------------
+
+
+@dataclass
+class Link:
+    """A client codec and a server codec whose receive side draws from ``budget``; the server
+    records what it received per stream and consumes only when told to."""
+
+    budget: HboneBudget
+    client: HboneConnection = field(init=False)
+    server: HboneConnection = field(init=False)
+    received: dict[int, bytearray] = field(default_factory=dict)
+    unread: dict[int, int] = field(default_factory=dict)  # received, not consumed
+
+    def __post_init__(self) -> None:
+        self.client = HboneConnection(client_side=True, settings=SETTINGS)
+        self.server = HboneConnection(client_side=False, settings=SETTINGS, budget=self.budget)
+        self.pump()
+
+    def pump(self) -> None:
+        while True:
+            c2s, s2c = self.client.data_to_send(), self.server.data_to_send()
+            if not c2s and not s2c:
+                return
+            for e in self.server.receive(c2s) if c2s else []:
+                if isinstance(e, ev.TunnelRequested):
+                    self.server.respond(e.stream_id, 200)
+                elif isinstance(e, ev.DataReceived):
+                    self.received.setdefault(e.stream_id, bytearray()).extend(e.data)
+                    self.unread[e.stream_id] = self.unread.get(e.stream_id, 0) + len(e.data)
+            if s2c:
+                self.client.receive(s2c)
+
+    def open(self) -> int:
+        sid = self.client.open_tunnel("10.0.0.2:80")
+        self.pump()
+        self.client.receive(b"")  # the 200 arrived in pump
+        return sid
+
+    def send(self, sid: int, data: bytes) -> None:
+        self.client.send(sid, data)
+        self.pump()
+
+    def read(self, sid: int, n: int | None = None) -> None:
+        """The pod behind ``sid`` reads ``n`` bytes (all it was given: None)."""
+        unread = self.unread.get(sid, 0)
+        n = unread if n is None else min(n, unread)
+        if n:
+            self.unread[sid] = unread - n
+            self.server.consumed(sid, n)
+            self.pump()
+
+    def unread_total(self) -> int:
+        return sum(self.unread.values())
+
+    @property
+    def charge(self) -> int:
+        return self.server.held_received + self.server.promised
+
+
+def bound(budget: HboneBudget, links: list[Link]) -> int:
+    return (budget.limit or 0) + FLOOR * len(links)
+
+
+def test_pods_that_stop_reading_hold_no_more_than_the_budget_across_connections() -> None:
+    budget = HboneBudget(LIMIT)
+    links = [Link(budget) for _ in range(8)]
+    for link in links:
+        for _ in range(4):  # four stalled streams: each connection's whole window
+            link.send(link.open(), b"x" * SETTINGS.connection_window)
+    held = sum(link.server.held_received for link in links)
+    assert budget.committed == sum(link.charge for link in links)
+    assert held <= budget.committed <= bound(budget, links)
+    assert held < 8 * SETTINGS.connection_window // 2  # unbudgeted, it would be all eight
+    assert budget.withheld > 0
+
+
+def test_a_connection_whose_pod_reads_moves_while_the_budget_is_exhausted() -> None:
+    budget = HboneBudget(LIMIT)
+    stalled = [Link(budget) for _ in range(4)]
+    for link in stalled:
+        for _ in range(4):
+            link.send(link.open(), b"x" * SETTINGS.connection_window)
+    assert budget.free() < MIN_GRANT  # nothing more to grant from it
+    reader = Link(budget)
+    sid = reader.open()
+    payload = bytes(range(256)) * (4 * SETTINGS.connection_window // 256)
+    reader.client.send(sid, payload)
+    for _ in range(10_000):
+        reader.pump()
+        reader.read(sid)
+        if not reader.client.buffered(sid):
+            break
+    assert bytes(reader.received[sid]) == payload
+    assert budget.committed <= bound(budget, [*stalled, reader])
+
+
+def test_a_pod_that_reads_again_gets_everything_intact() -> None:
+    budget = HboneBudget(LIMIT)
+    links = [Link(budget) for _ in range(4)]
+    sent: dict[tuple[int, int], bytes] = {}
+    for i, link in enumerate(links):
+        for j in range(3):
+            sid = link.open()
+            sent[i, sid] = bytes([i * 16 + j]) * (2 * SETTINGS.connection_window)
+            link.send(sid, sent[i, sid])
+    assert budget.withheld > 0
+    for _ in range(10_000):
+        for link in links:
+            for sid in list(link.unread):
+                link.read(sid)
+        if not any(link.client.queued for link in links):
+            break
+    for (i, sid), data in sent.items():
+        assert bytes(links[i].received[sid]) == data
+
+
+def test_a_closed_connection_returns_its_whole_charge() -> None:
+    budget = HboneBudget(LIMIT)
+    link = Link(budget)
+    link.send(link.open(), b"x" * SETTINGS.connection_window)
+    assert budget.committed > FLOOR
+    link.server.close_budget()
+    assert budget.committed == 0
+    link.read(1)  # the relay writes what it still had: nothing is given back twice
+    assert budget.committed == 0
+
+
+# ---- random interleavings ----------------------------------------------------------------
+
+ACTION = st.one_of(
+    st.tuples(st.just("open"), st.integers(0, 3)),
+    st.tuples(st.just("send"), st.integers(0, 3), st.integers(0, 7), st.integers(1, 300 * KIB)),
+    st.tuples(st.just("read"), st.integers(0, 3), st.integers(0, 7), st.integers(1, 300 * KIB)),
+    st.tuples(st.just("end"), st.integers(0, 3), st.integers(0, 7)),
+    st.tuples(st.just("close"), st.integers(0, 3)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2 * FLOOR, 4 * SETTINGS.connection_window), st.lists(ACTION, max_size=40))
+def test_random_interleavings_stay_bounded_and_drain_completely(
+    limit: int, actions: list[tuple[int | str, ...]]
+) -> None:
+    budget = HboneBudget(limit)
+    links = [Link(budget) for _ in range(4)]
+    closed: set[int] = set()
+    streams: list[list[int]] = [[] for _ in links]
+    sent: dict[tuple[int, int], bytearray] = {}
+    for action in actions:
+        kind, i = action[0], int(action[1])
+        link = links[i]
+        if i in closed:
+            continue
+        if kind == "open" and len(sent) < 16:
+            sid = link.open()
+            streams[i].append(sid)
+            sent[i, sid] = bytearray()
+        elif kind == "send" and streams[i]:
+            sid = streams[i][int(action[2]) % len(streams[i])]
+            data = bytes([len(sent[i, sid]) % 251]) * int(action[3])
+            sent[i, sid] += data
+            link.send(sid, data)
+        elif kind == "read" and streams[i]:
+            link.read(streams[i][int(action[2]) % len(streams[i])], int(action[3]))
+        elif kind == "end" and streams[i]:  # the client half-closes: nothing more to send
+            link.client.end_stream(streams[i].pop(int(action[2]) % len(streams[i])))
+            link.pump()
+        elif kind == "close":
+            link.server.close_budget()
+            closed.add(i)
+        live = [link for j, link in enumerate(links) if j not in closed]
+        assert budget.committed == sum(link.charge for link in live)
+        assert budget.committed <= bound(budget, live)
+    # Every pod drains: everything sent on a live connection arrives, in order, with no
+    # window left closed.
+    live_ids = [j for j in range(len(links)) if j not in closed]
+    for _ in range(10_000):
+        for j in live_ids:
+            for sid in list(links[j].unread):
+                links[j].read(sid)
+        if not any(links[j].client.queued or links[j].unread_total() for j in live_ids):
+            break
+    for (j, sid), data in sent.items():
+        if j in live_ids:
+            assert bytes(links[j].received.get(sid, b"")) == bytes(data)
+    assert budget.committed <= bound(budget, [links[j] for j in live_ids])
+
+
+def test_an_idle_connection_promises_only_http2s_initial_window() -> None:
+    budget = HboneBudget(LIMIT)
+    link = Link(budget)
+    assert link.server.promised == FLOOR == budget.committed
+    sid = link.open()  # one stream: two stream windows (its own, and one for the next stream)
+    assert link.server.promised == 2 * SETTINGS.stream_window
+    link.client.end_stream(sid)
+    link.pump()
+    link.open()  # a pooled connection's next stream finds the window open: no new grant
+    assert link.server.promised == 2 * SETTINGS.stream_window
+
+
+def test_a_connection_dropped_without_closing_gives_its_charge_back() -> None:
+    """A TLS handshake that failed never reaches ``connection_lost``: the codec is dropped."""
+    import gc
+
+    budget = HboneBudget(LIMIT)
+    link = Link(budget)
+    link.send(link.open(), b"x" * SETTINGS.connection_window)
+    assert budget.committed > FLOOR
+    del link
+    gc.collect()
+    assert budget.committed == 0
+    assert budget.snapshot()["connections"] == 0
+
+
+def test_the_source_side_is_bounded_the_same_way() -> None:
+    """Pooled (client) connections receive from destinations whose local client may not read:
+    their receive side draws from the same budget."""
+    budget = HboneBudget(LIMIT)
+    pairs = [
+        (HboneConnection(client_side=True, settings=SETTINGS, budget=budget),
+         HboneConnection(client_side=False, settings=SETTINGS))
+        for _ in range(6)
+    ]  # fmt: skip
+
+    def pump(client: HboneConnection, server: HboneConnection) -> list[ev.Event]:
+        events: list[ev.Event] = []
+        while True:
+            c2s, s2c = client.data_to_send(), server.data_to_send()
+            if not c2s and not s2c:
+                return events
+            for e in server.receive(c2s) if c2s else []:
+                if isinstance(e, ev.TunnelRequested):
+                    server.respond(e.stream_id, 200)
+            if s2c:
+                events += client.receive(s2c)
+
+    for client, server in pairs:
+        pump(client, server)
+        for _ in range(4):
+            sid = client.open_tunnel("10.0.0.2:80")
+            pump(client, server)
+            server.send(sid, b"r" * SETTINGS.connection_window)  # the local client never reads
+            pump(client, server)
+    charges = sum(client.held_received + client.promised for client, _ in pairs)
+    assert budget.committed == charges <= LIMIT + FLOOR * len(pairs)
+    assert sum(client.held_received for client, _ in pairs) > LIMIT // 2
+    assert budget.withheld > 0

@@ -69,7 +69,10 @@ def format_status(st: Mapping[str, Any]) -> str:
             f"generation {dp.get('generation') or '-'}",
         ),
     ]
-    return "\n".join(f"{k + ':':<14}{v}" for k, v in lines)
+    table = "\n".join(f"{k + ':':<14}{v}" for k, v in lines)
+    # What the source warns of (also Events on the objects): this node's pods, the policies.
+    warnings = [f"warning: {w['object']}: {w['message']}" for w in state.get("warnings") or ()]
+    return "\n\n".join([table, "\n".join(warnings)]) if warnings else table
 
 
 def format_workloads(data: Mapping[str, Any]) -> str:

@@ -12,6 +12,10 @@ kept and the problem is reported where the user will look. For a pod that is an 
 (sent only by the agent of the pod's node, so a cluster of N nodes does not send N copies); for a
 policy it is the ``Accepted`` condition in its status, written only when it differs from what is
 there (every agent computes the same verdict, so after the first write the others find it done).
+What is valid but likely not meant (an unknown ``nodemesh.io/`` pod annotation, a policy value
+that can never match: ``agent.policy.warnings``) is used as written and warned of with a Warning
+Event, once (``agent.sources.objectwarnings``): a pod's by the agent of its node, a policy's by
+the holder of the route-status Lease below.
 
 Gateway API routes are optional: users install those CRDs themselves (as with Linkerd and
 Istio). Without them the route reflectors find a 404, count as synced with no routes, say so

@@ -6,8 +6,8 @@ from agent.policy.warnings import (
     NEVER_MATCHES,
     POD_ANNOTATIONS,
     UNKNOWN_ANNOTATION,
-    policy_warnings,
     pod_warnings,
+    policy_warnings,
     unknown_annotation,
 )
 

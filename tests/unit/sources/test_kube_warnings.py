@@ -131,3 +131,18 @@ def test_a_never_matching_policy_gets_one_event_from_the_lease_holder_per_genera
     for source in agents.values():
         wait_for(lambda source=source: not source.describe()["warnings"])
     assert len(_events(api, "NeverMatches")) == 1
+
+
+def test_a_follower_records_what_it_held_once_it_takes_the_lease(
+    api: FakeApiServer, start: Start
+) -> None:
+    spec = {"holderIdentity": "node9", "leaseDurationSeconds": 4, "renewTime": "0"}
+    lease = {"metadata": {"name": "nodemesh-route-status"}, "spec": spec}
+    api.create("Lease", lease, namespace="nodemesh-system")
+    api.create("AuthorizationPolicy", _policy(["get"]))
+    source = start("node1", lease_timing=(4.0, 3.0, 0.1))
+    wait_for(lambda: source.describe()["warnings"])  # computed and logged, not recorded
+    assert not source.election.leading() and _events(api, "NeverMatches") == []
+    wait_for(source.election.leading)  # node9 never renewed: taken over
+    [event] = wait_for(lambda: _events(api, "NeverMatches"))
+    assert event["source"]["host"] == "node1"

@@ -117,8 +117,8 @@ def test_the_agent_roles_allow_every_call_of_the_kubernetes_source(api: FakeApiS
     try:
         assert source.wait_ready(10), source.not_ready()
         api.patch("Pod", "a", {"metadata": {"annotations": {"nodemesh.io/mesh": "yes please"}}})
-        wait_for(lambda: api.list_objects("Event"))
-        wait_for(lambda: any(e["reason"] == "NeverMatches" for e in api.list_objects("Event")))
+        for reason in ("InvalidAnnotation", "NeverMatches"):
+            wait_for(lambda r=reason: any(e["reason"] == r for e in api.list_objects("Event")))
         wait_for(lambda: api.get("AuthorizationPolicy", "bad").get("status"))
         wait_for(source.election.leading)  # the route-status Lease: created, then renewed
         wait_for(lambda: ("PUT", f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/"

@@ -307,7 +307,7 @@ class KubeSource:
             and (obj.get("spec") or {}).get("nodeName") == self.node
         ):
             key = ("Pod", meta["namespace"], meta["name"])
-            self._event(key, str(meta.get("uid")), error.reason, error.message)
+            self._event(key, meta.get("uid"), error.reason, error.message)
 
     def report_pod(self, obj: Raw, deleted: bool) -> None:
         """Warn of the pod's unknown annotations: an Event, once (only for this node's pods)."""
@@ -317,7 +317,7 @@ class KubeSource:
     def _warn(self, due: Due) -> None:
         self._event(due.key, due.uid, due.warning.reason, due.warning.message)
 
-    def _event(self, key: tuple[str, str, str], uid: str, reason: str, message: str) -> None:
+    def _event(self, key: tuple[str, str, str], uid: str | None, reason: str, message: str) -> None:
         """Record a Warning Event on object ``key`` (kind, namespace, name)."""
         kind, namespace, name = key
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -17,7 +17,8 @@ from typing import Any
 from agent.admin import tapcli
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.admin.tables import human_bytes, render
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, never_matching, selects_pod
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, selects_pod
+from agent.policy.warnings import policy_warnings
 
 Formatter = Callable[[Any], str]
 
@@ -68,7 +69,10 @@ def format_status(st: Mapping[str, Any]) -> str:
             f"generation {dp.get('generation') or '-'}",
         ),
     ]
-    return "\n".join(f"{k + ':':<14}{v}" for k, v in lines)
+    table = "\n".join(f"{k + ':':<14}{v}" for k, v in lines)
+    # What the source warns of (also Events on the objects): this node's pods, the policies.
+    warnings = [f"warning: {w['object']}: {w['message']}" for w in state.get("warnings") or ()]
+    return "\n\n".join([table, "\n".join(warnings)]) if warnings else table
 
 
 def format_workloads(data: Mapping[str, Any]) -> str:
@@ -171,10 +175,9 @@ def format_policies(data: Mapping[str, Any]) -> str:
         return "no policies"
     table = render(["KIND", "NAMESPACE", "NAME", "APPLIES TO", "SUMMARY"], rows)
     warnings = [
-        f"warning: {p['kind']} {p['namespace']}/{p['name']}: {warning}"
+        f"warning: {p['kind']} {p['namespace']}/{p['name']}: {warning.message}"
         for p in data["policies"]
-        if p["kind"] == "AuthorizationPolicy"
-        for warning in never_matching(p.get("spec") or {})
+        for warning in policy_warnings(p["kind"], p.get("spec") or {})
     ]
     return "\n\n".join([table, "\n".join(warnings)]) if warnings else table
 

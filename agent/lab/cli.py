@@ -18,7 +18,7 @@ from agent.admin import tapcli
 from agent.base.constants import CA_PORT
 from agent.lab import control, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
-from agent.policy.authz import never_matching
+from agent.policy.warnings import policy_warnings
 from agent.sources.document import DocumentError
 
 
@@ -178,12 +178,12 @@ def _apply(args: argparse.Namespace) -> int:
     control.apply(args.name, manifests, source=source)
     print(f"applied {len(manifests)} object(s) to lab {args.name}")
     for i, m in enumerate(manifests, 1):
-        if m.get("kind") == "AuthorizationPolicy" and isinstance(m.get("spec"), Mapping):
+        if isinstance(m.get("spec"), Mapping):
             meta = m.get("metadata") or {}
-            what = f"AuthorizationPolicy {meta.get('namespace', 'default')}/{meta.get('name')}"
-            for warning in never_matching(m["spec"]):
+            what = f"{m.get('kind')} {meta.get('namespace', 'default')}/{meta.get('name')}"
+            for warning in policy_warnings(str(m.get("kind")), m["spec"]):
                 print(
-                    f"nodemesh lab: warning: {source}: document {i} ({what}): {warning}",
+                    f"nodemesh lab: warning: {source}: document {i} ({what}): {warning.message}",
                     file=sys.stderr,
                 )
     return 0

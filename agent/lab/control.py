@@ -32,9 +32,9 @@ from agent.lab.topology import (
     assign_cluster_ips,
     check_lab_name,
     plan_lab,
-    unknown_annotation,
 )
 from agent.policy.routes import ROUTE_KINDS
+from agent.policy.warnings import unknown_annotation
 from agent.sources.document import ClusterDocument, parse_document
 from agent.sources.fields import DocumentError
 from agent.state import StateStore

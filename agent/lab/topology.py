@@ -19,31 +19,12 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from agent.policy.warnings import unknown_annotation
 from agent.sources.document import ClusterDocument, NodeSpec, parse_document
-from agent.state.model import (
-    EXCLUDE_INBOUND_ANNOTATION,
-    EXCLUDE_OUTBOUND_ANNOTATION,
-    HTTP_PORTS_ANNOTATION,
-    MESH_ANNOTATION,
-)
 
-# The pod annotations the mesh reads. Another ``nodemesh.io/`` key in a topology or in `lab
-# annotate` is a typo that would silently do nothing, so the lab refuses it (Istio's analyzer
-# reports unknown annotations likewise, IST0108); the agents themselves ignore such keys.
-POD_ANNOTATIONS = (
-    MESH_ANNOTATION,
-    EXCLUDE_OUTBOUND_ANNOTATION,
-    EXCLUDE_INBOUND_ANNOTATION,
-    HTTP_PORTS_ANNOTATION,
-)
-
-
-def unknown_annotation(key: str) -> str | None:
-    """Why the lab refuses annotation ``key`` on a pod, or None."""
-    if key.startswith("nodemesh.io/") and key not in POD_ANNOTATIONS:
-        return f"unknown nodemesh annotation; a pod's are {', '.join(POD_ANNOTATIONS)}"
-    return None
-
+# An unknown ``nodemesh.io/`` pod annotation (``unknown_annotation``) is refused in a topology
+# and by ``lab annotate``: nothing older than this lab reads those files, so it can only be a
+# typo. In a cluster the agents warn of it instead (an Event on the pod) and mesh the pod.
 
 LAB_NAME = re.compile(r"[a-z][a-z0-9]{0,7}")  # fullmatch: "$" would let "lab\n" through
 DEFAULT_LAB = "nm"

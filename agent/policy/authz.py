@@ -299,9 +299,10 @@ def _never_matches(field: str, value: str) -> str | None:
 def never_matching(spec: Mapping[str, Any]) -> list[str]:
     """Values the schema admits that can never match what they were meant to (a typo that
     silently does nothing, as Istio accepts them too): ``'*'`` inside a value, a method not in
-    upper case, a principal not of the SPIFFE form. Warnings (``nodemesh lab apply``,
-    ``nodemesh policies``), not refusals: a refused policy is enforced as its fail-closed
-    stand-in in a cluster, which would change traffic for a policy Istio accepted."""
+    upper case, a principal not of the SPIFFE form. Warnings (``agent.policy.warnings``: the
+    agent's Events, ``nodemesh lab apply``, ``nodemesh policies``), not refusals: a refused
+    policy is enforced as its fail-closed stand-in in a cluster, which would change traffic for
+    a policy Istio accepted."""
     out = []
     for i, rule in enumerate(spec.get("rules") or ()):
         for where, side, fields in _MATCHED_STRINGS:

@@ -12,6 +12,10 @@ kept and the problem is reported where the user will look. For a pod that is an 
 (sent only by the agent of the pod's node, so a cluster of N nodes does not send N copies); for a
 policy it is the ``Accepted`` condition in its status, written only when it differs from what is
 there (every agent computes the same verdict, so after the first write the others find it done).
+What is valid but likely not meant (an unknown ``nodemesh.io/`` pod annotation, a policy value
+that can never match: ``agent.policy.warnings``) is used as written and warned of with a Warning
+Event, once (``agent.sources.objectwarnings``): a pod's by the agent of its node, a policy's by
+the holder of the route-status Lease below.
 
 Gateway API routes are optional: users install those CRDs themselves (as with Linkerd and
 Istio). Without them the route reflectors find a 404, count as synced with no routes, say so
@@ -40,6 +44,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as TransportError
 
+from agent.policy.warnings import ConfigWarning, policy_warnings
 from agent.sources import kubehandlers as kh
 from agent.sources import kubeobjects as ko
 from agent.sources.kubeobjects import InvalidObject, Raw
@@ -52,6 +57,7 @@ from agent.sources.lease import (
     LeaseRecord,
     micro_time,
 )
+from agent.sources.objectwarnings import Due, PodWarnings, PolicyWarnings
 from agent.sources.reflector import ApiStatusError, Gone, Reflector, StreamResponse
 from agent.sources.routestatus import RouteStatusWriter, StatusConflict
 from agent.state import StateStore
@@ -66,6 +72,7 @@ POLICY_PLURALS = {
     "RateLimitPolicy": "ratelimitpolicies",
     "HTTPFault": "httpfaults",
 }
+POLICY_KINDS = {plural: kind for kind, plural in POLICY_PLURALS.items()}
 GATEWAY_GROUP, GATEWAY_VERSION = "gateway.networking.k8s.io", "v1"
 ROUTE_PLURALS = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes"}
 GATEWAY_API_INSTALL = (
@@ -137,6 +144,8 @@ class KubeSource:
         self.coordination = client.CoordinationV1Api(api)
         self._reported: set[tuple[str, str]] = set()
         self.route_status = RouteStatusWriter(self._patch_route_status)
+        self.pod_warnings = PodWarnings(node)
+        self.policy_warnings = PolicyWarnings()
         duration, renew_deadline, self._lease_period = lease_timing
         self.lease_namespace = lease_namespace
         self.election = LeaseElection(
@@ -253,7 +262,12 @@ class KubeSource:
             "sync": self.stats(),
             "routes": "available" if unavailable is None else f"unavailable ({unavailable})",
             "route_status_writer": self.election.leading(),  # holds the route-status Lease
+            "warnings": self.warnings(),
         }
+
+    def warnings(self) -> list[dict[str, str]]:
+        """What this agent warns of now: its node's pods, then the policies (every agent)."""
+        return self.pod_warnings.current() + self.policy_warnings.current()
 
     def start(self) -> None:
         self._stopping.clear()
@@ -292,25 +306,33 @@ class KubeSource:
             and self.node
             and (obj.get("spec") or {}).get("nodeName") == self.node
         ):
-            self._event(obj, error)
+            key = ("Pod", meta["namespace"], meta["name"])
+            self._event(key, meta.get("uid"), error.reason, error.message)
 
-    def _event(self, obj: Raw, error: InvalidObject) -> None:
-        meta = obj["metadata"]
+    def report_pod(self, obj: Raw, deleted: bool) -> None:
+        """Warn of the pod's unknown annotations: an Event, once (only for this node's pods)."""
+        for due in self.pod_warnings.observe(obj, deleted=deleted):
+            self._warn(due)
+
+    def _warn(self, due: Due) -> None:
+        self._event(due.key, due.uid, due.warning.reason, due.warning.message)
+
+    def _event(self, key: tuple[str, str, str], uid: str | None, reason: str, message: str) -> None:
+        """Record a Warning Event on object ``key`` (kind, namespace, name)."""
+        kind, namespace, name = key
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        api_version = "v1" if kind == "Pod" else f"{GROUP}/{VERSION}"
         body = {
-            "metadata": {
-                "generateName": f"{meta['name']}.nodemesh-",
-                "namespace": meta["namespace"],
-            },
+            "metadata": {"generateName": f"{name}.nodemesh-", "namespace": namespace},
             "involvedObject": {
-                "kind": "Pod",
-                "apiVersion": "v1",
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta.get("uid"),
+                "kind": kind,
+                "apiVersion": api_version,
+                "name": name,
+                "namespace": namespace,
+                "uid": uid,
             },
-            "reason": error.reason,
-            "message": error.message,
+            "reason": reason,
+            "message": message,
             "type": "Warning",
             "source": {"component": "nodemesh-agent", "host": self.node},
             "firstTimestamp": now,
@@ -318,14 +340,18 @@ class KubeSource:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], body)
+            self.core.create_namespaced_event(namespace, body)
         except ApiException as e:
-            log.warning(
-                "cannot record an Event for %s: %s %s", ko.object_ref(obj), e.status, e.reason
-            )
+            log.warning("cannot record an Event for %s %s/%s: %s %s", *key, e.status, e.reason)
 
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
-        """Set the ``Accepted`` condition when it differs from the object's current one."""
+        """Set the ``Accepted`` condition when it differs from the object's current one, and
+        warn of what an accepted policy can never match (``report_policy_warnings``)."""
+        warnings: list[ConfigWarning] = []
+        if error is None:
+            warnings = policy_warnings(POLICY_KINDS[plural], obj.get("spec") or {})
+        self.policy_warnings.observe(POLICY_KINDS[plural], obj, warnings)
+        self.report_policy_warnings()
         if not self.report_status:
             return
         meta = obj["metadata"]
@@ -360,6 +386,13 @@ class KubeSource:
             log.warning(
                 "cannot update the status of %s: %s %s", ko.object_ref(obj), e.status, e.reason
             )
+
+    def report_policy_warnings(self) -> None:
+        """Record the policies' warnings not recorded yet: only the Lease holder does (so N
+        agents do not write N Events); the others hold them until they take the Lease."""
+        write = self.report_status and self.election.leading()
+        for due in self.policy_warnings.due(self.store.snapshot().policies, write=write):
+            self._warn(due)
 
     # -- routes ------------------------------------------------------------------------------
     def observe_route(self, kind: str, obj: Raw, deleted: bool) -> None:
@@ -397,6 +430,7 @@ class KubeSource:
                 "this agent writes route status now (Lease %s/%s)", self.lease_namespace, LEASE_NAME
             )
             self.report_routes()  # what changed while another agent held it
+            self.report_policy_warnings()
         elif was and not self.election.leading():
             log.info("this agent no longer writes route status (another holds the Lease)")
 

@@ -27,6 +27,8 @@ ServiceKey = tuple[str, str]
 class Reporter(Protocol):
     def report_invalid(self, obj: Raw, error: InvalidObject) -> None: ...
 
+    def report_pod(self, obj: Raw, deleted: bool) -> None: ...
+
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None: ...
 
     def observe_route(self, kind: str, obj: Raw, deleted: bool) -> None: ...
@@ -64,6 +66,10 @@ class Context:
 
     def invalid(self, obj: Raw, error: InvalidObject) -> None:
         self._reports.append(lambda: self.reporter.report_invalid(obj, error))
+
+    def pod_seen(self, obj: Raw, deleted: bool = False) -> None:
+        """A pod as it is now: the reporter warns of what its annotations say (once)."""
+        self._reports.append(lambda: self.reporter.report_pod(obj, deleted))
 
     def policy_verdict(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
         self._reports.append(lambda: self.reporter.report_policy(plural, obj, error))
@@ -109,11 +115,14 @@ class Pods:
             fresh = [self._convert(o, old.get(o["metadata"]["uid"])) for o in items]
             with self.ctx.store.update() as txn:
                 txn.replace("workloads", [w for w in fresh if w is not None])
+            for obj in items:
+                self.ctx.pod_seen(obj)
 
     def event(self, kind: str, obj: Raw) -> None:
         uid = obj["metadata"]["uid"]
         with self.ctx.writing(), self.ctx.store.update() as txn:
             w = None if kind == "DELETED" else self._convert(obj, txn.get("workloads", uid))
+            self.ctx.pod_seen(obj, deleted=kind == "DELETED")
             if w is None:
                 txn.delete("workloads", uid)
             else:

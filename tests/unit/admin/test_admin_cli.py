@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.admin.cli import PodNotFound, format_policies, policies_for_pod
+from agent.admin.cli import PodNotFound, format_policies, format_status, policies_for_pod
 from agent.base.http import HttpServer
 from agent.cli import main
 from agent.telemetry.accesslog import connection_entry
@@ -67,6 +67,21 @@ def test_tables_fit_100_columns(
     code, out, err = run(capsys, command, "--admin", admin)
     assert (code, err) == (0, "")
     assert out.strip() and max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_status_shows_the_warnings_the_state_source_holds(
+    admin: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, out, _ = run(capsys, "status", "--admin", admin, "-o", "json")
+    status = json.loads(out)
+    assert "warning:" not in format_status(status)
+    message = "annotation nodemesh.io/http-port: unknown nodemesh annotation"
+    warning = {"object": "Pod default/web", "reason": "UnknownAnnotation", "message": message}
+    status["state"]["warnings"] = [warning]
+    assert format_status(status).splitlines()[-2:] == [
+        "",
+        "warning: Pod default/web: annotation nodemesh.io/http-port: unknown nodemesh annotation",
+    ]
 
 
 def test_table_contents(admin: str, capsys: pytest.CaptureFixture[str]) -> None:

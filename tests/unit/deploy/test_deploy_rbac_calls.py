@@ -2,10 +2,11 @@
 
 The agent's Kubernetes source runs against the fake API server (tests/fakeapi) through the
 official client, through every path that calls the API: list and watch of each resource, an
-Event for a pod with an invalid annotation, the status of a good and of an invalid policy. Each
-request the server saw is turned into Kubernetes' (verb, group, resource, namespace, name) and
-must be allowed by the rendered roles. So a new API call in the code fails here until the
-manifests grant it, and a permission the code stops using shows up as unused.
+Event for a pod with an invalid annotation and one for a policy that never matches, the status
+of a good and of an invalid policy. Each request the server saw is turned into Kubernetes'
+(verb, group, resource, namespace, name) and must be allowed by the rendered roles. So a new API
+call in the code fails here until the manifests grant it, and a permission the code stops using
+shows up as unused.
 """
 
 from __future__ import annotations
@@ -107,13 +108,17 @@ def test_the_agent_roles_allow_every_call_of_the_kubernetes_source(api: FakeApiS
     bad = authz("bad")
     bad["spec"]["action"] = "MAYBE"
     api.create("AuthorizationPolicy", bad)
+    never = authz("never")  # accepted, but warned of: an Event from the Lease holder
+    never["spec"]["rules"] = [{"to": [{"operation": {"methods": ["get"]}}]}]
+    api.create("AuthorizationPolicy", never)
     connection = api_client(api)
     source = KubeSource(connection, StateStore(), node="node1", watch_timeout=5)
     source.start()
     try:
         assert source.wait_ready(10), source.not_ready()
         api.patch("Pod", "a", {"metadata": {"annotations": {"nodemesh.io/mesh": "yes please"}}})
-        wait_for(lambda: api.list_objects("Event"))
+        for reason in ("InvalidAnnotation", "NeverMatches"):
+            wait_for(lambda r=reason: any(e["reason"] == r for e in api.list_objects("Event")))
         wait_for(lambda: api.get("AuthorizationPolicy", "bad").get("status"))
         wait_for(source.election.leading)  # the route-status Lease: created, then renewed
         wait_for(lambda: ("PUT", f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/"

@@ -10,6 +10,7 @@ from agent.cli import main
 from agent.lab import control
 from agent.lab.record import LabDir
 from agent.lab.topology import DEFAULT_TOPOLOGY, LabError, check_lab_name, plan_lab
+from agent.policy.warnings import unknown_annotation
 from agent.sources.document import DocumentError, parse_document
 from agent.state.protocols import port_protocol
 
@@ -130,8 +131,13 @@ def test_an_unknown_nodemesh_annotation_is_refused_not_ignored(recorded: str) ->
     """A typo such as ``nodemesh.io/exclude-outbound-port`` would silently do nothing; other
     prefixes are the user's (and removing an unknown key is always allowed)."""
     typo = "nodemesh.io/exclude-outbound-port=9090"
-    with pytest.raises(LabError, match=r"annotation nodemesh.io/exclude-outbound-port: unknown"):
+    with pytest.raises(
+        LabError, match=r"annotation nodemesh.io/exclude-outbound-port: unknown"
+    ) as e:
         control.annotate("unit", "client", [typo], state_root=recorded)
+    # The agent's Event says the same (agent.policy.warnings, one function for both).
+    assert unknown_annotation("nodemesh.io/exclude-outbound-port") in str(e.value)
+    assert "(did you mean nodemesh.io/exclude-outbound-ports?)" in str(e.value)
     control.annotate("unit", "client", ["example.com/team=a"], state_root=recorded)
     control.annotate("unit", "client", ["nodemesh.io/exclude-outbound-port-"], state_root=recorded)
     topology = DEFAULT_TOPOLOGY.replace("{nodemesh.io/mesh: enabled}", "{nodemesh.io/mesh-typo: x}")

@@ -32,6 +32,9 @@ class _NoReports:
     def report_invalid(self, obj: Raw, error: InvalidObject) -> None:
         raise AssertionError(f"unexpected invalid object: {error}")
 
+    def report_pod(self, obj: Raw, deleted: bool) -> None:
+        return None
+
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
         assert error is None
 

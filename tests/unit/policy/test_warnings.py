@@ -1,0 +1,74 @@
+"""The shared warning functions: the same verdicts for the lab, the CLI and the agent."""
+
+from __future__ import annotations
+
+from agent.policy.warnings import (
+    NEVER_MATCHES,
+    POD_ANNOTATIONS,
+    UNKNOWN_ANNOTATION,
+    pod_warnings,
+    policy_warnings,
+    unknown_annotation,
+)
+
+
+def test_only_unread_nodemesh_keys_are_unknown() -> None:
+    for key in (*POD_ANNOTATIONS, "istio.io/rev", "app", "example.com/nodemesh.io/x"):
+        assert unknown_annotation(key) is None
+    assert unknown_annotation("nodemesh.io/sidecar") == (
+        "unknown nodemesh annotation; a pod's are nodemesh.io/mesh, "
+        "nodemesh.io/exclude-outbound-ports, nodemesh.io/exclude-inbound-ports, "
+        "nodemesh.io/http-ports"
+    )
+
+
+def test_a_near_miss_names_the_likely_intended_key() -> None:
+    hints = {
+        "nodemesh.io/http-port": "nodemesh.io/http-ports",
+        "nodemesh.io/HTTP-Ports": "nodemesh.io/http-ports",
+        "nodemesh.io/exclude-inbound-port": "nodemesh.io/exclude-inbound-ports",
+        "nodemesh.io/exlude-outbound-ports": "nodemesh.io/exclude-outbound-ports",
+        "nodemesh.io/meshed": "nodemesh.io/mesh",
+    }
+    for typo, meant in hints.items():
+        assert f"(did you mean {meant}?)" in (unknown_annotation(typo) or ""), typo
+    # The shared prefix alone is no resemblance.
+    assert "did you mean" not in (unknown_annotation("nodemesh.io/dry-run") or "")
+
+
+def test_pod_warnings_are_one_per_unknown_key_in_key_order() -> None:
+    annotations = {
+        "nodemesh.io/zzz": "1",
+        "nodemesh.io/mesh": "enabled",
+        "nodemesh.io/http-port": "8080",
+        "other.io/x": "y",
+    }
+    warnings = pod_warnings(annotations)
+    assert [w.reason for w in warnings] == [UNKNOWN_ANNOTATION] * 2
+    assert [w.message.split(":")[0] for w in warnings] == [
+        "annotation nodemesh.io/http-port",
+        "annotation nodemesh.io/zzz",
+    ]
+    assert warnings[0].message.endswith("; this agent ignores it")
+    assert pod_warnings({"nodemesh.io/mesh": "enabled"}) == []
+
+
+def test_policy_warnings_are_never_matching_values_of_an_authorization_policy() -> None:
+    spec = {
+        "rules": [
+            {
+                "from": [{"source": {"principals": ["default/client"]}}],
+                "to": [{"operation": {"methods": ["get", "POST"], "paths": ["/a/*/b"]}}],
+            }
+        ]
+    }
+    warnings = policy_warnings("AuthorizationPolicy", spec)
+    assert [w.reason for w in warnings] == [NEVER_MATCHES] * 3
+    assert [w.message.split(":")[0] for w in warnings] == [
+        "spec.rules[0].from[0].source.principals[0]",
+        "spec.rules[0].to[0].operation.methods[0]",
+        "spec.rules[0].to[0].operation.paths[0]",
+    ]
+    assert policy_warnings("TrafficPolicy", spec) == []
+    fixed = {"rules": [{"to": [{"operation": {"methods": ["GET"], "paths": ["/a/*"]}}]}]}
+    assert policy_warnings("AuthorizationPolicy", fixed) == []

@@ -1,0 +1,148 @@
+"""Warnings as Kubernetes Events (``agent.sources.objectwarnings``), against the fake API server
+through the official client: an unknown pod annotation on the agent's node, an
+AuthorizationPolicy value that can never match."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from agent.sources.kube import KubeSource
+from agent.state import StateStore
+from tests.fakeapi import FakeApiServer
+from tests.fakeapi.objects import authz, pod, wait_for
+
+FAST_LEASE = (1.5, 1.0, 0.1)  # duration, renew deadline, retry period (seconds)
+Start = Callable[..., KubeSource]
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApiServer]:
+    with FakeApiServer(bookmark_interval=0.05) as fake:
+        fake.create("Namespace", {"metadata": {"name": "default"}})
+        yield fake
+
+
+@pytest.fixture
+def start(api: FakeApiServer) -> Iterator[Start]:
+    """``start(node, **kw)``: an agent's Kubernetes source, synced; all are stopped after."""
+    started: list[tuple[KubeSource, Any]] = []
+
+    def run(node: str, **kw: Any) -> KubeSource:
+        connection = client.ApiClient(client.Configuration(host=api.url))
+        source = KubeSource(connection, StateStore(), node=node, watch_timeout=5, **kw)
+        started.append((source, connection))
+        source.start()
+        assert source.wait_ready(10), f"not ready: {source.not_ready()}"
+        return source
+
+    yield run
+    for source, connection in started:
+        source.stop()
+        connection.close()
+
+
+def _events(api: FakeApiServer, reason: str, *, at_least: int = 0) -> list[dict[str, Any]]:
+    """The Events of ``reason``; none until there are ``at_least`` (for ``wait_for``)."""
+    events = [e for e in api.list_objects("Event") if e["reason"] == reason]
+    return events if len(events) >= at_least else []
+
+
+def test_an_unknown_pod_annotation_is_one_warning_event_from_the_pods_node(
+    api: FakeApiServer, start: Start
+) -> None:
+    typo = {"nodemesh.io/mesh": "enabled", "nodemesh.io/http-port": "8080"}
+    api.create("Pod", pod("elsewhere", "10.244.2.2", node="node2", annotations=typo))
+    api.create("Pod", pod("web", "10.244.1.2", annotations=typo))
+    source = start("node1")
+    [event] = wait_for(lambda: _events(api, "UnknownAnnotation"))
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["kind"] == "Pod" and event["involvedObject"]["name"] == "web"
+    assert event["involvedObject"]["uid"] == api.get("Pod", "web")["metadata"]["uid"]
+    assert "nodemesh.io/http-port:" in event["message"]
+    assert "did you mean nodemesh.io/http-ports?" in event["message"]
+    snap = source.store.snapshot()
+    assert {w.name for w in snap.workloads.values() if snap.is_meshed(w)} == {"web", "elsewhere"}
+    assert source.describe()["warnings"] == [
+        {"object": "Pod default/web", "reason": "UnknownAnnotation", "message": event["message"]}
+    ]
+
+    # A change of the pod, a relist after the history is gone: nothing new to say.
+    api.patch("Pod", "web", {"metadata": {"labels": {"touched": "yes"}}})
+    api.restart(forget_history=True)
+    wait_for(lambda: source.stats()["pods"]["lists"] == 2)
+    api.create("Pod", pod("marker", "10.244.1.3", annotations={"nodemesh.io/mesh": "enabled"}))
+    wait_for(lambda: "10.244.1.3" in source.store.snapshot().workload_by_ip)
+    assert len(_events(api, "UnknownAnnotation")) == 1
+
+    # A second unknown key is news (said once more, of that key only); fixing both is silent.
+    api.patch("Pod", "web", {"metadata": {"annotations": {"nodemesh.io/meshh": "enabled"}}})
+    events = wait_for(lambda: _events(api, "UnknownAnnotation", at_least=2))
+    assert sorted(e["message"].split(":")[0] for e in events) == [
+        "annotation nodemesh.io/http-port",
+        "annotation nodemesh.io/meshh",
+    ]
+    api.patch("Pod", "web", {"metadata": {"annotations": {
+        "nodemesh.io/http-port": None, "nodemesh.io/meshh": None}}})  # fmt: skip
+    wait_for(lambda: not source.describe()["warnings"])
+    assert len(_events(api, "UnknownAnnotation")) == 2
+
+
+def _policy(methods: list[str]) -> dict[str, Any]:
+    policy = authz("web")
+    policy["spec"]["rules"] = [{"to": [{"operation": {"methods": methods}}]}]
+    return policy
+
+
+def test_a_never_matching_policy_gets_one_event_from_the_lease_holder_per_generation(
+    api: FakeApiServer, start: Start
+) -> None:
+    api.create("AuthorizationPolicy", _policy(["get"]))
+    agents = {node: start(node, lease_timing=FAST_LEASE) for node in ("node1", "node2")}
+    lease = wait_for(lambda: api.get("Lease", "nodemesh-route-status", "nodemesh-system"))
+    holder = lease["spec"]["holderIdentity"]
+    [event] = wait_for(lambda: _events(api, "NeverMatches"))
+    assert event["type"] == "Warning" and event["source"]["host"] == holder
+    involved = event["involvedObject"]
+    assert (involved["kind"], involved["apiVersion"], involved["name"]) == (
+        "AuthorizationPolicy",
+        "nodemesh.io/v1alpha1",
+        "web",
+    )
+    assert "spec.rules[0].to[0].operation.methods[0]" in event["message"]
+    assert "'get' never matches" in event["message"]
+    for source in agents.values():  # every agent knows it; only the holder recorded it
+        wait_for(lambda source=source: source.describe()["warnings"])
+    # Its own status write and a metadata change keep the generation: nothing new to say.
+    wait_for(lambda: api.get("AuthorizationPolicy", "web").get("status"))
+    dry_run = {"metadata": {"annotations": {"nodemesh.io/dry-run": "true"}}}
+    api.patch("AuthorizationPolicy", "web", dry_run)
+    for source in agents.values():
+        wait_for(
+            lambda source=source: all(p.dry_run for p in source.store.snapshot().policies.values())
+        )
+    assert len(_events(api, "NeverMatches")) == 1
+
+    api.patch("AuthorizationPolicy", "web", {"spec": {"rules": [
+        {"to": [{"operation": {"methods": ["GET"]}}]}]}})  # fmt: skip
+    for source in agents.values():
+        wait_for(lambda source=source: not source.describe()["warnings"])
+    assert len(_events(api, "NeverMatches")) == 1
+
+
+def test_a_follower_records_what_it_held_once_it_takes_the_lease(
+    api: FakeApiServer, start: Start
+) -> None:
+    spec = {"holderIdentity": "node9", "leaseDurationSeconds": 4, "renewTime": "0"}
+    lease = {"metadata": {"name": "nodemesh-route-status"}, "spec": spec}
+    api.create("Lease", lease, namespace="nodemesh-system")
+    api.create("AuthorizationPolicy", _policy(["get"]))
+    source = start("node1", lease_timing=(4.0, 3.0, 0.1))
+    wait_for(lambda: source.describe()["warnings"])  # computed and logged, not recorded
+    assert not source.election.leading() and _events(api, "NeverMatches") == []
+    wait_for(source.election.leading)  # node9 never renewed: taken over
+    [event] = wait_for(lambda: _events(api, "NeverMatches"))
+    assert event["source"]["host"] == "node1"

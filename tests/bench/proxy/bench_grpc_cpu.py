@@ -27,21 +27,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import os
 import struct
-import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
-import uvloop
-
-import tests.integration.proxy.mesh as mesh_module
 from agent.state import Endpoint, Service, ServicePort
-from agent.telemetry.accesslog import ACCESS_LOGGER, RequestSampler
-from agent.telemetry.http import HttpMetrics
-from agent.telemetry.tcp import TcpMetrics
-from tests.bench.proxy.bench_http_cpu import _callgrind, _captured
+from tests.bench.proxy.bench_http_cpu import _captured, measure, rounds, telemetry
 from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, free_port
 
 VIP = "10.96.7.3"
@@ -194,10 +185,7 @@ async def run(args: argparse.Namespace) -> list[float]:
     mesh = Mesh(handshake_timeout=120.0 if args.callgrind else 10.0)
     await mesh.start()
     try:
-        for node in (mesh.node1, mesh.node2):
-            node.core.registry.observers.append(TcpMetrics(mesh.store))
-            metrics = HttpMetrics(mesh.store, sampler=RequestSampler(1.0))
-            node.core.registry.request_observers.append(metrics)
+        telemetry(mesh)
         port, l4_port = free_port(SERVER), free_port(SERVER)
         dst = _declare(mesh, args.path, port, l4_port)
         servers = [await loop.create_server(App, SERVER, p) for p in (port, l4_port)]
@@ -214,18 +202,7 @@ async def run(args: argparse.Namespace) -> list[float]:
                 done.append(finished)
             await asyncio.wait_for(asyncio.gather(*done), 600)
 
-        await batch(50)  # connections, sessions, label series and caches made
-        per_round: list[float] = []
-        per_connection = args.calls // args.connections
-        for _ in range(args.rounds):
-            if args.callgrind:
-                _callgrind(True)
-            started = time.process_time()
-            await batch(per_connection)
-            used = time.process_time() - started
-            if args.callgrind:
-                _callgrind(False)
-            per_round.append(used / (per_connection * args.connections) * 1e6)
+        per_round = await rounds(args, batch, args.calls)
         for server in servers:
             server.close()
         return per_round
@@ -237,29 +214,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", choices=["vip", "pod", "l4", "direct"])
     parser.add_argument("--calls", type=int, default=4000, help="per measured round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--no-access-log", action="store_true", help="the log's logger off")
-    parser.add_argument("--log", default=os.devnull, help="where the access log goes")
-    parser.add_argument("--callgrind", action="store_true", help="see bench_http_cpu")
-    args = parser.parse_args()
-    if os.geteuid() != 0:
-        parser.error("the mesh's sockets need root (SO_MARK, IP_TRANSPARENT): run with sudo")
-    if args.callgrind:  # ~50x slower: no connect may time out
-        settings: Any = mesh_module.ProxySettings
-        mesh_module.ProxySettings = lambda **kw: settings(**{**kw, "connect_timeout": 120.0})  # type: ignore[misc,assignment]
-    with open(args.log, "a") as log_file:
-        logging.basicConfig(
-            level=logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=log_file,
-        )
-        if args.no_access_log:
-            logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            per_round = runner.run(run(args))
-    rounds = " ".join(f"{us:.1f}" for us in per_round)
-    print(f"{args.path}: process CPU µs per call: {rounds}; best {min(per_round):.1f}")
+    per_round = measure(parser, run)
+    shown = " ".join(f"{us:.1f}" for us in per_round)
+    path = parser.parse_args().path
+    print(f"{path}: process CPU µs per call: {shown}; best {min(per_round):.1f}")
 
 
 if __name__ == "__main__":

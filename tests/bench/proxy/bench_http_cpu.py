@@ -28,7 +28,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, cast
 
@@ -133,10 +133,7 @@ async def run(args: argparse.Namespace) -> list[float]:
     mesh = Mesh(handshake_timeout=120.0 if args.callgrind else 10.0)
     await mesh.start()
     try:
-        for node in (mesh.node1, mesh.node2):
-            node.core.registry.observers.append(TcpMetrics(mesh.store))
-            metrics = HttpMetrics(mesh.store, sampler=RequestSampler(1.0))
-            node.core.registry.request_observers.append(metrics)
+        telemetry(mesh)
         port = free_port(SERVER)
         dst = _declare(mesh, args.path, port)
         server = await loop.create_server(App, SERVER, port)
@@ -151,33 +148,62 @@ async def run(args: argparse.Namespace) -> list[float]:
                 done.append(finished)
             await asyncio.wait_for(asyncio.gather(*done), 600)
 
-        await batch(50)  # connections, sessions, label series and caches made
-        per_round: list[float] = []
-        per_connection = args.requests // args.connections
-        for _ in range(args.rounds):
-            if args.callgrind:
-                _callgrind(True)
-            started = time.process_time()
-            await batch(per_connection)
-            used = time.process_time() - started
-            if args.callgrind:
-                _callgrind(False)
-            per_round.append(used / (per_connection * args.connections) * 1e6)
+        per_round = await rounds(args, batch, args.requests)
         server.close()
         return per_round
     finally:
         await mesh.close()
 
 
+def telemetry(mesh: Mesh) -> None:
+    """Request telemetry on both proxies, as the agent wires it."""
+    for node in (mesh.node1, mesh.node2):
+        node.core.registry.observers.append(TcpMetrics(mesh.store))
+        metrics = HttpMetrics(mesh.store, sampler=RequestSampler(1.0))
+        node.core.registry.request_observers.append(metrics)
+
+
+async def rounds(
+    args: argparse.Namespace, batch: Callable[[int], Awaitable[None]], total: int
+) -> list[float]:
+    """A warm-up batch (connections, sessions, label series and caches made), then
+    ``args.rounds`` measured batches of ``total`` exchanges over ``args.connections``: the
+    process CPU µs per exchange of each (callgrind's instrumentation on only meanwhile)."""
+    await batch(50)
+    per_round: list[float] = []
+    per_connection = total // args.connections
+    for _ in range(args.rounds):
+        if args.callgrind:
+            _callgrind(True)
+        started = time.process_time()
+        await batch(per_connection)
+        used = time.process_time() - started
+        if args.callgrind:
+            _callgrind(False)
+        per_round.append(used / (per_connection * args.connections) * 1e6)
+    return per_round
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", choices=["svc", "pod", "l4", "direct"])
     parser.add_argument("--requests", type=int, default=4000, help="per measured round")
+    per_round = measure(parser, run)
+    shown = " ".join(f"{us:.1f}" for us in per_round)
+    path = parser.parse_args().path
+    print(f"{path}: process CPU µs per request: {shown}; best {min(per_round):.1f}")
+
+
+def measure(
+    parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Awaitable[list[float]]]
+) -> list[float]:
+    """The harnesses' shared options and set-up: root, callgrind's timeouts, the access log
+    through ``logging.basicConfig``'s format, uvloop; ``run``'s CPU µs per round."""
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--no-access-log", action="store_true", help="the log's logger off")
     parser.add_argument("--log", default=os.devnull, help="where the access log goes")
-    parser.add_argument("--callgrind", action="store_true", help="see the module docstring")
+    parser.add_argument("--callgrind", action="store_true", help="see bench_http_cpu's docstring")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("the mesh's sockets need root (SO_MARK, IP_TRANSPARENT): run with sudo")
@@ -193,9 +219,7 @@ def main() -> None:
         if args.no_access_log:
             logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            per_round = runner.run(run(args))
-    rounds = " ".join(f"{us:.1f}" for us in per_round)
-    print(f"{args.path}: process CPU µs per request: {rounds}; best {min(per_round):.1f}")
+            return runner.run(run(args))
 
 
 if __name__ == "__main__":

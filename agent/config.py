@@ -312,26 +312,32 @@ def _size(flag: str, value: str, example: str) -> int:
 
 def _hbone_buffer_budget(value: str) -> int:
     """``--hbone-buffer-budget``: a size within the allowed range."""
-    size = _size("--hbone-buffer-budget", value, "256MiB or 1GiB")
-    if not MIN_BUDGET <= size <= MAX_BUDGET:
-        raise ConfigError(
-            f"--hbone-buffer-budget {value}: expected {_size_text(MIN_BUDGET)} to "
-            f"{_size_text(MAX_BUDGET)} (at least one connection window at the default "
-            "--hbone-window; it bounds the memory all HBONE connections of the agent can make "
-            "it hold)"
-        )
-    return size
+    why = (
+        "at least one connection window at the default --hbone-window; it bounds the memory all "
+        "HBONE connections of the agent can make it hold"
+    )
+    return _ranged_size(
+        "--hbone-buffer-budget", value, "256MiB or 1GiB", MIN_BUDGET, MAX_BUDGET, why
+    )
 
 
 def _hbone_window(value: str) -> int:
     """``--hbone-window``: a size within the allowed range."""
-    size = _size("--hbone-window", value, "512KiB or 4MiB")
-    if not MIN_STREAM_WINDOW <= size <= MAX_STREAM_WINDOW:
+    why = (
+        f"the connection window is {STREAMS_PER_CONNECTION_WINDOW} times it, and it bounds what "
+        "one HBONE peer can make the agent hold"
+    )
+    return _ranged_size(
+        "--hbone-window", value, "512KiB or 4MiB", MIN_STREAM_WINDOW, MAX_STREAM_WINDOW, why
+    )
+
+
+def _ranged_size(flag: str, value: str, example: str, low: int, high: int, why: str) -> int:
+    """A size (``_size``) from ``low`` to ``high``; the error says the range and ``why``."""
+    size = _size(flag, value, example)
+    if not low <= size <= high:
         raise ConfigError(
-            f"--hbone-window {value}: expected {_size_text(MIN_STREAM_WINDOW)} to "
-            f"{_size_text(MAX_STREAM_WINDOW)} (the connection window is "
-            f"{STREAMS_PER_CONNECTION_WINDOW} times it, and it bounds what one HBONE peer can "
-            "make the agent hold)"
+            f"{flag} {value}: expected {_size_text(low)} to {_size_text(high)} ({why})"
         )
     return size
 

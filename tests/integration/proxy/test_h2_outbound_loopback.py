@@ -169,8 +169,12 @@ class _Counted(Coroutine[Any, Any, Any]):
         raise TypeError("only run as a task")
 
 
-async def _grpc_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers every call with one empty message and ``grpc-status: 0``."""
+async def _h2_pod(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    on_request: Callable[[H2Connection, int], None],
+) -> None:
+    """An h2c pod: ``on_request(conn, stream_id)`` once each request ended."""
     conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
     conn.initiate_connection()
     writer.write(conn.data_to_send())
@@ -179,12 +183,20 @@ async def _grpc_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
             if isinstance(event, DataReceived):
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, StreamEnded):
-                sid = event.stream_id
-                conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
-                conn.send_data(sid, b"\0\0\0\0\0")
-                conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+                on_request(conn, event.stream_id)
         writer.write(conn.data_to_send())
     writer.close()
+
+
+def _answer_ok(conn: H2Connection, sid: int) -> None:
+    conn.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+    conn.send_data(sid, b"\0\0\0\0\0")
+    conn.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+
+
+async def _grpc_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers every call with one empty message and ``grpc-status: 0``."""
+    await _h2_pod(reader, writer, _answer_ok)
 
 
 @mesh_test
@@ -878,17 +890,9 @@ async def test_a_same_node_429_is_retried_by_a_rule_that_retries_429(mesh: Mesh)
 
 async def _resetting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """A pod that resets every stream (INTERNAL_ERROR) once its request ended, unanswered."""
-    conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
-    conn.initiate_connection()
-    writer.write(conn.data_to_send())
-    while data := await reader.read(65536):
-        for event in conn.receive_data(data):
-            if isinstance(event, DataReceived):
-                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, StreamEnded):
-                conn.reset_stream(event.stream_id, ErrorCodes.INTERNAL_ERROR)
-        writer.write(conn.data_to_send())
-    writer.close()
+    await _h2_pod(
+        reader, writer, lambda conn, sid: conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+    )
 
 
 @pytest.mark.parametrize(

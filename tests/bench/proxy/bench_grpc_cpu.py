@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import cast
 
 from agent.state import Endpoint, Service, ServicePort
-from tests.bench.proxy.bench_http_cpu import _captured, measure, rounds, telemetry
+from tests.bench.proxy.bench_http_cpu import _captured, report, rounds, telemetry
 from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, free_port
 
 VIP = "10.96.7.3"
@@ -214,10 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", choices=["vip", "pod", "l4", "direct"])
     parser.add_argument("--calls", type=int, default=4000, help="per measured round")
-    per_round = measure(parser, run)
-    shown = " ".join(f"{us:.1f}" for us in per_round)
-    path = parser.parse_args().path
-    print(f"{path}: process CPU µs per call: {shown}; best {min(per_round):.1f}")
+    report(parser, run, "call")
 
 
 if __name__ == "__main__":

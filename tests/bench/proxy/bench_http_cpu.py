@@ -188,10 +188,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", choices=["svc", "pod", "l4", "direct"])
     parser.add_argument("--requests", type=int, default=4000, help="per measured round")
+    report(parser, run, "request")
+
+
+def report(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], Awaitable[list[float]]],
+    unit: str,
+) -> None:
+    """Run ``run`` (``measure``) and print each round's CPU µs per ``unit`` and the best."""
     per_round = measure(parser, run)
     shown = " ".join(f"{us:.1f}" for us in per_round)
     path = parser.parse_args().path
-    print(f"{path}: process CPU µs per request: {shown}; best {min(per_round):.1f}")
+    print(f"{path}: process CPU µs per {unit}: {shown}; best {min(per_round):.1f}")
 
 
 def measure(

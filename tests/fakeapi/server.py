@@ -14,6 +14,7 @@ only: the product never ships it.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 import ssl
@@ -62,6 +63,10 @@ class FakeApiServer:
         # API groups whose CRDs are "not installed": every request to them is a 404.
         self.absent_groups: set[str] = set()
         self._pages: dict[str, tuple[int, list[dict[str, Any]]]] = {}
+        # Continue tokens are numbered: a token made of the page's list's ``id()`` could name
+        # two lists at once (an id is reused once its list is freed), so a reflector paging
+        # pods could be handed another resource's rest, listed at the same revision.
+        self._page_numbers = itertools.count(1)
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._http.daemon_threads = True
         self.scheme = "http"
@@ -190,7 +195,8 @@ class FakeApiServer:
         limit = int(query.get("limit") or 0)
         meta: dict[str, Any] = {"resourceVersion": str(rv)}
         if limit and len(items) > limit:
-            nxt = base64.urlsafe_b64encode(f"{rv}/{id(items)}/{limit}".encode()).decode()
+            number = next(self._page_numbers)
+            nxt = base64.urlsafe_b64encode(f"{rv}/{number}/{limit}".encode()).decode()
             self._pages[nxt] = (rv, items[limit:])
             items = items[:limit]
             meta["continue"] = nxt

@@ -68,16 +68,18 @@ ARTIFACTS = Path(os.environ.get("NODEMESH_TEST_ARTIFACTS", ROOT / "test-artifact
 
 
 def connect_once(lab: Lab, pod: str) -> bool:
-    """One connection from ``pod`` to Service server: True if answered, False if refused."""
+    """One connection from ``pod`` to Service server: True if answered, False if refused. A
+    refusal is a reset, which may reach the client at any step, even before its ``connect``
+    returned (as ``test_central_view_lab.connect_once`` knows)."""
 
     def run() -> bool:
-        with socket.create_connection((TCP_SERVICE, 80), timeout=10) as sock:
-            sock.sendall(b"x" * 100)
-            sock.shutdown(socket.SHUT_WR)
-            try:
+        try:
+            with socket.create_connection((TCP_SERVICE, 80), timeout=10) as sock:
+                sock.sendall(b"x" * 100)
+                sock.shutdown(socket.SHUT_WR)
                 return sock.recv(64) != b""
-            except ConnectionResetError:
-                return False
+        except (ConnectionResetError, BrokenPipeError):
+            return False
 
     return call_in(lab.netns(pod), run)
 

@@ -348,9 +348,9 @@ def _added_lines(per: dict[str, dict[str, float | None]]) -> list[str]:
             continue
         parts = []
         for field, label in (("p50", "p50"), ("single_p50", "one at a time p50")):
-            b, o = base[field], other[field]
-            if b is not None and o is not None:
-                parts.append(f"{label} {'+' if o >= b else ''}{o - b:,.0f} µs")
+            diff = stats.added(other[field], base[field])
+            if diff is not None:
+                parts.append(f"{label} {diff} µs")
         if parts:
             out += ["", f"nodemesh gRPC {what} against nodemesh L4: {', '.join(parts)}."]
     return out

@@ -156,9 +156,7 @@ def _http_vs_l4(values: Mapping[str, Mapping[str, float | None]]) -> list[str]:
 
 def _added(base: float | None, other: float | None) -> str:
     """``other - base`` signed (``+12``, ``-3``), or a dash when either is missing."""
-    if base is None or other is None:
-        return "—"
-    return f"{'+' if other >= base else ''}{_fmt(other - base, 0)}"
+    return stats.added(other, base) or "—"
 
 
 def _agents_section(results: Mapping[str, Any]) -> list[str]:

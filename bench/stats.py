@@ -42,6 +42,14 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference
 
 
+def added(value: float | None, reference: float | None) -> str | None:
+    """``value - reference`` signed and rounded (``+12``, ``-3``): what a path adds over its
+    reference; None when either is missing."""
+    if value is None or reference is None:
+        return None
+    return f"{'+' if value >= reference else ''}{value - reference:,.0f}"
+
+
 def slope(points: Sequence[tuple[float, float]]) -> float | None:
     """Least-squares slope of y over x (bytes of RSS per idle connection), None if undefined.
 

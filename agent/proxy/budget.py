@@ -120,7 +120,7 @@ class HboneBudget:
 class Account:
     """One connection's charge against a budget; ``close`` gives all of it back, once."""
 
-    __slots__ = ("__weakref__", "budget", "charge")
+    __slots__ = ("budget", "charge")
 
     def __init__(self, budget: HboneBudget, charge: int) -> None:
         self.budget: HboneBudget | None = budget

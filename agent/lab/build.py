@@ -163,14 +163,20 @@ def _signal(pid: int, sig: int) -> bool:
 
 def _exists(pid: int) -> bool:
     """Alive and not a zombie; a zombie child of this process (``lab up`` run in-process, as
-    the test fixture does) is reaped here so that no process entry outlives ``down``."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    the test fixture does) is reaped here so that no process entry outlives ``down``.
+
+    The reap comes after the look: a child that dies between a reap and the look would
+    otherwise be taken for gone while its entry stays (a zombie of another parent is gone to
+    us too: only its parent can remove it)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            alive = f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+    if not alive:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    return alive
 
 
 def teardown(lab: str, *, pids: list[int], pin_dirs: list[str], state_dir: str) -> None:

@@ -57,7 +57,7 @@ from agent.sources.lease import (
     LeaseRecord,
     micro_time,
 )
-from agent.sources.objectwarnings import Due, PodWarnings, PolicyWarnings
+from agent.sources.objectwarnings import Due, PodWarnings, PolicyWarnings, event_name
 from agent.sources.reflector import ApiStatusError, Gone, Reflector, StreamResponse
 from agent.sources.routestatus import RouteStatusWriter, StatusConflict
 from agent.state import StateStore
@@ -307,7 +307,7 @@ class KubeSource:
             and (obj.get("spec") or {}).get("nodeName") == self.node
         ):
             key = ("Pod", meta["namespace"], meta["name"])
-            self._event(key, meta.get("uid"), error.reason, error.message)
+            self._event(key, str(meta.get("uid") or ""), "", error.reason, error.message)
 
     def report_pod(self, obj: Raw, deleted: bool) -> None:
         """Warn of the pod's unknown annotations: an Event, once (only for this node's pods)."""
@@ -315,15 +315,21 @@ class KubeSource:
             self._warn(due)
 
     def _warn(self, due: Due) -> None:
-        self._event(due.key, due.uid, due.warning.reason, due.warning.message)
+        self._event(due.key, due.uid, due.occasion, due.warning.reason, due.warning.message)
 
-    def _event(self, key: tuple[str, str, str], uid: str | None, reason: str, message: str) -> None:
-        """Record a Warning Event on object ``key`` (kind, namespace, name)."""
+    def _event(
+        self, key: tuple[str, str, str], uid: str, occasion: str, reason: str, message: str
+    ) -> None:
+        """Record a Warning Event on object ``key`` (kind, namespace, name), unless an Event
+        saying the same on the same occasion exists (``objectwarnings.event_name``)."""
         kind, namespace, name = key
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         api_version = "v1" if kind == "Pod" else f"{GROUP}/{VERSION}"
         body = {
-            "metadata": {"generateName": f"{name}.nodemesh-", "namespace": namespace},
+            "metadata": {
+                "name": event_name(key, uid, occasion, reason, message),
+                "namespace": namespace,
+            },
             "involvedObject": {
                 "kind": kind,
                 "apiVersion": api_version,
@@ -342,6 +348,9 @@ class KubeSource:
         try:
             self.core.create_namespaced_event(namespace, body)
         except ApiException as e:
+            if e.status == 409:  # said already: before a restart, or by the last Lease holder
+                log.debug("Event for %s %s/%s exists: %s", *key, reason)
+                return
             log.warning("cannot record an Event for %s %s/%s: %s %s", *key, e.status, e.reason)
 
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:

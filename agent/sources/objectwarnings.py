@@ -8,16 +8,23 @@ warning once, and hold the current ones for the admin API (``nodemesh status``).
 
 * Pods: only the agent of the pod's node speaks of it (a cluster of N nodes does not record N
   copies). A warning is said once per pod uid; a pod whose annotations change is told only
-  of what is new; one that is fixed and broken again is told again.
+  of what is new.
 * Policies: every agent computes the same warnings and logs them, once per generation and
   message; only the holder of the route-status Lease records them (``due(write=True)``), so
   N agents do not write N Events. What a follower computed stays due: it records it when it
-  takes the Lease. (A new holder does not know what the previous one recorded, so a takeover
-  can repeat a policy's Event once; an Event is advice, and a repeat harms nothing.)
+  takes the Lease.
+
+The ledgers live in one process, so what a restarted agent or a new Lease holder says again is
+kept from becoming a second Event by the Event's name (``event_name``): it is made of what was
+said and on which occasion (the object's uid, for a policy its generation, the reason and the
+message), so the same warning is the same Event, and the API server refuses it a second time
+(409, taken as "said already"). A pod fixed and broken again the same way is therefore not
+told again while its first Event lives (an hour, by the API server's default ``--event-ttl``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Container, Mapping
@@ -40,6 +47,15 @@ class Due:
     key: ObjectKey
     uid: str
     warning: ConfigWarning
+    occasion: str = ""  # what makes it news again: a policy's generation
+
+
+def event_name(key: ObjectKey, uid: str, occasion: str, reason: str, message: str) -> str:
+    """The name of the Event that says ``message`` of object ``key``: the same saying, the same
+    name, whichever agent or process says it (a DNS subdomain: 253 characters at most)."""
+    said = "\0".join((uid, occasion, reason, message)).encode()
+    suffix = ".nodemesh-" + hashlib.sha256(said).hexdigest()[:16]
+    return key[2][: 253 - len(suffix)].rstrip(".") + suffix
 
 
 def _identity(kind: str, obj: Raw) -> tuple[ObjectKey, str, int]:
@@ -119,11 +135,11 @@ class PolicyWarnings:
                 del self._held[key]
             if not write:
                 return []
-            for key, (uid, _, warnings, recorded) in self._held.items():
+            for key, (uid, generation, warnings, recorded) in self._held.items():
                 for warning in warnings:
                     if warning not in recorded:
                         recorded.add(warning)
-                        out.append(Due(key, uid, warning))
+                        out.append(Due(key, uid, warning, str(generation)))
         return out
 
     def current(self) -> list[dict[str, str]]:

@@ -146,3 +146,45 @@ def test_a_follower_records_what_it_held_once_it_takes_the_lease(
     wait_for(source.election.leading)  # node9 never renewed: taken over
     [event] = wait_for(lambda: _events(api, "NeverMatches"))
     assert event["source"]["host"] == "node1"
+
+
+def _event_posts(api: FakeApiServer) -> int:
+    return sum(1 for method, path in api.requests if method == "POST" and "/events" in path)
+
+
+def test_a_restarted_agent_does_not_repeat_a_pods_warning(api: FakeApiServer, start: Start) -> None:
+    """The new process knows nothing of what the last one said; the Event's name does."""
+    typo = {"nodemesh.io/mesh": "enabled", "nodemesh.io/http-port": "8080"}
+    api.create("Pod", pod("web", "10.244.1.2", annotations=typo))
+    first = start("node1")
+    [event] = wait_for(lambda: _events(api, "UnknownAnnotation"))
+    first.stop()
+    posts = _event_posts(api)
+    second = start("node1")
+    api.create("Pod", pod("marker", "10.244.1.3", annotations={"nodemesh.io/mesh": "enabled"}))
+    wait_for(lambda: "10.244.1.3" in second.store.snapshot().workload_by_ip)
+    assert _event_posts(api) == posts + 1  # it said it again, and was told it is said
+    assert _events(api, "UnknownAnnotation") == [event]
+    assert second.describe()["warnings"] == first.describe()["warnings"]
+
+
+def test_a_new_lease_holder_does_not_repeat_a_policys_warning_but_a_new_generation_is_news(
+    api: FakeApiServer, start: Start
+) -> None:
+    api.create("AuthorizationPolicy", _policy(["get"]))
+    agents = {node: start(node, lease_timing=FAST_LEASE) for node in ("node1", "node2")}
+    [event] = wait_for(lambda: _events(api, "NeverMatches"))
+    holder = event["source"]["host"]
+    posts = _event_posts(api)
+    agents[holder].stop()  # gives the Lease up: the other takes it and records what it holds
+    [other] = [source for node, source in agents.items() if node != holder]
+    wait_for(other.election.leading)
+    wait_for(lambda: _event_posts(api) == posts + 1)
+    assert _events(api, "NeverMatches") == [event]
+
+    # Another wrong value: a new generation, said by the new holder.
+    api.patch("AuthorizationPolicy", "web", {"spec": {"rules": [
+        {"to": [{"operation": {"methods": ["post"]}}]}]}})  # fmt: skip
+    events = wait_for(lambda: _events(api, "NeverMatches", at_least=2))
+    [new] = [e for e in events if e != event]
+    assert "'post' never matches" in new["message"] and new["source"]["host"] != holder

@@ -139,7 +139,7 @@ log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 30.0  # an unused pooled session is closed after this many seconds
 MAX_IDLE_PER_ENDPOINT = 16
 MAX_IDLE = 512
-# A same-node proxy port is refused as a policy denial is (403 ``RBAC``)
+# A mirror copy to a same-node proxy port is refused as a policy denial is (``_verdict_here``)
 _PROXY_PORT = Verdict(False, "proxy_port")
 MAX_MIRRORS = 64  # copies in flight per node; more are dropped (counted ``overflow``)
 MIRROR_TIMEOUT = 10.0  # seconds a copy may take, connect to end of response
@@ -1044,10 +1044,15 @@ class _ClientConnection:
         out.describe_route(snap, route, self.record)
         request.route, request.reached = route, None
         if route.kind == "local" and route.port in self.core.settings.proxy_ports:
-            # Refused as the far node refuses a CONNECT to it, before any connection.
-            request.reached, request.sent = route, time.monotonic()
-            refused = _PROXY_PORT
-            self.codec.respond_locally(refused.status, refused.flag, refused.body, request)
+            # Refused before any connection, as the far node refuses a CONNECT to it (400: not
+            # the endpoint's failure, so no other endpoint is tried) and counted as it counts
+            # it; the far node's refusal is answered 503 ``UF`` (``_no_endpoint``), so is this.
+            where = f"{self.record.source} -> {route.ip}:{route.port}"
+            self.core.registry.reject(
+                "proxy_port", f"{where}: port {route.port} is the proxy's own"
+            )
+            flags = UPSTREAM_CONNECT_FAILURE
+            self.codec.respond_locally(503, flags, BODIES[flags], request)
             return True
         # The CONNECT names the backend Service (the route's choice, or the dialled one), so
         # sessions are keyed by it too.

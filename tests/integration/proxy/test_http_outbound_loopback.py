@@ -23,6 +23,7 @@ from typing import Any
 import h11
 import pytest
 
+from agent.base.constants import READY_PORT
 from agent.proxy import http_outbound
 from agent.proxy.http_outbound import HttpOutbound
 from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
@@ -335,6 +336,27 @@ async def test_a_same_node_refusal_is_reported_by_the_source_as_a_far_nodes_is(m
     refusals = {("destination", WEB, "403", "RBAC"): 1, ("destination", WEB, "429", "RL"): 1}
     for counts in (requests_total(destination), reported[LOCAL]):
         assert {k: counts[k] for k in refusals} == refusals
+
+
+@mesh_test
+async def test_a_same_node_proxy_port_is_refused_as_a_far_nodes_is(mesh: Mesh) -> None:
+    """A Service whose endpoint's port is the agent's own (here the readiness port): the far
+    node refuses the CONNECT (400, not the endpoint's failure), which the source answers 503
+    ``UF``; a same-node endpoint is answered the same, before any connection, and counted as
+    the far node counts it (``proxy_port``). Both connections go on."""
+    source, _ = observe(mesh)
+    reported = {}
+    for pod, node in ((SERVER, mesh.node2), (LOCAL, mesh.node1)):
+        before = requests_total(source)
+        add_services(mesh, READY_PORT, pod)
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        for _ in range(2):
+            status, body = await client.request("GET", "/healthz/ready")
+            assert status == 503 and body.startswith(b"upstream connect error"), (pod, body)
+        client.writer.close()
+        assert node.core.registry.rejections["proxy_port"] == 2
+        reported[pod] = requests_total(source) - before
+    assert reported[LOCAL] == reported[SERVER] == Counter({("source", WEB, "503", "UF"): 2})
 
 
 def series(metrics: HttpMetrics, **match: str) -> dict[tuple[tuple[str, str], ...], float]:

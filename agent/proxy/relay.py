@@ -345,7 +345,7 @@ class _TunnelRelay(_Relay):
             self.direction_ended()
             return
         try:
-            stream.try_write(_SHARED_VIEW[:n])
+            stream.write_now(_SHARED_VIEW[:n])  # ``can_write`` said yes above
         except Exception as e:  # the codec's: the relay's owner gets it, not the event loop
             self.fail(e)
             return

@@ -119,9 +119,7 @@ class TunnelStream:
         self.stream_id = stream_id
         # The peer's answer to a CONNECT we sent: only while ``HboneProtocol.open`` waits for it
         # (an idle stream does not keep a future for its whole life).
-        self.accepted: asyncio.Future[None] | None = (
-            asyncio.get_running_loop().create_future() if opening else None
-        )
+        self.accepted: asyncio.Future[None] | None = proto.loop.create_future() if opening else None
         self._chunks: deque[bytes] | None = None
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
@@ -226,7 +224,7 @@ class TunnelStream:
                 raise self.error
             if self.eof:
                 return None
-            self._read_waiter = asyncio.get_running_loop().create_future()
+            self._read_waiter = self.proto.loop.create_future()
             try:
                 await self._read_waiter
             finally:
@@ -283,10 +281,16 @@ class TunnelStream:
         otherwise wake a task per message (the HTTP/1.1 shell answering from a socket callback)."""
         if not self.can_write():
             return False
+        self.write_now(data)
+        return True
+
+    def write_now(self, data: bytes | memoryview) -> None:
+        """``try_write`` for a caller that asked ``can_write`` in this same callback and got
+        True (the relay asks before it reads, so nothing changed in between): the check is
+        not made twice per message."""
         proto = self.proto
         proto.dispatch(proto.codec.send(self.stream_id, data))
         proto.flush_soon()
-        return True
 
     async def write(self, data: bytes | memoryview) -> None:
         proto = self.proto
@@ -294,7 +298,7 @@ class TunnelStream:
             if self.error:
                 raise self.error
             proto.writers_waiting = True
-            self._write_waiter = asyncio.get_running_loop().create_future()
+            self._write_waiter = proto.loop.create_future()
             try:
                 await self._write_waiter
             finally:
@@ -342,7 +346,11 @@ class HboneProtocol(asyncio.Protocol):
         self.on_idle = on_idle
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, TunnelStream] = {}
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The loop, looked up once: ``asyncio.get_running_loop()`` costs a ``getpid`` system call
+        # on Python 3.11 (it checks the loop was not inherited across a fork), and ``flush_soon``
+        # ran it for every message written to the tunnel (ARCHITECTURE, "A round trip in counts").
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
         self.write_paused = False
         self.writers_waiting = False  # some write() waits (woken on drain or freed budget)
         self._ping_outstanding: bytes | None = None
@@ -425,7 +433,7 @@ class HboneProtocol(asyncio.Protocol):
         cost in the source agent (ARCHITECTURE, "What a new connection costs")."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+            self.loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
@@ -446,7 +454,7 @@ class HboneProtocol(asyncio.Protocol):
             return
         self.transport.close()
         transport = self.transport
-        asyncio.get_running_loop().call_later(FAILED_LINGER, transport.abort)
+        self.loop.call_later(FAILED_LINGER, transport.abort)
 
     @property
     def peer_ssl(self) -> ssl.SSLObject | None:
@@ -562,8 +570,7 @@ class HboneProtocol(asyncio.Protocol):
         return stream
 
     def start_keepalive(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._ping_timer = loop.call_later(self.codec.settings.ping_interval, self._keepalive)
+        self._ping_timer = self.loop.call_later(self.codec.settings.ping_interval, self._keepalive)
 
     def _keepalive(self) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -577,8 +584,7 @@ class HboneProtocol(asyncio.Protocol):
             return
         self._ping_outstanding = self.codec.ping()
         self.flush()
-        loop = asyncio.get_running_loop()
-        self._ping_timer = loop.call_later(self.codec.settings.ping_timeout, self._keepalive)
+        self._ping_timer = self.loop.call_later(self.codec.settings.ping_timeout, self._keepalive)
 
     def _ping_acknowledged(self) -> None:
         self._ping_outstanding = None

@@ -1,0 +1,100 @@
+"""What a small request/response costs the tunnel path, in counts (never in time): a client
+socket, the source relay, an HBONE stream, the destination relay and a pod socket, with 1 KB
+round trips through them. Each count is work the path did per message beyond what it must
+(ARCHITECTURE, "A round trip in counts")."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from agent.proxy.relay import relay_tunnel
+from agent.proxy.tunnel import TunnelStream
+from tests.unit.proxy.test_relay import pairs, record, recv_exactly  # noqa: F401 (fixture)
+from tests.unit.proxy.test_tunnel_direct import settle, tunnel
+
+MESSAGE = b"x" * 1024
+ROUND_TRIPS = 20
+
+
+async def round_trips(sockets: tuple[socket.socket, ...], during: Callable[[], object]) -> None:
+    """Relay client <-> stream ... stream <-> upstream and make ``ROUND_TRIPS`` 1 KB round
+    trips; ``during()`` is called once the path is warm (its counting starts there)."""
+    client, near, far, upstream = sockets
+    loop = asyncio.get_running_loop()
+    sender, receiver = await tunnel()
+    relays = [
+        asyncio.create_task(relay_tunnel(near, sender, record(), outbound=True)),
+        asyncio.create_task(relay_tunnel(far, receiver, record(), outbound=False)),
+    ]
+    try:
+        for i in range(ROUND_TRIPS + 1):
+            if i == 1:
+                during()
+            await loop.sock_sendall(client, MESSAGE)
+            await loop.sock_sendall(upstream, await recv_exactly(upstream, len(MESSAGE)))
+            assert await recv_exactly(client, len(MESSAGE)) == MESSAGE
+    finally:
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        await settle()
+
+
+@pytest.fixture
+def loop_lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every ``asyncio.get_running_loop()`` made by the agent's code (the test's own and the
+    event loop's are not counted): on Python 3.11 each is a ``getpid`` system call."""
+    real = asyncio.get_running_loop
+    calls: list[str] = []
+
+    def counted() -> asyncio.AbstractEventLoop:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("agent."):
+            calls.append(caller)
+        return real()
+
+    monkeypatch.setattr(asyncio, "get_running_loop", counted)
+    yield calls
+
+
+def test_a_round_trip_looks_the_loop_up_nowhere(
+    pairs: tuple[socket.socket, ...],  # noqa: F811
+    loop_lookups: list[str],
+) -> None:
+    """Before: one lookup, so one ``getpid``, for every message written to the tunnel
+    (``flush_soon``): two per round trip."""
+
+    async def main() -> None:
+        await round_trips(pairs, loop_lookups.clear)
+
+    asyncio.run(main())
+    assert loop_lookups == []
+
+
+def test_a_relayed_message_asks_the_stream_for_room_once(
+    pairs: tuple[socket.socket, ...],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The relay asks ``can_write`` before it reads the socket; it then writes without asking
+    again (before: ``try_write`` asked a second time, with nothing changed in between)."""
+    asked: list[int] = []
+    real = TunnelStream.can_write
+
+    def counted(self: TunnelStream) -> bool:
+        asked.append(self.stream_id)
+        return real(self)
+
+    monkeypatch.setattr(TunnelStream, "can_write", counted)
+
+    async def main() -> None:
+        await round_trips(pairs, asked.clear)
+
+    asyncio.run(main())
+    # one message into the tunnel per round trip (the answer comes out of the far relay's
+    # stream, which the near relay never asks): one question each
+    assert len(asked) == 2 * ROUND_TRIPS

@@ -289,7 +289,9 @@ class TunnelStream:
         True (the relay asks before it reads, so nothing changed in between): the check is
         not made twice per message."""
         proto = self.proto
-        proto.dispatch(proto.codec.send(self.stream_id, data))
+        events = proto.codec.send(self.stream_id, data)
+        if events:  # only when bytes had to queue (``StreamDrained``): not per message
+            proto.dispatch(events)
         proto.flush_soon()
 
     async def write(self, data: bytes | memoryview) -> None:
@@ -476,7 +478,15 @@ class HboneProtocol(asyncio.Protocol):
 
     def dispatch(self, events: list[ev.Event]) -> None:
         for e in events:
-            self._dispatch_one(e)
+            if type(e) is ev.DataReceived:
+                # The event of every message: one type check, not the chain of the others.
+                stream = self.streams.get(e.stream_id)
+                if stream is not None:
+                    stream._on_data(e.data)
+                else:  # nobody will read it: the window gets it back
+                    self.codec.consumed(e.stream_id, len(e.data))
+            else:
+                self._dispatch_one(e)
 
     def _dispatch_one(self, e: ev.Event) -> None:
         if isinstance(e, ev.TunnelRequested):
@@ -502,16 +512,12 @@ class HboneProtocol(asyncio.Protocol):
             return
         stream = self.streams.get(getattr(e, "stream_id", -1))
         if stream is None:
-            if isinstance(e, ev.DataReceived):  # nobody will read it: the window gets it back
-                self.codec.consumed(e.stream_id, len(e.data))
             return
         if isinstance(e, ev.TunnelAccepted):
             if stream.accepted is not None and not stream.accepted.done():
                 stream.accepted.set_result(None)
         elif isinstance(e, ev.TunnelRefused):
             self._drop(stream, TunnelError(f"peer answered {e.status}", e.status))
-        elif isinstance(e, ev.DataReceived):
-            stream._on_data(e.data)
         elif isinstance(e, ev.StreamEnded):
             stream._on_end()
         elif isinstance(e, ev.StreamReset):

@@ -9,6 +9,7 @@ import asyncio
 import socket
 import sys
 from collections.abc import Callable, Iterator
+from types import FrameType
 
 import pytest
 
@@ -21,9 +22,14 @@ MESSAGE = b"x" * 1024
 ROUND_TRIPS = 20
 
 
-async def round_trips(sockets: tuple[socket.socket, ...], during: Callable[[], object]) -> None:
+async def round_trips(
+    sockets: tuple[socket.socket, ...],
+    start: Callable[[], object],
+    stop: Callable[[], object] = lambda: None,
+) -> None:
     """Relay client <-> stream ... stream <-> upstream and make ``ROUND_TRIPS`` 1 KB round
-    trips; ``during()`` is called once the path is warm (its counting starts there)."""
+    trips; ``start()`` is called once the path is warm, ``stop()`` after the last one (what
+    is counted lies between them)."""
     client, near, far, upstream = sockets
     loop = asyncio.get_running_loop()
     sender, receiver = await tunnel()
@@ -34,10 +40,11 @@ async def round_trips(sockets: tuple[socket.socket, ...], during: Callable[[], o
     try:
         for i in range(ROUND_TRIPS + 1):
             if i == 1:
-                during()
+                start()
             await loop.sock_sendall(client, MESSAGE)
             await loop.sock_sendall(upstream, await recv_exactly(upstream, len(MESSAGE)))
             assert await recv_exactly(client, len(MESSAGE)) == MESSAGE
+        stop()
     finally:
         for task in relays:
             task.cancel()
@@ -98,3 +105,36 @@ def test_a_relayed_message_asks_the_stream_for_room_once(
     # one message into the tunnel per round trip (the answer comes out of the far relay's
     # stream, which the near relay never asks): one question each
     assert len(asked) == 2 * ROUND_TRIPS
+
+
+# Python functions the agent's code runs and built-ins it calls, per 1 KB round trip through
+# both relays and the stream (both directions: two messages into the tunnel, two out of it).
+# Measured: 190 before the changes of "A round trip in counts" (ARCHITECTURE), 142 after. A
+# change that adds work to every message raises it: measure what it costs
+# (tests/bench/proxy/bench_rr_counts.py) and move the bound with the reason.
+CALLS_PER_ROUND_TRIP = 142
+
+
+def test_a_round_trip_makes_no_more_calls_than_measured(
+    pairs: tuple[socket.socket, ...],  # noqa: F811
+) -> None:
+    """Per message the path reads once, frames once, encrypts once and writes once; what it
+    calls around that is Python's cost per hop. Before: every received message walked the
+    event type chain (seven ``isinstance`` and a ``getattr``), every sent one asked
+    ``can_write`` twice and dispatched an empty event list, and every message's byte count
+    went through ``getattr`` and ``setattr``."""
+    calls = 0
+
+    def count(frame: FrameType, event: str, _arg: object) -> None:
+        nonlocal calls
+        if event in ("call", "c_call") and frame.f_globals.get("__name__", "").startswith("agent."):
+            calls += 1
+
+    async def main() -> None:
+        await round_trips(pairs, lambda: sys.setprofile(count), lambda: sys.setprofile(None))
+
+    try:
+        asyncio.run(main())
+    finally:
+        sys.setprofile(None)
+    assert calls / ROUND_TRIPS <= CALLS_PER_ROUND_TRIP

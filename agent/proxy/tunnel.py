@@ -281,18 +281,28 @@ class TunnelStream:
         otherwise wake a task per message (the HTTP/1.1 shell answering from a socket callback)."""
         if not self.can_write():
             return False
-        self.write_now(data)
+        self._send(data)
+        self.proto.flush_soon()
         return True
 
     def write_now(self, data: bytes | memoryview) -> None:
-        """``try_write`` for a caller that asked ``can_write`` in this same callback and got
-        True (the relay asks before it reads, so nothing changed in between): the check is
-        not made twice per message."""
+        """The relay's write: it asked ``can_write`` in this same callback and got True (it
+        asks before it reads, so nothing changed in between: not asked twice per message), and
+        it writes once per callback. So on a connection whose only stream this is, nothing else
+        can join the record in this pass of the loop and it goes to the transport now, without
+        a callback scheduled per message (``flush_soon``); with other streams, as theirs."""
+        self._send(data)
+        proto = self.proto
+        if len(proto.streams) == 1:
+            proto.flush_and_wake()
+        else:
+            proto.flush_soon()
+
+    def _send(self, data: bytes | memoryview) -> None:
         proto = self.proto
         events = proto.codec.send(self.stream_id, data)
         if events:  # only when bytes had to queue (``StreamDrained``): not per message
             proto.dispatch(events)
-        proto.flush_soon()
 
     async def write(self, data: bytes | memoryview) -> None:
         proto = self.proto
@@ -439,6 +449,11 @@ class HboneProtocol(asyncio.Protocol):
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
+        self.flush_and_wake()
+
+    def flush_and_wake(self) -> None:
+        """``flush``, then let writers waiting for the connection's budget go on if it took the
+        bytes."""
         self.flush()
         if self.writers_waiting and not self.out_full():
             # The framed bytes ``out_full`` counted went to the transport, which took them:

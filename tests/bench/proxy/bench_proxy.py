@@ -102,9 +102,21 @@ def agent_pids(lab: Lab, node: str) -> list[int]:
     return pids
 
 
+TCP_COUNTERS = ("TcpOutSegs", "TcpExtDelayedACKs", "TcpExtTCPPureAcks")
+
+
+def tcp_counters(lab: Lab, target: str) -> dict[str, int]:
+    """The kernel's TCP counters of ``target``'s network namespace (a node or a pod)."""
+    out = lab.exec(target, "nstat", "-az", *TCP_COUNTERS, capture_output=True, text=True)
+    return {f[0]: int(f[1]) for f in (line.split() for line in out.stdout.splitlines()[1:])}
+
+
 def count_syscalls(lab: Lab, requests: int) -> None:
-    """Cross-node round trips with ``perf stat`` on each agent: system calls per round trip."""
+    """Cross-node round trips with ``perf stat`` on each agent: system calls per round trip,
+    and the TCP segments, pure ACKs and delayed ACKs of each namespace on the path."""
     latency(lab, "client", "server", 200)  # the pool's dial and handshake are not counted
+    spaces = ("client", "node1", "node2", "server")
+    before = {t: tcp_counters(lab, t) for t in spaces}
     perfs = {}
     for node in ("node1", "node2"):
         pids = ",".join(map(str, agent_pids(lab, node)))
@@ -123,6 +135,10 @@ def count_syscalls(lab: Lab, requests: int) -> None:
         # the 100 warm-up round trips of the latency client are counted too
         per_rr = {k: round(v / (requests + 100), 2) for k, v in counts.items()}
         print(node, json.dumps(dict(sorted(per_rr.items(), key=lambda kv: -kv[1]))), flush=True)
+    for target in spaces:
+        after = tcp_counters(lab, target)
+        per_rr = {k: round((after[k] - before[target][k]) / (requests + 100), 2) for k in after}
+        print(target, json.dumps(per_rr))
     print(f"p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us (perf attached)")
 
 

@@ -73,11 +73,16 @@ _SHARED = bytearray(MAX_CHUNK)
 _SHARED_VIEW = memoryview(_SHARED)
 
 
-def _count(record: ConnectionRecord, field: str, n: int) -> None:
-    """Add ``n`` bytes; the first upstream byte's time is traffic control's latency sample."""
-    if field == "bytes_received" and not record.bytes_received:
-        record.first_byte = time.monotonic()
-    setattr(record, field, getattr(record, field) + n)
+def _count(record: ConnectionRecord, received: bool, n: int) -> None:
+    """Add ``n`` bytes to ``bytes_received`` (server -> client) or ``bytes_sent``; the first
+    upstream byte's time is traffic control's latency sample. Plain attributes, not a field
+    name through ``getattr``/``setattr``: this runs for every message."""
+    if received:
+        if not record.bytes_received:
+            record.first_byte = time.monotonic()
+        record.bytes_received += n
+    else:
+        record.bytes_sent += n
 
 
 def _send(sock: socket.socket, data: bytes | memoryview) -> int:
@@ -177,13 +182,13 @@ class _SocketRelay(_Relay):
 class _Direction:
     """src -> dst between two sockets: a reader on src, a writer on dst while dst is full."""
 
-    __slots__ = ("_dst_fd", "_src_fd", "dst", "field", "pending", "relay", "src")
+    __slots__ = ("_dst_fd", "_src_fd", "dst", "pending", "received", "relay", "src")
 
     def __init__(
-        self, relay: _SocketRelay, src: socket.socket, dst: socket.socket, field: str
+        self, relay: _SocketRelay, src: socket.socket, dst: socket.socket, *, received: bool
     ) -> None:
         self.relay = relay
-        self.src, self.dst, self.field = src, dst, field
+        self.src, self.dst, self.received = src, dst, received
         self.pending: bytes = b""
         self._src_fd, self._dst_fd = src.fileno(), dst.fileno()
         relay.loop.add_reader(self._src_fd, self._readable)
@@ -212,7 +217,7 @@ class _Direction:
         except OSError as e:
             self.relay.fail(e)
             return
-        _count(self.relay.record, self.field, n)
+        _count(self.relay.record, self.received, n)
         if sent < n:
             self.pending = bytes(_SHARED_VIEW[sent:n])
             self.relay.loop.remove_reader(self._src_fd)
@@ -239,8 +244,8 @@ def _socket_relay(
     client: socket.socket, upstream: socket.socket, record: ConnectionRecord
 ) -> _Relay:
     relay = _SocketRelay(record, client, upstream)
-    _Direction(relay, client, upstream, "bytes_sent")
-    _Direction(relay, upstream, client, "bytes_received")
+    _Direction(relay, client, upstream, received=False)
+    _Direction(relay, upstream, client, received=True)
     return relay
 
 
@@ -269,18 +274,17 @@ class _TunnelRelay(_Relay):
         "_reading",
         "_sent_eof",
         "_writing",
-        "from_stream",
+        "outbound",
         "sock",
         "stream",
-        "to_stream",
     )
 
     def __init__(
-        self, record: ConnectionRecord, sock: socket.socket, stream: TunnelStream, to: str, frm: str
+        self, record: ConnectionRecord, sock: socket.socket, stream: TunnelStream, *, outbound: bool
     ) -> None:
         super().__init__(record)
         self.sock, self.stream = sock, stream
-        self.to_stream, self.from_stream = to, frm
+        self.outbound = outbound  # sock is the client: bytes to the stream are "sent"
         self._fd = sock.fileno()
         self._reading = self._writing = self._sent_eof = False
         stream.deliver_directly(sock)
@@ -318,7 +322,7 @@ class _TunnelRelay(_Relay):
                 self.loop.remove_writer(self._fd)
 
     def delivered(self, n: int) -> None:
-        _count(self.record, self.from_stream, n)
+        _count(self.record, self.outbound, n)  # from the stream: received if outbound
 
     # -- sock -> stream --
     def _readable(self) -> None:
@@ -345,11 +349,11 @@ class _TunnelRelay(_Relay):
             self.direction_ended()
             return
         try:
-            stream.try_write(_SHARED_VIEW[:n])
+            stream.write_now(_SHARED_VIEW[:n])  # ``can_write`` said yes above
         except Exception as e:  # the codec's: the relay's owner gets it, not the event loop
             self.fail(e)
             return
-        _count(self.record, self.to_stream, n)
+        _count(self.record, not self.outbound, n)
 
     # -- stream -> sock --
     def stream_changed(self) -> None:
@@ -413,7 +417,4 @@ def _in_empty_context(start: Callable[[], asyncio.Future[None]]) -> asyncio.Futu
 def _tunnel_relay(
     sock: socket.socket, stream: TunnelStream, record: ConnectionRecord, *, outbound: bool
 ) -> _Relay:
-    to_stream, from_stream = (
-        ("bytes_sent", "bytes_received") if outbound else ("bytes_received", "bytes_sent")
-    )
-    return _TunnelRelay(record, sock, stream, to_stream, from_stream)
+    return _TunnelRelay(record, sock, stream, outbound=outbound)

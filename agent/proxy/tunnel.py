@@ -119,9 +119,7 @@ class TunnelStream:
         self.stream_id = stream_id
         # The peer's answer to a CONNECT we sent: only while ``HboneProtocol.open`` waits for it
         # (an idle stream does not keep a future for its whole life).
-        self.accepted: asyncio.Future[None] | None = (
-            asyncio.get_running_loop().create_future() if opening else None
-        )
+        self.accepted: asyncio.Future[None] | None = proto.loop.create_future() if opening else None
         self._chunks: deque[bytes] | None = None
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
@@ -226,7 +224,7 @@ class TunnelStream:
                 raise self.error
             if self.eof:
                 return None
-            self._read_waiter = asyncio.get_running_loop().create_future()
+            self._read_waiter = self.proto.loop.create_future()
             try:
                 await self._read_waiter
             finally:
@@ -283,10 +281,28 @@ class TunnelStream:
         otherwise wake a task per message (the HTTP/1.1 shell answering from a socket callback)."""
         if not self.can_write():
             return False
-        proto = self.proto
-        proto.dispatch(proto.codec.send(self.stream_id, data))
-        proto.flush_soon()
+        self._send(data)
+        self.proto.flush_soon()
         return True
+
+    def write_now(self, data: bytes | memoryview) -> None:
+        """The relay's write: it asked ``can_write`` in this same callback and got True (it
+        asks before it reads, so nothing changed in between: not asked twice per message), and
+        it writes once per callback. So on a connection whose only stream this is, nothing else
+        can join the record in this pass of the loop and it goes to the transport now, without
+        a callback scheduled per message (``flush_soon``); with other streams, as theirs."""
+        self._send(data)
+        proto = self.proto
+        if len(proto.streams) == 1:
+            proto.flush_and_wake()
+        else:
+            proto.flush_soon()
+
+    def _send(self, data: bytes | memoryview) -> None:
+        proto = self.proto
+        events = proto.codec.send(self.stream_id, data)
+        if events:  # only when bytes had to queue (``StreamDrained``): not per message
+            proto.dispatch(events)
 
     async def write(self, data: bytes | memoryview) -> None:
         proto = self.proto
@@ -294,7 +310,7 @@ class TunnelStream:
             if self.error:
                 raise self.error
             proto.writers_waiting = True
-            self._write_waiter = asyncio.get_running_loop().create_future()
+            self._write_waiter = proto.loop.create_future()
             try:
                 await self._write_waiter
             finally:
@@ -342,7 +358,11 @@ class HboneProtocol(asyncio.Protocol):
         self.on_idle = on_idle
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, TunnelStream] = {}
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The loop, looked up once: ``asyncio.get_running_loop()`` costs a ``getpid`` system call
+        # on Python 3.11 (it checks the loop was not inherited across a fork), and ``flush_soon``
+        # ran it for every message written to the tunnel (ARCHITECTURE, "A round trip in counts").
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
         self.write_paused = False
         self.writers_waiting = False  # some write() waits (woken on drain or freed budget)
         self._ping_outstanding: bytes | None = None
@@ -425,10 +445,15 @@ class HboneProtocol(asyncio.Protocol):
         cost in the source agent (ARCHITECTURE, "What a new connection costs")."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+            self.loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
+        self.flush_and_wake()
+
+    def flush_and_wake(self) -> None:
+        """``flush``, then let writers waiting for the connection's budget go on if it took the
+        bytes."""
         self.flush()
         if self.writers_waiting and not self.out_full():
             # The framed bytes ``out_full`` counted went to the transport, which took them:
@@ -446,7 +471,7 @@ class HboneProtocol(asyncio.Protocol):
             return
         self.transport.close()
         transport = self.transport
-        asyncio.get_running_loop().call_later(FAILED_LINGER, transport.abort)
+        self.loop.call_later(FAILED_LINGER, transport.abort)
 
     @property
     def peer_ssl(self) -> ssl.SSLObject | None:
@@ -468,7 +493,15 @@ class HboneProtocol(asyncio.Protocol):
 
     def dispatch(self, events: list[ev.Event]) -> None:
         for e in events:
-            self._dispatch_one(e)
+            if type(e) is ev.DataReceived:
+                # The event of every message: one type check, not the chain of the others.
+                stream = self.streams.get(e.stream_id)
+                if stream is not None:
+                    stream._on_data(e.data)
+                else:  # nobody will read it: the window gets it back
+                    self.codec.consumed(e.stream_id, len(e.data))
+            else:
+                self._dispatch_one(e)
 
     def _dispatch_one(self, e: ev.Event) -> None:
         if isinstance(e, ev.TunnelRequested):
@@ -494,16 +527,12 @@ class HboneProtocol(asyncio.Protocol):
             return
         stream = self.streams.get(getattr(e, "stream_id", -1))
         if stream is None:
-            if isinstance(e, ev.DataReceived):  # nobody will read it: the window gets it back
-                self.codec.consumed(e.stream_id, len(e.data))
             return
         if isinstance(e, ev.TunnelAccepted):
             if stream.accepted is not None and not stream.accepted.done():
                 stream.accepted.set_result(None)
         elif isinstance(e, ev.TunnelRefused):
             self._drop(stream, TunnelError(f"peer answered {e.status}", e.status))
-        elif isinstance(e, ev.DataReceived):
-            stream._on_data(e.data)
         elif isinstance(e, ev.StreamEnded):
             stream._on_end()
         elif isinstance(e, ev.StreamReset):
@@ -562,8 +591,7 @@ class HboneProtocol(asyncio.Protocol):
         return stream
 
     def start_keepalive(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._ping_timer = loop.call_later(self.codec.settings.ping_interval, self._keepalive)
+        self._ping_timer = self.loop.call_later(self.codec.settings.ping_interval, self._keepalive)
 
     def _keepalive(self) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -577,8 +605,7 @@ class HboneProtocol(asyncio.Protocol):
             return
         self._ping_outstanding = self.codec.ping()
         self.flush()
-        loop = asyncio.get_running_loop()
-        self._ping_timer = loop.call_later(self.codec.settings.ping_timeout, self._keepalive)
+        self._ping_timer = self.loop.call_later(self.codec.settings.ping_timeout, self._keepalive)
 
     def _ping_acknowledged(self) -> None:
         self._ping_outstanding = None

@@ -2,6 +2,7 @@
 the mesh next to direct, in one run.
 
     sudo .venv/bin/python -m tests.bench.proxy.bench_proxy [--seconds 5] [--requests 2000]
+    sudo .venv/bin/python -m tests.bench.proxy.bench_proxy --count [--requests 5000]
 
 Builds a lab with agents and the CA (node1: client, neighbor meshed, outsider not; node2: server
 meshed, plain not), then measures, side by side:
@@ -11,16 +12,25 @@ meshed, plain not), then measures, side by side:
 Throughput is iperf3 (one TCP stream); latency is N sequential 1 KB echoes on one connection,
 p50/p99 of the round-trip times. Numbers on a shared 2-core VM vary between runs; the ratios
 measured in one run are what to compare.
+
+``--count``: no throughput or latency; the cross-node round trips run with ``perf stat`` attached
+to each agent's processes (main and workers) and print each agent's system calls by name per
+round trip, which the load does not move (ARCHITECTURE, "A round trip in counts").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
+import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
+from agent.lab import control
 from agent.lab.handle import Lab
 from tests.labtools import iperf
 
@@ -79,10 +89,64 @@ def latency(lab: Lab, client: str, server: str, requests: int) -> dict[str, floa
     return result
 
 
+def agent_pids(lab: Lab, node: str) -> list[int]:
+    """The agent's main process and its children (workers, helpers)."""
+    labdir, _ = control.load(lab.name)
+    main = labdir.pids()[f"agent-{node}"]
+    pids, todo = [], [main]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            todo += [int(c) for c in (task / "children").read_text().split()]
+    return pids
+
+
+TCP_COUNTERS = ("TcpOutSegs", "TcpExtDelayedACKs", "TcpExtTCPPureAcks")
+
+
+def tcp_counters(lab: Lab, target: str) -> dict[str, int]:
+    """The kernel's TCP counters of ``target``'s network namespace (a node or a pod)."""
+    out = lab.exec(target, "nstat", "-az", *TCP_COUNTERS, capture_output=True, text=True)
+    return {f[0]: int(f[1]) for f in (line.split() for line in out.stdout.splitlines()[1:])}
+
+
+def count_syscalls(lab: Lab, requests: int) -> None:
+    """Cross-node round trips with ``perf stat`` on each agent: system calls per round trip,
+    and the TCP segments, pure ACKs and delayed ACKs of each namespace on the path."""
+    latency(lab, "client", "server", 200)  # the pool's dial and handshake are not counted
+    spaces = ("client", "node1", "node2", "server")
+    before = {t: tcp_counters(lab, t) for t in spaces}
+    perfs = {}
+    for node in ("node1", "node2"):
+        pids = ",".join(map(str, agent_pids(lab, node)))
+        argv = ["perf", "stat", "-x", ",", "-e", "syscalls:sys_enter_*", "-p", pids]
+        perfs[node] = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # perf attaches
+    lat = latency(lab, "client", "server", requests)
+    for node, perf in perfs.items():
+        os.kill(perf.pid, signal.SIGINT)
+        _, err = perf.communicate()
+        counts = {}
+        for line in err.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[0].isdigit() and int(fields[0]):
+                counts[fields[2].removeprefix("syscalls:sys_enter_")] = int(fields[0])
+        # the 100 warm-up round trips of the latency client are counted too
+        per_rr = {k: round(v / (requests + 100), 2) for k, v in counts.items()}
+        print(node, json.dumps(dict(sorted(per_rr.items(), key=lambda kv: -kv[1]))), flush=True)
+    for target in spaces:
+        after = tcp_counters(lab, target)
+        per_rr = {k: round((after[k] - before[target][k]) / (requests + 100), 2) for k in after}
+        print(target, json.dumps(per_rr))
+    print(f"p50 {lat['p50']:.0f} us, p99 {lat['p99']:.0f} us (perf attached)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--count", action="store_true", help="system calls per round trip")
     args = parser.parse_args()
     lab = Lab.up("pb" + secrets.token_hex(3), topology=TOPOLOGY, timeout=120)
     echoes = []
@@ -90,6 +154,9 @@ def main() -> None:
         for pod in ("server", "plain", "neighbor"):
             echoes.append(lab.popen(pod, sys.executable, "-c", ECHO))
         time.sleep(1.0)
+        if args.count:
+            count_syscalls(lab, args.requests)
+            return
         paths = {
             "direct (outsider -> plain)": ("outsider", "plain"),
             "mesh cross-node (client -> server)": ("client", "server"),

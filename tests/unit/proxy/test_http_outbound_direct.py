@@ -47,6 +47,7 @@ class _Codec:
 
 class _Proto:
     def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()  # as HboneProtocol keeps it
         self.codec = _Codec()
         self.finished: list[TunnelStream] = []
 

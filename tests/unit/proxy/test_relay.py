@@ -299,10 +299,10 @@ def test_tunnel_an_unexpected_codec_error_ends_the_relay_with_it(
     async def main() -> None:
         sender, _receiver = await tunnel()
 
-        def broken(_stream: TunnelStream, _data: object) -> bool:
+        def broken(_stream: TunnelStream, _data: object) -> None:
             raise RuntimeError("codec failed")
 
-        monkeypatch.setattr(TunnelStream, "try_write", broken)
+        monkeypatch.setattr(TunnelStream, "write_now", broken)
         task = asyncio.create_task(relay_tunnel(sock, sender, record(), outbound=True))
         peer.send(b"x")
         with pytest.raises(RuntimeError, match="codec failed"):

@@ -227,6 +227,9 @@ class AccessLogWriter:
         route = self._route
         if not self._pending or route is None:
             return
+        if route.stream.closed:  # its owner closed it (a script's log file at exit)
+            self._pending, self._pending_bytes = [], 0
+            return
         failed: OSError | None = None
         route.handler.acquire()  # against a record another thread hands the same handler
         try:

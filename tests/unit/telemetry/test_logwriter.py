@@ -153,6 +153,23 @@ def test_lines_pending_when_their_loop_closed_go_out_with_the_next_loop_s(
     assert [line.split(": ", 1)[1] for line in lines] == ["first", "second"]
 
 
+def test_lines_pending_for_a_stream_closed_meanwhile_are_dropped(log_file: Path) -> None:
+    """A script that closed its log file before exiting: ``close`` at exit does not raise."""
+    with log_file.open("w") as stream:
+        logger, root = hierarchy(stream)
+        writer = AccessLogWriter(logger, root)
+        writer.write("late", 10.0)  # no loop: written at once
+        assert log_file.read_text().endswith("late\n")
+
+        async def main() -> None:
+            writer.write("pending", 10.0)
+
+        asyncio.run(main())
+    writer.close()
+    assert not writer._pending
+    assert "pending" not in log_file.read_text()
+
+
 def test_another_logger_s_record_follows_the_pending_lines(log_file: Path) -> None:
     async def main() -> list[str]:
         with log_file.open("w") as stream:

@@ -121,7 +121,7 @@ from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import Route, ServiceTarget
 from agent.proxy.tunnel import TunnelError, TunnelStream
-from agent.state import Workload
+from agent.state import Snapshot, Workload
 from agent.telemetry.records import (
     OUTBOUND,
     SECURITY_MTLS,
@@ -319,6 +319,27 @@ class _Opening:
     ip: str
     route: Route
     key: SessionKey
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """One endpoint of a backend as this client connection reaches it, in one snapshot: its
+    route, the session key, and what ``Outbound.describe_route`` writes into a record for it
+    (``path``, ``upstream``, ``identity``). Why: a keep-alive connection's requests go to the
+    same few endpoints, and working these out again per request (the endpoint's port, the
+    route, the SPIFFE ID, two ``ip:port`` strings) was about 2 % of a Service request."""
+
+    backend: ServiceTarget
+    route: Route
+    key: SessionKey
+    path: str
+    upstream: str
+    identity: str | None
+
+
+# Endpoints remembered per client connection and snapshot (``_ClientConnection._endpoint``):
+# past it a Service's endpoints are worked out per request, as before (it is a shortcut only).
+MAX_CACHED_ENDPOINTS = 64
 
 
 class _Direct:
@@ -554,6 +575,12 @@ class _ClientConnection:
         self._down_backlog = b""  # for the client, behind a write still waiting
         # flushes a callback (``_take``, a timer) could not finish
         self._later: set[asyncio.Task[None]] = set()
+        # Per snapshot: the endpoints this connection's requests went to (``_endpoint``), by
+        # (backend, ip) and by their route; the Service's idle timeout (``_idle_timeout``).
+        self._snap: Snapshot | None = None
+        self._endpoints: dict[tuple[int, str], _Endpoint] = {}
+        self._by_route: dict[int, _Endpoint] = {}
+        self._idle_for: tuple[Snapshot | None, float | None] = (None, None)
 
     async def serve(self) -> None:
         """Serve requests until the client or the codec ends it; raises ``OSError`` when the
@@ -686,10 +713,16 @@ class _ClientConnection:
             self._changed()
 
     def _idle_timeout(self) -> float | None:
-        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy, now)."""
-        traffic = self.owner.router.traffic
-        traffic.update(self.core.snapshot())
-        return traffic.config_for(self.target.service.key).idle_timeout
+        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy, now: read
+        again when the snapshot changed, since each idle period asks)."""
+        snap = self.core.snapshot()
+        cached, timeout = self._idle_for
+        if cached is not snap:
+            traffic = self.owner.router.traffic
+            traffic.update(snap)
+            timeout = traffic.config_for(self.target.service.key).idle_timeout
+            self._idle_for = (snap, timeout)
+        return timeout
 
     def _idle_expired(self) -> None:
         """No request for the Service's idle timeout: close the keep-alive connection (the
@@ -1034,14 +1067,15 @@ class _ClientConnection:
         """The next endpoint for the request, without waiting: True when it was attached to
         an idle pooled session or answered here (a same-node endpoint's refusal), an
         ``_Opening`` when a session must be opened, None when no endpoint is left."""
-        out = self.owner.outbound
         snap = self.core.snapshot()
         attempts = plan.attempts
         ip = attempts.next_endpoint()
         if ip is None:
             return None
-        route = out.resolver.endpoint_route(snap, self.source, plan.backend, ip)
-        out.describe_route(snap, route, self.record)
+        endpoint = self._endpoint(snap, plan.backend, ip)
+        route, record = endpoint.route, self.record
+        record.path, record.upstream = endpoint.path, endpoint.upstream
+        record.destination_identity = endpoint.identity
         request.route, request.reached = route, None
         if route.kind == "local" and route.port in self.core.settings.proxy_ports:
             # Refused before any connection, as the far node refuses a CONNECT to it (400: not
@@ -1055,14 +1089,37 @@ class _ClientConnection:
             self.codec.respond_locally(503, flags, BODIES[flags], request)
             return True
         # The CONNECT names the backend Service (the route's choice, or the dialled one), so
-        # sessions are keyed by it too.
-        key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(plan.backend))
+        # sessions are keyed by it too (``_Endpoint.key``).
+        key = endpoint.key
         session = self.owner.sessions.take(key)
         if session is None:
             return _Opening(ip, route, key)
         attempts.connected(ip, reused=True)
         self._send_try(session, request, head)
         return True
+
+    def _endpoint(self, snap: Snapshot, backend: ServiceTarget, ip: str) -> _Endpoint:
+        """Endpoint ``ip`` of ``backend`` as ``_next_try`` needs it: worked out once per
+        snapshot (the route, the session key and the record's fields for it)."""
+        if snap is not self._snap:
+            self._snap = snap
+            self._endpoints.clear()
+            self._by_route.clear()
+        found = self._endpoints.get((id(backend), ip))
+        if found is not None and found.backend is backend:
+            return found
+        out = self.owner.outbound
+        route = out.resolver.endpoint_route(snap, self.source, backend, ip)
+        described = ConnectionRecord(OUTBOUND, self.record.source, self.record.destination)
+        out.describe_route(snap, route, described)
+        key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(backend))
+        found = _Endpoint(
+            backend, route, key, described.path, described.upstream, described.destination_identity
+        )
+        if len(self._endpoints) < MAX_CACHED_ENDPOINTS:
+            self._endpoints[(id(backend), ip)] = found
+            self._by_route[id(route)] = found
+        return found
 
     async def _connect(
         self,
@@ -1362,7 +1419,13 @@ class _ClientConnection:
         labels.upstream, labels.destination_identity = "", None
         labels.security = SECURITY_NONE
         if route is not None:
-            self.owner.outbound.describe_route(self.core.snapshot(), route, labels)
+            snap = self.core.snapshot()
+            known = self._by_route.get(id(route)) if snap is self._snap else None
+            if known is not None and known.route is route:
+                labels.path, labels.upstream = known.path, known.upstream
+                labels.destination_identity = known.identity
+            else:
+                self.owner.outbound.describe_route(snap, route, labels)
             if route.kind == "hbone":
                 labels.security = SECURITY_MTLS
         return labels

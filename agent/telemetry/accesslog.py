@@ -28,7 +28,7 @@ from agent.telemetry.records import ConnectionRecord, RequestRecord
 
 ACCESS_LOGGER = "nodemesh.access"
 access_log = logging.getLogger(ACCESS_LOGGER)
-# Writes the lines as logging would, batched per loop iteration, while the configuration is the
+# Writes the lines as logging would, batched (a few ms), while the configuration is the
 # one logging.basicConfig makes (agent.telemetry.logwriter); else they go through logging.
 _writer = AccessLogWriter(access_log, logging.getLogger())
 atexit.register(_writer.close)
@@ -243,8 +243,8 @@ def write_request_log(connection: ConnectionRecord, request: RequestRecord, tail
     ``labels_tail`` of its metric labels.
 
     The line is ``request_line`` (what ``json.dumps`` gives of ``request_entry``, written
-    directly). It goes to ``_writer`` (``agent.telemetry.logwriter``: no ``LogRecord``, one
-    write per loop iteration) when the logging configuration is the agent's; otherwise the
+    directly). It goes to ``_writer`` (``agent.telemetry.logwriter``: no ``LogRecord``, the
+    lines of a few ms in one write) when the logging configuration is the agent's; otherwise the
     record is handed to the logger without ``Logger.info``'s search of the stack for its caller
     (the record names this function): one line per request is the hot path of a busy node."""
     if access_log.isEnabledFor(logging.INFO):

@@ -72,6 +72,30 @@ async def test_an_http1_connection_is_closed_between_requests_never_during_one(
     assert mesh.node1.core.registry.rejections["idle_timeout"] == 1
 
 
+@mesh_test
+async def test_an_idle_timeout_set_on_an_open_connection_applies_to_its_next_idle_period(
+    mesh: Mesh,
+) -> None:
+    """The timeout is the Service's at the start of each idle period: remembered per state
+    snapshot only (``_ClientConnection._idle_timeout``), so a TrafficPolicy applied while the
+    connection is open closes it after its next request."""
+    port = free_port(LOCAL)
+    add_services(mesh, port, LOCAL)
+    gate = Gate()
+    gate.opened.set()
+    app = await asyncio.start_server(gate.serve, LOCAL, port)
+    try:
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert await client.request("GET", "/first") == (200, b"ok")
+        set_policies(mesh.store, policy("web"))
+        assert await client.request("GET", "/second") == (200, b"ok")
+        assert await asyncio.wait_for(client.reader.read(65536), 10) == b""
+        client.writer.close()
+    finally:
+        app.close()
+    assert mesh.node1.core.registry.rejections["idle_timeout"] == 1
+
+
 async def _slow_grpc_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers each call with one empty message and ``grpc-status: 0`` after three timeouts."""
     conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))

@@ -206,6 +206,31 @@ async def test_one_keep_alive_connection_is_balanced_per_request(mesh: Mesh) -> 
 
 
 @mesh_test
+async def test_a_state_change_between_keep_alive_requests_reaches_the_next_request(
+    mesh: Mesh,
+) -> None:
+    """A client connection remembers its endpoints' routes and labels per snapshot
+    (``_ClientConnection._endpoint``): the endpoint pod's new service account is in the next
+    request's report, on the same connection and pooled session (stale: the old one twice)."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    source, _ = observe(mesh)
+    async with apps(port, SERVER):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert (await client.request("GET", "/before"))[0] == 200
+        server = mesh.store.snapshot().workload_by_ip[SERVER]
+        with mesh.store.update() as tx:
+            tx.put_workload(replace(server, service_account="renamed"))
+        assert (await client.request("GET", "/after"))[0] == 200
+        client.writer.close()
+    principals: Counter[str] = Counter()
+    for sample in next(iter(source.collect())).samples:
+        principals[sample.labels["destination_principal"].rsplit("/", 1)[1]] += int(sample.value)
+    assert principals == {server.service_account: 1, "renamed": 1}
+    assert mesh.node1.outbound.http.sessions.opened == 1
+
+
+@mesh_test
 async def test_a_keep_alive_request_wakes_no_task_and_keeps_the_client_watched(mesh: Mesh) -> None:
     """The client reader's callback routes each head and attaches it to the pooled session
     (no task resumed), the response is written from the HBONE connection's callback, and the

@@ -355,11 +355,24 @@ class LeanDecoder(Decoder):
                     index, pos = _integer_at(data, pos, 6 if indexing else 4)
                 else:
                     pos += 1
+                # A string neither Huffman-coded nor longer than its 7-bit prefix (most names
+                # and values a gRPC peer sends as literals) is sliced in place.
                 if index:
                     name = (static[index - 1] if index <= n_static else field_at(index))[0]
+                elif pos < end and data[pos] < 0x7F:
+                    after = pos + 1 + data[pos]
+                    if after > end:
+                        raise HPACKDecodingError("Truncated header block (a string)")
+                    name, pos = data[pos + 1 : after], after
                 else:
                     name, pos = _string_at(data, pos, strings)
-                value, pos = _string_at(data, pos, strings)
+                if pos < end and data[pos] < 0x7F:
+                    after = pos + 1 + data[pos]
+                    if after > end:
+                        raise HPACKDecodingError("Truncated header block (a string)")
+                    value, pos = data[pos + 1 : after], after
+                else:
+                    value, pos = _string_at(data, pos, strings)
                 if indexing:
                     table.add(name, value)
                 field = NeverIndexedHeaderTuple(name, value) if never else (name, value)

@@ -187,3 +187,34 @@ def test_the_huffman_cache_is_bounded_per_connection() -> None:
         decoder.decode(encoder.encode([(b"grpc-timeout", b"%dm" % i)], huffman=True), raw=True)
         assert len(decoder.huffman_cache) <= h2wire._HUFFMAN_CACHE_SIZE
     assert decoder.huffman_cache and not other.huffman_cache
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0x00, 0x10, 0x40]),  # without, never, with indexing; a new name
+            st.binary(min_size=0, max_size=140),
+            st.binary(min_size=0, max_size=140),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(0, 12),
+)
+def test_plain_literals_sliced_in_place_are_hpacks(
+    literals: list[tuple[int, bytes, bytes]], cut: int
+) -> None:
+    """The strings ``LeanDecoder`` slices in place (not Huffman-coded, shorter than 127 bytes)
+    and those it reads through ``_string_at`` (127 and longer: a multi-byte length), also cut
+    short anywhere in the last field, decode and refuse as hpack's decoder does."""
+
+    def string(s: bytes) -> bytes:
+        if len(s) < 0x7F:
+            return bytes((len(s),)) + s
+        return b"\x7f" + bytes((len(s) - 0x7F,)) + s  # fits one continuation byte (< 128)
+
+    block = b"".join(bytes((kind,)) + string(n) + string(v) for kind, n, v in literals)
+    for sent in (block, block[: max(0, len(block) - cut)]):
+        theirs, ours = _pair()
+        assert _outcome(ours, sent) == _outcome(theirs, sent)

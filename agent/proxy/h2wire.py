@@ -129,7 +129,13 @@ import h2.connection as _h2_connection
 import hpack.hpack as _hpack
 import hpack.table as _hpack_table
 from h2.config import H2Configuration
-from h2.connection import AllowedStreamIDs, ConnectionInputs, H2Connection
+from h2.connection import (
+    AllowedStreamIDs,
+    ConnectionInputs,
+    ConnectionState,
+    H2Connection,
+    H2ConnectionStateMachine,
+)
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
 from h2.exceptions import (
@@ -401,6 +407,47 @@ _END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
 _STREAM_ID = 0x7FFFFFFF  # the stream id without the reserved bit
 
 
+# The connection inputs the fast paths below make, and the states in which ``h2``'s connection
+# state machine takes each of them without a change or an action (an open connection: all
+# but GOAWAY's states). There ``_connection_input`` skips the machine's look-up (a tuple of
+# two enums hashed in Python, ~10 per proxied call at the source); anywhere else it asks it.
+_FAST_INPUTS = (
+    ConnectionInputs.SEND_HEADERS,
+    ConnectionInputs.SEND_DATA,
+    ConnectionInputs.RECV_HEADERS,
+    ConnectionInputs.RECV_DATA,
+)
+_CLIENT_OPEN, _SERVER_OPEN = ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN
+
+
+def _unchanged_in_open_states() -> bool:
+    """Does ``h2``'s table say what ``_connection_input`` assumes (checked at import)?"""
+    table = H2ConnectionStateMachine._transitions
+    return all(
+        table.get((state, input_)) == (None, state)
+        for state in (_CLIENT_OPEN, _SERVER_OPEN)
+        for input_ in _FAST_INPUTS
+    )
+
+
+if not _unchanged_in_open_states():  # pragma: no cover - a different h2
+    raise ImportError(
+        "h2's connection state machine no longer keeps an open connection open on "
+        "SEND/RECV_HEADERS/DATA: agent.proxy.h2wire's _connection_input needs updating"
+    )
+
+
+def _connection_input(conn: H2Connection, input_: ConnectionInputs) -> list[Event]:
+    """``conn.state_machine.process_input(input_)`` for one of ``_FAST_INPUTS``: nothing to
+    do while the connection is open, else the machine's answer (or its ProtocolError)."""
+    machine = conn.state_machine
+    state = machine.state
+    if state is _CLIENT_OPEN or state is _SERVER_OPEN:
+        return []
+    events: list[Event] = machine.process_input(input_)
+    return events
+
+
 def send_headers_on(
     conn: H2Connection, stream_id: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
 ) -> None:
@@ -411,10 +458,10 @@ def send_headers_on(
         limit, open_now = conn.remote_settings.max_concurrent_streams, conn.open_outbound_streams
         if open_now + 1 > limit:
             raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
-        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        _connection_input(conn, ConnectionInputs.SEND_HEADERS)
         stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(conn.config.client_side))
     else:
-        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        _connection_input(conn, ConnectionInputs.SEND_HEADERS)
     machine = stream.state_machine
     if not machine.client and is_informational_response(headers):
         if end_stream:
@@ -458,7 +505,7 @@ def send_data_on(conn: H2Connection, stream_id: int, data: bytes, *, end_stream:
         raise FlowControlError(f"Cannot send {n} bytes beyond the flow control window")
     if n > conn.max_outbound_frame_size:
         raise FrameTooLargeError(f"Cannot send frame size {n} beyond the max frame size")
-    conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
+    _connection_input(conn, ConnectionInputs.SEND_DATA)
     machine = stream.state_machine
     machine.process_input(StreamInputs.SEND_DATA)
     if end_stream:
@@ -475,7 +522,7 @@ def receive_end_stream_on(conn: H2Connection, stream_id: int) -> list[Event]:
     that may receive (``can_receive``), without the frame (reach 10): the same state machines,
     checks (a stream's declared content-length: ``ProtocolError``) and events."""
     try:
-        events: list[Event] = conn.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        events = _connection_input(conn, ConnectionInputs.RECV_DATA)
         _frames, stream_events = conn.streams[stream_id].receive_data(b"", True, 0)
     except ProtocolError as e:  # as ``receive_data``: GOAWAY queued, then the error raised
         conn._terminate_connection(e.error_code)
@@ -503,7 +550,7 @@ def receive_headers_on(
         return None
     try:
         headers = _h2_connection._decode_headers(conn.decoder, block)
-        events: list[Event] = conn.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        events = _connection_input(conn, ConnectionInputs.RECV_HEADERS)
         if stream is None:
             stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(not client_side))
         frames, stream_events = stream.receive_headers(
@@ -526,7 +573,7 @@ def receive_data_on(
     a ``ProtocolError`` (a window or a declared content-length exceeded) queues GOAWAY and is
     raised, as ``receive_data`` does."""
     try:
-        events: list[Event] = conn.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        events = _connection_input(conn, ConnectionInputs.RECV_DATA)
         conn._inbound_flow_control_window_manager.window_consumed(len(data))
         frames, stream_events = stream.receive_data(data, end_stream, len(data))
     except ProtocolError as e:

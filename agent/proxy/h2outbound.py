@@ -459,16 +459,22 @@ class H2SourceSession(CallbackShell):
         task.add_done_callback(self._tasks.discard)
 
     def _arm(self) -> None:
-        """Keep one timer at the soonest timeout or retry (``H2Proxy.next_deadline``)."""
+        """Keep one timer no later than the soonest timeout or retry (``H2Proxy.next_deadline``).
+        A timer armed for a sooner time is kept when that time went away or a later one came
+        (a gRPC client's calls each bring a deadline, and most end well before it): it fires,
+        ``expire`` finds nothing due and it is armed again at what is due then. So a client
+        making calls one after another costs a timer per deadline's length, not a cancel and
+        a ``call_later`` per call."""
         at = None if self.proxy.closing else self.proxy.next_deadline()
-        if at == self._timer_at:
+        if at is None:
+            return
+        armed = self._timer_at
+        if self._timer is not None and armed is not None and armed <= at:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer, self._timer_at = None, at
-        if at is not None:
-            delay = max(0.0, at - time.monotonic())
-            self._timer = self._loop.call_later(delay, self._expired)
+        delay = max(0.0, at - time.monotonic())
+        self._timer, self._timer_at = self._loop.call_later(delay, self._expired), at
 
     def _expired(self) -> None:
         self._timer, self._timer_at = None, None

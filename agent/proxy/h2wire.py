@@ -314,24 +314,60 @@ def _string_at(data: bytes, pos: int, cache: dict[bytes, bytes] | None) -> tuple
     return decoded, end
 
 
+# Whole header blocks a ``LeanDecoder`` keeps decoded (per connection and direction), and the
+# longest one kept: a gRPC peer sends the same bytes for every call's response head and
+# trailers (indexed fields, once its table settled) and, without a per-call value, for every
+# request head. 16 blocks of at most 512 bytes with their fields: under 20 KiB per decoder.
+_BLOCK_CACHE_SIZE = 16
+_BLOCK_CACHE_BYTES = 512
+
+
 class LeanDecoder(Decoder):
     """hpack's decoder with a leaner ``decode`` for ``h2``'s raw blocks (reach 8), which keeps
     the decoding of short Huffman-coded strings (``huffman_cache``; never-indexed fields'
-    strings, credentials among them, are decoded each time and never kept)."""
+    strings, credentials among them, are decoded each time and never kept) and of whole
+    blocks sent again (``block_cache``: a block that changed the dynamic table is not kept,
+    and empties it, since what the others' indexes name may have moved; one with a
+    never-indexed field is not kept either)."""
 
     def __init__(self, max_header_list_size: int = 65536) -> None:
         super().__init__(max_header_list_size)
         self.huffman_cache: dict[bytes, bytes] = {}
+        # block -> (its fields, the size hpack counts them) while the table is as it was
+        self.block_cache: dict[bytes, tuple[tuple[Any, ...], int]] = {}
+
+    @property
+    def header_table_size(self) -> int:
+        return self.header_table.maxsize
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        """hpack's setter (a size update: entries may be evicted), and the kept blocks go."""
+        self.header_table.maxsize = value
+        self.block_cache.clear()
 
     def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
         """The block's fields: a never-indexed one as ``NeverIndexedHeaderTuple`` (``h2`` and
         ``TablelessEncoder`` keep it so when it is forwarded), the others as plain 2-tuples,
         which is all ``h2`` and ``H2Proxy`` read of them (hpack makes a ``HeaderTuple`` of
-        each, a third of a call to ``decode``)."""
+        each, a third of a call to ``decode``). A block decoded before, with the table as it
+        was then, is not decoded again (the same fields, in a new list; the same refusals)."""
         if not raw:
+            self.block_cache.clear()  # hpack's own decoding may change the table
             return super().decode(data, raw)
         data = bytes(data)
+        blocks = self.block_cache
+        kept = blocks.get(data)
+        if kept is not None:
+            if kept[1] > self.max_header_list_size:
+                raise OversizedHeaderListError(
+                    f"A header list larger than {self.max_header_list_size} has been received"
+                )
+            if self.header_table_size > self.max_allowed_table_size:
+                raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
+            return list(kept[0])
         table = self.header_table
+        changed = never_indexed = False
         field_at = table.get_by_index
         static, n_static = _STATIC_FIELDS, len(_STATIC_FIELDS)
         cache = self.huffman_cache
@@ -380,15 +416,23 @@ class LeanDecoder(Decoder):
                 else:
                     value, pos = _string_at(data, pos, strings)
                 if indexing:
+                    if not changed:  # what the kept blocks' indexes name may move
+                        changed = True
+                        blocks.clear()
                     table.add(name, value)
-                field = NeverIndexedHeaderTuple(name, value) if never else (name, value)
+                if never:
+                    field = NeverIndexedHeaderTuple(name, value)
+                    never_indexed = True
+                else:
+                    field = (name, value)
             else:  # a dynamic table size update (section 6.3)
                 if fields:
                     raise HPACKDecodingError("Table size update not at the start of the block")
                 new_size, pos = _integer_at(data, pos, 5)
                 if new_size > self.max_allowed_table_size:
                     raise InvalidTableSizeError("Encoder exceeded max allowable table size")
-                self.header_table_size = new_size
+                changed = True
+                self.header_table_size = new_size  # empties ``block_cache``
                 continue
             size += 32 + len(name) + len(value)
             if size > limit:
@@ -398,6 +442,10 @@ class LeanDecoder(Decoder):
             fields.append(field)
         if self.header_table_size > self.max_allowed_table_size:
             raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
+        if not changed and not never_indexed and end <= _BLOCK_CACHE_BYTES:
+            if len(blocks) >= _BLOCK_CACHE_SIZE:
+                blocks.clear()
+            blocks[data] = (tuple(fields), size)
         return fields
 
 

@@ -18,7 +18,7 @@ from hpack import (
     HPACKError,
     NeverIndexedHeaderTuple,
 )
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.proxy import h2wire
@@ -218,3 +218,65 @@ def test_plain_literals_sliced_in_place_are_hpacks(
     for sent in (block, block[: max(0, len(block) - cut)]):
         theirs, ours = _pair()
         assert _outcome(ours, sent) == _outcome(theirs, sent)
+
+
+# Few distinct fields, so that blocks repeat them: later blocks index what earlier ones added.
+few_fields = st.tuples(
+    st.sampled_from([b"a", b"grpc-status", b":status"]),
+    st.sampled_from([b"0", b"200", b"x" * 40]),
+    st.sampled_from([False, False, False, True]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(few_fields, min_size=1, max_size=3), st.booleans()),
+        min_size=1,
+        max_size=5,
+    ),
+    st.lists(st.binary(max_size=24), max_size=2),
+    st.lists(st.integers(0, 7), min_size=1, max_size=16),
+    st.sampled_from([0, 100, 4096, 4096]),
+)
+@example(  # a block of indexes kept, then the table moved under them
+    [([(b"a", b"0", False)], False)] * 2 + [([(b"grpc-status", b"200", False)], False)],
+    [],
+    [0, 1, 2, 1],
+    4096,
+)
+def test_blocks_sent_again_decode_as_hpack_decodes_them(
+    encoded: list[tuple[list[tuple[bytes, bytes, bool]], bool]],
+    garbage: list[bytes],
+    order: list[int],
+    table_size: int,
+) -> None:
+    """Blocks replayed in any order (``block_cache`` serves the repeats), between blocks that
+    add to the dynamic table, evict from it or update its size, whose indexes then name other
+    fields or nothing: each decodes, and is refused, as hpack's decoder does it, and the table
+    after is hpack's."""
+    encoder = Encoder()
+    encoder.header_table_size = table_size
+    pool = [encoder.encode([(n, v, s) for n, v, s in f], huffman) for f, huffman in encoded]
+    pool += garbage
+    theirs, ours = _pair()
+    for i in order:
+        block = pool[i % len(pool)]
+        assert _outcome(ours, block) == _outcome(theirs, block)
+
+
+def test_a_block_sent_again_is_not_decoded_again_and_its_fields_are_a_new_list() -> None:
+    decoder = LeanDecoder()
+    head = b"\x88" + b"\x00\x0bgrpc-status\x010"  # :status 200, a literal not indexed
+    first = list(decoder.decode(head, raw=True))
+    assert head in decoder.block_cache
+    first.append((b"x", b"y"))  # a caller's list is its own
+    assert list(decoder.decode(head, raw=True)) == [(b":status", b"200"), (b"grpc-status", b"0")]
+    decoder.decode(b"\x40\x01a\x01b", raw=True)  # adds to the table: the kept blocks go
+    assert not decoder.block_cache
+    decoder.decode(head, raw=True)
+    decoder.decode(b"\x20", raw=True)  # a table size update (to 0: evicts): they go too
+    assert not decoder.block_cache
+    secret = b"\x10\x0dauthorization\x03abc"  # never indexed: decoded each time, never kept
+    decoder.decode(secret, raw=True)
+    assert secret not in decoder.block_cache

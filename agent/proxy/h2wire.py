@@ -335,6 +335,11 @@ class LeanDecoder(Decoder):
         self.huffman_cache: dict[bytes, bytes] = {}
         # block -> (its fields, the size hpack counts them) while the table is as it was
         self.block_cache: dict[bytes, tuple[tuple[Any, ...], int]] = {}
+        # Counts every change of the dynamic table (an insertion, a size update): what tells
+        # that a block changed it (the relay's ``_decode``), which its entries alone may not
+        # (an insertion of the newest entry's field that evicts one leaves as many entries,
+        # the newest equal to the one before).
+        self.table_changes = 0
 
     @property
     def header_table_size(self) -> int:
@@ -345,6 +350,7 @@ class LeanDecoder(Decoder):
         """hpack's setter (a size update: entries may be evicted), and the kept blocks go."""
         self.header_table.maxsize = value
         self.block_cache.clear()
+        self.table_changes += 1
 
     def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
         """The block's fields: a never-indexed one as ``NeverIndexedHeaderTuple`` (``h2`` and
@@ -354,6 +360,7 @@ class LeanDecoder(Decoder):
         was then, is not decoded again (the same fields, in a new list; the same refusals)."""
         if not raw:
             self.block_cache.clear()  # hpack's own decoding may change the table
+            self.table_changes += 1
             return super().decode(data, raw)
         data = bytes(data)
         blocks = self.block_cache
@@ -419,6 +426,7 @@ class LeanDecoder(Decoder):
                     if not changed:  # what the kept blocks' indexes name may move
                         changed = True
                         blocks.clear()
+                    self.table_changes += 1
                     table.add(name, value)
                 if never:
                     field = NeverIndexedHeaderTuple(name, value)

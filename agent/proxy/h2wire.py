@@ -314,12 +314,15 @@ def _string_at(data: bytes, pos: int, cache: dict[bytes, bytes] | None) -> tuple
     return decoded, end
 
 
-# Whole header blocks a ``LeanDecoder`` keeps decoded (per connection and direction), and the
-# longest one kept: a gRPC peer sends the same bytes for every call's response head and
-# trailers (indexed fields, once its table settled) and, without a per-call value, for every
-# request head. 16 blocks of at most 512 bytes with their fields: under 20 KiB per decoder.
-_BLOCK_CACHE_SIZE = 16
+# Whole header blocks a ``LeanDecoder`` keeps decoded (per connection and direction), the
+# longest one kept and its most fields: a gRPC peer sends the same bytes for every call's
+# response head and trailers (indexed fields, once its table settled) and, without a per-call
+# value, for every request head (a call's head has 7-10 fields, a response's 2-3). Bounded in
+# fields too, since a short literal decodes to ~40 times its bytes in objects: ~21 KiB per
+# decoder at most (``test_the_block_cache_is_bounded_per_connection``).
+_BLOCK_CACHE_SIZE = 8
 _BLOCK_CACHE_BYTES = 512
+_BLOCK_CACHE_FIELDS = 16
 
 
 class LeanDecoder(Decoder):
@@ -450,7 +453,12 @@ class LeanDecoder(Decoder):
             fields.append(field)
         if self.header_table_size > self.max_allowed_table_size:
             raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
-        if not changed and not never_indexed and end <= _BLOCK_CACHE_BYTES:
+        if (
+            not changed
+            and not never_indexed
+            and end <= _BLOCK_CACHE_BYTES
+            and len(fields) <= _BLOCK_CACHE_FIELDS
+        ):
             if len(blocks) >= _BLOCK_CACHE_SIZE:
                 blocks.clear()
             blocks[data] = (tuple(fields), size)

@@ -9,6 +9,8 @@ bytes."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from h2.exceptions import ProtocolError
 from hpack import (
@@ -280,3 +282,35 @@ def test_a_block_sent_again_is_not_decoded_again_and_its_fields_are_a_new_list()
     secret = b"\x10\x0dauthorization\x03abc"  # never indexed: decoded each time, never kept
     decoder.decode(secret, raw=True)
     assert secret not in decoder.block_cache
+
+
+def test_the_block_cache_is_bounded_per_connection() -> None:
+    """Blocks made to cost the most memory once decoded (as many short literals as are kept,
+    up to the longest block kept), more of them than are kept: the cache holds at most
+    ``_BLOCK_CACHE_SIZE`` blocks and, with their fields, stays under 32 KiB; a block with more
+    fields than ``_BLOCK_CACHE_FIELDS`` or longer than ``_BLOCK_CACHE_BYTES`` is not kept."""
+    n = h2wire._BLOCK_CACHE_FIELDS
+    value_len = (h2wire._BLOCK_CACHE_BYTES - 8) // n - 4  # a literal with a 1-byte name
+
+    def block(i: int, fields: int = n) -> bytes:
+        value = b"%0*d" % (value_len, i)
+        return b"".join(b"\x00\x01" + bytes((97 + j % 26,)) + bytes((len(value),)) + value
+                        for j in range(fields))  # fmt: skip
+
+    decoder = LeanDecoder()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3 * h2wire._BLOCK_CACHE_SIZE):
+            decoder.decode(block(i), raw=True)
+            assert len(decoder.block_cache) <= h2wire._BLOCK_CACHE_SIZE
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(decoder.block_cache) == h2wire._BLOCK_CACHE_SIZE
+    assert all(len(k) <= h2wire._BLOCK_CACHE_BYTES for k in decoder.block_cache)
+    assert held < 32 * 1024, f"{held} bytes held by the block cache"
+    decoder.block_cache.clear()
+    decoder.decode(block(0, n + 1), raw=True)
+    decoder.decode(b"\x00\x01a\x7f\xd9\x03" + b"x" * 600, raw=True)  # a 600-byte value
+    assert not decoder.block_cache

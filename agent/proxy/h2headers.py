@@ -29,6 +29,12 @@ _NAME = re.compile(rb":?[!-9;-@\[-~]+")
 # A field value must not hold NUL, CR or LF, nor begin or end with a space or tab.
 _BAD_VALUE = re.compile(rb"[\0\r\n]|\A[ \t]|[ \t]\Z")
 
+# Names that matched ``_NAME`` (every block of a call repeats most of them): a set look-up is
+# a sixth of a match. Process-wide (a name is no secret), at most ``_GOOD_NAMES`` of at most
+# ``_GOOD_NAME_LENGTH`` bytes (~100 KiB); once full, later names are matched each time.
+_GOOD_NAMES, _GOOD_NAME_LENGTH = 1024, 64
+_good_names: set[bytes] = set()
+
 CONNECTION_SPECIFIC = frozenset(
     (b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade")
 )
@@ -62,8 +68,11 @@ def _check(headers: Sequence[Header], kind: Block, *, joined: bool) -> Sequence[
     for name, value in headers:
         if name == b"cookie" and not joined:
             return _check(_join_cookies(headers), kind, joined=True)
-        if _NAME.fullmatch(name) is None:
-            raise MalformedHeaders(f"invalid header name {name!r}")
+        if name not in _good_names:  # a name seen well formed before is not matched again
+            if _NAME.fullmatch(name) is None:
+                raise MalformedHeaders(f"invalid header name {name!r}")
+            if len(name) <= _GOOD_NAME_LENGTH and len(_good_names) < _GOOD_NAMES:
+                _good_names.add(name)
         if value and _BAD_VALUE.search(value) is not None:
             raise MalformedHeaders(f"invalid value of header {name!r}")
         if name[0] == 0x3A:  # ":"

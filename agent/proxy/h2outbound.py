@@ -176,6 +176,8 @@ class H2SourceSession(CallbackShell):
         self._timer: asyncio.TimerHandle | None = None  # the soonest timeout or retry
         self._timer_at: float | None = None
         self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
+        self._idle_of: Snapshot | None = None  # the snapshot ``_idle_after`` is of
+        self._idle_after: float | None = None
 
     def _pick(self, request: PickRequest) -> Choice | LocalAnswer:
         """Route the request (``h2route``: routes, weighted backend, traffic control)."""
@@ -265,7 +267,7 @@ class H2SourceSession(CallbackShell):
 
     def _described(self, route: Route) -> ConnectionRecord:
         """The session's record pointed at ``route``."""
-        rec = replace(self.record)
+        rec = self.record.copy()
         self.outbound.describe_route(self.outbound.core.snapshot(), route, rec)
         return rec
 
@@ -457,16 +459,22 @@ class H2SourceSession(CallbackShell):
         task.add_done_callback(self._tasks.discard)
 
     def _arm(self) -> None:
-        """Keep one timer at the soonest timeout or retry (``H2Proxy.next_deadline``)."""
+        """Keep one timer no later than the soonest timeout or retry (``H2Proxy.next_deadline``).
+        A timer armed for a sooner time is kept when that time went away or a later one came
+        (a gRPC client's calls each bring a deadline, and most end well before it): it fires,
+        ``expire`` finds nothing due and it is armed again at what is due then. So a client
+        making calls one after another costs a timer per deadline's length, not a cancel and
+        a ``call_later`` per call."""
         at = None if self.proxy.closing else self.proxy.next_deadline()
-        if at == self._timer_at:
+        if at is None:
+            return
+        armed = self._timer_at
+        if self._timer is not None and armed is not None and armed <= at:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer, self._timer_at = None, at
-        if at is not None:
-            delay = max(0.0, at - time.monotonic())
-            self._timer = self._loop.call_later(delay, self._expired)
+        delay = max(0.0, at - time.monotonic())
+        self._timer, self._timer_at = self._loop.call_later(delay, self._expired), at
 
     def _expired(self) -> None:
         self._timer, self._timer_at = None, None
@@ -474,10 +482,16 @@ class H2SourceSession(CallbackShell):
         self._moved()
 
     def _idle_timeout(self) -> float | None:
-        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy, now)."""
-        traffic = self.outbound.http.router.traffic
-        traffic.update(self.outbound.core.snapshot())
-        return traffic.config_for(self.target.service.key).idle_timeout
+        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy in the
+        current snapshot: asked each time the connection falls idle, after every call of a
+        client that makes one at a time, so kept while the snapshot is current)."""
+        snap = self.outbound.core.snapshot()
+        if snap is not self._idle_of:
+            traffic = self.outbound.http.router.traffic
+            traffic.update(snap)
+            self._idle_of = snap
+            self._idle_after = traffic.config_for(self.target.service.key).idle_timeout
+        return self._idle_after
 
     def _idle_expired(self) -> None:
         """No stream for the Service's idle timeout: GOAWAY, then closed (``_moved`` ends the
@@ -596,13 +610,12 @@ class H2SourceSession(CallbackShell):
         rec = self._routes.get(exchange.upstream)
         if rec is None:
             return self.record
-        return replace(
-            self.record,
-            upstream=rec.upstream,
-            destination_identity=rec.destination_identity,
-            path=rec.path,
-            security=SECURITY_MTLS if rec.path == "hbone" else self.record.security,
-        )
+        out = self.record.copy()  # a tenth of ``dataclasses.replace``'s time
+        out.upstream, out.destination_identity = rec.upstream, rec.destination_identity
+        out.path = rec.path
+        if rec.path == "hbone":
+            out.security = SECURITY_MTLS
+        return out
 
 
 def _answered_for_pod(exchange: H2Exchange, flags: str) -> bool:

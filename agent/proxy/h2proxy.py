@@ -485,20 +485,37 @@ class H2Core:
         gRPC call), and the ``x-request-id`` made for it when the client sent none (the
         caller adds it to what it forwards), else None."""
         self._opened += 1
-        path = header(headers, b":path") or b""
-        authority = header(headers, b":authority") or header(headers, b"host") or b""
-        request_id = sent = header(headers, b"x-request-id")
-        if request_id is None:
-            request_id = self.new_request_id().encode()
+        # One pass over the block (each name's first field counts, as ``header`` finds it):
+        # this runs for every request at both ends.
+        method = path = authority = host = sent = content_type = None
+        regular: list[Header] = []
+        for one in headers:
+            name = one[0]
+            if name[:1] == b":":
+                if name == b":path":
+                    path = one[1] if path is None else path
+                elif name == b":authority":
+                    authority = one[1] if authority is None else authority
+                elif name == b":method":
+                    method = one[1] if method is None else method
+                continue
+            regular.append((name, one[1]))
+            if name == b"content-type":
+                content_type = one[1] if content_type is None else content_type
+            elif name == b"x-request-id":
+                sent = one[1] if sent is None else sent
+            elif name == b"host":
+                host = one[1] if host is None else host
+        request_id = sent if sent is not None else self.new_request_id().encode()
         head = RequestHead(
-            (header(headers, b":method") or b"").decode("latin-1"),
-            path.split(b"?", 1)[0].decode("latin-1"),
-            authority.decode("latin-1"),
+            (method or b"").decode("latin-1"),
+            (path or b"").split(b"?", 1)[0].decode("latin-1"),
+            (authority or host or b"").decode("latin-1"),
             request_id.decode("latin-1"),
             trace=trace_headers_of(headers),
-            headers=[(n, v) for n, v in headers if not n.startswith(b":")],
+            headers=regular,
         )
-        grpc = (header(headers, b"content-type") or b"").startswith(b"application/grpc")
+        grpc = (content_type or b"").startswith(b"application/grpc")
         return H2Exchange(head, grpc, self.clock()), None if sent is not None else request_id
 
     def take_completed(self) -> list[H2Exchange]:

@@ -114,12 +114,11 @@ def settings_frame(values: Sequence[tuple[int, int]]) -> bytes:
     return frame(SETTINGS, 0, 0, b"".join(struct.pack(">HI", k, v) for k, v in values))
 
 
-def _table_state(decoder: LeanDecoder) -> tuple[int, object, int]:
-    """What tells whether a block changed a decoder's dynamic table: an insertion makes a new
-    first entry (a new tuple), an eviction or a size update changes the count or the size."""
-    table = decoder.header_table
-    entries = table.dynamic_entries
-    return len(entries), (entries[0] if entries else None), table.maxsize
+def _table_state(decoder: LeanDecoder) -> int:
+    """What tells whether a block changed a decoder's dynamic table: its count of changes (the
+    entries alone do not: an insertion of the newest entry's field that evicts one leaves as
+    many entries, the newest equal to the one before)."""
+    return decoder.table_changes
 
 
 class H2Side:

@@ -129,7 +129,13 @@ import h2.connection as _h2_connection
 import hpack.hpack as _hpack
 import hpack.table as _hpack_table
 from h2.config import H2Configuration
-from h2.connection import AllowedStreamIDs, ConnectionInputs, H2Connection
+from h2.connection import (
+    AllowedStreamIDs,
+    ConnectionInputs,
+    ConnectionState,
+    H2Connection,
+    H2ConnectionStateMachine,
+)
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
 from h2.exceptions import (
@@ -308,24 +314,70 @@ def _string_at(data: bytes, pos: int, cache: dict[bytes, bytes] | None) -> tuple
     return decoded, end
 
 
+# Whole header blocks a ``LeanDecoder`` keeps decoded (per connection and direction), the
+# longest one kept and its most fields: a gRPC peer sends the same bytes for every call's
+# response head and trailers (indexed fields, once its table settled) and, without a per-call
+# value, for every request head (a call's head has 7-10 fields, a response's 2-3). Bounded in
+# fields too, since a short literal decodes to ~40 times its bytes in objects: ~21 KiB per
+# decoder at most (``test_the_block_cache_is_bounded_per_connection``).
+_BLOCK_CACHE_SIZE = 8
+_BLOCK_CACHE_BYTES = 512
+_BLOCK_CACHE_FIELDS = 16
+
+
 class LeanDecoder(Decoder):
     """hpack's decoder with a leaner ``decode`` for ``h2``'s raw blocks (reach 8), which keeps
     the decoding of short Huffman-coded strings (``huffman_cache``; never-indexed fields'
-    strings, credentials among them, are decoded each time and never kept)."""
+    strings, credentials among them, are decoded each time and never kept) and of whole
+    blocks sent again (``block_cache``: a block that changed the dynamic table is not kept,
+    and empties it, since what the others' indexes name may have moved; one with a
+    never-indexed field is not kept either)."""
 
     def __init__(self, max_header_list_size: int = 65536) -> None:
         super().__init__(max_header_list_size)
         self.huffman_cache: dict[bytes, bytes] = {}
+        # block -> (its fields, the size hpack counts them) while the table is as it was
+        self.block_cache: dict[bytes, tuple[tuple[Any, ...], int]] = {}
+        # Counts every change of the dynamic table (an insertion, a size update): what tells
+        # that a block changed it (the relay's ``_decode``), which its entries alone may not
+        # (an insertion of the newest entry's field that evicts one leaves as many entries,
+        # the newest equal to the one before).
+        self.table_changes = 0
+
+    @property
+    def header_table_size(self) -> int:
+        return self.header_table.maxsize
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        """hpack's setter (a size update: entries may be evicted), and the kept blocks go."""
+        self.header_table.maxsize = value
+        self.block_cache.clear()
+        self.table_changes += 1
 
     def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
         """The block's fields: a never-indexed one as ``NeverIndexedHeaderTuple`` (``h2`` and
         ``TablelessEncoder`` keep it so when it is forwarded), the others as plain 2-tuples,
         which is all ``h2`` and ``H2Proxy`` read of them (hpack makes a ``HeaderTuple`` of
-        each, a third of a call to ``decode``)."""
+        each, a third of a call to ``decode``). A block decoded before, with the table as it
+        was then, is not decoded again (the same fields, in a new list; the same refusals)."""
         if not raw:
+            self.block_cache.clear()  # hpack's own decoding may change the table
+            self.table_changes += 1
             return super().decode(data, raw)
         data = bytes(data)
+        blocks = self.block_cache
+        kept = blocks.get(data)
+        if kept is not None:
+            if kept[1] > self.max_header_list_size:
+                raise OversizedHeaderListError(
+                    f"A header list larger than {self.max_header_list_size} has been received"
+                )
+            if self.header_table_size > self.max_allowed_table_size:
+                raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
+            return list(kept[0])
         table = self.header_table
+        changed = never_indexed = False
         field_at = table.get_by_index
         static, n_static = _STATIC_FIELDS, len(_STATIC_FIELDS)
         cache = self.huffman_cache
@@ -355,21 +407,43 @@ class LeanDecoder(Decoder):
                     index, pos = _integer_at(data, pos, 6 if indexing else 4)
                 else:
                     pos += 1
+                # A string neither Huffman-coded nor longer than its 7-bit prefix (most names
+                # and values a gRPC peer sends as literals) is sliced in place.
                 if index:
                     name = (static[index - 1] if index <= n_static else field_at(index))[0]
+                elif pos < end and data[pos] < 0x7F:
+                    after = pos + 1 + data[pos]
+                    if after > end:
+                        raise HPACKDecodingError("Truncated header block (a string)")
+                    name, pos = data[pos + 1 : after], after
                 else:
                     name, pos = _string_at(data, pos, strings)
-                value, pos = _string_at(data, pos, strings)
+                if pos < end and data[pos] < 0x7F:
+                    after = pos + 1 + data[pos]
+                    if after > end:
+                        raise HPACKDecodingError("Truncated header block (a string)")
+                    value, pos = data[pos + 1 : after], after
+                else:
+                    value, pos = _string_at(data, pos, strings)
                 if indexing:
+                    if not changed:  # what the kept blocks' indexes name may move
+                        changed = True
+                        blocks.clear()
+                    self.table_changes += 1
                     table.add(name, value)
-                field = NeverIndexedHeaderTuple(name, value) if never else (name, value)
+                if never:
+                    field = NeverIndexedHeaderTuple(name, value)
+                    never_indexed = True
+                else:
+                    field = (name, value)
             else:  # a dynamic table size update (section 6.3)
                 if fields:
                     raise HPACKDecodingError("Table size update not at the start of the block")
                 new_size, pos = _integer_at(data, pos, 5)
                 if new_size > self.max_allowed_table_size:
                     raise InvalidTableSizeError("Encoder exceeded max allowable table size")
-                self.header_table_size = new_size
+                changed = True
+                self.header_table_size = new_size  # empties ``block_cache``
                 continue
             size += 32 + len(name) + len(value)
             if size > limit:
@@ -379,6 +453,15 @@ class LeanDecoder(Decoder):
             fields.append(field)
         if self.header_table_size > self.max_allowed_table_size:
             raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
+        if (
+            not changed
+            and not never_indexed
+            and end <= _BLOCK_CACHE_BYTES
+            and len(fields) <= _BLOCK_CACHE_FIELDS
+        ):
+            if len(blocks) >= _BLOCK_CACHE_SIZE:
+                blocks.clear()
+            blocks[data] = (tuple(fields), size)
         return fields
 
 
@@ -386,6 +469,47 @@ _FRAME = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flag
 _DATA, _HEADERS, _CONTINUATION = 0x0, 0x1, 0x9
 _END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
 _STREAM_ID = 0x7FFFFFFF  # the stream id without the reserved bit
+
+
+# The connection inputs the fast paths below make, and the states in which ``h2``'s connection
+# state machine takes each of them without a change or an action (an open connection: all
+# but GOAWAY's states). There ``_connection_input`` skips the machine's look-up (a tuple of
+# two enums hashed in Python, ~10 per proxied call at the source); anywhere else it asks it.
+_FAST_INPUTS = (
+    ConnectionInputs.SEND_HEADERS,
+    ConnectionInputs.SEND_DATA,
+    ConnectionInputs.RECV_HEADERS,
+    ConnectionInputs.RECV_DATA,
+)
+_CLIENT_OPEN, _SERVER_OPEN = ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN
+
+
+def _unchanged_in_open_states() -> bool:
+    """Does ``h2``'s table say what ``_connection_input`` assumes (checked at import)?"""
+    table = H2ConnectionStateMachine._transitions
+    return all(
+        table.get((state, input_)) == (None, state)
+        for state in (_CLIENT_OPEN, _SERVER_OPEN)
+        for input_ in _FAST_INPUTS
+    )
+
+
+if not _unchanged_in_open_states():  # pragma: no cover - a different h2
+    raise ImportError(
+        "h2's connection state machine no longer keeps an open connection open on "
+        "SEND/RECV_HEADERS/DATA: agent.proxy.h2wire's _connection_input needs updating"
+    )
+
+
+def _connection_input(conn: H2Connection, input_: ConnectionInputs) -> list[Event]:
+    """``conn.state_machine.process_input(input_)`` for one of ``_FAST_INPUTS``: nothing to
+    do while the connection is open, else the machine's answer (or its ProtocolError)."""
+    machine = conn.state_machine
+    state = machine.state
+    if state is _CLIENT_OPEN or state is _SERVER_OPEN:
+        return []
+    events: list[Event] = machine.process_input(input_)
+    return events
 
 
 def send_headers_on(
@@ -398,10 +522,10 @@ def send_headers_on(
         limit, open_now = conn.remote_settings.max_concurrent_streams, conn.open_outbound_streams
         if open_now + 1 > limit:
             raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
-        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        _connection_input(conn, ConnectionInputs.SEND_HEADERS)
         stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(conn.config.client_side))
     else:
-        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        _connection_input(conn, ConnectionInputs.SEND_HEADERS)
     machine = stream.state_machine
     if not machine.client and is_informational_response(headers):
         if end_stream:
@@ -445,7 +569,7 @@ def send_data_on(conn: H2Connection, stream_id: int, data: bytes, *, end_stream:
         raise FlowControlError(f"Cannot send {n} bytes beyond the flow control window")
     if n > conn.max_outbound_frame_size:
         raise FrameTooLargeError(f"Cannot send frame size {n} beyond the max frame size")
-    conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
+    _connection_input(conn, ConnectionInputs.SEND_DATA)
     machine = stream.state_machine
     machine.process_input(StreamInputs.SEND_DATA)
     if end_stream:
@@ -462,7 +586,7 @@ def receive_end_stream_on(conn: H2Connection, stream_id: int) -> list[Event]:
     that may receive (``can_receive``), without the frame (reach 10): the same state machines,
     checks (a stream's declared content-length: ``ProtocolError``) and events."""
     try:
-        events: list[Event] = conn.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        events = _connection_input(conn, ConnectionInputs.RECV_DATA)
         _frames, stream_events = conn.streams[stream_id].receive_data(b"", True, 0)
     except ProtocolError as e:  # as ``receive_data``: GOAWAY queued, then the error raised
         conn._terminate_connection(e.error_code)
@@ -490,7 +614,7 @@ def receive_headers_on(
         return None
     try:
         headers = _h2_connection._decode_headers(conn.decoder, block)
-        events: list[Event] = conn.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        events = _connection_input(conn, ConnectionInputs.RECV_HEADERS)
         if stream is None:
             stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(not client_side))
         frames, stream_events = stream.receive_headers(
@@ -513,7 +637,7 @@ def receive_data_on(
     a ``ProtocolError`` (a window or a declared content-length exceeded) queues GOAWAY and is
     raised, as ``receive_data`` does."""
     try:
-        events: list[Event] = conn.state_machine.process_input(ConnectionInputs.RECV_DATA)
+        events = _connection_input(conn, ConnectionInputs.RECV_DATA)
         conn._inbound_flow_control_window_manager.window_consumed(len(data))
         frames, stream_events = stream.receive_data(data, end_stream, len(data))
     except ProtocolError as e:

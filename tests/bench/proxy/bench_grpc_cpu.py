@@ -2,7 +2,7 @@
 change to the HTTP/2 path costs or saves, HBONE, TLS, telemetry and the access log included.
 
     sudo .venv/bin/python -m tests.bench.proxy.bench_grpc_cpu vip|pod|l4|direct \
-        [--calls 4000] [--rounds 5] [--connections 4] [--no-access-log] [--log FILE]
+        [--calls 4000] [--rounds 5] [--connections 4] [--no-access-log] [--log FILE] [--deadline]
 
 ``tests.bench.proxy.bench_h2call`` measures the two HTTP/2 cores alone, without sockets; this
 runs the real ``NodeProxy`` objects of ``tests/integration/proxy/mesh.py`` (HBONE with mTLS
@@ -15,9 +15,10 @@ port (node2 only), ``l4`` the same pod on a port nothing declares (bytes over HB
 
 The client and the app speak h2c from prepared bytes (no ``h2``: its CPU per call would hide
 the proxies'): each client sends one unary call at a time, a header block encoded without the
-dynamic table and a 9-byte gRPC message; the app answers each request stream with a head, a
-message and trailers (``grpc-status: 0``). Both acknowledge SETTINGS and PING and open their
-windows wide at the start, so no flow control stalls them.
+dynamic table (with ``--deadline`` a ``grpc-timeout`` too) and a 9-byte gRPC message; the
+app answers each request stream with a head, a message and trailers (``grpc-status: 0``).
+Both acknowledge SETTINGS and PING and open their windows wide at the start, so no flow
+control stalls them.
 
 Prints the process CPU time per call of each measured round (after a warm-up) and the best;
 ``--callgrind`` as in ``bench_http_cpu``.
@@ -69,8 +70,10 @@ MESSAGE = b"\x00" + struct.pack(">I", 4) + b"ping"
 REPLY = b"\x00" + struct.pack(">I", 4) + b"pong"
 
 
-def request_head(authority: bytes) -> bytes:
-    return block(
+def request_head(authority: bytes, deadline: bool = False) -> bytes:
+    """A unary call's head; with ``deadline`` a ``grpc-timeout`` (10 s, as a client with a
+    deadline sends on every call: the source then keeps a deadline per call)."""
+    fields = [
         (b":method", b"POST"),
         (b":scheme", b"http"),
         (b":path", b"/nodemesh.bench.Echo/Unary"),
@@ -78,7 +81,10 @@ def request_head(authority: bytes) -> bytes:
         (b"content-type", b"application/grpc"),
         (b"te", b"trailers"),
         (b"user-agent", b"bench-grpc"),
-    )
+    ]
+    if deadline:
+        fields.append((b"grpc-timeout", b"10S"))
+    return block(*fields)
 
 
 RESPONSE_HEAD = block((b":status", b"200"), (b"content-type", b"application/grpc"))
@@ -139,9 +145,11 @@ class App(asyncio.Protocol):
 class Client(asyncio.Protocol):
     """``count`` unary calls, one at a time on one h2c connection; ``done`` after the last."""
 
-    def __init__(self, count: int, authority: bytes, done: asyncio.Future[None]) -> None:
+    def __init__(
+        self, count: int, authority: bytes, done: asyncio.Future[None], deadline: bool = False
+    ) -> None:
         self.left, self.done, self.stream = count, done, 1
-        self.head = request_head(authority)
+        self.head = request_head(authority, deadline)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -196,7 +204,7 @@ async def run(args: argparse.Namespace) -> list[float]:
             for _ in range(args.connections):
                 host, p = dst if args.path == "direct" else await _captured(mesh, dst)
                 finished: asyncio.Future[None] = loop.create_future()
-                client = Client(per_connection, authority, finished)
+                client = Client(per_connection, authority, finished, args.deadline)
                 made: Callable[[], Client] = lambda client=client: client  # noqa: E731
                 await loop.create_connection(made, host, p, local_addr=(CLIENT, 0))
                 done.append(finished)
@@ -214,6 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", choices=["vip", "pod", "l4", "direct"])
     parser.add_argument("--calls", type=int, default=4000, help="per measured round")
+    parser.add_argument("--deadline", action="store_true", help="grpc-timeout on every call")
     report(parser, run, "call")
 
 

@@ -26,7 +26,7 @@ import logging
 import socket
 from collections import Counter
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from h2.config import H2Configuration
@@ -43,6 +43,7 @@ from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from agent.policy.traffic.service import ServiceTraffic
+from agent.proxy.h2outbound import H2SourceSession
 from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
 from agent.telemetry.records import INBOUND, OUTBOUND
@@ -257,6 +258,74 @@ async def test_calls_to_an_open_endpoint_wake_no_task_of_the_session(mesh: Mesh)
         app.close()
     # A task per side woke at least once per call for the request and once for the answer.
     assert woken < calls, f"{woken} task wake-ups of the source session for {calls} calls"
+
+
+class _CountedTimers:
+    """An event loop as the session sees it, counting the timers it arms (``call_later``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, armed: list[float]) -> None:
+        self._real, self._armed = loop, armed
+
+    def call_later(self, delay: float, callback: Any, *args: Any, **kw: Any) -> Any:
+        self._armed.append(delay)
+        return self._real.call_later(delay, callback, *args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@mesh_test
+async def test_calls_with_deadlines_arm_no_timer_each(mesh: Mesh) -> None:
+    """gRPC calls one after another, each with a 10 s ``grpc-timeout``: the session keeps the
+    timer it armed for the first call's deadline (each later deadline is later; the timer
+    finds nothing due and is armed again then) instead of a cancel and a new timer per call.
+    The calls are answered, and a deadline still expires (the other tests of timeouts)."""
+    port = free_port(SERVER)
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        tx.put_service(
+            Service("front", "default", (VIP,), (grpc,), {"app": "server"}, (Endpoint(SERVER),))
+        )
+    app = await asyncio.start_server(_grpc_app, SERVER, port)
+    armed: list[float] = []
+    real_init = H2SourceSession.__init__
+
+    def counted_init(self: H2SourceSession, *args: Any, **kw: Any) -> None:
+        real_init(self, *args, **kw)
+        self._loop = cast(asyncio.AbstractEventLoop, _CountedTimers(self._loop, armed))
+
+    H2SourceSession.__init__ = counted_init  # type: ignore[method-assign]
+    try:
+        conn, reader, writer = await _client(mesh)
+        statuses = []
+        for _ in range(20):
+            sid = conn.get_next_available_stream_id()
+            head = [(":method", "POST"), (":scheme", "http"), (":authority", "front"),
+                    (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
+                    ("te", "trailers"), ("grpc-timeout", "10S")]  # fmt: skip
+            conn.send_headers(sid, head)
+            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+            writer.write(conn.data_to_send())
+            status, ended = "", False
+            while not ended:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data
+                for event in conn.receive_data(data):
+                    if isinstance(event, ResponseReceived | TrailersReceived):
+                        status = dict(event.headers).get("grpc-status", status)  # type: ignore[arg-type]
+                    elif isinstance(event, DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
+                writer.write(conn.data_to_send())
+            statuses.append(status)
+        writer.close()
+    finally:
+        H2SourceSession.__init__ = real_init  # type: ignore[method-assign]
+        app.close()
+    assert statuses == ["0"] * 20
+    assert len(armed) == 1, f"{len(armed)} timers armed for 20 calls"
 
 
 async def _calls(

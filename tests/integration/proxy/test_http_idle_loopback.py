@@ -153,3 +153,50 @@ async def test_an_h2_connection_gets_goaway_once_no_stream_is_open(mesh: Mesh) -
     (goaway,) = [e for e in events if isinstance(e, ConnectionTerminated)]
     assert (goaway.error_code, goaway.last_stream_id) == (ErrorCodes.NO_ERROR, sid)
     assert mesh.node1.core.registry.rejections["idle_timeout"] == 1
+
+
+@mesh_test
+async def test_an_h2_connections_idle_timeout_follows_a_policy_set_after_it_fell_idle(
+    mesh: Mesh,
+) -> None:
+    """The session keeps the Service's idle timeout while the snapshot is current: a policy
+    set after a first call left the connection idle without one applies from the next idle
+    period on (GOAWAY after the second call, none after the first)."""
+    port = free_port(SERVER)
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        endpoints = (Endpoint(SERVER),)
+        tx.put_service(Service("slow", "default", (GRPC_VIP,), (grpc,), {"app": "x"}, endpoints))
+    app = await asyncio.start_server(_slow_grpc_app, SERVER, port)
+    try:
+        reader, writer = await mesh.connect(CLIENT, (GRPC_VIP, 50051))
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        head = [(":method", "POST"), (":scheme", "http"), (":authority", "slow"),
+                (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
+                ("te", "trailers")]  # fmt: skip
+        events: list[object] = []
+        sids = []
+        for _ in range(2):
+            sid = conn.get_next_available_stream_id()
+            sids.append(sid)
+            conn.send_headers(sid, head)
+            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
+            writer.write(conn.data_to_send())
+            while not any(isinstance(e, StreamEnded) and e.stream_id == sid for e in events):
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, "the connection closed before the call's answer"
+                events += conn.receive_data(data)
+                writer.write(conn.data_to_send())
+            if len(sids) == 1:
+                await asyncio.sleep(2 * IDLE)  # idle, without a timeout: nothing happens
+                assert not any(isinstance(e, ConnectionTerminated) for e in events)
+                set_policies(mesh.store, policy("slow"))
+        while data := await asyncio.wait_for(reader.read(65536), 10):
+            events += conn.receive_data(data)
+        writer.close()
+    finally:
+        app.close()
+    (goaway,) = [e for e in events if isinstance(e, ConnectionTerminated)]
+    assert (goaway.error_code, goaway.last_stream_id) == (ErrorCodes.NO_ERROR, sids[1])
+    assert mesh.node1.core.registry.rejections["idle_timeout"] == 1

@@ -10,6 +10,7 @@ from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, valid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.proxy import h2headers
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from tests.fuzzing import fuzz_examples
 
@@ -164,3 +165,22 @@ def test_a_well_formed_block_comes_back_and_split_cookies_are_joined_last() -> N
     assert check_block(GRPC_CALL, Block.REQUEST) is GRPC_CALL
     split = [*GRPC_CALL[:4], (b"cookie", b"a=1"), *GRPC_CALL[4:], (b"cookie", b"b=2")]
     assert list(check_block(split, Block.REQUEST)) == [*GRPC_CALL, (b"cookie", b"a=1; b=2")]
+
+
+def test_names_seen_well_formed_are_kept_bounded_and_bad_ones_never() -> None:
+    """``check_block`` keeps the names that matched (not matched again), never one that did
+    not, and at most ``_GOOD_NAMES`` of them, each at most ``_GOOD_NAME_LENGTH`` bytes."""
+    h2headers._good_names.clear()
+    check_block([*GRPC_CALL, (b"x-a", b"1")], Block.REQUEST)
+    assert {b":method", b"content-type", b"x-a"} <= h2headers._good_names
+    with pytest.raises(MalformedHeaders):
+        check_block([*GRPC_CALL, (b"X-A", b"1")], Block.REQUEST)
+    assert b"X-A" not in h2headers._good_names
+    long = b"x" * (h2headers._GOOD_NAME_LENGTH + 1)
+    check_block([*GRPC_CALL, (long, b"1")], Block.REQUEST)
+    assert long not in h2headers._good_names
+    for i in range(h2headers._GOOD_NAMES + 10):
+        check_block([*GRPC_CALL, (b"x-%d" % i, b"1")], Block.REQUEST)
+    assert len(h2headers._good_names) == h2headers._GOOD_NAMES
+    with pytest.raises(MalformedHeaders):  # matched again once full: still refused
+        check_block([*GRPC_CALL, (b"X-B", b"1")], Block.REQUEST)

@@ -9,6 +9,8 @@ bytes."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from h2.exceptions import ProtocolError
 from hpack import (
@@ -18,7 +20,7 @@ from hpack import (
     HPACKError,
     NeverIndexedHeaderTuple,
 )
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.proxy import h2wire
@@ -187,3 +189,128 @@ def test_the_huffman_cache_is_bounded_per_connection() -> None:
         decoder.decode(encoder.encode([(b"grpc-timeout", b"%dm" % i)], huffman=True), raw=True)
         assert len(decoder.huffman_cache) <= h2wire._HUFFMAN_CACHE_SIZE
     assert decoder.huffman_cache and not other.huffman_cache
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0x00, 0x10, 0x40]),  # without, never, with indexing; a new name
+            st.binary(min_size=0, max_size=140),
+            st.binary(min_size=0, max_size=140),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(0, 12),
+)
+def test_plain_literals_sliced_in_place_are_hpacks(
+    literals: list[tuple[int, bytes, bytes]], cut: int
+) -> None:
+    """The strings ``LeanDecoder`` slices in place (not Huffman-coded, shorter than 127 bytes)
+    and those it reads through ``_string_at`` (127 and longer: a multi-byte length), also cut
+    short anywhere in the last field, decode and refuse as hpack's decoder does."""
+
+    def string(s: bytes) -> bytes:
+        if len(s) < 0x7F:
+            return bytes((len(s),)) + s
+        return b"\x7f" + bytes((len(s) - 0x7F,)) + s  # fits one continuation byte (< 128)
+
+    block = b"".join(bytes((kind,)) + string(n) + string(v) for kind, n, v in literals)
+    for sent in (block, block[: max(0, len(block) - cut)]):
+        theirs, ours = _pair()
+        assert _outcome(ours, sent) == _outcome(theirs, sent)
+
+
+# Few distinct fields, so that blocks repeat them: later blocks index what earlier ones added.
+few_fields = st.tuples(
+    st.sampled_from([b"a", b"grpc-status", b":status"]),
+    st.sampled_from([b"0", b"200", b"x" * 40]),
+    st.sampled_from([False, False, False, True]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(few_fields, min_size=1, max_size=3), st.booleans()),
+        min_size=1,
+        max_size=5,
+    ),
+    st.lists(st.binary(max_size=24), max_size=2),
+    st.lists(st.integers(0, 7), min_size=1, max_size=16),
+    st.sampled_from([0, 100, 4096, 4096]),
+)
+@example(  # a block of indexes kept, then the table moved under them
+    [([(b"a", b"0", False)], False)] * 2 + [([(b"grpc-status", b"200", False)], False)],
+    [],
+    [0, 1, 2, 1],
+    4096,
+)
+def test_blocks_sent_again_decode_as_hpack_decodes_them(
+    encoded: list[tuple[list[tuple[bytes, bytes, bool]], bool]],
+    garbage: list[bytes],
+    order: list[int],
+    table_size: int,
+) -> None:
+    """Blocks replayed in any order (``block_cache`` serves the repeats), between blocks that
+    add to the dynamic table, evict from it or update its size, whose indexes then name other
+    fields or nothing: each decodes, and is refused, as hpack's decoder does it, and the table
+    after is hpack's."""
+    encoder = Encoder()
+    encoder.header_table_size = table_size
+    pool = [encoder.encode([(n, v, s) for n, v, s in f], huffman) for f, huffman in encoded]
+    pool += garbage
+    theirs, ours = _pair()
+    for i in order:
+        block = pool[i % len(pool)]
+        assert _outcome(ours, block) == _outcome(theirs, block)
+
+
+def test_a_block_sent_again_is_not_decoded_again_and_its_fields_are_a_new_list() -> None:
+    decoder = LeanDecoder()
+    head = b"\x88" + b"\x00\x0bgrpc-status\x010"  # :status 200, a literal not indexed
+    first = list(decoder.decode(head, raw=True))
+    assert head in decoder.block_cache
+    first.append((b"x", b"y"))  # a caller's list is its own
+    assert list(decoder.decode(head, raw=True)) == [(b":status", b"200"), (b"grpc-status", b"0")]
+    decoder.decode(b"\x40\x01a\x01b", raw=True)  # adds to the table: the kept blocks go
+    assert not decoder.block_cache
+    decoder.decode(head, raw=True)
+    decoder.decode(b"\x20", raw=True)  # a table size update (to 0: evicts): they go too
+    assert not decoder.block_cache
+    secret = b"\x10\x0dauthorization\x03abc"  # never indexed: decoded each time, never kept
+    decoder.decode(secret, raw=True)
+    assert secret not in decoder.block_cache
+
+
+def test_the_block_cache_is_bounded_per_connection() -> None:
+    """Blocks made to cost the most memory once decoded (as many short literals as are kept,
+    up to the longest block kept), more of them than are kept: the cache holds at most
+    ``_BLOCK_CACHE_SIZE`` blocks and, with their fields, stays under 32 KiB; a block with more
+    fields than ``_BLOCK_CACHE_FIELDS`` or longer than ``_BLOCK_CACHE_BYTES`` is not kept."""
+    n = h2wire._BLOCK_CACHE_FIELDS
+    value_len = (h2wire._BLOCK_CACHE_BYTES - 8) // n - 4  # a literal with a 1-byte name
+
+    def block(i: int, fields: int = n) -> bytes:
+        value = b"%0*d" % (value_len, i)
+        return b"".join(b"\x00\x01" + bytes((97 + j % 26,)) + bytes((len(value),)) + value
+                        for j in range(fields))  # fmt: skip
+
+    decoder = LeanDecoder()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3 * h2wire._BLOCK_CACHE_SIZE):
+            decoder.decode(block(i), raw=True)
+            assert len(decoder.block_cache) <= h2wire._BLOCK_CACHE_SIZE
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(decoder.block_cache) == h2wire._BLOCK_CACHE_SIZE
+    assert all(len(k) <= h2wire._BLOCK_CACHE_BYTES for k in decoder.block_cache)
+    assert held < 32 * 1024, f"{held} bytes held by the block cache"
+    decoder.block_cache.clear()
+    decoder.decode(block(0, n + 1), raw=True)
+    decoder.decode(b"\x00\x01a\x7f\xd9\x03" + b"x" * 600, raw=True)  # a 600-byte value
+    assert not decoder.block_cache

@@ -93,6 +93,46 @@ def test_a_refused_request_that_filled_the_clients_table_leaves_the_pods_decoder
     assert w.proxy.take_rejections() == []
 
 
+class _RawBlocks:
+    """A client's HPACK encoder that sends the blocks given, byte for byte, one per head."""
+
+    def __init__(self, blocks: list[bytes]) -> None:
+        self.blocks = blocks
+        self.header_table_size = 4096  # what h2 sets from the relay's SETTINGS
+
+    def encode(self, _headers: object, huffman: bool = True) -> bytes:
+        return self.blocks.pop(0)
+
+
+def _literal(name: bytes, value: bytes, *, indexing: bool) -> bytes:
+    return bytes((0x40 if indexing else 0x00, len(name))) + name + bytes((len(value),)) + value
+
+
+def test_a_refused_request_that_inserted_the_newest_entry_again_leaves_the_pod_right() -> None:
+    """The client's table holds two entries; the denied request inserts the newest one's field
+    again, evicting the other: as many entries, the newest equal to the one before, so only a
+    count of changes tells the relay's copy moved. The pod never got that block: the relay
+    re-encodes the next request, which names the entry by index, and the pod reads what the
+    relay read and authorized (not the entry its own table still holds there)."""
+    w = Wire()
+
+    def head(path: bytes) -> bytes:
+        fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"s"),
+                  (b":path", path)]  # fmt: skip
+        return b"".join(_literal(n, v, indexing=False) for n, v in fields)
+
+    first = b"\x3f\x31" + head(b"/fine")  # a table of 80 bytes: two entries of 40
+    first += _literal(b"x-aa", b"1111", indexing=True) + _literal(b"x-bb", b"2222", indexing=True)
+    again = head(b"/denied") + _literal(b"x-bb", b"2222", indexing=True)
+    third = head(b"/fine/3") + b"\xbf"  # index 63: the older of the two entries
+    w.client.encoder = _RawBlocks([first, again, third])  # type: ignore[assignment]
+    for path in ("/fine", "/denied", "/fine/3"):
+        w.request(path)
+        w.run()
+    got = [(r[b":path"], r.get(b"x-aa"), r.get(b"x-bb")) for r in _pod_requests(w)]
+    assert got == [(b"/fine", b"1111", b"2222"), (b"/fine/3", None, b"2222")]
+
+
 def test_trailers_held_behind_data_are_re_encoded_and_later_blocks_stay_in_step() -> None:
     """Trailers that wait behind DATA the pod's window holds cannot go in the client's order:
     they are re-encoded without the table, and so is what follows (the client's later blocks

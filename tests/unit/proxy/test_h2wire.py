@@ -4,6 +4,7 @@ names the member, if an ``h2`` upgrade changes what the codec relies on."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
@@ -704,3 +705,26 @@ def test_receive_on_takes_whole_headers_and_data_without_h2s_frame_parsing(
         "RequestReceived", "DataReceived", "WindowUpdated", "DataReceived", "StreamEnded"
     ]  # fmt: skip
     assert parsed == ["WindowUpdateFrame"]
+
+
+@pytest.mark.parametrize("input_", h2wire._FAST_INPUTS)
+@pytest.mark.parametrize("state", list(h2.connection.ConnectionState))
+def test_connection_input_is_the_state_machines(
+    state: h2.connection.ConnectionState, input_: h2.connection.ConnectionInputs
+) -> None:
+    """``_connection_input`` (no look-up while the connection is open) leaves the connection
+    in the state, with the events or the refusal, that ``h2``'s machine gives, in every state."""
+
+    def outcome(call: Callable[[H2Connection], object]) -> object:
+        conn = H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.state_machine.state = state
+        try:
+            result: object = call(conn)
+        except h2.exceptions.ProtocolError as e:
+            result = ("refused", str(e))
+        return result, conn.state_machine.state
+
+    ours = outcome(lambda conn: h2wire._connection_input(conn, input_))
+    theirs = outcome(lambda conn: conn.state_machine.process_input(input_))
+    assert ours == theirs
+    assert h2wire._unchanged_in_open_states()

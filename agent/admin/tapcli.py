@@ -17,6 +17,10 @@ and keeps what started and finished between the start and the first answer. The 
 is printed only on a terminal, so a pipe gets request lines only (``-o json``: one JSON
 object per line, the access log's fields plus ``node``).
 
+Requests name workloads by their canonical name, so a pod's or a Service's name given to
+``--workload``/``--from``/``--to`` would match nothing and a follow would wait in silence: the
+first agent's ``/workloads`` and ``/services`` turn that into a warning naming the workload.
+
 One worker thread per agent long-polls it and queues what it gets; the main thread prints.
 Why threads: in the lab every agent's admin API is loopback inside its node's network
 namespace, and a thread can enter one namespace (``setns`` is per thread) and stay there, so
@@ -40,6 +44,7 @@ from urllib.parse import urlencode
 
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.base.resources import KINDS, WORKLOAD, ResourceError, split_resource
+from agent.telemetry.labels import CANONICAL_NAME_LABELS
 from agent.telemetry.tap import FilterError, RequestFilter
 
 POLL_WAIT = 5.0  # seconds an agent may hold a long-poll (the API allows up to 10)
@@ -137,11 +142,91 @@ def format_line(entry: Mapping[str, Any], node: str | None = None) -> str:
     return " ".join(cols).rstrip()
 
 
+def _canonical(workload: Mapping[str, Any]) -> str:
+    """A pod's workload name as requests carry it (``agent.telemetry.labels``)."""
+    labels = workload.get("labels") or {}
+    for key in CANONICAL_NAME_LABELS:
+        if value := labels.get(key):
+            return str(value)
+    return str(workload.get("name", ""))
+
+
+def _name_hint(
+    option: str,
+    wanted: str,
+    workloads: Sequence[Mapping[str, Any]],
+    services: Sequence[Mapping[str, Any]],
+) -> str | None:
+    """Why ``option wanted`` can match no request, or None when a workload has that name."""
+    namespace, _, name = wanted.rpartition("/")
+
+    def here(item: Mapping[str, Any]) -> bool:
+        return not namespace or item.get("namespace") == namespace
+
+    workload_of = {f"{w.get('namespace')}/{w.get('name')}": w for w in workloads}
+    if any(_canonical(w) == name and here(w) for w in workloads):
+        return None
+    problem = f"{option} {wanted}: no workload of that name, so no request will match"
+    pods = [w for w in workloads if w.get("name") == name and here(w)]
+    if pods:
+        owner = _canonical(pods[0])
+        return (
+            f"{problem}; pod {name} is in workload {pods[0].get('namespace')}/{owner} "
+            f"(requests name the workload): use {option} {owner}"
+        )
+    for service in services:
+        if service.get("name") == name and here(service):
+            owners = sorted(
+                {
+                    _canonical(workload_of[e["workload"]])
+                    for e in service.get("endpoints") or ()
+                    if e.get("workload") in workload_of
+                }
+            )
+            if owners:
+                return (
+                    f"{problem}; Service {service.get('namespace')}/{name} sends to workload "
+                    f"{', '.join(owners)}: use {option} {owners[0]}"
+                )
+    known = sorted({f"{w.get('namespace')}/{_canonical(w)}" for w in workloads})
+    return f"{problem}; workloads: {', '.join(known) or '(none)'}"
+
+
+def name_hints(
+    selected: RequestFilter,
+    workloads: Sequence[Mapping[str, Any]],
+    services: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    """What is wrong with the filter's workload names, given the agent's ``/workloads`` and
+    ``/services``. Requests carry a workload's canonical name (``server`` for pods
+    ``server-0``/``server-1``), not a pod's or a Service's: naming those matches nothing, and
+    a follow would wait in silence. A warning, not a refusal: a workload may appear later."""
+    named = (
+        ("--workload", selected.workload),
+        ("--from", selected.source),
+        ("--to", selected.destination),
+    )
+    hints = (_name_hint(o, v, workloads, services) for o, v in named if v is not None)
+    return [h for h in hints if h is not None]
+
+
 @dataclass
 class _Got:
     agent: str
     answer: dict[str, Any] | None = None
     error: str | None = None
+    hints: list[str] | None = None
+
+
+def _hints(agent: Agent, selected: RequestFilter, timeout: float) -> _Got:
+    """The filter's name hints from this agent's state (none when it cannot be read: the
+    request that follows reports that)."""
+    try:
+        workloads = request(agent.address, "/workloads", timeout=timeout)["workloads"]
+        services = request(agent.address, "/services", timeout=timeout)["services"]
+    except (AdminError, OSError, KeyError, TypeError):
+        return _Got(agent.name, hints=[])
+    return _Got(agent.name, hints=name_hints(selected, workloads, services))
 
 
 def _worker(
@@ -151,10 +236,13 @@ def _worker(
     timeout: float,
     out: queue.Queue[_Got],
     stop: threading.Event,
+    check_names: bool = False,
 ) -> None:
     try:
         if agent.enter is not None:
             agent.enter()
+        if check_names:
+            out.put(_hints(agent, selected, timeout))
         answer = request(agent.address, requests_path(selected, None, 0), timeout=timeout)
         out.put(_Got(agent.name, answer))
         while follow and not stop.is_set():
@@ -188,10 +276,12 @@ def tap(
     got: queue.Queue[_Got] = queue.Queue()
     stop = threading.Event()
     with_node = len(agents) > 1
-    for agent in agents:
+    names = selected.workload or selected.source or selected.destination
+    for i, agent in enumerate(agents):
         threading.Thread(
             target=_worker,
-            args=(agent, selected, follow, timeout, got, stop),
+            # every agent holds the whole cluster's workloads: the first one's state will do
+            args=(agent, selected, follow, timeout, got, stop, bool(names) and i == 0),
             name=f"tap-{agent.name}",
             daemon=True,  # a long-poll in flight must not hold the exit
         ).start()
@@ -205,6 +295,10 @@ def tap(
         while alive and (follow or pending):
             item = got.get()
             entries: list[tuple[str, dict[str, Any]]] = []
+            if item.hints is not None:
+                for hint in item.hints:
+                    print(f"nodemesh requests: warning: {hint}", file=err, flush=True)
+                continue
             if item.error is not None or item.answer is None:
                 print(f"nodemesh requests: {item.agent}: {item.error}", file=err, flush=True)
                 status = 1

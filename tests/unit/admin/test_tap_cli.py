@@ -15,7 +15,7 @@ import pytest
 
 from agent.admin.api import AdminApi
 from agent.admin.cli import format_connections
-from agent.admin.tapcli import Agent, format_header, format_line, tap
+from agent.admin.tapcli import Agent, format_header, format_line, name_hints, tap
 from agent.base.http import HttpServer, Request
 from agent.cli import main
 from agent.config import ConfigError, add_arguments, from_args
@@ -153,6 +153,50 @@ def test_filters(
 ) -> None:
     code, lines, _ = run(capsys, "requests", "--admin", served.address, "--once", *args)
     assert code == 0 and [path for _, path, _ in columns(lines)] == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "warning"),
+    [
+        (
+            ["--to", "server-0"],
+            "--to server-0: no workload of that name, so no request will "
+            "match; pod server-0 is in workload default/server (requests name the workload): use "
+            "--to server",
+        ),
+        (
+            ["deploy/nosuch"],
+            "--workload nosuch: no workload of that name, so no request will "
+            "match; workloads: default/client, default/server",
+        ),
+        (["--from", "jobs/client"], "--from jobs/client: no workload of that name"),
+        (["--to", "default/server", "--from", "client"], None),
+    ],
+)
+def test_a_workload_name_that_matches_nothing_is_explained(
+    args: list[str], warning: str | None, served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Requests carry canonical workload names (``server`` for pods server-0/1): a pod's or
+    a Service's name would match nothing in silence, and a follow would wait for ever."""
+    code, _, err = run(capsys, "requests", "--admin", served.address, "--once", *args)
+    assert code == 0
+    if warning is None:
+        assert err == ""
+    else:
+        assert err.startswith(f"nodemesh requests: warning: {warning}")
+
+
+def test_a_service_name_points_to_the_workload_behind_it() -> None:
+    workloads = [{"name": "web-7f9c", "namespace": "shop", "labels": {"app": "web"}}]
+    services = [
+        {"name": "frontend", "namespace": "shop", "endpoints": [{"workload": "shop/web-7f9c"}]}
+    ]
+    hints = name_hints(RequestFilter(destination="shop/frontend"), workloads, services)
+    assert hints == [
+        "--to shop/frontend: no workload of that name, so no request will match; Service "
+        "shop/frontend sends to workload web: use --to web"
+    ]
+    assert name_hints(RequestFilter(workload="web"), workloads, services) == []
 
 
 def test_json_lines_are_the_access_log_fields(

@@ -288,7 +288,8 @@ def annotate(lab: str, pod: str, changes: Iterable[str], *, state_root: str | No
                         else:
                             p["annotations"][key] = value
                     return
-        raise LabError(f"no pod {namespace}/{name} in lab {lab}")
+        known = ", ".join(f"{p['namespace']}/{p['name']}" for n in data["nodes"] for p in n["pods"])
+        raise LabError(f"no pod {namespace}/{name} in lab {lab}; known: {known}")
 
     try:
         _edit(lab, change, state_root)

@@ -121,7 +121,7 @@ def test_annotate_changes_membership_in_the_cluster_file(recorded: str) -> None:
         "pod default/client: annotation nodemesh.io/mesh: 'maybe' is not allowed: use enabled"
         " or disabled; nothing was changed"
     )
-    with pytest.raises(LabError, match="no pod default/ghost"):
+    with pytest.raises(LabError, match="no pod default/ghost in lab unit; known: default/client,"):
         control.annotate("unit", "ghost", ["a=b"], state_root=recorded)
     with pytest.raises(LabError, match="KEY=VALUE"):
         control.annotate("unit", "client", ["novalue"], state_root=recorded)

@@ -352,7 +352,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="HOST:PORT",
         help=f"the agent's admin API (default {DEFAULT_ADMIN})",
     )
-    common.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    common.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table (default) or the admin API endpoint's JSON (stable field names)",
+    )
     common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
     for name, (_path, help_text, _fmt) in COMMANDS.items():
         p = subparsers.add_parser(name, parents=[common], help=help_text, description=help_text)

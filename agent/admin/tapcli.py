@@ -423,7 +423,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="exit after printing N requests (with --live: N new ones)",
     )
-    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table (default) or json: one access-log object per line, plus node",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
 

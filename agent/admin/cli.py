@@ -101,13 +101,15 @@ def format_connections(data: Mapping[str, Any]) -> str:
             human_bytes(c["bytes_received"]),
             f"{c['duration_ms'] / 1000:.0f}s",
             _requests(c),
+            # which replica and port: a Service's connections differ only there
+            c.get("upstream_address") or c["destination_address"],
         ]
         for c in data["connections"]
     ]
     if not rows:
         return "no open connections"
     headers = ["DIR", "SOURCE", "DESTINATION", "SECURITY", "SENT", "RECEIVED", "AGE", "REQUESTS"]
-    return render(headers, rows)
+    return render([*headers, "UPSTREAM"], rows)
 
 
 def _requests(c: Mapping[str, Any]) -> str:

@@ -389,9 +389,9 @@ def test_the_api_refuses_bad_queries(query: dict[str, str], message: str) -> Non
 def test_connections_show_http_request_counts() -> None:
     http = {**live_connection(), "protocol": "http/1.1", "requests": 12}
     table = format_connections({"connections": [live_connection(), http]})
-    assert table.splitlines()[0].split()[-1] == "REQUESTS"
-    assert table.splitlines()[1].split()[-1] == "-"
-    assert table.splitlines()[2].split()[-2:] == ["http/1.1", "12"]
+    assert table.splitlines()[0].split()[-2:] == ["REQUESTS", "UPSTREAM"]
+    assert table.splitlines()[1].split()[-2:] == ["-", "10.244.2.2:8080"]
+    assert table.splitlines()[2].split()[-3:] == ["http/1.1", "12", "10.244.2.2:8080"]
 
 
 @pytest.mark.parametrize("rate", ["2", "-1", "nan"])

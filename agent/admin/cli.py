@@ -242,13 +242,13 @@ def format_routes(data: Mapping[str, Any]) -> str:
                  p["accepted"]["reason"], p["resolved_refs"]["reason"], why]
             )  # fmt: skip
         if "error" in r:
-            rows.append([route, "-", "refused", "-", "-", r["error"]])
+            rows.append([route, "-", "-", "refused", "-", "-", r["error"]])
         for rule in r.get("rules", []):
             weights = sum(b["weight"] for b in rule["backends"]) or 1
             sent = sum(b["requests"] for b in rule["backends"]) or 1
             for b in rule["backends"]:
                 rows.append(
-                    [route, rule["index"], f"{b['service']}:{b['port']}",
+                    [route, rule["index"], rule.get("match", "-"), f"{b['service']}:{b['port']}",
                      f"{b['weight']} ({100 * b['weight'] / weights:.0f}%)",
                      f"{b['requests']} ({100 * b['requests'] / sent:.0f}%)",
                      "-" if b["resolved"] else "unresolved"]
@@ -258,7 +258,7 @@ def format_routes(data: Mapping[str, Any]) -> str:
     return "\n\n".join(
         [
             render(["ROUTE", "PARENT", "PORTS", "ACCEPTED", "RESOLVEDREFS", "MESSAGE"], parents),
-            render(["ROUTE", "RULE", "BACKEND", "WEIGHT", "REQUESTS", "NOTE"], rows),
+            render(["ROUTE", "RULE", "MATCH", "BACKEND", "WEIGHT", "REQUESTS", "NOTE"], rows),
         ]
     )
 

@@ -175,8 +175,8 @@ def _annotate(args: argparse.Namespace) -> int:
 def _apply(args: argparse.Namespace) -> int:
     manifests = _manifests(args.file)
     source = "<stdin>" if args.file == "-" else args.file
-    control.apply(args.name, manifests, source=source)
-    print(f"applied {len(manifests)} object(s) to lab {args.name}")
+    for line in control.apply(args.name, manifests, source=source):
+        print(line)
     for i, m in enumerate(manifests, 1):
         if isinstance(m.get("spec"), Mapping):
             meta = m.get("metadata") or {}

@@ -337,14 +337,17 @@ def apply(
     *,
     state_root: str | None = None,
     source: str = "the manifests",
-) -> None:
+) -> list[str]:
     """Create or replace policies, routes and Services (matched by kind, namespace and name;
-    a ``v1`` Service manifest becomes the cluster document's ``services`` entry).
+    a ``v1`` Service manifest becomes the cluster document's ``services`` entry). Returns a
+    line per object, as ``kubectl apply`` prints: ``created``, ``configured`` or
+    ``unchanged``, and a Service's VIP (assigned here: its clients need to know it).
 
     All or nothing: an invalid object leaves the cluster file as it was. The error names the
     object as the user wrote it (``source``, the document number, kind and name, the field in
     the manifest), not its place in the lab's merged cluster file, which the user never saw."""
     keys = {_policy_key(m) for m in manifests}
+    before: dict[tuple[str, str, str], Any] = {}
     placed: dict[str, int] = {}  # "policies[3]" in the merged document -> index in manifests
 
     def place(section: str, first: int) -> None:
@@ -356,6 +359,7 @@ def apply(
                 at += 1
 
     def change(data: dict[str, Any]) -> None:
+        before.update(_objects(data))
         for section in ("policies", "routes"):
             kept = [p for p in data.get(section, []) if _policy_key(p) not in keys]
             added = [dict(m) for m in manifests if _section(m) == section]
@@ -378,9 +382,25 @@ def apply(
             assign_cluster_ips(data)  # a new one gets a VIP its clients can dial
 
     try:
-        _edit(lab, change, state_root)
+        doc = _edit(lab, change, state_root)
     except DocumentError as e:
         raise _in_manifests(e, lab, source, manifests, placed) from e
+    after = _objects(doc.to_mapping())
+    lines = []
+    for key in dict.fromkeys(_policy_key(m) for m in manifests):
+        old, new = before.get(key), after[key]
+        outcome = "created" if old is None else "unchanged" if old == new else "configured"
+        vip = f" (clusterIP {new['clusterIP']})" if key[0] == "Service" else ""
+        lines.append(f"{key[0]} {key[1]}/{key[2]} {outcome}{vip}")
+    return lines
+
+
+def _objects(data: Mapping[str, Any]) -> dict[tuple[str, str, str], Any]:
+    """The cluster document's objects a manifest can name, by (kind, namespace, name)."""
+    objects = {_policy_key(p): p for s in ("policies", "routes") for p in data.get(s) or ()}
+    for s in data.get("services") or ():
+        objects[("Service", s.get("namespace") or "default", str(s["name"]))] = s
+    return objects
 
 
 _MERGED_PATH = re.compile(r"((?:policies|routes|services)\[\d+\])\.?(.*)")

@@ -102,8 +102,11 @@ def _upgrade(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    control.down(args.name)
-    print(f"lab {args.name} removed")
+    if control.down(args.name):
+        print(f"lab {args.name} removed")
+    else:
+        up = ", ".join(control.labs_up()) or "none"
+        print(f"lab {args.name} was not up: nothing to remove (labs up: {up})")
     return 0
 
 

@@ -75,19 +75,23 @@ def up(
     return plan
 
 
-def down(lab: str, *, state_root: str | None = None) -> None:
-    """Remove lab ``lab`` entirely; does nothing for a lab that does not exist."""
+def down(lab: str, *, state_root: str | None = None) -> bool:
+    """Remove lab ``lab`` entirely; does nothing for a lab that does not exist. Whether there
+    was anything to remove: ``lab down --name walkk`` must not say it removed lab walkk while
+    the lab walk the user meant is still up."""
     labdir = labdir_of(lab, state_root)
     plan = labdir.read_plan()
     pin_dirs = set(glob.glob(f"{PIN_ROOT}/{lab}-*"))
     if plan is not None:
         pin_dirs |= {n.pin_dir for n in plan.nodes}
+    found = labdir.exists() or bool(build.lab_netns(lab)) or any(map(os.path.exists, pin_dirs))
     build.teardown(
         lab,
         pids=list(labdir.pids().values()),
         pin_dirs=sorted(pin_dirs),
         state_dir=str(labdir.path),
     )
+    return found
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,15 @@ def _with_option(argv: tuple[str, ...], option: str, value: str) -> tuple[str, .
         i = argv.index(option)
         return (*argv[: i + 1], value, *argv[i + 2 :])
     return (*argv, option, value)
+
+
+def labs_up(state_root: str | None = None) -> list[str]:
+    """The labs recorded under the state root (those ``lab down`` would remove)."""
+    root = labdir_of("x", state_root).root
+    try:
+        return sorted(n for n in os.listdir(root) if LabDir(n, root).read_plan() is not None)
+    except FileNotFoundError:
+        return []
 
 
 def labdir_of(lab: str, state_root: str | None = None) -> LabDir:

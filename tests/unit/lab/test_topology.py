@@ -97,6 +97,21 @@ def recorded(tmp_path: Path) -> str:
     return str(tmp_path)
 
 
+def test_down_says_when_there_was_no_such_lab(
+    recorded: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped name must not read as if the lab the user meant was removed."""
+    monkeypatch.setattr(
+        control, "labdir_of", lambda lab, state_root=None: LabDir(lab, state_root or recorded)
+    )
+    assert control.labs_up() == ["unit"]
+    assert main(["lab", "down", "--name", "unitt"]) == 0
+    assert capsys.readouterr().out == "lab unitt was not up: nothing to remove (labs up: unit)\n"
+    assert main(["lab", "down", "--name", "unit"]) == 0
+    assert capsys.readouterr().out == "lab unit removed\n"
+    assert control.labs_up() == [] and control.down("unit") is False
+
+
 POLICY = {
     "apiVersion": "nodemesh.io/v1alpha1",
     "kind": "PeerAuthentication",

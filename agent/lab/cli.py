@@ -194,8 +194,8 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _delete(args: argparse.Namespace) -> int:
     manifests = _manifests(args.file)
-    control.delete(args.name, manifests)
-    print(f"deleted {len(manifests)} object(s) from lab {args.name}")
+    for line in control.delete(args.name, manifests):
+        print(line)
     return 0
 
 

@@ -443,9 +443,11 @@ def _in_manifests(
     return DocumentError(source, where, f"{error.problem}; {kept}")
 
 
-def delete(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
+def delete(
+    lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None
+) -> list[str]:
     """Remove policies, routes and Services (matched by kind, namespace and name); every one
-    must exist."""
+    must exist. Returns a line per object, as ``kubectl delete`` prints them."""
     keys = [_policy_key(m) for m in manifests]
 
     def change(data: dict[str, Any]) -> None:
@@ -469,3 +471,4 @@ def delete(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | No
                 data[section] = [p for p in data[section] if _policy_key(p) not in set(keys)]
 
     _edit(lab, change, state_root)
+    return [f"{kind} {ns}/{name} deleted" for kind, ns, name in dict.fromkeys(keys)]

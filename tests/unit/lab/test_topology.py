@@ -344,7 +344,11 @@ def test_apply_creates_and_replaces_services_for_route_backends(recorded: str) -
     assert len(endpoints["web-v1"]) == len(endpoints["web-v2"]) == 1
     with pytest.raises(DocumentError, match=r"document 1 \(Service default/web-v3\): spec\.ports"):
         control.apply("unit", [_service("web-v3", "v3", {"port": 0})], state_root=recorded)
-    control.delete("unit", [split, v1, v2], state_root=recorded)
+    assert control.delete("unit", [split, v1, v2], state_root=recorded) == [
+        "HTTPRoute default/web-split deleted",
+        "Service default/web-v1 deleted",
+        "Service default/web-v2 deleted",
+    ]
     assert {s.name for s in labdir.read_cluster().services} == {"server", "web", "grpc"}
     with pytest.raises(LabError, match="Service default/web-v1 not found"):
         control.delete("unit", [v1], state_root=recorded)

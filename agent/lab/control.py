@@ -12,6 +12,7 @@ reach them through the API server in a cluster.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 import logging
 import os
@@ -34,6 +35,7 @@ from agent.lab.topology import (
     plan_lab,
 )
 from agent.policy.routes import ROUTE_KINDS
+from agent.policy.schema import POLICY_KINDS
 from agent.policy.warnings import unknown_annotation
 from agent.sources.document import ClusterDocument, parse_document
 from agent.sources.fields import DocumentError
@@ -359,6 +361,7 @@ def apply(
     All or nothing: an invalid object leaves the cluster file as it was. The error names the
     object as the user wrote it (``source``, the document number, kind and name, the field in
     the manifest), not its place in the lab's merged cluster file, which the user never saw."""
+    _check_kinds(lab, source, manifests)
     keys = {_policy_key(m) for m in manifests}
     before: dict[tuple[str, str, str], Any] = {}
     placed: dict[str, int] = {}  # "policies[3]" in the merged document -> index in manifests
@@ -406,6 +409,40 @@ def apply(
         vip = f" (clusterIP {new['clusterIP']})" if key[0] == "Service" else ""
         lines.append(f"{key[0]} {key[1]}/{key[2]} {outcome}{vip}")
     return lines
+
+
+# What ``lab apply`` takes, by API group, as its error lists them.
+APPLY_KINDS = {
+    **dict.fromkeys(POLICY_KINDS, "nodemesh.io/v1alpha1"),
+    **dict.fromkeys(ROUTE_KINDS, "gateway.networking.k8s.io/v1"),
+    "Service": "v1",
+}
+
+
+def _check_kinds(lab: str, source: str, manifests: list[Mapping[str, Any]]) -> None:
+    """Refuse a mistyped kind as such. Otherwise an ``HTTPRoue`` or a ``Servce`` is taken for a
+    nodemesh policy, and its error blames the apiVersion, which was right. A kind far from
+    every known one (Istio's ``VirtualService``) is left to the schema, whose error says what
+    replaces it."""
+    for i, m in enumerate(manifests, 1):
+        kind = str(m.get("kind"))
+        if kind in APPLY_KINDS:
+            continue
+        close = difflib.get_close_matches(kind, APPLY_KINDS, n=1, cutoff=0.75)
+        version = str(m.get("apiVersion"))
+        misread = version == "v1" or version.startswith("gateway.networking.k8s.io/")
+        if not close and not misread:
+            continue
+        meta = m.get("metadata") or {}
+        where = f"document {i} ({kind} {meta.get('namespace') or 'default'}/{meta.get('name')})"
+        hint = f"did you mean {close[0]}? " if close else ""
+        kinds = ", ".join(f"{k} ({group})" for k, group in APPLY_KINDS.items())
+        raise DocumentError(
+            source,
+            f"{where}: kind",
+            f"{kind!r} is not a kind lab apply takes; {hint}use one of {kinds}; "
+            f"nothing was applied; lab {lab} keeps its previous objects",
+        )
 
 
 def _objects(data: Mapping[str, Any]) -> dict[tuple[str, str, str], Any]:

@@ -218,6 +218,36 @@ def test_a_refused_apply_names_the_users_file_and_document_and_keeps_the_old_ver
         control.apply("unit", [bad_port], state_root=recorded, source="svc.yaml")
 
 
+@pytest.mark.parametrize(
+    ("api_version", "kind", "message"),
+    [
+        (
+            "gateway.networking.k8s.io/v1",
+            "HTTPRoue",
+            "'HTTPRoue' is not a kind lab apply takes; "
+            "did you mean HTTPRoute? use one of AuthorizationPolicy (nodemesh.io/v1alpha1), ",
+        ),
+        ("v1", "Servce", "did you mean Service?"),
+        ("v1", "ConfigMap", "'ConfigMap' is not a kind lab apply takes; use one of "),
+        ("nodemesh.io/v1alpha1", "TraficPolicy", "did you mean TrafficPolicy?"),
+        # far from every kind: the schema's own word (what replaces Istio's object)
+        ("networking.istio.io/v1", "VirtualService", "does not read Istio's networking objects"),
+    ],
+)
+def test_apply_names_a_mistyped_kind_not_the_api_version(
+    recorded: str, api_version: str, kind: str, message: str
+) -> None:
+    """A typo in ``kind`` must not read as a wrong ``apiVersion`` (which was right)."""
+    manifest = {"apiVersion": api_version, "kind": kind, "metadata": {"name": "x"}, "spec": {}}
+    before = LabDir("unit", recorded).cluster_file.read_text()
+    with pytest.raises(DocumentError) as refused:
+        control.apply("unit", [POLICY, manifest], state_root=recorded, source="k.yaml")
+    assert message in str(refused.value)
+    assert str(refused.value).startswith(f"k.yaml: document 2 ({kind} default/x): ")
+    assert str(refused.value).endswith("nothing was applied; lab unit keeps its previous objects")
+    assert LabDir("unit", recorded).cluster_file.read_text() == before  # POLICY not applied
+
+
 def test_apply_warns_of_values_that_never_match(
     recorded: str,
     tmp_path: Path,

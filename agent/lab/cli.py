@@ -171,7 +171,7 @@ def _exec(args: argparse.Namespace) -> int:
 
 
 def _annotate(args: argparse.Namespace) -> int:
-    control.annotate(args.name, args.pod, args.changes)
+    print(control.annotate(args.name, args.pod, args.changes))
     return 0
 
 

@@ -274,8 +274,11 @@ def _edit(
     return doc
 
 
-def annotate(lab: str, pod: str, changes: Iterable[str], *, state_root: str | None = None) -> None:
-    """``KEY=VALUE`` sets, ``KEY-`` removes an annotation of pod ``name`` or ``ns/name``."""
+def annotate(lab: str, pod: str, changes: Iterable[str], *, state_root: str | None = None) -> str:
+    """``KEY=VALUE`` sets, ``KEY-`` removes an annotation of pod ``name`` or ``ns/name``.
+    Returns what to tell the user, as ``kubectl annotate`` does, with the pod's annotations
+    as they now are (a removal of a key that was not set is no error, and shows so)."""
+    now: dict[str, str] = {}
     parsed: list[tuple[str, str | None]] = []
     for item in changes:
         if item.endswith("-") and "=" not in item:
@@ -302,12 +305,15 @@ def annotate(lab: str, pod: str, changes: Iterable[str], *, state_root: str | No
                             p["annotations"].pop(key, None)
                         else:
                             p["annotations"][key] = value
+                    now.update(p["annotations"])
                     return
         known = ", ".join(f"{p['namespace']}/{p['name']}" for n in data["nodes"] for p in n["pods"])
         raise LabError(f"no pod {namespace}/{name} in lab {lab}; known: {known}")
 
     try:
         _edit(lab, change, state_root)
+        listed = ", ".join(f"{k}={v}" for k, v in sorted(now.items())) or "none"
+        return f"pod {namespace}/{name} annotated; its annotations now: {listed}"
     except DocumentError as e:
         annotation = e.path.partition(".annotations.")[2]
         if not annotation:

@@ -126,9 +126,11 @@ def _meshed(root: str) -> dict[str, bool]:
 
 def test_annotate_changes_membership_in_the_cluster_file(recorded: str) -> None:
     assert _meshed(recorded)["outsider"] is False
-    control.annotate("unit", "outsider", ["nodemesh.io/mesh=enabled"], state_root=recorded)
+    said = control.annotate("unit", "outsider", ["nodemesh.io/mesh=enabled"], state_root=recorded)
+    assert said == "pod default/outsider annotated; its annotations now: nodemesh.io/mesh=enabled"
     assert _meshed(recorded)["outsider"] is True
-    control.annotate("unit", "default/client", ["nodemesh.io/mesh-"], state_root=recorded)
+    said = control.annotate("unit", "default/client", ["nodemesh.io/mesh-"], state_root=recorded)
+    assert said == "pod default/client annotated; its annotations now: none"
     assert _meshed(recorded)["client"] is False
     with pytest.raises(LabError) as refused:  # named as written, not by its place in the file
         control.annotate("unit", "client", ["nodemesh.io/mesh=maybe"], state_root=recorded)

@@ -2,7 +2,8 @@
 
 Like ``linkerd viz tap``: one line per finished request (time, direction, source and
 destination workloads, method, path, status, response flags, duration, the pod address it
-went to), filtered by workload (either side, ``--from``, ``--to``), method, path prefix,
+went to), filtered by workload (either side, ``--from``, ``--to``), the Service the requests
+were sent to (``svc/web``, ``--to svc/web``), method, path prefix,
 status (``404`` or ``5xx``) and gRPC status (``--grpc-status NOT_FOUND``, ``5`` or ``error``).
 The filter travels to the agent (``/requests``, ``agent.admin.tap``), so only matching
 requests cross the admin connection.
@@ -206,7 +207,16 @@ def name_hints(
         ("--from", selected.source),
         ("--to", selected.destination),
     )
-    hints = (_name_hint(o, v, workloads, services) for o, v in named if v is not None)
+    hints = [_name_hint(o, v, workloads, services) for o, v in named if v is not None]
+    if selected.service is not None:
+        namespace, _, name = selected.service.rpartition("/")
+        known = sorted(f"{s.get('namespace')}/{s.get('name')}" for s in services)
+        if not any(k.endswith(f"/{name}") and (not namespace or k == f"{namespace}/{name}")
+                   for k in known):  # fmt: skip
+            hints.append(
+                f"svc/{selected.service}: no Service of that name, so no request will match; "
+                f"Services: {', '.join(known) or '(none)'}"
+            )
     return [h for h in hints if h is not None]
 
 
@@ -276,7 +286,7 @@ def tap(
     got: queue.Queue[_Got] = queue.Queue()
     stop = threading.Event()
     with_node = len(agents) > 1
-    names = selected.workload or selected.source or selected.destination
+    names = selected.workload or selected.source or selected.destination or selected.service
     for i, agent in enumerate(agents):
         threading.Thread(
             target=_worker,
@@ -338,48 +348,59 @@ def tap(
     return status
 
 
-def _workload_of(args: argparse.Namespace) -> str | None:
-    """The workload filter: ``--workload``, or Linkerd's ``RESOURCE`` (``deploy/web``), in
-    ``-n``'s namespace when it names none."""
-    workload = _side("--workload", args.workload)
-    if args.resource is not None:
-        try:
-            kind, name = split_resource(args.resource)
-        except ResourceError as e:
-            raise FilterError(str(e)) from e
-        if kind != WORKLOAD or name is None:
-            raise FilterError(
-                f"{args.resource}: name a workload as TYPE/NAME (deploy/web); requests are "
-                "filtered by workload, a Service's by its workload (--to) or its paths (--path)"
-            )
-        if workload is not None:
-            raise FilterError(f"{args.resource} and --workload {workload}: give one of them")
-        workload = name
-    if args.namespace is not None:
-        if workload is None:
-            raise FilterError(f"-n {args.namespace}: name the workload too (deploy/web -n NS)")
-        if "/" not in workload:
-            workload = f"{args.namespace}/{workload}"
-    return workload
+def _resource(text: str) -> tuple[str, str]:
+    """Linkerd's ``TYPE/NAME`` (``deploy/web``, ``svc/web``): (WORKLOAD or SERVICE, name)."""
+    try:
+        kind, name = split_resource(text)
+    except ResourceError as e:
+        raise FilterError(str(e)) from e
+    if name is None:
+        raise FilterError(f"{text}: name one as TYPE/NAME (deploy/web, svc/web)")
+    return kind, name
+
+
+def _in_namespace(name: str | None, namespace: str | None) -> str | None:
+    return f"{namespace}/{name}" if name and namespace and "/" not in name else name
 
 
 def _side(option: str, text: str | None) -> str | None:
-    """``--from``/``--to`` as given, or Linkerd's ``deploy/web`` as the workload ``web``: a
-    ``TYPE/`` that is a resource word would otherwise be read as a namespace and match
+    """``--from``/``--workload`` as given, or Linkerd's ``deploy/web`` as the workload ``web``:
+    a ``TYPE/`` that is a resource word would otherwise be read as a namespace and match
     nothing, silently."""
     if text is None or text.partition("/")[0].lower() not in KINDS:
         return text
-    kind, name = split_resource(text)
-    if kind != WORKLOAD or name is None:
-        raise FilterError(f"{option} {text}: name a workload ([NS/]NAME or deploy/NAME)")
+    kind, name = _resource(text)
+    if kind != WORKLOAD:
+        raise FilterError(
+            f"{option} {text}: name a workload ([NS/]NAME or deploy/NAME); a Service is what a "
+            "request was sent to: TYPE/NAME or --to svc/NAME"
+        )
     return name
 
 
 def filter_from_args(args: argparse.Namespace) -> RequestFilter:
+    """The filter of the command line. Linkerd's resources: ``deploy/web`` (or
+    ``--workload``) is either side's workload, ``svc/web`` (or ``--to svc/web``) the Service the
+    requests were sent to, as ``linkerd viz tap svc/web`` taps what goes to it; ``-n`` is the
+    namespace of the one given without its own."""
+    workload, service = _side("--workload", args.workload), None
+    destination = args.destination
+    if destination is not None and destination.partition("/")[0].lower() in KINDS:
+        kind, name = _resource(destination)
+        destination, service = (name, None) if kind == WORKLOAD else (None, name)
+    if args.resource is not None:
+        kind, name = _resource(args.resource)
+        given = f"--workload {workload}" if kind == WORKLOAD else f"--to svc/{service}"
+        if (workload if kind == WORKLOAD else service) is not None:
+            raise FilterError(f"{args.resource} and {given}: give one of them")
+        workload, service = (name, service) if kind == WORKLOAD else (workload, name)
+    if args.namespace is not None and workload is None and service is None:
+        raise FilterError(f"-n {args.namespace}: name the workload too (deploy/web -n NS)")
     return RequestFilter(
-        workload=_workload_of(args),
+        workload=_in_namespace(workload, args.namespace),
         source=_side("--from", args.source),
-        destination=_side("--to", args.destination),
+        destination=destination,
+        service=_in_namespace(service, args.namespace),
         method=args.method,
         path=args.path,
         status=args.status,
@@ -393,12 +414,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "resource",
         nargs="?",
         metavar="TYPE/NAME",
-        help="as linkerd viz tap: either side is this workload (deploy/web, sts/db, ds/x)",
+        help="as linkerd viz tap: either side is this workload (deploy/web, sts/db, ds/x), or "
+        "the requests were sent to this Service (svc/web)",
     )
     parser.add_argument("-n", "--namespace", help="the namespace of TYPE/NAME or --workload")
     parser.add_argument("--workload", metavar="[NS/]NAME", help="either side is this workload")
     parser.add_argument("--from", dest="source", metavar="[NS/]NAME", help="source workload")
-    parser.add_argument("--to", dest="destination", metavar="[NS/]NAME", help="destination")
+    parser.add_argument(
+        "--to",
+        dest="destination",
+        metavar="[NS/]NAME",
+        help="destination workload, or svc/NAME: the Service the requests were sent to",
+    )
     parser.add_argument("--method", help="HTTP method, e.g. POST")
     parser.add_argument("--path", metavar="PREFIX", help="path prefix, e.g. /api/")
     parser.add_argument("--status", metavar="CODE", help="status code (404) or class (5xx)")

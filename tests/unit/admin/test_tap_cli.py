@@ -146,6 +146,12 @@ def test_once_prints_what_the_agent_holds(
         (["--workload", "server", "-n", "default"], ["/a", "/admin/x", "/api/v1"]),
         (["--from", "deploy/batch"], ["/api/v1"]),  # not namespace "deploy"
         (["--to", "deploy/server", "--workload", "sts/client"], ["/a", "/admin/x"]),
+        # the Service the requests were sent to, as linkerd viz tap svc/NAME
+        (["svc/server"], ["/a", "/admin/x", "/api/v1"]),
+        (["svc/server", "-n", "default", "--method", "POST"], ["/admin/x"]),
+        (["svc/server", "-n", "jobs"], []),
+        (["--to", "svc/default/server", "--from", "batch"], ["/api/v1"]),
+        (["--to", "svc/web"], []),
     ],
 )
 def test_filters(
@@ -171,6 +177,11 @@ def test_filters(
         ),
         (["--from", "jobs/client"], "--from jobs/client: no workload of that name"),
         (["--to", "default/server", "--from", "client"], None),
+        (
+            ["svc/web"],
+            "svc/web: no Service of that name, so no request will match; Services: default/server",
+        ),
+        (["svc/server"], None),
     ],
 )
 def test_a_workload_name_that_matches_nothing_is_explained(
@@ -299,11 +310,12 @@ def test_a_failed_grpc_call_is_found_by_its_grpc_status_not_by_5xx(
         (["--count", "0"], "--count 0: expected 1 or more"),
         (["--status", "UNAVAILABLE"], "gRPC status is filtered apart"),
         (["--grpc-status", "NOPE"], "expected a code 0-16, its name such as NOT_FOUND, or error"),
-        (["svc/web"], "svc/web: name a workload as TYPE/NAME (deploy/web)"),
+        (["svc"], "svc: name one as TYPE/NAME (deploy/web, svc/web)"),
+        (["svc/web", "--to", "svc/api"], "svc/web and --to svc/api: give one of them"),
         (["pod/web-0"], "'pod' is no resource nodemesh knows"),
         (["deploy/web", "--workload", "api"], "deploy/web and --workload api: give one of them"),
         (["-n", "shop"], "-n shop: name the workload too"),
-        (["--to", "svc/web"], "--to svc/web: name a workload ([NS/]NAME or deploy/NAME)"),
+        (["--from", "svc/web"], "--from svc/web: name a workload ([NS/]NAME or deploy/NAME)"),
     ],
 )
 def test_bad_filters_are_refused_before_asking(

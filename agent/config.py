@@ -199,10 +199,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DURATION",
         help="validity to request for workload certificates, e.g. 12h (default: the CA's)",
     )
-    parser.add_argument("--admin-address", default=f"127.0.0.1:{ADMIN_PORT}", metavar="HOST:PORT")
-    parser.add_argument("--metrics-port", type=int, default=METRICS_PORT)
-    parser.add_argument("--ready-port", type=int, default=READY_PORT)
-    parser.add_argument("--drain-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--admin-address",
+        default=f"127.0.0.1:{ADMIN_PORT}",
+        metavar="HOST:PORT",
+        help=f"admin API (JSON; loopback only; default 127.0.0.1:{ADMIN_PORT})",
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=METRICS_PORT, help=f"/metrics (default {METRICS_PORT})"
+    )
+    parser.add_argument(
+        "--ready-port",
+        type=int,
+        default=READY_PORT,
+        help=f"/healthz/ready (default {READY_PORT})",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, how long open connections may finish (default 5)",
+    )
     parser.add_argument(
         "--workers",
         default="auto",

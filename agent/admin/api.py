@@ -43,7 +43,7 @@ ENDPOINTS = {
     "/connections": "live connections with the access log's fields",
     "/workers": "worker processes (--workers N): PID, up, restarts, accepted connections",
     "/requests": "recent HTTP requests (?since=CURSOR&wait=S long-polls; filters: workload, "
-    "source, destination, method, path, status, grpc_status)",
+    "source, destination, service, method, path, status, grpc_status)",
     "/datapath": "BPF programs' generation, attachments, listeners and counters",
     "/traffic": "TrafficPolicy conditions, effective policy per Service, endpoint health",
     "/routes": "Gateway API routes: conditions per parent, rules, requests sent per backend",

@@ -101,13 +101,15 @@ def format_connections(data: Mapping[str, Any]) -> str:
             human_bytes(c["bytes_received"]),
             f"{c['duration_ms'] / 1000:.0f}s",
             _requests(c),
+            # which replica and port: a Service's connections differ only there
+            c.get("upstream_address") or c["destination_address"],
         ]
         for c in data["connections"]
     ]
     if not rows:
         return "no open connections"
     headers = ["DIR", "SOURCE", "DESTINATION", "SECURITY", "SENT", "RECEIVED", "AGE", "REQUESTS"]
-    return render(headers, rows)
+    return render([*headers, "UPSTREAM"], rows)
 
 
 def _requests(c: Mapping[str, Any]) -> str:
@@ -240,13 +242,13 @@ def format_routes(data: Mapping[str, Any]) -> str:
                  p["accepted"]["reason"], p["resolved_refs"]["reason"], why]
             )  # fmt: skip
         if "error" in r:
-            rows.append([route, "-", "refused", "-", "-", r["error"]])
+            rows.append([route, "-", "-", "refused", "-", "-", r["error"]])
         for rule in r.get("rules", []):
             weights = sum(b["weight"] for b in rule["backends"]) or 1
             sent = sum(b["requests"] for b in rule["backends"]) or 1
             for b in rule["backends"]:
                 rows.append(
-                    [route, rule["index"], f"{b['service']}:{b['port']}",
+                    [route, rule["index"], rule.get("match", "-"), f"{b['service']}:{b['port']}",
                      f"{b['weight']} ({100 * b['weight'] / weights:.0f}%)",
                      f"{b['requests']} ({100 * b['requests'] / sent:.0f}%)",
                      "-" if b["resolved"] else "unresolved"]
@@ -256,7 +258,7 @@ def format_routes(data: Mapping[str, Any]) -> str:
     return "\n\n".join(
         [
             render(["ROUTE", "PARENT", "PORTS", "ACCEPTED", "RESOLVEDREFS", "MESSAGE"], parents),
-            render(["ROUTE", "RULE", "BACKEND", "WEIGHT", "REQUESTS", "NOTE"], rows),
+            render(["ROUTE", "RULE", "MATCH", "BACKEND", "WEIGHT", "REQUESTS", "NOTE"], rows),
         ]
     )
 
@@ -352,7 +354,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="HOST:PORT",
         help=f"the agent's admin API (default {DEFAULT_ADMIN})",
     )
-    common.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    common.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table (default) or the admin API endpoint's JSON (stable field names)",
+    )
     common.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
     for name, (_path, help_text, _fmt) in COMMANDS.items():
         p = subparsers.add_parser(name, parents=[common], help=help_text, description=help_text)

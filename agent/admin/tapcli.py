@@ -2,7 +2,8 @@
 
 Like ``linkerd viz tap``: one line per finished request (time, direction, source and
 destination workloads, method, path, status, response flags, duration, the pod address it
-went to), filtered by workload (either side, ``--from``, ``--to``), method, path prefix,
+went to), filtered by workload (either side, ``--from``, ``--to``), the Service the requests
+were sent to (``svc/web``, ``--to svc/web``), method, path prefix,
 status (``404`` or ``5xx``) and gRPC status (``--grpc-status NOT_FOUND``, ``5`` or ``error``).
 The filter travels to the agent (``/requests``, ``agent.admin.tap``), so only matching
 requests cross the admin connection.
@@ -16,6 +17,10 @@ command's: that drops what the agent held and what was in flight when the comman
 and keeps what started and finished between the start and the first answer. The header line
 is printed only on a terminal, so a pipe gets request lines only (``-o json``: one JSON
 object per line, the access log's fields plus ``node``).
+
+Requests name workloads by their canonical name, so a pod's or a Service's name given to
+``--workload``/``--from``/``--to`` would match nothing and a follow would wait in silence: the
+first agent's ``/workloads`` and ``/services`` turn that into a warning naming the workload.
 
 One worker thread per agent long-polls it and queues what it gets; the main thread prints.
 Why threads: in the lab every agent's admin API is loopback inside its node's network
@@ -40,6 +45,7 @@ from urllib.parse import urlencode
 
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
 from agent.base.resources import KINDS, WORKLOAD, ResourceError, split_resource
+from agent.telemetry.labels import CANONICAL_NAME_LABELS
 from agent.telemetry.tap import FilterError, RequestFilter
 
 POLL_WAIT = 5.0  # seconds an agent may hold a long-poll (the API allows up to 10)
@@ -137,11 +143,100 @@ def format_line(entry: Mapping[str, Any], node: str | None = None) -> str:
     return " ".join(cols).rstrip()
 
 
+def _canonical(workload: Mapping[str, Any]) -> str:
+    """A pod's workload name as requests carry it (``agent.telemetry.labels``)."""
+    labels = workload.get("labels") or {}
+    for key in CANONICAL_NAME_LABELS:
+        if value := labels.get(key):
+            return str(value)
+    return str(workload.get("name", ""))
+
+
+def _name_hint(
+    option: str,
+    wanted: str,
+    workloads: Sequence[Mapping[str, Any]],
+    services: Sequence[Mapping[str, Any]],
+) -> str | None:
+    """Why ``option wanted`` can match no request, or None when a workload has that name."""
+    namespace, _, name = wanted.rpartition("/")
+
+    def here(item: Mapping[str, Any]) -> bool:
+        return not namespace or item.get("namespace") == namespace
+
+    workload_of = {f"{w.get('namespace')}/{w.get('name')}": w for w in workloads}
+    if any(_canonical(w) == name and here(w) for w in workloads):
+        return None
+    problem = f"{option} {wanted}: no workload of that name, so no request will match"
+    pods = [w for w in workloads if w.get("name") == name and here(w)]
+    if pods:
+        owner = _canonical(pods[0])
+        return (
+            f"{problem}; pod {name} is in workload {pods[0].get('namespace')}/{owner} "
+            f"(requests name the workload): use {option} {owner}"
+        )
+    for service in services:
+        if service.get("name") == name and here(service):
+            owners = sorted(
+                {
+                    _canonical(workload_of[e["workload"]])
+                    for e in service.get("endpoints") or ()
+                    if e.get("workload") in workload_of
+                }
+            )
+            if owners:
+                return (
+                    f"{problem}; Service {service.get('namespace')}/{name} sends to workload "
+                    f"{', '.join(owners)}: use {option} {owners[0]}"
+                )
+    known = sorted({f"{w.get('namespace')}/{_canonical(w)}" for w in workloads})
+    return f"{problem}; workloads: {', '.join(known) or '(none)'}"
+
+
+def name_hints(
+    selected: RequestFilter,
+    workloads: Sequence[Mapping[str, Any]],
+    services: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    """What is wrong with the filter's workload names, given the agent's ``/workloads`` and
+    ``/services``. Requests carry a workload's canonical name (``server`` for pods
+    ``server-0``/``server-1``), not a pod's or a Service's: naming those matches nothing, and
+    a follow would wait in silence. A warning, not a refusal: a workload may appear later."""
+    named = (
+        ("--workload", selected.workload),
+        ("--from", selected.source),
+        ("--to", selected.destination),
+    )
+    hints = [_name_hint(o, v, workloads, services) for o, v in named if v is not None]
+    if selected.service is not None:
+        namespace, _, name = selected.service.rpartition("/")
+        known = sorted(f"{s.get('namespace')}/{s.get('name')}" for s in services)
+        if not any(k.endswith(f"/{name}") and (not namespace or k == f"{namespace}/{name}")
+                   for k in known):  # fmt: skip
+            hints.append(
+                f"svc/{selected.service}: no Service of that name, so no request will match; "
+                f"Services: {', '.join(known) or '(none)'}"
+            )
+    return [h for h in hints if h is not None]
+
+
 @dataclass
 class _Got:
     agent: str
     answer: dict[str, Any] | None = None
     error: str | None = None
+    hints: list[str] | None = None
+
+
+def _hints(agent: Agent, selected: RequestFilter, timeout: float) -> _Got:
+    """The filter's name hints from this agent's state (none when it cannot be read: the
+    request that follows reports that)."""
+    try:
+        workloads = request(agent.address, "/workloads", timeout=timeout)["workloads"]
+        services = request(agent.address, "/services", timeout=timeout)["services"]
+    except (AdminError, OSError, KeyError, TypeError):
+        return _Got(agent.name, hints=[])
+    return _Got(agent.name, hints=name_hints(selected, workloads, services))
 
 
 def _worker(
@@ -151,10 +246,13 @@ def _worker(
     timeout: float,
     out: queue.Queue[_Got],
     stop: threading.Event,
+    check_names: bool = False,
 ) -> None:
     try:
         if agent.enter is not None:
             agent.enter()
+        if check_names:
+            out.put(_hints(agent, selected, timeout))
         answer = request(agent.address, requests_path(selected, None, 0), timeout=timeout)
         out.put(_Got(agent.name, answer))
         while follow and not stop.is_set():
@@ -188,10 +286,12 @@ def tap(
     got: queue.Queue[_Got] = queue.Queue()
     stop = threading.Event()
     with_node = len(agents) > 1
-    for agent in agents:
+    names = selected.workload or selected.source or selected.destination or selected.service
+    for i, agent in enumerate(agents):
         threading.Thread(
             target=_worker,
-            args=(agent, selected, follow, timeout, got, stop),
+            # every agent holds the whole cluster's workloads: the first one's state will do
+            args=(agent, selected, follow, timeout, got, stop, bool(names) and i == 0),
             name=f"tap-{agent.name}",
             daemon=True,  # a long-poll in flight must not hold the exit
         ).start()
@@ -205,6 +305,10 @@ def tap(
         while alive and (follow or pending):
             item = got.get()
             entries: list[tuple[str, dict[str, Any]]] = []
+            if item.hints is not None:
+                for hint in item.hints:
+                    print(f"nodemesh requests: warning: {hint}", file=err, flush=True)
+                continue
             if item.error is not None or item.answer is None:
                 print(f"nodemesh requests: {item.agent}: {item.error}", file=err, flush=True)
                 status = 1
@@ -244,48 +348,59 @@ def tap(
     return status
 
 
-def _workload_of(args: argparse.Namespace) -> str | None:
-    """The workload filter: ``--workload``, or Linkerd's ``RESOURCE`` (``deploy/web``), in
-    ``-n``'s namespace when it names none."""
-    workload = _side("--workload", args.workload)
-    if args.resource is not None:
-        try:
-            kind, name = split_resource(args.resource)
-        except ResourceError as e:
-            raise FilterError(str(e)) from e
-        if kind != WORKLOAD or name is None:
-            raise FilterError(
-                f"{args.resource}: name a workload as TYPE/NAME (deploy/web); requests are "
-                "filtered by workload, a Service's by its workload (--to) or its paths (--path)"
-            )
-        if workload is not None:
-            raise FilterError(f"{args.resource} and --workload {workload}: give one of them")
-        workload = name
-    if args.namespace is not None:
-        if workload is None:
-            raise FilterError(f"-n {args.namespace}: name the workload too (deploy/web -n NS)")
-        if "/" not in workload:
-            workload = f"{args.namespace}/{workload}"
-    return workload
+def _resource(text: str) -> tuple[str, str]:
+    """Linkerd's ``TYPE/NAME`` (``deploy/web``, ``svc/web``): (WORKLOAD or SERVICE, name)."""
+    try:
+        kind, name = split_resource(text)
+    except ResourceError as e:
+        raise FilterError(str(e)) from e
+    if name is None:
+        raise FilterError(f"{text}: name one as TYPE/NAME (deploy/web, svc/web)")
+    return kind, name
+
+
+def _in_namespace(name: str | None, namespace: str | None) -> str | None:
+    return f"{namespace}/{name}" if name and namespace and "/" not in name else name
 
 
 def _side(option: str, text: str | None) -> str | None:
-    """``--from``/``--to`` as given, or Linkerd's ``deploy/web`` as the workload ``web``: a
-    ``TYPE/`` that is a resource word would otherwise be read as a namespace and match
+    """``--from``/``--workload`` as given, or Linkerd's ``deploy/web`` as the workload ``web``:
+    a ``TYPE/`` that is a resource word would otherwise be read as a namespace and match
     nothing, silently."""
     if text is None or text.partition("/")[0].lower() not in KINDS:
         return text
-    kind, name = split_resource(text)
-    if kind != WORKLOAD or name is None:
-        raise FilterError(f"{option} {text}: name a workload ([NS/]NAME or deploy/NAME)")
+    kind, name = _resource(text)
+    if kind != WORKLOAD:
+        raise FilterError(
+            f"{option} {text}: name a workload ([NS/]NAME or deploy/NAME); a Service is what a "
+            "request was sent to: TYPE/NAME or --to svc/NAME"
+        )
     return name
 
 
 def filter_from_args(args: argparse.Namespace) -> RequestFilter:
+    """The filter of the command line. Linkerd's resources: ``deploy/web`` (or
+    ``--workload``) is either side's workload, ``svc/web`` (or ``--to svc/web``) the Service the
+    requests were sent to, as ``linkerd viz tap svc/web`` taps what goes to it; ``-n`` is the
+    namespace of the one given without its own."""
+    workload, service = _side("--workload", args.workload), None
+    destination = args.destination
+    if destination is not None and destination.partition("/")[0].lower() in KINDS:
+        kind, name = _resource(destination)
+        destination, service = (name, None) if kind == WORKLOAD else (None, name)
+    if args.resource is not None:
+        kind, name = _resource(args.resource)
+        given = f"--workload {workload}" if kind == WORKLOAD else f"--to svc/{service}"
+        if (workload if kind == WORKLOAD else service) is not None:
+            raise FilterError(f"{args.resource} and {given}: give one of them")
+        workload, service = (name, service) if kind == WORKLOAD else (workload, name)
+    if args.namespace is not None and workload is None and service is None:
+        raise FilterError(f"-n {args.namespace}: name the workload too (deploy/web -n NS)")
     return RequestFilter(
-        workload=_workload_of(args),
+        workload=_in_namespace(workload, args.namespace),
         source=_side("--from", args.source),
-        destination=_side("--to", args.destination),
+        destination=destination,
+        service=_in_namespace(service, args.namespace),
         method=args.method,
         path=args.path,
         status=args.status,
@@ -299,12 +414,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "resource",
         nargs="?",
         metavar="TYPE/NAME",
-        help="as linkerd viz tap: either side is this workload (deploy/web, sts/db, ds/x)",
+        help="as linkerd viz tap: either side is this workload (deploy/web, sts/db, ds/x), or "
+        "the requests were sent to this Service (svc/web)",
     )
     parser.add_argument("-n", "--namespace", help="the namespace of TYPE/NAME or --workload")
     parser.add_argument("--workload", metavar="[NS/]NAME", help="either side is this workload")
     parser.add_argument("--from", dest="source", metavar="[NS/]NAME", help="source workload")
-    parser.add_argument("--to", dest="destination", metavar="[NS/]NAME", help="destination")
+    parser.add_argument(
+        "--to",
+        dest="destination",
+        metavar="[NS/]NAME",
+        help="destination workload, or svc/NAME: the Service the requests were sent to",
+    )
     parser.add_argument("--method", help="HTTP method, e.g. POST")
     parser.add_argument("--path", metavar="PREFIX", help="path prefix, e.g. /api/")
     parser.add_argument("--status", metavar="CODE", help="status code (404) or class (5xx)")
@@ -329,7 +450,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="exit after printing N requests (with --live: N new ones)",
     )
-    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table (default) or json: one access-log object per line, plus node",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
 
 

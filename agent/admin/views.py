@@ -9,7 +9,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from agent.policy.routes import RouteTable
-from agent.policy.routes.model import Route, RouteKey, Rule
+from agent.policy.routes.model import (
+    EXACT,
+    PATH_PREFIX,
+    GrpcMatch,
+    HttpMatch,
+    NamedMatch,
+    PathMatch,
+    Route,
+    RouteKey,
+    Rule,
+    StringMatch,
+)
 from agent.policy.routes.parents import Condition
 from agent.state import Snapshot, Workload
 from agent.state.model import PolicyObject, Service
@@ -133,6 +144,37 @@ def _condition(c: Condition) -> dict[str, object]:
     return {"status": c.status, "reason": c.reason, "message": c.message}
 
 
+def _string(m: StringMatch) -> str:
+    return m.value if m.kind == EXACT else f"~{m.value}"
+
+
+def _named(sep: str, m: NamedMatch) -> str:
+    return f"{m.name}{sep}{_string(m.value)}"
+
+
+def _path(m: PathMatch) -> str:
+    """``/api*`` for a prefix (``""`` for ``/``, every path), ``=/x`` exact, ``~re`` regex."""
+    if m.kind == EXACT:
+        return f"={m.value}"
+    if m.kind != PATH_PREFIX:
+        return f"~{m.value}"
+    return "" if m.value.rstrip("/") == "" else f"{m.value.rstrip('/')}*"
+
+
+def match_text(m: HttpMatch | GrpcMatch) -> str:
+    """One ``matches`` entry in a line (``GET /api* x-canary=true ?v=2``); ``*`` matches all.
+    Why: a rule is known by what it matches, not by its index in the route's YAML."""
+    if isinstance(m, HttpMatch):
+        parts = [m.method or "", _path(m.path), *(_named("=", h) for h in m.headers)]
+        parts += [f"?{_named('=', q)}" for q in m.query]
+    else:
+        service = _string(m.service) if m.service else "*"
+        method = _string(m.method) if m.method else "*"
+        call = "" if (service, method) == ("*", "*") else f"/{service}/{method}"
+        parts = [call, *(_named("=", h) for h in m.headers)]
+    return " ".join(p for p in parts if p) or "*"
+
+
 def _rule_view(
     key: RouteKey, rule: Rule, routed: Mapping[tuple[RouteKey, int, str], int]
 ) -> dict[str, object]:
@@ -152,5 +194,6 @@ def _rule_view(
         "index": rule.index,
         "name": rule.name,
         "matches": len(rule.matches),
+        "match": " | ".join(match_text(m) for m in rule.matches),
         "backends": backends,
     }

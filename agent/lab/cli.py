@@ -102,8 +102,11 @@ def _upgrade(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    control.down(args.name)
-    print(f"lab {args.name} removed")
+    if control.down(args.name):
+        print(f"lab {args.name} removed")
+    else:
+        up = ", ".join(control.labs_up()) or "none"
+        print(f"lab {args.name} was not up: nothing to remove (labs up: {up})")
     return 0
 
 
@@ -168,15 +171,15 @@ def _exec(args: argparse.Namespace) -> int:
 
 
 def _annotate(args: argparse.Namespace) -> int:
-    control.annotate(args.name, args.pod, args.changes)
+    print(control.annotate(args.name, args.pod, args.changes))
     return 0
 
 
 def _apply(args: argparse.Namespace) -> int:
     manifests = _manifests(args.file)
     source = "<stdin>" if args.file == "-" else args.file
-    control.apply(args.name, manifests, source=source)
-    print(f"applied {len(manifests)} object(s) to lab {args.name}")
+    for line in control.apply(args.name, manifests, source=source):
+        print(line)
     for i, m in enumerate(manifests, 1):
         if isinstance(m.get("spec"), Mapping):
             meta = m.get("metadata") or {}
@@ -191,8 +194,8 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _delete(args: argparse.Namespace) -> int:
     manifests = _manifests(args.file)
-    control.delete(args.name, manifests)
-    print(f"deleted {len(manifests)} object(s) from lab {args.name}")
+    for line in control.delete(args.name, manifests):
+        print(line)
     return 0
 
 
@@ -231,7 +234,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = add("up", _up, "build the lab and start the mesh components that exist")
     p.add_argument("-f", "--file", help="topology (cluster document) YAML; default: built-in")
     p.add_argument("--no-components", action="store_true", help="namespaces only: no CA, no agents")
-    p.add_argument("--timeout", type=float, default=60.0, help="readiness wait per component (s)")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="readiness wait per component (s, default 60)"
+    )
     p.add_argument(
         "--drain-seconds", type=float, help="the agents' --drain-seconds (default: the agent's)"
     )
@@ -241,7 +246,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "replace a node's agent by a new one without dropping its connections",
     )
     p.add_argument("node", help="node name, e.g. node1")
-    p.add_argument("--timeout", type=float, default=60.0, help="wait for the takeover (s)")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="wait for the takeover (s, default 60)"
+    )
     p.add_argument(
         "--drain-seconds",
         type=float,
@@ -262,10 +269,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p = add("annotate", _annotate, "set (KEY=VALUE) or remove (KEY-) pod annotations")
     p.add_argument("pod", help="pod name or namespace/name")
-    p.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-")
+    p.add_argument(
+        "changes",
+        nargs="+",
+        metavar="KEY=VALUE|KEY-",
+        help="e.g. nodemesh.io/mesh=enabled, nodemesh.io/http-ports=8080, nodemesh.io/mesh-",
+    )
     p = add(
-        "apply", _apply, "create or replace nodemesh.io/v1alpha1 policies and Gateway API routes"
+        "apply",
+        _apply,
+        "create or replace nodemesh.io/v1alpha1 policies, Gateway API routes and v1 Services",
     )
     p.add_argument("-f", "--file", required=True, help="YAML file of manifests ('-' for stdin)")
-    p = add("delete", _delete, "delete nodemesh.io/v1alpha1 policies and Gateway API routes")
+    p = add(
+        "delete",
+        _delete,
+        "delete nodemesh.io/v1alpha1 policies, Gateway API routes and v1 Services",
+    )
     p.add_argument("-f", "--file", required=True, help="YAML file of manifests ('-' for stdin)")

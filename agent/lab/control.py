@@ -12,6 +12,7 @@ reach them through the API server in a cluster.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import glob
 import logging
 import os
@@ -34,6 +35,7 @@ from agent.lab.topology import (
     plan_lab,
 )
 from agent.policy.routes import ROUTE_KINDS
+from agent.policy.schema import POLICY_KINDS
 from agent.policy.warnings import unknown_annotation
 from agent.sources.document import ClusterDocument, parse_document
 from agent.sources.fields import DocumentError
@@ -75,19 +77,23 @@ def up(
     return plan
 
 
-def down(lab: str, *, state_root: str | None = None) -> None:
-    """Remove lab ``lab`` entirely; does nothing for a lab that does not exist."""
+def down(lab: str, *, state_root: str | None = None) -> bool:
+    """Remove lab ``lab`` entirely; does nothing for a lab that does not exist. Whether there
+    was anything to remove: ``lab down --name walkk`` must not say it removed lab walkk while
+    the lab walk the user meant is still up."""
     labdir = labdir_of(lab, state_root)
     plan = labdir.read_plan()
     pin_dirs = set(glob.glob(f"{PIN_ROOT}/{lab}-*"))
     if plan is not None:
         pin_dirs |= {n.pin_dir for n in plan.nodes}
+    found = labdir.exists() or bool(build.lab_netns(lab)) or any(map(os.path.exists, pin_dirs))
     build.teardown(
         lab,
         pids=list(labdir.pids().values()),
         pin_dirs=sorted(pin_dirs),
         state_dir=str(labdir.path),
     )
+    return found
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,15 @@ def _with_option(argv: tuple[str, ...], option: str, value: str) -> tuple[str, .
         i = argv.index(option)
         return (*argv[: i + 1], value, *argv[i + 2 :])
     return (*argv, option, value)
+
+
+def labs_up(state_root: str | None = None) -> list[str]:
+    """The labs recorded under the state root (those ``lab down`` would remove)."""
+    root = labdir_of("x", state_root).root
+    try:
+        return sorted(n for n in os.listdir(root) if LabDir(n, root).read_plan() is not None)
+    except FileNotFoundError:
+        return []
 
 
 def labdir_of(lab: str, state_root: str | None = None) -> LabDir:
@@ -259,8 +274,11 @@ def _edit(
     return doc
 
 
-def annotate(lab: str, pod: str, changes: Iterable[str], *, state_root: str | None = None) -> None:
-    """``KEY=VALUE`` sets, ``KEY-`` removes an annotation of pod ``name`` or ``ns/name``."""
+def annotate(lab: str, pod: str, changes: Iterable[str], *, state_root: str | None = None) -> str:
+    """``KEY=VALUE`` sets, ``KEY-`` removes an annotation of pod ``name`` or ``ns/name``.
+    Returns what to tell the user, as ``kubectl annotate`` does, with the pod's annotations
+    as they now are (a removal of a key that was not set is no error, and shows so)."""
+    now: dict[str, str] = {}
     parsed: list[tuple[str, str | None]] = []
     for item in changes:
         if item.endswith("-") and "=" not in item:
@@ -287,11 +305,15 @@ def annotate(lab: str, pod: str, changes: Iterable[str], *, state_root: str | No
                             p["annotations"].pop(key, None)
                         else:
                             p["annotations"][key] = value
+                    now.update(p["annotations"])
                     return
-        raise LabError(f"no pod {namespace}/{name} in lab {lab}")
+        known = ", ".join(f"{p['namespace']}/{p['name']}" for n in data["nodes"] for p in n["pods"])
+        raise LabError(f"no pod {namespace}/{name} in lab {lab}; known: {known}")
 
     try:
         _edit(lab, change, state_root)
+        listed = ", ".join(f"{k}={v}" for k, v in sorted(now.items())) or "none"
+        return f"pod {namespace}/{name} annotated; its annotations now: {listed}"
     except DocumentError as e:
         annotation = e.path.partition(".annotations.")[2]
         if not annotation:
@@ -336,14 +358,18 @@ def apply(
     *,
     state_root: str | None = None,
     source: str = "the manifests",
-) -> None:
+) -> list[str]:
     """Create or replace policies, routes and Services (matched by kind, namespace and name;
-    a ``v1`` Service manifest becomes the cluster document's ``services`` entry).
+    a ``v1`` Service manifest becomes the cluster document's ``services`` entry). Returns a
+    line per object, as ``kubectl apply`` prints: ``created``, ``configured`` or
+    ``unchanged``, and a Service's VIP (assigned here: its clients need to know it).
 
     All or nothing: an invalid object leaves the cluster file as it was. The error names the
     object as the user wrote it (``source``, the document number, kind and name, the field in
     the manifest), not its place in the lab's merged cluster file, which the user never saw."""
+    _check_kinds(lab, source, manifests)
     keys = {_policy_key(m) for m in manifests}
+    before: dict[tuple[str, str, str], Any] = {}
     placed: dict[str, int] = {}  # "policies[3]" in the merged document -> index in manifests
 
     def place(section: str, first: int) -> None:
@@ -355,6 +381,7 @@ def apply(
                 at += 1
 
     def change(data: dict[str, Any]) -> None:
+        before.update(_objects(data))
         for section in ("policies", "routes"):
             kept = [p for p in data.get(section, []) if _policy_key(p) not in keys]
             added = [dict(m) for m in manifests if _section(m) == section]
@@ -377,9 +404,59 @@ def apply(
             assign_cluster_ips(data)  # a new one gets a VIP its clients can dial
 
     try:
-        _edit(lab, change, state_root)
+        doc = _edit(lab, change, state_root)
     except DocumentError as e:
         raise _in_manifests(e, lab, source, manifests, placed) from e
+    after = _objects(doc.to_mapping())
+    lines = []
+    for key in dict.fromkeys(_policy_key(m) for m in manifests):
+        old, new = before.get(key), after[key]
+        outcome = "created" if old is None else "unchanged" if old == new else "configured"
+        vip = f" (clusterIP {new['clusterIP']})" if key[0] == "Service" else ""
+        lines.append(f"{key[0]} {key[1]}/{key[2]} {outcome}{vip}")
+    return lines
+
+
+# What ``lab apply`` takes, by API group, as its error lists them.
+APPLY_KINDS = {
+    **dict.fromkeys(POLICY_KINDS, "nodemesh.io/v1alpha1"),
+    **dict.fromkeys(ROUTE_KINDS, "gateway.networking.k8s.io/v1"),
+    "Service": "v1",
+}
+
+
+def _check_kinds(lab: str, source: str, manifests: list[Mapping[str, Any]]) -> None:
+    """Refuse a mistyped kind as such. Otherwise an ``HTTPRoue`` or a ``Servce`` is taken for a
+    nodemesh policy, and its error blames the apiVersion, which was right. A kind far from
+    every known one (Istio's ``VirtualService``) is left to the schema, whose error says what
+    replaces it."""
+    for i, m in enumerate(manifests, 1):
+        kind = str(m.get("kind"))
+        if kind in APPLY_KINDS:
+            continue
+        close = difflib.get_close_matches(kind, APPLY_KINDS, n=1, cutoff=0.75)
+        version = str(m.get("apiVersion"))
+        misread = version == "v1" or version.startswith("gateway.networking.k8s.io/")
+        if not close and not misread:
+            continue
+        meta = m.get("metadata") or {}
+        where = f"document {i} ({kind} {meta.get('namespace') or 'default'}/{meta.get('name')})"
+        hint = f"did you mean {close[0]}? " if close else ""
+        kinds = ", ".join(f"{k} ({group})" for k, group in APPLY_KINDS.items())
+        raise DocumentError(
+            source,
+            f"{where}: kind",
+            f"{kind!r} is not a kind lab apply takes; {hint}use one of {kinds}; "
+            f"nothing was applied; lab {lab} keeps its previous objects",
+        )
+
+
+def _objects(data: Mapping[str, Any]) -> dict[tuple[str, str, str], Any]:
+    """The cluster document's objects a manifest can name, by (kind, namespace, name)."""
+    objects = {_policy_key(p): p for s in ("policies", "routes") for p in data.get(s) or ()}
+    for s in data.get("services") or ():
+        objects[("Service", s.get("namespace") or "default", str(s["name"]))] = s
+    return objects
 
 
 _MERGED_PATH = re.compile(r"((?:policies|routes|services)\[\d+\])\.?(.*)")
@@ -409,9 +486,11 @@ def _in_manifests(
     return DocumentError(source, where, f"{error.problem}; {kept}")
 
 
-def delete(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None) -> None:
+def delete(
+    lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | None = None
+) -> list[str]:
     """Remove policies, routes and Services (matched by kind, namespace and name); every one
-    must exist."""
+    must exist. Returns a line per object, as ``kubectl delete`` prints them."""
     keys = [_policy_key(m) for m in manifests]
 
     def change(data: dict[str, Any]) -> None:
@@ -435,3 +514,4 @@ def delete(lab: str, manifests: list[Mapping[str, Any]], *, state_root: str | No
                 data[section] = [p for p in data[section] if _policy_key(p) not in set(keys)]
 
     _edit(lab, change, state_root)
+    return [f"{kind} {ns}/{name} deleted" for kind, ns, name in dict.fromkeys(keys)]

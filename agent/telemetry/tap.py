@@ -13,7 +13,8 @@ Entries are kept as the records the proxy reported and turned into the access lo
 reads costs no JSON. Waiting (long-poll) is the admin API's business (``agent.admin.tap``):
 ``add`` calls the one-shot wake-ups registered with ``on_next`` and forgets them.
 
-``RequestFilter`` selects entries by workload (either side, or one side), method, path prefix,
+``RequestFilter`` selects entries by workload (either side, or one side), the Service dialled
+(``destination_service``: Linkerd's ``tap svc/web``), method, path prefix,
 status (exact ``404`` or a class ``5xx``) and gRPC status (a code, its name, or ``error``: a
 failed gRPC call is mostly answered HTTP 200, so ``5xx`` does not find it); the admin API
 applies it to what it serves and the CLI builds its query from the same class, so both sides
@@ -163,6 +164,13 @@ def _workload_matches(wanted: str, name: object, namespace: object) -> bool:
     return name == bare and (not sep or namespace == ns)
 
 
+def _service_matches(wanted: str, hostname: object) -> bool:
+    """``name`` or ``ns/name`` against a Service hostname ``name.ns.svc.<domain>``."""
+    ns, sep, bare = wanted.rpartition("/")
+    name, _, rest = str(hostname or "").partition(".")
+    return name == bare and (not sep or rest.partition(".")[0] == ns)
+
+
 @dataclass(frozen=True)
 class RequestFilter:
     """What ``nodemesh requests`` shows; every field given must match (None: any)."""
@@ -170,6 +178,7 @@ class RequestFilter:
     workload: str | None = None  # source or destination
     source: str | None = None
     destination: str | None = None
+    service: str | None = None  # the Service dialled: NAME or NAMESPACE/NAME
     method: str | None = None
     path: str | None = None  # a prefix
     status: str | None = None  # "404" or "5xx"
@@ -180,7 +189,7 @@ class RequestFilter:
             parse_status(self.status)
         if self.grpc_status is not None:
             parse_grpc_status(self.grpc_status)
-        for name in ("workload", "source", "destination"):
+        for name in ("workload", "source", "destination", "service"):
             value = getattr(self, name)
             if value is not None and (not value or value.count("/") > 1 or value.endswith("/")):
                 raise FilterError(f"{name} {value!r}: expected NAME or NAMESPACE/NAME")
@@ -207,6 +216,10 @@ class RequestFilter:
         if self.source is not None and not _workload_matches(self.source, *src):
             return False
         if self.destination is not None and not _workload_matches(self.destination, *dst):
+            return False
+        if self.service is not None and not _service_matches(
+            self.service, entry.get("destination_service")
+        ):
             return False
         if self.method is not None and entry["method"] != self.method.upper():
             return False

@@ -95,6 +95,7 @@ def test_table_contents(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
     _, connections, _ = run(capsys, "connections", "--admin", admin)
     row = connections.splitlines()[1].split()
     assert row[:6] == ["out", "default/client", "default/server", "mTLS", "3.0MiB", "512B"]
+    assert row[-1] == "10.244.2.2:8080"  # the replica and port it went to
     _, certs, _ = run(capsys, "certs", "--admin", admin)
     assert certs.splitlines()[1].split()[:2] == ["default/client", "Available"]
     _, policies, _ = run(capsys, "policies", "--admin", admin)

@@ -36,6 +36,43 @@ def test_rules_show_weights_and_the_requests_each_backend_got() -> None:
     assert any(line[0] == "HTTPRoute" and "refused" in line for line in lines)
 
 
+def test_each_rule_says_what_it_matches() -> None:
+    """A rule is known by what it matches (as the YAML says it), not by its index alone."""
+    matched = route(
+        "matched",
+        [
+            {
+                "matches": [{"headers": [{"name": "x-canary", "value": "true"}]}],
+                "backendRefs": [backend("echo-v2")],
+            },
+            {
+                "matches": [
+                    {"path": {"type": "PathPrefix", "value": "/api/"}, "method": "POST"},
+                    {"path": {"type": "Exact", "value": "/login"}, "queryParams": [
+                        {"name": "v", "value": "2"}
+                    ]},
+                ],
+                "backendRefs": [backend("echo-v1")],
+            },
+            {"backendRefs": [backend("echo-v1")]},
+        ],
+    )  # fmt: skip
+    (view,) = routes_view(snapshot(mesh_services(), [matched]), {})
+    rules = view["rules"]
+    assert isinstance(rules, list)
+    assert [r["match"] for r in rules] == [
+        "x-canary=true",
+        "POST /api* | =/login ?v=2",
+        "*",
+    ]
+    header, *rows = format_routes({"routes": [view]}).split("\n\n")[1].splitlines()
+    assert header.split()[1:3] == ["RULE", "MATCH"]
+    # (the 100-column table may shorten the cell; it keeps its start)
+    assert [row.split()[2:4] for row in rows] == [
+        ["0", "x-canary=true"], ["1", "POST"], ["2", "*"]
+    ]  # fmt: skip
+
+
 def test_no_routes_says_so() -> None:
     assert format_routes({"routes": routes_view(snapshot(mesh_services(), []), {})}).startswith(
         "no routes"

@@ -15,7 +15,7 @@ import pytest
 
 from agent.admin.api import AdminApi
 from agent.admin.cli import format_connections
-from agent.admin.tapcli import Agent, format_header, format_line, tap
+from agent.admin.tapcli import Agent, format_header, format_line, name_hints, tap
 from agent.base.http import HttpServer, Request
 from agent.cli import main
 from agent.config import ConfigError, add_arguments, from_args
@@ -146,6 +146,12 @@ def test_once_prints_what_the_agent_holds(
         (["--workload", "server", "-n", "default"], ["/a", "/admin/x", "/api/v1"]),
         (["--from", "deploy/batch"], ["/api/v1"]),  # not namespace "deploy"
         (["--to", "deploy/server", "--workload", "sts/client"], ["/a", "/admin/x"]),
+        # the Service the requests were sent to, as linkerd viz tap svc/NAME
+        (["svc/server"], ["/a", "/admin/x", "/api/v1"]),
+        (["svc/server", "-n", "default", "--method", "POST"], ["/admin/x"]),
+        (["svc/server", "-n", "jobs"], []),
+        (["--to", "svc/default/server", "--from", "batch"], ["/api/v1"]),
+        (["--to", "svc/web"], []),
     ],
 )
 def test_filters(
@@ -153,6 +159,55 @@ def test_filters(
 ) -> None:
     code, lines, _ = run(capsys, "requests", "--admin", served.address, "--once", *args)
     assert code == 0 and [path for _, path, _ in columns(lines)] == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "warning"),
+    [
+        (
+            ["--to", "server-0"],
+            "--to server-0: no workload of that name, so no request will "
+            "match; pod server-0 is in workload default/server (requests name the workload): use "
+            "--to server",
+        ),
+        (
+            ["deploy/nosuch"],
+            "--workload nosuch: no workload of that name, so no request will "
+            "match; workloads: default/client, default/server",
+        ),
+        (["--from", "jobs/client"], "--from jobs/client: no workload of that name"),
+        (["--to", "default/server", "--from", "client"], None),
+        (
+            ["svc/web"],
+            "svc/web: no Service of that name, so no request will match; Services: default/server",
+        ),
+        (["svc/server"], None),
+    ],
+)
+def test_a_workload_name_that_matches_nothing_is_explained(
+    args: list[str], warning: str | None, served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Requests carry canonical workload names (``server`` for pods server-0/1): a pod's or
+    a Service's name would match nothing in silence, and a follow would wait for ever."""
+    code, _, err = run(capsys, "requests", "--admin", served.address, "--once", *args)
+    assert code == 0
+    if warning is None:
+        assert err == ""
+    else:
+        assert err.startswith(f"nodemesh requests: warning: {warning}")
+
+
+def test_a_service_name_points_to_the_workload_behind_it() -> None:
+    workloads = [{"name": "web-7f9c", "namespace": "shop", "labels": {"app": "web"}}]
+    services = [
+        {"name": "frontend", "namespace": "shop", "endpoints": [{"workload": "shop/web-7f9c"}]}
+    ]
+    hints = name_hints(RequestFilter(destination="shop/frontend"), workloads, services)
+    assert hints == [
+        "--to shop/frontend: no workload of that name, so no request will match; Service "
+        "shop/frontend sends to workload web: use --to web"
+    ]
+    assert name_hints(RequestFilter(workload="web"), workloads, services) == []
 
 
 def test_json_lines_are_the_access_log_fields(
@@ -255,11 +310,12 @@ def test_a_failed_grpc_call_is_found_by_its_grpc_status_not_by_5xx(
         (["--count", "0"], "--count 0: expected 1 or more"),
         (["--status", "UNAVAILABLE"], "gRPC status is filtered apart"),
         (["--grpc-status", "NOPE"], "expected a code 0-16, its name such as NOT_FOUND, or error"),
-        (["svc/web"], "svc/web: name a workload as TYPE/NAME (deploy/web)"),
+        (["svc"], "svc: name one as TYPE/NAME (deploy/web, svc/web)"),
+        (["svc/web", "--to", "svc/api"], "svc/web and --to svc/api: give one of them"),
         (["pod/web-0"], "'pod' is no resource nodemesh knows"),
         (["deploy/web", "--workload", "api"], "deploy/web and --workload api: give one of them"),
         (["-n", "shop"], "-n shop: name the workload too"),
-        (["--to", "svc/web"], "--to svc/web: name a workload ([NS/]NAME or deploy/NAME)"),
+        (["--from", "svc/web"], "--from svc/web: name a workload ([NS/]NAME or deploy/NAME)"),
     ],
 )
 def test_bad_filters_are_refused_before_asking(
@@ -345,9 +401,9 @@ def test_the_api_refuses_bad_queries(query: dict[str, str], message: str) -> Non
 def test_connections_show_http_request_counts() -> None:
     http = {**live_connection(), "protocol": "http/1.1", "requests": 12}
     table = format_connections({"connections": [live_connection(), http]})
-    assert table.splitlines()[0].split()[-1] == "REQUESTS"
-    assert table.splitlines()[1].split()[-1] == "-"
-    assert table.splitlines()[2].split()[-2:] == ["http/1.1", "12"]
+    assert table.splitlines()[0].split()[-2:] == ["REQUESTS", "UPSTREAM"]
+    assert table.splitlines()[1].split()[-2:] == ["-", "10.244.2.2:8080"]
+    assert table.splitlines()[2].split()[-3:] == ["http/1.1", "12", "10.244.2.2:8080"]
 
 
 @pytest.mark.parametrize("rate", ["2", "-1", "nan"])

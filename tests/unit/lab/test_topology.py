@@ -97,6 +97,21 @@ def recorded(tmp_path: Path) -> str:
     return str(tmp_path)
 
 
+def test_down_says_when_there_was_no_such_lab(
+    recorded: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped name must not read as if the lab the user meant was removed."""
+    monkeypatch.setattr(
+        control, "labdir_of", lambda lab, state_root=None: LabDir(lab, state_root or recorded)
+    )
+    assert control.labs_up() == ["unit"]
+    assert main(["lab", "down", "--name", "unitt"]) == 0
+    assert capsys.readouterr().out == "lab unitt was not up: nothing to remove (labs up: unit)\n"
+    assert main(["lab", "down", "--name", "unit"]) == 0
+    assert capsys.readouterr().out == "lab unit removed\n"
+    assert control.labs_up() == [] and control.down("unit") is False
+
+
 POLICY = {
     "apiVersion": "nodemesh.io/v1alpha1",
     "kind": "PeerAuthentication",
@@ -111,9 +126,11 @@ def _meshed(root: str) -> dict[str, bool]:
 
 def test_annotate_changes_membership_in_the_cluster_file(recorded: str) -> None:
     assert _meshed(recorded)["outsider"] is False
-    control.annotate("unit", "outsider", ["nodemesh.io/mesh=enabled"], state_root=recorded)
+    said = control.annotate("unit", "outsider", ["nodemesh.io/mesh=enabled"], state_root=recorded)
+    assert said == "pod default/outsider annotated; its annotations now: nodemesh.io/mesh=enabled"
     assert _meshed(recorded)["outsider"] is True
-    control.annotate("unit", "default/client", ["nodemesh.io/mesh-"], state_root=recorded)
+    said = control.annotate("unit", "default/client", ["nodemesh.io/mesh-"], state_root=recorded)
+    assert said == "pod default/client annotated; its annotations now: none"
     assert _meshed(recorded)["client"] is False
     with pytest.raises(LabError) as refused:  # named as written, not by its place in the file
         control.annotate("unit", "client", ["nodemesh.io/mesh=maybe"], state_root=recorded)
@@ -121,7 +138,7 @@ def test_annotate_changes_membership_in_the_cluster_file(recorded: str) -> None:
         "pod default/client: annotation nodemesh.io/mesh: 'maybe' is not allowed: use enabled"
         " or disabled; nothing was changed"
     )
-    with pytest.raises(LabError, match="no pod default/ghost"):
+    with pytest.raises(LabError, match="no pod default/ghost in lab unit; known: default/client,"):
         control.annotate("unit", "ghost", ["a=b"], state_root=recorded)
     with pytest.raises(LabError, match="KEY=VALUE"):
         control.annotate("unit", "client", ["novalue"], state_root=recorded)
@@ -203,6 +220,36 @@ def test_a_refused_apply_names_the_users_file_and_document_and_keeps_the_old_ver
         control.apply("unit", [bad_port], state_root=recorded, source="svc.yaml")
 
 
+@pytest.mark.parametrize(
+    ("api_version", "kind", "message"),
+    [
+        (
+            "gateway.networking.k8s.io/v1",
+            "HTTPRoue",
+            "'HTTPRoue' is not a kind lab apply takes; "
+            "did you mean HTTPRoute? use one of AuthorizationPolicy (nodemesh.io/v1alpha1), ",
+        ),
+        ("v1", "Servce", "did you mean Service?"),
+        ("v1", "ConfigMap", "'ConfigMap' is not a kind lab apply takes; use one of "),
+        ("nodemesh.io/v1alpha1", "TraficPolicy", "did you mean TrafficPolicy?"),
+        # far from every kind: the schema's own word (what replaces Istio's object)
+        ("networking.istio.io/v1", "VirtualService", "does not read Istio's networking objects"),
+    ],
+)
+def test_apply_names_a_mistyped_kind_not_the_api_version(
+    recorded: str, api_version: str, kind: str, message: str
+) -> None:
+    """A typo in ``kind`` must not read as a wrong ``apiVersion`` (which was right)."""
+    manifest = {"apiVersion": api_version, "kind": kind, "metadata": {"name": "x"}, "spec": {}}
+    before = LabDir("unit", recorded).cluster_file.read_text()
+    with pytest.raises(DocumentError) as refused:
+        control.apply("unit", [POLICY, manifest], state_root=recorded, source="k.yaml")
+    assert message in str(refused.value)
+    assert str(refused.value).startswith(f"k.yaml: document 2 ({kind} default/x): ")
+    assert str(refused.value).endswith("nothing was applied; lab unit keeps its previous objects")
+    assert LabDir("unit", recorded).cluster_file.read_text() == before  # POLICY not applied
+
+
 def test_apply_warns_of_values_that_never_match(
     recorded: str,
     tmp_path: Path,
@@ -219,7 +266,7 @@ def test_apply_warns_of_values_that_never_match(
     )
     assert main(["lab", "apply", "--name", "unit", "-f", str(manifest)]) == 0
     out, err = capsys.readouterr()
-    assert out == "applied 1 object(s) to lab unit\n"
+    assert out == "AuthorizationPolicy default/no-admin created\n"
     assert err == (
         f"nodemesh lab: warning: {manifest}: document 1 (AuthorizationPolicy default/no-admin): "
         "spec.rules[0].to[0].operation.paths[0]: '/admin/*/x' matches only its literal text: "
@@ -300,10 +347,22 @@ def test_apply_creates_and_replaces_services_for_route_backends(recorded: str) -
             "rules": [{"backendRefs": [{"name": "web-v1", "port": 80}]}],
         },
     }
-    control.apply("unit", [v1, v2, split], state_root=recorded)
+    created = control.apply("unit", [v1, v2, split], state_root=recorded)
     vips = {s.name: s.cluster_ip for s in labdir.read_cluster().services}
     assert None not in vips.values() and len(set(vips.values())) == len(vips)  # dialable, unique
-    control.apply("unit", [_service("web-v2", "v2", {**http, "port": 81})], state_root=recorded)
+    # As kubectl apply says it, with the VIP the lab gave each new Service (its clients dial it)
+    assert created == [
+        f"Service default/web-v1 created (clusterIP {vips['web-v1']})",
+        f"Service default/web-v2 created (clusterIP {vips['web-v2']})",
+        "HTTPRoute default/web-split created",
+    ]
+    again = control.apply(
+        "unit", [split, _service("web-v2", "v2", {**http, "port": 81})], state_root=recorded
+    )
+    assert again == [
+        "HTTPRoute default/web-split unchanged",
+        f"Service default/web-v2 configured (clusterIP {vips['web-v2']})",
+    ]
     doc = labdir.read_cluster()
     services = {s.name: s for s in doc.services}
     assert {"server", "web", "web-v1", "web-v2"} <= set(services)
@@ -317,7 +376,11 @@ def test_apply_creates_and_replaces_services_for_route_backends(recorded: str) -
     assert len(endpoints["web-v1"]) == len(endpoints["web-v2"]) == 1
     with pytest.raises(DocumentError, match=r"document 1 \(Service default/web-v3\): spec\.ports"):
         control.apply("unit", [_service("web-v3", "v3", {"port": 0})], state_root=recorded)
-    control.delete("unit", [split, v1, v2], state_root=recorded)
+    assert control.delete("unit", [split, v1, v2], state_root=recorded) == [
+        "HTTPRoute default/web-split deleted",
+        "Service default/web-v1 deleted",
+        "Service default/web-v2 deleted",
+    ]
     assert {s.name for s in labdir.read_cluster().services} == {"server", "web", "grpc"}
     with pytest.raises(LabError, match="Service default/web-v1 not found"):
         control.delete("unit", [v1], state_root=recorded)

@@ -334,7 +334,13 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 
 def _output(p: argparse.ArgumentParser, what: str) -> None:
     """``-o json`` as the other commands (and kubectl) spell it; ``--json`` as before."""
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table", help=what)
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help=f"table (default) or {what}",
+    )
     p.add_argument("--json", action="store_true", help="the same as -o json")
 
 
@@ -376,7 +382,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("name", nargs="?", help="only this workload (ns/name or name) or Service")
     p.add_argument("-n", "--namespace", help="only this namespace's workloads or Services")
     p.add_argument("--window", type=_seconds, default=60.0, help="e.g. 30s, 1m (default 1m)")
-    _output(p, "rows as JSON (exact counts)")
+    _output(p, "json: rows as JSON (exact counts)")
     p.add_argument(
         "--admin",
         action="append",
@@ -394,7 +400,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "whether their connections used mTLS, over --window.",
     )
     p.add_argument("--window", type=_seconds, default=60.0, help="e.g. 30s, 1m (default 1m)")
-    _output(p, "rows as JSON")
+    _output(p, "json: rows as JSON")
     p.set_defaults(func=_guarded(_edges))
 
     p = subparsers.add_parser(

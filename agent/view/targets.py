@@ -14,16 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agent.telemetry.labels import CANONICAL_NAME_LABELS
-
-
-def canonical(workload: Mapping[str, Any]) -> str:
-    """A pod's workload name as the metrics carry it (``agent.telemetry.labels``)."""
-    labels = workload.get("labels") or {}
-    for key in CANONICAL_NAME_LABELS:
-        if value := labels.get(key):
-            return str(value)
-    return str(workload.get("name", ""))
+from agent.admin.names import canonical_name
 
 
 def _workload_problem(
@@ -31,12 +22,12 @@ def _workload_problem(
 ) -> str | None:
     wanted_ns, _, bare = name.rpartition("/")
     wanted_ns = wanted_ns or namespace or ""
-    known = sorted({f"{w.get('namespace')}/{canonical(w)}" for w in workloads})
+    known = sorted({f"{w.get('namespace')}/{canonical_name(w)}" for w in workloads})
     if any(k.endswith(f"/{bare}") and (not wanted_ns or k == f"{wanted_ns}/{bare}") for k in known):
         return None
     pods = [w for w in workloads if w.get("name") == bare and wanted_ns in ("", w.get("namespace"))]
     pod = (
-        f" (pod {bare} is in workload {pods[0].get('namespace')}/{canonical(pods[0])}: the "
+        f" (pod {bare} is in workload {pods[0].get('namespace')}/{canonical_name(pods[0])}: the "
         "metrics name the workload)"
         if pods
         else ""

@@ -44,8 +44,8 @@ from typing import Any, TextIO
 from urllib.parse import urlencode
 
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.admin.names import canonical_name
 from agent.base.resources import KINDS, WORKLOAD, ResourceError, split_resource
-from agent.telemetry.labels import CANONICAL_NAME_LABELS
 from agent.telemetry.tap import FilterError, RequestFilter
 
 POLL_WAIT = 5.0  # seconds an agent may hold a long-poll (the API allows up to 10)
@@ -143,15 +143,6 @@ def format_line(entry: Mapping[str, Any], node: str | None = None) -> str:
     return " ".join(cols).rstrip()
 
 
-def _canonical(workload: Mapping[str, Any]) -> str:
-    """A pod's workload name as requests carry it (``agent.telemetry.labels``)."""
-    labels = workload.get("labels") or {}
-    for key in CANONICAL_NAME_LABELS:
-        if value := labels.get(key):
-            return str(value)
-    return str(workload.get("name", ""))
-
-
 def _name_hint(
     option: str,
     wanted: str,
@@ -165,12 +156,12 @@ def _name_hint(
         return not namespace or item.get("namespace") == namespace
 
     workload_of = {f"{w.get('namespace')}/{w.get('name')}": w for w in workloads}
-    if any(_canonical(w) == name and here(w) for w in workloads):
+    if any(canonical_name(w) == name and here(w) for w in workloads):
         return None
     problem = f"{option} {wanted}: no workload of that name, so no request will match"
     pods = [w for w in workloads if w.get("name") == name and here(w)]
     if pods:
-        owner = _canonical(pods[0])
+        owner = canonical_name(pods[0])
         return (
             f"{problem}; pod {name} is in workload {pods[0].get('namespace')}/{owner} "
             f"(requests name the workload): use {option} {owner}"
@@ -179,7 +170,7 @@ def _name_hint(
         if service.get("name") == name and here(service):
             owners = sorted(
                 {
-                    _canonical(workload_of[e["workload"]])
+                    canonical_name(workload_of[e["workload"]])
                     for e in service.get("endpoints") or ()
                     if e.get("workload") in workload_of
                 }
@@ -189,7 +180,7 @@ def _name_hint(
                     f"{problem}; Service {service.get('namespace')}/{name} sends to workload "
                     f"{', '.join(owners)}: use {option} {owners[0]}"
                 )
-    known = sorted({f"{w.get('namespace')}/{_canonical(w)}" for w in workloads})
+    known = sorted({f"{w.get('namespace')}/{canonical_name(w)}" for w in workloads})
     return f"{problem}; workloads: {', '.join(known) or '(none)'}"
 
 

@@ -18,10 +18,11 @@ JSON-serialisable for the admin API); readers must not mutate it.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -221,10 +222,24 @@ def go_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
+def _one_of(choices: Iterable[object]) -> str:
+    """``use one of A, B, C``: the choices as a reader types them, not as a Python tuple."""
+    return f"use one of {', '.join(str(c) for c in choices)}"
+
+
+def _unknown_field(key: object, fields: Collection[str]) -> str:
+    """The reason of an unknown field, naming the near miss first (``path`` for ``paths``,
+    ``method`` for ``methods``): a typo is far likelier than a field from another version.
+    Compared case-insensitively, so ``Paths`` also finds ``paths``."""
+    names = {f.lower(): f for f in fields}
+    close = difflib.get_close_matches(key.lower(), names, n=1) if isinstance(key, str) else []
+    hint = f" (did you mean {names[close[0]]}?)" if close else ""
+    return f"unknown field{hint}; allowed fields: {', '.join(fields) or 'none'}"
+
+
 def _check_scalar(value: Any, schema: Mapping[str, Any], path: str) -> None:
     if "enum" in schema and value not in schema["enum"]:
-        allowed = ", ".join(repr(e) for e in schema["enum"])
-        raise PolicyError(path, f"{value!r} is not allowed; use one of {allowed}")
+        raise PolicyError(path, f"{value!r} is not allowed; {_one_of(schema['enum'])}")
     if isinstance(value, str):
         if len(value) < schema.get("minLength", 0):
             raise PolicyError(path, f"must have at least {schema['minLength']} characters")
@@ -263,8 +278,7 @@ def _check_object(value: Mapping[str, Any], schema: Mapping[str, Any], path: str
         elif isinstance(extra, Mapping):
             out[key] = _validate(item, extra, f"{path}.{key}")
         else:
-            allowed = ", ".join(props) or "none"
-            raise PolicyError(f"{path}.{key}", f"unknown field; allowed fields: {allowed}")
+            raise PolicyError(f"{path}.{key}", _unknown_field(key, props))
     for key, sub in props.items():
         if key not in out and "default" in sub:
             out[key] = copy.deepcopy(sub["default"])
@@ -372,12 +386,11 @@ def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
         )
     kind = manifest.get("kind")
     if kind not in POLICY_KINDS:
-        raise PolicyError(f"{path}.kind", f"{kind!r} is not allowed; use one of {POLICY_KINDS}")
+        raise PolicyError(f"{path}.kind", f"{kind!r} is not allowed; {_one_of(POLICY_KINDS)}")
     schema = crd_schemas()[kind]
     unknown = [key for key in manifest if key not in schema["properties"]]
     if unknown:  # the first in the manifest's order: keys need not even be strings
-        allowed = ", ".join(schema["properties"])
-        raise PolicyError(f"{path}.{unknown[0]}", f"unknown field; allowed fields: {allowed}")
+        raise PolicyError(f"{path}.{unknown[0]}", _unknown_field(unknown[0], schema["properties"]))
     name, namespace, dry_run, generation, uid = _metadata(manifest, path)
     if "spec" not in manifest:
         raise PolicyError(f"{path}.spec", "is required")

@@ -24,7 +24,7 @@ from typing import Any
 from agent.base.constants import ADMIN_PORT, METRICS_PORT
 from agent.base.durations import parse_duration
 from agent.base.resources import ResourceError, split_resource
-from agent.view import aggregate, golden, httptop, render
+from agent.view import aggregate, golden, httptop, render, targets
 from agent.view.aggregate import TCP_FAMILIES
 from agent.view.dashboard import Admin, Dashboard, server
 from agent.view.golden import REQUEST_FAMILIES
@@ -129,7 +129,9 @@ def _stat(args: argparse.Namespace) -> int:
     if args.namespace:
         rows = aggregate.in_namespace(rows, resource, args.namespace)
         requests = aggregate.in_namespace(requests, resource, args.namespace)
-    if args.json:
+    if name is not None and not rows and not requests:
+        _check_named(args, resource, name)
+    if args.json or args.output == "json":
         key = "service" if resource == "service" else "workload"
         print(
             json.dumps(
@@ -148,6 +150,23 @@ def _stat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_named(args: argparse.Namespace, resource: str, name: str) -> None:
+    """Refuse a NAME without rows that no workload or Service has, as kubectl refuses a missing
+    object; the first agent's state says (every agent holds the whole mesh's). An agent that
+    cannot be read leaves the empty table: idle and missing look alike then."""
+    admin = _admins(args)[0]
+    try:
+        workloads = json.loads(http_get(f"{admin.url.rstrip('/')}/workloads", admin.runner))
+        services = json.loads(http_get(f"{admin.url.rstrip('/')}/services", admin.runner))
+        problem = targets.missing(
+            resource, name, args.namespace, workloads["workloads"], services["services"]
+        )
+    except (ViewError, ValueError, KeyError, TypeError):
+        return
+    if problem is not None:
+        raise ViewError(problem)
+
+
 EDGE_KEYS = ["source", "sourcePrincipal", "destination", "destinationPrincipal"]
 
 
@@ -157,7 +176,7 @@ def _edges(args: argparse.Namespace) -> int:
     window = source.window(args.window, (*TCP_FAMILIES, golden.REQUESTS))
     rows = aggregate.aggregate(window, aggregate.by_edge)
     requests = golden.requests_by(window, aggregate.by_edge)
-    if args.json:
+    if args.json or args.output == "json":
         print(
             json.dumps(
                 [
@@ -202,7 +221,9 @@ class _Tapper:
 TAP_LIMIT = 1000  # the admin API's largest page
 
 
-def _top_admins(args: argparse.Namespace) -> list[Admin]:
+def _admins(args: argparse.Namespace) -> list[Admin]:
+    """``--admin``'s agents, else every lab node's (unless the metrics come from elsewhere),
+    else this node's."""
     if args.admin:
         return [Admin(a, f"http://{a}") for a in args.admin]
     if args.prometheus or args.agent:
@@ -215,7 +236,7 @@ def _top(args: argparse.Namespace) -> int:
     source = source_of(args)
     # Scraping the agents directly, each frame covers the time since the previous scrape.
     seconds = args.interval if isinstance(source, AgentSource) else args.window
-    tapper = _Tapper(_top_admins(args), args.window)
+    tapper = _Tapper(_admins(args), args.window)
     shown = 0
     with Screen(sys.stdout) as screen:
         try:
@@ -311,6 +332,18 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
     return run
 
 
+def _output(p: argparse.ArgumentParser, what: str) -> None:
+    """``-o json`` as the other commands (and kubectl) spell it; ``--json`` as before."""
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help=f"table (default) or {what}",
+    )
+    p.add_argument("--json", action="store_true", help="the same as -o json")
+
+
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     common = argparse.ArgumentParser(add_help=False)
     where = common.add_argument_group("where the metrics come from (first given wins)")
@@ -349,7 +382,14 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("name", nargs="?", help="only this workload (ns/name or name) or Service")
     p.add_argument("-n", "--namespace", help="only this namespace's workloads or Services")
     p.add_argument("--window", type=_seconds, default=60.0, help="e.g. 30s, 1m (default 1m)")
-    p.add_argument("--json", action="store_true", help="rows as JSON (exact counts)")
+    _output(p, "json: rows as JSON (exact counts)")
+    p.add_argument(
+        "--admin",
+        action="append",
+        metavar="HOST:PORT",
+        help="the agent's admin API that says whether NAME exists when it had no traffic; "
+        f"default a lab node's, else {LOCAL_ADMIN}",
+    )
     p.set_defaults(func=_guarded(_stat))
 
     p = subparsers.add_parser(
@@ -360,7 +400,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "whether their connections used mTLS, over --window.",
     )
     p.add_argument("--window", type=_seconds, default=60.0, help="e.g. 30s, 1m (default 1m)")
-    p.add_argument("--json", action="store_true", help="rows as JSON")
+    _output(p, "json: rows as JSON")
     p.set_defaults(func=_guarded(_edges))
 
     p = subparsers.add_parser(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.view.aggregate import Figures, Key, mtls_word
+from agent.view.aggregate import UNKNOWN, Figures, Key, mtls_word
 from agent.view.golden import RequestFigures
 
 Cell = Callable[[Key, Figures], str]
@@ -60,10 +60,14 @@ def table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def render(
-    keys: Sequence[str], columns: Sequence[Column], rows: Iterable[tuple[Key, Figures]]
+    keys: Sequence[str],
+    columns: Sequence[Column],
+    rows: Iterable[tuple[Key, Figures]],
+    shown: Callable[[Key], Key] = lambda k: k,
 ) -> list[str]:
-    """Header and one line per row: the key's parts, then the columns."""
-    body = [[*k, *(c.cell(k, f) for c in columns)] for k, f in rows]
+    """Header and one line per row: the key's parts (as ``shown`` words them), then the
+    columns."""
+    body = [[*shown(k), *(c.cell(k, f) for c in columns)] for k, f in rows]
     if not body:
         return ["(no traffic in the window)"]
     return table([[*keys, *(c.header for c in columns)], *body])
@@ -121,7 +125,25 @@ def stat_lines(
     if requests:  # TCP_COLUMNS' DENIED (connections) gives way to one with requests too
         columns = (*request_columns(requests), *TCP_COLUMNS[:-1], denied_column(requests))
     keys = set(rows) | set(requests)
-    return render([header], columns, sorted((k, rows.get(k, Figures())) for k in keys))
+    ordered = sorted((k, rows.get(k, Figures())) for k in keys)
+    if resource != "service":
+        return render([header], columns, ordered)
+    lines = render([header], columns, ordered, _service_shown)
+    return [*lines, NO_SERVICE_NOTE] if (UNKNOWN,) in keys else lines
+
+
+# The metrics' destination_service is "unknown" (Istio's and ztunnel's word for a label not known)
+# when the address dialled is no Service's: the label keeps Istio's value, the table says what it
+# means (agent.telemetry.labels).
+NO_SERVICE_ROW = f"{UNKNOWN} (no Service)"
+NO_SERVICE_NOTE = (
+    f"{NO_SERVICE_ROW}: traffic to an address no Service holds (the IP of a pod that backs no "
+    f'Service, or a destination outside the mesh); destination_service="{UNKNOWN}" in the metrics'
+)
+
+
+def _service_shown(key: Key) -> Key:
+    return (NO_SERVICE_ROW,) if key == (UNKNOWN,) else key
 
 
 EDGE_COLUMNS = (

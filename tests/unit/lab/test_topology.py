@@ -202,7 +202,8 @@ def test_a_refused_apply_names_the_users_file_and_document_and_keeps_the_old_ver
         control.apply("unit", [ROUTE, typo], state_root=recorded, source="deny.yaml")
     assert str(refused.value).startswith(
         "deny.yaml: document 2 (AuthorizationPolicy default/no-admin): "
-        "spec.rules[0].to[0].operation.path: unknown field; allowed fields: "
+        "spec.rules[0].to[0].operation.path: unknown field (did you mean paths?); allowed "
+        "fields: "
     )
     assert str(refused.value).endswith("nothing was applied; lab unit keeps its previous objects")
     kept = [m for m in labdir.read_cluster().policy_manifests if m["kind"] == "AuthorizationPolicy"]

@@ -152,7 +152,7 @@ def test_istio_accepts_these_and_so_do_we(field: str, value: Any) -> None:
 
 
 REJECTED = [
-    (AUTHZ, "spec.action", "ALLOWED", "p.spec.action", "use one of 'ALLOW', 'DENY', 'AUDIT'"),
+    (AUTHZ, "spec.action", "ALLOWED", "p.spec.action", "use one of ALLOW, DENY, AUDIT"),
     (AUTHZ, "spec.rules.0.from.0.source", {}, "p.spec.rules[0].from[0].source", "at least 1"),
     (
         AUTHZ,
@@ -196,9 +196,22 @@ REJECTED = [
         "route with a Gateway API HTTPRoute or GRPCRoute, balance, retry and eject with a "
         "TrafficPolicy",
     ),
-    (AUTHZ, "kind", "Sidecar", "p.kind", "TrafficPolicy"),
+    (
+        AUTHZ,
+        "kind",
+        "Sidecar",
+        "p.kind",
+        "use one of AuthorizationPolicy, PeerAuthentication, TrafficPolicy, RateLimitPolicy, "
+        "HTTPFault",
+    ),
     (AUTHZ, "extra", 1, "p.extra", "unknown field"),
-    (PEERAUTH, "spec.mtls.mode", "DISABLE", "p.spec.mtls.mode", "'UNSET', 'PERMISSIVE', 'STRICT'"),
+    (
+        PEERAUTH,
+        "spec.mtls.mode",
+        "DISABLE",
+        "p.spec.mtls.mode",
+        "use one of UNSET, PERMISSIVE, STRICT",
+    ),
     (
         PEERAUTH,
         "spec.portLevelMtls",
@@ -208,7 +221,7 @@ REJECTED = [
     ),
     (PEERAUTH, "spec.selector", ..., "p.spec", "portLevelMtls needs a selector"),
     (TRAFFIC, "spec.targetRef", ..., "p.spec.targetRef", "is required"),
-    (TRAFFIC, "spec.targetRef.kind", "Pod", "p.spec.targetRef.kind", "'Service'"),
+    (TRAFFIC, "spec.targetRef.kind", "Pod", "p.spec.targetRef.kind", "use one of Service"),
     (
         TRAFFIC,
         "spec.connectionPool.connectTimeout",
@@ -368,6 +381,47 @@ def test_invalid_samples_are_rejected_with_path(
         validate_policy(_with(base, field, value), path="p")
     assert info.value.path == path
     assert reason in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("field", "path", "suggested"),
+    [
+        ("spec.rules.0.to.0.operation.path", "p.spec.rules[0].to[0].operation.path", "paths"),
+        ("spec.rules.0.to.0.operation.method", "p.spec.rules[0].to[0].operation.method", "methods"),
+        ("spec.rules.0.to.0.operation.Paths", "p.spec.rules[0].to[0].operation.Paths", "paths"),
+        (
+            "spec.rules.0.from.0.source.principal",
+            "p.spec.rules[0].from[0].source.principal",
+            "principals",
+        ),
+        ("specs", "p.specs", "spec"),
+    ],
+)
+def test_a_near_miss_unknown_field_names_the_field_meant(
+    field: str, path: str, suggested: str
+) -> None:
+    """A typo gets the near miss, as an unknown pod annotation does, at the field's full path."""
+    with pytest.raises(PolicyError) as info:
+        validate_policy(_with(AUTHZ, field, ["x"]), path="p")
+    assert info.value.path == path
+    assert info.value.reason.startswith(f"unknown field (did you mean {suggested}?); allowed ")
+
+
+def test_an_unknown_field_like_none_gets_no_guess() -> None:
+    with pytest.raises(PolicyError) as info:
+        validate_policy(_with(AUTHZ, "spec.rules.0.to.0.operation.zzz", ["x"]), path="p")
+    assert info.value.reason == (
+        "unknown field; allowed fields: ports, notPorts, hosts, notHosts, methods, notMethods, "
+        "paths, notPaths"
+    )
+
+
+@pytest.mark.parametrize(("field", "value"), [("kind", "Sidecar"), ("spec.action", "ALLOWED")])
+def test_choices_are_listed_as_typed_not_as_a_python_tuple(field: str, value: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        validate_policy(_with(AUTHZ, field, value), path="p")
+    choices = info.value.reason.partition("; use one of ")[2]
+    assert choices and not any(c in choices for c in "()'\"")
 
 
 def _check_structural(schema: Mapping[str, Any], where: str) -> None:

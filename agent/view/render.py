@@ -167,15 +167,19 @@ def path_lines(
     rows: Sequence[tuple[Key, Figures]], requests: Mapping[Key, RequestFigures] | None = None
 ) -> list[str]:
     """``top``'s busiest paths (source, destination, Service); ``requests`` (keyed as ``rows``)
-    adds the requests an L7 policy refused on each to ``DENIED``."""
+    adds the requests an L7 policy refused on each to ``DENIED``. The ``unknown`` Service is
+    worded and explained as in ``stat``'s table."""
 
     def arrow(k: Key) -> Key:
         return (f"{k[0]} -> {k[1]}", k[2])
 
+    def shown(k: Key) -> Key:
+        return (k[0], NO_SERVICE_ROW) if k[1] == UNKNOWN else k
+
     denied = denied_column({arrow(k): r for k, r in (requests or {}).items()})
-    return render(
-        ["PATH", "SERVICE"], (*TCP_COLUMNS[:-1], denied), [(arrow(k), f) for k, f in rows]
-    )
+    shown_rows = [(arrow(k), f) for k, f in rows]
+    lines = render(["PATH", "SERVICE"], (*TCP_COLUMNS[:-1], denied), shown_rows, shown)
+    return [*lines, NO_SERVICE_NOTE] if any(k[2] == UNKNOWN for k, _ in rows) else lines
 
 
 def figures_json(key_names: Sequence[str], key: Key, f: Figures) -> dict[str, Any]:

@@ -153,3 +153,15 @@ def test_the_unknown_service_row_says_what_it_is() -> None:
     assert "a pod that backs no Service" in lines[3] and 'destination_service="unknown"' in lines[3]
     assert render.NO_SERVICE_NOTE not in render.stat_lines("service", {("web",): f})
     assert render.stat_lines("workload", {("default/web",): f})[-1].startswith("default/web ")
+
+
+def test_tops_busiest_paths_word_the_unknown_service_as_stat_does() -> None:
+    f = Figures(opened=2, seconds=60)
+    lines = render.path_lines(
+        [(("default/a", "default/b", "unknown"), f), (("default/a", "default/c", "c.svc"), f)]
+    )
+    assert "default/a -> default/b  unknown (no Service) " in lines[1]
+    assert "default/a -> default/c  c.svc " in lines[2]
+    assert lines[3] == render.NO_SERVICE_NOTE
+    known = render.path_lines([(("default/a", "default/c", "c.svc"), f)])
+    assert render.NO_SERVICE_NOTE not in known

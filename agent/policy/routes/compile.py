@@ -695,7 +695,9 @@ def _redirect(body: Mapping[str, Any], path: str) -> Redirect:
         raise RouteError(f"{path}.scheme", f"{scheme!r}: use http or https")
     status = body.get("statusCode", 302)
     if status not in REDIRECT_CODES:
-        raise RouteError(f"{path}.statusCode", f"{status!r}: use one of {REDIRECT_CODES}")
+        raise RouteError(
+            f"{path}.statusCode", f"{status!r}: use one of {', '.join(map(str, REDIRECT_CODES))}"
+        )
     port = body.get("port")
     hostname = body.get("hostname")
     return Redirect(

@@ -121,7 +121,9 @@ def make_balancer(name: str, rng: random.Random) -> Balancer:
     try:
         return _BY_NAME[name](rng)
     except KeyError as e:
-        raise ValueError(f"unknown load balancer {name!r}; use one of {sorted(_BY_NAME)}") from e
+        raise ValueError(
+            f"unknown load balancer {name!r}; use one of {', '.join(sorted(_BY_NAME))}"
+        ) from e
 
 
 def prefer_local(

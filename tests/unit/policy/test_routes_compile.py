@@ -153,7 +153,7 @@ def _compiled(rules: list[dict[str, Any]], **kw: Any) -> Route:
         (
             [{"filters": [{"type": "RequestRedirect", "requestRedirect": {"statusCode": 200}}]}],
             "spec.rules[0].filters[0].requestRedirect.statusCode",
-            "301",
+            "use one of 301, 302, 303, 307, 308",
         ),
         (
             [

@@ -98,8 +98,9 @@ def test_random_is_roughly_uniform():
 
 
 def test_unknown_balancer_is_named():
-    with pytest.raises(ValueError, match="unknown load balancer 'FASTEST'"):
+    with pytest.raises(ValueError, match="unknown load balancer 'FASTEST'") as e:
         make_balancer("FASTEST", random.Random(0))
+    assert "use one of LEAST_CONNECTIONS, PEAK_EWMA, RANDOM, ROUND_ROBIN" in str(e.value)
 
 
 def test_prefer_local_keeps_local_endpoints_and_falls_back():

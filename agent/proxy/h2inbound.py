@@ -76,7 +76,7 @@ class H2Session(PodShell[H2Exchange]):
             await asyncio.gather(client, return_exceptions=True)
         await self._to_pod.idle.wait()
         await self._to_client.idle.wait()
-        self.down.write_eof()
+        await self.close()
 
     # -- the client's side -----------------------------------------------------------------
     async def _client_side(self) -> None:

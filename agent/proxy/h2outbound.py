@@ -278,7 +278,7 @@ class H2SourceSession(CallbackShell):
         self.conn_id = core.registry.add(self.record, cancel_current_task())
         clean = False
         try:
-            self._moved()  # our SETTINGS
+            self._moved()  # (our SETTINGS wait for the client preface: ``PrefaceSniff``)
             self._resume_client()
             await self._ended
             await self._to_client.idle.wait()  # what the proxy answered last

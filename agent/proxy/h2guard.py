@@ -15,6 +15,7 @@ open too long (``block_open``: the shell's timer, like HTTP/1.1's header timeout
 
 from __future__ import annotations
 
+import re
 import struct
 
 FRAME_HEADER = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream
@@ -95,3 +96,51 @@ class HeaderBlockGuard:
         if flags & FLAG_END_HEADERS:
             self._block = None
         return None
+
+
+# What a port declared HTTP/2 answers an HTTP/1.x request (``PrefaceSniff``): HTTP/1.1, which
+# the client reads, not frames it would take for HTTP/0.9.
+HTTP1_ON_H2 = "http1_on_h2_port"  # a cause of its own in nodemesh_http_rejected_requests_total
+HTTP1_ON_H2_DETAIL = (
+    "an HTTP/1.x request on a port declared HTTP/2 (h2c with prior knowledge) by its Service's"
+    " appProtocol (http2, kubernetes.io/h2c, grpc) or name (http2-*, grpc-*); send HTTP/2 with"
+    " prior knowledge (curl --http2-prior-knowledge), or declare the port http (appProtocol"
+    " http or a name http-*)"
+)
+_HTTP1_BODY = HTTP1_ON_H2_DETAIL.encode() + b"\n"
+HTTP1_ON_H2_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+    b"connection: close\r\n\r\n" % len(_HTTP1_BODY)
+) + _HTTP1_BODY
+
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST_LINE = re.compile(_TOKEN + rb" [\x21-\x7e\x80-\xff]+ HTTP/1\.[0-9]\r?\n")
+_LINE_SO_FAR = re.compile(_TOKEN + rb"( [\x21-\x7e\x80-\xff]*( [\x21-\x7e]*\r?)?)?")
+MAX_REQUEST_LINE = 8192  # a first line still unfinished past this is no request line we name
+
+
+class PrefaceSniff:
+    """The first bytes of a connection on a port declared HTTP/2: the client preface, or an
+    HTTP/1.x request line (a client that was not told the port is HTTP/2), or neither.
+
+    Why: without it the proxy's SETTINGS and GOAWAY frames go back to an HTTP/1.1 client, which
+    shows them as garbage (curl: ``Received HTTP/0.9``) instead of a reason. ``feed`` holds the
+    bytes until it can tell (``MORE``); ``held`` is then all that came, to be parsed as HTTP/2
+    unless it was ``HTTP1``. Neither preface nor request line (``OTHER``) is left to the HTTP/2
+    parser, whose protocol error it is."""
+
+    MORE, H2, HTTP1, OTHER = "more", "h2", "http1", "other"
+
+    def __init__(self) -> None:
+        self.held = b""
+
+    def feed(self, data: bytes) -> str:
+        buf = self.held = self.held + data
+        n = min(len(buf), len(CLIENT_PREFACE))
+        if buf[:n] == CLIENT_PREFACE[:n]:
+            return self.H2 if n == len(CLIENT_PREFACE) else self.MORE
+        end = buf.find(b"\n")
+        if end < 0:
+            plausible = len(buf) < MAX_REQUEST_LINE and _LINE_SO_FAR.fullmatch(buf)
+            return self.MORE if plausible else self.OTHER
+        return self.HTTP1 if _REQUEST_LINE.fullmatch(buf, 0, end + 1) else self.OTHER

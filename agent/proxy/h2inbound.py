@@ -63,7 +63,7 @@ class H2Session(PodShell[H2Exchange]):
 
     async def serve(self) -> None:
         """Serve streams until both sides closed or the proxy is done with the connection."""
-        self._moved()  # both prefaces and SETTINGS
+        self._moved()  # the pod's preface and SETTINGS (the client's wait for its preface)
         self._resume_upstream()
         client = asyncio.create_task(self._client_side(), name="h2-client")
         client.add_done_callback(self._client_done)
@@ -76,7 +76,7 @@ class H2Session(PodShell[H2Exchange]):
             await asyncio.gather(client, return_exceptions=True)
         await self._to_pod.idle.wait()
         await self._to_client.idle.wait()
-        self.down.write_eof()
+        await self.close()
 
     # -- the client's side -----------------------------------------------------------------
     async def _client_side(self) -> None:

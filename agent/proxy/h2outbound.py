@@ -109,6 +109,7 @@ from agent.proxy.httpshell import (
     Outbox,
     try_send,
 )
+from agent.proxy.linger import linger_socket
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import Route, ServiceTarget
 from agent.proxy.tunnel import TunnelError, TunnelStream
@@ -158,6 +159,7 @@ class H2SourceSession(CallbackShell):
         self.where = f"{src} -> {target.vip}:{target.port.port}"
         self.proxy = H2Proxy(_allow, pick=self._pick, admit=self._admit, direct=self._direct)
         self.conn_id = 0
+        self.refused = False  # the proxy refused bad input: the close lingers (``linger``)
         self._upstreams: dict[int, Upstream] = {}
         self._routes: dict[Endpoint, ConnectionRecord] = {}  # the record of each one's route
         self._reached: set[Endpoint] = set()  # those whose upstream is (or was) open
@@ -276,7 +278,7 @@ class H2SourceSession(CallbackShell):
         self.conn_id = core.registry.add(self.record, cancel_current_task())
         clean = False
         try:
-            self._moved()  # our SETTINGS
+            self._moved()  # (our SETTINGS wait for the client preface: ``PrefaceSniff``)
             self._resume_client()
             await self._ended
             await self._to_client.idle.wait()  # what the proxy answered last
@@ -303,8 +305,11 @@ class H2SourceSession(CallbackShell):
                 self._close(uid)
             core.registry.remove(self.conn_id)
             if clean:
-                with contextlib.suppress(OSError):
-                    self.client.shutdown(socket.SHUT_WR)
+                if self.refused:  # discard what the client still sends, so the answer arrives
+                    await linger_socket(self.client)
+                else:
+                    with contextlib.suppress(OSError):
+                        self.client.shutdown(socket.SHUT_WR)
                 self.client.close()
             else:
                 sockets.abort(self.client)
@@ -529,6 +534,7 @@ class H2SourceSession(CallbackShell):
                     tried.status = 502
                 self._report_destination(connection, tried, h2_request_record(tried), tried.flags)
         for cause in self.proxy.take_rejections():
+            self.refused = True
             refusal = self.proxy.refusal  # what broke which limit, as HTTP/1.1's line says
             core.registry.http_rejected(cause, f"{self.where}: {refusal}")
         for copy in self.proxy.take_mirrors():

@@ -94,7 +94,12 @@ from h2.settings import SettingCodes, Settings
 from hpack import NeverIndexedHeaderTuple
 
 from agent.policy.traffic.attempts import REFUSED
-from agent.proxy.h2guard import HeaderBlockGuard
+from agent.proxy.h2guard import (
+    HTTP1_ON_H2,
+    HTTP1_ON_H2_ANSWER,
+    HeaderBlockGuard,
+    PrefaceSniff,
+)
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2wire import (
     GracefulH2Connection,
@@ -441,6 +446,34 @@ class H2Core:
         self._opened = 0  # streams the client opened
         self._premature_resets = 0  # of them, reset by the client before their response
         self._empty_frames = 0  # consecutive empty DATA frames without END_STREAM
+        # Until the client's preface came nothing of ours goes to it (``_opening``), so that an
+        # HTTP/1.x client is answered in HTTP/1.1 alone.
+        self._sniff: PrefaceSniff | None = PrefaceSniff()
+        self._http1_answer = b""  # the 400 an HTTP/1.x client gets, until taken
+
+    def _opening(self, data: bytes) -> bytes | None:
+        """The client's bytes to parse as HTTP/2, or None while its first bytes are held (not
+        yet the whole preface) or were an HTTP/1.x request (refused: ``HTTP1_ON_H2``)."""
+        sniff = self._sniff
+        assert sniff is not None
+        verdict = sniff.feed(data)
+        if verdict == PrefaceSniff.MORE:
+            return None
+        if verdict == PrefaceSniff.HTTP1:
+            line = sniff.held.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
+            why = "on a port declared HTTP/2: send h2c prior knowledge or declare it http"
+            self._reject(HTTP1_ON_H2, f"{bounded(line, 28)} {why}")
+            self._http1_answer = HTTP1_ON_H2_ANSWER
+            self.closing = True
+            return None
+        self._sniff = None
+        return sniff.held
+
+    def _held_output(self) -> bytes:
+        """While the preface is awaited, what may go to the client: the 400 of an HTTP/1.x
+        request, once, or nothing."""
+        out, self._http1_answer = self._http1_answer, b""
+        return out
 
     def _replies_over(self) -> str | None:
         """What broke the limit when the replies queued (PING/SETTINGS ACKs, RST_STREAMs) are
@@ -602,6 +635,8 @@ class H2Proxy(H2Core):
 
     # -- the shell's interface ---------------------------------------------------------------
     def take_to_client(self) -> bytes:
+        if self._sniff is not None:  # the client's preface not seen yet
+            return self._held_output()
         self._to_client += self.client.data_to_send()
         out, self._to_client = bytes(self._to_client), bytearray()
         self._unsent_replies = 0
@@ -650,6 +685,11 @@ class H2Proxy(H2Core):
         if not data:
             self._abort_all(DOWNSTREAM_CLOSED)
             return
+        if self._sniff is not None:  # the client's first bytes: its preface?
+            opened = self._opening(data)
+            if opened is None:
+                return
+            data = opened
         if not self._guard(data):
             return
         self._to_client += self.client.data_to_send()  # ours, not replies to these bytes

@@ -241,6 +241,8 @@ class H2Relay(H2Core):
 
     # -- the shell's interface ---------------------------------------------------------------
     def take_to_client(self) -> bytes:
+        if self._sniff is not None:  # the client's preface not seen yet
+            return self._held_output()
         out, self.client.out = bytes(self.client.out), bytearray()
         self._unsent_replies = 0
         return out
@@ -260,6 +262,11 @@ class H2Relay(H2Core):
         if not data:
             self._abort_all(DOWNSTREAM_CLOSED)
             return
+        if self._sniff is not None:  # the client's first bytes: its preface?
+            opened = self._opening(data)
+            if opened is None:
+                return
+            data = opened
         if not self._guard(data):
             return
         try:

@@ -59,6 +59,7 @@ from agent.proxy.httpshell import (
     require_non_blocking,
     try_send,
 )
+from agent.proxy.linger import linger
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.tunnel import Sink, TunnelStream
 from agent.state import Workload
@@ -201,6 +202,7 @@ class PodShell(CallbackShell, Generic[E]):
         # Where a finished request goes (a same-node pod port's reports it twice: ``samenode``)
         self.report: Callable[[ConnectionRecord, RequestRecord], None] = core.registry.request_done
         self._upstream_eof = False
+        self.refused = False  # the proxy refused bad input: the close lingers (``close``)
         self._to_client = Outbox(
             down.try_write, down.write, self._resume_upstream, self._client_write_failed
         )
@@ -272,6 +274,7 @@ class PodShell(CallbackShell, Generic[E]):
             for exchange in completed:
                 report(self.record, record_of(exchange))
         for cause in proxy.take_rejections():
+            self.refused = True
             self.core.registry.http_rejected(cause, self._rejected_detail())
         started = proxy.head_started
         if started != self._head.started and not proxy.closing:
@@ -283,6 +286,14 @@ class PodShell(CallbackShell, Generic[E]):
     def _rejected_detail(self) -> str:
         """What the log line of a refusal names: the connection (and what HTTP/1.1 answered)."""
         return self.where
+
+    async def close(self) -> None:
+        """End the client's side once the answers are written: FIN; after a refusal, discard
+        what the client still sends for a bounded while (``agent.proxy.linger``) so that
+        closing with its bytes unread does not reset the answer away."""
+        self.down.write_eof()
+        if self.refused:
+            await linger(self.down.read)
 
     @abstractmethod
     def _after_input(self) -> bool:
@@ -341,7 +352,7 @@ class HttpSession(PodShell[Exchange]):
         if self.proxy.tunnel:
             await self.down.relay(self.upstream, self.record)
         else:
-            self.down.write_eof()
+            await self.close()
 
     # -- the client's side: a task ---------------------------------------------------------
     async def _client_side(self) -> None:

@@ -117,6 +117,7 @@ from agent.proxy.http_router import (
 )
 from agent.proxy.httpidle import IdleTimer, closed
 from agent.proxy.httpshell import HEADER_TIMEOUT, READ_SIZE, HeadTimer, try_send
+from agent.proxy.linger import linger_socket
 from agent.proxy.records import cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.resolve import Route, ServiceTarget
@@ -526,6 +527,8 @@ class HttpOutbound:
         finally:
             core.registry.remove(conn_id)
             if clean:
+                if conn.refused:  # discard what the client still sends, so the answer arrives
+                    await linger_socket(client)
                 client.close()
             else:
                 sockets.abort(client)
@@ -567,6 +570,7 @@ class _ClientConnection:
         # None, else the connect to the endpoint it chose.
         self._resume: tuple[_Request, _Opening | None] | None = None
         self.client_gone = False  # a send to the client failed
+        self.refused = False  # the codec refused bad input: the close lingers (``linger``)
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
         self.timer: asyncio.TimerHandle | None = None  # the attached try's timeout
@@ -776,6 +780,7 @@ class _ClientConnection:
         for copy in codec.take_mirrors():
             self._mirror(copy)
         for cause in codec.take_rejections():
+            self.refused = True
             where = f"{self.record.source} -> {self.service}"
             detail = where if codec.refusal is None else f"{where}: {codec.refusal}"
             self.core.registry.http_rejected(cause, detail)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 import struct
 
@@ -44,17 +46,50 @@ async def connect(
 ) -> socket.socket:
     """A connected, non-blocking upstream socket; raises OSError or TimeoutError.
 
-    ``asyncio.timeout`` rather than ``wait_for``: the connect runs in the caller's task, where
-    ``wait_for`` (Python 3.11) wrapped it in a task of its own with a waiter future, for every
-    proxied connection."""
+    ``address`` is numeric (an IP and a port). Not ``loop.sock_connect``: uvloop's resolves
+    every address with ``getaddrinfo`` in libuv's thread pool first (it passes no socket type,
+    so its numeric fast path does not apply): per proxied connection a future, a worker
+    thread woken and the loop woken back through its eventfd, before the ``connect`` call. Nor
+    ``asyncio.timeout``/``wait_for`` around it: a timer handle on the waiter does the same
+    with no task (``wait_for`` made one in Python 3.11) and no context manager. The connect
+    runs in the caller's task: ``connect`` itself, then (when it is in progress, as it is
+    even on loopback) one writer until the socket is writable, then its ``SO_ERROR``."""
     sock = upstream_socket(mark, source_ip)
     try:
-        async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, address)
+        err = sock.connect_ex(address)
+        if err in _IN_PROGRESS:
+            err = await _finished(sock, timeout)
+        if err:
+            raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EINTR})
+
+
+async def _finished(sock: socket.socket, timeout: float) -> int:
+    """Wait for an in-progress connect to end: its error (0: connected), or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    waiter: asyncio.Future[bool] = loop.create_future()
+    loop.add_writer(fd, _wake, waiter, True)
+    timer = loop.call_later(timeout, _wake, waiter, False)
+    try:
+        writable = await waiter
+    finally:
+        timer.cancel()
+        loop.remove_writer(fd)
+    if not writable:
+        raise TimeoutError(f"connect did not finish in {timeout:g}s")
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+
+def _wake(waiter: asyncio.Future[bool], writable: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(writable)
 
 
 def captured_addresses(

@@ -1,8 +1,8 @@
 """What opening one proxied connection costs, counted (never timed): the upstream connect runs
-in the caller's task, a transparent upstream socket leaves its port to ``connect`` (no bind-time
-search of the port range), the peer's SPIFFE ID is read from its certificate once per HBONE
-connection, not once per stream, and what several streams write in one pass of the loop goes out
-in one write on their HBONE connection."""
+in the caller's task without resolving its numeric address, a transparent upstream socket leaves
+its port to ``connect`` (no bind-time search of the port range), the peer's SPIFFE ID is read
+from its certificate once per HBONE connection, not once per stream, and what several streams
+write in one pass of the loop goes out in one write on their HBONE connection."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Coroutine, Generator
 from typing import Any
 
 import pytest
+import uvloop
 
 from agent.identity.tls import PeerIdentityError
 from agent.proxy import hbone_events as ev
@@ -41,6 +42,44 @@ def test_the_upstream_connect_creates_no_task() -> None:
         assert created == []
 
     asyncio.run(main())
+
+
+class _CountingLoop(uvloop.Loop):
+    """uvloop's loop, counting what an upstream connect asks of it beyond the connect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
+        self.asked.append("getaddrinfo")
+        return await super().getaddrinfo(*args, **kwargs)
+
+    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> Any:  # type: ignore[override]
+        self.asked.append("run_in_executor")
+        return super().run_in_executor(executor, func, *args)
+
+
+def test_the_upstream_connect_resolves_nothing() -> None:
+    """uvloop's ``sock_connect`` ran ``getaddrinfo`` in libuv's thread pool for the numeric
+    address of every upstream connect (a future, a worker thread, the loop woken back); the
+    proxy's connect goes straight to ``connect``, and a refused one still raises its error."""
+    loop = _CountingLoop()
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sock = await sockets.connect(server.getsockname(), mark=0, timeout=5.0)
+            with sock:
+                assert sock.getpeername() == server.getsockname()
+            port = server.getsockname()[1]
+        with pytest.raises(ConnectionRefusedError):
+            await sockets.connect(("127.0.0.1", port), mark=0, timeout=5.0)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert loop.asked == []
 
 
 def test_a_transparent_upstream_socket_gets_its_port_from_connect() -> None:

@@ -280,7 +280,13 @@ class _TunnelRelay(_Relay):
     )
 
     def __init__(
-        self, record: ConnectionRecord, sock: socket.socket, stream: TunnelStream, *, outbound: bool
+        self,
+        record: ConnectionRecord,
+        sock: socket.socket,
+        stream: TunnelStream,
+        *,
+        outbound: bool,
+        reader_held: bool = False,
     ) -> None:
         super().__init__(record)
         self.sock, self.stream = sock, stream
@@ -292,6 +298,9 @@ class _TunnelRelay(_Relay):
         self.stream_changed()  # bytes, the end or an error may have come before the relay
         if not self.done.done():
             self._read(True)
+        if reader_held and not self._reading:
+            # ``sockets.connect(hold_reader=True)``'s placeholder, not replaced by ours.
+            self.loop.remove_reader(self._fd)
 
     def ends(self) -> tuple[socket.socket, TunnelStream]:
         return self.sock, self.stream
@@ -399,11 +408,16 @@ def start_tunnel(
     owner: Owner,
     *,
     outbound: bool,
+    reader_held: bool = False,
 ) -> asyncio.Future[None]:
     """``relay_tunnel`` without a task: returns its ``done`` (see ``_Relay.detach``); the
-    stream is finished (reset unless both halves ended) before ``owner`` is told."""
+    stream is finished (reset unless both halves ended) before ``owner`` is told.
+    ``reader_held``: ``sock`` came from ``sockets.connect(hold_reader=True)``; the relay's
+    reader takes the held one's place (or drops it)."""
     return _in_empty_context(
-        lambda: _tunnel_relay(sock, stream, record, outbound=outbound).detach(owner)
+        lambda: _TunnelRelay(
+            record, sock, stream, outbound=outbound, reader_held=reader_held
+        ).detach(owner)
     )
 
 

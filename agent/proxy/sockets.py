@@ -42,7 +42,12 @@ def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:
 
 
 async def connect(
-    address: tuple[str, int], *, mark: int, timeout: float, source_ip: str | None = None
+    address: tuple[str, int],
+    *,
+    mark: int,
+    timeout: float,
+    source_ip: str | None = None,
+    hold_reader: bool = False,
 ) -> socket.socket:
     """A connected, non-blocking upstream socket; raises OSError or TimeoutError.
 
@@ -53,12 +58,19 @@ async def connect(
     ``asyncio.timeout``/``wait_for`` around it: a timer handle on the waiter does the same
     with no task (``wait_for`` made one in Python 3.11) and no context manager. The connect
     runs in the caller's task: ``connect`` itself, then (when it is in progress, as it is
-    even on loopback) one writer until the socket is writable, then its ``SO_ERROR``."""
+    even on loopback) one writer until the socket is writable, then its ``SO_ERROR``.
+
+    ``hold_reader``: the caller puts a reader on the socket before it next awaits (a relay).
+    The connect's writer is then swapped for a placeholder reader rather than removed, so
+    uvloop keeps the descriptor's poll handle for the relay's reader: making and closing one
+    is an ``ioctl`` and about seven ``epoll_ctl`` calls, twice per connection before. The
+    caller replaces the placeholder (``add_reader``) or drops it (``release``) before it
+    closes the socket; should the loop poll first, the placeholder removes itself."""
     sock = upstream_socket(mark, source_ip)
     try:
         err = sock.connect_ex(address)
         if err in _IN_PROGRESS:
-            err = await _finished(sock, timeout)
+            err = await _finished(sock, timeout, hold_reader)
         if err:
             raise OSError(err, os.strerror(err))
     except BaseException:
@@ -70,7 +82,7 @@ async def connect(
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EINTR})
 
 
-async def _finished(sock: socket.socket, timeout: float) -> int:
+async def _finished(sock: socket.socket, timeout: float, hold_reader: bool) -> int:
     """Wait for an in-progress connect to end: its error (0: connected), or TimeoutError."""
     loop = asyncio.get_running_loop()
     fd = sock.fileno()
@@ -78,18 +90,32 @@ async def _finished(sock: socket.socket, timeout: float) -> int:
     loop.add_writer(fd, _wake, waiter, True)
     timer = loop.call_later(timeout, _wake, waiter, False)
     try:
-        writable = await waiter
+        if not await waiter:
+            raise TimeoutError(f"connect did not finish in {timeout:g}s")
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err and hold_reader:
+            loop.add_reader(fd, _unclaimed, loop, fd)  # before the writer goes: see ``connect``
     finally:
         timer.cancel()
         loop.remove_writer(fd)
-    if not writable:
-        raise TimeoutError(f"connect did not finish in {timeout:g}s")
-    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    return err
 
 
 def _wake(waiter: asyncio.Future[bool], writable: bool) -> None:
     if not waiter.done():
         waiter.set_result(writable)
+
+
+def _unclaimed(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """A held reader nobody took over before the loop polled: step aside (the bytes wait in
+    the socket for whoever reads it next)."""
+    loop.remove_reader(fd)
+
+
+def release(sock: socket.socket) -> None:
+    """Close a socket ``connect(hold_reader=True)`` returned, dropping its held reader."""
+    asyncio.get_running_loop().remove_reader(sock.fileno())
+    sock.close()
 
 
 def captured_addresses(

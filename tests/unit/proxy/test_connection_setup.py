@@ -269,3 +269,36 @@ def test_a_draining_connection_sends_the_last_streams_end_before_it_closes() -> 
         assert any(_ends_stream(w, stream.stream_id) for w in to_server.writes[:-1])
 
     asyncio.run(main())
+
+
+def test_a_held_reader_nobody_takes_over_steps_aside_and_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``connect(hold_reader=True)`` leaves a placeholder reader for the relay to take over;
+    if the loop polls before anyone does, the placeholder removes itself (no busy loop on a
+    readable socket) and the bytes wait in the socket."""
+    runs: list[int] = []
+    unclaimed = sockets._unclaimed
+
+    def counting(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        runs.append(fd)
+        unclaimed(loop, fd)
+
+    monkeypatch.setattr(sockets, "_unclaimed", counting)
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sock = await sockets.connect(
+                server.getsockname(), mark=0, timeout=5.0, hold_reader=True
+            )
+            accepted, _ = server.accept()
+            with accepted:
+                accepted.sendall(b"first")
+                for _ in range(20):  # polls: the placeholder runs once, then is gone
+                    await asyncio.sleep(0.01)
+                assert runs == [sock.fileno()]
+                assert sock.recv(16) == b"first"
+                sockets.release(sock)
+                assert sock.fileno() == -1
+
+    uvloop.run(main())

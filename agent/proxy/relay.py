@@ -104,8 +104,11 @@ class _Relay:
 
     __slots__ = ("_owner", "done", "loop", "open_directions", "record")
 
-    def __init__(self, record: ConnectionRecord) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(
+        self, record: ConnectionRecord, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        # ``loop``: one the caller already holds (``get_running_loop`` is a ``getpid``).
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.record = record
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.open_directions = 2
@@ -288,7 +291,7 @@ class _TunnelRelay(_Relay):
         outbound: bool,
         reader_held: bool = False,
     ) -> None:
-        super().__init__(record)
+        super().__init__(record, stream.proto.loop)
         self.sock, self.stream = sock, stream
         self.outbound = outbound  # sock is the client: bytes to the stream are "sent"
         self._fd = sock.fileno()

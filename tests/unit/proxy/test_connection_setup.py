@@ -17,9 +17,10 @@ import uvloop
 
 from agent.identity.tls import PeerIdentityError
 from agent.proxy import hbone_events as ev
-from agent.proxy import sockets
+from agent.proxy import relay, sockets
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.tunnel import HboneProtocol, TunnelStream
+from agent.telemetry.records import OUTBOUND, ConnectionRecord
 from tests.unit.proxy.memtransport import MemoryTransport
 
 
@@ -302,3 +303,37 @@ def test_a_held_reader_nobody_takes_over_steps_aside_and_loses_nothing(
                 assert sock.fileno() == -1
 
     uvloop.run(main())
+
+
+def test_a_tunnel_relay_takes_the_loop_from_its_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting a tunnel relay does not look the running loop up (a ``getpid`` system call
+    per look-up on Python 3.11, twice per cross-node connection): its stream's protocol has it."""
+
+    class _Owner:
+        def relay_ended(self, *args: object) -> None:
+            pass
+
+    async def main() -> None:
+        client, _, _ = await _pair()
+        stream = await client.open("10.0.0.2:80", None)
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        looked_up: list[object] = []
+        running = asyncio.get_running_loop
+
+        def counting() -> asyncio.AbstractEventLoop:
+            looked_up.append(1)
+            return running()
+
+        monkeypatch.setattr(asyncio, "get_running_loop", counting)
+        done = relay.start_tunnel(
+            a, stream, ConnectionRecord(OUTBOUND, "a", "b"), _Owner(), outbound=True
+        )
+        monkeypatch.setattr(asyncio, "get_running_loop", running)
+        assert looked_up == []
+        done.cancel()
+        await asyncio.sleep(0)
+        a.close()
+        b.close()
+
+    asyncio.run(main())

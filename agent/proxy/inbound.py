@@ -323,17 +323,21 @@ class InboundHbone:
         except (OSError, TimeoutError) as e:
             self._refuse(proto, sid, 503, "upstream_unreachable", f"{where}: {e!r}")
             return
-        stream = proto.streams.get(sid)
-        if stream is None:  # the client gave up meanwhile
+        try:
+            stream = proto.streams.get(sid)
+            if stream is None:  # the client gave up meanwhile
+                sockets.release(upstream)
+                return
+            if not http and not self._still_allowed(request, workload, where, snap, record):
+                sockets.release(upstream)
+                self._answer(proto, sid, 401)
+                return
+            stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
+            proto.codec.respond(sid, 200)
+            proto.flush_soon()
+        except BaseException:  # never leave the held reader on a socket nobody will close
             sockets.release(upstream)
-            return
-        if not http and not self._still_allowed(request, workload, where, snap, record):
-            sockets.release(upstream)
-            self._answer(proto, sid, 401)
-            return
-        stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
-        proto.codec.respond(sid, 200)
-        proto.flush_soon()
+            raise
         await self._relay(stream, upstream, record, request, workload, protocol=protocol)
 
     def _still_allowed(

@@ -4,6 +4,7 @@ proxies of the loopback mesh on a loop that records its reader and writer regist
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections import defaultdict
@@ -13,8 +14,9 @@ import pytest
 import uvloop
 
 from agent.proxy import sockets
+from agent.proxy.inbound import InboundHbone
 from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh
-from tests.integration.proxy.test_proxy_loopback import echo_peer, roundtrip
+from tests.integration.proxy.test_proxy_loopback import echo_peer, request_response, roundtrip
 
 pytestmark = pytest.mark.root
 
@@ -96,3 +98,50 @@ def test_the_pod_socket_gets_one_poll_handle_from_connect_to_close(
     assert len(pod_sockets) == 1
     assert loop.handles[pod_sockets[0]] == 1
     assert not loop.active[pod_sockets[0]]
+
+
+def test_a_failure_between_the_connect_and_the_relay_drops_the_held_reader(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever fails after the pod connect and before the relay takes the socket over, the
+    placeholder reader goes and the socket is closed at once (not left registered with the loop
+    on a descriptor the garbage collector closes, which the loop would keep polling)."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    pod_sockets: list[socket.socket] = []
+    made = sockets.upstream_socket
+
+    def recording(mark: int, source_ip: str | None = None) -> socket.socket:
+        sock = made(mark, source_ip)
+        if source_ip is not None:
+            pod_sockets.append(sock)
+        return sock
+
+    def broken(*args: object) -> bool:
+        raise RuntimeError("a bug between the connect and the relay")
+
+    monkeypatch.setattr(sockets, "upstream_socket", recording)
+    monkeypatch.setattr(InboundHbone, "_still_allowed", broken)
+    loop = _RecordingLoop()
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        try:
+            port = mesh.app(SERVER, request_response)  # says nothing until the client's EOF
+            reader, writer = await mesh.connect(CLIENT, (SERVER, port))
+            with contextlib.suppress(ConnectionResetError):  # refused: reset, or closed
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            await asyncio.sleep(0.05)
+            assert len(pod_sockets) == 1
+            fd = pod_sockets[0]
+            assert fd.fileno() == -1  # closed by the proxy, not left to the garbage collector
+        finally:
+            await mesh.close()
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), 60))
+    finally:
+        loop.close()
+    assert not any(loop.active.values())

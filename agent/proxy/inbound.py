@@ -312,23 +312,32 @@ class InboundHbone:
             return
         s = self.core.settings
         try:
+            # A TCP stream's relay takes the connect's poll registration over (``_start``).
             upstream = await sockets.connect(
-                (req.host, req.port), mark=s.mark, timeout=s.connect_timeout, source_ip=client_ip
+                (req.host, req.port),
+                mark=s.mark,
+                timeout=s.connect_timeout,
+                source_ip=client_ip,
+                hold_reader=not http,
             )
         except (OSError, TimeoutError) as e:
             self._refuse(proto, sid, 503, "upstream_unreachable", f"{where}: {e!r}")
             return
-        stream = proto.streams.get(sid)
-        if stream is None:  # the client gave up meanwhile
-            upstream.close()
-            return
-        if not http and not self._still_allowed(request, workload, where, snap, record):
-            upstream.close()
-            self._answer(proto, sid, 401)
-            return
-        stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
-        proto.codec.respond(sid, 200)
-        proto.flush_soon()
+        try:
+            stream = proto.streams.get(sid)
+            if stream is None:  # the client gave up meanwhile
+                sockets.release(upstream)
+                return
+            if not http and not self._still_allowed(request, workload, where, snap, record):
+                sockets.release(upstream)
+                self._answer(proto, sid, 401)
+                return
+            stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
+            proto.codec.respond(sid, 200)
+            proto.flush_soon()
+        except BaseException:  # never leave the held reader on a socket nobody will close
+            sockets.release(upstream)
+            raise
         await self._relay(stream, upstream, record, request, workload, protocol=protocol)
 
     def _still_allowed(
@@ -382,7 +391,9 @@ class InboundHbone:
         clean-up is the relay's end (``_Relayed``), and the registry's close (policy re-check)
         cancels the relay; the drain and a cut HBONE connection end it through the stream."""
         self.core.registry.leave_task(conn_id)
-        done = start_tunnel(upstream, stream, record, self._relayed, outbound=False)
+        done = start_tunnel(
+            upstream, stream, record, self._relayed, outbound=False, reader_held=True
+        )
         self.core.registry.hand_over(conn_id, done)
 
     def goaway_all(self) -> None:

@@ -104,8 +104,11 @@ class _Relay:
 
     __slots__ = ("_owner", "done", "loop", "open_directions", "record")
 
-    def __init__(self, record: ConnectionRecord) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(
+        self, record: ConnectionRecord, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        # ``loop``: one the caller already holds (``get_running_loop`` is a ``getpid``).
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.record = record
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.open_directions = 2
@@ -280,9 +283,15 @@ class _TunnelRelay(_Relay):
     )
 
     def __init__(
-        self, record: ConnectionRecord, sock: socket.socket, stream: TunnelStream, *, outbound: bool
+        self,
+        record: ConnectionRecord,
+        sock: socket.socket,
+        stream: TunnelStream,
+        *,
+        outbound: bool,
+        reader_held: bool = False,
     ) -> None:
-        super().__init__(record)
+        super().__init__(record, stream.proto.loop)
         self.sock, self.stream = sock, stream
         self.outbound = outbound  # sock is the client: bytes to the stream are "sent"
         self._fd = sock.fileno()
@@ -292,6 +301,9 @@ class _TunnelRelay(_Relay):
         self.stream_changed()  # bytes, the end or an error may have come before the relay
         if not self.done.done():
             self._read(True)
+        if reader_held and not self._reading:
+            # ``sockets.connect(hold_reader=True)``'s placeholder, not replaced by ours.
+            self.loop.remove_reader(self._fd)
 
     def ends(self) -> tuple[socket.socket, TunnelStream]:
         return self.sock, self.stream
@@ -399,11 +411,16 @@ def start_tunnel(
     owner: Owner,
     *,
     outbound: bool,
+    reader_held: bool = False,
 ) -> asyncio.Future[None]:
     """``relay_tunnel`` without a task: returns its ``done`` (see ``_Relay.detach``); the
-    stream is finished (reset unless both halves ended) before ``owner`` is told."""
+    stream is finished (reset unless both halves ended) before ``owner`` is told.
+    ``reader_held``: ``sock`` came from ``sockets.connect(hold_reader=True)``; the relay's
+    reader takes the held one's place (or drops it)."""
     return _in_empty_context(
-        lambda: _tunnel_relay(sock, stream, record, outbound=outbound).detach(owner)
+        lambda: _TunnelRelay(
+            record, sock, stream, outbound=outbound, reader_held=reader_held
+        ).detach(owner)
     )
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
 import struct
 
@@ -40,21 +42,80 @@ def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:
 
 
 async def connect(
-    address: tuple[str, int], *, mark: int, timeout: float, source_ip: str | None = None
+    address: tuple[str, int],
+    *,
+    mark: int,
+    timeout: float,
+    source_ip: str | None = None,
+    hold_reader: bool = False,
 ) -> socket.socket:
     """A connected, non-blocking upstream socket; raises OSError or TimeoutError.
 
-    ``asyncio.timeout`` rather than ``wait_for``: the connect runs in the caller's task, where
-    ``wait_for`` (Python 3.11) wrapped it in a task of its own with a waiter future, for every
-    proxied connection."""
+    ``address`` is numeric (an IP and a port). Not ``loop.sock_connect``: uvloop's resolves
+    every address with ``getaddrinfo`` in libuv's thread pool first (it passes no socket type,
+    so its numeric fast path does not apply): per proxied connection a future, a worker
+    thread woken and the loop woken back through its eventfd, before the ``connect`` call. Nor
+    ``asyncio.timeout``/``wait_for`` around it: a timer handle on the waiter does the same
+    with no task (``wait_for`` made one in Python 3.11) and no context manager. The connect
+    runs in the caller's task: ``connect`` itself, then (when it is in progress, as it is
+    even on loopback) one writer until the socket is writable, then its ``SO_ERROR``.
+
+    ``hold_reader``: the caller puts a reader on the socket before it next awaits (a relay).
+    The connect's writer is then swapped for a placeholder reader rather than removed, so
+    uvloop keeps the descriptor's poll handle for the relay's reader: making and closing one
+    is an ``ioctl`` and about seven ``epoll_ctl`` calls, twice per connection before. The
+    caller replaces the placeholder (``add_reader``) or drops it (``release``) before it
+    closes the socket; should the loop poll first, the placeholder removes itself."""
     sock = upstream_socket(mark, source_ip)
     try:
-        async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, address)
+        err = sock.connect_ex(address)
+        if err in _IN_PROGRESS:
+            err = await _finished(sock, timeout, hold_reader)
+        if err:
+            raise OSError(err, os.strerror(err))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EINTR})
+
+
+async def _finished(sock: socket.socket, timeout: float, hold_reader: bool) -> int:
+    """Wait for an in-progress connect to end: its error (0: connected), or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    waiter: asyncio.Future[bool] = loop.create_future()
+    loop.add_writer(fd, _wake, waiter, True)
+    timer = loop.call_later(timeout, _wake, waiter, False)
+    try:
+        if not await waiter:
+            raise TimeoutError(f"connect did not finish in {timeout:g}s")
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not err and hold_reader:
+            loop.add_reader(fd, _unclaimed, loop, fd)  # before the writer goes: see ``connect``
+    finally:
+        timer.cancel()
+        loop.remove_writer(fd)
+    return err
+
+
+def _wake(waiter: asyncio.Future[bool], writable: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(writable)
+
+
+def _unclaimed(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """A held reader nobody took over before the loop polled: step aside (the bytes wait in
+    the socket for whoever reads it next)."""
+    loop.remove_reader(fd)
+
+
+def release(sock: socket.socket) -> None:
+    """Close a socket ``connect(hold_reader=True)`` returned, dropping its held reader."""
+    asyncio.get_running_loop().remove_reader(sock.fileno())
+    sock.close()
 
 
 def captured_addresses(

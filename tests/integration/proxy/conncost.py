@@ -21,6 +21,16 @@ Instructions per connection (deterministic enough to compare trees on a loaded m
 difference of two callgrind runs, ``--runs 1 --warmup 30`` with ``--connections`` 100 and 300,
 divided by 200.
 
+System calls per connection: ``strace -f -b execve -c -o FILE`` in front of the same command
+(``-b execve`` lets the client child, and with ``--split`` node2's process, go untraced, so the
+counts are this process's and its threads'), the difference of a 600- and a 100-connection run
+over 500.
+
+Between runs: every connection leaves TIME_WAIT sockets on the client pod's address (about two
+per connection); past some 20,000 every connect from it slows (the client child's ``bind``
+searches the port range) and, near the range's size, fails with EADDRINUSE. Wait until
+``ss -Htan state time-wait src 127.0.1.1 | wc -l`` is low again (they last 60 s).
+
 Prints one JSON object: µs of CPU (user + system, from ``getrusage``) per connection in each
 run, and the minimum. A run of another tree: run this file with that tree's interpreter and
 that tree on ``PYTHONPATH`` (it imports ``agent`` and ``tests`` from there):

@@ -1,8 +1,8 @@
 """What opening one proxied connection costs, counted (never timed): the upstream connect runs
-in the caller's task, a transparent upstream socket leaves its port to ``connect`` (no bind-time
-search of the port range), the peer's SPIFFE ID is read from its certificate once per HBONE
-connection, not once per stream, and what several streams write in one pass of the loop goes out
-in one write on their HBONE connection."""
+in the caller's task without resolving its numeric address, a transparent upstream socket leaves
+its port to ``connect`` (no bind-time search of the port range), the peer's SPIFFE ID is read
+from its certificate once per HBONE connection, not once per stream, and what several streams
+write in one pass of the loop goes out in one write on their HBONE connection."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ from collections.abc import Coroutine, Generator
 from typing import Any
 
 import pytest
+import uvloop
 
 from agent.identity.tls import PeerIdentityError
 from agent.proxy import hbone_events as ev
-from agent.proxy import sockets
+from agent.proxy import relay, sockets
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.tunnel import HboneProtocol, TunnelStream
+from agent.telemetry.records import OUTBOUND, ConnectionRecord
 from tests.unit.proxy.memtransport import MemoryTransport
 
 
@@ -41,6 +43,44 @@ def test_the_upstream_connect_creates_no_task() -> None:
         assert created == []
 
     asyncio.run(main())
+
+
+class _CountingLoop(uvloop.Loop):
+    """uvloop's loop, counting what an upstream connect asks of it beyond the connect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
+        self.asked.append("getaddrinfo")
+        return await super().getaddrinfo(*args, **kwargs)
+
+    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> Any:  # type: ignore[override]
+        self.asked.append("run_in_executor")
+        return super().run_in_executor(executor, func, *args)
+
+
+def test_the_upstream_connect_resolves_nothing() -> None:
+    """uvloop's ``sock_connect`` ran ``getaddrinfo`` in libuv's thread pool for the numeric
+    address of every upstream connect (a future, a worker thread, the loop woken back); the
+    proxy's connect goes straight to ``connect``, and a refused one still raises its error."""
+    loop = _CountingLoop()
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sock = await sockets.connect(server.getsockname(), mark=0, timeout=5.0)
+            with sock:
+                assert sock.getpeername() == server.getsockname()
+            port = server.getsockname()[1]
+        with pytest.raises(ConnectionRefusedError):
+            await sockets.connect(("127.0.0.1", port), mark=0, timeout=5.0)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert loop.asked == []
 
 
 def test_a_transparent_upstream_socket_gets_its_port_from_connect() -> None:
@@ -228,5 +268,72 @@ def test_a_draining_connection_sends_the_last_streams_end_before_it_closes() -> 
         client.finish(stream)  # both halves ended: no reset; the connection closes now
         assert to_server.writes[-1] == b"<close>"
         assert any(_ends_stream(w, stream.stream_id) for w in to_server.writes[:-1])
+
+    asyncio.run(main())
+
+
+def test_a_held_reader_nobody_takes_over_steps_aside_and_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``connect(hold_reader=True)`` leaves a placeholder reader for the relay to take over;
+    if the loop polls before anyone does, the placeholder removes itself (no busy loop on a
+    readable socket) and the bytes wait in the socket."""
+    runs: list[int] = []
+    unclaimed = sockets._unclaimed
+
+    def counting(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        runs.append(fd)
+        unclaimed(loop, fd)
+
+    monkeypatch.setattr(sockets, "_unclaimed", counting)
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sock = await sockets.connect(
+                server.getsockname(), mark=0, timeout=5.0, hold_reader=True
+            )
+            accepted, _ = server.accept()
+            with accepted:
+                accepted.sendall(b"first")
+                for _ in range(20):  # polls: the placeholder runs once, then is gone
+                    await asyncio.sleep(0.01)
+                assert runs == [sock.fileno()]
+                assert sock.recv(16) == b"first"
+                sockets.release(sock)
+                assert sock.fileno() == -1
+
+    uvloop.run(main())
+
+
+def test_a_tunnel_relay_takes_the_loop_from_its_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting a tunnel relay does not look the running loop up (a ``getpid`` system call
+    per look-up on Python 3.11, twice per cross-node connection): its stream's protocol has it."""
+
+    class _Owner:
+        def relay_ended(self, *args: object) -> None:
+            pass
+
+    async def main() -> None:
+        client, _, _ = await _pair()
+        stream = await client.open("10.0.0.2:80", None)
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        looked_up: list[object] = []
+        running = asyncio.get_running_loop
+
+        def counting() -> asyncio.AbstractEventLoop:
+            looked_up.append(1)
+            return running()
+
+        monkeypatch.setattr(asyncio, "get_running_loop", counting)
+        done = relay.start_tunnel(
+            a, stream, ConnectionRecord(OUTBOUND, "a", "b"), _Owner(), outbound=True
+        )
+        monkeypatch.setattr(asyncio, "get_running_loop", running)
+        assert looked_up == []
+        done.cancel()
+        await asyncio.sleep(0)
+        a.close()
+        b.close()
 
     asyncio.run(main())

@@ -1,0 +1,147 @@
+"""What a new cross-node connection asks of the event loop, counted (never timed), with both
+proxies of the loopback mesh on a loop that records its reader and writer registrations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections import defaultdict
+from typing import Any
+
+import pytest
+import uvloop
+
+from agent.proxy import sockets
+from agent.proxy.inbound import InboundHbone
+from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh
+from tests.integration.proxy.test_proxy_loopback import echo_peer, request_response, roundtrip
+
+pytestmark = pytest.mark.root
+
+
+class _RecordingLoop(uvloop.Loop):
+    """uvloop's loop, counting per descriptor how often its registrations went from none to
+    some: uvloop makes a poll handle each time (and closes it when the last one goes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active: dict[int, set[str]] = defaultdict(set)
+        self.handles: dict[int, int] = defaultdict(int)
+
+    def _on(self, fd: Any, kind: str) -> None:
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        if not self.active[fd]:
+            self.handles[fd] += 1
+        self.active[fd].add(kind)
+
+    def _off(self, fd: Any, kind: str) -> None:
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        self.active[fd].discard(kind)
+
+    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+        self._on(fd, "r")
+        super().add_reader(fd, callback, *args)
+
+    def add_writer(self, fd: Any, callback: Any, *args: Any) -> None:
+        self._on(fd, "w")
+        super().add_writer(fd, callback, *args)
+
+    def remove_reader(self, fd: Any) -> bool:
+        self._off(fd, "r")
+        return bool(super().remove_reader(fd))
+
+    def remove_writer(self, fd: Any) -> bool:
+        self._off(fd, "w")
+        return bool(super().remove_writer(fd))
+
+
+def test_the_pod_socket_gets_one_poll_handle_from_connect_to_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The destination's pod socket is registered once: the connect's writer becomes the
+    relay's reader without the descriptor ever being left with no registration (uvloop made
+    and closed a poll handle for each: an ``ioctl`` and about seven ``epoll_ctl``)."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    pod_sockets: list[int] = []
+    made = sockets.upstream_socket
+
+    def recording(mark: int, source_ip: str | None = None) -> socket.socket:
+        sock = made(mark, source_ip)
+        if source_ip is not None:  # connecting as the client pod: the destination's pod socket
+            pod_sockets.append(sock.fileno())
+        return sock
+
+    monkeypatch.setattr(sockets, "upstream_socket", recording)
+    loop = _RecordingLoop()
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        try:
+            port = mesh.app(SERVER, echo_peer)
+            reply = await roundtrip(mesh, CLIENT, (SERVER, port))
+            assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+            for _ in range(50):  # the relay's end
+                if not mesh.node2.core.registry:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await mesh.close()
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), 60))
+    finally:
+        loop.close()
+    assert len(pod_sockets) == 1
+    assert loop.handles[pod_sockets[0]] == 1
+    assert not loop.active[pod_sockets[0]]
+
+
+def test_a_failure_between_the_connect_and_the_relay_drops_the_held_reader(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever fails after the pod connect and before the relay takes the socket over, the
+    placeholder reader goes and the socket is closed at once (not left registered with the loop
+    on a descriptor the garbage collector closes, which the loop would keep polling)."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    pod_sockets: list[socket.socket] = []
+    made = sockets.upstream_socket
+
+    def recording(mark: int, source_ip: str | None = None) -> socket.socket:
+        sock = made(mark, source_ip)
+        if source_ip is not None:
+            pod_sockets.append(sock)
+        return sock
+
+    def broken(*args: object) -> bool:
+        raise RuntimeError("a bug between the connect and the relay")
+
+    monkeypatch.setattr(sockets, "upstream_socket", recording)
+    monkeypatch.setattr(InboundHbone, "_still_allowed", broken)
+    loop = _RecordingLoop()
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        try:
+            port = mesh.app(SERVER, request_response)  # says nothing until the client's EOF
+            reader, writer = await mesh.connect(CLIENT, (SERVER, port))
+            with contextlib.suppress(ConnectionResetError):  # refused: reset, or closed
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            await asyncio.sleep(0.05)
+            assert len(pod_sockets) == 1
+            fd = pod_sockets[0]
+            assert fd.fileno() == -1  # closed by the proxy, not left to the garbage collector
+        finally:
+            await mesh.close()
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(main(), 60))
+    finally:
+        loop.close()
+    assert not any(loop.active.values())

@@ -290,3 +290,16 @@ def test_policies_name_from_the_agent(admin: str, capsys: pytest.CaptureFixture[
     assert err.startswith(
         "nodemesh policies: no policy default/ghost; known: default/deny-outsider"
     )
+
+
+def test_a_policy_without_rules_shows_its_spec_fields() -> None:
+    policy = {
+        "kind": "PeerAuthentication", "namespace": "shop", "name": "strict", "generation": 1,
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "STRICT"}},
+    }  # fmt: skip
+    assert format_policy_rules({"policies": [policy]}).splitlines() == [
+        "PeerAuthentication shop/strict (generation 1)",
+        "  applies to: pods app=web",
+        "  dry-run:    no",
+        '  mtls:       {"mode": "STRICT"}',
+    ]

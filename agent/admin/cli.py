@@ -2,8 +2,10 @@
 (``nodemesh requests``, which follows an agent, is ``agent.admin.tapcli``).
 
 Each command fetches one endpoint and prints it as a table (``-o table``, the default, at most
-100 columns) or as the endpoint's JSON (``-o json``, stable field names for scripts). Errors
-(agent not reachable, wrong address) go to stderr with what to try, exit status 1.
+100 columns) or as the endpoint's JSON (``-o json``, stable field names for scripts);
+``policies NAME`` and ``policies --rules`` show policies in detail, each rule on a line
+(``agent.admin.policydetail``). Errors (agent not reachable, wrong address, unknown NAME) go to
+stderr with what to try, exit status 1.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from agent.admin import tapcli
 from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.admin.policydetail import PolicyNotFound, find_policies, format_policy
 from agent.admin.tables import human_bytes, render
 from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, selects_pod
 from agent.policy.warnings import policy_warnings
@@ -176,12 +179,25 @@ def format_policies(data: Mapping[str, Any]) -> str:
     if not rows:
         return "no policies"
     table = render(["KIND", "NAMESPACE", "NAME", "APPLIES TO", "SUMMARY"], rows)
+    return _with_warnings(table, data["policies"])
+
+
+def _with_warnings(text: str, policies: Sequence[Mapping[str, Any]]) -> str:
     warnings = [
         f"warning: {p['kind']} {p['namespace']}/{p['name']}: {warning.message}"
-        for p in data["policies"]
+        for p in policies
         for warning in policy_warnings(p["kind"], p.get("spec") or {})
     ]
-    return "\n\n".join([table, "\n".join(warnings)]) if warnings else table
+    return "\n\n".join([text, "\n".join(warnings)]) if warnings else text
+
+
+def format_policy_rules(data: Mapping[str, Any]) -> str:
+    """``nodemesh policies NAME`` / ``--rules``: each policy with its rules, one per line
+    (``agent.admin.policydetail``), then the warnings as in the table."""
+    if not data["policies"]:
+        return "no policies"
+    text = "\n\n".join(format_policy(p, _applies_to(p)) for p in data["policies"])
+    return _with_warnings(text, data["policies"])
 
 
 def _ejections(events: Mapping[str, int]) -> str:
@@ -339,9 +355,13 @@ def run(args: argparse.Namespace) -> int:
             workloads = request(args.admin, "/workloads", timeout=args.timeout)["workloads"]
             services = request(args.admin, "/services", timeout=args.timeout)["services"]
             data = {"policies": policies_for_pod(data["policies"], workloads, services, args.pod)}
-    except (AdminError, PodNotFound) as e:
+        if getattr(args, "name", None):
+            data = {"policies": find_policies(data["policies"], args.name)}
+    except (AdminError, PodNotFound, PolicyNotFound) as e:
         print(f"nodemesh {args.command}: {e}", file=sys.stderr)
         return 1
+    if getattr(args, "name", None) or getattr(args, "rules", False):
+        formatter = format_policy_rules
     print(json.dumps(data, indent=2) if args.output == "json" else formatter(data))
     return 0
 
@@ -371,6 +391,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                 "--pod",
                 metavar="[NS/]NAME",
                 help="only the policies that govern this pod (its selectors, its Services)",
+            )
+            p.add_argument(
+                "name",
+                nargs="?",
+                metavar="[NS/]NAME",
+                help="this policy in detail: action, dry-run and each rule on one line",
+            )
+            p.add_argument(
+                "--rules", action="store_true", help="every policy in detail, as with NAME"
             )
         p.set_defaults(func=run)
     tapcli.register(subparsers)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import yaml
 
 from agent.admin import tapcli
 from agent.base.constants import CA_PORT
-from agent.lab import control, netns
+from agent.lab import control, logs, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
 from agent.policy.warnings import policy_warnings
 from agent.sources.document import DocumentError
@@ -170,6 +171,37 @@ def _exec(args: argparse.Namespace) -> int:
     return 0  # not reached: execvp replaced this process
 
 
+def _logs(args: argparse.Namespace) -> int:
+    """``lab logs TARGET``: the last ``--tail`` lines of a component's log (``agent.lab.logs``),
+    then with ``--follow`` what it appends, until Ctrl-C."""
+    labdir, plan = control.load(args.name)
+    path = logs.resolve(labdir.logs, [n.name for n in plan.nodes], args.target, plan.lab)
+    out = sys.stdout.buffer
+    try:
+        with open(path, "rb") as f:
+            out.write(logs.tail(f, args.tail))
+            out.flush()
+            if args.follow:
+
+                def write(chunk: bytes) -> None:
+                    out.write(chunk)
+                    out.flush()
+
+                def wait() -> bool:
+                    time.sleep(FOLLOW_POLL)
+                    return True
+
+                logs.follow(f, write, wait)
+    except FileNotFoundError as e:
+        raise LabError(f"{args.target} has written no log yet ({path})") from e
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+FOLLOW_POLL = 0.5  # seconds between looks at a followed log (as tail -f's default of 1 s, halved)
+
+
 def _annotate(args: argparse.Namespace) -> int:
     print(control.annotate(args.name, args.pod, args.changes))
     return 0
@@ -267,6 +299,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = add("exec", _exec, "run a command in a pod's or node's network namespace")
     p.add_argument("target", help="pod (name or namespace/name), node, ca or switch")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p = add("logs", _logs, "a component's log: a node's agent, ca, prometheus, a pod's server")
+    p.add_argument(
+        "target", help="node name (its agent), ca, prometheus, or a pod whose server logs here"
+    )
+    p.add_argument("--tail", type=int, metavar="N", help="only the last N lines (default: all)")
+    p.add_argument("-f", "--follow", action="store_true", help="then print what it appends")
     p = add("annotate", _annotate, "set (KEY=VALUE) or remove (KEY-) pod annotations")
     p.add_argument("pod", help="pod name or namespace/name")
     p.add_argument(

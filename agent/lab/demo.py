@@ -47,11 +47,16 @@ while True:
 
 WEB_PORT = 9080  # the server pods' port behind Service web, declared HTTP (the default topology)
 # HTTP/1.1 keep-alive: every request is answered with the pod's name (argv[1]); with a second
-# argument ``flaky``, requests to /flaky* get 503 (the retry step).
+# argument ``flaky``, requests to /flaky* get 503 (the retry step). One line per request on
+# stderr, the pod's log in the lab (``nodemesh lab logs <pod>``); a connection the peer reset
+# (the retry step resets sessions after a 503 head) is one line too, not a traceback.
 WEB_SERVER = f"""
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 FLAKY = sys.argv[2:] == ["flaky"]
+class Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        print(f"{{client_address[0]}}: connection ended: {{sys.exc_info()[1]!r}}", file=sys.stderr)
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers, body: two writes; no delayed-ACK stall
@@ -63,9 +68,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
     do_GET = do_POST = reply
-    def log_message(self, *args):
-        pass
-ThreadingHTTPServer(("0.0.0.0", {WEB_PORT}), Handler).serve_forever()
+Server(("0.0.0.0", {WEB_PORT}), Handler).serve_forever()
 """
 
 
@@ -367,10 +370,10 @@ def http_requests(lab: Lab) -> list[str]:
     if shutil.which("curl") is None:
         raise StepFailed("curl is not installed: run scripts/setup.sh (debian-packages.txt)")
     for pod, *flaky in (("server-0",), ("server-1", "flaky")):
-        # stderr: the retry step resets sessions after a 503 head, which the server would print
-        _servers[f"{pod}-web"] = lab.popen(
-            pod, sys.executable, "-c", WEB_SERVER, pod, *flaky, stderr=subprocess.DEVNULL
-        )
+        with open(lab.state_dir / "logs" / f"{pod}.log", "ab") as log:  # nodemesh lab logs POD
+            _servers[f"{pod}-web"] = lab.popen(
+                pod, sys.executable, "-c", WEB_SERVER, pod, *flaky, stdout=log, stderr=log
+            )
         _wait_listening(lab, pod, WEB_PORT)
     operation = {"methods": ["POST"], "paths": ["/admin*"], "ports": [str(WEB_PORT)]}
     manifest = _deny_on_servers("demo-deny-admin-posts", {"to": [{"operation": operation}]})
@@ -734,15 +737,41 @@ def main(argv: list[str] | None = None) -> int:
             lab.down()
             print(f"lab {args.name} removed (make demo KEEP=1 leaves it up)")
     if args.keep:
-        print(
-            f"\nthe lab is still up. Explore it:\n"
-            f"  .venv/bin/nodemesh lab status --name {args.name}\n"
-            f"  .venv/bin/nodemesh lab exec --name {args.name} client -- ip addr\n"
-            f"  .venv/bin/nodemesh lab exec --name {args.name} node1 -- ip route\n"
-            f"  .venv/bin/nodemesh dashboard --lab {args.name}   # then open http://127.0.0.1:15030/\n"
-            f"  .venv/bin/nodemesh lab down --name {args.name}"
-        )
+        print("\n" + "\n".join(keep_hints(args.name, _web_vip(lab))))
     return 0 if ok else 1
+
+
+def _web_vip(lab: Lab) -> str | None:
+    """Service web's VIP while both HTTP servers the demo started still run (else None)."""
+    pods = ("server-0-web", "server-1-web")
+    if not all(p in _servers and _servers[p].poll() is None for p in pods):
+        return None
+    return next(s for s in lab.status()["services"] if s["name"] == "web")["clusterIP"]
+
+
+def keep_hints(name: str, web_vip: str | None) -> list[str]:
+    """What ``--keep`` prints: one request to paste (when the HTTP servers still run:
+    ``web_vip``), where the README goes on, and how to explore and remove the lab."""
+    nodemesh = ".venv/bin/nodemesh"
+    lines = [f"the lab {name} is still up."]
+    if web_vip:
+        lines += [
+            "The demo's HTTP servers still run in server-0 and server-1 (Service web). Paste:",
+            f"  {nodemesh} lab exec --name {name} client -- curl -s -w ' %{{http_code}}\\n' "
+            f"http://{web_vip}/orders",
+            f"  {nodemesh} lab logs --name {name} server-0 --tail 5   # the requests it answered",
+        ]
+    lines += [
+        f'More in README.md, "A first look" (with export NODEMESH_LAB={name} instead of "try";',
+        "skip its lab up and, while the demo's servers run, its HTTP servers). Explore:",
+        f"  {nodemesh} lab requests --name {name} --once    # what the agents saw",
+        f"  {nodemesh} lab status --name {name}",
+        f"  {nodemesh} lab exec --name {name} node1 -- ip route",
+        f"  {nodemesh} lab logs --name {name} node1 --tail 20   # node1's agent",
+        f"  {nodemesh} dashboard --lab {name}   # then open http://127.0.0.1:15030/",
+        f"  {nodemesh} lab down --name {name}",
+    ]
+    return lines
 
 
 if __name__ == "__main__":

@@ -11,7 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.admin.cli import PodNotFound, format_policies, format_status, policies_for_pod
+from agent.admin.cli import (
+    PodNotFound,
+    format_policies,
+    format_policy_rules,
+    format_status,
+    policies_for_pod,
+)
 from agent.base.http import HttpServer
 from agent.cli import main
 from agent.telemetry.accesslog import connection_entry
@@ -228,3 +234,72 @@ def test_policies_of_one_pod_from_the_agent(admin: str, capsys: pytest.CaptureFi
     code, out, err = run(capsys, "policies", "--admin", admin, "--pod", "ghost", "-o", "json")
     assert (code, out) == (1, "")
     assert err.startswith("nodemesh policies: no pod default/ghost; known: default/client, ")
+
+
+def test_one_policy_in_detail_shows_each_rule_on_a_line() -> None:
+    policy = {
+        "kind": "AuthorizationPolicy", "namespace": "shop", "name": "no-admin", "generation": 3,
+        "dry_run": True,
+        "spec": {
+            "action": "DENY",
+            "selector": {"matchLabels": {"app": "web"}},
+            "rules": [
+                {
+                    "from": [
+                        {"source": {"principals": ["cluster.local/ns/a/sa/x", "*/sa/y"]}},
+                        {"source": {"namespaces": ["dev"], "ipBlocks": ["10.0.0.0/8"]}},
+                    ],
+                    "to": [{"operation": {"ports": ["8080"], "methods": ["POST"],
+                                          "paths": ["/admin*"], "hosts": ["web"]}}],
+                    "when": [{"key": "request.headers[x-user]", "values": ["bob"],
+                              "notValues": ["alice"]}],
+                },
+                {},
+            ],
+        },
+    }  # fmt: skip
+    text = format_policy_rules({"policies": [policy]})
+    assert text.splitlines() == [
+        "AuthorizationPolicy shop/no-admin (generation 3)",
+        "  applies to: pods app=web",
+        "  action:     DENY",
+        "  dry-run:    yes (logged, not enforced)",
+        "  rules:      2 (a request that any one matches)",
+        "    [0] from: (principals=cluster.local/ns/a/sa/x,*/sa/y) or "
+        "(namespaces=dev ipBlocks=10.0.0.0/8); to: ports=8080 methods=POST paths=/admin* "
+        "hosts=web; when: request.headers[x-user] in [bob] and request.headers[x-user] "
+        "not in [alice]",
+        "    [1] every request",
+    ]
+    allow_nothing = {**policy, "dry_run": False, "spec": {}}
+    assert (
+        "rules:      none: it matches no request (ALLOW: the pods it applies to admit nothing)"
+        in (format_policy_rules({"policies": [allow_nothing]}))
+    )
+
+
+def test_policies_name_from_the_agent(admin: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "policies", "--admin", admin, "deny-outsider")
+    assert (code, err) == (0, "")
+    assert "  action:     DENY\n  dry-run:    no\n" in out
+    assert "    [0] from: ipBlocks=1.2.3.4" in out
+    code, rules, _ = run(capsys, "policies", "--admin", admin, "--rules")
+    assert "    [0] from: ipBlocks=1.2.3.4" in rules
+    code, out, err = run(capsys, "policies", "--admin", admin, "default/ghost")
+    assert (code, out) == (1, "")
+    assert err.startswith(
+        "nodemesh policies: no policy default/ghost; known: default/deny-outsider"
+    )
+
+
+def test_a_policy_without_rules_shows_its_spec_fields() -> None:
+    policy = {
+        "kind": "PeerAuthentication", "namespace": "shop", "name": "strict", "generation": 1,
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "STRICT"}},
+    }  # fmt: skip
+    assert format_policy_rules({"policies": [policy]}).splitlines() == [
+        "PeerAuthentication shop/strict (generation 1)",
+        "  applies to: pods app=web",
+        "  dry-run:    no",
+        '  mtls:       {"mode": "STRICT"}',
+    ]

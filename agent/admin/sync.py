@@ -245,7 +245,8 @@ def _until(when: object, now: dt.datetime) -> str:
 
 
 def format_rows(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
-    """The table: one line per agent, then why each unreachable agent could not be read."""
+    """The table: one line per agent, then why each unreachable agent could not be read.
+    CERTS: how many identities, and in how long the soonest of their certificates expires."""
     headers = ["NODE", "SOURCE", *COLUMNS, "CERTS", "VERSION"]
     lines = []
     notes = []
@@ -259,7 +260,7 @@ def format_rows(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
         count = certs.get("identities")
         cert_text = "-" if count is None else str(count)
         if count:
-            cert_text += f" (soonest expires in {_until(certs.get('soonest_expiry'), now)})"
+            cert_text += f" ({_until(certs.get('soonest_expiry'), now)})"
         lines.append(
             [row["node"], row["source"] or "-", *columns.values(), cert_text, row["version"]]
         )

@@ -88,8 +88,8 @@ class Verdict:
         if self.behind is None:
             return f"{STALE} (relisting)"
         if self.unit == "seconds":
-            return f"{STALE} ({self.behind:.1f}s older)"
-        return f"{STALE} ({self.behind:.0f} behind)"
+            return f"{STALE} -{self.behind:.1f}s"  # the document applied is that much older
+        return f"{STALE} -{self.behind:.0f}"  # revisions behind the newest
 
     def json(self) -> dict[str, object]:
         return {"state": self.state, "behind": self.behind, "unit": self.unit}
@@ -253,7 +253,7 @@ def format_rows(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
     for row in rows:
         columns = row["columns"]
         if not row["reachable"]:
-            lines.append([row["node"], "-", *columns.values(), "-", "-"])
+            lines.append([row["node"], UNREACHABLE, *("-" for _ in columns), "-", "-"])
             notes.append(f"{row['node']}: {row['error']}")
             continue
         certs = row["certificates"]

@@ -79,7 +79,7 @@ def test_an_agent_behind_the_newest_revision_is_stale_by_the_difference() -> Non
     assert verdicts(rows[0])["pods"] == (STALE, 20)
     assert verdicts(rows[0])["services"] == (SYNCED, None)
     assert all(v == (SYNCED, None) for v in verdicts(rows[1]).values())
-    assert rows[0]["columns"]["PODS"] == "STALE (20 behind)"
+    assert rows[0]["columns"]["PODS"] == "STALE -20"
     assert rows[0]["columns"]["SERVICES"] == SYNCED
     assert rows[1]["columns"]["PODS"] == SYNCED
 
@@ -104,7 +104,7 @@ def test_a_column_shows_the_worst_of_its_resources() -> None:
     )
     assert rows[0]["columns"]["POLICIES"] == NOT_READY
     rows = compare([kube("node1", 50, httpfaults={"resource_version": "40"}), kube("node2", 50)])
-    assert rows[0]["columns"]["POLICIES"] == "STALE (10 behind)"
+    assert rows[0]["columns"]["POLICIES"] == "STALE -10"
 
 
 def test_routes_not_served_are_absent_not_stale() -> None:
@@ -129,7 +129,7 @@ def test_cluster_documents_compare_by_hash_and_the_newest_time() -> None:
     assert verdicts(rows[1])["cluster-file"] == (SYNCED, None)
     assert verdicts(rows[2])["cluster-file"] == (SYNCED, None)
     # the document holds every kind: each column shows its verdict
-    assert set(rows[0]["columns"].values()) == {"STALE (2.5s older)"}
+    assert set(rows[0]["columns"].values()) == {"STALE -2.5s"}
     assert set(rows[1]["columns"].values()) == {SYNCED}
 
 
@@ -141,6 +141,7 @@ def test_an_unreachable_agent_is_a_row_and_the_others_still_compare() -> None:
     assert verdicts(rows[0])["pods"] == (STALE, 1)
     text = format_rows(rows, dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
     assert "node3: connection refused" in text
+    assert text.splitlines()[2].split()[:3] == ["node3", UNREACHABLE, "-"]
     assert text.splitlines()[0].split() == [
         "NODE", "SOURCE", "PODS", "SERVICES", "ENDPOINTS", "POLICIES", "ROUTES", "CERTS",
         "VERSION",
@@ -169,7 +170,7 @@ def test_certificates_show_the_count_and_the_soonest_expiry() -> None:
 
 def test_verdict_text() -> None:
     assert Verdict(SYNCED).text() == "SYNCED"
-    assert Verdict(STALE, 3).text() == "STALE (3 behind)"
+    assert Verdict(STALE, 3).text() == "STALE -3"
 
 
 def _args(**kw: Any) -> argparse.Namespace:

@@ -89,7 +89,7 @@ def test_status_says_what_was_applied_and_two_agents_compare(api: FakeApiServer)
             "behind": gap,
             "unit": "revisions",
         }
-        assert rows[0]["columns"]["PODS"] == f"STALE ({gap} behind)"
+        assert rows[0]["columns"]["PODS"] == f"STALE -{gap}"
         assert rows[1]["resources"]["pods"]["verdict"]["state"] == SYNCED
         assert rows[1]["columns"]["PODS"] == SYNCED
     finally:

@@ -46,8 +46,11 @@ SYNCED, STALE, NOT_READY, ABSENT, UNREACHABLE = (
     "UNREACHABLE",
 )
 FILE_RESOURCE = "cluster-file"
-# Table columns and the resources each stands for (the worst verdict among them is shown).
+# Table columns and the resources each stands for (the worst verdict among them is shown). A
+# column appears when some agent reports one of its resources: DOCUMENT for the cluster-file
+# source (one document holds every kind), the others for the Kubernetes source.
 COLUMNS: dict[str, tuple[str, ...]] = {
+    "DOCUMENT": (FILE_RESOURCE,),
     "PODS": ("pods", "namespaces"),
     "SERVICES": ("services",),
     "ENDPOINTS": ("endpointslices",),
@@ -88,7 +91,7 @@ class Verdict:
         if self.behind is None:
             return f"{STALE} (relisting)"
         if self.unit == "seconds":
-            return f"{STALE} -{self.behind:.1f}s"  # the document applied is that much older
+            return f"{STALE} -{self.behind:.3g}s"  # the document applied is that much older
         return f"{STALE} -{self.behind:.0f}"  # revisions behind the newest
 
     def json(self) -> dict[str, object]:
@@ -194,7 +197,7 @@ def compare(answers: Sequence[Answer]) -> list[dict[str, Any]]:
                     "address": a.address,
                     "reachable": False,
                     "error": a.error,
-                    "columns": dict.fromkeys(COLUMNS, UNREACHABLE),
+                    "columns": {},
                 }
             )
             continue
@@ -205,10 +208,9 @@ def compare(answers: Sequence[Answer]) -> list[dict[str, Any]]:
         }
         columns: dict[str, str] = {}
         for column, resources in COLUMNS.items():
-            picked = [verdicts[FILE_RESOURCE]] if FILE_RESOURCE in verdicts else []
-            picked += [verdicts[r] for r in resources if r in verdicts]
-            worst = _worst(picked)
-            columns[column] = worst.text() if worst is not None else "-"
+            worst = _worst([verdicts[r] for r in resources if r in verdicts])
+            if worst is not None:
+                columns[column] = worst.text()
         state = st.get("state") or {}
         rows.append(
             {
@@ -247,13 +249,14 @@ def _until(when: object, now: dt.datetime) -> str:
 def format_rows(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
     """The table: one line per agent, then why each unreachable agent could not be read.
     CERTS: how many identities, and in how long the soonest of their certificates expires."""
-    headers = ["NODE", "SOURCE", *COLUMNS, "CERTS", "VERSION"]
+    shown = [c for c in COLUMNS if any(c in row["columns"] for row in rows)]
+    headers = ["NODE", "SOURCE", *shown, "CERTS", "VERSION"]
     lines = []
     notes = []
     for row in rows:
-        columns = row["columns"]
+        cells = [row["columns"].get(c, "-") for c in shown]
         if not row["reachable"]:
-            lines.append([row["node"], UNREACHABLE, *("-" for _ in columns), "-", "-"])
+            lines.append([row["node"], UNREACHABLE, *cells, "-", "-"])
             notes.append(f"{row['node']}: {row['error']}")
             continue
         certs = row["certificates"]
@@ -261,9 +264,7 @@ def format_rows(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
         cert_text = "-" if count is None else str(count)
         if count:
             cert_text += f" ({_until(certs.get('soonest_expiry'), now)})"
-        lines.append(
-            [row["node"], row["source"] or "-", *columns.values(), cert_text, row["version"]]
-        )
+        lines.append([row["node"], row["source"] or "-", *cells, cert_text, row["version"]])
     return "\n".join([render(headers, lines), *notes])
 
 
@@ -289,11 +290,17 @@ def read_all(targets: Sequence[Target], timeout: float) -> list[Answer]:
         try:
             if t.enter is not None:
                 t.enter()
-            answers[i] = Answer(
-                t.node, t.address, status=request(t.address, "/status", timeout=timeout)
-            )
+            status = request(t.address, "/status", timeout=timeout)
         except (AdminError, OSError) as e:
             answers[i] = Answer(t.node, t.address, error=str(e))
+            return
+        if not isinstance(status, Mapping) or not isinstance(status.get("state"), Mapping):
+            why = (
+                f"{t.address}/status is not a nodemesh agent's status: is it an agent's admin API?"
+            )
+            answers[i] = Answer(t.node, t.address, error=why)
+            return
+        answers[i] = Answer(t.node, t.address, status=status)
 
     threads = [
         threading.Thread(target=read, args=(i, t), daemon=True) for i, t in enumerate(targets)

@@ -128,22 +128,30 @@ def test_cluster_documents_compare_by_hash_and_the_newest_time() -> None:
     assert verdicts(rows[0])["cluster-file"] == (STALE, 2.5)
     assert verdicts(rows[1])["cluster-file"] == (SYNCED, None)
     assert verdicts(rows[2])["cluster-file"] == (SYNCED, None)
-    # the document holds every kind: each column shows its verdict
-    assert set(rows[0]["columns"].values()) == {"STALE -2.5s"}
-    assert set(rows[1]["columns"].values()) == {SYNCED}
+    # the document holds every kind: one column
+    assert rows[0]["columns"] == {"DOCUMENT": "STALE -2.5s"}
+    assert rows[1]["columns"] == {"DOCUMENT": SYNCED}
 
 
 def test_an_unreachable_agent_is_a_row_and_the_others_still_compare() -> None:
     down = Answer("node3", "127.0.0.1:15000", error="connection refused")
     rows = compare([kube("node1", 9, pods={"resource_version": "8"}), down, kube("node2", 9)])
     assert rows[1]["reachable"] is False
-    assert set(rows[1]["columns"].values()) == {UNREACHABLE}
+    assert rows[1]["columns"] == {}
     assert verdicts(rows[0])["pods"] == (STALE, 1)
     text = format_rows(rows, dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
     assert "node3: connection refused" in text
-    assert text.splitlines()[2].split()[:3] == ["node3", UNREACHABLE, "-"]
+    assert text.splitlines()[2].split() == ["node3", UNREACHABLE, *["-"] * 7]
+    # no DOCUMENT column: no agent has the file source
     assert text.splitlines()[0].split() == [
-        "NODE", "SOURCE", "PODS", "SERVICES", "ENDPOINTS", "POLICIES", "ROUTES", "CERTS",
+        "NODE",
+        "SOURCE",
+        "PODS",
+        "SERVICES",
+        "ENDPOINTS",
+        "POLICIES",
+        "ROUTES",
+        "CERTS",
         "VERSION",
     ]  # fmt: skip
 
@@ -188,3 +196,71 @@ def test_targets_admin_repeated_else_the_lab_else_this_node(
     assert [t.address for t in targets_of(_args(), lambda _n: None)] == ["127.0.0.1:15000"]
     with pytest.raises(AdminError, match="no lab 'x' is up"):
         targets_of(_args(lab="x"), lambda _n: None)
+
+
+def test_the_command_reads_agents_over_http_and_an_unreachable_one_is_a_row(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end on loopback: two agents (admin APIs over local-file sources, one applied an
+    older document) and an address where nothing listens; exit 1, every agent a row."""
+    import asyncio
+    import json
+    import os
+    import threading
+
+    from agent.admin.api import AdminSources
+    from agent.admin.component import AdminComponent
+    from agent.admin.sync import run
+    from agent.sources.localfile import LocalFileSource
+    from agent.state import StateStore
+
+    doc = "nodes:\n  - name: node{n}\n    pods: []\n"
+    sources, components = [], []
+    for n in (1, 2):
+        path = tmp_path / f"cluster{n}.yaml"
+        path.write_text(doc.format(n=n))
+        os.utime(path, ns=(n * 10**9, n * 10**9))  # node2's document is 1 s newer
+        source = LocalFileSource(path, StateStore(), interval=3600)
+        source.start()
+        sources.append(source)
+        components.append(
+            AdminComponent(
+                address=("127.0.0.1", 0),
+                sources=AdminSources(
+                    node=f"node{n}",
+                    store=source.store,
+                    config={},
+                    not_ready=list,
+                    drain=lambda: None,
+                    state_source=source.describe,
+                ),
+            )
+        )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        for c in components:
+            asyncio.run_coroutine_threadsafe(c.start(), loop).result(10)
+        admins = [f"127.0.0.1:{c.port}" for c in components] + ["127.0.0.1:1"]
+        args = argparse.Namespace(admin=admins, lab=None, output="json", timeout=5.0)
+        assert run(args) == 1
+        rows = json.loads(capsys.readouterr().out)["agents"]
+        assert [r["node"] for r in rows] == ["node1", "node2", "127.0.0.1:1"]
+        assert rows[0]["columns"] == {"DOCUMENT": "STALE -1s"}
+        assert rows[1]["columns"] == {"DOCUMENT": SYNCED}
+        assert rows[2]["reachable"] is False and "connection refused" in rows[2]["error"]
+        args.output = "table"
+        assert run(args) == 1
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split() == ["NODE", "SOURCE", "DOCUMENT", "CERTS", "VERSION"]
+        assert table[1].split()[:4] == ["node1", "file", "STALE", "-1s"]
+        assert table[3].split() == ["127.0.0.1:1", UNREACHABLE, "-", "-", "-"]
+    finally:
+        for c in components:
+            asyncio.run_coroutine_threadsafe(c.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        for source in sources:
+            source.stop()

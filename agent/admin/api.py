@@ -34,7 +34,8 @@ Routed = Mapping[tuple[RouteKey, int, str], int]
 
 ENDPOINTS = {
     "/": "this index",
-    "/status": "node, version, readiness, degraded conditions, counts, datapath mode",
+    "/status": "node, version, readiness, degraded conditions, what the state source applied "
+    "(per resource), certificates, counts, datapath mode",
     "/config_dump": "everything below in one document, plus the effective configuration",
     "/workloads": "workloads in the state (?local=1: this node's only)",
     "/services": "services with their endpoints",

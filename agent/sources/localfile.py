@@ -46,9 +46,9 @@ class LocalFileSource:
         self.interval = interval
         self.loads = 0  # successful loads, for the admin API and tests
         self.last_error: str | None = None
-        # sha256 (hex) of the document last applied, and its file's mtime then (ns)
-        self.applied_sha256: str | None = None
-        self.applied_mtime_ns: int | None = None
+        # sha256 (hex) of the document last applied and its file's mtime then (ns): one tuple,
+        # replaced whole by the reload thread, so the admin API never sees half of a change
+        self._applied: tuple[str, int | None] | None = None
         self._stamp: _Stamp | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,13 +74,15 @@ class LocalFileSource:
         document's content hash, equal on every agent that applied the same document, and the
         file's modification time when it was read (UTC, microseconds; the newest is the
         document the others should catch up with)."""
+        applied = self._applied
+        sha256, mtime_ns = applied if applied is not None else (None, None)
         modified = None
-        if self.applied_mtime_ns is not None:
-            when = dt.datetime.fromtimestamp(self.applied_mtime_ns / 1e9, dt.UTC)
+        if mtime_ns is not None:
+            when = dt.datetime.fromtimestamp(mtime_ns / 1e9, dt.UTC)
             modified = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return {
             "cluster-file": {
-                "sha256": self.applied_sha256,
+                "sha256": sha256,
                 "modified": modified,
                 "synced": self.loads > 0,
             }
@@ -155,8 +157,7 @@ class LocalFileSource:
             txn.replace("policies", state.policies)
             txn.replace("routes", state.routes)
         self._stamp = stamp
-        self.applied_sha256 = hashlib.sha256(data).hexdigest()
-        self.applied_mtime_ns = None if stamp is None else stamp[1]
+        self._applied = (hashlib.sha256(data).hexdigest(), None if stamp is None else stamp[1])
         if self.last_error is not None:
             log.info("%s: loaded again after the error was fixed", self.path)
         self.last_error = None

@@ -37,6 +37,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "agent.ca.cli",
     "agent.admin.cli",
     "agent.view.cli",
+    "agent.view.proxystatus",
 )
 
 # Which module registers each command (checked against the modules by the CLI's unit tests).
@@ -50,6 +51,7 @@ COMMANDS: dict[str, str] = {
          "requests"),
         "agent.admin.cli",
     ),
+    "proxy-status": "agent.view.proxystatus",
     **dict.fromkeys(("stat", "edges", "top", "dashboard"), "agent.view.cli"),
 }  # fmt: skip
 

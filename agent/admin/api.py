@@ -14,6 +14,7 @@ pod. ``agent.config`` refuses any other address.
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,7 +34,8 @@ Routed = Mapping[tuple[RouteKey, int, str], int]
 
 ENDPOINTS = {
     "/": "this index",
-    "/status": "node, version, readiness, degraded conditions, counts, datapath mode",
+    "/status": "node, version, readiness, degraded conditions, what the state source applied "
+    "(per resource), certificates, counts, datapath mode",
     "/config_dump": "everything below in one document, plus the effective configuration",
     "/workloads": "workloads in the state (?local=1: this node's only)",
     "/services": "services with their endpoints",
@@ -84,9 +86,40 @@ class AdminSources:
     started: float = field(default_factory=time.time)
 
 
+def _utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def certificates_summary(certs: Rows) -> dict[str, object]:
+    """``/status``'s ``certificates``: how many identities, how many hold a usable certificate,
+    and the soonest expiry among those held (what ``nodemesh proxy-status`` shows)."""
+    expiries = sorted(
+        str(cert["not_after"])
+        for row in certs
+        if isinstance(cert := row.get("certificate"), Mapping) and cert.get("not_after")
+    )
+    return {
+        "identities": len(certs),
+        "available": sum(1 for c in certs if c.get("state") == "Available"),
+        "soonest_expiry": _soonest(expiries),
+    }
+
+
+def _soonest(isotimes: list[str]) -> str | None:
+    """The earliest of ISO 8601 times that may carry different offsets."""
+    if not isotimes:
+        return None
+    return min(isotimes, key=lambda t: dt.datetime.fromisoformat(t.replace("Z", "+00:00")))
+
+
 class AdminApi:
     def __init__(self, sources: AdminSources) -> None:
         self.s = sources
+        # When the store's current snapshot was committed: (version, time), replaced whole by
+        # the store's writer thread (atomic). A version committed before the API existed has no
+        # known time (``applied_at`` null) until the next change.
+        self._applied: tuple[int, float] | None = None
+        self.s.store.subscribe(lambda snap, _kinds: self._committed(snap.version))
         self._get: dict[str, Callable[[Request], object]] = {
             "/": lambda _r: {"node": self.s.node, "endpoints": ENDPOINTS},
             "/status": lambda _r: self.status(),
@@ -102,6 +135,14 @@ class AdminApi:
             "/routes": lambda _r: self._routes(),
             "/logging": lambda _r: {"levels": levels()},
         }
+
+    def _committed(self, version: int) -> None:
+        self._applied = (version, time.time())
+
+    def applied_at(self, version: int) -> str | None:
+        """When snapshot ``version`` was committed (UTC), if this API saw it happen."""
+        applied = self._applied
+        return _utc(applied[1]) if applied is not None and applied[0] == version else None
 
     async def handle(self, request: Request) -> Response:
         if request.method == "POST" and request.path == "/logging":
@@ -194,9 +235,11 @@ class AdminApi:
             "uptime_seconds": round(time.time() - self.s.started, 1),
             "state": {
                 "version": snap.version,
+                "applied_at": self.applied_at(snap.version),
                 "trust_domain": snap.trust_domain,
                 **(self.s.state_source() if self.s.state_source else {}),
             },
+            "certificates": certificates_summary(certs),
             "counts": {
                 **views.summary(snap, self.s.node),
                 "connections": len(await self.connections()),

@@ -260,9 +260,27 @@ class KubeSource:
             "source": "kubernetes",
             "synced": self.ready,
             "sync": self.stats(),
+            "applied": self.applied(),
             "routes": "available" if unavailable is None else f"unavailable ({unavailable})",
             "route_status_writer": self.election.leading(),  # holds the route-status Lease
             "warnings": self.warnings(),
+        }
+
+    def applied(self) -> dict[str, dict[str, object]]:
+        """Per resource, what this agent has applied (``nodemesh proxy-status`` compares them).
+
+        ``resource_version`` is that of the last list, event or bookmark the reflector took in
+        (``None`` before the first list, while relisting after a 410, or when an optional
+        resource is not served): an etcd revision, the same counter for every resource and every
+        agent of one cluster, so agents can be compared. ``synced``: listed at least once;
+        ``absent``: an optional resource (Gateway API routes) the API server does not serve."""
+        return {
+            r.name: {
+                "resource_version": r.resource_version,
+                "synced": r.synced.is_set(),
+                "absent": r.absent is not None,
+            }
+            for r in self.reflectors
         }
 
     def warnings(self) -> list[dict[str, str]]:

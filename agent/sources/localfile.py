@@ -15,12 +15,14 @@ load is synchronous in ``start()``, so a caller can read the store as soon as it
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import logging
 import os
 import threading
 from pathlib import Path
 
-from agent.sources.document import DocumentError, load_document
+from agent.sources.document import DocumentError, parse_document
 from agent.sources.filewatch import DirectoryWatch
 from agent.state import StateStore
 
@@ -44,6 +46,9 @@ class LocalFileSource:
         self.interval = interval
         self.loads = 0  # successful loads, for the admin API and tests
         self.last_error: str | None = None
+        # sha256 (hex) of the document last applied and its file's mtime then (ns): one tuple,
+        # replaced whole by the reload thread, so the admin API never sees half of a change
+        self._applied: tuple[str, int | None] | None = None
         self._stamp: _Stamp | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -61,6 +66,26 @@ class LocalFileSource:
             "path": str(self.path),
             "loads": self.loads,
             "last_error": self.last_error,
+            "applied": self.applied(),
+        }
+
+    def applied(self) -> dict[str, dict[str, object]]:
+        """What this agent has applied (``nodemesh proxy-status`` compares agents): the
+        document's content hash, equal on every agent that applied the same document, and the
+        file's modification time when it was read (UTC, microseconds; the newest is the
+        document the others should catch up with)."""
+        applied = self._applied
+        sha256, mtime_ns = applied if applied is not None else (None, None)
+        modified = None
+        if mtime_ns is not None:
+            when = dt.datetime.fromtimestamp(mtime_ns / 1e9, dt.UTC)
+            modified = when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return {
+            "cluster-file": {
+                "sha256": sha256,
+                "modified": modified,
+                "synced": self.loads > 0,
+            }
         }
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -111,7 +136,12 @@ class LocalFileSource:
         """Load the file now; on success replace the store's contents, else keep them."""
         stamp = self._current_stamp()
         try:
-            doc = load_document(self.path)
+            try:
+                data = self.path.read_bytes()
+            except OSError as e:
+                why = f"cannot read the file: {e.strerror}"
+                raise DocumentError(str(self.path), "", why) from e
+            doc = parse_document(data.decode("utf-8"), source=str(self.path))
         except DocumentError as e:
             self._stamp = stamp  # do not retry the same bad content every interval
             if str(e) != self.last_error:
@@ -127,6 +157,7 @@ class LocalFileSource:
             txn.replace("policies", state.policies)
             txn.replace("routes", state.routes)
         self._stamp = stamp
+        self._applied = (hashlib.sha256(data).hexdigest(), None if stamp is None else stamp[1])
         if self.last_error is not None:
             log.info("%s: loaded again after the error was fixed", self.path)
         self.last_error = None

@@ -40,8 +40,11 @@ def test_every_endpoint_answers_its_documented_shape() -> None:
     status = answers["/status"][1]
     assert set(status) == {
         "node", "version", "ready", "not_ready", "degraded", "uptime_seconds", "state", "counts",
-        "datapath",
+        "datapath", "certificates",
     }  # fmt: skip
+    assert status["certificates"]["identities"] == 1
+    assert status["certificates"]["soonest_expiry"] is not None
+    assert status["state"]["applied_at"] is None  # committed before the API subscribed
     assert status["counts"]["workloads"] == 3 and status["counts"]["certificates_available"] == 1
     assert status["ready"] is True and status["datapath"]["failure_mode"] == "fail-closed"
     workloads = answers["/workloads"][1]["workloads"]

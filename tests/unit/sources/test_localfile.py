@@ -187,3 +187,29 @@ def test_routes_are_loaded_and_removed_with_the_file(tmp_path: Path) -> None:
         _wait_for(lambda: not store.snapshot().routes)
     finally:
         source.stop()
+
+
+def test_applied_is_the_hash_of_the_document_in_force(tmp_path: Path) -> None:
+    """``/status``'s ``state.applied`` (``nodemesh proxy-status``): the sha256 of the document
+    applied, kept through a bad edit (the previous state stays in force), moved by a good one."""
+    import hashlib
+
+    path = tmp_path / "cluster.yaml"
+    first = DOC.format(mesh="enabled", action="ALLOW")
+    _write(path, first)
+    source = LocalFileSource(path, StateStore(), interval=3600)  # reloads only when told
+    source.start()
+    try:
+        entry = source.describe()["applied"]["cluster-file"]  # type: ignore[index]
+        assert entry["sha256"] == hashlib.sha256(first.encode()).hexdigest()
+        assert entry["synced"] is True and entry["modified"].endswith("Z")
+        _write(path, "nodes: [")
+        assert not source.reload()
+        assert source.applied()["cluster-file"]["sha256"] == entry["sha256"]
+        second = DOC.format(mesh="disabled", action="ALLOW")
+        _write(path, second)
+        assert source.reload()
+        got = source.applied()["cluster-file"]["sha256"]
+        assert got == hashlib.sha256(second.encode()).hexdigest()
+    finally:
+        source.stop()

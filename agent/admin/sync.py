@@ -1,0 +1,382 @@
+"""``nodemesh proxy-status``: has every agent applied the newest state? (``istioctl
+proxy-status`` for nodemesh.)
+
+Istio compares each proxy with the one control plane that pushes to it. nodemesh has no such
+pusher: every agent reads the state itself, so the agents are compared with each other. Each
+agent's ``/status`` says what it has applied (``state.applied``, ``agent.sources``):
+
+- Kubernetes source: per resource watched, the ``resourceVersion`` of the last list, event or
+  bookmark taken in. These are etcd revisions, one counter for the whole cluster, so the newest
+  any agent has for a resource is a lower bound of where the cluster is, and an agent below it
+  is ``STALE`` by the difference. A revision is only as fresh as the last thing the API server
+  sent: an agent that listed a resource recently holds a higher revision than one that has been
+  watching the same unchanged resource for a while, until the latter's next bookmark (the API
+  server sends one at the latest when a watch ends, every five minutes). A ``STALE`` that stays
+  is real; one that clears without a change was this.
+- Cluster-file source (the lab, standalone): the content hash of the document applied and the
+  file's modification time then. The newest document is the one with the newest time; an agent
+  that applied another is ``STALE`` by how much older its document is.
+
+``NOT READY``: the resource was never listed (or the document never loaded); ``ABSENT``: an
+optional resource (Gateway API routes) the API server does not serve. The comparison
+(``compare``) is pure: statuses in, verdicts out; reading the agents is ``read_all``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.admin.tables import render
+
+SYNCED, STALE, NOT_READY, ABSENT, UNREACHABLE = (
+    "SYNCED",
+    "STALE",
+    "NOT READY",
+    "ABSENT",
+    "UNREACHABLE",
+)
+FILE_RESOURCE = "cluster-file"
+# Table columns and the resources each stands for (the worst verdict among them is shown). A
+# column appears when some agent reports one of its resources: DOCUMENT for the cluster-file
+# source (one document holds every kind), the others for the Kubernetes source.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "DOCUMENT": (FILE_RESOURCE,),
+    "PODS": ("pods", "namespaces"),
+    "SERVICES": ("services",),
+    "ENDPOINTS": ("endpointslices",),
+    "POLICIES": (
+        "authorizationpolicies",
+        "peerauthentications",
+        "trafficpolicies",
+        "ratelimitpolicies",
+        "httpfaults",
+    ),
+    "ROUTES": ("httproutes", "grpcroutes"),
+}
+_RANK = {SYNCED: 0, ABSENT: 0, STALE: 1, NOT_READY: 2, UNREACHABLE: 3}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One agent's ``/status`` (``status``), or why it could not be read (``error``)."""
+
+    node: str
+    address: str
+    status: Mapping[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One resource of one agent: ``state`` is SYNCED, STALE, NOT READY or ABSENT; for STALE,
+    ``behind`` is how far (revisions, or seconds for a document; None: unknown)."""
+
+    state: str
+    behind: float | None = None
+    unit: str = "revisions"
+
+    def text(self) -> str:
+        if self.state != STALE:
+            return self.state
+        if self.behind is None:
+            return f"{STALE} (relisting)"
+        if self.unit == "seconds":
+            return f"{STALE} -{self.behind:.3g}s"  # the document applied is that much older
+        return f"{STALE} -{self.behind:.0f}"  # revisions behind the newest
+
+    def json(self) -> dict[str, object]:
+        return {"state": self.state, "behind": self.behind, "unit": self.unit}
+
+
+def applied(status: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+    """The per-resource ``state.applied`` of a ``/status`` answer (empty for an old agent)."""
+    found = (status.get("state") or {}).get("applied") or {}
+    return found if isinstance(found, Mapping) else {}
+
+
+def _revision(entry: Mapping[str, Any]) -> int | None:
+    rv = entry.get("resource_version")
+    try:
+        return int(rv) if rv is not None else None
+    except (TypeError, ValueError):
+        return None  # not an etcd revision: cannot be ordered, shown as relisting/unknown
+
+
+def _modified(entry: Mapping[str, Any]) -> dt.datetime | None:
+    when = entry.get("modified")
+    try:
+        return dt.datetime.fromisoformat(str(when).replace("Z", "+00:00")) if when else None
+    except ValueError:
+        return None
+
+
+def newest(statuses: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Per resource, the entry of the agent that has the newest: the highest revision, or
+    for the cluster document the newest modification time."""
+    best: dict[str, tuple[Any, Mapping[str, Any]]] = {}
+    for status in statuses:
+        for resource, entry in applied(status).items():
+            key: Any = _modified(entry) if resource == FILE_RESOURCE else _revision(entry)
+            if key is None:
+                continue
+            if resource not in best or key > best[resource][0]:
+                best[resource] = (key, entry)
+    return {resource: entry for resource, (_key, entry) in best.items()}
+
+
+def verdict(resource: str, entry: Mapping[str, Any], best: Mapping[str, Any] | None) -> Verdict:
+    """How ``entry`` (one agent's applied ``resource``) compares with the newest, ``best``."""
+    if not entry.get("synced"):
+        return Verdict(NOT_READY)
+    if entry.get("absent"):
+        return Verdict(ABSENT)
+    if resource == FILE_RESOURCE:
+        mine = _modified(entry)
+        if best is None or entry.get("sha256") == best.get("sha256"):
+            return Verdict(SYNCED)
+        newest_time = _modified(best)
+        seconds = (newest_time - mine).total_seconds() if mine and newest_time else None
+        return Verdict(STALE, seconds, "seconds")
+    revision = _revision(entry)
+    if revision is None:
+        return Verdict(STALE)  # between a 410 Gone and the relist: unknown how far
+    top = _revision(best) if best is not None else None
+    if top is None or revision >= top:
+        return Verdict(SYNCED)
+    return Verdict(STALE, top - revision)
+
+
+def _worst(verdicts: Sequence[Verdict]) -> Verdict | None:
+    """A column's verdict: the worst of its resources' (STALE: the farthest behind)."""
+    if not verdicts:
+        return None
+    if all(v.state == ABSENT for v in verdicts):
+        return Verdict(ABSENT)
+    rank = max(_RANK[v.state] for v in verdicts)
+    if rank == _RANK[SYNCED]:
+        return Verdict(SYNCED)
+    if rank == _RANK[STALE]:
+        stale = [v for v in verdicts if v.state == STALE]
+        known = [v.behind for v in stale if v.behind is not None]
+        return Verdict(STALE, max(known) if known else None, stale[0].unit)
+    return Verdict(NOT_READY)
+
+
+def _certificates(status: Mapping[str, Any]) -> dict[str, object]:
+    certs = status.get("certificates")
+    if isinstance(certs, Mapping):
+        return dict(certs)
+    counts = status.get("counts") or {}  # an agent from before this summary existed
+    return {
+        "identities": counts.get("certificates"),
+        "available": counts.get("certificates_available"),
+        "soonest_expiry": None,
+    }
+
+
+def compare(answers: Sequence[Answer]) -> list[dict[str, Any]]:
+    """One row per agent (the ``-o json`` output): its verdict per resource and per column,
+    its certificates and version; an agent that could not be read is a row saying why."""
+    best = newest([a.status for a in answers if a.status is not None])
+    rows: list[dict[str, Any]] = []
+    for a in answers:
+        if a.status is None:
+            rows.append(
+                {
+                    "node": a.node,
+                    "address": a.address,
+                    "reachable": False,
+                    "error": a.error,
+                    "columns": {},
+                }
+            )
+            continue
+        st = a.status
+        verdicts = {
+            resource: verdict(resource, entry, best.get(resource))
+            for resource, entry in applied(st).items()
+        }
+        columns: dict[str, str] = {}
+        for column, resources in COLUMNS.items():
+            worst = _worst([verdicts[r] for r in resources if r in verdicts])
+            if worst is not None:
+                columns[column] = worst.text()
+        state = st.get("state") or {}
+        rows.append(
+            {
+                "node": st.get("node") or a.node,
+                "address": a.address,
+                "reachable": True,
+                "source": state.get("source"),
+                "ready": st.get("ready"),
+                "version": st.get("version"),
+                "state_version": state.get("version"),
+                "applied_at": state.get("applied_at"),
+                "resources": {
+                    r: {**dict(applied(st)[r]), "verdict": v.json()} for r, v in verdicts.items()
+                },
+                "columns": columns,
+                "certificates": _certificates(st),
+            }
+        )
+    return rows
+
+
+def _until(when: object, now: dt.datetime) -> str:
+    if not when:
+        return "-"
+    try:
+        left = dt.datetime.fromisoformat(str(when).replace("Z", "+00:00")) - now
+    except ValueError:
+        return str(when)
+    seconds = int(left.total_seconds())
+    if seconds <= 0:
+        return "expired"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def format_rows(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
+    """The table: one line per agent, then why each unreachable agent could not be read.
+    CERTS: how many identities, and in how long the soonest of their certificates expires."""
+    shown = [c for c in COLUMNS if any(c in row["columns"] for row in rows)]
+    headers = ["NODE", "SOURCE", *shown, "CERTS", "VERSION"]
+    lines = []
+    notes = []
+    for row in rows:
+        cells = [row["columns"].get(c, "-") for c in shown]
+        if not row["reachable"]:
+            lines.append([row["node"], UNREACHABLE, *cells, "-", "-"])
+            notes.append(f"{row['node']}: {row['error']}")
+            continue
+        certs = row["certificates"]
+        count = certs.get("identities")
+        cert_text = "-" if count is None else str(count)
+        if count:
+            cert_text += f" ({_until(certs.get('soonest_expiry'), now)})"
+        lines.append([row["node"], row["source"] or "-", *cells, cert_text, row["version"]])
+    return "\n".join([render(headers, lines), *notes])
+
+
+# -- reading the agents ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """An admin API to read; ``enter`` runs first in the reading thread (a lab node's
+    network namespace, where the admin API is loopback)."""
+
+    node: str
+    address: str
+    enter: Callable[[], None] | None = None
+
+
+def read_all(targets: Sequence[Target], timeout: float) -> list[Answer]:
+    """Every target's ``/status``, read at once, each from its own fresh thread (a thread
+    that entered a namespace is not reused)."""
+    answers: list[Answer | None] = [None] * len(targets)
+
+    def read(i: int, t: Target) -> None:
+        try:
+            if t.enter is not None:
+                t.enter()
+            status = request(t.address, "/status", timeout=timeout)
+        except (AdminError, OSError) as e:
+            answers[i] = Answer(t.node, t.address, error=str(e))
+            return
+        if not isinstance(status, Mapping) or not isinstance(status.get("state"), Mapping):
+            why = (
+                f"{t.address}/status is not a nodemesh agent's status: is it an agent's admin API?"
+            )
+            answers[i] = Answer(t.node, t.address, error=why)
+            return
+        answers[i] = Answer(t.node, t.address, status=status)
+
+    threads = [
+        threading.Thread(target=read, args=(i, t), daemon=True) for i, t in enumerate(targets)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [
+        a if a is not None else Answer(t.node, t.address, error="not read")
+        for a, t in zip(answers, targets, strict=True)
+    ]
+
+
+LabTargets = Callable[[str], "list[Target] | None"]
+
+
+def _no_lab(_lab: str) -> list[Target] | None:
+    return None
+
+
+def targets_of(args: argparse.Namespace, lab_targets: LabTargets = _no_lab) -> list[Target]:
+    """``--admin`` as given; else every node's agent of the lab (``lab_targets``: None when
+    that lab is not up); else this node's agent."""
+    if args.admin:
+        return [Target(address, address) for address in args.admin]
+    lab = args.lab or os.environ.get("NODEMESH_LAB") or "nm"
+    found = lab_targets(lab)
+    if found is None and args.lab is not None:
+        raise AdminError(f"no lab {args.lab!r} is up (nodemesh lab up), or pass --admin HOST:PORT")
+    return found or [Target(DEFAULT_ADMIN, DEFAULT_ADMIN)]
+
+
+def run(args: argparse.Namespace, lab_targets: LabTargets = _no_lab) -> int:
+    """Exit 0 when every agent answered (whatever their verdicts), 1 when one could not be read."""
+    try:
+        targets = targets_of(args, lab_targets)
+    except AdminError as e:
+        print(f"nodemesh proxy-status: {e}", file=sys.stderr)
+        return 2
+    rows = compare(read_all(targets, args.timeout))
+    if args.output == "json":
+        print(json.dumps({"agents": rows}, indent=2))
+    else:
+        print(format_rows(rows, dt.datetime.now(dt.UTC)))
+    return 0 if all(r["reachable"] for r in rows) else 1
+
+
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    lab_targets: LabTargets = _no_lab,
+) -> None:
+    """Add ``proxy-status``; ``lab_targets`` finds a lab's agents (``agent.view.proxystatus``
+    passes it: the admin layer may not import the lab)."""
+    help_text = "has every agent applied the newest state? (like istioctl proxy-status)"
+    p = subparsers.add_parser(
+        "proxy-status",
+        help=help_text,
+        description=f"{help_text} One row per agent: per resource SYNCED, STALE (behind the "
+        "newest revision any agent has, by how much) or NOT READY; certificates; version. "
+        "Asks every node's agent of the lab (--lab, $NODEMESH_LAB, else nm when up), or the "
+        f"agents named by --admin, else {DEFAULT_ADMIN}.",
+    )
+    p.add_argument(
+        "--admin",
+        action="append",
+        metavar="HOST:PORT",
+        help="an agent's admin API; repeat for each agent",
+    )
+    p.add_argument("--lab", help="the lab whose nodes' agents to ask (default: nm when up)")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help="table (default) or json: one object per agent, stable field names",
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per agent (default 5)")
+    p.set_defaults(func=functools.partial(run, lab_targets=lab_targets))

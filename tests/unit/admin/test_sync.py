@@ -1,0 +1,266 @@
+"""``nodemesh proxy-status``'s comparison, sans-IO: agents' ``/status`` answers in, verdicts out."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from agent.admin.api import certificates_summary
+from agent.admin.client import AdminError
+from agent.admin.sync import (
+    ABSENT,
+    NOT_READY,
+    STALE,
+    SYNCED,
+    UNREACHABLE,
+    Answer,
+    Target,
+    Verdict,
+    compare,
+    format_rows,
+    targets_of,
+)
+
+KUBE_RESOURCES = (
+    "pods",
+    "namespaces",
+    "services",
+    "endpointslices",
+    "authorizationpolicies",
+    "peerauthentications",
+    "trafficpolicies",
+    "ratelimitpolicies",
+    "httpfaults",
+    "httproutes",
+    "grpcroutes",
+)
+
+
+def kube(node: str, rv: int, **override: dict[str, Any]) -> Answer:
+    """An agent whose every resource is at revision ``rv``, but for ``override``."""
+    applied: dict[str, dict[str, Any]] = {
+        r: {"resource_version": str(rv), "synced": True, "absent": False} for r in KUBE_RESOURCES
+    }
+    for resource, entry in override.items():
+        applied[resource] = {**applied[resource], **entry}
+    status = {
+        "node": node,
+        "version": "0.1.0",
+        "ready": True,
+        "state": {"version": 7, "applied_at": None, "source": "kubernetes", "applied": applied},
+        "certificates": {"identities": 2, "available": 2, "soonest_expiry": None},
+    }
+    return Answer(node, "127.0.0.1:15000", status=status)
+
+
+def lab(node: str, sha: str, modified: str) -> Answer:
+    applied = {"cluster-file": {"sha256": sha, "modified": modified, "synced": True}}
+    status = {
+        "node": node,
+        "version": "0.1.0",
+        "ready": True,
+        "state": {"version": 3, "source": "file", "applied": applied},
+        "certificates": {"identities": 1, "available": 1, "soonest_expiry": None},
+    }
+    return Answer(node, "127.0.0.1:15000", status=status)
+
+
+def verdicts(row: dict[str, Any]) -> dict[str, tuple[str, float | None]]:
+    return {r: (v["verdict"]["state"], v["verdict"]["behind"]) for r, v in row["resources"].items()}
+
+
+def test_an_agent_behind_the_newest_revision_is_stale_by_the_difference() -> None:
+    behind = kube("node1", 120, pods={"resource_version": "100"})
+    ahead = kube("node2", 120)
+    rows = compare([behind, ahead])
+    assert verdicts(rows[0])["pods"] == (STALE, 20)
+    assert verdicts(rows[0])["services"] == (SYNCED, None)
+    assert all(v == (SYNCED, None) for v in verdicts(rows[1]).values())
+    assert rows[0]["columns"]["PODS"] == "STALE -20"
+    assert rows[0]["columns"]["SERVICES"] == SYNCED
+    assert rows[1]["columns"]["PODS"] == SYNCED
+
+
+def test_revisions_compare_as_numbers_not_strings() -> None:
+    rows = compare([kube("node1", 99), kube("node2", 100)])
+    assert verdicts(rows[0])["pods"] == (STALE, 1)
+    assert verdicts(rows[1])["pods"] == (SYNCED, None)
+
+
+def test_a_column_shows_the_worst_of_its_resources() -> None:
+    rows = compare(
+        [
+            kube(
+                "node1",
+                50,
+                httpfaults={"resource_version": "40"},
+                trafficpolicies={"resource_version": None, "synced": False},
+            ),
+            kube("node2", 50),
+        ]
+    )
+    assert rows[0]["columns"]["POLICIES"] == NOT_READY
+    rows = compare([kube("node1", 50, httpfaults={"resource_version": "40"}), kube("node2", 50)])
+    assert rows[0]["columns"]["POLICIES"] == "STALE -10"
+
+
+def test_routes_not_served_are_absent_not_stale() -> None:
+    gone = {"resource_version": None, "absent": True}
+    rows = compare([kube("node1", 5, httproutes=gone, grpcroutes=gone), kube("node2", 5)])
+    assert verdicts(rows[0])["httproutes"] == (ABSENT, None)
+    assert rows[0]["columns"]["ROUTES"] == ABSENT
+
+
+def test_relisting_after_gone_is_stale_by_an_unknown_amount() -> None:
+    rows = compare([kube("node1", 5, pods={"resource_version": None}), kube("node2", 5)])
+    assert verdicts(rows[0])["pods"] == (STALE, None)
+    assert rows[0]["columns"]["PODS"] == "STALE (relisting)"
+
+
+def test_cluster_documents_compare_by_hash_and_the_newest_time() -> None:
+    old = lab("node1", "aa", "2026-12-06T22:00:00.000000Z")
+    new = lab("node2", "bb", "2026-12-06T22:00:02.500000Z")
+    same = lab("node3", "bb", "2026-12-06T22:00:02.500000Z")
+    rows = compare([old, new, same])
+    assert verdicts(rows[0])["cluster-file"] == (STALE, 2.5)
+    assert verdicts(rows[1])["cluster-file"] == (SYNCED, None)
+    assert verdicts(rows[2])["cluster-file"] == (SYNCED, None)
+    # the document holds every kind: one column
+    assert rows[0]["columns"] == {"DOCUMENT": "STALE -2.5s"}
+    assert rows[1]["columns"] == {"DOCUMENT": SYNCED}
+
+
+def test_an_unreachable_agent_is_a_row_and_the_others_still_compare() -> None:
+    down = Answer("node3", "127.0.0.1:15000", error="connection refused")
+    rows = compare([kube("node1", 9, pods={"resource_version": "8"}), down, kube("node2", 9)])
+    assert rows[1]["reachable"] is False
+    assert rows[1]["columns"] == {}
+    assert verdicts(rows[0])["pods"] == (STALE, 1)
+    text = format_rows(rows, dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
+    assert "node3: connection refused" in text
+    assert text.splitlines()[2].split() == ["node3", UNREACHABLE, *["-"] * 7]
+    # no DOCUMENT column: no agent has the file source
+    assert text.splitlines()[0].split() == [
+        "NODE",
+        "SOURCE",
+        "PODS",
+        "SERVICES",
+        "ENDPOINTS",
+        "POLICIES",
+        "ROUTES",
+        "CERTS",
+        "VERSION",
+    ]  # fmt: skip
+
+
+def test_certificates_show_the_count_and_the_soonest_expiry() -> None:
+    certs = [
+        {"state": "Available", "certificate": {"not_after": "2026-12-07T10:00:00+00:00"}},
+        {"state": "Available", "certificate": {"not_after": "2026-12-06T23:30:00+00:00"}},
+        {"state": "Pending", "certificate": None},
+    ]
+    summary = certificates_summary(certs)
+    assert summary == {
+        "identities": 3,
+        "available": 2,
+        "soonest_expiry": "2026-12-06T23:30:00+00:00",
+    }
+    answer = kube("node1", 1)
+    assert answer.status is not None
+    status = {**answer.status, "certificates": summary}
+    rows = compare([Answer("node1", "a", status=status)])
+    text = format_rows(rows, dt.datetime(2026, 12, 6, 22, 0, tzinfo=dt.UTC))
+    assert "3 (1h30m)" in text
+
+
+def test_verdict_text() -> None:
+    assert Verdict(SYNCED).text() == "SYNCED"
+    assert Verdict(STALE, 3).text() == "STALE -3"
+
+
+def _args(**kw: Any) -> argparse.Namespace:
+    return argparse.Namespace(**{"admin": None, "lab": None, **kw})
+
+
+def test_targets_admin_repeated_else_the_lab_else_this_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NODEMESH_LAB", raising=False)
+    got = targets_of(_args(admin=["127.0.0.1:1", "127.0.0.1:2"]))
+    assert [t.address for t in got] == ["127.0.0.1:1", "127.0.0.1:2"]
+    nodes = [Target("node1", "127.0.0.1:15000"), Target("node2", "127.0.0.1:15000")]
+    assert targets_of(_args(), lambda name: nodes if name == "nm" else None) == nodes
+    assert [t.address for t in targets_of(_args(), lambda _n: None)] == ["127.0.0.1:15000"]
+    with pytest.raises(AdminError, match="no lab 'x' is up"):
+        targets_of(_args(lab="x"), lambda _n: None)
+
+
+def test_the_command_reads_agents_over_http_and_an_unreachable_one_is_a_row(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end on loopback: two agents (admin APIs over local-file sources, one applied an
+    older document) and an address where nothing listens; exit 1, every agent a row."""
+    import asyncio
+    import json
+    import os
+    import threading
+
+    from agent.admin.api import AdminSources
+    from agent.admin.component import AdminComponent
+    from agent.admin.sync import run
+    from agent.sources.localfile import LocalFileSource
+    from agent.state import StateStore
+
+    doc = "nodes:\n  - name: node{n}\n    pods: []\n"
+    sources, components = [], []
+    for n in (1, 2):
+        path = tmp_path / f"cluster{n}.yaml"
+        path.write_text(doc.format(n=n))
+        os.utime(path, ns=(n * 10**9, n * 10**9))  # node2's document is 1 s newer
+        source = LocalFileSource(path, StateStore(), interval=3600)
+        source.start()
+        sources.append(source)
+        components.append(
+            AdminComponent(
+                address=("127.0.0.1", 0),
+                sources=AdminSources(
+                    node=f"node{n}",
+                    store=source.store,
+                    config={},
+                    not_ready=list,
+                    drain=lambda: None,
+                    state_source=source.describe,
+                ),
+            )
+        )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        for c in components:
+            asyncio.run_coroutine_threadsafe(c.start(), loop).result(10)
+        admins = [f"127.0.0.1:{c.port}" for c in components] + ["127.0.0.1:1"]
+        args = argparse.Namespace(admin=admins, lab=None, output="json", timeout=5.0)
+        assert run(args) == 1
+        rows = json.loads(capsys.readouterr().out)["agents"]
+        assert [r["node"] for r in rows] == ["node1", "node2", "127.0.0.1:1"]
+        assert rows[0]["columns"] == {"DOCUMENT": "STALE -1s"}
+        assert rows[1]["columns"] == {"DOCUMENT": SYNCED}
+        assert rows[2]["reachable"] is False and "connection refused" in rows[2]["error"]
+        args.output = "table"
+        assert run(args) == 1
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split() == ["NODE", "SOURCE", "DOCUMENT", "CERTS", "VERSION"]
+        assert table[1].split()[:4] == ["node1", "file", "STALE", "-1s"]
+        assert table[3].split() == ["127.0.0.1:1", UNREACHABLE, "-", "-", "-"]
+    finally:
+        for c in components:
+            asyncio.run_coroutine_threadsafe(c.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        for source in sources:
+            source.stop()

@@ -426,8 +426,11 @@ def request_verdict(
     )
     where = f"{where} {head.method} {head.path}"
     decision = core.authorize_request(request, workload, where)
+    # The dry-run policies that would have denied it go on the request's record (allowed or
+    # not); the usual request has none, and is answered by the shared ``ALLOWED``.
+    would = ",".join(decision.would_deny) if decision.would_deny else ""
     if not decision.allowed:
-        return Verdict(False, decision.policy or "no-allow-match")
+        return Verdict(False, decision.policy or "no-allow-match", dry_run=would)
     limit = core.rate_limit(request, core.snapshot())
     if limit is not None:
         return Verdict(
@@ -437,5 +440,6 @@ def request_verdict(
             flag=RATE_LIMITED,
             body=RATE_LIMITED_BODY,
             grpc_status=GRPC_RESOURCE_EXHAUSTED,
+            dry_run=would,
         )
-    return ALLOWED
+    return Verdict(True, dry_run=would) if would else ALLOWED

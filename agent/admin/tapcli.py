@@ -2,12 +2,12 @@
 
 Like ``linkerd viz tap``: one line per finished request (time, direction, source and
 destination workloads, method, path, status, response flags, duration, the pod address it
-went to, and what refused it: the policy, or the dry-run policies that would have denied it,
-``dry-run:namespace/name``), filtered by workload (either side, ``--from``, ``--to``), the
-Service the requests were sent to (``svc/web``, ``--to svc/web``), method, path prefix, status
-(``404`` or ``5xx``) and gRPC status (``--grpc-status NOT_FOUND``, ``5`` or ``error``). The
-filter travels to the agent (``/requests``, ``agent.admin.tap``), so only matching requests
-cross the admin connection.
+went to, and what refused it: the policy, ``ns/name:rules[i]``, or the dry-run policies that
+would have denied it, ``dry-run:ns/name``), filtered by workload (either side, ``--from``,
+``--to``), the Service the requests were sent to (``svc/web``, ``--to svc/web``), method, path
+prefix, status (``404`` or ``5xx``) and gRPC status (``--grpc-status NOT_FOUND``, ``5`` or
+``error``). The filter travels to the agent (``/requests``, ``agent.admin.tap``), so only
+matching requests cross the admin connection.
 
 Without ``--once`` it prints the requests the agent still holds, then follows new ones until
 interrupted (Ctrl-C) or ``--count`` lines were printed; with ``--once`` it prints what is held

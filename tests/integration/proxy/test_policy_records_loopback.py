@@ -49,8 +49,8 @@ pytestmark = pytest.mark.root
 GRPC_VIP = "10.96.7.4"
 
 
-def _policy(name: str, app: str, rule: dict[str, object], *, dry_run: bool = False) -> PolicyObject:
-    spec = {"selector": {"matchLabels": {"app": app}}, "action": "DENY", "rules": [rule]}
+def _policy(name: str, app: str, *rules: dict[str, object], dry_run: bool = False) -> PolicyObject:
+    spec = {"selector": {"matchLabels": {"app": app}}, "action": "DENY", "rules": list(rules)}
     return PolicyObject("AuthorizationPolicy", "default", name, spec, dry_run=dry_run)
 
 
@@ -99,7 +99,12 @@ async def _http(
     add_services(mesh, port, pod)
     set_policies(
         mesh.store,
-        _policy("no-posts", app, {"to": [{"operation": {"methods": ["POST"]}}]}),
+        _policy(
+            "no-posts",
+            app,
+            {"to": [{"operation": {"paths": ["/admin*"]}}]},
+            {"to": [{"operation": {"methods": ["POST"]}}]},  # rules[1]: what denies POST /orders
+        ),
         _policy(
             "try-no-orders", app, {"to": [{"operation": {"paths": ["/orders"]}}]}, dry_run=True
         ),
@@ -117,7 +122,7 @@ async def _http(
 
 
 HTTP_EXPECTED = [
-    ("/orders", 403, "RBAC", "default/no-posts", "default/try-no-orders"),
+    ("/orders", 403, "RBAC", "default/no-posts:rules[1]", "default/try-no-orders"),
     ("/orders", 200, "-", "", "default/try-no-orders"),
     ("/status", 200, "-", "", ""),
 ]
@@ -133,7 +138,7 @@ async def test_an_http_request_denied_at_the_destination_names_its_policy(mesh: 
     assert [(r.policy, r.dry_run_policy) for r in node1.by(OUTBOUND)] == [("", "")] * 3
     lines = [line for line in log.lines if line["direction"] == "inbound"]
     assert [(line.get("policy"), line.get("dry_run_policy")) for line in lines] == [
-        ("default/no-posts", "default/try-no-orders"),
+        ("default/no-posts:rules[1]", "default/try-no-orders"),
         (None, "default/try-no-orders"),
         (None, None),  # the usual line has neither field
     ]
@@ -199,7 +204,7 @@ async def _grpc(mesh: Mesh, pod: str, app: str) -> tuple[list[str], Recorded, Re
 
 
 GRPC_EXPECTED = [
-    ("/pkg.Echo/Delete", 200, "RBAC", "default/no-deletes", ""),
+    ("/pkg.Echo/Delete", 200, "RBAC", "default/no-deletes:rules[0]", ""),
     ("/pkg.Echo/Get", 200, "-", "", "default/try-no-gets"),
     ("/pkg.Echo/List", 200, "-", "", ""),
 ]
@@ -216,7 +221,7 @@ async def test_a_grpc_call_denied_at_the_destination_names_its_policy(mesh: Mesh
     assert (denied["grpc_status"], denied["response_flags"], denied["policy"]) == (
         "7",
         "RBAC",
-        "default/no-deletes",
+        "default/no-deletes:rules[0]",
     )
 
 

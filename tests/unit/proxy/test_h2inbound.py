@@ -251,7 +251,7 @@ def test_grpc_calls_through_the_proxy_with_a_deny_on_one_method(
             ("", ""),
             ("", "default/try-no-stream"),
             ("", ""),
-            ("default/deny-admin", ""),
+            ("default/deny-admin:rules[0]", ""),
             ("", ""),
         ]
         assert seen.rejections == []

@@ -2,11 +2,12 @@
 
 Like ``linkerd viz tap``: one line per finished request (time, direction, source and
 destination workloads, method, path, status, response flags, duration, the pod address it
-went to), filtered by workload (either side, ``--from``, ``--to``), the Service the requests
-were sent to (``svc/web``, ``--to svc/web``), method, path prefix,
-status (``404`` or ``5xx``) and gRPC status (``--grpc-status NOT_FOUND``, ``5`` or ``error``).
-The filter travels to the agent (``/requests``, ``agent.admin.tap``), so only matching
-requests cross the admin connection.
+went to, and what refused it: the policy, ``ns/name:rules[i]``, or the dry-run policies that
+would have denied it, ``dry-run:ns/name``), filtered by workload (either side, ``--from``,
+``--to``), the Service the requests were sent to (``svc/web``, ``--to svc/web``), method, path
+prefix, status (``404`` or ``5xx``) and gRPC status (``--grpc-status NOT_FOUND``, ``5`` or
+``error``). The filter travels to the agent (``/requests``, ``agent.admin.tap``), so only
+matching requests cross the admin connection.
 
 Without ``--once`` it prints the requests the agent still holds, then follows new ones until
 interrupted (Ctrl-C) or ``--count`` lines were printed; with ``--once`` it prints what is held
@@ -52,6 +53,7 @@ POLL_WAIT = 5.0  # seconds an agent may hold a long-poll (the API allows up to 1
 TIME_STEP = 0.001  # an entry's time is rounded to the millisecond
 PATH_WIDTH = 24
 WHO_WIDTH = 18
+UPSTREAM_WIDTH = 21  # an IPv4 ip:port at its longest; the POLICY column follows
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,22 @@ def format_header(with_node: bool) -> str:
         "STATUS",
         "FLAGS",
         "MS".rjust(7),
-        "UPSTREAM",
+        "UPSTREAM".ljust(UPSTREAM_WIDTH),
+        "POLICY",
     ]
     return " ".join(cols)
+
+
+def policy_column(entry: Mapping[str, Any]) -> str:
+    """What refused the request (``policy``: an AuthorizationPolicy with flag ``RBAC``, a
+    RateLimitPolicy with ``RL``) and the dry-run policies that would have denied it, marked
+    ``dry-run:``; "" for the usual request, so its line ends at the upstream."""
+    parts = []
+    if entry.get("policy"):
+        parts.append(str(entry["policy"]))
+    if entry.get("dry_run_policy"):
+        parts.extend(f"dry-run:{p}" for p in str(entry["dry_run_policy"]).split(","))
+    return ",".join(parts)
 
 
 def format_line(entry: Mapping[str, Any], node: str | None = None) -> str:
@@ -138,7 +153,8 @@ def format_line(entry: Mapping[str, Any], node: str | None = None) -> str:
         status.ljust(6),
         str(entry["response_flags"]).ljust(5),
         f"{float(entry['duration_ms']):7.1f}",
-        str(entry.get("upstream_address") or "-"),
+        str(entry.get("upstream_address") or "-").ljust(UPSTREAM_WIDTH),
+        policy_column(entry),
     ]
     return " ".join(cols).rstrip()
 

@@ -124,6 +124,7 @@ class Decision:
     audited: tuple[str, ...] = ()
     would: tuple[str, ...] = ()  # dry-run outcomes, e.g. "ns/p would deny"
     would_deny: tuple[str, ...] = ()  # dry-run policies whose enforcement would deny it
+    rule: int | None = None  # index in ``spec.rules`` of the DENY rule that matched
 
 
 Predicate = Callable[[Request], bool]
@@ -433,10 +434,18 @@ class CompiledPolicy:
     dry_run: bool
     selector: Mapping[str, str] | None
     matches: Predicate
+    # (index in ``spec.rules``, predicate) of each rule that can match: which one did, for a
+    # denial's record (Envoy's effective policy id names the rule too). Asked only of a DENY
+    # that matched, so an allowed request pays nothing for it.
+    rules: tuple[tuple[int, Predicate], ...] = ()
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def matching_rule(self, request: Request) -> int | None:
+        """The index of the first rule ``request`` matches (None: none does)."""
+        return next((i for i, rule in self.rules if rule(request)), None)
 
     def selects(self, workload: Workload, root_namespace: str) -> bool:
         if self.namespace not in (root_namespace, workload.namespace):
@@ -464,10 +473,13 @@ def compile_policy(policy: PolicyObject) -> CompiledPolicy:
     action = str(spec.get("action", "ALLOW"))
     lenient = action != "ALLOW"
     rules = [compile_rule(r, lenient=lenient) for r in spec.get("rules", ()) or ()]  # type: ignore[attr-defined]
-    live = [r for r in rules if r is not None]
+    live = tuple((i, r) for i, r in enumerate(rules) if r is not None)
     selector = spec.get("selector")
     labels = selector.get("matchLabels") if isinstance(selector, Mapping) else None
-    return CompiledPolicy(policy.namespace, policy.name, action, policy.dry_run, labels, _any(live))
+    matches = _any([r for _, r in live])
+    return CompiledPolicy(
+        policy.namespace, policy.name, action, policy.dry_run, labels, matches, live
+    )
 
 
 class Authorizer:
@@ -499,9 +511,9 @@ class Authorizer:
         audited = tuple(p.ref for p in enforced if p.action == "AUDIT" and p.matches(request))
         for p in enforced:
             if p.action == "DENY" and p.matches(request):
-                return Decision(
-                    False, f"denied by DENY policy {p.ref}", p.ref, audited, would, would_deny
-                )
+                reason = f"denied by DENY policy {p.ref}"
+                rule = p.matching_rule(request)
+                return Decision(False, reason, p.ref, audited, would, would_deny, rule)
         allows = [p for p in enforced if p.action == "ALLOW"]
         if not allows:
             return Decision(True, "no ALLOW policy applies", None, audited, would, would_deny)

@@ -232,6 +232,10 @@ class H2SourceSession(CallbackShell):
             self._waiting.setdefault(uid, []).append(exchange.tag)
             return False
         verdict = self._verdict(self._route_to(key), exchange.head)
+        # What refused this try, or would have (dry-run), for its destination report only
+        # (``_report``): set for every try here, so none keeps an earlier try's.
+        exchange.denied_by = None if verdict.allowed else verdict.reason
+        exchange.dry_run = verdict.dry_run
         if verdict.allowed:
             return True
         return LocalAnswer(verdict.status, verdict.flag, verdict.body,
@@ -518,13 +522,18 @@ class H2SourceSession(CallbackShell):
                 # response, reported without one.
                 exchange.flags = NO_FLAGS
             self._finish(exchange)
+            why = None
+            if exchange.denied_by is not None or exchange.dry_run:
+                # A same-node endpoint's admission (``_admit``): its destination's to report.
+                why = (exchange.denied_by or "", exchange.dry_run)
+                exchange.denied_by, exchange.dry_run = None, ""
             record = h2_request_record(exchange)
             core.registry.request_done(connection, record, carried_by=self.record)
             key = exchange.upstream
             if connection.path == "local" and key in self._reached:
                 # No other proxy saw it: reported as its destination too, from when its try
                 # was sent there, without the source's own flags (DI).
-                self._report_destination(connection, exchange, record, own)
+                self._report_destination(connection, exchange, record, own, why)
         for tried in self.proxy.take_dropped():
             connection = self._request_connection(tried)
             if connection.path == "local" and tried.upstream in self._reached:
@@ -541,11 +550,17 @@ class H2SourceSession(CallbackShell):
             self._mirror(copy)
 
     def _report_destination(
-        self, connection: ConnectionRecord, exchange: H2Exchange, record: RequestRecord, flags: str
+        self,
+        connection: ConnectionRecord,
+        exchange: H2Exchange,
+        record: RequestRecord,
+        flags: str,
+        why: tuple[str, str] | None = None,
     ) -> None:
         """``record`` of ``exchange`` (its try at a same-node endpoint; ``connection``: the
         source's record pointed there) reported as that endpoint's destination reports it:
-        from when the try was sent, with the exchange's own ``flags``."""
+        from when the try was sent, with the exchange's own ``flags``, and ``why``: the policy
+        that refused it and the dry-run ones that would have (when not already on ``record``)."""
         assert isinstance(exchange.upstream, Endpoint)
         sent = exchange.sent or exchange.started
         record = replace(
@@ -554,6 +569,8 @@ class H2SourceSession(CallbackShell):
             duration_ms=max(0.0, (exchange.ended - sent) * 1000),
             started_at=record.started_at + (sent - exchange.started),
         )
+        if why is not None:
+            record.policy, record.dry_run_policy = why
         service = exchange.upstream.target.service.hostname()
         self.outbound.core.registry.request_done(same_node_destination(connection, service), record)
 

@@ -208,6 +208,7 @@ class H2Exchange:
     flags: str = NO_FLAGS
     denied_by: str | None = None  # the deciding policy (or reason) when refused by policy
     ended: float = 0.0
+    dry_run: str = ""  # the dry-run policies that would have denied it (``Verdict.dry_run``)
     first_byte: float = 0.0  # clock time of the response headers (0: none)
     upstream: object = None  # ``Choice.key`` of the upstream that served it (source side)
     tag: object = None  # ``Choice.tag``: the shell's own note for the request
@@ -964,8 +965,11 @@ class H2Proxy(H2Core):
         if not verdict.allowed:
             s.exchange.flags = verdict.flag
             s.exchange.denied_by = verdict.reason
+            s.exchange.dry_run = verdict.dry_run
             self._answer(s, verdict.status, verdict.grpc_status, verdict.body)
             return
+        if verdict.dry_run:
+            exchange.dry_run = verdict.dry_run
         u = self._choose(s, (header(headers, b":path") or b"").decode("latin-1"))  # with its query
         if u is None and s.send_at is None and not s.parked:
             return

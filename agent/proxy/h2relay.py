@@ -581,9 +581,12 @@ class H2Relay(H2Core):
         if not verdict.allowed:
             s.exchange.flags = verdict.flag
             s.exchange.denied_by = verdict.reason
+            s.exchange.dry_run = verdict.dry_run
             pod.reencode |= changed
             self._answer(s, verdict.status, verdict.grpc_status, verdict.body)
             return
+        if verdict.dry_run:
+            exchange.dry_run = verdict.dry_run
         if self._pod_gone:
             pod.reencode |= changed
             s.exchange.flags = UPSTREAM_CLOSED

@@ -158,6 +158,7 @@ class Exchange:
     flags: str = NO_FLAGS
     denied_by: str | None = None  # the deciding policy (or reason) when refused by policy
     ended: float = 0.0
+    dry_run: str = ""  # the dry-run policies that would have denied it (``Verdict.dry_run``)
 
 
 Authorize = Callable[[RequestHead], "Verdict"]
@@ -174,6 +175,8 @@ class Finished(Protocol):
     request_bytes: int
     response_bytes: int
     flags: str
+    denied_by: str | None
+    dry_run: str
 
 
 def request_record(
@@ -202,13 +205,17 @@ def request_record(
         protocol=protocol,
         grpc_status=grpc_status,
         upstream=upstream,
+        policy=exchange.denied_by or "",
+        dry_run_policy=exchange.dry_run,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """Whether a request may go on; a refusal says how it is answered (by default policy's
-    ``403``, flag ``RBAC``; a rate limit's is ``429``, flag ``RL``, gRPC status 8)."""
+    ``403``, flag ``RBAC``; a rate limit's is ``429``, flag ``RL``, gRPC status 8). ``reason``
+    of a refusal names what refused it (the policy), ``dry_run`` the dry-run policies that
+    would have denied it, allowed or not: both reach the request's record."""
 
     allowed: bool
     reason: str = ""
@@ -216,6 +223,7 @@ class Verdict:
     flag: str = RBAC_DENIED
     body: bytes = DENIED_BODY
     grpc_status: int = GRPC_PERMISSION_DENIED
+    dry_run: str = ""
 
 
 @dataclass(slots=True)
@@ -571,8 +579,11 @@ class Http1Proxy(ClientSide[_Current]):
             current.denied = True
             current.exchange.flags = verdict.flag
             current.exchange.denied_by = verdict.reason
+            current.exchange.dry_run = verdict.dry_run
             self._deny(current, verdict)
             return
+        if verdict.dry_run:
+            current.exchange.dry_run = verdict.dry_run
         if not req.keep_alive and not upgrade:
             headers.append((b"connection", b"close"))
         self.upstream.expect(req.method)

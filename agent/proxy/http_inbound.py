@@ -38,7 +38,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
-from agent.policy.authz import HttpAttributes, Request
+from agent.policy.authz import Decision, HttpAttributes, Request
 from agent.proxy.core import Core
 from agent.proxy.http1 import (
     GRPC_RESOURCE_EXHAUSTED,
@@ -411,6 +411,17 @@ class HttpSession(PodShell[Exchange]):
 REFUSAL_FLAGS = frozenset({RBAC_DENIED, RATE_LIMITED})
 
 
+def denied_by(decision: Decision) -> str:
+    """What refused a request, for its record: the DENY policy and its rule that matched
+    (``default/no-admin:rules[0]``: no Kubernetes name has a colon), or ``no-allow-match``
+    when ALLOW policies applied and none matched."""
+    if decision.policy is None:
+        return "no-allow-match"
+    if decision.rule is None:
+        return decision.policy
+    return f"{decision.policy}:rules[{decision.rule}]"
+
+
 def request_verdict(
     core: Core, connection: Request, workload: Workload, head: RequestHead, where: str
 ) -> Verdict:
@@ -426,8 +437,11 @@ def request_verdict(
     )
     where = f"{where} {head.method} {head.path}"
     decision = core.authorize_request(request, workload, where)
+    # The dry-run policies that would have denied it go on the request's record (allowed or
+    # not); the usual request has none, and is answered by the shared ``ALLOWED``.
+    would = ",".join(decision.would_deny) if decision.would_deny else ""
     if not decision.allowed:
-        return Verdict(False, decision.policy or "no-allow-match")
+        return Verdict(False, denied_by(decision), dry_run=would)
     limit = core.rate_limit(request, core.snapshot())
     if limit is not None:
         return Verdict(
@@ -437,5 +451,6 @@ def request_verdict(
             flag=RATE_LIMITED,
             body=RATE_LIMITED_BODY,
             grpc_status=GRPC_RESOURCE_EXHAUSTED,
+            dry_run=would,
         )
-    return ALLOWED
+    return Verdict(True, dry_run=would) if would else ALLOWED

@@ -310,6 +310,9 @@ class _Request:
     reached: Route | None = None
     sent: float = 0.0  # when that try reached it: its destination's report starts there
     refused: str = ""  # that try's flags when a same-node endpoint refused it (RBAC, RL)
+    # That same-node endpoint's admission of the try (``_verdict_here``): the policy that
+    # refused it and the dry-run ones that would have, for its destination report.
+    verdict: Verdict | None = None
     try_expired: bool = False  # that try ended by its per-try timeout (``backendRequest``)
 
 
@@ -1021,7 +1024,7 @@ class _ClientConnection:
         self._disarm()
         self._report_try(request, status)
         request.backoff, request.first_byte, request.reached = backoff, 0.0, None
-        request.refused, request.try_expired = "", False
+        request.refused, request.try_expired, request.verdict = "", False, None
         return True
 
     def _report_try(self, request: _Request, status: int | None) -> None:
@@ -1039,13 +1042,16 @@ class _ClientConnection:
             status, flags = (
                 (0, DOWNSTREAM_CLOSED) if request.try_expired else (502, UPSTREAM_CLOSED)
             )
+        verdict = request.verdict
         tried = Exchange(
             exchange.head,
             request.sent or exchange.started,
             status,
             exchange.request_bytes,
             flags=flags,
+            denied_by=(verdict.reason or None) if verdict is not None else None,
             ended=time.monotonic(),
+            dry_run=verdict.dry_run if verdict is not None else "",
         )
         record = request_record(tried, upstream=f"{reached.ip}:{reached.port}")
         self._report_destination(self._labels(reached), reached, record)
@@ -1187,6 +1193,7 @@ class _ClientConnection:
         assert route is not None
         if route.kind == "local":
             verdict = self._verdict_here(route, head)
+            request.verdict = verdict
             if not verdict.allowed:
                 self.owner.sessions.put(session)
                 request.reached, request.refused = route, verdict.flag
@@ -1410,11 +1417,14 @@ class _ClientConnection:
             # when the try reached it (not a delay injected here, nor earlier tries), and
             # without the source's own flags (DI).
             sent = request.sent or exchange.started
+            verdict = request.verdict
             record = replace(
                 record,
                 response_flags=exchange.flags,
                 duration_ms=max(0.0, (exchange.ended - sent) * 1000),
                 started_at=record.started_at + (sent - exchange.started),
+                policy=verdict.reason if verdict is not None else "",
+                dry_run_policy=verdict.dry_run if verdict is not None else "",
             )
             self._report_destination(labels, reached, record)
 

@@ -105,8 +105,10 @@ def request_entry(
 ) -> dict[str, object]:
     """The documented fields of one finished HTTP request: the request, the pod address it
     went to (``upstream_address``), and the connection it came on with its identities;
-    ``labels`` are its metric labels (``agent.telemetry.http.REQUEST_LABEL_NAMES``)."""
-    return {
+    ``labels`` are its metric labels (``agent.telemetry.http.REQUEST_LABEL_NAMES``);
+    ``policy`` (what refused it) and ``dry_run_policy`` (the dry-run policies that would have)
+    only when set, so that the usual line stays short."""
+    entry: dict[str, object] = {
         "time": _iso(ended),
         "connection_id": connection.id,
         "direction": connection.direction,
@@ -123,6 +125,12 @@ def request_entry(
         "response_bytes": request.response_bytes,
         "response_flags": request.response_flags,
         "request_id": request.request_id,
+    }
+    if request.policy:
+        entry["policy"] = request.policy
+    if request.dry_run_policy:
+        entry["dry_run_policy"] = request.dry_run_policy
+    entry.update({
         "source_workload": labels["source_workload"],
         "source_namespace": labels["source_workload_namespace"],
         "source_identity": labels["source_principal"],
@@ -131,7 +139,8 @@ def request_entry(
         "destination_namespace": labels["destination_workload_namespace"],
         "destination_identity": labels["destination_principal"],
         "security": labels["connection_security_policy"],
-    }
+    })  # fmt: skip
+    return entry
 
 
 # ``request_entry`` as one compact JSON object, written directly: what ``json.dumps(entry,
@@ -198,7 +207,19 @@ def _request_line(
         q(request.response_flags),
         q(request.request_id),
     )
+    if request.policy or request.dry_run_policy:  # a refusal or a dry-run's would-deny
+        return head + _why(request) + tail
     return head + tail
+
+
+def _why(request: RequestRecord) -> str:
+    """The ``policy`` and ``dry_run_policy`` fields of a line, each when set."""
+    out = ""
+    if request.policy:
+        out += f'"policy":{_quote(request.policy)},'
+    if request.dry_run_policy:
+        out += f'"dry_run_policy":{_quote(request.dry_run_policy)},'
+    return out
 
 
 class SampleRateError(ValueError):
@@ -218,10 +239,11 @@ def check_sample_rate(rate: float) -> float:
 class RequestSampler:
     """Which HTTP requests get an access log line.
 
-    A request answered 5xx, denied by policy (``RBAC``) or ended by a failure (any other
-    response flag: ``UC``, ``DC``) is always logged: those are the lines an operator searches
-    the log for after an incident, they are few when the service is healthy, and a sampled log
-    that lost the one failing request answers nothing. Every other request is logged with
+    A request answered 5xx, denied by policy (``RBAC``), ended by a failure (any other
+    response flag: ``UC``, ``DC``) or that a dry-run policy would have denied is always
+    logged: those are the lines an operator searches the log for after an incident (or while
+    trying a policy out), they are few when the service is healthy, and a sampled log that
+    lost the one failing request answers nothing. Every other request is logged with
     probability ``rate`` (independently per request, like Envoy's runtime fraction filter), so
     the volume of a busy service's log drops by ``rate`` while the failures stay complete.
     """
@@ -231,7 +253,7 @@ class RequestSampler:
         self._draw = draw
 
     def keep(self, request: RequestRecord) -> bool:
-        if request.status >= 500 or request.response_flags != "-":
+        if request.status >= 500 or request.response_flags != "-" or request.dry_run_policy:
             return True
         if self.rate >= 1.0:
             return True

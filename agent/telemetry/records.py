@@ -141,6 +141,15 @@ class RequestRecord:
     protocol: str = "http"  # Istio's request_protocol: "http" (HTTP/1.1, HTTP/2) or "grpc"
     grpc_status: str = ""  # from grpc-status (trailers or trailers-only); "" when not gRPC
     upstream: str = ""  # ip:port of the endpoint it went to; "" = the connection's upstream
+    # Why it was refused, when it was: the DENY AuthorizationPolicy and its rule that matched
+    # ("namespace/name:rules[i]"; "no-allow-match" when ALLOW policies applied and none
+    # matched) with flag RBAC, the RateLimitPolicy ("namespace/name") with flag RL. Envoy's
+    # RBAC filter says as much in its dynamic metadata (the effective policy id); never a
+    # metric label (one series per policy and code).
+    policy: str = ""
+    # The dry-run AuthorizationPolicies ("namespace/name", comma-separated) whose enforcement
+    # would have denied it (Istio's shadow result), whatever its answer was.
+    dry_run_policy: str = ""
 
 
 class RequestObserver(Protocol):

@@ -417,3 +417,35 @@ def test_the_agent_refuses_a_sample_rate_outside_0_to_1(rate: str) -> None:
         from_args(args)
     args.access_log_sample = 0.25
     assert from_args(args).access_log_sample == 0.25
+
+
+def test_a_refused_request_shows_its_policy_and_a_dry_run_would_deny_is_marked() -> None:
+    entry = {
+        "time": "2026-12-06T02:05:37.123+00:00",
+        "direction": "inbound",
+        "source_workload": "client",
+        "source_namespace": "default",
+        "destination_workload": "server",
+        "destination_namespace": "default",
+        "method": "POST",
+        "path": "/admin",
+        "response_code": 403,
+        "response_flags": "RBAC",
+        "duration_ms": 0.4,
+        "upstream_address": "10.244.2.3:9090",
+    }
+    usual = format_line({**entry, "response_code": 200, "response_flags": "-"})
+    assert usual.endswith(" 10.244.2.3:9090")  # no POLICY: the line ends at its upstream
+    denied = format_line({**entry, "policy": "default/no-admin"})
+    assert denied.split()[6:] == ["403", "RBAC", "0.4", "10.244.2.3:9090", "default/no-admin"]
+    # The column starts where the header says, whatever the upstream's length.
+    start = format_header(with_node=False).index("POLICY")
+    assert denied.index("default/no-admin") == start
+    short = format_line({**entry, "upstream_address": "10.0.0.1:80", "policy": "default/x"})
+    assert short.index("default/x") == start
+    tried = format_line(
+        {**entry, "response_code": 200, "response_flags": "-", "dry_run_policy": "ns/a,ns/b"}
+    )
+    assert tried.split()[-1] == "dry-run:ns/a,dry-run:ns/b"
+    both = format_line({**entry, "policy": "default/no-admin", "dry_run_policy": "ns/a"})
+    assert both.split()[-1] == "default/no-admin,dry-run:ns/a"

@@ -158,6 +158,24 @@ def test_dry_run_policies_report_what_they_would_deny() -> None:
     assert authz.evaluate(http("GET", "/public/y"), SERVER).would_deny == ()
 
 
+def test_a_denial_names_the_rule_that_matched() -> None:
+    """A request record names the deciding rule as Envoy's effective policy id does: the first
+    rule of the DENY that matched, by its index in ``spec.rules``."""
+    authz = Authorizer.compile(
+        [deny(to(paths=["/admin*"]), to(methods=["POST"]), to(methods=["POST", "PUT"]))]
+    )
+    assert authz.evaluate(http("GET", "/admin/x"), SERVER).rule == 0
+    post = authz.evaluate(http("POST", "/orders"), SERVER)
+    assert (post.allowed, post.policy, post.rule) == (False, "default/p", 1)
+    put = authz.evaluate(http("PUT", "/orders"), SERVER)
+    assert (put.allowed, put.rule) == (False, 2)
+    get = authz.evaluate(http("GET", "/orders"), SERVER)
+    assert (get.allowed, get.rule) == (True, None)
+    no_match = Authorizer.compile([pol({"action": "ALLOW", "rules": [to(methods=["GET"])]})])
+    refused = no_match.evaluate(http("POST", "/"), SERVER)
+    assert (refused.allowed, refused.policy, refused.rule) == (False, None, None)
+
+
 def test_values_that_never_match_are_named_and_indeed_never_match() -> None:
     """``never_matching`` warns of what Istio accepts silently: a '*' inside a value (a literal
     character), a method not in upper case, a principal not of the SPIFFE form."""

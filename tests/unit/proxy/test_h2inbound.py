@@ -48,6 +48,15 @@ DENY_ADMIN = PolicyObject(
 )
 
 
+TRY_NO_STREAM = PolicyObject(
+    "AuthorizationPolicy",
+    "default",
+    "try-no-stream",
+    {"action": "DENY", "rules": [{"to": [{"operation": {"paths": [grpcecho.STREAM]}}]}]},
+    dry_run=True,
+)
+
+
 class Seen:
     def __init__(self) -> None:
         self.requests: list[RequestRecord] = []
@@ -215,7 +224,7 @@ def test_grpc_calls_through_the_proxy_with_a_deny_on_one_method(
 ) -> None:
     async def main() -> None:
         seen = Seen()
-        server, port = await _proxy(_core(DENY_ADMIN), pod[0], seen)
+        server, port = await _proxy(_core(DENY_ADMIN, TRY_NO_STREAM), pod[0], seen)
         async with server:
             result = await asyncio.to_thread(_calls, port)
         assert result == [
@@ -234,6 +243,16 @@ def test_grpc_calls_through_the_proxy_with_a_deny_on_one_method(
             (grpcecho.UNARY, 200, "grpc", "5", "-"),
             (grpcecho.ADMIN, 200, "grpc", "7", "RBAC"),
             (grpcecho.UNARY, 200, "grpc", "0", "-"),
+        ]
+        # The refusal names its policy; the dry-run DENY's would-deny is on the call it matched
+        # (which went through), and no other record carries either.
+        why = [(r.policy, r.dry_run_policy) for r in seen.requests]
+        assert why == [
+            ("", ""),
+            ("", "default/try-no-stream"),
+            ("", ""),
+            ("default/deny-admin:rules[0]", ""),
+            ("", ""),
         ]
         assert seen.rejections == []
         # The connection as /connections shows it: HTTP/2 with its five requests, not TCP.

@@ -18,6 +18,7 @@ from agent.proxy.http1 import (
     RequestHead,
     RequestIds,
     Verdict,
+    request_record,
 )
 
 
@@ -115,6 +116,30 @@ def test_a_denied_request_gets_403_and_the_connection_keeps_serving() -> None:
     )
     assert (ok.status, ok.flags) == (200, "-")
     assert not p.closing and not p.take_rejections()
+
+
+def test_the_records_name_the_refusing_policy_and_a_dry_run_policys_would_deny() -> None:
+    """What ``authorize`` answered reaches the request's record: the policy of a refusal, and
+    the dry-run policies that would have denied a request, let through or not."""
+    verdicts = {
+        "/admin": Verdict(False, "ns/deny-admin", dry_run="ns/try-a"),
+        "/try": Verdict(True, dry_run="ns/try-a,ns/try-b"),
+    }
+    p = Http1Proxy(
+        authorize=lambda h: verdicts.get(h.path, Verdict(True)),
+        clock=lambda: 5.0,
+        new_request_id=lambda: "rid",
+    )
+    p.receive_client(b"GET /admin HTTP/1.1\r\nHost: s\r\n\r\nGET /try HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    p.receive_client(b"GET /ok HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    records = [request_record(e) for e in p.take_completed()]
+    assert [(r.path, r.response_flags, r.policy, r.dry_run_policy) for r in records] == [
+        ("/admin", "RBAC", "ns/deny-admin", "ns/try-a"),
+        ("/try", "-", "", "ns/try-a,ns/try-b"),
+        ("/ok", "-", "", ""),
+    ]
 
 
 def test_a_denied_request_waiting_for_100_continue_closes_the_connection() -> None:

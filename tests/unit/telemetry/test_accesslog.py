@@ -41,6 +41,8 @@ MILLIS = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity
         request_id=TEXT,
         grpc_status=TEXT,
         upstream=TEXT,
+        policy=TEXT,
+        dry_run_policy=TEXT,
     ),
     st.lists(TEXT, min_size=len(REQUEST_LABEL_NAMES), max_size=len(REQUEST_LABEL_NAMES)),
     st.floats(min_value=0.0, max_value=4e9, allow_nan=False),
@@ -66,3 +68,38 @@ def test_times_round_microseconds_as_datetime_does() -> None:
     for ts in (1.9999995, 1.9999994999, 1764998399.9999996, 1764998400.0005, 0.0, 59.9995):
         expected = dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
         assert _iso(ts) == expected
+
+
+def _denied(policy: str = "", dry_run: str = "") -> RequestRecord:
+    return RequestRecord(
+        "POST",
+        "/admin",
+        "web",
+        403,
+        0.2,
+        0,
+        19,
+        "RBAC",
+        "r1",
+        policy=policy,
+        dry_run_policy=dry_run,
+    )
+
+
+def test_a_refused_request_names_its_policy_and_the_usual_line_has_no_such_field() -> None:
+    """Envoy's RBAC filter puts the effective policy in its metadata; the line carries it (and
+    the dry-run policies that would have denied) only when set, so most lines stay as short."""
+    connection = ConnectionRecord("inbound", "10.0.0.1:5000", "10.0.0.2:80")
+    labels = dict.fromkeys(REQUEST_LABEL_NAMES, "x")
+    usual = json.loads(request_line(connection, _denied(), labels, 0.0))
+    assert "policy" not in usual and "dry_run_policy" not in usual
+    denied = json.loads(request_line(connection, _denied("default/no-admin"), labels, 0.0))
+    assert (denied["response_flags"], denied["policy"]) == ("RBAC", "default/no-admin")
+    assert "dry_run_policy" not in denied
+    both = _denied("default/no-admin", "default/try-a,default/try-b")
+    line = json.loads(request_line(connection, both, labels, 0.0))
+    assert (line["policy"], line["dry_run_policy"]) == (
+        "default/no-admin",
+        "default/try-a,default/try-b",
+    )
+    assert list(line)[list(line).index("request_id") + 1 :][:2] == ["policy", "dry_run_policy"]

@@ -214,6 +214,8 @@ def test_the_sampler_keeps_errors_and_denials_and_samples_the_rest() -> None:
         rec(status=503),
         rec(status=403, flags="RBAC"),
         rec(flags="DC"),
+        # allowed, but a dry-run policy would have denied it: the line a policy's trial wants
+        replace(rec(), dry_run_policy="default/no-admin"),
     ):
         assert never.keep(always)
     assert RequestSampler().keep(rec())
@@ -253,3 +255,17 @@ def test_requests_a_viewer_missed_are_counted_in_a_metric() -> None:
     families = {f.name: f for f in metrics.collect()}
     (sample,) = families["nodemesh_tap_missed_requests"].samples
     assert sample.value == 3
+
+
+def test_the_ring_shows_the_policy_that_refused_a_request() -> None:
+    """``/requests`` and ``nodemesh requests`` read the ring: a refusal names its policy (and
+    a dry-run policy's would-deny), an allowed request has neither field."""
+    ring = RequestRing(4)
+    ring.add(inbound(), rec("/ok"), LABELS)
+    denied = replace(rec("/admin", 403, flags="RBAC"), policy="default/no-admin")
+    ring.add(inbound(), denied, LABELS)
+    ring.add(inbound(), replace(rec("/try"), dry_run_policy="default/strict"), LABELS)
+    ok, refused, tried = ring.since(0).entries
+    assert "policy" not in ok and "dry_run_policy" not in ok
+    assert (refused["response_flags"], refused["policy"]) == ("RBAC", "default/no-admin")
+    assert (tried["response_flags"], tried["dry_run_policy"]) == ("-", "default/strict")

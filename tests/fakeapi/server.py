@@ -148,6 +148,16 @@ class FakeApiServer:
     def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any]:
         return self.store.get(self.resource(kind), namespace, name)
 
+    def find(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        """``get``, or None while the object does not exist (a probe for ``wait_for``, which
+        an object some agent creates later would otherwise fail with a 404)."""
+        try:
+            return self.get(kind, name, namespace)
+        except ApiError as e:
+            if e.code != 404:
+                raise
+            return None
+
     def list_objects(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
         return self.store.list_objects(self.resource(kind), namespace, Selector())[1]
 

@@ -188,7 +188,7 @@ def test_one_agent_per_cluster_writes_route_status_and_another_takes_over_when_i
     sources = {"node1": (first, c1), "node2": (second, c2)}
     try:
         wait_for(lambda: _ours(api, "r"))
-        lease = wait_for(lambda: api.get("Lease", "nodemesh-route-status", "nodemesh-system"))
+        lease = wait_for(lambda: api.find("Lease", "nodemesh-route-status", "nodemesh-system"))
         holder = lease["spec"]["holderIdentity"]
         leader, _ = sources[holder]
         follower, _ = sources["node2" if holder == "node1" else "node1"]

@@ -102,7 +102,7 @@ def test_a_never_matching_policy_gets_one_event_from_the_lease_holder_per_genera
 ) -> None:
     api.create("AuthorizationPolicy", _policy(["get"]))
     agents = {node: start(node, lease_timing=FAST_LEASE) for node in ("node1", "node2")}
-    lease = wait_for(lambda: api.get("Lease", "nodemesh-route-status", "nodemesh-system"))
+    lease = wait_for(lambda: api.find("Lease", "nodemesh-route-status", "nodemesh-system"))
     holder = lease["spec"]["holderIdentity"]
     [event] = wait_for(lambda: _events(api, "NeverMatches"))
     assert event["type"] == "Warning" and event["source"]["host"] == holder

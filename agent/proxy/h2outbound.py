@@ -101,7 +101,7 @@ from agent.proxy.http1 import NO_FLAGS, UPSTREAM_CLOSED, RequestHead, Verdict
 from agent.proxy.http_inbound import ALLOWED, REFUSAL_FLAGS, request_verdict
 from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
-from agent.proxy.httpidle import IdleTimer, closed
+from agent.proxy.httpidle import IdleTimer, ServiceIdleTimeout, closed
 from agent.proxy.httpshell import (
     HEADER_TIMEOUT,
     READ_SIZE,
@@ -178,8 +178,7 @@ class H2SourceSession(CallbackShell):
         self._timer: asyncio.TimerHandle | None = None  # the soonest timeout or retry
         self._timer_at: float | None = None
         self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
-        self._idle_of: Snapshot | None = None  # the snapshot ``_idle_after`` is of
-        self._idle_after: float | None = None
+        self._service_idle: ServiceIdleTimeout | None = None  # made when first asked
 
     def _pick(self, request: PickRequest) -> Choice | LocalAnswer:
         """Route the request (``h2route``: routes, weighted backend, traffic control)."""
@@ -491,16 +490,12 @@ class H2SourceSession(CallbackShell):
         self._moved()
 
     def _idle_timeout(self) -> float | None:
-        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy in the
-        current snapshot: asked each time the connection falls idle, after every call of a
-        client that makes one at a time, so kept while the snapshot is current)."""
-        snap = self.outbound.core.snapshot()
-        if snap is not self._idle_of:
-            traffic = self.outbound.http.router.traffic
-            traffic.update(snap)
-            self._idle_of = snap
-            self._idle_after = traffic.config_for(self.target.service.key).idle_timeout
-        return self._idle_after
+        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy, now)."""
+        if self._service_idle is None:
+            self._service_idle = ServiceIdleTimeout(
+                self.outbound.http.router.traffic, self.target.service.key
+            )
+        return self._service_idle.get(self.outbound.core.snapshot())
 
     def _idle_expired(self) -> None:
         """No stream for the Service's idle timeout: GOAWAY, then closed (``_moved`` ends the

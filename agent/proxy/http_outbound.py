@@ -115,7 +115,7 @@ from agent.proxy.http_router import (
     LocalResponse,
     RoutePlan,
 )
-from agent.proxy.httpidle import IdleTimer, closed
+from agent.proxy.httpidle import IdleTimer, ServiceIdleTimeout, closed
 from agent.proxy.httpshell import HEADER_TIMEOUT, READ_SIZE, HeadTimer, try_send
 from agent.proxy.linger import linger_socket
 from agent.proxy.records import cancel_current_task
@@ -587,7 +587,7 @@ class _ClientConnection:
         self._snap: Snapshot | None = None
         self._endpoints: dict[tuple[int, str], _Endpoint] = {}
         self._by_route: dict[int, _Endpoint] = {}
-        self._idle_for: tuple[Snapshot | None, float | None] = (None, None)
+        self._service_idle: ServiceIdleTimeout | None = None  # made when first asked
 
     async def serve(self) -> None:
         """Serve requests until the client or the codec ends it; raises ``OSError`` when the
@@ -720,16 +720,12 @@ class _ClientConnection:
             self._changed()
 
     def _idle_timeout(self) -> float | None:
-        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy, now: read
-        again when the snapshot changed, since each idle period asks)."""
-        snap = self.core.snapshot()
-        cached, timeout = self._idle_for
-        if cached is not snap:
-            traffic = self.owner.router.traffic
-            traffic.update(snap)
-            timeout = traffic.config_for(self.target.service.key).idle_timeout
-            self._idle_for = (snap, timeout)
-        return timeout
+        """The dialled Service's ``connectionPool.idleTimeout`` (its TrafficPolicy, now)."""
+        if self._service_idle is None:
+            self._service_idle = ServiceIdleTimeout(
+                self.owner.router.traffic, self.target.service.key
+            )
+        return self._service_idle.get(self.core.snapshot())
 
     def _idle_expired(self) -> None:
         """No request for the Service's idle timeout: close the keep-alive connection (the

@@ -16,7 +16,8 @@ request that came and went before the timer fired only moves ``since``, and the 
 fires early, waits for the rest (the ``SessionPool`` sweep works alike). The shell's
 ``expired`` callback decides: close (``closed`` counts it, as the L4 idle close is counted:
 ``nodemesh_rejections_total{reason="idle_timeout"}`` and its INFO line) or, when a write to
-the client still waits, time another period.
+the client still waits, time another period. ``ServiceIdleTimeout`` is the timeout each idle
+period asks for, read from the TrafficPolicy again only when the snapshot changed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import asyncio
 import contextvars
 from collections.abc import Callable
 
+from agent.policy.traffic.control import ServiceKey, TrafficControl
 from agent.proxy.records import Registry
+from agent.state import Snapshot
 
 
 class IdleTimer:
@@ -84,3 +87,22 @@ class IdleTimer:
 def closed(registry: Registry, timeout: float | None, where: str) -> None:
     """Count and log a client connection closed for being idle, as the L4 path does."""
     registry.reject("idle_timeout", f"{where}: idle {timeout:g}s")
+
+
+class ServiceIdleTimeout:
+    """A Service's ``connectionPool.idleTimeout`` as of the current snapshot. Why kept: each
+    idle period asks, which is after every request of a client that sends one at a time, and
+    the TrafficPolicy's answer changes only with the snapshot."""
+
+    __slots__ = ("_key", "_of", "_timeout", "_traffic")
+
+    def __init__(self, traffic: TrafficControl, key: ServiceKey) -> None:
+        self._traffic, self._key = traffic, key
+        self._of: Snapshot | None = None
+        self._timeout: float | None = None
+
+    def get(self, snap: Snapshot) -> float | None:
+        if snap is not self._of:
+            self._traffic.update(snap)
+            self._of, self._timeout = snap, self._traffic.config_for(self._key).idle_timeout
+        return self._timeout

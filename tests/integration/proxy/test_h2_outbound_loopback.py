@@ -200,15 +200,20 @@ async def _grpc_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     await _h2_pod(reader, writer, _answer_ok)
 
 
-@mesh_test
-async def test_calls_to_an_open_endpoint_wake_no_task_of_the_session(mesh: Mesh) -> None:
+async def _grpc_front(mesh: Mesh) -> asyncio.Server:
+    """Service ``front`` (a gRPC port, no TrafficPolicy) whose one endpoint runs ``_grpc_app``."""
     port = free_port(SERVER)
     with mesh.store.update() as tx:
         grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
         tx.put_service(
             Service("front", "default", (VIP,), (grpc,), {"app": "server"}, (Endpoint(SERVER),))
         )
-    app = await asyncio.start_server(_grpc_app, SERVER, port)
+    return await asyncio.start_server(_grpc_app, SERVER, port)
+
+
+@mesh_test
+async def test_calls_to_an_open_endpoint_wake_no_task_of_the_session(mesh: Mesh) -> None:
+    app = await _grpc_front(mesh)
     steps = [0]
     loop = asyncio.get_running_loop()
 
@@ -280,13 +285,7 @@ async def test_calls_with_deadlines_arm_no_timer_each(mesh: Mesh) -> None:
     timer it armed for the first call's deadline (each later deadline is later; the timer
     finds nothing due and is armed again then) instead of a cancel and a new timer per call.
     The calls are answered, and a deadline still expires (the other tests of timeouts)."""
-    port = free_port(SERVER)
-    with mesh.store.update() as tx:
-        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
-        tx.put_service(
-            Service("front", "default", (VIP,), (grpc,), {"app": "server"}, (Endpoint(SERVER),))
-        )
-    app = await asyncio.start_server(_grpc_app, SERVER, port)
+    app = await _grpc_front(mesh)
     armed: list[float] = []
     real_init = H2SourceSession.__init__
 
@@ -298,28 +297,8 @@ async def test_calls_with_deadlines_arm_no_timer_each(mesh: Mesh) -> None:
     try:
         conn, reader, writer = await _client(mesh)
         statuses = []
-        for _ in range(20):
-            sid = conn.get_next_available_stream_id()
-            head = [(":method", "POST"), (":scheme", "http"), (":authority", "front"),
-                    (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
-                    ("te", "trailers"), ("grpc-timeout", "10S")]  # fmt: skip
-            conn.send_headers(sid, head)
-            conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
-            writer.write(conn.data_to_send())
-            status, ended = "", False
-            while not ended:
-                data = await asyncio.wait_for(reader.read(65536), 10)
-                assert data
-                for event in conn.receive_data(data):
-                    if isinstance(event, ResponseReceived | TrailersReceived):
-                        status = dict(event.headers).get("grpc-status", status)  # type: ignore[arg-type]
-                    elif isinstance(event, DataReceived):
-                        conn.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
-                    ended = ended or (isinstance(event, StreamEnded) and event.stream_id == sid)
-                writer.write(conn.data_to_send())
-            statuses.append(status)
+        for _ in range(20):  # one at a time: each call's deadline is later than the last's
+            statuses += await _calls(conn, reader, writer, 1, (("grpc-timeout", "10S"),))
         writer.close()
     finally:
         H2SourceSession.__init__ = real_init  # type: ignore[method-assign]
@@ -329,15 +308,20 @@ async def test_calls_with_deadlines_arm_no_timer_each(mesh: Mesh) -> None:
 
 
 async def _calls(
-    conn: H2Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    conn: H2Connection,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    n: int,
+    extra: tuple[tuple[str, str], ...] = (),
 ) -> list[str]:
-    """``n`` unary calls sent at once on ``conn``: the ``grpc-status`` of each."""
+    """``n`` unary calls sent at once on ``conn`` (``extra``: more request headers): the
+    ``grpc-status`` of each."""
     status: dict[int, str] = {}
     for _ in range(n):
         sid = conn.get_next_available_stream_id()
         head = [(":method", "POST"), (":scheme", "http"), (":authority", "front"),
                 (":path", "/pkg.Echo/Unary"), ("content-type", "application/grpc"),
-                ("te", "trailers")]  # fmt: skip
+                ("te", "trailers"), *extra]  # fmt: skip
         conn.send_headers(sid, head)
         conn.send_data(sid, b"\0\0\0\0\0", end_stream=True)
         status[sid] = ""

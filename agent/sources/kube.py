@@ -261,6 +261,7 @@ class KubeSource:
             "synced": self.ready,
             "sync": self.stats(),
             "applied": self.applied(),
+            "cluster_id": self.cluster_id(),
             "routes": "available" if unavailable is None else f"unavailable ({unavailable})",
             "route_status_writer": self.election.leading(),  # holds the route-status Lease
             "warnings": self.warnings(),
@@ -272,16 +273,28 @@ class KubeSource:
         ``resource_version`` is that of the last list, event or bookmark the reflector took in
         (``None`` before the first list, while relisting after a 410, or when an optional
         resource is not served): an etcd revision, the same counter for every resource and every
-        agent of one cluster, so agents can be compared. ``synced``: listed at least once;
-        ``absent``: an optional resource (Gateway API routes) the API server does not serve."""
+        agent of one cluster, so agents can be compared. ``digest`` and ``objects``: the objects
+        applied (``agent.sources.contents``), equal on two agents that hold the same, whatever
+        their revisions. ``synced``: listed at least once; ``absent``: an optional resource
+        (Gateway API routes) the API server does not serve."""
         return {
             r.name: {
                 "resource_version": r.resource_version,
+                "digest": r.contents.digest(),
+                "objects": len(r.contents),
                 "synced": r.synced.is_set(),
                 "absent": r.absent is not None,
             }
             for r in self.reflectors
         }
+
+    def cluster_id(self) -> str | None:
+        """Which cluster this agent follows: the uid of its ``kube-system`` namespace (made
+        once per cluster, the identity Kubernetes tools commonly use for one), ``None`` until
+        the namespaces are listed. The API server's address cannot tell clusters apart: in a
+        pod it is ``kubernetes.default.svc`` in every cluster."""
+        namespaces = next(r for r in self.reflectors if r.name == "namespaces")
+        return namespaces.contents.uid("", "kube-system")
 
     def warnings(self) -> list[dict[str, str]]:
         """What this agent warns of now: its node's pods, then the policies (every agent)."""

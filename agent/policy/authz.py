@@ -519,33 +519,36 @@ class Authorizer:
         if not applicable:  # the usual case of a request: nothing else to work out
             return _NO_POLICY
         dry = [p for p in applicable if p.dry_run]
-        would = tuple(_dry_run(p, request) for p in dry)
-        # As Istio's shadow result: a dry-run DENY that matches, or a dry-run ALLOW that
-        # does not, would have denied the request had it been enforced.
-        denying = [
-            p for p in dry if (p.action == "DENY") == p.matches(request) and p.action != "AUDIT"
-        ]
-        would_deny = tuple(p.ref for p in denying)
-        would_rules = tuple(_would_deny_rule(p, request) for p in denying)
-        shadow = (would, would_deny)
+        would: tuple[str, ...] = ()
+        would_deny: tuple[str, ...] = ()
+        would_rules: tuple[str, ...] = ()
+        if dry:  # the usual request meets no dry-run policy: nothing of this to work out
+            would = tuple(_dry_run(p, request) for p in dry)
+            # As Istio's shadow result: a dry-run DENY that matches, or a dry-run ALLOW that
+            # does not, would have denied the request had it been enforced.
+            denying = [
+                p for p in dry if (p.action == "DENY") == p.matches(request) and p.action != "AUDIT"
+            ]
+            would_deny = tuple(p.ref for p in denying)
+            would_rules = tuple(_would_deny_rule(p, request) for p in denying)
         enforced = [p for p in applicable if not p.dry_run]
         audited = tuple(p.ref for p in enforced if p.action == "AUDIT" and p.matches(request))
         for p in enforced:
             if p.action == "DENY" and p.matches(request):
                 rule = p.matching_rule(request)
                 reason = f"denied by DENY policy {rule_ref(p.ref, rule)}"
-                return Decision(False, reason, p.ref, audited, *shadow, rule, would_rules)
+                return Decision(False, reason, p.ref, audited, would, would_deny, rule, would_rules)
         allows = [p for p in enforced if p.action == "ALLOW"]
         if not allows:
             reason = "no ALLOW policy applies"
-            return Decision(True, reason, None, audited, *shadow, None, would_rules)
+            return Decision(True, reason, None, audited, would, would_deny, None, would_rules)
         for p in allows:
             if p.matches(request):
                 reason = f"allowed by ALLOW policy {p.ref}"
-                return Decision(True, reason, p.ref, audited, *shadow, None, would_rules)
+                return Decision(True, reason, p.ref, audited, would, would_deny, None, would_rules)
         refs = ", ".join(p.ref for p in allows)
         reason = f"no ALLOW policy matched (applicable: {refs})"
-        return Decision(False, reason, None, audited, *shadow, None, would_rules)
+        return Decision(False, reason, None, audited, would, would_deny, None, would_rules)
 
 
 _NO_POLICY = Decision(True, "no ALLOW policy applies")  # what ``evaluate`` decides without any

@@ -10,8 +10,9 @@ order events arrive in does not matter and one event costs one short hash (no re
 whole kind). An object is counted once its handler took it; one the handler could not take
 leaves the digest as it was, so that agent shows as behind the others.
 
-The digest also answers, for free, the uid of an object by name: the ``kube-system``
-namespace's uid is how a cluster is told apart from another (``KubeSource.cluster_id``).
+Per object only its key and its hash are kept (about 200 bytes with the key's strings; the uid
+is not kept), but for one object named at construction (``track``) whose uid is kept: the
+``kube-system`` namespace's tells one cluster from another (``KubeSource.cluster_id``).
 """
 
 from __future__ import annotations
@@ -40,17 +41,20 @@ def _hash(key: Key, uid: str, revision: str) -> int:
 class Contents:
     """The objects one reflector has applied: ``digest()`` changes whenever one of them does."""
 
-    def __init__(self) -> None:
-        self._objects: dict[Key, tuple[str, int]] = {}  # key -> (uid, its hash)
+    def __init__(self, *, track: Key | None = None) -> None:
+        self._objects: dict[Key, int] = {}  # key -> its hash
         self._digest = 0
+        self._track = track
+        self._tracked_uid: str | None = None
 
     def replace(self, items: Iterable[Mapping[str, Any]]) -> None:
         """A list: the whole set is what the list held (built aside, then swapped in, so a
         reader in another thread sees the old set or the new one)."""
-        fresh = Contents()
+        fresh = Contents(track=self._track)
         for obj in items:
             fresh.event("ADDED", obj)
         self._objects, self._digest = fresh._objects, fresh._digest
+        self._tracked_uid = fresh._tracked_uid
 
     def event(self, kind: str, obj: Mapping[str, Any]) -> None:
         """An ADDED, MODIFIED or DELETED event the handler applied."""
@@ -58,21 +62,23 @@ class Contents:
         key = _key(meta)
         old = self._objects.pop(key, None)
         if old is not None:
-            self._digest ^= old[1]
+            self._digest ^= old
+        uid = str(meta.get("uid") or "")
+        if key == self._track:
+            self._tracked_uid = None if kind == "DELETED" else uid or None
         if kind == "DELETED":
             return
-        uid = str(meta.get("uid") or "")
         mine = _hash(key, uid, str(meta.get("resourceVersion") or ""))
-        self._objects[key] = (uid, mine)
+        self._objects[key] = mine
         self._digest ^= mine
 
     def digest(self) -> str:
         """Hex, 32 digits; equal on two agents exactly when they hold the same objects."""
         return f"{self._digest:032x}"
 
-    def uid(self, namespace: str, name: str) -> str | None:
-        found = self._objects.get((namespace, name))
-        return found[0] if found is not None and found[0] else None
+    def tracked_uid(self) -> str | None:
+        """The uid of the object named by ``track``, while it is held."""
+        return self._tracked_uid
 
     def __len__(self) -> int:
         return len(self._objects)

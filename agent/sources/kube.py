@@ -82,6 +82,8 @@ GATEWAY_API_INSTALL = (
 # Host-network pods are never meshed and finished pods hold IPs that may be reused: the API
 # server filters them out, which also keeps them out of memory.
 POD_FIELD_SELECTOR = "spec.hostNetwork=false,status.phase!=Succeeded,status.phase!=Failed"
+# The namespace whose uid names the cluster (``KubeSource.cluster_id``): made once per cluster.
+CLUSTER_NAMESPACE = ("", "kube-system")
 LEASE_NAMESPACE = "nodemesh-system"  # the mesh's own namespace (daemonset/kustomization.yaml)
 # Seconds a read may stall beyond a watch's own server-side timeout (or, for a list, at all)
 # before the connection counts as dead and the reflector reconnects.
@@ -198,6 +200,7 @@ class KubeSource:
                 field_selector=fs,
                 page_size=page_size,
                 watch_timeout=watch_timeout,
+                track=CLUSTER_NAMESPACE if name == "namespaces" else None,
             )
             for name, lister, handler, fs in specs
         ]
@@ -294,7 +297,7 @@ class KubeSource:
         the namespaces are listed. The API server's address cannot tell clusters apart: in a
         pod it is ``kubernetes.default.svc`` in every cluster."""
         namespaces = next(r for r in self.reflectors if r.name == "namespaces")
-        return namespaces.contents.uid("", "kube-system")
+        return namespaces.contents.tracked_uid()
 
     def warnings(self) -> list[dict[str, str]]:
         """What this agent warns of now: its node's pods, then the policies (every agent)."""

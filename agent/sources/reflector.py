@@ -102,6 +102,7 @@ class Reflector:
         watch_timeout: int = 300,
         optional: bool = False,
         absent_recheck: float = 60.0,
+        track: tuple[str, str] | None = None,
     ) -> None:
         self.name = name
         self.optional = optional
@@ -113,7 +114,9 @@ class Reflector:
         self.page_size = page_size
         self.watch_timeout = watch_timeout
         self.resource_version: str | None = None
-        self.contents = Contents()  # what the handler took: compared across agents
+        # what the handler took, compared across agents; ``track``: the (namespace, name) of
+        # one object whose uid it keeps (``Contents``)
+        self.contents = Contents(track=track)
         self.synced = threading.Event()
         self.stats = {
             "lists": 0,

@@ -38,11 +38,14 @@ def test_any_change_of_the_set_changes_the_digest_and_undoing_it_restores_it() -
     assert c.digest() != before
 
 
-def test_an_empty_set_and_the_uid_by_name() -> None:
-    c = Contents()
-    assert c.digest() == "0" * 32
-    c.replace([obj("kube-system", 1, ns="", uid="cafe")])
-    assert c.uid("", "kube-system") == "cafe"
-    assert c.uid("", "default") is None
+def test_an_empty_set_and_the_uid_of_the_tracked_object() -> None:
+    c = Contents(track=("", "kube-system"))
+    assert c.digest() == "0" * 32 and c.tracked_uid() is None
+    c.replace([obj("kube-system", 1, ns="", uid="cafe"), obj("default", 2, ns="")])
+    assert c.tracked_uid() == "cafe"
+    c.event("DELETED", obj("kube-system", 3, ns="", uid="cafe"))
+    assert c.tracked_uid() is None
+    c.event("ADDED", obj("kube-system", 4, ns="", uid="beef"))
+    assert c.tracked_uid() == "beef"
     c.replace([])
-    assert c.digest() == "0" * 32 and c.uid("", "kube-system") is None
+    assert c.digest() == "0" * 32 and c.tracked_uid() is None

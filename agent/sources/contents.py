@@ -10,7 +10,7 @@ order events arrive in does not matter and one event costs one short hash (no re
 whole kind). An object is counted once its handler took it; one the handler could not take
 leaves the digest as it was, so that agent shows as behind the others.
 
-Per object only its key and its hash are kept (about 200 bytes with the key's strings; the uid
+Per object only its key and its hash are kept (about 250 bytes with the key's strings; the uid
 is not kept), but for one object named at construction (``track``) whose uid is kept: the
 ``kube-system`` namespace's tells one cluster from another (``KubeSource.cluster_id``).
 """

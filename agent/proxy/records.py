@@ -204,7 +204,9 @@ class Registry:
         self.denials[decision.policy or "no-allow-match"] += 1
         self.reject("policy_denied", f"{detail}: {decision.reason}")
         current = _current.get(None)
-        named = record or (current[1] if current is not None and current[0] is self else None)
+        named = record
+        if named is None and current is not None and current[0] is self:
+            named = current[1]  # the running task's record, as ``reject`` finds it
         if named is not None and not named.policy:
             named.policy = decision.refused_by()
         if record is not None:

@@ -112,7 +112,16 @@ def format_connections(data: Mapping[str, Any]) -> str:
     if not rows:
         return "no open connections"
     headers = ["DIR", "SOURCE", "DESTINATION", "SECURITY", "SENT", "RECEIVED", "AGE", "REQUESTS"]
-    return render([*headers, "UPSTREAM"], rows)
+    # A connection a policy change refused is listed until it has closed; what refused it is
+    # a line below the table (a column would cut every other one to fit 100 columns).
+    refused = [
+        f"{_who(c['source_workload'], c['source_namespace'], c['source_address'])} -> "
+        f"{c.get('upstream_address') or c['destination_address']}: closing, refused by "
+        f"{c['policy']}"
+        for c in data["connections"]
+        if c.get("policy")
+    ]
+    return "\n".join([render([*headers, "UPSTREAM"], rows), *refused])
 
 
 def _requests(c: Mapping[str, Any]) -> str:

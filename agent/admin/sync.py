@@ -6,20 +6,27 @@ pusher: every agent reads the state itself, so the agents are compared with each
 agent's ``/status`` says what it has applied (``state.applied``, ``agent.sources``):
 
 - Kubernetes source: per resource watched, the ``resourceVersion`` of the last list, event or
-  bookmark taken in. These are etcd revisions, one counter for the whole cluster, so the newest
-  any agent has for a resource is a lower bound of where the cluster is, and an agent below it
-  is ``STALE`` by the difference. A revision is only as fresh as the last thing the API server
-  sent: an agent that listed a resource recently holds a higher revision than one that has been
-  watching the same unchanged resource for a while, until the latter's next bookmark (the API
-  server sends one at the latest when a watch ends, every five minutes). A ``STALE`` that stays
-  is real; one that clears without a change was this.
+  bookmark taken in, and a digest of the objects applied (``agent.sources.contents``). The
+  revisions are etcd's, one counter for the whole cluster, so the agent with the highest holds
+  the newest objects any agent has. An agent holding the same objects (the same digest) is
+  ``SYNCED`` whatever its revision: a revision only moves when the API server sends something,
+  so one that has watched an unchanged resource for a while trails one that just listed it
+  until its next bookmark, although nothing it applies changed. An agent holding other objects
+  at a lower revision missed a change or has not applied it yet: ``STALE`` by the difference
+  (an agent too old to report a digest is compared by revision alone).
 - Cluster-file source (the lab, standalone): the content hash of the document applied and the
   file's modification time then. The newest document is the one with the newest time; an agent
   that applied another is ``STALE`` by how much older its document is.
 
 ``NOT READY``: the resource was never listed (or the document never loaded); ``ABSENT``: an
-optional resource (Gateway API routes) the API server does not serve. The comparison
-(``compare``) is pure: statuses in, verdicts out; reading the agents is ``read_all``.
+optional resource (Gateway API routes) the API server does not serve.
+
+Revisions and documents only compare within one cluster, so agents are grouped by the cluster
+their ``/status`` names (``cluster_key``: the trust domain and ``state.cluster_id``, the
+``kube-system`` namespace's uid; a cluster-file agent has none, its trust domain tells) and
+compared within their group; with more than one, the table says which cluster each row is of.
+The comparison (``compare``) is pure: statuses in, verdicts out; reading the agents is
+``read_all``.
 """
 
 from __future__ import annotations
@@ -153,6 +160,8 @@ def verdict(resource: str, entry: Mapping[str, Any], best: Mapping[str, Any] | N
     top = _revision(best) if best is not None else None
     if top is None or revision >= top:
         return Verdict(SYNCED)
+    if best is not None and entry.get("digest") and entry.get("digest") == best.get("digest"):
+        return Verdict(SYNCED)  # the newest objects, at an older revision: nothing changed since
     return Verdict(STALE, top - revision)
 
 
@@ -184,10 +193,29 @@ def _certificates(status: Mapping[str, Any]) -> dict[str, object]:
     }
 
 
+ClusterKey = tuple[str, str]
+
+
+def cluster_key(status: Mapping[str, Any]) -> ClusterKey:
+    """Which cluster an agent follows: its trust domain and its source's ``cluster_id`` (""
+    when the agent does not say: one from before the field, or not listed yet)."""
+    state = status.get("state") or {}
+    return str(state.get("trust_domain") or ""), str(state.get("cluster_id") or "")
+
+
+def _newest_per_cluster(answers: Sequence[Answer]) -> dict[ClusterKey, dict[str, Any]]:
+    groups: dict[ClusterKey, list[Mapping[str, Any]]] = {}
+    for a in answers:
+        if a.status is not None:
+            groups.setdefault(cluster_key(a.status), []).append(a.status)
+    return {key: newest(statuses) for key, statuses in groups.items()}
+
+
 def compare(answers: Sequence[Answer]) -> list[dict[str, Any]]:
-    """One row per agent (the ``-o json`` output): its verdict per resource and per column,
-    its certificates and version; an agent that could not be read is a row saying why."""
-    best = newest([a.status for a in answers if a.status is not None])
+    """One row per agent (the ``-o json`` output): its cluster, its verdict per resource and
+    per column (against the agents of its cluster only), its certificates and version; an agent
+    that could not be read is a row saying why."""
+    best_of = _newest_per_cluster(answers)
     rows: list[dict[str, Any]] = []
     for a in answers:
         if a.status is None:
@@ -202,6 +230,8 @@ def compare(answers: Sequence[Answer]) -> list[dict[str, Any]]:
             )
             continue
         st = a.status
+        key = cluster_key(st)
+        best = best_of[key]
         verdicts = {
             resource: verdict(resource, entry, best.get(resource))
             for resource, entry in applied(st).items()
@@ -217,6 +247,7 @@ def compare(answers: Sequence[Answer]) -> list[dict[str, Any]]:
                 "node": st.get("node") or a.node,
                 "address": a.address,
                 "reachable": True,
+                "cluster": {"trust_domain": key[0] or None, "id": key[1] or None},
                 "source": state.get("source"),
                 "ready": st.get("ready"),
                 "version": st.get("version"),
@@ -250,13 +281,15 @@ def format_rows(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
     """The table: one line per agent, then why each unreachable agent could not be read.
     CERTS: how many identities, and in how long the soonest of their certificates expires."""
     shown = [c for c in COLUMNS if any(c in row["columns"] for row in rows)]
-    headers = ["NODE", "SOURCE", *shown, "CERTS", "VERSION"]
+    clusters = _cluster_numbers(rows)
+    headers = ["NODE", *(["CLUSTER"] if clusters else []), "SOURCE", *shown, "CERTS", "VERSION"]
     lines = []
     notes = []
     for row in rows:
         cells = [row["columns"].get(c, "-") for c in shown]
+        number = [clusters.get(_row_cluster(row), "-")] if clusters else []
         if not row["reachable"]:
-            lines.append([row["node"], UNREACHABLE, *cells, "-", "-"])
+            lines.append([row["node"], *number, UNREACHABLE, *cells, "-", "-"])
             notes.append(f"{row['node']}: {row['error']}")
             continue
         certs = row["certificates"]
@@ -264,8 +297,40 @@ def format_rows(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
         cert_text = "-" if count is None else str(count)
         if count:
             cert_text += f" ({_until(certs.get('soonest_expiry'), now)})"
-        lines.append([row["node"], row["source"] or "-", *cells, cert_text, row["version"]])
-    return "\n".join([render(headers, lines), *notes])
+        lines.append(
+            [row["node"], *number, row["source"] or "-", *cells, cert_text, row["version"]]
+        )
+    legend = [
+        f"cluster {n}: trust domain {td or '(not said)'}, {_cluster_text(cid)}"
+        for (td, cid), n in clusters.items()
+    ]
+    if legend:
+        legend.append(
+            f"agents of {len(clusters)} clusters: each is compared only with the agents of its "
+            "own cluster"
+        )
+    return "\n".join([render(headers, lines), *legend, *notes])
+
+
+def _row_cluster(row: Mapping[str, Any]) -> ClusterKey:
+    cluster = row.get("cluster") or {}
+    return str(cluster.get("trust_domain") or ""), str(cluster.get("id") or "")
+
+
+def _cluster_numbers(rows: Sequence[Mapping[str, Any]]) -> dict[ClusterKey, str]:
+    """The clusters the reachable agents follow, numbered in order of first row; empty when
+    there is one (the table then needs no CLUSTER column)."""
+    numbers: dict[ClusterKey, str] = {}
+    for row in rows:
+        if row["reachable"]:
+            numbers.setdefault(_row_cluster(row), str(len(numbers) + 1))
+    return numbers if len(numbers) > 1 else {}
+
+
+def _cluster_text(cluster_id: str) -> str:
+    if not cluster_id:
+        return "no API server identity (cluster file, an older agent, or not listed yet)"
+    return f"API server's kube-system namespace uid {cluster_id}"
 
 
 # -- reading the agents ---------------------------------------------------------------------
@@ -359,8 +424,10 @@ def register(
     p = subparsers.add_parser(
         "proxy-status",
         help=help_text,
-        description=f"{help_text} One row per agent: per resource SYNCED, STALE (behind the "
-        "newest revision any agent has, by how much) or NOT READY; certificates; version. "
+        description=f"{help_text} One row per agent: per resource SYNCED (holds the objects "
+        "of the agent with the newest revision), STALE (holds others, at a lower revision: by "
+        "how much) or NOT READY; certificates; version. Agents of different clusters (trust "
+        "domain, kube-system namespace uid) are compared only within their cluster. "
         "Asks every node's agent of the lab (--lab, $NODEMESH_LAB, else nm when up), or the "
         f"agents named by --admin, else {DEFAULT_ADMIN}.",
     )

@@ -10,7 +10,7 @@ nothing, and when it comes back too late the answer's ``missed`` says how many i
 
 Query: ``since`` (a cursor; absent: the latest ``limit`` requests held), ``wait`` (0-10 s,
 default 0), ``limit`` (1-1000, default 500), and the filter (``RequestFilter``: ``workload``,
-``source``, ``destination``, ``method``, ``path``, ``status``, ``grpc_status``).
+``source``, ``destination``, ``method``, ``path``, ``status``, ``grpc_status``, ``policy``).
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Like ``linkerd viz tap``: one line per finished request (time, direction, source and
 destination workloads, method, path, status, response flags, duration, the pod address it
 went to, and what refused it: the policy, ``ns/name:rules[i]``, or the dry-run policies that
-would have denied it, ``dry-run:ns/name``), filtered by workload (either side, ``--from``,
-``--to``), the Service the requests were sent to (``svc/web``, ``--to svc/web``), method, path
-prefix, status (``404`` or ``5xx``) and gRPC status (``--grpc-status NOT_FOUND``, ``5`` or
-``error``). The filter travels to the agent (``/requests``, ``agent.admin.tap``), so only
+would have denied it, ``dry-run:ns/name:rules[i]``), filtered by workload (either side,
+``--from``, ``--to``), the Service the requests were sent to (``svc/web``, ``--to svc/web``),
+method, path prefix, status (``404`` or ``5xx``), gRPC status (``--grpc-status NOT_FOUND``,
+``5`` or ``error``) and policy (``--policy [NS/]NAME``: refused by it, or a dry-run of it would
+have). The filter travels to the agent (``/requests``, ``agent.admin.tap``), so only
 matching requests cross the admin connection.
 
 Without ``--once`` it prints the requests the agent still holds, then follows new ones until
@@ -412,6 +413,7 @@ def filter_from_args(args: argparse.Namespace) -> RequestFilter:
         path=args.path,
         status=args.status,
         grpc_status=args.grpc_status,
+        policy=args.policy,
     )
 
 
@@ -440,6 +442,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grpc-status",
         metavar="CODE",
         help="gRPC status: code (5), name (NOT_FOUND) or error (any but OK)",
+    )
+    parser.add_argument(
+        "--policy",
+        metavar="[NS/]NAME",
+        help="refused by this AuthorizationPolicy or RateLimitPolicy, or a dry-run policy of "
+        "that name would have denied it (NS/NAME:rules[N]: that rule; no-allow-match)",
     )
     when = parser.add_mutually_exclusive_group()
     when.add_argument(

@@ -116,6 +116,16 @@ class Request:
         return parts[2] if len(parts) == 5 and parts[1] == "ns" else None
 
 
+NO_ALLOW_MATCH = "no-allow-match"  # what refused a request when ALLOW policies applied
+
+
+def rule_ref(policy: str, rule: int | None) -> str:
+    """A policy and the rule of it that matched, as records name them: ``ns/name:rules[0]``
+    (no Kubernetes name has a colon), or the policy alone when no rule is known (a dry-run
+    ALLOW that would deny: none of its rules matched)."""
+    return policy if rule is None else f"{policy}:rules[{rule}]"
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
@@ -125,6 +135,14 @@ class Decision:
     would: tuple[str, ...] = ()  # dry-run outcomes, e.g. "ns/p would deny"
     would_deny: tuple[str, ...] = ()  # dry-run policies whose enforcement would deny it
     rule: int | None = None  # index in ``spec.rules`` of the DENY rule that matched
+    # ``would_deny`` with the rule that matched (``rule_ref``), for records; the policies alone
+    # stay metric labels (a series per policy, not per rule)
+    would_deny_rules: tuple[str, ...] = ()
+
+    def refused_by(self) -> str:
+        """What refused it, for records and log lines: the DENY policy and its rule
+        (``rule_ref``), or ``no-allow-match`` when ALLOW policies applied and none matched."""
+        return NO_ALLOW_MATCH if self.policy is None else rule_ref(self.policy, self.rule)
 
 
 Predicate = Callable[[Request], bool]
@@ -501,34 +519,46 @@ class Authorizer:
         if not applicable:  # the usual case of a request: nothing else to work out
             return _NO_POLICY
         dry = [p for p in applicable if p.dry_run]
-        would = tuple(_dry_run(p, request) for p in dry)
-        # As Istio's shadow result: a dry-run DENY that matches, or a dry-run ALLOW that
-        # does not, would have denied the request had it been enforced.
-        would_deny = tuple(
-            p.ref for p in dry if (p.action == "DENY") == p.matches(request) and p.action != "AUDIT"
-        )
+        would: tuple[str, ...] = ()
+        would_deny: tuple[str, ...] = ()
+        would_rules: tuple[str, ...] = ()
+        if dry:  # the usual request meets no dry-run policy: nothing of this to work out
+            would = tuple(_dry_run(p, request) for p in dry)
+            # As Istio's shadow result: a dry-run DENY that matches, or a dry-run ALLOW that
+            # does not, would have denied the request had it been enforced.
+            denying = [
+                p for p in dry if (p.action == "DENY") == p.matches(request) and p.action != "AUDIT"
+            ]
+            would_deny = tuple(p.ref for p in denying)
+            would_rules = tuple(_would_deny_rule(p, request) for p in denying)
         enforced = [p for p in applicable if not p.dry_run]
         audited = tuple(p.ref for p in enforced if p.action == "AUDIT" and p.matches(request))
         for p in enforced:
             if p.action == "DENY" and p.matches(request):
-                reason = f"denied by DENY policy {p.ref}"
                 rule = p.matching_rule(request)
-                return Decision(False, reason, p.ref, audited, would, would_deny, rule)
+                reason = f"denied by DENY policy {rule_ref(p.ref, rule)}"
+                return Decision(False, reason, p.ref, audited, would, would_deny, rule, would_rules)
         allows = [p for p in enforced if p.action == "ALLOW"]
         if not allows:
-            return Decision(True, "no ALLOW policy applies", None, audited, would, would_deny)
+            reason = "no ALLOW policy applies"
+            return Decision(True, reason, None, audited, would, would_deny, None, would_rules)
         for p in allows:
             if p.matches(request):
-                return Decision(
-                    True, f"allowed by ALLOW policy {p.ref}", p.ref, audited, would, would_deny
-                )
+                reason = f"allowed by ALLOW policy {p.ref}"
+                return Decision(True, reason, p.ref, audited, would, would_deny, None, would_rules)
         refs = ", ".join(p.ref for p in allows)
-        return Decision(
-            False, f"no ALLOW policy matched (applicable: {refs})", None, audited, would, would_deny
-        )
+        reason = f"no ALLOW policy matched (applicable: {refs})"
+        return Decision(False, reason, None, audited, would, would_deny, None, would_rules)
 
 
 _NO_POLICY = Decision(True, "no ALLOW policy applies")  # what ``evaluate`` decides without any
+
+
+def _would_deny_rule(policy: CompiledPolicy, request: Request) -> str:
+    """A dry-run policy that would deny ``request``, named with the rule that matched (a DENY's;
+    an ALLOW would deny because none of its rules matched)."""
+    rule = policy.matching_rule(request) if policy.action == "DENY" else None
+    return rule_ref(policy.ref, rule)
 
 
 def _dry_run(policy: CompiledPolicy, request: Request) -> str:

@@ -415,11 +415,7 @@ def denied_by(decision: Decision) -> str:
     """What refused a request, for its record: the DENY policy and its rule that matched
     (``default/no-admin:rules[0]``: no Kubernetes name has a colon), or ``no-allow-match``
     when ALLOW policies applied and none matched."""
-    if decision.policy is None:
-        return "no-allow-match"
-    if decision.rule is None:
-        return decision.policy
-    return f"{decision.policy}:rules[{decision.rule}]"
+    return decision.refused_by()
 
 
 def request_verdict(
@@ -439,7 +435,7 @@ def request_verdict(
     decision = core.authorize_request(request, workload, where)
     # The dry-run policies that would have denied it go on the request's record (allowed or
     # not); the usual request has none, and is answered by the shared ``ALLOWED``.
-    would = ",".join(decision.would_deny) if decision.would_deny else ""
+    would = ",".join(decision.would_deny_rules) if decision.would_deny_rules else ""
     if not decision.allowed:
         return Verdict(False, denied_by(decision), dry_run=would)
     limit = core.rate_limit(request, core.snapshot())

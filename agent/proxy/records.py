@@ -203,6 +203,12 @@ class Registry:
         registered (an HBONE stream refused before relaying), is reported opened and closed."""
         self.denials[decision.policy or "no-allow-match"] += 1
         self.reject("policy_denied", f"{detail}: {decision.reason}")
+        current = _current.get(None)
+        named = record
+        if named is None and current is not None and current[0] is self:
+            named = current[1]  # the running task's record, as ``reject`` finds it
+        if named is not None and not named.policy:
+            named.policy = decision.refused_by()
         if record is not None:
             record.failure = record.failure or "policy_denied"
             record.id = next(self._ids)
@@ -223,6 +229,7 @@ class Registry:
                 )
                 live.closing = True  # its handler removes (and logs) it once it has closed
                 live.record.failure = live.record.failure or "policy_denied"
+                live.record.policy = live.record.policy or decision.refused_by()
                 if isinstance(live.close, asyncio.Future):
                     live.close.cancel(decision.reason)
                 else:

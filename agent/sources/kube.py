@@ -82,6 +82,8 @@ GATEWAY_API_INSTALL = (
 # Host-network pods are never meshed and finished pods hold IPs that may be reused: the API
 # server filters them out, which also keeps them out of memory.
 POD_FIELD_SELECTOR = "spec.hostNetwork=false,status.phase!=Succeeded,status.phase!=Failed"
+# The namespace whose uid names the cluster (``KubeSource.cluster_id``): made once per cluster.
+CLUSTER_NAMESPACE = ("", "kube-system")
 LEASE_NAMESPACE = "nodemesh-system"  # the mesh's own namespace (daemonset/kustomization.yaml)
 # Seconds a read may stall beyond a watch's own server-side timeout (or, for a list, at all)
 # before the connection counts as dead and the reflector reconnects.
@@ -198,6 +200,7 @@ class KubeSource:
                 field_selector=fs,
                 page_size=page_size,
                 watch_timeout=watch_timeout,
+                track=CLUSTER_NAMESPACE if name == "namespaces" else None,
             )
             for name, lister, handler, fs in specs
         ]
@@ -261,6 +264,7 @@ class KubeSource:
             "synced": self.ready,
             "sync": self.stats(),
             "applied": self.applied(),
+            "cluster_id": self.cluster_id(),
             "routes": "available" if unavailable is None else f"unavailable ({unavailable})",
             "route_status_writer": self.election.leading(),  # holds the route-status Lease
             "warnings": self.warnings(),
@@ -272,16 +276,28 @@ class KubeSource:
         ``resource_version`` is that of the last list, event or bookmark the reflector took in
         (``None`` before the first list, while relisting after a 410, or when an optional
         resource is not served): an etcd revision, the same counter for every resource and every
-        agent of one cluster, so agents can be compared. ``synced``: listed at least once;
-        ``absent``: an optional resource (Gateway API routes) the API server does not serve."""
+        agent of one cluster, so agents can be compared. ``digest`` and ``objects``: the objects
+        applied (``agent.sources.contents``), equal on two agents that hold the same, whatever
+        their revisions. ``synced``: listed at least once; ``absent``: an optional resource
+        (Gateway API routes) the API server does not serve."""
         return {
             r.name: {
                 "resource_version": r.resource_version,
+                "digest": r.contents.digest(),
+                "objects": len(r.contents),
                 "synced": r.synced.is_set(),
                 "absent": r.absent is not None,
             }
             for r in self.reflectors
         }
+
+    def cluster_id(self) -> str | None:
+        """Which cluster this agent follows: the uid of its ``kube-system`` namespace (made
+        once per cluster, the identity Kubernetes tools commonly use for one), ``None`` until
+        the namespaces are listed. The API server's address cannot tell clusters apart: in a
+        pod it is ``kubernetes.default.svc`` in every cluster."""
+        namespaces = next(r for r in self.reflectors if r.name == "namespaces")
+        return namespaces.contents.tracked_uid()
 
     def warnings(self) -> list[dict[str, str]]:
         """What this agent warns of now: its node's pods, then the policies (every agent)."""

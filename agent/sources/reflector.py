@@ -32,6 +32,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+from agent.sources.contents import Contents
+
 log = logging.getLogger(__name__)
 
 Raw = Mapping[str, Any]
@@ -100,6 +102,7 @@ class Reflector:
         watch_timeout: int = 300,
         optional: bool = False,
         absent_recheck: float = 60.0,
+        track: tuple[str, str] | None = None,
     ) -> None:
         self.name = name
         self.optional = optional
@@ -111,6 +114,9 @@ class Reflector:
         self.page_size = page_size
         self.watch_timeout = watch_timeout
         self.resource_version: str | None = None
+        # what the handler took, compared across agents; ``track``: the (namespace, name) of
+        # one object whose uid it keeps (``Contents``)
+        self.contents = Contents(track=track)
         self.synced = threading.Event()
         self.stats = {
             "lists": 0,
@@ -140,6 +146,7 @@ class Reflector:
             if not token:
                 break
         self.handler.replace(items)
+        self.contents.replace(items)
         self.resource_version = page["metadata"]["resourceVersion"]
         self.stats["lists"] += 1
         if self.absent is not None:
@@ -158,6 +165,7 @@ class Reflector:
                 self.absent_recheck,
             )
             self.handler.replace([])
+            self.contents.replace([])
         self.absent = str(error)
         self.resource_version = None
         self.synced.set()
@@ -195,6 +203,8 @@ class Reflector:
             except Exception:  # one event a handler cannot take must not stall the watch
                 self.stats["handler_errors"] += 1
                 log.exception("%s: cannot apply a %s event; skipping it", self.name, kind)
+            else:
+                self.contents.event(kind, obj)
             self.stats["events"] += 1
         self.resource_version = obj["metadata"]["resourceVersion"]
         self._backoff.reset()

@@ -86,6 +86,7 @@ def connection_entry(record: ConnectionRecord, labels: TcpLabels, now: float) ->
         "bytes_received": record.bytes_received,
         "response_flags": labels.response_flags,
         "failure": record.failure or None,
+        "policy": record.policy or None,
         "protocol": record.protocol,
         "requests": record.requests,
     }

@@ -54,6 +54,9 @@ class ConnectionRecord:
     id: int = 0
     upstream: str = ""  # ip:port actually dialed (a Service VIP resolves to an endpoint)
     failure: str = ""  # reason key of the rejection that ended it ("" = none)
+    # What refused it when ``failure`` is policy_denied: ``Decision.refused_by`` ("ns/name:rules[i]"
+    # or "no-allow-match"; "" = not refused by a policy)
+    policy: str = ""
     first_byte: float = 0.0  # time.monotonic() of the first upstream byte (0 = none yet)
     protocol: str = "tcp"  # "http/1.1" once an HTTP layer serves it (its requests are counted)
     requests: int = 0  # HTTP requests finished on it (``Registry.request_done``)

@@ -15,14 +15,17 @@ reads costs no JSON. Waiting (long-poll) is the admin API's business (``agent.ad
 
 ``RequestFilter`` selects entries by workload (either side, or one side), the Service dialled
 (``destination_service``: Linkerd's ``tap svc/web``), method, path prefix,
-status (exact ``404`` or a class ``5xx``) and gRPC status (a code, its name, or ``error``: a
-failed gRPC call is mostly answered HTTP 200, so ``5xx`` does not find it); the admin API
+status (exact ``404`` or a class ``5xx``), gRPC status (a code, its name, or ``error``: a
+failed gRPC call is mostly answered HTTP 200, so ``5xx`` does not find it) and policy (the one
+that refused a request or a dry-run one that would have: ``policy``, ``dry_run_policy``); the
+admin API
 applies it to what it serves and the CLI builds its query from the same class, so both sides
 agree on what a filter means.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -164,6 +167,26 @@ def _workload_matches(wanted: str, name: object, namespace: object) -> bool:
     return name == bare and (not sep or namespace == ns)
 
 
+def _names_policy(wanted: str, ref: str) -> bool:
+    """``name`` or ``ns/name`` names any rule of that policy (``ns/name:rules[1]`` in a
+    record), ``ns/name:rules[1]`` that rule only; ``no-allow-match`` names itself."""
+    if ":" in wanted:
+        return ref == wanted
+    ns, sep, bare = wanted.rpartition("/")
+    ref_ns, _, ref_name = ref.partition(":")[0].rpartition("/")
+    return ref_name == bare and (not sep or ref_ns == ns)
+
+
+def _policy_matches(wanted: str, entry: Mapping[str, object]) -> bool:
+    """The policy that refused the request, or one of the dry-run policies that would have."""
+    refs = [str(entry.get("policy") or ""), *str(entry.get("dry_run_policy") or "").split(",")]
+    return any(_names_policy(wanted, ref) for ref in refs if ref)
+
+
+# NAME, NS/NAME or NS/NAME:rules[N] (a rule only with its policy's namespace, as records name it)
+_POLICY_REF = re.compile(r"^(?:[^/:]+/[^/:]+(?::rules\[\d+\])?|[^/:]+)$")
+
+
 def _service_matches(wanted: str, hostname: object) -> bool:
     """``name`` or ``ns/name`` against a Service hostname ``name.ns.svc.<domain>``."""
     ns, sep, bare = wanted.rpartition("/")
@@ -183,6 +206,7 @@ class RequestFilter:
     path: str | None = None  # a prefix
     status: str | None = None  # "404" or "5xx"
     grpc_status: str | None = None  # "5", "NOT_FOUND" or "error"
+    policy: str | None = None  # [NAMESPACE/]NAME[:rules[N]], or no-allow-match
 
     def __post_init__(self) -> None:
         if self.status is not None:
@@ -195,6 +219,11 @@ class RequestFilter:
                 raise FilterError(f"{name} {value!r}: expected NAME or NAMESPACE/NAME")
         if self.path is not None and not self.path.startswith("/"):
             raise FilterError(f"path {self.path!r}: expected a path prefix such as /api")
+        if self.policy is not None and not _POLICY_REF.match(self.policy):
+            raise FilterError(
+                f"policy {self.policy!r}: expected NAME, NAMESPACE/NAME or NAMESPACE/NAME:rules[N] "
+                "(as the POLICY column shows it), or no-allow-match"
+            )
 
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> RequestFilter:
@@ -236,4 +265,4 @@ class RequestFilter:
                 return False
             if got != wanted and not (wanted == GRPC_ERROR and got != "0"):
                 return False
-        return True
+        return self.policy is None or _policy_matches(self.policy, entry)

@@ -8,7 +8,8 @@ node (the pod on node2: node2's HTTP/1.1 and HTTP/2 layers admit it) and at the 
 a pod on its own node (node1 admits each try as its destination would, and reports it as its
 destination); the source's own report names neither, as a far node's refusal reaches it as a
 plain 403 or ``PERMISSION_DENIED``. A RateLimitPolicy's refusal (``RL``) names the
-RateLimitPolicy.
+RateLimitPolicy. A connection refused by an L4 AuthorizationPolicy names the policy and its rule
+too (``policy`` on its record and access log line, and in the rejection's log line).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from h2.connection import H2Connection
 from agent.state import Endpoint, PolicyObject, Service, ServicePort
 from agent.telemetry.accesslog import ACCESS_LOGGER
 from agent.telemetry.http import HttpMetrics
-from agent.telemetry.records import INBOUND, OUTBOUND, RequestRecord
+from agent.telemetry.records import INBOUND, OUTBOUND, ConnectionRecord, RequestRecord
+from agent.telemetry.tcp import TcpMetrics
 from tests.integration.proxy.mesh import (
     CLIENT,
     LOCAL,
@@ -43,6 +45,7 @@ from tests.integration.proxy.test_http_outbound_loopback import (
     apps,
     rate_limit,
 )
+from tests.integration.proxy.test_proxy_loopback import _read_until_closed, echo_peer, roundtrip
 
 pytestmark = pytest.mark.root
 
@@ -122,8 +125,8 @@ async def _http(
 
 
 HTTP_EXPECTED = [
-    ("/orders", 403, "RBAC", "default/no-posts:rules[1]", "default/try-no-orders"),
-    ("/orders", 200, "-", "", "default/try-no-orders"),
+    ("/orders", 403, "RBAC", "default/no-posts:rules[1]", "default/try-no-orders:rules[0]"),
+    ("/orders", 200, "-", "", "default/try-no-orders:rules[0]"),
     ("/status", 200, "-", "", ""),
 ]
 
@@ -138,8 +141,8 @@ async def test_an_http_request_denied_at_the_destination_names_its_policy(mesh: 
     assert [(r.policy, r.dry_run_policy) for r in node1.by(OUTBOUND)] == [("", "")] * 3
     lines = [line for line in log.lines if line["direction"] == "inbound"]
     assert [(line.get("policy"), line.get("dry_run_policy")) for line in lines] == [
-        ("default/no-posts:rules[1]", "default/try-no-orders"),
-        (None, "default/try-no-orders"),
+        ("default/no-posts:rules[1]", "default/try-no-orders:rules[0]"),
+        (None, "default/try-no-orders:rules[0]"),
         (None, None),  # the usual line has neither field
     ]
 
@@ -205,7 +208,7 @@ async def _grpc(mesh: Mesh, pod: str, app: str) -> tuple[list[str], Recorded, Re
 
 GRPC_EXPECTED = [
     ("/pkg.Echo/Delete", 200, "RBAC", "default/no-deletes:rules[0]", ""),
-    ("/pkg.Echo/Get", 200, "-", "", "default/try-no-gets"),
+    ("/pkg.Echo/Get", 200, "-", "", "default/try-no-gets:rules[0]"),
     ("/pkg.Echo/List", 200, "-", "", ""),
 ]
 
@@ -232,3 +235,104 @@ async def test_a_grpc_call_denied_for_a_same_node_pod_names_its_policy(mesh: Mes
     assert _why(node1.by(INBOUND)) == GRPC_EXPECTED
     assert [(r.policy, r.dry_run_policy) for r in node1.by(OUTBOUND)] == [("", "")] * 3
     assert node2.requests == []
+
+
+class Closed:
+    """A connection observer keeping the records of closed connections."""
+
+    def __init__(self) -> None:
+        self.records: list[ConnectionRecord] = []
+
+    def opened(self, record: ConnectionRecord) -> None:
+        pass
+
+    def closed(self, record: ConnectionRecord) -> None:
+        self.records.append(record)
+
+
+class Rejections(logging.Handler):
+    """The proxy registry's log lines (``rejected (KEY): ...``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> Rejections:
+        logger = logging.getLogger("agent.proxy.records")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        logger = logging.getLogger("agent.proxy.records")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+
+L4_DENY = _policy(
+    "no-client",
+    "server",
+    {"from": [{"source": {"namespaces": ["elsewhere"]}}]},
+    {"from": [{"source": {"principals": ["*/sa/client"]}}]},  # rules[1]: what denies client
+)
+
+
+@mesh_test
+async def test_a_connection_denied_at_the_destination_names_its_policy_and_rule(
+    mesh: Mesh,
+) -> None:
+    """An HBONE stream refused by an L4 DENY: node2's record, its access log line and the
+    rejection's log line name the policy and the rule that matched."""
+    port = mesh.app(SERVER, echo_peer)
+    set_policies(mesh.store, L4_DENY)
+    closed = Closed()
+    mesh.node2.core.registry.observers.extend([closed, TcpMetrics(mesh.store)])
+    with AccessLines() as log, Rejections() as rejected, pytest.raises(ConnectionResetError):
+        await roundtrip(mesh, CLIENT, (SERVER, port))
+    assert [(r.failure, r.policy) for r in closed.records] == [
+        ("policy_denied", "default/no-client:rules[1]")
+    ]
+    line = next(line for line in log.lines if line["direction"] == "inbound")
+    assert (line["failure"], line["policy"]) == ("policy_denied", "default/no-client:rules[1]")
+    denial = next(text for text in rejected.lines if text.startswith("rejected (policy_denied)"))
+    assert denial.endswith("denied by DENY policy default/no-client:rules[1]")
+
+
+@mesh_test
+async def test_a_connection_denied_for_a_same_node_pod_names_its_policy(mesh: Mesh) -> None:
+    """A same-node connection refused by node1 (the pod's destination too): its record names
+    the policy; an ALLOW that no rule matches is ``no-allow-match``."""
+    port = mesh.app(LOCAL, echo_peer)
+    spec = {
+        "selector": {"matchLabels": {"app": "local"}},
+        "action": "ALLOW",
+        "rules": [{"to": [{"operation": {"ports": ["1"]}}]}],
+    }
+    set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "only-1", spec))
+    closed = Closed()
+    mesh.node1.core.registry.observers.append(closed)
+    with pytest.raises(ConnectionResetError):
+        await roundtrip(mesh, CLIENT, (LOCAL, port))
+    assert [(r.failure, r.policy) for r in closed.records] == [("policy_denied", "no-allow-match")]
+
+
+@mesh_test
+async def test_a_live_connection_a_new_policy_denies_names_it(mesh: Mesh) -> None:
+    """A policy applied while a connection is open closes it (``Registry.recheck``): its record
+    names the policy and rule, as a refusal at its start would."""
+    port = mesh.app(SERVER, echo_peer)
+    closed = Closed()
+    mesh.node2.core.registry.observers.append(closed)
+    reader, writer = await mesh.connect(CLIENT, (SERVER, port))
+    assert await reader.readline() == f"peer={CLIENT}\n".encode()
+    set_policies(mesh.store, L4_DENY)
+    assert await asyncio.wait_for(_read_until_closed(reader), 10) == b""
+    writer.close()
+    assert len(mesh.node2.core.registry) == 0  # closed and removed, as the recheck test shows
+    assert [(r.failure, r.policy) for r in closed.records] == [
+        ("policy_denied", "default/no-client:rules[1]")
+    ]

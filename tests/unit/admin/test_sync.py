@@ -39,18 +39,22 @@ KUBE_RESOURCES = (
 )
 
 
-def kube(node: str, rv: int, **override: dict[str, Any]) -> Answer:
-    """An agent whose every resource is at revision ``rv``, but for ``override``."""
+def kube(
+    node: str, rv: int, *, cluster: dict[str, str] | None = None, **override: dict[str, Any]
+) -> Answer:
+    """An agent whose every resource is at revision ``rv``, but for ``override``; of the
+    cluster ``cluster`` (``trust_domain``, ``cluster_id``), else of an agent that says none."""
     applied: dict[str, dict[str, Any]] = {
         r: {"resource_version": str(rv), "synced": True, "absent": False} for r in KUBE_RESOURCES
     }
     for resource, entry in override.items():
         applied[resource] = {**applied[resource], **entry}
+    state = {"version": 7, "applied_at": None, "source": "kubernetes", "applied": applied}
     status = {
         "node": node,
         "version": "0.1.0",
         "ready": True,
-        "state": {"version": 7, "applied_at": None, "source": "kubernetes", "applied": applied},
+        "state": {**state, **(cluster or {})},
         "certificates": {"identities": 2, "available": 2, "soonest_expiry": None},
     }
     return Answer(node, "127.0.0.1:15000", status=status)
@@ -82,6 +86,56 @@ def test_an_agent_behind_the_newest_revision_is_stale_by_the_difference() -> Non
     assert rows[0]["columns"]["PODS"] == "STALE -20"
     assert rows[0]["columns"]["SERVICES"] == SYNCED
     assert rows[1]["columns"]["PODS"] == SYNCED
+
+
+def test_an_agent_holding_the_newest_objects_at_an_older_revision_is_synced() -> None:
+    """Watching an unchanged resource, an agent's revision stays where the last event left it
+    while another agent lists at a newer one: the same objects (digest), so in sync."""
+    quiet = kube("node1", 120, pods={"resource_version": "100", "digest": "d1"})
+    listed = kube("node2", 120, pods={"digest": "d1"})
+    rows = compare([quiet, listed])
+    assert verdicts(rows[0])["pods"] == (SYNCED, None)
+    assert rows[0]["columns"]["PODS"] == SYNCED
+
+
+def test_an_agent_holding_other_objects_at_an_older_revision_is_stale() -> None:
+    missed = kube("node1", 120, pods={"resource_version": "100", "digest": "d0"})
+    listed = kube("node2", 120, pods={"digest": "d1"})
+    same_late = kube("node3", 120, pods={"resource_version": "110", "digest": "d1"})
+    rows = compare([missed, listed, same_late])
+    assert verdicts(rows[0])["pods"] == (STALE, 20)
+    assert verdicts(rows[1])["pods"] == (SYNCED, None)
+    assert verdicts(rows[2])["pods"] == (SYNCED, None)
+
+
+def test_agents_of_two_clusters_are_compared_within_their_own() -> None:
+    """Two clusters' revisions are unrelated counters: each agent is compared with its own
+    cluster's, and the table says which cluster each row is of."""
+    one = {"trust_domain": "cluster.local", "cluster_id": "uid-one"}
+    two = {"trust_domain": "cluster.local", "cluster_id": "uid-two"}
+    rows = compare(
+        [
+            kube("a1", 100, cluster=one),
+            kube("b1", 5000, cluster=two),
+            kube("a2", 90, cluster=one),
+        ]
+    )
+    assert [r["columns"]["PODS"] for r in rows] == [SYNCED, SYNCED, "STALE -10"]
+    assert rows[1]["cluster"] == {"trust_domain": "cluster.local", "id": "uid-two"}
+    text = format_rows(rows, dt.datetime(2026, 12, 6, tzinfo=dt.UTC)).splitlines()
+    assert text[0].split()[:3] == ["NODE", "CLUSTER", "SOURCE"]
+    assert [line.split()[1] for line in text[1:4]] == ["1", "2", "1"]
+    assert (
+        "cluster 2: trust domain cluster.local, API server's kube-system namespace uid "
+        "uid-two" in text
+    )
+    assert "agents of 2 clusters: each is compared only with the agents of its own cluster" in text
+    # one cluster: no CLUSTER column
+    single = format_rows(
+        compare([kube("a1", 1, cluster=one), kube("a2", 1, cluster=one)]),
+        dt.datetime(2026, 12, 6, tzinfo=dt.UTC),
+    )
+    assert "CLUSTER" not in single and "clusters" not in single
 
 
 def test_revisions_compare_as_numbers_not_strings() -> None:

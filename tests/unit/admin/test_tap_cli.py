@@ -386,6 +386,7 @@ def test_the_api_long_polls_until_a_matching_request_comes() -> None:
         ({"limit": "0"}, "limit='0': expected a number from 1 to 1000"),
         ({"colour": "red"}, "unknown parameter 'colour'"),
         ({"status": "9xx"}, "status '9xx'"),
+        ({"policy": "a/b/c"}, "policy 'a/b/c': expected NAME, NAMESPACE/NAME"),
     ],
 )
 def test_the_api_refuses_bad_queries(query: dict[str, str], message: str) -> None:
@@ -404,6 +405,48 @@ def test_connections_show_http_request_counts() -> None:
     assert table.splitlines()[0].split()[-2:] == ["REQUESTS", "UPSTREAM"]
     assert table.splitlines()[1].split()[-2:] == ["-", "10.244.2.2:8080"]
     assert table.splitlines()[2].split()[-3:] == ["http/1.1", "12", "10.244.2.2:8080"]
+
+
+def test_connections_show_the_policy_that_refused_one() -> None:
+    """A live connection a policy change refuses stays listed until it has closed: a line
+    under the table names the policy and rule."""
+    refused = {**live_connection(), "failure": "policy_denied", "policy": "default/p:rules[1]"}
+    table = format_connections({"connections": [live_connection(), refused]}).splitlines()
+    assert len(table) == 4 and table[0].split()[-1] == "UPSTREAM"
+    assert table[3] == ("default/client -> 10.244.2.2:8080: closing, refused by default/p:rules[1]")
+    assert len(format_connections({"connections": [live_connection()]}).splitlines()) == 2
+
+
+def test_requests_by_policy_refused_or_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--policy NAME``: the requests that policy refused and those a dry-run policy of that
+    name would have denied; the filter goes to the agent as ``policy=``."""
+    s = Served()
+    s.start()
+    try:
+        s.add(rec("GET", "/a", 200))
+        s.add(replace(rec("POST", "/admin", 403, "RBAC"), policy="default/no-admin:rules[0]"))
+        s.add(replace(rec("GET", "/try", 200), dry_run_policy="default/no-admin:rules[1]"))
+        s.add(replace(rec("GET", "/other", 403, "RBAC"), policy="default/other:rules[0]"))
+        code, lines, _ = run(
+            capsys, "requests", "--admin", s.address, "--once", "--policy", "no-admin"
+        )
+        assert code == 0
+        assert [path for _, path, _ in columns(lines)] == ["/admin", "/try"]
+        assert lines[1].split()[-1] == "dry-run:default/no-admin:rules[1]"
+        code, lines, _ = run(
+            capsys,
+            "requests",
+            "--admin",
+            s.address,
+            "--once",
+            "--policy",
+            "default/no-admin:rules[1]",
+        )
+        assert [path for _, path, _ in columns(lines)] == ["/try"]
+        code, _, err = run(capsys, "requests", "--admin", s.address, "--once", "--policy", "a/b/c")
+        assert code == 2 and "policy 'a/b/c': expected NAME, NAMESPACE/NAME" in err
+    finally:
+        s.stop()
 
 
 @pytest.mark.parametrize("rate", ["2", "-1", "nan"])

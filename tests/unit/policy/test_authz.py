@@ -200,10 +200,24 @@ def test_decision_names_the_policy_and_reason() -> None:
     assert (d.allowed, d.policy, d.reason) == (
         False,
         "default/no-default",
-        "denied by DENY policy default/no-default",
+        "denied by DENY policy default/no-default:rules[0]",
     )
+    assert d.refused_by() == "default/no-default:rules[0]"
     d = Authorizer.compile([allow(src(namespaces=["x"]), name="only-x")]).evaluate(req(), SERVER)
     assert d.reason == "no ALLOW policy matched (applicable: default/only-x)"
+    assert d.refused_by() == "no-allow-match"
+
+
+def test_dry_run_denials_name_the_rule_that_matched() -> None:
+    """A dry-run DENY's would-deny names its rule that matched, as an enforced denial does; a
+    dry-run ALLOW would deny because none of its rules matched: the policy alone. The policies
+    alone (``would_deny``) stay what metrics count."""
+    trial = deny(src(namespaces=["x"]), to(ports=["8080"]), name="trial", dry_run=True)
+    narrow = allow(src(namespaces=["x"]), name="narrow", dry_run=True)
+    d = Authorizer.compile([trial, narrow]).evaluate(req(), SERVER)
+    assert d.allowed
+    assert d.would_deny == ("default/narrow", "default/trial")
+    assert d.would_deny_rules == ("default/narrow", "default/trial:rules[1]")
 
 
 def test_no_applicable_policy_allows_with_nothing_to_report() -> None:

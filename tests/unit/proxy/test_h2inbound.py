@@ -249,7 +249,7 @@ def test_grpc_calls_through_the_proxy_with_a_deny_on_one_method(
         why = [(r.policy, r.dry_run_policy) for r in seen.requests]
         assert why == [
             ("", ""),
-            ("", "default/try-no-stream"),
+            ("", "default/try-no-stream:rules[0]"),
             ("", ""),
             ("default/deny-admin:rules[0]", ""),
             ("", ""),

@@ -95,3 +95,45 @@ def test_status_says_what_was_applied_and_two_agents_compare(api: FakeApiServer)
     finally:
         behind.stop()
         ahead.stop()
+
+
+def test_an_agent_watching_an_unchanged_resource_is_synced_and_names_its_cluster() -> None:
+    """The real API server sends a bookmark about once a minute, so between two a quiet
+    watch's revision stays where its last event left it while another agent lists at the
+    cluster's newest: the same pods, so both are SYNCED; a pod one of them has not applied
+    makes it STALE. Both name the cluster by its kube-system namespace's uid."""
+    with FakeApiServer(bookmark_interval=3600) as api:
+        api.create("Namespace", {"metadata": {"name": "default"}})
+        system = api.create("Namespace", {"metadata": {"name": "kube-system"}})
+        api.create("Pod", pod("a", "10.244.1.2"))
+        quiet, late = Agent(api, "node1"), Agent(api, "node2")
+        try:
+            quiet.start()
+            before = quiet.pods_revision()
+            moved = api.create("Service", {"metadata": {"name": "web"}, "spec": {"ports": []}})
+            late.start()  # lists pods at the Service's revision: no pod changed
+            old, new = quiet.status(), late.status()
+            assert int(new["state"]["applied"]["pods"]["resource_version"]) >= int(
+                moved["metadata"]["resourceVersion"]
+            )
+            assert quiet.pods_revision() == before  # no event, no bookmark: the revision stays
+            rows = compare([Answer("node1", "a", status=old), Answer("node2", "b", status=new)])
+            assert [r["columns"]["PODS"] for r in rows] == [SYNCED, SYNCED]
+            uid = system["metadata"]["uid"]
+            assert old["state"]["cluster_id"] == new["state"]["cluster_id"] == uid
+
+            late.source.stop()  # node2 stops following: a new pod reaches only node1
+            created = api.create("Pod", pod("b", "10.244.1.3"))
+            wanted = int(created["metadata"]["resourceVersion"])
+            wait_for(lambda: quiet.pods_revision() >= wanted)
+            rows = compare(
+                [
+                    Answer("node1", "a", status=quiet.status()),
+                    Answer("node2", "b", status=late.status()),
+                ]
+            )
+            assert rows[0]["columns"]["PODS"] == SYNCED
+            assert rows[1]["columns"]["PODS"].startswith(f"{STALE} -")
+        finally:
+            quiet.stop()
+            late.stop()

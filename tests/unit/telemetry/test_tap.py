@@ -196,9 +196,56 @@ def test_bad_filters_say_what_is_expected(kwargs: dict[str, str], message: str) 
         RequestFilter(**kwargs)
 
 
+def refused(policy: str = "", dry_run: str = "") -> dict[str, object]:
+    return {**entry(), "policy": policy, "dry_run_policy": dry_run}
+
+
+@pytest.mark.parametrize(
+    ("selected", "matched", "missed"),
+    [
+        # any rule of the policy, in any namespace or in the one given
+        (RequestFilter(policy="no-admin"), refused("prod/no-admin:rules[1]"), refused()),
+        (
+            RequestFilter(policy="prod/no-admin"),
+            refused("prod/no-admin:rules[0]"),
+            refused("dev/no-admin:rules[0]"),
+        ),
+        (
+            RequestFilter(policy="prod/no-admin:rules[1]"),
+            refused("prod/no-admin:rules[1]"),
+            refused("prod/no-admin:rules[0]"),
+        ),
+        # a dry-run policy that would have denied it, among others
+        (
+            RequestFilter(policy="strict"),
+            refused(dry_run="prod/loose,prod/strict:rules[2]"),
+            refused(dry_run="prod/stricter:rules[2]"),
+        ),
+        (RequestFilter(policy="no-allow-match"), refused("no-allow-match"), refused("x/y")),
+        (RequestFilter(policy="web-limit"), refused("prod/web-limit"), entry()),  # RL
+    ],
+)
+def test_the_policy_filter(
+    selected: RequestFilter, matched: dict[str, object], missed: dict[str, object]
+) -> None:
+    assert selected.matches(matched)
+    assert not selected.matches(missed)
+
+
+@pytest.mark.parametrize("bad", ["", "a/b/c", "ns/", "name:rules[1]", "ns/name:rules[x]"])
+def test_a_policy_filter_that_names_no_policy_is_refused(bad: str) -> None:
+    with pytest.raises(FilterError, match="expected NAME, NAMESPACE/NAME or NAMESPACE/NAME:rules"):
+        RequestFilter(policy=bad)
+
+
 def test_a_filter_travels_as_a_query() -> None:
-    selected = RequestFilter(workload="web", method="GET", status="5xx")
-    assert selected.query() == {"workload": "web", "method": "GET", "status": "5xx"}
+    selected = RequestFilter(workload="web", method="GET", status="5xx", policy="ns/p")
+    assert selected.query() == {
+        "workload": "web",
+        "method": "GET",
+        "status": "5xx",
+        "policy": "ns/p",
+    }
     assert RequestFilter.from_query({**selected.query(), "since": "3"}) == selected
     assert parse_status("5xx") == (500, 600)
 

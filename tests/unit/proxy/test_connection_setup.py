@@ -1,12 +1,14 @@
 """What opening one proxied connection costs, counted (never timed): the upstream connect runs
 in the caller's task without resolving its numeric address, a transparent upstream socket leaves
-its port to ``connect`` (no bind-time search of the port range), the peer's SPIFFE ID is read
+its port to ``connect`` (no bind-time search of the port range) and is non-blocking from ``socket``
+itself, the peer's SPIFFE ID is read
 from its certificate once per HBONE connection, not once per stream, and what several streams
 write in one pass of the loop goes out in one write on their HBONE connection."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import socket
 from collections.abc import Coroutine, Generator
@@ -102,6 +104,20 @@ def test_a_transparent_upstream_socket_gets_its_port_from_connect() -> None:
                     assert peer[0] == "127.0.0.2" and peer[1] != 0
 
     asyncio.run(main())
+
+
+def test_an_upstream_socket_is_non_blocking_from_its_creation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``SOCK_NONBLOCK`` at ``socket``: no ``setblocking`` call afterwards (an ``ioctl`` per
+    connection), and the descriptor and the Python object are both non-blocking."""
+    calls: list[object] = []
+    monkeypatch.setattr(socket.socket, "setblocking", lambda self, flag: calls.append(flag))
+    with sockets.upstream_socket(0) as sock:
+        assert sock.gettimeout() == 0.0
+        assert fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        assert sock.type == socket.SOCK_STREAM
+    assert calls == []
 
 
 def test_an_upstream_connect_past_its_timeout_raises_timeout_error() -> None:

@@ -1,9 +1,9 @@
 """What opening one proxied connection costs, counted (never timed): the upstream connect runs
-in the caller's task without resolving its numeric address, a transparent upstream socket leaves
-its port to ``connect`` (no bind-time search of the port range) and is non-blocking from ``socket``
-itself, the peer's SPIFFE ID is read
-from its certificate once per HBONE connection, not once per stream, and what several streams
-write in one pass of the loop goes out in one write on their HBONE connection."""
+in the caller's task without resolving its numeric address, an upstream socket is non-blocking
+from ``socket`` itself, a transparent one leaves its port to ``connect`` (no bind-time search of
+the port range), the peer's SPIFFE ID is read from its certificate once per HBONE connection,
+not once per stream, and what several streams write in one pass of the loop goes out in one
+write on their HBONE connection."""
 
 from __future__ import annotations
 

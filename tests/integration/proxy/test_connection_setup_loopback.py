@@ -15,7 +15,7 @@ import uvloop
 
 from agent.proxy import sockets
 from agent.proxy.inbound import InboundHbone
-from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh
+from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh
 from tests.integration.proxy.test_proxy_loopback import echo_peer, request_response, roundtrip
 
 pytestmark = pytest.mark.root
@@ -57,12 +57,14 @@ class _RecordingLoop(uvloop.Loop):
         return bool(super().remove_writer(fd))
 
 
+@pytest.mark.parametrize("pod", [SERVER, LOCAL], ids=["cross-node", "same-node"])
 def test_the_pod_socket_gets_one_poll_handle_from_connect_to_close(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, pod: str
 ) -> None:
-    """The destination's pod socket is registered once: the connect's writer becomes the
-    relay's reader without the descriptor ever being left with no registration (uvloop made
-    and closed a poll handle for each: an ``ioctl`` and about seven ``epoll_ctl``)."""
+    """The pod socket (the destination's, or the source's for a same-node connection) is
+    registered once: the connect's writer becomes the relay's reader without the descriptor
+    ever being left with no registration (uvloop made and closed a poll handle for each: an
+    ``ioctl`` and about seven ``epoll_ctl``)."""
     if os.geteuid() != 0:
         pytest.skip("SO_MARK and IP_TRANSPARENT need root")
     pod_sockets: list[int] = []
@@ -81,11 +83,11 @@ def test_the_pod_socket_gets_one_poll_handle_from_connect_to_close(
         mesh = Mesh()
         await mesh.start()
         try:
-            port = mesh.app(SERVER, echo_peer)
-            reply = await roundtrip(mesh, CLIENT, (SERVER, port))
+            port = mesh.app(pod, echo_peer)
+            reply = await roundtrip(mesh, CLIENT, (pod, port))
             assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
-            for _ in range(50):  # the relay's end
-                if not mesh.node2.core.registry:
+            for _ in range(50):  # the relays' ends
+                if not (mesh.node1.core.registry or mesh.node2.core.registry):
                     break
                 await asyncio.sleep(0.01)
         finally:

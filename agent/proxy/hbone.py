@@ -471,10 +471,18 @@ class HboneConnection:
         return flow.held + self._queued + flow.unsent() + flow.splitter.h2_buffered()
 
     def end_stream(self, stream_id: int) -> list[ev.Event]:
-        """Half-close our side once the queued data is out."""
-        self._end_after_flush.add(stream_id)
-        self._out.setdefault(stream_id, bytearray())
-        return self._flush(stream_id)
+        """Half-close our side once the queued data is out. With nothing queued END_STREAM
+        goes now and no ``StreamDrained`` follows: nothing had to drain, and the event woke
+        every stream of the connection (``HboneProtocol``) at the end of every tunnel."""
+        if stream_id in self._out or self.failed:
+            self._end_after_flush.add(stream_id)
+            self._out.setdefault(stream_id, bytearray())
+            return self._flush(stream_id)
+        if h2wire.stream_state(self._h2, stream_id) in (None, StreamState.CLOSED):
+            self._forget(stream_id)
+        else:
+            send_data_on(self._h2, stream_id, b"", end_stream=True)
+        return []
 
     def consumed(self, stream_id: int, n: int) -> None:
         """The owner wrote ``n`` received bytes onwards: let the peer send that much more."""

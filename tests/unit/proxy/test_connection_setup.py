@@ -288,6 +288,41 @@ def test_a_draining_connection_sends_the_last_streams_end_before_it_closes() -> 
     asyncio.run(main())
 
 
+def test_a_streams_end_wakes_no_other_stream() -> None:
+    """A tunnel's END_STREAM with nothing queued is no drain: the other streams of the
+    connection are not woken (every end of every tunnel woke them all, eight or so per
+    connection under the connection-rate load), and the end still arrives."""
+
+    class _Waker:
+        def __init__(self) -> None:
+            self.woken = 0
+
+        def stream_changed(self) -> None:
+            self.woken += 1
+
+        def delivered(self, n: int) -> None:
+            pass
+
+    async def main() -> None:
+        client, _to_server, accepted = await _pair()
+        ending, *others = [await client.open("10.0.0.2:80", None) for _ in range(3)]
+        await asyncio.sleep(0)
+        wakers = [_Waker() for _ in others]
+        for stream, waker in zip(others, wakers, strict=True):
+            stream.waker = waker
+        ending.write_eof()
+        await asyncio.sleep(0)
+        assert [w.woken for w in wakers] == [0, 0]
+        far = accepted[ending.stream_id]
+        for _ in range(20):
+            if far.eof:
+                break
+            await asyncio.sleep(0)
+        assert await far.read() is None
+
+    asyncio.run(main())
+
+
 def test_a_held_reader_nobody_takes_over_steps_aside_and_loses_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -148,6 +148,34 @@ def test_slow_stream_does_not_stall_another() -> None:
     assert p.client.buffered(slow) == window
 
 
+def test_an_end_with_nothing_queued_goes_at_once_without_a_drained_event() -> None:
+    p = Pair()
+    sid = p.open()
+    assert p.client.send(sid, b"request") == []
+    assert p.client.end_stream(sid) == []
+    p.pump()
+    events = p.take("server")
+    assert data_of(events, sid) == b"request"
+    assert events[-1] == ev.StreamEnded(sid)
+
+
+def test_an_end_after_queued_data_waits_for_it_then_drains() -> None:
+    p = Pair()
+    sid = p.open()
+    window = HboneSettings().stream_window
+    assert p.client.send(sid, b"a" * (window + 1000)) == []  # 1000 bytes left queued
+    assert p.client.end_stream(sid) == []
+    p.pump()
+    events = p.take("server")
+    assert ev.StreamEnded(sid) not in events
+    p.server.consumed(sid, len(data_of(events, sid)))
+    p.pump()
+    events = p.take("server")
+    assert data_of(events, sid) == b"a" * 1000
+    assert events[-1] == ev.StreamEnded(sid)
+    assert ev.StreamDrained(sid) in p.take("client")
+
+
 def test_drained_event_after_window_reopens() -> None:
     p = Pair()
     sid = p.open()

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import h2.config
 import h2.connection
 import h2.events
 import pytest
 from h2.errors import ErrorCodes
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.proxy import hbone_events as ev
 from agent.proxy.h2wire import MIB, HboneSettings
 from agent.proxy.hbone import (
     AuthorityError,
     HboneConnection,
+    canonical_ip,
     format_forwarded,
     parse_authority,
     parse_forwarded,
@@ -330,6 +335,44 @@ def test_parse_authority(text: str, expected: tuple[str, int]) -> None:
 def test_parse_authority_rejects_names() -> None:
     with pytest.raises(AuthorityError, match="not an IP address"):
         parse_authority("example.com:80")
+
+
+def _ipaddress_form(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _canonical_or_none(text: str) -> str | None:
+    try:
+        return canonical_ip(text)
+    except ValueError:
+        return None
+
+
+@given(
+    st.one_of(
+        st.ip_addresses().map(str),
+        st.lists(st.integers(0, 300).map(str), min_size=1, max_size=5).map(".".join),
+        st.text(alphabet="0123456789abcdefx.:[]% \x00", max_size=20),
+    )
+)
+def test_canonical_ip_agrees_with_ipaddress(text: str) -> None:
+    assert _canonical_or_none(text) == _ipaddress_form(text)
+
+
+def test_a_canonical_dotted_quad_is_not_parsed_by_ipaddress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every CONNECT carries two (target, ``forwarded``): they take the C round trip."""
+
+    def refuse(text: str) -> object:
+        raise AssertionError(f"ipaddress parsed {text!r}")
+
+    monkeypatch.setattr(ipaddress, "ip_address", refuse)
+    assert parse_authority("10.244.1.17:8080") == ("10.244.1.17", 8080)
+    assert parse_forwarded(format_forwarded("10.244.0.5")) == "10.244.0.5"
 
 
 @pytest.mark.parametrize("ip", ["10.0.0.1", "fd00::7"])

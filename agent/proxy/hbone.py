@@ -428,10 +428,16 @@ class HboneConnection:
         return sid
 
     def can_open_stream(self) -> bool:
+        """Room for one more stream of ours (the pool asks before every open). h2 counts its
+        open streams by walking all of them; fewer streams known to it at all than the limit
+        answers the same without the walk (the common case), so the walk is left for a
+        connection near its limit."""
+        if self.going_away or self.failed:
+            return False
         limit = min(
             self._h2.remote_settings.max_concurrent_streams, self.settings.max_concurrent_streams
         )
-        return not (self.going_away or self.failed) and self._h2.open_outbound_streams < limit
+        return len(self._h2.streams) < limit or self._h2.open_outbound_streams < limit
 
     def respond(self, stream_id: int, status: int) -> None:
         """Server side: 200 opens the tunnel; any other status ends and closes the stream. A

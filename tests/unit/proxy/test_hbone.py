@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 import h2.config
@@ -111,6 +112,32 @@ def test_refusal_status_reaches_client_and_closes_the_stream_on_both_sides(statu
         assert ev.TunnelRefused(sid, status) in p.take("client")
     assert p.client.can_open_stream()
     assert (p.client.open_streams, p.server.open_streams) == (0, 0)
+
+
+def test_room_for_a_stream_is_known_without_counting_until_near_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool asks ``can_open_stream`` before every open: h2 counts its open streams by
+    walking them all, so that is left for a connection with as many streams as the limit."""
+    counted: list[int] = []
+    walk = h2.connection.H2Connection.open_outbound_streams
+
+    def counting(conn: h2.connection.H2Connection) -> int:
+        counted.append(1)
+        return walk.fget(conn)  # type: ignore[attr-defined,no-any-return]
+
+    monkeypatch.setattr(h2.connection.H2Connection, "open_outbound_streams", property(counting))
+    p = Pair(dataclasses.replace(HboneSettings(), max_concurrent_streams=3))
+    sids = [p.open() for _ in range(2)]
+    counted.clear()
+    assert p.client.can_open_stream()
+    assert counted == []
+    sids.append(p.open())
+    assert not p.client.can_open_stream()  # three open: at the limit
+    p.client.end_stream(sids[0])
+    p.server.end_stream(sids[0])
+    p.pump()
+    assert p.client.can_open_stream()  # two open, one closed stream h2 still knows
 
 
 def test_large_transfer_is_byte_exact_with_consumer_acks() -> None:

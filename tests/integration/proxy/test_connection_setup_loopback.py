@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -147,3 +148,37 @@ def test_a_failure_between_the_connect_and_the_relay_drops_the_held_reader(
     finally:
         loop.close()
     assert not any(loop.active.values())
+
+
+def test_only_a_tunnel_open_is_bounded_by_an_asyncio_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A same-node connect awaits nothing but ``sockets.connect``, whose own timer has the
+    same limit: no ``asyncio.timeout`` around it. A cross-node open (dial, TLS, the CONNECT's
+    answer) keeps one."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    bounded: list[float | None] = []
+    timeout = asyncio.timeout
+
+    def counting(delay: float | None) -> asyncio.Timeout:
+        if sys._getframe(1).f_globals["__name__"] == "agent.proxy.outbound":
+            bounded.append(delay)
+        return timeout(delay)
+
+    monkeypatch.setattr(asyncio, "timeout", counting)
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        try:
+            for pod in (LOCAL, SERVER):
+                port = mesh.app(pod, echo_peer)
+                reply = await roundtrip(mesh, CLIENT, (pod, port))
+                assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                assert len(bounded) == (pod == SERVER)
+        finally:
+            await mesh.close()
+
+    uvloop.run(asyncio.wait_for(main(), 60))
+    assert bounded == [2.0]  # the loopback mesh's connect timeout

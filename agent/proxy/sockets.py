@@ -115,7 +115,8 @@ def _unclaimed(loop: asyncio.AbstractEventLoop, fd: int) -> None:
 
 
 def release(sock: socket.socket) -> None:
-    """Close a socket ``connect(hold_reader=True)`` returned, dropping its held reader."""
+    """Close a socket ``connect(hold_reader=True)`` returned, dropping its held reader (if a
+    relay took it over and has ended, there is none left: nothing to drop)."""
     asyncio.get_running_loop().remove_reader(sock.fileno())
     sock.close()
 

@@ -16,7 +16,7 @@ import uvloop
 
 from agent.proxy import sockets
 from agent.proxy.inbound import InboundHbone
-from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh
+from tests.integration.proxy.mesh import CLIENT, LOCAL, OUTSIDER, SERVER, Mesh
 from tests.integration.proxy.test_proxy_loopback import echo_peer, request_response, roundtrip
 
 pytestmark = pytest.mark.root
@@ -58,14 +58,18 @@ class _RecordingLoop(uvloop.Loop):
         return bool(super().remove_writer(fd))
 
 
-@pytest.mark.parametrize("pod", [SERVER, LOCAL], ids=["cross-node", "same-node"])
+@pytest.mark.parametrize(
+    ("client", "pod"),
+    [(CLIENT, SERVER), (CLIENT, LOCAL), (OUTSIDER, SERVER)],
+    ids=["cross-node", "same-node", "plaintext"],
+)
 def test_the_pod_socket_gets_one_poll_handle_from_connect_to_close(
-    monkeypatch: pytest.MonkeyPatch, pod: str
+    monkeypatch: pytest.MonkeyPatch, client: str, pod: str
 ) -> None:
-    """The pod socket (the destination's, or the source's for a same-node connection) is
-    registered once: the connect's writer becomes the relay's reader without the descriptor
-    ever being left with no registration (uvloop made and closed a poll handle for each: an
-    ``ioctl`` and about seven ``epoll_ctl``)."""
+    """The pod socket (the destination's, the source's for a same-node connection, or the
+    plaintext inbound's) is registered once: the connect's writer becomes the relay's reader
+    without the descriptor ever being left with no registration (uvloop made and closed a poll
+    handle for each: an ``ioctl`` and about seven ``epoll_ctl``)."""
     if os.geteuid() != 0:
         pytest.skip("SO_MARK and IP_TRANSPARENT need root")
     pod_sockets: list[int] = []
@@ -85,8 +89,10 @@ def test_the_pod_socket_gets_one_poll_handle_from_connect_to_close(
         await mesh.start()
         try:
             port = mesh.app(pod, echo_peer)
-            reply = await roundtrip(mesh, CLIENT, (pod, port))
-            assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+            # Not meshed: captured at node2's uplink into the plaintext inbound (15006).
+            plain = {"via": "inbound", "proxy": mesh.node2} if client == OUTSIDER else {}
+            reply = await roundtrip(mesh, client, (pod, port), **plain)
+            assert reply == f"peer={client}\nmarker-1234\n".encode()
             for _ in range(50):  # the relays' ends
                 if not (mesh.node1.core.registry or mesh.node2.core.registry):
                     break

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Sequence
 
 import h2.events as h2e
@@ -110,9 +111,22 @@ def parse_authority(authority: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
-        return str(ipaddress.ip_address(host)), port
+        return canonical_ip(host), port
     except ValueError as e:
         raise AuthorityError(f"{authority!r}: {host!r} is not an IP address") from e
+
+
+def canonical_ip(text: str) -> str:
+    """``text`` as ``str(ipaddress.ip_address(text))`` writes it; ValueError if it is no IP.
+    A dotted quad already in that form (what every proxy's CONNECT carries, twice: target and
+    ``forwarded``) is recognised by a round trip through ``inet_pton``/``inet_ntop`` in C,
+    about a seventh of ``ipaddress``'s parse; anything else is ``ipaddress``'s to judge."""
+    try:
+        if socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text)) == text:
+            return text
+    except (OSError, ValueError):  # not a dotted quad (or a NUL in it)
+        pass
+    return str(ipaddress.ip_address(text))
 
 
 def format_forwarded(client_ip: str) -> str:
@@ -127,7 +141,7 @@ def parse_forwarded(value: str) -> str | None:
         if key.lower() == "for":
             text = raw.strip('"').removeprefix("[").split("]")[0]
             try:
-                return str(ipaddress.ip_address(text))
+                return canonical_ip(text)
             except ValueError:
                 return None
     return None
@@ -414,10 +428,16 @@ class HboneConnection:
         return sid
 
     def can_open_stream(self) -> bool:
+        """Room for one more stream of ours (the pool asks before every open). h2 counts its
+        open streams by walking all of them; fewer streams known to it at all than the limit
+        answers the same without the walk (the common case), so the walk is left for a
+        connection near its limit."""
+        if self.going_away or self.failed:
+            return False
         limit = min(
             self._h2.remote_settings.max_concurrent_streams, self.settings.max_concurrent_streams
         )
-        return not (self.going_away or self.failed) and self._h2.open_outbound_streams < limit
+        return len(self._h2.streams) < limit or self._h2.open_outbound_streams < limit
 
     def respond(self, stream_id: int, status: int) -> None:
         """Server side: 200 opens the tunnel; any other status ends and closes the stream. A
@@ -471,10 +491,18 @@ class HboneConnection:
         return flow.held + self._queued + flow.unsent() + flow.splitter.h2_buffered()
 
     def end_stream(self, stream_id: int) -> list[ev.Event]:
-        """Half-close our side once the queued data is out."""
-        self._end_after_flush.add(stream_id)
-        self._out.setdefault(stream_id, bytearray())
-        return self._flush(stream_id)
+        """Half-close our side once the queued data is out. With nothing queued END_STREAM
+        goes now and no ``StreamDrained`` follows: nothing had to drain, and the event woke
+        every stream of the connection (``HboneProtocol``) at the end of every tunnel."""
+        if stream_id in self._out or self.failed:
+            self._end_after_flush.add(stream_id)
+            self._out.setdefault(stream_id, bytearray())
+            return self._flush(stream_id)
+        if h2wire.stream_state(self._h2, stream_id) in (None, StreamState.CLOSED):
+            self._forget(stream_id)
+        else:
+            send_data_on(self._h2, stream_id, b"", end_stream=True)
+        return []
 
     def consumed(self, stream_id: int, n: int) -> None:
         """The owner wrote ``n`` received bytes onwards: let the peer send that much more."""

@@ -134,9 +134,13 @@ class Outbound:
                 await serve_same_node_http(self, client, record, route, protocol)
                 return None
         conn_id = self.core.registry.add(record, cancel_current_task())
+        # A socket relay takes the upstream socket's poll handle over from its connect (see
+        # ``sockets.connect``); the splice reads neither socket, and a tunnel has no socket.
+        splicing = route.kind == "local" and self.core.splicer is not None
+        hold = route.kind != "hbone" and not splicing
         try:
             try:
-                upstream = await self._open_within(route, record, src_ip, conn_id)
+                upstream = await self._open_within(route, record, src_ip, conn_id, hold)
             except (OSError, TunnelError) as e:
                 self.count_failure(e, route, record)
                 raise
@@ -196,21 +200,27 @@ class Outbound:
             record.destination_identity = self.core.identity(route.target, snap)
 
     async def _open_within(
-        self, route: Route, record: ConnectionRecord, src_ip: str, conn_id: int
+        self, route: Route, record: ConnectionRecord, src_ip: str, conn_id: int, hold: bool
     ) -> Upstream:
         """``open`` bounded by the agent's connect timeout as a whole: for a tunnel, the dial
         (TCP, TLS) when no pooled connection can take the stream, then the far node's answer
         to the CONNECT. Without the bound, a far node that never answered held the client
         until the HBONE connection's keepalive gave up, long after the client had. (A
-        Service's connections are bounded per try by their own traffic policy instead.)"""
+        Service's connections are bounded per try by their own traffic policy instead.)
+        A pod or passthrough connect awaits nothing but ``sockets.connect``, which its own
+        timer bounds by the same limit, so it goes without the ``asyncio.timeout`` (about
+        4 µs per connection: a context manager, a timer, the task and loop looked up).
+        ``hold``: a socket relay starts on the upstream socket before anything awaits."""
+        if route.kind != "hbone":
+            return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
         limit = self.core.settings.connect_timeout
         try:
             async with asyncio.timeout(limit):
-                return await self.open(route, record, src_ip, conn_id)
+                return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
         except TimeoutError as e:
             raise TimeoutError(
-                f"not connected within the {limit:g} s connect timeout"
-                + (" (TCP, TLS and the CONNECT's answer)" if route.kind == "hbone" else "")
+                f"not connected within the {limit:g} s connect timeout "
+                "(TCP, TLS and the CONNECT's answer)"
             ) from e
 
     async def open(
@@ -221,11 +231,13 @@ class Outbound:
         conn_id: int,
         *,
         requests_authorized: bool = False,
+        hold_reader: bool = False,
     ) -> Upstream:
         """Connect to ``route``'s destination. Raises ``Refused`` (already counted), or
         ``TunnelError``/``OSError``/``TimeoutError`` for the caller to count or retry.
         ``requests_authorized``: the caller authorizes each request it sends to a same-node
-        pod (its L7 policy), so only a proxy port is refused here."""
+        pod (its L7 policy), so only a proxy port is refused here. ``hold_reader``: see
+        ``sockets.connect`` (a socket's caller then starts a relay on it before it awaits)."""
         if route.kind == "hbone":
             assert record.source_identity and record.destination_identity
             key = PoolKey(
@@ -245,6 +257,7 @@ class Outbound:
             mark=s.mark,
             timeout=s.connect_timeout,
             source_ip=src_ip if route.kind == "local" else None,
+            hold_reader=hold_reader,
         )
 
     def _authorize_local(

@@ -49,7 +49,7 @@ class InboundPlaintext:
         try:
             upstream, admitted = await self._admit(record, conn_id, src_ip, dst_ip, dst_port)
             try:
-                if admitted is None:
+                if admitted is None:  # its reader takes the connect's over (``_admit``)
                     await relay_sockets(client, upstream, record)
                 else:
                     request, workload, protocol = admitted
@@ -58,7 +58,7 @@ class InboundPlaintext:
                     await kind(self.core, down, upstream, record, request, workload).serve()
                 clean = True
             finally:
-                upstream.close()
+                sockets.release(upstream)
         except (OSError, Refused) as e:
             log.debug("plaintext %s -> %s ended: %s", record.source, record.destination, e)
         finally:
@@ -94,8 +94,14 @@ class InboundPlaintext:
             self.core.registry.authorized(conn_id, request, workload)
         s = self.core.settings
         try:
+            # A TCP connection's relay starts on the pod socket before anything awaits: it
+            # keeps the connect's poll handle (``sockets.connect``).
             upstream = await sockets.connect(
-                (dst_ip, dst_port), mark=s.mark, timeout=s.connect_timeout, source_ip=src_ip
+                (dst_ip, dst_port),
+                mark=s.mark,
+                timeout=s.connect_timeout,
+                source_ip=src_ip,
+                hold_reader=not http,
             )
         except (OSError, TimeoutError) as e:
             self._refuse("upstream_unreachable", f"{where}: {e!r}")

@@ -81,15 +81,13 @@ class TcpMetrics(Collector):
     def closed(self, record: ConnectionRecord) -> None:
         live = self._live.pop(record.id, None)
         labels = live[1] if live is not None else self._labels(record)
+        final = _with_flags(labels, response_flags(record.failure))
         if not _counted(record):
             if self._access_log:
-                write_access_log(
-                    record, labels._replace(response_flags=response_flags(record.failure))
-                )
+                write_access_log(record, final)
             return
         self._sent[labels] += record.bytes_sent
         self._received[labels] += record.bytes_received
-        final = labels._replace(response_flags=response_flags(record.failure))
         self._closed[final] += 1
         if self._access_log:
             write_access_log(record, final)
@@ -101,7 +99,7 @@ class TcpMetrics(Collector):
         for r, _labels in list(self._live.values()):
             r.refresh()
         return [
-            connection_entry(r, labels._replace(response_flags=response_flags(r.failure)), now)
+            connection_entry(r, _with_flags(labels, response_flags(r.failure)), now)
             for r, labels in list(self._live.values())
         ]
 
@@ -156,6 +154,12 @@ class TcpMetrics(Collector):
                 cache.clear()
             cache[key] = labels
         return labels
+
+
+def _with_flags(labels: TcpLabels, flags: str) -> TcpLabels:
+    """``labels`` with ``response_flags`` = ``flags``: the same tuple when they already are
+    (a connection that ended as it opened, the usual close), not a copy (``_replace``)."""
+    return labels if labels.response_flags == flags else labels._replace(response_flags=flags)
 
 
 def _counted(record: ConnectionRecord) -> bool:

@@ -27,9 +27,11 @@ counts are this process's and its threads'), the difference of a 600- and a 100-
 over 500.
 
 Between runs: every connection leaves TIME_WAIT sockets on the client pod's address (about two
-per connection); past some 20,000 every connect from it slows (the client child's ``bind``
-searches the port range) and, near the range's size, fails with EADDRINUSE. Wait until
-``ss -Htan state time-wait src 127.0.1.1 | wc -l`` is low again (they last 60 s).
+per connection: the client's towards the outbound listener, the destination proxy's towards the
+pod; they last 60 s). Both take their port at ``connect`` (``IP_BIND_ADDRESS_NO_PORT``), which
+on loopback may take over a TIME_WAIT pair, so back-to-back runs do not slow down as they pile
+up (the client's ``bind`` once searched the range past them and, near 20,000, failed with
+EADDRINUSE).
 
 Prints one JSON object: µs of CPU (user + system, from ``getrusage``) per connection in each
 run, and the minimum. A run of another tree: run this file with that tree's interpreter and

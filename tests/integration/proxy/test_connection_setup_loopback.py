@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -15,7 +16,7 @@ import uvloop
 
 from agent.proxy import sockets
 from agent.proxy.inbound import InboundHbone
-from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh
+from tests.integration.proxy.mesh import CLIENT, LOCAL, OUTSIDER, SERVER, Mesh
 from tests.integration.proxy.test_proxy_loopback import echo_peer, request_response, roundtrip
 
 pytestmark = pytest.mark.root
@@ -57,12 +58,18 @@ class _RecordingLoop(uvloop.Loop):
         return bool(super().remove_writer(fd))
 
 
+@pytest.mark.parametrize(
+    ("client", "pod"),
+    [(CLIENT, SERVER), (CLIENT, LOCAL), (OUTSIDER, SERVER)],
+    ids=["cross-node", "same-node", "plaintext"],
+)
 def test_the_pod_socket_gets_one_poll_handle_from_connect_to_close(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, client: str, pod: str
 ) -> None:
-    """The destination's pod socket is registered once: the connect's writer becomes the
-    relay's reader without the descriptor ever being left with no registration (uvloop made
-    and closed a poll handle for each: an ``ioctl`` and about seven ``epoll_ctl``)."""
+    """The pod socket (the destination's, the source's for a same-node connection, or the
+    plaintext inbound's) is registered once: the connect's writer becomes the relay's reader
+    without the descriptor ever being left with no registration (uvloop made and closed a poll
+    handle for each: an ``ioctl`` and about seven ``epoll_ctl``)."""
     if os.geteuid() != 0:
         pytest.skip("SO_MARK and IP_TRANSPARENT need root")
     pod_sockets: list[int] = []
@@ -81,11 +88,13 @@ def test_the_pod_socket_gets_one_poll_handle_from_connect_to_close(
         mesh = Mesh()
         await mesh.start()
         try:
-            port = mesh.app(SERVER, echo_peer)
-            reply = await roundtrip(mesh, CLIENT, (SERVER, port))
-            assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
-            for _ in range(50):  # the relay's end
-                if not mesh.node2.core.registry:
+            port = mesh.app(pod, echo_peer)
+            # Not meshed: captured at node2's uplink into the plaintext inbound (15006).
+            plain = {"via": "inbound", "proxy": mesh.node2} if client == OUTSIDER else {}
+            reply = await roundtrip(mesh, client, (pod, port), **plain)
+            assert reply == f"peer={client}\nmarker-1234\n".encode()
+            for _ in range(50):  # the relays' ends
+                if not (mesh.node1.core.registry or mesh.node2.core.registry):
                     break
                 await asyncio.sleep(0.01)
         finally:
@@ -145,3 +154,37 @@ def test_a_failure_between_the_connect_and_the_relay_drops_the_held_reader(
     finally:
         loop.close()
     assert not any(loop.active.values())
+
+
+def test_only_a_tunnel_open_is_bounded_by_an_asyncio_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A same-node connect awaits nothing but ``sockets.connect``, whose own timer has the
+    same limit: no ``asyncio.timeout`` around it. A cross-node open (dial, TLS, the CONNECT's
+    answer) keeps one."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    bounded: list[float | None] = []
+    timeout = asyncio.timeout
+
+    def counting(delay: float | None) -> asyncio.Timeout:
+        if sys._getframe(1).f_globals["__name__"] == "agent.proxy.outbound":
+            bounded.append(delay)
+        return timeout(delay)
+
+    monkeypatch.setattr(asyncio, "timeout", counting)
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        try:
+            for pod in (LOCAL, SERVER):
+                port = mesh.app(pod, echo_peer)
+                reply = await roundtrip(mesh, CLIENT, (pod, port))
+                assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                assert len(bounded) == (pod == SERVER)
+        finally:
+            await mesh.close()
+
+    uvloop.run(asyncio.wait_for(main(), 60))
+    assert bounded == [2.0]  # the loopback mesh's connect timeout

@@ -1,12 +1,14 @@
 """What opening one proxied connection costs, counted (never timed): the upstream connect runs
-in the caller's task without resolving its numeric address, a transparent upstream socket leaves
-its port to ``connect`` (no bind-time search of the port range), the peer's SPIFFE ID is read
-from its certificate once per HBONE connection, not once per stream, and what several streams
-write in one pass of the loop goes out in one write on their HBONE connection."""
+in the caller's task without resolving its numeric address, an upstream socket is non-blocking
+from ``socket`` itself, a transparent one leaves its port to ``connect`` (no bind-time search of
+the port range), the peer's SPIFFE ID is read from its certificate once per HBONE connection,
+not once per stream, and what several streams write in one pass of the loop goes out in one
+write on their HBONE connection."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import socket
 from collections.abc import Coroutine, Generator
@@ -102,6 +104,20 @@ def test_a_transparent_upstream_socket_gets_its_port_from_connect() -> None:
                     assert peer[0] == "127.0.0.2" and peer[1] != 0
 
     asyncio.run(main())
+
+
+def test_an_upstream_socket_is_non_blocking_from_its_creation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``SOCK_NONBLOCK`` at ``socket``: no ``setblocking`` call afterwards (an ``ioctl`` per
+    connection), and the descriptor and the Python object are both non-blocking."""
+    calls: list[object] = []
+    monkeypatch.setattr(socket.socket, "setblocking", lambda self, flag: calls.append(flag))
+    with sockets.upstream_socket(0) as sock:
+        assert sock.gettimeout() == 0.0
+        assert fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        assert sock.type == socket.SOCK_STREAM
+    assert calls == []
 
 
 def test_an_upstream_connect_past_its_timeout_raises_timeout_error() -> None:
@@ -268,6 +284,41 @@ def test_a_draining_connection_sends_the_last_streams_end_before_it_closes() -> 
         client.finish(stream)  # both halves ended: no reset; the connection closes now
         assert to_server.writes[-1] == b"<close>"
         assert any(_ends_stream(w, stream.stream_id) for w in to_server.writes[:-1])
+
+    asyncio.run(main())
+
+
+def test_a_streams_end_wakes_no_other_stream() -> None:
+    """A tunnel's END_STREAM with nothing queued is no drain: the other streams of the
+    connection are not woken (every end of every tunnel woke them all, eight or so per
+    connection under the connection-rate load), and the end still arrives."""
+
+    class _Waker:
+        def __init__(self) -> None:
+            self.woken = 0
+
+        def stream_changed(self) -> None:
+            self.woken += 1
+
+        def delivered(self, n: int) -> None:
+            pass
+
+    async def main() -> None:
+        client, _to_server, accepted = await _pair()
+        ending, *others = [await client.open("10.0.0.2:80", None) for _ in range(3)]
+        await asyncio.sleep(0)
+        wakers = [_Waker() for _ in others]
+        for stream, waker in zip(others, wakers, strict=True):
+            stream.waker = waker
+        ending.write_eof()
+        await asyncio.sleep(0)
+        assert [w.woken for w in wakers] == [0, 0]
+        far = accepted[ending.stream_id]
+        for _ in range(20):
+            if far.eof:
+                break
+            await asyncio.sleep(0)
+        assert await far.read() is None
 
     asyncio.run(main())
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
+
 import h2.config
 import h2.connection
 import h2.events
 import pytest
 from h2.errors import ErrorCodes
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.proxy import hbone_events as ev
 from agent.proxy.h2wire import MIB, HboneSettings
 from agent.proxy.hbone import (
     AuthorityError,
     HboneConnection,
+    canonical_ip,
     format_forwarded,
     parse_authority,
     parse_forwarded,
@@ -108,6 +114,32 @@ def test_refusal_status_reaches_client_and_closes_the_stream_on_both_sides(statu
     assert (p.client.open_streams, p.server.open_streams) == (0, 0)
 
 
+def test_room_for_a_stream_is_known_without_counting_until_near_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool asks ``can_open_stream`` before every open: h2 counts its open streams by
+    walking them all, so that is left for a connection with as many streams as the limit."""
+    counted: list[int] = []
+    walk = h2.connection.H2Connection.open_outbound_streams
+
+    def counting(conn: h2.connection.H2Connection) -> int:
+        counted.append(1)
+        return walk.fget(conn)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(h2.connection.H2Connection, "open_outbound_streams", property(counting))
+    p = Pair(dataclasses.replace(HboneSettings(), max_concurrent_streams=3))
+    sids = [p.open() for _ in range(2)]
+    counted.clear()
+    assert p.client.can_open_stream()
+    assert counted == []
+    sids.append(p.open())
+    assert not p.client.can_open_stream()  # three open: at the limit
+    p.client.end_stream(sids[0])
+    p.server.end_stream(sids[0])
+    p.pump()
+    assert p.client.can_open_stream()  # two open, one closed stream h2 still knows
+
+
 def test_large_transfer_is_byte_exact_with_consumer_acks() -> None:
     p = Pair()
     sid = p.open()
@@ -146,6 +178,34 @@ def test_slow_stream_does_not_stall_another() -> None:
             break
     assert got == 8 * MIB
     assert p.client.buffered(slow) == window
+
+
+def test_an_end_with_nothing_queued_goes_at_once_without_a_drained_event() -> None:
+    p = Pair()
+    sid = p.open()
+    assert p.client.send(sid, b"request") == []
+    assert p.client.end_stream(sid) == []
+    p.pump()
+    events = p.take("server")
+    assert data_of(events, sid) == b"request"
+    assert events[-1] == ev.StreamEnded(sid)
+
+
+def test_an_end_after_queued_data_waits_for_it_then_drains() -> None:
+    p = Pair()
+    sid = p.open()
+    window = HboneSettings().stream_window
+    assert p.client.send(sid, b"a" * (window + 1000)) == []  # 1000 bytes left queued
+    assert p.client.end_stream(sid) == []
+    p.pump()
+    events = p.take("server")
+    assert ev.StreamEnded(sid) not in events
+    p.server.consumed(sid, len(data_of(events, sid)))
+    p.pump()
+    events = p.take("server")
+    assert data_of(events, sid) == b"a" * 1000
+    assert events[-1] == ev.StreamEnded(sid)
+    assert ev.StreamDrained(sid) in p.take("client")
 
 
 def test_drained_event_after_window_reopens() -> None:
@@ -302,6 +362,44 @@ def test_parse_authority(text: str, expected: tuple[str, int]) -> None:
 def test_parse_authority_rejects_names() -> None:
     with pytest.raises(AuthorityError, match="not an IP address"):
         parse_authority("example.com:80")
+
+
+def _ipaddress_form(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def _canonical_or_none(text: str) -> str | None:
+    try:
+        return canonical_ip(text)
+    except ValueError:
+        return None
+
+
+@given(
+    st.one_of(
+        st.ip_addresses().map(str),
+        st.lists(st.integers(0, 300).map(str), min_size=1, max_size=5).map(".".join),
+        st.text(alphabet="0123456789abcdefx.:[]% \x00", max_size=20),
+    )
+)
+def test_canonical_ip_agrees_with_ipaddress(text: str) -> None:
+    assert _canonical_or_none(text) == _ipaddress_form(text)
+
+
+def test_a_canonical_dotted_quad_is_not_parsed_by_ipaddress(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every CONNECT carries two (target, ``forwarded``): they take the C round trip."""
+
+    def refuse(text: str) -> object:
+        raise AssertionError(f"ipaddress parsed {text!r}")
+
+    monkeypatch.setattr(ipaddress, "ip_address", refuse)
+    assert parse_authority("10.244.1.17:8080") == ("10.244.1.17", 8080)
+    assert parse_forwarded(format_forwarded("10.244.0.5")) == "10.244.0.5"
 
 
 @pytest.mark.parametrize("ip", ["10.0.0.1", "fd00::7"])

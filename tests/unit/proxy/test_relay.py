@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from agent.proxy import relay
 from agent.proxy.h2wire import HboneSettings
-from agent.proxy.relay import relay_sockets, relay_tunnel
+from agent.proxy.relay import relay_sockets, relay_tunnel, start_sockets, start_tunnel
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.telemetry.records import ConnectionRecord
 from tests.unit.proxy.test_tunnel_direct import settle, tunnel
@@ -307,5 +308,98 @@ def test_tunnel_an_unexpected_codec_error_ends_the_relay_with_it(
         peer.send(b"x")
         with pytest.raises(RuntimeError, match="codec failed"):
             await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+
+
+class _Closer:
+    """An ``Owner`` as the proxy's: closes the socket ends once the relay ended cleanly."""
+
+    def __init__(self) -> None:
+        self.ended: list[asyncio.Future[None]] = []
+
+    def relay_ended(
+        self,
+        done: asyncio.Future[None],
+        rec: ConnectionRecord,
+        sock: socket.socket,
+        peer: socket.socket | TunnelStream,
+    ) -> None:
+        self.ended.append(done)
+        sock.close()
+        if isinstance(peer, socket.socket):
+            peer.close()
+
+
+@pytest.fixture
+def shutdowns(monkeypatch: pytest.MonkeyPatch) -> list[socket.socket]:
+    calls: list[socket.socket] = []
+    shut = relay._shutdown_write
+
+    def counting(sock: socket.socket) -> None:
+        calls.append(sock)
+        shut(sock)
+
+    monkeypatch.setattr(relay, "_shutdown_write", counting)
+    return calls
+
+
+def test_sockets_a_detached_relay_leaves_its_last_half_close_to_the_owners_close(
+    pairs: tuple[socket.socket, ...], shutdowns: list[socket.socket]
+) -> None:
+    """The first end is passed on as a half-close (the other direction still flows); the
+    last is the owner's ``close``, which sends the FIN itself: one ``shutdown`` fewer."""
+    client, near, far, upstream = pairs
+
+    async def main() -> None:
+        owner = _Closer()
+        start_sockets(near, far, record(), owner)
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(upstream) == b""
+        upstream.send(b"late")
+        upstream.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(client) == b"late"
+        assert shutdowns == [far]
+        assert owner.ended and owner.ended[0].result() is None
+
+    asyncio.run(main())
+
+
+def test_sockets_an_awaited_relay_half_closes_both_ends(
+    pairs: tuple[socket.socket, ...], shutdowns: list[socket.socket]
+) -> None:
+    """Its caller may do more before it closes: every end is passed on as a half-close."""
+    client, near, far, upstream = pairs
+
+    async def main() -> None:
+        task = asyncio.create_task(relay_sockets(near, far, record()))
+        client.shutdown(socket.SHUT_WR)
+        upstream.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(task, 5)
+        assert sorted(s.fileno() for s in shutdowns) == sorted([near.fileno(), far.fileno()])
+        assert await recv_to_eof(client) == b""
+
+    asyncio.run(main())
+
+
+def test_tunnel_a_detached_relay_leaves_its_last_half_close_to_the_owners_close(
+    pod: tuple[socket.socket, socket.socket], shutdowns: list[socket.socket]
+) -> None:
+    """The source's client socket: the client's end went into the tunnel first; the far
+    end's END_STREAM, the last, reaches the client as the owner's close."""
+    sock, peer = pod
+
+    async def main() -> None:
+        sender, receiver = await tunnel()
+        owner = _Closer()
+        start_tunnel(sock, receiver, record(), owner, outbound=True)
+        peer.shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(sender.read(), 5) is None
+        await sender.write(b"response")
+        sender.write_eof()
+        assert await recv_to_eof(peer) == b"response"
+        assert shutdowns == []
+        assert owner.ended and owner.ended[0].result() is None
+        assert receiver.complete
 
     asyncio.run(main())

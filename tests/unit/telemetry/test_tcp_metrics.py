@@ -284,3 +284,21 @@ def test_labels_are_computed_once_per_client_pod_and_destination(
         metrics.opened(record)
         metrics.closed(record)
     assert len(computed) == 1
+
+
+def test_a_connection_that_ends_as_it_opened_is_closed_under_its_open_labels() -> None:
+    """No copy of the label tuple at close (``_replace``) when the response flags did not
+    change, the usual close; a failure still changes them (``-`` to ``CONNECT``)."""
+    metrics = TcpMetrics(make_store(), access_log=False)
+    clean, failed = outbound(40001), outbound(40002)
+    clean.id, failed.id = 1, 2
+    metrics.opened(clean)
+    metrics.opened(failed)
+    (opened,) = metrics._opened
+    metrics.closed(clean)
+    (closed,) = metrics._closed
+    assert closed is opened
+    failed.failure = "upstream_unreachable"
+    metrics.closed(failed)
+    assert metrics._closed[closed] == 1
+    assert metrics._closed[closed._replace(response_flags="CONNECT")] == 1

@@ -106,7 +106,19 @@ class StreamDownstream:
         self.stream.deliver_directly(sink)
 
     def try_write(self, data: bytes) -> int:
-        return len(data) if self.stream.try_write(data) else 0
+        """Write now, and on a connection whose only stream this is, hand the bytes to the TLS
+        transport now too (``TunnelStream.write_now``), not in the loop's next pass
+        (``flush_soon``). Why: the shell writes a response from the pod's reader callback and
+        then reports the finished exchange (the Istio metrics and the access log line, tens
+        of µs), so a deferred flush held every response behind its own telemetry. The shell
+        writes once per input, so nothing else of this stream could have joined the record;
+        with other streams on the connection the flush still waits for the pass's end, so
+        their writes share it."""
+        stream = self.stream
+        if not stream.can_write():
+            return 0
+        stream.write_now(data)
+        return len(data)
 
     async def write(self, data: bytes) -> None:
         await self.stream.write(data)

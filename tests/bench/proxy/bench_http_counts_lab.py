@@ -135,10 +135,27 @@ def measure(lab: Lab, key: str, run: Run, n: int, *, perf: bool) -> dict[str, An
     return result
 
 
+PROFILES: Path | None = None  # --py-spy: where each agent's profile of each path goes
+
+
 def both(lab: Lab, key: str, run: Run, n: int) -> None:
-    """One run without ``perf`` (CPU, sleeps, p50 undisturbed by it), one with it."""
+    """One run without ``perf`` (CPU, sleeps, p50 undisturbed by it), one with it; with
+    ``--py-spy`` a third, each agent sampled by ``py-spy`` (collapsed stacks per path)."""
     for perf in (False, True):
         print(json.dumps(measure(lab, key, run, n, perf=perf)), flush=True)
+    if PROFILES is not None:
+        spies = []
+        for node, pid in agent_pids(lab).items():
+            out = PROFILES / f"{key}-{node}.txt"
+            argv = ["py-spy", "record", "-r", "2000", "-f", "raw", "-p", str(pid), "-o", str(out)]
+            spies.append(
+                subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        time.sleep(1.0)
+        run(n, None)
+        for spy in spies:
+            os.kill(spy.pid, signal.SIGINT)
+            spy.wait()
 
 
 def http_section(wanted: list[str], n: int) -> None:
@@ -179,7 +196,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--grpc", action="store_true", help="the gRPC section's paths")
     parser.add_argument("--paths", help="comma-separated path keys (default: the mesh's)")
+    parser.add_argument("--py-spy", type=Path, help="a directory for each agent's profiles")
     args = parser.parse_args()
+    if args.py_spy is not None:
+        global PROFILES
+        PROFILES = args.py_spy
+        PROFILES.mkdir(parents=True, exist_ok=True)
     if args.grpc:
         grpc_section((args.paths or "mesh_l4,mesh_grpc,mesh_grpc_vip").split(","), args.requests)
     else:

@@ -31,6 +31,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -147,7 +148,18 @@ def both(lab: Lab, key: str, run: Run, n: int) -> None:
         spies = []
         for node, pid in agent_pids(lab).items():
             out = PROFILES / f"{key}-{node}.txt"
-            argv = ["py-spy", "record", "-r", "2000", "-f", "raw", "-p", str(pid), "-o", str(out)]
+            argv = [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "-r",
+                "2000",
+                "-f",
+                "raw",
+                "-p",
+                str(pid),
+                "-o",
+                str(out),
+            ]
             spies.append(
                 subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             )

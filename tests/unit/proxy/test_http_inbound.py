@@ -309,6 +309,9 @@ class DirectDownstream:
         self.written += data
         return len(data)
 
+    def flushed(self) -> bool:
+        return True
+
     async def write(self, data: bytes) -> None:
         self.written += data
 
@@ -457,15 +460,21 @@ def test_a_rate_limit_policy_answers_429_counts_it_and_keeps_the_connection() ->
     _run(main)
 
 
-def test_a_response_leaves_on_the_hbone_connection_before_its_request_is_reported() -> None:
-    """Over an HBONE stream (the connection's only one) the pod's response goes to the TLS
-    transport in the callback that read it, before the exchange's telemetry runs. Before: the
-    stream's write scheduled its flush for the loop's next pass (``flush_soon``), so every
-    response waited for its own request's metrics and access log line."""
+@pytest.mark.parametrize("streams", [1, 2])
+def test_a_response_leaves_on_the_hbone_connection_before_its_request_is_reported(
+    streams: int,
+) -> None:
+    """Over an HBONE stream the pod's response goes to the TLS transport before the exchange's
+    telemetry runs: in the callback that read it when the stream is the connection's only one,
+    else at the end of that pass of the loop, with the reports after it. Before: the stream's
+    write scheduled its flush for the loop's next pass (``flush_soon``) and the report ran at
+    once, so every response waited for its own request's metrics and access log line."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         client, server = await tunnel()
+        if streams == 2:  # another client connection on the same HBONE connection
+            await asyncio.wait_for(client.proto.open("10.0.0.2:81", None), 5)
         order: list[str] = []
         proto = server.proto
         assert proto.transport is not None
@@ -495,6 +504,7 @@ def test_a_response_leaves_on_the_hbone_connection_before_its_request_is_reporte
         answer = await asyncio.wait_for(client.read(), 5)
         assert answer == b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"
         assert order == ["response written", "reported"]
+        assert len(server.proto.streams) == streams
         client.write_eof()
         await asyncio.wait_for(task, 5)
         for s in (up, pod):

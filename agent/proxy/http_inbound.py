@@ -87,6 +87,11 @@ class Downstream(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
+    def flushed(self) -> bool:
+        """What ``try_write`` took in this pass of the loop is at the transport already (False:
+        it goes at the pass's end, with other streams' writes)."""
+        ...
+
     def write_eof(self) -> None: ...
 
     async def relay(self, upstream: socket.socket, record: ConnectionRecord) -> None: ...
@@ -106,7 +111,22 @@ class StreamDownstream:
         self.stream.deliver_directly(sink)
 
     def try_write(self, data: bytes) -> int:
-        return len(data) if self.stream.try_write(data) else 0
+        """Write now, and on a connection whose only stream this is, hand the bytes to the TLS
+        transport now too (``TunnelStream.write_now``), not in the loop's next pass
+        (``flush_soon``). Why: the shell writes a response from the pod's reader callback and
+        then reports the finished exchange (the Istio metrics and the access log line, tens
+        of µs), so a deferred flush held every response behind its own telemetry. The shell
+        writes once per input, so nothing else of this stream could have joined the record;
+        with other streams on the connection the flush still waits for the pass's end, so
+        their writes share it (``flushed`` is then False, and the shell reports after it)."""
+        stream = self.stream
+        if not stream.can_write():
+            return 0
+        stream.write_now(data)
+        return len(data)
+
+    def flushed(self) -> bool:
+        return len(self.stream.proto.streams) == 1  # as ``write_now`` decides
 
     async def write(self, data: bytes) -> None:
         await self.stream.write(data)
@@ -132,6 +152,9 @@ class SocketDownstream:
 
     def try_write(self, data: bytes) -> int:
         return try_send(self.sock, data)
+
+    def flushed(self) -> bool:
+        return True  # sent by ``try_write`` itself
 
     async def write(self, data: bytes) -> None:
         await asyncio.get_running_loop().sock_sendall(self.sock, data)
@@ -264,15 +287,21 @@ class PodShell(CallbackShell, Generic[E]):
         if data:
             self._to_pod.send(data)
         data = proxy.take_to_client()
+        flushing = False  # the client's bytes go to the transport at the end of this pass
         if data:
             self._to_client.send(data)
             if self._to_client.busy:
                 self._reader.stop()  # the client is not reading: neither do we the pod
+            else:
+                flushing = not self.down.flushed()
         completed = proxy.take_completed()
         if completed:
-            report, record_of = self.report, self._record_of
-            for exchange in completed:
-                report(self.record, record_of(exchange))
+            # After the response: its telemetry (metrics, access log line: tens of µs) must
+            # not hold it back, so when it waits for the pass's flush, so does the report.
+            if flushing:
+                self._loop.call_soon(self._report, completed)
+            else:
+                self._report(completed)
         for cause in proxy.take_rejections():
             self.refused = True
             self.core.registry.http_rejected(cause, self._rejected_detail())
@@ -282,6 +311,11 @@ class PodShell(CallbackShell, Generic[E]):
         if self._after_input():
             # Read the pod no more (after a 101 its bytes are the relay's, not to be dropped).
             self._end(None)
+
+    def _report(self, completed: list[E]) -> None:
+        report, record_of = self.report, self._record_of
+        for exchange in completed:
+            report(self.record, record_of(exchange))
 
     def _rejected_detail(self) -> str:
         """What the log line of a refusal names: the connection (and what HTTP/1.1 answered)."""

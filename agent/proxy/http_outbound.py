@@ -180,10 +180,18 @@ class UpstreamSession:
 
     def try_write(self, data: bytes) -> int:
         """Write what goes out without waiting; how many bytes did (0 also when the connection
-        failed: the awaited ``write`` of the rest then raises)."""
-        if isinstance(self.conn, TunnelStream):
-            return len(data) if self.conn.try_write(data) else 0
-        return try_send(self.conn, data)
+        failed: the awaited ``write`` of the rest then raises). On an HBONE connection whose
+        only stream this is, the bytes go to the TLS transport now (``write_now``), not in the
+        loop's next pass (``flush_soon``): the shell writes a request once per callback, so
+        nothing of its could join the record, and what the callback does after the write
+        (settling sessions, reporting the exchange before) no longer delays it."""
+        conn = self.conn
+        if isinstance(conn, TunnelStream):
+            if not conn.can_write():
+                return 0
+            conn.write_now(data)
+            return len(data)
+        return try_send(conn, data)
 
     async def write(self, data: bytes) -> None:
         if isinstance(self.conn, TunnelStream):

@@ -11,10 +11,11 @@ import pytest
 
 from agent.policy.authz import Request
 from agent.proxy.core import Core
-from agent.proxy.http_inbound import HttpSession, SocketDownstream
+from agent.proxy.http_inbound import HttpSession, SocketDownstream, StreamDownstream
 from agent.proxy.tunnel import Sink
 from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
+from tests.unit.proxy.test_tunnel_direct import tunnel
 from tests.workloads import workload
 
 SERVER = workload("server", "node1", "10.244.1.3", app="server")
@@ -308,6 +309,9 @@ class DirectDownstream:
         self.written += data
         return len(data)
 
+    def flushed(self) -> bool:
+        return True
+
     async def write(self, data: bytes) -> None:
         self.written += data
 
@@ -451,6 +455,59 @@ def test_a_rate_limit_policy_answers_429_counts_it_and_keeps_the_connection() ->
         ]
         assert core.registry.rate_limited == {"web.default.svc.cluster.local": 1}
         for s in (client, pod, *seen.sockets):
+            s.close()
+
+    _run(main)
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_a_response_leaves_on_the_hbone_connection_before_its_request_is_reported(
+    streams: int,
+) -> None:
+    """Over an HBONE stream the pod's response goes to the TLS transport before the exchange's
+    telemetry runs: in the callback that read it when the stream is the connection's only one,
+    else at the end of that pass of the loop, with the reports after it. Before: the stream's
+    write scheduled its flush for the loop's next pass (``flush_soon``) and the report ran at
+    once, so every response waited for its own request's metrics and access log line."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        client, server = await tunnel()
+        if streams == 2:  # another client connection on the same HBONE connection
+            await asyncio.wait_for(client.proto.open("10.0.0.2:81", None), 5)
+        order: list[str] = []
+        proto = server.proto
+        assert proto.transport is not None
+        real_write = proto.transport.write
+
+        def write(data: bytes | bytearray | memoryview) -> None:
+            if b"HTTP/1.1 200 OK" in bytes(data):
+                order.append("response written")
+            real_write(data)
+
+        proto.transport.write = write  # type: ignore[method-assign]
+        core = _core()
+        seen = Seen()
+        core.registry.request_observers.append(seen)
+        reported = seen.requested
+        seen.requested = lambda c, r: (order.append("reported"), reported(c, r))  # type: ignore[method-assign]
+        up, pod = socket.socketpair()
+        for s in (up, pod):
+            s.setblocking(False)
+        record = ConnectionRecord(INBOUND, "10.244.2.2:40000", "10.244.1.3:8080")
+        request = Request("10.244.2.2", "10.244.1.3", 8080, None)
+        session = HttpSession(core, StreamDownstream(server), up, record, request, SERVER)
+        task = asyncio.create_task(session.serve())
+        await client.write(b"GET /a HTTP/1.1\r\nHost: s\r\n\r\n")
+        await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+        await loop.sock_sendall(pod, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        answer = await asyncio.wait_for(client.read(), 5)
+        assert answer == b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na"
+        assert order == ["response written", "reported"]
+        assert len(server.proto.streams) == streams
+        client.write_eof()
+        await asyncio.wait_for(task, 5)
+        for s in (up, pod):
             s.close()
 
     _run(main)

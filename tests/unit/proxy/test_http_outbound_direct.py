@@ -50,6 +50,8 @@ class _Proto:
         self.loop = asyncio.get_running_loop()  # as HboneProtocol keeps it
         self.codec = _Codec()
         self.finished: list[TunnelStream] = []
+        self.streams: dict[int, object] = {1: None}  # the HBONE connection's streams
+        self.flushes: list[str] = []  # "now" (flush_and_wake), "soon" (flush_soon)
 
     def out_full(self) -> bool:
         return False
@@ -61,7 +63,10 @@ class _Proto:
         pass
 
     def flush_soon(self) -> None:
-        pass
+        self.flushes.append("soon")
+
+    def flush_and_wake(self) -> None:
+        self.flushes.append("now")
 
     def finish(self, stream: TunnelStream) -> None:
         self.finished.append(stream)
@@ -185,5 +190,25 @@ def test_a_session_a_reader_task_served_is_read_from_the_callback_again() -> Non
         stream._on_data(OK)
         assert client.recv(100) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
         assert conn.reader is None
+
+    asyncio.run(main())
+
+
+def test_a_request_on_the_connections_only_stream_goes_to_the_transport_at_once() -> None:
+    """Before: the request's write scheduled the HBONE connection's flush for the loop's next
+    pass (``flush_soon``), after whatever the callback did next. With other streams on the
+    connection it still waits for the pass's end, so their writes share a TLS record."""
+
+    async def main() -> None:
+        conn, _client, _pool, _registry = _connection()
+        _stream, proto, _session = await _attached(conn)
+        assert proto.flushes == ["now"]
+        conn, _client, _pool, _registry = _connection()
+        conn.codec.receive_client(GET)
+        shared = _Proto()
+        shared.streams[3] = None
+        conn._attach(UpstreamSession(KEY, TunnelStream(cast(Any, shared), 1)), _Request())
+        assert conn._flush_now()
+        assert shared.flushes == ["soon"]
 
     asyncio.run(main())

@@ -1024,7 +1024,8 @@ class H2Proxy(H2Core):
         if s.try_timeout is not None:
             s.try_deadline = self.clock() + s.try_timeout
         ended = s.request_end and not s.to_upstream and s.request_trailers is None
-        send_headers_on(up, s.upstream_id, head, end_stream=ended)
+        # Counted just above (nothing opened or closed since): not counted again.
+        send_headers_on(up, s.upstream_id, head, end_stream=ended, below_limit=True)
         s.request_sent = ended
         self._copy(s)
 

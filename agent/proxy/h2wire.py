@@ -114,6 +114,19 @@ import so that a missing member stops the agent at start-up instead of in the mi
    ``state_machine`` with ``ConnectionInputs.RECV_DATA``,
    ``_inbound_flow_control_window_manager.window_consumed``, the stream's ``receive_data``),
    and hands every other frame to ``receive_data`` in order, as it came.
+13. The stream's side of a received header block (``_stream_headers``, inside
+   ``receive_headers_on``): ``H2Stream.receive_headers`` builds header validation flags (three
+   ``isinstance`` tests over tuples of event classes and a namedtuple) and runs the block
+   through ``_process_received_headers`` (three configuration look-ups through descriptors and a
+   copy) even when the connection neither normalizes nor validates inbound headers nor decodes
+   them: both then only copy the list. For such a connection (``H2Proxy``'s: the
+   configuration's ``_normalize_inbound_headers``, ``_validate_inbound_headers`` and
+   ``_header_encoding``, read as stored) the function makes the stream's other calls as
+   ``receive_headers`` does, in its order: ``is_informational_response``, the
+   ``state_machine`` with ``RECV_HEADERS`` or ``RECV_INFORMATIONAL_HEADERS`` (and
+   ``RECV_END_STREAM``, its event set as the first event's ``stream_ended``),
+   ``_initialize_content_length``, the trailers rule, the headers set on the first event as a
+   new list. Any other configuration calls ``receive_headers``.
 Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
 ``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
 """
@@ -137,7 +150,7 @@ from h2.connection import (
     H2ConnectionStateMachine,
 )
 from h2.errors import ErrorCodes
-from h2.events import ConnectionTerminated, Event
+from h2.events import ConnectionTerminated, Event, TrailersReceived
 from h2.exceptions import (
     FlowControlError,
     FrameTooLargeError,
@@ -513,15 +526,24 @@ def _connection_input(conn: H2Connection, input_: ConnectionInputs) -> list[Even
 
 
 def send_headers_on(
-    conn: H2Connection, stream_id: int, headers: list[tuple[bytes, bytes]], *, end_stream: bool
+    conn: H2Connection,
+    stream_id: int,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    end_stream: bool,
+    below_limit: bool = False,
 ) -> None:
     """``conn.send_headers`` (without priority) in fewer steps (reach 9): the same stream
-    limit, state machines, stream bookkeeping and frames."""
+    limit, state machines, stream bookkeeping and frames. ``below_limit``: the caller has just
+    counted ``conn.open_outbound_streams`` (which also forgets closed streams) and found it
+    below the peer's limit, so a new stream is not counted a second time."""
     stream = conn.streams.get(stream_id)
     if stream is None:
-        limit, open_now = conn.remote_settings.max_concurrent_streams, conn.open_outbound_streams
-        if open_now + 1 > limit:
-            raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
+        if not below_limit:
+            limit = conn.remote_settings.max_concurrent_streams
+            open_now = conn.open_outbound_streams
+            if open_now + 1 > limit:
+                raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
         _connection_input(conn, ConnectionInputs.SEND_HEADERS)
         stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(conn.config.client_side))
     else:
@@ -617,14 +639,47 @@ def receive_headers_on(
         events = _connection_input(conn, ConnectionInputs.RECV_HEADERS)
         if stream is None:
             stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(not client_side))
-        frames, stream_events = stream.receive_headers(
-            headers, end_stream, conn.config.header_encoding
-        )
+        stream_events = _stream_headers(conn, stream, headers, end_stream)
     except ProtocolError as e:
         conn._terminate_connection(e.error_code)
         raise
-    conn._prepare_for_sending(frames)
     return events + stream_events
+
+
+def _stream_headers(
+    conn: H2Connection, stream: H2Stream, headers: Iterable[Any], end_stream: bool
+) -> list[Event]:
+    """``stream.receive_headers(headers, end_stream, config.header_encoding)``'s events (reach
+    13): for a connection that neither normalizes, validates nor decodes inbound headers, the
+    same calls in the same order without the validation flags and the header pipeline, which
+    would only copy the list; else ``receive_headers`` itself (its frames, none in ``h2``
+    4, queued as ``h2`` queues them)."""
+    config: Any = conn.config  # its options as stored (a descriptor per read otherwise)
+    if (
+        config._normalize_inbound_headers
+        or config._validate_inbound_headers
+        or isinstance(config._header_encoding, str)
+    ):
+        frames, out = stream.receive_headers(headers, end_stream, config.header_encoding)
+        conn._prepare_for_sending(frames)
+        return out
+    machine = stream.state_machine
+    if is_informational_response(headers):
+        if end_stream:
+            raise ProtocolError("Cannot set END_STREAM on informational responses")
+        events: list[Any] = machine.process_input(StreamInputs.RECV_INFORMATIONAL_HEADERS)
+    else:
+        events = machine.process_input(StreamInputs.RECV_HEADERS)
+    first = events[0]
+    if end_stream:
+        ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+        first.stream_ended = ended[0]
+        events += ended
+    stream._initialize_content_length(headers)
+    if isinstance(first, TrailersReceived) and not end_stream:
+        raise ProtocolError("Trailers must have END_STREAM set")
+    first.headers = list(headers)
+    return events
 
 
 def receive_data_on(
@@ -839,6 +894,9 @@ def check_h2_internals() -> None:
         missing.append("H2Connection.state_machine")
     if not isinstance(getattr(probe, "encoder", None), Encoder):
         missing.append("H2Connection.encoder (an hpack.Encoder)")
+    for n in ("_normalize_inbound_headers", "_validate_inbound_headers", "_header_encoding"):
+        if not hasattr(probe.config, n):
+            missing.append(f"H2Configuration.{n}")
     probe.initiate_connection()
     probe.send_headers(1, [(":method", "CONNECT"), (":authority", "127.0.0.1:1")])
     stream = probe.streams.get(1)
@@ -853,6 +911,8 @@ def check_h2_internals() -> None:
             missing.append("H2Stream.state_machine.state")
         if not hasattr(stream, "outbound_flow_control_window"):
             missing.append("H2Stream.outbound_flow_control_window")
+        if not hasattr(stream, "_initialize_content_length"):
+            missing.append("H2Stream._initialize_content_length")
     if missing:
         raise ImportError(
             f"the installed h2 lacks {', '.join(missing)}, which agent.proxy.h2wire needs: "

@@ -44,6 +44,7 @@ from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from agent.policy.traffic.service import ServiceTraffic
 from agent.proxy.h2outbound import H2SourceSession
+from agent.proxy.tunnel import HboneProtocol
 from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
 from agent.telemetry.records import INBOUND, OUTBOUND
@@ -263,6 +264,36 @@ async def test_calls_to_an_open_endpoint_wake_no_task_of_the_session(mesh: Mesh)
         app.close()
     # A task per side woke at least once per call for the request and once for the answer.
     assert woken < calls, f"{woken} task wake-ups of the source session for {calls} calls"
+
+
+@mesh_test
+async def test_a_calls_request_leaves_in_the_clients_read_callback(mesh: Mesh) -> None:
+    """One call at a time over a tunnel alone on its HBONE connection: each request is sealed
+    and sent to the endpoint's node in the callback that read it from the client, not after
+    the rest of that callback and the loop's next ones (a ``flush_soon`` per call before).
+    Counted at node1's side of the HBONE connection (its client side); the calls succeed."""
+    app = await _grpc_front(mesh)
+    deferred: list[int] = []
+    real = HboneProtocol.flush_soon
+
+    def counted(self: HboneProtocol) -> None:
+        if self.codec.client_side:
+            deferred.append(len(self.streams))
+        real(self)
+
+    HboneProtocol.flush_soon = counted  # type: ignore[method-assign]
+    try:
+        conn, reader, writer = await _client(mesh)
+        statuses = await _calls(conn, reader, writer, 1)  # the tunnel opens
+        deferred.clear()
+        for _ in range(20):
+            statuses += await _calls(conn, reader, writer, 1)
+        writer.close()
+    finally:
+        HboneProtocol.flush_soon = real  # type: ignore[method-assign]
+        app.close()
+    assert statuses == ["0"] * 21
+    assert deferred == [], f"{len(deferred)} requests of 20 waited for a later flush"
 
 
 class _CountedTimers:

@@ -651,6 +651,32 @@ def test_each_request_goes_to_the_upstream_its_key_names() -> None:
     assert bodies == [b"a", b"a", b"b"]
 
 
+def test_a_forwarded_request_counts_its_upstreams_open_streams_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``H2Proxy`` counts the upstream's open streams against the pod's limit before a try's
+    head goes (REFUSED_STREAM above it); ``send_headers_on`` is told so and does not count them
+    again (a walk over every stream of the connection, twice per call before)."""
+    counted: list[bool] = []
+    real = GracefulH2Connection._open_streams
+
+    def count(self: GracefulH2Connection, remainder: int) -> int:
+        counted.append(self.config.client_side)
+        return real(self, remainder)
+
+    monkeypatch.setattr(GracefulH2Connection, "_open_streams", count)
+    w = Pods()
+    w.request("/a/1")
+    w.run()
+    w.respond("a")
+    counted.clear()
+    w.request("/a/2")
+    w.run()
+    assert counted.count(True) == 1  # the upstream's (we are its client)
+    w.respond("a")
+    assert sorted(ex.head.path for ex in w.proxy.take_completed()) == ["/a/1", "/a/2"]
+
+
 def test_a_failed_upstream_fails_its_requests_only_and_the_next_request_opens_another() -> None:
     w = Pods()
     lost = w.request("/a/1")

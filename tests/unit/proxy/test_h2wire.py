@@ -12,6 +12,7 @@ import h2.events
 import h2.exceptions
 import h2.frame_buffer
 import h2.settings
+import h2.stream
 import hpack
 import pytest
 from h2.connection import H2Connection
@@ -544,6 +545,11 @@ def _frames_for(step: tuple[str, int, int, bool], encoder: hpack.Encoder) -> byt
         return _raw(0x1, 0x4 | es, sid, encoder.encode([(b":status", b"200"), (b"x-n", b"%d" % n)]))
     if kind == "trailers":
         return _raw(0x1, 0x4 | es, sid, encoder.encode([(b"grpc-status", b"%d" % (n % 17))]))
+    if kind == "informational":  # a 1xx head (END_STREAM on it is refused)
+        return _raw(0x1, 0x4 | es, sid, encoder.encode([(b":status", b"1%02d" % (n % 100))]))
+    if kind == "length":  # a request declaring its body's length (DATA may exceed it)
+        length = b"%d" % (n % 40) if n % 7 else b"x"
+        return _raw(0x1, 0x4 | es, sid, encoder.encode([*REQUEST, (b"content-length", length)]))
     if kind == "continued":  # a block in HEADERS and CONTINUATION
         block = encoder.encode([*REQUEST, (b"x-n", b"%d" % n)])
         return _raw(0x1, es, sid, block[:3]) + _raw(0x9, 0x4, sid, block[3:])
@@ -573,7 +579,7 @@ def _frames_for(step: tuple[str, int, int, bool], encoder: hpack.Encoder) -> byt
 
 STEP_KINDS = ["request", "response", "trailers", "continued", "priority", "data", "data",
               "padded", "oversized", "window", "reset", "ping", "settings", "ack",
-              "unfinished", "garbage"]  # fmt: skip
+              "unfinished", "garbage", "informational", "length"]  # fmt: skip
 STEPS = st.tuples(
     st.sampled_from(STEP_KINDS),
     st.sampled_from([0, 1, 1, 3, 3, 5, 2]),
@@ -705,6 +711,50 @@ def test_receive_on_takes_whole_headers_and_data_without_h2s_frame_parsing(
         "RequestReceived", "DataReceived", "WindowUpdated", "DataReceived", "StreamEnded"
     ]  # fmt: skip
     assert parsed == ["WindowUpdateFrame"]
+
+
+def test_received_blocks_skip_h2s_header_pipeline_on_the_proxys_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reach 13: a request head and trailers, and a response head and trailers, received on
+    ``H2Proxy``'s connections (no inbound normalizing, validation or decoding) build no header
+    validation flags and run no header pipeline; HBONE's connection, which validates, still
+    does. The events are the same either way
+    (``test_receive_on_moves_state_as_h2s_receive_data``)."""
+    built: list[bool] = []
+    real = h2.stream.H2Stream._build_hdr_validation_flags
+
+    def counted(self: h2.stream.H2Stream, events: object) -> object:
+        built.append(bool(self.config.validate_inbound_headers))
+        return real(self, events)
+
+    monkeypatch.setattr(h2.stream.H2Stream, "_build_hdr_validation_flags", counted)
+    encoder = hpack.Encoder()
+    request = _raw(0x1, 0x4, 1, encoder.encode(REQUEST))
+    request_trailers = _raw(0x1, 0x5, 1, encoder.encode([(b"x-sum", b"1")]))
+    for client_side, wire in (
+        (False, request + _raw(0x0, 0, 1, b"hello") + request_trailers),
+        (True, _frames_for(("response", 1, 0, False), encoder)
+         + _frames_for(("trailers", 1, 0, True), encoder)),
+    ):  # fmt: skip
+        conn = new_proxy_connection(client_side=client_side, limits=H2Limits())
+        conn.receive_data(_preface(client_side=not client_side))
+        if client_side:
+            h2wire.send_headers_on(conn, 1, REQUEST, end_stream=True)
+        events = h2wire.receive_on(conn, wire)
+        assert type(events[-2]).__name__ == "TrailersReceived"
+    assert built == []
+    hbone = new_connection(client_side=False, settings=HboneSettings())
+    hbone.receive_data(_preface(client_side=True))
+    h2wire.receive_headers_on(hbone, 1, hpack.Encoder().encode(CONNECT), end_stream=False)
+    assert built == [True]
+
+
+def _preface(*, client_side: bool) -> bytes:
+    """What a peer on that side sends first (a client's preface and SETTINGS, or SETTINGS)."""
+    peer = H2Connection(h2.config.H2Configuration(client_side=client_side))
+    peer.initiate_connection()
+    return bytes(peer.data_to_send())
 
 
 @pytest.mark.parametrize("input_", h2wire._FAST_INPUTS)

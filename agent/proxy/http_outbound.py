@@ -580,6 +580,8 @@ class _ClientConnection:
         # task resumes it (``_dispatch``): its admission (delay, queue) when ``opening`` is
         # None, else the connect to the endpoint it chose.
         self._resume: tuple[_Request, _Opening | None] | None = None
+        # The request ``_attach`` attached whose reader and timer wait for its head's write.
+        self._attaching: _Request | None = None
         self.client_gone = False  # a send to the client failed
         self.refused = False  # the codec refused bad input: the close lingers (``linger``)
         self._up_lock = asyncio.Lock()
@@ -776,12 +778,15 @@ class _ClientConnection:
             done = self._send_upstream_now(self.session, data)
         elif self._up_lock.locked() or self._up_backlog:
             done = False
-        if done:
-            for _, reusable in codec.take_released():
-                self._release(reusable)
+        if self._attaching is not None:
+            self._watch_session()
+        settle = done
         data = codec.take_to_client()
         if data and not self.client_gone:
             done = self._send_client_now(data) and done
+        if settle:  # after the client's bytes: pooling a session does not hold them up
+            for _, reusable in codec.take_released():
+                self._release(reusable)
         for exchange, request in codec.take_completed():
             self._report(exchange, request)
         for copy in codec.take_mirrors():
@@ -1236,9 +1241,22 @@ class _ClientConnection:
         return UpstreamSession(key, conn)
 
     def _attach(self, session: UpstreamSession, request: _Request) -> None:
-        """Serve the pending request with ``session`` (its head goes out at the next flush)."""
+        """Serve the pending request with ``session``: its head goes out at the next flush
+        (``_flush_now``, which every caller runs next), and what only its response needs —
+        who reads the session, the try's timer — is set up there just after that write
+        (``_watch_session``): none of it can matter before the request has left."""
         self.session = session
         request.reached, request.sent = request.route, time.monotonic()
+        self.codec.attach(session.codec, request)
+        self._attaching = request
+
+    def _watch_session(self) -> None:
+        """The attached try's second half (``_attach``), after its head was written: its
+        response's reader (the HBONE connection's callback, else a task) and its timer."""
+        request, self._attaching = self._attaching, None
+        session = self.session
+        if request is None or session is None:
+            return
         conn = session.conn
         if isinstance(conn, TunnelStream):
             self.record.security = SECURITY_MTLS
@@ -1249,7 +1267,6 @@ class _ClientConnection:
             conn.on_end = conn.on_drop = lambda: self._start_reader(session, request)
         else:
             self._start_reader(session, request)
-        self.codec.attach(session.codec, request)
         self._arm(request)
 
     # -- mirrors -----------------------------------------------------------------------------

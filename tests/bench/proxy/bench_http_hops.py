@@ -12,8 +12,9 @@ record's ``SSLObject.write``) and after that write — per kind of callback:
 
   - ``dest: pod response -> TLS``: the destination's ``PodShell._readable`` (a pod's response);
   - ``source: client request -> TLS``: the source's ``_ClientConnection._readable``;
-  - ``HBONE in -> socket``: ``HboneProtocol.data_received`` (a request at the destination, a
-    response at the source);
+  - ``HBONE in -> socket``: ``HboneProtocol.data_received``, named by the shell whose write
+    ends it: ``dest: request to pod`` (``http_inbound``), ``source: response to client``
+    (``http_outbound``); the L4 relay's own write keeps the plain name;
   - ``deferred flush``: ``HboneProtocol._scheduled_flush``, the TLS write a callback left for
     the end of the loop's pass.
 
@@ -44,6 +45,12 @@ STARTS = {  # (module, qualified name) of a callback -> what it handles
     ("agent.proxy.tunnel", "HboneProtocol._scheduled_flush"): "deferred flush",
 }
 
+HBONE_IN = "HBONE in -> socket"
+SHELLS = {  # the shell whose write ends an ``HBONE in`` callback -> what it sent on
+    "agent.proxy.http_inbound": "HBONE in -> socket (dest: request to pod)",
+    "agent.proxy.http_outbound": "HBONE in -> socket (source: response to client)",
+}
+
 
 class Counter:
     """The ``sys.setprofile`` hook: per callback kind, calls before and after its first write."""
@@ -56,8 +63,14 @@ class Counter:
         self.calls = self.later = 0
         self.written = False
 
-    def _wrote(self) -> None:
+    def _wrote(self, frame: FrameType) -> None:
         assert self.hop is not None
+        if self.hop == HBONE_IN:  # which proxy's shell writes it says which message it is
+            shell: FrameType | None = frame
+            while shell is not None and shell.f_globals.get("__name__") not in SHELLS:
+                shell = shell.f_back
+            if shell is not None:
+                self.hop = SHELLS[shell.f_globals["__name__"]]
         self.before.setdefault(self.hop, []).append(self.calls)
         self.written = True
 
@@ -70,12 +83,12 @@ class Counter:
                     self.written = False
                 return
             if not self.written and frame.f_code.co_qualname == "SSLObject.write":
-                self._wrote()
+                self._wrote(frame)
                 return
         elif event == "c_call" and self.hop is not None and not self.written:
             owner = type(getattr(arg, "__self__", None)).__name__
             if getattr(arg, "__name__", "") in ("send", "sendto") and owner == "socket":
-                self._wrote()
+                self._wrote(frame)
                 return
         elif event == "return" and frame is self.top and self.hop is not None:
             if self.written:

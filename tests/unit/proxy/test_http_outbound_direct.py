@@ -212,3 +212,57 @@ def test_a_request_on_the_connections_only_stream_goes_to_the_transport_at_once(
         assert shared.flushes == ["soon"]
 
     asyncio.run(main())
+
+
+def test_a_requests_head_is_written_before_its_response_reader_and_timer_are_set_up() -> None:
+    """Only the write is on the request's way: the sink that will take its response and the
+    try's timer are set up just after it (``_watch_session``). Before, ``_attach`` did both
+    ahead of the write."""
+
+    async def main() -> None:
+        conn, _client, _pool, _registry = _connection()
+        conn.codec.receive_client(GET)
+        proto = _Proto()
+        stream = TunnelStream(cast(Any, proto), 1)
+        seen: list[tuple[bool, bool]] = []
+        send = proto.codec.send
+
+        def watched(stream_id: int, data: bytes) -> list[object]:
+            seen.append((stream._sink is None, conn.timer is None))
+            return send(stream_id, data)
+
+        proto.codec.send = watched  # type: ignore[method-assign]
+        request = _Request(deadline=asyncio.get_running_loop().time() + 30)
+        conn._attach(UpstreamSession(KEY, stream), request)
+        assert conn._flush_now()
+        assert seen == [(True, True)]  # neither was there when the head was written
+        assert stream._sink is not None and conn.timer is not None and conn.timed is request
+        conn._disarm()
+
+    asyncio.run(main())
+
+
+def test_a_response_reaches_the_client_before_its_session_is_pooled() -> None:
+    """The session's settling (pooling it, or closing it) follows the client's write; before,
+    it came ahead of it."""
+
+    async def main() -> None:
+        conn, client, pool, _registry = _connection()
+        stream, _proto, session = await _attached(conn)
+        pooled_at: list[bytes] = []
+        put = pool.put
+
+        def put_watched(s: UpstreamSession) -> None:
+            client.setblocking(False)
+            try:
+                pooled_at.append(client.recv(100))  # what the client had by then
+            except BlockingIOError:
+                pooled_at.append(b"")
+            put(s)
+
+        pool.put = put_watched  # type: ignore[method-assign]
+        stream._on_data(OK)
+        assert pooled_at == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+        assert pool.take(KEY) is session
+
+    asyncio.run(main())

@@ -1,6 +1,7 @@
-"""The access log's request line (``agent.telemetry.accesslog.request_line``): written directly
-for speed, it must be exactly what ``json.dumps`` makes of ``request_entry``, the documented
-fields the tap and ``nodemesh requests`` show, for any values the records can hold."""
+"""The access log's lines (``agent.telemetry.accesslog.request_line`` and ``connection_line``):
+written directly for speed, each must be exactly what ``json.dumps`` makes of the documented
+entry (``request_entry``, the fields the tap and ``nodemesh requests`` show; ``connection_entry``
+with its ``time``, the fields ``/connections`` shows), for any values the records can hold."""
 
 from __future__ import annotations
 
@@ -10,13 +11,22 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.telemetry.accesslog import _iso, request_entry, request_line
+from agent.telemetry import accesslog
+from agent.telemetry.accesslog import (
+    _iso,
+    connection_entry,
+    connection_line,
+    request_entry,
+    request_line,
+)
 from agent.telemetry.http import REQUEST_LABEL_NAMES
+from agent.telemetry.labels import TcpLabels
 from agent.telemetry.records import ConnectionRecord, RequestRecord
 
 TEXT = st.text(max_size=40)  # any code point: quotes, backslashes, controls, non-ASCII
 COUNT = st.integers(min_value=0, max_value=2**63)
 MILLIS = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity=False)
+TIME = st.floats(min_value=0.0, max_value=4e9, allow_nan=False)
 
 
 @given(
@@ -55,6 +65,50 @@ def test_the_request_line_is_json_dumps_of_the_request_entry(
     assert request_line(connection, request, labels, ended) == json.dumps(
         entry, separators=(",", ":")
     )
+
+
+@given(
+    st.builds(
+        ConnectionRecord,
+        direction=TEXT,
+        source=TEXT,
+        destination=TEXT,
+        path=TEXT,
+        started=TIME,
+        bytes_sent=COUNT,
+        bytes_received=COUNT,
+        id=COUNT,
+        upstream=TEXT,
+        failure=TEXT,
+        policy=TEXT,
+        protocol=TEXT,
+        requests=COUNT,
+    ),
+    st.builds(TcpLabels, *[TEXT] * len(TcpLabels._fields)),
+    TIME,
+)
+def test_the_connection_line_is_json_dumps_of_the_connection_entry(
+    record: ConnectionRecord, labels: TcpLabels, now: float
+) -> None:
+    """Every field, in order: strings a peer controls escaped as json escapes them (quotes,
+    backslashes, controls, non-ASCII), an empty ``failure``/``policy`` as ``null``, a start
+    after ``now`` as 0 ms; twice, so that the second renders the labels from the cache."""
+    expected = json.dumps(
+        {"time": _iso(now), **connection_entry(record, labels, now)}, separators=(",", ":")
+    )
+    assert connection_line(record, labels, now) == expected
+    assert connection_line(record, labels, now) == expected
+
+
+def test_the_rendered_label_sets_are_bounded() -> None:
+    """A node whose connections carry ever new label sets (pods come and go) keeps at most
+    ``LABEL_FIELDS_CACHE_SIZE`` of them rendered, and still renders each one right."""
+    record = ConnectionRecord("outbound", "10.0.0.1:5000", "10.0.0.2:80")
+    for n in range(accesslog.LABEL_FIELDS_CACHE_SIZE + 10):
+        labels = TcpLabels(*[f"w{n}"] * len(TcpLabels._fields))
+        line = json.loads(connection_line(record, labels, 1e9))
+        assert line["source_workload"] == f"w{n}"
+        assert len(accesslog._label_fields_cache) <= accesslog.LABEL_FIELDS_CACHE_SIZE
 
 
 @given(st.floats(min_value=0.0, max_value=4e9, allow_nan=False))

@@ -35,20 +35,34 @@ atexit.register(_writer.close)
 
 
 class _Seconds:
-    """The last second ``_iso`` formatted, with its text (one tuple: read and replaced whole)."""
+    """Seconds ``_stamp`` formatted, with their text: the newest (``last``, one tuple: read and
+    replaced whole) and, by second, the others of late (``earlier``). Why both: a connection
+    line has two times, its close (the current second) and its start, which for any
+    connection that crossed a second boundary is an earlier one; with the newest alone kept,
+    every such line formatted both seconds anew, and so did the lines after it."""
 
-    __slots__ = ("last",)
+    __slots__ = ("earlier", "last")
 
     def __init__(self) -> None:
         self.last: tuple[int, str] = (-1, "")
+        self.earlier: dict[int, str] = {}
 
     def text(self, second: int) -> str:
         last = self.last
-        if last[0] != second:
-            last = self.last = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-        return last[1]
+        if last[0] == second:
+            return last[1]
+        text = self.earlier.get(second)
+        if text is None:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            if len(self.earlier) >= SECONDS_KEPT:
+                self.earlier.clear()
+            self.earlier[second] = text
+        if second > last[0]:
+            self.last = (second, text)
+        return text
 
 
+SECONDS_KEPT = 4096  # formatted seconds kept besides the newest (about an hour of starts)
 _SECONDS = _Seconds()  # a busy node writes many lines a second
 
 

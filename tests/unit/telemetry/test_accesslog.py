@@ -5,9 +5,12 @@ with its ``time``, the fields ``/connections`` shows), for any values the record
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import json
+import time
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -157,3 +160,27 @@ def test_a_refused_request_names_its_policy_and_the_usual_line_has_no_such_field
         "default/try-a,default/try-b",
     )
     assert list(line)[list(line).index("request_id") + 1 :][:2] == ["policy", "dry_run_policy"]
+
+
+def test_a_start_in_an_earlier_second_is_formatted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines of connections that began seconds ago (the usual long-lived one) format each
+    second once, not twice a line (their start's and then the current one again), and still
+    give ``datetime``'s text."""
+    formatted: list[float] = []
+    strftime = time.strftime
+
+    def counting(fmt: str, t: time.struct_time) -> str:
+        formatted.append(calendar.timegm(t))
+        return strftime(fmt, t)
+
+    monkeypatch.setattr(accesslog.time, "strftime", counting)
+    record = ConnectionRecord("outbound", "10.0.0.1:5000", "10.0.0.2:80", started=1_700_000_000.25)
+    labels = TcpLabels(*["x"] * len(TcpLabels._fields))
+    for i in range(10):
+        now = 1_700_000_100.5 + i / 100
+        line = json.loads(connection_line(record, labels, now))
+        assert line["start_time"] == _iso(record.started) == "2023-11-14T22:13:20.250+00:00"
+        assert line["time"] == dt.datetime.fromtimestamp(now, dt.UTC).isoformat(
+            timespec="milliseconds"
+        )
+    assert sorted(formatted) == [1_700_000_000, 1_700_000_100]

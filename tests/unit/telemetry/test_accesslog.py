@@ -1,22 +1,35 @@
-"""The access log's request line (``agent.telemetry.accesslog.request_line``): written directly
-for speed, it must be exactly what ``json.dumps`` makes of ``request_entry``, the documented
-fields the tap and ``nodemesh requests`` show, for any values the records can hold."""
+"""The access log's lines (``agent.telemetry.accesslog.request_line`` and ``connection_line``):
+written directly for speed, each must be exactly what ``json.dumps`` makes of the documented
+entry (``request_entry``, the fields the tap and ``nodemesh requests`` show; ``connection_entry``
+with its ``time``, the fields ``/connections`` shows), for any values the records can hold."""
 
 from __future__ import annotations
 
+import calendar
 import datetime as dt
 import json
+import time
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.telemetry.accesslog import _iso, request_entry, request_line
+from agent.telemetry import accesslog
+from agent.telemetry.accesslog import (
+    _iso,
+    connection_entry,
+    connection_line,
+    request_entry,
+    request_line,
+)
 from agent.telemetry.http import REQUEST_LABEL_NAMES
+from agent.telemetry.labels import TcpLabels
 from agent.telemetry.records import ConnectionRecord, RequestRecord
 
 TEXT = st.text(max_size=40)  # any code point: quotes, backslashes, controls, non-ASCII
 COUNT = st.integers(min_value=0, max_value=2**63)
 MILLIS = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity=False)
+TIME = st.floats(min_value=0.0, max_value=4e9, allow_nan=False)
 
 
 @given(
@@ -55,6 +68,50 @@ def test_the_request_line_is_json_dumps_of_the_request_entry(
     assert request_line(connection, request, labels, ended) == json.dumps(
         entry, separators=(",", ":")
     )
+
+
+@given(
+    st.builds(
+        ConnectionRecord,
+        direction=TEXT,
+        source=TEXT,
+        destination=TEXT,
+        path=TEXT,
+        started=TIME,
+        bytes_sent=COUNT,
+        bytes_received=COUNT,
+        id=COUNT,
+        upstream=TEXT,
+        failure=TEXT,
+        policy=TEXT,
+        protocol=TEXT,
+        requests=COUNT,
+    ),
+    st.builds(TcpLabels, *[TEXT] * len(TcpLabels._fields)),
+    TIME,
+)
+def test_the_connection_line_is_json_dumps_of_the_connection_entry(
+    record: ConnectionRecord, labels: TcpLabels, now: float
+) -> None:
+    """Every field, in order: strings a peer controls escaped as json escapes them (quotes,
+    backslashes, controls, non-ASCII), an empty ``failure``/``policy`` as ``null``, a start
+    after ``now`` as 0 ms; twice, so that the second renders the labels from the cache."""
+    expected = json.dumps(
+        {"time": _iso(now), **connection_entry(record, labels, now)}, separators=(",", ":")
+    )
+    assert connection_line(record, labels, now) == expected
+    assert connection_line(record, labels, now) == expected
+
+
+def test_the_rendered_label_sets_are_bounded() -> None:
+    """A node whose connections carry ever new label sets (pods come and go) keeps at most
+    ``LABEL_FIELDS_CACHE_SIZE`` of them rendered, and still renders each one right."""
+    record = ConnectionRecord("outbound", "10.0.0.1:5000", "10.0.0.2:80")
+    for n in range(accesslog.LABEL_FIELDS_CACHE_SIZE + 10):
+        labels = TcpLabels(*[f"w{n}"] * len(TcpLabels._fields))
+        line = json.loads(connection_line(record, labels, 1e9))
+        assert line["source_workload"] == f"w{n}"
+        assert len(accesslog._label_fields_cache) <= accesslog.LABEL_FIELDS_CACHE_SIZE
 
 
 @given(st.floats(min_value=0.0, max_value=4e9, allow_nan=False))
@@ -103,3 +160,27 @@ def test_a_refused_request_names_its_policy_and_the_usual_line_has_no_such_field
         "default/try-a,default/try-b",
     )
     assert list(line)[list(line).index("request_id") + 1 :][:2] == ["policy", "dry_run_policy"]
+
+
+def test_a_start_in_an_earlier_second_is_formatted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines of connections that began seconds ago (the usual long-lived one) format each
+    second once, not twice a line (their start's and then the current one again), and still
+    give ``datetime``'s text."""
+    formatted: list[float] = []
+    strftime = time.strftime
+
+    def counting(fmt: str, t: time.struct_time) -> str:
+        formatted.append(calendar.timegm(t))
+        return strftime(fmt, t)
+
+    monkeypatch.setattr(accesslog.time, "strftime", counting)
+    record = ConnectionRecord("outbound", "10.0.0.1:5000", "10.0.0.2:80", started=1_700_000_000.25)
+    labels = TcpLabels(*["x"] * len(TcpLabels._fields))
+    for i in range(10):
+        now = 1_700_000_100.5 + i / 100
+        line = json.loads(connection_line(record, labels, now))
+        assert line["start_time"] == _iso(record.started) == "2023-11-14T22:13:20.250+00:00"
+        assert line["time"] == dt.datetime.fromtimestamp(now, dt.UTC).isoformat(
+            timespec="milliseconds"
+        )
+    assert sorted(formatted) == [1_700_000_000, 1_700_000_100]

@@ -523,6 +523,12 @@ class HboneConnection:
         received bytes the owner holds, what this connection is charged to the buffer budget."""
         return self._flow.promised
 
+    @property
+    def budget(self) -> HboneBudget:
+        """The process's buffer budget this connection draws from (the send side's part,
+        ``budget.queue``, is charged by the owner: ``tunnel.HboneProtocol``)."""
+        return self._flow.budget
+
     def close_budget(self) -> None:
         """The transport is gone: what this connection held and promised goes back to the
         buffer budget (``agent.proxy.budget``)."""

@@ -354,14 +354,15 @@ class _TunnelRelay(_Relay):
         if stream.error is not None:
             self.fail(stream.error)
             return
-        if not stream.can_write():
+        room = stream.write_room()  # less than a whole read while the queue budget is used up
+        if not room:
             # ``stream_changed`` resumes it once the stream has room; the protocol wakes
             # streams on freed connection budget only while some writer says it waits.
             stream.proto.writers_waiting = True
             self._read(False)
             return
         try:
-            n = self.sock.recv_into(_SHARED)
+            n = self.sock.recv_into(_SHARED, room)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:

@@ -9,7 +9,12 @@ Backpressure: ``write`` waits, before it queues anything, while the stream has m
 ``HIGH_WATER`` bytes queued in the codec (the peer's window is closed), while the TLS transport's
 buffer is full (``pause_writing``), or while the connection holds more than ``OUT_BUDGET``
 outgoing bytes in all, so a slow receiver slows exactly its own sender and a peer that grants
-windows but does not read cannot make a hundred streams queue a relay read each. Received data
+windows but does not read cannot make a hundred streams queue a relay read each; and, across
+connections, while the process's outgoing queue budget is used up and this connection holds
+more than its floor (``agent.proxy.budget.QueueBudget``: every change to what the connection
+holds for its peer is charged to it), so a peer that does not read cannot make all its
+connections hold their cap each. A relay whose stream may not write stops reading its socket:
+the pod is slowed by TCP, nothing is dropped or reordered. Received data
 is queued per stream and given back to the codec (``consumed``) when the relay wrote it to the
 pod, or when the stream is dropped with data still queued: the codec's windows bound that queue.
 ``held_bytes`` is the connection's memory accounting (``agent.proxy.hbone_limits``).
@@ -48,8 +53,9 @@ from h2.errors import ErrorCodes
 
 from agent.identity.tls import PeerIdentityError, peer_spiffe_id
 from agent.proxy import hbone_events as ev
+from agent.proxy.budget import QUEUE_FLOOR
 from agent.proxy.hbone import HboneConnection
-from agent.proxy.hbone_limits import OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
+from agent.proxy.hbone_limits import MAX_WRITE, OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +281,16 @@ class TunnelStream:
             self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full()
         )
 
+    def write_room(self) -> int:
+        """How much one write may add now, for a relay that reads its socket only that far:
+        0 when a write would wait (``can_write``); ``MAX_WRITE`` while the process's queue
+        budget has room; ``QUEUE_FLOOR`` while the connection is let through on its floor only,
+        so that beyond the budget it never holds more than twice its floor
+        (``agent.proxy.budget.QueueBudget``)."""
+        if not self.can_write():
+            return 0
+        return MAX_WRITE if self.proto.queue_has_room() else QUEUE_FLOOR
+
     def try_write(self, data: bytes | memoryview) -> bool:
         """Write now if no backpressure applies (what ``write`` would do without waiting);
         False: nothing was written and the caller awaits ``write``. For callers that would
@@ -301,6 +317,7 @@ class TunnelStream:
     def _send(self, data: bytes | memoryview) -> None:
         proto = self.proto
         events = proto.codec.send(self.stream_id, data)
+        proto.recharge()  # before any other connection asks the queue budget
         if events:  # only when bytes had to queue (``StreamDrained``): not per message
             proto.dispatch(events)
 
@@ -317,7 +334,9 @@ class TunnelStream:
                 self._write_waiter = None
         if self.error:
             raise self.error
-        proto.dispatch(proto.codec.send(self.stream_id, data))
+        events = proto.codec.send(self.stream_id, data)
+        proto.recharge()  # before any other connection asks the queue budget
+        proto.dispatch(events)
         proto.flush_soon()
 
     def write_eof(self) -> None:
@@ -371,6 +390,9 @@ class HboneProtocol(asyncio.Protocol):
         # per stream (``getpeercert`` decodes the whole certificate each time).
         self._peer_id: str | PeerIdentityError | None = None
         self._flush_scheduled = False  # a ``flush_soon`` is pending
+        # What this connection holds for its peer, charged to the process's queue budget.
+        self._queue = codec.budget.queue.open(self._queue_room)
+        self._room_scheduled = False
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -394,6 +416,7 @@ class HboneProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.codec.output_accepted()
+        self.recharge()  # the transport drained: the queue budget gets it back
         self._wake_writers()
 
     def _wake_writers(self) -> None:
@@ -401,11 +424,38 @@ class HboneProtocol(asyncio.Protocol):
             stream._on_writable()
 
     def out_full(self) -> bool:
-        """Writers wait: the transport is paused or the connection holds ``OUT_BUDGET``."""
+        """Writers wait: the transport is paused, the connection holds ``OUT_BUDGET``, or the
+        process's queue budget is used up and this connection holds more than its floor
+        (``QueueAccount.may_grow``: it is called back when the budget has room)."""
         if self.write_paused:
             return True
+        return self.recharge() > OUT_BUDGET or not self._queue.may_grow()
+
+    def queue_has_room(self) -> bool:
+        """The process's outgoing queue budget is not used up."""
+        return self._queue.budget_within()
+
+    def recharge(self) -> int:
+        """Charge the queue budget what the connection holds for its peer now (queued for
+        windows, framed, in the transport's buffer), and return it. Called after every change
+        this side makes: a write, a flush, a WINDOW_UPDATE received."""
         size = self.transport.get_write_buffer_size() if self.transport is not None else 0
-        return self.codec.queued + self.codec.unsent() + size > OUT_BUDGET
+        out = self.codec.queued + self.codec.unsent() + size
+        self._queue.set(out)
+        return out
+
+    def _queue_room(self) -> None:
+        """The queue budget has room again (called from inside ``QueueAccount.set`` of any
+        connection): wake the writers on the next pass of the loop, not from inside it."""
+        if not self._room_scheduled:
+            self._room_scheduled = True
+            self.loop.call_soon(self._wake_for_room)
+
+    def _wake_for_room(self) -> None:
+        self._room_scheduled = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.writers_waiting = False
+            self._wake_writers()
 
     def held_bytes(self) -> int:
         """What the peer makes this connection hold: the codec's accounting plus the TLS
@@ -423,6 +473,7 @@ class HboneProtocol(asyncio.Protocol):
                 stream.on_drop()
         self.streams.clear()
         self.codec.close_budget()  # after the streams gave back what they had queued
+        self._queue.close()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -435,6 +486,7 @@ class HboneProtocol(asyncio.Protocol):
                 self.codec.output_accepted()
         if self.codec.failed and self.transport is not None and not self.transport.is_closing():
             self._close_failed()
+        self.recharge()
 
     def flush_soon(self) -> None:
         """``flush`` once the loop has run the callbacks that are ready now: what the relays of

@@ -192,7 +192,7 @@ class QueueBudget:
 
     Why: each connection caps what it queues for its peer (``hbone_limits.OUT_BUDGET`` plus
     one write), but a peer that grants windows and never reads its socket (or reads slowly) can
-    make each of its 256 connections per address hold that cap: 330 MiB per peer address with
+    make each of its 256 connections per address hold that cap: 336 MiB per peer address with
     the transport buffers. So every process owns one ``QueueBudget`` and every connection's
     send side (``tunnel.HboneProtocol``) reports what it holds through a ``QueueAccount``.
 

@@ -317,7 +317,7 @@ class TunnelStream:
     def _send(self, data: bytes | memoryview) -> None:
         proto = self.proto
         events = proto.codec.send(self.stream_id, data)
-        proto.recharge()  # before any other connection asks the queue budget
+        proto.charge_sent()  # before any other connection asks the queue budget
         if events:  # only when bytes had to queue (``StreamDrained``): not per message
             proto.dispatch(events)
 
@@ -335,7 +335,7 @@ class TunnelStream:
         if self.error:
             raise self.error
         events = proto.codec.send(self.stream_id, data)
-        proto.recharge()  # before any other connection asks the queue budget
+        proto.charge_sent()  # before any other connection asks the queue budget
         proto.dispatch(events)
         proto.flush_soon()
 
@@ -392,6 +392,7 @@ class HboneProtocol(asyncio.Protocol):
         self._flush_scheduled = False  # a ``flush_soon`` is pending
         # What this connection holds for its peer, charged to the process's queue budget.
         self._queue = codec.budget.queue.open(self._queue_room)
+        self._transport_size = 0  # the transport's buffer when ``recharge`` last asked
         self._room_scheduled = False
 
     # -- asyncio.Protocol --
@@ -437,12 +438,20 @@ class HboneProtocol(asyncio.Protocol):
 
     def recharge(self) -> int:
         """Charge the queue budget what the connection holds for its peer now (queued for
-        windows, framed, in the transport's buffer), and return it. Called after every change
-        this side makes: a write, a flush, a WINDOW_UPDATE received."""
+        windows, framed, in the transport's buffer), and return it. Called whenever the
+        transport's buffer may have grown (a flush that wrote) or its drain matters (a
+        resumed transport, a writer asking ``out_full``)."""
         size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        self._transport_size = size
         out = self.codec.queued + self.codec.unsent() + size
         self._queue.set(out)
         return out
+
+    def charge_sent(self) -> None:
+        """``recharge`` after the codec took a write: only the codec's part changed, and the
+        transport holds no more than when it was last asked (it only drains on its own), so
+        its size is not asked again (a write per message is the hot path)."""
+        self._queue.set(self.codec.queued + self.codec.unsent() + self._transport_size)
 
     def _queue_room(self) -> None:
         """The queue budget has room again (called from inside ``QueueAccount.set`` of any
@@ -486,7 +495,12 @@ class HboneProtocol(asyncio.Protocol):
                 self.codec.output_accepted()
         if self.codec.failed and self.transport is not None and not self.transport.is_closing():
             self._close_failed()
-        self.recharge()
+        if out:
+            # Framed bytes moved to the transport, which may have sent them: what the
+            # connection holds changed. (Bytes of a stream the peer reset leave the queue
+            # without output: charged until the connection next flushes or writes; too much,
+            # never too little.)
+            self.recharge()
 
     def flush_soon(self) -> None:
         """``flush`` once the loop has run the callbacks that are ready now: what the relays of

@@ -287,9 +287,13 @@ class TunnelStream:
         budget has room; ``QUEUE_FLOOR`` while the connection is let through on its floor only,
         so that beyond the budget it never holds more than twice its floor
         (``agent.proxy.budget.QueueBudget``)."""
-        if not self.can_write():
-            return 0
-        return MAX_WRITE if self.proto.queue_has_room() else QUEUE_FLOOR
+        proto = self.proto
+        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+            return 0  # ``can_write``, inlined: this is asked before every relay read
+        queue = proto.queue_budget
+        if queue.limit is None or queue.committed <= queue.limit:
+            return MAX_WRITE
+        return QUEUE_FLOOR
 
     def try_write(self, data: bytes | memoryview) -> bool:
         """Write now if no backpressure applies (what ``write`` would do without waiting);
@@ -307,11 +311,14 @@ class TunnelStream:
         it writes once per callback. So on a connection whose only stream this is, nothing else
         can join the record in this pass of the loop and it goes to the transport now, without
         a callback scheduled per message (``flush_soon``); with other streams, as theirs."""
-        self._send(data)
         proto = self.proto
         if len(proto.streams) == 1:
-            proto.flush_and_wake()
+            events = proto.codec.send(self.stream_id, data)
+            if events:
+                proto.dispatch(events)
+            proto.flush_and_wake(charge=True)  # charges the queue budget what it holds now
         else:
+            self._send(data)
             proto.flush_soon()
 
     def _send(self, data: bytes | memoryview) -> None:
@@ -391,7 +398,8 @@ class HboneProtocol(asyncio.Protocol):
         self._peer_id: str | PeerIdentityError | None = None
         self._flush_scheduled = False  # a ``flush_soon`` is pending
         # What this connection holds for its peer, charged to the process's queue budget.
-        self._queue = codec.budget.queue.open(self._queue_room)
+        self.queue_budget = codec.budget.queue
+        self._queue = self.queue_budget.open(self._queue_room)
         self._transport_size = 0  # the transport's buffer when ``recharge`` last asked
         self._room_scheduled = False
 
@@ -430,11 +438,8 @@ class HboneProtocol(asyncio.Protocol):
         (``QueueAccount.may_grow``: it is called back when the budget has room)."""
         if self.write_paused:
             return True
-        return self.recharge() > OUT_BUDGET or not self._queue.may_grow()
-
-    def queue_has_room(self) -> bool:
-        """The process's outgoing queue budget is not used up."""
-        return self._queue.budget_within()
+        out = self.recharge()
+        return out > OUT_BUDGET or (out > QUEUE_FLOOR and not self._queue.may_grow())
 
     def recharge(self) -> int:
         """Charge the queue budget what the connection holds for its peer now (queued for
@@ -444,7 +449,8 @@ class HboneProtocol(asyncio.Protocol):
         size = self.transport.get_write_buffer_size() if self.transport is not None else 0
         self._transport_size = size
         out = self.codec.queued + self.codec.unsent() + size
-        self._queue.set(out)
+        if out != self._queue.charge:  # mostly 0 both: a transport that keeps up
+            self._queue.set(out)
         return out
 
     def charge_sent(self) -> None:
@@ -487,7 +493,9 @@ class HboneProtocol(asyncio.Protocol):
             self.closed.set_result(None)
 
     # -- plumbing --
-    def flush(self) -> None:
+    def flush(self, *, charge: bool = False) -> None:
+        """Hand the codec's output to the transport; ``charge``: recharge the queue budget even
+        if there was none (a write that only queued for closed windows)."""
         out = self.codec.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
@@ -495,7 +503,7 @@ class HboneProtocol(asyncio.Protocol):
                 self.codec.output_accepted()
         if self.codec.failed and self.transport is not None and not self.transport.is_closing():
             self._close_failed()
-        if out:
+        if out or charge:
             # Framed bytes moved to the transport, which may have sent them: what the
             # connection holds changed. (Bytes of a stream the peer reset leave the queue
             # without output: charged until the connection next flushes or writes; too much,
@@ -517,10 +525,10 @@ class HboneProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         self.flush_and_wake()
 
-    def flush_and_wake(self) -> None:
+    def flush_and_wake(self, *, charge: bool = False) -> None:
         """``flush``, then let writers waiting for the connection's budget go on if it took the
         bytes."""
-        self.flush()
+        self.flush(charge=charge)
         if self.writers_waiting and not self.out_full():
             # The framed bytes ``out_full`` counted went to the transport, which took them:
             # writers waiting for the budget go on (as after a WINDOW_UPDATE).

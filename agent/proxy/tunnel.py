@@ -438,8 +438,14 @@ class HboneProtocol(asyncio.Protocol):
         (``QueueAccount.may_grow``: it is called back when the budget has room)."""
         if self.write_paused:
             return True
-        out = self.recharge()
-        return out > OUT_BUDGET or (out > QUEUE_FLOOR and not self._queue.may_grow())
+        # ``recharge``, inlined: this is asked before every relay read.
+        size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        self._transport_size = size
+        out = self.codec.queued + self.codec.unsent() + size
+        queue = self._queue
+        if out != queue.charge:
+            queue.set(out)
+        return out > OUT_BUDGET or (out > QUEUE_FLOOR and not queue.may_grow())
 
     def recharge(self) -> int:
         """Charge the queue budget what the connection holds for its peer now (queued for
@@ -507,8 +513,14 @@ class HboneProtocol(asyncio.Protocol):
             # Framed bytes moved to the transport, which may have sent them: what the
             # connection holds changed. (Bytes of a stream the peer reset leave the queue
             # without output: charged until the connection next flushes or writes; too much,
-            # never too little.)
-            self.recharge()
+            # never too little.) ``recharge`` inlined (a flush per message): nothing is left
+            # unsent right after ``data_to_send``.
+            transport = self.transport
+            size = transport.get_write_buffer_size() if transport is not None else 0
+            self._transport_size = size
+            held = self.codec.queued + size
+            if held != self._queue.charge:
+                self._queue.set(held)
 
     def flush_soon(self) -> None:
         """``flush`` once the loop has run the callbacks that are ready now: what the relays of

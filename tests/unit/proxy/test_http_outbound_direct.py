@@ -63,6 +63,9 @@ class _Proto:
     def flush_soon(self) -> None:
         pass
 
+    def charge_sent(self) -> None:  # the queue budget's charge after a write
+        pass
+
     def finish(self, stream: TunnelStream) -> None:
         self.finished.append(stream)
 

@@ -262,8 +262,9 @@ class QueueAccount:
 
     __slots__ = ("budget", "charge", "on_room")
 
-    def __init__(self, budget: QueueBudget, on_room: Callable[[], None] | None) -> None:
-        self.budget: QueueBudget | None = budget
+    def __init__(self, budget: QueueBudget | None, on_room: Callable[[], None] | None) -> None:
+        # None: not open (yet, or any more): charges nothing, may always grow.
+        self.budget = budget
         self.charge = 0
         self.on_room = on_room
 

@@ -53,7 +53,7 @@ from h2.errors import ErrorCodes
 
 from agent.identity.tls import PeerIdentityError, peer_spiffe_id
 from agent.proxy import hbone_events as ev
-from agent.proxy.budget import QUEUE_FLOOR
+from agent.proxy.budget import QUEUE_FLOOR, QueueAccount
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.hbone_limits import MAX_WRITE, OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
 
@@ -399,7 +399,9 @@ class HboneProtocol(asyncio.Protocol):
         self._flush_scheduled = False  # a ``flush_soon`` is pending
         # What this connection holds for its peer, charged to the process's queue budget.
         self.queue_budget = codec.budget.queue
-        self._queue = self.queue_budget.open(self._queue_room)
+        # Opened with the transport (``connection_made``; closed by ``connection_lost``), so a
+        # connection whose handshake failed is never counted.
+        self._queue = QueueAccount(None, None)
         self._transport_size = 0  # the transport's buffer when ``recharge`` last asked
         self._room_scheduled = False
 
@@ -408,6 +410,7 @@ class HboneProtocol(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
+        self._queue = self.queue_budget.open(self._queue_room)
         self.flush()
 
     def data_received(self, data: bytes) -> None:

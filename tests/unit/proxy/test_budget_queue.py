@@ -380,3 +380,19 @@ def test_random_interleavings_through_the_tunnel_stay_bounded_and_deliver_everyt
                 assert peer.got[sid].data == payload(p * 2 + s, 512 * KIB)
 
     run(main())
+
+
+def test_a_connection_counts_from_its_transport_to_its_loss_only() -> None:
+    """A protocol whose TLS handshake fails never gets ``connection_made`` nor
+    ``connection_lost``: it must not stay counted (it was, when the account opened with it)."""
+
+    async def main() -> None:
+        budget = HboneBudget(None, queue_limit=LIMIT)
+        HboneProtocol(HboneConnection(client_side=True, budget=budget))  # handshake failed
+        assert budget.queue.connections == 0
+        peer = Peer(budget)
+        assert budget.queue.connections == 1
+        peer.wire.close()
+        assert (budget.queue.connections, budget.queue.committed) == (0, 0)
+
+    run(main())

@@ -316,7 +316,7 @@ class TunnelStream:
             events = proto.codec.send(self.stream_id, data)
             if events:
                 proto.dispatch(events)
-            proto.flush_and_wake(charge=True)  # charges the queue budget what it holds now
+            proto.flush_and_wake()  # charges the queue budget what the connection holds now
         else:
             self._send(data)
             proto.flush_soon()
@@ -502,9 +502,9 @@ class HboneProtocol(asyncio.Protocol):
             self.closed.set_result(None)
 
     # -- plumbing --
-    def flush(self, *, charge: bool = False) -> None:
-        """Hand the codec's output to the transport; ``charge``: recharge the queue budget even
-        if there was none (a write that only queued for closed windows)."""
+    def flush(self) -> None:
+        """Hand the codec's output to the transport, and charge the queue budget what the
+        connection holds now if that may have changed."""
         out = self.codec.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
@@ -512,12 +512,12 @@ class HboneProtocol(asyncio.Protocol):
                 self.codec.output_accepted()
         if self.codec.failed and self.transport is not None and not self.transport.is_closing():
             self._close_failed()
-        if out or charge:
-            # Framed bytes moved to the transport, which may have sent them: what the
-            # connection holds changed. (Bytes of a stream the peer reset leave the queue
-            # without output: charged until the connection next flushes or writes; too much,
-            # never too little.) ``recharge`` inlined (a flush per message): nothing is left
-            # unsent right after ``data_to_send``.
+        if out or self.codec.queued:
+            # Framed bytes moved to the transport, which may have sent them, or a write queued
+            # for closed windows: what the connection holds may have changed. (Bytes of a
+            # stream the peer reset leave the queue without output: charged until the
+            # connection next flushes or writes; too much, never too little.) ``recharge``
+            # inlined (a flush per message): nothing is left unsent after ``data_to_send``.
             transport = self.transport
             size = transport.get_write_buffer_size() if transport is not None else 0
             self._transport_size = size
@@ -540,10 +540,10 @@ class HboneProtocol(asyncio.Protocol):
         self._flush_scheduled = False
         self.flush_and_wake()
 
-    def flush_and_wake(self, *, charge: bool = False) -> None:
+    def flush_and_wake(self) -> None:
         """``flush``, then let writers waiting for the connection's budget go on if it took the
         bytes."""
-        self.flush(charge=charge)
+        self.flush()
         if self.writers_waiting and not self.out_full():
             # The framed bytes ``out_full`` counted went to the transport, which took them:
             # writers waiting for the budget go on (as after a WINDOW_UPDATE).

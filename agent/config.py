@@ -27,7 +27,14 @@ from agent.datapath.listeners import ListenerPorts
 from agent.datapath.netlink import RoutingConfig
 from agent.datapath.programs import Marks
 from agent.identity.caclient import CA_SERVER_NAME
-from agent.proxy.budget import DEFAULT_BUDGET, MAX_BUDGET, MIN_BUDGET
+from agent.proxy.budget import (
+    DEFAULT_BUDGET,
+    DEFAULT_QUEUE_BUDGET,
+    MAX_BUDGET,
+    MAX_QUEUE_BUDGET,
+    MIN_BUDGET,
+    MIN_QUEUE_BUDGET,
+)
 from agent.proxy.h2wire import KIB, MIB, HboneSettings
 from agent.proxy.hbone_limits import (
     MAX_STREAM_WINDOW,
@@ -89,12 +96,20 @@ class AgentConfig:
     # --hbone-buffer-budget: bytes all HBONE connections of the agent may hold or have promised
     # to peers, split evenly among the --workers (``agent.proxy.budget``, ``budget_share``).
     hbone_buffer_budget: int = DEFAULT_BUDGET
+    # --hbone-queue-budget: bytes all HBONE connections of the agent may hold in outgoing
+    # queues for peers that do not read, split the same way (``budget.QueueBudget``).
+    hbone_queue_budget: int = DEFAULT_QUEUE_BUDGET
 
     @property
     def budget_share(self) -> int:
         """Each proxy process's part of ``hbone_buffer_budget``: the flag bounds the agent,
         and each worker serves its own connections."""
         return self.hbone_buffer_budget // self.workers
+
+    @property
+    def queue_budget_share(self) -> int:
+        """Each proxy process's part of ``hbone_queue_budget`` (as ``budget_share``)."""
+        return self.hbone_queue_budget // self.workers
 
     @property
     def routing(self) -> RoutingConfig:
@@ -251,6 +266,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "HBONE buffer budget)",
     )
     parser.add_argument(
+        "--hbone-queue-budget",
+        default=_size_text(DEFAULT_QUEUE_BUDGET),
+        metavar="SIZE",
+        help=f"bytes all HBONE connections of the agent may hold in outgoing queues (pod data "
+        f"waiting for a peer's flow-control windows or for the peer to read its socket), "
+        f"together, e.g. 64MiB or 256MiB ({_size_text(MIN_QUEUE_BUDGET)} to "
+        f"{_size_text(MAX_QUEUE_BUDGET)}; default %(default)s; split evenly among --workers). "
+        "When it is used up, the agent stops reading from the pods whose tunnels hold more than "
+        "64 KiB until bytes drain (see ARCHITECTURE.md, HBONE buffer budget)",
+    )
+    parser.add_argument(
         "--access-log-sample",
         type=float,
         default=1.0,
@@ -335,6 +361,17 @@ def _hbone_buffer_budget(value: str) -> int:
     )
     return _ranged_size(
         "--hbone-buffer-budget", value, "256MiB or 1GiB", MIN_BUDGET, MAX_BUDGET, why
+    )
+
+
+def _hbone_queue_budget(value: str) -> int:
+    """``--hbone-queue-budget``: a size within the allowed range."""
+    why = (
+        "at least two connections' outgoing queue cap, so one bulk stream never waits for it; "
+        "it bounds the memory peers that do not read can make the agent hold"
+    )
+    return _ranged_size(
+        "--hbone-queue-budget", value, "64MiB or 256MiB", MIN_QUEUE_BUDGET, MAX_QUEUE_BUDGET, why
     )
 
 
@@ -474,4 +511,5 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         workers=workers,
         hbone_window=_hbone_window(str(args.hbone_window)),
         hbone_buffer_budget=_hbone_buffer_budget(str(args.hbone_buffer_budget)),
+        hbone_queue_budget=_hbone_queue_budget(str(args.hbone_queue_budget)),
     )

@@ -68,6 +68,7 @@ def node_proxy(
         h2_relay=config.h2_relay,
         hbone=with_stream_window(config.hbone_window),
         hbone_buffer_budget=config.budget_share,
+        hbone_queue_budget=config.queue_budget_share,
     )
     core = Core(node=config.node, store=store, identities=identities, settings=settings)
     return ProxyComponent(NodeProxy(core))
@@ -104,6 +105,7 @@ def effective_config(config: AgentConfig) -> dict[str, object]:
     """The agent's settings as JSON (paths, never file contents: no token, no key)."""
     out = {k: _jsonable(v) for k, v in dataclasses.asdict(config).items()}
     out["hbone_buffer_budget_per_process"] = config.budget_share  # with --workers N: an Nth
+    out["hbone_queue_budget_per_process"] = config.queue_budget_share
     out["admin_address"] = f"{config.admin_address[0]}:{config.admin_address[1]}"
     out["capture_mark"] = hex(config.capture_mark)
     if config.ca is not None:

@@ -43,6 +43,7 @@ Sans-IO: no clock, no sockets; ``DataFlow`` asks and gives back, the metrics rea
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 from agent.base.metrics import counter
@@ -79,12 +80,15 @@ class Holder(Protocol):
 class HboneBudget:
     """Bytes all HBONE connections of this process may hold or have promised (module docstring)."""
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, *, queue_limit: int | None = None) -> None:
         # None: unbounded (tests and tools that make connections without an agent).
         self.limit = limit
         self.committed = 0
         self.withheld = 0
         self._holders: weakref.WeakSet[Holder] = weakref.WeakSet()
+        # The send side's budget, with its own limit (``QueueBudget``; ``--hbone-queue-budget``):
+        # one object per process carries both to every connection.
+        self.queue = QueueBudget(queue_limit)
 
     def open(self, holder: Holder) -> Account:
         """A new connection: charged the window HTTP/2 gives it before we can withhold anything."""
@@ -103,9 +107,10 @@ class HboneBudget:
         return max(self.limit - self.committed, 0)
 
     def snapshot(self) -> dict[str, int | None]:
-        """Limit, held and promised bytes, connections and withheld grants, for the metrics
-        (``agent.telemetry.agentmetrics``). ``held`` is read from the live connections,
-        ``promised`` is the rest of what they are charged."""
+        """Limit, held and promised bytes, connections and withheld grants, and the send
+        side's (``QueueBudget.snapshot``), for the metrics (``agent.telemetry.agentmetrics``).
+        ``held`` is read from the live connections, ``promised`` is the rest of what they are
+        charged."""
         held = sum(h.held for h in self._holders)
         return {
             "limit": self.limit,
@@ -114,7 +119,7 @@ class HboneBudget:
             "promised": self.committed - held,
             "connections": len(self._holders),
             "withheld": self.withheld,
-        }
+        } | self.queue.snapshot()
 
 
 class Account:
@@ -157,4 +162,146 @@ class Account:
         if budget is not None:
             budget.committed -= self.charge
             self.charge = 0
+            self.budget = None
+
+
+# ---- outgoing queues ------------------------------------------------------------------------
+
+# A connection may queue more while its own outgoing bytes are within this, however full the
+# queue budget: the TLS transport's high-water mark (``hbone_limits.TRANSPORT_HIGH_WATER``).
+# Below it a transport that is not paused gives no sign when it drains, so a connection whose
+# peer reads must be let through there, or it could wait for a wake-up that never comes.
+QUEUE_FLOOR = 64 * KIB
+# ``nodemesh agent --hbone-queue-budget``: at least 2 MiB (two connections' ``OUT_BUDGET``, so
+# one bulk stream never waits for it), at most 64 GiB.
+MIN_QUEUE_BUDGET = 2 * MIB
+MAX_QUEUE_BUDGET = 64 * 1024 * MIB
+# The default, for the whole agent (split among ``--workers``): 64 connections each holding
+# their own cap (``OUT_BUDGET``, 1 MiB), a sixteenth of the agent container's 1 GiB limit.
+DEFAULT_QUEUE_BUDGET = 64 * MIB
+
+STALLED = counter(
+    "nodemesh_hbone_writes_stalled_total",
+    "Times an HBONE connection's writers had to wait because the outgoing queue budget "
+    "(--hbone-queue-budget) was used up",
+)
+
+
+class QueueBudget:
+    """Bytes all HBONE connections of this process may hold in outgoing queues, together.
+
+    Why: each connection caps what it queues for its peer (``hbone_limits.OUT_BUDGET`` plus
+    one write), but a peer that grants windows and never reads its socket (or reads slowly) can
+    make each of its 256 connections per address hold that cap: 336 MiB per peer address with
+    the transport buffers. So every process owns one ``QueueBudget`` and every connection's
+    send side (``tunnel.HboneProtocol``) reports what it holds through a ``QueueAccount``.
+
+    A connection's *charge* is what it holds for its peer: DATA queued for the peer's windows,
+    framed bytes not yet given to the transport, and the transport's write buffer. The owner
+    sets it after every change it makes (``QueueAccount.set``); the transport buffer also
+    drains on its own, so a charge may be higher than what the connection still holds, never
+    lower (at most ``QUEUE_FLOOR`` higher: a transport that is not paused holds no more).
+
+    The rule: a connection may write while the budget's total is within ``limit`` or its own
+    charge is within ``QUEUE_FLOOR`` (``may_grow``). Otherwise its writers wait, the relay stops
+    reading from the pod (TCP backpressure to the pod: nothing dropped or reordered), and the
+    connection is called back (``on_room``) as soon as the total is within ``limit`` again.
+
+    How much a write may add (``tunnel.TunnelStream.write_room``, which the relay reads its
+    pod's socket by): ``MAX_WRITE`` while the total is within the limit, ``QUEUE_FLOOR`` when
+    the connection is let through on its floor only. Hence the invariant::
+
+        committed <= limit + MAX_WRITE + 2 * QUEUE_FLOOR * open connections
+
+    Proof sketch, as for the receive budget: after the last write let through by the limit
+    (which left the total at most ``limit + MAX_WRITE``), a connection that wrote only under its
+    floor since then holds at most ``2 * QUEUE_FLOOR``, and every other one no more than it did
+    then (a charge grows only by a write). Writers that do not ask ``write_room`` (a task
+    awaiting ``TunnelStream.write``, the HTTP/1.1 shells) write whole messages: with them, a
+    message instead of ``QUEUE_FLOOR`` in the per-connection term. Frames the codec produces
+    itself (WINDOW_UPDATEs, PING and SETTINGS ACKs) also land in the transport buffer, and are
+    charged like the rest, but a connection's charge may grow by them without asking;
+    ``hbone_limits`` bounds them per connection (``max_unsent_replies``).
+
+    Sans-IO: no clock, no sockets, no loop; ``on_room`` is the owner's callback (it schedules
+    its wake-up, it does not write from inside ``set``).
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit  # None: unbounded (tests and tools without an agent)
+        self.committed = 0
+        self.connections = 0
+        self.stalled = 0
+        self._waiting: dict[QueueAccount, None] = {}  # insertion-ordered: woken oldest first
+
+    def open(self, on_room: Callable[[], None] | None = None) -> QueueAccount:
+        self.connections += 1
+        return QueueAccount(self, on_room)
+
+    def within(self) -> bool:
+        return self.limit is None or self.committed <= self.limit
+
+    def _room(self) -> None:
+        """The total is within the limit again: every waiting connection may try once more."""
+        waiting, self._waiting = self._waiting, {}
+        for account in waiting:
+            if account.on_room is not None:
+                account.on_room()
+
+    def snapshot(self) -> dict[str, int | None]:
+        return {
+            "queue_limit": self.limit,
+            "queued": self.committed,
+            "queue_connections": self.connections,
+            "stalled": self.stalled,
+        }
+
+
+class QueueAccount:
+    """One connection's charge against a ``QueueBudget``; ``close`` gives it back, once."""
+
+    __slots__ = ("budget", "charge", "on_room")
+
+    def __init__(self, budget: QueueBudget | None, on_room: Callable[[], None] | None) -> None:
+        # None: not open (yet, or any more): charges nothing, may always grow.
+        self.budget = budget
+        self.charge = 0
+        self.on_room = on_room
+
+    def set(self, n: int) -> None:
+        """The connection now holds ``n`` outgoing bytes. A decrease that brings the total
+        within the limit calls back the connections waiting for room."""
+        budget = self.budget
+        if budget is None or n == self.charge:
+            return
+        budget.committed += n - self.charge
+        shrank = n < self.charge
+        self.charge = n
+        if shrank and budget._waiting and budget.within():
+            budget._room()
+
+    def budget_within(self) -> bool:
+        """The budget's total is within its limit (or the account is closed)."""
+        budget = self.budget
+        return budget is None or budget.within()
+
+    def may_grow(self) -> bool:
+        """May the connection write more now (the class docstring's rule)? If not, it is
+        called back (``on_room``) once the total is within the limit."""
+        budget = self.budget
+        if budget is None or self.charge <= QUEUE_FLOOR or budget.within():
+            return True
+        if self not in budget._waiting:
+            budget._waiting[self] = None
+            budget.stalled += 1
+            STALLED.inc()
+        return False
+
+    def close(self) -> None:
+        """The connection is gone: its charge returns (idempotent)."""
+        budget = self.budget
+        if budget is not None:
+            budget._waiting.pop(self, None)  # before ``set``: not called back itself
+            self.set(0)
+            budget.connections -= 1
             self.budget = None

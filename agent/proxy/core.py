@@ -27,7 +27,7 @@ from agent.base.constants import (
 from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, Authorizer, Decision, Request
 from agent.policy.peerauth import STRICT, PeerAuthenticator
 from agent.policy.ratelimit import Limiter, RateLimit, RateLimiter, limits_by_endpoint
-from agent.proxy.budget import DEFAULT_BUDGET, HboneBudget
+from agent.proxy.budget import DEFAULT_BUDGET, DEFAULT_QUEUE_BUDGET, HboneBudget
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
 from agent.proxy.records import Registry
@@ -61,6 +61,9 @@ class ProxySettings:
     # Bytes this process's HBONE connections may hold or have promised, all together
     # (``agent.proxy.budget``; ``nodemesh agent --hbone-buffer-budget``, this worker's share).
     hbone_buffer_budget: int = DEFAULT_BUDGET
+    # Bytes this process's HBONE connections may hold in outgoing queues, all together
+    # (``budget.QueueBudget``; ``--hbone-queue-budget``, this worker's share).
+    hbone_queue_budget: int = DEFAULT_QUEUE_BUDGET
     # HTTP/2 and gRPC through HBONE relayed frame by frame (``h2relay``), not terminated
     # (``--no-h2-relay``: False)
     h2_relay: bool = True
@@ -107,7 +110,9 @@ class Core:
         self.settings = settings or ProxySettings()
         self.contexts = Contexts(identities)
         self.registry = Registry()
-        self.hbone_budget = HboneBudget(self.settings.hbone_buffer_budget)
+        self.hbone_budget = HboneBudget(
+            self.settings.hbone_buffer_budget, queue_limit=self.settings.hbone_queue_budget
+        )
         self._policies: Policies | None = None
         self._protocols: tuple[int, Mapping[tuple[str, int], str]] | None = None
         # In-process buckets; a worker of --workers N swaps in the agent's shared ones.

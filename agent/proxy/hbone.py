@@ -168,7 +168,9 @@ class HboneConnection:
         self._h2.config.normalize_inbound_headers = False
         self._flow = DataFlow(self._h2, self.settings, client_side=client_side, budget=budget)
         self._out: dict[int, bytearray] = {}
-        self._queued = 0  # bytes in ``_out``
+        # Outgoing bytes of all streams waiting for the peer's windows (in ``_out``): a plain
+        # attribute, read by the owner before every write (``HboneProtocol.out_full``).
+        self.queued = 0
         self._end_after_flush: set[int] = set()
         self._unanswered: set[int] = set()  # requests we have not answered
         self._reset_pending: set[int] = set()  # unanswered requests the peer reset, not done
@@ -467,16 +469,11 @@ class HboneConnection:
                 return []
             data = memoryview(data)[sent:]
         self._out.setdefault(stream_id, bytearray()).extend(data)
-        self._queued += len(data)
+        self.queued += len(data)
         return self._flush(stream_id)
 
     def buffered(self, stream_id: int) -> int:
         return len(self._out.get(stream_id, b""))
-
-    @property
-    def queued(self) -> int:
-        """Outgoing bytes of all streams waiting for the peer's windows."""
-        return self._queued
 
     def unsent(self) -> int:
         """DATA bytes framed for the transport that ``data_to_send`` has not handed out yet
@@ -488,7 +485,7 @@ class HboneConnection:
         owner has not consumed, outgoing bytes queued for windows or for ``data_to_send``, and
         partial frames or a header block inside ``h2``. The owner adds its transport's buffer."""
         flow = self._flow
-        return flow.held + self._queued + flow.unsent() + flow.splitter.h2_buffered()
+        return flow.held + self.queued + flow.unsent() + flow.splitter.h2_buffered()
 
     def end_stream(self, stream_id: int) -> list[ev.Event]:
         """Half-close our side once the queued data is out. With nothing queued END_STREAM
@@ -522,6 +519,12 @@ class HboneConnection:
         """Bytes the peer may send without asking (the open connection window): with the
         received bytes the owner holds, what this connection is charged to the buffer budget."""
         return self._flow.promised
+
+    @property
+    def budget(self) -> HboneBudget:
+        """The process's buffer budget this connection draws from (the send side's part,
+        ``budget.queue``, is charged by the owner: ``tunnel.HboneProtocol``)."""
+        return self._flow.budget
 
     def close_budget(self) -> None:
         """The transport is gone: what this connection held and promised goes back to the
@@ -567,7 +570,7 @@ class HboneConnection:
             with memoryview(buf) as view:
                 sent = self._flow.send(stream_id, view)
             del buf[:sent]
-            self._queued -= sent
+            self.queued -= sent
             if buf:
                 return []
         if stream_id in self._end_after_flush:
@@ -583,6 +586,6 @@ class HboneConnection:
         return out
 
     def _forget(self, stream_id: int) -> None:
-        self._queued -= len(self._out.pop(stream_id, b""))
+        self.queued -= len(self._out.pop(stream_id, b""))
         self._end_after_flush.discard(stream_id)
         self._flow.forget(stream_id)

@@ -184,6 +184,10 @@ class DataFlow:
                 self._grant()
 
     @property
+    def budget(self) -> HboneBudget:
+        return self._budget
+
+    @property
     def promised(self) -> int:
         """What the peer may still send on this connection without a WINDOW_UPDATE."""
         return self._window

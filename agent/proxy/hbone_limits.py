@@ -34,7 +34,10 @@ windows", has the measurements).
 Across connections, what all of them hold in received DATA and promise in open windows is
 bounded by the process's buffer budget (``agent.proxy.budget``, ``--hbone-buffer-budget``) plus
 HTTP/2's initial 64 KiB window per connection: ``max_connections_per_peer`` times the table above
-is no longer what a peer address can make the agent hold in received data.
+is no longer what a peer address can make the agent hold in received data. What all of them
+hold for their peers (the second row) is bounded the same way by the process's outgoing queue
+budget (``agent.proxy.budget.QueueBudget``, ``--hbone-queue-budget``) plus 128 KiB per
+connection.
 
 ``HboneProtocol.held_bytes()`` is the agent's own accounting of the table above for a live
 connection; the tests that drive each hostile pattern read it.

@@ -14,7 +14,9 @@ scheduled and run, and the reader added and removed around each wait.
 Backpressure: what the destination does not take is copied out of the shared buffer
 (``_Direction.pending``), the source's reader is removed and a writer waits on the destination;
 once the destination took it all the reader is back, so a slow reader stops its writer's reads.
-A tunnel stream's side uses the stream's own backpressure (``TunnelStream.can_write``) and its
+A tunnel stream's side uses the stream's own backpressure (``TunnelStream.write_room``: it
+reads its socket only that far, less than a whole read while the process's outgoing queue
+budget is used up) and its
 queue: received tunnel bytes go to the socket straight from the HBONE protocol's
 ``data_received`` (``deliver_directly``); what the socket does not take stays queued in the
 stream and is written when the socket is writable (``TunnelStream.write_queued``), and the
@@ -354,14 +356,15 @@ class _TunnelRelay(_Relay):
         if stream.error is not None:
             self.fail(stream.error)
             return
-        if not stream.can_write():
+        room = stream.write_room()  # less than a whole read while the queue budget is used up
+        if not room:
             # ``stream_changed`` resumes it once the stream has room; the protocol wakes
             # streams on freed connection budget only while some writer says it waits.
             stream.proto.writers_waiting = True
             self._read(False)
             return
         try:
-            n = self.sock.recv_into(_SHARED)
+            n = self.sock.recv_into(_SHARED, room)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:

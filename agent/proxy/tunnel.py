@@ -9,7 +9,12 @@ Backpressure: ``write`` waits, before it queues anything, while the stream has m
 ``HIGH_WATER`` bytes queued in the codec (the peer's window is closed), while the TLS transport's
 buffer is full (``pause_writing``), or while the connection holds more than ``OUT_BUDGET``
 outgoing bytes in all, so a slow receiver slows exactly its own sender and a peer that grants
-windows but does not read cannot make a hundred streams queue a relay read each. Received data
+windows but does not read cannot make a hundred streams queue a relay read each; and, across
+connections, while the process's outgoing queue budget is used up and this connection holds
+more than its floor (``agent.proxy.budget.QueueBudget``: every change to what the connection
+holds for its peer is charged to it), so a peer that does not read cannot make all its
+connections hold their cap each. A relay whose stream may not write stops reading its socket:
+the pod is slowed by TCP, nothing is dropped or reordered. Received data
 is queued per stream and given back to the codec (``consumed``) when the relay wrote it to the
 pod, or when the stream is dropped with data still queued: the codec's windows bound that queue.
 ``held_bytes`` is the connection's memory accounting (``agent.proxy.hbone_limits``).
@@ -48,8 +53,9 @@ from h2.errors import ErrorCodes
 
 from agent.identity.tls import PeerIdentityError, peer_spiffe_id
 from agent.proxy import hbone_events as ev
+from agent.proxy.budget import QUEUE_FLOOR, QueueAccount
 from agent.proxy.hbone import HboneConnection
-from agent.proxy.hbone_limits import OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
+from agent.proxy.hbone_limits import MAX_WRITE, OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +281,20 @@ class TunnelStream:
             self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full()
         )
 
+    def write_room(self) -> int:
+        """How much one write may add now, for a relay that reads its socket only that far:
+        0 when a write would wait (``can_write``); ``MAX_WRITE`` while the process's queue
+        budget has room; ``QUEUE_FLOOR`` while the connection is let through on its floor only,
+        so that beyond the budget it never holds more than twice its floor
+        (``agent.proxy.budget.QueueBudget``)."""
+        proto = self.proto
+        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+            return 0  # ``can_write``, inlined: this is asked before every relay read
+        queue = proto.queue_budget
+        if queue.limit is None or queue.committed <= queue.limit:
+            return MAX_WRITE
+        return QUEUE_FLOOR
+
     def try_write(self, data: bytes | memoryview) -> bool:
         """Write now if no backpressure applies (what ``write`` would do without waiting);
         False: nothing was written and the caller awaits ``write``. For callers that would
@@ -291,16 +311,20 @@ class TunnelStream:
         it writes once per callback. So on a connection whose only stream this is, nothing else
         can join the record in this pass of the loop and it goes to the transport now, without
         a callback scheduled per message (``flush_soon``); with other streams, as theirs."""
-        self._send(data)
         proto = self.proto
         if len(proto.streams) == 1:
-            proto.flush_and_wake()
+            events = proto.codec.send(self.stream_id, data)
+            if events:
+                proto.dispatch(events)
+            proto.flush_and_wake()  # charges the queue budget what the connection holds now
         else:
+            self._send(data)
             proto.flush_soon()
 
     def _send(self, data: bytes | memoryview) -> None:
         proto = self.proto
         events = proto.codec.send(self.stream_id, data)
+        proto.charge_sent()  # before any other connection asks the queue budget
         if events:  # only when bytes had to queue (``StreamDrained``): not per message
             proto.dispatch(events)
 
@@ -317,7 +341,9 @@ class TunnelStream:
                 self._write_waiter = None
         if self.error:
             raise self.error
-        proto.dispatch(proto.codec.send(self.stream_id, data))
+        events = proto.codec.send(self.stream_id, data)
+        proto.charge_sent()  # before any other connection asks the queue budget
+        proto.dispatch(events)
         proto.flush_soon()
 
     def write_eof(self) -> None:
@@ -371,12 +397,20 @@ class HboneProtocol(asyncio.Protocol):
         # per stream (``getpeercert`` decodes the whole certificate each time).
         self._peer_id: str | PeerIdentityError | None = None
         self._flush_scheduled = False  # a ``flush_soon`` is pending
+        # What this connection holds for its peer, charged to the process's queue budget.
+        self.queue_budget = codec.budget.queue
+        # Opened with the transport (``connection_made``; closed by ``connection_lost``), so a
+        # connection whose handshake failed is never counted.
+        self._queue = QueueAccount(None, None)
+        self._transport_size = 0  # the transport's buffer when ``recharge`` last asked
+        self._room_scheduled = False
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
+        self._queue = self.queue_budget.open(self._queue_room)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -394,6 +428,7 @@ class HboneProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.codec.output_accepted()
+        self.recharge()  # the transport drained: the queue budget gets it back
         self._wake_writers()
 
     def _wake_writers(self) -> None:
@@ -401,11 +436,50 @@ class HboneProtocol(asyncio.Protocol):
             stream._on_writable()
 
     def out_full(self) -> bool:
-        """Writers wait: the transport is paused or the connection holds ``OUT_BUDGET``."""
+        """Writers wait: the transport is paused, the connection holds ``OUT_BUDGET``, or the
+        process's queue budget is used up and this connection holds more than its floor
+        (``QueueAccount.may_grow``: it is called back when the budget has room)."""
         if self.write_paused:
             return True
+        # ``recharge``, inlined: this is asked before every relay read.
         size = self.transport.get_write_buffer_size() if self.transport is not None else 0
-        return self.codec.queued + self.codec.unsent() + size > OUT_BUDGET
+        self._transport_size = size
+        out = self.codec.queued + self.codec.unsent() + size
+        queue = self._queue
+        if out != queue.charge:
+            queue.set(out)
+        return out > OUT_BUDGET or (out > QUEUE_FLOOR and not queue.may_grow())
+
+    def recharge(self) -> int:
+        """Charge the queue budget what the connection holds for its peer now (queued for
+        windows, framed, in the transport's buffer), and return it. Called whenever the
+        transport's buffer may have grown (a flush that wrote) or its drain matters (a
+        resumed transport, a writer asking ``out_full``)."""
+        size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        self._transport_size = size
+        out = self.codec.queued + self.codec.unsent() + size
+        if out != self._queue.charge:  # mostly 0 both: a transport that keeps up
+            self._queue.set(out)
+        return out
+
+    def charge_sent(self) -> None:
+        """``recharge`` after the codec took a write: only the codec's part changed, and the
+        transport holds no more than when it was last asked (it only drains on its own), so
+        its size is not asked again (a write per message is the hot path)."""
+        self._queue.set(self.codec.queued + self.codec.unsent() + self._transport_size)
+
+    def _queue_room(self) -> None:
+        """The queue budget has room again (called from inside ``QueueAccount.set`` of any
+        connection): wake the writers on the next pass of the loop, not from inside it."""
+        if not self._room_scheduled:
+            self._room_scheduled = True
+            self.loop.call_soon(self._wake_for_room)
+
+    def _wake_for_room(self) -> None:
+        self._room_scheduled = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.writers_waiting = False
+            self._wake_writers()
 
     def held_bytes(self) -> int:
         """What the peer makes this connection hold: the codec's accounting plus the TLS
@@ -423,11 +497,14 @@ class HboneProtocol(asyncio.Protocol):
                 stream.on_drop()
         self.streams.clear()
         self.codec.close_budget()  # after the streams gave back what they had queued
+        self._queue.close()
         if not self.closed.done():
             self.closed.set_result(None)
 
     # -- plumbing --
     def flush(self) -> None:
+        """Hand the codec's output to the transport, and charge the queue budget what the
+        connection holds now if that may have changed."""
         out = self.codec.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
@@ -435,6 +512,18 @@ class HboneProtocol(asyncio.Protocol):
                 self.codec.output_accepted()
         if self.codec.failed and self.transport is not None and not self.transport.is_closing():
             self._close_failed()
+        if out or self.codec.queued:
+            # Framed bytes moved to the transport, which may have sent them, or a write queued
+            # for closed windows: what the connection holds may have changed. (Bytes of a
+            # stream the peer reset leave the queue without output: charged until the
+            # connection next flushes or writes; too much, never too little.) ``recharge``
+            # inlined (a flush per message): nothing is left unsent after ``data_to_send``.
+            transport = self.transport
+            size = transport.get_write_buffer_size() if transport is not None else 0
+            self._transport_size = size
+            held = self.codec.queued + size
+            if held != self._queue.charge:
+                self._queue.set(held)
 
     def flush_soon(self) -> None:
         """``flush`` once the loop has run the callbacks that are ready now: what the relays of

@@ -67,12 +67,21 @@ def _budget(snapshot: Mapping[str, int | None]) -> Iterator[Family]:
     used = GaugeMetricFamily(
         "nodemesh_hbone_buffer_bytes",
         "Bytes HBONE connections hold (received, not yet written to the pod) or have promised "
-        "to peers (open connection windows), by kind; together bounded by the buffer budget",
+        "to peers (open connection windows), together bounded by the buffer budget, and hold "
+        "for peers (queued: outgoing, not yet read by the peer), bounded by the queue budget; "
+        "by kind",
         labels=["kind"],
     )
-    for kind in ("held", "promised"):
-        used.add_metric([kind], snapshot[kind] or 0)
+    for kind in ("held", "promised", "queued"):
+        used.add_metric([kind], snapshot.get(kind) or 0)
     yield used
+    queue_limit = snapshot.get("queue_limit")
+    if queue_limit is not None:
+        yield _gauge(
+            "nodemesh_hbone_queue_budget_bytes",
+            "The HBONE outgoing queue budget (--hbone-queue-budget; summed over the workers)",
+            queue_limit,
+        )
     limit = snapshot["limit"]
     if limit is not None:
         yield _gauge(

@@ -146,3 +146,40 @@ def test_config_dump_shows_the_budget_and_each_processs_share() -> None:
         1 << 30,
         1 << 29,
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("64MiB", 64 << 20), ("2MiB", 2 << 20), ("1g", 1 << 30), ("64GiB", 64 << 30)],
+)
+def test_hbone_queue_budget_sizes(text: str, size: int) -> None:
+    cfg = parse("--node", "n", "--in-cluster", "--hbone-queue-budget", text)
+    assert cfg.hbone_queue_budget == size
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("1MiB", "2MiB to 64GiB"), ("65GiB", "2MiB to 64GiB"), ("lots", "such as 64MiB")],
+)
+def test_a_bad_hbone_queue_budget_names_the_flag_and_the_range(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse("--node", "n", "--in-cluster", "--hbone-queue-budget", text)
+    assert str(e.value).startswith(f"--hbone-queue-budget {text}: expected")
+    assert message in str(e.value)
+
+
+def test_the_hbone_queue_budget_reaches_the_proxy_split_among_the_workers() -> None:
+    from agent.wiring import effective_config
+
+    cfg = parse("--node", "n", "--in-cluster")
+    assert cfg.hbone_queue_budget == 64 << 20
+    proxy = node_proxy(cfg, make_store(), FakeIdentities(TestCA())).proxy
+    assert proxy.core.hbone_budget.queue.limit == 64 << 20
+    four = AgentConfig(node="n", pin_dir=Path("/tmp/x"), workers=4, hbone_queue_budget=1 << 30)
+    proxy = node_proxy(four, make_store(), FakeIdentities(TestCA())).proxy
+    assert proxy.core.hbone_budget.queue.limit == 256 << 20  # each worker's quarter
+    shown = effective_config(four)
+    assert (shown["hbone_queue_budget"], shown["hbone_queue_budget_per_process"]) == (
+        1 << 30,
+        256 << 20,
+    )

@@ -68,6 +68,9 @@ class _Proto:
     def flush_and_wake(self) -> None:
         self.flushes.append("now")
 
+    def charge_sent(self) -> None:  # the queue budget's charge after a write
+        pass
+
     def finish(self, stream: TunnelStream) -> None:
         self.finished.append(stream)
 

@@ -87,16 +87,22 @@ def test_a_relayed_message_asks_the_stream_for_room_once(
     pairs: tuple[socket.socket, ...],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The relay asks ``can_write`` before it reads the socket; it then writes without asking
-    again (before: ``try_write`` asked a second time, with nothing changed in between)."""
+    """The relay asks ``write_room`` (``can_write``'s questions and how much it may read)
+    before it reads the socket; it then writes without asking again (before: ``try_write``
+    asked a second time, with nothing changed in between)."""
     asked: list[int] = []
-    real = TunnelStream.can_write
+    real_room, real_can = TunnelStream.write_room, TunnelStream.can_write
 
-    def counted(self: TunnelStream) -> bool:
+    def counted(self: TunnelStream) -> int:
         asked.append(self.stream_id)
-        return real(self)
+        return real_room(self)
 
-    monkeypatch.setattr(TunnelStream, "can_write", counted)
+    def counted_can(self: TunnelStream) -> bool:
+        asked.append(self.stream_id)
+        return real_can(self)
+
+    monkeypatch.setattr(TunnelStream, "write_room", counted)
+    monkeypatch.setattr(TunnelStream, "can_write", counted_can)
 
     async def main() -> None:
         await round_trips(pairs, asked.clear)

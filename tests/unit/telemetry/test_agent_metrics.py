@@ -161,3 +161,14 @@ def test_the_hbone_buffer_budget_is_read_at_scrape_time() -> None:
     assert total(parsed, "nodemesh_hbone_buffer_bytes", kind="held") == 1000
     assert total(parsed, "nodemesh_hbone_buffer_bytes", kind="promised") == 65535 + 5000 - 1000
     assert total(parsed, "nodemesh_hbone_buffer_budget_bytes") == 64 << 20
+
+
+def test_the_hbone_queue_budget_is_read_at_scrape_time() -> None:
+    from agent.proxy.budget import HboneBudget
+
+    budget = HboneBudget(64 << 20, queue_limit=8 << 20)
+    account = budget.queue.open()
+    account.set(300_000)
+    parsed = samples(component(AgentSources(hbone_budget=budget.snapshot)).exposition())
+    assert total(parsed, "nodemesh_hbone_buffer_bytes", kind="queued") == 300_000
+    assert total(parsed, "nodemesh_hbone_queue_budget_bytes") == 8 << 20

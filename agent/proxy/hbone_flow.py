@@ -40,6 +40,7 @@ windows are read and charged through ``agent.proxy.h2wire``, the one module that
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -81,6 +82,7 @@ class DataFlow:
         # A connection dropped without ``close_budget`` (its TLS handshake failed, say) still
         # gives its charge back.
         self._give_back = weakref.finalize(self, self._account.close)
+        self._on_room: Callable[[], None] | None = None  # ``on_budget_room``
         self._stream_window: dict[int, int] = {}
         self._stream_unacked: dict[int, int] = {}
         self._stream_held: dict[int, int] = {}
@@ -182,6 +184,32 @@ class DataFlow:
             self._retarget()
             if self._target - self._window - self.held >= self._batch:
                 self._grant()
+
+    def on_budget_room(self, callback: Callable[[], None]) -> None:
+        """Let a grant refused or cut short while the budget is used up wait for freed budget:
+        ``callback`` is called (from inside another connection's accounting: it must only
+        schedule ``regrant``) when it is this connection's turn (``budget.HboneBudget``).
+
+        The account reaches this connection only weakly: the finalizer holds the account, so a
+        strong reference from it would keep a dropped connection (and its charge) alive."""
+        self._on_room = callback
+        ref = weakref.ref(self)
+
+        def room() -> None:
+            flow = ref()
+            if flow is not None and flow._on_room is not None:
+                flow._on_room()
+
+        self._account.on_room = room
+
+    def regrant(self) -> None:
+        """Freed budget is this connection's turn: grant what the target still wants (or pass
+        the turn on if it wants nothing now). Called by the owner, scheduled by the call-back."""
+        want = self._target - self._window - self.held
+        n = self._account.take(want if want > 0 else 0)
+        if n:
+            self.emit(h2data.window_update_frame(0, n))
+            self._window += n
 
     @property
     def budget(self) -> HboneBudget:

@@ -95,8 +95,9 @@ class HboneBudget:
         self._called = False  # the oldest waiter was called back and has not taken yet
 
     def _call_head(self) -> None:
-        """At least ``MIN_GRANT`` is free: call the oldest waiter back (once per turn)."""
-        if self.free() >= MIN_GRANT:
+        """If anyone waits and at least ``MIN_GRANT`` is free: call the oldest waiter back
+        (once per turn)."""
+        if self._waiting and self.free() >= MIN_GRANT:
             head = next(iter(self._waiting))
             self._called = True
             assert head.on_room is not None  # only accounts with a call-back wait

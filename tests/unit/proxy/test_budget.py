@@ -269,7 +269,7 @@ ACTION = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.integers(2 * FLOOR, 4 * SETTINGS.connection_window), st.lists(ACTION, max_size=40))
 def test_random_interleavings_stay_bounded_and_drain_completely(
     limit: int, actions: list[tuple[int | str, ...]]
@@ -411,3 +411,35 @@ def test_the_source_side_is_bounded_the_same_way() -> None:
     assert budget.committed == charges <= LIMIT + FLOOR * len(pairs)
     assert sum(client.held_received for client, _ in pairs) > LIMIT // 2
     assert budget.withheld > 0
+
+
+def test_the_proxy_takes_its_turn_on_the_next_pass_of_the_loop_not_from_inside() -> None:
+    """``HboneProtocol``: the call-back comes from inside another connection's accounting, so
+    the grant and its WINDOW_UPDATE are scheduled, and go out once the loop runs."""
+    import asyncio
+
+    from agent.proxy.tunnel import HboneProtocol
+    from tests.unit.proxy.memtransport import MemoryTransport
+
+    async def main() -> None:
+        budget = HboneBudget(4 * FLOOR)
+        client = HboneProtocol(HboneConnection(client_side=True, settings=SETTINGS))
+        server = HboneProtocol(
+            HboneConnection(client_side=False, settings=SETTINGS, budget=budget),
+            on_request=lambda proto, e: (proto.codec.respond(e.stream_id, 200), proto.flush()),
+        )
+        to_server, to_client = MemoryTransport(server), MemoryTransport(client)
+        to_server.other, to_client.other = to_client, to_server
+        server.connection_made(to_client)
+        client.connection_made(to_server)
+        hog = budget.open(Conn())
+        assert hog.take(2 * FLOOR) == 2 * FLOOR  # with the two connections' floors: used up
+        await client.open("10.0.0.2:80", None)
+        assert server.codec.promised == FLOOR  # its grant was refused: it waits
+        hog.give_back(2 * FLOOR)
+        assert server.codec.promised == FLOOR  # called back, not granted from inside
+        await asyncio.sleep(0)
+        assert server.codec.promised == 2 * SETTINGS.stream_window  # its turn, sent
+        assert not budget._waiting
+
+    asyncio.run(asyncio.wait_for(main(), 10))

@@ -36,8 +36,20 @@ is exhausted, a connection on which one stream's pod stopped reading and holds t
 that connection's other streams until the budget frees up (ARCHITECTURE.md, "HBONE buffer
 budget").
 
+Who gets freed budget while it is used up: the connections that wait for it, oldest first. A
+grant refused or cut short puts its connection (once) in the budget's FIFO (``_waiting``, if
+its owner gave a call-back: ``Account.on_room``); while anyone waits, only the oldest waiter
+may draw on the free budget and every other connection gets its floor only (so a connection
+that happens to consume next cannot take what the oldest waiter waits for); when a give-back
+leaves at least ``MIN_GRANT`` free, the oldest waiter is called back once, and takes its grant
+when its owner runs (``tunnel.HboneProtocol``: on the next pass of the loop). A waiter still
+short after its turn goes to the back; a closed one leaves and passes the turn on. The
+invariant's argument is unchanged: the oldest waiter's grant fits under the limit. The FIFO is
+empty unless the budget was used up: the normal path pays one truth test per grant and per
+give-back.
+
 Sans-IO: no clock, no sockets; ``DataFlow`` asks and gives back, the metrics read
-``snapshot``.
+``snapshot``; the call-back only schedules.
 """
 
 from __future__ import annotations
@@ -172,6 +184,14 @@ class Account:
         self.charge += n
         budget.committed += n
         return n
+
+    def wait(self) -> None:
+        """Wait (at the back, once) for freed budget, as ``take`` makes an account with a
+        call-back do when its grant falls short: for an owner that gives the call-back only
+        then (``hbone_flow.DataFlow``)."""
+        budget = self.budget
+        if budget is not None and self.on_room is not None and self not in budget._waiting:
+            budget._waiting[self] = None
 
     def _take_in_turn(self, budget: HboneBudget, want: int) -> int:
         """``take`` while connections wait for freed budget: the oldest waiter may take what

@@ -36,8 +36,20 @@ is exhausted, a connection on which one stream's pod stopped reading and holds t
 that connection's other streams until the budget frees up (ARCHITECTURE.md, "HBONE buffer
 budget").
 
+Who gets freed budget while it is used up: the connections that wait for it, oldest first. A
+grant refused or cut short puts its connection (once) in the budget's FIFO (``_waiting``, if
+its owner gave a call-back: ``Account.on_room``); while anyone waits, only the oldest waiter
+may draw on the free budget and every other connection gets its floor only (so a connection
+that happens to consume next cannot take what the oldest waiter waits for); when a give-back
+leaves at least ``MIN_GRANT`` free, the oldest waiter is called back once, and takes its grant
+when its owner runs (``tunnel.HboneProtocol``: on the next pass of the loop). A waiter still
+short after its turn goes to the back; a closed one leaves and passes the turn on. The
+invariant's argument is unchanged: the oldest waiter's grant fits under the limit. The FIFO is
+empty unless the budget was used up: the normal path pays one truth test per grant and per
+give-back.
+
 Sans-IO: no clock, no sockets; ``DataFlow`` asks and gives back, the metrics read
-``snapshot``.
+``snapshot``; the call-back only schedules.
 """
 
 from __future__ import annotations
@@ -89,6 +101,19 @@ class HboneBudget:
         # The send side's budget, with its own limit (``QueueBudget``; ``--hbone-queue-budget``):
         # one object per process carries both to every connection.
         self.queue = QueueBudget(queue_limit)
+        # Connections whose grant was refused or cut short while the budget was used up, oldest
+        # first (insertion-ordered): freed budget goes to them in that order (``Account.take``).
+        self._waiting: dict[Account, None] = {}
+        self._called = False  # the oldest waiter was called back and has not taken yet
+
+    def _call_head(self) -> None:
+        """If anyone waits and at least ``MIN_GRANT`` is free: call the oldest waiter back
+        (once per turn)."""
+        if self._waiting and self.free() >= MIN_GRANT:
+            head = next(iter(self._waiting))
+            self._called = True
+            assert head.on_room is not None  # only accounts with a call-back wait
+            head.on_room()
 
     def open(self, holder: Holder) -> Account:
         """A new connection: charged the window HTTP/2 gives it before we can withhold anything."""
@@ -125,44 +150,104 @@ class HboneBudget:
 class Account:
     """One connection's charge against a budget; ``close`` gives all of it back, once."""
 
-    __slots__ = ("budget", "charge")
+    __slots__ = ("budget", "charge", "on_room")
 
     def __init__(self, budget: HboneBudget, charge: int) -> None:
         self.budget: HboneBudget | None = budget
         self.charge = charge
+        # The owner's call-back for freed budget (None: never waits in the budget's FIFO). It
+        # is called from inside another connection's ``give_back`` or ``take``, so it must only
+        # schedule the owner's ``take`` (``tunnel.HboneProtocol``), never grant from inside.
+        self.on_room: Callable[[], None] | None = None
 
     def take(self, want: int) -> int:
         """Up to ``want`` more bytes of window: what fits under the limit, or what keeps this
         connection's charge within ``FLOOR``; 0 when that is less than both ``want`` and
-        ``MIN_GRANT``. Anything less than ``want`` is counted as withheld."""
+        ``MIN_GRANT``. Anything less than ``want`` is counted as withheld, and a connection
+        with a call-back (``on_room``) then waits in the budget's FIFO for freed budget
+        (``HboneBudget``: while any connection waits, only the oldest waiter may draw on the
+        free budget)."""
         budget = self.budget
         if budget is None:  # closed: nothing more is promised
             return 0
+        if budget._waiting:  # the budget was used up: freed budget goes to waiters first
+            return self._take_in_turn(budget, want)
         room = max(budget.free(), FLOOR - self.charge)
         n = want if want <= room else room
         if n < want:
             budget.withheld += 1
             WITHHELD.inc()
+            if self.on_room is not None:
+                budget._waiting[self] = None  # the only waiter: called back on a give-back
             if n < MIN_GRANT:
                 return 0
         self.charge += n
         budget.committed += n
         return n
 
+    def wait(self) -> None:
+        """Wait (at the back, once) for freed budget, as ``take`` makes an account with a
+        call-back do when its grant falls short: for an owner that gives the call-back only
+        then (``hbone_flow.DataFlow``)."""
+        budget = self.budget
+        if budget is not None and self.on_room is not None and self not in budget._waiting:
+            budget._waiting[self] = None
+
+    def _take_in_turn(self, budget: HboneBudget, want: int) -> int:
+        """``take`` while connections wait for freed budget: the oldest waiter may take what
+        is free; every other connection only what keeps it within ``FLOOR``, and waits (at
+        the back, once) if that is less than it wants. A waiter that took its turn and still
+        wants more goes to the back, so one large window cannot hold the others at the floor
+        for longer than a turn."""
+        waiting = budget._waiting
+        head = next(iter(waiting))
+        room = max(budget.free() if head is self else 0, FLOOR - self.charge)
+        n = want if want <= room else room
+        if n < want:
+            budget.withheld += 1
+            WITHHELD.inc()
+            if head is self:
+                del waiting[self]
+            if self.on_room is not None:
+                waiting[self] = None  # no-op if already waiting: its place is kept
+            if n < MIN_GRANT:
+                n = 0
+        else:
+            waiting.pop(self, None)
+        if n:
+            self.charge += n
+            budget.committed += n
+        if head is self:  # its turn is over: the next waiter's, if budget is free
+            budget._called = False
+            budget._call_head()
+        return n
+
     def give_back(self, n: int) -> None:
-        """``n`` charged bytes left the connection (forwarded, or dropped)."""
+        """``n`` charged bytes left the connection (forwarded, or dropped). If connections wait
+        for freed budget and at least ``MIN_GRANT`` is free, the oldest is called back."""
         budget = self.budget
         if budget is not None:
             self.charge -= n
             budget.committed -= n
+            if budget._waiting and not budget._called:
+                budget._call_head()
 
     def close(self) -> None:
-        """The connection is gone: its whole charge returns (idempotent)."""
+        """The connection is gone: its whole charge returns and it leaves the budget's FIFO
+        (idempotent). If it was the waiter called back, the turn passes on."""
         budget = self.budget
         if budget is not None:
             budget.committed -= self.charge
             self.charge = 0
             self.budget = None
+            self.on_room = None
+            waiting = budget._waiting
+            if self in waiting:
+                if budget._called and next(iter(waiting)) is self:
+                    budget._called = False
+                del waiting[self]
+            if waiting and not budget._called:
+                budget._call_head()
 
 
 # ---- outgoing queues ------------------------------------------------------------------------

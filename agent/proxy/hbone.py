@@ -42,7 +42,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import h2.events as h2e
 from h2.errors import ErrorCodes
@@ -525,6 +525,15 @@ class HboneConnection:
         """The process's buffer budget this connection draws from (the send side's part,
         ``budget.queue``, is charged by the owner: ``tunnel.HboneProtocol``)."""
         return self._flow.budget
+
+    def on_budget_room(self, callback: Callable[[], None]) -> None:
+        """A window grant the exhausted budget refused waits for freed budget; ``callback``
+        (which must only schedule ``regrant``) says it is this connection's turn."""
+        self._flow.on_budget_room(callback)
+
+    def regrant(self) -> None:
+        """Take this connection's turn at freed budget (``hbone_flow.DataFlow.regrant``)."""
+        self._flow.regrant()
 
     def close_budget(self) -> None:
         """The transport is gone: what this connection held and promised goes back to the

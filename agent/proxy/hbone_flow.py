@@ -40,6 +40,7 @@ windows are read and charged through ``agent.proxy.h2wire``, the one module that
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -81,6 +82,7 @@ class DataFlow:
         # A connection dropped without ``close_budget`` (its TLS handshake failed, say) still
         # gives its charge back.
         self._give_back = weakref.finalize(self, self._account.close)
+        self._on_room: Callable[[], None] | None = None  # ``on_budget_room``
         self._stream_window: dict[int, int] = {}
         self._stream_unacked: dict[int, int] = {}
         self._stream_held: dict[int, int] = {}
@@ -183,6 +185,41 @@ class DataFlow:
             if self._target - self._window - self.held >= self._batch:
                 self._grant()
 
+    def on_budget_room(self, callback: Callable[[], None]) -> None:
+        """Let a grant refused or cut short while the budget is used up wait for freed budget:
+        ``callback`` is called (from inside another connection's accounting: it must only
+        schedule ``regrant``) when it is this connection's turn (``budget.HboneBudget``). Only
+        stored here: the account gets its call-back when a grant first falls short
+        (``_wait_for_budget``), so a connection that never meets an exhausted budget pays
+        one attribute for it."""
+        self._on_room = callback
+
+    def _wait_for_budget(self) -> None:
+        """A grant fell short for the first time: give the account its call-back and wait.
+
+        The account reaches this connection only weakly: the finalizer holds the account, so a
+        strong reference from it would keep a dropped connection (and its charge) alive."""
+        ref = weakref.ref(self)
+
+        def room() -> None:
+            flow = ref()
+            if flow is not None and flow._on_room is not None:
+                flow._on_room()
+
+        self._account.on_room = room
+        self._account.wait()
+
+    def regrant(self) -> None:
+        """Freed budget is this connection's turn: grant what the target still wants (or pass
+        the turn on if it wants nothing now). Called by the owner, scheduled by the call-back."""
+        want = self._target - self._window - self.held
+        n = self._account.take(want if want > 0 else 0)
+        if n < want and self._account.on_room is None and self._on_room is not None:
+            self._wait_for_budget()
+        if n:
+            self.emit(h2data.window_update_frame(0, n))
+            self._window += n
+
     @property
     def budget(self) -> HboneBudget:
         return self._budget
@@ -227,6 +264,8 @@ class DataFlow:
         if want <= 0:
             return
         n = self._account.take(want)
+        if n < want and self._account.on_room is None and self._on_room is not None:
+            self._wait_for_budget()
         if n:
             self.emit(h2data.window_update_frame(0, n))
             self._window += n

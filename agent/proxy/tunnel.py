@@ -404,6 +404,9 @@ class HboneProtocol(asyncio.Protocol):
         self._queue = QueueAccount(None, None)
         self._transport_size = 0  # the transport's buffer when ``recharge`` last asked
         self._room_scheduled = False
+        self._regrant_scheduled = False
+        # A receive-window grant the exhausted buffer budget refused waits for freed budget.
+        codec.on_budget_room(self._budget_room)
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -480,6 +483,20 @@ class HboneProtocol(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.writers_waiting = False
             self._wake_writers()
+
+    def _budget_room(self) -> None:
+        """Freed receive budget is this connection's turn (called from inside another
+        connection's accounting, ``budget.Account``): take it on the next pass of the loop."""
+        if not self._regrant_scheduled:
+            self._regrant_scheduled = True
+            self.loop.call_soon(self._regrant)
+
+    def _regrant(self) -> None:
+        # Also on a closing connection: taking (or passing) the turn is what lets the next
+        # waiter go; ``connection_lost`` gives the grant back.
+        self._regrant_scheduled = False
+        self.codec.regrant()
+        self.flush()
 
     def held_bytes(self) -> int:
         """What the peer makes this connection hold: the codec's accounting plus the TLS

@@ -62,6 +62,59 @@ def test_closing_gives_everything_back_once() -> None:
     assert account.take(FLOOR) == 0
 
 
+class Waiter:
+    """An account's owner that records its call-backs (it would schedule its ``take``)."""
+
+    held = 0
+
+    def __init__(self, budget: HboneBudget) -> None:
+        self.account = budget.open(self)
+        self.calls = 0
+        self.account.on_room = self.called
+
+    def called(self) -> None:
+        self.calls += 1
+
+
+def test_freed_budget_goes_to_the_oldest_waiter_before_a_later_consumer() -> None:
+    budget = HboneBudget(4 * FLOOR)
+    hog, waiter, newcomer = Waiter(budget), Waiter(budget), Waiter(budget)
+    assert hog.account.take(FLOOR) == FLOOR  # the budget is used up (4 x FLOOR committed)
+    assert waiter.account.take(4 * FLOOR) == 0  # refused: it waits for freed budget
+    assert budget.withheld == 1 and waiter.calls == 0
+    hog.account.give_back(2 * FLOOR)  # a stalled pod reads: 2 x FLOOR free
+    assert waiter.calls == 1  # called back (it takes on its own time) ...
+    newcomer.account.give_back(FLOOR)  # ... while another connection consumes first:
+    assert newcomer.account.take(4 * FLOOR) == FLOOR  # its floor only, not the freed budget
+    assert waiter.account.take(4 * FLOOR) == 2 * FLOOR  # the freed budget is the waiter's
+    assert budget.committed == 4 * FLOOR  # the limit
+    # Cut short again, the waiter went to the back, behind the newcomer.
+    assert list(budget._waiting) == [newcomer.account, waiter.account]
+    assert waiter.calls == 1 and newcomer.calls == 0  # nothing free: nobody called
+
+
+def test_a_closed_waiter_leaves_the_fifo_and_passes_its_turn_on() -> None:
+    budget = HboneBudget(2 * FLOOR)
+    first, second = Waiter(budget), Waiter(budget)
+    assert first.account.take(FLOOR) == 0 and second.account.take(FLOOR) == 0
+    first.account.give_back(FLOOR)  # its own bytes: exactly a floor free
+    assert (first.calls, second.calls) == (1, 0)
+    first.account.close()  # gone before taking its turn: the next waiter's
+    assert second.calls == 1
+    assert list(budget._waiting) == [second.account]
+    assert second.account.take(FLOOR) == FLOOR  # all it wanted: it leaves the FIFO
+    assert not budget._waiting
+
+
+def test_a_waiter_that_wants_nothing_when_called_passes_its_turn_on() -> None:
+    budget = HboneBudget(2 * FLOOR)
+    first, second = Waiter(budget), Waiter(budget)
+    first.account.take(FLOOR), second.account.take(FLOOR)
+    first.account.give_back(FLOOR)
+    assert first.account.take(0) == 0  # its streams ended meanwhile
+    assert second.calls == 1 and list(budget._waiting) == [second.account]
+
+
 # ---- codecs sharing a budget ---------------------------------------------------------------
 
 
@@ -79,7 +132,21 @@ class Link:
     def __post_init__(self) -> None:
         self.client = HboneConnection(client_side=True, settings=SETTINGS)
         self.server = HboneConnection(client_side=False, settings=SETTINGS, budget=self.budget)
+        # Freed budget's call-back only records, as ``tunnel.HboneProtocol`` only schedules:
+        # ``room`` runs it later (the test decides when).
+        self.called = 0
+        self.server.on_budget_room(self._called_back)
         self.pump()
+
+    def _called_back(self) -> None:
+        self.called += 1
+
+    def room(self) -> None:
+        """The scheduled call-backs run: the connection takes its turn at freed budget."""
+        if self.called:
+            self.called = 0
+            self.server.regrant()
+            self.pump()
 
     def pump(self) -> None:
         while True:
@@ -198,10 +265,11 @@ ACTION = st.one_of(
     st.tuples(st.just("read"), st.integers(0, 3), st.integers(0, 7), st.integers(1, 300 * KIB)),
     st.tuples(st.just("end"), st.integers(0, 3), st.integers(0, 7)),
     st.tuples(st.just("close"), st.integers(0, 3)),
+    st.tuples(st.just("room"), st.integers(0, 3)),  # scheduled call-backs for freed budget run
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.integers(2 * FLOOR, 4 * SETTINGS.connection_window), st.lists(ACTION, max_size=40))
 def test_random_interleavings_stay_bounded_and_drain_completely(
     limit: int, actions: list[tuple[int | str, ...]]
@@ -233,14 +301,20 @@ def test_random_interleavings_stay_bounded_and_drain_completely(
         elif kind == "close":
             link.server.close_budget()
             closed.add(i)
+        elif kind == "room":
+            link.room()
         live = [link for j, link in enumerate(links) if j not in closed]
         assert budget.committed == sum(link.charge for link in live)
         assert budget.committed <= bound(budget, live)
+        # Only live connections wait for freed budget, each once (a dict's keys).
+        accounts = {link.server._flow._account for link in live}
+        assert set(budget._waiting) <= accounts
     # Every pod drains: everything sent on a live connection arrives, in order, with no
     # window left closed.
     live_ids = [j for j in range(len(links)) if j not in closed]
     for _ in range(10_000):
         for j in live_ids:
+            links[j].room()
             for sid in list(links[j].unread):
                 links[j].read(sid)
         if not any(links[j].client.queued or links[j].unread_total() for j in live_ids):
@@ -249,6 +323,33 @@ def test_random_interleavings_stay_bounded_and_drain_completely(
         if j in live_ids:
             assert bytes(links[j].received.get(sid, b"")) == bytes(data)
     assert budget.committed <= bound(budget, [links[j] for j in live_ids])
+
+
+def test_a_refused_connection_gets_freed_budget_before_a_newcomer_that_consumes_later() -> None:
+    budget = HboneBudget(LIMIT)
+    stalled = [Link(budget) for _ in range(2)]
+    for link in stalled:  # two connection windows: the budget is used up
+        for _ in range(4):
+            link.send(link.open(), b"x" * SETTINGS.stream_window)
+    waiter, newcomer = Link(budget), Link(budget)
+    w, n = waiter.open(), newcomer.open()  # their grants are refused: held to the floor
+    assert waiter.server.promised == newcomer.server.promised == FLOOR
+    assert list(budget._waiting) == [waiter.server._flow._account, newcomer.server._flow._account]
+    newcomer.send(n, b"y" * FLOOR)  # the newcomer's pod has its floor's worth to read
+    for sid in (1, 3, 5):  # stalled pods read three stream windows: budget frees up
+        stalled[0].read(sid)
+    assert budget.free() >= MIN_GRANT
+    assert waiter.called == 1 and newcomer.called == 0
+    newcomer.read(n)  # the newcomer consumes before the waiter's call-back runs
+    assert newcomer.server.promised == FLOOR  # its floor again, not the freed budget
+    waiter.room()
+    assert waiter.server.promised > 2 * FLOOR  # the freed budget went to the waiter
+    assert waiter.server.promised + waiter.server.held_received <= 2 * SETTINGS.stream_window
+    w2 = waiter.open()
+    waiter.send(w, b"z" * SETTINGS.stream_window)  # and its peer may use it: two stream
+    waiter.send(w2, b"z" * SETTINGS.stream_window)  # windows, twice its floor
+    assert waiter.unread_total() == 2 * SETTINGS.stream_window
+    assert budget.committed <= bound(budget, [*stalled, waiter, newcomer])
 
 
 def test_an_idle_connection_promises_only_http2s_initial_window() -> None:
@@ -310,3 +411,35 @@ def test_the_source_side_is_bounded_the_same_way() -> None:
     assert budget.committed == charges <= LIMIT + FLOOR * len(pairs)
     assert sum(client.held_received for client, _ in pairs) > LIMIT // 2
     assert budget.withheld > 0
+
+
+def test_the_proxy_takes_its_turn_on_the_next_pass_of_the_loop_not_from_inside() -> None:
+    """``HboneProtocol``: the call-back comes from inside another connection's accounting, so
+    the grant and its WINDOW_UPDATE are scheduled, and go out once the loop runs."""
+    import asyncio
+
+    from agent.proxy.tunnel import HboneProtocol
+    from tests.unit.proxy.memtransport import MemoryTransport
+
+    async def main() -> None:
+        budget = HboneBudget(4 * FLOOR)
+        client = HboneProtocol(HboneConnection(client_side=True, settings=SETTINGS))
+        server = HboneProtocol(
+            HboneConnection(client_side=False, settings=SETTINGS, budget=budget),
+            on_request=lambda proto, e: (proto.codec.respond(e.stream_id, 200), proto.flush()),
+        )
+        to_server, to_client = MemoryTransport(server), MemoryTransport(client)
+        to_server.other, to_client.other = to_client, to_server
+        server.connection_made(to_client)
+        client.connection_made(to_server)
+        hog = budget.open(Conn())
+        assert hog.take(2 * FLOOR) == 2 * FLOOR  # with the two connections' floors: used up
+        await client.open("10.0.0.2:80", None)
+        assert server.codec.promised == FLOOR  # its grant was refused: it waits
+        hog.give_back(2 * FLOOR)
+        assert server.codec.promised == FLOOR  # called back, not granted from inside
+        await asyncio.sleep(0)
+        assert server.codec.promised == 2 * SETTINGS.stream_window  # its turn, sent
+        assert not budget._waiting
+
+    asyncio.run(asyncio.wait_for(main(), 10))

@@ -19,10 +19,13 @@ and the interpreter's exit still write the pending lines first.
 When it may: only while the configuration is the one ``logging.basicConfig`` makes
 (``agent.cli``, ``agent.workers.worker``) -- ``nodemesh.access`` without handlers or filters of
 its own, propagating straight to a root with one ``StreamHandler`` on a file descriptor, a plain
-``%``-style ``Formatter`` whose format ends in ``%(message)s`` -- checked on every line. Any
-other configuration (a test's ``caplog``, a handler an operator adds) gets the line through
-``logging`` as before. Levels stay ``logging``'s (``access_log.isEnabledFor`` is asked first), so
-``POST /logging?logger=nodemesh.access`` still turns the log on and off.
+``%``-style ``Formatter`` whose format ends in ``%(message)s`` -- checked by the line that
+opens a flush window (``write``): a change made while lines are pending holds from that window's
+flush, at most ``FLUSH_DELAY_S`` later, as late as the lines reach the stream (a check per line
+was a third of the writer's cost). Any other configuration (a test's ``caplog``, a handler an
+operator adds) gets the line through ``logging`` as before. Levels stay ``logging``'s
+(``access_log.isEnabledFor`` is asked first, for every line), so
+``POST /logging?logger=nodemesh.access`` still turns the log on and off at once.
 
 Order and atomicity: a line reaches the stream in the order written; a record of any other
 logger flushes the pending access lines first (a filter on the root handler), so the file reads
@@ -55,6 +58,8 @@ MAX_PENDING = 1 << 20  # bytes kept while the stream cannot take them; beyond, l
 CHUNK = select.PIPE_BUF  # a write of at most this many bytes to a pipe is atomic
 _FIELDS = re.compile(r"%\((\w+)\)")
 _PREFIX_FIELDS = frozenset({"asctime", "levelname", "name"})
+# As default_msec_format writes LogRecord.msecs (1000 when the float product rounds up).
+_MSECS = tuple(f"{ms:03d}" for ms in range(1001))
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +73,13 @@ class _Route:
         "fd",
         "formatter",
         "handler",
+        "head",
         "parts",
         "regular",
         "second",
         "stamp",
         "stream",
+        "tail",
     )
 
     def __init__(self, handler: logging.StreamHandler[TextIO], parts: list[str], fd: int) -> None:
@@ -86,14 +93,25 @@ class _Route:
         self.parts = parts  # the prefix split where asctime goes
         self.second = -1
         self.stamp = ""
+        # Where asctime appears once (every format the agent uses): what precedes its
+        # milliseconds, remade once a second, and what follows them up to the message.
+        self.head = ""
+        self.tail = parts[1] if len(parts) == 2 else ""
 
     def line(self, now: float, text: str) -> str:
-        """``text`` as the handler would write it for a record created at ``now``."""
+        """``text`` as the handler would write it for a record created at ``now``.
+
+        Per line only the milliseconds are formatted (from a table); the date and time, and
+        the rest of the prefix, are made once a second."""
         second = int(now)
         if second != self.second:
             self.second = second
             self.stamp = time.strftime(logging.Formatter.default_time_format, time.localtime(now))
-        asctime = f"{self.stamp},{int((now - second) * 1000):03d}"  # LogRecord.msecs, truncated
+            self.head = f"{self.parts[0]}{self.stamp},"
+        msecs = _MSECS[int((now - second) * 1000)]  # LogRecord.msecs, truncated
+        if len(self.parts) == 2:
+            return f"{self.head}{msecs}{self.tail}{text}{self.handler.terminator}"
+        asctime = f"{self.stamp},{msecs}"  # asctime absent or repeated: the general case
         return f"{asctime.join(self.parts)}{text}{self.handler.terminator}"
 
 
@@ -140,6 +158,7 @@ class AccessLogWriter:
         self._pending_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
+        self._checked_until = 0.0  # a line's time before which the checked route stands
         self.dropped = 0
         self._reported_drops = 0
 
@@ -192,18 +211,27 @@ class AccessLogWriter:
     def write(self, text: str, now: float) -> bool:
         """Queue ``text`` (an INFO line, the logger's level already checked) for the flush
         ``FLUSH_DELAY_S`` after the first pending line; False if the configuration is not one
-        this writer reproduces (the caller then logs through ``logging``)."""
-        route = self._current()
-        if route is None:
-            return False
+        this writer reproduces (the caller then logs through ``logging``).
+
+        The configuration is checked by the line that opens a flush window, not by each line:
+        while that window's flush is scheduled and for ``FLUSH_DELAY_S`` after the check (by
+        the lines' own times), the lines take the route it found. So a change reaches the
+        access lines at most as late as the lines reach the stream (a record of any other
+        logger, such as ``POST /logging``'s warning, flushes and so closes the window)."""
+        if self._scheduled and self._loop is not None and self._loop.is_closed():
+            self._scheduled = False  # its loop ended before the flush ran: schedule it anew
+        route = self._route
+        if not (self._scheduled and now < self._checked_until and route is not None):
+            route = self._current()
+            if route is None:
+                return False
+            self._checked_until = now + FLUSH_DELAY_S
         data = route.line(now, text).encode(route.encoding, route.errors)
         if self._pending_bytes + len(data) > MAX_PENDING:
             self.dropped += 1
             return True
         self._pending.append(data)
         self._pending_bytes += len(data)
-        if self._scheduled and self._loop is not None and self._loop.is_closed():
-            self._scheduled = False  # its loop ended before the flush ran: schedule it anew
         if not self._scheduled:
             try:
                 loop = asyncio.get_running_loop()
@@ -225,6 +253,7 @@ class AccessLogWriter:
     def flush(self, *, block: bool) -> None:
         """Write the pending lines; unless ``block``, only what a pipe takes without waiting."""
         route = self._route
+        self._checked_until = 0.0  # the next line checks the configuration again
         if not self._pending or route is None:
             return
         if route.stream.closed:  # its owner closed it (a script's log file at exit)

@@ -53,16 +53,32 @@ def logged_by_logging(path: Path, fmt: str, lines: list[tuple[str, float]]) -> b
     return path.read_bytes()
 
 
-@pytest.mark.parametrize("fmt", [AGENT_FORMAT, WORKER_FORMAT])
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        AGENT_FORMAT,
+        WORKER_FORMAT,
+        "[%(asctime)s] %(name)s %(message)s",  # text before the time
+        "%(levelname)s %(name)s: %(message)s",  # no time at all
+        "%(asctime)s (%(asctime)s) %(levelname)s: %(message)s",  # the time twice
+    ],
+)
 def test_the_lines_are_the_bytes_logging_writes(tmp_path: Path, fmt: str) -> None:
-    lines = [('{"a":1}', 1733456789.1239), ('{"b":"\\u00e9"}', 1733456790.0), ("x", 17.9996)]
+    lines = [
+        ('{"a":1}', 1733456789.1239),
+        ("same second, later", 1733456789.5),  # the second's prefix made once, reused
+        ("same second, earlier", 1733456789.0005),
+        ('{"b":"\\u00e9"}', 1733456790.0),  # the next second
+        ("x", 17.9996),
+        ("y", 17.001),
+    ]
     with (tmp_path / "fast").open("w") as stream:
         logger, root = hierarchy(stream, fmt)
         writer = AccessLogWriter(logger, root)
         assert all(writer.write(text, now) for text, now in lines)  # no loop: written at once
     expected = logged_by_logging(tmp_path / "slow", fmt, lines)
     assert (tmp_path / "fast").read_bytes() == expected
-    assert expected.count(b"INFO nodemesh.access") == 3
+    assert expected.count(b"\n") == len(lines)
 
 
 @pytest.mark.parametrize(
@@ -98,6 +114,63 @@ def test_a_new_formatter_of_the_agent_s_kind_is_taken_up(log_file: Path) -> None
         handler.setFormatter(logging.Formatter(WORKER_FORMAT))
         assert writer.write("taken", 1.0)
     assert log_file.read_text().endswith(" INFO nodemesh.access[w3]: taken\n")
+
+
+def test_a_change_within_a_flush_window_holds_from_the_window_s_flush(log_file: Path) -> None:
+    """The configuration is checked per flush window, not per line: a handler added while
+    lines are pending applies to the lines after their flush (at most FLUSH_DELAY_S later)."""
+
+    async def main() -> list[bool]:
+        with log_file.open("w") as stream:
+            logger, root = hierarchy(stream)
+            writer = AccessLogWriter(logger, root)
+            taken = [writer.write("opens the window", 10.0)]
+            root.addHandler(logging.NullHandler())
+            taken.append(writer.write("same window", 10.001))
+            await asyncio.sleep(logwriter.FLUSH_DELAY_S * 4)  # the window's flush
+            taken.append(writer.write("after the flush", 10.002))
+        return taken
+
+    assert asyncio.run(main()) == [True, True, False]
+    assert log_file.read_text().splitlines()[-1].endswith(": same window")
+
+
+@pytest.mark.parametrize("closes", ["another logger's record", "a line's time past the window"])
+def test_a_change_holds_for_the_next_line_once_the_window_closes(
+    log_file: Path, closes: str
+) -> None:
+    async def main() -> bool:
+        with log_file.open("w") as stream:
+            logger, root = hierarchy(stream)
+            writer = AccessLogWriter(logger, root)
+            assert writer.write("opens the window", 10.0)
+            root.handlers[0].setLevel(logging.WARNING)
+            now = 10.0
+            if closes == "another logger's record":  # as POST /logging's warning
+                other = logging.Logger("agent.telemetry.loglevel")
+                other.parent = root
+                other.warning("log level set")
+            else:
+                now += logwriter.FLUSH_DELAY_S  # a flush that never ran (a stalled loop)
+            return writer.write("next", now)
+
+    assert asyncio.run(main()) is False
+
+
+def test_a_change_made_after_a_loop_closed_with_lines_pending_holds_for_the_next_line(
+    log_file: Path,
+) -> None:
+    async def write(writer: AccessLogWriter, text: str) -> bool:
+        return writer.write(text, 10.0)
+
+    with log_file.open("w") as stream:
+        logger, root = hierarchy(stream)
+        writer = AccessLogWriter(logger, root)
+        assert asyncio.run(write(writer, "first"))  # its loop closes before the flush
+        root.addHandler(logging.NullHandler())  # as a test's caplog
+        assert not asyncio.run(write(writer, "second"))
+        writer.close()  # "first" waits for another record or the exit, as before the change
+    assert log_file.read_text().endswith(": first\n")
 
 
 def test_lines_of_several_loop_iterations_within_the_delay_are_one_write(

@@ -18,6 +18,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from agent.config import ConfigError, add_arguments, from_args
 from agent.proxy.http1 import Http1Proxy, Verdict
 from agent.proxy.records import Registry
+from agent.telemetry import records
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
@@ -331,6 +332,26 @@ def test_the_http_layer_records_the_trace_headers_of_each_request() -> None:
         ("tracestate", "a=1"),
         ("x-b3-sampled", "1"),
     )
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [(b"host", b"s"), (b"x-request-id", b"r1")],  # the usual head: no trace context
+        [(b"traceparent", TRACEPARENT.encode())],
+        [(b"host", b"s"), (b"b3", b"1-2-1"), (b"x-other", b"no"), (b"tracestate", b"a=\xe9")],
+        [(b"x-b3-traceid", b"1"), (b"x-b3-spanid", b"2"), (b"x-b3-flags", b"1"), (b"b3", b"0")],
+    ],
+)
+def test_trace_headers_are_the_trace_context_fields_in_order(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    expected = tuple(
+        (n.decode(), v.decode("latin-1")) for n, v in headers if n in records.TRACE_HEADERS
+    )
+    assert records.trace_headers_of(headers) == expected
+    assert records.trace_headers_of(tuple(headers)) == expected
 
 
 def parse(*argv: str) -> TraceSettings | None:

@@ -209,7 +209,7 @@ class Core:
             log.info(
                 "%s: audited by %s (%s)", where, ref, "allowed" if decision.allowed else "denied"
             )
-        self.registry.request_denied(decision, where, dry_run=decision.would_deny)
+        self.registry.request_denied(decision, where)
         return decision
 
     def watch_policies(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:

@@ -139,15 +139,17 @@ class Registry:
         log.info("HTTP request rejected (%s): %s", cause, detail)
         self._tell(lambda o: o.rejected(cause))
 
-    def request_denied(self, decision: Decision, detail: str, *, dry_run: tuple[str, ...]) -> None:
+    def request_denied(self, decision: Decision, detail: str) -> None:
         """Count an L7 denial (``denials``, by policy) and the dry-run policies that would
         have denied; unlike ``deny`` this leaves the connection's record alone: the
         connection keeps serving other requests."""
         if not decision.allowed:
             self.denials[decision.policy or "no-allow-match"] += 1
             log.info("HTTP request denied: %s: %s", detail, decision.reason)
-        for policy in dry_run:
-            log.info("HTTP request %s: dry-run policy %s would deny it", detail, policy)
+        # The log line names the rule that matched (``would_deny_rules``, parallel to
+        # ``would_deny``); the observers' metric keeps the policy alone (a series per policy).
+        for policy, rule in zip(decision.would_deny, decision.would_deny_rules, strict=True):
+            log.info("HTTP request %s: dry-run policy %s would deny it", detail, rule)
             self._tell(_would_deny(policy))
 
     def leave_task(self, conn_id: int) -> None:

@@ -89,13 +89,24 @@ def test_requests_are_counted_with_istio_labels_and_no_path(
     ]
 
 
-def test_rejections_by_cause_and_dry_run_denials_by_policy() -> None:
+def test_rejections_by_cause_and_dry_run_denials_by_policy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dry-run denials are counted per policy (a series per policy, not per rule), while the
+    log line names the rule that matched, as the request's record does."""
     registry, component = telemetry()
     registry.http_rejected("ambiguous_length", "a -> b")
     registry.http_rejected("ambiguous_length", "a -> b")
     registry.http_rejected("header_timeout", "a -> b")
-    registry.request_denied(Decision(True, "ok"), "a -> b", dry_run=("default/no-post",))
-    registry.request_denied(Decision(False, "no", "default/deny"), "a -> b", dry_run=())
+    would = Decision(
+        True,
+        "ok",
+        would_deny=("default/no-post",),
+        would_deny_rules=("default/no-post:rules[1]",),
+    )
+    with caplog.at_level(logging.INFO, logger="agent.proxy.records"):
+        registry.request_denied(would, "a -> b POST /x")
+    registry.request_denied(Decision(False, "no", "default/deny"), "a -> b")
     parsed = parse(component.exposition())
     rejected = "nodemesh_http_rejected_requests_total"
     assert parsed[(rejected, frozenset({("cause", "ambiguous_length")}))] == 2
@@ -103,6 +114,9 @@ def test_rejections_by_cause_and_dry_run_denials_by_policy() -> None:
     dry = "nodemesh_http_dry_run_denials_total"
     assert parsed[(dry, frozenset({("policy", "default/no-post")}))] == 1
     assert registry.denials["default/deny"] == 1
+    assert [r.getMessage() for r in caplog.records if "dry-run" in r.getMessage()] == [
+        "HTTP request a -> b POST /x: dry-run policy default/no-post:rules[1] would deny it"
+    ]
 
 
 def test_labels_follow_the_connections_endpoint_and_the_state(

@@ -38,7 +38,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
-from agent.policy.authz import Decision, HttpAttributes, Request
+from agent.policy.authz import HttpAttributes, Request
 from agent.proxy.core import Core
 from agent.proxy.http1 import (
     GRPC_RESOURCE_EXHAUSTED,
@@ -445,13 +445,6 @@ class HttpSession(PodShell[Exchange]):
 REFUSAL_FLAGS = frozenset({RBAC_DENIED, RATE_LIMITED})
 
 
-def denied_by(decision: Decision) -> str:
-    """What refused a request, for its record: the DENY policy and its rule that matched
-    (``default/no-admin:rules[0]``: no Kubernetes name has a colon), or ``no-allow-match``
-    when ALLOW policies applied and none matched."""
-    return decision.refused_by()
-
-
 def request_verdict(
     core: Core, connection: Request, workload: Workload, head: RequestHead, where: str
 ) -> Verdict:
@@ -471,7 +464,7 @@ def request_verdict(
     # not); the usual request has none, and is answered by the shared ``ALLOWED``.
     would = ",".join(decision.would_deny_rules) if decision.would_deny_rules else ""
     if not decision.allowed:
-        return Verdict(False, denied_by(decision), dry_run=would)
+        return Verdict(False, decision.refused_by(), dry_run=would)
     limit = core.rate_limit(request, core.snapshot())
     if limit is not None:
         return Verdict(

@@ -194,9 +194,14 @@ class Registry:
         """Count and log one refused connection or stream."""
         self.rejections[reason_key] += 1
         log.info("rejected (%s): %s", reason_key, detail)
+        current = self._task_record()
+        if current is not None and not current.failure:
+            current.failure = reason_key
+
+    def _task_record(self) -> ConnectionRecord | None:
+        """The record of the connection the running task registered here, if any."""
         current = _current.get(None)
-        if current is not None and current[0] is self and not current[1].failure:
-            current[1].failure = reason_key
+        return current[1] if current is not None and current[0] is self else None
 
     def deny(
         self, decision: Decision, detail: str, *, record: ConnectionRecord | None = None
@@ -205,10 +210,7 @@ class Registry:
         registered (an HBONE stream refused before relaying), is reported opened and closed."""
         self.denials[decision.policy or "no-allow-match"] += 1
         self.reject("policy_denied", f"{detail}: {decision.reason}")
-        current = _current.get(None)
-        named = record
-        if named is None and current is not None and current[0] is self:
-            named = current[1]  # the running task's record, as ``reject`` finds it
+        named = record if record is not None else self._task_record()
         if named is not None and not named.policy:
             named.policy = decision.refused_by()
         if record is not None:

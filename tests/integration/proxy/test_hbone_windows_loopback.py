@@ -25,6 +25,14 @@ async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     await asyncio.Event().wait()  # the pod accepted and stopped reading (until the test ends)
 
 
+def kernel_can_take() -> int:
+    """The most the kernel may buffer between node2 and a pod that stops reading: the pod's
+    receive buffer and node2's send buffer, each autotuned up to its ``tcp_rmem``/``tcp_wmem``
+    maximum (32 MiB receive on this machine, so a fixed few MiB is not enough)."""
+    with open("/proc/sys/net/ipv4/tcp_rmem") as rmem, open("/proc/sys/net/ipv4/tcp_wmem") as wmem:
+        return int(rmem.read().split()[2]) + int(wmem.read().split()[2])
+
+
 async def settled_hold(mesh: Mesh) -> int:
     """What node2's inbound HBONE connection holds once that stopped growing."""
     last, steady = -1, 0
@@ -42,7 +50,7 @@ async def scenario(mesh: Mesh, settings: HboneSettings) -> None:
     window = settings.stream_window
     stalled = mesh.app(SERVER, never_reads)
     _, writer = await mesh.connect(CLIENT, (SERVER, stalled))
-    writer.write(b"s" * (4 * window + 8 * 1024 * 1024))  # more than the window and the kernel take
+    writer.write(b"s" * (4 * window + kernel_can_take() + 1024 * 1024))
     held = await settled_hold(mesh)
     assert 3 * window // 4 <= held <= window
     assert held <= connection_memory_bound(settings)

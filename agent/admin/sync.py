@@ -25,6 +25,8 @@ Revisions and documents only compare within one cluster, so agents are grouped b
 their ``/status`` names (``cluster_key``: the trust domain and ``state.cluster_id``, the
 ``kube-system`` namespace's uid; a cluster-file agent has none, its trust domain tells) and
 compared within their group; with more than one, the table says which cluster each row is of.
+A Kubernetes agent that names no uid (older than the field, during a rolling upgrade) joins
+the one cluster the others of its trust domain name.
 The comparison (``compare``) is pure: statuses in, verdicts out; reading the agents is
 ``read_all``.
 """
@@ -203,11 +205,39 @@ def cluster_key(status: Mapping[str, Any]) -> ClusterKey:
     return str(state.get("trust_domain") or ""), str(state.get("cluster_id") or "")
 
 
-def _newest_per_cluster(answers: Sequence[Answer]) -> dict[ClusterKey, dict[str, Any]]:
+def _cluster_keys(answers: Sequence[Answer]) -> list[ClusterKey]:
+    """Each answer's cluster (("", "") for one that could not be read). A Kubernetes-source
+    agent that names no ``cluster_id`` (one from before the field, as in a rolling upgrade, or
+    one that has not listed namespaces yet) joins the one cluster the other Kubernetes agents
+    of its trust domain name; with none or several it cannot be placed and stays apart."""
+    keys = [("", "") if a.status is None else cluster_key(a.status) for a in answers]
+    ids: dict[str, set[str]] = {}
+    for a, (domain, cid) in zip(answers, keys, strict=True):
+        if a.status is not None and cid and _source(a.status) == "kubernetes":
+            ids.setdefault(domain, set()).add(cid)
+    for i, (a, (domain, cid)) in enumerate(zip(answers, keys, strict=True)):
+        known = ids.get(domain, set())
+        if (
+            a.status is not None
+            and not cid
+            and _source(a.status) == "kubernetes"
+            and len(known) == 1
+        ):
+            keys[i] = (domain, next(iter(known)))
+    return keys
+
+
+def _source(status: Mapping[str, Any]) -> object:
+    return (status.get("state") or {}).get("source")
+
+
+def _newest_per_cluster(
+    answers: Sequence[Answer], keys: Sequence[ClusterKey]
+) -> dict[ClusterKey, dict[str, Any]]:
     groups: dict[ClusterKey, list[Mapping[str, Any]]] = {}
-    for a in answers:
+    for a, key in zip(answers, keys, strict=True):
         if a.status is not None:
-            groups.setdefault(cluster_key(a.status), []).append(a.status)
+            groups.setdefault(key, []).append(a.status)
     return {key: newest(statuses) for key, statuses in groups.items()}
 
 
@@ -215,9 +245,10 @@ def compare(answers: Sequence[Answer]) -> list[dict[str, Any]]:
     """One row per agent (the ``-o json`` output): its cluster, its verdict per resource and
     per column (against the agents of its cluster only), its certificates and version; an agent
     that could not be read is a row saying why."""
-    best_of = _newest_per_cluster(answers)
+    keys = _cluster_keys(answers)
+    best_of = _newest_per_cluster(answers, keys)
     rows: list[dict[str, Any]] = []
-    for a in answers:
+    for a, key in zip(answers, keys, strict=True):
         if a.status is None:
             rows.append(
                 {
@@ -230,7 +261,6 @@ def compare(answers: Sequence[Answer]) -> list[dict[str, Any]]:
             )
             continue
         st = a.status
-        key = cluster_key(st)
         best = best_of[key]
         verdicts = {
             resource: verdict(resource, entry, best.get(resource))

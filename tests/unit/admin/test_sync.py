@@ -138,6 +138,28 @@ def test_agents_of_two_clusters_are_compared_within_their_own() -> None:
     assert "CLUSTER" not in single and "clusters" not in single
 
 
+def test_an_agent_older_than_the_cluster_id_joins_its_trust_domains_one_cluster() -> None:
+    """In a rolling upgrade the agents not yet upgraded say no ``cluster_id``: they are compared
+    with the upgraded ones of their trust domain, not shown as a cluster of their own."""
+    one = {"trust_domain": "cluster.local", "cluster_id": "uid-one"}
+    old = {"trust_domain": "cluster.local"}
+    rows = compare([kube("new", 100, cluster=one), kube("old", 90, cluster=old)])
+    assert [r["columns"]["PODS"] for r in rows] == [SYNCED, "STALE -10"]
+    assert rows[1]["cluster"] == {"trust_domain": "cluster.local", "id": "uid-one"}
+    assert "CLUSTER" not in format_rows(rows, dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
+    # with two clusters in its trust domain it cannot be placed: it stays apart
+    two = {"trust_domain": "cluster.local", "cluster_id": "uid-two"}
+    rows = compare(
+        [kube("a", 100, cluster=one), kube("b", 5000, cluster=two), kube("old", 90, cluster=old)]
+    )
+    assert rows[2]["cluster"] == {"trust_domain": "cluster.local", "id": None}
+    assert rows[2]["columns"]["PODS"] == SYNCED  # the only agent of its group
+    # another trust domain's cluster does not take it in
+    other = {"trust_domain": "example.org", "cluster_id": "uid-one"}
+    rows = compare([kube("a", 100, cluster=other), kube("old", 90, cluster=old)])
+    assert rows[1]["cluster"] == {"trust_domain": "cluster.local", "id": None}
+
+
 def test_revisions_compare_as_numbers_not_strings() -> None:
     rows = compare([kube("node1", 99), kube("node2", 100)])
     assert verdicts(rows[0])["pods"] == (STALE, 1)

@@ -292,21 +292,23 @@ class QueueBudget:
     reading from the pod (TCP backpressure to the pod: nothing dropped or reordered), and the
     connection is called back (``on_room``) as soon as the total is within ``limit`` again.
 
-    How much a write may add (``tunnel.TunnelStream.write_room``, which the relay reads its
-    pod's socket by): ``MAX_WRITE`` while the total is within the limit, ``QUEUE_FLOOR`` when
-    the connection is let through on its floor only. Hence the invariant::
+    How much a write may add (``tunnel.TunnelStream.write_room``): ``MAX_WRITE`` while the
+    total is within the limit, ``QUEUE_FLOOR`` when the connection is let through on its floor
+    only. Every writer keeps to it: the relay reads its pod's socket only that far; the HTTP
+    shells' writes from callbacks (``TunnelStream.try_write``) take only that much of a
+    message, and their outbox keeps the rest and stops reading its source; a task's ``write``
+    (an outbox draining, an HTTP/1.1 body, a mirror's copy) writes a long message in such
+    pieces and waits for room between them. Hence the invariant::
 
         committed <= limit + MAX_WRITE + 2 * QUEUE_FLOOR * open connections
 
     Proof sketch, as for the receive budget: after the last write let through by the limit
     (which left the total at most ``limit + MAX_WRITE``), a connection that wrote only under its
     floor since then holds at most ``2 * QUEUE_FLOOR``, and every other one no more than it did
-    then (a charge grows only by a write). Writers that do not ask ``write_room`` (a task
-    awaiting ``TunnelStream.write``, the HTTP/1.1 shells) write whole messages: with them, a
-    message instead of ``QUEUE_FLOOR`` in the per-connection term. Frames the codec produces
-    itself (WINDOW_UPDATEs, PING and SETTINGS ACKs) also land in the transport buffer, and are
-    charged like the rest, but a connection's charge may grow by them without asking;
-    ``hbone_limits`` bounds them per connection (``max_unsent_replies``).
+    then (a charge grows only by a write). Frames the codec produces itself (WINDOW_UPDATEs,
+    PING and SETTINGS ACKs) also land in the transport buffer, and are charged like the rest,
+    but a connection's charge may grow by them without asking; ``hbone_limits`` bounds them
+    per connection (``max_unsent_replies``).
 
     Sans-IO: no clock, no sockets, no loop; ``on_room`` is the owner's callback (it schedules
     its wake-up, it does not write from inside ``set``).

@@ -43,7 +43,9 @@ may draw on the free budget and every other connection gets its floor only (so a
 that happens to consume next cannot take what the oldest waiter waits for); when a give-back
 leaves at least ``MIN_GRANT`` free, the oldest waiter is called back once, and takes its grant
 when its owner runs (``tunnel.HboneProtocol``: on the next pass of the loop). A waiter still
-short after its turn goes to the back; a closed one leaves and passes the turn on. The
+short after its turn goes to the back; a closed one leaves and passes the turn on, and so does
+one whose call-back answers that it will not take (its owner was dropped, or its connection is
+closing): a dead waiter never holds the turn. The
 invariant's argument is unchanged: the oldest waiter's grant fits under the limit. The FIFO is
 empty unless the budget was used up: the normal path pays one truth test per grant and per
 give-back.
@@ -108,12 +110,18 @@ class HboneBudget:
 
     def _call_head(self) -> None:
         """If anyone waits and at least ``MIN_GRANT`` is free: call the oldest waiter back
-        (once per turn)."""
-        if self._waiting and self.free() >= MIN_GRANT:
-            head = next(iter(self._waiting))
+        (once per turn). A waiter whose call-back answers False (its owner was dropped, or
+        its connection is closing: it will take nothing) leaves the FIFO at once and the next
+        one is called instead, so a dead waiter never holds the turn."""
+        waiting = self._waiting
+        while waiting and self.free() >= MIN_GRANT:
+            head = next(iter(waiting))
             self._called = True
             assert head.on_room is not None  # only accounts with a call-back wait
-            head.on_room()
+            if head.on_room():
+                return
+            self._called = False
+            del waiting[head]
 
     def open(self, holder: Holder) -> Account:
         """A new connection: charged the window HTTP/2 gives it before we can withhold anything."""
@@ -157,8 +165,9 @@ class Account:
         self.charge = charge
         # The owner's call-back for freed budget (None: never waits in the budget's FIFO). It
         # is called from inside another connection's ``give_back`` or ``take``, so it must only
-        # schedule the owner's ``take`` (``tunnel.HboneProtocol``), never grant from inside.
-        self.on_room: Callable[[], None] | None = None
+        # schedule the owner's ``take`` (``tunnel.HboneProtocol``), never grant from inside;
+        # it answers whether it did (False: the owner is gone or closing, skip it).
+        self.on_room: Callable[[], bool] | None = None
 
     def take(self, want: int) -> int:
         """Up to ``want`` more bytes of window: what fits under the limit, or what keeps this
@@ -385,10 +394,12 @@ class QueueAccount:
         return False
 
     def close(self) -> None:
-        """The connection is gone: its charge returns (idempotent)."""
+        """The connection is gone: its charge returns (idempotent). The call-back is dropped
+        too: it is the owner's bound method, and the owner holds this account."""
         budget = self.budget
         if budget is not None:
             budget._waiting.pop(self, None)  # before ``set``: not called back itself
             self.set(0)
             budget.connections -= 1
             self.budget = None
+            self.on_room = None

@@ -512,12 +512,19 @@ class HboneProtocol(asyncio.Protocol):
             self.writers_waiting = False
             self._wake_writers()
 
-    def _budget_room(self) -> None:
+    def _budget_room(self) -> bool:
         """Freed receive budget is this connection's turn (called from inside another
-        connection's accounting, ``budget.Account``): take it on the next pass of the loop."""
+        connection's accounting, ``budget.Account``): take it on the next pass of the loop.
+        False, and nothing scheduled, when there is no connection to take it for (closing, or
+        lost, or never made): the budget skips it and the next waiter's turn comes now, not
+        after this one's ``connection_lost`` closed its account."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
         if not self._regrant_scheduled:
             self._regrant_scheduled = True
             self.loop.call_soon(self._regrant)
+        return True
 
     def _regrant(self) -> None:
         # Also on a closing connection: taking (or passing) the turn is what lets the next

@@ -304,10 +304,10 @@ class QueueBudget:
     How much a write may add (``tunnel.TunnelStream.write_room``): ``MAX_WRITE`` while the
     total is within the limit, ``QUEUE_FLOOR`` when the connection is let through on its floor
     only. Every writer keeps to it: the relay reads its pod's socket only that far; the HTTP
-    shells' writes from callbacks (``TunnelStream.try_write``) take only that much of a
-    message, and their outbox keeps the rest and stops reading its source; a task's ``write``
-    (an outbox draining, an HTTP/1.1 body, a mirror's copy) writes a long message in such
-    pieces and waits for room between them. Hence the invariant::
+    shells' writes from callbacks (``TunnelStream.write_some``, ``try_write``) take only that
+    much of a message, and their outbox keeps the rest and stops reading its source; a task's
+    ``write`` (an outbox draining, an HTTP/1.1 body, a mirror's copy) writes a long message
+    in such pieces and waits for room between them. Hence the invariant::
 
         committed <= limit + MAX_WRITE + 2 * QUEUE_FLOOR * open connections
 

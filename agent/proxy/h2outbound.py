@@ -688,7 +688,7 @@ def _outbox(
 
         def take(data: bytes) -> int:
             # At most what the queue budget lets one write add: the outbox writes the rest.
-            return stream.try_write(data, at_once=at_once())
+            return stream.write_some(data) if at_once() else stream.try_write(data)
 
         return Outbox(take, stream.write, on_idle, on_error)
     loop = asyncio.get_running_loop()

@@ -119,9 +119,9 @@ class StreamDownstream:
         writes once per input, so nothing else of this stream could have joined the record;
         with other streams on the connection the flush still waits for the pass's end, so
         their writes share it (``flushed`` is then False, and the shell reports after it).
-        At most what the queue budget lets one write add (``TunnelStream.try_write``): the
+        At most what the queue budget lets one write add (``TunnelStream.write_some``): the
         outbox's task writes the rest, and the pod's socket is not read meanwhile."""
-        return self.stream.try_write(data, at_once=True)
+        return self.stream.write_some(data)
 
     def flushed(self) -> bool:
         return len(self.stream.proto.streams) == 1  # as ``write_now`` decides

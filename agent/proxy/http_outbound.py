@@ -188,7 +188,7 @@ class UpstreamSession:
         conn = self.conn
         if isinstance(conn, TunnelStream):
             # At most what the queue budget lets one write add: the rest waits in the backlog.
-            return conn.try_write(data, at_once=True)
+            return conn.write_some(data)
         return try_send(conn, data)
 
     async def write(self, data: bytes) -> None:

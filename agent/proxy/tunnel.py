@@ -27,11 +27,11 @@ change) writes the queue when the socket is writable (``write_queued``). A task-
 may use ``read`` instead: once ``read`` has handed out a chunk, the reader may still be
 writing it, so nothing is sent directly until it asks for the next one: bytes never overtake.
 The HTTP/1.1 shell registers itself the same way (a ``Sink``: it parses what it takes), and
-answers with ``try_write``, the part of ``write`` that never waits.
+answers with ``write_some`` (or ``try_write``), the part of ``write`` that never waits.
 
 Every write into a stream adds at most ``write_room`` at a time, whoever writes: the relay
-reads its socket only that far, ``try_write`` takes only that much of a message (the
-caller's outbox keeps the rest and stops reading its source), and ``write``
+reads its socket only that far, ``write_some`` and ``try_write`` take only that much of a
+message (the caller's outbox keeps the rest and stops reading its source), and ``write``
 writes a long message in such pieces, waiting for room between them. So the queue budget's
 bound (``agent.proxy.budget.QueueBudget``) holds for the HTTP shells and for tasks as it does
 for the relay.
@@ -301,27 +301,40 @@ class TunnelStream:
             return MAX_WRITE
         return QUEUE_FLOOR
 
-    def try_write(self, data: bytes | memoryview, *, at_once: bool = False) -> int:
+    def try_write(self, data: bytes | memoryview) -> int:
         """Write now as much of ``data`` as one write may add (``write_room``); how many bytes
         that was (0: none; the caller awaits ``write`` for the rest). For callers that have
         a whole message in hand and would otherwise wake a task per message (the HTTP shells,
         writing from socket callbacks): a message longer than the room is cut there, so their
         writes add no more to the queues than a relay's read does and the queue budget's bound
         holds for them too (``agent.proxy.budget.QueueBudget``). Flushed with the other
-        streams' writes at the end of this pass of the loop (``flush_soon``), or, ``at_once``,
-        as ``write_now`` does (to the transport now when this is the connection's only
-        stream: the caller writes once per callback)."""
+        streams' writes at the end of this pass of the loop (``flush_soon``)."""
         room = self.write_room()
         if not room:
             return 0
         n = len(data)
         if n > room:
             data, n = memoryview(data)[:room], room
-        if at_once:
-            self.write_now(data)
-        else:
-            self._send(data)
-            self.proto.flush_soon()
+        self._send(data)
+        self.proto.flush_soon()
+        return n
+
+    def write_some(self, data: bytes | memoryview) -> int:
+        """``try_write``, handed to the transport as ``write_now`` does (now, when this is the
+        connection's only stream): the HTTP shells' write of a message from a socket
+        callback, which writes once per callback. ``write_room``'s questions are asked inline
+        (a write per message is the hot path: no call more than ``can_write`` made)."""
+        proto = self.proto
+        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+            return 0
+        n = len(data)
+        if n > QUEUE_FLOOR:  # the room is at least this: most messages need not ask further
+            queue = proto.queue_budget
+            within = queue.limit is None or queue.committed <= queue.limit
+            room = MAX_WRITE if within else QUEUE_FLOOR
+            if n > room:
+                data, n = memoryview(data)[:room], room
+        self.write_now(data)
         return n
 
     def write_now(self, data: bytes | memoryview) -> None:

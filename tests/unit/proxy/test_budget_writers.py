@@ -65,7 +65,7 @@ def source_http1(stream: TunnelStream) -> Send:
 
 
 def source_h2(stream: TunnelStream) -> Send:
-    """The HTTP/2 source from its client's read callback (``try_write`` at once)."""
+    """The HTTP/2 source from its client's read callback (``write_some``)."""
     errors: list[Exception] = []
     return drained(_outbox(stream, lambda: None, errors.append, at_once=lambda: True), errors)
 
@@ -125,17 +125,18 @@ def test_whole_messages_stay_within_the_queue_budget_and_arrive(
     run(main())
 
 
-@pytest.mark.parametrize("at_once", [True, False])
-def test_a_callback_write_takes_at_most_the_room(at_once: bool) -> None:
-    """``try_write`` cuts a message at ``write_room`` (the caller's outbox keeps the rest):
-    one write never adds more than a relay's read would."""
+@pytest.mark.parametrize("method", ["write_some", "try_write"])
+def test_a_callback_write_takes_at_most_the_room(method: str) -> None:
+    """``write_some`` and ``try_write`` cut a message at ``write_room`` (the caller's outbox
+    keeps the rest): one write never adds more than a relay's read would."""
 
     async def main() -> None:
         budget = HboneBudget(None, queue_limit=LIMIT)
         (stream,) = await opened(Peer(budget), 1)
+        write = getattr(stream, method)
         assert stream.write_room() == MAX_WRITE
-        assert stream.try_write(bytes(MIB), at_once=at_once) == MAX_WRITE
+        assert write(bytes(MIB)) == MAX_WRITE
         assert stream.write_room() == 0  # the peer's window took 64 KiB: the rest is queued
-        assert stream.try_write(bytes(MIB), at_once=at_once) == 0
+        assert write(bytes(MIB)) == 0
 
     run(main())

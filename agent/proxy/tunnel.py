@@ -323,7 +323,8 @@ class TunnelStream:
         """``try_write``, handed to the transport as ``write_now`` does (now, when this is the
         connection's only stream): the HTTP shells' write of a message from a socket
         callback, which writes once per callback. ``write_room``'s questions are asked inline
-        (a write per message is the hot path: no call more than ``can_write`` made)."""
+        (a write per message is the hot path: it makes the calls ``can_write`` and
+        ``write_now`` made before, and one ``len``)."""
         proto = self.proto
         if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
             return 0

@@ -43,7 +43,9 @@ may draw on the free budget and every other connection gets its floor only (so a
 that happens to consume next cannot take what the oldest waiter waits for); when a give-back
 leaves at least ``MIN_GRANT`` free, the oldest waiter is called back once, and takes its grant
 when its owner runs (``tunnel.HboneProtocol``: on the next pass of the loop). A waiter still
-short after its turn goes to the back; a closed one leaves and passes the turn on. The
+short after its turn goes to the back; a closed one leaves and passes the turn on, and so does
+one whose call-back answers that it will not take (its owner was dropped, or its connection is
+closing): a dead waiter never holds the turn. The
 invariant's argument is unchanged: the oldest waiter's grant fits under the limit. The FIFO is
 empty unless the budget was used up: the normal path pays one truth test per grant and per
 give-back.
@@ -108,12 +110,18 @@ class HboneBudget:
 
     def _call_head(self) -> None:
         """If anyone waits and at least ``MIN_GRANT`` is free: call the oldest waiter back
-        (once per turn)."""
-        if self._waiting and self.free() >= MIN_GRANT:
-            head = next(iter(self._waiting))
+        (once per turn). A waiter whose call-back answers False (its owner was dropped, or
+        its connection is closing: it will take nothing) leaves the FIFO at once and the next
+        one is called instead, so a dead waiter never holds the turn."""
+        waiting = self._waiting
+        while waiting and self.free() >= MIN_GRANT:
+            head = next(iter(waiting))
             self._called = True
             assert head.on_room is not None  # only accounts with a call-back wait
-            head.on_room()
+            if head.on_room():
+                return
+            self._called = False
+            del waiting[head]
 
     def open(self, holder: Holder) -> Account:
         """A new connection: charged the window HTTP/2 gives it before we can withhold anything."""
@@ -157,8 +165,9 @@ class Account:
         self.charge = charge
         # The owner's call-back for freed budget (None: never waits in the budget's FIFO). It
         # is called from inside another connection's ``give_back`` or ``take``, so it must only
-        # schedule the owner's ``take`` (``tunnel.HboneProtocol``), never grant from inside.
-        self.on_room: Callable[[], None] | None = None
+        # schedule the owner's ``take`` (``tunnel.HboneProtocol``), never grant from inside;
+        # it answers whether it did (False: the owner is gone or closing, skip it).
+        self.on_room: Callable[[], bool] | None = None
 
     def take(self, want: int) -> int:
         """Up to ``want`` more bytes of window: what fits under the limit, or what keeps this
@@ -292,21 +301,23 @@ class QueueBudget:
     reading from the pod (TCP backpressure to the pod: nothing dropped or reordered), and the
     connection is called back (``on_room``) as soon as the total is within ``limit`` again.
 
-    How much a write may add (``tunnel.TunnelStream.write_room``, which the relay reads its
-    pod's socket by): ``MAX_WRITE`` while the total is within the limit, ``QUEUE_FLOOR`` when
-    the connection is let through on its floor only. Hence the invariant::
+    How much a write may add (``tunnel.TunnelStream.write_room``): ``MAX_WRITE`` while the
+    total is within the limit, ``QUEUE_FLOOR`` when the connection is let through on its floor
+    only. Every writer keeps to it: the relay reads its pod's socket only that far; the HTTP
+    shells' writes from callbacks (``TunnelStream.write_some``, ``try_write``) take only that
+    much of a message, and their outbox keeps the rest and stops reading its source; a task's
+    ``write`` (an outbox draining, an HTTP/1.1 body, a mirror's copy) writes a long message
+    in such pieces and waits for room between them. Hence the invariant::
 
         committed <= limit + MAX_WRITE + 2 * QUEUE_FLOOR * open connections
 
     Proof sketch, as for the receive budget: after the last write let through by the limit
     (which left the total at most ``limit + MAX_WRITE``), a connection that wrote only under its
     floor since then holds at most ``2 * QUEUE_FLOOR``, and every other one no more than it did
-    then (a charge grows only by a write). Writers that do not ask ``write_room`` (a task
-    awaiting ``TunnelStream.write``, the HTTP/1.1 shells) write whole messages: with them, a
-    message instead of ``QUEUE_FLOOR`` in the per-connection term. Frames the codec produces
-    itself (WINDOW_UPDATEs, PING and SETTINGS ACKs) also land in the transport buffer, and are
-    charged like the rest, but a connection's charge may grow by them without asking;
-    ``hbone_limits`` bounds them per connection (``max_unsent_replies``).
+    then (a charge grows only by a write). Frames the codec produces itself (WINDOW_UPDATEs,
+    PING and SETTINGS ACKs) also land in the transport buffer, and are charged like the rest,
+    but a connection's charge may grow by them without asking; ``hbone_limits`` bounds them
+    per connection (``max_unsent_replies``).
 
     Sans-IO: no clock, no sockets, no loop; ``on_room`` is the owner's callback (it schedules
     its wake-up, it does not write from inside ``set``).
@@ -383,10 +394,12 @@ class QueueAccount:
         return False
 
     def close(self) -> None:
-        """The connection is gone: its charge returns (idempotent)."""
+        """The connection is gone: its charge returns (idempotent). The call-back is dropped
+        too: it is the owner's bound method, and the owner holds this account."""
         budget = self.budget
         if budget is not None:
             budget._waiting.pop(self, None)  # before ``set``: not called back itself
             self.set(0)
             budget.connections -= 1
             self.budget = None
+            self.on_room = None

@@ -687,10 +687,8 @@ def _outbox(
         stream = upstream
 
         def take(data: bytes) -> int:
-            if at_once() and stream.can_write():
-                stream.write_now(data)
-                return len(data)
-            return len(data) if stream.try_write(data) else 0
+            # At most what the queue budget lets one write add: the outbox writes the rest.
+            return stream.write_some(data) if at_once() else stream.try_write(data)
 
         return Outbox(take, stream.write, on_idle, on_error)
     loop = asyncio.get_running_loop()

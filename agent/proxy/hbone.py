@@ -526,9 +526,10 @@ class HboneConnection:
         ``budget.queue``, is charged by the owner: ``tunnel.HboneProtocol``)."""
         return self._flow.budget
 
-    def on_budget_room(self, callback: Callable[[], None]) -> None:
+    def on_budget_room(self, callback: Callable[[], bool]) -> None:
         """A window grant the exhausted budget refused waits for freed budget; ``callback``
-        (which must only schedule ``regrant``) says it is this connection's turn."""
+        (a bound method of the owner, held weakly; it must only schedule ``regrant``, and
+        answers False when the connection is closing) says it is this connection's turn."""
         self._flow.on_budget_room(callback)
 
     def regrant(self) -> None:

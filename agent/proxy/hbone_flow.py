@@ -82,7 +82,8 @@ class DataFlow:
         # A connection dropped without ``close_budget`` (its TLS handshake failed, say) still
         # gives its charge back.
         self._give_back = weakref.finalize(self, self._account.close)
-        self._on_room: Callable[[], None] | None = None  # ``on_budget_room``
+        # The owner's call-back (``on_budget_room``), held weakly: the owner holds this flow.
+        self._on_room: weakref.WeakMethod[Callable[[], bool]] | None = None
         self._stream_window: dict[int, int] = {}
         self._stream_unacked: dict[int, int] = {}
         self._stream_held: dict[int, int] = {}
@@ -185,14 +186,20 @@ class DataFlow:
             if self._target - self._window - self.held >= self._batch:
                 self._grant()
 
-    def on_budget_room(self, callback: Callable[[], None]) -> None:
+    def on_budget_room(self, callback: Callable[[], bool]) -> None:
         """Let a grant refused or cut short while the budget is used up wait for freed budget:
-        ``callback`` is called (from inside another connection's accounting: it must only
-        schedule ``regrant``) when it is this connection's turn (``budget.HboneBudget``). Only
+        ``callback``, a bound method of the owner, is called (from inside another connection's
+        accounting: it must only schedule ``regrant``) when it is this connection's turn
+        (``budget.HboneBudget``), and answers whether it did (False: closing, skip it). Only
         stored here: the account gets its call-back when a grant first falls short
         (``_wait_for_budget``), so a connection that never meets an exhausted budget pays
-        one attribute for it."""
-        self._on_room = callback
+        one attribute for it.
+
+        Held weakly: the owner holds this flow, so a strong reference back made a cycle, and
+        an owner dropped without ``close_budget`` (its TLS handshake failed, say) kept its
+        charge and its place in the budget's FIFO until the garbage collector found the cycle.
+        Now it goes with its last reference, and its finalizer closes the account."""
+        self._on_room = weakref.WeakMethod(callback)
 
     def _wait_for_budget(self) -> None:
         """A grant fell short for the first time: give the account its call-back and wait.
@@ -201,10 +208,10 @@ class DataFlow:
         strong reference from it would keep a dropped connection (and its charge) alive."""
         ref = weakref.ref(self)
 
-        def room() -> None:
+        def room() -> bool:
             flow = ref()
-            if flow is not None and flow._on_room is not None:
-                flow._on_room()
+            callback = flow._on_room() if flow is not None and flow._on_room is not None else None
+            return callback is not None and callback()
 
         self._account.on_room = room
         self._account.wait()

@@ -118,12 +118,10 @@ class StreamDownstream:
         of µs), so a deferred flush held every response behind its own telemetry. The shell
         writes once per input, so nothing else of this stream could have joined the record;
         with other streams on the connection the flush still waits for the pass's end, so
-        their writes share it (``flushed`` is then False, and the shell reports after it)."""
-        stream = self.stream
-        if not stream.can_write():
-            return 0
-        stream.write_now(data)
-        return len(data)
+        their writes share it (``flushed`` is then False, and the shell reports after it).
+        At most what the queue budget lets one write add (``TunnelStream.write_some``): the
+        outbox's task writes the rest, and the pod's socket is not read meanwhile."""
+        return self.stream.write_some(data)
 
     def flushed(self) -> bool:
         return len(self.stream.proto.streams) == 1  # as ``write_now`` decides

@@ -187,10 +187,8 @@ class UpstreamSession:
         (settling sessions, reporting the exchange before) no longer delays it."""
         conn = self.conn
         if isinstance(conn, TunnelStream):
-            if not conn.can_write():
-                return 0
-            conn.write_now(data)
-            return len(data)
+            # At most what the queue budget lets one write add: the rest waits in the backlog.
+            return conn.write_some(data)
         return try_send(conn, data)
 
     async def write(self, data: bytes) -> None:

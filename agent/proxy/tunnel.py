@@ -27,8 +27,14 @@ change) writes the queue when the socket is writable (``write_queued``). A task-
 may use ``read`` instead: once ``read`` has handed out a chunk, the reader may still be
 writing it, so nothing is sent directly until it asks for the next one: bytes never overtake.
 The HTTP/1.1 shell registers itself the same way (a ``Sink``: it parses what it takes), and
-answers with ``try_write``, the part of ``write`` that never waits (``can_write`` says whether
-it would).
+answers with ``write_some`` (or ``try_write``), the part of ``write`` that never waits.
+
+Every write into a stream adds at most ``write_room`` at a time, whoever writes: the relay
+reads its socket only that far, ``write_some`` and ``try_write`` take only that much of a
+message (the caller's outbox keeps the rest and stops reading its source), and ``write``
+writes a long message in such pieces, waiting for room between them. So the queue budget's
+bound (``agent.proxy.budget.QueueBudget``) holds for the HTTP shells and for tasks as it does
+for the relay.
 
 Keepalive (both sides): a PING every ``ping_interval``; a connection whose PING goes unanswered
 for ``ping_timeout`` is closed, like ztunnel's, so a dead peer does not hold pooled streams
@@ -295,15 +301,42 @@ class TunnelStream:
             return MAX_WRITE
         return QUEUE_FLOOR
 
-    def try_write(self, data: bytes | memoryview) -> bool:
-        """Write now if no backpressure applies (what ``write`` would do without waiting);
-        False: nothing was written and the caller awaits ``write``. For callers that would
-        otherwise wake a task per message (the HTTP/1.1 shell answering from a socket callback)."""
-        if not self.can_write():
-            return False
+    def try_write(self, data: bytes | memoryview) -> int:
+        """Write now as much of ``data`` as one write may add (``write_room``); how many bytes
+        that was (0: none; the caller awaits ``write`` for the rest). For callers that have
+        a whole message in hand and would otherwise wake a task per message (the HTTP shells,
+        writing from socket callbacks): a message longer than the room is cut there, so their
+        writes add no more to the queues than a relay's read does and the queue budget's bound
+        holds for them too (``agent.proxy.budget.QueueBudget``). Flushed with the other
+        streams' writes at the end of this pass of the loop (``flush_soon``)."""
+        room = self.write_room()
+        if not room:
+            return 0
+        n = len(data)
+        if n > room:
+            data, n = memoryview(data)[:room], room
         self._send(data)
         self.proto.flush_soon()
-        return True
+        return n
+
+    def write_some(self, data: bytes | memoryview) -> int:
+        """``try_write``, handed to the transport as ``write_now`` does (now, when this is the
+        connection's only stream): the HTTP shells' write of a message from a socket
+        callback, which writes once per callback. ``write_room``'s questions are asked inline
+        (a write per message is the hot path: it makes the calls ``can_write`` and
+        ``write_now`` made before, and one ``len``)."""
+        proto = self.proto
+        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+            return 0
+        n = len(data)
+        if n > QUEUE_FLOOR:  # the room is at least this: most messages need not ask further
+            queue = proto.queue_budget
+            within = queue.limit is None or queue.committed <= queue.limit
+            room = MAX_WRITE if within else QUEUE_FLOOR
+            if n > room:
+                data, n = memoryview(data)[:room], room
+        self.write_now(data)
+        return n
 
     def write_now(self, data: bytes | memoryview) -> None:
         """The relay's write: it asked ``can_write`` in this same callback and got True (it
@@ -329,8 +362,23 @@ class TunnelStream:
             proto.dispatch(events)
 
     async def write(self, data: bytes | memoryview) -> None:
+        """Write all of ``data``, waiting for room as often as needed: in pieces of at most
+        ``write_room`` each, so a task writing a whole message (an HTTP body, a mirror's copy)
+        adds no more to the queues at a time than a relay's read does, and waits, as the
+        relay stops reading, while the queue budget is used up."""
         proto = self.proto
-        while proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+        while True:
+            room = self.write_room()
+            if room:
+                if len(data) <= room:
+                    self._send(data)
+                    proto.flush_soon()
+                    return
+                view = memoryview(data)
+                self._send(view[:room])
+                proto.flush_soon()
+                data = view[room:]
+                continue
             if self.error:
                 raise self.error
             proto.writers_waiting = True
@@ -339,12 +387,6 @@ class TunnelStream:
                 await self._write_waiter
             finally:
                 self._write_waiter = None
-        if self.error:
-            raise self.error
-        events = proto.codec.send(self.stream_id, data)
-        proto.charge_sent()  # before any other connection asks the queue budget
-        proto.dispatch(events)
-        proto.flush_soon()
 
     def write_eof(self) -> None:
         if not self.error:
@@ -484,12 +526,19 @@ class HboneProtocol(asyncio.Protocol):
             self.writers_waiting = False
             self._wake_writers()
 
-    def _budget_room(self) -> None:
+    def _budget_room(self) -> bool:
         """Freed receive budget is this connection's turn (called from inside another
-        connection's accounting, ``budget.Account``): take it on the next pass of the loop."""
+        connection's accounting, ``budget.Account``): take it on the next pass of the loop.
+        False, and nothing scheduled, when there is no connection to take it for (closing, or
+        lost, or never made): the budget skips it and the next waiter's turn comes now, not
+        after this one's ``connection_lost`` closed its account."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
         if not self._regrant_scheduled:
             self._regrant_scheduled = True
             self.loop.call_soon(self._regrant)
+        return True
 
     def _regrant(self) -> None:
         # Also on a closing connection: taking (or passing) the turn is what lets the next

@@ -72,8 +72,9 @@ class Waiter:
         self.calls = 0
         self.account.on_room = self.called
 
-    def called(self) -> None:
+    def called(self) -> bool:
         self.calls += 1
+        return True  # it will take its turn
 
 
 def test_freed_budget_goes_to_the_oldest_waiter_before_a_later_consumer() -> None:
@@ -138,8 +139,9 @@ class Link:
         self.server.on_budget_room(self._called_back)
         self.pump()
 
-    def _called_back(self) -> None:
+    def _called_back(self) -> bool:
         self.called += 1
+        return True
 
     def room(self) -> None:
         """The scheduled call-backs run: the connection takes its turn at freed budget."""
@@ -441,5 +443,81 @@ def test_the_proxy_takes_its_turn_on_the_next_pass_of_the_loop_not_from_inside()
         await asyncio.sleep(0)
         assert server.codec.promised == 2 * SETTINGS.stream_window  # its turn, sent
         assert not budget._waiting
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_waiter_dropped_without_closing_leaves_the_fifo_at_once() -> None:
+    """An owner dropped without ``close_budget`` (a TLS handshake that failed never reaches
+    ``connection_lost``) goes with its last reference: its charge returns and it leaves the
+    FIFO, so the next waiter gets the freed budget. Before, its codec held its call-back, a
+    bound method of the owner, which held the codec: a cycle, so the dead waiter kept its
+    charge and its turn until the garbage collector ran (disabled here, as it may not run for
+    a long time in a busy agent)."""
+    import gc
+
+    gc.disable()
+    try:
+        budget = HboneBudget(LIMIT)
+        stalled = [Link(budget) for _ in range(2)]
+        for link in stalled:  # two connection windows: the budget is used up
+            for _ in range(4):
+                link.send(link.open(), b"x" * SETTINGS.stream_window)
+        dropped, waiter = Link(budget), Link(budget)
+        dropped.open(), waiter.open()  # their grants are refused: both wait
+        accounts = [dropped.server._flow._account, waiter.server._flow._account]
+        assert list(budget._waiting) == accounts
+        committed = budget.committed
+        del dropped, accounts
+        assert list(budget._waiting) == [waiter.server._flow._account]
+        assert budget.committed == committed - FLOOR  # its floor came back
+        for sid in (1, 3, 5):  # stalled pods read three stream windows: budget frees up
+            stalled[0].read(sid)
+        assert waiter.called == 1  # the turn is the live waiter's
+        waiter.room()
+        assert waiter.server.promised > FLOOR
+    finally:
+        gc.enable()
+
+
+def test_a_closing_connection_passes_its_turn_on_at_once() -> None:
+    """``HboneProtocol``: a waiter whose transport is closing (its ``connection_lost`` has
+    not run yet) says so when called back; the budget skips it and calls the next waiter in
+    the same give-back. Before, the closing connection took the freed budget on the next
+    pass of the loop (held until its account closed) and the live waiter kept waiting."""
+    import asyncio
+
+    from agent.proxy.tunnel import HboneProtocol
+    from tests.unit.proxy.memtransport import MemoryTransport
+
+    async def main() -> None:
+        budget = HboneBudget(4 * FLOOR)
+        servers, wires = [], []
+        for _ in range(2):
+            client = HboneProtocol(HboneConnection(client_side=True, settings=SETTINGS))
+            server = HboneProtocol(
+                HboneConnection(client_side=False, settings=SETTINGS, budget=budget),
+                on_request=lambda proto, e: (proto.codec.respond(e.stream_id, 200), proto.flush()),
+            )
+            to_server, to_client = MemoryTransport(server), MemoryTransport(client)
+            to_server.other, to_client.other = to_client, to_server
+            server.connection_made(to_client)
+            client.connection_made(to_server)
+            servers.append(server)
+            wires.append(to_client)
+        hog = budget.open(Conn())
+        assert hog.take(FLOOR) == FLOOR  # with the four floors: used up
+        closing, waiter = servers
+        for proto in (closing, waiter):
+            assert proto.transport is not None
+            client_proto = proto.transport.peer  # type: ignore[attr-defined]
+            await client_proto.open("10.0.0.2:80", None)
+        assert [a for a in budget._waiting] == [s.codec._flow._account for s in servers]
+        wires[0].closing = True  # closed or aborted: ``connection_lost`` comes later
+        hog.give_back(FLOOR)
+        assert list(budget._waiting) == [waiter.codec._flow._account]
+        await asyncio.sleep(0)
+        assert closing.codec.promised == FLOOR  # it took nothing
+        assert waiter.codec.promised > FLOOR  # the freed budget went to the live waiter
 
     asyncio.run(asyncio.wait_for(main(), 10))

@@ -13,6 +13,7 @@ import socket
 from types import SimpleNamespace
 from typing import Any, cast
 
+from agent.proxy.budget import QueueBudget
 from agent.proxy.http_outbound import (
     SessionKey,
     SessionPool,
@@ -52,6 +53,7 @@ class _Proto:
         self.finished: list[TunnelStream] = []
         self.streams: dict[int, object] = {1: None}  # the HBONE connection's streams
         self.flushes: list[str] = []  # "now" (flush_and_wake), "soon" (flush_soon)
+        self.queue_budget = QueueBudget(None)  # ``write_room`` asks it
 
     def out_full(self) -> bool:
         return False

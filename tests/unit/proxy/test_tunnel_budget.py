@@ -11,7 +11,7 @@ from agent.proxy import hbone_events as ev
 from agent.proxy.h2wire import KIB, MIB, HboneSettings
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.hbone_limits import MAX_WRITE, OUT_BUDGET
-from agent.proxy.tunnel import HboneProtocol, TunnelStream
+from agent.proxy.tunnel import HIGH_WATER, HboneProtocol, TunnelStream
 from tests.unit.proxy.memtransport import MemoryTransport
 
 CHUNK = 256 * 1024
@@ -78,22 +78,24 @@ def test_streams_whose_peer_stopped_reading_leave_the_others_flowing() -> None:
 
 def test_writers_waiting_for_the_budget_go_on_once_window_updates_free_it() -> None:
     async def main() -> None:
-        window = 512 * KIB  # with WINDOW_UPDATEs every quarter of it, 300 KiB read sends one
-        client, accepted = await connected(
-            HboneSettings(stream_window=window, connection_window=16 * MIB)
+        window = 512 * KIB  # with WINDOW_UPDATEs every quarter of it, 128 KiB read sends one
+        client, accepted = await connected(  # and the connection one once 1 MiB is due
+            HboneSettings(stream_window=window, connection_window=4 * MIB)
         )
-        big, other, waiting = [await client.open("10.0.0.2:80", None) for _ in range(3)]
+        big, *others, waiting = [await client.open("10.0.0.2:80", None) for _ in range(5)]
         await big.write(b"b" * window)  # fills its window
-        await big.write(b"B" * MIB)  # all queued: the peer reads nothing yet
-        await other.write(b"o" * window)
-        await other.write(b"O" * CHUNK)  # the connection now holds more than its budget
-        assert client.codec.queued > OUT_BUDGET
+        await big.write(b"B" * HIGH_WATER)  # queued: the peer reads nothing yet
+        await big.write(b"B" * MAX_WRITE)  # the most a stream queues: a write past its high water
+        for other in others:
+            await other.write(b"o" * window)
+            await other.write(b"O" * MAX_WRITE)
+        assert client.codec.queued > OUT_BUDGET  # the connection holds more than its budget
         blocked = asyncio.create_task(waiting.write(b"w"))
         await asyncio.sleep(0.05)
         assert not blocked.done()
         server_big = accepted[big.stream_id]
         freed = 0
-        while freed < 300 * 1024:  # the server reads part of ``big``: WINDOW_UPDATEs
+        while freed < 128 * KIB:  # the server reads part of ``big``: a WINDOW_UPDATE
             data = await server_big.read()
             assert data is not None
             server_big.consumed(len(data))

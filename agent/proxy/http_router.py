@@ -21,7 +21,11 @@ Three steps per request:
    edit the forwarded head (``edit_request``), its ``ResponseHeaderModifier`` the response
    head (``edit_response``), and its ``timeouts``, ``retry`` and the ``RequestMirror``
    backends this request is copied to (each rolled by its percentage; one that does not
-   resolve is skipped: its status already says so) ride on the ``RoutePlan``.
+   resolve is skipped: its status already says so) ride on the ``RoutePlan``. What depends
+   only on the state is not redone per request: the port's routes are looked up once per route
+   table, the rule they choose is kept per request shape (``agent.policy.routes.decisions``),
+   and a chosen rule's backends are resolved and its filters composed once per table
+   (``_Rule``); every draw (backend, faults, mirrors, backoff) is still made per request.
 2. ``admit`` — the chosen backend Service's traffic control, per request
    (``agent.policy.traffic``): limits (``maxConnections`` bounds concurrent requests here,
    like Envoy's ``max_requests``), faults, then ``Attempts``: ``next_endpoint`` is the

@@ -130,78 +130,58 @@ class PortRoutes:
     def http(self, request: HttpRequest) -> Decision:
         """The rule an HTTP request takes (``None``: no route on the port for this client)."""
         attached = self._http
-        if attached is None:
-            return None
-        fixed = attached.shape.fixed
-        if fixed is not None:
-            return fixed
-        key = _http_key(attached, request)
-        if key is None:
-            return attached.first_http(request)
-        decision = self._cache.entries.get(key)
-        if decision is None:
-            decision = attached.first_http(request)
-            self._cache.keep(key, decision)
-        return decision
+        return None if attached is None else self._decided(attached, request)
 
     def grpc(self, request: GrpcRequest) -> Decision:
         """The rule a gRPC call takes: the port's GRPCRoutes, else its HTTPRoutes."""
         attached = self._grpc
-        if attached is None:
-            http = self._http
-            if http is None:
-                return None
-            if http.shape.fixed is not None:  # no need to make the call's HTTP request
-                return http.shape.fixed
-            return self.http(request.as_http())
+        if attached is not None:
+            return self._decided(attached, request)
+        http = self._http
+        if http is None:
+            return None
+        if http.shape.fixed is not None:  # no need to make the call's HTTP request
+            return http.shape.fixed
+        return self._decided(http, request.as_http())
+
+    def _decided(self, attached: Attached, request: HttpRequest | GrpcRequest) -> Chosen:
+        """``attached``'s decision for ``request``: fixed, kept, or walked (and kept)."""
         fixed = attached.shape.fixed
         if fixed is not None:
             return fixed
-        key = _grpc_key(attached, request)
-        if key is None:
-            return attached.first_grpc(request)
-        decision = self._cache.entries.get(key)
+        key = _key(attached, request)
+        decision = None if key is None else self._cache.entries.get(key)
         if decision is None:
-            decision = attached.first_grpc(request)
-            self._cache.keep(key, decision)
+            if isinstance(request, GrpcRequest):
+                decision = attached.first_grpc(request)
+            else:
+                decision = attached.first_http(request)
+            if key is not None:
+                self._cache.keep(key, decision)
         return decision
 
 
-def _http_key(attached: Attached, request: HttpRequest) -> tuple[object, ...] | None:
-    """The fields of ``request`` that ``attached``'s matches read, after ``attached`` itself;
-    ``None`` when they are too long to keep."""
+def _key(attached: Attached, request: HttpRequest | GrpcRequest) -> tuple[object, ...] | None:
+    """``attached`` and the fields of ``request`` its matches read (``Shape``); ``None`` when
+    they are too long to keep."""
     shape = attached.shape
-    key: list[object] = [attached]
-    size = 0
-    if shape.path:
-        key.append(request.path)
-        size += len(request.path)
-    if shape.method:
-        key.append(request.method)
-        size += len(request.method)
+    fields: list[str | None] = []
+    if isinstance(request, GrpcRequest):
+        if shape.service:
+            fields.append(request.service)
+        if shape.grpc_method:
+            fields.append(request.method)
+    else:
+        if shape.path:
+            fields.append(request.path)
+        if shape.method:
+            fields.append(request.method)
+        for name in shape.query:
+            fields.append(request.query_param(name))
     for name in shape.headers:
-        value = request.header(name)
-        key.append(value)
-        size += len(value) if value is not None else 0
-    for name in shape.query:
-        value = request.query_param(name)
-        key.append(value)
-        size += len(value) if value is not None else 0
-    return tuple(key) if size <= MAX_KEY_CHARS else None
-
-
-def _grpc_key(attached: Attached, request: GrpcRequest) -> tuple[object, ...] | None:
-    shape = attached.shape
-    key: list[object] = [attached]
+        fields.append(request.header(name))
     size = 0
-    if shape.service:
-        key.append(request.service)
-        size += len(request.service)
-    if shape.grpc_method:
-        key.append(request.method)
-        size += len(request.method)
-    for name in shape.headers:
-        value = request.header(name)
-        key.append(value)
-        size += len(value) if value is not None else 0
-    return tuple(key) if size <= MAX_KEY_CHARS else None
+    for value in fields:
+        if value is not None:
+            size += len(value)
+    return (attached, *fields) if size <= MAX_KEY_CHARS else None

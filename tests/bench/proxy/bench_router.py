@@ -36,7 +36,8 @@ from agent.policy.traffic.control import TrafficControl
 from agent.proxy import trafficmetrics
 from agent.proxy.http_router import HttpRouter
 from agent.proxy.resolve import ServiceTarget
-from agent.state import Endpoint, RouteObject, Service, ServicePort, Snapshot, StateStore, Workload
+from agent.state import Endpoint, Service, ServicePort, Snapshot, StateStore, Workload
+from tests.bench.proxy.bench_http_cpu import ROUTE
 
 VIP = "10.96.7.2"
 SERVER = "10.244.2.2"
@@ -56,27 +57,6 @@ def _service(name: str, app_protocol: str) -> Service:
     )  # fmt: skip
 
 
-def _route() -> RouteObject:
-    """The bench lab's HTTPRoute on ``web`` (``bench/testbed.py``)."""
-    spec = {
-        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
-        "rules": [
-            {
-                "matches": [{"headers": [{"name": "x-bench-canary", "value": "true"}]}],
-                "backendRefs": [{"name": "web-v2", "port": 80}],
-            },
-            {
-                "backendRefs": [
-                    {"name": "web-v1", "port": 80, "weight": 90},
-                    {"name": "web-v2", "port": 80, "weight": 10},
-                ],
-                "retry": {"attempts": 2, "codes": [503], "backoff": "10ms"},
-            },
-        ],
-    }
-    return RouteObject("HTTPRoute", "default", "web", spec, 1, "u")
-
-
 def state(path: str) -> Snapshot:
     store = StateStore()
     protocol = "grpc" if path == "grpc" else "http"
@@ -88,7 +68,7 @@ def state(path: str) -> Snapshot:
         for name in ("web", "web-v1", "web-v2"):
             tx.put_service(_service(name, protocol))
         if path == "routed":
-            tx.put_route(_route())
+            tx.put_route(ROUTE)
     return store.snapshot()
 
 

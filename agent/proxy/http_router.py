@@ -21,7 +21,11 @@ Three steps per request:
    edit the forwarded head (``edit_request``), its ``ResponseHeaderModifier`` the response
    head (``edit_response``), and its ``timeouts``, ``retry`` and the ``RequestMirror``
    backends this request is copied to (each rolled by its percentage; one that does not
-   resolve is skipped: its status already says so) ride on the ``RoutePlan``.
+   resolve is skipped: its status already says so) ride on the ``RoutePlan``. What depends
+   only on the state is not redone per request: the port's routes are looked up once per route
+   table, the rule they choose is kept per request shape (``agent.policy.routes.decisions``),
+   and a chosen rule's backends are resolved and its filters composed once per table
+   (``_Rule``); every draw (backend, faults, mirrors, backoff) is still made per request.
 2. ``admit`` — the chosen backend Service's traffic control, per request
    (``agent.policy.traffic``): limits (``maxConnections`` bounds concurrent requests here,
    like Envoy's ``max_requests``), faults, then ``Attempts``: ``next_endpoint`` is the
@@ -52,17 +56,28 @@ from agent.policy.routes import (
     GrpcRequest,
     NoMatchingRule,
     RouteAction,
+    RouteTable,
     RouteTableCache,
-    choose_backend,
     for_backend,
     modify_headers,
     redirect_location,
     rewrite_request,
 )
+from agent.policy.routes.decisions import PortRoutes
 from agent.policy.routes.faults import NO_FAULT, FaultDecision
 from agent.policy.routes.faults import decide as decide_fault
-from agent.policy.routes.model import HeaderModifier, HttpMatch, HttpRequest, Rewrite, RouteKey
+from agent.policy.routes.model import (
+    Backend,
+    HeaderModifier,
+    HttpMatch,
+    HttpRequest,
+    Mirror,
+    Retry,
+    Rewrite,
+    RouteKey,
+)
 from agent.policy.routes.retry import ATTEMPTED, BUDGET_EXHAUSTED, RequestRetry
+from agent.policy.routes.table import choose_index
 from agent.policy.traffic.attempts import Attempts
 from agent.policy.traffic.control import TrafficControl
 from agent.policy.traffic.service import Rejected, ServiceTraffic
@@ -187,9 +202,45 @@ class RoutePlan:
         return retry.spend()
 
 
+@dataclass(frozen=True, slots=True)
+class _Backend:
+    """One backendRef of a rule as the router sends to it, made once per route table: its
+    ``ServiceTarget`` (``None``: it does not resolve, its share is answered 500), the rule's
+    action with the backendRef's own filters (``for_backend``), what that action sets on a
+    plan, and its key in ``HttpRouter.routed``."""
+
+    ref: Backend
+    target: ServiceTarget | None
+    action: RouteAction
+    routed: tuple[RouteKey, int, str]
+    edit_request: Callable[[str, Headers], tuple[str, Headers]] | None
+    edit_response: Callable[[Headers], Headers] | None
+    retry: Retry | None  # the rule's retry when it has attempts
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """A chosen rule's per-table part (what does not depend on the request or the draws):
+    its name for messages, its weights and their total, its backends and mirrors resolved."""
+
+    action: RouteAction  # kept: its ``id`` is the key of ``HttpRouter._rules``
+    name: str
+    weights: tuple[int, ...]
+    total: int
+    backends: tuple[_Backend, ...]
+    mirrors: tuple[tuple[Mirror, ServiceTarget | None], ...]
+
+
 class HttpRouter:
     """Routes the requests of all HTTP client connections of one node (shares the Services'
-    traffic state with the L4 path, so both see the same endpoint health)."""
+    traffic state with the L4 path, so both see the same endpoint health).
+
+    What depends only on the state is looked up once per route table, not per request: the
+    routes that apply to a (Service port, client namespace) (``PortRoutes``, which also keeps
+    the rule chosen per request shape) and, per chosen rule, its backends resolved to
+    ``ServiceTarget``s with their filters composed (``_Rule``). What is drawn — the backend by
+    weight, faults, mirrors, retries' backoff — is still drawn per request, in the same order
+    from ``rng``."""
 
     def __init__(self, traffic: TrafficControl, rng: random.Random | None = None) -> None:
         self.traffic = traffic
@@ -198,6 +249,12 @@ class HttpRouter:
         # Requests sent per (route, rule, backend Service): the share each backend actually got,
         # for ``nodemesh routes``. Bounded by the routes' configuration, not by traffic.
         self.routed: Counter[tuple[RouteKey, int, str]] = Counter()
+        # Of the route table last used (both bounded by the state: dialled Service ports and
+        # client namespaces, the table's rules); emptied when the table changes.
+        self._snap: Snapshot | None = None
+        self._table: RouteTable | None = None
+        self._ports: dict[tuple[str, str, int, str], PortRoutes] = {}
+        self._rules: dict[int, _Rule] = {}
 
     def admit(
         self,
@@ -216,61 +273,77 @@ class HttpRouter:
         an injected abort). With ``may_queue`` a request over the backend Service's
         ``maxConnections`` may wait (``plan.attempts.queued``: the shell waits for its
         ``on_admitted`` before it picks an endpoint)."""
-        action = self._decide(snap, dialled, request, client_namespace)
-        fault = NO_FAULT if action is None else self._fault(request, action)
-        backend = dialled
-        if action is not None:  # the rule's action as the chosen backendRef's filters make it
-            action, backend = self._backend(snap, dialled, request, action)
-        traffic = self.traffic.service(snap, backend.service)
+        routes = self._port_routes(snap, dialled, client_namespace)
+        action = routes.grpc(request) if isinstance(request, GrpcRequest) else routes.http(request)
+        if action is None:  # no route: the dialled Service serves
+            traffic = self.traffic.service(snap, dialled.service)
+            attempts = self._attempts(traffic, source_ip, source_labels, source_node, may_queue)
+            return RoutePlan(dialled, attempts)
+        if isinstance(action, NoMatchingRule):
+            names = ", ".join("/".join(key[1:]) for key in action.routes)
+            raise LocalResponse(404, NO_ROUTE, f"no rule of {names} matched", BODIES[NO_ROUTE])
+        rule = self._rule(snap, action)
+        fault = NO_FAULT if action.filters.fault is None else self._fault(request, rule)
+        chosen = self._backend(dialled, request, rule)
+        assert chosen.target is not None  # _backend answered 500 otherwise
+        traffic = self.traffic.service(snap, chosen.target.service)
         attempts = self._attempts(traffic, source_ip, source_labels, source_node, may_queue)
-        plan = RoutePlan(backend, attempts, action, delay=fault.delay)
-        if action is not None:
-            self._apply_rule(plan, action)
-            plan.mirrors = self._mirrors(snap, action)
+        plan = RoutePlan(chosen.target, attempts, chosen.action, delay=fault.delay)
+        plan.edit_request, plan.edit_response = chosen.edit_request, chosen.edit_response
+        timeouts = action.timeouts
+        plan.request_timeout, plan.try_timeout = timeouts.request, timeouts.backend_request
+        if chosen.retry is not None:
+            plan.retry = RequestRetry(chosen.retry, self.rng)
+        if rule.mirrors:
+            plan.mirrors = self._mirrors(rule)
         return plan
 
-    def _mirrors(self, snap: Snapshot, action: RouteAction) -> list[ServiceTarget]:
+    def _port_routes(
+        self, snap: Snapshot, dialled: ServiceTarget, client_namespace: str
+    ) -> PortRoutes:
+        """The routes of the dialled port for this client, from the table of ``snap``."""
+        if snap is not self._snap:
+            table = self.routes.get(snap)
+            if table is not self._table:
+                self._table, self._ports, self._rules = table, {}, {}
+            self._snap = snap
+        service = dialled.service
+        key = (service.namespace, service.name, dialled.port.port, client_namespace)
+        routes = self._ports.get(key)
+        if routes is None:
+            assert self._table is not None
+            routes = self._table.port(key[:2], key[2], client_namespace)
+            self._ports[key] = routes
+        return routes
+
+    def _rule(self, snap: Snapshot, action: RouteAction) -> _Rule:
+        """The per-table part of the chosen rule (made the first time it is chosen)."""
+        rule = self._rules.get(id(action))
+        if rule is None:
+            rule = self._rules[id(action)] = _prepare(snap, action)
+        return rule
+
+    def _mirrors(self, rule: _Rule) -> list[ServiceTarget]:
         out = []
-        for mirror in action.filters.mirrors:
+        for mirror, target in rule.mirrors:
             if self.rng.random() * 100.0 >= mirror.percent or not mirror.backend.resolved:
                 continue
-            target = _target(snap, mirror.backend.service, mirror.backend.port)
             if target is not None:
                 out.append(target)
         return out
 
-    def _decide(
-        self,
-        snap: Snapshot,
-        dialled: ServiceTarget,
-        request: HttpRequest | GrpcRequest,
-        client_namespace: str,
-    ) -> RouteAction | None:
-        service = (dialled.service.namespace, dialled.service.name)
-        table = self.routes.get(snap)
-        port = dialled.port.port
-        if isinstance(request, GrpcRequest):
-            decision = table.grpc(service, port, request, client_namespace=client_namespace)
-        else:
-            decision = table.http(service, port, request, client_namespace=client_namespace)
-        if isinstance(decision, NoMatchingRule):
-            routes = ", ".join("/".join(key[1:]) for key in decision.routes)
-            raise LocalResponse(404, NO_ROUTE, f"no rule of {routes} matched", BODIES[NO_ROUTE])
-        return decision
-
-    def _fault(self, request: HttpRequest | GrpcRequest, action: RouteAction) -> FaultDecision:
+    def _fault(self, request: HttpRequest | GrpcRequest, rule: _Rule) -> FaultDecision:
         """The rule's HTTPFault for this request: an abort is raised (flag ``FI``), a delay
         returned; a filter whose HTTPFault does not exist answers 500 (Gateway API: a filter
         that cannot be applied is never skipped)."""
-        ref = action.filters.fault
+        ref = rule.action.filters.fault
         if ref is None:
             return NO_FAULT
-        rule = f"{'/'.join(action.route[1:])} rule {action.rule}"
         if ref.fault is None:
             raise LocalResponse(
                 500,
                 NO_FLAGS,
-                f"{rule}: HTTPFault {ref.namespace}/{ref.name} does not exist",
+                f"{rule.name}: HTTPFault {ref.namespace}/{ref.name} does not exist",
                 FILTER_UNUSABLE_BODY,
             )
         decision = decide_fault(ref.fault, request.headers, self.rng)
@@ -279,26 +352,23 @@ class HttpRouter:
                 # a gRPC status is answered trailers-only: HTTP 200 (Envoy's fault filter too)
                 decision.abort_status or 200,
                 FAULT_INJECTED,
-                f"{rule}: abort injected by HTTPFault {ref.fault.name}",
+                f"{rule.name}: abort injected by HTTPFault {ref.fault.name}",
                 BODIES[FAULT_INJECTED],
                 grpc_status=decision.abort_grpc_status,
             )
         return decision
 
     def _backend(
-        self,
-        snap: Snapshot,
-        dialled: ServiceTarget,
-        request: HttpRequest | GrpcRequest,
-        action: RouteAction,
-    ) -> tuple[RouteAction, ServiceTarget]:
-        """The rule's redirect (raised), or its weighted choice: the action with that
-        backendRef's own filters (``for_backend``) and the ``ServiceTarget``."""
+        self, dialled: ServiceTarget, request: HttpRequest | GrpcRequest, rule: _Rule
+    ) -> _Backend:
+        """The rule's redirect (raised), or its weighted choice (a backendRef that resolves;
+        500 raised otherwise), counted in ``routed``."""
+        action = rule.action
         redirect = action.filters.redirect
-        match = action.match if isinstance(action.match, HttpMatch) else None
         if redirect is not None:
             if isinstance(request, GrpcRequest):  # an HTTPRoute serving a gRPC call
                 request = request.as_http()
+            match = action.match if isinstance(action.match, HttpMatch) else None
             location = redirect_location(request, redirect, match, service_port=dialled.port.port)
             raise LocalResponse(
                 redirect.status,
@@ -306,22 +376,22 @@ class HttpRouter:
                 f"redirect to {location}",
                 headers=[("location", location)],
             )
-        rule = f"{'/'.join(action.route[1:])} rule {action.rule}"
-        chosen = choose_backend(action.backends, self.rng.random())
-        if chosen is None:
+        index = choose_index(rule.weights, rule.total, self.rng.random())
+        if index is None:
             raise LocalResponse(
-                500, NO_FLAGS, f"{rule}: every backend weight is 0", BACKEND_UNUSABLE_BODY
+                500, NO_FLAGS, f"{rule.name}: every backend weight is 0", BACKEND_UNUSABLE_BODY
             )
-        target = _target(snap, chosen.service, chosen.port) if chosen.resolved else None
-        if target is None:
+        chosen = rule.backends[index]
+        if chosen.target is None:
+            ref = chosen.ref
             raise LocalResponse(
                 500,
                 NO_FLAGS,
-                f"{rule}: backend {chosen.namespace}/{chosen.name}:{chosen.port} does not resolve",
+                f"{rule.name}: backend {ref.namespace}/{ref.name}:{ref.port} does not resolve",
                 BACKEND_UNUSABLE_BODY,
             )
-        self.routed[(action.route, action.rule, f"{chosen.namespace}/{chosen.name}")] += 1
-        return for_backend(action, chosen), target
+        self.routed[chosen.routed] += 1
+        return chosen
 
     @staticmethod
     def _attempts(
@@ -342,18 +412,37 @@ class HttpRouter:
             raise Unroutable(FAULT_INJECTED, f"service {traffic.name}: injected abort")
         return attempts
 
-    def _apply_rule(self, plan: RoutePlan, action: RouteAction) -> None:
-        filters, timeouts = action.filters, action.timeouts
-        match = action.match if isinstance(action.match, HttpMatch) else None
+
+def _prepare(snap: Snapshot, action: RouteAction) -> _Rule:
+    """A rule's per-table part, resolved against ``snap`` (whose Services the table was built
+    from: the router makes a ``_Rule`` again when the table changes)."""
+    backends = []
+    for ref in action.backends:
+        composed = for_backend(action, ref)
+        filters = composed.filters
+        match = composed.match if isinstance(composed.match, HttpMatch) else None
+        edit_request = None
         if filters.request_headers is not None or filters.rewrite is not None:
-            plan.edit_request = _request_editor(filters.request_headers, filters.rewrite, match)
-        response = filters.response_headers
-        if response is not None:
-            plan.edit_response = lambda headers: modify_headers(headers, response)
-        plan.request_timeout = timeouts.request
-        plan.try_timeout = timeouts.backend_request
-        if action.retry is not None and action.retry.attempts > 0:
-            plan.retry = RequestRetry(action.retry, self.rng)
+            edit_request = _request_editor(filters.request_headers, filters.rewrite, match)
+        retry = action.retry if action.retry is not None and action.retry.attempts > 0 else None
+        backends.append(
+            _Backend(
+                ref,
+                _target(snap, ref.service, ref.port) if ref.resolved else None,
+                composed,
+                (action.route, action.rule, f"{ref.namespace}/{ref.name}"),
+                edit_request,
+                _response_editor(filters.response_headers),
+                retry,
+            )
+        )
+    mirrors = tuple(
+        (m, _target(snap, m.backend.service, m.backend.port) if m.backend.resolved else None)
+        for m in action.filters.mirrors
+    )
+    weights = tuple(ref.weight for ref in action.backends)
+    name = f"{'/'.join(action.route[1:])} rule {action.rule}"
+    return _Rule(action, name, weights, sum(weights), tuple(backends), mirrors)
 
 
 def _target(snap: Snapshot, key: tuple[str, str], port_number: int) -> ServiceTarget | None:
@@ -365,6 +454,13 @@ def _target(snap: Snapshot, key: tuple[str, str], port_number: int) -> ServiceTa
     if port is None:
         return None
     return ServiceTarget(service, port, service.cluster_ips[0] if service.cluster_ips else "")
+
+
+def _response_editor(modifier: HeaderModifier | None) -> Callable[[Headers], Headers] | None:
+    """The response head after the rule's (and backendRef's) ResponseHeaderModifier."""
+    if modifier is None:
+        return None
+    return lambda headers: modify_headers(headers, modifier)
 
 
 def _request_editor(

@@ -6,8 +6,10 @@ none of it), decides per parent whether it is programmed and why (``parents``), 
 attached match by the Gateway API's precedence (``table``), applies the filters that change a
 request head (``filters``) and shapes ``status.parents`` (``status``).
 
-The data path keeps a ``RouteTableCache`` and calls, per request,
-``cache.get(snapshot).http(service, port, request, client_namespace=...)`` or ``.grpc(...)``.
+The data path keeps a ``RouteTableCache``; per route table and (Service port, client namespace)
+it asks ``cache.get(snapshot).port(service, port, client_namespace)`` once, then per request
+that ``PortRoutes``' ``.http(request)`` or ``.grpc(call)``, which keeps the decision per request
+shape (``decisions``) and answers as ``RouteTable.http``/``.grpc`` would.
 """
 
 from agent.policy.routes.compile import Rejected, RouteError, compile_route

@@ -1,7 +1,10 @@
 """The routing table of one snapshot: for a Service port and a request, the rule that applies.
 
 Built once per state version (``RouteTable.build``) and then read by every request, so the
-per-request work is a walk down a list already sorted by precedence, stopping at the first match.
+per-request work is a walk down a list already sorted by precedence, stopping at the first match
+(``http``, ``grpc``) — or less: the data path asks ``port(service, port, client_namespace)``
+once per table and decides through it, which keeps each decision per request shape
+(``agent.policy.routes.decisions``) and answers a shape seen before without the walk.
 
 Precedence is the Gateway API's. For HTTPRoute, across all routes attached to the port, the
 match with, in turn: an ``Exact`` path; a ``RegularExpression`` path (the spec leaves regex
@@ -31,6 +34,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.policy.routes.compile import Compiled, compile_route
+from agent.policy.routes.decisions import DecisionCache, PortRoutes, shape_of
 from agent.policy.routes.faults import KIND as FAULT_KIND
 from agent.policy.routes.faults import HttpFault, compile_fault
 from agent.policy.routes.model import (
@@ -101,15 +105,44 @@ def _grpc_rank(c: _Candidate) -> tuple[object, ...]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Attached:
+class Attached:
     """The routes of one kind that one namespace attached to a Service port, and their matches
-    in precedence order. ``routes`` is kept apart from the matches because a GRPCRoute may
-    have no rule at all (``rules: []`` is valid there): it still answers every call
-    ``UNIMPLEMENTED``, and ``NoMatchingRule`` must still name it."""
+    in precedence order, each with the action it leads to on this port (made once per table:
+    a request that matches gets the same ``RouteAction`` object every time). ``routes`` is kept
+    apart from the matches because a GRPCRoute may have no rule at all (``rules: []`` is valid
+    there): it still answers every call ``UNIMPLEMENTED``, and ``NoMatchingRule`` must still
+    name it. A plain class: its identity is its hash (it is part of a decision's cache key,
+    ``agent.policy.routes.decisions``)."""
 
-    routes: tuple[RouteKey, ...]
-    candidates: tuple[_Candidate, ...]
+    __slots__ = ("actions", "candidates", "kind", "no_match", "routes", "shape")
+
+    def __init__(
+        self,
+        kind: str,
+        routes: tuple[RouteKey, ...],
+        candidates: tuple[_Candidate, ...],
+        service: ServiceKey,
+        port: int,
+    ) -> None:
+        self.kind = kind
+        self.routes = routes
+        self.candidates = candidates
+        self.actions = tuple((c.match, _action(c, service, port)) for c in candidates)
+        self.no_match = NoMatchingRule(routes)
+        self.shape = shape_of(self.actions, self.no_match)
+
+    def first_http(self, request: HttpRequest) -> RouteAction | NoMatchingRule:
+        """The action of the first match (in precedence order) the request meets."""
+        for match, action in self.actions:
+            if isinstance(match, HttpMatch) and match.matches(request):
+                return action
+        return self.no_match
+
+    def first_grpc(self, request: GrpcRequest) -> RouteAction | NoMatchingRule:
+        for match, action in self.actions:
+            if isinstance(match, GrpcMatch) and match.matches(request):
+                return action
+        return self.no_match
 
 
 def _candidates(routes: Sequence[Route]) -> Iterator[_Candidate]:
@@ -126,11 +159,12 @@ class RouteTable:
         self,
         compiled: Mapping[RouteKey, Compiled],
         verdicts: Mapping[RouteKey, tuple[ParentVerdict, ...]],
-        attached: Mapping[PortKey, Mapping[str, Mapping[str, _Attached]]],
+        attached: Mapping[PortKey, Mapping[str, Mapping[str, Attached]]],
     ) -> None:
         self.compiled = compiled
         self.verdicts = verdicts
         self._attached = attached
+        self.decisions = DecisionCache()
 
     @classmethod
     def build(cls, snap: Snapshot) -> RouteTable:
@@ -164,7 +198,8 @@ class RouteTable:
         attached = {
             key: {
                 ns: {
-                    kind: _Attached(
+                    kind: Attached(
+                        kind,
                         tuple(r.key for r in kind_routes),
                         tuple(
                             sorted(
@@ -172,6 +207,7 @@ class RouteTable:
                                 key=_grpc_rank if kind == GRPC_ROUTE else _http_rank,
                             )
                         ),
+                        *key,
                     )
                     for kind, kind_routes in by_kind.items()
                 }
@@ -183,13 +219,19 @@ class RouteTable:
 
     def _applicable(
         self, service: ServiceKey, port: int, client_namespace: str
-    ) -> Mapping[str, _Attached]:
+    ) -> Mapping[str, Attached]:
         """The routes of each kind that apply to this client: its namespace's (consumer
         routes) if it has any on this port, else the Service namespace's (producer routes)."""
         by_namespace = self._attached.get((service, port), {})
         if client_namespace != service[0] and client_namespace in by_namespace:
             return by_namespace[client_namespace]  # consumer routes replace producer routes
         return by_namespace.get(service[0], {})
+
+    def port(self, service: ServiceKey, port: int, client_namespace: str) -> PortRoutes:
+        """The routes of this Service port for this client, deciding through the table's
+        ``decisions`` (``http``/``grpc`` as below, kept per request shape)."""
+        applicable = self._applicable(service, port, client_namespace)
+        return PortRoutes(applicable.get(HTTP_ROUTE), applicable.get(GRPC_ROUTE), self.decisions)
 
     def routed(self, service: ServiceKey, port: int) -> bool:
         """Whether any route is programmed on this Service port (for any client)."""
@@ -200,9 +242,7 @@ class RouteTable:
     ) -> Decision:
         """The rule an HTTP request to ``service``:``port`` from ``client_namespace`` takes."""
         attached = self._applicable(service, port, client_namespace).get(HTTP_ROUTE)
-        if attached is None:
-            return None
-        return _first_http(attached, service, port, request)
+        return None if attached is None else attached.first_http(request)
 
     def grpc(
         self, service: ServiceKey, port: int, request: GrpcRequest, *, client_namespace: str
@@ -213,20 +253,8 @@ class RouteTable:
         grpc = applicable.get(GRPC_ROUTE)
         if grpc is None:
             http = applicable.get(HTTP_ROUTE)
-            return None if http is None else _first_http(http, service, port, request.as_http())
-        for c in grpc.candidates:
-            if isinstance(c.match, GrpcMatch) and c.match.matches(request):
-                return _action(c, service, port)
-        return NoMatchingRule(grpc.routes)
-
-
-def _first_http(
-    attached: _Attached, service: ServiceKey, port: int, request: HttpRequest
-) -> RouteAction | NoMatchingRule:
-    for c in attached.candidates:
-        if isinstance(c.match, HttpMatch) and c.match.matches(request):
-            return _action(c, service, port)
-    return NoMatchingRule(attached.routes)
+            return None if http is None else http.first_http(request.as_http())
+        return grpc.first_grpc(request)
 
 
 def _action(c: _Candidate, service: ServiceKey, port: int) -> RouteAction:
@@ -243,15 +271,22 @@ def choose_backend(backends: Sequence[Backend], point: float) -> Backend | None:
     """The backend a uniform ``point`` in [0, 1) picks by weight; ``None`` when every weight is
     zero. A chosen backend with ``resolved`` false must be answered 500 (its share is not
     given to the others)."""
-    total = sum(b.weight for b in backends)
+    weights = [b.weight for b in backends]
+    index = choose_index(weights, sum(weights), point)
+    return None if index is None else backends[index]
+
+
+def choose_index(weights: Sequence[int], total: int, point: float) -> int | None:
+    """``choose_backend`` over the weights alone (``total`` their sum, made once per rule): the
+    index ``point`` picks, ``None`` when every weight is zero."""
     if total <= 0:
         return None
     target = point * total
-    for backend in backends:
-        if target < backend.weight:
-            return backend
-        target -= backend.weight
-    return next(b for b in reversed(backends) if b.weight)
+    for index, weight in enumerate(weights):
+        if target < weight:
+            return index
+        target -= weight
+    return next(i for i in reversed(range(len(weights))) if weights[i])
 
 
 def fault_objects(policies: Iterable[PolicyObject]) -> Mapping[tuple[str, str], HttpFault]:

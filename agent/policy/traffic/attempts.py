@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from agent.policy.traffic.balancer import EndpointLoad, prefer_local
+from agent.policy.traffic.balancer import NO_LOCALITY, EndpointLoad, prefer_local
 from agent.policy.traffic.fault import FaultDecision
 
 if TYPE_CHECKING:
@@ -63,7 +63,8 @@ class Attempts:
         if not pool:
             svc.count("no_endpoints")
             return None
-        pool = prefer_local(pool, svc.config.locality, self.source_node, svc.where)
+        if svc.config.locality != NO_LOCALITY:
+            pool = prefer_local(pool, svc.config.locality, self.source_node, svc.where)
         now = svc.clock()
         load = svc.balancer.pick(pool, now)
         load.active += 1
@@ -89,7 +90,8 @@ class Attempts:
         now = svc.clock()
         if self._load is not None and not reused:
             self._load.observe(now - self._started, now)
-        if self._live() and svc.outlier.probing(ip):
+        # Only an endpoint out of rotation (``outlier.out``) can be on probation.
+        if ip in svc.outlier.out and self._live() and svc.outlier.probing(ip):
             svc.outlier.success(ip)  # the probe connected: back in; its end may still count
             if svc.observer is not None:
                 svc.observer(svc.name, "outlier", "returned")
@@ -157,7 +159,8 @@ class Attempts:
         if not self._connected:
             svc.pending -= 1
         self._settle(reset_before_data, first_byte_at, server_error)
-        svc.slot_freed()
+        if svc.queue:
+            svc.slot_freed()
 
     def again(
         self,

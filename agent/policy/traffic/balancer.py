@@ -31,6 +31,7 @@ from dataclasses import dataclass
 DECAY = 10.0
 INITIAL_ESTIMATE = 0.030
 FAILURE_SAMPLE = 1.0
+NO_LOCALITY = "NONE"
 
 
 @dataclass
@@ -137,7 +138,7 @@ def prefer_local(
     ``where`` maps endpoint IP → (node, zone). With no local candidate, all candidates stay:
     locality is a preference, never a reason to fail a connection.
     """
-    if locality == "NONE":
+    if locality == NO_LOCALITY:
         return candidates
     index = 0 if locality == "SAME_NODE" else 1
     mine = client[index]

@@ -154,10 +154,17 @@ class TrafficControl:
         return self._effective.get(key, self.defaults)
 
     def service(self, snap: Snapshot, service: Service) -> ServiceTraffic:
-        """The traffic state of ``service``, synced to ``snap`` (policy and endpoints)."""
+        """The traffic state of ``service``, synced to ``snap`` (policy and endpoints).
+
+        Asked per request on an HTTP port: one synced at ``snap``'s version is returned at
+        once (``update`` had run for that version when it was synced)."""
+        key = (service.namespace, service.name)
+        synced = self._services.get(key)
+        if synced is not None and synced[0] == snap.version:
+            return synced[1]
         self.update(snap)
-        config = self.config_for(service.key)
-        synced = self._services.get(service.key)
+        config = self.config_for(key)
+        synced = self._services.get(key)  # ``update`` drops the Services ``snap`` lacks
         if synced is None:
             name = f"{service.namespace}/{service.name}"
             traffic = ServiceTraffic(
@@ -169,7 +176,7 @@ class TrafficControl:
                 return traffic
             traffic.reconfigure(config)
         traffic.sync(endpoints_of(snap, service))
-        self._services[service.key] = (snap.version, traffic)
+        self._services[key] = (snap.version, traffic)
         return traffic
 
     def conditions(self) -> dict[str, dict[str, object]]:

@@ -86,7 +86,9 @@ class OutlierDetector:
 
     def attempt(self, ip: str) -> None:
         """A connection to ``ip`` starts; if it is the probe, no other may start until it ends."""
-        h = self.health.setdefault(ip, Health())
+        h = self.health.get(ip)  # not ``setdefault``: that makes a ``Health`` every call
+        if h is None:
+            h = self.health[ip] = Health()
         if h.state == PROBE:
             h.probing = True
 
@@ -102,7 +104,9 @@ class OutlierDetector:
             h.probing = False
 
     def success(self, ip: str) -> None:
-        h = self.health.setdefault(ip, Health())
+        h = self.health.get(ip)
+        if h is None:
+            h = self.health[ip] = Health()
         h.consecutive_failures = 0
         if h.state == PROBE:
             h.state, h.probing = HEALTHY, False

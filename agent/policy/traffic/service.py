@@ -35,9 +35,11 @@ from agent.policy.traffic.attempts import Attempts
 from agent.policy.traffic.balancer import EndpointLoad, make_balancer
 from agent.policy.traffic.budget import RetryBudget
 from agent.policy.traffic.config import TrafficConfig
-from agent.policy.traffic.fault import decide
+from agent.policy.traffic.fault import NO_FAULT, decide
 from agent.policy.traffic.outlier import OutlierDetector, OutlierSettings
 from agent.policy.traffic.split import Splitter
+
+_NONE: frozenset[str] = frozenset()
 
 # Told about every counted event: (service, event, detail), e.g. ("default/server", "retries",
 # ""), ("default/server", "outlier", "ejected"); the proxy turns them into metrics.
@@ -168,11 +170,12 @@ class ServiceTraffic:
             self._reject("max_connections", f"{self.active} open, limit {c.max_connections}")
         if not full and c.max_pending is not None and self.pending >= c.max_pending:
             self._reject("max_pending", f"{self.pending} connecting, limit {c.max_pending}")
-        fault = decide(c.fault, source_labels, self.rng)
-        if fault.delay:
-            self.count("fault", "delay")
-        if fault.abort:
-            self.count("fault", f"abort_{fault.abort.lower()}")
+        fault = NO_FAULT if c.fault is None else decide(c.fault, source_labels, self.rng)
+        if fault is not NO_FAULT:
+            if fault.delay:
+                self.count("fault", "delay")
+            if fault.abort:
+                self.count("fault", f"abort_{fault.abort.lower()}")
         attempts = Attempts(self, source_ip, source_node, fault, self.clock() + fault.delay)
         if full:
             attempts.queued = True
@@ -186,7 +189,9 @@ class ServiceTraffic:
         """Count ``attempts`` in flight (admitted now, or taken from the queue)."""
         self.active += 1
         self.pending += 1
-        self.count("connections")
+        self.counters["connections"] += 1  # ``count`` inline: once per request on HTTP ports
+        if self.observer is not None:
+            self.observer(self.name, "connections", "")
         now = self.clock()
         self.budget.request(now)
         attempts.deadline = now + attempts.fault.delay + self.config.connect_timeout
@@ -218,7 +223,8 @@ class ServiceTraffic:
         used as they are, so the cost does not grow with the number of endpoints.
         """
         now = self.clock()
-        blocked = {ip for ip in self.outlier.out if not self.outlier.available(ip, now)}
+        out = self.outlier.out
+        blocked = {ip for ip in out if not self.outlier.available(ip, now)} if out else _NONE
         if blocked and len(blocked) == len(self.endpoints):
             self.count("panic")
             blocked = set()

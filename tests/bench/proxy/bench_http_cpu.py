@@ -1,7 +1,7 @@
 """CPU per HTTP/1.1 request through both node proxies, in one process: what a change to the HTTP
 path costs or saves, without the bench's lab and its noise from h2load and the machine's load.
 
-    sudo .venv/bin/python -m tests.bench.proxy.bench_http_cpu svc|pod|l4|direct \
+    sudo .venv/bin/python -m tests.bench.proxy.bench_http_cpu svc|routed|pod|l4|direct \
         [--requests 4000] [--rounds 5] [--connections 4] [--no-access-log] [--log FILE]
 
 The proxies' two-node loopback mesh (``tests/integration/proxy/mesh.py``: real ``NodeProxy``
@@ -10,8 +10,11 @@ wires it (``TcpMetrics`` and ``HttpMetrics`` on both registries, the access log 
 ``logging.basicConfig``'s format to ``--log``, so ``AccessLogWriter`` writes it). An app answers
 every request with a fixed 12-byte body; ``--connections`` keep-alive clients send ``h2load``'s
 request head one request at a time. Paths: ``svc`` a Service VIP port declared HTTP (both nodes
-terminate), ``pod`` the pod's port declared HTTP (``nodemesh.io/http-ports``: node2 terminates),
-``l4`` the same port undeclared, ``direct`` no proxy (the clients' and app's own share).
+terminate), ``routed`` that port with the bench lab's HTTPRoute attached (``bench/testbed.py``:
+a header match the requests do not meet, then a 90/10 split over two Services selecting the
+same pod, with retries), ``pod`` the pod's port declared HTTP (``nodemesh.io/http-ports``:
+node2 terminates), ``l4`` the same port undeclared, ``direct`` no proxy (the clients' and
+app's own share).
 
 Prints the process CPU time per request of each measured round (after a warm-up) and the best
 (the least disturbed by other processes; compare trees alternated). With ``--callgrind`` (run
@@ -35,7 +38,7 @@ from typing import Any, cast
 import uvloop
 
 import tests.integration.proxy.mesh as mesh_module
-from agent.state import Endpoint, Service, ServicePort
+from agent.state import Endpoint, RouteObject, Service, ServicePort
 from agent.telemetry.accesslog import ACCESS_LOGGER, RequestSampler
 from agent.telemetry.http import HttpMetrics
 from agent.telemetry.tcp import TcpMetrics
@@ -48,6 +51,32 @@ BODY = b"hello world\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\ncontent-type: text/plain\r\n\r\n%s" % (
     len(BODY),
     BODY,
+)
+
+
+ROUTE_BACKENDS = ("web-v1", "web-v2")
+ROUTE = RouteObject(
+    "HTTPRoute",
+    "default",
+    "web",
+    {
+        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+        "rules": [  # a header match the requests do not meet, then a 90/10 split with retries
+            {
+                "matches": [{"headers": [{"name": "x-bench-canary", "value": "true"}]}],
+                "backendRefs": [{"name": "web-v2", "port": 80}],
+            },
+            {
+                "backendRefs": [
+                    {"name": "web-v1", "port": 80, "weight": 90},
+                    {"name": "web-v2", "port": 80, "weight": 10},
+                ],
+                "retry": {"attempts": 2, "codes": [503], "backoff": "10ms"},
+            },
+        ],
+    },
+    1,
+    "bench-route",
 )
 
 
@@ -113,14 +142,18 @@ async def _captured(mesh: Mesh, dst: tuple[str, int]) -> tuple[str, int]:
 def _declare(mesh: Mesh, path: str, port: int) -> tuple[str, int]:
     """The destination the clients dial for ``path``, declared as that path needs."""
     with mesh.store.update() as tx:
-        if path == "svc":
+        if path in ("svc", "routed"):
             http = ServicePort(80, port, name="http", app_protocol="http")
             endpoints = (Endpoint(SERVER),)
             tx.put_service(Service("web", "default", (VIP,), (http,), {"app": "server"}, endpoints))
+        if path == "routed":  # the bench lab's HTTPRoute (bench/testbed.py) over two Services
+            for name in ROUTE_BACKENDS:
+                tx.put_service(Service(name, "default", (), (http,), {"app": "server"}, endpoints))
+            tx.put_route(ROUTE)
         elif path == "pod":
             server = workload("server", "node2", SERVER, app="server")
             tx.put_workload(replace(server, http_ports=frozenset({port})))
-    return (VIP, 80) if path == "svc" else (SERVER, port)
+    return (VIP, 80) if path in ("svc", "routed") else (SERVER, port)
 
 
 def _callgrind(on: bool) -> None:
@@ -186,7 +219,7 @@ async def rounds(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", choices=["svc", "pod", "l4", "direct"])
+    parser.add_argument("path", choices=["svc", "routed", "pod", "l4", "direct"])
     parser.add_argument("--requests", type=int, default=4000, help="per measured round")
     report(parser, run, "request")
 

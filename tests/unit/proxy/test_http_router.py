@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from agent.base.metrics import REGISTRY
 from agent.policy.routes import HttpRequest
+from agent.policy.routes.model import HttpMatch
 from agent.policy.routes.retry import ATTEMPTS_EXHAUSTED, BUDGET_EXHAUSTED, UNSAFE
 from agent.policy.traffic.control import TrafficControl
 from agent.policy.traffic.outlier import EJECTED
+from agent.proxy import http_router, trafficmetrics
 from agent.proxy.http_router import (
     FAULT_INJECTED,
     NO_HEALTHY_UPSTREAM,
@@ -450,3 +457,205 @@ def test_a_missing_http_fault_answers_500_never_the_unfaulted_backend() -> None:
     with pytest.raises(LocalResponse) as e:
         _admit(router, store)
     assert e.value.status == 500 and "HTTPFault default/chaos does not exist" in e.value.detail
+
+
+# -- what is kept per route table ----------------------------------------------------------------
+# One route with every kind of rule the router prepares once per table: header edits (the
+# rule's and a backendRef's own), a rewrite, a weighted split with a retry and timeouts, a
+# mirror rolled by percentage, an HTTPFault rolled by percentage, a redirect, a weight-zero
+# backend, a backend that does not resolve; and requests that match none (404).
+_CHAOS = {"group": "nodemesh.io", "kind": "HTTPFault", "name": "chaos"}
+_EVERY_RULE: list[dict[str, object]] = [
+    {
+        "matches": [{"headers": [{"name": "x-canary", "value": "true"}]}],
+        "filters": [
+            {
+                "type": "RequestHeaderModifier",
+                "requestHeaderModifier": {"set": [{"name": "x-env", "value": "canary"}]},
+            },
+            {
+                "type": "ResponseHeaderModifier",
+                "responseHeaderModifier": {"add": [{"name": "x-routed", "value": "1"}]},
+            },
+        ],
+        "backendRefs": [
+            {
+                **_ref("web-v2", 3),
+                "filters": [
+                    {
+                        "type": "RequestHeaderModifier",
+                        "requestHeaderModifier": {"add": [{"name": "x-v2", "value": "1"}]},
+                    }
+                ],
+            },
+            _ref("web-v1", 1),
+            _ref("web-v1", 0),
+        ],
+    },
+    {
+        "matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+        "filters": [
+            {
+                "type": "URLRewrite",
+                "urlRewrite": {
+                    "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}
+                },
+            },
+            {
+                "type": "RequestMirror",
+                "requestMirror": {"backendRef": _mirror_ref("web-v2"), "percent": 30},
+            },
+        ],
+        "backendRefs": [_ref("web-v1", 9), _ref("web-v2", 1)],
+        "retry": {"attempts": 2, "codes": [503], "backoff": "10ms"},
+        "timeouts": {"request": "2s", "backendRequest": "500ms"},
+    },
+    {
+        "matches": [{"path": {"type": "Exact", "value": "/chaos"}}],
+        "filters": [{"type": "ExtensionRef", "extensionRef": _CHAOS}],
+    },
+    {
+        "matches": [{"path": {"type": "Exact", "value": "/moved"}}],
+        "filters": [{"type": "RequestRedirect", "requestRedirect": {"hostname": "new"}}],
+    },
+    {
+        "matches": [{"path": {"type": "Exact", "value": "/ghost"}}],
+        "backendRefs": [_ref("web-v1", 1), _ref("ghost", 1)],
+    },
+    {"matches": [{"method": "POST"}], "backendRefs": [_ref("web", 1)]},
+]
+_REQUESTS = st.builds(
+    lambda method, path, canary: HttpRequest(
+        method,
+        path,
+        (("host", "web"),) + ((("x-canary", canary),) if canary is not None else ()),
+        "q=1",
+        authority="web",
+    ),
+    st.sampled_from(["GET", "POST"]),
+    st.sampled_from(["/", "/old", "/old/p", "/chaos", "/moved", "/ghost", "/other"]),
+    st.sampled_from([None, "true", "false"]),
+)
+
+
+def _every_rule_store() -> StateStore:
+    store = _store(*PODS)
+    _route(store, *_EVERY_RULE)
+    with store.update() as tx:
+        fault = {
+            "abort": {"httpStatus": 418, "percentage": 20},
+            "delay": {"fixedDelay": "100ms", "percentage": 30},
+        }
+        tx.put_policy(PolicyObject("HTTPFault", "default", "chaos", fault))
+    return store
+
+
+def _outcome(router: HttpRouter, store: StateStore, head: HttpRequest) -> tuple[object, ...]:
+    """What a request's plan says (or its local answer), in comparable values."""
+    try:
+        plan = _admit(router, store, head)
+    except LocalResponse as e:
+        return ("answered", e.status, e.flags, e.detail, e.body, e.headers)
+    plan.finish(200, 0.0, reset_before_response=False)
+    edited = plan.edit_request("/old/p?q=1", [("host", "web")]) if plan.edit_request else None
+    response = plan.edit_response([("server", "s")]) if plan.edit_response else None
+    return (
+        plan.backend,
+        plan.action,
+        plan.delay,
+        plan.request_timeout,
+        plan.try_timeout,
+        plan.retry.retry if plan.retry is not None else None,
+        [m.service.key for m in plan.mirrors],
+        edited,
+        response,
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(_REQUESTS, min_size=1, max_size=40), st.integers(0, 2**32))
+def test_a_router_that_kept_its_decisions_plans_as_a_fresh_one_does(
+    heads: list[HttpRequest], seed: int
+) -> None:
+    """Each request planned by one router (its decisions and rules kept from the requests
+    before) and by a new router whose random source is in the same state: the same plan or
+    the same answer, and the same draws taken."""
+    store = _every_rule_store()
+    kept = HttpRouter(TrafficControl(clock=FakeClock(), rng=random.Random(7)), random.Random(seed))
+    for head in heads + heads:
+        fresh = _router()
+        fresh.rng.setstate(kept.rng.getstate())
+        assert _outcome(kept, store, head) == _outcome(fresh, store, head)
+        assert kept.rng.getstate() == fresh.rng.getstate()
+
+
+def test_a_backend_service_changed_in_the_state_is_resolved_again_for_the_next_request() -> None:
+    store, router = _store(*PODS), _router()
+    _canary(store, 100, 0)
+    assert _served(router, store, HEAD, 20) == {"web-v1": 20}
+    with store.update() as tx:  # web-v1 loses port 80: its share is answered 500 at once
+        service = store.snapshot().services[("default", "web-v1")]
+        tx.put_service(replace(service, ports=(ServicePort(81, 9080, name="http"),)))
+    with pytest.raises(LocalResponse) as e:
+        _admit(router, store)
+    assert e.value.status == 500 and "web-v1:80 does not resolve" in e.value.detail
+
+
+def test_routing_counts_every_request_exactly() -> None:
+    """The share each backend got (``routed``), each backend Service's admissions, and the
+    agent's metric of them count every request once, with decisions kept."""
+    store = _store(*PODS)
+    router = HttpRouter(
+        TrafficControl(clock=FakeClock(), rng=random.Random(7), observer=trafficmetrics.observe),
+        random.Random(3),
+    )
+    _canary(store, 90, 10)
+
+    def admitted(name: str) -> float:
+        labels = {"service": f"default/{name}"}
+        return REGISTRY.get_sample_value("nodemesh_service_connections_total", labels) or 0.0
+
+    before = {name: admitted(name) for name in ("web-v1", "web-v2")}
+    served = _served(router, store, HEAD, 300) + _served(router, store, CANARY, 50)
+    rule = {name: router.routed[(("HTTPRoute", "default", "canary"), 1, f"default/{name}")]
+            for name in ("web-v1", "web-v2")}  # fmt: skip
+    assert sum(rule.values()) == 300 and rule["web-v2"] == served["web-v2"] - 50
+    assert router.routed[(("HTTPRoute", "default", "canary"), 0, "default/web-v2")] == 50
+    for name in ("web-v1", "web-v2"):
+        service = store.snapshot().services[("default", name)]
+        assert (
+            router.traffic.service(store.snapshot(), service).counters["connections"]
+            == served[name]
+        )
+        assert admitted(name) - before[name] == served[name]
+
+
+def test_a_request_like_one_before_is_planned_without_matching_or_resolving_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per route table, the rule chosen for a request shape and the chosen rule's backends are
+    kept: the next such request walks no match and resolves no Service; a new table (the
+    route changed) is matched and resolved again."""
+    store, router = _store(*PODS), _router()
+    _canary(store, 90, 10)
+    calls: Counter[str] = Counter()
+    matches, resolve = HttpMatch.matches, http_router._target
+
+    def counted_matches(self: HttpMatch, request: HttpRequest) -> bool:
+        calls["matches"] += 1
+        return matches(self, request)
+
+    def counted_target(*args: Any) -> ServiceTarget | None:
+        calls["resolved"] += 1
+        return resolve(*args)
+
+    monkeypatch.setattr(HttpMatch, "matches", counted_matches)
+    monkeypatch.setattr(http_router, "_target", counted_target)
+    _served(router, store, HEAD, 1)
+    first = dict(calls)
+    assert first["matches"] > 0 and first["resolved"] > 0
+    assert set(_served(router, store, HEAD, 100)) == {"web-v1", "web-v2"}  # drawn per request
+    assert calls == first
+    _canary(store, 0, 100)
+    assert _served(router, store, HEAD, 1) == {"web-v2": 1}
+    assert calls["matches"] > first["matches"] and calls["resolved"] > first["resolved"]

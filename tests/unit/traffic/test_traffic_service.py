@@ -5,6 +5,8 @@ from dataclasses import replace
 
 import pytest
 
+import agent.policy.traffic.service as service_module
+from agent.policy.traffic import outlier
 from agent.policy.traffic.attempts import CONNECT_FAILURE, REFUSED
 from agent.policy.traffic.config import Fault, Subset, TrafficConfig
 from agent.policy.traffic.outlier import EJECTED
@@ -271,3 +273,22 @@ def test_time_to_first_byte_is_a_latency_sample():
     assert t.loads[ip].estimate < 0.031
     attempts.finish(first_byte_at=clock() + 0.2)  # the server answered 200 ms later
     assert t.loads[ip].estimate == pytest.approx(0.201)
+
+
+def test_a_request_on_a_healthy_service_makes_no_health_record_and_rolls_no_fault(monkeypatch):
+    """What every HTTP request pays (admit, pick, connected, finish): the endpoints' health
+    records are made by ``sync``, not one per call, and without a fault policy nothing is
+    rolled; the books still balance and every admission is counted."""
+    t, clock = service()
+    made = Counter()
+    health, decide = outlier.Health, service_module.decide
+    monkeypatch.setattr(outlier, "Health", lambda *a: made.update(["health"]) or health(*a))
+    monkeypatch.setattr(service_module, "decide", lambda *a: made.update(["decide"]) or decide(*a))
+    for reused in (False, True) * 20:
+        attempts = t.admit("10.244.1.9", may_queue=True)
+        ip = attempts.next_endpoint()
+        attempts.connected(ip, reused=reused)
+        attempts.finish(first_byte_at=clock())
+    assert made == Counter()
+    assert (t.active, t.pending, t.counters["connections"]) == (0, 0, 40)
+    assert all(t.outlier.health[ip].consecutive_failures == 0 for ip in (A, B))

@@ -527,15 +527,17 @@ def _connection_input(conn: H2Connection, input_: ConnectionInputs) -> list[Even
 
 # A new stream's limit check asks ``h2`` how many streams are open, which walks every stream
 # it knows and forgets the closed ones (``_open_streams``), on each side of every CONNECT. Fewer
-# streams known than the limit cannot be at it, so while fewer than ``WALK_FROM`` are known (or
-# than the limit, if lower) the answer is known without the walk; closed streams then wait for
-# the next walk (at most ``WALK_FROM`` of them, about 0.6 KB each) instead of going at once.
+# streams known than the limit cannot be at it, so on an HBONE connection (``walk_from``, set by
+# ``new_connection``), while fewer than ``WALK_FROM`` are known (or than the limit, if lower),
+# the answer is known without the walk; closed streams then wait for the next walk (at most
+# ``WALK_FROM`` of them, about 0.6 KB each) instead of going at once. ``H2Proxy``'s connections
+# walk every time, as ``h2`` does (their received frames are held to ``h2``'s stream table).
 WALK_FROM = 16
 
 
 def _below_limit(conn: H2Connection, limit: int) -> bool:
-    """Room for no walk: fewer streams known to ``conn`` than ``limit`` and ``WALK_FROM``."""
-    return len(conn.streams) < min(limit, WALK_FROM)
+    """Room for no walk: fewer streams known to ``conn`` than ``limit`` and its ``walk_from``."""
+    return len(conn.streams) < min(limit, getattr(conn, "walk_from", 0))
 
 
 def send_headers_on(
@@ -549,8 +551,9 @@ def send_headers_on(
     """``conn.send_headers`` (without priority) in fewer steps (reach 9): the same stream
     limit, state machines, stream bookkeeping and frames. ``below_limit``: the caller has just
     counted ``conn.open_outbound_streams`` (which also forgets closed streams) and found it
-    below the peer's limit, so a new stream is not counted a second time. Nor is it counted
-    while fewer streams are known than could reach the limit (``WALK_FROM``)."""
+    below the peer's limit, so a new stream is not counted a second time. Nor is it counted,
+    on an HBONE connection, while fewer streams are known than could reach the limit
+    (``WALK_FROM``)."""
     stream = conn.streams.get(stream_id)
     if stream is None:
         limit = conn.remote_settings.max_concurrent_streams
@@ -835,6 +838,8 @@ class GracefulH2Connection(H2Connection):
     """
 
     MAX_CLOSED_STREAMS = 1024
+    # Streams known below which a new stream's limit check skips ``h2``'s walk (see WALK_FROM).
+    walk_from = 0
 
     def send_goaway(self, error_code: ErrorCodes, last_stream_id: int) -> None:
         frame = GoAwayFrame(stream_id=0)
@@ -953,6 +958,7 @@ def new_connection(*, client_side: bool, settings: HboneSettings) -> GracefulH2C
             client_side=client_side, header_encoding=None, validate_inbound_headers=True
         )
     )
+    conn.walk_from = WALK_FROM
     conn.local_settings = Settings(
         client=client_side,
         initial_values={

@@ -12,6 +12,8 @@ import pytest
 from h2.exceptions import TooManyStreamsError
 
 from agent.proxy import h2wire
+from agent.proxy.h2proxy import H2Limits
+from agent.proxy.h2proxy import new_connection as new_proxy_connection
 from agent.proxy.h2wire import HboneSettings
 from tests.unit.proxy.test_hbone import Pair
 
@@ -69,3 +71,16 @@ def test_the_limit_still_holds_with_closed_streams_known(walks: list[str]) -> No
         p.open()
     with pytest.raises(TooManyStreamsError):
         h2wire.send_headers_on(p.client._h2, 99, [(b":method", b"CONNECT")], end_stream=False)
+
+
+def test_h2proxys_connections_walk_on_every_new_stream_as_h2_does(walks: list[str]) -> None:
+    """Only HBONE's connections skip the walk: ``H2Proxy``'s are held to ``h2``'s own stream
+    table (closed streams forgotten at the next stream), which its equivalence tests compare."""
+    hbone = h2wire.new_connection(client_side=True, settings=HboneSettings())
+    proxy = new_proxy_connection(client_side=True, limits=H2Limits())
+    assert hbone.walk_from == h2wire.WALK_FROM
+    assert proxy.walk_from == 0
+    request = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
+    for sid in (1, 3, 5):
+        h2wire.send_headers_on(proxy, sid, request, end_stream=True)
+    assert len(walks) == 3

@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from agent.base.accepted import accepting
 from agent.base.metrics import counter
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,11 @@ async def accept_forever(
     instead added and removed the listener's reader around every connection (uvloop makes and
     closes a poll handle each time: ``ioctl`` and three ``epoll_ctl``) and made a future and
     a callback handle for it. Ends only by cancellation or by raising what broke the listener
-    (or ``serve``)."""
+    (or ``serve``). The sockets are ``AcceptedSocket``s: they keep the peer address ``accept``
+    returned (``agent.base.accepted``), so no handler asks the kernel for it again."""
     loop = asyncio.get_running_loop()
     fd = sock.fileno()
+    accept = accepting(sock)
     ended: asyncio.Future[None] = loop.create_future()
     last_logged = float("-inf")
     backoff: asyncio.TimerHandle | None = None
@@ -97,7 +100,7 @@ async def accept_forever(
         nonlocal last_logged, backoff
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = sock.accept()
+                conn = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:

@@ -44,6 +44,7 @@ import socket
 import ssl
 from collections import Counter
 
+from agent.base.accepted import peer_of
 from agent.identity.tls import PeerIdentityError
 from agent.policy.authz import Request
 from agent.proxy import hbone_events as ev
@@ -79,7 +80,7 @@ class InboundHbone:
     async def handle(self, sock: socket.socket, local_ip: str | None = None) -> None:
         """Serve one accepted connection; ``local_ip`` overrides ``getsockname()`` (tests)."""
         try:
-            peer_ip = sock.getpeername()[0]
+            peer_ip = peer_of(sock)[0]
             local_ip = local_ip or sock.getsockname()[0]
         except OSError:
             sock.close()

@@ -45,6 +45,21 @@ log = logging.getLogger(__name__)
 Upstream = socket.socket | TunnelStream
 
 
+class _Expired:
+    """A tunnel open's deadline (``Outbound._open_within``): cancels the opening task, and
+    remembers it did, so that the cancellation is told apart from any other."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
 def _addr(ip: str, port: int) -> str:
     return f"{ip}:{port}"
 
@@ -208,20 +223,33 @@ class Outbound:
         until the HBONE connection's keepalive gave up, long after the client had. (A
         Service's connections are bounded per try by their own traffic policy instead.)
         A pod or passthrough connect awaits nothing but ``sockets.connect``, which its own
-        timer bounds by the same limit, so it goes without the ``asyncio.timeout`` (about
-        4 µs per connection: a context manager, a timer, the task and loop looked up).
-        ``hold``: a socket relay starts on the upstream socket before anything awaits."""
+        timer bounds by the same limit, so it goes without one (about 4 µs per connection).
+        ``hold``: a socket relay starts on the upstream socket before anything awaits.
+
+        The tunnel's bound is a timer that cancels this task (``_Expired``), as
+        ``asyncio.timeout`` does, without its context manager: the cancellation it caused
+        becomes ``TimeoutError``, any other (policy re-check, drain) stays a cancellation."""
         if route.kind != "hbone":
             return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
         limit = self.core.settings.connect_timeout
+        task = asyncio.current_task()
+        assert task is not None  # a connection's handler task
+        cancelling, expired = task.cancelling(), _Expired(task)
+        timer = asyncio.get_running_loop().call_later(limit, expired)
         try:
-            async with asyncio.timeout(limit):
-                return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
+            return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
+        except asyncio.CancelledError:
+            if not expired.fired or task.uncancel() > cancelling:
+                raise
+            cause: TimeoutError | None = None
         except TimeoutError as e:
-            raise TimeoutError(
-                f"not connected within the {limit:g} s connect timeout "
-                "(TCP, TLS and the CONNECT's answer)"
-            ) from e
+            cause = e
+        finally:
+            timer.cancel()
+        raise TimeoutError(
+            f"not connected within the {limit:g} s connect timeout "
+            "(TCP, TLS and the CONNECT's answer)"
+        ) from cause
 
     async def open(
         self,

@@ -30,6 +30,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from agent.policy.authz import Decision, Request
 from agent.state.model import Workload
@@ -52,9 +53,9 @@ _current: contextvars.ContextVar[tuple[Registry, ConnectionRecord]] = contextvar
 @dataclass(slots=True)
 class _Live:
     record: ConnectionRecord
-    # How ``recheck`` closes it: a callback given the reason, or the relay's ``done`` future
-    # once a relay took the connection over (cancelled, with the reason as its message).
-    close: Callable[[str], object] | asyncio.Future[None]
+    # How ``recheck`` closes it: a callback given the reason, or a future cancelled with the
+    # reason as its message (the task serving it, or the relay's ``done`` once one took over).
+    close: Callable[[str], object] | asyncio.Future[Any]
     request: Request | None = None
     workload: Workload | None = None
     closing: bool = False
@@ -62,15 +63,16 @@ class _Live:
     token: contextvars.Token[tuple[Registry, ConnectionRecord]] | None = None
 
 
-def cancel_current_task() -> Callable[[str], None]:
-    """A ``close`` callback for ``Registry.add`` that cancels the task serving the connection."""
+def cancel_current_task() -> Callable[[str], object] | asyncio.Future[Any]:
+    """A ``close`` for ``Registry.add`` that cancels the task serving the connection: the task
+    itself (a future, which ``recheck`` cancels with the reason as its message), not a closure
+    made per connection around it; outside a task, nothing to cancel."""
     task = asyncio.current_task()
+    return task if task is not None else _no_task
 
-    def close(_reason: str) -> None:
-        if task is not None:
-            task.cancel()
 
-    return close
+def _no_task(_reason: str) -> None:
+    """``cancel_current_task`` outside a task: nothing serves the connection to cancel."""
 
 
 class Refused(Exception):
@@ -93,7 +95,7 @@ class Registry:
     def add(
         self,
         record: ConnectionRecord,
-        close: Callable[[str], object],
+        close: Callable[[str], object] | asyncio.Future[Any],
         *,
         request: Request | None = None,
         workload: Workload | None = None,

@@ -24,6 +24,8 @@ import os
 import socket
 import struct
 
+from agent.base.accepted import peer_of
+
 
 def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:
     """A non-blocking socket for the proxy's side of an upstream connection. Made non-blocking
@@ -125,11 +127,12 @@ def captured_addresses(
     client: socket.socket, original_dst: tuple[str, int] | None = None
 ) -> tuple[str, int, str, int] | None:
     """(source ip, source port, original destination ip, port) of a captured connection: the
-    destination is ``getsockname()``, since capture assigned the SYN to our listener without
-    rewriting it (``original_dst`` overrides it in tests). ``None`` when the client is already
-    gone; the socket is then closed."""
+    source is what ``accept`` returned (``peer_of``), the destination ``getsockname()``, since
+    capture assigned the SYN to our listener without rewriting it (``original_dst`` overrides
+    it in tests). ``None`` when the kernel no longer knows the socket's addresses; the socket
+    is then closed."""
     try:
-        src_ip, src_port = client.getpeername()[:2]
+        src_ip, src_port = peer_of(client)[:2]
         dst_ip, dst_port = original_dst or client.getsockname()[:2]
     except OSError:
         client.close()

@@ -75,6 +75,7 @@ class _Route:
         "handler",
         "head",
         "parts",
+        "poller",
         "regular",
         "second",
         "stamp",
@@ -90,6 +91,12 @@ class _Route:
         self.errors = handler.stream.errors or "strict"
         self.fd = fd
         self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        # Asks whether a pipe or socket takes a chunk now: made and registered once per route,
+        # not per flush (a flush then costs one ``poll`` and one ``write`` per chunk).
+        self.poller: select.poll | None = None
+        if not self.regular:
+            self.poller = select.poll()
+            self.poller.register(fd, select.POLLOUT)
         self.parts = parts  # the prefix split where asctime goes
         self.second = -1
         self.stamp = ""
@@ -282,9 +289,7 @@ class AccessLogWriter:
 
     def _write_chunks(self, route: _Route, *, block: bool) -> None:
         pending, fd = self._pending, route.fd
-        poller = None if block else select.poll()
-        if poller is not None:
-            poller.register(fd, select.POLLOUT)
+        poller = None if block else route.poller
         start = 0
         while start < len(pending):
             end, size = start + 1, len(pending[start])

@@ -12,6 +12,7 @@ import pytest
 
 from agent import acceptor
 from agent.acceptor import ACCEPT_ERRORS, accept_forever, backoff_for, drain
+from agent.base.accepted import AcceptedSocket, peer_of
 
 
 class FlakyListener(socket.socket):
@@ -21,11 +22,11 @@ class FlakyListener(socket.socket):
         super().__init__(socket.AF_INET, socket.SOCK_STREAM)
         self.failures = failures
 
-    def accept(self) -> tuple[socket.socket, object]:
+    def _accept(self) -> tuple[int, object]:  # what ``socket.accept`` and the loop call
         if self.failures:
             code = self.failures.pop(0)
             raise OSError(code, errno.errorcode[code])
-        return super().accept()
+        return super()._accept()  # type: ignore[misc]
 
 
 def test_classification() -> None:
@@ -107,6 +108,38 @@ def test_one_reader_on_the_listener_for_every_connection() -> None:
                 s.close()
 
     asyncio.run(scenario())
+
+
+def test_an_accepted_socket_keeps_its_peer_address_from_accept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The handlers learn the peer from what ``accept`` returned (``peer_of``), not from a
+    ``getpeername`` per connection."""
+    asked: list[socket.socket] = []
+    monkeypatch.setattr(AcceptedSocket, "getpeername", lambda s: asked.append(s))
+
+    async def scenario() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as lsock:
+            lsock.setblocking(False)
+            accepted: list[socket.socket] = []
+            task = asyncio.create_task(accept_forever(lsock, accepted.append, listener="TEST"))
+            client = socket.create_connection(lsock.getsockname())
+            for _ in range(200):
+                if accepted:
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            (conn,) = accepted
+            assert isinstance(conn, AcceptedSocket) and conn.getblocking() is False
+            assert peer_of(conn) == client.getsockname()
+            assert (conn.family, conn.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            for s in (conn, client):
+                s.close()
+
+    asyncio.run(scenario())
+    assert asked == []
 
 
 def test_a_broken_listener_ends_the_loop() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from agent.base.accepted import AcceptedSocket, accepting
 from agent.identity.tls import PeerIdentityError
 from agent.proxy import hbone_events as ev
 from agent.proxy import relay, sockets
@@ -166,6 +167,24 @@ def _protocol(ssl_object: _SSLObject) -> HboneProtocol:
         _TlsTransport(HboneProtocol(HboneConnection(client_side=True)), ssl_object)
     )
     return proto
+
+
+def test_a_captured_connections_source_is_the_address_accept_returned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No ``getpeername`` per captured connection: the source is what ``accept`` returned."""
+
+    def unasked(sock: socket.socket) -> None:
+        raise AssertionError("getpeername called")
+
+    monkeypatch.setattr(AcceptedSocket, "getpeername", unasked)
+    with (
+        socket.create_server(("127.0.0.1", 0)) as server,
+        socket.create_connection(server.getsockname()) as client,
+        accepting(server)() as conn,
+    ):
+        got = sockets.captured_addresses(conn, ("127.0.2.1", 80))
+        assert got == (*client.getsockname(), "127.0.2.1", 80)
 
 
 def test_the_peer_identity_is_read_once_per_connection() -> None:

@@ -316,3 +316,31 @@ def test_a_full_pipe_keeps_then_drops_lines_without_blocking(
     os.close(read_end)
     assert kept + dropped == 1000
     assert f"{dropped} lines dropped" in caplog.text
+
+
+def test_a_pipes_flushes_poll_with_one_poller_made_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each flush to a pipe polls before its write (a full pipe must not block the loop), with
+    the poller its route made once: no poll object made and registered per flush."""
+    made: list[object] = []
+    real_poll = logwriter.select.poll
+
+    def counted() -> object:
+        made.append(None)
+        return real_poll()
+
+    monkeypatch.setattr(logwriter.select, "poll", counted)
+    read_end, write_end = os.pipe()
+
+    async def main() -> None:
+        with os.fdopen(write_end, "w") as stream:
+            logger, root = hierarchy(stream)
+            writer = AccessLogWriter(logger, root)
+            for i in range(5):  # five flush windows, one line each
+                writer.write(f"line {i}", 10.0 + i)
+                await asyncio.sleep(logwriter.FLUSH_DELAY_S * 4)
+                assert not writer._pending
+
+    asyncio.run(main())
+    assert os.read(read_end, 1 << 16).count(b"\n") == 5
+    os.close(read_end)
+    assert len(made) == 1

@@ -80,7 +80,8 @@ import so that a missing member stops the agent at start-up instead of in the mi
    ``SEND_END_STREAM``, its ``trailers_sent`` check), encodes with the connection's encoder and
    appends the frames to ``H2Connection._data_to_send``, where ``_prepare_for_sending`` puts
    ``h2``'s own. A block that opens a stream checks the peer's stream limit as ``h2`` does and
-   has ``H2Connection._get_or_create_stream`` make the stream (stream ids, windows); the
+   has ``H2Connection._begin_new_stream`` make the stream (stream ids, windows: what
+   ``_get_or_create_stream`` calls after the ``KeyError`` it raises and catches); the
    stream's ``_authority`` and ``request_method`` are set as ``h2`` sets them.
    ``send_data_on`` does the same for a DATA frame within the windows (``H2Proxy`` moves DATA
    only within them): the state machines' ``SEND_DATA`` (and ``SEND_END_STREAM``), the frame
@@ -100,7 +101,7 @@ import so that a missing member stops the agent at start-up instead of in the mi
    ``max_concurrent_streams``) or a stream that may still receive, the function makes the calls
    ``H2Connection._receive_headers_frame`` makes: ``h2.connection._decode_headers`` with the
    connection's decoder, the ``state_machine`` with ``ConnectionInputs.RECV_HEADERS``,
-   ``_get_or_create_stream`` for a new stream, the stream's ``receive_headers``; a
+   ``_begin_new_stream`` for a new stream, the stream's ``receive_headers``; a
    ``ProtocolError`` queues GOAWAY (``_terminate_connection``) and is raised, as in
    ``receive_data``. Any other block (a stream that is closed, idle on the wrong side, over the
    limit) goes to ``h2`` as a frame, so that ``h2`` decides its fate.
@@ -127,6 +128,12 @@ import so that a missing member stops the agent at start-up instead of in the mi
    ``RECV_END_STREAM``, its event set as the first event's ``stream_ended``),
    ``_initialize_content_length``, the trailers rule, the headers set on the first event as a
    new list. Any other configuration calls ``receive_headers``.
+14. Taking the output (``move_output``, ``take_output``): ``H2Connection.data_to_send``
+   copies ``_data_to_send`` into new bytes and replaces it with a new bytearray on every
+   call, also when it is empty; HBONE's codec takes ``h2``'s output before every frame it
+   builds and around every frame it hands ``h2`` (``hbone_flow.DataFlow``), a dozen times
+   per stream on each side, most of them with nothing queued. The two functions read the
+   same bytearray (and ``send_headers_on``/``send_data_on`` append to it already).
 Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
 ``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
 """
@@ -535,6 +542,11 @@ def _connection_input(conn: H2Connection, input_: ConnectionInputs) -> list[Even
 WALK_FROM = 16
 
 
+# The stream ids a side may open (``AllowedStreamIDs(client_side)`` is an enum look-up by value
+# in Python, per new stream): a client's are odd, a server's even.
+_ODD, _EVEN = AllowedStreamIDs.ODD, AllowedStreamIDs.EVEN
+
+
 def _below_limit(conn: H2Connection, limit: int) -> bool:
     """Room for no walk: fewer streams known to ``conn`` than ``limit`` and its ``walk_from``."""
     return len(conn.streams) < min(limit, getattr(conn, "walk_from", 0))
@@ -562,7 +574,7 @@ def send_headers_on(
             if open_now + 1 > limit:
                 raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
         _connection_input(conn, ConnectionInputs.SEND_HEADERS)
-        stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(conn.config.client_side))
+        stream = conn._begin_new_stream(stream_id, _ODD if conn.config.client_side else _EVEN)
     else:
         _connection_input(conn, ConnectionInputs.SEND_HEADERS)
     machine = stream.state_machine
@@ -658,7 +670,7 @@ def receive_headers_on(
         headers = _h2_connection._decode_headers(conn.decoder, block)
         events = _connection_input(conn, ConnectionInputs.RECV_HEADERS)
         if stream is None:
-            stream = conn._get_or_create_stream(stream_id, AllowedStreamIDs(not client_side))
+            stream = conn._begin_new_stream(stream_id, _EVEN if client_side else _ODD)
         stream_events = _stream_headers(conn, stream, headers, end_stream)
     except ProtocolError as e:
         conn._terminate_connection(e.error_code)
@@ -884,6 +896,29 @@ def take_send_window(conn: H2Connection, stream: H2Stream, most: int) -> int:
     return n
 
 
+def move_output(conn: H2Connection, into: bytearray) -> int:
+    """Append what ``conn`` queued to ``into`` and empty its queue; returns how many bytes
+    that was (reach 14). ``conn.data_to_send()`` copies its queue into new bytes and makes a
+    new queue on every call, also when it holds nothing (most calls: the codec asks before
+    every frame it builds and around every frame it hands ``h2``)."""
+    pending: bytearray = conn._data_to_send
+    n = len(pending)
+    if n:
+        into += pending
+        pending.clear()
+    return n
+
+
+def take_output(conn: H2Connection) -> bytearray | bytes:
+    """What ``conn.data_to_send()`` returns, without its copy (reach 14): ``conn``'s queue
+    itself (a new one takes its place), or ``b""`` when it holds nothing."""
+    pending: bytearray = conn._data_to_send
+    if not pending:
+        return b""
+    conn._data_to_send = bytearray()
+    return pending
+
+
 def check_h2_internals() -> None:
     """Fail at once, naming the member, if the installed ``h2`` lacks what this module uses."""
     missing = [
@@ -892,7 +927,7 @@ def check_h2_internals() -> None:
             "_prepare_for_sending",
             "_receive_goaway_frame",
             "_terminate_connection",
-            "_get_or_create_stream",
+            "_begin_new_stream",
         )
         if not hasattr(H2Connection, n)
     ]

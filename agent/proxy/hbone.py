@@ -35,6 +35,13 @@ does, and ``h2`` still sees one empty DATA frame where the stream cannot take da
 closed, reset), so that its state machine answers with the right stream or connection error.
 A peer's END_STREAM on a stream that may receive goes through ``h2``'s state machines without
 the frame (``h2wire.receive_end_stream_on``), and ours is framed by ``h2wire.send_data_on``.
+
+What repeats per stream is done once per connection (a pooled connection carries the same few
+CONNECTs again and again): the client builds a CONNECT's fields once per target, client and
+Service; the server keeps, for the fields of each well-formed CONNECT it received, what it found
+(target, ``forwarded`` client, the headers as strings), so the same fields again are not
+checked, decoded and parsed again (a bounded few per connection, short ones only); the client
+takes an answer that is exactly ``:status: 200`` as accepted without decoding it.
 """
 
 from __future__ import annotations
@@ -74,6 +81,13 @@ _BLOCKS = {
     h2e.InformationalResponseReceived: Block.RESPONSE,
     h2e.TrailersReceived: Block.TRAILERS,
 }
+# The CONNECTs a connection keeps checked and parsed (``HboneConnection._connects``), and the
+# largest one kept (header names and values, bytes): a pooled connection carries the same few
+# requests (a client pod, a target, a Service) again and again. At most about 23 KiB per
+# connection with fields a peer chose at these bounds; a proxy's CONNECT (4 fields) about 1.3.
+_CONNECTS = 8
+_CONNECT_BYTES = 256
+_CONNECT_FIELDS = 8
 # Non-DATA bytes are handed to h2 at most this many at a time, so that the replies one read can
 # make us queue are checked against ``max_unsent_replies`` every few hundred frames.
 H2_SLICE = 16 * 1024
@@ -177,6 +191,14 @@ class HboneConnection:
         self._unsent_replies = 0
         self.going_away = False
         self.failed = False
+        # Our CONNECTs' header fields by target, client and Service (``open_tunnel``): the
+        # same few on a pooled connection, built once (nothing downstream changes the list).
+        self._requests: dict[tuple[str, str | None, str | None], list[tuple[bytes, bytes]]] = {}
+        # Received CONNECTs found well formed, by their fields: the target, the ``forwarded``
+        # client and the headers as strings (``_on_request``).
+        self._connects: dict[
+            tuple[tuple[bytes, bytes], ...], tuple[str, int, str | None, dict[str, str]]
+        ] = {}
 
     # ---- bytes in, events out ------------------------------------------------------------
 
@@ -295,7 +317,8 @@ class HboneConnection:
             return [self._fail(reason, e.error_code, Cause.PROTOCOL_ERROR)]
         out: list[ev.Event] = []
         for h2_event in h2_events:
-            out.extend(self._translate(h2_event))
+            if type(h2_event) is not h2e.DataReceived:  # the empty frame's: nothing for us
+                out.extend(self._translate(h2_event))
         return out
 
     def output_accepted(self) -> None:
@@ -308,7 +331,16 @@ class HboneConnection:
         return self._flow.data_to_send()
 
     def _translate(self, event: h2e.Event) -> Sequence[ev.Event]:
-        block = _BLOCKS.get(type(event))
+        kind = type(event)
+        if kind is h2e.ResponseReceived and event.headers == _STATUS_200:  # type: ignore[attr-defined]
+            # Every tunnel's answer: a block that ``check_block`` passes and that decodes to
+            # ``:status: 200`` (the path below, without its checks, decoding and dict).
+            return [ev.TunnelAccepted(event.stream_id)]  # type: ignore[attr-defined]
+        if kind is h2e.RequestReceived:
+            kept = self._connect_kept(event)  # type: ignore[arg-type]
+            if kept is not None:
+                return [kept]
+        block = _BLOCKS.get(kind)
         if block is not None:
             try:  # split cookies come back joined, as h2's normalisation joined them
                 event.headers = check_block(event.headers or (), block)  # type: ignore[attr-defined]
@@ -347,6 +379,7 @@ class HboneConnection:
 
     def _on_request(self, event: h2e.RequestReceived) -> ev.Event:
         sid = event.stream_id
+        fields = event.headers
         headers = self._headers(event)
         if isinstance(headers, ev.ConnectionFailed):
             return headers
@@ -359,9 +392,36 @@ class HboneConnection:
             host, port = parse_authority(headers.get(":authority", ""))
         except AuthorityError as e:
             return self._reject(sid, 400, f"bad :authority: {e}")
-        self._unanswered.add(sid)
         fwd = headers.get(FORWARDED_HEADER)
-        return ev.TunnelRequested(sid, host, port, parse_forwarded(fwd) if fwd else None, headers)
+        forwarded_for = parse_forwarded(fwd) if fwd else None
+        if (
+            fields
+            and len(fields) <= _CONNECT_FIELDS
+            and sum(len(n) + len(v) for n, v in fields) <= _CONNECT_BYTES
+        ):
+            if len(self._connects) >= _CONNECTS:
+                self._connects.clear()
+            self._connects[tuple(fields)] = (host, port, forwarded_for, headers)
+        self._unanswered.add(sid)
+        return ev.TunnelRequested(sid, host, port, forwarded_for, dict(headers))
+
+    def _connect_kept(self, event: h2e.RequestReceived) -> ev.Event | None:
+        """A CONNECT whose fields this connection found well formed before (``_connects``):
+        the event ``_on_request`` made then for this stream, without checking, decoding and
+        parsing the same fields again; None for any other block (it takes the full path)."""
+        fields = event.headers
+        if not fields or len(fields) > _CONNECT_FIELDS or not self._connects:
+            return None
+        kept = self._connects.get(tuple(fields))
+        if kept is None:
+            return None
+        sid = event.stream_id
+        if self.going_away:
+            self.reset(sid, ErrorCodes.REFUSED_STREAM)
+            return ev.RequestRejected(sid, 0, "connection is draining (GOAWAY sent)")
+        host, port, forwarded_for, headers = kept
+        self._unanswered.add(sid)
+        return ev.TunnelRequested(sid, host, port, forwarded_for, dict(headers))
 
     def _reject(self, stream_id: int, status: int, reason: str) -> ev.Event:
         self._end_refused(stream_id, status)
@@ -420,11 +480,17 @@ class HboneConnection:
         """Client side: send CONNECT; returns the stream id (``TunnelAccepted`` follows).
         ``service``: the dialled Service as ``namespace/name`` (``SERVICE_HEADER``)."""
         sid = self._h2.get_next_available_stream_id()
-        headers = [_METHOD_CONNECT, (b":authority", authority.encode())]
-        if client_ip:
-            headers.append((_FORWARDED, format_forwarded(client_ip).encode()))
-        if service:
-            headers.append((_SERVICE, service.encode()))
+        key = (authority, client_ip, service)
+        headers = self._requests.get(key)
+        if headers is None:
+            headers = [_METHOD_CONNECT, (b":authority", authority.encode())]
+            if client_ip:
+                headers.append((_FORWARDED, format_forwarded(client_ip).encode()))
+            if service:
+                headers.append((_SERVICE, service.encode()))
+            if len(self._requests) >= _CONNECTS:
+                self._requests.clear()
+            self._requests[key] = headers
         send_headers_on(self._h2, sid, headers, end_stream=False)
         self._flow.stream_opened(sid)
         return sid

@@ -90,21 +90,16 @@ class DataFlow:
 
     def data_to_send(self) -> bytes | bytearray:
         """Everything to write to the transport, in order (a fresh object on every call)."""
-        pending = self.h2.data_to_send()
         wire = self._wire
         if not wire:
-            return pending
-        if pending:
-            wire += pending
+            return h2wire.take_output(self.h2)
+        h2wire.move_output(self.h2, wire)
         self._wire = bytearray()
         return wire
 
     def take_h2_output(self) -> int:
         """Move what ``h2`` queued into ours; returns how many bytes that was."""
-        pending = self.h2.data_to_send()
-        if pending:
-            self._wire += pending
-        return len(pending)
+        return h2wire.move_output(self.h2, self._wire)
 
     def emit(self, frame: bytes | bytearray | memoryview) -> None:
         """Append a frame we built, after the frames ``h2`` produced before it."""

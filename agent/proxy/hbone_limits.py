@@ -20,7 +20,8 @@ partial non-DATA frames, header blocks     ``max_control_frame``, ``max_header_b
 =========================================  ================================================
 
 plus a fixed cost per connection (the TLS object, ``h2``'s state, up to 100 open streams and the
-1024 closed ones ``h2`` remembers: ``agent.proxy.h2wire.GracefulH2Connection``). The
+1024 closed ones ``h2`` remembers: ``agent.proxy.h2wire.GracefulH2Connection``; the CONNECTs the
+codec keeps checked, at most about 23 KiB: ``agent.proxy.hbone._CONNECTS``). The
 connections themselves are bounded by ``InboundLimits``: TLS handshakes in progress (each holds a
 descriptor and a task while a client may trickle bytes for ``handshake_timeout``), connections
 per peer address, and an idle limit (no stream for ``idle_timeout``) next to the PING keepalive

@@ -75,7 +75,8 @@ class InboundHbone:
         self.limits = InboundLimits()
         self.handshaking = 0
         self.per_peer: Counter[str] = Counter()  # handshaking or established, by peer address
-        self._idle_timers: dict[HboneProtocol, asyncio.TimerHandle] = {}
+        self._idle_timers: dict[HboneProtocol, asyncio.TimerHandle] = {}  # one per connection
+        self._idle_since: dict[HboneProtocol, float] = {}  # loop time each went idle
 
     async def handle(self, sock: socket.socket, local_ip: str | None = None) -> None:
         """Serve one accepted connection; ``local_ip`` overrides ``getsockname()`` (tests)."""
@@ -143,20 +144,37 @@ class InboundHbone:
             self._disarm_idle(proto)
 
     def _arm_idle(self, proto: HboneProtocol) -> None:
-        """No stream on ``proto``: close it if none arrives within ``idle_timeout``."""
-        self._disarm_idle(proto)
-        loop = asyncio.get_running_loop()
-        self._idle_timers[proto] = loop.call_later(
-            self.limits.idle_timeout, self._close_idle, proto
-        )
+        """No stream on ``proto``: close it if none arrives within ``idle_timeout``. The time
+        is noted and one timer per connection checks it (``_close_idle``): a connection that
+        goes idle after every stream no longer makes a timer at each stream's end and cancels
+        it at the next stream's CONNECT (``_busy``)."""
+        self._idle_since[proto] = proto.loop.time()
+        if proto not in self._idle_timers:
+            self._idle_timers[proto] = proto.loop.call_later(
+                self.limits.idle_timeout, self._close_idle, proto
+            )
+
+    def _busy(self, proto: HboneProtocol) -> None:
+        """A stream arrived on ``proto``: not idle (its timer, if any, finds that)."""
+        self._idle_since.pop(proto, None)
 
     def _disarm_idle(self, proto: HboneProtocol) -> None:
+        """``proto`` is gone: no timer is left holding it."""
+        self._idle_since.pop(proto, None)
         timer = self._idle_timers.pop(proto, None)
         if timer is not None:
             timer.cancel()
 
     def _close_idle(self, proto: HboneProtocol) -> None:
-        self._idle_timers.pop(proto, None)
+        del self._idle_timers[proto]
+        since = self._idle_since.get(proto)
+        if since is None:  # busy again: its next idle arms a timer
+            return
+        left = since + self.limits.idle_timeout - proto.loop.time()
+        if left > 0:  # busy and idle again meanwhile: idle for less than the timeout yet
+            self._idle_timers[proto] = proto.loop.call_later(left, self._close_idle, proto)
+            return
+        del self._idle_since[proto]
         if not proto.streams and proto.transport is not None:
             log.debug("closing an HBONE connection idle for %ss", self.limits.idle_timeout)
             proto.goaway()
@@ -214,7 +232,7 @@ class InboundHbone:
     def _spawn(
         self, proto: HboneProtocol, request: ev.TunnelRequested, local_ip: str, peer_ip: str
     ) -> None:
-        self._disarm_idle(proto)
+        self._busy(proto)
         task = asyncio.create_task(
             self._serve(proto, request, local_ip, peer_ip), name=f"hbone-stream-{request.stream_id}"
         )

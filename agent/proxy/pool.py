@@ -48,7 +48,8 @@ class HbonePool:
         self.idle_timeout = idle_timeout
         self._conns: dict[PoolKey, list[HboneProtocol]] = {}
         self._dialing: dict[PoolKey, asyncio.Future[HboneProtocol]] = {}
-        self._idle_timers: dict[int, asyncio.TimerHandle] = {}
+        self._idle_timers: dict[int, asyncio.TimerHandle] = {}  # at most one per connection
+        self._idle_since: dict[int, float] = {}  # loop time each idle connection went idle
         self.dials = 0
 
     async def open(
@@ -111,17 +112,30 @@ class HbonePool:
             del self._dialing[key]
 
     def _on_idle(self, conn: HboneProtocol) -> None:
-        loop = asyncio.get_running_loop()
-        self._cancel_idle(conn)
-        self._idle_timers[id(conn)] = loop.call_later(self.idle_timeout, self._close_idle, conn)
+        """``conn`` has no stream left: close it once it stayed so for ``idle_timeout``. The
+        time is noted and one timer per connection checks it (``_close_idle``): a connection
+        that goes idle after every stream (one client connection at a time) no longer makes
+        a timer at each stream's end and cancels it at the next stream's open."""
+        self._idle_since[id(conn)] = conn.loop.time()
+        if id(conn) not in self._idle_timers:
+            self._idle_timers[id(conn)] = conn.loop.call_later(
+                self.idle_timeout, self._close_idle, conn
+            )
 
     def _cancel_idle(self, conn: HboneProtocol) -> None:
-        timer = self._idle_timers.pop(id(conn), None)
-        if timer is not None:
-            timer.cancel()
+        """A stream opens on ``conn``: it is no longer idle (its timer, if any, finds that)."""
+        self._idle_since.pop(id(conn), None)
 
     def _close_idle(self, conn: HboneProtocol) -> None:
-        self._idle_timers.pop(id(conn), None)
+        del self._idle_timers[id(conn)]
+        since = self._idle_since.get(id(conn))
+        if since is None:  # busy again: its next idle arms a timer
+            return
+        left = since + self.idle_timeout - conn.loop.time()
+        if left > 0:  # busy and idle again meanwhile: idle for less than the timeout yet
+            self._idle_timers[id(conn)] = conn.loop.call_later(left, self._close_idle, conn)
+            return
+        del self._idle_since[id(conn)]
         if not conn.streams and conn.transport is not None:
             log.debug("closing idle HBONE connection")
             conn.goaway()

@@ -108,6 +108,59 @@ def test_reuse_cancels_the_idle_timer() -> None:
     assert run(scenario()) == (False, 1)
 
 
+def test_a_connection_idle_after_every_stream_keeps_one_idle_timer() -> None:
+    """One client connection at a time: the pooled connection goes idle at every stream's end.
+    Each end made an idle timer and the next open cancelled it; now the time is noted and the
+    one timer, when it fires, finds the connection busy (and the next idle arms another)."""
+
+    async def scenario() -> tuple[int, int, bool]:
+        dialer = Dialer()
+        pool = HbonePool(dialer, idle_timeout=60.0)
+        loop = asyncio.get_running_loop()
+        timers: list[object] = []
+        real = loop.call_later
+
+        def counted(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+            timers.append(callback)
+            return real(delay, callback, *args)
+
+        loop.call_later = counted  # type: ignore[method-assign]
+        for _ in range(5):
+            stream = await pool.open(KEY, "10.0.0.2:80", None)
+            stream.write_eof()
+            stream.proto.finish(stream)
+        idle_timers = sum(1 for t in timers if t == pool._close_idle)
+        return idle_timers, dialer.dials, dialer.client_transports[0].is_closing()
+
+    assert run(scenario()) == (1, 1, False)
+
+
+def test_a_connection_busy_meanwhile_is_closed_a_whole_timeout_after_its_last_idle() -> None:
+    """The timer that fires while the connection idles for less than the timeout (it was busy
+    in between) waits for the rest of it (the loop's clock set by the test: the timer is
+    fired by calling it)."""
+
+    async def scenario() -> list[bool]:
+        dialer = Dialer()
+        pool = HbonePool(dialer, idle_timeout=10.0)
+        loop = asyncio.get_running_loop()
+        stream = await pool.open(KEY, "10.0.0.2:80", None)
+        conn, transport = stream.proto, dialer.client_transports[0]
+        now = [100.0]
+        loop.time = lambda: now[0]  # type: ignore[method-assign]
+        conn.finish(stream)  # idle at 100: the timer is due at 110
+        now[0] = 105.0
+        stream = await pool.open(KEY, "10.0.0.2:80", None)
+        conn.finish(stream)  # idle again at 105
+        seen = []
+        for now[0] in (110.0, 115.0):  # the timer fires (at 110; then when it set itself)
+            pool._close_idle(conn)
+            seen.append(transport.is_closing())
+        return seen
+
+    assert run(scenario()) == [False, True]
+
+
 @pytest.mark.parametrize("goaway", [True, False])
 def test_goaway_stops_new_streams_on_a_connection(goaway: bool) -> None:
     async def scenario() -> int:

@@ -86,10 +86,12 @@ from agent.state import Snapshot
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Endpoint:
     """An upstream key: one endpoint of one backend Service port (a pod can back two Services
-    with different target ports, so the IP alone does not name it)."""
+    with different target ports, so the IP alone does not name it). Hashed and compared as a
+    frozen one would be, but not frozen (nothing changes it once made): one is made per
+    request, and a frozen dataclass's ``__init__`` was 0.49 µs against 0.14 µs."""
 
     service: tuple[str, str]
     port: int

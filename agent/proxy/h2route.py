@@ -64,7 +64,7 @@ the ``RoutePlan`` (``mirrors``), copied by the shell once ``H2Proxy`` hands the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.policy.routes import GrpcRequest, HttpRequest
@@ -77,6 +77,7 @@ from agent.proxy.http_router import (
     HttpRouter,
     LocalResponse,
     RoutePlan,
+    TextHeaders,
 )
 from agent.proxy.resolve import ServiceTarget
 from agent.state import Snapshot
@@ -85,10 +86,12 @@ from agent.state import Snapshot
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Endpoint:
     """An upstream key: one endpoint of one backend Service port (a pod can back two Services
-    with different target ports, so the IP alone does not name it)."""
+    with different target ports, so the IP alone does not name it). Hashed and compared as a
+    frozen one would be, but not frozen (nothing changes it once made): one is made per
+    request, and a frozen dataclass's ``__init__`` was 0.49 µs against 0.14 µs."""
 
     service: tuple[str, str]
     port: int
@@ -122,7 +125,7 @@ def route_request(
     """Where one request on an HTTP/2 port goes (its ``RoutePlan`` is the choice's tag, to be
     finished with the request), or how it is answered here."""
     head = request.head
-    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in head.headers]
+    headers = TextHeaders(head.headers)  # decoded only if a route's match reads them
     call = GrpcRequest.from_path(head.path, headers, authority=head.host) if request.grpc else None
     routed = call or HttpRequest.from_target(
         head.method, request.target, headers, authority=head.host
@@ -153,7 +156,7 @@ def route_request(
         plan,
         edit_request=_request_edit(plan.edit_request) if plan.edit_request else None,
         edit_response=_response_edit(plan.edit_response) if plan.edit_response else None,
-        timeout=_timeout(plan, call),
+        timeout=_timeout(plan, head.headers if call is not None else None),
         retries=PlanRetries(plan) if plan.retry is not None else None,
         try_timeout=plan.try_timeout,
         delay=plan.injected_delay,
@@ -231,16 +234,29 @@ class ServiceRetries:
         return Choice(_sent_to(self.plan, ip), self.plan)
 
 
-def _timeout(plan: RoutePlan, call: GrpcRequest | None) -> float | None:
+def _timeout(plan: RoutePlan, call_fields: Sequence[Header] | None) -> float | None:
     """The request's whole time from now: the route's ``timeouts.request`` starts after an
     injected delay (Envoy's route timeout starts after its fault filter), a call's own
-    ``grpc-timeout`` now (it is the caller's deadline)."""
-    limits: list[float | None] = []
-    if plan.request_timeout is not None:
-        limits.append(plan.request_timeout + plan.injected_delay)
-    if call is not None:
-        limits.append(grpc_timeout(call.header("grpc-timeout")))
-    return min((t for t in limits if t is not None), default=None)
+    ``grpc-timeout`` (in ``call_fields``, a gRPC call's) now (it is the caller's deadline)."""
+    timeout = plan.request_timeout
+    if timeout is not None:
+        timeout += plan.injected_delay
+    if call_fields is not None:
+        deadline = _call_deadline(call_fields)
+        if deadline is not None and (timeout is None or deadline < timeout):
+            timeout = deadline
+    return timeout
+
+
+def _call_deadline(fields: Sequence[Header]) -> float | None:
+    """A call's ``grpc-timeout`` in seconds, read from its fields as received (not from their
+    text, which is decoded only for a route that reads it): its values joined with ``,`` as
+    ``GrpcRequest.header`` joins them, so a repeated one is malformed (None)."""
+    value = None
+    for name, one in fields:
+        if name == b"grpc-timeout":
+            value = one if value is None else value + b"," + one
+    return None if value is None else grpc_timeout(value.decode("latin-1"))
 
 
 def _decode(block: list[Header]) -> tuple[list[Header], Headers]:

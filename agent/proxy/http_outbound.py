@@ -78,10 +78,10 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple, overload
+from typing import TYPE_CHECKING, NamedTuple
 
 from agent.policy.authz import Request as AuthzRequest
 from agent.policy.routes import HttpRequest
@@ -114,6 +114,7 @@ from agent.proxy.http_router import (
     HttpRouter,
     LocalResponse,
     RoutePlan,
+    TextHeaders,
 )
 from agent.proxy.httpidle import IdleTimer, ServiceIdleTimeout, closed
 from agent.proxy.httpshell import HEADER_TIMEOUT, READ_SIZE, HeadTimer, try_send
@@ -364,40 +365,6 @@ class _Direct:
 
     def send(self, data: bytes, /) -> int:
         return self.owner._take(self.session, self.request, data)
-
-
-class TextHeaders(Sequence[tuple[str, str]]):
-    """A request's header fields as routes read them (text), decoded when first read: most
-    Services have no HTTPRoute, or none matching on headers, and decoding every field of
-    every request was a visible share of its routing."""
-
-    __slots__ = ("_fields", "_text")
-
-    def __init__(self, fields: Sequence[tuple[bytes, bytes]]) -> None:
-        self._fields = fields
-        self._text: list[tuple[str, str]] | None = None
-
-    def _decoded(self) -> list[tuple[str, str]]:
-        text = self._text
-        if text is None:
-            text = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._fields]
-            self._text = text
-        return text
-
-    @overload
-    def __getitem__(self, index: int) -> tuple[str, str]: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[tuple[str, str]]: ...
-
-    def __getitem__(self, index: int | slice) -> tuple[str, str] | Sequence[tuple[str, str]]:
-        return self._decoded()[index]
-
-    def __len__(self) -> int:
-        return len(self._fields)
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(self._decoded())
 
 
 def _detach(session: UpstreamSession) -> None:

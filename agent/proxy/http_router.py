@@ -49,8 +49,9 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 from agent.policy.routes import (
     GrpcRequest,
@@ -105,6 +106,40 @@ BACKEND_UNUSABLE_BODY = b"the route's backend cannot be used\n"
 FILTER_UNUSABLE_BODY = b"the route's filter cannot be applied\n"
 
 Headers = list[tuple[str, str]]
+
+
+class TextHeaders(Sequence[tuple[str, str]]):
+    """A request's header fields as routes read them (text), decoded when first read: most
+    Services have no HTTPRoute, or none matching on headers, and decoding every field of
+    every request was a visible share of its routing."""
+
+    __slots__ = ("_fields", "_text")
+
+    def __init__(self, fields: Sequence[tuple[bytes, bytes]]) -> None:
+        self._fields = fields
+        self._text: list[tuple[str, str]] | None = None
+
+    def _decoded(self) -> list[tuple[str, str]]:
+        text = self._text
+        if text is None:
+            text = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._fields]
+            self._text = text
+        return text
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, str]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[tuple[str, str]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[str, str] | Sequence[tuple[str, str]]:
+        return self._decoded()[index]
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._decoded())
 
 
 class LocalResponse(Exception):

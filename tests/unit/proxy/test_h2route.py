@@ -194,6 +194,35 @@ def test_the_timeout_is_the_sooner_of_the_rules_and_the_calls_and_each_try_has_i
     assert _choice(router, store, plain).timeout == 0.2
 
 
+class _Field(bytes):
+    """A received field name or value that counts its decodes to text."""
+
+    decoded = 0
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        _Field.decoded += 1
+        return super().decode(encoding, errors)
+
+
+def test_a_call_no_route_reads_decodes_only_its_deadline_and_the_deadline_counts() -> None:
+    """Routing decodes a request's fields to text only for a route that reads them; the
+    call's ``grpc-timeout`` is found among the fields as received and only its value decoded
+    (a repeated one is malformed, as its joined text was)."""
+    store, router = _store(*PODS), _router()
+    fields = [(_Field(n), _Field(v)) for n, v in
+              ((b"content-type", b"application/grpc"), (b"te", b"trailers"),
+               (b"grpc-timeout", b"250m"), (b"x-canary", b"true"))]  # fmt: skip
+    _Field.decoded = 0
+    assert _choice(router, store, _request(CALL, *fields)).timeout == 0.25
+    assert _Field.decoded == 1  # the grpc-timeout value
+    repeated = _request(CALL, (b"grpc-timeout", b"1S"), (b"grpc-timeout", b"2S"))
+    assert _choice(router, store, repeated).timeout is None
+    # A route matching on a header reads the fields as text: the canary header still matches.
+    _canary(store, 100, 0)
+    assert _done(_choice(router, store, _request(CALL, *fields))).service == ("default", "web-v2")
+    assert _Field.decoded > 1
+
+
 def _fault_ref() -> dict[str, object]:
     ref = {"group": "nodemesh.io", "kind": "HTTPFault", "name": "chaos"}
     return {"type": "ExtensionRef", "extensionRef": ref}

@@ -1,11 +1,11 @@
-"""The source's request fields as routes read them (``http_outbound.TextHeaders``): the same
+"""The source's request fields as routes read them (``http_router.TextHeaders``): the same
 text pairs the routes got as a list, decoded only once something reads them."""
 
 from __future__ import annotations
 
 from agent.policy.routes.filters import modify_headers
 from agent.policy.routes.model import HeaderModifier, HttpRequest
-from agent.proxy.http_outbound import TextHeaders
+from agent.proxy.http_router import TextHeaders
 
 FIELDS = [(b"host", b"web"), (b"x-user", b"caf\xe9"), (b"x-user", b"b")]
 TEXT = [("host", "web"), ("x-user", "café"), ("x-user", "b")]

@@ -1,10 +1,25 @@
-"""Traffic-control events become counter increments (agent.proxy.trafficmetrics), each on the
-series of its own Service, event and detail, also when the counter child is remembered."""
+"""Traffic-control events become counts (agent.proxy.trafficmetrics), each on the series of its
+own Service, event and detail, exposed exactly as prometheus_client's Counters exposed them."""
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    disable_created_metrics,
+    enable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+
 from agent.base.metrics import REGISTRY
+from agent.proxy import trafficmetrics
 from agent.proxy.trafficmetrics import observe
+from agent.workers import merge
 
 
 def count(name: str, **labels: str) -> float:
@@ -28,3 +43,90 @@ def test_each_event_counts_on_its_own_series_every_time() -> None:
     assert count(rejections, service=web, reason="max_pending") == 2
     assert count(rejections, service=api, reason="max_pending") == 0
     assert count("nodemesh_service_traffic_events_total", service=web, event="panic") == 2
+
+
+# Events as traffic control reports them: every event kind, details the counters label and
+# details they do not (which must fold into one series), a few Services.
+_EVENTS = st.tuples(
+    st.sampled_from(["default/web", "default/api", "other/web"]),
+    st.sampled_from(
+        ["connections", "retries", "retry_budget_exhausted", "rejected", "failed", "outlier",
+         "fault", "split", "http_retry", "http_mirror", "panic", "queued", "no_endpoints"]
+    ),
+    st.sampled_from(["", "max_pending", "refused", "v1", "attempted"]),
+)  # fmt: skip
+
+
+def _counters_registry(events: list[tuple[str, str, str]], clock: list[float]) -> CollectorRegistry:
+    """What ``observe`` did before: a prometheus_client Counter per family, the child of each
+    (service, event, detail) made on its first event and incremented."""
+    registry = CollectorRegistry(auto_describe=True)
+    counters = {
+        family: Counter(family.name, family.doc, list(family.labels), registry=registry)
+        for family in trafficmetrics._FAMILIES
+    }
+    children = {}
+    for key in events:
+        clock[0] += 1.0
+        if key not in children:
+            family, values = trafficmetrics.series(*key)
+            children[key] = counters[family].labels(*values)
+        children[key].inc()
+    return registry
+
+
+def _collector_registry(
+    events: list[tuple[str, str, str]], clock: list[float]
+) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    counters = trafficmetrics.ServiceCounters()
+    registry.register(counters)
+    for key in events:
+        clock[0] += 1.0
+        counters.observe(*key)
+    return registry
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    workers=st.lists(st.lists(_EVENTS, max_size=40), min_size=1, max_size=3),
+    created=st.booleans(),
+)
+def test_the_exposition_is_the_counters_one_also_merged_across_workers(
+    workers: list[list[tuple[str, str, str]]], created: bool
+) -> None:
+    """For any events, the collector's exposition (text and OpenMetrics) is byte for byte what
+    prometheus_client's Counters give, ``_created`` samples included (or left out when turned
+    off), and so is the merge of several workers' (``agent.workers.merge``)."""
+    clock = [1.7e9]
+    (enable_created_metrics if created else disable_created_metrics)()
+    try:
+        with patch("time.time", lambda: clock[0]):
+            ours, theirs = [], []
+            for events in workers:
+                start = clock[0]
+                ours.append(_collector_registry(events, clock))
+                clock[0] = start  # the same events at the same times
+                theirs.append(_counters_registry(events, clock))
+        for mine, reference in zip(ours, theirs, strict=True):
+            assert generate_latest(mine) == generate_latest(reference)
+            assert openmetrics_latest(mine) == openmetrics_latest(reference)
+        assert merge.expositions([generate_latest(r) for r in ours]) == merge.expositions(
+            [generate_latest(r) for r in theirs]
+        )
+    finally:
+        enable_created_metrics()
+
+
+def test_the_agents_registry_serves_the_families_where_the_counters_were() -> None:
+    """Every family is in the agent's registry (HELP and TYPE even before any event), next to
+    the metrics declared with ``agent.base.metrics``, and an event shows at once."""
+    observe("test-trafficmetrics/scrape", "split", "v2")
+    text = generate_latest(REGISTRY).decode()
+    for family in trafficmetrics._FAMILIES:
+        name = family.name.removesuffix("_total")
+        assert f"# HELP {name}_total {family.doc}\n# TYPE {name}_total counter\n" in text
+    assert (
+        'nodemesh_service_split_decisions_total{service="test-trafficmetrics/scrape",'
+        'subset="v2"} 1.0' in text
+    )

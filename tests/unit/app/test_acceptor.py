@@ -35,6 +35,22 @@ def test_classification() -> None:
     assert backoff_for(OSError(errno.EBADF, "")) is None
 
 
+async def _accept_one(lsock: socket.socket) -> tuple[list[socket.socket], socket.socket]:
+    """Run the accept loop on ``lsock`` until one client connected (or 2 s passed), then stop
+    it; returns what it accepted and the client's socket."""
+    accepted: list[socket.socket] = []
+    task = asyncio.create_task(accept_forever(lsock, accepted.append, listener="TEST"))
+    client = socket.create_connection(lsock.getsockname())
+    for _ in range(200):
+        if accepted:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return accepted, client
+
+
 def _count(reason: str) -> float:
     return ACCEPT_ERRORS.labels(listener="TEST", reason=reason)._value.get()
 
@@ -48,16 +64,7 @@ def test_keeps_accepting_after_emfile_and_aborts(monkeypatch: pytest.MonkeyPatch
         lsock.bind(("127.0.0.1", 0))
         lsock.listen()
         lsock.setblocking(False)
-        accepted: list[socket.socket] = []
-        task = asyncio.create_task(accept_forever(lsock, accepted.append, listener="TEST"))
-        client = socket.create_connection(lsock.getsockname())
-        for _ in range(200):
-            if accepted:
-                break
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        accepted, client = await _accept_one(lsock)
         assert len(accepted) == 1 and accepted[0].getblocking() is False
         for s in (*accepted, client, lsock):
             s.close()
@@ -121,16 +128,7 @@ def test_an_accepted_socket_keeps_its_peer_address_from_accept(
     async def scenario() -> None:
         with socket.create_server(("127.0.0.1", 0)) as lsock:
             lsock.setblocking(False)
-            accepted: list[socket.socket] = []
-            task = asyncio.create_task(accept_forever(lsock, accepted.append, listener="TEST"))
-            client = socket.create_connection(lsock.getsockname())
-            for _ in range(200):
-                if accepted:
-                    break
-                await asyncio.sleep(0.01)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            accepted, client = await _accept_one(lsock)
             (conn,) = accepted
             assert isinstance(conn, AcceptedSocket) and conn.getblocking() is False
             assert peer_of(conn) == client.getsockname()

@@ -8,6 +8,7 @@ not; a pod that reads again gets everything; and nothing deadlocks once every co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -415,25 +416,33 @@ def test_the_source_side_is_bounded_the_same_way() -> None:
     assert budget.withheld > 0
 
 
+def _protocols_in_memory(budget: HboneBudget) -> tuple[Any, Any, Any]:
+    """A client and a server ``HboneProtocol`` (the server's receive windows on ``budget``,
+    accepting every CONNECT) joined by in-memory transports; returns the client, the server
+    and the server's transport (to the client)."""
+    from agent.proxy.tunnel import HboneProtocol
+    from tests.unit.proxy.memtransport import MemoryTransport
+
+    client = HboneProtocol(HboneConnection(client_side=True, settings=SETTINGS))
+    server = HboneProtocol(
+        HboneConnection(client_side=False, settings=SETTINGS, budget=budget),
+        on_request=lambda proto, e: (proto.codec.respond(e.stream_id, 200), proto.flush()),
+    )
+    to_server, to_client = MemoryTransport(server), MemoryTransport(client)
+    to_server.other, to_client.other = to_client, to_server
+    server.connection_made(to_client)
+    client.connection_made(to_server)
+    return client, server, to_client
+
+
 def test_the_proxy_takes_its_turn_on_the_next_pass_of_the_loop_not_from_inside() -> None:
     """``HboneProtocol``: the call-back comes from inside another connection's accounting, so
     the grant and its WINDOW_UPDATE are scheduled, and go out once the loop runs."""
     import asyncio
 
-    from agent.proxy.tunnel import HboneProtocol
-    from tests.unit.proxy.memtransport import MemoryTransport
-
     async def main() -> None:
         budget = HboneBudget(4 * FLOOR)
-        client = HboneProtocol(HboneConnection(client_side=True, settings=SETTINGS))
-        server = HboneProtocol(
-            HboneConnection(client_side=False, settings=SETTINGS, budget=budget),
-            on_request=lambda proto, e: (proto.codec.respond(e.stream_id, 200), proto.flush()),
-        )
-        to_server, to_client = MemoryTransport(server), MemoryTransport(client)
-        to_server.other, to_client.other = to_client, to_server
-        server.connection_made(to_client)
-        client.connection_made(to_server)
+        client, server, _ = _protocols_in_memory(budget)
         hog = budget.open(Conn())
         assert hog.take(2 * FLOOR) == 2 * FLOOR  # with the two connections' floors: used up
         await client.open("10.0.0.2:80", None)
@@ -487,22 +496,11 @@ def test_a_closing_connection_passes_its_turn_on_at_once() -> None:
     pass of the loop (held until its account closed) and the live waiter kept waiting."""
     import asyncio
 
-    from agent.proxy.tunnel import HboneProtocol
-    from tests.unit.proxy.memtransport import MemoryTransport
-
     async def main() -> None:
         budget = HboneBudget(4 * FLOOR)
         servers, wires = [], []
         for _ in range(2):
-            client = HboneProtocol(HboneConnection(client_side=True, settings=SETTINGS))
-            server = HboneProtocol(
-                HboneConnection(client_side=False, settings=SETTINGS, budget=budget),
-                on_request=lambda proto, e: (proto.codec.respond(e.stream_id, 200), proto.flush()),
-            )
-            to_server, to_client = MemoryTransport(server), MemoryTransport(client)
-            to_server.other, to_client.other = to_client, to_server
-            server.connection_made(to_client)
-            client.connection_made(to_server)
+            _, server, to_client = _protocols_in_memory(budget)
             servers.append(server)
             wires.append(to_client)
         hog = budget.open(Conn())

@@ -568,11 +568,12 @@ def send_headers_on(
     (``WALK_FROM``)."""
     stream = conn.streams.get(stream_id)
     if stream is None:
-        limit = conn.remote_settings.max_concurrent_streams
-        if not below_limit and not _below_limit(conn, limit):
-            open_now = conn.open_outbound_streams
-            if open_now + 1 > limit:
-                raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
+        if not below_limit:  # the peer's settings are read only when a count is needed
+            limit = conn.remote_settings.max_concurrent_streams
+            if not _below_limit(conn, limit):
+                open_now = conn.open_outbound_streams
+                if open_now + 1 > limit:
+                    raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
         _connection_input(conn, ConnectionInputs.SEND_HEADERS)
         stream = conn._begin_new_stream(stream_id, _ODD if conn.config.client_side else _EVEN)
     else:

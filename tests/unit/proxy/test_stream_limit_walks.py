@@ -84,3 +84,25 @@ def test_h2proxys_connections_walk_on_every_new_stream_as_h2_does(walks: list[st
     for sid in (1, 3, 5):
         h2wire.send_headers_on(proxy, sid, request, end_stream=True)
     assert len(walks) == 3
+
+
+def test_a_caller_that_counted_already_makes_no_one_read_the_peers_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``below_limit``: ``H2Proxy`` counted the upstream's open streams against its limit just
+    before; the peer's settings (three Python calls per read) are not read again."""
+    proxy = new_proxy_connection(client_side=True, limits=H2Limits())
+    request = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
+    reads: list[int] = []
+    settings_type = type(proxy.remote_settings)
+    read = settings_type.max_concurrent_streams
+
+    def counting(settings: object) -> int:
+        reads.append(1)
+        return read.fget(settings)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(settings_type, "max_concurrent_streams", property(counting))
+    h2wire.send_headers_on(proxy, 1, request, end_stream=True, below_limit=True)
+    assert reads == []
+    h2wire.send_headers_on(proxy, 3, request, end_stream=True)
+    assert reads == [1]  # without ``below_limit`` the limit is read, and checked

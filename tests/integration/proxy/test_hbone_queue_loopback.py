@@ -8,8 +8,10 @@ queue its cap (``OUT_BUDGET``); once the peer reads, every byte arrives intact."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
+from collections.abc import Iterator
 
 import pytest
 
@@ -76,6 +78,25 @@ async def read_all(stream: TunnelStream) -> bytes:
     return bytes(data)
 
 
+@contextlib.contextmanager
+def peak_committed(queue: QueueBudget) -> Iterator[list[int]]:
+    """``[the most queue.committed reached]``, updated at every charge change of ``queue``'s
+    accounts while inside (``QueueAccount.set`` wrapped, and restored on leaving)."""
+    peak = [0]
+    set_charge = budget_module.QueueAccount.set
+
+    def recorded(account: budget_module.QueueAccount, n: int) -> None:
+        set_charge(account, n)
+        if account.budget is queue:
+            peak[0] = max(peak[0], queue.committed)
+
+    setattr(budget_module.QueueAccount, "set", recorded)  # noqa: B010 (restored below)
+    try:
+        yield peak
+    finally:
+        setattr(budget_module.QueueAccount, "set", set_charge)  # noqa: B010
+
+
 @mesh_test
 async def test_streams_a_peer_does_not_read_stay_within_the_queue_budget_and_arrive(
     mesh: Mesh,
@@ -87,14 +108,6 @@ async def test_streams_a_peer_does_not_read_stay_within_the_queue_budget_and_arr
     # windows, so they close after 64 KiB per stream and node2's relays queue the rest.
     settings = mesh.node1.core.settings
     mesh.node1.core.settings = dataclasses.replace(settings, hbone=with_stream_window(64 * KIB))
-    peak = [0]
-    set_charge = budget_module.QueueAccount.set
-
-    def recorded(account: budget_module.QueueAccount, n: int) -> None:
-        set_charge(account, n)
-        if account.budget is queue:
-            peak[0] = max(peak[0], queue.committed)
-
     tags = itertools.count()
 
     async def sends_a_lot(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -102,8 +115,7 @@ async def test_streams_a_peer_does_not_read_stay_within_the_queue_budget_and_arr
         await writer.drain()
         writer.close()
 
-    setattr(budget_module.QueueAccount, "set", recorded)  # noqa: B010 (restored below)
-    try:
+    with peak_committed(queue) as peak:
         port = mesh.app(SERVER, sends_a_lot)
         key = PoolKey(CLIENT_ID, SERVER_ID, SERVER, mesh.hbone_port)
         conns = [await mesh.node1._dial(key, lambda _p: None) for _ in range(CONNECTIONS)]
@@ -133,5 +145,3 @@ async def test_streams_a_peer_does_not_read_stay_within_the_queue_budget_and_arr
                 break
             await asyncio.sleep(0.05)
         assert (queue.committed, queue.connections) == (0, 0)
-    finally:
-        setattr(budget_module.QueueAccount, "set", set_charge)  # noqa: B010

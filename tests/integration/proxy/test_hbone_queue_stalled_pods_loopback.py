@@ -27,12 +27,12 @@ from collections.abc import Callable
 import pytest
 
 from agent.base.metrics import REGISTRY
-from agent.proxy import budget as budget_module
 from agent.proxy.budget import MIN_QUEUE_BUDGET, QUEUE_FLOOR, HboneBudget
 from agent.proxy.h2wire import KIB, MIB, HboneSettings
 from agent.proxy.hbone_limits import MAX_WRITE, OUT_BUDGET, with_stream_window
 from agent.telemetry.agentmetrics import AgentCollector, AgentSources
 from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, mesh_test
+from tests.integration.proxy.test_hbone_queue_loopback import peak_committed
 
 pytestmark = pytest.mark.root
 
@@ -158,43 +158,34 @@ async def test_an_exhausted_queue_budget_holds_pods_that_stop_reading_and_loses_
     mesh.node1.core.settings = dataclasses.replace(one, hbone=hbone)
     two = mesh.node2.core.settings
     mesh.node2.core.settings = dataclasses.replace(two, hbone=with_stream_window(STREAM_WINDOW))
-    peak = [0]
-    set_charge = budget_module.QueueAccount.set
-
-    def recorded(account: budget_module.QueueAccount, n: int) -> None:
-        set_charge(account, n)
-        if account.budget is queue:
-            peak[0] = max(peak[0], queue.committed)
-
     pod = StalledPod()
     stalled_before = stalled_total()
     # The kernel doubles the receive buffer a socket asks for (socket(7)), at most.
     size = tunnel_size(POD_RCVBUF * 2)
     writers: list[asyncio.Task[tuple[int, str]]] = []
-    setattr(budget_module.QueueAccount, "set", recorded)  # noqa: B010 (restored below)
-    try:
-        for tag in range(TUNNELS):
-            writers.append(asyncio.create_task(write_tunnel(mesh, pod.port, tag, size)))
-        await until(lambda: len(pod.got) == TUNNELS, "every tunnel reached the pod")
-        assert pod.rcvbuf <= POD_RCVBUF * 2  # what ``tunnel_size`` counted the pod for
-        await until(
-            lambda: queue.committed > MIN_QUEUE_BUDGET and stalled_total() > stalled_before,
-            "node1's queues filled the budget and its writers stalled",
-        )
-        assert len(mesh.node1.pool.connections()) == CONNECTIONS
-        assert queue.connections == CONNECTIONS
-        assert queue.stalled > 0
-        assert queued_metric(budget) == queue.committed
-        assert peak[0] <= bound() < CONNECTIONS * OUT_BUDGET
+    with peak_committed(queue) as peak:
+        try:
+            for tag in range(TUNNELS):
+                writers.append(asyncio.create_task(write_tunnel(mesh, pod.port, tag, size)))
+            await until(lambda: len(pod.got) == TUNNELS, "every tunnel reached the pod")
+            assert pod.rcvbuf <= POD_RCVBUF * 2  # what ``tunnel_size`` counted the pod for
+            await until(
+                lambda: queue.committed > MIN_QUEUE_BUDGET and stalled_total() > stalled_before,
+                "node1's queues filled the budget and its writers stalled",
+            )
+            assert len(mesh.node1.pool.connections()) == CONNECTIONS
+            assert queue.connections == CONNECTIONS
+            assert queue.stalled > 0
+            assert queued_metric(budget) == queue.committed
+            assert peak[0] <= bound() < CONNECTIONS * OUT_BUDGET
 
-        pod.read.set()  # the pod reads again
-        sent = await asyncio.wait_for(asyncio.gather(*writers), 110)
-        got = await asyncio.wait_for(asyncio.gather(*pod.got), 110)
-        assert sorted(got) == sorted(sent)  # every tunnel's bytes, complete and in order
-        assert all(n >= size for n, _ in sent)
-        assert peak[0] <= bound()
-    finally:
-        setattr(budget_module.QueueAccount, "set", set_charge)  # noqa: B010
-        for writer in writers:
-            writer.cancel()
-        pod.close()
+            pod.read.set()  # the pod reads again
+            sent = await asyncio.wait_for(asyncio.gather(*writers), 110)
+            got = await asyncio.wait_for(asyncio.gather(*pod.got), 110)
+            assert sorted(got) == sorted(sent)  # every tunnel's bytes, complete and in order
+            assert all(n >= size for n, _ in sent)
+            assert peak[0] <= bound()
+        finally:
+            for writer in writers:
+                writer.cancel()
+            pod.close()

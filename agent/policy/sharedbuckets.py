@@ -36,13 +36,22 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import mmap
 import os
 import struct
 from collections.abc import Iterable
 
-from agent.policy.ratelimit import RateLimit, refill
+from agent.policy.ratelimit import Limiter, RateLimit, RateLimiter, Seed, refill
 
+log = logging.getLogger(__name__)
+
+# The table's layout, written in its header: a successor agent maps its predecessor's table
+# (``handover``), so an agent must recognise a table laid out by another version. Change it
+# with any change to HEADER, SLOT, SET or the key (``bucket_key``).
+LAYOUT = 1
+MAGIC = b"nmbucket"
+HEADER = struct.Struct("<8sII")  # magic, layout, sets
 WAYS = 8
 SLOT = struct.Struct("<Qdd")  # key (0: free), tokens, stamp
 SET = struct.Struct("<" + "Qdd" * WAYS)
@@ -52,7 +61,7 @@ TABLE_SETS = 1 << 14
 
 
 class TableError(ValueError):
-    """A descriptor that is not a bucket table (wrong size), named with the fix."""
+    """A descriptor that is not a bucket table of this agent's layout, named with the fix."""
 
 
 def create_table(sets: int = TABLE_SETS) -> int:
@@ -60,11 +69,37 @@ def create_table(sets: int = TABLE_SETS) -> int:
     its descriptor."""
     fd = os.memfd_create("nodemesh-ratelimit", os.MFD_CLOEXEC)
     try:
-        os.ftruncate(fd, sets * SET.size)
+        os.ftruncate(fd, HEADER.size + sets * SET.size)
+        os.pwrite(fd, HEADER.pack(MAGIC, LAYOUT, sets), 0)
     except OSError:
         os.close(fd)
         raise
     return fd
+
+
+def _check_table(fd: int) -> int:
+    """The number of sets of the table behind ``fd``; TableError if it is not one of
+    ``LAYOUT`` (another agent version's table, a truncated file, anything else)."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, HEADER.size, 0)
+    if len(head) < HEADER.size or head[:8] != MAGIC:
+        raise TableError(
+            f"descriptor {fd} ({size} bytes) is not a rate-limit bucket table (no "
+            f"{MAGIC.decode()} header); the worker must get the fd the main process made with "
+            "create_table"
+        )
+    _, layout, sets = HEADER.unpack(head)
+    if layout != LAYOUT:
+        raise TableError(
+            f"the bucket table has layout {layout}, this agent reads layout {LAYOUT} (an agent "
+            "of another version made it)"
+        )
+    if sets == 0 or size != HEADER.size + sets * SET.size:
+        raise TableError(
+            f"the bucket table's header says {sets} sets ({HEADER.size + sets * SET.size} "
+            f"bytes) but it holds {size} bytes: truncated or not a rate-limit bucket table"
+        )
+    return int(sets)
 
 
 def bucket_key(limit: RateLimit, pod_ip: str, identity: str) -> int:
@@ -90,22 +125,16 @@ class BucketTable:
     main process owns it, a worker keeps the one it inherited)."""
 
     def __init__(self, fd: int) -> None:
-        size = os.fstat(fd).st_size
-        if size == 0 or size % SET.size:
-            raise TableError(
-                f"descriptor {fd} holds {size} bytes, not a rate-limit bucket table (a multiple "
-                f"of {SET.size}); the worker must get the fd the main process made with "
-                "create_table"
-            )
-        self._fd = fd
-        self._sets = size // SET.size
+        self._sets = _check_table(fd)
+        self.fd = fd
+        size = HEADER.size + self._sets * SET.size
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def take(self, key: int, rate: float, burst: float, now: float) -> bool:
         """Take one token from bucket ``key`` (``rate`` per second, at most ``burst``) at time
         ``now``; a bucket not in the table starts full."""
-        base = (key % self._sets) * SET.size
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, SET.size, base)
+        base = HEADER.size + (key % self._sets) * SET.size
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, SET.size, base)
         try:
             slots = SET.unpack_from(self._map, base)
             keys = slots[0::3]
@@ -119,8 +148,34 @@ class BucketTable:
             ok, tokens, stamp = refill(tokens, stamp, rate, burst, now)
             SLOT.pack_into(self._map, base + way * SLOT.size, key, tokens, stamp)
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, SET.size, base)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, SET.size, base)
         return ok
+
+    def level(self, key: int) -> tuple[float, float] | None:
+        """(tokens, stamp) of bucket ``key``, or None when it is not in the table."""
+        base = HEADER.size + (key % self._sets) * SET.size
+        fcntl.lockf(self.fd, fcntl.LOCK_SH, SET.size, base)
+        try:
+            slots = SET.unpack_from(self._map, base)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, SET.size, base)
+        keys = slots[0::3]
+        if key not in keys:
+            return None
+        way = keys.index(key)
+        return slots[3 * way + 1], slots[3 * way + 2]
+
+    def fill(self, key: int, tokens: float, stamp: float) -> None:
+        """Write bucket ``key`` into a table no other process maps yet (no lock), evicting
+        as ``take`` does."""
+        base = HEADER.size + (key % self._sets) * SET.size
+        slots = SET.unpack_from(self._map, base)
+        keys = slots[0::3]
+        if key in keys:
+            way = keys.index(key)
+        else:
+            way = keys.index(0) if 0 in keys else _oldest(slots[2::3])
+        SLOT.pack_into(self._map, base + way * SLOT.size, key, tokens, stamp)
 
     def close(self) -> None:
         self._map.close()
@@ -160,3 +215,48 @@ class SharedRateLimiter:
         wanted = set(keep)
         for k in [k for k in self._keys if k[0] not in wanted]:
             del self._keys[k]
+
+
+def share(limiter: Limiter) -> tuple[int, Limiter]:
+    """For a successor agent: a descriptor of a table holding ``limiter``'s buckets (the caller
+    sends and closes it) and the limiter this agent uses from now on.
+
+    A shared limiter's own table is handed over as it is, so both agents take from the same
+    buckets for the rest of the handover and drain. In-process buckets are copied into a new
+    table, and this agent moves to that table itself, so the requests its established
+    connections carry after the copy still count where the successor reads them. Its limited
+    requests cost the shared table's price (about 4 µs more) from then on; it is draining.
+    """
+    if isinstance(limiter, SharedRateLimiter):
+        return os.dup(limiter.table.fd), limiter
+    if not isinstance(limiter, RateLimiter):
+        raise TypeError(f"cannot hand over the buckets of a {type(limiter).__name__}")
+    fd = create_table()  # kept open for this process's life: its limiter locks through it
+    table = BucketTable(fd)
+    for limit, pod_ip, identity, bucket in limiter.levels():
+        table.fill(bucket_key(limit, pod_ip, identity), bucket.tokens, bucket.stamp)
+    return os.dup(fd), SharedRateLimiter(table)
+
+
+def adopt(fd: int, predecessor: object) -> BucketTable | None:
+    """The table a predecessor agent handed over, or None (``fd`` closed) when it is not one
+    this agent can read; logs which, once."""
+    try:
+        table = BucketTable(fd)
+    except (TableError, OSError) as e:
+        os.close(fd)
+        log.warning(
+            "rate-limit buckets start full: agent %s's table is refused: %s", predecessor, e
+        )
+        return None
+    log.info("continuing the rate-limit buckets of agent %s", predecessor)
+    return table
+
+
+def seed(table: BucketTable) -> Seed:
+    """``RateLimiter``'s seed from a predecessor's table: the level it holds for a bucket."""
+
+    def level(limit: RateLimit, pod_ip: str, identity: str) -> tuple[float, float] | None:
+        return table.level(bucket_key(limit, pod_ip, identity))
+
+    return level

@@ -10,14 +10,15 @@ bucket slots and passes its descriptor to every worker at exec, as it passes the
 worker maps it (``BucketTable``). The main process keeps its descriptor for the agent's life, so
 a restarted worker maps the same table and finds the buckets as its predecessor left them.
 
-Layout: ``sets`` sets of ``WAYS`` slots, a slot being (key, tokens, stamp): a 64-bit hash of
-(policy, Service, rate, burst, per-identity, pod IP, identity) (0: free), the tokens left and
-the monotonic time they were counted at (``CLOCK_MONOTONIC`` is one clock for every process of
-the host, so workers' times compare). A key's set is its hash modulo ``sets``; a key not in its
-set takes a free slot, else the slot used longest ago (the oldest stamp): an evicted bucket,
-seen again, starts full, as an identity evicted from the single-process LRU does. The file is
-sparse and pages are allocated when touched, so a node with few limited pods pays a few pages
-(4 KiB each), not the table's ``TABLE_SETS * SET.size`` bytes.
+Layout: a header (magic, ``LAYOUT``, ``sets``), then ``sets`` sets of ``WAYS`` slots, a slot
+being (key, tokens, stamp): a 64-bit hash of (policy, Service, rate, burst, per-identity, pod
+IP, identity) (0: free), the tokens left and the monotonic time they were counted at
+(``CLOCK_MONOTONIC`` is one clock for every process of the host, so workers' times compare). A
+key's set is its hash modulo ``sets``; a key not in its set takes a free slot, else the slot
+used longest ago (the oldest stamp): an evicted bucket, seen again, starts full, as an identity
+evicted from the single-process LRU does. The file is sparse and pages are allocated when
+touched, so a node with few limited pods pays a few pages (4 KiB each), not the table's
+``TABLE_SETS * SET.size`` bytes.
 
 Locking: a take reads, refills and writes a set under a POSIX byte-range lock on that set
 (``fcntl.lockf``). Such locks belong to a process, not to a descriptor: the workers share one
@@ -25,6 +26,12 @@ open file description (inherited), which would make an OFD lock or ``flock`` exc
 between them. A worker is single-threaded and holds one table, so its own locks never meet;
 the kernel releases a lock whose holder dies, so a killed worker cannot wedge a set. The
 refill arithmetic is ``ratelimit.refill``, the same as the single-process buckets'.
+
+Across an upgrade the successor agent continues the table (``agent.handover`` passes its
+descriptor): with workers, both agents' workers map the same table; a single-process agent
+copies its buckets into a new one (``share``) and a single-process successor starts each new
+bucket at the level a table holds for it (``seed``). Every process that maps a table checks its
+header, so a table of another agent version is refused (``TableError``), never misread.
 
 A bucket's key carries every value of its limit, so a changed policy starts with new, full
 buckets, and the slots of limits no longer in force are reused as they age. A policy deleted

@@ -256,7 +256,7 @@ class Agent:
             self._start_workers(splice, buckets)
         else:
             if buckets is not None and self.proxy is not None:
-                self.proxy.proxy.core.limiter = RateLimiter(seed=sharedbuckets.seed(buckets))
+                self.proxy.proxy.core.limiter = RateLimiter(seed=sharedbuckets.TableSeed(buckets))
             if splice is not None and self.proxy is not None:
                 self.proxy.use_splicer(splice)  # with workers, they build their own
             self.listeners = open_listeners(

@@ -30,7 +30,7 @@ refill arithmetic is ``ratelimit.refill``, the same as the single-process bucket
 Across an upgrade the successor agent continues the table (``agent.handover`` passes its
 descriptor): with workers, both agents' workers map the same table; a single-process agent
 copies its buckets into a new one (``share``) and a single-process successor starts each new
-bucket at the level a table holds for it (``seed``). Every process that maps a table checks its
+bucket at the level a table holds for it (``TableSeed``). Every process that maps a table checks its
 header, so a table of another agent version is refused (``TableError``), never misread.
 
 A bucket's key carries every value of its limit, so a changed policy starts with new, full
@@ -48,8 +48,9 @@ import mmap
 import os
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from agent.policy.ratelimit import Limiter, RateLimit, RateLimiter, Seed, refill
+from agent.policy.ratelimit import Limiter, RateLimit, RateLimiter, refill
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +174,20 @@ class BucketTable:
         return slots[3 * way + 1], slots[3 * way + 2]
 
     def fill(self, key: int, tokens: float, stamp: float) -> None:
-        """Write bucket ``key`` into a table no other process maps yet (no lock), evicting
+        """Set bucket ``key`` to ``tokens`` at ``stamp`` (a level counted elsewhere), evicting
         as ``take`` does."""
         base = HEADER.size + (key % self._sets) * SET.size
-        slots = SET.unpack_from(self._map, base)
-        keys = slots[0::3]
-        if key in keys:
-            way = keys.index(key)
-        else:
-            way = keys.index(0) if 0 in keys else _oldest(slots[2::3])
-        SLOT.pack_into(self._map, base + way * SLOT.size, key, tokens, stamp)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, SET.size, base)
+        try:
+            slots = SET.unpack_from(self._map, base)
+            keys = slots[0::3]
+            if key in keys:
+                way = keys.index(key)
+            else:
+                way = keys.index(0) if 0 in keys else _oldest(slots[2::3])
+            SLOT.pack_into(self._map, base + way * SLOT.size, key, tokens, stamp)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, SET.size, base)
 
     def close(self) -> None:
         self._map.close()
@@ -229,20 +234,24 @@ def share(limiter: Limiter) -> tuple[int, Limiter]:
     sends and closes it) and the limiter this agent uses from now on.
 
     A shared limiter's own table is handed over as it is, so both agents take from the same
-    buckets for the rest of the handover and drain. In-process buckets are copied into a new
+    buckets for the rest of the handover and drain. In-process buckets are written into a
     table, and this agent moves to that table itself, so the requests its established
-    connections carry after the copy still count where the successor reads them. Its limited
-    requests cost the shared table's price (about 4 µs more) from then on; it is draining.
+    connections carry afterwards still count where the successor reads them. Its limited
+    requests cost the shared table's price (about 4 µs more) from then on; it is draining. The
+    table is the one this agent's buckets were seeded from, if any (so a bucket it never
+    touched keeps its predecessor's level for the next agent), else a new one.
     """
     if isinstance(limiter, SharedRateLimiter):
         return os.dup(limiter.table.fd), limiter
     if not isinstance(limiter, RateLimiter):
         raise TypeError(f"cannot hand over the buckets of a {type(limiter).__name__}")
-    fd = create_table()  # kept open for this process's life: its limiter locks through it
-    table = BucketTable(fd)
+    if isinstance(limiter.seed, TableSeed):
+        table = limiter.seed.table
+    else:  # a new table, kept open for this process's life: its limiter locks through it
+        table = BucketTable(create_table())
     for limit, pod_ip, identity, bucket in limiter.levels():
         table.fill(bucket_key(limit, pod_ip, identity), bucket.tokens, bucket.stamp)
-    return os.dup(fd), SharedRateLimiter(table)
+    return os.dup(table.fd), SharedRateLimiter(table)
 
 
 def adopt(fd: int, predecessor: object) -> BucketTable | None:
@@ -260,10 +269,11 @@ def adopt(fd: int, predecessor: object) -> BucketTable | None:
     return table
 
 
-def seed(table: BucketTable) -> Seed:
+@dataclass(frozen=True)
+class TableSeed:
     """``RateLimiter``'s seed from a predecessor's table: the level it holds for a bucket."""
 
-    def level(limit: RateLimit, pod_ip: str, identity: str) -> tuple[float, float] | None:
-        return table.level(bucket_key(limit, pod_ip, identity))
+    table: BucketTable
 
-    return level
+    def __call__(self, limit: RateLimit, pod_ip: str, identity: str) -> tuple[float, float] | None:
+        return self.table.level(bucket_key(limit, pod_ip, identity))

@@ -43,14 +43,15 @@ class OldAgent:
     """The predecessor: ``Agent``'s bucket hook over its limiter (in-process, or the workers'
     table), served by a ``HandoverServer`` on a fresh name."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, limiter: Limiter | None = None) -> None:
         self.table_fd = -1
+        workers = None
         if mode == "shared":
             self.table_fd = sharedbuckets.create_table(sets=64)
-            limiter: Limiter = SharedRateLimiter(BucketTable(self.table_fd))
+            limiter = SharedRateLimiter(BucketTable(self.table_fd))
             workers = SimpleNamespace(buckets_fd=self.table_fd)
-        else:
-            limiter, workers = RateLimiter(), None
+        elif limiter is None:
+            limiter = RateLimiter()
         self.core = SimpleNamespace(limiter=limiter)
         proxy = SimpleNamespace(proxy=SimpleNamespace(core=self.core))
         self.agent = SimpleNamespace(workers=workers, proxy=proxy)
@@ -84,7 +85,7 @@ def _successor_limiter(table: BucketTable, mode: str) -> Limiter:
     with workers, each worker maps the descriptor (``Workers`` passes ``table.fd``)."""
     if mode == "shared":
         return SharedRateLimiter(BucketTable(table.fd))
-    return RateLimiter(seed=sharedbuckets.seed(table))
+    return RateLimiter(seed=sharedbuckets.TableSeed(table))
 
 
 def _hand_over(old: OldAgent) -> BucketTable | None:
@@ -138,6 +139,25 @@ def test_after_the_handover_both_agents_take_from_one_table() -> None:
         assert _admitted(new, LIMIT, NOW + 1.0, 2) == 0  # ... is gone for the successor too
     finally:
         old.close()
+
+
+def test_a_bucket_the_middle_agent_never_touched_keeps_its_level_for_the_next_one() -> None:
+    """Two upgrades in a row, single-process agents: the second agent hands on the table it was
+    seeded from, with its own buckets written in."""
+    first = OldAgent("in-process")
+    try:
+        assert _admitted(first.limiter, LIMIT, NOW, 4) == 3
+        table = _hand_over(first)
+        assert table is not None
+        second = OldAgent("in-process", RateLimiter(seed=sharedbuckets.TableSeed(table)))
+        assert _admitted(second.limiter, PER_IDENTITY, NOW, 3, "spiffe://a") == 2  # its own
+        handed_on = _hand_over(second)
+        assert handed_on is not None
+        third = _successor_limiter(handed_on, "in-process")
+        assert _admitted(third, LIMIT, NOW, 2) == 0  # the first agent's level
+        assert _admitted(third, PER_IDENTITY, NOW, 2, "spiffe://a") == 0  # the second's
+    finally:
+        first.close()
 
 
 def test_the_predecessors_answer_names_the_action_and_checks_the_request() -> None:

@@ -56,6 +56,9 @@ from agent.datapath.datapath import Datapath, SpliceUnavailable, uninstall
 from agent.datapath.listeners import open_listener_groups, open_listeners
 from agent.datapath.programs import ProgramLoadError
 from agent.datapath.splice import KernelSplice
+from agent.policy import sharedbuckets
+from agent.policy.ratelimit import RateLimiter
+from agent.policy.sharedbuckets import BucketTable
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
 from agent.wiring import local_pods, node_proxy, observability
@@ -125,6 +128,17 @@ def open_source(config: AgentConfig, store: StateStore) -> StateSource:
             )
         log.info("waiting for the first list of %s from the Kubernetes API", kube.not_ready())
     return kube
+
+
+def continued_buckets(name: bytes) -> BucketTable | None:
+    """The rate-limit table of the agent this one replaces (holding ``name``), or None when
+    this agent's buckets start full: logged either way, once. Never fails the start."""
+    try:
+        fd, pid = handover.fetch_buckets(name, sharedbuckets.LAYOUT)
+    except handover.HandoverError as e:
+        log.warning("rate-limit buckets start full: %s", e)
+        return None
+    return sharedbuckets.adopt(fd, pid)
 
 
 def mesh_components(
@@ -225,6 +239,7 @@ class Agent:
         # SIGTERM it gets from now on waits for the takeover).
         name = handover.socket_name(self.config.pin_dir)
         self.predecessor = handover.Successor.find(name)
+        buckets = None
         if self.predecessor is None:
             self._handover_sock = handover.bind(name)
             if self._handover_sock is None:
@@ -232,12 +247,16 @@ class Agent:
                     "another agent for this node is starting in this network namespace; "
                     "start one at a time"
                 )
+        elif self.proxy is not None or self.config.workers > 1:
+            buckets = continued_buckets(name)
         self.source = open_source(self.config, self.store)
         self.datapath.start()
         splice = self._splice()
         if self.config.workers > 1:
-            self._start_workers(splice)
+            self._start_workers(splice, buckets)
         else:
+            if buckets is not None and self.proxy is not None:
+                self.proxy.proxy.core.limiter = RateLimiter(seed=sharedbuckets.TableSeed(buckets))
             if splice is not None and self.proxy is not None:
                 self.proxy.use_splicer(splice)  # with workers, they build their own
             self.listeners = open_listeners(
@@ -263,8 +282,9 @@ class Agent:
         log.info("same-node splice on: the kernel moves admitted same-node connections' bytes")
         return splice
 
-    def _start_workers(self, splice: KernelSplice | None) -> None:
-        """Listener groups for the workers; the first of each group goes in the SOCKMAP."""
+    def _start_workers(self, splice: KernelSplice | None, buckets: BucketTable | None) -> None:
+        """Listener groups for the workers; the first of each group goes in the SOCKMAP. The
+        workers share ``buckets`` (the predecessor's table), else a new table."""
         from agent.workers.supervisor import Workers
 
         assert self.identity is not None  # config: --workers N > 1 needs a CA
@@ -272,7 +292,9 @@ class Agent:
             self.config.listeners, self.config.workers, beside_another=self.predecessor is not None
         )
         self.listeners = {slot: group[0] for slot, group in groups.items()}
-        self.workers = Workers(self.config, self.store, groups, self.identity.manager, splice)
+        self.workers = Workers(
+            self.config, self.store, groups, self.identity.manager, splice, buckets
+        )
         self.components.insert(0, self.workers)  # stopped (drained) before what it asks
 
     def _take_datapath(self) -> None:
@@ -435,8 +457,26 @@ class Agent:
             "resume": self._take_back,
         }
         state = handover.Predecessor(os.getpid())
-        self._handover = handover.HandoverServer(self._handover_sock, state, actions)
+        self._handover = handover.HandoverServer(
+            self._handover_sock, state, actions, self._buckets_for_successor
+        )
         await self._handover.start()
+
+    def _buckets_for_successor(self, layout: int) -> int:
+        """The rate-limit table a successor continues (``handover.Buckets``): the workers'
+        shared one, or this process's buckets copied into one that it uses from now on."""
+        if layout != sharedbuckets.LAYOUT:
+            raise ValueError(
+                f"the successor reads bucket table layout {layout}, this agent writes layout "
+                f"{sharedbuckets.LAYOUT} (agents of different versions)"
+            )
+        if self.workers is not None:
+            return os.dup(self.workers.buckets_fd)
+        if self.proxy is None:
+            raise ValueError("this agent enforces no rate limits (no node proxy without a CA)")
+        core = self.proxy.proxy.core
+        fd, core.limiter = sharedbuckets.share(core.limiter)
+        return fd
 
     async def _handed_over(self) -> None:
         self._release = asyncio.create_task(self._stop_accepting(), name="handed-over")

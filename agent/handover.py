@@ -17,6 +17,14 @@ the agents' ports and filters; no file to mount or clean up), in three steps:
    upgrade) and, after a short grace for handshakes already under way, closes its listeners. It
    keeps serving its established connections until SIGTERM drains it.
 
+Before all that, at its start, the successor asks for the node's rate-limit buckets
+(``fetch_buckets``, on a connection of its own): the predecessor answers with the descriptor of
+a bucket table (``SCM_RIGHTS``) and the table layout it was asked for, so a rollout does not
+give every limited client a fresh burst. The layout travels in the request and in the table's
+own header, so agents of different versions refuse each other's tables rather than misread
+them; an agent that predates this answers "unknown operation". Whatever goes wrong there, the
+successor starts with full buckets and the handover goes on.
+
 A successor that disappears before step 3 gives the node back: the predecessor resumes writing
 and registers its listeners again. Only a process of the same user may talk to an agent here
 (``SO_PEERCRED``), since ``freeze`` stops the reconciler.
@@ -45,6 +53,7 @@ from typing import Any, Literal
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT = 30.0  # a freeze waits for one reconcile pass at most
+BUCKETS_TIMEOUT = 5.0  # copying in-process buckets into a table: well under a second
 LINE_LIMIT = 4096
 
 
@@ -64,7 +73,7 @@ class Phase(enum.Enum):
     SUPERSEDED = "superseded"  # the successor holds the node; drain on SIGTERM
 
 
-Action = Literal["freeze", "release", "resume"]
+Action = Literal["freeze", "release", "resume", "buckets"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,13 @@ class Predecessor:
                 return Reply({"error": "freeze needs the successor's pid"})
             self.successor, self.phase = pid, Phase.FROZEN
             return Reply({"ok": True, "pid": self.pid}, action="freeze")
+        if op == "buckets":
+            layout = message.get("layout")
+            if not isinstance(layout, int) or isinstance(layout, bool):
+                return Reply({"error": "buckets needs the table layout the successor reads"})
+            if self.phase is Phase.SUPERSEDED:
+                return Reply({"error": "this agent handed the node over already"})
+            return Reply({"ok": True, "pid": self.pid, "layout": layout}, action="buckets")
         if op == "took_over":
             if self.phase is not Phase.FROZEN:
                 return Reply({"error": f"took_over while {self.phase.value}: freeze first"})
@@ -153,16 +169,27 @@ def bind(name: bytes) -> socket.socket | None:
 
 
 Actions = dict[Action, Callable[[], Awaitable[None]]]
+# The rate-limit table for a successor that reads ``layout``: a descriptor the server sends and
+# then closes; raises (ValueError, OSError...) with the reason when there is none to give.
+Buckets = Callable[[int], int]
 
 
 class HandoverServer:
     """Serves the handover name for this agent: ``freeze``/``took_over`` from a successor,
-    ``who`` from anyone of the same user. ``actions`` are the agent's hooks."""
+    ``who`` from anyone of the same user. ``actions`` are the agent's hooks; ``buckets``
+    gives its rate-limit table (None: an agent without rate limits)."""
 
-    def __init__(self, sock: socket.socket, state: Predecessor, actions: Actions) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        state: Predecessor,
+        actions: Actions,
+        buckets: Buckets | None = None,
+    ) -> None:
         self._sock: socket.socket | None = sock
         self.state = state
         self._actions = actions
+        self._buckets = buckets
         self._server: asyncio.AbstractServer | None = None
         self._peers = 0
         # Set while no other agent is connected (or after the handover): SIGTERM may drain now.
@@ -192,6 +219,9 @@ class HandoverServer:
         try:
             while line := await reader.readline():
                 reply = self.state.receive(decode(line))
+                if reply.action == "buckets":
+                    await self._send_buckets(writer, reply.message)
+                    continue
                 froze = froze or reply.action == "freeze"
                 if reply.action is not None:
                     await self._actions[reply.action]()
@@ -208,6 +238,32 @@ class HandoverServer:
                 await self._actions["resume"]()
             if self._peers == 0 or self.state.phase is Phase.SUPERSEDED:
                 self.settled.set()
+
+    async def _send_buckets(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        """The answer to ``buckets`` with the table's descriptor attached, or the reason there
+        is none; never an exception that would end the connection over the buckets alone."""
+        try:
+            if self._buckets is None:
+                raise ValueError("this agent enforces no rate limits (no node proxy)")
+            fd = self._buckets(int(message["layout"]))
+        except Exception as e:  # a successor without buckets still takes over
+            log.warning("cannot hand the rate-limit buckets over: %s", e)
+            writer.write(encode({"error": f"no rate-limit buckets from this agent: {e}"}))
+            await writer.drain()
+            return
+        try:
+            await writer.drain()
+            if writer.transport.get_write_buffer_size():
+                raise HandoverError("earlier answers are still queued")
+            # asyncio's streams carry no descriptors: send on a duplicate of the connection's
+            # socket, whose queue is empty (above), so the answer keeps its place.
+            raw = writer.get_extra_info("socket")
+            with socket.socket(fileno=os.dup(raw.fileno())) as dup:
+                data = encode(message)
+                if socket.send_fds(dup, [data], [fd]) != len(data):
+                    raise HandoverError("the answer was cut short")
+        finally:
+            os.close(fd)
 
 
 class Successor:
@@ -274,6 +330,50 @@ class Successor:
             self._stream[1].close()
         else:
             self._sock.close()
+
+
+def fetch_buckets(name: bytes, layout: int, timeout: float = BUCKETS_TIMEOUT) -> tuple[int, int]:
+    """The rate-limit table of the agent holding ``name`` for a successor that reads table
+    ``layout``: (descriptor, that agent's pid). Blocking, on a connection of its own, so a late
+    or garbled answer cannot disturb the handover's; HandoverError says why there is none."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        line, fds = b"", []
+        try:
+            sock.connect(name)
+            sock.sendall(encode({"op": "buckets", "layout": layout}))
+            while not line.endswith(b"\n") and len(line) < LINE_LIMIT:
+                data, got, _, _ = socket.recv_fds(sock, LINE_LIMIT, 4)
+                fds += got
+                if not data:
+                    break
+                line += data
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise HandoverError(f"the running agent did not hand over its buckets: {e}") from e
+    try:
+        return _bucket_reply(line, fds, layout)
+    except HandoverError:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _bucket_reply(line: bytes, fds: list[int], layout: int) -> tuple[int, int]:
+    if not line.endswith(b"\n"):
+        raise HandoverError(f"the running agent's answer to buckets was cut short: {line[:80]!r}")
+    reply = decode(line)
+    if "error" in reply:
+        raise HandoverError(f"the running agent answered: {reply['error']}")
+    pid = reply.get("pid")
+    if reply.get("layout") != layout or not isinstance(pid, int) or len(fds) != 1:
+        raise HandoverError(
+            f"the running agent's answer to buckets is not one table of layout {layout}: "
+            f"{line[:80]!r} with {len(fds)} descriptor(s)"
+        )
+    os.set_inheritable(fds[0], False)
+    return fds[0], pid
 
 
 def who(name: bytes, timeout: float = 2.0) -> dict[str, Any] | None:

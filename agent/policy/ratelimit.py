@@ -21,12 +21,19 @@ per-process buckets would admit up to N times the policy; there the buckets are 
 table in memory shared by the agent's workers (``agent.policy.sharedbuckets``), so the policy
 holds per node, as a proxy's local rate limit does in Envoy or Linkerd whatever its thread
 count. Both kinds do the same arithmetic (``refill``) and offer the same ``Limiter`` interface.
+
+Across an upgrade (``agent.handover``) the successor agent continues its predecessor's buckets
+instead of starting them full, which would give every limited client a fresh burst per rollout:
+the predecessor hands over a table (``sharedbuckets.share``), and a single-process successor
+starts each bucket it creates at the level that table holds for it (``seed``). Only a bucket's
+creation asks the seed, so a take on an existing bucket costs what it did.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -130,11 +137,19 @@ class Limiter(Protocol):
     def forget(self, keep: Iterable[RateLimit]) -> None: ...
 
 
-class RateLimiter:
-    """The buckets of one proxy process, keyed by (policy, pod ip, identity); sans-IO."""
+# (limit, pod IP, identity) → (tokens, stamp) a new bucket starts at, or None: full.
+Seed = Callable[[RateLimit, str, str], tuple[float, float] | None]
 
-    def __init__(self, max_identity_buckets: int = MAX_IDENTITY_BUCKETS) -> None:
+
+class RateLimiter:
+    """The buckets of one proxy process, keyed by (policy, pod ip, identity); sans-IO. With
+    a ``seed`` (the predecessor agent's levels) a new bucket starts where the seed says."""
+
+    def __init__(
+        self, max_identity_buckets: int = MAX_IDENTITY_BUCKETS, seed: Seed | None = None
+    ) -> None:
         self.max_identity_buckets = max_identity_buckets
+        self.seed = seed
         self._shared: dict[tuple[RateLimit, str], TokenBucket] = {}
         self._per_identity: dict[tuple[RateLimit, str], OrderedDict[str, TokenBucket]] = {}
 
@@ -159,17 +174,33 @@ class RateLimiter:
     def bucket_count(self) -> int:
         return len(self._shared) + sum(len(t) for t in self._per_identity.values())
 
-    def _bucket(self, limit: RateLimit, pod_ip: str, identity: str, now: float) -> TokenBucket:
+    def levels(self) -> Iterator[tuple[RateLimit, str, str, TokenBucket]]:
+        """Every bucket as (limit, pod IP, identity, bucket); identity "" for a pod's bucket
+        (for a successor agent: ``sharedbuckets.share``)."""
+        for (limit, pod_ip), bucket in self._shared.items():
+            yield limit, pod_ip, "", bucket
+        for (limit, pod_ip), table in self._per_identity.items():
+            for identity, bucket in table.items():
+                yield limit, pod_ip, identity, bucket
+
+    def _new(self, limit: RateLimit, pod_ip: str, identity: str, now: float) -> TokenBucket:
         rate, burst = float(limit.requests_per_second), float(limit.burst)
+        level = self.seed(limit, pod_ip, identity) if self.seed is not None else None
+        if level is None or not all(map(math.isfinite, level)):
+            return TokenBucket.full(rate, burst, now)
+        # Clamped: a level from another process must neither overfill nor stop the refill.
+        return TokenBucket(rate, burst, max(0.0, min(burst, level[0])), min(level[1], now))
+
+    def _bucket(self, limit: RateLimit, pod_ip: str, identity: str, now: float) -> TokenBucket:
         if not limit.per_identity:
             bucket = self._shared.get((limit, pod_ip))
             if bucket is None:
-                bucket = self._shared[(limit, pod_ip)] = TokenBucket.full(rate, burst, now)
+                bucket = self._shared[(limit, pod_ip)] = self._new(limit, pod_ip, "", now)
             return bucket
         table = self._per_identity.setdefault((limit, pod_ip), OrderedDict())
         bucket = table.get(identity)
         if bucket is None:
-            bucket = table[identity] = TokenBucket.full(rate, burst, now)
+            bucket = table[identity] = self._new(limit, pod_ip, identity, now)
             if len(table) > self.max_identity_buckets:
                 table.popitem(last=False)
         else:

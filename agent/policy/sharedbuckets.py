@@ -10,14 +10,15 @@ bucket slots and passes its descriptor to every worker at exec, as it passes the
 worker maps it (``BucketTable``). The main process keeps its descriptor for the agent's life, so
 a restarted worker maps the same table and finds the buckets as its predecessor left them.
 
-Layout: ``sets`` sets of ``WAYS`` slots, a slot being (key, tokens, stamp): a 64-bit hash of
-(policy, Service, rate, burst, per-identity, pod IP, identity) (0: free), the tokens left and
-the monotonic time they were counted at (``CLOCK_MONOTONIC`` is one clock for every process of
-the host, so workers' times compare). A key's set is its hash modulo ``sets``; a key not in its
-set takes a free slot, else the slot used longest ago (the oldest stamp): an evicted bucket,
-seen again, starts full, as an identity evicted from the single-process LRU does. The file is
-sparse and pages are allocated when touched, so a node with few limited pods pays a few pages
-(4 KiB each), not the table's ``TABLE_SETS * SET.size`` bytes.
+Layout: a header (magic, ``LAYOUT``, ``sets``), then ``sets`` sets of ``WAYS`` slots, a slot
+being (key, tokens, stamp): a 64-bit hash of (policy, Service, rate, burst, per-identity, pod
+IP, identity) (0: free), the tokens left and the monotonic time they were counted at
+(``CLOCK_MONOTONIC`` is one clock for every process of the host, so workers' times compare). A
+key's set is its hash modulo ``sets``; a key not in its set takes a free slot, else the slot
+used longest ago (the oldest stamp): an evicted bucket, seen again, starts full, as an identity
+evicted from the single-process LRU does. The file is sparse and pages are allocated when
+touched, so a node with few limited pods pays a few pages (4 KiB each), not the table's
+``TABLE_SETS * SET.size`` bytes.
 
 Locking: a take reads, refills and writes a set under a POSIX byte-range lock on that set
 (``fcntl.lockf``). Such locks belong to a process, not to a descriptor: the workers share one
@@ -25,6 +26,12 @@ open file description (inherited), which would make an OFD lock or ``flock`` exc
 between them. A worker is single-threaded and holds one table, so its own locks never meet;
 the kernel releases a lock whose holder dies, so a killed worker cannot wedge a set. The
 refill arithmetic is ``ratelimit.refill``, the same as the single-process buckets'.
+
+Across an upgrade the successor agent continues the table (``agent.handover`` passes its
+descriptor): with workers, both agents' workers map the same table; a single-process agent
+copies its buckets into a new one (``share``) and a single-process successor starts each new
+bucket at the level a table holds for it (``TableSeed``). Every process that maps a table checks its
+header, so a table of another agent version is refused (``TableError``), never misread.
 
 A bucket's key carries every value of its limit, so a changed policy starts with new, full
 buckets, and the slots of limits no longer in force are reused as they age. A policy deleted
@@ -36,13 +43,23 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import mmap
 import os
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from agent.policy.ratelimit import RateLimit, refill
+from agent.policy.ratelimit import Limiter, RateLimit, RateLimiter, refill
 
+log = logging.getLogger(__name__)
+
+# The table's layout, written in its header: a successor agent maps its predecessor's table
+# (``handover``), so an agent must recognise a table laid out by another version. Change it
+# with any change to HEADER, SLOT, SET or the key (``bucket_key``).
+LAYOUT = 1
+MAGIC = b"nmbucket"
+HEADER = struct.Struct("<8sII")  # magic, layout, sets
 WAYS = 8
 SLOT = struct.Struct("<Qdd")  # key (0: free), tokens, stamp
 SET = struct.Struct("<" + "Qdd" * WAYS)
@@ -52,7 +69,7 @@ TABLE_SETS = 1 << 14
 
 
 class TableError(ValueError):
-    """A descriptor that is not a bucket table (wrong size), named with the fix."""
+    """A descriptor that is not a bucket table of this agent's layout, named with the fix."""
 
 
 def create_table(sets: int = TABLE_SETS) -> int:
@@ -60,11 +77,37 @@ def create_table(sets: int = TABLE_SETS) -> int:
     its descriptor."""
     fd = os.memfd_create("nodemesh-ratelimit", os.MFD_CLOEXEC)
     try:
-        os.ftruncate(fd, sets * SET.size)
+        os.ftruncate(fd, HEADER.size + sets * SET.size)
+        os.pwrite(fd, HEADER.pack(MAGIC, LAYOUT, sets), 0)
     except OSError:
         os.close(fd)
         raise
     return fd
+
+
+def _check_table(fd: int) -> int:
+    """The number of sets of the table behind ``fd``; TableError if it is not one of
+    ``LAYOUT`` (another agent version's table, a truncated file, anything else)."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, HEADER.size, 0)
+    if len(head) < HEADER.size or head[:8] != MAGIC:
+        raise TableError(
+            f"descriptor {fd} ({size} bytes) is not a rate-limit bucket table (no "
+            f"{MAGIC.decode()} header); the worker must get the fd the main process made with "
+            "create_table"
+        )
+    _, layout, sets = HEADER.unpack(head)
+    if layout != LAYOUT:
+        raise TableError(
+            f"the bucket table has layout {layout}, this agent reads layout {LAYOUT} (an agent "
+            "of another version made it)"
+        )
+    if sets == 0 or size != HEADER.size + sets * SET.size:
+        raise TableError(
+            f"the bucket table's header says {sets} sets ({HEADER.size + sets * SET.size} "
+            f"bytes) but it holds {size} bytes: truncated or not a rate-limit bucket table"
+        )
+    return int(sets)
 
 
 def bucket_key(limit: RateLimit, pod_ip: str, identity: str) -> int:
@@ -90,22 +133,16 @@ class BucketTable:
     main process owns it, a worker keeps the one it inherited)."""
 
     def __init__(self, fd: int) -> None:
-        size = os.fstat(fd).st_size
-        if size == 0 or size % SET.size:
-            raise TableError(
-                f"descriptor {fd} holds {size} bytes, not a rate-limit bucket table (a multiple "
-                f"of {SET.size}); the worker must get the fd the main process made with "
-                "create_table"
-            )
-        self._fd = fd
-        self._sets = size // SET.size
+        self._sets = _check_table(fd)
+        self.fd = fd
+        size = HEADER.size + self._sets * SET.size
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def take(self, key: int, rate: float, burst: float, now: float) -> bool:
         """Take one token from bucket ``key`` (``rate`` per second, at most ``burst``) at time
         ``now``; a bucket not in the table starts full."""
-        base = (key % self._sets) * SET.size
-        fcntl.lockf(self._fd, fcntl.LOCK_EX, SET.size, base)
+        base = HEADER.size + (key % self._sets) * SET.size
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, SET.size, base)
         try:
             slots = SET.unpack_from(self._map, base)
             keys = slots[0::3]
@@ -119,8 +156,38 @@ class BucketTable:
             ok, tokens, stamp = refill(tokens, stamp, rate, burst, now)
             SLOT.pack_into(self._map, base + way * SLOT.size, key, tokens, stamp)
         finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, SET.size, base)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, SET.size, base)
         return ok
+
+    def level(self, key: int) -> tuple[float, float] | None:
+        """(tokens, stamp) of bucket ``key``, or None when it is not in the table."""
+        base = HEADER.size + (key % self._sets) * SET.size
+        fcntl.lockf(self.fd, fcntl.LOCK_SH, SET.size, base)
+        try:
+            slots = SET.unpack_from(self._map, base)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, SET.size, base)
+        keys = slots[0::3]
+        if key not in keys:
+            return None
+        way = keys.index(key)
+        return slots[3 * way + 1], slots[3 * way + 2]
+
+    def fill(self, key: int, tokens: float, stamp: float) -> None:
+        """Set bucket ``key`` to ``tokens`` at ``stamp`` (a level counted elsewhere), evicting
+        as ``take`` does."""
+        base = HEADER.size + (key % self._sets) * SET.size
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, SET.size, base)
+        try:
+            slots = SET.unpack_from(self._map, base)
+            keys = slots[0::3]
+            if key in keys:
+                way = keys.index(key)
+            else:
+                way = keys.index(0) if 0 in keys else _oldest(slots[2::3])
+            SLOT.pack_into(self._map, base + way * SLOT.size, key, tokens, stamp)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, SET.size, base)
 
     def close(self) -> None:
         self._map.close()
@@ -160,3 +227,53 @@ class SharedRateLimiter:
         wanted = set(keep)
         for k in [k for k in self._keys if k[0] not in wanted]:
             del self._keys[k]
+
+
+def share(limiter: Limiter) -> tuple[int, Limiter]:
+    """For a successor agent: a descriptor of a table holding ``limiter``'s buckets (the caller
+    sends and closes it) and the limiter this agent uses from now on.
+
+    A shared limiter's own table is handed over as it is, so both agents take from the same
+    buckets for the rest of the handover and drain. In-process buckets are written into a
+    table, and this agent moves to that table itself, so the requests its established
+    connections carry afterwards still count where the successor reads them. Its limited
+    requests cost the shared table's price (about 4 µs more) from then on; it is draining. The
+    table is the one this agent's buckets were seeded from, if any (so a bucket it never
+    touched keeps its predecessor's level for the next agent), else a new one.
+    """
+    if isinstance(limiter, SharedRateLimiter):
+        return os.dup(limiter.table.fd), limiter
+    if not isinstance(limiter, RateLimiter):
+        raise TypeError(f"cannot hand over the buckets of a {type(limiter).__name__}")
+    if isinstance(limiter.seed, TableSeed):
+        table = limiter.seed.table
+    else:  # a new table, kept open for this process's life: its limiter locks through it
+        table = BucketTable(create_table())
+    for limit, pod_ip, identity, bucket in limiter.levels():
+        table.fill(bucket_key(limit, pod_ip, identity), bucket.tokens, bucket.stamp)
+    return os.dup(table.fd), SharedRateLimiter(table)
+
+
+def adopt(fd: int, predecessor: object) -> BucketTable | None:
+    """The table a predecessor agent handed over, or None (``fd`` closed) when it is not one
+    this agent can read; logs which, once."""
+    try:
+        table = BucketTable(fd)
+    except (TableError, OSError) as e:
+        os.close(fd)
+        log.warning(
+            "rate-limit buckets start full: agent %s's table is refused: %s", predecessor, e
+        )
+        return None
+    log.info("continuing the rate-limit buckets of agent %s", predecessor)
+    return table
+
+
+@dataclass(frozen=True)
+class TableSeed:
+    """``RateLimiter``'s seed from a predecessor's table: the level it holds for a bucket."""
+
+    table: BucketTable
+
+    def __call__(self, limit: RateLimit, pod_ip: str, identity: str) -> tuple[float, float] | None:
+        return self.table.level(bucket_key(limit, pod_ip, identity))

@@ -38,7 +38,7 @@ from agent.base.metrics import counter
 from agent.config import AgentConfig
 from agent.identity.certs import WorkloadCertificate
 from agent.identity.manager import CertificateObserver
-from agent.policy.sharedbuckets import create_table
+from agent.policy.sharedbuckets import BucketTable, create_table
 from agent.state import Snapshot, StateStore
 from agent.workers import replica
 from agent.workers.certs import CertificateFeed, Identities
@@ -94,13 +94,15 @@ class Workers(Component):
         groups: Mapping[Listener, list[socket.socket]],
         identities: ManagedIdentities,
         splice: SpliceMaps | None = None,
+        buckets: BucketTable | None = None,
     ) -> None:
         self._config = config
         # --splice: the kernel's splice maps, inherited by every worker (``--splice-fds``)
         self._splice_fds = splice.fds() if splice is not None else []
         # The rate-limit buckets of the node, shared by every worker (``--ratelimit-fd``); kept
-        # open here so that a restarted worker maps the same table.
-        self._buckets_fd = create_table()
+        # open here so that a restarted worker maps the same table. After an upgrade, the
+        # predecessor agent's table (``buckets``, checked): the two agents share it.
+        self._buckets_fd = create_table() if buckets is None else buckets.fd
         self._store = store
         self._identities = identities
         self._certs = CertificateFeed(identities)
@@ -151,6 +153,13 @@ class Workers(Component):
         if self._buckets_fd >= 0:
             os.close(self._buckets_fd)
             self._buckets_fd = -1
+
+    @property
+    def buckets_fd(self) -> int:
+        """The shared table's descriptor, for a successor agent (``Agent`` hands it over)."""
+        if self._buckets_fd < 0:
+            raise ValueError("the workers stopped: their bucket table is closed")
+        return self._buckets_fd
 
     # -- what the admin API and /metrics read ------------------------------------------------
     def describe(self) -> list[dict[str, object]]:

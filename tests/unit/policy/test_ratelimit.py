@@ -117,3 +117,16 @@ def test_validation_applies_defaults_and_names_the_bad_field() -> None:
     bad_target["spec"]["targetRef"]["kind"] = "Deployment"
     with pytest.raises(PolicyError, match=r"targetRef\.kind: 'Deployment' is not allowed"):
         validate_policy(bad_target, path="t")
+
+
+def test_a_seeded_limiter_starts_new_buckets_at_the_seed_level_clamped() -> None:
+    limit = RateLimit("default/l", "web", 1, 3, False)
+    levels = {"a": (0.0, 10.0), "b": (9.0, 10.0), "c": (0.0, 1e9), "d": (float("nan"), 10.0)}
+    limiter = RateLimiter(seed=lambda _limit, pod, _identity: levels.get(pod))
+    assert limiter.admit([limit], "a", None, 10.0) is limit  # empty, as the seed says
+    assert limiter.admit([limit], "a", None, 11.0) is None  # refilled from the seed's stamp
+    assert [limiter.admit([limit], "b", None, 10.0) for _ in range(4)][-1] is limit  # 3, not 9
+    assert limiter.admit([limit], "c", None, 10.0) is limit  # a stamp ahead of now: now
+    assert limiter.admit([limit], "c", None, 11.0) is None  # ... so it refills
+    assert all(limiter.admit([limit], "d", None, 10.0) is None for _ in range(3))  # NaN: full
+    assert limiter.admit([limit], "unknown", None, 10.0) is None  # not in the seed: full

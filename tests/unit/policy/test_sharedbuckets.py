@@ -15,6 +15,9 @@ import pytest
 
 from agent.policy.ratelimit import RateLimit
 from agent.policy.sharedbuckets import (
+    HEADER,
+    LAYOUT,
+    MAGIC,
     SET,
     WAYS,
     BucketTable,
@@ -174,3 +177,25 @@ def test_the_key_covers_every_value_of_the_limit_and_is_never_zero() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout) == bucket_key(base, "10.244.1.3", "")
+
+
+def test_the_table_says_its_layout_and_one_of_another_layout_is_refused(fd: int) -> None:
+    assert os.pread(fd, HEADER.size, 0) == HEADER.pack(MAGIC, LAYOUT, 64)
+    os.pwrite(fd, HEADER.pack(MAGIC, LAYOUT + 1, 64), 0)  # what another agent version made
+    with pytest.raises(TableError, match=f"layout {LAYOUT + 1}, this agent reads layout"):
+        BucketTable(fd)
+
+
+def test_a_table_shorter_than_its_header_says_is_refused_as_truncated(fd: int) -> None:
+    os.ftruncate(fd, HEADER.size + 63 * SET.size)
+    with pytest.raises(TableError, match="truncated"):
+        BucketTable(fd)
+
+
+def test_filled_levels_are_read_back_and_taken_from(fd: int) -> None:
+    table = BucketTable(fd)
+    table.fill(9, 0.5, 40.0)
+    assert table.level(9) == (0.5, 40.0) and table.level(10) is None
+    assert not table.take(9, 1.0, 3.0, 40.0)  # half a token: refused
+    assert table.take(9, 1.0, 3.0, 40.5)  # refilled to 1
+    table.close()

@@ -443,14 +443,19 @@ def _replaying(sock: socket.socket, rewind: int) -> socket.socket:
     return new
 
 
+@pytest.mark.parametrize("credit", ["redirected", "kept"])
 def test_a_retransmission_that_overlaps_delivered_bytes_is_not_delivered_twice(
-    splicer: RecordingSplicer,
+    splicer: RecordingSplicer, monkeypatch: pytest.MonkeyPatch, credit: str
 ) -> None:
     """A retransmitted segment that starts before what the proxy's socket already received and
     ends after it is queued whole by TCP (``tcp_data_queue``: "partial packet"); a reader skips
     the old part by sequence number, but the kernel hands the verdict whole skbs
-    (``tcp_read_skb``). The splice must pass on only the new bytes. Driven exactly: the client
-    rewinds its send sequence (TCP_REPAIR) and sends old and new bytes in one segment."""
+    (``tcp_read_skb``). The splice must pass on only the new bytes, whether the kernel
+    redirects the segment or (credit used up) keeps it for the proxy. Driven exactly: the
+    client rewinds its send sequence (TCP_REPAIR) and sends old and new bytes in one segment."""
+    if credit == "kept":
+        monkeypatch.setattr(splice, "WINDOW", 1)  # every segment is kept for the proxy
+        monkeypatch.setattr(splice, "REFRESH_FAST", 1.0)
     first, rewind = 64 * 1024, 4000
     body = BODY[: first + rewind]
 
@@ -492,6 +497,8 @@ def test_a_retransmission_that_overlaps_delivered_bytes_is_not_delivered_twice(
             replay.close()
         assert len(got) == len(body), f"{len(got) - len(body)} bytes delivered twice"
         assert bytes(got) == body
+        pair = splicer.started[0]
+        assert (pair.kept(0) > 0) == (credit == "kept")
 
     run(scenario, splicer)
 

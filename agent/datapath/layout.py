@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 MAX_EXCLUDED_PORTS = 16
 POD_MESHED = 0x1
 SETTING_FAIL_OPEN = 0x1

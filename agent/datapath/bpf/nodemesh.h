@@ -10,7 +10,7 @@
 #ifndef NODEMESH_H
 #define NODEMESH_H
 
-#define NM_LAYOUT_VERSION 3
+#define NM_LAYOUT_VERSION 4
 
 #if !defined(NM_PROXY_MARK) || !defined(NM_CAPTURE_MARK) || !defined(NM_HBONE_PORT)
 #error "compile with -DNM_PROXY_MARK, -DNM_CAPTURE_MARK and -DNM_HBONE_PORT (see Marks.cflags)"

@@ -28,9 +28,11 @@
  * splice, and the proxy forwards it itself. Once one segment was kept, every later one is kept
  * too until the proxy has forwarded them all (credit.taken == link.kept): the order of the bytes
  * is kept with it.
+ *
+ * Why trimming: a retransmitted segment can overlap bytes already passed on, and the verdict sees
+ * it whole (nm_splice_trim below); the program cuts the old front off first.
  */
 #include <uapi/linux/bpf.h>
-#include <linux/skbuff.h>
 
 #include "nodemesh.h"
 
@@ -49,6 +51,12 @@ struct nm_tcp_cb {
     u32 seq;
     u32 end_seq;
 };
+
+/* offsetof(struct sk_buff, cb) on 64-bit kernels (next, prev, dev; sk; tstamp; then cb). Not
+ * taken from <linux/skbuff.h>: that header floods the compiler's output with warnings. A wrong
+ * offset cannot do harm: nm_splice_trim uses what it read only when the numbers describe the
+ * skb (end_seq - seq is its length). */
+#define NM_SKB_CB_OFFSET 40
 
 /* bpf_skb_adjust_room removes at most this many bytes from the front of an skb per call. */
 #define NM_TRIM_STEP 4095
@@ -72,7 +80,7 @@ static __always_inline int nm_splice_trim(struct __sk_buff *skb, struct nm_splic
     u32 len = skb->len;
     u32 old;
 
-    if (bpf_probe_read_kernel(&cb, sizeof(cb), (void *)((long)skb + offsetof(struct sk_buff, cb))))
+    if (bpf_probe_read_kernel(&cb, sizeof(cb), (void *)((long)skb + NM_SKB_CB_OFFSET)))
         return -1;
     if ((u32)(cb.end_seq - cb.seq - len) > 1) /* not this skb's numbers (len, or len + FIN) */
         return -1;

@@ -69,11 +69,13 @@ struct nm_tcp_cb {
  * TCP queues such a segment whole (tcp_data_queue, "partial packet") and a reader skips the old
  * part by sequence number; but the verdict path hands the program whole skbs (tcp_read_skb
  * reads from the head of the queue without looking at copied_seq), so redirected or kept
- * as they are, the old bytes reach the peer a second time (measured: a loaded run delivered
+ * as they are, the old bytes reach the peer a second time (seen once in a loaded test run:
  * 29,749 bytes of an 8 MiB body twice). The program remembers the sequence number after the
- * last byte it passed on (link->next) and removes what comes before it. Returns -1 when the
- * skb's sequence numbers cannot be read or do not describe it (then nothing is changed), 0
- * when nothing was old, else 1 (the skb was cut; link->trimmed counts the bytes). */
+ * last byte it passed on (link->next) and removes what comes before it; link->trimmed counts
+ * the bytes removed. Returns 0 when nothing was old, 1 when the skb was cut, -1 when its
+ * sequence numbers cannot be read or do not describe it (nothing changed) or cutting failed
+ * (an allocation in bpf_skb_adjust_room: the skb may be cut in part). The caller reads
+ * skb->len again in every case. */
 static __always_inline int nm_splice_trim(struct __sk_buff *skb, struct nm_splice_link *link)
 {
     struct nm_tcp_cb cb = {};
@@ -128,8 +130,8 @@ int nm_splice_verdict(struct __sk_buff *skb)
      * only a queue marker: drop it. */
     if (len == 0)
         return SK_DROP;
-    if (nm_splice_trim(skb, link) > 0)
-        len = skb->len;
+    nm_splice_trim(skb, link);
+    len = skb->len;
     credit = nm_splice_credits.lookup(&cookie);
     if (!credit || credit->taken != link->kept || link->bytes + len > credit->limit)
         return nm_splice_keep(link, len);

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 MAX_EXCLUDED_PORTS = 16
 POD_MESHED = 0x1
 SETTING_FAIL_OPEN = 0x1
@@ -69,9 +69,16 @@ class SettingsValue(ctypes.Structure):
 
 class SpliceLink(ctypes.Structure):
     """``struct nm_splice_link``: a spliced socket's peer (by cookie), the bytes redirected
-    to it and the bytes kept for the proxy."""
+    to it, the bytes kept for the proxy, the sequence number after the last byte passed on
+    (the program's own) and the bytes of retransmitted segments it cut off."""
 
-    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("kept", ctypes.c_uint64)]
+    _fields_ = [
+        ("peer", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("kept", ctypes.c_uint64),
+        ("next", ctypes.c_uint64),
+        ("trimmed", ctypes.c_uint64),
+    ]
 
 
 class SpliceCredit(ctypes.Structure):

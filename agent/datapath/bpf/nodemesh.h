@@ -10,7 +10,7 @@
 #ifndef NODEMESH_H
 #define NODEMESH_H
 
-#define NM_LAYOUT_VERSION 3
+#define NM_LAYOUT_VERSION 4
 
 #if !defined(NM_PROXY_MARK) || !defined(NM_CAPTURE_MARK) || !defined(NM_HBONE_PORT)
 #error "compile with -DNM_PROXY_MARK, -DNM_CAPTURE_MARK and -DNM_HBONE_PORT (see Marks.cflags)"
@@ -77,7 +77,11 @@ struct nm_splice_link {
     __u64 peer;  /* the other socket's cookie */
     __u64 bytes; /* bytes redirected from this socket to the peer */
     __u64 kept;  /* bytes left on this socket for the proxy to forward (see splice.bpf.c) */
+    __u64 next;  /* NM_SPLICE_SEQ_SEEN | TCP sequence number after the last byte passed on */
+    __u64 trimmed; /* bytes of retransmitted segments already passed on, cut off (splice.bpf.c) */
 };
+
+#define NM_SPLICE_SEQ_SEEN (1ULL << 32)
 
 /* How far the program may redirect, per socket cookie. Written by the agent only (a whole
  * value at a time, so the program never sees half an update). */

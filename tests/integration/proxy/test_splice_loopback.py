@@ -389,3 +389,120 @@ def test_a_restarted_agent_adopts_the_splice_and_a_generation_without_it_says_wh
             adopted.close()
     finally:
         programs.remove_all(without)
+
+
+# TCP_REPAIR (linux/tcp.h): rewind a client's send sequence to replay bytes the proxy already
+# received, as a retransmission does.
+TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
+TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 24, 29
+TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
+TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+
+
+def _replaying(sock: socket.socket, rewind: int) -> socket.socket:
+    """A new socket that continues ``sock``'s connection with its send sequence ``rewind``
+    bytes back (``sock`` is closed silently): what it sends next starts ``rewind`` bytes before
+    what the peer already received, as a retransmission that spans old and new bytes does.
+    ``sock``'s sent bytes must all be acknowledged."""
+    tcp = socket.IPPROTO_TCP
+    sock.setsockopt(tcp, TCP_REPAIR, 1)
+    sock.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    snd = sock.getsockopt(tcp, TCP_QUEUE_SEQ, 4)
+    sock.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+    rcv = sock.getsockopt(tcp, TCP_QUEUE_SEQ, 4)
+    window = sock.getsockopt(tcp, TCP_REPAIR_WINDOW, 20)
+    stamp = sock.getsockopt(tcp, TCP_TIMESTAMP)
+    info = sock.getsockopt(tcp, socket.TCP_INFO, 24)
+    snd_wscale, rcv_wscale = info[6] & 0x0F, info[6] >> 4
+    mss = int.from_bytes(info[16:20], "little")
+    local, peer = sock.getsockname(), sock.getpeername()
+    sock.close()  # in repair mode: no FIN, no RST
+    new = socket.socket()
+    new.setsockopt(tcp, TCP_REPAIR, 1)
+    new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    new.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    seq = (int.from_bytes(snd, "little") - rewind) & 0xFFFFFFFF
+    new.setsockopt(tcp, TCP_QUEUE_SEQ, seq.to_bytes(4, "little"))
+    new.setsockopt(tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+    new.setsockopt(tcp, TCP_QUEUE_SEQ, rcv)
+    new.bind(local)
+    new.connect(peer)
+    options = b"".join(
+        code.to_bytes(4, "little") + value.to_bytes(4, "little")
+        for code, value in (
+            (TCPOPT_MAXSEG, mss),
+            (TCPOPT_WINDOW, snd_wscale | rcv_wscale << 16),
+            (TCPOPT_SACK_PERM, 0),
+            (TCPOPT_TIMESTAMP, 0),
+        )
+    )
+    new.setsockopt(tcp, TCP_REPAIR_OPTIONS, options)
+    new.setsockopt(tcp, TCP_TIMESTAMP, stamp)
+    new.setsockopt(tcp, TCP_REPAIR_WINDOW, window)
+    new.setsockopt(tcp, TCP_REPAIR, 0)
+    return new
+
+
+@pytest.mark.parametrize("credit", ["redirected", "kept"])
+def test_a_retransmission_that_overlaps_delivered_bytes_is_not_delivered_twice(
+    splicer: RecordingSplicer, monkeypatch: pytest.MonkeyPatch, credit: str
+) -> None:
+    """A retransmitted segment that starts before what the proxy's socket already received and
+    ends after it is queued whole by TCP (``tcp_data_queue``: "partial packet"); a reader skips
+    the old part by sequence number, but the kernel hands the verdict whole skbs
+    (``tcp_read_skb``). The splice must pass on only the new bytes, whether the kernel
+    redirects the segment or (credit used up) keeps it for the proxy. Driven exactly: the
+    client rewinds its send sequence (TCP_REPAIR) and sends old and new bytes in one segment."""
+    if credit == "kept":
+        monkeypatch.setattr(splice, "WINDOW", 1)  # every segment is kept for the proxy
+        monkeypatch.setattr(splice, "REFRESH_FAST", 1.0)
+    first, rewind = 64 * 1024, 4000
+    body = BODY[: first + rewind]
+
+    async def scenario(mesh: Mesh) -> None:
+        loop = asyncio.get_running_loop()
+        got = bytearray()
+        arrived = asyncio.Event()
+
+        async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                got.extend(data)
+                if len(got) >= first:
+                    arrived.set()
+            writer.close()
+
+        port = mesh.app(LOCAL, record)
+        lst = listener("127.0.0.1")
+        client = socket.socket()
+        client.bind((CLIENT, 0))
+        client.setblocking(False)
+        try:
+            connecting = loop.sock_connect(client, lst.getsockname())
+            _, (conn, _) = await asyncio.gather(connecting, loop.sock_accept(lst))
+        finally:
+            lst.close()
+        conn.setblocking(False)
+        rest = await mesh.node1.outbound.handle(conn, original_dst=(LOCAL, port))
+        assert rest is not None and len(splicer.started) == 1
+        await loop.sock_sendall(client, body[:first])
+        await asyncio.wait_for(arrived.wait(), 10)
+        while _unacked(client):  # every byte acknowledged before the connection is moved
+            await asyncio.sleep(0.001)
+        replay = _replaying(client, rewind)
+        try:
+            replay.sendall(body[first - rewind :])
+            replay.shutdown(socket.SHUT_WR)
+            await asyncio.wait_for(rest, 10)
+        finally:
+            replay.close()
+        assert len(got) == len(body), f"{len(got) - len(body)} bytes delivered twice"
+        assert bytes(got) == body
+        pair = splicer.started[0]
+        assert (pair.kept(0) > 0) == (credit == "kept")
+
+    run(scenario, splicer)
+
+
+def _unacked(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int.from_bytes(info[24:28], "little")  # tcpi_unacked

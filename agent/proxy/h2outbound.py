@@ -88,6 +88,7 @@ from agent.proxy.balanced import classify
 from agent.proxy.h2inbound import h2_request_record
 from agent.proxy.h2mirror import MirrorCall, shadow_request
 from agent.proxy.h2proxy import (
+    NO_REPORTS,
     UPSTREAM_RESET,
     Choice,
     H2Exchange,
@@ -517,8 +518,11 @@ class H2SourceSession(CallbackShell):
             self._moved()
 
     def _report(self) -> None:
+        reports = self.proxy.take_reports()
+        if reports is NO_REPORTS:
+            return
         core = self.outbound.core
-        for exchange in self.proxy.take_completed():
+        for exchange in reports.completed:
             self._idle.busy()  # a request came and went: the idle period starts again
             own = exchange.flags  # the source's own (DI) are added by ``_finish``
             connection = self._request_connection(exchange)
@@ -539,7 +543,7 @@ class H2SourceSession(CallbackShell):
                 # No other proxy saw it: reported as its destination too, from when its try
                 # was sent there, without the source's own flags (DI).
                 self._report_destination(connection, exchange, record, own, why)
-        for tried in self.proxy.take_dropped():
+        for tried in reports.dropped:
             connection = self._request_connection(tried)
             if connection.path == "local" and tried.upstream in self._reached:
                 # Dropped for a retry: the try its destination answered. With no response
@@ -547,11 +551,11 @@ class H2SourceSession(CallbackShell):
                 if not tried.status and tried.flags in (UPSTREAM_RESET, UPSTREAM_CLOSED):
                     tried.status = 502
                 self._report_destination(connection, tried, h2_request_record(tried), tried.flags)
-        for cause in self.proxy.take_rejections():
+        for cause in reports.rejections:
             self.refused = True
             refusal = self.proxy.refusal  # what broke which limit, as HTTP/1.1's line says
             core.registry.http_rejected(cause, f"{self.where}: {refusal}")
-        for copy in self.proxy.take_mirrors():
+        for copy in reports.mirrors:
             self._mirror(copy)
 
     def _report_destination(

@@ -11,12 +11,15 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
+    InformationalResponseReceived,
+    RemoteSettingsChanged,
     RequestReceived,
     ResponseReceived,
     StreamEnded,
     StreamReset,
     TrailersReceived,
 )
+from h2.settings import SettingCodes
 from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame
 
@@ -24,9 +27,11 @@ from agent.proxy.h2guard import CONTINUATION_FLOOD, HEADER_BLOCK
 from agent.proxy.h2proxy import (
     CONTROL_FLOOD,
     EMPTY_FRAMES,
+    NO_REPORTS,
     PROTOCOL_ERROR,
     RAPID_RESET,
     TOO_MANY_STREAMS,
+    UPSTREAM_OVERFLOW,
     Admit,
     Choice,
     H2Exchange,
@@ -675,6 +680,59 @@ def test_a_forwarded_request_counts_its_upstreams_open_streams_once(
     assert counted.count(True) == 1  # the upstream's (we are its client)
     w.respond("a")
     assert sorted(ex.head.path for ex in w.proxy.take_completed()) == ["/a/1", "/a/2"]
+
+
+def test_the_pods_stream_limit_is_followed_as_its_settings_change() -> None:
+    """The pod's MAX_CONCURRENT_STREAMS, kept per upstream for ``_send_head``, follows every
+    SETTINGS frame: lowered to one, a second request while one is open is refused
+    (REFUSED_STREAM, ``UO``) without reaching the pod; raised again, it goes."""
+    w = Pods()
+    w.request("/a/1")
+    w.run()
+    w.pods["a"].update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+    w.run()
+    refused = w.request("/a/2")
+    w.run()
+    resets = [e.error_code for e in w.client_events
+              if isinstance(e, StreamReset) and e.stream_id == refused]  # fmt: skip
+    assert resets == [ErrorCodes.REFUSED_STREAM]
+    assert len([e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]) == 1
+    (ex,) = w.proxy.take_completed()
+    assert (ex.head.path, ex.flags) == ("/a/2", UPSTREAM_OVERFLOW)
+    w.pods["a"].update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 2})
+    w.run()
+    w.request("/a/3")
+    w.run()
+    w.respond("a")
+    assert sorted((ex.head.path, ex.status) for ex in w.proxy.take_completed()) == [
+        ("/a/1", 200),
+        ("/a/3", 200),
+    ]
+
+
+def test_h2s_events_the_proxy_tells_apart_have_no_subclasses() -> None:
+    """``H2Proxy`` tells the events it acts on apart by their class (``type(event) is``), not
+    ``isinstance``: the same only while ``h2`` subclasses none of them."""
+    told_apart = [ConnectionTerminated, DataReceived, InformationalResponseReceived,
+                  RemoteSettingsChanged, RequestReceived, ResponseReceived, StreamEnded,
+                  StreamReset, TrailersReceived]  # fmt: skip
+    assert {cls: cls.__subclasses__() for cls in told_apart} == {cls: [] for cls in told_apart}
+
+
+def test_the_reports_are_taken_in_one_call_and_none_is_one_constant() -> None:
+    """``take_reports`` gives what the four takes would, and while nothing finished it makes
+    nothing (``NO_REPORTS``: the source's shell asks after every input)."""
+    w = Pods()
+    w.request("/a/1")
+    w.run()
+    assert w.proxy.take_reports() is NO_REPORTS
+    w.respond("a")
+    reports = w.proxy.take_reports()
+    assert [ex.head.path for ex in reports.completed] == ["/a/1"]
+    assert (reports.dropped, reports.rejections, reports.mirrors) == ((), (), ())
+    assert w.proxy.take_reports() is NO_REPORTS and w.proxy.take_completed() == []
+    w.proxy.receive_upstream(b"\x00\x00\x04\x09\x00\x00\x00\x00\x01junk", w.uids["a"])
+    assert w.proxy.take_reports().rejections == [UPSTREAM_PROTOCOL]
 
 
 def test_a_failed_upstream_fails_its_requests_only_and_the_next_request_opens_another() -> None:

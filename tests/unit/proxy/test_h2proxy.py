@@ -192,6 +192,38 @@ def test_a_client_that_does_not_read_stops_the_pod_within_the_windows() -> None:
     assert w.pod.local_flow_control_window(req.stream_id) == 0  # and the pod is stopped
 
 
+def test_the_bytes_held_for_a_stream_the_client_resets_give_both_peers_their_windows() -> None:
+    """What the proxy held for a stream (request bytes the pod did not take, response bytes
+    the client did not) goes nowhere once the client resets it: their connection windows
+    are given back to the peer that sent them (``_discard_request``, ``_release_response``)."""
+    limits = H2Limits(stream_window=64 * 1024, connection_window=128 * 1024)
+    w = Wire(limits=limits)
+    up = w.request("/upload", end=False)
+    down = w.request("/download")
+    w.run()
+    requests = {dict(e.headers)[b":path"]: e.stream_id for e in w.pod_events
+                if isinstance(e, RequestReceived)}  # fmt: skip
+    download = requests[b"/download"]
+    w.pod.send_headers(download, [(b":status", b"200")])
+    for _ in range(8):  # neither the pod nor the client reads: the proxy holds some of each
+        n = min(16384, w.client.local_flow_control_window(up))
+        if n:
+            w.client.send_data(up, b"x" * n)
+        n = min(16384, w.pod.local_flow_control_window(download))
+        if n:
+            w.pod.send_data(download, b"y" * n)
+        w.run()
+    client_window, pod_window = (
+        w.client.outbound_flow_control_window,
+        w.pod.outbound_flow_control_window,
+    )
+    w.client.reset_stream(up)
+    w.client.reset_stream(down)
+    w.run()
+    assert w.client.outbound_flow_control_window > client_window
+    assert w.pod.outbound_flow_control_window > pod_window
+
+
 def test_an_upstream_that_dies_is_unavailable_for_grpc_and_502_for_http() -> None:
     w = Wire()
     grpc = w.request("/pkg.Svc/Slow", grpc=True)

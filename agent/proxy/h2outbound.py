@@ -94,6 +94,7 @@ from agent.proxy.h2proxy import (
     H2Exchange,
     H2Mirrored,
     H2Proxy,
+    H2Reports,
     LocalAnswer,
     PickRequest,
 )
@@ -298,7 +299,7 @@ class H2SourceSession(CallbackShell):
             # reported and its attempt finished, so the Service's counts stay right.
             self._reader.stop()
             self.proxy.receive_client(b"")
-            self._report()
+            self._report(self.proxy.take_reports())
             if self._timer is not None:
                 self._timer.cancel()
             self._idle.cancel()
@@ -460,7 +461,9 @@ class H2SourceSession(CallbackShell):
         data = proxy.take_to_client()
         if data:
             self._to_client.send(data)
-        self._report()
+        reports = proxy.take_reports()
+        if reports is not NO_REPORTS:  # most passes finish nothing
+            self._report(reports)
         self._arm()
         if proxy.active_streams or proxy.head_started is not None:
             self._idle.busy()
@@ -517,10 +520,8 @@ class H2SourceSession(CallbackShell):
             closed(self.outbound.core.registry, self._idle.timeout, self.where)
             self._moved()
 
-    def _report(self) -> None:
-        reports = self.proxy.take_reports()
-        if reports is NO_REPORTS:
-            return
+    def _report(self, reports: H2Reports) -> None:
+        """What the proxy finished (``H2Proxy.take_reports``), reported."""
         core = self.outbound.core
         for exchange in reports.completed:
             self._idle.busy()  # a request came and went: the idle period starts again

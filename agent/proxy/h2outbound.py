@@ -522,8 +522,9 @@ class H2SourceSession(CallbackShell):
 
     def _report(self, reports: H2Reports) -> None:
         """What the proxy finished (``H2Proxy.take_reports``), reported."""
+        completed, dropped, rejections, mirrors = reports
         core = self.outbound.core
-        for exchange in reports.completed:
+        for exchange in completed:
             self._idle.busy()  # a request came and went: the idle period starts again
             own = exchange.flags  # the source's own (DI) are added by ``_finish``
             connection = self._request_connection(exchange)
@@ -544,7 +545,7 @@ class H2SourceSession(CallbackShell):
                 # No other proxy saw it: reported as its destination too, from when its try
                 # was sent there, without the source's own flags (DI).
                 self._report_destination(connection, exchange, record, own, why)
-        for tried in reports.dropped:
+        for tried in dropped:
             connection = self._request_connection(tried)
             if connection.path == "local" and tried.upstream in self._reached:
                 # Dropped for a retry: the try its destination answered. With no response
@@ -552,11 +553,11 @@ class H2SourceSession(CallbackShell):
                 if not tried.status and tried.flags in (UPSTREAM_RESET, UPSTREAM_CLOSED):
                     tried.status = 502
                 self._report_destination(connection, tried, h2_request_record(tried), tried.flags)
-        for cause in reports.rejections:
+        for cause in rejections:
             self.refused = True
             refusal = self.proxy.refusal  # what broke which limit, as HTTP/1.1's line says
             core.registry.http_rejected(cause, f"{self.where}: {refusal}")
-        for copy in reports.mirrors:
+        for copy in mirrors:
             self._mirror(copy)
 
     def _report_destination(

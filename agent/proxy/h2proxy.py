@@ -74,7 +74,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
@@ -306,16 +306,11 @@ class H2Mirrored:
     tag: object
 
 
-class H2Reports(NamedTuple):
-    """``H2Proxy.take_reports``: each kind of report since the last take (empty: ``()``)."""
-
-    completed: Sequence[H2Exchange]
-    dropped: Sequence[H2Exchange]
-    rejections: Sequence[str]
-    mirrors: Sequence[H2Mirrored]
-
-
-NO_REPORTS = H2Reports((), (), (), ())
+# ``H2Proxy.take_reports``: the completed exchanges, the dropped tries, the rejections and the
+# mirrored requests since the last take, each ``()`` when there is none. A plain tuple: a
+# ``NamedTuple``'s ``__new__`` is one more Python call per report.
+H2Reports = tuple[Sequence[H2Exchange], Sequence[H2Exchange], Sequence[str], Sequence[H2Mirrored]]
+NO_REPORTS: H2Reports = ((), (), (), ())
 
 
 @dataclass(slots=True)
@@ -700,7 +695,7 @@ class H2Proxy(H2Core):
         finish nothing (four calls and four new lists each, before)."""
         if not (self._completed or self._dropped or self._rejections or self._mirrors):
             return NO_REPORTS
-        return H2Reports(
+        return (
             self.take_completed() if self._completed else (),
             self.take_dropped() if self._dropped else (),
             self.take_rejections() if self._rejections else (),

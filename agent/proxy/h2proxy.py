@@ -391,13 +391,22 @@ class _Stream:
         return self.retries is not None or self.resend is not None or self.mirror
 
 
+class _SidedConfiguration(H2Configuration):
+    """``H2Configuration`` whose ``client_side`` is a plain attribute: ``h2`` (and ``h2wire``'s
+    fast paths) read it through a validating descriptor, a Python call and a ``getattr``, at
+    each new stream and each count of open streams, eight times per gRPC call at the source;
+    nothing sets it after the connection is made (``__init__`` sets a ``bool``, unchecked)."""
+
+    client_side = False  # hides the descriptor; ``__init__`` sets each instance's own
+
+
 def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
     """An h2c connection with ``limits``' settings, its preface and connection window queued.
     Headers stay bytes: they are forwarded, not interpreted (``header_encoding=None``); what
     arrives is validated (RFC 9113 8.2) by ``H2Proxy`` with ``check_block``, in one pass instead
     of ``h2``'s chain of generators; what is sent is not validated a second time."""
     conn = GracefulH2Connection(
-        H2Configuration(
+        _SidedConfiguration(
             client_side=client_side,
             header_encoding=None,
             validate_inbound_headers=False,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from types import FrameType
 
 import pytest
 from h2.connection import H2Connection
@@ -749,6 +751,28 @@ def test_h2s_events_the_proxy_tells_apart_have_no_subclasses() -> None:
                   RemoteSettingsChanged, RequestReceived, ResponseReceived, StreamEnded,
                   StreamReset, TrailersReceived]  # fmt: skip
     assert {cls: cls.__subclasses__() for cls in told_apart} == {cls: [] for cls in told_apart}
+
+
+def test_the_proxys_connections_know_their_side_without_a_call() -> None:
+    """``h2`` reads ``config.client_side`` at each new stream and each count of open streams;
+    on ``H2Proxy``'s connections that read makes no Python call (``_SidedConfiguration``),
+    and each still says its own side."""
+    w = Pods()
+    w.request("/a/1")
+    w.run()
+    calls: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+        elif event == "c_call" and arg is not sys.setprofile:  # the one that stops this
+            calls.append(str(arg))
+
+    upstream, client = w.proxy._upstreams[w.uids["a"]].conn, w.proxy.client
+    sys.setprofile(profile)
+    sides = (upstream.config.client_side, client.config.client_side)
+    sys.setprofile(None)
+    assert sides == (True, False) and calls == []
 
 
 def test_the_reports_are_taken_in_one_call_and_none_is_one_constant() -> None:

@@ -88,11 +88,13 @@ from agent.proxy.balanced import classify
 from agent.proxy.h2inbound import h2_request_record
 from agent.proxy.h2mirror import MirrorCall, shadow_request
 from agent.proxy.h2proxy import (
+    NO_REPORTS,
     UPSTREAM_RESET,
     Choice,
     H2Exchange,
     H2Mirrored,
     H2Proxy,
+    H2Reports,
     LocalAnswer,
     PickRequest,
 )
@@ -297,7 +299,7 @@ class H2SourceSession(CallbackShell):
             # reported and its attempt finished, so the Service's counts stay right.
             self._reader.stop()
             self.proxy.receive_client(b"")
-            self._report()
+            self._report(self.proxy.take_reports())
             if self._timer is not None:
                 self._timer.cancel()
             self._idle.cancel()
@@ -459,7 +461,9 @@ class H2SourceSession(CallbackShell):
         data = proxy.take_to_client()
         if data:
             self._to_client.send(data)
-        self._report()
+        reports = proxy.take_reports()
+        if reports is not NO_REPORTS:  # most passes finish nothing
+            self._report(reports)
         self._arm()
         if proxy.active_streams or proxy.head_started is not None:
             self._idle.busy()
@@ -516,9 +520,11 @@ class H2SourceSession(CallbackShell):
             closed(self.outbound.core.registry, self._idle.timeout, self.where)
             self._moved()
 
-    def _report(self) -> None:
+    def _report(self, reports: H2Reports) -> None:
+        """What the proxy finished (``H2Proxy.take_reports``), reported."""
+        completed, dropped, rejections, mirrors = reports
         core = self.outbound.core
-        for exchange in self.proxy.take_completed():
+        for exchange in completed:
             self._idle.busy()  # a request came and went: the idle period starts again
             own = exchange.flags  # the source's own (DI) are added by ``_finish``
             connection = self._request_connection(exchange)
@@ -539,7 +545,7 @@ class H2SourceSession(CallbackShell):
                 # No other proxy saw it: reported as its destination too, from when its try
                 # was sent there, without the source's own flags (DI).
                 self._report_destination(connection, exchange, record, own, why)
-        for tried in self.proxy.take_dropped():
+        for tried in dropped:
             connection = self._request_connection(tried)
             if connection.path == "local" and tried.upstream in self._reached:
                 # Dropped for a retry: the try its destination answered. With no response
@@ -547,11 +553,11 @@ class H2SourceSession(CallbackShell):
                 if not tried.status and tried.flags in (UPSTREAM_RESET, UPSTREAM_CLOSED):
                     tried.status = 502
                 self._report_destination(connection, tried, h2_request_record(tried), tried.flags)
-        for cause in self.proxy.take_rejections():
+        for cause in rejections:
             self.refused = True
             refusal = self.proxy.refusal  # what broke which limit, as HTTP/1.1's line says
             core.registry.http_rejected(cause, f"{self.where}: {refusal}")
-        for copy in self.proxy.take_mirrors():
+        for copy in mirrors:
             self._mirror(copy)
 
     def _report_destination(

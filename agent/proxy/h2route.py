@@ -179,10 +179,6 @@ def _sent_to(plan: RoutePlan, ip: str) -> Endpoint:
     """Endpoint ``ip``, chosen for the request's next try: the try counts as connected (a
     request is "connected" once it is sent on an upstream)."""
     plan.attempts.connected(ip)
-    return _endpoint(plan, ip)
-
-
-def _endpoint(plan: RoutePlan, ip: str) -> Endpoint:
     backend = plan.backend
     return Endpoint(
         (backend.service.namespace, backend.service.name),

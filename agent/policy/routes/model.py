@@ -87,9 +87,13 @@ class HttpRequest:
         return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class GrpcRequest:
-    """A gRPC call: ``/service/method`` and its metadata (lower-case names)."""
+    """A gRPC call: ``/service/method`` and its metadata (lower-case names).
+
+    Compared and hashed as a frozen one would be, but not frozen (nothing changes it once
+    made): one is made per call on the HTTP/2 source path, and a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__`` (0.39 against 0.12 µs)."""
 
     service: str
     method: str

@@ -21,7 +21,9 @@ Both acknowledge SETTINGS and PING and open their windows wide at the start, so 
 control stalls them.
 
 Prints the process CPU time per call of each measured round (after a warm-up) and the best;
-``--callgrind`` as in ``bench_http_cpu``.
+``--callgrind`` as in ``bench_http_cpu``. ``--source-calls`` then runs one more round of
+``--calls`` under ``sys.setprofile`` and prints the Python calls (functions and built-ins) made
+per call inside the source's session callbacks (``SourceCalls``): a count no load moves.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import struct
+import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import cast
 
+from agent.proxy.h2outbound import H2SourceSession
 from agent.state import Endpoint, Service, ServicePort
 from tests.bench.proxy.bench_http_cpu import _captured, report, rounds, telemetry
 from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, free_port
@@ -176,6 +181,34 @@ class Client(asyncio.Protocol):
             self.transport.write(self._call())
 
 
+class SourceCalls:
+    """A ``sys.setprofile`` function counting the Python calls (functions and built-ins) made
+    inside the source session's callbacks: the client's bytes (``_readable``), an endpoint's
+    (``deliver``) and its timer (``_expired``), everything they call included (the proxy, the
+    routing, the balancer, the reports, the writes)."""
+
+    ENTRIES = frozenset(
+        f.__code__
+        for f in (H2SourceSession._readable, H2SourceSession.deliver, H2SourceSession._expired)
+    )
+
+    def __init__(self) -> None:
+        self.depth = 0  # inside an entry
+        self.calls = 0
+
+    def __call__(self, frame: FrameType, event: str, _arg: object) -> None:
+        if event == "call":
+            if frame.f_code in self.ENTRIES:
+                self.depth += 1
+            if self.depth:
+                self.calls += 1
+        elif event == "return":
+            if frame.f_code in self.ENTRIES:
+                self.depth -= 1
+        elif event == "c_call" and self.depth:
+            self.calls += 1
+
+
 def _declare(mesh: Mesh, path: str, port: int, l4_port: int) -> tuple[str, int]:
     """The Service declaring ``port`` gRPC (``l4`` dials ``l4_port``, which nothing declares)."""
     with mesh.store.update() as tx:
@@ -211,6 +244,15 @@ async def run(args: argparse.Namespace) -> list[float]:
             await asyncio.wait_for(asyncio.gather(*done), 600)
 
         per_round = await rounds(args, batch, args.calls)
+        if args.source_calls:
+            counter = SourceCalls()
+            sys.setprofile(counter)
+            try:
+                await batch(args.calls // args.connections)
+            finally:
+                sys.setprofile(None)
+            per_call = counter.calls / (args.calls // args.connections * args.connections)
+            print(f"{args.path}: Python calls per call in the source's session: {per_call:.1f}")
         for server in servers:
             server.close()
         return per_round
@@ -223,6 +265,7 @@ def main() -> None:
     parser.add_argument("path", choices=["vip", "pod", "l4", "direct"])
     parser.add_argument("--calls", type=int, default=4000, help="per measured round")
     parser.add_argument("--deadline", action="store_true", help="grpc-timeout on every call")
+    parser.add_argument("--source-calls", action="store_true", help="see the docstring")
     report(parser, run, "call")
 
 

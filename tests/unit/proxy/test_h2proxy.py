@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from types import FrameType
 
 import pytest
 from h2.connection import H2Connection
@@ -11,12 +13,15 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
+    InformationalResponseReceived,
+    RemoteSettingsChanged,
     RequestReceived,
     ResponseReceived,
     StreamEnded,
     StreamReset,
     TrailersReceived,
 )
+from h2.settings import SettingCodes
 from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame
 
@@ -24,9 +29,11 @@ from agent.proxy.h2guard import CONTINUATION_FLOOD, HEADER_BLOCK
 from agent.proxy.h2proxy import (
     CONTROL_FLOOD,
     EMPTY_FRAMES,
+    NO_REPORTS,
     PROTOCOL_ERROR,
     RAPID_RESET,
     TOO_MANY_STREAMS,
+    UPSTREAM_OVERFLOW,
     Admit,
     Choice,
     H2Exchange,
@@ -185,6 +192,38 @@ def test_a_client_that_does_not_read_stops_the_pod_within_the_windows() -> None:
     assert got == 65535  # the client's default stream window, never acknowledged
     assert 0 < sent - got <= limits.stream_window  # what the proxy holds for the pod
     assert w.pod.local_flow_control_window(req.stream_id) == 0  # and the pod is stopped
+
+
+def test_the_bytes_held_for_a_stream_the_client_resets_give_both_peers_their_windows() -> None:
+    """What the proxy held for a stream (request bytes the pod did not take, response bytes
+    the client did not) goes nowhere once the client resets it: their connection windows
+    are given back to the peer that sent them (``_discard_request``, ``_release_response``)."""
+    limits = H2Limits(stream_window=64 * 1024, connection_window=128 * 1024)
+    w = Wire(limits=limits)
+    up = w.request("/upload", end=False)
+    down = w.request("/download")
+    w.run()
+    requests = {dict(e.headers)[b":path"]: e.stream_id for e in w.pod_events
+                if isinstance(e, RequestReceived)}  # fmt: skip
+    download = requests[b"/download"]
+    w.pod.send_headers(download, [(b":status", b"200")])
+    for _ in range(8):  # neither the pod nor the client reads: the proxy holds some of each
+        n = min(16384, w.client.local_flow_control_window(up))
+        if n:
+            w.client.send_data(up, b"x" * n)
+        n = min(16384, w.pod.local_flow_control_window(download))
+        if n:
+            w.pod.send_data(download, b"y" * n)
+        w.run()
+    client_window, pod_window = (
+        w.client.outbound_flow_control_window,
+        w.pod.outbound_flow_control_window,
+    )
+    w.client.reset_stream(up)
+    w.client.reset_stream(down)
+    w.run()
+    assert w.client.outbound_flow_control_window > client_window
+    assert w.pod.outbound_flow_control_window > pod_window
 
 
 def test_an_upstream_that_dies_is_unavailable_for_grpc_and_502_for_http() -> None:
@@ -675,6 +714,81 @@ def test_a_forwarded_request_counts_its_upstreams_open_streams_once(
     assert counted.count(True) == 1  # the upstream's (we are its client)
     w.respond("a")
     assert sorted(ex.head.path for ex in w.proxy.take_completed()) == ["/a/1", "/a/2"]
+
+
+def test_the_pods_stream_limit_is_followed_as_its_settings_change() -> None:
+    """The pod's MAX_CONCURRENT_STREAMS, kept per upstream for ``_send_head``, follows every
+    SETTINGS frame: lowered to one, a second request while one is open is refused
+    (REFUSED_STREAM, ``UO``) without reaching the pod; raised again, it goes."""
+    w = Pods()
+    w.request("/a/1")
+    w.run()
+    w.pods["a"].update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+    w.run()
+    refused = w.request("/a/2")
+    w.run()
+    resets = [e.error_code for e in w.client_events
+              if isinstance(e, StreamReset) and e.stream_id == refused]  # fmt: skip
+    assert resets == [ErrorCodes.REFUSED_STREAM]
+    assert len([e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]) == 1
+    (ex,) = w.proxy.take_completed()
+    assert (ex.head.path, ex.flags) == ("/a/2", UPSTREAM_OVERFLOW)
+    w.pods["a"].update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 2})
+    w.run()
+    w.request("/a/3")
+    w.run()
+    w.respond("a")
+    assert sorted((ex.head.path, ex.status) for ex in w.proxy.take_completed()) == [
+        ("/a/1", 200),
+        ("/a/3", 200),
+    ]
+
+
+def test_h2s_events_the_proxy_tells_apart_have_no_subclasses() -> None:
+    """``H2Proxy`` tells the events it acts on apart by their class (``type(event) is``), not
+    ``isinstance``: the same only while ``h2`` subclasses none of them."""
+    told_apart = [ConnectionTerminated, DataReceived, InformationalResponseReceived,
+                  RemoteSettingsChanged, RequestReceived, ResponseReceived, StreamEnded,
+                  StreamReset, TrailersReceived]  # fmt: skip
+    assert {cls: cls.__subclasses__() for cls in told_apart} == {cls: [] for cls in told_apart}
+
+
+def test_the_proxys_connections_know_their_side_without_a_call() -> None:
+    """``h2`` reads ``config.client_side`` at each new stream and each count of open streams;
+    on ``H2Proxy``'s connections that read makes no Python call (``_SidedConfiguration``),
+    and each still says its own side."""
+    w = Pods()
+    w.request("/a/1")
+    w.run()
+    calls: list[str] = []
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+        elif event == "c_call" and arg is not sys.setprofile:  # the one that stops this
+            calls.append(str(arg))
+
+    upstream, client = w.proxy._upstreams[w.uids["a"]].conn, w.proxy.client
+    sys.setprofile(profile)
+    sides = (upstream.config.client_side, client.config.client_side)
+    sys.setprofile(None)
+    assert sides == (True, False) and calls == []
+
+
+def test_the_reports_are_taken_in_one_call_and_none_is_one_constant() -> None:
+    """``take_reports`` gives what the four takes would, and while nothing finished it makes
+    nothing (``NO_REPORTS``: the source's shell asks after every input)."""
+    w = Pods()
+    w.request("/a/1")
+    w.run()
+    assert w.proxy.take_reports() is NO_REPORTS
+    w.respond("a")
+    completed, dropped, rejections, mirrors = w.proxy.take_reports()
+    assert [ex.head.path for ex in completed] == ["/a/1"]
+    assert (dropped, rejections, mirrors) == ((), (), ())
+    assert w.proxy.take_reports() is NO_REPORTS and w.proxy.take_completed() == []
+    w.proxy.receive_upstream(b"\x00\x00\x04\x09\x00\x00\x00\x00\x01junk", w.uids["a"])
+    assert w.proxy.take_reports() == ((), (), [UPSTREAM_PROTOCOL], ())
 
 
 def test_a_failed_upstream_fails_its_requests_only_and_the_next_request_opens_another() -> None:

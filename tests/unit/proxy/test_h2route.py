@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from agent.policy.routes import GrpcRequest
 from agent.policy.traffic.service import ServiceTraffic
 from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint, admitted, grpc_timeout, route_request
@@ -394,3 +395,15 @@ def test_the_services_retries_keep_to_retry_on_and_a_request_they_cannot_replay(
     _traffic(store, router).sync([])
     left = choice.resend.unprocessed("connect-failure", replayable=True)
     assert isinstance(left, LocalAnswer) and (left.status, left.flags) == (503, "UF")
+
+
+def test_a_calls_request_compares_and_hashes_by_its_fields_as_a_frozen_one_did() -> None:
+    """``GrpcRequest`` (one per call) is no longer frozen: equal by its four fields, equal
+    hashes, and no hash while its headers are a list (as a frozen one would fail to hash)."""
+    call = GrpcRequest.from_path(CALL, (("x", "1"),), authority="web")
+    same = GrpcRequest("pkg.Echo", "Unary", (("x", "1"),), "web")
+    assert call == same and hash(call) == hash(same) and len({call, same}) == 1
+    assert call != GrpcRequest("pkg.Echo", "Unary", (("x", "2"),), "web")
+    assert call != GrpcRequest("pkg.Echo", "Unary", (("x", "1"),), "other")
+    with pytest.raises(TypeError):
+        hash(GrpcRequest("pkg.Echo", "Unary", [("x", "1")]))

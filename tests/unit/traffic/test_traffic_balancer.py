@@ -1,3 +1,4 @@
+import math
 import random
 from collections import Counter
 
@@ -5,6 +6,7 @@ import pytest
 
 from agent.policy.traffic.balancer import (
     DECAY,
+    FAILURE_SAMPLE,
     INITIAL_ESTIMATE,
     EndpointLoad,
     LeastConnections,
@@ -111,3 +113,54 @@ def test_prefer_local_keeps_local_endpoints_and_falls_back():
     assert len(prefer_local(loads, "SAME_ZONE", ("node3", "z1"), where)) == 2
     assert len(prefer_local(loads, "SAME_ZONE", ("node3", None), where)) == 2
     assert len(prefer_local(loads, "NONE", ("node1", "z1"), where)) == 2
+
+
+class _ReferenceLoad:
+    """The peak EWMA's step as first written (``max`` calls, ``math.exp``): what
+    ``EndpointLoad``'s inlined arithmetic must give to the bit."""
+
+    def __init__(self, ip: str, stamp: float) -> None:
+        self.ip, self.stamp, self.active, self.estimate = ip, stamp, 0, INITIAL_ESTIMATE
+
+    def update(self, now: float, sample: float) -> float:
+        elapsed = max(0.0, now - self.stamp)
+        if sample > self.estimate:
+            self.estimate = sample
+        else:
+            weight = math.exp(-elapsed / DECAY)
+            self.estimate = self.estimate * weight + sample * (1.0 - weight)
+        self.stamp = max(self.stamp, now)
+        return self.estimate
+
+    def cost(self, now: float) -> float:
+        return self.update(now, 0.0) * (self.active + 1)
+
+
+def test_peak_ewma_picks_and_estimates_equal_the_reference_step_to_the_bit():
+    """Seeded picks among five endpoints with connects, failures (under and over a second),
+    times that repeat and go backwards, and active counts: the same endpoint picked and the
+    same estimate and stamp (``==``, not approximately) as the reference at every step."""
+    ips = [f"10.0.0.{i}" for i in range(5)]
+    loads = [EndpointLoad(ip, 0.0) for ip in ips]
+    reference = {ip: _ReferenceLoad(ip, 0.0) for ip in ips}
+    balancer, picker = PeakEwma(random.Random(7)), random.Random(7)
+    draws, now = random.Random(11), 0.0
+    for _ in range(3000):
+        now += draws.choice([0.0, 0.0005, 0.02, 3.0, -0.001])
+        chosen = balancer.pick(loads, now)
+        a, b = picker.sample(list(reference.values()), 2)
+        expected = a if a.cost(now) <= b.cost(now) else b
+        assert chosen.ip == expected.ip
+        what, sample = draws.random(), draws.expovariate(50.0)
+        if what < 0.1:
+            chosen.observe_failure(sample * 100, now)
+            expected.update(now, max(sample * 100, FAILURE_SAMPLE))
+        elif what < 0.2:
+            chosen.active += 1
+            expected.active += 1
+        else:
+            chosen.observe(sample, now + sample)
+            expected.update(now + sample, sample)
+        for load in loads:
+            ref = reference[load.ip]
+            assert (load.estimate, load.stamp, load.active) == (ref.estimate, ref.stamp, ref.active)

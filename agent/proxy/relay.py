@@ -436,10 +436,22 @@ def start_tunnel(
     stream is finished (reset unless both halves ended) before ``owner`` is told.
     ``reader_held``: ``sock`` came from ``sockets.connect(hold_reader=True)``; the relay's
     reader takes the held one's place (or drops it)."""
-    return _in_empty_context(
-        lambda: _TunnelRelay(
-            record, sock, stream, outbound=outbound, reader_held=reader_held
-        ).detach(owner)
+    # ``_in_empty_context``, with the arguments passed on rather than a ``lambda`` made for them.
+    return contextvars.Context().run(
+        _start_tunnel, sock, stream, record, owner, outbound, reader_held
+    )
+
+
+def _start_tunnel(
+    sock: socket.socket,
+    stream: TunnelStream,
+    record: ConnectionRecord,
+    owner: Owner,
+    outbound: bool,
+    reader_held: bool,
+) -> asyncio.Future[None]:
+    return _TunnelRelay(record, sock, stream, outbound=outbound, reader_held=reader_held).detach(
+        owner
     )
 
 

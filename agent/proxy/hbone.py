@@ -543,8 +543,9 @@ class HboneConnection:
 
     def unsent(self) -> int:
         """DATA bytes framed for the transport that ``data_to_send`` has not handed out yet
-        (the owner flushes them at the end of the loop's pass: ``HboneProtocol.flush_soon``)."""
-        return self._flow.unsent()
+        (the owner flushes them at the end of the loop's pass: ``HboneProtocol.flush_soon``).
+        ``DataFlow.unsent``, read here: the owner asks before every write."""
+        return len(self._flow._wire)
 
     def held_bytes(self) -> int:
         """Everything this connection holds in memory because of the peer: received bytes the

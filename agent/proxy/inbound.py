@@ -43,6 +43,7 @@ import logging
 import socket
 import ssl
 from collections import Counter
+from functools import partial
 
 from agent.base.accepted import peer_of
 from agent.identity.tls import PeerIdentityError
@@ -233,11 +234,13 @@ class InboundHbone:
         self, proto: HboneProtocol, request: ev.TunnelRequested, local_ip: str, peer_ip: str
     ) -> None:
         self._busy(proto)
-        task = asyncio.create_task(
+        # The protocol's loop, not ``asyncio.create_task`` (which looks the running loop up: a
+        # ``getpid`` system call on Python 3.11); the supervision as a ``partial``, no closure.
+        task = proto.loop.create_task(
             self._serve(proto, request, local_ip, peer_ip), name=f"hbone-stream-{request.stream_id}"
         )
         self._tasks.add(task)
-        task.add_done_callback(lambda t: self._stream_done(t, proto, request.stream_id))
+        task.add_done_callback(partial(self._stream_done, proto=proto, stream_id=request.stream_id))
         stream = proto.streams.get(request.stream_id)
         if stream is not None:
             stream.on_drop = task.cancel  # until answered: see _serve
@@ -338,6 +341,7 @@ class InboundHbone:
                 timeout=s.connect_timeout,
                 source_ip=client_ip,
                 hold_reader=not http,
+                loop=proto.loop,
             )
         except (OSError, TimeoutError) as e:
             self._refuse(proto, sid, 503, "upstream_unreachable", f"{where}: {e!r}")
@@ -386,7 +390,7 @@ class InboundHbone:
         *,
         protocol: str,
     ) -> None:
-        conn_id = self.core.registry.add(record, cancel_current_task())
+        conn_id = self.core.registry.add(record, cancel_current_task(stream.proto.loop))
         if protocol == TCP:
             self.core.registry.authorized(conn_id, request, workload)
             self._start(stream, upstream, record, conn_id)

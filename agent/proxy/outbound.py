@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Any
 
 from agent.policy.authz import Request
 from agent.proxy import sockets
@@ -148,14 +149,16 @@ class Outbound:
             if protocol != TCP:  # a declared HTTP port: served per request (``samenode``)
                 await serve_same_node_http(self, client, record, route, protocol)
                 return None
-        conn_id = self.core.registry.add(record, cancel_current_task())
+        close = cancel_current_task()  # the handler's task: ``_open_within`` bounds it
+        conn_id = self.core.registry.add(record, close)
         # A socket relay takes the upstream socket's poll handle over from its connect (see
         # ``sockets.connect``); the splice reads neither socket, and a tunnel has no socket.
         splicing = route.kind == "local" and self.core.splicer is not None
         hold = route.kind != "hbone" and not splicing
         try:
             try:
-                upstream = await self._open_within(route, record, src_ip, conn_id, hold)
+                task = close if isinstance(close, asyncio.Task) else None
+                upstream = await self._open_within(route, record, src_ip, conn_id, hold, task)
             except (OSError, TunnelError) as e:
                 self.count_failure(e, route, record)
                 raise
@@ -215,7 +218,13 @@ class Outbound:
             record.destination_identity = self.core.identity(route.target, snap)
 
     async def _open_within(
-        self, route: Route, record: ConnectionRecord, src_ip: str, conn_id: int, hold: bool
+        self,
+        route: Route,
+        record: ConnectionRecord,
+        src_ip: str,
+        conn_id: int,
+        hold: bool,
+        task: asyncio.Task[Any] | None = None,
     ) -> Upstream:
         """``open`` bounded by the agent's connect timeout as a whole: for a tunnel, the dial
         (TCP, TLS) when no pooled connection can take the stream, then the far node's answer
@@ -225,6 +234,9 @@ class Outbound:
         A pod or passthrough connect awaits nothing but ``sockets.connect``, which its own
         timer bounds by the same limit, so it goes without one (about 4 µs per connection).
         ``hold``: a socket relay starts on the upstream socket before anything awaits.
+        ``task``: the task running this, when the caller has it at hand (``handle``: the one
+        it registered; each ``asyncio.current_task()`` or ``get_running_loop()`` without a loop
+        is a ``getpid`` system call on Python 3.11); else it is looked up.
 
         The tunnel's bound is a timer that cancels this task (``_Expired``), as
         ``asyncio.timeout`` does, without its context manager: the cancellation it caused
@@ -232,10 +244,11 @@ class Outbound:
         if route.kind != "hbone":
             return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
         limit = self.core.settings.connect_timeout
-        task = asyncio.current_task()
-        assert task is not None  # a connection's handler task
+        if task is None:
+            task = asyncio.current_task()
+            assert task is not None  # a connection's handler task
         cancelling, expired = task.cancelling(), _Expired(task)
-        timer = asyncio.get_running_loop().call_later(limit, expired)
+        timer = task.get_loop().call_later(limit, expired)
         try:
             return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
         except asyncio.CancelledError:

@@ -80,8 +80,10 @@ class HbonePool:
         conns = self._conns.get(key)
         if not conns:
             return None
-        if any(c.closed.done() for c in conns):
-            conns[:] = [c for c in conns if not c.closed.done()]
+        for c in conns:  # not ``any(...)``: a generator made per stream opened
+            if c.closed.done():
+                conns[:] = [c for c in conns if not c.closed.done()]
+                break
         for c in conns:
             if c.codec.can_open_stream():
                 return c

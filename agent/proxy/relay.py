@@ -313,7 +313,7 @@ class _TunnelRelay(_Relay):
         stream.deliver_directly(sock)
         stream.waker = self
         self.stream_changed()  # bytes, the end or an error may have come before the relay
-        if not self.done.done():
+        if not (self._reading or self.done.done()):  # ``stream_changed`` may have turned it on
             self._read(True)
         if reader_held and not self._reading:
             # ``sockets.connect(hold_reader=True)``'s placeholder, not replaced by ours.
@@ -325,8 +325,10 @@ class _TunnelRelay(_Relay):
     def stop(self) -> None:
         self.stream.waker = None
         self.stream.deliver_directly(None)
-        self._read(False)
-        self._write(False)
+        if self._reading:  # ``_read(False)`` and ``_write(False)``, asked here first: mostly
+            self._read(False)  # neither is on by now
+        if self._writing:
+            self._write(False)
         # The stream is released (``TunnelStream`` and the window it held) and reset unless
         # both halves ended cleanly, so the peer never waits for bytes that will not come.
         self.stream.proto.finish(self.stream)
@@ -405,7 +407,8 @@ class _TunnelRelay(_Relay):
         except Exception as e:  # the socket's or the codec's: for the relay's owner, and never
             self.fail(e)  # into the HBONE protocol's callback that woke us
             return
-        self._write(not drained)
+        if drained == self._writing:  # ``_write(not drained)`` when that changes anything
+            self._write(not drained)
         if drained and self.stream.eof and not self._sent_eof:
             self._sent_eof = True
             if not self.ends_with_close():
@@ -433,10 +436,22 @@ def start_tunnel(
     stream is finished (reset unless both halves ended) before ``owner`` is told.
     ``reader_held``: ``sock`` came from ``sockets.connect(hold_reader=True)``; the relay's
     reader takes the held one's place (or drops it)."""
-    return _in_empty_context(
-        lambda: _TunnelRelay(
-            record, sock, stream, outbound=outbound, reader_held=reader_held
-        ).detach(owner)
+    # ``_in_empty_context``, with the arguments passed on rather than a ``lambda`` made for them.
+    return contextvars.Context().run(
+        _start_tunnel, sock, stream, record, owner, outbound, reader_held
+    )
+
+
+def _start_tunnel(
+    sock: socket.socket,
+    stream: TunnelStream,
+    record: ConnectionRecord,
+    owner: Owner,
+    outbound: bool,
+    reader_held: bool,
+) -> asyncio.Future[None]:
+    return _TunnelRelay(record, sock, stream, outbound=outbound, reader_held=reader_held).detach(
+        owner
     )
 
 

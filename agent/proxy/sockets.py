@@ -52,8 +52,11 @@ async def connect(
     timeout: float,
     source_ip: str | None = None,
     hold_reader: bool = False,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> socket.socket:
-    """A connected, non-blocking upstream socket; raises OSError or TimeoutError.
+    """A connected, non-blocking upstream socket; raises OSError or TimeoutError. ``loop``:
+    the running loop, when the caller has it at hand (looking it up is a ``getpid`` system
+    call on Python 3.11).
 
     ``address`` is numeric (an IP and a port). Not ``loop.sock_connect``: uvloop's resolves
     every address with ``getaddrinfo`` in libuv's thread pool first (it passes no socket type,
@@ -74,7 +77,7 @@ async def connect(
     try:
         err = sock.connect_ex(address)
         if err in _IN_PROGRESS:
-            err = await _finished(sock, timeout, hold_reader)
+            err = await _finished(sock, timeout, hold_reader, loop)
         if err:
             raise OSError(err, os.strerror(err))
     except BaseException:
@@ -86,9 +89,15 @@ async def connect(
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EINTR})
 
 
-async def _finished(sock: socket.socket, timeout: float, hold_reader: bool) -> int:
+async def _finished(
+    sock: socket.socket,
+    timeout: float,
+    hold_reader: bool,
+    loop: asyncio.AbstractEventLoop | None,
+) -> int:
     """Wait for an in-progress connect to end: its error (0: connected), or TimeoutError."""
-    loop = asyncio.get_running_loop()
+    if loop is None:
+        loop = asyncio.get_running_loop()
     fd = sock.fileno()
     waiter: asyncio.Future[bool] = loop.create_future()
     loop.add_writer(fd, _wake, waiter, True)

@@ -659,6 +659,18 @@ class HboneProtocol(asyncio.Protocol):
                 self._dispatch_one(e)
 
     def _dispatch_one(self, e: ev.Event) -> None:
+        kind = type(e)
+        if kind is ev.StreamEnded or kind is ev.TunnelAccepted:
+            # Every tunnel's end (both sides) and answer (the client's): by their type first,
+            # not down the chain of the others (seven ``isinstance``/``getattr`` calls each).
+            stream = self.streams.get(e.stream_id)  # type: ignore[union-attr]
+            if stream is None:
+                return
+            if kind is ev.StreamEnded:
+                stream._on_end()
+            elif stream.accepted is not None and not stream.accepted.done():
+                stream.accepted.set_result(None)
+            return
         if isinstance(e, ev.TunnelRequested):
             self.streams[e.stream_id] = TunnelStream(self, e.stream_id)
             if self.on_request:
@@ -683,13 +695,8 @@ class HboneProtocol(asyncio.Protocol):
         stream = self.streams.get(getattr(e, "stream_id", -1))
         if stream is None:
             return
-        if isinstance(e, ev.TunnelAccepted):
-            if stream.accepted is not None and not stream.accepted.done():
-                stream.accepted.set_result(None)
-        elif isinstance(e, ev.TunnelRefused):
+        if isinstance(e, ev.TunnelRefused):
             self._drop(stream, TunnelError(f"peer answered {e.status}", e.status))
-        elif isinstance(e, ev.StreamEnded):
-            stream._on_end()
         elif isinstance(e, ev.StreamReset):
             refused = (
                 self.codec.client_side

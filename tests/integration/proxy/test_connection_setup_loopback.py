@@ -197,3 +197,72 @@ def test_only_a_tunnel_open_is_bounded_and_by_a_timer_not_asyncio_timeout(
     uvloop.run(asyncio.wait_for(main(), 60))
     assert managers == []
     assert len(deadlines) == 1
+
+
+def test_a_cross_node_connection_looks_the_running_loop_up_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On Python 3.11 every look-up of the running loop is a ``getpid`` system call:
+    ``asyncio.get_running_loop``, and ``asyncio.current_task`` and ``asyncio.create_task``
+    without a loop. Of a cross-node connection over a pooled HBONE connection, the proxies'
+    code makes one (the source handler's own task, which ``cancel_current_task`` registers and
+    the tunnel's deadline reuses); the destination's stream task, its pod connect and its
+    registration take the HBONE connection's loop. Six before: the source's registration, the
+    deadline's task and timer, the pod connect's writer, the stream's task and its
+    registration."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    looked_up: list[str] = []
+    running, current, create = asyncio.get_running_loop, asyncio.current_task, asyncio.create_task
+
+    def caller() -> str | None:
+        name = str(sys._getframe(2).f_globals["__name__"])
+        return name if name.startswith(("agent.proxy", "agent.acceptor")) else None
+
+    def counting_running() -> asyncio.AbstractEventLoop:
+        if (name := caller()) is not None:
+            looked_up.append(f"get_running_loop in {name}")
+        return running()
+
+    def counting_current(loop: asyncio.AbstractEventLoop | None = None) -> Any:
+        if loop is None and (name := caller()) is not None:
+            looked_up.append(f"current_task in {name}")
+        return current(loop)
+
+    def counting_create(coro: Any, **kwargs: Any) -> Any:
+        if (name := caller()) is not None:
+            looked_up.append(f"create_task in {name}")
+        return create(coro, **kwargs)
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        try:
+            port = mesh.app(SERVER, echo_peer)
+            # The first connection dials the HBONE connection (a look-up per dial, not counted).
+            assert await roundtrip(mesh, CLIENT, (SERVER, port))
+            await _relays_ended(mesh)
+            monkeypatch.setattr(asyncio, "get_running_loop", counting_running)
+            monkeypatch.setattr(asyncio, "current_task", counting_current)
+            monkeypatch.setattr(asyncio, "create_task", counting_create)
+            try:
+                reply = await roundtrip(mesh, CLIENT, (SERVER, port))
+                await _relays_ended(mesh)
+            finally:
+                monkeypatch.setattr(asyncio, "get_running_loop", running)
+                monkeypatch.setattr(asyncio, "current_task", current)
+                monkeypatch.setattr(asyncio, "create_task", create)
+            assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+        finally:
+            await mesh.close()
+
+    uvloop.run(asyncio.wait_for(main(), 60))
+    assert looked_up == ["current_task in agent.proxy.records"]
+
+
+async def _relays_ended(mesh: Mesh) -> None:
+    for _ in range(100):
+        if not (mesh.node1.core.registry or mesh.node2.core.registry):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the relays did not end")

@@ -407,3 +407,63 @@ def test_a_tunnel_relay_takes_the_loop_from_its_stream(monkeypatch: pytest.Monke
         b.close()
 
     asyncio.run(main())
+
+
+def test_a_tunnel_relays_reader_and_writer_are_asked_for_only_when_they_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over a tunnel relay's whole life (bytes both ways, both ends, the stop), every call that
+    turns its socket's reader or writer on or off changes it: the stop and a drained write do
+    not call them to find nothing to do (two or three calls per side of every connection)."""
+    calls: list[tuple[str, bool, bool]] = []
+    read, write = relay._TunnelRelay._read, relay._TunnelRelay._write
+
+    def counting_read(self: Any, on: bool) -> None:
+        calls.append(("read", on, self._reading))
+        read(self, on)
+
+    def counting_write(self: Any, on: bool) -> None:
+        calls.append(("write", on, self._writing))
+        write(self, on)
+
+    monkeypatch.setattr(relay._TunnelRelay, "_read", counting_read)
+    monkeypatch.setattr(relay._TunnelRelay, "_write", counting_write)
+
+    class _Owner:
+        def __init__(self) -> None:
+            self.ended = 0
+
+        def relay_ended(
+            self, done: object, record: object, sock: socket.socket, *_: object
+        ) -> None:
+            self.ended += 1
+            sock.close()  # as the proxies' owners do (the relay leaves its last FIN to it)
+
+    async def main() -> None:
+        client, _, accepted = await _pair()
+        stream = await client.open("10.0.0.2:80", None)
+        far = accepted[stream.stream_id]
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        owner = _Owner()
+        done = relay.start_tunnel(
+            a, stream, ConnectionRecord(OUTBOUND, "a", "b"), owner, outbound=True
+        )
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(b, b"x" * 100)
+        assert await far.read() == b"x" * 100
+        far.consumed(100)
+        await far.write(b"y" * 100)
+        assert await loop.sock_recv(b, 200) == b"y" * 100
+        b.shutdown(socket.SHUT_WR)
+        assert await far.read() is None
+        far.write_eof()
+        await asyncio.wait_for(done, 10)
+        assert owner.ended == 1
+        assert await loop.sock_recv(b, 10) == b""
+        b.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert calls, "the relay never registered its reader"
+    assert all(on != was for _, on, was in calls), calls

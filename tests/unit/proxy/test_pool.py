@@ -228,3 +228,20 @@ def test_a_stream_the_peer_rejected_is_not_opened_again() -> None:
     with pytest.raises(TunnelError) as caught:
         run(scenario())
     assert caught.value.status == 401 and not caught.value.unprocessed
+
+
+def test_a_closed_connection_leaves_the_pool_and_the_open_ones_stay() -> None:
+    """Before each open the pool drops its connections that closed (a plain loop since
+    session 13, not ``any`` over a generator per stream), keeping the others in order."""
+
+    async def scenario() -> tuple[int, bool, bool]:
+        dialer = Dialer()
+        pool = HbonePool(dialer)
+        first = await pool.open(KEY, "10.0.0.2:80", None)
+        first.proto.connection_lost(None)  # the peer went away
+        second = await pool.open(KEY, "10.0.0.2:80", None)
+        third = await pool.open(KEY, "10.0.0.2:80", None)
+        kept = pool._conns[KEY]
+        return dialer.dials, kept == [second.proto], third.proto is second.proto
+
+    assert run(scenario()) == (2, True, True)

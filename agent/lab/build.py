@@ -135,7 +135,13 @@ def lab_netns(lab: str) -> list[str]:
         return []
 
 
-def stop_processes(lab: str, pids: list[int], *, grace: float = 5.0) -> None:
+# An agent answers SIGTERM by draining its open connections for its --drain-seconds (5 by
+# default) before it exits: the grace outlasts that, so a lab whose pods keep a connection open
+# is not killed mid-drain (and warned about) at the very moment it would have exited.
+STOP_GRACE = 8.0
+
+
+def stop_processes(lab: str, pids: list[int], *, grace: float = STOP_GRACE) -> None:
     """SIGTERM the given PIDs and every process inside the lab's namespaces (all started by the
     lab or by ``lab exec``), then SIGKILL what is still there after ``grace`` seconds."""
     inodes = {i for i in (netns.inode(n) for n in lab_netns(lab)) if i is not None}

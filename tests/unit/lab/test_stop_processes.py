@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from agent.config import AgentConfig
 from agent.lab import build
 
 
@@ -68,3 +69,9 @@ def test_a_child_that_dies_between_a_reap_and_the_look_is_reaped(
 def test_a_child_that_ignores_sigterm_is_killed_and_reaped(stubborn: int) -> None:
     build.stop_processes("nolab", [stubborn], grace=0.3)
     assert _state(stubborn) is None
+
+
+def test_lab_down_waits_out_an_agents_default_drain_before_killing() -> None:
+    """An agent drains for its --drain-seconds on SIGTERM: ``lab down``'s grace must outlast
+    the default, or a lab with an open connection has its agents killed as they would exit."""
+    assert AgentConfig.__dataclass_fields__["drain_seconds"].default + 1.0 < build.STOP_GRACE

@@ -66,6 +66,10 @@ class KernelSplicing:
     def kept(self, index: int) -> int:
         return int(self._links()[index].kept)
 
+    def trimmed(self) -> int:
+        a, b = self._links()
+        return int(a.trimmed) + int(b.trimmed)
+
     def grant(self, index: int, limit: int, taken: int) -> None:
         if self._final is None:
             _update(self._splice.credits, self._cookies[index], SpliceCredit(limit, taken))

@@ -121,6 +121,9 @@ class Recorded:
     def kept(self, index: int) -> int:
         return self.inner.kept(index)
 
+    def trimmed(self) -> int:
+        return self.inner.trimmed()
+
     def grant(self, index: int, limit: int, taken: int) -> None:
         self.grants[index] = (limit, taken)
         self.inner.grant(index, limit, taken)

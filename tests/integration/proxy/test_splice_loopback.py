@@ -23,6 +23,7 @@ import pytest
 import uvloop
 
 from agent.acceptor import drain
+from agent.base.metrics import REGISTRY
 from agent.datapath import bpfsys, programs
 from agent.datapath.splice import KernelSplice, KernelSplicing
 from agent.proxy import splice
@@ -458,6 +459,7 @@ def test_a_retransmission_that_overlaps_delivered_bytes_is_not_delivered_twice(
         monkeypatch.setattr(splice, "REFRESH_FAST", 1.0)
     first, rewind = 64 * 1024, 4000
     body = BODY[: first + rewind]
+    trimmed_before = _trimmed_total()
 
     async def scenario(mesh: Mesh) -> None:
         loop = asyncio.get_running_loop()
@@ -499,8 +501,17 @@ def test_a_retransmission_that_overlaps_delivered_bytes_is_not_delivered_twice(
         assert bytes(got) == body
         pair = splicer.started[0]
         assert (pair.kept(0) > 0) == (credit == "kept")
+        # What was cut off is counted, for the node's operators (and only here: the other
+        # direction carried nothing).
+        assert 0 < pair.trimmed() < rewind
+        assert _trimmed_total() - trimmed_before == pair.trimmed()
 
     run(scenario, splicer)
+
+
+def _trimmed_total() -> float:
+    value = REGISTRY.get_sample_value("nodemesh_splice_trimmed_bytes_total")
+    return value or 0.0
 
 
 def _unacked(sock: socket.socket) -> int:

@@ -57,15 +57,20 @@ class Attempts:
         self.on_admitted: Callable[[], None] | None = None
 
     def next_endpoint(self) -> str | None:
-        """The endpoint for the next attempt, or None if the Service has none."""
+        """The endpoint for the next attempt, or None if the Service has none.
+
+        The clock is read once, for the instant of the pick: which ejected endpoints are
+        past their penalty (``candidates``), the balancer's costs, and the attempt's start
+        (its connect time is measured from it) all want that one instant, and nothing in
+        between waits. ``tried`` (a few IPs at most) is passed as it is, not copied."""
         svc = self.service
-        pool = svc.candidates(self.source_ip, set(self.tried))
+        now = svc.clock()
+        pool = svc.candidates(self.source_ip, self.tried, now)
         if not pool:
             svc.count("no_endpoints")
             return None
         if svc.config.locality != NO_LOCALITY:
             pool = prefer_local(pool, svc.config.locality, self.source_node, svc.where)
-        now = svc.clock()
         load = svc.balancer.pick(pool, now)
         load.active += 1
         svc.outlier.attempt(load.ip)
@@ -85,10 +90,10 @@ class Attempts:
     def connected(self, ip: str, *, reused: bool = False) -> None:
         """The current attempt (to ``ip``) connected; ``reused``: an HTTP request got a pooled
         upstream session, whose zero connect time is no latency sample (its time to first
-        byte, given to ``finish``, is)."""
+        byte, given to ``finish``, is): the clock is read only for a sample."""
         svc = self.service
-        now = svc.clock()
         if self._load is not None and not reused:
+            now = svc.clock()
             self._load.observe(now - self._started, now)
         # Only an endpoint out of rotation (``outlier.out``) can be on probation.
         if ip in svc.outlier.out and self._live() and svc.outlier.probing(ip):
@@ -102,14 +107,15 @@ class Attempts:
         """The current attempt (to ``ip``) failed with ``cause`` (one of the retryOn values).
         An HTTP/2 request counts as connected once it is queued on its endpoint's connection
         (``agent.proxy.h2route``), before that connection is open: its failure makes the
-        request a pending attempt again."""
+        request a pending attempt again. One clock read: the failure's instant, for the
+        balancer's sample and the outlier detector alike."""
         svc = self.service
         now = svc.clock()
         if self._load is not None:
             self._load.observe_failure(now - self._started, now)
             self._load.active -= 1
         if self._live():
-            svc._outlier_failure(ip)
+            svc._outlier_failure(ip, now)  # an ejection's penalty starts at the same instant
         svc.count("failed", cause)
         self.current, self._load = None, None
         if self._connected:
@@ -117,15 +123,18 @@ class Attempts:
             self._connected = False
 
     def may_retry(self, cause: str) -> bool:
-        """Is another attempt allowed (attempts left, cause retryable, time left, budget)?"""
+        """Is another attempt allowed (attempts left, cause retryable, time left, budget)?
+        The deadline and the budget are asked at one instant, the decision's (one clock
+        read)."""
         svc = self.service
         c = svc.config
         if cause not in c.retry_on or len(self.tried) > c.retries:
             return False
-        if self.deadline - svc.clock() <= 0:
+        now = svc.clock()
+        if self.deadline - now <= 0:
             svc.count("retry_deadline")
             return False
-        if not svc.budget.try_retry(svc.clock()):
+        if not svc.budget.try_retry(now):
             svc.count("retry_budget_exhausted")
             return False
         svc.count("retries")

@@ -203,7 +203,7 @@ class Attempts:
             svc.count("failed", RESET_BEFORE_DATA)
         elif server_error:
             svc.count("failed", SERVER_ERROR)
-        if not self._live():
+        if ip not in svc.endpoints:  # ``_live`` inline (``ip`` is the current one): gone
             return
         if reset_before_data or server_error:
             svc._outlier_failure(ip)

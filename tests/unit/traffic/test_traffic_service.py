@@ -358,3 +358,17 @@ def test_a_queued_request_gets_its_deadline_from_the_instant_it_is_admitted():
     assert waiting.queued and waiting.deadline == clock.now + c.connect_timeout
     first.finish()
     assert not waiting.queued and waiting.deadline == clock.now + c.connect_timeout
+
+
+def test_a_request_whose_endpoint_left_is_settled_on_its_load_without_outlier_accounting():
+    """The endpoint left the Service while the request ran: its count is undone on the
+    ``EndpointLoad`` it was made on, and the outlier detector is not told (no ``Health`` made
+    again for an endpoint it forgot), whether the request ended well or reset."""
+    for reset in (False, True):
+        t, clock = service(TrafficConfig(consecutive_failures=1))
+        attempts, ip = connect_ok(t, clock)
+        load = t.loads[ip]
+        t.sync([EndpointInfo(other) for other in (A, B, C) if other != ip])
+        attempts.finish(reset_before_data=reset)
+        assert load.active == 0 and ip not in t.outlier.health and not t.outlier.out
+        assert t.counters["failed_reset-before-data"] == int(reset)

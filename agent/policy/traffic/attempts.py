@@ -181,17 +181,28 @@ class Attempts:
         """The current attempt of an HTTP request ended without an answer for the client (a
         retryable status, a reset before the response, a per-try timeout): account it against
         its endpoint as ``finish`` would, and let the request make another attempt (still one
-        request in flight for the limits; ``next_endpoint`` avoids the endpoints tried)."""
+        request in flight for the limits; ``next_endpoint`` avoids the endpoints tried). One
+        clock read: the try's end, when an ejection's penalty and the renewed connect deadline
+        both start."""
         if self._finished:
             return
-        self._settle(reset_before_data, first_byte_at, server_error)
-        self.deadline = self.service.clock() + self.service.config.connect_timeout
+        now = self.service.clock()
+        self._settle(reset_before_data, first_byte_at, server_error, now)
+        self.deadline = now + self.service.config.connect_timeout
         if self._connected:
             self.service.pending += 1
             self._connected = False
         self.current, self._load = None, None
 
-    def _settle(self, reset_before_data: bool, first_byte_at: float, server_error: bool) -> None:
+    def _settle(
+        self,
+        reset_before_data: bool,
+        first_byte_at: float,
+        server_error: bool,
+        now: float | None = None,
+    ) -> None:
+        """Account the current try against its endpoint; ``now``: the caller's reading of
+        the try's end (``finish`` has none: the clock is read only for an outlier failure)."""
         svc = self.service
         load, ip = self._load, self.current
         if load is None or ip is None:
@@ -206,7 +217,7 @@ class Attempts:
         if ip not in svc.endpoints:  # ``_live`` inline (``ip`` is the current one): gone
             return
         if reset_before_data or server_error:
-            svc._outlier_failure(ip)
+            svc._outlier_failure(ip, now)
         elif self._connected:
             svc.outlier.success(ip)
         else:

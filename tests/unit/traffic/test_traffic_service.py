@@ -347,6 +347,11 @@ def test_each_step_reads_the_clock_once_for_the_instant_all_it_records_shares():
     assert reads(lambda: retried.may_retry(CONNECT_FAILURE)) == (1, True)
     assert t.budget.totals(clock.now)[1] == spent + 1
 
+    again = t.admit("c")  # an HTTP try answered 5xx, to be sent again
+    again.connected(again.next_endpoint())
+    assert reads(lambda: again.again(server_error=True))[0] == 1
+    assert again.deadline == clock.now + c.connect_timeout
+
 
 def test_a_queued_request_gets_its_deadline_from_the_instant_it_is_admitted():
     """Taken from the queue, a request reads the clock then (not ``admit``'s reading)."""

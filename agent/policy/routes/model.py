@@ -45,12 +45,17 @@ def _header(headers: Sequence[tuple[str, str]], name: str, authority: str) -> st
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class HttpRequest:
     """The head of one HTTP request, as routing reads it.
 
     ``headers`` are (name, value) pairs with names in lower case (as h11 and h2 give them);
     ``query`` is the raw query string without its ``?``.
+
+    Compared and hashed as a frozen one would be, but not frozen (nothing changes it once
+    made; ``filters.rewrite_request`` makes a new one): one is made per request on the
+    source's HTTP/1.1 and HTTP/2 paths, and a frozen dataclass's ``__init__`` sets each of
+    its six fields through ``object.__setattr__``. As ``GrpcRequest`` below.
     """
 
     method: str

@@ -57,15 +57,20 @@ class Attempts:
         self.on_admitted: Callable[[], None] | None = None
 
     def next_endpoint(self) -> str | None:
-        """The endpoint for the next attempt, or None if the Service has none."""
+        """The endpoint for the next attempt, or None if the Service has none.
+
+        The clock is read once, for the instant of the pick: which ejected endpoints are
+        past their penalty (``candidates``), the balancer's costs, and the attempt's start
+        (its connect time is measured from it) all want that one instant, and nothing in
+        between waits. ``tried`` (a few IPs at most) is passed as it is, not copied."""
         svc = self.service
-        pool = svc.candidates(self.source_ip, set(self.tried))
+        now = svc.clock()
+        pool = svc.candidates(self.source_ip, self.tried, now)
         if not pool:
             svc.count("no_endpoints")
             return None
         if svc.config.locality != NO_LOCALITY:
             pool = prefer_local(pool, svc.config.locality, self.source_node, svc.where)
-        now = svc.clock()
         load = svc.balancer.pick(pool, now)
         load.active += 1
         svc.outlier.attempt(load.ip)
@@ -85,10 +90,10 @@ class Attempts:
     def connected(self, ip: str, *, reused: bool = False) -> None:
         """The current attempt (to ``ip``) connected; ``reused``: an HTTP request got a pooled
         upstream session, whose zero connect time is no latency sample (its time to first
-        byte, given to ``finish``, is)."""
+        byte, given to ``finish``, is): the clock is read only for a sample."""
         svc = self.service
-        now = svc.clock()
         if self._load is not None and not reused:
+            now = svc.clock()
             self._load.observe(now - self._started, now)
         # Only an endpoint out of rotation (``outlier.out``) can be on probation.
         if ip in svc.outlier.out and self._live() and svc.outlier.probing(ip):
@@ -102,14 +107,15 @@ class Attempts:
         """The current attempt (to ``ip``) failed with ``cause`` (one of the retryOn values).
         An HTTP/2 request counts as connected once it is queued on its endpoint's connection
         (``agent.proxy.h2route``), before that connection is open: its failure makes the
-        request a pending attempt again."""
+        request a pending attempt again. One clock read: the failure's instant, for the
+        balancer's sample and the outlier detector alike."""
         svc = self.service
         now = svc.clock()
         if self._load is not None:
             self._load.observe_failure(now - self._started, now)
             self._load.active -= 1
         if self._live():
-            svc._outlier_failure(ip)
+            svc._outlier_failure(ip, now)  # an ejection's penalty starts at the same instant
         svc.count("failed", cause)
         self.current, self._load = None, None
         if self._connected:
@@ -117,15 +123,18 @@ class Attempts:
             self._connected = False
 
     def may_retry(self, cause: str) -> bool:
-        """Is another attempt allowed (attempts left, cause retryable, time left, budget)?"""
+        """Is another attempt allowed (attempts left, cause retryable, time left, budget)?
+        The deadline and the budget are asked at one instant, the decision's (one clock
+        read)."""
         svc = self.service
         c = svc.config
         if cause not in c.retry_on or len(self.tried) > c.retries:
             return False
-        if self.deadline - svc.clock() <= 0:
+        now = svc.clock()
+        if self.deadline - now <= 0:
             svc.count("retry_deadline")
             return False
-        if not svc.budget.try_retry(svc.clock()):
+        if not svc.budget.try_retry(now):
             svc.count("retry_budget_exhausted")
             return False
         svc.count("retries")
@@ -172,17 +181,28 @@ class Attempts:
         """The current attempt of an HTTP request ended without an answer for the client (a
         retryable status, a reset before the response, a per-try timeout): account it against
         its endpoint as ``finish`` would, and let the request make another attempt (still one
-        request in flight for the limits; ``next_endpoint`` avoids the endpoints tried)."""
+        request in flight for the limits; ``next_endpoint`` avoids the endpoints tried). One
+        clock read: the try's end, when an ejection's penalty and the renewed connect deadline
+        both start."""
         if self._finished:
             return
-        self._settle(reset_before_data, first_byte_at, server_error)
-        self.deadline = self.service.clock() + self.service.config.connect_timeout
+        now = self.service.clock()
+        self._settle(reset_before_data, first_byte_at, server_error, now)
+        self.deadline = now + self.service.config.connect_timeout
         if self._connected:
             self.service.pending += 1
             self._connected = False
         self.current, self._load = None, None
 
-    def _settle(self, reset_before_data: bool, first_byte_at: float, server_error: bool) -> None:
+    def _settle(
+        self,
+        reset_before_data: bool,
+        first_byte_at: float,
+        server_error: bool,
+        now: float | None = None,
+    ) -> None:
+        """Account the current try against its endpoint; ``now``: the caller's reading of
+        the try's end (``finish`` has none: the clock is read only for an outlier failure)."""
         svc = self.service
         load, ip = self._load, self.current
         if load is None or ip is None:
@@ -194,10 +214,10 @@ class Attempts:
             svc.count("failed", RESET_BEFORE_DATA)
         elif server_error:
             svc.count("failed", SERVER_ERROR)
-        if not self._live():
+        if ip not in svc.endpoints:  # ``_live`` inline (``ip`` is the current one): gone
             return
         if reset_before_data or server_error:
-            svc._outlier_failure(ip)
+            svc._outlier_failure(ip, now)
         elif self._connected:
             svc.outlier.success(ip)
         else:

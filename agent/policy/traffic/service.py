@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.policy.traffic.attempts import Attempts
@@ -125,8 +125,10 @@ class ServiceTraffic:
         if self.observer is not None:
             self.observer(self.name, event, detail)
 
-    def _outlier_failure(self, ip: str) -> None:
-        verdict = self.outlier.failure(ip, self.clock())
+    def _outlier_failure(self, ip: str, now: float | None = None) -> None:
+        """Count a failure of ``ip`` at ``now`` (the caller's reading of the failure's
+        instant, or read here)."""
+        verdict = self.outlier.failure(ip, self.clock() if now is None else now)
         if verdict is not None and self.observer is not None:
             self.observer(self.name, "outlier", verdict)
 
@@ -176,23 +178,27 @@ class ServiceTraffic:
                 self.count("fault", "delay")
             if fault.abort:
                 self.count("fault", f"abort_{fault.abort.lower()}")
-        attempts = Attempts(self, source_ip, source_node, fault, self.clock() + fault.delay)
+        now = self.clock()  # the admission's instant: the connect deadline and the budget's
+        attempts = Attempts(self, source_ip, source_node, fault, now + fault.delay)
         if full:
             attempts.queued = True
             self.queue.append(attempts)
             self.count("queued")
             return attempts
-        self._start(attempts)
+        self._start(attempts, now)
         return attempts
 
-    def _start(self, attempts: Attempts) -> None:
-        """Count ``attempts`` in flight (admitted now, or taken from the queue)."""
+    def _start(self, attempts: Attempts, now: float | None = None) -> None:
+        """Count ``attempts`` in flight (admitted now, or taken from the queue). ``now``:
+        ``admit``'s clock reading, the same instant (nothing waits in between), so the
+        request is admitted with one read; a request taken from the queue reads it here."""
         self.active += 1
         self.pending += 1
         self.counters["connections"] += 1  # ``count`` inline: once per request on HTTP ports
         if self.observer is not None:
             self.observer(self.name, "connections", "")
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         self.budget.request(now)
         attempts.deadline = now + attempts.fault.delay + self.config.connect_timeout
 
@@ -216,13 +222,15 @@ class ServiceTraffic:
         self.count("rejected", reason)
         raise Rejected(reason, f"service {self.name}: {detail}")
 
-    def candidates(self, source_ip: str, avoid: set[str]) -> Sequence[EndpointLoad]:
-        """The endpoints the balancer may choose from, in IP order.
+    def candidates(
+        self, source_ip: str, avoid: Collection[str], now: float
+    ) -> Sequence[EndpointLoad]:
+        """The endpoints the balancer may choose from at ``now`` (the pick's instant, read
+        once by ``Attempts.next_endpoint``), in IP order; ``avoid``: the endpoints tried.
 
         Cheap in the common case (nothing ejected, first attempt): the precomputed lists are
         used as they are, so the cost does not grow with the number of endpoints.
         """
-        now = self.clock()
         out = self.outlier.out
         blocked = {ip for ip in out if not self.outlier.available(ip, now)} if out else _NONE
         if blocked and len(blocked) == len(self.endpoints):

@@ -443,3 +443,20 @@ def test_path_match_order(path: str, expected: str) -> None:
     services = [*mesh_services(), svc("echo-v3")]
     table = RouteTable.build(snapshot(services, [route("path-matching-order", PATH_ORDER)]))
     assert _backend_of(table, _get(path)) == expected
+
+
+def test_a_requests_head_compares_and_hashes_by_its_fields_as_a_frozen_one_did() -> None:
+    """``HttpRequest`` (one per request) is no longer frozen: equal by its six fields, equal
+    hashes, unequal when any one differs, and no hash while its headers are a list (as a
+    frozen one would fail to hash)."""
+    fields = ("GET", "/a", (("x", "1"),), "q=1", "web", "http")
+    request = HttpRequest.from_target("GET", "/a?q=1", (("x", "1"),), authority="web")
+    same = HttpRequest(*fields)
+    assert request == same and hash(request) == hash(same) and len({request, same}) == 1
+    assert hash(request) == hash(fields)  # what a frozen dataclass hashes: its fields' tuple
+    others = ("POST", "/b", (("x", "2"),), "q=2", "other", "https")
+    for i, other in enumerate(others):
+        changed = HttpRequest(*fields[:i], other, *fields[i + 1 :])  # type: ignore[arg-type]
+        assert request != changed
+    with pytest.raises(TypeError):
+        hash(HttpRequest("GET", "/a", [("x", "1")]))

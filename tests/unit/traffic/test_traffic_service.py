@@ -292,3 +292,88 @@ def test_a_request_on_a_healthy_service_makes_no_health_record_and_rolls_no_faul
     assert made == Counter()
     assert (t.active, t.pending, t.counters["connections"]) == (0, 0, 40)
     assert all(t.outlier.health[ip].consecutive_failures == 0 for ip in (A, B))
+
+
+class TickingClock:
+    """Each read one second after the last: a step that read the clock twice would give the
+    things it records different instants; ``reads`` counts the reads."""
+
+    def __init__(self) -> None:
+        self.now, self.reads = 1000.0, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        self.now += 1.0
+        return self.now
+
+
+def test_each_step_reads_the_clock_once_for_the_instant_all_it_records_shares():
+    """Admission (the connect deadline, the retry budget's request), the pick (ejected
+    endpoints' penalties, the balancer's decayed costs, the attempt's start that its connect
+    time is measured from) and the retry decision (the deadline, the budget) each read the
+    clock once; a pooled session's ``connected`` and ``finish`` read it not at all. So a
+    request via a Service reads it twice, a try that connects four times."""
+    clock = TickingClock()
+    c = TrafficConfig(connect_timeout=30.0, per_try_timeout=5.0)
+    t, _ = service(c, clock=clock)
+
+    def reads(step):
+        before = clock.reads
+        out = step()
+        return clock.reads - before, out
+
+    assert reads(lambda: t.admit("c"))[0] == 1
+    pooled = t.admit("c")
+    admitted = clock.now
+    assert pooled.deadline == admitted + c.connect_timeout
+    assert t.budget.totals(admitted)[0] == 2  # the budget counted it at that same instant
+    assert reads(pooled.next_endpoint) == (1, pooled.current)
+    picked = clock.now
+    assert [load.stamp for load in t.loads.values()] == [picked, picked]  # P2C's two costs
+    assert reads(lambda: pooled.connected(pooled.current, reused=True))[0] == 0
+    assert reads(pooled.finish)[0] == 0
+
+    fresh = t.admit("c")
+    ip = fresh.next_endpoint()
+    picked = clock.now
+    assert reads(lambda: fresh.connected(ip))[0] == 1
+    assert t.loads[ip].estimate == clock.now - picked  # measured from the pick (peak: 1 s)
+    assert reads(fresh.try_timeout) == (1, c.per_try_timeout)
+
+    retried = t.admit("c")
+    ip = retried.next_endpoint()
+    assert reads(lambda: retried.failed(ip, CONNECT_FAILURE))[0] == 1
+    spent = t.budget.totals(clock.now)[1]
+    assert reads(lambda: retried.may_retry(CONNECT_FAILURE)) == (1, True)
+    assert t.budget.totals(clock.now)[1] == spent + 1
+
+    again = t.admit("c")  # an HTTP try answered 5xx, to be sent again
+    again.connected(again.next_endpoint())
+    assert reads(lambda: again.again(server_error=True))[0] == 1
+    assert again.deadline == clock.now + c.connect_timeout
+
+
+def test_a_queued_request_gets_its_deadline_from_the_instant_it_is_admitted():
+    """Taken from the queue, a request reads the clock then (not ``admit``'s reading)."""
+    clock = TickingClock()
+    c = TrafficConfig(max_connections=1, max_pending_requests=1, connect_timeout=30.0)
+    t, _ = service(c, clock=clock)
+    first = t.admit("c", may_queue=True)
+    waiting = t.admit("c", may_queue=True)
+    assert waiting.queued and waiting.deadline == clock.now + c.connect_timeout
+    first.finish()
+    assert not waiting.queued and waiting.deadline == clock.now + c.connect_timeout
+
+
+def test_a_request_whose_endpoint_left_is_settled_on_its_load_without_outlier_accounting():
+    """The endpoint left the Service while the request ran: its count is undone on the
+    ``EndpointLoad`` it was made on, and the outlier detector is not told (no ``Health`` made
+    again for an endpoint it forgot), whether the request ended well or reset."""
+    for reset in (False, True):
+        t, clock = service(TrafficConfig(consecutive_failures=1))
+        attempts, ip = connect_ok(t, clock)
+        load = t.loads[ip]
+        t.sync([EndpointInfo(other) for other in (A, B, C) if other != ip])
+        attempts.finish(reset_before_data=reset)
+        assert load.active == 0 and ip not in t.outlier.health and not t.outlier.out
+        assert t.counters["failed_reset-before-data"] == int(reset)

@@ -56,15 +56,13 @@ from agent.datapath.datapath import Datapath, SpliceUnavailable, uninstall
 from agent.datapath.listeners import open_listener_groups, open_listeners
 from agent.datapath.programs import ProgramLoadError
 from agent.datapath.splice import KernelSplice
-from agent.policy import sharedbuckets
-from agent.policy.ratelimit import RateLimiter
-from agent.policy.sharedbuckets import BucketTable
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
 from agent.wiring import local_pods, node_proxy, observability
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
+    from agent.policy.sharedbuckets import BucketTable
     from agent.proxy.component import ProxyComponent
     from agent.workers.supervisor import Workers
 
@@ -133,6 +131,8 @@ def open_source(config: AgentConfig, store: StateStore) -> StateSource:
 def continued_buckets(name: bytes) -> BucketTable | None:
     """The rate-limit table of the agent this one replaces (holding ``name``), or None when
     this agent's buckets start full: logged either way, once. Never fails the start."""
+    from agent.policy import sharedbuckets  # only at an upgrade: not in every agent's memory
+
     try:
         fd, pid = handover.fetch_buckets(name, sharedbuckets.LAYOUT)
     except handover.HandoverError as e:
@@ -256,7 +256,11 @@ class Agent:
             self._start_workers(splice, buckets)
         else:
             if buckets is not None and self.proxy is not None:
-                self.proxy.proxy.core.limiter = RateLimiter(seed=sharedbuckets.TableSeed(buckets))
+                from agent.policy import sharedbuckets
+                from agent.policy.ratelimit import RateLimiter
+
+                seed = sharedbuckets.TableSeed(buckets)
+                self.proxy.proxy.core.limiter = RateLimiter(seed=seed)
             if splice is not None and self.proxy is not None:
                 self.proxy.use_splicer(splice)  # with workers, they build their own
             self.listeners = open_listeners(
@@ -465,6 +469,8 @@ class Agent:
     def _buckets_for_successor(self, layout: int) -> int:
         """The rate-limit table a successor continues (``handover.Buckets``): the workers'
         shared one, or this process's buckets copied into one that it uses from now on."""
+        from agent.policy import sharedbuckets
+
         if layout != sharedbuckets.LAYOUT:
             raise ValueError(
                 f"the successor reads bucket table layout {layout}, this agent writes layout "

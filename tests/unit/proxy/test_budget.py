@@ -328,12 +328,19 @@ def test_random_interleavings_stay_bounded_and_drain_completely(
     assert budget.committed <= bound(budget, [links[j] for j in live_ids])
 
 
-def test_a_refused_connection_gets_freed_budget_before_a_newcomer_that_consumes_later() -> None:
-    budget = HboneBudget(LIMIT)
+def _used_up(budget: HboneBudget) -> list[Link]:
+    """Two connections whose pods stopped reading, each holding its whole window (four stream
+    windows): ``LIMIT`` is two connection windows, so the budget is used up."""
     stalled = [Link(budget) for _ in range(2)]
-    for link in stalled:  # two connection windows: the budget is used up
+    for link in stalled:
         for _ in range(4):
             link.send(link.open(), b"x" * SETTINGS.stream_window)
+    return stalled
+
+
+def test_a_refused_connection_gets_freed_budget_before_a_newcomer_that_consumes_later() -> None:
+    budget = HboneBudget(LIMIT)
+    stalled = _used_up(budget)
     waiter, newcomer = Link(budget), Link(budget)
     w, n = waiter.open(), newcomer.open()  # their grants are refused: held to the floor
     assert waiter.server.promised == newcomer.server.promised == FLOOR
@@ -468,10 +475,7 @@ def test_a_waiter_dropped_without_closing_leaves_the_fifo_at_once() -> None:
     gc.disable()
     try:
         budget = HboneBudget(LIMIT)
-        stalled = [Link(budget) for _ in range(2)]
-        for link in stalled:  # two connection windows: the budget is used up
-            for _ in range(4):
-                link.send(link.open(), b"x" * SETTINGS.stream_window)
+        stalled = _used_up(budget)
         dropped, waiter = Link(budget), Link(budget)
         dropped.open(), waiter.open()  # their grants are refused: both wait
         accounts = [dropped.server._flow._account, waiter.server._flow._account]

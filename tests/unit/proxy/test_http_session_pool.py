@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
 
 from agent.proxy.http_outbound import SessionKey, SessionPool, UpstreamSession
+from tests.unit.proxy.looptimers import record_timers
 
 KEY = SessionKey("local", "10.244.1.2", "10.244.1.3", 9080, "default/web")
 
@@ -81,23 +81,14 @@ def test_one_timer_serves_the_pool_and_a_reused_session_is_timed_from_its_last_u
     the whole timeout since it was last put back, and nothing younger."""
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        armed = 0
-        call_later = loop.call_later
-
-        def counting(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
-            nonlocal armed
-            armed += 1
-            return call_later(delay, callback, *args)
-
-        loop.call_later = counting  # type: ignore[method-assign,assignment]
+        armed = record_timers(asyncio.get_running_loop())
         now = 0.0
         pool = SessionPool(idle_timeout=30.0, clock=lambda: now)
         (a, _pa), (b, _pb) = _session(), _session()
         for _ in range(100):
             pool.put(a)
             assert pool.take(KEY) is a
-        assert armed == 1
+        assert len(armed) == 1
         pool.put(a)
         now = 20.0
         assert pool.take(KEY) is a
@@ -106,7 +97,7 @@ def test_one_timer_serves_the_pool_and_a_reused_session_is_timed_from_its_last_u
         now = 31.0
         pool._sweep()  # as the timer armed at 0 s fires at 30 s
         assert pool.size == 2 and a.conn.fileno() != -1 and b.conn.fileno() != -1
-        assert armed == 2  # the next sweep, at the younger sessions' expiry
+        assert len(armed) == 2  # the next sweep, at the younger sessions' expiry
         now = 50.0
         pool._sweep()
         assert pool.size == 0 and a.conn.fileno() == -1 and b.conn.fileno() == -1

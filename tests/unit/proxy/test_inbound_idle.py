@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
-from typing import Any
 
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.hbone_limits import InboundLimits
 from agent.proxy.inbound import InboundHbone
 from agent.proxy.tunnel import HboneProtocol
+from tests.unit.proxy.looptimers import record_timers
 from tests.unit.proxy.memtransport import MemoryTransport
 
 
@@ -27,15 +27,7 @@ def test_streams_one_after_another_keep_one_idle_timer() -> None:
     async def scenario() -> tuple[int, bool]:
         inbound = InboundHbone(SimpleNamespace(registry=None))  # type: ignore[arg-type]
         proto, transport = served(inbound)
-        loop = asyncio.get_running_loop()
-        made: list[Any] = []
-        real = loop.call_later
-
-        def counted(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
-            made.append(callback)
-            return real(delay, callback, *args)
-
-        loop.call_later = counted  # type: ignore[method-assign]
+        made = record_timers(asyncio.get_running_loop())
         inbound._arm_idle(proto)  # the connection is up, no stream yet
         for _ in range(5):  # a CONNECT (``_spawn``), then its stream's end (``stream_closed``)
             inbound._busy(proto)

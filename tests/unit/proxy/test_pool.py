@@ -12,6 +12,7 @@ from agent.proxy import hbone_events as ev
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.tunnel import HboneProtocol, TunnelError
+from tests.unit.proxy.looptimers import record_timers
 from tests.unit.proxy.memtransport import MemoryTransport
 
 KEY = PoolKey("spiffe://td/ns/a/sa/client", "spiffe://td/ns/a/sa/server", "10.0.0.2")
@@ -116,15 +117,7 @@ def test_a_connection_idle_after_every_stream_keeps_one_idle_timer() -> None:
     async def scenario() -> tuple[int, int, bool]:
         dialer = Dialer()
         pool = HbonePool(dialer, idle_timeout=60.0)
-        loop = asyncio.get_running_loop()
-        timers: list[object] = []
-        real = loop.call_later
-
-        def counted(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
-            timers.append(callback)
-            return real(delay, callback, *args)
-
-        loop.call_later = counted  # type: ignore[method-assign]
+        timers = record_timers(asyncio.get_running_loop())
         for _ in range(5):
             stream = await pool.open(KEY, "10.0.0.2:80", None)
             stream.write_eof()

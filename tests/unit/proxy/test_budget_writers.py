@@ -25,7 +25,7 @@ from agent.proxy.h2outbound import _outbox
 from agent.proxy.h2wire import MIB
 from agent.proxy.hbone_limits import MAX_WRITE
 from agent.proxy.http_inbound import StreamDownstream
-from agent.proxy.http_outbound import SessionKey, UpstreamSession
+from agent.proxy.http_sessions import SessionKey, UpstreamSession
 from agent.proxy.httpshell import Outbox
 from agent.proxy.tunnel import TunnelStream
 from tests.unit.proxy.test_budget_queue import LIMIT, Peer, bound, opened, payload, pump, run

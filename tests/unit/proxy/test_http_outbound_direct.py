@@ -14,13 +14,8 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from agent.proxy.budget import QueueBudget
-from agent.proxy.http_outbound import (
-    SessionKey,
-    SessionPool,
-    UpstreamSession,
-    _ClientConnection,
-    _Request,
-)
+from agent.proxy.http_outbound import _ClientConnection, _Request
+from agent.proxy.http_sessions import SessionKey, SessionPool, UpstreamSession
 from agent.proxy.tunnel import TunnelStream
 from agent.telemetry.records import OUTBOUND, ConnectionRecord
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from agent.proxy.http_outbound import SessionKey, SessionPool, UpstreamSession
+from agent.proxy.http_sessions import SessionKey, SessionPool, UpstreamSession
 from tests.unit.proxy.looptimers import record_timers
 
 KEY = SessionKey("local", "10.244.1.2", "10.244.1.3", 9080, "default/web")

@@ -17,6 +17,7 @@ import uvloop
 from agent.proxy import outbound, sockets
 from agent.proxy.core import Core
 from agent.proxy.inbound import InboundHbone
+from agent.proxy.resolve import Resolver
 from agent.state import Snapshot, Workload
 from agent.telemetry.records import INBOUND, ConnectionRecord
 from tests.integration.proxy.mesh import CLIENT, LOCAL, OUTSIDER, SERVER, Mesh
@@ -329,6 +330,68 @@ def test_the_destination_looks_a_streams_pod_up_once_per_state_version(
             assert opened.identities[-1].endswith("/sa/other")
             assert opened.identities[1:-1] == [opened.identities[0]] * 3
             assert not opened.identities[0].endswith("/sa/other")
+        finally:
+            await mesh.close()
+
+    uvloop.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_source_resolves_a_pod_destination_once_per_state_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """For every captured connection the source resolved its client and destination in the
+    state (the client workload, Service VIP or not, the route, both identities). For a pod
+    IP, what it found is now kept per client, destination and port until the state changes:
+    four connections to each of a pod on another node and one on this node resolve once each
+    (eight times before); a state change (the far pod's service account) makes the next
+    connection resolve again, and its record carries the new identity."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    resolved: list[str] = []
+    route = Resolver.route
+
+    def counting(self: Resolver, snap: Snapshot, source: Any, ip: str, port: int) -> Any:
+        if sys._getframe(1).f_globals["__name__"] == "agent.proxy.outbound":
+            resolved.append(ip)
+        return route(self, snap, source, ip, port)
+
+    class Opened:
+        def __init__(self) -> None:
+            self.identities: list[tuple[str | None, str | None, str]] = []
+
+        def opened(self, record: ConnectionRecord) -> None:
+            self.identities.append(
+                (record.source_identity, record.destination_identity, record.path)
+            )
+
+        def closed(self, record: ConnectionRecord) -> None:
+            pass
+
+    monkeypatch.setattr(Resolver, "route", counting)
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        opened = Opened()
+        mesh.node1.core.registry.observers.append(opened)
+        try:
+            ports = {pod: mesh.app(pod, echo_peer) for pod in (SERVER, LOCAL)}
+            for _ in range(4):
+                for pod, port in ports.items():
+                    reply = await roundtrip(mesh, CLIENT, (pod, port))
+                    assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                    await _relays_ended(mesh)
+            assert resolved == [SERVER, LOCAL]
+            assert len(set(opened.identities)) == 2
+            with mesh.store.update() as txn:
+                txn.put_workload(workload("server", "node2", SERVER, app="server", sa="other"))
+            reply = await roundtrip(mesh, CLIENT, (SERVER, ports[SERVER]))
+            assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+            await _relays_ended(mesh)
+            assert resolved == [SERVER, LOCAL, SERVER]
+            source, destination, path = opened.identities[-1]
+            assert path == "hbone" and destination is not None
+            assert destination.endswith("/sa/other") and source == opened.identities[0][0]
         finally:
             await mesh.close()
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from agent.proxy import outbound, sockets
+from agent.proxy import inbound, outbound, sockets
 from agent.proxy.core import Core
 from agent.proxy.inbound import InboundHbone
 from agent.proxy.resolve import Resolver
@@ -392,6 +392,35 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
             source, destination, path = opened.identities[-1]
             assert path == "hbone" and destination is not None
             assert destination.endswith("/sa/other") and source == opened.identities[0][0]
+        finally:
+            await mesh.close()
+
+    uvloop.run(asyncio.wait_for(main(), 60))
+
+
+def test_what_the_proxies_keep_per_state_version_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The source's kept routes and the destination's kept CONNECT facts are bounded: at the
+    bound they are dropped and filled again (here a bound of 2, three pod ports), and every
+    connection is still served as the state says."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    monkeypatch.setattr(outbound, "_KEPT_ROUTES", 2)
+    monkeypatch.setattr(inbound, "_KEPT_FACTS", 2)
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        try:
+            ports = [mesh.app(SERVER, echo_peer) for _ in range(3)]
+            for _ in range(2):
+                for port in ports:
+                    reply = await roundtrip(mesh, CLIENT, (SERVER, port))
+                    assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                    assert len(mesh.node1.outbound._routes) <= 2
+                    assert len(mesh.node2.inbound._facts) <= 2
+            await _relays_ended(mesh)
         finally:
             await mesh.close()
 

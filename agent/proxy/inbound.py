@@ -477,7 +477,7 @@ class InboundHbone:
 # A stream's CONNECT as the state sees it: (pod IP, port, claimed client, claimed Service,
 # peer's principal, peer's address) -> (workload, client IP, authority, log prefix, destination
 # identity, dialled Service, protocol). At most ``_KEPT_FACTS`` per state version (a peer that
-# makes new claims for every stream only refills it), about 0.4 KB each.
+# makes new claims for every stream only refills it), about 0.5 KB each.
 _FactsKey = tuple[str, int, str | None, str | None, str, str]
 _Facts = tuple[Workload, str, str, str, str, str, str]
 _KEPT_FACTS = 256

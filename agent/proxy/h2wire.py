@@ -80,8 +80,8 @@ import so that a missing member stops the agent at start-up instead of in the mi
    ``SEND_END_STREAM``, its ``trailers_sent`` check), encodes with the connection's encoder and
    appends the frames to ``H2Connection._data_to_send``, where ``_prepare_for_sending`` puts
    ``h2``'s own. A block that opens a stream checks the peer's stream limit as ``h2`` does and
-   has ``H2Connection._begin_new_stream`` make the stream (stream ids, windows: what
-   ``_get_or_create_stream`` calls after the ``KeyError`` it raises and catches); the
+   makes the stream as ``H2Connection._begin_new_stream`` does (``new_stream``, reach 16;
+   what ``_get_or_create_stream`` calls after the ``KeyError`` it raises and catches); the
    stream's ``_authority`` and ``request_method`` are set as ``h2`` sets them.
    ``send_data_on`` does the same for a DATA frame within the windows (``H2Proxy`` moves DATA
    only within them): the state machines' ``SEND_DATA`` (and ``SEND_END_STREAM``), the frame
@@ -92,16 +92,18 @@ import so that a missing member stops the agent at start-up instead of in the mi
    END_STREAM, which ``h2`` parsed into a hyperframe object and dispatched. For a stream that
    may still receive, the function makes the calls ``H2Connection._receive_data_frame`` makes
    for such a frame: the connection's ``state_machine`` with ``ConnectionInputs.RECV_DATA``,
-   then the stream's own ``receive_data`` (its state machine, its content-length check), and
-   returns their events; a ``ProtocolError`` queues GOAWAY (``_terminate_connection``) before
-   it is raised, as ``receive_data`` does.
+   then what the stream's own ``receive_data`` does for it (its state machine, its
+   content-length check: ``H2Stream._expected_content_length``, ``_actual_content_length``),
+   and returns their events; a ``ProtocolError`` queues GOAWAY (``_terminate_connection``)
+   before it is raised, as ``receive_data`` does.
 11. Receiving a header block that came whole in one HEADERS frame (``receive_headers_on``):
    ``h2`` would parse the frame into a hyperframe object and dispatch it; for a new stream the
    peer may open (right parity, above ``highest_inbound_stream_id``, within our
    ``max_concurrent_streams``) or a stream that may still receive, the function makes the calls
    ``H2Connection._receive_headers_frame`` makes: ``h2.connection._decode_headers`` with the
    connection's decoder, the ``state_machine`` with ``ConnectionInputs.RECV_HEADERS``,
-   ``_begin_new_stream`` for a new stream, the stream's ``receive_headers``; a
+   ``_begin_new_stream``'s work for a new stream (``new_stream``), the stream's
+   ``receive_headers``; a
    ``ProtocolError`` queues GOAWAY (``_terminate_connection``) and is raised, as in
    ``receive_data``. Any other block (a stream that is closed, idle on the wrong side, over the
    limit) goes to ``h2`` as a frame, so that ``h2`` decides its fate.
@@ -134,6 +136,18 @@ import so that a missing member stops the agent at start-up instead of in the mi
    builds and around every frame it hands ``h2`` (``hbone_flow.DataFlow``), a dozen times
    per stream on each side, most of them with nothing queued. The two functions read the
    same bytearray (and ``send_headers_on``/``send_data_on`` append to it already).
+15. A stream's state machine input (``stream_input``): ``H2StreamStateMachine.process_input``
+   hashes its ``StreamInputs`` member (a Python-level ``Enum.__hash__``) to look ``(state,
+   input)`` up in ``h2.stream._transitions``, 12 times per proxied connection. The functions
+   here feed the machine from that same table split by input at import (``_STEPS``), keyed by
+   the state alone: the same next state, transition function and errors (``test_h2wire.py``
+   compares every state and input with ``process_input``).
+16. Making a stream (``new_stream``): what ``H2Connection._begin_new_stream`` does (the id
+   checks, an ``H2Stream`` with the windows from ``local_settings``/``remote_settings``, the
+   frame size, ``streams``, ``highest_*_stream_id``) with the initial window sizes read from
+   ``Settings._settings`` (the value in force heads each setting's queue) instead of through a
+   property and ``__getitem__`` each, and without its three no-op debug calls; the stream limit
+   is read the same way (``max_concurrent_streams``).
 Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
 ``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
 """
@@ -146,6 +160,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import h2.connection as _h2_connection
+import h2.stream as _h2_stream
 import hpack.hpack as _hpack
 import hpack.table as _hpack_table
 from h2.config import H2Configuration
@@ -161,11 +176,13 @@ from h2.events import ConnectionTerminated, Event, TrailersReceived
 from h2.exceptions import (
     FlowControlError,
     FrameTooLargeError,
+    InvalidBodyLengthError,
     ProtocolError,
+    StreamIDTooLowError,
     TooManyStreamsError,
 )
 from h2.settings import SettingCodes, Settings
-from h2.stream import H2Stream, StreamInputs, StreamState
+from h2.stream import H2Stream, H2StreamStateMachine, StreamInputs, StreamState
 from h2.utilities import (
     authority_from_headers,
     extract_method_header,
@@ -547,6 +564,102 @@ WALK_FROM = 16
 _ODD, _EVEN = AllowedStreamIDs.ODD, AllowedStreamIDs.EVEN
 
 
+# A stream's state machine, one table per input (reach 15). ``H2StreamStateMachine.process_input``
+# checks its input's type and looks ``(state, input)`` up in ``h2.stream._transitions``: hashing
+# a ``StreamInputs`` member is a Python-level ``Enum.__hash__`` call, 12 per proxied connection.
+# The same transitions split by input are keyed by the state alone (an ``IntEnum``: hashed in C).
+_Step = tuple[Any, StreamState]  # (h2's transition function or None, the next state)
+_CLOSED = StreamState.CLOSED
+
+
+def _stream_steps(input_: StreamInputs) -> dict[StreamState, _Step]:
+    """``h2``'s stream transitions for ``input_``, by the state they leave."""
+    table = getattr(_h2_stream, "_transitions", {})  # missing: check_h2_internals names it
+    return {state: step for (state, i), step in table.items() if i is input_}
+
+
+_STEPS: dict[StreamInputs, dict[StreamState, _Step]] = {i: _stream_steps(i) for i in StreamInputs}
+_S_HEADERS = _STEPS[StreamInputs.SEND_HEADERS]
+_S_INFORMATIONAL = _STEPS[StreamInputs.SEND_INFORMATIONAL_HEADERS]
+_S_DATA = _STEPS[StreamInputs.SEND_DATA]
+_S_END = _STEPS[StreamInputs.SEND_END_STREAM]
+_R_HEADERS = _STEPS[StreamInputs.RECV_HEADERS]
+_R_INFORMATIONAL = _STEPS[StreamInputs.RECV_INFORMATIONAL_HEADERS]
+_R_DATA = _STEPS[StreamInputs.RECV_DATA]
+_R_END = _STEPS[StreamInputs.RECV_END_STREAM]
+
+
+def stream_input(
+    machine: H2StreamStateMachine, steps: dict[StreamState, _Step], input_: StreamInputs
+) -> list[Event]:
+    """``machine.process_input(input_)``, ``steps`` being ``_STEPS[input_]`` (reach 15): the
+    same next state, the same transition function called with the state left, its events; an
+    input the state does not take closes the stream and raises ``ProtocolError``, as does a
+    transition function's ``ProtocolError`` or ``AssertionError``."""
+    state = machine.state
+    step = steps.get(state)
+    if step is None:
+        machine.state = _CLOSED
+        raise ProtocolError(f"Invalid input {input_} in state {state}")
+    func, machine.state = step
+    if func is None:
+        return []
+    try:
+        events: list[Event] = func(machine, state)
+    except ProtocolError:
+        machine.state = _CLOSED
+        raise
+    except AssertionError as err:
+        machine.state = _CLOSED
+        raise ProtocolError(err) from err
+    return events
+
+
+_INITIAL_WINDOW = SettingCodes.INITIAL_WINDOW_SIZE
+_MAX_STREAMS = SettingCodes.MAX_CONCURRENT_STREAMS
+_UNLIMITED = 2**32 + 1  # what ``Settings.max_concurrent_streams`` answers for no limit
+
+
+def max_concurrent_streams(settings: Settings) -> int:
+    """``settings.max_concurrent_streams`` (reach 16): the value in force, read from
+    ``Settings._settings``, not through the property, ``Mapping.get`` and ``__getitem__`` (three
+    calls, on each side of every CONNECT and in the pool's ``can_open_stream``); no limit (the
+    setting never sent, or received and not yet in force) is ``h2``'s 2**32 + 1."""
+    queue = settings._settings.get(_MAX_STREAMS)
+    value = None if not queue else queue[0]
+    return _UNLIMITED if value is None else value
+
+
+def new_stream(conn: H2Connection, stream_id: int, allowed_ids: AllowedStreamIDs) -> H2Stream:
+    """``conn._begin_new_stream(stream_id, allowed_ids)`` in fewer calls (reach 16): the same
+    checks (``StreamIDTooLowError`` at or below the side's highest id, ``ProtocolError`` for the
+    wrong parity), the same ``H2Stream`` with both windows from the settings in force, its
+    frame size, the stream recorded and the side's highest id raised. The settings are read
+    from ``Settings._settings`` (the value in force heads each setting's queue; the initial
+    window size always has one), not through two properties and ``__getitem__`` each, and
+    ``h2``'s three debug lines (its logger is a no-op unless the configuration names one, which
+    the agent never does) are not formatted."""
+    outbound = stream_id % 2 == conn.config.client_side
+    highest = conn.highest_outbound_stream_id if outbound else conn.highest_inbound_stream_id
+    if stream_id <= highest:
+        raise StreamIDTooLowError(stream_id, highest)
+    if stream_id % 2 != allowed_ids:
+        raise ProtocolError("Invalid stream ID for peer.")
+    stream = H2Stream(
+        stream_id,
+        config=conn.config,
+        inbound_window_size=conn.local_settings._settings[_INITIAL_WINDOW][0],
+        outbound_window_size=conn.remote_settings._settings[_INITIAL_WINDOW][0],
+    )
+    stream.max_outbound_frame_size = conn.max_outbound_frame_size
+    conn.streams[stream_id] = stream
+    if outbound:
+        conn.highest_outbound_stream_id = stream_id
+    else:
+        conn.highest_inbound_stream_id = stream_id
+    return stream
+
+
 def _below_limit(conn: H2Connection, limit: int) -> bool:
     """Room for no walk: fewer streams known to ``conn`` than ``limit`` and its ``walk_from``."""
     return len(conn.streams) < min(limit, getattr(conn, "walk_from", 0))
@@ -569,25 +682,25 @@ def send_headers_on(
     stream = conn.streams.get(stream_id)
     if stream is None:
         if not below_limit:  # the peer's settings are read only when a count is needed
-            limit = conn.remote_settings.max_concurrent_streams
+            limit = max_concurrent_streams(conn.remote_settings)
             if not _below_limit(conn, limit):
                 open_now = conn.open_outbound_streams
                 if open_now + 1 > limit:
                     raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
         _connection_input(conn, ConnectionInputs.SEND_HEADERS)
-        stream = conn._begin_new_stream(stream_id, _ODD if conn.config.client_side else _EVEN)
+        stream = new_stream(conn, stream_id, _ODD if conn.config.client_side else _EVEN)
     else:
         _connection_input(conn, ConnectionInputs.SEND_HEADERS)
     machine = stream.state_machine
     if not machine.client and is_informational_response(headers):
         if end_stream:
             raise ProtocolError("Cannot set END_STREAM on informational responses.")
-        machine.process_input(StreamInputs.SEND_INFORMATIONAL_HEADERS)
+        stream_input(machine, _S_INFORMATIONAL, StreamInputs.SEND_INFORMATIONAL_HEADERS)
     else:
-        machine.process_input(StreamInputs.SEND_HEADERS)
+        stream_input(machine, _S_HEADERS, StreamInputs.SEND_HEADERS)
     block = conn.encoder.encode(headers)
     if end_stream:
-        machine.process_input(StreamInputs.SEND_END_STREAM)
+        stream_input(machine, _S_END, StreamInputs.SEND_END_STREAM)
     elif machine.trailers_sent:
         raise ProtocolError("Trailers must have END_STREAM set.")
     if machine.client and stream._authority is None:
@@ -623,9 +736,9 @@ def send_data_on(conn: H2Connection, stream_id: int, data: bytes, *, end_stream:
         raise FrameTooLargeError(f"Cannot send frame size {n} beyond the max frame size")
     _connection_input(conn, ConnectionInputs.SEND_DATA)
     machine = stream.state_machine
-    machine.process_input(StreamInputs.SEND_DATA)
+    stream_input(machine, _S_DATA, StreamInputs.SEND_DATA)
     if end_stream:
-        machine.process_input(StreamInputs.SEND_END_STREAM)
+        stream_input(machine, _S_END, StreamInputs.SEND_END_STREAM)
     out = conn._data_to_send
     out += _FRAME.pack(n << 8 | _DATA, _END_STREAM if end_stream else 0, stream_id)
     out += data
@@ -636,14 +749,29 @@ def send_data_on(conn: H2Connection, stream_id: int, data: bytes, *, end_stream:
 def receive_end_stream_on(conn: H2Connection, stream_id: int) -> list[Event]:
     """What ``conn.receive_data`` does with an empty DATA frame carrying END_STREAM on a stream
     that may receive (``can_receive``), without the frame (reach 10): the same state machines,
-    checks (a stream's declared content-length: ``ProtocolError``) and events."""
+    checks (a stream's declared content-length: ``ProtocolError``) and events. The stream's
+    side is ``H2Stream.receive_data(b"", True, 0)`` written out: its ``RECV_DATA`` and
+    ``RECV_END_STREAM`` inputs (reach 15), the content-length check (nothing more arrives,
+    so what was received must be what was declared); charging 0 bytes to its receive window
+    changes nothing (a window already below 0, which only lowering our own initial window
+    size after the preface could make, is not found here: the agent never does)."""
     try:
         events = _connection_input(conn, ConnectionInputs.RECV_DATA)
-        _frames, stream_events = conn.streams[stream_id].receive_data(b"", True, 0)
+        stream = conn.streams[stream_id]
+        machine = stream.state_machine
+        stream_events = stream_input(machine, _R_DATA, StreamInputs.RECV_DATA)
+        expected = stream._expected_content_length
+        if expected is not None and expected != stream._actual_content_length:
+            raise InvalidBodyLengthError(expected, stream._actual_content_length)
+        ended = stream_input(machine, _R_END, StreamInputs.RECV_END_STREAM)
     except ProtocolError as e:  # as ``receive_data``: GOAWAY queued, then the error raised
         conn._terminate_connection(e.error_code)
         raise
-    return events + stream_events
+    first: Any = stream_events[0]  # a DataReceived
+    first.stream_ended = ended[0]
+    first.data = b""
+    first.flow_controlled_length = 0
+    return events + stream_events + ended
 
 
 def receive_headers_on(
@@ -660,7 +788,7 @@ def receive_headers_on(
             or stream_id % 2 == 0
             or stream_id <= conn.highest_inbound_stream_id
             or (
-                not _below_limit(conn, limit := conn.local_settings.max_concurrent_streams)
+                not _below_limit(conn, limit := max_concurrent_streams(conn.local_settings))
                 and conn.open_inbound_streams + 1 > limit
             )
         ):
@@ -671,7 +799,7 @@ def receive_headers_on(
         headers = _h2_connection._decode_headers(conn.decoder, block)
         events = _connection_input(conn, ConnectionInputs.RECV_HEADERS)
         if stream is None:
-            stream = conn._begin_new_stream(stream_id, _EVEN if client_side else _ODD)
+            stream = new_stream(conn, stream_id, _EVEN if client_side else _ODD)
         stream_events = _stream_headers(conn, stream, headers, end_stream)
     except ProtocolError as e:
         conn._terminate_connection(e.error_code)
@@ -700,12 +828,14 @@ def _stream_headers(
     if is_informational_response(headers):
         if end_stream:
             raise ProtocolError("Cannot set END_STREAM on informational responses")
-        events: list[Any] = machine.process_input(StreamInputs.RECV_INFORMATIONAL_HEADERS)
+        events: list[Any] = stream_input(
+            machine, _R_INFORMATIONAL, StreamInputs.RECV_INFORMATIONAL_HEADERS
+        )
     else:
-        events = machine.process_input(StreamInputs.RECV_HEADERS)
+        events = stream_input(machine, _R_HEADERS, StreamInputs.RECV_HEADERS)
     first = events[0]
     if end_stream:
-        ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+        ended = stream_input(machine, _R_END, StreamInputs.RECV_END_STREAM)
         first.stream_ended = ended[0]
         events += ended
     stream._initialize_content_length(headers)
@@ -950,6 +1080,13 @@ def check_h2_internals() -> None:
         missing.append("H2Connection._data_to_send (a bytearray)")
     if not hasattr(getattr(probe, "state_machine", None), "process_input"):
         missing.append("H2Connection.state_machine")
+    transitions = getattr(_h2_stream, "_transitions", None)
+    used = (StreamInputs.SEND_HEADERS, StreamInputs.RECV_END_STREAM, StreamInputs.SEND_DATA)
+    if not isinstance(transitions, dict) or not all(_STEPS[i] for i in used):
+        missing.append("h2.stream._transitions (by state and StreamInputs)")
+    window = getattr(probe.local_settings, "_settings", {}).get(_INITIAL_WINDOW)
+    if not window or window[0] != probe.local_settings.initial_window_size:
+        missing.append("h2.settings.Settings._settings (a queue per setting)")
     if not isinstance(getattr(probe, "encoder", None), Encoder):
         missing.append("H2Connection.encoder (an hpack.Encoder)")
     for n in ("_normalize_inbound_headers", "_validate_inbound_headers", "_header_encoding"):
@@ -969,8 +1106,11 @@ def check_h2_internals() -> None:
             missing.append("H2Stream.state_machine.state")
         if not hasattr(stream, "outbound_flow_control_window"):
             missing.append("H2Stream.outbound_flow_control_window")
-        if not hasattr(stream, "_initialize_content_length"):
-            missing.append("H2Stream._initialize_content_length")
+        for n in ("_initialize_content_length", "_expected_content_length"):
+            if not hasattr(stream, n):
+                missing.append(f"H2Stream.{n}")
+        if not hasattr(stream, "_actual_content_length"):
+            missing.append("H2Stream._actual_content_length")
     if missing:
         raise ImportError(
             f"the installed h2 lacks {', '.join(missing)}, which agent.proxy.h2wire needs: "

@@ -61,7 +61,13 @@ from agent.proxy import hbone_events as ev
 from agent.proxy.budget import HboneBudget
 from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2, HEADERS
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
-from agent.proxy.h2wire import HboneSettings, new_connection, send_data_on, send_headers_on
+from agent.proxy.h2wire import (
+    HboneSettings,
+    max_concurrent_streams,
+    new_connection,
+    send_data_on,
+    send_headers_on,
+)
 from agent.proxy.hbone_events import Cause
 from agent.proxy.hbone_flow import DataFlow
 
@@ -503,7 +509,7 @@ class HboneConnection:
         if self.going_away or self.failed:
             return False
         limit = min(
-            self._h2.remote_settings.max_concurrent_streams, self.settings.max_concurrent_streams
+            max_concurrent_streams(self._h2.remote_settings), self.settings.max_concurrent_streams
         )
         return len(self._h2.streams) < limit or self._h2.open_outbound_streams < limit
 

@@ -78,6 +78,9 @@ class InboundHbone:
         self.per_peer: Counter[str] = Counter()  # handshaking or established, by peer address
         self._idle_timers: dict[HboneProtocol, asyncio.TimerHandle] = {}  # one per connection
         self._idle_since: dict[HboneProtocol, float] = {}  # loop time each went idle
+        # What a stream's CONNECT resolves to in the state of ``_facts_version`` (``_facts_of``).
+        self._facts: dict[_FactsKey, _Facts] = {}
+        self._facts_version = -1
 
     async def handle(self, sock: socket.socket, local_ip: str | None = None) -> None:
         """Serve one accepted connection; ``local_ip`` overrides ``getsockname()`` (tests)."""
@@ -270,22 +273,65 @@ class InboundHbone:
         proto.flush()
         proto.stream_closed()
 
-    def _client_ip(self, request: ev.TunnelRequested, principal: str, peer_ip: str) -> str:
+    def _client_ip(
+        self, snap: Snapshot, request: ev.TunnelRequested, principal: str, peer_ip: str
+    ) -> str:
         claimed = request.forwarded_for
         if claimed is None:
             return peer_ip
-        snap = self.core.snapshot()
         owner = snap.workload_by_ip.get(claimed)
         if owner is not None and self.core.identity(owner, snap) == principal:
             return claimed
-        log.info(
-            "HBONE from %s (%s) claims client %s, which is not its pod: using %s",
-            peer_ip,
-            principal,
-            claimed,
-            peer_ip,
-        )
         return peer_ip
+
+    def _facts_of(
+        self, snap: Snapshot, req: ev.TunnelRequested, principal: str, peer_ip: str
+    ) -> _Facts | None:
+        """What the state says about a stream's CONNECT: the local workload it targets (None:
+        not one), the client's address, the authority, the log prefix, the destination
+        identity, the dialled Service and the port's protocol. Kept per state version and per
+        what they depend on (``_FactsKey``): streams of the same client to the same pod port,
+        the common case on a pooled connection, look nothing up again until the state changes;
+        a new version drops them all. Authorization is not kept: it runs for every stream."""
+        if snap.version != self._facts_version:
+            self._facts.clear()
+            self._facts_version = snap.version
+        service_claim = req.headers.get(SERVICE_HEADER)
+        key = (req.host, req.port, req.forwarded_for, service_claim, principal, peer_ip)
+        facts = self._facts.get(key)
+        if facts is None:
+            workload = self.core.local_workload(snap, req.host)
+            if workload is None:
+                return None
+            authority = req.authority
+            facts = (
+                workload,
+                self._client_ip(snap, req, principal, peer_ip),
+                authority,
+                f"{principal} ({peer_ip}) -> {authority}",
+                self.core.identity(workload, snap),
+                dialled_service(snap, service_claim, req.host),
+                self.core.protocol(snap, req.host, req.port),
+            )
+            if len(self._facts) >= _KEPT_FACTS:
+                self._facts.clear()
+            self._facts[key] = facts
+        elif service_claim and not facts[5]:  # logged for every stream, as before
+            log.debug(
+                "CONNECT names Service %r, which does not select %s: ignored",
+                service_claim,
+                req.host,
+            )
+        claimed = req.forwarded_for
+        if claimed is not None and facts[1] != claimed:  # logged for every stream, as before
+            log.info(
+                "HBONE from %s (%s) claims client %s, which is not its pod: using %s",
+                peer_ip,
+                principal,
+                claimed,
+                peer_ip,
+            )
+        return facts
 
     async def _serve(
         self, proto: HboneProtocol, req: ev.TunnelRequested, local_ip: str, peer_ip: str
@@ -296,37 +342,38 @@ class InboundHbone:
         except PeerIdentityError as e:
             self._refuse(proto, sid, 401, "peer_identity", f"from {peer_ip}: {e}")
             return
-        where = f"{principal} ({peer_ip}) -> {req.authority}"
         if req.host != local_ip:
+            where = f"{principal} ({peer_ip}) -> {req.authority}"
             self._refuse(
                 proto, sid, 400, "authority_mismatch", f"{where}: connection was to {local_ip}"
             )
             return
         if req.port in self.core.settings.proxy_ports:
+            where = f"{principal} ({peer_ip}) -> {req.authority}"
             self._refuse(
                 proto, sid, 400, "proxy_port", f"{where}: port {req.port} is the proxy's own"
             )
             return
         snap = self.core.snapshot()
-        workload = self.core.local_workload(snap, req.host)
-        if workload is None:
+        facts = self._facts_of(snap, req, principal, peer_ip)
+        if facts is None:
+            where = f"{principal} ({peer_ip}) -> {req.authority}"
             self._refuse(
                 proto, sid, 400, "not_local_workload", f"{where}: no longer a local meshed pod"
             )
             return
-        client_ip = self._client_ip(req, principal, peer_ip)
+        workload, client_ip, authority, where, destination_identity, service, protocol = facts
         request = Request(client_ip, req.host, req.port, principal)
         record = ConnectionRecord(
             INBOUND,
             client_ip,
-            req.authority,
+            authority,
             source_identity=principal,
-            destination_identity=self.core.identity(workload, snap),
+            destination_identity=destination_identity,
             security=SECURITY_MTLS,
             path="hbone",
-            service=dialled_service(snap, req.headers.get(SERVICE_HEADER), req.host),
+            service=service,
         )
-        protocol = self.core.protocol(snap, req.host, req.port)
         http = protocol != TCP
         allowed = http or self.core.authorize(request, workload, where, snap, unregistered=record)
         if not allowed:
@@ -425,6 +472,15 @@ class InboundHbone:
             proto.goaway()
             if not proto.streams and proto.transport is not None:
                 proto.transport.close()
+
+
+# A stream's CONNECT as the state sees it: (pod IP, port, claimed client, claimed Service,
+# peer's principal, peer's address) -> (workload, client IP, authority, log prefix, destination
+# identity, dialled Service, protocol). At most ``_KEPT_FACTS`` per state version (a peer that
+# makes new claims for every stream only refills it), about 0.5 KB each.
+_FactsKey = tuple[str, int, str | None, str | None, str, str]
+_Facts = tuple[Workload, str, str, str, str, str, str]
+_KEPT_FACTS = 256
 
 
 class _Relayed:

@@ -46,6 +46,13 @@ log = logging.getLogger(__name__)
 Upstream = socket.socket | TunnelStream
 
 
+# (route, source identity, destination identity) of a pod-IP or passthrough destination, per
+# (client IP, destination IP, port); at most ``_KEPT_ROUTES`` per state version (about 0.3 KB
+# each: the route's workloads are the snapshot's own).
+_Kept = tuple[Route, str | None, str | None]
+_KEPT_ROUTES = 1024
+
+
 class _Expired:
     """A tunnel open's deadline (``Outbound._open_within``): cancels the opening task, and
     remembers it did, so that the cancellation is told apart from any other."""
@@ -101,6 +108,10 @@ class Outbound:
         self.pool = pool
         self._relayed = _Relayed(core.registry)
         self.resolver = Resolver(core.node)
+        # A pod IP's or passthrough destination's route, per client, destination and port, in
+        # the state of ``_routes_version`` (``_route_of``).
+        self._routes: dict[tuple[str, str, int], _Kept] = {}
+        self._routes_version = -1
         self.balanced = BalancedOutbound(self)
         self.http = HttpOutbound(self)
 
@@ -116,34 +127,26 @@ class Outbound:
             return None
         src_ip, src_port, dst_ip, dst_port = addresses
         snap = self.core.snapshot()
-        source = self.resolver.source(snap, src_ip)
-        try:
-            target = self.resolver.service(snap, dst_ip, dst_port)
-        except NoEndpoints as e:
-            if e.target is not None and port_protocol(e.target.port) == HTTP:
-                # An HTTP client is answered 503 (UH) per request, not reset.
-                await self.http.handle(client, source, e.target, _addr(src_ip, src_port))
+        if snap.version != self._routes_version:
+            self._routes.clear()
+            self._routes_version = snap.version
+        key = (src_ip, dst_ip, dst_port)
+        kept = self._routes.get(key)
+        if kept is None:
+            kept = await self._resolve(client, snap, key, src_port)
+            if kept is None:
                 return None
-            if e.target is not None and port_protocol(e.target.port) in (HTTP2, GRPC):
-                # Per request too: its routes may send it to other Services (else 503 / UH).
-                src = _addr(src_ip, src_port)
-                await H2SourceSession(self, client, snap, source, e.target, src).serve()
-                return None
-            self.core.registry.reject("no_endpoints", str(e))
-            sockets.abort(client)
-            return None
-        if target is not None and port_protocol(target.port) == HTTP:
-            await self.http.handle(client, source, target, _addr(src_ip, src_port))
-            return None
-        if target is not None:
-            src = _addr(src_ip, src_port)
-            if port_protocol(target.port) in (HTTP2, GRPC):  # per request (``h2outbound``)
-                await H2SourceSession(self, client, snap, source, target, src).serve()
-                return None
-            await self.balanced.handle(client, snap, source, target, src)
-            return None
-        route = self.resolver.route(snap, source, dst_ip, dst_port)
-        record = self.record(snap, route, _addr(src_ip, src_port), _addr(dst_ip, dst_port))
+        route, source_identity, destination_identity = kept
+        destination = _addr(dst_ip, dst_port)
+        record = ConnectionRecord(  # what ``record`` makes for ``route``, its identities kept
+            OUTBOUND,
+            _addr(src_ip, src_port),
+            destination,
+            source_identity,
+            destination_identity,
+            path=route.kind,
+            upstream=destination,
+        )
         if route.kind == "local":
             protocol = self.core.protocol(snap, dst_ip, dst_port)
             if protocol != TCP:  # a declared HTTP port: served per request (``samenode``)
@@ -172,6 +175,49 @@ class Outbound:
             sockets.abort(client)
             raise
         return self._start(client, upstream, record, conn_id, splice=route.kind == "local")
+
+    async def _resolve(
+        self, client: socket.socket, snap: Snapshot, key: tuple[str, str, int], src_port: int
+    ) -> _Kept | None:
+        """Where a connection to ``key``'s destination goes and what its record says about
+        both ends, kept for the rest of the state version when it is a pod IP or passthrough
+        (at most ``_KEPT_ROUTES``: a new version drops them all); None when it went elsewhere
+        and is served already (a Service VIP: traffic control or an HTTP layer, per connection;
+        a refusal)."""
+        src_ip, dst_ip, dst_port = key
+        source = self.resolver.source(snap, src_ip)
+        try:
+            target = self.resolver.service(snap, dst_ip, dst_port)
+        except NoEndpoints as e:
+            if e.target is not None and port_protocol(e.target.port) == HTTP:
+                # An HTTP client is answered 503 (UH) per request, not reset.
+                await self.http.handle(client, source, e.target, _addr(src_ip, src_port))
+                return None
+            if e.target is not None and port_protocol(e.target.port) in (HTTP2, GRPC):
+                # Per request too: its routes may send it to other Services (else 503 / UH).
+                src = _addr(src_ip, src_port)
+                await H2SourceSession(self, client, snap, source, e.target, src).serve()
+                return None
+            self.core.registry.reject("no_endpoints", str(e))
+            sockets.abort(client)
+            return None
+        if target is not None and port_protocol(target.port) == HTTP:
+            await self.http.handle(client, source, target, _addr(src_ip, src_port))
+            return None
+        if target is not None:
+            src = _addr(src_ip, src_port)
+            if port_protocol(target.port) in (HTTP2, GRPC):  # per request (``h2outbound``)
+                await H2SourceSession(self, client, snap, source, target, src).serve()
+                return None
+            await self.balanced.handle(client, snap, source, target, src)
+            return None
+        route = self.resolver.route(snap, source, dst_ip, dst_port)
+        described = self.record(snap, route, "", "")
+        kept = (route, described.source_identity, described.destination_identity)
+        if len(self._routes) >= _KEPT_ROUTES:
+            self._routes.clear()
+        self._routes[key] = kept
+        return kept
 
     def _start(
         self,

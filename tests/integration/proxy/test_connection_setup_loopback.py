@@ -14,10 +14,15 @@ from typing import Any
 import pytest
 import uvloop
 
-from agent.proxy import outbound, sockets
+from agent.proxy import inbound, outbound, sockets
+from agent.proxy.core import Core
 from agent.proxy.inbound import InboundHbone
+from agent.proxy.resolve import Resolver
+from agent.state import Snapshot, Workload
+from agent.telemetry.records import INBOUND, ConnectionRecord
 from tests.integration.proxy.mesh import CLIENT, LOCAL, OUTSIDER, SERVER, Mesh
 from tests.integration.proxy.test_proxy_loopback import echo_peer, request_response, roundtrip
+from tests.workloads import workload
 
 pytestmark = pytest.mark.root
 
@@ -266,3 +271,157 @@ async def _relays_ended(mesh: Mesh) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the relays did not end")
+
+
+def test_the_destination_looks_a_streams_pod_up_once_per_state_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """For every CONNECT the destination looked up in the state what only the state and the
+    CONNECT decide: the local workload, the claimed client's owner and identity, the
+    destination identity, the dialled Service, the port's protocol. Streams of the same
+    client to the same pod port in one state version now find them kept (one look-up for
+    four streams, four before; the HBONE connection's own look-up at its accept is not
+    counted); a state change (here the server's service account) makes the next stream look
+    them up again, and its record carries the new identity."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    looked_up: list[str] = []
+    local_workload = Core.local_workload
+
+    def counting(self: Core, snap: Snapshot, ip: str) -> Workload | None:
+        caller = sys._getframe(1)  # not the connection's own, at its accept (``handle``)
+        if (
+            caller.f_globals["__name__"] == "agent.proxy.inbound"
+            and caller.f_code.co_name != "handle"
+        ):
+            looked_up.append(ip)
+        return local_workload(self, snap, ip)
+
+    class Opened:
+        def __init__(self) -> None:
+            self.identities: list[str] = []
+
+        def opened(self, record: ConnectionRecord) -> None:
+            if record.direction == INBOUND:
+                self.identities.append(record.destination_identity)
+
+        def closed(self, record: ConnectionRecord) -> None:
+            pass
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        opened = Opened()
+        mesh.node2.core.registry.observers.append(opened)
+        try:
+            port = mesh.app(SERVER, echo_peer)
+            monkeypatch.setattr(Core, "local_workload", counting)
+            for _ in range(4):  # the first dials the HBONE connection
+                reply = await roundtrip(mesh, CLIENT, (SERVER, port))
+                assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                await _relays_ended(mesh)
+            assert looked_up == [SERVER]
+            with mesh.store.update() as txn:
+                txn.put_workload(workload("server", "node2", SERVER, app="server", sa="other"))
+            reply = await roundtrip(mesh, CLIENT, (SERVER, port))
+            assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+            await _relays_ended(mesh)
+            assert looked_up == [SERVER, SERVER]
+            assert opened.identities[-1].endswith("/sa/other")
+            assert opened.identities[1:-1] == [opened.identities[0]] * 3
+            assert not opened.identities[0].endswith("/sa/other")
+        finally:
+            await mesh.close()
+
+    uvloop.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_source_resolves_a_pod_destination_once_per_state_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """For every captured connection the source resolved its client and destination in the
+    state (the client workload, Service VIP or not, the route, both identities). For a pod
+    IP, what it found is now kept per client, destination and port until the state changes:
+    four connections to each of a pod on another node and one on this node resolve once each
+    (eight times before); a state change (the far pod's service account) makes the next
+    connection resolve again, and its record carries the new identity."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    resolved: list[str] = []
+    route = Resolver.route
+
+    def counting(self: Resolver, snap: Snapshot, source: Any, ip: str, port: int) -> Any:
+        if sys._getframe(1).f_globals["__name__"] == "agent.proxy.outbound":
+            resolved.append(ip)
+        return route(self, snap, source, ip, port)
+
+    class Opened:
+        def __init__(self) -> None:
+            self.identities: list[tuple[str | None, str | None, str]] = []
+
+        def opened(self, record: ConnectionRecord) -> None:
+            self.identities.append(
+                (record.source_identity, record.destination_identity, record.path)
+            )
+
+        def closed(self, record: ConnectionRecord) -> None:
+            pass
+
+    monkeypatch.setattr(Resolver, "route", counting)
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        opened = Opened()
+        mesh.node1.core.registry.observers.append(opened)
+        try:
+            ports = {pod: mesh.app(pod, echo_peer) for pod in (SERVER, LOCAL)}
+            for _ in range(4):
+                for pod, port in ports.items():
+                    reply = await roundtrip(mesh, CLIENT, (pod, port))
+                    assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                    await _relays_ended(mesh)
+            assert resolved == [SERVER, LOCAL]
+            assert len(set(opened.identities)) == 2
+            with mesh.store.update() as txn:
+                txn.put_workload(workload("server", "node2", SERVER, app="server", sa="other"))
+            reply = await roundtrip(mesh, CLIENT, (SERVER, ports[SERVER]))
+            assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+            await _relays_ended(mesh)
+            assert resolved == [SERVER, LOCAL, SERVER]
+            source, destination, path = opened.identities[-1]
+            assert path == "hbone" and destination is not None
+            assert destination.endswith("/sa/other") and source == opened.identities[0][0]
+        finally:
+            await mesh.close()
+
+    uvloop.run(asyncio.wait_for(main(), 60))
+
+
+def test_what_the_proxies_keep_per_state_version_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The source's kept routes and the destination's kept CONNECT facts are bounded: at the
+    bound they are dropped and filled again (here a bound of 2, three pod ports), and every
+    connection is still served as the state says."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    monkeypatch.setattr(outbound, "_KEPT_ROUTES", 2)
+    monkeypatch.setattr(inbound, "_KEPT_FACTS", 2)
+
+    async def main() -> None:
+        mesh = Mesh()
+        await mesh.start()
+        try:
+            ports = [mesh.app(SERVER, echo_peer) for _ in range(3)]
+            for _ in range(2):
+                for port in ports:
+                    reply = await roundtrip(mesh, CLIENT, (SERVER, port))
+                    assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                    assert len(mesh.node1.outbound._routes) <= 2
+                    assert len(mesh.node2.inbound._facts) <= 2
+            await _relays_ended(mesh)
+        finally:
+            await mesh.close()
+
+    uvloop.run(asyncio.wait_for(main(), 60))

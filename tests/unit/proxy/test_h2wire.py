@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from functools import partial
 
 import h2.config
 import h2.connection
@@ -433,7 +434,16 @@ def test_receive_end_stream_on_moves_state_as_h2s_receive_data(
                 events = h2wire.receive_end_stream_on(ours, 1)
             else:
                 events = ours.receive_data(bytes.fromhex("000000000100000001"))
-            outcome: object = [(type(e).__name__, getattr(e, "stream_id", None)) for e in events]
+            outcome: object = [
+                (
+                    type(e).__name__,
+                    getattr(e, "stream_id", None),
+                    getattr(e, "data", None),
+                    getattr(e, "flow_controlled_length", None),
+                    type(getattr(e, "stream_ended", None)).__name__,
+                )
+                for e in events
+            ]
         except h2.exceptions.ProtocolError as e:
             outcome = type(e).__name__
         outcomes.append((outcome, h2wire.stream_state(ours, 1), bytes(ours.data_to_send())))
@@ -806,3 +816,101 @@ def test_connection_input_is_the_state_machines(
     theirs = outcome(lambda conn: conn.state_machine.process_input(input_))
     assert ours == theirs
     assert h2wire._unchanged_in_open_states()
+
+
+def _machine_outcome(
+    machine: h2.stream.H2StreamStateMachine, feed: Callable[[], list[h2.events.Event]]
+) -> object:
+    try:
+        events: object = [(type(e).__name__, vars(e)) for e in feed()]
+    except Exception as e:
+        events = (type(e).__name__, str(e))
+    return events, vars(machine)
+
+
+@pytest.mark.parametrize("state", list(StreamState))
+@pytest.mark.parametrize("input_", list(h2.stream.StreamInputs))
+def test_stream_input_is_h2s_process_input(
+    state: StreamState, input_: h2.stream.StreamInputs
+) -> None:
+    """Reach 15: every state and input, with every combination of the flags the transition
+    functions read, gives what ``H2StreamStateMachine.process_input`` gives: the events (their
+    fields), the error (type and message), the machine's state and flags after."""
+    flags = ("headers_sent", "trailers_sent", "headers_received", "trailers_received")
+    for client in (None, True, False):
+        for values in itertools.product((None, True), repeat=len(flags)):
+            machines = []
+            for _ in range(2):
+                machine = h2.stream.H2StreamStateMachine(7)
+                machine.state, machine.client = state, client
+                for flag, value in zip(flags, values, strict=True):
+                    setattr(machine, flag, value)
+                machines.append(machine)
+            ours, theirs = machines
+            steps = h2wire._STEPS[input_]
+            assert _machine_outcome(
+                ours, partial(h2wire.stream_input, ours, steps, input_)
+            ) == _machine_outcome(theirs, partial(theirs.process_input, input_))
+
+
+def _stream_view_of(stream: h2.stream.H2Stream, conn: H2Connection) -> object:
+    fields = dict(vars(stream))
+    assert fields.pop("config") is conn.config
+    fields["state_machine"] = vars(fields["state_machine"])
+    fields["_inbound_window_manager"] = vars(fields["_inbound_window_manager"])
+    return fields
+
+
+@pytest.mark.parametrize("client_side", [True, False])
+def test_new_stream_is_h2s_begin_new_stream(client_side: bool) -> None:
+    """Reach 16: ``new_stream`` makes the stream ``_begin_new_stream`` makes, with the
+    windows of the settings in force (the peer's changed initial window and frame size
+    included), and refuses the same ids (too low, wrong parity) with the same errors."""
+    results = []
+    for make in (h2wire.new_stream, H2Connection._begin_new_stream):
+        conn = new_connection(client_side=client_side, settings=HboneSettings())
+        peer = H2Connection(h2.config.H2Configuration(client_side=not client_side))
+        peer.initiate_connection()
+        peer.update_settings(
+            {
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 12345,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: 32768,
+            }
+        )
+        conn.receive_data(peer.data_to_send())
+        seen = []
+        for sid, allowed in itertools.product(
+            (1, 2, 3, 4, 3, 9, 8),
+            (h2.connection.AllowedStreamIDs.ODD, h2.connection.AllowedStreamIDs.EVEN),
+        ):
+            try:
+                outcome: object = _stream_view_of(make(conn, sid, allowed), conn)  # type: ignore[arg-type]
+            except h2.exceptions.ProtocolError as e:
+                outcome = (type(e).__name__, str(e))
+            seen.append((outcome, conn.highest_inbound_stream_id, conn.highest_outbound_stream_id))
+        seen.append(sorted(conn.streams))
+        results.append(seen)
+    assert results[0] == results[1]
+    assert any(
+        isinstance(o, dict)
+        and o["outbound_flow_control_window"] == 12345
+        and o["max_outbound_frame_size"] == 32768
+        for o, *_ in results[0][:-1]
+    )
+
+
+def test_max_concurrent_streams_is_the_settings_property() -> None:
+    """Reach 16: ``max_concurrent_streams`` reads what the property answers: the default (no
+    limit), a value sent and acknowledged, a value received but not in force yet."""
+    ours = new_connection(client_side=True, settings=HboneSettings())
+    plain = h2.settings.Settings(client=False)
+    code = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+    seen = [(h2wire.max_concurrent_streams(plain), plain.max_concurrent_streams)]
+    plain[code] = 7  # received, not acknowledged: the default stays in force
+    seen.append((h2wire.max_concurrent_streams(plain), plain.max_concurrent_streams))
+    plain.acknowledge()
+    seen.append((h2wire.max_concurrent_streams(plain), plain.max_concurrent_streams))
+    ours_limit = ours.local_settings.max_concurrent_streams
+    seen.append((h2wire.max_concurrent_streams(ours.local_settings), ours_limit))
+    assert all(a == b for a, b in seen), seen
+    assert [b for _, b in seen] == [2**32 + 1, 2**32 + 1, 7, HboneSettings().max_concurrent_streams]

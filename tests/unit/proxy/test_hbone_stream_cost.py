@@ -12,6 +12,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.settings
 import h2.stream
 import pytest
 
@@ -229,3 +230,35 @@ def test_a_new_stream_is_made_without_h2s_key_error(monkeypatch: pytest.MonkeyPa
     p = Pair()
     for _ in range(3):
         stream_life(p)
+
+
+def test_a_streams_life_feeds_h2s_stream_machines_without_process_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each stream input went through ``H2StreamStateMachine.process_input`` (an ``isinstance``
+    and a Python-level ``Enum.__hash__`` per input, 12 a proxied connection); a new stream
+    through ``_begin_new_stream`` (three no-op debug calls, the settings read through
+    properties and ``Settings.__getitem__``); a received END_STREAM through
+    ``H2Stream.receive_data``. ``h2wire`` does each itself (reaches 10, 15, 16): none of them
+    is called in three streams' lives, which still complete on both sides."""
+    p = Pair()
+    stream_life(p)
+    calls: list[str] = []
+
+    def refuse(name: str, real: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return counted
+
+    for owner, name in (
+        (h2.stream.H2StreamStateMachine, "process_input"),
+        (h2.stream.H2Stream, "receive_data"),
+        (h2.connection.H2Connection, "_begin_new_stream"),
+        (h2.settings.Settings, "__getitem__"),
+    ):
+        monkeypatch.setattr(owner, name, refuse(name, getattr(owner, name)))
+    for _ in range(3):
+        stream_life(p)
+    assert calls == []

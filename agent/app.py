@@ -62,6 +62,7 @@ from agent.wiring import local_pods, node_proxy, observability
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
+    from agent.policy.ratelimit import Limiter
     from agent.policy.sharedbuckets import BucketTable
     from agent.proxy.component import ProxyComponent
     from agent.workers.supervisor import Workers
@@ -128,9 +129,10 @@ def open_source(config: AgentConfig, store: StateStore) -> StateSource:
     return kube
 
 
-def continued_buckets(name: bytes) -> BucketTable | None:
-    """The rate-limit table of the agent this one replaces (holding ``name``), or None when
-    this agent's buckets start full: logged either way, once. Never fails the start."""
+def continued_buckets(name: bytes) -> tuple[BucketTable, int] | None:
+    """The rate-limit table of the agent this one replaces (holding ``name``) and that agent's
+    pid, or None when this agent's buckets start full: logged either way, once. Never fails
+    the start."""
     from agent.policy import sharedbuckets  # only at an upgrade: not in every agent's memory
 
     try:
@@ -138,7 +140,47 @@ def continued_buckets(name: bytes) -> BucketTable | None:
     except handover.HandoverError as e:
         log.warning("rate-limit buckets start full: %s", e)
         return None
-    return sharedbuckets.adopt(fd, pid)
+    table = sharedbuckets.adopt(fd, pid)
+    return None if table is None else (table, pid)
+
+
+class _Limited(Protocol):
+    limiter: Limiter  # what ``Core`` holds
+
+
+def share_until_exit(core: _Limited, table: BucketTable, pid: int) -> handover.ExitWatch | None:
+    """A single-process successor's buckets: ``core`` takes from its predecessor's ``table``
+    for as long as that agent (pid ``pid``) serves, draining included, so both take from the
+    same buckets; once it has exited, from in-process buckets again that start at the levels
+    the table held (``leave_table``). The watch to start in the loop, or None when there is
+    nothing to wait for (the predecessor exited already, or no pidfd: then, logged once, this
+    agent stays on the table, which is right, for the table's cost per limited request)."""
+    from agent.policy import sharedbuckets
+
+    core.limiter = sharedbuckets.SharedRateLimiter(table)
+    try:
+        return handover.ExitWatch(pid, lambda: leave_table(core, pid))
+    except ProcessLookupError:
+        leave_table(core, pid)
+    except OSError as e:
+        log.warning(
+            "cannot watch agent %s for its exit (%s): rate limits stay on the shared bucket "
+            "table for this agent's life",
+            pid,
+            e,
+        )
+    return None
+
+
+def leave_table(core: _Limited, pid: int) -> None:
+    """Agent ``pid`` ended: nobody else takes from the table ``core`` shares with it (unless
+    this agent handed it on), so back to in-process buckets at the table's levels."""
+    from agent.policy import sharedbuckets
+
+    limiter = sharedbuckets.unshare(core.limiter)
+    if limiter is not core.limiter:
+        core.limiter = limiter
+        log.info("agent %s exited: rate-limit buckets in this process again, levels kept", pid)
 
 
 def mesh_components(
@@ -232,6 +274,8 @@ class Agent:
         self._handover: handover.HandoverServer | None = None
         self._handover_sock: socket.socket | None = None
         self._release: asyncio.Task[None] | None = None
+        # A single-process successor sharing its predecessor's buckets: until that one exits.
+        self._predecessor_exit: handover.ExitWatch | None = None
 
     # -- before the loop -------------------------------------------------------------------
     def prepare(self) -> None:
@@ -239,7 +283,7 @@ class Agent:
         # SIGTERM it gets from now on waits for the takeover).
         name = handover.socket_name(self.config.pin_dir)
         self.predecessor = handover.Successor.find(name)
-        buckets = None
+        continued = None
         if self.predecessor is None:
             self._handover_sock = handover.bind(name)
             if self._handover_sock is None:
@@ -248,19 +292,15 @@ class Agent:
                     "start one at a time"
                 )
         elif self.proxy is not None or self.config.workers > 1:
-            buckets = continued_buckets(name)
+            continued = continued_buckets(name)
         self.source = open_source(self.config, self.store)
         self.datapath.start()
         splice = self._splice()
         if self.config.workers > 1:
-            self._start_workers(splice, buckets)
+            self._start_workers(splice, continued[0] if continued is not None else None)
         else:
-            if buckets is not None and self.proxy is not None:
-                from agent.policy import sharedbuckets
-                from agent.policy.ratelimit import RateLimiter
-
-                seed = sharedbuckets.TableSeed(buckets)
-                self.proxy.proxy.core.limiter = RateLimiter(seed=seed)
+            if continued is not None and self.proxy is not None:
+                self._predecessor_exit = share_until_exit(self.proxy.proxy.core, *continued)
             if splice is not None and self.proxy is not None:
                 self.proxy.use_splicer(splice)  # with workers, they build their own
             self.listeners = open_listeners(
@@ -341,6 +381,8 @@ class Agent:
         stop = self._stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if self._predecessor_exit is not None:
+            self._predecessor_exit.start()
 
         def changed(_snapshot: Snapshot, _kinds: frozenset[str]) -> None:
             loop.call_soon_threadsafe(self._dirty.set)  # sources may write from any thread
@@ -391,6 +433,8 @@ class Agent:
         await self._ready.stop()
         if self._handover is not None:
             await self._handover.stop()
+        if self._predecessor_exit is not None:
+            self._predecessor_exit.close()
         return 1 if failed else 0
 
     # -- upgrades (agent.handover) ---------------------------------------------------------
@@ -468,7 +512,8 @@ class Agent:
 
     def _buckets_for_successor(self, layout: int) -> int:
         """The rate-limit table a successor continues (``handover.Buckets``): the workers'
-        shared one, or this process's buckets copied into one that it uses from now on."""
+        shared one, the one this agent still shares with its own predecessor, or this
+        process's buckets copied into one that it uses from now on."""
         from agent.policy import sharedbuckets
 
         if layout != sharedbuckets.LAYOUT:

@@ -23,7 +23,10 @@ a bucket table (``SCM_RIGHTS``) and the table layout it was asked for, so a roll
 give every limited client a fresh burst. The layout travels in the request and in the table's
 own header, so agents of different versions refuse each other's tables rather than misread
 them; an agent that predates this answers "unknown operation". Whatever goes wrong there, the
-successor starts with full buckets and the handover goes on.
+successor starts with full buckets and the handover goes on. A single-process successor takes
+from that table until the predecessor has exited, which it learns from the predecessor's
+process itself (``ExitWatch``: a pidfd of the pid in the answer, readable however the process
+ended), not from a connection, which the handover closes at its end anyway.
 
 A successor that disappears before step 3 gives the node back: the predecessor resumes writing
 and registers its listeners again. Only a process of the same user may talk to an agent here
@@ -374,6 +377,38 @@ def _bucket_reply(line: bytes, fds: list[int], layout: int) -> tuple[int, int]:
         )
     os.set_inheritable(fds[0], False)
     return fds[0], pid
+
+
+class ExitWatch:
+    """Says once that another agent's process has ended, however it ended (an exit, SIGKILL, a
+    crash): its pidfd turns readable then, and names that process even if its pid is reused
+    later. Opening it raises ProcessLookupError when the process is gone already (and another
+    OSError where the kernel has no pidfds, before 5.3); ``start`` then waits in the loop at no
+    cost until it fires."""
+
+    def __init__(self, pid: int, gone: Callable[[], None]) -> None:
+        self.pid = pid
+        self._gone = gone
+        self._fd = os.pidfd_open(pid)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Call ``gone`` from the running loop once the process has ended."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._ended)
+
+    def _ended(self) -> None:
+        self.close()
+        self._gone()
+
+    def close(self) -> None:
+        """Stop watching (also after it fired)."""
+        if self._fd < 0:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._fd = -1
 
 
 def who(name: bytes, timeout: float = 2.0) -> dict[str, Any] | None:

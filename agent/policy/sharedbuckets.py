@@ -28,10 +28,13 @@ the kernel releases a lock whose holder dies, so a killed worker cannot wedge a 
 refill arithmetic is ``ratelimit.refill``, the same as the single-process buckets'.
 
 Across an upgrade the successor agent continues the table (``agent.handover`` passes its
-descriptor): with workers, both agents' workers map the same table; a single-process agent
-copies its buckets into a new one (``share``) and a single-process successor starts each new
-bucket at the level a table holds for it (``TableSeed``). Every process that maps a table checks its
-header, so a table of another agent version is refused (``TableError``), never misread.
+descriptor), and for as long as both agents serve (the old one draining), every take of either
+comes out of it: workers map it, a single-process predecessor copies its buckets into a new
+table and moves to it (``share``), a single-process successor takes from the table it got
+(``SharedRateLimiter``) until its predecessor has exited, and then goes back to in-process
+buckets that start at the levels the table held (``unshare``, ``LevelSeed``), its descriptor and
+mapping released. Every process that maps a table checks its header, so a table of another
+agent version is refused (``TableError``), never misread.
 
 A bucket's key carries every value of its limit, so a changed policy starts with new, full
 buckets, and the slots of limits no longer in force are reused as they age. A policy deleted
@@ -189,8 +192,34 @@ class BucketTable:
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, SET.size, base)
 
+    def levels(self) -> dict[int, tuple[float, float]]:
+        """(tokens, stamp) of every bucket in the table, by key: what a process that leaves the
+        table takes along (``unshare``). Read with ``pread``, which leaves the holes of the
+        sparse file unallocated where reading through the mapping would fill them in."""
+        out: dict[int, tuple[float, float]] = {}
+        empty = bytes(SET.size)
+        step = SET.size * 1024  # 192 KiB at a time
+        end = HEADER.size + self._sets * SET.size
+        for start in range(HEADER.size, end, step):
+            chunk = os.pread(self.fd, min(step, end - start), start)
+            for at in range(0, len(chunk), SET.size):
+                if chunk[at : at + SET.size] == empty:
+                    continue
+                slots = SET.unpack_from(chunk, at)
+                for way in range(WAYS):
+                    if key := slots[3 * way]:
+                        out[key] = slots[3 * way + 1], slots[3 * way + 2]
+        return out
+
     def close(self) -> None:
         self._map.close()
+
+    def release(self) -> None:
+        """Unmap the table and close its descriptor: for a process that owns ``fd`` and is done
+        with the table (the memory goes once no other process holds it)."""
+        self._map.close()
+        os.close(self.fd)
+        self.fd = -1
 
 
 def _oldest(stamps: tuple[float, ...]) -> int:
@@ -204,6 +233,9 @@ class SharedRateLimiter:
 
     def __init__(self, table: BucketTable) -> None:
         self.table = table
+        # Set once this agent gave the table to a successor (``share``): it then stays on the
+        # table for its life, since the successor takes from it too.
+        self.handed_on = False
         self._keys: dict[tuple[RateLimit, str], int] = {}
 
     def admit(
@@ -234,24 +266,41 @@ def share(limiter: Limiter) -> tuple[int, Limiter]:
     sends and closes it) and the limiter this agent uses from now on.
 
     A shared limiter's own table is handed over as it is, so both agents take from the same
-    buckets for the rest of the handover and drain. In-process buckets are written into a
+    buckets for the rest of the handover and drain. In-process buckets are written into a new
     table, and this agent moves to that table itself, so the requests its established
     connections carry afterwards still count where the successor reads them. Its limited
     requests cost the shared table's price (about 4 µs more) from then on; it is draining. The
-    table is the one this agent's buckets were seeded from, if any (so a bucket it never
-    touched keeps its predecessor's level for the next agent), else a new one.
+    levels this agent was seeded with and never used (``LevelSeed``: buckets only the agent
+    before it touched) go into the table too, so the next agent continues them as well.
     """
     if isinstance(limiter, SharedRateLimiter):
+        limiter.handed_on = True
         return os.dup(limiter.table.fd), limiter
     if not isinstance(limiter, RateLimiter):
         raise TypeError(f"cannot hand over the buckets of a {type(limiter).__name__}")
-    if isinstance(limiter.seed, TableSeed):
-        table = limiter.seed.table
-    else:  # a new table, kept open for this process's life: its limiter locks through it
-        table = BucketTable(create_table())
+    # A new table, kept open for this process's life: its limiter locks through it.
+    table = BucketTable(create_table())
+    if isinstance(limiter.seed, LevelSeed):
+        for key, (tokens, stamp) in limiter.seed.levels.items():
+            table.fill(key, tokens, stamp)
     for limit, pod_ip, identity, bucket in limiter.levels():
         table.fill(bucket_key(limit, pod_ip, identity), bucket.tokens, bucket.stamp)
-    return os.dup(table.fd), SharedRateLimiter(table)
+    shared = SharedRateLimiter(table)
+    shared.handed_on = True
+    return os.dup(table.fd), shared
+
+
+def unshare(limiter: Limiter) -> Limiter:
+    """The limiter of a single-process agent once no other agent takes from its table (its
+    predecessor exited): in-process buckets again, each starting at the level the table holds
+    for it, so leaving the table gives no client a fresh burst; the table's descriptor and
+    mapping are released. A limiter whose table this agent handed on to a successor (or that
+    is not on a table) is returned as it is."""
+    if not isinstance(limiter, SharedRateLimiter) or limiter.handed_on:
+        return limiter
+    levels = limiter.table.levels()
+    limiter.table.release()
+    return RateLimiter(seed=LevelSeed(levels))
 
 
 def adopt(fd: int, predecessor: object) -> BucketTable | None:
@@ -270,10 +319,13 @@ def adopt(fd: int, predecessor: object) -> BucketTable | None:
 
 
 @dataclass(frozen=True)
-class TableSeed:
-    """``RateLimiter``'s seed from a predecessor's table: the level it holds for a bucket."""
+class LevelSeed:
+    """``RateLimiter``'s seed after leaving a table: the levels it held, by bucket key. Each is
+    given out once, to the bucket created for it (an in-process bucket then carries it on),
+    so the copy shrinks as buckets come back into use; at most one entry per slot the table
+    held (about 170 bytes each)."""
 
-    table: BucketTable
+    levels: dict[int, tuple[float, float]]
 
     def __call__(self, limit: RateLimit, pod_ip: str, identity: str) -> tuple[float, float] | None:
-        return self.table.level(bucket_key(limit, pod_ip, identity))
+        return self.levels.pop(bucket_key(limit, pod_ip, identity), None)

@@ -4,14 +4,16 @@ glue on both sides (``Agent._buckets_for_successor``, ``continued_buckets``). Th
 injected (each request is given its time), so the counts are exact.
 
 A predecessor runs in-process buckets (``--workers 1``) or the workers' shared table
-(``--workers N``); a successor seeds in-process buckets from the table it gets, or its workers
-share that very table. Anything wrong with the buckets makes the successor start full, says so
-once, and leaves the handover itself alone.
+(``--workers N``); a successor's workers share the table it gets, and a single-process successor
+takes from it too until its predecessor has exited, then goes back to in-process buckets at the
+table's levels. Anything wrong with the buckets makes the successor start full, says so once,
+and leaves the handover itself alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -25,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 
 from agent import handover
-from agent.app import Agent, continued_buckets
+from agent.app import Agent, continued_buckets, leave_table, share_until_exit
 from agent.handover import HandoverServer, Predecessor, Reply, Successor
 from agent.policy import sharedbuckets
 from agent.policy.ratelimit import Limiter, RateLimit, RateLimiter
@@ -82,16 +84,30 @@ async def _nothing() -> None:
     return None
 
 
-def _successor_limiter(table: BucketTable, mode: str) -> Limiter:
-    """What the new agent builds on the table it got: ``prepare`` seeds in-process buckets;
-    with workers, each worker maps the descriptor (``Workers`` passes ``table.fd``)."""
-    if mode == "shared":
-        return SharedRateLimiter(BucketTable(table.fd))
-    return RateLimiter(seed=sharedbuckets.TableSeed(table))
+class NewAgent:
+    """The successor, built on the table it got as ``Agent.prepare`` builds it: with workers,
+    each worker maps the descriptor (``Workers`` passes ``table.fd``); a single-process one
+    takes from the table while agent ``pid`` lives (``share_until_exit``)."""
+
+    def __init__(self, table: BucketTable, pid: int, mode: str) -> None:
+        self.core = SimpleNamespace(limiter=None)
+        self.watch: handover.ExitWatch | None = None
+        if mode == "shared":
+            self.core.limiter = SharedRateLimiter(BucketTable(table.fd))
+        else:
+            self.watch = share_until_exit(self.core, table, pid)  # type: ignore[arg-type]
+
+    @property
+    def limiter(self) -> Limiter:
+        return self.core.limiter  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
 
 
-def _hand_over(old: OldAgent) -> BucketTable | None:
-    async def scenario() -> BucketTable | None:
+def _hand_over(old: OldAgent) -> tuple[BucketTable, int] | None:
+    async def scenario() -> tuple[BucketTable, int] | None:
         name = _name()
         server = await old.serve(name)
         try:
@@ -100,6 +116,12 @@ def _hand_over(old: OldAgent) -> BucketTable | None:
             await server.stop()
 
     return asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def _successor(old: OldAgent, mode: str) -> NewAgent:
+    continued = _hand_over(old)
+    assert continued is not None
+    return NewAgent(*continued, mode)
 
 
 def _admitted(limiter: Limiter, limit: RateLimit, now: float, tries: int, who: str = "") -> int:
@@ -115,51 +137,238 @@ def test_a_pod_at_its_limit_before_the_handover_is_still_limited_after_it(
     try:
         assert _admitted(old.limiter, LIMIT, NOW, 5) == 3  # the burst, then limited
         assert _admitted(old.limiter, PER_IDENTITY, NOW, 3, "spiffe://a") == 2
-        table = _hand_over(old)
-        assert table is not None
-        new = _successor_limiter(table, new_mode)
+        new = _successor(old, new_mode)
         # Same instant: no fresh burst for the pod, nor for the identity.
-        assert _admitted(new, LIMIT, NOW, 3) == 0
-        assert _admitted(new, PER_IDENTITY, NOW, 3, "spiffe://a") == 0
-        assert _admitted(new, PER_IDENTITY, NOW, 2, "spiffe://b") == 2  # untouched: full
+        assert _admitted(new.limiter, LIMIT, NOW, 3) == 0
+        assert _admitted(new.limiter, PER_IDENTITY, NOW, 3, "spiffe://a") == 0
+        assert _admitted(new.limiter, PER_IDENTITY, NOW, 2, "spiffe://b") == 2  # untouched
         # And the refill goes on from the predecessor's stamp: 1 rps, one second later.
-        assert _admitted(new, LIMIT, NOW + 1.0, 3) == 1
+        assert _admitted(new.limiter, LIMIT, NOW + 1.0, 3) == 1
+        new.close()
     finally:
         old.close()
 
 
-def test_after_the_handover_both_agents_take_from_one_table() -> None:
-    """The predecessor's established connections still bring requests while it drains: they
-    count in the table the successor reads (an in-process predecessor moves to the copy)."""
-    old = OldAgent("in-process")
+@pytest.mark.parametrize("new_mode", ["in-process", "shared"])
+@pytest.mark.parametrize("old_mode", ["in-process", "shared"])
+def test_while_both_agents_serve_every_take_of_either_comes_out_of_the_same_buckets(
+    old_mode: str, new_mode: str
+) -> None:
+    """The predecessor's established connections still bring requests while it drains, and
+    the successor's new ones too: with a single-process agent on either side (or both), a token
+    one agent takes from a bucket the other already uses is gone for the other."""
+    old = OldAgent(old_mode)
     try:
-        assert _admitted(old.limiter, LIMIT, NOW, 3) == 3
-        table = _hand_over(old)
-        assert table is not None and isinstance(old.limiter, SharedRateLimiter)
-        new = _successor_limiter(table, "shared")
-        assert _admitted(old.limiter, LIMIT, NOW + 1.0, 2) == 1  # the one token refilled
-        assert _admitted(new, LIMIT, NOW + 1.0, 2) == 0  # ... is gone for the successor too
+        assert _admitted(old.limiter, LIMIT, NOW, 1) == 1  # 2 of the burst of 3 left
+        assert _admitted(old.limiter, PER_IDENTITY, NOW, 1, "spiffe://a") == 1  # 1 of 2 left
+        new = _successor(old, new_mode)
+        # The successor creates its buckets, then the old agent takes what is left of them.
+        assert _admitted(new.limiter, LIMIT, NOW, 1) == 1
+        assert _admitted(new.limiter, PER_IDENTITY, NOW, 1, "spiffe://a") == 1
+        assert _admitted(old.limiter, LIMIT, NOW, 3) == 1
+        assert _admitted(old.limiter, PER_IDENTITY, NOW, 2, "spiffe://a") == 0
+        assert _admitted(new.limiter, LIMIT, NOW, 2) == 0  # gone for the successor
+        assert _admitted(new.limiter, PER_IDENTITY, NOW, 2, "spiffe://a") == 0
+        # The other way round, two seconds (two tokens of each) later.
+        later = NOW + 2.0
+        assert _admitted(new.limiter, LIMIT, later, 1) == 1
+        assert _admitted(new.limiter, PER_IDENTITY, later, 1, "spiffe://a") == 1
+        assert _admitted(old.limiter, LIMIT, later, 3) == 1
+        assert _admitted(old.limiter, PER_IDENTITY, later, 2, "spiffe://a") == 1
+        assert _admitted(new.limiter, LIMIT, later, 2) == 0  # gone for the successor
+        assert _admitted(new.limiter, PER_IDENTITY, later, 2, "spiffe://a") == 0
+        new.close()
     finally:
         old.close()
 
 
 def test_a_bucket_the_middle_agent_never_touched_keeps_its_level_for_the_next_one() -> None:
-    """Two upgrades in a row, single-process agents: the second agent hands on the table it was
-    seeded from, with its own buckets written in."""
+    """Two upgrades in a row, single-process agents: the first exits before the second hands
+    over, so the second is on in-process buckets again; it hands on the levels it continued and
+    never used with its own buckets written in."""
     first = OldAgent("in-process")
     try:
         assert _admitted(first.limiter, LIMIT, NOW, 4) == 3
-        table = _hand_over(first)
-        assert table is not None
-        second = OldAgent("in-process", RateLimiter(seed=sharedbuckets.TableSeed(table)))
+        continued = _hand_over(first)
+        assert continued is not None
+        second = OldAgent("in-process", SharedRateLimiter(continued[0]))
+        leave_table(second.core, continued[1])  # type: ignore[arg-type]  # the first exited
+        assert isinstance(second.limiter, RateLimiter)
         assert _admitted(second.limiter, PER_IDENTITY, NOW, 3, "spiffe://a") == 2  # its own
-        handed_on = _hand_over(second)
-        assert handed_on is not None
-        third = _successor_limiter(handed_on, "in-process")
-        assert _admitted(third, LIMIT, NOW, 2) == 0  # the first agent's level
-        assert _admitted(third, PER_IDENTITY, NOW, 2, "spiffe://a") == 0  # the second's
+        third = _successor(second, "in-process")
+        assert _admitted(third.limiter, LIMIT, NOW, 2) == 0  # the first agent's level
+        assert _admitted(third.limiter, PER_IDENTITY, NOW, 2, "spiffe://a") == 0  # the second's
+        third.close()
     finally:
         first.close()
+
+
+def test_an_agent_that_handed_its_table_on_stays_on_it_when_its_predecessor_exits() -> None:
+    """A single-process agent still sharing its predecessor's table hands that table to its
+    own successor: when the predecessor exits, the successor still takes from it."""
+    first = OldAgent("shared")
+    try:
+        continued = _hand_over(first)
+        assert continued is not None
+        middle = NewAgent(*continued, "in-process")
+        shared = middle.limiter
+        fd, middle.core.limiter = sharedbuckets.share(shared)  # the next agent asked for them
+        os.close(fd)
+        leave_table(middle.core, continued[1])  # type: ignore[arg-type]
+        assert middle.limiter is shared and continued[0].fd >= 0
+        middle.close()
+    finally:
+        first.close()
+
+
+# -- the predecessor's end: a process of its own ----------------------------------------------
+
+
+def old_agent_process(name: str, mode: str) -> None:
+    """A predecessor agent as a process (``python -c``): serves the handover on ``name`` (hex),
+    says ``ready``, then per stdin line ``<now> <tries>`` prints how many its limiter admitted
+    on ``LIMIT``; exits at the end of stdin."""
+    old = OldAgent(mode)
+
+    async def main() -> None:
+        server = await old.serve(bytes.fromhex(name))
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            now, tries = line.split()
+            print(_admitted(old.limiter, LIMIT, float(now), int(tries)), flush=True)
+        await server.stop()
+
+    asyncio.run(main())
+
+
+class OldAgentProcess:
+    """``old_agent_process`` run by ``python -c`` (this file's folder on its path)."""
+
+    def __init__(self, name: bytes, mode: str) -> None:
+        here = Path(__file__).resolve()
+        code = (
+            f"import sys; sys.path.insert(0, {str(here.parent)!r}); from {here.stem} import "
+            f"old_agent_process; old_agent_process({name.hex()!r}, {mode!r})"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=here.parents[3],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
+
+    def admitted(self, now: float, tries: int) -> int:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{now} {tries}\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+
+def _mapped(inode: int) -> bool:
+    with open("/proc/self/maps") as maps:
+        return any(line.split()[4] == str(inode) for line in maps)
+
+
+def _fds_of(inode: int) -> list[int]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            if os.stat(f"/proc/self/fd/{fd}").st_ino == inode:
+                out.append(int(fd))
+    return out
+
+
+@pytest.mark.parametrize("end", ["exits", "killed"])
+@pytest.mark.parametrize("old_mode", ["in-process", "shared"])
+def test_once_the_predecessor_is_gone_the_successor_is_back_on_its_own_buckets_at_their_levels(
+    old_mode: str, end: str
+) -> None:
+    """A single-process successor leaves the table when the predecessor's process ends, on a
+    clean exit or SIGKILL: its takes touch the table no more (descriptor and mapping released),
+    and its buckets continue the levels, the ones it took from and the ones only the old agent
+    did."""
+    name = _name()
+    old = OldAgentProcess(name, old_mode)
+    try:
+        assert old.admitted(NOW, 4) == 3  # the old agent empties the pod's bucket
+        continued = continued_buckets(name)
+        assert continued is not None
+        table, pid = continued
+        assert pid == old.proc.pid
+        new = NewAgent(table, pid, "in-process")
+        inode = os.fstat(table.fd).st_ino
+        look = os.dup(table.fd)  # the test's own look at the table, never mapped
+        assert _admitted(new.limiter, PER_IDENTITY, NOW, 3, "spiffe://a") == 2
+        assert old.admitted(NOW + 1.0, 2) == 1  # the pod's bucket: only the old agent's
+        if end == "killed":
+            old.proc.kill()
+        else:
+            assert old.proc.stdin is not None
+            old.proc.stdin.close()
+        assert old.proc.wait(10) == (-9 if end == "killed" else 0)
+
+        async def leaves() -> None:
+            assert new.watch is not None
+            new.watch.start()
+            while not isinstance(new.limiter, RateLimiter):
+                await asyncio.sleep(0.01)
+
+        assert isinstance(new.limiter, SharedRateLimiter)
+        asyncio.run(asyncio.wait_for(leaves(), 10))
+        assert table.fd == -1 and not _mapped(inode)
+        assert _fds_of(inode) == [look]  # the test's look is all that is left of the table
+        levels = BucketTable(look).levels()
+        # The levels go on, of a bucket only the old agent used and of one the new agent took
+        # from in the table: no fresh burst, one token a second.
+        assert _admitted(new.limiter, LIMIT, NOW + 1.0, 2) == 0
+        assert _admitted(new.limiter, PER_IDENTITY, NOW, 2, "spiffe://a") == 0
+        assert _admitted(new.limiter, LIMIT, NOW + 2.0, 2) == 1
+        assert _admitted(new.limiter, PER_IDENTITY, NOW + 1.0, 2, "spiffe://a") == 1
+        assert BucketTable(look).levels() == levels  # takes that never touched the table
+        os.close(look)
+    finally:
+        if old.proc.poll() is None:
+            old.proc.kill()
+            old.proc.wait()
+
+
+def _emptied_table() -> BucketTable:
+    """A predecessor's table holding ``LIMIT``'s bucket of ``POD`` emptied at ``NOW``."""
+    table = BucketTable(sharedbuckets.create_table(sets=64))
+    assert _admitted(SharedRateLimiter(table), LIMIT, NOW, 4) == 3
+    return table
+
+
+def test_a_predecessor_gone_before_the_successor_watches_leaves_it_on_its_own_buckets() -> None:
+    exited = subprocess.Popen(["true"])
+    exited.wait()  # reaped: its pid names no process
+    table = _emptied_table()
+    core = SimpleNamespace(limiter=None)
+    assert share_until_exit(core, table, exited.pid) is None  # type: ignore[arg-type]
+    assert isinstance(core.limiter, RateLimiter) and table.fd == -1
+    assert _admitted(core.limiter, LIMIT, NOW, 2) == 0  # at the table's level
+    assert _admitted(core.limiter, LIMIT, NOW + 1.0, 2) == 1
+
+
+def test_without_pidfds_the_successor_stays_on_the_table_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_pidfds(pid: int) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    table = _emptied_table()
+    core = SimpleNamespace(limiter=None)
+    with caplog.at_level(logging.INFO):
+        assert share_until_exit(core, table, os.getpid()) is None  # type: ignore[arg-type]
+    assert isinstance(core.limiter, SharedRateLimiter) and core.limiter.table is table
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "stay on the shared bucket table" in lines[0], lines
+    assert _admitted(core.limiter, LIMIT, NOW, 2) == 0
+    table.release()
 
 
 def test_the_predecessors_answer_names_the_action_and_checks_the_request() -> None:

@@ -6,9 +6,9 @@ then node2's agent is upgraded (a successor takes the node over, ``agent.handove
 outsider sends again at once. The successor continues its predecessor's buckets
 (``sharedbuckets.share``), so what it admits is only what the rate refilled since the bucket
 emptied (``RPS * elapsed`` + 1 for a token refilled while the last request was on its way); a
-successor whose buckets start full admits the whole second batch. With ``--workers 1``
-(in-process buckets, seeded from the table handed over) and ``--workers 2`` (the workers' table
-itself, shared by both agents during the handover).
+successor whose buckets start full admits the whole second batch. With ``--workers 1`` (both
+agents take from the table handed over until the old one has exited, then the new one from
+in-process buckets at the table's levels) and ``--workers 2`` (the workers' table itself).
 """
 
 from __future__ import annotations

@@ -129,47 +129,50 @@ def open_source(config: AgentConfig, store: StateStore) -> StateSource:
     return kube
 
 
-def continued_buckets(name: bytes) -> tuple[BucketTable, int] | None:
-    """The rate-limit table of the agent this one replaces (holding ``name``) and that agent's
-    pid, or None when this agent's buckets start full: logged either way, once. Never fails
-    the start."""
+def continued_buckets(name: bytes) -> tuple[BucketTable, handover.HandedBuckets] | None:
+    """The rate-limit table of the agent this one replaces (holding ``name``) and what came
+    with it (that agent's pid and pidfd), or None when this agent's buckets start full: logged
+    either way, once. Never fails the start."""
     from agent.policy import sharedbuckets  # only at an upgrade: not in every agent's memory
 
     try:
-        fd, pid = handover.fetch_buckets(name, sharedbuckets.LAYOUT)
+        handed = handover.fetch_buckets(name, sharedbuckets.LAYOUT)
     except handover.HandoverError as e:
         log.warning("rate-limit buckets start full: %s", e)
         return None
-    table = sharedbuckets.adopt(fd, pid)
-    return None if table is None else (table, pid)
+    table = sharedbuckets.adopt(handed.fd, handed.pid)
+    if table is None:
+        if handed.exit_fd >= 0:
+            os.close(handed.exit_fd)
+        return None
+    return table, handed
 
 
 class _Limited(Protocol):
     limiter: Limiter  # what ``Core`` holds
 
 
-def share_until_exit(core: _Limited, table: BucketTable, pid: int) -> handover.ExitWatch | None:
+def share_until_exit(
+    core: _Limited, table: BucketTable, handed: handover.HandedBuckets
+) -> handover.ExitWatch | None:
     """A single-process successor's buckets: ``core`` takes from its predecessor's ``table``
-    for as long as that agent (pid ``pid``) serves, draining included, so both take from the
-    same buckets; once it has exited, from in-process buckets again that start at the levels
-    the table held (``leave_table``). The watch to start in the loop, or None when there is
-    nothing to wait for (the predecessor exited already, or no pidfd: then, logged once, this
-    agent stays on the table, which is right, for the table's cost per limited request)."""
+    for as long as that agent serves, draining included, so both take from the same buckets;
+    once it has exited (``handed.exit_fd``), from in-process buckets again that start at the
+    levels the table held (``leave_table``). The watch to start in the loop, or None without a
+    pidfd of the predecessor: then, logged once, this agent stays on the table, which is
+    right, for the table's cost per limited request."""
     from agent.policy import sharedbuckets
 
     core.limiter = sharedbuckets.SharedRateLimiter(table)
-    try:
-        return handover.ExitWatch(pid, lambda: leave_table(core, pid))
-    except ProcessLookupError:
-        leave_table(core, pid)
-    except OSError as e:
+    if handed.exit_fd < 0:
         log.warning(
             "cannot watch agent %s for its exit (%s): rate limits stay on the shared bucket "
             "table for this agent's life",
-            pid,
-            e,
+            handed.pid,
+            handed.why,
         )
-    return None
+        return None
+    return handover.ExitWatch(handed.exit_fd, lambda: leave_table(core, handed.pid))
 
 
 def leave_table(core: _Limited, pid: int) -> None:

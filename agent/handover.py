@@ -25,8 +25,9 @@ own header, so agents of different versions refuse each other's tables rather th
 them; an agent that predates this answers "unknown operation". Whatever goes wrong there, the
 successor starts with full buckets and the handover goes on. A single-process successor takes
 from that table until the predecessor has exited, which it learns from the predecessor's
-process itself (``ExitWatch``: a pidfd of the pid in the answer, readable however the process
-ended), not from a connection, which the handover closes at its end anyway.
+process itself (``ExitWatch``: a pidfd of the agent that answered, got from the kernel on the
+answer's connection, valid across PID namespaces and readable however the process ended), not
+from a connection, which the handover closes at its end anyway.
 
 A successor that disappears before step 3 gives the node back: the predecessor resumes writing
 and registers its listeners again. Only a process of the same user may talk to an agent here
@@ -51,7 +52,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -335,10 +336,19 @@ class Successor:
             self._sock.close()
 
 
-def fetch_buckets(name: bytes, layout: int, timeout: float = BUCKETS_TIMEOUT) -> tuple[int, int]:
+class HandedBuckets(NamedTuple):
+    """What a successor gets from ``fetch_buckets``."""
+
+    fd: int  # the bucket table
+    pid: int  # the agent that answered, in its own PID namespace (for the log)
+    exit_fd: int  # a pidfd of that agent, readable once it has exited (``ExitWatch``); or -1
+    why: str = ""  # why there is no pidfd
+
+
+def fetch_buckets(name: bytes, layout: int, timeout: float = BUCKETS_TIMEOUT) -> HandedBuckets:
     """The rate-limit table of the agent holding ``name`` for a successor that reads table
-    ``layout``: (descriptor, that agent's pid). Blocking, on a connection of its own, so a late
-    or garbled answer cannot disturb the handover's; HandoverError says why there is none."""
+    ``layout``, with a pidfd of that agent. Blocking, on a connection of its own, so a late or
+    garbled answer cannot disturb the handover's; HandoverError says why there is none."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         line, fds = b"", []
@@ -355,12 +365,39 @@ def fetch_buckets(name: bytes, layout: int, timeout: float = BUCKETS_TIMEOUT) ->
             for fd in fds:
                 os.close(fd)
             raise HandoverError(f"the running agent did not hand over its buckets: {e}") from e
-    try:
-        return _bucket_reply(line, fds, layout)
-    except HandoverError:
-        for fd in fds:
-            os.close(fd)
-        raise
+        try:
+            fd, pid = _bucket_reply(line, fds, layout)
+        except HandoverError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        try:
+            return HandedBuckets(fd, pid, _peer_pidfd(sock, pid))
+        except OSError as e:
+            return HandedBuckets(fd, pid, -1, str(e))
+
+
+# getsockopt: a pidfd of the process at the other end of a Unix socket (Linux 6.5; Python's
+# socket module has no name for it yet).
+SO_PEERPIDFD = 77
+
+
+def _peer_pidfd(sock: socket.socket, pid: int) -> int:
+    """A pidfd of the agent at the other end of ``sock``, which says it is ``pid``: from the
+    kernel (``SO_PEERPIDFD``), whatever PID namespace that agent runs in (a DaemonSet's old
+    and new pods have one each); before Linux 6.5, ``pidfd_open(pid)`` if the kernel's
+    credentials of the peer name that same pid here (``SO_PEERCRED``: 0 for a process of
+    another PID namespace, where ``pid`` would name another process or none)."""
+    with contextlib.suppress(OSError):
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    seen = struct.unpack("3i", creds)[0]
+    if seen != pid:
+        raise OSError(
+            f"the kernel has no SO_PEERPIDFD (Linux < 6.5) and the agent's pid {pid} is not "
+            f"what this agent sees ({seen}): another PID namespace"
+        )
+    return os.pidfd_open(pid)
 
 
 def _bucket_reply(line: bytes, fds: list[int], layout: int) -> tuple[int, int]:
@@ -381,15 +418,13 @@ def _bucket_reply(line: bytes, fds: list[int], layout: int) -> tuple[int, int]:
 
 class ExitWatch:
     """Says once that another agent's process has ended, however it ended (an exit, SIGKILL, a
-    crash): its pidfd turns readable then, and names that process even if its pid is reused
-    later. Opening it raises ProcessLookupError when the process is gone already (and another
-    OSError where the kernel has no pidfds, before 5.3); ``start`` then waits in the loop at no
-    cost until it fires."""
+    crash): its pidfd (``HandedBuckets.exit_fd``, owned from here on) turns readable then, and
+    names that process even if its pid is reused later; one that has ended already fires as
+    soon as ``start`` runs. It waits in the loop at no cost until it fires."""
 
-    def __init__(self, pid: int, gone: Callable[[], None]) -> None:
-        self.pid = pid
+    def __init__(self, pidfd: int, gone: Callable[[], None]) -> None:
         self._gone = gone
-        self._fd = os.pidfd_open(pid)
+        self._fd = pidfd
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
 import timeit
@@ -55,7 +56,9 @@ def successor(
     if share is None:  # before: in-process buckets seeded from the table, for good
         core.limiter = RateLimiter(seed=sharedbuckets.TableSeed(table))  # type: ignore[attr-defined]
         return core, lambda: None
-    watch = share(core, table, pid)
+    from agent import handover
+
+    watch = share(core, table, handover.HandedBuckets(table.fd, pid, os.pidfd_open(pid)))
 
     def exited() -> None:
         watch.close()

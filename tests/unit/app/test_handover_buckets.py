@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -87,15 +88,15 @@ async def _nothing() -> None:
 class NewAgent:
     """The successor, built on the table it got as ``Agent.prepare`` builds it: with workers,
     each worker maps the descriptor (``Workers`` passes ``table.fd``); a single-process one
-    takes from the table while agent ``pid`` lives (``share_until_exit``)."""
+    takes from the table until the old agent has exited (``share_until_exit``)."""
 
-    def __init__(self, table: BucketTable, pid: int, mode: str) -> None:
+    def __init__(self, table: BucketTable, handed: handover.HandedBuckets, mode: str) -> None:
         self.core = SimpleNamespace(limiter=None)
         self.watch: handover.ExitWatch | None = None
         if mode == "shared":
             self.core.limiter = SharedRateLimiter(BucketTable(table.fd))
         else:
-            self.watch = share_until_exit(self.core, table, pid)  # type: ignore[arg-type]
+            self.watch = share_until_exit(self.core, table, handed)  # type: ignore[arg-type]
 
     @property
     def limiter(self) -> Limiter:
@@ -192,7 +193,7 @@ def test_a_bucket_the_middle_agent_never_touched_keeps_its_level_for_the_next_on
         continued = _hand_over(first)
         assert continued is not None
         second = OldAgent("in-process", SharedRateLimiter(continued[0]))
-        leave_table(second.core, continued[1])  # type: ignore[arg-type]  # the first exited
+        leave_table(second.core, continued[1].pid)  # type: ignore[arg-type]  # the first exited
         assert isinstance(second.limiter, RateLimiter)
         assert _admitted(second.limiter, PER_IDENTITY, NOW, 3, "spiffe://a") == 2  # its own
         third = _successor(second, "in-process")
@@ -214,7 +215,7 @@ def test_an_agent_that_handed_its_table_on_stays_on_it_when_its_predecessor_exit
         shared = middle.limiter
         fd, middle.core.limiter = sharedbuckets.share(shared)  # the next agent asked for them
         os.close(fd)
-        leave_table(middle.core, continued[1])  # type: ignore[arg-type]
+        leave_table(middle.core, continued[1].pid)  # type: ignore[arg-type]
         assert middle.limiter is shared and continued[0].fd >= 0
         middle.close()
     finally:
@@ -296,9 +297,9 @@ def test_once_the_predecessor_is_gone_the_successor_is_back_on_its_own_buckets_a
         assert old.admitted(NOW, 4) == 3  # the old agent empties the pod's bucket
         continued = continued_buckets(name)
         assert continued is not None
-        table, pid = continued
-        assert pid == old.proc.pid
-        new = NewAgent(table, pid, "in-process")
+        table, handed = continued
+        assert handed.pid == old.proc.pid and handed.exit_fd >= 0
+        new = NewAgent(table, handed, "in-process")
         inode = os.fstat(table.fd).st_ino
         look = os.dup(table.fd)  # the test's own look at the table, never mapped
         assert _admitted(new.limiter, PER_IDENTITY, NOW, 3, "spiffe://a") == 2
@@ -342,33 +343,46 @@ def _emptied_table() -> BucketTable:
     return table
 
 
-def test_a_predecessor_gone_before_the_successor_watches_leaves_it_on_its_own_buckets() -> None:
-    exited = subprocess.Popen(["true"])
-    exited.wait()  # reaped: its pid names no process
-    table = _emptied_table()
-    core = SimpleNamespace(limiter=None)
-    assert share_until_exit(core, table, exited.pid) is None  # type: ignore[arg-type]
-    assert isinstance(core.limiter, RateLimiter) and table.fd == -1
-    assert _admitted(core.limiter, LIMIT, NOW, 2) == 0  # at the table's level
-    assert _admitted(core.limiter, LIMIT, NOW + 1.0, 2) == 1
-
-
-def test_without_pidfds_the_successor_stays_on_the_table_and_says_so_once(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_without_a_pidfd_of_the_predecessor_the_successor_stays_on_the_table_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def no_pidfds(pid: int) -> int:
-        raise OSError(38, "Function not implemented")
-
-    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
     table = _emptied_table()
+    handed = handover.HandedBuckets(table.fd, 4242, -1, "another PID namespace")
     core = SimpleNamespace(limiter=None)
     with caplog.at_level(logging.INFO):
-        assert share_until_exit(core, table, os.getpid()) is None  # type: ignore[arg-type]
+        assert share_until_exit(core, table, handed) is None  # type: ignore[arg-type]
     assert isinstance(core.limiter, SharedRateLimiter) and core.limiter.table is table
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "stay on the shared bucket table" in lines[0], lines
+    assert len(lines) == 1 and "another PID namespace" in lines[0], lines
+    assert "stay on the shared bucket table" in lines[0]
     assert _admitted(core.limiter, LIMIT, NOW, 2) == 0
     table.release()
+
+
+class _PeerWithoutPidfd:
+    """A socket on a kernel before 6.5 (no ``SO_PEERPIDFD``) whose peer the kernel sees as
+    pid ``seen`` (0: a process of another PID namespace)."""
+
+    def __init__(self, seen: int) -> None:
+        self.seen = seen
+
+    def getsockopt(self, level: int, option: int, size: int = 0) -> int | bytes:
+        if option == handover.SO_PEERPIDFD:
+            raise OSError(92, "Protocol not available")
+        assert option == socket.SO_PEERCRED
+        return struct.pack("3i", self.seen, os.getuid(), os.getgid())
+
+
+def test_before_linux_6_5_the_pid_is_watched_only_when_the_kernel_sees_the_same_pid() -> None:
+    """The answer's pid is the old agent's in its own PID namespace: a DaemonSet's old and new
+    pods have one each, where that pid names another process or none."""
+    with pytest.raises(OSError, match="another PID namespace"):
+        handover._peer_pidfd(_PeerWithoutPidfd(0), 4242)  # type: ignore[arg-type]
+    pidfd = handover._peer_pidfd(_PeerWithoutPidfd(os.getpid()), os.getpid())  # type: ignore[arg-type]
+    try:
+        assert f"Pid:\t{os.getpid()}\n" in Path(f"/proc/self/fdinfo/{pidfd}").read_text()
+    finally:
+        os.close(pidfd)
 
 
 def test_the_predecessors_answer_names_the_action_and_checks_the_request() -> None:

@@ -196,7 +196,7 @@ def test_a_table_shorter_than_its_header_says_is_refused_as_truncated(fd: int) -
 def test_filled_levels_are_read_back_and_taken_from(fd: int) -> None:
     table = BucketTable(fd)
     table.fill(9, 0.5, 40.0)
-    assert table.level(9) == (0.5, 40.0) and table.level(10) is None
+    assert list(LevelSeed(table).levels()) == [(9, 0.5, 40.0)]
     assert not table.take(9, 1.0, 3.0, 40.0)  # half a token: refused
     assert table.take(9, 1.0, 3.0, 40.5)  # refilled to 1
     table.close()

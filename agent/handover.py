@@ -174,8 +174,9 @@ def bind(name: bytes) -> socket.socket | None:
 
 Actions = dict[Action, Callable[[], Awaitable[None]]]
 # The rate-limit table for a successor that reads ``layout``: a descriptor the server sends and
-# then closes; raises (ValueError, OSError...) with the reason when there is none to give.
-Buckets = Callable[[int], int]
+# then closes; raises (ValueError, OSError...) with the reason when there is none to give. The
+# second argument is a pidfd of that successor (-1: none), which the hook owns once it returns.
+Buckets = Callable[[int, int], int]
 
 
 class HandoverServer:
@@ -246,11 +247,14 @@ class HandoverServer:
     async def _send_buckets(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         """The answer to ``buckets`` with the table's descriptor attached, or the reason there
         is none; never an exception that would end the connection over the buckets alone."""
+        successor = _successor_pidfd(writer.get_extra_info("socket"))
         try:
             if self._buckets is None:
                 raise ValueError("this agent enforces no rate limits (no node proxy)")
-            fd = self._buckets(int(message["layout"]))
+            fd = self._buckets(int(message["layout"]), successor)
         except Exception as e:  # a successor without buckets still takes over
+            if successor >= 0:
+                os.close(successor)
             log.warning("cannot hand the rate-limit buckets over: %s", e)
             writer.write(encode({"error": f"no rate-limit buckets from this agent: {e}"}))
             await writer.drain()
@@ -382,22 +386,31 @@ def fetch_buckets(name: bytes, layout: int, timeout: float = BUCKETS_TIMEOUT) ->
 SO_PEERPIDFD = 77
 
 
-def _peer_pidfd(sock: socket.socket, pid: int) -> int:
-    """A pidfd of the agent at the other end of ``sock``, which says it is ``pid``: from the
-    kernel (``SO_PEERPIDFD``), whatever PID namespace that agent runs in (a DaemonSet's old
-    and new pods have one each); before Linux 6.5, ``pidfd_open(pid)`` if the kernel's
-    credentials of the peer name that same pid here (``SO_PEERCRED``: 0 for a process of
-    another PID namespace, where ``pid`` would name another process or none)."""
+def _peer_pidfd(sock: socket.socket, pid: int | None = None) -> int:
+    """A pidfd of the agent at the other end of ``sock`` (which says it is ``pid``, if given):
+    from the kernel (``SO_PEERPIDFD``), whatever PID namespace that agent runs in (a
+    DaemonSet's old and new pods have one each); before Linux 6.5, ``pidfd_open`` of the pid
+    the kernel's credentials of the peer name here (``SO_PEERCRED``: 0 for a process of
+    another PID namespace), if it is the pid the agent says."""
     with contextlib.suppress(OSError):
         return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    seen = struct.unpack("3i", creds)[0]
-    if seen != pid:
+    seen = int(struct.unpack("3i", creds)[0])
+    if seen == 0 or (pid is not None and seen != pid):
         raise OSError(
-            f"the kernel has no SO_PEERPIDFD (Linux < 6.5) and the agent's pid {pid} is not "
-            f"what this agent sees ({seen}): another PID namespace"
+            f"the kernel has no SO_PEERPIDFD (Linux < 6.5) and sees the agent as pid {seen}, "
+            f"not {pid}: another PID namespace"
         )
-    return os.pidfd_open(pid)
+    return os.pidfd_open(seen)
+
+
+def _successor_pidfd(sock: socket.socket) -> int:
+    """A pidfd of the successor that asked for the buckets on ``sock``, or -1 (logged)."""
+    try:
+        return _peer_pidfd(sock)
+    except OSError as e:
+        log.warning("cannot watch the agent that takes the rate-limit buckets for its exit: %s", e)
+        return -1
 
 
 def _bucket_reply(line: bytes, fds: list[int], layout: int) -> tuple[int, int]:

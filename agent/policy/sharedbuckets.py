@@ -219,9 +219,6 @@ class SharedRateLimiter:
 
     def __init__(self, table: BucketTable) -> None:
         self.table = table
-        # Set once this agent gave the table to a successor (``share``): it then stays on the
-        # table for its life, since the successor takes from it too.
-        self.handed_on = False
         self._keys: dict[tuple[RateLimit, str], int] = {}
 
     def admit(
@@ -255,12 +252,12 @@ def share(limiter: Limiter) -> tuple[int, Limiter]:
     buckets for the rest of the handover and drain. In-process buckets are written into a new
     table, and this agent moves to that table itself, so the requests its established
     connections carry afterwards still count where the successor reads them. Its limited
-    requests cost the shared table's price (about 2.5 µs more) from then on; it is draining. The
+    requests cost the shared table's price (about 2.5 µs more) until the successor has exited
+    (``agent.app.TablePeers``): it drains meanwhile, or serves again if the successor died. The
     levels this agent was seeded with and never used (``LevelSeed``: buckets only the agent
     before it touched) go into the table too, so the next agent continues them as well.
     """
     if isinstance(limiter, SharedRateLimiter):
-        limiter.handed_on = True
         return os.dup(limiter.table.fd), limiter
     if not isinstance(limiter, RateLimiter):
         raise TypeError(f"cannot hand over the buckets of a {type(limiter).__name__}")
@@ -271,18 +268,16 @@ def share(limiter: Limiter) -> tuple[int, Limiter]:
             table.fill(key, tokens, stamp)
     for limit, pod_ip, identity, bucket in limiter.levels():
         table.fill(bucket_key(limit, pod_ip, identity), bucket.tokens, bucket.stamp)
-    shared = SharedRateLimiter(table)
-    shared.handed_on = True
-    return os.dup(table.fd), shared
+    return os.dup(table.fd), SharedRateLimiter(table)
 
 
 def unshare(limiter: Limiter) -> Limiter:
     """The limiter of a single-process agent once no other agent takes from its table (its
-    predecessor exited): in-process buckets again, each starting at the level the table holds
-    for it, so leaving the table gives no client a fresh burst; the table's descriptor and
-    mapping are released. A limiter whose table this agent handed on to a successor (or that
-    is not on a table) is returned as it is."""
-    if not isinstance(limiter, SharedRateLimiter) or limiter.handed_on:
+    predecessor, or the successor it handed the table to, exited): in-process buckets again,
+    each starting at the level the table holds for it, so leaving the table gives no client a
+    fresh burst; the table's descriptor and mapping are released. A limiter not on a table is
+    returned as it is."""
+    if not isinstance(limiter, SharedRateLimiter):
         return limiter
     seed = LevelSeed(limiter.table)
     limiter.table.release()

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import pytest
 
 from agent import handover
-from agent.app import Agent, continued_buckets, leave_table, share_until_exit
+from agent.app import Agent, TablePeers, continued_buckets, leave_table, share_until_exit
 from agent.handover import HandoverServer, Predecessor, Reply, Successor
 from agent.policy import sharedbuckets
 from agent.policy.ratelimit import Limiter, RateLimit, RateLimiter
@@ -59,10 +59,10 @@ class OldAgent:
             limiter = RateLimiter()
         self.core = SimpleNamespace(limiter=limiter)
         proxy = SimpleNamespace(proxy=SimpleNamespace(core=self.core))
-        self.agent = SimpleNamespace(workers=workers, proxy=proxy)
+        self.agent = SimpleNamespace(workers=workers, proxy=proxy, _table_peers=None)
 
-    def buckets(self, layout: int) -> int:
-        return Agent._buckets_for_successor(self.agent, layout)  # type: ignore[arg-type]
+    def buckets(self, layout: int, successor: int) -> int:
+        return Agent._buckets_for_successor(self.agent, layout, successor)  # type: ignore[arg-type]
 
     @property
     def limiter(self) -> Limiter:
@@ -77,6 +77,8 @@ class OldAgent:
         return server
 
     def close(self) -> None:
+        if self.agent._table_peers is not None:
+            self.agent._table_peers.close()
         if self.table_fd >= 0:
             os.close(self.table_fd)
 
@@ -92,19 +94,19 @@ class NewAgent:
 
     def __init__(self, table: BucketTable, handed: handover.HandedBuckets, mode: str) -> None:
         self.core = SimpleNamespace(limiter=None)
-        self.watch: handover.ExitWatch | None = None
+        self.peers: TablePeers | None = None
         if mode == "shared":
             self.core.limiter = SharedRateLimiter(BucketTable(table.fd))
         else:
-            self.watch = share_until_exit(self.core, table, handed)  # type: ignore[arg-type]
+            self.peers = share_until_exit(self.core, table, handed)  # type: ignore[arg-type]
 
     @property
     def limiter(self) -> Limiter:
         return self.core.limiter  # type: ignore[return-value]
 
     def close(self) -> None:
-        if self.watch is not None:
-            self.watch.close()
+        if self.peers is not None:
+            self.peers.close()
 
 
 def _hand_over(old: OldAgent) -> tuple[BucketTable, int] | None:
@@ -193,7 +195,7 @@ def test_a_bucket_the_middle_agent_never_touched_keeps_its_level_for_the_next_on
         continued = _hand_over(first)
         assert continued is not None
         second = OldAgent("in-process", SharedRateLimiter(continued[0]))
-        leave_table(second.core, continued[1].pid)  # type: ignore[arg-type]  # the first exited
+        leave_table(second.core, "the first")  # type: ignore[arg-type]  # it exited
         assert isinstance(second.limiter, RateLimiter)
         assert _admitted(second.limiter, PER_IDENTITY, NOW, 3, "spiffe://a") == 2  # its own
         third = _successor(second, "in-process")
@@ -204,22 +206,99 @@ def test_a_bucket_the_middle_agent_never_touched_keeps_its_level_for_the_next_on
         first.close()
 
 
-def test_an_agent_that_handed_its_table_on_stays_on_it_when_its_predecessor_exits() -> None:
-    """A single-process agent still sharing its predecessor's table hands that table to its
-    own successor: when the predecessor exits, the successor still takes from it."""
-    first = OldAgent("shared")
+def _sleeper() -> tuple[subprocess.Popen[bytes], int]:
+    """An agent stand-in process and a pidfd of it."""
+    proc = subprocess.Popen(["sleep", "60"])
+    return proc, os.pidfd_open(proc.pid)
+
+
+def test_an_agent_leaves_the_table_only_once_every_agent_on_it_has_exited() -> None:
+    """A single-process agent still sharing its predecessor's table hands that table on to its
+    own successor: the predecessor's exit leaves it on the table, the successor takes from it
+    too; once that one has exited as well, it is back on in-process buckets."""
+    table = _emptied_table()
+    (before, before_fd), (after, after_fd) = _sleeper(), _sleeper()
+    core = SimpleNamespace(limiter=None)
+    peers = share_until_exit(core, table, handover.HandedBuckets(table.fd, 1, before_fd))  # type: ignore[arg-type]
+    agent = SimpleNamespace(workers=None, proxy=SimpleNamespace(proxy=SimpleNamespace(core=core)))
+    agent._table_peers = peers
+
+    async def scenario() -> list[str]:
+        seen = []
+        peers.start()
+        os.close(Agent._buckets_for_successor(agent, LAYOUT, after_fd))  # type: ignore[arg-type]
+        for proc in (before, after):
+            proc.kill()
+            await _ended(proc.pid)
+            seen.append(type(core.limiter).__name__)
+            proc.wait()
+        return seen
+
     try:
-        continued = _hand_over(first)
-        assert continued is not None
-        middle = NewAgent(*continued, "in-process")
-        shared = middle.limiter
-        fd, middle.core.limiter = sharedbuckets.share(shared)  # the next agent asked for them
-        os.close(fd)
-        leave_table(middle.core, continued[1].pid)  # type: ignore[arg-type]
-        assert middle.limiter is shared and continued[0].fd >= 0
-        middle.close()
+        assert asyncio.run(asyncio.wait_for(scenario(), 10)) == [
+            "SharedRateLimiter",
+            "RateLimiter",
+        ]
+        assert table.fd == -1
+        assert _admitted(core.limiter, LIMIT, NOW, 2) == 0  # the level goes on
     finally:
-        first.close()
+        peers.close()
+        for proc in (before, after):
+            proc.kill()
+            proc.wait()
+
+
+async def _ended(pid: int) -> None:
+    """Wait until process ``pid`` has ended and the loop has run what watched it (a pidfd of
+    our own: the poll that finds it ready finds every other pidfd of that process ready too,
+    and their callbacks run in that same turn of the loop)."""
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    pidfd = os.pidfd_open(pid)
+    loop.add_reader(pidfd, ended.set_result, None)
+    await ended
+    loop.remove_reader(pidfd)
+    os.close(pidfd)
+    await asyncio.sleep(0)
+
+
+def test_an_old_agent_whose_successor_exited_is_back_on_its_own_buckets() -> None:
+    """A successor that got the buckets and died (before taking over, say): the old
+    single-process agent, which moved to the table it handed over, leaves it again, at its
+    levels, rather than paying the table's price per limited request for the rest of its life."""
+    old = OldAgent("in-process")
+    fetch = (
+        "import sys; from agent.app import continued_buckets; "
+        "print(continued_buckets(bytes.fromhex(sys.argv[1])) is not None, flush=True); "
+        "sys.stdin.readline()"
+    )
+
+    async def scenario() -> list[str]:
+        name = _name()
+        server = await old.serve(name)
+        assert _admitted(old.limiter, LIMIT, NOW, 4) == 3
+        new = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", fetch, name.hex(), cwd=Path(__file__).resolve().parents[3],
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert new.stdout is not None and await new.stdout.readline() == b"True\n"
+        seen = [type(old.limiter).__name__]
+        new.kill()
+        await _ended(new.pid)
+        await new.wait()
+        seen.append(type(old.limiter).__name__)
+        await server.stop()
+        return seen
+
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), 20)) == [
+            "SharedRateLimiter",
+            "RateLimiter",
+        ]
+        assert _admitted(old.limiter, LIMIT, NOW, 2) == 0  # the level goes on
+        assert _admitted(old.limiter, LIMIT, NOW + 1.0, 2) == 1
+    finally:
+        old.close()
 
 
 # -- the predecessor's end: a process of its own ----------------------------------------------
@@ -312,8 +391,8 @@ def test_once_the_predecessor_is_gone_the_successor_is_back_on_its_own_buckets_a
         assert old.proc.wait(10) == (-9 if end == "killed" else 0)
 
         async def leaves() -> None:
-            assert new.watch is not None
-            new.watch.start()
+            assert new.peers is not None
+            new.peers.start()
             while not isinstance(new.limiter, RateLimiter):
                 await asyncio.sleep(0.01)
 
@@ -350,7 +429,7 @@ def test_without_a_pidfd_of_the_predecessor_the_successor_stays_on_the_table_and
     handed = handover.HandedBuckets(table.fd, 4242, -1, "another PID namespace")
     core = SimpleNamespace(limiter=None)
     with caplog.at_level(logging.INFO):
-        assert share_until_exit(core, table, handed) is None  # type: ignore[arg-type]
+        share_until_exit(core, table, handed)  # type: ignore[arg-type]
     assert isinstance(core.limiter, SharedRateLimiter) and core.limiter.table is table
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "another PID namespace" in lines[0], lines
@@ -490,7 +569,7 @@ def test_a_layout_mismatch_is_refused_by_the_predecessor_and_the_handover_goes_o
 def test_a_predecessor_whose_bucket_hook_fails_still_hands_over(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def broken(layout: int) -> int:
+    def broken(layout: int, successor: int) -> int:
         raise OSError(24, "Too many open files")
 
     async def scenario() -> tuple[BucketTable | None, list[str]]:

@@ -27,7 +27,9 @@ successor starts with full buckets and the handover goes on. A single-process su
 from that table until the predecessor has exited, which it learns from the predecessor's
 process itself (``ExitWatch``: a pidfd of the agent that answered, got from the kernel on the
 answer's connection, valid across PID namespaces and readable however the process ended), not
-from a connection, which the handover closes at its end anyway.
+from a connection, which the handover closes at its end anyway; and a single-process
+predecessor, which moved to the table it handed over, leaves it once that successor has exited
+(a pidfd of it from the same connection: the ``Buckets`` hook's second argument).
 
 A successor that disappears before step 3 gives the node back: the predecessor resumes writing
 and registers its listeners again. Only a process of the same user may talk to an agent here

@@ -31,10 +31,11 @@ Across an upgrade the successor agent continues the table (``agent.handover`` pa
 descriptor), and for as long as both agents serve (the old one draining), every take of either
 comes out of it: workers map it, a single-process predecessor copies its buckets into a new
 table and moves to it (``share``), a single-process successor takes from the table it got
-(``SharedRateLimiter``) until its predecessor has exited, and then goes back to in-process
-buckets that start at the levels the table held (``unshare``, ``LevelSeed``), its descriptor and
-mapping released. Every process that maps a table checks its header, so a table of another
-agent version is refused (``TableError``), never misread.
+(``SharedRateLimiter``). A single-process agent stays on the table until the other agent has
+exited (``agent.app.TablePeers``), then goes back to in-process buckets that start at the levels
+the table held (``unshare``, ``LevelSeed``), its descriptor and mapping released. Every process
+that maps a table checks its header, so a table of another agent version is refused
+(``TableError``), never misread.
 
 A bucket's key carries every value of its limit, so a changed policy starts with new, full
 buckets, and the slots of limits no longer in force are reused as they age. A policy deleted

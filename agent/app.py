@@ -62,6 +62,7 @@ from agent.wiring import local_pods, node_proxy, observability
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
+    from agent.policy.ratelimit import Limiter
     from agent.policy.sharedbuckets import BucketTable
     from agent.proxy.component import ProxyComponent
     from agent.workers.supervisor import Workers
@@ -128,17 +129,99 @@ def open_source(config: AgentConfig, store: StateStore) -> StateSource:
     return kube
 
 
-def continued_buckets(name: bytes) -> BucketTable | None:
-    """The rate-limit table of the agent this one replaces (holding ``name``), or None when
-    this agent's buckets start full: logged either way, once. Never fails the start."""
+def continued_buckets(name: bytes) -> tuple[BucketTable, handover.HandedBuckets] | None:
+    """The rate-limit table of the agent this one replaces (holding ``name``) and what came
+    with it (that agent's pid and pidfd), or None when this agent's buckets start full: logged
+    either way, once. Never fails the start."""
     from agent.policy import sharedbuckets  # only at an upgrade: not in every agent's memory
 
     try:
-        fd, pid = handover.fetch_buckets(name, sharedbuckets.LAYOUT)
+        handed = handover.fetch_buckets(name, sharedbuckets.LAYOUT)
     except handover.HandoverError as e:
         log.warning("rate-limit buckets start full: %s", e)
         return None
-    return sharedbuckets.adopt(fd, pid)
+    table = sharedbuckets.adopt(handed.fd, handed.pid)
+    if table is None:
+        if handed.exit_fd >= 0:
+            os.close(handed.exit_fd)
+        return None
+    return table, handed
+
+
+class _Limited(Protocol):
+    limiter: Limiter  # what ``Core`` holds
+
+
+class TablePeers:
+    """The other agents that take from this single-process agent's bucket table: its
+    predecessor until it exits, a successor it handed the table to until that one exits. Once
+    the last of them has exited, back to in-process buckets at the table's levels
+    (``leave_table``); one that cannot be watched keeps this agent on the table for its life
+    (right, for the table's cost per limited request), said once."""
+
+    def __init__(self, core: _Limited) -> None:
+        self._core = core
+        self._watches: set[handover.ExitWatch] = set()
+        self._started = False
+        self._for_life = False
+
+    def watch(self, pidfd: int, who: str, why: str = "") -> None:
+        """Count agent ``who`` (its ``pidfd``, owned from here on; -1: none, ``why``)."""
+        if pidfd < 0:
+            log.warning(
+                "cannot watch %s for its exit (%s): rate limits stay on the shared bucket "
+                "table for this agent's life",
+                who,
+                why,
+            )
+            self._for_life = True
+            return
+        w = handover.ExitWatch(pidfd, lambda: self._exited(w, who))
+        self._watches.add(w)
+        if self._started:
+            w.start()
+
+    def start(self) -> None:
+        """Watch in the running loop (watches added later start at once)."""
+        self._started = True
+        for w in self._watches:
+            w.start()
+
+    def _exited(self, w: handover.ExitWatch, who: str) -> None:
+        self._watches.discard(w)
+        if not self._watches and not self._for_life:
+            leave_table(self._core, who)
+
+    def close(self) -> None:
+        for w in self._watches:
+            w.close()
+        self._watches.clear()
+
+
+def share_until_exit(
+    core: _Limited, table: BucketTable, handed: handover.HandedBuckets
+) -> TablePeers:
+    """A single-process successor's buckets: ``core`` takes from its predecessor's ``table``
+    for as long as that agent serves, draining included, so both take from the same buckets;
+    once it has exited (``handed.exit_fd``), and any successor this agent handed the table to
+    as well, from in-process buckets again (``TablePeers``; to start in the loop)."""
+    from agent.policy import sharedbuckets
+
+    core.limiter = sharedbuckets.SharedRateLimiter(table)
+    peers = TablePeers(core)
+    peers.watch(handed.exit_fd, f"agent {handed.pid}", handed.why)
+    return peers
+
+
+def leave_table(core: _Limited, who: str) -> None:
+    """No other agent takes from the table ``core`` is on any more (``who`` was the last):
+    back to in-process buckets at the table's levels."""
+    from agent.policy import sharedbuckets
+
+    limiter = sharedbuckets.unshare(core.limiter)
+    if limiter is not core.limiter:
+        core.limiter = limiter
+        log.info("%s exited: rate-limit buckets in this process again, levels kept", who)
 
 
 def mesh_components(
@@ -232,6 +315,8 @@ class Agent:
         self._handover: handover.HandoverServer | None = None
         self._handover_sock: socket.socket | None = None
         self._release: asyncio.Task[None] | None = None
+        # Single-process: the agents this one shares its rate-limit buckets with (an upgrade's).
+        self._table_peers: TablePeers | None = None
 
     # -- before the loop -------------------------------------------------------------------
     def prepare(self) -> None:
@@ -239,7 +324,7 @@ class Agent:
         # SIGTERM it gets from now on waits for the takeover).
         name = handover.socket_name(self.config.pin_dir)
         self.predecessor = handover.Successor.find(name)
-        buckets = None
+        continued = None
         if self.predecessor is None:
             self._handover_sock = handover.bind(name)
             if self._handover_sock is None:
@@ -248,19 +333,15 @@ class Agent:
                     "start one at a time"
                 )
         elif self.proxy is not None or self.config.workers > 1:
-            buckets = continued_buckets(name)
+            continued = continued_buckets(name)
         self.source = open_source(self.config, self.store)
         self.datapath.start()
         splice = self._splice()
         if self.config.workers > 1:
-            self._start_workers(splice, buckets)
+            self._start_workers(splice, continued[0] if continued is not None else None)
         else:
-            if buckets is not None and self.proxy is not None:
-                from agent.policy import sharedbuckets
-                from agent.policy.ratelimit import RateLimiter
-
-                seed = sharedbuckets.TableSeed(buckets)
-                self.proxy.proxy.core.limiter = RateLimiter(seed=seed)
+            if continued is not None and self.proxy is not None:
+                self._table_peers = share_until_exit(self.proxy.proxy.core, *continued)
             if splice is not None and self.proxy is not None:
                 self.proxy.use_splicer(splice)  # with workers, they build their own
             self.listeners = open_listeners(
@@ -341,6 +422,8 @@ class Agent:
         stop = self._stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if self._table_peers is not None:
+            self._table_peers.start()
 
         def changed(_snapshot: Snapshot, _kinds: frozenset[str]) -> None:
             loop.call_soon_threadsafe(self._dirty.set)  # sources may write from any thread
@@ -391,6 +474,8 @@ class Agent:
         await self._ready.stop()
         if self._handover is not None:
             await self._handover.stop()
+        if self._table_peers is not None:
+            self._table_peers.close()
         return 1 if failed else 0
 
     # -- upgrades (agent.handover) ---------------------------------------------------------
@@ -466,9 +551,11 @@ class Agent:
         )
         await self._handover.start()
 
-    def _buckets_for_successor(self, layout: int) -> int:
+    def _buckets_for_successor(self, layout: int, successor: int) -> int:
         """The rate-limit table a successor continues (``handover.Buckets``): the workers'
-        shared one, or this process's buckets copied into one that it uses from now on."""
+        shared one, the one this agent still shares with its own predecessor, or this
+        process's buckets copied into one that it uses from now on, until the successor (its
+        pidfd ``successor``) and any predecessor have exited (``TablePeers``)."""
         from agent.policy import sharedbuckets
 
         if layout != sharedbuckets.LAYOUT:
@@ -477,11 +564,18 @@ class Agent:
                 f"{sharedbuckets.LAYOUT} (agents of different versions)"
             )
         if self.workers is not None:
-            return os.dup(self.workers.buckets_fd)
+            fd = os.dup(self.workers.buckets_fd)
+            if successor >= 0:
+                os.close(successor)  # the workers stay on their table whatever
+            return fd
         if self.proxy is None:
             raise ValueError("this agent enforces no rate limits (no node proxy without a CA)")
         core = self.proxy.proxy.core
         fd, core.limiter = sharedbuckets.share(core.limiter)
+        if self._table_peers is None:
+            self._table_peers = TablePeers(core)
+            self._table_peers.start()  # in the loop: the handover server calls this
+        self._table_peers.watch(successor, "the agent that took the buckets", "no pidfd")
         return fd
 
     async def _handed_over(self) -> None:

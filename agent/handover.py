@@ -23,7 +23,13 @@ a bucket table (``SCM_RIGHTS``) and the table layout it was asked for, so a roll
 give every limited client a fresh burst. The layout travels in the request and in the table's
 own header, so agents of different versions refuse each other's tables rather than misread
 them; an agent that predates this answers "unknown operation". Whatever goes wrong there, the
-successor starts with full buckets and the handover goes on.
+successor starts with full buckets and the handover goes on. A single-process successor takes
+from that table until the predecessor has exited, which it learns from the predecessor's
+process itself (``ExitWatch``: a pidfd of the agent that answered, got from the kernel on the
+answer's connection, valid across PID namespaces and readable however the process ended), not
+from a connection, which the handover closes at its end anyway; and a single-process
+predecessor, which moved to the table it handed over, leaves it once that successor has exited
+(a pidfd of it from the same connection: the ``Buckets`` hook's second argument).
 
 A successor that disappears before step 3 gives the node back: the predecessor resumes writing
 and registers its listeners again. Only a process of the same user may talk to an agent here
@@ -48,7 +54,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +176,9 @@ def bind(name: bytes) -> socket.socket | None:
 
 Actions = dict[Action, Callable[[], Awaitable[None]]]
 # The rate-limit table for a successor that reads ``layout``: a descriptor the server sends and
-# then closes; raises (ValueError, OSError...) with the reason when there is none to give.
-Buckets = Callable[[int], int]
+# then closes; raises (ValueError, OSError...) with the reason when there is none to give. The
+# second argument is a pidfd of that successor (-1: none), which the hook owns once it returns.
+Buckets = Callable[[int, int], int]
 
 
 class HandoverServer:
@@ -242,11 +249,14 @@ class HandoverServer:
     async def _send_buckets(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         """The answer to ``buckets`` with the table's descriptor attached, or the reason there
         is none; never an exception that would end the connection over the buckets alone."""
+        successor = _successor_pidfd(writer.get_extra_info("socket"))
         try:
             if self._buckets is None:
                 raise ValueError("this agent enforces no rate limits (no node proxy)")
-            fd = self._buckets(int(message["layout"]))
+            fd = self._buckets(int(message["layout"]), successor)
         except Exception as e:  # a successor without buckets still takes over
+            if successor >= 0:
+                os.close(successor)
             log.warning("cannot hand the rate-limit buckets over: %s", e)
             writer.write(encode({"error": f"no rate-limit buckets from this agent: {e}"}))
             await writer.drain()
@@ -332,10 +342,19 @@ class Successor:
             self._sock.close()
 
 
-def fetch_buckets(name: bytes, layout: int, timeout: float = BUCKETS_TIMEOUT) -> tuple[int, int]:
+class HandedBuckets(NamedTuple):
+    """What a successor gets from ``fetch_buckets``."""
+
+    fd: int  # the bucket table
+    pid: int  # the agent that answered, in its own PID namespace (for the log)
+    exit_fd: int  # a pidfd of that agent, readable once it has exited (``ExitWatch``); or -1
+    why: str = ""  # why there is no pidfd
+
+
+def fetch_buckets(name: bytes, layout: int, timeout: float = BUCKETS_TIMEOUT) -> HandedBuckets:
     """The rate-limit table of the agent holding ``name`` for a successor that reads table
-    ``layout``: (descriptor, that agent's pid). Blocking, on a connection of its own, so a late
-    or garbled answer cannot disturb the handover's; HandoverError says why there is none."""
+    ``layout``, with a pidfd of that agent. Blocking, on a connection of its own, so a late or
+    garbled answer cannot disturb the handover's; HandoverError says why there is none."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         line, fds = b"", []
@@ -352,12 +371,48 @@ def fetch_buckets(name: bytes, layout: int, timeout: float = BUCKETS_TIMEOUT) ->
             for fd in fds:
                 os.close(fd)
             raise HandoverError(f"the running agent did not hand over its buckets: {e}") from e
+        try:
+            fd, pid = _bucket_reply(line, fds, layout)
+        except HandoverError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        try:
+            return HandedBuckets(fd, pid, _peer_pidfd(sock, pid))
+        except OSError as e:
+            return HandedBuckets(fd, pid, -1, str(e))
+
+
+# getsockopt: a pidfd of the process at the other end of a Unix socket (Linux 6.5; Python's
+# socket module has no name for it yet).
+SO_PEERPIDFD = 77
+
+
+def _peer_pidfd(sock: socket.socket, pid: int | None = None) -> int:
+    """A pidfd of the agent at the other end of ``sock`` (which says it is ``pid``, if given):
+    from the kernel (``SO_PEERPIDFD``), whatever PID namespace that agent runs in (a
+    DaemonSet's old and new pods have one each); before Linux 6.5, ``pidfd_open`` of the pid
+    the kernel's credentials of the peer name here (``SO_PEERCRED``: 0 for a process of
+    another PID namespace), if it is the pid the agent says."""
+    with contextlib.suppress(OSError):
+        return int(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    seen = int(struct.unpack("3i", creds)[0])
+    if seen == 0 or (pid is not None and seen != pid):
+        raise OSError(
+            f"the kernel has no SO_PEERPIDFD (Linux < 6.5) and sees the agent as pid {seen}, "
+            f"not {pid}: another PID namespace"
+        )
+    return os.pidfd_open(seen)
+
+
+def _successor_pidfd(sock: socket.socket) -> int:
+    """A pidfd of the successor that asked for the buckets on ``sock``, or -1 (logged)."""
     try:
-        return _bucket_reply(line, fds, layout)
-    except HandoverError:
-        for fd in fds:
-            os.close(fd)
-        raise
+        return _peer_pidfd(sock)
+    except OSError as e:
+        log.warning("cannot watch the agent that takes the rate-limit buckets for its exit: %s", e)
+        return -1
 
 
 def _bucket_reply(line: bytes, fds: list[int], layout: int) -> tuple[int, int]:
@@ -374,6 +429,36 @@ def _bucket_reply(line: bytes, fds: list[int], layout: int) -> tuple[int, int]:
         )
     os.set_inheritable(fds[0], False)
     return fds[0], pid
+
+
+class ExitWatch:
+    """Says once that another agent's process has ended, however it ended (an exit, SIGKILL, a
+    crash): its pidfd (``HandedBuckets.exit_fd``, owned from here on) turns readable then, and
+    names that process even if its pid is reused later; one that has ended already fires as
+    soon as ``start`` runs. It waits in the loop at no cost until it fires."""
+
+    def __init__(self, pidfd: int, gone: Callable[[], None]) -> None:
+        self._gone = gone
+        self._fd = pidfd
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Call ``gone`` from the running loop once the process has ended."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._ended)
+
+    def _ended(self) -> None:
+        self.close()
+        self._gone()
+
+    def close(self) -> None:
+        """Stop watching (also after it fired)."""
+        if self._fd < 0:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._fd = -1
 
 
 def who(name: bytes, timeout: float = 2.0) -> dict[str, Any] | None:

@@ -24,9 +24,10 @@ count. Both kinds do the same arithmetic (``refill``) and offer the same ``Limit
 
 Across an upgrade (``agent.handover``) the successor agent continues its predecessor's buckets
 instead of starting them full, which would give every limited client a fresh burst per rollout:
-the predecessor hands over a table (``sharedbuckets.share``), and a single-process successor
-starts each bucket it creates at the level that table holds for it (``seed``). Only a bucket's
-creation asks the seed, so a take on an existing bucket costs what it did.
+the predecessor hands over a table (``sharedbuckets.share``), both agents take from it while
+both serve, and once the predecessor has exited a single-process successor goes back to this
+class, each bucket it creates starting at the level the table held for it (``seed``). Only a
+bucket's creation asks the seed, so a take on an existing bucket costs what it did.
 """
 
 from __future__ import annotations

@@ -28,10 +28,14 @@ the kernel releases a lock whose holder dies, so a killed worker cannot wedge a 
 refill arithmetic is ``ratelimit.refill``, the same as the single-process buckets'.
 
 Across an upgrade the successor agent continues the table (``agent.handover`` passes its
-descriptor): with workers, both agents' workers map the same table; a single-process agent
-copies its buckets into a new one (``share``) and a single-process successor starts each new
-bucket at the level a table holds for it (``TableSeed``). Every process that maps a table checks its
-header, so a table of another agent version is refused (``TableError``), never misread.
+descriptor), and for as long as both agents serve (the old one draining), every take of either
+comes out of it: workers map it, a single-process predecessor copies its buckets into a new
+table and moves to it (``share``), a single-process successor takes from the table it got
+(``SharedRateLimiter``). A single-process agent stays on the table until the other agent has
+exited (``agent.app.TablePeers``), then goes back to in-process buckets that start at the levels
+the table held (``unshare``, ``LevelSeed``), its descriptor and mapping released. Every process
+that maps a table checks its header, so a table of another agent version is refused
+(``TableError``), never misread.
 
 A bucket's key carries every value of its limit, so a changed policy starts with new, full
 buckets, and the slots of limits no longer in force are reused as they age. A policy deleted
@@ -47,8 +51,8 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass
+from array import array
+from collections.abc import Iterable, Iterator
 
 from agent.policy.ratelimit import Limiter, RateLimit, RateLimiter, refill
 
@@ -159,20 +163,6 @@ class BucketTable:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, SET.size, base)
         return ok
 
-    def level(self, key: int) -> tuple[float, float] | None:
-        """(tokens, stamp) of bucket ``key``, or None when it is not in the table."""
-        base = HEADER.size + (key % self._sets) * SET.size
-        fcntl.lockf(self.fd, fcntl.LOCK_SH, SET.size, base)
-        try:
-            slots = SET.unpack_from(self._map, base)
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, SET.size, base)
-        keys = slots[0::3]
-        if key not in keys:
-            return None
-        way = keys.index(key)
-        return slots[3 * way + 1], slots[3 * way + 2]
-
     def fill(self, key: int, tokens: float, stamp: float) -> None:
         """Set bucket ``key`` to ``tokens`` at ``stamp`` (a level counted elsewhere), evicting
         as ``take`` does."""
@@ -189,8 +179,34 @@ class BucketTable:
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN, SET.size, base)
 
+    @property
+    def sets(self) -> int:
+        return self._sets
+
+    def occupied(self) -> Iterator[tuple[int, tuple[float, ...]]]:
+        """(set index, its slots as ``SET`` unpacks them) of every set holding a bucket, in
+        order: what a process that leaves the table takes along (``LevelSeed``). Read with
+        ``pread``, which leaves the holes of the sparse file unallocated where reading through
+        the mapping would fill them in."""
+        empty = bytes(SET.size)
+        per_read = 1024  # sets: 192 KiB at a time
+        for first in range(0, self._sets, per_read):
+            count = min(per_read, self._sets - first)
+            chunk = os.pread(self.fd, count * SET.size, HEADER.size + first * SET.size)
+            for n in range(count):
+                at = n * SET.size
+                if chunk[at : at + SET.size] != empty:
+                    yield first + n, SET.unpack_from(chunk, at)
+
     def close(self) -> None:
         self._map.close()
+
+    def release(self) -> None:
+        """Unmap the table and close its descriptor: for a process that owns ``fd`` and is done
+        with the table (the memory goes once no other process holds it)."""
+        self._map.close()
+        os.close(self.fd)
+        self.fd = -1
 
 
 def _oldest(stamps: tuple[float, ...]) -> int:
@@ -234,24 +250,39 @@ def share(limiter: Limiter) -> tuple[int, Limiter]:
     sends and closes it) and the limiter this agent uses from now on.
 
     A shared limiter's own table is handed over as it is, so both agents take from the same
-    buckets for the rest of the handover and drain. In-process buckets are written into a
+    buckets for the rest of the handover and drain. In-process buckets are written into a new
     table, and this agent moves to that table itself, so the requests its established
     connections carry afterwards still count where the successor reads them. Its limited
-    requests cost the shared table's price (about 4 µs more) from then on; it is draining. The
-    table is the one this agent's buckets were seeded from, if any (so a bucket it never
-    touched keeps its predecessor's level for the next agent), else a new one.
+    requests cost the shared table's price (about 2.5 µs more) until the successor has exited
+    (``agent.app.TablePeers``): it drains meanwhile, or serves again if the successor died. The
+    levels this agent was seeded with and never used (``LevelSeed``: buckets only the agent
+    before it touched) go into the table too, so the next agent continues them as well.
     """
     if isinstance(limiter, SharedRateLimiter):
         return os.dup(limiter.table.fd), limiter
     if not isinstance(limiter, RateLimiter):
         raise TypeError(f"cannot hand over the buckets of a {type(limiter).__name__}")
-    if isinstance(limiter.seed, TableSeed):
-        table = limiter.seed.table
-    else:  # a new table, kept open for this process's life: its limiter locks through it
-        table = BucketTable(create_table())
+    # A new table, kept open for this process's life: its limiter locks through it.
+    table = BucketTable(create_table())
+    if isinstance(limiter.seed, LevelSeed):
+        for key, tokens, stamp in limiter.seed.levels():
+            table.fill(key, tokens, stamp)
     for limit, pod_ip, identity, bucket in limiter.levels():
         table.fill(bucket_key(limit, pod_ip, identity), bucket.tokens, bucket.stamp)
     return os.dup(table.fd), SharedRateLimiter(table)
+
+
+def unshare(limiter: Limiter) -> Limiter:
+    """The limiter of a single-process agent once no other agent takes from its table (its
+    predecessor, or the successor it handed the table to, exited): in-process buckets again,
+    each starting at the level the table holds for it, so leaving the table gives no client a
+    fresh burst; the table's descriptor and mapping are released. A limiter not on a table is
+    returned as it is."""
+    if not isinstance(limiter, SharedRateLimiter):
+        return limiter
+    seed = LevelSeed(limiter.table)
+    limiter.table.release()
+    return RateLimiter(seed=seed)
 
 
 def adopt(fd: int, predecessor: object) -> BucketTable | None:
@@ -269,11 +300,40 @@ def adopt(fd: int, predecessor: object) -> BucketTable | None:
     return table
 
 
-@dataclass(frozen=True)
-class TableSeed:
-    """``RateLimiter``'s seed from a predecessor's table: the level it holds for a bucket."""
+class LevelSeed:
+    """``RateLimiter``'s seed after leaving a table: the levels the table held, each given out
+    once, to the bucket created for it (an in-process bucket carries it on from there).
 
-    table: BucketTable
+    Kept compact, as the table's sets are: the keys, (tokens, stamp) per key, both in table
+    order, and where each set's keys start: 24 bytes a bucket and 4 a set (at most the table's
+    own 3 MiB, where a dict of tuples took 170 bytes a bucket, 21 MiB for a full table)."""
+
+    def __init__(self, table: BucketTable) -> None:
+        self._sets = table.sets
+        self._keys = array("Q")
+        self._levels = array("d")
+        counts = array("I", bytes(4 * self._sets))
+        for index, slots in table.occupied():
+            for way in range(WAYS):
+                if key := int(slots[3 * way]):
+                    self._keys.append(key)
+                    self._levels.extend(slots[3 * way + 1 : 3 * way + 3])
+                    counts[index] += 1
+        self._starts = array("I", [0])
+        for count in counts:
+            self._starts.append(self._starts[-1] + count)
 
     def __call__(self, limit: RateLimit, pod_ip: str, identity: str) -> tuple[float, float] | None:
-        return self.table.level(bucket_key(limit, pod_ip, identity))
+        key = bucket_key(limit, pod_ip, identity)
+        index = key % self._sets
+        for i in range(self._starts[index], self._starts[index + 1]):
+            if self._keys[i] == key:
+                self._keys[i] = 0  # given out
+                return self._levels[2 * i], self._levels[2 * i + 1]
+        return None
+
+    def levels(self) -> Iterator[tuple[int, float, float]]:
+        """(key, tokens, stamp) of every level not given out yet."""
+        for i, key in enumerate(self._keys):
+            if key:
+                yield key, self._levels[2 * i], self._levels[2 * i + 1]

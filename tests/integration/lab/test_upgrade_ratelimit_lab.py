@@ -6,9 +6,9 @@ then node2's agent is upgraded (a successor takes the node over, ``agent.handove
 outsider sends again at once. The successor continues its predecessor's buckets
 (``sharedbuckets.share``), so what it admits is only what the rate refilled since the bucket
 emptied (``RPS * elapsed`` + 1 for a token refilled while the last request was on its way); a
-successor whose buckets start full admits the whole second batch. With ``--workers 1``
-(in-process buckets, seeded from the table handed over) and ``--workers 2`` (the workers' table
-itself, shared by both agents during the handover).
+successor whose buckets start full admits the whole second batch. With ``--workers 1`` (both
+agents take from the table handed over until the old one has exited, then the new one from
+in-process buckets at the table's levels) and ``--workers 2`` (the workers' table itself).
 """
 
 from __future__ import annotations
@@ -73,6 +73,17 @@ def test_a_client_at_its_limit_is_still_limited_right_after_an_upgrade(
         assert set(codes) <= {200, 429} and sum(codes.values()) == AFTER, codes
         assert bound < AFTER, f"the upgrade took {elapsed:.1f}s: the test cannot tell"
         assert codes[200] <= bound, codes  # no fresh burst from the successor
+        # Once the old agent has exited, the new one goes on from the same levels (with
+        # --workers 1 on in-process buckets again, which its log says).
+        sent = time.monotonic()
+        components.wait_exit(upgrade.old_pid)
+        again = Counter(requests(lab, AFTER)["codes"])
+        bound = RPS * (time.monotonic() - sent) + 1
+        report("after the old agent exited", after=dict(again), admitted_at_most=f"{bound:.1f}")
+        assert bound < AFTER and again[200] <= bound, again
+        log = (lab.state_dir / "logs" / "agent-node2.log").read_text()
+        left = f"agent {upgrade.old_pid} exited: rate-limit buckets in this process again"
+        assert (left in log) == (workers == 1), left
     finally:
         lab.delete(limit)
         if upgrade is not None:  # the next restart must not meet its draining listeners

@@ -21,6 +21,7 @@ from agent.policy.sharedbuckets import (
     SET,
     WAYS,
     BucketTable,
+    LevelSeed,
     SharedRateLimiter,
     TableError,
     bucket_key,
@@ -195,7 +196,27 @@ def test_a_table_shorter_than_its_header_says_is_refused_as_truncated(fd: int) -
 def test_filled_levels_are_read_back_and_taken_from(fd: int) -> None:
     table = BucketTable(fd)
     table.fill(9, 0.5, 40.0)
-    assert table.level(9) == (0.5, 40.0) and table.level(10) is None
+    assert list(LevelSeed(table).levels()) == [(9, 0.5, 40.0)]
     assert not table.take(9, 1.0, 3.0, 40.0)  # half a token: refused
     assert table.take(9, 1.0, 3.0, 40.5)  # refilled to 1
     table.close()
+
+
+def test_a_level_seed_gives_each_level_the_table_held_once_and_lists_the_rest() -> None:
+    """What a single-process successor takes along when it leaves the table: per bucket key,
+    also when keys share a set (4 sets, 20 pods), the level the table held, once."""
+    fd = create_table(sets=4)
+    table = BucketTable(fd)
+    limit = RateLimit("default/l", "web.default.svc.cluster.local", 1, 100, False)
+    pods = [f"10.0.0.{i}" for i in range(20)]
+    for n, pod in enumerate(pods):
+        table.fill(bucket_key(limit, pod, ""), float(n), 50.0 + n)
+    seed = LevelSeed(table)
+    table.release()
+    assert seed(limit, pods[7], "") == (7.0, 57.0)
+    assert seed(limit, pods[7], "") is None  # given out: the in-process bucket has it now
+    assert seed(limit, "10.0.0.99", "") is None  # never in the table: a full bucket
+    rest = {key: (tokens, stamp) for key, tokens, stamp in seed.levels()}
+    assert rest == {
+        bucket_key(limit, pod, ""): (float(n), 50.0 + n) for n, pod in enumerate(pods) if n != 7
+    }

@@ -116,7 +116,7 @@ class Core:
         self._policies: Policies | None = None
         self._protocols: tuple[int, Mapping[tuple[str, int], str]] | None = None
         # In-process buckets; a worker of --workers N swaps in the agent's shared ones, and so
-        # does the agent at an upgrade (seeded from, or handing on, a table: agent.handover).
+        # does the agent at an upgrade, for as long as both agents serve (agent.handover).
         self.limiter: Limiter = RateLimiter()
         self.clock: Callable[[], float] = time.monotonic
         self._limits: tuple[int, Mapping[tuple[str, int], tuple[RateLimit, ...]]] | None = None

@@ -184,6 +184,8 @@ from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 from hyperframe.frame import Frame, GoAwayFrame
 
+import agent.proxy.h2enums  # noqa: F401  h2's state machine inputs hashed in C
+
 
 def frame_kind(frame: object) -> str:
     """What ``h2``'s received-frame trace line shows instead of the frame's ``repr`` (reach 5)."""

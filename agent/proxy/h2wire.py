@@ -395,7 +395,8 @@ class LeanDecoder(Decoder):
                 raise OversizedHeaderListError(
                     f"A header list larger than {self.max_header_list_size} has been received"
                 )
-            if self.header_table_size > self.max_allowed_table_size:
+            # ``_maxsize`` is what ``header_table_size`` reads through two properties
+            if self.header_table._maxsize > self.max_allowed_table_size:
                 raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
             return list(kept[0])
         table = self.header_table
@@ -473,7 +474,7 @@ class LeanDecoder(Decoder):
                     f"A header list larger than {limit} has been received"
                 )
             fields.append(field)
-        if self.header_table_size > self.max_allowed_table_size:
+        if table._maxsize > self.max_allowed_table_size:
             raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
         if (
             not changed
@@ -942,6 +943,8 @@ def check_h2_internals() -> None:
     table = getattr(Decoder(), "header_table", None)
     if not (hasattr(table, "get_by_index") and hasattr(table, "add")):
         missing.append("hpack.Decoder.header_table (get_by_index, add)")
+    if getattr(table, "_maxsize", None) != getattr(table, "maxsize", 0):
+        missing.append("hpack.HeaderTable._maxsize (what maxsize reads)")
     probe = H2Connection(H2Configuration(client_side=True))
     buffer = getattr(probe, "incoming_buffer", None)
     for n in ("_preamble_len", "_data", "_headers_buffer"):

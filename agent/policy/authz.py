@@ -514,6 +514,12 @@ class Authorizer:
         compiled = [compile_policy(p) for p in policies if p.kind == KIND]
         return cls(sorted(compiled, key=lambda c: c.ref), root_namespace=root_namespace)
 
+    def applies_to(self, workload: Workload) -> bool:
+        """Does any policy select ``workload`` (else ``evaluate`` allows every request to it
+        with ``_NO_POLICY``, whatever the request)?"""
+        root = self.root_namespace
+        return any(p.selects(workload, root) for p in self.policies)
+
     def evaluate(self, request: Request, workload: Workload) -> Decision:
         applicable = [p for p in self.policies if p.selects(workload, self.root_namespace)]
         if not applicable:  # the usual case of a request: nothing else to work out

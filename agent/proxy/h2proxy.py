@@ -103,6 +103,7 @@ from agent.proxy.h2guard import (
 )
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2wire import (
+    WALK_FROM,
     GracefulH2Connection,
     receive_on,
     send_data_on,
@@ -430,6 +431,10 @@ def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connecti
     conn.max_inbound_frame_size = limits.max_frame_size
     conn.decoder.max_header_list_size = limits.max_header_list_size
     tableless_headers(conn)  # our legs are loopback, a veth or a LAN: CPU, not bytes, is short
+    # A new stream's limit check walks h2's streams (forgetting the closed ones) only once
+    # ``WALK_FROM`` are known, as on HBONE's connections: it was one walk on each of a
+    # call's two connections at the source, and one at the destination without the relay.
+    conn.walk_from = WALK_FROM
     conn.initiate_connection()
     extra = limits.connection_window - conn.inbound_flow_control_window
     if extra > 0:
@@ -1060,7 +1065,10 @@ class H2Proxy(H2Core):
                 return
         s.exchange.sent = self.clock()
         up = u.conn
-        if up.open_outbound_streams >= u.peer_limit:
+        # Fewer streams known than could reach the limit: no walk (``h2wire.WALK_FROM``).
+        if len(up.streams) >= min(u.peer_limit, WALK_FROM) and (
+            up.open_outbound_streams >= u.peer_limit
+        ):
             # The pod's own limit: REFUSED_STREAM tells the client it is safe to retry.
             self._refuse(s, UPSTREAM_OVERFLOW)
             return

@@ -177,15 +177,12 @@ def admitted(plan: RoutePlan) -> Endpoint | LocalAnswer:
 
 def _sent_to(plan: RoutePlan, ip: str) -> Endpoint:
     """Endpoint ``ip``, chosen for the request's next try: the try counts as connected (a
-    request is "connected" once it is sent on an upstream)."""
-    plan.attempts.connected(ip)
+    request is "connected" once it is sent on an upstream), its timeout from that instant
+    (``Attempts.sent``: one clock reading for both)."""
+    timeout = plan.attempts.sent(ip)
     backend = plan.backend
     return Endpoint(
-        (backend.service.namespace, backend.service.name),
-        backend.port.port,
-        ip,
-        backend,
-        plan.attempts.try_timeout(),
+        (backend.service.namespace, backend.service.name), backend.port.port, ip, backend, timeout
     )
 
 

@@ -201,6 +201,8 @@ from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 from hyperframe.frame import Frame, GoAwayFrame
 
+import agent.proxy.h2enums  # noqa: F401  h2's state machine inputs hashed in C
+
 
 def frame_kind(frame: object) -> str:
     """What ``h2``'s received-frame trace line shows instead of the frame's ``repr`` (reach 5)."""
@@ -410,7 +412,8 @@ class LeanDecoder(Decoder):
                 raise OversizedHeaderListError(
                     f"A header list larger than {self.max_header_list_size} has been received"
                 )
-            if self.header_table_size > self.max_allowed_table_size:
+            # ``_maxsize`` is what ``header_table_size`` reads through two properties
+            if self.header_table._maxsize > self.max_allowed_table_size:
                 raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
             return list(kept[0])
         table = self.header_table
@@ -488,7 +491,7 @@ class LeanDecoder(Decoder):
                     f"A header list larger than {limit} has been received"
                 )
             fields.append(field)
-        if self.header_table_size > self.max_allowed_table_size:
+        if table._maxsize > self.max_allowed_table_size:
             raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
         if (
             not changed
@@ -555,7 +558,8 @@ def _connection_input(conn: H2Connection, input_: ConnectionInputs) -> list[Even
 # ``new_connection``), while fewer than ``WALK_FROM`` are known (or than the limit, if lower),
 # the answer is known without the walk; closed streams then wait for the next walk (at most
 # ``WALK_FROM`` of them, about 0.6 KB each) instead of going at once. ``H2Proxy``'s connections
-# walk every time, as ``h2`` does (their received frames are held to ``h2``'s stream table).
+# do the same (``walk_from`` set by ``h2proxy.new_connection``): a late frame on a closed stream
+# is answered alike kept or forgotten (``test_stream_limit_walks``).
 WALK_FROM = 16
 
 
@@ -1069,6 +1073,8 @@ def check_h2_internals() -> None:
     table = getattr(Decoder(), "header_table", None)
     if not (hasattr(table, "get_by_index") and hasattr(table, "add")):
         missing.append("hpack.Decoder.header_table (get_by_index, add)")
+    if getattr(table, "_maxsize", None) != getattr(table, "maxsize", 0):
+        missing.append("hpack.HeaderTable._maxsize (what maxsize reads)")
     probe = H2Connection(H2Configuration(client_side=True))
     buffer = getattr(probe, "incoming_buffer", None)
     for n in ("_preamble_len", "_data", "_headers_buffer"):

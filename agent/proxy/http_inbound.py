@@ -36,7 +36,7 @@ import socket
 import time
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from agent.policy.authz import HttpAttributes, Request
 from agent.proxy.core import Core
@@ -64,6 +64,9 @@ from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.tunnel import Sink, TunnelStream
 from agent.state import Workload
 from agent.telemetry.records import ConnectionRecord, RequestRecord
+
+if TYPE_CHECKING:
+    from agent.policy.ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -465,13 +468,19 @@ def request_verdict(
         return Verdict(False, decision.refused_by(), dry_run=would)
     limit = core.rate_limit(request, core.snapshot())
     if limit is not None:
-        return Verdict(
-            False,
-            limit.policy,
-            status=429,
-            flag=RATE_LIMITED,
-            body=RATE_LIMITED_BODY,
-            grpc_status=GRPC_RESOURCE_EXHAUSTED,
-            dry_run=would,
-        )
+        return rate_limited(limit, would)
     return Verdict(True, dry_run=would) if would else ALLOWED
+
+
+def rate_limited(limit: RateLimit, would: str) -> Verdict:
+    """A request ``limit`` refused: 429 (gRPC ``RESOURCE_EXHAUSTED``), with the dry-run
+    policies that ``would`` have denied it."""
+    return Verdict(
+        False,
+        limit.policy,
+        status=429,
+        flag=RATE_LIMITED,
+        body=RATE_LIMITED_BODY,
+        grpc_status=GRPC_RESOURCE_EXHAUSTED,
+        dry_run=would,
+    )

@@ -87,13 +87,15 @@ class Attempts:
         """Is the current endpoint still one of the Service's (outlier state is kept)?"""
         return self.current is not None and self.current in self.service.endpoints
 
-    def connected(self, ip: str, *, reused: bool = False) -> None:
-        """The current attempt (to ``ip``) connected; ``reused``: an HTTP request got a pooled
-        upstream session, whose zero connect time is no latency sample (its time to first
-        byte, given to ``finish``, is): the clock is read only for a sample."""
+    def connected(self, ip: str, *, reused: bool = False, now: float | None = None) -> None:
+        """The current attempt (to ``ip``) connected (at ``now``, the caller's clock reading,
+        else the clock's); ``reused``: an HTTP request got a pooled upstream session, whose
+        zero connect time is no latency sample (its time to first byte, given to ``finish``,
+        is): the clock is read only for a sample."""
         svc = self.service
         if self._load is not None and not reused:
-            now = svc.clock()
+            if now is None:
+                now = svc.clock()
             self._load.observe(now - self._started, now)
         # Only an endpoint out of rotation (``outlier.out``) can be on probation.
         if ip in svc.outlier.out and self._live() and svc.outlier.probing(ip):
@@ -102,6 +104,17 @@ class Attempts:
                 svc.observer(svc.name, "outlier", "returned")
         svc.pending -= 1
         self._connected = True
+
+    def sent(self, ip: str) -> float:
+        """An HTTP/2 try to ``ip``, queued on its endpoint's connection, counts as connected
+        (``agent.proxy.h2route``): ``connected`` and ``try_timeout`` at one clock reading, the
+        instant it was sent (its connect sample's end and its timeout's start: nothing waits
+        in between, so two readings only differed by the Python between them). Returns the
+        try's timeout."""
+        svc = self.service
+        now = svc.clock()
+        self.connected(ip, now=now)
+        return max(0.0, min(svc.config.per_try_timeout, self.deadline - now))
 
     def failed(self, ip: str, cause: str) -> None:
         """The current attempt (to ``ip``) failed with ``cause`` (one of the retryOn values).

@@ -9,7 +9,9 @@ bytes."""
 
 from __future__ import annotations
 
+import sys
 import tracemalloc
+from types import FrameType
 
 import pytest
 from h2.exceptions import ProtocolError
@@ -18,6 +20,7 @@ from hpack import (
     Encoder,
     HeaderTuple,
     HPACKError,
+    InvalidTableSizeError,
     NeverIndexedHeaderTuple,
 )
 from hypothesis import example, given, settings
@@ -314,3 +317,33 @@ def test_the_block_cache_is_bounded_per_connection() -> None:
     decoder.decode(block(0, n + 1), raw=True)
     decoder.decode(b"\x00\x01a\x7f\xd9\x03" + b"x" * 600, raw=True)  # a 600-byte value
     assert not decoder.block_cache
+
+
+def test_a_block_is_decoded_without_reading_the_table_size_through_its_properties() -> None:
+    """``decode`` compares the table's size with the allowed one after every block, new or
+    kept: it reads ``HeaderTable._maxsize`` (what the two properties, ``header_table_size``
+    and ``HeaderTable.maxsize``, read: two Python calls a block, six per gRPC call at the
+    source). A table left above a lowered limit is still refused, as hpack refuses it, for a
+    new block and a kept one alike."""
+    decoder = LeanDecoder()
+    block = encode_field(b"grpc-status", b"0") + encode_field(b"content-type", b"application/grpc")
+    calls: list[str] = []
+
+    def profile(frame: FrameType, event: str, _arg: object) -> None:
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+
+    for _ in range(2):  # decoded, then taken from the kept blocks
+        sys.setprofile(profile)
+        try:
+            fields = decoder.decode(block, raw=True)
+        finally:
+            sys.setprofile(None)
+        assert list(fields) == [(b"grpc-status", b"0"), (b"content-type", b"application/grpc")]
+    assert "header_table_size" not in calls and "maxsize" not in calls
+    other = block + encode_field(b"te", b"trailers")
+    for ours in (decoder, LeanDecoder(), Decoder()):
+        ours.max_allowed_table_size = 100  # our SETTINGS lowered it; no size update came
+        for sent in (block, other):
+            with pytest.raises(InvalidTableSizeError):
+                ours.decode(sent, raw=True)

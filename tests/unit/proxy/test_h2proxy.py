@@ -43,7 +43,7 @@ from agent.proxy.h2proxy import (
     Pick,
     PickRequest,
 )
-from agent.proxy.h2wire import GracefulH2Connection
+from agent.proxy.h2wire import WALK_FROM, GracefulH2Connection
 from agent.proxy.http1 import UPSTREAM_PROTOCOL, RequestHead, Verdict
 from tests.unit.proxy.h2peers import Wire, peer
 
@@ -690,12 +690,14 @@ def test_each_request_goes_to_the_upstream_its_key_names() -> None:
     assert bodies == [b"a", b"a", b"b"]
 
 
-def test_a_forwarded_request_counts_its_upstreams_open_streams_once(
+def test_calls_one_after_another_count_open_streams_once_per_walk_from_streams(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``H2Proxy`` counts the upstream's open streams against the pod's limit before a try's
-    head goes (REFUSED_STREAM above it); ``send_headers_on`` is told so and does not count them
-    again (a walk over every stream of the connection, twice per call before)."""
+    head goes (REFUSED_STREAM above it), and the client's at each new request, only once
+    ``WALK_FROM`` streams are known (fewer cannot be at a limit of more; the walk also forgets
+    the closed ones): a walk on each side per call before, and two on the upstream's side
+    before ``send_headers_on`` was told of the first."""
     counted: list[bool] = []
     real = GracefulH2Connection._open_streams
 
@@ -705,15 +707,18 @@ def test_a_forwarded_request_counts_its_upstreams_open_streams_once(
 
     monkeypatch.setattr(GracefulH2Connection, "_open_streams", count)
     w = Pods()
-    w.request("/a/1")
-    w.run()
-    w.respond("a")
-    counted.clear()
-    w.request("/a/2")
-    w.run()
-    assert counted.count(True) == 1  # the upstream's (we are its client)
-    w.respond("a")
-    assert sorted(ex.head.path for ex in w.proxy.take_completed()) == ["/a/1", "/a/2"]
+    calls = 3 * WALK_FROM
+    for n in range(calls):
+        w.request(f"/a/{n}")
+        w.run()
+        w.respond("a")
+    walks = calls // (WALK_FROM - 1) + 1
+    assert 0 < counted.count(True) <= walks  # the upstream's (we are its client)
+    assert 0 < counted.count(False) <= walks  # the client's
+    assert len(w.proxy.take_completed()) == calls
+    for u in w.proxy._upstreams.values():
+        assert len(u.conn.streams) <= WALK_FROM  # closed streams forgotten by the walks
+    assert len(w.proxy.client.streams) <= WALK_FROM
 
 
 def test_the_pods_stream_limit_is_followed_as_its_settings_change() -> None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from agent.policy.routes import GrpcRequest
+from agent.policy.routes import GrpcRequest, HttpRequest
 from agent.policy.traffic.service import ServiceTraffic
 from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint, admitted, grpc_timeout, route_request
@@ -18,7 +18,7 @@ from agent.proxy.http_router import HttpRouter, RoutePlan
 from agent.state import PolicyObject, RouteObject, ServicePort, StateStore
 from tests.unit.proxy.test_http_router import PODS, _ref, _route, _router, _target
 from tests.unit.proxy.test_http_router import _store as _http_store
-from tests.unit.traffic.traffic_helpers import traffic_policy
+from tests.unit.traffic.traffic_helpers import FakeClock, traffic_policy
 
 CALL = "/pkg.Echo/Unary"
 
@@ -407,3 +407,52 @@ def test_a_calls_request_compares_and_hashes_by_its_fields_as_a_frozen_one_did()
     assert call != GrpcRequest("pkg.Echo", "Unary", (("x", "1"),), "other")
     with pytest.raises(TypeError):
         hash(GrpcRequest("pkg.Echo", "Unary", [("x", "1")]))
+
+
+class _CountedClock(FakeClock):
+    """A fake clock that counts its readings."""
+
+    reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+def test_a_call_reads_the_clock_three_times_to_be_routed_and_sent() -> None:
+    """A call to a VIP without routes: the admission, the pick, and the try sent (its connect
+    sample and its timeout at one reading, ``Attempts.sent``; they were two)."""
+    clock, store = _CountedClock(), _store(*PODS)
+    router = _router(clock)
+    _done(_choice(router, store, _request()))  # the Service's traffic state made
+    clock.reads = 0
+    choice = _choice(router, store, _request())
+    assert clock.reads == 3
+    assert isinstance(choice.key, Endpoint) and choice.key.connect_timeout is not None
+
+
+def test_a_try_sent_at_one_reading_counts_as_connect_and_try_timeout_at_that_reading() -> None:
+    """``Attempts.sent`` leaves the balancer's estimate and stamp, the Service's counts, and
+    the try's timeout as ``connected`` then ``try_timeout`` did at the same instant (with a
+    connect sample of 3 ms, and with an expired connect deadline)."""
+    for waited in (0.003, 30.0):
+        outcomes = []
+        for one_reading in (False, True):
+            clock, store = FakeClock(), _store(*PODS)
+            router = _router(clock)
+            plan = router.admit(store.snapshot(), _target(store), HttpRequest.from_target(
+                "POST", CALL, (), authority="web"), "10.244.1.5", None, ("node1", None),
+                client_namespace="default")  # fmt: skip
+            ip = plan.attempts.next_endpoint()
+            assert ip is not None
+            clock.advance(waited)
+            if one_reading:
+                timeout = plan.attempts.sent(ip)
+            else:
+                plan.attempts.connected(ip)
+                timeout = plan.attempts.try_timeout()
+            svc, load = plan.attempts.service, plan.attempts._load
+            assert load is not None
+            outcomes.append((timeout, svc.pending, load.estimate, load.stamp, load.active))
+        assert outcomes[0] == outcomes[1]
+        assert outcomes[1][0] == (0.0 if waited > 10 else pytest.approx(10.0 - waited))

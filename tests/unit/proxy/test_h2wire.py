@@ -627,6 +627,10 @@ STEPS = st.tuples(
 
 
 def _receive_outcome(conn: H2Connection, events: list[h2.events.Event]) -> object:
+    """What a read left: events, open streams and their windows, how each closed stream was
+    closed (one ``h2`` still knows equal to one it forgot: ``H2Proxy``'s connections leave
+    closed streams to the next walk, ``WALK_FROM``, where ``h2``'s ``receive_data`` forgets
+    them at each new stream's count), the connection's windows and output."""
     streams = {
         sid: (
             s.state_machine.state,
@@ -634,10 +638,17 @@ def _receive_outcome(conn: H2Connection, events: list[h2.events.Event]) -> objec
             s.outbound_flow_control_window,
         )
         for sid, s in conn.streams.items()
+        if s.state_machine.state is not StreamState.CLOSED
+    }
+    closed = {
+        sid: conn._stream_closed_by(sid)
+        for sid in sorted({*conn.streams, *conn._closed_streams})
+        if sid not in streams
     }
     return (
         [repr(e) for e in events],
         streams,
+        closed,
         conn._inbound_flow_control_window_manager.current_window_size,
         conn.outbound_flow_control_window,
         conn.max_inbound_frame_size,

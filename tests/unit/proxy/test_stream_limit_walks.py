@@ -7,10 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 
+import h2.config
 import h2.connection
 import h2.settings
 import pytest
+from h2.errors import ErrorCodes
 from h2.exceptions import TooManyStreamsError
+from hyperframe.frame import (
+    DataFrame,
+    Frame,
+    HeadersFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    WindowUpdateFrame,
+)
 
 from agent.proxy import h2wire
 from agent.proxy.h2proxy import H2Limits
@@ -74,17 +84,110 @@ def test_the_limit_still_holds_with_closed_streams_known(walks: list[str]) -> No
         h2wire.send_headers_on(p.client._h2, 99, [(b":method", b"CONNECT")], end_stream=False)
 
 
-def test_h2proxys_connections_walk_on_every_new_stream_as_h2_does(walks: list[str]) -> None:
-    """Only HBONE's connections skip the walk: ``H2Proxy``'s are held to ``h2``'s own stream
-    table (closed streams forgotten at the next stream), which its equivalence tests compare."""
+def test_h2proxys_connections_walk_from_walk_from_streams_as_hbones_do(walks: list[str]) -> None:
+    """``H2Proxy``'s connections skip the walk as HBONE's do (``walk_from``): fewer streams
+    known than ``WALK_FROM`` cannot be at a limit of more (they walked at every new stream,
+    two walks per proxied call)."""
     hbone = h2wire.new_connection(client_side=True, settings=HboneSettings())
     proxy = new_proxy_connection(client_side=True, limits=H2Limits())
-    assert hbone.walk_from == h2wire.WALK_FROM
-    assert proxy.walk_from == 0
+    assert hbone.walk_from == proxy.walk_from == h2wire.WALK_FROM
     request = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
     for sid in (1, 3, 5):
         h2wire.send_headers_on(proxy, sid, request, end_stream=True)
-    assert len(walks) == 3
+    assert walks == []
+
+
+_REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/a"), (b":authority", b"a")]
+_RESPONSE = [(b":status", b"200")]
+
+
+def _closed_streams(proxy_is_client: bool) -> tuple[h2.connection.H2Connection, object]:
+    """A proxy connection (``H2Proxy``'s, on either side) whose streams 1, 3, 5 are closed,
+    each its own way: 1 ended both ways, 3 reset by the proxy, 5 reset by the peer; and the
+    peer (an ``h2`` connection) that sends the late frames."""
+    proxy = new_proxy_connection(client_side=proxy_is_client, limits=H2Limits())
+    peer = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=not proxy_is_client, header_encoding=None)
+    )
+    peer.initiate_connection()
+    for _ in range(2):
+        h2wire.receive_on(proxy, peer.data_to_send())
+        peer.receive_data(proxy.data_to_send())
+    opener, answerer = (proxy, peer) if proxy_is_client else (peer, proxy)
+    for sid in (1, 3, 5):
+        if opener is proxy:
+            h2wire.send_headers_on(proxy, sid, _REQUEST, end_stream=sid == 1)
+            peer.receive_data(proxy.data_to_send())
+        else:
+            peer.send_headers(sid, _REQUEST, end_stream=sid == 1)
+            h2wire.receive_on(proxy, peer.data_to_send())
+    if answerer is proxy:
+        h2wire.send_headers_on(proxy, 1, _RESPONSE, end_stream=True)
+        peer.receive_data(proxy.data_to_send())
+    else:
+        peer.send_headers(1, _RESPONSE, end_stream=True)
+        h2wire.receive_on(proxy, peer.data_to_send())
+    proxy.reset_stream(3)
+    peer.receive_data(proxy.data_to_send())
+    peer.reset_stream(5)
+    h2wire.receive_on(proxy, peer.data_to_send())
+    assert all(proxy.streams[sid].closed for sid in (1, 3, 5))
+    return proxy, peer
+
+
+def _late_frame(peer: h2.connection.H2Connection, kind: str, sid: int) -> bytes:
+    """A frame of ``kind`` from the peer on ``sid``, as bytes (``h2`` would refuse to send
+    most of them on a closed stream)."""
+    frame: Frame
+    if kind == "data":
+        frame = DataFrame(sid, b"late", flags=["END_STREAM"])
+    elif kind == "headers":
+        block = peer.encoder.encode([(b"grpc-status", b"0")])
+        frame = HeadersFrame(sid, block, flags=["END_HEADERS", "END_STREAM"])
+    elif kind == "rst":
+        frame = RstStreamFrame(sid, error_code=ErrorCodes.CANCEL)
+    elif kind == "window":
+        frame = WindowUpdateFrame(sid, window_increment=100)
+    else:
+        frame = PriorityFrame(sid, depends_on=0, stream_weight=16)
+    return frame.serialize()
+
+
+@pytest.mark.parametrize("proxy_is_client", [True, False])
+@pytest.mark.parametrize("kind", ["data", "headers", "rst", "window", "priority"])
+@pytest.mark.parametrize("sid", [1, 3, 5])
+def test_a_late_frame_on_a_closed_stream_is_answered_alike_kept_or_forgotten(
+    proxy_is_client: bool, kind: str, sid: int
+) -> None:
+    """A closed stream a proxy connection still knows (no walk since it closed: up to
+    ``WALK_FROM`` of them) and one the walk forgot get the same answer to every kind of frame
+    the peer may send late on it, however it was closed: the same events, output, refusal, and
+    then the same answer to a new stream."""
+    outcomes = []
+    for forget in (False, True):
+        proxy, peer = _closed_streams(proxy_is_client)
+        if forget:
+            assert proxy.open_outbound_streams + proxy.open_inbound_streams == 0
+            assert not proxy.streams
+        else:
+            assert len(proxy.streams) == 3
+        try:
+            events = h2wire.receive_on(proxy, _late_frame(peer, kind, sid))
+            outcome: object = [(type(e).__name__, getattr(e, "stream_id", None)) for e in events]
+        except Exception as e:
+            outcome = type(e).__name__
+        after = bytes(proxy.data_to_send())
+        if isinstance(outcome, str):
+            outcomes.append((outcome, after))
+            continue
+        if proxy_is_client:  # and a new stream still goes as before
+            h2wire.send_headers_on(proxy, 7, _REQUEST, end_stream=True)
+        else:
+            peer.send_headers(7, _REQUEST, end_stream=True)
+            outcome += [(type(e).__name__, getattr(e, "stream_id", None))
+                        for e in h2wire.receive_on(proxy, peer.data_to_send())]  # fmt: skip
+        outcomes.append((outcome, after, bytes(proxy.data_to_send())))
+    assert outcomes[0] == outcomes[1]
 
 
 def test_a_caller_that_counted_already_makes_no_one_read_the_peers_settings(

@@ -39,9 +39,10 @@ import struct
 from agent.base.accepted import peer_of
 
 # What one socket may hold written but unsent, beyond the segment being filled (at most the
-# device's GSO size, 64 KiB without BIG TCP). ARCHITECTURE.md, "Kernel send queues", has the
-# measurements behind the value.
-UNSENT_LOWAT = 128 * 1024
+# device's GSO size, 64 KiB without BIG TCP). Twice a relay read (``relay.MAX_CHUNK``): a socket
+# polls writable below half of it, so one that did takes a whole read. ARCHITECTURE.md, "Kernel
+# send queues", has the measurements behind the value.
+UNSENT_LOWAT = 512 * 1024
 
 
 def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:

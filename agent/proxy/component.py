@@ -32,7 +32,7 @@ class ProxyComponent(Component):
     async def handle(self, conn: socket.socket, listener: Listener) -> asyncio.Future[None] | None:
         """Serve ``conn``; a returned future is where it goes on without this task (it owns
         ``conn`` then: see ``agent.app.ConnectionHandler``)."""
-        sockets.nodelay(conn)
+        sockets.accepted(conn)
         return await self._handlers[listener](conn)
 
     def use_splicer(self, splicer: Splicer) -> None:

@@ -40,7 +40,7 @@ class Passthrough:
         addresses = sockets.captured_addresses(client, original_dst)
         if addresses is None:
             return
-        sockets.nodelay(client)  # as the node proxy's listeners do (``ProxyComponent.handle``)
+        sockets.accepted(client)  # as the node proxy's listeners do (``ProxyComponent.handle``)
         src_ip, src_port, dst_ip, dst_port = addresses
         try:
             upstream = await sockets.connect(

@@ -13,6 +13,18 @@ address holds, TIME_WAIT ones included; the proxy closes first towards the pod, 
 thousands of them under a connection load, and the search grew to most of the destination
 agent's CPU per connection (and fails once the range is full). With the option the port is
 chosen by ``connect``, unique per (source, destination) pair as for any client socket.
+
+``TCP_NOTSENT_LOWAT`` (``UNSENT_LOWAT``) on every socket the proxy writes to (``limit_unsent``):
+the bytes the agent has written into a socket but TCP has not sent yet are kernel memory charged
+to the agent, and nothing of the agent's budgets counted them. With send-buffer autotuning
+(``tcp_wmem``'s maximum, 4 MiB by default) a socket toward a pod that read fast and then stopped,
+or toward a peer agent that does not read, held up to that maximum unsent, per connection. With
+the option the kernel takes no new segment while that many bytes are unsent (``tcp_sendmsg``
+asks ``sk_stream_memory_free``, which checks the unsent bytes against it) and polls writable
+only below half of it, so a write it refuses stays in user space, where the relay's one pending
+read, the HBONE queue budget and the stream windows already count and bound it. It bounds only
+what is unsent: bytes in flight are bounded by the peer's receive window as before, so a long
+fat path still fills its window.
 """
 
 from __future__ import annotations
@@ -26,6 +38,12 @@ import struct
 
 from agent.base.accepted import peer_of
 
+# What one socket may hold written but unsent, beyond the segment being filled (at most the
+# device's GSO size, 64 KiB without BIG TCP). Twice a relay read (``relay.MAX_CHUNK``): a socket
+# polls writable below half of it, so one that did takes a whole read. ARCHITECTURE.md, "Kernel
+# send queues", has the measurements behind the value.
+UNSENT_LOWAT = 512 * 1024
+
 
 def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:
     """A non-blocking socket for the proxy's side of an upstream connection. Made non-blocking
@@ -35,6 +53,7 @@ def upstream_socket(mark: int, source_ip: str | None = None) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        limit_unsent(sock)
         if source_ip is not None:
             sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
             sock.setsockopt(socket.SOL_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
@@ -154,6 +173,22 @@ def nodelay(sock: socket.socket) -> None:
     response held back waiting for an ACK would add a round trip to every request."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def accepted(sock: socket.socket) -> None:
+    """The options of every socket a proxy listener accepted (``ProxyComponent.handle``), as
+    ``upstream_socket`` sets them on the sockets the proxy opens: no Nagle, and a bound on
+    what its send queue holds unsent."""
+    nodelay(sock)
+    limit_unsent(sock)
+
+
+def limit_unsent(sock: socket.socket) -> None:
+    """Bound what ``sock``'s kernel send queue holds unsent to ``UNSENT_LOWAT`` (plus the
+    segment being filled): see the module's docstring. Called for every socket the proxy
+    writes to: the ones it opens (``upstream_socket``: pods, peer agents' HBONE) and the ones
+    its listeners accepted (``accepted``)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LOWAT)
 
 
 def keepalive(sock: socket.socket, *, idle: int = 60, interval: int = 10, count: int = 3) -> None:

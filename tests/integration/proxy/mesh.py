@@ -30,6 +30,7 @@ from agent.identity.certs import WorkloadCertificate
 from agent.identity.keysmith import private_key, to_pem
 from agent.identity.manager import IdentityUnavailable
 from agent.identity.spiffe import SpiffeId
+from agent.proxy import sockets
 from agent.proxy.core import Core, ProxySettings
 from agent.proxy.server import NodeProxy
 from agent.state import Namespace, PolicyObject, StateStore
@@ -187,6 +188,7 @@ class Mesh:
         while True:
             conn, _ = await loop.sock_accept(sock)
             conn.setblocking(False)
+            sockets.accepted(conn)  # as the agent's listeners (``ProxyComponent.handle``)
             self._tasks.append(asyncio.create_task(handler(conn)))
 
     def serve_hbone(self, proxy: NodeProxy, ip: str) -> socket.socket:
@@ -224,6 +226,7 @@ class Mesh:
         async def accept_one() -> None:
             conn, _ = await asyncio.get_running_loop().sock_accept(lst)
             conn.setblocking(False)
+            sockets.accepted(conn)
             rest = await handle(conn, original_dst=dst)
             if rest is not None:  # a relay without a task: this task stands for it (its
                 with contextlib.suppress(Exception):  # cancellation closes the connection)

@@ -13,6 +13,7 @@ import pytest
 
 from agent.base.constants import Listener
 from agent.proxy.passthrough import Passthrough
+from agent.proxy.sockets import UNSENT_LOWAT
 
 pytestmark = pytest.mark.root
 
@@ -25,12 +26,12 @@ async def _echo_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 
 
 async def _through_passthrough(
-    dst: tuple[str, int], payload: bytes, nodelay: list[int] | None = None
+    dst: tuple[str, int], payload: bytes, options: list[tuple[int, int]] | None = None
 ) -> bytes:
     """Connect a client to a local listener, serve the accepted socket with ``Passthrough``
     towards ``dst`` and close it afterwards (as the agent does), send ``payload``, half-close,
-    and return what comes back. ``nodelay`` gets the accepted socket's TCP_NODELAY as the
-    handler left it."""
+    and return what comes back. ``options`` gets the accepted socket's TCP_NODELAY and
+    TCP_NOTSENT_LOWAT as the handler left them."""
     loop = asyncio.get_running_loop()
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
@@ -44,8 +45,13 @@ async def _through_passthrough(
         try:
             await Passthrough().handle(conn, Listener.OUTBOUND, original_dst=dst)
         finally:
-            if nodelay is not None:
-                nodelay.append(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            if options is not None:
+                options.append(
+                    (
+                        conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                        conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT),
+                    )
+                )
             conn.close()
 
     serving = asyncio.create_task(serve())
@@ -81,12 +87,13 @@ def test_an_unreachable_destination_ends_the_client_connection() -> None:
     assert asyncio.run(_through_passthrough(("127.0.0.1", closed_port), b"")) == b""
 
 
-def test_the_client_socket_sends_without_nagle() -> None:
+def test_the_client_socket_sends_without_nagle_and_bounds_what_it_holds_unsent() -> None:
     """A 1 KB answer must not wait for the client's ACK of the previous segment (Nagle with
-    delayed ACK adds up to 40 ms to a request/response exchange)."""
+    delayed ACK adds up to 40 ms to a request/response exchange); a client that stops reading
+    leaves at most ``UNSENT_LOWAT`` unsent in the socket (``sockets.limit_unsent``)."""
     if os.geteuid() != 0:
         pytest.skip("SO_MARK needs root")
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
 
     async def main() -> bytes:
         server = await asyncio.start_server(_echo_until_eof, "127.0.0.1", 0)
@@ -95,4 +102,4 @@ def test_the_client_socket_sends_without_nagle() -> None:
             return await _through_passthrough(("127.0.0.1", port), b"x", seen)
 
     assert asyncio.run(main()) == b"echo:x"
-    assert seen == [1]
+    assert seen == [(1, UNSENT_LOWAT)]

@@ -1,6 +1,7 @@
 """Every TCP socket the node proxy relays on sends without Nagle: the accepted sockets of all
 three listeners (outbound, plaintext inbound, HBONE) and every socket it opens (pods, peer
-nodes' HBONE), so a small response never waits for the peer's delayed ACK."""
+nodes' HBONE), so a small response never waits for the peer's delayed ACK. The same sockets
+bound what their send queue holds unsent (``TCP_NOTSENT_LOWAT``: ``sockets.limit_unsent``)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,20 @@ from agent.proxy.component import ProxyComponent
 from agent.proxy.server import NodeProxy
 
 
+def options(sock: socket.socket) -> tuple[int, int]:
+    """(TCP_NODELAY, TCP_NOTSENT_LOWAT) of ``sock``."""
+    nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    return nodelay, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+
+
 class _Proxy:
     def __init__(self) -> None:
-        self.seen: list[tuple[Listener, int]] = []
+        self.seen: list[tuple[Listener, int, int]] = []
 
     def handlers(self) -> dict[Listener, Any]:
         def handler(listener: Listener) -> Any:
             async def handle(conn: socket.socket) -> None:
-                self.seen.append(
-                    (listener, conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-                )
+                self.seen.append((listener, *options(conn)))
 
             return handle
 
@@ -40,11 +45,11 @@ def test_accepted_sockets_of_every_listener(listener: Listener) -> None:
         client = socket.create_connection(server.getsockname())
         conn, _ = server.accept()
         with client, conn:
-            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            assert options(conn) == (0, 0)
             asyncio.run(component.handle(conn, listener))
-    assert proxy.seen == [(listener, 1)]
+    assert proxy.seen == [(listener, 1, sockets.UNSENT_LOWAT)]
 
 
 def test_sockets_the_proxy_opens() -> None:
     with sockets.upstream_socket(0) as sock:
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert options(sock) == (1, sockets.UNSENT_LOWAT)

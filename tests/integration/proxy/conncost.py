@@ -3,8 +3,9 @@
 Not a test (nothing here asserts a timing): a harness to measure and profile what a new
 connection costs the proxies, without the lab's noise. This process runs node1's and node2's
 proxies of the loopback mesh (``tests.integration.proxy.mesh``) as the agent wires them: accept
-loops (``agent.acceptor``), a task per accepted connection, ``TCP_NODELAY``, the Istio TCP
-metrics and the access log on both registries (lines to /dev/null through the agent's
+loops (``agent.acceptor``), a task per accepted connection, its socket options
+(``sockets.accepted``), the Istio TCP metrics and the access log on both registries (lines to
+/dev/null through the agent's
 ``logging.basicConfig`` format), ``settle_for_data_plane``. A child process runs the pod's echo
 server and the client, which opens connections from the client pod's IP (``--concurrency`` at a
 time), sends 100 bytes, reads them back and closes, as ``bench.programs.connrate_client`` does;
@@ -80,7 +81,7 @@ async def _serve(mesh: Mesh, sock: socket.socket, handle: object, tasks: set[obj
     async def one(conn: socket.socket) -> None:
         rest = None
         try:
-            sockets.nodelay(conn)
+            sockets.accepted(conn)
             rest = await handle(conn)  # type: ignore[operator]
         finally:
             if rest is None:

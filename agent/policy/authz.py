@@ -55,7 +55,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.state.model import PolicyObject, Workload
 
@@ -500,12 +500,46 @@ def compile_policy(policy: PolicyObject) -> CompiledPolicy:
     )
 
 
-class Authorizer:
-    """All AuthorizationPolicies of one state version, compiled."""
+SELECTION_CACHE_SIZE = 4096  # workloads (and label sets) whose applicable policies are kept
 
-    def __init__(self, policies: Sequence[CompiledPolicy], *, root_namespace: str) -> None:
+
+class Authorizer:
+    """All AuthorizationPolicies of one state version, compiled.
+
+    Which policies select a workload is worked out once per workload, not per request: the
+    policies are indexed by namespace here (a policy selects only workloads of its own
+    namespace, or every workload from the root namespace), and the tuple of those that select
+    a workload is kept, in ``policies`` order (reasons and refs depend on it), first under the
+    ``Workload`` object itself (the state's workloads are frozen and shared by every request of
+    a state version: a dict look-up and an ``is``), then under what ``CompiledPolicy.selects``
+    reads (namespace and labels; AuthorizationPolicy has no ``targetRefs`` here). Both are
+    bounded (``SELECTION_CACHE_SIZE``, oldest dropped first) and live as long as the Authorizer,
+    which ``Core.policies`` builds anew per state version, so a changed policy or pod is never
+    answered from an old selection. Before, every connection and every policed HTTP/gRPC
+    request walked every policy of the cluster."""
+
+    def __init__(
+        self,
+        policies: Sequence[CompiledPolicy],
+        *,
+        root_namespace: str,
+        cache_size: int = SELECTION_CACHE_SIZE,
+    ) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size {cache_size} must be at least 1")
         self.policies = policies
         self.root_namespace = root_namespace
+        self.cache_size = cache_size
+        # namespace -> (index in ``policies``, policy), in ``policies`` order
+        by_namespace: dict[str, list[tuple[int, CompiledPolicy]]] = {}
+        for i, p in enumerate(policies):
+            by_namespace.setdefault(p.namespace, []).append((i, p))
+        self._by_namespace = by_namespace
+        # id(workload) -> (the workload, held so that its id is not reused; its selection)
+        self._by_workload: dict[int, tuple[Workload, tuple[CompiledPolicy, ...]]] = {}
+        self._by_labels: dict[
+            tuple[str, frozenset[tuple[str, str]]], tuple[CompiledPolicy, ...]
+        ] = {}
 
     @classmethod
     def compile(
@@ -514,14 +548,34 @@ class Authorizer:
         compiled = [compile_policy(p) for p in policies if p.kind == KIND]
         return cls(sorted(compiled, key=lambda c: c.ref), root_namespace=root_namespace)
 
+    def applicable(self, workload: Workload) -> tuple[CompiledPolicy, ...]:
+        """The policies that select ``workload``, in ``policies`` order (see the class)."""
+        hit = self._by_workload.get(id(workload))
+        if hit is not None and hit[0] is workload:
+            return hit[1]
+        key = (workload.namespace, frozenset(workload.labels.items()))
+        selected = self._by_labels.get(key)
+        if selected is None:
+            selected = self._select(workload)
+            _bounded_put(self._by_labels, key, selected, self.cache_size)
+        _bounded_put(self._by_workload, id(workload), (workload, selected), self.cache_size)
+        return selected
+
+    def _select(self, workload: Workload) -> tuple[CompiledPolicy, ...]:
+        """``selects`` over the policies of the workload's namespace and the root one only."""
+        root = self.root_namespace
+        candidates = self._by_namespace.get(workload.namespace, [])
+        if workload.namespace != root:
+            candidates = sorted(candidates + self._by_namespace.get(root, []))
+        return tuple(p for _, p in candidates if p.selects(workload, root))
+
     def applies_to(self, workload: Workload) -> bool:
         """Does any policy select ``workload`` (else ``evaluate`` allows every request to it
         with ``_NO_POLICY``, whatever the request)?"""
-        root = self.root_namespace
-        return any(p.selects(workload, root) for p in self.policies)
+        return bool(self.applicable(workload))
 
     def evaluate(self, request: Request, workload: Workload) -> Decision:
-        applicable = [p for p in self.policies if p.selects(workload, self.root_namespace)]
+        applicable = self.applicable(workload)
         if not applicable:  # the usual case of a request: nothing else to work out
             return _NO_POLICY
         dry = [p for p in applicable if p.dry_run]
@@ -558,6 +612,16 @@ class Authorizer:
 
 
 _NO_POLICY = Decision(True, "no ALLOW policy applies")  # what ``evaluate`` decides without any
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _bounded_put(cache: dict[_K, _V], key: _K, value: _V, size: int) -> None:
+    """``cache[key] = value``, dropping the oldest entry first when ``cache`` holds ``size``."""
+    if len(cache) >= size and key not in cache:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def _would_deny_rule(policy: CompiledPolicy, request: Request) -> str:

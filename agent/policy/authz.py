@@ -503,13 +503,42 @@ def compile_policy(policy: PolicyObject) -> CompiledPolicy:
 SELECTION_CACHE_SIZE = 4096  # workloads (and label sets) whose applicable policies are kept
 
 
+@dataclass(frozen=True, slots=True)
+class _Selection:
+    """The policies that select one workload, in ``Authorizer.policies`` order, and what
+    ``evaluate`` asks of them split out once: the dry-run ones, and the enforced AUDIT, DENY
+    and ALLOW ones (each in that order too), with the ALLOWs' refs and reasons written."""
+
+    policies: tuple[CompiledPolicy, ...]
+    dry: tuple[CompiledPolicy, ...]
+    audits: tuple[CompiledPolicy, ...]
+    denies: tuple[CompiledPolicy, ...]
+    allows: tuple[tuple[CompiledPolicy, str, str], ...]  # (policy, ref, "allowed by ...")
+    refused: str  # the reason when ALLOWs apply and none matched
+
+    @classmethod
+    def of(cls, policies: tuple[CompiledPolicy, ...]) -> _Selection:
+        enforced = [p for p in policies if not p.dry_run]
+        allows = [p for p in enforced if p.action == "ALLOW"]
+        refs = ", ".join(p.ref for p in allows)
+        return cls(
+            policies,
+            tuple(p for p in policies if p.dry_run),
+            tuple(p for p in enforced if p.action == "AUDIT"),
+            tuple(p for p in enforced if p.action == "DENY"),
+            tuple((p, p.ref, f"allowed by ALLOW policy {p.ref}") for p in allows),
+            f"no ALLOW policy matched (applicable: {refs})",
+        )
+
+
 class Authorizer:
     """All AuthorizationPolicies of one state version, compiled.
 
     Which policies select a workload is worked out once per workload, not per request: the
     policies are indexed by namespace here (a policy selects only workloads of its own
     namespace, or every workload from the root namespace), and the tuple of those that select
-    a workload is kept, in ``policies`` order (reasons and refs depend on it), first under the
+    a workload is kept (``_Selection``: in ``policies`` order, as reasons and refs depend on
+    it, and split by what ``evaluate`` asks of each), first under the
     ``Workload`` object itself (the state's workloads are frozen and shared by every request of
     a state version: a dict look-up and an ``is``), then under what ``CompiledPolicy.selects``
     reads (namespace and labels; AuthorizationPolicy has no ``targetRefs`` here). Both are
@@ -530,16 +559,15 @@ class Authorizer:
         self.policies = policies
         self.root_namespace = root_namespace
         self.cache_size = cache_size
-        # namespace -> (index in ``policies``, policy), in ``policies`` order
-        by_namespace: dict[str, list[tuple[int, CompiledPolicy]]] = {}
+        # namespace -> the indexes in ``policies`` of its policies, ascending (ints, not
+        # tuples: nothing for the cyclic GC to track per policy)
+        by_namespace: dict[str, list[int]] = {}
         for i, p in enumerate(policies):
-            by_namespace.setdefault(p.namespace, []).append((i, p))
+            by_namespace.setdefault(p.namespace, []).append(i)
         self._by_namespace = by_namespace
         # id(workload) -> (the workload, held so that its id is not reused; its selection)
-        self._by_workload: dict[int, tuple[Workload, tuple[CompiledPolicy, ...]]] = {}
-        self._by_labels: dict[
-            tuple[str, frozenset[tuple[str, str]]], tuple[CompiledPolicy, ...]
-        ] = {}
+        self._by_workload: dict[int, tuple[Workload, _Selection]] = {}
+        self._by_labels: dict[tuple[str, frozenset[tuple[str, str]]], _Selection] = {}
 
     @classmethod
     def compile(
@@ -550,35 +578,38 @@ class Authorizer:
 
     def applicable(self, workload: Workload) -> tuple[CompiledPolicy, ...]:
         """The policies that select ``workload``, in ``policies`` order (see the class)."""
+        return self._selection(workload).policies
+
+    def _selection(self, workload: Workload) -> _Selection:
         hit = self._by_workload.get(id(workload))
         if hit is not None and hit[0] is workload:
             return hit[1]
         key = (workload.namespace, frozenset(workload.labels.items()))
         selected = self._by_labels.get(key)
         if selected is None:
-            selected = self._select(workload)
+            selected = _Selection.of(self._select(workload))
             _bounded_put(self._by_labels, key, selected, self.cache_size)
         _bounded_put(self._by_workload, id(workload), (workload, selected), self.cache_size)
         return selected
 
     def _select(self, workload: Workload) -> tuple[CompiledPolicy, ...]:
         """``selects`` over the policies of the workload's namespace and the root one only."""
-        root = self.root_namespace
+        root, policies = self.root_namespace, self.policies
         candidates = self._by_namespace.get(workload.namespace, [])
         if workload.namespace != root:
             candidates = sorted(candidates + self._by_namespace.get(root, []))
-        return tuple(p for _, p in candidates if p.selects(workload, root))
+        return tuple(p for p in map(policies.__getitem__, candidates) if p.selects(workload, root))
 
     def applies_to(self, workload: Workload) -> bool:
         """Does any policy select ``workload`` (else ``evaluate`` allows every request to it
         with ``_NO_POLICY``, whatever the request)?"""
-        return bool(self.applicable(workload))
+        return bool(self._selection(workload).policies)
 
     def evaluate(self, request: Request, workload: Workload) -> Decision:
-        applicable = self.applicable(workload)
-        if not applicable:  # the usual case of a request: nothing else to work out
+        selection = self._selection(workload)
+        if not selection.policies:  # the usual case of a request: nothing else to work out
             return _NO_POLICY
-        dry = [p for p in applicable if p.dry_run]
+        dry = selection.dry
         would: tuple[str, ...] = ()
         would_deny: tuple[str, ...] = ()
         would_rules: tuple[str, ...] = ()
@@ -591,23 +622,19 @@ class Authorizer:
             ]
             would_deny = tuple(p.ref for p in denying)
             would_rules = tuple(_would_deny_rule(p, request) for p in denying)
-        enforced = [p for p in applicable if not p.dry_run]
-        audited = tuple(p.ref for p in enforced if p.action == "AUDIT" and p.matches(request))
-        for p in enforced:
-            if p.action == "DENY" and p.matches(request):
+        audited = tuple(p.ref for p in selection.audits if p.matches(request))
+        for p in selection.denies:
+            if p.matches(request):
                 rule = p.matching_rule(request)
                 reason = f"denied by DENY policy {rule_ref(p.ref, rule)}"
                 return Decision(False, reason, p.ref, audited, would, would_deny, rule, would_rules)
-        allows = [p for p in enforced if p.action == "ALLOW"]
-        if not allows:
+        if not selection.allows:
             reason = "no ALLOW policy applies"
             return Decision(True, reason, None, audited, would, would_deny, None, would_rules)
-        for p in allows:
+        for p, ref, allowed in selection.allows:
             if p.matches(request):
-                reason = f"allowed by ALLOW policy {p.ref}"
-                return Decision(True, reason, p.ref, audited, would, would_deny, None, would_rules)
-        refs = ", ".join(p.ref for p in allows)
-        reason = f"no ALLOW policy matched (applicable: {refs})"
+                return Decision(True, allowed, ref, audited, would, would_deny, None, would_rules)
+        reason = selection.refused
         return Decision(False, reason, None, audited, would, would_deny, None, would_rules)
 
 

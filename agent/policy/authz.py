@@ -1,7 +1,9 @@
 """L4 and L7 authorization with Istio's ``AuthorizationPolicy`` semantics, as pure functions.
 
 ``Authorizer.compile(policies)`` turns validated ``PolicyObject``s into matchers once per state
-version; ``evaluate(request, workload)`` answers for one connection. Evaluation follows Istio:
+version; ``evaluate(request, workload)`` answers for one connection (or HTTP request), finding
+the policies that select the workload through a per-namespace index and a per-workload cache
+rather than a walk over every policy (``Authorizer``). Evaluation follows Istio:
 
 1. a policy applies to a workload when it sits in the root namespace (mesh-wide, default
    ``nodemesh-system``) or in the workload's namespace, and its ``selector.matchLabels`` (if any)
@@ -55,7 +57,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.state.model import PolicyObject, Workload
 
@@ -500,12 +502,74 @@ def compile_policy(policy: PolicyObject) -> CompiledPolicy:
     )
 
 
-class Authorizer:
-    """All AuthorizationPolicies of one state version, compiled."""
+SELECTION_CACHE_SIZE = 4096  # workloads (and label sets) whose applicable policies are kept
 
-    def __init__(self, policies: Sequence[CompiledPolicy], *, root_namespace: str) -> None:
+
+@dataclass(frozen=True, slots=True)
+class _Selection:
+    """The policies that select one workload, in ``Authorizer.policies`` order, and what
+    ``evaluate`` asks of them split out once: the dry-run ones, and the enforced AUDIT, DENY
+    and ALLOW ones (each in that order too), with the ALLOWs' refs and reasons written."""
+
+    policies: tuple[CompiledPolicy, ...]
+    dry: tuple[CompiledPolicy, ...]
+    audits: tuple[CompiledPolicy, ...]
+    denies: tuple[CompiledPolicy, ...]
+    allows: tuple[tuple[CompiledPolicy, str, str], ...]  # (policy, ref, "allowed by ...")
+    refused: str  # the reason when ALLOWs apply and none matched
+
+    @classmethod
+    def of(cls, policies: tuple[CompiledPolicy, ...]) -> _Selection:
+        enforced = [p for p in policies if not p.dry_run]
+        allows = [p for p in enforced if p.action == "ALLOW"]
+        refs = ", ".join(p.ref for p in allows)
+        return cls(
+            policies,
+            tuple(p for p in policies if p.dry_run),
+            tuple(p for p in enforced if p.action == "AUDIT"),
+            tuple(p for p in enforced if p.action == "DENY"),
+            tuple((p, p.ref, f"allowed by ALLOW policy {p.ref}") for p in allows),
+            f"no ALLOW policy matched (applicable: {refs})",
+        )
+
+
+class Authorizer:
+    """All AuthorizationPolicies of one state version, compiled.
+
+    Which policies select a workload is worked out once per workload, not per request: the
+    policies are indexed by namespace here (a policy selects only workloads of its own
+    namespace, or every workload from the root namespace), and the tuple of those that select
+    a workload is kept (``_Selection``: in ``policies`` order, as reasons and refs depend on
+    it, and split by what ``evaluate`` asks of each), first under the
+    ``Workload`` object itself (the state's workloads are frozen and shared by every request of
+    a state version: a dict look-up and an ``is``), then under what ``CompiledPolicy.selects``
+    reads (namespace and labels; AuthorizationPolicy has no ``targetRefs`` here). Both are
+    bounded (``SELECTION_CACHE_SIZE``, oldest dropped first) and live as long as the Authorizer,
+    which ``Core.policies`` builds anew per state version, so a changed policy or pod is never
+    answered from an old selection. Before, every connection and every policed HTTP/gRPC
+    request walked every policy of the cluster."""
+
+    def __init__(
+        self,
+        policies: Sequence[CompiledPolicy],
+        *,
+        root_namespace: str,
+        cache_size: int = SELECTION_CACHE_SIZE,
+    ) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size {cache_size} must be at least 1")
         self.policies = policies
         self.root_namespace = root_namespace
+        self.cache_size = cache_size
+        # namespace -> the indexes in ``policies`` of its policies, ascending (ints, not
+        # tuples: nothing for the cyclic GC to track per policy)
+        by_namespace: dict[str, list[int]] = {}
+        for i, p in enumerate(policies):
+            by_namespace.setdefault(p.namespace, []).append(i)
+        self._by_namespace = by_namespace
+        # id(workload) -> (the workload, held so that its id is not reused; its selection)
+        self._by_workload: dict[int, tuple[Workload, _Selection]] = {}
+        self._by_labels: dict[tuple[str, frozenset[tuple[str, str]]], _Selection] = {}
 
     @classmethod
     def compile(
@@ -514,17 +578,40 @@ class Authorizer:
         compiled = [compile_policy(p) for p in policies if p.kind == KIND]
         return cls(sorted(compiled, key=lambda c: c.ref), root_namespace=root_namespace)
 
+    def applicable(self, workload: Workload) -> tuple[CompiledPolicy, ...]:
+        """The policies that select ``workload``, in ``policies`` order (see the class)."""
+        return self._selection(workload).policies
+
+    def _selection(self, workload: Workload) -> _Selection:
+        hit = self._by_workload.get(id(workload))
+        if hit is not None and hit[0] is workload:
+            return hit[1]
+        key = (workload.namespace, frozenset(workload.labels.items()))
+        selected = self._by_labels.get(key)
+        if selected is None:
+            selected = _Selection.of(self._select(workload))
+            _bounded_put(self._by_labels, key, selected, self.cache_size)
+        _bounded_put(self._by_workload, id(workload), (workload, selected), self.cache_size)
+        return selected
+
+    def _select(self, workload: Workload) -> tuple[CompiledPolicy, ...]:
+        """``selects`` over the policies of the workload's namespace and the root one only."""
+        root, policies = self.root_namespace, self.policies
+        candidates = self._by_namespace.get(workload.namespace, [])
+        if workload.namespace != root:
+            candidates = sorted(candidates + self._by_namespace.get(root, []))
+        return tuple(p for p in map(policies.__getitem__, candidates) if p.selects(workload, root))
+
     def applies_to(self, workload: Workload) -> bool:
         """Does any policy select ``workload`` (else ``evaluate`` allows every request to it
         with ``_NO_POLICY``, whatever the request)?"""
-        root = self.root_namespace
-        return any(p.selects(workload, root) for p in self.policies)
+        return bool(self._selection(workload).policies)
 
     def evaluate(self, request: Request, workload: Workload) -> Decision:
-        applicable = [p for p in self.policies if p.selects(workload, self.root_namespace)]
-        if not applicable:  # the usual case of a request: nothing else to work out
+        selection = self._selection(workload)
+        if not selection.policies:  # the usual case of a request: nothing else to work out
             return _NO_POLICY
-        dry = [p for p in applicable if p.dry_run]
+        dry = selection.dry
         would: tuple[str, ...] = ()
         would_deny: tuple[str, ...] = ()
         would_rules: tuple[str, ...] = ()
@@ -537,27 +624,33 @@ class Authorizer:
             ]
             would_deny = tuple(p.ref for p in denying)
             would_rules = tuple(_would_deny_rule(p, request) for p in denying)
-        enforced = [p for p in applicable if not p.dry_run]
-        audited = tuple(p.ref for p in enforced if p.action == "AUDIT" and p.matches(request))
-        for p in enforced:
-            if p.action == "DENY" and p.matches(request):
+        audited = tuple(p.ref for p in selection.audits if p.matches(request))
+        for p in selection.denies:
+            if p.matches(request):
                 rule = p.matching_rule(request)
                 reason = f"denied by DENY policy {rule_ref(p.ref, rule)}"
                 return Decision(False, reason, p.ref, audited, would, would_deny, rule, would_rules)
-        allows = [p for p in enforced if p.action == "ALLOW"]
-        if not allows:
+        if not selection.allows:
             reason = "no ALLOW policy applies"
             return Decision(True, reason, None, audited, would, would_deny, None, would_rules)
-        for p in allows:
+        for p, ref, allowed in selection.allows:
             if p.matches(request):
-                reason = f"allowed by ALLOW policy {p.ref}"
-                return Decision(True, reason, p.ref, audited, would, would_deny, None, would_rules)
-        refs = ", ".join(p.ref for p in allows)
-        reason = f"no ALLOW policy matched (applicable: {refs})"
+                return Decision(True, allowed, ref, audited, would, would_deny, None, would_rules)
+        reason = selection.refused
         return Decision(False, reason, None, audited, would, would_deny, None, would_rules)
 
 
 _NO_POLICY = Decision(True, "no ALLOW policy applies")  # what ``evaluate`` decides without any
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _bounded_put(cache: dict[_K, _V], key: _K, value: _V, size: int) -> None:
+    """``cache[key] = value``, dropping the oldest entry first when ``cache`` holds ``size``."""
+    if len(cache) >= size and key not in cache:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def _would_deny_rule(policy: CompiledPolicy, request: Request) -> str:

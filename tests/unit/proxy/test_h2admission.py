@@ -102,8 +102,9 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
 def test_the_policies_are_walked_once_per_state_version_while_none_selects_the_pod(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Ten policies for other pods: ``request_verdict`` asks each whether it selects the pod
-    at every request (10 per stream); the admission asks once per state version."""
+    """Ten policies for other pods: the admission asks each whether it selects the pod once
+    per state version (before the Authorizer kept selections, ``request_verdict`` asked all of
+    them at every request)."""
     others = [_authz(f"d{n}", FOR_OTHER) for n in range(10)]
     store = _store(others)
     core = _core(store)
@@ -116,6 +117,7 @@ def test_the_policies_are_walked_once_per_state_version_while_none_selects_the_p
         tx.put_policy(_authz("d", DENY_ADMIN))  # now one selects it: asked per request again
     assert not admission.verdict(HEADS[1]).allowed
     assert admission.verdict(HEADS[0]).allowed
-    # The version's walk stops at the first policy selecting it (``default/d``); then each
-    # request is ``request_verdict``'s, a walk of all 11.
-    assert walked() == 10 + 1 + 2 * 11
+    # The new version's Authorizer works out the pod's selection once (the 11 policies of its
+    # namespace); each request is then ``request_verdict``'s, which reads that selection
+    # (``Authorizer``'s cache per workload) and asks no policy again.
+    assert walked() == 10 + 11

@@ -69,8 +69,9 @@ class RequestAdmission:
     connection's requests (``Policies.live``'s STRICT PeerAuthentication for a plaintext
     client, an AuthorizationPolicy selecting the pod). The usual pod has none, and then each
     request's verdict is its rate limits alone: ``request_verdict``'s answer (``ALLOWED``, or
-    429), without the request's ``Request``, its log text and the walk over every policy of
-    the cluster (``Authorizer.evaluate``'s selection) per stream."""
+    429), without building the request's ``Request``, its log text and its ``Decision`` per
+    stream (the policies that select the pod are a cached look-up in the ``Authorizer``
+    itself)."""
 
     __slots__ = ("_free", "_policies", "core", "request", "where", "workload")
 

@@ -138,6 +138,7 @@ class Outbound:
                 return None
         route, source_identity, destination_identity = kept
         destination = _addr(dst_ip, dst_port)
+        dialled = _addr(route.ip, route.port)
         record = ConnectionRecord(  # what ``record`` makes for ``route``, its identities kept
             OUTBOUND,
             _addr(src_ip, src_port),
@@ -145,7 +146,8 @@ class Outbound:
             source_identity,
             destination_identity,
             path=route.kind,
-            upstream=destination,
+            # To a pod IP it is the destination: one string for both (as ``describe_route``).
+            upstream=destination if dialled == destination else dialled,
         )
         if route.kind == "local":
             protocol = self.core.protocol(snap, dst_ip, dst_port)

@@ -22,6 +22,14 @@ queue: received tunnel bytes go to the socket straight from the HBONE protocol's
 stream and is written when the socket is writable (``TunnelStream.write_queued``), and the
 peer's window is given back only for bytes the socket took, so the window bounds that queue.
 
+Bulk between two TCP sockets is spliced (``splicepipe``): once a read of a direction filled
+``SPLICE_AFTER`` bytes, its next reads are ``splice`` src -> the process's one pipe -> dst, so
+the kernel passes page references instead of copying each byte into ``_SHARED`` and out again;
+what dst does not take is read out of the pipe into ``pending`` as above, so the pipe is empty
+between callbacks like the buffer. A splice that moved less than ``SPLICE_AFTER`` returns the
+direction to ``recv_into``: for a small message two splices cost more than two small copies.
+EOF, errors, half-close and the counts are the same on both paths.
+
 A half-close (recv returns 0) becomes ``shutdown(SHUT_WR)`` on the other side (END_STREAM
 through a tunnel), once everything before it was sent, so request/response protocols that
 signal "done" by closing their write side keep working; the half-close that ends a relay

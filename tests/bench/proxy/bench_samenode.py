@@ -17,7 +17,8 @@ the minimum):
 
 Variants: ``base`` (the tree given by ``--base``, e.g. a detached worktree of main), ``this``
 (this tree), ``always`` (this tree with ``relay.SPLICE_AFTER`` = 1: every read after the first
-is a splice). Numbers in ARCHITECTURE.md ("Splicing socket-to-socket relays").
+is a splice), ``this@N`` (``SPLICE_AFTER`` = N). Numbers in ARCHITECTURE.md ("Splicing
+socket-to-socket relays").
 """
 
 from __future__ import annotations
@@ -198,6 +199,9 @@ def main() -> None:
         return
     trees = {"base": (args.base, 0), "this": (THIS, 0), "always": (THIS, 1)}
     variants = args.variants.split(",")
+    for variant in variants:  # "this@N": this tree with ``SPLICE_AFTER`` = N
+        if variant.startswith("this@"):
+            trees[variant] = (THIS, int(variant.removeprefix("this@")))
     if "base" in variants and args.base is None:
         parser.error("--base: a tree of main to compare against (or --variants this,always)")
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}

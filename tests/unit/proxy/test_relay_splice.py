@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from agent.proxy import relay, splicepipe
+from agent.base.accepted import accepting
+from agent.proxy import relay, sockets, splicepipe
 from agent.proxy.relay import relay_sockets
 from agent.telemetry.records import ConnectionRecord
 
@@ -444,3 +445,23 @@ def test_a_forked_child_never_shares_the_parents_pipe() -> None:
 
 def test_check_probe_splices_over_loopback() -> None:
     assert splicepipe.probe().startswith("available")
+
+
+def test_the_proxys_own_sockets_may_be_spliced_others_not() -> None:
+    """What the relay gets on the same-node path: ``sockets.upstream_socket`` (non-blocking
+    from birth) and an accepted client socket once the acceptor made it non-blocking."""
+    upstream = sockets.upstream_socket(0)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted = accepting(listener)()
+    a, b = socket.socketpair()
+    try:
+        assert splicepipe.spliceable(upstream)
+        assert not splicepipe.spliceable(accepted)  # blocking: a splice could wait
+        accepted.setblocking(False)  # as ``acceptor`` does
+        assert splicepipe.spliceable(accepted)
+        a.setblocking(False)
+        assert not splicepipe.spliceable(a)  # not TCP
+    finally:
+        for s in (upstream, client, accepted, a, b):
+            s.close()

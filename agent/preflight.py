@@ -125,6 +125,13 @@ def requirements() -> tuple[Requirement, ...]:
             "relays same-node bytes in user space",
         ),
         Requirement(
+            "relay-splice",
+            "splice(2) in the relay (optional)",
+            probes.relay_splice,  # never fails: without it relays copy through user space
+            "optional: needs splice(2) on TCP sockets (Linux) and Python >= 3.10; without it "
+            "socket-to-socket relays copy every byte through user space",
+        ),
+        Requirement(
             "clsact-cls-bpf",
             "clsact qdisc and cls_bpf (direct-action)",
             _wrap(probes.clsact_cls_bpf),

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agent.proxy import splicepipe
+
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
 _BPF_MAP_CREATE = 0
@@ -255,6 +257,12 @@ def splice() -> str:
     if reason is not None:
         return _no_splice(_with(reason, said))
     return "available: sk_skb stream verdict on a sockhash (nodemesh agent --splice)"
+
+
+def relay_splice() -> str:
+    """Optional: never raises. Splices a message TCP -> pipe -> TCP as the relay does
+    (``agent.proxy.splicepipe``)."""
+    return splicepipe.probe()
 
 
 def _splice_failure() -> str | None:

@@ -22,6 +22,14 @@ queue: received tunnel bytes go to the socket straight from the HBONE protocol's
 stream and is written when the socket is writable (``TunnelStream.write_queued``), and the
 peer's window is given back only for bytes the socket took, so the window bounds that queue.
 
+Bulk between two TCP sockets is spliced (``splicepipe``): once a read of a direction filled
+``SPLICE_AFTER`` bytes, its next reads are ``splice`` src -> the process's one pipe -> dst, so
+the kernel passes page references instead of copying each byte into ``_SHARED`` and out again;
+what dst does not take is read out of the pipe into ``pending`` as above, so the pipe is empty
+between callbacks like the buffer. A splice that moved less than ``SPLICE_AFTER`` returns the
+direction to ``recv_into``: for a small message two splices cost more than two small copies.
+EOF, errors, half-close and the counts are the same on both paths.
+
 A half-close (recv returns 0) becomes ``shutdown(SHUT_WR)`` on the other side (END_STREAM
 through a tunnel), once everything before it was sent, so request/response protocols that
 signal "done" by closing their write side keep working; the half-close that ends a relay
@@ -50,6 +58,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from agent.base.quiet import quiet_context
+from agent.proxy import splicepipe
 from agent.proxy.tunnel import TunnelStream
 from agent.telemetry.records import ConnectionRecord
 
@@ -76,6 +85,11 @@ MAX_CHUNK = 256 * 1024
 # copied out what it read before it returns (the event loop runs one callback at a time).
 _SHARED = bytearray(MAX_CHUNK)
 _SHARED_VIEW = memoryview(_SHARED)
+
+# A socket-to-socket direction whose read filled this much splices its next reads (see
+# ``_Direction``); ``_NEVER``: one of its sockets, or the process, cannot splice.
+SPLICE_AFTER = 64 * 1024
+_COPYING, _SPLICING, _NEVER = "copying", "splicing", "never"
 
 
 def _count(record: ConnectionRecord, received: bool, n: int) -> None:
@@ -196,9 +210,14 @@ class _SocketRelay(_Relay):
 
 
 class _Direction:
-    """src -> dst between two sockets: a reader on src, a writer on dst while dst is full."""
+    """src -> dst between two sockets: a reader on src, a writer on dst while dst is full.
 
-    __slots__ = ("_dst_fd", "_src_fd", "dst", "pending", "received", "relay", "src")
+    Bulk moves through the process's splice pipe (``splicepipe``) instead of ``_SHARED``: a
+    read that filled at least ``SPLICE_AFTER`` bytes makes the next ones splices (src -> pipe
+    -> dst, no copy through user space), until a splice moves less than that. Small messages
+    stay on ``recv_into``/``send``: for them a splice costs more than the copy it saves."""
+
+    __slots__ = ("_dst_fd", "_src_fd", "dst", "mode", "pending", "received", "relay", "src")
 
     def __init__(
         self, relay: _SocketRelay, src: socket.socket, dst: socket.socket, *, received: bool
@@ -206,6 +225,7 @@ class _Direction:
         self.relay = relay
         self.src, self.dst, self.received = src, dst, received
         self.pending: bytes = b""
+        self.mode = _COPYING
         self._src_fd, self._dst_fd = src.fileno(), dst.fileno()
         relay.loop.add_reader(self._src_fd, self._readable)
         relay.on_stop(self)
@@ -216,6 +236,9 @@ class _Direction:
         loop.remove_writer(self._dst_fd)
 
     def _readable(self) -> None:
+        if self.mode is _SPLICING:
+            self._splice()
+            return
         try:
             n = self.src.recv_into(_SHARED)
         except (BlockingIOError, InterruptedError):
@@ -224,10 +247,7 @@ class _Direction:
             self.relay.fail(e)
             return
         if not n:
-            self.relay.loop.remove_reader(self._src_fd)
-            if not self.relay.ends_with_close():
-                _shutdown_write(self.dst)
-            self.relay.direction_ended()
+            self._ended()
             return
         try:
             sent = _send(self.dst, _SHARED_VIEW[:n])
@@ -235,10 +255,74 @@ class _Direction:
             self.relay.fail(e)
             return
         _count(self.relay.record, self.received, n)
+        if n >= SPLICE_AFTER and self.mode is _COPYING:
+            self._may_splice()
         if sent < n:
-            self.pending = bytes(_SHARED_VIEW[sent:n])
-            self.relay.loop.remove_reader(self._src_fd)
-            self.relay.loop.add_writer(self._dst_fd, self._writable)
+            self._hold(bytes(_SHARED_VIEW[sent:n]))
+
+    def _splice(self) -> None:
+        """One read's worth src -> pipe -> dst; what dst does not take is read out of the
+        pipe into ``pending``, so the pipe is empty when this returns."""
+        pipe = splicepipe.get(MAX_CHUNK)
+        if pipe is None or splicepipe.splice is None:
+            self._copy_only(None)
+            return
+        try:
+            n = splicepipe.splice(self._src_fd, pipe.w, MAX_CHUNK, None, None, splicepipe.FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno not in splicepipe.UNSUPPORTED:
+                self.relay.fail(e)
+            else:  # this socket cannot be spliced from: it never will be, copy instead
+                self._copy_only(e)
+            return
+        if not n:
+            self._ended()
+            return
+        try:
+            sent = splicepipe.splice(pipe.r, self._dst_fd, n, None, None, splicepipe.FLAGS)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            if e.errno not in splicepipe.UNSUPPORTED:
+                splicepipe.reset()  # the bytes in it are this connection's: never the next one's
+                self.relay.fail(e)
+                return
+            self._copy_only(e)  # the n bytes go out of the pipe into ``pending``, as below
+            sent = 0
+        _count(self.relay.record, self.received, n)
+        if n < SPLICE_AFTER and self.mode is _SPLICING:
+            self.mode = _COPYING
+        if sent < n:
+            try:
+                rest = pipe.take(n - sent)
+            except OSError as e:
+                self.relay.fail(e)
+                return
+            self._hold(rest)
+
+    def _may_splice(self) -> None:
+        """A large read: splice from now on if both sockets and the process allow it."""
+        both = splicepipe.spliceable(self.src) and splicepipe.spliceable(self.dst)
+        self.mode = _SPLICING if both and splicepipe.get(MAX_CHUNK) is not None else _NEVER
+
+    def _copy_only(self, error: OSError | None) -> None:
+        self.mode = _NEVER
+        if error is not None:
+            splicepipe.refuse(f"splice(2) between TCP sockets failed: {error}")
+
+    def _hold(self, rest: bytes) -> None:
+        """dst took less than was read: keep the rest and stop reading src until dst took it."""
+        self.pending = rest
+        self.relay.loop.remove_reader(self._src_fd)
+        self.relay.loop.add_writer(self._dst_fd, self._writable)
+
+    def _ended(self) -> None:
+        self.relay.loop.remove_reader(self._src_fd)
+        if not self.relay.ends_with_close():
+            _shutdown_write(self.dst)
+        self.relay.direction_ended()
 
     def _writable(self) -> None:
         try:

@@ -141,3 +141,15 @@ def test_what_bcc_prints_goes_into_the_row_it_explains_not_before_the_report(
     assert not row.ok
     assert row.detail.startswith("loading a tc program calling bpf_sk_assign failed: ")
     assert "undefined_x" in row.detail  # clang's "use of undeclared identifier 'undefined_x'"
+
+
+def test_a_process_that_cannot_splice_passes_and_says_relays_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent.proxy import splicepipe
+
+    monkeypatch.setattr(splicepipe, "splice", None)
+    (row,) = preflight.run_checks([r for r in preflight.requirements() if r.name == "relay-splice"])
+    assert row.ok
+    assert row.detail.startswith("unavailable (optional; [Errno 38] os.splice needs Python")
+    assert row.detail.endswith("relays copy through user space")

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,59 +36,20 @@ from typing import Any
 import uvloop
 
 from tests.bench.proxy.bench_rr_counts import perf_result, perf_syscalls
-from tests.bench.proxy.bench_windows import HELPER, cpu
-from tests.integration.proxy.mesh import CLIENT, LOCAL, Mesh, listener
+from tests.bench.proxy.bench_windows import Bench, cpu
+from tests.integration.proxy.mesh import LOCAL, Mesh
 
 MIB = 1024 * 1024
 THIS = Path(__file__).resolve().parents[3]
 
 
-class Pods:
+class Pods(Bench):
+    """Both pods on node1: the apps on the local pod (the direct local path)."""
+
+    nodelay = True
+
     def __init__(self, mesh: Mesh) -> None:
-        self.mesh = mesh
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", HELPER, CLIENT, LOCAL],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        self.ports: dict[str, int] = json.loads(self.proc.stdout.readline())
-
-    async def entry(self, app: str) -> int:
-        """A listener standing for the capture: what connects to it is proxied to ``app`` on
-        the local pod (nodelay, as ``ProxyComponent.handle`` sets it)."""
-        lst = listener("127.0.0.1")
-        self.mesh._sockets.append(lst)
-        dst = (LOCAL, self.ports[app])
-        handle = self.mesh.node1.outbound.handle
-
-        async def accept_all() -> None:
-            loop = asyncio.get_running_loop()
-            while True:
-                conn, _ = await loop.sock_accept(lst)
-                conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.mesh._tasks.append(asyncio.create_task(relay(conn)))
-
-        async def relay(conn: socket.socket) -> None:
-            rest = await handle(conn, original_dst=dst)
-            if rest is not None:
-                with contextlib.suppress(Exception):
-                    await rest
-
-        self.mesh._tasks.append(asyncio.create_task(accept_all()))
-        return int(lst.getsockname()[1])
-
-    async def run(self, *jobs: list[Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"jobs": jobs}) + "\n")
-        self.proc.stdin.flush()
-        line = await asyncio.get_running_loop().run_in_executor(None, self.proc.stdout.readline)
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        super().__init__(mesh, LOCAL)
 
 
 async def bulk(pods: Pods, streams: int, total: int, count: bool) -> dict[str, Any]:

@@ -169,10 +169,16 @@ def cpu() -> float:
 
 
 class Bench:
-    def __init__(self, mesh: Mesh) -> None:
-        self.mesh = mesh
+    """The helper process's pods (clients from ``CLIENT``, apps on ``pod``) and entries into
+    node1's outbound proxy; ``nodelay``: the entries' accepted sockets get ``TCP_NODELAY``, as
+    ``ProxyComponent.handle`` sets it (``bench_samenode``)."""
+
+    nodelay = False
+
+    def __init__(self, mesh: Mesh, pod: str = SERVER) -> None:
+        self.mesh, self.pod = mesh, pod
         self.helper = subprocess.Popen(
-            [sys.executable, "-c", HELPER, CLIENT, SERVER],
+            [sys.executable, "-c", HELPER, CLIENT, pod],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.helper.stdout is not None
@@ -182,7 +188,7 @@ class Bench:
         """A listener standing for the capture: what connects to it is proxied to ``app``."""
         lst = listener("127.0.0.1")
         self.mesh._sockets.append(lst)
-        dst = (SERVER, self.ports[app])
+        dst = (self.pod, self.ports[app])
         handle = self.mesh.node1.outbound.handle
 
         async def accept_all() -> None:
@@ -190,6 +196,8 @@ class Bench:
             while True:
                 conn, _ = await loop.sock_accept(lst)
                 conn.setblocking(False)
+                if self.nodelay:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.mesh._tasks.append(asyncio.create_task(relay(conn)))
 
         async def relay(conn: socket.socket) -> None:

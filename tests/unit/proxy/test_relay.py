@@ -15,6 +15,7 @@ from agent.proxy.h2wire import HboneSettings
 from agent.proxy.relay import relay_sockets, relay_tunnel, start_sockets, start_tunnel
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.telemetry.records import ConnectionRecord
+from tests.unit.proxy.recvs import recv_exactly, recv_to_eof
 from tests.unit.proxy.test_tunnel_direct import settle, tunnel
 
 # More than a stream's window, its HIGH_WATER and the socket buffers take: a sender that stalls.
@@ -37,24 +38,6 @@ def pairs() -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socke
     finally:
         for s in (client, near, far, upstream):
             s.close()
-
-
-async def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    out = bytearray()
-    while len(out) < n:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, n - len(out)), 5)
-        assert chunk, f"EOF after {len(out)} of {n} bytes"
-        out += chunk
-    return bytes(out)
-
-
-async def recv_to_eof(sock: socket.socket) -> bytes:
-    loop = asyncio.get_running_loop()
-    out = bytearray()
-    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
-        out += chunk
-    return bytes(out)
 
 
 def test_sockets_copy_both_ways_and_end_on_both_half_closes(

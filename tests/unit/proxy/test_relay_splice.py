@@ -23,6 +23,7 @@ from agent.base.accepted import accepting
 from agent.proxy import relay, sockets, splicepipe
 from agent.proxy.relay import relay_sockets
 from agent.telemetry.records import ConnectionRecord
+from tests.unit.proxy.recvs import recv_exactly, recv_to_eof
 
 
 class Counting(socket.socket):
@@ -96,24 +97,6 @@ def splices(monkeypatch: pytest.MonkeyPatch) -> Splices:
 
 def record() -> ConnectionRecord:
     return ConnectionRecord(direction="outbound", source="10.0.0.1:1000", destination="10.0.0.2:80")
-
-
-async def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    out = bytearray()
-    while len(out) < n:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, n - len(out)), 10)
-        assert chunk, f"EOF after {len(out)} of {n} bytes"
-        out += chunk
-    return bytes(out)
-
-
-async def recv_to_eof(sock: socket.socket) -> bytes:
-    loop = asyncio.get_running_loop()
-    out = bytearray()
-    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10):
-        out += chunk
-    return bytes(out)
 
 
 def pipe_holds() -> int:

@@ -15,7 +15,8 @@ import pytest
 
 from agent.proxy.relay import relay_tunnel
 from agent.proxy.tunnel import HboneProtocol, TunnelStream
-from tests.unit.proxy.test_relay import pairs, record, recv_exactly  # noqa: F401 (fixture)
+from tests.unit.proxy.recvs import recv_exactly
+from tests.unit.proxy.test_relay import pairs, record  # noqa: F401 (fixture)
 from tests.unit.proxy.test_tunnel_direct import settle, tunnel
 
 MESSAGE = b"x" * 1024

@@ -105,6 +105,7 @@ from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2wire import (
     WALK_FROM,
     GracefulH2Connection,
+    max_concurrent_streams,
     receive_on,
     send_data_on,
     send_headers_on,
@@ -344,12 +345,11 @@ class _Upstream:
         self.conn = new_connection(client_side=True, limits=limits)
         self.streams: dict[int, _Stream] = {}  # by its stream id
         self.gone = False  # closed, failed or sent GOAWAY: no new stream on it
-        # The pod's MAX_CONCURRENT_STREAMS (``conn.remote_settings.max_concurrent_streams``,
-        # three Python calls a read), kept here: read once per try by ``_send_head``, it
+        # The pod's MAX_CONCURRENT_STREAMS, kept here: read once per try by ``_send_head``, it
         # changes only with a SETTINGS frame from the pod, whose ``RemoteSettingsChanged``
         # every byte from it passes to ``_upstream_event`` (the events of input that failed
         # the connection are lost with it: no stream goes to it after that).
-        self.peer_limit: int = self.conn.remote_settings.max_concurrent_streams
+        self.peer_limit: int = max_concurrent_streams(self.conn.remote_settings)
 
 
 @dataclass(slots=True, eq=False)

@@ -44,6 +44,7 @@ import socket
 import ssl
 from collections import Counter
 from functools import partial
+from typing import NamedTuple
 
 from agent.base.accepted import peer_of
 from agent.identity.tls import PeerIdentityError
@@ -304,11 +305,11 @@ class InboundHbone:
             if workload is None:
                 return None
             authority = req.authority
-            facts = (
+            facts = _Facts(
                 workload,
                 self._client_ip(snap, req, principal, peer_ip),
                 authority,
-                f"{principal} ({peer_ip}) -> {authority}",
+                _where(principal, peer_ip, authority),
                 self.core.identity(workload, snap),
                 dialled_service(snap, service_claim, req.host),
                 self.core.protocol(snap, req.host, req.port),
@@ -316,14 +317,14 @@ class InboundHbone:
             if len(self._facts) >= _KEPT_FACTS:
                 self._facts.clear()
             self._facts[key] = facts
-        elif service_claim and not facts[5]:  # logged for every stream, as before
+        elif service_claim and not facts.service:  # logged for every stream, as before
             log.debug(
                 "CONNECT names Service %r, which does not select %s: ignored",
                 service_claim,
                 req.host,
             )
         claimed = req.forwarded_for
-        if claimed is not None and facts[1] != claimed:  # logged for every stream, as before
+        if claimed is not None and facts.client_ip != claimed:  # logged for every stream, as before
             log.info(
                 "HBONE from %s (%s) claims client %s, which is not its pod: using %s",
                 peer_ip,
@@ -343,13 +344,13 @@ class InboundHbone:
             self._refuse(proto, sid, 401, "peer_identity", f"from {peer_ip}: {e}")
             return
         if req.host != local_ip:
-            where = f"{principal} ({peer_ip}) -> {req.authority}"
+            where = _where(principal, peer_ip, req.authority)
             self._refuse(
                 proto, sid, 400, "authority_mismatch", f"{where}: connection was to {local_ip}"
             )
             return
         if req.port in self.core.settings.proxy_ports:
-            where = f"{principal} ({peer_ip}) -> {req.authority}"
+            where = _where(principal, peer_ip, req.authority)
             self._refuse(
                 proto, sid, 400, "proxy_port", f"{where}: port {req.port} is the proxy's own"
             )
@@ -357,7 +358,7 @@ class InboundHbone:
         snap = self.core.snapshot()
         facts = self._facts_of(snap, req, principal, peer_ip)
         if facts is None:
-            where = f"{principal} ({peer_ip}) -> {req.authority}"
+            where = _where(principal, peer_ip, req.authority)
             self._refuse(
                 proto, sid, 400, "not_local_workload", f"{where}: no longer a local meshed pod"
             )
@@ -474,13 +475,26 @@ class InboundHbone:
                 proto.transport.close()
 
 
-# A stream's CONNECT as the state sees it: (pod IP, port, claimed client, claimed Service,
-# peer's principal, peer's address) -> (workload, client IP, authority, log prefix, destination
-# identity, dialled Service, protocol). At most ``_KEPT_FACTS`` per state version (a peer that
+# A stream's CONNECT as the state sees it, by (pod IP, port, claimed client, claimed Service,
+# peer's principal, peer's address). At most ``_KEPT_FACTS`` per state version (a peer that
 # makes new claims for every stream only refills it), about 0.5 KB each.
 _FactsKey = tuple[str, int, str | None, str | None, str, str]
-_Facts = tuple[Workload, str, str, str, str, str, str]
 _KEPT_FACTS = 256
+
+
+class _Facts(NamedTuple):
+    workload: Workload
+    client_ip: str
+    authority: str
+    where: str  # the log prefix: ``_where``
+    destination_identity: str
+    service: str
+    protocol: str
+
+
+def _where(principal: str, peer_ip: str, authority: str) -> str:
+    """How a stream is named in the log lines about it."""
+    return f"{principal} ({peer_ip}) -> {authority}"
 
 
 class _Relayed:

@@ -68,6 +68,13 @@ class _Expired:
         self.task.cancel()
 
 
+def _upstream(route: Route, destination: str) -> str:
+    """The address a record names as ``route``'s upstream: to a pod IP it is the destination,
+    one string for both (kept for the record's life)."""
+    upstream = _addr(route.ip, route.port)
+    return destination if upstream == destination else upstream
+
+
 def _addr(ip: str, port: int) -> str:
     return f"{ip}:{port}"
 
@@ -138,7 +145,6 @@ class Outbound:
                 return None
         route, source_identity, destination_identity = kept
         destination = _addr(dst_ip, dst_port)
-        dialled = _addr(route.ip, route.port)
         record = ConnectionRecord(  # what ``record`` makes for ``route``, its identities kept
             OUTBOUND,
             _addr(src_ip, src_port),
@@ -146,8 +152,7 @@ class Outbound:
             source_identity,
             destination_identity,
             path=route.kind,
-            # To a pod IP it is the destination: one string for both (as ``describe_route``).
-            upstream=destination if dialled == destination else dialled,
+            upstream=_upstream(route, destination),
         )
         if route.kind == "local":
             protocol = self.core.protocol(snap, dst_ip, dst_port)
@@ -258,9 +263,7 @@ class Outbound:
     def describe_route(self, snap: Snapshot, route: Route, record: ConnectionRecord) -> None:
         """Point ``record`` at ``route`` (again for each attempt of a Service connection)."""
         record.path = route.kind
-        upstream = _addr(route.ip, route.port)
-        # To a pod IP it is the destination: one string for both (kept for the record's life).
-        record.upstream = record.destination if upstream == record.destination else upstream
+        record.upstream = _upstream(route, record.destination)
         record.destination_identity = None
         if route.target is not None and route.kind != "passthrough":
             record.destination_identity = self.core.identity(route.target, snap)

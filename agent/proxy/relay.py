@@ -361,7 +361,13 @@ def start_sockets(
     client: socket.socket, upstream: socket.socket, record: ConnectionRecord, owner: Owner
 ) -> asyncio.Future[None]:
     """``relay_sockets`` without a task: returns its ``done`` (see ``_Relay.detach``)."""
-    return _in_empty_context(lambda: _socket_relay(client, upstream, record).detach(owner))
+    return _in_empty_context(_start_sockets, client, upstream, record, owner)
+
+
+def _start_sockets(
+    client: socket.socket, upstream: socket.socket, record: ConnectionRecord, owner: Owner
+) -> asyncio.Future[None]:
+    return _socket_relay(client, upstream, record).detach(owner)
 
 
 class _TunnelRelay(_Relay):
@@ -520,10 +526,7 @@ def start_tunnel(
     stream is finished (reset unless both halves ended) before ``owner`` is told.
     ``reader_held``: ``sock`` came from ``sockets.connect(hold_reader=True)``; the relay's
     reader takes the held one's place (or drops it)."""
-    # ``_in_empty_context``, with the arguments passed on rather than a ``lambda`` made for them.
-    return contextvars.Context().run(
-        _start_tunnel, sock, stream, record, owner, outbound, reader_held
-    )
+    return _in_empty_context(_start_tunnel, sock, stream, record, owner, outbound, reader_held)
 
 
 def _start_tunnel(
@@ -539,11 +542,15 @@ def _start_tunnel(
     )
 
 
-def _in_empty_context(start: Callable[[], asyncio.Future[None]]) -> asyncio.Future[None]:
-    """Make and detach a relay in an empty context (``start_*`` do): the callbacks it registers
-    copy the context they are made in, and the handler's context (the registry's current
-    record and whatever else its task set) must not be kept alive by an idle connection."""
-    return contextvars.Context().run(start)
+def _in_empty_context(
+    start: Callable[..., asyncio.Future[None]], *args: object
+) -> asyncio.Future[None]:
+    """``start(*args)``, which makes and detaches a relay, in an empty context (``start_*``
+    do): the callbacks it registers copy the context they are made in, and the handler's
+    context (the registry's current record and whatever else its task set) must not be kept
+    alive by an idle connection. The arguments are passed on, not closed over by a ``lambda``
+    made per connection."""
+    return contextvars.Context().run(start, *args)
 
 
 def _tunnel_relay(

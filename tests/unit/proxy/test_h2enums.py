@@ -8,8 +8,6 @@ import sys
 from enum import Enum
 from types import FrameType
 
-import h2.config
-import h2.connection
 import h2.stream
 import pytest
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
@@ -17,16 +15,14 @@ from h2.exceptions import ProtocolError
 from h2.stream import H2StreamStateMachine, StreamInputs, StreamState
 
 from agent.proxy import h2enums, h2wire  # noqa: F401  (h2wire imports h2enums)
+from tests.unit.proxy.h2peers import peer
 
 _REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/a"), (":authority", "a")]
 
 
 def _exchange() -> None:
     """A request and its response, each with a body, between two ``h2`` connections."""
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    client.initiate_connection()
-    server.initiate_connection()
+    client, server = peer(client_side=True), peer(client_side=False)
     server.receive_data(client.data_to_send())
     client.receive_data(server.data_to_send())
     client.send_headers(1, _REQUEST)

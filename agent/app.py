@@ -17,9 +17,10 @@ Theory of operation:
   4. Upgrades (``agent.handover``): an agent that finds another one running on its node starts
      beside it without touching the SOCKMAP, filters or ports, waits until its components are
      ready, then takes the node over (the old one stops writing to the kernel, the new one
-     registers its listeners, reconciles and binds readiness/metrics/admin). The old agent stops
-     accepting a moment later and serves its established connections until SIGTERM drains it;
-     a SIGTERM that arrives while a successor is still starting waits for the handover.
+     registers its listeners, reconciles and binds metrics/admin, then readiness). The old
+     agent stops accepting a moment later and serves its established connections until SIGTERM
+     drains it; a SIGTERM that arrives while a successor is still starting waits for the
+     handover.
   5. With ``--workers N`` (N > 1) the accept loops and the node proxy run in N worker processes
      (``agent.workers``) on reuseport listener groups; this process keeps the rest, feeds them
      state and certificates, and restarts a worker that dies.
@@ -283,6 +284,20 @@ class ReadinessServer:
         return Response.json(200, {"ready": True})
 
 
+async def open_ports(
+    ready: ReadinessServer, address: tuple[str, int], http: list[HttpComponent]
+) -> None:
+    """A successor's ports, readiness last. From the moment a port is bound here, new
+    connections to it come to this agent, not to its predecessor (``newest_wins``). Readiness
+    is 503 while metrics or the admin API are not listening, and each ``start`` yields to the
+    loop: bound first, readiness would answer a probe that arrives in between with 503, and
+    an upgrade would look like an outage to the kubelet. Bound last, the predecessor (ready)
+    answers every probe until this agent is ready too."""
+    for c in http:
+        await c.start()
+    await ready.start(address[1], address[0])
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -443,9 +458,7 @@ class Agent:
         if self.predecessor is not None:
             if not await self._take_over(self.predecessor, stop):
                 return await self._finish([], unsubscribe, failed=False)
-            await self._ready.start(self.config.ready_port)
-            for c in http:
-                await c.start()
+            await open_ports(self._ready, ("0.0.0.0", self.config.ready_port), http)
             await self._announce_taken_over(self.predecessor)
         await self._serve_handover()
         tasks = [asyncio.create_task(self._reconcile_loop(), name="datapath-reconcile")]

@@ -12,7 +12,8 @@ the agents' ports and filters; no file to mount or clean up), in three steps:
    The predecessor finishes any reconcile pass under way, then stops writing to the kernel.
 2. The successor registers its listeners (new SYNs go to it; established flows keep reaching
    the predecessor's sockets through the programs' socket lookup), reconciles, and binds the
-   readiness, metrics and admin ports (``SO_REUSEPORT``; new connections go to the newest).
+   metrics, admin and then readiness ports (``SO_REUSEPORT``; new connections go to the
+   newest).
 3. ``took_over``: the predecessor releases the name (the successor now holds it, for the next
    upgrade) and, after a short grace for handshakes already under way, closes its listeners. It
    keeps serving its established connections until SIGTERM drains it.

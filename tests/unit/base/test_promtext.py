@@ -9,7 +9,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from unittest.mock import patch
 
 import prometheus_client
@@ -30,7 +30,7 @@ from agent.workers import merge
 # separators and blanks prometheus_client's parser treats specially), and the empty string.
 _TEXT = st.text(
     alphabet=st.one_of(
-        st.sampled_from(['\\', '"', "\n", " ", "\t", "\r", "n", "=", ",", "{", "}", "#"]),
+        st.sampled_from(["\\", '"', "\n", " ", "\t", "\r", "n", "=", ",", "{", "}", "#"]),
         st.sampled_from(["é", "日", "本", "\u2028", "\x85", "\xa0", "😀", "\x00", "\x1c"]),
         st.characters(codec="utf-8"),
     ),
@@ -39,7 +39,7 @@ _TEXT = st.text(
 _VALUE = st.one_of(
     st.integers(min_value=0, max_value=10**6),
     st.floats(min_value=0, max_value=1e22, allow_nan=False),
-    st.sampled_from([0.0, 1.0, 0.1, 1e7, 12345678.9, 1234567.0, 1e16, 2.5e-9, math.inf, 999999.5, 1e6]),
+    st.sampled_from([0.0, 1.0, 0.1, 1e6, 999999.5, 1234567.0, 12345678.9, 1e16, 2.5e-9, math.inf]),
 )
 _SIGNED = st.one_of(_VALUE, st.floats(allow_nan=True), st.just(-math.inf))
 _LABELS = st.lists(
@@ -96,8 +96,7 @@ def _family_series(spec: Spec) -> dict[tuple[str, ...], list[float]]:
 def _histogram_buckets(bounds: Sequence[float], amounts: list[float]) -> list[tuple[str, float]]:
     edges = [*bounds, math.inf]
     return [
-        (promtext.format_value(edge), float(sum(1 for a in amounts if a <= edge)))
-        for edge in edges
+        (promtext.format_value(edge), float(sum(1 for a in amounts if a <= edge))) for edge in edges
     ]
 
 
@@ -173,7 +172,10 @@ def _both(specs: list[Spec], created: bool) -> tuple[bytes, bytes]:
 
     default = promtext.created_series()
     promtext.set_created_series(created)
-    (prometheus_client.enable_created_metrics if created else prometheus_client.disable_created_metrics)()  # fmt: skip
+    if created:
+        prometheus_client.enable_created_metrics()
+    else:
+        prometheus_client.disable_created_metrics()
     try:
         with patch("time.time", now):
             ours = promtext.exposition(_build(specs, ours=True))  # type: ignore[arg-type]
@@ -236,19 +238,16 @@ def _reference_merge(texts: Sequence[bytes]) -> bytes:
 
 
 @settings(max_examples=200, deadline=None)
-@given(specs=_SPECS, amounts=st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=3))
+@given(specs=_SPECS, scales=st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=3))
 @seed(18)
 def test_the_merge_of_processes_is_what_prometheus_clients_merge_gave(
-    specs: list[Spec], amounts: list[int]
+    specs: list[Spec], scales: list[int]
 ) -> None:
     """Several processes with the same metrics and other values (as workers): the merged
     exposition of ours is what the old merge made of prometheus_client's."""
     texts = []
-    for scale in amounts:
-        scaled = [
-            Spec(s.kind, s.name, s.doc, s.labels, [(v, a * scale) for v, a in s.ops], s.bounds, s.created)
-            for s in specs
-        ]
+    for scale in scales:
+        scaled = [replace(s, ops=[(v, a * scale) for v, a in s.ops]) for s in specs]
         ours, theirs = _both(scaled, created=True)
         assert ours == theirs
         texts.append(ours)
@@ -297,7 +296,7 @@ def test_children_and_sample_lookup() -> None:
     assert c.labels("a").get() == 3.0
     assert registry.get_sample_value("nodemesh_events_total", {"kind": "a"}) == 3.0
     assert registry.get_sample_value("nodemesh_events_total", {"kind": "b"}) is None
-    with pytest.raises(ValueError, match="use .labels"):
+    with pytest.raises(ValueError, match=r"use \.labels"):
         c.inc()
     with pytest.raises(ValueError, match="can only go up"):
         c.labels("a").inc(-1)

@@ -36,8 +36,8 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
-# The Content-Type the agent's /metrics has always answered with (prometheus_client 0.26's
-# CONTENT_TYPE_LATEST); the body is the 0.0.4 text format, which Prometheus reads either way.
+# The Content-Type the agent's /metrics answered with when prometheus_client wrote it (0.26's
+# CONTENT_TYPE_LATEST); the body is the 0.0.4 text format, which 1.0.0 reads unchanged.
 CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")

@@ -254,6 +254,10 @@ def test_the_merge_of_processes_is_what_prometheus_clients_merge_gave(
     assert merge.expositions(texts) == _reference_merge(texts)
 
 
+def test_the_content_type_is_the_one_served_before() -> None:
+    assert promtext.CONTENT_TYPE == prometheus_client.CONTENT_TYPE_LATEST
+
+
 def test_format_value_is_gos() -> None:
     cases = {
         1: "1.0",

@@ -4,8 +4,10 @@ Why a module of its own: components (the proxy, traffic control, the CA client) 
 counters at import time and increment them where the event happens, without knowing about the
 HTTP server that exposes them. ``counter``/``gauge``/``histogram`` are *get-or-create*: importing
 a module twice (tests reload, two agents in one test process) returns the same metric instead of
-failing with prometheus-client's "Duplicated timeseries", and a second declaration with other
-labels is a programming error reported at once.
+failing as a second registration of its name, and a second declaration with other labels is a
+programming error reported at once. The metrics are ``agent.base.promtext``'s, not
+prometheus_client's, which the agent's processes do not import (ARCHITECTURE.md, "A small
+agent process").
 
 Rules for whoever adds a metric (documented in ARCHITECTURE.md, "Metrics"):
   * names start with ``nodemesh_`` (``istio_tcp_*`` come from ``agent.telemetry.tcp``);
@@ -29,9 +31,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from agent.base.promtext import Counter, Gauge, Histogram, Registry
 
-REGISTRY = CollectorRegistry(auto_describe=True)
+REGISTRY = Registry(describe_by_collect=True)
 
 _metrics: dict[str, Counter | Gauge | Histogram] = {}
 _M = TypeVar("_M", Counter, Gauge, Histogram)
@@ -44,7 +46,7 @@ class MetricDeclarationError(ValueError):
 def _declare(kind: type[_M], name: str, doc: str, labels: Sequence[str], **kw: object) -> _M:
     existing = _metrics.get(name)
     if existing is not None:
-        have = tuple(getattr(existing, "_labelnames", ()))
+        have = existing.labelnames
         if not isinstance(existing, kind) or have != tuple(labels):
             raise MetricDeclarationError(
                 f"metric {name} is already declared as {type(existing).__name__}{list(have)}; "

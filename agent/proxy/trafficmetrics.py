@@ -5,14 +5,15 @@
 bounded: a Service (``namespace/name``), a subset name from its policy, or one of a fixed set of
 reasons, causes and fault kinds.
 
-Why integers and a collector rather than ``prometheus_client`` Counters: every HTTP request and
+Why integers and a collector rather than Counters (``agent.base.promtext``, as
+prometheus_client's): every HTTP request and
 gRPC call through a Service port counts its admission (``connections``), and a Counter's ``inc``
 is five Python calls and a lock on each (a child's ``inc``, its value's, the lock's enter and
 exit); ``observe`` is one dict increment. ``ServiceCounters.collect`` builds the families at
 scrape, as ``agent.telemetry.http.HttpMetrics`` does for Istio's request metrics, and gives
 exactly the exposition the Counters gave: the same names, HELP, TYPE, labels and values, and
 a ``_created`` sample per series, taken when its first event came (when the Counter's child
-was made), unless ``prometheus_client.disable_created_metrics`` turned those off.
+was made), unless ``promtext.set_created_series(False)`` (or the environment) turned those off.
 ``tests/unit/proxy/test_trafficmetrics.py`` holds both expositions equal for random event
 sequences (hypothesis), also merged across processes as ``agent.workers.merge`` merges the
 workers'. The collector is registered in ``agent.base.metrics``'s registry where the Counters
@@ -27,11 +28,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client import metrics as prometheus_metrics
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
-
+from agent.base import promtext
 from agent.base.metrics import REGISTRY
+from agent.base.promtext import Collector, CounterMetricFamily
 
 Event = tuple[str, str, str]  # service, event, detail
 
@@ -166,7 +165,7 @@ class ServiceCounters(Collector):
             if seen is not None:
                 count, first = count + seen[0], min(first, seen[1])
             totals[family][values] = (count, first)
-        created = prometheus_metrics._use_created
+        created = promtext.created_series()
         for family in _FAMILIES:
             out = CounterMetricFamily(family.name, family.doc, labels=family.labels)
             for values, (count, first) in totals[family].items():

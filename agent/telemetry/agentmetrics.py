@@ -20,8 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from agent.base.promtext import Collector, CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Telemetry as a component of ``nodemesh agent``: ``GET /metrics`` on ``--metrics-port``.
 
-The endpoint serves one ``CollectorRegistry`` per agent holding: the shared declared metrics
+The endpoint serves one ``promtext.Registry`` per agent holding: the shared declared metrics
 (``agent.base.metrics``), the Istio TCP metrics of this agent's proxy (``TcpMetrics``,
 which is also the access log), its Istio request metrics (``HttpMetrics``), and nodemesh's
 scrape-time collector (``AgentCollector``). It is served from the data plane's event loop:
@@ -11,13 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
-
 from agent.base.endpoint import HttpComponent
 from agent.base.http import Request, Response
 from agent.base.metrics import REGISTRY
+from agent.base.promtext import CONTENT_TYPE, Collector, MetricFamily, Registry, exposition
 from agent.state import StateStore
 from agent.telemetry.accesslog import RequestSampler
 from agent.telemetry.agentmetrics import AgentCollector, AgentSources
@@ -28,7 +25,7 @@ from agent.telemetry.tcp import TcpMetrics
 class _Declared(Collector):
     """The metrics declared with ``agent.base.metrics`` (shared by the process)."""
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[MetricFamily]:
         yield from REGISTRY.collect()
 
 
@@ -53,12 +50,12 @@ class TelemetryComponent(HttpComponent):
         self._merge = merge
         self.tcp = TcpMetrics(store)
         self.http = HttpMetrics(store, sampler=RequestSampler(access_log_sample))
-        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry = Registry()
         for collector in (_Declared(), self.tcp, self.http, AgentCollector(sources)):
             self.registry.register(collector)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return exposition(self.registry)
 
     async def _handle(self, request: Request) -> Response:
         if request.path != "/metrics":
@@ -68,4 +65,4 @@ class TelemetryComponent(HttpComponent):
         body = self.exposition()
         if self._merge is not None:
             body = await self._merge(body)
-        return Response(200, body, CONTENT_TYPE_LATEST)
+        return Response(200, body, CONTENT_TYPE)

@@ -33,9 +33,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
-
+from agent.base.promtext import Collector, CounterMetricFamily, HistogramMetricFamily
 from agent.state import Snapshot, StateStore
 from agent.telemetry.accesslog import RequestSampler, labels_tail, write_request_log
 from agent.telemetry.labels import LABEL_NAMES, endpoint_services, tcp_labels

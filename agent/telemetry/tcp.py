@@ -33,9 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
+from agent.base.promtext import Collector, CounterMetricFamily, GaugeMetricFamily
 from agent.state import StateStore
 from agent.telemetry.accesslog import connection_entry, write_access_log
 from agent.telemetry.labels import (

@@ -42,10 +42,9 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from agent.base.component import Component
+from agent.base.promtext import Collector, CounterMetricFamily, GaugeMetricFamily
 from agent.state import StateStore
 from agent.telemetry.labels import TcpLabels, endpoint_services, host_of, tcp_labels
 from agent.telemetry.records import OUTBOUND, ConnectionRecord, RequestRecord

@@ -1,12 +1,13 @@
 """One view of many processes (sans-IO): ``/metrics``, ``/connections`` and ``/requests``.
 
-Metrics: every process renders its own exposition; ``expositions`` parses them and sums the
-samples that have the same name and labels. That is right for everything a worker reports:
-counters and histograms add up, and its gauges (open connections, pooled HBONE connections)
-are its share of the node's. Agent-wide series (certificates, state, BPF counters, restarts)
-come from the main process only, since a worker never reports them, so summing leaves them as
-they are. The first process's help text and type win for a name. ``_created`` samples (when a
-counter started, per process) are times, not amounts: the earliest is kept.
+Metrics: every process renders its own exposition (``agent.base.promtext``); ``expositions``
+reads them and sums the samples that have the same name and labels. That is right for
+everything a worker reports: counters and histograms add up, and its gauges (open connections,
+pooled HBONE connections) are its share of the node's. Agent-wide series (certificates, state,
+BPF counters, restarts) come from the main process only, since a worker never reports them, so
+summing leaves them as they are. The first process's help text and type win for a name.
+``_created`` samples (when a counter started, per process) are times, not amounts: the
+earliest is kept.
 
 Requests (the tap): each worker has its own ring with its own cursor. A viewer must see one
 cursor, so the workers' cursors are packed into one integer (``CURSOR_BITS`` each, worker 0 in
@@ -15,52 +16,91 @@ the low bits) and unpacked when it comes back.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
+from agent.base.promtext import format_value
 
 CURSOR_BITS = 48
 _MASK = (1 << CURSOR_BITS) - 1
 
 Rows = list[dict[str, object]]
 
+_BLANK = " \t\n\r\x0b\x0c"
 
-class _Merged(Collector):
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self._families = list(families)
 
-    def collect(self) -> Iterator[Metric]:
-        yield from self._families
+class _Family:
+    """One family of the merged exposition: the first process's HELP (as written, escaped)
+    and TYPE, and per sample (its name and labels as written) the merged value."""
+
+    __slots__ = ("doc", "exposed", "samples", "type")
+
+    def __init__(self, exposed: str, doc: str, typ: str) -> None:
+        self.exposed = exposed
+        self.doc = doc
+        self.type = typ
+        self.samples: dict[str, float] = {}
+
+
+def _families(text: str) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
+    """(exposed name, HELP as written, TYPE, samples) of an exposition ``promtext`` wrote.
+
+    A sample is kept as its name and labels exactly as written: the writer sorts the labels
+    and escapes their values one way, so two processes write equal series alike and the text
+    is its key, without unescaping and escaping again. A HELP text loses the blanks at its
+    ends, as prometheus_client's parser (which the merge used before) dropped them."""
+    out: list[tuple[str, str, str, list[tuple[str, float]]]] = []
+    name, doc, typ = "", "", "untyped"
+    samples: list[tuple[str, float]] = []
+    for raw in text.split("\n"):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            kind, _, rest = line[2:].partition(" ")
+            candidate, _, tail = rest.partition(" ")
+            if candidate != name:
+                if name:
+                    out.append((name, doc, typ, samples))
+                name, doc, typ, samples = candidate, "", "untyped", []
+            if kind == "HELP":
+                doc = tail.lstrip(_BLANK)
+            else:
+                typ = tail.strip()
+        elif line.startswith("#"):
+            continue
+        else:
+            series, _, value = line.rpartition(" ")
+            samples.append((series, float(value)))
+    if name:
+        out.append((name, doc, typ, samples))
+    return out
 
 
 def expositions(texts: Sequence[bytes]) -> bytes:
     """The text exposition whose samples are the sums of ``texts``' equal samples."""
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    families: dict[str, _Family] = {}
     for text in texts:
-        for family in text_string_to_metric_families(text.decode()):
-            if family.name not in families:
-                families[family.name] = Metric(family.name, family.documentation, family.type)
-                values[family.name] = {}
-            sums = values[family.name]
-            for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                if key not in sums:
-                    sums[key] = sample.value
-                elif sample.name.endswith("_created"):  # a time: the earliest process's
-                    sums[key] = min(sums[key], sample.value)
+        for exposed, doc, typ, samples in _families(text.decode()):
+            # One family per name as a parser names it (a counter without _total).
+            key = exposed[:-6] if typ == "counter" and exposed.endswith("_total") else exposed
+            family = families.get(key)
+            if family is None:
+                exposed = key + "_total" if typ == "counter" else key
+                family = families[key] = _Family(exposed, doc, typ)
+            sums = family.samples
+            for series, value in samples:
+                if series not in sums:
+                    sums[series] = value
+                elif series.partition("{")[0].endswith("_created"):  # a time: the earliest
+                    sums[series] = min(sums[series], value)
                 else:
-                    sums[key] += sample.value
-    for name, family in families.items():
-        for (sample_name, labels), value in values[name].items():
-            family.add_sample(sample_name, dict(labels), value)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(families.values()))
-    return generate_latest(registry)
+                    sums[series] += value
+    out: list[str] = []
+    for family in families.values():
+        out.append(f"# HELP {family.exposed} {family.doc}\n# TYPE {family.exposed} {family.type}\n")
+        out += [f"{series} {format_value(value)}\n" for series, value in family.samples.items()]
+    return "".join(out).encode()
 
 
 def connections(own: Rows, workers: Mapping[int, object]) -> Rows:

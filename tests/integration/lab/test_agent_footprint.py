@@ -1,6 +1,7 @@
-"""The long-running agent processes keep grpc, protobuf, pyroute2, BCC and ``cryptography`` out
-(ARCHITECTURE.md, "No compiler in the agent" and "A small agent"): its CA client, its netlink
-helper child, its compiler child and its short-lived key child carry them instead.
+"""The long-running agent processes keep grpc, protobuf, pyroute2, BCC, ``cryptography`` and
+``prometheus_client`` out (ARCHITECTURE.md, "No compiler in the agent" and "A small agent"): its
+CA client, its netlink helper child, its compiler child and its short-lived key child carry them
+instead, and ``agent.base.promtext`` writes its metrics.
 
 How it cannot pass by accident: node1's agent is restarted with ``python -X importtime``, which
 makes that interpreter (and only it: children started with ``sys.executable`` do not inherit the
@@ -30,7 +31,7 @@ from agent.lab.handle import Lab
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 
-FORBIDDEN = ("grpc", "google", "pyroute2", "bcc", "cryptography")
+FORBIDDEN = ("grpc", "google", "pyroute2", "bcc", "cryptography", "prometheus_client")
 FORBIDDEN_OBJECTS = ("cygrpc", "_upb", "_message.", "libLLVM", "libbcc", "libclang", "_rust.abi3")
 
 

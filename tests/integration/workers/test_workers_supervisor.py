@@ -96,7 +96,7 @@ def agent_config(listeners: dict[Listener, list[socket.socket]]) -> AgentConfig:
 
 
 def restarts(worker: str) -> float:
-    return RESTARTS.labels(worker=worker)._value.get()
+    return RESTARTS.labels(worker=worker).get()
 
 
 def test_a_killed_worker_is_reported_down_then_restarted_on_the_same_sockets(

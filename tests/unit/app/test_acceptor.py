@@ -52,7 +52,7 @@ async def _accept_one(lsock: socket.socket) -> tuple[list[socket.socket], socket
 
 
 def _count(reason: str) -> float:
-    return ACCEPT_ERRORS.labels(listener="TEST", reason=reason)._value.get()
+    return ACCEPT_ERRORS.labels(listener="TEST", reason=reason).get()
 
 
 def test_keeps_accepting_after_emfile_and_aborts(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,8 +14,8 @@ from prometheus_client import (
     enable_created_metrics,
     generate_latest,
 )
-from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
+from agent.base import promtext
 from agent.base.metrics import REGISTRY
 from agent.proxy import trafficmetrics
 from agent.proxy.trafficmetrics import observe
@@ -77,8 +77,8 @@ def _counters_registry(events: list[tuple[str, str, str]], clock: list[float]) -
 
 def _collector_registry(
     events: list[tuple[str, str, str]], clock: list[float]
-) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=True)
+) -> promtext.Registry:
+    registry = promtext.Registry(describe_by_collect=True)
     counters = trafficmetrics.ServiceCounters()
     registry.register(counters)
     for key in events:
@@ -95,11 +95,13 @@ def _collector_registry(
 def test_the_exposition_is_the_counters_one_also_merged_across_workers(
     workers: list[list[tuple[str, str, str]]], created: bool
 ) -> None:
-    """For any events, the collector's exposition (text and OpenMetrics) is byte for byte what
-    prometheus_client's Counters give, ``_created`` samples included (or left out when turned
-    off), and so is the merge of several workers' (``agent.workers.merge``)."""
+    """For any events, the collector's exposition is byte for byte what prometheus_client's
+    Counters give, ``_created`` samples included (or left out when turned off), and so is the
+    merge of several workers' (``agent.workers.merge``)."""
     clock = [1.7e9]
+    default = promtext.created_series()
     (enable_created_metrics if created else disable_created_metrics)()
+    promtext.set_created_series(created)
     try:
         with patch("time.time", lambda: clock[0]):
             ours, theirs = [], []
@@ -109,20 +111,20 @@ def test_the_exposition_is_the_counters_one_also_merged_across_workers(
                 clock[0] = start  # the same events at the same times
                 theirs.append(_counters_registry(events, clock))
         for mine, reference in zip(ours, theirs, strict=True):
-            assert generate_latest(mine) == generate_latest(reference)
-            assert openmetrics_latest(mine) == openmetrics_latest(reference)
-        assert merge.expositions([generate_latest(r) for r in ours]) == merge.expositions(
+            assert promtext.exposition(mine) == generate_latest(reference)
+        assert merge.expositions([promtext.exposition(r) for r in ours]) == merge.expositions(
             [generate_latest(r) for r in theirs]
         )
     finally:
         enable_created_metrics()
+        promtext.set_created_series(default)
 
 
 def test_the_agents_registry_serves_the_families_where_the_counters_were() -> None:
     """Every family is in the agent's registry (HELP and TYPE even before any event), next to
     the metrics declared with ``agent.base.metrics``, and an event shows at once."""
     observe("test-trafficmetrics/scrape", "split", "v2")
-    text = generate_latest(REGISTRY).decode()
+    text = promtext.exposition(REGISTRY).decode()
     for family in trafficmetrics._FAMILIES:
         name = family.name.removesuffix("_total")
         assert f"# HELP {name}_total {family.doc}\n# TYPE {name}_total counter\n" in text

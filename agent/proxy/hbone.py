@@ -211,9 +211,13 @@ class HboneConnection:
     def receive(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         if self.failed:
             return []
+        flow = self._flow
+        if type(data) is bytes:
+            stream_id = flow.take_single(data)
+            if stream_id:  # one whole DATA frame, the read of every relayed message
+                return [ev.DataReceived(stream_id, data[h2data.HEADER_SIZE :])]
         out: list[ev.Event] = []
         to_h2 = bytearray()
-        flow = self._flow
         for kind, stream_id, a, b, payload in flow.splitter.feed(data):
             if kind == DATA_CHUNK:
                 if stream_id == flow.deliver_to:

@@ -142,6 +142,32 @@ class DataFlow:
             self._stream_credit(stream_id, padding)
         return None
 
+    def take_single(self, data: bytes) -> int:
+        """``data`` as one whole DATA frame for a stream that may receive it within both
+        windows (``InboundSplitter.single_data``): charged as ``start`` charges it and its
+        payload (``data[HEADER_SIZE:]``) to be delivered; returns the stream id. 0: anything
+        else (a window exceeded, a stream that cannot take it, a frame that is not alone in
+        ``data``), left untouched for the splitter's path, which decides and fails as before.
+        The state afterwards is what ``start``, the chunk and the frame's end leave."""
+        stream_id = self.splitter.single_data(data)
+        if not stream_id:
+            return 0
+        length = len(data) - h2data.HEADER_SIZE
+        window = self._stream_window.get(stream_id)
+        if (
+            window is None
+            or length > window
+            or length > self._window
+            or not h2wire.can_receive(self.h2, stream_id)
+        ):
+            return 0
+        self._window -= length
+        self._stream_window[stream_id] = window - length
+        held = self._stream_held
+        held[stream_id] = held.get(stream_id, 0) + length
+        self.held += length
+        return stream_id
+
     def consumed(self, stream_id: int, n: int) -> None:
         """The owner is done with ``n`` delivered bytes of the stream: give them back to the
         budget, and grant the connection and the stream that much again once a batch (the

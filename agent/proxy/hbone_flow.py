@@ -328,11 +328,15 @@ class DataFlow:
         if stream is None:
             return 0
         total, sent = len(data), 0
+        wire = self._wire
         while sent < total:
             n = h2wire.take_send_window(h2c, stream, min(total - sent, h2c.max_outbound_frame_size))
             if not n:
                 break
-            self.emit(h2data.data_frame_header(n, stream_id))
-            self._wire += data[sent : sent + n]
+            # ``emit(data_frame_header(n, stream_id))``, inlined (a frame per relayed message):
+            # h2's output first, then the header and the payload.
+            h2wire.move_output(h2c, wire)
+            wire += h2data.FRAME_HEADER.pack(n << 8 | h2data.TYPE_DATA, 0, stream_id)
+            wire += data[sent : sent + n]
             sent += n
         return sent

@@ -184,7 +184,15 @@ class DataFlow:
         self._account.give_back(n)
         if self._target - self._window - self.held >= self._batch:
             self._grant()
-        self._stream_credit(stream_id, n)
+        # ``_stream_credit``, inlined (this runs for every message delivered).
+        if not h2wire.can_receive(self.h2, stream_id):
+            self.forget(stream_id)
+            return
+        total = self._stream_unacked.get(stream_id, 0) + n
+        if total >= self.settings.stream_window >> 2:
+            self._stream_update(stream_id, total)
+            total = 0
+        self._stream_unacked[stream_id] = total
 
     def release(self, stream_id: int) -> None:
         """The owner is done with the stream and drops whatever it still holds of it (a chunk a
@@ -303,12 +311,16 @@ class DataFlow:
             self.forget(stream_id)
             return
         total = self._stream_unacked.get(stream_id, 0) + n
-        if total >= self.settings.stream_window // 4:
-            self.emit(h2data.window_update_frame(stream_id, total))
-            window = self._stream_window.get(stream_id, self.settings.stream_window)
-            self._stream_window[stream_id] = window + total
+        if total >= self.settings.stream_window >> 2:
+            self._stream_update(stream_id, total)
             total = 0
         self._stream_unacked[stream_id] = total
+
+    def _stream_update(self, stream_id: int, n: int) -> None:
+        """WINDOW_UPDATE of ``n`` on the stream."""
+        self.emit(h2data.window_update_frame(stream_id, n))
+        window = self._stream_window.get(stream_id, self.settings.stream_window)
+        self._stream_window[stream_id] = window + n
 
     def forget(self, stream_id: int) -> None:
         """The stream receives nothing more (peer's END_STREAM, reset, refused). What the owner

@@ -60,6 +60,7 @@ from h2.errors import ErrorCodes
 from agent.identity.tls import PeerIdentityError, peer_spiffe_id
 from agent.proxy import hbone_events as ev
 from agent.proxy.budget import QUEUE_FLOOR, QueueAccount
+from agent.proxy.h2data import HEADER_SIZE
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.hbone_limits import MAX_WRITE, OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
 
@@ -459,7 +460,18 @@ class HboneProtocol(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        self.dispatch(self.codec.receive(data))
+        codec = self.codec
+        stream_id = codec.take_data_frame(data)
+        if stream_id:
+            # One whole DATA frame, the read of every relayed message: to its stream without
+            # an event, ``receive``'s loop or ``dispatch`` (``dispatch``'s first branch).
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream._on_data(data[HEADER_SIZE:])
+            else:  # nobody will read it: the window gets it back
+                codec.consumed(stream_id, len(data) - HEADER_SIZE)
+        else:
+            self.dispatch(codec.receive(data))
         self.flush()
         if self.writers_waiting and not self.out_full():
             # WINDOW_UPDATEs let queued bytes out without draining any stream completely

@@ -232,3 +232,28 @@ def test_leaked_chunks_never_stall_the_connection() -> None:
         assert await asyncio.wait_for(server.read(), 5) == b"still flowing"
 
     asyncio.run(main())
+
+
+def test_a_data_frame_for_a_stream_the_protocol_no_longer_has_goes_back_to_the_window() -> None:
+    """A whole DATA frame (``HboneConnection.take_data_frame``, the read of every relayed
+    message) for a stream the codec still receives on but no ``TunnelStream`` holds: nobody
+    will read it, so its bytes are given back at once, as ``dispatch`` gives back an event's."""
+
+    async def main() -> None:
+        client, server = await tunnel()
+        proto = server.proto
+        del proto.streams[server.stream_id]
+        taken: list[int] = []
+        real = proto.codec.take_data_frame
+
+        def counted(data: bytes) -> int:
+            taken.append(real(data))
+            return taken[-1]
+
+        proto.codec.take_data_frame = counted  # type: ignore[method-assign]
+        await client.write(b"n" * 500)
+        await settle()
+        assert taken == [server.stream_id]
+        assert proto.codec.held_received == 0 and proto.codec.held_bytes() == 0
+
+    asyncio.run(main())

@@ -284,8 +284,12 @@ class TunnelStream:
     def can_write(self) -> bool:
         """No backpressure applies: a write now would not wait (see the module docstring)."""
         proto = self.proto
+        codec = proto.codec
         return not (
-            self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full()
+            self.error
+            # ``buffered`` is never above ``queued``: asked only when something waits at all
+            or (codec.queued > HIGH_WATER and codec.buffered(self.stream_id) > HIGH_WATER)
+            or proto.out_full()
         )
 
     def write_room(self) -> int:
@@ -295,7 +299,12 @@ class TunnelStream:
         so that beyond the budget it never holds more than twice its floor
         (``agent.proxy.budget.QueueBudget``)."""
         proto = self.proto
-        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+        codec = proto.codec
+        if (
+            self.error
+            or (codec.queued > HIGH_WATER and codec.buffered(self.stream_id) > HIGH_WATER)
+            or proto.out_full()
+        ):
             return 0  # ``can_write``, inlined: this is asked before every relay read
         queue = proto.queue_budget
         if queue.limit is None or queue.committed <= queue.limit:
@@ -327,7 +336,12 @@ class TunnelStream:
         (a write per message is the hot path: it makes the calls ``can_write`` and
         ``write_now`` made before, and one ``len``)."""
         proto = self.proto
-        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+        codec = proto.codec
+        if (
+            self.error
+            or (codec.queued > HIGH_WATER and codec.buffered(self.stream_id) > HIGH_WATER)
+            or proto.out_full()
+        ):
             return 0
         n = len(data)
         if n > QUEUE_FLOOR:  # the room is at least this: most messages need not ask further

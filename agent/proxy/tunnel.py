@@ -484,9 +484,14 @@ class HboneProtocol(asyncio.Protocol):
                 stream._on_data(data[HEADER_SIZE:])
             else:  # nobody will read it: the window gets it back
                 codec.consumed(stream_id, len(data) - HEADER_SIZE)
+            # Only the bytes given back can have made output here (WINDOW_UPDATEs, framed
+            # with whatever ``h2`` held before them), and the queue's charge changes only with
+            # output or queued bytes: ``flush`` has nothing to do otherwise (mostly).
+            if codec.unsent() or codec.queued:
+                self.flush()
         else:
             self.dispatch(codec.receive(data))
-        self.flush()
+            self.flush()
         if self.writers_waiting and not self.out_full():
             # WINDOW_UPDATEs let queued bytes out without draining any stream completely
             # (no StreamDrained): writers waiting for the connection's budget go on.

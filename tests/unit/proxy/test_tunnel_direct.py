@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from agent.proxy.h2data import window_update_frame
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
 from tests.unit.proxy.memtransport import MemoryTransport
@@ -255,5 +256,42 @@ def test_a_data_frame_for_a_stream_the_protocol_no_longer_has_goes_back_to_the_w
         await settle()
         assert taken == [server.stream_id]
         assert proto.codec.held_received == 0 and proto.codec.held_bytes() == 0
+
+    asyncio.run(main())
+
+
+def test_window_updates_due_on_a_delivered_frame_leave_in_the_same_callback(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A DATA frame delivered straight to the relay's socket gives its window back there; the
+    WINDOW_UPDATE that makes due goes to the transport in that same ``data_received`` (it
+    flushes only when something was framed, not for every frame)."""
+
+    async def main() -> None:
+        client, server = await tunnel()
+        server.deliver_directly(pair[0])
+        proto = server.proto
+        assert proto.transport is not None
+        real_write = proto.transport.write
+        written: list[bytes] = []
+
+        def write(data: bytes | bytearray | memoryview) -> None:
+            written.append(bytes(data))
+            real_write(data)
+
+        proto.transport.write = write  # type: ignore[method-assign]
+        quarter = proto.codec.settings.stream_window // 4
+        update = window_update_frame(server.stream_id, quarter)
+        chunk, sent = 16 * 1024, 0
+        while sent < quarter:
+            await client.write(b"w" * chunk)
+            await settle()
+            sent += chunk
+            got = 0
+            while got < chunk:
+                got += len(pair[1].recv(chunk))
+            calls = len(written)
+            assert (update in b"".join(written)) == (sent >= quarter)
+        assert written and update in written[calls - 1]
 
     asyncio.run(main())

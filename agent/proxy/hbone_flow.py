@@ -336,13 +336,12 @@ class DataFlow:
     def send(self, stream_id: int, data: memoryview) -> int:
         """Frame as much of ``data`` as the peer's windows allow; returns how much that was."""
         h2c = self.h2
-        stream = h2wire.sendable_stream(h2c, stream_id)
-        if stream is None:
-            return 0
         total, sent = len(data), 0
         wire = self._wire
         while sent < total:
-            n = h2wire.take_send_window(h2c, stream, min(total - sent, h2c.max_outbound_frame_size))
+            n = h2wire.take_send_window(
+                h2c, stream_id, min(total - sent, h2c.max_outbound_frame_size)
+            )
             if not n:
                 break
             # ``emit(data_frame_header(n, stream_id))``, inlined (a frame per relayed message):

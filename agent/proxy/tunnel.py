@@ -364,12 +364,7 @@ class TunnelStream:
             events = proto.codec.send(self.stream_id, data)
             if events:
                 proto.dispatch(events)
-            # ``flush_and_wake``, inlined (a write per message): ``flush`` charges the queue
-            # budget what the connection holds now.
-            proto.flush()
-            if proto.writers_waiting and not proto.out_full():
-                proto.writers_waiting = False
-                proto._wake_writers()
+            proto.flush_and_wake()  # charges the queue budget what the connection holds now
         else:
             self._send(data)
             proto.flush_soon()

@@ -138,13 +138,19 @@ class InboundSplitter:
         if self._passthrough or self._in_data or self._header or self.header_block:
             return 0
         length = len(data) - HEADER_SIZE
-        if length <= 0 or length > self.max_frame_size:
+        if length <= 0:
             return 0
         length_type, flags, stream_id = FRAME_HEADER.unpack_from(data)
-        # Type DATA and the length of this read, no flags, no reserved bit, not stream 0.
-        if length_type != length << 8 or flags or not 0 < stream_id <= STREAM_ID_MASK:
+        # Type DATA and the length of this read (within our max frame size), no flags, no
+        # reserved bit, not stream 0.
+        if (
+            length_type != length << 8
+            or flags
+            or length > self.max_frame_size
+            or not 0 < stream_id <= STREAM_ID_MASK
+        ):
             return 0
-        return int(stream_id)
+        return stream_id
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Token]:
         out: list[Token] = []

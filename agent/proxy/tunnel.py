@@ -152,15 +152,17 @@ class TunnelStream:
 
     # -- events from the protocol --
     def _on_data(self, data: bytes) -> None:
-        if self._sink is not None and not (self._chunks or self._relay_writing):
+        sink = self._sink
+        if sink is not None and not (self._chunks or self._relay_writing):
             try:
-                sent = self._sink.send(data)
+                sent = sink.send(data)
             except OSError:  # would block, or the socket failed: the relay's send will tell
                 sent = 0
             if sent:
                 self.proto.codec.consumed(self.stream_id, sent)  # flushed by data_received
-                if self.waker is not None:
-                    self.waker.delivered(sent)
+                waker = self.waker
+                if waker is not None:
+                    waker.delivered(sent)
                 if sent == len(data):
                     return
                 data = data[sent:]
@@ -518,9 +520,10 @@ class HboneProtocol(asyncio.Protocol):
         if self.write_paused:
             return True
         # ``recharge``, inlined: this is asked before every relay read.
-        size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        transport, codec = self.transport, self.codec
+        size = transport.get_write_buffer_size() if transport is not None else 0
         self._transport_size = size
-        out = self.codec.queued + self.codec.unsent() + size
+        out = codec.queued + codec.unsent() + size
         queue = self._queue
         if out != queue.charge:
             queue.set(out)
@@ -602,25 +605,26 @@ class HboneProtocol(asyncio.Protocol):
     def flush(self) -> None:
         """Hand the codec's output to the transport, and charge the queue budget what the
         connection holds now if that may have changed."""
-        out = self.codec.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+        codec, transport = self.codec, self.transport  # locals: a flush per message
+        out = codec.data_to_send()
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out)
             if not self.write_paused:
-                self.codec.output_accepted()
-        if self.codec.failed and self.transport is not None and not self.transport.is_closing():
+                codec.output_accepted()
+        if codec.failed and transport is not None and not transport.is_closing():
             self._close_failed()
-        if out or self.codec.queued:
+        if out or codec.queued:
             # Framed bytes moved to the transport, which may have sent them, or a write queued
             # for closed windows: what the connection holds may have changed. (Bytes of a
             # stream the peer reset leave the queue without output: charged until the
             # connection next flushes or writes; too much, never too little.) ``recharge``
             # inlined (a flush per message): nothing is left unsent after ``data_to_send``.
-            transport = self.transport
             size = transport.get_write_buffer_size() if transport is not None else 0
             self._transport_size = size
-            held = self.codec.queued + size
-            if held != self._queue.charge:
-                self._queue.set(held)
+            held = codec.queued + size
+            queue = self._queue
+            if held != queue.charge:
+                queue.set(held)
 
     def flush_soon(self) -> None:
         """``flush`` once the loop has run the callbacks that are ready now: what the relays of

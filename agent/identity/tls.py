@@ -9,7 +9,9 @@ Why ``sslobject_class``: the peer's SPIFFE ID is not a host name, so OpenSSL's h
 cannot express "the server must be spiffe://.../sa/server". The contexts built here use an
 ``SSLObject``/``SSLSocket`` subclass whose ``do_handshake`` checks the peer's URI SAN right after
 the handshake; a mismatch fails the handshake like any other verification error, so asyncio
-streams and plain sockets both refuse the connection before a byte of data flows.
+streams and plain sockets both refuse the connection before a byte of data flows. The same
+``SSLObject`` subclass hands out the C object's ``read``, ``write`` and ``pending``, called for
+every TLS record, without ``ssl.py``'s Python frames around them (``_CheckedObject``).
 """
 
 from __future__ import annotations

@@ -488,7 +488,9 @@ class HboneProtocol(asyncio.Protocol):
                 codec.consumed(stream_id, len(data) - HEADER_SIZE)
             # Only the bytes given back can have made output here (WINDOW_UPDATEs, framed
             # with whatever ``h2`` held before them), and the queue's charge changes only with
-            # output or queued bytes: ``flush`` has nothing to do otherwise (mostly).
+            # output or queued bytes: ``flush`` has nothing to do otherwise. (``h2`` makes no
+            # output for this frame, and every command that makes some is followed by a
+            # ``flush`` or ``flush_soon`` of its own.)
             if codec.unsent() or codec.queued:
                 self.flush()
         else:

@@ -1014,15 +1014,14 @@ def can_receive(conn: H2Connection, stream_id: int) -> bool:
     return stream is not None and stream.state_machine.state in RECEIVING
 
 
-def sendable_stream(conn: H2Connection, stream_id: int) -> H2Stream | None:
-    """The stream if we may send DATA on it (open or half-closed by the peer)."""
+def take_send_window(conn: H2Connection, stream_id: int, most: int) -> int:
+    """Take up to ``most`` bytes from both send windows of the stream (we frame that much DATA
+    ourselves); returns how many the peer's windows allowed: 0 if none, or if we may not send
+    DATA on the stream (not open or half-closed by the peer). One call per DATA frame, the
+    stream looked up in it (a frame per relayed message)."""
     stream = conn.streams.get(stream_id)
-    return stream if stream is not None and stream.state_machine.state in SENDING else None
-
-
-def take_send_window(conn: H2Connection, stream: H2Stream, most: int) -> int:
-    """Take up to ``most`` bytes from both send windows of ``stream`` (we frame that much DATA
-    ourselves); returns how many the peer's windows allowed (0 if none)."""
+    if stream is None or stream.state_machine.state not in SENDING:
+        return 0
     n = min(most, conn.outbound_flow_control_window, stream.outbound_flow_control_window)
     if n <= 0:
         return 0

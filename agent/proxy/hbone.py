@@ -211,9 +211,12 @@ class HboneConnection:
     def receive(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
         if self.failed:
             return []
+        stream_id = self.take_data_frame(data)
+        if stream_id:
+            return [ev.DataReceived(stream_id, bytes(data[h2data.HEADER_SIZE :]))]
+        flow = self._flow
         out: list[ev.Event] = []
         to_h2 = bytearray()
-        flow = self._flow
         for kind, stream_id, a, b, payload in flow.splitter.feed(data):
             if kind == DATA_CHUNK:
                 if stream_id == flow.deliver_to:
@@ -256,6 +259,16 @@ class HboneConnection:
         if to_h2:
             out += self._h2_receive(to_h2)
         return out
+
+    def take_data_frame(self, data: bytes | bytearray | memoryview) -> int:
+        """``receive`` of one read that is one whole DATA frame for a stream that may receive it
+        within the windows (the read of every relayed message), without an event: returns the
+        stream id, and its payload, ``data[h2data.HEADER_SIZE:]``, is the owner's to deliver
+        and give back with ``consumed`` as a ``DataReceived``'s. 0: not such a read, nothing
+        taken; ``receive`` it (``hbone_flow.DataFlow.take_single``)."""
+        if self.failed or type(data) is not bytes:
+            return 0
+        return self._flow.take_single(data)
 
     def _h2_receive(self, data: bytes | bytearray) -> list[ev.Event]:
         out: list[ev.Event] = []

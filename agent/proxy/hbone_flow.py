@@ -49,6 +49,8 @@ from agent.proxy import h2data, h2wire
 from agent.proxy.budget import FLOOR, HboneBudget
 from agent.proxy.h2wire import HboneSettings
 
+_pack_header = h2data.FRAME_HEADER.pack  # a DATA frame's header (``DataFlow.send``)
+
 
 class DataFlow:
     """Receive windows and DATA framing of one connection, on top of ``h2``'s stream states."""
@@ -85,6 +87,8 @@ class DataFlow:
         # The owner's call-back (``on_budget_room``), held weakly: the owner holds this flow.
         self._on_room: weakref.WeakMethod[Callable[[], bool]] | None = None
         self._stream_window: dict[int, int] = {}
+        # A stream's window is given back once a quarter of it is due (``_stream_credit``).
+        self._credit_at = settings.stream_window // 4
         self._stream_unacked: dict[int, int] = {}
         self._stream_held: dict[int, int] = {}
 
@@ -142,23 +146,58 @@ class DataFlow:
             self._stream_credit(stream_id, padding)
         return None
 
+    def take_single(self, data: bytes) -> int:
+        """``data`` as one whole DATA frame for a stream that may receive it within both
+        windows (``InboundSplitter.single_data``): charged as ``start`` charges it and its
+        payload (``data[HEADER_SIZE:]``) to be delivered; returns the stream id. 0: anything
+        else (a window exceeded, a stream that cannot take it, a frame that is not alone in
+        ``data``), left untouched for the splitter's path, which decides and fails as before.
+        The state afterwards is what ``start``, the chunk and the frame's end leave."""
+        stream_id = self.splitter.single_data(data)
+        if not stream_id:
+            return 0
+        length = len(data) - h2data.HEADER_SIZE
+        windows = self._stream_window
+        window = windows.get(stream_id, -1)
+        if length > window or length > self._window or not h2wire.can_receive(self.h2, stream_id):
+            return 0  # (-1: a stream that receives without ``stream_opened``: ``start``'s)
+        self._window -= length
+        windows[stream_id] = window - length
+        held = self._stream_held
+        held[stream_id] = held.get(stream_id, 0) + length
+        self.held += length
+        return stream_id
+
     def consumed(self, stream_id: int, n: int) -> None:
         """The owner is done with ``n`` delivered bytes of the stream: give them back to the
         budget, and grant the connection and the stream that much again once a batch (the
         connection: ``_retarget``) or a quarter of the window (the stream) is due."""
-        held = self._stream_held.get(stream_id, 0)
-        n = min(n, held)
-        if n <= 0:
-            return
-        if held == n:
-            del self._stream_held[stream_id]
+        # Locals and no ``min``: this runs for every message delivered.
+        stream_held = self._stream_held
+        held = stream_held.get(stream_id, 0)
+        if n >= held:  # all of it: n = min(n, held)
+            if held <= 0:
+                return
+            n = held
+            del stream_held[stream_id]
+        elif n > 0:
+            stream_held[stream_id] = held - n
         else:
-            self._stream_held[stream_id] = held - n
+            return
         self.held -= n
         self._account.give_back(n)
         if self._target - self._window - self.held >= self._batch:
             self._grant()
-        self._stream_credit(stream_id, n)
+        # ``_stream_credit``, inlined.
+        if not h2wire.can_receive(self.h2, stream_id):
+            self.forget(stream_id)
+            return
+        unacked = self._stream_unacked
+        total = unacked.get(stream_id, 0) + n
+        if total >= self._credit_at:
+            self._stream_update(stream_id, total)
+            total = 0
+        unacked[stream_id] = total
 
     def release(self, stream_id: int) -> None:
         """The owner is done with the stream and drops whatever it still holds of it (a chunk a
@@ -277,12 +316,16 @@ class DataFlow:
             self.forget(stream_id)
             return
         total = self._stream_unacked.get(stream_id, 0) + n
-        if total >= self.settings.stream_window // 4:
-            self.emit(h2data.window_update_frame(stream_id, total))
-            window = self._stream_window.get(stream_id, self.settings.stream_window)
-            self._stream_window[stream_id] = window + total
+        if total >= self._credit_at:
+            self._stream_update(stream_id, total)
             total = 0
         self._stream_unacked[stream_id] = total
+
+    def _stream_update(self, stream_id: int, n: int) -> None:
+        """WINDOW_UPDATE of ``n`` on the stream."""
+        self.emit(h2data.window_update_frame(stream_id, n))
+        window = self._stream_window.get(stream_id, self.settings.stream_window)
+        self._stream_window[stream_id] = window + n
 
     def forget(self, stream_id: int) -> None:
         """The stream receives nothing more (peer's END_STREAM, reset, refused). What the owner
@@ -298,15 +341,20 @@ class DataFlow:
     def send(self, stream_id: int, data: memoryview) -> int:
         """Frame as much of ``data`` as the peer's windows allow; returns how much that was."""
         h2c = self.h2
-        stream = h2wire.sendable_stream(h2c, stream_id)
-        if stream is None:
-            return 0
         total, sent = len(data), 0
+        wire = self._wire
         while sent < total:
-            n = h2wire.take_send_window(h2c, stream, min(total - sent, h2c.max_outbound_frame_size))
+            most = total - sent
+            if most > h2c.max_outbound_frame_size:
+                most = h2c.max_outbound_frame_size
+            n = h2wire.take_send_window(h2c, stream_id, most)
             if not n:
                 break
-            self.emit(h2data.data_frame_header(n, stream_id))
-            self._wire += data[sent : sent + n]
+            # ``emit(data_frame_header(n, stream_id))``, inlined (a frame per relayed message):
+            # h2's output first, then the header (type DATA is 0: the length alone) and the
+            # payload.
+            h2wire.move_output(h2c, wire)
+            wire += _pack_header(n << 8, 0, stream_id)
+            wire += data if n == total else data[sent : sent + n]
             sent += n
         return sent

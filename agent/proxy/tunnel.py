@@ -60,6 +60,7 @@ from h2.errors import ErrorCodes
 from agent.identity.tls import PeerIdentityError, peer_spiffe_id
 from agent.proxy import hbone_events as ev
 from agent.proxy.budget import QUEUE_FLOOR, QueueAccount
+from agent.proxy.h2data import HEADER_SIZE
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.hbone_limits import MAX_WRITE, OUT_BUDGET, REFUSALS, TRANSPORT_HIGH_WATER
 
@@ -151,15 +152,17 @@ class TunnelStream:
 
     # -- events from the protocol --
     def _on_data(self, data: bytes) -> None:
-        if self._sink is not None and not (self._chunks or self._relay_writing):
+        sink = self._sink
+        if sink is not None and not (self._chunks or self._relay_writing):
             try:
-                sent = self._sink.send(data)
+                sent = sink.send(data)
             except OSError:  # would block, or the socket failed: the relay's send will tell
                 sent = 0
             if sent:
                 self.proto.codec.consumed(self.stream_id, sent)  # flushed by data_received
-                if self.waker is not None:
-                    self.waker.delivered(sent)
+                waker = self.waker
+                if waker is not None:
+                    waker.delivered(sent)
                 if sent == len(data):
                     return
                 data = data[sent:]
@@ -283,8 +286,12 @@ class TunnelStream:
     def can_write(self) -> bool:
         """No backpressure applies: a write now would not wait (see the module docstring)."""
         proto = self.proto
+        codec = proto.codec
         return not (
-            self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full()
+            self.error
+            # ``buffered`` is never above ``queued``: asked only when something waits at all
+            or (codec.queued > HIGH_WATER and codec.buffered(self.stream_id) > HIGH_WATER)
+            or proto.out_full()
         )
 
     def write_room(self) -> int:
@@ -294,7 +301,12 @@ class TunnelStream:
         so that beyond the budget it never holds more than twice its floor
         (``agent.proxy.budget.QueueBudget``)."""
         proto = self.proto
-        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+        codec = proto.codec
+        if (
+            self.error
+            or (codec.queued > HIGH_WATER and codec.buffered(self.stream_id) > HIGH_WATER)
+            or proto.out_full()
+        ):
             return 0  # ``can_write``, inlined: this is asked before every relay read
         queue = proto.queue_budget
         if queue.limit is None or queue.committed <= queue.limit:
@@ -326,7 +338,12 @@ class TunnelStream:
         (a write per message is the hot path: it makes the calls ``can_write`` and
         ``write_now`` made before, and one ``len``)."""
         proto = self.proto
-        if self.error or proto.codec.buffered(self.stream_id) > HIGH_WATER or proto.out_full():
+        codec = proto.codec
+        if (
+            self.error
+            or (codec.queued > HIGH_WATER and codec.buffered(self.stream_id) > HIGH_WATER)
+            or proto.out_full()
+        ):
             return 0
         n = len(data)
         if n > QUEUE_FLOOR:  # the room is at least this: most messages need not ask further
@@ -459,8 +476,26 @@ class HboneProtocol(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        self.dispatch(self.codec.receive(data))
-        self.flush()
+        codec = self.codec
+        stream_id = codec.take_data_frame(data)
+        if stream_id:
+            # One whole DATA frame, the read of every relayed message: to its stream without
+            # an event, ``receive``'s loop or ``dispatch`` (``dispatch``'s first branch).
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream._on_data(data[HEADER_SIZE:])
+            else:  # nobody will read it: the window gets it back
+                codec.consumed(stream_id, len(data) - HEADER_SIZE)
+            # Only the bytes given back can have made output here (WINDOW_UPDATEs, framed
+            # with whatever ``h2`` held before them), and the queue's charge changes only with
+            # output or queued bytes: ``flush`` has nothing to do otherwise. (``h2`` makes no
+            # output for this frame, and every command that makes some is followed by a
+            # ``flush`` or ``flush_soon`` of its own.)
+            if codec.unsent() or codec.queued:
+                self.flush()
+        else:
+            self.dispatch(codec.receive(data))
+            self.flush()
         if self.writers_waiting and not self.out_full():
             # WINDOW_UPDATEs let queued bytes out without draining any stream completely
             # (no StreamDrained): writers waiting for the connection's budget go on.
@@ -487,9 +522,10 @@ class HboneProtocol(asyncio.Protocol):
         if self.write_paused:
             return True
         # ``recharge``, inlined: this is asked before every relay read.
-        size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        transport, codec = self.transport, self.codec
+        size = transport.get_write_buffer_size() if transport is not None else 0
         self._transport_size = size
-        out = self.codec.queued + self.codec.unsent() + size
+        out = codec.queued + codec.unsent() + size
         queue = self._queue
         if out != queue.charge:
             queue.set(out)
@@ -571,25 +607,26 @@ class HboneProtocol(asyncio.Protocol):
     def flush(self) -> None:
         """Hand the codec's output to the transport, and charge the queue budget what the
         connection holds now if that may have changed."""
-        out = self.codec.data_to_send()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+        codec, transport = self.codec, self.transport  # locals: a flush per message
+        out = codec.data_to_send()
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out)
             if not self.write_paused:
-                self.codec.output_accepted()
-        if self.codec.failed and self.transport is not None and not self.transport.is_closing():
+                codec.output_accepted()
+        if codec.failed and transport is not None and not transport.is_closing():
             self._close_failed()
-        if out or self.codec.queued:
+        if out or codec.queued:
             # Framed bytes moved to the transport, which may have sent them, or a write queued
             # for closed windows: what the connection holds may have changed. (Bytes of a
             # stream the peer reset leave the queue without output: charged until the
             # connection next flushes or writes; too much, never too little.) ``recharge``
             # inlined (a flush per message): nothing is left unsent after ``data_to_send``.
-            transport = self.transport
             size = transport.get_write_buffer_size() if transport is not None else 0
             self._transport_size = size
-            held = self.codec.queued + size
-            if held != self._queue.charge:
-                self._queue.set(held)
+            held = codec.queued + size
+            queue = self._queue
+            if held != queue.charge:
+                queue.set(held)
 
     def flush_soon(self) -> None:
         """``flush`` once the loop has run the callbacks that are ready now: what the relays of

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from agent.ca.storage import CA_CERT_FILE, CA_KEY_FILE, ROOT_FILE, new_material
 from agent.identity.certs import WorkloadCertificate, load_pem_chain
 from agent.identity.keysmith import certificate, generate_key, private_key
 from agent.identity.spiffe import SpiffeId
-from agent.identity.tls import PeerIdentityError, client_context, server_context
+from agent.identity.tls import PeerIdentityError, client_context, peer_spiffe_id, server_context
 from agent.state import StateStore
 from tests.unit.identity.identity_helpers import CLIENT, SERVER, handshake
 
@@ -154,3 +156,52 @@ def test_a_dns_san_beside_the_spiffe_uri_is_allowed(ca: InProcessCA) -> None:
         server_context(_leaf_with_sans(ca, SERVER, sans)),
     )
     assert (client_view, server_view) == (SERVER, CLIENT)
+
+
+def _pump(src: ssl.MemoryBIO, dst: ssl.MemoryBIO) -> None:
+    if src.pending:
+        dst.write(src.read())
+
+
+def test_record_calls_run_no_python_frames_and_behave_as_ssl_py(ca: InProcessCA) -> None:
+    """uvloop's ``SSLProtocol`` calls ``read``, ``write`` and ``pending`` of the context's
+    ``SSLObject`` for every record: they are the C object's own (before: ``ssl.py``'s Python
+    wrappers, a frame each), with what the wrappers gave: bytes or a count read into a buffer,
+    ``SSLWantReadError`` when no record is whole, the decrypted bytes still pending, and a
+    count of bytes written."""
+    bios = [ssl.MemoryBIO() for _ in range(4)]  # client in, client out, server in, server out
+    client = client_context(ca.workload_certificate(CLIENT), SERVER).wrap_bio(bios[0], bios[1])
+    server = server_context(ca.workload_certificate(SERVER)).wrap_bio(
+        bios[2], bios[3], server_side=True
+    )
+    for _ in range(10):  # the handshake, both sides (the peer check included)
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        _pump(bios[1], bios[2])
+        _pump(bios[3], bios[0])
+    assert peer_spiffe_id(client) == SERVER and peer_spiffe_id(server) == CLIENT
+
+    frames: list[str] = []
+
+    def profile(frame: Any, event: str, _arg: object) -> None:
+        if event == "call" and frame.f_code.co_filename == ssl.__file__:
+            frames.append(frame.f_code.co_name)
+
+    buffer = bytearray(100)
+    sys.setprofile(profile)
+    try:
+        with pytest.raises(ssl.SSLWantReadError):
+            server.read(1024)
+        assert client.write(b"a" * 50) == 50
+        assert client.write(memoryview(b"b" * 50)) == 50
+        _pump(bios[1], bios[2])
+        assert server.read(60) == b"a" * 50  # one record at a time
+        assert server.pending() == 0
+        assert server.read(100, buffer) == 50 and buffer[:50] == b"b" * 50
+        assert client.pending() == 0
+    finally:
+        sys.setprofile(None)
+    assert frames == []
+    for obj in (client, server):
+        assert type(obj.read) is type(len)  # a C method, bound

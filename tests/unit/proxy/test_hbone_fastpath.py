@@ -15,10 +15,17 @@ from h2.errors import ErrorCodes
 from hpack import Encoder
 from hyperframe.frame import HeadersFrame
 
+from agent.proxy import h2wire
 from agent.proxy import hbone_events as ev
-from agent.proxy.h2data import data_frame_header, window_update_frame
+from agent.proxy.h2data import (
+    FLAG_PADDED,
+    FRAME_HEADER,
+    data_frame_header,
+    window_update_frame,
+)
 from agent.proxy.h2wire import KIB, MIB, HboneSettings
 from agent.proxy.hbone import HboneConnection
+from agent.proxy.hbone_flow import DataFlow
 
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.2:80")]
 
@@ -241,3 +248,73 @@ def test_end_stream_both_ways_without_h2s_frame_path(monkeypatch: pytest.MonkeyP
     monkeypatch.undo()
     events = raw.receive_data(server.data_to_send())
     assert [type(e) for e in events] == [h2.events.DataReceived, h2.events.StreamEnded]
+
+
+def _state(server: HboneConnection, sids: list[int]) -> tuple[object, ...]:
+    """What the codec's receive side is left with: windows, held bytes, output, failure."""
+    flow = server._flow
+    return (
+        flow.held,
+        flow.promised,
+        dict(flow._stream_window),
+        dict(flow._stream_held),
+        flow.deliver_to,
+        flow.counted,
+        server.failed,
+        bytes(server.data_to_send()),
+        [h2wire.stream_state(server._h2, sid) for sid in sids],
+    )
+
+
+def _whole_reads(sid: int, other: int) -> list[bytes]:
+    """Reads of one frame each (or a frame and a bit): the ones the single-frame path takes
+    and every variant it must leave to the splitter."""
+    frame = data_frame_header(5, sid) + b"hello"
+    return [
+        frame,
+        data_frame_header(1024, sid) + b"k" * 1024,
+        frame,
+        data_frame_header(5, other) + b"other",
+        data_frame_header(5, sid, end_stream=True) + b"ended",  # a flag: the splitter's
+        frame,  # after the end: a stream that cannot receive
+        data_frame_header(0, other),  # empty
+        frame[:-1],  # short: part of a frame
+        b"o",
+        frame + frame[:3],  # a frame and a bit
+        frame[3:],
+        FRAME_HEADER.pack(5 << 8, 0, other | 0x80000000) + b"rsrvd",  # the reserved bit
+        FRAME_HEADER.pack(6 << 8, FLAG_PADDED, other) + b"\x01abcd\x00",  # padded
+        FRAME_HEADER.pack(5 << 8, 0, 99) + b"idle!",  # a stream never opened
+    ]
+
+
+@pytest.mark.parametrize("window", [None, 2000], ids=["windows", "small-connection-window"])
+def test_a_read_of_one_whole_data_frame_leaves_what_the_splitter_leaves(
+    monkeypatch: pytest.MonkeyPatch, window: int | None
+) -> None:
+    """The single-frame path (``DataFlow.take_single``) against the splitter's path of the
+    same reads (the same events, windows, held bytes, output and stream states after each),
+    for frames it takes and frames it must leave; and it takes the plain ones (before: every
+    read went through ``InboundSplitter.feed``)."""
+    settings = HboneSettings(connection_window=window) if window else None
+    taken: list[int] = []
+    real = DataFlow.take_single
+
+    def counted(self: DataFlow, data: bytes) -> int:
+        sid = real(self, data)
+        taken.append(sid)
+        return sid
+
+    results = []
+    for fast in (True, False):
+        _raw, server, sids = server_with_raw_client(settings, streams=2)
+        monkeypatch.setattr(DataFlow, "take_single", counted if fast else lambda _s, _d: 0)
+        steps = []
+        for data in _whole_reads(*sids):
+            steps.append((server.receive(data), _state(server, sids)))
+            if not server.failed:
+                server.consumed(sids[0], 3)
+                steps.append(([], _state(server, sids)))
+        results.append(steps)
+    assert results[0] == results[1]
+    assert taken.count(1) >= (1 if window else 3)

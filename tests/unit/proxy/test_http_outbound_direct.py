@@ -29,6 +29,7 @@ class _Codec:
 
     def __init__(self) -> None:
         self.sent = bytearray()
+        self.queued = 0  # bytes waiting for the peer's windows (none here)
 
     def buffered(self, stream_id: int) -> int:
         return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -384,5 +385,43 @@ def test_tunnel_a_detached_relay_leaves_its_last_half_close_to_the_owners_close(
         assert shutdowns == []
         assert owner.ended and owner.ended[0].result() is None
         assert receiver.complete
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("outbound", [True, False], ids=["source", "destination"])
+def test_tunnel_relay_times_the_first_upstream_byte_once(
+    pod: tuple[socket.socket, socket.socket], outbound: bool
+) -> None:
+    """``first_byte`` (traffic control's latency sample) is the time of the first byte from
+    upstream: from the stream at the source (``outbound``), from the socket at the
+    destination; bytes the other way, and later ones, leave it as it is."""
+    sock, peer = pod
+
+    async def main() -> None:
+        sender, receiver = await tunnel()
+        rec = record()
+        task = asyncio.create_task(relay_tunnel(sock, receiver, rec, outbound=outbound))
+        before = time.monotonic()
+        peer.send(b"from the socket")
+        await settle()
+        assert await asyncio.wait_for(sender.read(), 5) == b"from the socket"
+        sender.consumed(15)
+        if outbound:
+            assert rec.first_byte == 0.0
+        else:
+            assert before <= rec.first_byte <= time.monotonic()
+        await sender.write(b"stream")
+        assert await recv_exactly(peer, 6) == b"stream"
+        first = rec.first_byte
+        assert first >= before
+        await asyncio.sleep(0.01)
+        await sender.write(b"stream")
+        assert await recv_exactly(peer, 6) == b"stream"
+        peer.send(b"more")
+        await settle()
+        assert rec.first_byte == first
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())

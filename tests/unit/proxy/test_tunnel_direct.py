@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from agent.proxy.h2data import window_update_frame
 from agent.proxy.hbone import HboneConnection
 from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
 from tests.unit.proxy.memtransport import MemoryTransport
@@ -230,5 +231,67 @@ def test_leaked_chunks_never_stall_the_connection() -> None:
         await asyncio.wait_for(client.write(b"still flowing"), 5)
         await settle()
         assert await asyncio.wait_for(server.read(), 5) == b"still flowing"
+
+    asyncio.run(main())
+
+
+def test_a_data_frame_for_a_stream_the_protocol_no_longer_has_goes_back_to_the_window() -> None:
+    """A whole DATA frame (``HboneConnection.take_data_frame``, the read of every relayed
+    message) for a stream the codec still receives on but no ``TunnelStream`` holds: nobody
+    will read it, so its bytes are given back at once, as ``dispatch`` gives back an event's."""
+
+    async def main() -> None:
+        client, server = await tunnel()
+        proto = server.proto
+        del proto.streams[server.stream_id]
+        taken: list[int] = []
+        real = proto.codec.take_data_frame
+
+        def counted(data: bytes) -> int:
+            taken.append(real(data))
+            return taken[-1]
+
+        proto.codec.take_data_frame = counted  # type: ignore[method-assign]
+        await client.write(b"n" * 500)
+        await settle()
+        assert taken == [server.stream_id]
+        assert proto.codec.held_received == 0 and proto.codec.held_bytes() == 0
+
+    asyncio.run(main())
+
+
+def test_window_updates_due_on_a_delivered_frame_leave_in_the_same_callback(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A DATA frame delivered straight to the relay's socket gives its window back there; the
+    WINDOW_UPDATE that makes due goes to the transport in that same ``data_received`` (it
+    flushes only when something was framed, not for every frame)."""
+
+    async def main() -> None:
+        client, server = await tunnel()
+        server.deliver_directly(pair[0])
+        proto = server.proto
+        assert proto.transport is not None
+        real_write = proto.transport.write
+        written: list[bytes] = []
+
+        def write(data: bytes | bytearray | memoryview) -> None:
+            written.append(bytes(data))
+            real_write(data)
+
+        proto.transport.write = write  # type: ignore[method-assign]
+        quarter = proto.codec.settings.stream_window // 4
+        update = window_update_frame(server.stream_id, quarter)
+        chunk, sent = 16 * 1024, 0
+        while sent < quarter:
+            await client.write(b"w" * chunk)
+            await settle()
+            sent += chunk
+            got = 0
+            while got < chunk:
+                got += len(pair[1].recv(chunk))
+            calls = len(written)
+            assert (update in b"".join(written)) == (sent >= quarter)
+        assert written and update in written[calls - 1]
 
     asyncio.run(main())

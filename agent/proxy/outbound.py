@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.policy.authz import Request
 from agent.proxy import sockets
 from agent.proxy.balanced import BalancedOutbound
 from agent.proxy.contexts import NoCertificate
-from agent.proxy.core import Core
+from agent.proxy.core import Core, ProxySettings
 from agent.proxy.h2outbound import H2SourceSession
 from agent.proxy.http_outbound import HttpOutbound
 from agent.proxy.pool import HbonePool, PoolKey
@@ -46,10 +46,25 @@ log = logging.getLogger(__name__)
 Upstream = socket.socket | TunnelStream
 
 
-# (route, source identity, destination identity) of a pod-IP or passthrough destination, per
-# (client IP, destination IP, port); at most ``_KEPT_ROUTES`` per state version (about 0.3 KB
-# each: the route's workloads are the snapshot's own).
-_Kept = tuple[Route, str | None, str | None]
+# An HBONE route's pool key, the CONNECT's authority and the dialled Service it names.
+_Tunnel = tuple[PoolKey, str, str | None]
+
+
+class _Kept(NamedTuple):
+    """What a pod-IP or passthrough destination resolves to, per (client IP, destination IP,
+    port), and what every connection to it would otherwise build again: the record's strings
+    and, to a pod on another node, the tunnel's pool key, authority and Service. At most
+    ``_KEPT_ROUTES`` per state version (about 0.6 KB each: the route's workloads are the
+    snapshot's own)."""
+
+    route: Route
+    source_identity: str | None
+    destination_identity: str | None
+    destination: str  # ``ip:port`` as dialled
+    upstream: str  # the record's upstream: ``destination`` itself for a pod IP
+    tunnel: _Tunnel | None  # for an HBONE route whose identities are known
+
+
 _KEPT_ROUTES = 1024
 
 
@@ -117,8 +132,10 @@ class Outbound:
         self.resolver = Resolver(core.node)
         # A pod IP's or passthrough destination's route, per client, destination and port, in
         # the state of ``_routes_version`` (``_route_of``).
+        # (The settings too: the tunnel's pool key names their HBONE port.)
         self._routes: dict[tuple[str, str, int], _Kept] = {}
         self._routes_version = -1
+        self._routes_settings: ProxySettings | None = None
         self.balanced = BalancedOutbound(self)
         self.http = HttpOutbound(self)
 
@@ -134,25 +151,25 @@ class Outbound:
             return None
         src_ip, src_port, dst_ip, dst_port = addresses
         snap = self.core.snapshot()
-        if snap.version != self._routes_version:
+        if snap.version != self._routes_version or self.core.settings is not self._routes_settings:
             self._routes.clear()
             self._routes_version = snap.version
+            self._routes_settings = self.core.settings
         key = (src_ip, dst_ip, dst_port)
         kept = self._routes.get(key)
         if kept is None:
             kept = await self._resolve(client, snap, key, src_port)
             if kept is None:
                 return None
-        route, source_identity, destination_identity = kept
-        destination = _addr(dst_ip, dst_port)
+        route = kept.route
         record = ConnectionRecord(  # what ``record`` makes for ``route``, its identities kept
             OUTBOUND,
             _addr(src_ip, src_port),
-            destination,
-            source_identity,
-            destination_identity,
+            kept.destination,
+            kept.source_identity,
+            kept.destination_identity,
             path=route.kind,
-            upstream=_upstream(route, destination),
+            upstream=kept.upstream,
         )
         if route.kind == "local":
             protocol = self.core.protocol(snap, dst_ip, dst_port)
@@ -168,7 +185,9 @@ class Outbound:
         try:
             try:
                 task = close if isinstance(close, asyncio.Task) else None
-                upstream = await self._open_within(route, record, src_ip, conn_id, hold, task)
+                upstream = await self._open_within(
+                    route, record, src_ip, conn_id, hold, task, tunnel=kept.tunnel
+                )
             except (OSError, TunnelError) as e:
                 self.count_failure(e, route, record)
                 raise
@@ -219,8 +238,19 @@ class Outbound:
             await self.balanced.handle(client, snap, source, target, src)
             return None
         route = self.resolver.route(snap, source, dst_ip, dst_port)
-        described = self.record(snap, route, "", "")
-        kept = (route, described.source_identity, described.destination_identity)
+        destination = _addr(dst_ip, dst_port)
+        described = self.record(snap, route, "", destination)
+        tunnel = None
+        if route.kind == "hbone" and described.source_identity and described.destination_identity:
+            tunnel = self._tunnel(route, described)
+        kept = _Kept(
+            route,
+            described.source_identity,
+            described.destination_identity,
+            destination,
+            described.upstream,
+            tunnel,
+        )
         if len(self._routes) >= _KEPT_ROUTES:
             self._routes.clear()
         self._routes[key] = kept
@@ -276,6 +306,8 @@ class Outbound:
         conn_id: int,
         hold: bool,
         task: asyncio.Task[Any] | None = None,
+        *,
+        tunnel: _Tunnel | None = None,
     ) -> Upstream:
         """``open`` bounded by the agent's connect timeout as a whole: for a tunnel, the dial
         (TCP, TLS) when no pooled connection can take the stream, then the far node's answer
@@ -287,7 +319,8 @@ class Outbound:
         ``hold``: a socket relay starts on the upstream socket before anything awaits.
         ``task``: the task running this, when the caller has it at hand (``handle``: the one
         it registered; each ``asyncio.current_task()`` or ``get_running_loop()`` without a loop
-        is a ``getpid`` system call on Python 3.11); else it is looked up.
+        is a ``getpid`` system call on Python 3.11); else it is looked up. ``tunnel``: the
+        route's kept pool key, authority and Service (see ``open``).
 
         The tunnel's bound is a timer that cancels this task (``_Expired``), as
         ``asyncio.timeout`` does, without its context manager: the cancellation it caused
@@ -301,7 +334,7 @@ class Outbound:
         cancelling, expired = task.cancelling(), _Expired(task)
         timer = task.get_loop().call_later(limit, expired)
         try:
-            return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
+            return await self.open(route, record, src_ip, conn_id, hold_reader=hold, tunnel=tunnel)
         except asyncio.CancelledError:
             if not expired.fired or task.uncancel() > cancelling:
                 raise
@@ -324,23 +357,17 @@ class Outbound:
         *,
         requests_authorized: bool = False,
         hold_reader: bool = False,
+        tunnel: _Tunnel | None = None,
     ) -> Upstream:
         """Connect to ``route``'s destination. Raises ``Refused`` (already counted), or
         ``TunnelError``/``OSError``/``TimeoutError`` for the caller to count or retry.
         ``requests_authorized``: the caller authorizes each request it sends to a same-node
         pod (its L7 policy), so only a proxy port is refused here. ``hold_reader``: see
-        ``sockets.connect`` (a socket's caller then starts a relay on it before it awaits)."""
+        ``sockets.connect`` (a socket's caller then starts a relay on it before it awaits).
+        ``tunnel``: ``_tunnel(route, record)``, kept with the route (``_Kept``)."""
         if route.kind == "hbone":
-            assert record.source_identity and record.destination_identity
-            key = PoolKey(
-                record.source_identity,
-                record.destination_identity,
-                route.ip,
-                self.core.settings.hbone_port,
-            )
-            service = route.service
-            dialled = f"{service.namespace}/{service.name}" if service is not None else None
-            return await self.pool.open(key, _addr(route.ip, route.port), src_ip, dialled)
+            key, authority, dialled = tunnel or self._tunnel(route, record)
+            return await self.pool.open(key, authority, src_ip, dialled)
         if route.kind == "local":
             self._authorize_local(route, record, src_ip, conn_id, requests_authorized)
         s = self.core.settings
@@ -351,6 +378,21 @@ class Outbound:
             source_ip=src_ip if route.kind == "local" else None,
             hold_reader=hold_reader,
         )
+
+    def _tunnel(self, route: Route, record: ConnectionRecord) -> _Tunnel:
+        """An HBONE route's pool key (both identities, the pod's node IP and HBONE port), the
+        CONNECT's authority and the dialled Service it names (``namespace/name``)."""
+        assert record.source_identity and record.destination_identity
+        key = PoolKey(
+            record.source_identity,
+            record.destination_identity,
+            route.ip,
+            self.core.settings.hbone_port,
+        )
+        service = route.service
+        dialled = f"{service.namespace}/{service.name}" if service is not None else None
+        return key, _addr(route.ip, route.port), dialled
+
 
     def _authorize_local(
         self,

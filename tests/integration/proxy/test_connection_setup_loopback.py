@@ -17,6 +17,7 @@ import uvloop
 from agent.proxy import inbound, outbound, sockets
 from agent.proxy.core import Core
 from agent.proxy.inbound import InboundHbone
+from agent.proxy.pool import PoolKey
 from agent.proxy.resolve import Resolver
 from agent.state import Snapshot, Workload
 from agent.telemetry.records import INBOUND, ConnectionRecord
@@ -344,11 +345,19 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
     IP, what it found is now kept per client, destination and port until the state changes:
     four connections to each of a pod on another node and one on this node resolve once each
     (eight times before); a state change (the far pod's service account) makes the next
-    connection resolve again, and its record carries the new identity."""
+    connection resolve again, and its record carries the new identity. What the connections
+    to a far pod built each time from the route is kept with it too: the tunnel's pool key is
+    made once per state version (four times before) and names the new identity after the
+    change; every record's destination and upstream are the pod's address."""
     if os.geteuid() != 0:
         pytest.skip("SO_MARK and IP_TRANSPARENT need root")
     resolved: list[str] = []
+    keys: list[PoolKey] = []
     route = Resolver.route
+
+    def counting_key(*args: Any) -> PoolKey:
+        keys.append(PoolKey(*args))
+        return keys[-1]
 
     def counting(self: Resolver, snap: Snapshot, source: Any, ip: str, port: int) -> Any:
         if sys._getframe(1).f_globals["__name__"] == "agent.proxy.outbound":
@@ -363,11 +372,15 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
             self.identities.append(
                 (record.source_identity, record.destination_identity, record.path)
             )
+            assert record.upstream == record.destination
+            assert record.destination in {f"{p}:{n}" for p, n in ports.items()}
 
         def closed(self, record: ConnectionRecord) -> None:
             pass
 
     monkeypatch.setattr(Resolver, "route", counting)
+    monkeypatch.setattr(outbound, "PoolKey", counting_key)
+    ports: dict[str, int] = {}
 
     async def main() -> None:
         mesh = Mesh()
@@ -375,7 +388,7 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
         opened = Opened()
         mesh.node1.core.registry.observers.append(opened)
         try:
-            ports = {pod: mesh.app(pod, echo_peer) for pod in (SERVER, LOCAL)}
+            ports.update({pod: mesh.app(pod, echo_peer) for pod in (SERVER, LOCAL)})
             for _ in range(4):
                 for pod, port in ports.items():
                     reply = await roundtrip(mesh, CLIENT, (pod, port))
@@ -383,6 +396,7 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
                     await _relays_ended(mesh)
             assert resolved == [SERVER, LOCAL]
             assert len(set(opened.identities)) == 2
+            assert len(keys) == 1
             with mesh.store.update() as txn:
                 txn.put_workload(workload("server", "node2", SERVER, app="server", sa="other"))
             reply = await roundtrip(mesh, CLIENT, (SERVER, ports[SERVER]))
@@ -392,6 +406,7 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
             source, destination, path = opened.identities[-1]
             assert path == "hbone" and destination is not None
             assert destination.endswith("/sa/other") and source == opened.identities[0][0]
+            assert len(keys) == 2 and keys[-1].destination_id == destination
         finally:
             await mesh.close()
 

@@ -136,6 +136,8 @@ class Outbound:
         self._routes: dict[tuple[str, str, int], _Kept] = {}
         self._routes_version = -1
         self._routes_settings: ProxySettings | None = None
+        # The loop the handlers last ran on (``_loop_now``).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.balanced = BalancedOutbound(self)
         self.http = HttpOutbound(self)
 
@@ -176,7 +178,8 @@ class Outbound:
             if protocol != TCP:  # a declared HTTP port: served per request (``samenode``)
                 await serve_same_node_http(self, client, record, route, protocol)
                 return None
-        close = cancel_current_task()  # the handler's task: ``_open_within`` bounds it
+        loop = self._loop_now()
+        close = cancel_current_task(loop)  # the handler's task: ``_open_within`` bounds it
         conn_id = self.core.registry.add(record, close)
         # A socket relay takes the upstream socket's poll handle over from its connect (see
         # ``sockets.connect``); the splice reads neither socket, and a tunnel has no socket.
@@ -186,7 +189,7 @@ class Outbound:
             try:
                 task = close if isinstance(close, asyncio.Task) else None
                 upstream = await self._open_within(
-                    route, record, src_ip, conn_id, hold, task, tunnel=kept.tunnel
+                    route, record, src_ip, conn_id, hold, task, loop=loop, tunnel=kept.tunnel
                 )
             except (OSError, TunnelError) as e:
                 self.count_failure(e, route, record)
@@ -307,6 +310,7 @@ class Outbound:
         hold: bool,
         task: asyncio.Task[Any] | None = None,
         *,
+        loop: asyncio.AbstractEventLoop | None = None,
         tunnel: _Tunnel | None = None,
     ) -> Upstream:
         """``open`` bounded by the agent's connect timeout as a whole: for a tunnel, the dial
@@ -319,14 +323,15 @@ class Outbound:
         ``hold``: a socket relay starts on the upstream socket before anything awaits.
         ``task``: the task running this, when the caller has it at hand (``handle``: the one
         it registered; each ``asyncio.current_task()`` or ``get_running_loop()`` without a loop
-        is a ``getpid`` system call on Python 3.11); else it is looked up. ``tunnel``: the
-        route's kept pool key, authority and Service (see ``open``).
+        is a ``getpid`` system call on Python 3.11); else it is looked up. ``loop``, the
+        running loop, and ``tunnel``, the route's kept pool key, authority and Service: see
+        ``open``.
 
         The tunnel's bound is a timer that cancels this task (``_Expired``), as
         ``asyncio.timeout`` does, without its context manager: the cancellation it caused
         becomes ``TimeoutError``, any other (policy re-check, drain) stays a cancellation."""
         if route.kind != "hbone":
-            return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
+            return await self.open(route, record, src_ip, conn_id, hold_reader=hold, loop=loop)
         limit = self.core.settings.connect_timeout
         if task is None:
             task = asyncio.current_task()
@@ -357,6 +362,7 @@ class Outbound:
         *,
         requests_authorized: bool = False,
         hold_reader: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
         tunnel: _Tunnel | None = None,
     ) -> Upstream:
         """Connect to ``route``'s destination. Raises ``Refused`` (already counted), or
@@ -364,7 +370,8 @@ class Outbound:
         ``requests_authorized``: the caller authorizes each request it sends to a same-node
         pod (its L7 policy), so only a proxy port is refused here. ``hold_reader``: see
         ``sockets.connect`` (a socket's caller then starts a relay on it before it awaits).
-        ``tunnel``: ``_tunnel(route, record)``, kept with the route (``_Kept``)."""
+        ``loop``: the running loop, when the caller has it (``sockets.connect``). ``tunnel``:
+        ``_tunnel(route, record)``, kept with the route (``_Kept``)."""
         if route.kind == "hbone":
             key, authority, dialled = tunnel or self._tunnel(route, record)
             return await self.pool.open(key, authority, src_ip, dialled)
@@ -377,6 +384,7 @@ class Outbound:
             timeout=s.connect_timeout,
             source_ip=src_ip if route.kind == "local" else None,
             hold_reader=hold_reader,
+            loop=loop,
         )
 
     def _tunnel(self, route: Route, record: ConnectionRecord) -> _Tunnel:
@@ -393,6 +401,15 @@ class Outbound:
         dialled = f"{service.namespace}/{service.name}" if service is not None else None
         return key, _addr(route.ip, route.port), dialled
 
+    def _loop_now(self) -> asyncio.AbstractEventLoop:
+        """The running loop, kept from the last connection: ``asyncio.current_task(loop)``
+        finds this task only in the loop that runs it, so a kept loop is checked for free,
+        and looked up again (a ``getpid`` system call on Python 3.11, as every
+        ``get_running_loop``) only when it is not the one running."""
+        loop = self._loop
+        if loop is None or asyncio.current_task(loop) is None:
+            self._loop = loop = asyncio.get_running_loop()
+        return loop
 
     def _authorize_local(
         self,

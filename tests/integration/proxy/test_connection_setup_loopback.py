@@ -205,17 +205,17 @@ def test_only_a_tunnel_open_is_bounded_and_by_a_timer_not_asyncio_timeout(
     assert len(deadlines) == 1
 
 
-def test_a_cross_node_connection_looks_the_running_loop_up_once(
+def test_a_connection_looks_the_running_loop_up_only_in_the_relay(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On Python 3.11 every look-up of the running loop is a ``getpid`` system call:
     ``asyncio.get_running_loop``, and ``asyncio.current_task`` and ``asyncio.create_task``
-    without a loop. Of a cross-node connection over a pooled HBONE connection, the proxies'
-    code makes one (the source handler's own task, which ``cancel_current_task`` registers and
-    the tunnel's deadline reuses); the destination's stream task, its pod connect and its
-    registration take the HBONE connection's loop. Six before: the source's registration, the
-    deadline's task and timer, the pod connect's writer, the stream's task and its
-    registration."""
+    without a loop. A cross-node connection over a pooled HBONE connection makes none in the
+    proxies' code: the source handler's task is found in the loop ``Outbound`` kept from the
+    connection before (``_loop_now``; one look-up before, ``cancel_current_task``'s), the
+    destination's stream task, pod connect and registration take the HBONE connection's loop.
+    A same-node connection makes only the socket relay's own; before, its registration and its
+    pod connect made one each too."""
     if os.geteuid() != 0:
         pytest.skip("SO_MARK and IP_TRANSPARENT need root")
     looked_up: list[str] = []
@@ -240,30 +240,36 @@ def test_a_cross_node_connection_looks_the_running_loop_up_once(
             looked_up.append(f"create_task in {name}")
         return create(coro, **kwargs)
 
-    async def main() -> None:
+    async def main() -> dict[str, list[str]]:
         mesh = Mesh()
         await mesh.start()
+        counted: dict[str, list[str]] = {}
         try:
-            port = mesh.app(SERVER, echo_peer)
-            # The first connection dials the HBONE connection (a look-up per dial, not counted).
-            assert await roundtrip(mesh, CLIENT, (SERVER, port))
-            await _relays_ended(mesh)
-            monkeypatch.setattr(asyncio, "get_running_loop", counting_running)
-            monkeypatch.setattr(asyncio, "current_task", counting_current)
-            monkeypatch.setattr(asyncio, "create_task", counting_create)
-            try:
-                reply = await roundtrip(mesh, CLIENT, (SERVER, port))
+            for pod in (SERVER, LOCAL):
+                port = mesh.app(pod, echo_peer)
+                # The first dials the HBONE connection (a look-up per dial, not counted) and
+                # lets the source keep its loop.
+                assert await roundtrip(mesh, CLIENT, (pod, port))
                 await _relays_ended(mesh)
-            finally:
-                monkeypatch.setattr(asyncio, "get_running_loop", running)
-                monkeypatch.setattr(asyncio, "current_task", current)
-                monkeypatch.setattr(asyncio, "create_task", create)
-            assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                monkeypatch.setattr(asyncio, "get_running_loop", counting_running)
+                monkeypatch.setattr(asyncio, "current_task", counting_current)
+                monkeypatch.setattr(asyncio, "create_task", counting_create)
+                try:
+                    reply = await roundtrip(mesh, CLIENT, (pod, port))
+                    await _relays_ended(mesh)
+                finally:
+                    monkeypatch.setattr(asyncio, "get_running_loop", running)
+                    monkeypatch.setattr(asyncio, "current_task", current)
+                    monkeypatch.setattr(asyncio, "create_task", create)
+                assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                counted[pod] = looked_up[:]
+                looked_up.clear()
         finally:
             await mesh.close()
+        return counted
 
-    uvloop.run(asyncio.wait_for(main(), 60))
-    assert looked_up == ["current_task in agent.proxy.records"]
+    counted = uvloop.run(asyncio.wait_for(main(), 60))
+    assert counted == {SERVER: [], LOCAL: ["get_running_loop in agent.proxy.relay"]}
 
 
 async def _relays_ended(mesh: Mesh) -> None:

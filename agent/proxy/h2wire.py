@@ -83,6 +83,10 @@ import so that a missing member stops the agent at start-up instead of in the mi
    makes the stream as ``H2Connection._begin_new_stream`` does (``new_stream``, reach 16;
    what ``_get_or_create_stream`` calls after the ``KeyError`` it raises and catches); the
    stream's ``_authority`` and ``request_method`` are set as ``h2`` sets them.
+   ``send_block_on`` does the same with a ``HeaderBlock`` that HBONE sends again and again
+   (a target's CONNECT, the 200): encoded by ``TablelessEncoder`` once, its method, authority
+   and whether it is informational found once; only while the connection's encoder has no
+   table size change to signal (``HeaderTable.resized``, reach 6), else it encodes.
    ``send_data_on`` does the same for a DATA frame within the windows (``H2Proxy`` moves DATA
    only within them): the state machines' ``SEND_DATA`` (and ``SEND_END_STREAM``), the frame
    appended, both send windows charged as ``h2``'s ``send_data`` does (reach 3), without

@@ -52,10 +52,11 @@ _Tunnel = tuple[PoolKey, str, str | None]
 
 class _Kept(NamedTuple):
     """What a pod-IP or passthrough destination resolves to, per (client IP, destination IP,
-    port), and what every connection to it would otherwise build again: the record's strings
-    and, to a pod on another node, the tunnel's pool key, authority and Service. At most
-    ``_KEPT_ROUTES`` per state version (about 0.6 KB each: the route's workloads are the
-    snapshot's own)."""
+    port), and what every connection to it would otherwise build again: the record's strings,
+    to a pod on another node the tunnel's pool key, authority and Service, and to one on this
+    node the ``Request`` its policy sees (immutable, made of the key's fields and the source
+    identity). At most ``_KEPT_ROUTES`` per state version (about 0.7 KB each: the route's
+    workloads are the snapshot's own)."""
 
     route: Route
     source_identity: str | None
@@ -63,6 +64,7 @@ class _Kept(NamedTuple):
     destination: str  # ``ip:port`` as dialled
     upstream: str  # the record's upstream: ``destination`` itself for a pod IP
     tunnel: _Tunnel | None  # for an HBONE route whose identities are known
+    request: Request | None  # for a local route
 
 
 _KEPT_ROUTES = 1024
@@ -189,7 +191,7 @@ class Outbound:
             try:
                 task = close if isinstance(close, asyncio.Task) else None
                 upstream = await self._open_within(
-                    route, record, src_ip, conn_id, hold, task, loop=loop, tunnel=kept.tunnel
+                    route, record, src_ip, conn_id, hold, task, loop=loop, kept=kept
                 )
             except (OSError, TunnelError) as e:
                 self.count_failure(e, route, record)
@@ -243,9 +245,11 @@ class Outbound:
         route = self.resolver.route(snap, source, dst_ip, dst_port)
         destination = _addr(dst_ip, dst_port)
         described = self.record(snap, route, "", destination)
-        tunnel = None
+        tunnel = request = None
         if route.kind == "hbone" and described.source_identity and described.destination_identity:
             tunnel = self._tunnel(route, described)
+        elif route.kind == "local":
+            request = Request(src_ip, route.ip, route.port, described.source_identity)
         kept = _Kept(
             route,
             described.source_identity,
@@ -253,6 +257,7 @@ class Outbound:
             destination,
             described.upstream,
             tunnel,
+            request,
         )
         if len(self._routes) >= _KEPT_ROUTES:
             self._routes.clear()
@@ -311,7 +316,7 @@ class Outbound:
         task: asyncio.Task[Any] | None = None,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
-        tunnel: _Tunnel | None = None,
+        kept: _Kept | None = None,
     ) -> Upstream:
         """``open`` bounded by the agent's connect timeout as a whole: for a tunnel, the dial
         (TCP, TLS) when no pooled connection can take the stream, then the far node's answer
@@ -324,14 +329,15 @@ class Outbound:
         ``task``: the task running this, when the caller has it at hand (``handle``: the one
         it registered; each ``asyncio.current_task()`` or ``get_running_loop()`` without a loop
         is a ``getpid`` system call on Python 3.11); else it is looked up. ``loop``, the
-        running loop, and ``tunnel``, the route's kept pool key, authority and Service: see
-        ``open``.
+        running loop, and ``kept``, what the route keeps: see ``open``.
 
         The tunnel's bound is a timer that cancels this task (``_Expired``), as
         ``asyncio.timeout`` does, without its context manager: the cancellation it caused
         becomes ``TimeoutError``, any other (policy re-check, drain) stays a cancellation."""
         if route.kind != "hbone":
-            return await self.open(route, record, src_ip, conn_id, hold_reader=hold, loop=loop)
+            return await self.open(
+                route, record, src_ip, conn_id, hold_reader=hold, loop=loop, kept=kept
+            )
         limit = self.core.settings.connect_timeout
         if task is None:
             task = asyncio.current_task()
@@ -339,7 +345,7 @@ class Outbound:
         cancelling, expired = task.cancelling(), _Expired(task)
         timer = task.get_loop().call_later(limit, expired)
         try:
-            return await self.open(route, record, src_ip, conn_id, hold_reader=hold, tunnel=tunnel)
+            return await self.open(route, record, src_ip, conn_id, hold_reader=hold, kept=kept)
         except asyncio.CancelledError:
             if not expired.fired or task.uncancel() > cancelling:
                 raise
@@ -363,20 +369,22 @@ class Outbound:
         requests_authorized: bool = False,
         hold_reader: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
-        tunnel: _Tunnel | None = None,
+        kept: _Kept | None = None,
     ) -> Upstream:
         """Connect to ``route``'s destination. Raises ``Refused`` (already counted), or
         ``TunnelError``/``OSError``/``TimeoutError`` for the caller to count or retry.
         ``requests_authorized``: the caller authorizes each request it sends to a same-node
         pod (its L7 policy), so only a proxy port is refused here. ``hold_reader``: see
         ``sockets.connect`` (a socket's caller then starts a relay on it before it awaits).
-        ``loop``: the running loop, when the caller has it (``sockets.connect``). ``tunnel``:
-        ``_tunnel(route, record)``, kept with the route (``_Kept``)."""
+        ``loop``: the running loop, when the caller has it (``sockets.connect``). ``kept``:
+        ``route``'s ``_Kept`` (its tunnel, its same-node ``Request``), else they are made."""
         if route.kind == "hbone":
+            tunnel = kept.tunnel if kept is not None else None
             key, authority, dialled = tunnel or self._tunnel(route, record)
             return await self.pool.open(key, authority, src_ip, dialled)
         if route.kind == "local":
-            self._authorize_local(route, record, src_ip, conn_id, requests_authorized)
+            request = kept.request if kept is not None else None
+            self._authorize_local(route, record, src_ip, conn_id, requests_authorized, request)
         s = self.core.settings
         return await sockets.connect(
             (route.ip, route.port),
@@ -418,14 +426,18 @@ class Outbound:
         src_ip: str,
         conn_id: int,
         requests_authorized: bool = False,
+        request: Request | None = None,
     ) -> None:
+        """Refuse a proxy port, and unless ``requests_authorized``, authorize the connection
+        (``request``: what policy sees, if the caller kept it)."""
         assert route.target is not None
         if route.port in self.core.settings.proxy_ports:
             self.core.registry.reject("proxy_port", f"{record.destination} is a proxy port")
             raise Refused(record.destination)
         if requests_authorized:
             return
-        request = Request(src_ip, route.ip, route.port, record.source_identity)
+        if request is None:
+            request = Request(src_ip, route.ip, route.port, record.source_identity)
         where = f"{record.source} -> {record.destination} (same node)"
         if not self.core.authorize(request, route.target, where, self.core.snapshot()):
             raise Refused(where)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from agent.policy.authz import Request
 from agent.proxy import inbound, outbound, sockets
 from agent.proxy.core import Core
 from agent.proxy.inbound import InboundHbone
@@ -341,6 +342,54 @@ def test_the_destination_looks_a_streams_pod_up_once_per_state_version(
             await mesh.close()
 
     uvloop.run(asyncio.wait_for(main(), 60))
+
+
+def test_policy_sees_a_request_kept_per_state_version_and_decides_every_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``Request`` that policy evaluates was made for every connection, on the
+    destination for each stream and on the source for each same-node connection, from fields
+    the kept look-ups are keyed by. It is kept with them now (immutable): four connections to
+    each pod, one ``Request`` each (four on main), and policy still decides all four, with
+    the client, the pod's address and port and the client's identity."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    seen: dict[str, list[Request]] = defaultdict(list)
+    authorize = Core.authorize
+
+    def counting(self: Core, request: Request, *args: Any, **kwargs: Any) -> bool:
+        caller = str(sys._getframe(1).f_globals["__name__"])
+        if caller in ("agent.proxy.inbound", "agent.proxy.outbound"):
+            seen[request.destination_ip].append(request)
+        return authorize(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Core, "authorize", counting)
+
+    async def main() -> dict[str, int]:
+        mesh = Mesh()
+        await mesh.start()
+        try:
+            ports = {pod: mesh.app(pod, echo_peer) for pod in (SERVER, LOCAL)}
+            for _ in range(4):
+                for pod, port in ports.items():
+                    reply = await roundtrip(mesh, CLIENT, (pod, port))
+                    assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                    await _relays_ended(mesh)
+        finally:
+            await mesh.close()
+        return ports
+
+    ports = uvloop.run(asyncio.wait_for(main(), 60))
+    for pod, port in ports.items():
+        assert len(seen[pod]) == 4
+        first = seen[pod][0]
+        assert (first.source_ip, first.destination_ip, first.destination_port) == (
+            CLIENT,
+            pod,
+            port,
+        )
+        assert first.principal is not None and first.principal.endswith("/sa/client")
+        assert {id(r) for r in seen[pod]} == {id(first)}
 
 
 def test_the_source_resolves_a_pod_destination_once_per_state_version(

@@ -133,8 +133,8 @@ class Outbound:
         self._relayed = _Relayed(core.registry)
         self.resolver = Resolver(core.node)
         # A pod IP's or passthrough destination's route, per client, destination and port, in
-        # the state of ``_routes_version`` (``_route_of``).
-        # (The settings too: the tunnel's pool key names their HBONE port.)
+        # the state of ``_routes_version`` and with the settings of ``_routes_settings`` (a
+        # tunnel's pool key names their HBONE port): ``_resolve``.
         self._routes: dict[tuple[str, str, int], _Kept] = {}
         self._routes_version = -1
         self._routes_settings: ProxySettings | None = None

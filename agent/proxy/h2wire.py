@@ -83,6 +83,10 @@ import so that a missing member stops the agent at start-up instead of in the mi
    makes the stream as ``H2Connection._begin_new_stream`` does (``new_stream``, reach 16;
    what ``_get_or_create_stream`` calls after the ``KeyError`` it raises and catches); the
    stream's ``_authority`` and ``request_method`` are set as ``h2`` sets them.
+   ``send_block_on`` does the same with a ``HeaderBlock`` that HBONE sends again and again
+   (a target's CONNECT, the 200): encoded by ``TablelessEncoder`` once, its method, authority
+   and whether it is informational found once; only while the connection's encoder has no
+   table size change to signal (``HeaderTable.resized``, reach 6), else it encodes.
    ``send_data_on`` does the same for a DATA frame within the windows (``H2Proxy`` moves DATA
    only within them): the state machines' ``SEND_DATA`` (and ``SEND_END_STREAM``), the frame
    appended, both send windows charged as ``h2``'s ``send_data`` does (reach 3), without
@@ -157,7 +161,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import h2.connection as _h2_connection
 import h2.stream as _h2_stream
@@ -683,18 +687,7 @@ def send_headers_on(
     below the peer's limit, so a new stream is not counted a second time. Nor is it counted,
     on an HBONE connection, while fewer streams are known than could reach the limit
     (``WALK_FROM``)."""
-    stream = conn.streams.get(stream_id)
-    if stream is None:
-        if not below_limit:  # the peer's settings are read only when a count is needed
-            limit = max_concurrent_streams(conn.remote_settings)
-            if not _below_limit(conn, limit):
-                open_now = conn.open_outbound_streams
-                if open_now + 1 > limit:
-                    raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
-        _connection_input(conn, ConnectionInputs.SEND_HEADERS)
-        stream = new_stream(conn, stream_id, _ODD if conn.config.client_side else _EVEN)
-    else:
-        _connection_input(conn, ConnectionInputs.SEND_HEADERS)
+    stream = _sending_stream(conn, stream_id, below_limit)
     machine = stream.state_machine
     if not machine.client and is_informational_response(headers):
         if end_stream:
@@ -710,6 +703,82 @@ def send_headers_on(
     if machine.client and stream._authority is None:
         stream._authority = authority_from_headers(headers)
     stream.request_method = extract_method_header(headers)
+    _queue_headers(conn, stream_id, block, end_stream)
+
+
+class HeaderBlock(NamedTuple):
+    """A header list sent again and again on tableless connections (HBONE's CONNECT to one
+    target, its 200), with what ``send_headers_on`` works out from the list on every send:
+    the block as ``TablelessEncoder`` encodes it (that encoder keeps nothing between blocks
+    but a pending table size change, which ``send_block_on`` checks), whether it is an
+    informational response, and the method and authority ``h2`` keeps on the stream."""
+
+    headers: list[tuple[bytes, bytes]]
+    block: bytes
+    informational: bool
+    method: bytes | None
+    authority: bytes | None
+
+
+def header_block(headers: list[tuple[bytes, bytes]]) -> HeaderBlock:
+    """``headers`` prepared for ``send_block_on`` (made once, sent many times)."""
+    return HeaderBlock(
+        headers,
+        TablelessEncoder().encode(headers),
+        is_informational_response(headers),
+        extract_method_header(headers),
+        authority_from_headers(headers),
+    )
+
+
+def send_block_on(
+    conn: H2Connection, stream_id: int, prepared: HeaderBlock, *, end_stream: bool
+) -> None:
+    """``send_headers_on(conn, stream_id, prepared.headers, end_stream=end_stream)`` without
+    encoding and scanning the list again: the same stream limit, state machines, stream
+    fields and frames. A connection whose encoder is not a ``TablelessEncoder``, or has a
+    table size change to send first, takes ``send_headers_on``."""
+    encoder = conn.encoder
+    if type(encoder) is not TablelessEncoder or encoder.header_table.resized:
+        send_headers_on(conn, stream_id, prepared.headers, end_stream=end_stream)
+        return
+    stream = _sending_stream(conn, stream_id, False)
+    machine = stream.state_machine
+    if not machine.client and prepared.informational:
+        if end_stream:
+            raise ProtocolError("Cannot set END_STREAM on informational responses.")
+        stream_input(machine, _S_INFORMATIONAL, StreamInputs.SEND_INFORMATIONAL_HEADERS)
+    else:
+        stream_input(machine, _S_HEADERS, StreamInputs.SEND_HEADERS)
+    if end_stream:
+        stream_input(machine, _S_END, StreamInputs.SEND_END_STREAM)
+    elif machine.trailers_sent:
+        raise ProtocolError("Trailers must have END_STREAM set.")
+    if machine.client and stream._authority is None:
+        stream._authority = prepared.authority
+    stream.request_method = prepared.method
+    _queue_headers(conn, stream_id, prepared.block, end_stream)
+
+
+def _sending_stream(conn: H2Connection, stream_id: int, below_limit: bool) -> H2Stream:
+    """The stream a HEADERS frame is sent on, made if new (within the peer's stream limit),
+    with the connection's state machine told of the frame."""
+    stream = conn.streams.get(stream_id)
+    if stream is None:
+        if not below_limit:  # the peer's settings are read only when a count is needed
+            limit = max_concurrent_streams(conn.remote_settings)
+            if not _below_limit(conn, limit):
+                open_now = conn.open_outbound_streams
+                if open_now + 1 > limit:
+                    raise TooManyStreamsError(f"Max outbound streams is {limit}, {open_now} open")
+        _connection_input(conn, ConnectionInputs.SEND_HEADERS)
+        return new_stream(conn, stream_id, _ODD if conn.config.client_side else _EVEN)
+    _connection_input(conn, ConnectionInputs.SEND_HEADERS)
+    return stream
+
+
+def _queue_headers(conn: H2Connection, stream_id: int, block: bytes, end_stream: bool) -> None:
+    """``block`` framed as HEADERS (and CONTINUATIONs past the peer's frame size), queued."""
     size = conn.max_outbound_frame_size
     flags = _END_STREAM if end_stream else 0
     out = conn._data_to_send

@@ -63,8 +63,11 @@ from agent.proxy.h2data import DATA_CHUNK, DATA_END, DATA_START, H2, HEADERS
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2wire import (
     HboneSettings,
+    HeaderBlock,
+    header_block,
     max_concurrent_streams,
     new_connection,
+    send_block_on,
     send_data_on,
     send_headers_on,
 )
@@ -80,6 +83,7 @@ SERVICE_HEADER = "nodemesh-service"
 _METHOD_CONNECT = (b":method", b"CONNECT")
 _FORWARDED, _SERVICE = FORWARDED_HEADER.encode(), SERVICE_HEADER.encode()
 _STATUS_200 = [(b":status", b"200")]
+_ACCEPTED = header_block(_STATUS_200)  # every tunnel's answer, encoded once
 # What each received block is checked as (``h2headers.check_block``, h2's own check being off).
 _BLOCKS = {
     h2e.RequestReceived: Block.REQUEST,
@@ -198,8 +202,9 @@ class HboneConnection:
         self.going_away = False
         self.failed = False
         # Our CONNECTs' header fields by target, client and Service (``open_tunnel``): the
-        # same few on a pooled connection, built once (nothing downstream changes the list).
-        self._requests: dict[tuple[str, str | None, str | None], list[tuple[bytes, bytes]]] = {}
+        # same few on a pooled connection, built and encoded once (nothing downstream changes
+        # the list).
+        self._requests: dict[tuple[str, str | None, str | None], HeaderBlock] = {}
         # Received CONNECTs found well formed, by their fields: the target, the ``forwarded``
         # client and the headers as strings (``_on_request``).
         self._connects: dict[
@@ -500,8 +505,8 @@ class HboneConnection:
         ``service``: the dialled Service as ``namespace/name`` (``SERVICE_HEADER``)."""
         sid = self._h2.get_next_available_stream_id()
         key = (authority, client_ip, service)
-        headers = self._requests.get(key)
-        if headers is None:
+        request = self._requests.get(key)
+        if request is None:
             headers = [_METHOD_CONNECT, (b":authority", authority.encode())]
             if client_ip:
                 headers.append((_FORWARDED, format_forwarded(client_ip).encode()))
@@ -509,8 +514,8 @@ class HboneConnection:
                 headers.append((_SERVICE, service.encode()))
             if len(self._requests) >= _CONNECTS:
                 self._requests.clear()
-            self._requests[key] = headers
-        send_headers_on(self._h2, sid, headers, end_stream=False)
+            self._requests[key] = request = header_block(headers)
+        send_block_on(self._h2, sid, request, end_stream=False)
         self._flow.stream_opened(sid)
         return sid
 
@@ -534,7 +539,7 @@ class HboneConnection:
             self._reset_pending.discard(stream_id)
             return
         if status == 200:
-            send_headers_on(self._h2, stream_id, _STATUS_200, end_stream=False)
+            send_block_on(self._h2, stream_id, _ACCEPTED, end_stream=False)
             self._flow.stream_opened(stream_id)
         else:
             self._end_refused(stream_id, status)

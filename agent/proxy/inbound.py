@@ -290,7 +290,8 @@ class InboundHbone:
     ) -> _Facts | None:
         """What the state says about a stream's CONNECT: the local workload it targets (None:
         not one), the client's address, the authority, the log prefix, the destination
-        identity, the dialled Service and the port's protocol. Kept per state version and per
+        identity, the dialled Service, the port's protocol and the ``Request`` that policy
+        sees (immutable, made of the key's fields). Kept per state version and per
         what they depend on (``_FactsKey``): streams of the same client to the same pod port,
         the common case on a pooled connection, look nothing up again until the state changes;
         a new version drops them all. Authorization is not kept: it runs for every stream."""
@@ -305,14 +306,16 @@ class InboundHbone:
             if workload is None:
                 return None
             authority = req.authority
+            client_ip = self._client_ip(snap, req, principal, peer_ip)
             facts = _Facts(
                 workload,
-                self._client_ip(snap, req, principal, peer_ip),
+                client_ip,
                 authority,
                 _where(principal, peer_ip, authority),
                 self.core.identity(workload, snap),
                 dialled_service(snap, service_claim, req.host),
                 self.core.protocol(snap, req.host, req.port),
+                Request(client_ip, req.host, req.port, principal),
             )
             if len(self._facts) >= _KEPT_FACTS:
                 self._facts.clear()
@@ -363,8 +366,9 @@ class InboundHbone:
                 proto, sid, 400, "not_local_workload", f"{where}: no longer a local meshed pod"
             )
             return
-        workload, client_ip, authority, where, destination_identity, service, protocol = facts
-        request = Request(client_ip, req.host, req.port, principal)
+        workload, client_ip, authority, where, destination_identity, service, protocol, request = (
+            facts
+        )
         record = ConnectionRecord(
             INBOUND,
             client_ip,
@@ -477,7 +481,7 @@ class InboundHbone:
 
 # A stream's CONNECT as the state sees it, by (pod IP, port, claimed client, claimed Service,
 # peer's principal, peer's address). At most ``_KEPT_FACTS`` per state version (a peer that
-# makes new claims for every stream only refills it), about 0.5 KB each.
+# makes new claims for every stream only refills it), about 0.6 KB each (with its ``Request``).
 _FactsKey = tuple[str, int, str | None, str | None, str, str]
 _KEPT_FACTS = 256
 
@@ -490,6 +494,7 @@ class _Facts(NamedTuple):
     destination_identity: str
     service: str
     protocol: str
+    request: Request
 
 
 def _where(principal: str, peer_ip: str, authority: str) -> str:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.policy.authz import Request
 from agent.proxy import sockets
 from agent.proxy.balanced import BalancedOutbound
 from agent.proxy.contexts import NoCertificate
-from agent.proxy.core import Core
+from agent.proxy.core import Core, ProxySettings
 from agent.proxy.h2outbound import H2SourceSession
 from agent.proxy.http_outbound import HttpOutbound
 from agent.proxy.pool import HbonePool, PoolKey
@@ -46,10 +46,27 @@ log = logging.getLogger(__name__)
 Upstream = socket.socket | TunnelStream
 
 
-# (route, source identity, destination identity) of a pod-IP or passthrough destination, per
-# (client IP, destination IP, port); at most ``_KEPT_ROUTES`` per state version (about 0.3 KB
-# each: the route's workloads are the snapshot's own).
-_Kept = tuple[Route, str | None, str | None]
+# An HBONE route's pool key, the CONNECT's authority and the dialled Service it names.
+_Tunnel = tuple[PoolKey, str, str | None]
+
+
+class _Kept(NamedTuple):
+    """What a pod-IP or passthrough destination resolves to, per (client IP, destination IP,
+    port), and what every connection to it would otherwise build again: the record's strings,
+    to a pod on another node the tunnel's pool key, authority and Service, and to one on this
+    node the ``Request`` its policy sees (immutable, made of the key's fields and the source
+    identity). At most ``_KEPT_ROUTES`` per state version (about 0.7 KB each: the route's
+    workloads are the snapshot's own)."""
+
+    route: Route
+    source_identity: str | None
+    destination_identity: str | None
+    destination: str  # ``ip:port`` as dialled
+    upstream: str  # the record's upstream: ``destination`` itself for a pod IP
+    tunnel: _Tunnel | None  # for an HBONE route whose identities are known
+    request: Request | None  # for a local route
+
+
 _KEPT_ROUTES = 1024
 
 
@@ -116,9 +133,13 @@ class Outbound:
         self._relayed = _Relayed(core.registry)
         self.resolver = Resolver(core.node)
         # A pod IP's or passthrough destination's route, per client, destination and port, in
-        # the state of ``_routes_version`` (``_route_of``).
+        # the state of ``_routes_version`` and with the settings of ``_routes_settings`` (a
+        # tunnel's pool key names their HBONE port): ``_resolve``.
         self._routes: dict[tuple[str, str, int], _Kept] = {}
         self._routes_version = -1
+        self._routes_settings: ProxySettings | None = None
+        # The loop the handlers last ran on (``_loop_now``).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.balanced = BalancedOutbound(self)
         self.http = HttpOutbound(self)
 
@@ -134,32 +155,33 @@ class Outbound:
             return None
         src_ip, src_port, dst_ip, dst_port = addresses
         snap = self.core.snapshot()
-        if snap.version != self._routes_version:
+        if snap.version != self._routes_version or self.core.settings is not self._routes_settings:
             self._routes.clear()
             self._routes_version = snap.version
+            self._routes_settings = self.core.settings
         key = (src_ip, dst_ip, dst_port)
         kept = self._routes.get(key)
         if kept is None:
             kept = await self._resolve(client, snap, key, src_port)
             if kept is None:
                 return None
-        route, source_identity, destination_identity = kept
-        destination = _addr(dst_ip, dst_port)
+        route = kept.route
         record = ConnectionRecord(  # what ``record`` makes for ``route``, its identities kept
             OUTBOUND,
             _addr(src_ip, src_port),
-            destination,
-            source_identity,
-            destination_identity,
+            kept.destination,
+            kept.source_identity,
+            kept.destination_identity,
             path=route.kind,
-            upstream=_upstream(route, destination),
+            upstream=kept.upstream,
         )
         if route.kind == "local":
             protocol = self.core.protocol(snap, dst_ip, dst_port)
             if protocol != TCP:  # a declared HTTP port: served per request (``samenode``)
                 await serve_same_node_http(self, client, record, route, protocol)
                 return None
-        close = cancel_current_task()  # the handler's task: ``_open_within`` bounds it
+        loop = self._loop_now()
+        close = cancel_current_task(loop)  # the handler's task: ``_open_within`` bounds it
         conn_id = self.core.registry.add(record, close)
         # A socket relay takes the upstream socket's poll handle over from its connect (see
         # ``sockets.connect``); the splice reads neither socket, and a tunnel has no socket.
@@ -168,7 +190,9 @@ class Outbound:
         try:
             try:
                 task = close if isinstance(close, asyncio.Task) else None
-                upstream = await self._open_within(route, record, src_ip, conn_id, hold, task)
+                upstream = await self._open_within(
+                    route, record, src_ip, conn_id, hold, task, loop=loop, kept=kept
+                )
             except (OSError, TunnelError) as e:
                 self.count_failure(e, route, record)
                 raise
@@ -219,8 +243,22 @@ class Outbound:
             await self.balanced.handle(client, snap, source, target, src)
             return None
         route = self.resolver.route(snap, source, dst_ip, dst_port)
-        described = self.record(snap, route, "", "")
-        kept = (route, described.source_identity, described.destination_identity)
+        destination = _addr(dst_ip, dst_port)
+        described = self.record(snap, route, "", destination)
+        tunnel = request = None
+        if route.kind == "hbone" and described.source_identity and described.destination_identity:
+            tunnel = self._tunnel(route, described)
+        elif route.kind == "local":
+            request = Request(src_ip, route.ip, route.port, described.source_identity)
+        kept = _Kept(
+            route,
+            described.source_identity,
+            described.destination_identity,
+            destination,
+            described.upstream,
+            tunnel,
+            request,
+        )
         if len(self._routes) >= _KEPT_ROUTES:
             self._routes.clear()
         self._routes[key] = kept
@@ -276,6 +314,9 @@ class Outbound:
         conn_id: int,
         hold: bool,
         task: asyncio.Task[Any] | None = None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+        kept: _Kept | None = None,
     ) -> Upstream:
         """``open`` bounded by the agent's connect timeout as a whole: for a tunnel, the dial
         (TCP, TLS) when no pooled connection can take the stream, then the far node's answer
@@ -287,13 +328,16 @@ class Outbound:
         ``hold``: a socket relay starts on the upstream socket before anything awaits.
         ``task``: the task running this, when the caller has it at hand (``handle``: the one
         it registered; each ``asyncio.current_task()`` or ``get_running_loop()`` without a loop
-        is a ``getpid`` system call on Python 3.11); else it is looked up.
+        is a ``getpid`` system call on Python 3.11); else it is looked up. ``loop``, the
+        running loop, and ``kept``, what the route keeps: see ``open``.
 
         The tunnel's bound is a timer that cancels this task (``_Expired``), as
         ``asyncio.timeout`` does, without its context manager: the cancellation it caused
         becomes ``TimeoutError``, any other (policy re-check, drain) stays a cancellation."""
         if route.kind != "hbone":
-            return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
+            return await self.open(
+                route, record, src_ip, conn_id, hold_reader=hold, loop=loop, kept=kept
+            )
         limit = self.core.settings.connect_timeout
         if task is None:
             task = asyncio.current_task()
@@ -301,7 +345,7 @@ class Outbound:
         cancelling, expired = task.cancelling(), _Expired(task)
         timer = task.get_loop().call_later(limit, expired)
         try:
-            return await self.open(route, record, src_ip, conn_id, hold_reader=hold)
+            return await self.open(route, record, src_ip, conn_id, hold_reader=hold, kept=kept)
         except asyncio.CancelledError:
             if not expired.fired or task.uncancel() > cancelling:
                 raise
@@ -324,25 +368,23 @@ class Outbound:
         *,
         requests_authorized: bool = False,
         hold_reader: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+        kept: _Kept | None = None,
     ) -> Upstream:
         """Connect to ``route``'s destination. Raises ``Refused`` (already counted), or
         ``TunnelError``/``OSError``/``TimeoutError`` for the caller to count or retry.
         ``requests_authorized``: the caller authorizes each request it sends to a same-node
         pod (its L7 policy), so only a proxy port is refused here. ``hold_reader``: see
-        ``sockets.connect`` (a socket's caller then starts a relay on it before it awaits)."""
+        ``sockets.connect`` (a socket's caller then starts a relay on it before it awaits).
+        ``loop``: the running loop, when the caller has it (``sockets.connect``). ``kept``:
+        ``route``'s ``_Kept`` (its tunnel, its same-node ``Request``), else they are made."""
         if route.kind == "hbone":
-            assert record.source_identity and record.destination_identity
-            key = PoolKey(
-                record.source_identity,
-                record.destination_identity,
-                route.ip,
-                self.core.settings.hbone_port,
-            )
-            service = route.service
-            dialled = f"{service.namespace}/{service.name}" if service is not None else None
-            return await self.pool.open(key, _addr(route.ip, route.port), src_ip, dialled)
+            tunnel = kept.tunnel if kept is not None else None
+            key, authority, dialled = tunnel or self._tunnel(route, record)
+            return await self.pool.open(key, authority, src_ip, dialled)
         if route.kind == "local":
-            self._authorize_local(route, record, src_ip, conn_id, requests_authorized)
+            request = kept.request if kept is not None else None
+            self._authorize_local(route, record, src_ip, conn_id, requests_authorized, request)
         s = self.core.settings
         return await sockets.connect(
             (route.ip, route.port),
@@ -350,7 +392,32 @@ class Outbound:
             timeout=s.connect_timeout,
             source_ip=src_ip if route.kind == "local" else None,
             hold_reader=hold_reader,
+            loop=loop,
         )
+
+    def _tunnel(self, route: Route, record: ConnectionRecord) -> _Tunnel:
+        """An HBONE route's pool key (both identities, the pod's node IP and HBONE port), the
+        CONNECT's authority and the dialled Service it names (``namespace/name``)."""
+        assert record.source_identity and record.destination_identity
+        key = PoolKey(
+            record.source_identity,
+            record.destination_identity,
+            route.ip,
+            self.core.settings.hbone_port,
+        )
+        service = route.service
+        dialled = f"{service.namespace}/{service.name}" if service is not None else None
+        return key, _addr(route.ip, route.port), dialled
+
+    def _loop_now(self) -> asyncio.AbstractEventLoop:
+        """The running loop, kept from the last connection: ``asyncio.current_task(loop)``
+        finds this task only in the loop that runs it, so a kept loop is checked for free,
+        and looked up again (a ``getpid`` system call on Python 3.11, as every
+        ``get_running_loop``) only when it is not the one running."""
+        loop = self._loop
+        if loop is None or asyncio.current_task(loop) is None:
+            self._loop = loop = asyncio.get_running_loop()
+        return loop
 
     def _authorize_local(
         self,
@@ -359,14 +426,18 @@ class Outbound:
         src_ip: str,
         conn_id: int,
         requests_authorized: bool = False,
+        request: Request | None = None,
     ) -> None:
+        """Refuse a proxy port, and unless ``requests_authorized``, authorize the connection
+        (``request``: what policy sees, if the caller kept it)."""
         assert route.target is not None
         if route.port in self.core.settings.proxy_ports:
             self.core.registry.reject("proxy_port", f"{record.destination} is a proxy port")
             raise Refused(record.destination)
         if requests_authorized:
             return
-        request = Request(src_ip, route.ip, route.port, record.source_identity)
+        if request is None:
+            request = Request(src_ip, route.ip, route.port, record.source_identity)
         where = f"{record.source} -> {record.destination} (same node)"
         if not self.core.authorize(request, route.target, where, self.core.snapshot()):
             raise Refused(where)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from agent.base.constants import HBONE_PORT
 from agent.proxy.tunnel import HboneProtocol, TunnelError, TunnelStream
@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 UNPROCESSED_RETRIES = 3
 
 
-@dataclass(frozen=True, slots=True)
-class PoolKey:
+class PoolKey(NamedTuple):
+    """Which connections a stream may share. A tuple, hashed and compared in C: the pool looks
+    its key up for every stream opened (a frozen dataclass's ``__hash__`` and ``__eq__`` were
+    Python-level calls each time)."""
+
     source_id: str
     destination_id: str
     destination_ip: str

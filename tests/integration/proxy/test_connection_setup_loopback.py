@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 import uvloop
 
+from agent.policy.authz import Request
 from agent.proxy import inbound, outbound, sockets
 from agent.proxy.core import Core
 from agent.proxy.inbound import InboundHbone
+from agent.proxy.pool import PoolKey
 from agent.proxy.resolve import Resolver
 from agent.state import Snapshot, Workload
 from agent.telemetry.records import INBOUND, ConnectionRecord
@@ -204,17 +206,17 @@ def test_only_a_tunnel_open_is_bounded_and_by_a_timer_not_asyncio_timeout(
     assert len(deadlines) == 1
 
 
-def test_a_cross_node_connection_looks_the_running_loop_up_once(
+def test_a_connection_looks_the_running_loop_up_only_in_the_relay(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On Python 3.11 every look-up of the running loop is a ``getpid`` system call:
     ``asyncio.get_running_loop``, and ``asyncio.current_task`` and ``asyncio.create_task``
-    without a loop. Of a cross-node connection over a pooled HBONE connection, the proxies'
-    code makes one (the source handler's own task, which ``cancel_current_task`` registers and
-    the tunnel's deadline reuses); the destination's stream task, its pod connect and its
-    registration take the HBONE connection's loop. Six before: the source's registration, the
-    deadline's task and timer, the pod connect's writer, the stream's task and its
-    registration."""
+    without a loop. A cross-node connection over a pooled HBONE connection makes none in the
+    proxies' code: the source handler's task is found in the loop ``Outbound`` kept from the
+    connection before (``_loop_now``; one look-up before, ``cancel_current_task``'s), the
+    destination's stream task, pod connect and registration take the HBONE connection's loop.
+    A same-node connection makes only the socket relay's own; before, its registration and its
+    pod connect made one each too."""
     if os.geteuid() != 0:
         pytest.skip("SO_MARK and IP_TRANSPARENT need root")
     looked_up: list[str] = []
@@ -239,30 +241,36 @@ def test_a_cross_node_connection_looks_the_running_loop_up_once(
             looked_up.append(f"create_task in {name}")
         return create(coro, **kwargs)
 
-    async def main() -> None:
+    async def main() -> dict[str, list[str]]:
         mesh = Mesh()
         await mesh.start()
+        counted: dict[str, list[str]] = {}
         try:
-            port = mesh.app(SERVER, echo_peer)
-            # The first connection dials the HBONE connection (a look-up per dial, not counted).
-            assert await roundtrip(mesh, CLIENT, (SERVER, port))
-            await _relays_ended(mesh)
-            monkeypatch.setattr(asyncio, "get_running_loop", counting_running)
-            monkeypatch.setattr(asyncio, "current_task", counting_current)
-            monkeypatch.setattr(asyncio, "create_task", counting_create)
-            try:
-                reply = await roundtrip(mesh, CLIENT, (SERVER, port))
+            for pod in (SERVER, LOCAL):
+                port = mesh.app(pod, echo_peer)
+                # The first dials the HBONE connection (a look-up per dial, not counted) and
+                # lets the source keep its loop.
+                assert await roundtrip(mesh, CLIENT, (pod, port))
                 await _relays_ended(mesh)
-            finally:
-                monkeypatch.setattr(asyncio, "get_running_loop", running)
-                monkeypatch.setattr(asyncio, "current_task", current)
-                monkeypatch.setattr(asyncio, "create_task", create)
-            assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                monkeypatch.setattr(asyncio, "get_running_loop", counting_running)
+                monkeypatch.setattr(asyncio, "current_task", counting_current)
+                monkeypatch.setattr(asyncio, "create_task", counting_create)
+                try:
+                    reply = await roundtrip(mesh, CLIENT, (pod, port))
+                    await _relays_ended(mesh)
+                finally:
+                    monkeypatch.setattr(asyncio, "get_running_loop", running)
+                    monkeypatch.setattr(asyncio, "current_task", current)
+                    monkeypatch.setattr(asyncio, "create_task", create)
+                assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                counted[pod] = looked_up[:]
+                looked_up.clear()
         finally:
             await mesh.close()
+        return counted
 
-    uvloop.run(asyncio.wait_for(main(), 60))
-    assert looked_up == ["current_task in agent.proxy.records"]
+    counted = uvloop.run(asyncio.wait_for(main(), 60))
+    assert counted == {SERVER: [], LOCAL: ["get_running_loop in agent.proxy.relay"]}
 
 
 async def _relays_ended(mesh: Mesh) -> None:
@@ -336,6 +344,54 @@ def test_the_destination_looks_a_streams_pod_up_once_per_state_version(
     uvloop.run(asyncio.wait_for(main(), 60))
 
 
+def test_policy_sees_a_request_kept_per_state_version_and_decides_every_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``Request`` that policy evaluates was made for every connection, on the
+    destination for each stream and on the source for each same-node connection, from fields
+    the kept look-ups are keyed by. It is kept with them now (immutable): four connections to
+    each pod, one ``Request`` each (four on main), and policy still decides all four, with
+    the client, the pod's address and port and the client's identity."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK and IP_TRANSPARENT need root")
+    seen: dict[str, list[Request]] = defaultdict(list)
+    authorize = Core.authorize
+
+    def counting(self: Core, request: Request, *args: Any, **kwargs: Any) -> bool:
+        caller = str(sys._getframe(1).f_globals["__name__"])
+        if caller in ("agent.proxy.inbound", "agent.proxy.outbound"):
+            seen[request.destination_ip].append(request)
+        return authorize(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Core, "authorize", counting)
+
+    async def main() -> dict[str, int]:
+        mesh = Mesh()
+        await mesh.start()
+        try:
+            ports = {pod: mesh.app(pod, echo_peer) for pod in (SERVER, LOCAL)}
+            for _ in range(4):
+                for pod, port in ports.items():
+                    reply = await roundtrip(mesh, CLIENT, (pod, port))
+                    assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                    await _relays_ended(mesh)
+        finally:
+            await mesh.close()
+        return ports
+
+    ports = uvloop.run(asyncio.wait_for(main(), 60))
+    for pod, port in ports.items():
+        assert len(seen[pod]) == 4
+        first = seen[pod][0]
+        assert (first.source_ip, first.destination_ip, first.destination_port) == (
+            CLIENT,
+            pod,
+            port,
+        )
+        assert first.principal is not None and first.principal.endswith("/sa/client")
+        assert {id(r) for r in seen[pod]} == {id(first)}
+
+
 def test_the_source_resolves_a_pod_destination_once_per_state_version(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -344,11 +400,19 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
     IP, what it found is now kept per client, destination and port until the state changes:
     four connections to each of a pod on another node and one on this node resolve once each
     (eight times before); a state change (the far pod's service account) makes the next
-    connection resolve again, and its record carries the new identity."""
+    connection resolve again, and its record carries the new identity. What the connections
+    to a far pod built each time from the route is kept with it too: the tunnel's pool key is
+    made once per state version (four times before) and names the new identity after the
+    change; every record's destination and upstream are the pod's address."""
     if os.geteuid() != 0:
         pytest.skip("SO_MARK and IP_TRANSPARENT need root")
     resolved: list[str] = []
+    keys: list[PoolKey] = []
     route = Resolver.route
+
+    def counting_key(*args: Any) -> PoolKey:
+        keys.append(PoolKey(*args))
+        return keys[-1]
 
     def counting(self: Resolver, snap: Snapshot, source: Any, ip: str, port: int) -> Any:
         if sys._getframe(1).f_globals["__name__"] == "agent.proxy.outbound":
@@ -363,11 +427,15 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
             self.identities.append(
                 (record.source_identity, record.destination_identity, record.path)
             )
+            assert record.upstream == record.destination
+            assert record.destination in {f"{p}:{n}" for p, n in ports.items()}
 
         def closed(self, record: ConnectionRecord) -> None:
             pass
 
     monkeypatch.setattr(Resolver, "route", counting)
+    monkeypatch.setattr(outbound, "PoolKey", counting_key)
+    ports: dict[str, int] = {}
 
     async def main() -> None:
         mesh = Mesh()
@@ -375,7 +443,7 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
         opened = Opened()
         mesh.node1.core.registry.observers.append(opened)
         try:
-            ports = {pod: mesh.app(pod, echo_peer) for pod in (SERVER, LOCAL)}
+            ports.update({pod: mesh.app(pod, echo_peer) for pod in (SERVER, LOCAL)})
             for _ in range(4):
                 for pod, port in ports.items():
                     reply = await roundtrip(mesh, CLIENT, (pod, port))
@@ -383,6 +451,7 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
                     await _relays_ended(mesh)
             assert resolved == [SERVER, LOCAL]
             assert len(set(opened.identities)) == 2
+            assert len(keys) == 1
             with mesh.store.update() as txn:
                 txn.put_workload(workload("server", "node2", SERVER, app="server", sa="other"))
             reply = await roundtrip(mesh, CLIENT, (SERVER, ports[SERVER]))
@@ -392,6 +461,7 @@ def test_the_source_resolves_a_pod_destination_once_per_state_version(
             source, destination, path = opened.identities[-1]
             assert path == "hbone" and destination is not None
             assert destination.endswith("/sa/other") and source == opened.identities[0][0]
+            assert len(keys) == 2 and keys[-1].destination_id == destination
         finally:
             await mesh.close()
 

@@ -387,6 +387,82 @@ def test_send_headers_on_opens_streams_as_h2s_send_headers(
         assert outcome[:6] == outcome[6:]
 
 
+def _send_both(
+    ours: H2Connection, theirs: H2Connection, sid: int, block: list[tuple[bytes, bytes]], end: bool
+) -> list[object]:
+    """``block`` sent prepared on ``ours`` (``send_block_on``) and as a list on ``theirs``
+    (``send_headers_on``): for each, the bytes or the refusal, and the stream after."""
+    prepared = h2wire.header_block(block)
+    outcome: list[object] = []
+    for conn, fast in ((ours, True), (theirs, False)):
+        try:
+            if fast:
+                h2wire.send_block_on(conn, sid, prepared, end_stream=end)
+            else:
+                h2wire.send_headers_on(conn, sid, block, end_stream=end)
+            outcome.append(bytes(conn.data_to_send()))
+        except h2.exceptions.ProtocolError as e:
+            outcome.append(type(e).__name__)
+        stream = conn.streams.get(sid)
+        outcome += [
+            h2wire.stream_state(conn, sid),
+            conn.open_outbound_streams,
+            stream and (stream.request_method, stream._authority),
+        ]
+    return outcome
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"", b"100", b"200", b"503"]), BLOCKS, st.booleans()),
+        min_size=1,
+        max_size=4,
+    ),
+    st.booleans(),
+)
+def test_send_block_on_answers_as_send_headers_on(
+    steps: list[tuple[bytes, list[tuple[bytes, bytes]], bool]], resized: bool
+) -> None:
+    """A prepared block (``header_block``: encoded once, its method, authority and whether
+    it is informational found once) sent on a served stream: the same bytes, states and
+    refusals (END_STREAM on a 1xx, trailers without it) as ``send_headers_on`` with its list
+    (which ``test_send_headers_on_writes_and_moves_state_as_h2s_send_headers`` holds to
+    ``h2``'s own); also when the encoder has a table size change to signal first, which the
+    prepared block does not carry (``resized``: the first block sent encodes it)."""
+    ours, _ = _served_stream()
+    theirs, _ = _served_stream()
+    if resized:
+        for conn in (ours, theirs):
+            conn.encoder.header_table_size = 0
+            assert conn.encoder.header_table.resized
+    for status, fields, end in steps:
+        block = ([(b":status", status)] if status else []) + fields
+        outcome = _send_both(ours, theirs, 1, block, end)
+        assert outcome[:4] == outcome[4:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([1, 3, 5, 7]), st.booleans(), BLOCKS, st.booleans()),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_send_block_on_opens_streams_as_send_headers_on(
+    steps: list[tuple[int, bool, list[tuple[bytes, bytes]], bool]],
+) -> None:
+    """A prepared block that opens a stream: the peer's stream limit, the id rules, the
+    stream's ``request_method`` and ``_authority`` as ``send_headers_on`` gives them (and,
+    ``test_send_headers_on_opens_streams_as_h2s_send_headers``, ``h2``'s ``send_headers``)."""
+    ours, theirs = _upstream_connection(), _upstream_connection()
+    for stream_id, head, fields, end in steps:
+        block = (REQUEST if head else []) + fields
+        outcome = _send_both(ours, theirs, stream_id, block, end)
+        assert outcome[:4] == outcome[4:]
+
+
 def _stream_receiving(
     *, client_side: bool, half_closed: bool, length: bytes | None
 ) -> tuple[H2Connection, H2Connection]:

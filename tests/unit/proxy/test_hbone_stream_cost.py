@@ -8,6 +8,7 @@ so a count cannot be bought by dropping behaviour.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import h2.config
@@ -119,6 +120,38 @@ def test_a_pooled_streams_connect_and_answer_are_checked_and_decoded_once(
             return _real(*args)
 
         monkeypatch.setattr(hbone, name, counted)
+    for _ in range(3):
+        stream_life(p)
+    assert calls == []
+
+
+def test_a_pooled_streams_connect_and_answer_are_encoded_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CONNECT of a pooled connection's target and every 200 were encoded and scanned (for
+    their method, authority and whether they are informational) for each stream: seven calls
+    a stream, 21 in three streams' lives. Now the client encodes and scans a target's CONNECT
+    once and the 200 is prepared at import (``h2wire.header_block``); the peer reads the same
+    streams (``stream_life`` checks the events)."""
+    p = Pair()
+    stream_life(p)
+    calls: list[str] = []
+    real_encode = h2wire.TablelessEncoder.encode
+
+    def encode(self: h2wire.TablelessEncoder, headers: Any, huffman: bool = False) -> bytes:
+        calls.append("encode")
+        return real_encode(self, headers, huffman)
+
+    monkeypatch.setattr(h2wire.TablelessEncoder, "encode", encode)
+    for name in ("is_informational_response", "extract_method_header", "authority_from_headers"):
+        real = getattr(h2wire, name)
+
+        def counted(headers: Any, _real: Any = real, _name: str = name) -> Any:
+            if sys._getframe(1).f_code.co_name != "_stream_headers":  # a received block's
+                calls.append(_name)
+            return _real(headers)
+
+        monkeypatch.setattr(h2wire, name, counted)
     for _ in range(3):
         stream_life(p)
     assert calls == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import pytest
@@ -238,3 +239,24 @@ def test_a_closed_connection_leaves_the_pool_and_the_open_ones_stay() -> None:
         return dialer.dials, kept == [second.proto], third.proto is second.proto
 
     assert run(scenario()) == (2, True, True)
+
+
+def test_a_pool_key_is_hashed_and_compared_without_python_calls() -> None:
+    """The pool looks its key up for every stream opened: a key is a tuple, hashed and
+    compared in C (a frozen dataclass's generated ``__hash__`` and ``__eq__`` were a
+    Python-level call each per look-up), and still equal only to a key of the same fields."""
+    calls: list[str] = []
+    same = PoolKey(KEY.source_id, KEY.destination_id, KEY.destination_ip)
+    other = PoolKey(KEY.source_id, KEY.destination_id, "10.0.0.3")
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        found = {KEY: 1}.get(same), {KEY: 1}.get(other)
+    finally:
+        sys.setprofile(None)
+    assert found == (1, None)
+    assert calls == []

@@ -7,8 +7,17 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from agent.lab.handle import Lab, LabFactory
+
+# ``make test`` (and CI) runs every hypothesis test on the same examples each time
+# (``derandomize``: a seed from the test itself), so its verdict depends on the code alone; a
+# random input that fails once in many runs is ``make fuzz``'s to find (random examples, many
+# more of them: ``tests/fuzzing.py``), and then becomes an ``@example``.
+settings.register_profile("test", derandomize=True)
+settings.register_profile("fuzz", derandomize=False)
+settings.load_profile("fuzz" if os.environ.get("NODEMESH_FUZZ_EXAMPLES") else "test")
 
 # Tests call grpcio in this process and then fork children with ``preexec_fn`` (``Lab.popen``
 # enters a pod's network namespace between fork and exec). With gRPC's fork support on, its

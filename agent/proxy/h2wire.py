@@ -586,6 +586,25 @@ def _stream_steps(input_: StreamInputs) -> dict[StreamState, _Step]:
     return {state: step for (state, i), step in table.items() if i is input_}
 
 
+def _closed_takes_informational_as_headers() -> None:
+    """Make a 1xx head on a closed stream that ``h2`` still holds end like one on a stream it
+    forgot. A peer's HEADERS on a stream that is gone is a stream error answered with
+    RST_STREAM (STREAM_CLOSED) when we had reset the stream, else a connection error: ``h2``
+    decides that from ``StreamClosedError``, which it raises for a forgotten stream at the
+    look-up and for a held one in its CLOSED state's ``RECV_HEADERS`` transition. That state has
+    no ``RECV_INFORMATIONAL_HEADERS`` transition, so a 1xx head on a held closed stream was a
+    ``ProtocolError`` instead: the whole connection torn down where a forgotten stream would
+    have had one RST_STREAM. Closed streams are held longer on our connections (``walk_from``,
+    below), so a late 1xx head after a reset depended on how many streams were known; now it
+    takes the same transition as any other head (``test_h2wire``'s receive comparisons, an
+    input hypothesis found). ``setdefault``: an ``h2`` that has the transition keeps its own."""
+    table = getattr(_h2_stream, "_transitions", None)
+    if table is not None:
+        headers = table[(_CLOSED, StreamInputs.RECV_HEADERS)]
+        table.setdefault((_CLOSED, StreamInputs.RECV_INFORMATIONAL_HEADERS), headers)
+
+
+_closed_takes_informational_as_headers()
 _STEPS: dict[StreamInputs, dict[StreamState, _Step]] = {i: _stream_steps(i) for i in StreamInputs}
 _S_HEADERS = _STEPS[StreamInputs.SEND_HEADERS]
 _S_INFORMATIONAL = _STEPS[StreamInputs.SEND_INFORMATIONAL_HEADERS]

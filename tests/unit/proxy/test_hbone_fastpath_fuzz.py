@@ -31,7 +31,14 @@ to the window), the bytes each holder got, its end, its error, the bytes its wak
 and the bytes written to the transport after the loop ran what was scheduled. (The fast path
 flushes only when the codec framed something; output ``h2`` holds from an owner command leaves
 with that command's own ``flush_soon`` instead: the same bytes, possibly one callback later,
-which is why the transport's bytes are compared once the loop has settled.)
+which is why the transport's bytes are compared once the loop has settled; here every command's
+``flush_soon`` has run before the next read, so they are also compared right after each read.)
+
+Our codec is the server (a plain ``h2`` client opened its streams) or the client (it opened
+them to a plain ``h2`` server). Besides frames of fixed sizes, "fill" steps send a frame of
+exactly what the windows allow there, or one byte more or less, and "flood" steps fill the
+windows with whole frames, so the window edges are met often. The receive tests assert that
+their scripts reached the fast path. ``make fuzz`` runs them with more examples.
 
 The send side has no switch (``DataFlow.send`` is the only framing), so it runs against
 ``h2``'s own ``send_data`` doing the same job (``h2_send`` below): the same bytes on the wire,
@@ -46,6 +53,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import pytest
 from h2.stream import StreamState
 from hpack import Encoder
 from hypothesis import HealthCheck, given, settings
@@ -77,9 +85,9 @@ RECEIVING = [1, 3, 11, 13]
 KNOWN = [1, 3, 5, 7, 9, 11, 13]
 # Never opened (15, 17, 101), even (a server's), 0, the largest, and reserved-bit ids.
 OTHER = [15, 17, 101, 2, 4, 0, 0x7FFFFFFF, 0x80000001, 0xFFFFFFFF]
-EXAMPLES = fuzz_examples(200)
-TUNNEL_EXAMPLES = fuzz_examples(50)
-SEND_EXAMPLES = fuzz_examples(80)
+EXAMPLES = fuzz_examples(400)
+TUNNEL_EXAMPLES = fuzz_examples(100)
+SEND_EXAMPLES = fuzz_examples(150)
 
 
 # ---- the peer's frames ---------------------------------------------------------------------
@@ -139,7 +147,17 @@ block = st.sampled_from(
 )
 
 # Plain DATA, the fast path's kind, on a stream that receives.
-plain_data = st.builds(data_frame, st.sampled_from(RECEIVING), sizes, st.just(0))
+# (Within our max frame size: a larger one ends the connection, and is among the others.)
+plain_data = st.builds(
+    data_frame,
+    st.sampled_from(RECEIVING),
+    st.one_of(
+        st.integers(0, 40),
+        st.integers(1, MAX_FRAME),
+        st.sampled_from([1, 2_000, 3_616, MAX_FRAME - 1, MAX_FRAME]),
+    ),
+    st.just(0),
+)
 other_frames = st.one_of(
     st.builds(data_frame, stream_ids, sizes, st.just(0)),
     st.builds(data_frame, stream_ids, sizes, st.sampled_from([FLAG_END_STREAM, 0x2, 0x20, 0xFF])),
@@ -172,6 +190,9 @@ other_frames = st.one_of(
         st.sampled_from([0x4, 0x5, 0x0, 0x1]),
         block,
     ),
+    st.builds(  # PUSH_PROMISE (push is off)
+        lambda sid, b: frame(5, 4, sid, (2).to_bytes(4) + b), st.sampled_from([1, 13, 0]), block
+    ),
     st.builds(
         lambda sid, flags, b: frame(9, flags, sid, b), stream_ids, st.sampled_from([0, 4]), block
     ),
@@ -203,6 +224,13 @@ fill_steps = st.tuples(
     st.sampled_from(RECEIVING),
     st.sampled_from([-1, 0, 1]),
 )
+# The owner writes received bytes onwards: the windows reopen (WINDOW_UPDATEs) and more frames
+# fit (its own kind of step, so that it is frequent).
+consume_steps = st.tuples(
+    st.just("consumed"),
+    st.sampled_from(RECEIVING),
+    st.sampled_from([1_000, 5_000, 20_000, 1 << 22]),
+)
 owner_steps = st.one_of(
     st.tuples(
         st.just("consumed"),
@@ -216,7 +244,9 @@ owner_steps = st.one_of(
     st.tuples(st.just("goaway"), st.just(0), st.just(0)),
 )
 scripts = st.lists(
-    st.sampled_from([frame_steps] * 4 + [fill_steps, owner_steps]).flatmap(lambda s: s),
+    st.sampled_from([frame_steps] * 4 + [fill_steps, consume_steps, owner_steps]).flatmap(
+        lambda s: s
+    ),
     max_size=40,
 )
 
@@ -258,28 +288,46 @@ def operations(script: list[tuple[Any, ...]]) -> list[Op]:
 # ---- the receiving codec -------------------------------------------------------------------
 
 
-def established(config: HboneSettings) -> HboneConnection:
-    """A server codec with the streams described at ``RECEIVING``/``KNOWN``, its output taken."""
-    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+Config = tuple[HboneSettings, bool]  # the settings, and whether ours is the client side
+configs = st.tuples(st.sampled_from(SETTINGS), st.booleans())
+
+
+def established(config: Config) -> HboneConnection:
+    """Our codec (server or client side) with the streams described at ``RECEIVING`` and
+    ``KNOWN`` (the client's are its own CONNECTs, answered by a plain ``h2`` server but for 11),
+    its output taken."""
+    settings_, client_side = config
+    ours = HboneConnection(client_side=client_side, settings=settings_)
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=not client_side))
     raw.initiate_connection()
-    server = HboneConnection(client_side=False, settings=config)
-    server.receive(raw.data_to_send())
-    raw.receive_data(bytes(server.data_to_send()))
-    for sid in KNOWN:
-        raw.send_headers(sid, CONNECT)
-        server.receive(raw.data_to_send())
-        if sid != 11:
-            server.respond(sid, 200)
+    if client_side:
+        raw.receive_data(bytes(ours.data_to_send()))
+        ours.receive(raw.data_to_send())
+        for sid in KNOWN:
+            assert ours.open_tunnel("10.0.0.2:80") == sid
+            raw.receive_data(bytes(ours.data_to_send()))
+            if sid != 11:
+                raw.send_headers(sid, [(":status", "200")])
+            ours.receive(raw.data_to_send())
+    else:
+        ours.receive(raw.data_to_send())
+        raw.receive_data(bytes(ours.data_to_send()))
+        for sid in KNOWN:
+            raw.send_headers(sid, CONNECT)
+            ours.receive(raw.data_to_send())
+            if sid != 11:
+                ours.respond(sid, 200)
     raw.send_data(5, b"", end_stream=True)
     raw.reset_stream(9)
-    server.receive(raw.data_to_send())
-    server.reset(7)
-    server.end_stream(13)
-    server.data_to_send()
-    assert [h2wire.can_receive(server._h2, sid) for sid in KNOWN] == [
+    ours.receive(raw.data_to_send())
+    ours.reset(7)
+    ours.end_stream(13)
+    ours.data_to_send()
+    assert not ours.failed
+    assert [h2wire.can_receive(ours._h2, sid) for sid in KNOWN] == [
         sid in RECEIVING for sid in KNOWN
     ]
-    return server
+    return ours
 
 
 def switch_off(codec: HboneConnection) -> None:
@@ -378,10 +426,9 @@ def fills(codec: HboneConnection, op: Op) -> list[bytes]:
 def command(codec: HboneConnection, op: Op, ended: set[int]) -> list[ev.Event]:
     """An owner's command on the codec (the same in both runs). ``ended``: the streams the owner
     ended its half of (13 from the start), on which it neither writes nor ends again (as
-    ``TunnelStream.write_eof`` never does); after a ``ConnectionFailed`` it does nothing."""
+    ``TunnelStream.write_eof`` never does). It goes on after a ``ConnectionFailed``, as relays
+    do until the transport's ``connection_lost``."""
     kind, sid, n = op
-    if codec.failed:  # the owner stops at ConnectionFailed
-        return []
     if kind in ("send", "end"):
         if sid in ended:
             return []
@@ -402,7 +449,7 @@ def command(codec: HboneConnection, op: Op, ended: set[int]) -> list[ev.Event]:
     return []
 
 
-def run_codec(config: HboneSettings, ops: list[Op], fast: bool, taken: list[int]) -> list[object]:
+def run_codec(config: Config, ops: list[Op], fast: bool, taken: list[int]) -> list[object]:
     codec = established(config)
     if fast:
         count_taken(codec, taken)
@@ -426,6 +473,7 @@ def replay(script: list[tuple[Any, ...]]) -> list[Op]:
     return operations(script)
 
 
+@pytest.mark.fuzz
 def test_receive_with_and_without_the_fast_path_is_the_same() -> None:
     taken: list[int] = []
     failures: set[str] = set()
@@ -435,8 +483,8 @@ def test_receive_with_and_without_the_fast_path_is_the_same() -> None:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(st.sampled_from(SETTINGS), scripts)
-    def check(config: HboneSettings, script: list[tuple[Any, ...]]) -> None:
+    @given(configs, scripts)
+    def check(config: Config, script: list[tuple[Any, ...]]) -> None:
         ops = replay(script)
         fast = run_codec(config, ops, True, taken)
         slow = run_codec(config, ops, False, [])
@@ -512,9 +560,7 @@ class Told:
         self.total += n
 
 
-async def run_protocol(
-    config: HboneSettings, ops: list[Op], fast: bool, taken: list[int]
-) -> list[object]:
+async def run_protocol(config: Config, ops: list[Op], fast: bool, taken: list[int]) -> list[object]:
     codec = established(config)
     proto = HboneProtocol(codec)
     transport = Recorded()
@@ -543,11 +589,13 @@ async def run_protocol(
         else:
             proto.dispatch(command(codec, op, ended))
             proto.flush_soon()
+        at_once = bytes(transport.written)  # (each command's flush_soon ran before this read)
         for _ in range(3):
             await asyncio.sleep(0)
         seen.append(
             (
                 op[0],
+                at_once,
                 bytes(transport.written),
                 transport.closing,
                 transport.aborted,
@@ -570,6 +618,7 @@ async def run_protocol(
     return seen
 
 
+@pytest.mark.fuzz
 def test_the_protocol_with_and_without_the_fast_path_is_the_same() -> None:
     taken: list[int] = []
 
@@ -578,8 +627,8 @@ def test_the_protocol_with_and_without_the_fast_path_is_the_same() -> None:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(st.sampled_from(SETTINGS), scripts)
-    def check(config: HboneSettings, script: list[tuple[Any, ...]]) -> None:
+    @given(configs, scripts)
+    def check(config: Config, script: list[tuple[Any, ...]]) -> None:
         ops = replay(script)
         fast = asyncio.run(run_protocol(config, ops, True, taken))
         slow = asyncio.run(run_protocol(config, ops, False, []))
@@ -650,7 +699,7 @@ send_steps = st.one_of(
 )
 
 
-def run_send(config: HboneSettings, ops: list[Op], inline: bool) -> list[object]:
+def run_send(config: Config, ops: list[Op], inline: bool) -> list[object]:
     codec = established(config)
     if not inline:
         codec._flow.send = h2_send(codec._flow)  # type: ignore[method-assign]
@@ -664,16 +713,52 @@ def run_send(config: HboneSettings, ops: list[Op], inline: bool) -> list[object]
     return seen
 
 
+@pytest.mark.fuzz
 def test_inline_data_framing_is_h2s_framing() -> None:
+    held_back: list[int] = []  # bytes a send left queued for the peer's windows
+
     @settings(
         max_examples=SEND_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
     )
-    @given(st.sampled_from(SETTINGS), st.lists(send_steps, max_size=20))
-    def check(config: HboneSettings, script: list[tuple[Any, ...]]) -> None:
+    @given(configs, st.lists(send_steps, max_size=20))
+    def check(config: Config, script: list[tuple[Any, ...]]) -> None:
         ops = replay(script)
         ours = run_send(config, ops, True)
         theirs = run_send(config, ops, False)
         for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
             assert a == b, f"step {i} ({ops[i][0]}) differs"
+        held_back.extend(n for step in ours for n in step[3].values() if n)  # type: ignore[index]
 
     check()
+    assert held_back  # the windows cut sends short (and reopened: WINDOW_UPDATE steps)
+
+
+# ---- found on the way -----------------------------------------------------------------------
+
+
+def test_a_stream_finished_after_the_connection_failed_is_not_reset() -> None:
+    """The connection failed (a peer's bad frame: GOAWAY queued, ``h2`` closed) and the
+    transport's ``connection_lost`` has not come yet (it waits for the GOAWAY to be written, up
+    to ``FAILED_LINGER``): a relay that ends now finishes its stream (``HboneProtocol.finish``,
+    which resets a stream that did not end cleanly). That reset is for a connection that sends
+    nothing more: nothing, rather than ``h2``'s ProtocolError out of ``finish`` (before: raised
+    into the relay's callback, found by the owner steps above continuing after a failure)."""
+
+    async def main() -> None:
+        codec = established((SETTINGS[0], False))
+        proto = HboneProtocol(codec)
+        transport = Recorded()
+        proto.connection_made(transport)
+        stream = proto.streams[1] = TunnelStream(proto, 1)
+        proto.data_received(frame(0, 0, 0, b"x"))  # DATA on stream 0: PROTOCOL_ERROR
+        assert codec.failed and transport.closing
+        written = bytes(transport.written)
+        proto.finish(stream)
+        assert 1 not in proto.streams
+        assert transport.written == written  # the GOAWAY was the last frame
+        codec.reset(3)  # the codec's own command, after ``close`` too
+        codec.close()
+        codec.reset(13)
+        assert codec.data_to_send() == b""
+
+    asyncio.run(main())

@@ -218,7 +218,8 @@ frame_steps = st.tuples(st.just("frame"), peer_frames, modes, st.integers(0, 1 <
 # A DATA frame as large as what the stream may still send (within both windows) plus
 # ``delta``, sized when it is sent (the windows depend on what came before; both runs have the
 # same windows there, or they differed already): a read of its own.
-# A "flood" fills the windows with whole frames, a read each, until less than a frame is left.
+# A "flood" first fills the windows with whole frames, a read each, until less than a frame is
+# left.
 fill_steps = st.tuples(
     st.sampled_from(["fill", "fill", "flood"]),
     st.sampled_from(RECEIVING),
@@ -412,15 +413,16 @@ def room(codec: HboneConnection, sid: int) -> int:
 
 
 def fills(codec: HboneConnection, op: Op) -> list[bytes]:
-    """The reads of a ``fill_steps`` step: one frame of the windows' room plus ``delta``; or
-    whole frames while the room is a frame or more (at most 300: windows may reopen)."""
+    """The reads of a ``fill_steps`` step: one frame of the windows' room plus ``delta``; for a
+    "flood", whole frames while the room is a frame or more (at most 300: windows may reopen),
+    then that one."""
     kind, sid, delta = op
-    if kind == "fill":
-        sizes = [max(0, min(room(codec, sid) + delta, MAX_FRAME + 1))]
-    else:
-        n = min(room(codec, sid) // MAX_FRAME, 300)
-        sizes = [MAX_FRAME] * n
-    return [frame(0, 0, sid, (b"%d+%d," % (sid, n) * n)[:n]) for n in sizes]
+    frames = []
+    if kind == "flood":
+        frames = [MAX_FRAME] * min(room(codec, sid) // MAX_FRAME, 300)
+    left = room(codec, sid) - MAX_FRAME * len(frames)
+    frames.append(max(0, min(left + delta, MAX_FRAME + 1)))
+    return [frame(0, 0, sid, (b"%d+%d," % (sid, n) * n)[:n]) for n in frames]
 
 
 def command(codec: HboneConnection, op: Op, ended: set[int]) -> list[ev.Event]:

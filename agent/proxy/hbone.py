@@ -633,8 +633,14 @@ class HboneConnection:
         self._flow.close_budget()
 
     def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+        """Reset the stream (forgotten here either way). Nothing is sent on a connection that
+        failed or was closed: its GOAWAY was the last frame, and ``h2`` raises for any other
+        (a relay finishing its stream before ``connection_lost`` came did meet that)."""
         self._forget(stream_id)
-        if h2wire.stream_state(self._h2, stream_id) not in (None, StreamState.CLOSED):
+        if not self.failed and h2wire.stream_state(self._h2, stream_id) not in (
+            None,
+            StreamState.CLOSED,
+        ):
             self._h2.reset_stream(stream_id, code)
 
     def ping(self) -> bytes:

@@ -34,7 +34,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, Self
 
 # The Content-Type the agent's /metrics answered with when prometheus_client wrote it (0.26's
 # CONTENT_TYPE_LATEST); the body is the 0.0.4 text format, which 1.0.0 reads unchanged.
@@ -357,7 +357,7 @@ class _Metric:
         self.documentation = documentation
         self._labelnames = _check_label_names(labelnames, self._reserved)
         self._labelvalues = _labelvalues
-        self._children: dict[tuple[str, ...], _Metric] = {}
+        self._children: dict[tuple[str, ...], Self] = {}
         if not self._labelnames or _labelvalues:
             self._init_value()
         if registry is not None:
@@ -370,10 +370,11 @@ class _Metric:
     def _init_value(self) -> None:
         raise NotImplementedError
 
-    def _child(self, values: tuple[str, ...]) -> _Metric:
-        raise NotImplementedError
+    def _child(self, values: tuple[str, ...]) -> Self:
+        """The child of ``values`` (a metric of the same kind, name and label names)."""
+        return type(self)(self.name, self.documentation, self._labelnames, None, values)
 
-    def labels(self, *values: object, **named: object) -> _Metric:
+    def labels(self, *values: object, **named: object) -> Self:
         """The child of these label values (by position or by name), made at first use."""
         if not self._labelnames:
             raise ValueError(f"metric {self.name} has no labels: update it without labels()")
@@ -443,14 +444,6 @@ class Counter(_Metric):
         self._value = 0.0
         self._created = time.time()
 
-    def _child(self, values: tuple[str, ...]) -> Counter:
-        return Counter(self.name, self.documentation, self._labelnames, None, values)
-
-    def labels(self, *values: object, **named: object) -> Counter:
-        child = super().labels(*values, **named)
-        assert isinstance(child, Counter)
-        return child
-
     def inc(self, amount: float = 1) -> None:
         self._check_observable()
         if amount < 0:
@@ -473,14 +466,6 @@ class Gauge(_Metric):
 
     def _init_value(self) -> None:
         self._value = 0.0
-
-    def _child(self, values: tuple[str, ...]) -> Gauge:
-        return Gauge(self.name, self.documentation, self._labelnames, None, values)
-
-    def labels(self, *values: object, **named: object) -> Gauge:
-        child = super().labels(*values, **named)
-        assert isinstance(child, Gauge)
-        return child
 
     def inc(self, amount: float = 1) -> None:
         self._check_observable()
@@ -535,15 +520,10 @@ class Histogram(_Metric):
         self._sum = 0.0
         self._created = time.time()
 
-    def _child(self, values: tuple[str, ...]) -> Histogram:
-        return Histogram(
+    def _child(self, values: tuple[str, ...]) -> Self:
+        return type(self)(
             self.name, self.documentation, self._labelnames, None, values, self._bounds
         )
-
-    def labels(self, *values: object, **named: object) -> Histogram:
-        child = super().labels(*values, **named)
-        assert isinstance(child, Histogram)
-        return child
 
     def observe(self, amount: float) -> None:
         self._check_observable()

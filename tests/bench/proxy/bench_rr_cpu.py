@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import cProfile
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +42,8 @@ import sys
 import uvloop
 
 from agent.base.runtime import settle_for_data_plane
-from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, listener
+from tests.bench.proxy.bench_rr_counts import entry
+from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh
 
 # The pods: an echo server on SERVER, and one client from CLIENT that connects to the port it is
 # given on its first line, then makes N round trips for each line "N" (answers "ok").
@@ -96,31 +95,6 @@ def _callgrind(on: bool) -> None:
     subprocess.run(command, check=True, capture_output=True)
 
 
-async def _entry(mesh: Mesh, port: int) -> int:
-    """A listener standing for the capture (no Nagle, as ``ProxyComponent.handle`` sets it):
-    what connects to it is proxied to the server pod's echo app."""
-    lst = listener("127.0.0.1")
-    mesh._sockets.append(lst)
-    handle = mesh.node1.outbound.handle
-
-    async def accept_all() -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(lst)
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            mesh._tasks.append(asyncio.create_task(relay(conn)))
-
-    async def relay(conn: socket.socket) -> None:
-        rest = await handle(conn, original_dst=(SERVER, port))
-        if rest is not None:
-            with contextlib.suppress(Exception):
-                await rest
-
-    mesh._tasks.append(asyncio.create_task(accept_all()))
-    return int(lst.getsockname()[1])
-
-
 async def main(args: argparse.Namespace) -> dict[str, object]:
     mesh = Mesh(handshake_timeout=120.0 if args.callgrind else 10.0)
     await mesh.start()
@@ -139,7 +113,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 
     try:
         echo = int(await asyncio.wait_for(pods.stdout.readline(), 30))
-        port = await _entry(mesh, echo)
+        port = await entry(mesh, echo)
         pods.stdin.write(f"{port}\n".encode())
         await rr(args.warmup)  # the pool's dial, the TLS handshake, the stream
         settle_for_data_plane()

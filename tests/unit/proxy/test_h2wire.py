@@ -346,16 +346,17 @@ def _upstream_connection() -> H2Connection:
 
 
 REQUEST = [(b":method", b"HEAD"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
+# Blocks sent on streams 1-7 of an upstream connection: (stream, a request head first?, more
+# fields, END_STREAM).
+OPENING_STEPS = st.lists(
+    st.tuples(st.sampled_from([1, 3, 5, 7]), st.booleans(), BLOCKS, st.booleans()),
+    min_size=1,
+    max_size=6,
+)
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.sampled_from([1, 3, 5, 7]), st.booleans(), BLOCKS, st.booleans()),
-        min_size=1,
-        max_size=6,
-    )
-)
+@given(OPENING_STEPS)
 def test_send_headers_on_opens_streams_as_h2s_send_headers(
     steps: list[tuple[int, bool, list[tuple[bytes, bytes]], bool]],
 ) -> None:
@@ -443,13 +444,7 @@ def test_send_block_on_answers_as_send_headers_on(
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.sampled_from([1, 3, 5, 7]), st.booleans(), BLOCKS, st.booleans()),
-        min_size=1,
-        max_size=6,
-    )
-)
+@given(OPENING_STEPS)
 def test_send_block_on_opens_streams_as_send_headers_on(
     steps: list[tuple[int, bool, list[tuple[bytes, bytes]], bool]],
 ) -> None:

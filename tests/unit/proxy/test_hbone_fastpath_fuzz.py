@@ -350,6 +350,14 @@ def count_taken(codec: HboneConnection, taken: list[int]) -> None:
     flow.take_single = counted  # type: ignore[method-assign]
 
 
+def choose_path(codec: HboneConnection, fast: bool, taken: list[int]) -> None:
+    """The fast path on (its reads counted in ``taken``) or off, for this connection."""
+    if fast:
+        count_taken(codec, taken)
+    else:
+        switch_off(codec)
+
+
 def state(codec: HboneConnection) -> tuple[object, ...]:
     """Everything the codec keeps that a peer or the owner can see, or that decides what they
     will see next (the module docstring)."""
@@ -453,10 +461,7 @@ def command(codec: HboneConnection, op: Op, ended: set[int]) -> list[ev.Event]:
 
 def run_codec(config: Config, ops: list[Op], fast: bool, taken: list[int]) -> list[object]:
     codec = established(config)
-    if fast:
-        count_taken(codec, taken)
-    else:
-        switch_off(codec)
+    choose_path(codec, fast, taken)
     seen: list[object] = []
     ended = {13}
     for op in ops:
@@ -576,10 +581,7 @@ async def run_protocol(config: Config, ops: list[Op], fast: bool, taken: list[in
     for sid, stream in streams.items():
         stream.waker = wakers[sid]
     streams[1].deliver_directly(sink)
-    if fast:
-        count_taken(codec, taken)
-    else:
-        switch_off(codec)
+    choose_path(codec, fast, taken)
     seen: list[object] = []
     ended = {13}
     for op in ops:

@@ -214,11 +214,16 @@ class HboneConnection:
     # ---- bytes in, events out ------------------------------------------------------------
 
     def receive(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
-        if self.failed:
-            return []
         stream_id = self.take_data_frame(data)
         if stream_id:
             return [ev.DataReceived(stream_id, bytes(data[h2data.HEADER_SIZE :]))]
+        return self.receive_frames(data)
+
+    def receive_frames(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
+        """``receive`` of a read that ``take_data_frame`` did not take (its caller asked it
+        first), through the splitter."""
+        if self.failed:
+            return []
         flow = self._flow
         out: list[ev.Event] = []
         to_h2 = bytearray()

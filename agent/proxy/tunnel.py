@@ -480,7 +480,8 @@ class HboneProtocol(asyncio.Protocol):
         stream_id = codec.take_data_frame(data)
         if stream_id:
             # One whole DATA frame, the read of every relayed message: to its stream without
-            # an event, ``receive``'s loop or ``dispatch`` (``dispatch``'s first branch).
+            # an event, ``receive``'s loop or ``dispatch`` (``dispatch``'s first branch, inlined:
+            # ``test_rr_counts`` bounds the calls per message).
             stream = self.streams.get(stream_id)
             if stream is not None:
                 stream._on_data(data[HEADER_SIZE:])
@@ -494,7 +495,7 @@ class HboneProtocol(asyncio.Protocol):
             if codec.unsent() or codec.queued:
                 self.flush()
         else:
-            self.dispatch(codec.receive(data))
+            self.dispatch(codec.receive_frames(data))
             self.flush()
         if self.writers_waiting and not self.out_full():
             # WINDOW_UPDATEs let queued bytes out without draining any stream completely

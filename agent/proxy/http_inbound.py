@@ -39,7 +39,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from agent.policy.authz import HttpAttributes, Request
-from agent.proxy.core import Core
+from agent.policy.peerauth import STRICT
+from agent.proxy.core import Core, Policies
 from agent.proxy.http1 import (
     GRPC_RESOURCE_EXHAUSTED,
     RATE_LIMITED,
@@ -236,6 +237,8 @@ class PodShell(CallbackShell, Generic[E]):
             lambda: None,
             self._pod_write_failed,
         )
+        # Each request's L7 policy and rate limits, as ``request_verdict`` admits it
+        self._admission = RequestAdmission(core, request, workload, self.where)
         self._start()
 
     @abstractmethod
@@ -243,7 +246,7 @@ class PodShell(CallbackShell, Generic[E]):
         """The protocol's own state: its proxy (``self.proxy``) and what its client side keeps."""
 
     def _authorize(self, head: RequestHead) -> Verdict:
-        return request_verdict(self.core, self.request, self.workload, head, self.where)
+        return self._admission.verdict(head)
 
     def _client_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -484,3 +487,42 @@ def rate_limited(limit: RateLimit, would: str) -> Verdict:
         grpc_status=GRPC_RESOURCE_EXHAUSTED,
         dry_run=would,
     )
+
+
+class RequestAdmission:
+    """Each request of one admitted connection to a pod port admitted as ``request_verdict``
+    admits it (L7 authorization, then the port's rate limits), with what does not depend on
+    the request worked out once per state version: whether any policy bears on the
+    connection's requests (``Policies.live``'s STRICT PeerAuthentication for a plaintext
+    client, an AuthorizationPolicy selecting the pod). The usual pod has none, and then each
+    request's verdict is its rate limits alone: ``request_verdict``'s answer (``ALLOWED``, or
+    429), without building the request's ``Request``, its log text and its ``Decision`` per
+    request or stream (the policies that select the pod are a cached look-up in the
+    ``Authorizer`` itself). Every ``PodShell`` admits its requests through one: HTTP/1.1's
+    (``HttpSession``) and HTTP/2's (``h2inbound.H2Session``)."""
+
+    __slots__ = ("_free", "_policies", "core", "request", "where", "workload")
+
+    def __init__(self, core: Core, request: Request, workload: Workload, where: str) -> None:
+        self.core, self.request, self.workload, self.where = core, request, workload, where
+        self._policies: Policies | None = None  # the version ``_free`` is of
+        self._free = False  # no policy bears on this connection's requests
+
+    def verdict(self, head: RequestHead) -> Verdict:
+        core = self.core
+        snap = core.snapshot()
+        policies = core.policies(snap)
+        if policies is not self._policies:
+            self._policies, self._free = policies, not self._policed(policies)
+        if not self._free:
+            return request_verdict(core, self.request, self.workload, head, self.where)
+        limit = core.rate_limit(self.request, snap)  # the connection's: ip, port, principal
+        return ALLOWED if limit is None else rate_limited(limit, "")
+
+    def _policed(self, policies: Policies) -> bool:
+        request, workload = self.request, self.workload
+        if request.principal is None and (
+            policies.peerauth.mode(workload, request.destination_port) == STRICT
+        ):
+            return True
+        return policies.authz.applies_to(workload)

@@ -54,9 +54,7 @@ from agent.proxy.http1_codec import (
     ResponseReader,
     chunk,
     forwarded_headers,
-    header_value,
     last_chunk,
-    noted_headers,
     request_head,
     response_head,
 )
@@ -346,12 +344,18 @@ class ClientSide(ABC, Generic[C]):
                     self._refuse(431, HEADERS_TOO_LARGE, "head over the size limit")
                     continue
                 fields = event.headers
-                noted = noted_headers(event)  # what the passes below look at, gathered once
+                # What the passes below look at, gathered as it was parsed (``Head.noted``)
+                noted = fields if event.noted is None else event.noted
                 headers, upgrade = forwarded_headers(fields, noted=noted)
-                host = header_value(noted, b"host")
+                host = request_id = None  # the first of each, as ``header_value`` finds them
+                for name, value in noted:
+                    if name == b"host":
+                        if host is None:
+                            host = value.decode("latin-1")
+                    elif name == b"x-request-id" and request_id is None:
+                        request_id = value.decode("latin-1")
                 if host is None:  # HTTP/1.0 (1.1 without it is refused by the reader)
                     headers.append((b"host", b""))  # forwarded as 1.1: empty (RFC 9112 3.2)
-                request_id = header_value(noted, b"x-request-id")
                 if request_id is None:
                     request_id = self.new_request_id()
                     headers.append((b"x-request-id", request_id.encode()))
@@ -674,8 +678,9 @@ class Http1Proxy(ClientSide[_Current]):
         self._to_client.append(response_head(event.status, event.reason, headers))
 
     def _on_response(self, current: _Current, event: Head) -> None:
+        fields = event.headers
         headers, _ = forwarded_headers(
-            event.headers, keep_upgrade=False, noted=noted_headers(event)
+            fields, keep_upgrade=False, noted=fields if event.noted is None else event.noted
         )
         current.last = not (event.keep_alive and current.keep_alive)
         if event.chunked:

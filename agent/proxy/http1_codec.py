@@ -29,6 +29,7 @@ lowercased, as the readers give them.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ AMBIGUOUS_LENGTH = "ambiguous_length"
 UNSUPPORTED_CODING = "unsupported_transfer_coding"
 
 Headers = list[tuple[bytes, bytes]]
+_NAME = operator.itemgetter(0)  # a header's name
 
 
 @dataclass(slots=True)
@@ -216,7 +218,7 @@ class _Reader:
         codings: list[bytes] = []
         lengths: list[bytes] = []
         tokens: set[bytes] = set()
-        noted = noted_headers(head)
+        noted = head.headers if head.noted is None else head.noted
         for name, value in noted:
             if name == b"transfer-encoding":
                 codings += [t.strip().lower() for t in value.split(b",")]
@@ -279,7 +281,10 @@ class RequestReader(_Reader):
             http10=version == "1.0",
             noted=self._noted,
         )
-        hosts = sum(1 for n, _ in self._noted if n == b"host")
+        hosts = 0
+        for name, _ in self._noted:  # a loop, not a generator: a frame fewer per head
+            if name == b"host":
+                hosts += 1
         if hosts > 1 or (hosts == 0 and not head.http10):
             raise _Refused(Refusal(400, MALFORMED, "HTTP/1.1 wants exactly one Host header"))
         self._framing(head)
@@ -450,11 +455,6 @@ def header_value(headers: Headers, name: bytes) -> str | None:
     return None
 
 
-def noted_headers(head: Head) -> Headers:
-    """The headers a pass over ``head`` for the ``NOTED`` names needs to look at."""
-    return head.headers if head.noted is None else head.noted
-
-
 def forwarded_headers(
     headers: Headers, *, keep_upgrade: bool = True, noted: Headers | None = None
 ) -> tuple[Headers, bool]:
@@ -463,7 +463,7 @@ def forwarded_headers(
     and ``Upgrade`` are kept, since the next hop must see the proposal). ``noted``: the
     headers among them named in ``NOTED`` (``Head.noted``); when none is hop-by-hop, nothing
     is removed and the headers are copied as they are (the usual request and response)."""
-    if noted is not None and not any(n in HOP_BY_HOP for n, _ in noted):
+    if noted is not None and HOP_BY_HOP.isdisjoint(map(_NAME, noted)):  # no Python frame
         return list(headers), False
     listed = {
         t.strip().lower()

@@ -360,6 +360,7 @@ class HttpSession(PodShell[Exchange]):
         self.record.protocol = "http/1.1"
         self.proxy = Http1Proxy(authorize=self._authorize)
         self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
+        self._paused = False  # the client side waits for ``_resume``
 
     def _rejected_detail(self) -> str:
         refusal = self.proxy.refusal
@@ -401,6 +402,7 @@ class HttpSession(PodShell[Exchange]):
             while not (proxy.closing or proxy.tunnel):
                 if proxy.client_paused:  # a pipelined request waits its turn: read no more yet
                     self._resume.clear()
+                    self._paused = True
                     await self._resume.wait()
                     continue
                 if self._to_pod.busy:  # the pod is not reading: neither do we
@@ -432,7 +434,8 @@ class HttpSession(PodShell[Exchange]):
 
     def _after_input(self) -> bool:
         proxy = self.proxy
-        if not proxy.client_paused:
+        if self._paused and not proxy.client_paused:  # asked only while the client side waits
+            self._paused = False
             self._resume.set()
         return proxy.closing or proxy.tunnel
 

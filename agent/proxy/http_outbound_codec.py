@@ -83,7 +83,6 @@ from agent.proxy.http1_codec import (
     forwarded_headers,
     header_value,
     last_chunk,
-    noted_headers,
     request_head,
     response_head,
 )
@@ -545,8 +544,9 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         current.waiting_for_100 = False
 
     def _on_response(self, current: _Current[T], event: Head) -> None:
+        fields = event.headers
         headers, _ = forwarded_headers(
-            event.headers, keep_upgrade=False, noted=noted_headers(event)
+            fields, keep_upgrade=False, noted=fields if event.noted is None else event.noted
         )
         if current.edit_response is not None:
             headers = _framed(headers, current.edit_response(_text(headers)))

@@ -358,6 +358,7 @@ class _ClientConnection:
     ) -> None:
         self.owner = owner
         self.core = owner.outbound.core
+        self._store = self.core.store  # its ``snapshot()``: ``Core.snapshot`` is one frame more
         self.client = client
         self.source = source
         self.target = target
@@ -398,6 +399,7 @@ class _ClientConnection:
         self._snap: Snapshot | None = None
         self._endpoints: dict[tuple[int, str], _Endpoint] = {}
         self._by_route: dict[int, _Endpoint] = {}
+        self._labelled: dict[int, tuple[Route, ConnectionRecord]] = {}  # ``_labels``, by route
         self._service_idle: ServiceIdleTimeout | None = None  # made when first asked
 
     async def serve(self) -> None:
@@ -536,7 +538,7 @@ class _ClientConnection:
             self._service_idle = ServiceIdleTimeout(
                 self.owner.router.traffic, self.target.service.key
             )
-        return self._service_idle.get(self.core.snapshot())
+        return self._service_idle.get(self._store.snapshot())
 
     def _idle_expired(self) -> None:
         """No request for the Service's idle timeout: close the keep-alive connection (the
@@ -747,7 +749,7 @@ class _ClientConnection:
     def _route(self, head: RequestHead, request: _Request) -> bool:
         """Route the request (``HttpRouter.admit``) and apply its rule to the codec; False
         when it was answered here (to be flushed)."""
-        snap = self.core.snapshot()
+        snap = self._store.snapshot()
         self.record.upstream, self.record.destination_identity = "", None
         http = HttpRequest.from_target(
             head.method, self.codec.pending_target, TextHeaders(head.headers), authority=head.host
@@ -888,7 +890,7 @@ class _ClientConnection:
         """The next endpoint for the request, without waiting: True when it was attached to
         an idle pooled session or answered here (a same-node endpoint's refusal), an
         ``_Opening`` when a session must be opened, None when no endpoint is left."""
-        snap = self.core.snapshot()
+        snap = self._store.snapshot()
         attempts = plan.attempts
         ip = attempts.next_endpoint()
         if ip is None:
@@ -926,6 +928,7 @@ class _ClientConnection:
             self._snap = snap
             self._endpoints.clear()
             self._by_route.clear()
+            self._labelled.clear()
         found = self._endpoints.get((id(backend), ip))
         if found is not None and found.backend is backend:
             return found
@@ -1109,8 +1112,13 @@ class _ClientConnection:
     # -- timeouts ----------------------------------------------------------------------------
     def _arm(self, request: _Request) -> None:
         """Time the attached try: the sooner of the request's deadline and its per-try
-        timeout (``backendRequest``)."""
-        plan, now = request.plan, time.monotonic()
+        timeout (``backendRequest``); neither (the usual request): no clock read."""
+        plan = request.plan
+        if request.deadline is None and (plan is None or plan.try_timeout is None):
+            if self.timer is not None:
+                self._disarm()
+            return
+        now = time.monotonic()
         delays = [request.deadline - now] if request.deadline is not None else []
         if plan is not None and plan.try_timeout is not None:
             delays.append(plan.try_timeout)
@@ -1230,9 +1238,10 @@ class _ClientConnection:
             request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)
             flags = request.plan.flags(flags)
             request.plan = None
-        labels = self._labels(request.route)
-        upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
-        record = request_record(exchange, flags=flags, upstream=upstream)
+        route = request.route
+        labels = self._labels(route)
+        # ``ip:port`` of the endpoint: the labels' (``describe_route``'s, the same text)
+        record = request_record(exchange, flags=flags, upstream=labels.upstream if route else "")
         self.core.registry.request_done(labels, record, carried_by=self.record)
         if reached is not None and reached.kind == "local":
             # No other proxy saw it: reported as its destination too, as that one would: from
@@ -1251,20 +1260,34 @@ class _ClientConnection:
             self._report_destination(labels, reached, record)
 
     def _labels(self, route: Route | None) -> ConnectionRecord:
-        """The client connection's record as a request to ``route`` saw it."""
+        """The client connection's record as a request to ``route`` saw it: made once per
+        endpoint and snapshot (``_labelled``), like the endpoint's other facts (``_endpoint``).
+        Why it can be shared by the requests of one snapshot: what request telemetry reads of
+        it (the label fields, the id, the addresses) is the connection's and the endpoint's,
+        never the counts and failure that change on ``self.record``; nothing changes it once
+        it is reported."""
+        if route is None:
+            labels = self.record.copy()
+            labels.upstream, labels.destination_identity = "", None
+            labels.security = SECURITY_NONE
+            return labels
+        snap = self._store.snapshot()
+        current = snap is self._snap
+        if current:
+            kept = self._labelled.get(id(route))
+            if kept is not None and kept[0] is route:
+                return kept[1]
         labels = self.record.copy()
-        labels.upstream, labels.destination_identity = "", None
-        labels.security = SECURITY_NONE
-        if route is not None:
-            snap = self.core.snapshot()
-            known = self._by_route.get(id(route)) if snap is self._snap else None
-            if known is not None and known.route is route:
-                labels.path, labels.upstream = known.path, known.upstream
-                labels.destination_identity = known.identity
-            else:
-                self.owner.outbound.describe_route(snap, route, labels)
-            if route.kind == "hbone":
-                labels.security = SECURITY_MTLS
+        known = self._by_route.get(id(route)) if current else None
+        if known is not None and known.route is route:
+            labels.path, labels.upstream = known.path, known.upstream
+            labels.destination_identity = known.identity
+        else:
+            labels.destination_identity = None
+            self.owner.outbound.describe_route(snap, route, labels)
+        labels.security = SECURITY_MTLS if route.kind == "hbone" else SECURITY_NONE
+        if current and len(self._labelled) < MAX_CACHED_ENDPOINTS:
+            self._labelled[id(route)] = (route, labels)
         return labels
 
     def _report_destination(

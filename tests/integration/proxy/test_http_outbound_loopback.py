@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import struct
 import sys
@@ -228,6 +229,68 @@ async def test_a_state_change_between_keep_alive_requests_reaches_the_next_reque
         principals[sample.labels["destination_principal"].rsplit("/", 1)[1]] += int(sample.value)
     assert principals == {server.service_account: 1, "renamed": 1}
     assert mesh.node1.outbound.http.sessions.opened == 1
+
+
+class Reported:
+    """A request observer keeping what each report said of its connection."""
+
+    def __init__(self) -> None:
+        self.connections: list[ConnectionRecord] = []
+
+    def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
+        self.connections.append(connection)
+
+    def rejected(self, cause: str) -> None:
+        return
+
+    def would_deny(self, policy: str) -> None:
+        return
+
+
+@mesh_test
+async def test_a_connections_requests_to_one_endpoint_are_labelled_by_one_record_per_snapshot(
+    mesh: Mesh,
+) -> None:
+    """The source reports each request on the client connection's record pointed at its
+    endpoint (``_ClientConnection._labels``): made once per endpoint and snapshot, not copied
+    per request (before: 20 copies for 20 requests), with the fields a copy made at the
+    request's end has but for the counts, and made again after a state change."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    reported = Reported()
+    mesh.node1.core.registry.request_observers.append(reported)
+    copy = ConnectionRecord.copy.__code__
+    copies = 0
+
+    def count(frame: FrameType, event: str, _arg: Any) -> None:
+        nonlocal copies
+        copies += event == "call" and frame.f_code is copy
+
+    async with apps(port, SERVER):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert (await client.request("GET", "/warm"))[0] == 200  # opens the pooled session
+        sys.setprofile(count)
+        try:
+            for i in range(20):
+                assert (await client.request("GET", f"/r{i}"))[0] == 200
+        finally:
+            sys.setprofile(None)
+        (live,) = [r for r in mesh.node1.core.registry if r.protocol == "http/1.1"]
+        with mesh.store.update() as tx:
+            tx.put_workload(replace(mesh.store.snapshot().workload_by_ip[SERVER], labels={}))
+        assert (await client.request("GET", "/after"))[0] == 200
+        client.writer.close()
+    assert copies == 0  # the warm-up's record labels all 20
+    first, *same, after = reported.connections
+    assert all(c is first for c in same) and after is not first
+    counts = ("bytes_sent", "bytes_received", "requests", "first_byte", "failure", "policy")
+    expected = live.copy()
+    expected.path, expected.upstream = "hbone", f"{SERVER}:{port}"
+    expected.destination_identity, expected.security = first.destination_identity, "mutual_tls"
+    assert first.destination_identity is not None and "/sa/server" in first.destination_identity
+    for name in (f.name for f in dataclasses.fields(ConnectionRecord) if f.name not in counts):
+        assert getattr(first, name) == getattr(expected, name), name
+        assert getattr(after, name) == getattr(expected, name), name
 
 
 @mesh_test

@@ -751,15 +751,12 @@ class _ClientConnection:
         when it was answered here (to be flushed)."""
         snap = self._store.snapshot()
         self.record.upstream, self.record.destination_identity = "", None
-        http = HttpRequest.from_target(
-            head.method, self.codec.pending_target, TextHeaders(head.headers), authority=head.host
-        )
         source = self.source
         try:
             plan = self.owner.router.admit(
                 snap,
                 self.target,
-                http,
+                self._http_request,
                 self.src_ip,
                 source.labels if source is not None else None,
                 (self.core.node, None),
@@ -780,6 +777,15 @@ class _ClientConnection:
         if plan.mirrors:
             self.codec.mirror_with()
         return True
+
+    def _http_request(self) -> HttpRequest:
+        """The pending request as routes read it: made only when a route may (``admit``)."""
+        codec = self.codec
+        head = codec.pending
+        assert head is not None
+        return HttpRequest.from_target(
+            head.method, codec.pending_target, TextHeaders(head.headers), authority=head.host
+        )
 
     async def _admission(self, request: _Request) -> bool:
         """What may make a routed request wait before its first try: the injected delay, then

@@ -25,6 +25,7 @@ import h11
 import pytest
 
 from agent.base.constants import READY_PORT
+from agent.policy.routes import HttpRequest
 from agent.proxy import http_outbound
 from agent.proxy.http_outbound import HttpOutbound
 from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
@@ -291,6 +292,45 @@ async def test_a_connections_requests_to_one_endpoint_are_labelled_by_one_record
     for name in (f.name for f in dataclasses.fields(ConnectionRecord) if f.name not in counts):
         assert getattr(first, name) == getattr(expected, name), name
         assert getattr(after, name) == getattr(expected, name), name
+
+
+@mesh_test
+async def test_a_service_port_without_routes_makes_no_route_request_per_request(
+    mesh: Mesh,
+) -> None:
+    """No HTTPRoute is attached to ``web``: its requests are routed without making the fields
+    a route would read (``HttpRequest``, the target decoded, ``TextHeaders``: before, 20 of
+    them for 20 requests); one attached, each request makes them."""
+    port = free_port(SERVER)
+    add_services(mesh, port, SERVER)
+    made = HttpRequest.from_target.__func__.__code__
+    count = 0
+
+    def counting(frame: FrameType, event: str, _arg: Any) -> None:
+        nonlocal count
+        count += event == "call" and frame.f_code is made
+
+    async def twenty(client: Client) -> int:
+        nonlocal count
+        count = 0
+        sys.setprofile(counting)
+        try:
+            for i in range(20):
+                assert (await client.request("GET", f"/r{i}"))[0] == 200
+        finally:
+            sys.setprofile(None)
+        return count
+
+    async with apps(port, SERVER):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert (await client.request("GET", "/warm"))[0] == 200
+        assert await twenty(client) == 0
+        with mesh.store.update() as tx:
+            tx.put_route(RouteObject("HTTPRoute", "default", "r", {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}, 1, "u"))  # fmt: skip
+        assert await twenty(client) == 20
+        client.writer.close()
 
 
 @mesh_test

@@ -188,23 +188,25 @@ def request_record(
     """The ``RequestRecord`` of a finished exchange, as every HTTP path reports it (``flags``
     overrides the exchange's own, e.g. with a route's ``DI`` added)."""
     head = exchange.head
+    # Every field, in ``RequestRecord``'s order, passed by position: one is made per request at
+    # each end, and sixteen keywords cost more than the rest of the call (2.0 against 0.8 us).
     return RequestRecord(
-        method=head.method,
-        path=head.path,
-        authority=head.host,
-        status=exchange.status,
-        duration_ms=max(0.0, (exchange.ended - exchange.started) * 1000),
-        request_bytes=exchange.request_bytes,
-        response_bytes=exchange.response_bytes,
-        response_flags=exchange.flags if flags is None else flags,
-        request_id=head.request_id,
-        trace_headers=head.trace,
-        started_at=time.time() - (time.monotonic() - exchange.started),
-        protocol=protocol,
-        grpc_status=grpc_status,
-        upstream=upstream,
-        policy=exchange.denied_by or "",
-        dry_run_policy=exchange.dry_run,
+        head.method,
+        head.path,
+        head.host,  # authority
+        exchange.status,
+        max(0.0, (exchange.ended - exchange.started) * 1000),  # duration_ms
+        exchange.request_bytes,
+        exchange.response_bytes,
+        exchange.flags if flags is None else flags,  # response_flags
+        head.request_id,
+        head.trace,  # trace_headers
+        time.time() - (time.monotonic() - exchange.started),  # started_at
+        protocol,
+        grpc_status,
+        upstream,
+        exchange.denied_by or "",  # policy
+        exchange.dry_run,  # dry_run_policy
     )
 
 
@@ -226,18 +228,21 @@ class Verdict:
 
 @dataclass(slots=True)
 class _Current:
+    """One exchange in flight; the fields a request head sets come first (``_on_request`` makes
+    it by position)."""
+
     exchange: Exchange
     keep_alive: bool  # the client's request let the connection carry another
     head_only: bool = False  # a HEAD request: its response has no body
-    denied: bool = False
     upgrade: bool = False
     waiting_for_100: bool = False  # the client sent Expect: 100-continue and no body yet
+    request_chunked: bool = False  # re-chunk the request body for the pod
+    http10: bool = False  # an HTTP/1.0 client: no chunked response for it
+    denied: bool = False
     request_done: bool = False
     response_started: bool = False
     response_done: bool = False
     response_chunked: bool = False  # re-chunk the response body for the client
-    request_chunked: bool = False  # re-chunk the request body for the pod
-    http10: bool = False  # an HTTP/1.0 client: no chunked response for it
     last: bool = False  # the response said this is the connection's last exchange
 
 
@@ -362,13 +367,13 @@ class ClientSide(ABC, Generic[C]):
                 path = event.target.decode("latin-1")
                 if "?" in path or "#" in path:
                     path = path.split("?", 1)[0].split("#", 1)[0]
-                head = RequestHead(
-                    method=event.method.decode("latin-1"),
-                    path=path,
-                    host=host or "",
-                    request_id=request_id,
-                    trace=trace_headers_of(noted),
-                    headers=fields,
+                head = RequestHead(  # by position (keywords cost more than the rest of it)
+                    event.method.decode("latin-1"),
+                    path,
+                    host or "",
+                    request_id,
+                    trace_headers_of(noted),
+                    fields,
                 )
                 self._on_request(event, head, headers, upgrade)
             elif isinstance(event, End):
@@ -568,14 +573,14 @@ class Http1Proxy(ClientSide[_Current]):
         """Dropped: once ``tunnel`` the shell relays the client's bytes itself."""
 
     def _on_request(self, req: Head, head: RequestHead, headers: Headers, upgrade: bool) -> None:
-        current = _Current(
+        current = _Current(  # by position, in its fields' order (``_Current``)
             Exchange(head, self.clock()),
-            keep_alive=req.keep_alive,
-            head_only=req.method == b"HEAD",
-            upgrade=upgrade,
-            waiting_for_100=req.expect_continue,
-            request_chunked=req.chunked,
-            http10=req.http10,
+            req.keep_alive,
+            req.method == b"HEAD",  # head_only
+            upgrade,
+            req.expect_continue,  # waiting_for_100
+            req.chunked,  # request_chunked
+            req.http10,
         )
         self._current = current
         verdict = self.authorize(head)

@@ -454,16 +454,16 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         self.pending = None
 
     def _on_request(self, req: Head, head: RequestHead, headers: Headers, upgrade: bool) -> None:
-        self._current = _Current(
+        self._current = _Current(  # by position, in its fields' order
             Exchange(head, self.clock()),
-            method=req.method,
-            target=req.target,
-            headers=headers,
-            keep_alive=req.keep_alive,
-            http10=req.http10,
-            request_chunked=req.chunked,
-            upgrade=upgrade,
-            waiting_for_100=req.expect_continue,
+            req.method,
+            req.target,
+            headers,
+            req.keep_alive,
+            req.http10,
+            req.chunked,  # request_chunked
+            upgrade,
+            req.expect_continue,  # waiting_for_100
         )
         self.pending = head
 

@@ -154,9 +154,14 @@ class _Reader:
         self._size = 0
         self._trickled = 0  # bytes fed while a head stayed incomplete, after its first read
         self._begun_in_this_feed = False
+        # The start line's element llhttp hands over in pieces: a request's target, a
+        # response's reason (``on_url``, ``on_status``)
+        self._element = b""
+        self._until_eof = False  # a response's body is delimited by the connection's close
 
     # -- llhttp callbacks --------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        """Both halves' (no override: a callback per message is a Python frame per call)."""
         self.in_head = True
         self._begun_in_this_feed = True
         self._headers = []
@@ -164,6 +169,8 @@ class _Reader:
         self._trailers = []
         self._size = 0
         self._trickled = 0
+        self._element = b""
+        self._until_eof = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._size += len(name) + len(value) + 4
@@ -252,19 +259,14 @@ class RequestReader(_Reader):
     def __init__(self, max_head_bytes: int) -> None:
         super().__init__(max_head_bytes)
         self._parser = httptools.HttpRequestParser(self)
-        self._target = b""
         self.upgraded: bytearray | None = None
         self._opening = b""  # the connection's first bytes, to tell an HTTP/2 preface
 
     def on_url(self, url: bytes) -> None:
-        self._target += url
+        self._element += url
         self._size += len(url)
         if self._size > self.max_head_bytes:
             raise _Refused(Refusal(431, HEADERS_TOO_LARGE, "head over the size limit"))
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._target = b""
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -277,7 +279,7 @@ class RequestReader(_Reader):
         head = Head(
             self._headers,
             method=method,
-            target=self._target,
+            target=self._element,
             http10=version == "1.0",
             noted=self._noted,
         )
@@ -334,9 +336,7 @@ class ResponseReader(_Reader):
     def __init__(self, max_head_bytes: int) -> None:
         super().__init__(max_head_bytes)
         self._parser = httptools.HttpResponseParser(self)
-        self._reason = b""
         self._head_only = False
-        self._until_eof = False
         self._pending = bytearray()  # a HEAD response's head, until complete
         self.upgraded: bytes | None = None  # what followed a 101's head
 
@@ -344,13 +344,8 @@ class ResponseReader(_Reader):
         self._head_only = method == b"HEAD"
 
     def on_status(self, reason: bytes) -> None:
-        self._reason += reason
+        self._element += reason
         self._size += len(reason)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._reason = b""
-        self._until_eof = False
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -361,7 +356,7 @@ class ResponseReader(_Reader):
         head = Head(
             self._headers,
             status=status,
-            reason=self._reason,
+            reason=self._element,
             http10=version == "1.0",
             noted=self._noted,
         )

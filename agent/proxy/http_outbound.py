@@ -388,6 +388,9 @@ class _ClientConnection:
         self.refused = False  # the codec refused bad input: the close lingers (``linger``)
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
+        # Each lock held (``Lock.locked()``, as plain attributes: asked several times per
+        # request, and ``locked`` is a Python frame each time)
+        self._up_held = self._down_held = False
         self.timer: asyncio.TimerHandle | None = None  # the attached try's timeout
         self.timed: _Request | None = None  # the request ``timer`` is for
         self._up_backlog = b""  # for ``session``, behind a write still waiting
@@ -561,12 +564,7 @@ class _ClientConnection:
 
     def _writing(self) -> bool:
         """A write to either side waits (its backlog, or a task holding its lock)."""
-        return bool(
-            self._up_backlog
-            or self._down_backlog
-            or self._up_lock.locked()
-            or self._down_lock.locked()
-        )
+        return bool(self._up_backlog or self._down_backlog or self._up_held or self._down_held)
 
     def _flush_now(self) -> bool:
         """Write what the codec produced, settle released sessions, report exchanges, without
@@ -579,7 +577,7 @@ class _ClientConnection:
         data = codec.take_to_upstream()
         if data and self.session is not None:
             done = self._send_upstream_now(self.session, data)
-        elif self._up_lock.locked() or self._up_backlog:
+        elif self._up_held or self._up_backlog:
             done = False
         if self._attaching is not None:
             self._watch_session()
@@ -604,7 +602,7 @@ class _ClientConnection:
         return done
 
     def _send_upstream_now(self, session: UpstreamSession, data: bytes) -> bool:
-        if self._up_lock.locked() or self._up_backlog:
+        if self._up_held or self._up_backlog:
             self._up_backlog += data
             return False
         sent = session.try_write(data)
@@ -614,7 +612,7 @@ class _ClientConnection:
         return True
 
     def _send_client_now(self, data: bytes) -> bool:
-        if self._down_lock.locked() or self._down_backlog:
+        if self._down_held or self._down_backlog:
             self._down_backlog += data
             return False
         sent = try_send(self.client, data)
@@ -631,26 +629,34 @@ class _ClientConnection:
         codec = self.codec
         while not self._flush_now():
             async with self._up_lock:
-                data, self._up_backlog = self._up_backlog, b""
-                if data and self.session is not None:
-                    try:
-                        await self.session.write(data)
-                    except (OSError, TunnelError) as e:
-                        log.debug("%s: upstream send failed: %r", self.record.source, e)
-                        codec.upstream_failed()
-                for _, reusable in codec.take_released():
-                    self._release(reusable)
+                self._up_held = True
+                try:
+                    data, self._up_backlog = self._up_backlog, b""
+                    if data and self.session is not None:
+                        try:
+                            await self.session.write(data)
+                        except (OSError, TunnelError) as e:
+                            log.debug("%s: upstream send failed: %r", self.record.source, e)
+                            codec.upstream_failed()
+                    for _, reusable in codec.take_released():
+                        self._release(reusable)
+                finally:
+                    self._up_held = False
             async with self._down_lock:
-                data, self._down_backlog = self._down_backlog, b""
-                if data and not self.client_gone:
-                    try:
-                        await asyncio.get_running_loop().sock_sendall(self.client, data)
-                    except OSError as e:  # the client went away: stop serving it
-                        log.debug("%s: client send failed: %r", self.record.source, e)
-                        self.client_gone = True
-                        codec.closing = True
-                    else:
-                        self.record.bytes_received += len(data)
+                self._down_held = True
+                try:
+                    data, self._down_backlog = self._down_backlog, b""
+                    if data and not self.client_gone:
+                        try:
+                            await asyncio.get_running_loop().sock_sendall(self.client, data)
+                        except OSError as e:  # the client went away: stop serving it
+                            log.debug("%s: client send failed: %r", self.record.source, e)
+                            self.client_gone = True
+                            codec.closing = True
+                        else:
+                            self.record.bytes_received += len(data)
+                finally:
+                    self._down_held = False
 
     def _flush_later(self) -> None:
         """Finish, in a task, a flush a callback began (``_take``, ``_expired``)."""

@@ -483,20 +483,23 @@ class _ClientConnection:
             self._watch()
             if self._idle.since is None and codec.between_requests:
                 self._idle.idle(self._idle_timeout())
-        else:
+        elif self._head.started is not None:  # (``HeadTimer.time`` only when it changes)
             self._head.time(None)
 
     def _watch(self) -> None:
         if not self._watching:
             self._loop.add_reader(self.client.fileno(), self._readable)
             self._watching = True
-        self._head.time(self.codec.head_started)
+        started = self.codec.head_started
+        if started != self._head.started:
+            self._head.time(started)
 
     def _unwatch(self) -> None:
         if self._watching:
             self._watching = False
             self._loop.remove_reader(self.client.fileno())
-        self._head.time(None)
+        if self._head.started is not None:
+            self._head.time(None)
 
     def _readable(self) -> None:
         """The client's bytes while the task is parked: fed to the codec and flushed here,

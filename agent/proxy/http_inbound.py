@@ -21,7 +21,10 @@ pipelining client cannot queue without bound. All of this but the client's side 
 Authorization here is per request (``Core.authorize_request``): on a declared HTTP port the
 connection itself was admitted without the L7 conditions, which only a request can satisfy. An
 authorized request then meets the RateLimitPolicies of the pod port (``Core.rate_limit``): over
-the limit it is answered ``429`` with flag ``RL`` and the connection keeps serving.
+the limit it is answered ``429`` with flag ``RL`` and the connection keeps serving. Whether any
+policy bears on the connection's requests at all is worked out once per state version
+(``RequestAdmission``, both protocols): the usual pod has none, and its requests then meet
+their rate limits alone, with nothing of the request's authorization built.
 The connection's ``ConnectionRecord`` keeps counting bytes for the TCP metrics; each request is
 reported to ``Registry.request_done`` (Istio request metrics, access log). After an upgrade
 (``101``) the connection is relayed as opaque bytes, like an L4 one.

@@ -288,7 +288,7 @@ class ClientSide(ABC, Generic[C]):
     _current: C | None
     _to_client: list[bytes]
     _to_upstream: list[bytes]
-    _rejections: list[str]
+    rejections: list[str]  # ``take_rejections``' (read, never changed, by a shell)
     refusal: str | None  # what the refusal of bad input answered (one: it closes)
     _client_eof: bool
     _reasons: ClassVar[dict[int, bytes]]  # the reason phrase of each status it answers
@@ -309,7 +309,7 @@ class ClientSide(ABC, Generic[C]):
         return out[0] if len(out) == 1 else b"".join(out)
 
     def take_rejections(self) -> list[str]:
-        out, self._rejections = self._rejections, []
+        out, self.rejections = self.rejections, []
         return out
 
     # -- input -------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ class ClientSide(ABC, Generic[C]):
     def _refuse(self, status: int, cause: str, detail: str) -> None:
         """Answer bad input (if the client may still get a response) and close; the answer
         names the cause and what was wrong (``refusal``, for the shell's log line too)."""
-        self._rejections.append(cause)
+        self.rejections.append(cause)
         self.refusal = f"{cause.replace('_', ' ')}: {detail}"
         self.closing = True
         current = self._current
@@ -500,7 +500,7 @@ class Http1Proxy(ClientSide[_Current]):
     _to_client: list[bytes] = field(default_factory=list, init=False)
     _to_upstream: list[bytes] = field(default_factory=list, init=False)
     _completed: list[Exchange] = field(default_factory=list, init=False)
-    _rejections: list[str] = field(default_factory=list, init=False)
+    rejections: list[str] = field(default_factory=list, init=False)
     refusal: str | None = field(default=None, init=False)
     _current: _Current | None = field(default=None, init=False)
     _client_eof: bool = field(default=False, init=False)
@@ -655,7 +655,7 @@ class Http1Proxy(ClientSide[_Current]):
                         self._to_client.append(event.data)
             elif isinstance(event, Head):
                 if current is None or current.denied:
-                    self._rejections.append(UPSTREAM_PROTOCOL)  # a response nobody asked for
+                    self.rejections.append(UPSTREAM_PROTOCOL)  # a response nobody asked for
                     self._upstream_gone()
                     return
                 if event.status < 200:
@@ -667,7 +667,7 @@ class Http1Proxy(ClientSide[_Current]):
                     continue  # the end of an informational response
                 self._response_ended(current, event)
             else:
-                self._rejections.append(UPSTREAM_PROTOCOL)
+                self.rejections.append(UPSTREAM_PROTOCOL)
                 self._upstream_gone()
                 return
 
@@ -676,7 +676,7 @@ class Http1Proxy(ClientSide[_Current]):
             self._switch(current, event, self.upstream.upgraded)
             return
         if event.status == 101:  # a 101 nobody asked for: the pod is broken
-            self._rejections.append(UPSTREAM_PROTOCOL)
+            self.rejections.append(UPSTREAM_PROTOCOL)
             self._upstream_gone()
             return
         headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]

@@ -588,18 +588,22 @@ class _ClientConnection:
         data = codec.take_to_client()
         if data and not self.client_gone:
             done = self._send_client_now(data) and done
-        if settle:  # after the client's bytes: pooling a session does not hold them up
+        # (each list looked at first: most flushes have none of some, all of others)
+        if settle and codec.released:  # after the client's bytes: pooling does not hold them
             for _, reusable in codec.take_released():
                 self._release(reusable)
-        for exchange, request in codec.take_completed():
-            self._report(exchange, request)
-        for copy in codec.take_mirrors():
-            self._mirror(copy)
-        for cause in codec.take_rejections():
-            self.refused = True
-            where = f"{self.record.source} -> {self.service}"
-            detail = where if codec.refusal is None else f"{where}: {codec.refusal}"
-            self.core.registry.http_rejected(cause, detail)
+        if codec.completed:
+            for exchange, request in codec.take_completed():
+                self._report(exchange, request)
+        if codec.mirrors:
+            for copy in codec.take_mirrors():
+                self._mirror(copy)
+        if codec.rejections:
+            for cause in codec.take_rejections():
+                self.refused = True
+                where = f"{self.record.source} -> {self.service}"
+                detail = where if codec.refusal is None else f"{where}: {codec.refusal}"
+                self.core.registry.http_rejected(cause, detail)
         if done:
             self._changed()
         return done

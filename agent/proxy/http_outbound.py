@@ -47,7 +47,8 @@ each ended after ``MIRROR_TIMEOUT``, its response read and dropped, its failures
 body is larger than the codec's replay limit is not copied (counted ``too_large``).
 
 For a same-node endpoint this node is the only proxy on the path, so it admits each try as
-the endpoint's destination would (``http_inbound.request_verdict``): its L7 policies (403
+the endpoint's destination would (``http_inbound.request_verdict``, through a
+``RequestAdmission`` kept per endpoint and snapshot): its L7 policies (403
 ``RBAC``), then the pod port's RateLimitPolicies from the node's buckets (429 ``RL``
 ``local_rate_limited``, counted in ``nodemesh_rate_limited_requests_total``), the connection
 serving on after either; the far node does that for HBONE sessions. It does so where the far
@@ -93,7 +94,7 @@ from agent.proxy.http1 import (
     Verdict,
     request_record,
 )
-from agent.proxy.http_inbound import request_verdict
+from agent.proxy.http_inbound import RequestAdmission
 from agent.proxy.http_outbound_codec import (
     DroppedResponse,
     Mirrored,
@@ -403,6 +404,7 @@ class _ClientConnection:
         self._endpoints: dict[tuple[int, str], _Endpoint] = {}
         self._by_route: dict[int, _Endpoint] = {}
         self._labelled: dict[int, tuple[Route, ConnectionRecord]] = {}  # ``_labels``, by route
+        self._admissions: dict[int, tuple[Route, RequestAdmission]] = {}  # ``_verdict_here``
         self._service_idle: ServiceIdleTimeout | None = None  # made when first asked
 
     async def serve(self) -> None:
@@ -948,6 +950,7 @@ class _ClientConnection:
             self._endpoints.clear()
             self._by_route.clear()
             self._labelled.clear()
+            self._admissions.clear()
         found = self._endpoints.get((id(backend), ip))
         if found is not None and found.backend is backend:
             return found
@@ -1040,9 +1043,17 @@ class _ClientConnection:
         assert route.target is not None
         if route.port in self.core.settings.proxy_ports:
             return _PROXY_PORT
-        request = AuthzRequest(self.src_ip, route.ip, route.port, self.record.source_identity)
-        where = f"{self.record.source} -> {route.ip}:{route.port}"
-        return request_verdict(self.core, request, route.target, head, where)
+        kept = self._admissions.get(id(route))
+        if kept is None or kept[0] is not route:
+            # Once per endpoint and snapshot, as its destination's session makes one per
+            # connection (``RequestAdmission``: whether any policy bears, per state version)
+            request = AuthzRequest(self.src_ip, route.ip, route.port, self.record.source_identity)
+            where = f"{self.record.source} -> {route.ip}:{route.port}"
+            kept = (route, RequestAdmission(self.core, request, route.target, where))
+            known = self._by_route.get(id(route))
+            if known is not None and known.route is route:  # an endpoint's, not a mirror's
+                self._admissions[id(route)] = kept
+        return kept[1].verdict(head)
 
     async def _open(
         self, key: SessionKey, route: Route, record: ConnectionRecord | None = None

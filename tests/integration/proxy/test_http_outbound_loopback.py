@@ -26,7 +26,7 @@ import pytest
 
 from agent.base.constants import READY_PORT
 from agent.policy.routes import HttpRequest
-from agent.proxy import http_outbound
+from agent.proxy import http_inbound, http_outbound
 from agent.proxy.http_outbound import HttpOutbound
 from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
@@ -472,6 +472,41 @@ async def test_a_same_node_endpoint_is_authorized_per_request(mesh: Mesh) -> Non
     assert counts[("source", WEB, "403", "-")] == 1  # the flag is the destination report's
     assert counts[("destination", WEB, "403", "RBAC")] == 1
     assert counts[("source", WEB, "200", "-")] == 1
+
+
+@mesh_test
+async def test_a_same_node_endpoint_no_policy_bears_on_builds_no_authorization_request(
+    mesh: Mesh,
+) -> None:
+    """The source admits a same-node endpoint's requests through a ``RequestAdmission`` kept
+    per endpoint and snapshot: with no policy selecting the pod, ten requests build no
+    ``request_verdict`` (before: ten, each with its ``Request``, log text and ``Decision``);
+    a DENY put on the open connection refuses its next POST, which is authorized again."""
+    port = free_port(LOCAL)
+    add_services(mesh, port, LOCAL)
+    walked = http_inbound.request_verdict.__code__
+    calls = 0
+
+    def count(frame: FrameType, event: str, _arg: Any) -> None:
+        nonlocal calls
+        calls += event == "call" and frame.f_code is walked
+
+    async with apps(port, LOCAL):
+        client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
+        assert (await client.request("GET", "/warm"))[0] == 200
+        sys.setprofile(count)
+        try:
+            for i in range(10):
+                assert (await client.request("GET", f"/r{i}"))[0] == 200
+            assert calls == 0
+            deny = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}
+            set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no", deny))
+            assert await client.request("POST", "/o", b"x") == (403, b"RBAC: access denied")
+            assert (await client.request("GET", "/o"))[0] == 200
+        finally:
+            sys.setprofile(None)
+        client.writer.close()
+    assert calls == 2
 
 
 @mesh_test

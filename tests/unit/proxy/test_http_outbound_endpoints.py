@@ -58,7 +58,8 @@ def _connection() -> tuple[_ClientConnection, Outbound, StateStore]:
     conn.source = store.snapshot().workload_by_ip[CLIENT_IP]
     conn.record = ConnectionRecord(OUTBOUND, f"{CLIENT_IP}:40000", f"{VIP}:80")
     conn.src_ip = CLIENT_IP
-    conn._snap, conn._endpoints, conn._by_route, conn._labelled = None, {}, {}, {}
+    conn._snap, conn._endpoints, conn._by_route = None, {}, {}
+    conn._labelled, conn._admissions = {}, {}
     return conn, out, store
 
 

@@ -505,7 +505,8 @@ class RequestAdmission:
     429), without building the request's ``Request``, its log text and its ``Decision`` per
     request or stream (the policies that select the pod are a cached look-up in the
     ``Authorizer`` itself). Every ``PodShell`` admits its requests through one: HTTP/1.1's
-    (``HttpSession``) and HTTP/2's (``h2inbound.H2Session``)."""
+    (``HttpSession``) and HTTP/2's (``h2inbound.H2Session``); so does the HTTP/1.1 source for
+    a same-node endpoint, whose destination it stands for (``http_outbound``)."""
 
     __slots__ = ("_free", "_policies", "core", "request", "where", "workload")
 

@@ -28,28 +28,19 @@ rate-limited call is answered ``429``, or for gRPC trailers-only ``grpc-status: 
 finished stream is reported to ``Registry.request_done`` with ``request_protocol`` ``grpc`` for
 gRPC calls, and refusals of bad input go to ``Registry.http_rejected`` by cause. Whether any
 AuthorizationPolicy (or a STRICT PeerAuthentication, for a plaintext client) bears on the
-connection's requests at all is worked out once per state version (``RequestAdmission``), not
-per stream: where none does, a stream's verdict is its rate limits alone.
+connection's requests at all is worked out once per state version (``http_inbound``'s
+``RequestAdmission``, which the HTTP/1.1 session shares), not per stream: where none does, a
+stream's verdict is its rate limits alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from agent.policy.authz import Request
-from agent.policy.peerauth import STRICT
-from agent.proxy.core import Core, Policies
 from agent.proxy.h2proxy import H2Exchange, H2Proxy
 from agent.proxy.h2relay import H2Relay
-from agent.proxy.http1 import RequestHead, Verdict, request_record
-from agent.proxy.http_inbound import (
-    ALLOWED,
-    PodShell,
-    StreamDownstream,
-    rate_limited,
-    request_verdict,
-)
-from agent.state import Workload
+from agent.proxy.http1 import request_record
+from agent.proxy.http_inbound import PodShell, StreamDownstream
 from agent.telemetry.records import RequestRecord
 
 
@@ -62,44 +53,6 @@ def h2_request_record(exchange: H2Exchange) -> RequestRecord:
     )
 
 
-class RequestAdmission:
-    """Each request of one admitted connection to a pod port admitted as ``request_verdict``
-    admits it (L7 authorization, then the port's rate limits), with what does not depend on
-    the request worked out once per state version: whether any policy bears on the
-    connection's requests (``Policies.live``'s STRICT PeerAuthentication for a plaintext
-    client, an AuthorizationPolicy selecting the pod). The usual pod has none, and then each
-    request's verdict is its rate limits alone: ``request_verdict``'s answer (``ALLOWED``, or
-    429), without building the request's ``Request``, its log text and its ``Decision`` per
-    stream (the policies that select the pod are a cached look-up in the ``Authorizer``
-    itself)."""
-
-    __slots__ = ("_free", "_policies", "core", "request", "where", "workload")
-
-    def __init__(self, core: Core, request: Request, workload: Workload, where: str) -> None:
-        self.core, self.request, self.workload, self.where = core, request, workload, where
-        self._policies: Policies | None = None  # the version ``_free`` is of
-        self._free = False  # no policy bears on this connection's requests
-
-    def verdict(self, head: RequestHead) -> Verdict:
-        core = self.core
-        snap = core.snapshot()
-        policies = core.policies(snap)
-        if policies is not self._policies:
-            self._policies, self._free = policies, not self._policed(policies)
-        if not self._free:
-            return request_verdict(core, self.request, self.workload, head, self.where)
-        limit = core.rate_limit(self.request, snap)  # the connection's: ip, port, principal
-        return ALLOWED if limit is None else rate_limited(limit, "")
-
-    def _policed(self, policies: Policies) -> bool:
-        request, workload = self.request, self.workload
-        if request.principal is None and (
-            policies.peerauth.mode(workload, request.destination_port) == STRICT
-        ):
-            return True
-        return policies.authz.applies_to(workload)
-
-
 class H2Session(PodShell[H2Exchange]):
     """One client h2c connection on a declared HTTP/2 or gRPC port, and its pod connection."""
 
@@ -109,12 +62,8 @@ class H2Session(PodShell[H2Exchange]):
     def _start(self) -> None:
         self.record.protocol = "http/2"  # ``nodemesh connections``: "http/2 N", not "-" (TCP)
         relay = self.core.settings.h2_relay and isinstance(self.down, StreamDownstream)
-        self._admission = RequestAdmission(self.core, self.request, self.workload, self.where)
         self.proxy = H2Relay(self._authorize) if relay else H2Proxy(self._authorize)
         self._client_eof = False
-
-    def _authorize(self, head: RequestHead) -> Verdict:
-        return self._admission.verdict(head)
 
     async def serve(self) -> None:
         """Serve streams until both sides closed or the proxy is done with the connection."""

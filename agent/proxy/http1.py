@@ -54,9 +54,7 @@ from agent.proxy.http1_codec import (
     ResponseReader,
     chunk,
     forwarded_headers,
-    header_value,
     last_chunk,
-    noted_headers,
     request_head,
     response_head,
 )
@@ -190,23 +188,25 @@ def request_record(
     """The ``RequestRecord`` of a finished exchange, as every HTTP path reports it (``flags``
     overrides the exchange's own, e.g. with a route's ``DI`` added)."""
     head = exchange.head
+    # Every field, in ``RequestRecord``'s order, passed by position: one is made per request at
+    # each end, and sixteen keywords cost more than the rest of the call (2.0 against 0.8 us).
     return RequestRecord(
-        method=head.method,
-        path=head.path,
-        authority=head.host,
-        status=exchange.status,
-        duration_ms=max(0.0, (exchange.ended - exchange.started) * 1000),
-        request_bytes=exchange.request_bytes,
-        response_bytes=exchange.response_bytes,
-        response_flags=exchange.flags if flags is None else flags,
-        request_id=head.request_id,
-        trace_headers=head.trace,
-        started_at=time.time() - (time.monotonic() - exchange.started),
-        protocol=protocol,
-        grpc_status=grpc_status,
-        upstream=upstream,
-        policy=exchange.denied_by or "",
-        dry_run_policy=exchange.dry_run,
+        head.method,
+        head.path,
+        head.host,  # authority
+        exchange.status,
+        max(0.0, (exchange.ended - exchange.started) * 1000),  # duration_ms
+        exchange.request_bytes,
+        exchange.response_bytes,
+        exchange.flags if flags is None else flags,  # response_flags
+        head.request_id,
+        head.trace,  # trace_headers
+        time.time() - (time.monotonic() - exchange.started),  # started_at
+        protocol,
+        grpc_status,
+        upstream,
+        exchange.denied_by or "",  # policy
+        exchange.dry_run,  # dry_run_policy
     )
 
 
@@ -228,18 +228,21 @@ class Verdict:
 
 @dataclass(slots=True)
 class _Current:
+    """One exchange in flight; the fields a request head sets come first (``_on_request`` makes
+    it by position)."""
+
     exchange: Exchange
     keep_alive: bool  # the client's request let the connection carry another
     head_only: bool = False  # a HEAD request: its response has no body
-    denied: bool = False
     upgrade: bool = False
     waiting_for_100: bool = False  # the client sent Expect: 100-continue and no body yet
+    request_chunked: bool = False  # re-chunk the request body for the pod
+    http10: bool = False  # an HTTP/1.0 client: no chunked response for it
+    denied: bool = False
     request_done: bool = False
     response_started: bool = False
     response_done: bool = False
     response_chunked: bool = False  # re-chunk the response body for the client
-    request_chunked: bool = False  # re-chunk the request body for the pod
-    http10: bool = False  # an HTTP/1.0 client: no chunked response for it
     last: bool = False  # the response said this is the connection's last exchange
 
 
@@ -285,7 +288,7 @@ class ClientSide(ABC, Generic[C]):
     _current: C | None
     _to_client: list[bytes]
     _to_upstream: list[bytes]
-    _rejections: list[str]
+    rejections: list[str]  # ``take_rejections``' (read, never changed, by a shell)
     refusal: str | None  # what the refusal of bad input answered (one: it closes)
     _client_eof: bool
     _reasons: ClassVar[dict[int, bytes]]  # the reason phrase of each status it answers
@@ -306,7 +309,7 @@ class ClientSide(ABC, Generic[C]):
         return out[0] if len(out) == 1 else b"".join(out)
 
     def take_rejections(self) -> list[str]:
-        out, self._rejections = self._rejections, []
+        out, self.rejections = self.rejections, []
         return out
 
     # -- input -------------------------------------------------------------------------------
@@ -346,25 +349,31 @@ class ClientSide(ABC, Generic[C]):
                     self._refuse(431, HEADERS_TOO_LARGE, "head over the size limit")
                     continue
                 fields = event.headers
-                noted = noted_headers(event)  # what the passes below look at, gathered once
+                # What the passes below look at, gathered as it was parsed (``Head.noted``)
+                noted = fields if event.noted is None else event.noted
                 headers, upgrade = forwarded_headers(fields, noted=noted)
-                host = header_value(noted, b"host")
+                host = request_id = None  # the first of each, as ``header_value`` finds them
+                for name, value in noted:
+                    if name == b"host":
+                        if host is None:
+                            host = value.decode("latin-1")
+                    elif name == b"x-request-id" and request_id is None:
+                        request_id = value.decode("latin-1")
                 if host is None:  # HTTP/1.0 (1.1 without it is refused by the reader)
                     headers.append((b"host", b""))  # forwarded as 1.1: empty (RFC 9112 3.2)
-                request_id = header_value(noted, b"x-request-id")
                 if request_id is None:
                     request_id = self.new_request_id()
                     headers.append((b"x-request-id", request_id.encode()))
                 path = event.target.decode("latin-1")
                 if "?" in path or "#" in path:
                     path = path.split("?", 1)[0].split("#", 1)[0]
-                head = RequestHead(
-                    method=event.method.decode("latin-1"),
-                    path=path,
-                    host=host or "",
-                    request_id=request_id,
-                    trace=trace_headers_of(noted),
-                    headers=fields,
+                head = RequestHead(  # by position (keywords cost more than the rest of it)
+                    event.method.decode("latin-1"),
+                    path,
+                    host or "",
+                    request_id,
+                    trace_headers_of(noted),
+                    fields,
                 )
                 self._on_request(event, head, headers, upgrade)
             elif isinstance(event, End):
@@ -380,7 +389,7 @@ class ClientSide(ABC, Generic[C]):
     def _refuse(self, status: int, cause: str, detail: str) -> None:
         """Answer bad input (if the client may still get a response) and close; the answer
         names the cause and what was wrong (``refusal``, for the shell's log line too)."""
-        self._rejections.append(cause)
+        self.rejections.append(cause)
         self.refusal = f"{cause.replace('_', ' ')}: {detail}"
         self.closing = True
         current = self._current
@@ -491,7 +500,7 @@ class Http1Proxy(ClientSide[_Current]):
     _to_client: list[bytes] = field(default_factory=list, init=False)
     _to_upstream: list[bytes] = field(default_factory=list, init=False)
     _completed: list[Exchange] = field(default_factory=list, init=False)
-    _rejections: list[str] = field(default_factory=list, init=False)
+    rejections: list[str] = field(default_factory=list, init=False)
     refusal: str | None = field(default=None, init=False)
     _current: _Current | None = field(default=None, init=False)
     _client_eof: bool = field(default=False, init=False)
@@ -564,14 +573,14 @@ class Http1Proxy(ClientSide[_Current]):
         """Dropped: once ``tunnel`` the shell relays the client's bytes itself."""
 
     def _on_request(self, req: Head, head: RequestHead, headers: Headers, upgrade: bool) -> None:
-        current = _Current(
+        current = _Current(  # by position, in its fields' order (``_Current``)
             Exchange(head, self.clock()),
-            keep_alive=req.keep_alive,
-            head_only=req.method == b"HEAD",
-            upgrade=upgrade,
-            waiting_for_100=req.expect_continue,
-            request_chunked=req.chunked,
-            http10=req.http10,
+            req.keep_alive,
+            req.method == b"HEAD",  # head_only
+            upgrade,
+            req.expect_continue,  # waiting_for_100
+            req.chunked,  # request_chunked
+            req.http10,
         )
         self._current = current
         verdict = self.authorize(head)
@@ -646,7 +655,7 @@ class Http1Proxy(ClientSide[_Current]):
                         self._to_client.append(event.data)
             elif isinstance(event, Head):
                 if current is None or current.denied:
-                    self._rejections.append(UPSTREAM_PROTOCOL)  # a response nobody asked for
+                    self.rejections.append(UPSTREAM_PROTOCOL)  # a response nobody asked for
                     self._upstream_gone()
                     return
                 if event.status < 200:
@@ -658,7 +667,7 @@ class Http1Proxy(ClientSide[_Current]):
                     continue  # the end of an informational response
                 self._response_ended(current, event)
             else:
-                self._rejections.append(UPSTREAM_PROTOCOL)
+                self.rejections.append(UPSTREAM_PROTOCOL)
                 self._upstream_gone()
                 return
 
@@ -667,15 +676,16 @@ class Http1Proxy(ClientSide[_Current]):
             self._switch(current, event, self.upstream.upgraded)
             return
         if event.status == 101:  # a 101 nobody asked for: the pod is broken
-            self._rejections.append(UPSTREAM_PROTOCOL)
+            self.rejections.append(UPSTREAM_PROTOCOL)
             self._upstream_gone()
             return
         headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
         self._to_client.append(response_head(event.status, event.reason, headers))
 
     def _on_response(self, current: _Current, event: Head) -> None:
+        fields = event.headers
         headers, _ = forwarded_headers(
-            event.headers, keep_upgrade=False, noted=noted_headers(event)
+            fields, keep_upgrade=False, noted=fields if event.noted is None else event.noted
         )
         current.last = not (event.keep_alive and current.keep_alive)
         if event.chunked:

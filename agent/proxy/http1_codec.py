@@ -29,6 +29,7 @@ lowercased, as the readers give them.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ AMBIGUOUS_LENGTH = "ambiguous_length"
 UNSUPPORTED_CODING = "unsupported_transfer_coding"
 
 Headers = list[tuple[bytes, bytes]]
+_NAME = operator.itemgetter(0)  # a header's name
 
 
 @dataclass(slots=True)
@@ -152,9 +154,14 @@ class _Reader:
         self._size = 0
         self._trickled = 0  # bytes fed while a head stayed incomplete, after its first read
         self._begun_in_this_feed = False
+        # The start line's element llhttp hands over in pieces: a request's target, a
+        # response's reason (``on_url``, ``on_status``)
+        self._element = b""
+        self._until_eof = False  # a response's body is delimited by the connection's close
 
     # -- llhttp callbacks --------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        """Both halves' (no override: a callback per message is a Python frame per call)."""
         self.in_head = True
         self._begun_in_this_feed = True
         self._headers = []
@@ -162,6 +169,8 @@ class _Reader:
         self._trailers = []
         self._size = 0
         self._trickled = 0
+        self._element = b""
+        self._until_eof = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._size += len(name) + len(value) + 4
@@ -216,7 +225,7 @@ class _Reader:
         codings: list[bytes] = []
         lengths: list[bytes] = []
         tokens: set[bytes] = set()
-        noted = noted_headers(head)
+        noted = head.headers if head.noted is None else head.noted
         for name, value in noted:
             if name == b"transfer-encoding":
                 codings += [t.strip().lower() for t in value.split(b",")]
@@ -250,19 +259,14 @@ class RequestReader(_Reader):
     def __init__(self, max_head_bytes: int) -> None:
         super().__init__(max_head_bytes)
         self._parser = httptools.HttpRequestParser(self)
-        self._target = b""
         self.upgraded: bytearray | None = None
         self._opening = b""  # the connection's first bytes, to tell an HTTP/2 preface
 
     def on_url(self, url: bytes) -> None:
-        self._target += url
+        self._element += url
         self._size += len(url)
         if self._size > self.max_head_bytes:
             raise _Refused(Refusal(431, HEADERS_TOO_LARGE, "head over the size limit"))
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._target = b""
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -275,11 +279,14 @@ class RequestReader(_Reader):
         head = Head(
             self._headers,
             method=method,
-            target=self._target,
+            target=self._element,
             http10=version == "1.0",
             noted=self._noted,
         )
-        hosts = sum(1 for n, _ in self._noted if n == b"host")
+        hosts = 0
+        for name, _ in self._noted:  # a loop, not a generator: a frame fewer per head
+            if name == b"host":
+                hosts += 1
         if hosts > 1 or (hosts == 0 and not head.http10):
             raise _Refused(Refusal(400, MALFORMED, "HTTP/1.1 wants exactly one Host header"))
         self._framing(head)
@@ -329,9 +336,7 @@ class ResponseReader(_Reader):
     def __init__(self, max_head_bytes: int) -> None:
         super().__init__(max_head_bytes)
         self._parser = httptools.HttpResponseParser(self)
-        self._reason = b""
         self._head_only = False
-        self._until_eof = False
         self._pending = bytearray()  # a HEAD response's head, until complete
         self.upgraded: bytes | None = None  # what followed a 101's head
 
@@ -339,13 +344,8 @@ class ResponseReader(_Reader):
         self._head_only = method == b"HEAD"
 
     def on_status(self, reason: bytes) -> None:
-        self._reason += reason
+        self._element += reason
         self._size += len(reason)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._reason = b""
-        self._until_eof = False
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -356,7 +356,7 @@ class ResponseReader(_Reader):
         head = Head(
             self._headers,
             status=status,
-            reason=self._reason,
+            reason=self._element,
             http10=version == "1.0",
             noted=self._noted,
         )
@@ -450,11 +450,6 @@ def header_value(headers: Headers, name: bytes) -> str | None:
     return None
 
 
-def noted_headers(head: Head) -> Headers:
-    """The headers a pass over ``head`` for the ``NOTED`` names needs to look at."""
-    return head.headers if head.noted is None else head.noted
-
-
 def forwarded_headers(
     headers: Headers, *, keep_upgrade: bool = True, noted: Headers | None = None
 ) -> tuple[Headers, bool]:
@@ -463,7 +458,7 @@ def forwarded_headers(
     and ``Upgrade`` are kept, since the next hop must see the proposal). ``noted``: the
     headers among them named in ``NOTED`` (``Head.noted``); when none is hop-by-hop, nothing
     is removed and the headers are copied as they are (the usual request and response)."""
-    if noted is not None and not any(n in HOP_BY_HOP for n, _ in noted):
+    if noted is not None and HOP_BY_HOP.isdisjoint(map(_NAME, noted)):  # no Python frame
         return list(headers), False
     listed = {
         t.strip().lower()

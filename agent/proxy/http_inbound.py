@@ -21,7 +21,10 @@ pipelining client cannot queue without bound. All of this but the client's side 
 Authorization here is per request (``Core.authorize_request``): on a declared HTTP port the
 connection itself was admitted without the L7 conditions, which only a request can satisfy. An
 authorized request then meets the RateLimitPolicies of the pod port (``Core.rate_limit``): over
-the limit it is answered ``429`` with flag ``RL`` and the connection keeps serving.
+the limit it is answered ``429`` with flag ``RL`` and the connection keeps serving. Whether any
+policy bears on the connection's requests at all is worked out once per state version
+(``RequestAdmission``, both protocols): the usual pod has none, and its requests then meet
+their rate limits alone, with nothing of the request's authorization built.
 The connection's ``ConnectionRecord`` keeps counting bytes for the TCP metrics; each request is
 reported to ``Registry.request_done`` (Istio request metrics, access log). After an upgrade
 (``101``) the connection is relayed as opaque bytes, like an L4 one.
@@ -39,7 +42,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from agent.policy.authz import HttpAttributes, Request
-from agent.proxy.core import Core
+from agent.policy.peerauth import STRICT
+from agent.proxy.core import Core, Policies
 from agent.proxy.http1 import (
     GRPC_RESOURCE_EXHAUSTED,
     RATE_LIMITED,
@@ -236,6 +240,8 @@ class PodShell(CallbackShell, Generic[E]):
             lambda: None,
             self._pod_write_failed,
         )
+        # Each request's L7 policy and rate limits, as ``request_verdict`` admits it
+        self._admission = RequestAdmission(core, request, workload, self.where)
         self._start()
 
     @abstractmethod
@@ -243,7 +249,7 @@ class PodShell(CallbackShell, Generic[E]):
         """The protocol's own state: its proxy (``self.proxy``) and what its client side keeps."""
 
     def _authorize(self, head: RequestHead) -> Verdict:
-        return request_verdict(self.core, self.request, self.workload, head, self.where)
+        return self._admission.verdict(head)
 
     def _client_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -357,6 +363,7 @@ class HttpSession(PodShell[Exchange]):
         self.record.protocol = "http/1.1"
         self.proxy = Http1Proxy(authorize=self._authorize)
         self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
+        self._paused = False  # the client side waits for ``_resume``
 
     def _rejected_detail(self) -> str:
         refusal = self.proxy.refusal
@@ -398,6 +405,7 @@ class HttpSession(PodShell[Exchange]):
             while not (proxy.closing or proxy.tunnel):
                 if proxy.client_paused:  # a pipelined request waits its turn: read no more yet
                     self._resume.clear()
+                    self._paused = True
                     await self._resume.wait()
                     continue
                 if self._to_pod.busy:  # the pod is not reading: neither do we
@@ -429,7 +437,8 @@ class HttpSession(PodShell[Exchange]):
 
     def _after_input(self) -> bool:
         proxy = self.proxy
-        if not proxy.client_paused:
+        if self._paused and not proxy.client_paused:  # asked only while the client side waits
+            self._paused = False
             self._resume.set()
         return proxy.closing or proxy.tunnel
 
@@ -484,3 +493,43 @@ def rate_limited(limit: RateLimit, would: str) -> Verdict:
         grpc_status=GRPC_RESOURCE_EXHAUSTED,
         dry_run=would,
     )
+
+
+class RequestAdmission:
+    """Each request of one admitted connection to a pod port admitted as ``request_verdict``
+    admits it (L7 authorization, then the port's rate limits), with what does not depend on
+    the request worked out once per state version: whether any policy bears on the
+    connection's requests (``Policies.live``'s STRICT PeerAuthentication for a plaintext
+    client, an AuthorizationPolicy selecting the pod). The usual pod has none, and then each
+    request's verdict is its rate limits alone: ``request_verdict``'s answer (``ALLOWED``, or
+    429), without building the request's ``Request``, its log text and its ``Decision`` per
+    request or stream (the policies that select the pod are a cached look-up in the
+    ``Authorizer`` itself). Every ``PodShell`` admits its requests through one: HTTP/1.1's
+    (``HttpSession``) and HTTP/2's (``h2inbound.H2Session``); so does the HTTP/1.1 source for
+    a same-node endpoint, whose destination it stands for (``http_outbound``)."""
+
+    __slots__ = ("_free", "_policies", "core", "request", "where", "workload")
+
+    def __init__(self, core: Core, request: Request, workload: Workload, where: str) -> None:
+        self.core, self.request, self.workload, self.where = core, request, workload, where
+        self._policies: Policies | None = None  # the version ``_free`` is of
+        self._free = False  # no policy bears on this connection's requests
+
+    def verdict(self, head: RequestHead) -> Verdict:
+        core = self.core
+        snap = core.snapshot()
+        policies = core.policies(snap)
+        if policies is not self._policies:
+            self._policies, self._free = policies, not self._policed(policies)
+        if not self._free:
+            return request_verdict(core, self.request, self.workload, head, self.where)
+        limit = core.rate_limit(self.request, snap)  # the connection's: ip, port, principal
+        return ALLOWED if limit is None else rate_limited(limit, "")
+
+    def _policed(self, policies: Policies) -> bool:
+        request, workload = self.request, self.workload
+        if request.principal is None and (
+            policies.peerauth.mode(workload, request.destination_port) == STRICT
+        ):
+            return True
+        return policies.authz.applies_to(workload)

@@ -47,7 +47,8 @@ each ended after ``MIRROR_TIMEOUT``, its response read and dropped, its failures
 body is larger than the codec's replay limit is not copied (counted ``too_large``).
 
 For a same-node endpoint this node is the only proxy on the path, so it admits each try as
-the endpoint's destination would (``http_inbound.request_verdict``): its L7 policies (403
+the endpoint's destination would (``http_inbound.request_verdict``, through a
+``RequestAdmission`` kept per endpoint and snapshot): its L7 policies (403
 ``RBAC``), then the pod port's RateLimitPolicies from the node's buckets (429 ``RL``
 ``local_rate_limited``, counted in ``nodemesh_rate_limited_requests_total``), the connection
 serving on after either; the far node does that for HBONE sessions. It does so where the far
@@ -93,7 +94,7 @@ from agent.proxy.http1 import (
     Verdict,
     request_record,
 )
-from agent.proxy.http_inbound import request_verdict
+from agent.proxy.http_inbound import RequestAdmission
 from agent.proxy.http_outbound_codec import (
     DroppedResponse,
     Mirrored,
@@ -358,6 +359,7 @@ class _ClientConnection:
     ) -> None:
         self.owner = owner
         self.core = owner.outbound.core
+        self._store = self.core.store  # its ``snapshot()``: ``Core.snapshot`` is one frame more
         self.client = client
         self.source = source
         self.target = target
@@ -387,6 +389,9 @@ class _ClientConnection:
         self.refused = False  # the codec refused bad input: the close lingers (``linger``)
         self._up_lock = asyncio.Lock()
         self._down_lock = asyncio.Lock()
+        # Each lock held (``Lock.locked()``, as plain attributes: asked several times per
+        # request, and ``locked`` is a Python frame each time)
+        self._up_held = self._down_held = False
         self.timer: asyncio.TimerHandle | None = None  # the attached try's timeout
         self.timed: _Request | None = None  # the request ``timer`` is for
         self._up_backlog = b""  # for ``session``, behind a write still waiting
@@ -398,6 +403,8 @@ class _ClientConnection:
         self._snap: Snapshot | None = None
         self._endpoints: dict[tuple[int, str], _Endpoint] = {}
         self._by_route: dict[int, _Endpoint] = {}
+        self._labelled: dict[int, tuple[Route, ConnectionRecord]] = {}  # ``_labels``, by route
+        self._admissions: dict[int, tuple[Route, RequestAdmission]] = {}  # ``_verdict_here``
         self._service_idle: ServiceIdleTimeout | None = None  # made when first asked
 
     async def serve(self) -> None:
@@ -478,20 +485,23 @@ class _ClientConnection:
             self._watch()
             if self._idle.since is None and codec.between_requests:
                 self._idle.idle(self._idle_timeout())
-        else:
+        elif self._head.started is not None:  # (``HeadTimer.time`` only when it changes)
             self._head.time(None)
 
     def _watch(self) -> None:
         if not self._watching:
             self._loop.add_reader(self.client.fileno(), self._readable)
             self._watching = True
-        self._head.time(self.codec.head_started)
+        started = self.codec.head_started
+        if started != self._head.started:
+            self._head.time(started)
 
     def _unwatch(self) -> None:
         if self._watching:
             self._watching = False
             self._loop.remove_reader(self.client.fileno())
-        self._head.time(None)
+        if self._head.started is not None:
+            self._head.time(None)
 
     def _readable(self) -> None:
         """The client's bytes while the task is parked: fed to the codec and flushed here,
@@ -536,7 +546,7 @@ class _ClientConnection:
             self._service_idle = ServiceIdleTimeout(
                 self.owner.router.traffic, self.target.service.key
             )
-        return self._service_idle.get(self.core.snapshot())
+        return self._service_idle.get(self._store.snapshot())
 
     def _idle_expired(self) -> None:
         """No request for the Service's idle timeout: close the keep-alive connection (the
@@ -559,12 +569,7 @@ class _ClientConnection:
 
     def _writing(self) -> bool:
         """A write to either side waits (its backlog, or a task holding its lock)."""
-        return bool(
-            self._up_backlog
-            or self._down_backlog
-            or self._up_lock.locked()
-            or self._down_lock.locked()
-        )
+        return bool(self._up_backlog or self._down_backlog or self._up_held or self._down_held)
 
     def _flush_now(self) -> bool:
         """Write what the codec produced, settle released sessions, report exchanges, without
@@ -577,7 +582,7 @@ class _ClientConnection:
         data = codec.take_to_upstream()
         if data and self.session is not None:
             done = self._send_upstream_now(self.session, data)
-        elif self._up_lock.locked() or self._up_backlog:
+        elif self._up_held or self._up_backlog:
             done = False
         if self._attaching is not None:
             self._watch_session()
@@ -585,24 +590,28 @@ class _ClientConnection:
         data = codec.take_to_client()
         if data and not self.client_gone:
             done = self._send_client_now(data) and done
-        if settle:  # after the client's bytes: pooling a session does not hold them up
+        # (each list looked at first: most flushes have none of some, all of others)
+        if settle and codec.released:  # after the client's bytes: pooling does not hold them
             for _, reusable in codec.take_released():
                 self._release(reusable)
-        for exchange, request in codec.take_completed():
-            self._report(exchange, request)
-        for copy in codec.take_mirrors():
-            self._mirror(copy)
-        for cause in codec.take_rejections():
-            self.refused = True
-            where = f"{self.record.source} -> {self.service}"
-            detail = where if codec.refusal is None else f"{where}: {codec.refusal}"
-            self.core.registry.http_rejected(cause, detail)
+        if codec.completed:
+            for exchange, request in codec.take_completed():
+                self._report(exchange, request)
+        if codec.mirrors:
+            for copy in codec.take_mirrors():
+                self._mirror(copy)
+        if codec.rejections:
+            for cause in codec.take_rejections():
+                self.refused = True
+                where = f"{self.record.source} -> {self.service}"
+                detail = where if codec.refusal is None else f"{where}: {codec.refusal}"
+                self.core.registry.http_rejected(cause, detail)
         if done:
             self._changed()
         return done
 
     def _send_upstream_now(self, session: UpstreamSession, data: bytes) -> bool:
-        if self._up_lock.locked() or self._up_backlog:
+        if self._up_held or self._up_backlog:
             self._up_backlog += data
             return False
         sent = session.try_write(data)
@@ -612,7 +621,7 @@ class _ClientConnection:
         return True
 
     def _send_client_now(self, data: bytes) -> bool:
-        if self._down_lock.locked() or self._down_backlog:
+        if self._down_held or self._down_backlog:
             self._down_backlog += data
             return False
         sent = try_send(self.client, data)
@@ -629,26 +638,34 @@ class _ClientConnection:
         codec = self.codec
         while not self._flush_now():
             async with self._up_lock:
-                data, self._up_backlog = self._up_backlog, b""
-                if data and self.session is not None:
-                    try:
-                        await self.session.write(data)
-                    except (OSError, TunnelError) as e:
-                        log.debug("%s: upstream send failed: %r", self.record.source, e)
-                        codec.upstream_failed()
-                for _, reusable in codec.take_released():
-                    self._release(reusable)
+                self._up_held = True
+                try:
+                    data, self._up_backlog = self._up_backlog, b""
+                    if data and self.session is not None:
+                        try:
+                            await self.session.write(data)
+                        except (OSError, TunnelError) as e:
+                            log.debug("%s: upstream send failed: %r", self.record.source, e)
+                            codec.upstream_failed()
+                    for _, reusable in codec.take_released():
+                        self._release(reusable)
+                finally:
+                    self._up_held = False
             async with self._down_lock:
-                data, self._down_backlog = self._down_backlog, b""
-                if data and not self.client_gone:
-                    try:
-                        await asyncio.get_running_loop().sock_sendall(self.client, data)
-                    except OSError as e:  # the client went away: stop serving it
-                        log.debug("%s: client send failed: %r", self.record.source, e)
-                        self.client_gone = True
-                        codec.closing = True
-                    else:
-                        self.record.bytes_received += len(data)
+                self._down_held = True
+                try:
+                    data, self._down_backlog = self._down_backlog, b""
+                    if data and not self.client_gone:
+                        try:
+                            await asyncio.get_running_loop().sock_sendall(self.client, data)
+                        except OSError as e:  # the client went away: stop serving it
+                            log.debug("%s: client send failed: %r", self.record.source, e)
+                            self.client_gone = True
+                            codec.closing = True
+                        else:
+                            self.record.bytes_received += len(data)
+                finally:
+                    self._down_held = False
 
     def _flush_later(self) -> None:
         """Finish, in a task, a flush a callback began (``_take``, ``_expired``)."""
@@ -747,17 +764,14 @@ class _ClientConnection:
     def _route(self, head: RequestHead, request: _Request) -> bool:
         """Route the request (``HttpRouter.admit``) and apply its rule to the codec; False
         when it was answered here (to be flushed)."""
-        snap = self.core.snapshot()
+        snap = self._store.snapshot()
         self.record.upstream, self.record.destination_identity = "", None
-        http = HttpRequest.from_target(
-            head.method, self.codec.pending_target, TextHeaders(head.headers), authority=head.host
-        )
         source = self.source
         try:
             plan = self.owner.router.admit(
                 snap,
                 self.target,
-                http,
+                self._http_request,
                 self.src_ip,
                 source.labels if source is not None else None,
                 (self.core.node, None),
@@ -778,6 +792,15 @@ class _ClientConnection:
         if plan.mirrors:
             self.codec.mirror_with()
         return True
+
+    def _http_request(self) -> HttpRequest:
+        """The pending request as routes read it: made only when a route may (``admit``)."""
+        codec = self.codec
+        head = codec.pending
+        assert head is not None
+        return HttpRequest.from_target(
+            head.method, codec.pending_target, TextHeaders(head.headers), authority=head.host
+        )
 
     async def _admission(self, request: _Request) -> bool:
         """What may make a routed request wait before its first try: the injected delay, then
@@ -888,7 +911,7 @@ class _ClientConnection:
         """The next endpoint for the request, without waiting: True when it was attached to
         an idle pooled session or answered here (a same-node endpoint's refusal), an
         ``_Opening`` when a session must be opened, None when no endpoint is left."""
-        snap = self.core.snapshot()
+        snap = self._store.snapshot()
         attempts = plan.attempts
         ip = attempts.next_endpoint()
         if ip is None:
@@ -926,6 +949,8 @@ class _ClientConnection:
             self._snap = snap
             self._endpoints.clear()
             self._by_route.clear()
+            self._labelled.clear()
+            self._admissions.clear()
         found = self._endpoints.get((id(backend), ip))
         if found is not None and found.backend is backend:
             return found
@@ -1018,9 +1043,17 @@ class _ClientConnection:
         assert route.target is not None
         if route.port in self.core.settings.proxy_ports:
             return _PROXY_PORT
-        request = AuthzRequest(self.src_ip, route.ip, route.port, self.record.source_identity)
-        where = f"{self.record.source} -> {route.ip}:{route.port}"
-        return request_verdict(self.core, request, route.target, head, where)
+        kept = self._admissions.get(id(route))
+        if kept is None or kept[0] is not route:
+            # Once per endpoint and snapshot, as its destination's session makes one per
+            # connection (``RequestAdmission``: whether any policy bears, per state version)
+            request = AuthzRequest(self.src_ip, route.ip, route.port, self.record.source_identity)
+            where = f"{self.record.source} -> {route.ip}:{route.port}"
+            kept = (route, RequestAdmission(self.core, request, route.target, where))
+            known = self._by_route.get(id(route))
+            if known is not None and known.route is route:  # an endpoint's, not a mirror's
+                self._admissions[id(route)] = kept
+        return kept[1].verdict(head)
 
     async def _open(
         self, key: SessionKey, route: Route, record: ConnectionRecord | None = None
@@ -1109,8 +1142,13 @@ class _ClientConnection:
     # -- timeouts ----------------------------------------------------------------------------
     def _arm(self, request: _Request) -> None:
         """Time the attached try: the sooner of the request's deadline and its per-try
-        timeout (``backendRequest``)."""
-        plan, now = request.plan, time.monotonic()
+        timeout (``backendRequest``); neither (the usual request): no clock read."""
+        plan = request.plan
+        if request.deadline is None and (plan is None or plan.try_timeout is None):
+            if self.timer is not None:
+                self._disarm()
+            return
+        now = time.monotonic()
         delays = [request.deadline - now] if request.deadline is not None else []
         if plan is not None and plan.try_timeout is not None:
             delays.append(plan.try_timeout)
@@ -1230,9 +1268,10 @@ class _ClientConnection:
             request.plan.finish(exchange.status, request.first_byte, reset_before_response=reset)
             flags = request.plan.flags(flags)
             request.plan = None
-        labels = self._labels(request.route)
-        upstream = f"{request.route.ip}:{request.route.port}" if request.route is not None else ""
-        record = request_record(exchange, flags=flags, upstream=upstream)
+        route = request.route
+        labels = self._labels(route)
+        # ``ip:port`` of the endpoint: the labels' (``describe_route``'s, the same text)
+        record = request_record(exchange, flags=flags, upstream=labels.upstream if route else "")
         self.core.registry.request_done(labels, record, carried_by=self.record)
         if reached is not None and reached.kind == "local":
             # No other proxy saw it: reported as its destination too, as that one would: from
@@ -1251,20 +1290,34 @@ class _ClientConnection:
             self._report_destination(labels, reached, record)
 
     def _labels(self, route: Route | None) -> ConnectionRecord:
-        """The client connection's record as a request to ``route`` saw it."""
+        """The client connection's record as a request to ``route`` saw it: made once per
+        endpoint and snapshot (``_labelled``), like the endpoint's other facts (``_endpoint``).
+        Why it can be shared by the requests of one snapshot: what request telemetry reads of
+        it (the label fields, the id, the addresses) is the connection's and the endpoint's,
+        never the counts and failure that change on ``self.record``; nothing changes it once
+        it is reported."""
+        if route is None:
+            labels = self.record.copy()
+            labels.upstream, labels.destination_identity = "", None
+            labels.security = SECURITY_NONE
+            return labels
+        snap = self._store.snapshot()
+        current = snap is self._snap
+        if current:
+            kept = self._labelled.get(id(route))
+            if kept is not None and kept[0] is route:
+                return kept[1]
         labels = self.record.copy()
-        labels.upstream, labels.destination_identity = "", None
-        labels.security = SECURITY_NONE
-        if route is not None:
-            snap = self.core.snapshot()
-            known = self._by_route.get(id(route)) if snap is self._snap else None
-            if known is not None and known.route is route:
-                labels.path, labels.upstream = known.path, known.upstream
-                labels.destination_identity = known.identity
-            else:
-                self.owner.outbound.describe_route(snap, route, labels)
-            if route.kind == "hbone":
-                labels.security = SECURITY_MTLS
+        known = self._by_route.get(id(route)) if current else None
+        if known is not None and known.route is route:
+            labels.path, labels.upstream = known.path, known.upstream
+            labels.destination_identity = known.identity
+        else:
+            labels.destination_identity = None
+            self.owner.outbound.describe_route(snap, route, labels)
+        labels.security = SECURITY_MTLS if route.kind == "hbone" else SECURITY_NONE
+        if current and len(self._labelled) < MAX_CACHED_ENDPOINTS:
+            self._labelled[id(route)] = (route, labels)
         return labels
 
     def _report_destination(

@@ -83,7 +83,6 @@ from agent.proxy.http1_codec import (
     forwarded_headers,
     header_value,
     last_chunk,
-    noted_headers,
     request_head,
     response_head,
 )
@@ -206,12 +205,14 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     _current: _Current[T] | None = field(default=None, init=False)
     _to_client: list[bytes] = field(default_factory=list, init=False)
     _to_upstream: list[bytes] = field(default_factory=list, init=False)
-    _completed: list[tuple[Exchange, T | None]] = field(default_factory=list, init=False)
-    _rejections: list[str] = field(default_factory=list, init=False)
+    # What the ``take_*`` methods hand over; the shell looks at them (never changes them) to
+    # skip an empty take: it flushes twice a request, and four takes were four frames a flush
+    completed: list[tuple[Exchange, T | None]] = field(default_factory=list, init=False)
+    rejections: list[str] = field(default_factory=list, init=False)
+    released: list[tuple[UpstreamHalf, bool]] = field(default_factory=list, init=False)
+    mirrors: list[Mirrored[T]] = field(default_factory=list, init=False)
     refusal: str | None = field(default=None, init=False)
-    _released: list[tuple[UpstreamHalf, bool]] = field(default_factory=list, init=False)
     _client_eof: bool = field(default=False, init=False)
-    _mirrors: list[Mirrored[T]] = field(default_factory=list, init=False)
     _reasons = _REASONS
 
     def __post_init__(self) -> None:
@@ -219,17 +220,17 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
 
     # -- output ------------------------------------------------------------------------------
     def take_completed(self) -> list[tuple[Exchange, T | None]]:
-        out, self._completed = self._completed, []
+        out, self.completed = self.completed, []
         return out
 
     def take_mirrors(self) -> list[Mirrored[T]]:
         """Requests the client finished sending that are to be mirrored."""
-        out, self._mirrors = self._mirrors, []
+        out, self.mirrors = self.mirrors, []
         return out
 
     def take_released(self) -> list[tuple[UpstreamHalf, bool]]:
         """Upstream halves done with their request: (half, reusable for another request)."""
-        out, self._released = self._released, []
+        out, self.released = self.released, []
         return out
 
     @property
@@ -444,27 +445,27 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
             current.exchange.flags = DOWNSTREAM_CLOSED
             self._finish(current)
             if current.upstream is not None:  # its request or response is cut: not reusable
-                self._released.append((current.upstream, False))
+                self.released.append((current.upstream, False))
         self.pending = None
         self.closing = True
 
     def _refused(self, current: _Current[T] | None) -> None:
         """The refused request's upstream, if any, is released unreusable."""
         if current is not None and current.upstream is not None:
-            self._released.append((current.upstream, False))
+            self.released.append((current.upstream, False))
         self.pending = None
 
     def _on_request(self, req: Head, head: RequestHead, headers: Headers, upgrade: bool) -> None:
-        self._current = _Current(
+        self._current = _Current(  # by position, in its fields' order
             Exchange(head, self.clock()),
-            method=req.method,
-            target=req.target,
-            headers=headers,
-            keep_alive=req.keep_alive,
-            http10=req.http10,
-            request_chunked=req.chunked,
-            upgrade=upgrade,
-            waiting_for_100=req.expect_continue,
+            req.method,
+            req.target,
+            headers,
+            req.keep_alive,
+            req.http10,
+            req.chunked,  # request_chunked
+            upgrade,
+            req.expect_continue,  # waiting_for_100
         )
         self.pending = head
 
@@ -487,7 +488,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         current.trailers = trailers
         if current.mirror and not current.local:
             body = bytes(current.body) if current.body is not None else None
-            self._mirrors.append(
+            self.mirrors.append(
                 Mirrored(
                     current.method,
                     current.target,
@@ -518,7 +519,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
                 self._to_client.append(chunk(data) if current.response_chunked else data)
             elif isinstance(event, Head):
                 if current.response_started:  # a second response to one request
-                    self._rejections.append(UPSTREAM_PROTOCOL)
+                    self.rejections.append(UPSTREAM_PROTOCOL)
                     self._upstream_gone(current, upstream)
                 elif event.status < 200:
                     self._on_informational(current, upstream, event)
@@ -529,7 +530,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
                     continue  # the end of an informational response
                 self._response_ended(current, event)
             else:
-                self._rejections.append(UPSTREAM_PROTOCOL)
+                self.rejections.append(UPSTREAM_PROTOCOL)
                 self._upstream_gone(current, upstream)
 
     def _on_informational(self, current: _Current[T], upstream: UpstreamHalf, event: Head) -> None:
@@ -537,7 +538,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
             self._switch(current, event, upstream.reader.upgraded)
             return
         if event.status == 101:  # a 101 nobody asked for: the endpoint is broken
-            self._rejections.append(UPSTREAM_PROTOCOL)
+            self.rejections.append(UPSTREAM_PROTOCOL)
             self._upstream_gone(current, upstream)
             return
         headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
@@ -545,8 +546,9 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         current.waiting_for_100 = False
 
     def _on_response(self, current: _Current[T], event: Head) -> None:
+        fields = event.headers
         headers, _ = forwarded_headers(
-            event.headers, keep_upgrade=False, noted=noted_headers(event)
+            fields, keep_upgrade=False, noted=fields if event.noted is None else event.noted
         )
         if current.edit_response is not None:
             headers = _framed(headers, current.edit_response(_text(headers)))
@@ -593,7 +595,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         upstream = current.upstream
         if upstream is not None:
             current.upstream = None
-            self._released.append((upstream, False))
+            self.released.append((upstream, False))
         if current.response_done and not timeout:
             current.local = True  # what is left of the request body goes nowhere
             self._maybe_next_cycle()
@@ -613,7 +615,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         if current.retry is None or not self._retry(current, status):
             return False
         current.upstream = None
-        self._released.append((upstream, False))
+        self.released.append((upstream, False))
         return True
 
     def _retry(self, current: _Current[T], status: int | None) -> bool:
@@ -666,7 +668,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
 
     def _finish(self, current: _Current[T]) -> None:
         current.exchange.ended = self.clock()
-        self._completed.append((current.exchange, current.tag))
+        self.completed.append((current.exchange, current.tag))
         self._current = None
 
     def _exchange_ended(self, current: _Current[T]) -> None:
@@ -674,7 +676,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         nothing unasked followed it."""
         upstream = current.upstream
         if upstream is not None:
-            self._released.append((upstream, current.upstream_keep_alive and upstream.idle))
+            self.released.append((upstream, current.upstream_keep_alive and upstream.idle))
 
 
 def _text(headers: Headers) -> StrHeaders:

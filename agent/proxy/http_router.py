@@ -295,7 +295,7 @@ class HttpRouter:
         self,
         snap: Snapshot,
         dialled: ServiceTarget,
-        request: HttpRequest | GrpcRequest,
+        request: HttpRequest | GrpcRequest | Callable[[], HttpRequest],
         source_ip: str,
         source_labels: Mapping[str, str] | None,
         source_node: tuple[str, str | None],
@@ -307,9 +307,18 @@ class HttpRouter:
         first), or raise ``LocalResponse`` (no route, a redirect, an unusable backend, limits,
         an injected abort). With ``may_queue`` a request over the backend Service's
         ``maxConnections`` may wait (``plan.attempts.queued``: the shell waits for its
-        ``on_admitted`` before it picks an endpoint)."""
+        ``on_admitted`` before it picks an endpoint). An HTTP request may come as the function
+        that makes it, called only when a route on the port may read it: most Services have
+        none, and the request's fields were made for every request and never read."""
         routes = self._port_routes(snap, dialled, client_namespace)
-        action = routes.grpc(request) if isinstance(request, GrpcRequest) else routes.http(request)
+        if isinstance(request, GrpcRequest):
+            action = routes.grpc(request)
+        elif not routes.routes_http:
+            action = None
+        else:
+            if not isinstance(request, HttpRequest):
+                request = request()
+            action = routes.http(request)
         if action is None:  # no route: the dialled Service serves
             traffic = self.traffic.service(snap, dialled.service)
             attempts = self._attempts(traffic, source_ip, source_labels, source_node, may_queue)
@@ -317,6 +326,7 @@ class HttpRouter:
         if isinstance(action, NoMatchingRule):
             names = ", ".join("/".join(key[1:]) for key in action.routes)
             raise LocalResponse(404, NO_ROUTE, f"no rule of {names} matched", BODIES[NO_ROUTE])
+        assert isinstance(request, HttpRequest | GrpcRequest)  # made above: a route reads it
         rule = self._rule(snap, action)
         fault = NO_FAULT if action.filters.fault is None else self._fault(request, rule)
         chosen = self._backend(dialled, request, rule)

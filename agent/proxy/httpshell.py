@@ -112,17 +112,17 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
         self.idle.set()
-
-    @property
-    def busy(self) -> bool:
-        return not self.idle.is_set()
+        # ``not idle.is_set()``, kept as a plain attribute: the shells ask it after every input
+        # (two Python calls a question as a property over the event)
+        self.busy = False
 
     def send(self, data: bytes) -> None:
-        if self.idle.is_set():
+        if not self.busy:
             n = self._try_write(data)
             if n == len(data):
                 return
             data = data[n:]
+            self.busy = True
             self.idle.clear()
             self._task = asyncio.create_task(self._drain(), name="http-outbox")
         self._pending.append(data)
@@ -137,6 +137,7 @@ class Outbox:
             self._on_error(e)
         finally:
             self._task = None
+            self.busy = False
             self.idle.set()
         self._on_idle()
 

@@ -127,6 +127,12 @@ class PortRoutes:
         self._grpc = grpc
         self._cache = cache
 
+    @property
+    def routes_http(self) -> bool:
+        """Any route on the port for this client's HTTP requests (else ``http`` answers None
+        whatever the request, so it need not be made)."""
+        return self._http is not None
+
     def http(self, request: HttpRequest) -> Decision:
         """The rule an HTTP request takes (``None``: no route on the port for this client)."""
         attached = self._http

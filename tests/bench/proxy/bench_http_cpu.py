@@ -20,13 +20,22 @@ Prints the process CPU time per request of each measured round (after a warm-up)
 (the least disturbed by other processes; compare trees alternated). With ``--callgrind`` (run
 under ``valgrind --tool=callgrind --instr-atstart=no``) instrumentation is on only during the
 measured rounds, so callgrind's instruction count divided by the requests is the same measure
-without the machine's load; the connect and handshake timeouts are raised for it.
+without the machine's load; the connect and handshake timeouts are raised for it:
+
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/tmp/svc.cg \\
+        .venv/bin/python -m tests.bench.proxy.bench_http_cpu svc --callgrind --rounds 1 \\
+        --requests 1000   # then: instructions (callgrind_annotate's total) / 1000
+
+With ``--profile FILE`` cProfile runs over the measured rounds only and its stats go to FILE:
+the Python calls (and built-ins) per request, by function (``pstats``; divide by the rounds'
+requests).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import logging
 import os
 import subprocess
@@ -205,15 +214,22 @@ async def rounds(
     await batch(50)
     per_round: list[float] = []
     per_connection = total // args.connections
+    profile = cProfile.Profile() if args.profile else None
     for _ in range(args.rounds):
         if args.callgrind:
             _callgrind(True)
+        if profile is not None:
+            profile.enable()
         started = time.process_time()
         await batch(per_connection)
         used = time.process_time() - started
+        if profile is not None:
+            profile.disable()
         if args.callgrind:
             _callgrind(False)
         per_round.append(used / (per_connection * args.connections) * 1e6)
+    if profile is not None:
+        profile.dump_stats(args.profile)
     return per_round
 
 
@@ -246,6 +262,7 @@ def measure(
     parser.add_argument("--no-access-log", action="store_true", help="the log's logger off")
     parser.add_argument("--log", default=os.devnull, help="where the access log goes")
     parser.add_argument("--callgrind", action="store_true", help="see bench_http_cpu's docstring")
+    parser.add_argument("--profile", help="cProfile stats of the measured rounds to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("the mesh's sockets need root (SO_MARK, IP_TRANSPARENT): run with sudo")

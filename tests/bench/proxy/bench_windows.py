@@ -19,6 +19,12 @@ the minimum over rounds):
     (``HboneProtocol.held_bytes``) and in Python objects (tracemalloc), once the senders stall;
   - idle: 100 idle tunnels: KiB per tunnel (tracemalloc, both proxies).
 
+Each child holds the C heap's thresholds as the agent does once started
+(``agent.base.runtime.hold_heap``, which ``settle_for_data_plane`` calls): without it glibc gave
+a relayed chunk's transient buffers back to the kernel and faulted them in again, run by run or
+not, and a bulk child's CPU per GB was bimodal (ARCHITECTURE.md, "Bulk throughput and the C
+heap"). Bulk reports the minor page faults per 512 MiB relayed, which show it.
+
 Needs root (the loopback mesh sets SO_MARK); prints one line per measurement and a summary table.
 The closing numbers are in ARCHITECTURE.md ("Node proxy", HBONE windows).
 """
@@ -41,6 +47,7 @@ from typing import Any
 
 import uvloop
 
+from agent.base.runtime import hold_heap
 from agent.proxy.h2wire import KIB, MIB, HboneSettings
 from agent.proxy.hbone_limits import connection_memory_bound
 from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, listener
@@ -168,6 +175,11 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (a heap given back and taken again: one per page)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Bench:
     """The helper process's pods (clients from ``CLIENT``, apps on ``pod``) and entries into
     node1's outbound proxy; ``nodelay``: the entries' accepted sockets get ``TCP_NODELAY``, as
@@ -233,15 +245,16 @@ async def bulk(b: Bench, streams: int) -> dict[str, float]:
     port = await b.entry("sink")
     await warm(b, await b.entry("echo"))
     total = (512 * MIB) // streams
-    before, calls = cpu(), syscalls()
+    before, calls, faults = cpu(), syscalls(), minor_faults()
     res = await b.run(*[["send", port, total] for _ in range(streams)])
-    used, calls = cpu() - before, syscalls() - calls
+    used, calls, faults = cpu() - before, syscalls() - calls, minor_faults() - faults
     gb = sum(res["out"]) / 1e9
     assert b.connections() == 1, "all streams on one HBONE connection"
     return {
         "cpu_s_per_gb": used / gb,
         "gbps": gb * 8 / res["wall"],
         "syscalls_per_mib": calls / (sum(res["out"]) / MIB),
+        "minor_faults_per_512mib": faults / (sum(res["out"]) / (512 * MIB)),
     }
 
 
@@ -357,6 +370,7 @@ def child(test: str, pair: str) -> dict[str, float]:
         for node in (mesh.node1, mesh.node2):
             node.core.settings = dataclasses.replace(node.core.settings, hbone=hbone)
         await mesh.start()
+        hold_heap()  # as the agent, once started (``settle_for_data_plane``)
         b = Bench(mesh)
         try:
             return await asyncio.wait_for(TESTS[test](b), 300)

@@ -1,4 +1,4 @@
-"""The destination's per-request admission on an HTTP/2 port (``h2inbound.RequestAdmission``):
+"""The destination's per-request admission (``http_inbound.RequestAdmission``, HTTP/2 and 1.1):
 the verdicts, denial counts and rate limits of ``request_verdict`` for every policy set, with
 what does not depend on the request worked out once per state version."""
 
@@ -13,9 +13,8 @@ from agent.policy import authz
 from agent.policy.authz import Request
 from agent.policy.schema import validate_policy
 from agent.proxy.core import Core
-from agent.proxy.h2inbound import RequestAdmission
 from agent.proxy.http1 import RequestHead
-from agent.proxy.http_inbound import request_verdict
+from agent.proxy.http_inbound import RequestAdmission, request_verdict
 from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore
 from tests.workloads import workload
 

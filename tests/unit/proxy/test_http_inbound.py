@@ -10,10 +10,12 @@ from dataclasses import replace
 import pytest
 
 from agent.policy.authz import Request
+from agent.proxy import http_inbound
 from agent.proxy.core import Core
+from agent.proxy.http1 import RequestHead, Verdict
 from agent.proxy.http_inbound import HttpSession, SocketDownstream, StreamDownstream
 from agent.proxy.tunnel import Sink
-from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore
+from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore, Workload
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
 from tests.unit.proxy.test_tunnel_direct import tunnel
 from tests.workloads import workload
@@ -506,6 +508,61 @@ def test_a_response_leaves_on_the_hbone_connection_before_its_request_is_reporte
         assert order == ["response written", "reported"]
         assert len(server.proto.streams) == streams
         client.write_eof()
+        await asyncio.wait_for(task, 5)
+        for s in (up, pod):
+            s.close()
+
+    _run(main)
+
+
+def test_a_pod_no_policy_bears_on_builds_no_authorization_request_per_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keep-alive requests to a pod no AuthorizationPolicy selects (a plaintext client, not
+    STRICT) are admitted without ``request_verdict``'s per-request ``Request``, log text and
+    ``Decision`` (``RequestAdmission``, once per state version); a DENY put while the connection
+    is open reaches its next request, which is then authorized as before. Before, every request
+    went through ``request_verdict``."""
+    walked: list[str] = []
+    real = http_inbound.request_verdict
+
+    def counted(
+        core: Core, connection: Request, w: Workload, head: RequestHead, where: str
+    ) -> Verdict:
+        walked.append(head.path)
+        return real(core, connection, w, head, where)
+
+    monkeypatch.setattr(http_inbound, "request_verdict", counted)
+
+    async def main() -> None:
+        core = _core()
+        down, up, pod, task, seen = await _direct_session(core)
+        loop = asyncio.get_running_loop()
+
+        async def exchange(request: bytes, answered: bool) -> None:
+            down.arrive(request)
+            if answered:
+                await _read_until(pod, lambda d: d.endswith(b"\r\n\r\n"))
+                await loop.sock_sendall(pod, b"HTTP/1.1 204 No Content\r\n\r\n")
+            while len(seen.requests) < count[0] + 1:
+                await asyncio.sleep(0.001)
+            count[0] += 1
+
+        count = [0]
+        for i in range(5):
+            await exchange(b"GET /%d HTTP/1.1\r\nHost: s\r\n\r\n" % i, True)
+        assert walked == []
+        with core.store.update() as txn:
+            txn.put_policy(DENY_ADMIN_POSTS)
+        await exchange(b"POST /admin/x HTTP/1.1\r\nHost: s\r\nContent-Length: 0\r\n\r\n", False)
+        await exchange(b"GET /5 HTTP/1.1\r\nHost: s\r\n\r\n", True)
+        assert walked == ["/admin/x", "/5"]
+        assert [(r.path, r.status, r.response_flags) for r in seen.requests] == [
+            *((f"/{i}", 204, "-") for i in range(5)),
+            ("/admin/x", 403, "RBAC"),
+            ("/5", 204, "-"),
+        ]
+        down.queued.put_nowait(None)
         await asyncio.wait_for(task, 5)
         for s in (up, pod):
             s.close()

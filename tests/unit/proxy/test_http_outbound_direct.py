@@ -92,7 +92,7 @@ def _connection() -> tuple[_ClientConnection, socket.socket, SessionPool, _Regis
     ours.setblocking(False)
     client.settimeout(5)
     registry, pool = _Registry(), SessionPool()
-    core = SimpleNamespace(registry=registry)
+    core = SimpleNamespace(registry=registry, store=None)  # no request here reads the state
     owner = SimpleNamespace(outbound=SimpleNamespace(core=core), sessions=pool)
     record = ConnectionRecord(OUTBOUND, "10.244.1.2:40000", "10.96.0.10:80")
     target = SimpleNamespace(service=SimpleNamespace(namespace="default", name="web"))

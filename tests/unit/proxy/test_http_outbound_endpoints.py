@@ -54,11 +54,12 @@ def _connection() -> tuple[_ClientConnection, Outbound, StateStore]:
     core = Core(node="node1", store=store, identities=None)  # type: ignore[arg-type]
     out = Outbound(core, None)  # type: ignore[arg-type]  # no tunnel is opened here
     conn = object.__new__(_ClientConnection)  # only what ``_endpoint`` and ``_labels`` read
-    conn.owner, conn.core = out.http, core
+    conn.owner, conn.core, conn._store = out.http, core, store
     conn.source = store.snapshot().workload_by_ip[CLIENT_IP]
     conn.record = ConnectionRecord(OUTBOUND, f"{CLIENT_IP}:40000", f"{VIP}:80")
     conn.src_ip = CLIENT_IP
     conn._snap, conn._endpoints, conn._by_route = None, {}, {}
+    conn._labelled, conn._admissions = {}, {}
     return conn, out, store
 
 
@@ -106,7 +107,8 @@ def test_remembered_endpoints_equal_those_worked_out_per_request(plan: list[Step
             fresh.upstream,
             fresh.destination_identity,
         )
-        # The report's labelled copy: as ``describe_route`` on a copy of the record makes it.
+        # The report's labelled copy (kept per endpoint and snapshot): as ``describe_route`` on
+        # a copy of the record makes it, for each request.
         labels = conn._labels(got.route)
         expected = conn.record.copy()
         expected.upstream, expected.destination_identity = "", None

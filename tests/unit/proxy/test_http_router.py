@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -98,7 +99,11 @@ def _policy(store: StateStore, spec: dict[str, object]) -> None:
         tx.put_policy(traffic_policy({**spec, "targetRef": {"kind": "Service", "name": "web"}}))
 
 
-def _admit(router: HttpRouter, store: StateStore, head: HttpRequest = HEAD) -> RoutePlan:
+def _admit(
+    router: HttpRouter,
+    store: StateStore,
+    head: HttpRequest | Callable[[], HttpRequest] = HEAD,
+) -> RoutePlan:
     return router.admit(
         store.snapshot(),
         _target(store),
@@ -659,3 +664,30 @@ def test_a_request_like_one_before_is_planned_without_matching_or_resolving_agai
     _canary(store, 0, 100)
     assert _served(router, store, HEAD, 1) == {"web-v2": 1}
     assert calls["matches"] > first["matches"] and calls["resolved"] > first["resolved"]
+
+
+def test_a_request_is_made_only_when_a_route_on_the_port_may_read_it() -> None:
+    """``admit`` takes the function that makes the request and calls it only when an HTTPRoute
+    is attached to the dialled port (before, the shell made every request's fields, and a port
+    without routes never read them); the plans are those of the request itself."""
+    store, made = _store(*PODS), []
+
+    def make() -> HttpRequest:
+        made.append(HEAD)
+        return HEAD
+
+    lazy, eager = _router(), _router()
+    for _ in range(3):
+        plan = _admit(lazy, store, make)
+        assert plan.backend == _admit(eager, store).backend == _target(store)
+    assert made == []
+    _route(
+        store,
+        {"matches": [{"headers": [{"name": "x-canary", "value": "true"}]}],
+         "backendRefs": [_ref("web-v2")]},
+        {"backendRefs": [_ref("web-v1")]},
+    )  # fmt: skip
+    for _ in range(3):
+        plan = _admit(lazy, store, make)
+        assert plan.backend.service.name == _admit(eager, store).backend.service.name == "web-v1"
+    assert len(made) == 3

@@ -105,7 +105,9 @@ from agent.proxy.h2headers import Block, MalformedHeaders, check_block
 from agent.proxy.h2wire import (
     WALK_FROM,
     GracefulH2Connection,
+    acknowledge_on,
     max_concurrent_streams,
+    move_output,
     receive_on,
     send_data_on,
     send_headers_on,
@@ -671,9 +673,11 @@ class H2Proxy(H2Core):
     def take_to_client(self) -> bytes:
         if self._sniff is not None:  # the client's preface not seen yet
             return self._held_output()
-        self._to_client += self.client.data_to_send()
-        out, self._to_client = bytes(self._to_client), bytearray()
+        move_output(self.client, self._to_client)
         self._unsent_replies = 0
+        if not self._to_client:  # most passes of the shell (no new bytes made, none copied)
+            return b""
+        out, self._to_client = bytes(self._to_client), bytearray()
         return out
 
     def take_to_upstream(self, uid: int = 0) -> bytes:
@@ -739,7 +743,7 @@ class H2Proxy(H2Core):
             data = opened
         if not self._guard(data):
             return
-        self._to_client += self.client.data_to_send()  # ours, not replies to these bytes
+        move_output(self.client, self._to_client)  # ours, not replies to these bytes
         try:
             events = receive_on(self.client, data)
         except TooManyStreamsError:
@@ -752,9 +756,8 @@ class H2Proxy(H2Core):
         except ProtocolError as e:
             self._fail_client(PROTOCOL_ERROR, None, str(e))
             return
-        replies = self.client.data_to_send()  # before we act: only h2's own answers
-        self._to_client += replies
-        self._unsent_replies += len(replies)
+        # before we act: only h2's own answers
+        self._unsent_replies += move_output(self.client, self._to_client)
         if (flood := self._replies_over()) is not None:
             self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM, flood)
             return
@@ -994,7 +997,8 @@ class H2Proxy(H2Core):
             stream = self._streams.get(e.stream_id)
             if stream is not None:
                 stream.request_end = True
-                self._copy(stream)
+                if stream.mirror:  # (``_copy``'s first test, without a call per request)
+                    self._copy(stream)
         elif kind is StreamReset:
             self._on_client_reset(e.stream_id)
         elif kind is ConnectionTerminated:
@@ -1028,7 +1032,8 @@ class H2Proxy(H2Core):
             s.edit_request = None
         if s.keeps_request:
             s.replay_head = forwarded
-            self._copy(s)
+            if s.mirror:
+                self._copy(s)
         if u is None:  # an injected delay (``expire`` sends it) or parked (``unpark`` does)
             s.held = forwarded
             return
@@ -1061,7 +1066,8 @@ class H2Proxy(H2Core):
                 s.held, s.held_key, s.exchange.sent = head, u.key, self.clock()
                 s.answered_there = True
                 self._answered.append((s, admitted))
-                self._copy(s)
+                if s.mirror:
+                    self._copy(s)
                 return
         s.exchange.sent = self.clock()
         up = u.conn
@@ -1080,7 +1086,8 @@ class H2Proxy(H2Core):
         # Counted just above (nothing opened or closed since): not counted again.
         send_headers_on(up, s.upstream_id, head, end_stream=ended, below_limit=True)
         s.request_sent = ended
-        self._copy(s)
+        if s.mirror:
+            self._copy(s)
 
     def _answered_there(self, s: _Stream, answer: LocalAnswer) -> None:
         """The try of ``s`` was answered where its head was to go (``admit``), as the
@@ -1173,7 +1180,7 @@ class H2Proxy(H2Core):
         s = self._streams.get(stream_id)
         if s is None or (s.upstream is None and s.held is None):  # answered: discarded
             if flow:
-                self.client.acknowledge_received_data(flow, stream_id)
+                acknowledge_on(self.client, flow, stream_id)
             return
         s.exchange.request_bytes += len(data)
         s.to_upstream.append((data, flow))
@@ -1222,7 +1229,7 @@ class H2Proxy(H2Core):
         s = u.streams.get(getattr(e, "stream_id", 0))
         if s is None:
             if kind is DataReceived and e.flow_controlled_length:
-                u.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                acknowledge_on(u.conn, e.flow_controlled_length, e.stream_id)
             return
         ex = s.exchange
         if kind is ResponseReceived:
@@ -1232,7 +1239,7 @@ class H2Proxy(H2Core):
             ended = e.stream_ended is not None
             if ended:
                 ex.grpc_status = (header(block, b"grpc-status") or b"").decode("latin-1")
-            if self._retried(s, _retry_status(ex, ended)):
+            if s.retries is not None and self._retried(s, _retry_status(ex, ended)):
                 return
             s.response_started = True
             s.response_end = ended
@@ -1390,7 +1397,7 @@ class H2Proxy(H2Core):
         owed = sum(flow for _, flow in s.to_upstream)
         s.to_upstream.clear()
         if owed:
-            self.client.acknowledge_received_data(owed, s.client_id)
+            acknowledge_on(self.client, owed, s.client_id)
 
     def _release_response(self, s: _Stream) -> None:
         if not s.to_client:  # as in ``_discard_request``
@@ -1398,7 +1405,7 @@ class H2Proxy(H2Core):
         owed = sum(flow for _, flow in s.to_client)
         s.to_client.clear()
         if owed and s.upstream is not None:
-            s.upstream.conn.acknowledge_received_data(owed, s.upstream_id)
+            acknowledge_on(s.upstream.conn, owed, s.upstream_id)
 
     def _reset_client(self, s: _Stream, code: ErrorCodes) -> None:
         with contextlib.suppress(ProtocolError):  # already closed both ways: nothing to reset
@@ -1462,7 +1469,7 @@ class H2Proxy(H2Core):
             plain_end = s.request_end and s.request_trailers is None and bool(s.to_upstream)
             sent, ended = _move(s.to_upstream, up, uid, end=plain_end)
             if sent:
-                self.client.acknowledge_received_data(sent, s.client_id)
+                acknowledge_on(self.client, sent, s.client_id)
             if ended:
                 s.request_sent = True
             elif not s.to_upstream and s.request_end:
@@ -1479,7 +1486,7 @@ class H2Proxy(H2Core):
         plain_end = s.response_end and s.response_trailers is None and bool(s.to_client)
         sent, ended = _move(s.to_client, self.client, s.client_id, end=plain_end)
         if sent and s.upstream is not None:
-            s.upstream.conn.acknowledge_received_data(sent, s.upstream_id)
+            acknowledge_on(s.upstream.conn, sent, s.upstream_id)
         if ended:
             self._complete(s)
         elif not s.to_client and s.response_end:

@@ -83,6 +83,8 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 CONTINUATION = 0x9
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+# A HEADERS frame that is a whole block, unpadded and without priority: of these, END_HEADERS.
+_WHOLE_BLOCK = END_HEADERS | PADDED | PRIORITY_FLAG
 STREAM_ID = 0x7FFFFFFF
 MAX_WINDOW = 0x7FFFFFFF
 DEFAULT_WINDOW = 65535
@@ -112,13 +114,6 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
 
 def settings_frame(values: Sequence[tuple[int, int]]) -> bytes:
     return frame(SETTINGS, 0, 0, b"".join(struct.pack(">HI", k, v) for k, v in values))
-
-
-def _table_state(decoder: LeanDecoder) -> int:
-    """What tells whether a block changed a decoder's dynamic table: its count of changes (the
-    entries alone do not: an insertion of the newest entry's field that evicts one leaves as
-    many entries, the newest equal to the one before)."""
-    return decoder.table_changes
 
 
 class H2Side:
@@ -277,7 +272,9 @@ class H2Relay(H2Core):
         except MalformedHeaders as e:
             self._fail_client(PROTOCOL_ERROR, ErrorCodes.PROTOCOL_ERROR, str(e))
             return
-        if (detail := self._replies_over()) is not None:
+        if self._unsent_replies > self.limits.max_unsent_replies:
+            detail = self._replies_over()
+            assert detail is not None
             self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         self._pump()
@@ -476,28 +473,36 @@ class H2Relay(H2Core):
             return payload[1 : len(payload) - payload[0]]
         return payload
 
-    @staticmethod
-    def _receive_window(side: H2Side, flow: int) -> None:
-        side.recv_window -= flow
-        if side.recv_window < 0:
-            raise H2Error(ErrorCodes.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
-
     def _decode(self, side: H2Side, block: bytes) -> tuple[list[Header], bool]:
-        """The block's fields, and whether it changed the sender's dynamic table."""
-        before = _table_state(side.decoder)
+        """The block's fields, and whether it changed the sender's dynamic table: what tells is
+        the decoder's count of changes (the entries alone do not: an insertion of the newest
+        entry's field that evicts one leaves as many entries, the newest equal to the one
+        before)."""
+        decoder = side.decoder
+        before = decoder.table_changes
         try:
-            fields: list[Header] = list(side.decoder.decode(block, raw=True))
+            fields: list[Header] = list(decoder.decode(block, raw=True))
         except HPACKError as e:
             raise H2Error(ErrorCodes.COMPRESSION_ERROR, f"header block: {e}") from e
-        return fields, _table_state(side.decoder) != before
+        return fields, decoder.table_changes != before
 
     # -- the client's frames -----------------------------------------------------------------
     def _client_frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+        # The usual frames' checks are made inline (an unpadded DATA frame on a stream, a
+        # whole header block): the helpers take the rest. A call's frames are a few per
+        # direction, and each helper was a Python call per frame.
         if kind == DATA:
-            data = self._data_payload(flags, sid, payload)
+            data = (
+                payload if sid and not flags & PADDED else self._data_payload(flags, sid, payload)
+            )
             flow = len(payload)
-            self._receive_window(self.client, flow)
-            if (reason := self._empty_data(data, flow)) is not None:
+            client = self.client
+            client.recv_window -= flow
+            if client.recv_window < 0:
+                raise H2Error(ErrorCodes.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+            if data:
+                self._empty_frames = 0
+            elif (reason := self._empty_data(data, flow)) is not None:
                 raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, reason, EMPTY_FRAMES)
             s = self._streams.get(sid)
             if s is None:
@@ -517,7 +522,12 @@ class H2Relay(H2Core):
                 return
             s.exchange.request_bytes += len(data)
             s.to_pod.append((_DATA, data, flow, end))
+            if len(s.to_pod) == 1:  # nothing waits before it: sent as read, windows allowing
+                self._move(s, s.to_pod, self.pod, True)
         elif kind == HEADERS:
+            if sid and flags & _WHOLE_BLOCK == END_HEADERS:  # unpadded, no priority
+                self._client_block(sid, payload, bool(flags & END_STREAM))
+                return
             block = self._block_start(self.client, flags, sid, payload)
             if block is not None:
                 self._client_block(sid, block, bool(flags & END_STREAM))
@@ -623,10 +633,15 @@ class H2Relay(H2Core):
 
     # -- the pod's frames --------------------------------------------------------------------
     def _pod_frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
-        if kind == DATA:
-            data = self._data_payload(flags, sid, payload)
+        if kind == DATA:  # as in ``_client_frame``
+            data = (
+                payload if sid and not flags & PADDED else self._data_payload(flags, sid, payload)
+            )
             flow = len(payload)
-            self._receive_window(self.pod, flow)
+            pod = self.pod
+            pod.recv_window -= flow
+            if pod.recv_window < 0:
+                raise H2Error(ErrorCodes.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
             s = self._streams.get(sid)
             if s is None or not s.forwarded or s.response_end or not s.response_started:
                 if s is not None and s.forwarded and not s.response_started:
@@ -643,7 +658,13 @@ class H2Relay(H2Core):
             s.response_end = end
             s.exchange.response_bytes += len(data)
             s.to_client.append((_DATA, data, flow, end))
+            if len(s.to_client) == 1:  # as in ``_client_frame``: so trailers after it in the
+                # same read go as they came, not re-encoded behind it
+                self._move(s, s.to_client, self.client, False)
         elif kind == HEADERS:
+            if sid and flags & _WHOLE_BLOCK == END_HEADERS:
+                self._pod_block(sid, payload, bool(flags & END_STREAM))
+                return
             block = self._block_start(self.pod, flags, sid, payload)
             if block is not None:
                 self._pod_block(sid, block, bool(flags & END_STREAM))

@@ -97,7 +97,10 @@ def try_send(sock: socket.socket, data: bytes) -> int:
 
 class Outbox:
     """Bytes for one side, in order: written at once when the side takes them, else queued and
-    written by a task that awaits the side's backpressure. ``idle`` is set when nothing waits."""
+    written by a task that awaits the side's backpressure. ``idle`` is set when nothing waits,
+    and ``busy`` is its opposite as a plain attribute: the shells ask it after every input (and
+    ``send`` before every write), where the event's ``is_set`` was a Python call, and a
+    property around it a second one (four to six per gRPC call in each agent)."""
 
     def __init__(
         self,
@@ -112,17 +115,15 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
         self.idle.set()
-
-    @property
-    def busy(self) -> bool:
-        return not self.idle.is_set()
+        self.busy = False  # bytes wait (``not idle.is_set()``): changed only with ``idle``
 
     def send(self, data: bytes) -> None:
-        if self.idle.is_set():
+        if not self.busy:
             n = self._try_write(data)
             if n == len(data):
                 return
             data = data[n:]
+            self.busy = True
             self.idle.clear()
             self._task = asyncio.create_task(self._drain(), name="http-outbox")
         self._pending.append(data)
@@ -137,6 +138,7 @@ class Outbox:
             self._on_error(e)
         finally:
             self._task = None
+            self.busy = False
             self.idle.set()
         self._on_idle()
 

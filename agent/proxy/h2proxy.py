@@ -101,7 +101,7 @@ from agent.proxy.h2guard import (
     HeaderBlockGuard,
     PrefaceSniff,
 )
-from agent.proxy.h2headers import Block, MalformedHeaders, check_block
+from agent.proxy.h2headers import Block, CheckedBlocks, MalformedHeaders, check_block
 from agent.proxy.h2wire import (
     WALK_FROM,
     GracefulH2Connection,
@@ -656,6 +656,10 @@ class H2Proxy(H2Core):
         self._dropped: list[H2Exchange] = []
         self._answered: list[tuple[_Stream, LocalAnswer]] = []  # by ``admit``, to settle
         self.client = new_connection(client_side=False, limits=limits)
+        # Blocks checked as they arrive (``check_block``), keeping the ones each side sends again
+        self._requests = CheckedBlocks(Block.REQUEST)
+        self._responses = CheckedBlocks(Block.RESPONSE)  # from any upstream of this client
+        self._trailers = CheckedBlocks(Block.TRAILERS)
         self._streams: dict[int, _Stream] = {}  # by client stream id
         self._upstreams: dict[int, _Upstream] = {}  # by uid
         self._current: dict[object, _Upstream] = {}  # by key: where new requests go
@@ -984,7 +988,7 @@ class H2Proxy(H2Core):
         kind = type(event)
         e: Any = event  # narrowed by ``kind``
         if kind is RequestReceived:
-            headers = check_block(e.headers, Block.REQUEST)
+            headers = self._requests.check(e.headers)
             self._on_request(e.stream_id, headers, ended=e.stream_ended is not None)
         elif kind is DataReceived:
             self._on_request_data(e.stream_id, e.data, e.flow_controlled_length)
@@ -1223,9 +1227,9 @@ class H2Proxy(H2Core):
             return
         block: Sequence[Header] = ()
         if kind is ResponseReceived or kind is InformationalResponseReceived:
-            block = check_block(e.headers, Block.RESPONSE)
+            block = self._responses.check(e.headers)
         elif kind is TrailersReceived:
-            block = check_block(e.headers, Block.TRAILERS)
+            block = self._trailers.check(e.headers)
         s = u.streams.get(getattr(e, "stream_id", 0))
         if s is None:
             if kind is DataReceived and e.flow_controlled_length:

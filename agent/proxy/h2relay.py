@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from h2.errors import ErrorCodes
 from hpack import HPACKError
 
-from agent.proxy.h2headers import Block, MalformedHeaders, check_block
+from agent.proxy.h2headers import Block, CheckedBlocks, MalformedHeaders, check_block
 from agent.proxy.h2proxy import (
     CONTROL_FLOOD,
     EMPTY_FRAMES,
@@ -217,6 +217,10 @@ class H2Relay(H2Core):
         limits = self.limits
         self.client = H2Side(limits, preface=len(PREFACE))
         self.pod = H2Side(limits, preface=0)
+        # Blocks checked as they arrive (``check_block``), keeping the ones each side sends again
+        self._requests = CheckedBlocks(Block.REQUEST)
+        self._responses = CheckedBlocks(Block.RESPONSE)
+        self._trailers = CheckedBlocks(Block.TRAILERS)  # the pod's
         self._streams: dict[int, _RStream] = {}
         self._highest = 0  # the client's highest stream id
         self._pod_open = 0  # streams open at the pod
@@ -572,7 +576,7 @@ class H2Relay(H2Core):
         if len(self._streams) >= self.limits.max_concurrent_streams:
             reason = f"a stream over the limit of {self.limits.max_concurrent_streams} open"
             raise H2Error(ErrorCodes.PROTOCOL_ERROR, reason, TOO_MANY_STREAMS)
-        headers = check_block(fields, Block.REQUEST)
+        headers = self._requests.check(fields)
         self._on_request(sid, headers, block, changed, end)
 
     def _on_request(
@@ -705,12 +709,12 @@ class H2Relay(H2Core):
         if s.response_started:  # trailers
             if not end:
                 raise H2Error(ErrorCodes.PROTOCOL_ERROR, "trailers without END_STREAM")
-            check_block(fields, Block.TRAILERS)
+            self._trailers.check(fields)
             ex.grpc_status = (header(fields, b"grpc-status") or b"").decode("latin-1")
             s.response_end = True
             self._forward_block(self.client, s, s.to_client, block, fields, changed, end=True)
             return
-        fields = list(check_block(fields, Block.RESPONSE))
+        fields = list(self._responses.check(fields))
         status = header(fields, b":status") or b"0"
         if status[:1] == b"1":  # informational
             if end:

@@ -991,7 +991,7 @@ def acknowledge_on(conn: H2Connection, size: int, stream_id: int) -> None:
     if stream is None or size < 0:
         conn.acknowledge_received_data(size, stream_id)
         return
-    frames = []
+    frames: list[Frame] = []
     increment = _processed(conn._inbound_flow_control_window_manager, size)
     if increment:
         update = WindowUpdateFrame(0)

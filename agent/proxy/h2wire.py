@@ -161,6 +161,10 @@ import so that a missing member stops the agent at start-up instead of in the mi
    (``_inbound_flow_control_window_manager``, the stream's ``_inbound_window_manager``: their
    ``_bytes_processed``, asking ``_maybe_update_window`` only when it may hand bytes back) and
    queues the same WINDOW_UPDATE frames; a stream ``h2`` does not hold goes to ``h2`` itself.
+18. A stream's side of a received DATA frame (``_stream_data``, inside ``receive_data_on``):
+   ``H2Stream.receive_data`` for the frame's bytes, written out as ``receive_end_stream_on``
+   writes it for an empty one: the state machine's inputs, ``_inbound_window_manager``'s
+   ``current_window_size`` and ``_actual_content_length`` against ``_expected_content_length``.
 Public ``h2`` API used elsewhere is not listed here (``streams``' keys, ``open_*_streams``,
 ``remote_settings``, ``highest_inbound_stream_id``, ``reset_stream``, ...).
 """
@@ -958,12 +962,43 @@ def receive_data_on(
     try:
         events = _connection_input(conn, ConnectionInputs.RECV_DATA)
         conn._inbound_flow_control_window_manager.window_consumed(len(data))
-        frames, stream_events = stream.receive_data(data, end_stream, len(data))
+        stream_events = _stream_data(stream, data, end_stream)
     except ProtocolError as e:
         conn._terminate_connection(e.error_code)
         raise
-    conn._prepare_for_sending(frames)
     return events + stream_events
+
+
+def _stream_data(stream: H2Stream, data: bytes, end_stream: bool) -> list[Event]:
+    """``stream.receive_data(data, end_stream, len(data))``'s events (reach 18), whose frames
+    are always none: the same state machine inputs (``RECV_DATA``, then ``RECV_END_STREAM``,
+    through ``stream_input``, reach 15), the stream's receive window charged
+    (``_inbound_window_manager``, as ``window_consumed`` does) and its body length tracked
+    against a declared content-length (``_actual_content_length``, as ``_track_content_length``
+    does), in that order, with the same errors; without its debug line, two ``typing.cast``
+    calls and the three helpers' calls (about seven Python calls per DATA frame, two frames a
+    call at the source)."""
+    machine = stream.state_machine
+    events = stream_input(machine, _R_DATA, StreamInputs.RECV_DATA)
+    first: Any = events[0]  # a DataReceived
+    n = len(data)
+    window = stream._inbound_window_manager
+    window.current_window_size -= n
+    if window.current_window_size < 0:
+        raise FlowControlError("Flow control window shrunk below 0")
+    stream._actual_content_length += n
+    expected = stream._expected_content_length
+    if expected is not None:
+        actual = stream._actual_content_length
+        if expected < actual or (end_stream and expected != actual):
+            raise InvalidBodyLengthError(expected, actual)
+    if end_stream:
+        ended = stream_input(machine, _R_END, StreamInputs.RECV_END_STREAM)
+        first.stream_ended = ended[0]
+        events.extend(ended)
+    first.data = data
+    first.flow_controlled_length = n
+    return events
 
 
 # The states in which ``h2`` counts a stream open (``H2Stream.open``, ``h2.stream.STREAM_OPEN``):

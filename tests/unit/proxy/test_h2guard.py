@@ -9,7 +9,7 @@ import struct
 import sys
 from types import FrameType
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.proxy.h2guard import (
@@ -18,6 +18,7 @@ from agent.proxy.h2guard import (
     HEADER_SIZE,
     HeaderBlockGuard,
 )
+from tests.fuzzing import fuzz_examples
 
 LIMITS = {"max_header_block": 200, "max_continuations": 3}
 KINDS = [0x0, 0x1, 0x9, 0x5, 0x4, 0x8, 0xFF]  # DATA HEADERS CONTINUATION PUSH_PROMISE ...
@@ -61,6 +62,7 @@ FRAMES = st.lists(
 )
 
 
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(FRAMES, st.lists(st.integers(0, 4000), max_size=12), st.booleans())
 def test_the_guard_reads_what_the_reference_reads_however_the_bytes_are_cut(
     frames: list[tuple[int, int, int]], cuts: list[int], preface: bool

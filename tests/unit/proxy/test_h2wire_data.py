@@ -1,6 +1,8 @@
-"""Acknowledging received DATA on ``H2Proxy``'s connections (``h2wire.acknowledge_on``, reach
-17): the same windows and WINDOW_UPDATE frames as ``h2``'s ``acknowledge_received_data``, in
-fewer calls, and ``H2Proxy`` no longer calls ``h2``'s for the streams it holds."""
+"""DATA on ``H2Proxy``'s connections without ``h2``'s per-frame methods: received
+(``h2wire.receive_data_on`` with ``_stream_data``, reach 18) and acknowledged
+(``h2wire.acknowledge_on``, reach 17) with the same windows, events and WINDOW_UPDATE frames
+(``test_h2wire.py``'s hypothesis compares what is received with ``h2``'s ``receive_data``; this
+file compares the acknowledgements with ``acknowledge_received_data``), in fewer calls."""
 
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ from typing import Any
 import pytest
 from h2.connection import H2Connection
 from h2.events import DataReceived
-from hypothesis import given
+from h2.stream import H2Stream
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.proxy.h2proxy import Choice, H2Proxy
 from agent.proxy.h2wire import acknowledge_on
 from agent.proxy.http1 import Verdict
+from tests.fuzzing import fuzz_examples
 from tests.unit.proxy.h2peers import peer
 
 WINDOW = 65535  # the peers' initial windows (h2's default)
@@ -86,6 +90,7 @@ def _play(moves: list[Move], ack: Callable[[H2Connection, int, int], None]) -> l
     return seen
 
 
+@settings(max_examples=fuzz_examples(300), deadline=None)
 @given(MOVES)
 def test_acknowledge_on_does_what_h2s_acknowledge_received_data_does(moves: list[Move]) -> None:
     """Streams open, half-closed, reset and never opened; acknowledgements across the half
@@ -155,3 +160,56 @@ def test_a_proxied_call_acknowledges_without_h2s_acknowledge_received_data(
             for ex in proxy.take_completed()]  # fmt: skip
     assert done == [(200, "0", 16000, 16000)] * 40
     assert calls == []
+
+
+def test_a_proxied_calls_data_is_received_without_h2s_stream_receive_data(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The DATA of calls through a source ``H2Proxy`` (the request's message with END_STREAM
+    from the client, the response's from the pod, and an empty END_STREAM frame) reaches the
+    streams without ``H2Stream.receive_data`` (about seven Python calls a frame, two frames a
+    call before) once the client's preface was read, with the same bytes and ends: each
+    call answered with its message."""
+    calls: list[int] = []
+    real = H2Stream.receive_data
+
+    def counted(self: H2Stream, data: bytes, end: bool, flow: int) -> Any:
+        calls.append(self.stream_id)
+        return real(self, data, end, flow)
+
+    client, pod = peer(client_side=True), peer(client_side=False)
+    monkeypatch.setattr(H2Stream, "receive_data", counted)
+    proxy = H2Proxy(lambda _h: Verdict(True), pick=lambda _r: Choice("pod"))
+    uid = -1
+    got: list[bytes] = []
+    for n in range(5):
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                                  (b":authority", b"a"), (b":path", b"/pkg.S/M")])  # fmt: skip
+        client.send_data(sid, b"call %d" % n, end_stream=n % 2 == 0)
+        if n % 2:
+            client.send_data(sid, b"", end_stream=True)
+        calls.clear()  # only the proxy's receiving counts from here
+        for _round in range(4):
+            out = client.data_to_send()
+            if out:
+                proxy.receive_client(out)
+            for new, _key in proxy.take_new_upstreams():
+                uid = new
+            pod_calls = len(calls)
+            for event in pod.receive_data(proxy.take_to_upstream(uid)):
+                if isinstance(event, DataReceived) and event.stream_ended is not None:
+                    pod.send_headers(event.stream_id, [(b":status", b"200")])
+                    pod.send_data(event.stream_id, b"answer %d" % n, end_stream=True)
+            del calls[pod_calls:]  # the pod's own receiving
+            out = pod.data_to_send()
+            if out:
+                proxy.receive_upstream(out, uid)
+            client_calls = len(calls)
+            for event in client.receive_data(proxy.take_to_client()):
+                if isinstance(event, DataReceived) and event.data:
+                    got.append(event.data)
+            del calls[client_calls:]
+        if n:  # (the first read holds the client preface: ``h2`` reads it all itself)
+            assert calls == [], f"call {n}: h2's receive_data on the proxy's streams {calls}"
+    assert got == [b"answer %d" % n for n in range(5)]

@@ -659,7 +659,7 @@ class H2Proxy(H2Core):
         # Blocks checked as they arrive (``check_block``), keeping the ones each side sends again
         self._requests = CheckedBlocks(Block.REQUEST)
         self._responses = CheckedBlocks(Block.RESPONSE)  # from any upstream of this client
-        self._trailers = CheckedBlocks(Block.TRAILERS)
+        self._trailers = CheckedBlocks(Block.TRAILERS)  # the upstreams' (a client's: checked)
         self._streams: dict[int, _Stream] = {}  # by client stream id
         self._upstreams: dict[int, _Upstream] = {}  # by uid
         self._current: dict[object, _Upstream] = {}  # by key: where new requests go
@@ -1048,7 +1048,8 @@ class H2Proxy(H2Core):
         upstream (as Envoy's router copies after the fault filter: a delayed or parked request
         is copied when it is sent; one answered or reset before is not copied). A head its
         upstream's own proxy answered where it went (``admit``: a same-node endpoint's policy
-        or rate limit) was sent, as one a far node refuses is: it is copied too."""
+        or rate limit) was sent, as one a far node refuses is: it is copied too. (Its callers
+        ask ``s.mirror`` first: most requests are not copied, and this was three calls each.)"""
         if not s.mirror or not s.request_end or s.replay_head is None:
             return
         if s.upstream is None and not s.answered_there:

@@ -831,8 +831,12 @@ class H2Relay(H2Core):
         s.exchange.ended = self.clock()
         self._completed.append(s.exchange)
         del self._streams[s.sid]
-        self._discard(s.to_pod, self._ack_client, s)
-        self._discard(s.to_client, self._ack_pod, None)
+        # Most streams end with nothing held: asked first (a call and a ``sum`` over a
+        # generator per queue, every stream, before), as ``H2Proxy._discard_request`` does.
+        if s.to_pod:
+            self._discard(s.to_pod, self._ack_client, s)
+        if s.to_client:
+            self._discard(s.to_client, self._ack_pod, None)
         if reset_client and not s.request_end:
             self.client.out += frame(RST_STREAM, 0, s.sid, ErrorCodes.NO_ERROR.to_bytes(4))
         if s.forwarded:

@@ -54,6 +54,38 @@ class MalformedHeaders(ValueError):
     """A received header block breaks RFC 9113 (a connection error, as ``h2`` treats it)."""
 
 
+# Blocks a ``CheckedBlocks`` keeps (per connection and kind), and the most fields of one kept.
+_KEPT_BLOCKS, _KEPT_FIELDS = 8, 16
+
+
+class CheckedBlocks:
+    """``check_block`` for the blocks of one kind that one connection's peer sends, keeping the
+    last few it found well formed: a gRPC server sends the same response head and trailers on
+    every call, and a client without per-call values the same request head (the decoders keep
+    their decoding too: ``h2wire.LeanDecoder.block_cache``). A block equal, field for field, to
+    a kept one is well formed without being checked again (the check reads nothing but the
+    fields); one whose cookies were joined (a new list each time) is not kept. Per connection,
+    as the decoders' caches are: nothing one peer sent is looked up for another. At most
+    ``_KEPT_BLOCKS`` of at most ``_KEPT_FIELDS`` fields; emptied when full."""
+
+    __slots__ = ("_kept", "kind")
+
+    def __init__(self, kind: Block) -> None:
+        self.kind = kind
+        self._kept: set[tuple[Header, ...]] = set()
+
+    def check(self, headers: Sequence[Header]) -> Sequence[Header]:
+        key = tuple(headers)
+        if key in self._kept:
+            return headers
+        checked = check_block(headers, self.kind)
+        if checked is headers and len(key) <= _KEPT_FIELDS:
+            if len(self._kept) >= _KEPT_BLOCKS:
+                self._kept.clear()
+            self._kept.add(key)
+        return checked
+
+
 def check_block(headers: Sequence[Header], kind: Block) -> Sequence[Header]:
     """``headers`` if well formed (with its ``cookie`` fields joined into one, last), else
     ``MalformedHeaders`` naming the first rule broken. As in ``h2``, the cookies are joined

@@ -185,13 +185,16 @@ class H2SourceSession(CallbackShell):
         self._timer_at: float | None = None
         self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
         self._service_idle: ServiceIdleTimeout | None = None  # made when first asked
+        # The state's current snapshot, read three times a call (the pick, the endpoint's
+        # route, the idle timeout): the store's own reader, not ``Core.snapshot`` around it.
+        self._snapshot = core.store.snapshot
 
     def _pick(self, request: PickRequest) -> Choice | LocalAnswer:
         """Route the request (``h2route``: routes, weighted backend, traffic control)."""
         core, source = self.outbound.core, self.source
         choice = route_request(
             self.outbound.http.router,
-            core.snapshot(),
+            self._snapshot(),
             self.target,
             request,
             self.src_ip,
@@ -267,7 +270,7 @@ class H2SourceSession(CallbackShell):
     def _route_to(self, key: Endpoint) -> Route:
         """The route to endpoint ``key`` in the current snapshot (kept while it is current:
         every request asks it)."""
-        snap = self.outbound.core.snapshot()
+        snap = self._snapshot()
         if snap is not self._routes_of:
             self._routes_of, self._route_cache = snap, {}
         route = self._route_cache.get(key)
@@ -509,7 +512,7 @@ class H2SourceSession(CallbackShell):
             self._service_idle = ServiceIdleTimeout(
                 self.outbound.http.router.traffic, self.target.service.key
             )
-        return self._service_idle.get(self.outbound.core.snapshot())
+        return self._service_idle.get(self._snapshot())
 
     def _idle_expired(self) -> None:
         """No stream for the Service's idle timeout: GOAWAY, then closed (``_moved`` ends the

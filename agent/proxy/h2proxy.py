@@ -101,11 +101,13 @@ from agent.proxy.h2guard import (
     HeaderBlockGuard,
     PrefaceSniff,
 )
-from agent.proxy.h2headers import Block, MalformedHeaders, check_block
+from agent.proxy.h2headers import Block, CheckedBlocks, MalformedHeaders, check_block
 from agent.proxy.h2wire import (
     WALK_FROM,
     GracefulH2Connection,
+    acknowledge_on,
     max_concurrent_streams,
+    move_output,
     receive_on,
     send_data_on,
     send_headers_on,
@@ -654,6 +656,10 @@ class H2Proxy(H2Core):
         self._dropped: list[H2Exchange] = []
         self._answered: list[tuple[_Stream, LocalAnswer]] = []  # by ``admit``, to settle
         self.client = new_connection(client_side=False, limits=limits)
+        # Blocks checked as they arrive (``check_block``), keeping the ones each side sends again
+        self._requests = CheckedBlocks(Block.REQUEST)
+        self._responses = CheckedBlocks(Block.RESPONSE)  # from any upstream of this client
+        self._trailers = CheckedBlocks(Block.TRAILERS)  # the upstreams' (a client's: checked)
         self._streams: dict[int, _Stream] = {}  # by client stream id
         self._upstreams: dict[int, _Upstream] = {}  # by uid
         self._current: dict[object, _Upstream] = {}  # by key: where new requests go
@@ -671,9 +677,11 @@ class H2Proxy(H2Core):
     def take_to_client(self) -> bytes:
         if self._sniff is not None:  # the client's preface not seen yet
             return self._held_output()
-        self._to_client += self.client.data_to_send()
-        out, self._to_client = bytes(self._to_client), bytearray()
+        move_output(self.client, self._to_client)
         self._unsent_replies = 0
+        if not self._to_client:  # most passes of the shell (no new bytes made, none copied)
+            return b""
+        out, self._to_client = bytes(self._to_client), bytearray()
         return out
 
     def take_to_upstream(self, uid: int = 0) -> bytes:
@@ -739,7 +747,7 @@ class H2Proxy(H2Core):
             data = opened
         if not self._guard(data):
             return
-        self._to_client += self.client.data_to_send()  # ours, not replies to these bytes
+        move_output(self.client, self._to_client)  # ours, not replies to these bytes
         try:
             events = receive_on(self.client, data)
         except TooManyStreamsError:
@@ -752,9 +760,8 @@ class H2Proxy(H2Core):
         except ProtocolError as e:
             self._fail_client(PROTOCOL_ERROR, None, str(e))
             return
-        replies = self.client.data_to_send()  # before we act: only h2's own answers
-        self._to_client += replies
-        self._unsent_replies += len(replies)
+        # before we act: only h2's own answers
+        self._unsent_replies += move_output(self.client, self._to_client)
         if (flood := self._replies_over()) is not None:
             self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM, flood)
             return
@@ -981,7 +988,7 @@ class H2Proxy(H2Core):
         kind = type(event)
         e: Any = event  # narrowed by ``kind``
         if kind is RequestReceived:
-            headers = check_block(e.headers, Block.REQUEST)
+            headers = self._requests.check(e.headers)
             self._on_request(e.stream_id, headers, ended=e.stream_ended is not None)
         elif kind is DataReceived:
             self._on_request_data(e.stream_id, e.data, e.flow_controlled_length)
@@ -994,7 +1001,8 @@ class H2Proxy(H2Core):
             stream = self._streams.get(e.stream_id)
             if stream is not None:
                 stream.request_end = True
-                self._copy(stream)
+                if stream.mirror:  # (``_copy``'s first test, without a call per request)
+                    self._copy(stream)
         elif kind is StreamReset:
             self._on_client_reset(e.stream_id)
         elif kind is ConnectionTerminated:
@@ -1028,7 +1036,8 @@ class H2Proxy(H2Core):
             s.edit_request = None
         if s.keeps_request:
             s.replay_head = forwarded
-            self._copy(s)
+            if s.mirror:
+                self._copy(s)
         if u is None:  # an injected delay (``expire`` sends it) or parked (``unpark`` does)
             s.held = forwarded
             return
@@ -1039,7 +1048,8 @@ class H2Proxy(H2Core):
         upstream (as Envoy's router copies after the fault filter: a delayed or parked request
         is copied when it is sent; one answered or reset before is not copied). A head its
         upstream's own proxy answered where it went (``admit``: a same-node endpoint's policy
-        or rate limit) was sent, as one a far node refuses is: it is copied too."""
+        or rate limit) was sent, as one a far node refuses is: it is copied too. (Its callers
+        ask ``s.mirror`` first: most requests are not copied, and this was three calls each.)"""
         if not s.mirror or not s.request_end or s.replay_head is None:
             return
         if s.upstream is None and not s.answered_there:
@@ -1061,7 +1071,8 @@ class H2Proxy(H2Core):
                 s.held, s.held_key, s.exchange.sent = head, u.key, self.clock()
                 s.answered_there = True
                 self._answered.append((s, admitted))
-                self._copy(s)
+                if s.mirror:
+                    self._copy(s)
                 return
         s.exchange.sent = self.clock()
         up = u.conn
@@ -1080,7 +1091,8 @@ class H2Proxy(H2Core):
         # Counted just above (nothing opened or closed since): not counted again.
         send_headers_on(up, s.upstream_id, head, end_stream=ended, below_limit=True)
         s.request_sent = ended
-        self._copy(s)
+        if s.mirror:
+            self._copy(s)
 
     def _answered_there(self, s: _Stream, answer: LocalAnswer) -> None:
         """The try of ``s`` was answered where its head was to go (``admit``), as the
@@ -1173,7 +1185,7 @@ class H2Proxy(H2Core):
         s = self._streams.get(stream_id)
         if s is None or (s.upstream is None and s.held is None):  # answered: discarded
             if flow:
-                self.client.acknowledge_received_data(flow, stream_id)
+                acknowledge_on(self.client, flow, stream_id)
             return
         s.exchange.request_bytes += len(data)
         s.to_upstream.append((data, flow))
@@ -1216,13 +1228,13 @@ class H2Proxy(H2Core):
             return
         block: Sequence[Header] = ()
         if kind is ResponseReceived or kind is InformationalResponseReceived:
-            block = check_block(e.headers, Block.RESPONSE)
+            block = self._responses.check(e.headers)
         elif kind is TrailersReceived:
-            block = check_block(e.headers, Block.TRAILERS)
+            block = self._trailers.check(e.headers)
         s = u.streams.get(getattr(e, "stream_id", 0))
         if s is None:
             if kind is DataReceived and e.flow_controlled_length:
-                u.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                acknowledge_on(u.conn, e.flow_controlled_length, e.stream_id)
             return
         ex = s.exchange
         if kind is ResponseReceived:
@@ -1232,7 +1244,7 @@ class H2Proxy(H2Core):
             ended = e.stream_ended is not None
             if ended:
                 ex.grpc_status = (header(block, b"grpc-status") or b"").decode("latin-1")
-            if self._retried(s, _retry_status(ex, ended)):
+            if s.retries is not None and self._retried(s, _retry_status(ex, ended)):
                 return
             s.response_started = True
             s.response_end = ended
@@ -1390,7 +1402,7 @@ class H2Proxy(H2Core):
         owed = sum(flow for _, flow in s.to_upstream)
         s.to_upstream.clear()
         if owed:
-            self.client.acknowledge_received_data(owed, s.client_id)
+            acknowledge_on(self.client, owed, s.client_id)
 
     def _release_response(self, s: _Stream) -> None:
         if not s.to_client:  # as in ``_discard_request``
@@ -1398,7 +1410,7 @@ class H2Proxy(H2Core):
         owed = sum(flow for _, flow in s.to_client)
         s.to_client.clear()
         if owed and s.upstream is not None:
-            s.upstream.conn.acknowledge_received_data(owed, s.upstream_id)
+            acknowledge_on(s.upstream.conn, owed, s.upstream_id)
 
     def _reset_client(self, s: _Stream, code: ErrorCodes) -> None:
         with contextlib.suppress(ProtocolError):  # already closed both ways: nothing to reset
@@ -1462,7 +1474,7 @@ class H2Proxy(H2Core):
             plain_end = s.request_end and s.request_trailers is None and bool(s.to_upstream)
             sent, ended = _move(s.to_upstream, up, uid, end=plain_end)
             if sent:
-                self.client.acknowledge_received_data(sent, s.client_id)
+                acknowledge_on(self.client, sent, s.client_id)
             if ended:
                 s.request_sent = True
             elif not s.to_upstream and s.request_end:
@@ -1479,7 +1491,7 @@ class H2Proxy(H2Core):
         plain_end = s.response_end and s.response_trailers is None and bool(s.to_client)
         sent, ended = _move(s.to_client, self.client, s.client_id, end=plain_end)
         if sent and s.upstream is not None:
-            s.upstream.conn.acknowledge_received_data(sent, s.upstream_id)
+            acknowledge_on(s.upstream.conn, sent, s.upstream_id)
         if ended:
             self._complete(s)
         elif not s.to_client and s.response_end:

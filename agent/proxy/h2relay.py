@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from h2.errors import ErrorCodes
 from hpack import HPACKError
 
-from agent.proxy.h2headers import Block, MalformedHeaders, check_block
+from agent.proxy.h2headers import Block, CheckedBlocks, MalformedHeaders, check_block
 from agent.proxy.h2proxy import (
     CONTROL_FLOOD,
     EMPTY_FRAMES,
@@ -83,6 +83,8 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 CONTINUATION = 0x9
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+# A HEADERS frame that is a whole block, unpadded and without priority: of these, END_HEADERS.
+_WHOLE_BLOCK = END_HEADERS | PADDED | PRIORITY_FLAG
 STREAM_ID = 0x7FFFFFFF
 MAX_WINDOW = 0x7FFFFFFF
 DEFAULT_WINDOW = 65535
@@ -112,13 +114,6 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
 
 def settings_frame(values: Sequence[tuple[int, int]]) -> bytes:
     return frame(SETTINGS, 0, 0, b"".join(struct.pack(">HI", k, v) for k, v in values))
-
-
-def _table_state(decoder: LeanDecoder) -> int:
-    """What tells whether a block changed a decoder's dynamic table: its count of changes (the
-    entries alone do not: an insertion of the newest entry's field that evicts one leaves as
-    many entries, the newest equal to the one before)."""
-    return decoder.table_changes
 
 
 class H2Side:
@@ -222,6 +217,10 @@ class H2Relay(H2Core):
         limits = self.limits
         self.client = H2Side(limits, preface=len(PREFACE))
         self.pod = H2Side(limits, preface=0)
+        # Blocks checked as they arrive (``check_block``), keeping the ones each side sends again
+        self._requests = CheckedBlocks(Block.REQUEST)
+        self._responses = CheckedBlocks(Block.RESPONSE)
+        self._trailers = CheckedBlocks(Block.TRAILERS)  # the pod's
         self._streams: dict[int, _RStream] = {}
         self._highest = 0  # the client's highest stream id
         self._pod_open = 0  # streams open at the pod
@@ -277,7 +276,9 @@ class H2Relay(H2Core):
         except MalformedHeaders as e:
             self._fail_client(PROTOCOL_ERROR, ErrorCodes.PROTOCOL_ERROR, str(e))
             return
-        if (detail := self._replies_over()) is not None:
+        if self._unsent_replies > self.limits.max_unsent_replies:
+            detail = self._replies_over()
+            assert detail is not None
             self._fail_client(CONTROL_FLOOD, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         self._pump()
@@ -476,28 +477,36 @@ class H2Relay(H2Core):
             return payload[1 : len(payload) - payload[0]]
         return payload
 
-    @staticmethod
-    def _receive_window(side: H2Side, flow: int) -> None:
-        side.recv_window -= flow
-        if side.recv_window < 0:
-            raise H2Error(ErrorCodes.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
-
     def _decode(self, side: H2Side, block: bytes) -> tuple[list[Header], bool]:
-        """The block's fields, and whether it changed the sender's dynamic table."""
-        before = _table_state(side.decoder)
+        """The block's fields, and whether it changed the sender's dynamic table: what tells is
+        the decoder's count of changes (the entries alone do not: an insertion of the newest
+        entry's field that evicts one leaves as many entries, the newest equal to the one
+        before)."""
+        decoder = side.decoder
+        before = decoder.table_changes
         try:
-            fields: list[Header] = list(side.decoder.decode(block, raw=True))
+            fields: list[Header] = list(decoder.decode(block, raw=True))
         except HPACKError as e:
             raise H2Error(ErrorCodes.COMPRESSION_ERROR, f"header block: {e}") from e
-        return fields, _table_state(side.decoder) != before
+        return fields, decoder.table_changes != before
 
     # -- the client's frames -----------------------------------------------------------------
     def _client_frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+        # The usual frames' checks are made inline (an unpadded DATA frame on a stream, a
+        # whole header block): the helpers take the rest. A call's frames are a few per
+        # direction, and each helper was a Python call per frame.
         if kind == DATA:
-            data = self._data_payload(flags, sid, payload)
+            data = (
+                payload if sid and not flags & PADDED else self._data_payload(flags, sid, payload)
+            )
             flow = len(payload)
-            self._receive_window(self.client, flow)
-            if (reason := self._empty_data(data, flow)) is not None:
+            client = self.client
+            client.recv_window -= flow
+            if client.recv_window < 0:
+                raise H2Error(ErrorCodes.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+            if data:
+                self._empty_frames = 0
+            elif (reason := self._empty_data(data, flow)) is not None:
                 raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, reason, EMPTY_FRAMES)
             s = self._streams.get(sid)
             if s is None:
@@ -517,7 +526,12 @@ class H2Relay(H2Core):
                 return
             s.exchange.request_bytes += len(data)
             s.to_pod.append((_DATA, data, flow, end))
+            if len(s.to_pod) == 1:  # nothing waits before it: sent as read, windows allowing
+                self._move(s, s.to_pod, self.pod, True)
         elif kind == HEADERS:
+            if sid and flags & _WHOLE_BLOCK == END_HEADERS:  # unpadded, no priority
+                self._client_block(sid, payload, bool(flags & END_STREAM))
+                return
             block = self._block_start(self.client, flags, sid, payload)
             if block is not None:
                 self._client_block(sid, block, bool(flags & END_STREAM))
@@ -562,7 +576,7 @@ class H2Relay(H2Core):
         if len(self._streams) >= self.limits.max_concurrent_streams:
             reason = f"a stream over the limit of {self.limits.max_concurrent_streams} open"
             raise H2Error(ErrorCodes.PROTOCOL_ERROR, reason, TOO_MANY_STREAMS)
-        headers = check_block(fields, Block.REQUEST)
+        headers = self._requests.check(fields)
         self._on_request(sid, headers, block, changed, end)
 
     def _on_request(
@@ -623,10 +637,15 @@ class H2Relay(H2Core):
 
     # -- the pod's frames --------------------------------------------------------------------
     def _pod_frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
-        if kind == DATA:
-            data = self._data_payload(flags, sid, payload)
+        if kind == DATA:  # as in ``_client_frame``
+            data = (
+                payload if sid and not flags & PADDED else self._data_payload(flags, sid, payload)
+            )
             flow = len(payload)
-            self._receive_window(self.pod, flow)
+            pod = self.pod
+            pod.recv_window -= flow
+            if pod.recv_window < 0:
+                raise H2Error(ErrorCodes.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
             s = self._streams.get(sid)
             if s is None or not s.forwarded or s.response_end or not s.response_started:
                 if s is not None and s.forwarded and not s.response_started:
@@ -643,7 +662,13 @@ class H2Relay(H2Core):
             s.response_end = end
             s.exchange.response_bytes += len(data)
             s.to_client.append((_DATA, data, flow, end))
+            if len(s.to_client) == 1:  # as in ``_client_frame``: so trailers after it in the
+                # same read go as they came, not re-encoded behind it
+                self._move(s, s.to_client, self.client, False)
         elif kind == HEADERS:
+            if sid and flags & _WHOLE_BLOCK == END_HEADERS:
+                self._pod_block(sid, payload, bool(flags & END_STREAM))
+                return
             block = self._block_start(self.pod, flags, sid, payload)
             if block is not None:
                 self._pod_block(sid, block, bool(flags & END_STREAM))
@@ -684,12 +709,12 @@ class H2Relay(H2Core):
         if s.response_started:  # trailers
             if not end:
                 raise H2Error(ErrorCodes.PROTOCOL_ERROR, "trailers without END_STREAM")
-            check_block(fields, Block.TRAILERS)
+            self._trailers.check(fields)
             ex.grpc_status = (header(fields, b"grpc-status") or b"").decode("latin-1")
             s.response_end = True
             self._forward_block(self.client, s, s.to_client, block, fields, changed, end=True)
             return
-        fields = list(check_block(fields, Block.RESPONSE))
+        fields = list(self._responses.check(fields))
         status = header(fields, b":status") or b"0"
         if status[:1] == b"1":  # informational
             if end:
@@ -806,8 +831,12 @@ class H2Relay(H2Core):
         s.exchange.ended = self.clock()
         self._completed.append(s.exchange)
         del self._streams[s.sid]
-        self._discard(s.to_pod, self._ack_client, s)
-        self._discard(s.to_client, self._ack_pod, None)
+        # Most streams end with nothing held: asked first (a call and a ``sum`` over a
+        # generator per queue, every stream, before), as ``H2Proxy._discard_request`` does.
+        if s.to_pod:
+            self._discard(s.to_pod, self._ack_client, s)
+        if s.to_client:
+            self._discard(s.to_client, self._ack_pod, None)
         if reset_client and not s.request_end:
             self.client.out += frame(RST_STREAM, 0, s.sid, ErrorCodes.NO_ERROR.to_bytes(4))
         if s.forwarded:

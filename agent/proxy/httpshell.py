@@ -97,7 +97,10 @@ def try_send(sock: socket.socket, data: bytes) -> int:
 
 class Outbox:
     """Bytes for one side, in order: written at once when the side takes them, else queued and
-    written by a task that awaits the side's backpressure. ``idle`` is set when nothing waits."""
+    written by a task that awaits the side's backpressure. ``idle`` is set when nothing waits,
+    and ``busy`` is its opposite as a plain attribute: the shells ask it after every input (and
+    ``send`` before every write), where the event's ``is_set`` was a Python call, and a
+    property around it a second one (four to six per gRPC call in each agent)."""
 
     def __init__(
         self,
@@ -112,9 +115,7 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()
         self.idle.set()
-        # ``not idle.is_set()``, kept as a plain attribute: the shells ask it after every input
-        # (two Python calls a question as a property over the event)
-        self.busy = False
+        self.busy = False  # bytes wait (``not idle.is_set()``): changed only with ``idle``
 
     def send(self, data: bytes) -> None:
         if not self.busy:

@@ -4,6 +4,8 @@ rejected, the same headers out (``h2``'s ``validate_headers`` after its
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from h2.exceptions import ProtocolError
 from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
@@ -12,7 +14,10 @@ from hypothesis import strategies as st
 
 from agent.proxy import h2headers
 from agent.proxy.h2headers import Block, MalformedHeaders, check_block
+from agent.proxy.h2relay import H2Relay
 from tests.fuzzing import fuzz_examples
+from tests.unit.proxy import h2peers
+from tests.unit.proxy.test_h2proxy import Pods
 
 Header = tuple[bytes, bytes]
 
@@ -184,3 +189,71 @@ def test_names_seen_well_formed_are_kept_bounded_and_bad_ones_never() -> None:
     assert len(h2headers._good_names) == h2headers._GOOD_NAMES
     with pytest.raises(MalformedHeaders):  # matched again once full: still refused
         check_block([*GRPC_CALL, (b"X-B", b"1")], Block.REQUEST)
+
+
+def _outcome(check: object, block: list[Header]) -> object:
+    try:
+        return list(check(block))  # type: ignore[operator]
+    except MalformedHeaders as e:
+        return str(e)
+
+
+@settings(max_examples=fuzz_examples(300), deadline=None)
+@given(
+    pool=st.lists(st.tuples(request_starts, blocks), min_size=1, max_size=12),
+    picks=st.lists(st.integers(0, 11), max_size=40),
+    kind=st.sampled_from(list(Block)),
+)
+def test_checked_blocks_judge_blocks_sent_again_as_check_block_does(
+    pool: list[tuple[list[Header], list[Header]]], picks: list[int], kind: Block
+) -> None:
+    """Blocks from a few (well formed, malformed, with cookies) sent again and again in any
+    order, past the number kept: each judged as ``check_block`` judges it (the same headers
+    out, the same refusal)."""
+    kept = h2headers.CheckedBlocks(kind)
+    for pick in picks:
+        start, rest = pool[pick % len(pool)]
+        block = start + rest
+        assert _outcome(kept.check, block) == _outcome(lambda b: check_block(b, kind), block)
+
+
+def test_blocks_sent_again_on_a_connection_are_not_checked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ten gRPC calls, the client sending the same head and the pod answering each with the
+    same head (and, at the relay, the same trailers): the source's ``H2Proxy`` and the
+    destination's relay each check each of those blocks once, on the first call, not on
+    every call (20 and 30 checks before), and every call is answered."""
+    checked: Counter[tuple[str, Block]] = Counter()
+    real = h2headers._check
+    side = ["source"]
+
+    def counted(headers: list[Header], kind: Block, *, joined: bool) -> object:
+        checked[(side[0], kind)] += 1
+        return real(headers, kind, joined=joined)
+
+    monkeypatch.setattr(h2headers, "_check", counted)
+    source = Pods()
+    for _ in range(10):
+        source.request("/a/1", grpc=True)
+        source.run()
+        source.respond("a")
+    side[0] = "relay"
+    monkeypatch.setattr(h2peers, "H2Proxy", H2Relay)
+    relay = h2peers.Wire()
+    for _ in range(10):
+        sid = relay.request("/pkg.Echo/Unary", grpc=True)
+        relay.run()
+        relay.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        relay.pod.send_data(sid, b"\0\0\0\0\x02hi")
+        relay.pod.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        relay.run()
+    assert [x.status for x in source.proxy.take_completed()] == [200] * 10
+    assert [x.grpc_status for x in relay.proxy.take_completed()] == ["0"] * 10
+    assert checked == {
+        ("source", Block.REQUEST): 1,
+        ("source", Block.RESPONSE): 1,
+        ("relay", Block.REQUEST): 1,
+        ("relay", Block.RESPONSE): 1,
+        ("relay", Block.TRAILERS): 1,
+    }

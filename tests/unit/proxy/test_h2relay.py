@@ -336,3 +336,55 @@ def test_data_beyond_a_streams_window_closes_the_connection(kind: type) -> None:
     assert p.take_rejections() == [] and not p.closing
     p.receive_client(chunk)
     assert p.take_rejections() == [PROTOCOL_ERROR] and p.closing
+
+
+def test_a_response_read_whole_goes_to_the_client_as_the_pod_sent_it() -> None:
+    """A gRPC server writes a response at once (head, message, trailers), so the relay reads
+    them together: the message goes out as it is read (the windows allow it), so the trailers
+    behind it are forwarded as the pod encoded them, in order, not re-encoded without the
+    table; and a pod whose encoder indexes its trailers' fields (``h2``'s, grpcio's) does not
+    make the relay re-encode every later block of the connection. Three calls: the client
+    gets the pod's bytes unchanged (before, the trailers were re-encoded on each call and,
+    after the first call's indexing, the response heads too)."""
+    w = Wire()
+    for n in range(3):
+        sid = w.request("/pkg.Echo/Unary", grpc=True)
+        w.run()
+        w.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        w.pod.send_data(sid, b"\0\0\0\0\x02hi")
+        w.pod.send_headers(sid, [(b"grpc-status", b"0"), (b"grpc-message", b"ok")],
+                           end_stream=True)  # fmt: skip
+        sent = w.pod.data_to_send()
+        w.proxy.receive_upstream(sent)
+        out = w.proxy.take_to_client()
+        assert out == sent, f"call {n}: not forwarded as the pod sent it"
+        w.client_events += w.client.receive_data(out)
+    trailers = [dict(e.headers) for e in w.client_events if isinstance(e, TrailersReceived)]
+    assert trailers == [{b"grpc-status": b"0", b"grpc-message": b"ok"}] * 3
+    assert [(x.status, x.grpc_status) for x in w.proxy.take_completed()] == [(200, "0")] * 3
+
+
+def test_streams_that_end_with_nothing_held_discard_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ten gRPC calls answered in full: each stream ends with both its queues empty, so none
+    is walked to give windows back (two walks per stream before, each a ``sum`` over a
+    generator); the calls are answered."""
+    walks: list[int] = []
+    real = H2Relay._discard
+
+    def counted(queue: object, ack: object, s: object) -> None:
+        walks.append(1)
+        real(queue, ack, s)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(H2Relay, "_discard", staticmethod(counted))
+    w = Wire()
+    for _ in range(10):
+        sid = w.request("/pkg.Echo/Unary", grpc=True)
+        w.run()
+        w.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        w.pod.send_data(sid, b"\0\0\0\0\x02hi")
+        w.pod.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        w.run()
+    assert [x.grpc_status for x in w.proxy.take_completed()] == ["0"] * 10
+    assert walks == []

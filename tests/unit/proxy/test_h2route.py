@@ -4,8 +4,10 @@ the request's timeout."""
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import replace
+from typing import cast
 
 import pytest
 
@@ -15,6 +17,7 @@ from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint, admitted, grpc_timeout, route_request
 from agent.proxy.http1 import RequestHead
 from agent.proxy.http_router import HttpRouter, RoutePlan
+from agent.proxy.resolve import ServiceTarget
 from agent.state import PolicyObject, RouteObject, ServicePort, StateStore
 from tests.unit.proxy.test_http_router import PODS, _ref, _route, _router, _target
 from tests.unit.proxy.test_http_router import _store as _http_store
@@ -456,3 +459,38 @@ def test_a_try_sent_at_one_reading_counts_as_connect_and_try_timeout_at_that_rea
             outcomes.append((timeout, svc.pending, load.estimate, load.stamp, load.active))
         assert outcomes[0] == outcomes[1]
         assert outcomes[1][0] == (0.0 if waited > 10 else pytest.approx(10.0 - waited))
+
+
+def test_an_endpoint_key_is_hashed_and_compared_in_c_by_service_port_and_ip() -> None:
+    """``Endpoint`` is looked up three times a call (the session's routes and records, the
+    proxy's upstreams): equal and hashed alike by (service, port, IP) whatever its backend
+    target and connect timeout, unequal when any of the three differs, and each look-up makes
+    no Python call (a dataclass's ``__hash__`` and ``__eq__`` made two)."""
+    target, other_target = cast(ServiceTarget, object()), cast(ServiceTarget, object())
+    first = Endpoint(("default", "web"), 8080, "10.0.0.1", target, 0.3)
+    again = Endpoint(("default", "web"), 8080, "10.0.0.1", other_target, None)
+    assert first == again and hash(first) == hash(again)
+    assert (first.service, first.port, first.ip) == (("default", "web"), 8080, "10.0.0.1")
+    assert (first.target, first.connect_timeout, again.connect_timeout) == (target, 0.3, None)
+    assert str(first) == "default/web:8080@10.0.0.1"
+    others = [
+        Endpoint(("default", "api"), 8080, "10.0.0.1", target),
+        Endpoint(("other", "web"), 8080, "10.0.0.1", target),
+        Endpoint(("default", "web"), 8081, "10.0.0.1", target),
+        Endpoint(("default", "web"), 8080, "10.0.0.2", target),
+    ]
+    assert all(first != other for other in others)
+    kept = {first: "upstream", **{other: "else" for other in others}}
+    calls = 0
+
+    def profile(_frame: object, event: str, _arg: object) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(profile)
+    try:
+        found = kept.get(again)
+    finally:
+        sys.setprofile(None)
+    assert found == "upstream"
+    assert calls == 0

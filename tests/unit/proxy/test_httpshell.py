@@ -212,3 +212,52 @@ def test_a_blocking_socket_is_refused() -> None:
     ours, peer = socket.socketpair()
     with ours, peer:
         asyncio.run(main(ours))
+
+
+def test_an_outbox_says_busy_without_a_call_and_follows_its_idle_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Outbox.busy`` is a plain attribute the shells read after every input (and ``send``
+    before every write): no ``Event.is_set`` call for either (two per read of ``busy`` and
+    one per send before), and it says what ``idle`` says through a write the side takes
+    whole, one it takes in part (the rest queued and drained) and the next one."""
+    asked: list[bool] = []
+    real = asyncio.Event.is_set
+
+    counting = [True]
+
+    def counted(self: asyncio.Event) -> bool:
+        if counting[0]:
+            asked.append(True)
+        return real(self)
+
+    taken: list[bytes] = []
+    room = [100]
+
+    def try_write(data: bytes) -> int:
+        n = min(room[0], len(data))
+        taken.append(bytes(data[:n]))
+        return n
+
+    async def write(data: bytes) -> None:
+        taken.append(bytes(data))
+
+    async def main() -> list[tuple[bool, bool]]:
+        drained = asyncio.Event()
+        box = httpshell.Outbox(try_write, write, drained.set, lambda _e: None)
+        monkeypatch.setattr(asyncio.Event, "is_set", counted)
+        seen = []
+        box.send(b"a" * 10)
+        seen.append((box.busy, real(box.idle)))
+        room[0] = 4
+        box.send(b"b" * 10)
+        seen.append((box.busy, real(box.idle)))
+        box.send(b"c" * 3)  # queued behind the rest: not written before it
+        counting[0] = False
+        await drained.wait()
+        seen.append((box.busy, box.idle.is_set()))
+        return seen
+
+    assert asyncio.run(main()) == [(False, True), (True, False), (False, True)]
+    assert b"".join(taken) == b"a" * 10 + b"b" * 10 + b"c" * 3
+    assert asked == []

@@ -18,7 +18,8 @@ writer (as in the L4 relay). A pipelined request the layer has parsed but cannot
 pipelining client cannot queue without bound. All of this but the client's side is
 ``PodShell``, which the HTTP/2 destination (``h2inbound.H2Session``) shares.
 
-Authorization here is per request (``Core.authorize_request``): on a declared HTTP port the
+Authorization here is per request (``Core.authorize_request``'s evaluation and reports, the
+log text built only for a decision that reports anything): on a declared HTTP port the
 connection itself was admitted without the L7 conditions, which only a request can satisfy. An
 authorized request then meets the RateLimitPolicies of the pod port (``Core.rate_limit``): over
 the limit it is answered ``429`` with flag ``RL`` and the connection keeps serving. Whether any
@@ -507,7 +508,12 @@ class RequestAdmission:
     request's verdict is its rate limits alone: ``request_verdict``'s answer (``ALLOWED``, or
     429), without building the request's ``Request``, its log text and its ``Decision`` per
     request or stream (the policies that select the pod are a cached look-up in the
-    ``Authorizer`` itself). Every ``PodShell`` admits its requests through one: HTTP/1.1's
+    ``Authorizer`` itself). Where a policy does bear (the usual production pod), a request
+    still builds its ``Request``, but its log text only for a denial or a dry-run/AUDIT
+    outcome (the decisions that report anything), and an allowed one shares its ALLOW's
+    ``Decision``. Whether a RateLimitPolicy applies to the pod port is kept per state version
+    too: while none does, no request asks ``Core.rate_limit``. Every ``PodShell`` admits its
+    requests through one: HTTP/1.1's
     (``HttpSession``) and HTTP/2's (``h2inbound.H2Session``); so does the HTTP/1.1 source for
     a same-node endpoint, whose destination it stands for (``http_outbound``)."""
 

@@ -515,7 +515,9 @@ class _Selection:
     dry: tuple[CompiledPolicy, ...]
     audits: tuple[CompiledPolicy, ...]
     denies: tuple[CompiledPolicy, ...]
-    allows: tuple[tuple[CompiledPolicy, str, str], ...]  # (policy, ref, "allowed by ...")
+    # (policy, ref, "allowed by ...", the ``Decision`` of a request it allows that no dry-run
+    # or AUDIT policy bears on: made once here, not per request, as ``Decision`` is frozen)
+    allows: tuple[tuple[CompiledPolicy, str, str, Decision], ...]
     refused: str  # the reason when ALLOWs apply and none matched
 
     @classmethod
@@ -523,12 +525,13 @@ class _Selection:
         enforced = [p for p in policies if not p.dry_run]
         allows = [p for p in enforced if p.action == "ALLOW"]
         refs = ", ".join(p.ref for p in allows)
+        allowed = [(p, f"allowed by ALLOW policy {p.ref}") for p in allows]
         return cls(
             policies,
             tuple(p for p in policies if p.dry_run),
             tuple(p for p in enforced if p.action == "AUDIT"),
             tuple(p for p in enforced if p.action == "DENY"),
-            tuple((p, p.ref, f"allowed by ALLOW policy {p.ref}") for p in allows),
+            tuple((p, p.ref, reason, Decision(True, reason, p.ref)) for p, reason in allowed),
             f"no ALLOW policy matched (applicable: {refs})",
         )
 
@@ -631,10 +634,14 @@ class Authorizer:
                 reason = f"denied by DENY policy {rule_ref(p.ref, rule)}"
                 return Decision(False, reason, p.ref, audited, would, would_deny, rule, would_rules)
         if not selection.allows:
+            if not audited and not would:  # ``would_deny`` is empty without ``would``
+                return _NO_POLICY
             reason = "no ALLOW policy applies"
             return Decision(True, reason, None, audited, would, would_deny, None, would_rules)
-        for p, ref, allowed in selection.allows:
+        for p, ref, allowed, plain in selection.allows:
             if p.matches(request):
+                if not audited and not would:  # the usual allowed request: nothing of its own
+                    return plain
                 return Decision(True, allowed, ref, audited, would, would_deny, None, would_rules)
         reason = selection.refused
         return Decision(False, reason, None, audited, would, would_deny, None, would_rules)

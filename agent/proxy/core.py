@@ -153,9 +153,7 @@ class Core:
         per state version; buckets of limits no longer in force are dropped then."""
         cached = self._limits
         if cached is None or cached[0] != snap.version:
-            cached = (snap.version, limits_by_endpoint(snap))
-            self._limits = cached
-            self.limiter.forget(limit for limits in cached[1].values() for limit in limits)
+            cached = self._limit_table(snap)
         limits = cached[1].get((request.destination_ip, request.destination_port))
         if not limits:
             return None
@@ -165,6 +163,25 @@ class Core:
         if refused is not None:
             self.registry.rate_limited[refused.service] += 1
         return refused
+
+    def rate_limited_port(self, ip: str, port: int, snap: Snapshot) -> bool:
+        """Whether any RateLimitPolicy applies to the pod port ``ip``:``port`` in this state
+        version: where none does, ``rate_limit`` refuses no request to it until the version
+        changes (``RequestAdmission`` asks this once per version, not per request)."""
+        cached = self._limits
+        if cached is None or cached[0] != snap.version:
+            cached = self._limit_table(snap)
+        return bool(cached[1].get((ip, port)))
+
+    def _limit_table(
+        self, snap: Snapshot
+    ) -> tuple[int, Mapping[tuple[str, int], tuple[RateLimit, ...]]]:
+        """The limits per pod port of ``snap``'s version, kept; buckets of limits no longer in
+        force are dropped."""
+        cached = (snap.version, limits_by_endpoint(snap))
+        self._limits = cached
+        self.limiter.forget(limit for limits in cached[1].values() for limit in limits)
+        return cached
 
     def local_workload(self, snap: Snapshot, ip: str) -> Workload | None:
         """The meshed workload on this node that owns ``ip``, if any."""
@@ -204,6 +221,14 @@ class Core:
         dry-run and AUDIT outcomes, count a denial and what dry-run policies would deny. The
         connection stays open whatever the answer."""
         decision = self.policies().live(request, workload)
+        self.request_decided(decision, where)
+        return decision
+
+    def request_decided(self, decision: Decision, where: str) -> None:
+        """``authorize_request``'s reports of a ``decision``: its dry-run and AUDIT outcomes
+        logged, a denial and what dry-run policies would deny counted and logged. A decision
+        that allows, with no dry-run or AUDIT outcome, has none: a caller may skip it then, and
+        build ``where`` only for a decision that has (``request_verdict``)."""
         for note in decision.would:
             log.info("%s: %s", where, note)
         for ref in decision.audited:
@@ -211,7 +236,6 @@ class Core:
                 "%s: audited by %s (%s)", where, ref, "allowed" if decision.allowed else "denied"
             )
         self.registry.request_denied(decision, where)
-        return decision
 
     def watch_policies(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         """Re-check live connections after every policy change; returns the unsubscribe."""

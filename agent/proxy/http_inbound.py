@@ -18,7 +18,8 @@ writer (as in the L4 relay). A pipelined request the layer has parsed but cannot
 pipelining client cannot queue without bound. All of this but the client's side is
 ``PodShell``, which the HTTP/2 destination (``h2inbound.H2Session``) shares.
 
-Authorization here is per request (``Core.authorize_request``): on a declared HTTP port the
+Authorization here is per request (``Core.authorize_request``'s evaluation and reports, the
+log text built only for a decision that reports anything): on a declared HTTP port the
 connection itself was admitted without the L7 conditions, which only a request can satisfy. An
 authorized request then meets the RateLimitPolicies of the pod port (``Core.rate_limit``): over
 the limit it is answered ``429`` with flag ``RL`` and the connection keeps serving. Whether any
@@ -66,7 +67,7 @@ from agent.proxy.httpshell import (
 from agent.proxy.linger import linger
 from agent.proxy.relay import relay_sockets, relay_tunnel
 from agent.proxy.tunnel import Sink, TunnelStream
-from agent.state import Workload
+from agent.state import Snapshot, Workload
 from agent.telemetry.records import ConnectionRecord, RequestRecord
 
 if TYPE_CHECKING:
@@ -468,8 +469,11 @@ def request_verdict(
         connection.principal,
         HttpAttributes(head.method, head.path, head.host, head.headers),
     )
-    where = f"{where} {head.method} {head.path}"
-    decision = core.authorize_request(request, workload, where)
+    # ``Core.authorize_request``, with the log text built only for a decision that reports
+    # anything (a denial, a dry-run or AUDIT outcome): the usual allowed request has none.
+    decision = core.policies().live(request, workload)
+    if decision.would or decision.audited or not decision.allowed:
+        core.request_decided(decision, f"{where} {head.method} {head.path}")
     # The dry-run policies that would have denied it go on the request's record (allowed or
     # not); the usual request has none, and is answered by the shared ``ALLOWED``.
     would = ",".join(decision.would_deny_rules) if decision.would_deny_rules else ""
@@ -504,27 +508,62 @@ class RequestAdmission:
     request's verdict is its rate limits alone: ``request_verdict``'s answer (``ALLOWED``, or
     429), without building the request's ``Request``, its log text and its ``Decision`` per
     request or stream (the policies that select the pod are a cached look-up in the
-    ``Authorizer`` itself). Every ``PodShell`` admits its requests through one: HTTP/1.1's
+    ``Authorizer`` itself). Where a policy does bear (the usual production pod), a request
+    still builds its ``Request``, but its log text only for a denial or a dry-run/AUDIT
+    outcome (the decisions that report anything), and an allowed one shares its ALLOW's
+    ``Decision``. Whether a RateLimitPolicy applies to the pod port is kept per state version
+    too: while none does, no request asks ``Core.rate_limit``. Every ``PodShell`` admits its
+    requests through one: HTTP/1.1's
     (``HttpSession``) and HTTP/2's (``h2inbound.H2Session``); so does the HTTP/1.1 source for
     a same-node endpoint, whose destination it stands for (``http_outbound``)."""
 
-    __slots__ = ("_free", "_policies", "core", "request", "where", "workload")
+    __slots__ = ("_free", "_limited", "_policies", "core", "request", "where", "workload")
 
     def __init__(self, core: Core, request: Request, workload: Workload, where: str) -> None:
         self.core, self.request, self.workload, self.where = core, request, workload, where
-        self._policies: Policies | None = None  # the version ``_free`` is of
+        self._policies: Policies | None = None  # the version ``_free`` and ``_limited`` are of
         self._free = False  # no policy bears on this connection's requests
+        self._limited = True  # a RateLimitPolicy applies to the connection's pod port
 
     def verdict(self, head: RequestHead) -> Verdict:
         core = self.core
         snap = core.snapshot()
         policies = core.policies(snap)
-        if policies is not self._policies:
+        if policies is not self._policies:  # a new state version (``Core.policies``'s cache)
+            request = self.request
             self._policies, self._free = policies, not self._policed(policies)
+            self._limited = core.rate_limited_port(
+                request.destination_ip, request.destination_port, snap
+            )
         if not self._free:
-            return request_verdict(core, self.request, self.workload, head, self.where)
+            return self._authorized(head, policies, snap)
+        if not self._limited:
+            return ALLOWED
         limit = core.rate_limit(self.request, snap)  # the connection's: ip, port, principal
         return ALLOWED if limit is None else rate_limited(limit, "")
+
+    def _authorized(self, head: RequestHead, policies: Policies, snap: Snapshot) -> Verdict:
+        """``request_verdict``'s answer where a policy bears on the connection, with this
+        version's policies and whether the port has rate limits already known."""
+        connection, core = self.request, self.core
+        request = Request(
+            connection.source_ip,
+            connection.destination_ip,
+            connection.destination_port,
+            connection.principal,
+            HttpAttributes(head.method, head.path, head.host, head.headers),
+        )
+        decision = policies.live(request, self.workload)
+        if decision.would or decision.audited or not decision.allowed:  # the text only then
+            core.request_decided(decision, f"{self.where} {head.method} {head.path}")
+        would = ",".join(decision.would_deny_rules) if decision.would_deny_rules else ""
+        if not decision.allowed:
+            return Verdict(False, decision.refused_by(), dry_run=would)
+        if self._limited:
+            limit = core.rate_limit(request, snap)
+            if limit is not None:
+                return rate_limited(limit, would)
+        return Verdict(True, dry_run=would) if would else ALLOWED
 
     def _policed(self, policies: Policies) -> bool:
         request, workload = self.request, self.workload

@@ -38,7 +38,7 @@ from typing import cast
 
 from agent.proxy.h2outbound import H2SourceSession
 from agent.state import Endpoint, Service, ServicePort
-from tests.bench.proxy.bench_http_cpu import _captured, report, rounds, telemetry
+from tests.bench.proxy.bench_http_cpu import _captured, police, report, rounds, telemetry
 from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, free_port
 
 VIP = "10.96.7.3"
@@ -229,6 +229,8 @@ async def run(args: argparse.Namespace) -> list[float]:
         telemetry(mesh)
         port, l4_port = free_port(SERVER), free_port(SERVER)
         dst = _declare(mesh, args.path, port, l4_port)
+        if args.policed:  # as bench_http_cpu's
+            police(mesh)
         servers = [await loop.create_server(App, SERVER, p) for p in (port, l4_port)]
         authority = f"{dst[0]}:{dst[1]}".encode()
 

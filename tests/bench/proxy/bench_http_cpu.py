@@ -14,7 +14,9 @@ terminate), ``routed`` that port with the bench lab's HTTPRoute attached (``benc
 a header match the requests do not meet, then a 90/10 split over two Services selecting the
 same pod, with retries), ``pod`` the pod's port declared HTTP (``nodemesh.io/http-ports``:
 node2 terminates), ``l4`` the same port undeclared, ``direct`` no proxy (the clients' and
-app's own share).
+app's own share). ``--policed`` attaches an ALLOW AuthorizationPolicy selecting the server pod
+with a path rule every request meets (``/*``): the usual production case, in which each request
+is authorized at the destination (``http_inbound.RequestAdmission``).
 
 Prints the process CPU time per request of each measured round (after a warm-up) and the best
 (the least disturbed by other processes; compare trees alternated). With ``--callgrind`` (run
@@ -47,7 +49,7 @@ from typing import Any, cast
 import uvloop
 
 import tests.integration.proxy.mesh as mesh_module
-from agent.state import Endpoint, RouteObject, Service, ServicePort
+from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
 from agent.telemetry.accesslog import ACCESS_LOGGER, RequestSampler
 from agent.telemetry.http import HttpMetrics
 from agent.telemetry.tcp import TcpMetrics
@@ -165,6 +167,24 @@ def _declare(mesh: Mesh, path: str, port: int) -> tuple[str, int]:
     return (VIP, 80) if path in ("svc", "routed") else (SERVER, port)
 
 
+POLICY = PolicyObject(
+    "AuthorizationPolicy",
+    "default",
+    "bench-allow",
+    {
+        "selector": {"matchLabels": {"app": "server"}},
+        "action": "ALLOW",
+        "rules": [{"to": [{"operation": {"paths": ["/*"]}}]}],
+    },
+)
+
+
+def police(mesh: Mesh) -> None:
+    """``--policed``: the server pod selected by an ALLOW policy every request meets."""
+    with mesh.store.update() as tx:
+        tx.put_policy(POLICY)
+
+
 def _callgrind(on: bool) -> None:
     command = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
     subprocess.run(command, check=True, capture_output=True)
@@ -178,6 +198,8 @@ async def run(args: argparse.Namespace) -> list[float]:
         telemetry(mesh)
         port = free_port(SERVER)
         dst = _declare(mesh, args.path, port)
+        if args.policed:
+            police(mesh)
         server = await loop.create_server(App, SERVER, port)
 
         async def batch(per_connection: int) -> None:
@@ -263,6 +285,7 @@ def measure(
     parser.add_argument("--log", default=os.devnull, help="where the access log goes")
     parser.add_argument("--callgrind", action="store_true", help="see bench_http_cpu's docstring")
     parser.add_argument("--profile", help="cProfile stats of the measured rounds to this file")
+    parser.add_argument("--policed", action="store_true", help="see bench_http_cpu's docstring")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("the mesh's sockets need root (SO_MARK, IP_TRANSPARENT): run with sudo")

@@ -6,6 +6,7 @@ import asyncio
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from agent.proxy.core import Core
 from agent.proxy.http1 import RequestHead, Verdict
 from agent.proxy.http_inbound import HttpSession, SocketDownstream, StreamDownstream
 from agent.proxy.tunnel import Sink
-from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore, Workload
+from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
 from tests.unit.proxy.test_tunnel_direct import tunnel
 from tests.workloads import workload
@@ -522,17 +523,15 @@ def test_a_pod_no_policy_bears_on_builds_no_authorization_request_per_request(
     STRICT) are admitted without ``request_verdict``'s per-request ``Request``, log text and
     ``Decision`` (``RequestAdmission``, once per state version); a DENY put while the connection
     is open reaches its next request, which is then authorized as before. Before, every request
-    went through ``request_verdict``."""
+    went through ``request_verdict`` (now ``RequestAdmission._authorized``, its policed path)."""
     walked: list[str] = []
-    real = http_inbound.request_verdict
+    real = http_inbound.RequestAdmission._authorized
 
-    def counted(
-        core: Core, connection: Request, w: Workload, head: RequestHead, where: str
-    ) -> Verdict:
+    def counted(admission: http_inbound.RequestAdmission, head: RequestHead, *args: Any) -> Verdict:
         walked.append(head.path)
-        return real(core, connection, w, head, where)
+        return real(admission, head, *args)
 
-    monkeypatch.setattr(http_inbound, "request_verdict", counted)
+    monkeypatch.setattr(http_inbound.RequestAdmission, "_authorized", counted)
 
     async def main() -> None:
         core = _core()

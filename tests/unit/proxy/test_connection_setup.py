@@ -8,6 +8,7 @@ write on their HBONE connection."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import socket
@@ -342,12 +343,105 @@ def test_a_streams_end_wakes_no_other_stream() -> None:
     asyncio.run(main())
 
 
+class _RegisteringLoop(uvloop.Loop):
+    """uvloop's loop, recording the reader and writer registration calls made on it and the
+    timers armed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.timers: list[object] = []
+
+    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+        self.calls.append("add_reader")
+        super().add_reader(fd, callback, *args)
+
+    def add_writer(self, fd: Any, callback: Any, *args: Any) -> None:
+        self.calls.append("add_writer")
+        super().add_writer(fd, callback, *args)
+
+    def remove_reader(self, fd: Any) -> bool:
+        self.calls.append("remove_reader")
+        return bool(super().remove_reader(fd))
+
+    def remove_writer(self, fd: Any) -> bool:
+        self.calls.append("remove_writer")
+        return bool(super().remove_writer(fd))
+
+    def call_later(  # type: ignore[override]
+        self, delay: float, callback: Any, *args: Any, context: Any = None
+    ) -> asyncio.TimerHandle:
+        self.timers.append(callback)
+        return super().call_later(delay, callback, *args, context=context)  # type: ignore[no-any-return]
+
+
+def test_a_connect_the_kernel_finished_within_the_call_neither_waits_nor_registers() -> None:
+    """To a listener on this host (a pod behind its veth, or loopback) the kernel completes
+    the handshake inside the ``connect`` call, though the call answers EINPROGRESS; asked
+    again at once, it says connected. Such a connect finishes in one step of its coroutine
+    (it never suspends the caller's task), with no writer, no timer and no placeholder
+    reader, whether a reader is to be held or not; a refused one raises in that step too.
+    On main each waited: a writer, the timeout's timer, a pass of the loop, and for a held
+    reader the placeholder."""
+    loop = _RegisteringLoop()
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            for hold in (False, True):
+                coro = sockets.connect(server.getsockname(), mark=0, timeout=5.0, hold_reader=hold)
+                with pytest.raises(StopIteration) as finished:
+                    coro.send(None)  # the first step ends it: nothing was awaited
+                with finished.value.value as sock:
+                    assert sock.getpeername() == server.getsockname()
+                    sockets.release(sock)  # nothing held: nothing to drop
+            port = server.getsockname()[1]
+        refused = sockets.connect(("127.0.0.1", port), mark=0, timeout=5.0, hold_reader=True)
+        with pytest.raises(ConnectionRefusedError):
+            refused.send(None)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert loop.calls == ["remove_reader", "remove_reader"]  # the two ``release``s
+    assert loop.timers == []
+
+
+def _still_under_way(sock: socket.socket, address: tuple[str, int]) -> int:
+    """``sockets._asked_again`` for a peer whose handshake takes longer (another host): the
+    connect waits for its socket to be writable."""
+    return errno.EALREADY
+
+
+def test_a_connect_still_under_way_waits_for_its_writer_within_its_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When asking again finds the handshake under way, the connect waits as before: a writer
+    until the socket is writable, bounded by a timer, its ``SO_ERROR`` read; then it leaves
+    nothing registered (no reader was to be held)."""
+    monkeypatch.setattr(sockets, "_asked_again", _still_under_way)
+    loop = _RegisteringLoop()
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sock = await sockets.connect(server.getsockname(), mark=0, timeout=5.0)
+            with sock:
+                assert sock.getpeername() == server.getsockname()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert loop.calls == ["add_writer", "remove_writer"]
+    assert loop.timers == [sockets._wake]
+
+
 def test_a_held_reader_nobody_takes_over_steps_aside_and_loses_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``connect(hold_reader=True)`` leaves a placeholder reader for the relay to take over;
-    if the loop polls before anyone does, the placeholder removes itself (no busy loop on a
-    readable socket) and the bytes wait in the socket."""
+    """``connect(hold_reader=True)`` that had to wait leaves a placeholder reader for the
+    relay to take over; if the loop polls before anyone does, the placeholder removes itself
+    (no busy loop on a readable socket) and the bytes wait in the socket."""
     runs: list[int] = []
     unclaimed = sockets._unclaimed
 
@@ -356,6 +450,7 @@ def test_a_held_reader_nobody_takes_over_steps_aside_and_loses_nothing(
         unclaimed(loop, fd)
 
     monkeypatch.setattr(sockets, "_unclaimed", counting)
+    monkeypatch.setattr(sockets, "_asked_again", _still_under_way)
 
     async def main() -> None:
         with socket.create_server(("127.0.0.1", 0)) as server:

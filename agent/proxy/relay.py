@@ -189,9 +189,13 @@ class _SocketRelay(_Relay):
     __slots__ = ("_parts", "client", "upstream")
 
     def __init__(
-        self, record: ConnectionRecord, client: socket.socket, upstream: socket.socket
+        self,
+        record: ConnectionRecord,
+        client: socket.socket,
+        upstream: socket.socket,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        super().__init__(record)
+        super().__init__(record, loop)
         self.client, self.upstream = client, upstream
         # The parts whose callbacks ``stop`` removes (a tuple of the objects, not a list of
         # bound methods: it lives as long as the connection).
@@ -366,9 +370,12 @@ def _shutdown_write(sock: socket.socket) -> None:
 
 
 def _socket_relay(
-    client: socket.socket, upstream: socket.socket, record: ConnectionRecord
+    client: socket.socket,
+    upstream: socket.socket,
+    record: ConnectionRecord,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> _Relay:
-    relay = _SocketRelay(record, client, upstream)
+    relay = _SocketRelay(record, client, upstream, loop)
     _Direction(relay, client, upstream, received=False)
     _Direction(relay, upstream, client, received=True)
     return relay
@@ -382,16 +389,26 @@ async def relay_sockets(
 
 
 def start_sockets(
-    client: socket.socket, upstream: socket.socket, record: ConnectionRecord, owner: Owner
+    client: socket.socket,
+    upstream: socket.socket,
+    record: ConnectionRecord,
+    owner: Owner,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> asyncio.Future[None]:
-    """``relay_sockets`` without a task: returns its ``done`` (see ``_Relay.detach``)."""
-    return _in_empty_context(_start_sockets, client, upstream, record, owner)
+    """``relay_sockets`` without a task: returns its ``done`` (see ``_Relay.detach``).
+    ``loop``: the running loop, when the caller has it (else it is looked up: a ``getpid``
+    system call on Python 3.11)."""
+    return _in_empty_context(_start_sockets, client, upstream, record, owner, loop)
 
 
 def _start_sockets(
-    client: socket.socket, upstream: socket.socket, record: ConnectionRecord, owner: Owner
+    client: socket.socket,
+    upstream: socket.socket,
+    record: ConnectionRecord,
+    owner: Owner,
+    loop: asyncio.AbstractEventLoop | None,
 ) -> asyncio.Future[None]:
-    return _socket_relay(client, upstream, record).detach(owner)
+    return _socket_relay(client, upstream, record, loop).detach(owner)
 
 
 class _TunnelRelay(_Relay):

@@ -183,8 +183,9 @@ class Outbound:
         loop = self._loop_now()
         close = cancel_current_task(loop)  # the handler's task: ``_open_within`` bounds it
         conn_id = self.core.registry.add(record, close)
-        # A socket relay takes the upstream socket's poll handle over from its connect (see
-        # ``sockets.connect``); the splice reads neither socket, and a tunnel has no socket.
+        # A socket relay takes the upstream socket's poll handle over from its connect, if it
+        # had to wait (see ``sockets.connect``); the splice reads neither socket, and a tunnel
+        # has no socket.
         splicing = route.kind == "local" and self.core.splicer is not None
         hold = route.kind != "hbone" and not splicing
         try:

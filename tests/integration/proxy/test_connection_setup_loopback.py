@@ -164,7 +164,10 @@ def test_a_connection_registers_each_proxied_socket_once_and_arms_no_connect_tim
     the pod connect finishes within its ``connect`` call (the kernel ran the handshake there:
     no writer, no timer, no placeholder reader) and a socket relay's stop removes only what
     is still registered. The only timer left is the tunnel open's deadline. On main: 7 calls
-    and two timers (the pod connect's) cross-node, 11 calls and one timer same-node."""
+    and two timers (the pod connect's) cross-node, 11 calls and one timer same-node. (Up to
+    three connections are tried: the kernel runs the handshake inside ``connect`` unless it
+    left its softirq work to ``ksoftirqd``, which a loaded machine does now and then; the pod
+    connect then waits as on main.)"""
     if os.geteuid() != 0:
         pytest.skip("SO_MARK and IP_TRANSPARENT need root")
     loop = _CountingLoop()
@@ -176,11 +179,14 @@ def test_a_connection_registers_each_proxied_socket_once_and_arms_no_connect_tim
             port = mesh.app(pod, echo_peer)
             assert await roundtrip(mesh, CLIENT, (pod, port))  # dials the HBONE connection
             await _relays_ended(mesh)
-            loop.calls.clear()
-            loop.timers.clear()
-            reply = await roundtrip(mesh, CLIENT, (pod, port))
-            assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
-            await _relays_ended(mesh)
+            for _ in range(3):
+                loop.calls.clear()
+                loop.timers.clear()
+                reply = await roundtrip(mesh, CLIENT, (pod, port))
+                assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                await _relays_ended(mesh)
+                if loop.calls == {"add_reader": 2, "remove_reader": 2}:
+                    break
             return loop.calls.copy(), loop.timers[:]
         finally:
             await mesh.close()

@@ -12,7 +12,7 @@ import errno
 import fcntl
 import os
 import socket
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import pytest
@@ -375,6 +375,32 @@ class _RegisteringLoop(uvloop.Loop):
         return super().call_later(delay, callback, *args, context=context)  # type: ignore[no-any-return]
 
 
+def _in_one_step(
+    loop: _RegisteringLoop, connect: Callable[[], Coroutine[Any, Any, socket.socket]]
+) -> socket.socket | BaseException:
+    """What ``connect()`` ended with in the first step of its coroutine (its socket or what it
+    raised), with nothing registered and no timer armed meanwhile. The kernel runs a loopback
+    handshake inside the ``connect`` call unless it leaves its softirq work to ``ksoftirqd``
+    (a loaded machine, now and then): up to ten connects are tried for one that finished so;
+    one that waits is closed. On main none finishes in its first step."""
+    for _ in range(10):
+        loop.calls.clear()
+        loop.timers.clear()
+        coro = connect()
+        try:
+            coro.send(None)
+        except StopIteration as finished:
+            ended: socket.socket | BaseException = finished.value
+        except OSError as e:
+            ended = e
+        else:
+            coro.close()  # it waits: its ``finally`` removes the writer and the timer
+            continue
+        assert loop.calls == [] and loop.timers == []
+        return ended
+    raise AssertionError("no connect finished within its first step")
+
+
 def test_a_connect_the_kernel_finished_within_the_call_neither_waits_nor_registers() -> None:
     """To a listener on this host (a pod behind its veth, or loopback) the kernel completes
     the handshake inside the ``connect`` call, though the call answers EINPROGRESS; asked
@@ -386,25 +412,26 @@ def test_a_connect_the_kernel_finished_within_the_call_neither_waits_nor_registe
     loop = _RegisteringLoop()
 
     async def main() -> None:
-        with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_server(("127.0.0.1", 0), backlog=64) as server:
+            address = server.getsockname()
             for hold in (False, True):
-                coro = sockets.connect(server.getsockname(), mark=0, timeout=5.0, hold_reader=hold)
-                with pytest.raises(StopIteration) as finished:
-                    coro.send(None)  # the first step ends it: nothing was awaited
-                with finished.value.value as sock:
-                    assert sock.getpeername() == server.getsockname()
+                sock = _in_one_step(
+                    loop,
+                    lambda h=hold: sockets.connect(address, mark=0, timeout=5.0, hold_reader=h),
+                )
+                assert isinstance(sock, socket.socket)
+                with sock:
+                    assert sock.getpeername() == address
                     sockets.release(sock)  # nothing held: nothing to drop
-            port = server.getsockname()[1]
-        refused = sockets.connect(("127.0.0.1", port), mark=0, timeout=5.0, hold_reader=True)
-        with pytest.raises(ConnectionRefusedError):
-            refused.send(None)
+        refused = _in_one_step(
+            loop, lambda: sockets.connect(address, mark=0, timeout=5.0, hold_reader=True)
+        )
+        assert isinstance(refused, ConnectionRefusedError)
 
     try:
         loop.run_until_complete(main())
     finally:
         loop.close()
-    assert loop.calls == ["remove_reader", "remove_reader"]  # the two ``release``s
-    assert loop.timers == []
 
 
 def _still_under_way(sock: socket.socket, address: tuple[str, int]) -> int:

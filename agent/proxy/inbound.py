@@ -386,7 +386,8 @@ class InboundHbone:
             return
         s = self.core.settings
         try:
-            # A TCP stream's relay takes the connect's poll registration over (``_start``).
+            # A TCP stream's relay takes the connect's poll registration over (``_start``),
+            # if it had to wait for one (``sockets.connect``: mostly it finishes at once).
             upstream = await sockets.connect(
                 (req.host, req.port),
                 mark=s.mark,

@@ -183,8 +183,9 @@ class Outbound:
         loop = self._loop_now()
         close = cancel_current_task(loop)  # the handler's task: ``_open_within`` bounds it
         conn_id = self.core.registry.add(record, close)
-        # A socket relay takes the upstream socket's poll handle over from its connect (see
-        # ``sockets.connect``); the splice reads neither socket, and a tunnel has no socket.
+        # A socket relay takes the upstream socket's poll handle over from its connect, if it
+        # had to wait (see ``sockets.connect``); the splice reads neither socket, and a tunnel
+        # has no socket.
         splicing = route.kind == "local" and self.core.splicer is not None
         hold = route.kind != "hbone" and not splicing
         try:
@@ -205,7 +206,9 @@ class Outbound:
             self.core.registry.remove(conn_id)
             sockets.abort(client)
             raise
-        return self._start(client, upstream, record, conn_id, splice=route.kind == "local")
+        return self._start(
+            client, upstream, record, conn_id, splice=route.kind == "local", loop=loop
+        )
 
     async def _resolve(
         self, client: socket.socket, snap: Snapshot, key: tuple[str, str, int], src_port: int
@@ -272,11 +275,13 @@ class Outbound:
         conn_id: int,
         *,
         splice: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> asyncio.Future[None]:
         """Relay without this task (``relay.start_*``): the connection's clean-up is the
         relay's end (``_Relayed``), and the registry's close (policy re-check, drain) cancels
         the relay. ``splice``: nothing needs the bytes (an admitted same-node connection), so
-        the kernel moves them when the agent runs with the same-node splice."""
+        the kernel moves them when the agent runs with the same-node splice. ``loop``: the
+        running loop (``handle`` has it), for a socket relay."""
         self.core.registry.leave_task(conn_id)
         owner = self._relayed
         if isinstance(upstream, TunnelStream):
@@ -285,7 +290,7 @@ class Outbound:
         elif splice and self.core.splicer is not None:
             done = start_spliced(client, upstream, record, owner, self.core.splicer)
         else:
-            done = start_sockets(client, upstream, record, owner)
+            done = start_sockets(client, upstream, record, owner, loop)
         self.core.registry.hand_over(conn_id, done)
         return done
 

@@ -83,20 +83,34 @@ async def connect(
     thread woken and the loop woken back through its eventfd, before the ``connect`` call. Nor
     ``asyncio.timeout``/``wait_for`` around it: a timer handle on the waiter does the same
     with no task (``wait_for`` made one in Python 3.11) and no context manager. The connect
-    runs in the caller's task: ``connect`` itself, then (when it is in progress, as it is
-    even on loopback) one writer until the socket is writable, then its ``SO_ERROR``.
+    runs in the caller's task: ``connect`` itself, then (when it is still in progress, see
+    below) one writer until the socket is writable, then its ``SO_ERROR``.
 
-    ``hold_reader``: the caller puts a reader on the socket before it next awaits (a relay).
-    The connect's writer is then swapped for a placeholder reader rather than removed, so
-    uvloop keeps the descriptor's poll handle for the relay's reader: making and closing one
-    is an ``ioctl`` and about seven ``epoll_ctl`` calls, twice per connection before. The
+    *Finished within the call*: to a listener on this host (a pod of this node, behind its
+    veth, or on loopback) the kernel runs the whole handshake inside ``connect``: the SYN is
+    delivered and answered in the softirq the send raises, and the SYN-ACK, queued while the
+    call held the socket, is processed when it lets go of it. ``connect`` answers EINPROGRESS
+    all the same, so it is asked once more (``_asked_again``): connected (0), refused, or
+    EALREADY while the handshake is still under way (a peer on another host, a SYN the pod's
+    full queue dropped). Only then does the connect wait, as below: the pod connect of every
+    cross-node and same-node connection used to register a writer, arm the timeout's timer,
+    swap in the placeholder reader and suspend its task for a pass of the loop, each time.
+
+    ``hold_reader`` (for a connect that had to wait): the caller puts a reader on the socket
+    before it next awaits (a relay). The connect's writer is then swapped for a placeholder
+    reader rather than removed, so uvloop keeps the descriptor's poll handle for the relay's
+    reader: making and closing one is an ``ioctl`` and about seven ``epoll_ctl`` calls. The
     caller replaces the placeholder (``add_reader``) or drops it (``release``) before it
-    closes the socket; should the loop poll first, the placeholder removes itself."""
+    closes the socket; should the loop poll first, the placeholder removes itself. A connect
+    finished within the call holds nothing: the relay's reader makes the only poll handle,
+    and ``release`` finds nothing to drop."""
     sock = upstream_socket(mark, source_ip)
     try:
         err = sock.connect_ex(address)
         if err in _IN_PROGRESS:
-            err = await _finished(sock, timeout, hold_reader, loop)
+            err = _asked_again(sock, address)
+            if err in _STILL_IN_PROGRESS:
+                err = await _finished(sock, timeout, hold_reader, loop)
         if err:
             raise OSError(err, os.strerror(err))
     except BaseException:
@@ -106,6 +120,17 @@ async def connect(
 
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EINTR})
+# What asking again answers while the handshake is under way (EALREADY; the other two
+# should the call be interrupted or the kernel answer as for a first connect).
+_STILL_IN_PROGRESS = frozenset({errno.EALREADY, errno.EINPROGRESS, errno.EINTR})
+
+
+def _asked_again(sock: socket.socket, address: tuple[str, int]) -> int:
+    """``connect`` again on a socket whose connect is in progress: 0 once it is connected,
+    EALREADY while the handshake is under way, the connect's error (ECONNREFUSED, ...) once
+    it failed (the kernel reports and clears it, as ``SO_ERROR`` would). One system call,
+    where waiting costs a writer, a timer and a pass of the loop."""
+    return sock.connect_ex(address)
 
 
 async def _finished(
@@ -146,7 +171,8 @@ def _unclaimed(loop: asyncio.AbstractEventLoop, fd: int) -> None:
 
 def release(sock: socket.socket) -> None:
     """Close a socket ``connect(hold_reader=True)`` returned, dropping its held reader (if a
-    relay took it over and has ended, there is none left: nothing to drop)."""
+    relay took it over and has ended, or the connect finished within its call, there is none
+    left: nothing to drop)."""
     asyncio.get_running_loop().remove_reader(sock.fileno())
     sock.close()
 

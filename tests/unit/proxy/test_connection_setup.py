@@ -8,10 +8,11 @@ write on their HBONE connection."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import socket
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import pytest
@@ -342,12 +343,132 @@ def test_a_streams_end_wakes_no_other_stream() -> None:
     asyncio.run(main())
 
 
+class _RegisteringLoop(uvloop.Loop):
+    """uvloop's loop, recording the reader and writer registration calls made on it and the
+    timers armed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.timers: list[object] = []
+
+    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+        self.calls.append("add_reader")
+        super().add_reader(fd, callback, *args)
+
+    def add_writer(self, fd: Any, callback: Any, *args: Any) -> None:
+        self.calls.append("add_writer")
+        super().add_writer(fd, callback, *args)
+
+    def remove_reader(self, fd: Any) -> bool:
+        self.calls.append("remove_reader")
+        return bool(super().remove_reader(fd))
+
+    def remove_writer(self, fd: Any) -> bool:
+        self.calls.append("remove_writer")
+        return bool(super().remove_writer(fd))
+
+    def call_later(  # type: ignore[override]
+        self, delay: float, callback: Any, *args: Any, context: Any = None
+    ) -> asyncio.TimerHandle:
+        self.timers.append(callback)
+        return super().call_later(delay, callback, *args, context=context)  # type: ignore[no-any-return]
+
+
+def _in_one_step(
+    loop: _RegisteringLoop, connect: Callable[[], Coroutine[Any, Any, socket.socket]]
+) -> socket.socket | BaseException:
+    """What ``connect()`` ended with in the first step of its coroutine (its socket or what it
+    raised), with nothing registered and no timer armed meanwhile. The kernel runs a loopback
+    handshake inside the ``connect`` call unless it leaves its softirq work to ``ksoftirqd``
+    (a loaded machine, now and then): up to ten connects are tried for one that finished so;
+    one that waits is closed. On main none finishes in its first step."""
+    for _ in range(10):
+        loop.calls.clear()
+        loop.timers.clear()
+        coro = connect()
+        try:
+            coro.send(None)
+        except StopIteration as finished:
+            ended: socket.socket | BaseException = finished.value
+        except OSError as e:
+            ended = e
+        else:
+            coro.close()  # it waits: its ``finally`` removes the writer and the timer
+            continue
+        assert loop.calls == [] and loop.timers == []
+        return ended
+    raise AssertionError("no connect finished within its first step")
+
+
+def test_a_connect_the_kernel_finished_within_the_call_neither_waits_nor_registers() -> None:
+    """To a listener on this host (a pod behind its veth, or loopback) the kernel completes
+    the handshake inside the ``connect`` call, though the call answers EINPROGRESS; asked
+    again at once, it says connected. Such a connect finishes in one step of its coroutine
+    (it never suspends the caller's task), with no writer, no timer and no placeholder
+    reader, whether a reader is to be held or not; a refused one raises in that step too.
+    On main each waited: a writer, the timeout's timer, a pass of the loop, and for a held
+    reader the placeholder."""
+    loop = _RegisteringLoop()
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0), backlog=64) as server:
+            address = server.getsockname()
+            for hold in (False, True):
+                sock = _in_one_step(
+                    loop,
+                    lambda h=hold: sockets.connect(address, mark=0, timeout=5.0, hold_reader=h),
+                )
+                assert isinstance(sock, socket.socket)
+                with sock:
+                    assert sock.getpeername() == address
+                    sockets.release(sock)  # nothing held: nothing to drop
+        refused = _in_one_step(
+            loop, lambda: sockets.connect(address, mark=0, timeout=5.0, hold_reader=True)
+        )
+        assert isinstance(refused, ConnectionRefusedError)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def _still_under_way(sock: socket.socket, address: tuple[str, int]) -> int:
+    """``sockets._asked_again`` for a peer whose handshake takes longer (another host): the
+    connect waits for its socket to be writable."""
+    return errno.EALREADY
+
+
+def test_a_connect_still_under_way_waits_for_its_writer_within_its_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When asking again finds the handshake under way, the connect waits as before: a writer
+    until the socket is writable, bounded by a timer, its ``SO_ERROR`` read; then it leaves
+    nothing registered (no reader was to be held)."""
+    monkeypatch.setattr(sockets, "_asked_again", _still_under_way)
+    loop = _RegisteringLoop()
+
+    async def main() -> None:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sock = await sockets.connect(server.getsockname(), mark=0, timeout=5.0)
+            with sock:
+                assert sock.getpeername() == server.getsockname()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert loop.calls == ["add_writer", "remove_writer"]
+    assert loop.timers == [sockets._wake]
+
+
 def test_a_held_reader_nobody_takes_over_steps_aside_and_loses_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``connect(hold_reader=True)`` leaves a placeholder reader for the relay to take over;
-    if the loop polls before anyone does, the placeholder removes itself (no busy loop on a
-    readable socket) and the bytes wait in the socket."""
+    """``connect(hold_reader=True)`` that had to wait leaves a placeholder reader for the
+    relay to take over; if the loop polls before anyone does, the placeholder removes itself
+    (no busy loop on a readable socket) and the bytes wait in the socket."""
     runs: list[int] = []
     unclaimed = sockets._unclaimed
 
@@ -356,6 +477,7 @@ def test_a_held_reader_nobody_takes_over_steps_aside_and_loses_nothing(
         unclaimed(loop, fd)
 
     monkeypatch.setattr(sockets, "_unclaimed", counting)
+    monkeypatch.setattr(sockets, "_asked_again", _still_under_way)
 
     async def main() -> None:
         with socket.create_server(("127.0.0.1", 0)) as server:

@@ -8,8 +8,10 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import uvloop
 
 from agent.proxy import relay
 from agent.proxy.h2wire import HboneSettings
@@ -425,3 +427,95 @@ def test_tunnel_relay_times_the_first_upstream_byte_once(
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
+
+
+class _RegisteringLoop(uvloop.Loop):
+    """uvloop's loop, recording the reader and writer registration calls made on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+        self.calls.append("add_reader")
+        super().add_reader(fd, callback, *args)
+
+    def add_writer(self, fd: Any, callback: Any, *args: Any) -> None:
+        self.calls.append("add_writer")
+        super().add_writer(fd, callback, *args)
+
+    def remove_reader(self, fd: Any) -> bool:
+        self.calls.append("remove_reader")
+        return bool(super().remove_reader(fd))
+
+    def remove_writer(self, fd: Any) -> bool:
+        self.calls.append("remove_writer")
+        return bool(super().remove_writer(fd))
+
+
+def test_sockets_a_relay_removes_only_what_it_registered(
+    pairs: tuple[socket.socket, ...],
+) -> None:
+    """A same-node connection's relay over its whole life (bytes both ways, both ends, the
+    stop): each direction's reader added once and removed at its end, and the stop removes
+    nothing more (each uvloop call checks the descriptor against its transports, raising and
+    catching a ``KeyError``; the stop removed both directions' readers and writers again,
+    four calls for nothing). Backpressure still swaps a reader for a writer and back, and a
+    stop in the middle removes what is registered then."""
+    client, near, far, upstream = pairs
+    loop = _RegisteringLoop()
+
+    async def main() -> None:
+        owner = _Closer()
+        start_sockets(near, far, record(), owner)
+        client.send(b"ping")
+        assert await recv_exactly(upstream, 4) == b"ping"
+        upstream.send(b"pong")
+        assert await recv_exactly(client, 4) == b"pong"
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(upstream) == b""
+        upstream.shutdown(socket.SHUT_WR)
+        assert await recv_to_eof(client) == b""
+        assert owner.ended and owner.ended[0].result() is None
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert loop.calls == ["add_reader", "add_reader", "remove_reader", "remove_reader"]
+
+
+def test_sockets_a_relay_stopped_while_held_back_removes_its_writer() -> None:
+    """A direction whose destination was full holds a writer instead of its reader; a stop
+    then (a cancelled relay) removes that writer and the other direction's reader."""
+    client, near = socket.socketpair()
+    far, upstream = socket.socketpair()
+    for s in (client, near, far, upstream):
+        s.setblocking(False)
+    loop = _RegisteringLoop()
+
+    async def main() -> None:
+        task = asyncio.ensure_future(relay_sockets(near, far, record()))
+        while True:  # upstream reads nothing: the relay ends up holding bytes for it
+            try:
+                client.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+            await asyncio.sleep(0)
+        for _ in range(50):
+            if loop.calls.count("add_writer"):
+                break
+            await asyncio.sleep(0.01)
+        assert loop.calls.count("add_writer") == 1
+        loop.calls.clear()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+        for s in (client, near, far, upstream):
+            s.close()
+    assert sorted(loop.calls) == ["remove_reader", "remove_writer"]

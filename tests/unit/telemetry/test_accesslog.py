@@ -103,15 +103,54 @@ def test_the_connection_line_is_json_dumps_of_the_connection_entry(
     assert connection_line(record, labels, now) == expected
 
 
-def test_the_rendered_label_sets_are_bounded() -> None:
-    """A node whose connections carry ever new label sets (pods come and go) keeps at most
-    ``LABEL_FIELDS_CACHE_SIZE`` of them rendered, and still renders each one right."""
-    record = ConnectionRecord("outbound", "10.0.0.1:5000", "10.0.0.2:80")
-    for n in range(accesslog.LABEL_FIELDS_CACHE_SIZE + 10):
+def test_the_rendered_line_shapes_are_bounded() -> None:
+    """A node whose connections carry ever new label sets or destinations (pods come and go)
+    keeps at most ``SHAPES_KEPT`` line shapes rendered, and still renders each one right."""
+    for n in range(accesslog.SHAPES_KEPT + 10):
+        record = ConnectionRecord("outbound", "10.0.0.1:5000", f"10.0.{n % 7}.2:80")
         labels = TcpLabels(*[f"w{n}"] * len(TcpLabels._fields))
         line = json.loads(connection_line(record, labels, 1e9))
         assert line["source_workload"] == f"w{n}"
-        assert len(accesslog._label_fields_cache) <= accesslog.LABEL_FIELDS_CACHE_SIZE
+        assert line["destination_address"] == f"10.0.{n % 7}.2:80"
+        assert len(accesslog._shapes) <= accesslog.SHAPES_KEPT
+
+
+def test_a_line_quotes_only_the_client_address_once_its_shape_is_rendered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connections of one client pod to one destination differ in their times, id, client
+    port, byte and request counts: the rest of the line is rendered once per shape, so each
+    further line quotes one string (the client's address; seven on main, with the label
+    fields rendered once per label set) and is still exactly ``json.dumps``'s. A change of
+    any shape field (here the failure, which changes the response flags too) renders anew."""
+    quoted: list[str] = []
+    quote = accesslog._quote
+
+    def counting(text: str) -> str:
+        quoted.append(text)
+        return quote(text)
+
+    monkeypatch.setattr(accesslog, "_quote", counting)
+    labels = TcpLabels(*[f"l{i}" for i in range(len(TcpLabels._fields))])
+    counts = []
+    for port in (5000, 5001, 5002):
+        record = ConnectionRecord(
+            "inbound", f"10.0.0.1:{port}", "10.0.0.2:80", path="hbone", started=1e9, id=port
+        )
+        record.bytes_sent, record.bytes_received = port, 2 * port
+        quoted.clear()
+        line = connection_line(record, labels, 1e9 + 0.5)
+        expected = {"time": _iso(1e9 + 0.5), **connection_entry(record, labels, 1e9 + 0.5)}
+        assert line == json.dumps(expected, separators=(",", ":"))
+        assert quoted[-1] == record.source
+        counts.append(len(quoted))
+    assert counts[0] > 1 and counts[1:] == [1, 1]
+    record.failure = "policy_denied"
+    denied = labels._replace(response_flags="DENY")
+    quoted.clear()
+    line = json.loads(connection_line(record, denied, 1e9 + 0.5))
+    assert (line["failure"], line["response_flags"]) == ("policy_denied", "DENY")
+    assert len(quoted) > 1
 
 
 @given(st.floats(min_value=0.0, max_value=4e9, allow_nan=False))

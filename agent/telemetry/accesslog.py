@@ -21,6 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 from agent.telemetry.labels import TcpLabels
 from agent.telemetry.logwriter import AccessLogWriter
@@ -271,23 +272,39 @@ def request_entry(
 
 
 # ``request_entry`` as one compact JSON object, written directly: what ``json.dumps(entry,
-# separators=(",", ":"))`` gives (a test holds them equal), at less than half its cost, since
-# this runs once per request. Strings are escaped by json's own ASCII encoder, floats written
-# as ``repr`` (as json does), integers as ``%d``. The line is the request's own fields
-# (``_REQUEST_HEAD``) followed by the eight made of its metric labels (``labels_tail``), which
-# the caller renders once per label set (``agent.telemetry.http``'s series), not per request.
-_REQUEST_HEAD = (
-    '{"time":"%s.%03d+00:00","connection_id":%d,"direction":%s,"source_address":%s,'
-    '"destination_address":%s,"upstream_address":%s,"method":%s,"path":%s,"authority":%s,'
-    '"response_code":%d,"grpc_status":%s,"duration_ms":%r,"request_bytes":%d,'
-    '"response_bytes":%d,"response_flags":%s,"request_id":%s,'
+# separators=(",", ":"))`` gives (a test holds them equal, against the earlier per-request
+# rendering too), at less than half its cost, since this runs once per request at each end.
+# Strings are escaped by json's own ASCII encoder, floats written as ``repr`` (as json does),
+# integers as ``%d``. Of a line's fields only the times, the connection id, the method, path,
+# authority, duration, byte counts and request id differ between the requests of one label
+# set on one connection; the rest (direction, the three addresses, the response code, gRPC
+# status and flags, the eight made of the metric labels) is the request's *shape*
+# (``RequestShape``), which the caller renders once per label set and connection
+# (``agent.telemetry.http``'s series): a line quotes four strings, not eleven.
+_REQUEST_LINE = (
+    '{"time":"%s.%03d+00:00","connection_id":%d,%s"method":%s,"path":%s,"authority":%s,%s'
+    '"duration_ms":%r,"request_bytes":%d,"response_bytes":%d,%s"request_id":%s,'
 )
+_SHAPE_ENDS = '"direction":%s,"source_address":%s,"destination_address":%s,"upstream_address":%s,'
+_SHAPE_ANSWER = '"response_code":%d,"grpc_status":%s,'
+_SHAPE_FLAGS = '"response_flags":%s,'
 _LABELS_TAIL = (
     '"source_workload":%s,"source_namespace":%s,"source_identity":%s,'
     '"destination_service":%s,"destination_workload":%s,"destination_namespace":%s,'
     '"destination_identity":%s,"security":%s}'
 )
 _quote = json.encoder.encode_basestring_ascii
+
+
+class RequestShape(NamedTuple):
+    """The rendered runs of a request line that are the same for every request of one label
+    set on one connection (``request_shape``); ``_REQUEST_LINE`` puts the request's own values
+    between them."""
+
+    ends: str  # direction, source, destination and upstream addresses
+    answer: str  # response code and gRPC status
+    flags: str  # response flags
+    tail: str  # the fields made of the metric labels (``labels_tail``)
 
 
 def labels_tail(labels: Mapping[str, str]) -> str:
@@ -305,40 +322,59 @@ def labels_tail(labels: Mapping[str, str]) -> str:
     )
 
 
+def request_shape(connection: ConnectionRecord, request: RequestRecord, tail: str) -> RequestShape:
+    """The constant runs of the lines of requests like ``request`` on ``connection``: made of
+    the connection's direction and addresses, the request's upstream, status, gRPC status and
+    flags, and ``tail`` (``labels_tail`` of their metric labels). The caller keys it by all of
+    those (``HttpMetrics._series_of``)."""
+    q = _quote
+    return RequestShape(
+        _SHAPE_ENDS
+        % (
+            q(connection.direction),
+            q(connection.source),
+            q(connection.destination),
+            q(request.upstream or connection.upstream or connection.destination),
+        ),
+        _SHAPE_ANSWER % (request.status, q(request.grpc_status)),
+        _SHAPE_FLAGS % q(request.response_flags),
+        tail,
+    )
+
+
 def request_line(
     connection: ConnectionRecord, request: RequestRecord, labels: Mapping[str, str], ended: float
 ) -> str:
     """``request_entry``'s fields as the access log's JSON line."""
-    return _request_line(connection, request, labels_tail(labels), ended)
+    shape = request_shape(connection, request, labels_tail(labels))
+    return shaped_request_line(connection, request, shape, ended)
 
 
-def _request_line(
-    connection: ConnectionRecord, request: RequestRecord, tail: str, ended: float
+def shaped_request_line(
+    connection: ConnectionRecord, request: RequestRecord, shape: RequestShape, ended: float
 ) -> str:
+    """``request_line`` with its constant runs already rendered (``request_shape`` of this
+    request, connection and labels)."""
     q = _quote
     time_text, time_ms = _stamp(ended)
-    head = _REQUEST_HEAD % (
+    head = _REQUEST_LINE % (
         time_text,
         time_ms,
         connection.id,
-        q(connection.direction),
-        q(connection.source),
-        q(connection.destination),
-        q(request.upstream or connection.upstream or connection.destination),
+        shape.ends,
         q(request.method),
         q(request.path),
         q(request.authority),
-        request.status,
-        q(request.grpc_status),
+        shape.answer,
         round(request.duration_ms, 3),
         request.request_bytes,
         request.response_bytes,
-        q(request.response_flags),
+        shape.flags,
         q(request.request_id),
     )
     if request.policy or request.dry_run_policy:  # a refusal or a dry-run's would-deny
-        return head + _why(request) + tail
-    return head + tail
+        return head + _why(request) + shape.tail
+    return head + shape.tail
 
 
 def _why(request: RequestRecord) -> str:
@@ -389,18 +425,20 @@ class RequestSampler:
         return self.rate > 0.0 and self._draw() < self.rate
 
 
-def write_request_log(connection: ConnectionRecord, request: RequestRecord, tail: str) -> None:
-    """Log one HTTP request at INFO (``request_entry``'s fields); ``tail`` is
-    ``labels_tail`` of its metric labels.
+def write_request_log(
+    connection: ConnectionRecord, request: RequestRecord, shape: RequestShape, now: float
+) -> None:
+    """Log one HTTP request at INFO (``request_entry``'s fields), ended at ``now``; ``shape``
+    is ``request_shape`` of it (rendered once per label set and connection by the caller).
 
-    The line is ``request_line`` (what ``json.dumps`` gives of ``request_entry``, written
-    directly). It goes to ``_writer`` (``agent.telemetry.logwriter``: no ``LogRecord``, the
-    lines of a few ms in one write) when the logging configuration is the agent's; otherwise the
-    record is handed to the logger without ``Logger.info``'s search of the stack for its caller
-    (the record names this function): one line per request is the hot path of a busy node."""
+    The line is ``shaped_request_line`` (what ``json.dumps`` gives of ``request_entry``,
+    written directly). It goes to ``_writer`` (``agent.telemetry.logwriter``: no ``LogRecord``,
+    the lines of a few ms in one write) when the logging configuration is the agent's; otherwise
+    the record is handed to the logger without ``Logger.info``'s search of the stack for its
+    caller (the record names this function): one line per request is the hot path of a busy
+    node."""
     if access_log.isEnabledFor(logging.INFO):
-        now = time.time()
-        line = _request_line(connection, request, tail, now)
+        line = shaped_request_line(connection, request, shape, now)
         if _writer.write(line, now):
             return
         access_log.handle(

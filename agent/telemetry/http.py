@@ -29,13 +29,20 @@ Single-threaded like ``TcpMetrics``: everything runs on the agent's event loop.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from agent.base.promtext import Collector, CounterMetricFamily, HistogramMetricFamily
 from agent.state import Snapshot, StateStore
-from agent.telemetry.accesslog import RequestSampler, labels_tail, write_request_log
+from agent.telemetry.accesslog import (
+    RequestSampler,
+    RequestShape,
+    labels_tail,
+    request_shape,
+    write_request_log,
+)
 from agent.telemetry.labels import LABEL_NAMES, endpoint_services, tcp_labels
 from agent.telemetry.records import ConnectionRecord, RequestRecord
 from agent.telemetry.tap import RequestRing
@@ -76,6 +83,7 @@ class _Histogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
+        """Count ``value`` (``HttpMetrics.requested`` does the same inline)."""
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
@@ -89,16 +97,23 @@ class _Histogram:
 
 
 class _Series(NamedTuple):
-    """One label set's counters, as ``HttpMetrics.requested`` updates them; ``named`` is the
-    labels by name for the tap (shared by its entries, never changed), ``log_tail`` the access
-    log line's fields made of them, rendered once (``accesslog.labels_tail``)."""
+    """One label set's counters on one connection, as ``HttpMetrics.requested`` updates them;
+    ``named`` is the labels by name for the tap (shared by its entries, never changed),
+    ``log_shape`` the access log line's constant runs, rendered once
+    (``accesslog.request_shape``). The request count is the duration histogram's count (one
+    observation per request), so a request looks no label set up: the series holds its
+    histograms."""
 
     labels: RequestLabels
     named: Mapping[str, str]
-    log_tail: str
+    log_shape: RequestShape
     duration: _Histogram
     request_bytes: _Histogram
     response_bytes: _Histogram
+
+
+_bisect = bisect.bisect_left
+_time = time.time
 
 
 def _le(bound: float) -> str:
@@ -120,7 +135,6 @@ class HttpMetrics(Collector):
         self._access_log = access_log
         self._sampler = sampler or RequestSampler()
         self.tap = tap if tap is not None else RequestRing()
-        self._requests: Counter[RequestLabels] = Counter()
         self._histograms: dict[str, dict[RequestLabels, _Histogram]] = {
             DURATION: {},
             REQUEST_BYTES: {},
@@ -135,14 +149,27 @@ class HttpMetrics(Collector):
 
     # -- RequestObserver ---------------------------------------------------------------------
     def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
+        """Count the request in its series, add it to the tap and log it (when sampled).
+
+        Per request this hashes no label set (the series, found by its key, holds its
+        histograms; the request count is the duration histogram's), calls no method per
+        histogram (``_Histogram.observe``'s two lines, in one loop over the three), reads the
+        time once for the tap and the line, and renders only the request's own fields of the
+        line (``log_shape``)."""
         series = self._series_of(connection, request)
-        self._requests[series.labels] += 1
-        series.duration.observe(request.duration_ms)
-        series.request_bytes.observe(float(request.request_bytes))
-        series.response_bytes.observe(float(request.response_bytes))
-        self.tap.add(connection, request, series.named)
-        if self._access_log and self._sampler.keep(request):
-            write_request_log(connection, request, series.log_tail)
+        for hist, value in (
+            (series.duration, request.duration_ms),
+            (series.request_bytes, request.request_bytes),  # an int: the same bucket and sum
+            (series.response_bytes, request.response_bytes),
+        ):
+            hist.counts[_bisect(hist.bounds, value)] += 1
+            hist.total += value
+        now = _time()
+        self.tap.add(connection, request, series.named, now)
+        if self._access_log:
+            sampler = self._sampler
+            if sampler.rate >= 1.0 or sampler.keep(request):  # ``keep`` is True at rate 1
+                write_request_log(connection, request, series.log_shape, now)
 
     def rejected(self, cause: str) -> None:
         self._rejected[cause] += 1
@@ -155,8 +182,10 @@ class HttpMetrics(Collector):
         family = CounterMetricFamily(
             REQUESTS, "Requests served (Istio standard metric)", labels=REQUEST_LABEL_NAMES
         )
-        for labels, value in self._requests.items():
-            family.add_metric(list(labels.values), value)
+        # A label set's requests: its duration histogram's observations, one per request, in
+        # the order the label sets were first seen (as the counter kept them).
+        for labels, h in self._histograms[DURATION].items():
+            family.add_metric(list(labels.values), sum(h.counts))
         yield family
         docs = {
             DURATION: "Request duration in milliseconds (Istio standard metric)",
@@ -188,10 +217,11 @@ class HttpMetrics(Collector):
         yield missed
 
     def _series_of(self, connection: ConnectionRecord, request: RequestRecord) -> _Series:
-        """The request's series, found by what its labels are made of: the connection's fields
-        that ``tcp_labels`` reads, the request's own label values and the state version. A
-        busy connection's requests share one key, so the labels are worked out once per
-        connection (and again after a state change), not per request."""
+        """The request's series, found by what its labels and its line's shape are made of:
+        the connection's fields that ``tcp_labels`` reads, the request's own label values, its
+        upstream (the line's ``upstream_address``) and the state version. A busy connection's
+        requests share one key, so the labels and the line's constant runs are worked out once
+        per connection (and again after a state change), not per request."""
         snap = self._store.snapshot()
         if self._series_version != snap.version or len(self._series) >= MAX_CACHED_SERIES:
             self._series.clear()
@@ -210,6 +240,7 @@ class HttpMetrics(Collector):
             request.response_flags,
             request.status,
             request.grpc_status,
+            request.upstream,
         )
         series = self._series.get(key)
         if series is None:
@@ -218,7 +249,7 @@ class HttpMetrics(Collector):
             series = self._series[key] = _Series(
                 labels,
                 named,
-                labels_tail(named),
+                request_shape(connection, request, labels_tail(named)),
                 self._histogram(DURATION, labels, DURATION_BUCKETS),
                 self._histogram(REQUEST_BYTES, labels, BYTES_BUCKETS),
                 self._histogram(RESPONSE_BYTES, labels, BYTES_BUCKETS),

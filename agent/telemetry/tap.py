@@ -46,6 +46,9 @@ class Tapped(NamedTuple):
     labels: Mapping[str, str]  # its metric labels (``REQUEST_LABEL_NAMES``)
 
 
+_new_tapped = tuple.__new__
+
+
 class Batch(NamedTuple):
     entries: list[dict[str, object]]  # access log fields, oldest first
     next: int  # the cursor to ask with next time
@@ -70,9 +73,21 @@ class RequestRing:
         return self._next
 
     def add(
-        self, connection: ConnectionRecord, request: RequestRecord, labels: Mapping[str, str]
+        self,
+        connection: ConnectionRecord,
+        request: RequestRecord,
+        labels: Mapping[str, str],
+        ended: float | None = None,
     ) -> None:
-        self._entries.append(Tapped(self._next, time.time(), connection, request, labels))
+        """Keep the request, reported at ``ended`` (``time.time()``; None: now). The entry is
+        made as ``tuple.__new__`` makes it, without ``Tapped``'s own ``__new__`` (a Python
+        call per request)."""
+        self._entries.append(
+            _new_tapped(
+                Tapped,
+                (self._next, time.time() if ended is None else ended, connection, request, labels),
+            )
+        )
         self._next += 1
         if self._wake:
             wake, self._wake = self._wake, []

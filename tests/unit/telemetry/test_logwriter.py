@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -272,10 +273,11 @@ def test_levels_stay_logging_s(log_file: Path, monkeypatch: pytest.MonkeyPatch) 
             for rid in ("r1", "r2")
         )
         labels = dict.fromkeys(REQUEST_LABEL_NAMES, "x")
+        shape = accesslog.request_shape(outbound(), first, accesslog.labels_tail(labels))
         logger.setLevel(logging.WARNING)  # POST /logging?logger=nodemesh.access&level=warning
-        accesslog.write_request_log(outbound(), first, accesslog.labels_tail(labels))
+        accesslog.write_request_log(outbound(), first, shape, time.time())
         logger.setLevel(logging.INFO)
-        accesslog.write_request_log(outbound(), second, accesslog.labels_tail(labels))
+        accesslog.write_request_log(outbound(), second, shape, time.time())
     lines = log_file.read_text().splitlines()
     assert [json.loads(line.split(": ", 1)[1])["request_id"] for line in lines] == ["r2"]
 

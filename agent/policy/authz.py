@@ -1,9 +1,11 @@
 """L4 and L7 authorization with Istio's ``AuthorizationPolicy`` semantics, as pure functions.
 
 ``Authorizer.compile(policies)`` turns validated ``PolicyObject``s into matchers once per state
-version; ``evaluate(request, workload)`` answers for one connection (or HTTP request), finding
-the policies that select the workload through a per-namespace index and a per-workload cache
-rather than a walk over every policy (``Authorizer``). Evaluation follows Istio:
+version (each policy's rules written as two generated Python functions, ``_PolicyCompiler``:
+one test per rule, each field in its cheapest form); ``evaluate(request, workload)`` answers for
+one connection (or HTTP request), finding the policies that select the workload through a
+per-namespace index and a per-workload cache rather than a walk over every policy
+(``Authorizer``). Evaluation follows Istio:
 
 1. a policy applies to a workload when it sits in the root namespace (mesh-wide, default
    ``nodemesh-system``) or in the workload's namespace, and its ``selector.matchLabels`` (if any)

@@ -13,19 +13,20 @@ for a connection (``Outbound.open``: the source pod's certificate, the endpoint'
 checked).
 The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
 
-A same-node endpoint's request is seen by no other proxy, so it is admitted here, per try,
-as its destination would admit it (``http_inbound.RequestAdmission`` at the pod's workload,
-kept per endpoint and snapshot: the L7 policy, ``Core.authorize_request``: methods, paths,
-hosts, request headers, dry-run and AUDIT as at a destination; then the pod port's RateLimitPolicies, ``Core.rate_limit``, from the node's
-buckets, so a pod's limit is one limit whichever node its callers are on), where the far node
-would: when the try's head goes to the endpoint's open connection (``H2Proxy``'s ``admit``),
-so after an injected delay, and a try held while its connection opens (``unpark``ed then) is
-never admitted if the connect fails: it spends no token. The pod resetting or losing a try
-before its response head is, to a rule's ``retry``, the 502 (gRPC ``UNAVAILABLE``) a far node
-answers for it (``H2Proxy``'s ``direct``), not a lost connection retried whatever its codes.
-A refusal is answered as the destination node answers it, 403 ``RBAC: access denied`` (gRPC:
-trailers-only ``grpc-status: 7``) or 429 ``local_rate_limited`` (``grpc-status: 8``, counted
-in ``nodemesh_rate_limited_requests_total``), as that try's response: a route rule whose
+A same-node endpoint's request is seen by no other proxy, so it is admitted here, per try, as
+its destination would admit it (``http_inbound.RequestAdmission`` at the pod's workload, kept
+per endpoint and snapshot: the L7 policy, ``Core.authorize_request``: methods, paths, hosts,
+request headers, dry-run and AUDIT as at a destination; then the pod port's RateLimitPolicies,
+``Core.rate_limit``, from the node's buckets, so a pod's limit is one limit whichever node its
+callers are on), where the far node would: when the try's head goes to the endpoint's open
+connection (``H2Proxy``'s ``admit``), so after an injected delay, and a try held while its
+connection opens (``unpark``ed then) is never admitted if the connect fails: it spends no token.
+The pod resetting or losing a try before its response head is, to a rule's ``retry``, the 502
+(gRPC ``UNAVAILABLE``) a far node answers for it (``H2Proxy``'s ``direct``), not a lost
+connection retried whatever its codes. A refusal is answered as the destination node answers it,
+403 ``RBAC: access denied`` (gRPC: trailers-only ``grpc-status: 7``) or 429
+``local_rate_limited`` (``grpc-status: 8``, counted in
+``nodemesh_rate_limited_requests_total``), as that try's response: a route rule whose
 ``retry.codes`` has its status sends the request again (a gRPC call's trailers-only answer is
 status 200 to it, as from a far node), and the connection goes on. Its socket is therefore
 opened without the connection-level check (``Outbound.open(requests_authorized=True)``: only a

@@ -1,9 +1,11 @@
 """L4 and L7 authorization with Istio's ``AuthorizationPolicy`` semantics, as pure functions.
 
 ``Authorizer.compile(policies)`` turns validated ``PolicyObject``s into matchers once per state
-version; ``evaluate(request, workload)`` answers for one connection (or HTTP request), finding
-the policies that select the workload through a per-namespace index and a per-workload cache
-rather than a walk over every policy (``Authorizer``). Evaluation follows Istio:
+version (each policy's rules written as two generated Python functions, ``_PolicyCompiler``:
+one test per rule, each field in its cheapest form); ``evaluate(request, workload)`` answers for
+one connection (or HTTP request), finding the policies that select the workload through a
+per-namespace index and a per-workload cache rather than a walk over every policy
+(``Authorizer``). Evaluation follows Istio:
 
 1. a policy applies to a workload when it sits in the root namespace (mesh-wide, default
    ``nodemesh-system``) or in the workload's namespace, and its ``selector.matchLabels`` (if any)
@@ -52,9 +54,11 @@ but can never match what they were meant to (``never_matching``: ``/api/*/items`
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -161,60 +165,6 @@ def string_matcher(pattern: str) -> Callable[[str | None], bool]:
         tail = pattern[1:]
         return lambda v: v is not None and v.endswith(tail)
     return lambda v: v == pattern
-
-
-def _any_string(values: Sequence[str], attr: Callable[[Request], str | None]) -> Predicate:
-    matchers = [string_matcher(v.removeprefix("spiffe://")) for v in values]
-    return lambda r: any(m(attr(r)) for m in matchers)
-
-
-def _any_ip(blocks: Sequence[str], attr: Callable[[Request], str]) -> Predicate:
-    nets = [ipaddress.ip_network(b, strict=False) for b in blocks]
-    return lambda r: any(ipaddress.ip_address(attr(r)) in n for n in nets)
-
-
-def _host_name(host: str | None) -> str | None:
-    """A Host header without its port, lowercase (``Example.com:8080`` → ``example.com``)."""
-    if host is None:
-        return None
-    if host.startswith("["):
-        return host.partition("]")[0] + "]"
-    return host.rpartition(":")[0].lower() if host.count(":") == 1 else host.lower()
-
-
-def _http_field(key: str, values: Sequence[str]) -> Callable[[HttpAttributes], bool]:
-    """``methods``/``paths``/``hosts`` of one request."""
-    if key == "hosts":
-        hosts = [string_matcher(v.lower()) for v in values]
-        return lambda h: any(m(_host_name(h.host)) or m(h.host.lower()) for m in hosts)
-    matchers = [string_matcher(v) for v in values]
-    if key == "methods":
-        return lambda h: any(m(h.method) for m in matchers)
-    return lambda h: any(m(h.path) for m in matchers)
-
-
-def _per_request(
-    field: Callable[[HttpAttributes], bool], *, negated: bool, lenient: bool
-) -> Predicate:
-    """An HTTP field as a rule condition: per request on HTTP ports; on a connection (no
-    ``http``) it counts as matched in a DENY or AUDIT rule and as not matched in an ALLOW rule
-    (see the module docstring)."""
-    if negated:
-        return lambda r: lenient if r.http is None else not field(r.http)
-    return lambda r: lenient if r.http is None else field(r.http)
-
-
-def _any_port(ports: Sequence[str | int]) -> Predicate:
-    wanted = frozenset(int(p) for p in ports)
-    return lambda r: r.destination_port in wanted
-
-
-_SOURCE_FIELDS: dict[str, Callable[[Sequence[str]], Predicate]] = {
-    "principals": lambda v: _any_string(v, lambda r: r.principal_name),
-    "namespaces": lambda v: _any_string(v, lambda r: r.source_namespace),
-    "ipBlocks": lambda v: _any_ip(v, lambda r: r.source_ip),
-    "remoteIpBlocks": lambda v: _any_ip(v, lambda r: r.source_ip),
-}
 
 
 class AuthorizationPolicyError(ValueError):
@@ -337,113 +287,259 @@ def never_matching(spec: Mapping[str, Any]) -> list[str]:
     return out
 
 
-_WHEN_KEYS: dict[str, Callable[[Sequence[str]], Predicate]] = {
-    "source.ip": _SOURCE_FIELDS["ipBlocks"],
-    "remote.ip": _SOURCE_FIELDS["ipBlocks"],
-    "source.namespace": _SOURCE_FIELDS["namespaces"],
-    "source.principal": _SOURCE_FIELDS["principals"],
-    "destination.ip": lambda v: _any_ip(v, lambda r: r.destination_ip),
-    "destination.port": _any_port,
-}
-
-
-def _negate(p: Predicate) -> Predicate:
-    return lambda r: not p(r)
-
-
-def _all(preds: Sequence[Predicate]) -> Predicate:
-    return lambda r: all(p(r) for p in preds)
-
-
-def _any(preds: Sequence[Predicate]) -> Predicate:
-    return lambda r: any(p(r) for p in preds)
-
-
 class _Unenforceable(Exception):
     """A rule uses an attribute L4 cannot see (handled per action, see the module docstring)."""
 
 
-def _fields(
-    spec: Mapping[str, Any],
-    table: Mapping[str, Callable[[Sequence[str]], Predicate]],
-    l7: Sequence[str],
-    lenient: bool,
-) -> list[Predicate]:
-    preds: list[Predicate] = []
-    for key, values in spec.items():
-        positive = key[3].lower() + key[4:] if key.startswith("not") else key
-        if positive in HTTP_OPERATION_FIELDS and key in l7:
-            field = _http_field(positive, values)
-            preds.append(_per_request(field, negated=key != positive, lenient=lenient))
-            continue
-        if key in l7:
-            if not lenient:
-                raise _Unenforceable(key)
-            continue
-        pred = table[positive](values)
-        preds.append(_negate(pred) if key.startswith("not") else pred)
-    return preds
+# What the generated matchers read of a request, computed once at their start (only the ones a
+# policy uses): the principal as policies write it and its namespace (``Request.principal_name``
+# and ``source_namespace`` inlined), the HTTP attributes, and the host two ways (``_host_name``
+# inlined, and lowercased). None of them can raise for a ``Request``.
+_PROLOGUE = {
+    "principal": (
+        "    _pn = r.principal\n    _pn = _pn.removeprefix('spiffe://') if _pn else None\n"
+    ),
+    "namespace": (
+        "    _parts = (_pn or '').split('/')\n"
+        "    _ns = _parts[2] if len(_parts) == 5 and _parts[1] == 'ns' else None\n"
+    ),
+    "http": "    _h = r.http\n",
+    "host": (
+        "    if _h is not None:\n"
+        "        _hs = _h.host\n"
+        "        _hl = _hs.lower()\n"
+        "        if _hs.startswith('['):\n"
+        "            _hn = _hs.partition(']')[0] + ']'\n"
+        "        else:\n"
+        "            _hn = _hs.rpartition(':')[0].lower() if _hs.count(':') == 1 else _hl\n"
+    ),
+}
 
 
-def _header_condition(cond: Mapping[str, Any], name: str, lenient: bool) -> Predicate:
-    """A ``request.headers[name]`` condition: per request, like the operation fields."""
-
-    def matcher(values: Sequence[str]) -> Callable[[HttpAttributes], bool]:
-        matchers = [(lambda _v: True) if v == "*" else string_matcher(v) for v in values]
-        return lambda h: (value := h.header(name)) is not None and any(m(value) for m in matchers)
-
-    preds = []
-    if "values" in cond:
-        preds.append(_per_request(matcher(cond["values"]), negated=False, lenient=lenient))
-    if "notValues" in cond:
-        preds.append(_per_request(matcher(cond["notValues"]), negated=True, lenient=lenient))
-    return _all(preds)
+def _all_of(parts: Sequence[str]) -> str:
+    return "(" + " and ".join(parts) + ")" if parts else "True"
 
 
-def _when(cond: Mapping[str, Any], lenient: bool) -> Predicate | None:
-    key = cond["key"]
-    name = header_name(key)
-    if name is not None:
-        return _header_condition(cond, name, lenient)
-    if key not in _WHEN_KEYS:
-        if not lenient:
-            raise _Unenforceable(f"when {key}")
-        return None
-    preds = []
-    if "values" in cond:
-        preds.append(_WHEN_KEYS[key](cond["values"]))
-    if "notValues" in cond:
-        preds.append(_negate(_WHEN_KEYS[key](cond["notValues"])))
-    return _all(preds)
+def _any_of(parts: Sequence[str]) -> str:
+    return "(" + " or ".join(parts) + ")" if parts else "False"
 
 
-def compile_rule(rule: Mapping[str, Any], *, lenient: bool) -> Predicate | None:
-    """A rule's predicate, or None when it can never match (an ALLOW rule with L7 fields).
+class _PolicyCompiler:
+    """One policy's rules as Python expressions over a request ``r``, for ``compile_policy``.
 
-    ``lenient`` (DENY and AUDIT) drops unenforceable conditions instead of refusing the rule.
-    """
-    try:
-        parts: list[Predicate] = []
-        if "from" in rule:
-            srcs = [
-                _all(_fields(f["source"], _SOURCE_FIELDS, L7_SOURCE_FIELDS, lenient))
-                for f in rule["from"]
-            ]
-            parts.append(_any(srcs))
-        if "to" in rule:
-            ops = [
-                _all(_fields(t["operation"], {"ports": _any_port}, L7_OPERATION_FIELDS, lenient))
-                for t in rule["to"]
-            ]
-            parts.append(_any(ops))
-        for cond in rule.get("when", ()):
-            pred = _when(cond, lenient)
-            if pred is not None:
-                parts.append(pred)
-    except _Unenforceable as e:
-        log.debug("ALLOW rule uses %s, which L4 cannot enforce: the rule matches nothing", e)
-        return None
-    return _all(parts)
+    Each field present becomes the cheapest test that decides as Istio's string, address and
+    port matching (``string_matcher`` is the definition): exact values one set membership,
+    prefixes one ``str.startswith`` with a tuple, suffixes one ``str.endswith``, ``*`` a
+    non-empty test; ports a frozenset; a ``not*`` field ``not (...)``; an HTTP field on a
+    connection the constant its action gives it (``_per_request``'s rule). The expressions are
+    joined as the rule joins its parts (``and`` over from/to/when, ``or`` over sources and
+    operations), in the spec's order, so that they short-circuit where the closures did and a
+    malformed policy fails the same way (the same traversal raises the same errors).
+
+    Safety: the generated text holds only names made here (``_c0``, ``_pn`` ...) and operators;
+    every value of the policy is a constant bound in the functions' globals (``consts``), never
+    written into the source, so no policy text is ever parsed as Python."""
+
+    def __init__(self, lenient: bool) -> None:
+        self.lenient = lenient
+        self.consts: dict[str, object] = {}
+        self.reads: set[str] = set()
+
+    def const(self, value: object) -> str:
+        name = f"_c{len(self.consts)}"
+        self.consts[name] = value
+        return name
+
+    def strings(self, patterns: Iterable[str], var: str, *, optional: bool, star: str) -> str:
+        """Any of ``patterns`` matches ``var`` (``string_matcher``; ``optional``: it may be
+        None). ``star`` is what ``*`` tests (present and non-empty, or present)."""
+        exact: list[str] = []
+        prefixes: list[str] = []
+        suffixes: list[str] = []
+        present = False
+        for p in patterns:  # classified exactly as ``string_matcher`` does
+            if p == "*":
+                present = True
+            elif p.endswith("*"):
+                prefixes.append(p[:-1])
+            elif p.startswith("*"):
+                suffixes.append(p[1:])
+            else:
+                exact.append(p)
+        guard = f"{var} is not None and " if optional else ""
+        terms = []
+        if present:
+            terms.append(star)
+        if len(exact) == 1:
+            terms.append(f"{var} == {self.const(exact[0])}")
+        elif exact:
+            terms.append(f"{var} in {self.const(frozenset(exact))}")
+        if prefixes:
+            terms.append(f"({guard}{var}.startswith({self.const(tuple(prefixes))}))")
+        if suffixes:
+            terms.append(f"({guard}{var}.endswith({self.const(tuple(suffixes))}))")
+        return _any_of(terms)
+
+    def identity(self, values: Sequence[str], field: str) -> str:
+        """``principals``/``namespaces`` (and their ``when`` keys): a plaintext peer has none."""
+        self.reads.add("principal")
+        if field == "namespaces":
+            self.reads.add("namespace")
+        var = "_ns" if field == "namespaces" else "_pn"
+        patterns = [v.removeprefix("spiffe://") for v in values]
+        return self.strings(
+            patterns, var, optional=True, star=f"({var} is not None and {var} != '')"
+        )
+
+    def ips(self, blocks: Sequence[str], attr: str) -> str:
+        nets = [self.const(ipaddress.ip_network(b, strict=False)) for b in blocks]
+        if not nets:
+            return "False"
+        first = f"(_a := _ip_address(r.{attr})) in {nets[0]}"
+        return _any_of([first, *(f"_a in {n}" for n in nets[1:])])
+
+    def ports(self, ports: Sequence[str | int]) -> str:
+        return f"r.destination_port in {self.const(frozenset(int(p) for p in ports))}"
+
+    def per_request(self, test: str, *, negated: bool) -> str:
+        """An HTTP condition: per request; on a connection (no ``http``) matched in a DENY or
+        AUDIT rule, not matched in an ALLOW rule (see the module docstring)."""
+        self.reads.add("http")
+        test = f"not {test}" if negated else test
+        return f"(_h is None or {test})" if self.lenient else f"(_h is not None and {test})"
+
+    def http_field(self, key: str, values: Sequence[str]) -> str:
+        """``methods``/``paths``/``hosts`` of one request (``_h``, not None where read)."""
+        if key == "hosts":
+            self.reads.add("host")
+            lowered = [v.lower() for v in values]
+            by_name = self.strings(lowered, "_hn", optional=False, star="_hn != ''")
+            by_host = self.strings(lowered, "_hl", optional=False, star="_hl != ''")
+            return f"({by_name} or {by_host})"
+        var = "_h.method" if key == "methods" else "_h.path"
+        return self.strings(values, var, optional=False, star=f"{var} != ''")
+
+    def fields(self, spec: Mapping[str, Any], table: str, l7: Sequence[str]) -> list[str]:
+        parts: list[str] = []
+        for key, values in spec.items():
+            positive = key[3].lower() + key[4:] if key.startswith("not") else key
+            if positive in HTTP_OPERATION_FIELDS and key in l7:
+                field = self.http_field(positive, values)
+                parts.append(self.per_request(field, negated=key != positive))
+                continue
+            if key in l7:
+                if not self.lenient:
+                    raise _Unenforceable(key)
+                continue
+            test = _FIELDS[table][positive](self, values)
+            parts.append(f"not {test}" if key.startswith("not") else test)
+        return parts
+
+    def header(self, cond: Mapping[str, Any], name: str) -> str:
+        """A ``request.headers[name]`` condition: per request, like the operation fields; the
+        field's value (``HttpAttributes.header``), where ``*`` means present, even empty."""
+        wanted = self.const(name)
+
+        def test(values: Sequence[str]) -> str:
+            some = self.strings(values, "_hv", optional=False, star="True")
+            return f"((_hv := _h.header({wanted})) is not None and {some})"
+
+        parts = []
+        if "values" in cond:
+            parts.append(self.per_request(test(cond["values"]), negated=False))
+        if "notValues" in cond:
+            parts.append(self.per_request(test(cond["notValues"]), negated=True))
+        return _all_of(parts)
+
+    def when(self, cond: Mapping[str, Any]) -> str | None:
+        key = cond["key"]
+        name = header_name(key)
+        if name is not None:
+            return self.header(cond, name)
+        if key not in _WHEN_KEYS:
+            if not self.lenient:
+                raise _Unenforceable(f"when {key}")
+            return None
+        parts = []
+        if "values" in cond:
+            parts.append(_WHEN_KEYS[key](self, cond["values"]))
+        if "notValues" in cond:
+            parts.append(f"not {_WHEN_KEYS[key](self, cond['notValues'])}")
+        return _all_of(parts)
+
+    def rule(self, rule: Mapping[str, Any]) -> str | None:
+        """A rule's test, or None when it can never match (an ALLOW rule with L7 fields).
+
+        Lenient (DENY and AUDIT) drops unenforceable conditions instead of refusing the rule."""
+        try:
+            parts: list[str] = []
+            if "from" in rule:
+                srcs = [
+                    _all_of(self.fields(f["source"], "source", L7_SOURCE_FIELDS))
+                    for f in rule["from"]
+                ]
+                parts.append(_any_of(srcs))
+            if "to" in rule:
+                ops = [
+                    _all_of(self.fields(t["operation"], "operation", L7_OPERATION_FIELDS))
+                    for t in rule["to"]
+                ]
+                parts.append(_any_of(ops))
+            for cond in rule.get("when", ()):
+                test = self.when(cond)
+                if test is not None:
+                    parts.append(test)
+        except _Unenforceable as e:
+            log.debug("ALLOW rule uses %s, which L4 cannot enforce: the rule matches nothing", e)
+            return None
+        return _all_of(parts)
+
+    def functions(
+        self, tests: Sequence[tuple[int, str]]
+    ) -> tuple[Predicate, Callable[[Request], int | None]]:
+        """``matches`` (does any rule match) and ``first`` (the index of the first that does)
+        over the rules' ``tests`` (index in ``spec.rules``, expression)."""
+        prologue = "".join(text for read, text in _PROLOGUE.items() if read in self.reads)
+        matches = "".join(f"    if {t}:\n        return True\n" for _, t in tests)
+        first = "".join(f"    if {t}:\n        return {i}\n" for i, t in tests)
+        source = (
+            f"def matches(r):\n{prologue}{matches}    return False\n"
+            f"def first(r):\n{prologue}{first}    return None\n"
+        )
+        scope: dict[str, Any] = {**self.consts, "_ip_address": ipaddress.ip_address}
+        exec(_code(source), scope)
+        return scope["matches"], scope["first"]
+
+
+@functools.lru_cache(maxsize=1024)
+def _code(source: str) -> types.CodeType:
+    """The code of generated matchers: by their text, which names constants but holds none, so
+    policies of one shape (a Deployment's per-namespace copies) compile it once."""
+    return compile(source, "<authorization policy>", "exec")
+
+
+_Field = Callable[[_PolicyCompiler, Sequence[str]], str]
+_FIELDS: dict[str, dict[str, _Field]] = {
+    "source": {
+        "principals": lambda c, v: c.identity(v, "principals"),
+        "namespaces": lambda c, v: c.identity(v, "namespaces"),
+        "ipBlocks": lambda c, v: c.ips(v, "source_ip"),
+        "remoteIpBlocks": lambda c, v: c.ips(v, "source_ip"),
+    },
+    "operation": {"ports": lambda c, v: c.ports(v)},
+}
+_WHEN_KEYS: dict[str, _Field] = {
+    "source.ip": _FIELDS["source"]["ipBlocks"],
+    "remote.ip": _FIELDS["source"]["ipBlocks"],
+    "source.namespace": _FIELDS["source"]["namespaces"],
+    "source.principal": _FIELDS["source"]["principals"],
+    "destination.ip": lambda c, v: c.ips(v, "destination_ip"),
+    "destination.port": lambda c, v: c.ports(v),
+}
+
+
+def _never(request: Request) -> int | None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,10 +550,10 @@ class CompiledPolicy:
     dry_run: bool
     selector: Mapping[str, str] | None
     matches: Predicate
-    # (index in ``spec.rules``, predicate) of each rule that can match: which one did, for a
+    # The index in ``spec.rules`` of the first rule a request matches (None: none does), for a
     # denial's record (Envoy's effective policy id names the rule too). Asked only of a DENY
     # that matched, so an allowed request pays nothing for it.
-    rules: tuple[tuple[int, Predicate], ...] = ()
+    first_rule: Callable[[Request], int | None] = _never
 
     @property
     def ref(self) -> str:
@@ -465,7 +561,7 @@ class CompiledPolicy:
 
     def matching_rule(self, request: Request) -> int | None:
         """The index of the first rule ``request`` matches (None: none does)."""
-        return next((i for i, rule in self.rules if rule(request)), None)
+        return self.first_rule(request)
 
     def selects(self, workload: Workload, root_namespace: str) -> bool:
         if self.namespace not in (root_namespace, workload.namespace):
@@ -492,13 +588,13 @@ def compile_policy(policy: PolicyObject) -> CompiledPolicy:
     spec = policy.spec
     action = str(spec.get("action", "ALLOW"))
     lenient = action != "ALLOW"
-    rules = [compile_rule(r, lenient=lenient) for r in spec.get("rules", ()) or ()]  # type: ignore[attr-defined]
-    live = tuple((i, r) for i, r in enumerate(rules) if r is not None)
+    compiler = _PolicyCompiler(lenient)
+    tests = [compiler.rule(r) for r in spec.get("rules", ()) or ()]  # type: ignore[attr-defined]
+    matches, first = compiler.functions([(i, t) for i, t in enumerate(tests) if t is not None])
     selector = spec.get("selector")
     labels = selector.get("matchLabels") if isinstance(selector, Mapping) else None
-    matches = _any([r for _, r in live])
     return CompiledPolicy(
-        policy.namespace, policy.name, action, policy.dry_run, labels, matches, live
+        policy.namespace, policy.name, action, policy.dry_run, labels, matches, first
     )
 
 

@@ -13,19 +13,20 @@ for a connection (``Outbound.open``: the source pod's certificate, the endpoint'
 checked).
 The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
 
-A same-node endpoint's request is seen by no other proxy, so it is admitted here, per try,
-as its destination would admit it (``http_inbound.request_verdict`` at the pod's workload: the
-L7 policy, ``Core.authorize_request``: methods, paths, hosts, request headers, dry-run and AUDIT
-as at a destination; then the pod port's RateLimitPolicies, ``Core.rate_limit``, from the node's
-buckets, so a pod's limit is one limit whichever node its callers are on), where the far node
-would: when the try's head goes to the endpoint's open connection (``H2Proxy``'s ``admit``),
-so after an injected delay, and a try held while its connection opens (``unpark``ed then) is
-never admitted if the connect fails: it spends no token. The pod resetting or losing a try
-before its response head is, to a rule's ``retry``, the 502 (gRPC ``UNAVAILABLE``) a far node
-answers for it (``H2Proxy``'s ``direct``), not a lost connection retried whatever its codes.
-A refusal is answered as the destination node answers it, 403 ``RBAC: access denied`` (gRPC:
-trailers-only ``grpc-status: 7``) or 429 ``local_rate_limited`` (``grpc-status: 8``, counted
-in ``nodemesh_rate_limited_requests_total``), as that try's response: a route rule whose
+A same-node endpoint's request is seen by no other proxy, so it is admitted here, per try, as
+its destination would admit it (``http_inbound.RequestAdmission`` at the pod's workload, kept
+per endpoint and snapshot: the L7 policy, ``Core.authorize_request``: methods, paths, hosts,
+request headers, dry-run and AUDIT as at a destination; then the pod port's RateLimitPolicies,
+``Core.rate_limit``, from the node's buckets, so a pod's limit is one limit whichever node its
+callers are on), where the far node would: when the try's head goes to the endpoint's open
+connection (``H2Proxy``'s ``admit``), so after an injected delay, and a try held while its
+connection opens (``unpark``ed then) is never admitted if the connect fails: it spends no token.
+The pod resetting or losing a try before its response head is, to a rule's ``retry``, the 502
+(gRPC ``UNAVAILABLE``) a far node answers for it (``H2Proxy``'s ``direct``), not a lost
+connection retried whatever its codes. A refusal is answered as the destination node answers it,
+403 ``RBAC: access denied`` (gRPC: trailers-only ``grpc-status: 7``) or 429
+``local_rate_limited`` (``grpc-status: 8``, counted in
+``nodemesh_rate_limited_requests_total``), as that try's response: a route rule whose
 ``retry.codes`` has its status sends the request again (a gRPC call's trailers-only answer is
 status 200 to it, as from a far node), and the connection goes on. Its socket is therefore
 opened without the connection-level check (``Outbound.open(requests_authorized=True)``: only a
@@ -100,7 +101,7 @@ from agent.proxy.h2proxy import (
 )
 from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import NO_FLAGS, UPSTREAM_CLOSED, RequestHead, Verdict
-from agent.proxy.http_inbound import ALLOWED, REFUSAL_FLAGS, request_verdict
+from agent.proxy.http_inbound import ALLOWED, REFUSAL_FLAGS, RequestAdmission
 from agent.proxy.http_outbound import MirrorTry
 from agent.proxy.http_router import RoutePlan
 from agent.proxy.httpidle import IdleTimer, ServiceIdleTimeout, closed
@@ -181,6 +182,9 @@ class H2SourceSession(CallbackShell):
         self._client_read = False
         self._routes_of: Snapshot | None = None  # the snapshot ``_route_cache`` is of
         self._route_cache: dict[Endpoint, Route] = {}
+        # id(route) -> (the route, its same-node endpoint's admission), ``_verdict``; emptied
+        # with ``_route_cache``
+        self._admissions: dict[int, tuple[Route, RequestAdmission]] = {}
         self._timer: asyncio.TimerHandle | None = None  # the soonest timeout or retry
         self._timer_at: float | None = None
         self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
@@ -261,11 +265,19 @@ class H2SourceSession(CallbackShell):
             self.proxy.unpark(tag, Choice(key, tag))
 
     def _verdict(self, route: Route, head: RequestHead) -> Verdict:
-        """``head`` at the same-node pod of ``route``, admitted as its destination admits it."""
+        """``head`` at the same-node pod of ``route``, admitted as its destination admits it:
+        through a ``RequestAdmission`` kept per endpoint and snapshot (as ``http_outbound``'s
+        ``_verdict_here``), which works out per state version whether any policy bears on
+        the pod, instead of ``request_verdict``'s ``Request``, log text and ``Decision`` per
+        call."""
         assert route.target is not None
-        request = AuthzRequest(self.src_ip, route.ip, route.port, self.record.source_identity)
-        where = f"{self.where} @{route.ip}:{route.port}"
-        return request_verdict(self.outbound.core, request, route.target, head, where)
+        kept = self._admissions.get(id(route))
+        if kept is None or kept[0] is not route:
+            request = AuthzRequest(self.src_ip, route.ip, route.port, self.record.source_identity)
+            where = f"{self.where} @{route.ip}:{route.port}"
+            kept = (route, RequestAdmission(self.outbound.core, request, route.target, where))
+            self._admissions[id(route)] = kept
+        return kept[1].verdict(head)
 
     def _route_to(self, key: Endpoint) -> Route:
         """The route to endpoint ``key`` in the current snapshot (kept while it is current:
@@ -273,6 +285,7 @@ class H2SourceSession(CallbackShell):
         snap = self._snapshot()
         if snap is not self._routes_of:
             self._routes_of, self._route_cache = snap, {}
+            self._admissions.clear()
         route = self._route_cache.get(key)
         if route is None:
             route = self.outbound.resolver.endpoint_route(snap, self.source, key.target, key.ip)

@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 from collections import Counter
 from collections.abc import Callable, Coroutine, Generator
+from types import FrameType
 from typing import Any, cast
 
 import pytest
@@ -43,6 +45,7 @@ from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from agent.policy.traffic.service import ServiceTraffic
+from agent.proxy import http_inbound
 from agent.proxy.h2outbound import H2SourceSession
 from agent.proxy.tunnel import HboneProtocol
 from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
@@ -657,6 +660,56 @@ async def test_an_allow_on_paths_lets_its_calls_reach_the_same_node_pod(mesh: Me
         "destination": 1.0
     }
     assert _by_reporter(source, grpc_response_status="7", response_flags="-") == {"source": 1.0}
+
+
+@mesh_test
+async def test_a_same_node_endpoints_calls_build_no_authorization_request_each(
+    mesh: Mesh,
+) -> None:
+    """The source admits a same-node endpoint's calls through a ``RequestAdmission`` kept per
+    endpoint and snapshot (as HTTP/1.1's ``_verdict_here``): ten calls without a policy build
+    no ``request_verdict`` (before: ten, each with its ``Request``, log text and
+    ``Decision``), and neither do calls under an ALLOW put on the open connection, whose
+    verdicts are its own (a path it does not allow refused, one it allows served)."""
+    port = free_port(LOCAL)
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        tx.put_service(
+            Service("front", "default", (VIP,), (grpc,), {"app": "local"}, (Endpoint(LOCAL),))
+        )
+    walked = http_inbound.request_verdict.__code__
+    calls = 0
+
+    def count(frame: FrameType, event: str, _arg: Any) -> None:
+        nonlocal calls
+        calls += event == "call" and frame.f_code is walked
+
+    received: list[str] = []
+    app = await asyncio.start_server(_recording_app(received), LOCAL, port)
+    try:
+        reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        assert await _requests(conn, reader, writer, ["/pkg.Echo/Warm"]) == ["0"]
+        sys.setprofile(count)
+        try:
+            answers = await _requests(conn, reader, writer, ["/pkg.Echo/Unary"] * 10)
+            assert calls == 0
+            allow = {
+                "selector": {"matchLabels": {"app": "local"}},
+                "rules": [{"to": [{"operation": {"paths": ["/pkg.Echo/*"]}}]}],
+            }
+            set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "a", allow))
+            paths = ["/pkg.Other/Do", "/pkg.Echo/Unary", "/pkg.Echo/Unary"]
+            answers += await _requests(conn, reader, writer, paths)
+        finally:
+            sys.setprofile(None)
+        writer.close()
+    finally:
+        app.close()
+    assert answers == ["0"] * 10 + ["7", "0", "0"]
+    assert received == ["/pkg.Echo/Warm"] + ["/pkg.Echo/Unary"] * 12
+    assert calls == 0
 
 
 @mesh_test

@@ -459,8 +459,29 @@ REFUSAL_FLAGS = frozenset({RBAC_DENIED, RATE_LIMITED})
 def request_verdict(
     core: Core, connection: Request, workload: Workload, head: RequestHead, where: str
 ) -> Verdict:
-    """Admit one request on an admitted connection (both HTTP layers): L7 authorization first,
-    then the RateLimitPolicies of the pod port, so a denied request spends no token."""
+    """Admit one request on an admitted connection: L7 authorization first, then the
+    RateLimitPolicies of the pod port, so a denied request spends no token. What a
+    ``RequestAdmission`` (which both HTTP layers and the source's same-node paths keep)
+    answers, worked out from nothing for this one request: the tests' reference."""
+    snap = core.snapshot()
+    return authorize(core, connection, workload, head, where, core.policies(snap), snap, True)
+
+
+def authorize(
+    core: Core,
+    connection: Request,
+    workload: Workload,
+    head: RequestHead,
+    where: str,
+    policies: Policies,
+    snap: Snapshot,
+    limited: bool,
+) -> Verdict:
+    """``request_verdict`` with the state version's ``policies`` and whether a RateLimitPolicy
+    applies to the pod port (``limited``) already known: the request's ``Request`` evaluated,
+    the decision's reports made (``Core.authorize_request``'s, with the log text built only
+    for a decision that reports anything: a denial, a dry-run or AUDIT outcome; the usual
+    allowed request has none), then the port's rate limits."""
     # Built field by field: ``dataclasses.replace`` was a visible share of a request's time.
     request = Request(
         connection.source_ip,
@@ -469,9 +490,7 @@ def request_verdict(
         connection.principal,
         HttpAttributes(head.method, head.path, head.host, head.headers),
     )
-    # ``Core.authorize_request``, with the log text built only for a decision that reports
-    # anything (a denial, a dry-run or AUDIT outcome): the usual allowed request has none.
-    decision = core.policies().live(request, workload)
+    decision = policies.live(request, workload)
     if decision.would or decision.audited or not decision.allowed:
         core.request_decided(decision, f"{where} {head.method} {head.path}")
     # The dry-run policies that would have denied it go on the request's record (allowed or
@@ -479,9 +498,10 @@ def request_verdict(
     would = ",".join(decision.would_deny_rules) if decision.would_deny_rules else ""
     if not decision.allowed:
         return Verdict(False, decision.refused_by(), dry_run=would)
-    limit = core.rate_limit(request, core.snapshot())
-    if limit is not None:
-        return rate_limited(limit, would)
+    if limited:
+        limit = core.rate_limit(request, snap)
+        if limit is not None:
+            return rate_limited(limit, would)
     return Verdict(True, dry_run=would) if would else ALLOWED
 
 
@@ -536,34 +556,13 @@ class RequestAdmission:
                 request.destination_ip, request.destination_port, snap
             )
         if not self._free:
-            return self._authorized(head, policies, snap)
+            return authorize(
+                core, self.request, self.workload, head, self.where, policies, snap, self._limited
+            )
         if not self._limited:
             return ALLOWED
         limit = core.rate_limit(self.request, snap)  # the connection's: ip, port, principal
         return ALLOWED if limit is None else rate_limited(limit, "")
-
-    def _authorized(self, head: RequestHead, policies: Policies, snap: Snapshot) -> Verdict:
-        """``request_verdict``'s answer where a policy bears on the connection, with this
-        version's policies and whether the port has rate limits already known."""
-        connection, core = self.request, self.core
-        request = Request(
-            connection.source_ip,
-            connection.destination_ip,
-            connection.destination_port,
-            connection.principal,
-            HttpAttributes(head.method, head.path, head.host, head.headers),
-        )
-        decision = policies.live(request, self.workload)
-        if decision.would or decision.audited or not decision.allowed:  # the text only then
-            core.request_decided(decision, f"{self.where} {head.method} {head.path}")
-        would = ",".join(decision.would_deny_rules) if decision.would_deny_rules else ""
-        if not decision.allowed:
-            return Verdict(False, decision.refused_by(), dry_run=would)
-        if self._limited:
-            limit = core.rate_limit(request, snap)
-            if limit is not None:
-                return rate_limited(limit, would)
-        return Verdict(True, dry_run=would) if would else ALLOWED
 
     def _policed(self, policies: Policies) -> bool:
         request, workload = self.request, self.workload

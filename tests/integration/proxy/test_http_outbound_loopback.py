@@ -480,12 +480,12 @@ async def test_a_same_node_endpoint_no_policy_bears_on_builds_no_authorization_r
 ) -> None:
     """The source admits a same-node endpoint's requests through a ``RequestAdmission`` kept
     per endpoint and snapshot: with no policy selecting the pod, ten requests build no
-    authorization (``RequestAdmission._authorized``, the policed path; before: ten
+    authorization (``http_inbound.authorize``, the policed path; before: ten
     ``request_verdict``, each with its ``Request``, log text and ``Decision``); a DENY put on
     the open connection refuses its next POST, and each request after it is authorized."""
     port = free_port(LOCAL)
     add_services(mesh, port, LOCAL)
-    walked = http_inbound.RequestAdmission._authorized.__code__
+    walked = http_inbound.authorize.__code__
     calls = 0
 
     def count(frame: FrameType, event: str, _arg: Any) -> None:

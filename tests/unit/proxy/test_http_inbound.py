@@ -523,15 +523,17 @@ def test_a_pod_no_policy_bears_on_builds_no_authorization_request_per_request(
     STRICT) are admitted without ``request_verdict``'s per-request ``Request``, log text and
     ``Decision`` (``RequestAdmission``, once per state version); a DENY put while the connection
     is open reaches its next request, which is then authorized as before. Before, every request
-    went through ``request_verdict`` (now ``RequestAdmission._authorized``, its policed path)."""
+    went through ``request_verdict`` (now ``http_inbound.authorize``, the policed path)."""
     walked: list[str] = []
-    real = http_inbound.RequestAdmission._authorized
+    real = http_inbound.authorize
 
-    def counted(admission: http_inbound.RequestAdmission, head: RequestHead, *args: Any) -> Verdict:
+    def counted(
+        core: Core, connection: Request, workload: Any, head: RequestHead, *args: Any
+    ) -> Verdict:
         walked.append(head.path)
-        return real(admission, head, *args)
+        return real(core, connection, workload, head, *args)
 
-    monkeypatch.setattr(http_inbound.RequestAdmission, "_authorized", counted)
+    monkeypatch.setattr(http_inbound, "authorize", counted)
 
     async def main() -> None:
         core = _core()

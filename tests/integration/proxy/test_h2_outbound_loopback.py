@@ -668,16 +668,17 @@ async def test_a_same_node_endpoints_calls_build_no_authorization_request_each(
 ) -> None:
     """The source admits a same-node endpoint's calls through a ``RequestAdmission`` kept per
     endpoint and snapshot (as HTTP/1.1's ``_verdict_here``): ten calls without a policy build
-    no ``request_verdict`` (before: ten, each with its ``Request``, log text and
-    ``Decision``), and neither do calls under an ALLOW put on the open connection, whose
-    verdicts are its own (a path it does not allow refused, one it allows served)."""
+    no authorization (``http_inbound.authorize``, the policed path; before: ten
+    ``request_verdict``, each with its ``Request``, log text and ``Decision``); under an ALLOW
+    put on the open connection each call is authorized (a path it does not allow refused, one
+    it allows served)."""
     port = free_port(LOCAL)
     with mesh.store.update() as tx:
         grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
         tx.put_service(
             Service("front", "default", (VIP,), (grpc,), {"app": "local"}, (Endpoint(LOCAL),))
         )
-    walked = http_inbound.request_verdict.__code__
+    walked = http_inbound.authorize.__code__
     calls = 0
 
     def count(frame: FrameType, event: str, _arg: Any) -> None:
@@ -709,7 +710,7 @@ async def test_a_same_node_endpoints_calls_build_no_authorization_request_each(
         app.close()
     assert answers == ["0"] * 10 + ["7", "0", "0"]
     assert received == ["/pkg.Echo/Warm"] + ["/pkg.Echo/Unary"] * 12
-    assert calls == 0
+    assert calls == 3
 
 
 @mesh_test

@@ -228,8 +228,9 @@ def test_an_agent_leaves_the_table_only_once_every_agent_on_it_has_exited() -> N
         peers.start()
         os.close(Agent._buckets_for_successor(agent, LAYOUT, after_fd))  # type: ignore[arg-type]
         for proc in (before, after):
+            pidfd = os.pidfd_open(proc.pid)
             proc.kill()
-            await _ended(proc.pid)
+            await _ended(pidfd)
             seen.append(type(core.limiter).__name__)
             proc.wait()
         return seen
@@ -248,13 +249,14 @@ def test_an_agent_leaves_the_table_only_once_every_agent_on_it_has_exited() -> N
             proc.wait()
 
 
-async def _ended(pid: int) -> None:
-    """Wait until process ``pid`` has ended and the loop has run what watched it (a pidfd of
-    our own: the poll that finds it ready finds every other pidfd of that process ready too,
-    and their callbacks run in that same turn of the loop)."""
+async def _ended(pidfd: int) -> None:
+    """Wait until the process of ``pidfd`` has ended and the loop has run what watched it (a
+    pidfd of our own: the poll that finds it ready finds every other pidfd of that process
+    ready too, and their callbacks run in that same turn of the loop); closes ``pidfd``. The
+    caller opens it before it ends the process: asyncio's child watcher reaps a process it
+    started as soon as it exits, after which its pid no longer opens (``ProcessLookupError``)."""
     loop = asyncio.get_running_loop()
     ended = loop.create_future()
-    pidfd = os.pidfd_open(pid)
     loop.add_reader(pidfd, ended.set_result, None)
     await ended
     loop.remove_reader(pidfd)
@@ -283,8 +285,9 @@ def test_an_old_agent_whose_successor_exited_is_back_on_its_own_buckets() -> Non
         )  # fmt: skip
         assert new.stdout is not None and await new.stdout.readline() == b"True\n"
         seen = [type(old.limiter).__name__]
+        pidfd = os.pidfd_open(new.pid)
         new.kill()
-        await _ended(new.pid)
+        await _ended(pidfd)
         await new.wait()
         seen.append(type(old.limiter).__name__)
         await server.stop()

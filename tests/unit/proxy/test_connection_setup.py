@@ -343,9 +343,9 @@ def test_a_streams_end_wakes_no_other_stream() -> None:
     asyncio.run(main())
 
 
-class _RegisteringLoop(uvloop.Loop):
+class RegisteringLoop(uvloop.Loop):
     """uvloop's loop, recording the reader and writer registration calls made on it and the
-    timers armed."""
+    timers armed (``test_relay`` uses it too)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -376,7 +376,7 @@ class _RegisteringLoop(uvloop.Loop):
 
 
 def _in_one_step(
-    loop: _RegisteringLoop, connect: Callable[[], Coroutine[Any, Any, socket.socket]]
+    loop: RegisteringLoop, connect: Callable[[], Coroutine[Any, Any, socket.socket]]
 ) -> socket.socket | BaseException:
     """What ``connect()`` ended with in the first step of its coroutine (its socket or what it
     raised), with nothing registered and no timer armed meanwhile. The kernel runs a loopback
@@ -409,7 +409,7 @@ def test_a_connect_the_kernel_finished_within_the_call_neither_waits_nor_registe
     reader, whether a reader is to be held or not; a refused one raises in that step too.
     On main each waited: a writer, the timeout's timer, a pass of the loop, and for a held
     reader the placeholder."""
-    loop = _RegisteringLoop()
+    loop = RegisteringLoop()
 
     async def main() -> None:
         with socket.create_server(("127.0.0.1", 0), backlog=64) as server:
@@ -447,7 +447,7 @@ def test_a_connect_still_under_way_waits_for_its_writer_within_its_timeout(
     until the socket is writable, bounded by a timer, its ``SO_ERROR`` read; then it leaves
     nothing registered (no reader was to be held)."""
     monkeypatch.setattr(sockets, "_asked_again", _still_under_way)
-    loop = _RegisteringLoop()
+    loop = RegisteringLoop()
 
     async def main() -> None:
         with socket.create_server(("127.0.0.1", 0)) as server:

@@ -8,10 +8,8 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-import uvloop
 
 from agent.proxy import relay
 from agent.proxy.h2wire import HboneSettings
@@ -19,6 +17,7 @@ from agent.proxy.relay import relay_sockets, relay_tunnel, start_sockets, start_
 from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.telemetry.records import ConnectionRecord
 from tests.unit.proxy.recvs import recv_exactly, recv_to_eof
+from tests.unit.proxy.test_connection_setup import RegisteringLoop
 from tests.unit.proxy.test_tunnel_direct import settle, tunnel
 
 # More than a stream's window, its HIGH_WATER and the socket buffers take: a sender that stalls.
@@ -429,30 +428,6 @@ def test_tunnel_relay_times_the_first_upstream_byte_once(
     asyncio.run(main())
 
 
-class _RegisteringLoop(uvloop.Loop):
-    """uvloop's loop, recording the reader and writer registration calls made on it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
-        self.calls.append("add_reader")
-        super().add_reader(fd, callback, *args)
-
-    def add_writer(self, fd: Any, callback: Any, *args: Any) -> None:
-        self.calls.append("add_writer")
-        super().add_writer(fd, callback, *args)
-
-    def remove_reader(self, fd: Any) -> bool:
-        self.calls.append("remove_reader")
-        return bool(super().remove_reader(fd))
-
-    def remove_writer(self, fd: Any) -> bool:
-        self.calls.append("remove_writer")
-        return bool(super().remove_writer(fd))
-
-
 def test_sockets_a_relay_removes_only_what_it_registered(
     pairs: tuple[socket.socket, ...],
 ) -> None:
@@ -463,7 +438,7 @@ def test_sockets_a_relay_removes_only_what_it_registered(
     four calls for nothing). Backpressure still swaps a reader for a writer and back, and a
     stop in the middle removes what is registered then."""
     client, near, far, upstream = pairs
-    loop = _RegisteringLoop()
+    loop = RegisteringLoop()
 
     async def main() -> None:
         owner = _Closer()
@@ -492,7 +467,7 @@ def test_sockets_a_relay_stopped_while_held_back_removes_its_writer() -> None:
     far, upstream = socket.socketpair()
     for s in (client, near, far, upstream):
         s.setblocking(False)
-    loop = _RegisteringLoop()
+    loop = RegisteringLoop()
 
     async def main() -> None:
         task = asyncio.ensure_future(relay_sockets(near, far, record()))

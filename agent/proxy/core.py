@@ -216,19 +216,12 @@ class Core:
             self.registry.deny(decision, where, record=unregistered)
         return decision.allowed
 
-    def authorize_request(self, request: Request, workload: Workload, where: str) -> Decision:
-        """Evaluate one HTTP request (``request.http`` set) with the current policies; log
-        dry-run and AUDIT outcomes, count a denial and what dry-run policies would deny. The
-        connection stays open whatever the answer."""
-        decision = self.policies().live(request, workload)
-        self.request_decided(decision, where)
-        return decision
-
     def request_decided(self, decision: Decision, where: str) -> None:
-        """``authorize_request``'s reports of a ``decision``: its dry-run and AUDIT outcomes
-        logged, a denial and what dry-run policies would deny counted and logged. A decision
-        that allows, with no dry-run or AUDIT outcome, has none: a caller may skip it then, and
-        build ``where`` only for a decision that has (``request_verdict``)."""
+        """The reports of one HTTP request's ``decision`` (``http_inbound.authorize``): its
+        dry-run and AUDIT outcomes logged, a denial and what dry-run policies would deny
+        counted and logged; the connection stays open whatever the answer. A decision that
+        allows, with no dry-run or AUDIT outcome, has none: a caller may skip it then, and
+        build ``where`` only for a decision that has."""
         for note in decision.would:
             log.info("%s: %s", where, note)
         for ref in decision.audited:

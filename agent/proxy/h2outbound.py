@@ -15,7 +15,7 @@ The destination node's inbound HTTP/2 layer then authorizes and reports each req
 
 A same-node endpoint's request is seen by no other proxy, so it is admitted here, per try, as
 its destination would admit it (``http_inbound.RequestAdmission`` at the pod's workload, kept
-per endpoint and snapshot: the L7 policy, ``Core.authorize_request``: methods, paths, hosts,
+per endpoint and snapshot: the L7 policy, ``http_inbound.authorize``: methods, paths, hosts,
 request headers, dry-run and AUDIT as at a destination; then the pod port's RateLimitPolicies,
 ``Core.rate_limit``, from the node's buckets, so a pod's limit is one limit whichever node its
 callers are on), where the far node would: when the try's head goes to the endpoint's open

@@ -18,8 +18,9 @@ writer (as in the L4 relay). A pipelined request the layer has parsed but cannot
 pipelining client cannot queue without bound. All of this but the client's side is
 ``PodShell``, which the HTTP/2 destination (``h2inbound.H2Session``) shares.
 
-Authorization here is per request (``Core.authorize_request``'s evaluation and reports, the
-log text built only for a decision that reports anything): on a declared HTTP port the
+Authorization here is per request (``authorize``: the policies' decision and
+``Core.request_decided``'s reports, the log text built only for a decision that reports
+anything): on a declared HTTP port the
 connection itself was admitted without the L7 conditions, which only a request can satisfy. An
 authorized request then meets the RateLimitPolicies of the pod port (``Core.rate_limit``): over
 the limit it is answered ``429`` with flag ``RL`` and the connection keeps serving. Whether any
@@ -479,7 +480,7 @@ def authorize(
 ) -> Verdict:
     """``request_verdict`` with the state version's ``policies`` and whether a RateLimitPolicy
     applies to the pod port (``limited``) already known: the request's ``Request`` evaluated,
-    the decision's reports made (``Core.authorize_request``'s, with the log text built only
+    the decision's reports made (``Core.request_decided``, with the log text built only
     for a decision that reports anything: a denial, a dry-run or AUDIT outcome; the usual
     allowed request has none), then the port's rate limits."""
     # Built field by field: ``dataclasses.replace`` was a visible share of a request's time.

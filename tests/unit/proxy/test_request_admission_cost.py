@@ -189,8 +189,9 @@ class Lines(logging.Handler):
 
 
 def _reference(core: Core, connection: Request, head: RequestHead, where: str) -> Verdict:
-    """A request's verdict as every request was admitted before: ``Core.authorize_request``
-    with its text, then ``Core.rate_limit``."""
+    """A request's verdict as every request was admitted before: the policies' decision and
+    its reports with the request's text (what ``Core.authorize_request`` did), then
+    ``Core.rate_limit``."""
     request = Request(
         connection.source_ip,
         connection.destination_ip,
@@ -198,7 +199,8 @@ def _reference(core: Core, connection: Request, head: RequestHead, where: str) -
         connection.principal,
         HttpAttributes(head.method, head.path, head.host, head.headers),
     )
-    decision = core.authorize_request(request, SERVER, f"{where} {head.method} {head.path}")
+    decision = core.policies().live(request, SERVER)
+    core.request_decided(decision, f"{where} {head.method} {head.path}")
     would = ",".join(decision.would_deny_rules)
     if not decision.allowed:
         return Verdict(False, decision.refused_by(), dry_run=would)

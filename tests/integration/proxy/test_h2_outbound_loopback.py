@@ -24,10 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 from collections import Counter
 from collections.abc import Callable, Coroutine, Generator
-from types import FrameType
 from typing import Any, cast
 
 import pytest
@@ -51,6 +49,7 @@ from agent.proxy.tunnel import HboneProtocol
 from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePort
 from agent.telemetry.http import HttpMetrics
 from agent.telemetry.records import INBOUND, OUTBOUND
+from tests.calls import CallCount
 from tests.integration.proxy.mesh import (
     CLIENT,
     LOCAL,
@@ -678,13 +677,7 @@ async def test_a_same_node_endpoints_calls_build_no_authorization_request_each(
         tx.put_service(
             Service("front", "default", (VIP,), (grpc,), {"app": "local"}, (Endpoint(LOCAL),))
         )
-    walked = http_inbound.authorize.__code__
-    calls = 0
-
-    def count(frame: FrameType, event: str, _arg: Any) -> None:
-        nonlocal calls
-        calls += event == "call" and frame.f_code is walked
-
+    calls = CallCount(http_inbound.authorize.__code__)
     received: list[str] = []
     app = await asyncio.start_server(_recording_app(received), LOCAL, port)
     try:
@@ -692,10 +685,9 @@ async def test_a_same_node_endpoints_calls_build_no_authorization_request_each(
         conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
         conn.initiate_connection()
         assert await _requests(conn, reader, writer, ["/pkg.Echo/Warm"]) == ["0"]
-        sys.setprofile(count)
-        try:
+        with calls:
             answers = await _requests(conn, reader, writer, ["/pkg.Echo/Unary"] * 10)
-            assert calls == 0
+            assert calls.count == 0
             allow = {
                 "selector": {"matchLabels": {"app": "local"}},
                 "rules": [{"to": [{"operation": {"paths": ["/pkg.Echo/*"]}}]}],
@@ -703,14 +695,12 @@ async def test_a_same_node_endpoints_calls_build_no_authorization_request_each(
             set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "a", allow))
             paths = ["/pkg.Other/Do", "/pkg.Echo/Unary", "/pkg.Echo/Unary"]
             answers += await _requests(conn, reader, writer, paths)
-        finally:
-            sys.setprofile(None)
         writer.close()
     finally:
         app.close()
     assert answers == ["0"] * 10 + ["7", "0", "0"]
     assert received == ["/pkg.Echo/Warm"] + ["/pkg.Echo/Unary"] * 12
-    assert calls == 3
+    assert calls.count == 3
 
 
 @mesh_test

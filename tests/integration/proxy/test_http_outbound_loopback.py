@@ -32,6 +32,7 @@ from agent.state import Endpoint, PolicyObject, RouteObject, Service, ServicePor
 from agent.telemetry.http import HttpMetrics
 from agent.telemetry.records import INBOUND, OUTBOUND, ConnectionRecord, RequestRecord
 from agent.telemetry.tcp import TcpMetrics
+from tests.calls import CallCount
 from tests.integration.proxy.mesh import (
     CLIENT,
     CLIENT_ID,
@@ -260,28 +261,20 @@ async def test_a_connections_requests_to_one_endpoint_are_labelled_by_one_record
     add_services(mesh, port, SERVER)
     reported = Reported()
     mesh.node1.core.registry.request_observers.append(reported)
-    copy = ConnectionRecord.copy.__code__
-    copies = 0
-
-    def count(frame: FrameType, event: str, _arg: Any) -> None:
-        nonlocal copies
-        copies += event == "call" and frame.f_code is copy
+    copies = CallCount(ConnectionRecord.copy.__code__)
 
     async with apps(port, SERVER):
         client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
         assert (await client.request("GET", "/warm"))[0] == 200  # opens the pooled session
-        sys.setprofile(count)
-        try:
+        with copies:
             for i in range(20):
                 assert (await client.request("GET", f"/r{i}"))[0] == 200
-        finally:
-            sys.setprofile(None)
         (live,) = [r for r in mesh.node1.core.registry if r.protocol == "http/1.1"]
         with mesh.store.update() as tx:
             tx.put_workload(replace(mesh.store.snapshot().workload_by_ip[SERVER], labels={}))
         assert (await client.request("GET", "/after"))[0] == 200
         client.writer.close()
-    assert copies == 0  # the warm-up's record labels all 20
+    assert copies.count == 0  # the warm-up's record labels all 20
     first, *same, after = reported.connections
     assert all(c is first for c in same) and after is not first
     counts = ("bytes_sent", "bytes_received", "requests", "first_byte", "failure", "policy")
@@ -303,23 +296,14 @@ async def test_a_service_port_without_routes_makes_no_route_request_per_request(
     them for 20 requests); one attached, each request makes them."""
     port = free_port(SERVER)
     add_services(mesh, port, SERVER)
-    made = HttpRequest.from_target.__func__.__code__
-    count = 0
-
-    def counting(frame: FrameType, event: str, _arg: Any) -> None:
-        nonlocal count
-        count += event == "call" and frame.f_code is made
+    made = CallCount(HttpRequest.from_target.__func__.__code__)
 
     async def twenty(client: Client) -> int:
-        nonlocal count
-        count = 0
-        sys.setprofile(counting)
-        try:
+        made.reset()
+        with made:
             for i in range(20):
                 assert (await client.request("GET", f"/r{i}"))[0] == 200
-        finally:
-            sys.setprofile(None)
-        return count
+        return made.count
 
     async with apps(port, SERVER):
         client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
@@ -485,29 +469,21 @@ async def test_a_same_node_endpoint_no_policy_bears_on_builds_no_authorization_r
     the open connection refuses its next POST, and each request after it is authorized."""
     port = free_port(LOCAL)
     add_services(mesh, port, LOCAL)
-    walked = http_inbound.authorize.__code__
-    calls = 0
-
-    def count(frame: FrameType, event: str, _arg: Any) -> None:
-        nonlocal calls
-        calls += event == "call" and frame.f_code is walked
+    calls = CallCount(http_inbound.authorize.__code__)
 
     async with apps(port, LOCAL):
         client = Client(*await mesh.connect(CLIENT, (VIP, 80)))
         assert (await client.request("GET", "/warm"))[0] == 200
-        sys.setprofile(count)
-        try:
+        with calls:
             for i in range(10):
                 assert (await client.request("GET", f"/r{i}"))[0] == 200
-            assert calls == 0
+            assert calls.count == 0
             deny = {"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["POST"]}}]}]}
             set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no", deny))
             assert await client.request("POST", "/o", b"x") == (403, b"RBAC: access denied")
             assert (await client.request("GET", "/o"))[0] == 200
-        finally:
-            sys.setprofile(None)
         client.writer.close()
-    assert calls == 2
+    assert calls.count == 2
 
 
 @mesh_test

@@ -23,8 +23,10 @@ optional resource (Gateway API routes) the API server does not serve.
 
 Revisions and documents only compare within one cluster, so agents are grouped by the cluster
 their ``/status`` names (``cluster_key``: the trust domain and ``state.cluster_id``, the
-``kube-system`` namespace's uid; a cluster-file agent has none, its trust domain tells) and
-compared within their group; with more than one, the table says which cluster each row is of.
+``kube-system`` namespace's uid; a cluster-file agent has none, and the document it follows,
+``state.path``, tells: the agents of one lab read one file, two labs two, even of one trust
+domain, whose documents are unrelated) and compared within their group; with more than one, the
+table says which cluster each row is of.
 A Kubernetes agent that names no uid (older than the field, during a rolling upgrade) joins
 the one cluster the others of its trust domain name.
 The comparison (``compare``) is pure: statuses in, verdicts out; reading the agents is
@@ -196,13 +198,20 @@ def _certificates(status: Mapping[str, Any]) -> dict[str, object]:
 
 
 ClusterKey = tuple[str, str]
+# A cluster-file agent's cluster: this and the path of the document it follows.
+FILE_CLUSTER = "file:"
 
 
 def cluster_key(status: Mapping[str, Any]) -> ClusterKey:
     """Which cluster an agent follows: its trust domain and its source's ``cluster_id`` (""
-    when the agent does not say: one from before the field, or not listed yet)."""
+    when the agent does not say: one from before the field, or not listed yet), or for the
+    cluster-file source ``FILE_CLUSTER`` and the document's path (the trust domain alone took
+    two labs' agents for one cluster, and the older document's agents for STALE)."""
     state = status.get("state") or {}
-    return str(state.get("trust_domain") or ""), str(state.get("cluster_id") or "")
+    cluster_id = state.get("cluster_id")
+    if not cluster_id and state.get("source") == "file" and state.get("path"):
+        cluster_id = f"{FILE_CLUSTER}{state['path']}"
+    return str(state.get("trust_domain") or ""), str(cluster_id or "")
 
 
 def _cluster_keys(answers: Sequence[Answer]) -> list[ClusterKey]:
@@ -359,7 +368,9 @@ def _cluster_numbers(rows: Sequence[Mapping[str, Any]]) -> dict[ClusterKey, str]
 
 def _cluster_text(cluster_id: str) -> str:
     if not cluster_id:
-        return "no API server identity (cluster file, an older agent, or not listed yet)"
+        return "no cluster identity (an older agent, or not listed yet)"
+    if cluster_id.startswith(FILE_CLUSTER):
+        return f"cluster file {cluster_id.removeprefix(FILE_CLUSTER)}"
     return f"API server's kube-system namespace uid {cluster_id}"
 
 
@@ -457,7 +468,8 @@ def register(
         description=f"{help_text} One row per agent: per resource SYNCED (holds the objects "
         "of the agent with the newest revision), STALE (holds others, at a lower revision: by "
         "how much) or NOT READY; certificates; version. Agents of different clusters (trust "
-        "domain, kube-system namespace uid) are compared only within their cluster. "
+        "domain, kube-system namespace uid or cluster file) are compared only within their "
+        "cluster. "
         "Asks every node's agent of the lab (--lab, $NODEMESH_LAB, else nm when up), or the "
         f"agents named by --admin, else {DEFAULT_ADMIN}.",
     )

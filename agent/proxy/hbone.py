@@ -648,16 +648,24 @@ class HboneConnection:
         ):
             self._h2.reset_stream(stream_id, code)
 
-    def ping(self) -> bytes:
+    def ping(self) -> bytes | None:
+        """Send a PING; returns its opaque data, which the peer's ``PingAcknowledged`` carries
+        back. ``None`` on a connection that failed or was closed: its GOAWAY was the last
+        frame (``h2`` raises for a PING then), so nothing is sent and no answer will come."""
+        if self.failed:
+            return None
         opaque = os.urandom(8)
         self._h2.ping(opaque)
         return opaque
 
     def goaway(self, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
-        """Graceful: refuse new streams, let the open ones finish (drain)."""
+        """Graceful: refuse new streams, let the open ones finish (drain). A connection that
+        failed or was closed sent its GOAWAY then: it refuses new streams already and sends
+        no second one (``h2`` would frame it, for a transport that is closing)."""
         if not self.going_away:
             self.going_away = True
-            self._h2.send_goaway(code, self._h2.highest_inbound_stream_id)
+            if not self.failed:
+                self._h2.send_goaway(code, self._h2.highest_inbound_stream_id)
 
     def close(self, code: ErrorCodes = ErrorCodes.NO_ERROR) -> None:
         """Abrupt: GOAWAY and no further frames."""

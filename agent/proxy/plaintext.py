@@ -58,7 +58,7 @@ class InboundPlaintext:
                     await kind(self.core, down, upstream, record, request, workload).serve()
                 clean = True
             finally:
-                sockets.release(upstream)
+                upstream.close()  # no registration left: the relay's stop removed its reader
         except (OSError, Refused) as e:
             log.debug("plaintext %s -> %s ended: %s", record.source, record.destination, e)
         finally:

@@ -152,19 +152,21 @@ class _CountingLoop(uvloop.Loop):
 
 
 @pytest.mark.parametrize(
-    ("pod", "timers"),
-    [(SERVER, ["agent.proxy.outbound"]), (LOCAL, [])],
-    ids=["cross-node", "same-node"],
+    ("client", "pod", "timers"),
+    [(CLIENT, SERVER, ["agent.proxy.outbound"]), (CLIENT, LOCAL, []), (OUTSIDER, SERVER, [])],
+    ids=["cross-node", "same-node", "plaintext"],
 )
 def test_a_connection_registers_each_proxied_socket_once_and_arms_no_connect_timer(
-    pod: str, timers: list[str]
+    client: str, pod: str, timers: list[str]
 ) -> None:
-    """One connection over a pooled HBONE connection, or to a pod on the same node, asks the
-    loop for two readers and their two removals, the client socket's and the pod socket's:
-    the pod connect finishes within its ``connect`` call (the kernel ran the handshake there:
-    no writer, no timer, no placeholder reader) and a socket relay's stop removes only what
-    is still registered. The only timer left is the tunnel open's deadline. On main: 7 calls
-    and two timers (the pod connect's) cross-node, 11 calls and one timer same-node. (Up to
+    """One connection over a pooled HBONE connection, to a pod on the same node, or from
+    outside the mesh over the plaintext inbound, asks the loop for two readers and their two
+    removals, the client socket's and the pod socket's: the pod connect finishes within its
+    ``connect`` call (the kernel ran the handshake there: no writer, no timer, no placeholder
+    reader) and a socket relay's stop removes only what is still registered. The only timer
+    left is the tunnel open's deadline. On main: 7 calls and two timers (the pod connect's)
+    cross-node, 11 calls and one timer same-node; until session 17 the plaintext inbound
+    removed the pod socket's reader once more after its relay (``sockets.release``). (Up to
     three connections are tried: the kernel runs the handshake inside ``connect`` unless it
     left its softirq work to ``ksoftirqd``, which a loaded machine does now and then; the pod
     connect then waits as on main.)"""
@@ -177,13 +179,15 @@ def test_a_connection_registers_each_proxied_socket_once_and_arms_no_connect_tim
         await mesh.start()
         try:
             port = mesh.app(pod, echo_peer)
-            assert await roundtrip(mesh, CLIENT, (pod, port))  # dials the HBONE connection
+            # Not meshed: captured at node2's uplink into the plaintext inbound (15006).
+            where = {"via": "inbound", "proxy": mesh.node2} if client == OUTSIDER else {}
+            assert await roundtrip(mesh, client, (pod, port), **where)  # cross-node: dials HBONE
             await _relays_ended(mesh)
             for _ in range(3):
                 loop.calls.clear()
                 loop.timers.clear()
-                reply = await roundtrip(mesh, CLIENT, (pod, port))
-                assert reply == f"peer={CLIENT}\nmarker-1234\n".encode()
+                reply = await roundtrip(mesh, client, (pod, port), **where)
+                assert reply == f"peer={client}\nmarker-1234\n".encode()
                 await _relays_ended(mesh)
                 if loop.calls == {"add_reader": 2, "remove_reader": 2}:
                     break

@@ -60,13 +60,15 @@ def kube(
     return Answer(node, "127.0.0.1:15000", status=status)
 
 
-def lab(node: str, sha: str, modified: str) -> Answer:
+def lab(node: str, sha: str, modified: str, path: str | None = None, **state: str) -> Answer:
+    """A cluster-file agent; ``path``: the document it follows (else it names none)."""
     applied = {"cluster-file": {"sha256": sha, "modified": modified, "synced": True}}
+    named = {} if path is None else {"path": path}
     status = {
         "node": node,
         "version": "0.1.0",
         "ready": True,
-        "state": {"version": 3, "source": "file", "applied": applied},
+        "state": {"version": 3, "source": "file", "applied": applied, **named, **state},
         "certificates": {"identities": 1, "available": 1, "soonest_expiry": None},
     }
     return Answer(node, "127.0.0.1:15000", status=status)
@@ -209,6 +211,37 @@ def test_cluster_documents_compare_by_hash_and_the_newest_time() -> None:
     assert rows[1]["columns"] == {"DOCUMENT": SYNCED}
 
 
+def test_cluster_file_agents_of_two_labs_of_one_trust_domain_are_two_clusters() -> None:
+    """Two labs' agents (``--admin`` of both), one trust domain: their documents are unrelated
+    (each lab's, its own modification times), so each agent is compared with its own lab's,
+    told apart by the document they follow. Before, the trust domain alone grouped them: the
+    lab whose document was older showed every agent STALE by the difference, in one cluster."""
+    one, two = "/run/nodemesh/lab/one/cluster.yaml", "/run/nodemesh/lab/two/cluster.yaml"
+    domain = {"trust_domain": "cluster.local"}
+    rows = compare(
+        [
+            lab("a1", "aa", "2026-12-06T22:00:00.000000Z", one, **domain),
+            lab("b1", "bb", "2026-12-06T22:05:00.000000Z", two, **domain),
+            lab("a2", "aa", "2026-12-06T22:00:00.000000Z", one, **domain),
+            lab("b2", "cc", "2026-12-06T22:04:00.000000Z", two, **domain),
+        ]
+    )
+    assert [r["columns"]["DOCUMENT"] for r in rows] == [SYNCED, SYNCED, SYNCED, "STALE -60s"]
+    assert rows[0]["cluster"] == {"trust_domain": "cluster.local", "id": f"file:{one}"}
+    text = format_rows(rows, dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
+    assert [line.split()[:2] for line in text.splitlines()[1:5]] == [
+        ["a1", "1"],
+        ["b1", "2"],
+        ["a2", "1"],
+        ["b2", "2"],
+    ]
+    assert f"cluster 1: trust domain cluster.local, cluster file {one}" in text
+    assert f"cluster 2: trust domain cluster.local, cluster file {two}" in text
+    # one lab: one cluster, no CLUSTER column
+    single = compare([lab("a1", "aa", "2026-12-06T22:00:00.000000Z", one, **domain)] * 2)
+    assert "CLUSTER" not in format_rows(single, dt.datetime(2026, 12, 6, tzinfo=dt.UTC))
+
+
 def test_an_unreachable_agent_is_a_row_and_the_others_still_compare() -> None:
     down = Answer("node3", "127.0.0.1:15000", error="connection refused")
     rows = compare([kube("node1", 9, pods={"resource_version": "8"}), down, kube("node2", 9)])
@@ -277,8 +310,9 @@ def test_targets_admin_repeated_else_the_lab_else_this_node(
 def test_the_command_reads_agents_over_http_and_an_unreachable_one_is_a_row(
     tmp_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """End to end on loopback: two agents (admin APIs over local-file sources, one applied an
-    older document) and an address where nothing listens; exit 1, every agent a row."""
+    """End to end on loopback: two agents (admin APIs over local-file sources of one document,
+    as a lab's agents; one applied an older version of it) and an address where nothing
+    listens; exit 1, every agent a row."""
     import asyncio
     import json
     import os
@@ -292,12 +326,13 @@ def test_the_command_reads_agents_over_http_and_an_unreachable_one_is_a_row(
 
     doc = "nodes:\n  - name: node{n}\n    pods: []\n"
     sources, components = [], []
+    path = tmp_path / "cluster.yaml"
     for n in (1, 2):
-        path = tmp_path / f"cluster{n}.yaml"
         path.write_text(doc.format(n=n))
         os.utime(path, ns=(n * 10**9, n * 10**9))  # node2's document is 1 s newer
         source = LocalFileSource(path, StateStore(), interval=3600)
         source.start()
+        source.stop()  # stops following the file: node1 keeps the older document
         sources.append(source)
         components.append(
             AdminComponent(

@@ -12,7 +12,8 @@ long as it stayed connected, so any number of them held any amount. Now an answe
 taken within the same 5 s, else the connection is aborted with what it still held, and at most
 ``MAX_CONNECTIONS`` are served at once per server; past that a new one is closed unread
 (``refused``, logged at the 1st, 2nd, 4th, 8th ... refusal). Probes, scrapes and the CLI make a
-few at once.
+few at once. Both are counted in ``nodemesh_http_server_refusals_total{cause}``
+(``connection_limit``, ``answer_not_taken``).
 
 Ports move between agents without a gap during an upgrade: every agent binds with
 ``SO_REUSEPORT``, so a successor binds while its predecessor still listens, and then attaches a
@@ -36,7 +37,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
+from agent.base.metrics import counter
+
 log = logging.getLogger(__name__)
+
+REFUSALS = counter(
+    "nodemesh_http_server_refusals_total",
+    "Connections the agent's metrics, readiness and admin servers closed: over their limit "
+    "at once, or an answer the client did not take in time",
+    ["cause"],
+)
 
 HEAD_LIMIT = 8192
 REQUEST_TIMEOUT = 5.0  # seconds to send the head, and again to take the answer
@@ -163,6 +173,7 @@ class HttpServer:
 
     def _refuse(self, writer: asyncio.StreamWriter) -> None:
         self.refused += 1
+        REFUSALS.labels(cause="connection_limit").inc()
         if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th ...: a flood logs little
             log.warning(
                 "HTTP server on port %s: %d connections at once, the limit; a new one was "
@@ -174,6 +185,7 @@ class HttpServer:
         writer.transport.abort()
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head: bytes | None = None
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._timeout)
             response = await self._respond(head)
@@ -186,6 +198,8 @@ class HttpServer:
             )
             await asyncio.wait_for(writer.drain(), self._timeout)
         except TimeoutError:
+            if head is not None:  # the answer was not taken (an unsent head is no refusal)
+                REFUSALS.labels(cause="answer_not_taken").inc()
             writer.transport.abort()  # ``close`` would go on holding the answer to flush it
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass

@@ -10,6 +10,7 @@ from pathlib import Path
 from agent.app import Agent
 from agent.base.constants import Listener
 from agent.base.http import HttpServer, Request, Response, parse_request_line
+from agent.base.metrics import REGISTRY
 from agent.config import AgentConfig
 
 
@@ -84,9 +85,11 @@ def test_connections_past_the_limit_are_closed_unread_and_the_others_served() ->
         finally:
             await server.stop()
 
+    before = _refusals("connection_limit")
     answers, extra, after, refused = asyncio.run(scenario())
     assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
     assert extra == b"" and refused == 1 and "/extra" not in entered
+    assert _refusals("connection_limit") == before + 1
     assert after.startswith(b"HTTP/1.1 200")
 
 
@@ -118,7 +121,14 @@ def test_an_answer_the_client_does_not_take_is_dropped_with_its_connection() -> 
             client.close()
             await server.stop()
 
+    before = _refusals("answer_not_taken")
     assert asyncio.run(scenario()) == (0, 0)
+    assert _refusals("answer_not_taken") == before + 1
+
+
+def _refusals(cause: str) -> float:
+    found = REGISTRY.get_sample_value("nodemesh_http_server_refusals_total", {"cause": cause})
+    return found or 0.0
 
 
 async def _until(condition: Callable[[], bool]) -> None:

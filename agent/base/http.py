@@ -5,7 +5,15 @@ handful of GETs and two POSTs from probes, Prometheus and the CLI; one request p
 (``Connection: close``) is all they need. Serving them on the agent's own event loop is the
 point: a 200 proves that the loop which moves the traffic is turning, and handlers read the
 proxy's live state without locks. Requests are bounded (8 KiB head, no body read, 5 s to send
-it), so a slow or hostile client costs one task and a few bytes.
+it), so a slow or hostile client costs one task and a few bytes. So are the answers and the
+clients: readiness and metrics listen on the node's addresses, and a client that asked for
+``/metrics`` (or the admin API's ``/connections``) and never read held the whole answer for as
+long as it stayed connected, so any number of them held any amount. Now an answer must be
+taken within the same 5 s, else the connection is aborted with what it still held, and at most
+``MAX_CONNECTIONS`` are served at once per server; past that a new one is closed unread
+(``refused``, logged at the 1st, 2nd, 4th, 8th ... refusal). Probes, scrapes and the CLI make a
+few at once. Both are counted in ``nodemesh_http_server_refusals_total{cause}``
+(``connection_limit``, ``answer_not_taken``).
 
 Ports move between agents without a gap during an upgrade: every agent binds with
 ``SO_REUSEPORT``, so a successor binds while its predecessor still listens, and then attaches a
@@ -29,10 +37,20 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
+from agent.base.metrics import counter
+
 log = logging.getLogger(__name__)
 
+REFUSALS = counter(
+    "nodemesh_http_server_refusals_total",
+    "Connections the agent's metrics, readiness and admin servers closed: over their limit "
+    "at once, or an answer the client did not take in time",
+    ["cause"],
+)
+
 HEAD_LIMIT = 8192
-REQUEST_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 5.0  # seconds to send the head, and again to take the answer
+MAX_CONNECTIONS = 64  # served at once, per server; more are closed unread
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -96,11 +114,22 @@ def parse_request_line(head: bytes) -> Request | None:
 
 
 class HttpServer:
-    """Serves ``handler(request)`` on one address; one request per connection."""
+    """Serves ``handler(request)`` on one address; one request per connection, at most
+    ``max_connections`` at once, each given ``timeout`` seconds to send its head and again to
+    take the answer."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         self._handler = handler
         self._server: asyncio.Server | None = None
+        self._max_connections, self._timeout = max_connections, timeout
+        self.active = 0  # connections being served
+        self.refused = 0  # connections closed unread because ``active`` was at the limit
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port``; returns the bound port (``port=0`` picks one)."""
@@ -133,8 +162,32 @@ class HttpServer:
             return Response.json(500, {"error": f"{type(e).__name__}: {e}"})
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self._max_connections:
+            self._refuse(writer)
+            return
+        self.active += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            await self._exchange(reader, writer)
+        finally:
+            self.active -= 1
+
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        self.refused += 1
+        REFUSALS.labels(cause="connection_limit").inc()
+        if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th ...: a flood logs little
+            log.warning(
+                "HTTP server on port %s: %d connections at once, the limit; a new one was "
+                "closed unread (%d so far)",
+                writer.get_extra_info("sockname", ("", "?"))[1],
+                self._max_connections,
+                self.refused,
+            )
+        writer.transport.abort()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head: bytes | None = None
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._timeout)
             response = await self._respond(head)
             reason = REASONS.get(response.status, "")
             writer.write(
@@ -143,8 +196,12 @@ class HttpServer:
                 f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n".encode()
                 + response.body
             )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+            await asyncio.wait_for(writer.drain(), self._timeout)
+        except TimeoutError:
+            if head is not None:  # the answer was not taken (an unsent head is no refusal)
+                REFUSALS.labels(cause="answer_not_taken").inc()
+            writer.transport.abort()  # ``close`` would go on holding the answer to flush it
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass
         finally:
             writer.close()

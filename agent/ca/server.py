@@ -34,6 +34,14 @@ from agent.identity.keysmith import to_pem
 log = logging.getLogger(__name__)
 
 SERVING_CERT_TTL = dt.timedelta(days=365)
+# What a caller can make the CA hold before anything is authenticated (the token is checked by
+# the handler, after the request was read): grpcio reads requests of up to 4 MiB and queues
+# calls past the thread pool without limit. A request is a CSR (at most ``MAX_CSR_BYTES``,
+# 16 KiB), a duration and a little metadata: larger ones are refused by grpcio before they are
+# read (RESOURCE_EXHAUSTED), and so are calls past ``MAX_CONCURRENT_RPCS`` at once (agents
+# retry with backoff, as for any failure).
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_CONCURRENT_RPCS = 256
 
 
 class CertificateService:
@@ -118,12 +126,17 @@ def start_server(
     listen: str,
     sans: Sequence[str] = (),
     workers: int = 8,
+    max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
 ) -> tuple[grpc.Server, int]:
     """Start serving; returns the server and the bound port (useful with ``:0``)."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca-rpc"),
         handlers=[service.handler()],
-        options=[("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     port = server.add_secure_port(
         listen, serving_credentials(authority, serving_names(listen, sans))

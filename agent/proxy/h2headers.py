@@ -121,6 +121,10 @@ def _check(headers: Sequence[Header], kind: Block, *, joined: bool) -> Sequence[
                 authority = value
             elif name == b":path" and not value and kind is Block.REQUEST:
                 raise MalformedHeaders("empty :path")
+            elif name == b":status" and (len(value) != 3 or not value.isdigit()):
+                # RFC 9113 8.3.2: a three-digit code. Anything else was taken as a number,
+                # and each such code became a new ``response_code`` series kept for good.
+                raise MalformedHeaders(f":status {value[:16]!r} is not a three-digit code")
             continue
         regular = True
         if name in CONNECTION_SPECIFIC:

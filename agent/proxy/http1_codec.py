@@ -15,7 +15,11 @@ that two parsers could delimit differently is refused, never guessed at:
   (``ambiguous_length``); a transfer coding other than exactly ``chunked``: 501;
 * a malformed request line, header, chunk or version (only HTTP/1.0 and 1.1), a missing or
   repeated ``Host`` in HTTP/1.1, ``CONNECT``: 400 (``malformed``);
-* a head over ``max_head_bytes``: 431, also while it trickles in;
+* a head over ``max_head_bytes``: 431, also while it trickles in; the same for a chunked
+  body's trailers (``TRAILERS_TOO_LARGE``: head and trailers together over twice the limit, or
+  more than ``max_head_bytes`` fed within a body without a byte of it, e.g. one trailer that
+  never ends), since llhttp sets no limit of its own and ``httptools`` keeps an unfinished
+  field's bytes until it ends: without it a peer's endless trailers grew without bound;
 * the HTTP/2 connection preface (``PRI * HTTP/2.0``: an h2c client with prior knowledge, e.g.
   gRPC): 400 (``malformed``), its detail saying how to declare the port HTTP/2 (``H2_PREFACE``).
 
@@ -42,6 +46,7 @@ MALFORMED = "malformed"
 HEADERS_TOO_LARGE = "headers_too_large"
 AMBIGUOUS_LENGTH = "ambiguous_length"
 UNSUPPORTED_CODING = "unsupported_transfer_coding"
+TRAILERS_TOO_LARGE = "trailers over the size limit"  # a 431's detail (cause HEADERS_TOO_LARGE)
 
 Headers = list[tuple[bytes, bytes]]
 _NAME = operator.itemgetter(0)  # a header's name
@@ -153,6 +158,7 @@ class _Reader:
         self._trailers: Headers = []
         self._size = 0
         self._trickled = 0  # bytes fed while a head stayed incomplete, after its first read
+        self._framing_only = 0  # bytes fed within a body that gave no event (trailers, chunk sizes)
         self._begun_in_this_feed = False
         # The start line's element llhttp hands over in pieces: a request's target, a
         # response's reason (``on_url``, ``on_status``)
@@ -174,7 +180,9 @@ class _Reader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._size += len(name) + len(value) + 4
-        if self._in_body:
+        if self._in_body:  # a trailer: bounded with the head by twice its limit
+            if self._size > 2 * self.max_head_bytes:
+                raise _Refused(Refusal(431, HEADERS_TOO_LARGE, TRAILERS_TOO_LARGE))
             self._trailers.append((name.lower(), value))
             return
         if self._size > self.max_head_bytes:
@@ -197,6 +205,7 @@ class _Reader:
     ) -> int | None:
         """Feed ``data``; the offset where an upgraded protocol starts, if it did."""
         self._begun_in_this_feed = False
+        queued = len(self.events)
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -214,6 +223,16 @@ class _Reader:
             self._trickled += len(data)
             if self._trickled > self.max_head_bytes:
                 self._fail(Refusal(431, HEADERS_TOO_LARGE, "head over the size limit"))
+        elif self._in_body:
+            # Within a body, a read that gave no event was all framing: chunk sizes, or
+            # trailers, which llhttp hands over only whole (one that never ends is held by
+            # ``httptools`` until it does). Bounded here by what was fed, as a head is.
+            if len(self.events) != queued:
+                self._framing_only = 0
+            else:
+                self._framing_only += len(data)
+                if self._framing_only > self.max_head_bytes:
+                    self._fail(Refusal(431, HEADERS_TOO_LARGE, TRAILERS_TOO_LARGE))
         return None
 
     def _fail(self, refusal: Refusal) -> None:

@@ -13,8 +13,10 @@ the connection's workloads, principals, service and security policy) plus ``resp
 gRPC call: ``RequestRecord.protocol``) and the request's own
 ``response_flags`` (``RBAC`` for an L7 denial, ``UC`` when the pod failed it, ``DC`` when the
 client left). No label is a path or an address, so the cardinality is bounded by workloads times
-codes. Histograms are kept as bucket counts per label set here (not in the process-wide
-registry), so two agents in one test process never mix their series.
+codes: a response code has three digits (llhttp's rule, ``h2headers`` for HTTP/2) and a gRPC
+status outside gRPC's codes is labelled UNKNOWN (``GRPC_CODES``). Histograms are kept as
+bucket counts per label set here (not in the process-wide registry), so two agents in one test
+process never mix their series.
 
 The HTTP layer's refusals are counted by cause (``nodemesh_http_rejected_requests_total``) and
 dry-run policies' would-be denials by policy (``nodemesh_http_dry_run_denials_total``).
@@ -63,6 +65,14 @@ DURATION_BUCKETS: tuple[float, ...] = (
 BYTES_BUCKETS: tuple[float, ...] = tuple(float(10**i) for i in range(10))  # 1 .. 1e9
 
 REQUEST_LABEL_NAMES = (*LABEL_NAMES, "response_code", "grpc_response_status")
+# The values ``grpc_response_status`` takes: gRPC's codes (0 OK to 16 UNAUTHENTICATED), "" when
+# not gRPC. A response may carry any text in ``grpc-status``, and every label set is kept for
+# the agent's life: labelled as received, an upstream that varied it grew ``/metrics`` (and
+# this collector's memory) without bound. Any other value is labelled 2 (UNKNOWN), the code a
+# gRPC client reports for a status it does not know; the access log and the tap keep it as it
+# came (bounded by the header limits).
+GRPC_CODES = frozenset(("", *(str(code) for code in range(17))))
+GRPC_UNKNOWN = "2"
 # Label sets remembered between state changes (``HttpMetrics._series``): far more than the
 # connections a node serves at once; past it the cache starts over (it is only a shortcut).
 MAX_CACHED_SERIES = 4096
@@ -271,4 +281,5 @@ class HttpMetrics(Collector):
         tcp = tcp_labels(connection, snap, self._endpoints[1])._replace(
             request_protocol=request.protocol, response_flags=request.response_flags
         )
-        return RequestLabels((*tcp, str(request.status), request.grpc_status))
+        grpc = request.grpc_status if request.grpc_status in GRPC_CODES else GRPC_UNKNOWN
+        return RequestLabels((*tcp, str(request.status), grpc))

@@ -10,8 +10,15 @@ viewers (``missed_total``, exported as ``nodemesh_tap_missed_requests_total``).
 
 Entries are kept as the records the proxy reported and turned into the access log's fields
 (``agent.telemetry.accesslog.request_entry``) only when a viewer reads them, so a ring nobody
-reads costs no JSON. Waiting (long-poll) is the admin API's business (``agent.admin.tap``):
-``add`` calls the one-shot wake-ups registered with ``on_next`` and forgets them.
+reads costs no JSON. What a record holds of the request (method, path, authority, request id,
+trace headers) is the client's, up to the head limit (60 KiB on HTTP/1.1): 2,048 such records
+held 120 MiB that any client could fill. A record whose fields add up to more than
+``MAX_HELD_CHARS`` is kept trimmed instead (each field cut to ``MAX_FIELD_CHARS``, marked with
+how much was cut; trace headers, which no entry shows, dropped), so the ring holds at most
+about 4 KiB of them per entry; the access log line has the whole record.
+
+Waiting (long-poll) is the admin API's business (``agent.admin.tap``): ``add`` calls the
+one-shot wake-ups registered with ``on_next`` and forgets them.
 
 ``RequestFilter`` selects entries by workload (either side, or one side), the Service dialled
 (``destination_service``: Linkerd's ``tap svc/web``), method, path prefix,
@@ -29,13 +36,34 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 from agent.telemetry.accesslog import request_entry
 from agent.telemetry.records import ConnectionRecord, RequestRecord
 
 DEFAULT_SIZE = 2048
+MAX_HELD_CHARS = 4096  # a record's client-given text (method, path, authority, id, trace) kept
+MAX_FIELD_CHARS = 1024  # beyond ``MAX_HELD_CHARS``, each field is kept up to this
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_FIELD_CHARS:
+        return text
+    return f"{text[:MAX_FIELD_CHARS]}...({len(text) - MAX_FIELD_CHARS} more)"
+
+
+def trimmed(request: RequestRecord) -> RequestRecord:
+    """``request`` with its client-given fields cut to ``MAX_FIELD_CHARS`` and no trace
+    headers: what the ring keeps of a request whose fields are longer than it holds."""
+    return replace(
+        request,
+        method=_cut(request.method),
+        path=_cut(request.path),
+        authority=_cut(request.authority),
+        request_id=_cut(request.request_id),
+        trace_headers=(),
+    )
 
 
 class Tapped(NamedTuple):
@@ -81,7 +109,14 @@ class RequestRing:
     ) -> None:
         """Keep the request, reported at ``ended`` (``time.time()``; None: now). The entry is
         made as ``tuple.__new__`` makes it, without ``Tapped``'s own ``__new__`` (a Python
-        call per request)."""
+        call per request); a request longer than the ring holds is kept ``trimmed`` (its
+        length summed here, inline for the same reason)."""
+        held = len(request.method) + len(request.path) + len(request.authority)
+        held += len(request.request_id)
+        for _, value in request.trace_headers:
+            held += len(value)
+        if held > MAX_HELD_CHARS:
+            request = trimmed(request)
         self._entries.append(
             _new_tapped(
                 Tapped,

@@ -23,6 +23,10 @@ so the workload's own span is a sibling of this span under the caller's, not its
 A slow or absent collector never slows the data path: spans go to a bounded queue and are
 exported by a thread (``agent.telemetry.traceexport``); what could not be queued or exported is
 counted on ``/metrics``. The agent starts and serves whether the collector is there or not.
+The queue bounds spans by count; what a span holds is bounded too: its name and every
+attribute value at most ``MAX_TEXT`` characters (the SDK's ``SpanLimits``), since the path,
+authority and request id are the client's, up to the head limit (60 KiB each on HTTP/1.1, so a
+full queue of 2,048 spans could otherwise hold 120 MiB of them while the collector is away).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.propagators.b3 import B3MultiFormat
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -55,6 +59,7 @@ EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
 SERVICE_NAME = "nodemesh"
 EXPORT_TIMEOUT = 5.0  # seconds per export request, retries included (the SDK's default is 10)
 STOP_TIMEOUT = 2.0  # seconds the agent waits at exit for queued spans to be exported
+MAX_TEXT = 1024  # characters of a span's name and of each attribute value kept
 
 SPANS_DROPPED = "nodemesh_trace_spans_dropped_total"
 SPANS_EXPORTED = "nodemesh_trace_spans_exported_total"
@@ -168,6 +173,7 @@ class Tracing(Component, Collector):
             resource=Resource.create({"service.name": SERVICE_NAME, "k8s.node.name": node}),
             sampler=ParentBased(TraceIdRatioBased(settings.sample_rate)),
             shutdown_on_exit=False,  # ``stop`` shuts it down; no atexit hook per tracer
+            span_limits=SpanLimits(max_span_attribute_length=MAX_TEXT),
         )
         self.provider.add_span_processor(self.processor)
         self._tracer = self.provider.get_tracer("nodemesh")
@@ -196,7 +202,7 @@ class Tracing(Component, Collector):
         end = time.time()
         start = request.started_at or end - request.duration_ms / 1000
         span = self._tracer.start_span(
-            f"{request.method} {request.authority or '-'}",
+            f"{request.method} {request.authority or '-'}"[:MAX_TEXT],
             context=parent_context(request.trace_headers),
             kind=kind,
             start_time=_ns(start),

@@ -35,6 +35,10 @@ from agent.view.series import (
 )
 
 TIMEOUT = 10.0
+# The largest answer read (an agent's ``/metrics``, a Prometheus query): one endpoint that
+# answered without end (a wrong URL on a streaming server, a broken agent) once grew the
+# view's memory without bound. A larger answer fails the view, naming the URL.
+MAX_ANSWER_BYTES = 64 << 20
 # Runs ``func`` where the address is reachable: directly, or inside a lab namespace.
 Runner = Callable[[Callable[[], bytes]], bytes]
 
@@ -46,16 +50,28 @@ def direct(func: Callable[[], bytes]) -> bytes:
 def http_get(url: str, runner: Runner = direct) -> bytes:
     def get() -> bytes:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
-            body: bytes = response.read()
-            return body
+            return read_bounded(url, response)
 
     try:
         return runner(get)
     except urllib.error.HTTPError as e:
-        detail = e.read().decode("utf-8", "replace")[:300]
+        detail = e.read(300).decode("utf-8", "replace")
         raise ViewError(f"GET {url}: HTTP {e.code}: {detail}") from e
     except (urllib.error.URLError, OSError) as e:
         raise ViewError(f"GET {url} failed: {e}") from e
+
+
+def read_bounded(url: str, response: Any, limit: int | None = None) -> bytes:
+    """The whole answer, or ``ViewError`` once more than ``limit`` bytes came (by default
+    ``MAX_ANSWER_BYTES``)."""
+    limit = MAX_ANSWER_BYTES if limit is None else limit
+    body: bytes = response.read(limit + 1)
+    if len(body) > limit:
+        raise ViewError(
+            f"GET {url}: the answer is larger than {limit >> 20} MiB; is this an agent's "
+            "/metrics or a Prometheus server?"
+        )
+    return body
 
 
 class Source(Protocol):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.app import Agent
 from agent.base.constants import Listener
 from agent.base.http import HttpServer, Request, Response, parse_request_line
+from agent.base.metrics import REGISTRY
 from agent.config import AgentConfig
 
 
@@ -49,6 +51,89 @@ def test_server_answers_errors_and_survives_a_failing_handler() -> None:
     assert boom.startswith(b"HTTP/1.1 500") and b"handler bug" in boom
     assert garbage.startswith(b"HTTP/1.1 400")
     assert ok.startswith(b"HTTP/1.1 200") and b'"/ok"' in ok
+
+
+def test_connections_past_the_limit_are_closed_unread_and_the_others_served() -> None:
+    """Readiness and metrics listen on the node's addresses: connections are bounded per
+    server (``max_connections``); one past it is closed at once and counted, and once the
+    served ones end a new one is served again."""
+    entered: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        entered.append(request.path)
+        await release.wait()
+        return Response.json(200, {"path": request.path})
+
+    async def scenario() -> tuple[list[bytes], bytes, bytes, int]:
+        server = HttpServer(handler, max_connections=2)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            held = [
+                asyncio.create_task(_exchange(port, b"GET /%d HTTP/1.1\r\n\r\n" % i))
+                for i in range(2)
+            ]
+            await asyncio.wait_for(_until(lambda: len(entered) == 2), 30)
+            try:
+                extra = await _exchange(port, b"GET /extra HTTP/1.1\r\n\r\n")
+            except ConnectionResetError:
+                extra = b""
+            release.set()
+            answers = list(await asyncio.gather(*held))
+            after = await _exchange(port, b"GET /after HTTP/1.1\r\n\r\n")
+            return answers, extra, after, server.refused
+        finally:
+            await server.stop()
+
+    before = _refusals("connection_limit")
+    answers, extra, after, refused = asyncio.run(scenario())
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+    assert extra == b"" and refused == 1 and "/extra" not in entered
+    assert _refusals("connection_limit") == before + 1
+    assert after.startswith(b"HTTP/1.1 200")
+
+
+def test_an_answer_the_client_does_not_take_is_dropped_with_its_connection() -> None:
+    """A client that asked and never reads held the whole answer for as long as it stayed
+    connected; now the answer must be taken within ``timeout`` (here 0.2 s), else the
+    connection is aborted and nothing of it is held. (The outer wait only guards against
+    the hang the bound prevents; nothing is asserted about time.)"""
+    body = b"m" * (32 << 20)  # more than the kernel's buffers on both ends take
+
+    async def scenario() -> tuple[int, int]:
+        asked: list[str] = []
+
+        def handler(request: Request) -> Response:
+            asked.append(request.path)
+            return Response(200, body, "text/plain")
+
+        server = HttpServer(handler, timeout=0.2)
+        port = await server.start("127.0.0.1", 0)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(client, ("127.0.0.1", port))
+            client.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            await asyncio.wait_for(_until(lambda: bool(asked) and server.active == 0), 30)
+            return server.active, server.refused
+        finally:
+            client.close()
+            await server.stop()
+
+    before = _refusals("answer_not_taken")
+    assert asyncio.run(scenario()) == (0, 0)
+    assert _refusals("answer_not_taken") == before + 1
+
+
+def _refusals(cause: str) -> float:
+    found = REGISTRY.get_sample_value("nodemesh_http_server_refusals_total", {"cause": cause})
+    return found or 0.0
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
 
 
 class _Source:

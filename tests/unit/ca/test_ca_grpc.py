@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,7 +15,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
+from agent.ca.auth import Authenticator, NodeTokenAuthenticator
 from agent.ca.inprocess import InProcessCA
+from agent.ca.issuer import Caller
+from agent.ca.server import CertificateService, start_server
 from agent.identity.keysmith import build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
 from tests.unit.ca.ca_helpers import RawClient
@@ -182,3 +186,63 @@ def test_requested_identity_with_a_trailing_newline_is_invalid(
         raw.create(csr_for(CLIENT), token=ca.node_tokens["node1"], impersonate=CLIENT + "\n")
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert "not a valid Kubernetes name" in info.value.details()  # type: ignore[attr-defined]
+
+
+def test_a_request_larger_than_a_csr_needs_is_refused_before_it_is_read(
+    ca: InProcessCA, raw: RawClient
+) -> None:
+    """grpcio read requests of up to 4 MiB before the handler saw the token; now at most
+    ``MAX_REQUEST_BYTES``. Without a token at all, 200 KiB of metadata is refused by size."""
+    pad = {"pad": "x" * (200 * 1024)}
+    for token in (None, ca.node_tokens["node1"]):
+
+        def call(t: str | None = token) -> object:
+            return raw.create(csr_for(CLIENT), token=t, impersonate=CLIENT, extra_metadata=pad)
+
+        assert status_of(call) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    raw.create(csr_for(CLIENT), token=ca.node_tokens["node1"], impersonate=CLIENT)
+
+
+class _Held:
+    """An authenticator whose calls wait until released: calls in progress, counted."""
+
+    def __init__(self, inner: Authenticator) -> None:
+        self.inner = inner
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def authenticate(self, token: str) -> Caller:
+        self.entered.release()
+        self.release.wait()
+        return self.inner.authenticate(token)
+
+
+def test_calls_past_the_concurrency_limit_are_refused_and_the_others_served(
+    ca: InProcessCA,
+) -> None:
+    """grpcio queued calls past its thread pool without limit; past ``max_concurrent_rpcs``
+    (here 2) a call is now refused RESOURCE_EXHAUSTED at once, the held ones finish."""
+    held = _Held(NodeTokenAuthenticator({t: node for node, t in ca.node_tokens.items()}))
+    server, port = start_server(
+        CertificateService(ca.issuer, held), ca.authority, listen="127.0.0.1:0",
+        max_concurrent_rpcs=2,
+    )  # fmt: skip
+    ca.port, saved = port, ca.port
+    try:
+        with RawClient(ca) as raw, ThreadPoolExecutor(max_workers=2) as pool:
+            token = ca.node_tokens["node1"]
+            calls = [
+                pool.submit(raw.create, csr_for(CLIENT), token=token, impersonate=CLIENT)
+                for _ in range(2)
+            ]
+            for _ in range(2):
+                held.entered.acquire()
+            third = status_of(lambda: raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT))
+            held.release.set()
+            assert third == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert all(c.result().cert_chain for c in calls)
+            assert raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT).cert_chain
+    finally:
+        held.release.set()
+        server.stop(None)
+        ca.port = saved

@@ -29,7 +29,11 @@ FLAGS = {
 
 
 def h2_verdict(headers: list[Header], kind: Block) -> list[Header] | None:
-    """What ``h2`` makes of the block: its headers, or None if it rejects it."""
+    """What ``h2`` makes of the block: its headers, or None if it rejects it; and one rule
+    beyond ``h2``'s, RFC 9113 8.3.2's: ``:status`` is three digits (``check_block`` bounds the
+    response codes an upstream can make the metrics count)."""
+    if any(n == b":status" and not (len(v) == 3 and v.isdigit()) for n, v in headers):
+        return None
     flags = FLAGS[kind]
     try:
         return list(validate_headers(normalize_inbound_headers(headers, flags), flags))
@@ -164,6 +168,15 @@ def test_malformed_blocks_are_refused(block: list[Header], kind: Block) -> None:
     assert h2_verdict(block, kind) is None
     with pytest.raises(MalformedHeaders):
         check_block(block, kind)
+
+
+@pytest.mark.parametrize("status", [b"2000", b"20", b"", b"2x0", b"\xb2\xb2\xb2", b"1" * 5000])
+def test_a_status_that_is_not_three_digits_is_refused(status: bytes) -> None:
+    """Taken as a number, such a code was a new ``response_code`` series per value (and one
+    of 5,000 digits raised ``int``'s digit limit inside the proxy)."""
+    with pytest.raises(MalformedHeaders, match="three-digit"):
+        check_block([(b":status", status)], Block.RESPONSE)
+    assert check_block([(b":status", b"204")], Block.RESPONSE) == [(b":status", b"204")]
 
 
 def test_a_well_formed_block_comes_back_and_split_cookies_are_joined_last() -> None:

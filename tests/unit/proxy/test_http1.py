@@ -264,6 +264,18 @@ def test_headers_over_the_limit_get_431_whole_or_in_pieces() -> None:
     assert trickle.take_rejections() == [HEADERS_TOO_LARGE]
 
 
+def test_endless_trailers_get_431_and_the_connection_closes() -> None:
+    p = _proxy(deny="DELETE", max_head_bytes=1024)
+    p.receive_client(
+        b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX: "
+    )
+    assert p.take_to_upstream().endswith(b"2\r\nhi\r\n")
+    for _ in range(12):
+        p.receive_client(b"b" * 100)
+    assert p.take_to_client().startswith(b"HTTP/1.1 431 ")
+    assert p.take_rejections() == [HEADERS_TOO_LARGE] and p.closing
+
+
 def test_header_timeout_gets_408_and_head_started_marks_the_first_byte() -> None:
     p = _proxy()
     assert p.head_started is None

@@ -15,6 +15,7 @@ from agent.proxy.http1_codec import (
     HEADERS_TOO_LARGE,
     MALFORMED,
     NOTED,
+    TRAILERS_TOO_LARGE,
     UNSUPPORTED_CODING,
     Body,
     End,
@@ -111,6 +112,55 @@ def test_a_head_over_the_limit_is_refused_whole_in_pieces_or_by_its_target() -> 
     for _ in range(20):
         r.feed(b"b" * 100)
     assert r.failed is not None and r.failed.cause == HEADERS_TOO_LARGE
+
+
+CHUNKED = b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n"
+TRAILERS_REFUSED = Refusal(431, HEADERS_TOO_LARGE, TRAILERS_TOO_LARGE)
+
+
+def test_trailers_are_bounded_whole_in_pieces_or_as_one_that_never_ends() -> None:
+    """A peer's trailers once grew without bound (llhttp has no limit, ``httptools`` keeps an
+    unfinished field): whole trailers past twice the head limit, and any read within a body
+    that gives no event past the limit, are refused; the reader then holds nothing more."""
+    many = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 90) for i in range(30))  # about 3 KiB
+    for step in (len(CHUNKED) + len(many), 7, 100):
+        r = RequestReader(1024)
+        wire = CHUNKED + many
+        for i in range(0, len(wire), step):
+            r.feed(wire[i : i + step])
+        assert r.failed == TRAILERS_REFUSED
+    # One trailer that never ends: refused once more than the limit came without an event.
+    r = RequestReader(1024)
+    r.feed(CHUNKED + b"X-Endless: ")
+    fed = 0
+    while r.failed is None:
+        r.feed(b"b" * 100)
+        fed += 100
+        assert fed <= 1024 + 100
+    assert r.failed == TRAILERS_REFUSED
+    # The same for a response's trailers (an upstream's).
+    resp = ResponseReader(1024)
+    resp.expect(b"GET")
+    resp.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX: ")
+    for _ in range(12):
+        resp.feed(b"b" * 100)
+    assert resp.failed == TRAILERS_REFUSED
+
+
+def test_trailers_within_the_bound_and_slow_chunked_bodies_are_read() -> None:
+    """Well-behaved input is unchanged: trailers up to the head limit, and a body whose
+    chunk sizes and data come in separate small reads, however long the body."""
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 90) for i in range(10))  # about 1 KiB
+    r = RequestReader(1024)
+    r.feed(CHUNKED + trailers + b"\r\n")
+    assert r.failed is None and isinstance(r.events[-1], End) and len(r.events[-1].trailers) == 10
+    slow = RequestReader(1024)
+    slow.feed(b"POST / HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(500):  # 500 chunk-size lines and their data, apart: 3.5 KiB of framing
+        slow.feed(b"1\r\n")
+        slow.feed(b"a\r\n")
+    slow.feed(b"0\r\n\r\n")
+    assert slow.failed is None and isinstance(slow.events[-1], End)
 
 
 def test_request_reader_events_for_lengths_chunks_trailers_and_pipelining() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -87,6 +88,33 @@ def test_requests_are_counted_with_istio_labels_and_no_path(
         ("GET", "/items/42", 200),
         ("GET", "/items/42", 403),
     ]
+
+
+def test_grpc_statuses_outside_grpcs_codes_share_one_series_and_the_log_keeps_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upstream chooses ``grpc-status``: labelled as received, each distinct text was a new
+    series kept for the agent's life. 200 different texts now make one series (UNKNOWN)."""
+    registry, component = telemetry()
+    conn = inbound()
+    with caplog.at_level(logging.INFO, logger="nodemesh.access"):
+        for i in range(200):
+            registry.request_done(conn, replace(request(), protocol="grpc", grpc_status=f"x{i}"))
+        for code in ("0", "14"):
+            registry.request_done(conn, replace(request(), protocol="grpc", grpc_status=code))
+    parsed = parse(component.exposition())
+    grpc = {k: v for k, v in OK_LABELS.items() if k != "grpc_response_status"}
+    grpc["request_protocol"] = "grpc"
+    counts = {
+        dict(labels)["grpc_response_status"]: value
+        for (name, labels), value in parsed.items()
+        if name == "istio_requests_total"
+    }
+    assert counts == {"2": 200, "0": 1, "14": 1}
+    key = frozenset({**grpc, "grpc_response_status": "2"}.items())
+    assert parsed[("istio_requests_total", key)] == 200
+    lines = [json.loads(r.getMessage()) for r in caplog.records]
+    assert [e["grpc_status"] for e in lines][:2] == ["x0", "x1"]
 
 
 def test_rejections_by_cause_and_dry_run_denials_by_policy(

@@ -14,7 +14,13 @@ from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.http import HttpMetrics
 from agent.telemetry.records import RequestRecord
-from agent.telemetry.tap import FilterError, RequestFilter, RequestRing, parse_status
+from agent.telemetry.tap import (
+    MAX_FIELD_CHARS,
+    FilterError,
+    RequestFilter,
+    RequestRing,
+    parse_status,
+)
 from tests.unit.telemetry.telemetry_helpers import CLIENT_ID, SERVER_ID, inbound, make_store
 
 LABELS = {
@@ -76,6 +82,33 @@ def test_the_ring_is_bounded_and_a_late_viewer_is_told_what_it_missed() -> None:
     assert paths(batch.entries) == [f"/{i}" for i in range(12, 20)]
     assert ring.missed_total == 7
     assert len(ring.since(None, limit=1000).entries) == 8
+
+
+def test_what_a_client_sent_is_held_whole_up_to_the_bound_and_trimmed_past_it() -> None:
+    """Path, authority, request id and trace headers are the client's, up to the head limit:
+    2,048 records of 60 KiB held 120 MiB. Past ``MAX_HELD_CHARS`` a record is kept trimmed
+    (each field at most ``MAX_FIELD_CHARS`` and a note of what was cut); the reported record
+    itself, which the access log writes, is untouched; ordinary ones are kept as they came."""
+    ring = RequestRing(4)
+    usual = replace(rec("/p" * 900), trace_headers=(("traceparent", "00-" + "a" * 52),))
+    huge = replace(
+        rec("/" + "x" * 60_000),
+        authority="h" * 20_000,
+        request_id="i" * 5_000,
+        trace_headers=(("b3", "t" * 9_000),) * 3,
+    )
+    ring.add(inbound(), usual, LABELS)
+    ring.add(inbound(), huge, LABELS)
+    kept = [t.request for t in ring._entries]
+    assert kept[0] is usual
+    cut = kept[1]
+    assert cut.trace_headers == () and huge.trace_headers != ()
+    assert cut.path == "/" + "x" * (MAX_FIELD_CHARS - 1) + "...(58977 more)"
+    assert len(huge.path) == 60_001 and len(huge.authority) == 20_000
+    held = sum(len(f) for f in (cut.method, cut.path, cut.authority, cut.request_id))
+    assert held <= 4 * (MAX_FIELD_CHARS + 20)
+    entry = ring.since(None)[0][1]
+    assert str(entry["path"]).endswith("...(58977 more)") and entry["response_code"] == 200
 
 
 def test_a_cursor_from_the_future_waits_for_the_next_request() -> None:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
@@ -23,7 +24,7 @@ from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
 from agent.telemetry.traceexport import LOG_EVERY, BoundedBatchProcessor
-from agent.telemetry.traces import Tracing
+from agent.telemetry.traces import MAX_TEXT, Tracing
 from agent.telemetry.tracesettings import TraceSettings
 from tests.unit.telemetry.telemetry_helpers import (
     CLIENT_ID,
@@ -127,6 +128,25 @@ def test_a_request_span_joins_the_callers_trace_with_identities_and_http_attribu
     assert span.status.status_code is StatusCode.UNSET
     assert span.resource.attributes["service.name"] == "nodemesh"
     assert span.resource.attributes["k8s.node.name"] == "node2"
+
+
+def test_what_a_span_holds_of_the_clients_text_is_bounded() -> None:
+    """Path, authority and request id come from the client, up to the head limit; a span
+    keeps at most ``MAX_TEXT`` characters of its name and of each attribute."""
+    registry, tracer, exporter = tracing()
+    long = replace(
+        request(), path="/" + "p" * 60_000, authority="a" * 20_000, request_id="r" * 9_000
+    )
+    registry.request_done(inbound(), long)
+    registry.request_done(inbound(), request())
+    cut, usual = exported(tracer, exporter)
+    attrs = dict(cut.attributes or {})
+    assert attrs["url.path"] == "/" + "p" * (MAX_TEXT - 1)
+    assert attrs["server.address"] == "a" * MAX_TEXT
+    assert attrs["nodemesh.request_id"] == "r" * MAX_TEXT
+    assert cut.name == ("GET " + "a" * MAX_TEXT)[:MAX_TEXT]
+    assert all(len(v) <= MAX_TEXT for v in attrs.values() if isinstance(v, str))
+    assert usual.name == "GET server:80" and dict(usual.attributes or {})["url.path"] == "/items/42"
 
 
 def test_without_trace_headers_a_request_starts_a_trace() -> None:

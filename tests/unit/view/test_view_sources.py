@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import urllib.parse
@@ -12,7 +13,8 @@ import pytest
 from agent.view import cli
 from agent.view.aggregate import OPENED, TCP_FAMILIES, increase
 from agent.view.screen import Screen
-from agent.view.sources import Agent, AgentSource, PrometheusSource
+from agent.view.series import ViewError
+from agent.view.sources import Agent, AgentSource, PrometheusSource, http_get, read_bounded
 
 
 def test_prometheus_source_asks_each_family_at_one_instant() -> None:
@@ -97,3 +99,32 @@ def test_top_prints_plain_frames_when_not_a_terminal() -> None:
         screen.show(["one", "two"])
         screen.show(["three"])
     assert out.getvalue() == "---\none\ntwo\n---\nthree\n"
+
+
+def test_an_answer_past_the_bound_fails_the_view_and_is_not_read_further() -> None:
+    """An endpoint that answers without end was read whole; now at most the bound (+1)."""
+
+    class Endless(io.RawIOBase):
+        handed = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+            n = len(buffer)
+            buffer[:n] = b"x" * n
+            self.handed += n
+            return n
+
+    endless = Endless()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("agent.view.sources.MAX_ANSWER_BYTES", 1 << 20)
+        mp.setattr(
+            "agent.view.sources.urllib.request.urlopen",
+            lambda url, timeout: contextlib.nullcontext(io.BufferedReader(endless)),
+        )
+        with pytest.raises(ViewError, match="larger than 1 MiB"):
+            http_get("http://agent:15020/metrics")
+    assert endless.handed <= (1 << 20) + 64 * 1024
+    body = read_bounded("http://agent:15020/metrics", io.BytesIO(b"m 1\n"), limit=1 << 20)
+    assert body == b"m 1\n"

@@ -343,17 +343,10 @@ class _PolicyCompiler:
     every value of the policy is a constant bound in the functions' globals (``consts``), never
     written into the source, so no policy text is ever parsed as Python."""
 
-    def __init__(
-        self,
-        lenient: bool,
-        consts: dict[str, object] | None = None,
-        reads: set[str] | None = None,
-    ) -> None:
+    def __init__(self, lenient: bool) -> None:
         self.lenient = lenient
-        # shared by the policies of one generated set function (``_SetCompiler``)
-        self.consts: dict[str, object] = {} if consts is None else consts
-        self.reads: set[str] = set() if reads is None else reads
-        self.skipped: list[str] = []  # what made ALLOW rules match nothing, for the log
+        self.consts: dict[str, object] = {}
+        self.reads: set[str] = set()
 
     def const(self, value: object) -> str:
         name = f"_c{len(self.consts)}"
@@ -500,7 +493,7 @@ class _PolicyCompiler:
                 if test is not None:
                     parts.append(test)
         except _Unenforceable as e:
-            self.skipped.append(str(e))
+            log.debug("ALLOW rule uses %s, which L4 cannot enforce: the rule matches nothing", e)
             return None
         return _all_of(parts)
 
@@ -553,12 +546,26 @@ def _never(request: Request) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
+class WrittenRules:
+    """A policy's rules as ``_PolicyCompiler`` wrote them, kept for the set functions
+    (``_SetCompiler``), which put them in theirs with the constants renumbered."""
+
+    tests: tuple[tuple[int, str], ...]  # (index in ``spec.rules``, test naming ``_c0`` ...)
+    consts: tuple[object, ...]  # the values of ``_c0``, ``_c1`` ... in order
+    reads: frozenset[str]  # what the tests read of the request (``_PROLOGUE``)
+    count: int  # rules in the spec, those that can never match included
+
+
+_NOTHING_WRITTEN = WrittenRules((), (), frozenset(), 0)
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     """One policy compiled on its own: its selector, and what it decides alone (``matches``,
     ``first_rule``: the index in ``spec.rules`` of the first rule a request matches, None when
     none does), for tests and tools. ``Authorizer.evaluate`` asks neither: it asks the
-    functions ``_SetCompiler`` writes from ``rules`` for every policy that selects a workload
-    at once."""
+    functions ``_SetCompiler`` writes from ``written`` for every policy that selects a
+    workload at once."""
 
     namespace: str
     name: str
@@ -567,8 +574,7 @@ class CompiledPolicy:
     selector: Mapping[str, str] | None
     matches: Predicate
     first_rule: Callable[[Request], int | None] = _never
-    # ``spec.rules`` as validated; they compiled here, so they compile in a set function too
-    rules: tuple[Mapping[str, Any], ...] = ()
+    written: WrittenRules = _NOTHING_WRITTEN
 
     @property
     def ref(self) -> str:
@@ -600,16 +606,17 @@ def compile_policy(policy: PolicyObject) -> CompiledPolicy:
     action = str(spec.get("action", "ALLOW"))
     lenient = action != "ALLOW"
     compiler = _PolicyCompiler(lenient)
-    listed: Iterable[Mapping[str, Any]] = spec.get("rules", ()) or ()  # type: ignore[assignment]
-    rules = tuple(listed)
-    tests = [compiler.rule(r) for r in rules]
-    for skipped in compiler.skipped:
-        log.debug("ALLOW rule uses %s, which L4 cannot enforce: the rule matches nothing", skipped)
-    matches, first = compiler.functions([(i, t) for i, t in enumerate(tests) if t is not None])
+    rules = spec.get("rules", ()) or ()
+    tests = [compiler.rule(r) for r in rules]  # type: ignore[attr-defined]
+    live = tuple((i, t) for i, t in enumerate(tests) if t is not None)
+    matches, first = compiler.functions(live)
+    written = WrittenRules(
+        live, tuple(compiler.consts.values()), frozenset(compiler.reads), len(tests)
+    )
     selector = spec.get("selector")
     labels = selector.get("matchLabels") if isinstance(selector, Mapping) else None
     return CompiledPolicy(
-        policy.namespace, policy.name, action, policy.dry_run, labels, matches, first, rules
+        policy.namespace, policy.name, action, policy.dry_run, labels, matches, first, written
     )
 
 
@@ -627,8 +634,9 @@ class _SetCompiler:
     workload at once, in their order (``Authorizer.evaluate`` asked them one by one, two or
     three Python calls each, so a decision cost grew with the policies that select the pod).
 
-    Each policy's rules are written by ``_PolicyCompiler`` as for its own functions (the same
-    tests, the same order, a shared table of constants per function), and what the function
+    Each policy's rules are the tests ``_PolicyCompiler`` wrote for its own functions
+    (``CompiledPolicy.written``: the same tests in the same order, their constants renumbered
+    into one table per function, so nothing is compiled from the spec again), and what the function
     answers is a constant made here, bound by name as the policy values are: DENY returns the
     ``Decision`` of the first rule that matches (``rule_ref`` in its reason), ALLOW the
     ``Decision`` of the first policy that matches, AUDIT the refs of those that match, and the
@@ -647,28 +655,36 @@ class _SetCompiler:
         self.body: list[str] = []
         self.rules = 0
 
+    def const(self, value: object) -> str:
+        name = f"_c{len(self.consts)}"
+        self.consts[name] = value
+        return name
+
     def add(self, policy: CompiledPolicy) -> None:
-        if self.rules and self.rules + len(policy.rules) > SET_FUNCTION_RULES:
+        written = policy.written
+        if self.rules and self.rules + written.count > SET_FUNCTION_RULES:
             self._close()
-        self.rules += len(policy.rules)
-        c = _PolicyCompiler(policy.action != "ALLOW", self.consts, self.reads)
-        tests = [(i, t) for i, r in enumerate(policy.rules) if (t := c.rule(r)) is not None]
+        self.rules += written.count
+        offset = len(self.consts)
+        for value in written.consts:
+            self.const(value)
+        self.reads |= written.reads
+        tests = [(i, _renumbered(t, offset)) for i, t in written.tests]
         ref = policy.ref
         if self.kind == "deny":
             for i, t in tests:
                 denied = Decision(False, f"denied by DENY policy {rule_ref(ref, i)}", ref, rule=i)
-                self.body.append(f"    if {t}:\n        return {c.const(denied)}\n")
+                self.body.append(f"    if {t}:\n        return {self.const(denied)}\n")
         elif self.kind == "allow" and tests:
-            allowed = c.const(Decision(True, f"allowed by ALLOW policy {ref}", ref))
+            allowed = self.const(Decision(True, f"allowed by ALLOW policy {ref}", ref))
             self.body.extend(f"    if {t}:\n        return {allowed}\n" for _, t in tests)
         elif self.kind == "audit" and tests:
             any_rule = " or ".join(t for _, t in tests)
-            self.body.append(f"    if {any_rule}:\n        _out += {c.const((ref,))}\n")
+            self.body.append(f"    if {any_rule}:\n        _out += {self.const((ref,))}\n")
         elif self.kind == "dry":
-            self.body.append(self._trial(c, policy, tests))
+            self.body.append(self._trial(policy, tests))
 
-    @staticmethod
-    def _trial(c: _PolicyCompiler, policy: CompiledPolicy, tests: list[tuple[int, str]]) -> str:
+    def _trial(self, policy: CompiledPolicy, tests: list[tuple[int, str]]) -> str:
         """One dry-run policy's outcome, as Istio's shadow result: a DENY that matches, or an
         ALLOW that does not, would have denied the request (an AUDIT never would)."""
         ref, action = policy.ref, policy.action
@@ -677,9 +693,9 @@ class _SetCompiler:
         outcomes = []
         for i, t in tests:
             trial = (would, (ref,), (rule_ref(ref, i),)) if action == "DENY" else (would, (), ())
-            outcomes.append(f"({t} and {c.const(trial)})")
+            outcomes.append(f"({t} and {self.const(trial)})")
         missed = (ref,) if action == "ALLOW" else ()
-        outcomes.append(c.const(((f"{ref} (dry-run) does not match",), missed, missed)))
+        outcomes.append(self.const(((f"{ref} (dry-run) does not match",), missed, missed)))
         return (
             f"    _o = {' or '.join(outcomes)}\n"
             "    _w += _o[0]\n    _wd += _o[1]\n    _wr += _o[2]\n"
@@ -719,6 +735,18 @@ class _SetCompiler:
             "dry": _trials,
         }
         return functools.partial(joined[kind], functions)
+
+
+# A constant's name in generated text: the text holds no other ``_c`` followed by digits (only
+# names ``_PolicyCompiler`` makes, operators and its own literals), so renumbering is exact.
+_CONST_NAME = re.compile(r"\b_c(\d+)\b")
+
+
+def _renumbered(test: str, offset: int) -> str:
+    """``test`` with its constants ``_c{i}`` named ``_c{i + offset}``."""
+    if not offset:
+        return test
+    return _CONST_NAME.sub(lambda m: f"_c{int(m[1]) + offset}", test)
 
 
 def _first_hit(functions: Sequence[Decide], request: Request) -> Decision | None:

@@ -252,7 +252,7 @@ def test_two_thousand_policies_are_cut_into_functions() -> None:
         of_kind = [p for p in selected if (kind == "dry") == p.dry_run]
         if kind != "dry":
             of_kind = [p for p in of_kind if p.action == kind.upper()]
-        rules = sum(len(p.rules) for p in of_kind)
+        rules = sum(p.written.count for p in of_kind)
         size = authz.SET_FUNCTION_RULES
         functions = fn.args[0] if isinstance(fn, functools.partial) else (fn,)
         assert rules / size <= len(functions) <= rules / (size - 2) + 1, (kind, rules)

@@ -631,12 +631,12 @@ SET_FUNCTION_RULES = 256
 
 class _SetCompiler:
     """The generated functions that decide for every policy of one action that selects a
-    workload at once, in their order (``Authorizer.evaluate`` asked them one by one, two or
-    three Python calls each, so a decision cost grew with the policies that select the pod).
+    workload at once, in their order (``Authorizer.evaluate`` asked them one by one, one to
+    three Python calls each, so a decision's cost grew with the policies that select the pod).
 
     Each policy's rules are the tests ``_PolicyCompiler`` wrote for its own functions
     (``CompiledPolicy.written``: the same tests in the same order, their constants renumbered
-    into one table per function, so nothing is compiled from the spec again), and what the function
+    into one table per function; nothing is compiled from the spec again), and what a function
     answers is a constant made here, bound by name as the policy values are: DENY returns the
     ``Decision`` of the first rule that matches (``rule_ref`` in its reason), ALLOW the
     ``Decision`` of the first policy that matches, AUDIT the refs of those that match, and the

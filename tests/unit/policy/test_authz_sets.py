@@ -166,11 +166,12 @@ def _calls(objects: list[PolicyObject], req: Request) -> tuple[int, int]:
 @pytest.mark.parametrize("count", [1, 100])
 def test_a_decision_costs_the_same_calls_whatever_the_number_of_policies(count: int) -> None:
     """``evaluate``, the selection and the one generated ALLOW function: 3 Python calls,
-    where the walk made 2 per policy asked (202 at 100 policies). Built-ins: the selection's
-    ``id`` and ``dict.get``, the principal's ``removeprefix`` and one ``startswith`` on the
-    path (the rules ask the principal first, so only the last policy's path is read). With a
-    DENY, an AUDIT and a dry-run DENY beside them: their three functions more (a
-    ``startswith`` each), and the ``Decision.__init__`` that reports what they said."""
+    where the walk made one per policy asked, and one built-in (103 and 103 at 100).
+    Built-ins: the selection's ``id`` and ``dict.get``, the principal's ``removeprefix`` and
+    one ``startswith`` on the path (the rules ask the principal first, so only the last
+    policy's path is read). With a DENY, an AUDIT and a dry-run DENY beside them: their three
+    functions more (a ``startswith`` each), and the ``Decision.__init__`` that reports what
+    they said."""
     assert _calls(_allows(count), _last(count)) == (3, 4)
     assert _calls(_deny_audit_dry(count), _last(count)) == (7, 7)
 
@@ -302,3 +303,19 @@ def test_workloads_the_same_policies_select_share_their_functions() -> None:
     authz_ = Authorizer.compile(objects)
     other = Workload("u2", "db", "shop", "sa", "node1", ("10.0.0.8",), {"app": "db"})
     assert authz_._selection(POD) is authz_._selection(other)
+
+
+def test_the_policy_set_cache_is_bounded() -> None:
+    """Ten pods, each selected by a policy of its own: with a cache of 3, three sets stay."""
+    objects = [
+        PolicyObject(
+            "AuthorizationPolicy", "shop", f"p{i}", {"selector": {"matchLabels": {"app": f"a{i}"}}}
+        )
+        for i in range(10)
+    ]
+    authz_ = Authorizer.compile(objects)
+    authz_.cache_size = 3
+    for i in range(10):
+        pod = Workload(f"u{i}", f"w{i}", "shop", "sa", "n", (), {"app": f"a{i}"})
+        assert not authz_.evaluate(Request("10.0.0.1", "10.0.0.9", 80), pod).allowed
+    assert list(authz_._by_set) == [(7,), (8,), (9,)]

@@ -5,7 +5,10 @@ version (each policy's rules written as two generated Python functions, ``_Polic
 one test per rule, each field in its cheapest form); ``evaluate(request, workload)`` answers for
 one connection (or HTTP request), finding the policies that select the workload through a
 per-namespace index and a per-workload cache rather than a walk over every policy
-(``Authorizer``). Evaluation follows Istio:
+(``Authorizer``), and asking them all at once: per set of selected policies, one generated
+function per kind (dry-run, AUDIT, DENY, ALLOW) tests every policy's rules in order and answers
+with the deciding policy and rule (``_SetCompiler``), so a decision costs the same few Python
+calls whether one policy or a hundred select the workload. Evaluation follows Istio:
 
 1. a policy applies to a workload when it sits in the root namespace (mesh-wide, default
    ``nodemesh-system``) or in the workload's namespace, and its ``selector.matchLabels`` (if any)
@@ -543,25 +546,39 @@ def _never(request: Request) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
+class WrittenRules:
+    """A policy's rules as ``_PolicyCompiler`` wrote them, kept for the set functions
+    (``_SetCompiler``), which put them in theirs with the constants renumbered."""
+
+    tests: tuple[tuple[int, str], ...]  # (index in ``spec.rules``, test naming ``_c0`` ...)
+    consts: tuple[object, ...]  # the values of ``_c0``, ``_c1`` ... in order
+    reads: frozenset[str]  # what the tests read of the request (``_PROLOGUE``)
+    count: int  # rules in the spec, those that can never match included
+
+
+_NOTHING_WRITTEN = WrittenRules((), (), frozenset(), 0)
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledPolicy:
+    """One policy compiled on its own: its selector, and what it decides alone (``matches``,
+    ``first_rule``: the index in ``spec.rules`` of the first rule a request matches, None when
+    none does), for tests and tools. ``Authorizer.evaluate`` asks neither: it asks the
+    functions ``_SetCompiler`` writes from ``written`` for every policy that selects a
+    workload at once."""
+
     namespace: str
     name: str
     action: str
     dry_run: bool
     selector: Mapping[str, str] | None
     matches: Predicate
-    # The index in ``spec.rules`` of the first rule a request matches (None: none does), for a
-    # denial's record (Envoy's effective policy id names the rule too). Asked only of a DENY
-    # that matched, so an allowed request pays nothing for it.
     first_rule: Callable[[Request], int | None] = _never
+    written: WrittenRules = _NOTHING_WRITTEN
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
-
-    def matching_rule(self, request: Request) -> int | None:
-        """The index of the first rule ``request`` matches (None: none does)."""
-        return self.first_rule(request)
 
     def selects(self, workload: Workload, root_namespace: str) -> bool:
         if self.namespace not in (root_namespace, workload.namespace):
@@ -589,31 +606,191 @@ def compile_policy(policy: PolicyObject) -> CompiledPolicy:
     action = str(spec.get("action", "ALLOW"))
     lenient = action != "ALLOW"
     compiler = _PolicyCompiler(lenient)
-    tests = [compiler.rule(r) for r in spec.get("rules", ()) or ()]  # type: ignore[attr-defined]
-    matches, first = compiler.functions([(i, t) for i, t in enumerate(tests) if t is not None])
+    rules = spec.get("rules", ()) or ()
+    tests = [compiler.rule(r) for r in rules]  # type: ignore[attr-defined]
+    live = tuple((i, t) for i, t in enumerate(tests) if t is not None)
+    matches, first = compiler.functions(live)
+    written = WrittenRules(
+        live, tuple(compiler.consts.values()), frozenset(compiler.reads), len(tests)
+    )
     selector = spec.get("selector")
     labels = selector.get("matchLabels") if isinstance(selector, Mapping) else None
     return CompiledPolicy(
-        policy.namespace, policy.name, action, policy.dry_run, labels, matches, first
+        policy.namespace, policy.name, action, policy.dry_run, labels, matches, first, written
     )
 
 
-SELECTION_CACHE_SIZE = 4096  # workloads (and label sets) whose applicable policies are kept
+# What a dry-run function returns: ``Decision.would``, ``would_deny`` and ``would_deny_rules``.
+Trial = tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+Decide = Callable[[Request], Decision | None]
+# Rules of policies per generated set function: a set with more is written as several
+# functions, cut between policies (a policy's rules stay in one), asked in order. It bounds the
+# size of one code object and of one compile, and same-shaped runs of policies share code.
+SET_FUNCTION_RULES = 256
+
+
+class _SetCompiler:
+    """The generated functions that decide for every policy of one action that selects a
+    workload at once, in their order (``Authorizer.evaluate`` asked them one by one, one to
+    three Python calls each, so a decision's cost grew with the policies that select the pod).
+
+    Each policy's rules are the tests ``_PolicyCompiler`` wrote for its own functions
+    (``CompiledPolicy.written``: the same tests in the same order, their constants renumbered
+    into one table per function; nothing is compiled from the spec again), and what a function
+    answers is a constant made here, bound by name as the policy values are: DENY returns the
+    ``Decision`` of the first rule that matches (``rule_ref`` in its reason), ALLOW the
+    ``Decision`` of the first policy that matches, AUDIT the refs of those that match, and the
+    dry-run function each dry-run policy's outcome (``Trial``; the rule a DENY matched). A
+    request no policy bears on gets None, ``()`` or the no-match outcomes. ``kind`` is one of
+    ``deny``, ``allow``, ``audit`` and ``dry``."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.functions: list[Callable[[Request], Any]] = []
+        self._start()
+
+    def _start(self) -> None:
+        self.consts: dict[str, object] = {}
+        self.reads: set[str] = set()
+        self.body: list[str] = []
+        self.rules = 0
+
+    def const(self, value: object) -> str:
+        name = f"_c{len(self.consts)}"
+        self.consts[name] = value
+        return name
+
+    def add(self, policy: CompiledPolicy) -> None:
+        written = policy.written
+        if self.rules and self.rules + written.count > SET_FUNCTION_RULES:
+            self._close()
+        self.rules += written.count
+        offset = len(self.consts)
+        for value in written.consts:
+            self.const(value)
+        self.reads |= written.reads
+        tests = [(i, _renumbered(t, offset)) for i, t in written.tests]
+        ref = policy.ref
+        if self.kind == "deny":
+            for i, t in tests:
+                denied = Decision(False, f"denied by DENY policy {rule_ref(ref, i)}", ref, rule=i)
+                self.body.append(f"    if {t}:\n        return {self.const(denied)}\n")
+        elif self.kind == "allow" and tests:
+            allowed = self.const(Decision(True, f"allowed by ALLOW policy {ref}", ref))
+            self.body.extend(f"    if {t}:\n        return {allowed}\n" for _, t in tests)
+        elif self.kind == "audit" and tests:
+            any_rule = " or ".join(t for _, t in tests)
+            self.body.append(f"    if {any_rule}:\n        _out += {self.const((ref,))}\n")
+        elif self.kind == "dry":
+            self.body.append(self._trial(policy, tests))
+
+    def _trial(self, policy: CompiledPolicy, tests: list[tuple[int, str]]) -> str:
+        """One dry-run policy's outcome, as Istio's shadow result: a DENY that matches, or an
+        ALLOW that does not, would have denied the request (an AUDIT never would)."""
+        ref, action = policy.ref, policy.action
+        verb = {"ALLOW": "allow", "DENY": "deny", "AUDIT": "audit"}[action]
+        would = (f"{ref} (dry-run) would {verb}",)
+        outcomes = []
+        for i, t in tests:
+            trial = (would, (ref,), (rule_ref(ref, i),)) if action == "DENY" else (would, (), ())
+            outcomes.append(f"({t} and {self.const(trial)})")
+        missed = (ref,) if action == "ALLOW" else ()
+        outcomes.append(self.const(((f"{ref} (dry-run) does not match",), missed, missed)))
+        return (
+            f"    _o = {' or '.join(outcomes)}\n"
+            "    _w += _o[0]\n    _wd += _o[1]\n    _wr += _o[2]\n"
+        )
+
+    def _close(self) -> None:
+        head, tail = {
+            "deny": ("", "    return None\n"),
+            "allow": ("", "    return None\n"),
+            "audit": ("    _out = ()\n", "    return _out\n"),
+            "dry": ("    _w = _wd = _wr = ()\n", "    return _w, _wd, _wr\n"),
+        }[self.kind]
+        prologue = "".join(text for read, text in _PROLOGUE.items() if read in self.reads)
+        source = f"def decide(r):\n{prologue}{head}{''.join(self.body)}{tail}"
+        scope: dict[str, Any] = {**self.consts, "_ip_address": ipaddress.ip_address}
+        exec(_code(source), scope)
+        self.functions.append(scope["decide"])
+        self._start()
+
+    @classmethod
+    def of(cls, kind: str, policies: Sequence[CompiledPolicy]) -> Callable[[Request], Any] | None:
+        """The function for ``policies`` (None when there are none): the one generated, or
+        those of a set cut in several asked in turn."""
+        if not policies:
+            return None
+        compiler = cls(kind)
+        for p in policies:
+            compiler.add(p)
+        compiler._close()
+        functions = tuple(compiler.functions)
+        if len(functions) == 1:
+            return functions[0]
+        joined: dict[str, Callable[..., Any]] = {
+            "deny": _first_hit,
+            "allow": _first_hit,
+            "audit": _all_hits,
+            "dry": _trials,
+        }
+        return functools.partial(joined[kind], functions)
+
+
+# A constant's name in generated text: the text holds no other ``_c`` followed by digits (only
+# names ``_PolicyCompiler`` makes, operators and its own literals), so renumbering is exact.
+_CONST_NAME = re.compile(r"\b_c(\d+)\b")
+
+
+def _renumbered(test: str, offset: int) -> str:
+    """``test`` with its constants ``_c{i}`` named ``_c{i + offset}``."""
+    if not offset:
+        return test
+    return _CONST_NAME.sub(lambda m: f"_c{int(m[1]) + offset}", test)
+
+
+def _first_hit(functions: Sequence[Decide], request: Request) -> Decision | None:
+    for decide in functions:
+        hit = decide(request)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _all_hits(
+    functions: Sequence[Callable[[Request], tuple[str, ...]]], request: Request
+) -> tuple[str, ...]:
+    out: tuple[str, ...] = ()
+    for decide in functions:
+        out += decide(request)
+    return out
+
+
+def _trials(functions: Sequence[Callable[[Request], Trial]], request: Request) -> Trial:
+    would: tuple[str, ...] = ()
+    would_deny: tuple[str, ...] = ()
+    would_rules: tuple[str, ...] = ()
+    for decide in functions:
+        w, wd, wr = decide(request)
+        would, would_deny, would_rules = would + w, would_deny + wd, would_rules + wr
+    return would, would_deny, would_rules
+
+
+SELECTION_CACHE_SIZE = 4096  # workloads (and label sets, and policy sets) kept per Authorizer
 
 
 @dataclass(frozen=True, slots=True)
 class _Selection:
-    """The policies that select one workload, in ``Authorizer.policies`` order, and what
-    ``evaluate`` asks of them split out once: the dry-run ones, and the enforced AUDIT, DENY
-    and ALLOW ones (each in that order too), with the ALLOWs' refs and reasons written."""
+    """The policies that select one workload, in ``Authorizer.policies`` order, and the
+    functions ``evaluate`` asks of them (``_SetCompiler``; None where no policy of the kind
+    applies): the dry-run ones, and the enforced AUDIT, DENY and ALLOW ones (each in that
+    order too)."""
 
     policies: tuple[CompiledPolicy, ...]
-    dry: tuple[CompiledPolicy, ...]
-    audits: tuple[CompiledPolicy, ...]
-    denies: tuple[CompiledPolicy, ...]
-    # (policy, ref, "allowed by ...", the ``Decision`` of a request it allows that no dry-run
-    # or AUDIT policy bears on: made once here, not per request, as ``Decision`` is frozen)
-    allows: tuple[tuple[CompiledPolicy, str, str, Decision], ...]
+    dry: Callable[[Request], Trial] | None
+    audit: Callable[[Request], tuple[str, ...]] | None
+    deny: Decide | None
+    allow: Decide | None
     refused: str  # the reason when ALLOWs apply and none matched
 
     @classmethod
@@ -621,13 +798,12 @@ class _Selection:
         enforced = [p for p in policies if not p.dry_run]
         allows = [p for p in enforced if p.action == "ALLOW"]
         refs = ", ".join(p.ref for p in allows)
-        allowed = [(p, f"allowed by ALLOW policy {p.ref}") for p in allows]
         return cls(
             policies,
-            tuple(p for p in policies if p.dry_run),
-            tuple(p for p in enforced if p.action == "AUDIT"),
-            tuple(p for p in enforced if p.action == "DENY"),
-            tuple((p, p.ref, reason, Decision(True, reason, p.ref)) for p, reason in allowed),
+            _SetCompiler.of("dry", [p for p in policies if p.dry_run]),
+            _SetCompiler.of("audit", [p for p in enforced if p.action == "AUDIT"]),
+            _SetCompiler.of("deny", [p for p in enforced if p.action == "DENY"]),
+            _SetCompiler.of("allow", allows),
             f"no ALLOW policy matched (applicable: {refs})",
         )
 
@@ -646,7 +822,9 @@ class Authorizer:
     bounded (``SELECTION_CACHE_SIZE``, oldest dropped first) and live as long as the Authorizer,
     which ``Core.policies`` builds anew per state version, so a changed policy or pod is never
     answered from an old selection. Before, every connection and every policed HTTP/gRPC
-    request walked every policy of the cluster."""
+    request walked every policy of the cluster. A selection's generated functions are kept
+    under the policy set too (the indexes of the policies selected; bounded alike), so that
+    pods of other labels the same policies select share them."""
 
     def __init__(
         self,
@@ -669,6 +847,9 @@ class Authorizer:
         # id(workload) -> (the workload, held so that its id is not reused; its selection)
         self._by_workload: dict[int, tuple[Workload, _Selection]] = {}
         self._by_labels: dict[tuple[str, frozenset[tuple[str, str]]], _Selection] = {}
+        # the indexes of the selected policies -> their selection: workloads of other labels
+        # that the same policies select share its generated functions
+        self._by_set: dict[tuple[int, ...], _Selection] = {}
 
     @classmethod
     def compile(
@@ -688,18 +869,23 @@ class Authorizer:
         key = (workload.namespace, frozenset(workload.labels.items()))
         selected = self._by_labels.get(key)
         if selected is None:
-            selected = _Selection.of(self._select(workload))
+            chosen = self._select(workload)
+            selected = self._by_set.get(chosen)
+            if selected is None:
+                selected = _Selection.of(tuple(map(self.policies.__getitem__, chosen)))
+                _bounded_put(self._by_set, chosen, selected, self.cache_size)
             _bounded_put(self._by_labels, key, selected, self.cache_size)
         _bounded_put(self._by_workload, id(workload), (workload, selected), self.cache_size)
         return selected
 
-    def _select(self, workload: Workload) -> tuple[CompiledPolicy, ...]:
-        """``selects`` over the policies of the workload's namespace and the root one only."""
+    def _select(self, workload: Workload) -> tuple[int, ...]:
+        """The indexes in ``policies`` of those that select ``workload``: ``selects`` over the
+        policies of the workload's namespace and the root one only."""
         root, policies = self.root_namespace, self.policies
         candidates = self._by_namespace.get(workload.namespace, [])
         if workload.namespace != root:
             candidates = sorted(candidates + self._by_namespace.get(root, []))
-        return tuple(p for p in map(policies.__getitem__, candidates) if p.selects(workload, root))
+        return tuple(i for i in candidates if policies[i].selects(workload, root))
 
     def applies_to(self, workload: Workload) -> bool:
         """Does any policy select ``workload`` (else ``evaluate`` allows every request to it
@@ -707,38 +893,37 @@ class Authorizer:
         return bool(self._selection(workload).policies)
 
     def evaluate(self, request: Request, workload: Workload) -> Decision:
+        """The decision for ``request`` to ``workload``: every policy that selects it asked in
+        one generated function per kind (``_Selection``), dry-run ones first, then AUDIT, DENY
+        and ALLOW (see the module docstring)."""
         selection = self._selection(workload)
         if not selection.policies:  # the usual case of a request: nothing else to work out
             return _NO_POLICY
-        dry = selection.dry
         would: tuple[str, ...] = ()
         would_deny: tuple[str, ...] = ()
         would_rules: tuple[str, ...] = ()
-        if dry:  # the usual request meets no dry-run policy: nothing of this to work out
-            would = tuple(_dry_run(p, request) for p in dry)
-            # As Istio's shadow result: a dry-run DENY that matches, or a dry-run ALLOW that
-            # does not, would have denied the request had it been enforced.
-            denying = [
-                p for p in dry if (p.action == "DENY") == p.matches(request) and p.action != "AUDIT"
-            ]
-            would_deny = tuple(p.ref for p in denying)
-            would_rules = tuple(_would_deny_rule(p, request) for p in denying)
-        audited = tuple(p.ref for p in selection.audits if p.matches(request))
-        for p in selection.denies:
-            if p.matches(request):
-                rule = p.matching_rule(request)
-                reason = f"denied by DENY policy {rule_ref(p.ref, rule)}"
-                return Decision(False, reason, p.ref, audited, would, would_deny, rule, would_rules)
-        if not selection.allows:
-            if not audited and not would:  # ``would_deny`` is empty without ``would``
+        if selection.dry is not None:  # the usual request meets no dry-run policy
+            would, would_deny, would_rules = selection.dry(request)
+        audited = () if selection.audit is None else selection.audit(request)
+        plain = not audited and not would  # ``would_deny`` is empty without ``would``
+        if selection.deny is not None:
+            denied = selection.deny(request)
+            if denied is not None:
+                if plain:
+                    return denied
+                reason, ref, rule = denied.reason, denied.policy, denied.rule
+                return Decision(False, reason, ref, audited, would, would_deny, rule, would_rules)
+        if selection.allow is None:
+            if plain:
                 return _NO_POLICY
             reason = "no ALLOW policy applies"
             return Decision(True, reason, None, audited, would, would_deny, None, would_rules)
-        for p, ref, allowed, plain in selection.allows:
-            if p.matches(request):
-                if not audited and not would:  # the usual allowed request: nothing of its own
-                    return plain
-                return Decision(True, allowed, ref, audited, would, would_deny, None, would_rules)
+        allowed = selection.allow(request)
+        if allowed is not None:
+            if plain:  # the usual allowed request: nothing of its own
+                return allowed
+            reason, ref = allowed.reason, allowed.policy
+            return Decision(True, reason, ref, audited, would, would_deny, None, would_rules)
         reason = selection.refused
         return Decision(False, reason, None, audited, would, would_deny, None, would_rules)
 
@@ -754,17 +939,3 @@ def _bounded_put(cache: dict[_K, _V], key: _K, value: _V, size: int) -> None:
     if len(cache) >= size and key not in cache:
         del cache[next(iter(cache))]
     cache[key] = value
-
-
-def _would_deny_rule(policy: CompiledPolicy, request: Request) -> str:
-    """A dry-run policy that would deny ``request``, named with the rule that matched (a DENY's;
-    an ALLOW would deny because none of its rules matched)."""
-    rule = policy.matching_rule(request) if policy.action == "DENY" else None
-    return rule_ref(policy.ref, rule)
-
-
-def _dry_run(policy: CompiledPolicy, request: Request) -> str:
-    verb = {"ALLOW": "allow", "DENY": "deny", "AUDIT": "audit"}[policy.action]
-    if policy.matches(request):
-        return f"{policy.ref} (dry-run) would {verb}"
-    return f"{policy.ref} (dry-run) does not match"

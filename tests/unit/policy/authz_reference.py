@@ -1,6 +1,7 @@
 """The rule matcher ``agent.policy.authz`` compiled rules with before session 16 (closures and
-``any`` over generators per field), kept as the reference its generated matchers must decide
-exactly as (``test_authz_compiled``). Not used by the agent."""
+``any`` over generators per field), and the walk over the selected policies ``evaluate`` made
+before session 17, kept as the reference its generated matchers and set functions must decide
+exactly as (``test_authz_compiled``, ``test_authz_sets``). Not used by the agent."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from agent.policy.authz import (
     HTTP_OPERATION_FIELDS,
     L7_OPERATION_FIELDS,
     L7_SOURCE_FIELDS,
+    CompiledPolicy,
+    Decision,
     HttpAttributes,
     Request,
     header_name,
+    rule_ref,
     string_matcher,
 )
+from agent.state.model import PolicyObject
 
 Predicate = Callable[[Request], bool]
 
@@ -181,3 +186,59 @@ def compile_rule(rule: Mapping[str, Any], *, lenient: bool) -> Predicate | None:
     except _Unenforceable:
         return None
     return _all(parts)
+
+
+def reference_policy(policy: PolicyObject) -> CompiledPolicy:
+    """``compile_policy`` as it was: a closure per rule, ``any`` over them (``compile_rule``)."""
+    spec: dict[str, Any] = dict(policy.spec)
+    action = str(spec.get("action", "ALLOW"))
+    compiled = [compile_rule(r, lenient=action != "ALLOW") for r in spec.get("rules") or ()]
+    live = [(i, r) for i, r in enumerate(compiled) if r is not None]
+    return CompiledPolicy(
+        policy.namespace,
+        policy.name,
+        action,
+        policy.dry_run,
+        None,
+        lambda r: any(rule(r) for _, rule in live),
+        lambda r: next((i for i, rule in live if rule(r)), None),
+    )
+
+
+def reference_decision(selected: Sequence[CompiledPolicy], request: Request) -> Decision:
+    """``Authorizer.evaluate`` as it was before session 17: the policies that select the
+    workload (in ``Authorizer.policies`` order) asked one by one, each through its own
+    ``matches`` and ``first_rule``: dry-run ones, then AUDIT, DENY and ALLOW."""
+    if not selected:
+        return Decision(True, "no ALLOW policy applies")
+    dry = [p for p in selected if p.dry_run]
+    verbs = {"ALLOW": "allow", "DENY": "deny", "AUDIT": "audit"}
+    would = tuple(
+        f"{p.ref} (dry-run) would {verbs[p.action]}"
+        if p.matches(request)
+        else f"{p.ref} (dry-run) does not match"
+        for p in dry
+    )
+    denying = [p for p in dry if (p.action == "DENY") == p.matches(request) and p.action != "AUDIT"]
+    would_deny = tuple(p.ref for p in denying)
+    would_rules = tuple(
+        rule_ref(p.ref, p.first_rule(request) if p.action == "DENY" else None) for p in denying
+    )
+    enforced = [p for p in selected if not p.dry_run]
+    audited = tuple(p.ref for p in enforced if p.action == "AUDIT" and p.matches(request))
+    for p in enforced:
+        if p.action == "DENY" and p.matches(request):
+            rule = p.first_rule(request)
+            reason = f"denied by DENY policy {rule_ref(p.ref, rule)}"
+            return Decision(False, reason, p.ref, audited, would, would_deny, rule, would_rules)
+    allows = [p for p in enforced if p.action == "ALLOW"]
+    if not allows:
+        reason = "no ALLOW policy applies"
+        return Decision(True, reason, None, audited, would, would_deny, None, would_rules)
+    for p in allows:
+        if p.matches(request):
+            reason = f"allowed by ALLOW policy {p.ref}"
+            return Decision(True, reason, p.ref, audited, would, would_deny, None, would_rules)
+    refs = ", ".join(p.ref for p in allows)
+    reason = f"no ALLOW policy matched (applicable: {refs})"
+    return Decision(False, reason, None, audited, would, would_deny, None, would_rules)

@@ -17,11 +17,11 @@ from agent.policy.authz import (
     HttpAttributes,
     Request,
     compile_policy,
-    rule_ref,
 )
 from agent.proxy.core import Core
 from agent.state.model import PolicyObject, Workload
 from agent.state.store import StateStore
+from tests.unit.policy.authz_reference import reference_decision
 
 ROOT = "nodemesh-system"
 NAMESPACES = (ROOT, "shop", "bank", "lab")
@@ -29,40 +29,10 @@ LABELS = (("app", ("web", "db")), ("tier", ("front", "back")))
 
 
 def reference_evaluate(authz: Authorizer, request: Request, workload: Workload) -> Decision:
-    """``Authorizer.evaluate`` as it was before the index: every policy asked ``selects``."""
-    applicable = [p for p in authz.policies if p.selects(workload, authz.root_namespace)]
-    if not applicable:
-        return Decision(True, "no ALLOW policy applies")
-    dry = [p for p in applicable if p.dry_run]
-    would = tuple(
-        f"{p.ref} (dry-run) would {p.action.lower()}"
-        if p.matches(request)
-        else f"{p.ref} (dry-run) does not match"
-        for p in dry
-    )
-    denying = [p for p in dry if (p.action == "DENY") == p.matches(request) and p.action != "AUDIT"]
-    would_deny = tuple(p.ref for p in denying)
-    would_rules = tuple(
-        rule_ref(p.ref, p.matching_rule(request) if p.action == "DENY" else None) for p in denying
-    )
-    enforced = [p for p in applicable if not p.dry_run]
-    audited = tuple(p.ref for p in enforced if p.action == "AUDIT" and p.matches(request))
-    for p in enforced:
-        if p.action == "DENY" and p.matches(request):
-            rule = p.matching_rule(request)
-            reason = f"denied by DENY policy {rule_ref(p.ref, rule)}"
-            return Decision(False, reason, p.ref, audited, would, would_deny, rule, would_rules)
-    allows = [p for p in enforced if p.action == "ALLOW"]
-    if not allows:
-        reason = "no ALLOW policy applies"
-        return Decision(True, reason, None, audited, would, would_deny, None, would_rules)
-    for p in allows:
-        if p.matches(request):
-            reason = f"allowed by ALLOW policy {p.ref}"
-            return Decision(True, reason, p.ref, audited, would, would_deny, None, would_rules)
-    refs = ", ".join(p.ref for p in allows)
-    reason = f"no ALLOW policy matched (applicable: {refs})"
-    return Decision(False, reason, None, audited, would, would_deny, None, would_rules)
+    """``Authorizer.evaluate`` as it was before the index: every policy asked ``selects``, the
+    selected ones asked one by one (``reference_decision``)."""
+    selected = [p for p in authz.policies if p.selects(workload, authz.root_namespace)]
+    return reference_decision(selected, request)
 
 
 def _labels(rng: random.Random) -> dict[str, str]:
@@ -189,6 +159,7 @@ def test_the_selection_caches_are_bounded() -> None:
     for w in pods:
         assert authz.evaluate(REQ, w).allowed
     assert len(authz._by_workload) == 3 and len(authz._by_labels) == 3
+    assert len(authz._by_set) == 1  # one policy set: every pod shares its functions
     assert [entry[0] for entry in authz._by_workload.values()] == pods[-3:]  # the oldest went
 
 

@@ -132,7 +132,9 @@ class Core:
             root = self.settings.root_namespace
             cached = Policies(
                 snap.version,
-                Authorizer.compile(objs, root_namespace=root),
+                Authorizer.compile(
+                    objs, root_namespace=root, previous=cached.authz if cached else None
+                ),
                 PeerAuthenticator.compile(objs, root_namespace=root),
             )
             self._policies = cached

@@ -185,3 +185,25 @@ def test_the_selection_goes_with_the_state_version() -> None:
     assert not core.policies().authz.evaluate(REQ, SHOP).allowed
     gc.collect()
     assert gone() is None
+
+
+def test_a_state_version_that_changed_no_policy_compiles_none() -> None:
+    """``Core.policies`` hands the last version's Authorizer on: a version that changed a pod
+    keeps every compiled policy (the store keeps unchanged objects), one that changed a policy
+    compiles that one."""
+    store = StateStore()
+    kept = PolicyObject("AuthorizationPolicy", "shop", "kept", {"rules": [{}]})
+    with store.update() as tx:
+        tx.put_workload(SHOP)
+        tx.put_policy(kept)
+    core = Core(node="node1", store=store, identities=None)  # type: ignore[arg-type]
+    first = core.policies().authz
+    with store.update() as tx:
+        tx.put_workload(Workload("u2", "w2", "shop", "sa", "node1", (), {}))
+    second = core.policies().authz
+    assert second is not first and second.policies[0] is first.policies[0]
+    with store.update() as tx:
+        tx.put_policy(PolicyObject("AuthorizationPolicy", "shop", "new", {}))
+    third = core.policies().authz
+    assert [p.name for p in third.policies] == ["kept", "new"]
+    assert third.policies[0] is first.policies[0]

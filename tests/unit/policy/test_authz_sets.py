@@ -318,4 +318,108 @@ def test_the_policy_set_cache_is_bounded() -> None:
     for i in range(10):
         pod = Workload(f"u{i}", f"w{i}", "shop", "sa", "n", (), {"app": f"a{i}"})
         assert not authz_.evaluate(Request("10.0.0.1", "10.0.0.9", 80), pod).allowed
-    assert list(authz_._by_set) == [(7,), (8,), (9,)]
+    kept = [sel.policies for sel in authz_._by_set.values()]
+    assert [tuple(p.name for p in policies) for policies in kept] == [("p7",), ("p8",), ("p9",)]
+
+
+def _version(
+    objects: list[PolicyObject], previous: Authorizer | None = None
+) -> tuple[Authorizer, list[str]]:
+    """``objects`` compiled as a new state version after ``previous``; the refs of the
+    policies ``compile_policy`` compiled for it."""
+    compiled: list[str] = []
+    real = authz.compile_policy
+
+    def counting(policy: PolicyObject) -> authz.CompiledPolicy:
+        compiled.append(f"{policy.namespace}/{policy.name}")
+        return real(policy)
+
+    authz.compile_policy = counting  # type: ignore[assignment]
+    try:
+        return Authorizer.compile(objects, previous=previous), compiled
+    finally:
+        authz.compile_policy = real  # type: ignore[assignment]
+
+
+def test_a_new_state_version_compiles_only_the_policies_that_changed() -> None:
+    """A state version that changed a pod or one policy (the store keeps the unchanged
+    objects) compiles only what changed; an equal object counts as unchanged."""
+    deny = PolicyObject(
+        "AuthorizationPolicy",
+        "shop",
+        "deny-admin",
+        {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]},
+    )
+    allow = PolicyObject(
+        "AuthorizationPolicy",
+        "shop",
+        "allow-get",
+        {"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]},
+    )
+    first, compiled = _version([deny, allow])
+    assert compiled == ["shop/deny-admin", "shop/allow-get"]
+    second, compiled = _version([deny, allow], first)
+    assert compiled == [] and second.policies == first.policies
+    equal = PolicyObject("AuthorizationPolicy", "shop", "allow-get", dict(allow.spec))
+    changed = PolicyObject(
+        "AuthorizationPolicy",
+        "shop",
+        "deny-admin",
+        {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/root*"]}}]}]},
+    )
+    third, compiled = _version([changed, equal], second)
+    assert compiled == ["shop/deny-admin"]
+    pod = Workload("u", "w", "shop", "sa", "n", (), {})
+    get = HttpAttributes("GET", "/admin/x", "shop")
+    assert second.evaluate(Request("10.0.0.1", "10.0.0.9", 80, http=get), pod).policy == (
+        "shop/deny-admin"
+    )
+    decided = third.evaluate(Request("10.0.0.1", "10.0.0.9", 80, http=get), pod)
+    assert decided.allowed and decided.policy == "shop/allow-get"
+    root = HttpAttributes("GET", "/root", "shop")
+    assert not third.evaluate(Request("10.0.0.1", "10.0.0.9", 80, http=root), pod).allowed
+    _, compiled = _version([changed], third)  # a policy gone: nothing to compile
+    assert compiled == []
+
+
+TD = "spiffe://cluster.local"
+
+
+def test_a_new_state_version_keeps_the_generated_functions_of_unchanged_policy_sets() -> None:
+    """A workload's first request in a new version finds the functions its policies' set had,
+    while a set with a changed policy gets new ones that decide by the change; only the last
+    version's sets are asked (versions do not chain)."""
+    objects = [
+        PolicyObject(
+            "AuthorizationPolicy",
+            "shop",
+            f"p{i}",
+            {"rules": [{"from": [{"source": {"namespaces": [f"ns{i}"]}}]}]},
+        )
+        for i in range(3)
+    ]
+    pod = Workload("u", "w", "shop", "sa", "n", (), {})
+    old = Authorizer.compile(objects)
+    assert old.evaluate(Request("10.0.0.1", "10.0.0.9", 80, f"{TD}/ns/ns1/sa/x"), pod).allowed
+    [before] = old._by_set.values()
+    new = Authorizer.compile(objects, previous=old)
+    twin = Workload("u", "w", "shop", "sa", "n", (), {})  # the new version's own object
+    assert new.evaluate(Request("10.0.0.1", "10.0.0.9", 80, f"{TD}/ns/ns1/sa/x"), twin).allowed
+    [after] = new._by_set.values()
+    assert after is before and after.allow is before.allow
+    changed = [
+        *objects[:2],
+        PolicyObject(
+            "AuthorizationPolicy",
+            "shop",
+            "p2",
+            {"rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]},
+        ),
+    ]
+    third = Authorizer.compile(changed, previous=new)
+    assert not third.evaluate(
+        Request("10.0.0.1", "10.0.0.9", 80, f"{TD}/ns/ns2/sa/x"), twin
+    ).allowed
+    [renewed] = third._by_set.values()
+    assert renewed is not before
+    assert third._earlier_sets is new._by_set  # a dict of selections, not the version

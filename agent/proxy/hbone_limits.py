@@ -79,11 +79,13 @@ REPLY_SLICE = 24 * KIB
 
 @dataclass(frozen=True, slots=True)
 class InboundLimits:
-    """Bounds on inbound HBONE connections (port 15008)."""
+    """Bounds on inbound HBONE connections (port 15008); the plaintext listener (15006,
+    ``agent.proxy.plaintext``) takes ``max_connections_per_peer`` from it too."""
 
     # TLS handshakes in progress, all peers together; more are reset at once.
     max_handshakes: int = 128
-    # Connections (handshaking or established) from one peer address.
+    # Connections (handshaking or established) from one peer address; on 15006, connections
+    # being served from one client address (each listener counts its own).
     max_connections_per_peer: int = 256
     # A connection without a stream for this long is closed (GOAWAY). Twice the client pool's
     # idle timeout, so that the client, which knows when it will open the next stream, closes

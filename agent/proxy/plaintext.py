@@ -11,7 +11,8 @@ Any address that reaches a meshed pod may connect, so, as on 15008 (``agent.prox
 client address holds at most ``InboundLimits.max_connections_per_peer`` connections at once (the
 same setting, 256 by default, counted apart from 15008's: an HBONE peer is a node, a plaintext
 client is not). One more is reset before anything else is done for it and counted as the
-rejection ``peer_connection_limit``; a slot is released when its connection's handler returns,
+rejection ``peer_connection_limit`` (logged once while the client stays at the limit:
+``hbone_limits.PeerSlots``); a slot is released when its connection's handler returns,
 whichever way the connection ended. Without it a single client could open connections until the
 agent ran out of file descriptors, and every other pod's traffic on the node with it.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections import Counter
 from typing import NoReturn
 
 from agent.policy.authz import Request
@@ -28,7 +28,7 @@ from agent.policy.peerauth import STRICT
 from agent.proxy import sockets
 from agent.proxy.core import Core
 from agent.proxy.h2inbound import H2Session
-from agent.proxy.hbone_limits import InboundLimits
+from agent.proxy.hbone_limits import InboundLimits, PeerSlots
 from agent.proxy.http_inbound import HttpSession, SocketDownstream
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.relay import relay_sockets
@@ -44,7 +44,7 @@ class InboundPlaintext:
         self.core = core
         # Only ``max_connections_per_peer`` applies here (no TLS handshake, no HTTP/2 idle).
         self.limits = InboundLimits()
-        self.per_peer: Counter[str] = Counter()  # connections being served, by client address
+        self.peers = PeerSlots()  # connections being served, by client address
 
     async def handle(
         self, client: socket.socket, original_dst: tuple[str, int] | None = None
@@ -54,12 +54,13 @@ class InboundPlaintext:
         if addresses is None:
             return
         src_ip, src_port, dst_ip, dst_port = addresses
-        per_peer, most = self.per_peer, self.limits.max_connections_per_peer
-        if per_peer[src_ip] >= most:
+        peers, most = self.peers, self.limits.max_connections_per_peer
+        if peers.at_limit(src_ip, most):
             self.core.registry.reject(
                 "peer_connection_limit",
-                f"plaintext {src_ip}:{src_port} -> {dst_ip}:{dst_port}: "
-                f"{most} connections from that client already",
+                f"plaintext {src_ip}:{src_port} -> {dst_ip}:{dst_port}: {most} connections from "
+                "that client already (more are counted, not logged, until one of them ends)",
+                quiet=not peers.first_refusal(src_ip),
             )
             sockets.abort(client)
             return
@@ -67,7 +68,7 @@ class InboundPlaintext:
             INBOUND, f"{src_ip}:{src_port}", f"{dst_ip}:{dst_port}", path="plaintext"
         )
         conn_id = self.core.registry.add(record, cancel_current_task())
-        per_peer[src_ip] += 1  # released below, however the connection ends
+        peers.take(src_ip)  # released below, however the connection ends
         clean = False
         try:
             upstream, admitted = await self._admit(record, conn_id, src_ip, dst_ip, dst_port)
@@ -86,9 +87,7 @@ class InboundPlaintext:
             log.debug("plaintext %s -> %s ended: %s", record.source, record.destination, e)
         finally:
             self.core.registry.remove(conn_id)
-            per_peer[src_ip] -= 1
-            if not per_peer[src_ip]:
-                del per_peer[src_ip]
+            peers.release(src_ip)
             if clean:
                 client.close()
             else:

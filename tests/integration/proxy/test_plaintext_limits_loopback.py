@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import pytest
 
@@ -70,7 +71,7 @@ async def released(mesh: Mesh, src: str, held: int = 0) -> bool:
     """True once node2's plaintext listener holds at most ``held`` slots for ``src``: a
     connection the client closed ends at the proxy a moment later (polled, bounded)."""
     for _ in range(500):
-        if mesh.node2.plaintext.per_peer[src] <= held:
+        if mesh.node2.plaintext.peers.held[src] <= held:
             return True
         await asyncio.sleep(0.01)
     return False
@@ -180,5 +181,37 @@ def test_every_way_a_connection_ends_releases_its_slot(ending: str) -> None:
         assert await reset(await plaintext(mesh, OUTSIDER, (SERVER, echo)))
         assert rejections["peer_connection_limit"] == 1
         conn[1].close()
+
+    scenario()
+
+
+def test_refusals_are_all_counted_and_logged_once_while_the_client_stays_at_the_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that keeps connecting past the limit cannot make the agent write a line for
+    each refusal; once one of its connections has ended, the next refusal is logged again."""
+    caplog.set_level(logging.INFO, logger="agent.proxy.records")
+
+    def logged() -> int:
+        return sum("rejected (peer_connection_limit)" in r.getMessage() for r in caplog.records)
+
+    @mesh_test
+    async def scenario(mesh: Mesh) -> None:
+        limit(mesh, 1)
+        port = mesh.app(SERVER, echo_peer)
+        rejections = mesh.node2.core.registry.rejections
+        held = await plaintext(mesh, OUTSIDER, (SERVER, port))
+        assert await served(held, OUTSIDER)
+        for _ in range(3):
+            assert await reset(await plaintext(mesh, OUTSIDER, (SERVER, port)))
+        assert (rejections["peer_connection_limit"], logged()) == (3, 1)
+        held[1].close()
+        assert await released(mesh, OUTSIDER)
+        held = await plaintext(mesh, OUTSIDER, (SERVER, port))
+        assert await served(held, OUTSIDER)
+        for _ in range(2):
+            assert await reset(await plaintext(mesh, OUTSIDER, (SERVER, port)))
+        assert (rejections["peer_connection_limit"], logged()) == (5, 2)
+        held[1].close()
 
     scenario()

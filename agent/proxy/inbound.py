@@ -42,7 +42,6 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections import Counter
 from functools import partial
 from typing import NamedTuple
 
@@ -55,7 +54,7 @@ from agent.proxy.contexts import ALPN, NoCertificate
 from agent.proxy.core import Core
 from agent.proxy.h2inbound import H2Session
 from agent.proxy.hbone import SERVICE_HEADER, HboneConnection
-from agent.proxy.hbone_limits import InboundLimits
+from agent.proxy.hbone_limits import InboundLimits, PeerSlots
 from agent.proxy.http_inbound import HttpSession, StreamDownstream
 from agent.proxy.records import Registry, cancel_current_task
 from agent.proxy.relay import start_tunnel
@@ -76,7 +75,7 @@ class InboundHbone:
         self.draining = False
         self.limits = InboundLimits()
         self.handshaking = 0
-        self.per_peer: Counter[str] = Counter()  # handshaking or established, by peer address
+        self.peers = PeerSlots()  # connections handshaking or established, by peer address
         self._idle_timers: dict[HboneProtocol, asyncio.TimerHandle] = {}  # one per connection
         self._idle_since: dict[HboneProtocol, float] = {}  # loop time each went idle
         # What a stream's CONNECT resolves to in the state of ``_facts_version`` (``_facts_of``).
@@ -104,15 +103,13 @@ class InboundHbone:
             return
         if not self._admit(sock, peer_ip, local_ip):
             return
-        self.per_peer[peer_ip] += 1
+        self.peers.take(peer_ip)
         try:
             await self._serve_connection(
                 sock, peer_ip, local_ip, self.core.identity(workload, snap)
             )
         finally:
-            self.per_peer[peer_ip] -= 1
-            if not self.per_peer[peer_ip]:
-                del self.per_peer[peer_ip]
+            self.peers.release(peer_ip)
 
     def _admit(self, sock: socket.socket, peer_ip: str, local_ip: str) -> bool:
         """The handshake and per-peer caps; a refused socket is reset and counted."""
@@ -120,9 +117,13 @@ class InboundHbone:
         if self.handshaking >= limits.max_handshakes:
             why = f"{limits.max_handshakes} TLS handshakes are already in progress"
             self.core.registry.reject("handshake_limit", f"{where}: {why}")
-        elif self.per_peer[peer_ip] >= limits.max_connections_per_peer:
+        elif self.peers.at_limit(peer_ip, limits.max_connections_per_peer):
             why = f"{limits.max_connections_per_peer} connections from that peer already"
-            self.core.registry.reject("peer_connection_limit", f"{where}: {why}")
+            self.core.registry.reject(
+                "peer_connection_limit",
+                f"{where}: {why} (more are counted, not logged, until one of them ends)",
+                quiet=not self.peers.first_refusal(peer_ip),
+            )
         else:
             return True
         sockets.abort(sock)

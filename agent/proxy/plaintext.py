@@ -6,6 +6,15 @@ policy allows a source without identity (a plaintext caller has no principal, so
 source, so the pod sees its real client. STRICT refuses with RST. On a port declared HTTP/1.1,
 HTTP/2 or gRPC the requests are parsed and authorized one by one (``agent.proxy.http_inbound``,
 ``agent.proxy.h2inbound``), as on the HBONE path.
+
+Any address that reaches a meshed pod may connect, so, as on 15008 (``agent.proxy.inbound``), one
+client address holds at most ``InboundLimits.max_connections_per_peer`` connections at once (the
+same setting, 256 by default, counted apart from 15008's: an HBONE peer is a node, a plaintext
+client is not). One more is reset before anything else is done for it and counted as the
+rejection ``peer_connection_limit`` (logged once while the client stays at the limit:
+``hbone_limits.PeerSlots``); a slot is released when its connection's handler returns,
+whichever way the connection ended. Without it a single client could open connections until the
+agent ran out of file descriptors, and every other pod's traffic on the node with it.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from agent.policy.peerauth import STRICT
 from agent.proxy import sockets
 from agent.proxy.core import Core
 from agent.proxy.h2inbound import H2Session
+from agent.proxy.hbone_limits import InboundLimits, PeerSlots
 from agent.proxy.http_inbound import HttpSession, SocketDownstream
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.relay import relay_sockets
@@ -32,6 +42,9 @@ log = logging.getLogger(__name__)
 class InboundPlaintext:
     def __init__(self, core: Core) -> None:
         self.core = core
+        # Only ``max_connections_per_peer`` applies here (no TLS handshake, no HTTP/2 idle).
+        self.limits = InboundLimits()
+        self.peers = PeerSlots()  # connections being served, by client address
 
     async def handle(
         self, client: socket.socket, original_dst: tuple[str, int] | None = None
@@ -41,10 +54,21 @@ class InboundPlaintext:
         if addresses is None:
             return
         src_ip, src_port, dst_ip, dst_port = addresses
+        peers, most = self.peers, self.limits.max_connections_per_peer
+        if peers.at_limit(src_ip, most):
+            self.core.registry.reject(
+                "peer_connection_limit",
+                f"plaintext {src_ip}:{src_port} -> {dst_ip}:{dst_port}: {most} connections from "
+                "that client already (more are counted, not logged, until one of them ends)",
+                quiet=not peers.first_refusal(src_ip),
+            )
+            sockets.abort(client)
+            return
         record = ConnectionRecord(
             INBOUND, f"{src_ip}:{src_port}", f"{dst_ip}:{dst_port}", path="plaintext"
         )
         conn_id = self.core.registry.add(record, cancel_current_task())
+        peers.take(src_ip)  # released below, however the connection ends
         clean = False
         try:
             upstream, admitted = await self._admit(record, conn_id, src_ip, dst_ip, dst_port)
@@ -63,6 +87,7 @@ class InboundPlaintext:
             log.debug("plaintext %s -> %s ended: %s", record.source, record.destination, e)
         finally:
             self.core.registry.remove(conn_id)
+            peers.release(src_ip)
             if clean:
                 client.close()
             else:

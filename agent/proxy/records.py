@@ -210,10 +210,12 @@ class Registry:
     def snapshot(self) -> list[dict[str, object]]:
         return [r.describe() for r in self]
 
-    def reject(self, reason_key: str, detail: str) -> None:
-        """Count and log one refused connection or stream."""
+    def reject(self, reason_key: str, detail: str, *, quiet: bool = False) -> None:
+        """Count and log one refused connection or stream; ``quiet``: count it only (a refusal
+        like others already logged, e.g. ``hbone_limits.PeerSlots``)."""
         self.rejections[reason_key] += 1
-        log.info("rejected (%s): %s", reason_key, detail)
+        if not quiet:
+            log.info("rejected (%s): %s", reason_key, detail)
         current = self._task_record()
         if current is not None and not current.failure:
             current.failure = reason_key

@@ -219,6 +219,28 @@ async def test_connections_per_peer_are_capped(mesh: Mesh) -> None:
         conn[1].close()
 
 
+def test_refusals_past_the_per_peer_cap_are_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer that keeps connecting past the cap cannot make the agent write a line for each
+    refusal (``hbone_limits.PeerSlots``); every refusal is counted."""
+    caplog.set_level(logging.INFO, logger="agent.proxy.records")
+
+    @mesh_test
+    async def scenario(mesh: Mesh) -> None:
+        mesh.node2.inbound.limits = InboundLimits(max_connections_per_peer=1)
+        held = await tls_connect(mesh, mesh.ca.issue(CLIENT_ID))
+        for n in (1, 2, 3):
+            with pytest.raises((ConnectionError, ssl.SSLError)):  # reset before any TLS
+                await tls_connect(mesh, mesh.ca.issue(CLIENT_ID))
+            assert await wait_for_count(mesh, "peer_connection_limit", n) == n
+        lines = [r for r in caplog.records if "(peer_connection_limit)" in r.getMessage()]
+        assert len(lines) == 1
+        held[1].close()
+
+    scenario()
+
+
 @mesh_test
 async def test_idle_inbound_connection_is_closed(mesh: Mesh) -> None:
     mesh.node2.inbound.limits = InboundLimits(idle_timeout=0.3)

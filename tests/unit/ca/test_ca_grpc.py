@@ -18,7 +18,7 @@ from prometheus_client import generate_latest
 
 from agent.ca.auth import Authenticator, NodeTokenAuthenticator
 from agent.ca.inprocess import InProcessCA
-from agent.ca.issuer import Caller
+from agent.ca.issuer import MAX_CSR_BYTES, Caller, Rejected, parse_csr
 from agent.ca.metrics import CaMetrics
 from agent.ca.server import CertificateService, start_server
 from agent.identity.keysmith import build_csr, generate_key
@@ -299,3 +299,27 @@ def test_calls_grpcio_refuses_before_the_handler_are_counted_by_cause(
         held.release.set()
         server.stop(None)
         ca.port = saved
+
+
+def test_a_csr_is_parsed_up_to_max_csr_bytes_and_refused_past_them_in_bytes(
+    ca: InProcessCA, raw: RawClient
+) -> None:
+    """``MAX_CSR_BYTES`` bounds what reaches the parser, counted in bytes: a CSR padded (PEM
+    allows text after its block) to exactly the limit is issued; one byte more, or as many
+    characters of which some take more than one byte, is refused INVALID_ARGUMENT naming the
+    limit (the characters were counted, so such a CSR reached the parser as malformed)."""
+    token = ca.node_tokens["node1"]
+    csr = csr_for(CLIENT)
+    at_limit = csr + "\n" * (MAX_CSR_BYTES - len(csr))
+    assert len(at_limit.encode()) == MAX_CSR_BYTES
+    assert parse_csr(at_limit).is_signature_valid
+    assert raw.create(at_limit, token=token, impersonate=CLIENT).cert_chain
+    wide = csr + "\u00e9" * (MAX_CSR_BYTES - len(csr))
+    for over in (at_limit + "\n", wide):
+        with pytest.raises(Rejected, match=f"larger than {MAX_CSR_BYTES} bytes") as info:
+            parse_csr(over)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as refused:
+        raw.create(at_limit + "\n", token=token, impersonate=CLIENT)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert f"larger than {MAX_CSR_BYTES} bytes" in refused.value.details()  # type: ignore[attr-defined]

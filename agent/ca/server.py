@@ -40,7 +40,7 @@ SERVING_CERT_TTL = dt.timedelta(days=365)
 # calls past the thread pool without limit. A request is a CSR (at most ``MAX_CSR_BYTES``,
 # 16 KiB), a duration and a little metadata: larger ones are refused by grpcio before they are
 # read (RESOURCE_EXHAUSTED), and so are calls past ``MAX_CONCURRENT_RPCS`` at once (agents
-# retry with backoff, as for any failure).
+# retry with backoff, as for any failure); ``RefusalCounter`` counts both.
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CONCURRENT_RPCS = 256
 
@@ -132,7 +132,9 @@ class RefusalCounter(grpc.ServerInterceptor):
 
     - Past ``limit`` calls at once: grpcio calls the interceptors of every call (under its
       lock, before it compares its count of calls in progress with the limit), so a call
-      seen while ``pool.active`` is at the limit is one grpcio refuses.
+      seen while ``pool.active`` is at the limit is one grpcio refuses. The pool's count
+      drops just before grpcio's, so a call refused in that instant goes uncounted; none is
+      counted that grpcio served.
     - A request over ``MAX_REQUEST_BYTES``: refused by grpcio's core after the call was
       accepted, so the handler's method never runs. The handler is served as a request stream
       whose first read fails or ends instead; that also happens when the caller left before

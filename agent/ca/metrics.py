@@ -10,7 +10,8 @@ facts (``citadel_server_*``) on its monitoring port 15014; the CA uses that port
 The registry is the CA's own, not the agents' shared one (``agent.base.metrics``): the CA and an
 agent can share a test process, and neither may report the other's series. The endpoint is
 prometheus-client's threaded server, because the CA is a threaded gRPC server with no event loop.
-Outcomes are ``ok`` and gRPC status names (bounded set), never a caller's name or an identity.
+Outcomes are ``ok``, gRPC status names and the two causes of a refusal before the handler
+(bounded set), never a caller's name or an identity.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ from prometheus_client.registry import Collector
 from agent.ca.authority import Authority
 
 ISSUED = "ok"  # the agents' ``nodemesh_ca_requests_total`` uses the same values
+# Calls grpcio refuses before the handler runs (``agent.ca.server``'s ``RefusalCounter``):
+# past ``MAX_CONCURRENT_RPCS`` at once, and calls that ended without their request being read:
+# one over ``MAX_REQUEST_BYTES`` (grpcio answers RESOURCE_EXHAUSTED), or a caller that left
+# before sending it; grpcio tells the handler neither which nor why, so one value holds both.
+TOO_MANY_CALLS = "too_many_calls"
+REQUEST_UNREAD = "request_unread"
 # From a few milliseconds (standalone: one ECDSA signature) to the seconds an API server under
 # load can take for TokenReview and the pod lookup.
 DECISION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -83,7 +90,9 @@ class CaMetrics:
         self._requests = Counter(
             "nodemesh_ca_server_requests_total",
             "Certificate requests the CA decided, by outcome (ok or the gRPC status of the "
-            "refusal)",
+            "refusal), and those refused before deciding (too_many_calls: past the concurrency "
+            "limit; request_unread: larger than the request limit, or the caller left before "
+            "sending it)",
             ["outcome"],
             registry=self.registry,
         )
@@ -95,6 +104,11 @@ class CaMetrics:
             registry=self.registry,
         )
         self.registry.register(_AuthorityCollector(authority, trust_domain))
+
+    def refused(self, cause: str) -> None:
+        """Count a call refused before the handler ran (``TOO_MANY_CALLS``,
+        ``REQUEST_UNREAD``); it took no decision, so no duration is observed."""
+        self._requests.labels(outcome=cause).inc()
 
     @contextmanager
     def deciding(self) -> Iterator[Callable[[grpc.StatusCode | None], None]]:

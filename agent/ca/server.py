@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -27,7 +28,7 @@ from agent.ca.auth import Authenticator, bearer_token
 from agent.ca.authority import Authority, key_pem
 from agent.ca.issuer import Issuer, Rejected
 from agent.ca.kube import KubeApiError
-from agent.ca.metrics import CaMetrics
+from agent.ca.metrics import REQUEST_UNREAD, TOO_MANY_CALLS, CaMetrics
 from agent.identity.caclient import CA_SERVER_NAME
 from agent.identity.keysmith import to_pem
 
@@ -39,7 +40,7 @@ SERVING_CERT_TTL = dt.timedelta(days=365)
 # calls past the thread pool without limit. A request is a CSR (at most ``MAX_CSR_BYTES``,
 # 16 KiB), a duration and a little metadata: larger ones are refused by grpcio before they are
 # read (RESOURCE_EXHAUSTED), and so are calls past ``MAX_CONCURRENT_RPCS`` at once (agents
-# retry with backoff, as for any failure).
+# retry with backoff, as for any failure); ``RefusalCounter`` counts both.
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_CONCURRENT_RPCS = 256
 
@@ -53,6 +54,10 @@ class CertificateService:
         self._issuer = issuer
         self._authenticator = authenticator
         self._metrics = metrics
+
+    @property
+    def metrics(self) -> CaMetrics | None:
+        return self._metrics
 
     def create_certificate(self, request: Any, context: grpc.ServicerContext) -> Any:
         if self._metrics is None:
@@ -100,6 +105,79 @@ class CertificateService:
         return grpc.method_handlers_generic_handler(caproto.SERVICE, {"CreateCertificate": method})
 
 
+class _CountingPool(ThreadPoolExecutor):
+    """The server's pool, counting the calls submitted and not finished: the number grpcio
+    compares with ``maximum_concurrent_rpcs`` (it submits exactly the calls it accepts, and
+    counts one finished in the future's callback, which runs after this pool's own)."""
+
+    def __init__(self, max_workers: int) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix="ca-rpc")
+        self._lock = threading.Lock()
+        self.active = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        with self._lock:
+            self.active += 1
+        future = super().submit(fn, *args, **kwargs)
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _future: Future[Any]) -> None:
+        with self._lock:
+            self.active -= 1
+
+
+class RefusalCounter(grpc.ServerInterceptor):
+    """Counts the calls grpcio refuses before the handler runs, which it reports to no hook.
+
+    - Past ``limit`` calls at once: grpcio calls the interceptors of every call (under its
+      lock, before it compares its count of calls in progress with the limit), so a call
+      seen while ``pool.active`` is at the limit is one grpcio refuses. The pool's count
+      drops just before grpcio's, so a call refused in that instant goes uncounted; none is
+      counted that grpcio served.
+    - A request over ``MAX_REQUEST_BYTES``: refused by grpcio's core after the call was
+      accepted, so the handler's method never runs. The handler is served as a request stream
+      whose first read fails or ends instead; that also happens when the caller left before
+      sending its request, which grpcio does not tell apart (``REQUEST_UNREAD``).
+    """
+
+    def __init__(self, metrics: CaMetrics, pool: _CountingPool, limit: int) -> None:
+        self._metrics = metrics
+        self._pool = pool
+        self._limit = limit
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        if self._pool.active >= self._limit:
+            self._metrics.refused(TOO_MANY_CALLS)
+            return handler
+        behaviour = handler.unary_unary
+        metrics = self._metrics
+
+        def first_request(requests: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                request = next(requests)
+            except (StopIteration, grpc.RpcError):
+                metrics.refused(REQUEST_UNREAD)
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"no request read: larger than {MAX_REQUEST_BYTES} bytes, or none sent",
+                )
+            return behaviour(request, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            first_request,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
 def serving_credentials(authority: Authority, names: Sequence[str]) -> grpc.ServerCredentials:
     """TLS credentials for the CA itself; the key stays in this process's memory."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -129,9 +207,13 @@ def start_server(
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
 ) -> tuple[grpc.Server, int]:
     """Start serving; returns the server and the bound port (useful with ``:0``)."""
+    pool = _CountingPool(workers)
+    metrics = service.metrics
+    counter = [] if metrics is None else [RefusalCounter(metrics, pool, max_concurrent_rpcs)]
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ca-rpc"),
+        pool,
         handlers=[service.handler()],
+        interceptors=counter,
         options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),

@@ -14,7 +14,12 @@ namespaces). Two sources with one method, ``window(seconds)``:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.client
 import json
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -34,7 +39,13 @@ from agent.view.series import (
     merge_scrapes,
 )
 
+# Seconds each socket operation (connect, one read) may wait.
 TIMEOUT = 10.0
+# Seconds the whole answer may take, from the connect to its last byte (headers, body, an
+# error's text). ``TIMEOUT`` alone bounds each read, not their number: an endpoint that
+# trickled its answer a byte every few seconds held the view for ever. Past it the view fails
+# naming the URL, as it does past ``MAX_ANSWER_BYTES``.
+ANSWER_DEADLINE = 15.0
 # The largest answer read (an agent's ``/metrics``, a Prometheus query): one endpoint that
 # answered without end (a wrong URL on a streaming server, a broken agent) once grew the
 # view's memory without bound. A larger answer fails the view, naming the URL.
@@ -47,17 +58,127 @@ def direct(func: Callable[[], bytes]) -> bytes:
     return func()
 
 
-def http_get(url: str, runner: Runner = direct) -> bytes:
-    def get() -> bytes:
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
-            return read_bounded(url, response)
+class _Deadline:
+    """Shuts the answer's sockets down once ``seconds`` have passed since it was made.
 
+    A timer rather than a check between reads: a read blocked in ``recv`` (or in
+    ``http.client`` reading the headers, or in a TLS handshake) only returns when the socket
+    is shut; the check after each read would allow one more ``TIMEOUT`` per read."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.passed = False
+        self._end = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._done = False
+        self._timers: list[threading.Timer] = []
+
+    def watch(self, sock: socket.socket) -> None:
+        timer = threading.Timer(max(0.0, self._end - time.monotonic()), self._expire, (sock,))
+        timer.daemon = True
+        with self._lock:
+            if self._done:
+                return
+            self._timers.append(timer)
+        timer.start()
+
+    def _expire(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.passed = True
+        with contextlib.suppress(OSError):  # already closed: nothing left to wait on
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> bool:
+        """Stops the timers; whether the deadline passed before."""
+        with self._lock:
+            self._done = True
+            timers, self._timers = self._timers, []
+        for timer in timers:
+            timer.cancel()
+        return self.passed
+
+
+def _watched(cls: Any, deadline: _Deadline, *args: Any, **kwargs: Any) -> Any:
+    """An ``http.client`` connection of ``cls`` whose sockets ``deadline`` watches from the
+    moment they connect (before a TLS handshake on them)."""
+    connection = cls(*args, **kwargs)
+    create = connection._create_connection
+
+    def create_watched(*a: Any, **kw: Any) -> socket.socket:
+        sock: socket.socket = create(*a, **kw)
+        deadline.watch(sock)
+        return sock
+
+    connection._create_connection = create_watched
+    return connection
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        factory = functools.partial(_watched, http.client.HTTPConnection, self.deadline)
+        return self.do_open(factory, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        factory = functools.partial(_watched, http.client.HTTPSConnection, self.deadline)
+        return self.do_open(factory, req, context=self._context)  # type: ignore[attr-defined]
+
+
+def _open(url: str, watch: _Deadline) -> Any:
+    """The response to GET ``url``, its sockets watched by ``watch``."""
+    opener = urllib.request.build_opener(_HTTPHandler(watch), _HTTPSHandler(watch))
+    return opener.open(url, timeout=TIMEOUT)
+
+
+def _get(url: str, deadline: float) -> bytes:
+    """The answer to GET ``url`` read within ``deadline`` seconds; ``ViewError`` otherwise."""
+    watch = _Deadline(deadline)
     try:
-        return runner(get)
-    except urllib.error.HTTPError as e:
-        detail = e.read(300).decode("utf-8", "replace")
-        raise ViewError(f"GET {url}: HTTP {e.code}: {detail}") from e
-    except (urllib.error.URLError, OSError) as e:
+        try:
+            with _open(url, watch) as response:
+                body = read_bounded(url, response)
+        except urllib.error.HTTPError as e:
+            detail = e.read(300).decode("utf-8", "replace")
+            e.close()
+            raise ViewError(f"GET {url}: HTTP {e.code}: {detail}") from e
+    except (OSError, http.client.HTTPException, ViewError) as e:
+        if watch.finish():
+            raise _past_deadline(url, deadline) from e
+        raise
+    finally:
+        passed = watch.finish()
+    if passed:
+        # Shut down after the last byte came: what was read may be short, so it is not used.
+        raise _past_deadline(url, deadline)
+    return body
+
+
+def _past_deadline(url: str, deadline: float) -> ViewError:
+    return ViewError(
+        f"GET {url}: no whole answer within {deadline:g} s (each read came within "
+        f"{TIMEOUT:g} s, but the answer kept trickling); is the agent or server overloaded, "
+        "or is this an agent's /metrics or a Prometheus server?"
+    )
+
+
+def http_get(url: str, runner: Runner = direct, deadline: float | None = None) -> bytes:
+    """GET ``url`` (from where ``runner`` runs it): at most ``MAX_ANSWER_BYTES``, within
+    ``deadline`` seconds (by default ``ANSWER_DEADLINE``) from the connect to the last byte."""
+    seconds = ANSWER_DEADLINE if deadline is None else deadline
+    try:
+        return runner(lambda: _get(url, seconds))
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise ViewError(f"GET {url} failed: {e}") from e
 
 

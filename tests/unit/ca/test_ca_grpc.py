@@ -14,10 +14,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+from prometheus_client import generate_latest
 
 from agent.ca.auth import Authenticator, NodeTokenAuthenticator
 from agent.ca.inprocess import InProcessCA
-from agent.ca.issuer import Caller
+from agent.ca.issuer import MAX_CSR_BYTES, Caller, Rejected, parse_csr
+from agent.ca.metrics import CaMetrics
 from agent.ca.server import CertificateService, start_server
 from agent.identity.keysmith import build_csr, generate_key
 from agent.identity.spiffe import SpiffeId
@@ -246,3 +248,78 @@ def test_calls_past_the_concurrency_limit_are_refused_and_the_others_served(
         held.release.set()
         server.stop(None)
         ca.port = saved
+
+
+def _requests(metrics: CaMetrics) -> dict[str, float]:
+    """``nodemesh_ca_server_requests_total`` by outcome."""
+    found: dict[str, float] = {}
+    for line in generate_latest(metrics.registry).decode().splitlines():
+        if line.startswith("nodemesh_ca_server_requests_total{"):
+            labels, _, value = line.partition("} ")
+            found[labels.split('outcome="')[1].rstrip('"')] = float(value)
+    return found
+
+
+def test_calls_grpcio_refuses_before_the_handler_are_counted_by_cause(
+    ca: InProcessCA,
+) -> None:
+    """grpcio refuses a request over ``MAX_REQUEST_BYTES`` and a call past the concurrency
+    limit before the handler runs, so the CA's request counter never saw either; now each
+    counts under its cause, and the calls it served still count ``ok``."""
+    held = _Held(NodeTokenAuthenticator({t: node for node, t in ca.node_tokens.items()}))
+    metrics = CaMetrics(lambda: ca.authority, "cluster.local")
+    server, port = start_server(
+        CertificateService(ca.issuer, held, metrics), ca.authority, listen="127.0.0.1:0",
+        max_concurrent_rpcs=2,
+    )  # fmt: skip
+    ca.port, saved = port, ca.port
+    token = ca.node_tokens["node1"]
+    try:
+        with RawClient(ca) as raw, ThreadPoolExecutor(max_workers=2) as pool:
+            pad = {"pad": "x" * (200 * 1024)}
+            too_large = status_of(
+                lambda: raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT,
+                                   extra_metadata=pad)
+            )  # fmt: skip
+            assert too_large == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _requests(metrics) == {"request_unread": 1}
+            calls = [
+                pool.submit(raw.create, csr_for(CLIENT), token=token, impersonate=CLIENT)
+                for _ in range(2)
+            ]
+            for _ in range(2):
+                held.entered.acquire()
+            third = status_of(lambda: raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT))
+            held.release.set()
+            assert third == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert all(c.result().cert_chain for c in calls)
+            assert raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT).cert_chain
+        assert _requests(metrics) == {"request_unread": 1, "too_many_calls": 1, "ok": 3}
+    finally:
+        held.release.set()
+        server.stop(None)
+        ca.port = saved
+
+
+def test_a_csr_is_parsed_up_to_max_csr_bytes_and_refused_past_them_in_bytes(
+    ca: InProcessCA, raw: RawClient
+) -> None:
+    """``MAX_CSR_BYTES`` bounds what reaches the parser, counted in bytes: a CSR padded (PEM
+    allows text after its block) to exactly the limit is issued; one byte more, or as many
+    characters of which some take more than one byte, is refused INVALID_ARGUMENT naming the
+    limit (the characters were counted, so such a CSR reached the parser as malformed)."""
+    token = ca.node_tokens["node1"]
+    csr = csr_for(CLIENT)
+    at_limit = csr + "\n" * (MAX_CSR_BYTES - len(csr))
+    assert len(at_limit.encode()) == MAX_CSR_BYTES
+    assert parse_csr(at_limit).is_signature_valid
+    assert raw.create(at_limit, token=token, impersonate=CLIENT).cert_chain
+    wide = csr + "\u00e9" * (MAX_CSR_BYTES - len(csr))
+    for over in (at_limit + "\n", wide):
+        with pytest.raises(Rejected, match=f"larger than {MAX_CSR_BYTES} bytes") as info:
+            parse_csr(over)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as refused:
+        raw.create(at_limit + "\n", token=token, impersonate=CLIENT)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert f"larger than {MAX_CSR_BYTES} bytes" in refused.value.details()  # type: ignore[attr-defined]

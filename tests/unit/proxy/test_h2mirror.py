@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
 from h2.events import DataReceived, RequestReceived, StreamEnded, TrailersReceived
 
 from agent.proxy.h2mirror import MirrorCall, shadow_request
 from agent.proxy.h2proxy import Choice, H2Limits, LocalAnswer, PickRequest
+from agent.proxy.http_outbound import MAX_MIRRORS, HttpOutbound
 from tests.unit.proxy.h2peers import peer
 from tests.unit.proxy.test_h2proxy import Pods, _grpc_call
 
@@ -141,3 +148,49 @@ def test_a_request_refused_where_it_is_sent_is_copied_as_one_a_far_pod_refuses()
 
 DENIED_THERE = [(b":status", b"200"), (b"content-type", b"application/grpc"),
                 (b"grpc-status", b"7")]  # fmt: skip
+
+
+def test_copies_past_the_node_limit_are_dropped_and_counted_and_room_is_made_as_they_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``HttpOutbound.mirror`` (both protocols' copies go through it): at most
+    ``MAX_MIRRORS`` copies in flight per node, a mirror endpoint that never answers holds no
+    more; each one past the limit starts nothing and counts ``overflow``, and a copy that ends
+    makes room for the next. Copies here wait until released, standing in for slow endpoints."""
+    counted: Counter[tuple[str, str]] = Counter()
+    service = SimpleNamespace(count=lambda event, detail="": counted.update([(event, detail)]))
+    http = HttpOutbound.__new__(HttpOutbound)  # only what ``mirror`` reads
+    http.outbound = SimpleNamespace(core=SimpleNamespace(snapshot=lambda: None))  # type: ignore[assignment]
+    http.router = SimpleNamespace(traffic=SimpleNamespace(service=lambda snap, s: service))  # type: ignore[assignment]
+    started: list[str] = []
+
+    async def main() -> None:
+        http.mirroring = set()
+        release = asyncio.Event()
+
+        async def copy(target: Any, source: Any, record: Any, where: str, send: Any) -> None:
+            started.append(where)
+            await release.wait()
+
+        monkeypatch.setattr(http, "copy", copy)
+        target = SimpleNamespace(service=SimpleNamespace(name="web-shadow", namespace="default"))
+
+        def mirror(where: str) -> None:
+            http.mirror([target], True, None, None, where, None)  # type: ignore[list-item, arg-type]
+
+        for i in range(MAX_MIRRORS + 3):
+            mirror(f"r{i}")
+        await asyncio.sleep(0)
+        assert len(http.mirroring) == MAX_MIRRORS
+        assert len(started) == MAX_MIRRORS
+        assert counted == {("http_mirror", "overflow"): 3}
+        release.set()
+        while http.mirroring:
+            await asyncio.sleep(0)
+        mirror("after")
+        await asyncio.sleep(0)
+        assert started[-1] == "after"
+        assert counted == {("http_mirror", "overflow"): 3}
+        await asyncio.gather(*http.mirroring)
+
+    asyncio.run(asyncio.wait_for(main(), 10))

@@ -4,6 +4,12 @@ The admin API listens on loopback in the agent's network namespace, so the usual
 asking from the wrong place: the error names the address, the cause, and the ways to get there
 (run it on the node, ``nodemesh lab exec NODE -- ...`` in the lab, ``kubectl exec`` or
 port-forward in a cluster).
+
+An answer is bounded as the view's are (``agent.view.sources``): ``timeout`` bounds each socket
+operation, ``ANSWER_DEADLINE`` the whole answer (an agent that trickled it held the CLI, and
+``nodemesh proxy-status``'s thread for that agent, for ever), and ``MAX_ANSWER_BYTES`` what is
+read (an address that answered without end grew the CLI's memory without bound). Both are
+generous: ``/connections`` of an agent with 100,000 live connections is about 100 MiB of JSON.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ import json
 from typing import Any
 
 from agent.base.constants import ADMIN_PORT
+from agent.base.deadline import AnswerDeadline
 
 DEFAULT_ADMIN = f"127.0.0.1:{ADMIN_PORT}"
+ANSWER_DEADLINE = 60.0  # seconds for a whole answer, from the connect to its last byte
+MAX_ANSWER_BYTES = 512 << 20
 
 
 class AdminError(RuntimeError):
@@ -28,14 +37,27 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def request(address: str, path: str, *, method: str = "GET", timeout: float = 5.0) -> Any:
-    """The JSON answer of ``method path`` on the agent at ``address``."""
+def request(
+    address: str,
+    path: str,
+    *,
+    method: str = "GET",
+    timeout: float = 5.0,
+    deadline: float = ANSWER_DEADLINE,
+    limit: int = MAX_ANSWER_BYTES,
+) -> Any:
+    """The JSON answer of ``method path`` on the agent at ``address``: each socket operation
+    within ``timeout`` seconds, the whole answer within ``deadline``, at most ``limit`` bytes."""
     host, port = split_address(address)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    watch = AnswerDeadline(deadline)
     try:
+        conn.connect()
+        assert conn.sock is not None
+        watch.watch(conn.sock)
         conn.request(method, path)
         response = conn.getresponse()
-        body = response.read()
+        body = response.read(limit + 1)
     except ConnectionRefusedError as e:
         raise AdminError(
             f"no nodemesh agent answers on {address} (connection refused). The admin API "
@@ -43,12 +65,22 @@ def request(address: str, path: str, *, method: str = "GET", timeout: float = 5.
             "(lab: nodemesh lab exec node1 -- nodemesh ...; Kubernetes: kubectl exec into the "
             "agent pod, or kubectl port-forward it), or pass --admin HOST:PORT"
         ) from e
-    except TimeoutError as e:
-        raise AdminError(f"the agent at {address} did not answer within {timeout:.0f}s") from e
     except (OSError, http.client.HTTPException) as e:
+        if watch.finish():
+            raise _past_deadline(address, path, deadline, timeout) from e
+        if isinstance(e, TimeoutError):
+            raise AdminError(f"the agent at {address} did not answer within {timeout:.0f}s") from e
         raise AdminError(f"cannot read {path} from the agent at {address}: {e}") from e
     finally:
         conn.close()
+        passed = watch.finish()
+    if passed:  # shut down after the last byte came: what was read may be short
+        raise _past_deadline(address, path, deadline, timeout)
+    if len(body) > limit:
+        raise AdminError(
+            f"{address}{path}: the answer is larger than {limit >> 20} MiB; is {address} a "
+            "nodemesh agent's admin API?"
+        )
     try:
         value = json.loads(body)
     except ValueError as e:
@@ -59,3 +91,11 @@ def request(address: str, path: str, *, method: str = "GET", timeout: float = 5.
     if response.status != 200:
         raise AdminError(f"{address}{path}: HTTP {response.status}: {value.get('error', value)}")
     return value
+
+
+def _past_deadline(address: str, path: str, deadline: float, timeout: float) -> AdminError:
+    return AdminError(
+        f"{address}{path}: no whole answer within {deadline:g} s (each read came within "
+        f"{timeout:g} s, but the answer kept trickling); is the agent overloaded, or is "
+        f"{address} a nodemesh agent's admin API?"
+    )

@@ -14,12 +14,10 @@ namespaces). Two sources with one method, ``window(seconds)``:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import http.client
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -28,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from agent.base.deadline import AnswerDeadline
 from agent.view import promql
 from agent.view.aggregate import TCP_FAMILIES
 from agent.view.series import (
@@ -58,49 +57,7 @@ def direct(func: Callable[[], bytes]) -> bytes:
     return func()
 
 
-class _Deadline:
-    """Shuts the answer's sockets down once ``seconds`` have passed since it was made.
-
-    A timer rather than a check between reads: a read blocked in ``recv`` (or in
-    ``http.client`` reading the headers, or in a TLS handshake) only returns when the socket
-    is shut; the check after each read would allow one more ``TIMEOUT`` per read."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.passed = False
-        self._end = time.monotonic() + seconds
-        self._lock = threading.Lock()
-        self._done = False
-        self._timers: list[threading.Timer] = []
-
-    def watch(self, sock: socket.socket) -> None:
-        timer = threading.Timer(max(0.0, self._end - time.monotonic()), self._expire, (sock,))
-        timer.daemon = True
-        with self._lock:
-            if self._done:
-                return
-            self._timers.append(timer)
-        timer.start()
-
-    def _expire(self, sock: socket.socket) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self.passed = True
-        with contextlib.suppress(OSError):  # already closed: nothing left to wait on
-            sock.shutdown(socket.SHUT_RDWR)
-
-    def finish(self) -> bool:
-        """Stops the timers; whether the deadline passed before."""
-        with self._lock:
-            self._done = True
-            timers, self._timers = self._timers, []
-        for timer in timers:
-            timer.cancel()
-        return self.passed
-
-
-def _watched(cls: Any, deadline: _Deadline, *args: Any, **kwargs: Any) -> Any:
+def _watched(cls: Any, deadline: AnswerDeadline, *args: Any, **kwargs: Any) -> Any:
     """An ``http.client`` connection of ``cls`` whose sockets ``deadline`` watches from the
     moment they connect (before a TLS handshake on them)."""
     connection = cls(*args, **kwargs)
@@ -116,7 +73,7 @@ def _watched(cls: Any, deadline: _Deadline, *args: Any, **kwargs: Any) -> Any:
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline: _Deadline) -> None:
+    def __init__(self, deadline: AnswerDeadline) -> None:
         super().__init__()
         self.deadline = deadline
 
@@ -126,7 +83,7 @@ class _HTTPHandler(urllib.request.HTTPHandler):
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline: _Deadline) -> None:
+    def __init__(self, deadline: AnswerDeadline) -> None:
         super().__init__()
         self.deadline = deadline
 
@@ -135,7 +92,7 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(factory, req, context=self._context)  # type: ignore[attr-defined]
 
 
-def _open(url: str, watch: _Deadline) -> Any:
+def _open(url: str, watch: AnswerDeadline) -> Any:
     """The response to GET ``url``, its sockets watched by ``watch``."""
     opener = urllib.request.build_opener(_HTTPHandler(watch), _HTTPSHandler(watch))
     return opener.open(url, timeout=TIMEOUT)
@@ -143,7 +100,7 @@ def _open(url: str, watch: _Deadline) -> Any:
 
 def _get(url: str, deadline: float) -> bytes:
     """The answer to GET ``url`` read within ``deadline`` seconds; ``ViewError`` otherwise."""
-    watch = _Deadline(deadline)
+    watch = AnswerDeadline(deadline)
     try:
         try:
             with _open(url, watch) as response:

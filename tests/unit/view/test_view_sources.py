@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import socket
-import threading
-import time
 import urllib.parse
 from collections.abc import Callable
 
@@ -18,6 +15,7 @@ from agent.view.aggregate import OPENED, TCP_FAMILIES, increase
 from agent.view.screen import Screen
 from agent.view.series import ViewError
 from agent.view.sources import Agent, AgentSource, PrometheusSource, http_get, read_bounded
+from tests.trickle import Trickler
 
 
 def test_prometheus_source_asks_each_family_at_one_instant() -> None:
@@ -133,42 +131,6 @@ def test_an_answer_past_the_bound_fails_the_view_and_is_not_read_further() -> No
     assert body == b"m 1\n"
 
 
-class _Trickler:
-    """A loopback server that sends ``head`` then ``body`` a byte at a time, ``pause`` apart,
-    and records whether the client went away before it finished."""
-
-    def __init__(self, head: bytes, body: bytes, pause: float) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/metrics"
-        self.data, self.pause = head + body, pause
-        self.sent = 0
-        self.client_left = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self) -> None:
-        conn, _ = self.listener.accept()
-        with conn:
-            conn.recv(65536)  # the request
-            for i in range(len(self.data)):
-                try:
-                    conn.sendall(self.data[i : i + 1])
-                except OSError:
-                    self.client_left.set()
-                    return
-                self.sent += 1
-                time.sleep(self.pause)
-            # All sent: whether the client left shows as end of stream.
-            conn.settimeout(30)
-            with contextlib.suppress(OSError):
-                if conn.recv(1) == b"":
-                    self.client_left.set()
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(60)
-
-
 @pytest.mark.parametrize("where", ["head", "body"])
 def test_an_answer_that_trickles_past_the_deadline_fails_the_view_naming_the_url(
     where: str,
@@ -180,7 +142,7 @@ def test_an_answer_that_trickles_past_the_deadline_fails_the_view_naming_the_url
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
     if where == "head":
         head = head.replace(b"\r\n\r\n", b"\r\nX-Pad: " + b"p" * 300 + b"\r\n\r\n")
-    server = _Trickler(head, body, pause=0.02)
+    server = Trickler(head, body, pause=0.02)
     try:
         with pytest.raises(ViewError) as caught:
             http_get(server.url, deadline=0.3)
@@ -198,12 +160,12 @@ def test_an_answer_that_trickles_past_the_deadline_fails_the_view_naming_the_url
 
 def test_an_answer_within_the_deadline_is_read_whole_and_an_error_names_its_status() -> None:
     body = b"m 1\n" * 10
-    server = _Trickler(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body, 0)
+    server = Trickler(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body, 0)
     try:
         assert http_get(server.url, deadline=30) == body
     finally:
         server.close()
-    server = _Trickler(b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\n", b"gone", 0)
+    server = Trickler(b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\n", b"gone", 0)
     try:
         with pytest.raises(ViewError, match="HTTP 404: gone"):
             http_get(server.url, deadline=30)

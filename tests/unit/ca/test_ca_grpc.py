@@ -219,6 +219,23 @@ class _Held:
         return self.inner.authenticate(token)
 
 
+def _two_held_and_a_third_refused(
+    raw: RawClient, pool: ThreadPoolExecutor, held: _Held, token: str
+) -> None:
+    """Two calls held in the authenticator (the server's limit), a third refused
+    RESOURCE_EXHAUSTED at once; released, the two finish and a next call is served."""
+    calls = [
+        pool.submit(raw.create, csr_for(CLIENT), token=token, impersonate=CLIENT) for _ in range(2)
+    ]
+    for _ in range(2):
+        held.entered.acquire()
+    third = status_of(lambda: raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT))
+    held.release.set()
+    assert third == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert all(c.result().cert_chain for c in calls)
+    assert raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT).cert_chain
+
+
 def test_calls_past_the_concurrency_limit_are_refused_and_the_others_served(
     ca: InProcessCA,
 ) -> None:
@@ -232,18 +249,7 @@ def test_calls_past_the_concurrency_limit_are_refused_and_the_others_served(
     ca.port, saved = port, ca.port
     try:
         with RawClient(ca) as raw, ThreadPoolExecutor(max_workers=2) as pool:
-            token = ca.node_tokens["node1"]
-            calls = [
-                pool.submit(raw.create, csr_for(CLIENT), token=token, impersonate=CLIENT)
-                for _ in range(2)
-            ]
-            for _ in range(2):
-                held.entered.acquire()
-            third = status_of(lambda: raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT))
-            held.release.set()
-            assert third == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert all(c.result().cert_chain for c in calls)
-            assert raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT).cert_chain
+            _two_held_and_a_third_refused(raw, pool, held, ca.node_tokens["node1"])
     finally:
         held.release.set()
         server.stop(None)
@@ -283,17 +289,7 @@ def test_calls_grpcio_refuses_before_the_handler_are_counted_by_cause(
             )  # fmt: skip
             assert too_large == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert _requests(metrics) == {"request_unread": 1}
-            calls = [
-                pool.submit(raw.create, csr_for(CLIENT), token=token, impersonate=CLIENT)
-                for _ in range(2)
-            ]
-            for _ in range(2):
-                held.entered.acquire()
-            third = status_of(lambda: raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT))
-            held.release.set()
-            assert third == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert all(c.result().cert_chain for c in calls)
-            assert raw.create(csr_for(CLIENT), token=token, impersonate=CLIENT).cert_chain
+            _two_held_and_a_third_refused(raw, pool, held, token)
         assert _requests(metrics) == {"request_unread": 1, "too_many_calls": 1, "ok": 3}
     finally:
         held.release.set()

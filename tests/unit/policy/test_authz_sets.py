@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from agent.policy import authz
 from agent.policy.authz import Authorizer, HttpAttributes, Request
 from agent.state.model import PolicyObject, Workload
+from tests.bench.policy.bench_authz_match import mixed
+from tests.bench.policy.bench_authz_match import policies as allows
 from tests.calls import CallCount
 from tests.unit.policy.authz_reference import reference_decision, reference_policy
 from tests.unit.policy.test_authz_compiled import request, specs
@@ -116,38 +118,8 @@ class Calls(CallCount):
             self._inside = False
 
 
-def _allows(count: int) -> list[PolicyObject]:
-    """``bench_authz_match``'s policies: ALLOW policy i lets ``.../sa/c{i}`` GET or POST
-    ``/api/v{i}/*`` and ``/health``."""
-    out = []
-    for i in range(count):
-        rule = {
-            "from": [{"source": {"principals": [f"cluster.local/ns/front/sa/c{i}"]}}],
-            "to": [
-                {"operation": {"methods": ["GET", "POST"], "paths": [f"/api/v{i}/*", "/health"]}}
-            ],
-        }
-        spec = {"action": "ALLOW", "selector": {"matchLabels": {"app": "web"}}, "rules": [rule]}
-        out.append(PolicyObject("AuthorizationPolicy", "shop", f"p{i:03d}", spec))
-    return out
-
-
-def _deny_audit_dry(count: int) -> list[PolicyObject]:
-    """A DENY, an AUDIT and a dry-run DENY beside the ALLOWs, none matching ``_last``'s
-    request (so each is asked in full)."""
-    no_admin = {"rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]}
-    return [
-        *_allows(count),
-        PolicyObject("AuthorizationPolicy", "shop", "deny", {"action": "DENY", **no_admin}),
-        PolicyObject("AuthorizationPolicy", "shop", "audit", {"action": "AUDIT", **no_admin}),
-        PolicyObject(
-            "AuthorizationPolicy", "shop", "trial", {"action": "DENY", **no_admin}, dry_run=True
-        ),
-    ]
-
-
 def _last(count: int) -> Request:
-    """A GET only the last of ``_allows(count)`` lets through."""
+    """A GET only the last of ``allows(count)`` lets through."""
     http = HttpAttributes("GET", f"/api/v{count - 1}/items", "web", ((b"host", b"web"),))
     return Request(
         "10.0.2.2", "10.0.0.9", 8080, f"spiffe://cluster.local/ns/front/sa/c{count - 1}", http
@@ -172,8 +144,8 @@ def test_a_decision_costs_the_same_calls_whatever_the_number_of_policies(count: 
     policy's path is read). With a DENY, an AUDIT and a dry-run DENY beside them: their three
     functions more (a ``startswith`` each), and the ``Decision.__init__`` that reports what
     they said."""
-    assert _calls(_allows(count), _last(count)) == (3, 4)
-    assert _calls(_deny_audit_dry(count), _last(count)) == (7, 7)
+    assert _calls(allows(count), _last(count)) == (3, 4)
+    assert _calls(mixed(count), _last(count)) == (7, 7)
 
 
 def test_the_set_functions_text_holds_no_policy_value() -> None:
@@ -262,7 +234,7 @@ def test_two_thousand_policies_are_cut_into_functions() -> None:
 def test_same_shaped_runs_of_policies_share_code() -> None:
     """1,000 ALLOWs of one shape (other principals, paths): four functions, the first three
     one code object (their text is the same: constants by name, numbered per function)."""
-    authz_ = Authorizer.compile(_allows(1000))
+    authz_ = Authorizer.compile(allows(1000))
     codes = generated(authz_, POD)
     assert len(codes) == 4
     assert codes[0] is codes[1] is codes[2] and codes[3] is not codes[0]

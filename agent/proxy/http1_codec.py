@@ -20,6 +20,11 @@ that two parsers could delimit differently is refused, never guessed at:
   more than ``max_head_bytes`` fed within a body without a byte of it, e.g. one trailer that
   never ends), since llhttp sets no limit of its own and ``httptools`` keeps an unfinished
   field's bytes until it ends: without it a peer's endless trailers grew without bound;
+* a head, or a trailer block, of more than ``max_fields`` header fields (``DEFAULT_MAX_FIELDS``
+  100, Envoy's ``max_headers_count`` default): 431 (``headers_too_large``, ``TOO_MANY_FIELDS``),
+  counted as llhttp hands each field over, before it is kept. Why besides the byte bound: a
+  head of tiny fields (``a:`` 15,000 times fits in 60 KiB) became about 30 times its size in
+  Python objects (a tuple and two ``bytes`` per field), held per connection;
 * the HTTP/2 connection preface (``PRI * HTTP/2.0``: an h2c client with prior knowledge, e.g.
   gRPC): 400 (``malformed``), its detail saying how to declare the port HTTP/2 (``H2_PREFACE``).
 
@@ -47,6 +52,8 @@ HEADERS_TOO_LARGE = "headers_too_large"
 AMBIGUOUS_LENGTH = "ambiguous_length"
 UNSUPPORTED_CODING = "unsupported_transfer_coding"
 TRAILERS_TOO_LARGE = "trailers over the size limit"  # a 431's detail (cause HEADERS_TOO_LARGE)
+DEFAULT_MAX_FIELDS = 100  # header fields per head or trailer block (Envoy's max_headers_count)
+TOO_MANY_FIELDS = "more than %d header fields"  # a 431's detail (cause HEADERS_TOO_LARGE)
 
 Headers = list[tuple[bytes, bytes]]
 _NAME = operator.itemgetter(0)  # a header's name
@@ -147,8 +154,9 @@ def _refusal_of(error: httptools.HttpParserError) -> Refusal:
 class _Reader:
     """What both halves share: llhttp's callbacks turned into queued events."""
 
-    def __init__(self, max_head_bytes: int) -> None:
+    def __init__(self, max_head_bytes: int, max_fields: int = DEFAULT_MAX_FIELDS) -> None:
         self.max_head_bytes = max_head_bytes
+        self.max_fields = max_fields
         self.events: deque[Event] = deque()
         self.failed: Refusal | None = None
         self.in_head = False  # a head has begun and is not complete
@@ -183,14 +191,21 @@ class _Reader:
         if self._in_body:  # a trailer: bounded with the head by twice its limit
             if self._size > 2 * self.max_head_bytes:
                 raise _Refused(Refusal(431, HEADERS_TOO_LARGE, TRAILERS_TOO_LARGE))
+            if len(self._trailers) >= self.max_fields:
+                raise _Refused(self._too_many())
             self._trailers.append((name.lower(), value))
             return
         if self._size > self.max_head_bytes:
             raise _Refused(Refusal(431, HEADERS_TOO_LARGE, "head over the size limit"))
+        if len(self._headers) >= self.max_fields:
+            raise _Refused(self._too_many())
         field = (name.lower(), value)
         self._headers.append(field)
         if field[0] in NOTED:
             self._noted.append(field)
+
+    def _too_many(self) -> Refusal:
+        return Refusal(431, HEADERS_TOO_LARGE, TOO_MANY_FIELDS % self.max_fields)
 
     def on_body(self, body: bytes) -> None:
         self.events.append(Body(body))
@@ -275,8 +290,8 @@ class RequestReader(_Reader):
     stops: the bytes after its head, and all fed later, wait in ``upgraded`` until the owner
     knows the answer: ``resume()`` if it was not ``101`` (they are read as requests)."""
 
-    def __init__(self, max_head_bytes: int) -> None:
-        super().__init__(max_head_bytes)
+    def __init__(self, max_head_bytes: int, max_fields: int = DEFAULT_MAX_FIELDS) -> None:
+        super().__init__(max_head_bytes, max_fields)
         self._parser = httptools.HttpRequestParser(self)
         self.upgraded: bytearray | None = None
         self._opening = b""  # the connection's first bytes, to tell an HTTP/2 preface
@@ -352,8 +367,8 @@ class ResponseReader(_Reader):
     says): that head is read alone and its body skipped. A body delimited by the end of the
     connection ends with ``eof()``."""
 
-    def __init__(self, max_head_bytes: int) -> None:
-        super().__init__(max_head_bytes)
+    def __init__(self, max_head_bytes: int, max_fields: int = DEFAULT_MAX_FIELDS) -> None:
+        super().__init__(max_head_bytes, max_fields)
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = False
         self._pending = bytearray()  # a HEAD response's head, until complete

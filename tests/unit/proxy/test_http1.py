@@ -14,6 +14,7 @@ from agent.proxy.http1 import (
     HEADERS_TOO_LARGE,
     MALFORMED,
     UNSUPPORTED_CODING,
+    UPSTREAM_PROTOCOL,
     Http1Proxy,
     RequestHead,
     RequestIds,
@@ -426,3 +427,28 @@ def test_request_ids_are_random_uuid4s_and_a_forked_process_draws_its_own() -> N
     os.waitpid(pid, 0)
     with os.fdopen(read, "rb") as child:
         assert child.read().decode() != ids()
+
+
+def test_a_head_of_more_fields_than_the_limit_gets_431_naming_the_count_and_closes() -> None:
+    fields = b"".join(b"x%d: v\r\n" % i for i in range(99))
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n" + fields + b"\r\n")  # 100 fields: read
+    assert p.take_to_upstream().startswith(b"GET / HTTP/1.1\r\n") and not p.closing
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\nextra: 1\r\n" + fields + b"\r\n")
+    answer = p.take_to_client()
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"more than 100 header fields" in answer
+    assert p.take_rejections() == [HEADERS_TOO_LARGE] and p.closing
+    assert p.take_to_upstream() == b""
+
+
+def test_a_response_of_more_fields_than_the_limit_is_502_to_the_client() -> None:
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.take_to_upstream()
+    fields = b"".join(b"x%d: v\r\n" % i for i in range(100))
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + fields + b"\r\n")
+    assert p.take_to_client().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert p.take_rejections() == [UPSTREAM_PROTOCOL] and p.closing
+    (done,) = p.take_completed()
+    assert (done.status, done.flags) == (502, "UC")

@@ -11,6 +11,7 @@ import itertools
 import pytest
 
 from agent.proxy.http1 import AMBIGUOUS_LENGTH, HEADER_TIMEOUT, UPSTREAM_PROTOCOL
+from agent.proxy.http1_codec import MAX_WAITING
 from agent.proxy.http_outbound_codec import (
     DroppedResponse,
     SourceHttp1,
@@ -568,3 +569,22 @@ def test_a_response_of_more_fields_than_the_limit_is_answered_as_one_over_the_by
     assert answers[0] == answers[1]
     status = 502 if direct else 503
     assert answers[0] == (b"HTTP/1.1 %d " % status, [UPSTREAM_PROTOCOL], status, "UC")
+
+
+def test_a_thousand_pipelined_requests_are_served_in_order_a_few_parsed_at_a_time() -> None:
+    """The source's reader, too, parses at most ``MAX_WAITING`` pipelined heads ahead of the
+    request being served; the rest of the read waits as bytes and is served in order."""
+    c = _codec()
+    c.receive_client(b"".join(b"GET /%d HTTP/1.1\r\nHost: web\r\n\r\n" % i for i in range(1000)))
+    assert c.client.held and not c.wants_client_data()
+    most, sent = c.client.waiting, []
+    for _ in range(1000):
+        assert c.pending is not None
+        c.attach(new_upstream(), "e")
+        sent.append(c.take_to_upstream().split(b" ", 2)[1])
+        c.receive_upstream(OK)
+        most = max(most, c.client.waiting)
+    assert sent == [b"/%d" % i for i in range(1000)]
+    assert [e.head.path for e, _ in c.take_completed()] == [f"/{i}" for i in range(1000)]
+    assert c.take_to_client() == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" * 1000
+    assert 0 < most <= MAX_WAITING and not c.client.held and c.wants_client_data()

@@ -140,7 +140,7 @@ def _read_all(reader: RequestReader, reads: list[bytes]) -> list[object]:
             reader.feed(data)
             assert reader.waiting <= reader.max_waiting
             take()
-    return out + [bytes(reader.upgraded or b""), reader.in_head]
+    return [*out, bytes(reader.upgraded or b""), reader.in_head]
 
 
 PIPELINED = [

@@ -54,6 +54,7 @@ UNSUPPORTED_CODING = "unsupported_transfer_coding"
 TRAILERS_TOO_LARGE = "trailers over the size limit"  # a 431's detail (cause HEADERS_TOO_LARGE)
 DEFAULT_MAX_FIELDS = 100  # header fields per head or trailer block (Envoy's max_headers_count)
 TOO_MANY_FIELDS = "more than %d header fields"  # a 431's detail (cause HEADERS_TOO_LARGE)
+_FIELD_SIZE_MIN = 5  # what the smallest field adds to ``_Reader._size``
 MAX_WAITING = 4  # pipelined requests parsed ahead of the owner (``RequestReader``)
 HEAD_END = b"\r\n\r\n"
 
@@ -159,6 +160,10 @@ class _Reader:
     def __init__(self, max_head_bytes: int, max_fields: int = DEFAULT_MAX_FIELDS) -> None:
         self.max_head_bytes = max_head_bytes
         self.max_fields = max_fields
+        # A field adds at least 5 to a head's size (a name's byte, ": ", CRLF): below
+        # ``max_fields`` times that, the head is within both bounds, and the usual head is
+        # checked by one comparison, as before the count.
+        self._check_from = min(max_head_bytes, _FIELD_SIZE_MIN * max_fields)
         self.events: deque[Event] = deque()
         self.failed: Refusal | None = None
         self.in_head = False  # a head has begun and is not complete
@@ -197,10 +202,11 @@ class _Reader:
                 raise _Refused(self._too_many())
             self._trailers.append((name.lower(), value))
             return
-        if self._size > self.max_head_bytes:
-            raise _Refused(Refusal(431, HEADERS_TOO_LARGE, "head over the size limit"))
-        if len(self._headers) >= self.max_fields:
-            raise _Refused(self._too_many())
+        if self._size > self._check_from:  # past it, a head may be over either bound
+            if self._size > self.max_head_bytes:
+                raise _Refused(Refusal(431, HEADERS_TOO_LARGE, "head over the size limit"))
+            if len(self._headers) >= self.max_fields:
+                raise _Refused(self._too_many())
         field = (name.lower(), value)
         self._headers.append(field)
         if field[0] in NOTED:
@@ -315,6 +321,7 @@ class RequestReader(_Reader):
         self.upgraded: bytearray | None = None
         self.held = b""  # bytes read past ``max_waiting`` parsed heads, until ``release()``
         self._body_left = 0  # of the body framed by Content-Length being read
+        self._slicing = False  # ``feed`` is given a piece of a read by ``_feed_some``
         self._opening = b""  # the connection's first bytes, to tell an HTTP/2 preface
 
     def on_url(self, url: bytes) -> None:
@@ -362,10 +369,22 @@ class RequestReader(_Reader):
         if self.upgraded is not None:
             self.upgraded += data
             return
-        if self.held or self.events or data.count(HEAD_END) >= self.max_waiting:
+        if not self._slicing and (
+            self.held or self.events or data.count(HEAD_END) >= self.max_waiting
+        ):
             self._feed_some(self.held + data)
             return
-        self._run(data)  # the usual read: fewer head ends than may wait, nothing queued
+        # The usual read (fewer head ends than may wait, nothing queued), or a piece of one
+        if len(self._opening) < len(H2_PREFACE):
+            self._opening += data[: len(H2_PREFACE) - len(self._opening)]
+        offset = self._execute(self._parser, data)
+        if self.failed is not None and self._opening == H2_PREFACE:
+            self.events.pop()
+            self._fail(Refusal(400, MALFORMED, H2_ON_HTTP1_PORT))
+            return
+        if offset is not None:
+            self._in_body = False
+            self.upgraded = bytearray(data[offset:])
 
     def release(self) -> None:
         """The owner took every event: parse what was held, up to ``max_waiting`` heads."""
@@ -385,6 +404,13 @@ class RequestReader(_Reader):
         """Parse pieces of ``data`` while fewer than ``max_waiting`` heads wait; hold the
         rest."""
         self.held = b""
+        self._slicing = True  # ``feed`` parses each piece as it is
+        try:
+            self._feed_pieces(data)
+        finally:
+            self._slicing = False
+
+    def _feed_pieces(self, data: bytes) -> None:
         while data and self.failed is None and self.upgraded is None:
             ends = self.max_waiting - self.waiting - (1 if self.in_head else 0)
             if ends <= 0:
@@ -400,22 +426,10 @@ class RequestReader(_Reader):
                     cut = len(data)
                     break
                 cut = at + len(HEAD_END)
-            self._run(data[:cut])
+            self.feed(data[:cut])
             data = data[cut:]
         if data and self.upgraded is not None:
             self.upgraded += data
-
-    def _run(self, data: bytes) -> None:
-        if len(self._opening) < len(H2_PREFACE):
-            self._opening += data[: len(H2_PREFACE) - len(self._opening)]
-        offset = self._execute(self._parser, data)
-        if self.failed is not None and self._opening == H2_PREFACE:
-            self.events.pop()
-            self._fail(Refusal(400, MALFORMED, H2_ON_HTTP1_PORT))
-            return
-        if offset is not None:
-            self._in_body = False
-            self.upgraded = bytearray(data[offset:])
 
     def resume(self) -> None:
         """The upgrade was declined: read what waited as requests."""

@@ -23,7 +23,7 @@ that two parsers could delimit differently is refused, never guessed at:
 * a head, or a trailer block, of more than ``max_fields`` header fields (``DEFAULT_MAX_FIELDS``
   100, Envoy's ``max_headers_count`` default): 431 (``headers_too_large``, ``TOO_MANY_FIELDS``),
   counted as llhttp hands each field over, before it is kept. Why besides the byte bound: a
-  head of tiny fields (``a:`` 15,000 times fits in 60 KiB) became about 30 times its size in
+  head of tiny fields (``a:`` 15,000 times fits in 60 KiB) became about 20 times its size in
   Python objects (a tuple and two ``bytes`` per field), held per connection;
 * the HTTP/2 connection preface (``PRI * HTTP/2.0``: an h2c client with prior knowledge, e.g.
   gRPC): 400 (``malformed``), its detail saying how to declare the port HTTP/2 (``H2_PREFACE``).
@@ -297,8 +297,8 @@ class RequestReader(_Reader):
     ``events`` holds what it cannot act on yet. At most ``max_waiting`` requests' heads are
     parsed ahead (``MAX_WAITING``): the bytes of a read past them wait unparsed in ``held``
     until the owner, having taken every event, calls ``release()``. Why: one 64 KiB read of
-    tiny pipelined requests (2,500 of ``GET / HTTP/1.1`` with a ``Host``) was parsed whole into
-    about 30 times its size in objects (heads, header lists, ends), held per connection;
+    tiny pipelined requests (2,427 of ``GET / HTTP/1.1`` with a ``Host``) was parsed whole into
+    about 20 times its size in objects (heads, header lists, ends), held per connection;
     bytes held are held once. Envoy, too, takes a connection's pipelined requests one at a
     time. A read is cut after the head ends (CRLF CRLF) it may complete: llhttp ends a request
     head with one (a bare LF is refused: 400), so a piece with ``n`` of them completes at most

@@ -356,7 +356,7 @@ def _fields(count: int) -> bytes:
 
 
 def test_heads_and_trailer_blocks_past_the_field_count_are_refused_and_the_limit_passes() -> None:
-    """A head of tiny fields once became about 30 times its bytes in objects (60 KiB of ``a:``
+    """A head of tiny fields once became about 20 times its bytes in objects (60 KiB of ``a:``
     is 15,000 fields): past ``DEFAULT_MAX_FIELDS`` (Envoy's 100) a head or a trailer block is
     refused as the field comes, whichever side sent it; exactly the limit is read."""
     too_many = Refusal(431, HEADERS_TOO_LARGE, "more than 100 header fields")

@@ -332,59 +332,65 @@ class ClientSide(ABC, Generic[C]):
 
     # -- the client's events -----------------------------------------------------------------
     def _pump_client(self) -> None:
-        events = self.client.events
-        while events and self.pending is None and not (self.closing or self.tunnel):
-            event = events[0]
-            current = self._current
-            if isinstance(event, Body):
-                events.popleft()
-                if current is not None:
-                    self._on_request_data(current, event.data)
-            elif isinstance(event, Head):
-                if current is not None:
-                    return  # pipelined: its turn comes when this exchange ends
-                events.popleft()
-                self.head_started = None
-                if event.size > self.max_head_bytes:
-                    self._refuse(431, HEADERS_TOO_LARGE, "head over the size limit")
-                    continue
-                fields = event.headers
-                # What the passes below look at, gathered as it was parsed (``Head.noted``)
-                noted = fields if event.noted is None else event.noted
-                headers, upgrade = forwarded_headers(fields, noted=noted)
-                host = request_id = None  # the first of each, as ``header_value`` finds them
-                for name, value in noted:
-                    if name == b"host":
-                        if host is None:
-                            host = value.decode("latin-1")
-                    elif name == b"x-request-id" and request_id is None:
-                        request_id = value.decode("latin-1")
-                if host is None:  # HTTP/1.0 (1.1 without it is refused by the reader)
-                    headers.append((b"host", b""))  # forwarded as 1.1: empty (RFC 9112 3.2)
-                if request_id is None:
-                    request_id = self.new_request_id()
-                    headers.append((b"x-request-id", request_id.encode()))
-                path = event.target.decode("latin-1")
-                if "?" in path or "#" in path:
-                    path = path.split("?", 1)[0].split("#", 1)[0]
-                head = RequestHead(  # by position (keywords cost more than the rest of it)
-                    event.method.decode("latin-1"),
-                    path,
-                    host or "",
-                    request_id,
-                    trace_headers_of(noted),
-                    fields,
-                )
-                self._on_request(event, head, headers, upgrade)
-            elif isinstance(event, End):
-                events.popleft()
-                if current is not None:
-                    self._on_request_end(current, event)
-            else:
-                if current is not None and current.request_done:
-                    return  # bad input after a complete request: refused in its turn
-                events.popleft()
-                self._refuse(event.status, event.cause, event.detail)
+        client = self.client
+        events = client.events
+        while True:
+            while events and self.pending is None and not (self.closing or self.tunnel):
+                event = events[0]
+                current = self._current
+                if isinstance(event, Body):
+                    events.popleft()
+                    if current is not None:
+                        self._on_request_data(current, event.data)
+                elif isinstance(event, Head):
+                    if current is not None:
+                        return  # pipelined: its turn comes when this exchange ends
+                    events.popleft()
+                    self.head_started = None
+                    if event.size > self.max_head_bytes:
+                        self._refuse(431, HEADERS_TOO_LARGE, "head over the size limit")
+                        continue
+                    fields = event.headers
+                    # What the passes below look at, gathered as it was parsed (``Head.noted``)
+                    noted = fields if event.noted is None else event.noted
+                    headers, upgrade = forwarded_headers(fields, noted=noted)
+                    host = request_id = None  # the first of each, as ``header_value`` finds them
+                    for name, value in noted:
+                        if name == b"host":
+                            if host is None:
+                                host = value.decode("latin-1")
+                        elif name == b"x-request-id" and request_id is None:
+                            request_id = value.decode("latin-1")
+                    if host is None:  # HTTP/1.0 (1.1 without it is refused by the reader)
+                        headers.append((b"host", b""))  # forwarded as 1.1: empty (RFC 9112 3.2)
+                    if request_id is None:
+                        request_id = self.new_request_id()
+                        headers.append((b"x-request-id", request_id.encode()))
+                    path = event.target.decode("latin-1")
+                    if "?" in path or "#" in path:
+                        path = path.split("?", 1)[0].split("#", 1)[0]
+                    head = RequestHead(  # by position (keywords cost more than the rest of it)
+                        event.method.decode("latin-1"),
+                        path,
+                        host or "",
+                        request_id,
+                        trace_headers_of(noted),
+                        fields,
+                    )
+                    self._on_request(event, head, headers, upgrade)
+                elif isinstance(event, End):
+                    events.popleft()
+                    if current is not None:
+                        self._on_request_end(current, event)
+                else:
+                    if current is not None and current.request_done:
+                        return  # bad input after a complete request: refused in its turn
+                    events.popleft()
+                    self._refuse(event.status, event.cause, event.detail)
+            # Every event taken: the pipelined requests the reader held back come next.
+            if events or not client.held or self.pending is not None or self.closing:
+                return
+            client.release()  # not after a switch: the reader holds nothing once upgraded
 
     def _refuse(self, status: int, cause: str, detail: str) -> None:
         """Answer bad input (if the client may still get a response) and close; the answer
@@ -518,8 +524,10 @@ class Http1Proxy(ClientSide[_Current]):
     @property
     def client_paused(self) -> bool:
         """Read no more from the client for now: what it sent already waits its turn (a
-        pipelined request behind the current exchange, or bytes after an upgrade proposal)."""
-        return bool(self.client.events) or self.client.upgraded is not None
+        pipelined request behind the current exchange, bytes after the requests the reader
+        parsed ahead, or bytes after an upgrade proposal)."""
+        client = self.client
+        return bool(client.events) or bool(client.held) or client.upgraded is not None
 
     # -- input -------------------------------------------------------------------------------
     def receive_upstream(self, data: bytes) -> None:
@@ -563,7 +571,7 @@ class Http1Proxy(ClientSide[_Current]):
             current.exchange.flags = DOWNSTREAM_CLOSED
             self._finish(current)
             self.closing = True
-        elif current is None and not self.client.events:
+        elif current is None and not (self.client.events or self.client.held):
             self.closing = True
 
     def _refused(self, current: _Current | None) -> None:

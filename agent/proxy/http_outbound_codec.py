@@ -247,7 +247,9 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         return (
             self._current is None
             and self.head_started is None
-            and not (self.closing or self.tunnel or client.events or client.mid_message)
+            and not (
+                self.closing or self.tunnel or client.events or client.held or client.mid_message
+            )
         )
 
     @property
@@ -274,7 +276,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         if self.closing or self.tunnel or self.pending is not None or self._client_eof:
             return False
         client = self.client
-        if client.events or client.upgraded is not None:
+        if client.events or client.held or client.upgraded is not None:
             return False
         current = self._current
         return current is None or not current.request_done
@@ -436,7 +438,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         if current is not None:
             if not current.request_done and not any(isinstance(e, End) for e in events):
                 self._client_left()
-        elif not events:
+        elif not (events or self.client.held):
             self.closing = True
 
     def _client_left(self) -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from agent.proxy.http1 import UPSTREAM_PROTOCOL, Http1Proxy, Verdict
 from agent.proxy.http1_codec import (
     AMBIGUOUS_LENGTH,
+    DEFAULT_MAX_FIELDS,
     DETAIL_LIMIT,
     HEADERS_TOO_LARGE,
     MALFORMED,
@@ -348,3 +349,41 @@ def test_a_head_notes_what_its_passes_read_and_forwarding_by_them_changes_nothin
     assert forwarded_headers(
         event.headers, keep_upgrade=keep_upgrade, noted=event.noted
     ) == forwarded_headers(event.headers, keep_upgrade=keep_upgrade)
+
+
+def _fields(count: int) -> bytes:
+    return b"".join(b"x%d: v\r\n" % i for i in range(count))
+
+
+def test_heads_and_trailer_blocks_past_the_field_count_are_refused_and_the_limit_passes() -> None:
+    """A head of tiny fields once became about 20 times its bytes in objects (60 KiB of ``a:``
+    is 15,000 fields): past ``DEFAULT_MAX_FIELDS`` (Envoy's 100) a head or a trailer block is
+    refused as the field comes, whichever side sent it; exactly the limit is read."""
+    too_many = Refusal(431, HEADERS_TOO_LARGE, "more than 100 header fields")
+    assert DEFAULT_MAX_FIELDS == 100
+    for extra, refused in ((0, None), (1, too_many)):
+        r = RequestReader(60 * 1024)
+        r.feed(b"GET / HTTP/1.1\r\nHost: s\r\n" + _fields(99 + extra) + b"\r\n")
+        assert r.failed == refused
+        if refused is None:
+            head = r.events[0]
+            assert isinstance(head, Head) and len(head.headers) == 100
+        u = ResponseReader(60 * 1024)
+        u.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + _fields(99 + extra) + b"\r\n")
+        assert u.failed == refused
+        t = RequestReader(60 * 1024)
+        t.feed(CHUNKED + _fields(100 + extra) + b"\r\n")
+        assert t.failed == refused
+        if refused is None:
+            end = t.events[-1]
+            assert isinstance(end, End) and len(end.trailers) == 100
+    # Also when the fields come one read at a time, and a smaller limit is kept.
+    r = RequestReader(60 * 1024, max_fields=3)
+    for piece in (b"GET / HTTP/1.1\r\nHost: s\r\n", b"a: 1\r\n", b"b: 2\r\n", b"c: 3\r\n", b"d"):
+        r.feed(piece)
+    assert r.failed == Refusal(431, HEADERS_TOO_LARGE, "more than 3 header fields")
+    # A HEAD response's head, read apart, is bounded the same.
+    u = ResponseReader(60 * 1024)
+    u.expect(b"HEAD")
+    u.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n" + _fields(100) + b"\r\n")
+    assert u.failed == too_many

@@ -116,3 +116,58 @@ def test_the_request_parser_yields_requests_or_a_named_refusal(
         split.feed(wire[start:end])
     assert _events(split) == events
     assert split.upgraded == whole.upgraded
+
+
+def _read_all(reader: RequestReader, reads: list[bytes]) -> list[object]:
+    """What a reader gives for ``reads`` when its owner takes every event and releases what
+    it held (Body events merged: where a body is cut into them is the reader's)."""
+    out: list[object] = []
+
+    def take() -> None:
+        while True:
+            while reader.events:
+                event = reader.events.popleft()
+                if out and isinstance(event, Body) and isinstance(out[-1], Body):
+                    out[-1] = Body(out[-1].data + event.data)
+                else:
+                    out.append(event)
+            if not reader.held or reader.failed is not None:
+                return
+            reader.release()
+
+    for data in reads:
+        if data:
+            reader.feed(data)
+            assert reader.waiting <= reader.max_waiting
+            take()
+    return [*out, bytes(reader.upgraded or b""), reader.in_head]
+
+
+PIPELINED = [
+    b"GET /a HTTP/1.1\r\nHost: s\r\n\r\n", b"GET /b HTTP/1.0\r\n\r\n",
+    b"POST /c HTTP/1.1\r\nHost: s\r\nContent-Length: 8\r\n\r\n\r\n\r\n\r\n\r\n",
+    b"POST /d HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"4\r\n\r\n\r\n\r\n0\r\nx-t: 1\r\n\r\n",
+    b"GET /e HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+]  # fmt: skip
+
+
+@settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(PIPELINED), st.sampled_from(PIPELINED),
+                          st.sampled_from(TOKENS), st.binary(max_size=12)), max_size=60),
+       st.lists(st.integers(1, 40), min_size=1, max_size=10))  # fmt: skip
+def test_parsing_a_few_pipelined_requests_at_a_time_reads_what_parsing_all_reads(
+    tokens: list[bytes], sizes: list[int]
+) -> None:
+    """However the bytes come and whatever they are, the reader that parses at most two
+    requests ahead gives the events, refusal and upgrade bytes that parsing all at once gives."""
+    wire = b"".join(tokens)
+    reads, at = [], 0
+    for size in itertools.cycle(sizes):
+        if at >= len(wire):
+            break
+        reads.append(wire[at : at + size * 8])
+        at += size * 8
+    bounded_reader = RequestReader(60 * 1024, max_waiting=2)
+    whole_reader = RequestReader(60 * 1024, max_waiting=10**9)
+    assert _read_all(bounded_reader, reads) == _read_all(whole_reader, reads)

@@ -10,7 +10,8 @@ import itertools
 
 import pytest
 
-from agent.proxy.http1 import AMBIGUOUS_LENGTH, HEADER_TIMEOUT
+from agent.proxy.http1 import AMBIGUOUS_LENGTH, HEADER_TIMEOUT, UPSTREAM_PROTOCOL
+from agent.proxy.http1_codec import MAX_WAITING
 from agent.proxy.http_outbound_codec import (
     DroppedResponse,
     SourceHttp1,
@@ -542,3 +543,48 @@ def test_a_try_answered_at_its_endpoint_and_not_retried_is_the_clients_answer() 
     ((exchange, tag),) = c.take_completed()
     assert (exchange.status, exchange.flags, exchange.request_bytes, tag) == (429, "RL", 5, "e1")
     assert c.pending is not None and c.pending.path == "/a"
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_response_of_more_fields_than_the_limit_is_answered_as_one_over_the_bytes(
+    direct: bool,
+) -> None:
+    """Past the field count an endpoint's response is what one over the byte limit is: the
+    upstream is gone before its head (502 from a same-node pod, 503 UC from a far node, as its
+    far node answers), counted ``UPSTREAM_PROTOCOL``."""
+    answers = []
+    for response in (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+        + b"".join(b"x%d: v\r\n" % i for i in range(100))
+        + b"\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx: " + b"v" * 61 * 1024 + b"\r\n\r\n",
+    ):
+        c = _codec()
+        c.receive_client(GET)
+        c.attach(new_upstream(direct=direct), "e")
+        c.take_to_upstream()
+        c.receive_upstream(response)
+        ((exchange, _),) = c.take_completed()
+        answers.append((c.take_to_client()[:13], c.rejections, exchange.status, exchange.flags))
+    assert answers[0] == answers[1]
+    status = 502 if direct else 503
+    assert answers[0] == (b"HTTP/1.1 %d " % status, [UPSTREAM_PROTOCOL], status, "UC")
+
+
+def test_a_thousand_pipelined_requests_are_served_in_order_a_few_parsed_at_a_time() -> None:
+    """The source's reader, too, parses at most ``MAX_WAITING`` pipelined heads ahead of the
+    request being served; the rest of the read waits as bytes and is served in order."""
+    c = _codec()
+    c.receive_client(b"".join(b"GET /%d HTTP/1.1\r\nHost: web\r\n\r\n" % i for i in range(1000)))
+    assert c.client.held and not c.wants_client_data()
+    most, sent = c.client.waiting, []
+    for _ in range(1000):
+        assert c.pending is not None
+        c.attach(new_upstream(), "e")
+        sent.append(c.take_to_upstream().split(b" ", 2)[1])
+        c.receive_upstream(OK)
+        most = max(most, c.client.waiting)
+    assert sent == [b"/%d" % i for i in range(1000)]
+    assert [e.head.path for e, _ in c.take_completed()] == [f"/{i}" for i in range(1000)]
+    assert c.take_to_client() == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" * 1000
+    assert 0 < most <= MAX_WAITING and not c.client.held and c.wants_client_data()

@@ -23,7 +23,7 @@ by frame by ``h2relay.H2Relay``, which forwards the client's frames and header b
 came, at about half the CPU per call; the plaintext listener and a same-node client keep
 ``H2Proxy``, which parses and re-encodes all.
 
-Authorization and rate limiting are per request (``http_inbound.request_verdict``: a
+Authorization and rate limiting are per request (``http_inbound.RequestAdmission``: a
 rate-limited call is answered ``429``, or for gRPC trailers-only ``grpc-status: 8``), each
 finished stream is reported to ``Registry.request_done`` with ``request_protocol`` ``grpc`` for
 gRPC calls, and refusals of bad input go to ``Registry.http_rejected`` by cause. Whether any

@@ -268,8 +268,7 @@ class H2SourceSession(CallbackShell):
         """``head`` at the same-node pod of ``route``, admitted as its destination admits it:
         through a ``RequestAdmission`` kept per endpoint and snapshot (as ``http_outbound``'s
         ``_verdict_here``), which works out per state version whether any policy bears on
-        the pod, instead of ``request_verdict``'s ``Request``, log text and ``Decision`` per
-        call."""
+        the pod, instead of a ``Request``, log text and ``Decision`` per call."""
         assert route.target is not None
         kept = self._admissions.get(id(route))
         if kept is None or kept[0] is not route:

@@ -242,7 +242,7 @@ class PodShell(CallbackShell, Generic[E]):
             lambda: None,
             self._pod_write_failed,
         )
-        # Each request's L7 policy and rate limits, as ``request_verdict`` admits it
+        # Each request's L7 policy and rate limits (``RequestAdmission``)
         self._admission = RequestAdmission(core, request, workload, self.where)
         self._start()
 
@@ -451,21 +451,10 @@ class HttpSession(PodShell[Exchange]):
             self._ended.set_exception(error)
 
 
-# The flags of ``request_verdict``'s refusals: a destination's. Where the source admits a try
+# The flags of ``authorize``'s refusals: a destination's. Where the source admits a try
 # for a same-node pod they are reported only as that pod's destination, not on the source's
 # report, which for a far node's refusal sees a plain 403 or 429.
 REFUSAL_FLAGS = frozenset({RBAC_DENIED, RATE_LIMITED})
-
-
-def request_verdict(
-    core: Core, connection: Request, workload: Workload, head: RequestHead, where: str
-) -> Verdict:
-    """Admit one request on an admitted connection: L7 authorization first, then the
-    RateLimitPolicies of the pod port, so a denied request spends no token. What a
-    ``RequestAdmission`` (which both HTTP layers and the source's same-node paths keep)
-    answers, worked out from nothing for this one request: the tests' reference."""
-    snap = core.snapshot()
-    return authorize(core, connection, workload, head, where, core.policies(snap), snap, True)
 
 
 def authorize(
@@ -478,8 +467,10 @@ def authorize(
     snap: Snapshot,
     limited: bool,
 ) -> Verdict:
-    """``request_verdict`` with the state version's ``policies`` and whether a RateLimitPolicy
-    applies to the pod port (``limited``) already known: the request's ``Request`` evaluated,
+    """Admit one request on an admitted connection: L7 authorization first, then the
+    RateLimitPolicies of the pod port, so a denied request spends no token; with the state
+    version's ``policies`` and whether a RateLimitPolicy applies to the pod port
+    (``limited``) already known (``RequestAdmission``): the request's ``Request`` evaluated,
     the decision's reports made (``Core.request_decided``, with the log text built only
     for a decision that reports anything: a denial, a dry-run or AUDIT outcome; the usual
     allowed request has none), then the port's rate limits."""
@@ -521,12 +512,12 @@ def rate_limited(limit: RateLimit, would: str) -> Verdict:
 
 
 class RequestAdmission:
-    """Each request of one admitted connection to a pod port admitted as ``request_verdict``
-    admits it (L7 authorization, then the port's rate limits), with what does not depend on
+    """Each request of one admitted connection to a pod port admitted (``authorize``: L7
+    authorization, then the port's rate limits), with what does not depend on
     the request worked out once per state version: whether any policy bears on the
     connection's requests (``Policies.live``'s STRICT PeerAuthentication for a plaintext
     client, an AuthorizationPolicy selecting the pod). The usual pod has none, and then each
-    request's verdict is its rate limits alone: ``request_verdict``'s answer (``ALLOWED``, or
+    request's verdict is its rate limits alone: ``authorize``'s answer (``ALLOWED``, or
     429), without building the request's ``Request``, its log text and its ``Decision`` per
     request or stream (the policies that select the pod are a cached look-up in the
     ``Authorizer`` itself). Where a policy does bear (the usual production pod), a request

@@ -47,8 +47,8 @@ each ended after ``MIRROR_TIMEOUT``, its response read and dropped, its failures
 body is larger than the codec's replay limit is not copied (counted ``too_large``).
 
 For a same-node endpoint this node is the only proxy on the path, so it admits each try as
-the endpoint's destination would (``http_inbound.request_verdict``, through a
-``RequestAdmission`` kept per endpoint and snapshot): its L7 policies (403
+the endpoint's destination would (``http_inbound.RequestAdmission``, kept per endpoint and
+snapshot): its L7 policies (403
 ``RBAC``), then the pod port's RateLimitPolicies from the node's buckets (429 ``RL``
 ``local_rate_limited``, counted in ``nodemesh_rate_limited_requests_total``), the connection
 serving on after either; the far node does that for HBONE sessions. It does so where the far

@@ -98,7 +98,7 @@ async def serve_requests(
     assert route.target is not None
     src_ip = sent.source.rsplit(":", 1)[0]
     # Admitted without the L7 conditions, which only a request can satisfy: each one is
-    # authorized by the session (``request_verdict``), as at the destination.
+    # authorized by the session (``RequestAdmission``), as at the destination.
     request = Request(src_ip, route.ip, route.port, sent.source_identity)
     kind = HttpSession if protocol == HTTP else H2Session
     core = outbound.core

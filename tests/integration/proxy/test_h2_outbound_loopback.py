@@ -203,6 +203,18 @@ async def _grpc_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     await _h2_pod(reader, writer, _answer_ok)
 
 
+def _local_front(mesh: Mesh) -> int:
+    """Service ``front``, a gRPC port whose one endpoint is the ``local`` pod (node1, the
+    client's node); its target port, free on that pod."""
+    port = free_port(LOCAL)
+    with mesh.store.update() as tx:
+        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
+        tx.put_service(
+            Service("front", "default", (VIP,), (grpc,), {"app": "local"}, (Endpoint(LOCAL),))
+        )
+    return port
+
+
 async def _grpc_front(mesh: Mesh) -> asyncio.Server:
     """Service ``front`` (a gRPC port, no TrafficPolicy) whose one endpoint runs ``_grpc_app``."""
     port = free_port(SERVER)
@@ -509,12 +521,7 @@ async def test_calls_to_a_same_node_pod_port_declared_grpc_are_reported_by_both(
     """``client`` calls the ``local`` pod (same node) on its pod IP, on the port a Service
     declares gRPC: node1 serves it as the destination would (the HTTP/2 session) and
     reports each call once with each reporter."""
-    port = free_port(LOCAL)
-    with mesh.store.update() as tx:
-        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
-        tx.put_service(
-            Service("front", "default", (VIP,), (grpc,), {"app": "local"}, (Endpoint(LOCAL),))
-        )
+    port = _local_front(mesh)
     source, _ = observe(mesh)
     app = await asyncio.start_server(_grpc_app, LOCAL, port)
     try:
@@ -604,12 +611,7 @@ async def _same_node_only(
     """``paths`` requested on one connection to ``front``, whose one endpoint is the same-node
     pod ``local`` under the AuthorizationPolicy ``rules`` (and ``others``): the answers, the
     paths the pod received, and the Service's traffic control."""
-    port = free_port(LOCAL)
-    with mesh.store.update() as tx:
-        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
-        tx.put_service(
-            Service("front", "default", (VIP,), (grpc,), {"app": "local"}, (Endpoint(LOCAL),))
-        )
+    port = _local_front(mesh)
     spec = {"selector": {"matchLabels": {"app": "local"}}, **rules}
     set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "calls", spec), *others)
     received: list[str] = []
@@ -671,12 +673,7 @@ async def test_a_same_node_endpoints_calls_build_no_authorization_request_each(
     ``request_verdict``, each with its ``Request``, log text and ``Decision``); under an ALLOW
     put on the open connection each call is authorized (a path it does not allow refused, one
     it allows served)."""
-    port = free_port(LOCAL)
-    with mesh.store.update() as tx:
-        grpc = ServicePort(50051, port, name="grpc", app_protocol="grpc")
-        tx.put_service(
-            Service("front", "default", (VIP,), (grpc,), {"app": "local"}, (Endpoint(LOCAL),))
-        )
+    port = _local_front(mesh)
     calls = CallCount(http_inbound.authorize.__code__)
     received: list[str] = []
     app = await asyncio.start_server(_recording_app(received), LOCAL, port)

@@ -83,6 +83,15 @@ class Wire:
         self.client.send_headers(sid, [*headers, *extra], end_stream=end)
         return sid
 
+    def pod_answers_grpc(
+        self, sid: int, trailers: Sequence[Header] = ((b"grpc-status", b"0"),)
+    ) -> None:
+        """The pod answers call ``sid`` as a gRPC server does: a head, one message, trailers
+        (queued on the pod's connection: ``run`` or ``data_to_send`` takes them)."""
+        self.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        self.pod.send_data(sid, b"\0\0\0\0\x02hi")
+        self.pod.send_headers(sid, list(trailers), end_stream=True)
+
     def taken(self, kind: type[Event]) -> list[Event]:
         """Client-side events of one kind, removed from the list."""
         out = [e for e in self.client_events if isinstance(e, kind)]

@@ -1,6 +1,7 @@
 """The destination's per-request admission (``http_inbound.RequestAdmission``, HTTP/2 and 1.1):
-the verdicts, denial counts and rate limits of ``request_verdict`` for every policy set, with
-what does not depend on the request worked out once per state version."""
+the verdicts, denial counts and rate limits of ``request_verdict`` (each request admitted from
+nothing) for every policy set, with what does not depend on the request worked out once per
+state version."""
 
 from __future__ import annotations
 
@@ -11,60 +12,35 @@ import pytest
 
 from agent.policy import authz
 from agent.policy.authz import Request
-from agent.policy.schema import validate_policy
-from agent.proxy.core import Core
 from agent.proxy.http1 import RequestHead
-from agent.proxy.http_inbound import RequestAdmission, request_verdict
-from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore
-from tests.workloads import workload
+from agent.proxy.http_inbound import RequestAdmission
+from agent.state import PolicyObject
+from tests.unit.proxy.admission_helpers import (
+    MTLS,
+    PLAIN,
+    RATE_LIMIT,
+    SERVER,
+    admission_core,
+    admission_store,
+    authz_policy,
+    request_verdict,
+)
 
-SERVER = workload("server", "node1", "10.244.1.3", app="server")
-OTHER = workload("other", "node1", "10.244.1.4", app="other")
-MTLS = Request("10.244.2.5", "10.244.1.3", 9080, "spiffe://cluster.local/ns/default/sa/client")
-PLAIN = Request("10.244.2.5", "10.244.1.3", 9080, None)
 HEADS = [RequestHead("POST", path, "web", "rid") for path in ("/pkg.Echo/Unary", "/admin")]
-
-
-def _authz(name: str, spec: dict[str, Any], *, dry_run: bool = False) -> PolicyObject:
-    return PolicyObject("AuthorizationPolicy", "default", name, spec, dry_run=dry_run)
-
 
 DENY_ADMIN = {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}
 FOR_OTHER = {**DENY_ADMIN, "selector": {"matchLabels": {"app": "other"}}}
 ALLOW_PKG = {"rules": [{"to": [{"operation": {"paths": ["/pkg.*"]}}]}]}
 POLICY_SETS: dict[str, list[PolicyObject]] = {
     "none": [],
-    "a DENY for another pod": [_authz("d", FOR_OTHER)],
-    "a DENY on /admin": [_authz("d", DENY_ADMIN)],
-    "a dry-run DENY": [_authz("d", DENY_ADMIN, dry_run=True)],
-    "an ALLOW for /pkg.*": [_authz("a", ALLOW_PKG)],
-    "an AUDIT": [_authz("u", {"action": "AUDIT", "rules": [{}]})],
+    "a DENY for another pod": [authz_policy("d", FOR_OTHER)],
+    "a DENY on /admin": [authz_policy("d", DENY_ADMIN)],
+    "a dry-run DENY": [authz_policy("d", DENY_ADMIN, dry_run=True)],
+    "an ALLOW for /pkg.*": [authz_policy("a", ALLOW_PKG)],
+    "an AUDIT": [authz_policy("u", {"action": "AUDIT", "rules": [{}]})],
     "STRICT": [PolicyObject("PeerAuthentication", "default", "p", {"mtls": {"mode": "STRICT"}})],
-    "a rate limit": [validate_policy({
-        "apiVersion": "nodemesh.io/v1alpha1", "kind": "RateLimitPolicy",
-        "metadata": {"name": "web-limit", "namespace": "default"},
-        "spec": {"targetRef": {"kind": "Service", "name": "web"}, "requestsPerSecond": 1,
-                 "burst": 2}}, path="t")],
+    "a rate limit": [RATE_LIMIT],
 }  # fmt: skip
-
-
-def _core(store: StateStore) -> Core:
-    core = Core(node="node1", store=store, identities=None)  # type: ignore[arg-type]
-    core.clock = lambda: 100.0  # the buckets refill at no instant of this test
-    return core
-
-
-def _store(policies: list[PolicyObject]) -> StateStore:
-    store = StateStore()
-    with store.update() as tx:
-        tx.put_workload(SERVER)
-        tx.put_workload(OTHER)
-        port = ServicePort(80, 9080, name="grpc", app_protocol="grpc")
-        tx.put_service(Service("web", "default", ("10.96.0.11",), (port,), {"app": "server"},
-                               (Endpoint("10.244.1.3"),)))  # fmt: skip
-        for p in policies:
-            tx.put_policy(p)
-    return store
 
 
 @pytest.mark.parametrize("connection", [MTLS, PLAIN], ids=["mtls", "plaintext"])
@@ -73,8 +49,8 @@ def test_each_verdict_and_count_is_request_verdicts(connection: Request, name: s
     """Four requests (two paths, twice: the rate limit's burst is 2) under each policy set,
     then the set replaced by the next one (a new state version): the same verdicts, denial
     counts and buckets as ``request_verdict`` gives on a core of its own."""
-    store = _store(POLICY_SETS[name])
-    ours, theirs = _core(store), _core(store)
+    store = admission_store(POLICY_SETS[name], "grpc")
+    ours, theirs = admission_core(store), admission_core(store)
     admission = RequestAdmission(ours, connection, SERVER, "c -> s")
     later = POLICY_SETS["a DENY on /admin"] if name == "none" else []
     for policies in (POLICY_SETS[name], later):
@@ -104,16 +80,16 @@ def test_the_policies_are_walked_once_per_state_version_while_none_selects_the_p
     """Ten policies for other pods: the admission asks each whether it selects the pod once
     per state version (before the Authorizer kept selections, ``request_verdict`` asked all of
     them at every request)."""
-    others = [_authz(f"d{n}", FOR_OTHER) for n in range(10)]
-    store = _store(others)
-    core = _core(store)
+    others = [authz_policy(f"d{n}", FOR_OTHER) for n in range(10)]
+    store = admission_store(others, "grpc")
+    core = admission_core(store)
     walked = _counting(monkeypatch)
     admission = RequestAdmission(core, MTLS, SERVER, "c -> s")
     for _ in range(5):
         assert admission.verdict(HEADS[1]).allowed
     assert walked() == 10
     with store.update() as tx:
-        tx.put_policy(_authz("d", DENY_ADMIN))  # now one selects it: asked per request again
+        tx.put_policy(authz_policy("d", DENY_ADMIN))  # now one selects it: asked per request again
     assert not admission.verdict(HEADS[1]).allowed
     assert admission.verdict(HEADS[0]).allowed
     # The new version's Authorizer works out the pod's selection once (the 11 policies of its

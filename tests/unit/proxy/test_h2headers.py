@@ -257,9 +257,7 @@ def test_blocks_sent_again_on_a_connection_are_not_checked_again(
     for _ in range(10):
         sid = relay.request("/pkg.Echo/Unary", grpc=True)
         relay.run()
-        relay.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
-        relay.pod.send_data(sid, b"\0\0\0\0\x02hi")
-        relay.pod.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        relay.pod_answers_grpc(sid)
         relay.run()
     assert [x.status for x in source.proxy.take_completed()] == [200] * 10
     assert [x.grpc_status for x in relay.proxy.take_completed()] == ["0"] * 10

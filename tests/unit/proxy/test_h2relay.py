@@ -350,10 +350,7 @@ def test_a_response_read_whole_goes_to_the_client_as_the_pod_sent_it() -> None:
     for n in range(3):
         sid = w.request("/pkg.Echo/Unary", grpc=True)
         w.run()
-        w.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
-        w.pod.send_data(sid, b"\0\0\0\0\x02hi")
-        w.pod.send_headers(sid, [(b"grpc-status", b"0"), (b"grpc-message", b"ok")],
-                           end_stream=True)  # fmt: skip
+        w.pod_answers_grpc(sid, [(b"grpc-status", b"0"), (b"grpc-message", b"ok")])
         sent = w.pod.data_to_send()
         w.proxy.receive_upstream(sent)
         out = w.proxy.take_to_client()
@@ -382,9 +379,7 @@ def test_streams_that_end_with_nothing_held_discard_nothing(
     for _ in range(10):
         sid = w.request("/pkg.Echo/Unary", grpc=True)
         w.run()
-        w.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
-        w.pod.send_data(sid, b"\0\0\0\0\x02hi")
-        w.pod.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        w.pod_answers_grpc(sid)
         w.run()
     assert [x.grpc_status for x in w.proxy.take_completed()] == ["0"] * 10
     assert walks == []

@@ -1,5 +1,5 @@
 """What a request admitted at a policed destination builds (``http_inbound.RequestAdmission`` and
-``request_verdict``): its log text only when a line is written, no ``Decision`` of its own when
+``authorize``): its log text only when a line is written, no ``Decision`` of its own when
 allowed with nothing to report, no rate-limit look-up where no RateLimitPolicy applies to the
 pod port in the state version; and, under random policies and requests, the verdicts, log
 lines, denial counts and dry-run telemetry of ``Core.authorize_request`` then ``Core.rate_limit``
@@ -18,22 +18,23 @@ from hypothesis import strategies as st
 from agent.policy import authz
 from agent.policy.authz import HttpAttributes, Request
 from agent.policy.ratelimit import limits_by_endpoint
-from agent.policy.schema import validate_policy
 from agent.proxy.core import Core
 from agent.proxy.http1 import RequestHead, Verdict
-from agent.proxy.http_inbound import ALLOWED, RequestAdmission, rate_limited, request_verdict
-from agent.state import Endpoint, PolicyObject, Service, ServicePort, StateStore
-from tests.workloads import workload
+from agent.proxy.http_inbound import ALLOWED, RequestAdmission, rate_limited
+from agent.state import PolicyObject
+from tests.unit.proxy.admission_helpers import (
+    MTLS,
+    PLAIN,
+    RATE_LIMIT,
+    SERVER,
+    admission_core,
+    admission_store,
+    authz_policy,
+    request_verdict,
+)
 
-SERVER = workload("server", "node1", "10.244.1.3", app="server")
-MTLS = Request("10.244.2.5", "10.244.1.3", 9080, "spiffe://cluster.local/ns/default/sa/client")
-PLAIN = Request("10.244.2.5", "10.244.1.3", 9080, None)
 OK = RequestHead("GET", "/pkg.Echo/Unary", "web", "rid")
 ADMIN = RequestHead("POST", "/admin", "web", "rid")
-
-
-def _authz(name: str, spec: dict[str, Any], *, dry_run: bool = False) -> PolicyObject:
-    return PolicyObject("AuthorizationPolicy", "default", name, spec, dry_run=dry_run)
 
 
 def _paths(*paths: str) -> list[dict[str, Any]]:
@@ -41,43 +42,20 @@ def _paths(*paths: str) -> list[dict[str, Any]]:
 
 
 POST = {"methods": ["POST"]}
-ALLOW_ALL = _authz("allow", {"action": "ALLOW", "rules": _paths("/*")})
-LIMIT = validate_policy({
-    "apiVersion": "nodemesh.io/v1alpha1", "kind": "RateLimitPolicy",
-    "metadata": {"name": "web-limit", "namespace": "default"},
-    "spec": {"targetRef": {"kind": "Service", "name": "web"}, "requestsPerSecond": 1, "burst": 2}},
-    path="t")  # fmt: skip
+ALLOW_ALL = authz_policy("allow", {"action": "ALLOW", "rules": _paths("/*")})
 # What the random policy sets are drawn from: enforced and dry-run ALLOWs and DENYs, an AUDIT,
 # STRICT mTLS, a rate limit.
 POLICIES: list[PolicyObject] = [
     ALLOW_ALL,
-    _authz("allow-pkg", {"rules": _paths("/pkg.*")}),
-    _authz("deny-admin", {"action": "DENY", "rules": _paths("/admin")}),
-    _authz("dry-deny", {"action": "DENY", "rules": _paths("/admin", "/x*")}, dry_run=True),
-    _authz("dry-allow", {"rules": _paths("/pkg.*")}, dry_run=True),
-    _authz("audit", {"action": "AUDIT", "rules": _paths("/pkg.*")}),
-    _authz("deny-post", {"action": "DENY", "rules": [{"to": [{"operation": POST}]}]}),
+    authz_policy("allow-pkg", {"rules": _paths("/pkg.*")}),
+    authz_policy("deny-admin", {"action": "DENY", "rules": _paths("/admin")}),
+    authz_policy("dry-deny", {"action": "DENY", "rules": _paths("/admin", "/x*")}, dry_run=True),
+    authz_policy("dry-allow", {"rules": _paths("/pkg.*")}, dry_run=True),
+    authz_policy("audit", {"action": "AUDIT", "rules": _paths("/pkg.*")}),
+    authz_policy("deny-post", {"action": "DENY", "rules": [{"to": [{"operation": POST}]}]}),
     PolicyObject("PeerAuthentication", "default", "strict", {"mtls": {"mode": "STRICT"}}),
-    LIMIT,
+    RATE_LIMIT,
 ]
-
-
-def _core(store: StateStore) -> Core:
-    core = Core(node="node1", store=store, identities=None)  # type: ignore[arg-type]
-    core.clock = lambda: 100.0  # the buckets refill at no instant of these tests
-    return core
-
-
-def _store(policies: list[PolicyObject]) -> StateStore:
-    store = StateStore()
-    with store.update() as tx:
-        tx.put_workload(SERVER)
-        port = ServicePort(80, 9080, name="http", app_protocol="http")
-        tx.put_service(Service("web", "default", ("10.96.0.11",), (port,), {"app": "server"},
-                               (Endpoint("10.244.1.3"),)))  # fmt: skip
-        for p in policies:
-            tx.put_policy(p)
-    return store
 
 
 class Where(str):
@@ -101,7 +79,11 @@ def where() -> Iterator[Where]:
 def test_an_allowed_request_builds_no_log_text(connection: Request, where: Where) -> None:
     """Under an ALLOW policy every request meets, no request text is built (the old path built
     ``"{where} {method} {path}"`` for each); a denied request still builds its one."""
-    core = _core(_store([ALLOW_ALL, _authz("d", {"action": "DENY", "rules": _paths("/admin")})]))
+    core = admission_core(
+        admission_store(
+            [ALLOW_ALL, authz_policy("d", {"action": "DENY", "rules": _paths("/admin")})]
+        )
+    )
     admission = RequestAdmission(core, connection, SERVER, where)
     assert [admission.verdict(OK) for _ in range(5)] == [ALLOWED] * 5
     assert request_verdict(core, connection, SERVER, OK, where) is ALLOWED
@@ -122,7 +104,7 @@ def test_an_allowed_request_builds_no_decision(monkeypatch: pytest.MonkeyPatch) 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(authz, "Decision", counted)
-    core = _core(_store([ALLOW_ALL]))
+    core = admission_core(admission_store([ALLOW_ALL]))
     admission = RequestAdmission(core, MTLS, SERVER, "c -> s")
     assert [admission.verdict(OK) for _ in range(10)] == [ALLOWED] * 10
     assert made[0] == 1
@@ -146,14 +128,14 @@ def test_no_rate_limit_look_up_while_no_limit_applies(
 ) -> None:
     """No RateLimitPolicy on the pod port: no request asks ``Core.rate_limit`` (each did
     before); once one applies (a new state version), each request meets it."""
-    store = _store(policies)
-    core = _core(store)
+    store = admission_store(policies)
+    core = admission_core(store)
     looked_up = _counting_rate_limit(monkeypatch)
     admission = RequestAdmission(core, MTLS, SERVER, "c -> s")
     assert [admission.verdict(OK) for _ in range(5)] == [ALLOWED] * 5
     assert looked_up() == 0
     with store.update() as tx:
-        tx.put_policy(LIMIT)
+        tx.put_policy(RATE_LIMIT)
     limit = limits_by_endpoint(store.snapshot())[("10.244.1.3", 9080)][0]
     assert [admission.verdict(OK) for _ in range(3)] == [ALLOWED, ALLOWED, rate_limited(limit, "")]
     assert looked_up() == 3
@@ -231,8 +213,8 @@ def test_verdicts_logs_and_telemetry_are_the_old_paths(
     ``request_verdict`` each give the verdicts (403 and 429 bodies included), log lines,
     denial counts and dry-run telemetry of the old path, on cores of their own."""
     connection = PLAIN if plaintext else MTLS
-    store = _store(sets[0])
-    cores = [_core(store) for _ in range(3)]  # reference, admission, request_verdict
+    store = admission_store(sets[0])
+    cores = [admission_core(store) for _ in range(3)]  # reference, admission, request_verdict
     seen = [Telemetry() for _ in cores]
     for core, telemetry in zip(cores, seen, strict=True):
         core.registry.request_observers.append(telemetry)  # type: ignore[arg-type]

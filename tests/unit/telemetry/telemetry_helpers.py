@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.state import StateStore
@@ -13,6 +14,10 @@ from tests.workloads import workload
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
 VIP = "10.96.0.10"
+# Values of records for hypothesis (the access log's tests)
+TEXT = st.text(max_size=40)  # any code point: quotes, backslashes, controls, non-ASCII
+COUNT = st.integers(min_value=0, max_value=2**63)
+MILLIS = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity=False)
 
 
 def make_store() -> StateStore:

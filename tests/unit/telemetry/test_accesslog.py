@@ -25,10 +25,8 @@ from agent.telemetry.accesslog import (
 from agent.telemetry.http import REQUEST_LABEL_NAMES
 from agent.telemetry.labels import TcpLabels
 from agent.telemetry.records import ConnectionRecord, RequestRecord
+from tests.unit.telemetry.telemetry_helpers import COUNT, MILLIS, TEXT
 
-TEXT = st.text(max_size=40)  # any code point: quotes, backslashes, controls, non-ASCII
-COUNT = st.integers(min_value=0, max_value=2**63)
-MILLIS = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity=False)
 TIME = st.floats(min_value=0.0, max_value=4e9, allow_nan=False)
 
 

@@ -30,11 +30,14 @@ from agent.telemetry.accesslog import (
 )
 from agent.telemetry.http import REQUEST_LABEL_NAMES, RequestLabels, _Series
 from agent.telemetry.records import ConnectionRecord, RequestRecord
-from tests.unit.telemetry.telemetry_helpers import inbound, make_store, outbound
-
-TEXT = st.text(max_size=40)  # any code point: quotes, backslashes, controls, non-ASCII
-COUNT = st.integers(min_value=0, max_value=2**63)
-MILLIS = st.floats(min_value=0.0, max_value=1e9, allow_nan=False, allow_infinity=False)
+from tests.unit.telemetry.telemetry_helpers import (
+    COUNT,
+    MILLIS,
+    TEXT,
+    inbound,
+    make_store,
+    outbound,
+)
 
 # -- the reference: the request line as it was rendered per request before shapes ------------
 _OLD_HEAD = (

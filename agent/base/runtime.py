@@ -23,8 +23,8 @@ from the interpreter, not from the proxy's code (measured on the bench's lab, 2 
 And one for memory: start-up's transient allocations (the cluster file's YAML, the first state
 and reconcile, the CA exchange) are freed by then but stay resident in the C allocator's heap.
 ``malloc_trim(0)`` hands those pages back: about 1.2 MiB of the main process's idle RSS, measured
-in the lab (ARCHITECTURE.md, "A small agent"). It is glibc's; with another C library the step is
-skipped.
+in the lab (docs/performance/memory.md, "A small agent process"). It is glibc's; with another C
+library the step is skipped.
 
 And one for throughput: **the C heap's thresholds are fixed** (``hold_heap``). Relaying moves
 each chunk through transient buffers of a few hundred KiB (a relay read framed into the
@@ -37,10 +37,10 @@ freed large ones; since the compile runs in a short-lived child (c1622a1) and st
 nothing raises them, and at e856b65 the agents' heap top was trimmed (``brk``) and grown again
 up to 13 times per MiB relayed cross-node, each regrowth page-faulting its fresh pages: 17 to
 350 minor faults per MiB per agent (under one before c1622a1), about a quarter more CPU per GB
-(ARCHITECTURE.md, "Bulk throughput and the C heap"). With ``MMAP_THRESHOLD`` above any buffer
-the data path allocates and ``TRIM_THRESHOLD`` above a few of them, such bursts reuse the same
-heap pages; a larger free top is still given back, and ``malloc_trim`` above gives start-up's
-back regardless.
+(docs/performance/bulk-and-windows.md, "Bulk throughput and the C heap"). With ``MMAP_THRESHOLD``
+above any buffer the data path allocates and ``TRIM_THRESHOLD`` above a few of them, such bursts
+reuse the same heap pages; a larger free top is still given back, and ``malloc_trim`` above gives
+start-up's back regardless.
 """
 
 from __future__ import annotations

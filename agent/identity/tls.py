@@ -73,10 +73,11 @@ class _CheckedObject(ssl.SSLObject):
     them per record). ``ssl.py``'s versions only pass their arguments on to the C object
     (``_ssl._SSLSocket``, ``self._sslobj``), but each is a Python function: a frame per call, a
     few per record, about 4 % of the instructions of a 1 KB round trip through both proxies
-    (ARCHITECTURE, "A round trip in counts"). Here they are the C object's own methods, bound
-    when asked for: the same arguments, results and exceptions (``SSLWantReadError``, zero
-    bytes at close_notify), which is all ``ssl.py`` passes on (``read``'s ``len`` is required
-    here, and every caller gives it: uvloop, asyncio's ``SSLProtocol``)."""
+    (docs/performance/round-trip.md, "A round trip in instructions"). Here they are the C object's
+    own methods, bound when asked for: the same arguments, results and exceptions
+    (``SSLWantReadError``, zero bytes at close_notify), which is all ``ssl.py`` passes on
+    (``read``'s ``len`` is required here, and every caller gives it: uvloop, asyncio's
+    ``SSLProtocol``)."""
 
     _sslobj: Any  # ``ssl.py``'s C object, set by ``SSLObject._create``
 

@@ -185,8 +185,8 @@ class HboneConnection:
         self.client_side = client_side
         self._h2 = new_connection(client_side=client_side, settings=self.settings)
         # Header blocks: sent without Huffman coding or dynamic table and decoded in one loop
-        # (a peer's Huffman-coded, indexed blocks too), checked by ``check_block``: ARCHITECTURE,
-        # "What a new connection costs".
+        # (a peer's Huffman-coded, indexed blocks too), checked by ``check_block``:
+        # docs/performance/connection-cost.md, "HBONE's header blocks without `h2`'s header path".
         h2wire.tableless_headers(self._h2)
         self._h2.config.validate_inbound_headers = False
         self._h2.config.normalize_inbound_headers = False

@@ -30,7 +30,7 @@ that both sides run.
 The windows are the one part an operator chooses (``nodemesh agent --hbone-window``,
 ``with_stream_window``): larger ones cost less CPU per GB, but a pod that stops reading makes the
 agent hold its stream's window, and a hostile peer the connection's (ARCHITECTURE.md, "HBONE
-windows", has the measurements).
+windows"; the measurements: docs/performance/bulk-and-windows.md).
 
 Across connections, what all of them hold in received DATA and promise in open windows is
 bounded by the process's buffer budget (``agent.proxy.budget``, ``--hbone-buffer-budget``) plus

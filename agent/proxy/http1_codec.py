@@ -2,7 +2,8 @@
 
 Why llhttp: the destination's HTTP path measured h11 (pure Python) at about a quarter of its
 agent CPU per request; llhttp parses a head in C and calls back once per element. The bench's
-HTTP/1.1 workload compared both (ARCHITECTURE.md, "HTTP/1.1 parser"), and this one is kept.
+HTTP/1.1 workload compared both (docs/performance/http1-cost.md, "HTTP/1.1 parser"), and this one is
+kept.
 
 Two halves, usable apart: ``RequestReader`` is a server's half (it reads requests: a proxy's
 client side, or a source-side listener) and ``ResponseReader`` a client's half (it reads the

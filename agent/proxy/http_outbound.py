@@ -20,12 +20,12 @@ pipelined head behind a response, the client's end. An attached HBONE session's 
 handled where it arrives, in the HBONE connection's callback (``deliver_directly``): parsed,
 written to the client, the session released, with no task woken per response. Why: once the
 codec was llhttp, the event loop's own work (task steps, awaits, a reader registered and
-removed per request) was a visible share of the source agent's profile (ARCHITECTURE.md). A
-reader task for the session is started only when that cannot be done: a write to either side
-still waits (then the bytes stay queued in the stream, read in order with awaited writes, so a
-slow client stops the endpoint's stream), the stream ended or was reset, or the session is a
-socket. Writes go out at once unless an earlier one waits; what a side does not take waits
-behind its lock (backpressure both ways), and the client is not read meanwhile.
+removed per request) was a visible share of the source agent's profile
+(docs/performance/http1-cost.md). A reader task for the session is started only when that cannot be
+done: a write to either side still waits (then the bytes stay queued in the stream, read in order
+with awaited writes, so a slow client stops the endpoint's stream), the stream ended or was reset,
+or the session is a socket. Writes go out at once unless an earlier one waits; what a side does not
+take waits behind its lock (backpressure both ways), and the client is not read meanwhile.
 
 A connect failure is retried on another endpoint while traffic control allows
 (``Attempts``); when none is left the client gets 503 ``UF`` (``UH`` when the Service has no

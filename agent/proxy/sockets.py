@@ -40,8 +40,8 @@ from agent.base.accepted import peer_of
 
 # What one socket may hold written but unsent, beyond the segment being filled (at most the
 # device's GSO size, 64 KiB without BIG TCP). Twice a relay read (``relay.MAX_CHUNK``): a socket
-# polls writable below half of it, so one that did takes a whole read. ARCHITECTURE.md, "Kernel
-# send queues", has the measurements behind the value.
+# polls writable below half of it, so one that did takes a whole read. The
+# measurements behind the value: docs/performance/bulk-and-windows.md, "Kernel send queues".
 UNSENT_LOWAT = 512 * 1024
 
 

@@ -445,7 +445,7 @@ class HboneProtocol(asyncio.Protocol):
         self.streams: dict[int, TunnelStream] = {}
         # The loop, looked up once: ``asyncio.get_running_loop()`` costs a ``getpid`` system call
         # on Python 3.11 (it checks the loop was not inherited across a fork), and ``flush_soon``
-        # ran it for every message written to the tunnel (ARCHITECTURE, "A round trip in counts").
+        # ran it for every message written to the tunnel (docs/performance/round-trip.md).
         self.loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.write_paused = False
@@ -635,7 +635,7 @@ class HboneProtocol(asyncio.Protocol):
         in one TLS record and one ``send`` instead of one each. Each record and send costs the
         TLS sealing and a trip through the kernel's TCP path (the peer's receive processing
         included when the peer is on the same host): the largest item of a new connection's
-        cost in the source agent (ARCHITECTURE, "What a new connection costs")."""
+        cost in the source agent (docs/performance/connection-cost.md)."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._scheduled_flush)

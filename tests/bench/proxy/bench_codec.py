@@ -8,7 +8,7 @@ A client and a server ``HboneConnection`` back to back in memory, one open tunne
   - bulk: 256 KiB writes from the client, fed to the server in 64 KiB reads (as a TLS transport
     hands them over), WINDOW_UPDATEs returned to the client.
 Reports µs per round trip and ms per MiB. No root needed; prints timings only (the closing
-numbers are in ARCHITECTURE.md, "Node proxy").
+numbers are in docs/performance/round-trip.md).
 """
 
 from __future__ import annotations

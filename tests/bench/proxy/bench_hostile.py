@@ -7,8 +7,8 @@ consumes; ``offers``: what the peer would send if nothing stopped it): the bytes
 codec's own accounting plus the output the peer left unread (``held``), the bytes delivered to
 the owner, the memory traced inside the codec (``h2``'s buffers, stream objects: tracemalloc),
 and how the connection was refused. The figures before the limits (issue 15) and after are in
-ARCHITECTURE.md, "Hostile peers"; ``hostile.Attack`` also drives the codec from before the
-limits, so the same script measured both.
+docs/performance/memory.md, "Hostile peers at the codec"; ``hostile.Attack`` also drives the codec
+from before the limits, so the same script measured both.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ unsent, its send buffer, the memory its send queue is charged, ``SK_MEMINFO_WMEM
 the agent's socket from the sender, which the agent stopped reading (its receive queue and
 receive buffer, ``SK_MEMINFO_RMEM_ALLOC``/``RCVBUF``: not bounded by ``UNSENT_LOWAT``). Then the
 reader resumes and every byte must arrive. ``--no-limit``: without ``limit_unsent`` (main's
-behaviour before it). The numbers are in ARCHITECTURE.md ("Kernel send queues").
+behaviour before it). The numbers are in docs/performance/bulk-and-windows.md ("Kernel send
+queues").
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ measured in one run are what to compare.
 
 ``--count``: no throughput or latency; the cross-node round trips run with ``perf stat`` attached
 to each agent's processes (main and workers) and print each agent's system calls by name per
-round trip, which the load does not move (ARCHITECTURE, "A round trip in counts").
+round trip, which the load does not move (docs/performance/round-trip.md, "A round trip in counts").
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ round trip, over ``--requests`` round trips after a warm-up:
     HBONE connection, both directions: 8 carry data in a round trip), and delayed ACKs
     (``TcpExtDelayedACKs``).
 
-The closing numbers are in ARCHITECTURE.md ("Node proxy", "A round trip in counts").
+The closing numbers are in docs/performance/round-trip.md ("A round trip in counts").
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ the minimum):
 
 Variants: ``base`` (the tree given by ``--base``, e.g. a detached worktree of main), ``this``
 (this tree), ``always`` (this tree with ``relay.SPLICE_AFTER`` = 1: every read after the first
-is a splice), ``this@N`` (``SPLICE_AFTER`` = N). Numbers in ARCHITECTURE.md ("Splicing
-socket-to-socket relays").
+is a splice), ``this@N`` (``SPLICE_AFTER`` = N). Numbers in docs/performance/workers-and-splice.md
+("Splicing socket-to-socket relays").
 """
 
 from __future__ import annotations

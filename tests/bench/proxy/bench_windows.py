@@ -22,11 +22,11 @@ the minimum over rounds):
 Each child holds the C heap's thresholds as the agent does once started
 (``agent.base.runtime.hold_heap``, which ``settle_for_data_plane`` calls): without it glibc gave
 a relayed chunk's transient buffers back to the kernel and faulted them in again, run by run or
-not, and a bulk child's CPU per GB was bimodal (ARCHITECTURE.md, "Bulk throughput and the C
-heap"). Bulk reports the minor page faults per 512 MiB relayed, which show it.
+not, and a bulk child's CPU per GB was bimodal (docs/performance/bulk-and-windows.md, "Bulk
+throughput and the C heap"). Bulk reports the minor page faults per 512 MiB relayed, which show it.
 
 Needs root (the loopback mesh sets SO_MARK); prints one line per measurement and a summary table.
-The closing numbers are in ARCHITECTURE.md ("Node proxy", HBONE windows).
+The closing numbers are in docs/performance/bulk-and-windows.md ("HBONE windows").
 """
 
 from __future__ import annotations

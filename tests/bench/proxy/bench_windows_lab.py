@@ -9,7 +9,7 @@ connection) and are restarted with each ``--hbone-window`` in turn, alternating 
 by round. Per window and round: 1 KB round trips client -> server alone (p50), then the same
 while iperf3 sends one bulk stream client -> server (p50/p99 of the round trips, the bulk's
 Gbit/s, and both agents' CPU seconds per GB during it). Prints one line per measurement and
-the medians; the closing numbers are in ARCHITECTURE.md ("Node proxy", HBONE windows).
+the medians; the closing numbers are in docs/performance/bulk-and-windows.md ("HBONE windows").
 """
 
 from __future__ import annotations

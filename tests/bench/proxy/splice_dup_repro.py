@@ -1,5 +1,6 @@
-"""Diagnostic for the same-node splice's duplicated-bytes defect (ARCHITECTURE.md, "Same-node
-splice", "Known defect (session 12), found and fixed"). Not part of ``make test``; run as root:
+"""Diagnostic for the same-node splice's duplicated-bytes defect
+(docs/performance/workers-and-splice.md, "Known defect (session 12), found and fixed"). Not part of
+``make test``; run as root:
 
     .venv/bin/python -m tests.bench.proxy.splice_dup_repro --rounds 20 --conns 6
     .venv/bin/python -m tests.bench.proxy.splice_dup_repro --window 16777216 --slow 0 --busy 1

@@ -1,7 +1,7 @@
 """What a small request/response costs the tunnel path, in counts (never in time): a client
 socket, the source relay, an HBONE stream, the destination relay and a pod socket, with 1 KB
 round trips through them. Each count is work the path did per message beyond what it must
-(ARCHITECTURE, "A round trip in counts")."""
+(docs/performance/round-trip.md, "A round trip in counts")."""
 
 from __future__ import annotations
 
@@ -116,13 +116,13 @@ def test_a_relayed_message_asks_the_stream_for_room_once(
 
 # Python functions the agent's code runs and built-ins it calls, per 1 KB round trip through
 # both relays and the stream (both directions: two messages into the tunnel, two out of it).
-# Measured: 190 before the changes of "A round trip in counts" (ARCHITECTURE), 144 after. A
-# change that adds work to every message raises it: measure what it costs
+# Measured: 190 before the changes of "A round trip in counts" (docs/performance/round-trip.md), 144
+# after. A change that adds work to every message raises it: measure what it costs
 # (tests/bench/proxy/bench_rr_counts.py) and move the bound with the reason. 148 since session
 # 12: the codec takes ``h2``'s output with ``h2wire.move_output`` (agent code, counted here)
 # instead of ``h2``'s ``data_to_send`` (not counted: ``h2``'s code), once per flush; it copies
 # nothing and makes no new buffer, so the work per message fell (about 0.05 µs less per call
-# with nothing queued, timeit; ARCHITECTURE, "What a new connection costs", session 12).
+# with nothing queued, timeit; docs/performance/connection-cost.md, session 12).
 # Measured 146 in session 15; 132 since a read of one whole DATA frame is taken without the
 # splitter's tokens (``DataFlow.take_single``: 183 k instead of 212 k instructions per round
 # trip, both proxies, callgrind); 126 since ``DataFlow.send`` frames a DATA header inline; 120

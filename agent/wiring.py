@@ -15,14 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.admin.api import AdminSources
 from agent.admin.component import AdminComponent
 from agent.base.component import Component, StateSource
+from agent.base.conncaps import (
+    PEER_LIMIT,
+    POD_LIMIT,
+    ConnectionCaps,
+    SourceLimit,
+    describe_cap,
+    raise_descriptor_limit,
+)
+from agent.base.constants import Listener
 from agent.base.http import Response
 from agent.config import AgentConfig
 from agent.datapath.datapath import Datapath
@@ -30,6 +40,8 @@ from agent.datapath.desired import LocalPod
 from agent.state import Snapshot, StateStore
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
@@ -44,6 +56,7 @@ class AgentParts(Protocol):
     source: StateSource | None
     identity: IdentityComponent | None
     proxy: ProxyComponent | None
+    caps: ConnectionCaps | None
 
     def not_ready(self) -> list[str]: ...
 
@@ -72,6 +85,42 @@ def node_proxy(
     )
     core = Core(node=config.node, store=store, identities=identities, settings=settings)
     return ProxyComponent(NodeProxy(core))
+
+
+def connection_caps(config: AgentConfig, *, passthrough: bool) -> ConnectionCaps:
+    """What one proxy process's accept loops admit (``agent.base.conncaps``), from its own
+    descriptor limit (raised to the hard limit first). On 15001, ``--max-connections-per-pod``;
+    in plain passthrough (no CA, so no node proxy to do it) 15006 and 15008 also get the node
+    proxy's per-address limit (``InboundLimits.max_connections_per_peer``). ``ConfigError``
+    when ``--max-connections`` asks for more than the limit leaves room for."""
+    from agent.proxy.hbone_limits import InboundLimits
+
+    nofile = raise_descriptor_limit()
+    total = config.connection_cap(nofile)
+    why = describe_cap(nofile) if config.max_connections is None else "--max-connections"
+    per_source = {Listener.OUTBOUND: SourceLimit(config.max_connections_per_pod, POD_LIMIT, "pod")}
+    if passthrough:
+        per_peer = InboundLimits().max_connections_per_peer
+        per_source[Listener.INBOUND] = SourceLimit(per_peer, PEER_LIMIT, "client")
+        per_source[Listener.HBONE] = SourceLimit(per_peer, PEER_LIMIT, "peer")
+    log.info(
+        "connections: at most %d in this process (%s), %d per pod on the outbound listener",
+        total,
+        why,
+        config.max_connections_per_pod,
+    )
+    return ConnectionCaps(total, per_source, why=why)
+
+
+def rejection_counts(parts: AgentParts) -> Callable[[], Mapping[str, int]] | None:
+    """The rejection counter ``/metrics`` shows: the node proxy's; without one (plain
+    passthrough), the accept loops' own (``ConnectionCaps.rejections``)."""
+    proxy, caps = parts.proxy, parts.caps
+    if proxy is not None:
+        return lambda: proxy.connections.rejections
+    if caps is not None:
+        return lambda: caps.rejections
+    return None
 
 
 def local_pods(snapshot: Snapshot, node: str) -> list[LocalPod]:
@@ -172,7 +221,7 @@ def observability(parts: AgentParts, fanout: FanOut | None = None) -> list[Compo
         store=parts.store,
         address=("0.0.0.0", parts.config.metrics_port),
         sources=AgentSources(
-            rejections=(lambda: proxy.connections.rejections) if proxy is not None else None,
+            rejections=rejection_counts(parts),
             denials=(lambda: proxy.connections.denials) if proxy is not None else None,
             rate_limited=((lambda: proxy.connections.rate_limited) if proxy is not None else None),
             pool_size=proxy.pool_size if proxy is not None else None,

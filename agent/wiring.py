@@ -30,6 +30,7 @@ from agent.base.conncaps import (
     ConnectionCaps,
     SourceLimit,
     describe_cap,
+    descriptor_limit,
     raise_descriptor_limit,
 )
 from agent.base.constants import Listener
@@ -155,6 +156,8 @@ def effective_config(config: AgentConfig) -> dict[str, object]:
     out = {k: _jsonable(v) for k, v in dataclasses.asdict(config).items()}
     out["hbone_buffer_budget_per_process"] = config.budget_share  # with --workers N: an Nth
     out["hbone_queue_budget_per_process"] = config.queue_budget_share
+    # what --max-connections comes to in each proxy process, under the limit it runs with
+    out["max_connections_per_process"] = config.connection_cap(descriptor_limit())
     out["admin_address"] = f"{config.admin_address[0]}:{config.admin_address[1]}"
     out["capture_mark"] = hex(config.capture_mark)
     if config.ca is not None:

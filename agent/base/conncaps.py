@@ -74,6 +74,12 @@ GLOBAL_LIMIT = "global_connection_limit"
 Reject = Callable[..., None]  # ``(reason, detail, *, quiet=False)``, as ``Registry.reject``
 
 
+def descriptor_limit() -> int:
+    """The soft ``RLIMIT_NOFILE`` in force (unlimited counts as ``MAX_NOFILE``)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return MAX_NOFILE if soft == resource.RLIM_INFINITY else soft
+
+
 def raise_descriptor_limit() -> int:
     """Raise the soft ``RLIMIT_NOFILE`` to the hard one (at most ``MAX_NOFILE``) and return the
     soft limit now in force. Container runtimes often start processes at a soft limit of 1,024
@@ -85,9 +91,7 @@ def raise_descriptor_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (OSError, ValueError) as e:
             log.warning("cannot raise the open-files limit from %d to %d: %s", soft, want, e)
-            return soft
-        return want
-    return MAX_NOFILE if soft == resource.RLIM_INFINITY else soft
+    return descriptor_limit()
 
 
 def reserve_for(nofile: int) -> int:

@@ -14,7 +14,9 @@ client is not). One more is reset before anything else is done for it and counte
 rejection ``peer_connection_limit`` (logged once while the client stays at the limit:
 ``conncaps.PeerSlots``); a slot is released when its connection's handler returns,
 whichever way the connection ended. Without it a single client could open connections until the
-agent ran out of file descriptors, and every other pod's traffic on the node with it.
+agent ran out of file descriptors, and every other pod's traffic on the node with it. All clients
+together are within the process's cap, checked when the connection is accepted
+(``agent.base.conncaps``).
 """
 
 from __future__ import annotations

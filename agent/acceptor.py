@@ -208,15 +208,17 @@ async def serve_accepted(
             if gate is not None:
                 gate.release(source)
     if rest is not None:  # the drain waits for (and at its deadline cancels) it instead
-        # Not in a copy of this task's context: it would live as long as the connection.
-        quiet = quiet_context()
-        rest.add_done_callback(connections.discard, context=quiet)
         connections.add(rest)
-        if gate is not None:
-            rest.add_done_callback(partial(_release, gate, source), context=quiet)
+        # Not in a copy of this task's context: it would live as long as the connection. One
+        # callback for both ends of the bookkeeping (each is scheduled as a handle of its own).
+        ended = connections.discard if gate is None else partial(_ended, connections, gate, source)
+        rest.add_done_callback(ended, context=quiet_context())
 
 
-def _release(gate: Gate, source: str, _done: asyncio.Future[None]) -> None:
+def _ended(
+    connections: set[asyncio.Future[None]], gate: Gate, source: str, done: asyncio.Future[None]
+) -> None:
+    connections.discard(done)
     gate.release(source)
 
 

@@ -118,8 +118,8 @@ class PeerSlots:
     source reached its limit, not the others while it stays there, so a source that keeps
     opening connections past the limit (each refusal costs it one round trip) cannot make the
     agent write a log line for each; they are all counted. Once one of its connections ends,
-    its next refusal is logged again. (15008 and 15006 keep one each in the node proxy, and
-    ``ConnectionCaps`` one per limited listener.)"""
+    its next refusal is logged again. (15008 and 15006 keep one each in the node proxy; the
+    accept loops' ``Gate`` does the same with a plain dict.)"""
 
     __slots__ = ("_told", "held")
 
@@ -164,6 +164,8 @@ class ConnectionCaps:
     each accept loop its ``Gate``. Refusals go to ``reject`` (the node proxy's registry, so they
     show in its rejection counter; by default this object's own ``rejections``)."""
 
+    __slots__ = ("full_told", "held", "per_source", "reject", "rejections", "total", "why")
+
     def __init__(
         self, total: int, per_source: Mapping[Listener, SourceLimit], *, why: str = ""
     ) -> None:
@@ -173,7 +175,7 @@ class ConnectionCaps:
         self.why = why  # how ``total`` was chosen, for the log line at the cap
         self.rejections: Counter[str] = Counter()
         self.reject: Reject = self._count
-        self._told = False  # the refusal at the cap was logged since the process was below it
+        self.full_told = False  # the refusal at the cap was logged since the process was below
 
     def gate(self, listener: Listener) -> Gate:
         return Gate(self, listener, self.per_source.get(listener))
@@ -184,7 +186,7 @@ class ConnectionCaps:
             log.info("rejected (%s): %s", reason, detail)
 
     def refuse_full(self, listener: Listener, source: str) -> None:
-        first, self._told = not self._told, True
+        first, self.full_told = not self.full_told, True
         self.reject(
             GLOBAL_LIMIT,
             f"{listener.name.lower()} from {source}: this process holds {self.total} "
@@ -193,52 +195,67 @@ class ConnectionCaps:
             quiet=not first,
         )
 
-    def released(self) -> None:
-        self.held -= 1
-        self._told = False
-
 
 class Gate:
     """A listener's admission: ``admit(source)`` before anything is done for a connection
-    (False: refuse it), ``release(source)`` once it ended, however it ended. A dict lookup and
-    two integer compares per connection."""
+    (False: refuse it), ``release(source)`` once it ended, however it ended. A dict lookup, a
+    dict store and two compares per connection, in two calls: this runs for every connection,
+    so it keeps its own dict (``PeerSlots``' ``Counter`` calls ``__missing__``, in Python, for
+    every source that held nothing)."""
 
-    __slots__ = ("_caps", "_limit", "_listener", "_slots")
+    __slots__ = ("_caps", "_held", "_listener", "_most", "_told", "limit")
 
     def __init__(self, caps: ConnectionCaps, listener: Listener, limit: SourceLimit | None):
         self._caps = caps
         self._listener = listener
-        self._limit = limit
-        self._slots = PeerSlots() if limit is not None else None
+        self.limit = limit
+        # Connections held per source (only sources holding one); None: no per-source limit.
+        self._held: dict[str, int] | None = {} if limit is not None else None
+        self._most = limit.most if limit is not None else 0
+        self._told: set[str] = set()  # sources whose refusal was logged since they were below
 
     @property
-    def held(self) -> Counter[str]:
+    def held(self) -> dict[str, int]:
         """Connections held per source (empty for a listener without a per-source limit)."""
-        return self._slots.held if self._slots is not None else Counter()
+        return dict(self._held) if self._held is not None else {}
 
     def admit(self, source: str) -> bool:
         caps = self._caps
         if caps.held >= caps.total:
             caps.refuse_full(self._listener, source)
             return False
-        slots = self._slots
-        if slots is not None:
-            limit = self._limit
-            assert limit is not None
-            if slots.held.get(source, 0) >= limit.most:
-                caps.reject(
-                    limit.reason,
-                    f"{self._listener.name.lower()} from {source}: {limit.most} connections from "
-                    f"that {limit.who} already (more are counted, not logged, until one of them "
-                    "ends)",
-                    quiet=not slots.first_refusal(source),
-                )
+        held = self._held
+        if held is not None:
+            count = held.get(source, 0)
+            if count >= self._most:
+                self._refuse(source)
                 return False
-            slots.take(source)
+            held[source] = count + 1
         caps.held += 1
         return True
 
+    def _refuse(self, source: str) -> None:
+        limit = self.limit
+        assert limit is not None
+        first = source not in self._told
+        self._told.add(source)
+        self._caps.reject(
+            limit.reason,
+            f"{self._listener.name.lower()} from {source}: {limit.most} connections from that "
+            f"{limit.who} already (more are counted, not logged, until one of them ends)",
+            quiet=not first,
+        )
+
     def release(self, source: str) -> None:
-        if self._slots is not None:
-            self._slots.release(source)
-        self._caps.released()
+        held = self._held
+        if held is not None:
+            count = held[source] - 1
+            if count:
+                held[source] = count
+            else:
+                del held[source]
+            if self._told:
+                self._told.discard(source)
+        caps = self._caps
+        caps.held -= 1
+        caps.full_told = False

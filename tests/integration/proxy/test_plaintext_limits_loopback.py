@@ -167,7 +167,6 @@ def test_every_way_a_connection_ends_releases_its_slot(ending: str) -> None:
     """With one slot per address, two connections in a row that end this way, then a relayed
     one, are all served: each gave its slot back (the client sees the end only after that, or
     the HTTP case waits for it); a second connection beside the relayed one is reset."""
-
     @mesh_test
     async def scenario(mesh: Mesh) -> None:
         limit(mesh, 1)

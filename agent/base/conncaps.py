@@ -191,7 +191,8 @@ class ConnectionCaps:
             GLOBAL_LIMIT,
             f"{listener.name.lower()} from {source}: this process holds {self.total} "
             f"connections, its cap ({self.why or '--max-connections'}); more are counted, not "
-            "logged, until one of them ends",
+            "logged, until one of them ends (if the node needs more, raise the agent's "
+            "open-files limit, LimitNOFILE, or --max-connections)",
             quiet=not first,
         )
 

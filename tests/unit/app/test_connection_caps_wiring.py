@@ -6,10 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from agent.base.conncaps import PEER_LIMIT, POD_LIMIT, SourceLimit
+from agent.base.conncaps import (
+    PEER_LIMIT,
+    POD_LIMIT,
+    SourceLimit,
+    descriptor_limit,
+    process_cap,
+)
 from agent.base.constants import Listener
 from agent.config import AgentConfig
-from agent.wiring import connection_caps, rejection_counts
+from agent.wiring import connection_caps, effective_config, rejection_counts
 
 CONFIG = AgentConfig(node="n1", pin_dir=Path("/nonexistent"), max_connections_per_pod=7)
 
@@ -35,3 +41,9 @@ def test_without_a_node_proxy_the_metrics_count_the_accept_loops_refusals() -> N
     proxy = SimpleNamespace(connections=SimpleNamespace(rejections={"strict_mtls": 2}))
     counts = rejection_counts(SimpleNamespace(proxy=proxy, caps=caps))  # type: ignore[arg-type]
     assert counts is not None and counts() == {"strict_mtls": 2}
+
+
+def test_the_config_dump_shows_what_each_process_may_hold() -> None:
+    dumped = effective_config(CONFIG)
+    assert dumped["max_connections"] is None and dumped["max_connections_per_pod"] == 7
+    assert dumped["max_connections_per_process"] == process_cap(descriptor_limit())

@@ -8,7 +8,19 @@ queue (ECONNABORTED, and the network errors accept(2) says to treat "like EAGAIN
 skipped. Every failure is counted by reason. Before this, one EMFILE under 10,000 idle
 connections ended the accept task and so the whole agent.
 
-``drain`` is the other end of what the accept loops start: waiting for the accepted
+Before EMFILE can happen, the accept loops refuse: a connection past its source's limit or
+the process's cap (``agent.base.conncaps``, a listener's ``Gate``) is reset the moment it is
+accepted, before a task exists, and counted; its descriptor is free again at once. The cap
+leaves a reserve of descriptors, so the agent's control plane (watches, CA calls, the metrics,
+readiness and admin servers) never meets EMFILE because of captured traffic. The backoff above
+stays for what the cap does not count (HBONE streams past a connection's first, other
+processes' descriptors under a system-wide ENFILE). Without the cap, at EMFILE the capture
+listeners' pending connections waited in the kernel's queue while the loop retried every 0.1 s,
+and uvloop's own servers (metrics, readiness, admin) accepted and closed every connection at
+once (libuv's reserve-descriptor trick), so the agent stopped answering its probes.
+
+``serve_accepted`` is what each accepted connection's task runs (in the agent and in each
+worker); ``drain`` is the other end of what the accept loops start: waiting for the accepted
 connections at shutdown, whether a handler task still serves them or a relay without a task.
 """
 
@@ -18,11 +30,16 @@ import asyncio
 import errno
 import logging
 import socket
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 
-from agent.base.accepted import accepting
+from agent.base.accepted import accepting, peer_of
+from agent.base.conncaps import Gate
+from agent.base.constants import Listener
 from agent.base.metrics import counter
+from agent.base.quiet import quiet_context
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +85,11 @@ def backoff_for(err: OSError) -> float | None:
 
 
 async def accept_forever(
-    sock: socket.socket, serve: Callable[[socket.socket], None], *, listener: str
+    sock: socket.socket,
+    serve: Callable[[socket.socket], None],
+    *,
+    listener: str,
+    gate: Gate | None = None,
 ) -> None:
     """Accept on ``sock`` and hand each connection (non-blocking) to ``serve``, for ever.
 
@@ -78,7 +99,9 @@ async def accept_forever(
     closes a poll handle each time: ``ioctl`` and three ``epoll_ctl``) and made a future and
     a callback handle for it. Ends only by cancellation or by raising what broke the listener
     (or ``serve``). The sockets are ``AcceptedSocket``s: they keep the peer address ``accept``
-    returned (``agent.base.accepted``), so no handler asks the kernel for it again."""
+    returned (``agent.base.accepted``), so no handler asks the kernel for it again. ``gate``:
+    a connection it does not admit is reset at once and never reaches ``serve``; one it admits
+    holds its slot until ``gate.release`` (``serve_accepted`` does it)."""
     loop = asyncio.get_running_loop()
     fd = sock.fileno()
     accept = accepting(sock)
@@ -127,6 +150,9 @@ async def accept_forever(
                 loop.remove_reader(fd)
                 backoff = loop.call_later(wait, resume)
                 return
+            if gate is not None and not gate.admit(conn.peer[0]):
+                refuse(conn)
+                continue
             conn.setblocking(False)
             try:
                 serve(conn)
@@ -141,6 +167,59 @@ async def accept_forever(
         if backoff is not None:
             backoff.cancel()
         loop.remove_reader(fd)
+
+
+_RST = struct.pack("ii", 1, 0)
+
+
+def refuse(conn: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the client sees a refused connection at once, and the
+    descriptor is free again."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+    finally:
+        conn.close()
+
+
+Handle = Callable[[socket.socket, Listener], Awaitable["asyncio.Future[None] | None"]]
+
+
+async def serve_accepted(
+    handle: Handle,
+    conn: socket.socket,
+    slot: Listener,
+    connections: set[asyncio.Future[None]],
+    gate: Gate | None = None,
+) -> None:
+    """Serve one accepted connection with ``handle`` (``agent.app.ConnectionHandler``): close
+    it when the handler returns nothing; else track the future it returned (a relay without a
+    task, which owns ``conn`` from then on) in ``connections`` until it ends, for the drain.
+    ``gate``: the slot ``accept_forever`` took is released when the connection ended, whichever
+    way."""
+    source = peer_of(conn)[0] if gate is not None else ""
+    rest = None
+    try:
+        rest = await handle(conn, slot)
+    except Exception:
+        log.exception("handler failed on a %s connection", slot.name.lower())
+    finally:
+        if rest is None:
+            conn.close()
+            if gate is not None:
+                gate.release(source)
+    if rest is not None:  # the drain waits for (and at its deadline cancels) it instead
+        connections.add(rest)
+        # Not in a copy of this task's context: it would live as long as the connection. One
+        # callback for both ends of the bookkeeping (each is scheduled as a handle of its own).
+        ended = connections.discard if gate is None else partial(_ended, connections, gate, source)
+        rest.add_done_callback(ended, context=quiet_context())
+
+
+def _ended(
+    connections: set[asyncio.Future[None]], gate: Gate, source: str, done: asyncio.Future[None]
+) -> None:
+    connections.discard(done)
+    gate.release(source)
 
 
 async def drain(connections: set[asyncio.Future[None]], seconds: float) -> int:

@@ -45,13 +45,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from agent import handover
-from agent.acceptor import accept_forever, drain
+from agent.acceptor import accept_forever, drain, serve_accepted
 from agent.base import runtime
 from agent.base.component import Component, StateSource
+from agent.base.conncaps import ConnectionCaps, Gate, raise_descriptor_limit
 from agent.base.constants import Listener
 from agent.base.endpoint import HttpComponent
 from agent.base.http import HttpServer, Request, Response
-from agent.base.quiet import quiet_context
 from agent.config import AgentConfig, ConfigError, add_arguments, from_args
 from agent.datapath.datapath import Datapath, SpliceUnavailable, uninstall
 from agent.datapath.listeners import open_listener_groups, open_listeners
@@ -59,7 +59,7 @@ from agent.datapath.programs import ProgramLoadError
 from agent.datapath.splice import KernelSplice
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
-from agent.wiring import local_pods, node_proxy, observability
+from agent.wiring import connection_caps, local_pods, node_proxy, observability
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
@@ -307,6 +307,14 @@ class Agent:
         self.listeners: dict[Listener, socket.socket] = {}
         self.identity, self.proxy = mesh_components(config, self.store)
         self.handler: ConnectionHandler = connection_handler(self.proxy)
+        # What the accept loops admit (``agent.base.conncaps``); with --workers N, the workers'.
+        self.caps: ConnectionCaps | None = None
+        if config.workers <= 1:
+            self.caps = connection_caps(config, passthrough=self.proxy is None)
+            if self.proxy is not None:  # refusals in the proxy's rejection counter
+                self.caps.reject = self.proxy.connections.reject
+        else:  # a flag the workers' limit cannot hold fails here, before they start
+            config.connection_cap(raise_descriptor_limit())
         self.components: list[Component] = [c for c in (self.identity, self.proxy) if c]
         self.workers: Workers | None = None  # --workers N > 1: set by prepare()
         fanout = None
@@ -643,27 +651,17 @@ class Agent:
 
     async def _accept_loop(self, slot: Listener, sock: socket.socket) -> None:
         name = f"conn-{slot.name}"  # once per listener, not per connection
+        gate = self.caps.gate(slot) if self.caps is not None else None
 
         def serve(conn: socket.socket) -> None:
-            task = asyncio.create_task(self._serve(conn, slot), name=name)
+            task = asyncio.create_task(self._serve(conn, slot, gate), name=name)
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
-        await accept_forever(sock, serve, listener=slot.name)
+        await accept_forever(sock, serve, listener=slot.name, gate=gate)
 
-    async def _serve(self, conn: socket.socket, slot: Listener) -> None:
-        rest = None
-        try:
-            rest = await self.handler.handle(conn, slot)
-        except Exception:
-            log.exception("handler failed on a %s connection", slot.name.lower())
-        finally:
-            if rest is None:
-                conn.close()
-        if rest is not None:  # the drain waits for (and at its deadline cancels) it instead
-            self._connections.add(rest)
-            # Not in a copy of this task's context: it would live as long as the connection.
-            rest.add_done_callback(self._connections.discard, context=quiet_context())
+    async def _serve(self, conn: socket.socket, slot: Listener, gate: Gate | None = None) -> None:
+        await serve_accepted(self.handler.handle, conn, slot, self._connections, gate)
 
     async def _reconcile_loop(self) -> None:
         """Apply state changes to the kernel, one pass at a time, in a worker thread; retry
@@ -691,7 +689,11 @@ def run_agent(args: argparse.Namespace) -> int:
         for item in uninstall(config.pin_dir, config.routing):
             log.info("removed %s", item)
         return 0
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
     try:
         agent.prepare()
     except (StartupError, ProgramLoadError, LookupError, OSError) as e:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from agent.base.conncaps import DEFAULT_PER_POD, describe_cap, process_cap
 from agent.base.constants import (
     ADMIN_PORT,
     CA_PORT,
@@ -99,6 +100,27 @@ class AgentConfig:
     # --hbone-queue-budget: bytes all HBONE connections of the agent may hold in outgoing
     # queues for peers that do not read, split the same way (``budget.QueueBudget``).
     hbone_queue_budget: int = DEFAULT_QUEUE_BUDGET
+    # --max-connections: connections each proxy process may hold on its three listeners
+    # together (None: derived from its descriptor limit, ``agent.base.conncaps.process_cap``).
+    max_connections: int | None = None
+    # --max-connections-per-pod: connections one local pod may hold through 15001 at once, in
+    # each proxy process (``conncaps.DEFAULT_PER_POD``).
+    max_connections_per_pod: int = DEFAULT_PER_POD
+
+    def connection_cap(self, nofile: int) -> int:
+        """Each proxy process's cap on connections (``--max-connections``) under its limit of
+        ``nofile`` descriptors; ``ConfigError`` when the flag asks for more than the limit
+        leaves room for (the reserve would be eaten, and the control plane with it)."""
+        room = process_cap(nofile)
+        if self.max_connections is None:
+            return room
+        if self.max_connections > room:
+            raise ConfigError(
+                f"--max-connections {self.max_connections}: each proxy process can hold at most "
+                f"{room} connections ({describe_cap(nofile)}); raise the agent's open-files "
+                "limit (LimitNOFILE, ulimit -n) or lower --max-connections"
+            )
+        return self.max_connections
 
     @property
     def budget_share(self) -> int:
@@ -277,6 +299,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "64 KiB until bytes drain (see ARCHITECTURE.md, HBONE buffer budget)",
     )
     parser.add_argument(
+        "--max-connections",
+        default="auto",
+        metavar="N|auto",
+        help="connections each proxy process (the agent, or each of its --workers) may hold on "
+        "15001, 15006 and 15008 together; more are reset at once and counted "
+        '(nodemesh_rejected_connections_total{reason="global_connection_limit"}). Default '
+        "auto: from the open-files limit, leaving a reserve for the agent's control plane, two "
+        "descriptors per connection (see ARCHITECTURE.md, What outside input can make the agent "
+        "hold)",
+    )
+    parser.add_argument(
+        "--max-connections-per-pod",
+        type=int,
+        default=DEFAULT_PER_POD,
+        metavar="N",
+        help="connections one local pod may hold open through the proxy (15001) at once, in "
+        f"each proxy process (default {DEFAULT_PER_POD}); more are reset at once and counted "
+        '(nodemesh_rejected_connections_total{reason="pod_connection_limit"}). Raise it for '
+        "a gateway pod that holds more upstream connections",
+    )
+    parser.add_argument(
         "--access-log-sample",
         type=float,
         default=1.0,
@@ -329,6 +372,26 @@ def _workers(value: str, *, has_ca: bool) -> int:
     if not 1 <= count <= MAX_WORKERS:
         raise ConfigError(f"--workers {value}: expected 1 to {MAX_WORKERS} processes")
     return count
+
+
+def _max_connections(value: str) -> int | None:
+    """``--max-connections``: a count of at least 1, or ``auto`` (None)."""
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(
+            f"--max-connections {value}: expected a number of connections (1 or more) or auto"
+        )
+    return int(value)
+
+
+def _per_pod(value: int) -> int:
+    if value < 1:
+        raise ConfigError(
+            f"--max-connections-per-pod {value}: expected 1 or more connections (default "
+            f"{DEFAULT_PER_POD})"
+        )
+    return value
 
 
 def _size_text(size: int) -> str:
@@ -512,4 +575,6 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         hbone_window=_hbone_window(str(args.hbone_window)),
         hbone_buffer_budget=_hbone_buffer_budget(str(args.hbone_buffer_budget)),
         hbone_queue_budget=_hbone_queue_budget(str(args.hbone_queue_budget)),
+        max_connections=_max_connections(str(args.max_connections)),
+        max_connections_per_pod=_per_pod(args.max_connections_per_pod),
     )

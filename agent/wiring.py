@@ -15,14 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.admin.api import AdminSources
 from agent.admin.component import AdminComponent
 from agent.base.component import Component, StateSource
+from agent.base.conncaps import (
+    PEER_LIMIT,
+    POD_LIMIT,
+    ConnectionCaps,
+    SourceLimit,
+    describe_cap,
+    descriptor_limit,
+    raise_descriptor_limit,
+)
+from agent.base.constants import Listener
 from agent.base.http import Response
 from agent.config import AgentConfig
 from agent.datapath.datapath import Datapath
@@ -30,6 +41,8 @@ from agent.datapath.desired import LocalPod
 from agent.state import Snapshot, StateStore
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
@@ -44,6 +57,7 @@ class AgentParts(Protocol):
     source: StateSource | None
     identity: IdentityComponent | None
     proxy: ProxyComponent | None
+    caps: ConnectionCaps | None
 
     def not_ready(self) -> list[str]: ...
 
@@ -72,6 +86,42 @@ def node_proxy(
     )
     core = Core(node=config.node, store=store, identities=identities, settings=settings)
     return ProxyComponent(NodeProxy(core))
+
+
+def connection_caps(config: AgentConfig, *, passthrough: bool) -> ConnectionCaps:
+    """What one proxy process's accept loops admit (``agent.base.conncaps``), from its own
+    descriptor limit (raised to the hard limit first). On 15001, ``--max-connections-per-pod``;
+    in plain passthrough (no CA, so no node proxy to do it) 15006 and 15008 also get the node
+    proxy's per-address limit (``InboundLimits.max_connections_per_peer``). ``ConfigError``
+    when ``--max-connections`` asks for more than the limit leaves room for."""
+    from agent.proxy.hbone_limits import InboundLimits
+
+    nofile = raise_descriptor_limit()
+    total = config.connection_cap(nofile)
+    why = describe_cap(nofile) if config.max_connections is None else "--max-connections"
+    per_source = {Listener.OUTBOUND: SourceLimit(config.max_connections_per_pod, POD_LIMIT, "pod")}
+    if passthrough:
+        per_peer = InboundLimits().max_connections_per_peer
+        per_source[Listener.INBOUND] = SourceLimit(per_peer, PEER_LIMIT, "client")
+        per_source[Listener.HBONE] = SourceLimit(per_peer, PEER_LIMIT, "peer")
+    log.info(
+        "connections: at most %d in this process (%s), %d per pod on the outbound listener",
+        total,
+        why,
+        config.max_connections_per_pod,
+    )
+    return ConnectionCaps(total, per_source, why=why)
+
+
+def rejection_counts(parts: AgentParts) -> Callable[[], Mapping[str, int]] | None:
+    """The rejection counter ``/metrics`` shows: the node proxy's; without one (plain
+    passthrough), the accept loops' own (``ConnectionCaps.rejections``)."""
+    proxy, caps = parts.proxy, parts.caps
+    if proxy is not None:
+        return lambda: proxy.connections.rejections
+    if caps is not None:
+        return lambda: caps.rejections
+    return None
 
 
 def local_pods(snapshot: Snapshot, node: str) -> list[LocalPod]:
@@ -106,6 +156,8 @@ def effective_config(config: AgentConfig) -> dict[str, object]:
     out = {k: _jsonable(v) for k, v in dataclasses.asdict(config).items()}
     out["hbone_buffer_budget_per_process"] = config.budget_share  # with --workers N: an Nth
     out["hbone_queue_budget_per_process"] = config.queue_budget_share
+    # what --max-connections comes to in each proxy process, under the limit it runs with
+    out["max_connections_per_process"] = config.connection_cap(descriptor_limit())
     out["admin_address"] = f"{config.admin_address[0]}:{config.admin_address[1]}"
     out["capture_mark"] = hex(config.capture_mark)
     if config.ca is not None:
@@ -172,7 +224,7 @@ def observability(parts: AgentParts, fanout: FanOut | None = None) -> list[Compo
         store=parts.store,
         address=("0.0.0.0", parts.config.metrics_port),
         sources=AgentSources(
-            rejections=(lambda: proxy.connections.rejections) if proxy is not None else None,
+            rejections=rejection_counts(parts),
             denials=(lambda: proxy.connections.denials) if proxy is not None else None,
             rate_limited=((lambda: proxy.connections.rate_limited) if proxy is not None else None),
             pool_size=proxy.pool_size if proxy is not None else None,

@@ -135,9 +135,13 @@ class NetlinkHelper:
     def _read_line(self, proc: subprocess.Popen[bytes], deadline: float) -> bytes:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
+        # poll, not select: a helper restarted while the agent holds over 1,024 descriptors
+        # (its raised open-files limit) gets a pipe that select() refuses.
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not poller.poll(left * 1000):
                 raise TimeoutError(f"no answer within {self._timeout:.0f}s")
             chunk = os.read(fd, 65536)
             if not chunk:

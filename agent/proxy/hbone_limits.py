@@ -51,7 +51,6 @@ ones (handshake and per-peer caps, idle) also go through the proxy's rejection c
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from dataclasses import dataclass
 
 from agent.base.metrics import counter
@@ -92,41 +91,6 @@ class InboundLimits:
     # idle timeout, so that the client, which knows when it will open the next stream, closes
     # first.
     idle_timeout: float = 600.0
-
-
-class PeerSlots:
-    """Connections held per peer address, for ``max_connections_per_peer`` (15008 and 15006 keep
-    one each), and which refusals to log: the first one since the peer reached the limit, not
-    the others while it stays there, so a peer that keeps opening connections past the limit
-    (each refusal costs it one round trip) cannot make the agent write a log line for each;
-    they are all counted. Once one of its connections ends, its next refusal is logged again."""
-
-    __slots__ = ("_told", "held")
-
-    def __init__(self) -> None:
-        self.held: Counter[str] = Counter()  # only peers holding at least one
-        self._told: set[str] = set()  # peers whose refusal was logged since they were below
-
-    def at_limit(self, peer: str, most: int) -> bool:
-        return self.held[peer] >= most
-
-    def first_refusal(self, peer: str) -> bool:
-        """Whether this refusal of ``peer`` is the one to log (see the class)."""
-        if peer in self._told:
-            return False
-        self._told.add(peer)
-        return True
-
-    def take(self, peer: str) -> None:
-        self.held[peer] += 1
-
-    def release(self, peer: str) -> None:
-        held = self.held
-        held[peer] -= 1
-        if not held[peer]:
-            del held[peer]
-        if self._told:
-            self._told.discard(peer)
 
 
 # ``nodemesh agent --hbone-window``: the stream window an operator may choose. The connection

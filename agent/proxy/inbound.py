@@ -46,6 +46,7 @@ from functools import partial
 from typing import NamedTuple
 
 from agent.base.accepted import peer_of
+from agent.base.conncaps import PeerSlots
 from agent.identity.tls import PeerIdentityError
 from agent.policy.authz import Request
 from agent.proxy import hbone_events as ev
@@ -54,7 +55,7 @@ from agent.proxy.contexts import ALPN, NoCertificate
 from agent.proxy.core import Core
 from agent.proxy.h2inbound import H2Session
 from agent.proxy.hbone import SERVICE_HEADER, HboneConnection
-from agent.proxy.hbone_limits import InboundLimits, PeerSlots
+from agent.proxy.hbone_limits import InboundLimits
 from agent.proxy.http_inbound import HttpSession, StreamDownstream
 from agent.proxy.records import Registry, cancel_current_task
 from agent.proxy.relay import start_tunnel

@@ -13,7 +13,9 @@ same ``open``/``relay`` steps once per attempt; on a Service port declared HTTP/
 the client's protocol and balance each request (direct pod-IP traffic stays per connection, as
 below). Every CONNECT for a Service names it (``nodemesh-service``) so the far node labels its
 metrics with the Service the client dialled. A refusal closes the client with RST, so the
-application sees a failed connection and not a clean end of stream.
+application sees a failed connection and not a clean end of stream. How many connections one pod
+may hold here at once, and the process on all listeners, is checked before ``handle`` runs, when
+the connection is accepted (``agent.base.conncaps``).
 """
 
 from __future__ import annotations

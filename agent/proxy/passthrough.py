@@ -5,7 +5,10 @@ nor authorize a peer; it still has to serve what the programs capture, since dro
 break meshed pods. Every listener's connections go to their original destination
 (``getsockname()``, as capture leaves it) from a socket with the proxy mark, copied both ways
 by the proxy's relay, half-close included: the path the node proxy takes for destinations
-outside the mesh, without policy, identities or telemetry.
+outside the mesh, without policy, identities or telemetry. What it may hold is bounded where the
+connections are accepted, as for the node proxy (``agent.base.conncaps``: per pod on 15001, the
+process's cap), and there, since no node proxy does it, 15006 and 15008 also get the proxy's
+per-address limit; the refusals are counted in ``nodemesh_rejected_connections_total``.
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@ client address holds at most ``InboundLimits.max_connections_per_peer`` connecti
 same setting, 256 by default, counted apart from 15008's: an HBONE peer is a node, a plaintext
 client is not). One more is reset before anything else is done for it and counted as the
 rejection ``peer_connection_limit`` (logged once while the client stays at the limit:
-``hbone_limits.PeerSlots``); a slot is released when its connection's handler returns,
+``conncaps.PeerSlots``); a slot is released when its connection's handler returns,
 whichever way the connection ended. Without it a single client could open connections until the
-agent ran out of file descriptors, and every other pod's traffic on the node with it.
+agent ran out of file descriptors, and every other pod's traffic on the node with it. All clients
+together are within the process's cap, checked when the connection is accepted
+(``agent.base.conncaps``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import logging
 import socket
 from typing import NoReturn
 
+from agent.base.conncaps import PeerSlots
 from agent.policy.authz import Request
 from agent.policy.peerauth import STRICT
 from agent.proxy import sockets
 from agent.proxy.core import Core
 from agent.proxy.h2inbound import H2Session
-from agent.proxy.hbone_limits import InboundLimits, PeerSlots
+from agent.proxy.hbone_limits import InboundLimits
 from agent.proxy.http_inbound import HttpSession, SocketDownstream
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.relay import relay_sockets

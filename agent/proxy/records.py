@@ -212,7 +212,7 @@ class Registry:
 
     def reject(self, reason_key: str, detail: str, *, quiet: bool = False) -> None:
         """Count and log one refused connection or stream; ``quiet``: count it only (a refusal
-        like others already logged, e.g. ``hbone_limits.PeerSlots``)."""
+        like others already logged, e.g. ``conncaps.PeerSlots``)."""
         self.rejections[reason_key] += 1
         if not quiet:
             log.info("rejected (%s): %s", reason_key, detail)

@@ -50,9 +50,11 @@ class DirectoryWatch:
         return self._fd >= 0
 
     def wait(self, timeout: float) -> None:
-        fds = [self._wake_r] + ([self._fd] if self._fd >= 0 else [])
-        ready, _, _ = select.select(fds, [], [], timeout)
-        for fd in ready:
+        # poll, not select: descriptors above 1,024 (the agent's raised open-files limit) work
+        poller = select.poll()
+        for fd in [self._wake_r] + ([self._fd] if self._fd >= 0 else []):
+            poller.register(fd, select.POLLIN)
+        for fd, _events in poller.poll(timeout * 1000):
             _drain(fd)
 
     def wake(self) -> None:

@@ -40,12 +40,12 @@ import socket
 import sys
 from collections import Counter
 
-from agent.acceptor import accept_forever, drain
+from agent.acceptor import accept_forever, drain, serve_accepted
 from agent.admin.tap import requests_view
 from agent.base import runtime
 from agent.base.component import Component
+from agent.base.conncaps import Gate
 from agent.base.constants import Listener
-from agent.base.quiet import quiet_context
 from agent.config import AgentConfig
 from agent.policy.sharedbuckets import BucketTable, SharedRateLimiter
 from agent.state import StateStore
@@ -84,7 +84,8 @@ class Worker:
         self.certs = RemoteCertificates(lambda spiffe: self.channel.call("certificate", spiffe))
 
     async def run(self) -> int:
-        from agent.wiring import node_proxy  # the same proxy a single-process agent runs
+        # the same proxy and admission a single-process agent runs
+        from agent.wiring import connection_caps, node_proxy
 
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -102,6 +103,9 @@ class Worker:
         config = self._config
         self.drain_seconds = config.drain_seconds
         self.proxy = node_proxy(config, self.store, self.certs)
+        # Its own descriptor limit and connections: each worker admits for itself.
+        self.caps = connection_caps(config, passthrough=False)
+        self.caps.reject = self.proxy.connections.reject
         if self.splice_fds:
             from agent.datapath.splice import KernelSplice  # libbpf only, as the main process
 
@@ -172,27 +176,19 @@ class Worker:
 
     async def _accept_loop(self, slot: Listener, sock: socket.socket) -> None:
         key, name = slot.name, f"conn-{slot.name}"  # once per listener, not per connection
+        gate = self.caps.gate(slot)
 
         def serve(conn: socket.socket) -> None:
             self.accepted[key] += 1
-            task = asyncio.create_task(self._handle(conn, slot), name=name)
+            task = asyncio.create_task(self._handle(conn, slot, gate), name=name)
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
-        await accept_forever(sock, serve, listener=slot.name)
+        await accept_forever(sock, serve, listener=slot.name, gate=gate)
 
-    async def _handle(self, conn: socket.socket, slot: Listener) -> None:
-        rest = None  # as ``agent.app.Agent._serve``: the connection may go on without the task
-        try:
-            rest = await self.proxy.handle(conn, slot)
-        except Exception:
-            log.exception("handler failed on a %s connection", slot.name.lower())
-        finally:
-            if rest is None:
-                conn.close()
-        if rest is not None:
-            self._connections.add(rest)
-            rest.add_done_callback(self._connections.discard, context=quiet_context())
+    async def _handle(self, conn: socket.socket, slot: Listener, gate: Gate | None = None) -> None:
+        # as ``agent.app.Agent._serve``: the connection may go on without the task
+        await serve_accepted(self.proxy.handle, conn, slot, self._connections, gate)
 
     # -- the channel -----------------------------------------------------------------------
     async def _serve(self, kind: str, args: object) -> object:

@@ -63,11 +63,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import tests.integration.proxy.mesh as mesh_module
-from agent.acceptor import accept_forever
+from agent.acceptor import accept_forever, serve_accepted
+from agent.base.constants import Listener
 from agent.base.runtime import settle_for_data_plane
+from agent.config import AgentConfig
 from agent.identity.keysmith import to_pem
 from agent.proxy import sockets
 from agent.telemetry.tcp import TcpMetrics
+from agent.wiring import connection_caps
 from bench.programs.exchange import connect_and_echo
 from tests.integration.proxy.mesh import CLIENT, LOCAL, SERVER, Mesh, free_port, listener
 
@@ -77,25 +80,28 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _serve(mesh: Mesh, sock: socket.socket, handle: object, tasks: set[object]) -> None:
-    async def one(conn: socket.socket) -> None:
-        rest = None
-        try:
-            sockets.accepted(conn)
-            rest = await handle(conn)  # type: ignore[operator]
-        finally:
-            if rest is None:
-                conn.close()
-        if rest is not None:
-            tasks.add(rest)
-            rest.add_done_callback(tasks.discard)
+async def _serve(
+    mesh: Mesh,
+    sock: socket.socket,
+    handle: object,
+    tasks: set[object],
+    slot: Listener = Listener.OUTBOUND,
+) -> None:
+    """The agent's accept path (``Agent._accept_loop``): the listener's gate (each node's
+    caps as ``wiring.connection_caps`` makes them) and ``serve_accepted``."""
+    config = AgentConfig(node="cost", pin_dir=Path("/nonexistent"))
+    gate = connection_caps(config, passthrough=False).gate(slot)
+
+    async def one(conn: socket.socket, _slot: Listener) -> object:
+        sockets.accepted(conn)
+        return await handle(conn)  # type: ignore[operator]
 
     def serve(conn: socket.socket) -> None:
-        task = asyncio.create_task(one(conn))
+        task = asyncio.create_task(serve_accepted(one, conn, slot, tasks, gate))  # type: ignore[arg-type]
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    await accept_forever(sock, serve, listener="OUTBOUND")
+    await accept_forever(sock, serve, listener=slot.name, gate=gate)
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
@@ -135,7 +141,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         hbone = listener(SERVER, mesh.hbone_port)
         mesh._sockets.append(hbone)
         handle = mesh.node2.inbound.handle
-        mesh._tasks.append(asyncio.create_task(_serve(mesh, hbone, handle, tasks)))
+        mesh._tasks.append(asyncio.create_task(_serve(mesh, hbone, handle, tasks, Listener.HBONE)))
 
     async def captured(conn: socket.socket) -> object:
         return await mesh.node1.outbound.handle(conn, original_dst=(dst_ip, echo_port))
@@ -246,7 +252,9 @@ async def node2_process(pem_file: str, hbone_port: int, profile_file: str) -> No
     hbone = listener(SERVER, hbone_port)
     mesh._sockets.append(hbone)
     tasks: set[object] = set()
-    mesh._tasks.append(asyncio.create_task(_serve(mesh, hbone, node.inbound.handle, tasks)))
+    mesh._tasks.append(
+        asyncio.create_task(_serve(mesh, hbone, node.inbound.handle, tasks, Listener.HBONE))
+    )
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

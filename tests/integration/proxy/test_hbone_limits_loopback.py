@@ -223,7 +223,7 @@ def test_refusals_past_the_per_peer_cap_are_counted_and_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A peer that keeps connecting past the cap cannot make the agent write a line for each
-    refusal (``hbone_limits.PeerSlots``); every refusal is counted."""
+    refusal (``conncaps.PeerSlots``); every refusal is counted."""
     caplog.set_level(logging.INFO, logger="agent.proxy.records")
 
     @mesh_test

@@ -183,3 +183,38 @@ def test_the_hbone_queue_budget_reaches_the_proxy_split_among_the_workers() -> N
         1 << 30,
         256 << 20,
     )
+
+
+def test_connection_caps_default_to_the_descriptor_limit_and_4096_per_pod() -> None:
+    cfg = parse("--node", "n", "--in-cluster")
+    assert (cfg.max_connections, cfg.max_connections_per_pod) == (None, 4096)
+    assert cfg.connection_cap(65536) == 28160  # (65,536 - 9,216 reserve) / 2 descriptors
+    assert cfg.connection_cap(1024) == 256
+
+
+def test_connection_caps_are_taken_as_given_within_the_descriptor_limit() -> None:
+    argv = ("--node", "n", "--in-cluster", "--max-connections", "1000")
+    cfg = parse(*argv, "--max-connections-per-pod", "50")
+    assert (cfg.connection_cap(65536), cfg.max_connections_per_pod) == (1000, 50)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-connections", "0"], "--max-connections 0: expected a number of connections"),
+        (["--max-connections", "many"], "--max-connections many: expected a number"),
+        (["--max-connections-per-pod", "0"], "--max-connections-per-pod 0: expected 1 or more"),
+    ],
+)
+def test_bad_connection_caps_are_named(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse("--node", "n", "--in-cluster", *argv)
+
+
+def test_a_cap_past_what_the_descriptor_limit_leaves_names_the_limit_and_the_fix() -> None:
+    cfg = parse("--node", "n", "--in-cluster", "--max-connections", "30000")
+    with pytest.raises(ConfigError) as caught:
+        cfg.connection_cap(65536)
+    text = str(caught.value)
+    assert "at most 28160" in text and "RLIMIT_NOFILE 65536" in text
+    assert "LimitNOFILE" in text and "lower --max-connections" in text

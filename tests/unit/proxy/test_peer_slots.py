@@ -3,7 +3,7 @@ which of a peer's refusals are logged (the first while it stays at the limit).""
 
 from __future__ import annotations
 
-from agent.proxy.hbone_limits import PeerSlots
+from agent.base.conncaps import PeerSlots
 
 
 def test_slots_are_counted_per_peer_and_a_released_peer_leaves_nothing_behind() -> None:

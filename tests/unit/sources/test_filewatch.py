@@ -41,3 +41,27 @@ def test_wake_interrupts_and_a_missing_directory_falls_back_to_polling(tmp_path:
         assert done.wait(10)
     finally:
         polling.close()
+
+
+def test_a_watch_made_while_the_process_holds_over_1024_descriptors_still_wakes(
+    tmp_path: Path,
+) -> None:
+    """The agent raises its open-files limit (``agent.base.conncaps``), so a watch made late
+    gets descriptors past 1,024, which ``select()`` refuses (ValueError)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        watch = DirectoryWatch(tmp_path)
+        try:
+            done = _waits(watch, 60)
+            (tmp_path / "cluster.yaml").write_text("x")
+            assert done.wait(10)
+        finally:
+            watch.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

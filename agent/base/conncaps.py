@@ -1,0 +1,262 @@
+"""How many connections the proxy's listeners may hold: per source address, and per process.
+
+Why: every connection a listener accepts holds a file descriptor, and almost every one holds a
+second for its upstream. Descriptors are one per-process pool (``RLIMIT_NOFILE``) that the
+agent's control plane draws from too: its Kubernetes watches, CA calls, the metrics, readiness
+and admin servers, the BPF maps. Without a bound, one pod that opens connections without end
+(a bug, a compromised pod), or a client holding many addresses on 15006, or many peers on
+15008, used the pool up, and then every other pod on the node and the agent itself starved:
+``accept`` failed with EMFILE, a watch could not reconnect, readiness could not answer.
+
+Two bounds, checked where a connection is accepted, before a task or anything upstream exists
+(``agent.acceptor.accept_forever``); past either the connection is reset at once and counted in
+the proxy's rejection counter, and logged once while the source (or the process) stays at it:
+
+- **per source address** on a listener (``SourceLimit``): on 15001, connections one local pod
+  holds open through the proxy at once (``--max-connections-per-pod``, default
+  ``DEFAULT_PER_POD``), reason ``pod_connection_limit``. 15006 and 15008 have their own
+  per-address limit in the node proxy (``InboundLimits.max_connections_per_peer``); without a CA
+  (plain passthrough, ``agent.proxy.passthrough``) it is applied here, with the same reason
+  ``peer_connection_limit``.
+- **per process**, all three listeners together (``--max-connections``, default derived from
+  the descriptor limit: ``process_cap``), reason ``global_connection_limit`` (Envoy's overload
+  manager calls its equivalent ``global_downstream_max_connections``).
+
+The arithmetic (``process_cap``). ``L`` is the soft ``RLIMIT_NOFILE`` the agent runs with (it
+raises the soft limit to the hard one at start, as Go programs do: ``raise_descriptor_limit``).
+A reserve ``R = min(1024 + L/8, L/2)`` is never given to accepted connections: 1,024 for what
+the agent holds whatever its traffic (standard streams, listeners, the metrics, readiness and
+admin servers with up to 64 connections each, BPF programs and maps, Kubernetes watches, the CA
+channel, log files, the workers' control sockets), the idle pooled HTTP sessions (at most 512)
+and mirror copies (64); ``L/8`` for upstream descriptors that are not one per accepted
+connection: a 15008 connection's streams past its first (a pod socket each) and HBONE tunnels
+kept in the pool after their last stream. Every accepted connection is charged two descriptors,
+its own and its upstream's (on 15001 the pod's or the passthrough socket, or at most one pooled
+HBONE connection, usually a share of one; on 15006 the pod's socket; on 15008 the tunnel's and
+its first stream's pod socket), so the cap is ``(L - R) // 2``: 458,240 connections at
+L = 1,048,576, 28,160 at 65,536, 256 at 1,024.
+
+With ``--workers N`` every worker is a process with its own descriptor table and its own
+``RLIMIT_NOFILE`` (inherited from the main process): each derives its own cap from its own
+limit and counts its own connections, per process and per source (as 15006 and 15008 count per
+worker), so the node's total is N times the per-process cap.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from agent.base.constants import Listener
+
+log = logging.getLogger(__name__)
+
+# Connections one pod may hold through 15001 at once. Four times Envoy's default circuit breaker
+# of 1,024 connections per upstream cluster: a gateway or a busy client with connection pools to
+# a few Services stays under it; a pod that leaks connections is stopped long before it takes a
+# node's share (28,160 connections per process at 65,536 descriptors).
+DEFAULT_PER_POD = 4096
+# Descriptors each accepted connection is charged: its own and its upstream's.
+DESCRIPTORS_PER_CONNECTION = 2
+# What the agent holds whatever its traffic (the module docstring lists it).
+FIXED_RESERVE = 1024
+# The most the agent raises its soft limit to (Linux's default ``fs.nr_open``).
+MAX_NOFILE = 1 << 20
+
+# Rejection reasons (``nodemesh_rejected_connections_total{reason}``).
+POD_LIMIT = "pod_connection_limit"
+PEER_LIMIT = "peer_connection_limit"
+GLOBAL_LIMIT = "global_connection_limit"
+
+Reject = Callable[..., None]  # ``(reason, detail, *, quiet=False)``, as ``Registry.reject``
+
+
+def descriptor_limit() -> int:
+    """The soft ``RLIMIT_NOFILE`` in force (unlimited counts as ``MAX_NOFILE``)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return MAX_NOFILE if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard one (at most ``MAX_NOFILE``) and return the
+    soft limit now in force. Container runtimes often start processes at a soft limit of 1,024
+    with a far higher hard one, a limit meant for ``select()`` users; the agent uses epoll."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_NOFILE if hard == resource.RLIM_INFINITY else min(hard, MAX_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, want, e)
+    return descriptor_limit()
+
+
+def reserve_for(nofile: int) -> int:
+    """Descriptors never given to accepted connections under a limit of ``nofile``."""
+    return min(FIXED_RESERVE + nofile // 8, nofile // 2)
+
+
+def process_cap(nofile: int) -> int:
+    """Connections a proxy process may hold at once under a limit of ``nofile`` descriptors."""
+    return max(1, (nofile - reserve_for(nofile)) // DESCRIPTORS_PER_CONNECTION)
+
+
+def describe_cap(nofile: int) -> str:
+    """The arithmetic behind ``process_cap(nofile)``, for log lines and errors."""
+    return (
+        f"RLIMIT_NOFILE {nofile}, less a reserve of {reserve_for(nofile)} for the control plane "
+        f"and pooled upstreams, {DESCRIPTORS_PER_CONNECTION} descriptors per connection: "
+        f"{process_cap(nofile)}"
+    )
+
+
+class PeerSlots:
+    """Connections held per source address, and which refusals to log: the first one since the
+    source reached its limit, not the others while it stays there, so a source that keeps
+    opening connections past the limit (each refusal costs it one round trip) cannot make the
+    agent write a log line for each; they are all counted. Once one of its connections ends,
+    its next refusal is logged again. (15008 and 15006 keep one each in the node proxy; the
+    accept loops' ``Gate`` does the same with a plain dict.)"""
+
+    __slots__ = ("_told", "held")
+
+    def __init__(self) -> None:
+        self.held: Counter[str] = Counter()  # only sources holding at least one
+        self._told: set[str] = set()  # sources whose refusal was logged since they were below
+
+    def at_limit(self, peer: str, most: int) -> bool:
+        return self.held.get(peer, 0) >= most
+
+    def first_refusal(self, peer: str) -> bool:
+        """Whether this refusal of ``peer`` is the one to log (see the class)."""
+        if peer in self._told:
+            return False
+        self._told.add(peer)
+        return True
+
+    def take(self, peer: str) -> None:
+        self.held[peer] += 1
+
+    def release(self, peer: str) -> None:
+        held = self.held
+        held[peer] -= 1
+        if not held[peer]:
+            del held[peer]
+        if self._told:
+            self._told.discard(peer)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceLimit:
+    """At most ``most`` connections from one source address on a listener; refusals are
+    counted as ``reason`` and named ``who`` in the log (``pod``, ``client``)."""
+
+    most: int
+    reason: str
+    who: str
+
+
+class ConnectionCaps:
+    """One proxy process's admission at accept (the module docstring): ``gate(listener)`` gives
+    each accept loop its ``Gate``. Refusals go to ``reject`` (the node proxy's registry, so they
+    show in its rejection counter; by default this object's own ``rejections``)."""
+
+    __slots__ = ("full_told", "held", "per_source", "reject", "rejections", "total", "why")
+
+    def __init__(
+        self, total: int, per_source: Mapping[Listener, SourceLimit], *, why: str = ""
+    ) -> None:
+        self.total = total
+        self.held = 0
+        self.per_source = dict(per_source)
+        self.why = why  # how ``total`` was chosen, for the log line at the cap
+        self.rejections: Counter[str] = Counter()
+        self.reject: Reject = self._count
+        self.full_told = False  # the refusal at the cap was logged since the process was below
+
+    def gate(self, listener: Listener) -> Gate:
+        return Gate(self, listener, self.per_source.get(listener))
+
+    def _count(self, reason: str, detail: str, *, quiet: bool = False) -> None:
+        self.rejections[reason] += 1
+        if not quiet:
+            log.info("rejected (%s): %s", reason, detail)
+
+    def refuse_full(self, listener: Listener, source: str) -> None:
+        first, self.full_told = not self.full_told, True
+        self.reject(
+            GLOBAL_LIMIT,
+            f"{listener.name.lower()} from {source}: this process holds {self.total} "
+            f"connections, its cap ({self.why or '--max-connections'}); more are counted, not "
+            "logged, until one of them ends (if the node needs more, raise the agent's "
+            "open-files limit, LimitNOFILE, or --max-connections)",
+            quiet=not first,
+        )
+
+
+class Gate:
+    """A listener's admission: ``admit(source)`` before anything is done for a connection
+    (False: refuse it), ``release(source)`` once it ended, however it ended. A dict lookup, a
+    dict store and two compares per connection, in two calls: this runs for every connection,
+    so it keeps its own dict (``PeerSlots``' ``Counter`` calls ``__missing__``, in Python, for
+    every source that held nothing)."""
+
+    __slots__ = ("_caps", "_held", "_listener", "_most", "_told", "limit")
+
+    def __init__(self, caps: ConnectionCaps, listener: Listener, limit: SourceLimit | None):
+        self._caps = caps
+        self._listener = listener
+        self.limit = limit
+        # Connections held per source (only sources holding one); None: no per-source limit.
+        self._held: dict[str, int] | None = {} if limit is not None else None
+        self._most = limit.most if limit is not None else 0
+        self._told: set[str] = set()  # sources whose refusal was logged since they were below
+
+    @property
+    def held(self) -> dict[str, int]:
+        """Connections held per source (empty for a listener without a per-source limit)."""
+        return dict(self._held) if self._held is not None else {}
+
+    def admit(self, source: str) -> bool:
+        caps = self._caps
+        if caps.held >= caps.total:
+            caps.refuse_full(self._listener, source)
+            return False
+        held = self._held
+        if held is not None:
+            count = held.get(source, 0)
+            if count >= self._most:
+                self._refuse(source)
+                return False
+            held[source] = count + 1
+        caps.held += 1
+        return True
+
+    def _refuse(self, source: str) -> None:
+        limit = self.limit
+        assert limit is not None
+        first = source not in self._told
+        self._told.add(source)
+        self._caps.reject(
+            limit.reason,
+            f"{self._listener.name.lower()} from {source}: {limit.most} connections from that "
+            f"{limit.who} already (more are counted, not logged, until one of them ends)",
+            quiet=not first,
+        )
+
+    def release(self, source: str) -> None:
+        held = self._held
+        if held is not None:
+            count = held[source] - 1
+            if count:
+                held[source] = count
+            else:
+                del held[source]
+            if self._told:
+                self._told.discard(source)
+        caps = self._caps
+        caps.held -= 1
+        caps.full_told = False

@@ -1,0 +1,147 @@
+"""``agent.base.conncaps``: the per-source and per-process admission of the accept loops, and the
+descriptor arithmetic behind the per-process cap. Sans-IO: no socket is opened."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from agent.base.conncaps import (
+    DESCRIPTORS_PER_CONNECTION,
+    GLOBAL_LIMIT,
+    PEER_LIMIT,
+    POD_LIMIT,
+    ConnectionCaps,
+    SourceLimit,
+    process_cap,
+    reserve_for,
+)
+from agent.base.constants import Listener
+
+POD, OTHER = "10.0.0.1", "10.0.0.2"
+
+
+def caps(total: int = 100, per_pod: int = 3) -> ConnectionCaps:
+    return ConnectionCaps(total, {Listener.OUTBOUND: SourceLimit(per_pod, POD_LIMIT, "pod")})
+
+
+def test_a_pod_past_its_limit_is_refused_counted_and_other_pods_are_admitted() -> None:
+    c = caps(per_pod=3)
+    gate = c.gate(Listener.OUTBOUND)
+    assert [gate.admit(POD) for _ in range(4)] == [True, True, True, False]
+    assert c.rejections == {POD_LIMIT: 1}
+    assert gate.admit(OTHER)
+    assert dict(gate.held) == {POD: 3, OTHER: 1}
+    assert c.held == 4  # the refused one holds nothing
+    gate.release(POD)  # one of its connections ended: room for one more
+    assert gate.admit(POD)
+    assert not gate.admit(POD)
+    assert c.rejections == {POD_LIMIT: 2}
+
+
+def test_every_slot_is_given_back_and_nothing_is_left_behind() -> None:
+    c = caps(per_pod=2)
+    gate = c.gate(Listener.OUTBOUND)
+    for source in (POD, POD, OTHER):
+        assert gate.admit(source)
+    for source in (POD, OTHER, POD):
+        gate.release(source)
+    assert dict(gate.held) == {} and c.held == 0
+
+
+def test_the_process_cap_counts_every_listener_together() -> None:
+    c = caps(total=3, per_pod=10)
+    outbound, inbound, hbone = (c.gate(slot) for slot in Listener)
+    assert outbound.admit(POD) and inbound.admit(OTHER) and hbone.admit(OTHER)
+    for gate in (outbound, inbound, hbone):
+        assert not gate.admit("10.0.0.9")  # a source that holds nothing: the process is full
+    assert c.rejections == {GLOBAL_LIMIT: 3}
+    inbound.release(OTHER)
+    assert hbone.admit("10.0.0.9")
+    assert dict(inbound.held) == {}  # 15006 has no per-source limit here (the proxy's own)
+
+
+def test_a_refusal_at_the_process_cap_comes_before_the_sources_own_limit() -> None:
+    c = caps(total=2, per_pod=2)
+    gate = c.gate(Listener.OUTBOUND)
+    assert gate.admit(POD) and gate.admit(POD)
+    assert not gate.admit(POD)
+    assert c.rejections == {GLOBAL_LIMIT: 1}
+
+
+def test_refusals_are_all_counted_and_logged_once_while_at_a_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.base.conncaps")
+
+    def logged(reason: str) -> int:
+        return sum(f"rejected ({reason})" in r.getMessage() for r in caplog.records)
+
+    c = caps(total=3, per_pod=1)
+    gate = c.gate(Listener.OUTBOUND)
+    assert gate.admit(POD)
+    for _ in range(5):
+        assert not gate.admit(POD)
+    assert (c.rejections[POD_LIMIT], logged(POD_LIMIT)) == (5, 1)
+    gate.release(POD)  # below the limit once: the next refusal is logged again
+    assert gate.admit(POD)
+    assert not gate.admit(POD)
+    assert (c.rejections[POD_LIMIT], logged(POD_LIMIT)) == (6, 2)
+
+    assert gate.admit(OTHER) and gate.admit("10.0.0.3")  # the process is full now
+    for source in ("10.0.0.4", "10.0.0.5", "10.0.0.6"):
+        assert not gate.admit(source)
+    assert (c.rejections[GLOBAL_LIMIT], logged(GLOBAL_LIMIT)) == (3, 1)
+    gate.release(OTHER)
+    assert gate.admit("10.0.0.4")
+    assert not gate.admit("10.0.0.5")
+    assert (c.rejections[GLOBAL_LIMIT], logged(GLOBAL_LIMIT)) == (4, 2)
+    message = next(r.getMessage() for r in caplog.records if GLOBAL_LIMIT in r.getMessage())
+    assert "3 connections" in message and "outbound from 10.0.0.4" in message
+
+
+def test_refusals_go_to_the_given_counter() -> None:
+    """The agent points ``reject`` at the node proxy's registry, so the refusals show in its
+    rejection counter (``nodemesh_rejected_connections_total``)."""
+    seen: list[tuple[str, bool]] = []
+    c = ConnectionCaps(1, {Listener.HBONE: SourceLimit(1, PEER_LIMIT, "peer")})
+    c.reject = lambda reason, detail, *, quiet=False: seen.append((reason, quiet))
+    gate = c.gate(Listener.HBONE)
+    assert gate.admit(POD)
+    assert not gate.admit(POD) and not gate.admit(OTHER)
+    assert seen == [(GLOBAL_LIMIT, False), (GLOBAL_LIMIT, True)]
+    assert not c.rejections
+
+
+@pytest.mark.parametrize("nofile", [256, 1024, 4096, 65536, 1 << 20])
+def test_the_cap_and_its_reserve_fit_in_the_descriptor_limit(nofile: int) -> None:
+    cap, reserve = process_cap(nofile), reserve_for(nofile)
+    assert cap * DESCRIPTORS_PER_CONNECTION + reserve <= nofile
+    assert reserve >= min(1024, nofile // 2)  # the control plane's share is always kept
+    assert cap >= (nofile - reserve) // DESCRIPTORS_PER_CONNECTION
+
+
+def test_the_documented_caps() -> None:
+    """The numbers ARCHITECTURE.md and the module docstring give."""
+    assert [process_cap(n) for n in (1 << 20, 65536, 1024)] == [458240, 28160, 256]
+
+
+def test_the_soft_limit_is_raised_to_the_hard_one_at_start() -> None:
+    """In a child: a soft limit of 512 under a hard one of 4096 (what container runtimes often
+    give: 1,024 under 524,288) is raised to the hard one."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    high = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    code = (
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, (512, {high}))\n"
+        "from agent.base.conncaps import raise_descriptor_limit\n"
+        "print(raise_descriptor_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split() == [str(high), str(high)]

@@ -156,7 +156,33 @@ def _refusal_of(error: httptools.HttpParserError) -> Refusal:
 
 
 class _Reader:
-    """What both halves share: llhttp's callbacks turned into queued events."""
+    """What both halves share: llhttp's callbacks turned into queued events.
+
+    Slotted, as its halves: the callbacks both halves share (``on_header``,
+    ``on_message_begin``, ``_execute``) see two types at each attribute, which CPython does
+    not specialize, and there a slot is found faster than a ``__dict__`` entry (about 1,500
+    instructions fewer per request read and answered, callgrind)."""
+
+    __slots__ = (
+        "_begun_in_this_feed",
+        "_check_from",
+        "_element",
+        "_framing_only",
+        "_headers",
+        "_in_body",
+        "_into",
+        "_more",
+        "_noted",
+        "_size",
+        "_trailers",
+        "_trickled",
+        "_until_eof",
+        "events",
+        "failed",
+        "in_head",
+        "max_fields",
+        "max_head_bytes",
+    )
 
     def __init__(self, max_head_bytes: int, max_fields: int = DEFAULT_MAX_FIELDS) -> None:
         self.max_head_bytes = max_head_bytes
@@ -175,6 +201,9 @@ class _Reader:
         self._size = 0
         self._trickled = 0  # bytes fed while a head stayed incomplete, after its first read
         self._framing_only = 0  # bytes fed within a body that gave no event (trailers, chunk sizes)
+        # Body bytes that follow a queued ``Body`` directly, appended to it as one (``on_body``)
+        self._into: Body | None = None
+        self._more = bytearray()
         self._begun_in_this_feed = False
         # The start line's element llhttp hands over in pieces: a request's target, a
         # response's reason (``on_url``, ``on_status``)
@@ -217,7 +246,32 @@ class _Reader:
         return Refusal(431, HEADERS_TOO_LARGE, TOO_MANY_FIELDS % self.max_fields)
 
     def on_body(self, body: bytes) -> None:
-        self.events.append(Body(body))
+        """A piece of body: its own ``Body`` event, or, when the last event queued is a
+        ``Body`` (of this message: an end or a head would be queued between), more of it.
+        Why: llhttp hands each chunk over apart, and a body of tiny chunks (``1\\r\\na\\r\\n``)
+        was one event per chunk, about 10,900 per 64 KiB read and 8 times the read in objects
+        (527 KB, tracemalloc) while they waited behind a pipelined request, or as the writes
+        of a response's chunks. The pieces are gathered in ``_more`` and joined once, when
+        the feed ends (``_merge``); the usual body, one piece per read, costs a type check."""
+        events = self.events
+        if events and type(events[-1]) is Body:
+            self._gather(events[-1], body)
+        else:
+            events.append(Body(body))
+
+    def _gather(self, into: Body, body: bytes) -> None:
+        """``body`` follows ``into``, the last event queued: kept to be appended to it."""
+        if into is not self._into:
+            if self._into is not None:  # the body of an earlier message in this feed
+                self._merge(self._into)
+            self._into = into
+        self._more += body
+
+    def _merge(self, into: Body) -> None:
+        """Append the gathered pieces to the ``Body`` they follow."""
+        into.data += self._more
+        self._into = None
+        self._more = bytearray()
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -241,6 +295,10 @@ class _Reader:
         except httptools.HttpParserError as e:
             self._fail(_refusal_of(e))
             return None
+        finally:
+            into = self._into  # body bytes gathered for a queued Body: appended to it
+            if into is not None:
+                self._merge(into)
         if self.in_head and not self._begun_in_this_feed:
             # The size check above sees whole headers only; a head trickling in without ever
             # completing one is bounded here by what it was fed.
@@ -251,7 +309,7 @@ class _Reader:
             # Within a body, a read that gave no event was all framing: chunk sizes, or
             # trailers, which llhttp hands over only whole (one that never ends is held by
             # ``httptools`` until it does). Bounded here by what was fed, as a head is.
-            if len(self.events) != queued:
+            if len(self.events) != queued or into is not None:
                 self._framing_only = 0
             else:
                 self._framing_only += len(data)
@@ -308,6 +366,8 @@ class RequestReader(_Reader):
     stops: the bytes after its head, and all fed later, wait in ``upgraded`` until the owner
     knows the answer: ``resume()`` if it was not ``101`` (they are read as requests)."""
 
+    __slots__ = ("_body_left", "_opening", "_parser", "_slicing", "held", "max_waiting", "upgraded")
+
     def __init__(
         self,
         max_head_bytes: int,
@@ -360,8 +420,15 @@ class RequestReader(_Reader):
         self.events.append(head)
 
     def on_body(self, body: bytes) -> None:
+        """``_Reader.on_body``, counting what is left of a body framed by its length. A copy,
+        not a call to it: a call is a Python frame per body piece, and a callback each half
+        has apart keeps its attribute reads specialized to one type (``_Reader``)."""
         self._body_left -= len(body)
-        self.events.append(Body(body))
+        events = self.events
+        if events and type(events[-1]) is Body:
+            self._gather(events[-1], body)
+        else:
+            events.append(Body(body))
 
     def feed(self, data: bytes) -> None:
         """Bytes from the peer (not ``b""``: its end of stream is the owner's to handle)."""
@@ -451,6 +518,8 @@ class ResponseReader(_Reader):
     llhttp cannot be told that a response answers ``HEAD`` (no body, whatever its length
     says): that head is read alone and its body skipped. A body delimited by the end of the
     connection ends with ``eof()``."""
+
+    __slots__ = ("_head_only", "_parser", "_pending", "upgraded")
 
     def __init__(self, max_head_bytes: int, max_fields: int = DEFAULT_MAX_FIELDS) -> None:
         super().__init__(max_head_bytes, max_fields)

@@ -200,8 +200,10 @@ def reference_policy(policy: PolicyObject) -> CompiledPolicy:
         action,
         policy.dry_run,
         None,
-        lambda r: any(rule(r) for _, rule in live),
-        lambda r: next((i for i, rule in live if rule(r)), None),
+        own=(
+            lambda r: any(rule(r) for _, rule in live),
+            lambda r: next((i for i, rule in live if rule(r)), None),
+        ),
     )
 
 

@@ -313,6 +313,33 @@ def _version(
         authz.compile_policy = real  # type: ignore[assignment]
 
 
+def test_a_policys_own_functions_are_built_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A policy's own ``matches`` and ``first_rule`` were written by ``compile_policy``, on the
+    loop that serves traffic, though decisions ask the set functions and only tests and tools
+    ask them (about a fifth of a changed policy's compile). Now compiling and deciding write
+    no such function; the first ask builds both, once, and they decide as the set does."""
+    texts: list[str] = []
+    real = authz._code
+
+    def noting(source: str) -> CodeType:
+        texts.append(source.partition("(")[0])
+        return real(source)
+
+    monkeypatch.setattr(authz, "_code", noting)
+    objects = mixed(3)
+    pod = Workload("u", "web", "shop", "sa", "n", (), {"app": "web"})
+    version = Authorizer.compile(objects)
+    get = Request("10.0.0.1", "10.0.0.9", 80, http=HttpAttributes("GET", "/admin/x", "web"))
+    decided = version.evaluate(get, pod)
+    assert "def matches" not in texts and "def decide" in texts
+    deny = next(p for p in version.policies if p.name == "deny")
+    assert deny.first_rule(get) == decided.rule == 0 and deny.matches(get)
+    assert texts.count("def matches") == 1  # both built at the first ask
+    assert deny.matches is deny.matches and deny.first_rule is deny.first_rule
+
+
 def test_a_new_state_version_compiles_only_the_policies_that_changed() -> None:
     """A state version that changed a pod or one policy (the store keeps the unchanged
     objects) compiles only what changed; an equal object counts as unchanged."""

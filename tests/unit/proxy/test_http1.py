@@ -67,9 +67,10 @@ def test_chunked_request_and_response_are_reframed() -> None:
         b"PUT /up HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\n\r\n"
     )
+    # The chunks of one read go on as one (the extension dropped): chunking is a hop's own
     assert p.take_to_upstream() == (
         b"PUT /up HTTP/1.1\r\nhost: s\r\ntransfer-encoding: chunked\r\nx-request-id: rid-1\r\n\r\n"
-        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        b"5\r\nabcde\r\n0\r\n\r\n"
     )
     p.receive_upstream(
         b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
@@ -79,6 +80,31 @@ def test_chunked_request_and_response_are_reframed() -> None:
     )
     (done,) = p.take_completed()
     assert (done.request_bytes, done.response_bytes, done.status) == (5, 1, 201)
+
+
+def test_a_body_of_tiny_chunks_waits_as_one_event_and_goes_on_as_one_chunk_per_read() -> None:
+    """A request of tiny chunks behind another waits as its head and one body (it was an
+    event per chunk), and a body's chunks read at once are forwarded as one chunk, either way;
+    what comes in a later read is a chunk of its own, and the ends are where they were."""
+    p = _proxy()
+    tiny = b"1\r\na\r\n" * 1000
+    p.receive_client(
+        b"GET /a HTTP/1.1\r\nHost: s\r\n\r\n"
+        b"PUT /b HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n" + tiny
+    )
+    assert p.take_to_upstream().startswith(b"GET /a ") and len(p.client.events) == 2
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + tiny)
+    p.receive_upstream(b"2\r\nbc\r\n0\r\n\r\n")
+    assert p.take_to_client() == (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3e8\r\n" + b"a" * 1000 + b"\r\n2\r\nbc\r\n0\r\n\r\n"
+    )
+    p.receive_client(b"2\r\nbc\r\n0\r\n\r\n")
+    assert p.take_to_upstream() == (
+        b"PUT /b HTTP/1.1\r\nhost: s\r\ntransfer-encoding: chunked\r\nx-request-id: rid-2\r\n\r\n"
+        b"3e8\r\n" + b"a" * 1000 + b"\r\n2\r\nbc\r\n0\r\n\r\n"
+    )
+    assert [done.request_bytes for done in p.take_completed()] == [0]
 
 
 def test_expect_100_continue_passes_the_pods_100_back() -> None:

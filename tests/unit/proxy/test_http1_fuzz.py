@@ -25,6 +25,7 @@ from agent.proxy.http1_codec import (
     Head,
     Refusal,
     RequestReader,
+    ResponseReader,
 )
 from tests.fuzzing import fuzz_examples
 
@@ -118,28 +119,61 @@ def test_the_request_parser_yields_requests_or_a_named_refusal(
     assert split.upgraded == whole.upgraded
 
 
-def _read_all(reader: RequestReader, reads: list[bytes]) -> list[object]:
+class _Pieces(RequestReader):
+    """The reader as it was before it gathered bodies: a ``Body`` per piece llhttp hands over
+    (a chunk, or what of a body one feed holds), the reference the gathering one must match."""
+
+    def on_body(self, body: bytes) -> None:
+        self._body_left -= len(body)
+        self.events.append(Body(body))
+
+
+class _ResponsePieces(ResponseReader):
+    """``_Pieces`` for responses."""
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(Body(body))
+
+
+TAKEN = "taken"  # where the owner took every event: the bodies on either side stay apart
+
+
+def _taken(reader: RequestReader | ResponseReader, out: list[object]) -> None:
+    """Take every event queued into ``out`` (Body events merged: where a body is cut into them
+    is the reader's), after checking that a gathering reader queued no body right after
+    another (a tiny chunk's piece is more of the queued body, not an event: its objects are
+    bounded by its bytes)."""
+    events = reader.events
+    if not isinstance(reader, _Pieces | _ResponsePieces):
+        assert not any(type(a) is type(b) is Body for a, b in itertools.pairwise(events))
+    while events:
+        event = events.popleft()
+        if out and isinstance(event, Body) and isinstance(out[-1], Body):
+            out[-1] = Body(out[-1].data + event.data)
+        else:
+            out.append(event)
+
+
+def _read_all(reader: RequestReader, reads: list[bytes], takes: list[bool]) -> list[object]:
     """What a reader gives for ``reads`` when its owner takes every event and releases what
-    it held (Body events merged: where a body is cut into them is the reader's)."""
+    it held after the reads ``takes`` says (cycled) and after the last."""
     out: list[object] = []
 
     def take() -> None:
         while True:
-            while reader.events:
-                event = reader.events.popleft()
-                if out and isinstance(event, Body) and isinstance(out[-1], Body):
-                    out[-1] = Body(out[-1].data + event.data)
-                else:
-                    out.append(event)
+            _taken(reader, out)
             if not reader.held or reader.failed is not None:
+                out.append(TAKEN)
                 return
             reader.release()
 
-    for data in reads:
+    for data, now in zip(reads, itertools.cycle(takes), strict=False):
         if data:
             reader.feed(data)
             assert reader.waiting <= reader.max_waiting
-            take()
+            if now:
+                take()
+    take()
     return [*out, bytes(reader.upgraded or b""), reader.in_head]
 
 
@@ -148,6 +182,8 @@ PIPELINED = [
     b"POST /c HTTP/1.1\r\nHost: s\r\nContent-Length: 8\r\n\r\n\r\n\r\n\r\n\r\n",
     b"POST /d HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"4\r\n\r\n\r\n\r\n0\r\nx-t: 1\r\n\r\n",
+    b"POST /f HTTP/1.1\r\nHost: s\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"1\r\na\r\n2\r\nbc\r\n0\r\n\r\n",
     b"GET /e HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
 ]  # fmt: skip
 
@@ -155,19 +191,65 @@ PIPELINED = [
 @settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(PIPELINED), st.sampled_from(PIPELINED),
                           st.sampled_from(TOKENS), st.binary(max_size=12)), max_size=60),
-       st.lists(st.integers(1, 40), min_size=1, max_size=10))  # fmt: skip
+       st.lists(st.integers(1, 40), min_size=1, max_size=10),
+       st.lists(st.booleans(), min_size=1, max_size=10))  # fmt: skip
 def test_parsing_a_few_pipelined_requests_at_a_time_reads_what_parsing_all_reads(
-    tokens: list[bytes], sizes: list[int]
+    tokens: list[bytes], sizes: list[int], takes: list[bool]
 ) -> None:
-    """However the bytes come and whatever they are, the reader that parses at most two
-    requests ahead gives the events, refusal and upgrade bytes that parsing all at once gives."""
+    """However the bytes come and whatever they are, and whenever the owner takes the events,
+    the reader that parses at most two requests ahead gives the events, refusal and upgrade
+    bytes that parsing all at once gives, and gathering a body's pieces into the body queued
+    before them gives the bytes, ends and trailers a ``Body`` per piece gave."""
     wire = b"".join(tokens)
-    reads, at = [], 0
-    for size in itertools.cycle(sizes):
-        if at >= len(wire):
-            break
-        reads.append(wire[at : at + size * 8])
-        at += size * 8
+    reads = _cut(wire, sizes)
     bounded_reader = RequestReader(60 * 1024, max_waiting=2)
     whole_reader = RequestReader(60 * 1024, max_waiting=10**9)
-    assert _read_all(bounded_reader, reads) == _read_all(whole_reader, reads)
+    read = _read_all(bounded_reader, reads, takes)
+    assert read == _read_all(whole_reader, reads, takes)
+    assert read == _read_all(_Pieces(60 * 1024, max_waiting=2), reads, takes)
+
+
+def _cut(wire: bytes, sizes: list[int]) -> list[bytes]:
+    """``wire`` in reads of ``sizes`` (cycled) times 8 bytes."""
+    reads: list[bytes] = []
+    at, turns = 0, itertools.cycle(sizes)
+    while at < len(wire):
+        size = next(turns) * 8
+        reads.append(wire[at : at + size])
+        at += size
+    return reads
+
+
+RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\na\r\n", b"3\r\nabc\r\n",
+    b"0\r\n\r\n", b"0\r\nx-t: 1\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+    b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n", b"HTTP/1.1 204 OK\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n",
+]  # fmt: skip
+
+
+@settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(st.one_of(*[st.sampled_from(RESPONSES)] * 4,
+                          st.sampled_from(TOKENS), st.binary(max_size=12)), max_size=60),
+       st.lists(st.integers(1, 40), min_size=1, max_size=10),
+       st.lists(st.booleans(), min_size=1, max_size=10), st.booleans())  # fmt: skip
+def test_a_response_reader_gathering_bodies_reads_what_a_body_per_piece_reads(
+    tokens: list[bytes], sizes: list[int], takes: list[bool], eof: bool
+) -> None:
+    """The same for responses: whatever the bytes, their reads and when the owner takes the
+    events, the gathering reader's bodies are the pieces' bytes between the same heads, ends
+    (one by the connection's end too) and refusals."""
+    reads = _cut(b"".join(tokens), sizes)
+    got: list[list[object]] = []
+    for reader in (ResponseReader(60 * 1024), _ResponsePieces(60 * 1024)):
+        out: list[object] = []
+        for data, now in zip(reads, itertools.cycle(takes), strict=False):
+            reader.feed(data)
+            if now:
+                _taken(reader, out)
+                out.append(TAKEN)
+        if eof:
+            reader.eof()
+        _taken(reader, out)
+        got.append([*out, reader.upgraded, reader.failed, reader.mid_message])
+    assert got[0] == got[1]

@@ -78,7 +78,7 @@ def test_chunked_body_and_trailers_are_reframed_per_request() -> None:
     c.attach(up, "e")
     assert c.take_to_upstream() == (
         b"POST /p HTTP/1.1\r\nhost: web\r\ntransfer-encoding: chunked\r\nx-request-id: rid-1\r\n"
-        b"\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nx-sum: 5\r\n\r\n"
+        b"\r\n5\r\nabcde\r\n0\r\nx-sum: 5\r\n\r\n"  # one read's chunks as one
     )
     c.receive_upstream(
         b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"

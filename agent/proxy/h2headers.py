@@ -66,7 +66,15 @@ class CheckedBlocks:
     a kept one is well formed without being checked again (the check reads nothing but the
     fields); one whose cookies were joined (a new list each time) is not kept. Per connection,
     as the decoders' caches are: nothing one peer sent is looked up for another. At most
-    ``_KEPT_BLOCKS`` of at most ``_KEPT_FIELDS`` fields; emptied when full."""
+    ``_KEPT_BLOCKS`` of at most ``_KEPT_FIELDS`` fields; emptied when full.
+
+    A block ending in a never-indexed field (a source proxy's request head: the client's
+    fields, then the call's ``grpc-timeout`` and the proxy's ``x-request-id``, new on every
+    call) is kept by its fields before the first never-indexed one, when the rest are plain
+    fields (``_plain``: no pseudo-header, ``host``, ``cookie``, ``te`` or connection-specific
+    name, whose rules reach across the block); a block beginning with kept fields followed by
+    plain fields whose names and values are well formed is well formed (the rest of the check
+    reads only what the kept fields set). Anything else is checked whole."""
 
     __slots__ = ("_kept", "kind")
 
@@ -76,14 +84,54 @@ class CheckedBlocks:
 
     def check(self, headers: Sequence[Header]) -> Sequence[Header]:
         key = tuple(headers)
-        if key in self._kept:
+        kept = self._kept
+        if key in kept:
+            return headers
+        # (Looked for only in a block ending in one, as a source proxy's heads end in its
+        # ``x-request-id``: any other block that missed is read once more for nothing.)
+        cut = _first_never_indexed(key) if key and type(key[-1]) is _NEVER else 0
+        if cut and key[:cut] in kept and _plain(key, cut):
             return headers
         checked = check_block(headers, self.kind)
-        if checked is headers and len(key) <= _KEPT_FIELDS:
-            if len(self._kept) >= _KEPT_BLOCKS:
-                self._kept.clear()
-            self._kept.add(key)
+        if checked is headers:
+            if cut:  # (``_plain`` again only when the block is new)
+                if cut <= _KEPT_FIELDS and _plain(key, cut):
+                    self._keep(key[:cut])
+            elif len(key) <= _KEPT_FIELDS:
+                self._keep(key)
         return checked
+
+    def _keep(self, key: tuple[Header, ...]) -> None:
+        if len(self._kept) >= _KEPT_BLOCKS:
+            self._kept.clear()
+        self._kept.add(key)
+
+
+_NEVER = NeverIndexedHeaderTuple
+
+
+def _first_never_indexed(fields: tuple[Header, ...]) -> int:
+    """The position of the first never-indexed field, 0 if none (or it is the first)."""
+    kinds = list(map(type, fields))  # listed and searched in C
+    return kinds.index(_NEVER) if _NEVER in kinds else 0
+
+
+# Names whose rules reach across a block (the pseudo-headers' order, ``host`` against
+# ``:authority`` and once only, cookies joined) or read a value (``te``).
+_ACROSS = CONNECTION_SPECIFIC | {b"host", b"cookie", b"te"}
+
+
+def _plain(fields: tuple[Header, ...], start: int) -> bool:
+    """Are the fields from ``start`` on regular fields of no rule across the block, each
+    with a well-formed name and value?"""
+    for name, value in fields[start:]:
+        if name[:1] == b":" or name in _ACROSS:
+            return False
+        if name not in _good_names and _NAME.fullmatch(name) is None:
+            return False
+        if value and _BAD_VALUE.search(value) is not None:
+            return False
+    return True
 
 
 def check_block(headers: Sequence[Header], kind: Block) -> Sequence[Header]:

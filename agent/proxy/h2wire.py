@@ -379,6 +379,11 @@ def _string_at(data: bytes, pos: int, cache: dict[bytes, bytes] | None) -> tuple
 _BLOCK_CACHE_SIZE = 8
 _BLOCK_CACHE_BYTES = 512
 _BLOCK_CACHE_FIELDS = 16
+# The lengths of kept blocks that began a longer block before its first never-indexed field
+# (``LeanDecoder.prefix_ends``), the most remembered: a source proxy's request heads are
+# the client's fields then a never-indexed ``x-request-id`` (and a ``grpc-timeout``) new on
+# every call, so the destination finds each head's start kept and decodes only the rest.
+_PREFIX_ENDS = 4
 
 
 class LeanDecoder(Decoder):
@@ -387,7 +392,8 @@ class LeanDecoder(Decoder):
     strings, credentials among them, are decoded each time and never kept) and of whole
     blocks sent again (``block_cache``: a block that changed the dynamic table is not kept,
     and empties it, since what the others' indexes name may have moved; one with a
-    never-indexed field is not kept either)."""
+    never-indexed field is not kept either, but its fields before the first never-indexed
+    one are, as the block of those bytes: ``prefix_ends``)."""
 
     def __init__(self, max_header_list_size: int = 65536) -> None:
         super().__init__(max_header_list_size)
@@ -399,6 +405,13 @@ class LeanDecoder(Decoder):
         # (an insertion of the newest entry's field that evicts one leaves as many entries,
         # the newest equal to the one before).
         self.table_changes = 0
+        # Where blocks with a never-indexed field had their first one (at most
+        # ``_PREFIX_ENDS``): the bytes before it were kept as a block (``block_cache``), and
+        # a block that misses the cache is looked up by its first bytes up to each of these.
+        # Any bytes a block of representations decoded from begin every block that starts
+        # with them the same way (HPACK reads representations one after another), so a block
+        # starting with kept bytes is decoded from where they end, with their fields.
+        self.prefix_ends: list[int] = []
 
     @property
     def header_table_size(self) -> int:
@@ -440,7 +453,20 @@ class LeanDecoder(Decoder):
         cache = self.huffman_cache
         limit = self.max_header_list_size
         fields: list[Any] = []
-        size, pos, end = 0, 0, len(data)
+        size = pos = resumed = 0
+        end = len(data)
+        for at in self.prefix_ends:  # a kept block this one begins with: decoded from its end
+            if at < end:
+                kept = blocks.get(data[:at])
+                if kept is not None:
+                    if kept[1] > limit:
+                        raise OversizedHeaderListError(
+                            f"A header list larger than {limit} has been received"
+                        )
+                    fields, size, pos = list(kept[0]), kept[1], at
+                    resumed = at
+                    break
+        unindexed: tuple[int, int, int] | None = None  # where the first never-indexed began
         while pos < end:
             first = data[pos]
             # An index that fits its prefix (most do) and a static entry are read in place:
@@ -457,6 +483,8 @@ class LeanDecoder(Decoder):
             elif first & 0x40 or not first & 0x20:  # a literal (section 6.2)
                 indexing = bool(first & 0x40)
                 never = first & 0xF0 == 0x10
+                if never and not never_indexed:
+                    unindexed = (pos, len(fields), size)
                 strings = None if never else cache
                 prefix = 0x3F if indexing else 0x0F
                 index = first & prefix
@@ -519,7 +547,24 @@ class LeanDecoder(Decoder):
             if len(blocks) >= _BLOCK_CACHE_SIZE:
                 blocks.clear()
             blocks[data] = (tuple(fields), size)
+        elif not changed and unindexed is not None and unindexed[0] != resumed:
+            self._keep_prefix(data, fields, *unindexed)
         return fields
+
+    def _keep_prefix(self, data: bytes, fields: list[Any], at: int, count: int, size: int) -> None:
+        """Keep the first ``at`` bytes of ``data`` (its ``count`` fields before the first
+        never-indexed one, of ``size``) as a block, and remember where such blocks end."""
+        if not 0 < at <= _BLOCK_CACHE_BYTES or count > _BLOCK_CACHE_FIELDS:
+            return
+        blocks = self.block_cache
+        if len(blocks) >= _BLOCK_CACHE_SIZE:
+            blocks.clear()
+        blocks[data[:at]] = (tuple(fields[:count]), size)
+        ends = self.prefix_ends
+        if at not in ends:
+            if len(ends) >= _PREFIX_ENDS:
+                ends.clear()
+            ends.append(at)
 
 
 _FRAME = struct.Struct(">IBI")  # 24-bit length and 8-bit type in one word, flags, stream id

@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from h2.events import RequestReceived
 from h2.exceptions import ProtocolError
 from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
+from hpack import NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -268,3 +270,83 @@ def test_blocks_sent_again_on_a_connection_are_not_checked_again(
         ("relay", Block.RESPONSE): 1,
         ("relay", Block.TRAILERS): 1,
     }
+
+
+WELL_FORMED = {
+    Block.REQUEST: GRPC_CALL,
+    Block.RESPONSE: [(b":status", b"200"), (b"content-type", b"application/grpc")],
+    Block.TRAILERS: [(b"grpc-status", b"0")],
+}
+
+# A head's tail: a source proxy's per-call fields, never indexed (``h2proxy.NEVER_INDEXED``),
+# mostly well formed (so that a kept start is often followed by a good tail), and fields
+# whose rules reach across the block or that are malformed.
+TAIL_NAMES = [b"x-request-id"] * 6 + [b"grpc-timeout"] * 3 + [b"x-b3-traceid", b"user-agent"]
+ACROSS_OR_BAD = [b"host", b"cookie", b"te", b":path", b"connection", b"X-Bad"]
+tail_fields = st.tuples(
+    st.sampled_from(TAIL_NAMES + ACROSS_OR_BAD),
+    st.sampled_from([b"1"] * 6 + [b"10S"] * 3 + [b"trailers", b"gzip", b" x", b"a\nb", b""]),
+    st.sampled_from([True, True, False]),  # mostly never indexed
+)
+
+
+@settings(max_examples=fuzz_examples(300), deadline=None)
+@given(
+    starts=st.lists(st.tuples(request_starts, blocks), min_size=1, max_size=4),
+    tails=st.lists(st.lists(tail_fields, max_size=3), min_size=1, max_size=6),
+    picks=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 5)), max_size=40),
+    kind=st.sampled_from(list(Block)),
+)
+def test_checked_blocks_judge_heads_with_per_call_tails_as_check_block_does(
+    starts: list[tuple[list[Header], list[Header]]],
+    tails: list[list[tuple[bytes, bytes, bool]]],
+    picks: list[tuple[int, int]],
+    kind: Block,
+) -> None:
+    """Blocks that begin alike and end with fields new on each (never indexed as a source
+    proxy forwards them, or not; well formed or not; ``host``, cookies, pseudo-headers among
+    them), in any order: each judged as ``check_block`` judges it (a kept start is not
+    checked again, the rest is)."""
+    kept = h2headers.CheckedBlocks(kind)
+    starts = [(WELL_FORMED[kind], []), *starts]  # one start that passes for its kind
+    for start, tail in picks:
+        first, rest = starts[start % len(starts)]
+        block: list[Header] = [*first, *rest]
+        block += [
+            NeverIndexedHeaderTuple(n, v) if s else (n, v) for n, v, s in tails[tail % len(tails)]
+        ]
+        assert _outcome(kept.check, block) == _outcome(lambda b: check_block(b, kind), block)
+
+
+def test_a_sources_heads_are_checked_at_the_relay_once_not_per_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ten gRPC calls as a source proxy forwards them to the destination's relay: the
+    client's fields, then a never-indexed ``x-request-id`` and ``grpc-timeout`` new on each.
+    The relay checks the head whole once (ten times before), and each call reaches the pod
+    with its own request id and is answered."""
+    checked: Counter[Block] = Counter()
+    real = h2headers._check
+
+    def counted(headers: list[Header], kind: Block, *, joined: bool) -> object:
+        checked[kind] += 1
+        return real(headers, kind, joined=joined)
+
+    monkeypatch.setattr(h2headers, "_check", counted)
+    monkeypatch.setattr(h2peers, "H2Proxy", H2Relay)
+    relay = h2peers.Wire()
+    for i in range(10):
+        per_call = [
+            NeverIndexedHeaderTuple(b"grpc-timeout", b"%dm" % (900 + i)),
+            NeverIndexedHeaderTuple(b"x-request-id", b"id-%d" % i),
+        ]
+        sid = relay.request("/pkg.Echo/Unary", grpc=True, extra=per_call)
+        relay.run()
+        relay.pod_answers_grpc(sid)
+        relay.run()
+    assert [x.grpc_status for x in relay.proxy.take_completed()] == ["0"] * 10
+    ids = [
+        dict(e.headers)[b"x-request-id"] for e in relay.pod_events if isinstance(e, RequestReceived)
+    ]
+    assert ids == [b"id-%d" % i for i in range(10)]
+    assert checked[Block.REQUEST] == 1

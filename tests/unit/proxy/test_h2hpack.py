@@ -347,3 +347,95 @@ def test_a_block_is_decoded_without_reading_the_table_size_through_its_propertie
         for sent in (block, other):
             with pytest.raises(InvalidTableSizeError):
                 ours.decode(sent, raw=True)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.lists(few_fields, min_size=1, max_size=3), min_size=1, max_size=3),
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from([b"x-request-id", b"grpc-timeout", b"a"]),
+                st.binary(max_size=12),
+                st.sampled_from([True, True, False]),  # mostly never indexed
+            ),
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 3), st.sampled_from([True, True, False])),
+        min_size=2,
+        max_size=16,
+    ),
+    st.sampled_from([0, 100, 4096]),
+    st.sampled_from([0, 0, 0, 1, 3]),
+)
+@example(  # a start kept, then the table moved under its index
+    [[(b"grpc-status", b"200", False)], [(b"a", b"0", False)]],
+    [[(b"x-request-id", b"1", True)], [(b"x-request-id", b"2", True)]],
+    [(0, 0, False), (0, 1, False), (1, 0, False), (0, 1, False)],
+    4096,
+    0,
+)
+def test_blocks_whose_start_was_kept_decode_as_hpack_decodes_them(
+    starts: list[list[tuple[bytes, bytes, bool]]],
+    tails: list[list[tuple[bytes, bytes, bool]]],
+    order: list[tuple[int, int, bool]],
+    table_size: int,
+    cut: int,
+) -> None:
+    """A source proxy's request heads: fields the client sent (indexed once the table holds
+    them), then never-indexed per-call values. Starts and tails combined in any order, and
+    cut short, between blocks that add to the table, evict or resize (an encoder's start
+    alone, and its start with a tail, encoded by one encoder so its table stays the
+    decoders'): each decodes, and is refused, as hpack's decoder does it
+    (``LeanDecoder.prefix_ends``: the start is taken from the kept blocks)."""
+    encoder = Encoder()
+    encoder.header_table_size = table_size
+    theirs, ours = _pair()
+    for start, tail, whole in order:
+        fields = [(n, v, s) for n, v, s in starts[start % len(starts)]]
+        if whole:
+            fields += tails[tail % len(tails)]
+        block = encoder.encode(fields, huffman=False)
+        for sent in (block, block[: max(0, len(block) - cut)]) if cut else (block,):
+            assert _outcome(ours, sent) == _outcome(theirs, sent)
+            if sent is not block:  # (a cut block leaves the decoders' tables behind)
+                theirs, ours = _pair()
+                encoder = Encoder()
+                encoder.header_table_size = table_size
+
+
+def test_a_heads_start_before_its_never_indexed_fields_is_decoded_once() -> None:
+    """Ten request heads as a source proxy forwards them: the same fields (one naming an
+    entry of the dynamic table), then a never-indexed ``x-request-id`` new on each: the
+    start is decoded once, then taken from the kept blocks (no table look-up), each head
+    decodes to its own fields, and the request ids are kept nowhere."""
+    decoder = LeanDecoder()
+    decoder.decode(b"\x40\x01a\x01b", raw=True)  # adds a: b, the table's index 62
+    lookups: list[int] = []
+    table = decoder.header_table
+    real = table.get_by_index
+
+    def get_by_index(index: int) -> tuple[bytes, bytes]:
+        lookups.append(index)
+        return real(index)
+
+    table.get_by_index = get_by_index  # type: ignore[method-assign]
+    start = b"\x83\xbe" + encode_field(b"content-type", b"application/grpc")
+    for i in range(10):
+        rid = b"id-%d" % i
+        head = start + encode_field(b"x-request-id", rid, never_indexed=True)
+        fields = list(decoder.decode(head, raw=True))
+        assert fields == [
+            (b":method", b"POST"),
+            (b"a", b"b"),
+            (b"content-type", b"application/grpc"),
+            (b"x-request-id", rid),
+        ]
+        assert isinstance(fields[-1], NeverIndexedHeaderTuple)
+    assert lookups == [62]
+    assert decoder.prefix_ends == [len(start)]
+    assert all(b"id-" not in block for block in decoder.block_cache)

@@ -145,6 +145,14 @@ def requirements() -> tuple[Requirement, ...]:
             "needs CAP_NET_ADMIN (or CAP_NET_RAW); run as root",
         ),
         Requirement(
+            "open-files",
+            "open files limit (connections per process)",
+            _wrap(probes.open_files),
+            "raise the hard RLIMIT_NOFILE to 65,536 or more: LimitNOFILE= in a systemd unit, "
+            "ulimit -Hn in the shell that starts the agent, or the container runtime's nofile "
+            "ulimit",
+        ),
+        Requirement(
             "capture-failure-mode",
             "capture failure mode (setting)",
             _wrap(probes.capture_failure_mode),

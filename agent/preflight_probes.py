@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import platform
+import resource
 import secrets
 import socket
 import struct
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agent.base.conncaps import MAX_NOFILE, process_cap
 from agent.proxy import splicepipe
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
@@ -31,6 +33,9 @@ _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280}
 _BPF_MAP_CREATE = 0
 _MAP_TYPE_ARRAY, _MAP_TYPE_SOCKMAP = 2, 15
 TC_INGRESS_PARENT = "ffff:fff2"
+# Fewer connections per proxy process than this and a node's pods would be refused under
+# ordinary load: the open-files row fails (a hard limit under about 3,500 descriptors).
+MIN_CONNECTIONS = 1024
 
 # The same steering the agent does: find the socket of a flow and assign the packet to it.
 _TC_PROGRAM = r"""
@@ -319,3 +324,21 @@ def capture_failure_mode() -> str:
         "fail-closed by default: meshed pods' new connections are dropped (and retried by TCP) "
         "while no proxy listens; `nodemesh agent --fail-open` lets them through unencrypted" + live
     )
+
+
+def open_files() -> str:
+    """How many connections each proxy process will admit (``agent.base.conncaps``). The agent
+    raises its soft ``RLIMIT_NOFILE`` to the hard one at start, so the hard limit this command
+    runs under (the shell's, a unit's ``LimitNOFILE``, the container runtime's ``nofile``) is
+    what counts; a soft limit of 1,024 under it is normal and harmless."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    limit = MAX_NOFILE if hard == infinite else min(hard, MAX_NOFILE)
+    shown = ["unlimited" if v == infinite else f"{v:,}" for v in (soft, hard)]
+    detail = (
+        f"soft {shown[0]}, hard {shown[1]}: each proxy process admits up to "
+        f"{process_cap(limit):,} connections at once (nodemesh agent --max-connections auto)"
+    )
+    if process_cap(limit) < MIN_CONNECTIONS:
+        raise Unsupported(f"{detail}, fewer than {MIN_CONNECTIONS:,}")
+    return detail

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 
 import pytest
 
@@ -153,3 +154,27 @@ def test_a_process_that_cannot_splice_passes_and_says_relays_copy(
     assert row.ok
     assert row.detail.startswith("unavailable (optional; [Errno 38] os.splice needs Python")
     assert row.detail.endswith("relays copy through user space")
+
+
+@pytest.mark.parametrize(
+    ("limits", "ok", "detail"),
+    [
+        # a container runtime's usual soft 1,024 under a high hard limit: fine, the agent raises it
+        ((1024, 1 << 20), True, "soft 1,024, hard 1,048,576: each proxy process admits up to "
+         "458,240 connections at once"),
+        ((65536, 65536), True, "hard 65,536: each proxy process admits up to 28,160"),
+        ((1024, resource.RLIM_INFINITY), True, "hard unlimited: each proxy process admits up "
+         "to 458,240"),
+        # a hard limit of 1,024 leaves 256 connections per process: a node's pods would be refused
+        ((1024, 1024), False, "soft 1,024, hard 1,024: each proxy process admits up to 256 "
+         "connections at once (nodemesh agent --max-connections auto), fewer than 1,024"),
+    ],
+)  # fmt: skip
+def test_the_open_files_row_tells_the_connections_each_process_admits_under_the_hard_limit(
+    monkeypatch: pytest.MonkeyPatch, limits: tuple[int, int], ok: bool, detail: str
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits)
+    (row,) = preflight.run_checks([r for r in preflight.requirements() if r.name == "open-files"])
+    assert row.ok is ok
+    assert detail in row.detail
+    assert bool(row.fix) is not ok and ("LimitNOFILE=" in row.fix or ok)

@@ -423,3 +423,12 @@ def test_heads_and_trailer_blocks_past_the_field_count_are_refused_and_the_limit
     u.expect(b"HEAD")
     u.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n" + _fields(100) + b"\r\n")
     assert u.failed == too_many
+
+
+def test_each_half_runs_its_own_bytecode_of_the_shared_callbacks() -> None:
+    """A callback both halves ran saw two types at each attribute and was not specialized
+    (docs/performance/http1-cost.md, "Shared callbacks given to each half")."""
+    for name in ("on_message_begin", "on_header", "on_message_complete", "_execute"):
+        request, response = getattr(RequestReader, name), getattr(ResponseReader, name)
+        assert request.__code__ is not response.__code__, name
+        assert request.__qualname__ == f"RequestReader.{name}"

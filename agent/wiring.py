@@ -113,6 +113,14 @@ def connection_caps(config: AgentConfig, *, passthrough: bool) -> ConnectionCaps
     return ConnectionCaps(total, per_source, why=why)
 
 
+def count_in_proxy(caps: ConnectionCaps, proxy: ProxyComponent) -> None:
+    """Make ``caps`` the node proxy's too: its refusals in the proxy's rejection counter, and
+    each inbound HBONE stream's pod socket charged to it (``InboundHbone.count_in``; the 15008
+    gate then charges a connection its own descriptor only). Before the accept loops start."""
+    caps.reject = proxy.connections.reject
+    proxy.proxy.inbound.count_in(caps)
+
+
 def rejection_counts(parts: AgentParts) -> Callable[[], Mapping[str, int]] | None:
     """The rejection counter ``/metrics`` shows: the node proxy's; without one (plain
     passthrough), the accept loops' own (``ConnectionCaps.rejections``)."""

@@ -16,6 +16,8 @@ from typing import Any
 import h2.connection
 import h2.events
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 
 from agent.acceptor import accept_forever, serve_accepted
 from agent.base.conncaps import GLOBAL_LIMIT, STREAM_LIMIT, ConnectionCaps
@@ -23,7 +25,21 @@ from agent.base.constants import Listener
 from agent.config import AgentConfig
 from agent.proxy import sockets
 from agent.state import PolicyObject
-from tests.integration.proxy.mesh import CLIENT, SERVER, Mesh, listener, mesh_test, set_policies
+from tests.integration.proxy.mesh import (
+    CLIENT,
+    LOCAL,
+    SERVER,
+    Mesh,
+    listener,
+    mesh_test,
+    set_policies,
+)
+from tests.integration.proxy.test_h2_outbound_loopback import (
+    VIP,
+    _local_front,
+    _recording_app,
+    _requests,
+)
 from tests.integration.proxy.test_hbone_bad_input import h2_session
 from tests.integration.proxy.test_hbone_limits_loopback import error_logs
 
@@ -264,3 +280,37 @@ async def test_every_way_a_stream_ends_gives_its_descriptor_back(mesh: Mesh) -> 
             filler.close()
             stuck.close()
     assert errors == []
+
+
+@mesh_test
+async def test_an_h2_source_sessions_same_node_socket_is_charged_and_refused_when_full(
+    mesh: Mesh,
+) -> None:
+    """A gRPC client connection to a Service whose endpoint is on its own node: the session's
+    socket to the pod takes a descriptor (a tunnel would not: it is a pooled connection's
+    stream). With none left its calls are answered UNAVAILABLE (503 ``UO``) and counted, the
+    connection serves on, and once there is room the next call opens the socket; it is given
+    back when the connection ends."""
+    caps = ConnectionCaps(1, {})  # 2 descriptors
+    caps.reject = mesh.node1.core.registry.reject
+    mesh.node1.count_in(caps)
+    gate = caps.gate(Listener.OUTBOUND)
+    assert gate.admit("10.0.0.9")  # another connection holds both
+    port = _local_front(mesh)
+    received: list[str] = []
+    app = await asyncio.start_server(_recording_app(received), LOCAL, port)
+    try:
+        reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        conn.initiate_connection()
+        assert await _requests(conn, reader, writer, ["/pkg.Echo/Get"] * 2) == ["14", "14"]
+        assert mesh.node1.core.registry.rejections[STREAM_LIMIT] == 2
+        assert received == [] and caps.streams == 0
+        gate.release("10.0.0.9")
+        assert await _requests(conn, reader, writer, ["/pkg.Echo/Get"] * 3) == ["0"] * 3
+        assert received == ["/pkg.Echo/Get"] * 3
+        assert (caps.streams, caps.used) == (1, 1)  # one socket for the three calls
+        writer.close()
+        assert await until(lambda: caps.used == 0)
+    finally:
+        app.close()

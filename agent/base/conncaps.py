@@ -29,9 +29,9 @@ the agent holds whatever its traffic (standard streams, listeners, the metrics, 
 admin servers with up to 64 connections each, BPF programs and maps, Kubernetes watches, the CA
 channel, log files, the workers' control sockets), the idle pooled HTTP sessions (at most 512)
 and mirror copies (64); ``L/8`` for upstream descriptors that are not one per accepted
-connection: HBONE tunnels kept in the pool after their last stream, and the h2 source's extra
-upstreams (``agent.proxy.h2outbound``: one per backend and endpoint a client's requests reach,
-at most 32 per client connection; idle pooled HTTP/1.1 sessions are within the 1,024). Every
+connection: HBONE tunnels kept in the pool after their last stream and the pooled connections
+the h2 source's tunnels share (the sockets beyond a connection's own upstream are charged one by
+one: below). Every
 accepted connection is charged two descriptors, its own and its upstream's (on 15001 the pod's
 or the passthrough socket, or at most one pooled HBONE connection, usually a share of one; on
 15006 the pod's socket; on 15008 the tunnel's and, with a node proxy, one per stream: below),
@@ -56,6 +56,19 @@ connection keeps serving its other streams, as for an unreachable pod) and count
 because the client sees a different thing (a 503 on a live connection) and the dashboards
 should tell the two apart; the fix is the same. Without a node proxy (plain passthrough) a
 15008 connection is relayed whole to one upstream and keeps its charge of two.
+
+The h2 source (``agent.proxy.h2outbound``) likewise: a client connection to a Service port
+declared HTTP/2 or gRPC opens one upstream per (backend Service, port, endpoint) its requests
+are balanced to, kept until the endpoint, the client or the Service's idle timeout ends it. A
+far endpoint's is a stream of a pooled HBONE connection (no descriptor of its own), but a
+same-node or unmeshed endpoint's is a socket: one connection could hold one per such endpoint
+of every backend its routes reach (a Service of 500 unmeshed endpoints, 500 sockets), on a
+charge of two. Each such socket takes a descriptor the same way (``take_stream``) before its
+connect and gives it back when closed; with none left the requests waiting for it are answered
+503 ``UO`` (gRPC ``UNAVAILABLE``), also counted as ``global_stream_limit``, and the connection
+serves on (the session's own charged upstream is then a spare: over-counted by one, not
+under). The HTTP/1.1 source holds one upstream session per client connection at a time (its
+charged upstream); idle pooled sessions (at most 512) and mirror copies (64) are in the reserve.
 
 With ``--workers N`` every worker is a process with its own descriptor table and its own
 ``RLIMIT_NOFILE`` (inherited from the main process): each derives its own cap from its own

@@ -12,6 +12,11 @@ is the one the client verified) and a port that is not the proxy's own (loop pro
 else 400; policy must allow — else 401; the pod must accept the connection — else 503. Only then
 200, so the client never sends bytes into a connection that will not exist.
 
+Descriptors: each stream's pod socket takes one from the process's budget before the connect
+(``count_in``, ``agent.base.conncaps``: the 15008 connection itself is charged only its own),
+given back where that socket is closed or was never made; with none left the stream is answered
+503 (``global_stream_limit``) and the connection serves its other streams.
+
 Connection limits (``agent.proxy.hbone_limits.InboundLimits``): at most ``max_handshakes`` TLS
 handshakes at a time and ``max_connections_per_peer`` connections per peer address (more are
 reset before any TLS, so that whoever reaches 15008 cannot exhaust descriptors or tasks); an

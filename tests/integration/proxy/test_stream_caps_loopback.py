@@ -16,8 +16,6 @@ from typing import Any
 import h2.connection
 import h2.events
 import pytest
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 
 from agent.acceptor import accept_forever, serve_accepted
 from agent.base.conncaps import GLOBAL_LIMIT, STREAM_LIMIT, ConnectionCaps
@@ -35,7 +33,7 @@ from tests.integration.proxy.mesh import (
     set_policies,
 )
 from tests.integration.proxy.test_h2_outbound_loopback import (
-    VIP,
+    _client,
     _local_front,
     _recording_app,
     _requests,
@@ -300,9 +298,7 @@ async def test_an_h2_source_sessions_same_node_socket_is_charged_and_refused_whe
     received: list[str] = []
     app = await asyncio.start_server(_recording_app(received), LOCAL, port)
     try:
-        reader, writer = await mesh.connect(CLIENT, (VIP, 50051))
-        conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
-        conn.initiate_connection()
+        conn, reader, writer = await _client(mesh)
         assert await _requests(conn, reader, writer, ["/pkg.Echo/Get"] * 2) == ["14", "14"]
         assert mesh.node1.core.registry.rejections[STREAM_LIMIT] == 2
         assert received == [] and caps.streams == 0

@@ -197,7 +197,7 @@ class SourceLimit:
 class ConnectionCaps:
     """One proxy process's admission at accept (the module docstring): ``gate(listener)`` gives
     each accept loop its ``Gate``; with a node proxy, ``count_streams()`` and then
-    ``take_stream``/``release_stream`` for each inbound HBONE stream's pod socket. Refusals go
+    ``take_stream``/``release_stream`` for each stream's socket. Refusals go
     to ``reject`` (the node proxy's registry, so they show in its rejection counter; by default
     this object's own ``rejections``).
 
@@ -227,7 +227,7 @@ class ConnectionCaps:
         self.budget = total * DESCRIPTORS_PER_CONNECTION
         self.used = 0  # descriptors charged
         self.held = 0  # connections admitted and not yet released
-        self.streams = 0  # HBONE streams holding a pod socket (``take_stream``)
+        self.streams = 0  # streams' sockets held: HBONE streams', h2 sessions' (``take_stream``)
         self.streams_counted = False  # ``count_streams`` was called
         self.per_source = dict(per_source)
         self.why = why  # how ``total`` was chosen, for the log line at the cap
@@ -252,7 +252,8 @@ class ConnectionCaps:
         self.streams_counted = True
 
     def take_stream(self, where: str) -> bool:
-        """A descriptor for an inbound HBONE stream's pod socket, before the connect; False
+        """A descriptor for a stream's socket (an inbound HBONE stream's to its pod, an h2 source
+        session's to a same-node or unmeshed endpoint), before the connect; False
         (counted and logged as ``global_stream_limit``) when the budget has no room: answer
         the stream 503. Every True is followed by exactly one ``release_stream``."""
         if self.used >= self.budget:
@@ -263,9 +264,12 @@ class ConnectionCaps:
         return True
 
     def release_stream(self) -> None:
-        """The pod socket ``take_stream`` was for is closed, or was never made."""
-        if self.streams <= 0:  # a second release of one slot: the accounting is broken
-            raise RuntimeError("an HBONE stream's descriptor was given back twice")
+        """The socket ``take_stream`` was for is closed, or was never made. Each caller gives
+        back where it closes that socket, once; a give-back with none held raises (a slot given
+        back twice: the accounting is broken) rather than making room that is not there, and
+        the tests see every count return to zero after every way a stream ends."""
+        if self.streams <= 0:
+            raise RuntimeError("a stream's descriptor was given back twice")
         self.streams -= 1
         self.used -= 1
         self.full_told = False
@@ -276,7 +280,7 @@ class ConnectionCaps:
             log.info("rejected (%s): %s", reason, detail)
 
     def _holding(self) -> str:
-        streams = f" and {self.streams} HBONE streams" if self.streams_counted else ""
+        streams = f" and {self.streams} streams' sockets" if self.streams_counted else ""
         return (
             f"this process holds {self.held} connections{streams}, its cap of {self.total} "
             f"connections' descriptors ({self.why or '--max-connections'})"

@@ -22,7 +22,7 @@ from agent.base.conncaps import GLOBAL_LIMIT, STREAM_LIMIT, ConnectionCaps
 from agent.base.constants import Listener
 from agent.config import AgentConfig
 from agent.proxy import sockets
-from agent.state import PolicyObject
+from agent.state import PolicyObject, Service, ServicePort
 from tests.integration.proxy.mesh import (
     CLIENT,
     LOCAL,
@@ -310,3 +310,37 @@ async def test_an_h2_source_sessions_same_node_socket_is_charged_and_refused_whe
         assert await until(lambda: caps.used == 0)
     finally:
         app.close()
+
+
+async def _http_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):  # EOF: done
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+    writer.close()
+
+
+@mesh_test
+async def test_a_stream_to_a_port_declared_http_gives_its_descriptor_back_when_it_ends(
+    mesh: Mesh,
+) -> None:
+    """A port declared HTTP is served by the inbound HTTP session, not the TCP relay: its
+    stream's pod socket is given back when the session ends."""
+    caps, hbone = await gated_hbone(mesh)
+    port = mesh.app(SERVER, _http_ok)
+    with mesh.store.update() as tx:
+        http = ServicePort(80, port, name="http", app_protocol="http")
+        tx.put_service(Service("web", "default", ("10.96.7.5",), (http,), {"app": "server"}, ()))
+    with error_logs() as errors:
+        client = await connect(mesh, hbone)
+        for _ in range(2):
+            sid, status = await client.open(port)
+            assert status == 200 and caps.streams == 1
+            client.h2c.send_data(sid, b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+            client.flush()
+            assert await until(lambda sid=sid: client.data[sid].endswith(b"\r\n\r\nok"))
+            await client.end(sid)
+            assert await until(lambda: caps.streams == 0)
+        await client.close()
+        assert await until(lambda: caps.used == 0)
+    assert errors == []

@@ -215,4 +215,4 @@ def test_stream_refusals_are_all_counted_and_logged_once_while_full(
     assert not c.take_stream("again")
     lines = [r.getMessage() for r in caplog.records if STREAM_LIMIT in r.getMessage()]
     assert c.rejections[STREAM_LIMIT] == 5 and len(lines) == 2
-    assert "10.0.0.2:80: answered 503" in lines[0] and "1 HBONE streams" in lines[0]
+    assert "10.0.0.2:80: answered 503" in lines[0] and "1 streams' sockets" in lines[0]

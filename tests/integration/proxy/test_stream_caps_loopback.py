@@ -22,7 +22,8 @@ from agent.base.conncaps import GLOBAL_LIMIT, STREAM_LIMIT, ConnectionCaps
 from agent.base.constants import Listener
 from agent.config import AgentConfig
 from agent.proxy import sockets
-from agent.state import PolicyObject, Service, ServicePort
+from agent.state import Endpoint, PolicyObject, Service, ServicePort
+from agent.state.protocols import HTTP
 from tests.integration.proxy.mesh import (
     CLIENT,
     LOCAL,
@@ -330,7 +331,11 @@ async def test_a_stream_to_a_port_declared_http_gives_its_descriptor_back_when_i
     port = mesh.app(SERVER, _http_ok)
     with mesh.store.update() as tx:
         http = ServicePort(80, port, name="http", app_protocol="http")
-        tx.put_service(Service("web", "default", ("10.96.7.5",), (http,), {"app": "server"}, ()))
+        web = Service(
+            "web", "default", ("10.96.7.5",), (http,), {"app": "server"}, (Endpoint(SERVER),)
+        )
+        tx.put_service(web)
+    assert mesh.node2.core.protocol(mesh.store.snapshot(), SERVER, port) == HTTP
     with error_logs() as errors:
         client = await connect(mesh, hbone)
         for _ in range(2):

@@ -13,8 +13,9 @@ the process's cap (``agent.base.conncaps``, a listener's ``Gate``) is reset the 
 accepted, before a task exists, and counted; its descriptor is free again at once. The cap
 leaves a reserve of descriptors, so the agent's control plane (watches, CA calls, the metrics,
 readiness and admin servers) never meets EMFILE because of captured traffic. The backoff above
-stays for what the cap does not count (HBONE streams past a connection's first, other
-processes' descriptors under a system-wide ENFILE). Without the cap, at EMFILE the capture
+stays for what the cap does not count (pooled HBONE connections, other processes'
+descriptors under a system-wide ENFILE); an HBONE stream's pod socket is charged by the node
+proxy before its connect (``ConnectionCaps.take_stream``). Without the cap, at EMFILE the capture
 listeners' pending connections waited in the kernel's queue while the loop retried every 0.1 s,
 and uvloop's own servers (metrics, readiness, admin) accepted and closed every connection at
 once (libuv's reserve-descriptor trick), so the agent stopped answering its probes.

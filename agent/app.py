@@ -59,7 +59,13 @@ from agent.datapath.programs import ProgramLoadError
 from agent.datapath.splice import KernelSplice
 from agent.sources.localfile import LocalFileError, LocalFileSource
 from agent.state import Snapshot, StateStore
-from agent.wiring import connection_caps, local_pods, node_proxy, observability
+from agent.wiring import (
+    connection_caps,
+    count_in_proxy,
+    local_pods,
+    node_proxy,
+    observability,
+)
 
 if TYPE_CHECKING:
     from agent.identity.component import IdentityComponent
@@ -311,8 +317,8 @@ class Agent:
         self.caps: ConnectionCaps | None = None
         if config.workers <= 1:
             self.caps = connection_caps(config, passthrough=self.proxy is None)
-            if self.proxy is not None:  # refusals in the proxy's rejection counter
-                self.caps.reject = self.proxy.connections.reject
+            if self.proxy is not None:  # its refusals and HBONE streams counted there too
+                count_in_proxy(self.caps, self.proxy)
         else:  # a flag the workers' limit cannot hold fails here, before they start
             config.connection_cap(raise_descriptor_limit())
         self.components: list[Component] = [c for c in (self.identity, self.proxy) if c]

@@ -306,7 +306,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "15001, 15006 and 15008 together; more are reset at once and counted "
         '(nodemesh_rejected_connections_total{reason="global_connection_limit"}). Default '
         "auto: from the open-files limit, leaving a reserve for the agent's control plane, two "
-        "descriptors per connection (see ARCHITECTURE.md, What outside input can make the agent "
+        "descriptors per connection; an HBONE stream's pod socket and an h2 client's socket to "
+        "a same-node or unmeshed endpoint take one each from the same budget, past it 503 "
+        "(reason global_stream_limit; see ARCHITECTURE.md, What outside input can make the agent "
         "hold)",
     )
     parser.add_argument(

@@ -113,6 +113,16 @@ def connection_caps(config: AgentConfig, *, passthrough: bool) -> ConnectionCaps
     return ConnectionCaps(total, per_source, why=why)
 
 
+def count_in_proxy(caps: ConnectionCaps, proxy: ProxyComponent) -> None:
+    """Make ``caps`` the node proxy's too: its refusals in the proxy's rejection counter, and
+    the sockets a connection opens beyond its own upstream charged to it (``NodeProxy.count_in``:
+    each inbound HBONE stream's pod socket, so the 15008 gate charges a connection its own
+    descriptor only; each h2 source session's socket to a same-node or unmeshed endpoint).
+    Before the accept loops start."""
+    caps.reject = proxy.connections.reject
+    proxy.proxy.count_in(caps)
+
+
 def rejection_counts(parts: AgentParts) -> Callable[[], Mapping[str, int]] | None:
     """The rejection counter ``/metrics`` shows: the node proxy's; without one (plain
     passthrough), the accept loops' own (``ConnectionCaps.rejections``)."""

@@ -29,12 +29,46 @@ the agent holds whatever its traffic (standard streams, listeners, the metrics, 
 admin servers with up to 64 connections each, BPF programs and maps, Kubernetes watches, the CA
 channel, log files, the workers' control sockets), the idle pooled HTTP sessions (at most 512)
 and mirror copies (64); ``L/8`` for upstream descriptors that are not one per accepted
-connection: a 15008 connection's streams past its first (a pod socket each) and HBONE tunnels
-kept in the pool after their last stream. Every accepted connection is charged two descriptors,
-its own and its upstream's (on 15001 the pod's or the passthrough socket, or at most one pooled
-HBONE connection, usually a share of one; on 15006 the pod's socket; on 15008 the tunnel's and
-its first stream's pod socket), so the cap is ``(L - R) // 2``: 458,240 connections at
+connection: HBONE tunnels kept in the pool after their last stream and the pooled connections
+the h2 source's tunnels share (the sockets beyond a connection's own upstream are charged one by
+one: below). Every
+accepted connection is charged two descriptors, its own and its upstream's (on 15001 the pod's
+or the passthrough socket, or at most one pooled HBONE connection, usually a share of one; on
+15006 the pod's socket; on 15008 the tunnel's and, with a node proxy, one per stream: below),
+so the cap is ``(L - R) // 2``: 458,240 connections at
 L = 1,048,576, 28,160 at 65,536, 256 at 1,024.
+
+HBONE streams (``count_streams``, the node proxy's 15008 handler): every stream of an inbound
+HBONE connection opens its own socket to the local pod, up to 100 per connection, so charging a
+15008 connection two descriptors left its other streams' sockets uncounted (peers holding many
+connections with many streams each could use the descriptors up despite the cap). With a node
+proxy the charge is split where the descriptors are: a 15008 connection is charged one, its
+own, when accepted, and each of its streams one, its pod socket's, taken before the connect
+(``take_stream``) and given back when that socket is closed or was never made
+(``release_stream``). A connection with one stream costs two, as before; an idle one one (its
+own descriptor is all it holds); one with 100 streams 101. The budget is in descriptors,
+``total * 2``: ``total`` stays what ``--max-connections`` and the derivation above give, the
+number of two-descriptor connections the process holds at most. Every stream is charged, not
+those past a connection's first: no per-connection state to keep, and the charges are exactly
+the descriptors held. A stream the budget has no room for is answered 503 on its CONNECT (the
+connection keeps serving its other streams, as for an unreachable pod) and counted as
+``global_stream_limit``: not ``global_connection_limit``, whose refusal is a reset at accept,
+because the client sees a different thing (a 503 on a live connection) and the dashboards
+should tell the two apart; the fix is the same. Without a node proxy (plain passthrough) a
+15008 connection is relayed whole to one upstream and keeps its charge of two.
+
+The h2 source (``agent.proxy.h2outbound``) likewise: a client connection to a Service port
+declared HTTP/2 or gRPC opens one upstream per (backend Service, port, endpoint) its requests
+are balanced to, kept until the endpoint, the client or the Service's idle timeout ends it. A
+far endpoint's is a stream of a pooled HBONE connection (no descriptor of its own), but a
+same-node or unmeshed endpoint's is a socket: one connection could hold one per such endpoint
+of every backend its routes reach (a Service of 500 unmeshed endpoints, 500 sockets), on a
+charge of two. Each such socket takes a descriptor the same way (``take_stream``) before its
+connect and gives it back when closed; with none left the requests waiting for it are answered
+503 ``UO`` (gRPC ``UNAVAILABLE``), also counted as ``global_stream_limit``, and the connection
+serves on (the session's own charged upstream is then a spare: over-counted by one, not
+under). The HTTP/1.1 source holds one upstream session per client connection at a time (its
+charged upstream); idle pooled sessions (at most 512) and mirror copies (64) are in the reserve.
 
 With ``--workers N`` every worker is a process with its own descriptor table and its own
 ``RLIMIT_NOFILE`` (inherited from the main process): each derives its own cap from its own
@@ -70,6 +104,7 @@ MAX_NOFILE = 1 << 20
 POD_LIMIT = "pod_connection_limit"
 PEER_LIMIT = "peer_connection_limit"
 GLOBAL_LIMIT = "global_connection_limit"
+STREAM_LIMIT = "global_stream_limit"
 
 Reject = Callable[..., None]  # ``(reason, detail, *, quiet=False)``, as ``Registry.reject``
 
@@ -161,38 +196,113 @@ class SourceLimit:
 
 class ConnectionCaps:
     """One proxy process's admission at accept (the module docstring): ``gate(listener)`` gives
-    each accept loop its ``Gate``. Refusals go to ``reject`` (the node proxy's registry, so they
-    show in its rejection counter; by default this object's own ``rejections``)."""
+    each accept loop its ``Gate``; with a node proxy, ``count_streams()`` and then
+    ``take_stream``/``release_stream`` for each stream's socket. Refusals go
+    to ``reject`` (the node proxy's registry, so they show in its rejection counter; by default
+    this object's own ``rejections``).
 
-    __slots__ = ("full_told", "held", "per_source", "reject", "rejections", "total", "why")
+    The budget is in descriptors (``budget = total * 2``), ``used`` what is charged now: 2 per
+    connection (1 on 15008 once streams are counted) and 1 per stream; ``held`` and ``streams``
+    count the connections and streams themselves, for the log and the tests."""
+
+    __slots__ = (
+        "_gated",
+        "budget",
+        "full_told",
+        "held",
+        "per_source",
+        "reject",
+        "rejections",
+        "streams",
+        "streams_counted",
+        "total",
+        "used",
+        "why",
+    )
 
     def __init__(
         self, total: int, per_source: Mapping[Listener, SourceLimit], *, why: str = ""
     ) -> None:
         self.total = total
-        self.held = 0
+        self.budget = total * DESCRIPTORS_PER_CONNECTION
+        self.used = 0  # descriptors charged
+        self.held = 0  # connections admitted and not yet released
+        self.streams = 0  # streams' sockets held: HBONE streams', h2 sessions' (``take_stream``)
+        self.streams_counted = False  # ``count_streams`` was called
         self.per_source = dict(per_source)
         self.why = why  # how ``total`` was chosen, for the log line at the cap
         self.rejections: Counter[str] = Counter()
         self.reject: Reject = self._count
         self.full_told = False  # the refusal at the cap was logged since the process was below
+        self._gated: set[Listener] = set()
 
     def gate(self, listener: Listener) -> Gate:
-        return Gate(self, listener, self.per_source.get(listener))
+        self._gated.add(listener)
+        charge = DESCRIPTORS_PER_CONNECTION
+        if listener is Listener.HBONE and self.streams_counted:
+            charge = 1  # its own; its streams' pod sockets are charged one by one
+        return Gate(self, listener, self.per_source.get(listener), charge)
+
+    def count_streams(self) -> None:
+        """The node proxy charges each inbound HBONE stream's pod socket (``take_stream``), so
+        a 15008 connection is charged only its own descriptor. Before the 15008 gate is made:
+        a gate made earlier would charge its connections the stream a second time."""
+        if Listener.HBONE in self._gated:
+            raise RuntimeError("count_streams() after the HBONE listener's gate was made")
+        self.streams_counted = True
+
+    def take_stream(self, where: str) -> bool:
+        """A descriptor for a stream's socket (an inbound HBONE stream's to its pod, an h2 source
+        session's to a same-node or unmeshed endpoint), before the connect; False
+        (counted and logged as ``global_stream_limit``) when the budget has no room: answer
+        the stream 503. Every True is followed by exactly one ``release_stream``."""
+        if self.used >= self.budget:
+            self._refuse_stream(where)
+            return False
+        self.used += 1
+        self.streams += 1
+        return True
+
+    def release_stream(self) -> None:
+        """The socket ``take_stream`` was for is closed, or was never made. Each caller gives
+        back where it closes that socket, once; a give-back with none held raises (a slot given
+        back twice: the accounting is broken) rather than making room that is not there, and
+        the tests see every count return to zero after every way a stream ends."""
+        if self.streams <= 0:
+            raise RuntimeError("a stream's descriptor was given back twice")
+        self.streams -= 1
+        self.used -= 1
+        self.full_told = False
 
     def _count(self, reason: str, detail: str, *, quiet: bool = False) -> None:
         self.rejections[reason] += 1
         if not quiet:
             log.info("rejected (%s): %s", reason, detail)
 
+    def _holding(self) -> str:
+        streams = f" and {self.streams} streams' sockets" if self.streams_counted else ""
+        return (
+            f"this process holds {self.held} connections{streams}, its cap of {self.total} "
+            f"connections' descriptors ({self.why or '--max-connections'})"
+        )
+
     def refuse_full(self, listener: Listener, source: str) -> None:
         first, self.full_told = not self.full_told, True
         self.reject(
             GLOBAL_LIMIT,
-            f"{listener.name.lower()} from {source}: this process holds {self.total} "
-            f"connections, its cap ({self.why or '--max-connections'}); more are counted, not "
+            f"{listener.name.lower()} from {source}: {self._holding()}; more are counted, not "
             "logged, until one of them ends (if the node needs more, raise the agent's "
             "open-files limit, LimitNOFILE, or --max-connections)",
+            quiet=not first,
+        )
+
+    def _refuse_stream(self, where: str) -> None:
+        first, self.full_told = not self.full_told, True
+        self.reject(
+            STREAM_LIMIT,
+            f"{where}: answered 503, {self._holding()}; more are counted, not logged, until "
+            "one of them ends (if the node needs more, raise the agent's open-files limit, "
+            "LimitNOFILE, or --max-connections)",
             quiet=not first,
         )
 
@@ -202,14 +312,23 @@ class Gate:
     (False: refuse it), ``release(source)`` once it ended, however it ended. A dict lookup, a
     dict store and two compares per connection, in two calls: this runs for every connection,
     so it keeps its own dict (``PeerSlots``' ``Counter`` calls ``__missing__``, in Python, for
-    every source that held nothing)."""
+    every source that held nothing). ``charge``: the descriptors each connection is charged
+    (``ConnectionCaps.gate``)."""
 
-    __slots__ = ("_caps", "_held", "_listener", "_most", "_told", "limit")
+    __slots__ = ("_caps", "_charge", "_held", "_last", "_listener", "_most", "_told", "limit")
 
-    def __init__(self, caps: ConnectionCaps, listener: Listener, limit: SourceLimit | None):
+    def __init__(
+        self,
+        caps: ConnectionCaps,
+        listener: Listener,
+        limit: SourceLimit | None,
+        charge: int = DESCRIPTORS_PER_CONNECTION,
+    ):
         self._caps = caps
         self._listener = listener
         self.limit = limit
+        self._charge = charge
+        self._last = caps.budget - charge  # admitted while ``used`` is at most this
         # Connections held per source (only sources holding one); None: no per-source limit.
         self._held: dict[str, int] | None = {} if limit is not None else None
         self._most = limit.most if limit is not None else 0
@@ -222,7 +341,7 @@ class Gate:
 
     def admit(self, source: str) -> bool:
         caps = self._caps
-        if caps.held >= caps.total:
+        if caps.used > self._last:
             caps.refuse_full(self._listener, source)
             return False
         held = self._held
@@ -232,6 +351,7 @@ class Gate:
                 self._refuse(source)
                 return False
             held[source] = count + 1
+        caps.used += self._charge
         caps.held += 1
         return True
 
@@ -258,5 +378,6 @@ class Gate:
             if self._told:
                 self._told.discard(source)
         caps = self._caps
+        caps.used -= self._charge
         caps.held -= 1
         caps.full_told = False

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from agent.base.conncaps import ConnectionCaps
 from agent.base.constants import (
     ADMIN_PORT,
     HBONE_PORT,
@@ -110,6 +111,9 @@ class Core:
         self.settings = settings or ProxySettings()
         self.contexts = Contexts(identities)
         self.registry = Registry()
+        # The process's descriptor budget, for the sockets a connection's streams open beyond
+        # its own upstream (``NodeProxy.count_in``); None: not counted (tests, tools).
+        self.caps: ConnectionCaps | None = None
         self.hbone_budget = HboneBudget(
             self.settings.hbone_buffer_budget, queue_limit=self.settings.hbone_queue_budget
         )

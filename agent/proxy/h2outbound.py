@@ -90,6 +90,7 @@ from agent.proxy.h2inbound import h2_request_record
 from agent.proxy.h2mirror import MirrorCall, shadow_request
 from agent.proxy.h2proxy import (
     NO_REPORTS,
+    UPSTREAM_OVERFLOW,
     UPSTREAM_RESET,
     Choice,
     H2Exchange,
@@ -377,12 +378,25 @@ class H2SourceSession(CallbackShell):
         route = self._route_to(key)
         self._routes[key] = rec = self._described(route)
         self._reached.discard(key)
+        # A same-node or unmeshed endpoint is a socket of its own: one descriptor from the
+        # process's budget, given back where the socket is closed (``_close``) or never made.
+        # A tunnel is a stream of a pooled HBONE connection, not charged here.
+        caps = out.core.caps if route.kind != "hbone" else None
+        if caps is not None and not caps.take_stream(f"{self.where} via {key}"):  # counted
+            self._unpark_waiting(uid, key)
+            proxy.upstream_failed(uid, UPSTREAM_OVERFLOW)  # 503 UO, gRPC UNAVAILABLE
+            self._moved()
+            return
         try:
             timeout = key.connect_timeout or out.core.settings.connect_timeout
             # A same-node endpoint's policy is asked per try (``_admit``).
             opening = out.open(route, rec, self.src_ip, self.conn_id, requests_authorized=True)
             upstream = await asyncio.wait_for(opening, timeout)
-        except (OSError, TunnelError, Refused) as e:
+        except BaseException as e:
+            if caps is not None:
+                caps.release_stream()
+            if not isinstance(e, (OSError, TunnelError, Refused)):
+                raise
             self._unpark_waiting(uid, key)  # to the failed upstream, for the proxy to redo
             cause = None if isinstance(e, Refused) else classify(e)
             if cause is None:  # not the endpoint's failure: its requests end UC
@@ -457,6 +471,8 @@ class H2SourceSession(CallbackShell):
         upstream = self._upstreams.pop(uid, None)
         if upstream is not None:
             _close_upstream(upstream)
+            if not isinstance(upstream, TunnelStream) and (caps := self.outbound.core.caps):
+                caps.release_stream()  # its descriptor, taken in ``_upstream``
         self._resume_client()  # its outbox no longer holds the client's reads
 
     # -- both --------------------------------------------------------------------------------

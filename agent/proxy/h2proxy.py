@@ -141,6 +141,8 @@ HEADER_TIMEOUT = "h2_header_timeout"  # a header block not finished in time (slo
 UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
 UPSTREAM_CONNECT_FAILURE = "UF"  # Envoy's flag: the upstream could not be connected
 UPSTREAM_OVERFLOW = "UO"  # Envoy's flag: over the upstream's limit (its concurrent streams)
+# Never reached the endpoint: answered 503 (a try lost on its way, 502).
+_NOT_OPENED = frozenset({UPSTREAM_CONNECT_FAILURE, UPSTREAM_OVERFLOW})
 NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
 
 GRPC_UNKNOWN = 2
@@ -935,16 +937,18 @@ class H2Proxy(H2Core):
         self._check_done()
         return True
 
-    def upstream_failed(self, uid: int = 0) -> None:
-        """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams.
-        At the destination the client is then sent GOAWAY, so that it reconnects."""
+    def upstream_failed(self, uid: int = 0, flag: str = UPSTREAM_CLOSED) -> None:
+        """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams
+        (``flag``: ``UO`` when the proxy had no room to open it, answered 503 as Envoy answers
+        an overflow). At the destination the client is then sent GOAWAY, so that it
+        reconnects."""
         u = self._upstreams.get(uid)
         if u is None:
             return
         self._retire(u)
         self._upstreams.pop(uid, None)
         for s in list(u.streams.values()):
-            self._upstream_lost(s, UPSTREAM_CLOSED)
+            self._upstream_lost(s, flag)
         self._pump()  # the answers first: a client may stop reading streams at the GOAWAY
         if self.pick is None:
             self._goaway_client()
@@ -1304,7 +1308,7 @@ class H2Proxy(H2Core):
         if not s.response_started:
             self._release_response(s)
             s.upstream, s.upstream_id = None, 0
-            status = 503 if flag == UPSTREAM_CONNECT_FAILURE else 502  # as Envoy answers them
+            status = 503 if flag in _NOT_OPENED else 502  # as Envoy answers them
             self._answer(s, status, GRPC_UNAVAILABLE, b"upstream connect error or disconnect/reset")
             return
         self._release_response(s)

@@ -12,6 +12,11 @@ is the one the client verified) and a port that is not the proxy's own (loop pro
 else 400; policy must allow — else 401; the pod must accept the connection — else 503. Only then
 200, so the client never sends bytes into a connection that will not exist.
 
+Descriptors: each stream's pod socket takes one from the process's budget before the connect
+(``count_in``, ``agent.base.conncaps``: the 15008 connection itself is charged only its own),
+given back where that socket is closed or was never made; with none left the stream is answered
+503 (``global_stream_limit``) and the connection serves its other streams.
+
 Connection limits (``agent.proxy.hbone_limits.InboundLimits``): at most ``max_handshakes`` TLS
 handshakes at a time and ``max_connections_per_peer`` connections per peer address (more are
 reset before any TLS, so that whoever reaches 15008 cannot exhaust descriptors or tasks); an
@@ -46,7 +51,7 @@ from functools import partial
 from typing import NamedTuple
 
 from agent.base.accepted import peer_of
-from agent.base.conncaps import PeerSlots
+from agent.base.conncaps import ConnectionCaps, PeerSlots
 from agent.identity.tls import PeerIdentityError
 from agent.policy.authz import Request
 from agent.proxy import hbone_events as ev
@@ -71,6 +76,8 @@ class InboundHbone:
     def __init__(self, core: Core) -> None:
         self.core = core
         self._relayed = _Relayed(core.registry)
+        # The process's descriptor budget, charged one per stream's pod socket (``count_in``).
+        self.caps: ConnectionCaps | None = None
         self.connections: set[HboneProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
@@ -111,6 +118,21 @@ class InboundHbone:
             )
         finally:
             self.peers.release(peer_ip)
+
+    def count_in(self, caps: ConnectionCaps) -> None:
+        """Charge each stream's pod socket to ``caps`` (``ConnectionCaps.take_stream``): one
+        descriptor taken before the connect, given back exactly where that socket is closed
+        (``_drop``, ``_closed``) or when the connect failed; a stream the budget has no room
+        for is answered 503 and the connection serves on. Before the accept loops start."""
+        caps.count_streams()
+        self.caps = self._relayed.caps = caps
+
+    def _drop(self, upstream: socket.socket) -> None:
+        """A connected pod socket that will carry no relay: closed, and its descriptor given
+        back to the budget."""
+        sockets.release(upstream)
+        if self.caps is not None:
+            self.caps.release_stream()
 
     def _admit(self, sock: socket.socket, peer_ip: str, local_ip: str) -> bool:
         """The handshake and per-peer caps; a refused socket is reset and counted."""
@@ -386,7 +408,10 @@ class InboundHbone:
         if not allowed:
             self._answer(proto, sid, 401)
             return
-        s = self.core.settings
+        s, caps = self.core.settings, self.caps
+        if caps is not None and not caps.take_stream(where):  # counted and logged there
+            self._answer(proto, sid, 503)
+            return
         try:
             # A TCP stream's relay takes the connect's poll registration over (``_start``),
             # if it had to wait for one (``sockets.connect``: mostly it finishes at once).
@@ -398,23 +423,27 @@ class InboundHbone:
                 hold_reader=not http,
                 loop=proto.loop,
             )
-        except (OSError, TimeoutError) as e:
+        except BaseException as e:  # no socket: its descriptor back (a cancel, the drain too)
+            if caps is not None:
+                caps.release_stream()
+            if not isinstance(e, (OSError, TimeoutError)):
+                raise
             self._refuse(proto, sid, 503, "upstream_unreachable", f"{where}: {e!r}")
             return
         try:
             stream = proto.streams.get(sid)
             if stream is None:  # the client gave up meanwhile
-                sockets.release(upstream)
+                self._drop(upstream)
                 return
             if not http and not self._still_allowed(request, workload, where, snap, record):
-                sockets.release(upstream)
+                self._drop(upstream)
                 self._answer(proto, sid, 401)
                 return
             stream.on_drop = None  # answered: from now on the relay sees a reset as a read error
             proto.codec.respond(sid, 200)
             proto.flush_soon()
         except BaseException:  # never leave the held reader on a socket nobody will close
-            sockets.release(upstream)
+            self._drop(upstream)
             raise
         await self._relay(stream, upstream, record, request, workload, protocol=protocol)
 
@@ -460,7 +489,7 @@ class InboundHbone:
         except (OSError, TunnelError) as e:
             log.debug("inbound %s ended: %s", record.destination, e)
         finally:
-            _closed(self.core.registry, stream, upstream, conn_id)
+            _closed(self.core.registry, stream, upstream, conn_id, self.caps)
 
     def _start(
         self, stream: TunnelStream, upstream: socket.socket, record: ConnectionRecord, conn_id: int
@@ -509,10 +538,11 @@ class _Relayed:
     """The end of a TCP stream whose relay runs without the stream's task (one for all of
     them: the relay tells it the connection's ends)."""
 
-    __slots__ = ("registry",)
+    __slots__ = ("caps", "registry")
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self.caps: ConnectionCaps | None = None  # ``InboundHbone.count_in``
 
     def relay_ended(
         self,
@@ -527,19 +557,27 @@ class _Relayed:
             log.error("HBONE stream %d relay failed", stream.stream_id, exc_info=error)
         elif error is not None:
             log.debug("inbound %s ended: %s", record.destination, error)
-        _closed(self.registry, stream, upstream, record.id)
+        _closed(self.registry, stream, upstream, record.id, self.caps)
 
 
 def _closed(
-    registry: Registry, stream: TunnelStream, upstream: socket.socket, conn_id: int
+    registry: Registry,
+    stream: TunnelStream,
+    upstream: socket.socket,
+    conn_id: int,
+    caps: ConnectionCaps | None,
 ) -> None:
     """The stream's connection ended: telemetry's close, and the pod's socket closed (reset
-    unless the stream ended cleanly on both halves)."""
-    registry.remove(conn_id)
-    if stream.complete:
-        upstream.close()
-    else:
-        sockets.abort(upstream)
+    unless the stream ended cleanly on both halves) and its descriptor given back."""
+    try:
+        registry.remove(conn_id)
+    finally:
+        if stream.complete:
+            upstream.close()
+        else:
+            sockets.abort(upstream)
+        if caps is not None:
+            caps.release_stream()
 
 
 def dialled_service(snap: Snapshot, claimed: str | None, pod_ip: str) -> str:

@@ -15,6 +15,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
+from agent.base.conncaps import ConnectionCaps
 from agent.base.constants import Listener
 from agent.proxy import sockets
 from agent.proxy.contexts import ALPN
@@ -51,6 +52,14 @@ class NodeProxy:
             Listener.INBOUND: self.plaintext.handle,
             Listener.HBONE: self.inbound.handle,
         }
+
+    def count_in(self, caps: ConnectionCaps) -> None:
+        """Charge to ``caps`` the sockets a connection opens beyond its own upstream: each
+        inbound HBONE stream's pod socket (``InboundHbone.count_in``) and each socket an h2
+        source session opens to an endpoint (``H2SourceSession._upstream``). Before the accept
+        loops start."""
+        self.inbound.count_in(caps)
+        self.core.caps = caps
 
     def start(self) -> None:
         """Follow policy changes (closing live connections they deny)."""

@@ -85,7 +85,7 @@ class Worker:
 
     async def run(self) -> int:
         # the same proxy and admission a single-process agent runs
-        from agent.wiring import connection_caps, node_proxy
+        from agent.wiring import connection_caps, count_in_proxy, node_proxy
 
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -105,7 +105,7 @@ class Worker:
         self.proxy = node_proxy(config, self.store, self.certs)
         # Its own descriptor limit and connections: each worker admits for itself.
         self.caps = connection_caps(config, passthrough=False)
-        self.caps.reject = self.proxy.connections.reject
+        count_in_proxy(self.caps, self.proxy)
         if self.splice_fds:
             from agent.datapath.splice import KernelSplice  # libbpf only, as the main process
 

@@ -69,6 +69,7 @@ from agent.base.runtime import settle_for_data_plane
 from agent.config import AgentConfig
 from agent.identity.keysmith import to_pem
 from agent.proxy import sockets
+from agent.proxy.inbound import InboundHbone
 from agent.telemetry.tcp import TcpMetrics
 from agent.wiring import connection_caps
 from bench.programs.exchange import connect_and_echo
@@ -86,11 +87,17 @@ async def _serve(
     handle: object,
     tasks: set[object],
     slot: Listener = Listener.OUTBOUND,
+    inbound: InboundHbone | None = None,
 ) -> None:
     """The agent's accept path (``Agent._accept_loop``): the listener's gate (each node's
-    caps as ``wiring.connection_caps`` makes them) and ``serve_accepted``."""
+    caps as ``wiring.connection_caps`` makes them) and ``serve_accepted``; ``inbound``: the
+    15008 handler, which charges each stream's pod socket to the caps, as the agent's does
+    (``wiring.count_in_proxy``)."""
     config = AgentConfig(node="cost", pin_dir=Path("/nonexistent"))
-    gate = connection_caps(config, passthrough=False).gate(slot)
+    caps = connection_caps(config, passthrough=False)
+    if inbound is not None:
+        inbound.count_in(caps)
+    gate = caps.gate(slot)
 
     async def one(conn: socket.socket, _slot: Listener) -> object:
         sockets.accepted(conn)
@@ -140,8 +147,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     else:
         hbone = listener(SERVER, mesh.hbone_port)
         mesh._sockets.append(hbone)
-        handle = mesh.node2.inbound.handle
-        mesh._tasks.append(asyncio.create_task(_serve(mesh, hbone, handle, tasks, Listener.HBONE)))
+        inbound = mesh.node2.inbound
+        mesh._tasks.append(
+            asyncio.create_task(_serve(mesh, hbone, inbound.handle, tasks, Listener.HBONE, inbound))
+        )
 
     async def captured(conn: socket.socket) -> object:
         return await mesh.node1.outbound.handle(conn, original_dst=(dst_ip, echo_port))
@@ -253,7 +262,9 @@ async def node2_process(pem_file: str, hbone_port: int, profile_file: str) -> No
     mesh._sockets.append(hbone)
     tasks: set[object] = set()
     mesh._tasks.append(
-        asyncio.create_task(_serve(mesh, hbone, node.inbound.handle, tasks, Listener.HBONE))
+        asyncio.create_task(
+            _serve(mesh, hbone, node.inbound.handle, tasks, Listener.HBONE, node.inbound)
+        )
     )
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

@@ -47,3 +47,19 @@ def test_the_config_dump_shows_what_each_process_may_hold() -> None:
     dumped = effective_config(CONFIG)
     assert dumped["max_connections"] is None and dumped["max_connections_per_pod"] == 7
     assert dumped["max_connections_per_process"] == process_cap(descriptor_limit())
+
+
+def test_with_a_node_proxy_its_hbone_streams_are_charged_and_a_connection_its_own_only() -> None:
+    """``count_in_proxy`` (the agent and each worker): refusals in the proxy's counter, the
+    15008 handler charging each stream's pod socket, so the 15008 gate charges one."""
+    from agent.state import StateStore
+    from agent.wiring import count_in_proxy, node_proxy
+
+    caps = connection_caps(CONFIG, passthrough=False)
+    proxy = node_proxy(CONFIG, StateStore(), identities=SimpleNamespace())  # type: ignore[arg-type]
+    count_in_proxy(caps, proxy)
+    assert proxy.proxy.inbound.caps is caps and caps.reject == proxy.connections.reject
+    hbone, outbound = caps.gate(Listener.HBONE), caps.gate(Listener.OUTBOUND)
+    assert hbone.admit("10.0.0.1") and outbound.admit("10.0.0.2")
+    assert caps.take_stream("s")
+    assert (caps.used, caps.held, caps.streams) == (4, 2, 1)

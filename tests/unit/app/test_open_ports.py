@@ -71,4 +71,3 @@ def test_readiness_is_bound_only_once_metrics_and_admin_listen() -> None:
     early, after = asyncio.run(run())
     assert early == [], early  # readiness bound first: [(503, {... "metrics: not listening"})]
     assert after == (200, {"ready": True})
-

@@ -15,6 +15,7 @@ from agent.base.conncaps import (
     GLOBAL_LIMIT,
     PEER_LIMIT,
     POD_LIMIT,
+    STREAM_LIMIT,
     ConnectionCaps,
     SourceLimit,
     process_cap,
@@ -145,3 +146,73 @@ def test_the_soft_limit_is_raised_to_the_hard_one_at_start() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.split() == [str(high), str(high)]
+
+
+def test_hbone_streams_and_connections_share_the_descriptor_budget() -> None:
+    """With streams counted, a 15008 connection is charged its own descriptor and each stream
+    its pod socket's: a cap of 3 connections is 6 descriptors, for connections and streams."""
+    c = caps(total=3)
+    c.count_streams()
+    hbone, outbound = c.gate(Listener.HBONE), c.gate(Listener.OUTBOUND)
+    assert hbone.admit(POD) and outbound.admit(OTHER)  # 1 + 2 descriptors
+    assert [c.take_stream("s") for _ in range(4)] == [True, True, True, False]
+    assert (c.used, c.held, c.streams) == (6, 2, 3)
+    assert c.rejections == {STREAM_LIMIT: 1}
+    assert not hbone.admit(POD)  # no room for the connection's own descriptor either
+    assert c.rejections == {STREAM_LIMIT: 1, GLOBAL_LIMIT: 1}
+    c.release_stream()
+    assert not outbound.admit(OTHER)  # one descriptor free, a 15001 connection needs two
+    assert hbone.admit(POD)  # a 15008 connection needs one
+    c.release_stream()
+    c.release_stream()
+    assert c.take_stream("s") and c.take_stream("s")
+    assert not c.take_stream("s")
+    for _ in range(2):
+        c.release_stream()
+    hbone.release(POD)
+    hbone.release(POD)
+    outbound.release(OTHER)
+    assert (c.used, c.held, c.streams) == (0, 0, 0)
+
+
+def test_a_stream_slot_given_back_twice_is_an_error_not_room() -> None:
+    c = caps(total=1)
+    c.count_streams()
+    assert c.take_stream("s")
+    c.release_stream()
+    with pytest.raises(RuntimeError, match="given back twice"):
+        c.release_stream()
+    assert (c.used, c.streams) == (0, 0)
+
+
+def test_without_stream_counting_an_hbone_connection_is_charged_two() -> None:
+    """Plain passthrough: a 15008 connection is relayed whole to one upstream."""
+    c = caps(total=2)
+    hbone = c.gate(Listener.HBONE)
+    assert hbone.admit(POD) and hbone.admit(OTHER)
+    assert not hbone.admit("10.0.0.3")
+    assert c.used == 4
+
+
+def test_streams_cannot_be_counted_once_the_hbone_gate_charges_two() -> None:
+    c = caps()
+    c.gate(Listener.HBONE)
+    with pytest.raises(RuntimeError, match="HBONE listener's gate"):
+        c.count_streams()
+
+
+def test_stream_refusals_are_all_counted_and_logged_once_while_full(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.base.conncaps")
+    c = caps(total=1)
+    c.count_streams()
+    assert c.gate(Listener.HBONE).admit(POD) and c.take_stream("s")
+    for _ in range(4):
+        assert not c.take_stream("spiffe://x (10.0.0.1) -> 10.0.0.2:80")
+    c.release_stream()
+    assert c.take_stream("s")
+    assert not c.take_stream("again")
+    lines = [r.getMessage() for r in caplog.records if STREAM_LIMIT in r.getMessage()]
+    assert c.rejections[STREAM_LIMIT] == 5 and len(lines) == 2
+    assert "10.0.0.2:80: answered 503" in lines[0] and "1 streams' sockets" in lines[0]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from agent.base.conncaps import DEFAULT_PER_POD, describe_cap, process_cap
+from agent.base.conncaps import describe_cap, per_pod_share, process_cap
 from agent.base.constants import (
     ADMIN_PORT,
     CA_PORT,
@@ -104,8 +104,8 @@ class AgentConfig:
     # together (None: derived from its descriptor limit, ``agent.base.conncaps.process_cap``).
     max_connections: int | None = None
     # --max-connections-per-pod: connections one local pod may hold through 15001 at once, in
-    # each proxy process (``conncaps.DEFAULT_PER_POD``).
-    max_connections_per_pod: int = DEFAULT_PER_POD
+    # each proxy process (None: half the process's cap, ``conncaps.per_pod_share``).
+    max_connections_per_pod: int | None = None
 
     def connection_cap(self, nofile: int) -> int:
         """Each proxy process's cap on connections (``--max-connections``) under its limit of
@@ -121,6 +121,12 @@ class AgentConfig:
                 "limit (LimitNOFILE, ulimit -n) or lower --max-connections"
             )
         return self.max_connections
+
+    def per_pod_cap(self, cap: int) -> int:
+        """``--max-connections-per-pod`` in a proxy process whose cap is ``cap``."""
+        if self.max_connections_per_pod is None:
+            return per_pod_share(cap)
+        return self.max_connections_per_pod
 
     @property
     def budget_share(self) -> int:
@@ -313,13 +319,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-connections-per-pod",
-        type=int,
-        default=DEFAULT_PER_POD,
-        metavar="N",
+        default="auto",
+        metavar="N|auto",
         help="connections one local pod may hold open through the proxy (15001) at once, in "
-        f"each proxy process (default {DEFAULT_PER_POD}); more are reset at once and counted "
-        '(nodemesh_rejected_connections_total{reason="pod_connection_limit"}). Raise it for '
-        "a gateway pod that holds more upstream connections",
+        "each proxy process; more are reset at once and counted "
+        '(nodemesh_rejected_connections_total{reason="pod_connection_limit"}). Default auto: '
+        "half of --max-connections, so that one pod can never take the others' half",
     )
     parser.add_argument(
         "--access-log-sample",
@@ -387,13 +392,16 @@ def _max_connections(value: str) -> int | None:
     return int(value)
 
 
-def _per_pod(value: int) -> int:
-    if value < 1:
+def _per_pod(value: str) -> int | None:
+    """``--max-connections-per-pod``: a count of at least 1, or ``auto`` (None)."""
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
         raise ConfigError(
-            f"--max-connections-per-pod {value}: expected 1 or more connections (default "
-            f"{DEFAULT_PER_POD})"
+            f"--max-connections-per-pod {value}: expected 1 or more connections, or auto (half "
+            "of --max-connections)"
         )
-    return value
+    return int(value)
 
 
 def _size_text(size: int) -> str:
@@ -578,5 +586,5 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         hbone_buffer_budget=_hbone_buffer_budget(str(args.hbone_buffer_budget)),
         hbone_queue_budget=_hbone_queue_budget(str(args.hbone_queue_budget)),
         max_connections=_max_connections(str(args.max_connections)),
-        max_connections_per_pod=_per_pod(args.max_connections_per_pod),
+        max_connections_per_pod=_per_pod(str(args.max_connections_per_pod)),
     )

@@ -99,7 +99,8 @@ def connection_caps(config: AgentConfig, *, passthrough: bool) -> ConnectionCaps
     nofile = raise_descriptor_limit()
     total = config.connection_cap(nofile)
     why = describe_cap(nofile) if config.max_connections is None else "--max-connections"
-    per_source = {Listener.OUTBOUND: SourceLimit(config.max_connections_per_pod, POD_LIMIT, "pod")}
+    per_pod = config.per_pod_cap(total)
+    per_source = {Listener.OUTBOUND: SourceLimit(per_pod, POD_LIMIT, "pod")}
     if passthrough:
         per_peer = InboundLimits().max_connections_per_peer
         per_source[Listener.INBOUND] = SourceLimit(per_peer, PEER_LIMIT, "client")
@@ -108,7 +109,7 @@ def connection_caps(config: AgentConfig, *, passthrough: bool) -> ConnectionCaps
         "connections: at most %d in this process (%s), %d per pod on the outbound listener",
         total,
         why,
-        config.max_connections_per_pod,
+        per_pod,
     )
     return ConnectionCaps(total, per_source, why=why)
 
@@ -167,7 +168,9 @@ def effective_config(config: AgentConfig) -> dict[str, object]:
     out["hbone_buffer_budget_per_process"] = config.budget_share  # with --workers N: an Nth
     out["hbone_queue_budget_per_process"] = config.queue_budget_share
     # what --max-connections comes to in each proxy process, under the limit it runs with
-    out["max_connections_per_process"] = config.connection_cap(descriptor_limit())
+    cap = config.connection_cap(descriptor_limit())
+    out["max_connections_per_process"] = cap
+    out["max_connections_per_pod_per_process"] = config.per_pod_cap(cap)
     out["admin_address"] = f"{config.admin_address[0]}:{config.admin_address[1]}"
     out["capture_mark"] = hex(config.capture_mark)
     if config.ca is not None:

@@ -15,6 +15,9 @@ from typing import Any
 from bench import grpcbench, scaling, stats, summary
 from bench.settings import SECTIONS
 
+# What capped a path's idle steps in results written before the agent had connection caps.
+_BY_FILES = "the proxy's open-files limit"
+
 
 def write_json(results: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
@@ -195,8 +198,8 @@ def _idle_section(results: Mapping[str, Any], paths: Mapping[str, Any]) -> list[
         cap = ""
         if "capped_at" in idle:
             cap = (
-                f"; capped at {idle['capped_at']:,} by the proxy's open-files limit"
-                f" ({idle['open_files_limit']:,})"
+                f"; capped at {idle['capped_at']:,} by {idle.get('capped_by', _BY_FILES)}"
+                f" (open-files limit {idle['open_files_limit']:,})"
             )
         out.append(f"- {paths[key]['title']}: {steps} (slope {slope}{cap})")
     return out

@@ -101,6 +101,23 @@ def connection_rate(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any
     return raw
 
 
+def agent_admits(bed: Testbed) -> int | None:
+    """The connections node1's agent admits from one pod through 15001 at once: the least of
+    its per-process and per-pod caps (``/config_dump``), or None from an agent without them."""
+    status, body = netns.http_get(
+        bed.the_lab.netns("node1"), "127.0.0.1", ADMIN_PORT, "/config_dump", timeout=10.0
+    )
+    if status != 200:
+        raise RuntimeError(f"node1's admin API answered {status} on /config_dump: {body[:200]}")
+    config = json.loads(body).get("config", {})
+    caps = [
+        value
+        for key in ("max_connections_per_process", "max_connections_per_pod_per_process")
+        if isinstance(value := config.get(key), int)
+    ]
+    return min(caps) if caps else None
+
+
 def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
     """RSS of the path's proxies at each step of idle connections, from a baseline at zero.
 
@@ -108,11 +125,17 @@ def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
     actually open (errors are reported), and memory per connection is the least-squares slope of
     RSS over the open count, baseline included. Steps are capped below the proxies' open-files
     limit: a proxy that runs out of descriptors measures its failure handling, not its memory
-    (the same-node path and stunnel hold two sockets per connection in one process).
+    (the same-node path and stunnel hold two sockets per connection in one process). On a mesh
+    path they are also capped at what node1's agent admits from one pod (its connection caps,
+    from the open-files limit: ``agent.base.conncaps``), which refuses the rest at once.
     """
     reserve = 300  # listeners, pooled connections, files, BPF maps
     limit = min(procstat.open_files_limit(pid) for pid in path.proxy_pids)
     capacity = (limit - reserve) // path.fds_per_connection
+    admitted = agent_admits(bed) if path.agent_path is not None else None
+    capped_by = "the proxy's open-files limit"
+    if admitted is not None and admitted < capacity:
+        capacity, capped_by = admitted, "node1's agent's connection caps per pod and process"
     targets = sorted({min(target, capacity) for target in s.idle_steps})
     proc = bed.popen(
         path.client, sys.executable, "-m", "bench.programs.idle_client", "--host", path.host,
@@ -142,7 +165,7 @@ def idle_memory(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any]:
         bed.procs.remove(proc)
     per_connection = stats.slope([(st["open"], st["rss_bytes"]) for st in steps])
     capped = (
-        {"capped_at": capacity, "open_files_limit": limit}
+        {"capped_at": capacity, "open_files_limit": limit, "capped_by": capped_by}
         if targets[-1] < max(s.idle_steps)
         else {}
     )

@@ -13,8 +13,8 @@ Two bounds, checked where a connection is accepted, before a task or anything up
 the proxy's rejection counter, and logged once while the source (or the process) stays at it:
 
 - **per source address** on a listener (``SourceLimit``): on 15001, connections one local pod
-  holds open through the proxy at once (``--max-connections-per-pod``, default
-  ``DEFAULT_PER_POD``), reason ``pod_connection_limit``. 15006 and 15008 have their own
+  holds open through the proxy at once (``--max-connections-per-pod``, default auto: half the
+  process's cap, ``per_pod_share``), reason ``pod_connection_limit``. 15006 and 15008 have their own
   per-address limit in the node proxy (``InboundLimits.max_connections_per_peer``); without a CA
   (plain passthrough, ``agent.proxy.passthrough``) it is applied here, with the same reason
   ``peer_connection_limit``.
@@ -88,11 +88,13 @@ from agent.base.constants import Listener
 
 log = logging.getLogger(__name__)
 
-# Connections one pod may hold through 15001 at once. Four times Envoy's default circuit breaker
-# of 1,024 connections per upstream cluster: a gateway or a busy client with connection pools to
-# a few Services stays under it; a pod that leaks connections is stopped long before it takes a
-# node's share (28,160 connections per process at 65,536 descriptors).
-DEFAULT_PER_POD = 4096
+# By default one pod may hold through 15001 at most this share of its process's cap: a pod
+# that leaks connections can never take the other pods' half. A share, not a fixed count:
+# neither ztunnel nor Linkerd limits a pod, and a fixed count low enough to matter (Envoy's
+# 1,024 connections per upstream cluster is its most raised default) would refuse a gateway
+# or a load generator that the node has room for. 229,120 at 1,048,576 descriptors, 14,080 at
+# 65,536, 128 at 1,024.
+POD_SHARE = 2
 # Descriptors each accepted connection is charged: its own and its upstream's.
 DESCRIPTORS_PER_CONNECTION = 2
 # What the agent holds whatever its traffic (the module docstring lists it).
@@ -137,6 +139,11 @@ def reserve_for(nofile: int) -> int:
 def process_cap(nofile: int) -> int:
     """Connections a proxy process may hold at once under a limit of ``nofile`` descriptors."""
     return max(1, (nofile - reserve_for(nofile)) // DESCRIPTORS_PER_CONNECTION)
+
+
+def per_pod_share(cap: int) -> int:
+    """The default of ``--max-connections-per-pod`` under a process cap of ``cap``."""
+    return max(1, cap // POD_SHARE)
 
 
 def describe_cap(nofile: int) -> str:

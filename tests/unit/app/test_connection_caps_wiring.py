@@ -47,6 +47,15 @@ def test_the_config_dump_shows_what_each_process_may_hold() -> None:
     dumped = effective_config(CONFIG)
     assert dumped["max_connections"] is None and dumped["max_connections_per_pod"] == 7
     assert dumped["max_connections_per_process"] == process_cap(descriptor_limit())
+    assert dumped["max_connections_per_pod_per_process"] == 7
+
+
+def test_by_default_a_pod_may_hold_half_of_its_process_cap_on_15001() -> None:
+    caps = connection_caps(AgentConfig(node="n1", pin_dir=Path("/nonexistent")), passthrough=False)
+    (limit,) = caps.per_source.values()
+    assert limit == SourceLimit(process_cap(descriptor_limit()) // 2, POD_LIMIT, "pod")
+    dumped = effective_config(AgentConfig(node="n1", pin_dir=Path("/nonexistent")))
+    assert dumped["max_connections_per_pod_per_process"] == limit.most
 
 
 def test_with_a_node_proxy_its_hbone_streams_are_charged_and_a_connection_its_own_only() -> None:

@@ -185,17 +185,20 @@ def test_the_hbone_queue_budget_reaches_the_proxy_split_among_the_workers() -> N
     )
 
 
-def test_connection_caps_default_to_the_descriptor_limit_and_4096_per_pod() -> None:
+def test_connection_caps_default_to_the_descriptor_limit_and_half_of_it_per_pod() -> None:
     cfg = parse("--node", "n", "--in-cluster")
-    assert (cfg.max_connections, cfg.max_connections_per_pod) == (None, 4096)
+    assert (cfg.max_connections, cfg.max_connections_per_pod) == (None, None)
     assert cfg.connection_cap(65536) == 28160  # (65,536 - 9,216 reserve) / 2 descriptors
-    assert cfg.connection_cap(1024) == 256
+    assert cfg.per_pod_cap(28160) == 14080  # a pod never takes the others' half
+    assert cfg.connection_cap(1 << 20) == 458240 and cfg.per_pod_cap(458240) == 229120
+    assert cfg.connection_cap(1024) == 256 and cfg.per_pod_cap(1) == 1
+    assert parse("--node", "n", "--in-cluster", "--max-connections-per-pod", "auto") == cfg
 
 
 def test_connection_caps_are_taken_as_given_within_the_descriptor_limit() -> None:
     argv = ("--node", "n", "--in-cluster", "--max-connections", "1000")
     cfg = parse(*argv, "--max-connections-per-pod", "50")
-    assert (cfg.connection_cap(65536), cfg.max_connections_per_pod) == (1000, 50)
+    assert (cfg.connection_cap(65536), cfg.per_pod_cap(1000)) == (1000, 50)
 
 
 @pytest.mark.parametrize(
@@ -204,6 +207,7 @@ def test_connection_caps_are_taken_as_given_within_the_descriptor_limit() -> Non
         (["--max-connections", "0"], "--max-connections 0: expected a number of connections"),
         (["--max-connections", "many"], "--max-connections many: expected a number"),
         (["--max-connections-per-pod", "0"], "--max-connections-per-pod 0: expected 1 or more"),
+        (["--max-connections-per-pod", "x"], r"--max-connections-per-pod x: .*or auto \(half"),
     ],
 )
 def test_bad_connection_caps_are_named(argv: list[str], message: str) -> None:

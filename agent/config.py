@@ -381,25 +381,14 @@ def _workers(value: str, *, has_ca: bool) -> int:
     return count
 
 
-def _max_connections(value: str) -> int | None:
-    """``--max-connections``: a count of at least 1, or ``auto`` (None)."""
+def _connections(flag: str, value: str, auto: str) -> int | None:
+    """``--max-connections`` and ``--max-connections-per-pod``: a count of at least 1, or
+    ``auto`` (None), which ``auto`` explains in the error."""
     if value == "auto":
         return None
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(
-            f"--max-connections {value}: expected a number of connections (1 or more) or auto"
-        )
-    return int(value)
-
-
-def _per_pod(value: str) -> int | None:
-    """``--max-connections-per-pod``: a count of at least 1, or ``auto`` (None)."""
-    if value == "auto":
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(
-            f"--max-connections-per-pod {value}: expected 1 or more connections, or auto (half "
-            "of --max-connections)"
+            f"{flag} {value}: expected a number of connections (1 or more), or auto ({auto})"
         )
     return int(value)
 
@@ -585,6 +574,12 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         hbone_window=_hbone_window(str(args.hbone_window)),
         hbone_buffer_budget=_hbone_buffer_budget(str(args.hbone_buffer_budget)),
         hbone_queue_budget=_hbone_queue_budget(str(args.hbone_queue_budget)),
-        max_connections=_max_connections(str(args.max_connections)),
-        max_connections_per_pod=_per_pod(str(args.max_connections_per_pod)),
+        max_connections=_connections(
+            "--max-connections", str(args.max_connections), "from the open-files limit"
+        ),
+        max_connections_per_pod=_connections(
+            "--max-connections-per-pod",
+            str(args.max_connections_per_pod),
+            "half of --max-connections",
+        ),
     )

@@ -31,12 +31,11 @@ import asyncio
 import errno
 import logging
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from agent.base.accepted import accepting, peer_of
+from agent.base.accepted import abort, accepting, peer_of
 from agent.base.conncaps import Gate
 from agent.base.constants import Listener
 from agent.base.metrics import counter
@@ -152,7 +151,7 @@ async def accept_forever(
                 backoff = loop.call_later(wait, resume)
                 return
             if gate is not None and not gate.admit(conn.peer[0]):
-                refuse(conn)
+                abort(conn)  # the client sees a reset at once; the descriptor is free
                 continue
             conn.setblocking(False)
             try:
@@ -168,18 +167,6 @@ async def accept_forever(
         if backoff is not None:
             backoff.cancel()
         loop.remove_reader(fd)
-
-
-_RST = struct.pack("ii", 1, 0)
-
-
-def refuse(conn: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0): the client sees a refused connection at once, and the
-    descriptor is free again."""
-    try:
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
-    finally:
-        conn.close()
 
 
 Handle = Callable[[socket.socket, Listener], Awaitable["asyncio.Future[None] | None"]]

@@ -335,10 +335,11 @@ def open_files() -> str:
     infinite = resource.RLIM_INFINITY
     limit = MAX_NOFILE if hard == infinite else min(hard, MAX_NOFILE)
     shown = ["unlimited" if v == infinite else f"{v:,}" for v in (soft, hard)]
+    cap = process_cap(limit)
     detail = (
-        f"soft {shown[0]}, hard {shown[1]}: each proxy process admits up to "
-        f"{process_cap(limit):,} connections at once (nodemesh agent --max-connections auto)"
+        f"soft {shown[0]}, hard {shown[1]}: each proxy process admits up to {cap:,} "
+        "connections at once (nodemesh agent --max-connections auto)"
     )
-    if process_cap(limit) < MIN_CONNECTIONS:
+    if cap < MIN_CONNECTIONS:
         raise Unsupported(f"{detail}, fewer than {MIN_CONNECTIONS:,}")
     return detail

@@ -17,7 +17,9 @@ protocol looked up once per listener (``socket.accept`` makes enums of them on e
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -52,3 +54,14 @@ def peer_of(sock: socket.socket) -> Address:
     if type(sock) is AcceptedSocket:
         return sock.peer
     return sock.getpeername()
+
+
+_LINGER_0 = struct.pack("ii", 1, 0)
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0) so the peer learns the connection failed, not finished,
+    and the descriptor is free at once (the proxy's relays, and the accept loops' refusals)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
+    sock.close()

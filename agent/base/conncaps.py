@@ -160,17 +160,28 @@ class PeerSlots:
     source reached its limit, not the others while it stays there, so a source that keeps
     opening connections past the limit (each refusal costs it one round trip) cannot make the
     agent write a log line for each; they are all counted. Once one of its connections ends,
-    its next refusal is logged again. (15008 and 15006 keep one each in the node proxy; the
-    accept loops' ``Gate`` does the same with a plain dict.)"""
+    its next refusal is logged again. (15008 and 15006 keep one each in the node proxy, and
+    each accept loop's ``Gate`` one for its per-source limit.) A plain dict, not a ``Counter``:
+    this runs for every connection, and a ``Counter`` calls ``__missing__``, in Python, for
+    every source that held nothing."""
 
     __slots__ = ("_told", "held")
 
     def __init__(self) -> None:
-        self.held: Counter[str] = Counter()  # only sources holding at least one
+        self.held: dict[str, int] = {}  # only sources holding at least one
         self._told: set[str] = set()  # sources whose refusal was logged since they were below
 
     def at_limit(self, peer: str, most: int) -> bool:
         return self.held.get(peer, 0) >= most
+
+    def take_within(self, peer: str, most: int) -> bool:
+        """``take(peer)`` unless it holds ``most`` already (then False): one call at accept."""
+        held = self.held
+        count = held.get(peer, 0)
+        if count >= most:
+            return False
+        held[peer] = count + 1
+        return True
 
     def first_refusal(self, peer: str) -> bool:
         """Whether this refusal of ``peer`` is the one to log (see the class)."""
@@ -180,12 +191,15 @@ class PeerSlots:
         return True
 
     def take(self, peer: str) -> None:
-        self.held[peer] += 1
+        held = self.held
+        held[peer] = held.get(peer, 0) + 1
 
     def release(self, peer: str) -> None:
         held = self.held
-        held[peer] -= 1
-        if not held[peer]:
+        count = held[peer] - 1
+        if count:
+            held[peer] = count
+        else:
             del held[peer]
         if self._told:
             self._told.discard(peer)
@@ -294,35 +308,31 @@ class ConnectionCaps:
         )
 
     def refuse_full(self, listener: Listener, source: str) -> None:
-        first, self.full_told = not self.full_told, True
-        self.reject(
-            GLOBAL_LIMIT,
-            f"{listener.name.lower()} from {source}: {self._holding()}; more are counted, not "
-            "logged, until one of them ends (if the node needs more, raise the agent's "
-            "open-files limit, LimitNOFILE, or --max-connections)",
-            quiet=not first,
-        )
+        self._at_budget(GLOBAL_LIMIT, f"{listener.name.lower()} from {source}: ")
 
     def _refuse_stream(self, where: str) -> None:
+        self._at_budget(STREAM_LIMIT, f"{where}: answered 503, ")
+
+    def _at_budget(self, reason: str, what: str) -> None:
+        """A refusal for want of descriptors: counted, logged only the first time since the
+        process was below its budget."""
         first, self.full_told = not self.full_told, True
         self.reject(
-            STREAM_LIMIT,
-            f"{where}: answered 503, {self._holding()}; more are counted, not logged, until "
-            "one of them ends (if the node needs more, raise the agent's open-files limit, "
-            "LimitNOFILE, or --max-connections)",
+            reason,
+            f"{what}{self._holding()}; more are counted, not logged, until one of them ends (if "
+            "the node needs more, raise the agent's open-files limit, LimitNOFILE, or "
+            "--max-connections)",
             quiet=not first,
         )
 
 
 class Gate:
     """A listener's admission: ``admit(source)`` before anything is done for a connection
-    (False: refuse it), ``release(source)`` once it ended, however it ended. A dict lookup, a
-    dict store and two compares per connection, in two calls: this runs for every connection,
-    so it keeps its own dict (``PeerSlots``' ``Counter`` calls ``__missing__``, in Python, for
-    every source that held nothing). ``charge``: the descriptors each connection is charged
-    (``ConnectionCaps.gate``)."""
+    (False: refuse it), ``release(source)`` once it ended, however it ended: a compare, and
+    for a listener with a per-source limit its ``PeerSlots``. ``charge``: the descriptors each
+    connection is charged (``ConnectionCaps.gate``)."""
 
-    __slots__ = ("_caps", "_charge", "_held", "_last", "_listener", "_most", "_told", "limit")
+    __slots__ = ("_caps", "_charge", "_last", "_listener", "_most", "_slots", "limit")
 
     def __init__(
         self,
@@ -336,37 +346,32 @@ class Gate:
         self.limit = limit
         self._charge = charge
         self._last = caps.budget - charge  # admitted while ``used`` is at most this
-        # Connections held per source (only sources holding one); None: no per-source limit.
-        self._held: dict[str, int] | None = {} if limit is not None else None
+        # Connections held per source; None: no per-source limit.
+        self._slots = PeerSlots() if limit is not None else None
         self._most = limit.most if limit is not None else 0
-        self._told: set[str] = set()  # sources whose refusal was logged since they were below
 
     @property
     def held(self) -> dict[str, int]:
         """Connections held per source (empty for a listener without a per-source limit)."""
-        return dict(self._held) if self._held is not None else {}
+        return dict(self._slots.held) if self._slots is not None else {}
 
     def admit(self, source: str) -> bool:
         caps = self._caps
         if caps.used > self._last:
             caps.refuse_full(self._listener, source)
             return False
-        held = self._held
-        if held is not None:
-            count = held.get(source, 0)
-            if count >= self._most:
-                self._refuse(source)
-                return False
-            held[source] = count + 1
+        slots = self._slots
+        if slots is not None and not slots.take_within(source, self._most):
+            self._refuse(slots, source)
+            return False
         caps.used += self._charge
         caps.held += 1
         return True
 
-    def _refuse(self, source: str) -> None:
+    def _refuse(self, slots: PeerSlots, source: str) -> None:
         limit = self.limit
         assert limit is not None
-        first = source not in self._told
-        self._told.add(source)
+        first = slots.first_refusal(source)
         self._caps.reject(
             limit.reason,
             f"{self._listener.name.lower()} from {source}: {limit.most} connections from that "
@@ -375,15 +380,8 @@ class Gate:
         )
 
     def release(self, source: str) -> None:
-        held = self._held
-        if held is not None:
-            count = held[source] - 1
-            if count:
-                held[source] = count
-            else:
-                del held[source]
-            if self._told:
-                self._told.discard(source)
+        if self._slots is not None:
+            self._slots.release(source)
         caps = self._caps
         caps.used -= self._charge
         caps.held -= 1

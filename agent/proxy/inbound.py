@@ -75,9 +75,7 @@ log = logging.getLogger(__name__)
 class InboundHbone:
     def __init__(self, core: Core) -> None:
         self.core = core
-        self._relayed = _Relayed(core.registry)
-        # The process's descriptor budget, charged one per stream's pod socket (``count_in``).
-        self.caps: ConnectionCaps | None = None
+        self._relayed = _Relayed(core)
         self.connections: set[HboneProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.draining = False
@@ -125,14 +123,14 @@ class InboundHbone:
         (``_drop``, ``_closed``) or when the connect failed; a stream the budget has no room
         for is answered 503 and the connection serves on. Before the accept loops start."""
         caps.count_streams()
-        self.caps = self._relayed.caps = caps
+        self.core.caps = caps  # the h2 source sessions' sockets are charged to it too
 
     def _drop(self, upstream: socket.socket) -> None:
         """A connected pod socket that will carry no relay: closed, and its descriptor given
         back to the budget."""
         sockets.release(upstream)
-        if self.caps is not None:
-            self.caps.release_stream()
+        if (caps := self.core.caps) is not None:
+            caps.release_stream()
 
     def _admit(self, sock: socket.socket, peer_ip: str, local_ip: str) -> bool:
         """The handshake and per-peer caps; a refused socket is reset and counted."""
@@ -408,7 +406,7 @@ class InboundHbone:
         if not allowed:
             self._answer(proto, sid, 401)
             return
-        s, caps = self.core.settings, self.caps
+        s, caps = self.core.settings, self.core.caps
         if caps is not None and not caps.take_stream(where):  # counted and logged there
             self._answer(proto, sid, 503)
             return
@@ -489,7 +487,7 @@ class InboundHbone:
         except (OSError, TunnelError) as e:
             log.debug("inbound %s ended: %s", record.destination, e)
         finally:
-            _closed(self.core.registry, stream, upstream, conn_id, self.caps)
+            _closed(self.core.registry, stream, upstream, conn_id, self.core.caps)
 
     def _start(
         self, stream: TunnelStream, upstream: socket.socket, record: ConnectionRecord, conn_id: int
@@ -538,11 +536,10 @@ class _Relayed:
     """The end of a TCP stream whose relay runs without the stream's task (one for all of
     them: the relay tells it the connection's ends)."""
 
-    __slots__ = ("caps", "registry")
+    __slots__ = ("core",)
 
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
-        self.caps: ConnectionCaps | None = None  # ``InboundHbone.count_in``
+    def __init__(self, core: Core) -> None:
+        self.core = core
 
     def relay_ended(
         self,
@@ -557,7 +554,7 @@ class _Relayed:
             log.error("HBONE stream %d relay failed", stream.stream_id, exc_info=error)
         elif error is not None:
             log.debug("inbound %s ended: %s", record.destination, error)
-        _closed(self.registry, stream, upstream, record.id, self.caps)
+        _closed(self.core.registry, stream, upstream, record.id, self.core.caps)
 
 
 def _closed(

@@ -58,8 +58,7 @@ class NodeProxy:
         inbound HBONE stream's pod socket (``InboundHbone.count_in``) and each socket an h2
         source session opens to an endpoint (``H2SourceSession._upstream``). Before the accept
         loops start."""
-        self.inbound.count_in(caps)
-        self.core.caps = caps
+        self.inbound.count_in(caps)  # ``core.caps``, which the h2 source sessions read too
 
     def start(self) -> None:
         """Follow policy changes (closing live connections they deny)."""

@@ -34,8 +34,8 @@ import contextlib
 import errno
 import os
 import socket
-import struct
 
+from agent.base.accepted import abort as abort  # re-exported: the relays call sockets.abort
 from agent.base.accepted import peer_of
 
 # What one socket may hold written but unsent, beyond the segment being filled (at most the
@@ -237,10 +237,3 @@ def disown(sock: socket.socket) -> None:
     then possibly reused by an unrelated socket. ``detach`` drops it without closing.
     """
     sock.detach()
-
-
-def abort(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0) so the peer learns the connection failed, not finished."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()

@@ -71,7 +71,7 @@ async def released(mesh: Mesh, src: str, held: int = 0) -> bool:
     """True once node2's plaintext listener holds at most ``held`` slots for ``src``: a
     connection the client closed ends at the proxy a moment later (polled, bounded)."""
     for _ in range(500):
-        if mesh.node2.plaintext.peers.held[src] <= held:
+        if mesh.node2.plaintext.peers.held.get(src, 0) <= held:
             return True
         await asyncio.sleep(0.01)
     return False

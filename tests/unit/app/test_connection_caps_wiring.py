@@ -67,7 +67,7 @@ def test_with_a_node_proxy_its_hbone_streams_are_charged_and_a_connection_its_ow
     caps = connection_caps(CONFIG, passthrough=False)
     proxy = node_proxy(CONFIG, StateStore(), identities=SimpleNamespace())  # type: ignore[arg-type]
     count_in_proxy(caps, proxy)
-    assert proxy.proxy.inbound.caps is caps and caps.reject == proxy.connections.reject
+    assert proxy.proxy.core.caps is caps and caps.reject == proxy.connections.reject
     hbone, outbound = caps.gate(Listener.HBONE), caps.gate(Listener.OUTBOUND)
     assert hbone.admit("10.0.0.1") and outbound.admit("10.0.0.2")
     assert caps.take_stream("s")

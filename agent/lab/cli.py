@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -21,6 +22,26 @@ from agent.lab import control, logs, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
 from agent.policy.warnings import policy_warnings
 from agent.sources.document import DocumentError
+
+
+def _seconds(text: str, *, zero: bool, example: str) -> float:
+    """A number of seconds for ``--timeout`` (more than 0) or ``--drain-seconds`` (0 or more),
+    refused while parsing: a lab built first would only fail later, less clearly ("ca was not
+    ready after -1s"), or hand the value to agents that refuse it at start."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds, e.g. {example}"
+        ) from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = "0 or more" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {least} seconds, e.g. {example}")
+    return value
+
+
+_timeout = functools.partial(_seconds, zero=False, example="60")
+_drain_seconds = functools.partial(_seconds, zero=True, example="5")
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -267,10 +288,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("-f", "--file", help="topology (cluster document) YAML; default: built-in")
     p.add_argument("--no-components", action="store_true", help="namespaces only: no CA, no agents")
     p.add_argument(
-        "--timeout", type=float, default=60.0, help="readiness wait per component (s, default 60)"
+        "--timeout",
+        type=_timeout,
+        default=60.0,
+        help="readiness wait per component (s, default 60)",
     )
     p.add_argument(
-        "--drain-seconds", type=float, help="the agents' --drain-seconds (default: the agent's)"
+        "--drain-seconds",
+        type=_drain_seconds,
+        help="the agents' --drain-seconds (default: the agent's)",
     )
     p = add(
         "upgrade",
@@ -279,11 +305,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("node", help="node name, e.g. node1")
     p.add_argument(
-        "--timeout", type=float, default=60.0, help="wait for the takeover (s, default 60)"
+        "--timeout", type=_timeout, default=60.0, help="wait for the takeover (s, default 60)"
     )
     p.add_argument(
         "--drain-seconds",
-        type=float,
+        type=_drain_seconds,
         help="the new agent's --drain-seconds (the old one drains with its own; an hour is fine)",
     )
     p.add_argument("--wait", action="store_true", help="also wait until the old agent has exited")

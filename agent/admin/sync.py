@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.admin.client import DEFAULT_ADMIN, AdminError, admin_address, request
 from agent.admin.tables import render
 
 SYNCED, STALE, NOT_READY, ABSENT, UNREACHABLE = (
@@ -475,6 +475,7 @@ def register(
     )
     p.add_argument(
         "--admin",
+        type=admin_address,
         action="append",
         metavar="HOST:PORT",
         help="an agent's admin API; repeat for each agent",

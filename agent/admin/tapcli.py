@@ -45,7 +45,7 @@ from datetime import datetime
 from typing import Any, TextIO
 from urllib.parse import urlencode
 
-from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.admin.client import DEFAULT_ADMIN, AdminError, admin_address, request
 from agent.admin.names import canonical_name
 from agent.base.resources import KINDS, WORKLOAD, ResourceError, split_resource
 from agent.telemetry.tap import FilterError, RequestFilter
@@ -510,6 +510,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser("requests", help=help_text, description=description)
     p.add_argument(
         "--admin",
+        type=admin_address,
         default=DEFAULT_ADMIN,
         metavar="HOST:PORT",
         help=f"the agent's admin API (default {DEFAULT_ADMIN})",

@@ -14,14 +14,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.admin import tapcli
 from agent.base.constants import CA_PORT
 from agent.lab import control, logs, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
 from agent.policy.warnings import policy_warnings
 from agent.sources.document import DocumentError
+from agent.sources.fields import load_yaml_documents
 
 
 def _seconds(text: str, *, zero: bool, example: str) -> float:
@@ -89,10 +88,7 @@ def _read(path: str) -> tuple[str, str]:
 
 def _manifests(path: str) -> list[Mapping[str, Any]]:
     text, source = _read(path)
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        raise LabError(f"{source}: not valid YAML: {e}") from e
+    docs = load_yaml_documents(text, source=source)
     bad = [i for i, d in enumerate(docs) if not isinstance(d, dict)]
     if bad or not docs:
         raise LabError(

@@ -251,6 +251,17 @@ def test_apply_names_a_mistyped_kind_not_the_api_version(
     assert LabDir("unit", recorded).cluster_file.read_text() == before  # POLICY not applied
 
 
+@pytest.mark.parametrize("api_version", ["v1", "nodemesh.io/v1alpha1", "example.com/v1"])
+def test_apply_says_a_missing_kind_is_required(recorded: str, api_version: str) -> None:
+    """Not "'None' is not a kind lab apply takes" under a document named "(None default/x)"."""
+    manifest = {"apiVersion": api_version, "metadata": {"name": "x"}, "spec": {}}
+    with pytest.raises(DocumentError) as refused:
+        control.apply("unit", [POLICY, manifest], state_root=recorded, source="k.yaml")
+    assert str(refused.value).startswith(
+        "k.yaml: document 2 (default/x): kind: is required; use one of AuthorizationPolicy "
+    )
+
+
 def test_apply_warns_of_values_that_never_match(
     recorded: str,
     tmp_path: Path,

@@ -70,9 +70,11 @@ def up(
         if with_components:
             components.start_all(plan, labdir, timeout=timeout, drain_seconds=drain_seconds)
             prometheus.start(plan, labdir, timeout=timeout)
-    except BaseException:
+    except BaseException as e:
         log.info("lab %s: up failed, removing what was built", lab)
         down(lab, state_root=state_root)
+        if isinstance(e, components.ComponentFailed):
+            raise e.log_removed() from e
         raise
     return plan
 

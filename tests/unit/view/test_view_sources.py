@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import socket
 import urllib.parse
 from collections.abc import Callable
 
@@ -171,3 +172,13 @@ def test_an_answer_within_the_deadline_is_read_whole_and_an_error_names_its_stat
             http_get(server.url, deadline=30)
     finally:
         server.close()
+
+
+def test_an_address_where_nothing_listens_is_named_plainly() -> None:
+    """ "connection refused", as the admin CLI says it, not "<urlopen error [Errno 111] ...>"."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}/metrics"
+    with pytest.raises(ViewError) as caught:
+        http_get(url)
+    assert str(caught.value) == f"GET {url} failed: connection refused"

@@ -318,7 +318,9 @@ def tap(
                     print(f"nodemesh requests: warning: {hint}", file=err, flush=True)
                 continue
             if item.error is not None or item.answer is None:
-                print(f"nodemesh requests: {item.agent}: {item.error}", file=err, flush=True)
+                # A lab node's name says which agent; an address the error names already.
+                named = "" if item.agent in str(item.error) else f"{item.agent}: "
+                print(f"nodemesh requests: {named}{item.error}", file=err, flush=True)
                 status = 1
                 alive.discard(item.agent)
             else:

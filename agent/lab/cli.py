@@ -18,7 +18,7 @@ from agent.admin import tapcli
 from agent.base.constants import CA_PORT
 from agent.lab import control, logs, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
-from agent.policy.warnings import policy_warnings
+from agent.policy.warnings import policy_warnings, service_warnings
 from agent.sources.document import DocumentError
 from agent.sources.fields import load_yaml_documents
 
@@ -233,7 +233,11 @@ def _apply(args: argparse.Namespace) -> int:
         if isinstance(m.get("spec"), Mapping):
             meta = m.get("metadata") or {}
             what = f"{m.get('kind')} {meta.get('namespace', 'default')}/{meta.get('name')}"
-            for warning in policy_warnings(str(m.get("kind")), m["spec"]):
+            kind = str(m.get("kind"))
+            warned = (
+                service_warnings if kind == "Service" else functools.partial(policy_warnings, kind)
+            )
+            for warning in warned(m["spec"]):
                 print(
                     f"nodemesh lab: warning: {source}: document {i} ({what}): {warning.message}",
                     file=sys.stderr,

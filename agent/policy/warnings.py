@@ -5,7 +5,11 @@ Two kinds of input are well formed yet almost certainly not what their author me
 * a pod annotation under ``nodemesh.io/`` that no agent reads (``nodemesh.io/http-port`` for
   ``nodemesh.io/http-ports``): the pod is meshed as if it were absent;
 * an AuthorizationPolicy value that can never match (``methods: ["get"]``, a path ``/a/*/b``,
-  a principal ``default/client``; ``agent.policy.authz.never_matching``), which Istio accepts too.
+  a principal ``default/client``; ``agent.policy.authz.never_matching``), which Istio accepts too;
+* a Service port's ``appProtocol`` one letter from a protocol the mesh reads (``http3``,
+  ``htttp``, ``grpcs``): Kubernetes allows any value and the mesh carries such a port as opaque
+  TCP (``agent.state.protocols``), so an L7 policy, a route or request metrics meant for it
+  would silently not apply.
 
 Neither is refused. An agent older than the manifest must not break pods that carry an
 annotation a newer agent reads, and a refused policy would be enforced as its fail-closed
@@ -30,6 +34,7 @@ from agent.state.model import (
     HTTP_PORTS_ANNOTATION,
     MESH_ANNOTATION,
 )
+from agent.state.protocols import APP_PROTOCOLS
 
 ANNOTATION_PREFIX = "nodemesh.io/"
 # The pod annotations the mesh reads (Istio's analyzer reports unknown ones likewise, IST0108).
@@ -41,6 +46,12 @@ POD_ANNOTATIONS = (
 )
 UNKNOWN_ANNOTATION = "UnknownAnnotation"  # the Event reasons, CamelCase as Kubernetes writes them
 NEVER_MATCHES = "NeverMatches"
+UNREAD_APP_PROTOCOL = "UnreadAppProtocol"
+# Protocols Kubernetes or Istio name that are rightly opaque TCP here, yet look like one the mesh
+# reads ("https" is one letter from "http"): no warning for them.
+OPAQUE_APP_PROTOCOLS = frozenset(
+    {"https", "tls", "tcp", "udp", "kubernetes.io/ws", "kubernetes.io/wss"}
+)
 
 
 @dataclass(frozen=True)
@@ -79,3 +90,24 @@ def policy_warnings(kind: str, spec: Mapping[str, Any]) -> list[ConfigWarning]:
     if kind != "AuthorizationPolicy":
         return []
     return [ConfigWarning(NEVER_MATCHES, why) for why in never_matching(spec)]
+
+
+def service_warnings(spec: Mapping[str, Any]) -> list[ConfigWarning]:
+    """The warnings of a Service's ``spec``: ports whose ``appProtocol`` is near one the mesh
+    reads but is not it. A value far from all of them (``mysql``) is opaque TCP, as meant."""
+    found = []
+    for i, port in enumerate(spec.get("ports") or ()):
+        value = port.get("appProtocol") if isinstance(port, Mapping) else None
+        if not isinstance(value, str) or value.lower() in APP_PROTOCOLS:
+            continue
+        close = difflib.get_close_matches(value.lower(), APP_PROTOCOLS, n=1, cutoff=0.6)
+        if close and value.lower() not in OPAQUE_APP_PROTOCOLS:
+            found.append(
+                ConfigWarning(
+                    UNREAD_APP_PROTOCOL,
+                    f"spec.ports[{i}].appProtocol: {value!r} is not a protocol nodemesh reads "
+                    f"({', '.join(APP_PROTOCOLS)}), so the port is opaque TCP: no L7 policy, "
+                    f"route or request metrics apply on it (did you mean {close[0]}?)",
+                )
+            )
+    return found

@@ -410,3 +410,29 @@ def test_lab_status_node_refuses_what_is_not_a_node(
     monkeypatch.setattr(control, "load", lambda lab: load(lab, state_root=recorded))
     assert main(["lab", "status", "--name", "unit", "--node", target]) == 1
     assert f"no node '{target}' in lab unit; nodes: node1, node2" in capsys.readouterr().err
+
+
+def test_apply_warns_of_an_app_protocol_one_letter_from_http(
+    recorded: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Kubernetes allows any appProtocol, so the Service is applied; but the port is opaque TCP,
+    and an L7 policy or route meant for it would silently not apply: a warning says so."""
+    monkeypatch.setattr(control, "labdir_of", lambda lab, state_root=None: LabDir(lab, recorded))
+    manifest = tmp_path / "svc.yaml"
+    manifest.write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web-h, namespace: default}\n"
+        "spec: {selector: {app: server}, ports: [{port: 80, appProtocol: mysql},"
+        " {port: 81, appProtocol: https}, {port: 82, appProtocol: http3}]}\n"
+    )
+    assert main(["lab", "apply", "--name", "unit", "-f", str(manifest)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Service default/web-h created (clusterIP ")
+    assert err == (
+        f"nodemesh lab: warning: {manifest}: document 1 (Service default/web-h): "
+        "spec.ports[2].appProtocol: 'http3' is not a protocol nodemesh reads (http, http2, "
+        "kubernetes.io/h2c, grpc), so the port is opaque TCP: no L7 policy, route or request "
+        "metrics apply on it (did you mean http?)\n"
+    )

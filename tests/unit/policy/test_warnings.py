@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from agent.policy.warnings import (
     NEVER_MATCHES,
     POD_ANNOTATIONS,
     UNKNOWN_ANNOTATION,
     pod_warnings,
     policy_warnings,
+    service_warnings,
     unknown_annotation,
 )
 
@@ -72,3 +75,20 @@ def test_policy_warnings_are_never_matching_values_of_an_authorization_policy() 
     assert policy_warnings("TrafficPolicy", spec) == []
     fixed = {"rules": [{"to": [{"operation": {"methods": ["GET"], "paths": ["/a/*"]}}]}]}
     assert policy_warnings("AuthorizationPolicy", fixed) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "meant"),
+    [("http3", "http"), ("htttp", "http"), ("HTTP/1.1", "http"), ("grpcs", "grpc"),
+     ("kubernetes.io/h2", "kubernetes.io/h2c"), ("http", None), ("HTTP", None), ("grpc", None),
+     ("https", None), ("tls", None), ("tcp", None), ("kubernetes.io/ws", None), ("mysql", None)],
+)  # fmt: skip
+def test_an_app_protocol_near_one_the_mesh_reads_is_warned(value: str, meant: str | None) -> None:
+    """Near misses only: a protocol the mesh reads, or one rightly opaque (https, mysql), is not."""
+    found = service_warnings({"ports": [{"port": 80}, {"port": 81, "appProtocol": value}]})
+    if meant is None:
+        assert found == []
+    else:
+        assert [w.reason for w in found] == ["UnreadAppProtocol"]
+        assert found[0].message.startswith(f"spec.ports[1].appProtocol: {value!r} is not a ")
+        assert found[0].message.endswith(f"(did you mean {meant}?)")

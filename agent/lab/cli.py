@@ -329,7 +329,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "target", help="node name (its agent), ca, prometheus, or a pod whose server logs here"
     )
-    p.add_argument("--tail", type=int, metavar="N", help="only the last N lines (default: all)")
+    p.add_argument(
+        "--tail", type=int, metavar="N", help="only the last N lines (default, or -1: all)"
+    )
     p.add_argument("-f", "--follow", action="store_true", help="then print what it appends")
     p = add("annotate", _annotate, "set (KEY=VALUE) or remove (KEY-) pod annotations")
     p.add_argument("pod", help="pod name or namespace/name")

@@ -18,7 +18,7 @@ from agent.admin import tapcli
 from agent.base.constants import CA_PORT
 from agent.lab import control, logs, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
-from agent.policy.warnings import policy_warnings, service_warnings
+from agent.policy.warnings import policy_warnings, reach_warnings, service_warnings
 from agent.sources.document import DocumentError
 from agent.sources.fields import load_yaml_documents
 
@@ -229,19 +229,25 @@ def _apply(args: argparse.Namespace) -> int:
     source = "<stdin>" if args.file == "-" else args.file
     for line in control.apply(args.name, manifests, source=source):
         print(line)
+    doc = control.labdir_of(args.name).read_cluster()
+    pods = [{"namespace": p.namespace, "labels": p.labels} for n in doc.nodes for p in n.pods]
+    services = {(s.namespace, s.name) for s in doc.services}
     for i, m in enumerate(manifests, 1):
-        if isinstance(m.get("spec"), Mapping):
-            meta = m.get("metadata") or {}
-            what = f"{m.get('kind')} {meta.get('namespace', 'default')}/{meta.get('name')}"
-            kind = str(m.get("kind"))
-            warned = (
-                service_warnings if kind == "Service" else functools.partial(policy_warnings, kind)
+        spec = m.get("spec")
+        if not isinstance(spec, Mapping):
+            continue
+        kind, meta = str(m.get("kind")), m.get("metadata") or {}
+        namespace = meta.get("namespace") or "default"
+        if kind == "Service":
+            warnings = service_warnings(spec)
+        else:
+            warnings = policy_warnings(kind, spec) + reach_warnings(namespace, spec, pods, services)
+        what = f"{kind} {namespace}/{meta.get('name')}"
+        for warning in warnings:
+            print(
+                f"nodemesh lab: warning: {source}: document {i} ({what}): {warning.message}",
+                file=sys.stderr,
             )
-            for warning in warned(m["spec"]):
-                print(
-                    f"nodemesh lab: warning: {source}: document {i} ({what}): {warning.message}",
-                    file=sys.stderr,
-                )
     return 0
 
 

@@ -6,6 +6,9 @@ Two kinds of input are well formed yet almost certainly not what their author me
   ``nodemesh.io/http-ports``): the pod is meshed as if it were absent;
 * an AuthorizationPolicy value that can never match (``methods: ["get"]``, a path ``/a/*/b``,
   a principal ``default/client``; ``agent.policy.authz.never_matching``), which Istio accepts too;
+* a policy whose ``selector`` selects no pod, or whose ``targetRef`` names no Service, where it
+  is applied (``app: srever``; Istio's analyzer reports the first as IST0127): in a cluster the
+  pod or Service may come later, so only the lab, which knows every pod, warns of it;
 * a Service port's ``appProtocol`` one letter from a protocol the mesh reads (``http3``,
   ``htttp``, ``grpcs``): Kubernetes allows any value and the mesh carries such a port as opaque
   TCP (``agent.state.protocols``), so an L7 policy, a route or request metrics meant for it
@@ -23,11 +26,11 @@ the object (``kubectl describe``). Pure functions: no I/O, same answer everywher
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.policy.authz import never_matching
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, never_matching, selects_pod
 from agent.state.model import (
     EXCLUDE_INBOUND_ANNOTATION,
     EXCLUDE_OUTBOUND_ANNOTATION,
@@ -47,6 +50,7 @@ POD_ANNOTATIONS = (
 UNKNOWN_ANNOTATION = "UnknownAnnotation"  # the Event reasons, CamelCase as Kubernetes writes them
 NEVER_MATCHES = "NeverMatches"
 UNREAD_APP_PROTOCOL = "UnreadAppProtocol"
+NOTHING_SELECTED = "NothingSelected"
 # Protocols Kubernetes or Istio name that are rightly opaque TCP here, yet look like one the mesh
 # reads ("https" is one letter from "http"): no warning for them.
 OPAQUE_APP_PROTOCOLS = frozenset(
@@ -110,4 +114,47 @@ def service_warnings(spec: Mapping[str, Any]) -> list[ConfigWarning]:
                     f"route or request metrics apply on it (did you mean {close[0]}?)",
                 )
             )
+    return found
+
+
+def reach_warnings(
+    namespace: str,
+    spec: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    services: Collection[tuple[str, str]],
+) -> list[ConfigWarning]:
+    """The warnings of a policy in ``namespace`` whose ``spec.selector`` selects none of
+    ``pods`` (``{"namespace", "labels"}``) or whose ``spec.targetRef`` names none of
+    ``services`` (``(namespace, name)``), each with the nearest label or Service there is."""
+    found = []
+    selector = spec.get("selector")
+    wanted = selector.get("matchLabels") if isinstance(selector, Mapping) else None
+    policy = {"namespace": namespace, "spec": spec}
+    if isinstance(wanted, Mapping) and not any(selects_pod(policy, pod) for pod in pods):
+        written = ", ".join(f"{k}={v}" for k, v in wanted.items())
+        scope = [p for p in pods if namespace in (DEFAULT_ROOT_NAMESPACE, p.get("namespace"))]
+        labels = {f"{k}={v}" for pod in scope for k, v in (pod.get("labels") or {}).items()}
+        close = difflib.get_close_matches(written, labels, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        where = "the mesh" if namespace == DEFAULT_ROOT_NAMESPACE else f"namespace {namespace}"
+        found.append(
+            ConfigWarning(
+                NOTHING_SELECTED,
+                f"spec.selector.matchLabels: {written} selects no pod in {where}{hint}; "
+                "the policy applies to none until one matches",
+            )
+        )
+    target = spec.get("targetRef")
+    name = target.get("name") if isinstance(target, Mapping) else None
+    if isinstance(name, str) and (namespace, name) not in services:
+        names = sorted(n for ns, n in services if ns == namespace)
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        found.append(
+            ConfigWarning(
+                NOTHING_SELECTED,
+                f"spec.targetRef: no Service {namespace}/{name}; {hint}Services in {namespace}: "
+                f"{', '.join(names) or 'none'}; the policy applies to none until it exists",
+            )
+        )
     return found

@@ -436,3 +436,34 @@ def test_apply_warns_of_an_app_protocol_one_letter_from_http(
         "kubernetes.io/h2c, grpc), so the port is opaque TCP: no L7 policy, route or request "
         "metrics apply on it (did you mean http?)\n"
     )
+
+
+def test_apply_warns_of_a_policy_that_selects_no_pod_or_targets_no_service(
+    recorded: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Applied (the pod or Service may come later), with a warning naming the near miss: a
+    typo in a selector otherwise leaves the policy silently applying to nothing."""
+    monkeypatch.setattr(control, "labdir_of", lambda lab, state_root=None: LabDir(lab, recorded))
+    manifest = tmp_path / "typos.yaml"
+    manifest.write_text(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: deny-all, namespace: default}\n"
+        "spec: {selector: {matchLabels: {app: srever}}, action: DENY, rules: [{}]}\n---\n"
+        "apiVersion: nodemesh.io/v1alpha1\nkind: TrafficPolicy\n"
+        "metadata: {name: rr, namespace: default}\n"
+        "spec: {targetRef: {kind: Service, name: wbe}, loadBalancer: {type: ROUND_ROBIN}}\n"
+    )
+    assert main(["lab", "apply", "--name", "unit", "-f", str(manifest)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "AuthorizationPolicy default/deny-all created\nTrafficPolicy default/rr created\n"
+    assert err.splitlines() == [
+        f"nodemesh lab: warning: {manifest}: document 1 (AuthorizationPolicy default/deny-all): "
+        "spec.selector.matchLabels: app=srever selects no pod in namespace default (did you "
+        "mean app=server?); the policy applies to none until one matches",
+        f"nodemesh lab: warning: {manifest}: document 2 (TrafficPolicy default/rr): "
+        "spec.targetRef: no Service default/wbe; did you mean web? Services in default: grpc, "
+        "server, web; the policy applies to none until it exists",
+    ]

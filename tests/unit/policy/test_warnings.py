@@ -10,6 +10,7 @@ from agent.policy.warnings import (
     UNKNOWN_ANNOTATION,
     pod_warnings,
     policy_warnings,
+    reach_warnings,
     service_warnings,
     unknown_annotation,
 )
@@ -92,3 +93,53 @@ def test_an_app_protocol_near_one_the_mesh_reads_is_warned(value: str, meant: st
         assert [w.reason for w in found] == ["UnreadAppProtocol"]
         assert found[0].message.startswith(f"spec.ports[1].appProtocol: {value!r} is not a ")
         assert found[0].message.endswith(f"(did you mean {meant}?)")
+
+
+PODS = [
+    {"namespace": "default", "labels": {"app": "server", "version": "v1"}},
+    {"namespace": "shop", "labels": {"app": "client"}},
+]
+SERVICES = {("default", "web"), ("default", "server"), ("shop", "cart")}
+
+
+@pytest.mark.parametrize(
+    ("namespace", "spec", "message"),
+    [
+        ("default", {"selector": {"matchLabels": {"app": "srever"}}},
+         "spec.selector.matchLabels: app=srever selects no pod in namespace default (did you "
+         "mean app=server?); the policy applies to none until one matches"),
+        ("default", {"selector": {"matchLabels": {"app": "client"}}},  # only in shop
+         "spec.selector.matchLabels: app=client selects no pod in namespace default; the "
+         "policy applies to none until one matches"),
+        ("nodemesh-system", {"selector": {"matchLabels": {"tier": "db"}}},
+         "spec.selector.matchLabels: tier=db selects no pod in the mesh; the policy applies to "
+         "none until one matches"),
+        ("default", {"targetRef": {"kind": "Service", "name": "wbe"}},
+         "spec.targetRef: no Service default/wbe; did you mean web? Services in default: "
+         "server, web; the policy applies to none until it exists"),
+        ("shop", {"targetRef": {"kind": "Service", "name": "web"}},
+         "spec.targetRef: no Service shop/web; Services in shop: cart; the policy applies to "
+         "none until it exists"),
+    ],
+)  # fmt: skip
+def test_a_policy_that_reaches_nothing_is_warned(
+    namespace: str, spec: dict[str, object], message: str
+) -> None:
+    assert [(w.reason, w.message) for w in reach_warnings(namespace, spec, PODS, SERVICES)] == [
+        ("NothingSelected", message)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("namespace", "spec"),
+    [
+        ("default", {"selector": {"matchLabels": {"app": "server", "version": "v1"}}}),
+        ("nodemesh-system", {"selector": {"matchLabels": {"app": "client"}}}),  # mesh-wide
+        ("default", {"action": "DENY", "rules": [{}]}),  # no selector: every pod of default
+        ("default", {"targetRef": {"kind": "Service", "name": "web"}}),
+    ],
+)
+def test_a_policy_that_reaches_something_is_not_warned(
+    namespace: str, spec: dict[str, object]
+) -> None:
+    assert reach_warnings(namespace, spec, PODS, SERVICES) == []

@@ -267,6 +267,14 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         except (LabError, DocumentError) as e:
             print(f"nodemesh lab: error: {e}", file=sys.stderr)
             return 1
+        except PermissionError as e:  # the usual first command: `nodemesh lab up` without sudo
+            print(
+                f"nodemesh lab: error: {e.filename or 'the lab'}: {e.strerror or e}; the lab needs "
+                "root (it builds network namespaces and keeps its state in /run/nodemesh/lab): "
+                "run it as root, e.g. sudo .venv/bin/nodemesh lab ...",
+                file=sys.stderr,
+            )
+            return 1
 
     return run
 

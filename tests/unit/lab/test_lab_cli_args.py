@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.cli import build_parser
+from agent.cli import build_parser, main
+from agent.lab import control
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -41,3 +42,20 @@ def test_seconds_that_are_no_number_are_named(capsys: pytest.CaptureFixture[str]
 def test_good_values_pass() -> None:
     args = build_parser("lab").parse_args(["lab", "up", "--timeout", "0.5", "--drain-seconds", "0"])
     assert (args.timeout, args.drain_seconds) == (0.5, 0.0)
+
+
+def test_a_user_without_root_is_told_to_use_root_not_shown_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the state directory (0700, root's) answers a user who forgot sudo."""
+
+    def refused(name: str) -> None:
+        raise PermissionError(13, "Permission denied", f"/run/nodemesh/lab/{name}/plan.json")
+
+    monkeypatch.setattr(control, "status", refused)
+    assert main(["lab", "status", "--name", "uxa"]) == 1
+    assert capsys.readouterr().err == (
+        "nodemesh lab: error: /run/nodemesh/lab/uxa/plan.json: Permission denied; the lab needs "
+        "root (it builds network namespaces and keeps its state in /run/nodemesh/lab): run it "
+        "as root, e.g. sudo .venv/bin/nodemesh lab ...\n"
+    )

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from agent.lab.handle import Lab
+from agent.sources.fields import DocumentError
 
 SERVICE = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: default}\n"
 
@@ -55,3 +57,12 @@ def test_every_document_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert err == (
         "nodemesh lab: error: lab 'nolab' is not up; start it with `nodemesh lab up --name nolab`\n"
     )
+
+
+def test_the_lab_handle_reads_files_as_the_cli_does(tmp_path: Path) -> None:
+    """Tests and benchmarks apply files through ``Lab.apply``: the same refusal, before the
+    lab is looked up."""
+    path = tmp_path / "objects.yaml"
+    path.write_text(POLICY + "spec: {action: DENY}\nspec: {action: ALLOW}\n")
+    with pytest.raises(DocumentError, match="duplicate key 'spec'"):
+        Lab("nolab").apply(path)

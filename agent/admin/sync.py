@@ -288,6 +288,7 @@ def compare(answers: Sequence[Answer]) -> list[dict[str, Any]]:
                 "reachable": True,
                 "cluster": {"trust_domain": key[0] or None, "id": key[1] or None},
                 "source": state.get("source"),
+                "source_error": state.get("last_error") or None,
                 "ready": st.get("ready"),
                 "version": st.get("version"),
                 "state_version": state.get("version"),
@@ -339,6 +340,11 @@ def format_rows(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
         lines.append(
             [row["node"], *number, row["source"] or "-", *cells, cert_text, row["version"]]
         )
+        if row.get("source_error"):  # every agent may refuse the newest input alike: SYNCED
+            notes.append(
+                f"{row['node']}: its state source refused the newest input and keeps the state "
+                f"it had: {row['source_error']}"
+            )
     legend = [
         f"cluster {n}: trust domain {td or '(not said)'}, {_cluster_text(cid)}"
         for (td, cid), n in clusters.items()

@@ -87,6 +87,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def chosen_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The (sub)command parser ``args`` went to: an argument no parser took is its error, with
+    its usage (``nodemesh agent: error: unrecognized arguments: --protocol h3``), where
+    ``parse_args`` blamed the top-level ``nodemesh`` and showed its usage, not the command's."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(args, action.dest, None) or "")
+            if sub is not None:
+                return chosen_parser(sub, args)
+    return parser
+
+
 SIGPIPE_STATUS = 128 + signal.SIGPIPE  # a shell's status for a writer whose reader left
 
 
@@ -115,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(command_word(argv))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

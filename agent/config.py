@@ -182,8 +182,14 @@ MAX_WORKERS = 16
 
 
 def _int(text: str) -> int:
-    """Decimal or 0x-hex, for marks and tables."""
-    return int(text, 0)
+    """Decimal or 0x-hex, for marks and tables. The error is argparse's message, which would
+    otherwise name this function (``invalid _int value``)."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number: write it in decimal or as 0x-hex, e.g. {CAPTURE_MARK:#x}"
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

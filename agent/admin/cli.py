@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent.admin import tapcli
-from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.admin.client import DEFAULT_ADMIN, AdminError, admin_address, request
 from agent.admin.policydetail import PolicyNotFound, find_policies, format_policy
 from agent.admin.tables import human_bytes, render
 from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, selects_pod
@@ -379,6 +379,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--admin",
+        type=admin_address,
         default=DEFAULT_ADMIN,
         metavar="HOST:PORT",
         help=f"the agent's admin API (default {DEFAULT_ADMIN})",

@@ -14,6 +14,7 @@ generous: ``/connections`` of an agent with 100,000 live connections is about 10
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 from typing import Any
@@ -30,11 +31,26 @@ class AdminError(RuntimeError):
     """The agent's admin API could not be read; the message says why and what to try."""
 
 
+def _not_an_address(address: str) -> str:
+    return f"{address!r}: expected HOST:PORT, e.g. {DEFAULT_ADMIN}"
+
+
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise AdminError(f"--admin {address!r}: expected HOST:PORT, e.g. {DEFAULT_ADMIN}")
+        raise AdminError(f"--admin {_not_an_address(address)}")
     return host.strip("[]"), int(port)
+
+
+def admin_address(text: str) -> str:
+    """``--admin``'s argparse type: a malformed address is a usage error (exit 2) before any
+    agent is asked, not an agent that could not be read (``proxy-status`` made it a row of
+    its table, UNREACHABLE, beside the agents it did read)."""
+    try:
+        split_address(text)
+    except AdminError:
+        raise argparse.ArgumentTypeError(_not_an_address(text)) from None
+    return text
 
 
 def request(

@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.admin.client import DEFAULT_ADMIN, AdminError, admin_address, request
 from agent.admin.tables import render
 
 SYNCED, STALE, NOT_READY, ABSENT, UNREACHABLE = (
@@ -288,6 +288,7 @@ def compare(answers: Sequence[Answer]) -> list[dict[str, Any]]:
                 "reachable": True,
                 "cluster": {"trust_domain": key[0] or None, "id": key[1] or None},
                 "source": state.get("source"),
+                "source_error": state.get("last_error") or None,
                 "ready": st.get("ready"),
                 "version": st.get("version"),
                 "state_version": state.get("version"),
@@ -339,6 +340,11 @@ def format_rows(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> str:
         lines.append(
             [row["node"], *number, row["source"] or "-", *cells, cert_text, row["version"]]
         )
+        if row.get("source_error"):  # every agent may refuse the newest input alike: SYNCED
+            notes.append(
+                f"{row['node']}: its state source refused the newest input and keeps the state "
+                f"it had: {row['source_error']}"
+            )
     legend = [
         f"cluster {n}: trust domain {td or '(not said)'}, {_cluster_text(cid)}"
         for (td, cid), n in clusters.items()
@@ -475,6 +481,7 @@ def register(
     )
     p.add_argument(
         "--admin",
+        type=admin_address,
         action="append",
         metavar="HOST:PORT",
         help="an agent's admin API; repeat for each agent",

@@ -45,7 +45,7 @@ from datetime import datetime
 from typing import Any, TextIO
 from urllib.parse import urlencode
 
-from agent.admin.client import DEFAULT_ADMIN, AdminError, request
+from agent.admin.client import DEFAULT_ADMIN, AdminError, admin_address, request
 from agent.admin.names import canonical_name
 from agent.base.resources import KINDS, WORKLOAD, ResourceError, split_resource
 from agent.telemetry.tap import FilterError, RequestFilter
@@ -283,12 +283,14 @@ def tap(
     timeout: float = 5.0,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    command: str = "nodemesh requests",
 ) -> int:
     """Print the agents' requests (and, with ``follow``, new ones as they come; with ``live``
     only those that started after this call) to ``out`` (default: stdout); the exit status:
     0, or 1 when an agent could not be read."""
     out = out or sys.stdout
     err = err or sys.stderr
+    addresses = {a.address for a in agents if a.name == a.address}  # agents named by address
     follow = follow or live
     since = time.time() - TIME_STEP if live else None
     got: queue.Queue[_Got] = queue.Queue()
@@ -315,16 +317,18 @@ def tap(
             entries: list[tuple[str, dict[str, Any]]] = []
             if item.hints is not None:
                 for hint in item.hints:
-                    print(f"nodemesh requests: warning: {hint}", file=err, flush=True)
+                    print(f"{command}: warning: {hint}", file=err, flush=True)
                 continue
             if item.error is not None or item.answer is None:
-                print(f"nodemesh requests: {item.agent}: {item.error}", file=err, flush=True)
+                # A lab node's name says which agent; an address the error names already.
+                named = "" if item.agent in addresses else f"{item.agent}: "
+                print(f"{command}: {named}{item.error}", file=err, flush=True)
                 status = 1
                 alive.discard(item.agent)
             else:
                 if item.answer.get("missed"):
                     print(
-                        f"nodemesh requests: {item.agent}: missed {item.answer['missed']} "
+                        f"{command}: {item.agent}: missed {item.answer['missed']} "
                         f"request(s) (the agent keeps the last {item.answer.get('ring_size')})",
                         file=err,
                         flush=True,
@@ -493,6 +497,7 @@ def run_agents(args: argparse.Namespace, agents: Sequence[Agent], command: str) 
         json_lines=args.output == "json",
         header=sys.stdout.isatty(),
         timeout=args.timeout,
+        command=command,
     )
 
 
@@ -510,6 +515,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser("requests", help=help_text, description=description)
     p.add_argument(
         "--admin",
+        type=admin_address,
         default=DEFAULT_ADMIN,
         metavar="HOST:PORT",
         help=f"the agent's admin API (default {DEFAULT_ADMIN})",

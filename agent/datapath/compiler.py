@@ -44,19 +44,26 @@ from agent.datapath.programs import (
 EXIT_REFUSED = 3
 
 
+_NEEDS_ROOT = "loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN; CAP_SYS_RESOURCE < 5.11)"
+
+
 def _likely_cause(message: str) -> str:
     if "linux/" in message and "file not found" in message:
         return (
             "kernel headers are missing: BCC needs /lib/modules/$(uname -r)/build "
             "(run make setup, which links Debian's linux-headers)"
         )
+    # EPERM is only ever the privileges; BCC writes it after "error:" ("could not open bpf map:
+    # NAME, error: Operation not permitted"), so it is checked before the compiler's "error:".
+    if "Operation not permitted" in message:
+        return _NEEDS_ROOT
     if "error:" in message:
         return "the C source does not compile: see the compiler's output below"
     # The verifier answers EACCES ("Permission denied") too, so its log is checked first.
     if "processed" in message or "invalid" in message or "unknown opcode" in message:
         return "the kernel's verifier rejected the program: the log below ends at the instruction"
-    if "Permission denied" in message or "Operation not permitted" in message:
-        return "loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN; CAP_SYS_RESOURCE < 5.11)"
+    if "Permission denied" in message:
+        return _NEEDS_ROOT
     return "see the output below"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -13,14 +14,33 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.admin import tapcli
 from agent.base.constants import CA_PORT
 from agent.lab import control, logs, netns
 from agent.lab.topology import DEFAULT_LAB, DEFAULT_TOPOLOGY, LabError
-from agent.policy.warnings import policy_warnings
+from agent.policy.warnings import policy_warnings, reach_warnings, service_warnings
 from agent.sources.document import DocumentError
+from agent.sources.fields import load_yaml_documents
+
+
+def _seconds(text: str, *, zero: bool, example: str) -> float:
+    """A number of seconds for ``--timeout`` (more than 0) or ``--drain-seconds`` (0 or more),
+    refused while parsing: a lab built first would only fail later, less clearly ("ca was not
+    ready after -1s"), or hand the value to agents that refuse it at start."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds, e.g. {example}"
+        ) from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = "0 or more" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {least} seconds, e.g. {example}")
+    return value
+
+
+_timeout = functools.partial(_seconds, zero=False, example="60")
+_drain_seconds = functools.partial(_seconds, zero=True, example="5")
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -68,10 +88,7 @@ def _read(path: str) -> tuple[str, str]:
 
 def _manifests(path: str) -> list[Mapping[str, Any]]:
     text, source = _read(path)
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        raise LabError(f"{source}: not valid YAML: {e}") from e
+    docs = load_yaml_documents(text, source=source)
     bad = [i for i, d in enumerate(docs) if not isinstance(d, dict)]
     if bad or not docs:
         raise LabError(
@@ -212,15 +229,25 @@ def _apply(args: argparse.Namespace) -> int:
     source = "<stdin>" if args.file == "-" else args.file
     for line in control.apply(args.name, manifests, source=source):
         print(line)
+    doc = control.labdir_of(args.name).read_cluster()
+    pods = [{"namespace": p.namespace, "labels": p.labels} for n in doc.nodes for p in n.pods]
+    services = {(s.namespace, s.name) for s in doc.services}
     for i, m in enumerate(manifests, 1):
-        if isinstance(m.get("spec"), Mapping):
-            meta = m.get("metadata") or {}
-            what = f"{m.get('kind')} {meta.get('namespace', 'default')}/{meta.get('name')}"
-            for warning in policy_warnings(str(m.get("kind")), m["spec"]):
-                print(
-                    f"nodemesh lab: warning: {source}: document {i} ({what}): {warning.message}",
-                    file=sys.stderr,
-                )
+        spec = m.get("spec")
+        if not isinstance(spec, Mapping):
+            continue
+        kind, meta = str(m.get("kind")), m.get("metadata") or {}
+        namespace = meta.get("namespace") or "default"
+        if kind == "Service":
+            warnings = service_warnings(spec)
+        else:
+            warnings = policy_warnings(kind, spec) + reach_warnings(namespace, spec, pods, services)
+        what = f"{kind} {namespace}/{meta.get('name')}"
+        for warning in warnings:
+            print(
+                f"nodemesh lab: warning: {source}: document {i} ({what}): {warning.message}",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -239,6 +266,14 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
             return func(args)
         except (LabError, DocumentError) as e:
             print(f"nodemesh lab: error: {e}", file=sys.stderr)
+            return 1
+        except PermissionError as e:  # the usual first command: `nodemesh lab up` without sudo
+            print(
+                f"nodemesh lab: error: {e.filename or 'the lab'}: {e.strerror or e}; the lab needs "
+                "root (it builds network namespaces and keeps its state in /run/nodemesh/lab): "
+                "run it as root, e.g. sudo .venv/bin/nodemesh lab ...",
+                file=sys.stderr,
+            )
             return 1
 
     return run
@@ -267,10 +302,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("-f", "--file", help="topology (cluster document) YAML; default: built-in")
     p.add_argument("--no-components", action="store_true", help="namespaces only: no CA, no agents")
     p.add_argument(
-        "--timeout", type=float, default=60.0, help="readiness wait per component (s, default 60)"
+        "--timeout",
+        type=_timeout,
+        default=60.0,
+        help="readiness wait per component (s, default 60)",
     )
     p.add_argument(
-        "--drain-seconds", type=float, help="the agents' --drain-seconds (default: the agent's)"
+        "--drain-seconds",
+        type=_drain_seconds,
+        help="the agents' --drain-seconds (default: the agent's)",
     )
     p = add(
         "upgrade",
@@ -279,11 +319,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("node", help="node name, e.g. node1")
     p.add_argument(
-        "--timeout", type=float, default=60.0, help="wait for the takeover (s, default 60)"
+        "--timeout", type=_timeout, default=60.0, help="wait for the takeover (s, default 60)"
     )
     p.add_argument(
         "--drain-seconds",
-        type=float,
+        type=_drain_seconds,
         help="the new agent's --drain-seconds (the old one drains with its own; an hour is fine)",
     )
     p.add_argument("--wait", action="store_true", help="also wait until the old agent has exited")
@@ -303,7 +343,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "target", help="node name (its agent), ca, prometheus, or a pod whose server logs here"
     )
-    p.add_argument("--tail", type=int, metavar="N", help="only the last N lines (default: all)")
+    p.add_argument(
+        "--tail", type=int, metavar="N", help="only the last N lines (default, or -1: all)"
+    )
     p.add_argument("-f", "--follow", action="store_true", help="then print what it appends")
     p = add("annotate", _annotate, "set (KEY=VALUE) or remove (KEY-) pod annotations")
     p.add_argument("pod", help="pod name or namespace/name")

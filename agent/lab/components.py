@@ -148,6 +148,19 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + ln for ln in text[-lines:])
 
 
+class ComponentFailed(LabError):
+    """A component exited or was not ready in time: which, why, and its log's last lines."""
+
+    def __init__(self, name: str, reason: str, log: Path) -> None:
+        self.name, self.reason, self.tail = name, reason, _tail(log)
+        super().__init__(f"{name} {reason}; see {log}:\n{self.tail}")
+
+    def log_removed(self) -> LabError:
+        """The same failure once the log is gone: a failed ``lab up`` removes the lab's state
+        directory, logs included, so "see <log>" would send the reader to a missing file."""
+        return LabError(f"{self.name} {self.reason}; the last lines of its log:\n{self.tail}")
+
+
 def wait_ready(
     component: Component, proc: subprocess.Popen[bytes], labdir: LabDir, *, timeout: float
 ) -> None:
@@ -156,16 +169,13 @@ def wait_ready(
     while True:
         code = proc.poll()
         if code is not None:
-            raise LabError(
-                f"{component.name} exited with status {code} before it was ready; "
-                f"see {log}:\n{_tail(log)}"
+            raise ComponentFailed(
+                component.name, f"exited with status {code} before it was ready", log
             )
         if component.ready():
             return
         if time.monotonic() > deadline:
-            raise LabError(
-                f"{component.name} was not ready after {timeout:.0f}s; see {log}:\n{_tail(log)}"
-            )
+            raise ComponentFailed(component.name, f"was not ready after {timeout:g}s", log)
         time.sleep(0.2)
 
 
@@ -227,6 +237,7 @@ def process_state(labdir: LabDir, name: str) -> str:
 
 __all__ = [
     "Component",
+    "ComponentFailed",
     "agent_component",
     "agent_ready",
     "process_state",

@@ -70,9 +70,11 @@ def up(
         if with_components:
             components.start_all(plan, labdir, timeout=timeout, drain_seconds=drain_seconds)
             prometheus.start(plan, labdir, timeout=timeout)
-    except BaseException:
+    except BaseException as e:
         log.info("lab %s: up failed, removing what was built", lab)
         down(lab, state_root=state_root)
+        if isinstance(e, components.ComponentFailed):
+            raise e.log_removed() from e
         raise
     return plan
 
@@ -437,17 +439,19 @@ def _check_kinds(lab: str, source: str, manifests: list[Mapping[str, Any]]) -> N
         close = difflib.get_close_matches(kind, APPLY_KINDS, n=1, cutoff=0.75)
         version = str(m.get("apiVersion"))
         misread = version == "v1" or version.startswith("gateway.networking.k8s.io/")
-        if not close and not misread:
+        given = "kind" in m
+        if given and not close and not misread:
             continue
         meta = m.get("metadata") or {}
-        where = f"document {i} ({kind} {meta.get('namespace') or 'default'}/{meta.get('name')})"
+        named = f"{kind} " if given else ""
+        where = f"document {i} ({named}{meta.get('namespace') or 'default'}/{meta.get('name')})"
         hint = f"did you mean {close[0]}? " if close else ""
+        why = f"{kind!r} is not a kind lab apply takes; {hint}" if given else "is required; "
         kinds = ", ".join(f"{k} ({group})" for k, group in APPLY_KINDS.items())
         raise DocumentError(
             source,
             f"{where}: kind",
-            f"{kind!r} is not a kind lab apply takes; {hint}use one of {kinds}; "
-            f"nothing was applied; lab {lab} keeps its previous objects",
+            f"{why}use one of {kinds}; nothing was applied; lab {lab} keeps its previous objects",
         )
 
 

@@ -16,10 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.lab import components, control, netns
 from agent.lab.topology import DEFAULT_TOPOLOGY, LabError
+from agent.sources.fields import load_yaml_documents
 
 
 class Lab:
@@ -176,7 +175,7 @@ def _manifests(
         return [value]
     if isinstance(value, str | Path):
         text = Path(value).read_text(encoding="utf-8")
-        return [d for d in yaml.safe_load_all(text) if d is not None]
+        return load_yaml_documents(text, source=str(value))  # as `nodemesh lab apply -f` reads
     return list(value)
 
 

@@ -47,10 +47,11 @@ def resolve(logs: Path, nodes: Iterable[str], target: str, lab: str) -> Path:
 
 
 def tail(f: BinaryIO, lines: int | None) -> bytes:
-    """The last ``lines`` lines of ``f`` (all with ``None``), leaving ``f`` at its end."""
-    if lines is None:
+    """The last ``lines`` lines of ``f`` (all with ``None`` or a negative count, as ``kubectl
+    logs --tail=-1``), leaving ``f`` at its end."""
+    if lines is None or lines < 0:
         return f.read()
-    return b"".join(collections.deque(f, maxlen=max(lines, 0)))
+    return b"".join(collections.deque(f, maxlen=lines))
 
 
 def follow(f: BinaryIO, write: Callable[[bytes], None], wait: Callable[[], bool]) -> None:

@@ -370,6 +370,11 @@ def _metadata(manifest: Mapping[str, Any], path: str) -> tuple[str, str, bool, i
     return name, namespace, dry_run, generation, str(meta.get("uid", ""))
 
 
+def _refused(manifest: Mapping[str, Any], key: str) -> str:
+    """Why ``manifest[key]`` is refused: absent (not ``None is not allowed``), or its value."""
+    return f"{manifest[key]!r} is not allowed" if key in manifest else "is required"
+
+
 def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
     """Check one nodemesh.io/v1alpha1 manifest and return it as a ``PolicyObject``.
 
@@ -381,12 +386,10 @@ def validate_policy(manifest: Mapping[str, Any], *, path: str) -> PolicyObject:
     if manifest.get("apiVersion") != API_VERSION:
         group = str(manifest.get("apiVersion")).partition("/")[0]
         fix = ISTIO_EQUIVALENTS.get(group, f"use {API_VERSION}")
-        raise PolicyError(
-            f"{path}.apiVersion", f"{manifest.get('apiVersion')!r} is not allowed; {fix}"
-        )
+        raise PolicyError(f"{path}.apiVersion", f"{_refused(manifest, 'apiVersion')}; {fix}")
     kind = manifest.get("kind")
     if kind not in POLICY_KINDS:
-        raise PolicyError(f"{path}.kind", f"{kind!r} is not allowed; {_one_of(POLICY_KINDS)}")
+        raise PolicyError(f"{path}.kind", f"{_refused(manifest, 'kind')}; {_one_of(POLICY_KINDS)}")
     schema = crd_schemas()[kind]
     unknown = [key for key in manifest if key not in schema["properties"]]
     if unknown:  # the first in the manifest's order: keys need not even be strings

@@ -5,7 +5,14 @@ Two kinds of input are well formed yet almost certainly not what their author me
 * a pod annotation under ``nodemesh.io/`` that no agent reads (``nodemesh.io/http-port`` for
   ``nodemesh.io/http-ports``): the pod is meshed as if it were absent;
 * an AuthorizationPolicy value that can never match (``methods: ["get"]``, a path ``/a/*/b``,
-  a principal ``default/client``; ``agent.policy.authz.never_matching``), which Istio accepts too.
+  a principal ``default/client``; ``agent.policy.authz.never_matching``), which Istio accepts too;
+* a policy whose ``selector`` selects no pod, or whose ``targetRef`` names no Service, where it
+  is applied (``app: srever``; Istio's analyzer reports the first as IST0127): in a cluster the
+  pod or Service may come later, so only the lab, which knows every pod, warns of it;
+* a Service port's ``appProtocol`` one letter from a protocol the mesh reads (``http3``,
+  ``htttp``, ``grpcs``): Kubernetes allows any value and the mesh carries such a port as opaque
+  TCP (``agent.state.protocols``), so an L7 policy, a route or request metrics meant for it
+  would silently not apply.
 
 Neither is refused. An agent older than the manifest must not break pods that carry an
 annotation a newer agent reads, and a refused policy would be enforced as its fail-closed
@@ -19,17 +26,18 @@ the object (``kubectl describe``). Pure functions: no I/O, same answer everywher
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.policy.authz import never_matching
+from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, never_matching, selects_pod
 from agent.state.model import (
     EXCLUDE_INBOUND_ANNOTATION,
     EXCLUDE_OUTBOUND_ANNOTATION,
     HTTP_PORTS_ANNOTATION,
     MESH_ANNOTATION,
 )
+from agent.state.protocols import APP_PROTOCOLS
 
 ANNOTATION_PREFIX = "nodemesh.io/"
 # The pod annotations the mesh reads (Istio's analyzer reports unknown ones likewise, IST0108).
@@ -41,6 +49,13 @@ POD_ANNOTATIONS = (
 )
 UNKNOWN_ANNOTATION = "UnknownAnnotation"  # the Event reasons, CamelCase as Kubernetes writes them
 NEVER_MATCHES = "NeverMatches"
+UNREAD_APP_PROTOCOL = "UnreadAppProtocol"
+NOTHING_SELECTED = "NothingSelected"
+# Protocols Kubernetes or Istio name that are rightly opaque TCP here, yet look like one the mesh
+# reads ("https" is one letter from "http"): no warning for them.
+OPAQUE_APP_PROTOCOLS = frozenset(
+    {"https", "tls", "tcp", "udp", "kubernetes.io/ws", "kubernetes.io/wss"}
+)
 
 
 @dataclass(frozen=True)
@@ -79,3 +94,67 @@ def policy_warnings(kind: str, spec: Mapping[str, Any]) -> list[ConfigWarning]:
     if kind != "AuthorizationPolicy":
         return []
     return [ConfigWarning(NEVER_MATCHES, why) for why in never_matching(spec)]
+
+
+def service_warnings(spec: Mapping[str, Any]) -> list[ConfigWarning]:
+    """The warnings of a Service's ``spec``: ports whose ``appProtocol`` is near one the mesh
+    reads but is not it. A value far from all of them (``mysql``) is opaque TCP, as meant."""
+    found = []
+    for i, port in enumerate(spec.get("ports") or ()):
+        value = port.get("appProtocol") if isinstance(port, Mapping) else None
+        if not isinstance(value, str) or value.lower() in APP_PROTOCOLS:
+            continue
+        close = difflib.get_close_matches(value.lower(), APP_PROTOCOLS, n=1, cutoff=0.6)
+        if close and value.lower() not in OPAQUE_APP_PROTOCOLS:
+            found.append(
+                ConfigWarning(
+                    UNREAD_APP_PROTOCOL,
+                    f"spec.ports[{i}].appProtocol: {value!r} is not a protocol nodemesh reads "
+                    f"({', '.join(APP_PROTOCOLS)}), so the port is opaque TCP: no L7 policy, "
+                    f"route or request metrics apply on it (did you mean {close[0]}?)",
+                )
+            )
+    return found
+
+
+def reach_warnings(
+    namespace: str,
+    spec: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    services: Collection[tuple[str, str]],
+) -> list[ConfigWarning]:
+    """The warnings of a policy in ``namespace`` whose ``spec.selector`` selects none of
+    ``pods`` (``{"namespace", "labels"}``) or whose ``spec.targetRef`` names none of
+    ``services`` (``(namespace, name)``), each with the nearest label or Service there is."""
+    found = []
+    selector = spec.get("selector")
+    wanted = selector.get("matchLabels") if isinstance(selector, Mapping) else None
+    policy = {"namespace": namespace, "spec": spec}
+    if isinstance(wanted, Mapping) and not any(selects_pod(policy, pod) for pod in pods):
+        written = ", ".join(f"{k}={v}" for k, v in wanted.items())
+        scope = [p for p in pods if namespace in (DEFAULT_ROOT_NAMESPACE, p.get("namespace"))]
+        labels = {f"{k}={v}" for pod in scope for k, v in (pod.get("labels") or {}).items()}
+        close = difflib.get_close_matches(written, labels, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        where = "the mesh" if namespace == DEFAULT_ROOT_NAMESPACE else f"namespace {namespace}"
+        found.append(
+            ConfigWarning(
+                NOTHING_SELECTED,
+                f"spec.selector.matchLabels: {written} selects no pod in {where}{hint}; "
+                "the policy applies to none until one matches",
+            )
+        )
+    target = spec.get("targetRef")
+    name = target.get("name") if isinstance(target, Mapping) else None
+    if isinstance(name, str) and (namespace, name) not in services:
+        names = sorted(n for ns, n in services if ns == namespace)
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        found.append(
+            ConfigWarning(
+                NOTHING_SELECTED,
+                f"spec.targetRef: no Service {namespace}/{name}; {hint}Services in {namespace}: "
+                f"{', '.join(names) or 'none'}; the policy applies to none until it exists",
+            )
+        )
+    return found

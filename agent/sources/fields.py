@@ -8,8 +8,11 @@ typo such as ``serviceAcount`` fails loudly instead of silently meaning "default
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import re
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import yaml
@@ -216,8 +219,32 @@ _StrictLoader.add_constructor(
 
 def load_yaml(text: str, *, source: str) -> Any:
     """Parse YAML safely and strictly (no repeated keys); an empty file is an empty mapping."""
+    with _readable(source):
+        data = yaml.load(_named(text, source), Loader=_StrictLoader)  # safe: a SafeLoader subclass
+    return {} if data is None else data
+
+
+def load_yaml_documents(text: str, *, source: str) -> list[Any]:
+    """The documents of a multi-document stream (``---``, as ``kubectl apply -f`` takes them),
+    each parsed as ``load_yaml`` parses one; empty documents are left out."""
+    with _readable(source):
+        documents = yaml.load_all(_named(text, source), Loader=_StrictLoader)  # safe, as above
+        return [d for d in documents if d is not None]
+
+
+def _named(text: str, source: str) -> io.StringIO:
+    """``text`` as a stream named ``source``, so that an error's marks name the file and line
+    (``in "deny.yaml", line 7, column 11``), not PyYAML's ``"<unicode string>"``."""
+    stream = io.StringIO(text)
+    stream.name = source
+    return stream
+
+
+@contextlib.contextmanager
+def _readable(source: str) -> Iterator[None]:
+    """Whatever PyYAML raises for ``source`` as one ``DocumentError``."""
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
+        yield
     except yaml.YAMLError as e:
         raise DocumentError(source, "", f"not valid YAML: {e}") from e
     except (ValueError, LookupError, TypeError, AttributeError) as e:
@@ -227,4 +254,3 @@ def load_yaml(text: str, *, source: str) -> Any:
         # '!!timestamp x' (AttributeError), '!!map [a]' (TypeError).
         reason = f"{type(e).__name__}: {e}"
         raise DocumentError(source, "", f"not valid YAML: a value cannot be read ({reason})") from e
-    return {} if data is None else data

@@ -78,11 +78,16 @@ def check_routes(
             raise DocumentError(source, f"{path}.{compiled.error.path}", compiled.error.message)
         if compiled.unresolved:
             first = compiled.unresolved[0]
-            section = "policies" if first.startswith(FILTER_NOT_FOUND) else "services"
+            kind, section = (
+                ("HTTPFault", "policies") if first.startswith(FILTER_NOT_FOUND) else
+                ("Service", "services")
+            )  # fmt: skip
+            # Said for `nodemesh lab apply` (its usual reader) and for a cluster document.
             raise DocumentError(
                 source,
                 f"{path}.spec",
-                f"{first} (declare it under {section}, or fix the reference)",
+                f"{first} (apply the {kind} with the route, e.g. in the same file, or list it "
+                f"under {section} in a cluster document; or fix the reference)",
             )
         for verdict in table.verdicts[route.key]:
             if not verdict.accepted.status:

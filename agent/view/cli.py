@@ -87,10 +87,15 @@ def source_of(args: argparse.Namespace) -> Source:
 
 
 def _seconds(text: str) -> float:
+    """A window, range or refresh period: a duration above zero (a 0s window has no rates,
+    and a 0s ``top --interval`` asks Prometheus without pause)."""
     try:
-        return parse_duration(text).total_seconds()
+        seconds = parse_duration(text).total_seconds()
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration above 0, e.g. 30s or 1m")
+    return seconds
 
 
 def _header(source: Source, seconds: float) -> str:

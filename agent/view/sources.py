@@ -136,7 +136,16 @@ def http_get(url: str, runner: Runner = direct, deadline: float | None = None) -
     try:
         return runner(lambda: _get(url, seconds))
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise ViewError(f"GET {url} failed: {e}") from e
+        raise ViewError(f"GET {url} failed: {_why(e)}") from e
+
+
+def _why(error: Exception) -> str:
+    """What went wrong as a reader says it ("connection refused", "timed out"), not urllib's
+    wrapping of it ("<urlopen error [Errno 111] Connection refused>")."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror[:1].lower() + reason.strerror[1:]
+    return str(reason) or type(reason).__name__
 
 
 def read_bounded(url: str, response: Any, limit: int | None = None) -> bytes:

@@ -173,9 +173,18 @@ def test_unreachable_agent_is_a_helpful_error(
     assert "connection refused" in err and "nodemesh lab exec" in err and "--admin" in err
 
 
-def test_bad_address_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "status", "--admin", "localhost")
-    assert code == 1 and "expected HOST:PORT" in err
+@pytest.mark.parametrize("command", [*COMMANDS, "requests", "proxy-status"])
+def test_bad_address_is_a_usage_error(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused while parsing, before any agent is asked: proxy-status made it an UNREACHABLE
+    row of its table, requests named it twice ("localhost: --admin 'localhost': ...")."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--admin", "localhost"])
+    out = capsys.readouterr()
+    assert exit_.value.code == 2 and out.out == ""
+    assert out.err.splitlines()[-1] == (
+        f"nodemesh {command}: error: argument --admin: 'localhost': expected HOST:PORT, "
+        "e.g. 127.0.0.1:15000"
+    )
 
 
 def test_policies_warn_of_values_that_never_match() -> None:

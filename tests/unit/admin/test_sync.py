@@ -375,3 +375,19 @@ def test_the_command_reads_agents_over_http_and_an_unreachable_one_is_a_row(
         loop.close()
         for source in sources:
             source.stop()
+
+
+def test_an_agent_whose_source_refused_the_newest_input_says_so_under_the_table() -> None:
+    """Both agents refused the edited cluster file alike, so both hold the previous document
+    and compare SYNCED; the note says the newest input is not in force anywhere."""
+    error = "cluster.yaml: policies[2].spec.action: 'REJECT' is not allowed"
+    rows = compare(
+        [lab(n, "aa", "2026-12-06T22:00:00.000000Z", last_error=error) for n in ("n1", "n2")]
+    )
+    assert [r["columns"] for r in rows] == [{"DOCUMENT": SYNCED}] * 2
+    assert [r["source_error"] for r in rows] == [error, error]
+    text = format_rows(rows, dt.datetime(2026, 12, 6, tzinfo=dt.UTC)).splitlines()
+    assert text[-2:] == [
+        f"{n}: its state source refused the newest input and keeps the state it had: {error}"
+        for n in ("n1", "n2")
+    ]

@@ -15,9 +15,9 @@ import pytest
 
 from agent.admin.api import AdminApi
 from agent.admin.cli import format_connections
-from agent.admin.tapcli import Agent, format_header, format_line, name_hints, tap
+from agent.admin.tapcli import Agent, format_header, format_line, name_hints, run_agents, tap
 from agent.base.http import HttpServer, Request
-from agent.cli import main
+from agent.cli import build_parser, main
 from agent.config import ConfigError, add_arguments, from_args
 from agent.telemetry.records import RequestRecord
 from agent.telemetry.tap import RequestFilter, RequestRing
@@ -284,7 +284,19 @@ def test_several_agents_are_merged_in_time_order_with_their_node(served: Served)
 def test_an_unreachable_agent_is_an_error_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
     code, lines, err = run(capsys, "requests", "--admin", "127.0.0.1:1", "--once")
     assert code == 1 and lines == []
-    assert "nodemesh requests: 127.0.0.1:1: no nodemesh agent answers" in err
+    # Named once: the address is in the error already ("127.0.0.1:1: no ... on 127.0.0.1:1").
+    assert err.startswith("nodemesh requests: no nodemesh agent answers on 127.0.0.1:1 ")
+
+
+def test_lab_requests_speaks_as_itself_naming_the_node(capsys: pytest.CaptureFixture[str]) -> None:
+    """``nodemesh lab requests`` runs the same tap: its messages are its own, not "nodemesh
+    requests: ...", and a node's agent is named by the node."""
+    args = build_parser("lab").parse_args(["lab", "requests", "--once"])
+    agents = [Agent("node1", "127.0.0.1:1")]
+    assert run_agents(args, agents, "nodemesh lab requests") == 1
+    assert capsys.readouterr().err.startswith(
+        "nodemesh lab requests: node1: no nodemesh agent answers on 127.0.0.1:1 "
+    )
 
 
 def test_a_failed_grpc_call_is_found_by_its_grpc_status_not_by_5xx(

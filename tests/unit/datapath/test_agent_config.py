@@ -84,6 +84,22 @@ def test_bad_flags_are_named(argv: list[str], message: str) -> None:
         parse(*argv)
 
 
+@pytest.mark.parametrize("flag", ["--capture-mark", "--route-table"])
+def test_a_mark_or_table_that_is_no_number_is_named_without_internals(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser(prog="nodemesh agent")
+    add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--node", "n", "--in-cluster", flag, "zz"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == (
+        f"nodemesh agent: error: argument {flag}: 'zz' is not a number: "
+        "write it in decimal or as 0x-hex, e.g. 0x1539"
+    )
+
+
 def test_uninstall_needs_no_state_source() -> None:
     assert parse("--node", "n", "--uninstall").pin_dir == Path("/sys/fs/bpf/nodemesh/n")
 

@@ -58,6 +58,13 @@ def test_layout_mismatch_is_refused(tmp_path: Path) -> None:
         ("fatal error: 'linux/bpf.h' file not found", "kernel headers are missing"),
         ("bpf: Failed to load program: Operation not permitted", "needs root"),
         ("R1 invalid mem access 'scalar'", "verifier rejected"),
+        # BCC's words as a user without root sees them: "error:" is no compiler error here
+        (
+            "Failed to compile BPF module <text>\n"
+            "could not open bpf map: nm_splice_sources, error: Operation not permitted",
+            "needs root",
+        ),
+        ("nodemesh.bpf.c:12:3: error: use of undeclared identifier 'x'", "does not compile"),
     ],
 )
 def test_load_errors_name_the_likely_cause(message: str, cause: str) -> None:

@@ -46,6 +46,13 @@ def test_a_node_names_its_agents_log_and_tail_keeps_the_last_lines(
     assert run(capsysbinary, "server-0")[1] == b"GET /\n"
 
 
+def test_a_negative_tail_means_every_line_as_in_kubectl(
+    labdir: LabDir, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """``kubectl logs --tail=-1`` is every line; it printed none here."""
+    assert run(capsysbinary, "ca", "--tail", "-1") == (0, b"ca 1\nca 2\n", b"")
+
+
 def test_an_unknown_target_lists_the_known_ones(
     labdir: LabDir, capsysbinary: pytest.CaptureFixture[bytes]
 ) -> None:

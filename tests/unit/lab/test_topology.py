@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,30 @@ def recorded(tmp_path: Path) -> str:
     labdir.write_plan(plan)
     labdir.write_cluster(doc)
     return str(tmp_path)
+
+
+LabApply = Callable[[str], tuple[Path, str, str]]
+
+
+@pytest.fixture
+def lab_apply(
+    recorded: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> LabApply:
+    """``nodemesh lab apply -f FILE`` of a text on the recorded lab, which it must accept: the
+    file, then what was printed on stdout and stderr."""
+    monkeypatch.setattr(control, "labdir_of", lambda lab, state_root=None: LabDir(lab, recorded))
+
+    def apply(text: str) -> tuple[Path, str, str]:
+        manifest = tmp_path / "objects.yaml"
+        manifest.write_text(text)
+        assert main(["lab", "apply", "--name", "unit", "-f", str(manifest)]) == 0
+        out, err = capsys.readouterr()
+        return manifest, out, err
+
+    return apply
 
 
 def test_down_says_when_there_was_no_such_lab(
@@ -251,29 +276,31 @@ def test_apply_names_a_mistyped_kind_not_the_api_version(
     assert LabDir("unit", recorded).cluster_file.read_text() == before  # POLICY not applied
 
 
-def test_apply_warns_of_values_that_never_match(
-    recorded: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+@pytest.mark.parametrize("api_version", ["v1", "nodemesh.io/v1alpha1", "example.com/v1"])
+def test_apply_says_a_missing_kind_is_required(recorded: str, api_version: str) -> None:
+    """Not "'None' is not a kind lab apply takes" under a document named "(None default/x)"."""
+    manifest = {"apiVersion": api_version, "metadata": {"name": "x"}, "spec": {}}
+    with pytest.raises(DocumentError) as refused:
+        control.apply("unit", [POLICY, manifest], state_root=recorded, source="k.yaml")
+    assert str(refused.value).startswith(
+        "k.yaml: document 2 (default/x): kind: is required; use one of AuthorizationPolicy "
+    )
+
+
+def test_apply_warns_of_values_that_never_match(lab_apply: LabApply) -> None:
     """Applied (Istio accepts them too), with a warning naming the file, document and field."""
-    monkeypatch.setattr(control, "labdir_of", lambda lab, state_root=None: LabDir(lab, recorded))
-    manifest = tmp_path / "deny.yaml"
-    manifest.write_text(
+    manifest, out, err = lab_apply(
         "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\n"
         "metadata: {name: no-admin, namespace: default}\n"
         "spec: {action: DENY, rules: [{to: [{operation: {paths: ['/admin/*/x']}}]}]}\n"
     )
-    assert main(["lab", "apply", "--name", "unit", "-f", str(manifest)]) == 0
-    out, err = capsys.readouterr()
     assert out == "AuthorizationPolicy default/no-admin created\n"
     assert err == (
         f"nodemesh lab: warning: {manifest}: document 1 (AuthorizationPolicy default/no-admin): "
         "spec.rules[0].to[0].operation.paths[0]: '/admin/*/x' matches only its literal text: "
         "'*' matches once, at the start (suffix match), at the end (prefix match) or alone\n"
     )
-    assert [p.key for p in LabDir("unit", recorded).read_cluster().policies] == [
+    assert [p.key for p in control.labdir_of("unit").read_cluster().policies] == [
         ("AuthorizationPolicy", "default", "no-admin")
     ]
 
@@ -399,3 +426,44 @@ def test_lab_status_node_refuses_what_is_not_a_node(
     monkeypatch.setattr(control, "load", lambda lab: load(lab, state_root=recorded))
     assert main(["lab", "status", "--name", "unit", "--node", target]) == 1
     assert f"no node '{target}' in lab unit; nodes: node1, node2" in capsys.readouterr().err
+
+
+def test_apply_warns_of_an_app_protocol_one_letter_from_http(lab_apply: LabApply) -> None:
+    """Kubernetes allows any appProtocol, so the Service is applied; but the port is opaque TCP,
+    and an L7 policy or route meant for it would silently not apply: a warning says so."""
+    manifest, out, err = lab_apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web-h, namespace: default}\n"
+        "spec: {selector: {app: server}, ports: [{port: 80, appProtocol: mysql},"
+        " {port: 81, appProtocol: https}, {port: 82, appProtocol: http3}]}\n"
+    )
+    assert out.startswith("Service default/web-h created (clusterIP ")
+    assert err == (
+        f"nodemesh lab: warning: {manifest}: document 1 (Service default/web-h): "
+        "spec.ports[2].appProtocol: 'http3' is not a protocol nodemesh reads (http, http2, "
+        "kubernetes.io/h2c, grpc), so the port is opaque TCP: no L7 policy, route or request "
+        "metrics apply on it (did you mean http?)\n"
+    )
+
+
+def test_apply_warns_of_a_policy_that_selects_no_pod_or_targets_no_service(
+    lab_apply: LabApply,
+) -> None:
+    """Applied (the pod or Service may come later), with a warning naming the near miss: a
+    typo in a selector otherwise leaves the policy silently applying to nothing."""
+    manifest, out, err = lab_apply(
+        "apiVersion: nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: deny-all, namespace: default}\n"
+        "spec: {selector: {matchLabels: {app: srever}}, action: DENY, rules: [{}]}\n---\n"
+        "apiVersion: nodemesh.io/v1alpha1\nkind: TrafficPolicy\n"
+        "metadata: {name: rr, namespace: default}\n"
+        "spec: {targetRef: {kind: Service, name: wbe}, loadBalancer: {type: ROUND_ROBIN}}\n"
+    )
+    assert out == "AuthorizationPolicy default/deny-all created\nTrafficPolicy default/rr created\n"
+    assert err.splitlines() == [
+        f"nodemesh lab: warning: {manifest}: document 1 (AuthorizationPolicy default/deny-all): "
+        "spec.selector.matchLabels: app=srever selects no pod in namespace default (did you "
+        "mean app=server?); the policy applies to none until one matches",
+        f"nodemesh lab: warning: {manifest}: document 2 (TrafficPolicy default/rr): "
+        "spec.targetRef: no Service default/wbe; did you mean web? Services in default: grpc, "
+        "server, web; the policy applies to none until it exists",
+    ]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from agent.policy.warnings import (
     NEVER_MATCHES,
     POD_ANNOTATIONS,
     UNKNOWN_ANNOTATION,
     pod_warnings,
     policy_warnings,
+    reach_warnings,
+    service_warnings,
     unknown_annotation,
 )
 
@@ -72,3 +76,70 @@ def test_policy_warnings_are_never_matching_values_of_an_authorization_policy() 
     assert policy_warnings("TrafficPolicy", spec) == []
     fixed = {"rules": [{"to": [{"operation": {"methods": ["GET"], "paths": ["/a/*"]}}]}]}
     assert policy_warnings("AuthorizationPolicy", fixed) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "meant"),
+    [("http3", "http"), ("htttp", "http"), ("HTTP/1.1", "http"), ("grpcs", "grpc"),
+     ("kubernetes.io/h2", "kubernetes.io/h2c"), ("http", None), ("HTTP", None), ("grpc", None),
+     ("https", None), ("tls", None), ("tcp", None), ("kubernetes.io/ws", None), ("mysql", None)],
+)  # fmt: skip
+def test_an_app_protocol_near_one_the_mesh_reads_is_warned(value: str, meant: str | None) -> None:
+    """Near misses only: a protocol the mesh reads, or one rightly opaque (https, mysql), is not."""
+    found = service_warnings({"ports": [{"port": 80}, {"port": 81, "appProtocol": value}]})
+    if meant is None:
+        assert found == []
+    else:
+        assert [w.reason for w in found] == ["UnreadAppProtocol"]
+        assert found[0].message.startswith(f"spec.ports[1].appProtocol: {value!r} is not a ")
+        assert found[0].message.endswith(f"(did you mean {meant}?)")
+
+
+PODS = [
+    {"namespace": "default", "labels": {"app": "server", "version": "v1"}},
+    {"namespace": "shop", "labels": {"app": "client"}},
+]
+SERVICES = {("default", "web"), ("default", "server"), ("shop", "cart")}
+
+
+@pytest.mark.parametrize(
+    ("namespace", "spec", "message"),
+    [
+        ("default", {"selector": {"matchLabels": {"app": "srever"}}},
+         "spec.selector.matchLabels: app=srever selects no pod in namespace default (did you "
+         "mean app=server?); the policy applies to none until one matches"),
+        ("default", {"selector": {"matchLabels": {"app": "client"}}},  # only in shop
+         "spec.selector.matchLabels: app=client selects no pod in namespace default; the "
+         "policy applies to none until one matches"),
+        ("nodemesh-system", {"selector": {"matchLabels": {"tier": "db"}}},
+         "spec.selector.matchLabels: tier=db selects no pod in the mesh; the policy applies to "
+         "none until one matches"),
+        ("default", {"targetRef": {"kind": "Service", "name": "wbe"}},
+         "spec.targetRef: no Service default/wbe; did you mean web? Services in default: "
+         "server, web; the policy applies to none until it exists"),
+        ("shop", {"targetRef": {"kind": "Service", "name": "web"}},
+         "spec.targetRef: no Service shop/web; Services in shop: cart; the policy applies to "
+         "none until it exists"),
+    ],
+)  # fmt: skip
+def test_a_policy_that_reaches_nothing_is_warned(
+    namespace: str, spec: dict[str, object], message: str
+) -> None:
+    assert [(w.reason, w.message) for w in reach_warnings(namespace, spec, PODS, SERVICES)] == [
+        ("NothingSelected", message)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("namespace", "spec"),
+    [
+        ("default", {"selector": {"matchLabels": {"app": "server", "version": "v1"}}}),
+        ("nodemesh-system", {"selector": {"matchLabels": {"app": "client"}}}),  # mesh-wide
+        ("default", {"action": "DENY", "rules": [{}]}),  # no selector: every pod of default
+        ("default", {"targetRef": {"kind": "Service", "name": "web"}}),
+    ],
+)
+def test_a_policy_that_reaches_something_is_not_warned(
+    namespace: str, spec: dict[str, object]
+) -> None:
+    assert reach_warnings(namespace, spec, PODS, SERVICES) == []

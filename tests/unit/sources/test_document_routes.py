@@ -99,12 +99,13 @@ def test_a_document_without_routes_dumps_as_before() -> None:
         (
             canary(backendRefs=[{"name": "nowhere", "port": 80}]),
             r"routes\[0\]\.spec",
-            "declare it under services",
+            "apply the Service with the route, e.g. in the same file, or list it under services",
         ),
         (
             canary(filters=[{"type": "ExtensionRef", "extensionRef": CHAOS_REF}]),
             r"routes\[0\]\.spec",
-            "FilterNotFound: .*HTTPFault default/chaos.*declare it under policies",
+            "FilterNotFound: .*HTTPFault default/chaos.*apply the HTTPFault with the route, "
+            "e.g. in the same file, or list it under policies",
         ),
         (
             {**canary(), "apiVersion": "gateway.networking.k8s.io/v1beta1"},

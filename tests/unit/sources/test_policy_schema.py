@@ -416,6 +416,20 @@ def test_an_unknown_field_like_none_gets_no_guess() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("field", "reason"),
+    [
+        ("apiVersion", f"is required; use {API_VERSION}"),
+        ("kind", "is required; use one of AuthorizationPolicy, PeerAuthentication, "),
+    ],
+)
+def test_a_missing_api_version_or_kind_is_required_not_none(field: str, reason: str) -> None:
+    """Not "None is not allowed": the manifest has no such line, and None is no YAML word."""
+    with pytest.raises(PolicyError) as info:
+        validate_policy(_with(AUTHZ, field, ...), path="p")
+    assert info.value.path == f"p.{field}" and info.value.reason.startswith(reason)
+
+
 @pytest.mark.parametrize(("field", "value"), [("kind", "Sidecar"), ("spec.action", "ALLOWED")])
 def test_choices_are_listed_as_typed_not_as_a_python_tuple(field: str, value: str) -> None:
     with pytest.raises(PolicyError) as info:

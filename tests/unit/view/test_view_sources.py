@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import socket
 import urllib.parse
 from collections.abc import Callable
 
@@ -171,3 +172,29 @@ def test_an_answer_within_the_deadline_is_read_whole_and_an_error_names_its_stat
             http_get(server.url, deadline=30)
     finally:
         server.close()
+
+
+def test_an_address_where_nothing_listens_is_named_plainly() -> None:
+    """ "connection refused", as the admin CLI says it, not "<urlopen error [Errno 111] ...>"."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}/metrics"
+    with pytest.raises(ViewError) as caught:
+        http_get(url)
+    assert str(caught.value) == f"GET {url} failed: connection refused"
+
+
+@pytest.mark.parametrize(
+    "argv", [["stat", "--window", "0s"], ["edges", "--window", "0m"], ["top", "--interval", "0s"]]
+)
+def test_a_window_or_interval_of_no_time_is_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It printed "(no traffic in the window)"; `top --interval 0s` asked without pause."""
+    parser = cli.argparse.ArgumentParser(prog="nodemesh")
+    cli.register(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.endswith(f": {argv[-1]!r}: expected a duration above 0, e.g. 30s or 1m")

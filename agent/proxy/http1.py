@@ -13,9 +13,10 @@ What it does per request:
 * refuses what could be read two ways by two parsers (request smuggling): both
   ``Content-Length`` and ``Transfer-Encoding``, conflicting lengths, a transfer coding other
   than ``chunked`` (400, 501), a malformed request line or header (400), a head over
-  ``max_head_bytes`` (431) (``http1_codec``). Each refusal closes the connection and is named
-  by its cause (``take_rejections``); a head that is not complete ``header_timeout`` after its
-  first byte is the shell's to time out (``head_started``, ``header_timeout()``: 408);
+  ``max_head_bytes`` or of more than ``max_fields`` fields (431) (``http1_codec``). Each
+  refusal closes the connection and is named by its cause (``take_rejections``); a head that
+  is not complete ``header_timeout`` after its first byte is the shell's to time out
+  (``head_started``, ``header_timeout()``: 408);
 * removes hop-by-hop headers (RFC 9110 7.6.1: ``Connection`` and what it lists,
   ``Keep-Alive``, ``Proxy-Connection``, ``TE`` except ``trailers``, ``Trailer``, ``Upgrade``
   unless the request asks for an upgrade); a body framed by ``Content-Length`` is forwarded as
@@ -42,6 +43,8 @@ from typing import ClassVar, Generic, Protocol, TypeVar
 
 from agent.proxy.http1_codec import (
     AMBIGUOUS_LENGTH,
+    DEFAULT_MAX_FIELDS,
+    FIELD_SIZE_MIN,
     HEADERS_TOO_LARGE,
     HOP_BY_HOP,
     MALFORMED,
@@ -70,6 +73,12 @@ __all__ = [  # the names this module had before the codec moved out, still impor
 
 DENIED_BODY = b"RBAC: access denied"
 DEFAULT_MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb is 60
+# What ``nodemesh agent --max-header-fields`` may choose for ``max_fields``. At least 10: a
+# request carries ``Host`` and the proxies add ``x-request-id`` (and pass trace context), so
+# fewer refuses ordinary requests. At most what a head of ``DEFAULT_MAX_HEAD_BYTES`` can hold
+# (``FIELD_SIZE_MIN`` bytes a field): past it the count bounds nothing the bytes do not.
+MIN_FIELDS_SETTING = 10
+MAX_FIELDS_SETTING = DEFAULT_MAX_HEAD_BYTES // FIELD_SIZE_MIN
 
 # Causes of a refused request (``nodemesh_http_rejected_requests_total{cause}``); the parser's
 # own are defined in ``http1_codec``.
@@ -497,6 +506,7 @@ class Http1Proxy(ClientSide[_Current]):
     clock: Callable[[], float] = time.monotonic
     new_request_id: Callable[[], str] = new_request_id
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    max_fields: int = DEFAULT_MAX_FIELDS  # per head or trailer block, either side's
     closing: bool = field(default=False, init=False)  # close the client once flushed
     tunnel: bool = field(default=False, init=False)  # switched protocols: relay raw bytes
     head_started: float | None = field(default=None, init=False)
@@ -513,8 +523,8 @@ class Http1Proxy(ClientSide[_Current]):
     _reasons = _REASONS
 
     def __post_init__(self) -> None:
-        self.client = RequestReader(self.max_head_bytes)
-        self.upstream = ResponseReader(self.max_head_bytes)
+        self.client = RequestReader(self.max_head_bytes, self.max_fields)
+        self.upstream = ResponseReader(self.max_head_bytes, self.max_fields)
 
     # -- output ------------------------------------------------------------------------------
     def take_completed(self) -> list[Exchange]:

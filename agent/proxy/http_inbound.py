@@ -363,7 +363,9 @@ class HttpSession(PodShell[Exchange]):
 
     def _start(self) -> None:
         self.record.protocol = "http/1.1"
-        self.proxy = Http1Proxy(authorize=self._authorize)
+        self.proxy = Http1Proxy(
+            authorize=self._authorize, max_fields=self.core.settings.max_header_fields
+        )
         self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
         self._paused = False  # the client side waits for ``_resume``
 

@@ -72,6 +72,7 @@ from agent.proxy.http1 import (
     new_request_id,
 )
 from agent.proxy.http1_codec import (
+    DEFAULT_MAX_FIELDS,
     HOP_BY_HOP,
     Body,
     End,
@@ -124,8 +125,10 @@ class UpstreamHalf:
 
     __slots__ = ("direct", "reader")
 
-    def __init__(self, max_head_bytes: int, direct: bool = False) -> None:
-        self.reader = ResponseReader(max_head_bytes)
+    def __init__(
+        self, max_head_bytes: int, direct: bool = False, max_fields: int = DEFAULT_MAX_FIELDS
+    ) -> None:
+        self.reader = ResponseReader(max_head_bytes, max_fields)
         # The pod itself, with no proxy of its own in front (a same-node endpoint, which this
         # node admits for its destination): a loss before the response head is answered 502,
         # as that proxy (a far node) answers the source for it, not 503.
@@ -141,10 +144,14 @@ class UpstreamHalf:
 
 
 def new_upstream(
-    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES, *, direct: bool = False
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
+    *,
+    direct: bool = False,
+    max_fields: int = DEFAULT_MAX_FIELDS,
 ) -> UpstreamHalf:
-    """The client half of one upstream session (``direct``: ``UpstreamHalf.direct``)."""
-    return UpstreamHalf(max_head_bytes, direct)
+    """The client half of one upstream session (``direct``: ``UpstreamHalf.direct``), reading
+    response heads and trailer blocks of at most ``max_fields`` fields."""
+    return UpstreamHalf(max_head_bytes, direct, max_fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +203,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     clock: Callable[[], float] = time.monotonic
     new_request_id: Callable[[], str] = new_request_id
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    max_fields: int = DEFAULT_MAX_FIELDS  # per request head or trailer block
     max_replay_bytes: int = DEFAULT_MAX_REPLAY_BYTES
     client: RequestReader = field(init=False)
     closing: bool = field(default=False, init=False)  # close the client once flushed
@@ -216,7 +224,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     _reasons = _REASONS
 
     def __post_init__(self) -> None:
-        self.client = RequestReader(self.max_head_bytes)
+        self.client = RequestReader(self.max_head_bytes, self.max_fields)
 
     # -- output ------------------------------------------------------------------------------
     def take_completed(self) -> list[tuple[Exchange, T | None]]:

@@ -5,13 +5,17 @@ The readers parse at most ``MAX_WAITING`` pipelined requests ahead and hold the 
 as bytes (``agent.proxy.http1_codec.RequestReader``): the shells must still serve a thousand
 requests sent in one write, every one answered, in order, on the one connection, at the
 destination (the plaintext listener, and through HBONE for the pod's IP) and at the source for
-a Service VIP port (both nodes terminate). A head past the field count gets the 431 whole.
+a Service VIP port (both nodes terminate). A head past the field count gets the 431 whole, and
+a count chosen with ``--max-header-fields`` (``ProxySettings.max_header_fields``) is what
+each node's shells give their readers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -36,8 +40,12 @@ async def echo_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     writer.close()
 
 
-def _server(mesh: Mesh) -> int:
-    port = mesh.app(SERVER, echo_path)
+def _server(
+    mesh: Mesh,
+    app: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] = echo_path,
+) -> int:
+    """The pod ``app`` on ``SERVER``, its port declared HTTP behind the Service ``VIP``."""
+    port = mesh.app(SERVER, app)
     with mesh.store.update() as tx:
         sp = ServicePort(80, port, name="http-web", app_protocol="http")
         tx.put_service(
@@ -96,3 +104,68 @@ async def test_a_head_of_more_fields_than_the_limit_gets_the_431_whole(mesh: Mes
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
         assert b"more than 100 header fields" in body
+
+
+MANY = b"".join(b"x%d: v\r\n" % i for i in range(21))  # with Host or Content-Length: 22
+
+
+async def many_fields(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A pod answering its one request with a head of 22 fields."""
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + MANY + b"\r\n")
+        await writer.drain()
+    writer.close()
+
+
+def _limit(mesh: Mesh, *, source: int, destination: int) -> None:
+    for node, count in ((mesh.node1, source), (mesh.node2, destination)):
+        node.core.settings = dataclasses.replace(node.core.settings, max_header_fields=count)
+
+
+async def _answers(mesh: Mesh, dst: tuple[str, int], where: str) -> tuple[bytes, bytes]:
+    """The head and body answered to a request of 23 fields, and the status line answered to
+    a request the pod answers with 22."""
+    request = b"GET / HTTP/1.1\r\nHost: svc\r\nx-request-id: r\r\n" + MANY + b"\r\n"
+    head, _, body = (await exchange(await connect(mesh, dst, where=where), request)).partition(
+        b"\r\n\r\n"
+    )
+    plain = b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
+    answer = await exchange(await connect(mesh, dst, where=where), plain)
+    return head.split(b"\r\n")[0] + b" | " + body, answer.split(b"\r\n")[0]
+
+
+@mesh_test
+async def test_a_chosen_field_count_bounds_the_sources_client_and_endpoint_readers(
+    mesh: Mesh,
+) -> None:
+    """The source at 22 (the destination at the default): a client's 23 fields are 431 naming
+    22 from the source, and the pod's 22-field response, passed by its node, is read whole;
+    at 21, the source refuses that response as one from a far endpoint (503)."""
+    _server(mesh, many_fields)
+    _limit(mesh, source=22, destination=100)
+    refused, answered = await _answers(mesh, (VIP, 80), "source")
+    assert (
+        refused == b"HTTP/1.1 431 Request Header Fields Too Large | headers too large: "
+        b"more than 22 header fields\n"
+    )
+    assert answered == b"HTTP/1.1 200 OK"
+    _limit(mesh, source=21, destination=100)
+    assert (await _answers(mesh, (VIP, 80), "source"))[1] == b"HTTP/1.1 503 Service Unavailable"
+
+
+@mesh_test
+async def test_a_chosen_field_count_bounds_the_destinations_client_and_pod_readers(
+    mesh: Mesh,
+) -> None:
+    """The destination at 21: a client's 23 fields are 431 naming 21, and the pod's 22-field
+    response is 502 (at 22 it is read whole)."""
+    port = _server(mesh, many_fields)
+    _limit(mesh, source=100, destination=21)
+    refused, answered = await _answers(mesh, (SERVER, port), "plaintext")
+    assert refused.startswith(b"HTTP/1.1 431 ") and refused.endswith(
+        b"more than 21 header fields\n"
+    )
+    assert answered == b"HTTP/1.1 502 Bad Gateway"
+    _limit(mesh, source=100, destination=22)
+    assert (await _answers(mesh, (SERVER, port), "plaintext"))[1] == b"HTTP/1.1 200 OK"

@@ -571,6 +571,24 @@ def test_a_response_of_more_fields_than_the_limit_is_answered_as_one_over_the_by
     assert answers[0] == (b"HTTP/1.1 %d " % status, [UPSTREAM_PROTOCOL], status, "UC")
 
 
+def test_a_chosen_field_count_bounds_the_clients_heads_and_the_endpoints_responses() -> None:
+    """``--max-header-fields`` at the source: a client's head past it is 431 naming the count,
+    and an endpoint's response past it is what one past the default is (503 ``UC``)."""
+    fields = b"".join(b"x%d: v\r\n" % i for i in range(20))
+    c: SourceHttp1[str] = SourceHttp1(max_fields=20)
+    c.receive_client(b"GET / HTTP/1.1\r\nHost: web\r\n" + fields + b"\r\n")
+    answer = c.take_to_client()
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.endswith(
+        b": more than 20 header fields\n"
+    )
+    c = SourceHttp1(max_fields=20)
+    c.receive_client(GET)
+    c.attach(new_upstream(max_fields=20), "e")
+    c.take_to_upstream()
+    c.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + fields + b"\r\n")
+    assert c.take_to_client().startswith(b"HTTP/1.1 503 ") and c.rejections == [UPSTREAM_PROTOCOL]
+
+
 def test_a_thousand_pipelined_requests_are_served_in_order_a_few_parsed_at_a_time() -> None:
     """The source's reader, too, parses at most ``MAX_WAITING`` pipelined heads ahead of the
     request being served; the rest of the read waits as bytes and is served in order."""

@@ -109,7 +109,8 @@ class AgentConfig:
     # each proxy process (None: half the process's cap, ``conncaps.per_pod_share``).
     max_connections_per_pod: int | None = None
     # --max-header-fields: fields an HTTP/1.1 head or trailer block may have, at either node and
-    # from endpoints (``agent.proxy.http1_codec``; Envoy's max_headers_count).
+    # from endpoints (``agent.proxy.http1_codec``; Envoy's max_headers_count), the client's: a
+    # peer node's heads get what it added on top (``agent.proxy.http1.PEER_REQUEST``).
     max_header_fields: int = DEFAULT_MAX_FIELDS
 
     def connection_cap(self, nofile: int) -> int:
@@ -338,7 +339,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"header fields an HTTP/1.1 request or response head, or a trailer block, may have "
         f"({MIN_FIELDS_SETTING} to {MAX_FIELDS_SETTING}; default %(default)s, Envoy's "
         "max_headers_count); a client's head past it is answered 431 naming the count, an "
-        "endpoint's response 502 (503 at the source for a far one). HTTP/2 header blocks are "
+        "endpoint's response 502 (503 at the source for a far one). Counted as the client (or "
+        "pod) sent it: a node admits on top what the other node adds (x-request-id), not what "
+        "an HTTPRoute's filters add. HTTP/2 header blocks are "
         "bounded by their 16 KiB header list size instead (see ARCHITECTURE.md, What outside "
         "input can make the agent hold)",
     )

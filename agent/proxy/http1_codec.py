@@ -26,7 +26,9 @@ that two parsers could delimit differently is refused, never guessed at:
   (``headers_too_large``, ``TOO_MANY_FIELDS``, which names the count), counted as llhttp hands
   each field over, before it is kept. Why besides the byte bound: a head of tiny fields (``a:``
   15,000 times fits in 60 KiB) became about 20 times its size in Python objects (a tuple and
-  two ``bytes`` per field), held per connection;
+  two ``bytes`` per field), held per connection. A reader of heads that crossed the mesh is
+  given bounds with an ``Allowance`` on top: what the node before it added (its 431 names the
+  count with it);
 * the HTTP/2 connection preface (``PRI * HTTP/2.0``: an h2c client with prior knowledge, e.g.
   gRPC): 400 (``malformed``), its detail saying how to declare the port HTTP/2 (``H2_PREFACE``).
 
@@ -114,6 +116,37 @@ class Refusal:
 
 
 Event = Head | Body | End | Refusal
+
+
+def field_size(name: bytes, value: bytes) -> int:
+    """What a field adds to a head's size for the head limit (``_Reader.on_header``): its name
+    and value and 4 (``: `` and CRLF), however the sender spaced it."""
+    return len(name) + len(value) + 4
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """Fields and bytes a reader admits on top of its limits: what the mesh itself added to a
+    head that crossed it (``agent.proxy.http1.PEER_REQUEST``, ``PEER_RESPONSE``). Why: the
+    limits are the client's (or the pod's), checked where its head enters the mesh; the node
+    at the other end reads that head again, with what the first node added, and must not
+    refuse what the first admitted for additions no one sent."""
+
+    fields: int = 0
+    size: int = 0
+
+    @classmethod
+    def of(cls, *added: tuple[bytes, bytes], lengthened: int = 0) -> Allowance:
+        """The allowance for the fields ``added`` and ``lengthened`` bytes more in values."""
+        return cls(len(added), sum(field_size(n, v) for n, v in added) + lengthened)
+
+    def added_to(self, max_head_bytes: int, max_fields: int) -> tuple[int, int]:
+        """The bounds a reader given the limits and this allowance enforces (its
+        ``max_head_bytes`` and ``max_fields``, in that order)."""
+        return max_head_bytes + self.size, max_fields + self.fields
+
+
+NO_ALLOWANCE = Allowance()
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n"  # RFC 9113 3.4: how an HTTP/2 connection opens
 H2_ON_HTTP1_PORT = (
@@ -249,7 +282,7 @@ class _Reader:
         self._until_eof = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._size += len(name) + len(value) + 4
+        self._size += len(name) + len(value) + 4  # ``field_size``, without a call
         if self._in_body:  # a trailer: bounded with the head by twice its limit
             if self._size > 2 * self.max_head_bytes:
                 raise _Refused(Refusal(431, HEADERS_TOO_LARGE, TRAILERS_TOO_LARGE))

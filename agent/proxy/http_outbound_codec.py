@@ -64,6 +64,8 @@ from agent.proxy.http1 import (
     DOWNSTREAM_CLOSED,
     HEAD_NOT_COMPLETE,
     HEADER_TIMEOUT,
+    PEER_RESPONSE,
+    SHADOW_SUFFIX,
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
     ClientSide,
@@ -74,6 +76,7 @@ from agent.proxy.http1 import (
 from agent.proxy.http1_codec import (
     DEFAULT_MAX_FIELDS,
     HOP_BY_HOP,
+    NO_ALLOWANCE,
     Body,
     End,
     Head,
@@ -126,9 +129,16 @@ class UpstreamHalf:
     __slots__ = ("direct", "reader")
 
     def __init__(
-        self, max_head_bytes: int, direct: bool = False, max_fields: int = DEFAULT_MAX_FIELDS
+        self,
+        max_head_bytes: int,
+        direct: bool = False,
+        max_fields: int = DEFAULT_MAX_FIELDS,
+        peer: bool = False,
     ) -> None:
-        self.reader = ResponseReader(max_head_bytes, max_fields)
+        # A response from a destination node (``peer``, over HBONE) may carry what that node
+        # added to the pod's, which the limits do not count (``PEER_RESPONSE``)
+        allowance = PEER_RESPONSE if peer else NO_ALLOWANCE
+        self.reader = ResponseReader(*allowance.added_to(max_head_bytes, max_fields))
         # The pod itself, with no proxy of its own in front (a same-node endpoint, which this
         # node admits for its destination): a loss before the response head is answered 502,
         # as that proxy (a far node) answers the source for it, not 503.
@@ -148,10 +158,12 @@ def new_upstream(
     *,
     direct: bool = False,
     max_fields: int = DEFAULT_MAX_FIELDS,
+    peer: bool = False,
 ) -> UpstreamHalf:
     """The client half of one upstream session (``direct``: ``UpstreamHalf.direct``), reading
-    response heads and trailer blocks of at most ``max_fields`` fields."""
-    return UpstreamHalf(max_head_bytes, direct, max_fields)
+    response heads and trailer blocks of at most ``max_fields`` fields (``peer``: a
+    destination node's, with what it adds on top)."""
+    return UpstreamHalf(max_head_bytes, direct, max_fields, peer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -715,7 +727,7 @@ def mirror_request(
 ) -> tuple[RequestHead, bytes]:
     """A mirrored request as sent on ``upstream`` (fresh): ``Host`` suffixed ``-shadow``, as
     Envoy marks shadow traffic; its head (for a same-node endpoint's authorization) and bytes."""
-    headers = [(n, v + b"-shadow" if n == b"host" else v) for n, v in copy.headers]
+    headers = [(n, v + SHADOW_SUFFIX if n == b"host" else v) for n, v in copy.headers]
     target = copy.target.decode("latin-1")
     head = RequestHead(
         method=copy.method.decode("latin-1"),

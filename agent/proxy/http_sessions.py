@@ -55,7 +55,9 @@ class UpstreamSession:
         self.key = key
         self.conn = conn
         # A same-node pod is answered for as its destination proxy would (``direct``).
-        self.codec = new_upstream(direct=key.kind == "local", max_fields=max_fields)
+        self.codec = new_upstream(
+            direct=key.kind == "local", peer=key.kind == "hbone", max_fields=max_fields
+        )
         self.reusable: bool | None = None  # set when the codec released it
 
     async def read(self) -> bytes:

@@ -7,7 +7,9 @@ requests sent in one write, every one answered, in order, on the one connection,
 destination (the plaintext listener, and through HBONE for the pod's IP) and at the source for
 a Service VIP port (both nodes terminate). A head past the field count gets the 431 whole, and
 a count chosen with ``--max-header-fields`` (``ProxySettings.max_header_fields``) is what
-each node's shells give their readers.
+each node's shells give their readers. A head at the limits passes both nodes: what one node
+added to it is admitted on top by the other (``http1.PEER_REQUEST``, ``PEER_RESPONSE``), and
+only for a node's heads, not a plaintext client's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from agent.proxy.http1 import DEFAULT_MAX_HEAD_BYTES
+from agent.proxy.http1_codec import field_size
 from agent.state import Endpoint, Service, ServicePort
 from tests.integration.proxy.mesh import SERVER, Mesh, mesh_test
 from tests.integration.proxy.test_http_refusal_loopback import connect, exchange
@@ -141,7 +145,8 @@ async def test_a_chosen_field_count_bounds_the_sources_client_and_endpoint_reade
 ) -> None:
     """The source at 22 (the destination at the default): a client's 23 fields are 431 naming
     22 from the source, and the pod's 22-field response, passed by its node, is read whole;
-    at 21, the source refuses that response as one from a far endpoint (503)."""
+    at 20 (21 and the field a destination node may add, ``PEER_RESPONSE``), the source
+    refuses that response as one from a far endpoint (503)."""
     _server(mesh, many_fields)
     _limit(mesh, source=22, destination=100)
     refused, answered = await _answers(mesh, (VIP, 80), "source")
@@ -150,7 +155,7 @@ async def test_a_chosen_field_count_bounds_the_sources_client_and_endpoint_reade
         b"more than 22 header fields\n"
     )
     assert answered == b"HTTP/1.1 200 OK"
-    _limit(mesh, source=21, destination=100)
+    _limit(mesh, source=20, destination=100)
     assert (await _answers(mesh, (VIP, 80), "source"))[1] == b"HTTP/1.1 503 Service Unavailable"
 
 
@@ -169,3 +174,79 @@ async def test_a_chosen_field_count_bounds_the_destinations_client_and_pod_reade
     assert answered == b"HTTP/1.1 502 Bad Gateway"
     _limit(mesh, source=100, destination=22)
     assert (await _answers(mesh, (SERVER, port), "plaintext"))[1] == b"HTTP/1.1 200 OK"
+
+
+def _head(fields: int, size: int | None = None) -> bytes:
+    """An HTTP/1.0 ``GET /`` (the answer ends with the connection: no ``Connection`` field)
+    with ``Host: svc`` and no x-request-id, of ``fields`` fields in all and, with ``size``,
+    exactly that many bytes as the readers size a head (the method, the target, and each
+    field's ``field_size``)."""
+    small = [(b"x%d" % i, b"v") for i in range(fields - 1)]
+    if size is not None:
+        used = len(b"GET/") + field_size(b"host", b"svc") + sum(field_size(*f) for f in small)
+        small[-1] = (
+            b"big",
+            b"b" * (size - used + field_size(*small[-1]) - field_size(b"big", b"")),
+        )
+    lines = b"".join(b"%s: %s\r\n" % f for f in small)
+    return b"GET / HTTP/1.0\r\nHost: svc\r\n" + lines + b"\r\n"
+
+
+async def _status(mesh: Mesh, dst: tuple[str, int], where: str, head: bytes) -> bytes:
+    """The status line answered to ``head``, and the 431's body if it was refused."""
+    answer = await exchange(await connect(mesh, dst, where=where), head)
+    status, _, rest = answer.partition(b"\r\n")
+    return status + (b" | " + rest.partition(b"\r\n\r\n")[2] if b" 431 " in status else b"")
+
+
+@mesh_test
+async def test_a_request_at_the_field_limit_passes_both_nodes_with_what_the_source_added(
+    mesh: Mesh,
+) -> None:
+    """Both nodes at 22: a client's 22 fields without x-request-id reach the pod (the source
+    adds the 23rd, which the destination admits on top for a source node: ``PEER_REQUEST``);
+    23 are 431 at the source, and 23 from a plaintext client 431 at the destination."""
+    port = _server(mesh)
+    _limit(mesh, source=22, destination=22)
+    assert await _status(mesh, (VIP, 80), "source", _head(22)) == b"HTTP/1.1 200 OK"
+    refused = b"HTTP/1.1 431 Request Header Fields Too Large | headers too large: more than 22"
+    assert (await _status(mesh, (VIP, 80), "source", _head(23))).startswith(refused)
+    assert (await _status(mesh, (SERVER, port), "plaintext", _head(23))).startswith(refused)
+    assert await _status(mesh, (SERVER, port), "plaintext", _head(22)) == b"HTTP/1.1 200 OK"
+
+
+@mesh_test
+async def test_a_request_at_the_byte_limit_passes_both_nodes_with_what_the_source_added(
+    mesh: Mesh,
+) -> None:
+    """A client's head of exactly 60 KiB (as sized) without x-request-id reaches the pod; a
+    byte more is 431 at the source, and from a plaintext client 431 at the destination."""
+    port = _server(mesh)
+    limit = DEFAULT_MAX_HEAD_BYTES
+    over = b"HTTP/1.1 431 Request Header Fields Too Large | headers too large: head over the size"
+    assert await _status(mesh, (VIP, 80), "source", _head(30, limit)) == b"HTTP/1.1 200 OK"
+    assert (await _status(mesh, (VIP, 80), "source", _head(30, limit + 1))).startswith(over)
+    plaintext = (SERVER, port), "plaintext"
+    assert await _status(mesh, *plaintext, _head(30, limit)) == b"HTTP/1.1 200 OK"
+    assert (await _status(mesh, *plaintext, _head(30, limit + 1))).startswith(over)
+
+
+async def closing_http10(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A pod answering with HTTP/1.0 and 22 fields, closing: its node adds ``connection:
+    close``, the 23rd (``PEER_RESPONSE``)."""
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n" + MANY + b"\r\n")
+        await writer.drain()
+    writer.close()
+
+
+@mesh_test
+async def test_a_response_at_the_field_limit_passes_both_nodes_with_what_the_destination_added(
+    mesh: Mesh,
+) -> None:
+    """Both nodes at 22: the pod's 22-field response, passed with a 23rd by its node, reaches
+    the client through the source."""
+    _server(mesh, closing_http10)
+    _limit(mesh, source=22, destination=22)
+    assert await _status(mesh, (VIP, 80), "source", _head(3)) == b"HTTP/1.1 200 OK"

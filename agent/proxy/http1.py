@@ -310,7 +310,6 @@ class ClientSide(ABC, Generic[C]):
 
     clock: Callable[[], float]
     new_request_id: Callable[[], str]
-    max_head_bytes: int
     closing: bool
     tunnel: bool
     head_started: float | None
@@ -378,7 +377,7 @@ class ClientSide(ABC, Generic[C]):
                         return  # pipelined: its turn comes when this exchange ends
                     events.popleft()
                     self.head_started = None
-                    if event.size > self.client.max_head_bytes:  # its allowance with it
+                    if event.size > client.max_head_bytes:  # with its allowance, if any
                         self._refuse(431, HEADERS_TOO_LARGE, "head over the size limit")
                         continue
                     fields = event.headers

@@ -342,8 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "endpoint's response 502 (503 at the source for a far one). Counted as the client (or "
         "pod) sent it: a node admits on top what the other node adds (x-request-id), not what "
         "an HTTPRoute's filters add. HTTP/2 header blocks are "
-        "bounded by their 16 KiB header list size instead (see ARCHITECTURE.md, What outside "
-        "input can make the agent hold)",
+        "bounded by their 16 KiB header list size instead, the client's alike (see "
+        "ARCHITECTURE.md, What outside input can make the agent hold)",
     )
     parser.add_argument(
         "--access-log-sample",
@@ -418,7 +418,8 @@ def _header_fields(value: str) -> int:
         raise ConfigError(
             f"--max-header-fields {value}: expected {MIN_FIELDS_SETTING} to {MAX_FIELDS_SETTING} "
             f"header fields per HTTP/1.1 head (default {DEFAULT_MAX_FIELDS}): fewer refuses "
-            "ordinary requests (the proxies add x-request-id), and a 60 KiB head holds no more"
+            "ordinary requests (a client's own Host, User-Agent, Accept, body and trace fields "
+            "come near it; what the proxies add is not counted), and a 60 KiB head holds no more"
         )
     return int(value)
 

@@ -76,10 +76,14 @@ __all__ = [  # the names this module had before the codec moved out, still impor
 
 DENIED_BODY = b"RBAC: access denied"
 DEFAULT_MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb is 60
-# What ``nodemesh agent --max-header-fields`` may choose for ``max_fields``. At least 10: a
-# request carries ``Host`` and the proxies add ``x-request-id`` (and pass trace context), so
-# fewer refuses ordinary requests. At most what a head of ``DEFAULT_MAX_HEAD_BYTES`` can hold
-# (``FIELD_SIZE_MIN`` bytes a field): past it the count bounds nothing the bytes do not.
+# What ``nodemesh agent --max-header-fields`` may choose for ``max_fields``. At least 10: an
+# ordinary client's own fields come near it (``Host``, ``User-Agent``, ``Accept``, a body's
+# ``Content-Type`` and ``Content-Length``, trace context: B3's are four), and so do a pod's
+# (``Date``, ``Server``, ``Content-Type``, ``Content-Length``), so fewer refuses ordinary
+# traffic. What the proxies add (``x-request-id``) is not counted: a peer node's reader admits
+# it on top (``PEER_REQUEST``, ``PEER_RESPONSE``). At most what a head of
+# ``DEFAULT_MAX_HEAD_BYTES`` can hold (``FIELD_SIZE_MIN`` bytes a field): past it the count
+# bounds nothing the bytes do not.
 MIN_FIELDS_SETTING = 10
 MAX_FIELDS_SETTING = DEFAULT_MAX_HEAD_BYTES // FIELD_SIZE_MIN
 

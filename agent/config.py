@@ -42,6 +42,8 @@ from agent.proxy.hbone_limits import (
     MIN_STREAM_WINDOW,
     STREAMS_PER_CONNECTION_WINDOW,
 )
+from agent.proxy.http1 import MAX_FIELDS_SETTING, MIN_FIELDS_SETTING
+from agent.proxy.http1_codec import DEFAULT_MAX_FIELDS
 from agent.telemetry.accesslog import SampleRateError, check_sample_rate
 from agent.telemetry.tracesettings import TraceSettings
 
@@ -106,6 +108,10 @@ class AgentConfig:
     # --max-connections-per-pod: connections one local pod may hold through 15001 at once, in
     # each proxy process (None: half the process's cap, ``conncaps.per_pod_share``).
     max_connections_per_pod: int | None = None
+    # --max-header-fields: fields an HTTP/1.1 head or trailer block may have, at either node and
+    # from endpoints (``agent.proxy.http1_codec``; Envoy's max_headers_count), the client's: a
+    # peer node's heads get what it added on top (``agent.proxy.http1.PEER_REQUEST``).
+    max_header_fields: int = DEFAULT_MAX_FIELDS
 
     def connection_cap(self, nofile: int) -> int:
         """Each proxy process's cap on connections (``--max-connections``) under its limit of
@@ -333,6 +339,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "half of --max-connections, so that one pod can never take the others' half",
     )
     parser.add_argument(
+        "--max-header-fields",
+        default=str(DEFAULT_MAX_FIELDS),
+        metavar="N",
+        help=f"header fields an HTTP/1.1 request or response head, or a trailer block, may have "
+        f"({MIN_FIELDS_SETTING} to {MAX_FIELDS_SETTING}; default %(default)s, Envoy's "
+        "max_headers_count); a client's head past it is answered 431 naming the count, an "
+        "endpoint's response 502 (503 at the source for a far one). Counted as the client (or "
+        "pod) sent it: a node admits on top what the other node adds (x-request-id), not what "
+        "an HTTPRoute's filters add. HTTP/2 header blocks are "
+        "bounded by their 16 KiB header list size instead, the client's alike (see "
+        "ARCHITECTURE.md, What outside input can make the agent hold)",
+    )
+    parser.add_argument(
         "--access-log-sample",
         type=float,
         default=1.0,
@@ -395,6 +414,18 @@ def _connections(flag: str, value: str, auto: str) -> int | None:
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(
             f"{flag} {value}: expected a number of connections (1 or more), or auto ({auto})"
+        )
+    return int(value)
+
+
+def _header_fields(value: str) -> int:
+    """``--max-header-fields``: a count within the allowed range (``agent.proxy.http1``)."""
+    if not value.isdigit() or not MIN_FIELDS_SETTING <= int(value) <= MAX_FIELDS_SETTING:
+        raise ConfigError(
+            f"--max-header-fields {value}: expected {MIN_FIELDS_SETTING} to {MAX_FIELDS_SETTING} "
+            f"header fields per HTTP/1.1 head (default {DEFAULT_MAX_FIELDS}): fewer refuses "
+            "ordinary requests (a client's own Host, User-Agent, Accept, body and trace fields "
+            "come near it; what the proxies add is not counted), and a 60 KiB head holds no more"
         )
     return int(value)
 
@@ -588,4 +619,5 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
             str(args.max_connections_per_pod),
             "half of --max-connections",
         ),
+        max_header_fields=_header_fields(str(args.max_header_fields)),
     )

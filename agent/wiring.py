@@ -80,6 +80,7 @@ def node_proxy(
     settings = ProxySettings(
         proxy_ports=config.own_ports(),
         h2_relay=config.h2_relay,
+        max_header_fields=config.max_header_fields,
         hbone=with_stream_window(config.hbone_window),
         hbone_buffer_budget=config.budget_share,
         hbone_queue_budget=config.queue_budget_share,

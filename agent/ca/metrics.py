@@ -33,7 +33,8 @@ ISSUED = "ok"  # the agents' ``nodemesh_ca_requests_total`` uses the same values
 # Calls grpcio refuses before the handler runs (``agent.ca.server``'s ``RefusalCounter``):
 # past ``MAX_CONCURRENT_RPCS`` at once, and calls that ended without their request being read:
 # one over ``MAX_REQUEST_BYTES`` (grpcio answers RESOURCE_EXHAUSTED), or a caller that left
-# before sending it; grpcio tells the handler neither which nor why, so one value holds both.
+# before sending it; grpcio tells the handler neither which nor why, so one value holds both
+# (``agent.ca.server.RefusalCounter`` says what was tried to tell them apart).
 TOO_MANY_CALLS = "too_many_calls"
 REQUEST_UNREAD = "request_unread"
 # From a few milliseconds (standalone: one ECDSA signature) to the seconds an API server under

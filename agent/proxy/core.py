@@ -31,6 +31,7 @@ from agent.policy.ratelimit import Limiter, RateLimit, RateLimiter, limits_by_en
 from agent.proxy.budget import DEFAULT_BUDGET, DEFAULT_QUEUE_BUDGET, HboneBudget
 from agent.proxy.contexts import CertificateSource, Contexts
 from agent.proxy.h2wire import HboneSettings
+from agent.proxy.http1_codec import DEFAULT_MAX_FIELDS
 from agent.proxy.records import Registry
 from agent.proxy.splice import Splicer
 from agent.state import Snapshot, StateStore, Workload
@@ -68,6 +69,9 @@ class ProxySettings:
     # HTTP/2 and gRPC through HBONE relayed frame by frame (``h2relay``), not terminated
     # (``--no-h2-relay``: False)
     h2_relay: bool = True
+    # Fields an HTTP/1.1 head or trailer block may have, every reader's: a client's requests at
+    # either node, an endpoint's responses (``http1_codec``; ``--max-header-fields``)
+    max_header_fields: int = DEFAULT_MAX_FIELDS
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ Which sans-IO core: with ``ProxySettings.h2_relay`` (the default; ``--no-h2-rela
 off) a connection that came through HBONE (an mTLS peer: ``StreamDownstream``) is relayed frame
 by frame by ``h2relay.H2Relay``, which forwards the client's frames and header blocks as they
 came, at about half the CPU per call; the plaintext listener and a same-node client keep
-``H2Proxy``, which parses and re-encodes all.
+``H2Proxy``, which parses and re-encodes all. Either reads an HBONE client's header blocks with
+what a source node adds to them on top of the header list size (``h2proxy.PEER_LIMITS``).
 
 Authorization and rate limiting are per request (``http_inbound.RequestAdmission``: a
 rate-limited call is answered ``429``, or for gRPC trailers-only ``grpc-status: 8``), each
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.proxy.h2proxy import H2Exchange, H2Proxy
+from agent.proxy.h2proxy import PEER_LIMITS, H2Exchange, H2Proxy
 from agent.proxy.h2relay import H2Relay
 from agent.proxy.http1 import request_record
 from agent.proxy.http_inbound import PodShell, StreamDownstream
@@ -62,7 +63,10 @@ class H2Session(PodShell[H2Exchange]):
     def _start(self) -> None:
         self.record.protocol = "http/2"  # ``nodemesh connections``: "http/2 N", not "-" (TCP)
         relay = self.core.settings.h2_relay and isinstance(self.down, StreamDownstream)
-        self.proxy = H2Relay(self._authorize) if relay else H2Proxy(self._authorize)
+        # A source node's blocks carry what it added to its client's (``PEER_HEADER_LIST``)
+        limits = PEER_LIMITS if self.down.from_peer else None
+        core = H2Relay if relay else H2Proxy
+        self.proxy = core(self._authorize, limits=limits)
         self._client_eof = False
 
     async def serve(self) -> None:

@@ -25,10 +25,9 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 
-from agent.proxy.http1 import RequestHead
+from agent.proxy.http1 import SHADOW_SUFFIX, RequestHead
 
 Header = tuple[bytes, bytes]
-SHADOW_SUFFIX = b"-shadow"
 
 
 def shadow_head(head: list[Header]) -> list[Header]:

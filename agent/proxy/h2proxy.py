@@ -63,7 +63,8 @@ our output (PING and SETTINGS floods), streams reset by the client before their 
 (rapid reset, counted like Envoy's premature resets: beyond a number *and* over half the
 streams), runs of empty DATA frames, a header block still open 10 s after it began (the shell's
 timer, ``head_started``, as for HTTP/1.1's head), and ``h2``'s own checks (frame size, header
-list size, concurrent streams). Each closes the connection with GOAWAY and is named by its
+list size: a source node's blocks with what it added on top, ``PEER_HEADER_LIST``, concurrent
+streams). Each closes the connection with GOAWAY and is named by its
 cause.
 """
 
@@ -116,6 +117,8 @@ from agent.proxy.h2wire import (
 from agent.proxy.http1 import (
     DOWNSTREAM_CLOSED,
     NO_FLAGS,
+    REQUEST_ID_LENGTH,
+    SHADOW_SUFFIX,
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
     RequestHead,
@@ -160,6 +163,18 @@ NEVER_INDEXED = frozenset(
      b"x-b3-parentspanid", b"authorization", b"proxy-authorization")
 )  # fmt: skip
 
+# What a source node adds, at most, to a request head it forwards to a destination node over
+# HBONE, by HPACK's count (``max_header_list_size``: each field's name and value and 32): an
+# ``x-request-id`` when absent (``_on_request``), and a mirrored copy's ``:authority`` and
+# ``host`` suffixed ``-shadow`` (``h2mirror.shadow_head``; a block has at most one of each).
+# No ``grpc-timeout`` is added or rewritten (a call's own passes as it came), trace headers
+# pass untouched, and nothing is added to a response or trailers on the way back (a
+# destination's own answers are a few short fields). The destination reads a peer's blocks
+# with it on top (``PEER_LIMITS``), so that the bound stays the client's, checked where its
+# block enters the mesh, as HTTP/1.1's (``http1.PEER_REQUEST``). What a route's filters add
+# (RequestHeaderModifier, URLRewrite) is the route author's and counts.
+PEER_HEADER_LIST = 32 + len(b"x-request-id") + REQUEST_ID_LENGTH + 2 * len(SHADOW_SUFFIX)
+
 UPSTREAM_TIMEOUT = "UT"  # Envoy's flag: the request's time ran out
 TIMEOUT_BODY = b"upstream request timeout"
 
@@ -187,6 +202,11 @@ class H2Limits:
     max_frame_size: int = 16 * KIB  # the protocol's minimum: no large frame is ever buffered
     max_concurrent_streams: int = 100
     max_header_list_size: int = 16 * KIB
+    # On top of ``max_header_list_size`` for the client's blocks alone (read and announced to
+    # it in SETTINGS): ``PEER_HEADER_LIST`` when the client is a source node (HBONE), whose
+    # blocks carry what it added to its client's; none for a plaintext or same-node client.
+    # The upstreams' (responses, trailers) keep the plain bound: a destination adds nothing.
+    client_allowance: int = 0
     max_header_block: int = 32 * KIB
     max_continuations: int = 16
     # Reply bytes (PING/SETTINGS ACKs, RST_STREAMs) the client's frames made us queue since the
@@ -199,6 +219,9 @@ class H2Limits:
     # A request body kept to be sent again (source side, a rule that retries): beyond this,
     # the request is not retried.
     max_replay_body: int = 64 * KIB
+
+
+PEER_LIMITS = H2Limits(client_allowance=PEER_HEADER_LIST)  # a destination's, for a source node
 
 
 @dataclass(slots=True)
@@ -406,7 +429,9 @@ class _SidedConfiguration(H2Configuration):
 
 
 def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
-    """An h2c connection with ``limits``' settings, its preface and connection window queued.
+    """An h2c connection with ``limits``' settings, its preface and connection window queued;
+    the server side (ours to the client) reads and announces the header list size with
+    ``limits.client_allowance`` on top.
     Headers stay bytes: they are forwarded, not interpreted (``header_encoding=None``); what
     arrives is validated (RFC 9113 8.2) by ``H2Proxy`` with ``check_block``, in one pass instead
     of ``h2``'s chain of generators; what is sent is not validated a second time."""
@@ -422,18 +447,21 @@ def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connecti
             normalize_outbound_headers=False,
         )
     )
+    # What is announced is what the decoder enforces (``h2`` also sets the decoder's bound to
+    # the announced one once the peer acknowledged our SETTINGS).
+    list_size = limits.max_header_list_size + (0 if client_side else limits.client_allowance)
     conn.local_settings = Settings(
         client=client_side,
         initial_values={
             SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
             SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
-            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+            SettingCodes.MAX_HEADER_LIST_SIZE: list_size,
             SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
             SettingCodes.ENABLE_PUSH: 0,
         },
     )
     conn.max_inbound_frame_size = limits.max_frame_size
-    conn.decoder.max_header_list_size = limits.max_header_list_size
+    conn.decoder.max_header_list_size = list_size
     tableless_headers(conn)  # our legs are loopback, a veth or a LAN: CPU, not bytes, is short
     # A new stream's limit check walks h2's streams (forgetting the closed ones) only once
     # ``WALK_FROM`` are known, as on HBONE's connections: it was one walk on each of a

@@ -139,7 +139,7 @@ class H2Side:
         "settled",
     )
 
-    def __init__(self, limits: H2Limits, *, preface: int) -> None:
+    def __init__(self, limits: H2Limits, *, preface: int, list_size: int) -> None:
         self.buf = b""  # an incomplete frame
         self.preface = preface  # bytes of the client preface still expected
         self.settled = False  # its first SETTINGS arrived
@@ -150,7 +150,7 @@ class H2Side:
         self.send_window = DEFAULT_WINDOW  # connection window: what we may send it
         self.recv_window = limits.connection_window  # what it may still send us
         self.recv_unacked = 0  # bytes forwarded (or dropped) not yet reopened to it
-        self.decoder = LeanDecoder(max_header_list_size=limits.max_header_list_size)
+        self.decoder = LeanDecoder(max_header_list_size=list_size)  # as announced to it
         self.decoder.max_allowed_table_size = DEFAULT_TABLE
         self.encoder = TablelessEncoder()
         self.reencode = False  # blocks forwarded to it are re-encoded without the table
@@ -215,8 +215,10 @@ class H2Relay(H2Core):
     ) -> None:
         super().__init__(authorize, limits, clock, new_request_id)
         limits = self.limits
-        self.client = H2Side(limits, preface=len(PREFACE))
-        self.pod = H2Side(limits, preface=0)
+        # The client's blocks with what a source node added on top (``client_allowance``)
+        client_list = limits.max_header_list_size + limits.client_allowance
+        self.client = H2Side(limits, preface=len(PREFACE), list_size=client_list)
+        self.pod = H2Side(limits, preface=0, list_size=limits.max_header_list_size)
         # Blocks checked as they arrive (``check_block``), keeping the ones each side sends again
         self._requests = CheckedBlocks(Block.REQUEST)
         self._responses = CheckedBlocks(Block.RESPONSE)
@@ -226,17 +228,13 @@ class H2Relay(H2Core):
         self._pod_open = 0  # streams open at the pod
         self._client_gone = False  # the client sent GOAWAY: no new streams will come
         self._pod_gone = False  # the pod's connection is unusable (closed, failed, GOAWAY)
-        ours = [
-            (S_PUSH, 0),
-            (S_WINDOW, limits.stream_window),
-            (S_FRAME, limits.max_frame_size),
-            (S_LIST, limits.max_header_list_size),
-        ]
+        ours = [(S_PUSH, 0), (S_WINDOW, limits.stream_window), (S_FRAME, limits.max_frame_size)]
         extra = limits.connection_window - DEFAULT_WINDOW
         opening = frame(WINDOW_UPDATE, 0, 0, extra.to_bytes(4)) if extra > 0 else b""
-        server = [(S_STREAMS, limits.max_concurrent_streams), *ours]
+        server = [(S_STREAMS, limits.max_concurrent_streams), *ours, (S_LIST, client_list)]
         self.client.out += settings_frame(server) + opening
-        self.pod.out += PREFACE + settings_frame(ours) + opening
+        to_pod = [*ours, (S_LIST, limits.max_header_list_size)]
+        self.pod.out += PREFACE + settings_frame(to_pod) + opening
 
     # -- the shell's interface ---------------------------------------------------------------
     def take_to_client(self) -> bytes:

@@ -13,9 +13,11 @@ What it does per request:
 * refuses what could be read two ways by two parsers (request smuggling): both
   ``Content-Length`` and ``Transfer-Encoding``, conflicting lengths, a transfer coding other
   than ``chunked`` (400, 501), a malformed request line or header (400), a head over
-  ``max_head_bytes`` (431) (``http1_codec``). Each refusal closes the connection and is named
-  by its cause (``take_rejections``); a head that is not complete ``header_timeout`` after its
-  first byte is the shell's to time out (``head_started``, ``header_timeout()``: 408);
+  ``max_head_bytes`` or of more than ``max_fields`` fields (431) (``http1_codec``; from a
+  source node, with what it added on top: ``PEER_REQUEST``). Each
+  refusal closes the connection and is named by its cause (``take_rejections``); a head that
+  is not complete ``header_timeout`` after its first byte is the shell's to time out
+  (``head_started``, ``header_timeout()``: 408);
 * removes hop-by-hop headers (RFC 9110 7.6.1: ``Connection`` and what it lists,
   ``Keep-Alive``, ``Proxy-Connection``, ``TE`` except ``trailers``, ``Trailer``, ``Upgrade``
   unless the request asks for an upgrade); a body framed by ``Content-Length`` is forwarded as
@@ -42,10 +44,14 @@ from typing import ClassVar, Generic, Protocol, TypeVar
 
 from agent.proxy.http1_codec import (
     AMBIGUOUS_LENGTH,
+    DEFAULT_MAX_FIELDS,
+    FIELD_SIZE_MIN,
     HEADERS_TOO_LARGE,
     HOP_BY_HOP,
     MALFORMED,
+    NO_ALLOWANCE,
     UNSUPPORTED_CODING,
+    Allowance,
     Body,
     End,
     Head,
@@ -70,6 +76,35 @@ __all__ = [  # the names this module had before the codec moved out, still impor
 
 DENIED_BODY = b"RBAC: access denied"
 DEFAULT_MAX_HEAD_BYTES = 60 * 1024  # Envoy's default max_request_headers_kb is 60
+# What ``nodemesh agent --max-header-fields`` may choose for ``max_fields``. At least 10: an
+# ordinary client's own fields come near it (``Host``, ``User-Agent``, ``Accept``, a body's
+# ``Content-Type`` and ``Content-Length``, trace context: B3's are four), and so do a pod's
+# (``Date``, ``Server``, ``Content-Type``, ``Content-Length``), so fewer refuses ordinary
+# traffic. What the proxies add (``x-request-id``) is not counted: a peer node's reader admits
+# it on top (``PEER_REQUEST``, ``PEER_RESPONSE``). At most what a head of
+# ``DEFAULT_MAX_HEAD_BYTES`` can hold (``FIELD_SIZE_MIN`` bytes a field): past it the count
+# bounds nothing the bytes do not.
+MIN_FIELDS_SETTING = 10
+MAX_FIELDS_SETTING = DEFAULT_MAX_HEAD_BYTES // FIELD_SIZE_MIN
+
+# What one node adds, at most, to an HTTP/1.1 head it forwards to the other over HBONE; the
+# reader at the other end admits it on top of ``max_head_bytes`` and ``max_fields``, so that
+# the limits stay the client's (and the pod's), checked where its head enters the mesh, and a
+# head the first node admitted is never refused by the second for the mesh's own additions.
+# To a request (the source node's): ``x-request-id`` when absent, an empty ``Host`` when an
+# HTTP/1.0 request had none, and a mirrored copy's ``Host`` suffixed ``-shadow``
+# (``http_outbound_codec.mirror_request``). Trace headers pass untouched and no
+# ``x-forwarded-*`` is added (the client's address travels on the HBONE ``CONNECT``). What a
+# route's filters add (RequestHeaderModifier, URLRewrite) is the route author's and counts.
+REQUEST_ID_LENGTH = 36  # ``new_request_id``'s: a UUID as text
+SHADOW_SUFFIX = b"-shadow"
+PEER_REQUEST = Allowance.of(
+    (b"x-request-id", b"0" * REQUEST_ID_LENGTH), (b"host", b""), lengthened=len(SHADOW_SUFFIX)
+)
+# To a response (the destination node's): ``connection: close`` when the pod's HTTP/1.0
+# response did not keep its connection alive (``Http1Proxy._on_response``); a chunked one's
+# ``Transfer-Encoding`` is replaced, not added.
+PEER_RESPONSE = Allowance.of((b"connection", b"close"))
 
 # Causes of a refused request (``nodemesh_http_rejected_requests_total{cause}``); the parser's
 # own are defined in ``http1_codec``.
@@ -279,7 +314,6 @@ class ClientSide(ABC, Generic[C]):
 
     clock: Callable[[], float]
     new_request_id: Callable[[], str]
-    max_head_bytes: int
     closing: bool
     tunnel: bool
     head_started: float | None
@@ -347,7 +381,7 @@ class ClientSide(ABC, Generic[C]):
                         return  # pipelined: its turn comes when this exchange ends
                     events.popleft()
                     self.head_started = None
-                    if event.size > self.max_head_bytes:
+                    if event.size > client.max_head_bytes:  # with its allowance, if any
                         self._refuse(431, HEADERS_TOO_LARGE, "head over the size limit")
                         continue
                     fields = event.headers
@@ -497,6 +531,10 @@ class Http1Proxy(ClientSide[_Current]):
     clock: Callable[[], float] = time.monotonic
     new_request_id: Callable[[], str] = new_request_id
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    max_fields: int = DEFAULT_MAX_FIELDS  # per head or trailer block, either side's
+    # On top of both limits for the client's heads: ``PEER_REQUEST`` when the client is a
+    # source node (HBONE), none for a plaintext client, whose heads are its own
+    allowance: Allowance = NO_ALLOWANCE
     closing: bool = field(default=False, init=False)  # close the client once flushed
     tunnel: bool = field(default=False, init=False)  # switched protocols: relay raw bytes
     head_started: float | None = field(default=None, init=False)
@@ -513,8 +551,8 @@ class Http1Proxy(ClientSide[_Current]):
     _reasons = _REASONS
 
     def __post_init__(self) -> None:
-        self.client = RequestReader(self.max_head_bytes)
-        self.upstream = ResponseReader(self.max_head_bytes)
+        self.client = RequestReader(*self.allowance.added_to(self.max_head_bytes, self.max_fields))
+        self.upstream = ResponseReader(self.max_head_bytes, self.max_fields)
 
     # -- output ------------------------------------------------------------------------------
     def take_completed(self) -> list[Exchange]:

@@ -22,10 +22,13 @@ that two parsers could delimit differently is refused, never guessed at:
   never ends), since llhttp sets no limit of its own and ``httptools`` keeps an unfinished
   field's bytes until it ends: without it a peer's endless trailers grew without bound;
 * a head, or a trailer block, of more than ``max_fields`` header fields (``DEFAULT_MAX_FIELDS``
-  100, Envoy's ``max_headers_count`` default): 431 (``headers_too_large``, ``TOO_MANY_FIELDS``),
-  counted as llhttp hands each field over, before it is kept. Why besides the byte bound: a
-  head of tiny fields (``a:`` 15,000 times fits in 60 KiB) became about 20 times its size in
-  Python objects (a tuple and two ``bytes`` per field), held per connection;
+  100, Envoy's ``max_headers_count`` default; ``nodemesh agent --max-header-fields``): 431
+  (``headers_too_large``, ``TOO_MANY_FIELDS``, which names the count), counted as llhttp hands
+  each field over, before it is kept. Why besides the byte bound: a head of tiny fields (``a:``
+  15,000 times fits in 60 KiB) became about 20 times its size in Python objects (a tuple and
+  two ``bytes`` per field), held per connection. A reader of heads that crossed the mesh is
+  given bounds with an ``Allowance`` on top: what the node before it added (its 431 names the
+  count with it);
 * the HTTP/2 connection preface (``PRI * HTTP/2.0``: an h2c client with prior knowledge, e.g.
   gRPC): 400 (``malformed``), its detail saying how to declare the port HTTP/2 (``H2_PREFACE``).
 
@@ -54,10 +57,17 @@ HEADERS_TOO_LARGE = "headers_too_large"
 AMBIGUOUS_LENGTH = "ambiguous_length"
 UNSUPPORTED_CODING = "unsupported_transfer_coding"
 TRAILERS_TOO_LARGE = "trailers over the size limit"  # a 431's detail (cause HEADERS_TOO_LARGE)
-DEFAULT_MAX_FIELDS = 100  # header fields per head or trailer block (Envoy's max_headers_count)
+# Header fields per head or trailer block (Envoy's max_headers_count; ``--max-header-fields``)
+DEFAULT_MAX_FIELDS = 100
 TOO_MANY_FIELDS = "more than %d header fields"  # a 431's detail (cause HEADERS_TOO_LARGE)
-_FIELD_SIZE_MIN = 5  # what the smallest field adds to ``_Reader._size``
-MAX_WAITING = 4  # pipelined requests parsed ahead of the owner (``RequestReader``)
+FIELD_SIZE_MIN = 5  # what the smallest field adds to ``_Reader._size``
+# Pipelined requests parsed ahead of the owner (``RequestReader``). A constant, not a setting:
+# it refuses nothing and no client can tell it (every pipelined request is still read and
+# answered, in order); it only decides how much of one read waits parsed, in objects, rather
+# than as bytes, and 4 keeps a 64 KiB read of tiny requests at 69 KB instead of 1.34 MB while
+# the usual client (one request at a time, or a few) is parsed as it arrives. Envoy has no
+# such knob either (it takes a connection's pipelined requests one at a time).
+MAX_WAITING = 4
 HEAD_END = b"\r\n\r\n"
 
 Headers = list[tuple[bytes, bytes]]
@@ -106,6 +116,37 @@ class Refusal:
 
 
 Event = Head | Body | End | Refusal
+
+
+def field_size(name: bytes, value: bytes) -> int:
+    """What a field adds to a head's size for the head limit (``_Reader.on_header``): its name
+    and value and 4 (``: `` and CRLF), however the sender spaced it."""
+    return len(name) + len(value) + 4
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """Fields and bytes a reader admits on top of its limits: what the mesh itself added to a
+    head that crossed it (``agent.proxy.http1.PEER_REQUEST``, ``PEER_RESPONSE``). Why: the
+    limits are the client's (or the pod's), checked where its head enters the mesh; the node
+    at the other end reads that head again, with what the first node added, and must not
+    refuse what the first admitted for additions no one sent."""
+
+    fields: int = 0
+    size: int = 0
+
+    @classmethod
+    def of(cls, *added: tuple[bytes, bytes], lengthened: int = 0) -> Allowance:
+        """The allowance for the fields ``added`` and ``lengthened`` bytes more in values."""
+        return cls(len(added), sum(field_size(n, v) for n, v in added) + lengthened)
+
+    def added_to(self, max_head_bytes: int, max_fields: int) -> tuple[int, int]:
+        """The bounds a reader given the limits and this allowance enforces (its
+        ``max_head_bytes`` and ``max_fields``, in that order)."""
+        return max_head_bytes + self.size, max_fields + self.fields
+
+
+NO_ALLOWANCE = Allowance()
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n"  # RFC 9113 3.4: how an HTTP/2 connection opens
 H2_ON_HTTP1_PORT = (
@@ -203,7 +244,7 @@ class _Reader:
         # A field adds at least 5 to a head's size (a name's byte, ": ", CRLF): below
         # ``max_fields`` times that, the head is within both bounds, and the usual head is
         # checked by one comparison, as before the count.
-        self._check_from = min(max_head_bytes, _FIELD_SIZE_MIN * max_fields)
+        self._check_from = min(max_head_bytes, FIELD_SIZE_MIN * max_fields)
         self.events: deque[Event] = deque()
         self.failed: Refusal | None = None
         self.in_head = False  # a head has begun and is not complete
@@ -241,7 +282,7 @@ class _Reader:
         self._until_eof = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._size += len(name) + len(value) + 4
+        self._size += len(name) + len(value) + 4  # ``field_size``, without a call
         if self._in_body:  # a trailer: bounded with the head by twice its limit
             if self._size > 2 * self.max_head_bytes:
                 raise _Refused(Refusal(431, HEADERS_TOO_LARGE, TRAILERS_TOO_LARGE))

@@ -48,6 +48,7 @@ from agent.policy.peerauth import STRICT
 from agent.proxy.core import Core, Policies
 from agent.proxy.http1 import (
     GRPC_RESOURCE_EXHAUSTED,
+    PEER_REQUEST,
     RATE_LIMITED,
     RATE_LIMITED_BODY,
     RBAC_DENIED,
@@ -57,6 +58,7 @@ from agent.proxy.http1 import (
     Verdict,
     request_record,
 )
+from agent.proxy.http1_codec import NO_ALLOWANCE
 from agent.proxy.httpshell import (
     HEADER_TIMEOUT,
     READ_SIZE,
@@ -83,6 +85,10 @@ E = TypeVar("E")  # the proxy's finished exchange
 class Downstream(Protocol):
     """The client side of an inbound connection: an HBONE stream or a plaintext socket."""
 
+    # The client is a source node (HBONE), whose heads carry what it added to its client's
+    # (``http1.PEER_REQUEST``), not a plaintext client
+    from_peer: bool
+
     async def read(self) -> bytes | None: ...
 
     def deliver_to(self, sink: Sink | None) -> None:
@@ -107,6 +113,8 @@ class Downstream(Protocol):
 
 
 class StreamDownstream:
+    from_peer = True
+
     def __init__(self, stream: TunnelStream) -> None:
         self.stream = stream
 
@@ -146,6 +154,8 @@ class StreamDownstream:
 
 
 class SocketDownstream:
+    from_peer = False
+
     def __init__(self, sock: socket.socket) -> None:
         require_non_blocking(sock)
         self.sock = sock
@@ -363,7 +373,11 @@ class HttpSession(PodShell[Exchange]):
 
     def _start(self) -> None:
         self.record.protocol = "http/1.1"
-        self.proxy = Http1Proxy(authorize=self._authorize)
+        self.proxy = Http1Proxy(
+            authorize=self._authorize,
+            max_fields=self.core.settings.max_header_fields,
+            allowance=PEER_REQUEST if self.down.from_peer else NO_ALLOWANCE,
+        )
         self._resume = asyncio.Event()  # set when the exchange before a pipelined one ended
         self._paused = False  # the client side waits for ``_resume``
 

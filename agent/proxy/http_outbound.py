@@ -367,7 +367,9 @@ class _ClientConnection:
         self.conn_id = conn_id
         self.src_ip = record.source.rsplit(":", 1)[0]
         self.service = _name(target)
-        self.codec: SourceHttp1[_Request] = SourceHttp1()
+        self.codec: SourceHttp1[_Request] = SourceHttp1(
+            max_fields=self.core.settings.max_header_fields
+        )
         self.session: UpstreamSession | None = None  # attached to the current request
         self.reader: asyncio.Task[None] | None = None  # reads ``session``
         self.reading = False  # the reader waits in ``session.read`` (safe to cancel there)
@@ -1072,7 +1074,7 @@ class _ClientConnection:
                 source_ip=self.src_ip if route.kind == "local" else None,
             )
         self.owner.sessions.opened += 1
-        return UpstreamSession(key, conn)
+        return UpstreamSession(key, conn, self.core.settings.max_header_fields)
 
     def _attach(self, session: UpstreamSession, request: _Request) -> None:
         """Serve the pending request with ``session``: its head goes out at the next flush

@@ -64,6 +64,8 @@ from agent.proxy.http1 import (
     DOWNSTREAM_CLOSED,
     HEAD_NOT_COMPLETE,
     HEADER_TIMEOUT,
+    PEER_RESPONSE,
+    SHADOW_SUFFIX,
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
     ClientSide,
@@ -72,7 +74,9 @@ from agent.proxy.http1 import (
     new_request_id,
 )
 from agent.proxy.http1_codec import (
+    DEFAULT_MAX_FIELDS,
     HOP_BY_HOP,
+    NO_ALLOWANCE,
     Body,
     End,
     Head,
@@ -124,8 +128,17 @@ class UpstreamHalf:
 
     __slots__ = ("direct", "reader")
 
-    def __init__(self, max_head_bytes: int, direct: bool = False) -> None:
-        self.reader = ResponseReader(max_head_bytes)
+    def __init__(
+        self,
+        max_head_bytes: int,
+        direct: bool = False,
+        max_fields: int = DEFAULT_MAX_FIELDS,
+        peer: bool = False,
+    ) -> None:
+        # A response from a destination node (``peer``, over HBONE) may carry what that node
+        # added to the pod's, which the limits do not count (``PEER_RESPONSE``)
+        allowance = PEER_RESPONSE if peer else NO_ALLOWANCE
+        self.reader = ResponseReader(*allowance.added_to(max_head_bytes, max_fields))
         # The pod itself, with no proxy of its own in front (a same-node endpoint, which this
         # node admits for its destination): a loss before the response head is answered 502,
         # as that proxy (a far node) answers the source for it, not 503.
@@ -141,10 +154,16 @@ class UpstreamHalf:
 
 
 def new_upstream(
-    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES, *, direct: bool = False
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
+    *,
+    direct: bool = False,
+    max_fields: int = DEFAULT_MAX_FIELDS,
+    peer: bool = False,
 ) -> UpstreamHalf:
-    """The client half of one upstream session (``direct``: ``UpstreamHalf.direct``)."""
-    return UpstreamHalf(max_head_bytes, direct)
+    """The client half of one upstream session (``direct``: ``UpstreamHalf.direct``), reading
+    response heads and trailer blocks of at most ``max_fields`` fields (``peer``: a
+    destination node's, with what it adds on top)."""
+    return UpstreamHalf(max_head_bytes, direct, max_fields, peer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +215,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     clock: Callable[[], float] = time.monotonic
     new_request_id: Callable[[], str] = new_request_id
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    max_fields: int = DEFAULT_MAX_FIELDS  # per request head or trailer block
     max_replay_bytes: int = DEFAULT_MAX_REPLAY_BYTES
     client: RequestReader = field(init=False)
     closing: bool = field(default=False, init=False)  # close the client once flushed
@@ -216,7 +236,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     _reasons = _REASONS
 
     def __post_init__(self) -> None:
-        self.client = RequestReader(self.max_head_bytes)
+        self.client = RequestReader(self.max_head_bytes, self.max_fields)
 
     # -- output ------------------------------------------------------------------------------
     def take_completed(self) -> list[tuple[Exchange, T | None]]:
@@ -707,7 +727,7 @@ def mirror_request(
 ) -> tuple[RequestHead, bytes]:
     """A mirrored request as sent on ``upstream`` (fresh): ``Host`` suffixed ``-shadow``, as
     Envoy marks shadow traffic; its head (for a same-node endpoint's authorization) and bytes."""
-    headers = [(n, v + b"-shadow" if n == b"host" else v) for n, v in copy.headers]
+    headers = [(n, v + SHADOW_SUFFIX if n == b"host" else v) for n, v in copy.headers]
     target = copy.target.decode("latin-1")
     head = RequestHead(
         method=copy.method.decode("latin-1"),

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from agent.proxy import sockets
+from agent.proxy.http1_codec import DEFAULT_MAX_FIELDS
 from agent.proxy.http_outbound_codec import new_upstream
 from agent.proxy.httpshell import READ_SIZE, try_send
 from agent.proxy.tunnel import TunnelStream
@@ -45,11 +46,18 @@ class UpstreamSession:
     """One upstream connection carrying HTTP/1.1 requests, one at a time: an HBONE stream or a
     TCP socket, with the codec's client half (``UpstreamHalf``) that lives as long as it does."""
 
-    def __init__(self, key: SessionKey, conn: TunnelStream | socket.socket) -> None:
+    def __init__(
+        self,
+        key: SessionKey,
+        conn: TunnelStream | socket.socket,
+        max_fields: int = DEFAULT_MAX_FIELDS,
+    ) -> None:
         self.key = key
         self.conn = conn
         # A same-node pod is answered for as its destination proxy would (``direct``).
-        self.codec = new_upstream(direct=key.kind == "local")
+        self.codec = new_upstream(
+            direct=key.kind == "local", peer=key.kind == "hbone", max_fields=max_fields
+        )
         self.reusable: bool | None = None  # set when the codec released it
 
     async def read(self) -> bytes:

@@ -238,3 +238,23 @@ def test_a_cap_past_what_the_descriptor_limit_leaves_names_the_limit_and_the_fix
     text = str(caught.value)
     assert "at most 28160" in text and "RLIMIT_NOFILE 65536" in text
     assert "LimitNOFILE" in text and "lower --max-connections" in text
+
+
+def test_the_header_field_count_defaults_to_envoys_reaches_the_proxy_and_the_dump() -> None:
+    from agent.wiring import effective_config
+
+    assert parse("--node", "n", "--in-cluster").max_header_fields == 100
+    cfg = parse("--node", "n", "--in-cluster", "--max-header-fields", "250")
+    proxy = node_proxy(cfg, make_store(), FakeIdentities(TestCA())).proxy
+    assert proxy.core.settings.max_header_fields == 250
+    assert effective_config(cfg)["max_header_fields"] == 250
+    assert parse("--node", "n", "--in-cluster", "--max-header-fields", "10").max_header_fields == 10
+
+
+@pytest.mark.parametrize("text", ["0", "9", "12289", "many", "-5", "1e3"])
+def test_a_bad_header_field_count_names_the_flag_the_range_and_why(text: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse("--node", "n", "--in-cluster", "--max-header-fields", text)
+    assert str(e.value).startswith(f"--max-header-fields {text}: expected 10 to 12288 header")
+    why = str(e.value)  # the client's own fields come near 10, the proxies' are not counted
+    assert "Host, User-Agent" in why and "not counted" in why and "60 KiB" in why

@@ -469,6 +469,25 @@ def test_a_head_of_more_fields_than_the_limit_gets_431_naming_the_count_and_clos
     assert p.take_to_upstream() == b""
 
 
+def test_a_chosen_field_count_bounds_both_sides_and_the_431_names_it() -> None:
+    """``--max-header-fields`` reaches both readers: a client's head of one field past it is
+    answered 431 naming the chosen count, one at it is forwarded, and a pod's response past it
+    is 502, as past the default."""
+    fields = b"".join(b"x%d: v\r\n" % i for i in range(19))
+    p = Http1Proxy(authorize=lambda h: Verdict(True), max_fields=20)
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n" + fields + b"\r\n")  # 20 fields: read
+    assert p.take_to_upstream().startswith(b"GET / HTTP/1.1\r\n") and not p.closing
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx: v\r\n" + fields + b"\r\n")
+    assert p.take_to_client().startswith(b"HTTP/1.1 502 ") and p.closing
+    p = Http1Proxy(authorize=lambda h: Verdict(True), max_fields=20)
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\nextra: 1\r\n" + fields + b"\r\n")
+    answer = p.take_to_client()
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.endswith(
+        b": more than 20 header fields\n"
+    )
+    assert p.take_rejections() == [HEADERS_TOO_LARGE] and p.closing
+
+
 def test_a_response_of_more_fields_than_the_limit_is_502_to_the_client() -> None:
     p = _proxy()
     p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")

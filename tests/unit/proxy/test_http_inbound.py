@@ -290,6 +290,8 @@ def test_a_client_that_does_not_read_stops_the_reads_from_the_pod_and_loses_noth
 class DirectDownstream:
     """A downstream that hands bytes to the session's ``Sink`` as an HBONE stream does."""
 
+    from_peer = True
+
     def __init__(self) -> None:
         self.sink: Sink | None = None
         self.queued: asyncio.Queue[bytes | None] = asyncio.Queue()

@@ -10,8 +10,16 @@ import itertools
 
 import pytest
 
-from agent.proxy.http1 import AMBIGUOUS_LENGTH, HEADER_TIMEOUT, UPSTREAM_PROTOCOL
-from agent.proxy.http1_codec import MAX_WAITING
+from agent.proxy.http1 import (
+    AMBIGUOUS_LENGTH,
+    DEFAULT_MAX_HEAD_BYTES,
+    HEADER_TIMEOUT,
+    PEER_REQUEST,
+    UPSTREAM_PROTOCOL,
+    Http1Proxy,
+    Verdict,
+)
+from agent.proxy.http1_codec import MAX_WAITING, NO_ALLOWANCE, Allowance, field_size
 from agent.proxy.http_outbound_codec import (
     DroppedResponse,
     SourceHttp1,
@@ -571,6 +579,24 @@ def test_a_response_of_more_fields_than_the_limit_is_answered_as_one_over_the_by
     assert answers[0] == (b"HTTP/1.1 %d " % status, [UPSTREAM_PROTOCOL], status, "UC")
 
 
+def test_a_chosen_field_count_bounds_the_clients_heads_and_the_endpoints_responses() -> None:
+    """``--max-header-fields`` at the source: a client's head past it is 431 naming the count,
+    and an endpoint's response past it is what one past the default is (503 ``UC``)."""
+    fields = b"".join(b"x%d: v\r\n" % i for i in range(20))
+    c: SourceHttp1[str] = SourceHttp1(max_fields=20)
+    c.receive_client(b"GET / HTTP/1.1\r\nHost: web\r\n" + fields + b"\r\n")
+    answer = c.take_to_client()
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.endswith(
+        b": more than 20 header fields\n"
+    )
+    c = SourceHttp1(max_fields=20)
+    c.receive_client(GET)
+    c.attach(new_upstream(max_fields=20), "e")
+    c.take_to_upstream()
+    c.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + fields + b"\r\n")
+    assert c.take_to_client().startswith(b"HTTP/1.1 503 ") and c.rejections == [UPSTREAM_PROTOCOL]
+
+
 def test_a_thousand_pipelined_requests_are_served_in_order_a_few_parsed_at_a_time() -> None:
     """The source's reader, too, parses at most ``MAX_WAITING`` pipelined heads ahead of the
     request being served; the rest of the read waits as bytes and is served in order."""
@@ -588,3 +614,65 @@ def test_a_thousand_pipelined_requests_are_served_in_order_a_few_parsed_at_a_tim
     assert [e.head.path for e, _ in c.take_completed()] == [f"/{i}" for i in range(1000)]
     assert c.take_to_client() == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" * 1000
     assert 0 < most <= MAX_WAITING and not c.client.held and c.wants_client_data()
+
+
+def _at_the_limits(start: bytes, fields: int, sized: int) -> bytes:
+    """A head of exactly ``fields`` fields and exactly ``DEFAULT_MAX_HEAD_BYTES`` as the readers
+    size it (``field_size`` of each field, and ``sized`` for the start line: a request's
+    method and target, a response's reason)."""
+    small = [(b"x%d" % i, b"v") for i in range(fields - 1)]
+    room = DEFAULT_MAX_HEAD_BYTES - sized - sum(field_size(n, v) for n, v in small)
+    big = (b"big", b"b" * (room - field_size(b"big", b"")))
+    return start + b"".join(b"%s: %s\r\n" % f for f in [*small, big]) + b"\r\n"
+
+
+def _peer_reads(data: bytes, allowance: Allowance) -> bytes:
+    """What a destination reader at 20 fields, given ``allowance``, makes of ``data``: the
+    forwarded request line, or the status line of its refusal."""
+    p = Http1Proxy(authorize=lambda h: Verdict(True), max_fields=20, allowance=allowance)
+    p.receive_client(data)
+    return (p.take_to_upstream() or p.take_to_client()).split(b"\r\n")[0]
+
+
+def test_what_the_source_adds_to_a_head_at_the_limits_is_what_a_peer_admits_on_top() -> None:
+    """An HTTP/1.0 request at both limits, without Host or x-request-id, is admitted by the
+    source and forwarded with both added (a mirrored copy's Host suffixed ``-shadow`` too):
+    over the limits by exactly ``PEER_REQUEST``, which a destination reader admits on top for
+    a source node, and only for one (a plaintext client's reader has no allowance)."""
+    client = _at_the_limits(b"GET / HTTP/1.0\r\n", 20, sized=4)
+    c: SourceHttp1[str] = SourceHttp1(max_fields=20)
+    c.receive_client(client)
+    c.mirror_with()
+    c.attach(new_upstream(max_fields=20, peer=True), "e")
+    forwarded = c.take_to_upstream()
+    (copy,) = c.take_mirrors()
+    _, mirrored = mirror_request(new_upstream(max_fields=20, peer=True), copy, b"")
+    assert b"\r\nhost: -shadow\r\nx-request-id: " in mirrored
+    fewer_bytes = Allowance(PEER_REQUEST.fields, PEER_REQUEST.size - 1)
+    fewer_fields = Allowance(PEER_REQUEST.fields - 1, PEER_REQUEST.size)
+    assert _peer_reads(client, NO_ALLOWANCE) == b"GET / HTTP/1.1"  # at the limits: read
+    for sent in (forwarded, mirrored):
+        assert _peer_reads(sent, PEER_REQUEST) == b"GET / HTTP/1.1"
+        assert _peer_reads(sent, NO_ALLOWANCE).startswith(b"HTTP/1.1 431 ")
+        assert _peer_reads(sent, fewer_fields).startswith(b"HTTP/1.1 431 ")
+    assert _peer_reads(mirrored, fewer_bytes).startswith(b"HTTP/1.1 431 ")
+
+
+def test_what_a_destination_adds_to_a_response_at_the_limits_is_what_the_source_admits() -> None:
+    """A pod's HTTP/1.0 response at both limits that does not keep its connection is passed by
+    its node with ``connection: close`` added: the source reads it whole from a destination
+    node (``peer``), and refuses it from an endpoint without one (503)."""
+    pod = _at_the_limits(b"HTTP/1.0 200 OK\r\n", 20, sized=2)
+    p = Http1Proxy(authorize=lambda h: Verdict(True), max_fields=20)
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.take_to_upstream()
+    p.receive_upstream(pod)
+    passed = p.take_to_client()
+    assert b"\r\nconnection: close\r\n" in passed and not pod.lower().count(b"connection")
+    for peer, status in ((True, b"200"), (False, b"503")):
+        c: SourceHttp1[str] = SourceHttp1(max_fields=20)
+        c.receive_client(GET)
+        c.attach(new_upstream(max_fields=20, peer=peer), "e")
+        c.take_to_upstream()
+        c.receive_upstream(passed)
+        assert c.take_to_client().startswith(b"HTTP/1.1 %s " % status)

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from agent.proxy.budget import QueueBudget
+from agent.proxy.core import ProxySettings
 from agent.proxy.http_outbound import _ClientConnection, _Request
 from agent.proxy.http_sessions import SessionKey, SessionPool, UpstreamSession
 from agent.proxy.tunnel import TunnelStream
@@ -92,7 +93,8 @@ def _connection() -> tuple[_ClientConnection, socket.socket, SessionPool, _Regis
     ours.setblocking(False)
     client.settimeout(5)
     registry, pool = _Registry(), SessionPool()
-    core = SimpleNamespace(registry=registry, store=None)  # no request here reads the state
+    # no request here reads the state
+    core = SimpleNamespace(registry=registry, store=None, settings=ProxySettings())
     owner = SimpleNamespace(outbound=SimpleNamespace(core=core), sessions=pool)
     record = ConnectionRecord(OUTBOUND, "10.244.1.2:40000", "10.96.0.10:80")
     target = SimpleNamespace(service=SimpleNamespace(namespace="default", name="web"))

@@ -264,7 +264,8 @@ def test_cached_labels_are_what_tcp_labels_computes(
         record.id = i + 1
         metrics.opened(record)
         snap = store.snapshot()
-        assert metrics._live[record.id][1] == tcp_labels(record, snap, endpoint_services(snap))
+        expected = tcp_labels(record, snap, endpoint_services(snap))
+        assert metrics._live[record.id][1].labels == expected
 
 
 def test_labels_are_computed_once_per_client_pod_and_destination(
@@ -300,5 +301,7 @@ def test_a_connection_that_ends_as_it_opened_is_closed_under_its_open_labels() -
     assert closed is opened
     failed.failure = "upstream_unreachable"
     metrics.closed(failed)
-    assert metrics._closed[closed] == 1
-    assert metrics._closed[closed._replace(response_flags="CONNECT")] == 1
+    assert [(s.labels, s.closed) for s in metrics._closed] == [
+        (opened.labels, 1),
+        (opened.labels._replace(response_flags="CONNECT"), 1),
+    ]

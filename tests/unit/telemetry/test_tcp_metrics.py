@@ -19,14 +19,7 @@ from agent.state.model import Endpoint, Service, ServicePort
 from agent.telemetry import tcp
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
-from agent.telemetry.labels import (
-    LABEL_NAMES,
-    TcpLabels,
-    endpoint_services,
-    host_of,
-    response_flags,
-    tcp_labels,
-)
+from agent.telemetry.labels import TcpLabels, endpoint_services, host_of, tcp_labels
 from agent.telemetry.records import (
     INBOUND,
     OUTBOUND,
@@ -240,22 +233,28 @@ SOURCES = ["10.244.1.2:40000", "10.244.1.2:40001", "10.244.2.3:5000", "[fd00::1]
 DESTINATIONS = [f"{VIP}:80", "10.244.2.2:8080", "10.244.2.3:8080", "10.244.2.2:9000"]
 
 
+def records(**more: st.SearchStrategy[str]) -> st.SearchStrategy[ConnectionRecord]:
+    """Records of the few addresses, identities, paths and failures that label them, and
+    ``more`` fields."""
+    return st.builds(
+        ConnectionRecord,
+        st.sampled_from([OUTBOUND, INBOUND]),
+        st.sampled_from(SOURCES),
+        st.sampled_from(DESTINATIONS),
+        source_identity=st.sampled_from([None, CLIENT_ID, SERVER_ID]),
+        destination_identity=st.sampled_from([None, SERVER_ID]),
+        security=st.sampled_from([SECURITY_NONE, SECURITY_MTLS]),
+        path=st.sampled_from(["hbone", "local", "passthrough", "plaintext"]),
+        upstream=st.sampled_from(["", *DESTINATIONS[1:]]),
+        failure=st.sampled_from(["", "policy_denied", "upstream_unreachable"]),
+        **more,
+    )
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.builds(
-            ConnectionRecord,
-            st.sampled_from([OUTBOUND, INBOUND]),
-            st.sampled_from(SOURCES),
-            st.sampled_from(DESTINATIONS),
-            source_identity=st.sampled_from([None, CLIENT_ID, SERVER_ID]),
-            destination_identity=st.sampled_from([None, SERVER_ID]),
-            security=st.sampled_from([SECURITY_NONE, SECURITY_MTLS]),
-            path=st.sampled_from(["hbone", "local", "passthrough", "plaintext"]),
-            upstream=st.sampled_from(["", *DESTINATIONS[1:]]),
-            failure=st.sampled_from(["", "policy_denied", "upstream_unreachable"]),
-            service=st.sampled_from(["", "server.default.svc.cluster.local"]),
-        ),
+        records(service=st.sampled_from(["", "server.default.svc.cluster.local"])),
         min_size=1,
         max_size=12,
     ),
@@ -345,7 +344,7 @@ class CountersReference(Collector):
     def closed(self, record: ConnectionRecord) -> None:
         live = self._live.pop(record.id, None)
         labels = live[1] if live is not None else self._labels(record)
-        final = labels._replace(response_flags=response_flags(record.failure))
+        final = labels._replace(response_flags=tcp.response_flags(record.failure))
         if record.direction == OUTBOUND and record.protocol != "tcp":
             return
         self._sent[labels] += record.bytes_sent
@@ -370,7 +369,7 @@ class CountersReference(Collector):
             tcp.RECEIVED: (received, "Bytes sent back to the client side, live ones included"),
         }
         for name, (values, doc) in metrics.items():
-            family = CounterMetricFamily(name, doc, labels=LABEL_NAMES)
+            family = CounterMetricFamily(name, doc, labels=tcp.LABEL_NAMES)
             for labels, value in values.items():
                 family.add_metric(list(labels), value)
             yield family
@@ -400,19 +399,7 @@ _LIVES = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.builds(
-            ConnectionRecord,
-            st.sampled_from([OUTBOUND, INBOUND]),
-            st.sampled_from(SOURCES),
-            st.sampled_from(DESTINATIONS),
-            source_identity=st.sampled_from([None, CLIENT_ID, SERVER_ID]),
-            destination_identity=st.sampled_from([None, SERVER_ID]),
-            security=st.sampled_from([SECURITY_NONE, SECURITY_MTLS]),
-            path=st.sampled_from(["hbone", "local", "passthrough", "plaintext"]),
-            upstream=st.sampled_from(["", *DESTINATIONS[1:]]),
-            failure=st.sampled_from(["", "policy_denied", "upstream_unreachable"]),
-            protocol=st.sampled_from(["tcp", "tcp", "http/1.1"]),
-        ),
+        records(protocol=st.sampled_from(["tcp", "tcp", "http/1.1"])),
         min_size=12,
         max_size=12,
     ),

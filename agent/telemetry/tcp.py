@@ -17,7 +17,7 @@ TCP flow to one destination: its requests go to several endpoints, each reported
 counted by the destination. So it is left out of these counters, as Istio's proxies report an
 HTTP listener's traffic as requests only; it still shows in ``/connections`` and the access log.
 
-Labels are computed once per label-relevant shape of a record (``_labels``): the addresses
+Labels are computed once per label-relevant shape of a record (``_labelled``): the addresses
 without the client's port, the dialled Service, direction, identities, security, path and
 failure, for the state version they were computed in. Every connection of one client pod to one
 Service looks the same, so a new connection costs a tuple and a dictionary look-up instead of
@@ -51,7 +51,7 @@ CLOSED = "istio_tcp_connections_closed_total"
 SENT = "istio_tcp_sent_bytes_total"
 RECEIVED = "istio_tcp_received_bytes_total"
 OPEN_NOW = "nodemesh_open_connections"
-# Label sets kept per state version (``TcpMetrics._labels``); past this the cache starts over.
+# Label sets kept per state version (``TcpMetrics._labelled``); past this the cache starts over.
 LABEL_CACHE_SIZE = 4096
 
 

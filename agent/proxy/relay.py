@@ -50,7 +50,6 @@ cancelling the task did.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import socket
 import time
@@ -365,8 +364,10 @@ class _Direction:
 
 
 def _shutdown_write(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 (``contextlib.suppress`` is three calls more per connection)
         sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
 
 
 def _socket_relay(

@@ -17,7 +17,7 @@ TCP flow to one destination: its requests go to several endpoints, each reported
 counted by the destination. So it is left out of these counters, as Istio's proxies report an
 HTTP listener's traffic as requests only; it still shows in ``/connections`` and the access log.
 
-Labels are computed once per label-relevant shape of a record (``_labels``): the addresses
+Labels are computed once per label-relevant shape of a record (``_labelled``): the addresses
 without the client's port, the dialled Service, direction, identities, security, path and
 failure, for the state version they were computed in. Every connection of one client pod to one
 Service looks the same, so a new connection costs a tuple and a dictionary look-up instead of
@@ -51,42 +51,75 @@ CLOSED = "istio_tcp_connections_closed_total"
 SENT = "istio_tcp_sent_bytes_total"
 RECEIVED = "istio_tcp_received_bytes_total"
 OPEN_NOW = "nodemesh_open_connections"
-# Label sets kept per state version (``TcpMetrics._labels``); past this the cache starts over.
+# Label sets kept per state version (``TcpMetrics._labelled``); past this the cache starts over.
 LABEL_CACHE_SIZE = 4096
 
 
+class _Series:
+    """The counts of one label set: the four counters' values, and whether each has a sample
+    yet (a label set shows in a family once counted there, with a 0 too; ``TcpMetrics`` keeps
+    each family's label sets in the order of their first count, as a ``Counter`` per family
+    did, so the exposition reads as it did)."""
+
+    __slots__ = ("closed", "flowed", "labels", "opened", "received", "sent")
+
+    def __init__(self, labels: TcpLabels) -> None:
+        self.labels = labels
+        self.opened = 0
+        self.closed = 0
+        self.sent = 0
+        self.received = 0
+        self.flowed = False  # sent and received counted (at a close, with these labels)
+
+
 class TcpMetrics(Collector):
-    """A ``ConnectionObserver`` (``Registry.observers``) and a prometheus-client collector."""
+    """A ``ConnectionObserver`` (``Registry.observers``) and a prometheus-client collector.
+
+    Why one object per label set (``_Series``) and not a ``Counter`` per metric: a connection
+    counted four times, and each count hashed and compared its 12-field label tuple twice; the
+    label cache holds the ``_Series`` itself and a live connection keeps its own, so a
+    connection's open finds it with the cache's one look-up and its close counts on it
+    directly (a look-up only when the close-time flags differ, or a record never opened)."""
 
     def __init__(self, store: StateStore, *, access_log: bool = True) -> None:
         self._store = store
         self._access_log = access_log
-        self._live: dict[int, tuple[ConnectionRecord, TcpLabels]] = {}
-        self._opened: Counter[TcpLabels] = Counter()
-        self._closed: Counter[TcpLabels] = Counter()
-        self._sent: Counter[TcpLabels] = Counter()
-        self._received: Counter[TcpLabels] = Counter()
+        self._live: dict[int, tuple[ConnectionRecord, _Series]] = {}
+        self._series: dict[TcpLabels, _Series] = {}
+        # Each family's label sets, in the order of their first count (see ``_Series``).
+        self._opened: list[_Series] = []
+        self._closed: list[_Series] = []
+        self._flowed: list[_Series] = []
         self._endpoints: tuple[int, Mapping[str, str]] = (-1, {})
-        self._label_cache: dict[tuple[str | None, ...], TcpLabels] = {}
+        self._label_cache: dict[tuple[str | None, ...], _Series] = {}
 
     # -- ConnectionObserver ------------------------------------------------------------------
     def opened(self, record: ConnectionRecord) -> None:
-        labels = self._labels(record)
-        self._live[record.id] = (record, labels)
+        series = self._labelled(record)
+        self._live[record.id] = (record, series)
         if _counted(record):
-            self._opened[labels] += 1
+            if not series.opened:
+                self._opened.append(series)
+            series.opened += 1
 
     def closed(self, record: ConnectionRecord) -> None:
+        """``_counted``, ``response_flags`` and ``_with_flags`` written out: every connection
+        closes here (three calls fewer each)."""
         live = self._live.pop(record.id, None)
-        labels = live[1] if live is not None else self._labels(record)
-        final = _with_flags(labels, response_flags(record.failure))
-        if not _counted(record):
-            if self._access_log:
-                write_access_log(record, final)
-            return
-        self._sent[labels] += record.bytes_sent
-        self._received[labels] += record.bytes_received
-        self._closed[final] += 1
+        series = live[1] if live is not None else self._labelled(record)
+        labels, failure = series.labels, record.failure
+        flags = response_flags(failure) if failure else "-"
+        final = labels if labels.response_flags == flags else labels._replace(response_flags=flags)
+        if record.direction != OUTBOUND or record.protocol == "tcp":  # ``_counted``
+            if not series.flowed:
+                series.flowed = True
+                self._flowed.append(series)
+            series.sent += record.bytes_sent
+            series.received += record.bytes_received
+            ended = series if final is labels else self._series_of(final)
+            if not ended.closed:
+                self._closed.append(ended)
+            ended.closed += 1
         if self._access_log:
             write_access_log(record, final)
 
@@ -94,25 +127,33 @@ class TcpMetrics(Collector):
     def live(self) -> list[dict[str, object]]:
         """Live connections with the access log's fields (for ``/connections``)."""
         now = time.time()
-        for r, _labels in list(self._live.values()):
+        for r, _series in list(self._live.values()):
             r.refresh()
         return [
-            connection_entry(r, _with_flags(labels, response_flags(r.failure)), now)
-            for r, labels in list(self._live.values())
+            connection_entry(r, _with_flags(series.labels, response_flags(r.failure)), now)
+            for r, series in list(self._live.values())
         ]
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        sent, received = Counter(self._sent), Counter(self._received)
+        sent = {s.labels: s.sent for s in self._flowed}
+        received = {s.labels: s.received for s in self._flowed}
         open_now: Counter[str] = Counter()
-        for record, labels in list(self._live.values()):
+        for record, series in list(self._live.values()):
             record.refresh()
             open_now[record.direction] += 1
             if _counted(record):
-                sent[labels] += record.bytes_sent
-                received[labels] += record.bytes_received
+                labels = series.labels
+                sent[labels] = sent.get(labels, 0) + record.bytes_sent
+                received[labels] = received.get(labels, 0) + record.bytes_received
         docs = {
-            OPENED: (self._opened, "TCP connections opened (Istio standard metric)"),
-            CLOSED: (self._closed, "TCP connections closed (Istio standard metric)"),
+            OPENED: (
+                {s.labels: s.opened for s in self._opened},
+                "TCP connections opened (Istio standard metric)",
+            ),
+            CLOSED: (
+                {s.labels: s.closed for s in self._closed},
+                "TCP connections closed (Istio standard metric)",
+            ),
             SENT: (sent, "Bytes sent by the client side of TCP connections, live ones included"),
             RECEIVED: (received, "Bytes sent back to the client side, live ones included"),
         }
@@ -126,7 +167,8 @@ class TcpMetrics(Collector):
             gauge.add_metric([direction], open_now[direction])
         yield gauge
 
-    def _labels(self, record: ConnectionRecord) -> TcpLabels:
+    def _labelled(self, record: ConnectionRecord) -> _Series:
+        """The series of ``record``'s labels (those it has now)."""
         snap = self._store.snapshot()
         cache = self._label_cache
         if self._endpoints[0] != snap.version:
@@ -145,13 +187,19 @@ class TcpMetrics(Collector):
             record.path,
             record.failure,
         )
-        labels = cache.get(key)
-        if labels is None:
-            labels = tcp_labels(record, snap, self._endpoints[1])
+        series = cache.get(key)
+        if series is None:
+            series = self._series_of(tcp_labels(record, snap, self._endpoints[1]))
             if len(cache) >= LABEL_CACHE_SIZE:
                 cache.clear()
-            cache[key] = labels
-        return labels
+            cache[key] = series
+        return series
+
+    def _series_of(self, labels: TcpLabels) -> _Series:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = _Series(labels)
+        return series
 
 
 def _with_flags(labels: TcpLabels, flags: str) -> TcpLabels:

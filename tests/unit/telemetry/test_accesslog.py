@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.telemetry import accesslog
@@ -99,6 +99,77 @@ def test_the_connection_line_is_json_dumps_of_the_connection_entry(
     )
     assert connection_line(record, labels, now) == expected
     assert connection_line(record, labels, now) == expected
+
+
+# ``connection_line`` as main wrote it (0972f4a), a ``%`` template over the same parts: the
+# f-string that replaced it must give the same text, byte for byte.
+_PERCENT_LINE = (
+    '{"time":"%s.%03d+00:00","id":%d,"start_time":"%s.%03d+00:00","duration_ms":%d,'
+    '%s%s%s%d,"bytes_received":%d,%s%d}'
+)
+
+
+def _percent_line(record: ConnectionRecord, labels: TcpLabels, now: float) -> str:
+    head, middle, tail = accesslog._shape(record, labels)
+    time_text, time_ms = accesslog._stamp(now)
+    start_text, start_ms = accesslog._stamp(record.started)
+    return _PERCENT_LINE % (
+        time_text,
+        time_ms,
+        record.id,
+        start_text,
+        start_ms,
+        max(0, round((now - record.started) * 1000)),
+        head,
+        accesslog._quote(record.source),
+        middle,
+        record.bytes_sent,
+        record.bytes_received,
+        tail,
+        record.requests,
+    )
+
+
+# Strings a peer or the state can put in a line: any code point (quotes, backslashes,
+# controls, surrogates, non-ASCII), and the JSON-significant ASCII ones often.
+_ODD = st.text(alphabet=st.sampled_from('"\\/\b\f\n\r\t\x00\x1f\x7f{}:,%') | st.characters(),
+               max_size=40)  # fmt: skip
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(
+        st.builds(
+            ConnectionRecord,
+            direction=_ODD,
+            source=_ODD,
+            destination=_ODD,
+            path=_ODD,
+            started=TIME,
+            bytes_sent=COUNT,
+            bytes_received=COUNT,
+            id=COUNT,
+            upstream=_ODD,
+            failure=_ODD,
+            policy=_ODD,
+            protocol=_ODD,
+            requests=COUNT,
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.builds(TcpLabels, *[_ODD] * len(TcpLabels._fields)),
+    TIME,
+)
+def test_the_connection_line_is_byte_for_byte_main_s_template(
+    records: list[ConnectionRecord], labels: TcpLabels, now: float
+) -> None:
+    """Each record's line, as the writer encodes it, is the bytes main's ``%`` template gave:
+    every field in its place, every string escaped as before; several records per label set,
+    so that most lines are made from a cached shape, as on a busy node."""
+    for record in records:
+        line = connection_line(record, labels, now)
+        assert line.encode() == _percent_line(record, labels, now).encode()
 
 
 def test_the_rendered_line_shapes_are_bounded() -> None:

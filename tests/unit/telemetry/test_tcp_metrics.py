@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.base.promtext import Collector, CounterMetricFamily, GaugeMetricFamily, exposition
 from agent.policy.authz import Decision
 from agent.proxy.records import Registry
+from agent.state import StateStore
 from agent.state.model import Endpoint, Service, ServicePort
+from agent.telemetry import tcp
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
-from agent.telemetry.labels import endpoint_services, host_of, tcp_labels
+from agent.telemetry.labels import TcpLabels, endpoint_services, host_of, tcp_labels
 from agent.telemetry.records import (
     INBOUND,
     OUTBOUND,
@@ -228,22 +233,28 @@ SOURCES = ["10.244.1.2:40000", "10.244.1.2:40001", "10.244.2.3:5000", "[fd00::1]
 DESTINATIONS = [f"{VIP}:80", "10.244.2.2:8080", "10.244.2.3:8080", "10.244.2.2:9000"]
 
 
+def records(**more: st.SearchStrategy[str]) -> st.SearchStrategy[ConnectionRecord]:
+    """Records of the few addresses, identities, paths and failures that label them, and
+    ``more`` fields."""
+    return st.builds(
+        ConnectionRecord,
+        st.sampled_from([OUTBOUND, INBOUND]),
+        st.sampled_from(SOURCES),
+        st.sampled_from(DESTINATIONS),
+        source_identity=st.sampled_from([None, CLIENT_ID, SERVER_ID]),
+        destination_identity=st.sampled_from([None, SERVER_ID]),
+        security=st.sampled_from([SECURITY_NONE, SECURITY_MTLS]),
+        path=st.sampled_from(["hbone", "local", "passthrough", "plaintext"]),
+        upstream=st.sampled_from(["", *DESTINATIONS[1:]]),
+        failure=st.sampled_from(["", "policy_denied", "upstream_unreachable"]),
+        **more,
+    )
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.builds(
-            ConnectionRecord,
-            st.sampled_from([OUTBOUND, INBOUND]),
-            st.sampled_from(SOURCES),
-            st.sampled_from(DESTINATIONS),
-            source_identity=st.sampled_from([None, CLIENT_ID, SERVER_ID]),
-            destination_identity=st.sampled_from([None, SERVER_ID]),
-            security=st.sampled_from([SECURITY_NONE, SECURITY_MTLS]),
-            path=st.sampled_from(["hbone", "local", "passthrough", "plaintext"]),
-            upstream=st.sampled_from(["", *DESTINATIONS[1:]]),
-            failure=st.sampled_from(["", "policy_denied", "upstream_unreachable"]),
-            service=st.sampled_from(["", "server.default.svc.cluster.local"]),
-        ),
+        records(service=st.sampled_from(["", "server.default.svc.cluster.local"])),
         min_size=1,
         max_size=12,
     ),
@@ -264,7 +275,8 @@ def test_cached_labels_are_what_tcp_labels_computes(
         record.id = i + 1
         metrics.opened(record)
         snap = store.snapshot()
-        assert metrics._live[record.id][1] == tcp_labels(record, snap, endpoint_services(snap))
+        expected = tcp_labels(record, snap, endpoint_services(snap))
+        assert metrics._live[record.id][1].labels == expected
 
 
 def test_labels_are_computed_once_per_client_pod_and_destination(
@@ -300,5 +312,137 @@ def test_a_connection_that_ends_as_it_opened_is_closed_under_its_open_labels() -
     assert closed is opened
     failed.failure = "upstream_unreachable"
     metrics.closed(failed)
-    assert metrics._closed[closed] == 1
-    assert metrics._closed[closed._replace(response_flags="CONNECT")] == 1
+    assert [(s.labels, s.closed) for s in metrics._closed] == [
+        (opened.labels, 1),
+        (opened.labels._replace(response_flags="CONNECT"), 1),
+    ]
+
+
+class CountersReference(Collector):
+    """The TCP metrics' counting as main had it (0972f4a): a ``Counter`` per metric keyed by
+    the label tuple, the close-time flags for ``closed``; ``TcpMetrics`` counts per label set
+    since, and its exposition must read exactly as this one's, sample for sample, in order."""
+
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+        self._live: dict[int, tuple[ConnectionRecord, TcpLabels]] = {}
+        self._opened: Counter[TcpLabels] = Counter()
+        self._closed: Counter[TcpLabels] = Counter()
+        self._sent: Counter[TcpLabels] = Counter()
+        self._received: Counter[TcpLabels] = Counter()
+
+    def _labels(self, record: ConnectionRecord) -> TcpLabels:
+        snap = self._store.snapshot()
+        return tcp_labels(record, snap, endpoint_services(snap))
+
+    def opened(self, record: ConnectionRecord) -> None:
+        labels = self._labels(record)
+        self._live[record.id] = (record, labels)
+        if not (record.direction == OUTBOUND and record.protocol != "tcp"):
+            self._opened[labels] += 1
+
+    def closed(self, record: ConnectionRecord) -> None:
+        live = self._live.pop(record.id, None)
+        labels = live[1] if live is not None else self._labels(record)
+        final = labels._replace(response_flags=tcp.response_flags(record.failure))
+        if record.direction == OUTBOUND and record.protocol != "tcp":
+            return
+        self._sent[labels] += record.bytes_sent
+        self._received[labels] += record.bytes_received
+        self._closed[final] += 1
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        sent, received = Counter(self._sent), Counter(self._received)
+        open_now: Counter[str] = Counter()
+        for record, labels in self._live.values():
+            open_now[record.direction] += 1
+            if not (record.direction == OUTBOUND and record.protocol != "tcp"):
+                sent[labels] += record.bytes_sent
+                received[labels] += record.bytes_received
+        metrics = {
+            tcp.OPENED: (self._opened, "TCP connections opened (Istio standard metric)"),
+            tcp.CLOSED: (self._closed, "TCP connections closed (Istio standard metric)"),
+            tcp.SENT: (
+                sent,
+                "Bytes sent by the client side of TCP connections, live ones included",
+            ),
+            tcp.RECEIVED: (received, "Bytes sent back to the client side, live ones included"),
+        }
+        for name, (values, doc) in metrics.items():
+            family = CounterMetricFamily(name, doc, labels=tcp.LABEL_NAMES)
+            for labels, value in values.items():
+                family.add_metric(list(labels), value)
+            yield family
+        gauge = GaugeMetricFamily(
+            tcp.OPEN_NOW, "Connections open in the proxy", labels=["direction"]
+        )
+        for direction in ("outbound", "inbound"):
+            gauge.add_metric([direction], open_now[direction])
+        yield gauge
+
+
+# A connection's life for ``test_the_exposition_is_the_counters_one``: which record (an index
+# into the drawn ones), the failure it has at close ("" keeps its own), its byte counts, and
+# whether it is closed without having been opened (a record the registry never told about).
+_LIVES = st.lists(
+    st.tuples(
+        st.integers(0, 11),
+        st.sampled_from(["", "", "policy_denied", "upstream_unreachable"]),
+        st.integers(0, 2**40),
+        st.integers(0, 2**40),
+        st.booleans(),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        records(protocol=st.sampled_from(["tcp", "tcp", "http/1.1"])),
+        min_size=12,
+        max_size=12,
+    ),
+    _LIVES,
+    st.integers(0, 40),
+    st.integers(0, 40),
+)
+def test_the_exposition_is_the_counters_one(
+    kinds: list[ConnectionRecord],
+    lives: list[tuple[int, str, int, int, bool]],
+    scrape_at: int,
+    rename_at: int,
+) -> None:
+    """For any sequence of connections (opened and closed in turn, interleaved, some with a
+    failure at close that changes their flags, some closed never opened, some counted per
+    request only, a state change between them), ``/metrics`` reads as the ``Counter``s wrote
+    it: every sample, its value and its place; also mid-way with connections live."""
+    store = make_store()
+    metrics, reference = TcpMetrics(store, access_log=False), CountersReference(store)
+    observers: tuple[TcpMetrics | CountersReference, ...] = (metrics, reference)
+    live: list[ConnectionRecord] = []
+    for step, (kind, failure, sent, received, unopened) in enumerate(lives):
+        if step == rename_at:
+            with store.update() as txn:
+                txn.put_workload(workload("server-0", "node2", "10.244.2.2", app="renamed"))
+        record = kinds[kind].copy()
+        record.id = step + 1
+        if not unopened:
+            for observer in observers:
+                observer.opened(record)
+        live.append(record)
+        if step == scrape_at:
+            assert exposition(metrics) == exposition(reference)
+        if step % 3 != 2:  # every third step closes the newest live one; the rest, at the end
+            continue
+        record = live.pop()
+        record.failure = failure or record.failure
+        record.bytes_sent, record.bytes_received = sent, received
+        for observer in observers:
+            observer.closed(record)
+    assert exposition(metrics) == exposition(reference)
+    while live:
+        record = live.pop()
+        for observer in observers:
+            observer.closed(record)
+    assert exposition(metrics) == exposition(reference)

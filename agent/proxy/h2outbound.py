@@ -408,18 +408,20 @@ class H2SourceSession(CallbackShell):
             log.debug("%s: cannot open %s: %r", self.where, key, e)
             self._moved()
             return
+        # From here ``_close`` (below, or the session's end) closes it and gives its
+        # descriptor back, whatever raises: nothing awaits between the open and this line.
         self._upstreams[uid] = upstream
-        self._reached.add(key)
-        self._to_upstream[uid] = _outbox(
-            upstream,
-            self._resume_client,
-            lambda e: self._upstream_write_failed(uid, e),
-            lambda: self._client_read,
-        )
-        self._unpark_waiting(uid, key)
-        if isinstance(upstream, TunnelStream):
-            upstream.deliver_directly(_UpstreamSink(self, uid))
         try:
+            self._reached.add(key)
+            self._to_upstream[uid] = _outbox(
+                upstream,
+                self._resume_client,
+                lambda e: self._upstream_write_failed(uid, e),
+                lambda: self._client_read,
+            )
+            self._unpark_waiting(uid, key)
+            if isinstance(upstream, TunnelStream):
+                upstream.deliver_directly(_UpstreamSink(self, uid))
             self._moved()  # the preface and the requests queued meanwhile
             while proxy.upstream_live(uid) and not proxy.closing:
                 if self._to_client.busy:  # the client is not reading: neither do we

@@ -12,6 +12,9 @@ endpoint of a backend Service per client connection, inside an HBONE tunnel open
 for a connection (``Outbound.open``: the source pod's certificate, the endpoint's identity
 checked).
 The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
+A same-node or unmeshed endpoint's upstream is a socket of its own, charged to the process's
+descriptor budget (``agent.base.conncaps``); while the budget is full each pick prefers, within
+the backend the route chose, an endpoint that needs no new socket (``_sparing``).
 
 A same-node endpoint's request is seen by no other proxy, so it is admitted here, per try, as
 its destination would admit it (``http_inbound.RequestAdmission`` at the pod's workload, kept
@@ -78,12 +81,13 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
 from agent.policy.authz import Request as AuthzRequest
+from agent.policy.traffic.balancer import EndpointLoad
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
 from agent.proxy.h2inbound import h2_request_record
@@ -190,6 +194,9 @@ class H2SourceSession(CallbackShell):
         self._timer_at: float | None = None
         self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
         self._service_idle: ServiceIdleTimeout | None = None  # made when first asked
+        # What each pick of an endpoint prefers (``_sparing``), with a descriptor budget.
+        self._caps = core.caps
+        self._narrow = self._sparing if core.caps is not None else None
         # The state's current snapshot, read three times a call (the pick, the endpoint's
         # route, the idle timeout): the store's own reader, not ``Core.snapshot`` around it.
         self._snapshot = core.store.snapshot
@@ -206,6 +213,7 @@ class H2SourceSession(CallbackShell):
             source.labels if source is not None else None,
             (core.node, None),
             client_namespace=source.namespace if source is not None else "",
+            narrow=self._narrow,
         )
         if isinstance(choice, LocalAnswer):
             head = request.head
@@ -221,6 +229,28 @@ class H2SourceSession(CallbackShell):
 
             plan.attempts.on_admitted = turn
         return choice
+
+    def _sparing(
+        self, backend: ServiceTarget, pool: Sequence[EndpointLoad]
+    ) -> Sequence[EndpointLoad]:
+        """The candidates of ``backend`` for a pick (``route_request``'s ``narrow``): with the
+        descriptor budget full (``take_stream`` would refuse a new socket), those whose request
+        needs no new socket: a far endpoint (a stream of a pooled HBONE connection) or one
+        this session has an upstream to already; all of them if none does (the balancer's
+        choice then stands and its socket is refused: 503 ``UO``, as before). With room, all
+        of them: the balancer's choice is unchanged. Only the chosen backend's endpoints: a
+        route's weighted split across backends is never bent."""
+        caps = self._caps
+        if caps is None or caps.used < caps.budget:  # ``caps.full()``, without the call
+            return pool
+        service, port = (backend.service.namespace, backend.service.name), backend.port.port
+        spare = [
+            load for load in pool if self._no_new_socket(Endpoint(service, port, load.ip, backend))
+        ]
+        return spare or pool
+
+    def _no_new_socket(self, key: Endpoint) -> bool:
+        return self.proxy.has_upstream(key) or self._route_to(key).kind == "hbone"
 
     def _admitted(self, plan: RoutePlan) -> None:
         """A parked request's turn came: its endpoint (or 503 ``UH``) to ``H2Proxy``."""

@@ -32,12 +32,14 @@ from tests.integration.proxy.mesh import (
     LOCAL,
     SERVER,
     Mesh,
+    free_port,
     listener,
     mesh_test,
     set_policies,
 )
 from tests.integration.proxy.test_h2_outbound_loopback import (
     _client,
+    _front,
     _local_front,
     _recording_app,
     _requests,
@@ -429,3 +431,45 @@ async def test_an_h2_source_socket_whose_setup_fails_after_the_connect_is_given_
         assert caps.used == 0
     finally:
         app.close()
+
+
+@mesh_test
+async def test_h2_calls_go_to_endpoints_that_need_no_new_socket_while_the_budget_is_full(
+    mesh: Mesh,
+) -> None:
+    """``front``: a far endpoint and a same-node one, round robin. With room the calls
+    alternate between them (the balancer's choice, unchanged). With the budget full, a session
+    whose same-node socket is open keeps using both (that socket costs nothing more), and a
+    new session sends every call to the far endpoint (a stream of a pooled HBONE connection)
+    instead of answering the same-node ones 503 ``UO``."""
+    port = free_port(SERVER)
+    _front(mesh, port, SERVER, LOCAL)
+    caps = ConnectionCaps(2, {})  # 4 descriptors
+    caps.reject = mesh.node1.core.registry.reject
+    mesh.node1.count_in(caps)
+    gate = caps.gate(Listener.OUTBOUND)
+    assert gate.admit("10.0.0.9")  # another connection holds 2
+    far: list[str] = []
+    near: list[str] = []
+    apps = [await asyncio.start_server(_recording_app(far), SERVER, port),
+            await asyncio.start_server(_recording_app(near), LOCAL, port)]  # fmt: skip
+    calls = ["/pkg.Echo/Get"] * 4
+    try:
+        first = await _client(mesh)
+        assert await _requests(*first, calls) == ["0"] * 4
+        assert (len(far), len(near), caps.streams) == (2, 2, 1)  # alternating; 3 used
+        assert caps.take_stream("test")  # the last descriptor: the budget is full
+        assert await _requests(*first, calls) == ["0"] * 4
+        assert (len(far), len(near)) == (4, 4)  # its open socket still serves
+        second = await _client(mesh)
+        assert await _requests(*second, calls) == ["0"] * 4
+        assert (len(far), len(near)) == (8, 4)  # no new socket: all far
+        assert mesh.node1.core.registry.rejections[STREAM_LIMIT] == 0
+        caps.release_stream()
+        for _, _, writer in (first, second):
+            writer.close()
+        gate.release("10.0.0.9")
+        assert await until(lambda: caps.used == 0)
+    finally:
+        for app in apps:
+            app.close()

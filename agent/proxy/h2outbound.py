@@ -45,7 +45,10 @@ whose tunnel cannot be opened (within the try's ``perTryTimeout``) counts agains
 cause (``balanced.classify``), and the requests that waited for it go to another endpoint as
 the backend Service's TrafficPolicy ``retries`` allow (``h2route.ServiceRetries``; a pod's
 REFUSED_STREAM likewise), else are answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure
-then counted as a rejection, as the last attempt's failure of a connection is).
+then counted as a rejection, as the last attempt's failure of a connection is). One whose
+set-up raises anything else (a defect, ``_broken``) is logged once with its cause and its calls
+are answered at once, 503 ``UF`` / UNAVAILABLE (``UC`` once a try may have been sent there); the
+session serves on.
 
 A request that reached a same-node endpoint (its policy's refusal included) is reported with
 ``reporter="destination"`` too (``same_node_destination``): no other proxy sees it. So is each
@@ -94,6 +97,7 @@ from agent.proxy.h2inbound import h2_request_record
 from agent.proxy.h2mirror import MirrorCall, shadow_request
 from agent.proxy.h2proxy import (
     NO_REPORTS,
+    UPSTREAM_CONNECT_FAILURE,
     UPSTREAM_OVERFLOW,
     UPSTREAM_RESET,
     Choice,
@@ -403,7 +407,9 @@ class H2SourceSession(CallbackShell):
     async def _upstream(self, uid: int, key: Endpoint) -> None:
         """Open the tunnel to endpoint ``key`` for upstream ``uid``; then its bytes are handed
         over as they arrive (``_UpstreamSink``), and this task reads only what could not be
-        (the client was not reading), the tunnel's end, and a same-node endpoint's socket."""
+        (the client was not reading), the tunnel's end, and a same-node endpoint's socket.
+        Anything else raising here but the session's end (a defect) is ``_broken``: the
+        endpoint's calls are answered at once, the session serves on."""
         out, proxy, ip = self.outbound, self.proxy, key.ip
         route = self._route_to(key)
         self._routes[key] = rec = self._described(route)
@@ -425,8 +431,11 @@ class H2SourceSession(CallbackShell):
         except BaseException as e:
             if caps is not None:
                 caps.release_stream()
-            if not isinstance(e, (OSError, TunnelError, Refused)):
+            if not isinstance(e, Exception):  # cancelled: the session's end
                 raise
+            if not isinstance(e, (OSError, TunnelError, Refused)):
+                self._broken(uid, key, e, UPSTREAM_CONNECT_FAILURE)
+                return
             self._unpark_waiting(uid, key)  # to the failed upstream, for the proxy to redo
             cause = None if isinstance(e, Refused) else classify(e)
             if cause is None:  # not the endpoint's failure: its requests end UC
@@ -441,6 +450,8 @@ class H2SourceSession(CallbackShell):
         # From here ``_close`` (below, or the session's end) closes it and gives its
         # descriptor back, whatever raises: nothing awaits between the open and this line.
         self._upstreams[uid] = upstream
+        broken: Exception | None = None
+        lost = UPSTREAM_CONNECT_FAILURE  # until a try may have been sent there
         try:
             self._reached.add(key)
             self._to_upstream[uid] = _outbox(
@@ -452,6 +463,7 @@ class H2SourceSession(CallbackShell):
             self._unpark_waiting(uid, key)
             if isinstance(upstream, TunnelStream):
                 upstream.deliver_directly(_UpstreamSink(self, uid))
+            lost = UPSTREAM_CLOSED
             self._moved()  # the preface and the requests queued meanwhile
             while proxy.upstream_live(uid) and not proxy.closing:
                 if self._to_client.busy:  # the client is not reading: neither do we
@@ -465,10 +477,31 @@ class H2SourceSession(CallbackShell):
             log.debug("%s: upstream %s failed: %s", self.where, ip, e)
             proxy.upstream_failed(uid)
             self._moved()
+        except Exception as e:  # answered once the upstream is closed (below)
+            broken = e
         finally:
             if isinstance(upstream, TunnelStream):
                 upstream.deliver_directly(None)
             self._close(uid)
+        if broken is not None:
+            self._broken(uid, key, broken, lost)
+
+    def _broken(self, uid: int, key: Endpoint, error: Exception, lost: str) -> None:
+        """Something unexpected (a defect, not the endpoint's failure nor the session's end)
+        broke upstream ``uid``, before its open or after it (then it is closed by now: the
+        tries it held are not admitted, so they spend no token of the pod's rate limits).
+        Logged once with its cause, and its calls answered now rather than at their timeout
+        or the client's leaving: ``lost`` ``UF`` (nothing was sent there yet) answers each
+        503 (gRPC ``UNAVAILABLE``), ``UC`` as a lost upstream (502, or a reset once its
+        response began; a rule's ``retry`` as for one). The session serves its other calls;
+        if answering them fails too, the session ends (its calls reported, the client reset)."""
+        log.error("%s: upstream %s failed, its calls answered", self.where, key, exc_info=error)
+        try:
+            self._unpark_waiting(uid, key)
+            self.proxy.upstream_failed(uid, lost)
+            self._moved()
+        except Exception as e:
+            self._end(e)
 
     def _from_upstream(self, uid: int, data: bytes) -> None:
         if data and not self.record.first_byte:

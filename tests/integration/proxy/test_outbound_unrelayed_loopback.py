@@ -7,7 +7,6 @@ next connection is served, over the same pooled HBONE connection for a tunnel.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -19,16 +18,9 @@ from agent.proxy import outbound as outbound_module
 from agent.proxy import sockets
 from agent.proxy.tunnel import TunnelStream
 from tests.integration.proxy.mesh import CLIENT, LOCAL, PLAIN, SERVER, Mesh, mesh_test
+from tests.integration.proxy.test_connection_caps_loopback import echo
 
 pytestmark = pytest.mark.root
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
 
 
 async def _echoes(mesh: Mesh, destination: tuple[str, int]) -> bool:
@@ -91,7 +83,7 @@ async def test_a_pod_socket_whose_relay_fails_to_start_is_closed_with_the_client
 ) -> None:
     """A same-node pod, and an unmeshed destination (passthrough): a socket relay."""
     for ip in (LOCAL, PLAIN):
-        destination = (ip, mesh.app(ip, _echo))
+        destination = (ip, mesh.app(ip, echo))
         dialled: list[socket.socket] = []
         with _noting_dials(dialled):
             await _fails_then_serves(mesh, destination, "start_sockets", dialled)
@@ -110,7 +102,7 @@ async def test_a_same_node_socket_whose_splice_fails_to_start_is_closed_with_the
     mesh: Mesh,
 ) -> None:
     mesh.node1.core.splicer = _NoSplice()  # type: ignore[assignment]
-    destination = (LOCAL, mesh.app(LOCAL, _echo))
+    destination = (LOCAL, mesh.app(LOCAL, echo))
     dialled: list[socket.socket] = []
     with _noting_dials(dialled):
         await _fails_then_serves(mesh, destination, "start_spliced", dialled)
@@ -120,7 +112,7 @@ async def test_a_same_node_socket_whose_splice_fails_to_start_is_closed_with_the
 async def test_a_tunnel_whose_relay_fails_to_start_is_reset_and_its_connection_serves_on(
     mesh: Mesh,
 ) -> None:
-    destination = (SERVER, mesh.app(SERVER, _echo))
+    destination = (SERVER, mesh.app(SERVER, echo))
     assert await _echoes(mesh, destination)  # the pooled HBONE connection
     (pooled,) = mesh.node1.pool.connections()
     await _fails_then_serves(mesh, destination, "start_tunnel", [])

@@ -98,14 +98,6 @@ def _addr(ip: str, port: int) -> str:
     return f"{ip}:{port}"
 
 
-def _forget(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Drop ``sock``'s reader and writer, if any, before it is closed."""
-    fd = sock.fileno()
-    if fd >= 0:
-        loop.remove_reader(fd)
-        loop.remove_writer(fd)
-
-
 class _Relayed:
     """The end of a pod-IP connection whose relay runs without the handler's task (one for
     all of them: the relay tells it the connection's ends)."""
@@ -325,8 +317,6 @@ class Outbound:
         what a relay that failed half-made put there). The caller then raises, and the
         handler's failure is logged once (``acceptor.serve_accepted``, which closes nothing
         more: a closed socket's ``close`` does nothing)."""
-        if loop is None:
-            loop = asyncio.get_running_loop()
         try:
             self.core.registry.remove(conn_id)
         finally:
@@ -336,10 +326,10 @@ class Outbound:
                     upstream.waker = None
                     upstream.proto.finish(upstream)
                 else:
-                    _forget(loop, upstream)
+                    sockets.unpoll(upstream, loop)
                     sockets.abort(upstream)
             finally:
-                _forget(loop, client)
+                sockets.unpoll(client, loop)
                 sockets.abort(client)
 
     def record(
@@ -518,12 +508,10 @@ class Outbound:
     async def relay(
         self, client: socket.socket, upstream: Upstream, record: ConnectionRecord
     ) -> None:
-        """Copy both ways until both directions ended; closes the upstream socket."""
+        """Copy both ways until both directions ended (a Service's connection, in its task:
+        ``balanced``, which closes the upstream afterwards, however it ended)."""
         if isinstance(upstream, TunnelStream):
             record.security = SECURITY_MTLS
             await relay_tunnel(client, upstream, record, outbound=True)
             return
-        try:
-            await relay_sockets(client, upstream, record)
-        finally:
-            upstream.close()
+        await relay_sockets(client, upstream, record)

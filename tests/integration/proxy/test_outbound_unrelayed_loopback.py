@@ -2,7 +2,8 @@
 (``Outbound._start``): on each path that opens one (a same-node pod's socket, with and without
 the same-node splice; an unmeshed destination's socket; a pooled HBONE stream to another node),
 the upstream is closed (the stream reset), the client reset, the registry left empty, and the
-next connection is served, over the same pooled HBONE connection for a tunnel."""
+next connection is served, over the same pooled HBONE connection for a tunnel. Likewise a
+Service's connection (``balanced``), whose relay runs in its task."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from unittest import mock
 
 import pytest
 
+from agent.policy.traffic.attempts import Attempts
 from agent.proxy import outbound as outbound_module
 from agent.proxy import sockets
 from agent.proxy.tunnel import TunnelStream
+from agent.state import Endpoint, Service, ServicePort
 from tests.integration.proxy.mesh import CLIENT, LOCAL, PLAIN, SERVER, Mesh, mesh_test
 from tests.integration.proxy.test_connection_caps_loopback import echo
 
@@ -123,3 +126,55 @@ async def test_a_tunnel_whose_relay_fails_to_start_is_reset_and_its_connection_s
         await asyncio.sleep(0.02)
     assert not pooled.streams
     assert len(mesh.node2.core.registry) == 0
+
+
+VIP = "10.96.7.1"
+
+
+def _service(mesh: Mesh, port: int, ip: str) -> tuple[str, int]:
+    """Service ``web``, a TCP port (traffic control: ``balanced``) whose one endpoint is ``ip``."""
+    with mesh.store.update() as tx:
+        ports = (ServicePort(80, port),)
+        tx.put_service(Service("web", "default", (VIP,), ports, {"app": "web"}, (Endpoint(ip),)))
+    return VIP, 80
+
+
+@mesh_test
+async def test_a_services_tunnel_whose_relay_fails_to_start_is_reset_and_serves_on(
+    mesh: Mesh,
+) -> None:
+    """A Service's connection (``balanced``, in its task) to a far endpoint: the relay fails
+    before it owns the stream; the stream is reset, its pooled connection serves on."""
+    destination = _service(mesh, mesh.app(SERVER, echo), SERVER)
+    assert await _echoes(mesh, destination)
+    (pooled,) = mesh.node1.pool.connections()
+    await _fails_then_serves(mesh, destination, "relay_tunnel", [])
+    assert mesh.node1.pool.connections() == [pooled]
+    for _ in range(500):
+        if not pooled.streams and len(mesh.node2.core.registry) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert not pooled.streams
+    assert len(mesh.node2.core.registry) == 0
+
+
+@mesh_test
+async def test_a_services_socket_is_closed_whatever_raises_after_its_connect(
+    mesh: Mesh,
+) -> None:
+    """A Service's connection to an unmeshed endpoint: the balancer's note that the endpoint
+    connected raises, before any relay: the socket is closed, the client reset."""
+    destination = _service(mesh, mesh.app(PLAIN, echo), PLAIN)
+    dialled: list[socket.socket] = []
+    with _noting_dials(dialled), mock.patch.object(Attempts, "connected", _raises):
+        reader, writer = await mesh.connect(CLIENT, destination)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(1), 10)
+        writer.close()
+    assert len(dialled) == 1 and dialled[0].fileno() == -1
+    assert len(mesh.node1.core.registry) == 0
+    assert await _echoes(mesh, destination)
+
+
+def _raises(*_args: object, **_kw: object) -> None:
+    raise RuntimeError("injected")

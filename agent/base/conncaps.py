@@ -64,7 +64,11 @@ far endpoint's is a stream of a pooled HBONE connection (no descriptor of its ow
 same-node or unmeshed endpoint's is a socket: one connection could hold one per such endpoint
 of every backend its routes reach (a Service of 500 unmeshed endpoints, 500 sockets), on a
 charge of two. Each such socket takes a descriptor the same way (``take_stream``) before its
-connect and gives it back when closed; with none left the requests waiting for it are answered
+connect and gives it back when closed. While the budget is full (``full``) each pick of an
+endpoint prefers, among the candidates of the backend the route already chose, one that needs
+no new socket: a far endpoint, or one this session holds a socket to (``Attempts.narrow``, so
+the subset split and the route's weights are kept, and with room the balancer's choice is
+unchanged). Only when the backend has none are the requests waiting for a new socket answered
 503 ``UO`` (gRPC ``UNAVAILABLE``), also counted as ``global_stream_limit``, and the connection
 serves on (the session's own charged upstream is then a spare: over-counted by one, not
 under). The HTTP/1.1 source holds one upstream session per client connection at a time (its
@@ -283,6 +287,11 @@ class ConnectionCaps:
         self.used += 1
         self.streams += 1
         return True
+
+    def full(self) -> bool:
+        """Would ``take_stream`` refuse now? (A caller that can do without a new socket asks
+        first: the h2 source prefers an endpoint that needs none.)"""
+        return self.used >= self.budget
 
     def release_stream(self) -> None:
         """The socket ``take_stream`` was for is closed, or was never made. Each caller gives

@@ -16,6 +16,10 @@ connect to the pod); ``connect-failure`` for a timeout, an unreachable network o
 failed; a policy denial (HBONE 401) or another HTTP status is final and never held against the
 endpoint. Bytes the client sent cannot be replayed, so a connection that failed after connecting
 is not retried; its reset still counts toward ejecting the endpoint.
+
+The relay runs in the connection's task, so the task closes the upstream once it is done with it,
+however that ended (``_release`` when something raised: also before the relay or the
+per-request session owned it; the stream is then reset, the socket closed, the client reset).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from agent.proxy import sockets, trafficmetrics
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import Route, ServiceTarget
 from agent.proxy.samenode import serve_requests, served_record
-from agent.proxy.tunnel import TunnelError
+from agent.proxy.tunnel import TunnelError, TunnelStream
 from agent.state import Snapshot, Workload
 from agent.state.protocols import TCP
 from agent.telemetry.records import ConnectionRecord
@@ -58,6 +62,22 @@ def classify(error: BaseException) -> str | None:
     if isinstance(error, ConnectionRefusedError):
         return REFUSED
     return CONNECT_FAILURE if isinstance(error, OSError) else None
+
+
+def _release(upstream: Upstream) -> None:
+    """A connection's upstream after something raised once it was open (``_serve``): the
+    relay or the per-request session that would own it included, or the relay's own failure.
+    Its tunnel's stream finished, reset unless both halves ended (the pooled HBONE connection
+    serves on; a relay that ran finished it already, so this is a look-up then), or its
+    socket's poll registrations dropped (a relay that failed half-made may have left some)
+    and the socket closed. When the relay or session ended well, ``_serve`` only closes the
+    socket (a tunnel relay's end finished its stream): about 1.7k instructions per connection
+    fewer than calling this (callgrind)."""
+    if isinstance(upstream, TunnelStream):
+        upstream.proto.finish(upstream)
+        return
+    sockets.unpoll(upstream)
+    upstream.close()
 
 
 def _is_reset(error: BaseException) -> bool:
@@ -104,6 +124,7 @@ class BalancedOutbound:
             if outcome.clean:
                 client.close()
             elif not outcome.client_closed:
+                sockets.unpoll(client)  # a relay that failed half-made may poll it
                 sockets.abort(client)
 
     def _abort(
@@ -148,16 +169,24 @@ class BalancedOutbound:
                 )
                 if upstream is None:
                     continue
-                if protocol != TCP:
-                    assert isinstance(upstream, socket.socket)  # a local route: a plain socket
-                    await self._serve_requests(client, upstream, record, route, target, protocol)
-                    outcome.clean = True
-                    return
                 try:
-                    await self._relay(client, upstream, record, attempts)
-                except (OSError, TunnelError) as e:
-                    outcome.reset_before_data = record.bytes_received == 0 and _is_reset(e)
+                    attempts.connected(route.ip)
+                    if protocol != TCP:
+                        assert isinstance(upstream, socket.socket)  # a local route: a socket
+                        await self._serve_requests(
+                            client, upstream, record, route, target, protocol
+                        )
+                    else:
+                        try:
+                            await self._relay(client, upstream, record, attempts)
+                        except (OSError, TunnelError) as e:
+                            outcome.reset_before_data = record.bytes_received == 0 and _is_reset(e)
+                            raise
+                except BaseException:
+                    _release(upstream)
                     raise
+                if not isinstance(upstream, TunnelStream):  # the relay's end finished a stream
+                    upstream.close()
                 outcome.clean = True
                 return
             out.core.registry.reject(
@@ -201,7 +230,6 @@ class BalancedOutbound:
         try:
             await serve_requests(self.outbound, client, upstream, record, served, route, protocol)
         finally:
-            upstream.close()
             record.bytes_sent, record.bytes_received = served.bytes_sent, served.bytes_received
             record.first_byte = served.first_byte
             registry.remove(served_id)
@@ -232,8 +260,7 @@ class BalancedOutbound:
                     return None
             self.outbound.count_failure(e, route, record)
             raise
-        attempts.connected(route.ip)
-        return upstream
+        return upstream  # ``_serve`` tells ``attempts`` it connected
 
     async def _relay(
         self,

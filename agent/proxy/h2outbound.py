@@ -12,6 +12,9 @@ endpoint of a backend Service per client connection, inside an HBONE tunnel open
 for a connection (``Outbound.open``: the source pod's certificate, the endpoint's identity
 checked).
 The destination node's inbound HTTP/2 layer then authorizes and reports each request as usual.
+A same-node or unmeshed endpoint's upstream is a socket of its own, charged to the process's
+descriptor budget (``agent.base.conncaps``); while the budget is full each pick prefers, within
+the backend the route chose, an endpoint that needs no new socket (``_sparing``).
 
 A same-node endpoint's request is seen by no other proxy, so it is admitted here, per try, as
 its destination would admit it (``http_inbound.RequestAdmission`` at the pod's workload, kept
@@ -42,7 +45,10 @@ whose tunnel cannot be opened (within the try's ``perTryTimeout``) counts agains
 cause (``balanced.classify``), and the requests that waited for it go to another endpoint as
 the backend Service's TrafficPolicy ``retries`` allow (``h2route.ServiceRetries``; a pod's
 REFUSED_STREAM likewise), else are answered 503 ``UF`` / UNAVAILABLE (the tunnel's failure
-then counted as a rejection, as the last attempt's failure of a connection is).
+then counted as a rejection, as the last attempt's failure of a connection is). One whose
+set-up raises anything else (a defect, ``_broken``) is logged once with its cause and its calls
+are answered at once, 503 ``UF`` / UNAVAILABLE (``UC`` once a try may have been sent there); the
+session serves on.
 
 A request that reached a same-node endpoint (its policy's refusal included) is reported with
 ``reporter="destination"`` too (``same_node_destination``): no other proxy sees it. So is each
@@ -78,18 +84,20 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
 from agent.policy.authz import Request as AuthzRequest
+from agent.policy.traffic.balancer import EndpointLoad
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
 from agent.proxy.h2inbound import h2_request_record
 from agent.proxy.h2mirror import MirrorCall, shadow_request
 from agent.proxy.h2proxy import (
     NO_REPORTS,
+    UPSTREAM_CONNECT_FAILURE,
     UPSTREAM_OVERFLOW,
     UPSTREAM_RESET,
     Choice,
@@ -190,6 +198,9 @@ class H2SourceSession(CallbackShell):
         self._timer_at: float | None = None
         self._idle = IdleTimer(self._loop, self._idle_expired)  # the Service's idleTimeout
         self._service_idle: ServiceIdleTimeout | None = None  # made when first asked
+        # What each pick of an endpoint prefers (``_sparing``), with a descriptor budget.
+        self._caps = core.caps
+        self._narrow = self._sparing if core.caps is not None else None
         # The state's current snapshot, read three times a call (the pick, the endpoint's
         # route, the idle timeout): the store's own reader, not ``Core.snapshot`` around it.
         self._snapshot = core.store.snapshot
@@ -206,6 +217,7 @@ class H2SourceSession(CallbackShell):
             source.labels if source is not None else None,
             (core.node, None),
             client_namespace=source.namespace if source is not None else "",
+            narrow=self._narrow,
         )
         if isinstance(choice, LocalAnswer):
             head = request.head
@@ -221,6 +233,28 @@ class H2SourceSession(CallbackShell):
 
             plan.attempts.on_admitted = turn
         return choice
+
+    def _sparing(
+        self, backend: ServiceTarget, pool: Sequence[EndpointLoad]
+    ) -> Sequence[EndpointLoad]:
+        """The candidates of ``backend`` for a pick (``route_request``'s ``narrow``): with the
+        descriptor budget full (``take_stream`` would refuse a new socket), those whose request
+        needs no new socket: a far endpoint (a stream of a pooled HBONE connection) or one
+        this session has an upstream to already; all of them if none does (the balancer's
+        choice then stands and its socket is refused: 503 ``UO``, as before). With room, all
+        of them: the balancer's choice is unchanged. Only the chosen backend's endpoints: a
+        route's weighted split across backends is never bent."""
+        caps = self._caps
+        if caps is None or caps.used < caps.budget:  # ``caps.full()``, without the call
+            return pool
+        service, port = (backend.service.namespace, backend.service.name), backend.port.port
+        spare = [
+            load for load in pool if self._no_new_socket(Endpoint(service, port, load.ip, backend))
+        ]
+        return spare or pool
+
+    def _no_new_socket(self, key: Endpoint) -> bool:
+        return self.proxy.has_upstream(key) or self._route_to(key).kind == "hbone"
 
     def _admitted(self, plan: RoutePlan) -> None:
         """A parked request's turn came: its endpoint (or 503 ``UH``) to ``H2Proxy``."""
@@ -373,7 +407,9 @@ class H2SourceSession(CallbackShell):
     async def _upstream(self, uid: int, key: Endpoint) -> None:
         """Open the tunnel to endpoint ``key`` for upstream ``uid``; then its bytes are handed
         over as they arrive (``_UpstreamSink``), and this task reads only what could not be
-        (the client was not reading), the tunnel's end, and a same-node endpoint's socket."""
+        (the client was not reading), the tunnel's end, and a same-node endpoint's socket.
+        Anything else raising here but the session's end (a defect) is ``_broken``: the
+        endpoint's calls are answered at once, the session serves on."""
         out, proxy, ip = self.outbound, self.proxy, key.ip
         route = self._route_to(key)
         self._routes[key] = rec = self._described(route)
@@ -395,8 +431,11 @@ class H2SourceSession(CallbackShell):
         except BaseException as e:
             if caps is not None:
                 caps.release_stream()
-            if not isinstance(e, (OSError, TunnelError, Refused)):
+            if not isinstance(e, Exception):  # cancelled: the session's end
                 raise
+            if not isinstance(e, (OSError, TunnelError, Refused)):
+                self._broken(uid, key, e, UPSTREAM_CONNECT_FAILURE)
+                return
             self._unpark_waiting(uid, key)  # to the failed upstream, for the proxy to redo
             cause = None if isinstance(e, Refused) else classify(e)
             if cause is None:  # not the endpoint's failure: its requests end UC
@@ -408,18 +447,23 @@ class H2SourceSession(CallbackShell):
             log.debug("%s: cannot open %s: %r", self.where, key, e)
             self._moved()
             return
+        # From here ``_close`` (below, or the session's end) closes it and gives its
+        # descriptor back, whatever raises: nothing awaits between the open and this line.
         self._upstreams[uid] = upstream
-        self._reached.add(key)
-        self._to_upstream[uid] = _outbox(
-            upstream,
-            self._resume_client,
-            lambda e: self._upstream_write_failed(uid, e),
-            lambda: self._client_read,
-        )
-        self._unpark_waiting(uid, key)
-        if isinstance(upstream, TunnelStream):
-            upstream.deliver_directly(_UpstreamSink(self, uid))
+        broken: Exception | None = None
+        lost = UPSTREAM_CONNECT_FAILURE  # until a try may have been sent there
         try:
+            self._reached.add(key)
+            self._to_upstream[uid] = _outbox(
+                upstream,
+                self._resume_client,
+                lambda e: self._upstream_write_failed(uid, e),
+                lambda: self._client_read,
+            )
+            self._unpark_waiting(uid, key)
+            if isinstance(upstream, TunnelStream):
+                upstream.deliver_directly(_UpstreamSink(self, uid))
+            lost = UPSTREAM_CLOSED
             self._moved()  # the preface and the requests queued meanwhile
             while proxy.upstream_live(uid) and not proxy.closing:
                 if self._to_client.busy:  # the client is not reading: neither do we
@@ -433,10 +477,31 @@ class H2SourceSession(CallbackShell):
             log.debug("%s: upstream %s failed: %s", self.where, ip, e)
             proxy.upstream_failed(uid)
             self._moved()
+        except Exception as e:  # answered once the upstream is closed (below)
+            broken = e
         finally:
             if isinstance(upstream, TunnelStream):
                 upstream.deliver_directly(None)
             self._close(uid)
+        if broken is not None:
+            self._broken(uid, key, broken, lost)
+
+    def _broken(self, uid: int, key: Endpoint, error: Exception, lost: str) -> None:
+        """Something unexpected (a defect, not the endpoint's failure nor the session's end)
+        broke upstream ``uid``, before its open or after it (then it is closed by now: the
+        tries it held are not admitted, so they spend no token of the pod's rate limits).
+        Logged once with its cause, and its calls answered now rather than at their timeout
+        or the client's leaving: ``lost`` ``UF`` (nothing was sent there yet) answers each
+        503 (gRPC ``UNAVAILABLE``), ``UC`` as a lost upstream (502, or a reset once its
+        response began; a rule's ``retry`` as for one). The session serves its other calls;
+        if answering them fails too, the session ends (its calls reported, the client reset)."""
+        log.error("%s: upstream %s failed, its calls answered", self.where, key, exc_info=error)
+        try:
+            self._unpark_waiting(uid, key)
+            self.proxy.upstream_failed(uid, lost)
+            self._moved()
+        except Exception as e:
+            self._end(e)
 
     def _from_upstream(self, uid: int, data: bytes) -> None:
         if data and not self.record.first_byte:

@@ -718,6 +718,10 @@ class H2Proxy(H2Core):
         u = self._upstreams.get(uid)
         return u.conn.data_to_send() if u is not None else b""
 
+    def has_upstream(self, key: object) -> bool:
+        """Does a request for ``key`` go to an upstream that is open or opening (no new one)?"""
+        return key in self._current
+
     def take_new_upstreams(self) -> list[tuple[int, object]]:
         """(uid, key) of each upstream opened since the last call: the shell connects them."""
         out, self._new_upstreams = self._new_upstreams, []

@@ -68,6 +68,7 @@ from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 
 from agent.policy.routes import GrpcRequest, HttpRequest
+from agent.policy.traffic.attempts import Narrow
 from agent.proxy.h2proxy import Choice, Header, HeaderEdit, LocalAnswer, PickRequest, header
 from agent.proxy.http_router import (
     BODIES,
@@ -140,9 +141,13 @@ def route_request(
     source_node: tuple[str, str | None],
     *,
     client_namespace: str,
+    narrow: Narrow | None = None,
 ) -> Choice | LocalAnswer:
     """Where one request on an HTTP/2 port goes (its ``RoutePlan`` is the choice's tag, to be
-    finished with the request), or how it is answered here."""
+    finished with the request), or how it is answered here. ``narrow``: the candidates the
+    caller prefers among the chosen backend's (``Attempts.narrow``, its key the backend's
+    ``ServiceTarget``), for every pick of the request (its first, a parked one's, its
+    retries'); the backend is chosen first, by the route's weights, and never changed by it."""
     head = request.head
     headers = TextHeaders(head.headers)  # decoded only if a route's match reads them
     call = GrpcRequest.from_path(head.path, headers, authority=head.host) if request.grpc else None
@@ -163,6 +168,9 @@ def route_request(
     except LocalResponse as e:
         extra = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in e.headers)
         return LocalAnswer(e.status, e.flags, e.body, extra, grpc_status=e.grpc_status)
+    if narrow is not None:
+        attempts = plan.attempts
+        attempts.narrow, attempts.narrow_key = narrow, plan.backend
     key: Endpoint | None = None
     if not plan.attempts.queued:
         endpoint = admitted(plan)

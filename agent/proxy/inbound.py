@@ -411,7 +411,7 @@ class InboundHbone:
             self._answer(proto, sid, 503)
             return
         try:
-            # A TCP stream's relay takes the connect's poll registration over (``_start``),
+            # A TCP stream's relay takes the connect's poll registration over (``_relay``),
             # if it had to wait for one (``sockets.connect``: mostly it finishes at once).
             upstream = await sockets.connect(
                 (req.host, req.port),
@@ -472,10 +472,23 @@ class InboundHbone:
         *,
         protocol: str,
     ) -> None:
-        conn_id = self.core.registry.add(record, cancel_current_task(stream.proto.loop))
+        registry = self.core.registry
+        try:
+            conn_id = registry.add(record, cancel_current_task(stream.proto.loop))
+            if protocol == TCP:
+                registry.authorized(conn_id, request, workload)
+                registry.leave_task(conn_id)
+                done = start_tunnel(
+                    upstream, stream, record, self._relayed, outbound=False, reader_held=True
+                )
+        except BaseException:  # no relay owns the pod socket: nothing else would close it
+            self._unrelayed(stream, upstream, record)
+            raise
         if protocol == TCP:
-            self.core.registry.authorized(conn_id, request, workload)
-            self._start(stream, upstream, record, conn_id)
+            # The relay owns the socket from here: its end (``_Relayed``) closes it and gives
+            # its descriptor back; the registry's close (policy re-check) cancels the relay,
+            # the drain and a cut HBONE connection end it through the stream.
+            registry.hand_over(conn_id, done)
             return
         try:
             kind = HttpSession if protocol == HTTP else H2Session
@@ -489,17 +502,23 @@ class InboundHbone:
         finally:
             _closed(self.core.registry, stream, upstream, conn_id, self.core.caps)
 
-    def _start(
-        self, stream: TunnelStream, upstream: socket.socket, record: ConnectionRecord, conn_id: int
+    def _unrelayed(
+        self, stream: TunnelStream, upstream: socket.socket, record: ConnectionRecord
     ) -> None:
-        """Relay without the stream's task (``relay.start_tunnel``), which ends now: the
-        clean-up is the relay's end (``_Relayed``), and the registry's close (policy re-check)
-        cancels the relay; the drain and a cut HBONE connection end it through the stream."""
-        self.core.registry.leave_task(conn_id)
-        done = start_tunnel(
-            upstream, stream, record, self._relayed, outbound=False, reader_held=True
-        )
-        self.core.registry.hand_over(conn_id, done)
+        """The stream's pod socket was connected and its stream answered 200, but something
+        failed before a relay or session owned the socket: the stream reset, the socket
+        aborted (and its held reader dropped), its descriptor given back once, the connection
+        out of the registry (``record.id`` is set by ``Registry.add`` first; an id not live
+        is no-op). The caller's task then fails and is logged (``_stream_done``); the HBONE
+        connection serves its other streams."""
+        try:
+            stream.proto.finish(stream)
+            self.core.registry.remove(record.id)
+        finally:
+            stream.proto.loop.remove_reader(upstream.fileno())
+            sockets.abort(upstream)
+            if (caps := self.core.caps) is not None:
+                caps.release_stream()
 
     def goaway_all(self) -> None:
         self.draining = True

@@ -279,22 +279,58 @@ class Outbound:
         splice: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> asyncio.Future[None]:
-        """Relay without this task (``relay.start_*``): the connection's clean-up is the
-        relay's end (``_Relayed``), and the registry's close (policy re-check, drain) cancels
-        the relay. ``splice``: nothing needs the bytes (an admitted same-node connection), so
-        the kernel moves them when the agent runs with the same-node splice. ``loop``: the
-        running loop (``handle`` has it), for a socket relay."""
-        self.core.registry.leave_task(conn_id)
-        owner = self._relayed
-        if isinstance(upstream, TunnelStream):
-            record.security = SECURITY_MTLS
-            done = start_tunnel(client, upstream, record, owner, outbound=True)
-        elif splice and self.core.splicer is not None:
-            done = start_spliced(client, upstream, record, owner, self.core.splicer)
-        else:
-            done = start_sockets(client, upstream, record, owner, loop)
-        self.core.registry.hand_over(conn_id, done)
+        """Relay without this task (``relay.start_*``): once a ``start_*`` returned, the
+        connection's clean-up is the relay's end (``_Relayed``), and the registry's close
+        (policy re-check, drain) cancels the relay. Whatever raises before that (here or in
+        the ``start_*``), no relay owns the ends: ``_unrelayed`` closes them, once.
+        ``splice``: nothing needs the bytes (an admitted same-node connection), so the kernel
+        moves them when the agent runs with the same-node splice. ``loop``: the running loop
+        (``handle`` has it), for a socket relay."""
+        registry = self.core.registry
+        try:
+            registry.leave_task(conn_id)
+            owner = self._relayed
+            if isinstance(upstream, TunnelStream):
+                record.security = SECURITY_MTLS
+                done = start_tunnel(client, upstream, record, owner, outbound=True)
+            elif splice and self.core.splicer is not None:
+                done = start_spliced(client, upstream, record, owner, self.core.splicer)
+            else:
+                done = start_sockets(client, upstream, record, owner, loop)
+        except BaseException:
+            self._unrelayed(client, upstream, conn_id, loop)
+            raise
+        registry.hand_over(conn_id, done)
         return done
+
+    def _unrelayed(
+        self,
+        client: socket.socket,
+        upstream: Upstream,
+        conn_id: int,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        """The upstream was opened but no relay owns the connection (``_start`` failed): the
+        connection out of the registry, a tunnel's stream reset (its pooled HBONE connection
+        serves on), the upstream socket and the client closed with RST, each socket's poll
+        registrations dropped first (a held reader, ``sockets.connect(hold_reader=True)``, or
+        what a relay that failed half-made put there). The caller then raises, and the
+        handler's failure is logged once (``acceptor.serve_accepted``, which closes nothing
+        more: a closed socket's ``close`` does nothing)."""
+        try:
+            self.core.registry.remove(conn_id)
+        finally:
+            try:
+                if isinstance(upstream, TunnelStream):
+                    upstream.deliver_directly(None)
+                    upstream.waker = None
+                    upstream.proto.finish(upstream)
+                else:
+                    sockets.unpoll(upstream, loop)
+                    sockets.abort(upstream)
+            finally:
+                sockets.unpoll(client, loop)
+                sockets.abort(client)
 
     def record(
         self, snap: Snapshot, route: Route, source: str, destination: str
@@ -472,12 +508,10 @@ class Outbound:
     async def relay(
         self, client: socket.socket, upstream: Upstream, record: ConnectionRecord
     ) -> None:
-        """Copy both ways until both directions ended; closes the upstream socket."""
+        """Copy both ways until both directions ended (a Service's connection, in its task:
+        ``balanced``, which closes the upstream afterwards, however it ended)."""
         if isinstance(upstream, TunnelStream):
             record.security = SECURITY_MTLS
             await relay_tunnel(client, upstream, record, outbound=True)
             return
-        try:
-            await relay_sockets(client, upstream, record)
-        finally:
-            upstream.close()
+        await relay_sockets(client, upstream, record)

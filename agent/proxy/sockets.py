@@ -177,6 +177,19 @@ def release(sock: socket.socket) -> None:
     sock.close()
 
 
+def unpoll(sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Drop whatever reader and writer ``sock`` has on the loop, before it is closed on a
+    failure path: a held reader (``connect(hold_reader=True)``), or what a relay that failed
+    half-made put there (uvloop must not poll a closed descriptor). ``loop``: the running
+    loop, when the caller has it."""
+    fd = sock.fileno()
+    if fd >= 0:
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        loop.remove_reader(fd)
+        loop.remove_writer(fd)
+
+
 def captured_addresses(
     client: socket.socket, original_dst: tuple[str, int] | None = None
 ) -> tuple[str, int, str, int] | None:

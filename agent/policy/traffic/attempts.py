@@ -8,8 +8,8 @@ right object, however the connection ends (connected, failed, reset, cancelled).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from agent.policy.traffic.balancer import NO_LOCALITY, EndpointLoad, prefer_local
 from agent.policy.traffic.fault import FaultDecision
@@ -22,6 +22,17 @@ CONNECT_FAILURE = "connect-failure"  # timeout or unreachable
 REFUSED = "refused"
 RESET_BEFORE_DATA = "reset-before-data"
 SERVER_ERROR = "5xx"  # an HTTP request answered 5xx by the endpoint (outlier detection only)
+
+
+# The candidates a caller prefers among those allowed (``Attempts.narrow``, called with
+# ``Attempts.narrow_key`` and the candidates): a non-empty subset of them, or them all. The h2
+# source's, when the descriptor budget is full: those that need no new socket
+# (``agent.proxy.h2outbound``). Applied after the subset split and before the locality
+# preference and the balancer, so it never moves a request to another subset. A key beside the
+# callable, not a ``partial`` made per request: it is set on every h2 request, and with room
+# the preference costs a pick 2.5k instructions this way, 3.0k with a partial (callgrind,
+# docs/performance/connection-cost.md).
+Narrow = Callable[[Any, Sequence[EndpointLoad]], Sequence[EndpointLoad]]
 
 
 class Attempts:
@@ -55,6 +66,9 @@ class Attempts:
         # ``may_queue``): not counted in flight yet; ``on_admitted`` is called when it is.
         self.queued = False
         self.on_admitted: Callable[[], None] | None = None
+        # Set by a caller that prefers some candidates (``Narrow``); None: the balancer's.
+        self.narrow: Narrow | None = None
+        self.narrow_key: Any = None
 
     def next_endpoint(self) -> str | None:
         """The endpoint for the next attempt, or None if the Service has none.
@@ -69,6 +83,8 @@ class Attempts:
         if not pool:
             svc.count("no_endpoints")
             return None
+        if self.narrow is not None:
+            pool = self.narrow(self.narrow_key, pool)
         if svc.config.locality != NO_LOCALITY:
             pool = prefer_local(pool, svc.config.locality, self.source_node, svc.where)
         load = svc.balancer.pick(pool, now)

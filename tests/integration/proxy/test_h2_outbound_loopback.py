@@ -27,6 +27,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, cast
+from unittest import mock
 
 import pytest
 from h2.config import H2Configuration
@@ -43,6 +44,7 @@ from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from agent.policy.traffic.service import ServiceTraffic
+from agent.proxy import h2outbound as h2outbound_module
 from agent.proxy import http_inbound
 from agent.proxy.h2outbound import H2SourceSession
 from agent.proxy.tunnel import HboneProtocol
@@ -59,6 +61,7 @@ from tests.integration.proxy.mesh import (
     mesh_test,
     set_policies,
 )
+from tests.integration.proxy.test_hbone_limits_loopback import error_logs
 from tests.integration.proxy.test_http_outbound_loopback import (
     Recorded,
     observe,
@@ -1065,3 +1068,99 @@ def test_a_same_node_pods_reset_is_retried_as_a_far_pods_is(
         assert outcomes[LOCAL] == outcomes[SERVER]
 
     scenario()
+
+
+def _failing_outboxes(times: int, failed: list[int]) -> Callable[..., object]:
+    """``h2outbound._outbox`` that raises the first ``times`` calls (an endpoint's set-up
+    failing after its open), then makes the real one."""
+    real = h2outbound_module._outbox
+
+    def outbox(*args: Any, **kw: Any) -> object:
+        if len(failed) < times:
+            failed.append(1)
+            raise RuntimeError("injected")
+        return real(*args, **kw)
+
+    return outbox
+
+
+async def _answered_at_once_then_served(mesh: Mesh) -> None:
+    """A gRPC call and an HTTP/2 request, each waiting for a new connection to ``front``'s
+    endpoint whose set-up raises: answered at once (not at a timeout: the client gives up
+    after 10 s), trailers-only UNAVAILABLE and 503, reported ``UF``, the failure logged once
+    each with its cause; the session then serves the next call on a new connection."""
+    source, _ = observe(mesh)
+    conn, reader, writer = await _client(mesh)
+    failed: list[int] = []
+    try:
+        with (
+            error_logs() as errors,
+            mock.patch.object(h2outbound_module, "_outbox", _failing_outboxes(2, failed)),
+        ):
+            answers = await _requests(conn, reader, writer, ["/pkg.Echo/Get", "/plain"])
+            assert answers == ["14", "503"]
+            assert await _requests(conn, reader, writer, ["/pkg.Echo/Get"]) == ["0"]
+    finally:
+        writer.close()
+    assert failed == [1, 1]
+    ours = [e for e in errors if e.name.startswith("agent.")]  # not a far app's lost socket
+    assert [str(e.exc_info[1]) for e in ours if e.exc_info] == ["injected"] * 2
+    assert len(ours) == 2
+    codes = requests_total(source)
+    assert codes[("source", FRONT, "503", "UF")] == 1
+    assert codes[("source", FRONT, "200", "UF")] == 1  # the gRPC call's trailers-only answer
+    assert codes[("source", FRONT, "200", "-")] == 1
+
+
+@mesh_test
+async def test_calls_to_a_same_node_endpoint_whose_setup_raises_are_answered_at_once(
+    mesh: Mesh,
+) -> None:
+    port = _local_front(mesh)
+    app = await asyncio.start_server(_recording_app([]), LOCAL, port)
+    try:
+        await _answered_at_once_then_served(mesh)
+    finally:
+        app.close()
+
+
+@mesh_test
+async def test_calls_to_a_far_endpoint_whose_setup_raises_are_answered_at_once(
+    mesh: Mesh,
+) -> None:
+    app = await _grpc_front(mesh)
+    try:
+        await _answered_at_once_then_served(mesh)
+    finally:
+        app.close()
+    # The failed set-ups' streams were reset on the pooled connection, which served on.
+    assert len(mesh.node1.pool.connections()) == 1
+
+
+@mesh_test
+async def test_calls_to_an_endpoint_whose_open_raises_unexpectedly_are_answered_at_once(
+    mesh: Mesh,
+) -> None:
+    """Not an OSError nor a refusal (a defect in the open): the call is answered at once,
+    UNAVAILABLE ``UF``, logged once with its cause; the next call
+    is served."""
+    port = _local_front(mesh)
+    app = await asyncio.start_server(_recording_app([]), LOCAL, port)
+    outbound = mesh.node1.outbound
+    real, failed = outbound.open, []
+
+    async def opening(*args: Any, **kw: Any) -> Any:
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("injected")
+        return await real(*args, **kw)
+
+    conn, reader, writer = await _client(mesh)
+    try:
+        with error_logs() as errors, mock.patch.object(outbound, "open", opening):
+            assert await _requests(conn, reader, writer, ["/pkg.Echo/Get"]) == ["14"]
+            assert await _requests(conn, reader, writer, ["/pkg.Echo/Get"]) == ["0"]
+    finally:
+        writer.close()
+        app.close()
+    assert [str(e.exc_info[1]) for e in errors if e.exc_info] == ["injected"]

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import h2.connection
 import h2.events
@@ -21,6 +22,8 @@ from agent.acceptor import accept_forever, serve_accepted
 from agent.base.conncaps import GLOBAL_LIMIT, STREAM_LIMIT, ConnectionCaps
 from agent.base.constants import Listener
 from agent.config import AgentConfig
+from agent.proxy import h2outbound as h2outbound_module
+from agent.proxy import inbound as inbound_module
 from agent.proxy import sockets
 from agent.state import Endpoint, PolicyObject, Service, ServicePort
 from agent.state.protocols import HTTP
@@ -29,12 +32,14 @@ from tests.integration.proxy.mesh import (
     LOCAL,
     SERVER,
     Mesh,
+    free_port,
     listener,
     mesh_test,
     set_policies,
 )
 from tests.integration.proxy.test_h2_outbound_loopback import (
     _client,
+    _front,
     _local_front,
     _recording_app,
     _requests,
@@ -349,3 +354,122 @@ async def test_a_stream_to_a_port_declared_http_gives_its_descriptor_back_when_i
         await client.close()
         assert await until(lambda: caps.used == 0)
     assert errors == []
+
+
+def _injected(*_args: object, **_kw: object) -> None:
+    raise RuntimeError("injected")
+
+
+@mesh_test
+async def test_a_stream_that_fails_before_its_relay_owns_the_pod_socket_gives_it_back_once(
+    mesh: Mesh,
+) -> None:
+    """Whatever raises after the pod was dialled and before the relay owns its socket (the
+    registry's note of what was authorized, the relay's start), the socket is aborted and its
+    descriptor given back exactly once (a second give-back raises and would be logged), the
+    stream is reset, and the connection serves its next stream."""
+    caps, hbone = await gated_hbone(mesh)
+    app = mesh.app(SERVER, _echo)
+    registry = mesh.node2.core.registry
+    dial, dialled = sockets.connect, []
+
+    async def noting(address: tuple[str, int], **kw: Any) -> socket.socket:
+        dialled.append(sock := await dial(address, **kw))
+        return sock
+
+    client = await connect(mesh, hbone)
+    sockets.connect = noting  # type: ignore[assignment]
+    try:
+        for owner, name in ((registry, "authorized"), (inbound_module, "start_tunnel")):
+            with error_logs() as errors, mock.patch.object(owner, name, _injected):
+                sid, _ = await client.open(app)
+                await asyncio.wait_for(client.ended[sid].wait(), 10)
+                assert await until(lambda: caps.streams == 0)
+            assert dialled[-1].fileno() == -1  # closed
+            assert (caps.used, caps.held, caps.streams) == (1, 1, 0)
+            assert len(registry) == 0
+            # The handler's failure is logged (the injected error), no double give-back.
+            assert [str(e.exc_info[1]) for e in errors if e.exc_info] == ["injected"]
+            sid, status = await client.open(app)
+            assert status == 200 and await client.echoes(sid, b"served on")
+            await client.end(sid)
+            assert await until(lambda: caps.streams == 0)
+    finally:
+        sockets.connect = dial  # type: ignore[assignment]
+    await client.close()
+    assert await until(lambda: (caps.used, caps.held, caps.streams) == (0, 0, 0))
+
+
+@mesh_test
+async def test_an_h2_source_socket_whose_setup_fails_after_the_connect_is_given_back_at_once(
+    mesh: Mesh,
+) -> None:
+    """A same-node endpoint's socket, connected, whose session set-up then raises: closed and
+    its descriptor given back then, not held until the client connection ends."""
+    caps = ConnectionCaps(2, {})
+    caps.reject = mesh.node1.core.registry.reject
+    mesh.node1.count_in(caps)
+    port = _local_front(mesh)
+    app = await asyncio.start_server(_recording_app([]), LOCAL, port)
+    try:
+        conn, reader, writer = await _client(mesh)
+        failed = []
+
+        def failing(*_args: object, **_kw: object) -> None:
+            failed.append(caps.streams)
+            raise RuntimeError("injected")
+
+        with mock.patch.object(h2outbound_module, "_outbox", failing):
+            call = asyncio.create_task(_requests(conn, reader, writer, ["/pkg.Echo/Get"]))
+            assert await until(lambda: bool(failed))
+            assert failed == [1]  # the socket was charged
+            assert await until(lambda: caps.streams == 0)
+            # Its call answered at once (UNAVAILABLE), the client's connection still open.
+            assert await asyncio.wait_for(call, 10) == ["14"]
+            assert not reader.at_eof()
+        writer.close()
+        assert caps.used == 0
+    finally:
+        app.close()
+
+
+@mesh_test
+async def test_h2_calls_go_to_endpoints_that_need_no_new_socket_while_the_budget_is_full(
+    mesh: Mesh,
+) -> None:
+    """``front``: a far endpoint and a same-node one, round robin. With room the calls
+    alternate between them (the balancer's choice, unchanged). With the budget full, a session
+    whose same-node socket is open keeps using both (that socket costs nothing more), and a
+    new session sends every call to the far endpoint (a stream of a pooled HBONE connection)
+    instead of answering the same-node ones 503 ``UO``."""
+    port = free_port(SERVER)
+    _front(mesh, port, SERVER, LOCAL)
+    caps = ConnectionCaps(2, {})  # 4 descriptors
+    caps.reject = mesh.node1.core.registry.reject
+    mesh.node1.count_in(caps)
+    gate = caps.gate(Listener.OUTBOUND)
+    assert gate.admit("10.0.0.9")  # another connection holds 2
+    far: list[str] = []
+    near: list[str] = []
+    apps = [await asyncio.start_server(_recording_app(far), SERVER, port),
+            await asyncio.start_server(_recording_app(near), LOCAL, port)]  # fmt: skip
+    calls = ["/pkg.Echo/Get"] * 4
+    try:
+        first = await _client(mesh)
+        assert await _requests(*first, calls) == ["0"] * 4
+        assert (len(far), len(near), caps.streams) == (2, 2, 1)  # alternating; 3 used
+        assert caps.take_stream("test")  # the last descriptor: the budget is full
+        assert await _requests(*first, calls) == ["0"] * 4
+        assert (len(far), len(near)) == (4, 4)  # its open socket still serves
+        second = await _client(mesh)
+        assert await _requests(*second, calls) == ["0"] * 4
+        assert (len(far), len(near)) == (8, 4)  # no new socket: all far
+        assert mesh.node1.core.registry.rejections[STREAM_LIMIT] == 0
+        caps.release_stream()
+        for _, _, writer in (first, second):
+            writer.close()
+        gate.release("10.0.0.9")
+        assert await until(lambda: caps.used == 0)
+    finally:
+        for app in apps:
+            app.close()

@@ -192,6 +192,35 @@ def test_locality_prefers_the_client_node():
     assert picks == {B}
 
 
+def test_a_narrowed_pick_is_among_the_callers_candidates_within_the_subset_before_locality():
+    """``Attempts.narrow`` (the h2 source's, when the descriptor budget is full) sees the
+    chosen subset's candidates only, and its preference wins over locality; a narrow that
+    keeps them all leaves the pick as the balancer makes it."""
+    labels = {A: {"version": "v1"}, B: {"version": "v1"}, C: {"version": "v2"}}
+    split = (Subset("v1", {"version": "v1"}, 100), Subset("v2", {"version": "v2"}, 0))
+    t, _ = service(
+        TrafficConfig(subsets=split, locality="SAME_NODE"), endpoints=(A, B, C), labels=labels
+    )
+    seen, picks = set(), set()
+
+    def far(_key, pool):
+        seen.update(load.ip for load in pool)
+        return [load for load in pool if load.ip != A] or pool
+
+    for _ in range(50):
+        attempts = t.admit("c", source_node=("n1", None))  # A is on n1: locality prefers it
+        attempts.narrow = far
+        picks.add(attempts.next_endpoint())
+        attempts.finish()
+    assert seen == {A, B} and picks == {B}  # C is in the other subset: never offered
+    for _ in range(20):
+        attempts = t.admit("c", source_node=("n1", None))
+        attempts.narrow = lambda _key, pool: pool
+        picks.add(attempts.next_endpoint())
+        attempts.finish()
+    assert A in picks  # nothing narrowed: locality prefers A again
+
+
 def test_faults_are_decided_and_counted_at_admission():
     fault = Fault(delay_percent=100.0, delay=0.25, abort_percent=100.0, abort_mode="RESET")
     t, _ = service(TrafficConfig(fault=fault))

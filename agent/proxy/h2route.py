@@ -68,7 +68,7 @@ from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 
 from agent.policy.routes import GrpcRequest, HttpRequest
-from agent.proxy.h2proxy import Choice, Header, HeaderEdit, LocalAnswer, PickRequest, header
+from agent.proxy.h2exchange import Choice, Header, HeaderEdit, LocalAnswer, PickRequest, header
 from agent.proxy.http_router import (
     BODIES,
     NO_HEALTHY_UPSTREAM,

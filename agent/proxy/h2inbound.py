@@ -22,7 +22,7 @@ off) a connection that came through HBONE (an mTLS peer: ``StreamDownstream``) i
 by frame by ``h2relay.H2Relay``, which forwards the client's frames and header blocks as they
 came, at about half the CPU per call; the plaintext listener and a same-node client keep
 ``H2Proxy``, which parses and re-encodes all. Either reads an HBONE client's header blocks with
-what a source node adds to them on top of the header list size (``h2proxy.PEER_LIMITS``).
+what a source node adds to them on top of the header list size (``h2limits.PEER_LIMITS``).
 
 Authorization and rate limiting are per request (``http_inbound.RequestAdmission``: a
 rate-limited call is answered ``429``, or for gRPC trailers-only ``grpc-status: 8``), each
@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.proxy.h2proxy import PEER_LIMITS, H2Exchange, H2Proxy
+from agent.proxy.h2exchange import H2Exchange
+from agent.proxy.h2limits import PEER_LIMITS
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.h2relay import H2Relay
 from agent.proxy.http1 import request_record
 from agent.proxy.http_inbound import PodShell, StreamDownstream

@@ -93,9 +93,7 @@ from agent.policy.authz import Request as AuthzRequest
 from agent.policy.traffic.balancer import EndpointLoad
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
-from agent.proxy.h2inbound import h2_request_record
-from agent.proxy.h2mirror import MirrorCall, shadow_request
-from agent.proxy.h2proxy import (
+from agent.proxy.h2exchange import (
     NO_REPORTS,
     UPSTREAM_CONNECT_FAILURE,
     UPSTREAM_OVERFLOW,
@@ -103,15 +101,17 @@ from agent.proxy.h2proxy import (
     Choice,
     H2Exchange,
     H2Mirrored,
-    H2Proxy,
     H2Reports,
     LocalAnswer,
     PickRequest,
 )
+from agent.proxy.h2inbound import h2_request_record
+from agent.proxy.h2mirror import MirrorCall, shadow_request
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.h2route import Endpoint, admitted, route_request
 from agent.proxy.http1 import NO_FLAGS, UPSTREAM_CLOSED, RequestHead, Verdict
 from agent.proxy.http_inbound import ALLOWED, REFUSAL_FLAGS, RequestAdmission
-from agent.proxy.http_outbound import MirrorTry
+from agent.proxy.http_mirror import MirrorTry
 from agent.proxy.http_router import RoutePlan
 from agent.proxy.httpidle import IdleTimer, ServiceIdleTimeout, closed
 from agent.proxy.httpshell import (

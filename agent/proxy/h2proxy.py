@@ -66,18 +66,23 @@ timer, ``head_started``, as for HTTP/1.1's head), and ``h2``'s own checks (frame
 list size: a source node's blocks with what it added on top, ``PEER_HEADER_LIST``, concurrent
 streams). Each closes the connection with GOAWAY and is named by its
 cause.
+
+This module holds ``H2Proxy``'s stream logic alone. Around it: ``agent.proxy.h2exchange`` (the
+records and callbacks it shares with the shells and the router: ``H2Exchange``, ``Choice``,
+``LocalAnswer``, ``Retries``...), ``agent.proxy.h2limits`` (``H2Limits``, the flood causes,
+``new_connection``), ``agent.proxy.h2core`` (``H2Core``, what it shares with the frame relay:
+the preface sniff, the flood counts, a request's exchange) and ``agent.proxy.h2streams`` (its
+per-stream and per-upstream state, and the move of DATA within the windows).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
 
-from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -92,66 +97,63 @@ from h2.events import (
     TrailersReceived,
 )
 from h2.exceptions import FrameTooLargeError, ProtocolError, TooManyStreamsError
-from h2.settings import SettingCodes, Settings
+from h2.settings import SettingCodes
 from hpack import NeverIndexedHeaderTuple
 
 from agent.policy.traffic.attempts import REFUSED
-from agent.proxy.h2guard import (
-    HTTP1_ON_H2,
-    HTTP1_ON_H2_ANSWER,
-    HeaderBlockGuard,
-    PrefaceSniff,
+from agent.proxy.h2core import H2Core
+from agent.proxy.h2exchange import (
+    GRPC_DEADLINE_EXCEEDED,
+    GRPC_UNAVAILABLE,
+    NO_HEALTHY_UPSTREAM,
+    NO_REPORTS,
+    TIMEOUT_BODY,
+    UPSTREAM_CONNECT_FAILURE,
+    UPSTREAM_OVERFLOW,
+    UPSTREAM_RESET,
+    UPSTREAM_TIMEOUT,
+    Admit,
+    Authorize,
+    Choice,
+    H2Exchange,
+    H2Mirrored,
+    H2Reports,
+    Header,
+    LocalAnswer,
+    Pick,
+    PickRequest,
+    grpc_status_for,
+    header,
 )
 from agent.proxy.h2headers import Block, CheckedBlocks, MalformedHeaders, check_block
+from agent.proxy.h2limits import (
+    CONTROL_FLOOD,
+    EMPTY_FRAMES,
+    OVERSIZED_FRAME,
+    PROTOCOL_ERROR,
+    RAPID_RESET,
+    TOO_MANY_STREAMS,
+    H2Limits,
+    new_connection,
+)
+from agent.proxy.h2streams import Stream, Upstream, move_queued
 from agent.proxy.h2wire import (
     WALK_FROM,
-    GracefulH2Connection,
     acknowledge_on,
-    max_concurrent_streams,
     move_output,
     receive_on,
-    send_data_on,
     send_headers_on,
-    tableless_headers,
 )
 from agent.proxy.http1 import (
     DOWNSTREAM_CLOSED,
     NO_FLAGS,
-    REQUEST_ID_LENGTH,
-    SHADOW_SUFFIX,
     UPSTREAM_CLOSED,
     UPSTREAM_PROTOCOL,
-    RequestHead,
-    Verdict,
     new_request_id,
 )
-from agent.proxy.http1_codec import bounded
-from agent.telemetry.records import trace_headers_of
 
-Header = tuple[bytes, bytes]
-KIB = 1024
-
-# Causes of a refused connection (``nodemesh_http_rejected_requests_total{cause}``); the header
-# block ones are ``agent.proxy.h2guard``'s.
-CONTROL_FLOOD = "h2_control_flood"
-RAPID_RESET = "h2_rapid_reset"
-EMPTY_FRAMES = "h2_empty_frames"
-TOO_MANY_STREAMS = "h2_max_concurrent_streams"
-OVERSIZED_FRAME = "h2_oversized_frame"
-PROTOCOL_ERROR = "h2_protocol_error"
-HEADER_TIMEOUT = "h2_header_timeout"  # a header block not finished in time (slowloris)
-
-UPSTREAM_RESET = "UR"  # Envoy's flag: the upstream reset the stream
-UPSTREAM_CONNECT_FAILURE = "UF"  # Envoy's flag: the upstream could not be connected
-UPSTREAM_OVERFLOW = "UO"  # Envoy's flag: over the upstream's limit (its concurrent streams)
 # Never reached the endpoint: answered 503 (a try lost on its way, 502).
 _NOT_OPENED = frozenset({UPSTREAM_CONNECT_FAILURE, UPSTREAM_OVERFLOW})
-NO_HEALTHY_UPSTREAM = "UH"  # Envoy's flag: no endpoint to send the request to
-
-GRPC_UNKNOWN = 2
-GRPC_DEADLINE_EXCEEDED = 4
-GRPC_UNIMPLEMENTED = 12
-GRPC_UNAVAILABLE = 14
 
 # Request headers forwarded as never-indexed literals (RFC 7541 section 7.1.3). Values new on
 # every call: indexed, they would fill the HPACK tables of the proxy's upstream connections (and
@@ -162,497 +164,6 @@ NEVER_INDEXED = frozenset(
     (b"x-request-id", b"grpc-timeout", b"traceparent", b"b3", b"x-b3-traceid", b"x-b3-spanid",
      b"x-b3-parentspanid", b"authorization", b"proxy-authorization")
 )  # fmt: skip
-
-# What a source node adds, at most, to a request head it forwards to a destination node over
-# HBONE, by HPACK's count (``max_header_list_size``: each field's name and value and 32): an
-# ``x-request-id`` when absent (``_on_request``), and a mirrored copy's ``:authority`` and
-# ``host`` suffixed ``-shadow`` (``h2mirror.shadow_head``; a block has at most one of each).
-# No ``grpc-timeout`` is added or rewritten (a call's own passes as it came), trace headers
-# pass untouched, and nothing is added to a response or trailers on the way back (a
-# destination's own answers are a few short fields). The destination reads a peer's blocks
-# with it on top (``PEER_LIMITS``), so that the bound stays the client's, checked where its
-# block enters the mesh, as HTTP/1.1's (``http1.PEER_REQUEST``). What a route's filters add
-# (RequestHeaderModifier, URLRewrite) is the route author's and counts.
-PEER_HEADER_LIST = 32 + len(b"x-request-id") + REQUEST_ID_LENGTH + 2 * len(SHADOW_SUFFIX)
-
-UPSTREAM_TIMEOUT = "UT"  # Envoy's flag: the request's time ran out
-TIMEOUT_BODY = b"upstream request timeout"
-
-
-def grpc_status_for(http_status: int) -> int:
-    """The gRPC status a proxy's own HTTP answer becomes for a gRPC call: gRPC's HTTP mapping
-    (404 UNIMPLEMENTED; 502/503 UNAVAILABLE), except 500 (a route backend that cannot be used:
-    GRPCRoute asks for UNAVAILABLE) and 504 (a timeout: DEADLINE_EXCEEDED, what the caller's
-    own deadline would give)."""
-    if http_status == 404:
-        return GRPC_UNIMPLEMENTED
-    if http_status == 504:
-        return GRPC_DEADLINE_EXCEEDED
-    if http_status in (500, 502, 503):
-        return GRPC_UNAVAILABLE
-    return GRPC_UNKNOWN
-
-
-@dataclass(frozen=True, slots=True)
-class H2Limits:
-    """What one proxied HTTP/2 client connection may make the proxy hold or do."""
-
-    stream_window: int = 256 * KIB
-    connection_window: int = 1024 * KIB  # also what the proxy holds per direction, at most
-    max_frame_size: int = 16 * KIB  # the protocol's minimum: no large frame is ever buffered
-    max_concurrent_streams: int = 100
-    max_header_list_size: int = 16 * KIB
-    # On top of ``max_header_list_size`` for the client's blocks alone (read and announced to
-    # it in SETTINGS): ``PEER_HEADER_LIST`` when the client is a source node (HBONE), whose
-    # blocks carry what it added to its client's; none for a plaintext or same-node client.
-    # The upstreams' (responses, trailers) keep the plain bound: a destination adds nothing.
-    client_allowance: int = 0
-    max_header_block: int = 32 * KIB
-    max_continuations: int = 16
-    # Reply bytes (PING/SETTINGS ACKs, RST_STREAMs) the client's frames made us queue since the
-    # shell last took our output: a legitimate client never needs this many.
-    max_unsent_replies: int = 16 * KIB
-    # Streams reset by the client before their response ended: beyond this many, when they are
-    # also more than half the streams it opened, the connection is a rapid-reset attack.
-    max_premature_resets: int = 100
-    max_empty_frames: int = 100  # consecutive empty DATA frames without END_STREAM
-    # A request body kept to be sent again (source side, a rule that retries): beyond this,
-    # the request is not retried.
-    max_replay_body: int = 64 * KIB
-
-
-PEER_LIMITS = H2Limits(client_allowance=PEER_HEADER_LIST)  # a destination's, for a source node
-
-
-@dataclass(slots=True)
-class H2Exchange:
-    """One stream's request and response, as telemetry reports it."""
-
-    head: RequestHead
-    grpc: bool
-    started: float
-    status: int = 0
-    grpc_status: str = ""  # from the trailers, or a trailers-only response; "" if none
-    request_bytes: int = 0  # DATA bytes
-    response_bytes: int = 0  # DATA bytes
-    flags: str = NO_FLAGS
-    denied_by: str | None = None  # the deciding policy (or reason) when refused by policy
-    ended: float = 0.0
-    dry_run: str = ""  # the dry-run policies that would have denied it (``Verdict.dry_run``)
-    first_byte: float = 0.0  # clock time of the response headers (0: none)
-    upstream: object = None  # ``Choice.key`` of the upstream that served it (source side)
-    tag: object = None  # ``Choice.tag``: the shell's own note for the request
-    sent: float = 0.0  # clock time its last try's head went upstream (or was answered there)
-
-
-Authorize = Callable[[RequestHead], Verdict]
-
-
-HeaderEdit = Callable[[list[Header]], list[Header]]
-
-
-class Retries(Protocol):
-    """A request's retry policy, asked by ``H2Proxy`` when a try ends before any response
-    reached the client."""
-
-    def after(self, status: int | None, first_byte: float, *, replayable: bool) -> float | None:
-        """The try ended with ``status`` (``None``: no response head; a gRPC trailers-only
-        ``UNAVAILABLE`` is 503): seconds to wait before another try, or None (no retry)."""
-        ...
-
-    def next(self) -> Choice | LocalAnswer:
-        """The upstream for the next try (or how to answer the request if there is none)."""
-        ...
-
-
-class Resend(Protocol):
-    """A request's retry of a try its endpoint never processed, asked by ``H2Proxy`` before
-    any ``Retries``: the upstream could not be opened, or refused the stream (``cause``: a
-    TrafficPolicy ``retryOn`` value, ``REFUSED`` for a refused stream)."""
-
-    def unprocessed(self, cause: str, *, replayable: bool) -> Choice | LocalAnswer | None:
-        """The try failed for ``cause``; ``replayable``: the proxy holds all of the request it
-        sent. The upstream for another try now, how to answer the request (no endpoint left),
-        or None (not retried: the failure goes on as without a ``Resend``)."""
-        ...
-
-
-@dataclass(slots=True)
-class Choice:
-    """Where one request goes (``Pick``): ``key`` names the upstream (an endpoint), ``tag`` is
-    the shell's note that comes back on the request's ``H2Exchange``. ``edit_request`` edits
-    the forwarded header block (pseudo-headers included), ``edit_response`` the response's;
-    after ``timeout`` seconds (from the choice) without the response's end the stream is reset
-    upstream and answered 504 (gRPC: ``DEADLINE_EXCEEDED``) with flag ``UT``; after
-    ``try_timeout`` seconds from a try's head, that try is reset and, if ``retries`` say so,
-    the request sent again, else answered the same way. ``delay`` holds the request that long
-    before its head goes upstream (an injected fault; its body waits within the window).
-
-    Not frozen, though nothing changes it once made: one is made per request, and a frozen
-    dataclass's ``__init__`` sets each of its eleven fields through ``object.__setattr__``
-    (1.0 µs against 0.3 µs, micro-benchmark)."""
-
-    key: object
-    tag: object = None
-    edit_request: HeaderEdit | None = None
-    edit_response: HeaderEdit | None = None
-    timeout: float | None = None
-    retries: Retries | None = None
-    try_timeout: float | None = None
-    delay: float = 0.0
-    resend: Resend | None = None  # a try the endpoint never processed, sent again at once
-    mirror: bool = False  # hand a copy of the complete request to the shell (``take_mirrors``)
-    # Waiting for a slot of the backend's limit (``key`` unknown yet): held like a delayed
-    # request until the shell calls ``unpark`` with the upstream or an answer.
-    parked: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class LocalAnswer:
-    """``Pick``'s answer for a request served by the proxy itself: ``status`` (gRPC:
-    ``grpc_status_for(status)`` in a trailers-only response), Envoy's ``flags``, ``message``
-    as body (or ``grpc-message``), extra response ``headers`` (a redirect's ``location``)."""
-
-    status: int
-    flags: str
-    message: bytes
-    headers: tuple[Header, ...] = ()
-    tag: object = None
-    grpc_status: int | None = None  # for a gRPC call, instead of ``grpc_status_for(status)``
-    # The upstream whose policy answered it (source side: a same-node endpoint's denial),
-    # reported as the request's (``H2Exchange.upstream``).
-    upstream: object = None
-
-
-@dataclass(frozen=True, slots=True)
-class H2Mirrored:
-    """A complete request to copy (``Choice.mirror``): the head as forwarded, the body (None
-    when it was over ``max_replay_body``: not copied), the trailers, the choice's tag."""
-
-    head: list[Header]
-    body: bytes | None
-    trailers: list[Header] | None
-    tag: object
-
-
-# ``H2Proxy.take_reports``: the completed exchanges, the dropped tries, the rejections and the
-# mirrored requests since the last take, each ``()`` when there is none. A plain tuple: a
-# ``NamedTuple``'s ``__new__`` is one more Python call per report.
-H2Reports = tuple[Sequence[H2Exchange], Sequence[H2Exchange], Sequence[str], Sequence[H2Mirrored]]
-NO_REPORTS: H2Reports = ((), (), (), ())
-
-
-@dataclass(slots=True)
-class PickRequest:
-    """What ``Pick`` sees of a request: its head, its ``:path`` with the query, whether it is
-    a gRPC call (``content-type: application/grpc*``). Made per request: not frozen (as
-    ``Choice``)."""
-
-    head: RequestHead
-    target: str
-    grpc: bool
-
-
-# The source side's per-request choice of upstream; None: no upstream (answered 503/UNAVAILABLE).
-Pick = Callable[[PickRequest], Choice | LocalAnswer | None]
-# The source side's admission of a try where its head is about to go (the request's exchange,
-# the upstream's key and uid): True to send it; False to hold it (parked) until the shell's
-# ``unpark``; or the answer the upstream's own proxy gives it there (a same-node endpoint's
-# policy or rate limit), which is that try's response: its ``retries`` may send it again.
-Admit = Callable[[H2Exchange, object, int], LocalAnswer | bool]
-
-
-class _Upstream:
-    """One h2c connection to a pod (``uid`` names it to the shell)."""
-
-    __slots__ = ("conn", "gone", "key", "peer_limit", "streams", "uid")
-
-    def __init__(self, uid: int, key: object, limits: H2Limits) -> None:
-        self.uid, self.key = uid, key
-        self.conn = new_connection(client_side=True, limits=limits)
-        self.streams: dict[int, _Stream] = {}  # by its stream id
-        self.gone = False  # closed, failed or sent GOAWAY: no new stream on it
-        # The pod's MAX_CONCURRENT_STREAMS, kept here: read once per try by ``_send_head``, it
-        # changes only with a SETTINGS frame from the pod, whose ``RemoteSettingsChanged``
-        # every byte from it passes to ``_upstream_event`` (the events of input that failed
-        # the connection are lost with it: no stream goes to it after that).
-        self.peer_limit: int = max_concurrent_streams(self.conn.remote_settings)
-
-
-@dataclass(slots=True, eq=False)
-class _Stream:
-    client_id: int
-    exchange: H2Exchange
-    upstream: _Upstream | None = None  # None: answered by the proxy itself
-    upstream_id: int = 0
-    to_upstream: deque[tuple[bytes, int]] = field(default_factory=deque)  # (data, window bytes)
-    request_end: bool = False  # the client ended its side
-    request_trailers: list[Header] | None = None
-    request_sent: bool = False  # ... and we ended it upstream
-    to_client: deque[tuple[bytes, int]] = field(default_factory=deque)
-    response_started: bool = False
-    response_end: bool = False
-    response_trailers: list[Header] | None = None
-    edit_request: HeaderEdit | None = None  # applied once, to the forwarded head
-    edit_response: HeaderEdit | None = None
-    deadline: float | None = None  # clock time the request's timeout expires
-    retries: Retries | None = None
-    resend: Resend | None = None
-    replay_head: list[Header] | None = None  # what was sent, to send again
-    replay_body: list[bytes] | None = field(default_factory=list)  # None: over the limit
-    replay_size: int = 0
-    retry_at: float | None = None  # clock time of the next try (waiting: no upstream)
-    try_timeout: float | None = None  # seconds each try may take
-    try_deadline: float | None = None  # clock time the current try's time runs out
-    held: list[Header] | None = None  # the forwarded head, held for an injected delay
-    held_key: object = None  # ... and the upstream it goes to
-    send_at: float | None = None  # clock time the held head is sent
-    mirror: bool = False  # a copy is owed once the request is complete
-    parked: bool = False  # held until ``unpark`` names its upstream
-    # The try's head reached its upstream's own proxy, which answered it there (``admit``):
-    # sent as far as a copy goes, as a head a far node answers was.
-    answered_there: bool = False
-
-    @property
-    def keeps_request(self) -> bool:
-        """Are the head and body kept (to send again, or to copy)?"""
-        return self.retries is not None or self.resend is not None or self.mirror
-
-
-class _SidedConfiguration(H2Configuration):
-    """``H2Configuration`` whose ``client_side`` is a plain attribute: ``h2`` (and ``h2wire``'s
-    fast paths) read it through a validating descriptor, a Python call and a ``getattr``, at
-    each new stream and each count of open streams, eight times per gRPC call at the source;
-    nothing sets it after the connection is made (``__init__`` sets a ``bool``, unchecked)."""
-
-    client_side = False  # hides the descriptor; ``__init__`` sets each instance's own
-
-
-def new_connection(*, client_side: bool, limits: H2Limits) -> GracefulH2Connection:
-    """An h2c connection with ``limits``' settings, its preface and connection window queued;
-    the server side (ours to the client) reads and announces the header list size with
-    ``limits.client_allowance`` on top.
-    Headers stay bytes: they are forwarded, not interpreted (``header_encoding=None``); what
-    arrives is validated (RFC 9113 8.2) by ``H2Proxy`` with ``check_block``, in one pass instead
-    of ``h2``'s chain of generators; what is sent is not validated a second time."""
-    conn = GracefulH2Connection(
-        _SidedConfiguration(
-            client_side=client_side,
-            header_encoding=None,
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
-            # What we send was validated as it arrived (or is ours): h2's outbound checks of
-            # every header were a visible share of a request's time in a profile, for nothing.
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-    )
-    # What is announced is what the decoder enforces (``h2`` also sets the decoder's bound to
-    # the announced one once the peer acknowledged our SETTINGS).
-    list_size = limits.max_header_list_size + (0 if client_side else limits.client_allowance)
-    conn.local_settings = Settings(
-        client=client_side,
-        initial_values={
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
-            SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
-            SettingCodes.MAX_HEADER_LIST_SIZE: list_size,
-            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-            SettingCodes.ENABLE_PUSH: 0,
-        },
-    )
-    conn.max_inbound_frame_size = limits.max_frame_size
-    conn.decoder.max_header_list_size = list_size
-    tableless_headers(conn)  # our legs are loopback, a veth or a LAN: CPU, not bytes, is short
-    # A new stream's limit check walks h2's streams (forgetting the closed ones) only once
-    # ``WALK_FROM`` are known, as on HBONE's connections: it was one walk on each of a
-    # call's two connections at the source, and one at the destination without the relay.
-    conn.walk_from = WALK_FROM
-    conn.initiate_connection()
-    extra = limits.connection_window - conn.inbound_flow_control_window
-    if extra > 0:
-        conn.increment_flow_control_window(extra)
-    return conn
-
-
-def header(headers: Iterable[Header], name: bytes) -> bytes | None:
-    for k, v in headers:
-        if k == name:
-            return v
-    return None
-
-
-class H2Core:
-    """What both destination cores hold and hand their shell besides bytes: ``H2Proxy`` and the
-    frame relay (``agent.proxy.h2relay.H2Relay``) serve one shell, so they take the same
-    settings (the authorizer, limits and the header-block guard built from them, the clock, the
-    request ids) and keep the finished exchanges, the refusals by cause and the last refusal's
-    detail (``refusal``, for the shell's log line, as ``Http1Proxy.refusal``) the same way."""
-
-    def __init__(
-        self,
-        authorize: Authorize,
-        limits: H2Limits | None,
-        clock: Callable[[], float],
-        new_request_id: Callable[[], str],
-    ) -> None:
-        self.authorize = authorize
-        self.limits = limits = limits or H2Limits()
-        self.clock = clock
-        self.new_request_id = new_request_id
-        self.guard = HeaderBlockGuard(
-            max_header_block=limits.max_header_block, max_continuations=limits.max_continuations
-        )
-        self.closing = False  # flush, then close both sides
-        self.head_started: float | None = None  # clock time an unfinished header block began
-        self.refusal: str | None = None
-        self._completed: list[H2Exchange] = []
-        self._rejections: list[str] = []
-        # The flood limits' counts (``H2Limits``), kept alike by both cores.
-        self._unsent_replies = 0  # bytes of replies the client's frames queued since taken
-        self._opened = 0  # streams the client opened
-        self._premature_resets = 0  # of them, reset by the client before their response
-        self._empty_frames = 0  # consecutive empty DATA frames without END_STREAM
-        # Until the client's preface came nothing of ours goes to it (``_opening``), so that an
-        # HTTP/1.x client is answered in HTTP/1.1 alone.
-        self._sniff: PrefaceSniff | None = PrefaceSniff()
-        self._http1_answer = b""  # the 400 an HTTP/1.x client gets, until taken
-
-    def _opening(self, data: bytes) -> bytes | None:
-        """The client's bytes to parse as HTTP/2, or None while its first bytes are held (not
-        yet the whole preface) or were an HTTP/1.x request (refused: ``HTTP1_ON_H2``)."""
-        sniff = self._sniff
-        assert sniff is not None
-        verdict = sniff.feed(data)
-        if verdict == PrefaceSniff.MORE:
-            return None
-        if verdict == PrefaceSniff.HTTP1:
-            line = sniff.held.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
-            why = "on a port declared HTTP/2: send h2c prior knowledge or declare it http"
-            self._reject(HTTP1_ON_H2, f"{bounded(line, 28)} {why}")
-            self._http1_answer = HTTP1_ON_H2_ANSWER
-            self.closing = True
-            return None
-        self._sniff = None
-        return sniff.held
-
-    def _held_output(self) -> bytes:
-        """While the preface is awaited, what may go to the client: the 400 of an HTTP/1.x
-        request, once, or nothing."""
-        out, self._http1_answer = self._http1_answer, b""
-        return out
-
-    def _replies_over(self) -> str | None:
-        """What broke the limit when the replies queued (PING/SETTINGS ACKs, RST_STREAMs) are
-        over it (a control frame flood), else None."""
-        if self._unsent_replies <= self.limits.max_unsent_replies:
-            return None
-        return (
-            f"{self._unsent_replies} bytes of replies (PING/SETTINGS ACKs, RST_STREAMs) "
-            f"queued, over the limit of {self.limits.max_unsent_replies}"
-        )
-
-    def _empty_data(self, data: bytes, flow: int) -> str | None:
-        """Count a DATA frame of the client's: what broke the limit when too many in a row
-        carried nothing (neither data nor padding), else None."""
-        if data:
-            self._empty_frames = 0
-        elif not flow:
-            self._empty_frames += 1
-            if self._empty_frames > self.limits.max_empty_frames:
-                return (
-                    f"{self._empty_frames} empty DATA frames in a row, over the limit of "
-                    f"{self.limits.max_empty_frames}"
-                )
-        return None
-
-    def _premature_reset(self) -> str | None:
-        """Count a stream the client reset before its response: what broke the limit when
-        such resets are over it and half of the streams (rapid reset), else None."""
-        self._premature_resets += 1
-        if (
-            self._premature_resets > self.limits.max_premature_resets
-            and 2 * self._premature_resets > self._opened
-        ):
-            return (
-                f"{self._premature_resets} of {self._opened} streams reset before their "
-                f"response, over the limit of {self.limits.max_premature_resets} and half of them"
-            )
-        return None
-
-    def _new_exchange(self, headers: Sequence[Header]) -> tuple[H2Exchange, bytes | None]:
-        """A new request's exchange (its head as policy and telemetry see it, whether it is a
-        gRPC call), and the ``x-request-id`` made for it when the client sent none (the
-        caller adds it to what it forwards), else None."""
-        self._opened += 1
-        # One pass over the block (each name's first field counts, as ``header`` finds it):
-        # this runs for every request at both ends.
-        method = path = authority = host = sent = content_type = None
-        regular: list[Header] = []
-        for one in headers:
-            name = one[0]
-            if name[:1] == b":":
-                if name == b":path":
-                    path = one[1] if path is None else path
-                elif name == b":authority":
-                    authority = one[1] if authority is None else authority
-                elif name == b":method":
-                    method = one[1] if method is None else method
-                continue
-            regular.append((name, one[1]))
-            if name == b"content-type":
-                content_type = one[1] if content_type is None else content_type
-            elif name == b"x-request-id":
-                sent = one[1] if sent is None else sent
-            elif name == b"host":
-                host = one[1] if host is None else host
-        request_id = sent if sent is not None else self.new_request_id().encode()
-        head = RequestHead(
-            (method or b"").decode("latin-1"),
-            (path or b"").split(b"?", 1)[0].decode("latin-1"),
-            (authority or host or b"").decode("latin-1"),
-            request_id.decode("latin-1"),
-            trace=trace_headers_of(headers),
-            headers=regular,
-        )
-        grpc = (content_type or b"").startswith(b"application/grpc")
-        return H2Exchange(head, grpc, self.clock()), None if sent is not None else request_id
-
-    def take_completed(self) -> list[H2Exchange]:
-        out, self._completed = self._completed, []
-        return out
-
-    def take_rejections(self) -> list[str]:
-        out, self._rejections = self._rejections, []
-        return out
-
-    def _reject(self, cause: str, detail: str) -> None:
-        self._rejections.append(cause)
-        self.refusal = f"{cause.replace('_', ' ')}: {bounded(detail)}"
-
-    def _fail_client(self, cause: str, code: ErrorCodes, detail: str) -> None:
-        """The client broke a limit or the protocol (``detail`` says which, for the log line):
-        GOAWAY and close. Each core sends its GOAWAY its own way."""
-        raise NotImplementedError
-
-    def _guard(self, data: bytes) -> bool:
-        """Feed the client's bytes to the header-block guard before anything parses them:
-        False when they broke its limits (the connection is failed); else the header clock
-        (``head_started``) follows the block left open."""
-        cause = self.guard.feed(data)
-        if cause is not None:
-            self._fail_client(cause, ErrorCodes.ENHANCE_YOUR_CALM, self.guard.detail)
-            return False
-        if not self.guard.block_open:
-            self.head_started = None
-        elif self.head_started is None:
-            self.head_started = self.clock()
-        return True
-
-    def header_timeout(self) -> None:
-        """The shell's timer: a header block stayed open past its deadline (``head_started``)."""
-        if not self.closing:
-            detail = "a header block not finished within the header timeout"
-            self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM, detail)
 
 
 class H2Proxy(H2Core):
@@ -684,15 +195,15 @@ class H2Proxy(H2Core):
         self.direct = direct
         # Tries dropped to be sent again (``take_dropped``): as each one's upstream saw it.
         self._dropped: list[H2Exchange] = []
-        self._answered: list[tuple[_Stream, LocalAnswer]] = []  # by ``admit``, to settle
+        self._answered: list[tuple[Stream, LocalAnswer]] = []  # by ``admit``, to settle
         self.client = new_connection(client_side=False, limits=limits)
         # Blocks checked as they arrive (``check_block``), keeping the ones each side sends again
         self._requests = CheckedBlocks(Block.REQUEST)
         self._responses = CheckedBlocks(Block.RESPONSE)  # from any upstream of this client
         self._trailers = CheckedBlocks(Block.TRAILERS)  # the upstreams' (a client's: checked)
-        self._streams: dict[int, _Stream] = {}  # by client stream id
-        self._upstreams: dict[int, _Upstream] = {}  # by uid
-        self._current: dict[object, _Upstream] = {}  # by key: where new requests go
+        self._streams: dict[int, Stream] = {}  # by client stream id
+        self._upstreams: dict[int, Upstream] = {}  # by uid
+        self._current: dict[object, Upstream] = {}  # by key: where new requests go
         self._new_upstreams: list[tuple[int, object]] = []
         self._next_uid = 0
         self._to_client = bytearray(self.client.data_to_send())
@@ -868,7 +379,7 @@ class H2Proxy(H2Core):
         self._pump()
         self._check_done()
 
-    def _resent(self, s: _Stream, cause: str) -> bool:
+    def _resent(self, s: Stream, cause: str) -> bool:
         """The try of ``s`` was never processed by its endpoint (``cause``): if its ``resend``
         says so, send it again at once (answered instead when no endpoint is left)."""
         if s.resend is None or s.response_started or s.upstream is None:
@@ -894,7 +405,7 @@ class H2Proxy(H2Core):
         self._send_head(s, self._upstream_for(choice.key), s.replay_head)
         return True
 
-    def _retried(self, s: _Stream, status: int | None, lost: str = NO_FLAGS) -> bool:
+    def _retried(self, s: Stream, status: int | None, lost: str = NO_FLAGS) -> bool:
         """The try of ``s`` ended with ``status`` (None: no response head; ``lost``: how it
         ended) before anything reached the client: if its ``retries`` say so, drop the try
         (``take_dropped``) and wait to send again."""
@@ -915,7 +426,7 @@ class H2Proxy(H2Core):
         s.retry_at, s.try_deadline = self.clock() + backoff, None
         return True
 
-    def _try_again(self, s: _Stream) -> None:
+    def _try_again(self, s: Stream) -> None:
         """Send ``s`` again, exactly as first sent, where its ``retries`` now point."""
         s.retry_at = None
         assert s.retries is not None and s.replay_head is not None and s.replay_body is not None
@@ -928,13 +439,13 @@ class H2Proxy(H2Core):
         s.to_upstream.extend((chunk, 0) for chunk in s.replay_body)  # acknowledged already
         self._send_head(s, self._upstream_for(choice.key), s.replay_head)
 
-    def _send_held(self, s: _Stream) -> None:
+    def _send_held(self, s: Stream) -> None:
         """The injected delay of ``s`` is over: its head (and the body that waited) go out."""
         assert s.held is not None
         head, s.held, s.send_at = s.held, None, None
         self._send_head(s, self._upstream_for(s.held_key), head)
 
-    def _time_out(self, s: _Stream) -> None:
+    def _time_out(self, s: Stream) -> None:
         s.deadline = s.retry_at = s.try_deadline = s.send_at = None
         s.held = None
         s.exchange.flags = UPSTREAM_TIMEOUT
@@ -1053,7 +564,7 @@ class H2Proxy(H2Core):
         if made_id is not None:
             forwarded.append(NeverIndexedHeaderTuple(b"x-request-id", made_id))
         head = exchange.head
-        s = _Stream(stream_id, exchange, request_end=ended)
+        s = Stream(stream_id, exchange, request_end=ended)
         self._streams[stream_id] = s
         verdict = self.authorize(head)
         if not verdict.allowed:
@@ -1079,7 +590,7 @@ class H2Proxy(H2Core):
             return
         self._send_head(s, u, forwarded)
 
-    def _copy(self, s: _Stream) -> None:
+    def _copy(self, s: Stream) -> None:
         """Hand the copy of ``s`` over once the client sent all of it and its head went
         upstream (as Envoy's router copies after the fault filter: a delayed or parked request
         is copied when it is sent; one answered or reset before is not copied). A head its
@@ -1094,7 +605,7 @@ class H2Proxy(H2Core):
         body = b"".join(s.replay_body) if s.replay_body is not None else None
         self._mirrors.append(H2Mirrored(s.replay_head, body, s.request_trailers, s.exchange.tag))
 
-    def _send_head(self, s: _Stream, u: _Upstream, head: list[Header]) -> None:
+    def _send_head(self, s: Stream, u: Upstream, head: list[Header]) -> None:
         if self.admit is not None:
             admitted = self.admit(s.exchange, u.key, u.uid)
             if admitted is False:  # held until the shell's ``unpark``
@@ -1130,7 +641,7 @@ class H2Proxy(H2Core):
         if s.mirror:
             self._copy(s)
 
-    def _answered_there(self, s: _Stream, answer: LocalAnswer) -> None:
+    def _answered_there(self, s: Stream, answer: LocalAnswer) -> None:
         """The try of ``s`` was answered where its head was to go (``admit``), as the
         upstream's own proxy answers it: that try's response, so its ``retries`` may drop it
         (``take_dropped``) and send the request again; else it is the client's answer."""
@@ -1158,7 +669,7 @@ class H2Proxy(H2Core):
                 return
         self._answer_locally(s, answer)
 
-    def _choose(self, s: _Stream, target: str) -> _Upstream | None:
+    def _choose(self, s: Stream, target: str) -> Upstream | None:
         """The upstream for ``s``, or None after answering it ourselves (no upstream: 503 /
         UNAVAILABLE; or the ``LocalAnswer`` the pick gave), or None with ``send_at`` set when
         the choice delays it (the upstream is opened when it is sent)."""
@@ -1193,16 +704,16 @@ class H2Proxy(H2Core):
             return None
         return self._upstream_for(choice.key)
 
-    def _upstream_for(self, key: object) -> _Upstream:
+    def _upstream_for(self, key: object) -> Upstream:
         u = self._current.get(key)
         if u is None:
-            u = _Upstream(self._next_uid, key, self.limits)
+            u = Upstream(self._next_uid, key, self.limits)
             self._next_uid += 1
             self._upstreams[u.uid] = self._current[key] = u
             self._new_upstreams.append((u.uid, key))
         return u
 
-    def _retire(self, u: _Upstream) -> None:
+    def _retire(self, u: Upstream) -> None:
         """No new stream goes to ``u``."""
         u.gone = True
         if self._current.get(u.key) is u:
@@ -1210,7 +721,7 @@ class H2Proxy(H2Core):
         if self.pick is None:
             self._upstream_gone = True
 
-    def _forget_if_done(self, u: _Upstream) -> None:
+    def _forget_if_done(self, u: Upstream) -> None:
         if u.gone and not u.streams and self.pick is not None:
             self._upstreams.pop(u.uid, None)
 
@@ -1244,7 +755,7 @@ class H2Proxy(H2Core):
         self._complete(s)
 
     # -- upstream events ---------------------------------------------------------------------
-    def _upstream_event(self, u: _Upstream, event: Event) -> None:
+    def _upstream_event(self, u: Upstream, event: Event) -> None:
         kind = type(event)  # as in ``_client_event``
         e: Any = event  # narrowed by ``kind``
         if kind is ConnectionTerminated:
@@ -1316,7 +827,7 @@ class H2Proxy(H2Core):
             # Any other reset: ``_upstream_lost`` asks the retries, once (each answer counts).
             self._upstream_lost(s, UPSTREAM_RESET)
 
-    def _lost_status(self, s: _Stream, lost: str) -> int | None:
+    def _lost_status(self, s: Stream, lost: str) -> int | None:
         """The status the retries of ``s`` see of a try its upstream reset or lost (``lost``)
         before the response head: none (``None``), unless that upstream is the pod itself
         (``direct``). Then it is what the pod's own proxy, a far node, answers the source for
@@ -1329,7 +840,7 @@ class H2Proxy(H2Core):
             return None
         return 503 if s.exchange.grpc else 502
 
-    def _upstream_lost(self, s: _Stream, flag: str) -> None:
+    def _upstream_lost(self, s: Stream, flag: str) -> None:
         """The pod will not finish ``s``: answer it ourselves if we can, else reset it."""
         if self._retried(s, self._lost_status(s, flag), flag):
             return
@@ -1350,7 +861,7 @@ class H2Proxy(H2Core):
     # -- answers and stream ends -------------------------------------------------------------
     def _answer(
         self,
-        s: _Stream,
+        s: Stream,
         status: int,
         grpc_status: int,
         message: bytes,
@@ -1392,7 +903,7 @@ class H2Proxy(H2Core):
         s.to_client.append((message, 0))
         s.response_end = True
 
-    def _answer_locally(self, s: _Stream, answer: LocalAnswer) -> None:
+    def _answer_locally(self, s: Stream, answer: LocalAnswer) -> None:
         """Answer ``s`` as the pick (or its retries, or ``unpark``) said."""
         ex = s.exchange
         ex.flags = answer.flags
@@ -1403,7 +914,7 @@ class H2Proxy(H2Core):
             grpc_status = grpc_status_for(answer.status)
         self._answer(s, answer.status, grpc_status, answer.message, answer.headers)
 
-    def _refuse(self, s: _Stream, flag: str) -> None:
+    def _refuse(self, s: Stream, flag: str) -> None:
         """Pass the pod's refusal of ``s`` on (REFUSED_STREAM: the client may retry it), and
         report it, so that the shell finishes what it noted for the request."""
         s.exchange.flags = flag
@@ -1412,7 +923,7 @@ class H2Proxy(H2Core):
         self._drop(s)
         self.client.reset_stream(s.client_id, ErrorCodes.REFUSED_STREAM)
 
-    def _complete(self, s: _Stream) -> None:
+    def _complete(self, s: Stream) -> None:
         """``s`` is over (answered, or reset): report it and forget it."""
         s.exchange.ended = self.clock()
         self._completed.append(s.exchange)
@@ -1422,14 +933,14 @@ class H2Proxy(H2Core):
         if s.upstream is not None and not s.request_sent:
             self._reset_upstream(s)
 
-    def _drop(self, s: _Stream) -> None:
+    def _drop(self, s: Stream) -> None:
         self._streams.pop(s.client_id, None)
         if s.upstream is not None:
             s.upstream.streams.pop(s.upstream_id, None)
         self._discard_request(s)
         self._release_response(s)
 
-    def _discard_request(self, s: _Stream) -> None:
+    def _discard_request(self, s: Stream) -> None:
         """Give the client back the window of request bytes that will never be forwarded.
         (Nothing to do for most streams, which end with nothing held: tested first, as the
         sum over an empty queue was two calls and a third to clear it.)"""
@@ -1440,7 +951,7 @@ class H2Proxy(H2Core):
         if owed:
             acknowledge_on(self.client, owed, s.client_id)
 
-    def _release_response(self, s: _Stream) -> None:
+    def _release_response(self, s: Stream) -> None:
         if not s.to_client:  # as in ``_discard_request``
             return
         owed = sum(flow for _, flow in s.to_client)
@@ -1448,11 +959,11 @@ class H2Proxy(H2Core):
         if owed and s.upstream is not None:
             acknowledge_on(s.upstream.conn, owed, s.upstream_id)
 
-    def _reset_client(self, s: _Stream, code: ErrorCodes) -> None:
+    def _reset_client(self, s: Stream, code: ErrorCodes) -> None:
         with contextlib.suppress(ProtocolError):  # already closed both ways: nothing to reset
             self.client.reset_stream(s.client_id, code)
 
-    def _reset_upstream(self, s: _Stream) -> None:
+    def _reset_upstream(self, s: Stream) -> None:
         if s.upstream is None or s.upstream.uid not in self._upstreams:
             return  # never connected, or gone
         with contextlib.suppress(ProtocolError):  # the pod already closed it
@@ -1503,12 +1014,12 @@ class H2Proxy(H2Core):
             if s.response_started:
                 self._pump_response(s)
 
-    def _pump_request(self, s: _Stream) -> None:
+    def _pump_request(self, s: Stream) -> None:
         assert s.upstream is not None
         up, uid = s.upstream.conn, s.upstream_id
         try:
             plain_end = s.request_end and s.request_trailers is None and bool(s.to_upstream)
-            sent, ended = _move(s.to_upstream, up, uid, end=plain_end)
+            sent, ended = move_queued(s.to_upstream, up, uid, end=plain_end)
             if sent:
                 acknowledge_on(self.client, sent, s.client_id)
             if ended:
@@ -1523,9 +1034,9 @@ class H2Proxy(H2Core):
             s.request_sent = True
             self._discard_request(s)
 
-    def _pump_response(self, s: _Stream) -> None:
+    def _pump_response(self, s: Stream) -> None:
         plain_end = s.response_end and s.response_trailers is None and bool(s.to_client)
-        sent, ended = _move(s.to_client, self.client, s.client_id, end=plain_end)
+        sent, ended = move_queued(s.to_client, self.client, s.client_id, end=plain_end)
         if sent and s.upstream is not None:
             acknowledge_on(s.upstream.conn, sent, s.upstream_id)
         if ended:
@@ -1544,36 +1055,3 @@ def _retry_status(ex: H2Exchange, ended: bool) -> int:
     if ex.grpc and ended and ex.grpc_status == str(GRPC_UNAVAILABLE):
         return 503
     return ex.status
-
-
-def _move(
-    queue: deque[tuple[bytes, int]], conn: GracefulH2Connection, stream_id: int, *, end: bool
-) -> tuple[int, bool]:
-    """Send what ``queue`` holds on ``stream_id`` as far as the send windows allow, ending the
-    stream with the last bytes if ``end``. Returns the window bytes (padding included) now
-    forwarded, to be acknowledged to the sender, and whether the stream was ended."""
-    acknowledged = 0
-    while queue:
-        data, flow = queue[0]
-        last = end and len(queue) == 1
-        if not data:
-            queue.popleft()
-            acknowledged += flow
-            if last:
-                conn.end_stream(stream_id)
-                return acknowledged, True
-            continue
-        n = min(len(data), conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
-        if n <= 0:
-            break
-        if n < len(data):
-            send_data_on(conn, stream_id, data[:n], end_stream=False)
-            queue[0] = (data[n:], flow - n)
-            acknowledged += n
-        else:
-            send_data_on(conn, stream_id, data, end_stream=last)
-            queue.popleft()
-            acknowledged += flow
-            if last:
-                return acknowledged, True
-    return acknowledged, False

@@ -52,22 +52,24 @@ from collections.abc import Callable, Sequence
 from h2.errors import ErrorCodes
 from hpack import HPACKError
 
+from agent.proxy.h2core import H2Core
+from agent.proxy.h2exchange import (
+    GRPC_UNAVAILABLE,
+    UPSTREAM_RESET,
+    Authorize,
+    H2Exchange,
+    Header,
+    header,
+)
 from agent.proxy.h2headers import Block, CheckedBlocks, MalformedHeaders, check_block
-from agent.proxy.h2proxy import (
+from agent.proxy.h2limits import (
     CONTROL_FLOOD,
     EMPTY_FRAMES,
-    GRPC_UNAVAILABLE,
     OVERSIZED_FRAME,
     PROTOCOL_ERROR,
     RAPID_RESET,
     TOO_MANY_STREAMS,
-    UPSTREAM_RESET,
-    Authorize,
-    H2Core,
-    H2Exchange,
     H2Limits,
-    Header,
-    header,
 )
 from agent.proxy.h2wire import LeanDecoder, TablelessEncoder, encode_field
 from agent.proxy.http1 import (

@@ -69,7 +69,7 @@ from operator import itemgetter
 
 from agent.policy.routes import GrpcRequest, HttpRequest
 from agent.policy.traffic.attempts import Narrow
-from agent.proxy.h2proxy import Choice, Header, HeaderEdit, LocalAnswer, PickRequest, header
+from agent.proxy.h2exchange import Choice, Header, HeaderEdit, LocalAnswer, PickRequest, header
 from agent.proxy.http_router import (
     BODIES,
     NO_HEALTHY_UPSTREAM,

@@ -620,7 +620,7 @@ def _connection_input(conn: H2Connection, input_: ConnectionInputs) -> list[Even
 # ``new_connection``), while fewer than ``WALK_FROM`` are known (or than the limit, if lower),
 # the answer is known without the walk; closed streams then wait for the next walk (at most
 # ``WALK_FROM`` of them, about 0.6 KB each) instead of going at once. ``H2Proxy``'s connections
-# do the same (``walk_from`` set by ``h2proxy.new_connection``): a late frame on a closed stream
+# do the same (``walk_from`` set by ``h2limits.new_connection``): a late frame on a closed stream
 # is answered alike kept or forgotten (``test_stream_limit_walks``).
 WALK_FROM = 16
 

@@ -199,7 +199,7 @@ Authorize = Callable[[RequestHead], "Verdict"]
 
 class Finished(Protocol):
     """What telemetry needs of a finished exchange, HTTP/1.1 (``Exchange``) or HTTP/2 (a
-    stream: ``agent.proxy.h2proxy.H2Exchange``); times are ``time.monotonic()``."""
+    stream: ``agent.proxy.h2exchange.H2Exchange``); times are ``time.monotonic()``."""
 
     head: RequestHead
     status: int

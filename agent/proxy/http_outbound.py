@@ -41,9 +41,10 @@ and ``_dispatch`` sends it again, after the backoff, on a session to another end
 
 A route's ``RequestMirror`` copies a request, once the client sent all of it, to an endpoint of
 the mirror Service (``Host`` suffixed ``-shadow``, as Envoy does) on a session of its own that
-is never pooled: the copy is a task of its own, at most ``MAX_MIRRORS`` at a time per node,
-each ended after ``MIRROR_TIMEOUT``, its response read and dropped, its failures only counted
-(``nodemesh_http_mirrored_total``) — the primary request never waits for it. A request whose
+is never pooled: the copy is a task of its own (``agent.proxy.http_mirror``: at most
+``MAX_MIRRORS`` at a time per node, each ended after ``MIRROR_TIMEOUT``), its response read and
+dropped, its failures only counted (``nodemesh_http_mirrored_total``) — the primary request
+never waits for it. A request whose
 body is larger than the codec's replay limit is not copied (counted ``too_large``).
 
 For a same-node endpoint this node is the only proxy on the path, so it admits each try as
@@ -74,15 +75,12 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
 from agent.policy.authz import Request as AuthzRequest
 from agent.policy.routes import HttpRequest
-from agent.policy.traffic.attempts import Attempts
-from agent.policy.traffic.service import Rejected
 from agent.proxy import sockets
 from agent.proxy.balanced import classify
 from agent.proxy.http1 import (
@@ -95,6 +93,7 @@ from agent.proxy.http1 import (
     request_record,
 )
 from agent.proxy.http_inbound import RequestAdmission
+from agent.proxy.http_mirror import MirrorCopies, MirrorTry, service_name
 from agent.proxy.http_outbound_codec import (
     DroppedResponse,
     Mirrored,
@@ -136,8 +135,6 @@ log = logging.getLogger(__name__)
 
 # A mirror copy to a same-node proxy port is refused as a policy denial is (``_verdict_here``)
 _PROXY_PORT = Verdict(False, "proxy_port")
-MAX_MIRRORS = 64  # copies in flight per node; more are dropped (counted ``overflow``)
-MIRROR_TIMEOUT = 10.0  # seconds a copy may take, connect to end of response
 
 
 @dataclass(slots=True)
@@ -212,108 +209,16 @@ def _detach(session: UpstreamSession) -> None:
         conn.on_end = conn.on_drop = None
 
 
-def _name(target: ServiceTarget) -> str:
-    return f"{target.service.namespace}/{target.service.name}"
-
-
-@dataclass(slots=True)
-class MirrorTry:
-    """One copy to a mirror Service (``HttpOutbound.copy``): its endpoint (``ip`` by
-    ``route``, reported on ``record``, counted in ``attempts``), and what the protocol's
-    sender (``MirrorSend``) reports back."""
-
-    target: ServiceTarget
-    ip: str
-    route: Route
-    record: ConnectionRecord
-    attempts: Attempts
-    outcome: str = "failed"  # sent, denied (by the endpoint's policy), failed
-    status: int = 0  # the answer's status, once its head came
-
-
-# The protocol's part of a copy: on a fresh connection to the endpoint, counted
-# ``attempts.connected``, the request sent and the answer read and dropped, the connection
-# closed; what happened goes into the ``MirrorTry``.
-MirrorSend = Callable[[MirrorTry], Awaitable[None]]
-
-
-class HttpOutbound:
+class HttpOutbound(MirrorCopies):
     """Serves client connections to Service VIP ports declared HTTP/1.1 (``Outbound.handle``),
-    and the copies of ``RequestMirror`` for both HTTP/1.1 and HTTP/2 (``h2outbound``)."""
+    and the copies of ``RequestMirror`` for both HTTP/1.1 and HTTP/2 (``h2outbound``), as
+    ``http_mirror.MirrorCopies`` starts them."""
 
     def __init__(self, outbound: Outbound) -> None:
         self.outbound = outbound
         self.router = HttpRouter(outbound.balanced.traffic)
         self.sessions = SessionPool()
         self.mirroring: set[asyncio.Task[None]] = set()  # copies in flight (RequestMirror)
-
-    def mirror(
-        self,
-        targets: Sequence[ServiceTarget],
-        whole: bool,
-        source: Workload | None,
-        record: ConnectionRecord,
-        where: str,
-        send: MirrorSend,
-    ) -> None:
-        """Start a copy (``copy``) per mirror Service of a complete request: fire and forget,
-        tasks that may outlive the client connection, at most ``MAX_MIRRORS`` in flight per
-        node (more are counted ``overflow``); a request not held whole (``whole`` False: its
-        body went past the replay limit) is not copied (``too_large``)."""
-        snap = self.outbound.core.snapshot()
-        for target in targets:
-            service = self.router.traffic.service(snap, target.service)
-            if not whole:
-                service.count("http_mirror", "too_large")
-            elif len(self.mirroring) >= MAX_MIRRORS:
-                service.count("http_mirror", "overflow")
-            else:
-                task = asyncio.create_task(
-                    self.copy(target, source, record, where, send),
-                    name=f"mirror {where} -> {_name(target)}",
-                )
-                self.mirroring.add(task)
-                task.add_done_callback(self.mirroring.discard)
-
-    async def copy(
-        self,
-        target: ServiceTarget,
-        source: Workload | None,
-        record: ConnectionRecord,
-        where: str,
-        send: MirrorSend,
-    ) -> None:
-        """One copy to ``target``: an endpoint by the mirror Service's own traffic control,
-        its route, and ``send`` (the protocol's) within ``MIRROR_TIMEOUT``; then the
-        endpoint's attempt settled and the outcome counted (``nodemesh_http_mirrored_total``).
-        ``record`` is the client connection's (its source is the copy's)."""
-        core, out = self.outbound.core, self.outbound
-        snap = core.snapshot()
-        service = self.router.traffic.service(snap, target.service)
-        labels = source.labels if source is not None else None
-        src_ip = record.source.rsplit(":", 1)[0]
-        try:
-            attempts = service.admit(src_ip, labels, (core.node, None))
-        except Rejected:
-            return  # counted by the Service's limits
-        attempt: MirrorTry | None = None
-        try:
-            ip = attempts.next_endpoint()
-            if ip is None:
-                return
-            route = out.resolver.endpoint_route(snap, source, target, ip)
-            copied = replace(record)
-            out.describe_route(snap, route, copied)
-            attempt = MirrorTry(target, ip, route, copied, attempts)
-            async with asyncio.timeout(MIRROR_TIMEOUT):
-                await send(attempt)
-        except (OSError, TunnelError, TimeoutError) as e:
-            log.debug("%s: mirror to %s failed: %r", where, _name(target), e)
-        finally:
-            outcome = attempt.outcome if attempt is not None else "failed"
-            status = attempt.status if attempt is not None else 0
-            attempts.finish(reset_before_data=outcome == "failed", server_error=status >= 500)
-            service.count("http_mirror", outcome)
 
     async def handle(
         self,
@@ -366,7 +271,7 @@ class _ClientConnection:
         self.record = record
         self.conn_id = conn_id
         self.src_ip = record.source.rsplit(":", 1)[0]
-        self.service = _name(target)
+        self.service = service_name(target)
         self.codec: SourceHttp1[_Request] = SourceHttp1(
             max_fields=self.core.settings.max_header_fields
         )
@@ -960,7 +865,7 @@ class _ClientConnection:
         route = out.resolver.endpoint_route(snap, self.source, backend, ip)
         described = ConnectionRecord(OUTBOUND, self.record.source, self.record.destination)
         out.describe_route(snap, route, described)
-        key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(backend))
+        key = SessionKey(route.kind, self.src_ip, route.ip, route.port, service_name(backend))
         found = _Endpoint(
             backend, route, key, described.path, described.upstream, described.destination_identity
         )
@@ -1122,7 +1027,9 @@ class _ClientConnection:
         dropped."""
         assert copy.body is not None
         route = attempt.route
-        key = SessionKey(route.kind, self.src_ip, route.ip, route.port, _name(attempt.target))
+        key = SessionKey(
+            route.kind, self.src_ip, route.ip, route.port, service_name(attempt.target)
+        )
         session = await self._open(key, route, attempt.record)
         try:
             attempt.attempts.connected(attempt.ip)

@@ -37,7 +37,8 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, Event, StreamEnded
 
-from agent.proxy.h2proxy import Choice, H2Proxy, PickRequest
+from agent.proxy.h2exchange import Choice, PickRequest
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.h2relay import H2Relay
 from agent.proxy.http1 import RequestHead, Verdict
 

@@ -4,7 +4,7 @@ Both nodes bound a header block by its header list size (16 KiB, HPACK's count: 
 name and value and 32). The bound is the client's, checked where its block enters the mesh:
 a gRPC call whose head is exactly at it, without ``x-request-id``, passes the source, which
 adds one, and the destination node reads it with what the source may add on top
-(``h2proxy.PEER_HEADER_LIST``), with its frame relay and with ``H2Proxy``. A byte more is
+(``h2limits.PEER_HEADER_LIST``), with its frame relay and with ``H2Proxy``. A byte more is
 refused at the source; a plaintext client of the destination gets the plain bound.
 """
 
@@ -24,7 +24,7 @@ from h2.events import (
     TrailersReceived,
 )
 
-from agent.proxy.h2proxy import H2Limits
+from agent.proxy.h2limits import H2Limits
 from agent.state import Endpoint, Service, ServicePort
 from tests.integration.proxy.mesh import CLIENT, OUTSIDER, SERVER, Mesh, mesh_test
 from tests.integration.proxy.test_h2_outbound_loopback import _grpc_app

@@ -37,7 +37,7 @@ from agent.policy.routes.filters import then
 from agent.policy.routes.model import HeaderModifier, HttpMatch, Route
 from agent.policy.routes.parents import ParentVerdict
 from agent.policy.traffic.control import TrafficControl
-from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
+from agent.proxy.h2exchange import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint as H2Endpoint
 from agent.proxy.h2route import route_request
 from agent.proxy.http1 import RequestHead

@@ -8,7 +8,8 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import Event
 
-from agent.proxy.h2proxy import H2Limits, H2Proxy
+from agent.proxy.h2limits import H2Limits
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.http1 import RequestHead, Verdict
 
 Header = tuple[bytes, bytes]

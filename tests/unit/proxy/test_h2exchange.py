@@ -12,7 +12,8 @@ from hpack import NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.proxy.h2proxy import H2Exchange, H2Proxy, header
+from agent.proxy.h2exchange import H2Exchange, header
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.http1 import RequestHead, Verdict
 from agent.proxy.http_inbound import ALLOWED
 from agent.telemetry.records import trace_headers_of

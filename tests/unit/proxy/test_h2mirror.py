@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from h2.events import DataReceived, RequestReceived, StreamEnded, TrailersReceived
 
+from agent.proxy.h2exchange import Choice, LocalAnswer, PickRequest
+from agent.proxy.h2limits import H2Limits
 from agent.proxy.h2mirror import MirrorCall, shadow_request
-from agent.proxy.h2proxy import Choice, H2Limits, LocalAnswer, PickRequest
-from agent.proxy.http_outbound import MAX_MIRRORS, HttpOutbound
+from agent.proxy.http_mirror import MAX_MIRRORS
+from agent.proxy.http_outbound import HttpOutbound
 from tests.unit.proxy.h2peers import peer
 from tests.unit.proxy.test_h2proxy import Pods, _grpc_call
 

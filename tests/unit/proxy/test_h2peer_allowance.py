@@ -12,8 +12,10 @@ import pytest
 from h2.events import RequestReceived
 from h2.settings import SettingCodes
 
+from agent.proxy.h2exchange import Choice
+from agent.proxy.h2limits import PEER_HEADER_LIST, PEER_LIMITS, H2Limits
 from agent.proxy.h2mirror import shadow_head
-from agent.proxy.h2proxy import PEER_HEADER_LIST, PEER_LIMITS, Choice, H2Limits, H2Proxy
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.h2relay import H2Relay
 from agent.proxy.http1 import SHADOW_SUFFIX, Verdict
 from tests.unit.proxy.h2peers import Header, peer

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
+from agent.proxy.h2core import H2Core
 from agent.proxy.h2guard import CLIENT_PREFACE, HTTP1_ON_H2, PrefaceSniff
-from agent.proxy.h2proxy import H2Core, H2Proxy
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.h2relay import H2Relay
 from agent.proxy.http1 import Verdict
 

@@ -25,24 +25,26 @@ from h2.settings import SettingCodes
 from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, RstStreamFrame
 
-from agent.proxy.h2guard import CONTINUATION_FLOOD, HEADER_BLOCK
-from agent.proxy.h2proxy import (
-    CONTROL_FLOOD,
-    EMPTY_FRAMES,
+from agent.proxy.h2exchange import (
     NO_REPORTS,
-    PROTOCOL_ERROR,
-    RAPID_RESET,
-    TOO_MANY_STREAMS,
     UPSTREAM_OVERFLOW,
     Admit,
     Choice,
     H2Exchange,
-    H2Limits,
-    H2Proxy,
     LocalAnswer,
     Pick,
     PickRequest,
 )
+from agent.proxy.h2guard import CONTINUATION_FLOOD, HEADER_BLOCK
+from agent.proxy.h2limits import (
+    CONTROL_FLOOD,
+    EMPTY_FRAMES,
+    PROTOCOL_ERROR,
+    RAPID_RESET,
+    TOO_MANY_STREAMS,
+    H2Limits,
+)
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.h2wire import WALK_FROM, GracefulH2Connection
 from agent.proxy.http1 import UPSTREAM_PROTOCOL, RequestHead, Verdict
 from tests.unit.proxy.h2peers import Wire, peer

@@ -30,7 +30,9 @@ from hyperframe.frame import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.proxy.h2proxy import Choice, H2Limits, H2Proxy, LocalAnswer, PickRequest
+from agent.proxy.h2exchange import Choice, LocalAnswer, PickRequest
+from agent.proxy.h2limits import H2Limits
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.h2relay import H2Relay
 from agent.proxy.http1 import Verdict
 from tests.fuzzing import fuzz_examples

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 import tests.unit.proxy.h2peers as h2peers
 import tests.unit.proxy.test_h2proxy as full
 import tests.unit.proxy.test_h2proxy_fuzz as fuzz
-from agent.proxy.h2proxy import PROTOCOL_ERROR, H2Limits, H2Proxy
+from agent.proxy.h2limits import PROTOCOL_ERROR, H2Limits
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.h2relay import H2Relay
 from agent.proxy.h2wire import encode_field
 from agent.proxy.http1 import Verdict

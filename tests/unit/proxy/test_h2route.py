@@ -13,7 +13,7 @@ import pytest
 
 from agent.policy.routes import GrpcRequest, HttpRequest
 from agent.policy.traffic.service import ServiceTraffic
-from agent.proxy.h2proxy import Choice, LocalAnswer, PickRequest
+from agent.proxy.h2exchange import Choice, LocalAnswer, PickRequest
 from agent.proxy.h2route import Endpoint, admitted, grpc_timeout, route_request
 from agent.proxy.http1 import RequestHead
 from agent.proxy.http_router import HttpRouter, RoutePlan

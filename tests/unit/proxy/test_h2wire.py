@@ -23,8 +23,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.proxy import h2data, h2wire
-from agent.proxy.h2proxy import H2Limits
-from agent.proxy.h2proxy import new_connection as new_proxy_connection
+from agent.proxy.h2limits import H2Limits
+from agent.proxy.h2limits import new_connection as new_proxy_connection
 from agent.proxy.h2wire import GracefulH2Connection, HboneSettings, new_connection
 
 CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.2:80")]

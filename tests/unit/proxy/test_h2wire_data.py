@@ -16,7 +16,8 @@ from h2.stream import H2Stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.proxy.h2proxy import Choice, H2Proxy
+from agent.proxy.h2exchange import Choice
+from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.h2wire import acknowledge_on
 from agent.proxy.http1 import Verdict
 from tests.fuzzing import fuzz_examples

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.proxy.core import Core
-from agent.proxy.http_outbound import _ClientConnection, _name
+from agent.proxy.http_mirror import service_name as _name
+from agent.proxy.http_outbound import _ClientConnection
 from agent.proxy.http_sessions import SessionKey
 from agent.proxy.outbound import Outbound
 from agent.proxy.resolve import ServiceTarget

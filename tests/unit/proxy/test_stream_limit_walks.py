@@ -23,8 +23,8 @@ from hyperframe.frame import (
 )
 
 from agent.proxy import h2wire
-from agent.proxy.h2proxy import H2Limits
-from agent.proxy.h2proxy import new_connection as new_proxy_connection
+from agent.proxy.h2limits import H2Limits
+from agent.proxy.h2limits import new_connection as new_proxy_connection
 from agent.proxy.h2wire import HboneSettings
 from tests.unit.proxy.test_hbone import Pair
 

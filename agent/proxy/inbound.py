@@ -515,7 +515,7 @@ class InboundHbone:
             stream.proto.finish(stream)
             self.core.registry.remove(record.id)
         finally:
-            stream.proto.loop.remove_reader(upstream.fileno())
+            sockets.unpoll(upstream, stream.proto.loop)
             sockets.abort(upstream)
             if (caps := self.core.caps) is not None:
                 caps.release_stream()

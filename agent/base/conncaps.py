@@ -288,11 +288,6 @@ class ConnectionCaps:
         self.streams += 1
         return True
 
-    def full(self) -> bool:
-        """Would ``take_stream`` refuse now? (A caller that can do without a new socket asks
-        first: the h2 source prefers an endpoint that needs none.)"""
-        return self.used >= self.budget
-
     def release_stream(self) -> None:
         """The socket ``take_stream`` was for is closed, or was never made. Each caller gives
         back where it closes that socket, once; a give-back with none held raises (a slot given

@@ -124,7 +124,7 @@ from agent.proxy.httpshell import (
 from agent.proxy.linger import linger_socket
 from agent.proxy.records import Refused, cancel_current_task
 from agent.proxy.resolve import Route, ServiceTarget
-from agent.proxy.tunnel import TunnelError, TunnelStream
+from agent.proxy.tunnel import TunnelError, TunnelStream, close_upstream
 from agent.state import Snapshot, Workload
 from agent.telemetry.records import (
     OUTBOUND,
@@ -245,7 +245,7 @@ class H2SourceSession(CallbackShell):
         of them: the balancer's choice is unchanged. Only the chosen backend's endpoints: a
         route's weighted split across backends is never bent."""
         caps = self._caps
-        if caps is None or caps.used < caps.budget:  # ``caps.full()``, without the call
+        if caps is None or caps.used < caps.budget:  # room: ``take_stream`` would not refuse
             return pool
         service, port = (backend.service.namespace, backend.service.name), backend.port.port
         spare = [
@@ -535,7 +535,7 @@ class H2SourceSession(CallbackShell):
             box.cancel()
         upstream = self._upstreams.pop(uid, None)
         if upstream is not None:
-            _close_upstream(upstream)
+            close_upstream(upstream)
             if not isinstance(upstream, TunnelStream) and (caps := self.outbound.core.caps):
                 caps.release_stream()  # its descriptor, taken in ``_upstream``
         self._resume_client()  # its outbox no longer holds the client's reads
@@ -724,7 +724,7 @@ class H2SourceSession(CallbackShell):
             attempt.outcome = "denied"
         finally:
             if upstream is not None:
-                _close_upstream(upstream)
+                close_upstream(upstream)
 
     def _finish(self, exchange: H2Exchange) -> None:
         plan = exchange.tag
@@ -800,13 +800,6 @@ def _outbox(
         on_idle,
         on_error,
     )
-
-
-def _close_upstream(upstream: Upstream) -> None:
-    if isinstance(upstream, TunnelStream):
-        upstream.proto.finish(upstream)
-    else:
-        upstream.close()
 
 
 async def _read(upstream: Upstream) -> bytes:

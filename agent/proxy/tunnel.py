@@ -816,3 +816,13 @@ class HboneProtocol(asyncio.Protocol):
     def goaway(self) -> None:
         self.codec.goaway()
         self.flush()
+
+
+def close_upstream(upstream: socket.socket | TunnelStream) -> None:
+    """An upstream its owner is done with: a tunnel's stream finished (reset unless both
+    halves ended: ``HboneProtocol.finish``; its pooled HBONE connection serves on), a
+    socket closed."""
+    if isinstance(upstream, TunnelStream):
+        upstream.proto.finish(upstream)
+    else:
+        upstream.close()

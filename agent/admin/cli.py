@@ -154,6 +154,10 @@ def _policy_summary(p: Mapping[str, Any]) -> str:
         return f"{spec.get('action', 'ALLOW')}, {len(spec.get('rules') or [])} rule(s)"
     if p["kind"] == "PeerAuthentication":
         return f"mTLS {(spec.get('mtls') or {}).get('mode', 'UNSET')}"
+    if p["kind"] == "RateLimitPolicy":
+        # Its numbers, not its field names: perIdentity is always there (false by default).
+        rate = f"{spec.get('requestsPerSecond', '?')} rps, burst {spec.get('burst', '-')}"
+        return rate + (", per identity" if spec.get("perIdentity") else "")
     return ", ".join(sorted(set(spec) - {"targetRef"})) or "-"
 
 

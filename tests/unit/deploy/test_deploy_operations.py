@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import platform
+import re
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.unit.deploy.manifests import Obj, expand, find, flags, pod_spec, render
+from tests.unit.deploy.manifests import REPO, Obj, expand, find, flags, pod_spec, render
 
 # Time the agent needs after its drain deadline to close listeners and exit, and for the preStop
 # hook to run: the grace period must cover drain plus this margin.
@@ -182,3 +184,44 @@ def test_kernel_headers_check_names_the_node_and_the_fix(tmp_path: Path) -> None
     release = platform.release()
     assert f"node node1 has no kernel headers for {release}" in result.stderr
     assert f"apt-get install linux-headers-{release}" in result.stderr
+
+
+def readme_uninstall_command() -> list[str]:
+    """README's per-node clean-up (Install on a cluster, Uninstall), NODE as node1."""
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"`(kubectl debug node/NODE[^`]*)`", readme)
+    assert match, "README has no kubectl debug node/NODE command"
+    return shlex.split(match.group(1).replace("\n", " ").replace("NODE", "node1"))
+
+
+def test_the_uninstall_debug_container_can_use_its_capabilities() -> None:
+    # `kubectl debug --profile=sysadmin` makes the container privileged but keeps the image's
+    # user, and a non-root process gets no capabilities (none ambient), privileged or not: the
+    # kernel would refuse every netlink and bpffs change of `--uninstall`. The command must run
+    # it as root, as agent.yaml runs the agent.
+    command = readme_uninstall_command()
+    options = dict(a.partition("=")[::2] for a in command[: command.index("--")] if "=" in a)
+    image_user = re.findall(r"^USER (\S+)", (REPO / "Dockerfile").read_text(), re.M)[-1]
+    custom = options.get("--custom")
+    user = image_user.partition(":")[0]
+    if custom:
+        patch = yaml.safe_load((REPO / custom).read_text())
+        user = str(patch.get("securityContext", {}).get("runAsUser", user))
+    assert options.get("--profile") == "sysadmin"
+    assert user == "0", f"the debug container runs as uid {user}: add --custom with runAsUser 0"
+    assert pod_spec(agent())["containers"][0]["securityContext"]["runAsUser"] == 0
+
+
+def test_the_uninstall_command_matches_the_agent_it_cleans_up() -> None:
+    command = readme_uninstall_command()
+    args = command[command.index("--") + 1 :]
+    assert args[0] == "nodemesh"
+    parser = argparse.ArgumentParser(prog="nodemesh", exit_on_error=False)
+    importlib.import_module("agent.app").register(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args(args[1:])
+    assert parsed.uninstall
+    container = pod_spec(agent())["containers"][0]
+    pin_dir = flags(dict(container, args=substitute_env(container["args"], container)))["--pin-dir"]
+    # kubectl debug node mounts the node's root at /host.
+    assert str(parsed.pin_dir) == "/host" + pin_dir
+    assert parsed.node == "node1"

@@ -42,7 +42,9 @@ def test_every_kind_is_in_the_nodemesh_category() -> None:
 def test_readme_lists_the_policies_without_names_istio_shares() -> None:
     readme = (REPO / "README.md").read_text()
     commands = re.findall(r"kubectl get ([^`\n#]+)", readme)
-    assert any(c.split()[0] == "nodemesh" for c in commands), "README never shows kubectl get nodemesh"
+    assert any(c.split()[0] == "nodemesh" for c in commands), (
+        "README never shows kubectl get nodemesh"
+    )
     for command in commands:
         for resource in command.split()[0].split(","):
             assert resource not in SHARED_WITH_ISTIO, f"ambiguous with Istio: kubectl get {command}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import platform
 import re
 import shlex
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.base import cpus
 from tests.unit.deploy.manifests import REPO, Obj, expand, find, flags, pod_spec, render
 
 # Time the agent needs after its drain deadline to close listeners and exit, and for the preStop
@@ -225,3 +227,25 @@ def test_the_uninstall_command_matches_the_agent_it_cleans_up() -> None:
     # kubectl debug node mounts the node's root at /host.
     assert str(parsed.pin_dir) == "/host" + pin_dir
     assert parsed.node == "node1"
+
+
+def test_workers_auto_sees_the_agents_cpu_limit(tmp_path: Path) -> None:
+    # `--workers auto` sizes the proxy by the cgroup quota it reads under /sys/fs/cgroup. On a
+    # cgroup v2 node the container has its own cgroup namespace (/proc/self/cgroup: "0::/"),
+    # and the runtime mounts the container's cgroup there, whose cpu.max is the CPU limit. A
+    # hostPath of the node's /sys/fs/cgroup mounted over it shows the node's root cgroup
+    # instead, which has no cpu.max: every CPU of the node would get a worker.
+    container = pod_spec(agent())["containers"][0]
+    limit = math.ceil(float(container["resources"]["limits"]["cpu"]))
+    node_root = tmp_path / "node"
+    own = node_root / "kubepods.slice" / "pod-x" / "cri-containerd-agent.scope"
+    own.mkdir(parents=True)
+    (own / "cpu.max").write_text(f"{limit * 100000} 100000\n")
+    volumes = {v["name"]: v for v in pod_spec(agent()).get("volumes", [])}
+    mounted = [
+        volumes[m["name"]] for m in container.get("volumeMounts", [])
+        if m["mountPath"] == str(cpus.CGROUP_ROOT)
+    ]  # fmt: skip
+    seen = node_root if any("hostPath" in v for v in mounted) else own
+    node_cpus = 32
+    assert cpus.usable_cpus(node_cpus, *cpus.cgroup_quotas("0::/\n", seen)) == limit

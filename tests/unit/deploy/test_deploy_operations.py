@@ -61,6 +61,13 @@ def test_agent_runs_on_every_node_in_the_host_network() -> None:
     }
 
 
+def test_mesh_pods_are_scheduled_on_linux_nodes_only() -> None:
+    # The image and the datapath are Linux's: on a cluster with Windows nodes, a pod there
+    # would never start, and an agent DaemonSet tolerating every taint would try every node.
+    for workload in (agent(), ca()):
+        assert pod_spec(workload).get("nodeSelector") == {"kubernetes.io/os": "linux"}
+
+
 def test_agent_upgrades_one_node_at_a_time_by_surge() -> None:
     strategy = agent()["spec"]["updateStrategy"]
     assert strategy["type"] == "RollingUpdate"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from agent.base import cpus
-from tests.unit.deploy.manifests import REPO, Obj, expand, find, flags, pod_spec, render
+from tests.unit.deploy.manifests import REPO, Obj, expand, find, flags, pod_spec, render, tool
 
 # Time the agent needs after its drain deadline to close listeners and exit, and for the preStop
 # hook to run: the grace period must cover drain plus this margin.
@@ -256,3 +256,24 @@ def test_workers_auto_sees_the_agents_cpu_limit(tmp_path: Path) -> None:
     seen = node_root if any("hostPath" in v for v in mounted) else own
     node_cpus = 32
     assert cpus.usable_cpus(node_cpus, *cpus.cgroup_quotas("0::/\n", seen)) == limit
+
+
+def test_readmes_traces_overlay_gives_the_agent_its_otlp_endpoint(tmp_path: Path) -> None:
+    # README, "Traces (OTLP)": the overlay an operator copies must render and start the agent
+    # with --otlp-endpoint, parsed by the agent's own parser.
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n(# overlay/kustomization.yaml.*?)```", readme, re.S)
+    assert block, "README's traces overlay is missing"
+    (tmp_path / "nodemesh").symlink_to(REPO)
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "overlay" / "kustomization.yaml").write_text(block.group(1))
+    rendered = subprocess.run(
+        [str(tool("kubectl")), "kustomize", str(tmp_path / "overlay")],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    ds = next(o for o in yaml.safe_load_all(rendered) if o and o["kind"] == "DaemonSet")
+    container = pod_spec(ds)["containers"][0]
+    parser = argparse.ArgumentParser(prog="nodemesh", exit_on_error=False)
+    importlib.import_module("agent.app").register(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args(substitute_env(container["args"], container))
+    assert parsed.otlp_endpoint == "http://otel-collector.observability:4318"

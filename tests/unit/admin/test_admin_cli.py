@@ -13,6 +13,7 @@ import pytest
 
 from agent.admin.cli import (
     PodNotFound,
+    format_certs,
     format_policies,
     format_policy_rules,
     format_status,
@@ -341,3 +342,16 @@ def test_a_rate_limit_summary_says_its_rate() -> None:
     assert rows[1].split("Service web")[1].strip() == "20 rps, burst 40"
     rows = format_policies({"policies": [limit(True)]}).splitlines()
     assert rows[1].split("Service web")[1].strip() == "20 rps, burst 40, per identity"
+
+
+def test_certs_show_how_many_roots_each_identity_trusts() -> None:
+    # A root rotation waits until every agent trusts the new root (README, "The mesh CA"):
+    # the table says it, where -o json needed reading certificate.roots.
+    def entry(roots: list[str]) -> dict[str, object]:
+        cert = {"serial": "ab12", "not_after": "2026-12-09T00:00:00+00:00", "roots": roots}
+        return {"identity": "spiffe://cluster.local/ns/default/sa/web", "state": "Available",
+                "certificate": cert, "last_error": None}  # fmt: skip
+
+    table = format_certs({"certificates": [entry(["1a"]), entry(["1a", "2b"])]}).splitlines()
+    assert table[0].split()[6] == "ROOTS"
+    assert [row.split()[4] for row in table[1:]] == ["1", "2"]

@@ -25,7 +25,12 @@ from agent import preflight_probes as probes
 
 
 class ProbeFailed(Exception):
-    """A requirement is not met; the message says what was observed."""
+    """A requirement is not met; the message says what was observed, ``fix`` (when given)
+    what to do instead of the requirement's own fix."""
+
+    def __init__(self, message: str, fix: str = "") -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 Probe = Callable[[], str]
@@ -55,7 +60,7 @@ def _wrap(func: Callable[[], str]) -> Probe:
         try:
             return func()
         except probes.Unsupported as e:
-            raise ProbeFailed(str(e)) from e
+            raise ProbeFailed(str(e), e.fix) from e
 
     return probe
 
@@ -180,7 +185,7 @@ def run_checks(reqs: Sequence[Requirement]) -> list[CheckResult]:
             results.append(CheckResult(req.name, req.title, True, req.probe(), ""))
         except ProbeFailed as e:
             detail = str(e)
-            fix = req.fix
+            fix = e.fix or req.fix
             if unprivileged and any(word in detail for word in _DENIED):
                 fix = UNPRIVILEGED_FIX + fix
             unprivileged = unprivileged or req.name == "privileges"

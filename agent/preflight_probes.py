@@ -55,7 +55,12 @@ int probe_assign(struct __sk_buff *skb) {
 
 
 class Unsupported(Exception):
-    """The host lacks what a probe needs; the message says what was observed."""
+    """The host lacks what a probe needs; the message says what was observed. ``fix``, when
+    given, replaces the requirement's own (a probe that could not run says how to run it)."""
+
+    def __init__(self, message: str, fix: str = "") -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 @contextlib.contextmanager
@@ -96,11 +101,24 @@ def _effective_caps() -> int:
 
 
 def privileges(euid: int | None = None, cap_eff: int | None = None) -> str:
-    """Root, or the three capabilities the agent uses; arguments default to this process."""
+    """Root, or the three capabilities the agent uses; arguments default to this process.
+
+    Root is judged by its effective capabilities too: in a container (the agent's pod: BPF,
+    NET_ADMIN and SYS_RESOURCE) root has only those. The agent needs CAP_BPF and CAP_NET_ADMIN;
+    CAP_SYS_ADMIN only this check does (its clsact probe's scratch network namespace)."""
     euid = os.geteuid() if euid is None else euid
-    if euid == 0:
-        return "running as root"
     caps = _effective_caps() if cap_eff is None else cap_eff
+    if euid == 0:
+        lacking = [n for n, bit in (("CAP_BPF", CAP_BPF), ("CAP_NET_ADMIN", CAP_NET_ADMIN))
+                   if not caps >> bit & 1]  # fmt: skip
+        if lacking:
+            raise Unsupported(f"root (uid 0) but missing {', '.join(lacking)}")
+        if not caps >> CAP_SYS_ADMIN & 1:
+            return (
+                "running as root without CAP_SYS_ADMIN (as in the agent's pod): the agent does "
+                "not need it, the clsact probe below does"
+            )
+        return "running as root"
     wanted = {"CAP_BPF": CAP_BPF, "CAP_NET_ADMIN": CAP_NET_ADMIN, "CAP_SYS_ADMIN": CAP_SYS_ADMIN}
     missing = [name for name, bit in wanted.items() if not caps >> bit & 1]
     if missing:
@@ -203,6 +221,14 @@ def clsact_cls_bpf() -> str:
     try:
         netns.create(name)
     except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES):
+            raise Unsupported(
+                f"not probed: creating a scratch network namespace was refused ({e}), which "
+                "needs CAP_SYS_ADMIN (the agent itself does not)",
+                "run nodemesh check on the node as root with every capability, e.g. sudo "
+                "nodemesh check (not in the agent's pod, which lacks CAP_SYS_ADMIN); the agent's "
+                "own start-up proves clsact on the node: its log says datapath ready",
+            ) from e
         raise Unsupported(f"cannot create a scratch network namespace: {e}") from e
     step = "create a veth pair"
     try:

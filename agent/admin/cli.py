@@ -140,12 +140,15 @@ def format_certs(data: Mapping[str, Any]) -> str:
                 c["state"],
                 str(cert.get("serial", "-"))[:16],
                 str(cert.get("not_after", "-"))[:19],
+                # Roots the identity trusts: a root rotation waits until every agent shows 2.
+                str(len(cert["roots"])) if "roots" in cert else "-",
                 c.get("last_error") or "",
             ]
         )
     if not rows:
         return "no local identities (no meshed pod on this node, or no --ca-address)"
-    return render(["IDENTITY (NS/SA)", "STATE", "SERIAL", "EXPIRES (UTC)", "LAST ERROR"], rows)
+    headers = ["IDENTITY (NS/SA)", "STATE", "SERIAL", "EXPIRES (UTC)", "ROOTS", "LAST ERROR"]
+    return render(headers, rows)
 
 
 def _policy_summary(p: Mapping[str, Any]) -> str:
@@ -154,6 +157,10 @@ def _policy_summary(p: Mapping[str, Any]) -> str:
         return f"{spec.get('action', 'ALLOW')}, {len(spec.get('rules') or [])} rule(s)"
     if p["kind"] == "PeerAuthentication":
         return f"mTLS {(spec.get('mtls') or {}).get('mode', 'UNSET')}"
+    if p["kind"] == "RateLimitPolicy":
+        # Its numbers, not its field names: perIdentity is always there (false by default).
+        rate = f"{spec.get('requestsPerSecond', '?')} rps, burst {spec.get('burst', '-')}"
+        return rate + (", per identity" if spec.get("perIdentity") else "")
     return ", ".join(sorted(set(spec) - {"targetRef"})) or "-"
 
 

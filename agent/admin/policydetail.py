@@ -100,5 +100,7 @@ def format_policy(p: Mapping[str, Any], applies_to: str) -> str:
     else:
         for key, value in spec.items():
             if key not in ("selector", "targetRef"):
-                lines.append(f"  {key + ':':<12}{json.dumps(value, sort_keys=True)}")
+                # The label column fits "applies to:"; a longer name (requestsPerSecond) still
+                # gets its space.
+                lines.append(f"  {key + ':':<11} {json.dumps(value, sort_keys=True)}")
     return "\n".join(lines)

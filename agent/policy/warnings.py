@@ -9,6 +9,9 @@ Two kinds of input are well formed yet almost certainly not what their author me
 * a policy whose ``selector`` selects no pod, or whose ``targetRef`` names no Service, where it
   is applied (``app: srever``; Istio's analyzer reports the first as IST0127): in a cluster the
   pod or Service may come later, so only the lab, which knows every pod, warns of it;
+* a namespace label ``nodemesh.io/mesh`` with another value than ``enabled``/``disabled``
+  (``true``, as ``istio-injection=enabled`` habits suggest): the namespace's pods are not
+  meshed by it, as if it were absent;
 * a Service port's ``appProtocol`` one letter from a protocol the mesh reads (``http3``,
   ``htttp``, ``grpcs``): Kubernetes allows any value and the mesh carries such a port as opaque
   TCP (``agent.state.protocols``), so an L7 policy, a route or request metrics meant for it
@@ -36,6 +39,8 @@ from agent.state.model import (
     EXCLUDE_OUTBOUND_ANNOTATION,
     HTTP_PORTS_ANNOTATION,
     MESH_ANNOTATION,
+    MESH_NAMESPACE_LABEL,
+    MESH_VALUES,
 )
 from agent.state.protocols import APP_PROTOCOLS
 
@@ -51,6 +56,7 @@ UNKNOWN_ANNOTATION = "UnknownAnnotation"  # the Event reasons, CamelCase as Kube
 NEVER_MATCHES = "NeverMatches"
 UNREAD_APP_PROTOCOL = "UnreadAppProtocol"
 NOTHING_SELECTED = "NothingSelected"
+INVALID_LABEL = "InvalidLabel"
 # Protocols Kubernetes or Istio name that are rightly opaque TCP here, yet look like one the mesh
 # reads ("https" is one letter from "http"): no warning for them.
 OPAQUE_APP_PROTOCOLS = frozenset(
@@ -85,6 +91,20 @@ def pod_warnings(annotations: Mapping[str, str]) -> list[ConfigWarning]:
         ConfigWarning(UNKNOWN_ANNOTATION, f"annotation {key}: {why}; this agent ignores it")
         for key in sorted(annotations)
         if (why := unknown_annotation(key)) is not None
+    ]
+
+
+def namespace_warnings(labels: Mapping[str, str]) -> list[ConfigWarning]:
+    """The warning of a namespace whose mesh label has a value no agent reads."""
+    value = labels.get(MESH_NAMESPACE_LABEL)
+    if value is None or value in MESH_VALUES:
+        return []
+    return [
+        ConfigWarning(
+            INVALID_LABEL,
+            f"label {MESH_NAMESPACE_LABEL}: {value!r} is not a value nodemesh reads, so it meshes "
+            f"none of the namespace's pods: use enabled (or disabled)",
+        )
     ]
 
 

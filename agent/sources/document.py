@@ -39,7 +39,13 @@ from agent.sources.fields import DocumentError, Fields, check_unique, load_yaml
 from agent.sources.policies import parse_policies
 from agent.sources.routes import check_routes, parse_routes
 from agent.sources.stateview import ClusterState, document_state
-from agent.state.model import DEFAULT_TRUST_DOMAIN, PolicyObject, RouteObject
+from agent.state.model import (
+    DEFAULT_TRUST_DOMAIN,
+    MESH_NAMESPACE_LABEL,
+    MESH_VALUES,
+    PolicyObject,
+    RouteObject,
+)
 
 __all__ = [
     "ClusterDocument",
@@ -255,7 +261,7 @@ def _parse_pod(node: Fields, path: str, item: object) -> PodSpec:
 def _check_annotations(f: Fields, annotations: Mapping[str, str]) -> None:
     """Values the mesh interprets must be valid now, not when an agent first reads them."""
     mesh = annotations.get("nodemesh.io/mesh")
-    if mesh is not None and mesh not in ("enabled", "disabled"):
+    if mesh is not None and mesh not in MESH_VALUES:
         f.fail("annotations.nodemesh.io/mesh", f"{mesh!r} is not allowed: use enabled or disabled")
     for key in (
         "nodemesh.io/exclude-outbound-ports",
@@ -285,7 +291,14 @@ def parse_port_list(value: str) -> frozenset[int]:
 
 def _parse_namespace(top: Fields, path: str, item: object) -> NamespaceSpec:
     f = Fields(item, source=top.source, path=path, allowed=_NS_KEYS)
-    return NamespaceSpec(name=f.name("name"), labels=f.string_map("labels"))
+    labels = f.string_map("labels")
+    # As a pod's annotation: another value (Istio's habit, "true") would mesh nothing, silently.
+    mesh = labels.get(MESH_NAMESPACE_LABEL)
+    if mesh is not None and mesh not in MESH_VALUES:
+        f.fail(
+            f"labels.{MESH_NAMESPACE_LABEL}", f"{mesh!r} is not allowed: use enabled or disabled"
+        )
+    return NamespaceSpec(name=f.name("name"), labels=labels)
 
 
 def _parse_service(top: Fields, path: str, item: object) -> ServiceSpec:

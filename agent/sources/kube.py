@@ -44,7 +44,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as TransportError
 
-from agent.policy.warnings import ConfigWarning, policy_warnings
+from agent.policy.warnings import ConfigWarning, namespace_warnings, policy_warnings
 from agent.sources import kubehandlers as kh
 from agent.sources import kubeobjects as ko
 from agent.sources.kubeobjects import InvalidObject, Raw
@@ -60,7 +60,7 @@ from agent.sources.lease import (
 from agent.sources.objectwarnings import Due, PodWarnings, PolicyWarnings, event_name
 from agent.sources.reflector import ApiStatusError, Gone, Reflector, StreamResponse
 from agent.sources.routestatus import RouteStatusWriter, StatusConflict
-from agent.state import StateStore
+from agent.state import MESH_NAMESPACE_LABEL, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class KubeSource:
         self.route_status = RouteStatusWriter(self._patch_route_status)
         self.pod_warnings = PodWarnings(node)
         self.policy_warnings = PolicyWarnings()
+        self.namespace_warnings = PolicyWarnings()
         duration, renew_deadline, self._lease_period = lease_timing
         self.lease_namespace = lease_namespace
         self.election = LeaseElection(
@@ -300,8 +301,13 @@ class KubeSource:
         return namespaces.contents.tracked_uid()
 
     def warnings(self) -> list[dict[str, str]]:
-        """What this agent warns of now: its node's pods, then the policies (every agent)."""
-        return self.pod_warnings.current() + self.policy_warnings.current()
+        """What this agent warns of now: its node's pods, then the namespaces and the policies
+        (every agent)."""
+        return (
+            self.pod_warnings.current()
+            + self.namespace_warnings.current()
+            + self.policy_warnings.current()
+        )
 
     def start(self) -> None:
         self._stopping.clear()
@@ -348,6 +354,21 @@ class KubeSource:
         for due in self.pod_warnings.observe(obj, deleted=deleted):
             self._warn(due)
 
+    def report_namespace(self, obj: Raw, deleted: bool) -> None:
+        """Warn of a mesh label no agent reads: every agent logs it, the Lease holder records
+        the Event (a namespace has no node), once per label value."""
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        warnings = [] if deleted else namespace_warnings(labels)
+        occasion = str(labels.get(MESH_NAMESPACE_LABEL, ""))
+        self.namespace_warnings.observe("Namespace", obj, warnings, occasion=occasion)
+        self.report_namespace_warnings()
+
+    def report_namespace_warnings(self) -> None:
+        write = self.report_status and self.election.leading()
+        live = {("Namespace", "", name) for name in self.store.snapshot().namespaces}
+        for due in self.namespace_warnings.due(live, write=write):
+            self._warn(due)
+
     def _warn(self, due: Due) -> None:
         self._event(due.key, due.uid, due.occasion, due.warning.reason, due.warning.message)
 
@@ -355,14 +376,15 @@ class KubeSource:
         self, key: tuple[str, str, str], uid: str, occasion: str, reason: str, message: str
     ) -> None:
         """Record a Warning Event on object ``key`` (kind, namespace, name), unless an Event
-        saying the same on the same occasion exists (``objectwarnings.event_name``)."""
+        saying the same on the same occasion exists (``objectwarnings.event_name``). A
+        cluster-scoped object's Events live in ``default``, as Kubernetes' own do for nodes."""
         kind, namespace, name = key
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        api_version = "v1" if kind == "Pod" else f"{GROUP}/{VERSION}"
+        api_version = "v1" if kind in ("Pod", "Namespace") else f"{GROUP}/{VERSION}"
         body = {
             "metadata": {
                 "name": event_name(key, uid, occasion, reason, message),
-                "namespace": namespace,
+                "namespace": namespace or "default",
             },
             "involvedObject": {
                 "kind": kind,
@@ -380,7 +402,7 @@ class KubeSource:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(namespace, body)
+            self.core.create_namespaced_event(namespace or "default", body)
         except ApiException as e:
             if e.status == 409:  # said already: before a restart, or by the last Lease holder
                 log.debug("Event for %s %s/%s exists: %s", *key, reason)
@@ -474,6 +496,7 @@ class KubeSource:
             )
             self.report_routes()  # what changed while another agent held it
             self.report_policy_warnings()
+            self.report_namespace_warnings()
         elif was and not self.election.leading():
             log.info("this agent no longer writes route status (another holds the Lease)")
 

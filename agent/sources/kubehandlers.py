@@ -29,6 +29,8 @@ class Reporter(Protocol):
 
     def report_pod(self, obj: Raw, deleted: bool) -> None: ...
 
+    def report_namespace(self, obj: Raw, deleted: bool) -> None: ...
+
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None: ...
 
     def observe_route(self, kind: str, obj: Raw, deleted: bool) -> None: ...
@@ -70,6 +72,10 @@ class Context:
     def pod_seen(self, obj: Raw, deleted: bool = False) -> None:
         """A pod as it is now: the reporter warns of what its annotations say (once)."""
         self._reports.append(lambda: self.reporter.report_pod(obj, deleted))
+
+    def namespace_seen(self, obj: Raw, deleted: bool = False) -> None:
+        """A namespace as it is now: the reporter warns of a mesh label it cannot read."""
+        self._reports.append(lambda: self.reporter.report_namespace(obj, deleted))
 
     def policy_verdict(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
         self._reports.append(lambda: self.reporter.report_policy(plural, obj, error))
@@ -146,11 +152,14 @@ class Namespaces:
             fresh = [self._convert(o, old.get(o["metadata"]["name"])) for o in items]
             with self.ctx.store.update() as txn:
                 txn.replace("namespaces", [n for n in fresh if n is not None])
+            for obj in items:
+                self.ctx.namespace_seen(obj)
 
     def event(self, kind: str, obj: Raw) -> None:
         name = obj["metadata"]["name"]
         with self.ctx.writing(), self.ctx.store.update() as txn:
             ns = None if kind == "DELETED" else self._convert(obj, txn.get("namespaces", name))
+            self.ctx.namespace_seen(obj, deleted=kind == "DELETED")
             if ns is None:
                 txn.delete("namespaces", name)
             else:

@@ -64,10 +64,14 @@ def _identity(kind: str, obj: Raw) -> tuple[ObjectKey, str, int]:
     return key, str(meta.get("uid") or ""), int(meta.get("generation") or 0)
 
 
-def _describe(key: ObjectKey, warning: ConfigWarning) -> dict[str, str]:
+def _named(key: ObjectKey) -> str:
+    """``Pod default/web``; a cluster-scoped object without the slash (``Namespace shop``)."""
     kind, namespace, name = key
-    return {"object": f"{kind} {namespace}/{name}", "reason": warning.reason,
-            "message": warning.message}  # fmt: skip
+    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
+
+
+def _describe(key: ObjectKey, warning: ConfigWarning) -> dict[str, str]:
+    return {"object": _named(key), "reason": warning.reason, "message": warning.message}
 
 
 class PodWarnings:
@@ -102,29 +106,36 @@ class PodWarnings:
 
 
 class PolicyWarnings:
-    """The never-matching warnings of the policies, per generation."""
+    """The never-matching warnings of the policies, per generation; also (a ledger of its own)
+    the namespaces' mesh-label warnings, per label value (a label change keeps the generation).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # key -> (uid, generation, its warnings, those recorded)
-        self._held: dict[ObjectKey, tuple[str, int, tuple[ConfigWarning, ...], set[ConfigWarning]]]
+        # key -> (uid, occasion, its warnings, those recorded)
+        self._held: dict[ObjectKey, tuple[str, str, tuple[ConfigWarning, ...], set[ConfigWarning]]]
         self._held = {}
 
-    def observe(self, kind: str, obj: Raw, warnings: list[ConfigWarning]) -> None:
-        """A policy's current warnings (empty: none, or refused: ``Accepted`` says why)."""
+    def observe(
+        self, kind: str, obj: Raw, warnings: list[ConfigWarning], *, occasion: str | None = None
+    ) -> None:
+        """An object's current warnings (empty: none, or a refused policy: ``Accepted`` says
+        why); ``occasion`` is what makes them news again, by default the generation."""
         key, uid, generation = _identity(kind, obj)
+        when = str(generation) if occasion is None else occasion
         with self._lock:
             held = self._held.get(key)
-            if held is not None and held[:2] == (uid, generation):
-                return  # this generation was judged already (e.g. our own status write)
+            if held is not None and held[:2] == (uid, when):
+                return  # judged already on this occasion (e.g. our own status write)
             if not warnings:
                 self._held.pop(key, None)
                 return
             if len(self._held) >= _BOUND:
                 self._held.clear()
-            self._held[key] = (uid, generation, tuple(warnings), set())
+            self._held[key] = (uid, when, tuple(warnings), set())
+        where = f" (generation {generation})" if occasion is None else ""
         for warning in warnings:
-            log.warning("%s %s/%s (generation %d): %s", *key, generation, warning.message)
+            log.warning("%s%s: %s", _named(key), where, warning.message)
 
     def due(self, live: Container[ObjectKey], *, write: bool) -> list[Due]:
         """Forget policies no longer in ``live``; with ``write`` (the Lease holder), return
@@ -135,11 +146,11 @@ class PolicyWarnings:
                 del self._held[key]
             if not write:
                 return []
-            for key, (uid, generation, warnings, recorded) in self._held.items():
+            for key, (uid, occasion, warnings, recorded) in self._held.items():
                 for warning in warnings:
                     if warning not in recorded:
                         recorded.add(warning)
-                        out.append(Due(key, uid, warning, str(generation)))
+                        out.append(Due(key, uid, warning, occasion))
         return out
 
     def current(self) -> list[dict[str, str]]:

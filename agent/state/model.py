@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 MESH_ANNOTATION = "nodemesh.io/mesh"
 MESH_NAMESPACE_LABEL = "nodemesh.io/mesh"
+MESH_VALUES = ("enabled", "disabled")  # of both; anything else meshes nothing
 EXCLUDE_OUTBOUND_ANNOTATION = "nodemesh.io/exclude-outbound-ports"
 EXCLUDE_INBOUND_ANNOTATION = "nodemesh.io/exclude-inbound-ports"
 HTTP_PORTS_ANNOTATION = "nodemesh.io/http-ports"

@@ -13,6 +13,7 @@ import pytest
 
 from agent.admin.cli import (
     PodNotFound,
+    format_certs,
     format_policies,
     format_policy_rules,
     format_status,
@@ -312,3 +313,45 @@ def test_a_policy_without_rules_shows_its_spec_fields() -> None:
         "  dry-run:    no",
         '  mtls:       {"mode": "STRICT"}',
     ]
+
+
+def test_a_long_spec_field_keeps_a_space_before_its_value() -> None:
+    # A RateLimitPolicy's requestsPerSecond and perIdentity are longer than the label column:
+    # they read "requestsPerSecond:20" unless a space always separates name and value.
+    policy = {
+        "kind": "RateLimitPolicy", "namespace": "default", "name": "web-limit", "generation": 2,
+        "spec": {"targetRef": {"kind": "Service", "name": "web"}, "requestsPerSecond": 20,
+                 "burst": 20, "perIdentity": False},
+    }  # fmt: skip
+    assert format_policy_rules({"policies": [policy]}).splitlines()[3:] == [
+        "  requestsPerSecond: 20",
+        "  burst:      20",
+        "  perIdentity: false",
+    ]
+
+
+def test_a_rate_limit_summary_says_its_rate() -> None:
+    # Not the spec's field names ("burst, perIdentity, requestsPerSecond", cut to fit): the
+    # numbers, and "per identity" only when it is on (the agent fills in perIdentity: false).
+    def limit(per_identity: bool) -> dict[str, object]:
+        spec = {"targetRef": {"kind": "Service", "name": "web"}, "requestsPerSecond": 20,
+                "burst": 40, "perIdentity": per_identity}  # fmt: skip
+        return {"kind": "RateLimitPolicy", "namespace": "default", "name": "l", "spec": spec}
+
+    rows = format_policies({"policies": [limit(False)]}).splitlines()
+    assert rows[1].split("Service web")[1].strip() == "20 rps, burst 40"
+    rows = format_policies({"policies": [limit(True)]}).splitlines()
+    assert rows[1].split("Service web")[1].strip() == "20 rps, burst 40, per identity"
+
+
+def test_certs_show_how_many_roots_each_identity_trusts() -> None:
+    # A root rotation waits until every agent trusts the new root (README, "The mesh CA"):
+    # the table says it, where -o json needed reading certificate.roots.
+    def entry(roots: list[str]) -> dict[str, object]:
+        cert = {"serial": "ab12", "not_after": "2026-12-09T00:00:00+00:00", "roots": roots}
+        return {"identity": "spiffe://cluster.local/ns/default/sa/web", "state": "Available",
+                "certificate": cert, "last_error": None}  # fmt: skip
+
+    table = format_certs({"certificates": [entry(["1a"]), entry(["1a", "2b"])]}).splitlines()
+    assert table[0].split()[6] == "ROOTS"
+    assert [row.split()[4] for row in table[1:]] == ["1", "2"]

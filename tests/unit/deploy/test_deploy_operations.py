@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import platform
+import re
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.unit.deploy.manifests import Obj, expand, find, flags, pod_spec, render
+from agent.base import cpus
+from tests.unit.deploy.manifests import REPO, Obj, expand, find, flags, pod_spec, render, tool
 
 # Time the agent needs after its drain deadline to close listeners and exit, and for the preStop
 # hook to run: the grace period must cover drain plus this margin.
@@ -55,6 +59,13 @@ def test_agent_runs_on_every_node_in_the_host_network() -> None:
         "name": "NODE_NAME",
         "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}},
     }
+
+
+def test_mesh_pods_are_scheduled_on_linux_nodes_only() -> None:
+    # The image and the datapath are Linux's: on a cluster with Windows nodes, a pod there
+    # would never start, and an agent DaemonSet tolerating every taint would try every node.
+    for workload in (agent(), ca()):
+        assert pod_spec(workload).get("nodeSelector") == {"kubernetes.io/os": "linux"}
 
 
 def test_agent_upgrades_one_node_at_a_time_by_surge() -> None:
@@ -182,3 +193,87 @@ def test_kernel_headers_check_names_the_node_and_the_fix(tmp_path: Path) -> None
     release = platform.release()
     assert f"node node1 has no kernel headers for {release}" in result.stderr
     assert f"apt-get install linux-headers-{release}" in result.stderr
+
+
+def readme_uninstall_command() -> list[str]:
+    """README's per-node clean-up (Install on a cluster, Uninstall), NODE as node1."""
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"`(kubectl debug node/NODE[^`]*)`", readme)
+    assert match, "README has no kubectl debug node/NODE command"
+    return shlex.split(match.group(1).replace("\n", " ").replace("NODE", "node1"))
+
+
+def test_the_uninstall_debug_container_can_use_its_capabilities() -> None:
+    # `kubectl debug --profile=sysadmin` makes the container privileged but keeps the image's
+    # user, and a non-root process gets no capabilities (none ambient), privileged or not: the
+    # kernel would refuse every netlink and bpffs change of `--uninstall`. The command must run
+    # it as root, as agent.yaml runs the agent.
+    command = readme_uninstall_command()
+    options = dict(a.partition("=")[::2] for a in command[: command.index("--")] if "=" in a)
+    image_user = re.findall(r"^USER (\S+)", (REPO / "Dockerfile").read_text(), re.M)[-1]
+    custom = options.get("--custom")
+    user = image_user.partition(":")[0]
+    if custom:
+        patch = yaml.safe_load((REPO / custom).read_text())
+        user = str(patch.get("securityContext", {}).get("runAsUser", user))
+    assert options.get("--profile") == "sysadmin"
+    assert user == "0", f"the debug container runs as uid {user}: add --custom with runAsUser 0"
+    assert pod_spec(agent())["containers"][0]["securityContext"]["runAsUser"] == 0
+
+
+def test_the_uninstall_command_matches_the_agent_it_cleans_up() -> None:
+    command = readme_uninstall_command()
+    args = command[command.index("--") + 1 :]
+    assert args[0] == "nodemesh"
+    parser = argparse.ArgumentParser(prog="nodemesh", exit_on_error=False)
+    importlib.import_module("agent.app").register(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args(args[1:])
+    assert parsed.uninstall
+    container = pod_spec(agent())["containers"][0]
+    pin_dir = flags(dict(container, args=substitute_env(container["args"], container)))["--pin-dir"]
+    # kubectl debug node mounts the node's root at /host.
+    assert str(parsed.pin_dir) == "/host" + pin_dir
+    assert parsed.node == "node1"
+
+
+def test_workers_auto_sees_the_agents_cpu_limit(tmp_path: Path) -> None:
+    # `--workers auto` sizes the proxy by the cgroup quota it reads under /sys/fs/cgroup. On a
+    # cgroup v2 node the container has its own cgroup namespace (/proc/self/cgroup: "0::/"),
+    # and the runtime mounts the container's cgroup there, whose cpu.max is the CPU limit. A
+    # hostPath of the node's /sys/fs/cgroup mounted over it shows the node's root cgroup
+    # instead, which has no cpu.max: every CPU of the node would get a worker.
+    container = pod_spec(agent())["containers"][0]
+    limit = math.ceil(float(container["resources"]["limits"]["cpu"]))
+    node_root = tmp_path / "node"
+    own = node_root / "kubepods.slice" / "pod-x" / "cri-containerd-agent.scope"
+    own.mkdir(parents=True)
+    (own / "cpu.max").write_text(f"{limit * 100000} 100000\n")
+    volumes = {v["name"]: v for v in pod_spec(agent()).get("volumes", [])}
+    mounted = [
+        volumes[m["name"]] for m in container.get("volumeMounts", [])
+        if m["mountPath"] == str(cpus.CGROUP_ROOT)
+    ]  # fmt: skip
+    seen = node_root if any("hostPath" in v for v in mounted) else own
+    node_cpus = 32
+    assert cpus.usable_cpus(node_cpus, *cpus.cgroup_quotas("0::/\n", seen)) == limit
+
+
+def test_readmes_traces_overlay_gives_the_agent_its_otlp_endpoint(tmp_path: Path) -> None:
+    # README, "Traces (OTLP)": the overlay an operator copies must render and start the agent
+    # with --otlp-endpoint, parsed by the agent's own parser.
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n(# overlay/kustomization.yaml.*?)```", readme, re.S)
+    assert block, "README's traces overlay is missing"
+    (tmp_path / "nodemesh").symlink_to(REPO)
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "overlay" / "kustomization.yaml").write_text(block.group(1))
+    rendered = subprocess.run(
+        [str(tool("kubectl")), "kustomize", str(tmp_path / "overlay")],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    ds = next(o for o in yaml.safe_load_all(rendered) if o and o["kind"] == "DaemonSet")
+    container = pod_spec(ds)["containers"][0]
+    parser = argparse.ArgumentParser(prog="nodemesh", exit_on_error=False)
+    importlib.import_module("agent.app").register(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args(substitute_env(container["args"], container))
+    assert parsed.otlp_endpoint == "http://otel-collector.observability:4318"

@@ -55,7 +55,6 @@ CA_CLUSTER_PERMISSIONS = {
 AGENT_CAPABILITIES = {"BPF", "NET_ADMIN", "SYS_RESOURCE"}
 AGENT_HOST_PATHS = {  # host path -> read-only in the container
     "/sys/fs/bpf": False,
-    "/sys/fs/cgroup": True,
     "/lib/modules": True,
     "/usr/src": True,
 }

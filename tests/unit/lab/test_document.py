@@ -125,6 +125,10 @@ BAD = [
         "annotations.nodemesh.io/mesh: 'yes' is not allowed: use enabled or disabled",
     ),
     (
+        N1 + "namespaces: [{name: shop, labels: {nodemesh.io/mesh: 'true'}}]",
+        "namespaces[0].labels.nodemesh.io/mesh: 'true' is not allowed: use enabled or disabled",
+    ),
+    (
         "nodes: [{name: n1, pods: [{name: a, annotations:\n"
         "  {nodemesh.io/exclude-outbound-ports: '80,x'}}]}]",
         "annotations.nodemesh.io/exclude-outbound-ports: 'x' is not a port",

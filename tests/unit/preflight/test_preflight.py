@@ -81,7 +81,46 @@ def test_privileges_without_root_needs_three_capabilities() -> None:
         probes.privileges(euid=1000, cap_eff=all_caps & ~(1 << probes.CAP_BPF))
     with pytest.raises(probes.Unsupported, match="CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"):
         probes.privileges(euid=1000, cap_eff=0)
-    assert probes.privileges(euid=0, cap_eff=0) == "running as root"
+    full = all_caps | 1 << 24  # CAP_SYS_RESOURCE and the rest of a root shell's set
+    assert probes.privileges(euid=0, cap_eff=full) == "running as root"
+
+
+# The agent pod of daemonset/agent.yaml: root, with BPF, NET_ADMIN and SYS_RESOURCE only.
+AGENT_POD_CAPS = 1 << probes.CAP_BPF | 1 << probes.CAP_NET_ADMIN | 1 << 24
+
+
+def test_root_without_the_agents_capabilities_is_not_enough() -> None:
+    # Root in a container whose capabilities were dropped cannot run the agent: "running as
+    # root" would send the operator after the kernel's configuration instead.
+    with pytest.raises(probes.Unsupported, match=r"root \(uid 0\) but missing CAP_BPF, CAP_NET_"):
+        probes.privileges(euid=0, cap_eff=1 << 24)
+
+
+def test_the_agents_pod_passes_and_is_told_what_check_cannot_probe_there() -> None:
+    detail = probes.privileges(euid=0, cap_eff=AGENT_POD_CAPS)
+    assert detail.startswith("running as root without CAP_SYS_ADMIN")
+    assert "the agent does not need it" in detail
+
+
+def test_a_refused_scratch_namespace_is_not_blamed_on_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `kubectl exec` into the agent pod: no CAP_SYS_ADMIN, so the clsact probe cannot make its
+    # scratch network namespace. Not a kernel without clsact: the row says so, and where to run.
+    from pyroute2 import netns
+
+    def refused(name: str) -> None:
+        raise OSError(1, "mount rundir failed")
+
+    monkeypatch.setattr(probes, "_tc_program", lambda: (None, None))
+    monkeypatch.setattr(netns, "create", refused)
+    (row,) = preflight.run_checks(
+        [r for r in preflight.requirements() if r.name == "clsact-cls-bpf"]
+    )
+    assert not row.ok
+    assert "not probed" in row.detail and "CAP_SYS_ADMIN" in row.detail
+    assert "CONFIG_NET_SCH_INGRESS" not in row.fix
+    assert "on the node as root" in row.fix
 
 
 def test_every_requirement_has_a_fix_and_a_unique_name() -> None:

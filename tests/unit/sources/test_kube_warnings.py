@@ -188,3 +188,36 @@ def test_a_new_lease_holder_does_not_repeat_a_policys_warning_but_a_new_generati
     events = wait_for(lambda: _events(api, "NeverMatches", at_least=2))
     [new] = [e for e in events if e != event]
     assert "'post' never matches" in new["message"] and new["source"]["host"] != holder
+
+
+def test_a_namespace_mesh_label_no_agent_reads_is_one_warning_event_from_the_lease_holder(
+    api: FakeApiServer, start: Start
+) -> None:
+    # `nodemesh.io/mesh=true` (Istio's and Linkerd's habits: istio-injection=enabled,
+    # linkerd.io/inject: enabled) meshes nothing, as before; it is said where kubectl describe
+    # namespace shows it, instead of leaving the namespace's traffic silently unmeshed.
+    api.create("Namespace", {"metadata": {"name": "shop", "labels": {"nodemesh.io/mesh": "true"}}})
+    api.create(
+        "Namespace", {"metadata": {"name": "fine", "labels": {"nodemesh.io/mesh": "enabled"}}}
+    )
+    agents = {node: start(node, lease_timing=FAST_LEASE) for node in ("node1", "node2")}
+    [event] = wait_for(lambda: _events(api, "InvalidLabel"))
+    assert event["type"] == "Warning" and event["metadata"]["namespace"] == "default"
+    involved = event["involvedObject"]
+    assert (involved["kind"], involved["apiVersion"], involved["name"]) == (
+        "Namespace",
+        "v1",
+        "shop",
+    )
+    assert involved["uid"] == api.get("Namespace", "shop", namespace="")["metadata"]["uid"]
+    assert "label nodemesh.io/mesh: 'true'" in event["message"]
+    assert "use enabled" in event["message"]
+    for source in agents.values():  # every agent knows it; only the holder recorded it
+        wait_for(lambda source=source: source.describe()["warnings"])
+        assert not source.store.snapshot().namespaces["shop"].mesh_enabled
+
+    # Fixed: the warning goes; nothing new is recorded.
+    api.patch("Namespace", "shop", {"metadata": {"labels": {"nodemesh.io/mesh": "enabled"}}}, "")
+    for source in agents.values():
+        wait_for(lambda source=source: not source.describe()["warnings"])
+    assert len(_events(api, "InvalidLabel")) == 1

@@ -23,6 +23,9 @@ class _Reports:
     def report_pod(self, obj: Raw, deleted: bool) -> None:
         return None
 
+    def report_namespace(self, obj: Raw, deleted: bool) -> None:
+        return None
+
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
         self.verdicts.append((obj["metadata"]["name"], error is None))
 

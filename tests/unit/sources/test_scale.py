@@ -35,6 +35,9 @@ class _NoReports:
     def report_pod(self, obj: Raw, deleted: bool) -> None:
         return None
 
+    def report_namespace(self, obj: Raw, deleted: bool) -> None:
+        return None
+
     def report_policy(self, plural: str, obj: Raw, error: InvalidObject | None) -> None:
         assert error is None
 

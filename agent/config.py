@@ -252,7 +252,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cert-ttl",
         type=parse_duration,
         metavar="DURATION",
-        help="validity to request for workload certificates, e.g. 12h (default: the CA's)",
+        help="validity to request from the CA (--ca-address) for workload certificates, e.g. 12h "
+        "(default: the CA's)",
     )
     parser.add_argument(
         "--admin-address",
@@ -556,6 +557,16 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
     if any(ca_flags) and not all(ca_flags):
         raise ConfigError("--ca-address, --ca-root and --token-file go together: give all three")
     ca = None
+    if args.cert_ttl is not None and not args.ca_address:
+        raise ConfigError(
+            "--cert-ttl is the validity to ask the CA for, and no CA is set: add --ca-address, "
+            "--ca-root and --token-file, or leave --cert-ttl out"
+        )
+    if args.cert_ttl is not None and args.cert_ttl.total_seconds() <= 0:
+        raise ConfigError(
+            "--cert-ttl is 0: expected a validity such as 12h (a CA takes 0 as its own default, "
+            "so leave --cert-ttl out for that)"
+        )
     if args.ca_address:
         _host_port("--ca-address", args.ca_address)
         ttl = int(args.cert_ttl.total_seconds()) if args.cert_ttl else 0

@@ -43,6 +43,7 @@ def metrics(streams: int) -> list[Metric]:
         Metric("rr_p99.9", "1 KB request/response p99.9", "µs", False, 0),
         Metric("conn_rate", "new connections/s (with a 100 B exchange)", "conn/s", True, 0),
         Metric("conn_cpu", "proxy CPU per new connection", "µs", False, 0),
+        Metric("conn_load_cpu", "client + echo server CPU per new connection", "µs", False, 0),
         Metric("cpu_per_gb", "proxy CPU per GB (bulk, all streams)", "CPU s/GB", False, 2),
         Metric("mem_per_conn", "proxy memory per idle connection", "KiB", False, 1),
     ]
@@ -87,6 +88,21 @@ def _cpu_per_connection(
     return sum(s["proxy_cpu_s"] for s in conn) / completed * 1e6
 
 
+def _load_cpu_per_connection(samples: Sequence[Mapping[str, Any]], path: str) -> float | None:
+    """The load generator's CPU (the client's and the echo server's) over every connection of
+    the path's connection runs: it shares the cores with the proxies, so it bounds the rate
+    too. None when a run did not report both."""
+    conn = [
+        s
+        for s in samples
+        if s["path"] == path and s["workload"] == "conn" and "error" not in s and "completed" in s
+    ]
+    completed = sum(s["completed"] for s in conn)
+    if completed == 0 or any("client_cpu_s" not in s or "server_cpu_s" not in s for s in conn):
+        return None
+    return sum(s["client_cpu_s"] + s["server_cpu_s"] for s in conn) / completed * 1e6
+
+
 def path_values(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
     """``{path: {metric key: median value}}`` for every path in the results."""
     samples = results["samples"]
@@ -105,6 +121,7 @@ def path_values(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]
             "rr_p99.9": _median(samples, key, "rr", "p99.9_us"),
             "conn_rate": _median(samples, key, "conn", "rate"),
             "conn_cpu": _cpu_per_connection(samples, key, bool(path["proxy_pids"])),
+            "conn_load_cpu": _load_cpu_per_connection(samples, key),
             "cpu_per_gb": _cpu_per_gb(samples, key, bool(path["proxy_pids"])),
             "mem_per_conn": per_conn / 1024 if per_conn is not None else None,
         }

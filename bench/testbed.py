@@ -134,6 +134,7 @@ class Testbed:
         self.name = name or "bn" + secrets.token_hex(3)
         self.lab: Lab | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.echo_pids: dict[str, int] = {}  # pod → its echo server's PID (CPU per connection)
         self.paths: list[BenchPath] = []
         self.http_paths: list[HttpPath] = []
         self.stunnel_pids: tuple[int, ...] = ()
@@ -182,8 +183,9 @@ class Testbed:
     def _start_servers(self) -> None:
         for pod in ("server", "neighbor", "plain"):
             with self.log_file(f"{pod}-echo") as out:
-                self.popen(pod, sys.executable, "-m", "bench.programs.echo_server",
-                           "--port", str(ECHO_PORT), stdout=out, stderr=out)  # fmt: skip
+                echo = self.popen(pod, sys.executable, "-m", "bench.programs.echo_server",
+                                  "--port", str(ECHO_PORT), stdout=out, stderr=out)  # fmt: skip
+            self.echo_pids[pod] = echo.pid
             with self.log_file(f"{pod}-iperf3") as out:
                 self.popen(pod, "iperf3", "-s", "-p", str(IPERF_PORT), stdout=out, stderr=out)
         for pod, ports in (("server", (HTTP_PORT, HTTP_L4_PORT)), ("plain", (HTTP_PORT,))):

@@ -95,9 +95,17 @@ def connection_rate(bed: Testbed, path: BenchPath, s: Settings) -> dict[str, Any
         "--warmup", str(s.conn_warmup), "--concurrency", str(s.conn_concurrency),
         "--size", str(s.conn_size),
     ]  # fmt: skip
+    echo = [bed.echo_pids[path.target]] if path.target in bed.echo_pids else []
+    echo_before = procstat.total_cpu(echo)
     raw = _run(bed, path, argv, timeout=s.conn_seconds + s.conn_warmup + 60)
-    if "error" not in raw and path.proxy_pids and raw["completed"]:
+    if "error" in raw or not raw["completed"]:
+        return raw
+    if path.proxy_pids:
         raw["proxy_cpu_us_per_connection"] = raw["proxy_cpu_s"] / raw["completed"] * 1e6
+    # the load generator's share of the same cores: the client's own CPU (it reports it) and
+    # the echo server's
+    if echo:
+        raw["server_cpu_s"] = procstat.total_cpu(echo) - echo_before
     return raw
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import time
 from collections import Counter
 
@@ -63,7 +64,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "p99_ms": times[int(len(times) * 0.99)] if times else None,
         "errors": dict(errors),
         "completed": completed[0],
+        # this client's own CPU over the whole run (warm-up included, as ``completed``): the
+        # share of the machine the load generator takes, beside the proxies' on the same cores
+        "client_cpu_s": _own_cpu(),
     }
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:

@@ -38,7 +38,8 @@ def results() -> dict[str, Any]:
         samples.append(sample(rep, "stunnel", "conn", rate=500.0, completed=completed,
                               proxy_cpu_s=cpu))  # fmt: skip
         samples.append(sample(rep, "direct", "conn", rate=5000.0, completed=completed,
-                              proxy_cpu_s=0.0))  # fmt: skip
+                              proxy_cpu_s=0.0, client_cpu_s=cpu / 2,
+                              server_cpu_s=cpu / 4))  # fmt: skip
     for i, s in enumerate(samples):
         s["load1"] = float(i % 5)
     return {
@@ -95,6 +96,9 @@ def test_medians_across_repetitions_and_costs_only_for_paths_with_a_proxy() -> N
     assert values["mesh_cross"]["conn_cpu"] is None
     assert values["stunnel"]["conn_cpu"] == pytest.approx(750.0)  # 3 CPU s over 4,000 conns
     assert values["direct"]["conn_cpu"] is None
+    # client 1.5 s + echo server 0.75 s over 4,000 connections; stunnel's runs reported neither
+    assert values["direct"]["conn_load_cpu"] == pytest.approx(562.5)
+    assert values["stunnel"]["conn_load_cpu"] is None
     assert values["mesh_cross"]["mem_per_conn"] == pytest.approx(10.24)  # KiB
     assert values["stunnel"]["mem_per_conn"] is None
 

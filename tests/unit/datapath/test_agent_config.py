@@ -12,6 +12,10 @@ from agent.proxy.h2wire import HboneSettings
 from agent.wiring import node_proxy
 from tests.integration.proxy.mesh import FakeIdentities, TestCA, make_store
 
+# a CA given whole (address, root, token): what --cert-ttl needs
+CA = ["--node", "n", "--in-cluster", "--ca-address", "ca:15012", "--ca-root", "r"]
+CA += ["--token-file", "t"]
+
 
 def parse(*argv: str) -> AgentConfig:
     parser = argparse.ArgumentParser()
@@ -72,6 +76,8 @@ def test_hex_marks_and_tables() -> None:
         (["--node", "n", "--in-cluster", "--ready-port", "0"], "--ready-port 0"),
         (["--node", "a/b", "--in-cluster"], "node name"),
         (["--node", "n", "--in-cluster", "--drain-seconds", "-1"], "--drain-seconds"),
+        (["--node", "n", "--in-cluster", "--cert-ttl", "12h"], "no CA is set"),
+        ([*CA, "--cert-ttl", "0s"], "leave --cert-ttl out"),
         (["--node", "n", "--in-cluster", "--hbone-window", "32MiB"], "64KiB to 16MiB"),
         (["--node", "n", "--in-cluster", "--hbone-window", "1000"], "64KiB to 16MiB"),
         (["--node", "n", "--in-cluster", "--hbone-window", "1.5MiB"], "such as 512KiB"),

@@ -676,3 +676,13 @@ def test_what_a_destination_adds_to_a_response_at_the_limits_is_what_the_source_
         c.take_to_upstream()
         c.receive_upstream(passed)
         assert c.take_to_client().startswith(b"HTTP/1.1 %s " % status)
+
+
+def test_an_absolute_form_request_is_routed_by_its_path_and_authority() -> None:
+    """Routes match the target's path and its authority as Host, as the pod reads it."""
+    c = _codec()
+    c.receive_client(b"GET http://other:81/v2/x?y=1 HTTP/1.1\r\nHost: web\r\n\r\n")
+    assert c.pending is not None and (c.pending.path, c.pending.host) == ("/v2/x", "other:81")
+    assert c.pending_target == "/v2/x?y=1"
+    c.attach(new_upstream(), "e")
+    assert c.take_to_upstream().startswith(b"GET /v2/x?y=1 HTTP/1.1\r\nhost: other:81\r\n")

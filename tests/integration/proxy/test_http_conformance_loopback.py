@@ -8,6 +8,10 @@ out so that nothing of a client library's own tolerance hides a fault.
   the next request served. Before, the destination's reset after its end of stream made the
   source drop what it had not read yet and the end: the client got a cut chunked body and the
   connection's close (``TunnelStream._on_error``).
+* A final answer (417) to a client waiting for ``100-continue``, on every path: the client
+  gets it with ``connection: close`` and the connection ends. Before, the mesh waited for
+  the body the client never sent, forwarded the client's next request to the pod as that
+  body and answered the rest 400.
 * An absolute-form target (``GET http://x/admin``) meets the DENY on ``/admin`` on every path:
   before, policy saw ``http://x/admin``, no ``/admin`` rule matched, and the pod served it.
 """
@@ -44,6 +48,10 @@ async def pod(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Non
     with contextlib.suppress(OSError, asyncio.IncompleteReadError):
         while head := await reader.readuntil(b"\r\n\r\n"):
             target = head.split(b" ", 2)[1]
+            if target == b"/417":  # answered at once, its body never read
+                writer.write(b"HTTP/1.1 417 Expectation Failed\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+                continue
             if target == b"/close":
                 writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + b"d" * 5000)
                 await writer.drain()
@@ -147,3 +155,18 @@ async def test_an_absolute_form_target_meets_the_policy_of_its_path_on_every_pat
         assert out.startswith(b"HTTP/1.1 403 Forbidden\r\n"), (dst, out[:200])
         ok = b"GET http://web/ok HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
         assert (await exchange(mesh, dst, ok, plaintext=plaintext)).endswith(b"\r\n\r\n/ok")
+
+
+@mesh_test
+async def test_a_final_answer_to_a_client_waiting_for_100_ends_its_connection(mesh: Mesh) -> None:
+    port = _pods(mesh)
+    waiting = b"PUT /417 HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    final = b"HTTP/1.1 417 Expectation Failed\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    for dst in ((VIP, 80), (LOCAL_VIP, 80), (SERVER, port), (LOCAL, port)):
+        reader, writer = await mesh.connect(CLIENT, dst)
+        writer.write(waiting)
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == final, dst
+        writer.write(b"GET /next HTTP/1.1\r\nHost: web\r\n\r\n")  # not the body
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 10) == b"", dst
+        writer.close()

@@ -116,6 +116,26 @@ def test_expect_100_continue_passes_through() -> None:
     assert c.take_released() == [(up, True)]
 
 
+def test_a_final_answer_to_a_client_waiting_for_100_ends_the_connection() -> None:
+    """As at the destination (``test_http1.py``): the client may never send the body, and
+    the session, its request cut, is not reused."""
+    c = _codec()
+    c.receive_client(
+        b"PUT /u HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    up = new_upstream()
+    c.attach(up, "e")
+    c.take_to_upstream()
+    c.receive_upstream(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n")
+    assert c.take_to_client() == (
+        b"HTTP/1.1 417 Expectation Failed\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    assert c.closing and c.lingers and c.take_released() == [(up, False)]
+    assert [(e.status, tag) for e, tag in c.take_completed()] == [(417, "e")]
+    c.receive_client(b"GET /next HTTP/1.1\r\nHost: web\r\n\r\n")
+    assert c.pending is None and c.take_to_upstream() == b""
+
+
 def test_upgrade_pins_the_connection_to_its_upstream_as_a_tunnel() -> None:
     c = _codec()
     c.receive_client(

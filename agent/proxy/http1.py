@@ -134,6 +134,21 @@ _REASONS = {
 }
 
 
+CLOSE = [(b"connection", b"close")]
+KEEP_ALIVE = [(b"connection", b"keep-alive")]
+NO_HEADERS: Headers = []
+
+
+def persistence(last: bool, http10: bool) -> Headers:
+    """The ``Connection`` header of a response to the client: ``close`` on its connection's
+    last, ``keep-alive`` to an HTTP/1.0 client whose connection goes on (it asked for it: an
+    HTTP/1.0 client that is not told reads until the close, as ``ab -k`` does, and waited
+    for a close that never came; Envoy and nginx say it too), else none."""
+    if last:
+        return CLOSE
+    return KEEP_ALIVE if http10 else NO_HEADERS
+
+
 class RequestIds:
     """Random UUIDs (version 4) as text, as ``str(uuid.uuid4())`` makes them, from the OS's
     random bytes as ``uuid4`` takes them, but fetched 256 at a time: one ``getrandom`` system
@@ -668,8 +683,7 @@ class Http1Proxy(ClientSide[_Current]):
         # A client waiting for 100-continue has not sent its body and may never: where the
         # next request would start is unknowable, so this response is the last.
         last = current.waiting_for_100 or not current.keep_alive
-        if last:
-            headers.append((b"connection", b"close"))
+        headers += persistence(last, current.http10)
         reason = _REASONS.get(verdict.status, b"Refused")
         self._to_client.append(response_head(verdict.status, reason, headers) + body)
         current.exchange.status = verdict.status
@@ -759,8 +773,7 @@ class Http1Proxy(ClientSide[_Current]):
             else:
                 headers.append((b"Transfer-Encoding", b"chunked"))
                 current.response_chunked = True
-        if current.last:
-            headers.append((b"connection", b"close"))
+        headers += persistence(current.last, current.http10)
         current.exchange.status = event.status
         current.response_started = True
         self._to_client.append(response_head(event.status, event.reason, headers))

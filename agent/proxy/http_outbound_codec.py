@@ -72,6 +72,7 @@ from agent.proxy.http1 import (
     Exchange,
     RequestHead,
     new_request_id,
+    persistence,
 )
 from agent.proxy.http1_codec import (
     DEFAULT_MAX_FIELDS,
@@ -589,8 +590,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
             else:
                 headers.append((b"Transfer-Encoding", b"chunked"))
                 current.response_chunked = True
-        if last:
-            headers.append((b"connection", b"close"))
+        headers += persistence(last, current.http10)
         current.last = last
         current.exchange.status = event.status
         current.response_started = True
@@ -676,8 +676,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         # next request would start is unknowable, so this response is the last.
         waiting = current.waiting_for_100
         last = waiting or not current.keep_alive
-        if last:
-            headers.append((b"connection", b"close"))
+        headers += persistence(last, current.http10)
         self._to_client.append(response_head(status, _REASONS.get(status, b""), headers) + body)
         current.exchange.status = status
         current.exchange.response_bytes = len(body)

@@ -496,3 +496,17 @@ def test_a_response_status_outside_1xx_to_5xx_gets_the_client_a_502(status: byte
     p.receive_upstream(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 0\r\n\r\n")
     assert p.take_to_client().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert p.take_rejections() == [UPSTREAM_PROTOCOL]
+
+
+def test_an_http10_keep_alive_client_is_told_its_connection_goes_on() -> None:
+    """Before, the response carried no ``Connection``: an HTTP/1.0 client (``ab -k``) reads
+    such a response until the close, which never came."""
+    p = Http1Proxy(authorize=lambda h: Verdict(h.path != "/no"), new_request_id=lambda: "r")
+    p.receive_client(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert p.take_to_client() == (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok"
+    )
+    p.receive_client(b"GET /no HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")  # denied here
+    assert b"\r\nconnection: keep-alive\r\n\r\nRBAC" in p.take_to_client()
+    assert not p.closing

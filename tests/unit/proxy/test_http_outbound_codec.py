@@ -706,3 +706,18 @@ def test_an_absolute_form_request_is_routed_by_its_path_and_authority() -> None:
     assert c.pending_target == "/v2/x?y=1"
     c.attach(new_upstream(), "e")
     assert c.take_to_upstream().startswith(b"GET /v2/x?y=1 HTTP/1.1\r\nhost: other:81\r\n")
+
+
+def test_an_http10_keep_alive_client_is_told_its_connection_goes_on() -> None:
+    """As at the destination (``test_http1_codec.py``), for a response and a local answer."""
+    c = _codec()
+    c.receive_client(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    c.attach(new_upstream(), "e")
+    c.receive_upstream(OK)
+    assert c.take_to_client() == (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok"
+    )
+    c.receive_client(b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    c.respond_locally(503, "UH", b"no healthy upstream")
+    assert b"\r\nconnection: keep-alive\r\n\r\nno healthy" in c.take_to_client()
+    assert not c.closing

@@ -38,7 +38,12 @@ target (``http://host/path``) becomes its path, and its authority the ``Host`` (
 a server ignores the ``Host`` sent with one; left as it came, a DENY on ``/admin`` never
 matched ``GET http://x/admin``, which the pod served as ``/admin``); a fragment is dropped
 (never part of a target, RFC 9112 3.2); ``*`` is for ``OPTIONS`` only, and any other form, a
-scheme other than http(s) or an authority with userinfo is 400. In HTTP/1.0 a
+scheme other than http(s) or an authority with userinfo is 400. Its path is normalized as
+Istio's default (``BASE``: Envoy's ``normalize_path``) does before policy and routes read it and
+the pod gets it (``normalized_path``): ``\\`` read as ``/``, percent-encoded unreserved characters
+decoded, dot segments removed (RFC 3986 6.2.2, 5.2.4); ``%2F`` and ``//`` are kept. Left as it
+came, a DENY on ``/admin`` never matched ``/public/../admin`` or ``/%61dmin``, which most
+servers serve as ``/admin``. In HTTP/1.0 a
 ``Transfer-Encoding`` is faulty framing (RFC 9112 6.1): 400. An upgrade to ``h2c`` is dropped
 from the request with its ``HTTP2-Settings`` (Envoy strips it too): the pod would switch the
 connection to HTTP/2, relayed as opaque bytes, out of reach of per-request policy.
@@ -54,6 +59,7 @@ lowercased, as the readers give them.
 from __future__ import annotations
 
 import operator
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -84,6 +90,10 @@ HEAD_END = b"\r\n\r\n"
 # protocol that is never proxied (``_drop_h2c``).
 HTTP_SCHEMES = (b"http://", b"https://")
 H2C = b"h2c"
+# RFC 3986 2.3: what a percent-encoding may be decoded to without changing the URI's meaning
+UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
+SLASH, HASH, PERCENT, BACKSLASH, DOT = b"/#%\\."  # as ints, what ``in`` looks for fastest
 
 Headers = list[tuple[bytes, bytes]]
 _NAME = operator.itemgetter(0)  # a header's name
@@ -495,9 +505,14 @@ class RequestReader(_Reader):
                 hosts += 1
         if hosts > 1 or (hosts == 0 and not head.http10):
             raise _Refused(Refusal(400, MALFORMED, "HTTP/1.1 wants exactly one Host header"))
+        # The usual target (origin-form, nothing to normalize) is told by looking for bytes
+        # (ints): about 200 instructions each, a bytes needle's ``in`` about 2,000 (callgrind).
         target = head.target
-        if target[:1] != b"/" or b"#" in target:  # the usual origin-form costs one comparison
+        if not target or target[0] != SLASH or HASH in target:
             self._origin_form(head)
+            target = head.target
+        if PERCENT in target or BACKSLASH in target or (DOT in target and b"/." in target):
+            head.target = normalized_path(target)
         self._framing(head)
         if head.chunked and head.http10:
             raise _Refused(Refusal(400, MALFORMED, "Transfer-Encoding in an HTTP/1.0 request"))
@@ -746,6 +761,39 @@ class ResponseReader(_Reader):
     @property
     def mid_message(self) -> bool:
         return self.in_head or self._in_body
+
+
+# -- request targets -------------------------------------------------------------------------
+def normalized_path(target: bytes) -> bytes:
+    """``target`` (origin-form, or ``*``) with its path normalized as Istio's ``BASE`` does
+    (see the module docstring); its query as it came."""
+    path, mark, query = target.partition(b"?")
+    if path[:1] != b"/":
+        return target
+    path = _ESCAPE.sub(_unreserved, path.replace(b"\\", b"/"))
+    return _without_dot_segments(path) + mark + query
+
+
+def _unreserved(escape: re.Match[bytes]) -> bytes:
+    """A percent-encoding, decoded if it encodes an unreserved character."""
+    code = int(escape.group(1), 16)
+    return bytes((code,)) if code in UNRESERVED else escape.group(0)
+
+
+def _without_dot_segments(path: bytes) -> bytes:
+    """RFC 3986 5.2.4 on an absolute path: ``.`` segments dropped, ``..`` drops the one
+    before it (none above the root); a path ending in either ends with ``/``."""
+    segments = path.split(b"/")
+    kept: list[bytes] = []
+    for segment in segments[1:]:
+        if segment == b"..":
+            if kept:
+                kept.pop()
+        elif segment != b".":
+            kept.append(segment)
+    if segments[-1] in (b".", b".."):
+        kept.append(b"")
+    return b"/" + b"/".join(kept)
 
 
 # -- writers ---------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ out so that nothing of a client library's own tolerance hides a fault.
   gets it with ``connection: close`` and the connection ends. Before, the mesh waited for
   the body the client never sent, forwarded the client's next request to the pod as that
   body and answered the rest 400.
-* An absolute-form target (``GET http://x/admin``) meets the DENY on ``/admin`` on every path:
-  before, policy saw ``http://x/admin``, no ``/admin`` rule matched, and the pod served it.
+* An absolute-form target (``GET http://x/admin``), and paths a server reads as ``/admin``
+  (``/public/../admin``, ``/%61dmin``), meet the DENY on ``/admin`` on every path: before,
+  policy saw them as sent, no ``/admin`` rule matched, and the pod was asked for ``/admin``.
 """
 
 from __future__ import annotations
@@ -137,13 +138,16 @@ async def test_a_response_ended_by_the_pods_close_reaches_a_service_client_whole
 
 
 @mesh_test
-async def test_an_absolute_form_target_meets_the_policy_of_its_path_on_every_path(
+async def test_a_target_meets_the_policy_of_the_path_the_pod_reads_on_every_path(
     mesh: Mesh,
 ) -> None:
     port = _pods(mesh)
     deny = {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}
     set_policies(mesh.store, PolicyObject("AuthorizationPolicy", "default", "no-admin", deny))
-    request = b"GET http://web/admin HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+    requests = [
+        b"GET %s HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n" % target
+        for target in (b"http://web/admin", b"/public/../admin", b"/%61dmin")
+    ]
     for dst, plaintext in (
         ((SERVER, port), True),  # the destination only
         ((SERVER, port), False),  # through HBONE, parsed at node2
@@ -151,8 +155,9 @@ async def test_an_absolute_form_target_meets_the_policy_of_its_path_on_every_pat
         ((LOCAL_VIP, 80), False),  # a same-node pod via a Service
         ((LOCAL, port), False),  # a same-node pod port
     ):
-        out = await exchange(mesh, dst, request, plaintext=plaintext)
-        assert out.startswith(b"HTTP/1.1 403 Forbidden\r\n"), (dst, out[:200])
+        for request in requests:
+            out = await exchange(mesh, dst, request, plaintext=plaintext)
+            assert out.startswith(b"HTTP/1.1 403 Forbidden\r\n"), (dst, request, out[:200])
         ok = b"GET http://web/ok HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
         assert (await exchange(mesh, dst, ok, plaintext=plaintext)).endswith(b"\r\n\r\n/ok")
 

@@ -510,3 +510,33 @@ def test_an_http10_keep_alive_client_is_told_its_connection_goes_on() -> None:
     p.receive_client(b"GET /no HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")  # denied here
     assert b"\r\nconnection: keep-alive\r\n\r\nRBAC" in p.take_to_client()
     assert not p.closing
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "sent"),
+    [
+        (b"/public/../admin", "/admin", b"/admin"),
+        (b"/./admin/", "/admin/", b"/admin/"),
+        (b"/%61dmin?x=/../%61", "/admin", b"/admin?x=/../%61"),  # the query as it came
+        (b"/a/%2E%2e/admin", "/admin", b"/admin"),
+        (b"/a\\..\\admin", "/admin", b"/admin"),
+        (b"/../../admin/x/..", "/admin/", b"/admin/"),
+        (b"//admin%2Fx", "//admin%2Fx", b"//admin%2Fx"),  # kept, as Istio's BASE keeps them
+        (b"/file.tar.gz", "/file.tar.gz", b"/file.tar.gz"),
+    ],
+)
+def test_a_path_is_normalized_as_istio_does_before_policy_and_the_pod_see_it(
+    target: bytes, path: str, sent: bytes
+) -> None:
+    """Before, policy saw the path as sent: a DENY on ``/admin`` let ``/public/../admin``
+    through to a pod that served it as ``/admin``."""
+    seen: list[str] = []
+
+    def authorize(head: RequestHead) -> Verdict:
+        seen.append(head.path)
+        return Verdict(True)
+
+    p = Http1Proxy(authorize=authorize, new_request_id=lambda: "r")
+    p.receive_client(b"GET " + target + b" HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert seen == [path]
+    assert p.take_to_upstream().startswith(b"GET " + sent + b" HTTP/1.1\r\n")

@@ -440,16 +440,21 @@ def test_each_half_runs_its_own_bytecode_of_the_shared_callbacks() -> None:
         assert request.__qualname__ == f"RequestReader.{name}"
 
 
-def test_an_absolute_form_target_is_forwarded_in_origin_form_with_its_host() -> None:
-    """RFC 9112 3.2.2: the target's authority replaces Host. Before, policy and routes saw
-    ``http://evil/admin`` (no ``/admin*`` rule matched it) while the pod served ``/admin``."""
+def _recording() -> tuple[Http1Proxy, list[tuple[str, str]]]:
+    """A proxy that allows every request, and the (path, host) policy saw of each."""
     seen: list[tuple[str, str]] = []
 
     def authorize(head: RequestHead) -> Verdict:
         seen.append((head.path, head.host))
         return Verdict(True)
 
-    p = Http1Proxy(authorize=authorize, new_request_id=lambda: "r")
+    return Http1Proxy(authorize=authorize, new_request_id=lambda: "r"), seen
+
+
+def test_an_absolute_form_target_is_forwarded_in_origin_form_with_its_host() -> None:
+    """RFC 9112 3.2.2: the target's authority replaces Host. Before, policy and routes saw
+    ``http://evil/admin`` (no ``/admin*`` rule matched it) while the pod served ``/admin``."""
+    p, seen = _recording()
     p.receive_client(b"GET HTTP://evil:8080/admin?x=1#frag HTTP/1.1\r\nHost: s\r\n\r\n")
     assert seen == [("/admin", "evil:8080")]
     assert (
@@ -530,13 +535,7 @@ def test_a_path_is_normalized_as_istio_does_before_policy_and_the_pod_see_it(
 ) -> None:
     """Before, policy saw the path as sent: a DENY on ``/admin`` let ``/public/../admin``
     through to a pod that served it as ``/admin``."""
-    seen: list[str] = []
-
-    def authorize(head: RequestHead) -> Verdict:
-        seen.append(head.path)
-        return Verdict(True)
-
-    p = Http1Proxy(authorize=authorize, new_request_id=lambda: "r")
+    p, seen = _recording()
     p.receive_client(b"GET " + target + b" HTTP/1.1\r\nHost: s\r\n\r\n")
-    assert seen == [path]
+    assert seen == [(path, "s")]
     assert p.take_to_upstream().startswith(b"GET " + sent + b" HTTP/1.1\r\n")

@@ -134,6 +134,21 @@ _REASONS = {
 }
 
 
+CLOSE = [(b"connection", b"close")]
+KEEP_ALIVE = [(b"connection", b"keep-alive")]
+NO_HEADERS: Headers = []
+
+
+def persistence(last: bool, http10: bool) -> Headers:
+    """The ``Connection`` header of a response to the client: ``close`` on its connection's
+    last, ``keep-alive`` to an HTTP/1.0 client whose connection goes on (it asked for it: an
+    HTTP/1.0 client that is not told reads until the close, as ``ab -k`` does, and waited
+    for a close that never came; Envoy and nginx say it too), else none."""
+    if last:
+        return CLOSE
+    return KEEP_ALIVE if http10 else NO_HEADERS
+
+
 class RequestIds:
     """Random UUIDs (version 4) as text, as ``str(uuid.uuid4())`` makes them, from the OS's
     random bytes as ``uuid4`` takes them, but fetched 256 at a time: one ``getrandom`` system
@@ -283,6 +298,7 @@ class _Current:
 
 class _InFlight(Protocol):
     exchange: Exchange
+    waiting_for_100: bool
     request_done: bool
     response_started: bool
     response_done: bool
@@ -324,6 +340,10 @@ class ClientSide(ABC, Generic[C]):
     _to_upstream: list[bytes]
     rejections: list[str]  # ``take_rejections``' (read, never changed, by a shell)
     refusal: str | None  # what the refusal of bad input answered (one: it closes)
+    # The connection ends while the client may still send a body it was told to wait for
+    # (100-continue): the shell's close lingers, as after a refusal, so that those bytes
+    # unread do not reset the answer away (``agent.proxy.linger``)
+    lingers: bool
     _client_eof: bool
     _reasons: ClassVar[dict[int, bytes]]  # the reason phrase of each status it answers
 
@@ -456,6 +476,15 @@ class ClientSide(ABC, Generic[C]):
             trailers = [(n, v) for n, v in event.trailers if n not in HOP_BY_HOP]
             self._to_client.append(last_chunk(trailers))
         current.response_done = True
+        if current.waiting_for_100 and not current.request_done:
+            # A final response to a client waiting for 100-continue (RFC 9110 10.1.1): it may
+            # never send the body, so where its next request would begin is unknowable. The
+            # response said it is the last (``connection: close``); the connection ends here
+            # (Envoy's too), as after a refusal, rather than read the next request as the body.
+            self._finish(current)
+            self._refused(current)
+            self.closing = self.lingers = True
+            return
         self._maybe_next_cycle()
 
     def _switch(self, current: C, event: Head, upstream_read: bytes | None) -> None:
@@ -546,6 +575,7 @@ class Http1Proxy(ClientSide[_Current]):
     _completed: list[Exchange] = field(default_factory=list, init=False)
     rejections: list[str] = field(default_factory=list, init=False)
     refusal: str | None = field(default=None, init=False)
+    lingers: bool = field(default=False, init=False)
     _current: _Current | None = field(default=None, init=False)
     _client_eof: bool = field(default=False, init=False)
     _reasons = _REASONS
@@ -653,8 +683,7 @@ class Http1Proxy(ClientSide[_Current]):
         # A client waiting for 100-continue has not sent its body and may never: where the
         # next request would start is unknowable, so this response is the last.
         last = current.waiting_for_100 or not current.keep_alive
-        if last:
-            headers.append((b"connection", b"close"))
+        headers += persistence(last, current.http10)
         reason = _REASONS.get(verdict.status, b"Refused")
         self._to_client.append(response_head(verdict.status, reason, headers) + body)
         current.exchange.status = verdict.status
@@ -663,7 +692,7 @@ class Http1Proxy(ClientSide[_Current]):
         current.last = last
         if current.waiting_for_100:
             self._finish(current)
-            self.closing = True
+            self.closing = self.lingers = True
             return
         self._maybe_next_cycle()
 
@@ -727,13 +756,16 @@ class Http1Proxy(ClientSide[_Current]):
             return
         headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
         self._to_client.append(response_head(event.status, event.reason, headers))
+        if event.status == 100:
+            current.waiting_for_100 = False  # the client sends its body now
 
     def _on_response(self, current: _Current, event: Head) -> None:
         fields = event.headers
         headers, _ = forwarded_headers(
             fields, keep_upgrade=False, noted=fields if event.noted is None else event.noted
         )
-        current.last = not (event.keep_alive and current.keep_alive)
+        # Still waiting for 100-continue: the last exchange (``_response_ended``)
+        current.last = not (event.keep_alive and current.keep_alive) or current.waiting_for_100
         if event.chunked:
             headers = [(n, v) for n, v in headers if n != b"transfer-encoding"]
             if current.http10:
@@ -741,8 +773,7 @@ class Http1Proxy(ClientSide[_Current]):
             else:
                 headers.append((b"Transfer-Encoding", b"chunked"))
                 current.response_chunked = True
-        if current.last:
-            headers.append((b"connection", b"close"))
+        headers += persistence(current.last, current.http10)
         current.exchange.status = event.status
         current.response_started = True
         self._to_client.append(response_head(event.status, event.reason, headers))

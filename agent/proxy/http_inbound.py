@@ -456,6 +456,8 @@ class HttpSession(PodShell[Exchange]):
         if self._paused and not proxy.client_paused:  # asked only while the client side waits
             self._paused = False
             self._resume.set()
+        if proxy.lingers:  # the client may still send a body it was told to wait for
+            self.refused = True
         return proxy.closing or proxy.tunnel
 
     def _fail(self, error: BaseException) -> None:

@@ -507,6 +507,8 @@ class _ClientConnection:
         if codec.mirrors:
             for copy in codec.take_mirrors():
                 self._mirror(copy)
+        if codec.lingers:  # the client may still send a body it was told to wait for
+            self.refused = True
         if codec.rejections:
             for cause in codec.take_rejections():
                 self.refused = True

@@ -72,6 +72,7 @@ from agent.proxy.http1 import (
     Exchange,
     RequestHead,
     new_request_id,
+    persistence,
 )
 from agent.proxy.http1_codec import (
     DEFAULT_MAX_FIELDS,
@@ -232,6 +233,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
     released: list[tuple[UpstreamHalf, bool]] = field(default_factory=list, init=False)
     mirrors: list[Mirrored[T]] = field(default_factory=list, init=False)
     refusal: str | None = field(default=None, init=False)
+    lingers: bool = field(default=False, init=False)
     _client_eof: bool = field(default=False, init=False)
     _reasons = _REASONS
 
@@ -565,7 +567,8 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
             return
         headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
         self._to_client.append(response_head(event.status, event.reason, headers))
-        current.waiting_for_100 = False
+        if event.status == 100:
+            current.waiting_for_100 = False  # the client sends its body now
 
     def _on_response(self, current: _Current[T], event: Head) -> None:
         fields = event.headers
@@ -575,7 +578,8 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         if current.edit_response is not None:
             headers = _framed(headers, current.edit_response(_text(headers)))
         current.upstream_keep_alive = event.keep_alive
-        last = not current.keep_alive
+        # Still waiting for 100-continue: the last exchange (``ClientSide._response_ended``)
+        last = not current.keep_alive or current.waiting_for_100
         bodiless = event.status in (204, 304) or current.method == b"HEAD"
         if not bodiless and (event.chunked or event.length is None):
             # Chunked, or delimited by the endpoint's close: the client sees chunks (an
@@ -586,12 +590,10 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
             else:
                 headers.append((b"Transfer-Encoding", b"chunked"))
                 current.response_chunked = True
-        if last:
-            headers.append((b"connection", b"close"))
+        headers += persistence(last, current.http10)
         current.last = last
         current.exchange.status = event.status
         current.response_started = True
-        current.waiting_for_100 = False
         self._to_client.append(response_head(event.status, event.reason, headers))
         self._declined(current)
 
@@ -674,8 +676,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         # next request would start is unknowable, so this response is the last.
         waiting = current.waiting_for_100
         last = waiting or not current.keep_alive
-        if last:
-            headers.append((b"connection", b"close"))
+        headers += persistence(last, current.http10)
         self._to_client.append(response_head(status, _REASONS.get(status, b""), headers) + body)
         current.exchange.status = status
         current.exchange.response_bytes = len(body)
@@ -683,7 +684,7 @@ class SourceHttp1(ClientSide[_Current[T]], Generic[T]):
         current.last = last
         if waiting:
             self._finish(current)
-            self.closing = True
+            self.closing = self.lingers = True
             return
         self._declined(current)
         self._maybe_next_cycle()

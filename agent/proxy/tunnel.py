@@ -197,8 +197,21 @@ class TunnelStream:
         return self.eof and self.ended and self.error is None
 
     def _on_error(self, error: TunnelError) -> None:
+        """The stream failed. What the peer sent before ending its half (``eof``) stays to be
+        read, then its end: a reset after that ends only our half (RFC 9113 8.1: a response
+        is not discarded for a reset after its END_STREAM). Why: a destination answers a
+        response delimited by the pod's close with END_STREAM and then resets the stream the
+        source still sends on; the source dropped the body it had not read yet and the end
+        that delimits it, so its client got a cut response (a chunked one without its last
+        chunk). The bytes kept are given back to the connection's flow control at once, as
+        discarded ones are."""
         self.error = error
-        self._discard()
+        if self.eof:
+            if self._chunks:
+                self.proto.codec.consumed(self.stream_id, sum(map(len, self._chunks)))
+                self.proto.flush()
+        else:
+            self._discard()
         if self.accepted is not None and not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()  # whoever awaits it still gets the error; nobody must
@@ -235,10 +248,10 @@ class TunnelStream:
         """The next chunk, or None once the peer half-closed; raises if the stream was reset."""
         self._relay_writing = False
         while not self._chunks:
+            if self.eof:  # before an error: a reset after the peer's end cuts nothing it sent
+                return None
             if self.error:
                 raise self.error
-            if self.eof:
-                return None
             self._read_waiter = self.proto.loop.create_future()
             try:
                 await self._read_waiter

@@ -111,6 +111,8 @@ _FIXED_HEADERS = frozenset(
     }
 )
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
+# What a header value may not hold (RFC 9110 5.5): control characters but HTAB, and DEL
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # The Gateway API's checks on an Exact or PathPrefix value (HTTPPathMatch's CEL rules): the
 # characters of an RFC 3986 path, no empty, dot or encoded-slash segment, no query or fragment.
 _PATH_CHARS = re.compile(r"^(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+$")
@@ -629,8 +631,12 @@ def _header_modifier(body: Mapping[str, Any], path: str) -> HeaderModifier:
                 raise RouteError(f"{ipath}.name", f"{name!r} is not a valid header name")
             _modifiable(name, f"{ipath}.name")
             value = item.get("value")
-            if not isinstance(value, str) or "\r" in value or "\n" in value:
-                raise RouteError(f"{ipath}.value", "expected a string without CR or LF")
+            if not isinstance(value, str) or _CONTROL.search(value):
+                # RFC 9110 5.5: a value the peer's parser (llhttp, Envoy) refuses 400, as the
+                # far node's would, so that every request the rule edits would fail
+                raise RouteError(
+                    f"{ipath}.value", "expected a string without control characters (tab aside)"
+                )
             out.append((name.lower(), value))
         return tuple(out)
 

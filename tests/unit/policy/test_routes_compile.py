@@ -88,6 +88,20 @@ def _compiled(rules: list[dict[str, Any]], **kw: Any) -> Route:
                 {
                     "filters": [
                         {
+                            "type": "RequestHeaderModifier",
+                            "requestHeaderModifier": {"add": [{"name": "x-a", "value": "a\x00b"}]},
+                        }
+                    ]
+                }
+            ],
+            "spec.rules[0].filters[0].requestHeaderModifier.add[0].value",
+            "without control characters",
+        ),
+        (
+            [
+                {
+                    "filters": [
+                        {
                             "type": "ResponseHeaderModifier",
                             "responseHeaderModifier": {"remove": ["transfer-encoding"]},
                         }

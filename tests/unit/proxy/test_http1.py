@@ -122,6 +122,25 @@ def test_expect_100_continue_passes_the_pods_100_back() -> None:
     assert [e.status for e in p.take_completed()] == [204]
 
 
+def test_a_final_answer_to_a_client_waiting_for_100_is_the_connections_last() -> None:
+    """RFC 9110 10.1.1: a client told 417 (or anything final) before it sent its body may
+    never send it. Before, the connection waited for the body, and the client's next
+    request was forwarded to the pod as those 5 bytes, the rest refused as garbage."""
+    p = _proxy()
+    p.receive_client(
+        b"PUT /x HTTP/1.1\r\nHost: s\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    p.take_to_upstream()
+    p.receive_upstream(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n")
+    assert p.take_to_client() == (
+        b"HTTP/1.1 417 Expectation Failed\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    assert p.closing and p.lingers  # what the client still sends is read and dropped
+    assert [e.status for e in p.take_completed()] == [417]
+    p.receive_client(b"GET /next HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert p.take_to_upstream() == b"" and p.take_to_client() == b""
+
+
 def test_a_denied_request_gets_403_and_the_connection_keeps_serving() -> None:
     p = _proxy(deny="POST")
     p.receive_client(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.proxy.http1 import UPSTREAM_PROTOCOL, Http1Proxy, Verdict
+from agent.proxy.http1 import UPSTREAM_PROTOCOL, Http1Proxy, RequestHead, Verdict
 from agent.proxy.http1_codec import (
     AMBIGUOUS_LENGTH,
     DEFAULT_MAX_FIELDS,
@@ -68,6 +68,12 @@ REFUSED = [
     (H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, MALFORMED),
     (H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n", 400, MALFORMED),
     (H + b"Transfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n", 400, MALFORMED),
+    # Request targets no origin server reads (RFC 9112 3.2), and TE in HTTP/1.0 (6.1).
+    (b"GET * HTTP/1.1\r\nHost: s\r\n\r\n", 400, MALFORMED),
+    (b"GET ftp://s/a HTTP/1.1\r\nHost: s\r\n\r\n", 400, MALFORMED),
+    (b"GET http://u:p@s/a HTTP/1.1\r\nHost: s\r\n\r\n", 400, MALFORMED),
+    (b"GET http:///a HTTP/1.1\r\nHost: s\r\n\r\n", 400, MALFORMED),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, MALFORMED),
 ]
 
 
@@ -432,3 +438,104 @@ def test_each_half_runs_its_own_bytecode_of_the_shared_callbacks() -> None:
         request, response = getattr(RequestReader, name), getattr(ResponseReader, name)
         assert request.__code__ is not response.__code__, name
         assert request.__qualname__ == f"RequestReader.{name}"
+
+
+def _recording() -> tuple[Http1Proxy, list[tuple[str, str]]]:
+    """A proxy that allows every request, and the (path, host) policy saw of each."""
+    seen: list[tuple[str, str]] = []
+
+    def authorize(head: RequestHead) -> Verdict:
+        seen.append((head.path, head.host))
+        return Verdict(True)
+
+    return Http1Proxy(authorize=authorize, new_request_id=lambda: "r"), seen
+
+
+def test_an_absolute_form_target_is_forwarded_in_origin_form_with_its_host() -> None:
+    """RFC 9112 3.2.2: the target's authority replaces Host. Before, policy and routes saw
+    ``http://evil/admin`` (no ``/admin*`` rule matched it) while the pod served ``/admin``."""
+    p, seen = _recording()
+    p.receive_client(b"GET HTTP://evil:8080/admin?x=1#frag HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert seen == [("/admin", "evil:8080")]
+    assert (
+        p.take_to_upstream()
+        == b"GET /admin?x=1 HTTP/1.1\r\nhost: evil:8080\r\nx-request-id: r\r\n\r\n"
+    )
+    p.receive_upstream(b"HTTP/1.1 204 No Content\r\n\r\n")
+    p.receive_client(b"GET http://h?q HTTP/1.0\r\n\r\n")  # no path; HTTP/1.0 without Host
+    assert seen[-1] == ("/", "h")
+    assert p.take_to_upstream().startswith(b"GET /?q HTTP/1.1\r\nhost: h\r\n")
+
+
+def test_a_fragment_is_dropped_and_options_asterisk_passes() -> None:
+    p = _proxy()
+    p.receive_client(b"GET /a#/../admin HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert p.take_to_upstream().startswith(b"GET /a HTTP/1.1\r\n")
+    p.receive_upstream(b"HTTP/1.1 204 No Content\r\n\r\n")
+    p.receive_client(b"OPTIONS * HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert p.take_to_upstream().startswith(b"OPTIONS * HTTP/1.1\r\n")
+
+
+def test_an_h2c_upgrade_is_dropped_and_what_follows_is_read_as_requests() -> None:
+    """Envoy strips it: a pod that switched to h2c would carry requests no policy sees."""
+    p = _proxy()
+    p.receive_client(
+        b"GET /a HTTP/1.1\r\nHost: s\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\nGET /b HTTP/1.1\r\nHost: s\r\n\r\n"
+    )
+    assert p.take_to_upstream() == b"GET /a HTTP/1.1\r\nhost: s\r\nx-request-id: r1\r\n\r\n"
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert p.take_to_upstream() == b"GET /b HTTP/1.1\r\nhost: s\r\nx-request-id: r2\r\n\r\n"
+    # Proposed with another protocol, only h2c goes.
+    q = _proxy()
+    q.receive_client(
+        b"GET /ws HTTP/1.1\r\nHost: s\r\nConnection: upgrade\r\nUpgrade: H2C, websocket\r\n\r\n"
+    )
+    assert b"upgrade: websocket\r\n" in q.take_to_upstream()
+
+
+@pytest.mark.parametrize("status", [b"099", b"600", b"999"])
+def test_a_response_status_outside_1xx_to_5xx_gets_the_client_a_502(status: bytes) -> None:
+    p = _proxy()
+    p.receive_client(b"GET / HTTP/1.1\r\nHost: s\r\n\r\n")
+    p.receive_upstream(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 0\r\n\r\n")
+    assert p.take_to_client().startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert p.take_rejections() == [UPSTREAM_PROTOCOL]
+
+
+def test_an_http10_keep_alive_client_is_told_its_connection_goes_on() -> None:
+    """Before, the response carried no ``Connection``: an HTTP/1.0 client (``ab -k``) reads
+    such a response until the close, which never came."""
+    p = Http1Proxy(authorize=lambda h: Verdict(h.path != "/no"), new_request_id=lambda: "r")
+    p.receive_client(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    p.receive_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert p.take_to_client() == (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok"
+    )
+    p.receive_client(b"GET /no HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")  # denied here
+    assert b"\r\nconnection: keep-alive\r\n\r\nRBAC" in p.take_to_client()
+    assert not p.closing
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "sent"),
+    [
+        (b"/public/../admin", "/admin", b"/admin"),
+        (b"/./admin/", "/admin/", b"/admin/"),
+        (b"/%61dmin?x=/../%61", "/admin", b"/admin?x=/../%61"),  # the query as it came
+        (b"/a/%2E%2e/admin", "/admin", b"/admin"),
+        (b"/a\\..\\admin", "/admin", b"/admin"),
+        (b"/../../admin/x/..", "/admin/", b"/admin/"),
+        (b"//admin%2Fx", "//admin%2Fx", b"//admin%2Fx"),  # kept, as Istio's BASE keeps them
+        (b"/file.tar.gz", "/file.tar.gz", b"/file.tar.gz"),
+    ],
+)
+def test_a_path_is_normalized_as_istio_does_before_policy_and_the_pod_see_it(
+    target: bytes, path: str, sent: bytes
+) -> None:
+    """Before, policy saw the path as sent: a DENY on ``/admin`` let ``/public/../admin``
+    through to a pod that served it as ``/admin``."""
+    p, seen = _recording()
+    p.receive_client(b"GET " + target + b" HTTP/1.1\r\nHost: s\r\n\r\n")
+    assert seen == [(path, "s")]
+    assert p.take_to_upstream().startswith(b"GET " + sent + b" HTTP/1.1\r\n")

@@ -116,6 +116,26 @@ def test_expect_100_continue_passes_through() -> None:
     assert c.take_released() == [(up, True)]
 
 
+def test_a_final_answer_to_a_client_waiting_for_100_ends_the_connection() -> None:
+    """As at the destination (``test_http1.py``): the client may never send the body, and
+    the session, its request cut, is not reused."""
+    c = _codec()
+    c.receive_client(
+        b"PUT /u HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    up = new_upstream()
+    c.attach(up, "e")
+    c.take_to_upstream()
+    c.receive_upstream(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 0\r\n\r\n")
+    assert c.take_to_client() == (
+        b"HTTP/1.1 417 Expectation Failed\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    assert c.closing and c.lingers and c.take_released() == [(up, False)]
+    assert [(e.status, tag) for e, tag in c.take_completed()] == [(417, "e")]
+    c.receive_client(b"GET /next HTTP/1.1\r\nHost: web\r\n\r\n")
+    assert c.pending is None and c.take_to_upstream() == b""
+
+
 def test_upgrade_pins_the_connection_to_its_upstream_as_a_tunnel() -> None:
     c = _codec()
     c.receive_client(
@@ -676,3 +696,28 @@ def test_what_a_destination_adds_to_a_response_at_the_limits_is_what_the_source_
         c.take_to_upstream()
         c.receive_upstream(passed)
         assert c.take_to_client().startswith(b"HTTP/1.1 %s " % status)
+
+
+def test_an_absolute_form_request_is_routed_by_its_path_and_authority() -> None:
+    """Routes match the target's path and its authority as Host, as the pod reads it."""
+    c = _codec()
+    c.receive_client(b"GET http://other:81/v2/x?y=1 HTTP/1.1\r\nHost: web\r\n\r\n")
+    assert c.pending is not None and (c.pending.path, c.pending.host) == ("/v2/x", "other:81")
+    assert c.pending_target == "/v2/x?y=1"
+    c.attach(new_upstream(), "e")
+    assert c.take_to_upstream().startswith(b"GET /v2/x?y=1 HTTP/1.1\r\nhost: other:81\r\n")
+
+
+def test_an_http10_keep_alive_client_is_told_its_connection_goes_on() -> None:
+    """As at the destination (``test_http1_codec.py``), for a response and a local answer."""
+    c = _codec()
+    c.receive_client(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    c.attach(new_upstream(), "e")
+    c.receive_upstream(OK)
+    assert c.take_to_client() == (
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok"
+    )
+    c.receive_client(b"GET /b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    c.respond_locally(503, "UH", b"no healthy upstream")
+    assert b"\r\nconnection: keep-alive\r\n\r\nno healthy" in c.take_to_client()
+    assert not c.closing

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from agent.policy.authz import HttpAttributes, Request
+from agent.policy.paths import policy_path
 from agent.policy.peerauth import STRICT
 from agent.proxy.core import Core, Policies
 from agent.proxy.http1 import (
@@ -494,7 +495,7 @@ def authorize(
         connection.destination_ip,
         connection.destination_port,
         connection.principal,
-        HttpAttributes(head.method, head.path, head.host, head.headers),
+        HttpAttributes(head.method, policy_path(head.path), head.host, head.headers),
     )
     decision = policies.live(request, workload)
     if decision.would or decision.audited or not decision.allowed:

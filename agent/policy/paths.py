@@ -1,4 +1,4 @@
-"""The path L7 policy matches: a request target normalized as Istio does by default.
+"""The path (and host) L7 policy matches: a request target normalized as Istio does by default.
 
 Why: ``paths: ["/admin*"]`` must bear on every spelling of ``/admin`` that the pod's server
 reads as ``/admin``. Compared as sent, ``/%61dmin``, ``/public/../admin``, ``/./admin``,
@@ -12,6 +12,9 @@ decoded and the hex of the others upper-cased, then dot segments are removed (``
 climbs above the root). As in Istio's default, ``//`` is kept (``MERGE_SLASHES`` is not the
 default) and ``%2F`` stays encoded. The request is forwarded as sent: only what policy compares
 changes, and a server that resolves the path itself reaches what policy saw.
+
+The host, likewise: a server that receives the absolute form must ignore ``Host`` and use the
+target's authority (RFC 9112 3.2.2), so that authority is what ``hosts`` rules compare.
 """
 
 from __future__ import annotations
@@ -24,12 +27,19 @@ _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 
 
-def policy_path(target: str) -> str:
-    """``target`` (without its query) as L7 policy compares it (see the module docstring)."""
+def policy_target(target: str, host: str) -> tuple[str, str]:
+    """The path and host L7 policy compares for a request to ``target`` (without its query)
+    whose ``Host`` (or ``:authority``) is ``host`` (see the module docstring)."""
     if target[:1] != "/" and "://" in target:
         found = _ABSOLUTE.match(target)
         if found is not None:
+            host = found.group(0).partition("://")[2]
             target = target[found.end() :] or "/"
+    return policy_path(target), host
+
+
+def policy_path(target: str) -> str:
+    """An origin-form ``target`` normalized (see the module docstring)."""
     if "%" not in target and "\\" not in target and "/." not in target:
         return target  # nothing to normalize: the usual request
     path = _ESCAPE.sub(_unescape, target.replace("\\", "/"))

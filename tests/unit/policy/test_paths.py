@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.policy.paths import policy_path
+from agent.policy.paths import policy_path, policy_target
 
 
 @pytest.mark.parametrize(
@@ -23,10 +23,23 @@ from agent.policy.paths import policy_path
         ("/..", "/"),
         ("/.hidden/x", "/.hidden/x"),
         ("/a\\b", "/a/b"),
-        ("http://h:80", "/"),
-        ("https://h/a/../b", "/b"),
-        ("/x?://y", "/x?://y"),  # origin form that merely contains "://"
     ],
 )
 def test_normalized_as_istio_base(target: str, expected: str) -> None:
     assert policy_path(target) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/a/../b", ("/b", "sent")),
+        ("http://h:80", ("/", "h:80")),
+        ("https://h/a/../b", ("/b", "h")),
+        ("/x?://y", ("/x?://y", "sent")),  # origin form that merely contains "://"
+        ("*", ("*", "sent")),
+    ],
+)
+def test_the_absolute_form_gives_its_path_and_its_authority(
+    target: str, expected: tuple[str, str]
+) -> None:
+    assert policy_target(target, "sent") == expected

@@ -26,9 +26,9 @@ def _core(spec: dict[str, object]) -> Core:
     return Core(node="node1", store=store, identities=None)  # type: ignore[arg-type]
 
 
-def _allowed(core: Core, path: str) -> bool:
+def _allowed(core: Core, path: str, host: str = "server") -> bool:
     snap = core.snapshot()
-    head = RequestHead("GET", path, "server", "id")
+    head = RequestHead("GET", path, host, "id")
     verdict = authorize(core, CONNECTION, SERVER, head, "t", core.policies(snap), snap, False)
     return verdict.allowed
 
@@ -74,3 +74,10 @@ def test_paths_that_stay_inside_the_prefix_are_still_admitted(path: str) -> None
 @pytest.mark.parametrize("path", ["/admins", "/administrator/x", "/admin"])
 def test_the_plain_spelling_is_decided_as_before(path: str) -> None:
     assert not _allowed(_core(DENY_ADMIN), path)
+
+
+def test_the_absolute_forms_authority_is_the_host_hosts_rules_compare() -> None:
+    """A server that receives the absolute form ignores ``Host`` (RFC 9112 3.2.2)."""
+    core = _core({"action": "DENY", "rules": [{"to": [{"operation": {"hosts": ["admin.svc"]}}]}]})
+    assert not _allowed(core, "http://admin.svc/x", host="public.svc")
+    assert _allowed(core, "/x", host="public.svc")

@@ -29,8 +29,10 @@ LOGGERS = (
 
 # Third-party loggers that print secrets at DEBUG, held at INFO whatever the agent's level:
 # hpack logs every header block it encodes or decodes (the CA client's bearer token, Huffman-
-# coded but readable; the authorization and cookie headers of proxied HTTP/2 requests).
-SECRET_LOGGERS = ("hpack",)
+# coded but readable; the authorization and cookie headers of proxied HTTP/2 requests), and the
+# official Kubernetes client every response body (the CA's root Secret with its key, the pod
+# specs the agent lists with their env values).
+SECRET_LOGGERS = ("hpack", "kubernetes.client.rest")
 DEFAULT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -54,3 +54,36 @@ def test_at_debug_the_bearer_token_and_request_headers_stay_out_of_the_log() -> 
         lines = _logged_at_debug(how)
         assert "agent.identity.caclient our own debug line" in lines  # DEBUG is on
         assert [line for line in lines if line.startswith("hpack")] == []
+
+
+def test_at_debug_the_cas_root_key_read_from_its_secret_stays_out_of_the_log() -> None:
+    """The official client logs every response body at DEBUG (``kubernetes.client.rest``):
+    the CA's root Secret, key included, and every pod spec the agent lists (env values too)."""
+    import base64
+
+    from kubernetes import client
+
+    from agent.ca.kube import load_or_create_secret
+    from tests.fakeapi import FakeApiServer
+
+    root, kube_logger = logging.getLogger(), logging.getLogger("kubernetes.client.rest")
+    saved = (root.handlers[:], root.level, kube_logger.level)
+    root.handlers.clear()
+    kept = Kept()
+    try:
+        configure("DEBUG")
+        root.addHandler(kept)
+        with FakeApiServer() as api:
+            api.create("Namespace", {"metadata": {"name": "nodemesh-system"}})
+            core = client.CoreV1Api(client.ApiClient(client.Configuration(host=api.url)))
+            load_or_create_secret(core, "nodemesh-system", "nodemesh-ca", "cluster.local")
+            load_or_create_secret(core, "nodemesh-system", "nodemesh-ca", "cluster.local")
+            (secret,) = api.list_objects("Secret", "nodemesh-system")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        kube_logger.setLevel(saved[2])
+    key_b64 = secret["data"]["ca-key.pem"]
+    assert b"PRIVATE KEY" in base64.b64decode(key_b64)
+    logged = "\n".join(kept.lines)
+    assert key_b64[:40] not in logged and "PRIVATE KEY" not in logged

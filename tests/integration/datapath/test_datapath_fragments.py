@@ -42,7 +42,8 @@ src_ip = src.getsockname()[0]
 for spec in sys.argv[2:]:
     port, ident, how = spec.split(":")
     port, ident = int(port), int(ident)
-    tcp = struct.pack("!HHIIBBHHH", 40000 + ident % 1000, port, 0x1000, 0, 5 << 4, 0x02, 65535, 0, 0)
+    sport = 40000 + ident % 1000
+    tcp = struct.pack("!HHIIBBHHH", sport, port, 0x1000, 0, 5 << 4, 0x02, 65535, 0, 0)
     pseudo = socket.inet_aton(src_ip) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
     pieces = [(0, tcp[:8], 0x2000), (1, tcp[8:], 0)] if how == "frag" else [(0, tcp, 0)]

@@ -106,6 +106,15 @@ static __always_inline struct nm_pod *nm_pod_of(__be32 addr)
     return nm_pods.lookup(&key);
 }
 
+/* 169.254.0.0/16, where clouds serve instance metadata (and the node's credentials). Never a
+ * meshed pod, so the mesh adds nothing there; captured, the node proxy would make the
+ * connection from the node's own namespace and address, past whatever holds pods back from it
+ * (firewall rules on pod addresses, IMDSv2's hop limit of 1). Left to the pod's own path. */
+static __always_inline int nm_link_local(__be32 addr)
+{
+    return (bpf_ntohl(addr) & 0xFFFF0000) == 0xA9FE0000;
+}
+
 static __always_inline int nm_port_listed(const __u16 *ports, u16 port)
 {
 #pragma unroll

@@ -1,7 +1,7 @@
 /* tc ingress on a local pod's host-side veth: the pod's outgoing traffic.
  *
  *  - TCP SYN from a meshed pod (arriving on its own veth) to a port it does not exclude
- *    -> the outbound listener;
+ *    -> the outbound listener, unless the destination is link-local (see nm_link_local);
  *  - TCP SYN from a pod that is not meshed to a meshed local pod, port not excluded by the
  *    destination -> the inbound plaintext listener;
  *  - later segments of a flow the node owns -> that flow's socket;
@@ -37,7 +37,7 @@ int nm_pod_ingress(struct __sk_buff *skb)
         return TC_ACT_OK;
     }
     if (src_meshed) {
-        if (nm_port_listed(src->exclude_out, seg.dport)) {
+        if (nm_port_listed(src->exclude_out, seg.dport) || nm_link_local(seg.tuple.ipv4.daddr)) {
             nm_count(NM_PROG_POD_INGRESS, NM_CNT_EXEMPT);
             return TC_ACT_OK;
         }

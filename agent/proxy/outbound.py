@@ -221,8 +221,15 @@ class Outbound:
         and is served already (a Service VIP: traffic control or an HTTP layer, per connection;
         a refusal)."""
         src_ip, dst_ip, dst_port = key
-        if looped(src_ip, dst_ip) or node_loopback(snap, dst_ip):  # never kept: checked each time
-            why = "its own connection come back" if looped(src_ip, dst_ip) else "its loopback"
+        # Never kept (``_routes``): a refused destination is checked again each time.
+        why = (
+            "its own connection come back"
+            if looped(src_ip, dst_ip)
+            else "its loopback"
+            if node_loopback(snap, dst_ip)
+            else None
+        )
+        if why is not None:
             self.core.registry.reject(
                 "own_address",
                 f"{_addr(src_ip, src_port)} -> {_addr(dst_ip, dst_port)}: the node itself "

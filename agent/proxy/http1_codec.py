@@ -696,12 +696,25 @@ def header_value(headers: Headers, name: bytes) -> str | None:
     return None
 
 
+def _offers_h2c(headers: Headers) -> bool:
+    """Whether an ``Upgrade`` field offers ``h2c``. Such a request is forwarded as a plain
+    HTTP/1.1 one, without the proposal, as Envoy does: after a ``101`` the connection is relayed
+    as opaque bytes, and the pod would serve HTTP/2 requests on it that no policy saw (h2c
+    smuggling: allowed ``/public``, upgrade, then ask for ``/admin``)."""
+    return any(
+        n == b"upgrade" and b"h2c" in {t.strip().lower() for t in v.split(b",")}
+        for n, v in headers
+    )
+
+
 def forwarded_headers(
     headers: Headers, *, keep_upgrade: bool = True, noted: Headers | None = None
 ) -> tuple[Headers, bool]:
     """The headers without hop-by-hop ones (``HOP_BY_HOP`` and what ``Connection`` lists; ``TE:
     trailers`` stays); and whether this is an upgrade request (then ``Connection: upgrade``
-    and ``Upgrade`` are kept, since the next hop must see the proposal). ``noted``: the
+    and ``Upgrade`` are kept, since the next hop must see the proposal; but not when it offers
+    ``h2c``, ``_offers_h2c``: the pod then sees a plain request, declines by answering it, and
+    the reader resumes as after any declined upgrade). ``noted``: the
     headers among them named in ``NOTED`` (``Head.noted``); when none is hop-by-hop, nothing
     is removed and the headers are copied as they are (the usual request and response)."""
     if noted is not None and HOP_BY_HOP.isdisjoint(map(_NAME, noted)):  # no Python frame
@@ -716,14 +729,15 @@ def forwarded_headers(
     upgrade = (
         keep_upgrade and b"upgrade" in listed and header_value(headers, b"upgrade") is not None
     )
+    proposed = upgrade and not _offers_h2c(headers)
     out: Headers = []
     for n, v in headers:
         if (
             (n == b"te" and v.strip().lower() == b"trailers")
-            or (n == b"upgrade" and upgrade)
+            or (n == b"upgrade" and proposed)
             or (n not in HOP_BY_HOP and n not in listed)
         ):
             out.append((n, v))
-    if upgrade:
+    if proposed:
         out.append((b"connection", b"upgrade"))
     return out, upgrade

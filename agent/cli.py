@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import select
 import signal
@@ -28,6 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
+from agent.telemetry import loglevel
 
 # Modules that contribute subcommands, in the order they appear in ``--help``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -135,10 +135,6 @@ def _main(argv: Sequence[str] | None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    loglevel.configure(args.log_level)
     result: int = args.func(args)
     return result

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 MAX_EXCLUDED_PORTS = 16
 POD_MESHED = 0x1
 SETTING_FAIL_OPEN = 0x1
@@ -39,6 +39,7 @@ class Counter(IntEnum):
     FAILED_CLOSED = 4
     FAILED_OPEN = 5
     TIME_WAIT = 6
+    FRAGMENT = 7
 
 
 class AddrKey(ctypes.Structure):

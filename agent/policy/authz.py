@@ -27,7 +27,8 @@ non-empty value). Principals are written as Istio writes them (``cluster.local/n
 so ``principals``/``namespaces`` never match it (and their ``not`` forms always do).
 
 L7 (issue 16): on a port declared HTTP the inbound proxy evaluates every request, with its
-``HttpAttributes`` (method, path without query, host). There ``to.operation`` ``methods``,
+``HttpAttributes`` (method, path without query normalized as Istio's default ``BASE``:
+``agent.policy.paths``, host). There ``to.operation`` ``methods``,
 ``notMethods``, ``paths``, ``notPaths``, ``hosts`` and ``notHosts`` are enforced, with the same
 string matching (exact, ``prefix*``, ``*suffix``, ``*``); hosts compare case-insensitively and
 without a ``:port`` as Istio does, methods exactly.
@@ -93,7 +94,7 @@ class HttpAttributes:
     condition reads them, through ``header``)."""
 
     method: str
-    path: str  # without the query
+    path: str  # without the query, normalized (``agent.policy.paths.policy_path``)
     host: str  # the Host header / :authority, as sent
     headers: Sequence[tuple[bytes, bytes]] = ()
 

@@ -59,13 +59,13 @@ lowercased, as the readers give them.
 from __future__ import annotations
 
 import operator
-import re
 from collections import deque
 from dataclasses import dataclass, field
 
 import httptools
 
 from agent.base.owncode import give_own_copies
+from agent.policy.paths import normalized_path
 from agent.telemetry.records import TRACE_HEADERS
 
 # Causes of a refused message (``nodemesh_http_rejected_requests_total{cause}``).
@@ -90,9 +90,6 @@ HEAD_END = b"\r\n\r\n"
 # protocol that is never proxied (``_drop_h2c``).
 HTTP_SCHEMES = (b"http://", b"https://")
 H2C = b"h2c"
-# RFC 3986 2.3: what a percent-encoding may be decoded to without changing the URI's meaning
-UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 SLASH, HASH, PERCENT, BACKSLASH, DOT = b"/#%\\."  # as ints, what ``in`` looks for fastest
 
 Headers = list[tuple[bytes, bytes]]
@@ -761,39 +758,6 @@ class ResponseReader(_Reader):
     @property
     def mid_message(self) -> bool:
         return self.in_head or self._in_body
-
-
-# -- request targets -------------------------------------------------------------------------
-def normalized_path(target: bytes) -> bytes:
-    """``target`` (origin-form, or ``*``) with its path normalized as Istio's ``BASE`` does
-    (see the module docstring); its query as it came."""
-    path, mark, query = target.partition(b"?")
-    if path[:1] != b"/":
-        return target
-    path = _ESCAPE.sub(_unreserved, path.replace(b"\\", b"/"))
-    return _without_dot_segments(path) + mark + query
-
-
-def _unreserved(escape: re.Match[bytes]) -> bytes:
-    """A percent-encoding, decoded if it encodes an unreserved character."""
-    code = int(escape.group(1), 16)
-    return bytes((code,)) if code in UNRESERVED else escape.group(0)
-
-
-def _without_dot_segments(path: bytes) -> bytes:
-    """RFC 3986 5.2.4 on an absolute path: ``.`` segments dropped, ``..`` drops the one
-    before it (none above the root); a path ending in either ends with ``/``."""
-    segments = path.split(b"/")
-    kept: list[bytes] = []
-    for segment in segments[1:]:
-        if segment == b"..":
-            if kept:
-                kept.pop()
-        elif segment != b".":
-            kept.append(segment)
-    if segments[-1] in (b".", b".."):
-        kept.append(b"")
-    return b"/" + b"/".join(kept)
 
 
 # -- writers ---------------------------------------------------------------------------------

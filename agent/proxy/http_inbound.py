@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from agent.policy.authz import HttpAttributes, Request
+from agent.policy.paths import policy_target
 from agent.policy.peerauth import STRICT
 from agent.proxy.core import Core, Policies
 from agent.proxy.http1 import (
@@ -491,12 +492,13 @@ def authorize(
     for a decision that reports anything: a denial, a dry-run or AUDIT outcome; the usual
     allowed request has none), then the port's rate limits."""
     # Built field by field: ``dataclasses.replace`` was a visible share of a request's time.
+    path, host = policy_target(head.path, head.host)
     request = Request(
         connection.source_ip,
         connection.destination_ip,
         connection.destination_port,
         connection.principal,
-        HttpAttributes(head.method, head.path, head.host, head.headers),
+        HttpAttributes(head.method, path, host, head.headers),
     )
     decision = policies.live(request, workload)
     if decision.would or decision.audited or not decision.allowed:

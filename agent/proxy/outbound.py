@@ -35,7 +35,7 @@ from agent.proxy.http_outbound import HttpOutbound
 from agent.proxy.pool import HbonePool, PoolKey
 from agent.proxy.records import Refused, Registry, cancel_current_task
 from agent.proxy.relay import relay_sockets, relay_tunnel, start_sockets, start_tunnel
-from agent.proxy.resolve import NoEndpoints, Resolver, Route
+from agent.proxy.resolve import NoEndpoints, Resolver, Route, looped, node_loopback
 from agent.proxy.samenode import serve_same_node_http
 from agent.proxy.splice import start_spliced
 from agent.proxy.tunnel import TunnelError, TunnelStream
@@ -221,6 +221,22 @@ class Outbound:
         and is served already (a Service VIP: traffic control or an HTTP layer, per connection;
         a refusal)."""
         src_ip, dst_ip, dst_port = key
+        # Never kept (``_routes``): a refused destination is checked again each time.
+        why = (
+            "its own connection come back"
+            if looped(src_ip, dst_ip)
+            else "its loopback"
+            if node_loopback(snap, dst_ip)
+            else None
+        )
+        if why is not None:
+            self.core.registry.reject(
+                "own_address",
+                f"{_addr(src_ip, src_port)} -> {_addr(dst_ip, dst_port)}: the node itself "
+                f"({why}) is never a destination",
+            )
+            sockets.abort(client)
+            return None
         source = self.resolver.source(snap, src_ip)
         try:
             target = self.resolver.service(snap, dst_ip, dst_port)

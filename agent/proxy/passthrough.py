@@ -19,6 +19,7 @@ import socket
 from agent.base.constants import PROXY_MARK, Listener
 from agent.proxy import sockets
 from agent.proxy.relay import relay_sockets
+from agent.proxy.resolve import looped
 from agent.telemetry.records import INBOUND, OUTBOUND, ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,16 @@ class Passthrough:
             return
         sockets.accepted(client)  # as the node proxy's listeners do (``ProxyComponent.handle``)
         src_ip, src_port, dst_ip, dst_port = addresses
+        if looped(src_ip, dst_ip):
+            log.info(
+                "passthrough: %s:%d -> %s:%d refused: a connection from the node to itself is the "
+                "passthrough's own, come back (it would loop)",
+                src_ip,
+                src_port,
+                dst_ip,
+                dst_port,
+            )
+            return
         try:
             upstream = await sockets.connect(
                 (dst_ip, dst_port), mark=self.mark, timeout=self.connect_timeout

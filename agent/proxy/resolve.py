@@ -23,6 +23,24 @@ class NoEndpoints(LookupError):
         self.target = target
 
 
+def looped(src_ip: str, dst_ip: str) -> bool:
+    """A connection from an address to itself: never one the capture took from a pod (a pod's
+    traffic to its own IP stays inside it), but what the proxy's own passthrough to a local
+    address looks like when it lands on the proxy's listener, the kernel giving it that address
+    as source. A client that dialled NODE_IP:15001 directly would otherwise make the proxy dial
+    it again, and again, until the node ran out of connections."""
+    return src_ip == dst_ip
+
+
+def node_loopback(snap: Snapshot, dst_ip: str) -> bool:
+    """``dst_ip`` is this node's loopback (or ``0.0.0.0``, which reaches it too) and no pod:
+    where the admin API and the kubelet's local ports listen. A pod reaches it only through
+    the proxy, which runs in the node's namespace (its SYN to 127.0.0.1 passes the node's
+    routing where ``route_localnet`` is on, as kube-proxy sets it), so the proxy refuses it."""
+    loopback = dst_ip.startswith("127.") or dst_ip == "0.0.0.0"
+    return loopback and dst_ip not in snap.workload_by_ip
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """``kind`` is ``hbone`` (meshed pod elsewhere), ``local`` (meshed pod here) or

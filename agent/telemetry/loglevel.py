@@ -9,6 +9,7 @@ checked against closed sets, so a typo is an error that lists what is allowed, n
 from __future__ import annotations
 
 import logging
+import sys
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 # Loggers an operator may tune; "root" is everything.
@@ -24,6 +25,23 @@ LOGGERS = (
     "agent.admin",
     "agent.app",
 )
+
+
+# Third-party loggers that print secrets at DEBUG, held at INFO whatever the agent's level:
+# hpack logs every header block it encodes or decodes (the CA client's bearer token, Huffman-
+# coded but readable; the authorization and cookie headers of proxied HTTP/2 requests), and the
+# official Kubernetes client every response body (the CA's root Secret with its key, the pod
+# specs the agent lists with their env values).
+SECRET_LOGGERS = ("hpack", "kubernetes.client.rest")
+DEFAULT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure(level: str | int, fmt: str = DEFAULT_FORMAT) -> None:
+    """The process's logging: to stderr at ``level``, ``SECRET_LOGGERS`` at INFO at most (so
+    neither ``--log-level DEBUG`` nor ``set_level`` at run time lets them print)."""
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    for name in SECRET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 class LogLevelError(ValueError):

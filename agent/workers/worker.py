@@ -37,7 +37,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from collections import Counter
 
 from agent.acceptor import accept_forever, drain, serve_accepted
@@ -49,6 +48,7 @@ from agent.base.constants import Listener
 from agent.config import AgentConfig
 from agent.policy.sharedbuckets import BucketTable, SharedRateLimiter
 from agent.state import StateStore
+from agent.telemetry import loglevel
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
 from agent.telemetry.loglevel import levels, set_level
@@ -249,10 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splice-fds", help="--splice: links,credits,targets,sources map fds")
     parser.add_argument("--ratelimit-fd", type=int, help="the node's shared rate-limit buckets")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format=f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s",
-        stream=sys.stderr,
+    loglevel.configure(
+        args.log_level, f"%(asctime)s %(levelname)s %(name)s[w{args.index}]: %(message)s"
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=args.control_fd)

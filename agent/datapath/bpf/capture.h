@@ -56,8 +56,17 @@ static __always_inline void nm_count(u32 prog, u32 counter)
         *value += 1;
 }
 
-/* Returns 0 and fills seg for an unfragmented (or first-fragment) TCP/IPv4 segment; -1 for
- * anything else, which the programs leave alone. */
+/* What nm_parse found. */
+#define NM_SEGMENT 0  /* an unfragmented TCP/IPv4 segment: seg is filled */
+#define NM_FRAGMENT 1 /* a fragment of a TCP/IPv4 packet: only seg's addresses are filled */
+
+/* NM_SEGMENT or NM_FRAGMENT; -1 for anything else, which the programs leave alone.
+ *
+ * Why fragments are their own kind: tc runs before the kernel reassembles, and a first fragment
+ * may hold only the first 8 bytes of the TCP header (RFC 1858's tiny fragment), so its flags
+ * cannot be read here. Left alone, the pod at the other end reassembled a SYN that no listener
+ * saw: a connection past the mesh. TCP never needs fragments (DF, segments sized to the path),
+ * so the programs drop the fragments of meshed pods' traffic instead. */
 static __always_inline int nm_parse(struct __sk_buff *skb, struct nm_segment *seg)
 {
     struct iphdr ip;
@@ -74,24 +83,36 @@ static __always_inline int nm_parse(struct __sk_buff *skb, struct nm_segment *se
         return -1;
     if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
         return -1;
-    if (ip.protocol != IPPROTO_TCP || ip.ihl < 5 || (ip.frag_off & bpf_htons(0x1FFF)))
-        return -1;
-    if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, &tcp, sizeof(tcp)) < 0)
+    if (ip.protocol != IPPROTO_TCP || ip.ihl < 5)
         return -1;
     seg->tuple.ipv4.saddr = ip.saddr;
     seg->tuple.ipv4.daddr = ip.daddr;
+    /* More fragments (0x2000) or a fragment offset: a piece of a packet, not a segment. */
+    if (ip.frag_off & bpf_htons(0x3FFF))
+        return NM_FRAGMENT;
+    if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, &tcp, sizeof(tcp)) < 0)
+        return -1;
     seg->tuple.ipv4.sport = tcp.source;
     seg->tuple.ipv4.dport = tcp.dest;
     seg->dport = bpf_ntohs(tcp.dest);
     /* TCP flags byte: FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10 */
     seg->syn_only = (tcp.flags & 0x12) == 0x02;
-    return 0;
+    return NM_SEGMENT;
 }
 
 static __always_inline struct nm_pod *nm_pod_of(__be32 addr)
 {
     struct nm_addr key = {.family = NM_AF_INET, .addr = {addr, 0, 0, 0}};
     return nm_pods.lookup(&key);
+}
+
+/* 169.254.0.0/16, where clouds serve instance metadata (and the node's credentials). Never a
+ * meshed pod, so the mesh adds nothing there; captured, the node proxy would make the
+ * connection from the node's own namespace and address, past whatever holds pods back from it
+ * (firewall rules on pod addresses, IMDSv2's hop limit of 1). Left to the pod's own path. */
+static __always_inline int nm_link_local(__be32 addr)
+{
+    return (bpf_ntohl(addr) & 0xFFFF0000) == 0xA9FE0000;
 }
 
 static __always_inline int nm_port_listed(const __u16 *ports, u16 port)

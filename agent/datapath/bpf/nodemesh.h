@@ -10,7 +10,7 @@
 #ifndef NODEMESH_H
 #define NODEMESH_H
 
-#define NM_LAYOUT_VERSION 4
+#define NM_LAYOUT_VERSION 5
 
 #if !defined(NM_PROXY_MARK) || !defined(NM_CAPTURE_MARK) || !defined(NM_HBONE_PORT)
 #error "compile with -DNM_PROXY_MARK, -DNM_CAPTURE_MARK and -DNM_HBONE_PORT (see Marks.cflags)"
@@ -45,7 +45,8 @@
 #define NM_CNT_FAILED_CLOSED 4 /* should be captured, no listener: dropped */
 #define NM_CNT_FAILED_OPEN 5   /* should be captured, no listener, fail-open: passed */
 #define NM_CNT_TIME_WAIT 6     /* a SYN handed to the TIME_WAIT socket holding its 4-tuple */
-#define NM_COUNTER_COUNT 7
+#define NM_CNT_FRAGMENT 7      /* a TCP fragment to or from a meshed pod: dropped */
+#define NM_COUNTER_COUNT 8
 
 /* nm_settings.flags */
 #define NM_SETTING_FAIL_OPEN 0x1

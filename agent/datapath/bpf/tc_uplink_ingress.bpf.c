@@ -4,6 +4,7 @@
  *    the HBONE port, else the inbound plaintext listener, unless the pod excludes the
  *    port;
  *  - later segments of those flows -> their own socket;
+ *  - TCP fragments to a meshed local pod -> dropped (see nm_parse);
  *  - everything else, including traffic to the node itself, is untouched.
  */
 #include "capture.h"
@@ -11,12 +12,17 @@
 int nm_uplink_ingress(struct __sk_buff *skb)
 {
     struct nm_segment seg = {};
-    if (nm_parse(skb, &seg) < 0 || skb->mark == NM_PROXY_MARK)
+    int kind = nm_parse(skb, &seg);
+    if (kind < 0 || skb->mark == NM_PROXY_MARK)
         return TC_ACT_OK;
 
     struct nm_pod *dst = nm_pod_of(seg.tuple.ipv4.daddr);
     if (!dst || !(dst->flags & NM_POD_MESHED))
         return TC_ACT_OK;
+    if (kind == NM_FRAGMENT) {
+        nm_count(NM_PROG_UPLINK_INGRESS, NM_CNT_FRAGMENT);
+        return TC_ACT_SHOT;
+    }
 
     if (!seg.syn_only) {
         if (nm_assign_owner(skb, &seg)) {

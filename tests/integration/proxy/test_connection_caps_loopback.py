@@ -30,7 +30,7 @@ from agent.base.constants import Listener
 from agent.config import AgentConfig
 from agent.proxy import sockets
 from agent.wiring import connection_caps
-from tests.integration.proxy.mesh import CLIENT, LOCAL, Mesh, listener, mesh_test
+from tests.integration.proxy.mesh import CLIENT, LOCAL, OUTSIDER, Mesh, listener, mesh_test
 
 pytestmark = pytest.mark.root
 
@@ -101,7 +101,9 @@ def counted(metrics: str, reason: str) -> float:
 
 def test_past_each_limit_connections_are_reset_and_counted_and_the_agent_keeps_serving() -> None:
     async def scenario() -> None:
-        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        # On an address no client uses: a connection from an address to itself is refused
+        # (``resolve.looped``).
+        server = await asyncio.start_server(echo, "127.0.0.9", 0)
         echo_port = server.sockets[0].getsockname()[1]
         child = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -109,7 +111,7 @@ def test_past_each_limit_connections_are_reset_and_counted_and_the_agent_keeps_s
             "tests.integration.proxy.capped_agent",
             "--nofile=300",
             "--per-pod=20",
-            f"--echo=127.0.0.1:{echo_port}",
+            f"--echo=127.0.0.9:{echo_port}",
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=ROOT,
@@ -201,7 +203,9 @@ async def test_a_pod_past_its_limit_on_the_outbound_listener_is_reset_and_counte
         assert await reset(CLIENT, listen_port)
         assert node.core.registry.rejections[POD_LIMIT] == 1
         assert await works(held[0])
-        other = await open_from(LOCAL, listen_port)  # another pod has its own slots
+        # another pod has its own slots (not LOCAL itself: a connection from an address to
+        # itself is refused, ``resolve.looped``)
+        other = await open_from(OUTSIDER, listen_port)
         assert await works(other)
         held[0][1].close()
         assert await served_soon(CLIENT, listen_port, held)

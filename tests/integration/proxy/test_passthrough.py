@@ -37,7 +37,11 @@ async def _through_passthrough(
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
     lsock.setblocking(False)
-    reader, writer = await asyncio.open_connection(*lsock.getsockname())
+    # From another address than the destination's: one connection from an address to itself
+    # is what the passthrough refuses (the last test).
+    reader, writer = await asyncio.open_connection(
+        *lsock.getsockname(), local_addr=("127.0.0.2", 0)
+    )
     conn, _ = await loop.sock_accept(lsock)
     conn.setblocking(False)
 
@@ -103,3 +107,51 @@ def test_the_client_socket_sends_without_nagle_and_bounds_what_it_holds_unsent()
 
     assert asyncio.run(main()) == b"echo:x"
     assert seen == [(1, UNSENT_LOWAT)]
+
+
+def test_a_connection_to_the_listener_itself_is_refused_and_does_not_loop() -> None:
+    """A client that dials the node's own address on a listener's port (NODE_IP:15008 when
+    the agent runs without a CA): the passthrough's connection to that address lands on the
+    listener again, from that address to itself (``resolve.looped``), and is refused there;
+    before, each one dialled the next until the node ran out of connections."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_MARK needs root")
+    served: list[int] = []
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(64)
+        lsock.setblocking(False)
+        tasks: list[asyncio.Task[None]] = []
+
+        async def serve(conn: socket.socket) -> None:
+            try:
+                await Passthrough().handle(conn, Listener.HBONE)
+            finally:
+                conn.close()
+
+        async def accept() -> None:
+            while len(served) < 20:  # on the old code the chain grows until this bound
+                conn, _ = await loop.sock_accept(lsock)
+                conn.setblocking(False)
+                served.append(1)
+                tasks.append(asyncio.create_task(serve(conn)))
+
+        acceptor = asyncio.create_task(accept())
+        try:
+            reader, writer = await asyncio.open_connection(*lsock.getsockname())
+            writer.write(b"x")
+            try:
+                return await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+        finally:
+            for task in (acceptor, *tasks):
+                task.cancel()
+            await asyncio.gather(acceptor, *tasks, return_exceptions=True)
+            lsock.close()
+
+    assert asyncio.run(main()) == b""
+    assert len(served) == 1

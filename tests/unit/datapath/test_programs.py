@@ -27,7 +27,7 @@ def test_generation_depends_on_the_defines_and_has_no_dots() -> None:
     default = programs.generation(Marks())
     assert default == programs.generation(Marks())
     assert default != programs.generation(Marks(capture_mark=0x77))
-    assert default.startswith("v4-") and "." not in default  # bpffs refuses dots
+    assert default.startswith("v5-") and "." not in default  # bpffs refuses dots
 
 
 def test_generation_depends_on_the_sources(tmp_path: Path) -> None:

@@ -149,6 +149,13 @@ class LocalFileSource:
             self.last_error = str(e)
             return False
         state = doc.to_state()
+        # The error is cleared before the commit: the store notifies its subscribers inside
+        # it, and one that asks this source's status then (readiness, `nodemesh status`) must
+        # not see the state of the new file beside the error of the old one.
+        if self.last_error is not None:
+            log.info("%s: loaded again after the error was fixed", self.path)
+        self.last_error = None
+        self._applied = (hashlib.sha256(data).hexdigest(), None if stamp is None else stamp[1])
         with self.store.update() as txn:
             txn.trust_domain = state.trust_domain
             txn.replace("namespaces", state.namespaces)
@@ -157,9 +164,5 @@ class LocalFileSource:
             txn.replace("policies", state.policies)
             txn.replace("routes", state.routes)
         self._stamp = stamp
-        self._applied = (hashlib.sha256(data).hexdigest(), None if stamp is None else stamp[1])
-        if self.last_error is not None:
-            log.info("%s: loaded again after the error was fixed", self.path)
-        self.last_error = None
         self.loads += 1
         return True

@@ -41,13 +41,16 @@ def _write(path: Path, text: str) -> None:
 
 
 class _Changes:
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, source: LocalFileSource | None = None) -> None:
         self.event = threading.Event()
         self.seen: list[Snapshot] = []
+        self.errors: list[str | None] = []  # the source's error as each notification saw it
+        self.source = source
         store.subscribe(self._on)
 
     def _on(self, snap: Snapshot, kinds: frozenset[str]) -> None:
         self.seen.append(snap)
+        self.errors.append(self.source.last_error if self.source is not None else None)
         self.event.set()
 
     def wait(self) -> Snapshot:
@@ -85,7 +88,7 @@ def test_valid_edit_applied_and_bad_edit_keeps_previous_state(
     cluster: tuple[Path, StateStore, LocalFileSource], capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, store, source = cluster
-    changes = _Changes(store)
+    changes = _Changes(store, source)
     start = time.monotonic()
     _write(path, DOC.format(mesh="disabled", action="ALLOW"))
     snap = changes.wait()
@@ -105,6 +108,8 @@ def test_valid_edit_applied_and_bad_edit_keeps_previous_state(
     _write(path, DOC.format(mesh="enabled", action="DENY"))
     snap = changes.wait()
     assert source.last_error is None
+    # a subscriber told of the fixed file's state already sees the error gone
+    assert changes.errors[-1] is None
     assert [p.spec["action"] for p in snap.policies_of("AuthorizationPolicy")] == ["DENY"]
     with capsys.disabled():
         print(

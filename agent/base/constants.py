@@ -23,6 +23,9 @@ ADMIN_PORT = 15000  # admin API, on 127.0.0.1 only
 METRICS_PORT = 15020  # GET /metrics
 READY_PORT = 15021  # GET /healthz/ready
 CA_PORT = 15012  # gRPC over TLS
+# the audience the agents' projected token is bound to (daemonset/agent.yaml), which the CA
+# checks in Kubernetes mode (``nodemesh ca --token-audience``)
+DEFAULT_TOKEN_AUDIENCE = "nodemesh-ca"
 CA_METRICS_PORT = 15014  # the CA's /metrics (istiod's monitoring port)
 
 # SO_MARK of every socket the proxy opens: the capture programs let marked packets pass.

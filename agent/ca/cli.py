@@ -13,7 +13,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from agent.base.constants import CA_METRICS_PORT, CA_PORT
+from agent.base.constants import CA_METRICS_PORT, CA_PORT, DEFAULT_TOKEN_AUDIENCE
 from agent.base.durations import parse_duration
 
 
@@ -106,7 +106,9 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         metavar="AUD",
-        help="Kubernetes mode: audiences TokenReview must accept",
+        help="Kubernetes mode: audiences a caller's token must be bound to (repeatable; default "
+        f"{DEFAULT_TOKEN_AUDIENCE}, the agents' projected token; without one, a token meant for "
+        "the API server would do)",
     )
     p.set_defaults(func=run)
 

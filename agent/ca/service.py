@@ -14,6 +14,7 @@ import signal
 import threading
 from contextlib import ExitStack
 
+from agent.base.constants import DEFAULT_TOKEN_AUDIENCE
 from agent.ca.auth import (
     AuthConfigError,
     Authenticator,
@@ -58,6 +59,14 @@ def _standalone(
     )
 
 
+def token_audiences(args: argparse.Namespace) -> list[str]:
+    """The audiences TokenReview checks callers' tokens against: those given, else the one the
+    shipped agent DaemonSet projects its token for. Never none: TokenReview then takes the API
+    server's own audience, so any token the API server accepts for the agents' service account
+    (a token mounted for talking to Kubernetes, not to the CA) would be taken here too."""
+    return list(args.token_audience) or [DEFAULT_TOKEN_AUDIENCE]
+
+
 def _kubernetes(
     args: argparse.Namespace, cleanup: ExitStack
 ) -> tuple[Authority, Authenticator, NodeAuthorizer, str]:
@@ -70,7 +79,7 @@ def _kubernetes(
     except RuntimeError as e:
         raise SetupError(str(e)) from e
     cleanup.callback(api.close)
-    cluster = ApiServerCluster(api, audiences=args.token_audience)
+    cluster = ApiServerCluster(api, audiences=token_audiences(args))
     trust_domain = args.trust_domain or DEFAULT_TRUST_DOMAIN
     secret_ns, secret_name = args.root_secret
     authority = load_or_create_secret(cluster.core, secret_ns, secret_name, trust_domain)

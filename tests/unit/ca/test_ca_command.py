@@ -185,6 +185,13 @@ def test_kubernetes_mode_against_an_api_server(tmp_path: Path) -> None:
     with FakeApiServer() as api:
         api.create("Namespace", {"metadata": {"name": "nodemesh-system"}})
         api.add_token("client-sa-token", "system:serviceaccount:default:client")
+        # the same account's token for the API server (a pod's default mounted token): without
+        # --token-audience the CA still wants its own audience, never the API server's
+        api.add_token(
+            "api-token",
+            "system:serviceaccount:default:client",
+            audiences=("https://kubernetes.default.svc",),
+        )
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(
             yaml.safe_dump(
@@ -217,6 +224,13 @@ def test_kubernetes_mode_against_an_api_server(tmp_path: Path) -> None:
                 assert info.value.code is not None
                 assert info.value.code.name == "PERMISSION_DENIED"
                 await client.close()
+                token.write_text("api-token")
+                meant_for_the_api = CaClient(address, root_file=root, token_file=token)
+                with pytest.raises(CaError) as info:
+                    await meant_for_the_api.fetch(CLIENT)
+                assert info.value.code is not None
+                assert info.value.code.name == "UNAUTHENTICATED"
+                await meant_for_the_api.close()
 
             asyncio.run(scenario())
         finally:

@@ -112,9 +112,22 @@ class H2Core:
                 )
         return None
 
-    def _premature_reset(self) -> str | None:
-        """Count a stream the client reset before its response: what broke the limit when
-        such resets are over it and half of the streams (rapid reset), else None."""
+    def _premature_reset(self, exchange: H2Exchange) -> str | None:
+        """Count a stream the client reset before its response, younger than
+        ``premature_reset_lifetime``: what broke the limit when such resets are over it and
+        half of the streams (rapid reset), else None.
+
+        Envoy's rule (``premature_reset_min_stream_lifetime_seconds``, 1 s): a gRPC client
+        cancels a call once it read what it wanted (a watch, a search stopped early) or at its
+        deadline, so a reset after the response began, or of a stream that lived a while, is
+        an ordinary call's end. Counting those too closed a busy gRPC connection, every other
+        call on it failing, after its 101st cancelled stream. An attacker who must keep each
+        stream that long before resetting it is held to the concurrent-stream limit."""
+        if (
+            exchange.first_byte
+            or self.clock() - exchange.started >= self.limits.premature_reset_lifetime
+        ):
+            return None
         self._premature_resets += 1
         if (
             self._premature_resets > self.limits.max_premature_resets

@@ -60,12 +60,12 @@ answered, 502 (gRPC: ``UNAVAILABLE``), to the ``retries``, as a far node's answe
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
 our output (PING and SETTINGS floods), streams reset by the client before their response
-(rapid reset, counted like Envoy's premature resets: beyond a number *and* over half the
-streams), runs of empty DATA frames, a header block still open 10 s after it began (the shell's
-timer, ``head_started``, as for HTTP/1.1's head), and ``h2``'s own checks (frame size, header
-list size: a source node's blocks with what it added on top, ``PEER_HEADER_LIST``, concurrent
-streams). Each closes the connection with GOAWAY and is named by its
-cause.
+began and within a second of their start (rapid reset, counted like Envoy's premature resets:
+beyond a number *and* over half the streams), runs of empty DATA frames, a header block still
+open 10 s after it began (the shell's timer, ``head_started``, as for HTTP/1.1's head), and
+``h2``'s own checks (frame size, header list size: a source node's blocks with what it added on
+top, ``PEER_HEADER_LIST``, concurrent streams). Each closes the connection with GOAWAY and is
+named by its cause.
 
 This module holds ``H2Proxy``'s stream logic alone. Around it: ``agent.proxy.h2exchange`` (the
 records and callbacks it shares with the shells and the router: ``H2Exchange``, ``Choice``,
@@ -747,7 +747,7 @@ class H2Proxy(H2Core):
         s = self._streams.get(stream_id)
         if s is None:
             return
-        if (detail := self._premature_reset()) is not None:
+        if (detail := self._premature_reset(s.exchange)) is not None:
             self._fail_client(RAPID_RESET, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         s.exchange.flags = DOWNSTREAM_CLOSED

@@ -627,7 +627,7 @@ class H2Relay(H2Core):
         s = self._streams.get(sid)
         if s is None:
             return
-        if (reason := self._premature_reset()) is not None:
+        if (reason := self._premature_reset(s.exchange)) is not None:
             raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, reason, RAPID_RESET)
         s.exchange.flags = DOWNSTREAM_CLOSED
         s.request_end = True  # nothing more comes from the client on it

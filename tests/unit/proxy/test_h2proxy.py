@@ -328,6 +328,37 @@ def test_rapid_reset_closes_the_connection() -> None:
     )
 
 
+def test_resets_of_streams_older_than_the_premature_lifetime_are_not_a_rapid_reset() -> None:
+    """A stream the client keeps a second (Envoy's ``premature_reset_min_stream_lifetime``)
+    before resetting it is an ordinary call's end (its deadline, a cancel): 150 of them leave
+    the connection open, where 150 reset at once close it (the test above)."""
+    now = [0.0]
+    proxy = H2Proxy(lambda _h: Verdict(True), clock=lambda: now[0])
+    proxy.receive_client(peer(client_side=True).data_to_send())
+    for i in range(150):
+        sid = 2 * i + 1
+        proxy.receive_client(_headers_frame(sid, end_stream=False))
+        now[0] += 1.0  # H2Limits.premature_reset_lifetime
+        proxy.receive_client(RstStreamFrame(sid, error_code=ErrorCodes.CANCEL).serialize())
+        proxy.take_to_upstream()
+    assert proxy.take_rejections() == [] and not proxy.closing
+
+
+def test_resets_after_the_response_began_are_not_a_rapid_reset() -> None:
+    """A gRPC client cancels a server-streaming call once it read what it wanted: 150 such
+    cancels, each right after the pod's response head, leave the connection open (before, the
+    101st closed it, ENHANCE_YOUR_CALM, and every other call on it failed)."""
+    w = Wire()
+    for _ in range(150):
+        sid = w.request("/watch", grpc=True, end=False)
+        w.run()
+        w.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        w.run()
+        w.client.reset_stream(sid, ErrorCodes.CANCEL)
+        w.run()
+    assert w.proxy.take_rejections() == [] and not w.proxy.closing
+
+
 def _unchecked(conn: H2Connection) -> None:
     """Let an ``h2`` peer send (and take) header blocks that break RFC 9113."""
     conn.config.validate_outbound_headers = False

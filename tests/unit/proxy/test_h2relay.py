@@ -49,6 +49,8 @@ SHARED = [
     "test_a_ping_flood_closes_the_connection",
     "test_pings_the_shell_keeps_taking_answers_for_are_fine",
     "test_rapid_reset_closes_the_connection",
+    "test_resets_of_streams_older_than_the_premature_lifetime_are_not_a_rapid_reset",
+    "test_resets_after_the_response_began_are_not_a_rapid_reset",
     "test_a_malformed_request_block_closes_the_connection_as_a_protocol_error",
     "test_malformed_request_trailers_close_the_connection_as_a_protocol_error",
     "test_a_malformed_response_block_from_the_pod_is_unavailable_and_counted",

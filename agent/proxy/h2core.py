@@ -63,6 +63,8 @@ class H2Core:
         # HTTP/1.x client is answered in HTTP/1.1 alone.
         self._sniff: PrefaceSniff | None = PrefaceSniff()
         self._http1_answer = b""  # the 400 an HTTP/1.x client gets, until taken
+        # The last client stream our GOAWAY took (``drain``): a later one crossed it, refused.
+        self._last_taken: int | None = None
 
     def _opening(self, data: bytes) -> bytes | None:
         """The client's bytes to parse as HTTP/2, or None while its first bytes are held (not
@@ -193,6 +195,30 @@ class H2Core:
         """The client broke a limit or the protocol (``detail`` says which, for the log line):
         GOAWAY and close. Each core sends its GOAWAY its own way."""
         raise NotImplementedError
+
+    def _goaway_client(self) -> None:
+        """GOAWAY (no error) to the client once, with the last stream taken (``_last_taken``):
+        open streams go on. Each core sends it its own way."""
+        raise NotImplementedError
+
+    def _check_done(self) -> None:
+        """Closing once no stream is left after a GOAWAY either way (each core's streams)."""
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        """The agent drains (SIGTERM, an upgrade): GOAWAY to the client, so that its next
+        requests open a new connection (captured by the next agent) while the open streams
+        go on; a stream that crossed the GOAWAY is refused (REFUSED_STREAM: not processed, the
+        client retries it, RFC 9113 8.7), and the connection closes once its streams ended.
+        Envoy drains its HTTP/2 listeners so. Before, nothing told an HTTP/2 client: its calls
+        kept coming to the draining agent until the drain's end cut them."""
+        if not self.closing:
+            self._goaway_client()
+            self._check_done()
+
+    def _crossed_goaway(self, stream_id: int) -> bool:
+        """Did the client open ``stream_id`` after our GOAWAY (it must not be processed)?"""
+        return self._last_taken is not None and stream_id > self._last_taken
 
     def _guard(self, data: bytes) -> bool:
         """Feed the client's bytes to the header-block guard before anything parses them:

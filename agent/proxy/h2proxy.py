@@ -559,6 +559,9 @@ class H2Proxy(H2Core):
                 self._abort_all(DOWNSTREAM_CLOSED)
 
     def _on_request(self, stream_id: int, headers: Sequence[Header], *, ended: bool) -> None:
+        if self._crossed_goaway(stream_id):
+            self.client.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
         exchange, made_id = self._new_exchange(headers)
         forwarded = [NeverIndexedHeaderTuple(*h) if h[0] in NEVER_INDEXED else h for h in headers]
         if made_id is not None:
@@ -972,7 +975,8 @@ class H2Proxy(H2Core):
     def _goaway_client(self) -> None:
         if not self._client_gone:
             self._client_gone = True
-            self.client.send_goaway(ErrorCodes.NO_ERROR, self.client.highest_inbound_stream_id)
+            self._last_taken = self.client.highest_inbound_stream_id
+            self.client.send_goaway(ErrorCodes.NO_ERROR, self._last_taken)
 
     def _abort_all(self, flag: str) -> None:
         """The client connection is over: report what was open, cancel it at the pod."""

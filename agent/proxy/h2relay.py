@@ -573,6 +573,10 @@ class H2Relay(H2Core):
                 return
             raise H2Error(ErrorCodes.PROTOCOL_ERROR, f"HEADERS opening stream {sid}")
         self._highest = sid
+        if self._crossed_goaway(sid):  # never processed: the client may send it again
+            self.pod.reencode |= changed  # a block the pod never sees
+            self.client.out += frame(RST_STREAM, 0, sid, ErrorCodes.REFUSED_STREAM.to_bytes(4))
+            return
         if len(self._streams) >= self.limits.max_concurrent_streams:
             reason = f"a stream over the limit of {self.limits.max_concurrent_streams} open"
             raise H2Error(ErrorCodes.PROTOCOL_ERROR, reason, TOO_MANY_STREAMS)
@@ -865,6 +869,7 @@ class H2Relay(H2Core):
     def _goaway_client(self) -> None:
         if not self._client_gone:
             self._client_gone = True
+            self._last_taken = self._highest
             payload = self._highest.to_bytes(4) + ErrorCodes.NO_ERROR.to_bytes(4)
             self.client.out += frame(GOAWAY, 0, 0, payload)
 

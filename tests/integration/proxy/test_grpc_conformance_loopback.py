@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from agent.proxy.server import NodeProxy
 from tests.integration.proxy.grpcmesh import Path, method, three_paths
 from tests.integration.proxy.mesh import Mesh, mesh_test
 
@@ -65,3 +67,70 @@ async def test_streams_cancelled_after_their_answer_began_leave_the_connection_o
     async with three_paths(mesh) as paths:
         for path in paths:
             await asyncio.to_thread(_cancel_after_first_answers, path)
+
+
+def _long_stream_then_a_new_call(path: Path, drained: threading.Event) -> list[str]:
+    """A bidirectional stream opened before the drain answers after it too and ends OK; a call
+    made after the drain succeeds. Returns what happened, in order."""
+    seen = []
+    with grpc.insecure_channel(path.capture.target) as channel:
+        outgoing, held = _held_stream(channel)
+        outgoing.put(b"before")
+        seen.append(next(held).decode())
+        drained.wait(10)
+        outgoing.put(b"during")
+        seen.append(next(held).decode())
+        seen.append(method(channel, "Collect")(iter([b"new"]), timeout=10).decode())
+        outgoing.put(None)
+        seen.append(str(len(list(held))))
+    return seen
+
+
+async def _upgrade_with_streams_open(
+    mesh: Mesh, node: str, names: set[str]
+) -> tuple[list[Path], NodeProxy]:
+    """The paths ``names``, each with a stream open while ``node`` is upgraded (a successor
+    takes what comes next, the old agent drains) and a new call after; the successor."""
+    async with three_paths(mesh) as paths:
+        drained = threading.Event()
+        chosen = [p for p in paths if p.name in names]
+        calls = [asyncio.to_thread(_long_stream_then_a_new_call, p, drained) for p in chosen]
+        running = asyncio.gather(*calls)
+        await asyncio.sleep(0.5)  # each stream's first answer
+        old: NodeProxy = getattr(mesh, node)
+        new = mesh.successor(old)
+        setattr(mesh, node, new)
+        old.begin_drain()
+        drained.set()
+        try:
+            assert await running == [["before", "during", "1:3", "0"]] * len(chosen)
+        finally:
+            old.close()
+        return chosen, new
+
+
+@mesh_test
+async def test_a_source_agents_drain_sends_its_grpc_clients_goaway(mesh: Mesh) -> None:
+    """The source agent drains (an upgrade, SIGTERM): its HTTP/2 clients get GOAWAY, so their
+    next calls open a new connection, which the new agent takes, while the streams open on the
+    old one go on until they end (or the drain's end), as Envoy drains HTTP/2 listeners.
+    Before, nothing told them: every call kept going to the draining agent until its
+    ``--drain-seconds`` cut them all."""
+    paths, new = await _upgrade_with_streams_open(mesh, "node1", {"vip", "near"})
+    assert [p.capture.accepted for p in paths] == [2, 2]
+    assert new.core.registry.total == 2  # the two new connections
+
+
+@mesh_test
+async def test_a_destination_agents_drain_moves_new_calls_to_a_new_connection(
+    mesh: Mesh,
+) -> None:
+    """The destination agent drains: its HTTP/2 clients (the source node's session, or the
+    client itself on a declared pod port) get GOAWAY inside the HBONE stream, so new calls go
+    on a new tunnel, over a new HBONE connection (the old one got node2's HBONE GOAWAY), which
+    the new agent takes; the open streams go on. Before, the calls kept using the old tunnel
+    until the drain's end cut it."""
+    paths, new = await _upgrade_with_streams_open(mesh, "node2", {"vip", "pod"})
+    assert [p.capture.accepted for p in paths] == [1, 2]  # the source agent's client stays
+    assert new.core.registry.total == 2  # a tunnel for each new call
+    assert mesh.node1.pool.dials == 2  # on a new HBONE connection

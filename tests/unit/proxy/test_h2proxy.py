@@ -275,6 +275,31 @@ def test_a_stream_the_client_resets_is_cancelled_at_the_pod() -> None:
     assert ex.flags == "DC"
 
 
+def test_a_drain_sends_goaway_refuses_streams_that_crossed_it_and_lets_open_ones_end() -> None:
+    """The agent drains: GOAWAY (no error) names the last stream taken; a stream the client
+    opened before it read the GOAWAY is refused (REFUSED_STREAM: never processed, the client
+    sends it again on a new connection) and never reaches the pod; the open call goes on to its
+    end, and then the connection closes."""
+    w = Wire(graceful_client=True)
+    open_call = w.request("/pkg.Svc/Watch", grpc=True, end=False)
+    w.run()
+    crossed = w.request("/pkg.Svc/Unary", grpc=True)  # on the wire as the GOAWAY is
+    w.proxy.drain()
+    w.run()
+    (goaway,) = w.taken(ConnectionTerminated)
+    assert (goaway.error_code, goaway.last_stream_id) == (ErrorCodes.NO_ERROR, open_call)
+    (refused,) = w.taken(StreamReset)
+    assert (refused.stream_id, refused.error_code) == (crossed, ErrorCodes.REFUSED_STREAM)
+    assert not w.proxy.closing
+    w.client.send_data(open_call, b"\0\0\0\0\0", end_stream=True)
+    w.run()
+    w.pod_answers_grpc(open_call)
+    w.run()
+    assert [e.stream_id for e in w.pod_events if isinstance(e, RequestReceived)] == [open_call]
+    assert any(isinstance(e, StreamEnded) and e.stream_id == open_call for e in w.client_events)
+    assert w.proxy.closing and w.proxy.take_rejections() == []
+
+
 # -- flood limits: raw frames, as a hostile client writes them -------------------------------
 def _raw_client(limits: H2Limits | None = None) -> H2Proxy:
     proxy = H2Proxy(lambda _h: Verdict(True), limits=limits)

@@ -46,6 +46,7 @@ SHARED = [
     "test_an_upstream_that_dies_is_unavailable_for_grpc_and_502_for_http",
     "test_an_upstream_that_dies_mid_response_resets_the_stream",
     "test_a_stream_the_client_resets_is_cancelled_at_the_pod",
+    "test_a_drain_sends_goaway_refuses_streams_that_crossed_it_and_lets_open_ones_end",
     "test_a_ping_flood_closes_the_connection",
     "test_pings_the_shell_keeps_taking_answers_for_are_fine",
     "test_rapid_reset_closes_the_connection",

@@ -101,6 +101,7 @@ from h2.settings import SettingCodes
 from hpack import NeverIndexedHeaderTuple
 
 from agent.policy.traffic.attempts import REFUSED
+from agent.proxy.grpcframing import MessageEnds
 from agent.proxy.h2core import H2Core
 from agent.proxy.h2exchange import (
     GRPC_DEADLINE_EXCEEDED,
@@ -449,17 +450,30 @@ class H2Proxy(H2Core):
         s.deadline = s.retry_at = s.try_deadline = s.send_at = None
         s.held = None
         s.exchange.flags = UPSTREAM_TIMEOUT
+        # All the client was sent of a gRPC response ends on a whole message: trailers can end it.
+        ends = s.response_messages
+        whole = ends is not None and ends.whole and not s.to_client
         self._reset_upstream(s)
         self._discard_request(s)
         self._release_response(s)
         if s.upstream is not None:
             s.upstream.streams.pop(s.upstream_id, None)
             s.upstream, s.upstream_id = None, 0
-        if s.response_started:
+        if whole:
+            # ``DEADLINE_EXCEEDED`` as gRPC ends a call, not a reset (grpcio: ``CANCELLED``)
+            s.response_end = True
+            s.exchange.grpc_status = str(GRPC_DEADLINE_EXCEEDED)
+            status = [
+                (b"grpc-status", b"%d" % GRPC_DEADLINE_EXCEEDED),
+                (b"grpc-message", TIMEOUT_BODY),
+            ]
+            send_headers_on(self.client, s.client_id, status, end_stream=True)
+            self._complete(s)
+        elif s.response_started:
             self._reset_client(s, ErrorCodes.CANCEL)
             self._complete(s)
-            return
-        self._answer(s, 504, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
+        else:
+            self._answer(s, 504, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
 
     def unpark(self, tag: object, choice: Choice | LocalAnswer) -> bool:
         """The parked request whose choice carried ``tag`` may go: to ``choice.key`` (now, or
@@ -733,7 +747,8 @@ class H2Proxy(H2Core):
             self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         s = self._streams.get(stream_id)
-        if s is None or (s.upstream is None and s.held is None):  # answered: discarded
+        # Answered, or the pod ended its side (``request_sent``): discarded.
+        if s is None or (s.upstream is None and s.held is None) or s.request_sent:
             if flow:
                 acknowledge_on(self.client, flow, stream_id)
             return
@@ -798,6 +813,8 @@ class H2Proxy(H2Core):
                 return
             s.response_started = True
             s.response_end = ended
+            if ex.grpc and (s.deadline is not None or s.try_timeout is not None):
+                s.response_messages = MessageEnds()
             if not s.mirror:  # the response is the client's now: never sent again
                 s.replay_head, s.replay_body, s.replay_size = None, None, 0
             headers = list(block)
@@ -811,6 +828,8 @@ class H2Proxy(H2Core):
         elif kind is DataReceived:
             ex.response_bytes += len(e.data)
             s.to_client.append((e.data, e.flow_controlled_length))
+            if s.response_messages is not None:
+                s.response_messages.feed(e.data)
         elif kind is TrailersReceived:
             ex.grpc_status = (header(block, b"grpc-status") or b"").decode("latin-1")
             s.response_trailers = list(block)
@@ -818,6 +837,13 @@ class H2Proxy(H2Core):
         elif kind is StreamEnded:
             s.response_end = True
         elif kind is StreamReset:
+            if e.error_code == ErrorCodes.NO_ERROR and s.response_end:
+                # RFC 9113 8.1: the response is whole, the pod wants no more of the request (a
+                # gRPC server that answered before the client finished): what waits of the
+                # response still goes, then the client gets the same (``_complete``).
+                s.request_sent = True
+                self._discard_request(s)
+                return
             if e.error_code == ErrorCodes.REFUSED_STREAM:
                 if self._resent(s, REFUSED):
                     return

@@ -686,6 +686,12 @@ class H2Relay(H2Core):
             s.forwarded = False  # closed at the pod
             s.request_sent = True
             code = int.from_bytes(payload)
+            if code == ErrorCodes.NO_ERROR and s.response_end:
+                # RFC 9113 8.1: the response is whole (its end queued for the client), the pod
+                # wants no more of the request: what waits still goes, then the same reset
+                # to the client (``_complete``).
+                self._discard(s.to_pod, self._ack_client, s)
+                return
             if code == ErrorCodes.REFUSED_STREAM and not s.response_started:
                 s.exchange.flags = UPSTREAM_RESET
                 self._refuse(s)  # the pod never processed it: safe to retry

@@ -101,6 +101,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 SERVICE = "conformance.Echo"
 MIB = 1 << 20
+BYE = b"bye"  # ends a ``Chat`` call
 
 
 def _identity(data: bytes) -> bytes:
@@ -122,25 +123,29 @@ class Pod:
         self.server.start()
 
     def _watch(self, context: grpc.ServicerContext, method: str) -> list[bool]:
-        """Note ``method`` in ``cancelled`` if the call ends before its handler returned."""
+        """Note ``method`` in ``cancelled`` when the call ends unless the handler set the flag
+        returned first. (Whether the call is active when the requests end does not tell: grpcio
+        may end their iteration on a cancel before it marks the call inactive.)"""
         finished = [False]
         context.add_callback(lambda: None if finished[0] else self.cancelled.put(method))
         return finished
 
     def collect(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        finished = self._watch(context, "collect")
         count = size = 0
         for message in requests:
             if message == b"stop":  # the answer while the client still streams
-                finished[0] = True
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"stopped after {count}")
             count, size = count + 1, size + len(message)
-        finished[0] = True
         return f"{count}:{size}".encode()
 
     def chat(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Answers each message (``big:N``: N bytes; ``sleep:S``: itself after S seconds);
+        ``bye`` ends the call OK: a call that ends otherwise is noted ``cancelled``."""
         finished = self._watch(context, "chat")
         for message in requests:
+            if message == BYE:
+                finished[0] = True
+                return
             if message.startswith(b"big:"):
                 yield b"b" * int(message[4:])
             elif message.startswith(b"sleep:"):
@@ -148,7 +153,6 @@ class Pod:
                 yield message
             else:
                 yield message
-        finished[0] = True
 
     def greet(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         """Bidirectional, the server speaking first (before the client sent a message)."""

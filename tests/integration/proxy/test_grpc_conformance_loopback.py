@@ -17,21 +17,27 @@ import grpc
 import pytest
 
 from agent.proxy.server import NodeProxy
-from tests.integration.proxy.grpcmesh import Path, method, three_paths
+from agent.state import RouteObject
+from tests.integration.proxy.grpcmesh import BYE, Path, method, three_paths
 from tests.integration.proxy.mesh import Mesh, mesh_test
 
 pytestmark = pytest.mark.root
 
 
-def _held_stream(channel: grpc.Channel) -> tuple[queue.Queue[bytes | None], Iterator[bytes]]:
-    """A bidirectional call kept open: put messages in the queue (None ends it), read answers."""
+def _held_stream(
+    channel: grpc.Channel, timeout: float = 60.0
+) -> tuple[queue.Queue[bytes | None], Iterator[bytes]]:
+    """A bidirectional call kept open: put messages in the queue (``BYE`` ends the call OK,
+    None the requests alone), read answers."""
     outgoing: queue.Queue[bytes | None] = queue.Queue()
 
     def requests() -> Iterator[bytes]:
         while (message := outgoing.get(timeout=30)) is not None:
             yield message
+            if message == BYE:
+                return
 
-    return outgoing, method(channel, "Chat")(requests(), timeout=60)
+    return outgoing, method(channel, "Chat")(requests(), timeout=timeout)
 
 
 CANCELLED_CALLS = 120  # over H2Limits.max_premature_resets (100) and half the streams
@@ -49,8 +55,8 @@ def _cancel_after_first_answers(path: Path) -> None:
             assert path.pod.cancelled.get(timeout=5) == "flood", path.name
         outgoing.put(b"after")
         assert next(held) == b"after", path.name  # the connection still serves its streams
-        outgoing.put(None)
-        assert list(held) == []
+        outgoing.put(BYE)
+        assert list(held) == [], path.name
     assert path.capture.accepted == 1, f"{path.name}: the channel had to reconnect"
 
 
@@ -81,7 +87,7 @@ def _long_stream_then_a_new_call(path: Path, drained: threading.Event) -> list[s
         outgoing.put(b"during")
         seen.append(next(held).decode())
         seen.append(method(channel, "Collect")(iter([b"new"]), timeout=10).decode())
-        outgoing.put(None)
+        outgoing.put(BYE)
         seen.append(str(len(list(held))))
     return seen
 
@@ -134,3 +140,48 @@ async def test_a_destination_agents_drain_moves_new_calls_to_a_new_connection(
     assert [p.capture.accepted for p in paths] == [1, 2]  # the source agent's client stays
     assert new.core.registry.total == 2  # a tunnel for each new call
     assert mesh.node1.pool.dials == 2  # on a new HBONE connection
+
+
+def _timeouts(mesh: Mesh, timeout: str) -> None:
+    """An HTTPRoute with ``timeouts.request`` on ``front`` and on ``near``."""
+    with mesh.store.update() as tx:
+        for name in ("front", "near"):
+            rule = {"backendRefs": [{"name": name, "port": 50051}],
+                    "timeouts": {"request": timeout}}  # fmt: skip
+            parent = {"group": "", "kind": "Service", "name": name, "port": 50051}
+            spec = {"parentRefs": [parent], "rules": [rule]}
+            tx.put_route(RouteObject("HTTPRoute", "default", name, spec, 1, name))
+
+
+def _stalled_after_an_answer(path: Path, timeout: float) -> tuple[str, str, str]:
+    """A bidirectional call whose server answered once and then waits for the client, which
+    waits for the server: what the client reads, how the call ends, what the server saw."""
+    with grpc.insecure_channel(path.capture.target) as channel:
+        outgoing, held = _held_stream(channel, timeout)
+        outgoing.put(b"one")
+        first = next(held).decode()
+        with pytest.raises(grpc.RpcError) as failed:
+            next(held)
+        outgoing.put(None)
+        code = failed.value.code().name  # type: ignore[attr-defined]
+        try:
+            return first, code, path.pod.cancelled.get(timeout=5)
+        except queue.Empty:
+            raise AssertionError(path.name) from None
+
+
+@mesh_test
+async def test_a_route_timeout_after_the_answer_began_is_deadline_exceeded(mesh: Mesh) -> None:
+    """A route's ``timeouts.request`` (300 ms) shorter than the call's own deadline (60 s)
+    expires after the server's first message: the source ends the call with trailers
+    ``grpc-status: 4`` (what the client read ended on a whole message), so grpcio reports
+    DEADLINE_EXCEEDED, and the server sees its call cancelled (RST_STREAM CANCEL through both
+    agents). Before, the client's stream was reset CANCEL: grpcio reported CANCELLED, as if the
+    caller had cancelled it. The declared pod port has no route: the client's own deadline ends
+    it there, DEADLINE_EXCEEDED too."""
+    async with three_paths(mesh) as paths:
+        _timeouts(mesh, "300ms")
+        for path in paths:
+            own = 0.5 if path.name == "pod" else 60.0
+            got = await asyncio.to_thread(_stalled_after_an_answer, path, own)
+            assert got == ("one", "DEADLINE_EXCEEDED", "chat"), path.name

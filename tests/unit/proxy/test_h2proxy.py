@@ -196,6 +196,41 @@ def test_a_client_that_does_not_read_stops_the_pod_within_the_windows() -> None:
     assert w.pod.local_flow_control_window(req.stream_id) == 0  # and the pod is stopped
 
 
+def test_a_whole_response_then_a_reset_no_error_reaches_the_client_whole() -> None:
+    """A gRPC server answers a client-streaming call before the client finished sending: its
+    whole response, then RST_STREAM NO_ERROR (RFC 9113 8.1: "stop sending the request", as
+    grpcio does). Part of the response still waits in the proxy for the client's window: it
+    and the trailers still reach the client, then the reset NO_ERROR. Before, the reset was
+    taken for a lost upstream: the client's stream was reset INTERNAL_ERROR, the end of the
+    response dropped, and grpcio failed the call INTERNAL."""
+    w = Wire()
+    sid = w.request("/pkg.Svc/Upload", grpc=True, end=False)
+    w.client.send_data(sid, b"\0\0\0\0\x01a")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    message = b"\0" + (70_000).to_bytes(4) + b"m" * 70_000  # beyond the client's window
+    w.pod.send_headers(
+        req.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    )
+    for i in range(0, len(message), 16_384):
+        w.pod.send_data(req.stream_id, message[i : i + 16_384])
+    w.pod.send_headers(req.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+    w.pod.reset_stream(req.stream_id, ErrorCodes.NO_ERROR)
+    w.run()
+    got = b""
+    for _ in range(10):  # the client reads what came, which lets the rest come
+        for e in w.client_events:
+            if isinstance(e, DataReceived):
+                got += e.data
+                w.client.acknowledge_received_data(e.flow_controlled_length, sid)
+        w.client_events = [e for e in w.client_events if not isinstance(e, DataReceived)]
+        w.run()
+    assert got == message
+    (trailers,) = w.taken(TrailersReceived)
+    assert dict(trailers.headers)[b"grpc-status"] == b"0"
+    assert [e.error_code for e in w.taken(StreamReset)] in ([], [ErrorCodes.NO_ERROR])
+
+
 def test_the_bytes_held_for_a_stream_the_client_resets_give_both_peers_their_windows() -> None:
     """What the proxy held for a stream (request bytes the pod did not take, response bytes
     the client did not) goes nowhere once the client resets it: their connection windows
@@ -1030,6 +1065,36 @@ def test_a_timeout_after_the_response_began_resets_the_stream_both_ways() -> Non
     assert any(isinstance(e, StreamReset) for e in w.pod_events["a"])
     (ex,) = w.proxy.take_completed()
     assert (ex.status, ex.flags) == (200, "UT")
+
+
+@pytest.mark.parametrize("sent", [b"\0\0\0\0\x02hi", b"\0\0\0\0\x05hi"])
+def test_a_grpc_timeout_after_the_answer_began_ends_it_with_deadline_exceeded(sent: bytes) -> None:
+    """A gRPC call's timeout after the pod's first message: the client is sent trailers
+    ``grpc-status: 4`` (grpcio: DEADLINE_EXCEEDED; a reset CANCEL reads as CANCELLED, as if the
+    caller had cancelled), the pod a reset CANCEL; unless the client got half a message, which
+    trailers cannot follow (grpcio would fail the call as malformed): then reset as before."""
+    now = [10.0]
+    w = _timed(now)
+    sid = w.request("/pkg.Svc/Watch", grpc=True)
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].send_headers(
+        req.stream_id, [(":status", "200"), ("content-type", "application/grpc")]
+    )
+    w.pods["a"].send_data(req.stream_id, sent)
+    w.run()
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    assert any(isinstance(e, StreamReset) and e.error_code == ErrorCodes.CANCEL
+               for e in w.pod_events["a"])  # fmt: skip
+    ended = [dict(e.headers).get(b"grpc-status") for e in w.client_events
+             if isinstance(e, TrailersReceived)]  # fmt: skip
+    reset = [e.error_code for e in w.client_events if isinstance(e, StreamReset)]
+    whole = sent[4] == len(sent) - 5
+    assert (ended, reset) == (([b"4"], []) if whole else ([], [ErrorCodes.CANCEL]))
+    (ex,) = w.proxy.take_completed()
+    assert (ex.flags, ex.grpc_status) == ("UT", "4" if whole else "")
 
 
 def test_a_request_that_ends_in_time_leaves_no_deadline() -> None:

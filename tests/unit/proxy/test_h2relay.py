@@ -43,6 +43,7 @@ SHARED = [
     "test_grpc_status_comes_from_trailers_and_from_trailers_only_responses",
     "test_a_pod_that_does_not_read_stops_the_client_within_the_windows",
     "test_a_client_that_does_not_read_stops_the_pod_within_the_windows",
+    "test_a_whole_response_then_a_reset_no_error_reaches_the_client_whole",
     "test_an_upstream_that_dies_is_unavailable_for_grpc_and_502_for_http",
     "test_an_upstream_that_dies_mid_response_resets_the_stream",
     "test_a_stream_the_client_resets_is_cancelled_at_the_pod",

@@ -139,12 +139,17 @@ class Pod:
         return f"{count}:{size}".encode()
 
     def chat(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Answers each message (``big:N``: N bytes; ``sleep:S``: itself after S seconds);
-        ``bye`` ends the call OK: a call that ends otherwise is noted ``cancelled``."""
+        """Answers each message (``big:N``: N bytes; ``sleep:S``: itself after S seconds;
+        ``last:N``: N bytes and the call's end, OK, while the client may still send); ``bye``
+        ends the call OK: a call that ends otherwise is noted ``cancelled``."""
         finished = self._watch(context, "chat")
         for message in requests:
             if message == BYE:
                 finished[0] = True
+                return
+            if message.startswith(b"last:"):  # N bytes, then OK before the client ended
+                finished[0] = True
+                yield b"l" * int(message[5:])
                 return
             if message.startswith(b"big:"):
                 yield b"b" * int(message[4:])

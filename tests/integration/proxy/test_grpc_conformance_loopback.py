@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -18,7 +19,7 @@ import pytest
 
 from agent.proxy.server import NodeProxy
 from agent.state import RouteObject
-from tests.integration.proxy.grpcmesh import BYE, Path, method, three_paths
+from tests.integration.proxy.grpcmesh import BYE, MIB, Path, method, three_paths
 from tests.integration.proxy.mesh import Mesh, mesh_test
 
 pytestmark = pytest.mark.root
@@ -185,3 +186,127 @@ async def test_a_route_timeout_after_the_answer_began_is_deadline_exceeded(mesh:
             own = 0.5 if path.name == "pod" else 60.0
             got = await asyncio.to_thread(_stalled_after_an_answer, path, own)
             assert got == ("one", "DEADLINE_EXCEEDED", "chat"), path.name
+
+
+LARGE = 4 * MIB  # above every HTTP/2 window on the way (65,535 default, 256 KiB, 1 MiB)
+BIG = [("grpc.max_receive_message_length", 16 * MIB), ("grpc.max_send_message_length", 16 * MIB)]
+
+
+def _interleaved(channel: grpc.Channel, count: int) -> int:
+    """A bidirectional call where each message waits for the answer to the one before."""
+    outgoing, held = _held_stream(channel)
+    for i in range(count):
+        outgoing.put(b"%d" % i)
+        assert next(held) == b"%d" % i
+    outgoing.put(BYE)
+    assert list(held) == []
+    return count
+
+
+def _metadata(channel: grpc.Channel) -> tuple[object, ...]:
+    sent = [(f"x-h{i}", "v" * 50) for i in range(60)] + [("x-raw-bin", bytes(range(256)))]
+    answer, call = method(channel, "Meta").with_call(b"hi", metadata=sent, timeout=10)
+    head, trailers = dict(call.initial_metadata()), dict(call.trailing_metadata())
+    with pytest.raises(grpc.RpcError) as failed:  # a trailers-only error with its details
+        method(channel, "Meta")(b"fail", timeout=10)
+    error = failed.value
+    details = dict(error.trailing_metadata())["grpc-status-details-bin"]  # type: ignore[attr-defined]
+    return (answer, head["x-late"], head["x-late-bin"], dict(sent).items() <= trailers.items(),
+            error.code().name, error.details(), details)  # type: ignore[attr-defined]  # fmt: skip
+
+
+def _shapes(path: Path) -> None:
+    """Every RPC shape and what gRPC puts in headers and trailers, on one channel."""
+    # No BDP probing: the client's window stays 65,535 bytes, so the proxies hold data for it.
+    with grpc.insecure_channel(
+        path.capture.target, options=[*BIG, ("grpc.http2.bdp_probe", 0)]
+    ) as ch:
+        collect, chat, name = method(ch, "Collect"), method(ch, "Chat"), path.name
+        assert collect(iter([b"x" * 100] * 300), timeout=10) == b"300:30000", name
+        assert _interleaved(ch, 200) == 200, name
+        calls = [chat(iter([b"m%d" % i] * 10 + [BYE]), timeout=10) for i in range(40)]
+        assert [len(list(c)) for c in calls] == [10] * 40, name  # 40 at once on one connection
+        assert collect(iter([b"u" * LARGE, b"u" * LARGE]), timeout=20) == b"2:%d" % (2 * LARGE)
+        assert [len(m) for m in chat(iter([b"big:%d" % LARGE, BYE]), timeout=20)] == [LARGE]
+        # The whole answer, then OK while the client has not ended (grpcio then resets
+        # NO_ERROR): it all reaches the client, though part waits in the proxies for its window.
+        outgoing, held = _held_stream(ch)
+        outgoing.put(b"last:%d" % LARGE)
+        assert [len(m) for m in held] == [LARGE], name
+        outgoing.put(None)
+        greet = method(ch, "Greet")
+        assert list(greet(iter([b"then"]), timeout=10)) == [b"hello", b"then"], name
+        with pytest.raises(grpc.RpcError) as stopped:  # answered while the client streams
+            collect(iter([b"a", b"stop", *[b"more"] * 100]), timeout=10)
+        assert stopped.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        assert _metadata(ch) == (b"hi", "yes", b"\0\xff", True, "NOT_FOUND", "asked to fail",
+                                 b"\x08\x05details"), name  # fmt: skip
+        outgoing, held = _held_stream(ch, timeout=0.3)  # the client's own deadline
+        with pytest.raises(grpc.RpcError) as late:
+            next(held)
+        outgoing.put(None)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        assert path.pod.cancelled.get(timeout=5) == "chat", name
+    assert path.capture.accepted == 1, name
+
+
+@mesh_test
+async def test_every_rpc_shape_and_its_metadata_pass_every_path(mesh: Mesh) -> None:
+    """grpcio through each path: client-streaming (300 messages), interleaved bidirectional
+    (200), 40 streams at once on one channel, 4 MiB messages both ways, an answer that ends
+    before the client did, the server speaking first, an error while the client streams,
+    60 headers and ``-bin`` metadata, headers sent late, trailers-only errors with
+    ``grpc-status-details-bin``, a client deadline the server sees as a cancel; one connection
+    each. The answer that ends first failed (INTERNAL) before session 20 when part of it
+    still waited in a proxy (``test_h2proxy.py::test_a_whole_response_then_a_reset_...``)."""
+    async with three_paths(mesh) as paths:
+        for path in paths:
+            await asyncio.to_thread(_shapes, path)
+
+
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def _keepalive(path: Path) -> None:
+    """grpcio's aggressive keepalive (a PING every second, idle or not, no limit without
+    data) is answered by the proxies, never refused as a flood: the idle channel's calls go on
+    its one connection."""
+    with grpc.insecure_channel(path.capture.target, options=KEEPALIVE) as channel:
+        assert method(channel, "Meta")(b"a", timeout=10) == b"a"
+        time.sleep(2.5)  # idle, pinging
+        assert method(channel, "Meta")(b"b", timeout=10) == b"b"
+    assert path.capture.accepted == 1, path.name
+
+
+def _slow_reader(path: Path) -> int:
+    """A client that reads two 1 MiB messages of an endless server stream, then nothing for a
+    second: how many the server could hand to grpcio meanwhile (flow control holds it back
+    within the windows on the way; a proxy that buffered without bound would let it run)."""
+    with grpc.insecure_channel(path.capture.target, options=BIG) as channel:
+        call = method(channel, "Flood")(b"%d" % MIB, timeout=10)
+        next(call)
+        next(call)
+        time.sleep(1.0)
+        produced = path.pod.produced
+        call.cancel()
+    return produced
+
+
+@mesh_test
+async def test_keepalive_pings_and_a_slow_reader_on_every_path(mesh: Mesh) -> None:
+    """What ARCHITECTURE.md's PING limit (replies not taken by the shell) means for a stock
+    grpcio client: nothing, even at a PING a second (Envoy and Linkerd answer them too; only
+    a gRPC server enforces ``min_time_between_pings``). And a slow reader holds the server
+    back through both agents (the windows bound what each holds)."""
+    async with three_paths(mesh) as paths:
+        await asyncio.gather(*(asyncio.to_thread(_keepalive, p) for p in paths))
+        for path in paths:  # one at a time: two paths share a pod
+            path.pod.produced = 0
+            produced = await asyncio.to_thread(_slow_reader, path)
+            # The windows of grpcio (both ends, BDP-grown), the proxies and the sockets: a
+            # few MiB; measured 9 on each path.
+            assert produced <= 32, (path.name, produced)

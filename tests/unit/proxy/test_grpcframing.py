@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,7 +25,7 @@ def test_whole_exactly_at_the_ends_of_messages_however_the_bytes_are_cut(
         ends.add(at)
     cuts = sorted(data.draw(st.sets(st.integers(0, len(wire)))) | {0, len(wire)})
     tracker = MessageEnds()
-    for start, stop in zip(cuts, cuts[1:], strict=False):
+    for start, stop in itertools.pairwise(cuts):
         tracker.feed(wire[start:stop])
         assert tracker.whole == (stop in ends or stop == 0), (start, stop)
     assert tracker.whole

@@ -1075,7 +1075,7 @@ def test_a_grpc_timeout_after_the_answer_began_ends_it_with_deadline_exceeded(se
     trailers cannot follow (grpcio would fail the call as malformed): then reset as before."""
     now = [10.0]
     w = _timed(now)
-    sid = w.request("/pkg.Svc/Watch", grpc=True)
+    w.request("/pkg.Svc/Watch", grpc=True)
     w.run()
     (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
     w.pods["a"].send_headers(

@@ -6,14 +6,16 @@ connection from the client pod's IP into node1 as if captured (``Mesh.connect``)
 the bytes both ways, each direction awaiting the other side's drain (so it holds at most one
 read of 64 KiB: it is not a buffer that would hide the proxies' flow control).
 
-Three paths to a server pod (``grpc_front``):
+Four paths to a server pod (``grpc_front``):
 
 * ``vip``: Service ``front``'s VIP port, declared gRPC, whose endpoint is on node2: node1's
   HTTP/2 source (``H2SourceSession``), HBONE, node2's destination (``H2Relay``);
 * ``pod``: the pod's IP and the port the Service declares, dialled directly: node1 carries the
   connection at L4 over HBONE, node2 terminates HTTP/2 (the declared pod port);
 * ``near``: the VIP of a Service whose endpoint is the ``local`` pod on node1: the source's
-  HTTP/2 session speaks to the pod itself.
+  HTTP/2 session speaks to the pod itself;
+* ``near-pod``: that pod's declared port dialled directly: node1 serves it as its destination
+  (``H2Session`` with ``H2Proxy``: a same-node client is not relayed).
 """
 
 from __future__ import annotations
@@ -216,12 +218,12 @@ class Path:
 
 
 @contextlib.asynccontextmanager
-async def three_paths(mesh: Mesh) -> AsyncIterator[list[Path]]:
-    """A ``Pod`` on ``server`` (node2) and one on ``local`` (node1), and the three paths."""
+async def every_path(mesh: Mesh) -> AsyncIterator[list[Path]]:
+    """A ``Pod`` on ``server`` (node2) and one on ``local`` (node1), and the four paths."""
     far, near = Pod(SERVER), Pod(LOCAL)
     grpc_front(mesh, far.port, near_port=near.port)
     dials = (("vip", far, (VIP, 50051)), ("pod", far, (SERVER, far.port)),
-             ("near", near, (NEAR_VIP, 50051)))  # fmt: skip
+             ("near", near, (NEAR_VIP, 50051)), ("near-pod", near, (LOCAL, near.port)))  # fmt: skip
     paths = [Path(name, pod, Capture(mesh, dst)) for name, pod, dst in dials]
     try:
         yield paths

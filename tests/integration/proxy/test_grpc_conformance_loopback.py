@@ -1,9 +1,10 @@
-"""A gRPC user's audit of the mesh: grpcio clients and servers through both nodes, three paths.
+"""A gRPC user's audit of the mesh: grpcio clients and servers through both nodes, every path.
 
-Each test runs its checks over the three paths of ``grpcmesh`` (a Service VIP to a pod on the
-other node: both agents' HTTP/2 layers; the pod's declared port dialled directly: the
-destination's alone; a Service VIP to a pod on the client's node: the source's alone), one
-mesh per test, grpcio on both ends as a user would run it.
+Each test runs its checks over the paths of ``grpcmesh`` (a Service VIP to a pod on the other
+node: both agents' HTTP/2 layers; the pod's declared port dialled directly: the destination's
+alone; a Service VIP to a pod on the client's node: the source's alone; that pod's declared
+port: the client's node as its destination), one mesh per test, grpcio on both ends as a user
+would run it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 
 from agent.proxy.server import NodeProxy
 from agent.state import RouteObject
-from tests.integration.proxy.grpcmesh import BYE, MIB, Path, method, three_paths
+from tests.integration.proxy.grpcmesh import BYE, MIB, Path, every_path, method
 from tests.integration.proxy.mesh import Mesh, mesh_test
 
 pytestmark = pytest.mark.root
@@ -71,9 +72,15 @@ async def test_streams_cancelled_after_their_answer_began_leave_the_connection_o
     stream's start). Before, the 101st such call closed the connection at the destination
     (GOAWAY ENHANCE_YOUR_CALM to the client, or the source's upstream reset: INTERNAL), and
     every other call on it failed."""
-    async with three_paths(mesh) as paths:
+    async with every_path(mesh) as paths:
         for path in paths:
             await asyncio.to_thread(_cancel_after_first_answers, path)
+    # Nothing stays held: no live connection left at either node (``/connections``).
+    for _ in range(100):
+        if not [*mesh.node1.core.registry.snapshot(), *mesh.node2.core.registry.snapshot()]:
+            break
+        await asyncio.sleep(0.05)
+    assert mesh.node1.core.registry.snapshot() == mesh.node2.core.registry.snapshot() == []
 
 
 def _long_stream_then_a_new_call(path: Path, drained: threading.Event) -> list[str]:
@@ -98,7 +105,7 @@ async def _upgrade_with_streams_open(
 ) -> tuple[list[Path], NodeProxy]:
     """The paths ``names``, each with a stream open while ``node`` is upgraded (a successor
     takes what comes next, the old agent drains) and a new call after; the successor."""
-    async with three_paths(mesh) as paths:
+    async with every_path(mesh) as paths:
         drained = threading.Event()
         chosen = [p for p in paths if p.name in names]
         calls = [asyncio.to_thread(_long_stream_then_a_new_call, p, drained) for p in chosen]
@@ -123,9 +130,9 @@ async def test_a_source_agents_drain_sends_its_grpc_clients_goaway(mesh: Mesh) -
     old one go on until they end (or the drain's end), as Envoy drains HTTP/2 listeners.
     Before, nothing told them: every call kept going to the draining agent until its
     ``--drain-seconds`` cut them all."""
-    paths, new = await _upgrade_with_streams_open(mesh, "node1", {"vip", "near"})
-    assert [p.capture.accepted for p in paths] == [2, 2]
-    assert new.core.registry.total == 2  # the two new connections
+    paths, new = await _upgrade_with_streams_open(mesh, "node1", {"vip", "near", "near-pod"})
+    assert [p.capture.accepted for p in paths] == [2, 2, 2]
+    assert new.core.registry.total == 3  # the new connections
 
 
 @mesh_test
@@ -180,10 +187,10 @@ async def test_a_route_timeout_after_the_answer_began_is_deadline_exceeded(mesh:
     agents). Before, the client's stream was reset CANCEL: grpcio reported CANCELLED, as if the
     caller had cancelled it. The declared pod port has no route: the client's own deadline ends
     it there, DEADLINE_EXCEEDED too."""
-    async with three_paths(mesh) as paths:
+    async with every_path(mesh) as paths:
         _timeouts(mesh, "300ms")
         for path in paths:
-            own = 0.5 if path.name == "pod" else 60.0
+            own = 0.5 if path.name.endswith("pod") else 60.0
             got = await asyncio.to_thread(_stalled_after_an_answer, path, own)
             assert got == ("one", "DEADLINE_EXCEEDED", "chat"), path.name
 
@@ -259,7 +266,7 @@ async def test_every_rpc_shape_and_its_metadata_pass_every_path(mesh: Mesh) -> N
     ``grpc-status-details-bin``, a client deadline the server sees as a cancel; one connection
     each. The answer that ends first failed (INTERNAL) before session 20 when part of it
     still waited in a proxy (``test_h2proxy.py::test_a_whole_response_then_a_reset_...``)."""
-    async with three_paths(mesh) as paths:
+    async with every_path(mesh) as paths:
         for path in paths:
             await asyncio.to_thread(_shapes, path)
 
@@ -302,7 +309,7 @@ async def test_keepalive_pings_and_a_slow_reader_on_every_path(mesh: Mesh) -> No
     grpcio client: nothing, even at a PING a second (Envoy and Linkerd answer them too; only
     a gRPC server enforces ``min_time_between_pings``). And a slow reader holds the server
     back through both agents (the windows bound what each holds)."""
-    async with three_paths(mesh) as paths:
+    async with every_path(mesh) as paths:
         await asyncio.gather(*(asyncio.to_thread(_keepalive, p) for p in paths))
         for path in paths:  # one at a time: two paths share a pod
             path.pod.produced = 0

@@ -106,6 +106,7 @@ from agent.proxy.h2core import H2Core
 from agent.proxy.h2exchange import (
     GRPC_DEADLINE_EXCEEDED,
     GRPC_UNAVAILABLE,
+    LOST_BODY,
     NO_HEALTHY_UPSTREAM,
     NO_REPORTS,
     TIMEOUT_BODY,
@@ -450,25 +451,15 @@ class H2Proxy(H2Core):
         s.deadline = s.retry_at = s.try_deadline = s.send_at = None
         s.held = None
         s.exchange.flags = UPSTREAM_TIMEOUT
-        # All the client was sent of a gRPC response ends on a whole message: trailers can end it.
-        ends = s.response_messages
-        whole = ends is not None and ends.whole and not s.to_client
+        whole = self._whole(s)
         self._reset_upstream(s)
         self._discard_request(s)
         self._release_response(s)
         if s.upstream is not None:
             s.upstream.streams.pop(s.upstream_id, None)
             s.upstream, s.upstream_id = None, 0
-        if whole:
-            # ``DEADLINE_EXCEEDED`` as gRPC ends a call, not a reset (grpcio: ``CANCELLED``)
-            s.response_end = True
-            s.exchange.grpc_status = str(GRPC_DEADLINE_EXCEEDED)
-            status = [
-                (b"grpc-status", b"%d" % GRPC_DEADLINE_EXCEEDED),
-                (b"grpc-message", TIMEOUT_BODY),
-            ]
-            send_headers_on(self.client, s.client_id, status, end_stream=True)
-            self._complete(s)
+        if whole:  # ``DEADLINE_EXCEEDED`` as gRPC ends a call, not a reset (grpcio: CANCELLED)
+            self._end_grpc(s, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
         elif s.response_started:
             self._reset_client(s, ErrorCodes.CANCEL)
             self._complete(s)
@@ -813,7 +804,7 @@ class H2Proxy(H2Core):
                 return
             s.response_started = True
             s.response_end = ended
-            if ex.grpc and (s.deadline is not None or s.try_timeout is not None):
+            if ex.grpc and self.pick is not None:  # the source: ``_time_out``, ``_upstream_lost``
                 s.response_messages = MessageEnds()
             if not s.mirror:  # the response is the client's now: never sent again
                 s.replay_head, s.replay_body, s.replay_size = None, None, 0
@@ -881,10 +872,30 @@ class H2Proxy(H2Core):
             self._release_response(s)
             s.upstream, s.upstream_id = None, 0
             status = 503 if flag in _NOT_OPENED else 502  # as Envoy answers them
-            self._answer(s, status, GRPC_UNAVAILABLE, b"upstream connect error or disconnect/reset")
+            self._answer(s, status, GRPC_UNAVAILABLE, LOST_BODY)
             return
+        whole = flag == UPSTREAM_CLOSED and self._whole(s)
         self._release_response(s)
+        if whole:  # the connection lost: ``UNAVAILABLE``, as grpcio reports its own connection's
+            self._end_grpc(s, GRPC_UNAVAILABLE, LOST_BODY)
+            return
         self._reset_client(s, ErrorCodes.INTERNAL_ERROR)
+        self._complete(s)
+
+    def _whole(self, s: Stream) -> bool:
+        """Did all the client was sent of a gRPC response end on a whole message (what is
+        queued for it counted as not sent)? Then trailers can end it (``_end_grpc``)."""
+        ends = s.response_messages
+        return ends is not None and ends.whole and not s.to_client
+
+    def _end_grpc(self, s: Stream, status: int, message: bytes) -> None:
+        """End a gRPC response already begun the gRPC way, trailers with ``status``, rather
+        than a reset, which grpcio reports by its code (CANCEL: ``CANCELLED``, as if the caller
+        cancelled; INTERNAL_ERROR: ``INTERNAL``, the server's bug); its upstream is done."""
+        s.response_end = True
+        s.exchange.grpc_status = str(status)
+        trailers = [(b"grpc-status", b"%d" % status), (b"grpc-message", message)]
+        send_headers_on(self.client, s.client_id, trailers, end_stream=True)
         self._complete(s)
 
     # -- answers and stream ends -------------------------------------------------------------

@@ -55,6 +55,7 @@ from hpack import HPACKError
 from agent.proxy.h2core import H2Core
 from agent.proxy.h2exchange import (
     GRPC_UNAVAILABLE,
+    LOST_BODY,
     UPSTREAM_RESET,
     Authorize,
     H2Exchange,
@@ -750,7 +751,7 @@ class H2Relay(H2Core):
         self._discard(s.to_client, self._ack_pod, None)
         s.request_sent = True
         if not s.response_started:
-            self._answer(s, 502, GRPC_UNAVAILABLE, b"upstream connect error or disconnect/reset")
+            self._answer(s, 502, GRPC_UNAVAILABLE, LOST_BODY)
             return
         s.response_end = True
         self.client.out += frame(RST_STREAM, 0, s.sid, ErrorCodes.INTERNAL_ERROR.to_bytes(4))

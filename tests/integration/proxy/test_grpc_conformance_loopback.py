@@ -317,3 +317,33 @@ async def test_keepalive_pings_and_a_slow_reader_on_every_path(mesh: Mesh) -> No
             # The windows of grpcio (both ends, BDP-grown), the proxies and the sockets: a
             # few MiB; measured 9 on each path.
             assert produced <= 32, (path.name, produced)
+
+
+def _cut(path: Path, cut: threading.Event) -> tuple[str, str]:
+    with grpc.insecure_channel(path.capture.target) as channel:
+        outgoing, held = _held_stream(channel)
+        outgoing.put(b"one")
+        first = next(held).decode()
+        cut.set()
+        with pytest.raises(grpc.RpcError) as failed:
+            next(held)
+        outgoing.put(None)
+        return first, failed.value.code().name  # type: ignore[attr-defined]
+
+
+@mesh_test
+async def test_a_stream_cut_by_the_far_agents_end_is_unavailable(mesh: Mesh) -> None:
+    """The destination agent's drain ends (``--drain-seconds``) or it dies with a stream open
+    whose answer began: the source ends the call with trailers ``grpc-status: 14``, as grpcio
+    connected to the pod itself would report the connection's loss (``UNAVAILABLE``, which
+    clients and retry policies take as transient). Before, the stream was reset INTERNAL_ERROR:
+    grpcio reported ``INTERNAL``, which reads as the server's bug."""
+    async with every_path(mesh) as paths:
+        vip = next(p for p in paths if p.name == "vip")
+        cut = threading.Event()
+        running = asyncio.to_thread(_cut, vip, cut)
+        task = asyncio.ensure_future(running)
+        await asyncio.to_thread(cut.wait, 10)
+        await asyncio.sleep(0.2)
+        mesh.node2.close()  # what ``--drain-seconds`` does to what is left
+        assert await task == ("one", "UNAVAILABLE")

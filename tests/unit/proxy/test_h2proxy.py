@@ -1097,6 +1097,32 @@ def test_a_grpc_timeout_after_the_answer_began_ends_it_with_deadline_exceeded(se
     assert (ex.flags, ex.grpc_status) == ("UT", "4" if whole else "")
 
 
+@pytest.mark.parametrize("sent", [b"\0\0\0\0\x02hi", b"\0\0\0\0\x05hi"])
+def test_a_grpc_answer_whose_upstream_is_lost_ends_unavailable(sent: bytes) -> None:
+    """The source loses an endpoint's connection (its node's drain ended, it died) after a
+    gRPC answer began: trailers ``grpc-status: 14`` (grpcio: UNAVAILABLE, as it reports its
+    own connection's loss; a reset INTERNAL_ERROR reads as the server's bug), unless the
+    client got half a message: reset INTERNAL_ERROR as before."""
+    w = Pods()
+    w.request("/a/Watch", grpc=True)
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].send_headers(
+        req.stream_id, [(":status", "200"), ("content-type", "application/grpc")]
+    )
+    w.pods["a"].send_data(req.stream_id, sent)
+    w.run()
+    w.proxy.upstream_failed(w.uids["a"])
+    w.run()
+    ended = [dict(e.headers).get(b"grpc-status") for e in w.client_events
+             if isinstance(e, TrailersReceived)]  # fmt: skip
+    reset = [e.error_code for e in w.client_events if isinstance(e, StreamReset)]
+    whole = sent[4] == len(sent) - 5
+    assert (ended, reset) == (([b"14"], []) if whole else ([], [ErrorCodes.INTERNAL_ERROR]))
+    (ex,) = w.proxy.take_completed()
+    assert (ex.flags, ex.grpc_status) == ("UC", "14" if whole else "")
+
+
 def test_a_request_that_ends_in_time_leaves_no_deadline() -> None:
     now = [10.0]
     w = _timed(now)

@@ -1067,7 +1067,33 @@ def test_a_timeout_after_the_response_began_resets_the_stream_both_ways() -> Non
     assert (ex.status, ex.flags) == (200, "UT")
 
 
-@pytest.mark.parametrize("sent", [b"\0\0\0\0\x02hi", b"\0\0\0\0\x05hi"])
+WHOLE_OR_HALF = [b"\0\0\0\0\x02hi", b"\0\0\0\0\x05hi"]  # a whole message, half of one
+
+
+def _answer_begun(w: Pods, sent: bytes) -> None:
+    """A gRPC call to ``a`` whose pod answered a head and ``sent``."""
+    w.request("/a/Watch", grpc=True)
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    head = [(":status", "200"), ("content-type", "application/grpc")]
+    w.pods["a"].send_headers(req.stream_id, head)
+    w.pods["a"].send_data(req.stream_id, sent)
+    w.run()
+
+
+def _how_it_ended(w: Pods, sent: bytes, status: bytes, reset: ErrorCodes) -> tuple[object, ...]:
+    """What the client got (trailers' ``grpc-status``, resets) and the report's gRPC status,
+    and what it should have got: ``status`` after a whole message, else ``reset``."""
+    ended = [dict(e.headers).get(b"grpc-status") for e in w.client_events
+             if isinstance(e, TrailersReceived)]  # fmt: skip
+    resets = [e.error_code for e in w.client_events if isinstance(e, StreamReset)]
+    (ex,) = w.proxy.take_completed()
+    whole = sent[4] == len(sent) - 5
+    expected = ([status], [], status.decode()) if whole else ([], [reset], "")
+    return (ended, resets, ex.grpc_status), expected
+
+
+@pytest.mark.parametrize("sent", WHOLE_OR_HALF)
 def test_a_grpc_timeout_after_the_answer_began_ends_it_with_deadline_exceeded(sent: bytes) -> None:
     """A gRPC call's timeout after the pod's first message: the client is sent trailers
     ``grpc-status: 4`` (grpcio: DEADLINE_EXCEEDED; a reset CANCEL reads as CANCELLED, as if the
@@ -1075,52 +1101,28 @@ def test_a_grpc_timeout_after_the_answer_began_ends_it_with_deadline_exceeded(se
     trailers cannot follow (grpcio would fail the call as malformed): then reset as before."""
     now = [10.0]
     w = _timed(now)
-    w.request("/pkg.Svc/Watch", grpc=True)
-    w.run()
-    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
-    w.pods["a"].send_headers(
-        req.stream_id, [(":status", "200"), ("content-type", "application/grpc")]
-    )
-    w.pods["a"].send_data(req.stream_id, sent)
-    w.run()
+    _answer_begun(w, sent)
     now[0] = 11.0
     w.proxy.expire()
     w.run()
     assert any(isinstance(e, StreamReset) and e.error_code == ErrorCodes.CANCEL
                for e in w.pod_events["a"])  # fmt: skip
-    ended = [dict(e.headers).get(b"grpc-status") for e in w.client_events
-             if isinstance(e, TrailersReceived)]  # fmt: skip
-    reset = [e.error_code for e in w.client_events if isinstance(e, StreamReset)]
-    whole = sent[4] == len(sent) - 5
-    assert (ended, reset) == (([b"4"], []) if whole else ([], [ErrorCodes.CANCEL]))
-    (ex,) = w.proxy.take_completed()
-    assert (ex.flags, ex.grpc_status) == ("UT", "4" if whole else "")
+    got, expected = _how_it_ended(w, sent, b"4", ErrorCodes.CANCEL)
+    assert got == expected
 
 
-@pytest.mark.parametrize("sent", [b"\0\0\0\0\x02hi", b"\0\0\0\0\x05hi"])
+@pytest.mark.parametrize("sent", WHOLE_OR_HALF)
 def test_a_grpc_answer_whose_upstream_is_lost_ends_unavailable(sent: bytes) -> None:
     """The source loses an endpoint's connection (its node's drain ended, it died) after a
     gRPC answer began: trailers ``grpc-status: 14`` (grpcio: UNAVAILABLE, as it reports its
     own connection's loss; a reset INTERNAL_ERROR reads as the server's bug), unless the
     client got half a message: reset INTERNAL_ERROR as before."""
     w = Pods()
-    w.request("/a/Watch", grpc=True)
-    w.run()
-    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
-    w.pods["a"].send_headers(
-        req.stream_id, [(":status", "200"), ("content-type", "application/grpc")]
-    )
-    w.pods["a"].send_data(req.stream_id, sent)
-    w.run()
+    _answer_begun(w, sent)
     w.proxy.upstream_failed(w.uids["a"])
     w.run()
-    ended = [dict(e.headers).get(b"grpc-status") for e in w.client_events
-             if isinstance(e, TrailersReceived)]  # fmt: skip
-    reset = [e.error_code for e in w.client_events if isinstance(e, StreamReset)]
-    whole = sent[4] == len(sent) - 5
-    assert (ended, reset) == (([b"14"], []) if whole else ([], [ErrorCodes.INTERNAL_ERROR]))
-    (ex,) = w.proxy.take_completed()
-    assert (ex.flags, ex.grpc_status) == ("UC", "14" if whole else "")
+    got, expected = _how_it_ended(w, sent, b"14", ErrorCodes.INTERNAL_ERROR)
+    assert got == expected
 
 
 def test_a_request_that_ends_in_time_leaves_no_deadline() -> None:

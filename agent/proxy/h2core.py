@@ -63,6 +63,8 @@ class H2Core:
         # HTTP/1.x client is answered in HTTP/1.1 alone.
         self._sniff: PrefaceSniff | None = PrefaceSniff()
         self._http1_answer = b""  # the 400 an HTTP/1.x client gets, until taken
+        # The last client stream our GOAWAY took (``drain``): a later one crossed it, refused.
+        self._last_taken: int | None = None
 
     def _opening(self, data: bytes) -> bytes | None:
         """The client's bytes to parse as HTTP/2, or None while its first bytes are held (not
@@ -112,9 +114,22 @@ class H2Core:
                 )
         return None
 
-    def _premature_reset(self) -> str | None:
-        """Count a stream the client reset before its response: what broke the limit when
-        such resets are over it and half of the streams (rapid reset), else None."""
+    def _premature_reset(self, exchange: H2Exchange) -> str | None:
+        """Count a stream the client reset before its response, younger than
+        ``premature_reset_lifetime``: what broke the limit when such resets are over it and
+        half of the streams (rapid reset), else None.
+
+        Envoy's rule (``premature_reset_min_stream_lifetime_seconds``, 1 s): a gRPC client
+        cancels a call once it read what it wanted (a watch, a search stopped early) or at its
+        deadline, so a reset after the response began, or of a stream that lived a while, is
+        an ordinary call's end. Counting those too closed a busy gRPC connection, every other
+        call on it failing, after its 101st cancelled stream. An attacker who must keep each
+        stream that long before resetting it is held to the concurrent-stream limit."""
+        if (
+            exchange.first_byte
+            or self.clock() - exchange.started >= self.limits.premature_reset_lifetime
+        ):
+            return None
         self._premature_resets += 1
         if (
             self._premature_resets > self.limits.max_premature_resets
@@ -180,6 +195,30 @@ class H2Core:
         """The client broke a limit or the protocol (``detail`` says which, for the log line):
         GOAWAY and close. Each core sends its GOAWAY its own way."""
         raise NotImplementedError
+
+    def _goaway_client(self) -> None:
+        """GOAWAY (no error) to the client once, with the last stream taken (``_last_taken``):
+        open streams go on. Each core sends it its own way."""
+        raise NotImplementedError
+
+    def _check_done(self) -> None:
+        """Closing once no stream is left after a GOAWAY either way (each core's streams)."""
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        """The agent drains (SIGTERM, an upgrade): GOAWAY to the client, so that its next
+        requests open a new connection (captured by the next agent) while the open streams
+        go on; a stream that crossed the GOAWAY is refused (REFUSED_STREAM: not processed, the
+        client retries it, RFC 9113 8.7), and the connection closes once its streams ended.
+        Envoy drains its HTTP/2 listeners so. Before, nothing told an HTTP/2 client: its calls
+        kept coming to the draining agent until the drain's end cut them."""
+        if not self.closing:
+            self._goaway_client()
+            self._check_done()
+
+    def _crossed_goaway(self, stream_id: int) -> bool:
+        """Did the client open ``stream_id`` after our GOAWAY (it must not be processed)?"""
+        return self._last_taken is not None and stream_id > self._last_taken
 
     def _guard(self, data: bytes) -> bool:
         """Feed the client's bytes to the header-block guard before anything parses them:

@@ -32,6 +32,7 @@ GRPC_UNAVAILABLE = 14
 
 UPSTREAM_TIMEOUT = "UT"  # Envoy's flag: the request's time ran out
 TIMEOUT_BODY = b"upstream request timeout"
+LOST_BODY = b"upstream connect error or disconnect/reset"  # Envoy's words for a lost upstream
 
 
 def grpc_status_for(http_status: int) -> int:

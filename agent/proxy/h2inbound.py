@@ -70,6 +70,14 @@ class H2Session(PodShell[H2Exchange]):
         core = H2Relay if relay else H2Proxy
         self.proxy = core(self._authorize, limits=limits)
         self._client_eof = False
+        self.core.registry.on_drain(self.record.id, self._drain)
+
+    def _drain(self) -> None:
+        """The agent drains: GOAWAY to the client, its open streams go on (``H2Core.drain``);
+        a client through HBONE is a source node's session, which opens new calls on a new
+        tunnel, or the client itself on a declared pod port, which reconnects."""
+        self.proxy.drain()
+        self._moved()
 
     async def serve(self) -> None:
         """Serve streams until both sides closed or the proxy is done with the connection."""

@@ -68,9 +68,12 @@ class H2Limits:
     # Reply bytes (PING/SETTINGS ACKs, RST_STREAMs) the client's frames made us queue since the
     # shell last took our output: a legitimate client never needs this many.
     max_unsent_replies: int = 16 * KIB
-    # Streams reset by the client before their response ended: beyond this many, when they are
-    # also more than half the streams it opened, the connection is a rapid-reset attack.
+    # Streams reset by the client before their response began and within
+    # ``premature_reset_lifetime`` seconds of their start (Envoy's default): beyond this many,
+    # when they are also more than half the streams it opened, the connection is a rapid-reset
+    # attack.
     max_premature_resets: int = 100
+    premature_reset_lifetime: float = 1.0
     max_empty_frames: int = 100  # consecutive empty DATA frames without END_STREAM
     # A request body kept to be sent again (source side, a rule that retries): beyond this,
     # the request is not retried.

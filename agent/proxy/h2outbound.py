@@ -335,6 +335,7 @@ class H2SourceSession(CallbackShell):
     async def serve(self) -> None:
         core = self.outbound.core
         self.conn_id = core.registry.add(self.record, cancel_current_task())
+        core.registry.on_drain(self.conn_id, self._drain)
         clean = False
         try:
             self._moved()  # (our SETTINGS wait for the client preface: ``PrefaceSniff``)
@@ -606,6 +607,11 @@ class H2SourceSession(CallbackShell):
                 self.outbound.http.router.traffic, self.target.service.key
             )
         return self._service_idle.get(self._snapshot())
+
+    def _drain(self) -> None:
+        """The agent drains: GOAWAY to the client, its open calls go on (``H2Core.drain``)."""
+        self.proxy.drain()
+        self._moved()
 
     def _idle_expired(self) -> None:
         """No stream for the Service's idle timeout: GOAWAY, then closed (``_moved`` ends the

@@ -60,12 +60,12 @@ answered, 502 (gRPC: ``UNAVAILABLE``), to the ``retries``, as a far node's answe
 Flood limits, as on HBONE (``agent.proxy.hbone_limits``): header blocks and CONTINUATIONs
 (``agent.proxy.h2guard``), replies the client's frames made us queue since the shell last took
 our output (PING and SETTINGS floods), streams reset by the client before their response
-(rapid reset, counted like Envoy's premature resets: beyond a number *and* over half the
-streams), runs of empty DATA frames, a header block still open 10 s after it began (the shell's
-timer, ``head_started``, as for HTTP/1.1's head), and ``h2``'s own checks (frame size, header
-list size: a source node's blocks with what it added on top, ``PEER_HEADER_LIST``, concurrent
-streams). Each closes the connection with GOAWAY and is named by its
-cause.
+began and within a second of their start (rapid reset, counted like Envoy's premature resets:
+beyond a number *and* over half the streams), runs of empty DATA frames, a header block still
+open 10 s after it began (the shell's timer, ``head_started``, as for HTTP/1.1's head), and
+``h2``'s own checks (frame size, header list size: a source node's blocks with what it added on
+top, ``PEER_HEADER_LIST``, concurrent streams). Each closes the connection with GOAWAY and is
+named by its cause.
 
 This module holds ``H2Proxy``'s stream logic alone. Around it: ``agent.proxy.h2exchange`` (the
 records and callbacks it shares with the shells and the router: ``H2Exchange``, ``Choice``,
@@ -101,10 +101,12 @@ from h2.settings import SettingCodes
 from hpack import NeverIndexedHeaderTuple
 
 from agent.policy.traffic.attempts import REFUSED
+from agent.proxy.grpcframing import MessageEnds
 from agent.proxy.h2core import H2Core
 from agent.proxy.h2exchange import (
     GRPC_DEADLINE_EXCEEDED,
     GRPC_UNAVAILABLE,
+    LOST_BODY,
     NO_HEALTHY_UPSTREAM,
     NO_REPORTS,
     TIMEOUT_BODY,
@@ -449,17 +451,20 @@ class H2Proxy(H2Core):
         s.deadline = s.retry_at = s.try_deadline = s.send_at = None
         s.held = None
         s.exchange.flags = UPSTREAM_TIMEOUT
+        whole = self._whole(s)
         self._reset_upstream(s)
         self._discard_request(s)
         self._release_response(s)
         if s.upstream is not None:
             s.upstream.streams.pop(s.upstream_id, None)
             s.upstream, s.upstream_id = None, 0
-        if s.response_started:
+        if whole:  # ``DEADLINE_EXCEEDED`` as gRPC ends a call, not a reset (grpcio: CANCELLED)
+            self._end_grpc(s, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
+        elif s.response_started:
             self._reset_client(s, ErrorCodes.CANCEL)
             self._complete(s)
-            return
-        self._answer(s, 504, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
+        else:
+            self._answer(s, 504, GRPC_DEADLINE_EXCEEDED, TIMEOUT_BODY)
 
     def unpark(self, tag: object, choice: Choice | LocalAnswer) -> bool:
         """The parked request whose choice carried ``tag`` may go: to ``choice.key`` (now, or
@@ -559,6 +564,9 @@ class H2Proxy(H2Core):
                 self._abort_all(DOWNSTREAM_CLOSED)
 
     def _on_request(self, stream_id: int, headers: Sequence[Header], *, ended: bool) -> None:
+        if self._crossed_goaway(stream_id):
+            self.client.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
         exchange, made_id = self._new_exchange(headers)
         forwarded = [NeverIndexedHeaderTuple(*h) if h[0] in NEVER_INDEXED else h for h in headers]
         if made_id is not None:
@@ -730,7 +738,8 @@ class H2Proxy(H2Core):
             self._fail_client(EMPTY_FRAMES, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         s = self._streams.get(stream_id)
-        if s is None or (s.upstream is None and s.held is None):  # answered: discarded
+        # Answered, or the pod ended its side (``request_sent``): discarded.
+        if s is None or (s.upstream is None and s.held is None) or s.request_sent:
             if flow:
                 acknowledge_on(self.client, flow, stream_id)
             return
@@ -747,7 +756,7 @@ class H2Proxy(H2Core):
         s = self._streams.get(stream_id)
         if s is None:
             return
-        if (detail := self._premature_reset()) is not None:
+        if (detail := self._premature_reset(s.exchange)) is not None:
             self._fail_client(RAPID_RESET, ErrorCodes.ENHANCE_YOUR_CALM, detail)
             return
         s.exchange.flags = DOWNSTREAM_CLOSED
@@ -795,6 +804,8 @@ class H2Proxy(H2Core):
                 return
             s.response_started = True
             s.response_end = ended
+            if ex.grpc and self.pick is not None:  # the source: ``_time_out``, ``_upstream_lost``
+                s.response_messages = MessageEnds()
             if not s.mirror:  # the response is the client's now: never sent again
                 s.replay_head, s.replay_body, s.replay_size = None, None, 0
             headers = list(block)
@@ -808,6 +819,8 @@ class H2Proxy(H2Core):
         elif kind is DataReceived:
             ex.response_bytes += len(e.data)
             s.to_client.append((e.data, e.flow_controlled_length))
+            if s.response_messages is not None:
+                s.response_messages.feed(e.data)
         elif kind is TrailersReceived:
             ex.grpc_status = (header(block, b"grpc-status") or b"").decode("latin-1")
             s.response_trailers = list(block)
@@ -815,6 +828,13 @@ class H2Proxy(H2Core):
         elif kind is StreamEnded:
             s.response_end = True
         elif kind is StreamReset:
+            if e.error_code == ErrorCodes.NO_ERROR and s.response_end:
+                # RFC 9113 8.1: the response is whole, the pod wants no more of the request (a
+                # gRPC server that answered before the client finished): what waits of the
+                # response still goes, then the client gets the same (``_complete``).
+                s.request_sent = True
+                self._discard_request(s)
+                return
             if e.error_code == ErrorCodes.REFUSED_STREAM:
                 if self._resent(s, REFUSED):
                     return
@@ -852,10 +872,30 @@ class H2Proxy(H2Core):
             self._release_response(s)
             s.upstream, s.upstream_id = None, 0
             status = 503 if flag in _NOT_OPENED else 502  # as Envoy answers them
-            self._answer(s, status, GRPC_UNAVAILABLE, b"upstream connect error or disconnect/reset")
+            self._answer(s, status, GRPC_UNAVAILABLE, LOST_BODY)
             return
+        whole = flag == UPSTREAM_CLOSED and self._whole(s)
         self._release_response(s)
+        if whole:  # the connection lost: ``UNAVAILABLE``, as grpcio reports its own connection's
+            self._end_grpc(s, GRPC_UNAVAILABLE, LOST_BODY)
+            return
         self._reset_client(s, ErrorCodes.INTERNAL_ERROR)
+        self._complete(s)
+
+    def _whole(self, s: Stream) -> bool:
+        """Did all the client was sent of a gRPC response end on a whole message (what is
+        queued for it counted as not sent)? Then trailers can end it (``_end_grpc``)."""
+        ends = s.response_messages
+        return ends is not None and ends.whole and not s.to_client
+
+    def _end_grpc(self, s: Stream, status: int, message: bytes) -> None:
+        """End a gRPC response already begun the gRPC way, trailers with ``status``, rather
+        than a reset, which grpcio reports by its code (CANCEL: ``CANCELLED``, as if the caller
+        cancelled; INTERNAL_ERROR: ``INTERNAL``, the server's bug); its upstream is done."""
+        s.response_end = True
+        s.exchange.grpc_status = str(status)
+        trailers = [(b"grpc-status", b"%d" % status), (b"grpc-message", message)]
+        send_headers_on(self.client, s.client_id, trailers, end_stream=True)
         self._complete(s)
 
     # -- answers and stream ends -------------------------------------------------------------
@@ -972,7 +1012,8 @@ class H2Proxy(H2Core):
     def _goaway_client(self) -> None:
         if not self._client_gone:
             self._client_gone = True
-            self.client.send_goaway(ErrorCodes.NO_ERROR, self.client.highest_inbound_stream_id)
+            self._last_taken = self.client.highest_inbound_stream_id
+            self.client.send_goaway(ErrorCodes.NO_ERROR, self._last_taken)
 
     def _abort_all(self, flag: str) -> None:
         """The client connection is over: report what was open, cancel it at the pod."""

@@ -55,6 +55,7 @@ from hpack import HPACKError
 from agent.proxy.h2core import H2Core
 from agent.proxy.h2exchange import (
     GRPC_UNAVAILABLE,
+    LOST_BODY,
     UPSTREAM_RESET,
     Authorize,
     H2Exchange,
@@ -573,6 +574,10 @@ class H2Relay(H2Core):
                 return
             raise H2Error(ErrorCodes.PROTOCOL_ERROR, f"HEADERS opening stream {sid}")
         self._highest = sid
+        if self._crossed_goaway(sid):  # never processed: the client may send it again
+            self.pod.reencode |= changed  # a block the pod never sees
+            self.client.out += frame(RST_STREAM, 0, sid, ErrorCodes.REFUSED_STREAM.to_bytes(4))
+            return
         if len(self._streams) >= self.limits.max_concurrent_streams:
             reason = f"a stream over the limit of {self.limits.max_concurrent_streams} open"
             raise H2Error(ErrorCodes.PROTOCOL_ERROR, reason, TOO_MANY_STREAMS)
@@ -627,7 +632,7 @@ class H2Relay(H2Core):
         s = self._streams.get(sid)
         if s is None:
             return
-        if (reason := self._premature_reset()) is not None:
+        if (reason := self._premature_reset(s.exchange)) is not None:
             raise H2Error(ErrorCodes.ENHANCE_YOUR_CALM, reason, RAPID_RESET)
         s.exchange.flags = DOWNSTREAM_CLOSED
         s.request_end = True  # nothing more comes from the client on it
@@ -682,6 +687,12 @@ class H2Relay(H2Core):
             s.forwarded = False  # closed at the pod
             s.request_sent = True
             code = int.from_bytes(payload)
+            if code == ErrorCodes.NO_ERROR and s.response_end:
+                # RFC 9113 8.1: the response is whole (its end queued for the client), the pod
+                # wants no more of the request: what waits still goes, then the same reset
+                # to the client (``_complete``).
+                self._discard(s.to_pod, self._ack_client, s)
+                return
             if code == ErrorCodes.REFUSED_STREAM and not s.response_started:
                 s.exchange.flags = UPSTREAM_RESET
                 self._refuse(s)  # the pod never processed it: safe to retry
@@ -740,7 +751,7 @@ class H2Relay(H2Core):
         self._discard(s.to_client, self._ack_pod, None)
         s.request_sent = True
         if not s.response_started:
-            self._answer(s, 502, GRPC_UNAVAILABLE, b"upstream connect error or disconnect/reset")
+            self._answer(s, 502, GRPC_UNAVAILABLE, LOST_BODY)
             return
         s.response_end = True
         self.client.out += frame(RST_STREAM, 0, s.sid, ErrorCodes.INTERNAL_ERROR.to_bytes(4))
@@ -865,6 +876,7 @@ class H2Relay(H2Core):
     def _goaway_client(self) -> None:
         if not self._client_gone:
             self._client_gone = True
+            self._last_taken = self._highest
             payload = self._highest.to_bytes(4) + ErrorCodes.NO_ERROR.to_bytes(4)
             self.client.out += frame(GOAWAY, 0, 0, payload)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from agent.proxy.grpcframing import MessageEnds
 from agent.proxy.h2exchange import H2Exchange, Header, HeaderEdit, Resend, Retries
 from agent.proxy.h2limits import H2Limits, new_connection
 from agent.proxy.h2wire import GracefulH2Connection, max_concurrent_streams, send_data_on
@@ -53,6 +54,9 @@ class Stream:
     response_started: bool = False
     response_end: bool = False
     response_trailers: list[Header] | None = None
+    # A gRPC response under a deadline: where its bytes stand in its messages, so that its
+    # timeout can end it with trailers rather than a reset (``H2Proxy._time_out``).
+    response_messages: MessageEnds | None = None
     edit_request: HeaderEdit | None = None  # applied once, to the forwarded head
     edit_response: HeaderEdit | None = None
     deadline: float | None = None  # clock time the request's timeout expires

@@ -60,6 +60,8 @@ class _Live:
     closing: bool = False
     # How the registering task's context is restored when a relay takes the connection over.
     token: contextvars.Token[tuple[Registry, ConnectionRecord]] | None = None
+    # What the agent's drain asks of it beyond the HBONE GOAWAY (``Registry.drain``).
+    drain: Callable[[], None] | None = None
 
 
 def cancel_current_task(
@@ -184,6 +186,22 @@ class Registry:
         live = self._live.get(conn_id)
         if live is not None:
             live.close = done
+
+    def on_drain(self, conn_id: int, drain: Callable[[], None]) -> None:
+        """At the agent's drain, ``drain`` is called (an HTTP/2 session's GOAWAY to its client,
+        which no HBONE GOAWAY reaches: ``H2Core.drain``)."""
+        live = self._live.get(conn_id)
+        if live is not None:
+            live.drain = drain
+
+    def drain(self) -> int:
+        """The agent drains: tell the live connections that asked (``on_drain``); how many."""
+        told = 0
+        for live in list(self._live.values()):
+            if live.drain is not None:
+                live.drain()
+                told += 1
+        return told
 
     def authorized(self, conn_id: int, request: Request, workload: Workload) -> None:
         """Remember what was authorized, so that ``recheck`` can evaluate it again."""

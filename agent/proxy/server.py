@@ -91,9 +91,11 @@ class NodeProxy:
         return proto
 
     def begin_drain(self) -> None:
-        """GOAWAY on every HBONE connection, both directions; idle HTTP upstream sessions are
-        closed (their streams would otherwise keep the connections from draining)."""
+        """GOAWAY on every HBONE connection, both directions, and to every HTTP/2 client of a
+        session here (source or destination: ``H2Core.drain``); idle HTTP upstream sessions
+        are closed (their streams would otherwise keep the connections from draining)."""
         self.outbound.http.sessions.close_all()
+        self.core.registry.drain()
         self.inbound.goaway_all()
         self.pool.goaway_all()
 

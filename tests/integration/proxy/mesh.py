@@ -175,7 +175,8 @@ class Mesh:
     async def start(self) -> None:
         self.node1.start()
         self.node2.start()
-        self.hbone = self._listen(SERVER, self.hbone_port, self.node2.inbound.handle)
+        # ``node2`` looked up per connection: a test may put a successor there (an upgrade).
+        self.hbone = self._listen(SERVER, self.hbone_port, lambda s: self.node2.inbound.handle(s))
 
     def _listen(self, ip: str, port: int, handler: Handler) -> socket.socket:
         sock = listener(ip, port)
@@ -190,6 +191,15 @@ class Mesh:
             conn.setblocking(False)
             sockets.accepted(conn)  # as the agent's listeners (``ProxyComponent.handle``)
             self._tasks.append(asyncio.create_task(handler(conn)))
+
+    def successor(self, node: NodeProxy) -> NodeProxy:
+        """A started proxy for ``node``'s node, as the agent an upgrade starts: put it in
+        ``node1``/``node2`` to take the connections that come after, and close ``node``."""
+        old = node.core
+        ids, settings = self.identities, old.settings
+        proxy = NodeProxy(Core(node=old.node, store=self.store, identities=ids, settings=settings))
+        proxy.start()
+        return proxy
 
     def serve_hbone(self, proxy: NodeProxy, ip: str) -> socket.socket:
         """An HBONE listener of ``proxy`` on pod ``ip`` (node2's is on ``server``'s), so that

@@ -10,13 +10,17 @@ from h2.events import Event
 
 from agent.proxy.h2limits import H2Limits
 from agent.proxy.h2proxy import H2Proxy
+from agent.proxy.h2wire import GracefulH2Connection
 from agent.proxy.http1 import RequestHead, Verdict
 
 Header = tuple[bytes, bytes]
 
 
-def peer(*, client_side: bool) -> H2Connection:
-    conn = H2Connection(H2Configuration(client_side=client_side, header_encoding=None))
+def peer(*, client_side: bool, graceful: bool = False) -> H2Connection:
+    """An ``h2`` peer; ``graceful``: one that keeps its open streams at a GOAWAY, as grpcio
+    does (``h2``'s own closes everything)."""
+    kind = GracefulH2Connection if graceful else H2Connection
+    conn = kind(H2Configuration(client_side=client_side, header_encoding=None))
     conn.initiate_connection()
     return conn
 
@@ -36,8 +40,9 @@ class Wire:
         *,
         deny: str = "/denied",
         limits: H2Limits | None = None,
+        graceful_client: bool = False,
     ) -> None:
-        self.client = peer(client_side=True)
+        self.client = peer(client_side=True, graceful=graceful_client)
         self.pod = peer(client_side=False)
         self.proxy = H2Proxy(
             deny_prefix(deny),  # type: ignore[arg-type]

@@ -196,6 +196,41 @@ def test_a_client_that_does_not_read_stops_the_pod_within_the_windows() -> None:
     assert w.pod.local_flow_control_window(req.stream_id) == 0  # and the pod is stopped
 
 
+def test_a_whole_response_then_a_reset_no_error_reaches_the_client_whole() -> None:
+    """A gRPC server answers a client-streaming call before the client finished sending: its
+    whole response, then RST_STREAM NO_ERROR (RFC 9113 8.1: "stop sending the request", as
+    grpcio does). Part of the response still waits in the proxy for the client's window: it
+    and the trailers still reach the client, then the reset NO_ERROR. Before, the reset was
+    taken for a lost upstream: the client's stream was reset INTERNAL_ERROR, the end of the
+    response dropped, and grpcio failed the call INTERNAL."""
+    w = Wire()
+    sid = w.request("/pkg.Svc/Upload", grpc=True, end=False)
+    w.client.send_data(sid, b"\0\0\0\0\x01a")
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    message = b"\0" + (70_000).to_bytes(4) + b"m" * 70_000  # beyond the client's window
+    w.pod.send_headers(
+        req.stream_id, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    )
+    for i in range(0, len(message), 16_384):
+        w.pod.send_data(req.stream_id, message[i : i + 16_384])
+    w.pod.send_headers(req.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+    w.pod.reset_stream(req.stream_id, ErrorCodes.NO_ERROR)
+    w.run()
+    got = b""
+    for _ in range(10):  # the client reads what came, which lets the rest come
+        for e in w.client_events:
+            if isinstance(e, DataReceived):
+                got += e.data
+                w.client.acknowledge_received_data(e.flow_controlled_length, sid)
+        w.client_events = [e for e in w.client_events if not isinstance(e, DataReceived)]
+        w.run()
+    assert got == message
+    (trailers,) = w.taken(TrailersReceived)
+    assert dict(trailers.headers)[b"grpc-status"] == b"0"
+    assert [e.error_code for e in w.taken(StreamReset)] in ([], [ErrorCodes.NO_ERROR])
+
+
 def test_the_bytes_held_for_a_stream_the_client_resets_give_both_peers_their_windows() -> None:
     """What the proxy held for a stream (request bytes the pod did not take, response bytes
     the client did not) goes nowhere once the client resets it: their connection windows
@@ -275,6 +310,31 @@ def test_a_stream_the_client_resets_is_cancelled_at_the_pod() -> None:
     assert ex.flags == "DC"
 
 
+def test_a_drain_sends_goaway_refuses_streams_that_crossed_it_and_lets_open_ones_end() -> None:
+    """The agent drains: GOAWAY (no error) names the last stream taken; a stream the client
+    opened before it read the GOAWAY is refused (REFUSED_STREAM: never processed, the client
+    sends it again on a new connection) and never reaches the pod; the open call goes on to its
+    end, and then the connection closes."""
+    w = Wire(graceful_client=True)
+    open_call = w.request("/pkg.Svc/Watch", grpc=True, end=False)
+    w.run()
+    crossed = w.request("/pkg.Svc/Unary", grpc=True)  # on the wire as the GOAWAY is
+    w.proxy.drain()
+    w.run()
+    (goaway,) = w.taken(ConnectionTerminated)
+    assert (goaway.error_code, goaway.last_stream_id) == (ErrorCodes.NO_ERROR, open_call)
+    (refused,) = w.taken(StreamReset)
+    assert (refused.stream_id, refused.error_code) == (crossed, ErrorCodes.REFUSED_STREAM)
+    assert not w.proxy.closing
+    w.client.send_data(open_call, b"\0\0\0\0\0", end_stream=True)
+    w.run()
+    w.pod_answers_grpc(open_call)
+    w.run()
+    assert [e.stream_id for e in w.pod_events if isinstance(e, RequestReceived)] == [open_call]
+    assert any(isinstance(e, StreamEnded) and e.stream_id == open_call for e in w.client_events)
+    assert w.proxy.closing and w.proxy.take_rejections() == []
+
+
 # -- flood limits: raw frames, as a hostile client writes them -------------------------------
 def _raw_client(limits: H2Limits | None = None) -> H2Proxy:
     proxy = H2Proxy(lambda _h: Verdict(True), limits=limits)
@@ -326,6 +386,37 @@ def test_rapid_reset_closes_the_connection() -> None:
         "h2 rapid reset: 101 of 101 streams reset before their response, over the limit of"
         " 100 and half of them"
     )
+
+
+def test_resets_of_streams_older_than_the_premature_lifetime_are_not_a_rapid_reset() -> None:
+    """A stream the client keeps a second (Envoy's ``premature_reset_min_stream_lifetime``)
+    before resetting it is an ordinary call's end (its deadline, a cancel): 150 of them leave
+    the connection open, where 150 reset at once close it (the test above)."""
+    now = [0.0]
+    proxy = H2Proxy(lambda _h: Verdict(True), clock=lambda: now[0])
+    proxy.receive_client(peer(client_side=True).data_to_send())
+    for i in range(150):
+        sid = 2 * i + 1
+        proxy.receive_client(_headers_frame(sid, end_stream=False))
+        now[0] += 1.0  # H2Limits.premature_reset_lifetime
+        proxy.receive_client(RstStreamFrame(sid, error_code=ErrorCodes.CANCEL).serialize())
+        proxy.take_to_upstream()
+    assert proxy.take_rejections() == [] and not proxy.closing
+
+
+def test_resets_after_the_response_began_are_not_a_rapid_reset() -> None:
+    """A gRPC client cancels a server-streaming call once it read what it wanted: 150 such
+    cancels, each right after the pod's response head, leave the connection open (before, the
+    101st closed it, ENHANCE_YOUR_CALM, and every other call on it failed)."""
+    w = Wire()
+    for _ in range(150):
+        sid = w.request("/watch", grpc=True, end=False)
+        w.run()
+        w.pod.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        w.run()
+        w.client.reset_stream(sid, ErrorCodes.CANCEL)
+        w.run()
+    assert w.proxy.take_rejections() == [] and not w.proxy.closing
 
 
 def _unchecked(conn: H2Connection) -> None:
@@ -974,6 +1065,64 @@ def test_a_timeout_after_the_response_began_resets_the_stream_both_ways() -> Non
     assert any(isinstance(e, StreamReset) for e in w.pod_events["a"])
     (ex,) = w.proxy.take_completed()
     assert (ex.status, ex.flags) == (200, "UT")
+
+
+WHOLE_OR_HALF = [b"\0\0\0\0\x02hi", b"\0\0\0\0\x05hi"]  # a whole message, half of one
+
+
+def _answer_begun(w: Pods, sent: bytes) -> None:
+    """A gRPC call to ``a`` whose pod answered a head and ``sent``."""
+    w.request("/a/Watch", grpc=True)
+    w.run()
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    head = [(":status", "200"), ("content-type", "application/grpc")]
+    w.pods["a"].send_headers(req.stream_id, head)
+    w.pods["a"].send_data(req.stream_id, sent)
+    w.run()
+
+
+def _how_it_ended(w: Pods, sent: bytes, status: bytes, reset: ErrorCodes) -> tuple[object, ...]:
+    """What the client got (trailers' ``grpc-status``, resets) and the report's gRPC status,
+    and what it should have got: ``status`` after a whole message, else ``reset``."""
+    ended = [dict(e.headers).get(b"grpc-status") for e in w.client_events
+             if isinstance(e, TrailersReceived)]  # fmt: skip
+    resets = [e.error_code for e in w.client_events if isinstance(e, StreamReset)]
+    (ex,) = w.proxy.take_completed()
+    whole = sent[4] == len(sent) - 5
+    expected = ([status], [], status.decode()) if whole else ([], [reset], "")
+    return (ended, resets, ex.grpc_status), expected
+
+
+@pytest.mark.parametrize("sent", WHOLE_OR_HALF)
+def test_a_grpc_timeout_after_the_answer_began_ends_it_with_deadline_exceeded(sent: bytes) -> None:
+    """A gRPC call's timeout after the pod's first message: the client is sent trailers
+    ``grpc-status: 4`` (grpcio: DEADLINE_EXCEEDED; a reset CANCEL reads as CANCELLED, as if the
+    caller had cancelled), the pod a reset CANCEL; unless the client got half a message, which
+    trailers cannot follow (grpcio would fail the call as malformed): then reset as before."""
+    now = [10.0]
+    w = _timed(now)
+    _answer_begun(w, sent)
+    now[0] = 11.0
+    w.proxy.expire()
+    w.run()
+    assert any(isinstance(e, StreamReset) and e.error_code == ErrorCodes.CANCEL
+               for e in w.pod_events["a"])  # fmt: skip
+    got, expected = _how_it_ended(w, sent, b"4", ErrorCodes.CANCEL)
+    assert got == expected
+
+
+@pytest.mark.parametrize("sent", WHOLE_OR_HALF)
+def test_a_grpc_answer_whose_upstream_is_lost_ends_unavailable(sent: bytes) -> None:
+    """The source loses an endpoint's connection (its node's drain ended, it died) after a
+    gRPC answer began: trailers ``grpc-status: 14`` (grpcio: UNAVAILABLE, as it reports its
+    own connection's loss; a reset INTERNAL_ERROR reads as the server's bug), unless the
+    client got half a message: reset INTERNAL_ERROR as before."""
+    w = Pods()
+    _answer_begun(w, sent)
+    w.proxy.upstream_failed(w.uids["a"])
+    w.run()
+    got, expected = _how_it_ended(w, sent, b"14", ErrorCodes.INTERNAL_ERROR)
+    assert got == expected
 
 
 def test_a_request_that_ends_in_time_leaves_no_deadline() -> None:

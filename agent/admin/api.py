@@ -25,7 +25,7 @@ from agent.admin import views
 from agent.admin.tap import requests_view
 from agent.base.http import Request, Response
 from agent.policy.routes.model import RouteKey
-from agent.state import StateStore
+from agent.state import Snapshot, StateStore
 from agent.telemetry.loglevel import LogLevelError, levels, set_level
 from agent.telemetry.tap import RequestRing
 
@@ -105,6 +105,12 @@ def certificates_summary(certs: Rows) -> dict[str, object]:
     }
 
 
+def _policies(snap: Snapshot) -> dict[str, object]:
+    """``/policies``: the policies, and the trust domain their principals are matched in
+    (``nodemesh policies`` warns of principals of another)."""
+    return {"policies": views.policies_view(snap), "trust_domain": snap.trust_domain}
+
+
 def _soonest(isotimes: list[str]) -> str | None:
     """The earliest of ISO 8601 times that may carry different offsets."""
     if not isotimes:
@@ -126,7 +132,7 @@ class AdminApi:
             "/config_dump": lambda _r: self.config_dump(),
             "/workloads": lambda r: {"workloads": self.workloads(r.query.get("local") == "1")},
             "/services": lambda _r: {"services": views.services_view(self.s.store.snapshot())},
-            "/policies": lambda _r: {"policies": views.policies_view(self.s.store.snapshot())},
+            "/policies": lambda _r: _policies(self.s.store.snapshot()),
             "/certs": lambda _r: {"certificates": self.certificates()},
             "/connections": lambda _r: self._connections(),
             "/workers": lambda _r: self._workers(),

@@ -195,14 +195,17 @@ def format_policies(data: Mapping[str, Any]) -> str:
     if not rows:
         return "no policies"
     table = render(["KIND", "NAMESPACE", "NAME", "APPLIES TO", "SUMMARY"], rows)
-    return _with_warnings(table, data["policies"])
+    return _with_warnings(table, data)
 
 
-def _with_warnings(text: str, policies: Sequence[Mapping[str, Any]]) -> str:
+def _with_warnings(text: str, data: Mapping[str, Any]) -> str:
+    """``text``, then the policies' warnings; principals of another trust domain only when the
+    agent named its own (``/policies``: an agent from before the field does not)."""
+    trust_domain = data.get("trust_domain")
     warnings = [
         f"warning: {p['kind']} {p['namespace']}/{p['name']}: {warning.message}"
-        for p in policies
-        for warning in policy_warnings(p["kind"], p.get("spec") or {})
+        for p in data["policies"]
+        for warning in policy_warnings(p["kind"], p.get("spec") or {}, trust_domain=trust_domain)
     ]
     return "\n\n".join([text, "\n".join(warnings)]) if warnings else text
 
@@ -213,7 +216,7 @@ def format_policy_rules(data: Mapping[str, Any]) -> str:
     if not data["policies"]:
         return "no policies"
     text = "\n\n".join(format_policy(p, _applies_to(p)) for p in data["policies"])
-    return _with_warnings(text, data["policies"])
+    return _with_warnings(text, data)
 
 
 def _ejections(events: Mapping[str, int]) -> str:
@@ -370,9 +373,12 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "pod", None):
             workloads = request(args.admin, "/workloads", timeout=args.timeout)["workloads"]
             services = request(args.admin, "/services", timeout=args.timeout)["services"]
-            data = {"policies": policies_for_pod(data["policies"], workloads, services, args.pod)}
+            data = {
+                **data,
+                "policies": policies_for_pod(data["policies"], workloads, services, args.pod),
+            }
         if getattr(args, "name", None):
-            data = {"policies": find_policies(data["policies"], args.name)}
+            data = {**data, "policies": find_policies(data["policies"], args.name)}
     except (AdminError, PodNotFound, PolicyNotFound) as e:
         print(f"nodemesh {args.command}: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,9 @@ class AdminComponent(HttpComponent):
     url_path = "/"
     option = "--admin-address"
     not_listening = "admin: API is not listening"
+    # Its clients (the CLI, tap long-polls) all come from 127.0.0.1: a per-address limit would
+    # only lower its total of 64 (``agent.base.http``).
+    per_source = None
 
     def __init__(self, *, address: tuple[str, int], sources: AdminSources) -> None:
         self.api = AdminApi(sources)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from agent.base.component import Component
-from agent.base.http import Handler, HttpServer
+from agent.base.http import MAX_PER_SOURCE, Handler, HttpServer
 
 
 class HttpComponent(Component):
@@ -22,11 +22,12 @@ class HttpComponent(Component):
     url_path: str  # the path shown in the startup log line
     option: str  # the command-line option that chooses the address
     not_listening: str  # the readiness reason while the server is not listening
+    per_source: int | None = MAX_PER_SOURCE  # connections one address may hold (agent.base.http)
 
     def __init__(self, handler: Handler, address: tuple[str, int]) -> None:
         self.address = address
         self.port = address[1]
-        self._server = HttpServer(handler)
+        self._server = HttpServer(handler, per_source=self.per_source)
 
     async def start(self) -> None:
         host, port = self.address

@@ -15,6 +15,22 @@ taken within the same 5 s, else the connection is aborted with what it still hel
 few at once. Both are counted in ``nodemesh_http_server_refusals_total{cause}``
 (``connection_limit``, ``answer_not_taken``).
 
+One source address may hold at most ``MAX_PER_SOURCE`` of them (8 of 64) on readiness and
+metrics. Why: with the total alone, a client outside the mesh that held 64 idle connections to
+15021 made every kubelet probe fail (the agent reported not ready, a DaemonSet rollout stalled)
+while the agent served traffic fine. The head timeout alone cannot stop that: the client
+reconnects as fast as its connections time out, each costing it one round trip, so the server
+stays full whatever the timeout (hyper, ztunnel's HTTP stack, allows 30 s; Envoy's
+``request_headers_timeout`` and Go's ``ReadHeaderTimeout`` are off by default). A per-address
+limit is what the proxy's own listeners do (``agent.base.conncaps.SourceLimit``, 15006 and 15008
+per peer) and nginx's ``limit_conn`` on ``$binary_remote_addr``: one address then holds an
+eighth, and the kubelet (from the node's own address) and Prometheus (from its pod's) keep the
+rest; starving them takes 8 addresses. Past it a connection is closed unread, counted as
+``source_connection_limit`` and logged once while that source stays at its limit
+(``conncaps.PeerSlots``, as the proxy's listeners log). The admin API has no such limit
+(``per_source=None``): it listens on 127.0.0.1, so every client (the CLI, tap long-polls) is one
+address and a per-address limit would only lower the total.
+
 Ports move between agents without a gap during an upgrade: every agent binds with
 ``SO_REUSEPORT``, so a successor binds while its predecessor still listens, and then attaches a
 one-instruction classic BPF program to the port's reuseport group that picks socket 1, the
@@ -37,6 +53,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
+from agent.base.conncaps import PeerSlots
 from agent.base.metrics import counter
 
 log = logging.getLogger(__name__)
@@ -51,6 +68,7 @@ REFUSALS = counter(
 HEAD_LIMIT = 8192
 REQUEST_TIMEOUT = 5.0  # seconds to send the head, and again to take the answer
 MAX_CONNECTIONS = 64  # served at once, per server; more are closed unread
+MAX_PER_SOURCE = 8  # of them from one source address (readiness, metrics)
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -115,21 +133,26 @@ def parse_request_line(head: bytes) -> Request | None:
 
 class HttpServer:
     """Serves ``handler(request)`` on one address; one request per connection, at most
-    ``max_connections`` at once, each given ``timeout`` seconds to send its head and again to
-    take the answer."""
+    ``max_connections`` at once and ``per_source`` of them from one source address (None: no
+    such limit), each given ``timeout`` seconds to send its head and again to take the answer."""
 
     def __init__(
         self,
         handler: Handler,
         *,
         max_connections: int = MAX_CONNECTIONS,
+        per_source: int | None = MAX_PER_SOURCE,
         timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self._handler = handler
         self._server: asyncio.Server | None = None
         self._max_connections, self._timeout = max_connections, timeout
+        # None: the total bounds a source too (checked first, so this never refuses)
+        self.per_source = max_connections if per_source is None else per_source
+        self.sources = PeerSlots()  # connections being served per source address
         self.active = 0  # connections being served
         self.refused = 0  # connections closed unread because ``active`` was at the limit
+        self.refused_per_source = 0  # ... because their source held ``per_source`` already
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port``; returns the bound port (``port=0`` picks one)."""
@@ -165,11 +188,31 @@ class HttpServer:
         if self.active >= self._max_connections:
             self._refuse(writer)
             return
+        peer = writer.get_extra_info("peername")  # None if it was reset before this ran
+        source = str(peer[0]) if peer else "?"
+        if not self.sources.take_within(source, self.per_source):
+            self._refuse_source(writer, source)
+            return
         self.active += 1
         try:
             await self._exchange(reader, writer)
         finally:
             self.active -= 1
+            self.sources.release(source)
+
+    def _refuse_source(self, writer: asyncio.StreamWriter, source: str) -> None:
+        """Closed unread: ``source`` holds its limit already; logged once while it stays there."""
+        self.refused_per_source += 1
+        REFUSALS.labels(cause="source_connection_limit").inc()
+        if self.sources.first_refusal(source):
+            log.warning(
+                "HTTP server on port %s: %d connections from %s at once, the limit per source "
+                "address; its new ones are closed unread (counted, not logged, until one ends)",
+                writer.get_extra_info("sockname", ("", "?"))[1],
+                self.per_source,
+                source,
+            )
+        writer.transport.abort()
 
     def _refuse(self, writer: asyncio.StreamWriter) -> None:
         self.refused += 1

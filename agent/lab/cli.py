@@ -241,7 +241,8 @@ def _apply(args: argparse.Namespace) -> int:
         if kind == "Service":
             warnings = service_warnings(spec)
         else:
-            warnings = policy_warnings(kind, spec) + reach_warnings(namespace, spec, pods, services)
+            warnings = policy_warnings(kind, spec, trust_domain=doc.trust_domain)
+            warnings += reach_warnings(namespace, spec, pods, services)
         what = f"{kind} {namespace}/{meta.get('name')}"
         for warning in warnings:
             print(

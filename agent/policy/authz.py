@@ -64,7 +64,7 @@ import ipaddress
 import logging
 import re
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -245,7 +245,7 @@ def check_policy(spec: Mapping[str, Any]) -> None:
                         )
 
 
-_PRINCIPAL = re.compile(r"[^/]+/ns/[^/]+/sa/[^/]+")
+PRINCIPAL_FORM = re.compile(r"[^/]+/ns/[^/]+/sa/[^/]+")
 # The string-matched fields of a rule: (its list, the object in each item, the fields).
 _MATCHED_STRINGS = (
     ("from", "source", ("principals", "notPrincipals", "namespaces", "notNamespaces")),
@@ -264,7 +264,7 @@ def _never_matches(field: str, value: str) -> str | None:
     if field in ("methods", "notMethods") and value != value.upper():
         return f"{value!r} never matches: methods compare exactly; requests send {value.upper()!r}"
     principal = field in ("principals", "notPrincipals") and "*" not in value
-    if principal and not _PRINCIPAL.fullmatch(value.removeprefix("spiffe://")):
+    if principal and not PRINCIPAL_FORM.fullmatch(value.removeprefix("spiffe://")):
         return (
             f"{value!r} never matches: a principal is TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT"
             " (cluster.local/ns/default/sa/client)"
@@ -279,17 +279,23 @@ def never_matching(spec: Mapping[str, Any]) -> list[str]:
     agent's Events, ``nodemesh lab apply``, ``nodemesh policies``), not refusals: a refused
     policy is enforced as its fail-closed stand-in in a cluster, which would change traffic for
     a policy Istio accepted."""
-    out = []
+    return [
+        f"{path}: {why}"
+        for path, field, value in matched_strings(spec)
+        if (why := _never_matches(field, value)) is not None
+    ]
+
+
+def matched_strings(spec: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """``(path, field, value)`` for every value of a string-matched field of ``spec``'s rules
+    (``spec.rules[0].from[1].source.principals[2]``, ``principals``, the value)."""
     for i, rule in enumerate(spec.get("rules") or ()):
         for where, side, fields in _MATCHED_STRINGS:
             for j, item in enumerate(rule.get(where) or ()):
                 values = item.get(side) or {}
                 for field in fields:
                     for k, value in enumerate(values.get(field) or ()):
-                        why = _never_matches(field, str(value))
-                        if why is not None:
-                            out.append(f"spec.rules[{i}].{where}[{j}].{side}.{field}[{k}]: {why}")
-    return out
+                        yield f"spec.rules[{i}].{where}[{j}].{side}.{field}[{k}]", field, str(value)
 
 
 class _Unenforceable(Exception):

@@ -6,6 +6,8 @@ Two kinds of input are well formed yet almost certainly not what their author me
   ``nodemesh.io/http-ports``): the pod is meshed as if it were absent;
 * an AuthorizationPolicy value that can never match (``methods: ["get"]``, a path ``/a/*/b``,
   a principal ``default/client``; ``agent.policy.authz.never_matching``), which Istio accepts too;
+* a principal of another trust domain than the mesh's (``cluster.local/ns/x/sa/y`` in a mesh of
+  ``example.org``: ``foreign_principals``), which no peer ever has;
 * a policy whose ``selector`` selects no pod, or whose ``targetRef`` names no Service, where it
   is applied (``app: srever``; Istio's analyzer reports the first as IST0127): in a cluster the
   pod or Service may come later, so only the lab, which knows every pod, warns of it;
@@ -33,7 +35,13 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.policy.authz import DEFAULT_ROOT_NAMESPACE, never_matching, selects_pod
+from agent.policy.authz import (
+    DEFAULT_ROOT_NAMESPACE,
+    PRINCIPAL_FORM,
+    matched_strings,
+    never_matching,
+    selects_pod,
+)
 from agent.state.model import (
     EXCLUDE_INBOUND_ANNOTATION,
     EXCLUDE_OUTBOUND_ANNOTATION,
@@ -57,6 +65,7 @@ NEVER_MATCHES = "NeverMatches"
 UNREAD_APP_PROTOCOL = "UnreadAppProtocol"
 NOTHING_SELECTED = "NothingSelected"
 INVALID_LABEL = "InvalidLabel"
+FOREIGN_TRUST_DOMAIN = "ForeignTrustDomain"
 # Protocols Kubernetes or Istio name that are rightly opaque TCP here, yet look like one the mesh
 # reads ("https" is one letter from "http"): no warning for them.
 OPAQUE_APP_PROTOCOLS = frozenset(
@@ -108,12 +117,65 @@ def namespace_warnings(labels: Mapping[str, str]) -> list[ConfigWarning]:
     ]
 
 
-def policy_warnings(kind: str, spec: Mapping[str, Any]) -> list[ConfigWarning]:
+def policy_warnings(
+    kind: str, spec: Mapping[str, Any], *, trust_domain: str | None
+) -> list[ConfigWarning]:
     """The warnings of a policy's (validated) ``spec``: values of an AuthorizationPolicy that
-    can never match; other kinds have none."""
+    can never match, among them principals of another trust domain than the mesh's
+    ``trust_domain`` (None: not known to the caller, not checked); other kinds have none."""
     if kind != "AuthorizationPolicy":
         return []
-    return [ConfigWarning(NEVER_MATCHES, why) for why in never_matching(spec)]
+    found = [ConfigWarning(NEVER_MATCHES, why) for why in never_matching(spec)]
+    if trust_domain is not None:
+        found += [
+            ConfigWarning(FOREIGN_TRUST_DOMAIN, why)
+            for why in foreign_principals(spec, trust_domain)
+        ]
+    return found
+
+
+def foreign_principals(spec: Mapping[str, Any], trust_domain: str) -> list[str]:
+    """Why each ``principals``/``notPrincipals`` value of ``spec`` that names another trust
+    domain than ``trust_domain`` never matches, with the fix.
+
+    The mTLS handshake admits only peers of the mesh's own trust domain, so a principal of
+    another (``cluster.local/ns/x/sa/y`` in a mesh of ``example.org``) is never a peer's: an
+    ALLOW that looks right admits no one, a DENY that looks right denies no one. ztunnel
+    behaves the same; Istio's ``trustDomainAliases``, which would rewrite it, nodemesh does not
+    have. Matching is kept as it is (Istio accepts the policy); this only says so."""
+    out = []
+    for path, field, value in matched_strings(spec):
+        written = value.removeprefix("spiffe://")
+        named = _foreign_trust_domain(field, written, trust_domain)
+        if named is None:
+            continue
+        rest = written.partition("/")[2]
+        fix = f"write {trust_domain}/{rest}" + ("" if "*" in rest else f" (or */{rest} for any)")
+        effect = (
+            "so it excludes no peer (the rule is as if it were absent)"
+            if field == "notPrincipals"
+            else "so it never matches (an ALLOW rule that needs it admits no one, a DENY rule "
+            "denies no one)"
+        )
+        out.append(
+            f"{path}: {value!r} is of trust domain {named}, but this mesh's is {trust_domain} and "
+            f"no peer of another passes the mTLS handshake, {effect}; nodemesh has no "
+            f"trustDomainAliases: {fix}"
+        )
+    return out
+
+
+def _foreign_trust_domain(field: str, written: str, trust_domain: str) -> str | None:
+    """The trust domain a principal or prefix pattern names when it is not ``trust_domain``,
+    else None. Judged only where sure: an exact principal of the SPIFFE form, a prefix pattern
+    with a trust domain (``other.td/ns/x*``). ``*`` and suffix patterns (``*/sa/y``) cover
+    every trust domain, and a malformed value has its own warning (``never_matching``)."""
+    if field not in ("principals", "notPrincipals") or written.startswith("*"):
+        return None
+    if "*" in written[:-1] or (not written.endswith("*") and not PRINCIPAL_FORM.fullmatch(written)):
+        return None
+    named, slash, _ = written.partition("/")
+    return named if slash and named != trust_domain else None
 
 
 def service_warnings(spec: Mapping[str, Any]) -> list[ConfigWarning]:

@@ -414,7 +414,11 @@ class KubeSource:
         warn of what an accepted policy can never match (``report_policy_warnings``)."""
         warnings: list[ConfigWarning] = []
         if error is None:
-            warnings = policy_warnings(POLICY_KINDS[plural], obj.get("spec") or {})
+            warnings = policy_warnings(
+                POLICY_KINDS[plural],
+                obj.get("spec") or {},
+                trust_domain=self.store.snapshot().trust_domain,
+            )
         self.policy_warnings.observe(POLICY_KINDS[plural], obj, warnings)
         self.report_policy_warnings()
         if not self.report_status:

@@ -201,6 +201,18 @@ def test_policies_warn_of_values_that_never_match() -> None:
     ]
 
 
+def test_policies_warn_of_principals_of_another_trust_domain_than_the_agents() -> None:
+    spec = {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/a/sa/b"]}}]}]}
+    policies = [{"kind": "AuthorizationPolicy", "namespace": "default", "name": "p", "spec": spec}]
+    table = format_policies({"policies": policies, "trust_domain": "example.org"})
+    assert table.splitlines()[-1].startswith(
+        "warning: AuthorizationPolicy default/p: spec.rules[0].from[0].source.principals[0]: "
+        "'cluster.local/ns/a/sa/b' is of trust domain cluster.local, but this mesh's is "
+        "example.org"
+    )
+    assert "warning" not in format_policies({"policies": policies, "trust_domain": "cluster.local"})
+
+
 def test_policies_for_a_pod_are_those_that_select_it_or_target_its_services() -> None:
     """``istioctl x describe pod``'s question: the selectors (its namespace, or the root one),
     and a targetRef naming a Service in its namespace whose selector matches the pod."""

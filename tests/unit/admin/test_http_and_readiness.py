@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.app import Agent
+import pytest
+
+from agent.admin.component import AdminComponent
+from agent.app import Agent, ReadinessServer
 from agent.base.constants import Listener
-from agent.base.http import HttpServer, Request, Response, parse_request_line
+from agent.base.http import (
+    MAX_CONNECTIONS,
+    MAX_PER_SOURCE,
+    HttpServer,
+    Request,
+    Response,
+    parse_request_line,
+)
 from agent.base.metrics import REGISTRY
 from agent.config import AgentConfig
+from agent.telemetry.component import TelemetryComponent
 
 
 def test_request_line_parsing() -> None:
@@ -91,6 +103,57 @@ def test_connections_past_the_limit_are_closed_unread_and_the_others_served() ->
     assert extra == b"" and refused == 1 and "/extra" not in entered
     assert _refusals("connection_limit") == before + 1
     assert after.startswith(b"HTTP/1.1 200")
+
+
+def test_one_address_holding_connections_cannot_starve_the_probes_of_another(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Readiness listens on the node's addresses: a client outside the mesh (127.0.0.2 here)
+    that held 64 idle connections made every kubelet probe (127.0.0.3) fail. Now one address
+    holds at most ``MAX_PER_SOURCE``; the rest are closed unread, counted, and logged once
+    while it stays at its limit, and another address is answered. (The head timeout is set
+    long so that the held connections stay held however slow the machine is.)"""
+
+    async def scenario() -> tuple[int, bytes, int]:
+        server = HttpServer(lambda _r: Response.json(200, {"ready": True}), timeout=600)
+        port = await server.start("127.0.0.1", 0)
+        held: list[asyncio.StreamWriter] = []
+        try:
+            for _ in range(MAX_CONNECTIONS):
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=("127.0.0.2", 0)
+                )
+                held.append(writer)
+            refused = lambda: _refusals("source_connection_limit") - before  # noqa: E731
+            await asyncio.wait_for(_until(lambda: server.active + refused() == 64), 30)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=("127.0.0.3", 0)
+            )
+            writer.write(b"GET /healthz/ready HTTP/1.1\r\n\r\n")
+            try:
+                probe = await reader.read()
+            except ConnectionResetError:
+                probe = b""
+            writer.close()
+            return server.active, probe, int(refused())
+        finally:
+            for writer in held:
+                writer.close()
+            await server.stop()
+
+    before = _refusals("source_connection_limit")
+    with caplog.at_level(logging.WARNING, logger="agent.base.http"):
+        active, probe, refused = asyncio.run(scenario())
+    assert probe.startswith(b"HTTP/1.1 200")
+    assert active == MAX_PER_SOURCE and refused == MAX_CONNECTIONS - MAX_PER_SOURCE
+    said = [r.getMessage() for r in caplog.records if "127.0.0.2" in r.getMessage()]
+    assert len(said) == 1 and "limit per source address" in said[0]
+
+
+def test_readiness_and_metrics_limit_each_address_and_the_loopback_admin_api_does_not() -> None:
+    assert ReadinessServer(list)._server.per_source == MAX_PER_SOURCE
+    metrics = TelemetryComponent.per_source
+    assert metrics == MAX_PER_SOURCE and AdminComponent.per_source is None
 
 
 def test_an_answer_the_client_does_not_take_is_dropped_with_its_connection() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.policy.warnings import (
+    FOREIGN_TRUST_DOMAIN,
     NEVER_MATCHES,
     POD_ANNOTATIONS,
     UNKNOWN_ANNOTATION,
@@ -14,6 +15,8 @@ from agent.policy.warnings import (
     service_warnings,
     unknown_annotation,
 )
+
+TD = "cluster.local"
 
 
 def test_only_unread_nodemesh_keys_are_unknown() -> None:
@@ -66,16 +69,55 @@ def test_policy_warnings_are_never_matching_values_of_an_authorization_policy() 
             }
         ]
     }
-    warnings = policy_warnings("AuthorizationPolicy", spec)
+    warnings = policy_warnings("AuthorizationPolicy", spec, trust_domain=TD)
     assert [w.reason for w in warnings] == [NEVER_MATCHES] * 3
     assert [w.message.split(":")[0] for w in warnings] == [
         "spec.rules[0].from[0].source.principals[0]",
         "spec.rules[0].to[0].operation.methods[0]",
         "spec.rules[0].to[0].operation.paths[0]",
     ]
-    assert policy_warnings("TrafficPolicy", spec) == []
+    assert policy_warnings("TrafficPolicy", spec, trust_domain=TD) == []
     fixed = {"rules": [{"to": [{"operation": {"methods": ["GET"], "paths": ["/a/*"]}}]}]}
-    assert policy_warnings("AuthorizationPolicy", fixed) == []
+    assert policy_warnings("AuthorizationPolicy", fixed, trust_domain=TD) == []
+
+
+def _principals(field: str, *values: str) -> dict[str, object]:
+    return {"action": "ALLOW", "rules": [{"from": [{"source": {field: list(values)}}]}]}
+
+
+@pytest.mark.parametrize("field", ["principals", "notPrincipals"])
+def test_a_principal_of_another_trust_domain_is_warned_with_the_fix(field: str) -> None:
+    """In a mesh of example.org no peer is ever ``cluster.local/...`` (the handshake admits only
+    example.org's), so the value never matches, as in ztunnel; nodemesh has no
+    ``trustDomainAliases``: the warning names the value, both trust domains and the fix."""
+    spec = _principals(field, "cluster.local/ns/x/sa/y", "spiffe://other.td/ns/x/*")
+    first, second = policy_warnings("AuthorizationPolicy", spec, trust_domain="example.org")
+    assert (first.reason, second.reason) == (FOREIGN_TRUST_DOMAIN, FOREIGN_TRUST_DOMAIN)
+    assert first.message.startswith(
+        f"spec.rules[0].from[0].source.{field}[0]: 'cluster.local/ns/x/sa/y' is of trust domain "
+        "cluster.local, but this mesh's is example.org"
+    )
+    assert first.message.endswith(
+        "nodemesh has no trustDomainAliases: write example.org/ns/x/sa/y (or */ns/x/sa/y for any)"
+    )
+    effect = "excludes no peer" if field == "notPrincipals" else "admits no one"
+    assert effect in first.message
+    assert "'spiffe://other.td/ns/x/*' is of trust domain other.td" in second.message
+    assert second.message.endswith("write example.org/ns/x/*")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["example.org/ns/x/sa/y", "spiffe://example.org/ns/x/sa/y", "example.org/ns/x/*", "*",
+     "*/ns/x/sa/y", "*/sa/y", "exam*"],
+)  # fmt: skip
+def test_a_principal_the_mesh_trust_domain_can_match_is_not_warned(value: str) -> None:
+    """The mesh's own, and ``*``/suffix/prefix patterns that cover it: no warning."""
+    spec = _principals("principals", value)
+    assert policy_warnings("AuthorizationPolicy", spec, trust_domain="example.org") == []
+    # Without the mesh's trust domain (an agent from before /policies named it): not judged.
+    foreign = _principals("principals", "cluster.local/ns/x/sa/y")
+    assert policy_warnings("AuthorizationPolicy", foreign, trust_domain=None) == []
 
 
 @pytest.mark.parametrize(

@@ -31,9 +31,10 @@ def start(api: FakeApiServer) -> Iterator[Start]:
     """``start(node, **kw)``: an agent's Kubernetes source, synced; all are stopped after."""
     started: list[tuple[KubeSource, Any]] = []
 
-    def run(node: str, **kw: Any) -> KubeSource:
+    def run(node: str, trust_domain: str = "cluster.local", **kw: Any) -> KubeSource:
         connection = client.ApiClient(client.Configuration(host=api.url))
-        source = KubeSource(connection, StateStore(), node=node, watch_timeout=5, **kw)
+        store = StateStore(trust_domain)
+        source = KubeSource(connection, store, node=node, watch_timeout=5, **kw)
         started.append((source, connection))
         source.start()
         assert source.wait_ready(10), f"not ready: {source.not_ready()}"
@@ -131,6 +132,35 @@ def test_a_never_matching_policy_gets_one_event_from_the_lease_holder_per_genera
     for source in agents.values():
         wait_for(lambda source=source: not source.describe()["warnings"])
     assert len(_events(api, "NeverMatches")) == 1
+
+
+def test_a_principal_of_another_trust_domain_is_warned_and_one_of_the_mesh_is_not(
+    api: FakeApiServer, start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In a mesh of example.org, ``cluster.local/ns/default/sa/client`` never matches: the
+    agent logs it once per generation, ``nodemesh status`` shows it and the Lease holder records
+    an Event naming the principal, the mesh's trust domain and the fix; a policy of the mesh's
+    own trust domain, or of a pattern that covers it, has none."""
+    foreign = authz("foreign")
+    foreign["spec"]["rules"] = [{"from": [{"source": {"principals": [
+        "cluster.local/ns/default/sa/client"]}}]}]  # fmt: skip
+    own = authz("own")
+    own["spec"]["rules"] = [{"from": [{"source": {"principals": [
+        "example.org/ns/default/sa/client", "*/ns/default/sa/other"]}}]}]  # fmt: skip
+    api.create("AuthorizationPolicy", own)
+    api.create("AuthorizationPolicy", foreign)
+    with caplog.at_level("WARNING", logger="agent.sources.objectwarnings"):
+        source = start("node1", trust_domain="example.org", lease_timing=FAST_LEASE)
+        [event] = wait_for(lambda: _events(api, "ForeignTrustDomain"))
+    assert event["involvedObject"]["name"] == "foreign"
+    assert "'cluster.local/ns/default/sa/client' is of trust domain cluster.local, but this " \
+        "mesh's is example.org" in event["message"]  # fmt: skip
+    assert "write example.org/ns/default/sa/client" in event["message"]
+    assert source.describe()["warnings"] == [{
+        "object": "AuthorizationPolicy default/foreign", "reason": "ForeignTrustDomain",
+        "message": event["message"]}]  # fmt: skip
+    logged = [r.getMessage() for r in caplog.records if "trust domain" in r.getMessage()]
+    assert logged == [f"AuthorizationPolicy default/foreign (generation 1): {event['message']}"]
 
 
 def test_a_follower_records_what_it_held_once_it_takes_the_lease(

@@ -46,7 +46,9 @@ def _policy(methods: list[str], generation: int = 1, uid: str = "p1") -> dict[st
 
 
 def _observe(ledger: PolicyWarnings, obj: dict[str, Any]) -> None:
-    ledger.observe("AuthorizationPolicy", obj, policy_warnings("AuthorizationPolicy", obj["spec"]))
+    spec = obj["spec"]
+    warnings = policy_warnings("AuthorizationPolicy", spec, trust_domain="cluster.local")
+    ledger.observe("AuthorizationPolicy", obj, warnings)
 
 
 KEY = ("AuthorizationPolicy", "default", "web")

@@ -8,17 +8,19 @@ users' queries select on these names.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from agent.proxy.records import Registry
 from agent.state import StateStore
 from agent.state.model import Endpoint, Service, ServicePort, Workload
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
-from agent.telemetry.labels import endpoint_services, tcp_labels
+from agent.telemetry.labels import TcpLabels, endpoint_services, tcp_labels
 from agent.telemetry.records import INBOUND, ConnectionRecord, RequestRecord
 from agent.view.series import Series, from_exposition
 from tests.unit.telemetry.telemetry_helpers import inbound, make_store
 from tests.unit.telemetry.telemetry_helpers import outbound as client_to_vip
+from tests.workloads import workload
 
 # Istio's standard labels of every metric (Istio docs, "Labels"; ztunnel's TCP label set).
 ISTIO_LABELS = frozenset(
@@ -65,16 +67,16 @@ REQUEST_SAMPLES = (
 )
 
 
-def pod(name: str, ip: str, labels: Mapping[str, str], *, namespace: str = "shop") -> Workload:
-    return Workload(
-        uid=f"{namespace}/{name}",
-        name=name,
-        namespace=namespace,
-        service_account=name,
-        node="node1",
-        ips=(ip,),
-        labels=labels,
-        mesh_annotation="enabled",
+def pod(name: str, ip: str, labels: Mapping[str, str]) -> Workload:
+    return replace(workload(name, "node1", ip, namespace="shop"), labels=labels)
+
+
+def side(labels: TcpLabels, prefix: str) -> tuple[str, ...]:
+    """``prefix``'s canonical service and revision, app, version and cluster."""
+    named = labels._asdict()
+    return tuple(
+        named[f"{prefix}_{n}"]
+        for n in ("canonical_service", "canonical_revision", "app", "version", "cluster")
     )
 
 
@@ -168,20 +170,8 @@ def test_canonical_labels_follow_istios_order_of_pod_labels() -> None:
                                            "app.kubernetes.io/version": "3.1"})  # fmt: skip
     snap = store_of(istio, k8s).snapshot()
     labels = tcp_labels(connection("10.1.0.1", "10.1.0.2"), snap, endpoint_services(snap))
-    assert (
-        labels.source_canonical_service,
-        labels.source_canonical_revision,
-        labels.source_app,
-        labels.source_version,
-        labels.source_cluster,
-    ) == ("frontend", "r7", "web", "v2", "Kubernetes")
-    assert (
-        labels.destination_canonical_service,
-        labels.destination_canonical_revision,
-        labels.destination_app,
-        labels.destination_version,
-        labels.destination_cluster,
-    ) == ("reviews", "3.1", "reviews", "3.1", "Kubernetes")
+    assert side(labels, "source") == ("frontend", "r7", "web", "v2", "Kubernetes")
+    assert side(labels, "destination") == ("reviews", "3.1", "reviews", "3.1", "Kubernetes")
     assert (
         labels.destination_service,
         labels.destination_service_name,
@@ -194,13 +184,7 @@ def test_a_pod_without_labels_falls_back_to_its_name_latest_and_unknown() -> Non
     dst = pod("reviews-0", "10.1.0.4", {"app": "reviews", "version": "v1"})
     snap = store_of(bare, dst).snapshot()
     labels = tcp_labels(connection("10.1.0.3", "10.1.0.4"), snap, endpoint_services(snap))
-    assert (
-        labels.source_canonical_service,
-        labels.source_canonical_revision,
-        labels.source_app,
-        labels.source_version,
-        labels.source_cluster,
-    ) == ("batch-0", "latest", "unknown", "unknown", "Kubernetes")
+    assert side(labels, "source") == ("batch-0", "latest", "unknown", "unknown", "Kubernetes")
     assert (labels.destination_canonical_revision, labels.destination_version) == ("v1", "v1")
 
 
@@ -209,13 +193,8 @@ def test_a_peer_outside_the_state_is_unknown_but_for_what_its_principal_tells() 
     snap = store_of(pod("x", "10.1.0.9", {}), dst).snapshot()
     by_endpoint = endpoint_services(snap)
     meshed = tcp_labels(connection("192.0.2.1", "10.1.0.4"), snap, by_endpoint)
-    assert (
-        meshed.source_canonical_service,
-        meshed.source_canonical_revision,
-        meshed.source_version,
-        meshed.source_workload_namespace,
-        meshed.source_cluster,
-    ) == ("unknown", "unknown", "unknown", "shop", "Kubernetes")
+    assert side(meshed, "source") == ("unknown", "unknown", "unknown", "unknown", "Kubernetes")
+    assert meshed.source_workload_namespace == "shop"
     plain = connection("192.0.2.1", "198.51.100.7")
     plain.source_identity = plain.destination_identity = None
     outside = tcp_labels(plain, snap, by_endpoint)

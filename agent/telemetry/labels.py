@@ -22,7 +22,8 @@ ztunnel's) conventions:
 * anything not known is ``unknown``. No label carries a port, an address or a connection id.
 
 Every label is a function of the two workloads and the Service (or of what a principal tells),
-so the added labels make no new series: one series per (workloads, Service, flags) as before.
+so the pods of one workload still share a series; pods of one canonical name with two versions
+(or revisions) are two series, as in Istio, where Kiali's versioned graph tells them apart.
 """
 
 from __future__ import annotations

@@ -111,6 +111,15 @@ def escape_label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+class _Escaped(dict[str, str]):
+    """Label values escaped, each once per exposition: a scrape repeats every series' values on
+    each of its samples (a request histogram's 21), and escaping was 40 % of a scrape."""
+
+    def __missing__(self, value: str) -> str:
+        self[value] = escaped = escape_label_value(value)
+        return escaped
+
+
 def escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
@@ -303,7 +312,7 @@ def exposition(source: Collector) -> bytes:
     out: list[str] = []
     append = out.append
     fmt = format_value
-    esc = escape_label_value
+    esc = _Escaped()
     for family in source.collect():
         name = family.name
         exposed = name + "_total" if family.type == "counter" else name
@@ -314,9 +323,9 @@ def exposition(source: Collector) -> bytes:
         for sample_name, labels, value in family.samples:
             if labels:
                 pairs = ",".join(
-                    [f'{key}="{esc(labels[key])}"' for key in sorted(labels)]
+                    [f'{key}="{esc[labels[key]]}"' for key in sorted(labels)]
                     if len(labels) > 1
-                    else [f'{key}="{esc(v)}"' for key, v in labels.items()]
+                    else [f'{key}="{esc[v]}"' for key, v in labels.items()]
                 )
                 line = f"{sample_name}{{{pairs}}} {fmt(value)}\n"
             else:

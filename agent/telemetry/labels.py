@@ -13,7 +13,17 @@ ztunnel's) conventions:
   checked to select the pod); else the Service whose endpoints hold the pod address dialed;
 * ``response_flags`` follow ztunnel: ``-`` (none), ``DENY`` (authorization or PeerAuthentication
   refused it), ``CONNECT`` (any other failure to establish or relay it);
+* each side's canonical service is its workload name (Istio's order of labels above);
+  canonical revision ``service.istio.io/canonical-revision``, then ``app.kubernetes.io/version``,
+  then ``version``, else ``latest``; ``*_app`` label ``app``, then ``app.kubernetes.io/name``;
+  ``*_version`` label ``version``, then ``app.kubernetes.io/version``; ``*_cluster`` Istio's
+  default cluster id ``Kubernetes`` (``CLUSTER_ID``) for a peer in the state or with a mesh
+  principal; ``destination_service_name``/``_namespace`` the parts of ``destination_service``;
 * anything not known is ``unknown``. No label carries a port, an address or a connection id.
+
+Every label is a function of the two workloads and the Service (or of what a principal tells),
+so the pods of one workload still share a series; pods of one canonical name with two versions
+(or revisions) are two series, as in Istio, where Kiali's versioned graph tells them apart.
 """
 
 from __future__ import annotations
@@ -30,35 +40,61 @@ CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/n
 APP_LABELS = ("app", "app.kubernetes.io/name")
 DENY_REASONS = frozenset({"policy_denied", "policy_denied_stream", "strict_mtls"})
 
-LABEL_NAMES = (
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "destination_service",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "connection_security_policy",
-    "response_flags",
-    "request_protocol",
+# Istio's default cluster id (``global.multiCluster.clusterName`` unset; ztunnel's
+# ``CLUSTER_ID`` default): nodemesh meshes one cluster and has no setting that names it.
+CLUSTER_ID = "Kubernetes"
+CANONICAL_REVISION_LABELS = (
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
 )
+VERSION_LABELS = ("version", "app.kubernetes.io/version")
+LATEST = "latest"
 
 
 class TcpLabels(NamedTuple):
+    """Istio's standard labels, in ztunnel's order (``CommonTrafficLabels``) but for the last
+    three, kept where nodemesh had them."""
+
     reporter: str
     source_workload: str
+    source_canonical_service: str
+    source_canonical_revision: str
     source_workload_namespace: str
     source_principal: str
     source_app: str
+    source_version: str
+    source_cluster: str
     destination_service: str
+    destination_service_namespace: str
+    destination_service_name: str
     destination_workload: str
+    destination_canonical_service: str
+    destination_canonical_revision: str
     destination_workload_namespace: str
     destination_principal: str
+    destination_app: str
+    destination_version: str
+    destination_cluster: str
     connection_security_policy: str
     response_flags: str
     request_protocol: str
+
+
+LABEL_NAMES: tuple[str, ...] = TcpLabels._fields
+
+
+class _Peer(NamedTuple):
+    """One side's workload-derived labels (``_peer``), in ``TcpLabels``' order."""
+
+    workload: str
+    canonical_service: str
+    canonical_revision: str
+    namespace: str
+    principal: str
+    app: str
+    version: str
+    cluster: str
 
 
 def host_of(address: str) -> str:
@@ -75,8 +111,22 @@ def workload_name(workload: Workload) -> str:
     return workload.name
 
 
+def _first_label(workload: Workload, keys: tuple[str, ...], default: str) -> str:
+    return next((v for k in keys if (v := workload.labels.get(k))), default)
+
+
 def app_of(workload: Workload) -> str:
-    return next((v for k in APP_LABELS if (v := workload.labels.get(k))), UNKNOWN)
+    return _first_label(workload, APP_LABELS, UNKNOWN)
+
+
+def canonical_revision(workload: Workload) -> str:
+    """Istio's canonical revision: ``service.istio.io/canonical-revision``, then
+    ``app.kubernetes.io/version``, then ``version``, else ``latest``."""
+    return _first_label(workload, CANONICAL_REVISION_LABELS, LATEST)
+
+
+def version_of(workload: Workload) -> str:
+    return _first_label(workload, VERSION_LABELS, UNKNOWN)
 
 
 def response_flags(failure: str) -> str:
@@ -115,6 +165,43 @@ def endpoint_services(snap: Snapshot) -> Mapping[str, str]:
     return out
 
 
+def service_name_namespace(hostname: str) -> tuple[str, str]:
+    """``name.ns.svc.<domain>`` → ``(name, ns)``: every hostname the labels carry is a
+    Service's (``Service.hostname``); anything else keeps its text as the name."""
+    parts = hostname.split(".", 3)
+    if len(parts) >= 3 and parts[2] == "svc":
+        return parts[0], parts[1]
+    return hostname, UNKNOWN
+
+
+def _peer(workload: Workload | None, principal: str | None) -> _Peer:
+    """One side's labels from its workload; for a peer not in the state, what its principal
+    tells (its namespace, and so that it is of this cluster's mesh), else ``unknown``."""
+    if workload is None:
+        namespace = namespace_of_principal(principal)
+        return _Peer(
+            UNKNOWN,
+            UNKNOWN,
+            UNKNOWN,
+            namespace,
+            principal or UNKNOWN,
+            UNKNOWN,
+            UNKNOWN,
+            UNKNOWN if namespace == UNKNOWN else CLUSTER_ID,
+        )
+    name = workload_name(workload)
+    return _Peer(
+        name,
+        name,  # Istio's canonical service: the same labels, then the workload's name
+        canonical_revision(workload),
+        workload.namespace,
+        principal or UNKNOWN,
+        app_of(workload),
+        version_of(workload),
+        CLUSTER_ID,
+    )
+
+
 def tcp_labels(
     record: ConnectionRecord, snap: Snapshot, by_endpoint: Mapping[str, str]
 ) -> TcpLabels:
@@ -130,21 +217,15 @@ def tcp_labels(
         if vip
         else record.service or by_endpoint.get(upstream) or by_endpoint.get(upstream_ip, UNKNOWN)
     )
+    name, namespace = service_name_namespace(service) if service != UNKNOWN else (UNKNOWN, UNKNOWN)
     return TcpLabels(
-        reporter="source" if record.direction == OUTBOUND else "destination",
-        source_workload=workload_name(src) if src else UNKNOWN,
-        source_workload_namespace=(
-            src.namespace if src else namespace_of_principal(record.source_identity)
-        ),
-        source_principal=record.source_identity or UNKNOWN,
-        source_app=app_of(src) if src else UNKNOWN,
-        destination_service=service,
-        destination_workload=workload_name(dst) if dst else UNKNOWN,
-        destination_workload_namespace=(
-            dst.namespace if dst else namespace_of_principal(record.destination_identity)
-        ),
-        destination_principal=record.destination_identity or UNKNOWN,
-        connection_security_policy=security_policy(record),
-        response_flags=response_flags(record.failure),
-        request_protocol="tcp",
+        "source" if record.direction == OUTBOUND else "destination",
+        *_peer(src, record.source_identity),
+        service,
+        namespace,
+        name,
+        *_peer(dst, record.destination_identity),
+        security_policy(record),
+        response_flags(record.failure),
+        "tcp",
     )

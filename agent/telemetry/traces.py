@@ -81,12 +81,24 @@ def parent_context(headers: tuple[tuple[str, str], ...]) -> Context | None:
     return context if span.get_span_context().is_valid else None
 
 
+# The labels a span carries: who talked to whom (the metrics' other labels derive from these).
+SPAN_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "destination_service",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "connection_security_policy",
+)
+
+
 def _mesh_attributes(labels: TcpLabels) -> dict[str, AttributeValue]:
-    return {
-        f"nodemesh.{name}": value
-        for name, value in labels._asdict().items()
-        if name not in ("response_flags", "request_protocol")
-    }
+    values = labels._asdict()
+    return {f"nodemesh.{name}": values[name] for name in SPAN_LABELS}
 
 
 def request_attributes(

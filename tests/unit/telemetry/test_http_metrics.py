@@ -28,13 +28,24 @@ from tests.workloads import workload
 OK_LABELS = {
     "reporter": "destination",
     "source_workload": "client",
+    "source_canonical_service": "client",
+    "source_canonical_revision": "latest",
     "source_workload_namespace": "default",
     "source_principal": CLIENT_ID,
     "source_app": "client",
+    "source_version": "unknown",
+    "source_cluster": "Kubernetes",
     "destination_service": "server.default.svc.cluster.local",
+    "destination_service_namespace": "default",
+    "destination_service_name": "server",
     "destination_workload": "server",
+    "destination_canonical_service": "server",
+    "destination_canonical_revision": "latest",
     "destination_workload_namespace": "default",
     "destination_principal": SERVER_ID,
+    "destination_app": "server",
+    "destination_version": "unknown",
+    "destination_cluster": "Kubernetes",
     "connection_security_policy": "mutual_tls",
     "response_flags": "-",
     "request_protocol": "http",
@@ -205,7 +216,12 @@ def test_each_line_carries_its_own_series_label_fields(
         sent.append((request(200), peer))
         with component.http._store.update() as txn:
             txn.put_workload(workload("client", "node1", "10.244.1.2", app="renamed"))
-        renamed = {**peer, "source_workload": "renamed", "source_app": "renamed"}
+        renamed = {
+            **peer,
+            "source_workload": "renamed",
+            "source_canonical_service": "renamed",
+            "source_app": "renamed",
+        }
         registry.request_done(conn, request(200))
         sent.append((request(200), renamed))
     lines = [r.getMessage() for r in caplog.records]

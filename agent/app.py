@@ -307,7 +307,8 @@ async def open_ports(
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.store = StateStore()
+        # a Kubernetes source's trust domain (--trust-domain); a cluster document sets its own
+        self.store = StateStore(config.trust_domain)
         self.datapath = Datapath(config.datapath())
         self.source: StateSource | None = None
         self.listeners: dict[Listener, socket.socket] = {}

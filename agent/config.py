@@ -28,6 +28,7 @@ from agent.datapath.listeners import ListenerPorts
 from agent.datapath.netlink import RoutingConfig
 from agent.datapath.programs import Marks
 from agent.identity.caclient import CA_SERVER_NAME
+from agent.identity.spiffe import valid_trust_domain
 from agent.proxy.budget import (
     DEFAULT_BUDGET,
     DEFAULT_QUEUE_BUDGET,
@@ -44,6 +45,7 @@ from agent.proxy.hbone_limits import (
 )
 from agent.proxy.http1 import MAX_FIELDS_SETTING, MIN_FIELDS_SETTING
 from agent.proxy.http1_codec import DEFAULT_MAX_FIELDS
+from agent.state.model import DEFAULT_TRUST_DOMAIN
 from agent.telemetry.accesslog import SampleRateError, check_sample_rate
 from agent.telemetry.tracesettings import TraceSettings
 
@@ -76,6 +78,9 @@ class AgentConfig:
     cluster_file: Path | None = None
     kubeconfig: Path | None = None
     in_cluster: bool = False
+    # the mesh's SPIFFE trust domain with a Kubernetes source (--trust-domain); a cluster
+    # document names its own (``trustDomain``)
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
     uplinks: tuple[str, ...] = ()
     fail_open: bool = False
     splice: bool = False
@@ -204,6 +209,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--cluster-file", type=Path, help="cluster document (standalone, the lab)")
     src.add_argument("--kubeconfig", type=Path, help="kubeconfig of the cluster to watch")
     src.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
+    parser.add_argument(
+        "--trust-domain",
+        metavar="DOMAIN",
+        help="the mesh's SPIFFE trust domain with --kubeconfig/--in-cluster: the CA's "
+        f"(nodemesh ca --trust-domain; default {DEFAULT_TRUST_DOMAIN}); a cluster document names "
+        "its own (trustDomain)",
+    )
     parser.add_argument(
         "--pin-dir", type=Path, help=f"bpffs directory (default: {DEFAULT_PIN_ROOT}/<node>)"
     )
@@ -389,6 +401,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _trust_domain(args: argparse.Namespace) -> str:
+    """``--trust-domain``, checked: a SPIFFE trust domain, and only with a Kubernetes source.
+    Why a flag: the CA signs identities in its own trust domain (``nodemesh ca --trust-domain``)
+    and refuses requests for another, so agents that assumed the default while the CA was given
+    another could obtain no certificate at all."""
+    if args.trust_domain is None:
+        return DEFAULT_TRUST_DOMAIN
+    if args.cluster_file:
+        raise ConfigError(
+            "--trust-domain is for a Kubernetes source: the cluster document names the trust "
+            "domain itself (trustDomain); set it there"
+        )
+    if not valid_trust_domain(args.trust_domain):
+        raise ConfigError(
+            f"--trust-domain {args.trust_domain!r}: expected a lowercase DNS name such as "
+            f"{DEFAULT_TRUST_DOMAIN} or example.org, the CA's --trust-domain"
+        )
+    return str(args.trust_domain)
+
+
 def _workers(value: str, *, has_ca: bool) -> int:
     """``--workers``: a count, or ``auto`` (the CPUs this process may use, capped; 1 without a
     CA, since only the node proxy runs in workers and without a CA there is none)."""
@@ -551,6 +583,7 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         raise ConfigError(
             "the agent needs a state source: --cluster-file PATH, --kubeconfig PATH or --in-cluster"
         )
+    trust_domain = _trust_domain(args)
     if "/" in args.node or not args.node:
         raise ConfigError(f"--node {args.node!r}: expected a node name (no '/')")
     ca_flags = (args.ca_address, args.ca_root, args.token_file)
@@ -605,6 +638,7 @@ def from_args(args: argparse.Namespace) -> AgentConfig:
         cluster_file=args.cluster_file,
         kubeconfig=args.kubeconfig,
         in_cluster=args.in_cluster,
+        trust_domain=trust_domain,
         uplinks=tuple(args.uplinks),
         fail_open=args.fail_open,
         splice=args.splice,

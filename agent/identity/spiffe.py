@@ -20,6 +20,12 @@ _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _NAME = re.compile(_SUBDOMAIN)
 
 
+def valid_trust_domain(text: str) -> bool:
+    """Whether ``text`` is a trust domain an identity may name (``SpiffeId.parse`` checks the
+    same)."""
+    return _TRUST_DOMAIN.fullmatch(text) is not None
+
+
 class SpiffeIdError(ValueError):
     """A string is not a SPIFFE ID of the form ``spiffe://<td>/ns/<namespace>/sa/<account>``."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,9 @@ def test_hex_marks_and_tables() -> None:
         (["--node", "a/b", "--in-cluster"], "node name"),
         (["--node", "n", "--in-cluster", "--drain-seconds", "-1"], "--drain-seconds"),
         (["--node", "n", "--in-cluster", "--cert-ttl", "12h"], "no CA is set"),
+        (["--node", "n", "--cluster-file", "c.yaml", "--trust-domain", "a.org"], "trustDomain"),
+        (["--node", "n", "--in-cluster", "--trust-domain", "Example.org"], "lowercase DNS name"),
+        (["--node", "n", "--in-cluster", "--trust-domain", "a.org/ns"], "lowercase DNS name"),
         ([*CA, "--cert-ttl", "0s"], "leave --cert-ttl out"),
         (["--node", "n", "--in-cluster", "--hbone-window", "32MiB"], "64KiB to 16MiB"),
         (["--node", "n", "--in-cluster", "--hbone-window", "1000"], "64KiB to 16MiB"),
@@ -264,3 +268,18 @@ def test_a_bad_header_field_count_names_the_flag_the_range_and_why(text: str) ->
     assert str(e.value).startswith(f"--max-header-fields {text}: expected 10 to 12288 header")
     why = str(e.value)  # the client's own fields come near 10, the proxies' are not counted
     assert "Host, User-Agent" in why and "not counted" in why and "60 KiB" in why
+
+
+def test_a_kubernetes_sources_trust_domain_is_the_flags_and_reaches_the_agents_state(
+    tmp_path: Path,
+) -> None:
+    """The CA signs in its own trust domain and refuses requests for another: an agent on a
+    Kubernetes source must be able to name it, and its state (what it asks the CA for, what
+    policy principals are compared with) must carry it."""
+    from agent.app import Agent
+
+    assert parse("--node", "n", "--in-cluster").trust_domain == "cluster.local"
+    config = parse("--node", "n", "--in-cluster", "--trust-domain", "example.org")
+    assert config.trust_domain == "example.org"
+    config = dataclasses.replace(config, pin_dir=tmp_path / "pins")
+    assert Agent(config).store.snapshot().trust_domain == "example.org"

@@ -34,7 +34,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import NamedTuple, Protocol, Self
+from typing import NamedTuple, Protocol, Self, cast
 
 # The Content-Type the agent's /metrics answered with when prometheus_client wrote it (0.26's
 # CONTENT_TYPE_LATEST); the body is the 0.0.4 text format, which 1.0.0 reads unchanged.
@@ -174,6 +174,13 @@ class LabelTexts(dict[tuple[str, ...], LabelText]):
         return text
 
 
+# Histogram bounds as written in a LabelText series' bucket lines, escaped once for the
+# process: a collector's bounds are a few fixed strings (a bound, not a label value, so the set
+# stays small; it starts over past _MAX_BOUNDS all the same).
+_bounds_escaped = _Escaped()
+_MAX_BOUNDS = 4096
+
+
 def escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
@@ -187,6 +194,8 @@ class Sample(NamedTuple):
 # A histogram bucket's labels as ``HistogramMetricFamily`` keeps them for a ``LabelText``
 # series: the series' labels and the bound, not a dict of both made per bucket per scrape.
 _BucketLabels = tuple[LabelText, str]
+# What the writer reads: a Sample, or a bucket row of a LabelText series.
+_Row = tuple[str, dict[str, str] | _BucketLabels, float]
 
 
 class MetricFamily:
@@ -204,7 +213,7 @@ class MetricFamily:
         self.name = _check_metric_name(name)
         self.documentation = documentation
         self.type = typ
-        self.rows: list[Sample] = []
+        self.rows: list[_Row] = []
         self._buckets = False  # some rows' labels are _BucketLabels
 
     @property
@@ -212,10 +221,10 @@ class MetricFamily:
         """The samples, each with its labels as a dict (bucket rows made whole: for readers
         other than the writer, e.g. ``Registry.get_sample_value`` and tests)."""
         if not self._buckets:
-            return self.rows
+            return cast(list[Sample], self.rows)  # only Samples were added
         return [
-            Sample(name, {**labels[0], "le": labels[1]}, value)  # type: ignore[misc]
-            if type(labels) is tuple
+            Sample(name, {**labels[0], "le": labels[1]}, value)
+            if isinstance(labels, tuple)
             else Sample(name, labels, value)
             for name, labels, value in self.rows
         ]
@@ -320,7 +329,7 @@ class HistogramMetricFamily(MetricFamily):
             self._buckets = True
             series: dict[str, str] = labels
             for bound, count in buckets:
-                add(Sample(bucket, (labels, bound), count))  # type: ignore[arg-type]
+                add((bucket, (labels, bound), count))
         else:
             pairs = list(zip(self._labelnames, labels, strict=False))
             series = dict(pairs)
@@ -413,6 +422,9 @@ def exposition(source: Collector) -> bytes:
     fmt = format_value
     esc = _Escaped()
     values: dict[float, str] = {}
+    if len(_bounds_escaped) > _MAX_BOUNDS:
+        _bounds_escaped.clear()
+    bounds = _bounds_escaped
     for family in source.collect():
         name = family.name
         exposed = name + "_total" if family.type == "counter" else name
@@ -425,14 +437,13 @@ def exposition(source: Collector) -> bytes:
             text = values.get(value) if value else None
             if text is None:
                 text = values[value] = fmt(value)
-            kind = type(labels)
-            if kind is tuple:  # a bucket of a LabelText series (_BucketLabels)
-                head, tail = labels[0].around_le()  # type: ignore[index]
-                line = f'{sample_name}{{{head}le="{esc[labels[1]]}"{tail}}} {text}\n'  # type: ignore[index]
+            if isinstance(labels, tuple):  # a bucket of a LabelText series (_BucketLabels)
+                head, tail = labels[0].around_le()
+                line = f'{sample_name}{{{head}le="{bounds[labels[1]]}"{tail}}} {text}\n'
             elif not labels:
                 line = f"{sample_name} {text}\n"
-            elif kind is LabelText:
-                line = f"{sample_name}{{{labels.text()}}} {text}\n"  # type: ignore[attr-defined]
+            elif isinstance(labels, LabelText):
+                line = f"{sample_name}{{{labels.text()}}} {text}\n"
             else:
                 pairs = ",".join(
                     [f'{key}="{esc[labels[key]]}"' for key in sorted(labels)]

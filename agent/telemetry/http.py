@@ -35,7 +35,7 @@ import functools
 import itertools
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 from agent.base.promtext import (
@@ -279,9 +279,7 @@ class HttpMetrics(Collector):
             )
         return series
 
-    def _histogram(
-        self, name: str, labels: RequestLabels, bounds: tuple[float, ...]
-    ) -> _Histogram:
+    def _histogram(self, name: str, labels: RequestLabels, bounds: tuple[float, ...]) -> _Histogram:
         per = self._histograms[name]
         found = per.get(labels)
         if found is None:

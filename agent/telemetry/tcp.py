@@ -95,6 +95,7 @@ class TcpMetrics(Collector):
         # Each label set's exposition text, made at its first scrape and kept, as the label
         # sets are (``promtext.LabelText``): a scrape formats the labels of new ones only.
         self._texts = LabelTexts(LABEL_NAMES)
+        self._directions = LabelTexts(["direction"])
 
     # -- ConnectionObserver ------------------------------------------------------------------
     def opened(self, record: ConnectionRecord) -> None:
@@ -168,7 +169,7 @@ class TcpMetrics(Collector):
             yield family
         gauge = GaugeMetricFamily(OPEN_NOW, "Connections open in the proxy", labels=["direction"])
         for direction in ("outbound", "inbound"):
-            gauge.add_metric([direction], open_now[direction])
+            gauge.add_metric(self._directions[(direction,)], open_now[direction])
         yield gauge
 
     def _labelled(self, record: ConnectionRecord) -> _Series:

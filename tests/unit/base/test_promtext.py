@@ -293,6 +293,19 @@ def test_kept_label_texts_give_the_samples_and_bytes_of_label_lists(specs: list[
         assert promtext.exposition(_Fixed(kept)) == promtext.exposition(_Fixed(lists))  # type: ignore[arg-type]
 
 
+@settings(max_examples=100, deadline=None)
+@given(specs=_SPECS, lines=st.integers(min_value=1, max_value=4))
+@seed(20)
+def test_the_parts_of_an_exposition_join_to_it(specs: list[Spec], lines: int) -> None:
+    """``exposition_parts`` cuts the text at whole lines (``_created`` families included)
+    every ``lines`` samples; joined, the parts are the exposition."""
+    registry = _build(specs, ours=True)
+    parts = list(promtext.exposition_parts(registry, lines))  # type: ignore[arg-type]
+    whole = promtext.exposition(registry)  # type: ignore[arg-type]
+    assert b"".join(parts) == whole
+    assert all(part.endswith(b"\n") for part in parts if part)
+
+
 @pytest.mark.parametrize(
     ("names", "head", "tail"),
     [

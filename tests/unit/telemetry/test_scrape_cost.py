@@ -4,12 +4,14 @@ written from then on as it is. Counted by calls, not timed."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from unittest.mock import patch
 
 import pytest
 
 from agent.base import promtext
+from agent.base.http import Request, Response
 from agent.proxy.records import Registry
 from agent.telemetry.agentmetrics import AgentSources
 from agent.telemetry.component import TelemetryComponent
@@ -67,3 +69,35 @@ def test_a_scrape_formats_the_labels_of_new_series_only(component: TelemetryComp
     assert later_calls == len(REQUEST_LABEL_NAMES)
     assert later != first and b'response_code="503"' in later
     assert _scrape(component)[1] == 0
+
+
+def test_the_metrics_endpoint_lets_the_loop_run_between_parts_of_a_scrape(
+    component: TelemetryComponent,
+) -> None:
+    """``GET /metrics`` renders a part at a time (``promtext.PART_LINES``) and lets the loop
+    serve other work between parts: another task runs at least once per part while one
+    scrape is made, and the body is the exposition made at once."""
+    _traffic(component, list(range(200, 230)))  # 30 request label sets: about 1,500 lines
+    ticks = 0
+
+    async def other_connection() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def scrape() -> Response:
+        ticker = asyncio.create_task(other_connection())
+        await asyncio.sleep(0)
+        before = ticks
+        response = await component._handle(Request("GET", "/metrics"))
+        during = ticks - before
+        ticker.cancel()
+        assert during > 0
+        parts = sum(1 for _ in promtext.exposition_parts(component.registry))
+        assert parts >= 3 and during >= parts - 1
+        return response
+
+    response = asyncio.run(scrape())
+    assert response.status == 200
+    assert response.body == component.exposition()

@@ -174,6 +174,15 @@ class LabelTexts(dict[tuple[str, ...], LabelText]):
         return text
 
 
+class _Formatted(dict[float, str]):
+    """Sample values formatted, each once per exposition (a histogram's counts repeat from
+    bucket to bucket and series to series). Not for zeros: -0.0 == 0.0 as a key."""
+
+    def __missing__(self, value: float) -> str:
+        self[value] = text = format_value(value)
+        return text
+
+
 # Histogram bounds as written in a LabelText series' bucket lines, escaped once for the
 # process: a collector's bounds are a few fixed strings (a bound, not a label value, so the set
 # stays small; it starts over past _MAX_BOUNDS all the same).
@@ -191,11 +200,18 @@ class Sample(NamedTuple):
     value: float
 
 
-# A histogram bucket's labels as ``HistogramMetricFamily`` keeps them for a ``LabelText``
-# series: the series' labels and the bound, not a dict of both made per bucket per scrape.
-_BucketLabels = tuple[LabelText, str]
-# What the writer reads: a Sample, or a bucket row of a LabelText series.
-_Row = tuple[str, dict[str, str] | _BucketLabels, float]
+class _Buckets(NamedTuple):
+    """A ``LabelText`` series of a ``HistogramMetricFamily`` as one row: its buckets, sum and
+    count are written from it, so collecting a family of 1,000 such series makes 1,000 rows,
+    not 22,000 (collecting is one step of a scrape; writing is cut in parts)."""
+
+    labels: LabelText
+    buckets: Sequence[tuple[str, float]]
+    sum: float | None
+
+
+# What the writer reads: a Sample, or (family name, _Buckets, 0.0).
+_Row = tuple[str, dict[str, str] | _Buckets, float]
 
 
 class MetricFamily:
@@ -203,7 +219,7 @@ class MetricFamily:
     ``_total``, its samples' names with it (prometheus_client's ``Metric`` alike).
 
     ``samples`` are dicts of labels for whoever reads them; the writer reads ``rows``, where
-    a histogram bucket of a ``LabelText`` series is its labels and bound (``_BucketLabels``)."""
+    a histogram's ``LabelText`` series is one row (``_Buckets``)."""
 
     __slots__ = ("_buckets", "documentation", "name", "rows", "type")
 
@@ -214,7 +230,7 @@ class MetricFamily:
         self.documentation = documentation
         self.type = typ
         self.rows: list[_Row] = []
-        self._buckets = False  # some rows' labels are _BucketLabels
+        self._buckets = False  # some rows are _Buckets
 
     @property
     def samples(self) -> list[Sample]:
@@ -222,12 +238,20 @@ class MetricFamily:
         other than the writer, e.g. ``Registry.get_sample_value`` and tests)."""
         if not self._buckets:
             return cast(list[Sample], self.rows)  # only Samples were added
-        return [
-            Sample(name, {**labels[0], "le": labels[1]}, value)
-            if isinstance(labels, tuple)
-            else Sample(name, labels, value)
-            for name, labels, value in self.rows
-        ]
+        out: list[Sample] = []
+        for name, labels, value in self.rows:
+            if isinstance(labels, _Buckets):
+                series, buckets, total = labels
+                out += [
+                    Sample(name + "_bucket", {**series, "le": bound}, count)
+                    for bound, count in buckets
+                ]
+                if total is not None and _has_sum(buckets):
+                    out.append(Sample(name + "_count", series, buckets[-1][1]))
+                    out.append(Sample(name + "_sum", series, total))
+            else:
+                out.append(Sample(name, labels, value))
+        return out
 
     def add_sample(self, name: str, labels: dict[str, str], value: float) -> None:
         self.rows.append(Sample(name, labels, value))
@@ -323,22 +347,24 @@ class HistogramMetricFamily(MetricFamily):
         buckets: Sequence[tuple[str, float]],
         sum_value: float | None,
     ) -> None:
-        add = self.rows.append
-        bucket = self.name + "_bucket"
         if type(labels) is LabelText:
             self._buckets = True
-            series: dict[str, str] = labels
-            for bound, count in buckets:
-                add((bucket, (labels, bound), count))
-        else:
-            pairs = list(zip(self._labelnames, labels, strict=False))
-            series = dict(pairs)
-            for bound, count in buckets:
-                add(Sample(bucket, dict([*pairs, ("le", bound)]), count))
-        # As Prometheus' clients do: no _count and _sum when buckets go below zero.
-        if float(buckets[0][0]) >= 0 and sum_value is not None:
+            self.rows.append((self.name, _Buckets(labels, buckets, sum_value), 0.0))
+            return
+        add = self.rows.append
+        bucket = self.name + "_bucket"
+        pairs = list(zip(self._labelnames, labels, strict=False))
+        series = dict(pairs)
+        for bound, count in buckets:
+            add(Sample(bucket, dict([*pairs, ("le", bound)]), count))
+        if sum_value is not None and _has_sum(buckets):
             add(Sample(self.name + "_count", series, buckets[-1][1]))
             add(Sample(self.name + "_sum", series, sum_value))
+
+
+def _has_sum(buckets: Sequence[tuple[str, float]]) -> bool:
+    """As Prometheus' clients do: no _count and _sum when buckets go below zero."""
+    return float(buckets[0][0]) >= 0
 
 
 class Collector(Protocol):
@@ -437,7 +463,7 @@ def exposition_parts(source: Collector, lines: int = PART_LINES) -> Iterator[byt
     append = out.append
     fmt = format_value
     esc = _Escaped()
-    values: dict[float, str] = {}
+    values = _Formatted()
     if len(_bounds_escaped) > _MAX_BOUNDS:
         _bounds_escaped.clear()
     bounds = _bounds_escaped
@@ -449,14 +475,27 @@ def exposition_parts(source: Collector, lines: int = PART_LINES) -> Iterator[byt
         created_name = name + "_created"
         created: list[str] = []
         for sample_name, labels, value in family.rows:
+            if isinstance(labels, _Buckets):  # a LabelText series of a histogram
+                series, buckets, total = labels
+                head, tail = series.around_le()
+                bucket = sample_name + "_bucket"
+                for bound, count in buckets:
+                    text = values[count] if count else fmt(count)
+                    append(f'{bucket}{{{head}le="{bounds[bound]}"{tail}}} {text}\n')
+                if total is not None and _has_sum(buckets):
+                    count, text = buckets[-1][1], series.text()
+                    text = f"{{{text}}} " if text else " "
+                    counted = values[count] if count else fmt(count)
+                    summed = values[total] if total else fmt(total)
+                    append(f"{sample_name}_count{text}{counted}\n")
+                    append(f"{sample_name}_sum{text}{summed}\n")
+                if len(out) >= lines:
+                    yield "".join(out).encode()
+                    out.clear()
+                continue
             # Zeros are formatted each time: -0.0 == 0.0 as a key, but prints "-0.0".
-            text = values.get(value) if value else None
-            if text is None:
-                text = values[value] = fmt(value)
-            if isinstance(labels, tuple):  # a bucket of a LabelText series (_BucketLabels)
-                head, tail = labels[0].around_le()
-                line = f'{sample_name}{{{head}le="{bounds[labels[1]]}"{tail}}} {text}\n'
-            elif not labels:
+            text = values[value] if value else fmt(value)
+            if not labels:
                 line = f"{sample_name} {text}\n"
             elif isinstance(labels, LabelText):
                 line = f"{sample_name}{{{labels.text()}}} {text}\n"

@@ -100,4 +100,4 @@ def test_the_metrics_endpoint_lets_the_loop_run_between_parts_of_a_scrape(
 
     response = asyncio.run(scrape())
     assert response.status == 200
-    assert response.body == component.exposition()
+    assert b"".join(response.chunks()) == component.exposition()

@@ -90,7 +90,7 @@ class Request:
 class Response:
     """An answer; a large body may come as ``parts`` (``body`` then empty), written one after
     the other with the loop let run between them, never joined: ``/metrics`` of 1,000 label
-    sets is 46 MB, and joining it (then prefixing the head) held the loop 30 ms each."""
+    sets is 46 MB, and joining it (then prefixing the head) held the loop about 30 ms each."""
 
     status: int
     body: bytes

@@ -88,9 +88,18 @@ class Request:
 
 @dataclass(frozen=True)
 class Response:
+    """An answer; a large body may come as ``parts`` (``body`` then empty), written one after
+    the other with the loop let run between them, never joined: ``/metrics`` of 1,000 label
+    sets is 46 MB, and joining it (then prefixing the head) held the loop about 30 ms each."""
+
     status: int
     body: bytes
     content_type: str = "application/json"
+    parts: tuple[bytes, ...] = ()
+
+    def chunks(self) -> tuple[bytes, ...]:
+        """The body in the order it is sent."""
+        return self.parts or (self.body,)
 
     @classmethod
     def json(cls, status: int, value: object) -> Response:
@@ -129,6 +138,24 @@ def parse_request_line(head: bytes) -> Request | None:
     url = urlsplit(parts[1])
     query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
     return Request(parts[0].upper(), url.path or "/", query)
+
+
+async def _send(writer: asyncio.StreamWriter, response: Response) -> None:
+    """Write ``response``, a part at a time: each ``drain`` lets the loop run while the
+    client takes what was written (the caller bounds the whole answer by its timeout)."""
+    chunks = response.chunks()
+    reason = REASONS.get(response.status, "")
+    writer.write(
+        f"HTTP/1.1 {response.status} {reason}\r\n"
+        f"Content-Type: {response.content_type}\r\n"
+        f"Content-Length: {sum(map(len, chunks))}\r\nConnection: close\r\n\r\n".encode()
+        + (chunks[0] if len(chunks) == 1 else b"")
+    )
+    if len(chunks) > 1:
+        for chunk in chunks:
+            await writer.drain()
+            writer.write(chunk)
+    await writer.drain()
 
 
 class HttpServer:
@@ -232,14 +259,7 @@ class HttpServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._timeout)
             response = await self._respond(head)
-            reason = REASONS.get(response.status, "")
-            writer.write(
-                f"HTTP/1.1 {response.status} {reason}\r\n"
-                f"Content-Type: {response.content_type}\r\n"
-                f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n".encode()
-                + response.body
-            )
-            await asyncio.wait_for(writer.drain(), self._timeout)
+            await asyncio.wait_for(_send(writer, response), self._timeout)
         except TimeoutError:
             if head is not None:  # the answer was not taken (an unsent head is no refusal)
                 REFUSALS.labels(cause="answer_not_taken").inc()

@@ -9,12 +9,20 @@ collectors read the proxy's live records without locks.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 
 from agent.base.endpoint import HttpComponent
 from agent.base.http import Request, Response
 from agent.base.metrics import REGISTRY
-from agent.base.promtext import CONTENT_TYPE, Collector, MetricFamily, Registry, exposition
+from agent.base.promtext import (
+    CONTENT_TYPE,
+    Collector,
+    MetricFamily,
+    Registry,
+    exposition,
+    exposition_parts,
+)
 from agent.state import StateStore
 from agent.telemetry.accesslog import RequestSampler
 from agent.telemetry.agentmetrics import AgentCollector, AgentSources
@@ -57,12 +65,26 @@ class TelemetryComponent(HttpComponent):
     def exposition(self) -> bytes:
         return exposition(self.registry)
 
+    async def render(self) -> bytes:
+        """The exposition, made a part at a time with the loop let run between parts
+        (``render_parts``), joined (a worker's answer to the main process, the merge)."""
+        return b"".join(await self.render_parts())
+
+    async def render_parts(self) -> tuple[bytes, ...]:
+        """The exposition's parts, made with the loop let run between them: the connections
+        this loop relays wait one part (under 1 ms measured), not the whole scrape
+        (``promtext.exposition_parts``; tens of ms from a few hundred label sets)."""
+        parts = []
+        for part in exposition_parts(self.registry):
+            parts.append(part)
+            await asyncio.sleep(0)
+        return tuple(parts)
+
     async def _handle(self, request: Request) -> Response:
         if request.path != "/metrics":
             return Response.json(404, {"error": "only /metrics is served on this port"})
         if request.method != "GET":
             return Response.json(405, {"error": "use GET /metrics"})
-        body = self.exposition()
         if self._merge is not None:
-            body = await self._merge(body)
-        return Response(200, body, CONTENT_TYPE)
+            return Response(200, await self._merge(await self.render()), CONTENT_TYPE)
+        return Response(200, b"", CONTENT_TYPE, await self.render_parts())

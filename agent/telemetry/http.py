@@ -31,12 +31,19 @@ Single-threaded like ``TcpMetrics``: everything runs on the agent's event loop.
 from __future__ import annotations
 
 import bisect
+import functools
+import itertools
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
-from agent.base.promtext import Collector, CounterMetricFamily, HistogramMetricFamily
+from agent.base.promtext import (
+    Collector,
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    LabelTexts,
+)
 from agent.state import Snapshot, StateStore
 from agent.telemetry.accesslog import (
     RequestSampler,
@@ -87,7 +94,7 @@ class _Histogram:
 
     __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self, bounds: Sequence[float]) -> None:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total = 0.0
@@ -98,12 +105,8 @@ class _Histogram:
         self.total += value
 
     def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += count
-            out.append(("+Inf" if bound == float("inf") else _le(bound), running))
-        return out
+        """(bound as exposed, cumulative count) per bucket, the bounds' text made once."""
+        return list(zip(_les(self.bounds), itertools.accumulate(self.counts), strict=True))
 
 
 class _Series(NamedTuple):
@@ -128,6 +131,12 @@ _time = time.time
 
 def _le(bound: float) -> str:
     return str(int(bound)) if bound == int(bound) else str(bound)
+
+
+@functools.cache
+def _les(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """A histogram's bucket bounds as exposed, ``+Inf`` last (one of two bound tuples)."""
+    return (*map(_le, bounds), "+Inf")
 
 
 class HttpMetrics(Collector):
@@ -156,6 +165,9 @@ class HttpMetrics(Collector):
         # Per state version: what labelled one request labels the next one alike (_Series).
         self._series: dict[tuple[object, ...], _Series] = {}
         self._series_version = -1
+        # Each label set's exposition text, made at its first scrape and kept, as the label
+        # sets are (``promtext.LabelText``): a scrape formats the labels of new ones only.
+        self._texts = LabelTexts(REQUEST_LABEL_NAMES)
 
     # -- RequestObserver ---------------------------------------------------------------------
     def requested(self, connection: ConnectionRecord, request: RequestRecord) -> None:
@@ -194,8 +206,9 @@ class HttpMetrics(Collector):
         )
         # A label set's requests: its duration histogram's observations, one per request, in
         # the order the label sets were first seen (as the counter kept them).
+        texts = self._texts
         for labels, h in self._histograms[DURATION].items():
-            family.add_metric(list(labels.values), sum(h.counts))
+            family.add_metric(texts[labels.values], sum(h.counts))
         yield family
         docs = {
             DURATION: "Request duration in milliseconds (Istio standard metric)",
@@ -205,7 +218,7 @@ class HttpMetrics(Collector):
         for name, doc in docs.items():
             hist = HistogramMetricFamily(name, doc, labels=REQUEST_LABEL_NAMES)
             for labels, h in self._histograms[name].items():
-                hist.add_metric(list(labels.values), h.buckets(), h.total)
+                hist.add_metric(texts[labels.values], h.buckets(), h.total)
             yield hist
         rejected = CounterMetricFamily(
             REJECTED, "HTTP requests the proxy refused as bad input, by cause", labels=["cause"]
@@ -266,7 +279,7 @@ class HttpMetrics(Collector):
             )
         return series
 
-    def _histogram(self, name: str, labels: RequestLabels, bounds: Sequence[float]) -> _Histogram:
+    def _histogram(self, name: str, labels: RequestLabels, bounds: tuple[float, ...]) -> _Histogram:
         per = self._histograms[name]
         found = per.get(labels)
         if found is None:

@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 
-from agent.base.promtext import Collector, CounterMetricFamily, GaugeMetricFamily
+from agent.base.promtext import Collector, CounterMetricFamily, GaugeMetricFamily, LabelTexts
 from agent.state import StateStore
 from agent.telemetry.accesslog import connection_entry, write_access_log
 from agent.telemetry.labels import (
@@ -92,6 +92,10 @@ class TcpMetrics(Collector):
         self._flowed: list[_Series] = []
         self._endpoints: tuple[int, Mapping[str, str]] = (-1, {})
         self._label_cache: dict[tuple[str | None, ...], _Series] = {}
+        # Each label set's exposition text, made at its first scrape and kept, as the label
+        # sets are (``promtext.LabelText``): a scrape formats the labels of new ones only.
+        self._texts = LabelTexts(LABEL_NAMES)
+        self._directions = LabelTexts(["direction"])
 
     # -- ConnectionObserver ------------------------------------------------------------------
     def opened(self, record: ConnectionRecord) -> None:
@@ -157,14 +161,15 @@ class TcpMetrics(Collector):
             SENT: (sent, "Bytes sent by the client side of TCP connections, live ones included"),
             RECEIVED: (received, "Bytes sent back to the client side, live ones included"),
         }
+        texts = self._texts
         for name, (values, doc) in docs.items():
             family = CounterMetricFamily(name, doc, labels=LABEL_NAMES)
             for labels, value in values.items():
-                family.add_metric(list(labels), value)
+                family.add_metric(texts[labels], value)
             yield family
         gauge = GaugeMetricFamily(OPEN_NOW, "Connections open in the proxy", labels=["direction"])
         for direction in ("outbound", "inbound"):
-            gauge.add_metric([direction], open_now[direction])
+            gauge.add_metric(self._directions[(direction,)], open_now[direction])
         yield gauge
 
     def _labelled(self, record: ConnectionRecord) -> _Series:

@@ -193,7 +193,7 @@ class Worker:
     # -- the channel -----------------------------------------------------------------------
     async def _serve(self, kind: str, args: object) -> object:
         if kind == "metrics":
-            return self.telemetry.exposition()
+            return await self.telemetry.render()
         if kind == "connections":
             return self.telemetry.tcp.live()
         if kind == "routed":

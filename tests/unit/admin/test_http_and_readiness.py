@@ -156,6 +156,25 @@ def test_readiness_and_metrics_limit_each_address_and_the_loopback_admin_api_doe
     assert metrics == MAX_PER_SOURCE and AdminComponent.per_source is None
 
 
+def test_an_answer_in_parts_arrives_whole_with_its_length() -> None:
+    """``Response.parts`` (the agent's ``/metrics``): the parts in order, never joined by the
+    server, under one head whose Content-Length is their sum; empty parts are harmless."""
+    parts = (b"a" * 300_000, b"", b"b\n" * 100_000, b"c")
+
+    async def scenario() -> bytes:
+        server = HttpServer(lambda _r: Response(200, b"", "text/plain", parts))
+        port = await server.start("127.0.0.1", 0)
+        try:
+            return await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        finally:
+            await server.stop()
+
+    head, _, body = asyncio.run(scenario()).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert f"Content-Length: {len(b''.join(parts))}".encode() in head
+    assert body == b"".join(parts)
+
+
 def test_an_answer_the_client_does_not_take_is_dropped_with_its_connection() -> None:
     """A client that asked and never reads held the whole answer for as long as it stayed
     connected; now the answer must be taken within ``timeout`` (here 0.2 s), else the

@@ -62,6 +62,7 @@ class Spec:
     ops: list[tuple[list[str], float]] = field(default_factory=list)
     bounds: list[float] = field(default_factory=list)
     created: bool = False
+    kept: bool = False  # our custom family's series as promtext.LabelText, as collectors keep
 
 
 @st.composite
@@ -75,7 +76,14 @@ def _spec(draw: st.DrawFn, index: int) -> Spec:
     amount = _SIGNED if kind in ("gauge", "g_family") else _VALUE
     ops = draw(st.lists(st.tuples(values, amount), max_size=6))
     return Spec(
-        kind, name, draw(_TEXT), labels, ops, bounds=draw(_BOUNDS), created=draw(st.booleans())
+        kind,
+        name,
+        draw(_TEXT),
+        labels,
+        ops,
+        bounds=draw(_BOUNDS),
+        created=draw(st.booleans()),
+        kept=draw(st.booleans()),
     )
 
 
@@ -104,19 +112,26 @@ def _families(lib: object, spec: Spec) -> object:
     """A custom collector's family of ``spec`` through ``lib`` (promtext or prometheus_client's
     ``core``); both have the same three classes."""
     series = _family_series(spec)
+    kept = lib is promtext and spec.kept
+    texts = promtext.LabelTexts(spec.labels)
+
+    def labels(values: tuple[str, ...]) -> object:
+        return texts[values] if kept else list(values)
+
     if spec.kind == "c_family":
         family = lib.CounterMetricFamily(spec.name, spec.doc, labels=spec.labels)  # type: ignore[attr-defined]
         for values, amounts in series.items():
             created = 1.6e9 + len(values) if spec.created else None
-            family.add_metric(list(values), sum(amounts), created=created)
+            family.add_metric(labels(values), sum(amounts), created=created)
     elif spec.kind == "g_family":
         family = lib.GaugeMetricFamily(spec.name, spec.doc, labels=spec.labels)  # type: ignore[attr-defined]
         for values, amounts in series.items():
-            family.add_metric(list(values), amounts[-1])
+            family.add_metric(labels(values), amounts[-1])
     else:
         family = lib.HistogramMetricFamily(spec.name, spec.doc, labels=spec.labels)  # type: ignore[attr-defined]
         for values, amounts in series.items():
-            family.add_metric(list(values), _histogram_buckets(spec.bounds, amounts), sum(amounts))
+            buckets = _histogram_buckets(spec.bounds, amounts)
+            family.add_metric(labels(values), buckets, sum(amounts))
     return family
 
 
@@ -178,7 +193,10 @@ def _both(specs: list[Spec], created: bool) -> tuple[bytes, bytes]:
         prometheus_client.disable_created_metrics()
     try:
         with patch("time.time", now):
-            ours = promtext.exposition(_build(specs, ours=True))  # type: ignore[arg-type]
+            registry = _build(specs, ours=True)
+            ours = promtext.exposition(registry)  # type: ignore[arg-type]
+            # Again: kept series (LabelText) now written from the text the first one made.
+            assert promtext.exposition(registry) == ours  # type: ignore[arg-type]
             clock[0] = 1.7e9  # the same times again
             theirs = prometheus_client.generate_latest(_build(specs, ours=False))  # type: ignore[arg-type]
     finally:
@@ -252,6 +270,58 @@ def test_the_merge_of_processes_is_what_prometheus_clients_merge_gave(
         assert ours == theirs
         texts.append(ours)
     assert merge.expositions(texts) == _reference_merge(texts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(specs=_SPECS)
+@seed(20)
+def test_kept_label_texts_give_the_samples_and_bytes_of_label_lists(specs: list[Spec]) -> None:
+    """A collector's family made with ``LabelText`` series reads as one made with label value
+    lists: the same samples (a histogram's buckets with ``le`` in their dicts) and the same
+    exposition, at its first scrape and at later ones."""
+
+    def made(kept: bool) -> list[promtext.MetricFamily]:
+        return [
+            _families(promtext, replace(s, kept=kept))  # type: ignore[misc]
+            for s in specs
+            if s.kind.endswith("_family")
+        ]
+
+    kept, lists = made(True), made(False)
+    assert [f.samples for f in kept] == [f.samples for f in lists]
+    for _ in range(2):
+        assert promtext.exposition(_Fixed(kept)) == promtext.exposition(_Fixed(lists))  # type: ignore[arg-type]
+
+
+@settings(max_examples=100, deadline=None)
+@given(specs=_SPECS, lines=st.integers(min_value=1, max_value=4))
+@seed(20)
+def test_the_parts_of_an_exposition_join_to_it(specs: list[Spec], lines: int) -> None:
+    """``exposition_parts`` cuts the text at whole lines (``_created`` families included)
+    every ``lines`` samples; joined, the parts are the exposition."""
+    registry = _build(specs, ours=True)
+    parts = list(promtext.exposition_parts(registry, lines))  # type: ignore[arg-type]
+    whole = promtext.exposition(registry)  # type: ignore[arg-type]
+    assert b"".join(parts) == whole
+    assert all(part.endswith(b"\n") for part in parts if part)
+
+
+@pytest.mark.parametrize(
+    ("names", "head", "tail"),
+    [
+        ((), "", ""),
+        (("a",), 'a="1",', ""),
+        (("z",), "", ',z="1"'),
+        (("le_x", "a", "l"), 'a="1",l="1",', ',le_x="1"'),
+        (("reporter", "destination_app", "lf"), 'destination_app="1",', ',lf="1",reporter="1"'),
+    ],
+)
+def test_a_bucket_line_has_le_where_its_name_sorts(
+    names: tuple[str, ...], head: str, tail: str
+) -> None:
+    text = promtext.LabelText(names, ["1"] * len(names))
+    assert text.around_le() == (head, tail)
+    assert text.text() == ",".join(f'{n}="1"' for n in sorted(names))
 
 
 def test_the_content_type_is_the_one_served_before() -> None:

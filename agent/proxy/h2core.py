@@ -27,6 +27,22 @@ from agent.proxy.http1 import RequestHead
 from agent.proxy.http1_codec import bounded
 from agent.telemetry.records import trace_headers_of
 
+# The reset a destination sends its client for a stream whose pod connection was lost after
+# the response began (RFC 9113 8.5: "the connection ... was reset or abnormally closed"): a
+# transport failure, which the source (``H2Proxy``) turns into what it sends for its own
+# endpoint connection's loss (trailers ``grpc-status: 14`` after whole messages), so the relay
+# needs no message tracking of its own; any other client sees INTERNAL, as before.
+POD_LOST = ErrorCodes.CONNECT_ERROR
+
+
+def passed_on(code: int) -> int:
+    """The reset a client is sent for its endpoint's reset ``code`` of a stream whose response
+    began: the same (gRPC's mapping: CANCEL ``CANCELLED``, REFUSED_STREAM ``UNAVAILABLE``,
+    ENHANCE_YOUR_CALM ``RESOURCE_EXHAUSTED``, INADEQUATE_SECURITY ``PERMISSION_DENIED``), as
+    Envoy passes an HTTP/2 peer's on; NO_ERROR before the response's end is INTERNAL_ERROR (a
+    response cut short is no graceful end, and gRPC maps both to ``INTERNAL``)."""
+    return ErrorCodes.INTERNAL_ERROR if code == ErrorCodes.NO_ERROR else code
+
 
 class H2Core:
     """What both destination cores hold and hand their shell besides bytes: ``H2Proxy`` and the

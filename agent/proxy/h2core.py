@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from h2.errors import ErrorCodes
 
+from agent.policy.paths import normalized_path
 from agent.proxy.h2exchange import Authorize, H2Exchange, Header
 from agent.proxy.h2guard import (
     HTTP1_ON_H2,
@@ -157,10 +158,19 @@ class H2Core:
             )
         return None
 
-    def _new_exchange(self, headers: Sequence[Header]) -> tuple[H2Exchange, bytes | None]:
+    def _new_exchange(
+        self, headers: Sequence[Header]
+    ) -> tuple[H2Exchange, bytes | None, bytes | None]:
         """A new request's exchange (its head as policy and telemetry see it, whether it is a
-        gRPC call), and the ``x-request-id`` made for it when the client sent none (the
-        caller adds it to what it forwards), else None."""
+        gRPC call), the ``x-request-id`` made for it when the client sent none (the caller
+        adds it to what it forwards), else None, and its ``:path`` normalized when that
+        differs from the one sent, else None (the caller forwards and routes that one).
+
+        Normalized as an HTTP/1.1 target is (``agent.policy.paths.normalized_path``, Istio's
+        default and Envoy's for both protocols), where each end first reads the head: a
+        route or policy on ``/admin`` also meets ``/%61dmin``, which the pod serves as
+        ``/admin``, and the pod is sent the path they saw. Only a path with ``%``, ``\\`` or
+        ``/.`` can change, so a gRPC call's ``/pkg.Service/Method`` costs three scans."""
         self._opened += 1
         # One pass over the block (each name's first field counts, as ``header`` finds it):
         # this runs for every request at both ends.
@@ -184,6 +194,13 @@ class H2Core:
             elif name == b"host":
                 host = one[1] if host is None else host
         request_id = sent if sent is not None else self.new_request_id().encode()
+        normal = None
+        if path is not None and (b"%" in path or b"\\" in path or b"/." in path):
+            normal = normalized_path(path)
+            if normal == path:
+                normal = None
+            else:
+                path = normal
         head = RequestHead(
             (method or b"").decode("latin-1"),
             (path or b"").split(b"?", 1)[0].decode("latin-1"),
@@ -193,7 +210,8 @@ class H2Core:
             headers=regular,
         )
         grpc = (content_type or b"").startswith(b"application/grpc")
-        return H2Exchange(head, grpc, self.clock()), None if sent is not None else request_id
+        made = None if sent is not None else request_id
+        return H2Exchange(head, grpc, self.clock()), made, normal
 
     def take_completed(self) -> list[H2Exchange]:
         out, self._completed = self._completed, []
@@ -255,3 +273,8 @@ class H2Core:
         if not self.closing:
             detail = "a header block not finished within the header timeout"
             self._fail_client(HEADER_TIMEOUT, ErrorCodes.ENHANCE_YOUR_CALM, detail)
+
+
+def with_path(headers: Sequence[Header], path: bytes) -> list[Header]:
+    """``headers`` with ``path`` as the value of their ``:path`` (``_new_exchange``'s)."""
+    return [(b":path", path) if h[0] == b":path" else h for h in headers]

@@ -102,7 +102,7 @@ from hpack import NeverIndexedHeaderTuple
 
 from agent.policy.traffic.attempts import REFUSED
 from agent.proxy.grpcframing import MessageEnds
-from agent.proxy.h2core import POD_LOST, H2Core, passed_on
+from agent.proxy.h2core import POD_LOST, H2Core, passed_on, with_path
 from agent.proxy.h2exchange import (
     GRPC_DEADLINE_EXCEEDED,
     GRPC_UNAVAILABLE,
@@ -569,7 +569,9 @@ class H2Proxy(H2Core):
         if self._crossed_goaway(stream_id):
             self.client.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        exchange, made_id = self._new_exchange(headers)
+        exchange, made_id, path = self._new_exchange(headers)
+        if path is not None:  # forwarded and routed as policy sees it
+            headers = with_path(headers, path)
         forwarded = [NeverIndexedHeaderTuple(*h) if h[0] in NEVER_INDEXED else h for h in headers]
         if made_id is not None:
             forwarded.append(NeverIndexedHeaderTuple(b"x-request-id", made_id))

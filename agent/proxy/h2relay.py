@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from h2.errors import ErrorCodes
 from hpack import HPACKError
 
-from agent.proxy.h2core import POD_LOST, H2Core, passed_on
+from agent.proxy.h2core import POD_LOST, H2Core, passed_on, with_path
 from agent.proxy.h2exchange import (
     GRPC_UNAVAILABLE,
     LOST_BODY,
@@ -589,7 +589,9 @@ class H2Relay(H2Core):
     def _on_request(
         self, sid: int, headers: Sequence[Header], block: bytes, changed: bool, end: bool
     ) -> None:
-        exchange, made_id = self._new_exchange(headers)
+        exchange, made_id, path = self._new_exchange(headers)
+        if path is not None:  # the pod is sent the path policy saw: this block re-encoded
+            headers = with_path(headers, path)
         added = b""
         if made_id is not None:
             added = encode_field(b"x-request-id", made_id, never_indexed=True)
@@ -622,7 +624,8 @@ class H2Relay(H2Core):
         s.forwarded = True
         s.pod_window = pod.initial_window
         self._pod_open += 1
-        if pod.reencode:
+        if pod.reencode or path is not None:
+            pod.reencode |= changed  # as for a block the pod never sees
             rid = [(b"x-request-id", made_id)] if made_id is not None else []
             out = pod.encoder.encode([*headers, *rid])
         else:

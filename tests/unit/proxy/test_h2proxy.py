@@ -714,6 +714,27 @@ def test_a_denied_head_is_authorized_with_method_path_and_authority() -> None:
     assert seen == [RequestHead("GET", "/", "s", "r")]
 
 
+def test_a_path_is_normalized_for_policy_and_the_pod_as_http1s_target_is() -> None:
+    """A ``:path`` spelled otherwise than the pod reads it (``%61`` for ``a``, dot segments,
+    ``\\``) is normalized where the head is read (``policy.paths.normalized_path``): policy
+    sees ``/admin``, the pod is sent the normalized path (with its query as sent); a usual
+    path goes as sent. Before, both were forwarded raw. A later request, its block using the
+    client's table, still reaches the pod whole (the relay re-encoded the changed one)."""
+    w = Wire(deny="/admin")
+    w.request("/%61dmin/x")
+    w.request("/public/../admin")
+    w.request("/a/./b\\%7e%2f?q=%61")
+    w.request("/pkg.Svc/M", grpc=True)
+    w.request("/a/./b\\%7e%2f?q=%61")
+    w.run()
+    statuses = [dict(e.headers)[b":status"] for e in w.taken(ResponseReceived)]
+    assert statuses[:2] == [b"403", b"403"]
+    got = [(dict(e.headers)[b":path"], dict(e.headers)[b":authority"])
+           for e in w.pod_events if isinstance(e, RequestReceived)]  # fmt: skip
+    on = b"server:50051"
+    assert got == [(b"/a/b/~%2F?q=%61", on), (b"/pkg.Svc/M", on), (b"/a/b/~%2F?q=%61", on)]
+
+
 # -- the source side: an upstream per pick key ------------------------------------------------
 class Pods:
     """An ``H2Proxy`` with ``pick`` by the first path segment, and one h2 pod per key."""
@@ -1187,6 +1208,23 @@ def test_a_far_destinations_lost_pod_ends_a_grpc_answer_unavailable(sent: bytes)
     flags = w.proxy._completed[0].flags
     got, expected = _how_it_ended(w, sent, b"14", ErrorCodes.INTERNAL_ERROR)
     assert (got, flags) == (expected, "UC")
+
+
+def test_the_source_routes_and_forwards_a_normalized_path() -> None:
+    """At the source the pick (routes: ``h2route``) sees the normalized ``:path`` with its
+    query, and the endpoint is sent it: a route on ``/admin`` takes ``/%61dmin`` too, which
+    the pod serves as ``/admin`` (before, it saw and forwarded the path as sent)."""
+    seen: list[str] = []
+
+    def pick(request: PickRequest) -> Choice | None:
+        seen.append(request.target)
+        return Pods.pick(request)
+
+    w = Pods(pick)
+    w.request("/%61dmin/./x?y=%61")
+    w.run()
+    (req,) = [e for e in w.pod_events["admin"] if isinstance(e, RequestReceived)]
+    assert (seen, dict(req.headers)[b":path"]) == (["/admin/x?y=%61"], b"/admin/x?y=%61")
 
 
 def test_a_request_that_ends_in_time_leaves_no_deadline() -> None:

@@ -11,9 +11,9 @@ RFC 3986 normalization plus ``\\`` as ``/``): an absolute-form target is reduced
 decoded and the hex of the others upper-cased, then dot segments are removed (``..`` never
 climbs above the root). As in Istio's default, ``//`` is kept (``MERGE_SLASHES`` is not the
 default) and ``%2F`` stays encoded. An HTTP/1.1 request is forwarded so normalized, in
-origin-form (its reader, ``agent.proxy.http1_codec``, as Envoy does), so policy, routes and the
-pod read one path; an HTTP/2 ``:path`` is forwarded as sent and compared normalized, so a server
-that resolves the path itself reaches what policy saw.
+origin-form (its reader, ``agent.proxy.http1_codec``, as Envoy does), and an HTTP/2 ``:path``
+likewise where each end reads its head (``agent.proxy.h2core``), so policy, routes and the pod
+read one path.
 
 The host, likewise: a server that receives the absolute form must ignore ``Host`` and use the
 target's authority (RFC 9112 3.2.2), so that authority is what ``hosts`` rules compare.
@@ -45,7 +45,7 @@ def policy_target(target: str, host: str) -> tuple[str, str]:
     """The path and host L7 policy compares for a request to ``target`` (without its query)
     whose ``Host`` (or ``:authority``) is ``host`` (see the module docstring). An HTTP/1.1
     request's target arrives here in origin-form and normalized already (its reader forwards
-    it so); an HTTP/2 ``:path`` as the client sent it."""
+    it so), an HTTP/2 ``:path`` normalized too (``agent.proxy.h2core``)."""
     if target[:1] != "/" and "://" in target:
         found = _ABSOLUTE.match(target)
         if found is not None:

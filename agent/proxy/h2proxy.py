@@ -102,7 +102,7 @@ from hpack import NeverIndexedHeaderTuple
 
 from agent.policy.traffic.attempts import REFUSED
 from agent.proxy.grpcframing import MessageEnds
-from agent.proxy.h2core import H2Core
+from agent.proxy.h2core import POD_LOST, H2Core, passed_on, with_path
 from agent.proxy.h2exchange import (
     GRPC_DEADLINE_EXCEEDED,
     GRPC_UNAVAILABLE,
@@ -334,14 +334,14 @@ class H2Proxy(H2Core):
             events = receive_on(u.conn, data)
         except ProtocolError as e:
             self._reject(UPSTREAM_PROTOCOL, f"the pod's HTTP/2: {e}")
-            self.upstream_failed(uid)
+            self.upstream_failed(uid, code=ErrorCodes.INTERNAL_ERROR)
             return
         for event in events:
             try:
                 self._upstream_event(u, event)
             except MalformedHeaders as e:
                 self._reject(UPSTREAM_PROTOCOL, f"the pod's HTTP/2: {e}")
-                self.upstream_failed(uid)
+                self.upstream_failed(uid, code=ErrorCodes.INTERNAL_ERROR)
                 return
         self._forget_if_done(u)
         self._pump()
@@ -485,18 +485,20 @@ class H2Proxy(H2Core):
         self._check_done()
         return True
 
-    def upstream_failed(self, uid: int = 0, flag: str = UPSTREAM_CLOSED) -> None:
+    def upstream_failed(
+        self, uid: int = 0, flag: str = UPSTREAM_CLOSED, *, code: int | None = None
+    ) -> None:
         """Upstream ``uid`` is gone (or could not be opened): answer or reset its open streams
         (``flag``: ``UO`` when the proxy had no room to open it, answered 503 as Envoy answers
-        an overflow). At the destination the client is then sent GOAWAY, so that it
-        reconnects."""
+        an overflow; ``code``: the reset of a response begun, ``_upstream_lost``'s unless
+        given). At the destination the client is then sent GOAWAY, so that it reconnects."""
         u = self._upstreams.get(uid)
         if u is None:
             return
         self._retire(u)
         self._upstreams.pop(uid, None)
         for s in list(u.streams.values()):
-            self._upstream_lost(s, flag)
+            self._upstream_lost(s, flag, code)
         self._pump()  # the answers first: a client may stop reading streams at the GOAWAY
         if self.pick is None:
             self._goaway_client()
@@ -567,7 +569,9 @@ class H2Proxy(H2Core):
         if self._crossed_goaway(stream_id):
             self.client.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        exchange, made_id = self._new_exchange(headers)
+        exchange, made_id, path = self._new_exchange(headers)
+        if path is not None:  # forwarded and routed as policy sees it
+            headers = with_path(headers, path)
         forwarded = [NeverIndexedHeaderTuple(*h) if h[0] in NEVER_INDEXED else h for h in headers]
         if made_id is not None:
             forwarded.append(NeverIndexedHeaderTuple(b"x-request-id", made_id))
@@ -844,8 +848,13 @@ class H2Proxy(H2Core):
                 if not s.response_started:
                     self._refuse(s, UPSTREAM_RESET)  # the pod never processed it: retry-safe
                     return
-            # Any other reset: ``_upstream_lost`` asks the retries, once (each answer counts).
-            self._upstream_lost(s, UPSTREAM_RESET)
+            # Any other reset: ``_upstream_lost`` asks the retries, once (each answer counts);
+            # a response begun is reset with the endpoint's code, unless the far destination
+            # lost its pod's connection (``POD_LOST``): that ends as our own endpoint's loss.
+            if e.error_code == POD_LOST and s.response_started and self.pick is not None:
+                self._upstream_lost(s, UPSTREAM_CLOSED)
+                return
+            self._upstream_lost(s, UPSTREAM_RESET, passed_on(e.error_code))
 
     def _lost_status(self, s: Stream, lost: str) -> int | None:
         """The status the retries of ``s`` see of a try its upstream reset or lost (``lost``)
@@ -860,8 +869,10 @@ class H2Proxy(H2Core):
             return None
         return 503 if s.exchange.grpc else 502
 
-    def _upstream_lost(self, s: Stream, flag: str) -> None:
-        """The pod will not finish ``s``: answer it ourselves if we can, else reset it."""
+    def _upstream_lost(self, s: Stream, flag: str, code: int | None = None) -> None:
+        """The pod will not finish ``s``: answer it ourselves if we can, else reset it with
+        ``code``, by default our own: ``POD_LOST`` at the destination for the pod's lost
+        connection (the source ends it as a lost connection), else INTERNAL_ERROR."""
         if self._retried(s, self._lost_status(s, flag), flag):
             return
         s.exchange.flags = flag
@@ -879,7 +890,10 @@ class H2Proxy(H2Core):
         if whole:  # the connection lost: ``UNAVAILABLE``, as grpcio reports its own connection's
             self._end_grpc(s, GRPC_UNAVAILABLE, LOST_BODY)
             return
-        self._reset_client(s, ErrorCodes.INTERNAL_ERROR)
+        if code is None:
+            lost_pod = flag == UPSTREAM_CLOSED and self.pick is None
+            code = POD_LOST if lost_pod else ErrorCodes.INTERNAL_ERROR
+        self._reset_client(s, code)
         self._complete(s)
 
     def _whole(self, s: Stream) -> bool:
@@ -999,7 +1013,7 @@ class H2Proxy(H2Core):
         if owed and s.upstream is not None:
             acknowledge_on(s.upstream.conn, owed, s.upstream_id)
 
-    def _reset_client(self, s: Stream, code: ErrorCodes) -> None:
+    def _reset_client(self, s: Stream, code: int) -> None:
         with contextlib.suppress(ProtocolError):  # already closed both ways: nothing to reset
             self.client.reset_stream(s.client_id, code)
 

@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from h2.errors import ErrorCodes
 from hpack import HPACKError
 
-from agent.proxy.h2core import H2Core
+from agent.proxy.h2core import POD_LOST, H2Core, passed_on, with_path
 from agent.proxy.h2exchange import (
     GRPC_UNAVAILABLE,
     LOST_BODY,
@@ -296,19 +296,21 @@ class H2Relay(H2Core):
             self._frames(self.pod, data, self._pod_frame)
         except (H2Error, MalformedHeaders) as e:
             self._reject(UPSTREAM_PROTOCOL, f"the pod's HTTP/2: {e}")
-            self.upstream_failed()
+            self.upstream_failed(ErrorCodes.INTERNAL_ERROR)
             return
         self._pump()
         self._check_done()
 
-    def upstream_failed(self) -> None:
-        """The pod's connection is gone: answer or reset every stream it had, then GOAWAY."""
+    def upstream_failed(self, code: int = POD_LOST) -> None:
+        """The pod's connection is gone: answer every stream it had, or reset it with ``code``
+        if its response began (a lost connection ``POD_LOST``, garbled HTTP/2 INTERNAL_ERROR),
+        then GOAWAY."""
         if self.closing:
             return
         self._pod_gone = True
         for s in list(self._streams.values()):
             if s.forwarded:
-                self._pod_lost(s, UPSTREAM_CLOSED)
+                self._pod_lost(s, UPSTREAM_CLOSED, code)
         self._pump()  # the answers first: a client may stop reading streams at the GOAWAY
         self._goaway_client()
         self._check_done()
@@ -587,7 +589,9 @@ class H2Relay(H2Core):
     def _on_request(
         self, sid: int, headers: Sequence[Header], block: bytes, changed: bool, end: bool
     ) -> None:
-        exchange, made_id = self._new_exchange(headers)
+        exchange, made_id, path = self._new_exchange(headers)
+        if path is not None:  # the pod is sent the path policy saw: this block re-encoded
+            headers = with_path(headers, path)
         added = b""
         if made_id is not None:
             added = encode_field(b"x-request-id", made_id, never_indexed=True)
@@ -620,7 +624,8 @@ class H2Relay(H2Core):
         s.forwarded = True
         s.pod_window = pod.initial_window
         self._pod_open += 1
-        if pod.reencode:
+        if pod.reencode or path is not None:
+            pod.reencode |= changed  # as for a block the pod never sees
             rid = [(b"x-request-id", made_id)] if made_id is not None else []
             out = pod.encoder.encode([*headers, *rid])
         else:
@@ -697,7 +702,7 @@ class H2Relay(H2Core):
                 s.exchange.flags = UPSTREAM_RESET
                 self._refuse(s)  # the pod never processed it: safe to retry
                 return
-            self._pod_lost(s, UPSTREAM_RESET)
+            self._pod_lost(s, UPSTREAM_RESET, passed_on(code))
         elif kind == GOAWAY:
             if sid or len(payload) < 8:
                 raise H2Error(ErrorCodes.PROTOCOL_ERROR, "malformed GOAWAY")
@@ -740,9 +745,9 @@ class H2Relay(H2Core):
         s.response_end = end
         self._forward_block(self.client, s, s.to_client, block, fields, changed, end=end)
 
-    def _pod_lost(self, s: _RStream, flag: str) -> None:
+    def _pod_lost(self, s: _RStream, flag: str, code: int = POD_LOST) -> None:
         """The pod will not finish ``s``: answer it here if its response did not begin, else
-        reset it."""
+        reset it with ``code``."""
         s.exchange.flags = flag
         if s.forwarded:
             s.forwarded = False
@@ -754,7 +759,7 @@ class H2Relay(H2Core):
             self._answer(s, 502, GRPC_UNAVAILABLE, LOST_BODY)
             return
         s.response_end = True
-        self.client.out += frame(RST_STREAM, 0, s.sid, ErrorCodes.INTERNAL_ERROR.to_bytes(4))
+        self.client.out += frame(RST_STREAM, 0, s.sid, code.to_bytes(4))
         self._complete(s, reset_client=False)
 
     # -- blocks, answers and stream ends -----------------------------------------------------

@@ -12,6 +12,7 @@ from hpack import NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.policy.paths import normalized_path
 from agent.proxy.h2exchange import H2Exchange, header
 from agent.proxy.h2proxy import H2Proxy
 from agent.proxy.http1 import RequestHead, Verdict
@@ -26,8 +27,9 @@ def _allow(_head: RequestHead) -> Verdict:
 
 
 def _before(proxy: H2Proxy, headers: Sequence[Header]) -> tuple[H2Exchange, bytes | None]:
-    """What ``_new_exchange`` did before it read the block in one pass."""
-    path = header(headers, b":path") or b""
+    """What ``_new_exchange`` did before it read the block in one pass (the path normalized
+    by ``normalized_path`` on every path)."""
+    path = normalized_path(header(headers, b":path") or b"")
     authority = header(headers, b":authority") or header(headers, b"host") or b""
     request_id = sent = header(headers, b"x-request-id")
     if request_id is None:
@@ -46,8 +48,9 @@ def _before(proxy: H2Proxy, headers: Sequence[Header]) -> tuple[H2Exchange, byte
 
 NAMES = [b":method", b":path", b":authority", b":scheme", b"host", b"x-request-id",
          b"content-type", b"traceparent", b"te", b"x-other", b":", b"c"]  # fmt: skip
-VALUES = [b"", b"POST", b"/pkg.Svc/M?x=1", b"/", b"svc:80", b"id-1", b"application/grpc",
-          b"application/grpc+proto", b"text/plain", b"00-ab-cd-01"]  # fmt: skip
+VALUES = [b"", b"POST", b"/pkg.Svc/M?x=1", b"/%61dmin/./x\\..?%61", b"/a/../b", b"/", b"svc:80",
+          b"id-1", b"application/grpc", b"application/grpc+proto", b"text/plain",
+          b"00-ab-cd-01"]  # fmt: skip
 fields = st.tuples(
     st.one_of(st.sampled_from(NAMES), st.binary(max_size=6)),
     st.one_of(st.sampled_from(VALUES), st.binary(max_size=12)),
@@ -63,8 +66,12 @@ def test_one_pass_exchange_is_what_the_lookups_made(block: list[tuple[bytes, byt
     ours = H2Proxy(_allow, clock=lambda: 1.0, new_request_id=lambda: next(ids))
     ids_before = (f"made-{i}" for i in itertools.count())
     theirs = H2Proxy(_allow, clock=lambda: 1.0, new_request_id=lambda: next(ids_before))
-    got, made = ours._new_exchange(headers)
+    got, made, path = ours._new_exchange(headers)
     want, want_made = _before(theirs, headers)
     assert made == want_made
+    sent = header(headers, b":path")
+    assert path == (
+        None if sent is None or normalized_path(sent) == sent else normalized_path(sent)
+    )
     assert (got.head, got.grpc, got.started) == (want.head, want.grpc, want.started)
     assert [tuple(h) for h in got.head.headers] == [tuple(h) for h in want.head.headers]

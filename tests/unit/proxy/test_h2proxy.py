@@ -293,9 +293,41 @@ def test_an_upstream_that_dies_mid_response_resets_the_stream() -> None:
     w.proxy.receive_upstream(b"")
     w.run()
     (reset,) = w.taken(StreamReset)
-    assert (reset.stream_id, reset.error_code) == (sid, ErrorCodes.INTERNAL_ERROR)
+    # CONNECT_ERROR (``h2core.POD_LOST``): the source ends it as its own endpoint's loss (was
+    # INTERNAL_ERROR, which it could not tell from the pod's own reset)
+    assert (reset.stream_id, reset.error_code) == (sid, ErrorCodes.CONNECT_ERROR)
     (ex,) = w.proxy.take_completed()
     assert ex.flags == "UC"
+
+
+POD_RESETS = [
+    (ErrorCodes.CANCEL, ErrorCodes.CANCEL),  # grpcio: CANCELLED
+    (ErrorCodes.REFUSED_STREAM, ErrorCodes.REFUSED_STREAM),  # UNAVAILABLE
+    (ErrorCodes.ENHANCE_YOUR_CALM, ErrorCodes.ENHANCE_YOUR_CALM),  # RESOURCE_EXHAUSTED
+    (ErrorCodes.INADEQUATE_SECURITY, ErrorCodes.INADEQUATE_SECURITY),  # PERMISSION_DENIED
+    (ErrorCodes.NO_ERROR, ErrorCodes.INTERNAL_ERROR),  # cut short: INTERNAL
+]
+
+
+@pytest.mark.parametrize(("sent", "expected"), POD_RESETS)
+def test_a_pods_reset_after_its_response_began_reaches_the_client_with_its_code(
+    sent: ErrorCodes, expected: ErrorCodes
+) -> None:
+    """The pod resets a stream whose response began: the client gets the pod's code (gRPC's
+    mapping gives the status the server meant), not INTERNAL_ERROR whatever it was (before)."""
+    w = Wire()
+    sid = w.request("/stream", grpc=True)
+    w.run()
+    (req,) = [e for e in w.pod_events if isinstance(e, RequestReceived)]
+    head = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+    w.pod.send_headers(req.stream_id, head)
+    w.pod.send_data(req.stream_id, b"\0\0\0\0\x02hi")
+    w.run()
+    w.pod.reset_stream(req.stream_id, sent)
+    w.run()
+    assert [(e.stream_id, e.error_code) for e in w.taken(StreamReset)] == [(sid, expected)]
+    (ex,) = w.proxy.take_completed()
+    assert ex.flags == "UR"
 
 
 def test_a_stream_the_client_resets_is_cancelled_at_the_pod() -> None:
@@ -680,6 +712,27 @@ def test_a_denied_head_is_authorized_with_method_path_and_authority() -> None:
     proxy.receive_client(peer(client_side=True).data_to_send())
     proxy.receive_client(_headers_frame(1))
     assert seen == [RequestHead("GET", "/", "s", "r")]
+
+
+def test_a_path_is_normalized_for_policy_and_the_pod_as_http1s_target_is() -> None:
+    """A ``:path`` spelled otherwise than the pod reads it (``%61`` for ``a``, dot segments,
+    ``\\``) is normalized where the head is read (``policy.paths.normalized_path``): policy
+    sees ``/admin``, the pod is sent the normalized path (with its query as sent); a usual
+    path goes as sent. Before, both were forwarded raw. A later request, its block using the
+    client's table, still reaches the pod whole (the relay re-encoded the changed one)."""
+    w = Wire(deny="/admin")
+    w.request("/%61dmin/x")
+    w.request("/public/../admin")
+    w.request("/a/./b\\%7e%2f?q=%61")
+    w.request("/pkg.Svc/M", grpc=True)
+    w.request("/a/./b\\%7e%2f?q=%61")
+    w.run()
+    statuses = [dict(e.headers)[b":status"] for e in w.taken(ResponseReceived)]
+    assert statuses[:2] == [b"403", b"403"]
+    got = [(dict(e.headers)[b":path"], dict(e.headers)[b":authority"])
+           for e in w.pod_events if isinstance(e, RequestReceived)]  # fmt: skip
+    on = b"server:50051"
+    assert got == [(b"/a/b/~%2F?q=%61", on), (b"/pkg.Svc/M", on), (b"/a/b/~%2F?q=%61", on)]
 
 
 # -- the source side: an upstream per pick key ------------------------------------------------
@@ -1123,6 +1176,55 @@ def test_a_grpc_answer_whose_upstream_is_lost_ends_unavailable(sent: bytes) -> N
     w.run()
     got, expected = _how_it_ended(w, sent, b"14", ErrorCodes.INTERNAL_ERROR)
     assert got == expected
+
+
+@pytest.mark.parametrize(("code", "expected"), POD_RESETS)
+def test_an_endpoints_reset_after_a_grpc_answer_began_reaches_the_client_with_its_code(
+    code: ErrorCodes, expected: ErrorCodes
+) -> None:
+    """An endpoint (a far node's destination passing its pod's on, or a same-node pod) resets
+    a gRPC call whose answer began: the source passes the code on (before: INTERNAL_ERROR)."""
+    w = Pods()
+    _answer_begun(w, WHOLE_OR_HALF[0])
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, code)
+    w.run()
+    assert [e.error_code for e in w.client_events if isinstance(e, StreamReset)] == [expected]
+    assert not [e for e in w.client_events if isinstance(e, TrailersReceived)]
+
+
+@pytest.mark.parametrize("sent", WHOLE_OR_HALF)
+def test_a_far_destinations_lost_pod_ends_a_grpc_answer_unavailable(sent: bytes) -> None:
+    """The far destination lost its pod's connection after the answer began and says so with
+    a reset CONNECT_ERROR (``h2core.POD_LOST``): the source ends the call as it ends its own
+    endpoint connection's loss, trailers ``grpc-status: 14`` after whole messages (grpcio:
+    UNAVAILABLE, a transport failure; before: a reset INTERNAL_ERROR, grpcio ``INTERNAL``),
+    else a reset INTERNAL_ERROR; flagged ``UC``."""
+    w = Pods()
+    _answer_begun(w, sent)
+    (req,) = [e for e in w.pod_events["a"] if isinstance(e, RequestReceived)]
+    w.pods["a"].reset_stream(req.stream_id, ErrorCodes.CONNECT_ERROR)
+    w.run()
+    flags = w.proxy._completed[0].flags
+    got, expected = _how_it_ended(w, sent, b"14", ErrorCodes.INTERNAL_ERROR)
+    assert (got, flags) == (expected, "UC")
+
+
+def test_the_source_routes_and_forwards_a_normalized_path() -> None:
+    """At the source the pick (routes: ``h2route``) sees the normalized ``:path`` with its
+    query, and the endpoint is sent it: a route on ``/admin`` takes ``/%61dmin`` too, which
+    the pod serves as ``/admin`` (before, it saw and forwarded the path as sent)."""
+    seen: list[str] = []
+
+    def pick(request: PickRequest) -> Choice | None:
+        seen.append(request.target)
+        return Pods.pick(request)
+
+    w = Pods(pick)
+    w.request("/%61dmin/./x?y=%61")
+    w.run()
+    (req,) = [e for e in w.pod_events["admin"] if isinstance(e, RequestReceived)]
+    assert (seen, dict(req.headers)[b":path"]) == (["/admin/x?y=%61"], b"/admin/x?y=%61")
 
 
 def test_a_request_that_ends_in_time_leaves_no_deadline() -> None:

@@ -46,6 +46,8 @@ SHARED = [
     "test_a_whole_response_then_a_reset_no_error_reaches_the_client_whole",
     "test_an_upstream_that_dies_is_unavailable_for_grpc_and_502_for_http",
     "test_an_upstream_that_dies_mid_response_resets_the_stream",
+    "test_a_path_is_normalized_for_policy_and_the_pod_as_http1s_target_is",
+    "test_a_pods_reset_after_its_response_began_reaches_the_client_with_its_code",
     "test_a_stream_the_client_resets_is_cancelled_at_the_pod",
     "test_a_drain_sends_goaway_refuses_streams_that_crossed_it_and_lets_open_ones_end",
     "test_a_ping_flood_closes_the_connection",

@@ -174,8 +174,7 @@ class HttpServer:
         self._handler = handler
         self._server: asyncio.Server | None = None
         self._max_connections, self._timeout = max_connections, timeout
-        # None: the total bounds a source too (checked first, so this never refuses)
-        self.per_source = max_connections if per_source is None else per_source
+        self.per_source = per_source  # None: no per-source bookkeeping at all (the admin API)
         self.sources = PeerSlots()  # connections being served per source address
         self.active = 0  # connections being served
         self.refused = 0  # connections closed unread because ``active`` was at the limit
@@ -215,19 +214,22 @@ class HttpServer:
         if self.active >= self._max_connections:
             self._refuse(writer)
             return
-        peer = writer.get_extra_info("peername")  # None if it was reset before this ran
-        source = str(peer[0]) if peer else "?"
-        if not self.sources.take_within(source, self.per_source):
-            self._refuse_source(writer, source)
-            return
+        source = None
+        if self.per_source is not None:
+            peer = writer.get_extra_info("peername")  # None if it was reset before this ran
+            source = str(peer[0]) if peer else "?"
+            if not self.sources.take_within(source, self.per_source):
+                self._refuse_source(writer, source, self.per_source)
+                return
         self.active += 1
         try:
             await self._exchange(reader, writer)
         finally:
             self.active -= 1
-            self.sources.release(source)
+            if source is not None:
+                self.sources.release(source)
 
-    def _refuse_source(self, writer: asyncio.StreamWriter, source: str) -> None:
+    def _refuse_source(self, writer: asyncio.StreamWriter, source: str, limit: int) -> None:
         """Closed unread: ``source`` holds its limit already; logged once while it stays there."""
         self.refused_per_source += 1
         REFUSALS.labels(cause="source_connection_limit").inc()
@@ -236,7 +238,7 @@ class HttpServer:
                 "HTTP server on port %s: %d connections from %s at once, the limit per source "
                 "address; its new ones are closed unread (counted, not logged, until one ends)",
                 writer.get_extra_info("sockname", ("", "?"))[1],
-                self.per_source,
+                limit,
                 source,
             )
         writer.transport.abort()

@@ -100,4 +100,5 @@ def test_the_metrics_endpoint_lets_the_loop_run_between_parts_of_a_scrape(
 
     response = asyncio.run(scrape())
     assert response.status == 200
+    assert len(response.parts) > 1 and response.body == b""  # sent in parts, never joined
     assert b"".join(response.chunks()) == component.exposition()
